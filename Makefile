@@ -1,0 +1,44 @@
+# Two commands: `make demo` and `make test`. Both work on a fresh Debian machine with only
+# Python 3.11: they create .venv, install what they need, and (for tests) the PostgreSQL
+# server binaries the test setup starts on a throwaway cluster.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test lint typecheck pytest system-deps clean bench
+
+$(PY):
+	@scripts/ensure-system-deps venv
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+system-deps:
+	@scripts/ensure-system-deps postgres
+
+demo: $(STAMP)
+	$(PY) -m mailstrom.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
+
+pytest: $(STAMP) system-deps
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+bench: $(STAMP) system-deps
+	$(PY) benchmarks/enqueue.py
+	$(PY) benchmarks/deliver.py
+	$(PY) benchmarks/postgres.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

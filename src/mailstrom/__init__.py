@@ -1,0 +1,68 @@
+"""mailstrom: background email delivery straight to each recipient's MX servers."""
+
+from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.errors import (
+    DeliveryError,
+    HeaderInjection,
+    InvalidAddress,
+    InvalidMessage,
+    LineTooLong,
+    MailstromError,
+    MessageTooLarge,
+    MissingFrom,
+    MultipleFromWithoutSender,
+    NoRecipients,
+    PermanentFailure,
+    StoreError,
+    TemporaryFailure,
+    UnencodableHeader,
+    UnknownMessage,
+    WorkerError,
+)
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.policy.retry import RetryPolicy
+from mailstrom.status import (
+    Attempt,
+    AttemptOutcome,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+    RecipientStatus,
+    SMTPReply,
+    WorkerStatus,
+)
+
+__all__ = [
+    "Attempt",
+    "AttemptOutcome",
+    "Config",
+    "DNSConfig",
+    "DeliveryError",
+    "HeaderInjection",
+    "InvalidAddress",
+    "InvalidMessage",
+    "LineTooLong",
+    "MailstromError",
+    "MessageStatus",
+    "MessageTooLarge",
+    "MissingFrom",
+    "MultipleFromWithoutSender",
+    "NoRecipients",
+    "PermanentFailure",
+    "PreparedMessage",
+    "QueueStats",
+    "RecipientState",
+    "RecipientStatus",
+    "RelayConfig",
+    "RelayTLS",
+    "RetryPolicy",
+    "SMTPReply",
+    "StoreError",
+    "TLSPolicy",
+    "TemporaryFailure",
+    "Timeouts",
+    "UnencodableHeader",
+    "UnknownMessage",
+    "WorkerError",
+    "WorkerStatus",
+]

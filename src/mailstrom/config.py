@@ -1,0 +1,113 @@
+"""Configuration: one frozen dataclass with documented defaults."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+
+from mailstrom.policy.retry import RetryPolicy
+
+
+class TLSPolicy(StrEnum):
+    """What to do about STARTTLS when delivering to MX hosts."""
+
+    OPPORTUNISTIC = "opportunistic"
+    """Use TLS when offered, without verifying the certificate; if the handshake fails,
+    retry that host in plaintext on a new connection (as MTAs do)."""
+    REQUIRED = "required"
+    """Deliver only over TLS (certificate not verified); no TLS → temporary failure."""
+    VERIFY = "verify"
+    """Deliver only over TLS with a certificate valid for the MX host name."""
+
+
+class RelayTLS(StrEnum):
+    """How to secure the connection to a smarthost."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Seconds to wait, per RFC 5321 §4.5.3.2 unless noted."""
+
+    connect: float = 30.0
+    """TCP connect to one address (not in the RFC; Postfix uses 30 s)."""
+    greeting: float = 300.0
+    command: float = 300.0
+    """EHLO, STARTTLS, MAIL, RCPT, RSET, QUIT replies (MAIL and RCPT: 5 min)."""
+    data_init: float = 120.0
+    """Reply to DATA (2 min)."""
+    data_block: float = 180.0
+    """Writing one block of the body (3 min)."""
+    data_end: float = 600.0
+    """Reply to the final dot (10 min)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DNSConfig:
+    """Where MX lookups go. Empty ``nameservers`` means the system's resolv.conf."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 10.0
+    """Total seconds for one resolution (dnspython's lifetime)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayConfig:
+    """Send everything through one smarthost instead of MX lookup."""
+
+    host: str
+    port: int = 587
+    tls: RelayTLS = RelayTLS.STARTTLS
+    username: str | None = None
+    password: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the worker needs; every network dependency can be pointed elsewhere.
+
+    >>> Config(helo_name="mail.example.com", smtp_port=2525,
+    ...        dns=DNSConfig(nameservers=("127.0.0.1",), port=5353))  # doctest: +ELLIPSIS
+    Config(...)
+    """
+
+    helo_name: str = field(default_factory=socket.getfqdn)
+    smtp_port: int = 25
+    """Port of MX hosts (25 in production; tests point it at a loopback receiver)."""
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
+    tls_context: ssl.SSLContext | None = None
+    """Context for VERIFY (and relay) verification; default: the system trust store.
+    Tests pass one trusting their own CA."""
+    relay: RelayConfig | None = None
+    max_message_size: int = 35 * 1024 * 1024
+    """Largest encoded message ``send_email`` accepts, in octets."""
+    max_connections: int = 100
+    """SMTP sessions open at once, over all destinations."""
+    max_per_destination: int = 10
+    """SMTP sessions open at once to one destination (MX host set)."""
+    max_messages_per_connection: int = 100
+    """Messages sent over one connection before it is closed."""
+    connection_idle: float = 5.0
+    """Seconds an idle connection is kept for reuse."""
+    retry_uncertain: bool = True
+    """Retry an attempt whose connection was lost after the final dot (RFC 5321
+    §4.5.3.2.6); False marks such recipients delivered-uncertain instead."""
+    lease_for: timedelta = timedelta(minutes=15)
+    """How long a leased batch stays with one worker before another may take it."""
+    lease_batch: int = 500
+    """Recipients leased per store round trip."""
+    poll_interval: float = 5.0
+    """Longest idle sleep between store checks when no wake-up arrives."""
+    source_address: str | None = None
+    """Local address to bind outgoing connections to."""

@@ -1,0 +1,149 @@
+"""The one error tree of mailstrom, rooted at :class:`MailstromError`.
+
+Input errors (:class:`InvalidMessage` and its subclasses) are raised at the boundary where
+bad input enters, before anything is queued. Delivery errors carry the SMTP reply and the
+host so the worker can record them; they are split into :class:`TemporaryFailure` (retry
+later) and :class:`PermanentFailure` (give up now).
+"""
+
+from __future__ import annotations
+
+
+class MailstromError(Exception):
+    """Base class of every error raised by mailstrom."""
+
+
+# --- bad input at submission -------------------------------------------------------------
+
+
+class InvalidMessage(MailstromError, ValueError):
+    """The message cannot be accepted; ``reason`` says precisely why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MissingFrom(InvalidMessage):
+    """The message has no From header (RFC 5322 §3.6 requires one)."""
+
+
+class MultipleFromWithoutSender(InvalidMessage):
+    """Several From mailboxes but no Sender header (RFC 5322 §3.6.2)."""
+
+
+class NoRecipients(InvalidMessage):
+    """Neither the headers nor the explicit envelope name any recipient."""
+
+
+class InvalidAddress(InvalidMessage):
+    """An address is not a valid addr-spec; ``address`` is the offending text."""
+
+    def __init__(self, reason: str, *, address: str) -> None:
+        super().__init__(reason)
+        self.address = address
+
+
+class HeaderInjection(InvalidMessage):
+    """A header name or value contains CR or LF (an attempt to add headers)."""
+
+    def __init__(self, reason: str, *, header: str) -> None:
+        super().__init__(reason)
+        self.header = header
+
+
+class LineTooLong(InvalidMessage):
+    """A line is longer than 998 octets (RFC 5322 §2.1.1)."""
+
+
+class MessageTooLarge(InvalidMessage):
+    """The encoded message exceeds the configured maximum size."""
+
+    def __init__(self, reason: str, *, size: int, limit: int) -> None:
+        super().__init__(reason)
+        self.size = size
+        self.limit = limit
+
+
+class UnencodableHeader(InvalidMessage):
+    """A header holds non-ASCII text in a place that cannot be encoded (RFC 2047)."""
+
+
+# --- store and queue ---------------------------------------------------------------------
+
+
+class StoreError(MailstromError):
+    """The store failed (driver error, corrupt schema, unreachable database)."""
+
+
+class UnknownMessage(MailstromError, KeyError):
+    """No message with this id is in the store."""
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__(message_id)
+        self.message_id = message_id
+
+    def __str__(self) -> str:
+        return f"unknown message id: {self.message_id!r}"
+
+
+class InvalidStoreURL(MailstromError, ValueError):
+    """A store URL names no known scheme or is malformed."""
+
+
+class ConfigError(MailstromError, ValueError):
+    """A configuration value is invalid."""
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+class WorkerError(MailstromError, RuntimeError):
+    """The background worker failed to start or died."""
+
+
+# --- delivery ----------------------------------------------------------------------------
+
+
+class DeliveryError(MailstromError):
+    """A delivery attempt failed; carries what the peer said and where."""
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        code: int | None = None,
+        enhanced: str | None = None,
+        host: str | None = None,
+        recipient: str | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+        self.enhanced = enhanced
+        self.host = host
+        self.recipient = recipient
+
+
+class TemporaryFailure(DeliveryError):
+    """Try again later (4xx reply, network trouble, DNS SERVFAIL/timeout)."""
+
+
+class PermanentFailure(DeliveryError):
+    """Do not try again (5xx reply, null MX, NXDOMAIN, SMTPUTF8 needed but unsupported)."""
+
+
+class SMTPProtocolError(TemporaryFailure):
+    """The peer broke the protocol: a malformed or unsolicited line, or a bad reply."""
+
+
+class SMTPTimeout(TemporaryFailure, TimeoutError):
+    """The peer did not answer within the configured timeout."""
+
+
+class SMTPConnectError(TemporaryFailure, ConnectionError):
+    """A connection to the peer could not be made or was lost."""
+
+
+class TLSRequiredError(TemporaryFailure):
+    """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""

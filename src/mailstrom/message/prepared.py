@@ -1,0 +1,30 @@
+"""The validated, encoded form of a message: what the store keeps and the worker streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreparedMessage:
+    """A message ready for transmission, serialised once at submission.
+
+    ``data`` is the exact bytes to send after DATA: CRLF line endings, Bcc removed, Date and
+    Message-ID present, *not* dot-stuffed (the SMTP session does that). ``envelope_from`` is
+    an addr-spec (``""`` for the null reverse-path); ``recipients`` are addr-specs,
+    de-duplicated with the domain compared case-insensitively, in first-seen order.
+    """
+
+    data: bytes
+    envelope_from: str
+    recipients: tuple[str, ...]
+    smtputf8: bool = False
+    """True when an envelope address or a header needs SMTPUTF8 (RFC 6531)."""
+    eightbit: bool = False
+    """True when the content holds 8-bit octets and so needs BODY=8BITMIME (RFC 6152)."""
+    header_message_id: str | None = None
+    subject: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)

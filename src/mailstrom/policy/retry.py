@@ -1,0 +1,33 @@
+"""Retry policy: when to try a temporarily failed recipient again, or when to give up.
+
+Pure: time and randomness are parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded by a minimum and a maximum delay.
+
+    Defaults follow RFC 5321 §4.5.4.1 and Postfix (``minimal_backoff_time`` 300 s,
+    ``maximal_backoff_time`` 4000 s, ``maximal_queue_lifetime`` 5 d): the first retry comes
+    after about five minutes, retries are never more than about an hour apart, and a
+    recipient still failing five days after it was queued fails for good.
+
+    >>> RetryPolicy(min_delay=timedelta(minutes=1), max_age=timedelta(hours=4))
+    RetryPolicy(min_delay=..., ...)
+    """
+
+    min_delay: timedelta = timedelta(minutes=5)
+    max_delay: timedelta = timedelta(hours=1)
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    """Fraction of the delay drawn at random (±), so retries of many messages spread out."""
+    max_age: timedelta | None = timedelta(days=5)
+    """Give up when the next attempt would fall after ``queued_at + max_age``."""
+    max_attempts: int | None = None
+    """Give up after this many attempts (None: only ``max_age`` limits)."""

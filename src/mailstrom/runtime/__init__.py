@@ -1,0 +1,1 @@
+"""mailstrom.runtime."""

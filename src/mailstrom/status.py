@@ -1,0 +1,190 @@
+"""Value types describing where each message and recipient stands.
+
+These are what :meth:`Mailstrom.query_status` returns and what stores persist. Enum values
+are the strings the stores write, so they must never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class RecipientState(StrEnum):
+    """Where one recipient of one message stands."""
+
+    QUEUED = "queued"
+    """Accepted, not yet attempted."""
+    DEFERRED = "deferred"
+    """Attempted, failed temporarily; another attempt is scheduled at ``next_attempt_at``."""
+    DELIVERED = "delivered"
+    """The receiving server accepted the message for this recipient (final)."""
+    FAILED = "failed"
+    """Permanently failed, given up after retries, or cancelled (final)."""
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.FAILED)
+
+
+class AttemptOutcome(StrEnum):
+    """How one delivery attempt for one recipient ended."""
+
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SMTPReply:
+    """A server reply: ``code`` 250, ``enhanced`` "2.0.0", ``text`` (lines joined by "\\n")."""
+
+    code: int
+    text: str
+    enhanced: str | None = None
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One delivery attempt for one recipient, kept as history.
+
+    ``reply`` is the server reply that decided this recipient's outcome, if any; ``error``
+    a local description when there was no reply (connection refused, timeout, DNS failure).
+    ``uncertain`` marks an attempt whose connection was lost after the final dot but before
+    the reply (RFC 5321 §4.5.3.2.6): the message may or may not have been delivered.
+    """
+
+    at: datetime
+    outcome: AttemptOutcome
+    duration: float = 0.0
+    mx_host: str | None = None
+    ip: str | None = None
+    port: int | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    reply: SMTPReply | None = None
+    error: str | None = None
+    uncertain: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_version is not None
+
+    @property
+    def reason(self) -> str:
+        """Human-readable reason: the reply if any, else the local error."""
+        if self.reply is not None:
+            return str(self.reply)
+        return self.error or ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipientStatus:
+    """The state of one recipient of one message, with its attempt history."""
+
+    address: str
+    state: RecipientState
+    attempts: int = 0
+    reply: SMTPReply | None = None
+    error: str | None = None
+    mx_host: str | None = None
+    ip: str | None = None
+    tls: bool = False
+    uncertain: bool = False
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    history: tuple[Attempt, ...] = ()
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def reason(self) -> str:
+        """Why the recipient is where it is: the last reply, else the last local error."""
+        if self.reply is not None:
+            return str(self.reply)
+        return self.error or ""
+
+
+def derive_message_state(states: Sequence[RecipientState]) -> RecipientState:
+    """A message's state from its recipients' states.
+
+    Any recipient still pending → ``DEFERRED`` if one was deferred, else ``QUEUED``;
+    all final → ``DELIVERED`` if all were delivered, else ``FAILED``.
+    """
+    if any(not s.is_final for s in states):
+        if RecipientState.DEFERRED in states:
+            return RecipientState.DEFERRED
+        return RecipientState.QUEUED
+    if states and all(s is RecipientState.DELIVERED for s in states):
+        return RecipientState.DELIVERED
+    return RecipientState.FAILED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageStatus:
+    """The state of one queued message and each of its recipients."""
+
+    id: str
+    state: RecipientState
+    envelope_from: str
+    created_at: datetime
+    size: int
+    recipients: tuple[RecipientStatus, ...]
+    header_message_id: str | None = None
+    subject: str | None = None
+    held: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+
+    def recipient(self, address: str) -> RecipientStatus:
+        """The status of ``address`` (domain compared case-insensitively)."""
+        local, _, domain = address.rpartition("@")
+        for r in self.recipients:
+            r_local, _, r_domain = r.address.rpartition("@")
+            if r_local == local and r_domain.lower() == domain.lower():
+                return r
+        raise KeyError(address)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueStats:
+    """Counts of recipients by state, and of pending recipients by destination domain."""
+
+    by_state: dict[RecipientState, int] = field(default_factory=dict)
+    pending_by_domain: dict[str, int] = field(default_factory=dict)
+    messages: int = 0
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerStatus:
+    """Whether the background worker runs, and what it has done since it started."""
+
+    running: bool
+    started_at: datetime | None = None
+    error: str | None = None
+    in_flight: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    last_activity_at: datetime | None = None
+
+    @property
+    def dead(self) -> bool:
+        """True when the worker stopped because of an error."""
+        return not self.running and self.error is not None

@@ -1,0 +1,189 @@
+"""The store interface, at the level of the domain rather than of SQL.
+
+Every store (memory, SQLite, PostgreSQL) implements :class:`Store`, and one contract test
+suite (``tests/contract``) runs unchanged against each. A store is synchronous and safe to
+share between threads; the asyncio worker calls it through ``asyncio.to_thread`` in batches.
+
+The unit of leasing is the recipient; a lease groups the leased recipients into
+:class:`WorkItem` s, one per (message, destination domain), because one SMTP transaction
+carries all recipients of one domain. A lease that is not recorded before
+``Lease.expires_at`` becomes due again, so a crashed worker loses nothing; results recorded
+under a lease whose recipients were taken over by a newer lease are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState
+
+
+def new_message_id() -> str:
+    """A fresh message id: 32 hex digits, sortable by creation time (48-bit ms + 80 random bits)."""
+    ms = time.time_ns() // 1_000_000
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeasedRecipient:
+    """One recipient inside a lease, with what the retry policy needs to decide."""
+
+    address: str
+    attempts: int
+    """Attempts recorded before this lease."""
+    first_attempt_at: datetime | None
+    created_at: datetime
+    """When its message was enqueued (the retry policy's maximum age counts from here)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkItem:
+    """The leased recipients of one message at one destination domain: one SMTP transaction."""
+
+    message_id: str
+    domain: str
+    """Lower-case ASCII-or-Unicode domain as stored (the part after the last ``@``)."""
+    envelope_from: str
+    recipients: tuple[LeasedRecipient, ...]
+    data: bytes
+    smtputf8: bool
+    eightbit: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lease:
+    """Work handed to one worker until ``expires_at``; ``token`` identifies it for record."""
+
+    token: str
+    expires_at: datetime
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipientResult:
+    """The outcome of one attempt for one recipient, to record under a lease.
+
+    ``state`` is the recipient's new state: DELIVERED, FAILED, or DEFERRED with
+    ``next_attempt_at`` set (the worker has already applied the retry policy).
+    """
+
+    message_id: str
+    address: str
+    state: RecipientState
+    attempt: Attempt
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueFilter:
+    """Which messages :meth:`Store.query` returns (all conditions must hold)."""
+
+    state: RecipientState | None = None
+    """Messages whose derived state is this."""
+    domain: str | None = None
+    """Messages with at least one recipient at this domain (case-insensitive)."""
+    older_than: timedelta | None = None
+    """Messages enqueued more than this long before ``now``."""
+    held: bool | None = None
+    limit: int = 100
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable queue of prepared messages and per-recipient delivery state.
+
+    All times are timezone-aware UTC datetimes. Methods raise
+    :class:`~mailstrom.errors.UnknownMessage` for an id that is not stored and
+    :class:`~mailstrom.errors.StoreError` for driver failures.
+    """
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        """Store ``message`` durably (committed before returning) and return its new id.
+
+        Every recipient starts QUEUED and due at ``now``. A held message is not leased
+        until :meth:`set_held` releases it.
+        """
+        ...
+
+    def enqueue_many(self, messages: Sequence[PreparedMessage], *, now: datetime) -> list[str]:
+        """Store several messages in one transaction; ids in the same order."""
+        ...
+
+    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
+        """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
+        not held, not under an unexpired lease), oldest due first, grouped into work
+        items. Returns None when nothing is due. Two concurrent callers never receive the
+        same recipient while its lease is unexpired."""
+        ...
+
+    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
+        """Record results for recipients of ``lease``, clear their lease, append each
+        attempt to the recipient's history and count it. Results for recipients no
+        longer held under ``lease.token`` are ignored. Returns how many were recorded."""
+        ...
+
+    def release(self, lease: Lease) -> None:
+        """Give back every recipient of ``lease`` not yet recorded, due at once, without
+        counting an attempt (used by a graceful stop)."""
+        ...
+
+    def status(self, message_id: str) -> MessageStatus:
+        """The message's status with every recipient's history."""
+        ...
+
+    def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where``, newest first, without attempt history."""
+        ...
+
+    def recent(self, limit: int = 20) -> list[MessageStatus]:
+        """The ``limit`` most recently enqueued messages, newest first."""
+        ...
+
+    def retry(self, message_id: str, *, now: datetime) -> int:
+        """Make the message's pending (QUEUED/DEFERRED) recipients due at ``now``.
+        Returns how many were rescheduled."""
+        ...
+
+    def retry_deferred(self, *, now: datetime) -> int:
+        """Make every DEFERRED recipient of every message due at ``now``."""
+        ...
+
+    def cancel(self, message_id: str, *, now: datetime) -> int:
+        """Fail the message's pending recipients with the reason "cancelled"; returns how
+        many. Recipients under a lease are cancelled too; a later record for them is
+        ignored."""
+        ...
+
+    def set_held(self, message_id: str, held: bool) -> None:
+        """Hold (not leased) or release a message."""
+        ...
+
+    def purge(self, *, finished_before: datetime) -> int:
+        """Delete messages all of whose recipients are final and whose last attempt was
+        before ``finished_before``; returns how many messages were deleted."""
+        ...
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        """When the earliest pending, unheld recipient becomes due (a lease expiry counts),
+        or None when nothing is pending."""
+        ...
+
+    def stats(self) -> QueueStats:
+        """Counts of recipients by state and of pending recipients by domain."""
+        ...
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) when work may have become due: mail enqueued
+        or retried through this store object, or through any process for stores that can
+        tell (PostgreSQL's LISTEN/NOTIFY). Returns a function that stops watching."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+        ...
