@@ -1,1 +1,17 @@
-"""mailstrom.routing."""
+"""Planning where mail goes: MX lookup (RFC 5321 §5.1) and recipient grouping.
+
+* :class:`Router` resolves a domain to a :class:`Route`: its MX hosts sorted by
+  preference, equal preferences shuffled, each with its addresses (IPv4 first, then IPv6);
+  no MX records → the domain's own addresses (``implicit=True``); null MX, NXDOMAIN or no
+  address at all → :class:`~mailstrom.errors.PermanentFailure`; SERVFAIL, timeouts and MX
+  hosts without addresses → :class:`~mailstrom.errors.TemporaryFailure`.
+* :func:`group_by_domain` splits recipients into one group per destination domain.
+
+>>> from mailstrom.config import DNSConfig
+>>> router = Router(DNSConfig(nameservers=("127.0.0.1",), port=5353))
+"""
+
+from mailstrom.routing.route import MXHost, Route, group_by_domain
+from mailstrom.routing.router import Router, make_resolver
+
+__all__ = ["MXHost", "Route", "Router", "group_by_domain", "make_resolver"]

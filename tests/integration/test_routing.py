@@ -1,0 +1,320 @@
+"""The router against a real DNS server on loopback (tests/fixtures/dns_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import pytest
+
+from mailstrom.errors import PermanentFailure, TemporaryFailure
+from mailstrom.routing import Route, Router
+from tests.fixtures.dns_server import LoopbackDNS
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def names(route: Route) -> list[str]:
+    return [h.name for h in route.hosts]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def router(dns_server: LoopbackDNS, clock: FakeClock) -> Router:
+    return Router(dns_server.dns_config, clock=clock, rng=random.Random(0))
+
+
+async def test_mx_hosts_come_in_preference_order(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("example.org", [(30, "mx3.example.org"), (10, "mx1.example.org"),
+                                  (20, "mx2.example.net")])  # fmt: skip
+    dns_server.a("mx1.example.org", "127.0.0.1")
+    dns_server.a("mx2.example.net", "127.0.0.2")
+    dns_server.a("mx3.example.org", "127.0.0.3")
+    route = await router.route("example.org")
+    assert route.domain == "example.org"
+    assert not route.implicit
+    assert names(route) == ["mx1.example.org", "mx2.example.net", "mx3.example.org"]
+    assert [h.preference for h in route.hosts] == [10, 20, 30]
+    assert route.addresses == ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+async def test_equal_preferences_are_shuffled_with_the_rng(dns_server: LoopbackDNS) -> None:
+    dns_server.mx("example.org", [(10, "a.example.org"), (10, "b.example.org"),
+                                  (10, "c.example.org"), (5, "first.example.org")])  # fmt: skip
+    for host in ("a", "b", "c", "first"):
+        dns_server.a(f"{host}.example.org", "127.0.0.1")
+
+    async def orders(seed: int) -> list[tuple[str, ...]]:
+        router = Router(dns_server.dns_config, rng=random.Random(seed))
+        return [tuple(names(await router.route("example.org"))) for _ in range(30)]
+
+    seen = await orders(42)
+    assert all(order[0] == "first.example.org" for order in seen)
+    assert {frozenset(order[1:]) for order in seen} == {
+        frozenset({"a.example.org", "b.example.org", "c.example.org"})
+    }
+    # Shuffled on every call, although the route is cached after the first lookup...
+    assert len(set(seen)) > 1
+    assert dns_server.queries("example.org", "MX") == 1
+    # ...and reproducibly for a seeded rng.
+    assert await orders(42) == seen
+
+
+async def test_hosts_without_addresses_are_skipped_for_backups(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.mx("example.org", [(10, "gone.example.org"), (20, "empty.example.org"),
+                                  (30, "backup.example.org")])  # fmt: skip
+    dns_server.txt("empty.example.org", "a name without addresses")
+    dns_server.a("backup.example.org", "127.0.0.9")
+    route = await router.route("example.org")
+    assert names(route) == ["backup.example.org"]
+    assert route.addresses == ("127.0.0.9",)
+
+
+async def test_mx_hosts_all_without_addresses_is_temporary(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.mx("example.org", [(10, "gone.example.org"), (20, "gone2.example.org")])
+    with pytest.raises(TemporaryFailure) as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "4.4.4"
+    # Not cached: the next call asks again.
+    with pytest.raises(TemporaryFailure):
+        await router.route("example.org")
+    assert dns_server.queries("example.org", "MX") == 2
+
+
+async def test_ipv4_and_ipv6_addresses_are_all_kept_ipv4_first(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.aaaa("mx.example.org", "::1", "fe80::1")
+    dns_server.a("mx.example.org", "127.0.0.1", "127.0.0.2")
+    route = await router.route("example.org")
+    assert route.hosts[0].addresses == ("127.0.0.1", "127.0.0.2", "::1", "fe80::1")
+
+
+async def test_ipv6_only_host(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.aaaa("mx.example.org", "::1")
+    route = await router.route("example.org")
+    assert route.addresses == ("::1",)
+
+
+async def test_no_mx_uses_the_domains_own_addresses(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.a("example.org", "127.0.0.5")
+    dns_server.aaaa("example.org", "::1")
+    route = await router.route("Example.ORG")
+    assert route.implicit
+    assert names(route) == ["example.org"]
+    assert route.hosts[0].preference == 0
+    assert route.addresses == ("127.0.0.5", "::1")
+
+
+async def test_no_mx_and_no_address_is_permanent(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.txt("example.org", "v=spf1 -all")
+    with pytest.raises(PermanentFailure) as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "5.4.4"
+
+
+async def test_null_mx_is_permanent(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.null_mx("example.org")
+    dns_server.a("example.org", "127.0.0.1")  # must not be used as an implicit MX
+    with pytest.raises(PermanentFailure, match=r"accepts no mail \(null MX\)") as info:
+        await router.route("example.org")
+    assert info.value.code == 556
+    assert info.value.enhanced == "5.1.10"
+
+
+async def test_null_mx_beside_real_mx_is_ignored(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("example.org", [(0, "."), (10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1")
+    assert names(await router.route("example.org")) == ["mx.example.org"]
+
+
+async def test_nxdomain_is_permanent(dns_server: LoopbackDNS, router: Router) -> None:
+    with pytest.raises(PermanentFailure, match="does not exist") as info:
+        await router.route("nowhere.example")
+    assert info.value.enhanced == "5.1.2"
+
+
+async def test_servfail_is_temporary(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.servfail("example.org")
+    with pytest.raises(TemporaryFailure) as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "4.4.3"
+
+
+async def test_timeout_is_temporary_and_not_cached(
+    dns_server: LoopbackDNS, clock: FakeClock
+) -> None:
+    dns_server.drop("example.org")
+    router = Router(replace(dns_server.dns_config, timeout=0.3), clock=clock)
+    with pytest.raises(TemporaryFailure, match="timed out") as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "4.4.3"
+    asked = dns_server.queries("example.org", "MX")
+    assert asked >= 1
+    with pytest.raises(TemporaryFailure):
+        await router.route("example.org")
+    assert dns_server.queries("example.org", "MX") > asked
+
+
+async def test_one_host_failing_temporarily_leaves_the_others_uncached(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.mx("example.org", [(10, "broken.example.org"), (20, "ok.example.org")])
+    dns_server.servfail("broken.example.org")
+    dns_server.a("ok.example.org", "127.0.0.1")
+    assert names(await router.route("example.org")) == ["ok.example.org"]
+    assert names(await router.route("example.org")) == ["ok.example.org"]
+    assert dns_server.queries("example.org", "MX") == 2  # incomplete, so asked again
+
+
+async def test_idn_domain_is_queried_as_a_label(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("bücher.example", [(10, "mx.bücher.example")])
+    dns_server.a("mx.xn--bcher-kva.example", "127.0.0.1")
+    route = await router.route("BÜCHER.example")
+    assert route.domain == "xn--bcher-kva.example"
+    assert names(route) == ["mx.xn--bcher-kva.example"]
+    assert dns_server.queries("xn--bcher-kva.example", "MX") == 1
+
+
+async def test_mx_pointing_at_a_cname_is_followed(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("example.org", [(10, "alias.example.org")])
+    dns_server.cname("alias.example.org", "real.example.net")
+    dns_server.a("real.example.net", "127.0.0.7")
+    route = await router.route("example.org")
+    assert names(route) == ["alias.example.org"]
+    assert route.addresses == ("127.0.0.7",)
+
+
+async def test_domain_that_is_a_cname_uses_its_targets_mx(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.cname("example.org", "example.net")
+    dns_server.mx("example.net", [(10, "mx.example.net")])
+    dns_server.a("mx.example.net", "127.0.0.1")
+    assert names(await router.route("example.org")) == ["mx.example.net"]
+
+
+async def test_route_is_cached_for_the_smallest_ttl(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
+) -> None:
+    dns_server.mx("example.org", [(10, "mx.example.org")], ttl=300)
+    dns_server.a("mx.example.org", "127.0.0.1", ttl=100)
+    first = await router.route("example.org")
+    # The zone changes, but within the TTL the cached route is used.
+    dns_server.a("mx.example.org", "127.0.0.2", ttl=100)
+    clock.now += 99
+    assert await router.route("EXAMPLE.org.") == first
+    assert dns_server.queries("example.org", "MX") == 1
+    assert dns_server.queries("mx.example.org", "A") == 1
+    clock.now += 2
+    second = await router.route("example.org")
+    assert second.addresses == ("127.0.0.2",)
+    assert dns_server.queries("example.org", "MX") == 2
+    assert dns_server.queries("mx.example.org", "A") == 2
+
+
+async def test_nxdomain_is_cached_briefly(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
+) -> None:
+    for _ in range(3):
+        with pytest.raises(PermanentFailure):
+            await router.route("nowhere.example")
+    assert dns_server.queries("nowhere.example", "MX") == 1
+    dns_server.mx("nowhere.example", [(10, "mx.nowhere.example")])
+    dns_server.a("mx.nowhere.example", "127.0.0.1")
+    clock.now += 61
+    assert names(await router.route("nowhere.example")) == ["mx.nowhere.example"]
+    assert dns_server.queries("nowhere.example", "MX") == 2
+
+
+async def test_forget_drops_the_cached_route(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.a("example.org", "127.0.0.1")
+    await router.route("example.org")
+    router.forget("example.org")
+    await router.route("example.org")
+    assert dns_server.queries("example.org", "MX") == 2
+
+
+async def test_concurrent_lookups_share_one_query(dns_server: LoopbackDNS, router: Router) -> None:
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1")
+    routes = await asyncio.gather(*(router.route("example.org") for _ in range(20)))
+    assert {r.addresses for r in routes} == {("127.0.0.1",)}
+    assert dns_server.queries("example.org", "MX") == 1
+    assert dns_server.queries("mx.example.org", "A") == 1
+
+
+async def test_concurrent_temporary_failures_share_one_query(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.servfail("example.org")
+    results = await asyncio.gather(
+        *(router.route("example.org") for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, TemporaryFailure) for r in results)
+    # dnspython asks each nameserver once per SERVFAIL; one lookup in all.
+    assert dns_server.queries("example.org", "MX") == 1
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_others(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1")
+    quitter = asyncio.ensure_future(router.route("example.org"))
+    stayer = asyncio.ensure_future(router.route("example.org"))
+    await asyncio.sleep(0)  # one loop turn (not a timed wait): both join the same lookup
+    quitter.cancel()
+    assert (await stayer).addresses == ("127.0.0.1",)
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    assert dns_server.queries("example.org", "MX") == 1
+
+
+async def test_address_literal_needs_no_dns(dns_server: LoopbackDNS, router: Router) -> None:
+    route = await router.route("[127.0.0.1]")
+    assert route.addresses == ("127.0.0.1",)
+    assert dns_server.queries("[127.0.0.1]", "MX") == 0
+
+
+async def test_fixture_answers_over_tcp_on_the_same_port(dns_server: LoopbackDNS) -> None:
+    dns_server.a("tcp.example", "127.0.0.1")
+    query = dns.message.make_query("tcp.example", "A")
+    response = await dns.asyncquery.tcp(query, "127.0.0.1", port=dns_server.port, timeout=2)
+    assert response.rcode() == dns.rcode.NOERROR
+    assert [r.address for r in response.answer[0]] == ["127.0.0.1"]
+    assert dns_server.queries("tcp.example", "A") == 1
+
+
+def test_loopback_dns_outside_pytest_fixtures() -> None:
+    server = LoopbackDNS().start()
+    try:
+        assert server.port > 0
+        assert server.dns_config.port == server.port
+    finally:
+        server.stop()
+    server.stop()  # idempotent

@@ -1,0 +1,130 @@
+"""Retry backoff: bounds, growth, giving up, determinism."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailstrom.policy import RetryPolicy, backoff_delay, next_attempt
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+NO_JITTER = RetryPolicy(
+    min_delay=timedelta(minutes=5), max_delay=timedelta(hours=1), jitter=0.0, max_age=None
+)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "minutes"),
+    [(1, 5), (2, 10), (3, 20), (4, 40), (5, 60), (6, 60), (500, 60)],
+)
+def test_delay_doubles_up_to_the_maximum(attempts: int, minutes: int) -> None:
+    delay = backoff_delay(attempts=attempts, rng=random.Random(1), policy=NO_JITTER)
+    assert delay == timedelta(minutes=minutes)
+
+
+def test_huge_attempt_counts_do_not_overflow() -> None:
+    policy = RetryPolicy(multiplier=10.0, jitter=0.0)
+    assert backoff_delay(attempts=100_000, rng=random.Random(), policy=policy) == timedelta(hours=1)
+
+
+def test_attempts_below_one_are_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        backoff_delay(attempts=0, rng=random.Random(), policy=NO_JITTER)
+
+
+def test_jitter_moves_the_delay_within_its_fraction() -> None:
+    policy = RetryPolicy(min_delay=timedelta(minutes=1), max_delay=timedelta(hours=10), jitter=0.25)
+    rng = random.Random(7)
+    delays = {backoff_delay(attempts=3, rng=rng, policy=policy) for _ in range(200)}
+    assert all(timedelta(minutes=3) <= d <= timedelta(minutes=5) for d in delays)
+    assert len(delays) > 100  # actually spread, not constant
+
+
+def test_next_attempt_is_now_plus_delay() -> None:
+    now = T0 + timedelta(hours=2)
+    when = next_attempt(attempts=2, queued_at=T0, now=now, rng=random.Random(), policy=NO_JITTER)
+    assert when == now + timedelta(minutes=10)
+
+
+def test_gives_up_after_max_attempts() -> None:
+    policy = RetryPolicy(max_attempts=3, jitter=0.0)
+    rng = random.Random()
+    assert next_attempt(attempts=2, queued_at=T0, now=T0, rng=rng, policy=policy) is not None
+    assert next_attempt(attempts=3, queued_at=T0, now=T0, rng=rng, policy=policy) is None
+
+
+def test_gives_up_when_the_next_attempt_would_pass_max_age() -> None:
+    policy = RetryPolicy(max_age=timedelta(hours=1), jitter=0.0)
+    rng = random.Random()
+    # 5-minute delay: 12:50 + 5 min = 12:55, within the hour.
+    late = T0 + timedelta(minutes=50)
+    assert next_attempt(attempts=1, queued_at=T0, now=late, rng=rng, policy=policy) == (
+        late + timedelta(minutes=5)
+    )
+    later = T0 + timedelta(minutes=56)
+    assert next_attempt(attempts=1, queued_at=T0, now=later, rng=rng, policy=policy) is None
+
+
+policies = st.builds(
+    lambda lo, extra, mult, jit, age, most: RetryPolicy(
+        min_delay=timedelta(seconds=lo),
+        max_delay=timedelta(seconds=lo + extra),
+        multiplier=mult,
+        jitter=jit,
+        max_age=None if age is None else timedelta(seconds=age),
+        max_attempts=most,
+    ),
+    st.integers(1, 3600),
+    st.integers(0, 86_400),
+    st.floats(1.0, 10.0),
+    st.floats(0.0, 0.9),
+    st.none() | st.integers(0, 10 * 86_400),
+    st.none() | st.integers(1, 50),
+)
+
+
+@given(policy=policies, attempts=st.integers(1, 10_000), seed=st.integers())
+def test_delay_always_within_bounds(policy: RetryPolicy, attempts: int, seed: int) -> None:
+    delay = backoff_delay(attempts=attempts, rng=random.Random(seed), policy=policy)
+    assert policy.min_delay <= delay <= policy.max_delay
+
+
+@given(
+    policy=policies,
+    attempts=st.integers(1, 100),
+    elapsed=st.integers(0, 20 * 86_400),
+    seed=st.integers(),
+)
+def test_next_attempt_respects_every_limit(
+    policy: RetryPolicy, attempts: int, elapsed: int, seed: int
+) -> None:
+    now = T0 + timedelta(seconds=elapsed)
+    when = next_attempt(
+        attempts=attempts, queued_at=T0, now=now, rng=random.Random(seed), policy=policy
+    )
+    if policy.max_attempts is not None and attempts >= policy.max_attempts:
+        assert when is None
+    if when is not None:
+        assert now + policy.min_delay <= when <= now + policy.max_delay
+        if policy.max_age is not None:
+            assert when <= T0 + policy.max_age
+    elif policy.max_attempts is None or attempts < policy.max_attempts:
+        # Given up without hitting max_attempts: only max_age can explain it.
+        assert policy.max_age is not None
+        assert now + policy.min_delay > T0 + policy.max_age or (
+            now + policy.max_delay > T0 + policy.max_age
+        )
+
+
+@given(policy=policies, attempts=st.integers(1, 100), seed=st.integers())
+def test_deterministic_for_a_seeded_rng(policy: RetryPolicy, attempts: int, seed: int) -> None:
+    def run() -> datetime | None:
+        return next_attempt(
+            attempts=attempts, queued_at=T0, now=T0, rng=random.Random(seed), policy=policy
+        )
+
+    assert run() == run()

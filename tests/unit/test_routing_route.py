@@ -1,0 +1,87 @@
+"""Routing pieces that need no DNS: grouping, shuffling, names, address literals."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mailstrom.errors import PermanentFailure
+from mailstrom.routing import MXHost, Route, group_by_domain
+from mailstrom.routing.lookup import literal_route, to_qname
+from mailstrom.routing.route import shuffle_equal_preferences
+
+
+def test_group_by_domain_lowercases_domains_and_keeps_order() -> None:
+    groups = group_by_domain(["a@Example.ORG", "b@x.net", "c@example.org", 'd"@"q@x.NET'])
+    assert groups == {
+        "example.org": ["a@Example.ORG", "c@example.org"],
+        "x.net": ["b@x.net", 'd"@"q@x.NET'],
+    }
+    assert list(groups) == ["example.org", "x.net"]
+
+
+def host(name: str, preference: int) -> MXHost:
+    return MXHost(name=name, preference=preference, addresses=("127.0.0.1",))
+
+
+def test_shuffle_keeps_preference_order_and_mixes_equal_ones() -> None:
+    route = Route(
+        domain="example.org",
+        hosts=(host("a", 5), host("b", 10), host("c", 10), host("d", 10), host("e", 20)),
+        implicit=False,
+    )
+    seen = set()
+    rng = random.Random(3)
+    for _ in range(50):
+        names = [h.name for h in shuffle_equal_preferences(route, rng).hosts]
+        assert names[0] == "a"
+        assert names[4] == "e"
+        assert sorted(names[1:4]) == ["b", "c", "d"]
+        seen.add(tuple(names))
+    assert len(seen) == 6  # every order of the three equal hosts turns up
+
+
+def test_route_addresses_flattens_in_order() -> None:
+    route = Route(
+        domain="d",
+        hosts=(
+            MXHost(name="a", preference=1, addresses=("127.0.0.1", "::1")),
+            MXHost(name="b", preference=2, addresses=("127.0.0.2",)),
+        ),
+        implicit=False,
+    )
+    assert route.addresses == ("127.0.0.1", "::1", "127.0.0.2")
+
+
+@pytest.mark.parametrize(
+    ("domain", "text"),
+    [
+        ("Example.ORG", "example.org."),
+        ("example.org.", "example.org."),
+        ("bücher.example", "xn--bcher-kva.example."),
+        ("XN--BCHER-KVA.example", "xn--bcher-kva.example."),
+    ],
+)
+def test_to_qname(domain: str, text: str) -> None:
+    assert to_qname(domain).to_text() == text
+
+
+@pytest.mark.parametrize("domain", ["", ".", "a..b", "x" * 64 + ".org"])
+def test_invalid_domains_fail_permanently(domain: str) -> None:
+    with pytest.raises(PermanentFailure) as info:
+        to_qname(domain)
+    assert info.value.enhanced == "5.1.2"
+
+
+def test_address_literals_route_to_themselves() -> None:
+    assert literal_route("example.org") is None
+    v4 = literal_route("[127.0.0.1]")
+    assert v4 is not None
+    assert v4.addresses == ("127.0.0.1",)
+    assert v4.implicit
+    v6 = literal_route("[IPv6:0:0::1]")
+    assert v6 is not None
+    assert v6.addresses == ("::1",)
+    with pytest.raises(PermanentFailure):
+        literal_route("[not-an-ip]")
