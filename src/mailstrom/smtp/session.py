@@ -1,0 +1,385 @@
+"""The SMTP client session as a sans-IO state machine: bytes in, replies out.
+
+Modelled on h11: the session owns no socket. Each command method checks that the command is
+legal now, records that a reply is owed, and returns the bytes to write; the driver writes
+them, feeds what it reads to :meth:`ClientSession.receive_data` and takes replies from
+:meth:`ClientSession.next_event`, each paired with the command it answers. Legal commands
+and the effect of each reply are tables (:data:`_ALLOWED`, :data:`_AFTER_REPLY`), not
+if-chains.
+
+>>> s = ClientSession(helo_name="client.example")
+>>> s.receive_data(b"220 mx.example ESMTP\\r\\n")
+>>> s.next_event().reply.code
+220
+>>> s.ehlo()
+b'EHLO client.example\\r\\n'
+>>> s.receive_data(b"250-mx.example\\r\\n250-PIPELINING\\r\\n250 SIZE 1000\\r\\n")
+>>> s.next_event().command, s.pipelining, s.max_size
+(<Command.EHLO: 'EHLO'>, True, 1000)
+>>> s.envelope("a@example.com", ["b@example.org"], size=10)
+b'MAIL FROM:<a@example.com> SIZE=10\\r\\nRCPT TO:<b@example.org>\\r\\nDATA\\r\\n'
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from types import MappingProxyType
+
+from mailstrom.errors import SMTPProtocolError
+from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
+from mailstrom.smtp.replies import ReplyParser, parse_ehlo
+
+
+class State(StrEnum):
+    """Where the session stands, as far as the replies received so far tell."""
+
+    GREETING = "greeting"
+    """Connected; the server's greeting is due."""
+    REFUSED = "refused"
+    """The greeting was 4xx/5xx: only QUIT remains (RFC 5321 §3.1)."""
+    HELLO = "hello"
+    """Greeted (or TLS just started): EHLO or HELO next."""
+    READY = "ready"
+    """Between transactions."""
+    AUTH = "auth"
+    """The server sent a 334 challenge; an AUTH response is due."""
+    TLS = "tls"
+    """STARTTLS accepted: the transport must start TLS, then call ``tls_established``."""
+    MAIL = "mail"
+    """MAIL accepted: RCPT, DATA or RSET next."""
+    DATA = "data"
+    """354 received: the content and the final dot are due."""
+    CLOSED = "closed"
+    """QUIT answered, 421 received, or the peer broke the protocol."""
+
+
+_C = Command
+_S = State
+
+# The state after a reply to each command, by the reply's first digit; ``None`` keeps the
+# state. A digit missing here is a reply the command cannot get: a protocol error.
+_AFTER_REPLY: dict[Command, dict[int, State | None]] = {
+    _C.GREETING: {2: _S.HELLO, 4: _S.REFUSED, 5: _S.REFUSED},
+    _C.EHLO: {2: _S.READY, 4: _S.HELLO, 5: _S.HELLO},
+    _C.HELO: {2: _S.READY, 4: _S.HELLO, 5: _S.HELLO},
+    _C.STARTTLS: {2: _S.TLS, 4: _S.READY, 5: _S.READY},
+    _C.AUTH: {2: _S.READY, 3: _S.AUTH, 4: _S.READY, 5: _S.READY},
+    _C.MAIL: {2: _S.MAIL, 4: _S.READY, 5: _S.READY},
+    _C.RCPT: {2: None, 4: None, 5: None},
+    _C.DATA: {3: _S.DATA, 4: _S.READY, 5: _S.READY},
+    _C.BODY: {2: _S.READY, 4: _S.READY, 5: _S.READY},
+    _C.RSET: {2: _S.READY, 4: None, 5: None},
+    _C.NOOP: {2: None, 4: None, 5: None},
+    _C.QUIT: {2: _S.CLOSED, 4: _S.CLOSED, 5: _S.CLOSED},
+}
+
+# The reply class that lets each command go on; used to project the state after commands
+# still awaiting replies (pipelining).
+_SUCCESS = {_C.DATA: 3}
+
+# Commands each (projected) state accepts.
+_ALLOWED: dict[State, frozenset[Command]] = {
+    _S.GREETING: frozenset(),
+    _S.REFUSED: frozenset({_C.QUIT}),
+    _S.HELLO: frozenset({_C.EHLO, _C.HELO, _C.NOOP, _C.QUIT}),
+    _S.READY: frozenset(
+        {_C.EHLO, _C.HELO, _C.STARTTLS, _C.AUTH, _C.MAIL, _C.RSET, _C.NOOP, _C.QUIT}
+    ),
+    _S.AUTH: frozenset({_C.AUTH}),
+    _S.TLS: frozenset(),
+    _S.MAIL: frozenset({_C.RCPT, _C.DATA, _C.RSET, _C.NOOP, _C.QUIT}),
+    _S.DATA: frozenset({_C.BODY}),
+    _S.CLOSED: frozenset(),
+}
+
+# RFC 2920 §3.1: with PIPELINING these may be followed by more commands before their
+# replies arrive; the second set may be sent while replies are outstanding, ending a group.
+_GROUPABLE = frozenset({_C.RSET, _C.MAIL, _C.RCPT})
+_MAY_FOLLOW = frozenset({_C.RSET, _C.MAIL, _C.RCPT, _C.DATA, _C.NOOP, _C.QUIT})
+
+
+def encode_body(content: bytes) -> bytes:
+    """Dot-stuff ``content`` (RFC 5321 §4.5.2) and append the final dot, for one write.
+
+    ``content`` must already use CRLF line endings. A last line without CRLF gets one
+    before the terminator.
+
+    >>> encode_body(b".hidden\\r\\nline\\r\\n.\\r\\nend")
+    b'..hidden\\r\\nline\\r\\n..\\r\\nend\\r\\n.\\r\\n'
+    """
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if content.startswith(b"."):
+        stuffed = b"." + stuffed
+    if not stuffed or stuffed.endswith(b"\r\n"):
+        return stuffed + b".\r\n"
+    return stuffed + b"\r\n.\r\n"
+
+
+class ClientSession:
+    """One SMTP client conversation, without I/O.
+
+    Commands return the bytes to write; :meth:`next_event` returns :class:`Reply` events in
+    the order the commands were sent, or :data:`NEED_DATA`. Peer misbehaviour raises
+    :class:`~mailstrom.errors.SMTPProtocolError` (and closes the session); asking for a
+    command the protocol forbids now raises :class:`LocalProtocolError`.
+    """
+
+    def __init__(self, *, helo_name: str) -> None:
+        if not helo_name or any(c in helo_name for c in "\r\n "):
+            raise ValueError(f"invalid HELO name: {helo_name!r}")
+        self.helo_name = helo_name
+        # An internationalised name goes out as A-labels (RFC 5321 §4.1.1.1 wants a domain).
+        self._helo = helo_name.encode("ascii") if helo_name.isascii() else helo_name.encode("idna")
+        self._state = State.GREETING
+        self._parser = ReplyParser()
+        self._pending: deque[tuple[Command, str | None]] = deque([(Command.GREETING, None)])
+        self._extensions: dict[str, str] = {}
+        self._esmtp = False
+
+    # --- what the session knows --------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def outstanding(self) -> tuple[Command, ...]:
+        """Commands sent whose replies have not arrived yet, oldest first."""
+        return tuple(command for command, _ in self._pending)
+
+    @property
+    def extensions(self) -> Mapping[str, str]:
+        """EHLO keywords → parameters, e.g. ``{"SIZE": "1000", "AUTH": "PLAIN LOGIN"}``."""
+        return MappingProxyType(self._extensions)
+
+    @property
+    def esmtp(self) -> bool:
+        """True when EHLO (not HELO) was accepted."""
+        return self._esmtp
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self._extensions
+
+    @property
+    def max_size(self) -> int | None:
+        """The SIZE limit the server announced (RFC 1870), or None when it set none."""
+        value = self._extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    @property
+    def auth_mechanisms(self) -> frozenset[str]:
+        return frozenset(self._extensions.get("AUTH", "").upper().split())
+
+    def can_send(self, command: Command) -> bool:
+        """Whether ``command`` may be sent now."""
+        if command not in _ALLOWED[self._projected_state()]:
+            return False
+        if not self._pending:
+            return True
+        return (
+            self.pipelining
+            and command in _MAY_FOLLOW
+            and all(c in _GROUPABLE for c, _ in self._pending)
+        )
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the server (any split, even one byte at a time)."""
+        try:
+            self._parser.feed(data)
+        except SMTPProtocolError:
+            self._fail()
+            raise
+
+    def next_event(self) -> Reply | NeedData:
+        """The next reply, paired with the command it answers, or :data:`NEED_DATA`."""
+        try:
+            return self._next_event()
+        except SMTPProtocolError:
+            self._fail()
+            raise
+
+    def _next_event(self) -> Reply | NeedData:
+        reply = self._parser.next_reply()
+        if reply is None:
+            return NEED_DATA
+        if not self._pending:
+            raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
+        command, argument = self._pending.popleft()
+        after = _AFTER_REPLY[command]
+        digit = reply.code // 100
+        if digit not in after:
+            raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=reply.code)
+        if reply.code == 421:
+            # The server is going away: the replies still owed will never come.
+            self._state = State.CLOSED
+            self._pending.clear()
+        elif (state := after[digit]) is not None:
+            self._state = state
+        if digit == 2 and command in (Command.EHLO, Command.HELO):
+            self._esmtp = command is Command.EHLO
+            self._extensions = parse_ehlo(reply) if self._esmtp else {}
+        if self._state is State.TLS and self._parser.buffered:
+            # Bytes after "220 go ahead" arrived in plaintext and would be read as if
+            # protected by TLS: the STARTTLS injection bugs
+            # of CVE-2011-0411 and kin, seen from the client side.
+            raise SMTPProtocolError("data received after the STARTTLS reply")
+        return Reply(command=command, reply=reply, argument=argument)
+
+    def _fail(self) -> None:
+        self._state = State.CLOSED
+        self._pending.clear()
+
+    # --- sending -----------------------------------------------------------------------
+
+    def ehlo(self) -> bytes:
+        return self._send(Command.EHLO, b"EHLO " + self._helo + b"\r\n")
+
+    def helo(self) -> bytes:
+        return self._send(Command.HELO, b"HELO " + self._helo + b"\r\n")
+
+    def starttls(self) -> bytes:
+        return self._send(Command.STARTTLS, b"STARTTLS\r\n")
+
+    def tls_established(self) -> None:
+        """The transport now speaks TLS: forget the extensions; EHLO must be sent again
+        (RFC 3207 §4.2)."""
+        if self._state is not State.TLS:
+            raise LocalProtocolError(f"no STARTTLS was accepted (state {self._state})")
+        self._state = State.HELLO
+        self._extensions = {}
+        self._esmtp = False
+        self._parser = ReplyParser()
+
+    def auth_plain(self, username: str, password: str) -> bytes:
+        """AUTH PLAIN with the initial response (RFC 4616, RFC 4954 §4)."""
+        self._require_state(State.READY)
+        token = b"\0" + username.encode() + b"\0" + password.encode()
+        return self._send(Command.AUTH, b"AUTH PLAIN " + base64.b64encode(token) + b"\r\n")
+
+    def auth_login(self) -> bytes:
+        """AUTH LOGIN; answer the two 334 challenges with :meth:`auth_response`."""
+        self._require_state(State.READY)
+        return self._send(Command.AUTH, b"AUTH LOGIN\r\n")
+
+    def auth_response(self, data: bytes | None) -> bytes:
+        """Answer a 334 challenge with ``data`` (base64-encoded here); None cancels."""
+        self._require_state(State.AUTH)
+        line = b"*" if data is None else base64.b64encode(data)
+        return self._send(Command.AUTH, line + b"\r\n")
+
+    def mail(
+        self,
+        sender: str,
+        *,
+        size: int | None = None,
+        eightbit: bool = False,
+        smtputf8: bool = False,
+    ) -> bytes:
+        """MAIL FROM with SIZE (if offered), BODY=8BITMIME and SMTPUTF8 (if asked for)."""
+        return self._send(Command.MAIL, self._mail_line(sender, size, eightbit, smtputf8), sender)
+
+    def rcpt(self, recipient: str, *, smtputf8: bool = False) -> bytes:
+        return self._send(Command.RCPT, self._rcpt_line(recipient, smtputf8), recipient)
+
+    def data(self) -> bytes:
+        return self._send(Command.DATA, b"DATA\r\n")
+
+    def body(self, content: bytes) -> bytes:
+        """The dot-stuffed content and the final dot, after the 354 reply to DATA."""
+        return self._send(Command.BODY, encode_body(content))
+
+    def rset(self) -> bytes:
+        return self._send(Command.RSET, b"RSET\r\n")
+
+    def noop(self) -> bytes:
+        return self._send(Command.NOOP, b"NOOP\r\n")
+
+    def quit(self) -> bytes:
+        return self._send(Command.QUIT, b"QUIT\r\n")
+
+    def envelope(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        size: int | None = None,
+        eightbit: bool = False,
+        smtputf8: bool = False,
+        reset: bool = False,
+    ) -> bytes:
+        """[RSET,] MAIL, every RCPT and DATA as one pipelined batch (RFC 2920).
+
+        Only when the server offers PIPELINING; the replies then come back in this order.
+        """
+        if not self.pipelining:
+            raise LocalProtocolError("the server does not offer PIPELINING")
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        # Build every line first, so a bad address leaves the session untouched.
+        mail = self._mail_line(sender, size, eightbit, smtputf8)
+        rcpts = [(r, self._rcpt_line(r, smtputf8)) for r in recipients]
+        out = [self.rset()] if reset else []
+        out.append(self._send(Command.MAIL, mail, sender))
+        out.extend(self._send(Command.RCPT, line, r) for r, line in rcpts)
+        out.append(self.data())
+        return b"".join(out)
+
+    def _mail_line(self, sender: str, size: int | None, eightbit: bool, smtputf8: bool) -> bytes:
+        params = b""
+        if size is not None and "SIZE" in self._extensions:
+            params += b" SIZE=%d" % size
+        if eightbit:
+            if "8BITMIME" not in self._extensions:
+                raise LocalProtocolError("BODY=8BITMIME but the server does not offer 8BITMIME")
+            params += b" BODY=8BITMIME"
+        if smtputf8:
+            if "SMTPUTF8" not in self._extensions:
+                raise LocalProtocolError("SMTPUTF8 but the server does not offer it")
+            params += b" SMTPUTF8"
+        return b"MAIL FROM:" + encode_path(sender, smtputf8) + params + b"\r\n"
+
+    @staticmethod
+    def _rcpt_line(recipient: str, smtputf8: bool) -> bytes:
+        if not recipient:
+            raise ValueError("empty recipient address")
+        return b"RCPT TO:" + encode_path(recipient, smtputf8) + b"\r\n"
+
+    def _require_state(self, state: State) -> None:
+        if self._pending or self._state is not state:
+            raise LocalProtocolError(f"needs state {state}, not {self._projected_state()}")
+
+    def _projected_state(self) -> State:
+        """The state once every outstanding command has succeeded."""
+        state = self._state
+        for command, _ in self._pending:
+            after = _AFTER_REPLY[command][_SUCCESS.get(command, 2)]
+            if after is not None:
+                state = after
+        return state
+
+    def _send(self, command: Command, line: bytes, argument: str | None = None) -> bytes:
+        if not self.can_send(command):
+            raise LocalProtocolError(
+                f"cannot send {command} in state {self._projected_state()} "
+                f"with {len(self._pending)} replies outstanding"
+            )
+        self._pending.append((command, argument))
+        return line
+
+
+def encode_path(address: str, smtputf8: bool) -> bytes:
+    """``<address>`` for MAIL/RCPT (``<>`` for the null reverse-path); ValueError if it
+    holds CR, LF, NUL or angle brackets, or non-ASCII without ``smtputf8``."""
+    if any(c in address for c in "\r\n\0<>"):
+        raise ValueError(f"invalid envelope address: {address!r}")
+    try:
+        encoded = address.encode("utf-8" if smtputf8 else "ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"non-ASCII address needs SMTPUTF8: {address!r}") from None
+    return b"<" + encoded + b">"

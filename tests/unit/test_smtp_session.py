@@ -1,0 +1,372 @@
+"""The sans-IO client session: commands, pipelining, state, errors. No sockets."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from mailstrom.errors import SMTPProtocolError
+from mailstrom.smtp import (
+    NEED_DATA,
+    ClientSession,
+    Command,
+    LocalProtocolError,
+    Reply,
+    State,
+    encode_body,
+)
+
+EHLO_FULL = (
+    b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+    b"250-SMTPUTF8\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n"
+)
+EHLO_PLAIN = b"250-mx.test\r\n250 8BITMIME\r\n"
+
+
+def feed(session: ClientSession, wire: bytes) -> list[Reply]:
+    """Feed bytes and collect every complete reply."""
+    session.receive_data(wire)
+    events = []
+    while isinstance(event := session.next_event(), Reply):
+        events.append(event)
+    return events
+
+
+def ready(ehlo: bytes = EHLO_FULL) -> ClientSession:
+    session = ClientSession(helo_name="client.test")
+    assert feed(session, b"220 mx.test ESMTP\r\n")[0].command is Command.GREETING
+    assert session.ehlo() == b"EHLO client.test\r\n"
+    [reply] = feed(session, ehlo)
+    assert reply.command is Command.EHLO
+    assert reply.ok
+    assert session.state is State.READY
+    return session
+
+
+def test_greeting_and_ehlo_extensions() -> None:
+    session = ready()
+    assert session.esmtp
+    assert session.pipelining
+    assert session.max_size == 1000
+    assert session.auth_mechanisms == {"PLAIN", "LOGIN"}
+    assert session.extensions["SIZE"] == "1000"
+
+
+def test_nothing_may_be_sent_before_the_greeting() -> None:
+    session = ClientSession(helo_name="client.test")
+    assert session.next_event() is NEED_DATA
+    with pytest.raises(LocalProtocolError):
+        session.ehlo()
+
+
+@pytest.mark.parametrize("code", [421, 554])
+def test_refused_greeting_is_an_event_the_caller_acts_on(code: int) -> None:
+    session = ClientSession(helo_name="client.test")
+    [event] = feed(session, b"%d 4.3.2 go away\r\n" % code)
+    assert event.command is Command.GREETING
+    assert not event.ok
+    assert session.state is (State.CLOSED if code == 421 else State.REFUSED)
+    assert not session.can_send(Command.EHLO)
+    assert session.can_send(Command.QUIT) is (code == 554)
+
+
+@pytest.mark.parametrize("code", [500, 502, 550])
+def test_helo_fallback_after_ehlo_refused(code: int) -> None:
+    session = ClientSession(helo_name="client.test")
+    feed(session, b"220 old.test\r\n")
+    session.ehlo()
+    [reply] = feed(session, b"%d command not recognized\r\n" % code)
+    assert reply.command is Command.EHLO
+    assert not reply.ok
+    assert session.state is State.HELLO
+    assert session.helo() == b"HELO client.test\r\n"
+    [reply] = feed(session, b"250 old.test\r\n")
+    assert reply.command is Command.HELO
+    assert session.state is State.READY
+    assert not session.esmtp
+    assert not session.pipelining
+    assert dict(session.extensions) == {}
+
+
+def test_pipelined_batch_is_one_write_with_replies_matched_in_order() -> None:
+    session = ready()
+    batch = session.envelope(
+        "from@a.test", ["one@b.test", "two@b.test", "three@b.test"], size=500, reset=True
+    )
+    assert batch == (
+        b"RSET\r\nMAIL FROM:<from@a.test> SIZE=500\r\n"
+        b"RCPT TO:<one@b.test>\r\nRCPT TO:<two@b.test>\r\nRCPT TO:<three@b.test>\r\nDATA\r\n"
+    )
+    assert session.outstanding == (
+        Command.RSET,
+        Command.MAIL,
+        Command.RCPT,
+        Command.RCPT,
+        Command.RCPT,
+        Command.DATA,
+    )
+    # Replies arrive in one read, split oddly.
+    events = feed(session, b"250 2.0.0 reset\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no")
+    events += feed(session, b" such user\r\n451 4.7.1 later\r\n354 go ahead\r\n")
+    assert [(e.command, e.argument, e.reply.code) for e in events] == [
+        (Command.RSET, None, 250),
+        (Command.MAIL, "from@a.test", 250),
+        (Command.RCPT, "one@b.test", 250),
+        (Command.RCPT, "two@b.test", 550),
+        (Command.RCPT, "three@b.test", 451),
+        (Command.DATA, None, 354),
+    ]
+    assert events[3].reply.enhanced == "5.1.1"
+    assert session.state is State.DATA
+    assert session.body(b"hi\r\n") == b"hi\r\n.\r\n"
+    [final] = feed(session, b"250 2.0.0 queued as X\r\n")
+    assert final.command is Command.BODY
+    assert final.ok
+    assert session.state is State.READY
+
+
+def test_envelope_needs_pipelining() -> None:
+    session = ready(EHLO_PLAIN)
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
+        session.envelope("a@a.test", ["b@b.test"])
+
+
+def test_without_pipelining_one_command_at_a_time() -> None:
+    session = ready(EHLO_PLAIN)
+    assert session.mail("a@a.test", size=10) == b"MAIL FROM:<a@a.test>\r\n"  # no SIZE offered
+    with pytest.raises(LocalProtocolError):
+        session.rcpt("b@b.test")
+    feed(session, b"250 ok\r\n")
+    assert session.state is State.MAIL
+    assert session.rcpt("b@b.test") == b"RCPT TO:<b@b.test>\r\n"
+    with pytest.raises(LocalProtocolError):
+        session.data()
+    feed(session, b"250 ok\r\n")
+    session.data()
+    [reply] = feed(session, b"354 go\r\n")
+    assert reply.reply.code == 354
+    assert session.state is State.DATA
+
+
+def test_pipelining_groups_only_what_rfc_2920_allows() -> None:
+    session = ready()
+    session.mail("a@a.test")
+    with pytest.raises(LocalProtocolError):
+        session.ehlo()  # EHLO must wait for outstanding replies
+    session.data()
+    with pytest.raises(LocalProtocolError):
+        session.body(b"x")  # content only after the 354 has arrived
+
+
+def test_failed_mail_in_a_pipelined_batch_leaves_the_transaction() -> None:
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test"])
+    events = feed(
+        session, b"550 5.7.1 sender rejected\r\n503 5.5.1 no MAIL\r\n503 no valid RCPT\r\n"
+    )
+    assert [e.reply.code for e in events] == [550, 503, 503]
+    assert session.state is State.READY
+    assert session.mail("a@a.test")  # a new transaction may start
+
+
+def test_rset_between_messages_on_a_reused_session() -> None:
+    session = ready(EHLO_PLAIN)
+    session.mail("a@a.test")
+    feed(session, b"250 ok\r\n")
+    session.rcpt("b@b.test")
+    feed(session, b"550 no\r\n")
+    with pytest.raises(LocalProtocolError):
+        session.mail("a@a.test")  # nested MAIL: must RSET first
+    assert session.rset() == b"RSET\r\n"
+    feed(session, b"250 flushed\r\n")
+    assert session.state is State.READY
+    assert session.mail("c@a.test") == b"MAIL FROM:<c@a.test>\r\n"
+
+
+def test_mail_parameters() -> None:
+    session = ready()
+    line = session.mail("ü@a.test", size=123, eightbit=True, smtputf8=True)
+    assert line == "MAIL FROM:<ü@a.test> SIZE=123 BODY=8BITMIME SMTPUTF8\r\n".encode()
+    feed(session, b"250 ok\r\n")
+    assert session.rcpt("δ@b.test", smtputf8=True) == "RCPT TO:<δ@b.test>\r\n".encode()
+
+
+def test_null_reverse_path() -> None:
+    assert ready().mail("") == b"MAIL FROM:<>\r\n"
+
+
+def test_parameters_the_server_lacks_are_refused_locally() -> None:
+    session = ready(EHLO_PLAIN.replace(b"8BITMIME", b"HELP"))
+    with pytest.raises(LocalProtocolError, match="8BITMIME"):
+        session.mail("a@a.test", eightbit=True)
+    with pytest.raises(LocalProtocolError, match="SMTPUTF8"):
+        session.mail("a@a.test", smtputf8=True)
+    assert session.outstanding == ()
+
+
+@pytest.mark.parametrize("address", ["ü@a.test", "a@a.test>\r\nRCPT TO:<x@evil.test", "a\0@b"])
+def test_bad_addresses_are_refused_before_anything_is_queued(address: str) -> None:
+    session = ready()
+    with pytest.raises(ValueError, match="address"):
+        session.envelope("a@a.test", ["ok@b.test", address])
+    assert session.outstanding == ()
+
+
+@pytest.mark.parametrize(
+    ("content", "wire"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"a\r\nb", b"a\r\nb\r\n.\r\n"),
+        (b"", b".\r\n"),
+        (b".\r\n", b"..\r\n.\r\n"),
+        (
+            b".starts\r\n.\r\n..two\r\nmid.dle\r\n.",
+            b"..starts\r\n..\r\n...two\r\nmid.dle\r\n..\r\n.\r\n",
+        ),
+        (b"x\r\n.\r\n", b"x\r\n..\r\n.\r\n"),
+        (b"ends in cr\r", b"ends in cr\r\r\n.\r\n"),
+    ],
+)
+def test_dot_stuffing_and_terminator(content: bytes, wire: bytes) -> None:
+    assert encode_body(content) == wire
+
+
+def test_starttls_forgets_extensions_and_needs_ehlo_again() -> None:
+    session = ready()
+    assert session.starttls() == b"STARTTLS\r\n"
+    [reply] = feed(session, b"220 2.0.0 ready\r\n")
+    assert reply.command is Command.STARTTLS
+    assert session.state is State.TLS
+    with pytest.raises(LocalProtocolError):
+        session.mail("a@a.test")
+    session.tls_established()
+    assert session.state is State.HELLO
+    assert dict(session.extensions) == {}
+    with pytest.raises(LocalProtocolError):
+        session.mail("a@a.test")
+    session.ehlo()
+    feed(session, b"250-mx.test\r\n250 SIZE 5\r\n")
+    assert dict(session.extensions) == {"SIZE": "5"}
+
+
+def test_plaintext_after_the_starttls_reply_is_a_protocol_error() -> None:
+    session = ready()
+    session.starttls()
+    session.receive_data(b"220 ready\r\n250 injected\r\n")
+    with pytest.raises(SMTPProtocolError, match="STARTTLS"):
+        session.next_event()
+    assert session.state is State.CLOSED
+
+
+def test_refused_starttls_returns_to_ready() -> None:
+    session = ready()
+    session.starttls()
+    feed(session, b"454 4.7.0 TLS not available\r\n")
+    assert session.state is State.READY
+    with pytest.raises(LocalProtocolError):
+        session.tls_established()
+
+
+def test_auth_plain() -> None:
+    session = ready()
+    line = session.auth_plain("user", "pässword")
+    assert line == b"AUTH PLAIN " + base64.b64encode("\0user\0pässword".encode()) + b"\r\n"
+    [reply] = feed(session, b"235 2.7.0 ok\r\n")
+    assert reply.command is Command.AUTH
+    assert session.state is State.READY
+
+
+def test_auth_login_challenges() -> None:
+    session = ready()
+    assert session.auth_login() == b"AUTH LOGIN\r\n"
+    feed(session, b"334 VXNlcm5hbWU6\r\n")
+    assert session.state is State.AUTH
+    assert session.auth_response(b"user") == b"dXNlcg==\r\n"
+    feed(session, b"334 UGFzc3dvcmQ6\r\n")
+    assert session.auth_response(b"pw") == b"cHc=\r\n"
+    [reply] = feed(session, b"535 5.7.8 bad credentials\r\n")
+    assert not reply.ok
+    assert session.state is State.READY
+
+
+def test_auth_can_be_cancelled() -> None:
+    session = ready()
+    session.auth_login()
+    feed(session, b"334 VXNlcm5hbWU6\r\n")
+    assert session.auth_response(None) == b"*\r\n"
+
+
+def test_421_closes_the_session_and_drops_outstanding_replies() -> None:
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test", "c@b.test"])
+    [reply] = feed(session, b"421 4.3.2 shutting down\r\n")
+    assert reply.command is Command.MAIL
+    assert reply.closing
+    assert session.state is State.CLOSED
+    assert session.outstanding == ()
+    assert not session.can_send(Command.RSET)
+    with pytest.raises(SMTPProtocolError, match="unsolicited"):
+        feed(session, b"250 late\r\n")
+
+
+def test_quit() -> None:
+    session = ready()
+    assert session.quit() == b"QUIT\r\n"
+    feed(session, b"221 bye\r\n")
+    assert session.state is State.CLOSED
+
+
+def test_unsolicited_reply_is_a_protocol_error() -> None:
+    session = ready()
+    with pytest.raises(SMTPProtocolError, match="unsolicited"):
+        feed(session, b"250 surprise\r\n")
+    assert session.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        (b"250 fine\r\nbogus\r\n", "malformed"),
+        (b"250-one\r\n550 two\r\n", "changed"),
+        (b"354 not for MAIL\r\n", "unexpected"),
+    ],
+)
+def test_bad_replies_are_protocol_errors(wire: bytes, match: str) -> None:
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test"])
+    with pytest.raises(SMTPProtocolError, match=match):
+        feed(session, wire)
+    assert session.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        session.rset()
+
+
+def test_byte_by_byte_conversation() -> None:
+    session = ClientSession(helo_name="client.test")
+    events: list[Reply] = []
+    wire = b"220-mx.test\r\n220 ESMTP\r\n"
+    for i in range(len(wire)):
+        events += feed(session, wire[i : i + 1])
+    session.ehlo()
+    for i in range(len(EHLO_FULL)):
+        events += feed(session, EHLO_FULL[i : i + 1])
+    session.envelope("a@a.test", ["b@b.test"])
+    replies = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"
+    for i in range(len(replies)):
+        events += feed(session, replies[i : i + 1])
+    assert [e.command for e in events] == [
+        Command.GREETING,
+        Command.EHLO,
+        Command.MAIL,
+        Command.RCPT,
+        Command.DATA,
+    ]
+    assert events[0].reply.text == "mx.test\nESMTP"
+    assert session.pipelining
+    assert session.state is State.DATA
+
+
+def test_invalid_helo_name() -> None:
+    with pytest.raises(ValueError, match="HELO"):
+        ClientSession(helo_name="bad name\r\n")
