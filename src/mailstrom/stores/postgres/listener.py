@@ -1,0 +1,112 @@
+"""LISTEN on a dedicated connection in a daemon thread and call back per notification."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+from mailstrom.stores.postgres.sql import CHANNEL, translate_errors
+
+log = logging.getLogger(__name__)
+
+_STOP_POLL = 5.0
+"""Seconds between checks of the stop flag should the stop notification be lost; idle
+otherwise, so this is no busy loop."""
+_RECONNECT_MAX = 30.0
+
+
+class Listener:
+    """Calls ``callback`` whenever a NOTIFY arrives on the work channel.
+
+    The connection is opened and LISTEN issued before :meth:`start` returns, so nothing
+    committed afterwards is missed. :meth:`stop` wakes the thread with a NOTIFY on a
+    channel private to this listener, rather than waiting out a poll timeout.
+    If the connection breaks, the thread reconnects with backoff and calls ``callback``
+    once (notifications may have been lost meanwhile).
+    """
+
+    def __init__(self, url: str, callback: Callable[[], None]) -> None:
+        self._url = url
+        self._callback = callback
+        self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
+        self._stopping = threading.Event()
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._thread = threading.Thread(target=self._run, name="mailstrom-pg-listen", daemon=True)
+
+    def start(self) -> None:
+        """Connect, LISTEN, and start the thread. Raises StoreError if it cannot connect."""
+        with translate_errors("LISTEN"):
+            self._conn = self._connect()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and close its connection; waits up to ``timeout`` s. Idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._thread.is_alive():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=2) as conn:
+                    conn.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(self._stop_channel)))
+            except psycopg.Error:
+                log.debug("could not wake the listener; it notices within %ss", _STOP_POLL)
+            if threading.current_thread() is not self._thread:  # stop() from the callback
+                self._thread.join(timeout)
+        elif self._conn is not None:
+            self._conn.close()
+
+    @property
+    def alive(self) -> bool:
+        """True while the listening thread runs."""
+        return self._thread.is_alive()
+
+    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+        conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._stop_channel)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self) -> None:
+        backoff = 0.5
+        try:
+            while not self._stopping.is_set():
+                if self._conn is None:
+                    try:
+                        self._conn = self._connect()
+                    except psycopg.Error as exc:
+                        log.warning("LISTEN reconnect failed (%s); retrying in %.1fs", exc, backoff)
+                        self._stopping.wait(backoff)
+                        backoff = min(backoff * 2, _RECONNECT_MAX)
+                        continue
+                    backoff = 0.5
+                    self._notify()  # whatever was announced while we were away
+                try:
+                    for note in self._conn.notifies(timeout=_STOP_POLL):
+                        if self._stopping.is_set():
+                            break
+                        if note.channel == CHANNEL:
+                            self._notify()
+                except psycopg.Error as exc:
+                    log.warning("LISTEN connection lost: %s", exc)
+                    self._conn.close()
+                    self._conn = None
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _notify(self) -> None:
+        try:
+            self._callback()
+        except Exception:
+            # A failing callback must not end the wake-ups; the worker's poll still runs.
+            log.exception("mailstrom watch callback failed")

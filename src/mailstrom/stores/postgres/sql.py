@@ -1,0 +1,73 @@
+"""The SQL text of the PostgreSQL store, kept in ``stores/sql/postgres/*.sql``.
+
+Migrations are the files named ``NNNN_name.sql`` (applied in order of ``NNNN``); every
+query is a ``-- name: <name>`` section of ``queries.sql``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+
+import psycopg
+
+from mailstrom.errors import StoreError
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
+_QUERY_MARKER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+CHANNEL = "mailstrom_work"
+"""The NOTIFY channel on which work that may have become due is announced."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Migration:
+    """One schema migration: it brings the schema to ``version``."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def _sql_dir() -> Traversable:
+    return files("mailstrom.stores").joinpath("sql", "postgres")
+
+
+@functools.cache
+def migrations() -> tuple[Migration, ...]:
+    """Every migration shipped with mailstrom, oldest first."""
+    found = []
+    for entry in _sql_dir().iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(
+                Migration(version=int(match.group(1)), name=entry.name, sql=entry.read_text())
+            )
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"PostgreSQL migrations must be numbered 1, 2, 3…; found {versions}")
+    return tuple(found)
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """Every named query of ``queries.sql``."""
+    text = _sql_dir().joinpath("queries.sql").read_text()
+    parts = _QUERY_MARKER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@contextmanager
+def translate_errors(doing: str) -> Iterator[None]:
+    """Turn driver errors (psycopg and psycopg_pool's, which subclass them) into StoreError."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StoreError(f"PostgreSQL store: {doing} failed: {exc}") from exc

@@ -1,0 +1,267 @@
+"""PostgresStore: the Store protocol over psycopg 3 and a connection pool.
+
+Every method is one statement on an autocommit connection (one round trip, one
+transaction), so batches cost the same number of round trips as single items.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.stores.base import Lease, QueueFilter, RecipientResult, new_message_id
+from mailstrom.stores.postgres import rows
+from mailstrom.stores.postgres.listener import Listener
+from mailstrom.stores.postgres.migrate import migrate
+from mailstrom.stores.postgres.sql import queries, translate_errors
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    # Hand back UTC datetimes whatever the server's TimeZone, as the Store protocol says.
+    conn.execute("SET TimeZone TO 'UTC'")
+
+
+class PostgresStore:
+    """A durable queue in PostgreSQL, shared by any number of worker processes.
+
+    Opening the store creates or upgrades the schema (see :func:`migrate`). Workers lease
+    recipients with ``FOR UPDATE SKIP LOCKED`` and :meth:`watch` wakes them through
+    ``LISTEN/NOTIFY`` when any process enqueues or retries mail.
+
+    >>> store = PostgresStore("postgresql://mail@127.0.0.1/mail")  # doctest: +SKIP
+
+    ``min_size``/``max_size`` bound the connection pool; ``timeout`` is how long to wait
+    for the database when opening and for a free pooled connection per call.
+    """
+
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
+    ) -> None:
+        self._url = url
+        self._closed = False
+        self._lock = threading.Lock()
+        self._listeners: set[Listener] = set()
+        self._queries = {name: text.encode() for name, text in queries().items()}
+        migrate(url, connect_timeout=timeout)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            timeout=timeout,
+            open=False,
+            name="mailstrom",
+        )
+        try:
+            with translate_errors("connecting"):
+                self._pool.open(wait=True, timeout=timeout)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with translate_errors(name), self._pool.connection() as conn:
+            return conn.execute(self._queries[name], params).fetchall()
+
+    def _fetch_dicts(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with (
+            translate_errors(name),
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            return cur.execute(self._queries[name], params).fetchall()
+
+    # --- submission -------------------------------------------------------------------
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        """Store ``message`` (committed before returning) and return its new id."""
+        return self._enqueue([message], now=now, held=hold)[0]
+
+    def enqueue_many(self, messages: Sequence[PreparedMessage], *, now: datetime) -> list[str]:
+        """Store several messages in one statement; ids in the same order."""
+        if not messages:
+            return []
+        return self._enqueue(messages, now=now, held=False)
+
+    def _enqueue(
+        self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
+    ) -> list[str]:
+        ids = [new_message_id() for _ in messages]
+        self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+        return ids
+
+    # --- the worker's side ------------------------------------------------------------
+
+    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
+        """Lease up to ``limit`` due recipients in one statement (see Store.lease)."""
+        if limit <= 0:
+            return None
+        token = uuid.uuid4().hex
+        expires_at = now + lease_for
+        found = self._fetch(
+            "lease", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
+        )
+        if not found:
+            return None
+        return rows.lease_from_rows(token, expires_at, found)
+
+    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
+        """Record results still held under ``lease.token``; returns how many were."""
+        if not results:
+            return 0
+        (count,) = self._fetch("record", rows.record_params(lease.token, results))[0]
+        return int(count)
+
+    def release(self, lease: Lease) -> None:
+        """Give back the lease's unrecorded recipients, due at once."""
+        pairs = [(i.message_id, r.address) for i in lease.items for r in i.recipients]
+        if not pairs:
+            return
+        self._fetch(
+            "release",
+            {
+                "token": lease.token,
+                "message_ids": [m for m, _ in pairs],
+                "addresses": [a for _, a in pairs],
+            },
+        )
+
+    # --- reading ----------------------------------------------------------------------
+
+    def status(self, message_id: str) -> MessageStatus:
+        """The message's status with every recipient's history."""
+        found = rows.messages_from_rows(self._fetch_dicts("status", {"id": message_id}))
+        if not found:
+            raise UnknownMessage(message_id)
+        return found[0]
+
+    def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where``, newest first, without attempt history."""
+        where = where or QueueFilter()
+        params = {
+            "held": where.held,
+            "created_before": None if where.older_than is None else now - where.older_than,
+            "domain": None if where.domain is None else where.domain.lower(),
+            "state": None if where.state is None else where.state.value,
+            "limit": max(where.limit, 0),
+        }
+        return rows.messages_from_rows(self._fetch_dicts("query", params))
+
+    def recent(self, limit: int = 20) -> list[MessageStatus]:
+        """The ``limit`` most recently enqueued messages, newest first."""
+        params = {
+            "held": None,
+            "created_before": None,
+            "domain": None,
+            "state": None,
+            "limit": max(limit, 0),
+        }
+        return rows.messages_from_rows(self._fetch_dicts("query", params))
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        """When the earliest pending, unheld recipient becomes due (lease expiry counts)."""
+        found = self._fetch("next_due", {})
+        return found[0][0] if found else None
+
+    def stats(self) -> QueueStats:
+        """Counts of recipients by state and of pending recipients by domain."""
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[str, int] = {}
+        messages = held = 0
+        for kind, key, n in self._fetch("stats", {}):
+            if kind == "state":
+                by_state[RecipientState(key)] = int(n)
+            elif kind == "domain":
+                by_domain[key] = int(n)
+            elif kind == "messages":
+                messages = int(n)
+            else:
+                held = int(n)
+        return QueueStats(
+            by_state=by_state, pending_by_domain=by_domain, messages=messages, held=held
+        )
+
+    # --- operator actions -------------------------------------------------------------
+
+    def retry(self, message_id: str, *, now: datetime) -> int:
+        """Make the message's pending recipients due at ``now``; returns how many."""
+        found, changed, _ = self._fetch("retry", {"id": message_id, "now": now})[0]
+        if not found:
+            raise UnknownMessage(message_id)
+        return int(changed)
+
+    def retry_deferred(self, *, now: datetime) -> int:
+        """Make every DEFERRED recipient due at ``now``; returns how many."""
+        changed, _ = self._fetch("retry_deferred", {"now": now})[0]
+        return int(changed)
+
+    def cancel(self, message_id: str, *, now: datetime) -> int:
+        """Fail the message's pending recipients with the reason "cancelled"."""
+        found, changed = self._fetch("cancel", {"id": message_id, "now": now})[0]
+        if not found:
+            raise UnknownMessage(message_id)
+        return int(changed)
+
+    def set_held(self, message_id: str, held: bool) -> None:
+        """Hold (not leased) or release a message."""
+        found, _ = self._fetch("set_held", {"id": message_id, "held": held})[0]
+        if not found:
+            raise UnknownMessage(message_id)
+
+    def purge(self, *, finished_before: datetime) -> int:
+        """Delete finished messages whose last recipient finished before the cutoff."""
+        (count,) = self._fetch("purge", {"finished_before": finished_before})[0]
+        return int(count)
+
+    # --- wake-ups and lifetime --------------------------------------------------------
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` from a listener thread on every NOTIFY from any process.
+
+        LISTEN is in place when this returns, so work committed afterwards is never
+        missed. Returns a function that stops this watcher (idempotent).
+        """
+        with self._lock:
+            if self._closed:
+                raise StoreError("PostgreSQL store is closed")
+            listener = Listener(self._url, callback)
+            listener.start()
+            self._listeners.add(listener)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._listeners.discard(listener)
+            listener.stop()
+
+        return unwatch
+
+    def close(self) -> None:
+        """Stop every watcher thread and close the pool. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            listeners = list(self._listeners)
+            self._listeners.clear()
+        for listener in listeners:
+            listener.stop()
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,272 @@
+-- Queries of mailstrom.stores.postgres. Each starts at a "-- name: <name>" line and runs
+-- as ONE statement: on an autocommit connection that is one round trip and one
+-- transaction. Parameters use psycopg's named placeholders; a pending recipient is one
+-- whose state is queued or deferred. Do not use a percent sign in these comments: psycopg
+-- would read it as a placeholder.
+
+-- name: enqueue
+-- Messages and their recipients arrive as parallel arrays (one element per row), so a
+-- whole batch is one statement. NOTIFY is delivered when the statement commits.
+WITH new_messages AS (
+    INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
+                          header_message_id, size, created_at, held)
+    SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
+           t.header_message_id, t.size, %(now)s, %(held)s
+    FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
+                %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
+                %(header_ids)s::text[], %(sizes)s::integer[]) WITH ORDINALITY
+         AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
+              n)
+    ORDER BY t.n  -- seq follows the caller's order
+    RETURNING id, seq
+), new_recipients AS (
+    INSERT INTO recipients (message_id, seq, address, position, domain, state,
+                            next_attempt_at)
+    SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued', %(now)s
+    FROM unnest(%(r_ids)s::text[], %(r_addresses)s::text[], %(r_positions)s::integer[],
+                %(r_domains)s::text[]) AS t(message_id, address, position, domain)
+    JOIN new_messages nm ON nm.id = t.message_id
+)
+SELECT pg_notify('mailstrom_work', '') WHERE NOT %(held)s;
+
+-- name: lease
+-- Lock due recipients (skipping rows other workers are locking right now), stamp them
+-- with our token, and return them with their message; the bytes of each message are
+-- returned once, on its first row, not once per recipient.
+-- The ORDER BY is exactly the index recipients_due, so this reads LIMIT index entries
+-- (plus any of held messages) and sorts nothing. The rows stay locked until commit, so
+-- the UPDATE finds them again by ctid (a TID scan, whatever the table's size), and the
+-- messages are fetched by primary key.
+WITH due AS MATERIALIZED (
+    SELECT r.ctid AS row_id, r.message_id, r.address,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.due_at, l.seq, l.position;
+
+-- name: record
+-- Only recipients still held under this lease's token are updated; the attempt history
+-- gets a row for exactly those.
+WITH res AS (
+    SELECT *
+    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(states)s::text[],
+                %(next_attempt_at)s::timestamptz[], %(at)s::timestamptz[],
+                %(outcomes)s::text[], %(durations)s::double precision[],
+                %(mx_hosts)s::text[], %(ips)s::text[], %(ports)s::integer[],
+                %(tls_versions)s::text[], %(tls_ciphers)s::text[],
+                %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
+                %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[])
+         AS t(message_id, address, state, next_attempt_at, at, outcome, duration, mx_host, ip,
+              port, tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,
+              uncertain)
+), updated AS (
+    UPDATE recipients r
+    SET state = res.state,
+        attempts = r.attempts + 1,
+        first_attempt_at = COALESCE(r.first_attempt_at, res.at),
+        last_attempt_at = res.at,
+        next_attempt_at = CASE WHEN res.state IN ('queued', 'deferred')
+                               THEN COALESCE(res.next_attempt_at, res.at) END,
+        finished_at = CASE WHEN res.state IN ('delivered', 'failed') THEN res.at END,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        reply_code = res.reply_code,
+        reply_enhanced = res.reply_enhanced,
+        reply_text = res.reply_text,
+        error = res.error,
+        mx_host = res.mx_host,
+        ip = res.ip,
+        tls = res.tls_version IS NOT NULL,
+        uncertain = res.uncertain
+    FROM res
+    WHERE r.message_id = res.message_id
+      AND r.address = res.address
+      AND r.lease_token = %(token)s
+    RETURNING r.message_id, r.address
+), history AS (
+    INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
+                          tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
+                          error, uncertain)
+    SELECT res.message_id, res.address, res.at, res.outcome, res.duration, res.mx_host, res.ip,
+           res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
+           res.reply_text, res.error, res.uncertain
+    FROM res
+    JOIN updated USING (message_id, address)
+    RETURNING 1
+)
+SELECT count(*) FROM history;
+
+-- name: release
+WITH released AS (
+    UPDATE recipients r
+    SET lease_token = NULL, lease_expires_at = NULL
+    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
+    WHERE r.message_id = t.message_id
+      AND r.address = t.address
+      AND r.lease_token = %(token)s
+    RETURNING 1
+)
+SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
+
+-- name: status
+-- One statement, so the recipients and their history come from one snapshot.
+SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
+       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
+       r.next_attempt_at,
+       a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
+       a.mx_host AS a_mx_host, a.ip AS a_ip, a.port AS a_port,
+       a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
+       a.reply_code AS a_reply_code, a.reply_enhanced AS a_reply_enhanced,
+       a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain
+FROM messages m
+LEFT JOIN recipients r ON r.message_id = m.id
+LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
+WHERE m.id = %(id)s
+ORDER BY r.position, a.id;
+
+-- name: query
+-- Walks messages newest first (index messages_newest) and stops at the limit; each
+-- condition is skipped when its parameter is NULL. The derived state mirrors
+-- mailstrom.status.derive_message_state.
+WITH selected AS (
+    SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
+           m.held, m.seq
+    FROM messages m
+    WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
+      AND (%(created_before)s::timestamptz IS NULL
+           OR m.created_at < %(created_before)s::timestamptz)
+      AND (%(domain)s::text IS NULL OR EXISTS (
+               SELECT 1 FROM recipients r
+               WHERE r.message_id = m.id AND r.domain = %(domain)s::text))
+      AND (%(state)s::text IS NULL OR %(state)s::text = (
+               SELECT CASE
+                   WHEN bool_or(r.state IN ('queued', 'deferred')) THEN
+                       CASE WHEN bool_or(r.state = 'deferred') THEN 'deferred' ELSE 'queued' END
+                   WHEN bool_and(r.state = 'delivered') THEN 'delivered'
+                   ELSE 'failed'
+               END
+               FROM recipients r WHERE r.message_id = m.id))
+    ORDER BY m.created_at DESC, m.seq DESC
+    LIMIT %(limit)s
+)
+SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subject, s.held,
+       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
+       r.next_attempt_at
+FROM selected s
+LEFT JOIN recipients r ON r.message_id = s.id
+ORDER BY s.created_at DESC, s.seq DESC, r.position;
+
+-- name: retry
+WITH found AS (
+    SELECT 1 FROM messages WHERE id = %(id)s
+), rescheduled AS (
+    UPDATE recipients
+    SET next_attempt_at = %(now)s
+    WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM found) AS found,
+       (SELECT count(*) FROM rescheduled) AS changed,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
+
+-- name: retry_deferred
+WITH rescheduled AS (
+    UPDATE recipients
+    SET next_attempt_at = %(now)s
+    WHERE state = 'deferred'
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM rescheduled) AS changed,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
+
+-- name: cancel
+-- The lease is cleared too, so a worker still holding these recipients records nothing.
+-- The last reply is cleared so the recipient's reason reads "cancelled"; the history keeps
+-- every earlier reply.
+WITH found AS (
+    SELECT 1 FROM messages WHERE id = %(id)s
+), cancelled AS (
+    UPDATE recipients
+    SET state = 'failed',
+        error = 'cancelled',
+        reply_code = NULL,
+        reply_enhanced = NULL,
+        reply_text = NULL,
+        uncertain = false,
+        next_attempt_at = NULL,
+        finished_at = %(now)s,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM found) AS found,
+       (SELECT count(*) FROM cancelled) AS changed;
+
+-- name: set_held
+WITH changed AS (
+    UPDATE messages SET held = %(held)s WHERE id = %(id)s RETURNING 1
+)
+SELECT (SELECT count(*) FROM changed) AS found,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified;
+
+-- name: purge
+-- A message goes when none of its recipients is pending or finished at or after the cutoff.
+WITH purged AS (
+    DELETE FROM messages m
+    WHERE NOT EXISTS (
+        SELECT 1 FROM recipients r
+        WHERE r.message_id = m.id
+          AND (r.state IN ('queued', 'deferred')
+               OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
+               OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
+    RETURNING 1
+)
+SELECT count(*) FROM purged;
+
+-- name: next_due
+SELECT GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+FROM recipients r
+JOIN messages m ON m.id = r.message_id
+WHERE r.state IN ('queued', 'deferred') AND NOT m.held
+ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at)
+LIMIT 1;
+
+-- name: stats
+SELECT 'state' AS kind, state AS key, count(*) AS n FROM recipients GROUP BY state
+UNION ALL
+SELECT 'domain', domain, count(*) FROM recipients
+WHERE state IN ('queued', 'deferred') GROUP BY domain
+UNION ALL
+SELECT 'messages', NULL, count(*) FROM messages
+UNION ALL
+SELECT 'held', NULL, count(*) FROM messages WHERE held;

@@ -1,0 +1,285 @@
+"""PostgreSQL specifics of PostgresStore (the generic behaviour is in tests/contract):
+migrations, SKIP LOCKED leasing across store objects, lease tokens, LISTEN/NOTIFY, driver
+errors, and the listener thread's lifetime."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.stores.postgres import PostgresStore, migrate
+from tests.fixtures.postgres import ThrowawayPostgres, _free_port
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+
+
+def message(*recipients: str) -> PreparedMessage:
+    return PreparedMessage(
+        data=b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
+        envelope_from="a@example.com",
+        recipients=recipients,
+        subject="hi",
+    )
+
+
+def delivered(message_id: str, address: str, at: datetime) -> RecipientResult:
+    return RecipientResult(
+        message_id=message_id,
+        address=address,
+        state=RecipientState.DELIVERED,
+        attempt=Attempt(
+            at=at, outcome=AttemptOutcome.DELIVERED, reply=SMTPReply(code=250, text="ok")
+        ),
+    )
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresStore]:
+    with PostgresStore(postgres_url, max_size=4) as s:
+        yield s
+
+
+def listener_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mailstrom-pg-listen"]
+
+
+# --- migrations ----------------------------------------------------------------------
+
+
+def schema_versions(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+
+
+def test_migrate_creates_schema_once(postgres_url: str) -> None:
+    assert migrate(postgres_url) == 1
+    assert migrate(postgres_url) == 1
+    assert schema_versions(postgres_url) == [1]
+    with PostgresStore(postgres_url) as s:  # opening migrates again: a no-op
+        assert isinstance(s, Store)
+    assert schema_versions(postgres_url) == [1]
+
+
+def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
+    start = threading.Barrier(6)
+
+    def open_and_enqueue(_: int) -> str:
+        start.wait(timeout=30)
+        with PostgresStore(postgres_url, max_size=2) as s:
+            return s.enqueue(message("x@example.org"), now=T0)
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(open_and_enqueue, range(6)))
+    assert len(set(ids)) == 6
+    assert schema_versions(postgres_url) == [1]
+
+
+def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
+    migrate(postgres_url)
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("INSERT INTO schema_version (version, name) VALUES (99, 'future')")
+    with pytest.raises(StoreError, match="newer"):
+        PostgresStore(postgres_url)
+
+
+# --- leasing -------------------------------------------------------------------------
+
+
+def test_skip_locked_leasing_from_four_store_objects(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    batch = [message(*(f"r{i}-{j}@d{j % 3}.example" for j in range(10))) for i in range(200)]
+    ids = store.enqueue_many(batch, now=T0)
+    expected = {(mid, a) for mid, m in zip(ids, batch, strict=True) for a in m.recipients}
+    assert len(expected) == 2000
+
+    start = threading.Barrier(4)
+
+    def drain(_: int) -> list[tuple[str, str]]:
+        got: list[tuple[str, str]] = []
+        with PostgresStore(postgres_url, max_size=1) as own:
+            start.wait(timeout=30)
+            while (lease := own.lease(now=T0, limit=37, lease_for=LEASE)) is not None:
+                got.extend((i.message_id, r.address) for i in lease.items for r in i.recipients)
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        per_thread = list(pool.map(drain, range(4)))
+    everything = [pair for got in per_thread for pair in got]
+    assert len(everything) == len(set(everything)), "a recipient was leased twice"
+    assert set(everything) == expected
+    assert store.lease(now=T0, limit=10, lease_for=LEASE) is None
+
+
+def test_lease_groups_by_message_and_domain_and_sends_bytes(store: PostgresStore) -> None:
+    mid = store.enqueue(message("a@One.example", "b@two.example", "c@one.example"), now=T0)
+    lease = store.lease(now=T0, limit=10, lease_for=LEASE)
+    assert lease is not None
+    assert lease.expires_at == T0 + LEASE
+    by_domain = {i.domain: i for i in lease.items}
+    assert set(by_domain) == {"one.example", "two.example"}
+    assert [r.address for r in by_domain["one.example"].recipients] == [
+        "a@One.example",
+        "c@one.example",
+    ]
+    for item in lease.items:
+        assert item.message_id == mid
+        assert item.data == message().data
+        assert item.recipients[0].created_at == T0
+
+
+def test_record_under_a_stale_token_is_ignored(postgres_url: str, store: PostgresStore) -> None:
+    mid = store.enqueue(message("r@example.org"), now=T0)
+    old = store.lease(now=T0, limit=10, lease_for=LEASE)
+    assert old is not None
+    with PostgresStore(postgres_url, max_size=1) as other:
+        later = T0 + LEASE + timedelta(seconds=1)
+        new = other.lease(now=later, limit=10, lease_for=LEASE)
+        assert new is not None
+        assert new.token != old.token
+        assert other.record(new, [delivered(mid, "r@example.org", later)]) == 1
+
+    late = RecipientResult(
+        message_id=mid,
+        address="r@example.org",
+        state=RecipientState.FAILED,
+        attempt=Attempt(at=T0 + LEASE * 3, outcome=AttemptOutcome.PERMANENT, error="late"),
+    )
+    assert store.record(old, [late]) == 0
+    assert store.record(new, [late]) == 0  # already recorded: its lease is gone too
+    status = store.status(mid).recipient("r@example.org")
+    assert status.state is RecipientState.DELIVERED
+    assert status.attempts == 1
+    assert [a.outcome for a in status.history] == [AttemptOutcome.DELIVERED]
+
+
+def test_record_batches_many_recipients_in_one_call(store: PostgresStore) -> None:
+    addresses = [f"r{i}@example.org" for i in range(300)]
+    mid = store.enqueue(message(*addresses), now=T0)
+    lease = store.lease(now=T0, limit=1000, lease_for=LEASE)
+    assert lease is not None
+    assert store.record(lease, [delivered(mid, a, T0) for a in addresses]) == 300
+    assert store.status(mid).state is RecipientState.DELIVERED
+
+
+def test_times_are_utc_whatever_the_server_timezone(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        dbname = postgres_url.rsplit("/", 1)[1]
+        conn.execute(f"ALTER DATABASE {dbname} SET TimeZone = 'America/New_York'")
+    with PostgresStore(postgres_url) as s:
+        created = s.status(s.enqueue(message("r@example.org"), now=T0)).created_at
+    assert created == T0
+    assert created.utcoffset() == timedelta(0)
+
+
+# --- LISTEN/NOTIFY -------------------------------------------------------------------
+
+
+def test_notify_from_one_store_object_wakes_a_watcher_on_another(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    woken = threading.Event()
+    stop = store.watch(woken.set)
+    try:
+        with PostgresStore(postgres_url, max_size=1) as other:
+            mid = other.enqueue(message("r@example.org"), now=T0, hold=True)
+            other.set_held(mid, False)
+            assert woken.wait(10), "no wake-up after set_held(False) on another store"
+            woken.clear()
+            other.enqueue(message("s@example.org"), now=T0)
+            assert woken.wait(10), "no wake-up after enqueue on another store"
+            woken.clear()
+            other.retry(mid, now=T0)
+            assert woken.wait(10), "no wake-up after retry on another store"
+    finally:
+        stop()
+
+
+def test_watcher_thread_stops_on_unwatch_and_close(postgres_url: str) -> None:
+    before = set(listener_threads())
+    s = PostgresStore(postgres_url, max_size=1)
+    stop_one = s.watch(lambda: None)
+    s.watch(lambda: None)
+    ours = set(listener_threads()) - before
+    assert len(ours) == 2
+    assert all(t.daemon for t in ours)
+    stop_one()
+    stop_one()  # idempotent
+    assert len(set(listener_threads()) & ours) == 1
+    s.close()
+    s.close()  # idempotent
+    assert not set(listener_threads()) & ours
+    with pytest.raises(StoreError):
+        s.watch(lambda: None)
+
+
+def test_failing_callback_does_not_end_wakeups(store: PostgresStore) -> None:
+    calls: list[int] = []
+    second = threading.Event()
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        second.set()
+
+    stop = store.watch(flaky)
+    try:
+        store.enqueue(message("a@example.org"), now=T0)
+        store.enqueue(message("b@example.org"), now=T0)
+        assert second.wait(10)
+    finally:
+        stop()
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/nothing"
+    with pytest.raises(StoreError) as info:
+        PostgresStore(url, timeout=2)
+    assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+def test_use_after_close_is_a_store_error(postgres_url: str) -> None:
+    s = PostgresStore(postgres_url, max_size=1)
+    s.close()
+    with pytest.raises(StoreError) as info:
+        s.enqueue(message("r@example.org"), now=T0)
+    assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+def test_unknown_ids(store: PostgresStore) -> None:
+    for call in (
+        lambda: store.status("nope"),
+        lambda: store.retry("nope", now=T0),
+        lambda: store.cancel("nope", now=T0),
+        lambda: store.set_held("nope", True),
+    ):
+        with pytest.raises(UnknownMessage):
+            call()
+
+
+def test_server_going_away_is_a_store_error(postgres_server: ThrowawayPostgres) -> None:
+    name = "gone_" + format(threading.get_ident(), "x")
+    url = postgres_server.create_database(name)
+    s = PostgresStore(url, max_size=1, timeout=2)
+    try:
+        postgres_server.drop_database(name)  # FORCE kills the pool's connection
+        with pytest.raises(StoreError):
+            s.enqueue(message("r@example.org"), now=T0)
+    finally:
+        s.close()
