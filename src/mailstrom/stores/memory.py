@@ -1,0 +1,416 @@
+"""An in-memory store: dictionaries behind one lock, for tests and throwaway use.
+
+Nothing survives the process. The semantics are exactly those of the durable stores (the
+contract suite in ``tests/contract`` runs unchanged against it), so code tested against a
+``MemoryStore`` behaves the same on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import (
+    Attempt,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+    RecipientStatus,
+    SMTPReply,
+    derive_message_state,
+)
+from mailstrom.stores.base import (
+    Lease,
+    LeasedRecipient,
+    QueueFilter,
+    RecipientResult,
+    WorkItem,
+    new_message_id,
+)
+from mailstrom.stores.watchers import Watchers
+
+_PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Recipient:
+    # Mutable on purpose: private bookkeeping, only ever touched under the store's lock.
+    address: str
+    domain: str
+    position: int
+    state: RecipientState = RecipientState.QUEUED
+    attempts: int = 0
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    lease_token: str | None = None
+    lease_expires_at: datetime | None = None
+    reply: SMTPReply | None = None
+    error: str | None = None
+    mx_host: str | None = None
+    ip: str | None = None
+    tls: bool = False
+    uncertain: bool = False
+    history: list[Attempt] = field(default_factory=list)
+
+    def due_at(self) -> datetime:
+        """When a pending recipient may next be leased: its next attempt, or its lease's
+        expiry if that is later."""
+        assert self.next_attempt_at is not None
+        if self.lease_expires_at is not None and self.lease_expires_at > self.next_attempt_at:
+            return self.lease_expires_at
+        return self.next_attempt_at
+
+    def snapshot(self, *, with_history: bool) -> RecipientStatus:
+        return RecipientStatus(
+            address=self.address,
+            state=self.state,
+            attempts=self.attempts,
+            reply=self.reply,
+            error=self.error,
+            mx_host=self.mx_host,
+            ip=self.ip,
+            tls=self.tls,
+            uncertain=self.uncertain,
+            first_attempt_at=self.first_attempt_at,
+            last_attempt_at=self.last_attempt_at,
+            next_attempt_at=self.next_attempt_at,
+            history=tuple(self.history) if with_history else (),
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class _Message:
+    id: str
+    seq: int
+    prepared: PreparedMessage
+    created_at: datetime
+    held: bool
+    recipients: dict[str, _Recipient]
+
+    def state(self) -> RecipientState:
+        return derive_message_state([r.state for r in self.recipients.values()])
+
+    def snapshot(self, *, with_history: bool) -> MessageStatus:
+        return MessageStatus(
+            id=self.id,
+            state=self.state(),
+            envelope_from=self.prepared.envelope_from,
+            created_at=self.created_at,
+            size=self.prepared.size,
+            recipients=tuple(
+                r.snapshot(with_history=with_history) for r in self.recipients.values()
+            ),
+            header_message_id=self.prepared.header_message_id,
+            subject=self.prepared.subject,
+            held=self.held,
+        )
+
+
+def domain_of(address: str) -> str:
+    """The destination domain of ``address``: the part after the last "@", lower-cased."""
+    return address.rpartition("@")[2].lower()
+
+
+class MemoryStore:
+    """A :class:`~mailstrom.stores.base.Store` kept in process memory.
+
+    >>> store = MemoryStore()
+    >>> mid = store.enqueue(message, now=datetime.now(UTC))  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: dict[str, _Message] = {}
+        self._seq = itertools.count()
+        self._watchers = Watchers()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        """Store ``message`` and return its new id (see :class:`Store`)."""
+        (mid,) = self._add([message], now=now, hold=hold)
+        return mid
+
+    def enqueue_many(self, messages: Sequence[PreparedMessage], *, now: datetime) -> list[str]:
+        """Store several messages at once; ids in the same order."""
+        return self._add(messages, now=now, hold=False)
+
+    def _add(self, messages: Sequence[PreparedMessage], *, now: datetime, hold: bool) -> list[str]:
+        ids = []
+        with self._lock:
+            for prepared in messages:
+                mid = new_message_id()
+                recipients = {
+                    address: _Recipient(
+                        address=address,
+                        domain=domain_of(address),
+                        position=i,
+                        next_attempt_at=now,
+                    )
+                    for i, address in enumerate(prepared.recipients)
+                }
+                self._messages[mid] = _Message(
+                    id=mid,
+                    seq=next(self._seq),
+                    prepared=prepared,
+                    created_at=now,
+                    held=hold,
+                    recipients=recipients,
+                )
+                ids.append(mid)
+        if ids and not hold:
+            self._watchers.notify()
+        return ids
+
+    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
+        """Lease up to ``limit`` due recipients, grouped per (message, domain)."""
+        if limit <= 0:
+            return None
+        token = os.urandom(16).hex()
+        expires_at = now + lease_for
+        with self._lock:
+            due = [
+                (r.due_at(), m.seq, r.position, m, r)
+                for m in self._messages.values()
+                if not m.held
+                for r in m.recipients.values()
+                if r.state in _PENDING and r.due_at() <= now
+            ]
+            due.sort(key=lambda t: t[:3])
+            groups: dict[tuple[str, str], list[_Recipient]] = {}
+            owners: dict[tuple[str, str], _Message] = {}
+            for _, _, _, m, r in due[:limit]:
+                r.lease_token = token
+                r.lease_expires_at = expires_at
+                groups.setdefault((m.id, r.domain), []).append(r)
+                owners[(m.id, r.domain)] = m
+            items = []
+            for key, recipients in groups.items():
+                m = owners[key]
+                recipients.sort(key=lambda r: r.position)
+                items.append(
+                    WorkItem(
+                        message_id=m.id,
+                        domain=key[1],
+                        envelope_from=m.prepared.envelope_from,
+                        recipients=tuple(
+                            LeasedRecipient(
+                                address=r.address,
+                                attempts=r.attempts,
+                                first_attempt_at=r.first_attempt_at,
+                                created_at=m.created_at,
+                            )
+                            for r in recipients
+                        ),
+                        data=m.prepared.data,
+                        smtputf8=m.prepared.smtputf8,
+                        eightbit=m.prepared.eightbit,
+                    )
+                )
+        if not items:
+            return None
+        return Lease(token=token, expires_at=expires_at, items=tuple(items))
+
+    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
+        """Record results under ``lease``; results no longer held by it are ignored."""
+        recorded = 0
+        with self._lock:
+            for result in results:
+                m = self._messages.get(result.message_id)
+                r = m.recipients.get(result.address) if m is not None else None
+                if r is None or r.lease_token != lease.token:
+                    continue
+                attempt = result.attempt
+                r.state = result.state
+                r.attempts += 1
+                if r.first_attempt_at is None:
+                    r.first_attempt_at = attempt.at
+                r.last_attempt_at = attempt.at
+                if result.state in _PENDING:
+                    r.next_attempt_at = result.next_attempt_at or attempt.at
+                    r.finished_at = None
+                else:
+                    r.next_attempt_at = None
+                    r.finished_at = attempt.at
+                r.lease_token = r.lease_expires_at = None
+                r.reply = attempt.reply
+                r.error = attempt.error
+                r.mx_host = attempt.mx_host
+                r.ip = attempt.ip
+                r.tls = attempt.tls
+                r.uncertain = attempt.uncertain
+                r.history.append(attempt)
+                recorded += 1
+        return recorded
+
+    def release(self, lease: Lease) -> None:
+        """Give back the unrecorded recipients of ``lease``, due at once."""
+        released = False
+        with self._lock:
+            for item in lease.items:
+                m = self._messages.get(item.message_id)
+                if m is None:
+                    continue
+                for leased in item.recipients:
+                    r = m.recipients.get(leased.address)
+                    if r is not None and r.lease_token == lease.token:
+                        r.lease_token = r.lease_expires_at = None
+                        released = True
+        if released:
+            self._watchers.notify()
+
+    def retry(self, message_id: str, *, now: datetime) -> int:
+        """Make the message's pending recipients due at ``now``; returns how many."""
+        with self._lock:
+            m = self._get(message_id)
+            changed = 0
+            for r in m.recipients.values():
+                if r.state in _PENDING:
+                    r.next_attempt_at = now
+                    changed += 1
+        if changed:
+            self._watchers.notify()
+        return changed
+
+    def retry_deferred(self, *, now: datetime) -> int:
+        """Make every DEFERRED recipient due at ``now``; returns how many."""
+        changed = 0
+        with self._lock:
+            for m in self._messages.values():
+                for r in m.recipients.values():
+                    if r.state is RecipientState.DEFERRED:
+                        r.next_attempt_at = now
+                        changed += 1
+        if changed:
+            self._watchers.notify()
+        return changed
+
+    def cancel(self, message_id: str, *, now: datetime) -> int:
+        """Fail the message's pending recipients (leased ones too) as "cancelled"."""
+        with self._lock:
+            m = self._get(message_id)
+            changed = 0
+            for r in m.recipients.values():
+                if r.state in _PENDING:
+                    r.state = RecipientState.FAILED
+                    r.error = "cancelled"
+                    # The reason must read "cancelled"; the history keeps earlier replies.
+                    r.reply = None
+                    r.uncertain = False
+                    r.next_attempt_at = None
+                    r.finished_at = now
+                    r.lease_token = r.lease_expires_at = None
+                    changed += 1
+        return changed
+
+    def set_held(self, message_id: str, held: bool) -> None:
+        """Hold (never leased) or release a message."""
+        with self._lock:
+            self._get(message_id).held = held
+        if not held:
+            self._watchers.notify()
+
+    def purge(self, *, finished_before: datetime) -> int:
+        """Delete messages whose recipients all became final before ``finished_before``."""
+        with self._lock:
+            doomed = [
+                m.id
+                for m in self._messages.values()
+                if all(
+                    r.finished_at is not None and r.finished_at < finished_before
+                    for r in m.recipients.values()
+                )
+            ]
+            for mid in doomed:
+                del self._messages[mid]
+        return len(doomed)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def status(self, message_id: str) -> MessageStatus:
+        """The message's status with every recipient's history."""
+        with self._lock:
+            return self._get(message_id).snapshot(with_history=True)
+
+    def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where``, newest first, without history."""
+        where = where or QueueFilter()
+        domain = where.domain.lower() if where.domain is not None else None
+        cutoff = now - where.older_than if where.older_than is not None else None
+        found: list[MessageStatus] = []
+        with self._lock:
+            for m in self._newest_first():
+                if len(found) >= where.limit:
+                    break
+                if where.held is not None and m.held != where.held:
+                    continue
+                if cutoff is not None and not m.created_at < cutoff:
+                    continue
+                if domain is not None and all(r.domain != domain for r in m.recipients.values()):
+                    continue
+                if where.state is not None and m.state() is not where.state:
+                    continue
+                found.append(m.snapshot(with_history=False))
+        return found
+
+    def recent(self, limit: int = 20) -> list[MessageStatus]:
+        """The ``limit`` most recently enqueued messages, newest first."""
+        with self._lock:
+            return [m.snapshot(with_history=False) for m in self._newest_first()[:limit]]
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        """When the earliest pending, unheld recipient becomes due, or None."""
+        with self._lock:
+            return min(
+                (
+                    r.due_at()
+                    for m in self._messages.values()
+                    if not m.held
+                    for r in m.recipients.values()
+                    if r.state in _PENDING
+                ),
+                default=None,
+            )
+
+    def stats(self) -> QueueStats:
+        """Counts of recipients by state and of pending recipients by domain."""
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[str, int] = {}
+        with self._lock:
+            for m in self._messages.values():
+                for r in m.recipients.values():
+                    by_state[r.state] += 1
+                    if r.state in _PENDING:
+                        by_domain[r.domain] = by_domain.get(r.domain, 0) + 1
+            return QueueStats(
+                by_state=by_state,
+                pending_by_domain=by_domain,
+                messages=len(self._messages),
+                held=sum(m.held for m in self._messages.values()),
+            )
+
+    # --- misc -------------------------------------------------------------------------
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when mail is enqueued or retried through this object."""
+        return self._watchers.add(callback)
+
+    def close(self) -> None:
+        """Nothing to release; kept for the protocol."""
+
+    def _get(self, message_id: str) -> _Message:
+        try:
+            return self._messages[message_id]
+        except KeyError:
+            raise UnknownMessage(message_id) from None
+
+    def _newest_first(self) -> list[_Message]:
+        return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)

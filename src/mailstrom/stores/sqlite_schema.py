@@ -1,0 +1,162 @@
+"""How the SQLite store lays out its data: the versioned schema and value encodings.
+
+Migrations live in ``stores/sql/sqlite/NNNN_name.sql`` (package data, read through
+importlib.resources) and are applied in order on open; ``PRAGMA user_version`` records the
+last one applied. Times are integer microseconds since the Unix epoch, so they round-trip
+exactly; the API uses aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from mailstrom.errors import StoreError
+from mailstrom.status import (
+    Attempt,
+    AttemptOutcome,
+    RecipientState,
+    RecipientStatus,
+    SMTPReply,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def to_us(when: datetime) -> int:
+    """Microseconds since the epoch; exact (no float rounding)."""
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}: mailstrom needs timezone-aware times")
+    return (when - _EPOCH) // _US
+
+
+def from_us(us: int) -> datetime:
+    """The aware UTC datetime ``us`` microseconds after the epoch."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def opt_dt(us: int | None) -> datetime | None:
+    """:func:`from_us`, passing None through."""
+    return None if us is None else from_us(us)
+
+
+def opt_us(when: datetime | None) -> int | None:
+    """:func:`to_us`, passing None through."""
+    return None if when is None else to_us(when)
+
+
+def reply_from(code: int | None, enhanced: str | None, text: str | None) -> SMTPReply | None:
+    """The reply stored in three columns, or None when there was none."""
+    if code is None:
+        return None
+    return SMTPReply(code=code, enhanced=enhanced, text=text or "")
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The packaged migrations as (version, SQL text), in order."""
+    folder = resources.files("mailstrom.stores").joinpath("sql", "sqlite")
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> Iterator[str]:
+    # executescript() would COMMIT our transaction first, so run the statements one by one;
+    # complete_statement() knows where one ends (semicolons in comments, triggers...).
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer
+            buffer = ""
+    if buffer.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()
+    ):
+        raise StoreError(f"incomplete SQL statement in migration: {buffer[:80]!r}")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date under a write lock; returns the resulting version.
+
+    Several processes may open the same new file at once: the version is read again after
+    ``BEGIN IMMEDIATE``, so only the first applies each migration.
+    """
+    available = migrations()
+    latest = available[-1][0] if available else 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > latest:
+            raise StoreError(
+                f"database schema version {version} is newer than this mailstrom "
+                f"understands ({latest}); upgrade mailstrom"
+            )
+        for number, script in available:
+            if number > version:
+                for statement in _statements(script):
+                    conn.execute(statement)
+                # PRAGMA takes no bound parameters; number is an int from a file name.
+                conn.execute(f"PRAGMA user_version = {number:d}")
+                version = number
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(version)
+
+
+# --- rows ---------------------------------------------------------------------------------
+
+
+def attempt_from_row(row: Any) -> Attempt:
+    """An attempt from (recipient_id, at, outcome, duration, mx_host, ip, port,
+    tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error, uncertain)."""
+    (_, at, outcome, duration, mx_host, ip, port, tls_version, tls_cipher) = row[:9]
+    code, enhanced, text, error, uncertain = row[9:]
+    return Attempt(
+        at=from_us(at),
+        outcome=AttemptOutcome(outcome),
+        duration=duration,
+        mx_host=mx_host,
+        ip=ip,
+        port=port,
+        tls_version=tls_version,
+        tls_cipher=tls_cipher,
+        reply=reply_from(code, enhanced, text),
+        error=error,
+        uncertain=bool(uncertain),
+    )
+
+
+def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatus:
+    """A recipient status from (message_seq, id, address, state, attempts, reply_code,
+    reply_enhanced, reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,
+    last_attempt_at, next_attempt_at)."""
+    return RecipientStatus(
+        address=row[2],
+        state=RecipientState(row[3]),
+        attempts=row[4],
+        reply=reply_from(row[5], row[6], row[7]),
+        error=row[8],
+        mx_host=row[9],
+        ip=row[10],
+        tls=bool(row[11]),
+        uncertain=bool(row[12]),
+        first_attempt_at=opt_dt(row[13]),
+        last_attempt_at=opt_dt(row[14]),
+        next_attempt_at=opt_dt(row[15]),
+        history=history,
+    )

@@ -1,0 +1,111 @@
+"""Shared values and builders for the store contract tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores import Lease, RecipientResult, Store
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+"""A fixed clock; the microseconds check that times round-trip exactly."""
+LEASE_FOR = timedelta(minutes=5)
+SECOND = timedelta(seconds=1)
+
+
+def message(
+    *recipients: str,
+    data: bytes | None = None,
+    envelope_from: str = "sender@example.com",
+    subject: str | None = "Hello",
+    smtputf8: bool = False,
+    eightbit: bool = False,
+) -> PreparedMessage:
+    """A prepared message to ``recipients`` (default: two at one domain)."""
+    rcpts = recipients or ("alice@example.org", "bob@example.org")
+    body = data if data is not None else b"Subject: Hello\r\n\r\nHi there.\r\n"
+    return PreparedMessage(
+        data=body,
+        envelope_from=envelope_from,
+        recipients=rcpts,
+        smtputf8=smtputf8,
+        eightbit=eightbit,
+        header_message_id="<m1@example.com>",
+        subject=subject,
+    )
+
+
+def attempt(
+    outcome: AttemptOutcome = AttemptOutcome.DELIVERED,
+    *,
+    at: datetime = NOW,
+    code: int | None = 250,
+    error: str | None = None,
+    uncertain: bool = False,
+) -> Attempt:
+    """An attempt with every field set, so the round trip checks them all."""
+    return Attempt(
+        at=at,
+        outcome=outcome,
+        duration=0.123456789,
+        mx_host="mx1.example.org",
+        ip="127.0.0.7",
+        port=2525,
+        tls_version="TLSv1.3",
+        tls_cipher="TLS_AES_256_GCM_SHA384",
+        reply=SMTPReply(code=code, enhanced=f"{code // 100}.0.0", text="line one\nline two")
+        if code is not None
+        else None,
+        error=error,
+        uncertain=uncertain,
+    )
+
+
+def results_for(
+    lease: Lease,
+    state: RecipientState,
+    *,
+    at: datetime = NOW,
+    next_attempt_at: datetime | None = None,
+    only: Iterable[str] | None = None,
+) -> list[RecipientResult]:
+    """The same outcome for every leased recipient (or those whose address is in ``only``)."""
+    outcome = {
+        RecipientState.DELIVERED: AttemptOutcome.DELIVERED,
+        RecipientState.DEFERRED: AttemptOutcome.TEMPORARY,
+        RecipientState.FAILED: AttemptOutcome.PERMANENT,
+    }[state]
+    code = {
+        AttemptOutcome.DELIVERED: 250,
+        AttemptOutcome.TEMPORARY: 451,
+        AttemptOutcome.PERMANENT: 550,
+    }[outcome]
+    wanted = set(only) if only is not None else None
+    return [
+        RecipientResult(
+            message_id=item.message_id,
+            address=r.address,
+            state=state,
+            attempt=attempt(outcome, at=at, code=code),
+            next_attempt_at=next_attempt_at,
+        )
+        for item in lease.items
+        for r in item.recipients
+        if wanted is None or r.address in wanted
+    ]
+
+
+def leased_addresses(lease: Lease | None) -> list[str]:
+    """Every address in ``lease``, in item order."""
+    if lease is None:
+        return []
+    return [r.address for item in lease.items for r in item.recipients]
+
+
+def lease_all(store: Store, *, now: datetime = NOW) -> Lease:
+    """Lease everything due at ``now``; fails the test when nothing is."""
+    lease = store.lease(now=now, limit=1000, lease_for=LEASE_FOR)
+    assert lease is not None, "expected due work"
+    return lease

@@ -1,0 +1,210 @@
+"""Contract: what lease hands out, to whom, and when it comes back."""
+
+from __future__ import annotations
+
+import threading
+
+from mailstrom.status import RecipientState
+from mailstrom.stores import Store
+
+from .conftest import Backend
+from .support import LEASE_FOR, NOW, SECOND, lease_all, leased_addresses, message, results_for
+
+
+def test_lease_groups_per_message_and_domain_with_bytes_and_flags(store: Store) -> None:
+    data = b"Subject: caf\xc3\xa9\r\n\r\n\x80\x81 bytes\r\n"
+    prepared = message(
+        "a@example.org",
+        "x@other.net",
+        "b@EXAMPLE.org",
+        "y@Other.Net",
+        data=data,
+        envelope_from="s\u00e9nder@example.com",
+        smtputf8=True,
+        eightbit=True,
+    )
+    mid = store.enqueue(prepared, now=NOW)
+    lease = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
+
+    assert lease is not None
+    assert lease.token
+    assert lease.expires_at == NOW + LEASE_FOR
+    by_domain = {item.domain: item for item in lease.items}
+    assert sorted(by_domain) == ["example.org", "other.net"]
+    assert [r.address for r in by_domain["example.org"].recipients] == [
+        "a@example.org",
+        "b@EXAMPLE.org",
+    ]
+    assert [r.address for r in by_domain["other.net"].recipients] == [
+        "x@other.net",
+        "y@Other.Net",
+    ]
+    for item in lease.items:
+        assert item.message_id == mid
+        assert item.data == data
+        assert item.envelope_from == "s\u00e9nder@example.com"
+        assert item.smtputf8 is True
+        assert item.eightbit is True
+        for r in item.recipients:
+            assert r.attempts == 0
+            assert r.first_attempt_at is None
+            assert r.created_at == NOW
+
+
+def test_flags_default_false(store: Store) -> None:
+    store.enqueue(message("a@example.org"), now=NOW)
+    (item,) = lease_all(store).items
+    assert item.smtputf8 is False
+    assert item.eightbit is False
+
+
+def test_nothing_due_returns_none(store: Store) -> None:
+    assert store.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+    store.enqueue(message(), now=NOW)
+    # Enqueued at NOW: not due a second earlier.
+    assert store.lease(now=NOW - SECOND, limit=10, lease_for=LEASE_FOR) is None
+
+
+def test_held_messages_are_not_leased_until_released(store: Store) -> None:
+    held = store.enqueue(message("h@example.org"), now=NOW, hold=True)
+    assert store.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+    store.set_held(held, False)
+    assert leased_addresses(lease_all(store)) == ["h@example.org"]
+
+
+def test_limit_is_respected_and_oldest_due_first(store: Store) -> None:
+    ids = [
+        store.enqueue(message(f"a{i}@example.org", f"b{i}@example.org"), now=NOW + i * SECOND)
+        for i in range(5)
+    ]
+    now = NOW + 10 * SECOND
+    first = store.lease(now=now, limit=3, lease_for=LEASE_FOR)
+    assert leased_addresses(first) == ["a0@example.org", "b0@example.org", "a1@example.org"]
+    assert first is not None
+    assert [i.message_id for i in first.items] == [ids[0], ids[1]]
+    second = store.lease(now=now, limit=3, lease_for=LEASE_FOR)
+    assert leased_addresses(second) == ["b1@example.org", "a2@example.org", "b2@example.org"]
+    third = store.lease(now=now, limit=100, lease_for=LEASE_FOR)
+    assert sorted(leased_addresses(third)) == [
+        "a3@example.org",
+        "a4@example.org",
+        "b3@example.org",
+        "b4@example.org",
+    ]
+    assert store.lease(now=now, limit=100, lease_for=LEASE_FOR) is None
+
+
+def test_concurrent_leasers_never_share_a_recipient(store_backend: Backend) -> None:
+    stores = [store_backend.open(), store_backend.open()]
+    expected: set[str] = set()
+    batch = []
+    for i in range(60):
+        rcpts = tuple(f"r{i}-{j}@d{j}.example" for j in range(3))
+        expected.update(rcpts)
+        batch.append(message(*rcpts))
+    stores[0].enqueue_many(batch, now=NOW)
+
+    start = threading.Barrier(len(stores))
+    got: list[list[str]] = [[] for _ in stores]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            start.wait()
+            while lease := stores[n].lease(now=NOW, limit=7, lease_for=LEASE_FOR):
+                got[n].extend(leased_addresses(lease))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert not set(got[0]) & set(got[1])
+    assert len(got[0]) + len(got[1]) == len(expected)
+    assert set(got[0]) | set(got[1]) == expected
+
+
+def test_expired_lease_makes_work_due_again(store: Store) -> None:
+    store.enqueue(message("a@example.org"), now=NOW)
+    first = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert first is not None
+    assert store.lease(now=NOW + LEASE_FOR - SECOND, limit=10, lease_for=LEASE_FOR) is None
+    second = store.lease(now=NOW + LEASE_FOR, limit=10, lease_for=LEASE_FOR)
+    assert leased_addresses(second) == ["a@example.org"]
+    assert second is not None
+    assert second.token != first.token
+
+
+def test_record_under_a_taken_over_lease_is_ignored(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    stale = lease_all(store)
+    fresh = lease_all(store, now=NOW + LEASE_FOR + SECOND)
+
+    assert store.record(stale, results_for(stale, RecipientState.FAILED)) == 0
+    st = store.status(mid)
+    assert st.recipients[0].state is RecipientState.QUEUED
+    assert st.recipients[0].attempts == 0
+    assert st.recipients[0].history == ()
+
+    assert store.record(fresh, results_for(fresh, RecipientState.DELIVERED)) == 1
+    assert store.status(mid).state is RecipientState.DELIVERED
+    # And the stale lease cannot overwrite the outcome afterwards either.
+    assert store.record(stale, results_for(stale, RecipientState.FAILED)) == 0
+    assert store.status(mid).recipients[0].attempts == 1
+
+
+def test_record_after_expiry_without_takeover_still_counts(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    late = NOW + LEASE_FOR + SECOND
+    assert store.record(lease, results_for(lease, RecipientState.DELIVERED, at=late)) == 1
+    assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
+
+
+def test_release_gives_back_unrecorded_recipients_without_an_attempt(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    assert store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.release(lease)
+
+    again = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert leased_addresses(again) == ["b@example.org"]
+    st = store.status(mid)
+    assert st.recipient("a@example.org").state is RecipientState.DELIVERED
+    assert st.recipient("b@example.org").attempts == 0
+    # The released lease no longer owns b.
+    assert store.record(lease, results_for(lease, RecipientState.FAILED)) == 0
+
+
+def test_leased_recipient_carries_previous_attempts(store: Store) -> None:
+    store.enqueue(message("a@example.org"), now=NOW)
+    first = lease_all(store)
+    retry_at = NOW + 10 * SECOND
+    store.record(first, results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at))
+    assert store.lease(now=retry_at - SECOND, limit=10, lease_for=LEASE_FOR) is None
+    second = lease_all(store, now=retry_at)
+    (r,) = second.items[0].recipients
+    assert r.attempts == 1
+    assert r.first_attempt_at == NOW
+    assert r.created_at == NOW
+
+
+def test_next_due(store: Store) -> None:
+    assert store.next_due(now=NOW) is None
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    assert store.next_due(now=NOW) == NOW
+    lease = lease_all(store)
+    # Everything leased: due again when the lease expires.
+    assert store.next_due(now=NOW) == NOW + LEASE_FOR
+    later = NOW + 2 * SECOND
+    store.record(lease, results_for(lease, RecipientState.DEFERRED, next_attempt_at=later))
+    assert store.next_due(now=NOW) == later
+    store.set_held(mid, True)
+    assert store.next_due(now=NOW) is None
+    store.set_held(mid, False)
+    lease = lease_all(store, now=later)
+    store.record(lease, results_for(lease, RecipientState.DELIVERED, at=later))
+    assert store.next_due(now=later) is None

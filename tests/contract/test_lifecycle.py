@@ -1,0 +1,115 @@
+"""Contract: enqueue and read back, unknown ids, and durability across reopen."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores import Store, new_message_id
+
+from .conftest import Backend
+from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+
+
+def test_enqueue_then_status_round_trips_every_field(store: Store) -> None:
+    prepared = message("alice@example.org", "Bob@Example.NET", data=b"X: y\r\n\r\n\xe9t\xe9\r\n")
+    mid = store.enqueue(prepared, now=NOW)
+
+    st = store.status(mid)
+    assert st.id == mid
+    assert st.state is RecipientState.QUEUED
+    assert st.envelope_from == "sender@example.com"
+    assert st.created_at == NOW
+    assert st.size == prepared.size
+    assert st.header_message_id == "<m1@example.com>"
+    assert st.subject == "Hello"
+    assert st.held is False
+    assert [r.address for r in st.recipients] == ["alice@example.org", "Bob@Example.NET"]
+    for r in st.recipients:
+        assert r.state is RecipientState.QUEUED
+        assert r.attempts == 0
+        assert r.next_attempt_at == NOW
+        assert r.first_attempt_at is None
+        assert r.last_attempt_at is None
+        assert r.reply is None
+        assert r.error is None
+        assert r.history == ()
+
+
+def test_ids_are_fresh_32_hex_digits(store: Store) -> None:
+    ids = {store.enqueue(message(), now=NOW) for _ in range(5)}
+    assert len(ids) == 5
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_enqueue_many_returns_ids_in_order(store: Store) -> None:
+    batch = [message(f"r{i}@example.org", subject=f"s{i}") for i in range(4)]
+    ids = store.enqueue_many(batch, now=NOW)
+    assert len(set(ids)) == 4
+    for i, mid in enumerate(ids):
+        st = store.status(mid)
+        assert st.subject == f"s{i}"
+        assert [r.address for r in st.recipients] == [f"r{i}@example.org"]
+
+
+def test_enqueue_many_of_nothing_is_nothing(store: Store) -> None:
+    assert store.enqueue_many([], now=NOW) == []
+    assert store.recent() == []
+
+
+def test_enqueue_held_is_held(store: Store) -> None:
+    mid = store.enqueue(message(), now=NOW, hold=True)
+    assert store.status(mid).held is True
+
+
+@pytest.mark.parametrize("method", ["status", "retry", "cancel", "set_held"])
+def test_unknown_id_raises_unknown_message(store: Store, method: str) -> None:
+    store.enqueue(message(), now=NOW)
+    missing = new_message_id()
+    calls: dict[str, Callable[[], object]] = {
+        "status": lambda: store.status(missing),
+        "retry": lambda: store.retry(missing, now=NOW),
+        "cancel": lambda: store.cancel(missing, now=NOW),
+        "set_held": lambda: store.set_held(missing, True),
+    }
+    with pytest.raises(UnknownMessage) as info:
+        calls[method]()
+    assert info.value.message_id == missing
+    assert isinstance(info.value, KeyError)
+
+
+def test_close_is_idempotent(store_backend: Backend) -> None:
+    store = store_backend.open()
+    store.close()
+    store.close()
+
+
+def test_reopen_after_close_loses_nothing(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    first = store_backend.open()
+    done = first.enqueue(message("a@one.example", "b@two.example"), now=NOW)
+    pending = first.enqueue(message("c@three.example"), now=NOW + SECOND)
+    held = first.enqueue(message("d@four.example"), now=NOW + 2 * SECOND, hold=True)
+    lease = lease_all(first, now=NOW + 3 * SECOND)
+    first.record(
+        lease, results_for(lease, RecipientState.DELIVERED, only=["a@one.example"], at=NOW)
+    )
+    # b@two.example and c@three.example stay leased until NOW + 3 s + LEASE_FOR.
+    before = {mid: first.status(mid) for mid in (done, pending, held)}
+    stats = first.stats()
+    first.close()
+
+    second = store_backend.open()
+    assert {mid: second.status(mid) for mid in (done, pending, held)} == before
+    assert second.stats() == stats
+    assert [m.id for m in second.recent()] == [held, pending, done]
+    # The unexpired lease survived: nothing is due until it expires.
+    assert second.lease(now=NOW + 4 * SECOND, limit=10, lease_for=LEASE_FOR) is None
+    again = lease_all(second, now=NOW + 3 * SECOND + LEASE_FOR)
+    assert sorted(r.address for i in again.items for r in i.recipients) == [
+        "b@two.example",
+        "c@three.example",
+    ]

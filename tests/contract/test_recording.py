@@ -1,0 +1,122 @@
+"""Contract: recording outcomes updates state, counts and history exactly."""
+
+from __future__ import annotations
+
+from mailstrom.status import AttemptOutcome, RecipientState
+from mailstrom.stores import RecipientResult, Store
+
+from .support import NOW, SECOND, attempt, lease_all, message, results_for
+
+
+def test_record_delivered_round_trips_the_attempt_exactly(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    at = NOW + 3 * SECOND
+    done = attempt(AttemptOutcome.DELIVERED, at=at, uncertain=True)
+    result = RecipientResult(
+        message_id=mid, address="a@example.org", state=RecipientState.DELIVERED, attempt=done
+    )
+    assert store.record(lease, [result]) == 1
+
+    st = store.status(mid)
+    assert st.state is RecipientState.DELIVERED
+    assert st.is_final
+    (r,) = st.recipients
+    assert r.state is RecipientState.DELIVERED
+    assert r.attempts == 1
+    assert r.reply == done.reply
+    assert r.error is None
+    assert r.mx_host == "mx1.example.org"
+    assert r.ip == "127.0.0.7"
+    assert r.tls is True
+    assert r.uncertain is True
+    assert r.first_attempt_at == at
+    assert r.last_attempt_at == at
+    assert r.next_attempt_at is None
+    assert r.history == (done,)
+    assert r.history[0].duration == 0.123456789
+    assert r.history[0].reply is not None
+    assert r.history[0].reply.text == "line one\nline two"
+
+
+def test_deferred_then_delivered_keeps_history_in_order(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    retry_at = NOW + 60 * SECOND
+    first = lease_all(store)
+    assert (
+        store.record(first, results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at))
+        == 2
+    )
+
+    st = store.status(mid)
+    assert st.state is RecipientState.DEFERRED
+    for r in st.recipients:
+        assert r.state is RecipientState.DEFERRED
+        assert r.attempts == 1
+        assert r.next_attempt_at == retry_at
+        assert r.reply is not None
+        assert r.reply.code == 451
+        assert r.reason.startswith("451 4.0.0")
+
+    second = lease_all(store, now=retry_at)
+    later = retry_at + SECOND
+    store.record(
+        second, results_for(second, RecipientState.DELIVERED, at=later, only=["a@example.org"])
+    )
+    st = store.status(mid)
+    # One still deferred → the message is still deferred.
+    assert st.state is RecipientState.DEFERRED
+    a = st.recipient("a@example.org")
+    assert a.state is RecipientState.DELIVERED
+    assert a.attempts == 2
+    assert a.first_attempt_at == NOW
+    assert a.last_attempt_at == later
+    assert [h.outcome for h in a.history] == [AttemptOutcome.TEMPORARY, AttemptOutcome.DELIVERED]
+    assert [h.at for h in a.history] == [NOW, later]
+    assert a.reply is not None
+    assert a.reply.code == 250
+
+
+def test_failed_with_local_error_and_no_reply(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    failed = attempt(AttemptOutcome.PERMANENT, code=None, error="null MX: domain accepts no mail")
+    store.record(
+        lease,
+        [
+            RecipientResult(
+                message_id=mid, address="a@example.org", state=RecipientState.FAILED, attempt=failed
+            )
+        ],
+    )
+    (r,) = store.status(mid).recipients
+    assert r.state is RecipientState.FAILED
+    assert r.reply is None
+    assert r.error == "null MX: domain accepts no mail"
+    assert r.reason == "null MX: domain accepts no mail"
+    assert r.history == (failed,)
+
+
+def test_message_state_is_derived_from_recipients(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert store.status(mid).state is RecipientState.QUEUED
+    store.record(lease, results_for(lease, RecipientState.FAILED, only=["b@example.org"]))
+    assert store.status(mid).state is RecipientState.FAILED
+
+
+def test_record_ignores_recipients_outside_the_lease(store: Store) -> None:
+    leased = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    other = store.enqueue(message("b@example.org"), now=NOW)
+    stray = RecipientResult(
+        message_id=other,
+        address="b@example.org",
+        state=RecipientState.DELIVERED,
+        attempt=attempt(),
+    )
+    assert store.record(lease, [*results_for(lease, RecipientState.DELIVERED), stray]) == 1
+    assert store.status(leased).state is RecipientState.DELIVERED
+    assert store.status(other).state is RecipientState.QUEUED
+    assert store.record(lease, []) == 0

@@ -1,0 +1,142 @@
+"""What only the SQLite store promises: schema versioning, query plans, group commit."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from mailstrom.errors import StoreError
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.sqlite import _Enqueue
+from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
+
+from .support import NOW, lease_all, message
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+def test_schema_version_is_recorded_and_migrations_run_once(db: Path) -> None:
+    latest = migrations()[-1][0]
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (latest,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA page_size").fetchone() == (8192,)
+    store = SQLiteStore(db)  # a second open must not try to create the tables again
+    store.enqueue(message(), now=NOW)
+    store.close()
+
+
+def test_a_newer_schema_is_refused(db: Path) -> None:
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 9999")
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(db)
+
+
+def test_migrations_are_packaged_and_numbered_from_one() -> None:
+    numbers = [n for n, _ in migrations()]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT id FROM recipients INDEXED BY recipients_due"
+        " WHERE state IN ('queued', 'deferred') AND held = 0"
+        " AND max(next_attempt_at, coalesce(lease_expires_at, 0)) <= 1"
+        " ORDER BY max(next_attempt_at, coalesce(lease_expires_at, 0)), id LIMIT 10",
+    ],
+)
+def test_lease_walks_the_due_index_without_sorting(db: Path, query: str) -> None:
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query))
+    assert "recipients_due" in plan
+    assert "TEMP B-TREE" not in plan
+
+
+def test_times_round_trip_exactly_and_naive_times_are_refused() -> None:
+    assert from_us(to_us(NOW)) == NOW
+    with pytest.raises(ValueError, match="naive"):
+        to_us(datetime(2030, 1, 1))
+
+
+def test_group_commit_reports_a_failure_only_to_its_caller(db: Path) -> None:
+    store = SQLiteStore(db)
+    # A recipient listed twice breaks the (message, address) key: a fault to inject.
+    good1 = _Enqueue(messages=[message("a@example.org")], now=to_us(NOW), hold=False)
+    bad = _Enqueue(messages=[message("x@example.org", "x@example.org")], now=to_us(NOW), hold=False)
+    good2 = _Enqueue(messages=[message("b@example.org")], now=to_us(NOW), hold=False)
+    with store._write_lock:
+        store._commit_batch([good1, bad, good2])
+
+    assert all(r.done for r in (good1, bad, good2))
+    assert isinstance(bad.error, StoreError)
+    assert bad.ids == []
+    assert good1.error is None
+    assert good2.error is None
+    assert [store.status(i).recipients[0].address for i in good1.ids + good2.ids] == [
+        "a@example.org",
+        "b@example.org",
+    ]
+    assert store.stats().messages == 2
+    store.close()
+
+
+def test_enqueue_raises_store_error_and_stores_nothing(db: Path) -> None:
+    store = SQLiteStore(db)
+    with pytest.raises(StoreError):
+        store.enqueue(message("x@example.org", "x@example.org"), now=NOW)
+    assert store.stats().messages == 0
+    store.close()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_concurrent_enqueues_are_all_durable(db: Path, group_commit: bool) -> None:
+    store = SQLiteStore(db, group_commit=group_commit)
+    ids: list[list[str]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def run(n: int) -> None:
+        start.wait()
+        for i in range(25):
+            ids[n].append(store.enqueue(message(f"t{n}-{i}@example.org"), now=NOW))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    store.close()
+
+    reopened = SQLiteStore(db)
+    all_ids = [i for per_thread in ids for i in per_thread]
+    assert len(set(all_ids)) == 100
+    assert reopened.stats().messages == 100
+    assert len(lease_all(reopened).items) == 100
+    for n, per_thread in enumerate(ids):
+        assert [reopened.status(i).recipients[0].address for i in per_thread] == [
+            f"t{n}-{i}@example.org" for i in range(25)
+        ]
+    reopened.close()
+
+
+def test_closed_store_refuses_work(db: Path) -> None:
+    store = SQLiteStore(db)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.enqueue(message(), now=NOW)
+
+
+def test_memory_paths_are_refused() -> None:
+    with pytest.raises(ValueError, match="file path"):
+        SQLiteStore(":memory:")

@@ -1,0 +1,55 @@
+"""Contract: watch callbacks fire when work may have become due, until unsubscribed."""
+
+from __future__ import annotations
+
+import threading
+
+from mailstrom.status import RecipientState
+from mailstrom.stores import Store
+
+from .support import NOW, lease_all, message, results_for
+
+WAIT = 10.0
+"""Seconds to wait for a callback (PostgreSQL delivers it from a listener thread)."""
+
+
+class Counter:
+    """A callback that counts calls and lets a test wait for the next one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._cond = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._cond:
+            self.calls += 1
+            self._cond.notify_all()
+
+    def wait_for(self, calls: int) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.calls >= calls, timeout=WAIT)
+
+
+def test_watch_fires_on_enqueue_and_retry_and_stops_after_unsubscribe(store: Store) -> None:
+    watched, witness = Counter(), Counter()
+    stop = store.watch(watched)
+    stop_witness = store.watch(witness)
+    try:
+        mid = store.enqueue(message("a@example.org"), now=NOW)
+        assert watched.wait_for(1)
+        lease = lease_all(store)
+        store.record(lease, results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW))
+        seen = watched.calls
+        store.retry(mid, now=NOW)
+        assert watched.wait_for(seen + 1)
+
+        stop()
+        stop()  # idempotent
+        seen = watched.calls
+        before = witness.calls
+        store.enqueue(message("b@example.org"), now=NOW)
+        # The witness proves the notification went out; the stopped callback missed it.
+        assert witness.wait_for(before + 1)
+        assert watched.calls == seen
+    finally:
+        stop_witness()
