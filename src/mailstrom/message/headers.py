@@ -1,0 +1,164 @@
+"""The raw header section of a serialised message: split, check, parse, rewrite.
+
+Raw and already-serialised messages are handled at the octet level: the header section
+is checked line by line and rewritten (Bcc dropped, Date and Message-ID added) while the
+body is kept exactly as it came, bar line endings. Nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from mailstrom.errors import HeaderInjection, UnencodableHeader
+from mailstrom.message.encoding import to_crlf
+from mailstrom.message.policies import HEADER_FACTORY
+
+# RFC 5322 §3.6.8: a field name is printable US-ASCII except the colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+_FIELD_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def check_field_name(name: str) -> None:
+    """Raise unless ``name`` is a valid header field name (RFC 5322 §3.6.8)."""
+    if _FIELD_NAME.fullmatch(name):
+        return
+    if "\r" in name or "\n" in name or ":" in name or " " in name or "\t" in name:
+        raise HeaderInjection(
+            f"header name {name!r} contains CR, LF, a colon or white space", header=name
+        )
+    if not name.isascii():
+        raise UnencodableHeader(
+            f"header name {name!r} is not ASCII; header names cannot be encoded (RFC 5322 §2.2)"
+        )
+    raise HeaderInjection(f"header name {name!r} contains control characters", header=name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Field:
+    """One header field: its name and its raw lines (without line endings)."""
+
+    name: str
+    lines: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderSection:
+    """A message split into its header fields and its body (raw octets)."""
+
+    fields: tuple[Field, ...]
+    body: bytes
+    """Everything after the empty line that ends the header section, line endings as given."""
+    utf8: bool
+    """The header section holds non-ASCII octets (RFC 6532 raw UTF-8 headers)."""
+
+    def values(self, name: str) -> list[str]:
+        """Unfolded values of every field called ``name`` (case-insensitive), in order."""
+        key = name.lower()
+        out = []
+        for field in self.fields:
+            if field.name == key:
+                # Unfolding removes the line breaks only (RFC 5322 §2.2.3).
+                text = b"".join(field.lines).decode("utf-8")
+                out.append(text.partition(":")[2].strip(" \t"))
+        return out
+
+    def rewrite(self, *, drop: Collection[str], add: Sequence[tuple[str, str]]) -> bytes:
+        """The message with fields named in ``drop`` (lower-case) removed and ``add`` appended.
+
+        Line endings are CRLF throughout and the result ends with CRLF.
+        """
+        out = [line for field in self.fields if field.name not in drop for line in field.lines]
+        out.extend(f"{name}: {value}".encode("ascii") for name, value in add)
+        head = b"\r\n".join(out) + b"\r\n\r\n"
+        if not self.body:
+            return head
+        body = to_crlf(self.body)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        return head + body
+
+
+def split_header_section(data: bytes) -> HeaderSection:
+    """Split ``data`` at the first empty line and check every header line.
+
+    A line in the header section must be a ``name:`` field line or a folded continuation
+    (starting with space or tab). Anything else, and any CR not followed by LF, means a
+    line break inside a header value: :class:`HeaderInjection`. Non-ASCII octets must be
+    UTF-8 (RFC 6532), else :class:`UnencodableHeader`.
+    """
+    fields: list[tuple[str, list[bytes]]] = []
+    pos = 0
+    body = b""
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end == -1:
+            line, next_pos = data[pos:], len(data)
+        else:
+            line, next_pos = data[pos:end], end + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            body = data[next_pos:]
+            break
+        _check_line(line, fields)
+        if line[0] in b" \t":
+            fields[-1][1].append(line)
+        else:
+            match = _FIELD_LINE.match(line)
+            assert match is not None
+            fields.append((match.group(1).decode("ascii").lower(), [line]))
+        pos = next_pos
+    head_end = pos
+    utf8 = not data[:head_end].isascii()
+    if utf8:
+        _check_utf8(fields)
+    return HeaderSection(
+        fields=tuple(Field(name=name, lines=tuple(lines)) for name, lines in fields),
+        body=body,
+        utf8=utf8,
+    )
+
+
+def _check_line(line: bytes, fields: list[tuple[str, list[bytes]]]) -> None:
+    name = fields[-1][0] if fields else "(start)"
+    if b"\r" in line:
+        raise HeaderInjection(f"a bare CR inside the {name} header: {line[:80]!r}", header=name)
+    if line[0] in b" \t":
+        if not fields:
+            raise HeaderInjection(
+                f"the message starts with a continuation line: {line[:80]!r}", header=name
+            )
+        return
+    if _FIELD_LINE.match(line):
+        return
+    colon = line.find(b":")
+    if colon > 0 and not line[:colon].isascii():
+        raise UnencodableHeader(
+            f"header name {line[:colon]!r} is not ASCII; header names cannot be encoded"
+        )
+    raise HeaderInjection(
+        f"line {line[:80]!r} in the header section is neither a header field nor a folded "
+        f"continuation (a line break inside the {name} header?)",
+        header=name,
+    )
+
+
+def _check_utf8(fields: list[tuple[str, list[bytes]]]) -> None:
+    for name, lines in fields:
+        for line in lines:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UnencodableHeader(
+                    f"the {name} header holds octets that are not UTF-8 ({exc.reason} at "
+                    f"{exc.start}); raw 8-bit headers must be UTF-8 (RFC 6532)"
+                ) from exc
+
+
+def decode_text(value: str) -> str:
+    """Decode RFC 2047 words in an unstructured header value (for display)."""
+    if "=?" not in value:
+        return value
+    return str(HEADER_FACTORY("subject", value))

@@ -1,0 +1,34 @@
+"""The stdlib ``email`` policies mailstrom builds and parses with."""
+
+from __future__ import annotations
+
+from email import policy
+from email.headerregistry import BaseHeader, HeaderRegistry
+
+
+class CachingHeaderRegistry(HeaderRegistry):
+    """A :class:`~email.headerregistry.HeaderRegistry` that builds each header class once.
+
+    The stock registry creates a new class with ``type()`` on every header it parses,
+    which costs more than parsing a simple header; caching halves the cost of building a
+    message. Concurrent first use at worst builds a class twice, which is harmless.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+HEADER_FACTORY = CachingHeaderRegistry()
+"""Parses one header value the way ``email.policy.default`` does: ``(name, value)``."""
+
+BUILD_POLICY = policy.SMTP.clone(cte_type="7bit", header_factory=HEADER_FACTORY)
+"""For composing: CRLF, and ``cte_type="7bit"`` makes the content manager choose 7bit,
+quoted-printable or base64 for text bodies instead of raw 8bit."""

@@ -1,0 +1,184 @@
+"""The Email builder: MIME structure, 7-bit bodies, attachments, extra headers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+
+import pytest
+
+from mailstrom.errors import InvalidMessage
+from mailstrom.message import Attachment, Email, prepare
+
+NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+FROM = "App <app@example.com>"
+TO = "bob@example.org"
+BASE = {"from_": FROM, "to": TO}
+
+
+def build(**parts: object) -> EmailMessage:
+    email = Email(**{**BASE, **parts})  # type: ignore[arg-type]
+    message = message_from_bytes(prepare(email, now=NOW).data, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def crlf_free(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def test_text_only_is_text_plain() -> None:
+    message = build(text="Hello\n")
+    assert message.get_content_type() == "text/plain"
+    assert crlf_free(message.get_content()) == "Hello\n"
+    assert message["MIME-Version"] == "1.0"
+
+
+def test_no_body_at_all_is_an_empty_text_part() -> None:
+    message = build()
+    assert message.get_content_type() == "text/plain"
+    assert message.get_content().strip() == ""
+
+
+def test_html_only_is_text_html() -> None:
+    message = build(html="<p>Hi</p>")
+    assert message.get_content_type() == "text/html"
+
+
+def test_text_and_html_is_alternative() -> None:
+    message = build(text="Hi", html="<p>Hi</p>")
+    assert message.get_content_type() == "multipart/alternative"
+    types = [part.get_content_type() for part in message.iter_parts()]
+    assert types == ["text/plain", "text/html"]
+
+
+def test_attachments_make_mixed_and_keep_bytes() -> None:
+    blob = bytes(range(256)) * 3
+    message = build(
+        text="see attached",
+        attachments=[
+            Attachment(filename="data.bin", content=blob),
+            Attachment(filename="notes.txt", content=b"a\r\nb", content_type="text/plain"),
+        ],
+    )
+    assert message.get_content_type() == "multipart/mixed"
+    attachments = list(message.iter_attachments())
+    assert [a.get_filename() for a in attachments] == ["data.bin", "notes.txt"]
+    assert attachments[0].get_content() == blob
+    assert attachments[0].get_content_disposition() == "attachment"
+    assert attachments[1].get_content_type() == "text/plain"
+
+
+def test_only_attachments_without_text() -> None:
+    message = build(attachments=[Attachment(filename="a.bin", content=b"\x00\xff")])
+    assert message.get_content_type() == "multipart/mixed"
+    assert next(message.iter_attachments()).get_content() == b"\x00\xff"
+
+
+def test_inline_attachment_goes_in_related_with_content_id() -> None:
+    message = build(
+        text="t",
+        html='<img src="cid:logo@app">',
+        attachments=[
+            Attachment(filename="doc.pdf", content=b"%PDF", content_type="application/pdf"),
+            Attachment(
+                filename="logo.png",
+                content=b"\x89PNG",
+                content_type="image/png",
+                inline=True,
+                content_id="logo@app",
+            ),
+        ],
+    )
+    structure = [part.get_content_type() for part in message.walk()]
+    assert structure == [
+        "multipart/mixed",
+        "multipart/alternative",
+        "text/plain",
+        "multipart/related",
+        "text/html",
+        "image/png",
+        "application/pdf",
+    ]
+    logo = next(p for p in message.walk() if p.get_content_type() == "image/png")
+    assert logo["Content-ID"] == "<logo@app>"
+    assert logo.get_content_disposition() == "inline"
+    # MIME-Version belongs at the top only.
+    assert sum(1 for part in message.walk() if "MIME-Version" in part) == 1
+
+
+def test_non_ascii_bodies_and_names_are_7bit() -> None:
+    email = Email(
+        from_=FROM,
+        to=TO,
+        subject="Grüße, 世界",
+        text="Grüße\n" + "ü" * 500 + "\n",
+        html="<p>世界</p>",
+        attachments=[Attachment(filename="résumé.txt", content="é".encode())],
+    )
+    p = prepare(email, now=NOW)
+    assert p.data.isascii()
+    assert (p.eightbit, p.smtputf8) == (False, False)
+    message = message_from_bytes(p.data, policy=policy.default)
+    assert message["Subject"] == "Grüße, 世界"
+    assert next(message.iter_attachments()).get_filename() == "résumé.txt"
+    assert crlf_free(message.get_body(("plain",)).get_content()) == email.text  # type: ignore[union-attr]
+
+
+def test_display_names_are_encoded() -> None:
+    message = build(from_="Jürgen Ö <j@example.com>", to='"Doe, Jane" <jane@example.org>')
+    assert message["From"].addresses[0].display_name == "Jürgen Ö"
+    assert message["To"].addresses[0].display_name == "Doe, Jane"
+
+
+def test_extra_headers_and_reply_to_and_cc() -> None:
+    message = build(
+        cc=["c@example.org"],
+        reply_to="Help <help@example.com>",
+        headers={"X-Campaign": "spring", "List-Unsubscribe": "<mailto:u@example.com>"},
+    )
+    assert message["X-Campaign"] == "spring"
+    assert message["List-Unsubscribe"] == "<mailto:u@example.com>"
+    assert message["Reply-To"] == "Help <help@example.com>"
+    assert message["Cc"] == "c@example.org"
+
+
+@pytest.mark.parametrize("content_type", ["nonsense", "multipart/mixed", "text/"])
+def test_invalid_attachment_content_type(content_type: str) -> None:
+    attachment = Attachment(filename="x", content=b"x", content_type=content_type)
+    with pytest.raises(InvalidMessage, match="invalid content type"):
+        prepare(Email(from_=FROM, to=TO, attachments=[attachment]))
+
+
+def test_content_type_parameters_are_kept() -> None:
+    attachment = Attachment(
+        filename="x.csv", content=b"a,b", content_type="text/csv; charset=us-ascii"
+    )
+    part = next(build(text="t", attachments=[attachment]).iter_attachments())
+    assert part.get_content_type() == "text/csv"
+    assert part.get_param("charset") == "us-ascii"
+
+
+@pytest.mark.parametrize("bad", ["", "has space@x", "a\r\n@b"])
+def test_invalid_message_id(bad: str) -> None:
+    with pytest.raises(InvalidMessage):
+        prepare(Email(from_=FROM, to=TO, message_id=bad))
+
+
+def test_email_is_frozen() -> None:
+    email = Email(from_=FROM, to=TO)
+    with pytest.raises(AttributeError):
+        email.subject = "x"  # type: ignore[misc]
+
+
+def test_long_list_of_encoded_names_keeps_every_address() -> None:
+    # Python 3.11's own folder can swallow the comma between two such mailboxes.
+    to = [f"Jürgen Müller-{i} <user{i}@example.org>" for i in range(12)]
+    to.insert(3, '"Doe, Jane \\"JD\\"" <jane@example.org>')
+    message = build(to=to, cc="Team: a@example.org, b@example.org;, U:;")
+    names = [(a.display_name, a.addr_spec) for a in message["To"].addresses]
+    assert len(names) == 13
+    assert names[3] == ('Doe, Jane "JD"', "jane@example.org")
+    assert names[12] == ("Jürgen Müller-11", "user11@example.org")
+    assert [g.display_name for g in message["Cc"].groups] == ["Team", "U"]

@@ -1,0 +1,114 @@
+"""Octet-level helpers and the 8-bit → 7-bit downgrade."""
+
+from __future__ import annotations
+
+from email import message_from_bytes, policy
+
+import pytest
+
+from mailstrom.errors import LineTooLong
+from mailstrom.message import downgrade_to_7bit, prepare
+from mailstrom.message.encoding import check_line_lengths, to_crlf
+
+
+def body_of(data: bytes) -> bytes:
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def leaves(data: bytes) -> list[tuple[str, bytes]]:
+    message = message_from_bytes(data, policy=policy.default)
+    out = []
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() == "message":
+            continue
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((part.get_content_type(), payload))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\n\nb\r\r\n", b"a\r\n\r\nb\r\n\r\n"),
+        (b"", b""),
+    ],
+)
+def test_to_crlf(given: bytes, expected: bytes) -> None:
+    assert to_crlf(given) == expected
+
+
+def test_check_line_lengths() -> None:
+    check_line_lengths(b"x" * 998 + b"\r\n" + b"y" * 998)
+    with pytest.raises(LineTooLong, match="line 2 is 999 octets"):
+        check_line_lengths(b"x\r\n" + b"y" * 999 + b"\r\n")
+
+
+SINGLE = (
+    b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+    b"\r\ncaf\xc3\xa9 =equals and trailing space \r\n.dot line\r\n"
+)
+
+
+def test_downgrade_single_text_part_to_quoted_printable() -> None:
+    out = downgrade_to_7bit(SINGLE)
+    assert body_of(out).isascii()
+    message = message_from_bytes(out, policy=policy.default)
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert leaves(out) == leaves(SINGLE)
+    # Headers other than the CTE are untouched, byte for byte.
+    assert out.startswith(b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n")
+
+
+def test_downgrade_without_cte_header_adds_one() -> None:
+    data = b"From: a@example.com\r\nTo: b@example.org\r\n\r\nna\xc3\xafve\r\n"
+    out = downgrade_to_7bit(data)
+    assert body_of(out).isascii()
+    assert message_from_bytes(out)["Content-Transfer-Encoding"] == "quoted-printable"
+    assert leaves(out) == [("text/plain", b"na\xc3\xafve\r\n")]
+
+
+MULTI = (
+    b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="BB"\r\nContent-Transfer-Encoding: 8bit\r\n'
+    b"\r\npreamble\r\n--BB\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+    b"\r\nh\xc3\xa9llo\r\n--BB\r\n"
+    b"Content-Type: text/plain\r\n\r\nplain ascii\r\n--BB\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n"
+    b"Content-Disposition: attachment; filename=x.bin\r\n"
+    b"\r\n\x00\x01\xfe\xff\r\n--BB\r\n"
+    b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Subject: inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nm\xc3\xbc\r\n"
+    b"--BB--\r\n"
+)
+
+
+def test_downgrade_multipart_keeps_decoded_content() -> None:
+    out = downgrade_to_7bit(MULTI)
+    assert body_of(out).isascii()
+    assert leaves(out) == leaves(MULTI)
+    message = message_from_bytes(out, policy=policy.default)
+    ctes = [str(part.get("Content-Transfer-Encoding")) for part in message.walk()]
+    assert ctes == ["7bit", "quoted-printable", "None", "base64", "7bit", "quoted-printable"]
+    attachment = next(p for p in message.walk() if p.get_content_type().endswith("stream"))
+    assert attachment.get_filename() == "x.bin"
+    assert b"plain ascii\r\n" in out  # untouched 7-bit part
+
+
+def test_downgrade_leaves_7bit_messages_alone() -> None:
+    data = b"From: a@example.com\r\nSubject: caf\xc3\xa9\r\n\r\nascii body\r\n"
+    assert downgrade_to_7bit(data) is data
+
+
+def test_downgrade_of_prepared_raw_message_round_trips() -> None:
+    prepared = prepare(SINGLE.replace(b"\r\n", b"\n"))
+    assert prepared.eightbit
+    out = downgrade_to_7bit(prepared.data)
+    assert body_of(out).isascii()
+    assert leaves(out) == leaves(prepared.data)
+    check_line_lengths(out)

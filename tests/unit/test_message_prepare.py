@@ -1,0 +1,459 @@
+"""prepare(): envelope rules, header rewriting and every validation error."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage, Message
+
+import pytest
+
+from mailstrom.errors import (
+    HeaderInjection,
+    InvalidAddress,
+    InvalidMessage,
+    LineTooLong,
+    MessageTooLarge,
+    MissingFrom,
+    MultipleFromWithoutSender,
+    NoRecipients,
+    UnencodableHeader,
+)
+from mailstrom.message import Email, prepare
+
+NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = message_from_bytes(data, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def raw(*lines: str, body: str = "body\r\n") -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+# --- envelope sender ---------------------------------------------------------------------
+
+
+def test_envelope_sender_is_from_addr_spec_without_display_name() -> None:
+    p = prepare(Email(from_="App <App@Example.COM>", to="bob@example.org"), now=NOW)
+    assert p.envelope_from == "App@example.com"
+
+
+def test_envelope_sender_prefers_sender_header_over_from() -> None:
+    email = Email(
+        from_=["Ann <ann@example.com>", "Bo <bo@example.com>"],
+        sender="Desk <desk@example.net>",
+        to="c@example.org",
+    )
+    p = prepare(email, now=NOW)
+    assert p.envelope_from == "desk@example.net"
+    assert parsed(p.data)["Sender"] == "Desk <desk@example.net>"
+    assert parsed(p.data)["From"] == "Ann <ann@example.com>, Bo <bo@example.com>"
+
+
+def test_explicit_envelope_from_wins_and_loses_display_name() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    assert prepare(email, envelope_from="Bounce <bounce@example.net>").envelope_from == (
+        "bounce@example.net"
+    )
+
+
+@pytest.mark.parametrize("null", ["", "<>"])
+def test_null_reverse_path(null: str) -> None:
+    p = prepare(Email(from_="a@example.com", to="b@example.org"), envelope_from=null)
+    assert p.envelope_from == ""
+
+
+def test_invalid_explicit_envelope_from() -> None:
+    with pytest.raises(InvalidAddress) as info:
+        prepare(Email(from_="a@example.com", to="b@example.org"), envelope_from="nope")
+    assert info.value.address == "nope"
+    assert "nope" in info.value.reason
+
+
+# --- recipients --------------------------------------------------------------------------
+
+
+def test_recipients_are_to_cc_bcc_deduplicated_in_order() -> None:
+    email = Email(
+        from_="a@example.com",
+        to=["X <x@Example.org>", "y@example.org"],
+        cc=["x@EXAMPLE.ORG", "X@example.org"],
+        bcc=["y@example.org", "z@example.net"],
+    )
+    p = prepare(email, now=NOW)
+    # Domain compared case-insensitively and stored lower-case; local part exactly.
+    assert p.recipients == ("x@example.org", "y@example.org", "X@example.org", "z@example.net")
+
+
+def test_explicit_envelope_to_replaces_headers() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    p = prepare(email, envelope_to=["c@Example.net", "c@example.NET", "d@example.net"])
+    assert p.recipients == ("c@example.net", "d@example.net")
+    assert parsed(p.data)["To"] == "b@example.org"
+
+
+def test_bcc_is_in_envelope_but_not_in_bytes() -> None:
+    email = Email(from_="a@example.com", to="b@example.org", bcc="Hidden <secret@example.net>")
+    p = prepare(email, now=NOW)
+    assert "secret@example.net" in p.recipients
+    assert b"secret" not in p.data
+    assert b"Bcc" not in p.data
+
+
+def test_bcc_removed_from_raw_bytes_including_folded_lines() -> None:
+    data = raw(
+        "From: a@example.com",
+        "To: b@example.org",
+        "BCC: one@example.net,",
+        " two@example.net",
+        "Subject: s",
+    )
+    p = prepare(data, now=NOW)
+    assert p.recipients == ("b@example.org", "one@example.net", "two@example.net")
+    assert b"example.net" not in p.data
+    assert p.data.startswith(b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n")
+
+
+def test_no_recipients() -> None:
+    with pytest.raises(NoRecipients, match="To, Cc or Bcc names no address"):
+        prepare(Email(from_="a@example.com"))
+    with pytest.raises(NoRecipients, match="envelope_to"):
+        prepare(Email(from_="a@example.com", to="b@example.org"), envelope_to=[])
+
+
+def test_group_recipients_are_expanded_and_empty_groups_ignored() -> None:
+    email = Email(from_="a@example.com", to=["Team: t1@example.org, t2@example.org;", "U:;"])
+    p = prepare(email, now=NOW)
+    assert p.recipients == ("t1@example.org", "t2@example.org")
+    assert "Team: t1@example.org, t2@example.org;" in str(parsed(p.data)["To"])
+
+
+# --- From / Sender rules -----------------------------------------------------------------
+
+
+def test_missing_from_in_raw_message() -> None:
+    with pytest.raises(MissingFrom, match="no From header"):
+        prepare(raw("To: b@example.org"))
+
+
+def test_empty_from() -> None:
+    with pytest.raises(MissingFrom, match="names no address"):
+        prepare(raw("From: ", "To: b@example.org"))
+
+
+def test_multiple_from_without_sender() -> None:
+    with pytest.raises(MultipleFromWithoutSender, match=r"2 mailboxes.*§3\.6\.2"):
+        prepare(Email(from_=["a@example.com", "b@example.com"], to="c@example.org"))
+
+
+def test_two_from_fields_rejected() -> None:
+    with pytest.raises(InvalidMessage, match="2 From header fields"):
+        prepare(raw("From: a@example.com", "From: b@example.com", "To: c@example.org"))
+
+
+def test_sender_must_be_one_mailbox() -> None:
+    data = raw("From: a@example.com", "Sender: x@example.com, y@example.com", "To: c@example.org")
+    with pytest.raises(InvalidMessage, match="Sender header must be exactly one mailbox"):
+        prepare(data)
+
+
+def test_rfc6854_group_from_with_sender_is_allowed() -> None:
+    data = raw("From: Undisclosed:;", "Sender: real@example.com", "To: c@example.org")
+    p = prepare(data, now=NOW)
+    assert p.envelope_from == "real@example.com"
+    assert re.fullmatch(r"<[0-9a-f]{32}@example\.com>", p.header_message_id or "")
+    assert parsed(p.data)["From"] == "Undisclosed:;"
+
+
+def test_rfc6854_group_with_members_and_sender_from_builder() -> None:
+    email = Email(
+        from_="Board: a@example.com, b@example.com;",
+        sender="sec@example.com",
+        to="c@example.org",
+    )
+    p = prepare(email, now=NOW)
+    assert p.envelope_from == "sec@example.com"
+    assert str(parsed(p.data)["From"]) == "Board: a@example.com, b@example.com;"
+
+
+@pytest.mark.parametrize("group", ["Undisclosed:;", "Board: a@example.com;"])
+def test_rfc6854_group_from_without_sender_is_a_typed_error(group: str) -> None:
+    with pytest.raises(MultipleFromWithoutSender, match="RFC 6854") as info:
+        prepare(raw(f"From: {group}", "To: c@example.org"))
+    assert group.split(":")[0] in info.value.reason
+
+
+# --- Date and Message-ID -----------------------------------------------------------------
+
+
+def test_date_and_message_id_added_when_missing() -> None:
+    p = prepare(raw("From: a@Example.com", "To: b@example.org"), now=NOW)
+    message = parsed(p.data)
+    assert message["Date"].datetime == NOW
+    assert message["Message-ID"] == p.header_message_id
+    assert re.fullmatch(r"<[0-9a-f]{32}@example\.com>", p.header_message_id or "")
+
+
+def test_message_id_domain_can_be_chosen_and_ids_differ() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    first = prepare(email, id_domain="mail.example.net")
+    second = prepare(email, id_domain="mail.example.net")
+    assert (first.header_message_id or "").endswith("@mail.example.net>")
+    assert first.header_message_id != second.header_message_id
+
+
+@pytest.mark.parametrize("domain", ["bücher.example", "", "a b", "x@y"])
+def test_bad_id_domain(domain: str) -> None:
+    with pytest.raises(InvalidMessage, match="id_domain"):
+        prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)
+
+
+def test_existing_date_and_message_id_are_kept() -> None:
+    data = raw(
+        "From: a@example.com",
+        "To: b@example.org",
+        "Date: Mon, 01 Jan 2024 00:00:00 +0000",
+        "Message-ID: <given@example.com>",
+    )
+    p = prepare(data, now=NOW)
+    assert p.data.count(b"Date:") == 1
+    assert p.data.count(b"Message-ID:") == 1
+    assert p.header_message_id == "<given@example.com>"
+
+
+def test_builder_date_and_message_id_fields() -> None:
+    email = Email(
+        from_="a@example.com",
+        to="b@example.org",
+        date=datetime(2020, 1, 1, 12, 0),  # naive: taken as UTC
+        message_id="custom@example.com",
+    )
+    p = prepare(email, now=NOW)
+    message = parsed(p.data)
+    assert message["Date"].datetime == datetime(2020, 1, 1, 12, 0, tzinfo=UTC)
+    assert message["Message-ID"] == "<custom@example.com>" == p.header_message_id
+
+
+def test_subject_is_decoded_for_display() -> None:
+    data = raw("From: a@example.com", "To: b@example.org", "Subject: =?utf-8?q?h=C3=A9?=")
+    assert prepare(data).subject == "hé"
+    assert prepare(Email(from_="a@example.com", to="b@example.org", subject="hé")).subject == ("hé")
+
+
+# --- raw bytes and EmailMessage input ----------------------------------------------------
+
+
+def test_raw_bytes_keep_body_and_get_crlf() -> None:
+    body = b"line one\nline two\r\nthree\rfour \xc3\xa9\n"
+    data = b"From: a@example.com\nTo: b@example.org\nSubject: s\n\n" + body
+    p = prepare(data, now=NOW)
+    head, _, got = p.data.partition(b"\r\n\r\n")
+    assert got == b"line one\r\nline two\r\nthree\r\nfour \xc3\xa9\r\n"
+    assert b"\n" not in head.replace(b"\r\n", b"")
+    assert p.eightbit is True
+    assert p.smtputf8 is False
+
+
+def test_raw_body_without_final_newline_gets_crlf() -> None:
+    p = prepare(b"From: a@example.com\r\nTo: b@example.org\r\n\r\nno newline", now=NOW)
+    assert p.data.endswith(b"\r\n\r\nno newline\r\n")
+
+
+def test_raw_encoded_body_is_not_re_encoded() -> None:
+    body = b"=E2=9C=93 already quoted-printable=\r\nsoft\r\n"
+    data = raw(
+        "From: a@example.com",
+        "To: b@example.org",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: quoted-printable",
+        body=body.decode(),
+    )
+    assert prepare(data, now=NOW).data.endswith(b"\r\n\r\n" + body)
+
+
+def test_email_message_input_is_not_mutated() -> None:
+    message = EmailMessage()
+    message["From"] = "App <a@example.com>"
+    message["To"] = "b@example.org"
+    message["Bcc"] = "c@example.net"
+    message["Subject"] = "hello"
+    message.set_content("hi there\n")
+    p = prepare(message, now=NOW)
+    assert p.recipients == ("b@example.org", "c@example.net")
+    assert b"c@example.net" not in p.data
+    assert parsed(p.data).get_content() == "hi there\r\n"
+    assert message["Bcc"] == "c@example.net"
+    assert "Date" not in message
+    assert p.subject == "hello"
+
+
+def test_compat32_message_with_line_break_in_value_is_injection() -> None:
+    message = Message()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Subject"] = "hi\nBcc: evil@example.net"
+    with pytest.raises(HeaderInjection, match="Subject"):
+        prepare(message)
+
+
+def test_parsed_message_with_folded_headers_is_fine() -> None:
+    source = b"From: a@example.com\r\nTo: b@example.org,\r\n c@example.org\r\n\r\nx\r\n"
+    message = message_from_bytes(source, policy=policy.default)
+    assert prepare(message).recipients == ("b@example.org", "c@example.org")
+
+
+# --- header injection and encoding -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        Email(from_="a@example.com", to="b@example.org", subject="hi\r\nBcc: x@example.net"),
+        Email(from_="a@example.com", to="b@example.org", subject="hi\nX: y"),
+        Email(from_="a@example.com\r\nBcc: x@example.net", to="b@example.org"),
+        Email(from_="a@example.com", to=["b@example.org\n"]),
+        Email(from_="a@example.com", to="b@example.org", headers={"X-A": "1\rX-B: 2"}),
+        Email(from_="a@example.com", to="b@example.org", headers={"X-A\r\nX-B": "1"}),
+        Email(from_="a@example.com", to="b@example.org", headers={"Bcc: x@y.example": "1"}),
+    ],
+)
+def test_builder_header_injection(email: Email) -> None:
+    with pytest.raises(HeaderInjection) as info:
+        prepare(email)
+    assert info.value.header
+    assert "CR" in info.value.reason or "colon" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (
+            b"From: a@example.com\r\nSubject: a\rBcc: x@example.net\r\nTo: b@example.org\r\n\r\n",
+            "bare CR",
+        ),
+        (b"From: a@example.com\r\nSubject: hello\nworld\r\nTo: b@example.org\r\n\r\n", "neither"),
+        (b" folded first\r\nFrom: a@example.com\r\nTo: b@example.org\r\n\r\n", "continuation"),
+    ],
+)
+def test_raw_header_defects_are_injection(data: bytes, match: str) -> None:
+    with pytest.raises(HeaderInjection, match=match):
+        prepare(data)
+
+
+def test_non_ascii_header_name() -> None:
+    with pytest.raises(UnencodableHeader, match="not ASCII"):
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={"X-Grüße": "1"}))
+    with pytest.raises(UnencodableHeader, match="not ASCII"):
+        prepare("From: a@example.com\r\nTo: b@example.org\r\nX-Grüße: 1\r\n\r\n".encode())
+
+
+def test_raw_header_octets_must_be_utf8() -> None:
+    data = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: caf\xe9\r\n\r\nx\r\n"
+    with pytest.raises(UnencodableHeader, match="not UTF-8"):
+        prepare(data)
+
+
+def test_builder_header_owned_by_a_field() -> None:
+    with pytest.raises(InvalidMessage, match="'to'"):
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={"TO": "c@x.example"}))
+
+
+def test_line_too_long_in_raw_body() -> None:
+    data = raw("From: a@example.com", "To: b@example.org", body="x" * 999 + "\r\n")
+    with pytest.raises(LineTooLong, match="999 octets"):
+        prepare(data)
+    ok = raw("From: a@example.com", "To: b@example.org", body="x" * 998 + "\r\n")
+    assert prepare(ok).size > 998
+
+
+def test_builder_wraps_long_lines_instead() -> None:
+    p = prepare(Email(from_="a@example.com", to="b@example.org", text="x" * 5000))
+    assert max(len(line) for line in p.data.split(b"\r\n")) <= 78
+    assert parsed(p.data).get_content() == "x" * 5000 + "\r\n"
+
+
+def test_message_too_large() -> None:
+    email = Email(from_="a@example.com", to="b@example.org", text="hello\n" * 200)
+    size = prepare(email, now=NOW).size
+    assert prepare(email, max_size=size, now=NOW).size == size
+    with pytest.raises(MessageTooLarge) as info:
+        prepare(email, max_size=size - 1, now=NOW)
+    assert (info.value.size, info.value.limit) == (size, size - 1)
+    assert str(size) in info.value.reason
+
+
+# --- addresses: validation, IDN, SMTPUTF8 ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address", ["nope", "a@", "@example.com", "a@@example.com", "a b@example.com", "a@-x.com"]
+)
+def test_invalid_address(address: str) -> None:
+    with pytest.raises(InvalidAddress) as info:
+        prepare(Email(from_="a@example.com", to=address))
+    assert info.value.reason
+
+
+def test_unquoted_comma_in_display_name_is_invalid() -> None:
+    with pytest.raises(InvalidAddress, match="malformed"):
+        prepare(Email(from_="a@example.com", to="Doe, John <j@example.org>"))
+
+
+def test_invalid_address_in_raw_cc_header() -> None:
+    with pytest.raises(InvalidAddress):
+        prepare(raw("From: a@example.com", "To: b@example.org", "Cc: broken@"))
+
+
+def test_idn_domain_with_ascii_local_part_needs_no_smtputf8() -> None:
+    p = prepare(Email(from_="a@example.com", to="Bob <bob@Bücher.example>"), now=NOW)
+    assert p.recipients == ("bob@xn--bcher-kva.example",)
+    assert p.smtputf8 is False
+    assert p.data.isascii()
+    assert parsed(p.data)["To"].addresses[0].domain == "xn--bcher-kva.example"
+
+
+def test_utf8_local_part_needs_smtputf8() -> None:
+    p = prepare(Email(from_="a@example.com", to="José <josé@example.org>"), now=NOW)
+    assert p.recipients == ("josé@example.org",)
+    assert p.smtputf8 is True
+    assert "josé@example.org".encode() in p.data  # raw UTF-8 header (RFC 6532)
+    assert p.eightbit is False
+
+
+def test_utf8_envelope_only_needs_smtputf8() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    assert prepare(email, envelope_to=["ñ@example.org"]).smtputf8 is True
+    assert prepare(email, envelope_from="ñ@example.com").smtputf8 is True
+    assert prepare(email).smtputf8 is False
+
+
+def test_raw_utf8_header_needs_smtputf8() -> None:
+    data = "From: a@example.com\r\nTo: b@example.org\r\nSubject: héllo\r\n\r\nx\r\n".encode()
+    p = prepare(data)
+    assert (p.smtputf8, p.eightbit, p.subject) == (True, False, "héllo")
+
+
+def test_email_message_with_utf8_local_part_is_written_raw() -> None:
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "ñoño@example.org"
+    message.set_content("x")
+    p = prepare(message)
+    assert p.smtputf8 is True
+    assert "To: ñoño@example.org".encode() in p.data
+    assert b"=?" not in p.data
+
+
+def test_domain_literal_is_accepted() -> None:
+    p = prepare(Email(from_="a@example.com", to="b@[127.0.0.1]"))
+    assert p.recipients == ("b@[127.0.0.1]",)
+
+
+def test_unsupported_input_type() -> None:
+    with pytest.raises(TypeError):
+        prepare("From: a@example.com\r\n\r\n")  # type: ignore[arg-type]
