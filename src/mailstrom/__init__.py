@@ -1,5 +1,13 @@
-"""mailstrom: background email delivery straight to each recipient's MX servers."""
+"""mailstrom: background email delivery straight to each recipient's MX servers.
 
+>>> from mailstrom import Mailstrom, Config, Email
+>>> from mailstrom.stores import SQLiteStore
+>>> with Mailstrom(Config(helo_name="mail.example.com"), store=SQLiteStore("mail.db")) as ms:
+...     mid = ms.send_email(Email(from_="app@example.com", to=["bob@example.org"], text="Hi"))
+...     print(ms.query_status(mid).state)  # doctest: +SKIP
+"""
+
+from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
 from mailstrom.errors import (
     DeliveryError,
@@ -19,7 +27,7 @@ from mailstrom.errors import (
     UnknownMessage,
     WorkerError,
 )
-from mailstrom.message.prepared import PreparedMessage
+from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
@@ -33,15 +41,19 @@ from mailstrom.status import (
 )
 
 __all__ = [
+    "AsyncMailstrom",
+    "Attachment",
     "Attempt",
     "AttemptOutcome",
     "Config",
     "DNSConfig",
     "DeliveryError",
+    "Email",
     "HeaderInjection",
     "InvalidAddress",
     "InvalidMessage",
     "LineTooLong",
+    "Mailstrom",
     "MailstromError",
     "MessageStatus",
     "MessageTooLarge",
@@ -65,4 +77,6 @@ __all__ = [
     "UnknownMessage",
     "WorkerError",
     "WorkerStatus",
+    "downgrade_to_7bit",
+    "prepare",
 ]

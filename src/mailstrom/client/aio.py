@@ -1,0 +1,121 @@
+"""The asyncio facade: the same API as :class:`~mailstrom.Mailstrom`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from mailstrom.client.common import Clock, MessageInput, default_store, prepare_for
+from mailstrom.config import Config
+from mailstrom.errors import WorkerError
+from mailstrom.routing import Router
+from mailstrom.runtime.worker import Worker, utc_now
+from mailstrom.status import MessageStatus, WorkerStatus
+from mailstrom.stores.base import RecipientResult, Store
+
+
+class AsyncMailstrom:
+    """Queue mail and deliver it on the running event loop.
+
+    >>> async with AsyncMailstrom(Config(helo_name="mail.example.com"),
+    ...                           store=SQLiteStore("mail.db")) as ms:  # doctest: +SKIP
+    ...     mid = await ms.send_email(Email(from_="app@example.com", to=["bob@example.org"],
+    ...                                     subject="Hi", text="Hello"))
+    ...     status = await ms.query_status(mid)
+
+    The store is closed by :meth:`stop` only when mailstrom created it (``store=None``:
+    ``mailstrom.db`` in the working directory).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: Store | None = None,
+        router: Router | None = None,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+        on_result: Callable[[RecipientResult], None] | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self._owns_store = store is None
+        self.store = store if store is not None else default_store()
+        self._clock = clock
+        self.worker = Worker(
+            self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start delivering in a task on the running loop."""
+        if self._task is not None:
+            raise WorkerError("already started")
+        self._task = asyncio.create_task(self.worker.run(), name="mailstrom-worker")
+
+    async def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
+        give the rest back to the store, due at once."""
+        task, self._task = self._task, None
+        if task is not None:
+            self.worker.request_stop(drain_timeout=timeout)
+            try:
+                await asyncio.shield(task)
+            finally:
+                if self._owns_store:
+                    self.store.close()
+        elif self._owns_store:
+            self.store.close()
+
+    async def __aenter__(self) -> AsyncMailstrom:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def send_email(
+        self,
+        message: MessageInput,
+        *,
+        envelope_from: str | None = None,
+        envelope_to: Sequence[str] | None = None,
+    ) -> str:
+        """Validate, encode and durably queue ``message``; return its id at once.
+
+        Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input; nothing
+        is queued then. Never waits on the network.
+        """
+        prepared = prepare_for(
+            self.config,
+            message,
+            envelope_from=envelope_from,
+            envelope_to=envelope_to,
+            now=self._clock(),
+        )
+        return await asyncio.to_thread(self.store.enqueue, prepared, now=self._clock())
+
+    async def query_status(self, message_id: str) -> MessageStatus:
+        """Where the message and each recipient stand, with attempt history."""
+        return await asyncio.to_thread(self.store.status, message_id)
+
+    async def query_recent(self, limit: int = 20) -> list[MessageStatus]:
+        return await asyncio.to_thread(self.store.recent, limit)
+
+    async def retry(self, message_id: str) -> int:
+        """Make the message's pending recipients due now."""
+        return await asyncio.to_thread(self.store.retry, message_id, now=self._clock())
+
+    async def cancel(self, message_id: str) -> int:
+        """Fail the message's pending recipients with the reason "cancelled"."""
+        return await asyncio.to_thread(self.store.cancel, message_id, now=self._clock())
+
+    @property
+    def worker_status(self) -> WorkerStatus:
+        return self.worker.status

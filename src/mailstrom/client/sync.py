@@ -1,0 +1,165 @@
+"""The thread facade: a worker event loop on a background thread, a blocking API in front.
+
+``send_email`` writes to the store in the caller's thread (durable when it returns) and
+only nudges the worker; it never waits on the network. The worker thread is started with a
+readiness handshake, so an error at start is raised in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from mailstrom.client.common import Clock, MessageInput, default_store, prepare_for
+from mailstrom.config import Config
+from mailstrom.errors import WorkerError
+from mailstrom.routing import Router
+from mailstrom.runtime.worker import Worker, utc_now
+from mailstrom.status import MessageStatus, WorkerStatus
+from mailstrom.stores.base import RecipientResult, Store
+
+log = logging.getLogger("mailstrom")
+
+
+class Mailstrom:
+    """Queue mail and deliver it in the background.
+
+    >>> from mailstrom import Mailstrom, Config, Email
+    >>> from mailstrom.stores import SQLiteStore
+    >>> with Mailstrom(Config(helo_name="mail.example.com"),
+    ...                store=SQLiteStore("mail.db")) as ms:  # doctest: +SKIP
+    ...     mid = ms.send_email(Email(from_="App <app@example.com>", to=["bob@example.org"],
+    ...                               subject="Hi", text="Hello"))
+    ...     for r in ms.query_status(mid).recipients:
+    ...         print(r.address, r.state, r.reason)
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: Store | None = None,
+        router: Router | None = None,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+        on_result: Callable[[RecipientResult], None] | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self._owns_store = store is None
+        self.store = store if store is not None else default_store()
+        self._clock = clock
+        self.worker = Worker(
+            self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
+        )
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the worker thread; return when it runs, or raise what stopped it."""
+        if self._thread is not None:
+            raise WorkerError("already started")
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._run, name="mailstrom-worker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise WorkerError(f"worker did not start within {timeout} s")
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise WorkerError(f"worker failed to start: {self._start_error}") from (
+                self._start_error
+            )
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._start_error = exc
+                self._ready.set()
+            else:
+                # The worker is dead; worker_status reports it, the log says why.
+                log.exception("mailstrom worker died")
+
+    async def _main(self) -> None:
+        await self.worker.run(on_started=self._ready.set)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds, give
+        the rest back to the store (due at once), and join the thread."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.worker.request_stop(drain_timeout=timeout)
+            thread.join()
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Mailstrom:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- the API ---------------------------------------------------------------------
+
+    def send_email(
+        self,
+        message: MessageInput,
+        *,
+        envelope_from: str | None = None,
+        envelope_to: Sequence[str] | None = None,
+    ) -> str:
+        """Validate, encode and durably queue ``message``; return its id at once.
+
+        Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input;
+        nothing is queued then.
+        """
+        prepared = prepare_for(
+            self.config,
+            message,
+            envelope_from=envelope_from,
+            envelope_to=envelope_to,
+            now=self._clock(),
+        )
+        return self.store.enqueue(prepared, now=self._clock())
+
+    def query_status(self, message_id: str) -> MessageStatus:
+        """Where the message and each recipient stand, with attempt history.
+
+        Raises :class:`~mailstrom.errors.UnknownMessage` for an id not in the store.
+        """
+        return self.store.status(message_id)
+
+    def query_recent(self, limit: int = 20) -> list[MessageStatus]:
+        """The most recently queued messages, newest first."""
+        return self.store.recent(limit)
+
+    def retry(self, message_id: str) -> int:
+        """Make the message's pending recipients due now; returns how many."""
+        return self.store.retry(message_id, now=self._clock())
+
+    def cancel(self, message_id: str) -> int:
+        """Fail the message's pending recipients with the reason "cancelled"."""
+        return self.store.cancel(message_id, now=self._clock())
+
+    def wake(self) -> None:
+        """Look for due work now (e.g. after advancing an injected clock)."""
+        self.worker.wake()
+
+    @property
+    def worker_status(self) -> WorkerStatus:
+        """Whether the worker runs; ``dead`` with the error when it died."""
+        return self.worker.status

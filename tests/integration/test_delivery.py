@@ -1,0 +1,513 @@
+"""The whole path — send_email → store → worker → DNS → SMTP → status — against real peers:
+aiosmtpd (with trustme TLS) and a dnslib DNS server, both on loopback ephemeral ports."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Config, Email, RecipientState, RetryPolicy, Timeouts, TLSPolicy
+from mailstrom.client import Mailstrom
+from mailstrom.config import RelayConfig, RelayTLS
+from mailstrom.errors import UnknownMessage, WorkerError
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.stores.base import Store
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import FakeClock, Results
+
+DELIVERED = RecipientState.DELIVERED
+DEFERRED = RecipientState.DEFERRED
+FAILED = RecipientState.FAILED
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def mx(smtp_server: Any, dns_server: LoopbackDNS) -> Any:
+    """One receiving server for example.org (MX mx.test → 127.0.0.1)."""
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+MakeMailstrom = Callable[..., Mailstrom]
+
+
+@pytest.fixture
+def mailstrom(
+    dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results
+) -> Iterator[MakeMailstrom]:
+    """Start a Mailstrom pointed at the loopback DNS and the receiver's port."""
+    started: list[Mailstrom] = []
+
+    def make(store: Store | None = None, **overrides: Any) -> Mailstrom:
+        options: dict[str, Any] = {
+            "helo_name": "client.test",
+            "smtp_port": mx.port,
+            "dns": dns_server.dns_config,
+            "timeouts": FAST,
+            "poll_interval": 0.5,
+        }
+        options.update(overrides)
+        ms = Mailstrom(
+            Config(**options),
+            store=store if store is not None else MemoryStore(),
+            clock=clock,
+            on_result=results,
+        )
+        ms.start()
+        started.append(ms)
+        return ms
+
+    yield make
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def hello(*to: str, **kwargs: Any) -> Email:
+    return Email(from_="App <app@sender.test>", to=list(to), subject="Hi", text="Hello", **kwargs)
+
+
+RAW = (
+    b"From: App <app@sender.test>\r\n"
+    b"To: bob@example.org\r\n"
+    b"Subject: exact bytes\r\n"
+    b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\n"
+    b"Message-ID: <exact@sender.test>\r\n"
+    b"\r\n"
+    b"first line\r\n"
+    b".a line that must be dot-stuffed\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+
+
+def test_delivers_over_starttls_byte_exact(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    ms = mailstrom()
+    mid = ms.send_email(RAW)
+    results.wait_final({"bob@example.org"})
+
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
+    assert received.mail_from == "app@sender.test"
+    assert list(received.rcpt_tos) == ["bob@example.org"]
+    assert received.content == RAW
+    status = ms.query_status(mid)
+    assert status.state is DELIVERED
+    bob = status.recipient("bob@example.org")
+    assert bob.reply is not None and bob.reply.code == 250
+    assert bob.mx_host == "mx.test" and bob.ip == "127.0.0.1" and bob.tls
+    assert bob.attempts == 1
+    [attempt] = bob.history
+    assert attempt.tls_version is not None and attempt.tls_cipher
+
+
+def test_delivers_without_tls_when_not_offered(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    plain = smtp_server(host="127.0.0.2", starttls=False)
+    dns_server.mx("plain.test", [(10, "mx.plain.test")])
+    dns_server.a("mx.plain.test", "127.0.0.2")
+    ms = mailstrom(smtp_port=plain.port)
+    mid = ms.send_email(hello("ann@plain.test"))
+    results.wait_final({"ann@plain.test"})
+    [received] = plain.wait_for_messages(1)
+    assert not received.tls
+    ann = ms.query_status(mid).recipient("ann@plain.test")
+    assert ann.state is DELIVERED and not ann.tls
+
+
+def test_bcc_in_envelope_never_in_bytes(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    ms = mailstrom()
+    ms.send_email(hello("bob@example.org", bcc=["hidden@example.org"]))
+    results.wait_final({"bob@example.org", "hidden@example.org"})
+    [received] = mx.wait_for_messages(1)
+    assert sorted(received.rcpt_tos) == ["bob@example.org", "hidden@example.org"]
+    assert b"hidden@example.org" not in received.content
+    assert b"\nBcc:" not in received.content
+
+
+def test_one_transaction_with_per_recipient_outcomes(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.rcpt_replies["later@example.org"] = "451 4.2.1 Mailbox busy"
+    mx.rcpt_replies["nobody@example.org"] = "550 5.1.1 No such user"
+    ms = mailstrom()
+    mid = ms.send_email(hello("ok@example.org", "later@example.org", "nobody@example.org"))
+    results.wait_final({"ok@example.org", "later@example.org", "nobody@example.org"})
+
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ok@example.org"]
+    assert mx.commands.count("MAIL") == 1  # one transaction for the whole domain
+    assert mx.pipelined > 0
+    status = ms.query_status(mid)
+    assert status.recipient("ok@example.org").state is DELIVERED
+    later = status.recipient("later@example.org")
+    assert later.state is DEFERRED
+    assert later.reply is not None and later.reply.code == 451
+    assert later.reply.enhanced == "4.2.1"
+    assert later.next_attempt_at is not None
+    nobody = status.recipient("nobody@example.org")
+    assert nobody.state is FAILED
+    assert nobody.reply is not None and nobody.reply.code == 550
+    assert status.state is DEFERRED
+
+
+def test_first_mx_down_backup_used(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    backup = smtp_server(host="127.0.0.3", port=mx.port)
+    dns_server.mx("backup.test", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", "127.0.0.2")  # nothing listens there
+    dns_server.a("mx2.test", "127.0.0.3")
+    ms = mailstrom()
+    mid = ms.send_email(hello("carol@backup.test"))
+    results.wait_final({"carol@backup.test"})
+    carol = ms.query_status(mid).recipient("carol@backup.test")
+    assert carol.state is DELIVERED
+    assert carol.mx_host == "mx2.test" and carol.ip == "127.0.0.3"
+    assert len(backup.wait_for_messages(1)) == 1
+
+
+def test_implicit_mx(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    direct = smtp_server(host="127.0.0.4", port=mx.port)
+    dns_server.a("direct.test", "127.0.0.4")  # no MX record at all
+    ms = mailstrom()
+    mid = ms.send_email(hello("dan@direct.test"))
+    results.wait_final({"dan@direct.test"})
+    assert ms.query_status(mid).recipient("dan@direct.test").state is DELIVERED
+    assert len(direct.wait_for_messages(1)) == 1
+
+
+def test_null_mx_and_nxdomain_fail_at_once(
+    dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    dns_server.null_mx("nomail.test")
+    ms = mailstrom()
+    mid = ms.send_email(hello("eve@nomail.test", "fay@does-not-exist.test"))
+    results.wait_final({"eve@nomail.test", "fay@does-not-exist.test"})
+    status = ms.query_status(mid)
+    eve = status.recipient("eve@nomail.test")
+    assert eve.state is FAILED and "null MX" in eve.reason
+    fay = status.recipient("fay@does-not-exist.test")
+    assert fay.state is FAILED and fay.attempts == 1
+    assert status.state is FAILED
+
+
+def test_servfail_defers(
+    dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    dns_server.servfail("broken-dns.test")
+    ms = mailstrom()
+    mid = ms.send_email(hello("gus@broken-dns.test"))
+    results.wait_final({"gus@broken-dns.test"})
+    assert ms.query_status(mid).recipient("gus@broken-dns.test").state is DEFERRED
+
+
+def test_greylisting_retried_with_controllable_clock(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    mx.rcpt_replies["grey@example.org"] = ["451 4.7.1 Greylisted, try again", "250 2.1.5 OK"]
+    ms = mailstrom()
+    mid = ms.send_email(hello("grey@example.org"))
+    results.wait_count(1)
+    first = ms.query_status(mid).recipient("grey@example.org")
+    assert first.state is DEFERRED
+    assert first.next_attempt_at is not None
+    wait = first.next_attempt_at - clock()
+    assert timedelta(minutes=4) <= wait <= timedelta(minutes=6)  # default: ~5 min, jittered
+
+    clock.advance(wait + timedelta(seconds=1))
+    ms.wake()
+    results.wait_count(2)
+    second = ms.query_status(mid).recipient("grey@example.org")
+    assert second.state is DELIVERED
+    assert second.attempts == 2
+    assert [a.outcome for a in second.history] == ["temporary", "delivered"]
+
+
+def test_gives_up_after_max_age(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    mx.rcpt_replies["stuck@example.org"] = "451 4.3.0 Not today"
+    policy = RetryPolicy(min_delay=timedelta(minutes=5), max_age=timedelta(minutes=12))
+    ms = mailstrom(retry=policy)
+    mid = ms.send_email(hello("stuck@example.org"))
+    for n in range(1, 10):
+        results.wait_count(n)
+        r = ms.query_status(mid).recipient("stuck@example.org")
+        if r.state is FAILED:
+            break
+        assert r.state is DEFERRED and r.next_attempt_at is not None
+        clock.advance(r.next_attempt_at - clock())
+        ms.wake()
+    assert r.state is FAILED
+    assert r.reply is not None and r.reply.code == 451  # the last reason is kept
+    assert 2 <= r.attempts <= 3
+
+
+def test_tls_handshake_failure_opportunistic_falls_back_to_plaintext(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    broken = smtp_server(host="127.0.0.5", port=mx.port, tls_broken=True)
+    dns_server.mx("badtls.test", [(10, "mx.badtls.test")])
+    dns_server.a("mx.badtls.test", "127.0.0.5")
+    ms = mailstrom()
+    mid = ms.send_email(hello("hal@badtls.test"))
+    results.wait_final({"hal@badtls.test"})
+    hal = ms.query_status(mid).recipient("hal@badtls.test")
+    assert hal.state is DELIVERED and not hal.tls
+    [received] = broken.wait_for_messages(1)
+    assert not received.tls
+
+
+def test_tls_handshake_failure_required_defers(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    broken = smtp_server(host="127.0.0.5", port=mx.port, tls_broken=True)
+    plain = smtp_server(host="127.0.0.6", port=mx.port, starttls=False)
+    dns_server.mx("badtls.test", [(10, "mx.badtls.test")])
+    dns_server.a("mx.badtls.test", "127.0.0.5")
+    dns_server.mx("notls.test", [(10, "mx.notls.test")])
+    dns_server.a("mx.notls.test", "127.0.0.6")
+    ms = mailstrom(tls=TLSPolicy.REQUIRED)
+    mid = ms.send_email(hello("ian@badtls.test", "jo@notls.test"))
+    results.wait_final({"ian@badtls.test", "jo@notls.test"})
+    status = ms.query_status(mid)
+    assert status.recipient("ian@badtls.test").state is DEFERRED
+    jo = status.recipient("jo@notls.test")
+    assert jo.state is DEFERRED and "TLS" in jo.reason
+    assert broken.messages == [] and plain.messages == []
+
+
+def test_verify_policy_checks_certificate(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    mx: Any,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    dns_server.mx("wronghost.test", [(10, "unlisted-name.example")])
+    dns_server.a("unlisted-name.example", "127.0.0.1")
+    ms = mailstrom(tls=TLSPolicy.VERIFY, tls_context=client_tls_context)
+    mid = ms.send_email(hello("kim@example.org", "lee@wronghost.test"))
+    results.wait_final({"kim@example.org", "lee@wronghost.test"})
+    status = ms.query_status(mid)
+    assert status.recipient("kim@example.org").state is DELIVERED
+    assert status.recipient("lee@wronghost.test").state is DEFERRED
+    assert len(mx.messages) == 1
+
+
+def test_smtputf8_needed_but_not_offered_fails(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    smtp_server(host="127.0.0.7", port=mx.port, smtputf8=False)
+    dns_server.mx("ascii.test", [(10, "mx.ascii.test")])
+    dns_server.a("mx.ascii.test", "127.0.0.7")
+    ms = mailstrom()
+    mid = ms.send_email(hello("jos\u00e9@ascii.test"))
+    results.wait_count(1)
+    [r] = ms.query_status(mid).recipients
+    assert r.state is FAILED
+    assert "SMTPUTF8" in r.reason
+
+
+def test_message_over_server_size_fails_without_sending(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    small = smtp_server(host="127.0.0.8", port=mx.port, size_limit=1000)
+    dns_server.mx("small.test", [(10, "mx.small.test")])
+    dns_server.a("mx.small.test", "127.0.0.8")
+    ms = mailstrom()
+    mid = ms.send_email(
+        Email(from_="app@sender.test", to=["max@small.test"], subject="big", text="x" * 5000)
+    )
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("max@small.test")
+    assert r.state is FAILED
+    assert r.reply is not None and r.reply.code == 552
+    assert "MAIL" not in small.commands
+
+
+def test_stalling_server_times_out_and_defers(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.stall_on = "data"
+    ms = mailstrom(timeouts=Timeouts(connect=1, greeting=1, command=0.5, data_init=0.5))
+    mid = ms.send_email(hello("slow@example.org"))
+    results.wait_count(1, timeout=10)
+    r = ms.query_status(mid).recipient("slow@example.org")
+    assert r.state is DEFERRED
+    assert "within" in r.reason
+
+
+def test_connection_dropped_mid_data_defers(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.drop_on_data = True
+    ms = mailstrom()
+    mid = ms.send_email(hello("drop@example.org"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("drop@example.org")
+    assert r.state is DEFERRED
+    assert not r.uncertain
+
+
+def test_connection_lost_after_dot_is_uncertain_and_retried(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.drop_after_dot = True
+    ms = mailstrom()
+    mid = ms.send_email(hello("maybe@example.org"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("maybe@example.org")
+    assert r.state is DEFERRED
+    assert r.uncertain and r.history[-1].uncertain
+
+
+def test_uncertain_not_retried_when_configured(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.drop_after_dot = True
+    ms = mailstrom(retry_uncertain=False)
+    mid = ms.send_email(hello("maybe@example.org"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("maybe@example.org")
+    assert r.state is DELIVERED and r.uncertain
+
+
+def test_connections_are_reused(mailstrom: MakeMailstrom, mx: Any, results: Results) -> None:
+    ms = mailstrom(max_per_destination=1)
+    for i in range(5):
+        ms.send_email(hello(f"user{i}@example.org"))
+    results.wait_count(5)
+    assert len(mx.wait_for_messages(5)) == 5
+    assert mx.connections == 1
+    assert mx.commands.count("RSET") == 4
+
+
+def test_eight_bit_message_downgraded_for_server_without_8bitmime(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    old = smtp_server(host="127.0.0.9", port=mx.port, eightbitmime=False)
+    dns_server.mx("old.test", [(10, "mx.old.test")])
+    dns_server.a("mx.old.test", "127.0.0.9")
+    raw = (
+        "From: app@sender.test\r\nTo: ned@old.test\r\nSubject: 8bit\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGr\u00fc\u00dfe\r\n"
+    ).encode()
+    ms = mailstrom()
+    mid = ms.send_email(raw)
+    results.wait_count(1)
+    assert ms.query_status(mid).state is DELIVERED
+    [received] = old.wait_for_messages(1)
+    assert max(received.content) < 128
+    assert "BODY=8BITMIME" not in received.mail_options
+
+
+def test_relay_mode_with_auth(smtp_server: Any, mailstrom: MakeMailstrom, results: Results) -> None:
+    relay = smtp_server(host="127.0.0.10", starttls=False, auth=("user", "secret"))
+    ms = mailstrom(
+        relay=RelayConfig(
+            host="127.0.0.10",
+            port=relay.port,
+            tls=RelayTLS.NONE,
+            username="user",
+            password="secret",
+        )
+    )
+    mid = ms.send_email(hello("anyone@anywhere.test", "other@elsewhere.test"))
+    results.wait_count(2)
+    assert ms.query_status(mid).state is DELIVERED
+    assert len(relay.wait_for_messages(2)) == 2
+
+
+def test_restart_over_same_sqlite_file_resumes_deferred_mail(
+    tmp_path: Path,
+    mailstrom: MakeMailstrom,
+    mx: Any,
+    results: Results,
+    clock: FakeClock,
+) -> None:
+    path = tmp_path / "queue.db"
+    mx.rcpt_replies["resume@example.org"] = ["451 4.3.2 System not accepting", "250 2.1.5 OK"]
+    first = mailstrom(store=SQLiteStore(path))
+    mid = first.send_email(hello("resume@example.org"))
+    results.wait_count(1)
+    first.stop(timeout=5)
+    first.store.close()
+    assert mx.messages == []
+
+    clock.advance(timedelta(hours=1))
+    second = mailstrom(store=SQLiteStore(path))
+    results.wait_count(2)
+    r = second.query_status(mid).recipient("resume@example.org")
+    assert r.state is DELIVERED and r.attempts == 2
+    assert len(mx.wait_for_messages(1)) == 1
+
+
+def test_unknown_id_raises_typed_error(mailstrom: MakeMailstrom) -> None:
+    ms = mailstrom()
+    with pytest.raises(UnknownMessage):
+        ms.query_status("no-such-id")
+
+
+def test_send_email_does_not_wait_on_the_network(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.stall_on = "greeting"
+    ms = mailstrom(timeouts=Timeouts(connect=1, greeting=1))
+    ids = [ms.send_email(hello(f"q{i}@example.org")) for i in range(3)]
+    # Returned while the server stalls: every message is queued, none final yet.
+    assert all(not ms.query_status(i).is_final for i in ids)
+    results.wait_count(3, timeout=10)
+
+
+def test_start_error_is_raised_in_the_callers_thread() -> None:
+    class BrokenStore(MemoryStore):
+        def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+            raise RuntimeError("cannot listen")
+
+    ms = Mailstrom(Config(helo_name="client.test"), store=BrokenStore())
+    with pytest.raises(WorkerError, match="cannot listen"):
+        ms.start()
+    assert not ms.worker_status.running
+
+
+def test_worker_status_reports_a_dead_worker(clock: FakeClock) -> None:
+    class DyingStore(MemoryStore):
+        def lease(self, **kwargs: Any) -> Any:
+            raise RuntimeError("disk on fire")
+
+    ms = Mailstrom(Config(helo_name="client.test"), store=DyingStore(), clock=clock)
+    ms.start()
+    try:
+        assert ms.worker.wait_stopped(timeout=5)
+        status = ms.worker_status
+        assert status.dead and "disk on fire" in (status.error or "")
+    finally:
+        ms.stop()
