@@ -21,7 +21,7 @@ system-deps:
 	@scripts/ensure-system-deps postgres
 
 demo: $(STAMP)
-	$(PY) -m mailstrom.demo
+	PYTHONPATH=. $(PY) examples/demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
