@@ -1,0 +1,331 @@
+"""``mailstrom check DOMAIN``: what delivery to a domain would do, step by step.
+
+It resolves the domain as the worker does, connects to every address of every MX host on the
+configured SMTP port, reports EHLO capabilities, STARTTLS and the certificate (verified with
+the configured trust), says whether the TLS policy would let mail through, and checks that
+the HELO name has forward (A/AAAA) and reverse (PTR) DNS that agree, as receivers expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from mailstrom.cli.context import settings_from
+from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
+from mailstrom.cli.output import print_json
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.config import Config, TLSPolicy
+from mailstrom.errors import DeliveryError, PermanentFailure
+from mailstrom.routing import Route, Router, make_resolver
+from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
+
+EPILOG = """\
+examples:
+  mailstrom check example.org
+  mailstrom check --json example.org | jq '.hosts[].addresses[].verdict'
+  mailstrom check --smtp-port 2525 --dns-server 127.0.0.1:5353 test.example
+
+exit code: 0 when at least one address would accept a connection under the TLS
+policy, 69 when none would (or the domain takes no mail), 75 on a temporary DNS failure.
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check",
+        parents=parents,
+        help="show how mail to a domain would be delivered",
+        description="Resolve DOMAIN's MX hosts, connect to each address, and report EHLO "
+        "capabilities, STARTTLS, TLS version and certificate, what the TLS policy would "
+        "do, and whether the HELO name's forward and reverse DNS match. Sends no mail.",
+        epilog=EPILOG,
+    )
+    p.add_argument("domain", help="recipient domain (the part after @)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=check_command)
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class AddressReport:
+    ip: str
+    port: int
+    connected: bool = False
+    error: str | None = None
+    extensions: dict[str, str] = field(default_factory=dict)
+    starttls: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    certificate_verified: bool | None = None
+    certificate: dict[str, Any] | None = None
+    certificate_error: str | None = None
+    verdict: str = ""
+    usable: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class HostReport:
+    name: str
+    preference: int
+    addresses: list[AddressReport]
+
+
+@dataclass(slots=True, kw_only=True)
+class HeloReport:
+    name: str
+    addresses: list[str] = field(default_factory=list)
+    error: str | None = None
+    ptr: dict[str, list[str]] = field(default_factory=dict)
+    forward_confirmed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckReport:
+    domain: str
+    smtp_port: int
+    tls_policy: str
+    relay: str | None = None
+    implicit_mx: bool = False
+    dns_error: str | None = None
+    dns_permanent: bool = False
+    hosts: list[HostReport] = field(default_factory=list)
+    helo: HeloReport | None = None
+
+    @property
+    def deliverable(self) -> bool:
+        return any(a.usable for h in self.hosts for a in h.addresses)
+
+
+# --- probing -----------------------------------------------------------------------------
+
+
+def _certificate(conn: SMTPConnection) -> dict[str, Any] | None:
+    cert = conn.peer_certificate
+    if not cert:
+        return None
+
+    def name(rdns: Any) -> str:
+        return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+
+    not_after = cert.get("notAfter")
+    expires = datetime.fromtimestamp(_cert_time(not_after), UTC).isoformat() if not_after else None
+    return {
+        "subject": name(cert.get("subject", ())),
+        "issuer": name(cert.get("issuer", ())),
+        "names": [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"],
+        "expires": expires,
+    }
+
+
+def _cert_time(text: str) -> float:
+    import ssl
+
+    return float(ssl.cert_time_to_seconds(text))
+
+
+async def _open(config: Config, host: str, ip: str, mode: StartTLS) -> SMTPConnection:
+    return await SMTPConnection.open(
+        host=host,
+        ip=ip,
+        port=config.smtp_port,
+        helo_name=config.helo_name,
+        timeouts=config.timeouts,
+        starttls=mode,
+        tls_context=config.tls_context,
+        source_address=config.source_address,
+    )
+
+
+async def probe(config: Config, host: str, ip: str) -> AddressReport:
+    """Connect in plaintext for the capabilities, then with STARTTLS to judge TLS."""
+    report = AddressReport(ip=ip, port=config.smtp_port)
+    try:
+        plain = await _open(config, host, ip, StartTLS.NEVER)
+    except DeliveryError as exc:
+        report.error = str(exc)
+        report.verdict = f"would defer: {exc}"
+        return report
+    report.connected = True
+    report.extensions = dict(plain.extensions)
+    report.starttls = "STARTTLS" in plain.extensions
+    await plain.close()
+    if report.starttls:
+        await _probe_tls(config, host, ip, report)
+    report.verdict, report.usable = _verdict(config.tls, report)
+    return report
+
+
+async def _probe_tls(config: Config, host: str, ip: str, report: AddressReport) -> None:
+    try:
+        conn = await _open(config, host, ip, StartTLS.VERIFY)
+        report.certificate_verified = True
+        report.certificate = _certificate(conn)
+    except TLSVerifyError as exc:
+        report.certificate_verified = False
+        report.certificate_error = str(exc)
+        try:  # the handshake itself may work: report what it negotiates
+            conn = await _open(config, host, ip, StartTLS.REQUIRED)
+        except DeliveryError as again:
+            report.error = str(again)
+            return
+    except DeliveryError as exc:
+        report.error = str(exc)
+        return
+    report.tls_version, report.tls_cipher = conn.tls_version, conn.tls_cipher
+    report.extensions = dict(conn.extensions)  # what the server offers over TLS
+    await conn.close()
+
+
+def _verdict(policy: TLSPolicy, r: AddressReport) -> tuple[str, bool]:
+    """What delivery under ``policy`` would do with this address."""
+    tls_works = r.tls_version is not None
+    if policy is TLSPolicy.VERIFY and not r.certificate_verified:
+        why = r.certificate_error or r.error or "STARTTLS not offered"
+        return f"would defer (tls=verify): {why}", False
+    if policy is TLSPolicy.REQUIRED and not tls_works:
+        return f"would defer (tls=required): {r.error or 'STARTTLS not offered'}", False
+    if tls_works:
+        return "would deliver over TLS", True
+    if r.starttls:
+        return "would deliver in plaintext (TLS handshake failed)", True
+    return "would deliver in plaintext (no STARTTLS)", True
+
+
+async def check_helo(config: Config) -> HeloReport:
+    """Forward-confirmed reverse DNS of the HELO name (FCrDNS)."""
+    report = HeloReport(name=config.helo_name)
+    resolver = make_resolver(config.dns)
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(config.helo_name, rdtype)
+            report.addresses.extend(r.to_text() for r in answer)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            continue
+        except dns.exception.DNSException as exc:
+            report.error = f"{rdtype} lookup failed: {exc}"
+    if not report.addresses and report.error is None:
+        report.error = f"{config.helo_name} has no A or AAAA record"
+    wanted = config.helo_name.lower().rstrip(".")
+    for ip in report.addresses:
+        try:
+            answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
+            names = [r.to_text().rstrip(".").lower() for r in answer]
+        except dns.exception.DNSException:
+            names = []
+        report.ptr[ip] = names
+        if wanted in names:
+            report.forward_confirmed = True
+    return report
+
+
+async def run_check(config: Config, domain: str) -> CheckReport:
+    report = CheckReport(
+        domain=domain,
+        smtp_port=config.smtp_port,
+        tls_policy=config.tls.value,
+        relay=config.relay.host if config.relay else None,
+    )
+    route: Route | None = None
+    try:
+        route = await Router(config.dns).route(domain)
+    except DeliveryError as exc:
+        report.dns_error = str(exc)
+        report.dns_permanent = isinstance(exc, PermanentFailure)
+    helo = asyncio.create_task(check_helo(config))
+    if route is not None:
+        report.implicit_mx = route.implicit
+        for host in route.hosts:
+            addresses = await asyncio.gather(
+                *(probe(config, host.name, ip) for ip in host.addresses)
+            )
+            report.hosts.append(
+                HostReport(name=host.name, preference=host.preference, addresses=list(addresses))
+            )
+    report.helo = await helo
+    return report
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def check_command(args: argparse.Namespace) -> int:
+    config = settings_from(args).config
+    report = asyncio.run(run_check(config, args.domain))
+    if args.json:
+        print_json(report)
+    else:
+        print_report(report)
+    if report.deliverable:
+        return EX_OK
+    if report.dns_error is not None and not report.dns_permanent:
+        return EX_TEMPFAIL
+    return EX_UNAVAILABLE
+
+
+def print_report(r: CheckReport) -> None:
+    print(f"Domain {r.domain} (SMTP port {r.smtp_port}, TLS policy {r.tls_policy})")
+    if r.relay:
+        print(f"  note: a relay is configured; the worker sends everything to {r.relay}")
+    if r.dns_error is not None:
+        kind = "permanent" if r.dns_permanent else "temporary"
+        print(f"  DNS: {kind} failure: {r.dns_error}")
+    elif r.implicit_mx:
+        print("  no MX records: the domain's own addresses stand in (implicit MX)")
+    for h in r.hosts:
+        print(f"\nMX {h.preference} {h.name}")
+        for a in h.addresses:
+            where = f"[{a.ip}]:{a.port}" if _is_v6(a.ip) else f"{a.ip}:{a.port}"
+            print(f"  {where}")
+            if not a.connected:
+                print(f"    connect:     failed: {a.error}")
+            else:
+                caps = " ".join(k if not v else f"{k}={v}" for k, v in sorted(a.extensions.items()))
+                print(f"    EHLO:        {caps or '(none)'}")
+                print(f"    STARTTLS:    {'offered' if a.starttls else 'not offered'}")
+                if a.tls_version:
+                    print(f"    TLS:         {a.tls_version} {a.tls_cipher or ''}".rstrip())
+                elif a.starttls and a.error:
+                    print(f"    TLS:         failed: {a.error}")
+                if a.certificate_verified and a.certificate:
+                    c = a.certificate
+                    print(f"    certificate: verified; subject {c['subject']}")
+                    print(f"                 issuer {c['issuer']}; expires {c['expires']}")
+                    if c["names"]:
+                        print(f"                 names {', '.join(c['names'])}")
+                elif a.certificate_verified:
+                    print("    certificate: verified")
+                elif a.certificate_error:
+                    print(f"    certificate: NOT verified: {a.certificate_error}")
+            print(f"    verdict:     {a.verdict}")
+    if r.helo is not None:
+        h2 = r.helo
+        print(f"\nHELO name {h2.name}")
+        print(f"  A/AAAA:      {', '.join(h2.addresses) or '-'}")
+        for ip, names in h2.ptr.items():
+            print(f"  PTR {ip}: {', '.join(names) or '(none)'}")
+        if h2.error:
+            print(f"  problem:     {h2.error}")
+        verdict = (
+            "forward and reverse DNS match"
+            if h2.forward_confirmed
+            else ("forward and reverse DNS do not match; some receivers will refuse or score mail")
+        )
+        print(f"  verdict:     {verdict}")
+
+
+def _is_v6(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).version == 6
+    except ValueError:
+        return False

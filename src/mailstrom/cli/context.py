@@ -1,0 +1,98 @@
+"""What every command starts from: settings from the global options, and the store."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from mailstrom.settings import Settings, load_settings, parse_dns_servers
+from mailstrom.stores.base import Store
+
+GLOBAL_VALUE_OPTIONS = frozenset(
+    ["--config", "--store", "--helo-name", "--smtp-port", "--dns-server", "--tls", "--tls-ca"]
+)
+"""Global options that take a value (the sendmail dispatch skips over them)."""
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """Options accepted before or after the subcommand name.
+
+    Defaults are SUPPRESS so that a value given before the subcommand is not overwritten
+    by the subparser's default when it is not repeated after it.
+    """
+    s = argparse.SUPPRESS
+    g = parser.add_argument_group("configuration (override the file and MAILSTROM_* variables)")
+    g.add_argument("--config", metavar="PATH", default=s, help="TOML configuration file")
+    g.add_argument(
+        "--store", metavar="URL", default=s, help="queue store (default sqlite:///mailstrom.db)"
+    )
+    g.add_argument("--helo-name", metavar="NAME", default=s, help="name sent in EHLO")
+    g.add_argument("--smtp-port", metavar="PORT", default=s, help="port of MX hosts (25)")
+    g.add_argument(
+        "--dns-server",
+        metavar="HOST[:PORT]",
+        action="append",
+        default=s,
+        help="DNS server for MX lookups (repeatable; default: the system's)",
+    )
+    g.add_argument(
+        "--tls",
+        choices=["opportunistic", "required", "verify"],
+        default=s,
+        help="STARTTLS policy towards MX hosts",
+    )
+    g.add_argument(
+        "--tls-ca", metavar="FILE", default=s, help="PEM CA bundle for certificate checks"
+    )
+    g.add_argument(
+        "--traceback",
+        action="store_true",
+        default=s,
+        help="on an internal error, show the traceback (for bug reports)",
+    )
+
+
+def global_parser() -> argparse.ArgumentParser:
+    """A parser of the global options alone (a parent for every subcommand)."""
+    from mailstrom.cli.parsing import ArgumentParser
+
+    parser = ArgumentParser(add_help=False)
+    add_global_options(parser)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Load file < environment < these options."""
+    overrides: dict[str, Any] = {
+        "store": getattr(args, "store", None),
+        "helo_name": getattr(args, "helo_name", None),
+        "smtp_port": getattr(args, "smtp_port", None),
+        "tls": getattr(args, "tls", None),
+        "tls_ca": getattr(args, "tls_ca", None),
+    }
+    servers = getattr(args, "dns_server", None)
+    if servers:
+        overrides.update(parse_dns_servers(servers))
+    return load_settings(config_path=getattr(args, "config", None), overrides=overrides)
+
+
+def open_store(url: str) -> Store:
+    from mailstrom.stores import open_store as open_url
+
+    return open_url(url)
+
+
+@contextlib.contextmanager
+def store_from(settings: Settings) -> Iterator[Store]:
+    store = open_store(settings.store_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,76 @@
+"""``mailstrom db migrate``: bring the store's schema up to date."""
+
+from __future__ import annotations
+
+import argparse
+
+from mailstrom.cli.context import settings_from
+from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.output import print_json
+from mailstrom.cli.parsing import Subparsers
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    db = sub.add_parser(
+        "db",
+        help="store maintenance",
+        description="Store maintenance.",
+    )
+    actions = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    m = actions.add_parser(
+        "migrate",
+        parents=parents,
+        help="apply schema migrations and print the schema version",
+        description="Apply the store's pending schema migrations and print the schema "
+        "version. Safe to run repeatedly and while workers run; SQLite stores also "
+        "migrate themselves when opened.",
+        epilog="examples:\n  mailstrom db migrate --store sqlite:////var/lib/mailstrom/queue.db\n"
+        "  mailstrom db migrate --store postgresql://mailstrom@db.internal/mailstrom\n",
+    )
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(handler=migrate_command)
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    url = settings_from(args).store_url
+    version = migrate(url)
+    if args.json:
+        print_json({"store": redact(url), "schema_version": version})
+    elif version is None:
+        print(f"nothing to migrate: store {url} is not persistent")
+    else:
+        print(f"{redact(url)}: schema version {version}")
+    return EX_OK
+
+
+def migrate(url: str) -> int | None:
+    """Apply migrations; the resulting schema version (None for the memory store)."""
+    from mailstrom.stores.url import StoreKind, parse_store_url
+
+    parsed = parse_store_url(url)
+    if parsed.kind is StoreKind.POSTGRES:
+        from mailstrom.stores.postgres import migrate as pg_migrate
+
+        return pg_migrate(parsed.target)
+    if parsed.kind is StoreKind.SQLITE:
+        import sqlite3
+        from contextlib import closing
+
+        from mailstrom.stores.sqlite import SQLiteStore
+
+        SQLiteStore(parsed.target).close()  # migrates on open, as every worker does
+        # The SQLite store keeps its schema version in PRAGMA user_version.
+        with closing(sqlite3.connect(parsed.target)) as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        return int(version)
+    return None
+
+
+def redact(url: str) -> str:
+    """Hide a password in a database URL before printing it."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if sep and at and ":" in creds:
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,86 @@
+"""Exit codes (sysexits.h, as sendmail uses them) and the one place errors become them.
+
+Every failure the user can cause ends as one line on stderr, ``mailstrom: <reason>``, and
+the code below — never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mailstrom.errors import (
+    ConfigError,
+    InvalidMessage,
+    InvalidStoreURL,
+    MailstromError,
+    StoreError,
+    UnknownMessage,
+)
+
+EX_OK = 0
+EX_USAGE = 64
+"""Bad command line: unknown option, missing argument."""
+EX_DATAERR = 65
+"""Bad input data: an invalid address or message."""
+EX_NOINPUT = 66
+"""An input file cannot be read, or an unknown message id."""
+EX_UNAVAILABLE = 69
+"""``send --wait``: some recipient failed permanently."""
+EX_SOFTWARE = 70
+"""A bug in mailstrom."""
+EX_TEMPFAIL = 75
+"""Try again later: the store is unreachable, or (``send --wait``) mail is still pending."""
+EX_CONFIG = 78
+"""Bad configuration file, environment variable or store URL."""
+
+
+class CLIError(MailstromError):
+    """A failure the command itself detects, with its exit code."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class UsageError(CLIError):
+    """The command line is wrong (raised by our ArgumentParser instead of exiting)."""
+
+    def __init__(self, reason: str, usage: str = "") -> None:
+        super().__init__(reason, EX_USAGE)
+        self.usage = usage
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for an error that reached the top of a command."""
+    if isinstance(exc, CLIError):
+        return exc.code
+    if isinstance(exc, ConfigError | InvalidStoreURL):
+        return EX_CONFIG
+    if isinstance(exc, InvalidMessage):
+        return EX_DATAERR
+    if isinstance(exc, UnknownMessage):
+        return EX_NOINPUT
+    if isinstance(exc, StoreError):
+        return EX_TEMPFAIL
+    return EX_SOFTWARE
+
+
+def reason_for(exc: BaseException) -> str:
+    """One line saying what went wrong."""
+    if isinstance(exc, UnknownMessage):
+        return f"unknown message id: {exc.message_id}"
+    if isinstance(exc, MailstromError):
+        text = str(exc)
+    else:
+        text = f"internal error: {type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def fail(exc: BaseException, prog: str = "mailstrom") -> int:
+    """Print ``prog: reason`` on stderr and return the exit code."""
+    sys.stderr.write(f"{prog}: {reason_for(exc)}\n")
+    return exit_code_for(exc)

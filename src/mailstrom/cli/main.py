@@ -1,0 +1,120 @@
+"""The ``mailstrom`` command: argument parsing, dispatch, and errors turned into exit codes.
+
+Invoked under the name ``sendmail`` (a symlink), it behaves as ``mailstrom sendmail``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from mailstrom.cli import sendmail
+from mailstrom.cli.check import register as register_check
+from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
+from mailstrom.cli.db import register as register_db
+from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail
+from mailstrom.cli.manage import register as register_manage
+from mailstrom.cli.parsing import ArgumentParser
+from mailstrom.cli.send import register as register_send
+from mailstrom.cli.views import register as register_views
+from mailstrom.cli.worker import register as register_worker
+
+DESCRIPTION = """\
+Queue email durably and deliver it straight to each recipient's MX servers.
+
+Settings come from a TOML file (--config, ./mailstrom.toml,
+$XDG_CONFIG_HOME/mailstrom/config.toml or /etc/mailstrom/config.toml), then
+MAILSTROM_* environment variables, then options; see docs/cli.md.
+"""
+
+EPILOG = """\
+examples:
+  mailstrom send --from app@example.com --to bob@example.org --subject Hi --text Hello
+  mailstrom worker                        # deliver until SIGTERM/SIGINT
+  mailstrom status 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
+  mailstrom queue --state deferred
+  mailstrom check example.org
+  printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
+
+exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
+input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
+75 try again later (store unavailable; send --wait: still pending), 78 bad configuration.
+"""
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> ArgumentParser:
+    """The whole command tree; global options work before or after the subcommand."""
+    parser = ArgumentParser(prog="mailstrom", description=DESCRIPTION, epilog=EPILOG)
+    add_global_options(parser)
+    common = global_parser()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in (
+        register_send,
+        sendmail.register,
+        register_views,
+        register_manage,
+        register_worker,
+        register_check,
+        register_db,
+    ):
+        register(sub, [common])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return its exit code (the console script passes it to exit)."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "sendmail":
+            return sendmail.main(argv)
+    parser = build_parser()
+    try:
+        split = _split_sendmail(argv)
+        if split is not None:
+            head, rest = split
+            return sendmail.main(rest, defaults=global_parser().parse_args(head))
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        sys.stderr.write(exc.usage)
+        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        return EX_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EX_OK
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (head, less) went away; that is not an error worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
+    except Exception as exc:
+        code = fail(exc)
+        if code == EX_SOFTWARE and getattr(args, "traceback", False):
+            raise
+        return code
+
+
+def _split_sendmail(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """``[global options] sendmail ARGS`` → (global options, ARGS), else None.
+
+    sendmail's flags (``-t``, ``-oi``, ``-fADDR``) are not argparse's, so the sendmail
+    command parses its own arguments rather than being a normal subparser.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "sendmail":
+            return argv[:i], argv[i + 1 :]
+        if arg in GLOBAL_VALUE_OPTIONS:
+            i += 2
+        elif arg.startswith("--"):
+            i += 1
+        else:
+            return None
+    return None

@@ -1,0 +1,109 @@
+"""Printing data: rich tables on a terminal, plain aligned columns in pipes, JSON for scripts.
+
+Plain output is for ``grep``/``awk``: one row per line, columns separated by two or more
+spaces, empty cells shown as ``-`` so every row has every column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+
+def is_tty(stream: TextIO | None = None) -> bool:
+    stream = sys.stdout if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, enums, datetimes and timedeltas → JSON-ready values (recursively)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict):
+        return {str(to_jsonable(k)): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def print_json(value: Any, stream: TextIO | None = None) -> None:
+    stream = sys.stdout if stream is None else stream
+    json.dump(to_jsonable(value), stream, indent=2, ensure_ascii=False)
+    stream.write("\n")
+
+
+def cell(value: Any) -> str:
+    """One table cell: times in UTC to the second, empty as ``-``."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return " ".join(str(value).split())  # one line per row, whatever the reply said
+
+
+def age(since: datetime, now: datetime) -> str:
+    """A compact age like ``45s``, ``12m``, ``3h``, ``2d``."""
+    seconds = max(0, int((now - since).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    title: str | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """A table: rich when ``stream`` is a terminal, aligned plain text otherwise."""
+    stream = sys.stdout if stream is None else stream
+    cells = [[cell(v) for v in row] for row in rows]
+    if is_tty(stream):
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", header_style="bold")
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        Console(file=stream).print(table)
+        return
+    if title:
+        stream.write(title + "\n")
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    for row in [list(headers), *cells]:
+        padded = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        stream.write("  ".join(padded).rstrip() + "\n")
+
+
+def print_fields(pairs: Sequence[tuple[str, Any]], stream: TextIO | None = None) -> None:
+    """``Label:  value`` lines, labels aligned."""
+    stream = sys.stdout if stream is None else stream
+    width = max(len(label) for label, _ in pairs) + 1
+    for label, value in pairs:
+        stream.write(f"{label + ':':<{width}}  {cell(value)}\n")

@@ -1,0 +1,240 @@
+"""``mailstrom send``: build (or read) a message, queue it, and optionally wait for delivery."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import mimetypes
+import sys
+from pathlib import Path
+
+from mailstrom.cli.context import open_store, settings_from, utc_now
+from mailstrom.cli.exits import (
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    CLIError,
+    UsageError,
+)
+from mailstrom.cli.output import print_json
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.views import print_message
+from mailstrom.client.common import prepare_for
+from mailstrom.config import Config
+from mailstrom.message import Attachment, Email
+from mailstrom.runtime.worker import Worker
+from mailstrom.status import MessageStatus, RecipientState
+from mailstrom.stores.base import RecipientResult, Store
+
+EPILOG = """\
+examples:
+  mailstrom send --from "App <app@example.com>" --to bob@example.org \\
+      --subject "Report" --text-file report.txt --attach report.pdf
+  mailstrom send --from app@example.com --to bob@example.org --bcc audit@example.com \\
+      --subject Hi --text Hello --header "X-Campaign: spring" --wait --timeout 30
+  mailstrom send --file message.eml                   # recipients from To/Cc/Bcc
+  cat message.eml | mailstrom send --file - --to bob@example.org   # explicit envelope
+
+Prints the message id. With --wait, runs a worker in this process until every recipient
+is delivered or failed, or until --timeout, then shows each recipient's state.
+
+exit codes with --wait: 0 all delivered, 69 a recipient failed, 75 some still pending.
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "send",
+        parents=parents,
+        help="queue a message (built from options, or a raw file)",
+        description="Queue one message for delivery and print its id. Build it from "
+        "options, or give a complete RFC 5322 message with --file. Invalid input is "
+        "rejected before anything is queued.",
+        epilog=EPILOG,
+    )
+    build = p.add_argument_group("building the message")
+    build.add_argument("--from", dest="from_", metavar="ADDR", help="From header")
+    build.add_argument("--to", action="append", default=[], metavar="ADDR", help="repeatable")
+    build.add_argument("--cc", action="append", default=[], metavar="ADDR", help="repeatable")
+    build.add_argument(
+        "--bcc", action="append", default=[], metavar="ADDR", help="repeatable; never shown"
+    )
+    build.add_argument("--reply-to", action="append", default=[], metavar="ADDR")
+    build.add_argument("--subject", default="", help="Subject header")
+    body = build.add_mutually_exclusive_group()
+    body.add_argument("--text", help="plain-text body")
+    body.add_argument("--text-file", metavar="PATH", help="plain-text body from a file (- stdin)")
+    build.add_argument("--html-file", metavar="PATH", help="HTML body from a file")
+    build.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="attach a file (repeatable; type guessed from its name)",
+    )
+    build.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar='"NAME: VALUE"',
+        help="extra header (repeatable)",
+    )
+    raw = p.add_argument_group("sending a complete message")
+    raw.add_argument(
+        "--file",
+        metavar="PATH",
+        help="raw RFC 5322 message (- for stdin); --from/--to/--cc/--bcc then set the envelope",
+    )
+    p.add_argument("--hold", action="store_true", help="queue it held (release to deliver)")
+    p.add_argument("--wait", action="store_true", help="deliver now and wait for the outcome")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --wait: give up waiting after S seconds (default 60)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=send_command)
+
+
+# --- reading input -----------------------------------------------------------------------
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes (``-`` is stdin); unreadable → EX_NOINPUT."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}", EX_NOINPUT) from None
+
+
+def read_text(path: str) -> str:
+    try:
+        return read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"{path} is not UTF-8 text", EX_DATAERR) from None
+
+
+def attachment(path: str) -> Attachment:
+    content_type, encoding = mimetypes.guess_type(path, strict=False)
+    if content_type is None or encoding is not None:
+        # A compressed file (report.csv.gz) is sent as what it is: opaque bytes.
+        content_type = "application/octet-stream"
+    return Attachment(filename=Path(path).name, content=read_bytes(path), content_type=content_type)
+
+
+def headers(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, colon, text = value.partition(":")
+        if not colon or not name.strip():
+            raise UsageError(f"--header expects 'Name: value', got {value!r}")
+        out[name.strip()] = text.strip()
+    return out
+
+
+def build_email(args: argparse.Namespace) -> Email:
+    if not args.from_:
+        raise UsageError("--from is required (or give a complete message with --file)")
+    text = args.text
+    if args.text_file is not None:
+        text = read_text(args.text_file)
+    return Email(
+        from_=args.from_,
+        to=args.to,
+        cc=args.cc,
+        bcc=args.bcc,
+        reply_to=args.reply_to,
+        subject=args.subject,
+        text=text,
+        html=read_text(args.html_file) if args.html_file else None,
+        attachments=[attachment(path) for path in args.attach],
+        headers=headers(args.header),
+    )
+
+
+_BUILDER_ONLY = ("subject", "text", "text_file", "html_file", "attach", "header", "reply_to")
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def send_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    now = utc_now()
+    if args.file is not None:
+        given = [f"--{n.replace('_', '-')}" for n in _BUILDER_ONLY if getattr(args, n)]
+        if given:
+            raise UsageError(f"--file takes a complete message; drop {', '.join(given)}")
+        envelope_to = [*args.to, *args.cc, *args.bcc] or None
+        prepared = prepare_for(
+            settings.config,
+            read_bytes(args.file),
+            envelope_from=args.from_,
+            envelope_to=envelope_to,
+            now=now,
+        )
+    else:
+        prepared = prepare_for(
+            settings.config, build_email(args), envelope_from=None, envelope_to=None, now=now
+        )
+    store = open_store(settings.store_url)
+    try:
+        message_id = store.enqueue(prepared, now=now, hold=args.hold)
+        if not args.wait:
+            if args.json:
+                print_json({"id": message_id, "recipients": prepared.recipients})
+            else:
+                print(message_id)
+            return EX_OK
+        if not args.json:
+            print(message_id, flush=True)
+        asyncio.run(deliver_and_wait(settings.config, store, message_id, wait_for=args.timeout))
+        status = store.status(message_id)
+    finally:
+        store.close()
+    if args.json:
+        print_json(status)
+    else:
+        print()
+        print_message(status, utc_now())
+    return wait_exit_code(status)
+
+
+async def deliver_and_wait(
+    config: Config, store: Store, message_id: str, *, wait_for: float
+) -> None:
+    """Run a worker until every recipient of ``message_id`` is final, or ``wait_for`` seconds."""
+    pending = {r.address for r in store.status(message_id).recipients if not r.state.is_final}
+    finished = asyncio.Event()
+    if not pending:
+        finished.set()
+
+    def on_result(result: RecipientResult) -> None:
+        if result.message_id == message_id and result.state.is_final:
+            pending.discard(result.address)
+            if not pending:
+                finished.set()
+
+    worker = Worker(config, store, on_result=on_result)
+    running = asyncio.create_task(worker.run())
+    waiting = asyncio.create_task(finished.wait())
+    await asyncio.wait({running, waiting}, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    # Done: let other in-flight work finish briefly. Timed out: give it back now.
+    worker.request_stop(drain_timeout=5.0 if finished.is_set() else 0.0)
+    await running  # re-raises a worker crash; results are recorded before it returns
+
+
+def wait_exit_code(status: MessageStatus) -> int:
+    states = [r.state for r in status.recipients]
+    if RecipientState.FAILED in states:
+        return EX_UNAVAILABLE
+    if any(not s.is_final for s in states):
+        return EX_TEMPFAIL
+    return EX_OK

@@ -1,0 +1,242 @@
+"""``mailstrom sendmail``: a drop-in for ``/usr/sbin/sendmail`` as programs call it.
+
+It reads one message on stdin and only enqueues it (a ``mailstrom worker`` delivers), exiting
+with sendmail's codes (sysexits). Flags follow Sendmail 8 and Postfix's ``sendmail(1)``;
+options end at the first recipient argument, as with getopt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import formataddr, getaddresses
+from typing import BinaryIO
+
+from mailstrom.cli.context import settings_from, store_from, utc_now
+from mailstrom.cli.exits import EX_NOINPUT, EX_OK, EX_USAGE, CLIError, UsageError, fail
+from mailstrom.cli.parsing import Subparsers
+
+HELP = """\
+usage: mailstrom sendmail [-t] [-i] [-f ADDR] [-F NAME] [options] [RECIPIENT ...]
+       sendmail [same]                 (installed as a symlink named "sendmail")
+
+Read one RFC 5322 message on standard input and queue it for delivery; a running
+"mailstrom worker" delivers it. Prints nothing on success.
+
+  -t              recipients also from the To, Cc and Bcc headers (Bcc is never sent)
+  -f ADDR, -r ADDR
+                  envelope sender (default: taken from the From header)
+  -F NAME         full name for the From header, when the message has none
+  -i, -oi         a line with a single dot does not end the message
+  --config PATH   mailstrom configuration file
+  --store URL     queue store (default: from the configuration)
+  --help          show this help
+
+Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
+-m -Am -Ac -d*, and -B -C -N -R -V -X -L -O -h -p with their value.
+
+exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
+70 internal error, 75 store unavailable (try again), 78 bad configuration.
+"""
+
+_FLAGS = frozenset("timnvUG")
+"""Single-letter flags without a value (may be clustered: ``-ti``)."""
+_IGNORED_WITH_VALUE = frozenset("BCNRVXLOhp")
+"""Options whose value is accepted (attached or next argument) and ignored."""
+_UNSUPPORTED_MODES = {
+    "bp": "use `mailstrom queue`",
+    "bs": "SMTP on stdin is not supported",
+    "bd": "run `mailstrom worker` instead",
+    "bD": "run `mailstrom worker` instead",
+    "bi": "there are no aliases",
+    "bv": "use `mailstrom check DOMAIN`",
+    "q": "run `mailstrom worker --once`",
+}
+
+
+@dataclass(slots=True)
+class SendmailArgs:
+    extract: bool = False
+    sender: str | None = None
+    full_name: str | None = None
+    ignore_dots: bool = False
+    recipients: list[str] = field(default_factory=list)
+    config: str | None = None
+    store: str | None = None
+    help: bool = False
+
+
+def parse_args(argv: Sequence[str]) -> SendmailArgs:
+    """sendmail's command line → :class:`SendmailArgs`; UsageError on nonsense."""
+    args = SendmailArgs()
+    i = 0
+
+    def value(arg: str, letter: str) -> str:
+        # "-fADDR" or "-f ADDR".
+        nonlocal i
+        attached = arg[1 + len(letter) :]
+        if attached:
+            return attached
+        i += 1
+        if i >= len(argv):
+            raise UsageError(f"option -{letter} requires an argument")
+        return argv[i]
+
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg.startswith("--"):
+            name, eq, val = arg[2:].partition("=")
+            if name == "help":
+                args.help = True
+            elif name in ("config", "store"):
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise UsageError(f"option --{name} requires an argument")
+                    val = argv[i]
+                setattr(args, name, val)
+            else:
+                raise UsageError(f"unknown option {arg}")
+        elif not arg.startswith("-") or arg == "-":
+            break
+        else:
+            letter = arg[1]
+            mode = arg[1:3] if letter == "b" else letter
+            if mode in _UNSUPPORTED_MODES:
+                raise UsageError(f"-{arg[1:]} is not supported: {_UNSUPPORTED_MODES[mode]}")
+            if letter in ("f", "r"):
+                args.sender = value(arg, letter)
+            elif letter == "F":
+                args.full_name = value(arg, letter)
+            elif letter == "o":
+                # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
+                if arg[2:3] == "i":
+                    args.ignore_dots = arg[3:].lower() not in ("false", "f", "0")
+            elif letter in _IGNORED_WITH_VALUE:
+                value(arg, letter)
+            elif letter in ("b", "d", "A", "e"):
+                pass  # -bm (the default mode), -d debug, -Am/-Ac, -e error mode
+            elif all(c in _FLAGS for c in arg[1:]):
+                args.extract = args.extract or "t" in arg
+                args.ignore_dots = args.ignore_dots or "i" in arg
+            else:
+                raise UsageError(f"unknown option {arg}")
+        i += 1
+    args.recipients.extend(argv[i:])
+    return args
+
+
+def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
+    """The message on ``stream``: to end of input, or (without -i) to a lone ``.`` line."""
+    if ignore_dots:
+        data = stream.read()
+    else:
+        lines: list[bytes] = []
+        for line in stream:
+            if line.rstrip(b"\r\n") == b".":
+                break
+            lines.append(line)
+        data = b"".join(lines)
+    # An mbox "From " separator line (not a header) is dropped, as sendmail does.
+    if data.startswith(b"From "):
+        data = data.partition(b"\n")[2]
+    return data
+
+
+def header_recipients(data: bytes) -> list[str]:
+    """Addresses in the To, Cc and Bcc headers (for -t)."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(data)
+    values = [str(v) for name in ("To", "Cc", "Bcc") for v in headers.get_all(name, [])]
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
+def has_from(data: bytes) -> bool:
+    return BytesHeaderParser(policy=compat32).parsebytes(data)["From"] is not None
+
+
+def build(data: bytes, args: SendmailArgs, *, default_domain: str) -> tuple[bytes, list[str]]:
+    """The message bytes (with a From header added if missing) and the envelope recipients."""
+    if not data.strip():
+        raise CLIError("no message on standard input", EX_NOINPUT)
+    if not has_from(data):
+        address = args.sender or f"{getpass.getuser()}@{default_domain}"
+        line = "From: " + formataddr((args.full_name or "", address), charset="utf-8")
+        newline = b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
+        data = line.encode("ascii") + newline + data
+    recipients = [a for text in args.recipients for a in _argument_addresses(text)]
+    if args.extract:
+        recipients = header_recipients(data) + recipients
+    if not recipients:
+        hint = (
+            "no recipients in the To, Cc or Bcc headers"
+            if args.extract
+            else ("no recipients: name them as arguments, or use -t")
+        )
+        raise UsageError(hint)
+    return data, recipients
+
+
+def _argument_addresses(text: str) -> list[str]:
+    """A recipient argument may hold several addresses, with display names, as sendmail
+    allows ("bob@example.org, Carol <carol@example.org>"); unparsable text is kept as-is for
+    prepare() to reject with a precise reason."""
+    pairs = getaddresses([text])
+    if pairs and all(addr for _, addr in pairs):
+        return [addr for _, addr in pairs]
+    return [text]
+
+
+def main(argv: Sequence[str], *, defaults: argparse.Namespace | None = None) -> int:
+    """Run as sendmail; never raises (errors become sysexits codes)."""
+    try:
+        args = parse_args(argv)
+        if args.help:
+            sys.stdout.write(HELP)
+            return EX_OK
+        return _enqueue(args, defaults or argparse.Namespace())
+    except UsageError as exc:
+        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        return EX_USAGE
+    except Exception as exc:
+        return fail(exc)
+
+
+def _enqueue(args: SendmailArgs, defaults: argparse.Namespace) -> int:
+    from mailstrom.client.common import prepare_for
+
+    options = vars(defaults).copy()
+    if args.config is not None:
+        options["config"] = args.config
+    if args.store is not None:
+        options["store"] = args.store
+    settings = settings_from(argparse.Namespace(**options))
+    stdin = sys.stdin.buffer
+    data, recipients = build(
+        read_message(stdin, ignore_dots=args.ignore_dots),
+        args,
+        default_domain=settings.config.helo_name,
+    )
+    now = utc_now()
+    prepared = prepare_for(
+        settings.config, data, envelope_from=args.sender, envelope_to=recipients, now=now
+    )
+    with store_from(settings) as store:
+        store.enqueue(prepared, now=now)
+    return EX_OK
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    """Listed in ``mailstrom --help``; ``main`` dispatches to :func:`main` before argparse."""
+    sub.add_parser(
+        "sendmail",
+        add_help=False,
+        help="drop-in for /usr/sbin/sendmail: queue a message read on stdin",
+    )

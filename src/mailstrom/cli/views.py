@@ -1,0 +1,209 @@
+"""``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+
+from mailstrom.cli.context import settings_from, store_from, utc_now
+from mailstrom.cli.exits import EX_OK, UsageError
+from mailstrom.cli.output import age, print_fields, print_json, print_table
+from mailstrom.cli.parsing import Subparsers, duration_arg
+from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.stores.base import QueueFilter
+
+STATUS_EPILOG = """\
+examples:
+  mailstrom status 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
+  mailstrom status --history 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
+  mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].state'
+"""
+
+QUEUE_EPILOG = """\
+examples:
+  mailstrom queue                          # the 100 newest messages
+  mailstrom queue --state deferred --older-than 2h
+  mailstrom queue --domain example.org --limit 20
+  mailstrom queue --held
+  mailstrom queue --counts                 # recipients by state, pending by domain
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "status",
+        parents=parents,
+        help="show one message and each recipient's state",
+        description="Show where a message and each of its recipients stand: state, last "
+        "reply, MX host and address used, attempts and the next retry.",
+        epilog=STATUS_EPILOG,
+    )
+    p.add_argument("id", help="message id (as printed by send)")
+    p.add_argument("--history", action="store_true", help="also list every attempt")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=status_command)
+
+    q = sub.add_parser(
+        "queue",
+        parents=parents,
+        help="list queued messages, or count them",
+        description="List messages in the queue, newest first. Filters combine.",
+        epilog=QUEUE_EPILOG,
+    )
+    q.add_argument(
+        "--state",
+        choices=[s.value for s in RecipientState],
+        help="only messages in this state (a message's state is derived from its recipients)",
+    )
+    q.add_argument("--domain", help="only messages with a recipient at this domain")
+    q.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=duration_arg,
+        help="only messages queued more than AGE ago (30s, 15m, 2h, 3d)",
+    )
+    held = q.add_mutually_exclusive_group()
+    held.add_argument(
+        "--held", dest="held", action="store_const", const=True, help="only held messages"
+    )
+    held.add_argument(
+        "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
+    )
+    q.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    q.add_argument(
+        "--counts", action="store_true", help="recipients by state and pending ones by domain"
+    )
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=queue_command)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def status_command(args: argparse.Namespace) -> int:
+    with store_from(settings_from(args)) as store:
+        st = store.status(args.id)
+    if args.json:
+        print_json(st)
+        return EX_OK
+    print_message(st, utc_now(), history=args.history)
+    return EX_OK
+
+
+def print_message(st: MessageStatus, now: datetime, *, history: bool = False) -> None:
+    print_fields(
+        [
+            ("Message", st.id),
+            ("State", st.state),
+            ("From", st.envelope_from or "<>"),
+            ("Subject", st.subject),
+            ("Message-ID", st.header_message_id),
+            ("Queued", f"{st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)"),
+            ("Size", f"{st.size} bytes"),
+            ("Held", st.held),
+        ]
+    )
+    print()
+    print_table(
+        ["RECIPIENT", "STATE", "ATTEMPTS", "HOST", "IP", "TLS", "NEXT RETRY", "REPLY"],
+        [
+            [
+                r.address,
+                r.state.value + (" (uncertain)" if r.uncertain else ""),
+                r.attempts,
+                r.mx_host,
+                r.ip,
+                r.tls if r.attempts else None,
+                r.next_attempt_at if r.state is RecipientState.DEFERRED else None,
+                r.reason,
+            ]
+            for r in st.recipients
+        ],
+    )
+    if not history:
+        return
+    for r in st.recipients:
+        print()
+        if not r.history:
+            print(f"Attempts for {r.address}: none yet")
+            continue
+        print_table(
+            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "REPLY"],
+            [
+                [
+                    a.at,
+                    a.outcome.value + (" (uncertain)" if a.uncertain else ""),
+                    a.mx_host,
+                    a.ip,
+                    a.port,
+                    " ".join(filter(None, [a.tls_version, a.tls_cipher])) or None,
+                    f"{a.duration:.3f}",
+                    a.reason,
+                ]
+                for a in r.history
+            ],
+            title=f"Attempts for {r.address}",
+        )
+
+
+# --- queue -------------------------------------------------------------------------------
+
+
+def queue_command(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    with store_from(settings_from(args)) as store:
+        if args.counts:
+            stats = store.stats()
+            if args.json:
+                print_json(stats)
+            else:
+                print_counts(stats)
+            return EX_OK
+        where = QueueFilter(
+            state=RecipientState(args.state) if args.state else None,
+            domain=args.domain,
+            older_than=args.older_than,
+            held=args.held,
+            limit=args.limit,
+        )
+        now = utc_now()
+        messages = store.query(now=now, where=where)
+    if args.json:
+        print_json(messages)
+        return EX_OK
+    print_table(
+        ["ID", "STATE", "AGE", "FROM", "RCPTS", "SIZE", "HELD", "SUBJECT"],
+        [
+            [
+                m.id,
+                m.state,
+                age(m.created_at, now),
+                m.envelope_from or "<>",
+                _recipient_summary(m),
+                m.size,
+                m.held,
+                m.subject,
+            ]
+            for m in messages
+        ],
+    )
+    return EX_OK
+
+
+def _recipient_summary(m: MessageStatus) -> str:
+    if len(m.recipients) == 1:
+        return m.recipients[0].address
+    done = sum(r.state.is_final for r in m.recipients)
+    return f"{len(m.recipients)} ({done} final)"
+
+
+def print_counts(stats: QueueStats) -> None:
+    print_table(
+        ["STATE", "RECIPIENTS"],
+        [[s.value, stats.by_state.get(s, 0)] for s in RecipientState],
+        title=f"{stats.messages} message{'' if stats.messages == 1 else 's'}, {stats.held} held",
+    )
+    print()
+    pending = sorted(stats.pending_by_domain.items(), key=lambda kv: (-kv[1], kv[0]))
+    print_table(["DOMAIN", "PENDING"], pending, title="Pending recipients by domain")

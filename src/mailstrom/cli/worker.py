@@ -1,0 +1,125 @@
+"""``mailstrom worker``: deliver queued mail until SIGTERM/SIGINT (or, with --once, until
+nothing is due), logging one structured line per attempt."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections import deque
+
+from mailstrom.cli.context import open_store, settings_from
+from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.logs import configure_logging, log_attempt
+from mailstrom.cli.output import is_tty
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.signals import run_until_signalled
+from mailstrom.runtime.worker import Worker
+from mailstrom.stores.base import RecipientResult
+
+EPILOG = """\
+examples:
+  mailstrom worker                                  # until SIGTERM or Ctrl-C
+  mailstrom worker --once                           # deliver what is due, then exit
+  mailstrom worker --log-format json --no-live      # for systemd/journald or a collector
+  mailstrom worker --store postgresql://mailstrom@db/mailstrom   # one of many workers
+
+On SIGTERM or SIGINT the worker stops leasing, lets deliveries in flight finish for up to
+--drain-timeout seconds, and gives the rest back to the queue, due at once. A second signal
+stops at once (unfinished work is still given back).
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "worker",
+        parents=parents,
+        help="deliver queued mail",
+        description="Deliver queued mail: lease due recipients, send them to their MX hosts "
+        "(or the relay), and record each outcome. Logs one line per attempt on stderr. "
+        "Several workers may share a PostgreSQL store.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--once", action="store_true", help="exit when nothing is due")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds in-flight deliveries get to finish on stop (default 30)",
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="key=value or JSON lines"
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="least severe level logged (default info)",
+    )
+    p.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="no live view on a terminal; log lines only",
+    )
+    p.set_defaults(handler=worker_command)
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    live = args.live and is_tty()
+    level = getattr(logging, args.log_level.upper())
+    # Under the live view the attempts are on screen; the log shows only trouble.
+    configure_logging(args.log_format, level=max(level, logging.WARNING) if live else level)
+    store = open_store(settings.store_url)
+    try:
+        recent: deque[RecipientResult] = deque(maxlen=12)
+
+        def on_result(result: RecipientResult) -> None:
+            log_attempt(result)
+            recent.appendleft(result)
+
+        worker = Worker(settings.config, store, on_result=on_result)
+
+        def on_started() -> None:
+            # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.
+            logging.getLogger("mailstrom.worker").info(
+                "worker started", extra={"fields": {"store": _safe_url(settings.store_url)}}
+            )
+
+        if live:
+            from mailstrom.cli.live import run_with_live_view
+
+            asyncio.run(
+                run_with_live_view(
+                    worker,
+                    store,
+                    recent,
+                    once=args.once,
+                    drain_timeout=args.drain_timeout,
+                    on_started=on_started,
+                )
+            )
+        else:
+            asyncio.run(
+                run_until_signalled(
+                    worker, once=args.once, drain=args.drain_timeout, on_started=on_started
+                )
+            )
+        s = worker.status
+        logging.getLogger("mailstrom.worker").info(
+            "worker stopped",
+            extra={
+                "fields": {"delivered": s.delivered, "deferred": s.deferred, "failed": s.failed}
+            },
+        )
+    finally:
+        store.close()
+    return EX_OK
+
+
+def _safe_url(url: str) -> str:
+    from mailstrom.cli.db import redact
+
+    return redact(url)

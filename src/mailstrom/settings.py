@@ -1,0 +1,385 @@
+"""Load the command line's configuration: a TOML file, then ``MAILSTROM_*`` variables, then
+options — each layer overriding the one before — into a :class:`~mailstrom.config.Config`
+and a store URL.
+
+Every setting has one dotted key (``helo_name``, ``dns.port``, ``retry.max_age``). In the
+TOML file a dotted key is a table entry (``[dns]`` / ``port = 53``); in the environment it is
+``MAILSTROM_`` + the key upper-cased with dots as underscores (``MAILSTROM_DNS_PORT``).
+Unknown keys and bad values raise :class:`~mailstrom.errors.ConfigError` naming the key, so a
+typo never silently falls back to a default.
+
+>>> s = load_settings(env={"MAILSTROM_SMTP_PORT": "2525"}, search=False)
+>>> s.config.smtp_port, s.store_url
+(2525, 'sqlite:///mailstrom.db')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.errors import ConfigError
+from mailstrom.policy.retry import RetryPolicy
+
+DEFAULT_STORE_URL = "sqlite:///mailstrom.db"
+ENV_PREFIX = "MAILSTROM_"
+CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
+"""Names the configuration file, like ``--config`` (not a setting itself)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """What the command line runs with."""
+
+    config: Config
+    store_url: str
+    config_file: Path | None = None
+    """The TOML file that was read, if any."""
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The merged raw values by dotted key (for ``mailstrom config``)."""
+
+
+# --- value parsers: each takes a TOML value or an environment string -------------------
+
+Parser = Callable[[str, Any], Any]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90"``/``"90s"``, ``"15m"``, ``"2h"``, ``"3d"``, ``"1w"`` → timedelta.
+
+    >>> parse_duration("2h")
+    datetime.timedelta(seconds=7200)
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration (like 30s, 15m, 2h, 3d): {text!r}")
+    number, unit = match.groups()
+    return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(minimum: int) -> Parser:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _port(key: str, value: Any) -> int:
+    port: int = _int(1)(key, value)
+    if port > 65535:
+        raise ConfigError(f"{key}: not a port number: {port}")
+    return port
+
+
+def _float(minimum: float) -> Parser:
+    def parse(key: str, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"{key}: expected a number ≥ {minimum}, got {value!r}")
+        return float(value)
+
+    return parse
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _duration(key: str, value: Any) -> timedelta:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    raise ConfigError(f"{key}: expected a duration, got {value!r}")
+
+
+def _optional(parser: Parser) -> Parser:
+    """``"none"``/``"off"``/``false`` (or 0 for numbers) turn a limit off."""
+
+    def parse(key: str, value: Any) -> Any:
+        if (
+            value is False
+            or value == 0
+            or (isinstance(value, str) and value.strip().lower() in ("", "none", "off", "0"))
+        ):
+            return None
+        return parser(key, value)
+
+    return parse
+
+
+def _choice(enum: type[TLSPolicy] | type[RelayTLS]) -> Parser:
+    def parse(key: str, value: Any) -> Any:
+        try:
+            return enum(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(e.value for e in enum)
+            raise ConfigError(f"{key}: expected one of {choices}, got {value!r}") from None
+
+    return parse
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in (part.strip() for part in value.split(",")) if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _existing_file(key: str, value: Any) -> str:
+    path = _str(key, value)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: no such file: {path}")
+    return path
+
+
+# Every key, with its parser. The order is the order of docs/cli.md.
+KEYS: dict[str, Parser] = {
+    "store": _str,
+    "helo_name": _str,
+    "smtp_port": _port,
+    "source_address": _str,
+    "tls": _choice(TLSPolicy),
+    "tls_ca": _existing_file,
+    "max_message_size": _int(1),
+    "max_connections": _int(1),
+    "max_per_destination": _int(1),
+    "max_messages_per_connection": _int(1),
+    "connection_idle": _float(0),
+    "retry_uncertain": _bool,
+    "lease_for": _duration,
+    "lease_batch": _int(1),
+    "poll_interval": _float(0.001),
+    "dns.nameservers": _str_list,
+    "dns.port": _port,
+    "dns.timeout": _float(0.001),
+    "timeouts.connect": _float(0.001),
+    "timeouts.greeting": _float(0.001),
+    "timeouts.command": _float(0.001),
+    "timeouts.data_init": _float(0.001),
+    "timeouts.data_block": _float(0.001),
+    "timeouts.data_end": _float(0.001),
+    "retry.min_delay": _duration,
+    "retry.max_delay": _duration,
+    "retry.multiplier": _float(1.0),
+    "retry.jitter": _float(0.0),
+    "retry.max_age": _optional(_duration),
+    "retry.max_attempts": _optional(_int(1)),
+    "relay.host": _str,
+    "relay.port": _port,
+    "relay.tls": _choice(RelayTLS),
+    "relay.username": _str,
+    "relay.password": _str,
+    "relay.verify": _bool,
+}
+
+_SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
+
+
+def env_name(key: str) -> str:
+    """``dns.port`` → ``MAILSTROM_DNS_PORT``."""
+    return ENV_PREFIX + key.upper().replace(".", "_")
+
+
+_ENV_KEYS = {env_name(key): key for key in KEYS}
+
+
+# --- the layers --------------------------------------------------------------------------
+
+
+def default_config_paths(env: Mapping[str, str], cwd: Path) -> list[Path]:
+    """Where a configuration file is looked for when none is named, first found wins."""
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or "~", ".config")
+    return [
+        cwd / "mailstrom.toml",
+        Path(xdg).expanduser() / "mailstrom" / "config.toml",
+        Path("/etc/mailstrom/config.toml"),
+    ]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's settings by dotted key; unknown keys raise ConfigError."""
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for name, value in document.items():
+        if name in _SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[name] = value
+    for key in flat:
+        if key not in KEYS:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+    return flat
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The ``MAILSTROM_*`` variables by dotted key; unknown names raise ConfigError."""
+    values: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
+            continue
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            raise ConfigError(f"unknown environment variable {name}")
+        values[key] = value
+    return values
+
+
+def load_settings(
+    *,
+    config_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cwd: Path | None = None,
+    search: bool = True,
+) -> Settings:
+    """Merge file < environment < ``overrides`` (dotted keys, e.g. from options).
+
+    ``config_path`` (or ``$MAILSTROM_CONFIG``) names the file, which must then exist;
+    otherwise the :func:`default_config_paths` are searched when ``search`` is true.
+    """
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    named = config_path if config_path is not None else env.get(CONFIG_PATH_ENV)
+    config_file: Path | None = None
+    if named:
+        config_file = Path(named)
+        if not config_file.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+    elif search:
+        config_file = next((p for p in default_config_paths(env, cwd) if p.is_file()), None)
+
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update(read_env(env))
+    for key, value in (overrides or {}).items():
+        if key not in KEYS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = value
+    parsed = {key: KEYS[key](key, value) for key, value in values.items()}
+    return Settings(
+        config=build_config(parsed),
+        store_url=parsed.get("store", DEFAULT_STORE_URL),
+        config_file=config_file,
+        values=values,
+    )
+
+
+def build_config(parsed: Mapping[str, Any]) -> Config:
+    """Parsed values by dotted key → Config; what is not given keeps its default."""
+
+    def section(name: str) -> dict[str, Any]:
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in parsed.items() if k.startswith(prefix)}
+
+    top: dict[str, Any] = {k: v for k, v in parsed.items() if "." not in k}
+    top.pop("store", None)
+    tls_ca = top.pop("tls_ca", None)
+    if tls_ca is not None:
+        top["tls_context"] = _tls_context(tls_ca)
+    if dns := section("dns"):
+        top["dns"] = DNSConfig(**dns)
+    if timeouts := section("timeouts"):
+        top["timeouts"] = Timeouts(**timeouts)
+    if retry := section("retry"):
+        top["retry"] = RetryPolicy(**retry)
+    if relay := section("relay"):
+        if "host" not in relay:
+            others = ", ".join(f"relay.{k}" for k in sorted(relay))
+            raise ConfigError(f"relay.host: required when {others} is set")
+        top["relay"] = RelayConfig(**relay)
+    return Config(**top)
+
+
+def _tls_context(cafile: str) -> ssl.SSLContext:
+    """A verifying context that trusts ``cafile`` (a PEM bundle) instead of the system."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_ca: cannot load {cafile}: {exc}") from None
+
+
+def parse_dns_servers(servers: list[str]) -> dict[str, Any]:
+    """``--dns-server HOST[:PORT]`` values → ``dns.nameservers`` and ``dns.port`` overrides.
+
+    IPv6 addresses with a port are bracketed: ``[::1]:5353``. All servers share one port
+    (DNSConfig has one), so differing ports raise ConfigError.
+
+    >>> parse_dns_servers(["127.0.0.1:5353"])
+    {'dns.nameservers': ['127.0.0.1'], 'dns.port': 5353}
+    """
+    hosts: list[str] = []
+    ports: set[int] = set()
+    for server in servers:
+        host, port = server, None
+        if server.startswith("["):
+            host, _, rest = server[1:].partition("]")
+            if rest.startswith(":"):
+                port = rest[1:]
+        elif server.count(":") == 1:
+            host, _, port = server.partition(":")
+        if not host:
+            raise ConfigError(f"--dns-server: expected HOST[:PORT], got {server!r}")
+        hosts.append(host)
+        if port is not None:
+            ports.add(_port("--dns-server", port))
+    if len(ports) > 1:
+        raise ConfigError("--dns-server: all servers must use the same port")
+    result: dict[str, Any] = {"dns.nameservers": hosts}
+    if ports:
+        result["dns.port"] = ports.pop()
+    return result

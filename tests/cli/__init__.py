@@ -1,0 +1,1 @@
+"""Tests of the mailstrom command line."""

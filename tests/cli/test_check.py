@@ -1,0 +1,96 @@
+"""``mailstrom check`` against the loopback DNS and SMTP fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.cli.conftest import MailEnv
+from tests.fixtures.smtp_server import ReceivingServer
+
+
+def test_check_reports_mx_tls_and_verified_certificate(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    mail_env.dns.a("client.test", "127.0.0.1")
+    report = cli.ok("check", "--json", "example.test").json()
+
+    assert report["implicit_mx"] is False
+    assert report["dns_error"] is None
+    [host] = report["hosts"]
+    assert (host["name"], host["preference"]) == ("mx.test", 10)
+    [address] = host["addresses"]
+    assert address["ip"] == "127.0.0.1"
+    assert address["port"] == mail_env.mx.port
+    assert address["connected"] is True
+    assert address["starttls"] is True
+    assert "PIPELINING" in address["extensions"]
+    assert address["tls_version"].startswith("TLSv1")
+    assert address["tls_cipher"]
+    assert address["certificate_verified"] is True
+    assert "mx.test" in address["certificate"]["names"]
+    assert address["certificate"]["expires"]
+    assert address["usable"] is True
+    helo = report["helo"]
+    assert helo["name"] == "client.test"
+    assert helo["addresses"] == ["127.0.0.1"]
+    # The fixture serves no PTR records: forward and reverse cannot match.
+    assert helo["forward_confirmed"] is False
+
+    text = cli.ok("check", "example.test").out
+    assert "MX 10 mx.test" in text
+    assert "STARTTLS:    offered" in text
+    assert "certificate: verified" in text
+    assert "would deliver over TLS" in text
+    assert "HELO name client.test" in text
+
+
+def test_check_unverifiable_certificate_under_verify_policy(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    del cli.env["MAILSTROM_TLS_CA"]  # the system trust store does not know the test CA
+    result = cli("check", "--tls", "verify", "--json", "example.test")
+    assert result.code == 69
+    [address] = result.json()["hosts"][0]["addresses"]
+    assert address["certificate_verified"] is False
+    assert "certificate" in address["certificate_error"]
+    assert address["tls_version"]  # the handshake itself works unverified
+    assert address["verdict"].startswith("would defer (tls=verify)")
+
+
+def test_check_without_starttls_and_implicit_mx(
+    mail_env: MailEnv, smtp_server: Callable[..., ReceivingServer]
+) -> None:
+    plain = smtp_server(host="127.0.0.2", starttls=False)
+    mail_env.dns.a("plain.test", "127.0.0.2")  # no MX: the A record stands in
+    cli = mail_env.cli
+    cli.env["MAILSTROM_SMTP_PORT"] = str(plain.port)
+    report = cli.ok("check", "--json", "plain.test").json()
+    assert report["implicit_mx"] is True
+    [address] = report["hosts"][0]["addresses"]
+    assert address["starttls"] is False
+    assert address["tls_version"] is None
+    assert address["verdict"] == "would deliver in plaintext (no STARTTLS)"
+
+    required = cli("check", "--tls", "required", "plain.test")
+    assert required.code == 69
+    assert "would defer (tls=required)" in required.out
+
+
+def test_check_null_mx_and_unreachable(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    mail_env.dns.null_mx("nomail.test")
+    result = cli("check", "--json", "nomail.test")
+    assert result.code == 69
+    report = result.json()
+    assert report["dns_permanent"] is True
+    assert report["dns_error"]
+    assert report["hosts"] == []
+
+    mail_env.dns.servfail("broken.test")
+    assert cli("check", "broken.test").code == 75
+
+    mail_env.dns.mx("down.test", [(5, "down-mx.test")])
+    mail_env.dns.a("down-mx.test", "127.0.0.3")  # nothing listens there
+    down = cli("check", "--json", "down.test")
+    assert down.code == 69
+    [address] = down.json()["hosts"][0]["addresses"]
+    assert address["connected"] is False
+    assert address["error"]

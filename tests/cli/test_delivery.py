@@ -1,0 +1,187 @@
+"""End to end through the command: send/sendmail → worker → status, against loopback servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from tests.cli.conftest import CLI, MailEnv
+
+
+def send(cli: CLI, *extra: str, to: str = "bob@example.test") -> str:
+    result = cli.ok(
+        "send", "--from", "App <app@client.test>", "--to", to, "--subject", "Hello", *extra
+    )
+    [message_id] = result.out.split()
+    return message_id
+
+
+def test_send_then_worker_once_then_status_delivered(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    message_id = send(cli, "--text", "Hi Bob")
+    assert cli.ok("status", "--json", message_id).json()["state"] == "queued"
+
+    worker = cli.ok("worker", "--once", "--no-live", "--log-format", "json")
+
+    [received] = mx.messages
+    assert received.rcpt_tos == ("bob@example.test",)
+    assert received.mail_from == "app@client.test"
+    assert b"Subject: Hello" in received.content
+    assert received.tls
+    # One structured line per attempt.
+    attempts = [json.loads(line) for line in worker.err_lines if '"attempt"' in line]
+    assert [(a["rcpt"], a["state"], a["host"]) for a in attempts] == [
+        ("bob@example.test", "delivered", "mx.test")
+    ]
+    status = cli.ok("status", "--json", message_id).json()
+    assert status["state"] == "delivered"
+    [rcpt] = status["recipients"]
+    assert (rcpt["state"], rcpt["mx_host"], rcpt["ip"], rcpt["tls"]) == (
+        "delivered",
+        "mx.test",
+        "127.0.0.1",
+        True,
+    )
+    assert rcpt["reply"]["code"] == 250
+    table = cli.ok("status", "--history", message_id).out
+    assert "delivered" in table
+    assert "Attempts for bob@example.test" in table
+
+
+def test_worker_text_log_is_key_value(mail_env: MailEnv) -> None:
+    send(mail_env.cli, "--text", "x")
+    worker = mail_env.cli.ok("worker", "--once", "--no-live")
+    [line] = [ln for ln in worker.err_lines if "event=attempt" in ln]
+    assert "rcpt=bob@example.test" in line
+    assert "state=delivered" in line
+    assert "host=mx.test" in line
+
+
+def test_sendmail_t_strips_bcc_and_delivers_to_it(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    message = (
+        b"From: Cron Daemon <cron@client.test>\n"
+        b"To: bob@example.test\n"
+        b"Bcc: Hidden <hidden@example.test>\n"
+        b"Subject: nightly\n"
+        b"\n"
+        b"all good\n"
+    )
+    result = cli("sendmail", "-t", "-i", "-oem", "-odb", stdin=message)
+    assert (result.code, result.out, result.err) == (0, "", "")
+    cli.ok("worker", "--once", "--no-live")
+
+    [received] = mx.messages
+    assert sorted(received.rcpt_tos) == ["bob@example.test", "hidden@example.test"]
+    assert b"hidden" not in received.content.lower()
+    assert b"Bcc" not in received.content
+    assert received.mail_from == "cron@client.test"
+
+
+def test_sendmail_arguments_sender_full_name_and_dot(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    message = b"Subject: report\n\nline one\n.\nafter the dot\n"
+    cli.ok(
+        "sendmail",
+        "-f",
+        "bounces@client.test",
+        "-F",
+        "Report Bot",
+        "bob@example.test",
+        stdin=message,
+    )
+    cli.ok("worker", "--once", "--no-live")
+
+    [received] = mx.messages
+    assert received.mail_from == "bounces@client.test"
+    assert received.rcpt_tos == ("bob@example.test",)
+    assert b"From: Report Bot <bounces@client.test>" in received.content
+    assert b"line one" in received.content
+    assert b"after the dot" not in received.content  # without -i a lone dot ends input
+
+
+def test_sendmail_i_keeps_lone_dot(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    message = b"From: a@client.test\nSubject: dots\n\nbefore\n.\nafter\n"
+    cli.ok("sendmail", "-oi", "bob@example.test", stdin=message)
+    cli.ok("worker", "--once", "--no-live")
+    [received] = mx.messages
+    assert b"before\r\n.\r\nafter" in received.content
+
+
+def test_send_wait_exit_codes(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["gone@example.test"] = "550 5.1.1 No such user"
+    mx.rcpt_replies["later@example.test"] = "451 4.7.1 Try again later"
+
+    ok = cli("send", "--from", "a@client.test", "--to", "bob@example.test", "--text", "x", "--wait")
+    assert ok.code == 0, ok.err
+    assert "delivered" in ok.out
+
+    failed = cli("send", "--from", "a@client.test", "--to", "gone@example.test", "--wait", "--json")
+    assert failed.code == 69
+    status = failed.json()
+    assert status["recipients"][0]["state"] == "failed"
+    assert status["recipients"][0]["reply"]["code"] == 550
+
+    # Deferred with the next retry minutes away: --wait gives up at the timeout.
+    pending = cli(
+        "send", "--from", "a@client.test", "--to", "later@example.test", "--wait", "--timeout", "3"
+    )
+    assert pending.code == 75
+    assert "deferred" in pending.out
+    assert "451" in pending.out
+
+
+def test_send_attachment_html_and_header(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    (mail_env.workdir / "report.csv").write_text("a,b\n1,2\n")
+    (mail_env.workdir / "body.html").write_text("<p>Hi</p>")
+    send(
+        cli,
+        "--text",
+        "plain",
+        "--html-file",
+        "body.html",
+        "--attach",
+        "report.csv",
+        "--header",
+        "X-Campaign: spring",
+        "--cc",
+        "carol@other.test",
+    )
+    cli.ok("worker", "--once", "--no-live")
+    received = sorted(mx.messages, key=lambda m: m.rcpt_tos)
+    assert [m.rcpt_tos for m in received] == [("bob@example.test",), ("carol@other.test",)]
+    content = received[0].content
+    assert b"X-Campaign: spring" in content
+    assert b"text/csv" in content
+    assert b'filename="report.csv"' in content
+    assert b"text/html" in content
+
+
+def test_send_raw_file_with_explicit_envelope(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    raw = b"From: a@client.test\r\nTo: someone@example.test\r\nSubject: raw\r\n\r\nbody\r\n"
+    result = cli.ok("send", "--file", "-", "--to", "bob@example.test", stdin=raw)
+    assert len(result.out.strip()) == 32
+    cli.ok("worker", "--once", "--no-live")
+    [received] = mx.messages
+    assert received.rcpt_tos == ("bob@example.test",)
+    assert b"To: someone@example.test" in received.content
+
+
+def test_worker_stops_gracefully_on_sigterm(mail_env: MailEnv) -> None:
+    proc = mail_env.cli.popen("worker", "--no-live")
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline().decode()  # written once the worker is set up
+        assert "worker started" in first
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert "worker stopped" in err.decode()

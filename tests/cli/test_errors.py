@@ -1,0 +1,159 @@
+"""Bad input ends as one line on stderr, the documented exit code, and nothing queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli.conftest import CLI
+
+
+def assert_one_line_error(result: object, code: int, *fragments: str) -> None:
+    from tests.cli.conftest import Result
+
+    assert isinstance(result, Result)
+    assert result.code == code, result.err
+    assert result.out == ""
+    assert len(result.err_lines) == 1, result.err
+    [line] = result.err_lines
+    assert line.startswith("mailstrom: ")
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in line
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["--to", "not-an-address"], 65, "not-an-address"),
+        (["--to", "bob@example.test", "--cc", "carol@"], 65, "Cc"),
+        (["--to", "bob@example.test", "--attach", "missing.pdf"], 66, "cannot read missing.pdf"),
+        (["--to", "bob@example.test", "--html-file", "nope.html"], 66, "nope.html"),
+        (["--to", "bob@example.test", "--header", "X-A: b\nBcc: evil@x"], 65, ""),
+    ],
+)
+def test_send_bad_input_enqueues_nothing(
+    cli: CLI, args: list[str], code: int, fragment: str
+) -> None:
+    result = cli("send", "--from", "app@client.test", "--text", "x", *args)
+    assert_one_line_error(result, code, fragment)
+    assert cli.queue_ids() == []
+
+
+def test_send_unreadable_text_file(cli: CLI) -> None:
+    result = cli("send", "--from", "a@client.test", "--to", "b@x.test", "--text-file", "no.txt")
+    assert_one_line_error(result, 66, "cannot read no.txt")
+    assert cli.queue_ids() == []
+
+
+def test_send_usage_errors(cli: CLI) -> None:
+    bad_header = cli("send", "--from", "a@client.test", "--to", "b@x.test", "--header", "Bad")
+    assert bad_header.code == 64
+    assert bad_header.err_lines[-1] == "mailstrom: --header expects 'Name: value', got 'Bad'"
+    both = cli("send", "--file", "m.eml", "--subject", "x")
+    assert both.code == 64
+    assert "--subject" in both.err_lines[-1]
+    assert cli.queue_ids() == []
+
+
+def test_send_without_recipients(cli: CLI) -> None:
+    assert_one_line_error(cli("send", "--from", "app@client.test", "--text", "x"), 65)
+    assert cli.queue_ids() == []
+
+
+def test_send_file_unreadable(cli: CLI) -> None:
+    assert_one_line_error(cli("send", "--file", "no-such.eml"), 66, "no-such.eml")
+
+
+@pytest.mark.parametrize("command", ["status", "hold", "release", "retry", "cancel"])
+def test_unknown_id(cli: CLI, command: str) -> None:
+    result = cli(command, "0123456789abcdef0123456789abcdef")
+    assert_one_line_error(result, 66)
+    assert result.err == "mailstrom: unknown message id: 0123456789abcdef0123456789abcdef\n"
+
+
+def test_bad_configuration_names_the_key(cli: CLI) -> None:
+    cli.env["MAILSTROM_SMTP_PORT"] = "lots"
+    assert_one_line_error(cli("queue"), 78, "smtp_port")
+    del cli.env["MAILSTROM_SMTP_PORT"]
+    cli.env["MAILSTROM_SMTP_PROT"] = "25"
+    assert_one_line_error(cli("queue"), 78, "MAILSTROM_SMTP_PROT")
+    del cli.env["MAILSTROM_SMTP_PROT"]
+    (cli.cwd / "mailstrom.toml").write_text("[dns]\nnameserver = '127.0.0.1'\n")
+    assert_one_line_error(cli("queue"), 78, "dns.nameserver")
+
+
+def test_bad_store_url(cli: CLI) -> None:
+    assert_one_line_error(cli("--store", "mysql://x/y", "queue"), 78, "mysql://x/y")
+
+
+def test_usage_errors_exit_64(cli: CLI) -> None:
+    assert cli("frobnicate").code == 64
+    assert cli("queue", "--older-than", "soon").code == 64
+    result = cli("retry")
+    assert result.code == 64
+    assert result.err_lines[-1].startswith("mailstrom: ")
+
+
+def test_config_file_option_and_precedence(cli: CLI) -> None:
+    (cli.cwd / "other.toml").write_text('store = "sqlite:///from-file.db"\n')
+    del cli.env["MAILSTROM_STORE"]
+    cli.ok("--config", "other.toml", "send", "--from", "a@client.test", "--to", "b@x.test")
+    assert (cli.cwd / "from-file.db").exists()
+    # The environment beats the file, the option beats both.
+    cli.env["MAILSTROM_STORE"] = "sqlite:///from-env.db"
+    cli.ok("send", "--config", "other.toml", "--from", "a@client.test", "--to", "b@x.test")
+    assert (cli.cwd / "from-env.db").exists()
+    cli.ok("queue", "--config", "other.toml", "--store", "sqlite:///from-option.db")
+    assert (cli.cwd / "from-option.db").exists()
+    missing = cli("--config", "absent.toml", "queue")
+    assert_one_line_error(missing, 78, "absent.toml")
+
+
+def test_help_reads_well(cli: CLI) -> None:
+    top = cli.ok("--help").out
+    for command in ("send", "sendmail", "status", "queue", "worker", "check", "db", "purge"):
+        assert f"    {command}" in top
+    assert "exit codes" in top
+    for command in ("send", "status", "queue", "retry", "hold", "cancel", "purge", "worker"):
+        text = cli.ok(command, "--help").out
+        assert "examples:" in text or "example:" in text, command
+    assert "-t" in cli.ok("sendmail", "--help").out
+
+
+# --- sendmail ----------------------------------------------------------------------------
+
+
+def test_sendmail_errors(cli: CLI) -> None:
+    message = b"From: a@client.test\nSubject: x\n\nbody\n"
+    no_rcpt = cli("sendmail", stdin=message)
+    assert no_rcpt.code == 64
+    assert no_rcpt.err == "mailstrom: no recipients: name them as arguments, or use -t\n"
+    assert cli("sendmail", "-t", stdin=message).code == 64
+    assert_one_line_error(cli("sendmail", "bad address@", stdin=message), 65)
+    assert_one_line_error(cli("sendmail", "bob@example.test", stdin=b""), 66, "no message")
+    assert cli("sendmail", "-bp").code == 64
+    assert cli("sendmail", "-Z", "bob@example.test", stdin=message).code == 64
+    assert cli.queue_ids() == []
+
+
+def test_sendmail_symlink_dispatch(cli: CLI) -> None:
+    import sys
+
+    link = cli.cwd / "sendmail"
+    script = cli.cwd / "sendmail-entry.py"
+    # What the console script does, under the name "sendmail".
+    script.write_text("import sys\nfrom mailstrom.cli.main import main\nsys.exit(main())\n")
+    link.symlink_to(script)
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(link), "-i", "bob@example.test"],
+        input=b"From: a@client.test\nSubject: via link\n\nhi\n",
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [message] = cli.ok("queue", "--json").json()
+    assert message["subject"] == "via link"

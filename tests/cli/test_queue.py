@@ -1,0 +1,128 @@
+"""Queue operations through the command: listing, filters, hold/release, retry, cancel, purge."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from tests.cli.conftest import CLI, MailEnv
+
+
+def send(cli: CLI, to: str, *extra: str) -> str:
+    out = cli.ok("send", "--from", "app@client.test", "--to", to, "--text", "x", *extra).out
+    return out.strip()
+
+
+def test_queue_filters_and_counts(cli: CLI) -> None:
+    first = send(cli, "bob@example.test")
+    second = send(cli, "carol@other.test", "--hold")
+    third = send(cli, "dave@other.test")
+
+    def ids(*args: str) -> list[str]:
+        return [m["id"] for m in cli.ok("queue", "--json", *args).json()]
+
+    assert ids() == [third, second, first]  # newest first
+    assert ids("--domain", "other.test") == [third, second]
+    assert ids("--domain", "OTHER.test") == [third, second]
+    assert ids("--held") == [second]
+    assert ids("--not-held") == [third, first]
+    assert ids("--state", "queued", "--limit", "1") == [third]
+    assert ids("--state", "delivered") == []
+    assert ids("--older-than", "1h") == []
+    assert ids("--older-than", "0s") == [third, second, first]
+
+    counts = cli.ok("queue", "--counts", "--json").json()
+    assert counts["by_state"]["queued"] == 3
+    assert counts["pending_by_domain"] == {"example.test": 1, "other.test": 2}
+    assert counts["held"] == 1
+
+    plain = cli.ok("queue").out.splitlines()
+    assert plain[0].split() == ["ID", "STATE", "AGE", "FROM", "RCPTS", "SIZE", "HELD", "SUBJECT"]
+    assert [line.split()[0] for line in plain[1:]] == [third, second, first]
+    assert "other.test" in cli.ok("queue", "--counts").out
+
+
+def test_hold_release_and_delivery(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    message_id = send(cli, "bob@example.test")
+    assert cli.ok("hold", message_id).out.strip() == f"{message_id}: held"
+    assert cli.ok("status", "--json", message_id).json()["held"] is True
+
+    cli.ok("worker", "--once", "--no-live")
+    assert mx.messages == []  # held: not delivered
+
+    assert cli.ok("release", "--json", message_id).json() == {"id": message_id, "held": False}
+    cli.ok("worker", "--once", "--no-live")
+    assert len(mx.messages) == 1
+    assert cli.ok("status", "--json", message_id).json()["state"] == "delivered"
+
+
+def test_deferred_then_retry_delivers(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted", "250 2.1.5 OK"]
+    message_id = send(cli, "grey@example.test")
+    cli.ok("worker", "--once", "--no-live")
+
+    status = cli.ok("status", "--json", message_id).json()
+    [rcpt] = status["recipients"]
+    assert rcpt["state"] == "deferred"
+    assert rcpt["reply"]["code"] == 451
+    next_at = datetime.fromisoformat(rcpt["next_attempt_at"])
+    assert next_at > datetime.now(UTC)  # minutes away: another --once does nothing
+    text = cli.ok("status", message_id).out
+    assert "deferred" in text
+    assert "451 4.7.1 Greylisted" in text
+
+    assert [m["id"] for m in cli.ok("queue", "--json", "--state", "deferred").json()] == [
+        message_id
+    ]
+    assert cli.ok("retry", "--json", "--all-deferred").json() == {"rescheduled": 1}
+    cli.ok("worker", "--once", "--no-live")
+    final = cli.ok("status", "--json", message_id).json()
+    assert final["state"] == "delivered"
+    assert final["recipients"][0]["attempts"] == 2
+
+    history = cli.ok("status", "--history", message_id).out
+    assert "temporary" in history
+    assert "delivered" in history
+
+
+def test_retry_one_message(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted", "250 2.1.5 OK"]
+    message_id = send(cli, "grey@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    assert cli.ok("retry", message_id).out.strip() == f"{message_id}: 1 recipients due now"
+    cli.ok("worker", "--once", "--no-live")
+    assert len(mx.messages) == 1
+
+
+def test_cancel(cli: CLI) -> None:
+    message_id = send(cli, "bob@example.test")
+    assert cli.ok("cancel", "--json", message_id).json() == {"id": message_id, "cancelled": 1}
+    status = cli.ok("status", "--json", message_id).json()
+    assert status["state"] == "failed"
+    assert status["recipients"][0]["error"] == "cancelled"
+    assert cli.ok("cancel", message_id).out.strip() == f"{message_id}: 0 recipients cancelled"
+
+
+def test_purge_only_finished_and_old_enough(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    delivered = send(cli, "bob@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    pending = send(cli, "carol@example.test", "--hold")
+
+    assert cli.ok("purge", "--json", "--delivered-before", "1h").json() == {"purged": 0}
+    assert cli.ok("purge", "--delivered-before", "0s").out.strip() == "1 message purged"
+    assert cli.queue_ids() == [pending]
+    gone = cli("status", delivered)
+    assert gone.code == 66
+    assert gone.err == f"mailstrom: unknown message id: {delivered}\n"
+
+
+def test_db_migrate(cli: CLI, workdir: object) -> None:
+    result = cli.ok("db", "migrate", "--json").json()
+    assert result["store"] == "sqlite:///queue.db"
+    assert isinstance(result["schema_version"], int)
+    assert result["schema_version"] >= 1
+    again = cli.ok("db", "migrate").out
+    assert again.strip() == f"sqlite:///queue.db: schema version {result['schema_version']}"

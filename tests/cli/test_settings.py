@@ -1,0 +1,216 @@
+"""Unit tests of settings.py: file < environment < options, and errors that name the key."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mailstrom.config import RelayTLS, TLSPolicy
+from mailstrom.errors import ConfigError
+from mailstrom.settings import (
+    DEFAULT_STORE_URL,
+    KEYS,
+    env_name,
+    load_settings,
+    parse_dns_servers,
+    parse_duration,
+)
+
+FILE = """
+store = "sqlite:///from-file.db"
+helo_name = "file.example"
+smtp_port = 2500
+tls = "required"
+
+[dns]
+nameservers = ["192.0.2.1", "192.0.2.2"]
+port = 5300
+
+[retry]
+min_delay = "1m"
+max_age = "2d"
+
+[timeouts]
+connect = 3
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mailstrom.toml"
+    path.write_text(FILE)
+    return path
+
+
+def test_defaults_without_file_or_env(tmp_path: Path) -> None:
+    s = load_settings(env={}, cwd=tmp_path, search=False)
+    assert s.store_url == DEFAULT_STORE_URL
+    assert s.config.smtp_port == 25
+    assert s.config.tls is TLSPolicy.OPPORTUNISTIC
+    assert s.config.relay is None
+    assert s.config_file is None
+
+
+def test_file_values_map_onto_config(config_file: Path) -> None:
+    s = load_settings(config_path=config_file, env={})
+    c = s.config
+    assert s.store_url == "sqlite:///from-file.db"
+    assert (c.helo_name, c.smtp_port, c.tls) == ("file.example", 2500, TLSPolicy.REQUIRED)
+    assert c.dns.nameservers == ("192.0.2.1", "192.0.2.2")
+    assert c.dns.port == 5300
+    assert c.retry.min_delay == timedelta(minutes=1)
+    assert c.retry.max_age == timedelta(days=2)
+    assert c.retry.max_delay == timedelta(hours=1)  # untouched default
+    assert c.timeouts.connect == 3.0
+    assert c.timeouts.data_end == 600.0
+
+
+def test_precedence_file_then_env_then_options(config_file: Path) -> None:
+    env = {
+        "MAILSTROM_SMTP_PORT": "2600",
+        "MAILSTROM_HELO_NAME": "env.example",
+        "MAILSTROM_DNS_NAMESERVERS": "127.0.0.1",
+    }
+    s = load_settings(config_path=config_file, env=env, overrides={"smtp_port": 2700})
+    assert s.config.smtp_port == 2700  # option beats env beats file
+    assert s.config.helo_name == "env.example"  # env beats file
+    assert s.config.dns.nameservers == ("127.0.0.1",)
+    assert s.config.dns.port == 5300  # only in the file
+    assert s.config.tls is TLSPolicy.REQUIRED
+    assert s.store_url == "sqlite:///from-file.db"
+
+
+def test_none_override_does_not_mask_lower_layers(config_file: Path) -> None:
+    s = load_settings(config_path=config_file, env={}, overrides={"helo_name": None})
+    assert s.config.helo_name == "file.example"
+
+
+def test_default_locations_first_found(tmp_path: Path, config_file: Path) -> None:
+    xdg = tmp_path / "xdg"
+    (xdg / "mailstrom").mkdir(parents=True)
+    (xdg / "mailstrom" / "config.toml").write_text('helo_name = "xdg.example"\n')
+    env = {"XDG_CONFIG_HOME": str(xdg)}
+    # ./mailstrom.toml (config_file lives in tmp_path) comes first...
+    assert load_settings(env=env, cwd=tmp_path).config.helo_name == "file.example"
+    # ...then $XDG_CONFIG_HOME/mailstrom/config.toml.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    s = load_settings(env=env, cwd=elsewhere)
+    assert s.config.helo_name == "xdg.example"
+    assert s.config_file == xdg / "mailstrom" / "config.toml"
+
+
+def test_config_path_from_environment(config_file: Path, tmp_path: Path) -> None:
+    s = load_settings(env={"MAILSTROM_CONFIG": str(config_file)}, cwd=tmp_path / "x")
+    assert s.config.helo_name == "file.example"
+
+
+def test_named_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(config_path=tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("helo_nam = 'x'\n", "'helo_nam'"),
+        ("[dns]\nports = 53\n", "'dns.ports'"),
+        ("smtp_port = 'abc'\n", "smtp_port"),
+        ("smtp_port = 70000\n", "smtp_port"),
+        ("tls = 'sometimes'\n", "tls"),
+        ("[retry]\nmax_age = 'forever'\n", "retry.max_age"),
+        ("[relay]\nport = 25\n", "relay.host"),
+        ("tls_ca = '/no/such/ca.pem'\n", "tls_ca"),
+        ("retry_uncertain = 'maybe'\n", "retry_uncertain"),
+        ("smtp_port = \n", "invalid TOML"),
+    ],
+)
+def test_bad_file_values_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings(config_path=path, env={})
+
+
+def test_unknown_environment_variable_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MAILSTROM_HELO"):
+        load_settings(env={"MAILSTROM_HELO": "x"}, cwd=tmp_path)
+
+
+def test_bad_environment_value_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dns\.port"):
+        load_settings(env={"MAILSTROM_DNS_PORT": "many"}, cwd=tmp_path)
+
+
+def test_relay_and_limits_off(tmp_path: Path) -> None:
+    env = {
+        "MAILSTROM_RELAY_HOST": "smtp.example.net",
+        "MAILSTROM_RELAY_TLS": "implicit",
+        "MAILSTROM_RELAY_PORT": "465",
+        "MAILSTROM_RELAY_VERIFY": "no",
+        "MAILSTROM_RETRY_MAX_AGE": "none",
+        "MAILSTROM_RETRY_MAX_ATTEMPTS": "3",
+        "MAILSTROM_LEASE_FOR": "90s",
+    }
+    c = load_settings(env=env, cwd=tmp_path, search=False).config
+    assert c.relay is not None
+    assert (c.relay.host, c.relay.port, c.relay.tls, c.relay.verify) == (
+        "smtp.example.net",
+        465,
+        RelayTLS.IMPLICIT,
+        False,
+    )
+    assert c.retry.max_age is None
+    assert c.retry.max_attempts == 3
+    assert c.lease_for == timedelta(seconds=90)
+
+
+def test_tls_ca_builds_a_verifying_context(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    c = load_settings(env={"MAILSTROM_TLS_CA": str(pem)}, cwd=tmp_path, search=False).config
+    assert isinstance(c.tls_context, ssl.SSLContext)
+    assert c.tls_context.verify_mode is ssl.CERT_REQUIRED
+    assert c.tls_context.get_ca_certs()  # the test CA is loaded
+
+
+def test_every_key_has_an_environment_name() -> None:
+    names = {env_name(k) for k in KEYS}
+    assert len(names) == len(KEYS)
+    assert env_name("dns.nameservers") == "MAILSTROM_DNS_NAMESERVERS"
+
+
+def test_every_key_is_documented() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    missing = [k for k in KEYS if f"`{k}`" not in doc or f"`{env_name(k)}`" not in doc]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("30s", 30), ("15m", 900), ("2h", 7200), ("3d", 259200), ("1w", 604800)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "2 hours", "-1h", "h"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_parse_dns_servers() -> None:
+    assert parse_dns_servers(["127.0.0.1"]) == {"dns.nameservers": ["127.0.0.1"]}
+    assert parse_dns_servers(["[::1]:5353", "127.0.0.1:5353"]) == {
+        "dns.nameservers": ["::1", "127.0.0.1"],
+        "dns.port": 5353,
+    }
+    assert parse_dns_servers(["::1"]) == {"dns.nameservers": ["::1"]}
+    with pytest.raises(ConfigError, match="same port"):
+        parse_dns_servers(["127.0.0.1:53", "127.0.0.2:54"])

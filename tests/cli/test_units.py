@@ -1,0 +1,261 @@
+"""Unit tests of the command's pure parts: sendmail flags, output, log formats, parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.cli import sendmail
+from mailstrom.cli.db import redact
+from mailstrom.cli.exits import EX_NOINPUT, CLIError, UsageError
+from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter, attempt_fields
+from mailstrom.cli.main import _split_sendmail, build_parser
+from mailstrom.cli.output import age, print_table, to_jsonable
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import RecipientResult
+
+# --- sendmail ----------------------------------------------------------------------------
+
+
+def test_sendmail_flags() -> None:
+    a = sendmail.parse_args(
+        ["-t", "-oi", "-odb", "-oem", "-fbounce@x.test", "-F", "Cron", "-bm", "--", "-bob@x"]
+    )
+    assert (a.extract, a.ignore_dots, a.sender, a.full_name) == (
+        True,
+        True,
+        "bounce@x.test",
+        "Cron",
+    )
+    assert a.recipients == ["-bob@x"]
+
+
+def test_sendmail_clustered_and_valued_ignored_options() -> None:
+    a = sendmail.parse_args(["-ti", "-N", "never", "-Rhdrs", "-r", "s@x.test", "a@x", "b@x"])
+    assert (a.extract, a.ignore_dots, a.sender) == (True, True, "s@x.test")
+    assert a.recipients == ["a@x", "b@x"]
+
+
+def test_sendmail_options_stop_at_first_recipient() -> None:
+    a = sendmail.parse_args(["a@x.test", "-t"])
+    assert a.extract is False
+    assert a.recipients == ["a@x.test", "-t"]
+
+
+def test_sendmail_long_options() -> None:
+    a = sendmail.parse_args(["--store=memory:", "--config", "c.toml", "--help"])
+    assert (a.store, a.config, a.help) == ("memory:", "c.toml", True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["-bp"], "-bp is not supported"),
+        (["-q1h"], "-q1h is not supported"),
+        (["-f"], "-f requires an argument"),
+        (["-Z"], "unknown option -Z"),
+        (["--frobnicate"], "unknown option --frobnicate"),
+    ],
+)
+def test_sendmail_bad_flags(argv: list[str], reason: str) -> None:
+    with pytest.raises(UsageError, match=reason):
+        sendmail.parse_args(argv)
+
+
+def test_read_message_lone_dot() -> None:
+    stream = io.BytesIO(b"Subject: x\n\nbody\n.\nleft over\n")
+    assert sendmail.read_message(stream, ignore_dots=False) == b"Subject: x\n\nbody\n"
+    stream = io.BytesIO(b"Subject: x\r\n\r\n..\r\n.\r\n")
+    assert sendmail.read_message(stream, ignore_dots=False) == b"Subject: x\r\n\r\n..\r\n"
+    stream = io.BytesIO(b"Subject: x\n\n.\nmore\n")
+    assert sendmail.read_message(stream, ignore_dots=True) == b"Subject: x\n\n.\nmore\n"
+
+
+def test_read_message_drops_mbox_separator() -> None:
+    stream = io.BytesIO(b"From bob@x.test Mon Jan  1 00:00:00 2024\nSubject: x\n\nb\n")
+    assert sendmail.read_message(stream, ignore_dots=True) == b"Subject: x\n\nb\n"
+
+
+def test_build_adds_from_and_collects_recipients() -> None:
+    args = sendmail.parse_args(["-t", "-F", "Zoë", "-f", "me@x.test", "extra@x.test"])
+    data, rcpts = sendmail.build(
+        b"To: A <a@x.test>, b@x.test\nBcc: c@x.test\n\nhi\n", args, default_domain="h.test"
+    )
+    assert data.startswith(b"From: =?utf-8?")
+    assert b"<me@x.test>" in data.splitlines()[0]
+    assert rcpts == ["a@x.test", "b@x.test", "c@x.test", "extra@x.test"]
+
+
+def test_build_keeps_existing_from_and_splits_argument_lists() -> None:
+    args = sendmail.parse_args(["Bob <bob@x.test>, carol@x.test"])
+    data, rcpts = sendmail.build(b"From: a@x.test\n\nhi\n", args, default_domain="h.test")
+    assert data == b"From: a@x.test\n\nhi\n"
+    assert rcpts == ["bob@x.test", "carol@x.test"]
+
+
+def test_build_rejects_empty_input() -> None:
+    with pytest.raises(CLIError) as info:
+        sendmail.build(b"\n", sendmail.parse_args(["a@x.test"]), default_domain="h.test")
+    assert info.value.code == EX_NOINPUT
+
+
+# --- argument parsing --------------------------------------------------------------------
+
+
+def test_global_options_before_or_after_the_command() -> None:
+    parser = build_parser()
+    before = parser.parse_args(["--store", "memory:", "queue"])
+    after = parser.parse_args(["queue", "--store", "memory:"])
+    assert before.store == after.store == "memory:"
+    assert parser.parse_args(["--store", "memory:", "queue", "--limit", "3"]).store == "memory:"
+
+
+def test_split_sendmail() -> None:
+    assert _split_sendmail(["sendmail", "-t"]) == ([], ["-t"])
+    assert _split_sendmail(["--store", "memory:", "sendmail", "-oi", "a@x"]) == (
+        ["--store", "memory:"],
+        ["-oi", "a@x"],
+    )
+    assert _split_sendmail(["send", "--subject", "sendmail"]) is None
+    assert _split_sendmail(["--store", "sendmail", "queue"]) is None
+
+
+def test_redact() -> None:
+    assert redact("postgresql://u:secret@db/m") == "postgresql://u:***@db/m"
+    assert redact("postgresql://u@db/m") == "postgresql://u@db/m"
+    assert redact("sqlite:///q.db") == "sqlite:///q.db"
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plain_table_aligns_and_fills_empty_cells() -> None:
+    out = io.StringIO()
+    print_table(["A", "LONGER"], [["x", None], ["yyyy", "multi\nline"]], stream=out)
+    assert out.getvalue().splitlines() == ["A     LONGER", "x     -", "yyyy  multi line"]
+
+
+def test_rich_table_on_a_terminal() -> None:
+    out = _TTY()
+    print_table(["STATE", "N"], [["queued", 3]], title="Counts", stream=out)
+    text = out.getvalue()
+    assert "Counts" in text
+    assert "queued" in text
+    assert "─" in text or "━" in text  # drawn by rich, not plain text
+
+
+def test_to_jsonable() -> None:
+    when = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    value = to_jsonable(
+        {RecipientState.QUEUED: [when, timedelta(minutes=2), SMTPReply(code=250, text="OK")]}
+    )
+    assert value == {
+        "queued": [
+            "2024-01-02T03:04:05+00:00",
+            120.0,
+            {"code": 250, "text": "OK", "enhanced": None},
+        ]
+    }
+
+
+def test_age() -> None:
+    now = datetime(2024, 1, 2, tzinfo=UTC)
+    assert [age(now - timedelta(seconds=s), now) for s in (5, 120, 7200, 3 * 86400)] == [
+        "5s",
+        "2m",
+        "2h",
+        "3d",
+    ]
+
+
+# --- logs --------------------------------------------------------------------------------
+
+
+def _record() -> logging.LogRecord:
+    result = RecipientResult(
+        message_id="m1",
+        address="bob@example.test",
+        state=RecipientState.DEFERRED,
+        attempt=Attempt(
+            at=datetime(2024, 1, 1, tzinfo=UTC),
+            outcome=AttemptOutcome.TEMPORARY,
+            duration=0.25,
+            mx_host="mx.test",
+            ip="127.0.0.1",
+            port=25,
+            reply=SMTPReply(code=451, enhanced="4.7.1", text="Greylisted, try later"),
+        ),
+        next_attempt_at=datetime(2024, 1, 1, 0, 5, tzinfo=UTC),
+    )
+    record = logging.LogRecord("mailstrom.attempts", logging.WARNING, "", 0, "attempt", (), None)
+    record.fields = attempt_fields(result)
+    return record
+
+
+def test_key_value_format() -> None:
+    line = KeyValueFormatter().format(_record())
+    assert " level=warning logger=mailstrom.attempts event=attempt message=m1 " in line
+    assert "rcpt=bob@example.test state=deferred outcome=temporary host=mx.test" in line
+    assert 'reason="451 4.7.1 Greylisted, try later"' in line
+    assert "next_attempt=2024-01-01T00:05:00+00:00" in line
+    assert "tls=" not in line  # absent values are left out
+    assert "\n" not in line
+
+
+def test_json_format() -> None:
+    obj = json.loads(JSONFormatter().format(_record()))
+    assert obj["event"] == "attempt"
+    assert obj["code"] == 451
+    assert obj["duration"] == 0.25
+    assert obj["state"] == "deferred"
+    assert "tls" not in obj
+
+
+# --- live view ---------------------------------------------------------------------------
+
+
+def test_live_view_frame() -> None:
+    from rich.console import Console
+
+    from mailstrom.cli.live import render
+    from mailstrom.config import Config
+    from mailstrom.runtime.worker import Worker
+    from mailstrom.status import QueueStats
+    from mailstrom.stores import MemoryStore
+
+    store = MemoryStore()
+    try:
+        worker = Worker(Config(helo_name="client.test"), store)
+        result = RecipientResult(
+            message_id="m1",
+            address="bob@example.test",
+            state=RecipientState.DELIVERED,
+            attempt=Attempt(
+                at=datetime(2024, 1, 1, 12, 30, tzinfo=UTC),
+                outcome=AttemptOutcome.DELIVERED,
+                mx_host="mx.test",
+                tls_version="TLSv1.3",
+                reply=SMTPReply(code=250, text="OK"),
+            ),
+        )
+        stats = QueueStats(by_state={RecipientState.DEFERRED: 7}, messages=9, held=2)
+        out = io.StringIO()
+        Console(file=out, width=120).print(render(worker, stats, [result]))
+    finally:
+        store.close()
+    text = out.getvalue()
+    assert "mailstrom worker stopped" in text
+    assert "12:30:00" in text
+    assert "bob@example.test" in text
+    assert "TLSv1.3" in text
+    assert "250 OK" in text
+    assert " 7 " in text  # deferred count
