@@ -12,9 +12,10 @@ import pytest
 from mailstrom.cli import sendmail
 from mailstrom.cli.db import redact
 from mailstrom.cli.exits import EX_NOINPUT, CLIError, UsageError
-from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter, attempt_fields
+from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.cli.main import _split_sendmail, build_parser
 from mailstrom.cli.output import age, print_table, to_jsonable
+from mailstrom.runtime.attemptlog import attempt_fields
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 

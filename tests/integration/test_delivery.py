@@ -3,6 +3,7 @@ aiosmtpd (with trustme TLS) and a dnslib DNS server, both on loopback ephemeral 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from mailstrom import Config, Email, RecipientState, RetryPolicy, Timeouts, TLSPolicy
-from mailstrom.client import Mailstrom
+from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -511,3 +512,29 @@ def test_worker_status_reports_a_dead_worker(clock: FakeClock) -> None:
         assert status.dead and "disk on fire" in (status.error or "")
     finally:
         ms.stop()
+
+
+async def test_async_facade_delivers(
+    dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results
+) -> None:
+    config = Config(
+        helo_name="client.test", smtp_port=mx.port, dns=dns_server.dns_config, timeouts=FAST
+    )
+    async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = await ms.send_email(hello("async@example.org"))
+        await asyncio.to_thread(results.wait_count, 1)
+        status = await ms.query_status(mid)
+        assert status.state is DELIVERED
+        assert len(await mx.await_messages(1)) == 1
+        assert ms.worker_status.running
+    assert not ms.worker_status.running
+
+
+async def test_async_facade_start_error() -> None:
+    class BrokenStore(MemoryStore):
+        def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+            raise RuntimeError("cannot listen")
+
+    ms = AsyncMailstrom(Config(helo_name="client.test"), store=BrokenStore())
+    with pytest.raises(WorkerError, match="cannot listen"):
+        await ms.start()

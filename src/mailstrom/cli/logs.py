@@ -1,7 +1,7 @@
 """Log lines for ``mailstrom worker``: one line per event, ``key=value`` (logfmt) or JSON.
 
-Each delivery attempt is logged as one structured record (event ``attempt``) built from the
-worker's result callback, so log collectors get fields rather than prose to parse.
+Each delivery attempt arrives as one structured record (event ``attempt``, logged by the
+worker on ``mailstrom.attempts``), so log collectors get fields rather than prose to parse.
 """
 
 from __future__ import annotations
@@ -11,39 +11,6 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
-
-from mailstrom.stores.base import RecipientResult
-
-ATTEMPT_LOGGER = "mailstrom.attempts"
-
-
-def attempt_fields(result: RecipientResult) -> dict[str, Any]:
-    """The fields of one attempt's log line."""
-    a = result.attempt
-    return {
-        "message": result.message_id,
-        "rcpt": result.address,
-        "state": result.state.value,
-        "outcome": a.outcome.value,
-        "host": a.mx_host,
-        "ip": a.ip,
-        "port": a.port,
-        "tls": a.tls_version,
-        "cipher": a.tls_cipher,
-        "code": a.reply.code if a.reply else None,
-        "reason": a.reason or None,
-        "uncertain": a.uncertain or None,
-        "duration": round(a.duration, 3),
-        "next_attempt": result.next_attempt_at.isoformat() if result.next_attempt_at else None,
-    }
-
-
-def log_attempt(result: RecipientResult) -> None:
-    """Log one attempt (INFO when delivered, WARNING otherwise)."""
-    level = logging.INFO if result.state.value == "delivered" else logging.WARNING
-    logging.getLogger(ATTEMPT_LOGGER).log(
-        level, "attempt", extra={"fields": attempt_fields(result)}
-    )
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -96,24 +63,12 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 
-class _NotWorkerAttempts(logging.Filter):
-    """The worker logs each attempt as prose too; the structured record replaces it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.name == "mailstrom.worker"
-            and isinstance(record.msg, str)
-            and record.msg.startswith("attempt ")
-        )
-
-
 def configure_logging(
     fmt: str, *, level: int = logging.INFO, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send mailstrom's logs to ``stream`` (stderr) in ``fmt`` ("text" or "json")."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
-    handler.addFilter(_NotWorkerAttempts())
     root = logging.getLogger("mailstrom")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -10,7 +10,7 @@ from collections import deque
 
 from mailstrom.cli.context import open_store, settings_from
 from mailstrom.cli.exits import EX_OK
-from mailstrom.cli.logs import configure_logging, log_attempt
+from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.signals import run_until_signalled
@@ -76,11 +76,7 @@ def worker_command(args: argparse.Namespace) -> int:
     try:
         recent: deque[RecipientResult] = deque(maxlen=12)
 
-        def on_result(result: RecipientResult) -> None:
-            log_attempt(result)
-            recent.appendleft(result)
-
-        worker = Worker(settings.config, store, on_result=on_result)
+        worker = Worker(settings.config, store, on_result=recent.appendleft)
 
         def on_started() -> None:
             # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.

@@ -49,10 +49,20 @@ class AsyncMailstrom:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start delivering in a task on the running loop."""
+        """Start delivering in a task on the running loop; raise if the worker cannot."""
         if self._task is not None:
             raise WorkerError("already started")
-        self._task = asyncio.create_task(self.worker.run(), name="mailstrom-worker")
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(
+            self.worker.run(on_started=ready.set), name="mailstrom-worker"
+        )
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self._task.done():
+            task, self._task = self._task, None
+            exc = task.exception()
+            raise WorkerError(f"worker failed to start: {exc}") from exc
 
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and

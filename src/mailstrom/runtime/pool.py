@@ -25,6 +25,12 @@ class PoolKey:
     tls_mode: str
 
 
+@dataclass(slots=True)
+class _Slot:
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
 class ConnectionPool:
     """Idle connections kept for reuse, and per-destination and global session limits."""
 
@@ -38,7 +44,7 @@ class ConnectionPool:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._global = asyncio.Semaphore(max_connections)
-        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._per_destination: dict[str, _Slot] = {}
         self._max_per_destination = max_per_destination
         self._max_messages = max_messages_per_connection
         self._idle_seconds = idle_seconds
@@ -51,11 +57,20 @@ class ConnectionPool:
     @contextlib.asynccontextmanager
     async def slot(self, destination: str) -> AsyncIterator[None]:
         """Hold one session slot for ``destination`` (and one of the global ones)."""
-        sem = self._per_destination.get(destination)
-        if sem is None:
-            sem = self._per_destination[destination] = asyncio.Semaphore(self._max_per_destination)
-        async with sem, self._global:
-            yield
+        entry = self._per_destination.get(destination)
+        if entry is None:
+            entry = self._per_destination[destination] = _Slot(
+                asyncio.Semaphore(self._max_per_destination)
+            )
+        entry.users += 1
+        try:
+            async with entry.semaphore, self._global:
+                yield
+        finally:
+            # Forget idle destinations: a worker sees many domains over its life.
+            entry.users -= 1
+            if entry.users == 0:
+                del self._per_destination[destination]
 
     async def acquire(
         self, key: PoolKey, opener: Callable[[], Awaitable[SMTPConnection]]

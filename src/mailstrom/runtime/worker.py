@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from mailstrom.config import Config
 from mailstrom.routing import Router
+from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.delivery import Deliverer
 from mailstrom.runtime.pool import ConnectionPool
 from mailstrom.status import RecipientState, WorkerStatus
@@ -262,16 +263,7 @@ class Worker:
             c.deferred += 1
         else:
             c.failed += 1
-        log.info(
-            "attempt message=%s rcpt=%s state=%s host=%s ip=%s tls=%s reason=%r",
-            result.message_id,
-            result.address,
-            result.state,
-            result.attempt.mx_host,
-            result.attempt.ip,
-            result.attempt.tls_version,
-            result.attempt.reason,
-        )
+        log_attempt(result)
         if self._on_result is not None:
             self._on_result(result)
 
