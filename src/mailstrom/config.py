@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 
 
@@ -111,3 +112,23 @@ class Config:
     """Longest idle sleep between store checks when no wake-up arrives."""
     source_address: str | None = None
     """Local address to bind outgoing connections to."""
+
+    def __post_init__(self) -> None:
+        # Fail where the bad value is given, not deep inside the worker later.
+        if not self.helo_name or any(c.isspace() for c in self.helo_name):
+            raise ConfigError(f"helo_name must be a host name, got {self.helo_name!r}")
+        if not 0 < self.smtp_port < 65536:
+            raise ConfigError(f"smtp_port must be 1-65535, got {self.smtp_port}")
+        for name in (
+            "max_connections",
+            "max_per_destination",
+            "max_messages_per_connection",
+            "lease_batch",
+            "max_message_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lease_for.total_seconds() <= 0 or self.poll_interval <= 0:
+            raise ConfigError("lease_for and poll_interval must be positive")
+        if self.retry.min_delay > self.retry.max_delay:
+            raise ConfigError("retry.min_delay must not exceed retry.max_delay")
