@@ -16,6 +16,7 @@ from mailstrom import Config, Email, RecipientState, RetryPolicy, Timeouts, TLSP
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
+from mailstrom.message import PreparedMessage
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Store
 from tests.fixtures.dns_server import LoopbackDNS
@@ -538,3 +539,22 @@ async def test_async_facade_start_error() -> None:
     ms = AsyncMailstrom(Config(helo_name="client.test"), store=BrokenStore())
     with pytest.raises(WorkerError, match="cannot listen"):
         await ms.start()
+
+
+def test_a_crash_in_delivery_is_recorded_not_lost(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # Bypass prepare(): an address the SMTP layer refuses to put on the wire.
+    store = MemoryStore()
+    bad = PreparedMessage(
+        data=b"From: a@sender.test\r\n\r\nx\r\n",
+        envelope_from="a@sender.test",
+        recipients=("bad\r\naddress@example.org",),
+    )
+    mid = store.enqueue(bad, now=clock())
+    mailstrom(store=store)
+    results.wait_count(1)
+    [r] = store.status(mid).recipients
+    assert r.state is DEFERRED
+    assert "internal error" in (r.error or "")
+    assert mx.messages == []

@@ -8,6 +8,7 @@ outcome of each recipient is turned into a :class:`RecipientResult` with the ret
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from mailstrom.runtime.connection import (
 from mailstrom.runtime.pool import ConnectionPool, PoolKey
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+
+log = logging.getLogger("mailstrom.delivery")
 
 _STARTTLS_FOR_POLICY = {
     TLSPolicy.OPPORTUNISTIC: StartTLS.OPPORTUNISTIC,
@@ -74,6 +77,12 @@ class Deliverer:
                 return await self._deliver_via(route, item, started)
         except DeliveryError as exc:
             return self._all(item, exc, started, _Where(host=exc.host))
+        except Exception as exc:
+            # A bug must not leave the recipients leased forever or lose them: record a
+            # temporary failure so the retry policy (and its max age) still applies.
+            log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
+            error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
+            return self._all(item, error, started, _Where())
 
     async def _route(self, domain: str) -> Route:
         relay = self._config.relay
@@ -108,6 +117,9 @@ class Deliverer:
                     exc.host = exc.host or host.name
                     last_error = exc
                     continue
+                except BaseException:
+                    self._pool.discard(conn)
+                    raise
                 self._pool.release(key, conn)
                 return self._interpret(item, result, started, self._where(conn))
         return self._all(item, last_error, started, _Where(host=last_error.host))
