@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
+	$(VENV)/bin/mypy --strict tests/type_usage.py
 
 pytest: $(STAMP) system-deps
 	$(VENV)/bin/pytest

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 
-from mailstrom.client.common import Clock, MessageInput, default_store, prepare_for
-from mailstrom.config import Config
+from mailstrom.client.common import FacadeBase, MessageInput
 from mailstrom.errors import WorkerError
-from mailstrom.routing import Router
-from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MessageStatus, WorkerStatus
-from mailstrom.stores.base import RecipientResult, Store
 
 
-class AsyncMailstrom:
+class AsyncMailstrom(FacadeBase):
     """Queue mail and deliver it on the running event loop.
 
     >>> async with AsyncMailstrom(Config(helo_name="mail.example.com"),
@@ -29,24 +24,7 @@ class AsyncMailstrom:
     ``mailstrom.db`` in the working directory).
     """
 
-    def __init__(
-        self,
-        config: Config | None = None,
-        *,
-        store: Store | None = None,
-        router: Router | None = None,
-        clock: Clock = utc_now,
-        rng: random.Random | None = None,
-        on_result: Callable[[RecipientResult], None] | None = None,
-    ) -> None:
-        self.config = config or Config()
-        self._owns_store = store is None
-        self.store = store if store is not None else default_store()
-        self._clock = clock
-        self.worker = Worker(
-            self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
-        )
-        self._task: asyncio.Task[None] | None = None
+    _task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start delivering in a task on the running loop; raise if the worker cannot."""
@@ -102,13 +80,7 @@ class AsyncMailstrom:
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input; nothing
         is queued then. Never waits on the network.
         """
-        prepared = prepare_for(
-            self.config,
-            message,
-            envelope_from=envelope_from,
-            envelope_to=envelope_to,
-            now=self._clock(),
-        )
+        prepared = self._prepare(message, envelope_from, envelope_to)
         return await asyncio.to_thread(self.store.enqueue, prepared, now=self._clock())
 
     async def query_status(self, message_id: str) -> MessageStatus:

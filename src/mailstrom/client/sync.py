@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 
-from mailstrom.client.common import Clock, MessageInput, default_store, prepare_for
-from mailstrom.config import Config
+from mailstrom.client.common import FacadeBase, MessageInput
 from mailstrom.errors import WorkerError
-from mailstrom.routing import Router
-from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MessageStatus, WorkerStatus
-from mailstrom.stores.base import RecipientResult, Store
 
 log = logging.getLogger("mailstrom")
 
 
-class Mailstrom:
+class Mailstrom(FacadeBase):
     """Queue mail and deliver it in the background.
 
     >>> from mailstrom import Mailstrom, Config, Email
@@ -38,26 +33,8 @@ class Mailstrom:
     ...         print(r.address, r.state, r.reason)
     """
 
-    def __init__(
-        self,
-        config: Config | None = None,
-        *,
-        store: Store | None = None,
-        router: Router | None = None,
-        clock: Clock = utc_now,
-        rng: random.Random | None = None,
-        on_result: Callable[[RecipientResult], None] | None = None,
-    ) -> None:
-        self.config = config or Config()
-        self._owns_store = store is None
-        self.store = store if store is not None else default_store()
-        self._clock = clock
-        self.worker = Worker(
-            self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
-        )
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
+    _thread: threading.Thread | None = None
+    _start_error: BaseException | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -65,7 +42,8 @@ class Mailstrom:
         """Start the worker thread; return when it runs, or raise what stopped it."""
         if self._thread is not None:
             raise WorkerError("already started")
-        self._ready.clear()
+        self._ready = threading.Event()
+        self._start_error = None
         self._thread = threading.Thread(target=self._run, name="mailstrom-worker", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -127,13 +105,7 @@ class Mailstrom:
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input;
         nothing is queued then.
         """
-        prepared = prepare_for(
-            self.config,
-            message,
-            envelope_from=envelope_from,
-            envelope_to=envelope_to,
-            now=self._clock(),
-        )
+        prepared = self._prepare(message, envelope_from, envelope_to)
         return self.store.enqueue(prepared, now=self._clock())
 
     def query_status(self, message_id: str) -> MessageStatus:

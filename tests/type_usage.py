@@ -1,0 +1,68 @@
+"""Type-checked (mypy --strict, in `make test`), not run: the public API as a user writes it.
+
+If a change makes this file fail to type-check, users' code would break the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from mailstrom import (
+    AsyncMailstrom,
+    Attachment,
+    Config,
+    DNSConfig,
+    Email,
+    InvalidAddress,
+    InvalidMessage,
+    Mailstrom,
+    MessageStatus,
+    RecipientState,
+    RetryPolicy,
+    TLSPolicy,
+)
+from mailstrom.stores import SQLiteStore, open_store
+
+
+def sync_usage() -> None:
+    config = Config(
+        helo_name="mail.example.com",
+        tls=TLSPolicy.VERIFY,
+        retry=RetryPolicy(min_delay=timedelta(minutes=1)),
+        dns=DNSConfig(nameservers=("127.0.0.1",), port=5353),
+    )
+    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+        mid: str = ms.send_email(
+            Email(
+                from_="App <app@example.com>",
+                to=["bob@example.org"],
+                subject="Hi",
+                text="Hello",
+                attachments=[Attachment(filename="a.txt", content=b"x", content_type="text/plain")],
+            )
+        )
+        status: MessageStatus = ms.query_status(mid)
+        for r in status.recipients:
+            if r.state is RecipientState.DEFERRED and r.next_attempt_at is not None:
+                print(r.address, r.reason, r.attempts, r.next_attempt_at.isoformat())
+        try:
+            ms.send_email(b"From: a@b.example\r\n\r\nno recipients\r\n")
+        except InvalidAddress as exc:
+            print(exc.address)
+        except InvalidMessage as exc:
+            print(exc.reason)
+        ms.retry(mid)
+        ms.cancel(mid)
+        print(ms.worker_status.running, ms.query_recent(5))
+
+
+async def async_usage() -> None:
+    async with AsyncMailstrom(Config(), store=open_store("memory:")) as ms:
+        mid = await ms.send_email(Email(from_="a@example.com", to="b@example.org", text="x"))
+        status = await ms.query_status(mid)
+        print(status.state.is_final)
+
+
+if __name__ == "__main__":
+    asyncio.run(async_usage())
