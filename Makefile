@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict tests/type_usage.py
 
 pytest: $(STAMP) system-deps
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --cov=mailstrom --cov-report=term:skip-covered
 
 test: lint typecheck pytest
 
