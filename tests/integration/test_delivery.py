@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Config, Email, RecipientState, RetryPolicy, Timeouts, TLSPolicy
+from mailstrom import (
+    Config,
+    Email,
+    InvalidAddress,
+    RecipientState,
+    RetryPolicy,
+    Timeouts,
+    TLSPolicy,
+)
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
@@ -558,3 +566,13 @@ def test_a_crash_in_delivery_is_recorded_not_lost(
     assert r.state is DEFERRED
     assert "internal error" in (r.error or "")
     assert mx.messages == []
+
+
+def test_send_emails_is_all_or_nothing(mailstrom: MakeMailstrom, mx: Any, results: Results) -> None:
+    ms = mailstrom()
+    with pytest.raises(InvalidAddress):
+        ms.send_emails([hello("ok@example.org"), hello("not an address")])
+    assert ms.query_recent() == []
+    ids = ms.send_emails([hello(f"batch{i}@example.org") for i in range(3)])
+    results.wait_count(3)
+    assert [ms.query_status(i).state for i in ids] == [DELIVERED] * 3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
@@ -82,6 +82,12 @@ class AsyncMailstrom(FacadeBase):
         """
         prepared = self._prepare(message, envelope_from, envelope_to)
         return await asyncio.to_thread(self.store.enqueue, prepared, now=self._clock())
+
+    async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
+        """Queue a batch in one store transaction; all or nothing (see
+        :meth:`Mailstrom.send_emails`)."""
+        prepared = [self._prepare(m, None, None) for m in messages]
+        return await asyncio.to_thread(self.store.enqueue_many, prepared, now=self._clock())
 
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""

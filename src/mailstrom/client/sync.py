@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
@@ -107,6 +107,15 @@ class Mailstrom(FacadeBase):
         """
         prepared = self._prepare(message, envelope_from, envelope_to)
         return self.store.enqueue(prepared, now=self._clock())
+
+    def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
+        """Queue a batch in one store transaction (one fsync); ids in the same order.
+
+        All or nothing: every message is validated first, and if one is invalid its
+        :class:`~mailstrom.errors.InvalidMessage` is raised and none is queued.
+        """
+        prepared = [self._prepare(m, None, None) for m in messages]
+        return self.store.enqueue_many(prepared, now=self._clock())
 
     def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history.

@@ -13,6 +13,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
 
 ATTEMPT_LOGGER = "mailstrom.attempts"
+_log = logging.getLogger(ATTEMPT_LOGGER)
 
 
 def attempt_fields(result: RecipientResult) -> dict[str, Any]:
@@ -39,6 +40,5 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
 def log_attempt(result: RecipientResult) -> None:
     """Log one attempt (INFO when delivered, WARNING otherwise)."""
     level = logging.INFO if result.state is RecipientState.DELIVERED else logging.WARNING
-    logging.getLogger(ATTEMPT_LOGGER).log(
-        level, "attempt", extra={"fields": attempt_fields(result)}
-    )
+    if _log.isEnabledFor(level):  # the fields cost more than the call on the hot path
+        _log.log(level, "attempt", extra={"fields": attempt_fields(result)})
