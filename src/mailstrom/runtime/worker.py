@@ -282,7 +282,16 @@ class Worker:
         for token, progress in list(self._leases.items()):
             batch, progress.pending = progress.pending, []
             if batch:
-                await asyncio.to_thread(self.store.record, progress.lease, batch)
+                recorded = await asyncio.to_thread(self.store.record, progress.lease, batch)
+                if recorded < len(batch):
+                    # The lease expired and another worker took these recipients over;
+                    # its outcome stands (the message may have gone out twice).
+                    log.warning(
+                        "lease %s: %d of %d results ignored, taken over by another worker",
+                        token,
+                        len(batch) - recorded,
+                        len(batch),
+                    )
                 for result in batch:
                     self._count(result)
             if progress.open_items == 0 and not progress.pending:
