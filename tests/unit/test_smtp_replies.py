@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailstrom.errors import SMTPProtocolError
-from mailstrom.smtp import ReplyParser, parse_ehlo
+from mailstrom.smtp import ReplyParser, make_reply, parse_ehlo
 from mailstrom.smtp.replies import MAX_LINE
 from mailstrom.status import SMTPReply
 
@@ -122,3 +124,130 @@ def test_parse_ehlo_keywords() -> None:
 
 def test_parse_ehlo_legacy_auth_form() -> None:
     assert parse_ehlo(SMTPReply(code=250, text="mx\nAUTH=PLAIN LOGIN")) == {"AUTH": "PLAIN LOGIN"}
+
+
+# --- the fast path agrees with the regex-only parser it replaced ----------------------
+
+_REF_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
+_REF_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+
+
+def reference_make_reply(code: int, lines: list[bytes]) -> SMTPReply:
+    texts = [raw.decode("utf-8", "replace") for raw in lines]
+    enhanced = None
+    match = _REF_ENHANCED.match(texts[0]) if texts else None
+    if match is not None and int(match.group(1)) == code // 100:
+        enhanced = ".".join(match.group(1, 2, 3))
+        stripped = []
+        for text in texts:
+            m = _REF_ENHANCED.match(text)
+            if m is not None and ".".join(m.group(1, 2, 3)) == enhanced:
+                text = text[m.end() :]
+            stripped.append(text)
+        texts = stripped
+    return SMTPReply(code=code, text="\n".join(texts), enhanced=enhanced)
+
+
+def reference_parse(wire: bytes) -> list[SMTPReply | str]:
+    """Every reply of ``wire`` with plain regexes, then the error that stopped it, if any."""
+    out: list[SMTPReply | str] = []
+    code: bytes | None = None
+    lines: list[bytes] = []
+    *complete, _ = wire.split(b"\n")
+    for line in complete:
+        line = line.removesuffix(b"\r")
+        if len(line) > MAX_LINE:
+            return [*out, "longer"]
+        match = _REF_LINE.fullmatch(line)
+        if match is None:
+            return [*out, "malformed"]
+        if code is not None and match.group(1) != code:
+            return [*out, "changed"]
+        code = match.group(1)
+        lines.append(match.group(3) or b"")
+        if match.group(2) != b"-":
+            out.append(reference_make_reply(int(code), lines))
+            code, lines = None, []
+    return out
+
+
+def parse_or_error(wire: bytes) -> list[SMTPReply | str]:
+    out: list[SMTPReply | str] = []
+    parser = ReplyParser()
+    try:
+        parser.feed(wire)
+        while (reply := parser.next_reply()) is not None:
+            out.append(reply)
+    except SMTPProtocolError as exc:
+        out.append(next(w for w in ("longer", "malformed", "changed") if w in str(exc)))
+    return out
+
+
+_TEXT_PIECES = st.sampled_from(
+    [
+        "2.1.5", "5.1.1", "4.7.1", "2.0.0", "3.0.0", "5.7.26", "2.123.456", "2.1234.5",
+        "2.1.5555", "2.\u0661.5", "2.1.\u0663", "2.\u00b2.5", "2.1.", "2..5", "2.1.5.6", "2.1.5\n",
+        " ", "  ", "\t", "\r", ".", "OK", "ü", "x", "\0",
+    ]
+)  # fmt: skip
+_LINES = st.tuples(
+    st.sampled_from(
+        [*b"250 550 451 452 354 334 221 421 199 650 260 25 2x0".split(), b"", b"\xd9\xa2"]
+    ),
+    st.sampled_from([b" ", b" ", b" ", b" ", b"-", b"", b"\t", b"x"]),
+    st.lists(_TEXT_PIECES, max_size=4).map(lambda p: "".join(p).encode()),
+    st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]),
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(_LINES, min_size=1, max_size=8))
+def test_parser_agrees_with_the_regex_only_parser(lines: list[tuple[bytes, ...]]) -> None:
+    wire = b"".join(code + sep + text + end for code, sep, text, end in lines)
+    assert parse_or_error(wire) == reference_parse(wire)
+
+
+@settings(max_examples=500)
+@given(st.integers(0, 699), st.lists(st.lists(_TEXT_PIECES, max_size=4).map("".join), max_size=4))
+def test_make_reply_agrees_with_the_regex_only_version(code: int, texts: list[str]) -> None:
+    lines = [t.encode() for t in texts]
+    assert make_reply(code, lines) == reference_make_reply(code, lines)
+
+
+@pytest.mark.parametrize(
+    ("wire", "reply"),
+    [
+        (b"250 2.1.5 OK\r\n", SMTPReply(code=250, enhanced="2.1.5", text="OK")),
+        (b"250 2.1.5   OK\r\n", SMTPReply(code=250, enhanced="2.1.5", text="OK")),
+        (b"250 2.1.5\r\n", SMTPReply(code=250, enhanced="2.1.5", text="")),
+        (b"550 5.7.26 unauth\r\n", SMTPReply(code=550, enhanced="5.7.26", text="unauth")),
+        (b"250 2.123.456 x\r\n", SMTPReply(code=250, enhanced="2.123.456", text="x")),
+        (b"250 2.1234.5 x\r\n", SMTPReply(code=250, text="2.1234.5 x")),
+        (b"250 2.1.5.6 x\r\n", SMTPReply(code=250, text="2.1.5.6 x")),
+        (b"250 2.1.5\tOK\r\n", SMTPReply(code=250, text="2.1.5\tOK")),
+        (b"354 3.0.0 go\r\n", SMTPReply(code=354, text="3.0.0 go")),
+        (b"451 5.1.1 odd\r\n", SMTPReply(code=451, text="5.1.1 odd")),
+        # \d in the RFC 3463 pattern is any Unicode decimal digit; kept as it was.
+        ("250 2.\u0661.5 x\r\n".encode(), SMTPReply(code=250, enhanced="2.\u0661.5", text="x")),
+        # ... but not any character str.isdigit() accepts, such as a superscript two.
+        ("250 2.\u00b2.5 x\r\n".encode(), SMTPReply(code=250, text="2.\u00b2.5 x")),
+        (b"250 a\r\r\n", SMTPReply(code=250, text="a\r")),
+        (b"250 \xff\r\n", SMTPReply(code=250, text="\ufffd")),
+    ],
+)
+def test_single_line_replies(wire: bytes, reply: SMTPReply) -> None:
+    assert parse_all(wire) == [reply]
+
+
+def test_single_line_fast_path_still_checks_the_multi_line_code() -> None:
+    parser = ReplyParser()
+    parser.feed(b"250-one\r\n")
+    assert parser.next_reply() is None
+    parser.feed(b"550 two\r\n")  # looks like a whole single-line reply on its own
+    with pytest.raises(SMTPProtocolError, match="changed"):
+        parser.next_reply()
+
+
+def test_over_long_complete_line_is_a_protocol_error() -> None:
+    with pytest.raises(SMTPProtocolError, match="longer"):
+        parse_all(b"250 " + b"x" * MAX_LINE + b"\r\n")

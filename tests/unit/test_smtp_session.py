@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp import (
@@ -15,7 +18,9 @@ from mailstrom.smtp import (
     Reply,
     State,
     encode_body,
+    encode_path,
 )
+from mailstrom.smtp.session import _AFTER_REPLY, _ALLOWED, _GROUPABLE, _MAY_FOLLOW, _SUCCESS
 
 EHLO_FULL = (
     b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
@@ -370,3 +375,114 @@ def test_byte_by_byte_conversation() -> None:
 def test_invalid_helo_name() -> None:
     with pytest.raises(ValueError, match="HELO"):
         ClientSession(helo_name="bad name\r\n")
+
+
+# --- can_send keeps its bookkeeping incrementally; it must agree with a full re-walk ------
+
+
+def reference_can_send(session: ClientSession, command: Command) -> bool:
+    """can_send as it was: project the state over every outstanding command, then check."""
+    state = session.state
+    for pending in session.outstanding:
+        after = _AFTER_REPLY[pending][_SUCCESS.get(pending, 2)]
+        if after is not None:
+            state = after
+    if command not in _ALLOWED[state]:
+        return False
+    if not session.outstanding:
+        return True
+    return (
+        session.pipelining
+        and command in _MAY_FOLLOW
+        and all(c in _GROUPABLE for c in session.outstanding)
+    )
+
+
+_SENDERS = {
+    Command.EHLO: lambda s: s.ehlo(),
+    Command.HELO: lambda s: s.helo(),
+    Command.STARTTLS: lambda s: s.starttls(),
+    Command.AUTH: lambda s: s.auth_response(b"x") if s.state is State.AUTH else s.auth_login(),
+    Command.MAIL: lambda s: s.mail("a@a.test"),
+    Command.RCPT: lambda s: s.rcpt("b@b.test"),
+    Command.DATA: lambda s: s.data(),
+    Command.BODY: lambda s: s.body(b"x\r\n"),
+    Command.RSET: lambda s: s.rset(),
+    Command.NOOP: lambda s: s.noop(),
+    Command.QUIT: lambda s: s.quit(),
+}
+_CODES = {2: [250, 220], 3: [354, 334], 4: [451, 421], 5: [550]}
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_can_send_agrees_with_a_full_walk_of_the_outstanding_commands(
+    data: st.DataObject,
+) -> None:
+    # Half the runs start with PIPELINING offered, so that long batches are common.
+    session = ready() if data.draw(st.booleans()) else ClientSession(helo_name="client.test")
+    for _ in range(40):
+        for command in Command:
+            assert session.can_send(command) is reference_can_send(session, command), command
+        if session.state is State.CLOSED:
+            break
+        sendable = [c for c in _SENDERS if session.can_send(c)]
+        if Command.QUIT in sendable and len(sendable) > 1 and data.draw(st.integers(0, 19)):
+            sendable.remove(Command.QUIT)  # rarely, or few sessions get as far as a batch
+        if session.outstanding and (not sendable or data.draw(st.integers(0, 3)) == 0):
+            # Answer the oldest command, usually with a reply it can get.
+            head = session.outstanding[0]
+            digits = sorted(_AFTER_REPLY[head]) if data.draw(st.integers(0, 9)) else [2, 3, 4, 5]
+            code = data.draw(st.sampled_from(_CODES[data.draw(st.sampled_from(digits))]))
+            wire = b"%d ok\r\n" % code
+            if head in (Command.EHLO, Command.HELO) and code // 100 == 2:
+                pipelining = b"250-mx\r\n250 PIPELINING\r\n"
+                wire = data.draw(st.sampled_from([pipelining, pipelining, wire]))
+            try:
+                feed(session, wire)
+            except SMTPProtocolError:
+                assert session.state is State.CLOSED
+        elif sendable:
+            _SENDERS[data.draw(st.sampled_from(sendable))](session)
+        elif session.state is State.TLS:
+            session.tls_established()
+        else:
+            break
+
+
+@pytest.mark.parametrize("wire", [b"421 4.3.2 bye\r\n", b"354 not for MAIL\r\n"])
+def test_nothing_may_be_sent_once_closed_mid_batch(wire: bytes) -> None:
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test", "c@b.test"])
+    with contextlib.suppress(SMTPProtocolError):
+        feed(session, wire)
+    assert session.state is State.CLOSED
+    assert [c for c in Command if session.can_send(c)] == []
+
+
+def test_long_pipelined_envelope() -> None:
+    session = ready()
+    recipients = [f"r{i}@b.test" for i in range(5000)]
+    batch = session.envelope("a@a.test", recipients, reset=True)
+    assert batch.count(b"RCPT TO:") == 5000
+    assert len(session.outstanding) == 5003
+    assert not session.can_send(Command.MAIL)
+    events = feed(session, b"250 ok\r\n" * 5002 + b"354 go\r\n")
+    assert [e.argument for e in events[2:-1]] == recipients
+    assert session.state is State.DATA
+    assert session.outstanding == ()
+    assert session.can_send(Command.BODY)
+
+
+@pytest.mark.parametrize("char", ["\r", "\n", "\0", "<", ">"])
+def test_encode_path_refuses_each_forbidden_character(char: str) -> None:
+    with pytest.raises(ValueError, match="invalid envelope address"):
+        encode_path(f"a{char}b@c.test", True)
+
+
+def test_encode_path() -> None:
+    assert encode_path("", False) == b"<>"
+    assert encode_path("a@b.test", False) == b"<a@b.test>"
+    assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()
+    with pytest.raises(ValueError, match="SMTPUTF8"):
+        encode_path("ü@b.test", False)

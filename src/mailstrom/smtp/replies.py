@@ -23,6 +23,8 @@ MAX_REPLY = 1024 * 1024
 _LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
 # RFC 3463: class.subject.detail at the start of the text.
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+# Reply classes that carry an enhanced code of the same class (RFC 3463: 2, 4 and 5).
+_CLASS = {2: "2", 4: "4", 5: "5"}
 
 
 class ReplyParser:
@@ -59,37 +61,55 @@ class ReplyParser:
 
     def next_reply(self) -> SMTPReply | None:
         """The next complete reply, or None until more bytes arrive."""
+        buffer = self._buffer
         while True:
-            end = self._buffer.find(b"\n", self._scanned)
+            end = buffer.find(b"\n", self._scanned)
             if end < 0:
-                if len(self._buffer) > MAX_LINE:
+                if len(buffer) > MAX_LINE:
                     raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
-                self._scanned = len(self._buffer)
+                self._scanned = len(buffer)
                 return None
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
+            line = bytes(buffer[: end - 1 if end and buffer[end - 1] == 13 else end])  # no CR
+            del buffer[: end + 1]
             self._scanned = 0
-            if line.endswith(b"\r"):
-                line = line[:-1]
             if len(line) > MAX_LINE:
                 raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
-            match = _LINE.fullmatch(line)
-            if match is None:
-                raise SMTPProtocolError(f"malformed reply line: {line[:80]!r}")
-            code, separator, text = match.group(1), match.group(2), match.group(3) or b""
-            if self._code is not None and code != self._code:
-                raise SMTPProtocolError(
-                    f"reply code changed inside a multi-line reply: "
-                    f"{self._code.decode()} then {code.decode()}"
-                )
-            self._code = code
-            self._lines.append(text)
-            self._size += len(line)
-            if self._size > MAX_REPLY:
-                raise SMTPProtocolError(f"reply longer than {MAX_REPLY} octets")
-            if separator != b"-":
-                lines, self._lines, self._code, self._size = self._lines, [], None, 0
-                return make_reply(int(code), lines)
+            # Fast path, the common case: a whole single-line reply "DDD SP text". Bytes
+            # indexing gives ints: first digit 2-5, second 0-5, third 0-9, then a space.
+            if (
+                self._code is None
+                and len(line) > 3
+                and line[3] == 32
+                and 50 <= line[0] <= 53
+                and 48 <= line[1] <= 53
+                and 48 <= line[2] <= 57
+            ):
+                code = (line[0] - 48) * 100 + (line[1] - 48) * 10 + line[2] - 48
+                return _single_reply(code, line[4:].decode("utf-8", "replace"))
+            reply = self._add_line(line)
+            if reply is not None:
+                return reply
+
+    def _add_line(self, line: bytes) -> SMTPReply | None:
+        """One line of any form; the reply when it was the last line of one."""
+        match = _LINE.fullmatch(line)
+        if match is None:
+            raise SMTPProtocolError(f"malformed reply line: {line[:80]!r}")
+        code, separator, text = match.group(1), match.group(2), match.group(3) or b""
+        if self._code is not None and code != self._code:
+            raise SMTPProtocolError(
+                f"reply code changed inside a multi-line reply: "
+                f"{self._code.decode()} then {code.decode()}"
+            )
+        self._code = code
+        self._lines.append(text)
+        self._size += len(line)
+        if self._size > MAX_REPLY:
+            raise SMTPProtocolError(f"reply longer than {MAX_REPLY} octets")
+        if separator == b"-":
+            return None
+        lines, self._lines, self._code, self._size = self._lines, [], None, 0
+        return make_reply(int(code), lines)
 
 
 def make_reply(code: int, lines: list[bytes]) -> SMTPReply:
@@ -99,19 +119,53 @@ def make_reply(code: int, lines: list[bytes]) -> SMTPReply:
     reply's, and removed from every line that repeats it (RFC 2034 §4 puts it on each).
     """
     texts = [raw.decode("utf-8", "replace") for raw in lines]
+    if len(texts) == 1:
+        return _single_reply(code, texts[0])
+    klass = _CLASS.get(code // 100)
     enhanced = None
-    match = _ENHANCED.match(texts[0]) if texts else None
-    if match is not None and int(match.group(1)) == code // 100:
-        enhanced = ".".join(match.group(1, 2, 3))
-        texts = [_strip_enhanced(t, enhanced) for t in texts]
+    if klass is not None and texts:
+        enhanced, first = _split_enhanced(texts[0], klass)
+        if enhanced is not None:
+            texts[0] = first
+            for i in range(1, len(texts)):
+                repeated, rest = _split_enhanced(texts[i], klass)
+                if repeated == enhanced:
+                    texts[i] = rest
     return SMTPReply(code=code, text="\n".join(texts), enhanced=enhanced)
 
 
-def _strip_enhanced(text: str, enhanced: str) -> str:
+def _single_reply(code: int, text: str) -> SMTPReply:
+    klass = _CLASS.get(code // 100)
+    if klass is None:
+        return SMTPReply(code=code, text=text)
+    enhanced, text = _split_enhanced(text, klass)
+    return SMTPReply(code=code, text=text, enhanced=enhanced)
+
+
+def _split_enhanced(text: str, klass: str) -> tuple[str | None, str]:
+    """(enhanced code, rest of the text) when ``text`` starts with an enhanced code of
+    class ``klass``, else (None, text); exactly what :data:`_ENHANCED` would find.
+
+    The usual "2.1.5 OK" is taken apart with string methods; anything unusual that might
+    still match (non-ASCII digits, say) goes to the regex.
+    """
+    if text[:1] != klass or text[1:2] != ".":
+        return None, text  # the regex cannot match, or matches another class
+    token, _, rest = text.partition(" ")
+    parts = token.split(".")
+    if len(parts) == 3 and token.isascii():
+        subject, detail = parts[1], parts[2]
+        if (
+            0 < len(subject) <= 3
+            and 0 < len(detail) <= 3
+            and subject.isdigit()
+            and detail.isdigit()
+        ):
+            return token, rest.lstrip(" ")
     match = _ENHANCED.match(text)
-    if match is not None and ".".join(match.group(1, 2, 3)) == enhanced:
-        return text[match.end() :]
-    return text
+    if match is None:
+        return None, text
+    return ".".join(match.group(1, 2, 3)), text[match.end() :]
 
 
 def parse_ehlo(reply: SMTPReply) -> dict[str, str]:

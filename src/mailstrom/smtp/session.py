@@ -23,6 +23,7 @@ b'MAIL FROM:<a@example.com> SIZE=10\\r\\nRCPT TO:<b@example.org>\\r\\nDATA\\r\\n
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -79,6 +80,10 @@ _AFTER_REPLY: dict[Command, dict[int, State | None]] = {
 # The reply class that lets each command go on; used to project the state after commands
 # still awaiting replies (pipelining).
 _SUCCESS = {_C.DATA: 3}
+# The state each command leads to when it succeeds; ``None`` keeps the state.
+_ON_SUCCESS: dict[Command, State | None] = {
+    command: after[_SUCCESS.get(command, 2)] for command, after in _AFTER_REPLY.items()
+}
 
 # Commands each (projected) state accepts.
 _ALLOWED: dict[State, frozenset[Command]] = {
@@ -135,7 +140,13 @@ class ClientSession:
         self._helo = helo_name.encode("ascii") if helo_name.isascii() else helo_name.encode("idna")
         self._state = State.GREETING
         self._parser = ReplyParser()
-        self._pending: deque[tuple[Command, str | None]] = deque([(Command.GREETING, None)])
+        self._pending: deque[tuple[Command, str | None]] = deque()
+        # Kept up to date as commands are queued and answered, so that can_send is O(1)
+        # however many commands a pipelined batch holds:
+        self._ungroupable = 0  # pending commands outside _GROUPABLE
+        self._changing = 0  # pending commands whose success changes the state
+        self._last_change = State.GREETING  # the state the newest of those leads to
+        self._push(Command.GREETING, None)
         self._extensions: dict[str, str] = {}
         self._esmtp = False
 
@@ -176,15 +187,11 @@ class ClientSession:
 
     def can_send(self, command: Command) -> bool:
         """Whether ``command`` may be sent now."""
-        if command not in _ALLOWED[self._projected_state()]:
+        if command not in _ALLOWED[self._last_change if self._changing else self._state]:
             return False
         if not self._pending:
             return True
-        return (
-            self.pipelining
-            and command in _MAY_FOLLOW
-            and all(c in _GROUPABLE for c, _ in self._pending)
-        )
+        return not self._ungroupable and command in _MAY_FOLLOW and self.pipelining
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -211,6 +218,10 @@ class ClientSession:
         if not self._pending:
             raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
         command, argument = self._pending.popleft()
+        if command not in _GROUPABLE:
+            self._ungroupable -= 1
+        if _ON_SUCCESS[command] is not None:
+            self._changing -= 1
         after = _AFTER_REPLY[command]
         digit = reply.code // 100
         if digit not in after:
@@ -218,7 +229,7 @@ class ClientSession:
         if reply.code == 421:
             # The server is going away: the replies still owed will never come.
             self._state = State.CLOSED
-            self._pending.clear()
+            self._clear_pending()
         elif (state := after[digit]) is not None:
             self._state = state
         if digit == 2 and command in (Command.EHLO, Command.HELO):
@@ -233,7 +244,20 @@ class ClientSession:
 
     def _fail(self) -> None:
         self._state = State.CLOSED
+        self._clear_pending()
+
+    def _push(self, command: Command, argument: str | None) -> None:
+        self._pending.append((command, argument))
+        if command not in _GROUPABLE:
+            self._ungroupable += 1
+        after = _ON_SUCCESS[command]
+        if after is not None:
+            self._changing += 1
+            self._last_change = after
+
+    def _clear_pending(self) -> None:
         self._pending.clear()
+        self._ungroupable = self._changing = 0
 
     # --- sending -----------------------------------------------------------------------
 
@@ -355,13 +379,9 @@ class ClientSession:
             raise LocalProtocolError(f"needs state {state}, not {self._projected_state()}")
 
     def _projected_state(self) -> State:
-        """The state once every outstanding command has succeeded."""
-        state = self._state
-        for command, _ in self._pending:
-            after = _AFTER_REPLY[command][_SUCCESS.get(command, 2)]
-            if after is not None:
-                state = after
-        return state
+        """The state once every outstanding command has succeeded: the state the newest
+        state-changing command leads to, or the current one when none is outstanding."""
+        return self._last_change if self._changing else self._state
 
     def _send(self, command: Command, line: bytes, argument: str | None = None) -> bytes:
         if not self.can_send(command):
@@ -369,14 +389,17 @@ class ClientSession:
                 f"cannot send {command} in state {self._projected_state()} "
                 f"with {len(self._pending)} replies outstanding"
             )
-        self._pending.append((command, argument))
+        self._push(command, argument)
         return line
+
+
+_FORBIDDEN_IN_PATH = re.compile(r"[\r\n\x00<>]").search
 
 
 def encode_path(address: str, smtputf8: bool) -> bytes:
     """``<address>`` for MAIL/RCPT (``<>`` for the null reverse-path); ValueError if it
     holds CR, LF, NUL or angle brackets, or non-ASCII without ``smtputf8``."""
-    if any(c in address for c in "\r\n\0<>"):
+    if _FORBIDDEN_IN_PATH(address) is not None:
         raise ValueError(f"invalid envelope address: {address!r}")
     try:
         encoded = address.encode("utf-8" if smtputf8 else "ascii")
