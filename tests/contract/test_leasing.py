@@ -208,3 +208,30 @@ def test_next_due(store: Store) -> None:
     lease = lease_all(store, now=later)
     store.record(lease, results_for(lease, RecipientState.DELIVERED, at=later))
     assert store.next_due(now=later) is None
+
+
+def test_extend_keeps_work_from_being_taken_over(store: Store) -> None:
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + 10 * LEASE_FOR
+    assert store.extend(lease, until=later) == 2
+
+    # Past the original expiry, before the extended one: still held.
+    assert store.lease(now=NOW + 2 * LEASE_FOR, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW) == later
+    # Past the extended expiry: due again.
+    again = store.lease(now=later + SECOND, limit=10, lease_for=LEASE_FOR)
+    assert sorted(leased_addresses(again)) == ["a@example.org", "b@example.org"]
+
+
+def test_extend_leaves_recorded_and_taken_over_recipients_alone(store: Store) -> None:
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert store.extend(lease, until=NOW + 2 * LEASE_FOR) == 1
+
+    taken_over = store.lease(now=NOW + 3 * LEASE_FOR, limit=10, lease_for=LEASE_FOR)
+    assert leased_addresses(taken_over) == ["b@example.org"]
+    assert store.extend(lease, until=NOW + 10 * LEASE_FOR) == 0
+    assert taken_over is not None
+    assert store.next_due(now=NOW) == taken_over.expires_at

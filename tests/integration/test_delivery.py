@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ from mailstrom import (
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
-from mailstrom.message import PreparedMessage
+from mailstrom.message import PreparedMessage, prepare
 from mailstrom.stores import MemoryStore, SQLiteStore
-from mailstrom.stores.base import Store
+from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import FakeClock, Results
 
@@ -576,3 +577,38 @@ def test_send_emails_is_all_or_nothing(mailstrom: MakeMailstrom, mx: Any, result
     ids = ms.send_emails([hello(f"batch{i}@example.org") for i in range(3)])
     results.wait_count(3)
     assert [ms.query_status(i).state for i in ids] == [DELIVERED] * 3
+
+
+class ExtendWatchingStore(MemoryStore):
+    """A MemoryStore that signals each lease extension, so a test can wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extended = threading.Event()
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        held = super().extend(lease, until=until)
+        self.extended.set()
+        return held
+
+
+def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    lease_for = timedelta(milliseconds=300)
+    mx.stall_on = "data"
+    store = ExtendWatchingStore()
+    mailstrom(store=store, lease_for=lease_for, timeouts=Timeouts(data_init=2))
+    mid = store.enqueue(prepare(hello("slow@example.org")), now=clock())
+    assert store.extended.wait(5)
+    clock.advance(lease_for - timedelta(milliseconds=50))
+    for _ in range(2):  # the second extension was surely computed after the advance
+        store.extended.clear()
+        assert store.extended.wait(5)
+    # Another worker looking now, past the first lease's expiry, finds nothing to take.
+    assert (
+        store.lease(now=clock() + timedelta(milliseconds=100), limit=10, lease_for=lease_for)
+        is None
+    )
+    results.wait_count(1)
+    assert store.status(mid).recipient("slow@example.org").state is DEFERRED

@@ -146,6 +146,7 @@ class Worker:
         )
         unwatch: Callable[[], None] | None = None
         recorder = asyncio.create_task(self._record_loop())
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
         try:
             unwatch = self.store.watch(self.wake)
             if on_started is not None:
@@ -156,6 +157,8 @@ class Worker:
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             for task in self._tasks:
@@ -266,6 +269,24 @@ class Worker:
         log_attempt(result)
         if self._on_result is not None:
             self._on_result(result)
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep extending the leases of work still in progress, so that a delivery that
+        takes long (slow peers, several MX hosts timing out, a queue behind one
+        destination's session limit) is not taken over and sent twice by another worker.
+        A worker that dies stops extending, and its leases expire as before."""
+        lease_for = self.config.lease_for
+        interval = lease_for.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)  # a timer, not synchronisation
+            until = self._clock() + lease_for
+            for progress in list(self._leases.values()):
+                if not progress.open_items:
+                    continue
+                try:
+                    await asyncio.to_thread(self.store.extend, progress.lease, until=until)
+                except Exception:  # a passing store hiccup; the next beat tries again
+                    log.warning("could not extend lease %s", progress.lease.token, exc_info=True)
 
     async def _record_loop(self) -> None:
         """Write results in batches: whatever finished while the last write ran goes in

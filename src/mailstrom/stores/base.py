@@ -128,6 +128,12 @@ class Store(Protocol):
         longer held under ``lease.token`` are ignored. Returns how many were recorded."""
         ...
 
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        """Move the expiry of the lease's unrecorded recipients to ``until`` (a worker's
+        heartbeat while deliveries take long). Recipients already taken over by another
+        lease are left alone. Returns how many are still held."""
+        ...
+
     def release(self, lease: Lease) -> None:
         """Give back every recipient of ``lease`` not yet recorded, due at once, without
         counting an attempt (used by a graceful stop)."""

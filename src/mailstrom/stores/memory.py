@@ -251,6 +251,21 @@ class MemoryStore:
                 recorded += 1
         return recorded
 
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        """Move the expiry of the lease's unrecorded recipients to ``until``."""
+        held = 0
+        with self._lock:
+            for item in lease.items:
+                m = self._messages.get(item.message_id)
+                if m is None:
+                    continue
+                for leased in item.recipients:
+                    r = m.recipients.get(leased.address)
+                    if r is not None and r.lease_token == lease.token:
+                        r.lease_expires_at = until
+                        held += 1
+        return held
+
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
         released = False

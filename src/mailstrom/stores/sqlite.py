@@ -455,6 +455,14 @@ class SQLiteStore:
             )
         return len(updates)
 
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        """Move the expiry of the lease's unrecorded recipients to ``until``."""
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE recipients SET lease_expires_at = ? WHERE lease_token = ?",
+                (to_us(until), lease.token),
+            ).rowcount
+
     def release(self, lease: Lease) -> None:
         """Give back every unrecorded recipient of ``lease``, due at once (they were due
         when leased, so clearing the lease is enough)."""

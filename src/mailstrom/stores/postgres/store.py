@@ -125,6 +125,22 @@ class PostgresStore:
         (count,) = self._fetch("record", rows.record_params(lease.token, results))[0]
         return int(count)
 
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        """Move the expiry of the lease's unrecorded recipients to ``until``."""
+        pairs = [(i.message_id, r.address) for i in lease.items for r in i.recipients]
+        if not pairs:
+            return 0
+        [(held,)] = self._fetch(
+            "extend",
+            {
+                "token": lease.token,
+                "until": until,
+                "message_ids": [m for m, _ in pairs],
+                "addresses": [a for _, a in pairs],
+            },
+        )
+        return int(held)
+
     def release(self, lease: Lease) -> None:
         """Give back the lease's unrecorded recipients, due at once."""
         pairs = [(i.message_id, r.address) for i in lease.items for r in i.recipients]

@@ -120,6 +120,18 @@ WITH res AS (
 )
 SELECT count(*) FROM history;
 
+-- name: extend
+WITH extended AS (
+    UPDATE recipients r
+    SET lease_expires_at = %(until)s
+    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
+    WHERE r.message_id = t.message_id
+      AND r.address = t.address
+      AND r.lease_token = %(token)s
+    RETURNING 1
+)
+SELECT count(*) FROM extended;
+
 -- name: release
 WITH released AS (
     UPDATE recipients r
