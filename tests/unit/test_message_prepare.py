@@ -457,3 +457,12 @@ def test_domain_literal_is_accepted() -> None:
 def test_unsupported_input_type() -> None:
     with pytest.raises(TypeError):
         prepare("From: a@example.com\r\n\r\n")  # type: ignore[arg-type]
+
+
+def test_malformed_address_error_quotes_what_the_user_wrote() -> None:
+    from mailstrom import Email, InvalidAddress, prepare
+
+    with pytest.raises(InvalidAddress) as caught:
+        prepare(Email(from_="a@b.example", to=["x@y.example"], cc=["carol@@x.example"]))
+    assert "carol@@x.example" in str(caught.value)
+    assert caught.value.address == "carol@@x.example"

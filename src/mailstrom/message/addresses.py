@@ -72,16 +72,23 @@ def parse_address_list(field: str, value: str) -> tuple[Group, ...]:
             f"{field} header cannot be parsed ({exc!r}): {value!r}", address=value
         ) from exc
     assert isinstance(header, AddressHeader)
-    return checked_groups(field, header)
+    return checked_groups(field, header, original=unfolded)
 
 
-def checked_groups(field: str, header: AddressHeader) -> tuple[Group, ...]:
-    """The groups of a parsed address header; :class:`InvalidAddress` if it is malformed."""
+def checked_groups(
+    field: str, header: AddressHeader, *, original: str | None = None
+) -> tuple[Group, ...]:
+    """The groups of a parsed address header; :class:`InvalidAddress` if it is malformed.
+
+    The error quotes ``original`` (what the user wrote) when given: the parsed header's
+    own rendering of a malformed value can be unrecognisable (``<>`` for ``a@@b``).
+    """
     # At run time every registry header is also a BaseHeader; the stubs cannot say so.
     for defect in cast(BaseHeader, header).defects:
         if isinstance(defect, email_errors.InvalidHeaderDefect):
+            shown = original if original is not None else str(header)
             raise InvalidAddress(
-                f"{field} header is malformed ({defect}): {str(header)!r}", address=str(header)
+                f"{field} header is malformed ({defect}): {shown!r}", address=shown
             )
     return header.groups
 
