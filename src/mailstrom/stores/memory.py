@@ -251,35 +251,34 @@ class MemoryStore:
                 recorded += 1
         return recorded
 
+    def _still_held(self, lease: Lease) -> list[_Recipient]:
+        """The lease's recipients not yet recorded nor taken over (call under the lock)."""
+        held = []
+        for item in lease.items:
+            m = self._messages.get(item.message_id)
+            if m is None:
+                continue
+            for leased in item.recipients:
+                r = m.recipients.get(leased.address)
+                if r is not None and r.lease_token == lease.token:
+                    held.append(r)
+        return held
+
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
-        held = 0
         with self._lock:
-            for item in lease.items:
-                m = self._messages.get(item.message_id)
-                if m is None:
-                    continue
-                for leased in item.recipients:
-                    r = m.recipients.get(leased.address)
-                    if r is not None and r.lease_token == lease.token:
-                        r.lease_expires_at = until
-                        held += 1
-        return held
+            held = self._still_held(lease)
+            for r in held:
+                r.lease_expires_at = until
+        return len(held)
 
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
-        released = False
         with self._lock:
-            for item in lease.items:
-                m = self._messages.get(item.message_id)
-                if m is None:
-                    continue
-                for leased in item.recipients:
-                    r = m.recipients.get(leased.address)
-                    if r is not None and r.lease_token == lease.token:
-                        r.lease_token = r.lease_expires_at = None
-                        released = True
-        if released:
+            held = self._still_held(lease)
+            for r in held:
+                r.lease_token = r.lease_expires_at = None
+        if held:
             self._watchers.notify()
 
     def retry(self, message_id: str, *, now: datetime) -> int:
