@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -506,39 +506,35 @@ class SMTPConnection:
         return await self._reply(seconds, what)
 
     async def _write(self, data: bytes, seconds: float, what: str) -> None:
-        try:
+        async with self._guard(seconds, f"sending {what}", f"take {what}"):
             self._writer.write(data)
-            async with asyncio.timeout(seconds):
-                await self._writer.drain()
-        except TimeoutError:
-            self._healthy = False
-            raise SMTPTimeout(
-                f"{self.host} did not take {what} within {seconds:g}s", host=self.host
-            ) from None
-        except OSError as exc:
-            self._healthy = False
-            raise SMTPConnectError(
-                f"connection to {self.host} lost sending {what}: {exc}", host=self.host
-            ) from exc
+            await self._writer.drain()
 
     async def _reply(self, seconds: float, what: str) -> Reply:
         session = self._session
         event = session.next_event()
         if isinstance(event, Reply):
             return event
+        async with self._guard(seconds, f"waiting for {what}", f"reply to {what}"):
+            while True:
+                received = await self._reader.read(_READ_SIZE)
+                if not received:
+                    raise SMTPConnectError(
+                        f"{self.host} closed the connection before replying to {what}",
+                        host=self.host,
+                    )
+                session.receive_data(received)
+                event = session.next_event()
+                if isinstance(event, Reply):
+                    return event
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, seconds: float, doing: str, expected: str) -> AsyncIterator[None]:
+        """Bound one step by ``seconds`` and turn what can go wrong into our errors; any
+        failure leaves the connection unusable."""
         try:
             async with asyncio.timeout(seconds):
-                while True:
-                    received = await self._reader.read(_READ_SIZE)
-                    if not received:
-                        raise SMTPConnectError(
-                            f"{self.host} closed the connection before replying to {what}",
-                            host=self.host,
-                        )
-                    session.receive_data(received)
-                    event = session.next_event()
-                    if isinstance(event, Reply):
-                        return event
+                yield
         except DeliveryError as exc:
             # Our own SMTPConnectError (an OSError) or the peer's SMTPProtocolError.
             self._healthy = False
@@ -547,12 +543,12 @@ class SMTPConnection:
         except TimeoutError:
             self._healthy = False
             raise SMTPTimeout(
-                f"{self.host} did not reply to {what} within {seconds:g}s", host=self.host
+                f"{self.host} did not {expected} within {seconds:g}s", host=self.host
             ) from None
         except OSError as exc:
             self._healthy = False
             raise SMTPConnectError(
-                f"connection to {self.host} lost waiting for {what}: {exc}", host=self.host
+                f"connection to {self.host} lost {doing}: {exc}", host=self.host
             ) from exc
 
     # --- closing -----------------------------------------------------------------------
