@@ -612,3 +612,83 @@ def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
     )
     results.wait_count(1)
     assert store.status(mid).recipient("slow@example.org").state is DEFERRED
+
+
+class IdleSignallingStore(MemoryStore):
+    """Counts lease calls and signals when the worker asks when work is next due, which it
+    does right before it goes to sleep with nothing in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leases = 0
+        self.idle = threading.Event()
+
+    def lease(self, **kwargs: Any) -> Any:
+        self.leases += 1
+        return super().lease(**kwargs)
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        due = super().next_due(now=now)
+        self.idle.set()
+        return due
+
+
+def test_new_mail_wakes_an_idle_worker_without_polling(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    store = IdleSignallingStore()
+    # With an hour between polls, only the wake-up from the store explains delivery.
+    ms = mailstrom(store=store, poll_interval=3600)
+    for n in range(1, 4):
+        assert store.idle.wait(5)  # the worker has found nothing and is going to sleep
+        store.idle.clear()
+        ms.send_email(hello(f"wake{n}@example.org"))
+        results.wait_count(n, timeout=10)
+    # Per message: the lease that finds it, and a look after the delivery ends and after its
+    # result is recorded (either may have made work due), depending on how those interleave.
+    # A loop spinning while idle would have leased thousands of times.
+    assert store.leases <= 20
+
+
+def test_relay_with_starttls_verified_and_auth(
+    smtp_server: Any,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    relay = smtp_server(host="127.0.0.1", auth=("user", "secret"))
+    ms = mailstrom(
+        relay=RelayConfig(
+            host="127.0.0.1",
+            port=relay.port,
+            tls=RelayTLS.STARTTLS,
+            username="user",
+            password="secret",
+        ),
+        tls_context=client_tls_context,
+    )
+    mid = ms.send_email(hello("someone@far-away.test"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("someone@far-away.test")
+    assert r.state is DELIVERED
+    assert r.tls
+    [received] = relay.wait_for_messages(1)
+    assert received.tls
+
+
+def test_relay_with_wrong_password_defers(
+    smtp_server: Any, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    relay = smtp_server(host="127.0.0.1", starttls=False, auth=("user", "secret"))
+    ms = mailstrom(
+        relay=RelayConfig(
+            host="127.0.0.1", port=relay.port, tls=RelayTLS.NONE, username="user", password="no"
+        )
+    )
+    mid = ms.send_email(hello("someone@far-away.test"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("someone@far-away.test")
+    assert r.state is DEFERRED
+    assert r.reply is not None
+    assert r.reply.code == 535
+    assert relay.messages == []
