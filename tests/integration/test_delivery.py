@@ -692,3 +692,30 @@ def test_relay_with_wrong_password_defers(
     assert r.reply is not None
     assert r.reply.code == 535
     assert relay.messages == []
+
+
+def test_refusing_greetings_move_on_then_defer(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    smtp_server(host="127.0.0.11", port=mx.port, greeting="554 5.7.1 No SMTP service here")
+    smtp_server(host="127.0.0.12", port=mx.port, greeting="421 4.3.2 Too busy")
+    dns_server.mx("refusing.test", [(10, "mx1.refusing.test"), (20, "mx2.refusing.test")])
+    dns_server.a("mx1.refusing.test", "127.0.0.11")
+    dns_server.a("mx2.refusing.test", "127.0.0.12")
+    dns_server.mx("partly.test", [(10, "mx1.refusing.test"), (20, "mx.test")])
+    dns_server.mx("only554.test", [(10, "mx1.refusing.test")])
+    ms = mailstrom()
+    mid = ms.send_email(hello("ann@refusing.test", "bea@partly.test", "cat@only554.test"))
+    results.wait_count(3)
+    status = ms.query_status(mid)
+    ann = status.recipient("ann@refusing.test")
+    assert ann.state is DEFERRED  # every host refused: try again later, not a bounce
+    assert ann.reply is not None
+    assert ann.reply.code == 421
+    bea = status.recipient("bea@partly.test")
+    assert bea.state is DELIVERED  # the 554 greeting moved on to the next host
+    assert bea.mx_host == "mx.test"
+    cat = status.recipient("cat@only554.test")
+    assert cat.state is DEFERRED  # a refused connection never bounces the recipient
+    assert cat.reply is not None
+    assert cat.reply.code == 554

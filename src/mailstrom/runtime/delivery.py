@@ -122,6 +122,15 @@ class Deliverer:
                     raise
                 self._pool.release(key, conn)
                 return self._interpret(item, result, started, self._where(conn))
+        if isinstance(last_error, PermanentFailure):
+            # A 5xx greeting refuses the connection, not the recipients: with every host
+            # exhausted the mail is deferred, as the issue and Postfix have it.
+            last_error = TemporaryFailure(
+                last_error.text,
+                code=last_error.code,
+                enhanced=last_error.enhanced,
+                host=last_error.host,
+            )
         return self._all(item, last_error, started, _Where(host=last_error.host))
 
     async def _connect(self, host: str, ip: str) -> tuple[SMTPConnection, PoolKey]:
