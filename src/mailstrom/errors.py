@@ -73,7 +73,15 @@ class UnencodableHeader(InvalidMessage):
 
 
 class StoreError(MailstromError):
-    """The store failed (driver error, corrupt schema, unreachable database)."""
+    """The store failed: by default a passing trouble (database locked or unreachable, a
+    connection lost) that is worth trying again later."""
+
+
+class StoreCorrupt(StoreError):
+    """The store cannot be used and trying again will not help: its file is damaged or
+    is no database, its schema is from a newer mailstrom, or the database file was deleted
+    or replaced while in use. Workers stop on it (the command line exits 74) instead of
+    retrying forever."""
 
 
 class UnknownMessage(MailstromError, KeyError):
