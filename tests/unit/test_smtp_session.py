@@ -486,3 +486,34 @@ def test_encode_path() -> None:
     assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()
     with pytest.raises(ValueError, match="SMTPUTF8"):
         encode_path("ü@b.test", False)
+
+
+def test_next_envelope_may_follow_the_content_in_one_group() -> None:
+    """RFC 2920 §3.1: the content opens a group, so the next transaction's MAIL, RCPT and
+    DATA go out with the final dot, and their replies follow the content's reply."""
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test"])
+    feed(session, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    batch = session.body(b"one\r\n") + session.envelope("a@a.test", ["c@b.test"])
+    assert batch == b"one\r\n.\r\nMAIL FROM:<a@a.test>\r\nRCPT TO:<c@b.test>\r\nDATA\r\n"
+    assert not session.can_send(Command.MAIL)  # DATA ends the group
+    events = feed(session, b"250 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert [e.command for e in events] == [
+        Command.BODY,
+        Command.MAIL,
+        Command.RCPT,
+        Command.DATA,
+    ]
+    assert session.state is State.DATA
+
+
+def test_a_421_to_the_content_voids_the_pipelined_next_envelope() -> None:
+    session = ready()
+    session.envelope("a@a.test", ["b@b.test"])
+    feed(session, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    session.body(b"one\r\n")
+    session.envelope("a@a.test", ["c@b.test"])
+    [reply] = feed(session, b"421 4.3.2 bye\r\n")
+    assert reply.command is Command.BODY
+    assert session.state is State.CLOSED
+    assert session.outstanding == ()

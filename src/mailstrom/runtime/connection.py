@@ -1,11 +1,18 @@
-"""One SMTP client connection: asyncio streams driving a sans-IO :class:`ClientSession`.
+"""One SMTP client connection: an :class:`asyncio.Protocol` driving a sans-IO session.
 
 :meth:`SMTPConnection.open` connects, reads the greeting, says EHLO (HELO when EHLO is
-refused), negotiates STARTTLS per :class:`StartTLS` and authenticates if asked.
-:meth:`SMTPConnection.send` runs one mail transaction — pipelined in one write when the
-server offers PIPELINING — and reports every reply in a :class:`TransactionResult`. Every
-wait is bounded by the matching RFC 5321 §4.5.3.2 timeout from
-:class:`~mailstrom.config.Timeouts`.
+refused), negotiates STARTTLS per :class:`StartTLS` and authenticates if asked. Then mail
+transactions are handed over with :meth:`SMTPConnection.submit` (or awaited one at a time
+with :meth:`SMTPConnection.send`). Everything after the handshake runs in the protocol's
+callbacks, without a task, stream or context manager per command:
+
+* with PIPELINING (RFC 2920) a transaction's MAIL, every RCPT and DATA go out in one
+  write, and the next submitted transaction's envelope rides in the same write as this
+  one's content and final dot (§3.1 lets the content open a group), so a stream of messages
+  costs one round trip each;
+* without PIPELINING each command waits for the reply to the one before;
+* one deadline per connection, moved forward as replies arrive, enforces the RFC 5321
+  §4.5.3.2 timeout of whatever reply is due (:class:`~mailstrom.config.Timeouts`).
 
 Failures raise the delivery errors of :mod:`mailstrom.errors`: ``SMTPConnectError`` when the
 peer cannot be reached or goes away, ``SMTPTimeout`` when it stops answering,
@@ -30,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -41,14 +50,15 @@ from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
     SMTPConnectError,
+    SMTPProtocolError,
     SMTPTimeout,
     TemporaryFailure,
     TLSRequiredError,
 )
 from mailstrom.smtp import ClientSession, Command, Reply, encode_path
+from mailstrom.smtp.session import State
 from mailstrom.status import SMTPReply
 
-_READ_SIZE = 64 * 1024
 _QUIT_TIMEOUT = 5.0
 """Longest wait for the reply to QUIT: politeness must not hold up a worker."""
 _CLOSE_TIMEOUT = 2.0
@@ -131,14 +141,86 @@ def _failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
     )
 
 
-class SMTPConnection:
+def _is_2xx(reply: SMTPReply | None) -> bool:
+    return reply is not None and 200 <= reply.code < 300
+
+
+class _Txn:
+    """One submitted mail transaction and the replies gathered for it (private, mutable)."""
+
+    __slots__ = (
+        "data",
+        "data_reply",
+        "dot_pending",
+        "eightbit",
+        "final",
+        "future",
+        "mail",
+        "next_rcpt",
+        "rcpt",
+        "recipients",
+        "reset",
+        "sender",
+        "smtputf8",
+        "written",
+    )
+
+    def __init__(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        eightbit: bool,
+        reset: bool,
+        future: asyncio.Future[TransactionResult],
+    ) -> None:
+        self.sender = sender
+        self.recipients = recipients
+        self.data = data
+        self.smtputf8 = smtputf8
+        self.eightbit = eightbit
+        self.reset = reset
+        self.future = future
+        self.mail: SMTPReply | None = None
+        self.rcpt: list[tuple[str, SMTPReply]] = []
+        self.data_reply: SMTPReply | None = None
+        self.final: SMTPReply | None = None
+        self.next_rcpt = 0  # stepwise: the next recipient to send RCPT for
+        self.written = False  # some command of this transaction is on the wire
+        self.dot_pending = False  # content written but not yet handed to the kernel
+
+    def result(self, *, uncertain: bool = False) -> TransactionResult:
+        return TransactionResult(
+            mail=self.mail,
+            rcpt=tuple(self.rcpt),
+            data=self.data_reply,
+            final=self.final,
+            uncertain=uncertain,
+        )
+
+    def settle(self, result: TransactionResult | BaseException) -> None:
+        if self.future.done():
+            return
+        if isinstance(result, BaseException):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
+
+
+# A reply handler: called with each reply, in the order the commands were sent.
+_Handler = Callable[[Reply], None]
+
+# Session states in which transactions can be submitted (some may be on the wire).
+_TRANSACTING = frozenset({State.READY, State.MAIL, State.DATA})
+
+
+class SMTPConnection(asyncio.Protocol):
     """An open SMTP connection, ready for transactions; make one with :meth:`open`."""
 
     def __init__(
         self,
         *,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         session: ClientSession,
         host: str,
         ip: str,
@@ -152,13 +234,39 @@ class SMTPConnection:
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
         self.messages_sent = 0
-        """Transactions attempted on this connection (for the per-connection cap)."""
-        self._reader = reader
-        self._writer = writer
+        """Transactions submitted on this connection (for the per-connection cap)."""
         self._session = session
         self._timeouts = timeouts
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
         self._healthy = True
         self._closed = False
+        self._lost = False
+        self._error: DeliveryError | None = None
+        # One handler per command on the wire, oldest first (the session pairs replies).
+        self._handlers: deque[_Handler] = deque()
+        self._aborted = False
+        # The handshake (greeting, EHLO, STARTTLS, AUTH, QUIT) waits for one reply at a
+        # time; the greeting's handler is in place before the first octet can arrive.
+        self._waiter: asyncio.Future[Reply] | None = None
+        self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._push_waiter()
+        # Deadline of the reply now due: one timer, moved lazily (see _arm).
+        self._deadline = math.inf
+        self._deadline_what = ""
+        self._deadline_seconds = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._write_mark = 0
+        # Transactions submitted but not yet on the wire, and those on the wire.
+        self._queued: deque[_Txn] = deque()
+        self._active: deque[_Txn] = deque()
+        # A transaction whose MAIL was accepted but whose content never went (every RCPT
+        # refused, DATA refused) leaves the server inside a mail transaction: the next one
+        # must start with RSET, or its MAIL is refused as nested (RFC 5321 §4.1.1.5).
+        self._needs_reset = False
+
+    # --- what the connection knows ---------------------------------------------------
 
     @property
     def extensions(self) -> Mapping[str, str]:
@@ -169,13 +277,25 @@ class SMTPConnection:
     def peer_certificate(self) -> dict[str, Any] | None:
         """The peer's certificate as ``ssl.SSLSocket.getpeercert()`` gives it — filled in
         only when it was verified (StartTLS.VERIFY); None without TLS (for ``check``)."""
-        ssl_object = self._writer.get_extra_info("ssl_object")
+        if self._transport is None:
+            return None
+        ssl_object = self._transport.get_extra_info("ssl_object")
         return None if ssl_object is None else ssl_object.getpeercert()
 
     @property
     def usable(self) -> bool:
         """False once a transfer failed, the server said 421, or the connection closed."""
-        return self._healthy and not self._closed and self._session.can_send(Command.RSET)
+        return (
+            self._healthy
+            and not self._closed
+            and not self._lost
+            and self._session.state in _TRANSACTING
+        )
+
+    @property
+    def busy(self) -> bool:
+        """True while submitted transactions have not all been answered."""
+        return bool(self._queued or self._active)
 
     # --- opening -----------------------------------------------------------------------
 
@@ -200,30 +320,20 @@ class SMTPConnection:
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
         is then not attempted. ``auth`` is (username, password) for AUTH PLAIN or LOGIN.
         """
-        session = ClientSession(helo_name=helo_name)
+        conn = cls(
+            session=ClientSession(helo_name=helo_name),
+            host=host,
+            ip=ip,
+            port=port,
+            timeouts=timeouts,
+        )
         context: ssl.SSLContext | None = None
         if implicit_tls:
             unverified = starttls in (StartTLS.OPPORTUNISTIC, StartTLS.REQUIRED)
             context = _tls_context(
                 StartTLS.OPPORTUNISTIC if unverified else StartTLS.VERIFY, tls_context
             )
-        reader, writer = await _connect(
-            host=host,
-            ip=ip,
-            port=port,
-            context=context,
-            source_address=source_address,
-            seconds=timeouts.connect,
-        )
-        conn = cls(
-            reader=reader,
-            writer=writer,
-            session=session,
-            host=host,
-            ip=ip,
-            port=port,
-            timeouts=timeouts,
-        )
+        await conn._connect(context, source_address)
         try:
             if context is not None:
                 conn._record_tls()
@@ -241,19 +351,48 @@ class SMTPConnection:
             raise
         return conn
 
+    async def _connect(self, context: ssl.SSLContext | None, source_address: str | None) -> None:
+        seconds = self._timeouts.connect
+        host, ip, port = self.host, self.ip, self.port
+        try:
+            async with asyncio.timeout(seconds):
+                await self._loop.create_connection(
+                    lambda: self,
+                    ip,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                    ssl_handshake_timeout=seconds if context is not None else None,
+                    local_addr=(source_address, 0) if source_address else None,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSVerifyError(
+                f"certificate of {host} not accepted: {exc.verify_message or exc}", host=host
+            ) from exc
+        except ssl.SSLError as exc:
+            raise TLSHandshakeError(f"TLS handshake with {host} failed: {exc}", host=host) from exc
+        except TimeoutError:
+            raise SMTPTimeout(
+                f"connecting to {ip} port {port} timed out after {seconds:g}s", host=host
+            ) from None
+        except OSError as exc:
+            raise SMTPConnectError(
+                f"cannot connect to {ip} port {port}: {exc.strerror or exc}", host=host
+            ) from exc
+
     async def _greet(self) -> None:
-        greeting = await self._reply(self._timeouts.greeting, "the greeting")
+        greeting = await self._wait(self._timeouts.greeting, "the greeting")
         if not greeting.ok:
             raise _failure(greeting.reply, host=self.host, what="the connection")
         await self._hello()
 
     async def _hello(self) -> None:
-        ehlo = await self._command(self._session.ehlo(), self._timeouts.command, "EHLO")
+        ehlo = await self._request(self._session.ehlo(), "EHLO")
         if ehlo.ok:
             return
         if ehlo.reply.code >= 500 and not ehlo.closing:
             # RFC 5321 §3.2: a server that does not know EHLO gets HELO.
-            helo = await self._command(self._session.helo(), self._timeouts.command, "HELO")
+            helo = await self._request(self._session.helo(), "HELO")
             if helo.ok:
                 return
             raise _failure(helo.reply, host=self.host, what="HELO")
@@ -264,7 +403,7 @@ class SMTPConnection:
             if mode is StartTLS.OPPORTUNISTIC:
                 return
             raise TLSRequiredError(f"{self.host} does not offer STARTTLS", host=self.host)
-        reply = await self._command(self._session.starttls(), self._timeouts.command, "STARTTLS")
+        reply = await self._request(self._session.starttls(), "STARTTLS")
         if not reply.ok:
             if reply.closing:
                 raise _failure(reply.reply, host=self.host, what="STARTTLS")
@@ -276,35 +415,49 @@ class SMTPConnection:
                 enhanced=reply.reply.enhanced,
                 host=self.host,
             )
+        # Reading was paused the moment "220 go ahead" was parsed (see _on_starttls), and the
+        # session refused any octet buffered after it: nothing sent in plaintext after the
+        # reply can be taken for TLS-protected data (RFC 3207 §4.2, CVE-2011-0411).
+        transport = self._transport
+        assert transport is not None
         context = _tls_context(mode, verify_with)
         timeout = self._timeouts.command
         try:
             async with asyncio.timeout(timeout):
-                await self._writer.start_tls(
-                    context, server_hostname=self.host, ssl_handshake_timeout=timeout
+                tls_transport = await self._loop.start_tls(
+                    transport,
+                    self,
+                    context,
+                    server_hostname=self.host,
+                    ssl_handshake_timeout=timeout,
                 )
         except ssl.SSLCertVerificationError as exc:
-            self._healthy = False
+            self._drop()
             raise TLSVerifyError(
                 f"certificate of {self.host} not accepted: {exc.verify_message or exc}",
                 host=self.host,
             ) from exc
         except TimeoutError as exc:
-            self._healthy = False
+            self._drop()
             raise TLSHandshakeError(
                 f"TLS handshake with {self.host} timed out after {timeout:g}s", host=self.host
             ) from exc
         except (ssl.SSLError, OSError) as exc:
-            self._healthy = False
+            self._drop()
             raise TLSHandshakeError(
                 f"TLS handshake with {self.host} failed: {exc}", host=self.host
             ) from exc
+        if tls_transport is None:  # the peer went away during the handshake
+            self._drop()
+            raise TLSHandshakeError(f"{self.host} closed the connection during the TLS handshake")
+        self._transport = tls_transport
         self._record_tls()
         self._session.tls_established()
         await self._hello()
 
     def _record_tls(self) -> None:
-        ssl_object = self._writer.get_extra_info("ssl_object")
+        assert self._transport is not None
+        ssl_object = self._transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_version = ssl_object.version()
             cipher = ssl_object.cipher()
@@ -325,12 +478,10 @@ class SMTPConnection:
                 f"offered: {session.extensions.get('AUTH', 'none')}",
                 host=self.host,
             )
-        reply = await self._command(first, self._timeouts.command, "AUTH")
+        reply = await self._request(first, "AUTH")
         while reply.reply.code == 334:
             answer = responses.pop(0) if responses else None  # None cancels the exchange
-            reply = await self._command(
-                session.auth_response(answer), self._timeouts.command, "AUTH"
-            )
+            reply = await self._request(session.auth_response(answer), "AUTH")
         if not 200 <= reply.reply.code < 300:
             # Temporary even for 535, as Postfix's smtp_sasl_auth_soft_bounce: wrong
             # credentials are a configuration error to fix, not a reason to bounce mail.
@@ -341,7 +492,39 @@ class SMTPConnection:
                 host=self.host,
             )
 
-    # --- sending -----------------------------------------------------------------------
+    async def _request(self, line: bytes, what: str, seconds: float | None = None) -> Reply:
+        """Write one handshake command and wait for its reply."""
+        self._check_open()
+        self._push_waiter()
+        self._write(line)
+        return await self._wait(self._timeouts.command if seconds is None else seconds, what)
+
+    def _push_waiter(self) -> None:
+        self._waiter = self._loop.create_future()
+        self._handlers.append(self._on_handshake_reply)
+
+    async def _wait(self, seconds: float, what: str) -> Reply:
+        waiter = self._waiter
+        assert waiter is not None
+        if not waiter.done():
+            self._arm(seconds, f"reply to {what}")
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._drop()
+            raise
+
+    def _on_handshake_reply(self, reply: Reply) -> None:
+        if reply.command is Command.STARTTLS and 200 <= reply.reply.code < 300:
+            # Stop reading at once: octets arriving from now on belong to the TLS
+            # handshake, never to the plaintext SMTP session.
+            assert self._transport is not None
+            self._transport.pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+
+    # --- transactions --------------------------------------------------------------------
 
     async def send(
         self,
@@ -354,22 +537,51 @@ class SMTPConnection:
     ) -> TransactionResult:
         """Send one message to ``recipients`` in one transaction and report every reply.
 
-        ``data`` is the message with CRLF line endings, not dot-stuffed. Before anything is
-        sent: a message larger than the server's SIZE raises ``PermanentFailure`` (552
-        5.3.4), one needing SMTPUTF8 the server lacks raises ``PermanentFailure`` (553
-        5.6.7, RFC 6531 §3.4), and ``eightbit`` without 8BITMIME raises ``ValueError`` (the
-        caller must downgrade to 7 bit first). A rejected MAIL or RCPT is returned, not
-        raised. Losing the connection or timing out before the final dot raises
-        ``SMTPConnectError``/``SMTPTimeout`` (nothing was delivered); after the final dot
-        it returns ``uncertain=True``. If the server answers 354 to DATA although no
-        recipient was accepted, the connection is closed rather than an empty message sent.
+        The awaited form of :meth:`submit`; see there for what is checked and raised.
+        """
+        return await self.submit(
+            envelope_from=envelope_from,
+            recipients=recipients,
+            data=data,
+            smtputf8=smtputf8,
+            eightbit=eightbit,
+        )
+
+    def submit(
+        self,
+        *,
+        envelope_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        eightbit: bool,
+        reset: bool = False,
+    ) -> asyncio.Future[TransactionResult]:
+        """Queue one transaction; the future gives its :class:`TransactionResult`.
+
+        Transactions go out in submission order; with PIPELINING the envelope of one
+        submitted before the previous one's content was written travels with that content.
+        ``data`` is the message with CRLF line endings, not dot-stuffed. ``reset`` sends RSET
+        first (for a connection that sat idle).
+
+        Checked here, before anything is sent: a message larger than the server's SIZE
+        raises ``PermanentFailure`` (552 5.3.4), one needing SMTPUTF8 the server lacks
+        raises ``PermanentFailure`` (553 5.6.7, RFC 6531 §3.4), ``eightbit`` without
+        8BITMIME raises ``ValueError`` (the caller must downgrade to 7 bit first), and so
+        does an address that cannot be put on the wire. A rejected MAIL or RCPT is in the
+        result, not raised. Losing the connection or timing out before the final dot sets
+        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered); after
+        the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
+        although no recipient was accepted, the connection is closed rather than an empty
+        message sent.
         """
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
         if not self.usable:
             raise SMTPConnectError(f"connection to {self.host} is not usable", host=self.host)
         session = self._session
-        if eightbit and "8BITMIME" not in session.extensions:
+        extensions = session.extensions
+        if eightbit and "8BITMIME" not in extensions:
             raise ValueError(f"{self.host} lacks 8BITMIME: downgrade the message to 7 bit")
         limit = session.max_size
         if limit is not None and len(data) > limit:
@@ -379,177 +591,380 @@ class SMTPConnection:
                 enhanced="5.3.4",
                 host=self.host,
             )
-        for address in (envelope_from, *recipients):
-            encode_path(address, smtputf8)  # ValueError now rather than mid-transaction
-        if smtputf8 and "SMTPUTF8" not in session.extensions:
+        encode_path(envelope_from, smtputf8)  # ValueError now rather than mid-transaction
+        for address in recipients:
+            encode_path(address, smtputf8)
+        if smtputf8 and "SMTPUTF8" not in extensions:
             raise PermanentFailure(
                 f"message needs SMTPUTF8, which {self.host} does not support",
                 code=553,
                 enhanced="5.6.7",
                 host=self.host,
             )
-        reset = self.messages_sent > 0
         self.messages_sent += 1
-        try:
-            if session.pipelining:
-                return await self._send_pipelined(
-                    envelope_from, recipients, data, smtputf8, eightbit, reset
-                )
-            return await self._send_stepwise(
-                envelope_from, recipients, data, smtputf8, eightbit, reset
-            )
-        except BaseException:
-            self._healthy = False
-            raise
-
-    async def _send_pipelined(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        eightbit: bool,
-        reset: bool,
-    ) -> TransactionResult:
-        command = self._timeouts.command
-        batch = self._session.envelope(
-            sender, recipients, size=len(data), eightbit=eightbit, smtputf8=smtputf8, reset=reset
+        future: asyncio.Future[TransactionResult] = self._loop.create_future()
+        self._queued.append(
+            _Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future)
         )
-        await self._write(batch, command, "MAIL")
-        if reset:
-            rset = await self._reply(command, "RSET")
-            if rset.closing:
-                raise _failure(rset.reply, host=self.host, what="RSET")
-        mail = await self._reply(command, "MAIL")
-        if mail.closing:
-            return TransactionResult(mail=mail.reply, rcpt=(), data=None, final=None)
-        rcpt = await self._rcpt_replies(recipients)
-        data_reply = await self._reply(self._timeouts.data_init, "DATA")
-        return await self._after_data(mail.reply, rcpt, data_reply, data)
+        self._continue()
+        return future
 
-    async def _send_stepwise(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        eightbit: bool,
-        reset: bool,
-    ) -> TransactionResult:
+    def _start_queued(self) -> bytes:
+        """The commands of queued transactions that may go on the wire now."""
+        queued = self._queued
+        if not queued:
+            return b""
         session = self._session
-        command = self._timeouts.command
-        if reset:
-            rset = await self._command(session.rset(), command, "RSET")
-            if rset.closing:
-                raise _failure(rset.reply, host=self.host, what="RSET")
-        mail = await self._command(
-            session.mail(sender, size=len(data), eightbit=eightbit, smtputf8=smtputf8),
-            command,
-            "MAIL",
+        txn = queued[0]
+        if self._needs_reset:
+            txn.reset = True
+        if session.pipelining:
+            if not session.can_send(Command.RSET if txn.reset else Command.MAIL):
+                return b""
+            queued.popleft()
+            self._active.append(txn)
+            txn.written = True
+            self._needs_reset = False
+            batch = session.envelope(
+                txn.sender,
+                txn.recipients,
+                size=len(txn.data),
+                eightbit=txn.eightbit,
+                smtputf8=txn.smtputf8,
+                reset=txn.reset,
+            )
+            handlers = self._handlers
+            if txn.reset:
+                handlers.append(functools.partial(self._on_rset, txn))
+            handlers.append(functools.partial(self._on_mail, txn))
+            on_rcpt = functools.partial(self._on_rcpt, txn)
+            handlers.extend(on_rcpt for _ in txn.recipients)
+            handlers.append(functools.partial(self._on_data, txn))
+            self._arm_next()
+            return batch
+        # Stepwise: one command, then the next once its reply is in.
+        if session.outstanding or not session.can_send(Command.RSET if txn.reset else Command.MAIL):
+            return b""
+        queued.popleft()
+        self._active.append(txn)
+        txn.written = True
+        self._needs_reset = False
+        if txn.reset:
+            self._handlers.append(functools.partial(self._on_rset, txn))
+            line = session.rset()
+        else:
+            line = self._mail_line(txn)
+        self._arm_next()
+        return line
+
+    def _mail_line(self, txn: _Txn) -> bytes:
+        self._handlers.append(functools.partial(self._on_mail, txn))
+        return self._session.mail(
+            txn.sender, size=len(txn.data), eightbit=txn.eightbit, smtputf8=txn.smtputf8
         )
-        if not mail.ok:
-            return TransactionResult(mail=mail.reply, rcpt=(), data=None, final=None)
-        rcpt: list[tuple[str, SMTPReply]] = []
-        for address in recipients:
-            reply = await self._command(session.rcpt(address, smtputf8=smtputf8), command, "RCPT")
-            if reply.closing:
-                raise _failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>")
-            rcpt.append((address, reply.reply))
-        if not any(200 <= r.code < 300 for _, r in rcpt):
-            return TransactionResult(mail=mail.reply, rcpt=tuple(rcpt), data=None, final=None)
-        data_reply = await self._command(session.data(), self._timeouts.data_init, "DATA")
-        return await self._after_data(mail.reply, tuple(rcpt), data_reply, data)
 
-    async def _rcpt_replies(self, recipients: Sequence[str]) -> tuple[tuple[str, SMTPReply], ...]:
-        rcpt: list[tuple[str, SMTPReply]] = []
-        for address in recipients:
-            reply = await self._reply(self._timeouts.command, "RCPT")
-            if reply.closing:
-                # The replies for the remaining recipients will never come.
-                raise _failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>")
-            rcpt.append((address, reply.reply))
-        return tuple(rcpt)
+    def _on_rset(self, txn: _Txn, reply: Reply) -> None:
+        if reply.closing:
+            self._abort(_failure(reply.reply, host=self.host, what="RSET"))
+        elif not self._session.pipelining:
+            self._write(self._mail_line(txn))
+            self._arm_next()
 
-    async def _after_data(
-        self,
-        mail: SMTPReply,
-        rcpt: tuple[tuple[str, SMTPReply], ...],
-        data_reply: Reply,
-        data: bytes,
-    ) -> TransactionResult:
-        accepted = 200 <= mail.code < 300 and any(200 <= r.code < 300 for _, r in rcpt)
-        if data_reply.reply.code != 354:
-            return TransactionResult(mail=mail, rcpt=rcpt, data=data_reply.reply, final=None)
-        if not accepted:
+    def _on_mail(self, txn: _Txn, reply: Reply) -> None:
+        txn.mail = reply.reply
+        if reply.closing:
+            self._finish(txn)
+            self._abort(None)
+            return
+        if self._session.pipelining:
+            return
+        if not reply.ok:
+            self._finish(txn)
+            self._continue()
+            return
+        self._send_rcpt(txn)
+
+    def _send_rcpt(self, txn: _Txn) -> None:
+        address = txn.recipients[txn.next_rcpt]
+        txn.next_rcpt += 1
+        self._handlers.append(functools.partial(self._on_rcpt, txn))
+        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8))
+        self._arm_next()
+
+    def _on_rcpt(self, txn: _Txn, reply: Reply) -> None:
+        address = txn.recipients[len(txn.rcpt)]
+        if reply.closing:
+            # The replies for the remaining recipients (and the rest) will never come.
+            self._abort(_failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>"))
+            return
+        txn.rcpt.append((address, reply.reply))
+        if self._session.pipelining:
+            return
+        if txn.next_rcpt < len(txn.recipients):
+            self._send_rcpt(txn)
+        elif any(200 <= r.code < 300 for _, r in txn.rcpt):
+            self._handlers.append(functools.partial(self._on_data, txn))
+            self._write(self._session.data())
+            self._arm_next()
+        else:
+            self._finish(txn)
+            self._continue()
+
+    def _on_data(self, txn: _Txn, reply: Reply) -> None:
+        txn.data_reply = reply.reply
+        if reply.reply.code != 354:
+            self._finish(txn)
+            if reply.closing:
+                self._abort(None)
+            else:
+                self._continue()
+            return
+        if not (_is_2xx(txn.mail) and any(200 <= r.code < 300 for _, r in txn.rcpt)):
             # The server wants content for a transaction without recipients (pipelined
             # DATA after every RCPT failed): sending even an empty body could deliver
             # something, so drop the connection instead.
-            self._healthy = False
-            await self.close()
-            return TransactionResult(mail=mail, rcpt=rcpt, data=data_reply.reply, final=None)
-        # Body and final dot in one write; failing here means the dot never left.
-        await self._write(self._session.body(data), self._timeouts.data_block, "the message")
-        try:
-            final = await self._reply(self._timeouts.data_end, "the end of data")
-        except DeliveryError:
-            # The dot was sent; whether the server took the message is unknown.
-            self._healthy = False
-            return TransactionResult(
-                mail=mail, rcpt=rcpt, data=data_reply.reply, final=None, uncertain=True
+            self._finish(txn)
+            self._abort(None)
+            return
+        # The content and final dot, and the next transaction's envelope in the same write.
+        self._handlers.append(functools.partial(self._on_body, txn))
+        body = self._session.body(txn.data)
+        txn.dot_pending = True
+        following = self._start_queued()
+        self._write(body + following if following else body)
+        if txn.dot_pending and self._flushed(len(following)):
+            txn.dot_pending = False
+        self._arm_next()
+
+    def _on_body(self, txn: _Txn, reply: Reply) -> None:
+        txn.dot_pending = False
+        txn.final = reply.reply
+        self._finish(txn)
+        if reply.closing:
+            self._abort(None)
+        else:
+            self._continue()
+
+    def _finish(self, txn: _Txn) -> None:
+        with contextlib.suppress(ValueError):
+            self._active.remove(txn)
+        if txn.final is None and _is_2xx(txn.mail):
+            self._needs_reset = True
+        txn.settle(txn.result())
+
+    def _continue(self) -> None:
+        """Put the next queued transaction on the wire if the session allows it now."""
+        out = self._start_queued()
+        if out:
+            self._write(out)
+        elif self._queued and not self._handlers:
+            # Nothing outstanding could ever make room for it: a bug, not a hang.
+            self._abort(
+                SMTPProtocolError(
+                    f"cannot start a transaction in session state {self._session.state}",
+                    host=self.host,
+                )
             )
-        return TransactionResult(mail=mail, rcpt=rcpt, data=data_reply.reply, final=final.reply)
+        if not self._handlers:
+            self._disarm()
 
-    # --- I/O ---------------------------------------------------------------------------
+    # --- the protocol's callbacks ----------------------------------------------------------
 
-    async def _command(self, line: bytes, seconds: float, what: str) -> Reply:
-        await self._write(line, seconds, what)
-        return await self._reply(seconds, what)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
 
-    async def _write(self, data: bytes, seconds: float, what: str) -> None:
-        async with self._guard(seconds, f"sending {what}", f"take {what}"):
-            self._writer.write(data)
-            await self._writer.drain()
-
-    async def _reply(self, seconds: float, what: str) -> Reply:
+    def data_received(self, data: bytes) -> None:
         session = self._session
-        event = session.next_event()
-        if isinstance(event, Reply):
-            return event
-        async with self._guard(seconds, f"waiting for {what}", f"reply to {what}"):
-            while True:
-                received = await self._reader.read(_READ_SIZE)
-                if not received:
-                    raise SMTPConnectError(
-                        f"{self.host} closed the connection before replying to {what}",
-                        host=self.host,
-                    )
-                session.receive_data(received)
-                event = session.next_event()
-                if isinstance(event, Reply):
-                    return event
-
-    @contextlib.asynccontextmanager
-    async def _guard(self, seconds: float, doing: str, expected: str) -> AsyncIterator[None]:
-        """Bound one step by ``seconds`` and turn what can go wrong into our errors; any
-        failure leaves the connection unusable."""
+        handlers = self._handlers
         try:
-            async with asyncio.timeout(seconds):
-                yield
-        except DeliveryError as exc:
-            # Our own SMTPConnectError (an OSError) or the peer's SMTPProtocolError.
-            self._healthy = False
+            session.receive_data(data)
+            while True:
+                event = session.next_event()
+                if not isinstance(event, Reply):
+                    break
+                if not handlers:
+                    raise SMTPProtocolError(f"unsolicited reply: {event.reply}")
+                handlers.popleft()(event)
+                if self._aborted:
+                    return
+                if event.reply.code == 421:
+                    # The session forgets the commands the server will never answer.
+                    self._abort(None)
+                    return
+        except SMTPProtocolError as exc:
             exc.host = exc.host or self.host
-            raise
-        except TimeoutError:
-            self._healthy = False
-            raise SMTPTimeout(
-                f"{self.host} did not {expected} within {seconds:g}s", host=self.host
-            ) from None
-        except OSError as exc:
-            self._healthy = False
+            self._abort(exc)
+            return
+        self._progress()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._lost_waiter.done():
+            self._lost_waiter.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._handlers or self._queued or self._active:
+            what = self._deadline_what or "the reply"
+            error = SMTPConnectError(
+                f"{self.host} closed the connection before replying to {what}"
+                if exc is None
+                else f"connection to {self.host} lost waiting for {what}: {exc}",
+                host=self.host,
+            )
+            self._abort(error)
+        self._disarm()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        assert self._transport is not None
+        self._write_mark = self._transport.get_write_buffer_size()
+        if self._handlers:
+            self._arm(self._timeouts.data_block, "take the message")
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._check_dots()
+        self._arm_next()
+
+    # --- writing, deadlines and failure ---------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._lost or transport.is_closing():
+            raise SMTPConnectError(f"connection to {self.host} is closed", host=self.host)
+        transport.write(data)
+
+    def _flushed(self, tail: int) -> bool:
+        """True when at most ``tail`` octets of what was written wait in our buffers."""
+        transport = self._transport
+        return transport is not None and transport.get_write_buffer_size() <= tail
+
+    def _check_dots(self) -> None:
+        if self._flushed(0):
+            for txn in self._active:
+                txn.dot_pending = False
+
+    def _arm_next(self) -> None:
+        """Move the deadline to the reply now due (RFC 5321 §4.5.3.2 per command)."""
+        if self._write_paused:
+            self._arm(self._timeouts.data_block, "take the message")
+            return
+        outstanding = self._session.outstanding
+        if not outstanding:
+            self._disarm()
+            return
+        command = outstanding[0]
+        t = self._timeouts
+        if command is Command.DATA:
+            self._arm(t.data_init, "reply to DATA")
+        elif command is Command.BODY:
+            self._arm(t.data_end, "reply to the end of data")
+        else:
+            self._arm(t.command, f"reply to {command.value}")
+
+    def _progress(self) -> None:
+        if self._handlers:
+            self._arm_next()
+        else:
+            self._disarm()
+
+    def _arm(self, seconds: float, what: str) -> None:
+        # Moving a deadline costs a float store; the timer is only rescheduled when it
+        # would fire too late, and otherwise re-checks the deadline when it fires.
+        self._deadline = self._loop.time() + seconds
+        self._deadline_seconds = seconds
+        self._deadline_what = what
+        timer = self._timer
+        if timer is None or timer.when() > self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+
+    def _disarm(self) -> None:
+        self._deadline = math.inf
+        self._deadline_what = ""
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self._lost or (self._closed and not self._handlers):
+            return
+        now = self._loop.time()
+        if self._write_paused and self._transport is not None:
+            size = self._transport.get_write_buffer_size()
+            if size < self._write_mark:  # the peer is still taking the message
+                self._write_mark = size
+                self._arm(self._timeouts.data_block, "take the message")
+                return
+        if now < self._deadline:
+            if self._deadline != math.inf:
+                self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+            return
+        self._abort(
+            SMTPTimeout(
+                f"{self.host} did not {self._deadline_what} within {self._deadline_seconds:g}s",
+                host=self.host,
+            )
+        )
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._lost or self._transport is None:
             raise SMTPConnectError(
-                f"connection to {self.host} lost {doing}: {exc}", host=self.host
-            ) from exc
+                f"{self.host} closed the connection before replying to "
+                f"{self._deadline_what or 'the greeting'}",
+                host=self.host,
+            )
+
+    def _abort(self, error: DeliveryError | None) -> None:
+        """The session cannot go on: settle everything outstanding and drop the connection.
+
+        ``error`` goes to whatever was waiting before its content was sent; a transaction
+        whose final dot was on the wire is uncertain instead. With ``error`` None (a 421, or
+        354 without recipients), transactions not yet answered fail as "not usable".
+        """
+        if self._aborted:
+            return
+        self._aborted = True
+        self._healthy = False
+        if error is None:
+            error = SMTPConnectError(
+                f"{self.host} is closing the connection ({self._deadline_what or 'no reply'})",
+                host=self.host,
+            )
+        self._error = error
+        if not self._lost:
+            # The transport still holds what it could not send: a dot still in there never
+            # left. (Once lost, the transport has emptied its buffer, so it cannot tell.)
+            self._check_dots()
+        self._handlers.clear()
+        active = list(self._active)
+        self._active.clear()
+        queued = list(self._queued)
+        self._queued.clear()
+        for txn in active:
+            if txn.data_reply is not None and txn.data_reply.code == 354 and not txn.dot_pending:
+                txn.settle(txn.result(uncertain=True))
+            else:
+                txn.settle(error)
+        for txn in queued:
+            txn.settle(error)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self._disarm()
+        self._drop()
+
+    def _drop(self) -> None:
+        self._healthy = False
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     # --- closing -----------------------------------------------------------------------
 
@@ -558,59 +973,32 @@ class SMTPConnection:
         if self._closed:
             return
         self._closed = True
-        writer = self._writer
-        polite = self._healthy and self._session.can_send(Command.QUIT)
+        transport = self._transport
+        if transport is None:
+            return
+        polite = (
+            self._healthy
+            and not self._lost
+            and not self.busy
+            and self._session.can_send(Command.QUIT)
+        )
         try:
             if polite:
-                timeout = min(self._timeouts.command, _QUIT_TIMEOUT)
                 with contextlib.suppress(DeliveryError):
-                    await self._command(self._session.quit(), timeout, "QUIT")
-            if self._healthy:
-                writer.close()
+                    await self._request(
+                        self._session.quit(), "QUIT", min(self._timeouts.command, _QUIT_TIMEOUT)
+                    )
+            if self._healthy and not self._lost:
+                transport.close()
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    await writer.wait_closed()
+                    await asyncio.shield(self._lost_waiter)
                 return
         except Exception:  # noqa: S110 - closing must not fail the caller
             pass
         except BaseException:  # cancelled: still release the socket
-            writer.transport.abort()
+            transport.abort()
             raise
         # A broken connection (or one that would not close): drop it at once.
         with contextlib.suppress(Exception):
-            writer.transport.abort()
+            transport.abort()
             await asyncio.sleep(0)  # let the transport release its socket
-
-
-async def _connect(
-    *,
-    host: str,
-    ip: str,
-    port: int,
-    context: ssl.SSLContext | None,
-    source_address: str | None,
-    seconds: float,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    try:
-        async with asyncio.timeout(seconds):
-            return await asyncio.open_connection(
-                ip,
-                port,
-                ssl=context,
-                server_hostname=host if context is not None else None,
-                ssl_handshake_timeout=seconds if context is not None else None,
-                local_addr=(source_address, 0) if source_address else None,
-            )
-    except ssl.SSLCertVerificationError as exc:
-        raise TLSVerifyError(
-            f"certificate of {host} not accepted: {exc.verify_message or exc}", host=host
-        ) from exc
-    except ssl.SSLError as exc:
-        raise TLSHandshakeError(f"TLS handshake with {host} failed: {exc}", host=host) from exc
-    except TimeoutError:
-        raise SMTPTimeout(
-            f"connecting to {ip} port {port} timed out after {seconds:g}s", host=host
-        ) from None
-    except OSError as exc:
-        raise SMTPConnectError(
-            f"cannot connect to {ip} port {port}: {exc.strerror or exc}", host=host
-        ) from exc

@@ -102,7 +102,9 @@ _ALLOWED: dict[State, frozenset[Command]] = {
 
 # RFC 2920 §3.1: with PIPELINING these may be followed by more commands before their
 # replies arrive; the second set may be sent while replies are outstanding, ending a group.
-_GROUPABLE = frozenset({_C.RSET, _C.MAIL, _C.RCPT})
+# The message content (BODY) is explicitly allowed to be the first "command" of a group, so
+# the next transaction's MAIL, RCPT and DATA can follow the final dot in the same write.
+_GROUPABLE = frozenset({_C.RSET, _C.MAIL, _C.RCPT, _C.BODY})
 _MAY_FOLLOW = frozenset({_C.RSET, _C.MAIL, _C.RCPT, _C.DATA, _C.NOOP, _C.QUIT})
 
 

@@ -1,0 +1,153 @@
+"""Hardening #1: STARTTLS response injection (RFC 3207 §4.2; CVE-2011-0411, client side).
+
+A hostile server (or a man in the middle) answers STARTTLS with ``220`` and, in the same
+segment or right behind it, plaintext replies that a vulnerable client would read as if
+they had come over TLS. The peer here is a raw asyncio server scripted to do exactly that;
+no SMTP library would misbehave this way on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from mailstrom.config import Timeouts
+from mailstrom.errors import DeliveryError
+from mailstrom.runtime.connection import SMTPConnection, StartTLS
+
+FAST = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=5)
+FORGED = (
+    b"250-mx.evil\r\n250 PIPELINING\r\n"  # the "EHLO over TLS" reply
+    b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 go\r\n250 2.0.0 FORGED\r\n"
+)
+
+
+def starttls_reply(size: int) -> bytes:
+    """A 220 reply to STARTTLS of exactly ``size`` octets, multi-line when long (every
+    line stays under the client's 64 KiB line limit)."""
+    lines: list[bytes] = []
+    remaining = size
+    while remaining > 1000:
+        line = b"220-" + b"x" * (1000 - 6) + b"\r\n"
+        lines.append(line)
+        remaining -= len(line)
+    last = b"220 " + b"y" * (remaining - 6) + b"\r\n"
+    assert len(last) == remaining and remaining >= 6
+    reply = b"".join([*lines, last])
+    assert len(reply) == size
+    return reply
+
+
+Script = Callable[[asyncio.StreamWriter, bytes], Awaitable[None]]
+
+
+async def hostile_server(script: Script, tls: ssl.SSLContext) -> AsyncIterator[int]:
+    """Greets, offers STARTTLS, runs ``script`` to answer it, then completes a genuine TLS
+    handshake with a certificate the client trusts (as a man in the middle relaying the
+    real server would) and takes whatever comes over TLS without answering: a fooled
+    client finds its replies already waiting in its buffers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mx.evil ESMTP\r\n")
+            await reader.readline()  # EHLO
+            writer.write(b"250-mx.evil\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            await reader.readline()  # STARTTLS
+            await script(writer, b"")
+            await writer.drain()
+            await writer.start_tls(tls)
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+def same_write(size: int) -> Script:
+    async def script(writer: asyncio.StreamWriter, _: bytes) -> None:
+        writer.write(starttls_reply(size) + FORGED)
+
+    return script
+
+
+def split_writes(size: int, pause: float) -> Script:
+    async def script(writer: asyncio.StreamWriter, _: bytes) -> None:
+        writer.write(starttls_reply(size))
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)  # the forged replies come in a later segment
+        writer.write(FORGED)
+
+    return script
+
+
+def split_inside_reply(size: int, cut: int) -> Script:
+    async def script(writer: asyncio.StreamWriter, _: bytes) -> None:
+        wire = starttls_reply(size) + FORGED
+        writer.write(wire[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(wire[cut:])
+
+    return script
+
+
+SCRIPTS = {
+    "small reply, same write": same_write(40),
+    "64 KiB reply, same write": same_write(65536),
+    "128 KiB reply, same write": same_write(131072),
+    "128 KiB + 1 reply, same write": same_write(131073),
+    "256 KiB reply, same write": same_write(262144),
+    "small reply, next segment at once": split_writes(40, 0),
+    "128 KiB reply, next segment at once": split_writes(131072, 0),
+    "small reply, next segment later": split_writes(40, 0.05),
+    "cut just before the reply's end": split_inside_reply(131072, 131071),
+    "cut just after the reply's end": split_inside_reply(131072, 131073),
+}
+
+
+@pytest.mark.parametrize("mode", [StartTLS.VERIFY, StartTLS.REQUIRED, StartTLS.OPPORTUNISTIC])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_octets_after_the_starttls_reply_abort_the_connection(
+    name: str,
+    mode: StartTLS,
+    client_tls_context: ssl.SSLContext,
+    server_tls_context: ssl.SSLContext,
+) -> None:
+    """Hardening #1: any octet after the 220 to STARTTLS, however it is split into segments,
+    ends the connection; nothing forged is ever taken for a reply over TLS."""
+    async for port in hostile_server(SCRIPTS[name], server_tls_context):
+        with pytest.raises(DeliveryError) as caught:
+            await open_and_send(port, mode, client_tls_context)
+        assert "FORGED" not in str(caught.value)
+
+
+async def open_and_send(port: int, mode: StartTLS, context: ssl.SSLContext) -> None:
+    conn = await SMTPConnection.open(
+        host="mx.test",
+        ip="127.0.0.1",
+        port=port,
+        helo_name="client.test",
+        timeouts=FAST,
+        starttls=mode,
+        tls_context=context,
+    )
+    try:
+        result = await conn.send(
+            envelope_from="a@a.test",
+            recipients=["b@b.test"],
+            data=b"Subject: x\r\n\r\nx\r\n",
+            smtputf8=False,
+            eightbit=False,
+        )
+    finally:
+        await conn.close()
+    pytest.fail(f"the connection went on after an injected reply: {result}")
