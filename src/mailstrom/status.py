@@ -183,6 +183,13 @@ class WorkerStatus:
     deferred: int = 0
     failed: int = 0
     last_activity_at: datetime | None = None
+    store_error: str | None = None
+    """The store's latest failure while it keeps failing (the worker retries with
+    backoff and goes on by itself); None when the store answers."""
+    unrecorded: int = 0
+    """Results held in memory because the store could not take them yet."""
+    sessions: int = 0
+    """SMTP sessions open or being opened."""
 
     @property
     def dead(self) -> bool:

@@ -185,6 +185,7 @@ def _record() -> logging.LogRecord:
     result = RecipientResult(
         message_id="m1",
         address="bob@example.test",
+        lease_token="t1",
         state=RecipientState.DEFERRED,
         attempt=Attempt(
             at=datetime(2024, 1, 1, tzinfo=UTC),
@@ -239,6 +240,7 @@ def test_live_view_frame() -> None:
         result = RecipientResult(
             message_id="m1",
             address="bob@example.test",
+            lease_token="t1",
             state=RecipientState.DELIVERED,
             attempt=Attempt(
                 at=datetime(2024, 1, 1, 12, 30, tzinfo=UTC),

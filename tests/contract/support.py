@@ -87,6 +87,8 @@ def results_for(
         RecipientResult(
             message_id=item.message_id,
             address=r.address,
+            lease_token=lease.token,
+            ref=r.ref,
             state=state,
             attempt=attempt(outcome, at=at, code=code),
             next_attempt_at=next_attempt_at,

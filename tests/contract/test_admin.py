@@ -17,15 +17,14 @@ HOUR = timedelta(hours=1)
 
 def _defer(store: Store, *, until: timedelta = HOUR) -> None:
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + until))
+    store.record(results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + until))
 
 
 def test_retry_makes_pending_recipients_due_now(store: Store) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     store.record(
-        lease,
         results_for(
             lease, RecipientState.DEFERRED, next_attempt_at=NOW + HOUR, only=["b@example.org"]
         ),
@@ -58,9 +57,8 @@ def test_retry_deferred_reschedules_only_deferred(store: Store) -> None:
 def test_cancel_fails_pending_recipients_and_keeps_final_ones(store: Store) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     store.record(
-        lease,
         results_for(
             lease, RecipientState.DEFERRED, next_attempt_at=NOW + HOUR, only=["b@example.org"]
         ),
@@ -82,7 +80,7 @@ def test_cancel_fails_pending_recipients_and_keeps_final_ones(store: Store) -> N
         assert len(r.history) == attempts
 
     # A worker still holding c records nothing, and nothing is leased again.
-    assert store.record(lease, results_for(lease, RecipientState.DELIVERED)) == 0
+    assert len(store.record(results_for(lease, RecipientState.DELIVERED))) == 0
     assert st == store.status(mid)
     assert store.lease(now=NOW + 2 * HOUR, limit=10, lease_for=LEASE_FOR) is None
     assert store.cancel(mid, now=cancelled_at) == 0
@@ -105,12 +103,11 @@ def test_purge_deletes_only_finished_messages_finished_before_the_cutoff(store: 
     pending = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
     cancelled = store.enqueue(message("e@example.org"), now=NOW, hold=True)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     store.record(
-        lease,
         results_for(lease, RecipientState.FAILED, at=NOW + HOUR, only=["b@example.org"]),
     )
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["c@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["c@example.org"]))
     store.cancel(cancelled, now=NOW + SECOND)
 
     assert store.purge(finished_before=NOW + 60 * SECOND) == 2
@@ -131,14 +128,13 @@ def test_stats_counts_states_domains_messages_and_held(store: Store) -> None:
     store.enqueue(message("a@one.example", "b@one.example", "c@TWO.example"), now=NOW)
     store.enqueue(message("d@two.example"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@one.example"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@one.example"]))
     store.record(
-        lease,
         results_for(
             lease, RecipientState.DEFERRED, next_attempt_at=NOW + HOUR, only=["c@TWO.example"]
         ),
     )
-    store.record(lease, results_for(lease, RecipientState.FAILED, only=["d@two.example"]))
+    store.record(results_for(lease, RecipientState.FAILED, only=["d@two.example"]))
     store.enqueue(message("e@three.example"), now=NOW, hold=True)
 
     stats = store.stats()
@@ -159,7 +155,7 @@ def test_stats_counts_states_domains_messages_and_held(store: Store) -> None:
 def test_recent_is_newest_first_and_without_history(store: Store) -> None:
     first = store.enqueue(message("a@example.org"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED))
+    store.record(results_for(lease, RecipientState.DELIVERED))
     same_time = store.enqueue_many(
         [message("b@example.org"), message("c@example.org")], now=NOW + SECOND
     )
@@ -174,11 +170,10 @@ def test_recent_is_newest_first_and_without_history(store: Store) -> None:
 def test_query_filters(store: Store) -> None:
     delivered = store.enqueue(message("a@one.example"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED))
+    store.record(results_for(lease, RecipientState.DELIVERED))
     deferred = store.enqueue(message("b@two.example", "c@one.example"), now=NOW + SECOND)
     lease = lease_all(store, now=NOW + SECOND)
     store.record(
-        lease,
         results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + HOUR),
     )
     queued = store.enqueue(message("d@Three.example"), now=NOW + 2 * SECOND)

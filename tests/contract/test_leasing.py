@@ -143,16 +143,16 @@ def test_record_under_a_taken_over_lease_is_ignored(store: Store) -> None:
     stale = lease_all(store)
     fresh = lease_all(store, now=NOW + LEASE_FOR + SECOND)
 
-    assert store.record(stale, results_for(stale, RecipientState.FAILED)) == 0
+    assert len(store.record(results_for(stale, RecipientState.FAILED))) == 0
     st = store.status(mid)
     assert st.recipients[0].state is RecipientState.QUEUED
     assert st.recipients[0].attempts == 0
     assert st.recipients[0].history == ()
 
-    assert store.record(fresh, results_for(fresh, RecipientState.DELIVERED)) == 1
+    assert len(store.record(results_for(fresh, RecipientState.DELIVERED))) == 1
     assert store.status(mid).state is RecipientState.DELIVERED
     # And the stale lease cannot overwrite the outcome afterwards either.
-    assert store.record(stale, results_for(stale, RecipientState.FAILED)) == 0
+    assert len(store.record(results_for(stale, RecipientState.FAILED))) == 0
     assert store.status(mid).recipients[0].attempts == 1
 
 
@@ -160,14 +160,14 @@ def test_record_after_expiry_without_takeover_still_counts(store: Store) -> None
     mid = store.enqueue(message("a@example.org"), now=NOW)
     lease = lease_all(store)
     late = NOW + LEASE_FOR + SECOND
-    assert store.record(lease, results_for(lease, RecipientState.DELIVERED, at=late)) == 1
+    assert len(store.record(results_for(lease, RecipientState.DELIVERED, at=late))) == 1
     assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
 
 
 def test_release_gives_back_unrecorded_recipients_without_an_attempt(store: Store) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
     lease = lease_all(store)
-    assert store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     store.release(lease)
 
     again = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
@@ -176,14 +176,14 @@ def test_release_gives_back_unrecorded_recipients_without_an_attempt(store: Stor
     assert st.recipient("a@example.org").state is RecipientState.DELIVERED
     assert st.recipient("b@example.org").attempts == 0
     # The released lease no longer owns b.
-    assert store.record(lease, results_for(lease, RecipientState.FAILED)) == 0
+    assert len(store.record(results_for(lease, RecipientState.FAILED))) == 0
 
 
 def test_leased_recipient_carries_previous_attempts(store: Store) -> None:
     store.enqueue(message("a@example.org"), now=NOW)
     first = lease_all(store)
     retry_at = NOW + 10 * SECOND
-    store.record(first, results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at))
+    store.record(results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at))
     assert store.lease(now=retry_at - SECOND, limit=10, lease_for=LEASE_FOR) is None
     second = lease_all(store, now=retry_at)
     (r,) = second.items[0].recipients
@@ -200,13 +200,13 @@ def test_next_due(store: Store) -> None:
     # Everything leased: due again when the lease expires.
     assert store.next_due(now=NOW) == NOW + LEASE_FOR
     later = NOW + 2 * SECOND
-    store.record(lease, results_for(lease, RecipientState.DEFERRED, next_attempt_at=later))
+    store.record(results_for(lease, RecipientState.DEFERRED, next_attempt_at=later))
     assert store.next_due(now=NOW) == later
     store.set_held(mid, True)
     assert store.next_due(now=NOW) is None
     store.set_held(mid, False)
     lease = lease_all(store, now=later)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, at=later))
+    store.record(results_for(lease, RecipientState.DELIVERED, at=later))
     assert store.next_due(now=later) is None
 
 
@@ -227,7 +227,7 @@ def test_extend_keeps_work_from_being_taken_over(store: Store) -> None:
 def test_extend_leaves_recorded_and_taken_over_recipients_alone(store: Store) -> None:
     store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     assert store.extend(lease, until=NOW + 2 * LEASE_FOR) == 1
 
     taken_over = store.lease(now=NOW + 3 * LEASE_FOR, limit=10, lease_for=LEASE_FOR)

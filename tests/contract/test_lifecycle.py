@@ -94,9 +94,7 @@ def test_reopen_after_close_loses_nothing(store_backend: Backend) -> None:
     pending = first.enqueue(message("c@three.example"), now=NOW + SECOND)
     held = first.enqueue(message("d@four.example"), now=NOW + 2 * SECOND, hold=True)
     lease = lease_all(first, now=NOW + 3 * SECOND)
-    first.record(
-        lease, results_for(lease, RecipientState.DELIVERED, only=["a@one.example"], at=NOW)
-    )
+    first.record(results_for(lease, RecipientState.DELIVERED, only=["a@one.example"], at=NOW))
     # b@two.example and c@three.example stay leased until NOW + 3 s + LEASE_FOR.
     before = {mid: first.status(mid) for mid in (done, pending, held)}
     stats = first.stats()

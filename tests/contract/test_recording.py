@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from mailstrom.status import AttemptOutcome, RecipientState
+from dataclasses import replace
+
+from mailstrom.status import AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores import RecipientResult, Store
+from mailstrom.stores.base import MAX_HISTORY, MAX_REPLY_TEXT
 
 from .support import NOW, SECOND, attempt, lease_all, message, results_for
 
@@ -14,9 +17,13 @@ def test_record_delivered_round_trips_the_attempt_exactly(store: Store) -> None:
     at = NOW + 3 * SECOND
     done = attempt(AttemptOutcome.DELIVERED, at=at, uncertain=True)
     result = RecipientResult(
-        message_id=mid, address="a@example.org", state=RecipientState.DELIVERED, attempt=done
+        message_id=mid,
+        address="a@example.org",
+        state=RecipientState.DELIVERED,
+        attempt=done,
+        lease_token=lease.token,
     )
-    assert store.record(lease, [result]) == 1
+    assert len(store.record([result])) == 1
 
     st = store.status(mid)
     assert st.state is RecipientState.DELIVERED
@@ -44,7 +51,7 @@ def test_deferred_then_delivered_keeps_history_in_order(store: Store) -> None:
     retry_at = NOW + 60 * SECOND
     first = lease_all(store)
     assert (
-        store.record(first, results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at))
+        len(store.record(results_for(first, RecipientState.DEFERRED, next_attempt_at=retry_at)))
         == 2
     )
 
@@ -60,9 +67,7 @@ def test_deferred_then_delivered_keeps_history_in_order(store: Store) -> None:
 
     second = lease_all(store, now=retry_at)
     later = retry_at + SECOND
-    store.record(
-        second, results_for(second, RecipientState.DELIVERED, at=later, only=["a@example.org"])
-    )
+    store.record(results_for(second, RecipientState.DELIVERED, at=later, only=["a@example.org"]))
     st = store.status(mid)
     # One still deferred → the message is still deferred.
     assert st.state is RecipientState.DEFERRED
@@ -82,10 +87,13 @@ def test_failed_with_local_error_and_no_reply(store: Store) -> None:
     lease = lease_all(store)
     failed = attempt(AttemptOutcome.PERMANENT, code=None, error="null MX: domain accepts no mail")
     store.record(
-        lease,
         [
             RecipientResult(
-                message_id=mid, address="a@example.org", state=RecipientState.FAILED, attempt=failed
+                message_id=mid,
+                address="a@example.org",
+                state=RecipientState.FAILED,
+                attempt=failed,
+                lease_token=lease.token,
             )
         ],
     )
@@ -100,9 +108,9 @@ def test_failed_with_local_error_and_no_reply(store: Store) -> None:
 def test_message_state_is_derived_from_recipients(store: Store) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
     lease = lease_all(store)
-    store.record(lease, results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
     assert store.status(mid).state is RecipientState.QUEUED
-    store.record(lease, results_for(lease, RecipientState.FAILED, only=["b@example.org"]))
+    store.record(results_for(lease, RecipientState.FAILED, only=["b@example.org"]))
     assert store.status(mid).state is RecipientState.FAILED
 
 
@@ -115,8 +123,69 @@ def test_record_ignores_recipients_outside_the_lease(store: Store) -> None:
         address="b@example.org",
         state=RecipientState.DELIVERED,
         attempt=attempt(),
+        lease_token=lease.token,
     )
-    assert store.record(lease, [*results_for(lease, RecipientState.DELIVERED), stray]) == 1
+    assert len(store.record([*results_for(lease, RecipientState.DELIVERED), stray])) == 1
     assert store.status(leased).state is RecipientState.DELIVERED
     assert store.status(other).state is RecipientState.QUEUED
-    assert store.record(lease, []) == 0
+    assert len(store.record([])) == 0
+
+
+def test_one_call_records_the_results_of_several_leases(store: Store) -> None:
+    """The worker records everything that finished, whatever lease it came from, in one
+    transaction; each result counts only under its own lease."""
+    one = store.enqueue(message("a@example.org"), now=NOW)
+    first = lease_all(store)
+    two = store.enqueue(message("b@example.org"), now=NOW)
+    second = lease_all(store)
+    results = [
+        *results_for(first, RecipientState.DELIVERED),
+        *results_for(second, RecipientState.FAILED),
+    ]
+    crossed = [replace(results[0], lease_token=second.token)]
+    assert store.record(crossed) == []
+    assert store.record(results) == results
+    assert store.status(one).state is RecipientState.DELIVERED
+    assert store.status(two).state is RecipientState.FAILED
+
+
+def test_reply_text_kept_is_bounded(store: Store) -> None:
+    """Hardening #7: a reply of a megabyte is stored cut to 2,048 octets, error too."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    huge = "é" * (512 * 1024)
+    long_attempt = replace(
+        attempt(AttemptOutcome.TEMPORARY, code=451),
+        reply=SMTPReply(code=451, enhanced="4.0.0", text=huge),
+        error="x" * 100_000,
+    )
+    [result] = results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW)
+    store.record([replace(result, attempt=long_attempt)])
+    (r,) = store.status(mid).recipients
+    assert r.reply is not None
+    assert len(r.reply.text.encode()) <= MAX_REPLY_TEXT
+    assert r.reply.text == huge[: MAX_REPLY_TEXT // 2]
+    assert r.error is not None and len(r.error) == MAX_REPLY_TEXT
+    [kept] = r.history
+    assert kept.reply == r.reply
+
+
+def test_history_kept_per_recipient_is_bounded(store: Store) -> None:
+    """Hardening #7: the history keeps the newest attempts, the count keeps counting."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    total = MAX_HISTORY + 7
+    for n in range(total):
+        lease = lease_all(store, now=NOW + n * SECOND)
+        store.record(
+            results_for(
+                lease,
+                RecipientState.DEFERRED,
+                at=NOW + n * SECOND,
+                next_attempt_at=NOW + (n + 1) * SECOND,
+            )
+        )
+    (r,) = store.status(mid).recipients
+    assert r.attempts == total
+    assert len(r.history) == MAX_HISTORY
+    assert r.history[-1].at == NOW + (total - 1) * SECOND
+    assert r.history[0].at == NOW + (total - MAX_HISTORY) * SECOND

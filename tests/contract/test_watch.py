@@ -38,7 +38,7 @@ def test_watch_fires_on_enqueue_and_retry_and_stops_after_unsubscribe(store: Sto
         mid = store.enqueue(message("a@example.org"), now=NOW)
         assert watched.wait_for(1)
         lease = lease_all(store)
-        store.record(lease, results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW))
+        store.record(results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW))
         seen = watched.calls
         store.retry(mid, now=NOW)
         assert watched.wait_for(seen + 1)

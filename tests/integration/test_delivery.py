@@ -26,6 +26,7 @@ from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
 from mailstrom.message import PreparedMessage, prepare
+from mailstrom.routing import Route, Router
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
@@ -551,22 +552,51 @@ async def test_async_facade_start_error() -> None:
         await ms.start()
 
 
-def test_a_crash_in_delivery_is_recorded_not_lost(
+def test_an_address_smtp_cannot_carry_fails_alone(
     mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
 ) -> None:
-    # Bypass prepare(): an address the SMTP layer refuses to put on the wire.
+    """Hardening #5: one address the SMTP layer cannot encode fails that recipient alone,
+    permanently and with a clear reason; the others of its domain are delivered."""
     store = MemoryStore()
-    bad = PreparedMessage(
+    bad = PreparedMessage(  # bypasses prepare(), which refuses such an address today
         data=b"From: a@sender.test\r\n\r\nx\r\n",
         envelope_from="a@sender.test",
-        recipients=("bad\r\naddress@example.org",),
+        recipients=('"x>y"@example.org', "good@example.org"),
     )
     mid = store.enqueue(bad, now=clock())
     mailstrom(store=store)
-    results.wait_count(1)
-    [r] = store.status(mid).recipients
+    results.wait_count(2)
+    status = store.status(mid)
+    refused = status.recipient('"x>y"@example.org')
+    assert refused.state is FAILED
+    assert "cannot be sent" in refused.reason and "x>y" in refused.reason
+    assert status.recipient("good@example.org").state is DELIVERED
+    [received] = mx.wait_for_messages(1)
+    assert received.rcpt_tos == ("good@example.org",)
+
+
+def test_a_crash_in_delivery_is_recorded_not_lost(
+    dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    class CrashingRouter(Router):
+        async def route(self, domain: str) -> Route:
+            raise RuntimeError("a bug in routing")
+
+    store = MemoryStore()
+    config = Config(helo_name="client.test", smtp_port=mx.port, dns=dns_server.dns_config)
+    with Mailstrom(
+        config,
+        store=store,
+        router=CrashingRouter(config.dns),
+        clock=clock,
+        on_result=results,
+    ) as ms:
+        mid = ms.send_email(hello("crash@example.org"))
+        results.wait_count(1)
+        [r] = store.status(mid).recipients
+        assert ms.worker_status.running
     assert r.state is DEFERRED
-    assert "internal error" in (r.error or "")
+    assert "internal error" in (r.error or "") and "a bug in routing" in (r.error or "")
     assert mx.messages == []
 
 

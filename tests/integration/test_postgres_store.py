@@ -34,10 +34,11 @@ def message(*recipients: str) -> PreparedMessage:
     )
 
 
-def delivered(message_id: str, address: str, at: datetime) -> RecipientResult:
+def delivered(message_id: str, address: str, at: datetime, token: str) -> RecipientResult:
     return RecipientResult(
         message_id=message_id,
         address=address,
+        lease_token=token,
         state=RecipientState.DELIVERED,
         attempt=Attempt(
             at=at, outcome=AttemptOutcome.DELIVERED, reply=SMTPReply(code=250, text="ok")
@@ -149,16 +150,17 @@ def test_record_under_a_stale_token_is_ignored(postgres_url: str, store: Postgre
         new = other.lease(now=later, limit=10, lease_for=LEASE)
         assert new is not None
         assert new.token != old.token
-        assert other.record(new, [delivered(mid, "r@example.org", later)]) == 1
+        assert len(other.record([delivered(mid, "r@example.org", later, new.token)])) == 1
 
     late = RecipientResult(
         message_id=mid,
         address="r@example.org",
+        lease_token=old.token,
         state=RecipientState.FAILED,
         attempt=Attempt(at=T0 + LEASE * 3, outcome=AttemptOutcome.PERMANENT, error="late"),
     )
-    assert store.record(old, [late]) == 0
-    assert store.record(new, [late]) == 0  # already recorded: its lease is gone too
+    assert len(store.record([late])) == 0
+    assert len(store.record([late])) == 0  # already recorded: its lease is gone too
     status = store.status(mid).recipient("r@example.org")
     assert status.state is RecipientState.DELIVERED
     assert status.attempts == 1
@@ -170,7 +172,7 @@ def test_record_batches_many_recipients_in_one_call(store: PostgresStore) -> Non
     mid = store.enqueue(message(*addresses), now=T0)
     lease = store.lease(now=T0, limit=1000, lease_for=LEASE)
     assert lease is not None
-    assert store.record(lease, [delivered(mid, a, T0) for a in addresses]) == 300
+    assert len(store.record([delivered(mid, a, T0, lease.token) for a in addresses])) == 300
     assert store.status(mid).state is RecipientState.DELIVERED
 
 

@@ -1,9 +1,24 @@
-"""The asyncio worker: lease due work, deliver it concurrently, record results in batches.
+"""The asyncio worker: lease due work in batches, deliver it, record results in batches.
 
-One worker runs one event loop. It never polls busily: when nothing is due it sleeps until
-the store's next due time, a wake-up (``wake()``, or the store's ``watch`` callback when mail
-is enqueued), or ``Config.poll_interval`` — the fallback for stores that cannot tell about
-other processes' changes.
+One worker runs one event loop. Three loops share it:
+
+* **leasing** takes due recipients from the store in batches. After a small batch, while
+  deliveries are in flight, it waits a few milliseconds so that the next lease collects
+  what arrived meanwhile, instead of one write transaction per message. It never leases
+  more than ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery, and
+  counts capacity per recipient: a stalled server holds only its own slots.
+* **recording** writes results as soon as they exist, all that finished while the last
+  write ran in one transaction (group commit), so the window in which a crash could make a
+  delivered recipient be sent again stays one write long.
+* **heartbeat** extends the leases of work still in progress, so that a slow delivery is
+  not taken over by another worker.
+
+The store may fail for a while (a database restart, a write lock held by another process):
+the worker keeps every result in memory, retries with backoff and goes on by itself; it
+stops only for a :class:`~mailstrom.errors.StoreCorrupt` store or a bug, and
+:attr:`Worker.status` says so. When idle it sleeps until the next due time, a wake-up
+(:meth:`wake`, or the store's ``watch`` callback when mail is enqueued, from any process for
+stores that can tell), or ``Config.poll_interval``.
 """
 
 from __future__ import annotations
@@ -14,18 +29,29 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailstrom.config import Config
+from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
-from mailstrom.runtime.delivery import Deliverer
-from mailstrom.runtime.pool import ConnectionPool
+from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem
+from mailstrom.stores.base import Lease, RecipientResult, Store
 
 log = logging.getLogger("mailstrom.worker")
+
+_COALESCE = 0.005
+"""Seconds to let work accumulate before the next lease, after a small one."""
+_SMALL_LEASE = 32
+"""A lease of fewer recipients than this is small."""
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+"""Bounds of the wait between retries of a failing store call."""
+_FINAL_RECORD = 30.0
+"""Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
 
 
 def utc_now() -> datetime:
@@ -40,20 +66,35 @@ class _Counters:
     started_at: datetime | None = None
     last_activity_at: datetime | None = None
     error: str | None = None
+    store_error: str | None = None
+    store_errors: int = 0
 
 
-@dataclass(slots=True)
-class _LeaseProgress:
+@dataclass(slots=True, eq=False)
+class _LeaseState:
     lease: Lease
-    open_items: int
-    pending: list[RecipientResult] = field(default_factory=list)
+    unrecorded: int
+
+
+class _Backoff:
+    """Exponential waits between retries of a failing store call, reset on success."""
+
+    def __init__(self) -> None:
+        self._next = _BACKOFF_FIRST
+
+    def reset(self) -> None:
+        self._next = _BACKOFF_FIRST
+
+    def take(self) -> float:
+        wait, self._next = self._next, min(self._next * 2, _BACKOFF_MAX)
+        return wait
 
 
 class Worker:
     """Delivers everything due in ``store`` until stopped.
 
     >>> worker = Worker(Config(), store)           # doctest: +SKIP
-    >>> await worker.run_until_stopped()           # doctest: +SKIP
+    >>> await worker.run()                         # doctest: +SKIP
     """
 
     def __init__(
@@ -77,16 +118,18 @@ class Worker:
         self._counters = _Counters()
         self._running = False
         self._stopping = False
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._leases: dict[str, _LeaseProgress] = {}
-        self._recorded: asyncio.Event | None = None
-        self._recorder_closing = False
         self._drain_timeout: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._results_ready: asyncio.Event | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._leases: dict[str, _LeaseState] = {}
+        self._pending: list[RecipientResult] = []
+        self._starved = False
+        self._fatal: BaseException | None = None
         self._stopped = threading.Event()
 
-    # --- control, callable from any thread -----------------------------------------------
+    # --- control, callable from any thread -------------------------------------------------
 
     def wake(self) -> None:
         """Look for due work now (thread-safe)."""
@@ -107,18 +150,26 @@ class Worker:
     @property
     def status(self) -> WorkerStatus:
         c = self._counters
+        dispatcher = self._dispatcher
         return WorkerStatus(
             running=self._running,
             started_at=c.started_at,
             error=c.error,
-            in_flight=sum(len(p.lease.items) for p in self._leases.values()),
+            in_flight=dispatcher.in_flight if dispatcher is not None else 0,
             delivered=c.delivered,
             deferred=c.deferred,
             failed=c.failed,
             last_activity_at=c.last_activity_at,
+            store_error=c.store_error,
+            unrecorded=len(self._pending),
+            sessions=dispatcher.sessions if dispatcher is not None else 0,
         )
 
-    # --- the loop ------------------------------------------------------------------------
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until ``run`` has returned (for whatever reason); False on timeout."""
+        return self._stopped.wait(timeout)
+
+    # --- the loops ---------------------------------------------------------------------
 
     async def run(
         self, *, once: bool = False, on_started: Callable[[], None] | None = None
@@ -129,30 +180,24 @@ class Worker:
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._recorded = asyncio.Event()
-        self._recorder_closing = False
+        self._results_ready = asyncio.Event()
         self._running = True
+        self._fatal = None
         self._stopped.clear()
         self._counters.started_at = self._clock()
-        config = self.config
-        pool = ConnectionPool(
-            max_connections=config.max_connections,
-            max_per_destination=config.max_per_destination,
-            max_messages_per_connection=config.max_messages_per_connection,
-            idle_seconds=config.connection_idle,
-        )
-        deliverer = Deliverer(
-            config, router=self._router, pool=pool, clock=self._clock, rng=self._rng
+        outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
+        dispatcher = self._dispatcher = Dispatcher(
+            self.config, router=self._router, outcomes=outcomes, on_done=self._on_done
         )
         unwatch: Callable[[], None] | None = None
-        recorder = asyncio.create_task(self._record_loop())
-        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        recorder = asyncio.create_task(self._record_loop(), name="mailstrom-recorder")
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         try:
             unwatch = self.store.watch(self.wake)
             if on_started is not None:
                 on_started()
-            await self._lease_loop(deliverer, pool, recorder, once=once)
-            await self._drain(self._drain_timeout)
+            await self._lease_loop(dispatcher, recorder, once=once)
+            await self._drain(dispatcher, self._drain_timeout)
         except BaseException as exc:
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -161,69 +206,75 @@ class Worker:
             await asyncio.gather(heartbeat, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
-            for task in self._tasks:
-                task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
             self._stopping = True
-            # Not cancel(): a write in progress in its thread would go on unawaited, and
-            # _release_unfinished could then give back recipients it is recording.
-            self._recorder_closing = True
-            self._recorded.set()
-            await asyncio.gather(recorder, return_exceptions=True)
-            await self._flush()
+            await dispatcher.close()
+            await self._finish_recording(recorder)
             await self._release_unfinished()
-            await pool.close()
             self._running = False
             self._stopped.set()
 
-    def wait_stopped(self, timeout: float | None = None) -> bool:
-        """Block until ``run`` has returned (for whatever reason); False on timeout."""
-        return self._stopped.wait(timeout)
-
     async def _lease_loop(
-        self,
-        deliverer: Deliverer,
-        pool: ConnectionPool,
-        recorder: asyncio.Task[None],
-        *,
-        once: bool,
+        self, dispatcher: Dispatcher, recorder: asyncio.Task[None], *, once: bool
     ) -> None:
         assert self._wake is not None
         config = self.config
         # Keep enough work in flight to fill every session, but no more: work leased and
         # waiting in memory is work no other worker can take.
         high_water = max(config.max_connections * 4, config.lease_batch)
+        backoff = _Backoff()
         while not self._stopping:
+            if self._fatal is not None:
+                raise self._fatal
             if recorder.done():
-                recorder.result()  # a store that cannot record must stop the worker
-                raise RuntimeError("result recorder stopped")
+                recorder.result()  # re-raises what stopped it
+                raise RuntimeError("the result recorder stopped")
             self._wake.clear()
-            room = high_water - self._in_flight_recipients()
+            room = high_water - dispatcher.in_flight
+            self._starved = room <= 0
             lease = None
             if room > 0:
-                lease = await asyncio.to_thread(
-                    self.store.lease,
-                    now=self._clock(),
-                    limit=min(room, config.lease_batch),
-                    lease_for=config.lease_for,
-                )
+                try:
+                    lease = await asyncio.to_thread(
+                        self.store.lease,
+                        now=self._clock(),
+                        limit=min(room, config.lease_batch),
+                        lease_for=config.lease_for,
+                    )
+                except StoreCorrupt:
+                    raise
+                except StoreError as exc:
+                    self._store_trouble("lease", exc)
+                    await self._sleep(backoff.take())
+                    continue
+                backoff.reset()
+                self._store_fine()
             if lease is not None:
-                self._start(lease, deliverer)
+                count = self._start(lease, dispatcher)
+                if count < _SMALL_LEASE and dispatcher.in_flight:
+                    await asyncio.sleep(_COALESCE)  # a timer: let a batch gather
                 continue
-            if once and not self._tasks:
+            if once and dispatcher.idle.is_set() and not self._pending:
                 return
-            pool.prune()
-            await self._sleep_until_due(once=once)
+            dispatcher.prune()
+            await self._sleep_until_due(dispatcher, once=once)
 
-    def _in_flight_recipients(self) -> int:
-        return sum(len(i.recipients) for p in self._leases.values() for i in p.lease.items)
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wake is not None
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def _sleep_until_due(self, *, once: bool) -> None:
+    async def _sleep_until_due(self, dispatcher: Dispatcher, *, once: bool) -> None:
         assert self._wake is not None
         timeout = self.config.poll_interval
-        if not self._tasks:
-            due = await asyncio.to_thread(self.store.next_due, now=self._clock())
+        if dispatcher.idle.is_set() and not self._starved:
+            try:
+                due = await asyncio.to_thread(self.store.next_due, now=self._clock())
+            except StoreCorrupt:
+                raise
+            except StoreError as exc:
+                self._store_trouble("next_due", exc)
+                due = None
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
             elif once:
@@ -231,31 +282,74 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
-    def _start(self, lease: Lease, deliverer: Deliverer) -> None:
-        self._leases[lease.token] = _LeaseProgress(lease=lease, open_items=len(lease.items))
+    def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
+        count = sum(len(item.recipients) for item in lease.items)
+        self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
         for item in lease.items:
-            task = asyncio.create_task(self._deliver(lease, item, deliverer))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            dispatcher.submit(item)
+        return count
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._wake is not None:
-            self._wake.set()
+    def _on_done(self, results: list[RecipientResult]) -> None:
+        """An item's results: to the recorder at once (the duplicate window starts now)."""
+        self._pending.extend(results)
+        assert self._results_ready is not None
+        self._results_ready.set()
+        if self._starved and self._wake is not None:
+            self._wake.set()  # room for more work
 
-    async def _deliver(self, lease: Lease, item: WorkItem, deliverer: Deliverer) -> None:
-        try:
-            results = await deliverer.deliver(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must not lose the lease's other work
-            log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
-            return
-        progress = self._leases[lease.token]
-        progress.pending.extend(results)
-        progress.open_items -= 1
-        assert self._recorded is not None
-        self._recorded.set()
+    async def _record_loop(self) -> None:
+        """Write results in batches: whatever finished while the last write ran goes in
+        the next one (group commit). A failing store is retried with backoff; results stay
+        in memory meanwhile and are never dropped."""
+        assert self._results_ready is not None
+        backoff = _Backoff()
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    recorded = await asyncio.to_thread(self.store.record, batch)
+                except StoreCorrupt as exc:
+                    self._pending[:0] = batch
+                    self._fatal = exc
+                    self.wake()
+                    return
+                except StoreError as exc:
+                    self._pending[:0] = batch
+                    self._store_trouble("record", exc)
+                    await asyncio.sleep(backoff.take())  # a timer between retries
+                    continue
+                except Exception as exc:  # a bug: stop the worker, say why
+                    self._pending[:0] = batch
+                    self._fatal = exc
+                    self.wake()
+                    return
+                backoff.reset()
+                self._store_fine()
+                self._recorded(batch, recorded)
+                dispatcher = self._dispatcher
+                if dispatcher is not None and dispatcher.idle.is_set():
+                    # Recorded results may have made work due (a retry soon): the lease
+                    # loop, which slept without a due time while work was in flight, looks.
+                    self.wake()
+            if self._stopping and not self._pending:
+                return
+
+    def _recorded(self, batch: list[RecipientResult], recorded: list[RecipientResult]) -> None:
+        ignored = len(batch) - len(recorded)
+        for result in batch:
+            state = self._leases.get(result.lease_token)
+            if state is not None:
+                state.unrecorded -= 1
+                if state.unrecorded <= 0:
+                    del self._leases[result.lease_token]
+        if ignored:
+            # The lease expired and another worker took these recipients over (or they
+            # were cancelled): its outcome stands; the message may have gone out twice.
+            log.warning("%d of %d results ignored: taken over or cancelled", ignored, len(batch))
+        for result in recorded:
+            self._count(result)
 
     def _count(self, result: RecipientResult) -> None:
         c = self._counters
@@ -272,63 +366,71 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         """Keep extending the leases of work still in progress, so that a delivery that
-        takes long (slow peers, several MX hosts timing out, a queue behind one
-        destination's session limit) is not taken over and sent twice by another worker.
-        A worker that dies stops extending, and its leases expire as before."""
+        takes long (slow peers, several MX hosts timing out) is not taken over and sent
+        twice by another worker. A worker that dies stops extending, and its leases expire
+        as before."""
         lease_for = self.config.lease_for
         interval = lease_for.total_seconds() / 3
         while True:
             await asyncio.sleep(interval)  # a timer, not synchronisation
             until = self._clock() + lease_for
-            for progress in list(self._leases.values()):
-                if not progress.open_items:
-                    continue
+            for state in list(self._leases.values()):
                 try:
-                    await asyncio.to_thread(self.store.extend, progress.lease, until=until)
-                except Exception:  # a passing store hiccup; the next beat tries again
-                    log.warning("could not extend lease %s", progress.lease.token, exc_info=True)
+                    await asyncio.to_thread(self.store.extend, state.lease, until=until)
+                except StoreError as exc:  # a passing hiccup; the next beat tries again
+                    self._store_trouble("extend", exc)
 
-    async def _record_loop(self) -> None:
-        """Write results in batches: whatever finished while the last write ran goes in
-        the next one (group commit), so the store sees one transaction per batch."""
-        assert self._recorded is not None
-        while True:
-            await self._recorded.wait()
-            self._recorded.clear()
-            await self._flush()
-            if self._recorder_closing:
-                return
+    def _store_trouble(self, doing: str, exc: StoreError) -> None:
+        c = self._counters
+        first = c.store_error is None
+        c.store_error = f"{doing}: {exc}"
+        c.store_errors += 1
+        if first:
+            log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
 
-    async def _flush(self) -> None:
-        for token, progress in list(self._leases.items()):
-            batch, progress.pending = progress.pending, []
-            if batch:
-                recorded = await asyncio.to_thread(self.store.record, progress.lease, batch)
-                if recorded < len(batch):
-                    # The lease expired and another worker took these recipients over;
-                    # its outcome stands (the message may have gone out twice).
-                    log.warning(
-                        "lease %s: %d of %d results ignored, taken over by another worker",
-                        token,
-                        len(batch) - recorded,
-                        len(batch),
-                    )
-                for result in batch:
-                    self._count(result)
-            if progress.open_items == 0 and not progress.pending:
-                del self._leases[token]
-        if self._wake is not None:
-            self._wake.set()
+    def _store_fine(self) -> None:
+        c = self._counters
+        if c.store_error is not None:
+            log.warning("store working again after %d failed calls", c.store_errors)
+            c.store_error = None
+            c.store_errors = 0
 
-    async def _drain(self, timeout: float | None) -> None:
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+    # --- stopping ----------------------------------------------------------------------
+
+    async def _drain(self, dispatcher: Dispatcher, timeout: float | None) -> None:
+        if not dispatcher.idle.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dispatcher.idle.wait(), timeout=timeout)
+
+    async def _finish_recording(self, recorder: asyncio.Task[None]) -> None:
+        """Let the recorder write what is pending, retrying a failing store for as long as
+        the drain timeout allows; what still cannot be written is reported, not hidden."""
+        assert self._results_ready is not None
+        self._results_ready.set()
+        timeout = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
+        if not recorder.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(recorder), timeout=timeout)
+            recorder.cancel()
+        with contextlib.suppress(BaseException):
+            await recorder
+        if self._pending:
+            log.error(
+                "%d results could not be recorded before stopping; those recipients are "
+                "tried again when their lease expires",
+                len(self._pending),
+            )
 
     async def _release_unfinished(self) -> None:
-        for progress in list(self._leases.values()):
-            await asyncio.to_thread(self.store.release, progress.lease)
+        """Give back, due at once, what was leased and never attempted. A lease holding
+        results that could not be recorded is kept: releasing it would resend at once
+        what may have been delivered; it expires instead."""
+        unrecorded = {result.lease_token for result in self._pending}
+        for state in list(self._leases.values()):
+            if state.lease.token in unrecorded:
+                continue
+            try:
+                await asyncio.to_thread(self.store.release, state.lease)
+            except StoreError as exc:
+                log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()

@@ -16,12 +16,43 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState
+
+MAX_REPLY_TEXT = 2048
+"""Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
+may send up to a megabyte per reply; Postfix keeps 2,048 octets too."""
+MAX_HISTORY = 50
+"""Attempts kept in a recipient's history; older ones are dropped as new ones are recorded
+(the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
+
+
+def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
+    """``text`` cut to at most ``limit`` octets of UTF-8 (at a character boundary)."""
+    if len(text) <= limit // 4:  # cannot exceed the limit even at four octets a character
+        return text
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", "ignore")
+
+
+def bounded_attempt(attempt: Attempt) -> Attempt:
+    """``attempt`` with its reply text and error cut to :data:`MAX_REPLY_TEXT` octets."""
+    reply, error = attempt.reply, attempt.error
+    short_reply = reply
+    if reply is not None and len(reply.text) > MAX_REPLY_TEXT // 4:
+        text = bounded_text(reply.text)
+        if text is not reply.text:
+            short_reply = replace(reply, text=text)
+    short_error = bounded_text(error) if error is not None else None
+    if short_reply is reply and short_error is error:
+        return attempt
+    return replace(attempt, reply=short_reply, error=short_error)
 
 
 def new_message_id() -> str:
@@ -40,6 +71,9 @@ class LeasedRecipient:
     first_attempt_at: datetime | None
     created_at: datetime
     """When its message was enqueued (the retry policy's maximum age counts from here)."""
+    ref: int | None = None
+    """The store's own handle on this recipient (a row id), handed back in the result so
+    recording needs no lookup; None for stores that do not use one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +81,8 @@ class WorkItem:
     """The leased recipients of one message at one destination domain: one SMTP transaction."""
 
     message_id: str
+    lease_token: str
+    """The lease this item was handed out under (results are recorded under it)."""
     domain: str
     """Lower-case ASCII-or-Unicode domain as stored (the part after the last ``@``)."""
     envelope_from: str
@@ -71,13 +107,18 @@ class RecipientResult:
 
     ``state`` is the recipient's new state: DELIVERED, FAILED, or DEFERRED with
     ``next_attempt_at`` set (the worker has already applied the retry policy).
+    ``lease_token`` names the lease the recipient was delivered under: the store records
+    the result only while that lease still holds the recipient. ``ref`` is the
+    :attr:`LeasedRecipient.ref` the store handed out, if any.
     """
 
     message_id: str
     address: str
     state: RecipientState
     attempt: Attempt
+    lease_token: str
     next_attempt_at: datetime | None = None
+    ref: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,10 +163,13 @@ class Store(Protocol):
         same recipient while its lease is unexpired."""
         ...
 
-    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
-        """Record results for recipients of ``lease``, clear their lease, append each
-        attempt to the recipient's history and count it. Results for recipients no
-        longer held under ``lease.token`` are ignored. Returns how many were recorded."""
+    def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        """Record ``results`` (of any number of leases) in one transaction: set each
+        recipient's state, clear its lease, count the attempt and append it to the history
+        (reply text and error cut to :data:`MAX_REPLY_TEXT` octets, history to the last
+        :data:`MAX_HISTORY` attempts). A result whose recipient is no longer held under
+        its ``lease_token`` (taken over, cancelled, recorded already) is ignored. Returns
+        the results that were recorded, in order."""
         ...
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

@@ -26,11 +26,13 @@ from mailstrom.status import (
     derive_message_state,
 )
 from mailstrom.stores.base import (
+    MAX_HISTORY,
     Lease,
     LeasedRecipient,
     QueueFilter,
     RecipientResult,
     WorkItem,
+    bounded_attempt,
     new_message_id,
 )
 from mailstrom.stores.watchers import Watchers
@@ -199,6 +201,7 @@ class MemoryStore:
                 items.append(
                     WorkItem(
                         message_id=m.id,
+                        lease_token=token,
                         domain=key[1],
                         envelope_from=m.prepared.envelope_from,
                         recipients=tuple(
@@ -219,16 +222,16 @@ class MemoryStore:
             return None
         return Lease(token=token, expires_at=expires_at, items=tuple(items))
 
-    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
-        """Record results under ``lease``; results no longer held by it are ignored."""
-        recorded = 0
+    def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        """Record results; those whose recipient its lease no longer holds are ignored."""
+        recorded = []
         with self._lock:
             for result in results:
                 m = self._messages.get(result.message_id)
                 r = m.recipients.get(result.address) if m is not None else None
-                if r is None or r.lease_token != lease.token:
+                if r is None or r.lease_token != result.lease_token:
                     continue
-                attempt = result.attempt
+                attempt = bounded_attempt(result.attempt)
                 r.state = result.state
                 r.attempts += 1
                 if r.first_attempt_at is None:
@@ -248,7 +251,8 @@ class MemoryStore:
                 r.tls = attempt.tls
                 r.uncertain = attempt.uncertain
                 r.history.append(attempt)
-                recorded += 1
+                del r.history[:-MAX_HISTORY]
+                recorded.append(result)
         return recorded
 
     def _still_held(self, lease: Lease) -> list[_Recipient]:

@@ -45,11 +45,13 @@ from mailstrom.status import (
     derive_message_state,
 )
 from mailstrom.stores.base import (
+    MAX_HISTORY,
     Lease,
     LeasedRecipient,
     QueueFilter,
     RecipientResult,
     WorkItem,
+    bounded_attempt,
     new_message_id,
 )
 from mailstrom.stores.memory import domain_of
@@ -369,7 +371,7 @@ class SQLiteStore:
                 ):
                     messages[m[0]] = m
         groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
-        for _, seq, position, address, domain, attempts, first in rows:
+        for rid, seq, position, address, domain, attempts, first in rows:
             groups.setdefault((seq, domain), []).append(
                 (
                     position,
@@ -378,6 +380,7 @@ class SQLiteStore:
                         attempts=attempts,
                         first_attempt_at=opt_dt(first),
                         created_at=from_us(messages[seq][5]),
+                        ref=rid,
                     ),
                 )
             )
@@ -388,6 +391,7 @@ class SQLiteStore:
             items.append(
                 WorkItem(
                     message_id=mid,
+                    lease_token=token,
                     domain=domain,
                     envelope_from=envelope_from,
                     recipients=tuple(r for _, r in leased),
@@ -398,27 +402,21 @@ class SQLiteStore:
             )
         return Lease(token=token, expires_at=expires_at, items=tuple(items))
 
-    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
-        """Record results for recipients still held under ``lease.token``; one
-        transaction for the whole batch. Returns how many were recorded."""
+    def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        """Record results of any leases in one transaction; each row is found by the id
+        it was leased with and updated only while its lease token still matches, so
+        nothing is read back first. Returns the results recorded."""
         if not results:
-            return 0
+            return []
+        recorded: list[RecipientResult] = []
+        history: list[tuple[object, ...]] = []
+        trim: list[tuple[int, int, int]] = []
         with self._write() as conn:
-            held = {
-                (mid, address): rid
-                for rid, mid, address in conn.execute(
-                    "SELECT r.id, m.id, r.address FROM recipients r"
-                    " JOIN messages m ON m.seq = r.message_seq WHERE r.lease_token = ?",
-                    (lease.token,),
-                )
-            }
-            updates: list[tuple[object, ...]] = []
-            history: list[tuple[object, ...]] = []
             for result in results:
-                rid = held.pop((result.message_id, result.address), None)
+                rid = result.ref if result.ref is not None else self._rid(conn, result)
                 if rid is None:
-                    continue  # not ours any more (taken over, cancelled) or recorded twice
-                a = result.attempt
+                    continue
+                a = bounded_attempt(result.attempt)
                 reply = a.reply
                 at = to_us(a.at)
                 final = result.state.is_final
@@ -426,34 +424,54 @@ class SQLiteStore:
                 reply_cols = (
                     (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
                 )
-                updates.append(
+                row = conn.execute(
+                    "UPDATE recipients SET state = ?, attempts = attempts + 1,"
+                    " first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ?,"
+                    " next_attempt_at = ?, finished_at = ?, lease_token = NULL,"
+                    " lease_expires_at = NULL, reply_code = ?, reply_enhanced = ?,"
+                    " reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?, uncertain = ?"
+                    " WHERE id = ? AND lease_token = ? RETURNING attempts",
                     (
                         *(result.state.value, at, at, next_at, at if final else None),
-                        *(*reply_cols, a.error, a.mx_host, a.ip, a.tls, a.uncertain, rid),
-                    )
-                )
+                        *(*reply_cols, a.error, a.mx_host, a.ip, a.tls, a.uncertain),
+                        *(rid, result.lease_token),
+                    ),
+                ).fetchone()
+                if row is None:
+                    continue  # not ours any more (taken over, cancelled) or recorded twice
+                recorded.append(result)
                 history.append(
                     (
                         *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
                         *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
                     )
                 )
-            conn.executemany(
-                "UPDATE recipients SET state = ?, attempts = attempts + 1,"
-                " first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ?,"
-                " next_attempt_at = ?, finished_at = ?, lease_token = NULL,"
-                " lease_expires_at = NULL, reply_code = ?, reply_enhanced = ?,"
-                " reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?, uncertain = ?"
-                " WHERE id = ?",
-                updates,
-            )
+                if row[0] > MAX_HISTORY:
+                    trim.append((rid, rid, MAX_HISTORY - 1))
+            if trim:
+                # Make room for the attempt about to be added: keep the newest ones.
+                conn.executemany(
+                    "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id"
+                    " FROM attempts WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+                    trim,
+                )
             conn.executemany(
                 "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
                 " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
                 " uncertain) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 history,
             )
-        return len(updates)
+        return recorded
+
+    @staticmethod
+    def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
+        """The row of a result that carries no ``ref`` (built by hand, not from a lease)."""
+        row = conn.execute(
+            "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq"
+            " WHERE m.id = ? AND r.address = ?",
+            (result.message_id, result.address),
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

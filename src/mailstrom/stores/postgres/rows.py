@@ -16,7 +16,14 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
-from mailstrom.stores.base import Lease, LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.stores.base import (
+    MAX_HISTORY,
+    Lease,
+    LeasedRecipient,
+    RecipientResult,
+    WorkItem,
+    bounded_attempt,
+)
 
 Row = dict[str, Any]
 
@@ -58,14 +65,16 @@ def enqueue_params(
     }
 
 
-def record_params(token: str, results: Iterable[RecipientResult]) -> dict[str, Any]:
-    """Parallel arrays for the ``record`` query; a repeated recipient keeps its last result."""
+def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
+    """Parallel arrays for the ``record`` query; a repeated recipient keeps its last
+    result. Reply texts and errors are cut to the stored bound."""
     latest = {(r.message_id, r.address): r for r in results}
     rs = list(latest.values())
-    attempts = [r.attempt for r in rs]
+    attempts = [bounded_attempt(r.attempt) for r in rs]
     replies = [a.reply for a in attempts]
     return {
-        "token": token,
+        "max_history": MAX_HISTORY,
+        "tokens": [r.lease_token for r in rs],
         "message_ids": [r.message_id for r in rs],
         "addresses": [r.address for r in rs],
         "states": [r.state.value for r in rs],
@@ -129,6 +138,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         items.append(
             WorkItem(
                 message_id=message_id,
+                lease_token=token,
                 domain=domain,
                 envelope_from=envelope_from,
                 recipients=tuple(r for _, r in members),

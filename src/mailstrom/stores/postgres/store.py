@@ -118,12 +118,12 @@ class PostgresStore:
             return None
         return rows.lease_from_rows(token, expires_at, found)
 
-    def record(self, lease: Lease, results: Sequence[RecipientResult]) -> int:
-        """Record results still held under ``lease.token``; returns how many were."""
+    def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        """Record results of any leases in one statement; returns those recorded."""
         if not results:
-            return 0
-        (count,) = self._fetch("record", rows.record_params(lease.token, results))[0]
-        return int(count)
+            return []
+        done = {tuple(row) for row in self._fetch("record", rows.record_params(results))}
+        return [r for r in results if (r.message_id, r.address) in done]
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

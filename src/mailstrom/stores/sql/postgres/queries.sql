@@ -69,20 +69,24 @@ JOIN leased_messages m ON m.id = l.message_id
 ORDER BY d.due_at, l.seq, l.position;
 
 -- name: record
--- Only recipients still held under this lease's token are updated; the attempt history
--- gets a row for exactly those.
+-- Results of any number of leases, one array element per result: a recipient is updated
+-- only while the lease named in its own element still holds it, and the attempt history
+-- gets a row for exactly those. A recipient past the history bound loses its oldest
+-- attempts (the DELETE sees the history before this statement's insert, so it keeps one
+-- fewer than the bound). Returns the recorded (message_id, address) pairs.
 WITH res AS (
     SELECT *
-    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(states)s::text[],
+    FROM unnest(%(tokens)s::text[], %(message_ids)s::text[], %(addresses)s::text[],
+                %(states)s::text[],
                 %(next_attempt_at)s::timestamptz[], %(at)s::timestamptz[],
                 %(outcomes)s::text[], %(durations)s::double precision[],
                 %(mx_hosts)s::text[], %(ips)s::text[], %(ports)s::integer[],
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[])
-         AS t(message_id, address, state, next_attempt_at, at, outcome, duration, mx_host, ip,
-              port, tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,
-              uncertain)
+         AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
+              mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
+              reply_text, error, uncertain)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -105,8 +109,8 @@ WITH res AS (
     FROM res
     WHERE r.message_id = res.message_id
       AND r.address = res.address
-      AND r.lease_token = %(token)s
-    RETURNING r.message_id, r.address
+      AND r.lease_token = res.token
+    RETURNING r.message_id, r.address, r.attempts
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
@@ -117,8 +121,18 @@ WITH res AS (
     FROM res
     JOIN updated USING (message_id, address)
     RETURNING 1
+), trimmed AS (
+    DELETE FROM attempts a
+    USING updated u
+    WHERE u.attempts > %(max_history)s
+      AND a.message_id = u.message_id
+      AND a.address = u.address
+      AND a.id NOT IN (SELECT k.id FROM attempts k
+                       WHERE k.message_id = u.message_id AND k.address = u.address
+                       ORDER BY k.id DESC LIMIT %(max_history)s - 1)
+    RETURNING 1
 )
-SELECT count(*) FROM history;
+SELECT message_id, address FROM updated;
 
 -- name: extend
 WITH extended AS (

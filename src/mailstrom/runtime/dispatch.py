@@ -1,0 +1,376 @@
+"""From work items to SMTP sessions: a queue per destination, a few sessions each.
+
+A destination is a recipient domain (or the relay, when one is configured). Its work items
+wait in one queue; up to ``max_per_destination`` session tasks (``max_connections`` over
+all destinations) take them in turn. A session resolves the route, connects to the first
+address that answers (RFC 5321 §5.1: MX hosts in preference order, every address of each)
+and streams transactions over that connection, keeping two submitted so that one is on
+the wire while the other is answered. A session does not hold anything but its own
+connection: a stalled server ties up its own sessions only, never the other destinations.
+
+Failures follow the delivery rules: a connection that cannot be made, or a refused greeting,
+moves on to the next address; a connection that breaks before a transaction's final dot
+puts that item back for the next address, at most ``_SESSION_LIMIT`` sessions per item (as
+Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
+deferred with the last error — unless other sessions of the destination are still
+connected, in which case the destination just runs with fewer sessions (Postfix's
+concurrency feedback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from mailstrom.config import Config
+from mailstrom.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from mailstrom.message import downgrade_to_7bit
+from mailstrom.routing import MXHost, Route, Router
+from mailstrom.runtime.connection import SMTPConnection, TransactionResult
+from mailstrom.runtime.opener import Opener
+from mailstrom.runtime.outcomes import Outcomes, Where
+from mailstrom.smtp import encode_path
+from mailstrom.stores.base import RecipientResult, WorkItem
+
+log = logging.getLogger("mailstrom.delivery")
+
+_DEPTH = 2
+"""Transactions kept submitted per connection: one being answered, the next on the wire."""
+_SESSION_LIMIT = 2
+"""Sessions one item may lose before it is deferred (Postfix's smtp_mx_session_limit)."""
+
+Done = Callable[[list[RecipientResult]], None]
+
+
+@dataclass(slots=True, eq=False)
+class _Work:
+    """One work item on its way (private, mutable)."""
+
+    item: WorkItem
+    started: float = 0.0
+    broken_sessions: int = 0
+    seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
+
+
+@dataclass(slots=True, eq=False)
+class _Destination:
+    key: str
+    domain: str
+    limit: int
+    queue: deque[_Work]
+    sessions: int = 0
+    connected: int = 0
+    waiting: bool = False
+
+
+class Dispatcher:
+    """Delivers work items; reports each item's results through ``on_done``."""
+
+    def __init__(
+        self, config: Config, *, router: Router, outcomes: Outcomes, on_done: Done
+    ) -> None:
+        self._config = config
+        self._router = router
+        self._outcomes = outcomes
+        self._on_done = on_done
+        self._opener = Opener(config)
+        self._destinations: dict[str, _Destination] = {}
+        self._waiting: deque[_Destination] = deque()
+        self._sessions = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._relay_route: Route | None = None
+        if config.relay is not None:
+            host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
+            self._relay_route = Route(domain=config.relay.host, hosts=(host,), implicit=False)
+        self.in_flight = 0
+        """Recipients handed to :meth:`submit` whose results have not been reported."""
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def sessions(self) -> int:
+        """SMTP sessions running (connecting, sending or waiting for a reply)."""
+        return self._sessions
+
+    # --- taking work -------------------------------------------------------------------
+
+    def submit(self, item: WorkItem) -> None:
+        """Deliver ``item`` (results arrive through ``on_done``)."""
+        self.in_flight += len(item.recipients)
+        self.idle.clear()
+        work = _Work(item=item)
+        checked = self._check_paths(work)
+        if checked is None:
+            return
+        key = self._config.relay.host if self._config.relay is not None else item.domain
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(
+                key=key,
+                domain=item.domain,
+                limit=self._config.max_per_destination,
+                queue=deque(),
+            )
+        dest.queue.append(checked)
+        self._start_sessions(dest)
+
+    def _check_paths(self, work: _Work) -> _Work | None:
+        """Fail, alone and for good, each recipient SMTP cannot carry (hardening #5): one
+        bad address must not hold up the others of its domain. None when nothing is left."""
+        item = work.item
+        try:
+            encode_path(item.envelope_from, item.smtputf8)
+        except ValueError as exc:
+            error = PermanentFailure(f"the envelope sender cannot be sent: {exc}", enhanced="5.1.7")
+            self._done(self._outcomes.from_error(item, error, time.monotonic(), Where()))
+            return None
+        bad = []
+        for recipient in item.recipients:
+            try:
+                encode_path(recipient.address, item.smtputf8)
+            except ValueError as exc:
+                bad.append((recipient, str(exc)))
+        if not bad:
+            return work
+        for recipient, reason in bad:
+            error = PermanentFailure(
+                f"the recipient address cannot be sent: {reason}", enhanced="5.1.3"
+            )
+            self._done(
+                self._outcomes.from_error(
+                    item, error, time.monotonic(), Where(), recipients=[recipient]
+                )
+            )
+        refused = {r for r, _ in bad}
+        rest = tuple(r for r in item.recipients if r not in refused)
+        if not rest:
+            return None
+        return _Work(item=replace(item, recipients=rest))
+
+    def _start_sessions(self, dest: _Destination) -> None:
+        max_connections = self._config.max_connections
+        while (
+            dest.queue
+            and dest.sessions < dest.limit
+            and (dest.sessions == 0 or len(dest.queue) > dest.sessions * _DEPTH)
+        ):
+            if self._sessions >= max_connections:
+                if not dest.waiting:
+                    dest.waiting = True
+                    self._waiting.append(dest)
+                return
+            dest.sessions += 1
+            self._sessions += 1
+            task = asyncio.get_running_loop().create_task(self._session(dest))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _done(self, results: list[RecipientResult]) -> None:
+        self.in_flight -= len(results)
+        if self.in_flight <= 0:
+            self.idle.set()
+        self._on_done(results)
+
+    # --- one session -------------------------------------------------------------------
+
+    async def _session(self, dest: _Destination) -> None:
+        try:
+            await self._run(dest)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug must neither leave the items leased forever nor lose them: they are
+            # deferred, so the retry policy (and its maximum age) still applies.
+            log.exception("delivery to %s crashed", dest.domain)
+            error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
+            self._fail_queue(dest, error, Where())
+        finally:
+            dest.sessions -= 1
+            self._sessions -= 1
+            if dest.queue:
+                self._start_sessions(dest)
+            elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
+                del self._destinations[dest.key]
+            self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and self._sessions < self._config.max_connections:
+            dest = self._waiting.popleft()
+            dest.waiting = False
+            self._start_sessions(dest)
+
+    async def _route(self, dest: _Destination) -> Route:
+        if self._relay_route is not None:
+            return self._relay_route
+        return await self._router.route(dest.domain)
+
+    async def _run(self, dest: _Destination) -> None:
+        try:
+            route = await self._route(dest)
+        except DeliveryError as exc:
+            self._fail_queue(dest, exc, Where(host=exc.host))
+            return
+        targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
+        last_error: DeliveryError = TemporaryFailure(
+            "no MX host could be reached", host=route.hosts[0].name if route.hosts else None
+        )
+        index = 0
+        opener = self._opener
+        while dest.queue and index < len(targets):
+            host, ip = targets[index]
+            key = opener.key(host, ip)
+            conn = opener.idle(key)
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await opener.open(host, ip)
+                except DeliveryError as exc:
+                    exc.host = exc.host or host
+                    last_error = exc
+                    index += 1
+                    continue
+            dest.connected += 1
+            try:
+                broke = await self._stream(dest, conn, reused)
+            finally:
+                dest.connected -= 1
+            if broke is None:
+                opener.release(key, conn)
+                continue
+            opener.close_later(conn)
+            last_error = broke
+            if not reused:  # a stale idle connection is no reason to give up the host
+                index += 1
+        if not dest.queue:
+            return
+        if dest.sessions > 1:
+            # Others of this destination are still at it: leave the queue to them and
+            # run with fewer sessions from now on.
+            dest.limit = max(1, dest.sessions - 1)
+            return
+        if isinstance(last_error, PermanentFailure):
+            # A 5xx greeting refuses the connection, not the recipients: with every host
+            # exhausted the mail is deferred, as Postfix does.
+            last_error = TemporaryFailure(
+                last_error.text,
+                code=last_error.code,
+                enhanced=last_error.enhanced,
+                host=last_error.host,
+            )
+        self._fail_queue(dest, last_error, Where(host=last_error.host))
+
+    async def _stream(
+        self, dest: _Destination, conn: SMTPConnection, reused: bool
+    ) -> DeliveryError | None:
+        """Send the destination's items over ``conn`` until none is left, the connection
+        reaches its message cap, or it breaks (returning the error)."""
+        cap = self._config.max_messages_per_connection
+        queue = dest.queue
+        where = Where.of(conn)
+        inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
+        retry: list[_Work] = []
+        error: DeliveryError | None = None
+        reset = reused  # an idle connection gets an RSET (free when pipelined)
+        while True:
+            while (
+                error is None
+                and queue
+                and len(inflight) < _DEPTH
+                and conn.usable
+                and conn.messages_sent < cap
+            ):
+                work = queue.popleft()
+                if not work.started:
+                    work.started = time.monotonic()
+                try:
+                    future = self._submit(conn, work, reset, where)
+                except DeliveryError as exc:
+                    error = exc
+                    retry.append(work)
+                    break
+                reset = False
+                if future is not None:
+                    inflight.append((work, future))
+            if not inflight:
+                break
+            work, future = inflight.popleft()
+            try:
+                result = await future
+            except DeliveryError as exc:
+                exc.host = exc.host or conn.host
+                error = error or exc
+                retry.append(work)
+                continue
+            self._done(self._outcomes.from_transaction(work.item, result, work.started, where))
+        for work in reversed(retry):
+            work.broken_sessions += 1
+            if work.broken_sessions >= _SESSION_LIMIT:
+                assert error is not None
+                self._done(self._outcomes.from_error(work.item, error, work.started, where))
+            else:
+                queue.appendleft(work)
+        if error is None and not conn.usable:
+            error = TemporaryFailure(f"the connection to {conn.host} ended", host=conn.host)
+        return error
+
+    def _submit(
+        self, conn: SMTPConnection, work: _Work, reset: bool, where: Where
+    ) -> asyncio.Future[TransactionResult] | None:
+        """Hand ``work`` to ``conn``; None when it was decided without the wire."""
+        item = work.item
+        data, eightbit = item.data, item.eightbit
+        try:
+            if eightbit and "8BITMIME" not in conn.extensions:
+                if work.seven_bit is None:
+                    work.seven_bit = downgrade_to_7bit(data)
+                data, eightbit = work.seven_bit, False
+            return conn.submit(
+                envelope_from=item.envelope_from,
+                recipients=[r.address for r in item.recipients],
+                data=data,
+                smtputf8=item.smtputf8,
+                eightbit=eightbit,
+                reset=reset,
+            )
+        except PermanentFailure as exc:
+            # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.
+            exc.host = exc.host or conn.host
+            self._done(self._outcomes.from_error(item, exc, work.started, where))
+            return None
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            # A bug (say, in the 7-bit downgrade) fails this item alone, deferred.
+            log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
+            error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
+            self._done(self._outcomes.from_error(item, error, work.started, where))
+            return None
+
+    def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
+        now = time.monotonic()
+        queue = dest.queue
+        while queue:
+            work = queue.popleft()
+            self._done(self._outcomes.from_error(work.item, error, work.started or now, where))
+
+    # --- upkeep ------------------------------------------------------------------------
+
+    def prune(self) -> None:
+        """Close connections idle for too long."""
+        self._opener.prune()
+
+    async def close(self) -> None:
+        """Stop every session (their unfinished items get no result) and close connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for dest in self._destinations.values():
+            dest.queue.clear()
+        self._destinations.clear()
+        self._waiting.clear()
+        await self._opener.close()

@@ -1,0 +1,189 @@
+"""What happened to one work item, as a :class:`RecipientResult` per recipient.
+
+Pure decisions over what the connection reported (RFC 5321 §4.2.5 and DESIGN.md): a
+rejected MAIL decides for every recipient; then each RCPT reply decides for its recipient;
+the reply to DATA or to the final dot decides for the recipients accepted. A connection lost
+after the final dot is uncertain. The retry policy turns temporary outcomes into the next
+attempt time or, past its limits, a final failure.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from mailstrom.config import Config
+from mailstrom.errors import DeliveryError, PermanentFailure
+from mailstrom.policy import Stage, classify, is_positive, next_attempt
+from mailstrom.runtime.connection import SMTPConnection, TransactionResult
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+
+
+class Where:
+    """Where an attempt went, for the history (a connection's or just a host's)."""
+
+    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_version")
+
+    def __init__(
+        self,
+        host: str | None = None,
+        ip: str | None = None,
+        port: int | None = None,
+        tls_version: str | None = None,
+        tls_cipher: str | None = None,
+    ) -> None:
+        self.host = host
+        self.ip = ip
+        self.port = port
+        self.tls_version = tls_version
+        self.tls_cipher = tls_cipher
+
+    @classmethod
+    def of(cls, conn: SMTPConnection) -> Where:
+        return cls(conn.host, conn.ip, conn.port, conn.tls_version, conn.tls_cipher)
+
+
+class Outcomes:
+    """Builds recipient results with the configured retry policy, clock and randomness."""
+
+    def __init__(
+        self, config: Config, *, clock: Callable[[], datetime], rng: random.Random
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._rng = rng
+
+    def from_transaction(
+        self, item: WorkItem, result: TransactionResult, started: float, where: Where
+    ) -> list[RecipientResult]:
+        """Results for every recipient of ``item`` from one transaction's replies."""
+        if result.mail is None or not is_positive(result.mail, stage=Stage.MAIL):
+            reply = result.mail
+            outcome = _outcome(reply, Stage.MAIL)
+            return [
+                self._result(item, r, outcome, started, where, reply=reply) for r in item.recipients
+            ]
+        by_address = {r.address: r for r in item.recipients}
+        results: list[RecipientResult] = []
+        accepted: list[LeasedRecipient] = []
+        for address, reply in result.rcpt:
+            recipient = by_address[address]
+            if is_positive(reply, stage=Stage.RCPT):
+                accepted.append(recipient)
+            else:
+                outcome = classify(reply, stage=Stage.RCPT)
+                results.append(self._result(item, recipient, outcome, started, where, reply=reply))
+        if not accepted:
+            return results
+        if result.uncertain:
+            outcome = (
+                AttemptOutcome.TEMPORARY
+                if self._config.retry_uncertain
+                else AttemptOutcome.DELIVERED
+            )
+            error = "connection lost after the final dot; delivery uncertain"
+            results.extend(
+                self._result(item, r, outcome, started, where, error=error, uncertain=True)
+                for r in accepted
+            )
+            return results
+        decisive: SMTPReply | None
+        stage = Stage.DATA_END
+        if result.data is None or not is_positive(result.data, stage=Stage.DATA):
+            decisive, stage = result.data, Stage.DATA
+        else:
+            decisive = result.final
+        outcome = _outcome(decisive, stage)
+        results.extend(
+            self._result(item, r, outcome, started, where, reply=decisive) for r in accepted
+        )
+        return results
+
+    def from_error(
+        self,
+        item: WorkItem,
+        exc: DeliveryError,
+        started: float,
+        where: Where,
+        recipients: Sequence[LeasedRecipient] | None = None,
+    ) -> list[RecipientResult]:
+        """The same failure for every recipient of ``item`` (or of ``recipients``)."""
+        outcome = (
+            AttemptOutcome.PERMANENT
+            if isinstance(exc, PermanentFailure)
+            else AttemptOutcome.TEMPORARY
+        )
+        reply = (
+            SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
+            if exc.code is not None
+            else None
+        )
+        error = None if reply is not None else exc.text
+        return [
+            self._result(item, r, outcome, started, where, reply=reply, error=error)
+            for r in (item.recipients if recipients is None else recipients)
+        ]
+
+    def _result(
+        self,
+        item: WorkItem,
+        recipient: LeasedRecipient,
+        outcome: AttemptOutcome,
+        started: float,
+        where: Where,
+        *,
+        reply: SMTPReply | None = None,
+        error: str | None = None,
+        uncertain: bool = False,
+    ) -> RecipientResult:
+        now = self._clock()
+        attempt = Attempt(
+            at=now,
+            outcome=outcome,
+            duration=time.monotonic() - started,
+            mx_host=where.host,
+            ip=where.ip,
+            port=where.port,
+            tls_version=where.tls_version,
+            tls_cipher=where.tls_cipher,
+            reply=reply,
+            error=error,
+            uncertain=uncertain,
+        )
+        state, next_at = self._decide(recipient, outcome, now)
+        return RecipientResult(
+            message_id=item.message_id,
+            address=recipient.address,
+            state=state,
+            attempt=attempt,
+            lease_token=item.lease_token,
+            next_attempt_at=next_at,
+            ref=recipient.ref,
+        )
+
+    def _decide(
+        self, recipient: LeasedRecipient, outcome: AttemptOutcome, now: datetime
+    ) -> tuple[RecipientState, datetime | None]:
+        if outcome is AttemptOutcome.DELIVERED:
+            return RecipientState.DELIVERED, None
+        if outcome is AttemptOutcome.PERMANENT:
+            return RecipientState.FAILED, None
+        when = next_attempt(
+            attempts=recipient.attempts + 1,
+            queued_at=recipient.created_at,
+            now=now,
+            rng=self._rng,
+            policy=self._config.retry,
+        )
+        if when is None:
+            return RecipientState.FAILED, None
+        return RecipientState.DEFERRED, when
+
+
+def _outcome(reply: SMTPReply | None, stage: Stage) -> AttemptOutcome:
+    if reply is None:
+        return AttemptOutcome.TEMPORARY
+    return classify(reply, stage=stage)
