@@ -37,7 +37,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def router(dns_server: LoopbackDNS, clock: FakeClock) -> Router:
-    return Router(dns_server.dns_config, clock=clock, rng=random.Random(0))
+    # These tests use 127.0.0.x as stand-ins for real addresses (nothing connects).
+    return Router(dns_server.dns_config, allow_loopback=True, clock=clock, rng=random.Random(0))
 
 
 async def test_mx_hosts_come_in_preference_order(dns_server: LoopbackDNS, router: Router) -> None:
@@ -61,7 +62,7 @@ async def test_equal_preferences_are_shuffled_with_the_rng(dns_server: LoopbackD
         dns_server.a(f"{host}.example.org", "127.0.0.1")
 
     async def orders(seed: int) -> list[tuple[str, ...]]:
-        router = Router(dns_server.dns_config, rng=random.Random(seed))
+        router = Router(dns_server.dns_config, allow_loopback=True, rng=random.Random(seed))
         return [tuple(names(await router.route("example.org"))) for _ in range(30)]
 
     seen = await orders(42)

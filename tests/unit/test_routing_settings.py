@@ -1,5 +1,5 @@
 """The routing settings (hardening finding #6) in Config, in the command line's TOML and
-environment layers."""
+environment layers, and on their way into the Router."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom.config import Config
+from mailstrom.config import Config, DNSConfig
 from mailstrom.errors import ConfigError
+from mailstrom.routing import Router
 from mailstrom.settings import env_name, load_settings
 
 
@@ -58,3 +59,14 @@ def test_settings_from_toml(tmp_path: Path) -> None:
 def test_bad_settings_name_the_key(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name.removeprefix("MAILSTROM_").lower()):
         load_settings(env={name: value}, search=False)
+
+
+def test_for_config_takes_the_policy_from_config() -> None:
+    router = Router.for_config(
+        Config(helo_name="client.test", allow_loopback=True, mx_address_limit=3)
+    )
+    assert router.policy.allow_loopback
+    assert router.policy.mx_address_limit == 3
+    default = Router(DNSConfig())
+    assert not default.policy.allow_loopback
+    assert default.policy.mx_address_limit == 5

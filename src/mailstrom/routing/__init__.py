@@ -5,13 +5,17 @@
   no MX records → the domain's own addresses (``implicit=True``); null MX, NXDOMAIN or no
   address at all → :class:`~mailstrom.errors.PermanentFailure`; SERVFAIL, timeouts and MX
   hosts without addresses → :class:`~mailstrom.errors.TemporaryFailure`.
+* :class:`RoutePolicy` says which targets a route may hold and how much DNS work it may
+  cost; :meth:`Router.for_config` builds the router a :class:`~mailstrom.config.Config`
+  asks for.
 * :func:`group_by_domain` splits recipients into one group per destination domain.
 
 >>> from mailstrom.config import DNSConfig
 >>> router = Router(DNSConfig(nameservers=("127.0.0.1",), port=5353))
 """
 
+from mailstrom.routing.policy import RoutePolicy
 from mailstrom.routing.route import MXHost, Route, group_by_domain
 from mailstrom.routing.router import Router, make_resolver
 
-__all__ = ["MXHost", "Route", "Router", "group_by_domain", "make_resolver"]
+__all__ = ["MXHost", "Route", "RoutePolicy", "Router", "group_by_domain", "make_resolver"]

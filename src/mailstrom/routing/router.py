@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import dns.asyncresolver
 import dns.resolver
 
-from mailstrom.config import DNSConfig
+from mailstrom.config import Config, DNSConfig
 from mailstrom.routing.lookup import Lookup, literal_route, lookup_route, to_qname
+from mailstrom.routing.policy import MAX_DNS_QUERIES, MX_ADDRESS_LIMIT, RoutePolicy
 from mailstrom.routing.route import Route, shuffle_equal_preferences
 
 MAX_CACHED = 10_000
@@ -56,6 +57,9 @@ class Router:
     preference are shuffled with ``rng`` on every call, so load spreads over them even
     while the route is cached.
 
+    The router's :class:`~mailstrom.routing.policy.RoutePolicy` comes from the keyword
+    arguments; :meth:`for_config` takes it from a :class:`~mailstrom.config.Config`.
+
     >>> router = Router(DNSConfig(nameservers=("127.0.0.1",), port=5353))
     >>> # route = await router.route("example.org")
     """
@@ -64,15 +68,45 @@ class Router:
         self,
         dns: DNSConfig,
         *,
+        allow_loopback: bool = False,
+        mx_address_limit: int = MX_ADDRESS_LIMIT,
+        mx_host_limit: int | None = None,
+        max_dns_queries: int = MAX_DNS_QUERIES,
         resolver: dns.asyncresolver.Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        self.policy = RoutePolicy(
+            allow_loopback=allow_loopback,
+            mx_address_limit=mx_address_limit,
+            mx_host_limit=mx_host_limit,
+            max_dns_queries=max_dns_queries,
+        )
         self._resolver = resolver if resolver is not None else make_resolver(dns)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, _Flight] = {}
+
+    @classmethod
+    def for_config(
+        cls,
+        config: Config,
+        *,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> Router:
+        """The router ``config`` asks for: its DNS settings, ``allow_loopback`` and
+        ``mx_address_limit``. This is how the worker and the command line build theirs."""
+        return cls(
+            config.dns,
+            allow_loopback=config.allow_loopback,
+            mx_address_limit=config.mx_address_limit,
+            resolver=resolver,
+            clock=clock,
+            rng=rng,
+        )
 
     async def route(self, domain: str) -> Route:
         """The route for ``domain`` (Unicode or A-label, any case).
