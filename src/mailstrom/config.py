@@ -56,7 +56,8 @@ class DNSConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = 10.0
-    """Total seconds for one resolution (dnspython's lifetime)."""
+    """Total seconds for one domain's route: its MX query and every address query
+    together (dnspython's lifetime, shared by all the queries of one lookup)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,8 +6,9 @@ import ipaddress
 
 import pytest
 
-from mailstrom.errors import ConfigError
+from mailstrom.errors import ConfigError, PermanentFailure
 from mailstrom.routing import RoutePolicy
+from mailstrom.routing.lookup import literal_lookup
 from mailstrom.routing.policy import target_kind
 
 
@@ -45,6 +46,31 @@ def test_targets_that_are_this_host_or_its_link_are_refused(address: str, kind: 
 def test_other_targets_are_kept(address: str) -> None:
     assert target_kind(ipaddress.ip_address(address)) is None
     assert RoutePolicy().refused(address) is None
+
+
+@pytest.mark.parametrize(
+    ("literal", "address"),
+    [
+        ("[127.0.0.4]", "127.0.0.4"),
+        ("[IPv6:::1]", "::1"),
+        ("[IPv6:::ffff:127.0.0.1]", "::ffff:7f00:1"),  # as Python 3.11 spells it
+        ("[0.0.0.0]", "0.0.0.0"),
+        ("[169.254.0.1]", "169.254.0.1"),
+        ("[IPv6:fe80::1]", "fe80::1"),
+    ],
+)
+def test_address_literals_naming_this_host_fail_permanently(literal: str, address: str) -> None:
+    """Hardening #6: a@[127.0.0.4] is not delivered to unless allow_loopback."""
+    lookup = literal_lookup(literal, RoutePolicy())
+    assert lookup is not None
+    with pytest.raises(PermanentFailure) as info:
+        lookup.unwrap()
+    assert info.value.enhanced == "5.4.4"
+    assert address in info.value.text
+    assert "allow_loopback" in info.value.text
+    allowed = literal_lookup(literal, RoutePolicy(allow_loopback=True))
+    assert allowed is not None
+    assert allowed.unwrap().addresses == (address,)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@
   no MX records → the domain's own addresses (``implicit=True``); null MX, NXDOMAIN or no
   address at all → :class:`~mailstrom.errors.PermanentFailure`; SERVFAIL, timeouts and MX
   hosts without addresses → :class:`~mailstrom.errors.TemporaryFailure`.
-* :class:`RoutePolicy` says which targets a route may hold and how much DNS work it may
-  cost; :meth:`Router.for_config` builds the router a :class:`~mailstrom.config.Config`
-  asks for.
+* Every route obeys a :class:`RoutePolicy` (hardening finding #6): at most
+  ``mx_address_limit`` addresses (default 5), a bounded amount of DNS work per lookup, and
+  no loopback, unspecified or link-local target unless ``allow_loopback`` — a domain whose
+  every address is refused fails permanently (5.4.4). :meth:`Router.for_config` builds the
+  router a :class:`~mailstrom.config.Config` asks for.
 * :func:`group_by_domain` splits recipients into one group per destination domain.
 
 >>> from mailstrom.config import DNSConfig

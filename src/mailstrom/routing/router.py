@@ -12,9 +12,9 @@ import dns.asyncresolver
 import dns.resolver
 
 from mailstrom.config import Config, DNSConfig
-from mailstrom.routing.lookup import Lookup, literal_route, lookup_route, to_qname
+from mailstrom.routing.lookup import Lookup, literal_lookup, lookup_route, to_qname
 from mailstrom.routing.policy import MAX_DNS_QUERIES, MX_ADDRESS_LIMIT, RoutePolicy
-from mailstrom.routing.route import Route, shuffle_equal_preferences
+from mailstrom.routing.route import Route, equal_preference_spans, limit_addresses, shuffle_spans
 
 MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
@@ -22,7 +22,8 @@ MAX_CACHED = 10_000
 
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver as ``config`` says: its nameservers and port, or the
-    system's (resolv.conf) when it names none; ``config.timeout`` bounds each lookup."""
+    system's (resolv.conf) when it names none. ``config.timeout`` becomes its ``lifetime``,
+    which the router spends on each route as a whole (every query of one lookup)."""
     try:
         resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
     except dns.resolver.NoResolverConfiguration:
@@ -51,11 +52,17 @@ class _Flight:
 class Router:
     """Finds the hosts that take mail for a domain, with dnspython's async resolver.
 
-    Routes and permanent failures (NXDOMAIN, null MX) are cached by domain for the
-    smallest TTL of the answers used, measured with ``clock``; temporary failures are
-    not cached. Concurrent calls for one domain share one lookup. Hosts of equal MX
-    preference are shuffled with ``rng`` on every call, so load spreads over them even
-    while the route is cached.
+    Routes and permanent failures (NXDOMAIN, null MX, refused targets) are cached by
+    domain for the smallest TTL of the answers used, measured with ``clock``; temporary
+    failures are not cached. Concurrent calls for one domain share one lookup. Hosts of
+    equal MX preference are shuffled with ``rng`` on every call, so load spreads over them
+    even while the route is cached.
+
+    Every route holds at most ``mx_address_limit`` addresses (Postfix's
+    ``smtp_mx_address_limit``) and no loopback, unspecified or link-local address unless
+    ``allow_loopback``. One lookup considers at most ``mx_host_limit`` MX hosts (default:
+    twice the address limit), keeps at most ``max_dns_queries`` queries in flight, and
+    spends at most ``dns.timeout`` seconds in all.
 
     The router's :class:`~mailstrom.routing.policy.RoutePolicy` comes from the keyword
     arguments; :meth:`for_config` takes it from a :class:`~mailstrom.config.Config`.
@@ -112,13 +119,14 @@ class Router:
         """The route for ``domain`` (Unicode or A-label, any case).
 
         Raises :class:`~mailstrom.errors.PermanentFailure` when mail cannot ever go there
-        (NXDOMAIN 5.1.2, null MX 556 5.1.10, no MX and no address 5.4.4) and
+        (NXDOMAIN 5.1.2, null MX 556 5.1.10, no MX and no address 5.4.4, every address
+        refused by the policy 5.4.4) and
         :class:`~mailstrom.errors.TemporaryFailure` when it cannot go there now (DNS
         server failure or timeout 4.4.3, MX hosts without addresses 4.4.4).
         """
-        literal = literal_route(domain)
+        literal = literal_lookup(domain, self.policy)
         if literal is not None:
-            return literal
+            return self._finish(literal)
         qname = to_qname(domain)
         key = qname.to_text()
         entry = self._cache.get(key)
@@ -150,10 +158,17 @@ class Router:
             self._cache.pop(to_qname(domain).to_text(), None)
 
     def _finish(self, lookup: Lookup) -> Route:
-        return shuffle_equal_preferences(lookup.unwrap(), self._rng)
+        """Equal preferences shuffled, then cut to the address limit in that order."""
+        route = lookup.unwrap()
+        hosts = list(route.hosts)
+        shuffle_spans(hosts, equal_preference_spans(route.hosts), self._rng)
+        limited = limit_addresses(hosts, self.policy.mx_address_limit)
+        return Route(domain=route.domain, hosts=limited, implicit=route.implicit)
 
     async def _lookup(self, key: str, qname: dns.name.Name) -> Lookup:
-        lookup = await lookup_route(self._resolver, qname)
+        lookup = await lookup_route(
+            self._resolver, qname, policy=self.policy, rng=self._rng, clock=self._clock
+        )
         if lookup.ttl is not None and lookup.ttl > 0:
             self._remember(key, _Entry(expires=self._clock() + lookup.ttl, lookup=lookup))
         return lookup
