@@ -8,8 +8,10 @@
 * Every route obeys a :class:`RoutePolicy` (hardening finding #6): at most
   ``mx_address_limit`` addresses (default 5), a bounded amount of DNS work per lookup, and
   no loopback, unspecified or link-local target unless ``allow_loopback`` — a domain whose
-  every address is refused fails permanently (5.4.4). :meth:`Router.for_config` builds the
-  router a :class:`~mailstrom.config.Config` asks for.
+  every address is refused fails permanently (5.4.4).
+* :meth:`Router.cached` answers synchronously from the cache; :meth:`Router.route` awaits
+  a lookup when needed. :meth:`Router.for_config` builds the router a
+  :class:`~mailstrom.config.Config` asks for.
 * :func:`group_by_domain` splits recipients into one group per destination domain.
 
 >>> from mailstrom.config import DNSConfig
