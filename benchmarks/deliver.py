@@ -178,6 +178,7 @@ def run_mailstrom(
         helo_name="bench.test",
         smtp_port=sink.port,
         dns=dns.dns_config,
+        allow_loopback=True,  # the sink is on 127.0.0.1
         max_connections=concurrency,
         max_per_destination=concurrency,
     )

@@ -243,6 +243,7 @@ def worker_env(sink: SinkProcess, dns: LoopbackDNS, args: argparse.Namespace) ->
         PYTHONPATH=os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")])),
         MAILSTROM_HELO_NAME="bench.test",
         MAILSTROM_SMTP_PORT=str(sink.port),
+        MAILSTROM_ALLOW_LOOPBACK="1",
         MAILSTROM_DNS_NAMESERVERS=dns.address,
         MAILSTROM_DNS_PORT=str(dns.port),
         MAILSTROM_MAX_CONNECTIONS=str(args.connections),

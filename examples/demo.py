@@ -58,6 +58,7 @@ def main() -> None:
         helo_name="demo.mailstrom.test",
         smtp_port=receiver.port,  # MX delivery uses 25 in production
         dns=dns.dns_config,
+        allow_loopback=True,  # the demo's receiver is on 127.0.0.1; never set it in production
         retry=RetryPolicy(min_delay=timedelta(minutes=5)),
     )
     workdir = Path(tempfile.mkdtemp(prefix="mailstrom-demo-"))

@@ -56,7 +56,8 @@ class DNSConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = 10.0
-    """Total seconds for one resolution (dnspython's lifetime)."""
+    """Total seconds for one domain's route: its MX query and every address query
+    together (dnspython's lifetime, shared by all the queries of one lookup)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +113,21 @@ class Config:
     """Longest idle sleep between store checks when no wake-up arrives."""
     source_address: str | None = None
     """Local address to bind outgoing connections to."""
+    allow_loopback: bool = False
+    """Deliver to loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0/8, ::) and link-local
+    (169.254.0.0/16, fe80::/10) addresses, IPv4-mapped IPv6 forms included, when MX or
+    address records or an address literal (``a@[127.0.0.4]``) name them. Off (the
+    default), such addresses are dropped from routes, like Exim's ``ignore_target_hosts``,
+    and a domain left with none fails permanently (5.4.4). Tests and demos that deliver to
+    a receiver on 127.0.0.1 turn it on."""
+    mx_address_limit: int = 5
+    """Addresses one delivery attempt may try for a domain, over all its MX hosts, in
+    order (Postfix's ``smtp_mx_address_limit``). Bounds the DNS work per route too: only
+    as many MX hosts are looked up as the limit can use."""
+    mx_session_limit: int = 2
+    """SMTP sessions (connections that got a greeting) one delivery attempt may open
+    before it gives up until the next retry (Postfix's ``smtp_mx_session_limit``). Enforced
+    by the delivery code; connections that fail before the greeting do not count."""
 
     def __post_init__(self) -> None:
         # Fail where the bad value is given, not deep inside the worker later.
@@ -125,6 +141,8 @@ class Config:
             "max_messages_per_connection",
             "lease_batch",
             "max_message_size",
+            "mx_address_limit",
+            "mx_session_limit",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -130,6 +130,7 @@ def mail_env(
     ca = workdir / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(ca))
     cli.env.update(
+        MAILSTROM_ALLOW_LOOPBACK="1",  # the fixtures' receivers are on 127.0.0.x
         MAILSTROM_SMTP_PORT=str(mx.port),
         MAILSTROM_DNS_NAMESERVERS="127.0.0.1",
         MAILSTROM_DNS_PORT=str(dns_server.port),

@@ -73,6 +73,7 @@ def mailstrom(
             "helo_name": "client.test",
             "smtp_port": mx.port,
             "dns": dns_server.dns_config,
+            "allow_loopback": True,  # the receiver is on 127.0.0.1
             "timeouts": FAST,
             "poll_interval": 0.5,
         }
@@ -530,7 +531,11 @@ async def test_async_facade_delivers(
     dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results
 ) -> None:
     config = Config(
-        helo_name="client.test", smtp_port=mx.port, dns=dns_server.dns_config, timeouts=FAST
+        helo_name="client.test",
+        smtp_port=mx.port,
+        dns=dns_server.dns_config,
+        allow_loopback=True,
+        timeouts=FAST,
     )
     async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
         mid = await ms.send_email(hello("async@example.org"))

@@ -217,6 +217,7 @@ def fleet(
         PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
         MAILSTROM_STORE=postgres_url,
         MAILSTROM_SMTP_PORT=str(receiver.port),
+        MAILSTROM_ALLOW_LOOPBACK="1",
         MAILSTROM_DNS_NAMESERVERS=dns_server.address,
         MAILSTROM_DNS_PORT=str(dns_server.port),
         MAILSTROM_DNS_TIMEOUT="5",

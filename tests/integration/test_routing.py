@@ -37,7 +37,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def router(dns_server: LoopbackDNS, clock: FakeClock) -> Router:
-    return Router(dns_server.dns_config, clock=clock, rng=random.Random(0))
+    # These tests use 127.0.0.x as stand-ins for real addresses (nothing connects).
+    return Router(dns_server.dns_config, allow_loopback=True, clock=clock, rng=random.Random(0))
 
 
 async def test_mx_hosts_come_in_preference_order(dns_server: LoopbackDNS, router: Router) -> None:
@@ -61,7 +62,7 @@ async def test_equal_preferences_are_shuffled_with_the_rng(dns_server: LoopbackD
         dns_server.a(f"{host}.example.org", "127.0.0.1")
 
     async def orders(seed: int) -> list[tuple[str, ...]]:
-        router = Router(dns_server.dns_config, rng=random.Random(seed))
+        router = Router(dns_server.dns_config, allow_loopback=True, rng=random.Random(seed))
         return [tuple(names(await router.route("example.org"))) for _ in range(30)]
 
     seen = await orders(42)
@@ -318,3 +319,92 @@ def test_loopback_dns_outside_pytest_fixtures() -> None:
     finally:
         server.stop()
     server.stop()  # idempotent
+
+
+# --- hardening #6: bounded fan-out, refused targets (the default policy) --------------
+
+
+async def test_a_domain_with_100_mx_hosts_yields_at_most_5_addresses(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Hardening #6: a domain with 100 MX hosts of 10 addresses each yields at most 5 addresses,
+    and addresses are looked up for at most 5 of its hosts (today: 1,000 addresses after
+    200 queries at once)."""
+    hosts = [f"mx{i:03}.many.test" for i in range(100)]
+    dns_server.mx("many.test", [(10, host) for host in hosts])
+    for i, host in enumerate(hosts):
+        dns_server.a(host, *(f"10.{i}.0.{j}" for j in range(1, 11)))
+    route = await Router(dns_server.dns_config).route("many.test")
+    assert len(route.addresses) == 5
+    [host] = route.hosts  # the first host in line has 10 addresses: it fills the limit
+    assert host.addresses == tuple(f"10.{hosts.index(host.name)}.0.{j}" for j in range(1, 6))
+    asked = [h for h in hosts if dns_server.queries(h, "A") or dns_server.queries(h, "AAAA")]
+    assert 1 <= len(asked) <= 5
+    assert host.name in asked
+
+
+async def test_mx_host_on_loopback_fails_permanently(dns_server: LoopbackDNS) -> None:
+    """Hardening #6: an MX host resolving only to 127.0.0.0/8 and ::1 is not delivered
+    to; with nothing else left the domain fails permanently, naming the address."""
+    dns_server.mx("loop.test", [(10, "mx.loop.test")])
+    dns_server.a("mx.loop.test", "127.0.0.1")
+    dns_server.aaaa("mx.loop.test", "::1")
+    router = Router(dns_server.dns_config)
+    with pytest.raises(PermanentFailure) as info:
+        await router.route("loop.test")
+    assert info.value.enhanced == "5.4.4"
+    assert "127.0.0.1 (loopback, MX mx.loop.test)" in info.value.text
+    assert "::1" in info.value.text
+    assert "allow_loopback" in info.value.text
+    assert info.value.host == "mx.loop.test"
+    # A permanent answer: remembered like NXDOMAIN, not asked again at once.
+    with pytest.raises(PermanentFailure):
+        await router.route("loop.test")
+    assert dns_server.queries("loop.test", "MX") == 1
+    # With allow_loopback the same zone routes to loopback.
+    allowed = await Router(dns_server.dns_config, allow_loopback=True).route("loop.test")
+    assert allowed.addresses == ("127.0.0.1", "::1")
+
+
+async def test_refused_addresses_are_dropped_and_others_kept(dns_server: LoopbackDNS) -> None:
+    """Hardening #6: refused addresses leave the route; the host's and the other hosts'
+    usable addresses stay, in order."""
+    dns_server.mx("mixed.test", [(10, "mx1.mixed.test"), (20, "mx2.mixed.test"),
+                                 (30, "mx3.mixed.test")])  # fmt: skip
+    dns_server.a("mx1.mixed.test", "127.0.0.1")
+    dns_server.a("mx2.mixed.test", "0.0.0.0", "169.254.1.1", "192.0.2.2")
+    dns_server.aaaa("mx2.mixed.test", "fe80::2", "::ffff:127.0.0.1")
+    dns_server.a("mx3.mixed.test", "192.0.2.3")
+    route = await Router(dns_server.dns_config).route("mixed.test")
+    assert names(route) == ["mx2.mixed.test", "mx3.mixed.test"]
+    assert route.addresses == ("192.0.2.2", "192.0.2.3")
+
+
+@pytest.mark.parametrize(
+    ("rtype", "address"),
+    [("A", "127.0.0.2"), ("AAAA", "::1"), ("AAAA", "::ffff:127.0.0.1"), ("A", "0.0.0.0"),
+     ("AAAA", "::"), ("A", "169.254.169.254"), ("AAAA", "fe80::1")],
+)  # fmt: skip
+async def test_implicit_mx_to_a_refused_address_fails_permanently(
+    dns_server: LoopbackDNS, rtype: str, address: str
+) -> None:
+    """Hardening #6: no MX, and the domain's own address names this host or its link."""
+    getattr(dns_server, rtype.lower())("direct.test", address)
+    with pytest.raises(PermanentFailure) as info:
+        await Router(dns_server.dns_config).route("direct.test")
+    assert info.value.enhanced == "5.4.4"
+    assert "direct.test" in info.value.text
+
+
+@pytest.mark.parametrize("literal", ["[127.0.0.4]", "[IPv6:::1]", "[IPv6:::ffff:127.0.0.1]"])
+async def test_address_literal_to_loopback_fails_permanently(
+    dns_server: LoopbackDNS, literal: str
+) -> None:
+    """Hardening #6: a@[127.0.0.4] and a@[IPv6:::1] are refused without any DNS query."""
+    router = Router(dns_server.dns_config)
+    with pytest.raises(PermanentFailure) as info:
+        await router.route(literal)
+    assert info.value.enhanced == "5.4.4"
+    assert dns_server.queries(literal, "MX") == 0
+    allowed = await Router(dns_server.dns_config, allow_loopback=True).route(literal)
+    assert len(allowed.addresses) == 1

@@ -8,8 +8,9 @@ import pytest
 
 from mailstrom.errors import PermanentFailure
 from mailstrom.routing import MXHost, Route, group_by_domain
-from mailstrom.routing.lookup import literal_route, to_qname
-from mailstrom.routing.route import shuffle_equal_preferences
+from mailstrom.routing.lookup import literal_lookup, to_qname
+from mailstrom.routing.policy import RoutePolicy
+from mailstrom.routing.route import equal_preference_spans, limit_addresses, shuffle_spans
 
 
 def test_group_by_domain_lowercases_domains_and_keeps_order() -> None:
@@ -31,10 +32,14 @@ def test_shuffle_keeps_preference_order_and_mixes_equal_ones() -> None:
         hosts=(host("a", 5), host("b", 10), host("c", 10), host("d", 10), host("e", 20)),
         implicit=False,
     )
+    spans = equal_preference_spans(route.hosts)
+    assert spans == ((1, 4),)
     seen = set()
     rng = random.Random(3)
     for _ in range(50):
-        names = [h.name for h in shuffle_equal_preferences(route, rng).hosts]
+        hosts = list(route.hosts)
+        shuffle_spans(hosts, spans, rng)
+        names = [h.name for h in hosts]
         assert names[0] == "a"
         assert names[4] == "e"
         assert sorted(names[1:4]) == ["b", "c", "d"]
@@ -75,13 +80,39 @@ def test_invalid_domains_fail_permanently(domain: str) -> None:
 
 
 def test_address_literals_route_to_themselves() -> None:
-    assert literal_route("example.org") is None
-    v4 = literal_route("[127.0.0.1]")
+    policy = RoutePolicy(allow_loopback=True)
+    assert literal_lookup("example.org", policy) is None
+    v4 = literal_lookup("[127.0.0.1]", policy)
     assert v4 is not None
-    assert v4.addresses == ("127.0.0.1",)
-    assert v4.implicit
-    v6 = literal_route("[IPv6:0:0::1]")
+    assert v4.unwrap().addresses == ("127.0.0.1",)
+    assert v4.unwrap().implicit
+    v6 = literal_lookup("[IPv6:0:0::1]", policy)
     assert v6 is not None
-    assert v6.addresses == ("::1",)
+    assert v6.unwrap().addresses == ("::1",)
+    bad = literal_lookup("[not-an-ip]", policy)
+    assert bad is not None
     with pytest.raises(PermanentFailure):
-        literal_route("[not-an-ip]")
+        bad.unwrap()
+
+
+def test_nothing_to_shuffle_has_no_spans() -> None:
+    assert equal_preference_spans([host("a", 10)]) == ()
+    assert equal_preference_spans([host("a", 10), host("b", 20), host("c", 30)]) == ()
+    assert equal_preference_spans([host("a", 1), host("b", 1), host("c", 2), host("d", 2)]) == (
+        (0, 2),
+        (2, 4),
+    )
+
+
+def test_limit_addresses_keeps_the_first_in_order() -> None:
+    """Hardening #6: the address limit cuts in try order, inside a host if need be."""
+    hosts = (
+        MXHost(name="a", preference=1, addresses=("192.0.2.1", "192.0.2.2")),
+        MXHost(name="b", preference=2, addresses=("192.0.2.3", "192.0.2.4", "2001:db8::1")),
+        MXHost(name="c", preference=3, addresses=("192.0.2.5",)),
+    )
+    kept = limit_addresses(hosts, 3)
+    assert [h.name for h in kept] == ["a", "b"]
+    assert kept[1].addresses == ("192.0.2.3",)
+    assert limit_addresses(hosts, 6) == hosts
+    assert limit_addresses(hosts, 1)[0].addresses == ("192.0.2.1",)

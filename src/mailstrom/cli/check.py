@@ -238,7 +238,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
     )
     route: Route | None = None
     try:
-        route = await Router(config.dns).route(domain)
+        route = await Router.for_config(config).route(domain)
     except DeliveryError as exc:
         report.dns_error = str(exc)
         report.dns_permanent = isinstance(exc, PermanentFailure)

@@ -1,18 +1,29 @@
-"""Turning DNS answers into a :class:`Route` (RFC 5321 §5.1, RFC 7505), without caching.
+"""Turning DNS answers into a :class:`Lookup` (RFC 5321 §5.1, RFC 7505), without caching.
 
 One function, :func:`lookup_route`, asks a dnspython async resolver for a domain's MX
-records and each host's addresses and decides what they mean. It returns a
-:class:`Lookup`: a route or a permanent failure, each with how long it may be cached.
-Temporary failures (SERVFAIL, timeouts, no reachable nameserver) are raised as
+records and the hosts' addresses and decides what they mean under a
+:class:`~mailstrom.routing.policy.RoutePolicy`. It returns a :class:`Lookup`: the hosts
+found or a permanent failure, each with how long it may be cached. Temporary failures
+(SERVFAIL, timeouts, no reachable nameserver) are raised as
 :class:`~mailstrom.errors.TemporaryFailure` and must not be cached.
+
+The DNS work of one lookup is bounded (hardening finding #6): every query shares one
+deadline (the resolver's ``lifetime``, i.e. ``DNSConfig.timeout``, for the whole route,
+not per query), at most ``hosts_considered`` MX hosts (10 by default) are considered,
+addresses are looked up only for as many hosts as the address limit can still use, and
+at most ``max_dns_queries`` queries are in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from itertools import groupby
 
 import dns.asyncresolver
 import dns.exception
@@ -22,6 +33,7 @@ import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
 from mailstrom.errors import PermanentFailure, TemporaryFailure
+from mailstrom.routing.policy import RoutePolicy
 from mailstrom.routing.route import MXHost, Route
 
 NEGATIVE_TTL = 60.0
@@ -29,8 +41,13 @@ NEGATIVE_TTL = 60.0
 Short, so a domain whose owner fixes its DNS gets mail again soon; long enough that a
 burst of mail to one bad domain costs one lookup."""
 
+FOREVER = float("inf")
+"""The TTL of what no DNS answer can change (address literals)."""
+
 _TEMPORARY_DNS = "4.4.3"  # RFC 3463: directory server failure
 _NO_ROUTE = "4.4.4"  # RFC 3463: unable to route
+_REFUSED_TARGET = "5.4.4"  # RFC 3463: unable to route (see _refused below)
+_NAMED_REFUSALS = 3  # refused addresses named in a failure's text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,15 +57,21 @@ class Refusal:
     text: str
     enhanced: str
     code: int | None = None
+    host: str | None = None
 
     def error(self) -> PermanentFailure:
-        return PermanentFailure(self.text, code=self.code, enhanced=self.enhanced)
+        return PermanentFailure(self.text, code=self.code, enhanced=self.enhanced, host=self.host)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Lookup:
     """What one lookup found: a route or a refusal, cacheable for ``ttl`` seconds
-    (None: do not cache, because part of the answer was a temporary failure)."""
+    (None: do not cache, because part of the answer was a temporary failure).
+
+    The route's hosts come in preference order and may hold more addresses than the
+    policy's ``mx_address_limit``: shuffling equal preferences and cutting to the limit is
+    left to the :class:`~mailstrom.routing.Router`, on every use of the route.
+    """
 
     route: Route | None = None
     refusal: Refusal | None = None
@@ -85,93 +108,177 @@ def to_qname(domain: str) -> dns.name.Name:
         ) from exc
 
 
-def literal_route(domain: str) -> Route | None:
-    """A route for an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``, RFC 5321
-    §4.1.3), which names its host directly; None for an ordinary domain."""
-    if not (domain.startswith("[") and domain.endswith("]")):
+def is_literal(domain: str) -> bool:
+    """Whether ``domain`` is an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``)."""
+    return domain.startswith("[") and domain.endswith("]")
+
+
+def literal_lookup(domain: str, policy: RoutePolicy) -> Lookup | None:
+    """The route for an address literal (RFC 5321 §4.1.3), which names its host directly;
+    None for an ordinary domain. Nothing here depends on DNS, so it never expires."""
+    if not is_literal(domain):
         return None
     inner = domain[1:-1]
     if inner[:5].lower() == "ipv6:":
         inner = inner[5:]
     try:
-        ip = ipaddress.ip_address(inner)
-    except ValueError as exc:
-        raise PermanentFailure(f"invalid address literal {domain!r}", enhanced="5.1.2") from exc
-    host = MXHost(name=domain, preference=0, addresses=(str(ip),))
-    return Route(domain=domain, hosts=(host,), implicit=True)
+        address = str(ipaddress.ip_address(inner))
+    except ValueError:
+        refusal = Refusal(text=f"invalid address literal {domain!r}", enhanced="5.1.2")
+        return Lookup(refusal=refusal, ttl=FOREVER)
+    kind = policy.refused(address)
+    if kind is not None:
+        return Lookup(refusal=_refused(domain, [(None, address, kind)]), ttl=FOREVER)
+    host = MXHost(name=domain, preference=0, addresses=(address,))
+    return Lookup(route=Route(domain=domain, hosts=(host,), implicit=True), ttl=FOREVER)
 
 
-async def _query(
-    resolver: dns.asyncresolver.Resolver, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
-) -> dns.resolver.Answer | _Missing:
-    """Answer for (name, type), or why there is none; temporary trouble is raised."""
-    try:
-        return await resolver.resolve(name, rdtype, search=False)
-    except dns.resolver.NXDOMAIN:
-        return _Missing.NXDOMAIN
-    except dns.resolver.NoAnswer:
-        return _Missing.NO_ANSWER
-    except dns.exception.Timeout as exc:
-        raise TemporaryFailure(
-            f"DNS lookup of {name} {rdtype.name} timed out", enhanced=_TEMPORARY_DNS
-        ) from exc
-    except (dns.exception.DNSException, OSError) as exc:
-        # NoNameservers (SERVFAIL/REFUSED everywhere), no configuration, network errors.
-        raise TemporaryFailure(
-            f"DNS lookup of {name} {rdtype.name} failed: {exc}", enhanced=_TEMPORARY_DNS
-        ) from exc
+def _refused(domain: str, refused: list[tuple[str | None, str, str]]) -> Refusal:
+    """Every address found for ``domain`` is refused by the policy: (MX host or None,
+    address, kind).
+
+    A permanent failure, as the mature MTAs make it: Exim's dnslookup router *declines*
+    when ``ignore_target_hosts`` discards every address ("Unrouteable address", bounced),
+    and Postfix bounces mail whose best MX is itself with 5.4.6 "loops back to myself".
+    We use 5.4.4 "unable to route" (RFC 3463) rather than 5.4.6 "routing loop detected":
+    nothing shows that the target is this very mail system, only that it is no mail
+    server elsewhere. Retrying could only help a domain that repoints its MX, and the
+    refusal is cached no longer than :data:`NEGATIVE_TTL`.
+    """
+    named = ", ".join(
+        f"{address} ({kind}{f', MX {host}' if host else ''})"
+        for host, address, kind in refused[:_NAMED_REFUSALS]
+    )
+    more = f" and {len(refused) - _NAMED_REFUSALS} more" if len(refused) > _NAMED_REFUSALS else ""
+    return Refusal(
+        text=(
+            f"refusing to deliver to {domain}: every address it routes to is refused: "
+            f"{named}{more} (allow_loopback is off)"
+        ),
+        enhanced=_REFUSED_TARGET,
+        host=refused[0][0] or domain,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Addresses:
     addresses: tuple[str, ...]
-    ttl: float | None
+    """Usable addresses, IPv4 first, without the refused ones."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """(address, kind) the policy refused."""
+    ttl: float | None = None
     """Minimum TTL of the answers; None when there was no answer to bound it."""
     temporary: TemporaryFailure | None = None
     """Set when a family could not be looked up: the result is incomplete."""
 
 
-async def _addresses(resolver: dns.asyncresolver.Resolver, name: dns.name.Name) -> _Addresses:
-    """IPv4 then IPv6 addresses of ``name``, looked up concurrently.
+class _Resolution:
+    """The queries of one route lookup: one deadline for all of them, one policy."""
 
-    IPv4 comes first because many networks that have IPv6 addresses cannot route IPv6
-    mail well (missing reverse DNS, stricter receiver policies, broken paths); IPv6
-    addresses are still tried when every IPv4 address fails.
+    def __init__(
+        self,
+        resolver: dns.asyncresolver.Resolver,
+        policy: RoutePolicy,
+        clock: Callable[[], float],
+    ) -> None:
+        self.resolver = resolver
+        self.policy = policy
+        self.clock = clock
+        # dnspython's lifetime bounds one resolve() call (all its retries and servers);
+        # a route needs several, so the same budget is shared by all of them here.
+        self.budget = float(resolver.lifetime)
+        self.deadline = clock() + self.budget
+
+    def timed_out(self, what: str) -> TemporaryFailure:
+        return TemporaryFailure(
+            f"DNS lookup of {what} timed out (the route's {self.budget:g} s were spent)",
+            enhanced=_TEMPORARY_DNS,
+        )
+
+    @property
+    def spent(self) -> bool:
+        return self.clock() >= self.deadline
+
+    async def query(
+        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> dns.resolver.Answer | _Missing:
+        """Answer for (name, type), or why there is none; temporary trouble is raised."""
+        remaining = self.deadline - self.clock()
+        if remaining <= 0:
+            raise self.timed_out(f"{name} {rdtype.name}")
+        try:
+            return await self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
+        except dns.resolver.NXDOMAIN:
+            return _Missing.NXDOMAIN
+        except dns.resolver.NoAnswer:
+            return _Missing.NO_ANSWER
+        except dns.exception.Timeout as exc:
+            raise self.timed_out(f"{name} {rdtype.name}") from exc
+        except (dns.exception.DNSException, OSError) as exc:
+            # NoNameservers (SERVFAIL/REFUSED everywhere), no configuration, network errors.
+            raise TemporaryFailure(
+                f"DNS lookup of {name} {rdtype.name} failed: {exc}", enhanced=_TEMPORARY_DNS
+            ) from exc
+
+    async def addresses(self, name: dns.name.Name) -> _Addresses:
+        """IPv4 then IPv6 addresses of ``name``, looked up concurrently.
+
+        IPv4 comes first because many networks that have IPv6 addresses cannot route IPv6
+        mail well (missing reverse DNS, stricter receiver policies, broken paths); IPv6
+        addresses are still tried when every IPv4 address fails.
+        """
+        results = await asyncio.gather(
+            self.query(name, dns.rdatatype.A),
+            self.query(name, dns.rdatatype.AAAA),
+            return_exceptions=True,
+        )
+        addresses: list[str] = []
+        refused: list[tuple[str, str]] = []
+        ttls: list[float] = []
+        temporary: TemporaryFailure | None = None
+        for result in results:
+            if isinstance(result, TemporaryFailure):
+                temporary = result
+            elif isinstance(result, BaseException):
+                raise result
+            elif isinstance(result, dns.resolver.Answer):
+                ttls.append(result.chaining_result.minimum_ttl)
+                for rdata in result:
+                    address: str = rdata.address
+                    kind = self.policy.refused(address)
+                    if kind is not None:
+                        refused.append((address, kind))
+                    elif address not in addresses:
+                        addresses.append(address)
+        return _Addresses(
+            addresses=tuple(addresses),
+            refused=tuple(refused),
+            ttl=min(ttls) if ttls else None,
+            temporary=temporary,
+        )
+
+
+async def lookup_route(
+    resolver: dns.asyncresolver.Resolver,
+    qname: dns.name.Name,
+    *,
+    policy: RoutePolicy | None = None,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Lookup:
+    """Look up where mail for ``qname`` goes. Hosts come in preference order; which hosts
+    of equal preference are looked up (when not all are needed) is chosen with ``rng``.
+    ``clock`` measures the deadline (``resolver.lifetime`` seconds for the whole lookup).
     """
-    results = await asyncio.gather(
-        _query(resolver, name, dns.rdatatype.A),
-        _query(resolver, name, dns.rdatatype.AAAA),
-        return_exceptions=True,
-    )
-    addresses: list[str] = []
-    ttls: list[float] = []
-    temporary: TemporaryFailure | None = None
-    for result in results:
-        if isinstance(result, TemporaryFailure):
-            temporary = result
-        elif isinstance(result, BaseException):
-            raise result
-        elif isinstance(result, dns.resolver.Answer):
-            ttls.append(result.chaining_result.minimum_ttl)
-            for rdata in result:
-                if rdata.address not in addresses:
-                    addresses.append(rdata.address)
-    return _Addresses(
-        addresses=tuple(addresses), ttl=min(ttls) if ttls else None, temporary=temporary
-    )
-
-
-async def lookup_route(resolver: dns.asyncresolver.Resolver, qname: dns.name.Name) -> Lookup:
-    """Look up where mail for ``qname`` goes. Hosts come sorted by (preference, name);
-    shuffling equal preferences is left to the caller, so a cached route is not stuck in
-    one order."""
+    policy = policy if policy is not None else RoutePolicy()
+    resolution = _Resolution(resolver, policy, clock)
     domain = qname.to_text(omit_final_dot=True)
-    answer = await _query(resolver, qname, dns.rdatatype.MX)
+    answer = await resolution.query(qname, dns.rdatatype.MX)
     if answer is _Missing.NXDOMAIN:
         refusal = Refusal(text=f"domain {domain} does not exist (NXDOMAIN)", enhanced="5.1.2")
         return Lookup(refusal=refusal, ttl=NEGATIVE_TTL)
     if answer is _Missing.NO_ANSWER:
-        return await _implicit(resolver, qname, domain)
+        return await _implicit(resolution, qname, domain)
     assert isinstance(answer, dns.resolver.Answer)
     records = [rdata for rdata in answer if isinstance(rdata, MX)]
     if any(r.exchange == dns.name.root for r in records):
@@ -186,37 +293,70 @@ async def lookup_route(resolver: dns.asyncresolver.Resolver, qname: dns.name.Nam
             )
         # A null MX mixed with real ones is a misconfiguration; use the real ones.
         records = [r for r in records if r.exchange != dns.name.root]
-    return await _mx_route(resolver, domain, records, answer.chaining_result.minimum_ttl)
+    candidates = _candidates(records, policy.hosts_considered, rng or random.Random())
+    return await _mx_route(resolution, domain, candidates, answer.chaining_result.minimum_ttl)
 
 
-async def _mx_route(
-    resolver: dns.asyncresolver.Resolver, domain: str, records: list[MX], mx_ttl: float
-) -> Lookup:
+def _candidates(
+    records: list[MX], limit: int, rng: random.Random
+) -> list[tuple[dns.name.Name, int]]:
+    """The first ``limit`` MX hosts (name, preference) in the order to try them: by
+    preference, equal preferences shuffled (RFC 5321 §5.1) *before* the cut, so that every
+    host of a preference cut in two has the same chance of being kept."""
     best: dict[dns.name.Name, int] = {}
     for record in records:
         exchange = record.exchange.canonicalize()
         best[exchange] = min(record.preference, best.get(exchange, record.preference))
     ordered = sorted(best.items(), key=lambda item: (item[1], item[0].to_text()))
-    found = await asyncio.gather(*(_addresses(resolver, name) for name, _ in ordered))
+    shuffled: list[tuple[dns.name.Name, int]] = []
+    for _, same in groupby(ordered, key=lambda item: item[1]):
+        group = list(same)
+        rng.shuffle(group)
+        shuffled.extend(group)
+        if len(shuffled) >= limit:
+            break
+    return shuffled[:limit]
+
+
+async def _mx_route(
+    resolution: _Resolution,
+    domain: str,
+    candidates: list[tuple[dns.name.Name, int]],
+    mx_ttl: float,
+) -> Lookup:
+    policy = resolution.policy
     hosts: list[MXHost] = []
     ttls = [mx_ttl]
+    refused: list[tuple[str | None, str, str]] = []
     temporary: TemporaryFailure | None = None
-    for (name, preference), result in zip(ordered, found, strict=True):
-        temporary = temporary or result.temporary
-        if not result.addresses:
-            continue  # a host without addresses cannot be tried; the others can
-        if result.ttl is not None:
-            ttls.append(result.ttl)
-        hosts.append(
-            MXHost(
-                name=name.to_text(omit_final_dot=True),
-                preference=preference,
-                addresses=result.addresses,
-            )
-        )
+    found = 0
+    next_host = 0
+    # Each host that has a usable address fills at least one place, so a batch never needs
+    # more hosts than places are left; later batches look further only when hosts had
+    # none (no records, refused, or a failed lookup).
+    while next_host < len(candidates) and found < policy.mx_address_limit:
+        if resolution.spent:
+            temporary = resolution.timed_out(f"the MX hosts of {domain}")
+            break
+        size = min(policy.mx_address_limit - found, policy.max_dns_queries // 2)
+        batch = candidates[next_host : next_host + size]
+        next_host += len(batch)
+        results = await asyncio.gather(*(resolution.addresses(name) for name, _ in batch))
+        for (name, preference), result in zip(batch, results, strict=True):
+            host_name = name.to_text(omit_final_dot=True)
+            temporary = temporary or result.temporary
+            if result.ttl is not None:
+                ttls.append(result.ttl)
+            refused.extend((host_name, address, kind) for address, kind in result.refused)
+            if not result.addresses:
+                continue  # a host without usable addresses cannot be tried; others can
+            hosts.append(MXHost(name=host_name, preference=preference, addresses=result.addresses))
+            found += len(result.addresses)
     if not hosts:
         if temporary is not None:
             raise temporary
+        if refused:
+            return Lookup(refusal=_refused(domain, refused), ttl=min([NEGATIVE_TTL, *ttls]))
         # Like Postfix, MX hosts without addresses are a temporary failure: it is usually
         # a DNS change in progress, and the retry policy's max_age bounds the wait.
         raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
@@ -225,14 +365,18 @@ async def _mx_route(
     return Lookup(route=route, ttl=None if temporary else min(ttls))
 
 
-async def _implicit(
-    resolver: dns.asyncresolver.Resolver, qname: dns.name.Name, domain: str
-) -> Lookup:
+async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) -> Lookup:
     """No MX records: the domain itself is the mail host (RFC 5321 §5.1)."""
-    result = await _addresses(resolver, qname)
+    result = await resolution.addresses(qname)
     if not result.addresses:
         if result.temporary is not None:
             raise result.temporary
+        if result.refused:
+            refused: list[tuple[str | None, str, str]] = [
+                (None, address, kind) for address, kind in result.refused
+            ]
+            ttl = min(result.ttl, NEGATIVE_TTL) if result.ttl is not None else NEGATIVE_TTL
+            return Lookup(refusal=_refused(domain, refused), ttl=ttl)
         refusal = Refusal(
             text=f"domain {domain} has no MX and no address records", enhanced="5.4.4"
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import groupby
 
@@ -39,17 +39,49 @@ class Route:
         return tuple(ip for host in self.hosts for ip in host.addresses)
 
 
-def shuffle_equal_preferences(route: Route, rng: random.Random) -> Route:
-    """``route`` with hosts of equal preference in random order (RFC 5321 §5.1).
+def equal_preference_spans(hosts: Sequence[MXHost]) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of every run of two or more hosts of equal preference: what
+    :func:`shuffle_spans` must shuffle. Empty when there is nothing to shuffle (one host,
+    or distinct preferences), so a caller can tell once and skip the work on every use.
 
-    Expects hosts sorted by preference; the order between preferences is kept.
+    >>> equal_preference_spans([MXHost(name=n, preference=p, addresses=())
+    ...                         for n, p in [("a", 5), ("b", 10), ("c", 10)]])
+    ((1, 3),)
     """
-    hosts: list[MXHost] = []
-    for _, same in groupby(route.hosts, key=lambda h: h.preference):
-        group = list(same)
-        rng.shuffle(group)
-        hosts.extend(group)
-    return replace(route, hosts=tuple(hosts))
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for _, same in groupby(hosts, key=lambda h: h.preference):
+        stop = start + sum(1 for _ in same)
+        if stop - start > 1:
+            spans.append((start, stop))
+        start = stop
+    return tuple(spans)
+
+
+def shuffle_spans(
+    hosts: list[MXHost], spans: Iterable[tuple[int, int]], rng: random.Random
+) -> None:
+    """Shuffle hosts of equal preference in place (RFC 5321 §5.1); ``spans`` come from
+    :func:`equal_preference_spans`, so the order between preferences is kept."""
+    for start, stop in spans:
+        part = hosts[start:stop]
+        rng.shuffle(part)
+        hosts[start:stop] = part
+
+
+def limit_addresses(hosts: Iterable[MXHost], limit: int) -> tuple[MXHost, ...]:
+    """The first ``limit`` addresses of ``hosts``, in order, still grouped by host: later
+    hosts are dropped and the last one kept may lose its later addresses."""
+    kept: list[MXHost] = []
+    left = limit
+    for host in hosts:
+        if left <= 0:
+            break
+        if len(host.addresses) > left:
+            host = replace(host, addresses=host.addresses[:left])
+        kept.append(host)
+        left -= len(host.addresses)
+    return tuple(kept)
 
 
 def group_by_domain(addresses: Iterable[str]) -> dict[str, list[str]]:

@@ -9,11 +9,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dns.asyncresolver
+import dns.name
 import dns.resolver
 
-from mailstrom.config import DNSConfig
-from mailstrom.routing.lookup import Lookup, literal_route, lookup_route, to_qname
-from mailstrom.routing.route import Route, shuffle_equal_preferences
+from mailstrom.config import Config, DNSConfig
+from mailstrom.routing.lookup import (
+    FOREVER,
+    Lookup,
+    Refusal,
+    is_literal,
+    literal_lookup,
+    lookup_route,
+    to_qname,
+)
+from mailstrom.routing.policy import MAX_DNS_QUERIES, MX_ADDRESS_LIMIT, RoutePolicy
+from mailstrom.routing.route import Route, equal_preference_spans, limit_addresses, shuffle_spans
 
 MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
@@ -21,7 +31,8 @@ MAX_CACHED = 10_000
 
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver as ``config`` says: its nameservers and port, or the
-    system's (resolv.conf) when it names none; ``config.timeout`` bounds each lookup."""
+    system's (resolv.conf) when it names none. ``config.timeout`` becomes its ``lifetime``,
+    which the router spends on each route as a whole (every query of one lookup)."""
     try:
         resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
     except dns.resolver.NoResolverConfiguration:
@@ -35,97 +46,223 @@ def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     return resolver
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Entry:
+    """A lookup prepared so that each use costs as little as possible."""
+
+    canonical: str
+    """The lower-case A-label the lookup was made for (several spellings may share it)."""
     expires: float
-    lookup: Lookup
+    """Clock time after which the entry is stale (-inf: never to be cached)."""
+    refusal: Refusal | None = None
+    ready: Route | None = None
+    """The route to hand out as it is, when there is nothing to shuffle."""
+    template: Route | None = None
+    """Otherwise: the hosts to shuffle within ``spans`` and then cut to ``limit``."""
+    spans: tuple[tuple[int, int], ...] = ()
+    limit: int | None = None
+    """Address limit to apply after shuffling; None when the hosts are within it."""
+
+    def finish(self, rng: random.Random) -> Route:
+        """The route to try now, or raise the cached permanent failure."""
+        if self.ready is not None:
+            return self.ready
+        if self.refusal is not None:
+            raise self.refusal.error()
+        assert self.template is not None
+        hosts = list(self.template.hosts)
+        shuffle_spans(hosts, self.spans, rng)
+        return Route(
+            domain=self.template.domain,
+            hosts=tuple(hosts) if self.limit is None else limit_addresses(hosts, self.limit),
+            implicit=self.template.implicit,
+        )
+
+
+def _prepare(lookup: Lookup, *, canonical: str, expires: float, limit: int) -> _Entry:
+    if lookup.refusal is not None:
+        return _Entry(canonical=canonical, expires=expires, refusal=lookup.refusal)
+    route = lookup.unwrap()
+    spans = equal_preference_spans(route.hosts)
+    over = sum(len(h.addresses) for h in route.hosts) > limit
+    if not spans:
+        hosts = limit_addresses(route.hosts, limit) if over else route.hosts
+        ready = Route(domain=route.domain, hosts=hosts, implicit=route.implicit)
+        return _Entry(canonical=canonical, expires=expires, ready=ready)
+    return _Entry(
+        canonical=canonical,
+        expires=expires,
+        template=route,
+        spans=spans,
+        limit=limit if over else None,
+    )
 
 
 @dataclass(slots=True)
 class _Flight:
-    task: asyncio.Task[Lookup]
+    task: asyncio.Task[_Entry]
     waiters: int = field(default=0)
 
 
 class Router:
     """Finds the hosts that take mail for a domain, with dnspython's async resolver.
 
-    Routes and permanent failures (NXDOMAIN, null MX) are cached by domain for the
-    smallest TTL of the answers used, measured with ``clock``; temporary failures are
-    not cached. Concurrent calls for one domain share one lookup. Hosts of equal MX
+    Routes and permanent failures (NXDOMAIN, null MX, refused targets) are cached for the
+    smallest TTL of the answers used, measured with ``clock``, by the domain string as
+    given (lower-cased) so that a cached route costs one dict lookup; temporary failures
+    are not cached. Concurrent calls for one domain share one lookup. Hosts of equal MX
     preference are shuffled with ``rng`` on every call, so load spreads over them even
     while the route is cached.
 
+    Every route holds at most ``mx_address_limit`` addresses (Postfix's
+    ``smtp_mx_address_limit``) and no loopback, unspecified or link-local address unless
+    ``allow_loopback`` (see :class:`~mailstrom.routing.policy.RoutePolicy`). One lookup
+    considers at most ``mx_host_limit`` MX hosts (default: twice the address limit), keeps
+    at most ``max_dns_queries`` queries in flight, and spends at most ``dns.timeout``
+    seconds in all.
+
     >>> router = Router(DNSConfig(nameservers=("127.0.0.1",), port=5353))
-    >>> # route = await router.route("example.org")
+    >>> # route = router.cached("example.org") or await router.route("example.org")
     """
 
     def __init__(
         self,
         dns: DNSConfig,
         *,
+        allow_loopback: bool = False,
+        mx_address_limit: int = MX_ADDRESS_LIMIT,
+        mx_host_limit: int | None = None,
+        max_dns_queries: int = MAX_DNS_QUERIES,
         resolver: dns.asyncresolver.Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        self.policy = RoutePolicy(
+            allow_loopback=allow_loopback,
+            mx_address_limit=mx_address_limit,
+            mx_host_limit=mx_host_limit,
+            max_dns_queries=max_dns_queries,
+        )
         self._resolver = resolver if resolver is not None else make_resolver(dns)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, _Flight] = {}
 
+    @classmethod
+    def for_config(
+        cls,
+        config: Config,
+        *,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> Router:
+        """The router ``config`` asks for: its DNS settings, ``allow_loopback`` and
+        ``mx_address_limit``. This is how the worker and the command line build theirs."""
+        return cls(
+            config.dns,
+            allow_loopback=config.allow_loopback,
+            mx_address_limit=config.mx_address_limit,
+            resolver=resolver,
+            clock=clock,
+            rng=rng,
+        )
+
+    def cached(self, domain: str) -> Route | None:
+        """The route for ``domain`` if it is known now, without a coroutine; else None.
+
+        Raises the cached :class:`~mailstrom.errors.PermanentFailure` if ``domain`` is
+        known to take no mail. Address literals are always known. The delivery engine
+        calls this first and awaits :meth:`route` only on None.
+        """
+        key = domain.lower()
+        entry = self._cache.get(key)
+        if entry is None:
+            if not is_literal(key):
+                return None
+            entry = self._literal(key)
+        elif entry.expires <= self._clock():
+            return None
+        return entry.finish(self._rng)
+
     async def route(self, domain: str) -> Route:
         """The route for ``domain`` (Unicode or A-label, any case).
 
         Raises :class:`~mailstrom.errors.PermanentFailure` when mail cannot ever go there
-        (NXDOMAIN 5.1.2, null MX 556 5.1.10, no MX and no address 5.4.4) and
-        :class:`~mailstrom.errors.TemporaryFailure` when it cannot go there now (DNS
-        server failure or timeout 4.4.3, MX hosts without addresses 4.4.4).
+        (NXDOMAIN 5.1.2, null MX 556 5.1.10, no MX and no address 5.4.4, every address
+        refused by the policy 5.4.4) and :class:`~mailstrom.errors.TemporaryFailure` when
+        it cannot go there now (DNS server failure or timeout 4.4.3, MX hosts without
+        addresses 4.4.4).
         """
-        literal = literal_route(domain)
-        if literal is not None:
-            return literal
-        qname = to_qname(domain)
-        key = qname.to_text()
+        key = domain.lower()
         entry = self._cache.get(key)
-        if entry is not None:
-            if entry.expires > self._clock():
-                return self._finish(entry.lookup)
-            del self._cache[key]
-        flight = self._inflight.get(key)
+        if entry is None or entry.expires <= self._clock():
+            entry = await self._resolve(domain, key)
+        return entry.finish(self._rng)
+
+    def forget(self, domain: str | None = None) -> None:
+        """Drop the cached route of ``domain`` (every spelling of it), or of every domain."""
+        if domain is None:
+            self._cache.clear()
+            return
+        key = domain.lower()
+        canonical = key if is_literal(key) else to_qname(domain).to_text(omit_final_dot=True)
+        for stale in [k for k, e in self._cache.items() if e.canonical == canonical]:
+            del self._cache[stale]
+
+    def _literal(self, key: str) -> _Entry:
+        lookup = literal_lookup(key, self.policy)
+        assert lookup is not None
+        entry = _prepare(lookup, canonical=key, expires=FOREVER, limit=self.policy.mx_address_limit)
+        self._remember(key, entry)
+        return entry
+
+    async def _resolve(self, domain: str, key: str) -> _Entry:
+        """The slow path: ``key`` (``domain`` lower-cased) is not cached or is stale."""
+        if is_literal(key):
+            return self._literal(key)
+        self._cache.pop(key, None)
+        qname = to_qname(domain)
+        canonical = qname.to_text(omit_final_dot=True)
+        entry = self._cache.get(canonical)
+        if entry is not None and entry.expires > self._clock():
+            self._remember(key, entry)  # another spelling of a cached domain
+            return entry
+        flight = self._inflight.get(canonical)
         if flight is None or flight.task.get_loop() is not asyncio.get_running_loop():
             # (A flight of another, since closed, event loop cannot be awaited here.)
-            task = asyncio.ensure_future(self._lookup(key, qname))
-            flight = self._inflight[key] = _Flight(task=task)
-            task.add_done_callback(lambda t: self._landed(key, t))
+            task = asyncio.ensure_future(self._lookup(canonical, qname))
+            flight = self._inflight[canonical] = _Flight(task=task)
+            task.add_done_callback(lambda t: self._landed(canonical, t))
         flight.waiters += 1
         try:
             # shield: one caller giving up must not cancel the lookup the others await.
-            lookup = await asyncio.shield(flight.task)
+            entry = await asyncio.shield(flight.task)
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
                 flight.task.cancel()  # nobody wants it any more
-        return self._finish(lookup)
+        if key != canonical and entry.expires > self._clock():
+            self._remember(key, entry)
+        return entry
 
-    def forget(self, domain: str | None = None) -> None:
-        """Drop the cached route of ``domain``, or of every domain."""
-        if domain is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(to_qname(domain).to_text(), None)
-
-    def _finish(self, lookup: Lookup) -> Route:
-        return shuffle_equal_preferences(lookup.unwrap(), self._rng)
-
-    async def _lookup(self, key: str, qname: dns.name.Name) -> Lookup:
-        lookup = await lookup_route(self._resolver, qname)
-        if lookup.ttl is not None and lookup.ttl > 0:
-            self._remember(key, _Entry(expires=self._clock() + lookup.ttl, lookup=lookup))
-        return lookup
+    async def _lookup(self, canonical: str, qname: dns.name.Name) -> _Entry:
+        lookup = await lookup_route(
+            self._resolver, qname, policy=self.policy, rng=self._rng, clock=self._clock
+        )
+        ttl = lookup.ttl
+        cacheable = ttl is not None and ttl > 0
+        expires = self._clock() + ttl if ttl is not None and ttl > 0 else -FOREVER
+        entry = _prepare(
+            lookup, canonical=canonical, expires=expires, limit=self.policy.mx_address_limit
+        )
+        if cacheable:
+            self._remember(canonical, entry)
+        return entry
 
     def _remember(self, key: str, entry: _Entry) -> None:
-        if len(self._cache) >= MAX_CACHED:
+        if len(self._cache) >= MAX_CACHED and key not in self._cache:
             now = self._clock()
             for stale in [k for k, e in self._cache.items() if e.expires <= now]:
                 del self._cache[stale]
@@ -133,7 +270,7 @@ class Router:
                 del self._cache[next(iter(self._cache))]
         self._cache[key] = entry
 
-    def _landed(self, key: str, task: asyncio.Task[Lookup]) -> None:
+    def _landed(self, key: str, task: asyncio.Task[_Entry]) -> None:
         if self._inflight.get(key) is not None and self._inflight[key].task is task:
             del self._inflight[key]
         if not task.cancelled():

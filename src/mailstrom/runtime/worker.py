@@ -112,7 +112,7 @@ class Worker:
         self.config = config
         self.store = store
         self._clock = clock
-        self._router = router or Router(config.dns)
+        self._router = router or Router.for_config(config)
         self._rng = rng or random.Random()
         self._on_result = on_result
         self._counters = _Counters()

@@ -1,0 +1,98 @@
+"""What a route may contain: which target addresses are refused, and how much DNS work
+one route may cost (hardening finding #6).
+
+A hostile or broken domain can list 100 MX hosts of 10 addresses each, or point its MX at
+127.0.0.1. :class:`RoutePolicy` bounds the first (like Postfix's ``smtp_mx_address_limit``)
+and refuses the second (like Exim's ``ignore_target_hosts``, whose usual setting is
+``0.0.0.0 : 127.0.0.0/8``).
+
+>>> RoutePolicy().refused("127.0.0.4")
+'loopback'
+>>> RoutePolicy().refused("::ffff:169.254.1.1")
+'link-local'
+>>> RoutePolicy(allow_loopback=True).refused("127.0.0.4") is None
+True
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from mailstrom.errors import ConfigError
+
+MX_ADDRESS_LIMIT = 5
+"""Addresses a route holds at most, over all its hosts (Postfix ``smtp_mx_address_limit``)."""
+
+MX_HOSTS_PER_ADDRESS = 2
+"""MX hosts considered at most, per address of the limit: 10 with the default limit, the
+first by preference. Postfix admits at most 100 DNS records into any list
+(``dns_rr_list_limit``, "20x the default limit on the number of address records") and
+looks up every MX host it admitted. We look up only as many hosts as the address limit
+needs, so more hosts matter only when the better ones have no usable address; twice the
+address limit covers that without letting a domain with hundreds of address-less MX hosts
+cost hundreds of lookups."""
+
+MAX_DNS_QUERIES = 10
+"""DNS queries one route lookup has in flight at once (A and AAAA of five hosts)."""
+
+
+def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """``"loopback"``, ``"unspecified"`` or ``"link-local"`` for addresses that name this
+    host or its own link rather than a mail server elsewhere; None for any other address.
+
+    IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) are judged by their IPv4 address:
+    a dual-stack socket connects to them as IPv4. (Python 3.11's ``is_loopback`` does not
+    look inside them.)
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"  # 127.0.0.0/8, ::1
+    # 0.0.0.0/8 is "this host on this network" (RFC 1122 §3.2.1.3): never a destination,
+    # and Linux connects 0.0.0.0 to the local host.
+    if ip.is_unspecified or (ip.version == 4 and int(ip) >> 24 == 0):
+        return "unspecified"
+    if ip.is_link_local:
+        return "link-local"  # 169.254.0.0/16, fe80::/10
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutePolicy:
+    """Limits and refusals the :class:`~mailstrom.routing.Router` applies to every route.
+
+    The defaults are safe for delivery on the Internet; tests and demos that deliver to a
+    receiver on 127.0.0.1 set ``allow_loopback=True``.
+    """
+
+    allow_loopback: bool = False
+    """Keep loopback, unspecified and link-local targets (see :func:`target_kind`)."""
+    mx_address_limit: int = MX_ADDRESS_LIMIT
+    """Addresses a route holds at most, in the order they are to be tried."""
+    mx_host_limit: int | None = None
+    """MX hosts considered at most (the first by preference, equal ones shuffled);
+    None: :data:`MX_HOSTS_PER_ADDRESS` times ``mx_address_limit``."""
+    max_dns_queries: int = MAX_DNS_QUERIES
+    """DNS queries in flight at once for one route (at least 2: a host's A and AAAA)."""
+
+    def __post_init__(self) -> None:
+        for name in ("mx_address_limit", "mx_host_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.max_dns_queries < 2:
+            raise ConfigError(f"max_dns_queries must be at least 2, got {self.max_dns_queries}")
+
+    @property
+    def hosts_considered(self) -> int:
+        """MX hosts considered at most."""
+        if self.mx_host_limit is not None:
+            return self.mx_host_limit
+        return MX_HOSTS_PER_ADDRESS * self.mx_address_limit
+
+    def refused(self, address: str) -> str | None:
+        """Why mail must not go to ``address`` (its :func:`target_kind`), or None."""
+        if self.allow_loopback:
+            return None
+        return target_kind(ipaddress.ip_address(address))

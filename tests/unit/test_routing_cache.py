@@ -1,0 +1,91 @@
+"""The route cache (engine v2): cached by the domain string, prepared once, and read
+synchronously through ``Router.cached``. A scripted resolver stands in for DNS."""
+
+from __future__ import annotations
+
+import dns.name
+import pytest
+from tests.support.resolver import ScriptedResolver, make_router
+
+from mailstrom.errors import PermanentFailure
+from mailstrom.routing import router as router_module
+
+
+async def test_cached_route_costs_no_name_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine v2: a cached route is found by the domain string; dns.name.from_text (via
+    to_qname) runs once per spelling, not on every call."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, "mx.example.test")])
+    resolver.a("mx.example.test", "192.0.2.1")
+    router = make_router(resolver)
+    await router.route("example.test")
+    await router.route("Example.TEST")  # another spelling: parsed once, then remembered
+    calls = 0
+    real = router_module.to_qname
+
+    def counting(domain: str) -> dns.name.Name:
+        nonlocal calls
+        calls += 1
+        return real(domain)
+
+    monkeypatch.setattr(router_module, "to_qname", counting)
+    for _ in range(3):
+        await router.route("example.test")
+        await router.route("Example.TEST")
+    assert calls == 0
+    assert router.cached("EXAMPLE.test") is not None
+    assert calls == 0
+    assert len([q for q in resolver.queries if q.rdtype == "MX"]) == 1
+
+
+async def test_cached_is_a_synchronous_fast_path() -> None:
+    """Engine v2: Router.cached answers without a coroutine: None when unknown, the route
+    when cached, and the cached permanent failure raised."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, "mx.example.test")])
+    resolver.a("mx.example.test", "192.0.2.1")
+    resolver.zone[("nomail.test", "MX")] = ["0 ."]  # null MX (RFC 7505)
+    router = make_router(resolver)
+    assert router.cached("example.test") is None
+    assert resolver.queries == []
+    await router.route("example.test")
+    route = router.cached("example.test")
+    assert route is not None and route.addresses == ("192.0.2.1",)
+    with pytest.raises(PermanentFailure):
+        await router.route("nomail.test")
+    with pytest.raises(PermanentFailure, match="null MX"):
+        router.cached("nomail.test")
+    # Address literals need no DNS: always known.
+    literal = router.cached("[192.0.2.9]")
+    assert literal is not None and literal.addresses == ("192.0.2.9",)
+    # Expired entries are not handed out.
+    resolver.clock.now += 301
+    assert router.cached("example.test") is None
+
+
+async def test_a_route_with_nothing_to_shuffle_is_prepared_once() -> None:
+    """Engine v2: one host, or hosts of distinct preferences, need no shuffle: every call
+    hands out the same prepared route instead of building a new one."""
+    resolver = ScriptedResolver()
+    resolver.mx("one.test", [(10, "mx.one.test")])
+    resolver.a("mx.one.test", "192.0.2.1")
+    resolver.mx("distinct.test", [(10, "mx1.distinct.test"), (20, "mx2.distinct.test")])
+    resolver.a("mx1.distinct.test", "192.0.2.1")
+    resolver.a("mx2.distinct.test", "192.0.2.2")
+    router = make_router(resolver)
+    for domain in ("one.test", "distinct.test"):
+        first = await router.route(domain)
+        assert await router.route(domain) is first
+        assert router.cached(domain) is first
+
+
+async def test_forget_drops_every_spelling() -> None:
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, "mx.example.test")])
+    resolver.a("mx.example.test", "192.0.2.1")
+    router = make_router(resolver)
+    await router.route("example.test")
+    await router.route("EXAMPLE.test.")
+    router.forget("Example.Test")
+    assert router.cached("example.test") is None
+    assert router.cached("EXAMPLE.test.") is None

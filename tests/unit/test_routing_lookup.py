@@ -1,0 +1,162 @@
+"""Route lookups against a scripted resolver (no sockets): how much DNS work one route may
+cost and how the address limit meets the equal-preference shuffle (hardening finding #6)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from tests.support.resolver import ScriptedResolver, hosts_in, make_router
+
+from mailstrom.errors import TemporaryFailure
+
+# --- hardening #6: bounded DNS work ---------------------------------------------------
+
+
+async def test_addresses_are_looked_up_only_for_hosts_the_limit_can_use() -> None:
+    """Hardening #6: a domain with 100 MX hosts costs address lookups of at most 5 hosts."""
+    resolver = ScriptedResolver()
+    resolver.mx("many.test", [(10, f"mx{i}.many.test") for i in range(100)])
+    for i in range(100):
+        resolver.a(f"mx{i}.many.test", f"192.0.2.{i + 1}")
+    route = await make_router(resolver).route("many.test")
+    assert len(route.addresses) == 5
+    assert len(resolver.looked_up()) == 5
+    assert set(hosts_in(route)) == resolver.looked_up()
+
+
+async def test_hosts_without_usable_addresses_do_not_fill_the_limit() -> None:
+    """Hardening #6: hosts with no (or only refused) addresses are passed over, and the
+    next hosts are looked up until the limit is filled, in preference order."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(p, f"mx{p}.example.test") for p in range(1, 8)])
+    resolver.aaaa("mx1.example.test", "fe80::1")  # link-local: refused
+    resolver.a("mx2.example.test", "127.0.0.1")  # loopback: refused
+    # mx3 has no records at all
+    resolver.a("mx4.example.test", "192.0.2.4", "192.0.2.44")
+    resolver.a("mx5.example.test", "192.0.2.5", "192.0.2.55")
+    resolver.a("mx6.example.test", "192.0.2.6", "192.0.2.66")
+    resolver.a("mx7.example.test", "192.0.2.7")
+    route = await make_router(resolver).route("example.test")
+    assert hosts_in(route) == ["mx4.example.test", "mx5.example.test", "mx6.example.test"]
+    assert route.addresses == ("192.0.2.4", "192.0.2.44", "192.0.2.5", "192.0.2.55", "192.0.2.6")
+    # First 5 hosts at once (5 places to fill), then the 1 place left asked of 1 more host.
+    assert "mx7.example.test" not in resolver.looked_up()
+    assert len(resolver.looked_up()) == 6
+
+
+async def test_only_the_first_mx_hosts_by_preference_are_considered() -> None:
+    """Hardening #6: of 100 MX hosts only the 10 best are considered, so a domain whose
+    hosts have no addresses costs 10 host lookups, not 100."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(i, f"mx{i}.example.test") for i in range(100)])
+    resolver.a("mx50.example.test", "192.0.2.50")  # the only host with an address
+    with pytest.raises(TemporaryFailure) as info:
+        await make_router(resolver).route("example.test")
+    assert info.value.enhanced == "4.4.4"
+    assert resolver.looked_up() == {f"mx{i}.example.test" for i in range(10)}
+
+
+@pytest.mark.parametrize("max_dns_queries", [None, 2, 4])
+async def test_dns_queries_in_flight_are_bounded(max_dns_queries: int | None) -> None:
+    """Hardening #6: one route lookup never has more than max_dns_queries (default 10)
+    queries in flight (today: every host's A and AAAA at once, 200 for 100 hosts)."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, f"mx{i}.example.test") for i in range(100)])
+    options = {} if max_dns_queries is None else {"max_dns_queries": max_dns_queries}
+    with pytest.raises(TemporaryFailure):
+        await make_router(resolver, **options).route("example.test")
+    assert resolver.most_in_flight == (max_dns_queries or 10)
+    assert len(resolver.looked_up()) == 10
+
+
+async def test_all_queries_of_a_route_share_one_deadline() -> None:
+    """Hardening #6: the MX query and every address query of one route are bounded by one
+    budget (DNSConfig.timeout): each query gets only what is left of it, and no query
+    starts once it is spent."""
+    resolver = ScriptedResolver(lifetime=10.0, seconds_per_query=3.0)
+    resolver.mx("slow.test", [(10, f"mx{i}.slow.test") for i in range(10)])
+    start = resolver.clock()
+    with pytest.raises(TemporaryFailure, match="timed out") as info:
+        await make_router(resolver).route("slow.test")
+    assert info.value.enhanced == "4.4.3"
+    assert all(q.lifetime is not None and q.lifetime > 0 for q in resolver.queries)
+    assert all(q.at + (q.lifetime or 0) <= start + 10.0 for q in resolver.queries)
+    # The MX query, then one batch of 5 hosts; the budget is gone before a second batch.
+    assert len(resolver.looked_up()) == 5
+
+
+async def test_a_route_cut_by_the_deadline_is_used_but_not_cached() -> None:
+    """Hardening #6: hosts found before the budget ran out are tried; the route is
+    incomplete, so the next call looks again."""
+    resolver = ScriptedResolver(lifetime=10.0, seconds_per_query=4.0)
+    resolver.mx("slow.test", [(p, f"mx{p}.slow.test") for p in range(1, 8)])
+    resolver.a("mx1.slow.test", "192.0.2.1")  # the others have none: a second batch is due
+    router = make_router(resolver)
+    route = await router.route("slow.test")
+    assert route.addresses == ("192.0.2.1",)
+    await router.route("slow.test")
+    assert len([q for q in resolver.queries if q.rdtype == "MX"]) == 2
+
+
+# --- the address limit and the equal-preference shuffle -------------------------------
+
+
+async def test_the_limit_cuts_inside_a_host_and_keeps_try_order() -> None:
+    """Hardening #6: a host with 10 addresses contributes its first 5 (IPv4 first)."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, "big.example.test"), (20, "backup.example.test")])
+    resolver.a("big.example.test", *(f"192.0.2.{i}" for i in range(1, 9)))
+    resolver.aaaa("big.example.test", "2001:db8::1", "2001:db8::2")
+    resolver.a("backup.example.test", "192.0.2.100")
+    route = await make_router(resolver).route("example.test")
+    assert hosts_in(route) == ["big.example.test"]
+    assert route.addresses == tuple(f"192.0.2.{i}" for i in range(1, 6))
+
+
+async def test_mx_address_limit_is_configurable() -> None:
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, f"mx{i}.example.test") for i in range(20)])
+    for i in range(20):
+        resolver.a(f"mx{i}.example.test", f"192.0.2.{i + 1}")
+    route = await make_router(resolver, mx_address_limit=12).route("example.test")
+    assert len(route.addresses) == 12
+    assert len(resolver.looked_up()) == 12
+
+
+async def test_equal_preferences_cut_by_the_limit_are_chosen_at_random() -> None:
+    """Hardening #6: when the limit cuts a preference in two, which of its hosts are
+    looked up is random (equal preferences are shuffled before the cut), not the first
+    ones by name; preference order still comes first."""
+    chosen: Counter[str] = Counter()
+    for seed in range(40):
+        resolver = ScriptedResolver()
+        resolver.mx("example.test", [(5, "best.example.test")] + [
+            (10, f"mx{i:02}.example.test") for i in range(20)])  # fmt: skip
+        resolver.a("best.example.test", "192.0.2.200")
+        for i in range(20):
+            resolver.a(f"mx{i:02}.example.test", f"192.0.2.{i + 1}")
+        route = await make_router(resolver, seed=seed).route("example.test")
+        assert hosts_in(route)[0] == "best.example.test"
+        assert len(route.addresses) == 5
+        chosen.update(hosts_in(route)[1:])
+    assert len(chosen) == 20  # every host of the cut preference had its chance
+
+
+async def test_cached_route_shuffles_equal_preferences_then_applies_the_limit() -> None:
+    """Hardening #6 with the cache: three equal hosts of two addresses each exceed the
+    limit of 5; on every call they are reshuffled and the last one in line is cut."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10, "a.test"), (10, "b.test"), (10, "c.test")])
+    for host, net in (("a.test", 1), ("b.test", 2), ("c.test", 3)):
+        resolver.a(host, f"192.0.{net}.1", f"192.0.{net}.2")
+    router = make_router(resolver)
+    await router.route("example.test")
+    orders = set()
+    for _ in range(60):
+        route = await router.route("example.test")
+        assert len(route.addresses) == 5
+        assert [len(h.addresses) for h in route.hosts] == [2, 2, 1]
+        orders.add(tuple(hosts_in(route)))
+    assert len(orders) == 6  # every order of the three hosts turns up
+    assert len([q for q in resolver.queries if q.rdtype == "MX"]) == 1

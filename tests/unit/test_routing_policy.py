@@ -1,0 +1,91 @@
+"""Which targets a route may hold, and the settings that say so (hardening finding #6)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from mailstrom.errors import ConfigError, PermanentFailure
+from mailstrom.routing import RoutePolicy
+from mailstrom.routing.lookup import literal_lookup
+from mailstrom.routing.policy import target_kind
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.0.0.4", "loopback"),
+        ("127.255.255.254", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("0.1.2.3", "unspecified"),
+        ("::", "unspecified"),
+        ("::ffff:0.0.0.0", "unspecified"),
+        ("169.254.0.1", "link-local"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("febf::1", "link-local"),
+        ("::ffff:169.254.1.1", "link-local"),
+    ],
+)
+def test_targets_that_are_this_host_or_its_link_are_refused(address: str, kind: str) -> None:
+    """Hardening #6: loopback, unspecified and link-local targets, IPv4-mapped included."""
+    assert target_kind(ipaddress.ip_address(address)) == kind
+    assert RoutePolicy().refused(address) == kind
+    assert RoutePolicy(allow_loopback=True).refused(address) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["192.0.2.1", "10.0.0.1", "126.255.255.255", "128.0.0.1", "1.0.0.0", "169.253.0.1",
+     "2001:db8::1", "fec0::1", "::ffff:192.0.2.1"],
+)  # fmt: skip
+def test_other_targets_are_kept(address: str) -> None:
+    assert target_kind(ipaddress.ip_address(address)) is None
+    assert RoutePolicy().refused(address) is None
+
+
+@pytest.mark.parametrize(
+    ("literal", "address"),
+    [
+        ("[127.0.0.4]", "127.0.0.4"),
+        ("[IPv6:::1]", "::1"),
+        ("[IPv6:::ffff:127.0.0.1]", "::ffff:7f00:1"),  # as Python 3.11 spells it
+        ("[0.0.0.0]", "0.0.0.0"),
+        ("[169.254.0.1]", "169.254.0.1"),
+        ("[IPv6:fe80::1]", "fe80::1"),
+    ],
+)
+def test_address_literals_naming_this_host_fail_permanently(literal: str, address: str) -> None:
+    """Hardening #6: a@[127.0.0.4] is not delivered to unless allow_loopback."""
+    lookup = literal_lookup(literal, RoutePolicy())
+    assert lookup is not None
+    with pytest.raises(PermanentFailure) as info:
+        lookup.unwrap()
+    assert info.value.enhanced == "5.4.4"
+    assert address in info.value.text
+    assert "allow_loopback" in info.value.text
+    allowed = literal_lookup(literal, RoutePolicy(allow_loopback=True))
+    assert allowed is not None
+    assert allowed.unwrap().addresses == (address,)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"mx_address_limit": 0}, {"mx_host_limit": 0}, {"max_dns_queries": 1}],
+)
+def test_policy_limits_are_validated(options: dict[str, int]) -> None:
+    with pytest.raises(ConfigError):
+        RoutePolicy(**options)  # type: ignore[arg-type]
+
+
+def test_policy_defaults() -> None:
+    policy = RoutePolicy()
+    assert not policy.allow_loopback
+    assert policy.mx_address_limit == 5
+    assert policy.hosts_considered == 10
+    assert RoutePolicy(mx_address_limit=20).hosts_considered == 40
+    assert RoutePolicy(mx_host_limit=3).hosts_considered == 3
