@@ -10,8 +10,8 @@ connection: a stalled server ties up its own sessions only, never the other dest
 
 Failures follow the delivery rules: a connection that cannot be made, or a refused greeting,
 moves on to the next address; a connection that breaks before a transaction's final dot
-puts that item back for the next address, at most ``_SESSION_LIMIT`` sessions per item (as
-Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
+puts that item back for the next address, at most ``Config.mx_session_limit`` sessions per
+item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
 deferred with the last error — unless other sessions of the destination are still
 connected, in which case the destination just runs with fewer sessions (Postfix's
 concurrency feedback).
@@ -40,8 +40,6 @@ log = logging.getLogger("mailstrom.delivery")
 
 _DEPTH = 2
 """Transactions kept submitted per connection: one being answered, the next on the wire."""
-_SESSION_LIMIT = 2
-"""Sessions one item may lose before it is deferred (Postfix's smtp_mx_session_limit)."""
 
 Done = Callable[[list[RecipientResult]], None]
 
@@ -206,7 +204,10 @@ class Dispatcher:
     async def _route(self, dest: _Destination) -> Route:
         if self._relay_route is not None:
             return self._relay_route
-        return await self._router.route(dest.domain)
+        route = self._router.cached(dest.domain)  # no coroutine while the route is known
+        if route is None:
+            route = await self._router.route(dest.domain)
+        return route
 
     async def _run(self, dest: _Destination) -> None:
         try:
@@ -308,7 +309,7 @@ class Dispatcher:
             self._done(self._outcomes.from_transaction(work.item, result, work.started, where))
         for work in reversed(retry):
             work.broken_sessions += 1
-            if work.broken_sessions >= _SESSION_LIMIT:
+            if work.broken_sessions >= self._config.mx_session_limit:
                 assert error is not None
                 self._done(self._outcomes.from_error(work.item, error, work.started, where))
             else:
