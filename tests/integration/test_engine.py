@@ -1,0 +1,266 @@
+"""The delivery engine's own promises, end to end against loopback peers: pipelining across
+transactions, the per-item session limit, no head-of-line blocking, and a worker that
+rides out a store that fails for a while."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
+from mailstrom.runtime.connection import SMTPConnection, StartTLS
+from mailstrom.stores import MemoryStore, SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+
+
+def hello(to: str, n: int = 0) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject=f"n{n}", text=f"Hello {n}")
+
+
+def config(dns: LoopbackDNS, port: int, **overrides: Any) -> Config:
+    options: dict[str, Any] = {
+        "helo_name": "client.test",
+        "smtp_port": port,
+        "dns": dns.dns_config,
+        "timeouts": FAST,
+        "allow_loopback": True,
+        "poll_interval": 0.5,
+    }
+    return Config(**(options | overrides))
+
+
+# --- pipelining across transactions ----------------------------------------------------------
+
+
+async def recording_server(reads: list[bytes]) -> AsyncIterator[int]:
+    """A minimal SMTP server that offers PIPELINING, accepts everything, and keeps every
+    chunk it reads, so a test can see which commands travelled together."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 rec.test ESMTP\r\n")
+        buffer = b""
+        in_body = False
+        try:
+            while chunk := await reader.read(65536):
+                reads.append(chunk)
+                buffer += chunk
+                while True:
+                    if in_body:
+                        end = buffer.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        buffer = buffer[end + 5 :]
+                        in_body = False
+                        writer.write(b"250 2.0.0 queued\r\n")
+                        continue
+                    end = buffer.find(b"\r\n")
+                    if end < 0:
+                        break
+                    line, buffer = buffer[:end], buffer[end + 2 :]
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        writer.write(b"250-rec.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        writer.write(b"354 go\r\n")
+                        in_body = True
+                    elif verb == b"QUIT":
+                        writer.write(b"221 bye\r\n")
+                    else:
+                        writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_next_envelope_travels_with_the_previous_content() -> None:
+    """RFC 2920 §3.1: with transactions queued, the final dot of one and the MAIL, RCPT
+    and DATA of the next leave in one write, one round trip per message."""
+    reads: list[bytes] = []
+    async for port in recording_server(reads):
+        conn = await SMTPConnection.open(
+            host="rec.test",
+            ip="127.0.0.1",
+            port=port,
+            helo_name="client.test",
+            timeouts=FAST,
+            starttls=StartTLS.OPPORTUNISTIC,
+        )
+        futures = [
+            conn.submit(
+                envelope_from="a@a.test",
+                recipients=[f"r{i}@b.test"],
+                data=b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i),
+                smtputf8=False,
+                eightbit=False,
+            )
+            for i in range(4)
+        ]
+        results = await asyncio.gather(*futures)
+        await conn.close()
+    assert [r.final.code if r.final else None for r in results] == [250] * 4
+    joined = [r for r in reads if b"\r\n.\r\nMAIL FROM:" in r]
+    assert len(joined) == 3, reads  # messages 2, 3 and 4 rode with the dot before them
+    assert all(b"RCPT TO:" in r and r.endswith(b"DATA\r\n") for r in joined)
+
+
+# --- the session limit -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_an_item_loses_at_most_mx_session_limit_sessions(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, limit: int
+) -> None:
+    """Hardening #6 / Postfix's smtp_mx_session_limit: a message whose session breaks
+    before the final dot is retried on the next MX host, on at most ``limit`` sessions in
+    one attempt; the hosts after that never see it."""
+    first = smtp_server(host="127.0.0.1", drop_on="data")
+    hosts = [first] + [
+        smtp_server(host=f"127.0.0.{n}", port=first.port, drop_on="data") for n in (2, 3)
+    ]
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test"), (30, "mx3.test")])
+    for n, host in enumerate(hosts, start=1):
+        dns_server.a(f"mx{n}.test", host.host)
+    results = Results()
+    with Mailstrom(
+        config(dns_server, first.port, mx_session_limit=limit),
+        store=MemoryStore(),
+        on_result=results,
+    ) as ms:
+        mid = ms.send_email(hello("bob@example.org"))
+        [result] = results.wait_count(1)
+        status = ms.query_status(mid).recipient("bob@example.org")
+    assert result.state is RecipientState.DEFERRED
+    assert status.attempts == 1
+    assert [h.commands.count("MAIL") for h in hosts] == [1] * limit + [0] * (3 - limit)
+
+
+# --- no head-of-line blocking ------------------------------------------------------------------
+
+
+def test_a_server_that_never_greets_delays_nobody_else(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Engine v2 #7: one message to a server that never greets, then 2,000 to a healthy
+    one: the 2,000 are delivered while the first still waits for its greeting (the old
+    worker delivered 499, then nothing until the greeting timeout)."""
+    healthy = smtp_server()
+    stalled = smtp_server(host="127.0.0.2", port=healthy.port, stall_on="greeting")
+    dns_server.mx("healthy.example", [(10, "mx.healthy.test")])
+    dns_server.a("mx.healthy.test", healthy.host)
+    dns_server.mx("stalled.example", [(10, "mx.stalled.test")])
+    dns_server.a("mx.stalled.test", stalled.host)
+    results = Results()
+    slow_greeting = Timeouts(connect=5, greeting=300, command=30, data_init=30)
+    with Mailstrom(
+        config(dns_server, healthy.port, timeouts=slow_greeting, lease_batch=100),
+        store=SQLiteStore(tmp_path / "q.db"),
+        on_result=results,
+    ) as ms:
+        stuck = ms.send_email(hello("first@stalled.example"))
+        ms.send_emails([hello(f"u{i}@healthy.example", i) for i in range(2000)])
+        results.wait_count(2000, timeout=90)
+        assert len(healthy.wait_for_messages(2000, timeout=10)) == 2000
+        assert not ms.query_status(stuck).is_final
+        assert stalled.connections == 1
+        ms.stop(timeout=0.5)
+
+
+# --- a store that fails for a while -------------------------------------------------------------
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    conn.execute("COMMIT")
+    """
+)
+
+
+def test_a_store_locked_by_another_process_is_ridden_out(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Engine v2 #7: another process holds the SQLite write lock far longer than the busy
+    timeout while the worker delivers. Leases and records fail meanwhile; the worker keeps
+    its results, says so in its status, and finishes by itself once the lock is gone:
+    every recipient delivered once and recorded once."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    results = Results()
+    count = 200
+    ids = [store.enqueue(_prepared(i), now=_now()) for i in range(count)]
+    with Mailstrom(
+        config(dns_server, mx.port, lease_batch=20, max_connections=2, max_per_destination=2),
+        store=store,
+        on_result=results,
+    ) as ms:
+        mx.wait_for_messages(1, timeout=10)
+        with subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as holder:
+            assert holder.stdout is not None and holder.stdin is not None
+            try:
+                assert holder.stdout.readline() == "locked\n"
+                troubled = _wait_until(lambda: ms.worker_status.store_error is not None, 10)
+                assert troubled, "the worker never noticed the locked store"
+                time.sleep(2.0)  # hold the lock well past the busy timeout, many times over
+                assert ms.worker_status.running
+            finally:
+                holder.stdin.write("\n")
+                holder.stdin.flush()
+        results.wait_count(count, timeout=60)
+        assert _wait_until(lambda: ms.worker_status.store_error is None, 10)
+        assert ms.worker_status.unrecorded == 0
+    statuses = [store.status(i).recipients[0] for i in ids]
+    store.close()
+    assert [(s.state, s.attempts) for s in statuses] == [(RecipientState.DELIVERED, 1)] * count
+    assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
+        f"u{i}@example.org" for i in range(count)
+    )
+
+
+def _prepared(i: int) -> Any:
+    from mailstrom.message import prepare
+
+    return prepare(hello(f"u{i}@example.org", i))
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)  # polling a status snapshot; nothing to wait on
+    return predicate()
