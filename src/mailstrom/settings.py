@@ -26,7 +26,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.config import (
+    Config,
+    DNSConfig,
+    EventLoop,
+    RelayConfig,
+    RelayTLS,
+    Timeouts,
+    TLSPolicy,
+)
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 
@@ -152,7 +160,7 @@ def _optional(parser: Parser) -> Parser:
     return parse
 
 
-def _choice(enum: type[TLSPolicy] | type[RelayTLS]) -> Parser:
+def _choice(enum: type[TLSPolicy] | type[RelayTLS] | type[EventLoop]) -> Parser:
     def parse(key: str, value: Any) -> Any:
         try:
             return enum(str(value).strip().lower())
@@ -195,6 +203,7 @@ KEYS: dict[str, Parser] = {
     "mx_session_limit": _int(1),
     "connection_idle": _float(0),
     "retry_uncertain": _bool,
+    "event_loop": _choice(EventLoop),
     "lease_for": _duration,
     "lease_batch": _int(1),
     "poll_interval": _float(0.001),

@@ -264,3 +264,35 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.01)  # polling a status snapshot; nothing to wait on
     return predicate()
+
+
+# --- event loops ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_worker_runs_on_the_loop_configured(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, loop: str
+) -> None:
+    """Engine v2 #4: uvloop when asked for (or installed, under "auto"); asyncio's own loop
+    stays supported: the same delivery, STARTTLS and pipelining included, on both."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    loops: list[str] = []
+    results = Results()
+
+    def on_result(result: Any) -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        results(result)
+
+    with Mailstrom(
+        config(dns_server, mx.port, event_loop=loop, max_per_destination=1),
+        store=MemoryStore(),
+        on_result=on_result,
+    ) as ms:
+        ms.send_emails([hello(f"u{i}@example.org", i) for i in range(5)])
+        results.wait_count(5)
+    assert {r.state for r in results.all} == {RecipientState.DELIVERED}
+    assert set(loops) == {loop}
+    assert mx.connections == 1
+    assert all(m.tls for m in mx.messages)

@@ -4,7 +4,6 @@ nothing is due), logging one structured line per attempt."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections import deque
 
@@ -14,6 +13,7 @@ from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.signals import run_until_signalled
+from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores.base import RecipientResult
 
@@ -87,7 +87,7 @@ def worker_command(args: argparse.Namespace) -> int:
         if live:
             from mailstrom.cli.live import run_with_live_view
 
-            asyncio.run(
+            run_loop(
                 run_with_live_view(
                     worker,
                     store,
@@ -95,13 +95,15 @@ def worker_command(args: argparse.Namespace) -> int:
                     once=args.once,
                     drain_timeout=args.drain_timeout,
                     on_started=on_started,
-                )
+                ),
+                settings.config.event_loop,
             )
         else:
-            asyncio.run(
+            run_loop(
                 run_until_signalled(
                     worker, once=args.once, drain=args.drain_timeout, on_started=on_started
-                )
+                ),
+                settings.config.event_loop,
             )
         s = worker.status
         logging.getLogger("mailstrom.worker").info(

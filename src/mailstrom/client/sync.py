@@ -7,7 +7,6 @@ readiness handshake, so an error at start is raised in the caller's thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -15,6 +14,7 @@ from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
 from mailstrom.errors import WorkerError
+from mailstrom.runtime.loops import run as run_loop
 from mailstrom.status import MessageStatus, WorkerStatus
 
 log = logging.getLogger("mailstrom")
@@ -57,7 +57,7 @@ class Mailstrom(FacadeBase):
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            run_loop(self._main(), self.config.event_loop)
         except BaseException as exc:
             if not self._ready.is_set():
                 self._start_error = exc
