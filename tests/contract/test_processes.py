@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
@@ -123,3 +125,21 @@ def test_two_processes_leasing_at_once_never_share_a_recipient(
         got.append(json.loads(stdout))
     assert not set(got[0]) & set(got[1])
     assert sorted(got[0] + got[1]) == sorted(expected)
+
+
+def test_a_watcher_hears_of_mail_enqueued_by_another_process(
+    store_backend: Backend, store: Store
+) -> None:
+    """Engine v2 #5: a worker in another process is woken within milliseconds, not at its
+    next poll (SQLite: a datagram socket beside the database; PostgreSQL: NOTIFY)."""
+    store_backend.require_durable()
+    woken = threading.Event()
+    stop = store.watch(woken.set)
+    try:
+        started = time.monotonic()
+        _run(ENQUEUE, store_backend.url)
+        assert woken.wait(10)
+        # The child's interpreter start-up dominates; the wake-up itself takes microseconds.
+        assert time.monotonic() - started < 10
+    finally:
+        stop()

@@ -26,6 +26,7 @@ datetimes. The schema is versioned with ``PRAGMA user_version`` and migrated on 
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -64,7 +65,10 @@ from mailstrom.stores.sqlite_schema import (
     recipient_from_row,
     to_us,
 )
+from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+
+log = logging.getLogger(__name__)
 
 _PENDING_SQL = "state IN ('queued', 'deferred')"
 # Must match the recipients_due index expression exactly, or SQLite cannot use it; the
@@ -138,6 +142,7 @@ class SQLiteStore:
         self._group = threading.Condition()
         self._leader = False
         self._watchers = Watchers()
+        self._wakeups = WakeupDirectory(self._path)
         try:
             self._open()
         except BaseException:
@@ -224,6 +229,7 @@ class SQLiteStore:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        self._wakeups.close()
 
     # --- enqueue ----------------------------------------------------------------------
 
@@ -264,7 +270,7 @@ class SQLiteStore:
             if request.error is not None:
                 raise request.error
         if not request.hold:
-            self._watchers.notify()
+            self._notify()
         return request.ids
 
     def _commit_batch(self, batch: list[_Enqueue]) -> None:
@@ -491,7 +497,7 @@ class SQLiteStore:
                 (lease.token,),
             ).rowcount
         if released:
-            self._watchers.notify()
+            self._notify()
 
     # --- administration ---------------------------------------------------------------
 
@@ -505,7 +511,7 @@ class SQLiteStore:
                 (to_us(now), seq),
             ).rowcount
         if changed:
-            self._watchers.notify()
+            self._notify()
         return changed
 
     def retry_deferred(self, *, now: datetime) -> int:
@@ -516,7 +522,7 @@ class SQLiteStore:
                 (to_us(now),),
             ).rowcount
         if changed:
-            self._watchers.notify()
+            self._notify()
         return changed
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
@@ -543,7 +549,7 @@ class SQLiteStore:
             conn.execute("UPDATE messages SET held = ? WHERE seq = ?", (held, seq))
             conn.execute("UPDATE recipients SET held = ? WHERE message_seq = ?", (held, seq))
         if not held:
-            self._watchers.notify()
+            self._notify()
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""
@@ -692,6 +698,24 @@ class SQLiteStore:
         )
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` when mail is enqueued, retried or released through this
-        object (other processes are not seen: the worker polls as a fallback)."""
-        return self._watchers.add(callback)
+        """Call ``callback`` when mail is enqueued, retried or released, through this
+        object or by another process (a datagram socket in ``<database>-wake/``, see
+        :mod:`mailstrom.stores.wakeup`)."""
+        unwatch = self._watchers.add(callback)
+        try:
+            unlisten = self._wakeups.listen(callback)
+        except OSError as exc:
+            # Polling still finds the work; say why the wake-ups are missing.
+            log.warning("no wake-ups from other processes for %s: %s", self._path, exc)
+            return unwatch
+
+        def stop() -> None:
+            unwatch()
+            unlisten()
+
+        return stop
+
+    def _notify(self) -> None:
+        """Work may be due: tell watchers here and in other processes (after COMMIT)."""
+        self._watchers.notify()
+        self._wakeups.notify()

@@ -1,0 +1,167 @@
+"""Waking workers in other processes when SQLite work becomes due: Unix datagram sockets.
+
+SQLite cannot tell one process that another committed. So each process that watches a
+queue binds a datagram socket in a directory next to the database (``queue.db-wake/``),
+and whoever enqueues sends every socket there one byte after its COMMIT: best effort,
+non-blocking, a few microseconds. A worker in another process hears of new mail at once
+instead of at its next poll (PostgreSQL keeps LISTEN/NOTIFY; polling stays as the
+fallback for both).
+
+Sockets of processes that died are removed by the next sender (``ECONNREFUSED``). The
+directory and sockets get the database file's permissions, so whoever may write the queue
+may wake its workers, and nobody else. Paths too long for a socket address (about 108
+octets) are reached through ``/proc/self/fd`` on Linux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import stat
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+_MAX_PATH = 100
+"""Longest socket path used as is (sun_path holds 108 octets with the NUL)."""
+_STOP = b"stop"
+
+
+class WakeupDirectory:
+    """The wake-up sockets of one SQLite database."""
+
+    def __init__(self, database: str) -> None:
+        self.path = os.path.abspath(database) + "-wake"
+        self._lock = threading.Lock()
+        self._listing_mtime = -1
+        self._listing: list[str] = []
+        self._dir_fd: int | None = None
+        self._own = f"{os.getpid()}-"
+
+    # --- the sending side --------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Send one byte to every listening process but this one; never raises."""
+        try:
+            targets = self._targets()
+        except OSError:
+            return  # no directory: nobody listens
+        if not targets:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for name in targets:
+                try:
+                    sock.sendto(b"!", self._address(name))
+                except BlockingIOError:
+                    pass  # its queue is full of wake-ups already
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                        # Nobody bound to it any more: its process died. Tidy up.
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(self.path, name))
+                    else:
+                        log.debug("wake-up of %s failed: %s", name, exc)
+
+    def _targets(self) -> list[str]:
+        mtime = os.stat(self.path).st_mtime_ns  # binding or removing a socket changes it
+        with self._lock:
+            if mtime != self._listing_mtime:
+                self._listing = [
+                    name
+                    for name in os.listdir(self.path)
+                    if name.endswith(".sock") and not name.startswith(self._own)
+                ]
+                self._listing_mtime = mtime
+            return self._listing
+
+    def _address(self, name: str) -> str:
+        full = os.path.join(self.path, name)
+        if len(full) <= _MAX_PATH:
+            return full
+        with self._lock:
+            if self._dir_fd is None:
+                self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            return f"/proc/self/fd/{self._dir_fd}/{name}"
+
+    # --- the listening side --------------------------------------------------------------
+
+    def listen(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from a thread of its own) whenever another process sends a
+        wake-up; returns a function that stops listening (idempotent)."""
+        self._make_directory()
+        name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+        address = self._address(name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(address)
+            os.chmod(os.path.join(self.path, name), self._mode() & 0o666)
+        except BaseException:
+            sock.close()
+            raise
+        stopping = threading.Event()
+
+        def run() -> None:
+            while True:
+                try:
+                    received = [sock.recv(64)]
+                    # Several senders may have written at once: one call covers them all.
+                    sock.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            received.append(sock.recv(64))
+                    sock.setblocking(True)
+                except OSError:
+                    return
+                if stopping.is_set() and _STOP in received:
+                    return
+                try:
+                    callback()
+                except Exception:
+                    log.exception("wake-up callback %r failed", callback)
+
+        thread = threading.Thread(target=run, name="mailstrom-sqlite-wake", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            if stopping.is_set():
+                return
+            stopping.set()
+            with (
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as poke,
+                contextlib.suppress(OSError),
+            ):
+                poke.sendto(_STOP, address)
+            if threading.current_thread() is not thread:
+                thread.join(5.0)
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.path, name))
+
+        return stop
+
+    def _mode(self) -> int:
+        try:
+            return stat.S_IMODE(os.stat(self.path.removesuffix("-wake")).st_mode)
+        except OSError:
+            return 0o600
+
+    def _make_directory(self) -> None:
+        mode = self._mode() & 0o666
+        mode |= (mode & 0o444) >> 2  # search permission wherever there is read
+        try:
+            os.mkdir(self.path, mode)
+        except FileExistsError:
+            return
+        os.chmod(self.path, mode)  # mkdir's mode is filtered by the umask
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
