@@ -639,6 +639,10 @@ def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
+
+
 def fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -671,7 +675,7 @@ def add_row(table: Table, row: Row, reference: float | None) -> None:
         str(done[0].messages),
         fmt_rate(median),
         spread,
-        "-" if reference is None else f"{median / reference:.2f}",
+        "-" if reference is None else fmt_ratio(median / reference),
         fmt_rate(statistics.median(steady) if steady else None),
         fmt_ms(statistics.median(firsts)) if firsts else "-",
         fmt_ms(percentile(lat, 0.5)) if lat else "-",
@@ -714,7 +718,7 @@ def wakeup_table(found: WakeUps, reference: list[float]) -> Table:
             fmt_ms(med),
             fmt_ms(max(values)),
             fmt_ms(min(values)),
-            f"{ref / med:.3f}" if ratio and ref else "-",
+            fmt_ratio(ref / med) if ratio and ref else "-",
         )
 
     line("reference: smtp-source -m 1 (fresh process and connection)", reference, False)
@@ -850,7 +854,9 @@ def run_all(console: Console, bench: Bench, args: argparse.Namespace, rows: list
     console.print(
         f"mailstrom end to end vs Postfix smtp-source → smtp-sink (pid {bench.sink.pid}, "
         f"{bench.sink.host}:{bench.sink.port}); N={n}, {octets} octets per message, "
-        f"1 recipient, {SESSIONS} sessions, {args.repeat} runs per row; worker modes "
+        f"1 recipient, {SESSIONS} sessions, "
+        + ("one profiled run" if args.profile else f"{args.repeat} runs per row")
+        + "; worker modes "
         f"{', '.join(mode_label(m) for m in modes)}; {os.cpu_count()} CPUs, load average "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     )
@@ -902,12 +908,14 @@ def run_all(console: Console, bench: Bench, args: argparse.Namespace, rows: list
         add_row(table, row, ref_rate)
     console.print(table)
     console.print(
-        "msg/s from 1st: (N-1) ÷ time after the first result (startup left out); 1st ms: "
-        "clock start → first result (deliver process: → the sink's first message);\n"
-        "p50/p99: send_email call latency; max gap: longest time between two results "
-        "(in-process worker only). deliver process: clock starts at spawn, completion by "
-        "polling store.stats() every 10 ms;\n"
-        f"the worker process logs at --log-level {args.worker_log_level}."
+        "msg/s from 1st: (N-1) ÷ time after the first result (start-up left out). "
+        "1st ms: clock start → first result (worker process: → the sink's first message).\n"
+        "p50/p99: send_email call latency. max gap: longest time between two results "
+        "(worker in this process only).\n"
+        "Worker in another process (deliver process, worker=process): done when "
+        "store.stats(), polled every 10 ms once the sink has N, counts all delivered.\n"
+        "deliver process: the clock starts at spawn; the worker logs at "
+        f"--log-level {args.worker_log_level}."
     )
     for row in results:
         print_notes(console, row.label, row.runs)
