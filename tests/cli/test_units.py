@@ -198,13 +198,14 @@ def _record() -> logging.LogRecord:
         next_attempt_at=datetime(2024, 1, 1, 0, 5, tzinfo=UTC),
     )
     record = logging.LogRecord("mailstrom.attempts", logging.WARNING, "", 0, "attempt", (), None)
+    record.event = "attempt"
     record.fields = attempt_fields(result)
     return record
 
 
 def test_key_value_format() -> None:
     line = KeyValueFormatter().format(_record())
-    assert " level=warning logger=mailstrom.attempts event=attempt message=m1 " in line
+    assert " level=warning logger=mailstrom.attempts event=attempt message_id=m1 " in line
     assert "rcpt=bob@example.test state=deferred outcome=temporary host=mx.test" in line
     assert 'reason="451 4.7.1 Greylisted, try later"' in line
     assert "next_attempt=2024-01-01T00:05:00+00:00" in line

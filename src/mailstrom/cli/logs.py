@@ -2,6 +2,9 @@
 
 Each delivery attempt arrives as one structured record (event ``attempt``, logged by the
 worker on ``mailstrom.attempts``), so log collectors get fields rather than prose to parse.
+A record's ``event`` is its ``event`` attribute when it has one, else its message; the
+message id is the field ``message_id`` (never ``message``, which log systems keep for the
+text of a record).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     return fields if isinstance(fields, Mapping) else {}
 
 
+def _event(record: logging.LogRecord) -> str:
+    event = getattr(record, "event", None)
+    return event if isinstance(event, str) else record.getMessage()
+
+
 def _logfmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     if text and all(c.isprintable() and c not in ' "=\\' for c in text):
@@ -31,14 +39,14 @@ def _logfmt_value(value: Any) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=… level=info logger=… event=attempt message=… rcpt=… reason="250 2.0.0 Ok"``."""
+    """``ts=… level=info logger=… event=attempt message_id=… rcpt=… reason="250 2.0.0 Ok"``."""
 
     def format(self, record: logging.LogRecord) -> str:
         pairs: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _event(record),
         }
         pairs.update((k, v) for k, v in _fields(record).items() if v is not None)
         line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
@@ -55,7 +63,7 @@ class JSONFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _event(record),
         }
         obj.update((k, v) for k, v in _fields(record).items() if v is not None)
         if record.exc_info:
