@@ -103,8 +103,11 @@ def test_config_file_option_and_precedence(cli: CLI) -> None:
     cli.env["MAILSTROM_STORE"] = "sqlite:///from-env.db"
     cli.ok("send", "--config", "other.toml", "--from", "a@client.test", "--to", "b@x.test")
     assert (cli.cwd / "from-env.db").exists()
-    cli.ok("queue", "--config", "other.toml", "--store", "sqlite:///from-option.db")
+    # (queue only reads: it never creates a store, so a command that writes shows the choice.)
+    args = ["--config", "other.toml", "--store", "sqlite:///from-option.db"]
+    cli.ok("send", *args, "--from", "a@client.test", "--to", "b@x.test")
     assert (cli.cwd / "from-option.db").exists()
+    assert len(cli.ok("queue", "--json", *args).json()) == 1
     missing = cli("--config", "absent.toml", "queue")
     assert_one_line_error(missing, 78, "absent.toml")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -79,15 +80,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(config_path=getattr(args, "config", None), overrides=overrides)
 
 
-def open_store(url: str) -> Store:
-    from mailstrom.stores import open_store as open_url
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """The store ``url`` names; ``read_only`` for commands that only look (they then work
+    on a read-only mount and never create, migrate or change the store)."""
+    from mailstrom.stores.url import StoreKind, parse_store_url
+    from mailstrom.stores.url import open_store as open_url
 
-    return open_url(url)
+    if read_only:
+        parsed = parse_store_url(url)
+        if parsed.kind is StoreKind.SQLITE and not os.path.exists(parsed.target):
+            # Nothing was ever queued there: an empty queue, and no file created to show it.
+            from mailstrom.stores.memory import MemoryStore
+
+            return MemoryStore()
+    return open_url(url, read_only=read_only)
 
 
 @contextlib.contextmanager
-def store_from(settings: Settings) -> Iterator[Store]:
-    store = open_store(settings.store_url)
+def store_from(settings: Settings, *, read_only: bool = False) -> Iterator[Store]:
+    store = open_store(settings.store_url, read_only=read_only)
     try:
         yield store
     finally:

@@ -40,7 +40,9 @@ examples:
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
-75 try again later (store unavailable; send --wait: still pending), 78 bad configuration.
+74 store damaged, not a mailstrom database, newer schema, or replaced (retrying will
+not help), 75 try again later (store unavailable; send --wait: still pending),
+78 bad configuration.
 """
 
 Handler = Callable[[argparse.Namespace], int]

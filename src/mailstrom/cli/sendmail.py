@@ -41,7 +41,8 @@ Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -
 -m -Am -Ac -d*, and -B -C -N -R -V -X -L -O -h -p with their value.
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
-70 internal error, 75 store unavailable (try again), 78 bad configuration.
+70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
+(try again), 78 bad configuration.
 """
 
 _FLAGS = frozenset("timnvUG")

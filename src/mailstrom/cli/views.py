@@ -1,4 +1,8 @@
-"""``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue."""
+"""``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue.
+
+They open the store read-only, so they work on a read-only mount (a snapshot, a rescue
+system) and never create, migrate or change it.
+"""
 
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
+    with store_from(settings_from(args), read_only=True) as store:
         st = store.status(args.id)
     if args.json:
         print_json(st)
@@ -152,7 +156,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
 def queue_command(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    with store_from(settings_from(args)) as store:
+    with store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
             if args.json:

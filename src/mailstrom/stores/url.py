@@ -72,10 +72,13 @@ def parse_store_url(url: str) -> StoreURL:
     )
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, read_only: bool = False) -> Store:
     """Open the store ``url`` names (see the module docstring for the forms).
 
-    >>> store = open_store("sqlite:///mailstrom.db")  # doctest: +SKIP
+    ``read_only`` opens a SQLite store for reading only (nothing created, migrated or
+    written); other stores ignore it.
+
+    >>> store = open_store("sqlite:////var/lib/mailstrom/queue.db")  # doctest: +SKIP
     """
     parsed = parse_store_url(url)
     if parsed.kind is StoreKind.MEMORY:
@@ -85,7 +88,7 @@ def open_store(url: str) -> Store:
     if parsed.kind is StoreKind.SQLITE:
         from mailstrom.stores.sqlite import SQLiteStore
 
-        return SQLiteStore(parsed.target)
+        return SQLiteStore(parsed.target, read_only=read_only)
     # Imported only when asked for, so the other stores never load the driver.
     from mailstrom.stores.postgres import PostgresStore
 
