@@ -8,9 +8,14 @@ TOML file a dotted key is a table entry (``[dns]`` / ``port = 53``); in the envi
 Unknown keys and bad values raise :class:`~mailstrom.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default.
 
->>> s = load_settings(env={"MAILSTROM_SMTP_PORT": "2525"}, search=False)
->>> s.config.smtp_port, s.store_url
-(2525, 'sqlite:///mailstrom.db')
+Without a ``store`` setting the queue is :func:`~mailstrom.stores.url.default_store_path`:
+``/var/spool/mailstrom/queue.db`` for root, ``$XDG_STATE_HOME/mailstrom/queue.db`` (by
+default ``~/.local/state/mailstrom/queue.db``) for anyone else — never a file in the
+working directory.
+
+>>> s = load_settings(env={"MAILSTROM_SMTP_PORT": "2525", "HOME": "/home/ann"}, search=False)
+>>> s.config.smtp_port, s.store_url == default_store_url({"HOME": "/home/ann"})
+(2525, True)
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from typing import Any
 from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.stores.url import default_store_url
 
-DEFAULT_STORE_URL = "sqlite:///mailstrom.db"
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
 """Names the configuration file, like ``--config`` (not a setting itself)."""
@@ -313,7 +318,7 @@ def load_settings(
     parsed = {key: KEYS[key](key, value) for key, value in values.items()}
     return Settings(
         config=build_config(parsed),
-        store_url=parsed.get("store", DEFAULT_STORE_URL),
+        store_url=parsed["store"] if "store" in parsed else default_store_url(env),
         config_file=config_file,
         values=values,
     )

@@ -12,13 +12,13 @@ import trustme
 from mailstrom.config import RelayTLS, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.settings import (
-    DEFAULT_STORE_URL,
     KEYS,
     env_name,
     load_settings,
     parse_dns_servers,
     parse_duration,
 )
+from mailstrom.stores.url import default_store_url
 
 FILE = """
 store = "sqlite:///from-file.db"
@@ -48,7 +48,7 @@ def config_file(tmp_path: Path) -> Path:
 
 def test_defaults_without_file_or_env(tmp_path: Path) -> None:
     s = load_settings(env={}, cwd=tmp_path, search=False)
-    assert s.store_url == DEFAULT_STORE_URL
+    assert s.store_url == default_store_url({})
     assert s.config.smtp_port == 25
     assert s.config.tls is TLSPolicy.OPPORTUNISTIC
     assert s.config.relay is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,54 @@ def test_schema_constants_are_what_the_store_writes(db: Path) -> None:
     SQLiteStore(db).close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (migrations()[-1][0],)
+
+
+# --- permissions ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path | str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_queue_files_are_private(db: Path) -> None:
+    """Hardening #3: under umask 022 the database, its -wal and its -shm are 0600, so other
+    local users cannot read queued mail."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)  # the WAL files exist while the store is open
+        assert {name: mode(f"{db}{name}") for name in ("", "-wal", "-shm")} == {
+            "": 0o600,
+            "-wal": 0o600,
+            "-shm": 0o600,
+        }
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_an_existing_file_keeps_its_mode(db: Path) -> None:
+    """Hardening #3: an administrator's mode on an existing store file is kept."""
+    db.touch(mode=0o660)
+    db.chmod(0o660)
+    SQLiteStore(db).close()
+    assert mode(db) == 0o660
+
+
+def test_a_dangling_symlink_is_not_followed_to_create_a_file(db: Path, tmp_path: Path) -> None:
+    """Hardening #3: a symlink planted where the store will be does not make SQLite create
+    a world-readable file at its target."""
+    target = tmp_path / "elsewhere.db"
+    db.symlink_to(target)
+    with pytest.raises(StoreError):
+        SQLiteStore(db)
+    assert not target.exists()

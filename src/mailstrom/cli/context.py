@@ -27,9 +27,7 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     g = parser.add_argument_group("configuration (override the file and MAILSTROM_* variables)")
     g.add_argument("--config", metavar="PATH", default=s, help="TOML configuration file")
-    g.add_argument(
-        "--store", metavar="URL", default=s, help="queue store (default sqlite:///mailstrom.db)"
-    )
+    g.add_argument("--store", metavar="URL", default=s, help=_store_help())
     g.add_argument("--helo-name", metavar="NAME", default=s, help="name sent in EHLO")
     g.add_argument("--smtp-port", metavar="PORT", default=s, help="port of MX hosts (25)")
     g.add_argument(
@@ -54,6 +52,18 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         default=s,
         help="on an internal error, show the traceback (for bug reports)",
     )
+
+
+def _store_help() -> str:
+    from mailstrom.errors import ConfigError
+    from mailstrom.stores.url import default_store_url
+
+    try:
+        default = default_store_url()
+    except ConfigError:
+        default = "sqlite:///$XDG_STATE_HOME/mailstrom/queue.db"
+    # argparse formats help with %: a path may hold one.
+    return f"queue store (default: {default})".replace("%", "%%")
 
 
 def global_parser() -> argparse.ArgumentParser:

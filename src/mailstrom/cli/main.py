@@ -50,7 +50,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> ArgumentParser:
     """The whole command tree; global options work before or after the subcommand."""
-    parser = ArgumentParser(prog="mailstrom", description=DESCRIPTION, epilog=EPILOG)
+    parser = ArgumentParser(
+        prog="mailstrom", description=DESCRIPTION + _default_store_line(), epilog=EPILOG
+    )
     add_global_options(parser)
     common = global_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -65,6 +67,18 @@ def build_parser() -> ArgumentParser:
     ):
         register(sub, [common])
     return parser
+
+
+def _default_store_line() -> str:
+    from mailstrom.errors import ConfigError
+    from mailstrom.stores.url import default_store_path
+
+    try:
+        path = str(default_store_path())
+    except ConfigError:
+        return ""
+    # One fixed place per user (root: the system spool), never the working directory.
+    return f"\nWithout a store setting the queue is {path}.\n"
 
 
 def main(argv: list[str] | None = None) -> int:

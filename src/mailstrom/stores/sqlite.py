@@ -217,6 +217,10 @@ class SQLiteStore:
         if self._read_only:
             self._open_read_only(latest)
             return
+        self._create_private()
+        # The file exists now: SQLite must never create one (mode=rw), not in place of a
+        # store deleted later, nor with its default 0644 at the end of a dangling symlink.
+        self._uri = _file_uri(self._path, "mode=rw")
         with self._connection() as conn:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             _check_schema(version, self._path, latest)
@@ -227,10 +231,23 @@ class SQLiteStore:
             # Persistent in the file; must run outside a transaction.
             conn.execute("PRAGMA journal_mode=WAL")
             migrate(conn)
-        # From now on the file must exist: a connection never creates a new, empty one
-        # where the store was deleted, and the file is checked for being replaced.
-        self._file = _identity(self._path)
-        self._uri = _file_uri(self._path, "mode=rw")
+        self._file = _identity(self._path)  # checked on every checkout from now on
+
+    def _create_private(self) -> None:
+        """Create a missing database file readable and writable by its owner only (0600).
+
+        Queued bodies are private mail. SQLite gives the -wal and -shm files it creates the
+        main file's permissions, so they are 0600 too; an existing file keeps its mode (an
+        administrator may have made it group-writable on purpose).
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(self._path, flags, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot create {self._path}: {exc.strerror or exc}") from None
+        os.close(fd)
 
     def _open_read_only(self, latest: int) -> None:
         if not os.path.exists(self._path):
