@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +40,8 @@ from mailstrom.stores.url import default_store_url
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
 """Names the configuration file, like ``--config`` (not a setting itself)."""
+SYSTEM_CONFIG_PATH = Path("/etc/mailstrom/config.toml")
+"""The system's configuration file; the only one the sendmail drop-in searches."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,14 +240,33 @@ _ENV_KEYS = {env_name(key): key for key in KEYS}
 # --- the layers --------------------------------------------------------------------------
 
 
-def default_config_paths(env: Mapping[str, str], cwd: Path) -> list[Path]:
-    """Where a configuration file is looked for when none is named, first found wins."""
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or "~", ".config")
-    return [
-        cwd / "mailstrom.toml",
-        Path(xdg).expanduser() / "mailstrom" / "config.toml",
-        Path("/etc/mailstrom/config.toml"),
-    ]
+def default_config_paths(env: Mapping[str, str]) -> list[Path]:
+    """Where the ``mailstrom`` command looks for a configuration file when none is named,
+    first found wins: ``$XDG_CONFIG_HOME/mailstrom/config.toml`` (by default
+    ``~/.config/...``), then :data:`SYSTEM_CONFIG_PATH`.
+
+    Never the working directory: whoever can write where a program runs would choose the
+    store and the relay. A relative ``XDG_CONFIG_HOME`` or ``HOME`` is ignored for the same
+    reason (and because the XDG specification says to).
+    """
+    paths = [SYSTEM_CONFIG_PATH]
+    home = _user_config_home(env)
+    if home is not None:
+        paths.insert(0, home / "mailstrom" / "config.toml")
+    return paths
+
+
+def _user_config_home(env: Mapping[str, str]) -> Path | None:
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg)
+    home = env.get("HOME", "")
+    if not os.path.isabs(home):
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:
+            return None
+    return Path(home) / ".config" if os.path.isabs(home) else None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -287,16 +309,16 @@ def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
-    cwd: Path | None = None,
     search: bool = True,
+    paths: Sequence[Path] | None = None,
 ) -> Settings:
     """Merge file < environment < ``overrides`` (dotted keys, e.g. from options).
 
     ``config_path`` (or ``$MAILSTROM_CONFIG``) names the file, which must then exist;
-    otherwise the :func:`default_config_paths` are searched when ``search`` is true.
+    otherwise, when ``search`` is true, the first existing file of ``paths`` is read
+    (default: :func:`default_config_paths`).
     """
     env = os.environ if env is None else env
-    cwd = Path.cwd() if cwd is None else cwd
     named = config_path if config_path is not None else env.get(CONFIG_PATH_ENV)
     config_file: Path | None = None
     if named:
@@ -304,7 +326,8 @@ def load_settings(
         if not config_file.is_file():
             raise ConfigError(f"config file not found: {config_file}")
     elif search:
-        config_file = next((p for p in default_config_paths(env, cwd) if p.is_file()), None)
+        candidates = default_config_paths(env) if paths is None else paths
+        config_file = next((p for p in candidates if p.is_file()), None)
 
     values: dict[str, Any] = {}
     if config_file is not None:

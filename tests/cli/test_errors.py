@@ -78,8 +78,8 @@ def test_bad_configuration_names_the_key(cli: CLI) -> None:
     cli.env["MAILSTROM_SMTP_PROT"] = "25"
     assert_one_line_error(cli("queue"), 78, "MAILSTROM_SMTP_PROT")
     del cli.env["MAILSTROM_SMTP_PROT"]
-    (cli.cwd / "mailstrom.toml").write_text("[dns]\nnameserver = '127.0.0.1'\n")
-    assert_one_line_error(cli("queue"), 78, "dns.nameserver")
+    (cli.cwd / "bad.toml").write_text("[dns]\nnameserver = '127.0.0.1'\n")
+    assert_one_line_error(cli("queue", "--config", "bad.toml"), 78, "dns.nameserver")
 
 
 def test_bad_store_url(cli: CLI) -> None:

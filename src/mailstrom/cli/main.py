@@ -24,9 +24,11 @@ from mailstrom.cli.worker import register as register_worker
 DESCRIPTION = """\
 Queue email durably and deliver it straight to each recipient's MX servers.
 
-Settings come from a TOML file (--config, ./mailstrom.toml,
-$XDG_CONFIG_HOME/mailstrom/config.toml or /etc/mailstrom/config.toml), then
-MAILSTROM_* environment variables, then options; see docs/cli.md.
+Settings come from a TOML file (--config or $MAILSTROM_CONFIG, else
+$XDG_CONFIG_HOME/mailstrom/config.toml or /etc/mailstrom/config.toml; never a file in
+the working directory unless --config names it), then MAILSTROM_* environment
+variables, then options; see docs/cli.md. The sendmail command reads only
+$MAILSTROM_CONFIG or /etc/mailstrom/config.toml and takes no mailstrom options.
 """
 
 EPILOG = """\
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         split = _split_sendmail(argv)
         if split is not None:
             head, rest = split
-            return sendmail.main(rest, defaults=global_parser().parse_args(head))
+            return sendmail.main(rest, mailstrom_options=head)
         args = parser.parse_args(argv)
     except UsageError as exc:
         sys.stderr.write(exc.usage)
