@@ -21,6 +21,7 @@ working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pwd
 import re
@@ -62,6 +63,10 @@ Parser = Callable[[str, Any], Any]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = timedelta(days=36525)
+"""The longest duration accepted (100 years): longer ones overflow date arithmetic."""
+MAX_INTEGER = 2**63 - 1
+"""The largest integer setting: what SQLite and PostgreSQL store in a bigint."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -74,7 +79,13 @@ def parse_duration(text: str) -> timedelta:
     if match is None:
         raise ValueError(f"not a duration (like 30s, 15m, 2h, 3d): {text!r}")
     number, unit = match.groups()
-    return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+    return _bounded(float(number) * _UNIT_SECONDS[unit or "s"], text)
+
+
+def _bounded(seconds: float, given: object) -> timedelta:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"not a duration of at most 100 years: {given!r}")
+    return timedelta(seconds=seconds)
 
 
 def _str(key: str, value: Any) -> str:
@@ -83,7 +94,7 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
-def _int(minimum: int) -> Parser:
+def _int(minimum: int, maximum: int | None = MAX_INTEGER) -> Parser:
     def parse(key: str, value: Any) -> int:
         if isinstance(value, str):
             try:
@@ -92,13 +103,15 @@ def _int(minimum: int) -> Parser:
                 raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: expected an integer ≤ {maximum}, got {value!r}")
         return value
 
     return parse
 
 
 def _port(key: str, value: Any) -> int:
-    port: int = _int(1)(key, value)
+    port: int = _int(1, maximum=None)(key, value)
     if port > 65535:
         raise ConfigError(f"{key}: not a port number: {port}")
     return port
@@ -106,14 +119,22 @@ def _port(key: str, value: Any) -> int:
 
 def _float(minimum: float) -> Parser:
     def parse(key: str, value: Any) -> float:
+        given = value
         if isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise ConfigError(f"{key}: expected a number ≥ {minimum}, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        # NaN and infinity would pass a comparison check and break timers later.
+        if not math.isfinite(number) or number < minimum:
+            raise ConfigError(f"{key}: expected a finite number ≥ {minimum}, got {given!r}")
+        return number
 
     return parse
 
@@ -133,15 +154,17 @@ def _bool(key: str, value: Any) -> bool:
 def _duration(key: str, value: Any) -> timedelta:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            if value < 0:
+                raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
+            return _bounded(value, value)
+        if isinstance(value, str):
             return parse_duration(value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{key}: {exc}") from None
     raise ConfigError(f"{key}: expected a duration, got {value!r}")
 
 

@@ -83,7 +83,11 @@ def test_bad_configuration_names_the_key(cli: CLI) -> None:
 
 
 def test_bad_store_url(cli: CLI) -> None:
-    assert_one_line_error(cli("--store", "mysql://x/y", "queue"), 78, "mysql://x/y")
+    cli.env["MAILSTROM_STORE"] = "mysql://x/y"  # configuration: 78
+    assert_one_line_error(cli("queue"), 78, "mysql://x/y")
+    option = cli("--store", "mysql://x/y", "queue")  # the command line: 64 (hardening #12)
+    assert option.code == 64
+    assert option.err_lines[-1].startswith("mailstrom: argument --store: unknown store URL")
 
 
 def test_usage_errors_exit_64(cli: CLI) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from mailstrom.cli.exits import UsageError
+from mailstrom.errors import ConfigError
 from mailstrom.settings import Settings, load_settings, parse_dns_servers
 from mailstrom.stores.base import Store
 
@@ -24,16 +26,27 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     Defaults are SUPPRESS so that a value given before the subcommand is not overwritten
     by the subparser's default when it is not repeated after it.
     """
+    from mailstrom.cli.parsing import dns_server_arg, helo_arg, setting_arg, store_arg
+
     s = argparse.SUPPRESS
     g = parser.add_argument_group("configuration (override the file and MAILSTROM_* variables)")
     g.add_argument("--config", metavar="PATH", default=s, help="TOML configuration file")
-    g.add_argument("--store", metavar="URL", default=s, help=_store_help())
-    g.add_argument("--helo-name", metavar="NAME", default=s, help="name sent in EHLO")
-    g.add_argument("--smtp-port", metavar="PORT", default=s, help="port of MX hosts (25)")
+    g.add_argument("--store", metavar="URL", type=store_arg, default=s, help=_store_help())
+    g.add_argument(
+        "--helo-name", metavar="NAME", type=helo_arg, default=s, help="name sent in EHLO"
+    )
+    g.add_argument(
+        "--smtp-port",
+        metavar="PORT",
+        type=setting_arg("smtp_port", "--smtp-port"),
+        default=s,
+        help="port of MX hosts (25)",
+    )
     g.add_argument(
         "--dns-server",
         metavar="HOST[:PORT]",
         action="append",
+        type=dns_server_arg,
         default=s,
         help="DNS server for MX lookups (repeatable; default: the system's)",
     )
@@ -44,7 +57,11 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         help="STARTTLS policy towards MX hosts",
     )
     g.add_argument(
-        "--tls-ca", metavar="FILE", default=s, help="PEM CA bundle for certificate checks"
+        "--tls-ca",
+        metavar="FILE",
+        type=setting_arg("tls_ca", "--tls-ca"),
+        default=s,
+        help="PEM CA bundle for certificate checks",
     )
     g.add_argument(
         "--traceback",
@@ -86,7 +103,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     servers = getattr(args, "dns_server", None)
     if servers:
-        overrides.update(parse_dns_servers(servers))
+        try:
+            overrides.update(parse_dns_servers(servers))
+        except ConfigError as exc:  # e.g. two ports: the command line is wrong
+            raise UsageError(str(exc)) from None
     return load_settings(config_path=getattr(args, "config", None), overrides=overrides)
 
 

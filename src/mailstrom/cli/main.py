@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EX_OK
+    except Exception as exc:  # a bug in parsing: still one line, not a traceback
+        return fail(exc)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -12,7 +12,7 @@ from mailstrom.cli.context import open_store, settings_from
 from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores.base import RecipientResult
@@ -43,7 +43,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--once", action="store_true", help="exit when nothing is due")
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=seconds_arg,
         default=30.0,
         metavar="S",
         help="seconds in-flight deliveries get to finish on stop (default 30)",
