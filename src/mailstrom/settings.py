@@ -36,7 +36,7 @@ from typing import Any
 from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
-from mailstrom.stores.url import default_store_url
+from mailstrom.stores.url import default_store_url, redact_url
 
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
@@ -47,7 +47,7 @@ SYSTEM_CONFIG_PATH = Path("/etc/mailstrom/config.toml")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """What the command line runs with."""
+    """What the command line runs with. Its ``repr`` shows no secret."""
 
     config: Config
     store_url: str
@@ -55,6 +55,18 @@ class Settings:
     """The TOML file that was read, if any."""
     values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The merged raw values by dotted key (for ``mailstrom config``)."""
+    warnings: tuple[str, ...] = ()
+    """Problems worth telling the user that do not stop the command (the CLI prints them)."""
+
+    def __repr__(self) -> str:
+        values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
+        if isinstance(values.get("store"), str):
+            values["store"] = redact_url(values["store"])
+        return (
+            f"Settings(config={self.config!r}, store_url={redact_url(self.store_url)!r}, "
+            f"config_file={self.config_file!r}, values={values!r}, "
+            f"warnings={self.warnings!r})"
+        )
 
 
 # --- value parsers: each takes a TOML value or an environment string -------------------
@@ -247,7 +259,11 @@ KEYS: dict[str, Parser] = {
     "relay.username": _str,
     "relay.password": _str,
     "relay.verify": _bool,
+    "relay.allow_plaintext_auth": _bool,
 }
+
+SECRET_KEYS = frozenset(["relay.password"])
+"""Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
 
@@ -353,21 +369,59 @@ def load_settings(
         config_file = next((p for p in candidates if p.is_file()), None)
 
     values: dict[str, Any] = {}
+    warnings: list[str] = []
     if config_file is not None:
-        values.update(read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        warnings.extend(_exposed_secrets(config_file, from_file))
+        values.update(from_file)
     values.update(read_env(env))
     for key, value in (overrides or {}).items():
         if key not in KEYS:
             raise ConfigError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
-    parsed = {key: KEYS[key](key, value) for key, value in values.items()}
+    parsed = {key: _parse(key, value) for key, value in values.items()}
     return Settings(
         config=build_config(parsed),
         store_url=parsed["store"] if "store" in parsed else default_store_url(env),
         config_file=config_file,
         values=values,
+        warnings=tuple(warnings),
     )
+
+
+def _parse(key: str, value: Any) -> Any:
+    """One value through its key's parser; a secret's value never reaches the message."""
+    if key not in SECRET_KEYS:
+        return KEYS[key](key, value)
+    try:
+        return KEYS[key](key, value)
+    except ConfigError:
+        raise ConfigError(
+            f"{key}: expected a non-empty string (the value is secret, so it is not shown; "
+            "quote it in the file)"
+        ) from None
+
+
+def _exposed_secrets(path: Path, document: Mapping[str, Any]) -> list[str]:
+    """A warning when the file at ``path`` (holding ``document``) has a password and other
+    users can read it: as ssh does for private keys, any access for group or others is
+    too open."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return []
+    store = document.get("store")
+    holds_secret = any(k in document for k in SECRET_KEYS) or (
+        isinstance(store, str) and redact_url(store) != store
+    )
+    if not holds_secret or not mode & 0o077:
+        return []
+    return [
+        f"{path} holds a password and other users can access it (mode {mode:04o}); "
+        f"chmod 600 it, or give the password in the environment "
+        f"({env_name('relay.password')}, or the store URL in {env_name('store')})"
+    ]
 
 
 def build_config(parsed: Mapping[str, Any]) -> Config:

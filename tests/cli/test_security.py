@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.stores.url import default_store_path
 from tests.cli.conftest import CLI
 
@@ -155,3 +158,163 @@ def test_sendmail_reads_only_fixed_configuration(cli: CLI) -> None:
     cli.env["MAILSTROM_CONFIG"] = str(cli.cwd / ".config" / "mailstrom" / "config.toml")
     assert cli("sendmail", "-i", "bob@example.test", stdin=MESSAGE).code == 65
     assert len(cli.queue_ids()) == 1
+
+
+# --- 14: secrets ---------------------------------------------------------------------------
+
+SECRET = "hunter2-s3cret"
+
+
+def test_plaintext_auth_needs_an_explicit_setting(tmp_path: Path) -> None:
+    """Hardening #14: relay.tls = none with a username is a ConfigError at load time;
+    relay.allow_plaintext_auth = true allows it."""
+    from mailstrom.errors import ConfigError
+    from mailstrom.settings import load_settings
+
+    env = {
+        "MAILSTROM_RELAY_HOST": "smtp.example.net",
+        "MAILSTROM_RELAY_TLS": "none",
+        "MAILSTROM_RELAY_USERNAME": "app",
+        "MAILSTROM_RELAY_PASSWORD": SECRET,
+    }
+    with pytest.raises(ConfigError, match="cleartext") as info:
+        load_settings(env=env, search=False)
+    assert SECRET not in str(info.value)
+    env["MAILSTROM_RELAY_ALLOW_PLAINTEXT_AUTH"] = "true"
+    relay = load_settings(env=env, search=False).config.relay
+    assert relay is not None
+    assert relay.allow_plaintext_auth
+
+
+def test_plaintext_auth_through_the_command_exits_78(cli: CLI) -> None:
+    """Hardening #14: the command refuses such a configuration (exit 78)."""
+    cli.env.update(
+        MAILSTROM_RELAY_HOST="smtp.example.net",
+        MAILSTROM_RELAY_TLS="none",
+        MAILSTROM_RELAY_USERNAME="app",
+        MAILSTROM_RELAY_PASSWORD=SECRET,
+    )
+    result = cli("worker", "--once", "--no-live")
+    assert result.code == 78
+    assert "allow_plaintext_auth" in result.err
+    assert SECRET not in result.err
+
+
+@pytest.mark.parametrize("value", ["12345678", "true", "[1, 2]", '""'])
+def test_a_bad_password_value_is_not_echoed(cli: CLI, value: str) -> None:
+    """Hardening #14: a password of the wrong type is reported without its value."""
+    config = cli.cwd / "c.toml"
+    config.write_text(f'[relay]\nhost = "smtp.example.net"\npassword = {value}\n')
+    config.chmod(0o600)
+    result = cli("--config", str(config), "queue")
+    assert result.code == 78
+    assert "relay.password" in result.err
+    assert value not in result.err.replace("mailstrom", "")
+
+
+def test_settings_repr_hides_secrets(tmp_path: Path) -> None:
+    """Hardening #14: repr(Settings) shows neither the relay password nor a URL password."""
+    from mailstrom.settings import load_settings
+
+    env = {
+        "MAILSTROM_RELAY_HOST": "smtp.example.net",
+        "MAILSTROM_RELAY_USERNAME": "app",
+        "MAILSTROM_RELAY_PASSWORD": SECRET,
+        "MAILSTROM_STORE": f"postgresql://app:{SECRET}@db.internal/mail",
+    }
+    text = repr(load_settings(env=env, search=False))
+    assert SECRET not in text
+    assert "postgresql://app:***@db.internal/mail" in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"sqlite://app:{SECRET}@db.internal/queue.db",
+        f"redis://db.internal/0?password={SECRET}",
+        f"mysql://app:{SECRET}@db.internal/mail",
+    ],
+)
+def test_store_url_errors_do_not_print_the_password(cli: CLI, url: str) -> None:
+    """Hardening #14: an invalid store URL is quoted with its password as ***."""
+    cli.env["MAILSTROM_STORE"] = url
+    from_env = cli("queue")
+    assert from_env.code == 78
+    assert SECRET not in from_env.err
+    assert "***" in from_env.err
+    option = cli("--store", url, "queue")
+    assert option.code == 64
+    assert SECRET not in option.err
+    unknown = cli("queue", f"--unknown={url}")  # argparse quotes what it does not know
+    assert unknown.code == 64
+    assert SECRET not in unknown.err
+
+
+def test_errors_that_quote_a_url_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    """Hardening #14: every error line goes through the one redaction (e.g. a driver's
+    message quoting the connection URL)."""
+    from mailstrom.cli.exits import fail
+    from mailstrom.errors import StoreError
+
+    code = fail(StoreError(f"cannot connect to postgresql://app:{SECRET}@db.internal/mail"))
+    assert code == 75
+    err = capsys.readouterr().err
+    assert SECRET not in err
+    assert "postgresql://app:***@db.internal/mail" in err
+
+
+def test_logged_exceptions_are_redacted() -> None:
+    """Hardening #14: an exception logged by the worker (key=value or JSON) that quotes a
+    store URL shows its password as ***."""
+    url = f"postgresql://app:{SECRET}@db.internal/mail?sslpassword={SECRET}"
+    try:
+        raise RuntimeError(f"lost {url}")
+    except RuntimeError:
+        record = logging.LogRecord("mailstrom.worker", 40, "", 0, "died", (), sys.exc_info())
+    for formatter in (KeyValueFormatter(), JSONFormatter()):
+        line = formatter.format(record)
+        assert SECRET not in line
+        assert "postgresql://app:***@db.internal/mail" in line
+
+
+@pytest.mark.parametrize(("file_mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_readable_config_file_with_a_password_is_warned_about(
+    cli: CLI, file_mode: int, warned: bool
+) -> None:
+    """Hardening #14: a config file holding a password that others can access gets a
+    warning on stderr, as ssh does for private keys; the command still runs."""
+    config = cli.cwd / "c.toml"
+    config.write_text(
+        f'[relay]\nhost = "smtp.example.net"\nusername = "app"\npassword = "{SECRET}"\n'
+    )
+    config.chmod(file_mode)
+    result = cli("--config", str(config), "queue")
+    assert result.code == 0, result.err
+    assert SECRET not in result.err
+    if warned:
+        assert result.err_lines == [
+            f"mailstrom: warning: {config} holds a password and other users can access it "
+            f"(mode {file_mode:04o}); chmod 600 it, or give the password in the environment "
+            "(MAILSTROM_RELAY_PASSWORD, or the store URL in MAILSTROM_STORE)"
+        ]
+    else:
+        assert result.err == ""
+
+
+def test_a_readable_config_file_without_a_password_is_fine(cli: CLI) -> None:
+    """Hardening #14: no warning for a world-readable file with no secret in it."""
+    config = cli.cwd / "c.toml"
+    config.write_text('helo_name = "client.test"\nstore = "sqlite:///queue.db"\n')
+    config.chmod(0o644)
+    assert cli("--config", str(config), "queue").err == ""
+
+
+def test_a_store_url_password_in_a_readable_file_is_warned_about(cli: CLI) -> None:
+    """Hardening #14: a password inside the store URL counts as a password in the file."""
+    config = cli.cwd / "c.toml"
+    config.write_text(f'store = "postgresql://app:{SECRET}@db.internal/mail"\n')
+    config.chmod(0o604)
+    result = cli("--config", str(config), "queue")  # MAILSTROM_STORE still wins
+    assert result.code == 0, result.err
+    assert result.err_lines[0].startswith(f"mailstrom: warning: {config} holds a password")
+    assert SECRET not in result.err

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mailstrom.cli import sendmail
-from mailstrom.cli.db import redact
 from mailstrom.cli.exits import EX_NOINPUT, CLIError, UsageError
 from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.cli.main import _split_sendmail, build_parser
@@ -129,6 +128,8 @@ def test_split_sendmail() -> None:
 
 
 def test_redact() -> None:
+    from mailstrom.stores.url import redact_url as redact
+
     assert redact("postgresql://u:secret@db/m") == "postgresql://u:***@db/m"
     assert redact("postgresql://u@db/m") == "postgresql://u@db/m"
     assert redact("sqlite:///q.db") == "sqlite:///q.db"

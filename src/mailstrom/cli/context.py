@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -107,7 +108,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
             overrides.update(parse_dns_servers(servers))
         except ConfigError as exc:  # e.g. two ports: the command line is wrong
             raise UsageError(str(exc)) from None
-    return load_settings(config_path=getattr(args, "config", None), overrides=overrides)
+    return report(load_settings(config_path=getattr(args, "config", None), overrides=overrides))
+
+
+def report(settings: Settings) -> Settings:
+    """Print the settings' warnings on stderr (e.g. a password in a file others can read)."""
+    for warning in settings.warnings:
+        sys.stderr.write(f"mailstrom: warning: {warning}\n")
+    return settings
 
 
 def open_store(url: str, *, read_only: bool = False) -> Store:

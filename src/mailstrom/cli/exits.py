@@ -76,14 +76,16 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def reason_for(exc: BaseException) -> str:
-    """One line saying what went wrong."""
+    """One line saying what went wrong (a password in a URL it quotes shown as ``***``)."""
+    from mailstrom.stores.url import redact_url
+
     if isinstance(exc, UnknownMessage):
         return f"unknown message id: {exc.message_id}"
     if isinstance(exc, MailstromError):
         text = str(exc)
     else:
         text = f"internal error: {type(exc).__name__}: {exc}"
-    return " ".join(text.split()) or type(exc).__name__
+    return redact_url(" ".join(text.split())) or type(exc).__name__
 
 
 def fail(exc: BaseException, prog: str = "mailstrom") -> int:

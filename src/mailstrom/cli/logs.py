@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from mailstrom.stores.url import redact_url
+
 
 def _timestamp(record: logging.LogRecord) -> str:
     moment = datetime.fromtimestamp(record.created, UTC)
@@ -51,7 +53,7 @@ class KeyValueFormatter(logging.Formatter):
         pairs.update((k, v) for k, v in _fields(record).items() if v is not None)
         line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
         if record.exc_info:
-            line += " exc=" + _logfmt_value(self.formatException(record.exc_info))
+            line += " exc=" + _logfmt_value(redact_url(self.formatException(record.exc_info)))
         return line
 
 
@@ -67,7 +69,7 @@ class JSONFormatter(logging.Formatter):
         }
         obj.update((k, v) for k, v in _fields(record).items() if v is not None)
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = redact_url(self.formatException(record.exc_info))
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 

@@ -14,7 +14,7 @@ from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
-from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail
+from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UsageError as exc:
         sys.stderr.write(exc.usage)
-        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EX_OK

@@ -25,8 +25,16 @@ from email.policy import compat32
 from email.utils import formataddr, getaddresses
 from typing import BinaryIO
 
-from mailstrom.cli.context import store_from, utc_now
-from mailstrom.cli.exits import EX_NOINPUT, EX_OK, EX_USAGE, CLIError, UsageError, fail
+from mailstrom.cli.context import report, store_from, utc_now
+from mailstrom.cli.exits import (
+    EX_NOINPUT,
+    EX_OK,
+    EX_USAGE,
+    CLIError,
+    UsageError,
+    fail,
+    reason_for,
+)
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -214,7 +222,7 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
             return EX_OK
         return _enqueue(args)
     except UsageError as exc:
-        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
     except Exception as exc:
         return fail(exc)
@@ -244,7 +252,7 @@ def _enqueue(args: SendmailArgs) -> int:
 def sendmail_settings() -> Settings:
     """The configuration of the sendmail personality: ``$MAILSTROM_CONFIG`` or
     :data:`~mailstrom.settings.SYSTEM_CONFIG_PATH`, then ``MAILSTROM_*`` variables."""
-    return load_settings(paths=[SYSTEM_CONFIG_PATH])
+    return report(load_settings(paths=[SYSTEM_CONFIG_PATH]))
 
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:

@@ -16,6 +16,7 @@ from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.url import redact_url
 
 EPILOG = """\
 examples:
@@ -81,7 +82,7 @@ def worker_command(args: argparse.Namespace) -> int:
         def on_started() -> None:
             # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.
             logging.getLogger("mailstrom.worker").info(
-                "worker started", extra={"fields": {"store": _safe_url(settings.store_url)}}
+                "worker started", extra={"fields": {"store": redact_url(settings.store_url)}}
             )
 
         if live:
@@ -113,9 +114,3 @@ def worker_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EX_OK
-
-
-def _safe_url(url: str) -> str:
-    from mailstrom.cli.db import redact
-
-    return redact(url)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +27,25 @@ from pathlib import Path
 
 from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.stores.base import Store
+
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/?#\s]*@")
+_PASSWORD_PARAMETER = re.compile(r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+)")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with every password in it replaced by ``***``: in URLs' userinfo
+    (``postgresql://user:secret@host``) and in ``password=`` or ``sslpassword=`` parameters
+    (of URLs or libpq conninfo strings). The one place mailstrom hides secrets in store URLs
+    and in messages that may quote them, before anything is printed or logged.
+
+    >>> redact_url("postgresql://app:s3cret@db/mail?sslmode=require&password=x")
+    'postgresql://app:***@db/mail?sslmode=require&password=***'
+    >>> redact_url("sqlite:////var/spool/mailstrom/queue.db")
+    'sqlite:////var/spool/mailstrom/queue.db'
+    """
+    text = _USERINFO_PASSWORD.sub(r"\g<head>:***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\g<head>***", text)
+
 
 SYSTEM_STORE_PATH = Path("/var/spool/mailstrom/queue.db")
 """The default store of root (the system's queue, where Postfix keeps /var/spool/postfix)."""
@@ -118,24 +138,24 @@ def parse_store_url(url: str) -> StoreURL:
     scheme = scheme.lower()
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
-            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {url!r}")
+            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {redact_url(url)!r}")
         return StoreURL(kind=StoreKind.POSTGRES, target=text)
     if sep and scheme == "sqlite":
         if not rest.startswith("/"):
             raise InvalidStoreURL(
                 f"SQLite URLs have no host: use sqlite:///relative.db or "
-                f"sqlite:////absolute/path.db, not {url!r}"
+                f"sqlite:////absolute/path.db, not {redact_url(url)!r}"
             )
         # sqlite:///x → "x" (relative); sqlite:////x → "/x" (absolute).
         path = rest[1:]
         if not path or path.endswith("/") or path == ":memory:":
-            raise InvalidStoreURL(f"SQLite URL names no database file: {url!r}")
+            raise InvalidStoreURL(f"SQLite URL names no database file: {redact_url(url)!r}")
         return StoreURL(kind=StoreKind.SQLITE, target=path)
     if not sep and ":" not in text.partition("/")[0] and text.lower().endswith(_SQLITE_SUFFIXES):
         return StoreURL(kind=StoreKind.SQLITE, target=text)
     raise InvalidStoreURL(
-        f"unknown store URL {url!r}: expected memory:, sqlite:///path.db, a *.db file "
-        "path, or postgresql://..."
+        f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:///path.db, a *.db "
+        "file path, or postgresql://..."
     )
 
 
