@@ -5,7 +5,13 @@
 >>> with Mailstrom(Config(helo_name="mail.example.com"), store=SQLiteStore("mail.db")) as ms:
 ...     mid = ms.send_email(Email(from_="app@example.com", to=["bob@example.org"], text="Hi"))
 ...     print(ms.query_status(mid).state)  # doctest: +SKIP
+
+mailstrom logs on the ``mailstrom`` logger and its children (``mailstrom.attempts``: one
+record per delivery attempt) and, as a library, prints nothing unless the application
+configures logging.
 """
+
+import logging as _logging
 
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
@@ -82,3 +88,7 @@ __all__ = [
     "downgrade_to_7bit",
     "prepare",
 ]
+
+# A library must not print through logging's last-resort handler when the application has
+# not configured logging (it would write a bare line per deferred attempt on stderr).
+_logging.getLogger("mailstrom").addHandler(_logging.NullHandler())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
@@ -76,7 +76,19 @@ class DNSConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
-    """Send everything through one smarthost instead of MX lookup."""
+    """Send everything through one smarthost instead of MX lookup.
+
+    With a ``username`` the worker authenticates (AUTH PLAIN or LOGIN: the password itself
+    goes over the wire), so ``tls=RelayTLS.NONE`` with a username is refused unless
+    ``allow_plaintext_auth`` says it is meant. The default is Postfix's hardened pair
+    ``smtp_sasl_security_options = noplaintext, noanonymous`` with
+    ``smtp_sasl_tls_security_options = noanonymous``: plaintext mechanisms only over TLS.
+    The password never appears in ``repr``.
+
+    >>> RelayConfig(host="smtp.example.net", username="app", password="s3cret")
+    RelayConfig(host='smtp.example.net', port=587, tls=<RelayTLS.STARTTLS: 'starttls'>, \
+username='app', password='***', verify=True, allow_plaintext_auth=False)
+    """
 
     host: str
     port: int = 587
@@ -84,6 +96,32 @@ class RelayConfig:
     username: str | None = None
     password: str | None = None
     verify: bool = True
+    allow_plaintext_auth: bool = False
+    """Allow AUTH over a connection without TLS (``tls=NONE``), e.g. to a relay on the same
+    host or a trusted private link: anyone who can see the traffic then reads the
+    password."""
+
+    def __post_init__(self) -> None:
+        if (
+            self.username is not None
+            and self.tls is RelayTLS.NONE
+            and not self.allow_plaintext_auth
+        ):
+            raise ConfigError(
+                "relay: a username with relay.tls = none would send the password in "
+                "cleartext; use starttls or implicit, or set relay.allow_plaintext_auth = "
+                "true if that is really meant"
+            )
+
+    def __repr__(self) -> str:
+        # The password is a secret: its presence is shown, never its value.
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "password" and value is not None:
+                value = "***"
+            parts.append(f"{f.name}={value!r}")
+        return f"RelayConfig({', '.join(parts)})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,19 +8,26 @@ TOML file a dotted key is a table entry (``[dns]`` / ``port = 53``); in the envi
 Unknown keys and bad values raise :class:`~mailstrom.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default.
 
->>> s = load_settings(env={"MAILSTROM_SMTP_PORT": "2525"}, search=False)
->>> s.config.smtp_port, s.store_url
-(2525, 'sqlite:///mailstrom.db')
+Without a ``store`` setting the queue is :func:`~mailstrom.stores.url.default_store_path`:
+``/var/spool/mailstrom/queue.db`` for root, ``$XDG_STATE_HOME/mailstrom/queue.db`` (by
+default ``~/.local/state/mailstrom/queue.db``) for anyone else — never a file in the
+working directory.
+
+>>> s = load_settings(env={"MAILSTROM_SMTP_PORT": "2525", "HOME": "/home/ann"}, search=False)
+>>> s.config.smtp_port, s.store_url == default_store_url({"HOME": "/home/ann"})
+(2525, True)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import pwd
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,16 +44,18 @@ from mailstrom.config import (
 )
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.stores.url import default_store_url, redact_url
 
-DEFAULT_STORE_URL = "sqlite:///mailstrom.db"
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
 """Names the configuration file, like ``--config`` (not a setting itself)."""
+SYSTEM_CONFIG_PATH = Path("/etc/mailstrom/config.toml")
+"""The system's configuration file; the only one the sendmail drop-in searches."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """What the command line runs with."""
+    """What the command line runs with. Its ``repr`` shows no secret."""
 
     config: Config
     store_url: str
@@ -54,6 +63,18 @@ class Settings:
     """The TOML file that was read, if any."""
     values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The merged raw values by dotted key (for ``mailstrom config``)."""
+    warnings: tuple[str, ...] = ()
+    """Problems worth telling the user that do not stop the command (the CLI prints them)."""
+
+    def __repr__(self) -> str:
+        values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
+        if isinstance(values.get("store"), str):
+            values["store"] = redact_url(values["store"])
+        return (
+            f"Settings(config={self.config!r}, store_url={redact_url(self.store_url)!r}, "
+            f"config_file={self.config_file!r}, values={values!r}, "
+            f"warnings={self.warnings!r})"
+        )
 
 
 # --- value parsers: each takes a TOML value or an environment string -------------------
@@ -62,6 +83,10 @@ Parser = Callable[[str, Any], Any]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = timedelta(days=36525)
+"""The longest duration accepted (100 years): longer ones overflow date arithmetic."""
+MAX_INTEGER = 2**63 - 1
+"""The largest integer setting: what SQLite and PostgreSQL store in a bigint."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -74,7 +99,13 @@ def parse_duration(text: str) -> timedelta:
     if match is None:
         raise ValueError(f"not a duration (like 30s, 15m, 2h, 3d): {text!r}")
     number, unit = match.groups()
-    return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+    return _bounded(float(number) * _UNIT_SECONDS[unit or "s"], text)
+
+
+def _bounded(seconds: float, given: object) -> timedelta:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"not a duration of at most 100 years: {given!r}")
+    return timedelta(seconds=seconds)
 
 
 def _str(key: str, value: Any) -> str:
@@ -83,7 +114,7 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
-def _int(minimum: int) -> Parser:
+def _int(minimum: int, maximum: int | None = MAX_INTEGER) -> Parser:
     def parse(key: str, value: Any) -> int:
         if isinstance(value, str):
             try:
@@ -92,13 +123,15 @@ def _int(minimum: int) -> Parser:
                 raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: expected an integer ≤ {maximum}, got {value!r}")
         return value
 
     return parse
 
 
 def _port(key: str, value: Any) -> int:
-    port: int = _int(1)(key, value)
+    port: int = _int(1, maximum=None)(key, value)
     if port > 65535:
         raise ConfigError(f"{key}: not a port number: {port}")
     return port
@@ -106,14 +139,22 @@ def _port(key: str, value: Any) -> int:
 
 def _float(minimum: float) -> Parser:
     def parse(key: str, value: Any) -> float:
+        given = value
         if isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise ConfigError(f"{key}: expected a number ≥ {minimum}, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        # NaN and infinity would pass a comparison check and break timers later.
+        if not math.isfinite(number) or number < minimum:
+            raise ConfigError(f"{key}: expected a finite number ≥ {minimum}, got {given!r}")
+        return number
 
     return parse
 
@@ -133,15 +174,17 @@ def _bool(key: str, value: Any) -> bool:
 def _duration(key: str, value: Any) -> timedelta:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            if value < 0:
+                raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
+            return _bounded(value, value)
+        if isinstance(value, str):
             return parse_duration(value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{key}: {exc}") from None
     raise ConfigError(f"{key}: expected a duration, got {value!r}")
 
 
@@ -228,7 +271,11 @@ KEYS: dict[str, Parser] = {
     "relay.username": _str,
     "relay.password": _str,
     "relay.verify": _bool,
+    "relay.allow_plaintext_auth": _bool,
 }
+
+SECRET_KEYS = frozenset(["relay.password"])
+"""Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
 
@@ -244,14 +291,33 @@ _ENV_KEYS = {env_name(key): key for key in KEYS}
 # --- the layers --------------------------------------------------------------------------
 
 
-def default_config_paths(env: Mapping[str, str], cwd: Path) -> list[Path]:
-    """Where a configuration file is looked for when none is named, first found wins."""
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or "~", ".config")
-    return [
-        cwd / "mailstrom.toml",
-        Path(xdg).expanduser() / "mailstrom" / "config.toml",
-        Path("/etc/mailstrom/config.toml"),
-    ]
+def default_config_paths(env: Mapping[str, str]) -> list[Path]:
+    """Where the ``mailstrom`` command looks for a configuration file when none is named,
+    first found wins: ``$XDG_CONFIG_HOME/mailstrom/config.toml`` (by default
+    ``~/.config/...``), then :data:`SYSTEM_CONFIG_PATH`.
+
+    Never the working directory: whoever can write where a program runs would choose the
+    store and the relay. A relative ``XDG_CONFIG_HOME`` or ``HOME`` is ignored for the same
+    reason (and because the XDG specification says to).
+    """
+    paths = [SYSTEM_CONFIG_PATH]
+    home = _user_config_home(env)
+    if home is not None:
+        paths.insert(0, home / "mailstrom" / "config.toml")
+    return paths
+
+
+def _user_config_home(env: Mapping[str, str]) -> Path | None:
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg)
+    home = env.get("HOME", "")
+    if not os.path.isabs(home):
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:
+            return None
+    return Path(home) / ".config" if os.path.isabs(home) else None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -294,16 +360,16 @@ def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
-    cwd: Path | None = None,
     search: bool = True,
+    paths: Sequence[Path] | None = None,
 ) -> Settings:
     """Merge file < environment < ``overrides`` (dotted keys, e.g. from options).
 
     ``config_path`` (or ``$MAILSTROM_CONFIG``) names the file, which must then exist;
-    otherwise the :func:`default_config_paths` are searched when ``search`` is true.
+    otherwise, when ``search`` is true, the first existing file of ``paths`` is read
+    (default: :func:`default_config_paths`).
     """
     env = os.environ if env is None else env
-    cwd = Path.cwd() if cwd is None else cwd
     named = config_path if config_path is not None else env.get(CONFIG_PATH_ENV)
     config_file: Path | None = None
     if named:
@@ -311,24 +377,63 @@ def load_settings(
         if not config_file.is_file():
             raise ConfigError(f"config file not found: {config_file}")
     elif search:
-        config_file = next((p for p in default_config_paths(env, cwd) if p.is_file()), None)
+        candidates = default_config_paths(env) if paths is None else paths
+        config_file = next((p for p in candidates if p.is_file()), None)
 
     values: dict[str, Any] = {}
+    warnings: list[str] = []
     if config_file is not None:
-        values.update(read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        warnings.extend(_exposed_secrets(config_file, from_file))
+        values.update(from_file)
     values.update(read_env(env))
     for key, value in (overrides or {}).items():
         if key not in KEYS:
             raise ConfigError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
-    parsed = {key: KEYS[key](key, value) for key, value in values.items()}
+    parsed = {key: _parse(key, value) for key, value in values.items()}
     return Settings(
         config=build_config(parsed),
-        store_url=parsed.get("store", DEFAULT_STORE_URL),
+        store_url=parsed["store"] if "store" in parsed else default_store_url(env),
         config_file=config_file,
         values=values,
+        warnings=tuple(warnings),
     )
+
+
+def _parse(key: str, value: Any) -> Any:
+    """One value through its key's parser; a secret's value never reaches the message."""
+    if key not in SECRET_KEYS:
+        return KEYS[key](key, value)
+    try:
+        return KEYS[key](key, value)
+    except ConfigError:
+        raise ConfigError(
+            f"{key}: expected a non-empty string (the value is secret, so it is not shown; "
+            "quote it in the file)"
+        ) from None
+
+
+def _exposed_secrets(path: Path, document: Mapping[str, Any]) -> list[str]:
+    """A warning when the file at ``path`` (holding ``document``) has a password and other
+    users can read it: as ssh does for private keys, any access for group or others is
+    too open."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return []
+    store = document.get("store")
+    holds_secret = any(k in document for k in SECRET_KEYS) or (
+        isinstance(store, str) and redact_url(store) != store
+    )
+    if not holds_secret or not mode & 0o077:
+        return []
+    return [
+        f"{path} holds a password and other users can access it (mode {mode:04o}); "
+        f"chmod 600 it, or give the password in the environment "
+        f"({env_name('relay.password')}, or the store URL in {env_name('store')})"
+    ]
 
 
 def build_config(parsed: Mapping[str, Any]) -> Config:

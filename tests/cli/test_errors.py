@@ -78,12 +78,16 @@ def test_bad_configuration_names_the_key(cli: CLI) -> None:
     cli.env["MAILSTROM_SMTP_PROT"] = "25"
     assert_one_line_error(cli("queue"), 78, "MAILSTROM_SMTP_PROT")
     del cli.env["MAILSTROM_SMTP_PROT"]
-    (cli.cwd / "mailstrom.toml").write_text("[dns]\nnameserver = '127.0.0.1'\n")
-    assert_one_line_error(cli("queue"), 78, "dns.nameserver")
+    (cli.cwd / "bad.toml").write_text("[dns]\nnameserver = '127.0.0.1'\n")
+    assert_one_line_error(cli("queue", "--config", "bad.toml"), 78, "dns.nameserver")
 
 
 def test_bad_store_url(cli: CLI) -> None:
-    assert_one_line_error(cli("--store", "mysql://x/y", "queue"), 78, "mysql://x/y")
+    cli.env["MAILSTROM_STORE"] = "mysql://x/y"  # configuration: 78
+    assert_one_line_error(cli("queue"), 78, "mysql://x/y")
+    option = cli("--store", "mysql://x/y", "queue")  # the command line: 64 (hardening #12)
+    assert option.code == 64
+    assert option.err_lines[-1].startswith("mailstrom: argument --store: unknown store URL")
 
 
 def test_usage_errors_exit_64(cli: CLI) -> None:
@@ -103,8 +107,11 @@ def test_config_file_option_and_precedence(cli: CLI) -> None:
     cli.env["MAILSTROM_STORE"] = "sqlite:///from-env.db"
     cli.ok("send", "--config", "other.toml", "--from", "a@client.test", "--to", "b@x.test")
     assert (cli.cwd / "from-env.db").exists()
-    cli.ok("queue", "--config", "other.toml", "--store", "sqlite:///from-option.db")
+    # (queue only reads: it never creates a store, so a command that writes shows the choice.)
+    args = ["--config", "other.toml", "--store", "sqlite:///from-option.db"]
+    cli.ok("send", *args, "--from", "a@client.test", "--to", "b@x.test")
     assert (cli.cwd / "from-option.db").exists()
+    assert len(cli.ok("queue", "--json", *args).json()) == 1
     missing = cli("--config", "absent.toml", "queue")
     assert_one_line_error(missing, 78, "absent.toml")
 

@@ -12,13 +12,14 @@ import trustme
 from mailstrom.config import RelayTLS, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.settings import (
-    DEFAULT_STORE_URL,
     KEYS,
+    default_config_paths,
     env_name,
     load_settings,
     parse_dns_servers,
     parse_duration,
 )
+from mailstrom.stores.url import default_store_url
 
 FILE = """
 store = "sqlite:///from-file.db"
@@ -47,8 +48,8 @@ def config_file(tmp_path: Path) -> Path:
 
 
 def test_defaults_without_file_or_env(tmp_path: Path) -> None:
-    s = load_settings(env={}, cwd=tmp_path, search=False)
-    assert s.store_url == DEFAULT_STORE_URL
+    s = load_settings(env={}, search=False)
+    assert s.store_url == default_store_url({})
     assert s.config.smtp_port == 25
     assert s.config.tls is TLSPolicy.OPPORTUNISTIC
     assert s.config.relay is None
@@ -89,23 +90,27 @@ def test_none_override_does_not_mask_lower_layers(config_file: Path) -> None:
     assert s.config.helo_name == "file.example"
 
 
-def test_default_locations_first_found(tmp_path: Path, config_file: Path) -> None:
+def test_default_locations_first_found(
+    tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     xdg = tmp_path / "xdg"
     (xdg / "mailstrom").mkdir(parents=True)
     (xdg / "mailstrom" / "config.toml").write_text('helo_name = "xdg.example"\n')
     env = {"XDG_CONFIG_HOME": str(xdg)}
-    # ./mailstrom.toml (config_file lives in tmp_path) comes first...
-    assert load_settings(env=env, cwd=tmp_path).config.helo_name == "file.example"
-    # ...then $XDG_CONFIG_HOME/mailstrom/config.toml.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    s = load_settings(env=env, cwd=elsewhere)
+    # $XDG_CONFIG_HOME/mailstrom/config.toml, even with a ./mailstrom.toml where we run
+    # (config_file lives in tmp_path): see test_security.
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(env=env)
     assert s.config.helo_name == "xdg.example"
     assert s.config_file == xdg / "mailstrom" / "config.toml"
+    assert default_config_paths(env) == [
+        xdg / "mailstrom" / "config.toml",
+        Path("/etc/mailstrom/config.toml"),
+    ]
 
 
 def test_config_path_from_environment(config_file: Path, tmp_path: Path) -> None:
-    s = load_settings(env={"MAILSTROM_CONFIG": str(config_file)}, cwd=tmp_path / "x")
+    s = load_settings(env={"MAILSTROM_CONFIG": str(config_file)})
     assert s.config.helo_name == "file.example"
 
 
@@ -138,12 +143,12 @@ def test_bad_file_values_name_the_key(tmp_path: Path, text: str, named: str) -> 
 
 def test_unknown_environment_variable_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MAILSTROM_HELO"):
-        load_settings(env={"MAILSTROM_HELO": "x"}, cwd=tmp_path)
+        load_settings(env={"MAILSTROM_HELO": "x"}, search=False)
 
 
 def test_bad_environment_value_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dns\.port"):
-        load_settings(env={"MAILSTROM_DNS_PORT": "many"}, cwd=tmp_path)
+        load_settings(env={"MAILSTROM_DNS_PORT": "many"}, search=False)
 
 
 def test_relay_and_limits_off(tmp_path: Path) -> None:
@@ -156,7 +161,7 @@ def test_relay_and_limits_off(tmp_path: Path) -> None:
         "MAILSTROM_RETRY_MAX_ATTEMPTS": "3",
         "MAILSTROM_LEASE_FOR": "90s",
     }
-    c = load_settings(env=env, cwd=tmp_path, search=False).config
+    c = load_settings(env=env, search=False).config
     assert c.relay is not None
     assert (c.relay.host, c.relay.port, c.relay.tls, c.relay.verify) == (
         "smtp.example.net",
@@ -173,7 +178,7 @@ def test_tls_ca_builds_a_verifying_context(tmp_path: Path) -> None:
     ca = trustme.CA()
     pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(pem))
-    c = load_settings(env={"MAILSTROM_TLS_CA": str(pem)}, cwd=tmp_path, search=False).config
+    c = load_settings(env={"MAILSTROM_TLS_CA": str(pem)}, search=False).config
     assert isinstance(c.tls_context, ssl.SSLContext)
     assert c.tls_context.verify_mode is ssl.CERT_REQUIRED
     assert c.tls_context.get_ca_certs()  # the test CA is loaded

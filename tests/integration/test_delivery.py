@@ -452,6 +452,7 @@ def test_relay_mode_with_auth(smtp_server: Any, mailstrom: MakeMailstrom, result
             tls=RelayTLS.NONE,
             username="user",
             password="secret",
+            allow_plaintext_auth=True,  # loopback test relay without TLS
         )
     )
     mid = ms.send_email(hello("anyone@anywhere.test", "other@elsewhere.test"))
@@ -718,7 +719,12 @@ def test_relay_with_wrong_password_defers(
     relay = smtp_server(host="127.0.0.1", starttls=False, auth=("user", "secret"))
     ms = mailstrom(
         relay=RelayConfig(
-            host="127.0.0.1", port=relay.port, tls=RelayTLS.NONE, username="user", password="no"
+            host="127.0.0.1",
+            port=relay.port,
+            tls=RelayTLS.NONE,
+            username="user",
+            password="no",
+            allow_plaintext_auth=True,  # loopback test relay without TLS
         )
     )
     mid = ms.send_email(hello("someone@far-away.test"))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from mailstrom.cli.exits import UsageError
+from mailstrom.errors import ConfigError
 from mailstrom.settings import Settings, load_settings, parse_dns_servers
 from mailstrom.stores.base import Store
 
@@ -23,18 +27,27 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     Defaults are SUPPRESS so that a value given before the subcommand is not overwritten
     by the subparser's default when it is not repeated after it.
     """
+    from mailstrom.cli.parsing import dns_server_arg, helo_arg, setting_arg, store_arg
+
     s = argparse.SUPPRESS
     g = parser.add_argument_group("configuration (override the file and MAILSTROM_* variables)")
     g.add_argument("--config", metavar="PATH", default=s, help="TOML configuration file")
+    g.add_argument("--store", metavar="URL", type=store_arg, default=s, help=_store_help())
     g.add_argument(
-        "--store", metavar="URL", default=s, help="queue store (default sqlite:///mailstrom.db)"
+        "--helo-name", metavar="NAME", type=helo_arg, default=s, help="name sent in EHLO"
     )
-    g.add_argument("--helo-name", metavar="NAME", default=s, help="name sent in EHLO")
-    g.add_argument("--smtp-port", metavar="PORT", default=s, help="port of MX hosts (25)")
+    g.add_argument(
+        "--smtp-port",
+        metavar="PORT",
+        type=setting_arg("smtp_port", "--smtp-port"),
+        default=s,
+        help="port of MX hosts (25)",
+    )
     g.add_argument(
         "--dns-server",
         metavar="HOST[:PORT]",
         action="append",
+        type=dns_server_arg,
         default=s,
         help="DNS server for MX lookups (repeatable; default: the system's)",
     )
@@ -45,7 +58,11 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         help="STARTTLS policy towards MX hosts",
     )
     g.add_argument(
-        "--tls-ca", metavar="FILE", default=s, help="PEM CA bundle for certificate checks"
+        "--tls-ca",
+        metavar="FILE",
+        type=setting_arg("tls_ca", "--tls-ca"),
+        default=s,
+        help="PEM CA bundle for certificate checks",
     )
     g.add_argument(
         "--traceback",
@@ -53,6 +70,18 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         default=s,
         help="on an internal error, show the traceback (for bug reports)",
     )
+
+
+def _store_help() -> str:
+    from mailstrom.errors import ConfigError
+    from mailstrom.stores.url import default_store_url
+
+    try:
+        default = default_store_url()
+    except ConfigError:
+        default = "sqlite:///$XDG_STATE_HOME/mailstrom/queue.db"
+    # argparse formats help with %: a path may hold one.
+    return f"queue store (default: {default})".replace("%", "%%")
 
 
 def global_parser() -> argparse.ArgumentParser:
@@ -75,19 +104,39 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     servers = getattr(args, "dns_server", None)
     if servers:
-        overrides.update(parse_dns_servers(servers))
-    return load_settings(config_path=getattr(args, "config", None), overrides=overrides)
+        try:
+            overrides.update(parse_dns_servers(servers))
+        except ConfigError as exc:  # e.g. two ports: the command line is wrong
+            raise UsageError(str(exc)) from None
+    return report(load_settings(config_path=getattr(args, "config", None), overrides=overrides))
 
 
-def open_store(url: str) -> Store:
-    from mailstrom.stores import open_store as open_url
+def report(settings: Settings) -> Settings:
+    """Print the settings' warnings on stderr (e.g. a password in a file others can read)."""
+    for warning in settings.warnings:
+        sys.stderr.write(f"mailstrom: warning: {warning}\n")
+    return settings
 
-    return open_url(url)
+
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """The store ``url`` names; ``read_only`` for commands that only look (they then work
+    on a read-only mount and never create, migrate or change the store)."""
+    from mailstrom.stores.url import StoreKind, parse_store_url
+    from mailstrom.stores.url import open_store as open_url
+
+    if read_only:
+        parsed = parse_store_url(url)
+        if parsed.kind is StoreKind.SQLITE and not os.path.exists(parsed.target):
+            # Nothing was ever queued there: an empty queue, and no file created to show it.
+            from mailstrom.stores.memory import MemoryStore
+
+            return MemoryStore()
+    return open_url(url, read_only=read_only)
 
 
 @contextlib.contextmanager
-def store_from(settings: Settings) -> Iterator[Store]:
-    store = open_store(settings.store_url)
+def store_from(settings: Settings, *, read_only: bool = False) -> Iterator[Store]:
+    store = open_store(settings.store_url, read_only=read_only)
     try:
         yield store
     finally:

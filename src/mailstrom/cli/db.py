@@ -8,6 +8,7 @@ from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers
+from mailstrom.stores.url import redact_url
 
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -35,11 +36,11 @@ def migrate_command(args: argparse.Namespace) -> int:
     url = settings_from(args).store_url
     version = migrate(url)
     if args.json:
-        print_json({"store": redact(url), "schema_version": version})
+        print_json({"store": redact_url(url), "schema_version": version})
     elif version is None:
-        print(f"nothing to migrate: store {url} is not persistent")
+        print(f"nothing to migrate: store {redact_url(url)} is not persistent")
     else:
-        print(f"{redact(url)}: schema version {version}")
+        print(f"{redact_url(url)}: schema version {version}")
     return EX_OK
 
 
@@ -64,13 +65,3 @@ def migrate(url: str) -> int | None:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
         return int(version)
     return None
-
-
-def redact(url: str) -> str:
-    """Hide a password in a database URL before printing it."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if sep and at and ":" in creds:
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url

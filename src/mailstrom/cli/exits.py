@@ -13,6 +13,7 @@ from mailstrom.errors import (
     InvalidMessage,
     InvalidStoreURL,
     MailstromError,
+    StoreCorrupt,
     StoreError,
     UnknownMessage,
 )
@@ -28,6 +29,9 @@ EX_UNAVAILABLE = 69
 """``send --wait``: some recipient failed permanently."""
 EX_SOFTWARE = 70
 """A bug in mailstrom."""
+EX_IOERR = 74
+"""The store is damaged, is no mailstrom database, has a newer schema, or its file was
+deleted or replaced: trying again will not help, so a supervisor should not restart-loop."""
 EX_TEMPFAIL = 75
 """Try again later: the store is unreachable, or (``send --wait``) mail is still pending."""
 EX_CONFIG = 78
@@ -64,20 +68,24 @@ def exit_code_for(exc: BaseException) -> int:
         return EX_DATAERR
     if isinstance(exc, UnknownMessage):
         return EX_NOINPUT
+    if isinstance(exc, StoreCorrupt):
+        return EX_IOERR
     if isinstance(exc, StoreError):
         return EX_TEMPFAIL
     return EX_SOFTWARE
 
 
 def reason_for(exc: BaseException) -> str:
-    """One line saying what went wrong."""
+    """One line saying what went wrong (a password in a URL it quotes shown as ``***``)."""
+    from mailstrom.stores.url import redact_url
+
     if isinstance(exc, UnknownMessage):
         return f"unknown message id: {exc.message_id}"
     if isinstance(exc, MailstromError):
         text = str(exc)
     else:
         text = f"internal error: {type(exc).__name__}: {exc}"
-    return " ".join(text.split()) or type(exc).__name__
+    return redact_url(" ".join(text.split())) or type(exc).__name__
 
 
 def fail(exc: BaseException, prog: str = "mailstrom") -> int:

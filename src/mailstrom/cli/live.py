@@ -1,21 +1,24 @@
 """The worker's live view on a terminal: totals, work in flight, queue counts, recent attempts.
 
 The view is redrawn on a timer; that timer only paints the screen; the worker itself never
-waits on it.
+waits on it. While it draws, log lines meant for the terminal are printed through the view's
+console, above the view: written straight to the terminal they would land in the middle of
+a frame and the next repaint would overwrite them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mailstrom.cli.output import cell
+from mailstrom.cli.output import cell, is_tty
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import QueueStats, RecipientState
@@ -72,6 +75,44 @@ def render(worker: Worker, stats: QueueStats | None, recent: Sequence[RecipientR
     return Group(*parts)
 
 
+class ConsoleLogHandler(logging.Handler):
+    """Prints each formatted record through a rich console (above a live view)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            # Text, not a str: a log line is never read as rich markup.
+            self.console.print(Text(self.format(record)), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logs_above(console: Console, logger_name: str = "mailstrom") -> Iterator[None]:
+    """While inside, the logger's handlers that write to a terminal print through
+    ``console`` instead (same format and level); handlers writing to files or pipes are
+    left alone."""
+    logger = logging.getLogger(logger_name)
+    swapped: list[tuple[logging.Handler, logging.Handler]] = []
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and is_tty(handler.stream):
+            replacement = ConsoleLogHandler(console)
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            logger.removeHandler(handler)
+            logger.addHandler(replacement)
+            swapped.append((handler, replacement))
+    try:
+        yield
+    finally:
+        for original, console_handler in swapped:
+            logger.removeHandler(console_handler)
+            logger.addHandler(original)
+
+
 async def run_with_live_view(
     worker: Worker,
     store: Store,
@@ -80,10 +121,17 @@ async def run_with_live_view(
     once: bool,
     drain_timeout: float,
     on_started: Callable[[], None] | None = None,
+    console: Console | None = None,
 ) -> None:
-    """Run the worker (stopping on signals) while the view repaints."""
+    """Run the worker (stopping on signals) while the view repaints on ``console``
+    (default: standard output)."""
     stats: QueueStats | None = None
-    with Live(render(worker, stats, recent), auto_refresh=False, transient=False) as live:
+    with (
+        Live(
+            render(worker, stats, recent), console=console, auto_refresh=False, transient=False
+        ) as live,
+        logs_above(live.console),
+    ):
 
         async def paint() -> None:
             nonlocal stats

@@ -2,6 +2,9 @@
 
 Each delivery attempt arrives as one structured record (event ``attempt``, logged by the
 worker on ``mailstrom.attempts``), so log collectors get fields rather than prose to parse.
+A record's ``event`` is its ``event`` attribute when it has one, else its message; the
+message id is the field ``message_id`` (never ``message``, which log systems keep for the
+text of a record).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from mailstrom.stores.url import redact_url
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -23,6 +28,11 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     return fields if isinstance(fields, Mapping) else {}
 
 
+def _event(record: logging.LogRecord) -> str:
+    event = getattr(record, "event", None)
+    return event if isinstance(event, str) else record.getMessage()
+
+
 def _logfmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     if text and all(c.isprintable() and c not in ' "=\\' for c in text):
@@ -31,19 +41,19 @@ def _logfmt_value(value: Any) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=… level=info logger=… event=attempt message=… rcpt=… reason="250 2.0.0 Ok"``."""
+    """``ts=… level=info logger=… event=attempt message_id=… rcpt=… reason="250 2.0.0 Ok"``."""
 
     def format(self, record: logging.LogRecord) -> str:
         pairs: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _event(record),
         }
         pairs.update((k, v) for k, v in _fields(record).items() if v is not None)
         line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
         if record.exc_info:
-            line += " exc=" + _logfmt_value(self.formatException(record.exc_info))
+            line += " exc=" + _logfmt_value(redact_url(self.formatException(record.exc_info)))
         return line
 
 
@@ -55,11 +65,11 @@ class JSONFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _event(record),
         }
         obj.update((k, v) for k, v in _fields(record).items() if v is not None)
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = redact_url(self.formatException(record.exc_info))
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 

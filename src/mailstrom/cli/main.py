@@ -14,7 +14,7 @@ from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
-from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail
+from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
@@ -24,9 +24,11 @@ from mailstrom.cli.worker import register as register_worker
 DESCRIPTION = """\
 Queue email durably and deliver it straight to each recipient's MX servers.
 
-Settings come from a TOML file (--config, ./mailstrom.toml,
-$XDG_CONFIG_HOME/mailstrom/config.toml or /etc/mailstrom/config.toml), then
-MAILSTROM_* environment variables, then options; see docs/cli.md.
+Settings come from a TOML file (--config or $MAILSTROM_CONFIG, else
+$XDG_CONFIG_HOME/mailstrom/config.toml or /etc/mailstrom/config.toml; never a file in
+the working directory unless --config names it), then MAILSTROM_* environment
+variables, then options; see docs/cli.md. The sendmail command reads only
+$MAILSTROM_CONFIG or /etc/mailstrom/config.toml and takes no mailstrom options.
 """
 
 EPILOG = """\
@@ -40,7 +42,9 @@ examples:
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
-75 try again later (store unavailable; send --wait: still pending), 78 bad configuration.
+74 store damaged, not a mailstrom database, newer schema, or replaced (retrying will
+not help), 75 try again later (store unavailable; send --wait: still pending),
+78 bad configuration.
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -48,7 +52,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> ArgumentParser:
     """The whole command tree; global options work before or after the subcommand."""
-    parser = ArgumentParser(prog="mailstrom", description=DESCRIPTION, epilog=EPILOG)
+    parser = ArgumentParser(
+        prog="mailstrom", description=DESCRIPTION + _default_store_line(), epilog=EPILOG
+    )
     add_global_options(parser)
     common = global_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -65,6 +71,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _default_store_line() -> str:
+    from mailstrom.errors import ConfigError
+    from mailstrom.stores.url import default_store_path
+
+    try:
+        path = str(default_store_path())
+    except ConfigError:
+        return ""
+    # One fixed place per user (root: the system spool), never the working directory.
+    return f"\nWithout a store setting the queue is {path}.\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code (the console script passes it to exit)."""
     if argv is None:
@@ -76,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         split = _split_sendmail(argv)
         if split is not None:
             head, rest = split
-            return sendmail.main(rest, defaults=global_parser().parse_args(head))
+            return sendmail.main(rest, mailstrom_options=head)
         args = parser.parse_args(argv)
     except UsageError as exc:
         sys.stderr.write(exc.usage)
-        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EX_OK
+    except Exception as exc:  # a bug in parsing: still one line, not a traceback
+        return fail(exc)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from mailstrom.cli.exits import UsageError
-from mailstrom.settings import parse_duration
+from mailstrom.errors import ConfigError, InvalidStoreURL
+from mailstrom.settings import KEYS, MAX_INTEGER, parse_dns_servers, parse_duration
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[Any]
@@ -49,9 +52,83 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message, self.format_usage())
 
 
+# --- option value types: a bad value is a usage error (64) with a plain reason ---------------
+
+
 def duration_arg(text: str) -> timedelta:
-    """An argparse ``type`` for ages like 30s, 15m, 2h, 3d."""
+    """An argparse ``type`` for ages like 30s, 15m, 2h, 3d (at most 100 years)."""
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def count_arg(text: str) -> int:
+    """An argparse ``type`` for a count ≥ 1 that a store can take (a bigint)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_INTEGER}, got {text!r}"
+        )
+    return value
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse ``type`` for a number of seconds: finite and ≥ 0 (not nan or inf)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
+def setting_arg(key: str, option: str) -> Callable[[str], str]:
+    """An argparse ``type`` checking an option's value with the parser of setting ``key``
+    (so ``--smtp-port x`` is a usage error naming the option); the text is kept, for
+    :func:`~mailstrom.settings.load_settings` to layer over the file and environment."""
+
+    def check(text: str) -> str:
+        try:
+            KEYS[key](option, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(_without_prefix(str(exc), option)) from None
+        return text
+
+    return check
+
+
+def helo_arg(text: str) -> str:
+    """An argparse ``type`` for a host name (what Config requires of helo_name)."""
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected a host name, got {text!r}")
+    return text
+
+
+def dns_server_arg(text: str) -> str:
+    """An argparse ``type`` for one ``HOST[:PORT]`` of ``--dns-server``."""
+    try:
+        parse_dns_servers([text])
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(_without_prefix(str(exc), "--dns-server")) from None
+    return text
+
+
+def store_arg(text: str) -> str:
+    """An argparse ``type`` for a store URL (checked, not opened)."""
+    from mailstrom.stores.url import parse_store_url
+
+    try:
+        parse_store_url(text)
+    except InvalidStoreURL as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _without_prefix(reason: str, option: str) -> str:
+    # argparse already says "argument --smtp-port: ".
+    return reason.removeprefix(f"{option}: ")

@@ -19,7 +19,7 @@ from mailstrom.cli.exits import (
     UsageError,
 )
 from mailstrom.cli.output import print_json
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.views import print_message
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
@@ -91,7 +91,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", action="store_true", help="deliver now and wait for the outcome")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg,
         default=60.0,
         metavar="S",
         help="with --wait: give up waiting after S seconds (default 60)",

@@ -3,6 +3,14 @@
 It reads one message on stdin and only enqueues it (a ``mailstrom worker`` delivers), exiting
 with sendmail's codes (sysexits). Flags follow Sendmail 8 and Postfix's ``sendmail(1)``;
 options end at the first recipient argument, as with getopt.
+
+Programs build sendmail command lines from data they were given (a sender address from a
+web form), so this personality takes sendmail's own options only — no ``--store`` or
+``--config`` that an injected argument could use to write the queue, i.e. attacker text,
+to a file of its choosing (the PHPMailer CVE-2016-10033 pattern) — and reads its
+configuration from fixed places only: ``$MAILSTROM_CONFIG`` or ``/etc/mailstrom/config.toml``
+and the ``MAILSTROM_*`` variables, as Postfix's sendmail reads only its ``main.cf``
+(``$MAIL_CONFIG`` aside).
 """
 
 from __future__ import annotations
@@ -17,9 +25,18 @@ from email.policy import compat32
 from email.utils import formataddr, getaddresses
 from typing import BinaryIO
 
-from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_NOINPUT, EX_OK, EX_USAGE, CLIError, UsageError, fail
+from mailstrom.cli.context import report, store_from, utc_now
+from mailstrom.cli.exits import (
+    EX_NOINPUT,
+    EX_OK,
+    EX_USAGE,
+    CLIError,
+    UsageError,
+    fail,
+    reason_for,
+)
 from mailstrom.cli.parsing import Subparsers
+from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
 HELP = """\
 usage: mailstrom sendmail [-t] [-i] [-f ADDR] [-F NAME] [options] [RECIPIENT ...]
@@ -33,15 +50,18 @@ Read one RFC 5322 message on standard input and queue it for delivery; a running
                   envelope sender (default: taken from the From header)
   -F NAME         full name for the From header, when the message has none
   -i, -oi         a line with a single dot does not end the message
-  --config PATH   mailstrom configuration file
-  --store URL     queue store (default: from the configuration)
   --help          show this help
+
+Configuration comes only from $MAILSTROM_CONFIG or /etc/mailstrom/config.toml and the
+MAILSTROM_* environment variables; mailstrom's own options (--store, --config, ...) are
+refused here, before or after "sendmail".
 
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
 -m -Am -Ac -d*, and -B -C -N -R -V -X -L -O -h -p with their value.
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
-70 internal error, 75 store unavailable (try again), 78 bad configuration.
+70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
+(try again), 78 bad configuration.
 """
 
 _FLAGS = frozenset("timnvUG")
@@ -66,8 +86,6 @@ class SendmailArgs:
     full_name: str | None = None
     ignore_dots: bool = False
     recipients: list[str] = field(default_factory=list)
-    config: str | None = None
-    store: str | None = None
     help: bool = False
 
 
@@ -93,18 +111,10 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
             i += 1
             break
         if arg.startswith("--"):
-            name, eq, val = arg[2:].partition("=")
-            if name == "help":
-                args.help = True
-            elif name in ("config", "store"):
-                if not eq:
-                    i += 1
-                    if i >= len(argv):
-                        raise UsageError(f"option --{name} requires an argument")
-                    val = argv[i]
-                setattr(args, name, val)
-            else:
-                raise UsageError(f"unknown option {arg}")
+            if arg != "--help":
+                # Also --store and --config: see the module docstring.
+                raise UsageError(f"unknown option {arg.partition('=')[0]}")
+            args.help = True
         elif not arg.startswith("-") or arg == "-":
             break
         else:
@@ -194,30 +204,36 @@ def _argument_addresses(text: str) -> list[str]:
     return [text]
 
 
-def main(argv: Sequence[str], *, defaults: argparse.Namespace | None = None) -> int:
-    """Run as sendmail; never raises (errors become sysexits codes)."""
+def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
+    """Run as sendmail; never raises (errors become sysexits codes).
+
+    ``mailstrom_options`` are global options given before ``sendmail``
+    (``mailstrom --store X sendmail``): refused, as the same options after it are.
+    """
     try:
+        if mailstrom_options:
+            raise UsageError(
+                f"sendmail takes no mailstrom options ({mailstrom_options[0].partition('=')[0]}"
+                f"); set them in {SYSTEM_CONFIG_PATH} or a file named by {CONFIG_PATH_ENV}"
+            )
         args = parse_args(argv)
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
-        return _enqueue(args, defaults or argparse.Namespace())
+        return _enqueue(args)
     except UsageError as exc:
-        sys.stderr.write(f"mailstrom: {exc.reason}\n")
+        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
     except Exception as exc:
         return fail(exc)
 
 
-def _enqueue(args: SendmailArgs, defaults: argparse.Namespace) -> int:
+def _enqueue(args: SendmailArgs) -> int:
     from mailstrom.client.common import prepare_for
 
-    options = vars(defaults).copy()
-    if args.config is not None:
-        options["config"] = args.config
-    if args.store is not None:
-        options["store"] = args.store
-    settings = settings_from(argparse.Namespace(**options))
+    # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
+    # directory's files, which whoever can write there would control.
+    settings = sendmail_settings()
     stdin = sys.stdin.buffer
     data, recipients = build(
         read_message(stdin, ignore_dots=args.ignore_dots),
@@ -231,6 +247,12 @@ def _enqueue(args: SendmailArgs, defaults: argparse.Namespace) -> int:
     with store_from(settings) as store:
         store.enqueue(prepared, now=now)
     return EX_OK
+
+
+def sendmail_settings() -> Settings:
+    """The configuration of the sendmail personality: ``$MAILSTROM_CONFIG`` or
+    :data:`~mailstrom.settings.SYSTEM_CONFIG_PATH`, then ``MAILSTROM_*`` variables."""
+    return report(load_settings(paths=[SYSTEM_CONFIG_PATH]))
 
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:

@@ -1,4 +1,8 @@
-"""``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue."""
+"""``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue.
+
+They open the store read-only, so they work on a read-only mount (a snapshot, a rescue
+system) and never create, migrate or change it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import argparse
 from datetime import datetime
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK, UsageError
+from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import age, print_fields, print_json, print_table
-from mailstrom.cli.parsing import Subparsers, duration_arg
+from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter
 
@@ -69,7 +73,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
-    q.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
     q.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
     )
@@ -81,7 +85,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
+    with store_from(settings_from(args), read_only=True) as store:
         st = store.status(args.id)
     if args.json:
         print_json(st)
@@ -150,9 +154,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
 
 
 def queue_command(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    with store_from(settings_from(args)) as store:
+    with store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
             if args.json:

@@ -11,11 +11,12 @@ from mailstrom.cli.context import open_store, settings_from
 from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.url import redact_url
 
 EPILOG = """\
 examples:
@@ -43,7 +44,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--once", action="store_true", help="exit when nothing is due")
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=seconds_arg,
         default=30.0,
         metavar="S",
         help="seconds in-flight deliveries get to finish on stop (default 30)",
@@ -81,7 +82,7 @@ def worker_command(args: argparse.Namespace) -> int:
         def on_started() -> None:
             # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.
             logging.getLogger("mailstrom.worker").info(
-                "worker started", extra={"fields": {"store": _safe_url(settings.store_url)}}
+                "worker started", extra={"fields": {"store": redact_url(settings.store_url)}}
             )
 
         if live:
@@ -115,9 +116,3 @@ def worker_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EX_OK
-
-
-def _safe_url(url: str) -> str:
-    from mailstrom.cli.db import redact
-
-    return redact(url)

@@ -20,8 +20,9 @@ class AsyncMailstrom(FacadeBase):
     ...                                     subject="Hi", text="Hello"))
     ...     status = await ms.query_status(mid)
 
-    The store is closed by :meth:`stop` only when mailstrom created it (``store=None``:
-    ``mailstrom.db`` in the working directory).
+    The store is closed by :meth:`stop` only when mailstrom created it (``store=None``: the
+    default queue, ``~/.local/state/mailstrom/queue.db`` or, for root,
+    ``/var/spool/mailstrom/queue.db``).
     """
 
     _task: asyncio.Task[None] | None = None

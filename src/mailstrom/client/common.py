@@ -18,9 +18,16 @@ MessageInput = Email | EmailMessage | bytes
 
 
 def default_store() -> Store:
+    """The store of a facade created without one: the same fixed, per-user path as the
+    command line's default (:func:`~mailstrom.stores.url.default_store_path`), its missing
+    directories created 0700 and the file 0600 — never ``./mailstrom.db`` wherever the
+    program happens to run."""
     from mailstrom.stores import SQLiteStore
+    from mailstrom.stores.url import default_store_path, make_private_parents
 
-    return SQLiteStore("mailstrom.db")
+    path = default_store_path()
+    make_private_parents(path)
+    return SQLiteStore(path)
 
 
 class FacadeBase:
@@ -36,9 +43,11 @@ class FacadeBase:
         rng: random.Random | None = None,
         on_result: Callable[[RecipientResult], None] | None = None,
     ) -> None:
-        """``store=None`` opens ``mailstrom.db`` (SQLite) in the working directory and
-        closes it on stop; a store passed in stays open for the caller. ``on_result`` is
-        called on the worker's loop with each result once recorded."""
+        """``store=None`` opens the default SQLite queue (``~/.local/state/mailstrom/
+        queue.db``, or ``/var/spool/mailstrom/queue.db`` for root; see
+        :func:`default_store`) and closes it on stop; a store passed in stays open for the
+        caller. ``on_result`` is called on the worker's loop with each result once
+        recorded."""
         self.config = config or Config()
         self._owns_store = store is None
         self.store = store if store is not None else default_store()

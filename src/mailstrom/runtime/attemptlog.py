@@ -1,7 +1,14 @@
 """One structured log record per delivery attempt, on the ``mailstrom.attempts`` logger.
 
-The fields travel in ``extra={"fields": ...}`` so a formatter (the CLI's key=value or JSON,
-or the application's own) gets data rather than prose to parse.
+Each record reads as a sentence for whoever prints ``record.getMessage()`` (an application's
+own logging setup)::
+
+    deferred bob@example.org via mx.example.org [192.0.2.1]: 451 4.7.1 Greylisted
+
+and also carries ``event = "attempt"`` and the data in ``extra={"fields": ...}``, so a
+structured formatter (the CLI's key=value or JSON, or the application's own) gets fields
+rather than prose to parse. The message id field is ``message_id``: ``message`` is the text
+of the record in most log systems.
 """
 
 from __future__ import annotations
@@ -13,14 +20,42 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
 
 ATTEMPT_LOGGER = "mailstrom.attempts"
+ATTEMPT_EVENT = "attempt"
+"""The ``event`` attribute of every attempt record."""
 _log = logging.getLogger(ATTEMPT_LOGGER)
+
+
+class AttemptText:
+    """The message of an attempt record, built only when a handler formats the record
+    (``LogRecord.getMessage`` calls ``str`` on it)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: RecipientResult) -> None:
+        self.result = result
+
+    def __str__(self) -> str:
+        r = self.result
+        a = r.attempt
+        text = f"{r.state.value} {r.address}"
+        if a.mx_host:
+            text += f" via {a.mx_host}"
+        if a.ip:
+            text += f" [{a.ip}]"
+        reason = " ".join(a.reason.split()) if a.reason else ""
+        if a.uncertain:
+            reason = f"{reason} (uncertain)" if reason else "uncertain"
+        return f"{text}: {reason}" if reason else text
+
+    def __repr__(self) -> str:
+        return f"AttemptText({self})"
 
 
 def attempt_fields(result: RecipientResult) -> dict[str, Any]:
     """The fields of one attempt's log line."""
     a = result.attempt
     return {
-        "message": result.message_id,
+        "message_id": result.message_id,
         "rcpt": result.address,
         "state": result.state.value,
         "outcome": a.outcome.value,
@@ -41,4 +76,8 @@ def log_attempt(result: RecipientResult) -> None:
     """Log one attempt (INFO when delivered, WARNING otherwise)."""
     level = logging.INFO if result.state is RecipientState.DELIVERED else logging.WARNING
     if _log.isEnabledFor(level):  # the fields cost more than the call on the hot path
-        _log.log(level, "attempt", extra={"fields": attempt_fields(result)})
+        _log.log(
+            level,
+            AttemptText(result),
+            extra={"event": ATTEMPT_EVENT, "fields": attempt_fields(result)},
+        )

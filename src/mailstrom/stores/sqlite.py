@@ -22,6 +22,17 @@ the caller whose message caused it.
 Times are stored as integer microseconds since the Unix epoch; the API uses aware UTC
 datetimes. The schema is versioned with ``PRAGMA user_version`` and migrated on open from
 ``stores/sql/sqlite/NNNN_name.sql``.
+
+Errors: SQLite errors become :class:`StoreError` (try again later), except those that
+retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
+database, a schema newer than this mailstrom knows, and a database file deleted or replaced
+while the store has it open.
+
+``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
+migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
+exist (the last writer closed cleanly) cannot be opened ``mode=ro`` where SQLite may not
+create its ``-shm`` file; it is then opened ``immutable=1``, which is exact because without
+a ``-wal`` file the main file holds every committed transaction.
 """
 
 from __future__ import annotations
@@ -30,13 +41,14 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -60,6 +72,7 @@ from mailstrom.stores.sqlite_schema import (
     attempt_from_row,
     from_us,
     migrate,
+    migrations,
     opt_dt,
     opt_us,
     recipient_from_row,
@@ -97,6 +110,55 @@ def _qmarks(n: int) -> str:
     return ",".join("?" * n)
 
 
+# --- opening -------------------------------------------------------------------------------
+
+_CORRUPT = frozenset([sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB])
+"""Primary result codes that retrying cannot fix ("database disk image is malformed", "file
+is not a database")."""
+
+
+def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
+    """The store error for a SQLite error on ``path``: StoreCorrupt when it is permanent."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _CORRUPT:
+        return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
+    return StoreError(f"SQLite error on {path}: {exc}")
+
+
+def _is_cantopen(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_CANTOPEN
+
+
+def _file_uri(path: str, query: str) -> str:
+    """A ``file:`` URI for ``path`` (quoted: ``?`` and ``#`` in a path are not parameters)."""
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?{query}"
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the database file; StoreCorrupt when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StoreCorrupt(f"database file {path} was deleted while in use") from None
+    except OSError as exc:
+        raise StoreError(f"cannot stat {path}: {exc.strerror or exc}") from None
+    return st.st_dev, st.st_ino
+
+
+def _latest_schema() -> int:
+    available = migrations()
+    return available[-1][0] if available else 0
+
+
+def _check_schema(version: int, path: str, latest: int) -> None:
+    if version > latest:
+        raise StoreCorrupt(
+            f"{path}: database schema version {version} is newer than this mailstrom "
+            f"understands ({latest}); upgrade mailstrom"
+        )
+
+
 # --- the store -----------------------------------------------------------------------------
 
 
@@ -120,6 +182,8 @@ class SQLiteStore:
 
     ``busy_timeout`` is how many seconds a write waits for another process's transaction;
     ``group_commit=False`` commits every ``enqueue`` on its own (for comparison).
+    ``read_only=True`` opens an existing store for reading only (see the module docstring);
+    its write methods then fail with StoreError.
     """
 
     def __init__(
@@ -128,12 +192,18 @@ class SQLiteStore:
         *,
         busy_timeout: float = 30.0,
         group_commit: bool = True,
+        read_only: bool = False,
     ) -> None:
         self._path = os.fspath(path)
         if self._path == ":memory:" or self._path.startswith("file:"):
             raise ValueError("SQLiteStore needs a file path; use MemoryStore for memory")
         self._busy_timeout = busy_timeout
         self._group_commit = group_commit
+        self._read_only = read_only
+        self._uri: str | None = None
+        """What connections open once the file is known to exist (a ``file:`` URI)."""
+        self._file: tuple[int, int] | None = None
+        """(device, inode) of the database file opened, to notice it being replaced."""
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
@@ -150,7 +220,17 @@ class SQLiteStore:
             raise
 
     def _open(self) -> None:
+        latest = _latest_schema()
+        if self._read_only:
+            self._open_read_only(latest)
+            return
+        self._create_private()
+        # The file exists now: SQLite must never create one (mode=rw), not in place of a
+        # store deleted later, nor with its default 0644 at the end of a dangling symlink.
+        self._uri = _file_uri(self._path, "mode=rw")
         with self._connection() as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            _check_schema(version, self._path, latest)
             # Only takes effect on a new, empty file. With the default 4 KiB pages a typical
             # 2 KB message row fits once per page and half the file is slack; 8 KiB pages
             # made the file ~30% smaller at the same enqueue rate (benchmarks/enqueue.py).
@@ -158,6 +238,60 @@ class SQLiteStore:
             # Persistent in the file; must run outside a transaction.
             conn.execute("PRAGMA journal_mode=WAL")
             migrate(conn)
+        self._file = _identity(self._path)  # checked on every checkout from now on
+
+    def _create_private(self) -> None:
+        """Create a missing database file readable and writable by its owner only (0600).
+
+        Queued bodies are private mail. SQLite gives the -wal and -shm files it creates the
+        main file's permissions, so they are 0600 too; an existing file keeps its mode (an
+        administrator may have made it group-writable on purpose).
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(self._path, flags, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot create {self._path}: {exc.strerror or exc}") from None
+        os.close(fd)
+
+    def _open_read_only(self, latest: int) -> None:
+        if not os.path.exists(self._path):
+            raise StoreError(f"no mailstrom queue at {self._path}")
+        self._file = _identity(self._path)
+        self._uri = _file_uri(self._path, "mode=ro")
+        try:
+            version = self._probe()
+        except sqlite3.Error as exc:
+            # A WAL database on read-only media whose -shm cannot be created; without a
+            # -wal file every committed transaction is in the main file, so reading it as
+            # immutable is exact.
+            if not _is_cantopen(exc) or os.path.exists(self._path + "-wal"):
+                raise _store_error(exc, self._path) from exc
+            self._uri = _file_uri(self._path, "mode=ro&immutable=1")
+            try:
+                version = self._probe()
+            except sqlite3.Error as again:
+                raise _store_error(again, self._path) from again
+        _check_schema(version, self._path, latest)
+        if version < latest:
+            raise StoreError(
+                f"{self._path}: database schema version {version} is older than this "
+                f"mailstrom's ({latest}); run `mailstrom db migrate` (or start a worker)"
+            )
+
+    def _probe(self) -> int:
+        """The schema version, read on a connection that is then pooled."""
+        conn = self._connect()
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        with self._pool_lock:
+            self._idle.append(conn)
+        return int(version)
 
     @property
     def path(self) -> str:
@@ -168,13 +302,15 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self._path,
+            self._uri or self._path,
             timeout=self._busy_timeout,
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,  # pooled: used by one thread at a time, any thread
+            uri=self._uri is not None,
         )
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        if not self._read_only:  # connection settings; nothing is written
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
     @contextmanager
@@ -184,11 +320,15 @@ class SQLiteStore:
                 raise StoreError("the store is closed")
             conn = self._idle.pop() if self._idle else None
         try:
+            # One stat per checkout: a deleted or replaced file is a permanent failure,
+            # not one to retry on the old inode forever.
+            if self._file is not None and _identity(self._path) != self._file:
+                raise StoreCorrupt(f"database file {self._path} was replaced while in use")
             if conn is None:
                 conn = self._connect()
             yield conn
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+            raise _store_error(exc, self._path) from exc
         finally:
             if conn is not None:
                 if conn.in_transaction:  # a failed COMMIT; never pool a dirty connection

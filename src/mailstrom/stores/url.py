@@ -9,15 +9,102 @@
 ``postgresql://user@host/db``      :class:`~mailstrom.stores.postgres.PostgresStore`
 ``postgres://...``                 the same (libpq accepts both spellings)
 =================================  ==========================================================
+
+When nothing names a store, the command line and the facades use :func:`default_store_path`:
+one fixed absolute path per user, never the working directory (``sendmail`` run from a web
+application would otherwise drop the queue into the application's directory).
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
-from mailstrom.errors import InvalidStoreURL
+from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.stores.base import Store
+
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/?#\s]*@")
+_PASSWORD_PARAMETER = re.compile(r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+)")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with every password in it replaced by ``***``: in URLs' userinfo
+    (``postgresql://user:secret@host``) and in ``password=`` or ``sslpassword=`` parameters
+    (of URLs or libpq conninfo strings). The one place mailstrom hides secrets in store URLs
+    and in messages that may quote them, before anything is printed or logged.
+
+    >>> redact_url("postgresql://app:s3cret@db/mail?sslmode=require&password=x")
+    'postgresql://app:***@db/mail?sslmode=require&password=***'
+    >>> redact_url("sqlite:////var/spool/mailstrom/queue.db")
+    'sqlite:////var/spool/mailstrom/queue.db'
+    """
+    text = _USERINFO_PASSWORD.sub(r"\g<head>:***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\g<head>***", text)
+
+
+SYSTEM_STORE_PATH = Path("/var/spool/mailstrom/queue.db")
+"""The default store of root (the system's queue, where Postfix keeps /var/spool/postfix)."""
+
+
+def default_store_path(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> Path:
+    """Where the queue is when no store is configured.
+
+    root: :data:`SYSTEM_STORE_PATH`, whatever the environment says. Anyone else:
+    ``$XDG_STATE_HOME/mailstrom/queue.db``, by default ``~/.local/state/mailstrom/queue.db``
+    (a relative ``XDG_STATE_HOME`` is ignored, as the XDG specification asks).
+
+    >>> str(default_store_path({"XDG_STATE_HOME": "/home/ann/.state"}, euid=1000))
+    '/home/ann/.state/mailstrom/queue.db'
+    >>> str(default_store_path({"XDG_STATE_HOME": "/tmp/x"}, euid=0))
+    '/var/spool/mailstrom/queue.db'
+    """
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0:
+        return SYSTEM_STORE_PATH
+    state = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):
+        home = env.get("HOME", "")
+        if not os.path.isabs(home):
+            try:
+                home = pwd.getpwuid(euid).pw_dir
+            except KeyError:
+                home = ""
+        if not os.path.isabs(home):
+            raise ConfigError(
+                "no store configured and no home directory for the default one: set store"
+            )
+        state = os.path.join(home, ".local", "state")
+    return Path(state) / "mailstrom" / "queue.db"
+
+
+def default_store_url(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> str:
+    """:func:`default_store_path` as a store URL (``sqlite:////absolute/path``)."""
+    return f"sqlite:///{default_store_path(env, euid=euid)}"
+
+
+def make_private_parents(path: str | os.PathLike[str]) -> None:
+    """Create the missing directories above ``path``, each mode 0700 (its owner only);
+    directories that exist are left as they are."""
+    missing: list[Path] = []
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot create {directory}: {exc.strerror or exc}") from None
+        os.chmod(directory, 0o700)  # exactly, whatever the umask
+
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -51,31 +138,34 @@ def parse_store_url(url: str) -> StoreURL:
     scheme = scheme.lower()
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
-            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {url!r}")
+            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {redact_url(url)!r}")
         return StoreURL(kind=StoreKind.POSTGRES, target=text)
     if sep and scheme == "sqlite":
         if not rest.startswith("/"):
             raise InvalidStoreURL(
                 f"SQLite URLs have no host: use sqlite:///relative.db or "
-                f"sqlite:////absolute/path.db, not {url!r}"
+                f"sqlite:////absolute/path.db, not {redact_url(url)!r}"
             )
         # sqlite:///x → "x" (relative); sqlite:////x → "/x" (absolute).
         path = rest[1:]
         if not path or path.endswith("/") or path == ":memory:":
-            raise InvalidStoreURL(f"SQLite URL names no database file: {url!r}")
+            raise InvalidStoreURL(f"SQLite URL names no database file: {redact_url(url)!r}")
         return StoreURL(kind=StoreKind.SQLITE, target=path)
     if not sep and ":" not in text.partition("/")[0] and text.lower().endswith(_SQLITE_SUFFIXES):
         return StoreURL(kind=StoreKind.SQLITE, target=text)
     raise InvalidStoreURL(
-        f"unknown store URL {url!r}: expected memory:, sqlite:///path.db, a *.db file "
-        "path, or postgresql://..."
+        f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:///path.db, a *.db "
+        "file path, or postgresql://..."
     )
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, read_only: bool = False) -> Store:
     """Open the store ``url`` names (see the module docstring for the forms).
 
-    >>> store = open_store("sqlite:///mailstrom.db")  # doctest: +SKIP
+    ``read_only`` opens a SQLite store for reading only (nothing created, migrated or
+    written); other stores ignore it.
+
+    >>> store = open_store("sqlite:////var/lib/mailstrom/queue.db")  # doctest: +SKIP
     """
     parsed = parse_store_url(url)
     if parsed.kind is StoreKind.MEMORY:
@@ -85,8 +175,20 @@ def open_store(url: str) -> Store:
     if parsed.kind is StoreKind.SQLITE:
         from mailstrom.stores.sqlite import SQLiteStore
 
-        return SQLiteStore(parsed.target)
+        if not read_only and _is_default_path(parsed.target):
+            make_private_parents(parsed.target)
+        return SQLiteStore(parsed.target, read_only=read_only)
     # Imported only when asked for, so the other stores never load the driver.
     from mailstrom.stores.postgres import PostgresStore
 
     return PostgresStore(parsed.target)
+
+
+def _is_default_path(target: str) -> bool:
+    """Whether ``target`` is this user's default store (whose directories mailstrom
+    creates; a path someone configured must exist, so a typo or an unmounted volume is
+    an error rather than a new, empty queue somewhere unexpected)."""
+    try:
+        return os.path.abspath(target) == str(default_store_path())
+    except ConfigError:
+        return False

@@ -1,0 +1,211 @@
+"""How mailstrom logs: silent as a library, readable attempt records, lines above the live view."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter, configure_logging
+from mailstrom.runtime.attemptlog import ATTEMPT_LOGGER, log_attempt
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import RecipientResult
+from tests.cli.conftest import MailEnv, clean_env
+
+
+def deferred_result() -> RecipientResult:
+    return RecipientResult(
+        message_id="0190f3a2c4e1b7d08a4f2c6e9b1d3f57",
+        address="bob@example.test",
+        state=RecipientState.DEFERRED,
+        attempt=Attempt(
+            at=datetime(2024, 1, 1, tzinfo=UTC),
+            outcome=AttemptOutcome.TEMPORARY,
+            duration=0.25,
+            mx_host="mx.example.test",
+            ip="192.0.2.1",
+            port=25,
+            reply=SMTPReply(code=451, enhanced="4.7.1", text="Greylisted, try later"),
+        ),
+        next_attempt_at=datetime(2024, 1, 1, 0, 5, tzinfo=UTC),
+    )
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def captured() -> Iterator[_Capture]:
+    handler = _Capture()
+    logger = logging.getLogger(ATTEMPT_LOGGER)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_library_prints_nothing_when_logging_is_not_configured() -> None:
+    """Hardening #19: without logging configured, an attempt prints no bare "attempt" line.
+
+    In a fresh interpreter, as an application that never touches logging: before the
+    NullHandler, Python's last-resort handler wrote ``attempt`` on stderr for every
+    deferred attempt.
+    """
+    code = (
+        "import mailstrom\n"
+        "from tests.cli.test_logging import deferred_result\n"
+        "from mailstrom.runtime.attemptlog import log_attempt\n"
+        "log_attempt(deferred_result())\n"
+    )
+    root = Path(__file__).parents[2]
+    env = clean_env(root)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env["PYTHONPATH"]])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+
+
+def test_package_logger_has_a_null_handler() -> None:
+    """Hardening #19: the ``mailstrom`` logger carries a NullHandler (library convention)."""
+    import mailstrom  # noqa: F401  (importing the package installs it)
+
+    handlers = logging.getLogger("mailstrom").handlers
+    # configure_logging (the CLI) replaces it; a library user keeps it.
+    if not any(isinstance(h, logging.StreamHandler) for h in handlers):
+        assert any(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+def test_attempt_record_reads_as_a_sentence(captured: _Capture) -> None:
+    """Hardening #19: an attempt record's message says what happened, not just "attempt"."""
+    log_attempt(deferred_result())
+    [record] = captured.records
+    assert record.getMessage() == (
+        "deferred bob@example.test via mx.example.test [192.0.2.1]: 451 4.7.1 Greylisted, try later"
+    )
+    assert record.levelno == logging.WARNING
+    assert getattr(record, "event", None) == "attempt"
+    # What a plain application setup (logging.basicConfig) prints.
+    assert logging.Formatter("%(levelname)s %(name)s %(message)s").format(record) == (
+        "WARNING mailstrom.attempts deferred bob@example.test via mx.example.test [192.0.2.1]: "
+        "451 4.7.1 Greylisted, try later"
+    )
+
+
+def test_attempt_message_without_host_or_reply(captured: _Capture) -> None:
+    """Hardening #19: an attempt that reached no host still reads well."""
+    result = RecipientResult(
+        message_id="m1",
+        address="carol@nowhere.test",
+        state=RecipientState.FAILED,
+        attempt=Attempt(
+            at=datetime(2024, 1, 1, tzinfo=UTC),
+            outcome=AttemptOutcome.PERMANENT,
+            error="nowhere.test: no such domain",
+        ),
+    )
+    log_attempt(result)
+    [record] = captured.records
+    assert record.getMessage() == "failed carol@nowhere.test: nowhere.test: no such domain"
+
+
+def test_attempt_message_is_built_only_when_formatted(captured: _Capture) -> None:
+    """Hardening #19: the hot path does not build the text; a disabled level builds nothing."""
+    log_attempt(deferred_result())
+    [record] = captured.records
+    assert not isinstance(record.msg, str)  # formatted by getMessage(), i.e. by a handler
+    logger = logging.getLogger(ATTEMPT_LOGGER)
+    logger.setLevel(logging.ERROR)
+    log_attempt(deferred_result())
+    assert len(captured.records) == 1
+
+
+def test_message_id_field_does_not_collide_with_message(captured: _Capture) -> None:
+    """Hardening #19: the message id is ``message_id``; ``message`` stays the log text."""
+    log_attempt(deferred_result())
+    [record] = captured.records
+    line = KeyValueFormatter().format(record)
+    assert " event=attempt message_id=0190f3a2c4e1b7d08a4f2c6e9b1d3f57 " in line
+    assert " message=" not in line
+    obj = json.loads(JSONFormatter().format(record))
+    assert obj["event"] == "attempt"
+    assert obj["message_id"] == "0190f3a2c4e1b7d08a4f2c6e9b1d3f57"
+    assert "message" not in obj
+
+
+def test_send_wait_prints_no_bare_attempt_lines(mail_env: MailEnv) -> None:
+    """Hardening #19: ``mailstrom send --wait`` with a deferral prints no bare "attempt"."""
+    mail_env.mx.rcpt_replies["later@example.test"] = "451 4.7.1 Try again later"
+    result = mail_env.cli(
+        "send", "--from", "a@client.test", "--to", "later@example.test", "--wait", "--timeout", "3"
+    )
+    assert result.code == 75, result.err
+    assert "attempt" not in result.err_lines
+    assert result.err == ""
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_log_lines_go_through_the_live_view_console() -> None:
+    """Hardening #19: while the live view draws, log lines are printed through its console.
+
+    Written straight to the terminal (stderr), they landed inside a frame and were torn or
+    painted over by the next refresh.
+    """
+    from mailstrom.cli.live import run_with_live_view
+    from mailstrom.config import Config
+    from mailstrom.runtime.worker import Worker
+    from mailstrom.stores import MemoryStore
+
+    terminal_stderr = _TTY()
+    screen = _TTY()
+    handler = configure_logging("text", level=logging.WARNING, stream=terminal_stderr)
+    logger = logging.getLogger("mailstrom")
+    store = MemoryStore()
+    try:
+        worker = Worker(Config(helo_name="client.test"), store)
+
+        def on_started() -> None:
+            logging.getLogger("mailstrom.worker").warning("something to say")
+
+        console = Console(file=screen, force_terminal=True, width=200)
+        await run_with_live_view(
+            worker, store, [], once=True, drain_timeout=0, on_started=on_started, console=console
+        )
+        assert terminal_stderr.getvalue() == ""
+        assert 'event="something to say"' in screen.getvalue()
+        # The terminal handler is back once the view is gone.
+        assert logger.handlers == [handler]
+    finally:
+        store.close()
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)

@@ -1,0 +1,77 @@
+"""Hardening #12 (command line): every bad option value is a usage error with a plain reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailstrom.errors import ConfigError
+from mailstrom.settings import load_settings
+from tests.cli.conftest import CLI
+from tests.cli.test_errors import assert_one_line_error
+
+SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "x"]
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["queue", "--limit", "100000000000000000000"], "argument --limit: expected a whole"),
+        (["queue", "--limit", "1e20"], "argument --limit: expected a whole number"),
+        (["queue", "--limit", "0"], "argument --limit: expected a whole number"),
+        (["queue", "--older-than", "9999999d"], "argument --older-than: not a duration"),
+        (["queue", "--older-than", "99999999999d"], "argument --older-than: not a duration"),
+        (["purge", "--delivered-before", "9999999d"], "not a duration of at most 100 years"),
+        ([*SEND, "--wait", "--timeout", "nan"], "argument --timeout: expected a number"),
+        ([*SEND, "--wait", "--timeout", "-5"], "argument --timeout: expected a number"),
+        ([*SEND, "--wait", "--timeout", "1e999"], "argument --timeout: expected a number"),
+        (["worker", "--once", "--no-live", "--drain-timeout", "nan"], "--drain-timeout"),
+        (["--smtp-port", "x", "queue"], "argument --smtp-port: expected an integer, got 'x'"),
+        (["queue", "--smtp-port", "70000"], "argument --smtp-port: not a port number: 70000"),
+        (["--dns-server", "127.0.0.1:99999", "queue"], "argument --dns-server: not a port"),
+        (["--dns-server", "1.1.1.1:53", "--dns-server", "1.1.1.2:54", "queue"], "same port"),
+        (["--helo-name", "two words", "queue"], "argument --helo-name: expected a host name"),
+        (["--store", "mysql://x/y", "queue"], "argument --store: unknown store URL"),
+        (["--tls-ca", "/no/such/ca.pem", "queue"], "argument --tls-ca: no such file"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: str) -> None:
+    """Hardening #12: a bad option value exits 64 with a plain reason: never 70 with an
+    OverflowError, a traceback, 78 (that is for configuration files), or a silent run."""
+    send_id = cli.ok(*SEND).out.strip()  # a store with a message: limits reach SQLite
+    result = cli(*args)
+    assert result.code == 64, result.err
+    assert "Traceback" not in result.err
+    assert "internal error" not in result.err
+    assert result.err_lines[-1].startswith("mailstrom: "), result.err
+    assert reason in result.err_lines[-1]
+    assert cli.queue_ids() == [send_id]  # nothing queued, changed or purged
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[retry]\nmax_age = "99999999999d"\n', "retry.max_age"),
+        ("[retry]\nmin_delay = inf\n", "retry.min_delay"),
+        ("[retry]\nmax_delay = 1e300\n", "retry.max_delay"),
+        ("[timeouts]\nconnect = nan\n", "timeouts.connect"),
+        ('[timeouts]\ncommand = "inf"\n', "timeouts.command"),
+        ("lease_batch = 99999999999999999999\n", "lease_batch"),
+        ("poll_interval = 1" + "0" * 400 + "\n", "poll_interval"),  # beyond any float
+        ('lease_for = "99999999999w"\n', "lease_for"),
+    ],
+)
+def test_out_of_range_file_values_are_config_errors(tmp_path: Path, text: str, key: str) -> None:
+    """Hardening #12: NaN, infinity and values that overflow later are ConfigErrors naming
+    the key (exit 78), not an OverflowError (70) or a worker that breaks later."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(config_path=path, env={})
+
+
+def test_out_of_range_environment_value_exits_78(cli: CLI) -> None:
+    """Hardening #12: through the command, such a value is one line and exit 78."""
+    cli.env["MAILSTROM_RETRY_MAX_AGE"] = "99999999999d"
+    assert_one_line_error(cli("queue"), 78, "retry.max_age")

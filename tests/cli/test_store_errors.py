@@ -1,0 +1,164 @@
+"""Store failures through the command: permanent ones exit 74, views read read-only stores."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import CLI, Result
+from tests.cli.test_errors import assert_one_line_error
+from tests.unit.test_sqlite_open import corrupt
+
+MESSAGE = b"From: a@client.test\nSubject: x\n\nbody\n"
+
+
+def send(cli: CLI) -> str:
+    out = cli.ok("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    return out.out.strip()
+
+
+def every_command_exits_74(cli: CLI, *fragments: str) -> None:
+    for args, stdin in [
+        (["queue"], None),
+        (["queue", "--counts"], None),
+        (["status", "0123456789abcdef0123456789abcdef"], None),
+        (["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "x"], None),
+        (["sendmail", "-i", "b@example.test"], MESSAGE),
+        (["worker", "--once", "--no-live"], None),
+        (["retry", "--all-deferred"], None),
+        (["db", "migrate"], None),
+    ]:
+        result = cli(*args, stdin=stdin)
+        assert_one_line_error(result, 74, *fragments)
+
+
+def test_not_a_database_exits_74(cli: CLI) -> None:
+    """Hardening #18: a store file that is no database exits 74, not 75 (try again), so a
+    supervisor does not restart-loop on it."""
+    (cli.cwd / "queue.db").write_text("this is not a queue\n" * 100)
+    every_command_exits_74(cli, "not a mailstrom database")
+
+
+def test_malformed_database_exits_74(cli: CLI) -> None:
+    """Hardening #18: "database disk image is malformed" exits 74."""
+    for _ in range(10):
+        cli.ok("send", "--from", "a@client.test", "--to", "b@x.test", "--text", "y" * 5000)
+    corrupt(cli.cwd / "queue.db")
+    result = cli("queue")
+    assert_one_line_error(result, 74, "malformed")
+
+
+def test_newer_schema_exits_74(cli: CLI) -> None:
+    """Hardening #18: a store written by a newer mailstrom exits 74 and says so."""
+    send(cli)
+    with sqlite3.connect(cli.cwd / "queue.db") as conn:
+        conn.execute("PRAGMA user_version = 9999")
+    every_command_exits_74(cli, "newer")
+
+
+def test_exit_74_is_documented() -> None:
+    """Hardening #18: --help, sendmail --help and docs/cli.md list exit code 74."""
+    from mailstrom.cli.main import EPILOG
+    from mailstrom.cli.sendmail import HELP
+
+    assert "74 store damaged" in EPILOG
+    assert "74 store damaged" in HELP
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    assert "| 74 | EX_IOERR |" in doc
+
+
+def test_views_never_create_a_store(cli: CLI) -> None:
+    """Hardening #18: status and queue only read; a missing store is an empty queue, and
+    no file appears."""
+    assert cli.ok("queue", "--json").json() == []
+    assert cli.ok("queue", "--counts", "--json").json()["messages"] == 0
+    assert cli("status", "0123456789abcdef0123456789abcdef").code == 66
+    assert not (cli.cwd / "queue.db").exists()
+
+
+# --- read-only media -----------------------------------------------------------------------
+
+
+def _read_only_namespace_available() -> bool:
+    try:
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and shutil.which("mount") is not None
+
+
+def on_read_only_mount(cli: CLI, *args: str) -> Result:
+    """Run the command with its working directory (the store's) bind-mounted read-only
+    onto itself, in a private mount namespace that ends with the process."""
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    proc = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
+            *(str(cli.cwd), sys.executable, "-m", "mailstrom", *args),
+        ],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+needs_ro_mount = pytest.mark.skipif(
+    not _read_only_namespace_available(),
+    reason="needs unshare(1) and mount(8) with the right to make a mount namespace",
+)
+
+
+@needs_ro_mount
+def test_views_work_on_a_read_only_mount(cli: CLI) -> None:
+    """Hardening #18: status and queue work on a read-only mount (EROFS for any write).
+
+    Opening used to write (page_size, journal_mode=WAL, migrations) and failed with
+    "unable to open database file". The last writer closed cleanly, so there is no -wal
+    file and SQLite cannot create the -shm it needs: the store is read as immutable.
+    """
+    mid = send(cli)
+    assert not (cli.cwd / "queue.db-wal").exists()
+    status = on_read_only_mount(cli, "status", "--json", mid)
+    assert status.code == 0, status.err
+    assert status.json()["id"] == mid
+    queue = on_read_only_mount(cli, "queue", "--json")
+    assert queue.code == 0, queue.err
+    assert [m["id"] for m in queue.json()] == [mid]
+    counts = on_read_only_mount(cli, "queue", "--counts", "--json")
+    assert counts.code == 0, counts.err
+    assert counts.json()["by_state"]["queued"] == 1
+    # The mount really is read-only: a writer fails there, as before (try again later).
+    assert on_read_only_mount(cli, "hold", mid).code == 75
+
+
+@needs_ro_mount
+def test_views_on_a_read_only_mount_see_an_open_writers_commits(cli: CLI) -> None:
+    """Hardening #18 (guard of the fix): with a writer holding the store open (-wal and
+    -shm present), the read-only view reads through the WAL and sees its latest commits,
+    rather than reading the main file as immutable and missing them."""
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import NOW, message
+
+    send(cli)
+    writer = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        late = writer.enqueue(message(), now=NOW)
+        assert (cli.cwd / "queue.db-wal").exists()
+        queue = on_read_only_mount(cli, "queue", "--json")
+        assert queue.code == 0, queue.err
+        assert late in [m["id"] for m in queue.json()]
+    finally:
+        writer.close()

@@ -1,0 +1,123 @@
+"""Where the queue is when nobody names one: a fixed path per user, private directories."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Config, Mailstrom
+from mailstrom.errors import ConfigError
+from mailstrom.settings import load_settings
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.url import (
+    SYSTEM_STORE_PATH,
+    default_store_path,
+    default_store_url,
+    make_private_parents,
+)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_root_uses_the_system_spool_whatever_the_environment() -> None:
+    """Hardening #3: root's default queue is /var/spool/mailstrom/queue.db."""
+    for env in ({}, {"XDG_STATE_HOME": "/tmp/x", "HOME": "/tmp/y"}):
+        assert default_store_path(env, euid=0) == Path("/var/spool/mailstrom/queue.db")
+    assert Path("/var/spool/mailstrom/queue.db") == SYSTEM_STORE_PATH
+
+
+def test_a_user_gets_the_xdg_state_directory() -> None:
+    """Hardening #3: a user's default queue is $XDG_STATE_HOME/mailstrom/queue.db, by
+    default ~/.local/state/mailstrom/queue.db; never relative to the working directory."""
+    assert default_store_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}, euid=1000) == Path(
+        "/s/mailstrom/queue.db"
+    )
+    assert default_store_path({"HOME": "/home/ann"}, euid=1000) == Path(
+        "/home/ann/.local/state/mailstrom/queue.db"
+    )
+    # A relative XDG_STATE_HOME or HOME is ignored (XDG: relative paths are invalid).
+    assert default_store_path({"XDG_STATE_HOME": "state", "HOME": "/home/ann"}, euid=1000) == Path(
+        "/home/ann/.local/state/mailstrom/queue.db"
+    )
+    # ...and then the home directory comes from the password database.
+    nobody = pwd.getpwnam("nobody")
+    assert default_store_path({"HOME": "."}, euid=nobody.pw_uid) == (
+        Path(nobody.pw_dir) / ".local" / "state" / "mailstrom" / "queue.db"
+    )
+    assert default_store_url({"HOME": "/home/ann"}, euid=1000) == (
+        "sqlite:////home/ann/.local/state/mailstrom/queue.db"
+    )
+
+
+def test_no_home_at_all_is_a_config_error() -> None:
+    """Hardening #3: without any home directory there is no default (not ./mailstrom.db)."""
+    with pytest.raises(ConfigError, match="set store"):
+        default_store_path({}, euid=2**31 - 7)  # no passwd entry
+
+
+def test_the_command_lines_default_is_the_same_path() -> None:
+    """Hardening #3: settings without a store use default_store_url, not sqlite:///x.db."""
+    s = load_settings(env={"HOME": "/home/ann"}, search=False)
+    assert s.store_url == default_store_url({"HOME": "/home/ann"})
+    assert s.store_url.startswith("sqlite:////")
+
+
+def test_missing_directories_are_created_private(tmp_path: Path) -> None:
+    """Hardening #3: the directories mailstrom creates for the default store are 0700."""
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "home").mkdir(mode=0o755)
+        target = tmp_path / "home" / ".local" / "state" / "mailstrom" / "queue.db"
+        make_private_parents(target)
+    finally:
+        os.umask(old)
+    for directory in (target.parent, target.parent.parent, target.parent.parent.parent):
+        assert mode(directory) == 0o700, directory
+    assert mode(tmp_path / "home") == 0o755  # what existed is left alone
+
+
+@pytest.fixture
+def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A non-root user whose state directory does not exist yet, working in ``cwd``."""
+    state = tmp_path / "state"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)
+    monkeypatch.chdir(cwd)
+    old = os.umask(0o022)
+    try:
+        yield state
+    finally:
+        os.umask(old)
+    assert list(cwd.iterdir()) == []  # nothing was created where the program runs
+
+
+def test_facade_without_a_store_uses_the_default_path(user_home: Path) -> None:
+    """Hardening #3: Mailstrom() without a store opens the per-user default queue (0700
+    directory, 0600 file), not ./mailstrom.db."""
+    ms = Mailstrom(Config(helo_name="client.test"))
+    try:
+        assert isinstance(ms.store, SQLiteStore)
+        assert Path(ms.store.path) == user_home / "mailstrom" / "queue.db"
+        assert mode(user_home / "mailstrom") == 0o700
+        assert mode(user_home) == 0o700
+        assert mode(Path(ms.store.path)) == 0o600
+    finally:
+        ms.stop()
+
+
+async def test_async_facade_without_a_store_uses_the_default_path(user_home: Path) -> None:
+    """Hardening #3: AsyncMailstrom() uses the same default queue."""
+    ms = AsyncMailstrom(Config(helo_name="client.test"))
+    try:
+        assert isinstance(ms.store, SQLiteStore)
+        assert Path(ms.store.path) == user_home / "mailstrom" / "queue.db"
+    finally:
+        await ms.stop()

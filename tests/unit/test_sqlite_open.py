@@ -1,0 +1,218 @@
+"""How the SQLite store opens its file: permanent errors, read-only mode, file permissions."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.contract.support import NOW, message
+
+from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.sqlite_schema import migrations
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite every page after the first (the schema) with garbage."""
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    for i in range(page, len(data)):
+        data[i] = 0xA5
+    path.write_bytes(bytes(data))
+
+
+# --- permanent errors ----------------------------------------------------------------------
+
+
+def test_a_file_that_is_no_database_is_corrupt(db: Path) -> None:
+    """Hardening #18: "file is not a database" is StoreCorrupt, not a passing StoreError."""
+    db.write_text("<?php system($_GET['c']); ?>\n" * 200)
+    with pytest.raises(StoreCorrupt, match="not a mailstrom database"):
+        SQLiteStore(db)
+    with pytest.raises(StoreCorrupt):
+        SQLiteStore(db, read_only=True)
+
+
+def test_a_malformed_database_is_corrupt(db: Path) -> None:
+    """Hardening #18: "database disk image is malformed" is StoreCorrupt."""
+    store = SQLiteStore(db)
+    for _ in range(20):
+        store.enqueue(message(data=b"Subject: x\r\n\r\n" + b"y" * 4000 + b"\r\n"), now=NOW)
+    store.close()
+    corrupt(db)
+
+    def count(read_only: bool) -> int:
+        opened = SQLiteStore(db, read_only=read_only)
+        try:
+            return opened.stats().messages
+        finally:
+            opened.close()
+
+    for read_only in (False, True):
+        with pytest.raises(StoreCorrupt, match="malformed"):
+            count(read_only)
+
+
+def test_a_newer_schema_is_corrupt(db: Path) -> None:
+    """Hardening #18: a schema newer than this mailstrom is StoreCorrupt (retrying cannot
+    fix it); read-only opening checks it too."""
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 9999")
+    for read_only in (False, True):
+        with pytest.raises(StoreCorrupt, match="newer"):
+            SQLiteStore(db, read_only=read_only)
+
+
+def test_a_deleted_database_file_is_corrupt(db: Path) -> None:
+    """Hardening #18: the file deleted under an open store is StoreCorrupt; no new empty
+    database is created in its place."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        with pytest.raises(StoreCorrupt, match="deleted"):
+            store.enqueue(message(), now=NOW)
+        assert not db.exists()
+    finally:
+        store.close()
+
+
+def test_a_replaced_database_file_is_corrupt(db: Path, tmp_path: Path) -> None:
+    """Hardening #18: the file replaced (renamed over) under an open store is StoreCorrupt."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)
+        other = tmp_path / "other.db"
+        SQLiteStore(other).close()
+        os.replace(other, db)
+        with pytest.raises(StoreCorrupt, match="replaced"):
+            store.stats()
+    finally:
+        store.close()
+
+
+# --- read-only -----------------------------------------------------------------------------
+
+
+def test_read_only_opening_writes_nothing(db: Path) -> None:
+    """Hardening #18: read_only=True reads a store without writing to its file: no pragma
+    that writes, no migration; writes are refused."""
+    store = SQLiteStore(db)
+    mid = store.enqueue(message(), now=NOW)
+    store.close()
+    before = (db.read_bytes(), db.stat().st_mtime_ns)
+    for name in (db.name, f"{db.name}-wal", f"{db.name}-shm"):
+        path = db.parent / name
+        if path.exists():
+            path.chmod(0o444)
+    db.chmod(0o444)
+    store = SQLiteStore(db, read_only=True)
+    try:
+        assert store.status(mid).id == mid
+        assert store.stats().messages == 1
+        assert [m.id for m in store.recent()] == [mid]
+        with pytest.raises(StoreError, match="readonly"):
+            store.retry(mid, now=NOW)
+    finally:
+        store.close()
+    assert (db.read_bytes(), db.stat().st_mtime_ns) == before
+
+
+def test_read_only_does_not_create_or_migrate(db: Path) -> None:
+    """Hardening #18: read-only opening neither creates a missing file nor migrates an old
+    one (it says what to run instead)."""
+    with pytest.raises(StoreError, match="no mailstrom queue"):
+        SQLiteStore(db, read_only=True)
+    assert not db.exists()
+    sqlite3.connect(db).close()  # an empty database: schema version 0
+    with pytest.raises(StoreError, match="db migrate") as info:
+        SQLiteStore(db, read_only=True)
+    assert not isinstance(info.value, StoreCorrupt)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+
+
+def test_read_only_sees_what_an_open_writer_committed(db: Path) -> None:
+    """Hardening #18: with a writer open (its -wal file holding recent commits), a
+    read-only store reads through the WAL rather than the stale main file."""
+    writer = SQLiteStore(db)
+    try:
+        first = writer.enqueue(message(), now=NOW)
+        second = writer.enqueue(message(), now=NOW)
+        assert Path(f"{db}-wal").exists()
+        reader = SQLiteStore(db, read_only=True)
+        try:
+            assert {m.id for m in reader.recent()} == {first, second}
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_schema_constants_are_what_the_store_writes(db: Path) -> None:
+    # Guards the tests above: they assume the store writes the latest migration's version.
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (migrations()[-1][0],)
+
+
+# --- permissions ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path | str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_queue_files_are_private(db: Path) -> None:
+    """Hardening #3: under umask 022 the database, its -wal and its -shm are 0600, so other
+    local users cannot read queued mail."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)  # the WAL files exist while the store is open
+        assert {name: mode(f"{db}{name}") for name in ("", "-wal", "-shm")} == {
+            "": 0o600,
+            "-wal": 0o600,
+            "-shm": 0o600,
+        }
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_an_existing_file_keeps_its_mode(db: Path) -> None:
+    """Hardening #3: an administrator's mode on an existing store file is kept."""
+    db.touch(mode=0o660)
+    db.chmod(0o660)
+    SQLiteStore(db).close()
+    assert mode(db) == 0o660
+
+
+def test_a_dangling_symlink_is_not_followed_to_create_a_file(db: Path, tmp_path: Path) -> None:
+    """Hardening #3: a symlink planted where the store will be does not make SQLite create
+    a world-readable file at its target."""
+    target = tmp_path / "elsewhere.db"
+    db.symlink_to(target)
+    with pytest.raises(StoreError):
+        SQLiteStore(db)
+    assert not target.exists()
