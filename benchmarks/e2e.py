@@ -266,6 +266,7 @@ class Bench:
             dns=self.dns.dns_config,
             max_connections=SESSIONS,
             max_per_destination=SESSIONS,
+            allow_loopback=True,  # the sink listens on 127.0.0.1
         )
 
     def new_store_path(self) -> Path:
@@ -417,6 +418,7 @@ def worker_env(bench: Bench) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
     env["MAILSTROM_MAX_CONNECTIONS"] = str(SESSIONS)
     env["MAILSTROM_MAX_PER_DESTINATION"] = str(SESSIONS)
+    env["MAILSTROM_ALLOW_LOOPBACK"] = "1"
     env["XDG_CONFIG_HOME"] = str(bench.directory)  # no user config file is read
     return env
 

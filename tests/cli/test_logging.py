@@ -26,6 +26,7 @@ def deferred_result() -> RecipientResult:
     return RecipientResult(
         message_id="0190f3a2c4e1b7d08a4f2c6e9b1d3f57",
         address="bob@example.test",
+        lease_token="t1",
         state=RecipientState.DEFERRED,
         attempt=Attempt(
             at=datetime(2024, 1, 1, tzinfo=UTC),
@@ -122,6 +123,7 @@ def test_attempt_message_without_host_or_reply(captured: _Capture) -> None:
     result = RecipientResult(
         message_id="m1",
         address="carol@nowhere.test",
+        lease_token="t1",
         state=RecipientState.FAILED,
         attempt=Attempt(
             at=datetime(2024, 1, 1, tzinfo=UTC),
