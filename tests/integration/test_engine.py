@@ -197,8 +197,9 @@ HOLD_LOCK = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("worker", ["thread", "process"])
 def test_a_store_locked_by_another_process_is_ridden_out(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, worker: str
 ) -> None:
     """Engine v2 #7: another process holds the SQLite write lock far longer than the busy
     timeout while the worker delivers. Leases and records fail meanwhile; the worker keeps
@@ -216,6 +217,7 @@ def test_a_store_locked_by_another_process_is_ridden_out(
         config(dns_server, mx.port, lease_batch=20, max_connections=2, max_per_destination=2),
         store=store,
         on_result=results,
+        worker=worker,
     ) as ms:
         mx.wait_for_messages(1, timeout=10)
         with subprocess.Popen(
@@ -235,8 +237,9 @@ def test_a_store_locked_by_another_process_is_ridden_out(
                 holder.stdin.write("\n")
                 holder.stdin.flush()
         results.wait_count(count, timeout=60)
+        # (A worker process reports its status twice a second.)
         assert _wait_until(lambda: ms.worker_status.store_error is None, 10)
-        assert ms.worker_status.unrecorded == 0
+        assert _wait_until(lambda: ms.worker_status.unrecorded == 0, 10)
     statuses = [store.status(i).recipients[0] for i in ids]
     store.close()
     assert [(s.state, s.attempts) for s in statuses] == [(RecipientState.DELIVERED, 1)] * count

@@ -7,8 +7,10 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
-from mailstrom.status import MessageStatus, WorkerStatus
+from mailstrom.runtime.worker import Worker
+from mailstrom.status import MessageStatus
 
 
 class AsyncMailstrom(FacadeBase):
@@ -26,15 +28,23 @@ class AsyncMailstrom(FacadeBase):
     """
 
     _task: asyncio.Task[None] | None = None
+    _LOCAL = "task"
 
     async def start(self) -> None:
-        """Start delivering in a task on the running loop; raise if the worker cannot."""
+        """Start delivering (in a task on the running loop, or a worker process); raise
+        :class:`~mailstrom.errors.WorkerError` if the worker cannot start."""
+        worker = self.worker
+        if isinstance(worker, WorkerProcess):
+            if worker.pid is not None:
+                raise WorkerError("already started")
+            await asyncio.to_thread(worker.start)
+            return
+        if worker is None:
+            return
         if self._task is not None:
             raise WorkerError("already started")
         ready = asyncio.Event()
-        self._task = asyncio.create_task(
-            self.worker.run(on_started=ready.set), name="mailstrom-worker"
-        )
+        self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -46,16 +56,18 @@ class AsyncMailstrom(FacadeBase):
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
         give the rest back to the store, due at once."""
-        task, self._task = self._task, None
-        if task is not None:
-            self.worker.request_stop(drain_timeout=timeout)
-            try:
-                await asyncio.shield(task)
-            finally:
-                if self._owns_store:
-                    self.store.close()
-        elif self._owns_store:
-            self.store.close()
+        worker = self.worker
+        try:
+            if isinstance(worker, WorkerProcess):
+                await asyncio.to_thread(worker.stop, timeout)
+            elif isinstance(worker, Worker):
+                task, self._task = self._task, None
+                if task is not None:
+                    worker.request_stop(drain_timeout=timeout)
+                    await asyncio.shield(task)
+        finally:
+            if self._owns_store:
+                self.store.close()
 
     async def __aenter__(self) -> AsyncMailstrom:
         await self.start()
@@ -104,7 +116,3 @@ class AsyncMailstrom(FacadeBase):
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return await asyncio.to_thread(self.store.cancel, message_id, now=self._clock())
-
-    @property
-    def worker_status(self) -> WorkerStatus:
-        return self.worker.status

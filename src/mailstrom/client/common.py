@@ -6,11 +6,15 @@ import random
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from email.message import EmailMessage
+from typing import Literal
 
+from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
+from mailstrom.errors import WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.routing import Router
 from mailstrom.runtime.worker import Worker, utc_now
+from mailstrom.status import WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
 MessageInput = Email | EmailMessage | bytes
@@ -30,8 +34,30 @@ def default_store() -> Store:
     return SQLiteStore(path)
 
 
+WorkerMode = Literal["auto", "thread", "task", "process"] | None
+"""Where a facade's worker runs: see :class:`FacadeBase`."""
+
+
 class FacadeBase:
-    """The parts both facades share: configuration, the store, the worker, the clock."""
+    """The parts both facades share: configuration, the store, the worker, the clock.
+
+    ``worker`` says where delivery runs:
+
+    * ``"process"``: a child process of this one (:mod:`mailstrom.client.process`), with
+      an interpreter of its own, so delivery and the application never wait for each
+      other's GIL; it opens the store by its URL and dies with its parent;
+    * ``"thread"`` (:class:`~mailstrom.Mailstrom`) or ``"task"``
+      (:class:`~mailstrom.AsyncMailstrom`): in this process, on a background thread or
+      as a task on the running loop;
+    * ``None``: nowhere; ``send_email`` only queues, and a separate ``mailstrom worker``
+      delivers;
+    * ``"auto"`` (the default): a process for a store another process can open (SQLite,
+      PostgreSQL), in this process otherwise (the memory store), or when a custom
+      ``router``, ``clock`` or ``rng`` is given, since those cannot cross to a child.
+    """
+
+    _LOCAL = "thread"
+    """The name of the in-process mode of this facade."""
 
     def __init__(
         self,
@@ -42,19 +68,61 @@ class FacadeBase:
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
         on_result: Callable[[RecipientResult], None] | None = None,
+        worker: WorkerMode = "auto",
     ) -> None:
         """``store=None`` opens the default SQLite queue (``~/.local/state/mailstrom/
         queue.db``, or ``/var/spool/mailstrom/queue.db`` for root; see
         :func:`default_store`) and closes it on stop; a store passed in stays open for the
-        caller. ``on_result`` is called on the worker's loop with each result once
-        recorded."""
+        caller. ``on_result`` is called with each result once recorded: on the worker's
+        loop in this process, or on a reader thread for a worker process."""
         self.config = config or Config()
         self._owns_store = store is None
         self.store = store if store is not None else default_store()
         self._clock = clock
-        self.worker = Worker(
-            self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
-        )
+        store_url: str | None = getattr(self.store, "url", None)
+        custom = router is not None or clock is not utc_now or rng is not None
+        mode = self._mode(worker, store_url=store_url, custom=custom)
+        self.worker_mode: str | None = mode
+        """Where this facade's worker runs ("process", "thread"/"task", or None)."""
+        self.worker: Worker | WorkerProcess | None = None
+        if mode == "process":
+            self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
+        elif mode is not None:
+            self.worker = Worker(
+                self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
+            )
+
+    def _mode(self, worker: WorkerMode, *, store_url: str | None, custom: bool) -> str | None:
+        if worker is None or worker == self._LOCAL:
+            return worker
+        if worker == "auto":
+            return "process" if store_url is not None and not custom else self._LOCAL
+        if worker != "process":
+            raise ValueError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
+        if store_url is None:
+            raise WorkerError(
+                "worker='process' needs a store another process can open (SQLite or "
+                "PostgreSQL), not a store in this process's memory"
+            )
+        if custom:
+            raise WorkerError(
+                "a custom router, clock or rng cannot be passed to a worker process; "
+                f"use worker={self._LOCAL!r}"
+            )
+        return "process"
+
+    @property
+    def worker_status(self) -> WorkerStatus:
+        """Whether the worker runs, what it did, and whether the store troubles it; a
+        facade without a worker reports ``running=False``."""
+        if self.worker is None:
+            return WorkerStatus(running=False)
+        return self.worker.status
+
+    def wake(self) -> None:
+        """Look for due work now (e.g. after advancing an injected clock)."""
+        if self.worker is not None:
+            self.worker.wake()
 
     def _prepare(
         self,

@@ -13,9 +13,11 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
-from mailstrom.status import MessageStatus, WorkerStatus
+from mailstrom.runtime.worker import Worker
+from mailstrom.status import MessageStatus
 
 log = logging.getLogger("mailstrom")
 
@@ -39,12 +41,22 @@ class Mailstrom(FacadeBase):
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the worker thread; return when it runs, or raise what stopped it."""
+        """Start the worker; return when it runs, or raise what stopped it."""
+        worker = self.worker
+        if isinstance(worker, WorkerProcess):
+            if worker.pid is not None:
+                raise WorkerError("already started")
+            worker.start(timeout)
+            return
+        if worker is None:
+            return
         if self._thread is not None:
             raise WorkerError("already started")
         self._ready = threading.Event()
         self._start_error = None
-        self._thread = threading.Thread(target=self._run, name="mailstrom-worker", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(worker,), name="mailstrom-worker", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(timeout):
             raise WorkerError(f"worker did not start within {timeout} s")
@@ -55,9 +67,9 @@ class Mailstrom(FacadeBase):
                 self._start_error
             )
 
-    def _run(self) -> None:
+    def _run(self, worker: Worker) -> None:
         try:
-            run_loop(self._main(), self.config.event_loop)
+            run_loop(worker.run(on_started=self._ready.set), self.config.event_loop)
         except BaseException as exc:
             if not self._ready.is_set():
                 self._start_error = exc
@@ -66,18 +78,21 @@ class Mailstrom(FacadeBase):
                 # The worker is dead; worker_status reports it, the log says why.
                 log.exception("mailstrom worker died")
 
-    async def _main(self) -> None:
-        await self.worker.run(on_started=self._ready.set)
-
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds, give
-        the rest back to the store (due at once), and join the thread."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self.worker.request_stop(drain_timeout=timeout)
-            thread.join()
-        if self._owns_store:
-            self.store.close()
+        the rest back to the store (due at once), and wait for the worker to end."""
+        worker = self.worker
+        try:
+            if isinstance(worker, WorkerProcess):
+                worker.stop(timeout)
+            elif isinstance(worker, Worker):
+                thread, self._thread = self._thread, None
+                if thread is not None:
+                    worker.request_stop(drain_timeout=timeout)
+                    thread.join()
+        finally:
+            if self._owns_store:
+                self.store.close()
 
     def __enter__(self) -> Mailstrom:
         self.start()
@@ -135,12 +150,3 @@ class Mailstrom(FacadeBase):
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return self.store.cancel(message_id, now=self._clock())
-
-    def wake(self) -> None:
-        """Look for due work now (e.g. after advancing an injected clock)."""
-        self.worker.wake()
-
-    @property
-    def worker_status(self) -> WorkerStatus:
-        """Whether the worker runs; ``dead`` with the error when it died."""
-        return self.worker.status

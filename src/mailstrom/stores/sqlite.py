@@ -37,6 +37,7 @@ a ``-wal`` file the main file holds every committed transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -297,6 +298,22 @@ class SQLiteStore:
     def path(self) -> str:
         """The database file."""
         return self._path
+
+    @property
+    def url(self) -> str:
+        """A store URL naming this file."""
+        return "sqlite:///" + os.path.abspath(self._path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled, a store is the way to open it again (for a worker in another process):
+        # the same file with the same options, never its connections.
+        reopen = functools.partial(
+            SQLiteStore,
+            busy_timeout=self._busy_timeout,
+            group_commit=self._group_commit,
+            read_only=self._read_only,
+        )
+        return (reopen, (os.path.abspath(self._path),))
 
     # --- connections ------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ transaction), so batches cost the same number of round trips as single items.
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -48,6 +49,8 @@ class PostgresStore:
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
     ) -> None:
         self._url = url
+        self._sizes = (min_size, max_size)
+        self._timeout = timeout
         self._closed = False
         self._lock = threading.Lock()
         self._listeners: set[Listener] = set()
@@ -69,6 +72,19 @@ class PostgresStore:
         except BaseException:
             self._pool.close()
             raise
+
+    @property
+    def url(self) -> str:
+        """The connection URL (it may hold a password)."""
+        return self._url
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled, a store is the way to open it again (for a worker in another process).
+        min_size, max_size = self._sizes
+        reopen = functools.partial(
+            PostgresStore, min_size=min_size, max_size=max_size, timeout=self._timeout
+        )
+        return (reopen, (self._url,))
 
     # --- plumbing ---------------------------------------------------------------------
 

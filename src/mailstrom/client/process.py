@@ -1,0 +1,207 @@
+"""The parent's side of a worker in a child process (``Mailstrom(worker="process")``).
+
+Delivery then has an interpreter, and a GIL, of its own: the application's ``send_email``
+never waits behind the worker's protocol code, and the worker never waits behind the
+application. The child opens the same store from its URL and is woken across the process
+boundary by the store itself (a datagram socket for SQLite, NOTIFY for PostgreSQL). Its
+results come back over a pipe and reach ``on_result`` on a reader thread of this process;
+its log records are re-emitted here at the levels the ``mailstrom`` loggers had when it
+started. See :mod:`mailstrom.runtime.child` for the other end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import IO, Any
+
+from mailstrom.config import Config
+from mailstrom.errors import WorkerError
+from mailstrom.runtime.pipes import ChildSpec, TLSContextSpec, read_frame, write_frame
+from mailstrom.status import RecipientState, WorkerStatus
+from mailstrom.stores.base import RecipientResult, Store
+
+log = logging.getLogger("mailstrom.worker")
+
+_FORWARDED_LOGGERS = ("mailstrom", "mailstrom.attempts", "mailstrom.worker", "mailstrom.delivery")
+_KILL_AFTER = 10.0
+"""Seconds past the drain timeout before a child that does not stop is killed."""
+
+
+class WorkerProcess:
+    """Start, wake, watch and stop one worker child process.
+
+    It offers what the facades use of a :class:`~mailstrom.runtime.worker.Worker`:
+    :meth:`wake`, :attr:`status` and :meth:`wait_stopped`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        on_result: Callable[[RecipientResult], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._on_result = on_result
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stdin: IO[bytes] | None = None
+        self._write_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._status = WorkerStatus(running=False)
+        self._counts = {state: 0 for state in RecipientState}
+        self._error: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the child; return when it delivers, or raise :class:`WorkerError`."""
+        config = self.config
+        spec = ChildSpec(
+            config=replace(config, tls_context=None),
+            store=self._store,
+            tls=TLSContextSpec.of(config.tls_context) if config.tls_context else None,
+            log_levels={
+                name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS
+            },
+        )
+        env = dict(os.environ)
+        # The child must import this very mailstrom, wherever it was imported from.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._stopped.clear()
+        self._ready.clear()
+        self._error = None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailstrom.runtime.child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # the application's Ctrl-C is for the application
+            close_fds=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc, self._stdin = proc, proc.stdin
+        self._reader = threading.Thread(
+            target=self._read, args=(proc.stdout,), name="mailstrom-worker-reader", daemon=True
+        )
+        self._reader.start()
+        self._send("spec", spec)
+        if not self._ready.wait(timeout) or self._error is not None:
+            reason = self._error or f"no answer within {timeout:g} s"
+            self._kill()
+            raise WorkerError(f"worker process failed to start: {reason}")
+
+    def wake(self) -> None:
+        """Look for due work now (the store usually wakes the child by itself)."""
+        self._send("wake")
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Let deliveries in flight finish within ``timeout`` seconds, give the rest back
+        to the store, and wait for the child to exit."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._send("stop", timeout)
+        with contextlib.suppress(OSError):
+            assert self._stdin is not None
+            self._stdin.close()
+        try:
+            proc.wait(None if timeout is None else timeout + _KILL_AFTER)
+        except subprocess.TimeoutExpired:
+            log.error("worker process %d did not stop; killing it", proc.pid)
+            self._kill()
+        if self._reader is not None:
+            self._reader.join(5.0)
+        self._proc = None
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        self._stopped.set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # --- what the facade asks ----------------------------------------------------------------
+
+    @property
+    def status(self) -> WorkerStatus:
+        running = self._ready.is_set() and not self._stopped.is_set()
+        counts = self._counts
+        return dataclasses.replace(
+            self._status,
+            running=running,
+            error=self._error,
+            delivered=counts[RecipientState.DELIVERED],
+            deferred=counts[RecipientState.DEFERRED],
+            failed=counts[RecipientState.FAILED],
+        )
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the child has exited; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    # --- the pipes ---------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: Any = None) -> None:
+        stream = self._stdin
+        if stream is None:
+            return
+        with self._write_lock, contextlib.suppress(OSError, ValueError):
+            write_frame(stream, kind, payload)
+
+    def _read(self, stream: IO[bytes]) -> None:
+        try:
+            while (frame := read_frame(stream)) is not None:
+                self._handle(*frame)
+        except Exception:
+            log.exception("worker process: unreadable frame")
+        finally:
+            stream.close()
+            proc = self._proc
+            if proc is not None:
+                proc.wait()
+                if proc.returncode and self._error is None:
+                    self._error = f"worker process exited with status {proc.returncode}"
+            self._stopped.set()
+            self._ready.set()  # wake a start() still waiting: it sees the error
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "results":
+            for result in payload:
+                self._counts[result.state] += 1
+                if self._on_result is not None:
+                    try:
+                        self._on_result(result)
+                    except Exception:
+                        log.exception("on_result callback failed")
+        elif kind == "status":
+            self._status = payload
+        elif kind == "log":
+            record = logging.makeLogRecord(payload)
+            logging.getLogger(record.name).handle(record)
+        elif kind == "ready":
+            self._ready.set()
+        elif kind == "error":
+            self._error = str(payload)
+        # "stopped" needs nothing: the end of the stream follows

@@ -1,0 +1,260 @@
+"""Where the worker runs (engine v2 #6): a child process, a thread, a task, or nowhere.
+
+The process mode is what a durable store gets by default; on_result, worker_status and
+stop() work in every mode, and a worker process dies with its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, RecipientState, Timeouts
+from mailstrom.errors import WorkerError
+from mailstrom.stores import MemoryStore, SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import FakeClock, Results
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+ROOT = Path(__file__).parents[2]
+
+
+def hello(to: str, n: int = 0) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject=f"n{n}", text=f"Hello {n}")
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+def config(dns: LoopbackDNS, port: int, **overrides: Any) -> Config:
+    options: dict[str, Any] = {
+        "helo_name": "client.test",
+        "smtp_port": port,
+        "dns": dns.dns_config,
+        "timeouts": FAST,
+        "allow_loopback": True,
+        "poll_interval": 30,  # only wake-ups explain prompt deliveries
+    }
+    return Config(**(options | overrides))
+
+
+def test_a_durable_store_gets_a_worker_process_by_default(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, client_tls_context: Any
+) -> None:
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, tls="verify", tls_context=client_tls_context)
+    with Mailstrom(cfg, store=store, on_result=results) as ms:
+        assert ms.worker_mode == "process"
+        pid = ms.worker.pid  # type: ignore[union-attr]
+        assert pid is not None and pid != os.getpid()
+        ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(20)]
+        results.wait_count(20)
+        assert all(ms.query_status(i).state is RecipientState.DELIVERED for i in ids)
+        assert ms.worker_status.running
+        assert ms.worker_status.delivered == 20
+    assert not ms.worker_status.running
+    assert _gone(pid)
+    # The child rebuilt the verifying TLS context from the CA certificates it was given.
+    assert all(m.tls for m in mx.messages)
+    store.close()
+
+
+def test_thread_mode_and_custom_clocks_stay_in_this_process(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    assert Mailstrom(config(dns_server, mx.port), store=store, worker="thread").worker_mode == (
+        "thread"
+    )
+    assert Mailstrom(config(dns_server, mx.port), store=store, clock=FakeClock()).worker_mode == (
+        "thread"
+    )
+    assert Mailstrom(config(dns_server, mx.port), store=MemoryStore()).worker_mode == "thread"
+    with pytest.raises(WorkerError, match="memory"):
+        Mailstrom(config(dns_server, mx.port), store=MemoryStore(), worker="process")
+    with pytest.raises(WorkerError, match="clock"):
+        Mailstrom(config(dns_server, mx.port), store=store, clock=FakeClock(), worker="process")
+    store.close()
+
+
+def test_without_a_worker_a_separate_worker_process_delivers(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """worker=None only queues; a `mailstrom worker` started on its own, idle and polling
+    once in 30 s, is woken by the enqueue itself (engine v2 #5)."""
+    path = tmp_path / "q.db"
+    env = {
+        **os.environ,
+        "MAILSTROM_ALLOW_LOOPBACK": "1",
+        "MAILSTROM_POLL_INTERVAL": "30",
+        "XDG_CONFIG_HOME": str(tmp_path),
+    }
+    store = SQLiteStore(path)
+    command = [
+        sys.executable,
+        "-m",
+        "mailstrom",
+        "worker",
+        "--no-live",
+        "--store",
+        f"sqlite:///{path}",
+        "--dns-server",
+        f"127.0.0.1:{dns_server.port}",
+        "--smtp-port",
+        str(mx.port),
+        "--helo-name",
+        "client.test",
+    ]
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as worker:
+        try:
+            assert worker.stderr is not None
+            assert "worker started" in worker.stderr.readline()
+            with Mailstrom(config(dns_server, mx.port), store=store, worker=None) as ms:
+                assert ms.worker_mode is None
+                assert not ms.worker_status.running
+                for n in range(3):
+                    started = time.monotonic()
+                    mid = ms.send_email(hello(f"w{n}@example.org", n))
+                    mx.wait_for_messages(n + 1, timeout=10)
+                    # Far below the 30 s poll: the worker was woken, not polling.
+                    assert time.monotonic() - started < 5
+                    assert _wait_until(lambda: ms.query_status(mid).is_final, 5)  # noqa: B023
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+    assert worker.returncode == 0
+    store.close()
+
+
+async def test_async_facade_with_a_worker_process(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    async with AsyncMailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        assert ms.worker_mode == "process"
+        mid = await ms.send_email(hello("async@example.org"))
+        await mx.await_messages(1)
+        assert _wait_until(lambda: len(results.all) == 1, 10)
+        assert (await ms.query_status(mid)).state is RecipientState.DELIVERED
+    assert AsyncMailstrom(config(dns_server, mx.port), store=MemoryStore()).worker_mode == "task"
+    store.close()
+
+
+def test_a_worker_process_forwards_its_log_records(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attempt lines of a worker process reach this process's logging, as they would
+    from a thread."""
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted"
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    with (
+        caplog.at_level(logging.INFO, logger="mailstrom"),
+        Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms,
+    ):
+        ms.send_email(hello("grey@example.org"))
+        results.wait_count(1)
+        assert _wait_until(lambda: any("Greylisted" in r.getMessage() for r in caplog.records), 10)
+    [record] = [r for r in caplog.records if "Greylisted" in r.getMessage()]
+    assert record.name == "mailstrom.attempts"
+    assert record.levelno == logging.WARNING
+    assert record.fields["rcpt"] == "grey@example.org"  # type: ignore[attr-defined]
+    store.close()
+
+
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from mailstrom import Config, Email, Mailstrom, Timeouts
+    from mailstrom.stores import SQLiteStore
+    from mailstrom.config import DNSConfig
+
+    port, dns_port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    config = Config(helo_name="client.test", smtp_port=port, allow_loopback=True,
+                    dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_port),
+                    timeouts=Timeouts(greeting=60))
+    ms = Mailstrom(config, store=SQLiteStore(path), worker="process")
+    ms.start()
+    ms.send_email(Email(from_="a@sender.test", to=["stuck@example.org"], text="x"))
+    print(ms.worker.pid, flush=True)
+    sys.stdin.readline()  # until killed
+    """
+)
+
+
+def test_a_worker_process_dies_with_its_parent(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """SIGKILL the application: its worker process notices at once, gives back what it
+    had not delivered (due now) and exits; nothing is left running or leased."""
+    mx.stall_on = "greeting"
+    path = tmp_path / "q.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(mx.port), str(dns_server.port), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _wait_until(lambda: mx.connections == 1, 10)  # the delivery is under way
+        parent.kill()
+        parent.wait()
+    assert _wait_until(lambda: _gone(child), 15), "the worker process outlived its parent"
+    store = SQLiteStore(path)
+    [message] = store.recent()
+    assert message.recipients[0].state is RecipientState.QUEUED
+    # Given back, not left under a lease until it expires: due right now.
+    lease = store.lease(now=_utc_now(), limit=10, lease_for=_minutes(5))
+    assert lease is not None
+    store.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1].startswith("Z")
+
+
+def _wait_until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)  # polling a status snapshot; nothing to wait on
+    return bool(predicate())
+
+
+def _utc_now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _minutes(n: int) -> Any:
+    from datetime import timedelta
+
+    return timedelta(minutes=n)
