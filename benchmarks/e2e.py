@@ -367,7 +367,7 @@ def run_deliver_thread(bench: Bench, emails: Sequence[Email], profiler: Any | No
     """The facade's in-process worker; N messages queued before ``start()``."""
     sink = bench.sink
     outcomes = Outcomes(len(emails))
-    ms = make_facade(bench.config(), bench.new_store_path(), None, on_result=outcomes)
+    ms = make_facade(bench.config(), bench.new_store_path(), "thread", on_result=outcomes)
     before = sink.count()
     run = Run(messages=len(emails), seconds=0.0, delivered=0)
     try:

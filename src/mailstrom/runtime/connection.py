@@ -854,11 +854,10 @@ class SMTPConnection(asyncio.Protocol):
         if self._write_paused:
             self._arm(self._timeouts.data_block, "take the message")
             return
-        outstanding = self._session.outstanding
-        if not outstanding:
+        command = self._session.awaiting
+        if command is None:
             self._disarm()
             return
-        command = outstanding[0]
         t = self._timeouts
         if command is Command.DATA:
             self._arm(t.data_init, "reply to DATA")

@@ -4,8 +4,8 @@ A destination is a recipient domain (or the relay, when one is configured). Its 
 wait in one queue; up to ``max_per_destination`` session tasks (``max_connections`` over
 all destinations) take them in turn. A session resolves the route, connects to the first
 address that answers (RFC 5321 §5.1: MX hosts in preference order, every address of each)
-and streams transactions over that connection, keeping two submitted so that one is on
-the wire while the other is answered. A session does not hold anything but its own
+and streams transactions over that connection, keeping three submitted so that one is
+on the wire while another is answered. A session does not hold anything but its own
 connection: a stalled server ties up its own sessions only, never the other destinations.
 
 Failures follow the delivery rules: a connection that cannot be made, or a refused greeting,
@@ -38,8 +38,10 @@ from mailstrom.stores.base import RecipientResult, WorkItem
 
 log = logging.getLogger("mailstrom.delivery")
 
-_DEPTH = 2
-"""Transactions kept submitted per connection: one being answered, the next on the wire."""
+_DEPTH = 3
+"""Transactions kept submitted per connection: one being answered, the next on the wire,
+and one more waiting, so that the content of the next leaves with the envelope after it
+even when the replies of both arrive in one segment."""
 
 Done = Callable[[list[RecipientResult]], None]
 

@@ -164,6 +164,11 @@ class ClientSession:
         return tuple(command for command, _ in self._pending)
 
     @property
+    def awaiting(self) -> Command | None:
+        """The command whose reply comes next, or None (O(1), unlike ``outstanding``)."""
+        return self._pending[0][0] if self._pending else None
+
+    @property
     def extensions(self) -> Mapping[str, str]:
         """EHLO keywords → parameters, e.g. ``{"SIZE": "1000", "AUTH": "PLAIN LOGIN"}``."""
         return MappingProxyType(self._extensions)
