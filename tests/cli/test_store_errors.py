@@ -162,3 +162,39 @@ def test_views_on_a_read_only_mount_see_an_open_writers_commits(cli: CLI) -> Non
         assert late in [m["id"] for m in queue.json()]
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_running_worker_stops_loudly_when_its_database_goes(
+    cli: CLI, workdir: Path, how: str
+) -> None:
+    """Hardening #17: the store deleted (or replaced) under a running worker. The worker
+    kept the unlinked file and went on silently while `send` created a new store it never
+    read; now its next look at the store (the periodic poll) notices and it exits 74,
+    naming the file."""
+    send(cli)  # creates the store
+    cli.env["MAILSTROM_POLL_INTERVAL"] = "0.2"
+    worker = cli.popen("worker", "--no-live")
+    try:
+        assert worker.stderr is not None
+        assert b"worker started" in worker.stderr.readline()
+        db = workdir / "queue.db"
+        if how == "deleted":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        else:
+            replacement = workdir / "new.db"
+            shutil.copy(db, replacement)
+            replacement.replace(db)
+        code = worker.wait(timeout=30)
+        err = worker.stderr.read().decode()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+        if worker.stderr is not None:
+            worker.stderr.close()
+    assert code == 74, err
+    assert "queue.db" in err and ("deleted" in err or "replaced" in err), err
