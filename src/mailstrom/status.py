@@ -190,6 +190,9 @@ class WorkerStatus:
     """Results held in memory because the store could not take them yet."""
     sessions: int = 0
     """SMTP sessions open or being opened."""
+    record_lag: float = 0.0
+    """Seconds the oldest result of the last recorded batch waited for its record: the
+    window in which a crash would make a delivered recipient be sent again."""
 
     @property
     def dead(self) -> bool:

@@ -18,18 +18,12 @@ each copy it got. Checked:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -39,6 +33,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer
+from tests.support.fleet import Fleet, WorkerProcess
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -75,120 +70,6 @@ def prepared(i: int) -> PreparedMessage:
         recipients=(address,),
         subject=f"number {i}",
     )
-
-
-class WorkerProcess:
-    """One ``mailstrom worker`` process whose JSON log lines a thread reads as they come."""
-
-    def __init__(
-        self, name: str, env: dict[str, str], lease_for: str, activity: threading.Condition
-    ) -> None:
-        self.name = name
-        self.helo = f"{name}.test"
-        self._activity = activity
-        self._lines: list[str] = []
-        self._started = threading.Event()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mailstrom",
-                "worker",
-                "--no-live",
-                "--log-format",
-                "json",
-                "--drain-timeout",
-                "20",
-            ],
-            env={**env, "MAILSTROM_HELO_NAME": self.helo, "MAILSTROM_LEASE_FOR": lease_for},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._activity:
-                self._lines.append(line)
-                if '"worker started"' in line:
-                    self._started.set()
-                self._activity.notify_all()
-        with self._activity:
-            self._activity.notify_all()
-
-    def wait_started(self, timeout: float) -> None:
-        if not self._started.wait(timeout):
-            raise AssertionError(f"{self.name} did not start:\n{self.log()}")
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        with self._activity:
-            lines = list(self._lines)
-        found = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == name:
-                found.append(record)
-        return found
-
-    def recorded_delivered(self) -> set[str]:
-        """Recipients this worker logged as delivered (it logs only after recording)."""
-        return {e["rcpt"] for e in self.events("attempt") if e.get("state") == "delivered"}
-
-    def log(self) -> str:
-        with self._activity:
-            return "".join(self._lines[-15:])
-
-    def finish(self, timeout: float) -> int:
-        """Wait for the process to exit and its log to be read; its exit status."""
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return code
-
-
-class Fleet:
-    """Worker processes sharing one store, and a way to wait on what they log."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.activity = threading.Condition()
-        self.workers: list[WorkerProcess] = []
-
-    def start(self, count: int, *, lease_for: str = LONG_LEASE) -> list[WorkerProcess]:
-        started = [
-            WorkerProcess(f"w{len(self.workers) + i}", self.env, lease_for, self.activity)
-            for i in range(count)
-        ]
-        self.workers += started
-        for worker in started:
-            worker.wait_started(timeout=30)
-        return started
-
-    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        """Re-check ``check`` whenever a worker logs something (and at least every
-        0.25 s, for changes no log line announces) until it holds or time runs out."""
-        deadline = time.monotonic() + timeout
-        while not check():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                logs = "\n".join(f"--- {w.name}\n{w.log()}" for w in self.workers)
-                raise AssertionError(f"timed out waiting until {what}\n{logs}")
-            with self.activity:
-                self.activity.wait(min(left, 0.25))
-
-    def stop_all(self) -> None:
-        for worker in self.workers:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.finish(timeout=10)
 
 
 @pytest.fixture

@@ -1,17 +1,18 @@
 """The asyncio worker: lease due work in batches, deliver it, record results in batches.
 
-One worker runs one event loop. Three loops share it:
-
-* **leasing** takes due recipients from the store in batches. After a small batch, while
-  deliveries are in flight, it waits a few milliseconds so that the next lease collects
-  what arrived meanwhile, instead of one write transaction per message. It never leases
-  more than ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery, and
-  counts capacity per recipient: a stalled server holds only its own slots.
-* **recording** writes results as soon as they exist, all that finished while the last
-  write ran in one transaction (group commit), so the window in which a crash could make a
-  delivered recipient be sent again stays one write long.
-* **heartbeat** extends the leases of work still in progress, so that a slow delivery is
-  not taken over by another worker.
+One worker runs one event loop, with one **store loop** that makes every write the worker
+makes. Each turn it records whatever delivery results exist (all that finished while the
+last write ran: group commit) and, when work may be due and there is room, leases more,
+both in one transaction (``Store.record_and_lease``: one fsync on SQLite). So a result
+waits at most about one write for its record (the window in which a crash would make a
+delivered recipient be sent again), a lease never delays a record, and one ``send_email``
+does not turn into separate lease and record transactions. After a small lease, while
+deliveries are in flight, leasing pauses a few milliseconds so that the next one collects
+what arrived meanwhile. The worker never leases more than
+``max(4 * max_connections, lease_batch)`` recipients ahead of delivery and counts
+capacity per recipient: a stalled server holds only its own slots. A **heartbeat** extends
+the leases of work still in progress, so that a slow delivery is not taken over by
+another worker.
 
 The store may fail for a while (a database restart, a write lock held by another process):
 the worker keeps every result in memory, retries with backoff and goes on by itself; it
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
@@ -43,10 +45,15 @@ from mailstrom.stores.base import Lease, RecipientResult, Store
 
 log = logging.getLogger("mailstrom.worker")
 
+T = TypeVar("T")
+
 _COALESCE = 0.005
 """Seconds to let work accumulate before the next lease, after a small one."""
 _SMALL_LEASE = 32
 """A lease of fewer recipients than this is small."""
+_RECORD_AFTER = 0.002
+_RECORD_MANY = 128
+"""Results wait at most this long (seconds), or until this many gather, for their write."""
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 5.0
 """Bounds of the wait between retries of a failing store call."""
@@ -68,6 +75,7 @@ class _Counters:
     error: str | None = None
     store_error: str | None = None
     store_errors: int = 0
+    record_lag: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -113,6 +121,7 @@ class Worker:
         self.store = store
         self._clock = clock
         self._router = router or Router.for_config(config)
+        self._inline = bool(getattr(store, "in_process", False))
         self._rng = rng or random.Random()
         self._on_result = on_result
         self._counters = _Counters()
@@ -121,23 +130,21 @@ class Worker:
         self._drain_timeout: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._results_ready: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._closing = False
+        self._lease_wanted = True
         self._dispatcher: Dispatcher | None = None
         self._leases: dict[str, _LeaseState] = {}
         self._pending: list[RecipientResult] = []
+        self._pending_since = 0.0
         self._starved = False
-        self._fatal: BaseException | None = None
         self._stopped = threading.Event()
 
     # --- control, callable from any thread -------------------------------------------------
 
     def wake(self) -> None:
         """Look for due work now (thread-safe)."""
-        loop, event = self._loop, self._wake
-        if loop is None or event is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed since the check
-            loop.call_soon_threadsafe(event.set)
+        self._call_soon(self._poke)
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Stop leasing (thread-safe). In-flight deliveries get ``drain_timeout`` seconds
@@ -145,7 +152,25 @@ class Worker:
         the store, due at once, and ``run`` returns."""
         self._drain_timeout = drain_timeout
         self._stopping = True
-        self.wake()
+        self._call_soon(self._stop_now)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed since the check
+            loop.call_soon_threadsafe(callback)
+
+    def _poke(self) -> None:
+        self._lease_wanted = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def _stop_now(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._wake is not None:
+            self._wake.set()
 
     @property
     def status(self) -> WorkerStatus:
@@ -163,6 +188,7 @@ class Worker:
             store_error=c.store_error,
             unrecorded=len(self._pending),
             sessions=dispatcher.sessions if dispatcher is not None else 0,
+            record_lag=c.record_lag,
         )
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -180,9 +206,12 @@ class Worker:
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._results_ready = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        if self._stopping:
+            self._stop_event.set()
         self._running = True
-        self._fatal = None
+        self._closing = False
+        self._lease_wanted = True
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
@@ -190,14 +219,21 @@ class Worker:
             self.config, router=self._router, outcomes=outcomes, on_done=self._on_done
         )
         unwatch: Callable[[], None] | None = None
-        recorder = asyncio.create_task(self._record_loop(), name="mailstrom-recorder")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        store_loop: asyncio.Task[None] | None = None
         try:
             unwatch = self.store.watch(self.wake)
+            store_loop = asyncio.create_task(
+                self._store_loop(dispatcher, once=once), name="mailstrom-store"
+            )
             if on_started is not None:
                 on_started()
-            await self._lease_loop(dispatcher, recorder, once=once)
-            await self._drain(dispatcher, self._drain_timeout)
+            stopping = asyncio.create_task(self._stop_event.wait(), name="mailstrom-stop")
+            await asyncio.wait({store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if store_loop.done():
+                store_loop.result()  # a fatal error: raise it here
+            await self._drain(dispatcher, store_loop)
         except BaseException as exc:
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -208,68 +244,102 @@ class Worker:
                 unwatch()
             self._stopping = True
             await dispatcher.close()
-            await self._finish_recording(recorder)
+            if store_loop is not None:
+                await self._finish_recording(store_loop)
             await self._release_unfinished()
             self._running = False
             self._stopped.set()
 
-    async def _lease_loop(
-        self, dispatcher: Dispatcher, recorder: asyncio.Task[None], *, once: bool
-    ) -> None:
-        assert self._wake is not None
+    async def _store_loop(self, dispatcher: Dispatcher, *, once: bool) -> None:
+        """Every write the worker makes: record what finished, and lease what is due, in
+        one transaction when both are wanted (see the module docstring)."""
+        assert self._wake is not None and self._loop is not None
         config = self.config
+        loop = self._loop
         # Keep enough work in flight to fill every session, but no more: work leased and
         # waiting in memory is work no other worker can take.
         high_water = max(config.max_connections * 4, config.lease_batch)
         backoff = _Backoff()
-        while not self._stopping:
-            if self._fatal is not None:
-                raise self._fatal
-            if recorder.done():
-                recorder.result()  # re-raises what stopped it
-                raise RuntimeError("the result recorder stopped")
+        not_before = 0.0  # no lease before this loop time (gathering a batch)
+        while True:
             self._wake.clear()
-            room = high_water - dispatcher.in_flight
+            # Leased and not yet recorded: in flight, or delivered and waiting for the write.
+            room = high_water - dispatcher.in_flight - len(self._pending)
             self._starved = room <= 0
-            lease = None
-            if room > 0:
-                try:
-                    lease = await asyncio.to_thread(
-                        self.store.lease,
-                        now=self._clock(),
-                        limit=min(room, config.lease_batch),
-                        lease_for=config.lease_for,
-                    )
-                except StoreCorrupt:
-                    raise
-                except StoreError as exc:
-                    self._store_trouble("lease", exc)
-                    await self._sleep(backoff.take())
+            leasing = self._lease_wanted and room > 0 and not self._stopping
+            if leasing and loop.time() < not_before:
+                if not self._pending:
+                    await self._sleep(not_before - loop.time())  # a record cuts it short
                     continue
-                backoff.reset()
-                self._store_fine()
-            if lease is not None:
-                count = self._start(lease, dispatcher)
-                if count < _SMALL_LEASE and dispatcher.in_flight:
-                    await asyncio.sleep(_COALESCE)  # a timer: let a batch gather
+                leasing = False  # results never wait for the batch to gather
+            if self._pending and not leasing and not self._closing:
+                # Gather results for a moment (bounded: the duplicate window after a crash
+                # is this plus one write) so that each write records a batch.
+                wait = self._pending_since + _RECORD_AFTER - loop.time()
+                if wait > 0 and len(self._pending) < _RECORD_MANY:
+                    await self._sleep(wait)
+                    continue
+            if not self._pending and not leasing:
+                if self._closing or (self._stopping and dispatcher.idle.is_set()):
+                    return
+                if await self._idle(dispatcher, once=once):
+                    return
                 continue
-            if once and dispatcher.idle.is_set() and not self._pending:
-                return
-            dispatcher.prune()
-            await self._sleep_until_due(dispatcher, once=once)
+            batch, self._pending = self._pending, []
+            limit = min(room, config.lease_batch) if leasing else 0
+            try:
+                recorded, lease = await self._store_call(
+                    self.store.record_and_lease,
+                    batch,
+                    now=self._clock(),
+                    limit=limit,
+                    lease_for=config.lease_for,
+                )
+            except StoreCorrupt:
+                self._pending[:0] = batch
+                raise
+            except StoreError as exc:
+                self._pending[:0] = batch
+                self._store_trouble("record" if batch else "lease", exc)
+                await self._sleep(backoff.take())
+                continue
+            except BaseException:
+                self._pending[:0] = batch
+                raise
+            backoff.reset()
+            self._store_fine()
+            if batch:
+                self._recorded(batch, recorded)
+            if not leasing:
+                continue
+            if lease is None:
+                self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                continue
+            if self._start(lease, dispatcher) < _SMALL_LEASE and dispatcher.in_flight:
+                not_before = loop.time() + _COALESCE
+
+    async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call the store: on this loop when its calls are short local work (memory,
+        SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
+        work), else in a thread (PostgreSQL: a network round trip)."""
+        if self._inline:
+            return method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
 
     async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` pass or something happens (a result, a wake-up, a stop)."""
         assert self._wake is not None
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+            await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.0))
 
-    async def _sleep_until_due(self, dispatcher: Dispatcher, *, once: bool) -> None:
-        assert self._wake is not None
+    async def _idle(self, dispatcher: Dispatcher, *, once: bool) -> bool:
+        """Nothing to write: sleep until work may be due. True when ``once`` is done."""
         timeout = self.config.poll_interval
+        if once and dispatcher.idle.is_set():
+            return True  # the last lease found nothing due, and nothing is in flight
         if dispatcher.idle.is_set() and not self._starved:
             try:
-                due = await asyncio.to_thread(self.store.next_due, now=self._clock())
+                due = await self._store_call(self.store.next_due, now=self._clock())
             except StoreCorrupt:
                 raise
             except StoreError as exc:
@@ -277,10 +347,15 @@ class Worker:
                 due = None
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
-            elif once:
-                return
-        with contextlib.suppress(TimeoutError):
+            if timeout <= 0:
+                self._lease_wanted = True
+                return False
+        assert self._wake is not None
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except TimeoutError:
+            self._lease_wanted = True  # the poll, or the due time came
+        return False
 
     def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
         count = sum(len(item.recipients) for item in lease.items)
@@ -290,53 +365,18 @@ class Worker:
         return count
 
     def _on_done(self, results: list[RecipientResult]) -> None:
-        """An item's results: to the recorder at once (the duplicate window starts now)."""
+        """An item's results: to the store loop at once (the duplicate window starts)."""
+        if not self._pending and self._loop is not None:
+            self._pending_since = self._loop.time()
         self._pending.extend(results)
-        assert self._results_ready is not None
-        self._results_ready.set()
-        if self._starved and self._wake is not None:
-            self._wake.set()  # room for more work
-
-    async def _record_loop(self) -> None:
-        """Write results in batches: whatever finished while the last write ran goes in
-        the next one (group commit). A failing store is retried with backoff; results stay
-        in memory meanwhile and are never dropped."""
-        assert self._results_ready is not None
-        backoff = _Backoff()
-        while True:
-            await self._results_ready.wait()
-            self._results_ready.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    recorded = await asyncio.to_thread(self.store.record, batch)
-                except StoreCorrupt as exc:
-                    self._pending[:0] = batch
-                    self._fatal = exc
-                    self.wake()
-                    return
-                except StoreError as exc:
-                    self._pending[:0] = batch
-                    self._store_trouble("record", exc)
-                    await asyncio.sleep(backoff.take())  # a timer between retries
-                    continue
-                except Exception as exc:  # a bug: stop the worker, say why
-                    self._pending[:0] = batch
-                    self._fatal = exc
-                    self.wake()
-                    return
-                backoff.reset()
-                self._store_fine()
-                self._recorded(batch, recorded)
-                dispatcher = self._dispatcher
-                if dispatcher is not None and dispatcher.idle.is_set():
-                    # Recorded results may have made work due (a retry soon): the lease
-                    # loop, which slept without a due time while work was in flight, looks.
-                    self.wake()
-            if self._stopping and not self._pending:
-                return
+        if self._starved:
+            self._lease_wanted = True  # room for more work
+        assert self._wake is not None
+        self._wake.set()
 
     def _recorded(self, batch: list[RecipientResult], recorded: list[RecipientResult]) -> None:
+        oldest = min(result.attempt.at for result in batch)
+        self._counters.record_lag = max(0.0, (self._clock() - oldest).total_seconds())
         ignored = len(batch) - len(recorded)
         for result in batch:
             state = self._leases.get(result.lease_token)
@@ -376,7 +416,7 @@ class Worker:
             until = self._clock() + lease_for
             for state in list(self._leases.values()):
                 try:
-                    await asyncio.to_thread(self.store.extend, state.lease, until=until)
+                    await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
 
@@ -397,23 +437,30 @@ class Worker:
 
     # --- stopping ----------------------------------------------------------------------
 
-    async def _drain(self, dispatcher: Dispatcher, timeout: float | None) -> None:
-        if not dispatcher.idle.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dispatcher.idle.wait(), timeout=timeout)
+    async def _drain(self, dispatcher: Dispatcher, store_loop: asyncio.Task[None]) -> None:
+        """Let deliveries in flight finish, up to the drain timeout (the store loop records
+        their results meanwhile)."""
+        if dispatcher.idle.is_set():
+            return
+        idle = asyncio.create_task(dispatcher.idle.wait())
+        await asyncio.wait(
+            {idle, store_loop}, timeout=self._drain_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        idle.cancel()
 
-    async def _finish_recording(self, recorder: asyncio.Task[None]) -> None:
-        """Let the recorder write what is pending, retrying a failing store for as long as
-        the drain timeout allows; what still cannot be written is reported, not hidden."""
-        assert self._results_ready is not None
-        self._results_ready.set()
+    async def _finish_recording(self, store_loop: asyncio.Task[None]) -> None:
+        """Let the store loop write what is pending, retrying a failing store for as long
+        as the drain timeout allows; what still cannot be written is reported, not hidden."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
         timeout = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
-        if not recorder.done():
+        if not store_loop.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(recorder), timeout=timeout)
-            recorder.cancel()
+                await asyncio.wait_for(asyncio.shield(store_loop), timeout=timeout)
+            store_loop.cancel()
         with contextlib.suppress(BaseException):
-            await recorder
+            await store_loop
         if self._pending:
             log.error(
                 "%d results could not be recorded before stopping; those recipients are "
@@ -430,7 +477,7 @@ class Worker:
             if state.lease.token in unrecorded:
                 continue
             try:
-                await asyncio.to_thread(self.store.release, state.lease)
+                await self._store_call(self.store.release, state.lease)
             except StoreError as exc:
                 log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()

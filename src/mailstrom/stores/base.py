@@ -144,6 +144,12 @@ class Store(Protocol):
     :class:`~mailstrom.errors.StoreError` for driver failures.
     """
 
+    in_process: bool
+    """True when calls are short local work that never waits on a network (memory,
+    SQLite): the worker then calls the store on its event loop, which is cheaper than a
+    thread hand-off and never waits for the GIL behind the loop's own work. False
+    (PostgreSQL) makes the worker call it from threads."""
+
     def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
         """Store ``message`` durably (committed before returning) and return its new id.
 
@@ -169,7 +175,22 @@ class Store(Protocol):
         (reply text and error cut to :data:`MAX_REPLY_TEXT` octets, history to the last
         :data:`MAX_HISTORY` attempts). A result whose recipient is no longer held under
         its ``lease_token`` (taken over, cancelled, recorded already) is ignored. Returns
-        the results that were recorded, in order."""
+        the results that were recorded, in order. A store may commit results without
+        waiting for the disk (SQLite does): they survive any process crash, and a power
+        failure at worst makes a recipient be delivered once more, never lost."""
+        ...
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
+        (none when ``limit`` is 0); in one transaction where the store can (SQLite: one
+        commit, one fsync, for the worker's whole turn)."""
         ...
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

@@ -128,6 +128,9 @@ class MemoryStore:
     >>> mid = store.enqueue(message, now=datetime.now(UTC))  # doctest: +SKIP
     """
 
+    in_process = True
+    """Calls never wait: the worker makes them on its event loop."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._messages: dict[str, _Message] = {}
@@ -267,6 +270,19 @@ class MemoryStore:
                 if r is not None and r.lease_token == lease.token:
                     held.append(r)
         return held
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        """Record, then lease (each under the store's lock; nothing to commit)."""
+        recorded = self.record(results) if results else []
+        lease = self.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+        return recorded, lease
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

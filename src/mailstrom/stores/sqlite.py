@@ -98,6 +98,10 @@ _MESSAGE_STATE_SQL = """(
         ELSE 'failed'
     END
     FROM recipients r WHERE r.message_seq = m.seq)"""
+_RECORD_CHUNK = 1000
+"""Results per statement when recording: 14 values each, well under SQLite's limit of
+32,766 bound parameters."""
+_ROW14 = "(" + ",".join("?" * 14) + ")"
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
@@ -186,6 +190,10 @@ class SQLiteStore:
     ``read_only=True`` opens an existing store for reading only (see the module docstring);
     its write methods then fail with StoreError.
     """
+
+    in_process = True
+    """Calls are local file I/O, short and without network waits: the worker makes them on
+    its event loop instead of handing each to a thread (see ``Store.in_process``)."""
 
     def __init__(
         self,
@@ -357,17 +365,30 @@ class SQLiteStore:
                         self._idle.append(conn)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: in-process lock, then BEGIN IMMEDIATE, COMMIT on success."""
+    def _write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction: in-process lock, then BEGIN IMMEDIATE, COMMIT on success.
+
+        ``fsync=False`` commits without waiting for the disk (``synchronous=NORMAL`` for
+        this transaction): what the worker writes (leases, results) survives a crash of
+        any process, and becomes power-safe with the next fsync of the WAL (any enqueue,
+        or a checkpoint). Losing it to a power failure means a lease that expires again
+        or a recipient delivered once more; never a lost message. Enqueues always fsync.
+        """
         with self._write_lock, self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not fsync:
+                    conn.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -508,31 +529,54 @@ class SQLiteStore:
         (message, domain); one transaction, walking the due index with LIMIT."""
         if limit <= 0:
             return None
+        with self._write(fsync=False) as conn:
+            return self._lease(conn, now=now, limit=limit, lease_for=lease_for)
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
+        recorded: list[RecipientResult] = []
+        with self._write(fsync=False) as conn:
+            for start in range(0, len(results), _RECORD_CHUNK):
+                recorded += self._record_chunk(conn, results[start : start + _RECORD_CHUNK])
+            lease = (
+                self._lease(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+            )
+        return recorded, lease
+
+    def _lease(
+        self, conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
+    ) -> Lease | None:
         token = os.urandom(16).hex()
         expires_at = now + lease_for
-        with self._write() as conn:
-            rows = conn.execute(
-                "SELECT id, message_seq, position, address, domain, attempts, first_attempt_at"
-                " FROM recipients INDEXED BY recipients_due"
-                f" WHERE {_PENDING_SQL} AND held = 0 AND {_DUE_SQL} <= ?"
-                f" ORDER BY {_DUE_SQL}, id LIMIT ?",
-                (to_us(now), limit),
-            ).fetchall()
-            if not rows:
-                return None
-            conn.executemany(
-                "UPDATE recipients SET lease_token = ?, lease_expires_at = ? WHERE id = ?",
-                [(token, to_us(expires_at), row[0]) for row in rows],
-            )
-            seqs = sorted({row[1] for row in rows})
-            messages = {}
-            for chunk in _chunks(seqs):
-                for m in conn.execute(
-                    "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
-                    f" FROM messages WHERE seq IN ({_qmarks(len(chunk))})",
-                    chunk,
-                ):
-                    messages[m[0]] = m
+        # One statement marks and returns the due rows (the subquery walks the due
+        # index and stops at the limit), instead of a SELECT and an UPDATE per row.
+        rows = conn.execute(
+            "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
+            " WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due"
+            f" WHERE {_PENDING_SQL} AND held = 0 AND {_DUE_SQL} <= ?"
+            f" ORDER BY {_DUE_SQL}, id LIMIT ?)"
+            " RETURNING id, message_seq, position, address, domain, attempts,"
+            " first_attempt_at",
+            (token, to_us(expires_at), to_us(now), limit),
+        ).fetchall()
+        if not rows:
+            return None
+        seqs = sorted({row[1] for row in rows})
+        messages = {}
+        for chunk in _chunks(seqs):
+            for m in conn.execute(
+                "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
+                f" FROM messages WHERE seq IN ({_qmarks(len(chunk))})",
+                chunk,
+            ):
+                messages[m[0]] = m
         groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
         for rid, seq, position, address, domain, attempts, first in rows:
             groups.setdefault((seq, domain), []).append(
@@ -566,65 +610,81 @@ class SQLiteStore:
         return Lease(token=token, expires_at=expires_at, items=tuple(items))
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
-        """Record results of any leases in one transaction; each row is found by the id
-        it was leased with and updated only while its lease token still matches, so
-        nothing is read back first. Returns the results recorded."""
+        """Record results of any leases in one transaction: one UPDATE for a whole chunk
+        of results, each row found by the id it was leased with and changed only while its
+        lease token still matches (nothing is read back first), then one INSERT of their
+        history. Returns the results recorded."""
         if not results:
             return []
         recorded: list[RecipientResult] = []
-        history: list[tuple[object, ...]] = []
-        trim: list[tuple[int, int, int]] = []
-        with self._write() as conn:
-            for result in results:
-                rid = result.ref if result.ref is not None else self._rid(conn, result)
-                if rid is None:
-                    continue
-                a = bounded_attempt(result.attempt)
-                reply = a.reply
-                at = to_us(a.at)
-                final = result.state.is_final
-                next_at = None if final else opt_us(result.next_attempt_at) or at
-                reply_cols = (
-                    (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
-                )
-                row = conn.execute(
-                    "UPDATE recipients SET state = ?, attempts = attempts + 1,"
-                    " first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ?,"
-                    " next_attempt_at = ?, finished_at = ?, lease_token = NULL,"
-                    " lease_expires_at = NULL, reply_code = ?, reply_enhanced = ?,"
-                    " reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?, uncertain = ?"
-                    " WHERE id = ? AND lease_token = ? RETURNING attempts",
-                    (
-                        *(result.state.value, at, at, next_at, at if final else None),
-                        *(*reply_cols, a.error, a.mx_host, a.ip, a.tls, a.uncertain),
-                        *(rid, result.lease_token),
-                    ),
-                ).fetchone()
-                if row is None:
-                    continue  # not ours any more (taken over, cancelled) or recorded twice
-                recorded.append(result)
-                history.append(
-                    (
-                        *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
-                        *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
-                    )
-                )
-                if row[0] > MAX_HISTORY:
-                    trim.append((rid, rid, MAX_HISTORY - 1))
-            if trim:
-                # Make room for the attempt about to be added: keep the newest ones.
-                conn.executemany(
-                    "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id"
-                    " FROM attempts WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
-                    trim,
-                )
-            conn.executemany(
-                "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
-                " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-                " uncertain) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                history,
-            )
+        with self._write(fsync=False) as conn:
+            for start in range(0, len(results), _RECORD_CHUNK):
+                recorded += self._record_chunk(conn, results[start : start + _RECORD_CHUNK])
         return recorded
+
+    def _record_chunk(
+        self, conn: sqlite3.Connection, results: Sequence[RecipientResult]
+    ) -> list[RecipientResult]:
+        by_rid: dict[int, tuple[RecipientResult, tuple[object, ...]]] = {}
+        values: list[object] = []
+        for result in results:
+            rid = result.ref if result.ref is not None else self._rid(conn, result)
+            if rid is None or rid in by_rid:
+                continue  # unknown, or a repeat in one batch (the first one wins)
+            a = bounded_attempt(result.attempt)
+            reply = a.reply
+            at = to_us(a.at)
+            final = result.state.is_final
+            next_at = None if final else opt_us(result.next_attempt_at) or at
+            reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+            values += (
+                *(rid, result.lease_token, result.state.value, at, next_at),
+                *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
+                *(a.tls, a.uncertain),
+            )
+            history = (
+                *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
+                *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
+            )
+            by_rid[rid] = (result, history)
+        if not by_rid:
+            return []
+        updated = conn.execute(
+            "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
+            " mx_host, ip, tls, uncertain) AS (VALUES "
+            + ",".join([_ROW14] * len(by_rid))
+            + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
+            " first_attempt_at = coalesce(first_attempt_at, res.at),"
+            " last_attempt_at = res.at, next_attempt_at = res.next_at,"
+            " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
+            " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
+            " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
+            " uncertain = res.uncertain"
+            " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
+            " RETURNING recipients.id, recipients.attempts",
+            values,
+        ).fetchall()
+        if not updated:
+            return []
+        done = {rid for rid, _ in updated}
+        crowded = [
+            (rid, rid, MAX_HISTORY - 1) for rid, attempts in updated if attempts > MAX_HISTORY
+        ]
+        if crowded:
+            # Make room for the attempt about to be added: keep the newest ones.
+            conn.executemany(
+                "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id"
+                " FROM attempts WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+                crowded,
+            )
+        kept = [entry for rid, entry in by_rid.items() if rid in done]
+        conn.execute(
+            "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
+            " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
+            " uncertain) VALUES " + ",".join([_ROW14] * len(kept)),
+            [value for _, history in kept for value in history],
+        )
+        return [result for result, _ in kept]
 
     @staticmethod
     def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
@@ -638,7 +698,7 @@ class SQLiteStore:
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
-        with self._write() as conn:
+        with self._write(fsync=False) as conn:
             return conn.execute(
                 "UPDATE recipients SET lease_expires_at = ? WHERE lease_token = ?",
                 (to_us(until), lease.token),
@@ -647,7 +707,7 @@ class SQLiteStore:
     def release(self, lease: Lease) -> None:
         """Give back every unrecorded recipient of ``lease``, due at once (they were due
         when leased, so clearing the lease is enough)."""
-        with self._write() as conn:
+        with self._write(fsync=False) as conn:
             released = conn.execute(
                 "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL"
                 " WHERE lease_token = ?",

@@ -45,6 +45,9 @@ class PostgresStore:
     for the database when opening and for a free pooled connection per call.
     """
 
+    in_process = False
+    """Every call is a network round trip: the worker makes them in threads."""
+
     def __init__(
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
     ) -> None:
@@ -140,6 +143,19 @@ class PostgresStore:
             return []
         done = {tuple(row) for row in self._fetch("record", rows.record_params(results))}
         return [r for r in results if (r.message_id, r.address) in done]
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        """Record, then lease: two statements, each its own transaction (one round trip each)."""
+        recorded = self.record(results) if results else []
+        lease = self.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+        return recorded, lease
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
