@@ -24,7 +24,13 @@ from typing import IO, Any
 
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
-from mailstrom.runtime.pipes import ChildSpec, TLSContextSpec, read_frame, write_frame
+from mailstrom.runtime.pipes import (
+    ChildSpec,
+    TLSContextSpec,
+    read_frame,
+    result_from_wire,
+    write_frame,
+)
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -75,6 +81,7 @@ class WorkerProcess:
             log_levels={
                 name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS
             },
+            forward_results=self._on_result is not None,
         )
         env = dict(os.environ)
         # The child must import this very mailstrom, wherever it was imported from.
@@ -146,12 +153,15 @@ class WorkerProcess:
 
     @property
     def status(self) -> WorkerStatus:
+        """The child's latest snapshot (twice a second); with ``on_result`` the counts are
+        those of the results already passed on, so they agree with the callback."""
         running = self._ready.is_set() and not self._stopped.is_set()
+        status = dataclasses.replace(self._status, running=running, error=self._error)
+        if self._on_result is None:
+            return status
         counts = self._counts
         return dataclasses.replace(
-            self._status,
-            running=running,
-            error=self._error,
+            status,
             delivered=counts[RecipientState.DELIVERED],
             deferred=counts[RecipientState.DEFERRED],
             failed=counts[RecipientState.FAILED],
@@ -188,11 +198,13 @@ class WorkerProcess:
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "results":
-            for result in payload:
+            on_result = self._on_result
+            for wire in payload:
+                result = result_from_wire(wire)
                 self._counts[result.state] += 1
-                if self._on_result is not None:
+                if on_result is not None:
                     try:
-                        self._on_result(result)
+                        on_result(result)
                     except Exception:
                         log.exception("on_result callback failed")
         elif kind == "status":

@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import IO, Any
 
 from mailstrom.runtime.loops import run as run_loop
-from mailstrom.runtime.pipes import ChildSpec, read_frame, write_frame
+from mailstrom.runtime.pipes import ChildSpec, read_frame, result_to_wire, write_frame
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -56,7 +56,7 @@ class _Outbox:
     def _flush(self) -> None:
         batch, self._results = self._results, []
         if batch:
-            self.send("results", batch)
+            self.send("results", [result_to_wire(r) for r in batch])
 
 
 class _ForwardLogs(logging.Handler):
@@ -109,7 +109,7 @@ def main() -> int:
     package.propagate = False
     for name, level in spec.log_levels.items():
         logging.getLogger(name).setLevel(level)
-    worker = Worker(config, store, on_result=outbox.result)
+    worker = Worker(config, store, on_result=outbox.result if spec.forward_results else None)
 
     def control() -> None:
         while (frame := read_frame(stdin)) is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from mailstrom.config import Config
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import RecipientResult
 
 _HEADER = struct.Struct("!I")
 
@@ -55,6 +57,8 @@ class ChildSpec:
     """The store, pickled as the instructions to open it again."""
     tls: TLSContextSpec | None
     log_levels: dict[str, int]
+    forward_results: bool
+    """Whether the parent wants every result (it has an ``on_result`` callback)."""
 
 
 def write_frame(stream: IO[bytes], kind: str, payload: Any = None) -> None:
@@ -74,3 +78,50 @@ def read_frame(stream: IO[bytes]) -> tuple[str, Any] | None:
         return None
     kind, payload = pickle.loads(data)  # noqa: S301 - our own parent, over our own pipe
     return str(kind), payload
+
+
+# Results cross as plain tuples: unpickling three dataclasses per result costs the
+# application's process about 60 us (dataclass __setstate__), building them 5.
+
+ResultWire = tuple[Any, ...]
+
+
+def result_to_wire(r: RecipientResult) -> ResultWire:
+    a = r.attempt
+    reply = (a.reply.code, a.reply.text, a.reply.enhanced) if a.reply is not None else None
+    return (
+        *(r.message_id, r.address, r.state.value, r.lease_token, r.next_attempt_at, r.ref),
+        *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
+        *(a.tls_cipher, reply, a.error, a.uncertain),
+    )
+
+
+def result_from_wire(w: ResultWire) -> RecipientResult:
+    (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
+    (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain) = w[9:]
+    smtp_reply = (
+        None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
+    )
+    return RecipientResult(
+        message_id=message_id,
+        address=address,
+        state=RecipientState(state),
+        lease_token=token,
+        next_attempt_at=next_at,
+        ref=ref,
+        attempt=Attempt(
+            at=at,
+            outcome=AttemptOutcome(outcome),
+            duration=duration,
+            mx_host=mx_host,
+            ip=ip,
+            port=port,
+            tls_version=tls_version,
+            tls_cipher=tls_cipher,
+            reply=None
+            if reply is None
+            else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2]),
+            error=error,
+            uncertain=uncertain,
+        ),
+    )
