@@ -118,9 +118,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
             port=port,
             tls_version=tls_version,
             tls_cipher=tls_cipher,
-            reply=None
-            if reply is None
-            else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2]),
+            reply=smtp_reply,
             error=error,
             uncertain=uncertain,
         ),
