@@ -3,8 +3,9 @@
 :meth:`SMTPConnection.open` connects, reads the greeting, says EHLO (HELO when EHLO is
 refused), negotiates STARTTLS per :class:`StartTLS` and authenticates if asked. Then mail
 transactions are handed over with :meth:`SMTPConnection.submit` (or awaited one at a time
-with :meth:`SMTPConnection.send`). Everything after the handshake runs in the protocol's
-callbacks, without a task, stream or context manager per command:
+with :meth:`SMTPConnection.send`; the transaction machine is in
+:mod:`mailstrom.runtime.transactions`). Everything after the handshake runs in the
+protocol's callbacks, without a task, stream or context manager per command:
 
 * with PIPELINING (RFC 2920) a transaction's MAIL, every RCPT and DATA go out in one
   write, and the next submitted transaction's envelope rides in the same write as this
@@ -40,24 +41,23 @@ import functools
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, cast
 
 from mailstrom.config import Timeouts
 from mailstrom.errors import (
     DeliveryError,
-    PermanentFailure,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
     TemporaryFailure,
     TLSRequiredError,
 )
-from mailstrom.smtp import ClientSession, Command, Reply, encode_path
+from mailstrom.runtime.transactions import Handler, TransactionsMixin, failure
+from mailstrom.runtime.transactions import TransactionResult as TransactionResult
+from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
-from mailstrom.status import SMTPReply
 
 _QUIT_TIMEOUT = 5.0
 """Longest wait for the reply to QUIT: politeness must not hold up a worker."""
@@ -89,29 +89,6 @@ class TLSVerifyError(TLSHandshakeError):
     """The peer's certificate is not valid for the host name: never fall back to plaintext."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TransactionResult:
-    """Every reply of one mail transaction, as far as it went.
-
-    ``final`` is None when the content was never sent, or when the connection was lost or
-    timed out after the final dot and before its reply: then ``uncertain`` is True, as the
-    server may have accepted the message (RFC 5321 §4.5.3.2.6; RFC 1047).
-    """
-
-    mail: SMTPReply | None
-    rcpt: tuple[tuple[str, SMTPReply], ...]
-    """Per recipient, in the order sent."""
-    data: SMTPReply | None
-    """The reply to DATA (354 to go ahead), or None if DATA was not sent."""
-    final: SMTPReply | None
-    uncertain: bool = False
-
-    @property
-    def accepted(self) -> tuple[str, ...]:
-        """Recipients whose RCPT got a 2xx reply."""
-        return tuple(address for address, reply in self.rcpt if 200 <= reply.code < 300)
-
-
 @functools.cache
 def _unverified_context() -> ssl.SSLContext:
     # Opportunistic TLS protects against passive eavesdropping only; MX certificates are
@@ -133,89 +110,13 @@ def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLC
     return _unverified_context()
 
 
-def _failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
-    """A Temporary/PermanentFailure carrying ``reply``, by its class (5xx permanent)."""
-    cls = PermanentFailure if reply.code >= 500 else TemporaryFailure
-    return cls(
-        f"{host} refused {what}: {reply}", code=reply.code, enhanced=reply.enhanced, host=host
-    )
-
-
-def _is_2xx(reply: SMTPReply | None) -> bool:
-    return reply is not None and 200 <= reply.code < 300
-
-
-class _Txn:
-    """One submitted mail transaction and the replies gathered for it (private, mutable)."""
-
-    __slots__ = (
-        "data",
-        "data_reply",
-        "dot_pending",
-        "eightbit",
-        "final",
-        "future",
-        "mail",
-        "next_rcpt",
-        "rcpt",
-        "recipients",
-        "reset",
-        "sender",
-        "smtputf8",
-        "written",
-    )
-
-    def __init__(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        eightbit: bool,
-        reset: bool,
-        future: asyncio.Future[TransactionResult],
-    ) -> None:
-        self.sender = sender
-        self.recipients = recipients
-        self.data = data
-        self.smtputf8 = smtputf8
-        self.eightbit = eightbit
-        self.reset = reset
-        self.future = future
-        self.mail: SMTPReply | None = None
-        self.rcpt: list[tuple[str, SMTPReply]] = []
-        self.data_reply: SMTPReply | None = None
-        self.final: SMTPReply | None = None
-        self.next_rcpt = 0  # stepwise: the next recipient to send RCPT for
-        self.written = False  # some command of this transaction is on the wire
-        self.dot_pending = False  # content written but not yet handed to the kernel
-
-    def result(self, *, uncertain: bool = False) -> TransactionResult:
-        return TransactionResult(
-            mail=self.mail,
-            rcpt=tuple(self.rcpt),
-            data=self.data_reply,
-            final=self.final,
-            uncertain=uncertain,
-        )
-
-    def settle(self, result: TransactionResult | BaseException) -> None:
-        if self.future.done():
-            return
-        if isinstance(result, BaseException):
-            self.future.set_exception(result)
-        else:
-            self.future.set_result(result)
-
-
-# A reply handler: called with each reply, in the order the commands were sent.
-_Handler = Callable[[Reply], None]
+_REPLY_TO = {command: f"reply to {command.value}" for command in Command}
 
 # Session states in which transactions can be submitted (some may be on the wire).
 _TRANSACTING = frozenset({State.READY, State.MAIL, State.DATA})
 
 
-class SMTPConnection(asyncio.Protocol):
+class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     """An open SMTP connection, ready for transactions; make one with :meth:`open`."""
 
     def __init__(
@@ -233,8 +134,6 @@ class SMTPConnection(asyncio.Protocol):
         self.port = port
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
-        self.messages_sent = 0
-        """Transactions submitted on this connection (for the per-connection cap)."""
         self._session = session
         self._timeouts = timeouts
         self._loop = asyncio.get_running_loop()
@@ -244,7 +143,7 @@ class SMTPConnection(asyncio.Protocol):
         self._lost = False
         self._error: DeliveryError | None = None
         # One handler per command on the wire, oldest first (the session pairs replies).
-        self._handlers: deque[_Handler] = deque()
+        self._handlers: deque[Handler] = deque()
         self._aborted = False
         # The handshake (greeting, EHLO, STARTTLS, AUTH, QUIT) waits for one reply at a
         # time; the greeting's handler is in place before the first octet can arrive.
@@ -258,13 +157,7 @@ class SMTPConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_mark = 0
-        # Transactions submitted but not yet on the wire, and those on the wire.
-        self._queued: deque[_Txn] = deque()
-        self._active: deque[_Txn] = deque()
-        # A transaction whose MAIL was accepted but whose content never went (every RCPT
-        # refused, DATA refused) leaves the server inside a mail transaction: the next one
-        # must start with RSET, or its MAIL is refused as nested (RFC 5321 §4.1.1.5).
-        self._needs_reset = False
+        self._init_transactions()
 
     # --- what the connection knows ---------------------------------------------------
 
@@ -291,11 +184,6 @@ class SMTPConnection(asyncio.Protocol):
             and not self._lost
             and self._session.state in _TRANSACTING
         )
-
-    @property
-    def busy(self) -> bool:
-        """True while submitted transactions have not all been answered."""
-        return bool(self._queued or self._active)
 
     # --- opening -----------------------------------------------------------------------
 
@@ -383,7 +271,7 @@ class SMTPConnection(asyncio.Protocol):
     async def _greet(self) -> None:
         greeting = await self._wait(self._timeouts.greeting, "the greeting")
         if not greeting.ok:
-            raise _failure(greeting.reply, host=self.host, what="the connection")
+            raise failure(greeting.reply, host=self.host, what="the connection")
         await self._hello()
 
     async def _hello(self) -> None:
@@ -395,8 +283,8 @@ class SMTPConnection(asyncio.Protocol):
             helo = await self._request(self._session.helo(), "HELO")
             if helo.ok:
                 return
-            raise _failure(helo.reply, host=self.host, what="HELO")
-        raise _failure(ehlo.reply, host=self.host, what="EHLO")
+            raise failure(helo.reply, host=self.host, what="HELO")
+        raise failure(ehlo.reply, host=self.host, what="EHLO")
 
     async def _starttls(self, mode: StartTLS, verify_with: ssl.SSLContext | None) -> None:
         if "STARTTLS" not in self._session.extensions:
@@ -406,7 +294,7 @@ class SMTPConnection(asyncio.Protocol):
         reply = await self._request(self._session.starttls(), "STARTTLS")
         if not reply.ok:
             if reply.closing:
-                raise _failure(reply.reply, host=self.host, what="STARTTLS")
+                raise failure(reply.reply, host=self.host, what="STARTTLS")
             if mode is StartTLS.OPPORTUNISTIC:
                 return
             raise TLSRequiredError(
@@ -524,250 +412,6 @@ class SMTPConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
 
-    # --- transactions --------------------------------------------------------------------
-
-    async def send(
-        self,
-        *,
-        envelope_from: str,
-        recipients: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        eightbit: bool,
-    ) -> TransactionResult:
-        """Send one message to ``recipients`` in one transaction and report every reply.
-
-        The awaited form of :meth:`submit`; see there for what is checked and raised.
-        """
-        return await self.submit(
-            envelope_from=envelope_from,
-            recipients=recipients,
-            data=data,
-            smtputf8=smtputf8,
-            eightbit=eightbit,
-        )
-
-    def submit(
-        self,
-        *,
-        envelope_from: str,
-        recipients: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        eightbit: bool,
-        reset: bool = False,
-    ) -> asyncio.Future[TransactionResult]:
-        """Queue one transaction; the future gives its :class:`TransactionResult`.
-
-        Transactions go out in submission order; with PIPELINING the envelope of one
-        submitted before the previous one's content was written travels with that content.
-        ``data`` is the message with CRLF line endings, not dot-stuffed. ``reset`` sends RSET
-        first (for a connection that sat idle).
-
-        Checked here, before anything is sent: a message larger than the server's SIZE
-        raises ``PermanentFailure`` (552 5.3.4), one needing SMTPUTF8 the server lacks
-        raises ``PermanentFailure`` (553 5.6.7, RFC 6531 §3.4), ``eightbit`` without
-        8BITMIME raises ``ValueError`` (the caller must downgrade to 7 bit first), and so
-        does an address that cannot be put on the wire. A rejected MAIL or RCPT is in the
-        result, not raised. Losing the connection or timing out before the final dot sets
-        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered); after
-        the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
-        although no recipient was accepted, the connection is closed rather than an empty
-        message sent.
-        """
-        if not recipients:
-            raise ValueError("a transaction needs at least one recipient")
-        if not self.usable:
-            raise SMTPConnectError(f"connection to {self.host} is not usable", host=self.host)
-        session = self._session
-        extensions = session.extensions
-        if eightbit and "8BITMIME" not in extensions:
-            raise ValueError(f"{self.host} lacks 8BITMIME: downgrade the message to 7 bit")
-        limit = session.max_size
-        if limit is not None and len(data) > limit:
-            raise PermanentFailure(
-                f"message size {len(data)} exceeds the limit of {limit} octets of {self.host}",
-                code=552,
-                enhanced="5.3.4",
-                host=self.host,
-            )
-        encode_path(envelope_from, smtputf8)  # ValueError now rather than mid-transaction
-        for address in recipients:
-            encode_path(address, smtputf8)
-        if smtputf8 and "SMTPUTF8" not in extensions:
-            raise PermanentFailure(
-                f"message needs SMTPUTF8, which {self.host} does not support",
-                code=553,
-                enhanced="5.6.7",
-                host=self.host,
-            )
-        self.messages_sent += 1
-        future: asyncio.Future[TransactionResult] = self._loop.create_future()
-        self._queued.append(
-            _Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future)
-        )
-        self._continue()
-        return future
-
-    def _start_queued(self) -> bytes:
-        """The commands of queued transactions that may go on the wire now."""
-        queued = self._queued
-        if not queued:
-            return b""
-        session = self._session
-        txn = queued[0]
-        if self._needs_reset:
-            txn.reset = True
-        if session.pipelining:
-            if not session.can_send(Command.RSET if txn.reset else Command.MAIL):
-                return b""
-            queued.popleft()
-            self._active.append(txn)
-            txn.written = True
-            self._needs_reset = False
-            batch = session.envelope(
-                txn.sender,
-                txn.recipients,
-                size=len(txn.data),
-                eightbit=txn.eightbit,
-                smtputf8=txn.smtputf8,
-                reset=txn.reset,
-            )
-            handlers = self._handlers
-            if txn.reset:
-                handlers.append(functools.partial(self._on_rset, txn))
-            handlers.append(functools.partial(self._on_mail, txn))
-            on_rcpt = functools.partial(self._on_rcpt, txn)
-            handlers.extend(on_rcpt for _ in txn.recipients)
-            handlers.append(functools.partial(self._on_data, txn))
-            self._arm_next()
-            return batch
-        # Stepwise: one command, then the next once its reply is in.
-        if session.outstanding or not session.can_send(Command.RSET if txn.reset else Command.MAIL):
-            return b""
-        queued.popleft()
-        self._active.append(txn)
-        txn.written = True
-        self._needs_reset = False
-        if txn.reset:
-            self._handlers.append(functools.partial(self._on_rset, txn))
-            line = session.rset()
-        else:
-            line = self._mail_line(txn)
-        self._arm_next()
-        return line
-
-    def _mail_line(self, txn: _Txn) -> bytes:
-        self._handlers.append(functools.partial(self._on_mail, txn))
-        return self._session.mail(
-            txn.sender, size=len(txn.data), eightbit=txn.eightbit, smtputf8=txn.smtputf8
-        )
-
-    def _on_rset(self, txn: _Txn, reply: Reply) -> None:
-        if reply.closing:
-            self._abort(_failure(reply.reply, host=self.host, what="RSET"))
-        elif not self._session.pipelining:
-            self._write(self._mail_line(txn))
-            self._arm_next()
-
-    def _on_mail(self, txn: _Txn, reply: Reply) -> None:
-        txn.mail = reply.reply
-        if reply.closing:
-            self._finish(txn)
-            self._abort(None)
-            return
-        if self._session.pipelining:
-            return
-        if not reply.ok:
-            self._finish(txn)
-            self._continue()
-            return
-        self._send_rcpt(txn)
-
-    def _send_rcpt(self, txn: _Txn) -> None:
-        address = txn.recipients[txn.next_rcpt]
-        txn.next_rcpt += 1
-        self._handlers.append(functools.partial(self._on_rcpt, txn))
-        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8))
-        self._arm_next()
-
-    def _on_rcpt(self, txn: _Txn, reply: Reply) -> None:
-        address = txn.recipients[len(txn.rcpt)]
-        if reply.closing:
-            # The replies for the remaining recipients (and the rest) will never come.
-            self._abort(_failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>"))
-            return
-        txn.rcpt.append((address, reply.reply))
-        if self._session.pipelining:
-            return
-        if txn.next_rcpt < len(txn.recipients):
-            self._send_rcpt(txn)
-        elif any(200 <= r.code < 300 for _, r in txn.rcpt):
-            self._handlers.append(functools.partial(self._on_data, txn))
-            self._write(self._session.data())
-            self._arm_next()
-        else:
-            self._finish(txn)
-            self._continue()
-
-    def _on_data(self, txn: _Txn, reply: Reply) -> None:
-        txn.data_reply = reply.reply
-        if reply.reply.code != 354:
-            self._finish(txn)
-            if reply.closing:
-                self._abort(None)
-            else:
-                self._continue()
-            return
-        if not (_is_2xx(txn.mail) and any(200 <= r.code < 300 for _, r in txn.rcpt)):
-            # The server wants content for a transaction without recipients (pipelined
-            # DATA after every RCPT failed): sending even an empty body could deliver
-            # something, so drop the connection instead.
-            self._finish(txn)
-            self._abort(None)
-            return
-        # The content and final dot, and the next transaction's envelope in the same write.
-        self._handlers.append(functools.partial(self._on_body, txn))
-        body = self._session.body(txn.data)
-        txn.dot_pending = True
-        following = self._start_queued()
-        self._write(body + following if following else body)
-        if txn.dot_pending and self._flushed(len(following)):
-            txn.dot_pending = False
-        self._arm_next()
-
-    def _on_body(self, txn: _Txn, reply: Reply) -> None:
-        txn.dot_pending = False
-        txn.final = reply.reply
-        self._finish(txn)
-        if reply.closing:
-            self._abort(None)
-        else:
-            self._continue()
-
-    def _finish(self, txn: _Txn) -> None:
-        with contextlib.suppress(ValueError):
-            self._active.remove(txn)
-        if txn.final is None and _is_2xx(txn.mail):
-            self._needs_reset = True
-        txn.settle(txn.result())
-
-    def _continue(self) -> None:
-        """Put the next queued transaction on the wire if the session allows it now."""
-        out = self._start_queued()
-        if out:
-            self._write(out)
-        elif self._queued and not self._handlers:
-            # Nothing outstanding could ever make room for it: a bug, not a hang.
-            self._abort(
-                SMTPProtocolError(
-                    f"cannot start a transaction in session state {self._session.state}",
-                    host=self.host,
-                )
-            )
-        if not self._handlers:
-            self._disarm()
-
     # --- the protocol's callbacks ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -792,7 +436,7 @@ class SMTPConnection(asyncio.Protocol):
                     # The session forgets the commands the server will never answer.
                     self._abort(None)
                     return
-        except SMTPProtocolError as exc:
+        except DeliveryError as exc:  # the peer broke the protocol, or our write failed
             exc.host = exc.host or self.host
             self._abort(exc)
             return
@@ -864,7 +508,7 @@ class SMTPConnection(asyncio.Protocol):
         elif command is Command.BODY:
             self._arm(t.data_end, "reply to the end of data")
         else:
-            self._arm(t.command, f"reply to {command.value}")
+            self._arm(t.command, _REPLY_TO[command])
 
     def _progress(self) -> None:
         if self._handlers:

@@ -30,9 +30,10 @@ from mailstrom.config import Config
 from mailstrom.errors import DeliveryError, PermanentFailure, TemporaryFailure
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection, TransactionResult
+from mailstrom.runtime.connection import SMTPConnection
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
+from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
 

@@ -17,7 +17,8 @@ from datetime import datetime
 from mailstrom.config import Config
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
-from mailstrom.runtime.connection import SMTPConnection, TransactionResult
+from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
 

@@ -54,68 +54,34 @@ from typing import Any
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
-    Attempt,
     MessageStatus,
     QueueStats,
     RecipientState,
-    derive_message_state,
 )
 from mailstrom.stores.base import (
-    MAX_HISTORY,
     Lease,
-    LeasedRecipient,
     QueueFilter,
     RecipientResult,
-    WorkItem,
-    bounded_attempt,
-    new_message_id,
 )
-from mailstrom.stores.memory import domain_of
+from mailstrom.stores.sqlite_queue import (
+    DUE_SQL,
+    MESSAGE_STATE_SQL,
+    PENDING_SQL,
+    insert_messages,
+    lease_rows,
+    read_messages,
+    record_rows,
+)
 from mailstrom.stores.sqlite_schema import (
-    attempt_from_row,
-    from_us,
     migrate,
     migrations,
     opt_dt,
-    opt_us,
-    recipient_from_row,
     to_us,
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
 
 log = logging.getLogger(__name__)
-
-_PENDING_SQL = "state IN ('queued', 'deferred')"
-# Must match the recipients_due index expression exactly, or SQLite cannot use it; the
-# queries name the index (INDEXED BY) because without ANALYZE statistics the planner
-# prefers the state index and sorts every pending recipient.
-_DUE_SQL = "max(next_attempt_at, coalesce(lease_expires_at, 0))"
-# Mirrors mailstrom.status.derive_message_state for the query filter.
-_MESSAGE_STATE_SQL = """(
-    SELECT CASE
-        WHEN sum(r.state IN ('queued', 'deferred')) > 0 THEN
-            CASE WHEN sum(r.state = 'deferred') > 0 THEN 'deferred' ELSE 'queued' END
-        WHEN sum(r.state = 'delivered') = count(*) THEN 'delivered'
-        ELSE 'failed'
-    END
-    FROM recipients r WHERE r.message_seq = m.seq)"""
-_RECORD_CHUNK = 1000
-"""Results per statement when recording: 14 values each, well under SQLite's limit of
-32,766 bound parameters."""
-_ROW14 = "(" + ",".join("?" * 14) + ")"
-_IN_CHUNK = 500
-"""Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
-
-
-def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
-    for start in range(0, len(values), _IN_CHUNK):
-        yield values[start : start + _IN_CHUNK]
-
-
-def _qmarks(n: int) -> str:
-    return ",".join("?" * n)
-
 
 # --- opening -------------------------------------------------------------------------------
 
@@ -164,6 +130,10 @@ def _check_schema(version: int, path: str, latest: int) -> None:
             f"{path}: database schema version {version} is newer than this mailstrom "
             f"understands ({latest}); upgrade mailstrom"
         )
+
+
+def _insert(conn: sqlite3.Connection, request: _Enqueue) -> list[str]:
+    return insert_messages(conn, request.messages, now=request.now, hold=request.hold)
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -462,7 +432,9 @@ class SQLiteStore:
     def _submit(self, request: _Enqueue) -> list[str]:
         if not self._group_commit:
             with self._write() as conn:
-                self._insert(conn, request)
+                request.ids.extend(
+                    insert_messages(conn, request.messages, now=request.now, hold=request.hold)
+                )
         else:
             with self._group:
                 self._pending.append(request)
@@ -517,7 +489,9 @@ class SQLiteStore:
             try:
                 for request in batch:
                     request.ids.clear()
-                    self._insert(conn, request)
+                    request.ids.extend(
+                        insert_messages(conn, request.messages, now=request.now, hold=request.hold)
+                    )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -525,39 +499,6 @@ class SQLiteStore:
                 for request in batch:
                     request.ids.clear()  # rolled back: these ids do not exist
                 raise
-
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, request: _Enqueue) -> None:
-        recipients: list[tuple[object, ...]] = []
-        for message in request.messages:
-            mid = new_message_id()
-            cursor = conn.execute(
-                "INSERT INTO messages (id, envelope_from, smtputf8, eightbit, created_at, held,"
-                " subject, header_message_id, size, data) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    mid,
-                    message.envelope_from,
-                    message.smtputf8,
-                    message.eightbit,
-                    request.now,
-                    request.hold,
-                    message.subject,
-                    message.header_message_id,
-                    message.size,
-                    message.data,
-                ),
-            )
-            seq = cursor.lastrowid
-            recipients.extend(
-                (seq, i, address, domain_of(address), request.hold, request.now)
-                for i, address in enumerate(message.recipients)
-            )
-            request.ids.append(mid)
-        conn.executemany(
-            "INSERT INTO recipients (message_seq, position, address, domain, state, held,"
-            " next_attempt_at) VALUES (?,?,?,?,'queued',?,?)",
-            recipients,
-        )
 
     # --- leasing ----------------------------------------------------------------------
 
@@ -567,7 +508,7 @@ class SQLiteStore:
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            return self._lease(conn, now=now, limit=limit, lease_for=lease_for)
+            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for)
 
     def record_and_lease(
         self,
@@ -580,71 +521,11 @@ class SQLiteStore:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
-            for start in range(0, len(results), _RECORD_CHUNK):
-                recorded += self._record_chunk(conn, results[start : start + _RECORD_CHUNK])
+            recorded = record_rows(conn, results)
             lease = (
-                self._lease(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+                lease_rows(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
             )
         return recorded, lease
-
-    def _lease(
-        self, conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
-    ) -> Lease | None:
-        token = os.urandom(16).hex()
-        expires_at = now + lease_for
-        # One statement marks and returns the due rows (the subquery walks the due
-        # index and stops at the limit), instead of a SELECT and an UPDATE per row.
-        rows = conn.execute(
-            "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
-            " WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due"
-            f" WHERE {_PENDING_SQL} AND held = 0 AND {_DUE_SQL} <= ?"
-            f" ORDER BY {_DUE_SQL}, id LIMIT ?)"
-            " RETURNING id, message_seq, position, address, domain, attempts,"
-            " first_attempt_at",
-            (token, to_us(expires_at), to_us(now), limit),
-        ).fetchall()
-        if not rows:
-            return None
-        seqs = sorted({row[1] for row in rows})
-        messages = {}
-        for chunk in _chunks(seqs):
-            for m in conn.execute(
-                "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
-                f" FROM messages WHERE seq IN ({_qmarks(len(chunk))})",
-                chunk,
-            ):
-                messages[m[0]] = m
-        groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
-        for rid, seq, position, address, domain, attempts, first in rows:
-            groups.setdefault((seq, domain), []).append(
-                (
-                    position,
-                    LeasedRecipient(
-                        address=address,
-                        attempts=attempts,
-                        first_attempt_at=opt_dt(first),
-                        created_at=from_us(messages[seq][5]),
-                        ref=rid,
-                    ),
-                )
-            )
-        items = []
-        for (seq, domain), leased in groups.items():
-            _, mid, envelope_from, smtputf8, eightbit, _, data = messages[seq]
-            leased.sort(key=lambda pair: pair[0])
-            items.append(
-                WorkItem(
-                    message_id=mid,
-                    lease_token=token,
-                    domain=domain,
-                    envelope_from=envelope_from,
-                    recipients=tuple(r for _, r in leased),
-                    data=bytes(data),
-                    smtputf8=bool(smtputf8),
-                    eightbit=bool(eightbit),
-                )
-            )
-        return Lease(token=token, expires_at=expires_at, items=tuple(items))
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results of any leases in one transaction: one UPDATE for a whole chunk
@@ -655,83 +536,8 @@ class SQLiteStore:
             return []
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
-            for start in range(0, len(results), _RECORD_CHUNK):
-                recorded += self._record_chunk(conn, results[start : start + _RECORD_CHUNK])
+            recorded = record_rows(conn, results)
         return recorded
-
-    def _record_chunk(
-        self, conn: sqlite3.Connection, results: Sequence[RecipientResult]
-    ) -> list[RecipientResult]:
-        by_rid: dict[int, tuple[RecipientResult, tuple[object, ...]]] = {}
-        values: list[object] = []
-        for result in results:
-            rid = result.ref if result.ref is not None else self._rid(conn, result)
-            if rid is None or rid in by_rid:
-                continue  # unknown, or a repeat in one batch (the first one wins)
-            a = bounded_attempt(result.attempt)
-            reply = a.reply
-            at = to_us(a.at)
-            final = result.state.is_final
-            next_at = None if final else opt_us(result.next_attempt_at) or at
-            reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
-            values += (
-                *(rid, result.lease_token, result.state.value, at, next_at),
-                *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
-                *(a.tls, a.uncertain),
-            )
-            history = (
-                *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
-                *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
-            )
-            by_rid[rid] = (result, history)
-        if not by_rid:
-            return []
-        updated = conn.execute(
-            "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
-            " mx_host, ip, tls, uncertain) AS (VALUES "
-            + ",".join([_ROW14] * len(by_rid))
-            + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
-            " first_attempt_at = coalesce(first_attempt_at, res.at),"
-            " last_attempt_at = res.at, next_attempt_at = res.next_at,"
-            " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
-            " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
-            " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
-            " uncertain = res.uncertain"
-            " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
-            " RETURNING recipients.id, recipients.attempts",
-            values,
-        ).fetchall()
-        if not updated:
-            return []
-        done = {rid for rid, _ in updated}
-        crowded = [
-            (rid, rid, MAX_HISTORY - 1) for rid, attempts in updated if attempts > MAX_HISTORY
-        ]
-        if crowded:
-            # Make room for the attempt about to be added: keep the newest ones.
-            conn.executemany(
-                "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id"
-                " FROM attempts WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
-                crowded,
-            )
-        kept = [entry for rid, entry in by_rid.items() if rid in done]
-        conn.execute(
-            "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
-            " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-            " uncertain) VALUES " + ",".join([_ROW14] * len(kept)),
-            [value for _, history in kept for value in history],
-        )
-        return [result for result, _ in kept]
-
-    @staticmethod
-    def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
-        """The row of a result that carries no ``ref`` (built by hand, not from a lease)."""
-        row = conn.execute(
-            "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq"
-            " WHERE m.id = ? AND r.address = ?",
-            (result.message_id, result.address),
-        ).fetchone()
-        return None if row is None else int(row[0])
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
@@ -761,7 +567,7 @@ class SQLiteStore:
             seq = self._seq(conn, message_id)
             changed = conn.execute(
                 f"UPDATE recipients SET next_attempt_at = ? WHERE message_seq = ?"
-                f" AND {_PENDING_SQL}",
+                f" AND {PENDING_SQL}",
                 (to_us(now), seq),
             ).rowcount
         if changed:
@@ -791,7 +597,7 @@ class SQLiteStore:
                     " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
                     " uncertain = 0, next_attempt_at = NULL, finished_at = ?,"
                     " lease_token = NULL, lease_expires_at = NULL"
-                    f" WHERE message_seq = ? AND {_PENDING_SQL}",
+                    f" WHERE message_seq = ? AND {PENDING_SQL}",
                     (to_us(now), seq),
                 ).rowcount
             )
@@ -829,7 +635,7 @@ class SQLiteStore:
     def status(self, message_id: str) -> MessageStatus:
         """The message's status with every recipient's history."""
         with self._read() as conn:
-            found = self._messages(conn, "m.id = ?", [message_id], 1, history=True)
+            found = read_messages(conn, "m.id = ?", [message_id], 1, history=True)
         if not found:
             raise UnknownMessage(message_id)
         return found[0]
@@ -852,84 +658,24 @@ class SQLiteStore:
             )
             params.append(where.domain.lower())
         if where.state is not None:
-            conditions.append(f"{_MESSAGE_STATE_SQL} = ?")
+            conditions.append(f"{MESSAGE_STATE_SQL} = ?")
             params.append(where.state.value)
         with self._read() as conn:
-            return self._messages(
+            return read_messages(
                 conn, " AND ".join(conditions) or "1", params, where.limit, history=False
             )
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         with self._read() as conn:
-            return self._messages(conn, "1", [], limit, history=False)
-
-    def _messages(
-        self,
-        conn: sqlite3.Connection,
-        condition: str,
-        params: list[object],
-        limit: int,
-        *,
-        history: bool,
-    ) -> list[MessageStatus]:
-        # `condition` is built only from the constant fragments above; values are bound.
-        messages = conn.execute(
-            "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-            f" m.subject, m.held FROM messages m WHERE {condition}"
-            " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
-            [*params, limit],
-        ).fetchall()
-        seqs = [row[0] for row in messages]
-        recipients: dict[int, list[Any]] = {}
-        attempts: dict[int, list[Attempt]] = {}
-        for chunk in _chunks(seqs):
-            marks = _qmarks(len(chunk))
-            for row in conn.execute(
-                "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
-                " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-                " last_attempt_at, next_attempt_at FROM recipients"
-                f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
-                chunk,
-            ):
-                recipients.setdefault(row[0], []).append(row)
-            if history:
-                for row in conn.execute(
-                    "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
-                    " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                    " a.reply_text, a.error, a.uncertain FROM attempts a"
-                    " JOIN recipients r ON r.id = a.recipient_id"
-                    f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
-                    chunk,
-                ):
-                    attempts.setdefault(row[0], []).append(attempt_from_row(row))
-        result = []
-        for seq, mid, envelope_from, created_at, size, header_id, subject, held in messages:
-            statuses = tuple(
-                recipient_from_row(row, tuple(attempts.get(row[1], ())))
-                for row in recipients.get(seq, [])
-            )
-            result.append(
-                MessageStatus(
-                    id=mid,
-                    state=derive_message_state([r.state for r in statuses]),
-                    envelope_from=envelope_from,
-                    created_at=from_us(created_at),
-                    size=size,
-                    recipients=statuses,
-                    header_message_id=header_id,
-                    subject=subject,
-                    held=bool(held),
-                )
-            )
-        return result
+            return read_messages(conn, "1", [], limit, history=False)
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (from the due index)."""
         with self._connection() as conn:
             row = conn.execute(
-                f"SELECT {_DUE_SQL} FROM recipients INDEXED BY recipients_due"
-                f" WHERE {_PENDING_SQL} AND held = 0 ORDER BY 1 LIMIT 1"
+                f"SELECT {DUE_SQL} FROM recipients INDEXED BY recipients_due"
+                f" WHERE {PENDING_SQL} AND held = 0 ORDER BY 1 LIMIT 1"
             ).fetchone()
         due = row[0] if row else None
         return opt_dt(due)

@@ -1,0 +1,415 @@
+"""Mail transactions on an open SMTP connection, driven from the protocol's callbacks.
+
+:class:`TransactionsMixin` is the part of
+:class:`~mailstrom.runtime.connection.SMTPConnection` that sends MAIL, RCPT, DATA and the
+content of submitted transactions and turns each reply into the next step, without a task
+per transaction. With PIPELINING the envelope goes in one write and the next transaction's
+envelope travels with this one's content and final dot (RFC 2920 §3.1); without it each
+command waits for the reply to the one before. The connection supplies the session, the
+writes, the deadline and what happens when the session cannot go on (``_abort``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    SMTPConnectError,
+    SMTPProtocolError,
+    TemporaryFailure,
+)
+from mailstrom.smtp import ClientSession, Command, Reply, encode_path
+from mailstrom.status import SMTPReply
+
+Handler = Callable[[Reply], None]
+"""Called with each reply, in the order the commands were sent."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransactionResult:
+    """Every reply of one mail transaction, as far as it went.
+
+    ``final`` is None when the content was never sent, or when the connection was lost or
+    timed out after the final dot and before its reply: then ``uncertain`` is True, as the
+    server may have accepted the message (RFC 5321 §4.5.3.2.6; RFC 1047).
+    """
+
+    mail: SMTPReply | None
+    rcpt: tuple[tuple[str, SMTPReply], ...]
+    """Per recipient, in the order sent."""
+    data: SMTPReply | None
+    """The reply to DATA (354 to go ahead), or None if DATA was not sent."""
+    final: SMTPReply | None
+    uncertain: bool = False
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Recipients whose RCPT got a 2xx reply."""
+        return tuple(address for address, reply in self.rcpt if 200 <= reply.code < 300)
+
+
+def failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
+    """A Temporary/PermanentFailure carrying ``reply``, by its class (5xx permanent)."""
+    cls = PermanentFailure if reply.code >= 500 else TemporaryFailure
+    return cls(
+        f"{host} refused {what}: {reply}", code=reply.code, enhanced=reply.enhanced, host=host
+    )
+
+
+def _is_2xx(reply: SMTPReply | None) -> bool:
+    return reply is not None and 200 <= reply.code < 300
+
+
+class Txn:
+    """One submitted mail transaction and the replies gathered for it (private, mutable)."""
+
+    __slots__ = (
+        "data",
+        "data_reply",
+        "dot_pending",
+        "eightbit",
+        "final",
+        "future",
+        "mail",
+        "next_rcpt",
+        "rcpt",
+        "recipients",
+        "reset",
+        "sender",
+        "smtputf8",
+        "written",
+    )
+
+    def __init__(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        eightbit: bool,
+        reset: bool,
+        future: asyncio.Future[TransactionResult],
+    ) -> None:
+        self.sender = sender
+        self.recipients = recipients
+        self.data = data
+        self.smtputf8 = smtputf8
+        self.eightbit = eightbit
+        self.reset = reset
+        self.future = future
+        self.mail: SMTPReply | None = None
+        self.rcpt: list[tuple[str, SMTPReply]] = []
+        self.data_reply: SMTPReply | None = None
+        self.final: SMTPReply | None = None
+        self.next_rcpt = 0  # stepwise: the next recipient to send RCPT for
+        self.written = False  # some command of this transaction is on the wire
+        self.dot_pending = False  # content written but not yet handed to the kernel
+
+    def result(self, *, uncertain: bool = False) -> TransactionResult:
+        return TransactionResult(
+            mail=self.mail,
+            rcpt=tuple(self.rcpt),
+            data=self.data_reply,
+            final=self.final,
+            uncertain=uncertain,
+        )
+
+    def settle(self, result: TransactionResult | BaseException) -> None:
+        if self.future.done():
+            return
+        if isinstance(result, BaseException):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
+
+
+class TransactionsMixin:
+    """The transaction machine of an SMTP connection (see the module docstring)."""
+
+    # Supplied by the connection:
+    host: str
+    _loop: asyncio.AbstractEventLoop
+    _session: ClientSession
+    _handlers: deque[Handler]
+
+    def _init_transactions(self) -> None:
+        self.messages_sent = 0
+        """Transactions submitted on this connection (for the per-connection cap)."""
+        # Transactions submitted but not yet on the wire, and those on the wire.
+        self._queued: deque[Txn] = deque()
+        self._active: deque[Txn] = deque()
+        # A transaction whose MAIL was accepted but whose content never went (every RCPT
+        # refused, DATA refused) leaves the server inside a mail transaction: the next one
+        # must start with RSET, or its MAIL is refused as nested (RFC 5321 §4.1.1.5).
+        self._needs_reset = False
+
+    @property
+    def busy(self) -> bool:
+        """True while submitted transactions have not all been answered."""
+        return bool(self._queued or self._active)
+
+    @property
+    def usable(self) -> bool:
+        raise NotImplementedError
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _arm_next(self) -> None:
+        raise NotImplementedError
+
+    def _disarm(self) -> None:
+        raise NotImplementedError
+
+    def _flushed(self, tail: int) -> bool:
+        raise NotImplementedError
+
+    def _abort(self, error: DeliveryError | None) -> None:
+        raise NotImplementedError
+
+    async def send(
+        self,
+        *,
+        envelope_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        eightbit: bool,
+    ) -> TransactionResult:
+        """Send one message to ``recipients`` in one transaction and report every reply.
+
+        The awaited form of :meth:`submit`; see there for what is checked and raised.
+        """
+        return await self.submit(
+            envelope_from=envelope_from,
+            recipients=recipients,
+            data=data,
+            smtputf8=smtputf8,
+            eightbit=eightbit,
+        )
+
+    def submit(
+        self,
+        *,
+        envelope_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        eightbit: bool,
+        reset: bool = False,
+    ) -> asyncio.Future[TransactionResult]:
+        """Queue one transaction; the future gives its :class:`TransactionResult`.
+
+        Transactions go out in submission order; with PIPELINING the envelope of one
+        submitted before the previous one's content was written travels with that content.
+        ``data`` is the message with CRLF line endings, not dot-stuffed. ``reset`` sends RSET
+        first (for a connection that sat idle).
+
+        Checked here, before anything is sent: a message larger than the server's SIZE
+        raises ``PermanentFailure`` (552 5.3.4), one needing SMTPUTF8 the server lacks
+        raises ``PermanentFailure`` (553 5.6.7, RFC 6531 §3.4), ``eightbit`` without
+        8BITMIME raises ``ValueError`` (the caller must downgrade to 7 bit first), and so
+        does an address that cannot be put on the wire. A rejected MAIL or RCPT is in the
+        result, not raised. Losing the connection or timing out before the final dot sets
+        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered); after
+        the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
+        although no recipient was accepted, the connection is closed rather than an empty
+        message sent.
+        """
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        if not self.usable:
+            raise SMTPConnectError(f"connection to {self.host} is not usable", host=self.host)
+        session = self._session
+        extensions = session.extensions
+        if eightbit and "8BITMIME" not in extensions:
+            raise ValueError(f"{self.host} lacks 8BITMIME: downgrade the message to 7 bit")
+        limit = session.max_size
+        if limit is not None and len(data) > limit:
+            raise PermanentFailure(
+                f"message size {len(data)} exceeds the limit of {limit} octets of {self.host}",
+                code=552,
+                enhanced="5.3.4",
+                host=self.host,
+            )
+        encode_path(envelope_from, smtputf8)  # ValueError now rather than mid-transaction
+        for address in recipients:
+            encode_path(address, smtputf8)
+        if smtputf8 and "SMTPUTF8" not in extensions:
+            raise PermanentFailure(
+                f"message needs SMTPUTF8, which {self.host} does not support",
+                code=553,
+                enhanced="5.6.7",
+                host=self.host,
+            )
+        self.messages_sent += 1
+        future: asyncio.Future[TransactionResult] = self._loop.create_future()
+        self._queued.append(Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future))
+        self._continue()
+        return future
+
+    def _start_queued(self) -> bytes:
+        """The commands of queued transactions that may go on the wire now."""
+        queued = self._queued
+        if not queued:
+            return b""
+        session = self._session
+        txn = queued[0]
+        if self._needs_reset:
+            txn.reset = True
+        if session.pipelining:
+            if not session.can_send(Command.RSET if txn.reset else Command.MAIL):
+                return b""
+            queued.popleft()
+            self._active.append(txn)
+            txn.written = True
+            self._needs_reset = False
+            batch = session.envelope(
+                txn.sender,
+                txn.recipients,
+                size=len(txn.data),
+                eightbit=txn.eightbit,
+                smtputf8=txn.smtputf8,
+                reset=txn.reset,
+            )
+            handlers = self._handlers
+            if txn.reset:
+                handlers.append(functools.partial(self._on_rset, txn))
+            handlers.append(functools.partial(self._on_mail, txn))
+            on_rcpt = functools.partial(self._on_rcpt, txn)
+            handlers.extend(on_rcpt for _ in txn.recipients)
+            handlers.append(functools.partial(self._on_data, txn))
+            self._arm_next()
+            return batch
+        # Stepwise: one command, then the next once its reply is in.
+        if session.outstanding or not session.can_send(Command.RSET if txn.reset else Command.MAIL):
+            return b""
+        queued.popleft()
+        self._active.append(txn)
+        txn.written = True
+        self._needs_reset = False
+        if txn.reset:
+            self._handlers.append(functools.partial(self._on_rset, txn))
+            line = session.rset()
+        else:
+            line = self._mail_line(txn)
+        self._arm_next()
+        return line
+
+    def _mail_line(self, txn: Txn) -> bytes:
+        self._handlers.append(functools.partial(self._on_mail, txn))
+        return self._session.mail(
+            txn.sender, size=len(txn.data), eightbit=txn.eightbit, smtputf8=txn.smtputf8
+        )
+
+    def _on_rset(self, txn: Txn, reply: Reply) -> None:
+        if reply.closing:
+            self._abort(failure(reply.reply, host=self.host, what="RSET"))
+        elif not self._session.pipelining:
+            self._write(self._mail_line(txn))
+            self._arm_next()
+
+    def _on_mail(self, txn: Txn, reply: Reply) -> None:
+        txn.mail = reply.reply
+        if reply.closing:
+            self._finish(txn)
+            self._abort(None)
+            return
+        if self._session.pipelining:
+            return
+        if not reply.ok:
+            self._finish(txn)
+            self._continue()
+            return
+        self._send_rcpt(txn)
+
+    def _send_rcpt(self, txn: Txn) -> None:
+        address = txn.recipients[txn.next_rcpt]
+        txn.next_rcpt += 1
+        self._handlers.append(functools.partial(self._on_rcpt, txn))
+        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8))
+        self._arm_next()
+
+    def _on_rcpt(self, txn: Txn, reply: Reply) -> None:
+        address = txn.recipients[len(txn.rcpt)]
+        if reply.closing:
+            # The replies for the remaining recipients (and the rest) will never come.
+            self._abort(failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>"))
+            return
+        txn.rcpt.append((address, reply.reply))
+        if self._session.pipelining:
+            return
+        if txn.next_rcpt < len(txn.recipients):
+            self._send_rcpt(txn)
+        elif any(200 <= r.code < 300 for _, r in txn.rcpt):
+            self._handlers.append(functools.partial(self._on_data, txn))
+            self._write(self._session.data())
+            self._arm_next()
+        else:
+            self._finish(txn)
+            self._continue()
+
+    def _on_data(self, txn: Txn, reply: Reply) -> None:
+        txn.data_reply = reply.reply
+        if reply.reply.code != 354:
+            self._finish(txn)
+            if reply.closing:
+                self._abort(None)
+            else:
+                self._continue()
+            return
+        if not (_is_2xx(txn.mail) and any(200 <= r.code < 300 for _, r in txn.rcpt)):
+            # The server wants content for a transaction without recipients (pipelined
+            # DATA after every RCPT failed): sending even an empty body could deliver
+            # something, so drop the connection instead.
+            self._finish(txn)
+            self._abort(None)
+            return
+        # The content and final dot, and the next transaction's envelope in the same write.
+        self._handlers.append(functools.partial(self._on_body, txn))
+        body = self._session.body(txn.data)
+        txn.dot_pending = True
+        following = self._start_queued()
+        self._write(body + following if following else body)
+        if txn.dot_pending and self._flushed(len(following)):
+            txn.dot_pending = False
+        self._arm_next()
+
+    def _on_body(self, txn: Txn, reply: Reply) -> None:
+        txn.dot_pending = False
+        txn.final = reply.reply
+        self._finish(txn)
+        if reply.closing:
+            self._abort(None)
+        else:
+            self._continue()
+
+    def _finish(self, txn: Txn) -> None:
+        with contextlib.suppress(ValueError):
+            self._active.remove(txn)
+        if txn.final is None and _is_2xx(txn.mail):
+            self._needs_reset = True
+        txn.settle(txn.result())
+
+    def _continue(self) -> None:
+        """Put the next queued transaction on the wire if the session allows it now."""
+        out = self._start_queued()
+        if out:
+            self._write(out)
+        elif self._queued and not self._handlers:
+            # Nothing outstanding could ever make room for it: a bug, not a hang.
+            self._abort(
+                SMTPProtocolError(
+                    f"cannot start a transaction in session state {self._session.state}",
+                    host=self.host,
+                )
+            )
+        if not self._handlers:
+            self._disarm()

@@ -1,0 +1,315 @@
+"""The SQL of the SQLite queue's rows: inserting messages, leasing, recording, reading.
+
+Functions over a connection inside a transaction the caller (:class:`SQLiteStore`) opened;
+the store owns connections, locking, group commit and the schema. Times are integer
+microseconds since the epoch (:mod:`mailstrom.stores.sqlite_schema`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, MessageStatus, derive_message_state
+from mailstrom.stores.base import (
+    MAX_HISTORY,
+    Lease,
+    LeasedRecipient,
+    RecipientResult,
+    WorkItem,
+    bounded_attempt,
+    new_message_id,
+)
+from mailstrom.stores.memory import domain_of
+from mailstrom.stores.sqlite_schema import (
+    attempt_from_row,
+    from_us,
+    opt_dt,
+    opt_us,
+    recipient_from_row,
+    to_us,
+)
+
+PENDING_SQL = "state IN ('queued', 'deferred')"
+# Must match the recipients_due index expression exactly, or SQLite cannot use it; the
+# queries name the index (INDEXED BY) because without ANALYZE statistics the planner
+# prefers the state index and sorts every pending recipient.
+DUE_SQL = "max(next_attempt_at, coalesce(lease_expires_at, 0))"
+# Mirrors mailstrom.status.derive_message_state for the query filter.
+MESSAGE_STATE_SQL = """(
+    SELECT CASE
+        WHEN sum(r.state IN ('queued', 'deferred')) > 0 THEN
+            CASE WHEN sum(r.state = 'deferred') > 0 THEN 'deferred' ELSE 'queued' END
+        WHEN sum(r.state = 'delivered') = count(*) THEN 'delivered'
+        ELSE 'failed'
+    END
+    FROM recipients r WHERE r.message_seq = m.seq)"""
+_RECORD_CHUNK = 1000
+"""Results per statement when recording: 14 values each, well under SQLite's limit of
+32,766 bound parameters."""
+_ROW14 = "(" + ",".join("?" * 14) + ")"
+_IN_CHUNK = 500
+"""Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
+
+
+def chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+def qmarks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def insert_messages(
+    conn: sqlite3.Connection, messages: Sequence[PreparedMessage], *, now: int, hold: bool
+) -> list[str]:
+    """Insert ``messages`` and their recipients (queued, due at ``now``); their new ids."""
+    ids: list[str] = []
+    recipients: list[tuple[object, ...]] = []
+    for message in messages:
+        mid = new_message_id()
+        cursor = conn.execute(
+            "INSERT INTO messages (id, envelope_from, smtputf8, eightbit, created_at, held,"
+            " subject, header_message_id, size, data) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                mid,
+                message.envelope_from,
+                message.smtputf8,
+                message.eightbit,
+                now,
+                hold,
+                message.subject,
+                message.header_message_id,
+                message.size,
+                message.data,
+            ),
+        )
+        seq = cursor.lastrowid
+        recipients.extend(
+            (seq, i, address, domain_of(address), hold, now)
+            for i, address in enumerate(message.recipients)
+        )
+        ids.append(mid)
+    conn.executemany(
+        "INSERT INTO recipients (message_seq, position, address, domain, state, held,"
+        " next_attempt_at) VALUES (?,?,?,?,'queued',?,?)",
+        recipients,
+    )
+    return ids
+
+
+def lease_rows(
+    conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
+) -> Lease | None:
+    """Lease up to ``limit`` due recipients inside the caller's write transaction."""
+    token = os.urandom(16).hex()
+    expires_at = now + lease_for
+    # One statement marks and returns the due rows (the subquery walks the due
+    # index and stops at the limit), instead of a SELECT and an UPDATE per row.
+    rows = conn.execute(
+        "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
+        " WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due"
+        f" WHERE {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
+        f" ORDER BY {DUE_SQL}, id LIMIT ?)"
+        " RETURNING id, message_seq, position, address, domain, attempts,"
+        " first_attempt_at",
+        (token, to_us(expires_at), to_us(now), limit),
+    ).fetchall()
+    if not rows:
+        return None
+    seqs = sorted({row[1] for row in rows})
+    messages = {}
+    for chunk in chunks(seqs):
+        for m in conn.execute(
+            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
+            f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
+            chunk,
+        ):
+            messages[m[0]] = m
+    groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
+    for rid, seq, position, address, domain, attempts, first in rows:
+        groups.setdefault((seq, domain), []).append(
+            (
+                position,
+                LeasedRecipient(
+                    address=address,
+                    attempts=attempts,
+                    first_attempt_at=opt_dt(first),
+                    created_at=from_us(messages[seq][5]),
+                    ref=rid,
+                ),
+            )
+        )
+    items = []
+    for (seq, domain), leased in groups.items():
+        _, mid, envelope_from, smtputf8, eightbit, _, data = messages[seq]
+        leased.sort(key=lambda pair: pair[0])
+        items.append(
+            WorkItem(
+                message_id=mid,
+                lease_token=token,
+                domain=domain,
+                envelope_from=envelope_from,
+                recipients=tuple(r for _, r in leased),
+                data=bytes(data),
+                smtputf8=bool(smtputf8),
+                eightbit=bool(eightbit),
+            )
+        )
+    return Lease(token=token, expires_at=expires_at, items=tuple(items))
+
+
+def record_rows(
+    conn: sqlite3.Connection, results: Sequence[RecipientResult]
+) -> list[RecipientResult]:
+    """Record ``results`` inside the caller's write transaction (see ``Store.record``):
+    one UPDATE per chunk by the row ids handed out at lease time, changing a row only
+    while its lease token matches, then one INSERT of the history. Returns those recorded."""
+    recorded: list[RecipientResult] = []
+    for start in range(0, len(results), _RECORD_CHUNK):
+        recorded += _record_chunk(conn, results[start : start + _RECORD_CHUNK])
+    return recorded
+
+
+def _record_chunk(
+    conn: sqlite3.Connection, results: Sequence[RecipientResult]
+) -> list[RecipientResult]:
+    by_rid: dict[int, tuple[RecipientResult, tuple[object, ...]]] = {}
+    values: list[object] = []
+    for result in results:
+        rid = result.ref if result.ref is not None else _rid(conn, result)
+        if rid is None or rid in by_rid:
+            continue  # unknown, or a repeat in one batch (the first one wins)
+        a = bounded_attempt(result.attempt)
+        reply = a.reply
+        at = to_us(a.at)
+        final = result.state.is_final
+        next_at = None if final else opt_us(result.next_attempt_at) or at
+        reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+        values += (
+            *(rid, result.lease_token, result.state.value, at, next_at),
+            *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
+            *(a.tls, a.uncertain),
+        )
+        history = (
+            *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
+            *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
+        )
+        by_rid[rid] = (result, history)
+    if not by_rid:
+        return []
+    updated = conn.execute(
+        "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
+        " mx_host, ip, tls, uncertain) AS (VALUES "
+        + ",".join([_ROW14] * len(by_rid))
+        + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
+        " first_attempt_at = coalesce(first_attempt_at, res.at),"
+        " last_attempt_at = res.at, next_attempt_at = res.next_at,"
+        " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
+        " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
+        " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
+        " uncertain = res.uncertain"
+        " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
+        " RETURNING recipients.id, recipients.attempts",
+        values,
+    ).fetchall()
+    if not updated:
+        return []
+    done = {rid for rid, _ in updated}
+    crowded = [(rid, rid, MAX_HISTORY - 1) for rid, attempts in updated if attempts > MAX_HISTORY]
+    if crowded:
+        # Make room for the attempt about to be added: keep the newest ones.
+        conn.executemany(
+            "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id"
+            " FROM attempts WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+            crowded,
+        )
+    kept = [entry for rid, entry in by_rid.items() if rid in done]
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
+        " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
+        " uncertain) VALUES " + ",".join([_ROW14] * len(kept)),
+        [value for _, history in kept for value in history],
+    )
+    return [result for result, _ in kept]
+
+
+def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
+    """The row of a result that carries no ``ref`` (built by hand, not from a lease)."""
+    row = conn.execute(
+        "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq"
+        " WHERE m.id = ? AND r.address = ?",
+        (result.message_id, result.address),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_messages(
+    conn: sqlite3.Connection,
+    condition: str,
+    params: list[object],
+    limit: int,
+    *,
+    history: bool,
+) -> list[MessageStatus]:
+    # `condition` is built only from the constant fragments above; values are bound.
+    messages = conn.execute(
+        "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
+        f" m.subject, m.held FROM messages m WHERE {condition}"
+        " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    seqs = [row[0] for row in messages]
+    recipients: dict[int, list[Any]] = {}
+    attempts: dict[int, list[Attempt]] = {}
+    for chunk in chunks(seqs):
+        marks = qmarks(len(chunk))
+        for row in conn.execute(
+            "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
+            " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
+            " last_attempt_at, next_attempt_at FROM recipients"
+            f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
+            chunk,
+        ):
+            recipients.setdefault(row[0], []).append(row)
+        if history:
+            for row in conn.execute(
+                "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
+                " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
+                " a.reply_text, a.error, a.uncertain FROM attempts a"
+                " JOIN recipients r ON r.id = a.recipient_id"
+                f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
+                chunk,
+            ):
+                attempts.setdefault(row[0], []).append(attempt_from_row(row))
+    result = []
+    for seq, mid, envelope_from, created_at, size, header_id, subject, held in messages:
+        statuses = tuple(
+            recipient_from_row(row, tuple(attempts.get(row[1], ())))
+            for row in recipients.get(seq, [])
+        )
+        result.append(
+            MessageStatus(
+                id=mid,
+                state=derive_message_state([r.state for r in statuses]),
+                envelope_from=envelope_from,
+                created_at=from_us(created_at),
+                size=size,
+                recipients=statuses,
+                header_message_id=header_id,
+                subject=subject,
+                held=bool(held),
+            )
+        )
+    return result
