@@ -93,6 +93,10 @@ class Config:
     relay: RelayConfig | None = None
     max_message_size: int = 35 * 1024 * 1024
     """Largest encoded message ``send_email`` accepts, in octets."""
+    max_recipients: int = 1000
+    """Most envelope recipients one message may have (after de-duplication); more raise
+    ``TooManyRecipients`` at submission. Bounds the work one ``send_email`` call can ask
+    for; RFC 5321 §4.5.3.1.8 has servers accept at least 100 recipients a message."""
     max_connections: int = 100
     """SMTP sessions open at once, over all destinations."""
     max_per_destination: int = 10
@@ -125,6 +129,7 @@ class Config:
             "max_messages_per_connection",
             "lease_batch",
             "max_message_size",
+            "max_recipients",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
