@@ -64,8 +64,10 @@ def base64_lines(data: bytes) -> bytes:
 def downgrade_to_7bit(data: bytes) -> bytes:
     """Re-encode what is 8-bit in the body of ``data`` so that the body is pure 7-bit.
 
-    For servers that do not offer 8BITMIME (RFC 6152). Headers are left as they are
-    (8-bit headers need SMTPUTF8, whose servers also take 8BITMIME). In the body:
+    For servers that do not offer 8BITMIME (RFC 6152). Header sections, the top one and
+    those of MIME parts, are left as they are: 8-bit headers are RFC 6532 headers, which
+    :func:`prepare` marks as needing SMTPUTF8, and a server offering SMTPUTF8 also takes
+    8BITMIME (RFC 6531 §3.1), so such a message is never downgraded. In the body:
 
     - a leaf part holding octets above 127 is re-encoded: quoted-printable for ``text/*``,
       base64 otherwise. That includes parts *labelled* quoted-printable or base64 that
