@@ -71,7 +71,7 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 class _Token:
     kind: str  # ws is dropped; "atom", "qs", "lit" or "sp"
     text: str
-    spaced: bool  # white space or a comment came before it
+    space: str  # the white space before it ("" if none; a comment counts as " ")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -139,7 +139,7 @@ class _Parser:
     def _tokenize(self) -> list[_Token]:
         value = self.value
         tokens: list[_Token] = []
-        spaced = False
+        space = ""
         pos = 0
         while pos < len(value):
             match = _TOKEN.match(value, pos)
@@ -151,14 +151,14 @@ class _Parser:
             kind = match.lastgroup
             assert kind is not None
             if kind == "ws":
-                spaced = True
+                space += match.group()
                 pos = match.end()
             elif kind == "cmt":
                 pos = self._skip_comment(pos)
-                spaced = True
+                space = space or " "
             else:
-                tokens.append(_Token(kind, match.group(), spaced))
-                spaced = False
+                tokens.append(_Token(kind, match.group(), space))
+                space = ""
                 pos = match.end()
         return tokens
 
@@ -275,7 +275,7 @@ class _Parser:
             expected = "atom" if index % 2 == 0 else "sp"
             if token.kind != expected or (expected == "sp" and token.text != "."):
                 raise self.fail(f"{what} is not a dot-atom or a quoted string")
-            if index and token.spaced:
+            if index and token.space:
                 raise self.fail(f"{what} has white space or a comment inside it")
         if len(tokens) % 2 == 0:
             raise self.fail(f"{what} ends with a dot")
@@ -297,8 +297,8 @@ class _Parser:
             else:
                 raise self.fail(f"unexpected {token.text!r} in a display name")
             # White space between two encoded words is not part of the text (RFC 2047 §6.2).
-            if words and token.spaced and not (encoded and previous_encoded):
-                words.append(" ")
+            if words and token.space and not (encoded and previous_encoded):
+                words.append(token.space)
             words.append(text)
             previous_encoded = encoded
         name = "".join(words)
