@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from email import policy
+from email.errors import NonASCIILocalPartDefect, UndecodableBytesDefect
 from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -333,3 +334,33 @@ def test_any_text_body_survives(body: str) -> None:
     got = parse(prepared.data).get_content().replace("\r\n", "\n")
     assert got == expected
     assert prepared.data.isascii()
+
+
+@SETTINGS
+@given(
+    group=phrases(4).filter(lambda s: s.strip()),
+    members=st.lists(mailbox_texts(), max_size=3),
+)
+def test_groups_parse_back_without_defects(group: str, members: list[tuple[str, str, str]]) -> None:
+    """RFC 5322 groups with encoded names come back whole, with no parser defects (an
+    encoded word right before the colon made the stdlib report one)."""
+    name = group.strip()
+    quoted = str(Address(display_name=name, username="x", domain="y")).rpartition(" <")[0]
+    value = f"{quoted}: " + ", ".join(box[0] for box in members) + ";"
+    prepared = prepare(Email(from_="a@example.com", to=value, cc="b@example.org"), now=NOW)
+    check_wire_rules(prepared.data)
+    header = parse(prepared.data)["To"]
+    # Raw UTF-8 (RFC 6532) local parts are "undecodable" and "non-ASCII" to the bytes
+    # parser, which predates RFC 6532; nothing else may show.
+    expected = (UndecodableBytesDefect, NonASCIILocalPartDefect)
+    assert [d for d in header.defects if not isinstance(d, expected)] == []
+    [parsed_group] = header.groups
+    assert [squeeze_all(text(a.display_name)) for a in parsed_group.addresses] == [
+        squeeze_all(box[1]) for box in members
+    ]
+    assert squeeze_all(text(parsed_group.display_name or "")) == squeeze_all(name)
+
+
+def squeeze_all(name: str) -> str:
+    # The stdlib parser's white space handling in encoded names (see display_names).
+    return "".join(name.split())

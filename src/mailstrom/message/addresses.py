@@ -329,7 +329,10 @@ def format_address_field(name: str, groups: Sequence[Group], *, utf8: bool) -> s
         separator = ", " if pieces else " "
         if group.name is not None:
             words = phrase(group.name, utf8=utf8)
-            words[-1] += ":" if group.mailboxes else ":;"
+            # An encoded word must end at white space or a special that readers accept
+            # after it; some (the stdlib) want white space before the colon.
+            colon = " :" if words[-1].endswith("?=") else ":"
+            words[-1] += colon if group.mailboxes else colon + ";"
             pieces.extend((separator if i == 0 else " ", w) for i, w in enumerate(words))
             separator = " "
         for index, box in enumerate(group.mailboxes):
