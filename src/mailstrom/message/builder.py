@@ -203,9 +203,17 @@ def _header(name: object, value: object) -> tuple[str, str]:
 
 
 def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
-    if not value:
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        values = list(value)
+    else:
+        raise InvalidAddress(
+            f"{name} must be a str or a sequence of str, not {type(value).__name__}",
+            address=repr(value),
+        )
+    if not values or values == [""]:
         return ()
-    values = [value] if isinstance(value, str) else list(value)
     size = 0
     out: list[Group] = []
     for item in values:
