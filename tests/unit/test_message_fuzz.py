@@ -301,7 +301,8 @@ def check(message: Email | Message | bytes, options: dict[str, Any]) -> Prepared
     assert _CONTROL_IN_HEAD.search(head) is None, "control character in the header section"
     assert not prepared.eightbit or not isinstance(message, Email), "a built message is 7-bit"
     assert prepared.smtputf8 or head.isascii()
-    assert b"\nbcc:" not in data.lower() and b"\nresent-bcc:" not in data.lower()
+    fields = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
+    assert b"bcc" not in fields and b"resent-bcc" not in fields
     assert prepared.recipients and len(prepared.recipients) <= options.get("max_recipients", 1000)
     out = downgrade_to_7bit(data)
     assert b"\n" not in out.replace(b"\r\n", b"") and b"\r" not in out.replace(b"\r\n", b"")
