@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from email import quoprimime
 from email.utils import format_datetime
 
 from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
@@ -219,10 +220,12 @@ def encode_text(text: str) -> tuple[str, bytes]:
     if data.isascii() and b"\0" not in data and max(map(len, lines), default=0) <= FOLD_AT:
         return "7bit", data
     sniff = data if len(lines) <= 10 else ("\r\n".join(lines[:10]) + "\r\n").encode("utf-8")
-    sniff_qp = quoted_printable(sniff)
+    # Measured exactly as the stdlib measures (LF line ends, 78-character lines), so the
+    # choice is the same; the encoding itself has CRLF and 76-character lines.
+    sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), FOLD_AT)
     if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
         return "base64", _base64(data)
-    return "quoted-printable", sniff_qp if sniff is data else quoted_printable(data)
+    return "quoted-printable", quoted_printable(data)
 
 
 def _base64(data: bytes) -> bytes:

@@ -29,6 +29,9 @@ _Q_COST = [quoprimime.header_length(bytes([octet])) for octet in range(256)]
 _Q_SAFE = bytes(octet for octet in range(256) if _Q_COST[octet] == 1)
 
 _PLAIN_TEXT = re.compile(r"[\t -~]*")
+# What some reader might decode: =?charset?encoding?text?= anywhere in a word.
+_LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
+MAX_LINE = 998
 _WORDS = re.compile(r"[ \t]+|[^ \t]+")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")
@@ -82,13 +85,18 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     """``Name: value`` (no final CRLF) folded near 78 characters at the value's own spaces.
 
     A word is RFC 2047 encoded when it is not ASCII (unless ``utf8``: RFC 6532 raw UTF-8),
-    when a decoder would take it for an encoded word (it holds ``=?``, and the text must
-    reach the reader literally), or when it is too long to fit a line. Neighbouring words
+    when a decoder could take part of it for an encoded word (the text must reach the
+    reader literally), or when it would not fit in a 998-octet line. Neighbouring words
     that need encoding are encoded together with the spaces between them, which keeps
     those spaces (they would be dropped between two encoded words).
+
+    A long plain word (a URL in List-Unsubscribe, say) stays as it is, on a line of its
+    own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
+    only what RFC 5322 §2.1.1 prefers.
     """
     if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
         return f"{name}: {value}"
+    longest = MAX_LINE - len(name) - 2
     pieces: list[tuple[str, str]] = []  # (whitespace before, text)
     run: list[str] = []  # words (and inner whitespace) waiting to be encoded together
     run_space = ""
@@ -97,7 +105,7 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
         if token[0] in " \t":
             space = token
             continue
-        if _needs_encoding(token, utf8):
+        if _needs_encoding(token, utf8, longest):
             if run:
                 run.append(space)
             else:
@@ -114,12 +122,12 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     return fold(f"{name}:", pieces, trailing=space)
 
 
-def _needs_encoding(word: str, utf8: bool) -> bool:
-    if "=?" in word:
+def _needs_encoding(word: str, utf8: bool, longest: int) -> bool:
+    if "=?" in word and _LOOKS_ENCODED.search(word):
         return True
     if word.isascii():
-        return len(word) > FOLD_AT - 1
-    return not utf8 or len(word.encode("utf-8")) > FOLD_AT - 1
+        return len(word) > longest
+    return not utf8 or len(word.encode("utf-8")) > longest
 
 
 def _flush(pieces: list[tuple[str, str]], space: str, run: list[str]) -> None:
