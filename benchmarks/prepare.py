@@ -8,12 +8,14 @@ real traffic. The "same sender" row repeats one sender (the common case of an ap
 itself), and "new domains" gives every address a domain never seen before.
 
     .venv/bin/python benchmarks/prepare.py [--count 2000] [--runs 7] [--profile SHAPE]
+    .venv/bin/python benchmarks/prepare.py --stages   # CPU µs per pipeline stage
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import itertools
 import pstats
 import statistics
@@ -143,12 +145,63 @@ def per_call_us(messages: list[object]) -> tuple[float, float]:
     return (time.process_time() - cpu) / count * 1e6, (time.perf_counter() - wall) / count * 1e6
 
 
+def stages(count: int, runs: int) -> None:
+    """CPU µs per call of each stage of the Email pipeline, for the first Email shapes."""
+    from mailstrom.message import builder, envelope, render
+
+    # The package re-exports the function under the module's name.
+    prepare_module = importlib.import_module("mailstrom.message.prepare")
+
+    names = ("check", "decide", "message-id", "render", "finish")
+    print(f"{'shape':<30}" + "".join(f" {name:>10}" for name in names) + f" {'total':>8}")
+    for shape in ("text", "text+html", "text+html+inline+attachment", "utf-8 headers"):
+        totals = [[0.0] * len(names) for _ in range(runs)]
+        for run in range(runs):
+            for email in next(batches(SHAPES[shape], count)):
+                assert isinstance(email, Email)
+                marks = [time.process_time()]
+                draft = builder.check(email)
+                marks.append(time.process_time())
+                env = envelope.decide(draft.fields, envelope_from=None, envelope_to=None)
+                marks.append(time.process_time())
+                message_id = prepare_module._new_message_id(env.id_domain)
+                marks.append(time.process_time())
+                utf8 = draft.fields.utf8
+                data = render.render(draft, date=NOW, message_id=message_id, utf8=utf8)
+                marks.append(time.process_time())
+                prepare_module._finish(
+                    data,
+                    env,
+                    utf8_headers=utf8,
+                    max_size=prepare_module.DEFAULT_MAX_SIZE,
+                    message_id=message_id,
+                    subject=email.subject,
+                )
+                marks.append(time.process_time())
+                for index in range(len(names)):
+                    totals[run][index] += marks[index + 1] - marks[index]
+        medians = [
+            statistics.median(totals[run][index] for run in range(runs)) / count * 1e6
+            for index in range(len(names))
+        ]
+        print(
+            f"{shape:<30}"
+            + "".join(f" {value:>10.1f}" for value in medians)
+            + f" {sum(medians):>8.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=2000, help="messages per run")
     parser.add_argument("--runs", type=int, default=7, help="runs per shape (median shown)")
     parser.add_argument("--profile", choices=sorted(SHAPES), help="cProfile one shape instead")
+    parser.add_argument("--stages", action="store_true", help="CPU µs per pipeline stage")
     args = parser.parse_args()
+
+    if args.stages:
+        stages(args.count, args.runs)
+        return
 
     if args.profile:
         messages = next(batches(SHAPES[args.profile], args.count))
