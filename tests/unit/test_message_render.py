@@ -146,3 +146,9 @@ def test_distinct_addresses_validate_each_domain_once() -> None:
     for _ in range(50):
         prepare(Email(from_=f"s{next(serial)}@shop.example", to=f"c{next(serial)}@shop.example"))
     assert addrspec._domain.cache_info().misses == 1
+
+
+def test_naive_now_is_taken_as_utc() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    data = prepare(email, now=datetime(2024, 5, 6, 7, 8, 9)).data
+    assert parsed(data)["Date"].datetime == NOW

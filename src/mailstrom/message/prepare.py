@@ -76,6 +76,8 @@ def prepare(
     """
     if now is None:
         now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)  # a naive time is taken as UTC, like Email.date
     if id_domain is not None:
         check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
@@ -148,7 +150,7 @@ def _prepare_bytes(
     )
     add: list[tuple[str, str]] = []
     if not section.values("Date"):
-        add.append(("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC))))
+        add.append(("Date", format_datetime(now)))
     message_ids = section.values("Message-ID")
     if message_ids:
         message_id = message_ids[0]
