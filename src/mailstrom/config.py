@@ -96,7 +96,8 @@ class Config:
     max_recipients: int = 1000
     """Most envelope recipients one message may have (after de-duplication); more raise
     ``TooManyRecipients`` at submission. Bounds the work one ``send_email`` call can ask
-    for; RFC 5321 §4.5.3.1.8 has servers accept at least 100 recipients a message."""
+    for. The default is Postfix's ``smtpd_recipient_limit``; RFC 5321 §4.5.3.1.8 has
+    servers accept at least 100 recipients a message."""
     max_connections: int = 100
     """SMTP sessions open at once, over all destinations."""
     max_per_destination: int = 10
