@@ -146,6 +146,11 @@ class Config:
     relay: RelayConfig | None = None
     max_message_size: int = 35 * 1024 * 1024
     """Largest encoded message ``send_email`` accepts, in octets."""
+    max_recipients: int = 1000
+    """Most envelope recipients one message may have (after de-duplication); more raise
+    ``TooManyRecipients`` at submission. Bounds the work one ``send_email`` call can ask
+    for. The default is Postfix's ``smtpd_recipient_limit``; RFC 5321 §4.5.3.1.8 has
+    servers accept at least 100 recipients a message."""
     max_connections: int = 100
     """SMTP sessions open at once, over all destinations."""
     max_per_destination: int = 10
@@ -210,6 +215,7 @@ class Config:
             "max_message_size",
             "mx_address_limit",
             "mx_session_limit",
+            "max_recipients",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -69,6 +69,52 @@ class UnencodableHeader(InvalidMessage):
     """A header holds non-ASCII text in a place that cannot be encoded (RFC 2047)."""
 
 
+class ForbiddenCharacter(InvalidMessage):
+    """A character that must not appear there: NUL or another control character in a
+    header value, a name or a filename; NUL in a 7bit/8bit body; or a lone surrogate that
+    has no UTF-8 form. ``where`` names the field or part."""
+
+    def __init__(self, reason: str, *, where: str) -> None:
+        super().__init__(reason)
+        self.where = where
+
+
+class HeaderTooLong(InvalidMessage):
+    """A header field is longer than the limit (``size`` and ``limit`` in octets)."""
+
+    def __init__(self, reason: str, *, header: str, size: int, limit: int) -> None:
+        super().__init__(reason)
+        self.header = header
+        self.size = size
+        self.limit = limit
+
+
+class TooManyRecipients(InvalidMessage):
+    """More envelope recipients than ``Config.max_recipients`` allows."""
+
+    def __init__(self, reason: str, *, count: int, limit: int) -> None:
+        super().__init__(reason)
+        self.count = count
+        self.limit = limit
+
+
+class NestingTooDeep(InvalidMessage):
+    """MIME parts are nested deeper than the limit (multipart and message/rfc822 levels)."""
+
+    def __init__(self, reason: str, *, limit: int) -> None:
+        super().__init__(reason)
+        self.limit = limit
+
+
+class InvalidAttachment(InvalidMessage):
+    """An attachment cannot be sent as given (its content type, or content that its type
+    does not allow); ``filename`` names it."""
+
+    def __init__(self, reason: str, *, filename: str) -> None:
+        super().__init__(reason)
+        self.filename = filename
+
+
 # --- store and queue ---------------------------------------------------------------------
 
 

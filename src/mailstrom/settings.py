@@ -239,6 +239,7 @@ KEYS: dict[str, Parser] = {
     "tls": _choice(TLSPolicy),
     "tls_ca": _existing_file,
     "max_message_size": _int(1),
+    "max_recipients": _int(1),
     "max_connections": _int(1),
     "max_per_destination": _int(1),
     "max_messages_per_connection": _int(1),

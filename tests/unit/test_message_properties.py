@@ -8,10 +8,11 @@ from email import message_from_string, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailstrom.errors import HeaderInjection
+from mailstrom.errors import ForbiddenCharacter, HeaderInjection
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -219,6 +220,11 @@ def test_raw_body_is_kept_except_line_endings(body: bytes, ending: bytes) -> Non
     lines = [line[:998] for line in lines]
     head = ending.join([b"From: a@example.com", b"To: b@example.org", b"Bcc: c@example.net"])
     data = head + ending + ending + ending.join(lines)
+    if b"\0" in body:
+        # Hardening #2: a NUL may not be sent in 7bit/8bit data (RFC 2045 §2.7, §2.8).
+        with pytest.raises(ForbiddenCharacter):
+            prepare(data, now=NOW)
+        return
     prepared = prepare(data, now=NOW)
     expected = b"\r\n".join(lines)
     if expected and not expected.endswith(b"\r\n"):

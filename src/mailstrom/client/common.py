@@ -153,6 +153,7 @@ def prepare_for(
         envelope_from=envelope_from,
         envelope_to=envelope_to,
         max_size=config.max_message_size,
+        max_recipients=config.max_recipients,
         now=now,
     )
 

@@ -1,9 +1,5 @@
-"""The :class:`Email` builder and its MIME composition with the stdlib ``email`` package.
-
-Bodies are always encoded 7-bit safe (quoted-printable or base64 when needed), so a built
-message never needs 8BITMIME. Address headers are written with A-label domains when the
-local part is ASCII, so only a UTF-8 local part makes a built message need SMTPUTF8.
-"""
+"""The :class:`Email` builder, and :func:`check`: every field validated once, into a
+:class:`Draft` that the renderer turns into bytes without looking back at the ``Email``."""
 
 from __future__ import annotations
 
@@ -11,28 +7,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.headerregistry import BaseHeader, ContentTypeHeader, Group
-from email.message import EmailMessage
-from email.utils import format_datetime
-from typing import cast
 
-from mailstrom.errors import InvalidAddress, InvalidMessage
-from mailstrom.message.addresses import (
-    check_no_line_breaks,
-    envelope_form,
-    for_header,
-    format_address_field,
-    mailboxes,
-    parse_address_list,
-)
-from mailstrom.message.encoding import serialise
+from mailstrom.errors import InvalidAddress, InvalidAttachment, InvalidMessage
+from mailstrom.message.addresses import Group, parse_address_list
+from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.envelope import AddressFields
-from mailstrom.message.headers import check_field_name
-from mailstrom.message.policies import BUILD_POLICY, HEADER_FACTORY
-
-_PLAIN_SUBJECT = re.compile(r"[!-~]+(?: [!-~]+)*")
-_PLAIN_SUBJECT_MAX = 69
-"""``Subject: `` plus this many octets fits the 78-octet line RFC 5322 §2.1.1 prefers."""
+from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
 
 # Headers the Email fields own; setting them through ``headers`` would be ambiguous.
 _OWNED = {
@@ -49,6 +29,17 @@ _OWNED = {
     "content-type": "text/html/attachments",
     "content-transfer-encoding": "text/html/attachments",
 }
+# Address headers of a resent message (RFC 5322 §3.6.6) belong to raw input, where the
+# envelope is read from them; through ``headers`` they would be sent unvalidated, and
+# Resent-Bcc would reveal blind copies.
+_RESENT_ADDRESSES = {"resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"}
+
+_TOKEN = r"[!#$%&'*+\-.0-9A-Za-z^_`{|}~]+"  # noqa: S105 (RFC 2045 §5.1 token, not a secret)
+_CONTENT_TYPE = re.compile(
+    rf"\s*({_TOKEN})/({_TOKEN})\s*((?:;\s*{_TOKEN}\s*=\s*(?:{_TOKEN}|\"(?:[^\"\\]|\\.)*\")\s*)*);?\s*",
+    re.DOTALL,
+)
+_PARAMETER = re.compile(rf";\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|\"((?:[^\"\\]|\\.)*)\")", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +48,7 @@ class Attachment:
 
     ``inline=True`` with a ``content_id`` lets the HTML body refer to it as
     ``cid:<content_id>`` (the attachment then goes in a multipart/related part).
+    The filename is sent as the literal text given (RFC 2231 encoded when needed).
     """
 
     filename: str
@@ -98,13 +90,50 @@ class Email:
     """Message-ID header, with or without angle brackets; default: a fresh unique one."""
 
 
-def address_fields(email: Email) -> AddressFields:
-    """Parse and validate the address fields of ``email`` into header-ready groups.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part:
+    """A checked attachment."""
 
-    Raises :class:`HeaderInjection` for CR/LF and :class:`InvalidAddress` for bad syntax.
+    filename: str
+    content: bytes
+    content_type: str
+    """``type/subtype``, lower-case."""
+    params: tuple[tuple[str, str], ...]
+    inline: bool
+    content_id: str | None
+    """In angle brackets."""
+
+    @property
+    def maintype(self) -> str:
+        return self.content_type.partition("/")[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Draft:
+    """An :class:`Email` whose every field has been checked and every address validated."""
+
+    fields: AddressFields
+    subject: str
+    headers: tuple[tuple[str, str], ...]
+    text: str | None
+    html: str | None
+    attachments: tuple[Part, ...]
+    date: datetime | None
+    """Timezone-aware."""
+    message_id: str | None
+    """In angle brackets."""
+
+
+def check(email: Email) -> Draft:
+    """Validate every field of ``email`` once.
+
+    Raises :class:`HeaderInjection` for CR/LF, :class:`ForbiddenCharacter` for other
+    control characters and lone surrogates, :class:`InvalidAddress` for bad addresses,
+    :class:`HeaderTooLong` for a field over the limit, :class:`InvalidAttachment` and
+    :class:`InvalidMessage` for the rest.
     """
     sender = None if email.sender is None else _groups("Sender", email.sender)
-    return AddressFields(
+    fields = AddressFields(
         from_=_groups("From", email.from_),
         sender=sender,
         reply_to=_groups("Reply-To", email.reply_to),
@@ -112,161 +141,141 @@ def address_fields(email: Email) -> AddressFields:
         cc=_groups("Cc", email.cc),
         bcc=_groups("Bcc", email.bcc),
     )
-
-
-def needs_utf8_headers(fields: AddressFields) -> bool:
-    """True when a header mailbox has a non-ASCII local part (raw UTF-8, RFC 6532)."""
-    groups = (*(fields.from_ or ()), *(fields.sender or ()), *fields.reply_to)
-    return any(not box.username.isascii() for box in mailboxes((*groups, *fields.to, *fields.cc)))
-
-
-def render(
-    email: Email, fields: AddressFields, *, date: datetime, message_id: str, utf8: bool
-) -> bytes:
-    """Serialise ``email`` (without Bcc) once, CRLF line endings.
-
-    The address headers are rendered by :func:`format_address_field`; everything else,
-    body included, by the stdlib. ``utf8`` writes headers as raw UTF-8 (RFC 6532).
-    """
-    if date.tzinfo is None:
-        date = date.replace(tzinfo=UTC)
-    lines = [f"Date: {format_datetime(date)}"]
-    for name, groups in (
-        ("From", fields.from_),
-        ("Sender", fields.sender),
-        ("Reply-To", fields.reply_to),
-        ("To", fields.to),
-        ("Cc", fields.cc),
-    ):
-        if groups:
-            lines.append(format_address_field(name, groups, utf8=utf8))
-    check_no_line_breaks("Subject", email.subject)
-    # Short plain subjects need neither encoding nor folding; the stdlib's header
-    # machinery (a few dozen microseconds a header) is kept for the rest.
-    simple_subject = (
-        len(email.subject) <= _PLAIN_SUBJECT_MAX
-        and _PLAIN_SUBJECT.fullmatch(email.subject) is not None
-        and "=?" not in email.subject  # would read as an RFC 2047 word; let the stdlib quote
+    subject = _text("Subject", email.subject)
+    headers = tuple(_header(name, value) for name, value in dict(email.headers).items())
+    for where, body in (("text", email.text), ("html", email.html)):
+        if body is not None:
+            if not isinstance(body, str):
+                raise InvalidMessage(f"{where} must be a str, not {type(body).__name__}")
+            check_encodable(where, body)
+    date = email.date
+    if date is not None:
+        if not isinstance(date, datetime):
+            raise InvalidMessage(f"date must be a datetime, not {type(date).__name__}")
+        if date.tzinfo is None:
+            date = date.replace(tzinfo=UTC)
+    message_id = None if email.message_id is None else normalise_message_id(email.message_id)
+    return Draft(
+        fields=fields,
+        subject=subject,
+        headers=headers,
+        text=email.text,
+        html=email.html,
+        attachments=tuple(_part(attachment) for attachment in email.attachments),
+        date=date,
+        message_id=message_id,
     )
-    if simple_subject:
-        lines.append(f"Subject: {email.subject}")
-    lines.append(f"Message-ID: {message_id}")
-    head = "".join(f"{line}\r\n" for line in lines).encode("utf-8" if utf8 else "ascii")
-    subject = "" if simple_subject else email.subject
-    return head + serialise(_compose(email, subject=subject), utf8=utf8)
 
 
-def _compose(email: Email, *, subject: str) -> EmailMessage:
-    message = EmailMessage(policy=BUILD_POLICY)
-    if subject:
-        message["Subject"] = subject
-    for name, value in email.headers.items():
-        check_field_name(name)
-        check_no_line_breaks(name, value)
-        if name.lower() in _OWNED:
-            raise InvalidMessage(
-                f"header {name!r} is set by the Email field {_OWNED[name.lower()]!r}, "
-                "not through headers"
-            )
-        message[name] = value
-    _set_body(message, email)
-    for part in message.walk():
-        # The stdlib marks parts it creates with MIME-Version too; it belongs only at the
-        # top (RFC 2045 §4), so drop the noise.
-        if part is not message:
-            del part["MIME-Version"]
-    return message
-
-
-def normalise_message_id(value: str) -> str:
+def normalise_message_id(value: str, *, field: str = "Message-ID") -> str:
     """``value`` as a msg-id in angle brackets; :class:`InvalidMessage` if it cannot be."""
-    check_no_line_breaks("Message-ID", value)
+    value = _text(field, value)
     inner = value.strip().removeprefix("<").removesuffix(">")
     if not inner or not inner.isascii() or any(c in inner for c in " \t<>"):
-        raise InvalidMessage(f"invalid Message-ID {value!r}: expected <id-left@id-right>")
+        raise InvalidMessage(f"invalid {field} {shorten(value)}: expected <id-left@id-right>")
     return f"<{inner}>"
 
 
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a str, not {type(value).__name__}")
+    # Checked before anything else looks at it: octets are at least characters.
+    check_field_size(name, len(name) + 2 + len(value))
+    check_header_text(name, value)
+    return value
+
+
+def _header(name: object, value: object) -> tuple[str, str]:
+    if not isinstance(name, str):
+        raise InvalidMessage(f"header names must be str, not {type(name).__name__}")
+    check_field_name(name)
+    key = name.lower()
+    if key in _OWNED:
+        raise InvalidMessage(
+            f"header {name!r} is set by the Email field {_OWNED[key]!r}, not through headers"
+        )
+    if key in _RESENT_ADDRESSES:
+        raise InvalidMessage(
+            f"header {name!r} cannot be set through headers: resending is for raw messages, "
+            "and Resent-Bcc would be transmitted"
+        )
+    return name, _text(name, value)
+
+
 def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
-    values = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        values = list(value)
+    else:
+        raise InvalidAddress(
+            f"{name} must be a str or a sequence of str, not {type(value).__name__}",
+            address=repr(value),
+        )
+    if not values or values == [""]:
+        return ()
+    size = 0
     out: list[Group] = []
     for item in values:
-        check_no_line_breaks(name, item)
+        if not isinstance(item, str):
+            raise InvalidAddress(
+                f"{name} addresses must be str, not {type(item).__name__}", address=repr(item)
+            )
+        size += len(item) + 2
+        # Bounded before parsing, so a huge list costs nothing; Bcc is never written but
+        # is held to the same bound.
+        check_field_size(name, size)
         parsed = parse_address_list(name, item)
         if not parsed:
             raise InvalidAddress(f"empty address in {name}: {item!r}", address=item)
-        for group in parsed:
-            boxes = []
-            for box in group.addresses:
-                envelope_form(box.addr_spec)
-                boxes.append(for_header(box))
-            out.append(Group(group.display_name, boxes))
+        out.extend(parsed)
     return tuple(out)
 
 
-def _set_body(message: EmailMessage, email: Email) -> None:
-    if email.text is not None:
-        message.set_content(email.text)
-    if email.html is not None:
-        if email.text is None:
-            message.set_content(email.html, subtype="html")
-        else:
-            message.add_alternative(email.html, subtype="html")
-    elif email.text is None and not email.attachments:
-        message.set_content("")
-    html_part = _html_part(message) if email.html is not None else None
-    # Related (inline, referenced by the HTML) parts first: once the message has become
-    # multipart/mixed, the HTML part could no longer be turned into multipart/related.
-    related = [a for a in email.attachments if a.inline and html_part is not None]
-    others = [a for a in email.attachments if not (a.inline and html_part is not None)]
-    for attachment in (*related, *others):
-        maintype, subtype, params = _content_type(attachment)
-        check_no_line_breaks("filename", attachment.filename)
-        cid = None
-        if attachment.content_id is not None:
-            cid = normalise_message_id(attachment.content_id)
-        if attachment.inline and html_part is not None:
-            html_part.add_related(
-                attachment.content,
-                maintype,
-                subtype,
-                disposition="inline",
-                filename=attachment.filename,
-                cid=cid,
-                params=params,
-            )
-        else:
-            disposition = "inline" if attachment.inline else "attachment"
-            message.add_attachment(
-                attachment.content,
-                maintype,
-                subtype,
-                disposition=disposition,
-                filename=attachment.filename,
-                cid=cid,
-                params=params,
-            )
-
-
-def _html_part(message: EmailMessage) -> EmailMessage:
-    if message.get_content_type() == "text/html":
-        return message
-    for part in message.iter_parts():
-        if part.get_content_type() == "text/html":
-            assert isinstance(part, EmailMessage)
-            return part
-    raise AssertionError("an HTML body was set but no text/html part exists")
-
-
-def _content_type(attachment: Attachment) -> tuple[str, str, dict[str, str]]:
-    check_no_line_breaks("Content-Type", attachment.content_type)
-    header = HEADER_FACTORY("Content-Type", attachment.content_type)
-    assert isinstance(header, ContentTypeHeader)
-    text = attachment.content_type.split(";", 1)[0].strip().lower()
-    defects = cast(BaseHeader, header).defects
-    if defects or text != header.content_type or header.maintype == "multipart":
-        raise InvalidMessage(
-            f"attachment {attachment.filename!r} has an invalid content type "
-            f"{attachment.content_type!r}: expected type/subtype, not multipart"
+def _part(attachment: Attachment) -> Part:
+    filename = attachment.filename
+    if not isinstance(filename, str):
+        raise InvalidMessage(f"attachment filename must be a str, not {type(filename).__name__}")
+    if len(filename) > MAX_FIELD:
+        check_field_size("Content-Disposition", len(filename))
+    check_header_text("attachment filename", filename)
+    content = attachment.content
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise InvalidAttachment(
+            f"attachment {shorten(filename)} content must be bytes, not {type(content).__name__}",
+            filename=filename,
         )
-    return header.maintype, header.subtype, dict(header.params)
+    content_type, params = _content_type(attachment.content_type, filename)
+    cid = attachment.content_id
+    return Part(
+        filename=filename,
+        content=bytes(content),
+        content_type=content_type,
+        params=params,
+        inline=bool(attachment.inline),
+        content_id=None if cid is None else normalise_message_id(cid, field="Content-ID"),
+    )
+
+
+def _content_type(value: object, filename: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    def invalid(why: str) -> InvalidAttachment:
+        return InvalidAttachment(
+            f"attachment {shorten(filename)} has an invalid content type {shorten(str(value))}: "
+            f"{why}",
+            filename=filename,
+        )
+
+    if not isinstance(value, str):
+        raise invalid("expected a str")
+    check_header_text("attachment content type", value)
+    match = _CONTENT_TYPE.fullmatch(value)
+    if match is None:
+        raise invalid("expected type/subtype, optionally with ; name=value parameters")
+    content_type = f"{match[1]}/{match[2]}".lower()
+    if content_type.startswith("multipart/"):
+        raise invalid("expected type/subtype, not multipart (mailstrom builds those)")
+    params = tuple(
+        (p[1].lower(), p[2] if p[2] is not None else re.sub(r"\\(.)", r"\1", p[3]))
+        for p in _PARAMETER.finditer(match[3])
+    )
+    return content_type, params

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import binascii
 import io
+import re
 from email import base64mime, policy, quoprimime
 from email.generator import BytesGenerator
 from email.message import Message
-from email.parser import BytesParser
 from typing import Any
 
-from mailstrom.errors import LineTooLong, UnencodableHeader
+from mailstrom.errors import InvalidMessage, LineTooLong, UnencodableHeader
+from mailstrom.message import mime
 
 MAX_LINE = 998
 """Longest line RFC 5322 §2.1.1 allows, in octets, not counting the CRLF."""
 
-_ENCODED_LINE = 76
+ENCODED_LINE = 76
 """Line length of quoted-printable and base64 output (RFC 2045 §6.7, §6.8)."""
-
-# Headers are re-emitted exactly as parsed (no refolding), 8-bit headers included, so
-# the downgrade changes nothing but the bodies that need it.
-_PASSTHROUGH = policy.SMTP.clone(refold_source="none", utf8=True)
 
 
 def to_crlf(data: bytes) -> bytes:
@@ -38,7 +36,10 @@ def check_line_lengths(data: bytes) -> None:
     """Raise :class:`LineTooLong` if a CRLF-separated line of ``data`` exceeds 998 octets."""
     if len(data) <= MAX_LINE:
         return
-    for number, line in enumerate(data.split(b"\r\n"), start=1):
+    lines = data.split(b"\r\n")
+    if max(map(len, lines)) <= MAX_LINE:
+        return
+    for number, line in enumerate(lines, start=1):
         if len(line) > MAX_LINE:
             raise LineTooLong(
                 f"line {number} is {len(line)} octets long; RFC 5322 §2.1.1 allows at most "
@@ -46,30 +47,168 @@ def check_line_lengths(data: bytes) -> None:
             )
 
 
-def downgrade_to_7bit(data: bytes) -> bytes:
-    """Re-encode every 8-bit MIME part of ``data`` so the body is pure 7-bit.
+def quoted_printable(data: bytes) -> bytes:
+    """``data`` (CRLF line ends) as quoted-printable with CRLF lines of at most 76."""
+    # quoprimime works on str of code points 0-255, one per octet: latin-1 is exact. It
+    # encodes every octet but CR and LF outside printable ASCII before it splits lines,
+    # so only CRLF breaks lines.
+    text = quoprimime.body_encode(data.decode("latin-1"), ENCODED_LINE, "\r\n")
+    return text.encode("ascii")
 
-    For servers that do not offer 8BITMIME (RFC 6152): a part whose
-    Content-Transfer-Encoding is ``8bit``/``binary``, or whose content holds octets
-    above 127, becomes quoted-printable (``text/*``) or base64 (anything else). Its
-    decoded content is unchanged. Parts already 7-bit, and all headers, are left as
-    they are. Input without 8-bit octets in the body is returned unchanged.
+
+def base64_lines(data: bytes) -> bytes:
+    """``data`` as base64 in CRLF lines of 76 characters."""
+    return base64mime.body_encode(data, ENCODED_LINE, "\r\n").encode("ascii")
+
+
+def downgrade_to_7bit(data: bytes) -> bytes:
+    """Re-encode what is 8-bit in the body of ``data`` so that the body is pure 7-bit.
+
+    For servers that do not offer 8BITMIME (RFC 6152). Header sections, the top one and
+    those of MIME parts, are left as they are: 8-bit headers are RFC 6532 headers, which
+    :func:`prepare` marks as needing SMTPUTF8, and a server offering SMTPUTF8 also takes
+    8BITMIME (RFC 6531 §3.1), so such a message is never downgraded. In the body:
+
+    - a leaf part holding octets above 127 is re-encoded: quoted-printable for ``text/*``,
+      base64 otherwise. That includes parts *labelled* quoted-printable or base64 that
+      nevertheless hold raw 8-bit octets: they are decoded as a lenient reader would
+      (RFC 2045 §6.7, §6.8) and encoded again. Their decoded content is unchanged.
+    - multipart and message/rfc822 parts are walked into; a ``8bit``/``binary`` label on
+      them becomes ``7bit`` (RFC 2045 §6.4 allows no other encoding on them).
+    - a message/rfc822 part whose own headers are 8-bit cannot be made 7-bit as
+      message/rfc822 (RFC 2046 §5.2.1 forbids encoding it), so it becomes message/global,
+      which may be base64-encoded (RFC 6532 §3.7).
+    - 8-bit preambles and epilogues, which readers ignore, are dropped.
+
+    Never raises: malformed structure is treated as opaque content. Input whose body is
+    already 7-bit is returned unchanged (the same object).
     """
-    end = data.find(b"\r\n\r\n")
-    if end == -1 or data[end:].isascii():
+    data = to_crlf(data)
+    top = mime.entity(data)
+    if data[top.body :].isascii():
         return data
-    message = BytesParser(policy=_PASSTHROUGH).parsebytes(data)
-    for part in message.walk():
-        _downgrade_part(part)
-    out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=_PASSTHROUGH).flatten(message)
-    return to_crlf(out.getvalue())
+    head, body = _downgrade(top, depth=0)
+    if head != top.head and not _has_field(top.head, b"mime-version"):
+        # A re-encoded body needs MIME to be understood (RFC 2045 §4).
+        head = _with_field(head, "MIME-Version", "1.0")
+    return head + body
+
+
+def _downgrade(item: mime.Entity, *, depth: int) -> tuple[bytes, bytes]:
+    """(header section, body) of ``item`` with a 7-bit body."""
+    data = item.data
+    head, body = item.head, data[item.body : item.end]
+    if body.isascii():
+        return head, body
+    if depth >= mime.MAX_DEPTH + 2:
+        # Deeper than anything prepare() accepts; still never raise: opaque content.
+        return _opaque(head, "application/octet-stream", body)
+    if item.maintype == "multipart" or item.nested:
+        if item.nested:
+            inner = mime.entity(data, item.body, item.end)
+            if not inner.head.isascii():
+                return _opaque(head, "message/global", body)
+            inner_head, inner_body = _downgrade(inner, depth=depth + 1)
+            out = inner_head + inner_body
+        else:
+            found = mime.layout(item)
+            if found is None:
+                return _opaque(head, "application/octet-stream", body)
+            out = _downgrade_parts(item, found, depth)
+        if item.cte in ("8bit", "binary"):
+            head = _with_field(head, "Content-Transfer-Encoding", "7bit")
+        return head, out
+    raw = _decoded(item.cte, body)
+    if item.maintype == "text":
+        encoded, cte = quoted_printable(raw), "quoted-printable"
+    else:
+        encoded, cte = base64_lines(raw), "base64"
+    return _with_field(head, "Content-Transfer-Encoding", cte), encoded
+
+
+def _downgrade_parts(item: mime.Entity, found: mime.Layout, depth: int) -> bytes:
+    data = item.data
+    pieces: list[bytes] = []
+    position = item.body
+    default = "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
+    start, end = found.preamble
+    pieces.append(b"" if not data[start:end].isascii() else data[start:end])
+    position = end
+    for start, end in found.parts:
+        pieces.append(data[position:start])  # the delimiter line
+        part = mime.entity(data, start, end, default=default)
+        pieces.extend(_downgrade(part, depth=depth + 1))
+        position = end
+    if found.epilogue is None:
+        pieces.append(data[position : item.end])
+    else:
+        start, end = found.epilogue
+        pieces.append(data[position:start])  # the close delimiter line
+        if data[start:end].isascii():
+            pieces.append(data[start:end])
+    return b"".join(pieces)
+
+
+def _decoded(cte: str, body: bytes) -> bytes:
+    """The octets a lenient reader gets from ``body``."""
+    if cte == "quoted-printable":
+        # Raw 8-bit octets in quoted-printable data are kept as they are (RFC 2045 §6.7).
+        return binascii.a2b_qp(body)
+    if cte == "base64":
+        # Characters outside the base64 alphabet are ignored (RFC 2045 §6.8); padding is
+        # made right again, and a lone trailing character (no whole octet) dropped.
+        cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
+        extra = len(cleaned) % 4
+        if extra == 1:
+            cleaned = cleaned[:-1]
+        elif extra:
+            cleaned += b"=" * (4 - extra)
+        return binascii.a2b_base64(cleaned)
+    # 7bit/8bit/binary, or an encoding we do not know: the octets are the content.
+    return body
+
+
+def _opaque(head: bytes, content_type: str, body: bytes) -> tuple[bytes, bytes]:
+    head = _with_field(head, "Content-Type", content_type)
+    return _with_field(head, "Content-Transfer-Encoding", "base64"), base64_lines(body)
+
+
+def _with_field(head: bytes, name: str, value: str) -> bytes:
+    """``head`` (a header section ending with its empty line, or empty) with the field
+    ``name`` (and its continuation lines) replaced by ``name: value``, or appended."""
+    lines = head.split(b"\r\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if lines and lines[-1] == b"":
+        lines.pop()
+    key = name.lower().encode("ascii")
+    out: list[bytes] = []
+    skipping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == key
+        if not skipping:
+            out.append(line)
+    out.append(f"{name}: {value}".encode("ascii"))
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def _has_field(head: bytes, key: bytes) -> bool:
+    return any(
+        line.split(b":", 1)[0].strip().lower() == key
+        for line in head.split(b"\r\n")
+        if line[:1] not in (b" ", b"\t")
+    )
 
 
 def serialise(message: Message, *, utf8: bool) -> bytes:
     """Serialise a stdlib message with CRLF line endings (``email.policy.SMTP``).
 
     ``utf8`` writes non-ASCII headers as raw UTF-8 (RFC 6532) instead of RFC 2047 words.
+    Whatever the stdlib raises on a message it cannot write becomes :class:`InvalidMessage`.
     """
     out = io.BytesIO()
     generator: BytesGenerator[Any] = BytesGenerator(
@@ -79,32 +218,6 @@ def serialise(message: Message, *, utf8: bool) -> bytes:
         generator.flatten(message)
     except UnicodeEncodeError as exc:
         raise UnencodableHeader(f"the message cannot be encoded: {exc}") from exc
+    except (LookupError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise InvalidMessage(f"the EmailMessage cannot be serialised: {exc!r}") from exc
     return out.getvalue()
-
-
-def _downgrade_part(part: Message) -> None:
-    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-    if part.is_multipart() or part.get_content_maintype() == "message":
-        # Composite types may only be labelled 7bit/8bit/binary (RFC 2045 §6.4); their
-        # children are downgraded on their own by the walk, so the label becomes 7bit.
-        if cte in ("8bit", "binary"):
-            part.replace_header("Content-Transfer-Encoding", "7bit")
-        return
-    if cte in ("quoted-printable", "base64"):
-        return
-    raw = part.get_payload(decode=True)
-    assert isinstance(raw, bytes)
-    if cte not in ("8bit", "binary") and raw.isascii():
-        return
-    if part.get_content_maintype() == "text":
-        # quoprimime works on str of code points 0-255, one per octet: latin-1 is exact.
-        encoded = quoprimime.body_encode(raw.decode("latin-1"), _ENCODED_LINE, "\r\n")
-        new_cte = "quoted-printable"
-    else:
-        encoded = base64mime.body_encode(raw, _ENCODED_LINE, "\r\n")
-        new_cte = "base64"
-    part.set_payload(encoded)
-    if "Content-Transfer-Encoding" in part:
-        part.replace_header("Content-Transfer-Encoding", new_cte)
-    else:
-        part["Content-Transfer-Encoding"] = new_cte

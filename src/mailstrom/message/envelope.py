@@ -1,35 +1,36 @@
 """The envelope: who the message is from and to, as SMTP sees it.
 
-Pure rules over the address headers (RFC 5322 §3.6.2, RFC 6854) and the caller's
-explicit envelope, shared by builder, EmailMessage and raw-bytes input.
+Pure rules over the already validated address headers (RFC 5322 §3.6.2, RFC 6854) and
+the caller's explicit envelope, shared by builder, EmailMessage and raw-bytes input.
+Nothing is validated twice: every mailbox arrives here as a
+:class:`~mailstrom.message.addresses.Mailbox` carrying its envelope form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.headerregistry import Group
 
 from mailstrom.errors import (
-    InvalidAddress,
     InvalidMessage,
     MissingFrom,
     MultipleFromWithoutSender,
     NoRecipients,
+    TooManyRecipients,
 )
-from mailstrom.message.addresses import (
-    check_no_line_breaks,
-    dedupe,
-    envelope_form,
-    mailboxes,
-    parse_address_list,
-)
+from mailstrom.message.addresses import Group, dedupe, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.headers import HeaderSection
+
+DEFAULT_MAX_RECIPIENTS = 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AddressFields:
-    """The address headers of a message, parsed into groups (``None`` = header absent)."""
+    """The address headers of a message, parsed and validated (``None`` = header absent).
+
+    ``resent_*`` hold the Resent-To/Cc/Bcc fields of raw input (RFC 5322 §3.6.6); when any
+    is present the message is being resent and they name its recipients.
+    """
 
     from_: tuple[Group, ...] | None
     sender: tuple[Group, ...] | None = None
@@ -37,18 +38,13 @@ class AddressFields:
     to: tuple[Group, ...] = ()
     cc: tuple[Group, ...] = ()
     bcc: tuple[Group, ...] = ()
+    resent: tuple[Group, ...] | None = None
 
-    def all_mailboxes(self) -> list[str]:
-        """Every addr-spec named in any address header, for validation."""
-        groups = (
-            *(self.from_ or ()),
-            *(self.sender or ()),
-            *self.reply_to,
-            *self.to,
-            *self.cc,
-            *self.bcc,
-        )
-        return [box.addr_spec for box in mailboxes(groups)]
+    @property
+    def utf8(self) -> bool:
+        """True when a header mailbox has a non-ASCII local part (RFC 6532 raw UTF-8)."""
+        groups = (*(self.from_ or ()), *(self.sender or ()), *self.reply_to, *self.to, *self.cc)
+        return any(box.address.smtputf8 for box in mailboxes(groups))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,10 +56,12 @@ class Envelope:
     recipients: tuple[str, ...]
     id_domain: str
     """Domain of the responsible mailbox (From, else Sender), for a new Message-ID."""
+    smtputf8: bool
+    """An envelope address has a non-ASCII local part (RFC 6531)."""
 
 
 def fields_from_section(section: HeaderSection) -> AddressFields:
-    """Read the address headers of a raw header section."""
+    """Read and validate the address headers of a raw header section."""
 
     def groups(name: str, *, single: bool = False) -> tuple[Group, ...] | None:
         values = section.values(name)
@@ -75,6 +73,7 @@ def fields_from_section(section: HeaderSection) -> AddressFields:
             )
         return tuple(group for value in values for group in parse_address_list(name, value))
 
+    resent = [groups(name) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")]
     return AddressFields(
         from_=groups("From", single=True),
         sender=groups("Sender", single=True),
@@ -82,21 +81,10 @@ def fields_from_section(section: HeaderSection) -> AddressFields:
         to=groups("To") or (),
         cc=groups("Cc") or (),
         bcc=groups("Bcc") or (),
+        resent=None
+        if all(g is None for g in resent)
+        else tuple(group for found in resent for group in found or ()),
     )
-
-
-def explicit_address(value: str, *, role: str) -> str:
-    """Envelope form of a caller-given envelope address; a display name is dropped.
-
-    Accepts a bare addr-spec or ``Name <addr>``; the envelope only ever gets the addr-spec.
-    """
-    check_no_line_breaks(role, value)
-    if "<" not in value:
-        return envelope_form(value.strip())
-    boxes = mailboxes(parse_address_list("To", value))
-    if len(boxes) != 1:
-        raise InvalidAddress(f"{role} must be exactly one address, got {value!r}", address=value)
-    return envelope_form(boxes[0].addr_spec)
 
 
 def decide(
@@ -104,6 +92,7 @@ def decide(
     *,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
 ) -> Envelope:
     """Check the originator fields and work out the envelope.
 
@@ -112,24 +101,27 @@ def decide(
       mailbox. Without one, :class:`MultipleFromWithoutSender` is raised.
     - Reverse-path: ``envelope_from`` (``""`` is the null reverse-path), else Sender,
       else the single From mailbox.
-    - Forward-paths: ``envelope_to``, else To + Cc + Bcc; de-duplicated.
+    - Forward-paths: ``envelope_to``, else Resent-To + Resent-Cc + Resent-Bcc when the
+      message has any of them (as Postfix's cleanup does for ``sendmail -t``), else
+      To + Cc + Bcc; de-duplicated, at most ``max_recipients`` (:class:`TooManyRecipients`).
     """
     if fields.from_ is None:
         raise MissingFrom("the message has no From header (RFC 5322 §3.6 requires one)")
     from_boxes = mailboxes(fields.from_)
-    from_group = next((g for g in fields.from_ if g.display_name is not None), None)
+    from_group = next((g for g in fields.from_ if g.name is not None), None)
     if not from_boxes and from_group is None:
         raise MissingFrom("the From header names no address")
     sender_boxes = mailboxes(fields.sender or ())
     if fields.sender is not None:
-        if len(sender_boxes) != 1 or any(g.display_name is not None for g in fields.sender):
+        if len(sender_boxes) != 1 or any(g.name is not None for g in fields.sender):
             raise InvalidMessage(
                 "the Sender header must be exactly one mailbox (RFC 5322 §3.6.2), got "
-                f"{', '.join(str(g) for g in fields.sender) or 'nothing'}"
+                f"{len(sender_boxes)} mailboxes"
+                + (" in a group" if any(g.name is not None for g in fields.sender) else "")
             )
     elif from_group is not None:
         raise MultipleFromWithoutSender(
-            f"the From header is the group {str(from_group)!r}; a From group needs a Sender "
+            f"the From header is the group {from_group.name!r}; a From group needs a Sender "
             "header naming the responsible mailbox (RFC 6854 §2)"
         )
     elif len(from_boxes) > 1:
@@ -137,31 +129,43 @@ def decide(
             f"the From header has {len(from_boxes)} mailboxes but there is no Sender header; "
             "RFC 5322 §3.6.2 requires Sender to say which one is responsible"
         )
-    for address in fields.all_mailboxes():
-        envelope_form(address)
 
-    responsible = sender_boxes[0] if sender_boxes else from_boxes[0]
-    responsible_form = envelope_form(responsible.addr_spec)
+    responsible = (sender_boxes[0] if sender_boxes else from_boxes[0]).address
     if envelope_from is None:
-        sender = responsible_form
+        sender = responsible.envelope
+        sender_utf8 = responsible.smtputf8
     elif envelope_from in ("", "<>"):
-        sender = ""
+        sender, sender_utf8 = "", False
     else:
-        sender = explicit_address(envelope_from, role="envelope_from")
+        explicit = parse_mailbox("envelope_from", envelope_from).address
+        sender, sender_utf8 = explicit.envelope, explicit.smtputf8
 
     if envelope_to is None:
-        boxes = mailboxes((*fields.to, *fields.cc, *fields.bcc))
-        recipients = dedupe(envelope_form(box.addr_spec) for box in boxes)
-        where = "To, Cc or Bcc"
+        if fields.resent is not None:
+            boxes = mailboxes(fields.resent)
+            where = "Resent-To, Resent-Cc or Resent-Bcc"
+        else:
+            boxes = mailboxes((*fields.to, *fields.cc, *fields.bcc))
+            where = "To, Cc or Bcc"
+        addresses = [box.address for box in boxes]
     else:
         if isinstance(envelope_to, str):
             envelope_to = [envelope_to]
-        recipients = dedupe(explicit_address(a, role="envelope_to") for a in envelope_to)
+        addresses = [parse_mailbox("envelope_to", a).address for a in envelope_to]
         where = "envelope_to"
+    recipients = dedupe(address.envelope for address in addresses)
     if not recipients:
         raise NoRecipients(f"no recipients: {where} names no address")
+    if len(recipients) > max_recipients:
+        raise TooManyRecipients(
+            f"the message has {len(recipients)} recipients; the limit is {max_recipients} "
+            "(Config.max_recipients)",
+            count=len(recipients),
+            limit=max_recipients,
+        )
     return Envelope(
         sender=sender,
         recipients=recipients,
-        id_domain=responsible_form.rpartition("@")[2],
+        id_domain=responsible.envelope.rpartition("@")[2],
+        smtputf8=sender_utf8 or any(address.smtputf8 for address in addresses),
     )

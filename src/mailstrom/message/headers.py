@@ -11,13 +11,32 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from mailstrom.errors import HeaderInjection, UnencodableHeader
+from mailstrom.errors import HeaderInjection, HeaderTooLong, UnencodableHeader
+from mailstrom.message.chars import check_header_octets, check_header_text
 from mailstrom.message.encoding import to_crlf
 from mailstrom.message.policies import HEADER_FACTORY
+
+MAX_FIELD = 64 * 1024
+"""Longest header field accepted, in octets as written (name, value and folding).
+
+Postfix keeps at most ``header_size_limit`` (100 KiB by default) of one header and
+discards the rest, so a longer field would arrive cut short. The bound also keeps the
+cost of reading and writing a header small whatever the input."""
 
 # RFC 5322 §3.6.8: a field name is printable US-ASCII except the colon.
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 _FIELD_LINE = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def check_field_size(name: str, size: int) -> None:
+    """Raise :class:`HeaderTooLong` if a ``name`` field of ``size`` octets is too long."""
+    if size > MAX_FIELD:
+        raise HeaderTooLong(
+            f"the {name} header field is {size} octets long; the limit is {MAX_FIELD}",
+            header=name,
+            size=size,
+            limit=MAX_FIELD,
+        )
 
 
 def check_field_name(name: str) -> None:
@@ -111,6 +130,8 @@ def split_header_section(data: bytes) -> HeaderSection:
             fields.append((match.group(1).decode("ascii").lower(), [line]))
         pos = next_pos
     head_end = pos
+    for name, lines in fields:
+        check_field_size(name, sum(len(line) + 2 for line in lines) - 2)
     utf8 = not data[:head_end].isascii()
     if utf8:
         _check_utf8(fields)
@@ -130,8 +151,11 @@ def _check_line(line: bytes, fields: list[tuple[str, list[bytes]]]) -> None:
             raise HeaderInjection(
                 f"the message starts with a continuation line: {line[:80]!r}", header=name
             )
+        check_header_octets(name, line)
         return
-    if _FIELD_LINE.match(line):
+    match = _FIELD_LINE.match(line)
+    if match:
+        check_header_octets(match.group(1).decode("ascii"), line)
         return
     colon = line.find(b":")
     if colon > 0 and not line[:colon].isascii():
@@ -148,17 +172,24 @@ def _check_line(line: bytes, fields: list[tuple[str, list[bytes]]]) -> None:
 def _check_utf8(fields: list[tuple[str, list[bytes]]]) -> None:
     for name, lines in fields:
         for line in lines:
+            if line.isascii():
+                continue
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise UnencodableHeader(
                     f"the {name} header holds octets that are not UTF-8 ({exc.reason} at "
                     f"{exc.start}); raw 8-bit headers must be UTF-8 (RFC 6532)"
                 ) from exc
+            # NEL and the Unicode line separators only exist once decoded.
+            check_header_text(name, text)
 
 
 def decode_text(value: str) -> str:
-    """Decode RFC 2047 words in an unstructured header value (for display)."""
+    """Decode RFC 2047 words in an unstructured header value (for display only)."""
     if "=?" not in value:
         return value
-    return str(HEADER_FACTORY("subject", value))
+    try:
+        return str(HEADER_FACTORY("subject", value))
+    except Exception:  # the stdlib parser can fail on malformed words; show them as sent
+        return value

@@ -1,8 +1,7 @@
-"""The stdlib ``email`` policies mailstrom builds and parses with."""
+"""The stdlib ``email`` header registry mailstrom decodes header text with."""
 
 from __future__ import annotations
 
-from email import policy
 from email.headerregistry import BaseHeader, HeaderRegistry
 
 
@@ -28,7 +27,3 @@ class CachingHeaderRegistry(HeaderRegistry):
 
 HEADER_FACTORY = CachingHeaderRegistry()
 """Parses one header value the way ``email.policy.default`` does: ``(name, value)``."""
-
-BUILD_POLICY = policy.SMTP.clone(cte_type="7bit", header_factory=HEADER_FACTORY)
-"""For composing: CRLF, and ``cte_type="7bit"`` makes the content manager choose 7bit,
-quoted-printable or base64 for text bodies instead of raw 8bit."""

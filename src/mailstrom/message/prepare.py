@@ -1,9 +1,16 @@
 """``prepare``: validate a message once and serialise it to the bytes the worker sends.
 
-Three inputs, one result. An :class:`Email` is composed and serialised by the stdlib
-generator; an ``EmailMessage`` is serialised by it once; raw bytes are not re-serialised
-at all. The last two then have their header section rewritten at the octet level (Bcc
-removed, Date and Message-ID added), so bodies are never decoded and re-encoded.
+Three inputs, one pipeline, each stage handing the next a value:
+
+- an :class:`Email` is checked field by field (:func:`builder.check` → ``Draft``, every
+  address validated once), its envelope decided (``Envelope``), and rendered straight
+  to bytes (:func:`render.render`);
+- raw bytes are split into header fields (``HeaderSection``), their address headers
+  parsed and validated, the envelope decided, and the header section rewritten at the
+  octet level (Bcc and Resent-Bcc removed, Date and Message-ID added). The body is
+  never decoded or re-encoded, only given CRLF line ends;
+- an ``EmailMessage`` is serialised once by the stdlib and then taken as raw bytes, so
+  the envelope is read from exactly the header text that will be sent.
 """
 
 from __future__ import annotations
@@ -15,26 +22,26 @@ from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
 
-from mailstrom.errors import (
-    HeaderInjection,
-    InvalidAddress,
-    InvalidMessage,
-    MessageTooLarge,
-)
-from mailstrom.message import builder
-from mailstrom.message.addresses import (
-    ADDRESS_FIELDS,
-    check_no_line_breaks,
-    checked_groups,
-    mailboxes,
-    needs_smtputf8,
-    parse_address_list,
-)
+from mailstrom.errors import ForbiddenCharacter, HeaderInjection, InvalidMessage, MessageTooLarge
+from mailstrom.message import builder, mime
+from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
 from mailstrom.message.builder import Email
+from mailstrom.message.chars import check_header_text
 from mailstrom.message.encoding import check_line_lengths, serialise
-from mailstrom.message.envelope import Envelope, decide, fields_from_section
-from mailstrom.message.headers import check_field_name, decode_text, split_header_section
+from mailstrom.message.envelope import (
+    DEFAULT_MAX_RECIPIENTS,
+    Envelope,
+    decide,
+    fields_from_section,
+)
+from mailstrom.message.headers import (
+    check_field_name,
+    check_field_size,
+    decode_text,
+    split_header_section,
+)
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.message.render import render
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 
@@ -45,6 +52,7 @@ def prepare(
     envelope_from: str | None = None,
     envelope_to: Sequence[str] | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     now: datetime | None = None,
     id_domain: str | None = None,
 ) -> PreparedMessage:
@@ -56,51 +64,67 @@ def prepare(
 
     ``envelope_from`` overrides the reverse-path (``""`` for the null one, as bounces
     use); by default it is the Sender address, else the single From address.
-    ``envelope_to`` overrides the recipients (by default To + Cc + Bcc). ``now`` is used
-    for a missing Date (default: the current UTC time); a missing Message-ID becomes
-    ``<random@id_domain>``, ``id_domain`` defaulting to the From (or Sender) domain.
+    ``envelope_to`` overrides the recipients (by default To + Cc + Bcc, or the Resent-
+    fields of a resent raw message); at most ``max_recipients`` after de-duplication.
+    ``now`` is used for a missing Date (default: the current UTC time); a missing
+    Message-ID becomes ``<random@id_domain>``, ``id_domain`` defaulting to the From (or
+    Sender) domain.
 
-    The result has CRLF line endings, no Bcc header, and lines of at most 998 octets.
-    Raises a subclass of :class:`~mailstrom.errors.InvalidMessage` saying what is wrong.
+    The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
+    octets and header fields of at most 64 KiB. Raises a subclass of
+    :class:`~mailstrom.errors.InvalidMessage` saying what is wrong.
     """
     if now is None:
         now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)  # a naive time is taken as UTC, like Email.date
     if id_domain is not None:
-        check_no_line_breaks("id_domain", id_domain)
+        check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
             raise InvalidMessage(f"id_domain {id_domain!r} is not an ASCII domain name")
+    limits = _Limits(max_size=max_size, max_recipients=max_recipients)
     if isinstance(message, Email):
-        return _prepare_email(message, envelope_from, envelope_to, max_size, now, id_domain)
+        return _prepare_email(message, envelope_from, envelope_to, limits, now, id_domain)
     if isinstance(message, Message):
         data = _serialise(message)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
         raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
-    return _prepare_bytes(data, envelope_from, envelope_to, max_size, now, id_domain)
+    return _prepare_bytes(data, envelope_from, envelope_to, limits, now, id_domain)
+
+
+class _Limits:
+    __slots__ = ("max_recipients", "max_size")
+
+    def __init__(self, *, max_size: int, max_recipients: int) -> None:
+        self.max_size = max_size
+        self.max_recipients = max_recipients
 
 
 def _prepare_email(
     email: Email,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    max_size: int,
+    limits: _Limits,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
-    fields = builder.address_fields(email)
-    envelope = decide(fields, envelope_from=envelope_from, envelope_to=envelope_to)
-    if email.message_id is not None:
-        message_id = builder.normalise_message_id(email.message_id)
-    else:
-        message_id = _new_message_id(id_domain or envelope.id_domain)
-    utf8 = builder.needs_utf8_headers(fields)
-    data = builder.render(email, fields, date=email.date or now, message_id=message_id, utf8=utf8)
+    draft = builder.check(email)
+    envelope = decide(
+        draft.fields,
+        envelope_from=envelope_from,
+        envelope_to=envelope_to,
+        max_recipients=limits.max_recipients,
+    )
+    message_id = draft.message_id or _new_message_id(id_domain or envelope.id_domain)
+    utf8 = draft.fields.utf8
+    data = render(draft, date=now, message_id=message_id, utf8=utf8)
     return _finish(
         data,
         envelope,
         utf8_headers=utf8,
-        max_size=max_size,
+        max_size=limits.max_size,
         message_id=message_id,
         subject=email.subject,
     )
@@ -110,17 +134,23 @@ def _prepare_bytes(
     data: bytes,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    max_size: int,
+    limits: _Limits,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
+    if len(data) > limits.max_size:
+        # Checked again once rewritten; refusing early keeps huge input cheap.
+        _too_large(len(data), limits.max_size)
     section = split_header_section(data)
     envelope = decide(
-        fields_from_section(section), envelope_from=envelope_from, envelope_to=envelope_to
+        fields_from_section(section),
+        envelope_from=envelope_from,
+        envelope_to=envelope_to,
+        max_recipients=limits.max_recipients,
     )
     add: list[tuple[str, str]] = []
     if not section.values("Date"):
-        add.append(("Date", format_datetime(now if now.tzinfo else now.replace(tzinfo=UTC))))
+        add.append(("Date", format_datetime(now)))
     message_ids = section.values("Message-ID")
     if message_ids:
         message_id = message_ids[0]
@@ -128,11 +158,22 @@ def _prepare_bytes(
         message_id = _new_message_id(id_domain or envelope.id_domain)
         add.append(("Message-ID", message_id))
     subjects = section.values("Subject")
+    out = section.rewrite(drop={"bcc", "resent-bcc"}, add=add)
+    if b"\0" in section.body:
+        # A NUL can only be sent in binary data, which needs BINARYMIME (RFC 3030); in
+        # 7bit and 8bit data it is forbidden (RFC 2045 §2.7, §2.8), and encoded parts
+        # never hold one.
+        raise ForbiddenCharacter(
+            "the message body contains a NUL octet, which 7bit and 8bit data may not carry "
+            "(RFC 2045 §2.7, §2.8); encode that part as base64",
+            where="body",
+        )
+    part_utf8 = mime.check_structure(out)
     return _finish(
-        section.rewrite(drop={"bcc"}, add=add),
+        out,
         envelope,
-        utf8_headers=section.utf8,
-        max_size=max_size,
+        utf8_headers=section.utf8 or part_utf8,
+        max_size=limits.max_size,
         message_id=message_id,
         subject=decode_text(subjects[0]) if subjects else None,
     )
@@ -148,53 +189,62 @@ def _finish(
     subject: str | None,
 ) -> PreparedMessage:
     if len(data) > max_size:
-        raise MessageTooLarge(
-            f"the encoded message is {len(data)} octets; the limit is {max_size}",
-            size=len(data),
-            limit=max_size,
-        )
+        _too_large(len(data), max_size)
     check_line_lengths(data)
     body = data[data.find(b"\r\n\r\n") :]
-    smtputf8 = utf8_headers or any(
-        needs_smtputf8(address) for address in (envelope.sender, *envelope.recipients)
-    )
     return PreparedMessage(
         data=data,
         envelope_from=envelope.sender,
         recipients=envelope.recipients,
-        smtputf8=smtputf8,
+        smtputf8=utf8_headers or envelope.smtputf8,
         eightbit=not body.isascii(),
         header_message_id=message_id,
         subject=subject,
     )
 
 
+def _too_large(size: int, limit: int) -> None:
+    raise MessageTooLarge(
+        f"the encoded message is {size} octets; the limit is {limit}", size=size, limit=limit
+    )
+
+
 def _serialise(message: Message) -> bytes:
-    """Serialise a stdlib message once, refusing headers that would smuggle lines."""
-    for name, raw_value in message.raw_items():
-        check_field_name(name)
-        # Policy-made header objects were checked for CR/LF by the stdlib when set;
-        # raw strings (compat32, or parsed source) may only break lines to fold them.
-        if not hasattr(raw_value, "defects"):
-            _check_folding(name, str(raw_value))
-    utf8 = False
-    for field in ADDRESS_FIELDS:
-        for value in _get_all(message, field):
-            if isinstance(value, AddressHeader):
-                groups = checked_groups(field, value)
-            else:
-                groups = parse_address_list(field, str(value))
-            utf8 = utf8 or any(not box.addr_spec.isascii() for box in mailboxes(groups))
+    """Serialise a stdlib message once, refusing headers that would smuggle lines.
+
+    Only what decides *how* to serialise is looked at here; everything else is checked
+    on the bytes, by the same code as raw input.
+    """
+    try:
+        items = message.raw_items()
+        utf8 = False
+        for name, raw_value in items:
+            check_field_name(name)
+            text = str(raw_value)
+            # Bounded before the stdlib folds it: its folder is quadratic in the length.
+            check_field_size(name, len(name) + 2 + len(text))
+            # Policy-made header objects were checked for CR/LF by the stdlib when set;
+            # raw strings (compat32, or parsed source) may only break lines to fold them.
+            if not hasattr(raw_value, "defects"):
+                _check_folding(name, text)
+            if name.lower() in ADDRESS_FIELDS:
+                utf8 = utf8 or _has_utf8_address(name, raw_value)
+    except InvalidMessage:
+        raise
+    except Exception as exc:  # a hand-made Message can hold anything
+        raise InvalidMessage(f"the EmailMessage cannot be read: {exc!r}") from exc
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     return serialise(message, utf8=utf8)
 
 
-def _get_all(message: Message, name: str) -> list[object]:
-    try:
-        return list(message.get_all(name, []))
-    except Exception as exc:  # the stdlib parser can crash on malformed input (a@)
-        raise InvalidAddress(f"{name} header cannot be parsed ({exc!r})", address=name) from exc
+def _has_utf8_address(name: str, value: object) -> bool:
+    if isinstance(value, AddressHeader):
+        return any(not address.addr_spec.isascii() for address in value.addresses)
+    text = str(value).replace("\r\n", "").replace("\n", "")
+    return any(
+        not box.address.written.isascii() for box in mailboxes(parse_address_list(name, text))
+    )
 
 
 def _check_folding(name: str, value: str) -> None:

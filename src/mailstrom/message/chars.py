@@ -1,0 +1,91 @@
+"""Which characters may appear in header values, names and bodies.
+
+One rule for every header value, whatever its source (an ``Email`` field, an
+``EmailMessage`` header or a raw header line): CR and LF are :class:`HeaderInjection`;
+NUL, the other C0 controls except TAB, DEL, the C1 controls (U+0085 NEL among them) and
+the Unicode line and paragraph separators are :class:`ForbiddenCharacter`.
+
+Why so strict: mail software disagrees on what these characters mean. Postfix cuts a
+header line at a NUL (``filename="invoice.exe\\0.pdf"`` arrives as ``invoice.exe``);
+Python's ``str.splitlines`` and so the stdlib header parser treat VT, FF, FS to US, NEL and
+U+2028/U+2029 as line breaks, which silently rewrote ``c@exa\\x0bmple.org`` into
+``c@example.org``. A value that different readers read differently is refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailstrom.errors import ForbiddenCharacter, HeaderInjection
+
+# C0 controls but TAB; DEL and C1; line and paragraph separators; lone surrogates.
+_BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# The same for raw header octets (TAB allowed; CR and LF are handled by the line splitter).
+_BAD_OCTETS = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+_NAMES = {"\0": "NUL", "\x0b": "VT", "\x0c": "FF", "\x7f": "DEL", "\x85": "NEL"}
+
+
+def describe(char: str) -> str:
+    """``U+000B VT``: how a character is named in error messages."""
+    name = _NAMES.get(char)
+    code = f"U+{ord(char):04X}"
+    return f"{code} {name}" if name else code
+
+
+def check_header_text(where: str, value: str) -> None:
+    """Raise unless ``value`` may appear in the header (or name, filename) ``where``."""
+    match = _BAD_TEXT.search(value)
+    if match is None:
+        return
+    char = match.group()
+    if char in "\r\n":
+        raise HeaderInjection(
+            f"{where} header value contains a CR or LF character: {shorten(value)}",
+            header=where,
+        )
+    if "\ud800" <= char <= "\udfff":
+        raise ForbiddenCharacter(
+            f"{where} contains a lone surrogate ({describe(char)}), which has no UTF-8 form",
+            where=where,
+        )
+    raise ForbiddenCharacter(
+        f"{where} contains the control character {describe(char)} at position "
+        f"{match.start()}; header values may not hold control characters other than TAB",
+        where=where,
+    )
+
+
+def check_header_octets(where: str, line: bytes) -> None:
+    """Raise :class:`ForbiddenCharacter` for a control octet in a raw header line."""
+    match = _BAD_OCTETS.search(line)
+    if match is not None:
+        char = match.group().decode("ascii")
+        raise ForbiddenCharacter(
+            f"the {where} header contains the control character {describe(char)}; header "
+            "values may not hold control characters other than TAB",
+            where=where,
+        )
+
+
+def check_encodable(where: str, text: str) -> None:
+    """Raise :class:`ForbiddenCharacter` if ``text`` holds a lone surrogate (no UTF-8 form)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        raise ForbiddenCharacter(
+            f"{where} contains a lone surrogate ({describe(char)}) at position {exc.start}, "
+            "which has no UTF-8 form",
+            where=where,
+        ) from None
+
+
+def shorten(value: str | bytes, limit: int = 120) -> str:
+    """``repr(value)``, cut in the middle when long, for error messages."""
+    if len(value) <= limit:
+        return repr(value)
+    half = limit // 2
+    return f"{value[:half]!r}…({len(value) - limit} more)…{value[-half:]!r}"

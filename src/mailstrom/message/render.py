@@ -1,0 +1,265 @@
+"""Render a checked :class:`~mailstrom.message.builder.Draft` straight to bytes.
+
+The MIME shape is the one the stdlib's ``EmailMessage`` content manager builds: text
+and/or HTML (multipart/alternative), inline parts beside the HTML (multipart/related),
+attachments around it all (multipart/mixed). Each part's Content-Transfer-Encoding is
+chosen as the stdlib chooses it — 7bit for ASCII text with short lines, else
+quoted-printable or base64, whichever is shorter on the first lines; base64 for
+attachments — so the output is always 7-bit and a built message never needs 8BITMIME.
+The encodings are the stdlib's (``email.quoprimime``, ``binascii``); the text of
+headers comes from :mod:`mailstrom.message.words`.
+
+Rules for message/* attachments, which cannot simply be base64-encoded:
+
+- message/rfc822 must be 7bit, 8bit or binary (RFC 2046 §5.2.1): it is sent 7bit with
+  CRLF line ends, its own 8-bit parts re-encoded by the downgrade. One whose headers are
+  8-bit is refused with a pointer to message/global.
+- message/global and its RFC 6533 siblings may be encoded (RFC 6532 §3.7): base64.
+- any other message/* (delivery-status, partial, external-body…) must be 7-bit text.
+"""
+
+from __future__ import annotations
+
+import binascii
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from email import quoprimime
+from email.utils import format_datetime
+
+from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
+from mailstrom.message import mime
+from mailstrom.message.addresses import format_address_field
+from mailstrom.message.builder import Draft, Part
+from mailstrom.message.chars import shorten
+from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
+from mailstrom.message.headers import check_field_size
+from mailstrom.message.words import FOLD_AT, fold, parameter, unstructured_field
+
+_GLOBAL = frozenset(
+    {
+        "message/global",
+        "message/global-headers",
+        "message/global-delivery-status",
+        "message/global-disposition-notification",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """A rendered entity: its header fields (without CRLF) and its body."""
+
+    fields: list[str]
+    body: bytes
+
+
+def render(
+    draft: Draft,
+    *,
+    date: datetime,
+    message_id: str,
+    utf8: bool,
+    boundary: Callable[[], str] | None = None,
+) -> bytes:
+    """The message as bytes: CRLF line ends, no Bcc, every field at most 64 KiB.
+
+    ``utf8`` writes non-ASCII header text raw (RFC 6532) instead of as RFC 2047 words; it
+    is set when an address needs SMTPUTF8 anyway. ``boundary`` makes multipart
+    boundaries (default: random); a boundary found in a part's content is never used.
+    """
+    fields = [f"Date: {_date(draft.date or date)}"]
+    for name, groups in (
+        ("From", draft.fields.from_),
+        ("Sender", draft.fields.sender),
+        ("Reply-To", draft.fields.reply_to),
+        ("To", draft.fields.to),
+        ("Cc", draft.fields.cc),
+    ):
+        if groups:
+            fields.append(format_address_field(name, groups, utf8=utf8))
+    if draft.subject:
+        fields.append(unstructured_field("Subject", draft.subject, utf8=utf8))
+    fields.append(f"Message-ID: {message_id}")
+    for name, value in draft.headers:
+        fields.append(unstructured_field(name, value, utf8=utf8))
+    fields.append("MIME-Version: 1.0")
+    top = _Builder(boundary or _random_boundary).tree(draft)
+    fields.extend(top.fields)
+    for text in fields:
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        check_field_size(text.partition(":")[0], size)
+    head = "\r\n".join(fields) + "\r\n\r\n"
+    return head.encode("utf-8" if utf8 else "ascii") + top.body
+
+
+_last_date: tuple[tuple[int, object], str] = ((0, None), "")
+
+
+def _date(when: datetime) -> str:
+    """``format_datetime`` of ``when``, remembered for the last second asked: messages
+    submitted in a burst share it, and formatting costs more than the rest of a header."""
+    global _last_date
+    key = (int(when.timestamp()), when.utcoffset())
+    if _last_date[0] != key:
+        _last_date = (key, format_datetime(when))
+    return _last_date[1]
+
+
+def _random_boundary() -> str:
+    # "=_" cannot occur in quoted-printable or base64 output; the check in _multipart
+    # covers 7bit text.
+    return "=_" + secrets.token_hex(12)
+
+
+class _Builder:
+    def __init__(self, boundary: Callable[[], str]) -> None:
+        self.boundary = boundary
+        self.has_message = False
+
+    def tree(self, draft: Draft) -> _Node:
+        text = None if draft.text is None else _text_part("plain", draft.text)
+        html = None if draft.html is None else _text_part("html", draft.html)
+        related = [a for a in draft.attachments if a.inline and html is not None]
+        others = [a for a in draft.attachments if not (a.inline and html is not None)]
+        if html is not None and related:
+            parts = [html, *(self._attachment(a) for a in related)]
+            html = self._multipart("related", parts, extra=(("type", "text/html"),))
+        main = html if text is None else text if html is None else None
+        if text is not None and html is not None:
+            main = self._multipart("alternative", [text, html])
+        if others:
+            parts = [] if main is None else [main]
+            parts.extend(self._attachment(a) for a in others)
+            main = self._multipart("mixed", parts)
+        if main is None:
+            main = _text_part("plain", "")
+        if self.has_message:
+            # An attached message brings its own nesting; the whole must stay in bounds.
+            mime.check_structure(_bytes(main))
+        return main
+
+    def _multipart(
+        self, subtype: str, parts: list[_Node], extra: tuple[tuple[str, str], ...] = ()
+    ) -> _Node:
+        rendered = [_bytes(part) for part in parts]
+        while True:
+            boundary = self.boundary()
+            delimiter = b"--" + boundary.encode("ascii")
+            if not any(delimiter in part for part in rendered):
+                break
+        body = [delimiter + b"\r\n"]
+        for index, part in enumerate(rendered):
+            if index:
+                body.append(b"\r\n" + delimiter + b"\r\n")
+            body.append(part)
+        body.append(b"\r\n" + delimiter + b"--\r\n")
+        params = [f'boundary="{boundary}"', *(f'{name}="{value}"' for name, value in extra)]
+        return _Node([_with_params("Content-Type", f"multipart/{subtype}", params)], b"".join(body))
+
+    def _attachment(self, part: Part) -> _Node:
+        content_type = part.content_type
+        if content_type == "message/rfc822":
+            self.has_message = True
+            cte, body = "7bit", _attached_message(part)
+        elif part.maintype == "message" and content_type not in _GLOBAL:
+            cte, body = "7bit", _seven_bit(part)
+        else:
+            cte, body = "base64", _base64(part.content)
+        params = [piece for name, value in part.params for piece in parameter(name, value)]
+        disposition = "inline" if part.inline else "attachment"
+        fields = [
+            _with_params("Content-Type", content_type, params),
+            f"Content-Transfer-Encoding: {cte}",
+            _with_params("Content-Disposition", disposition, parameter("filename", part.filename)),
+        ]
+        if part.content_id is not None:
+            fields.append(f"Content-ID: {part.content_id}")
+        for text in fields:
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            check_field_size(text.partition(":")[0], size)
+        return _Node(fields, body)
+
+
+def _with_params(name: str, value: str, params: list[str]) -> str:
+    """``Name: value; p1; p2`` folded between parameters."""
+    items = [value, *params]
+    last = len(items) - 1
+    pieces = [(" ", item + (";" if index < last else "")) for index, item in enumerate(items)]
+    return fold(f"{name}:", pieces)
+
+
+def _bytes(node: _Node) -> bytes:
+    head = "\r\n".join(node.fields) + "\r\n\r\n"
+    return head.encode("ascii") + node.body
+
+
+def _text_part(subtype: str, text: str) -> _Node:
+    cte, body = encode_text(text)
+    return _Node(
+        [f'Content-Type: text/{subtype}; charset="utf-8"', f"Content-Transfer-Encoding: {cte}"],
+        body,
+    )
+
+
+def encode_text(text: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, body) for a text part, as the stdlib content manager
+    chooses: 7bit when ASCII with lines of at most 78, else quoted-printable or base64,
+    whichever is shorter on the first ten lines.
+
+    Only CR, LF and CRLF end lines (the stdlib's ``splitlines`` would also break at VT,
+    FF, NEL and U+2028, changing the text). The body ends with a line break. A NUL is
+    never sent raw: it is not allowed in 7bit data (RFC 2045 §2.7), so it forces
+    quoted-printable or base64.
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    if data.isascii() and b"\0" not in data and max(map(len, lines), default=0) <= FOLD_AT:
+        return "7bit", data
+    sniff = data if len(lines) <= 10 else ("\r\n".join(lines[:10]) + "\r\n").encode("utf-8")
+    # Measured exactly as the stdlib measures (LF line ends, 78-character lines), so the
+    # choice is the same; the encoding itself has CRLF and 76-character lines.
+    sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), FOLD_AT)
+    if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
+        return "base64", _base64(data)
+    return "quoted-printable", quoted_printable(data)
+
+
+def _base64(data: bytes) -> bytes:
+    """Base64 in CRLF-ended lines of 76 characters (RFC 2045 §6.8)."""
+    encoded = binascii.b2a_base64(data, newline=False)
+    if not encoded:
+        return b""
+    return b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + b"\r\n"
+
+
+def _attached_message(part: Part) -> bytes:
+    content = downgrade_to_7bit(to_crlf(part.content))
+    if b"\0" in content:
+        raise ForbiddenCharacter(
+            f"attachment {shorten(part.filename)} (message/rfc822) holds a NUL octet, which "
+            "7bit data may not carry (RFC 2045 §2.7)",
+            where=part.filename,
+        )
+    if not content.isascii():
+        raise InvalidAttachment(
+            f"attachment {shorten(part.filename)} is a message/rfc822 with 8-bit (UTF-8) "
+            "headers; it may not be encoded (RFC 2046 §5.2.1), so attach it as "
+            "message/global (RFC 6532 §3.7)",
+            filename=part.filename,
+        )
+    return content
+
+
+def _seven_bit(part: Part) -> bytes:
+    content = to_crlf(part.content)
+    if not content.isascii() or b"\0" in content:
+        raise InvalidAttachment(
+            f"attachment {shorten(part.filename)} is {part.content_type}, which must be 7-bit "
+            "text without NUL (RFC 2046 §5.2); use its message/global-* form for UTF-8",
+            filename=part.filename,
+        )
+    return content

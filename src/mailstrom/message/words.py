@@ -1,0 +1,201 @@
+"""Header text: RFC 2047 encoded words, folding, and RFC 2231 parameter values.
+
+The encodings themselves come from the stdlib (``email.quoprimime``,
+``email.base64mime``, ``email.utils.encode_rfc2231``); this module decides what to
+encode and where to break lines. Every function is linear in the length of its input:
+each character is looked at a fixed number of times (the stdlib's own folder is
+quadratic, which made a 1 MB subject take 44 s).
+"""
+
+from __future__ import annotations
+
+import re
+from email import base64mime, quoprimime
+from email.utils import encode_rfc2231
+
+FOLD_AT = 78
+"""Preferred line length (RFC 5322 §2.1.1 SHOULD)."""
+
+_WORD_MAX = 75
+"""Longest encoded word (RFC 2047 §2)."""
+_CHROME = len("=?utf-8?q??=")
+_Q_BUDGET = _WORD_MAX - _CHROME
+_B_BUDGET = (_WORD_MAX - _CHROME) // 4 * 3
+"""UTF-8 octets per base64 word: 15 groups of 3 octets make 60 characters."""
+
+# Octets RFC 2047 §5(3) lets a "Q" word carry as themselves cost one character, the
+# others three (=XX). Asked of the stdlib once per octet value.
+_Q_COST = [quoprimime.header_length(bytes([octet])) for octet in range(256)]
+_Q_SAFE = bytes(octet for octet in range(256) if _Q_COST[octet] == 1)
+
+_PLAIN_TEXT = re.compile(r"[\t -~]*")
+# What some reader might decode: =?charset?encoding?text?= anywhere in a word.
+_LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
+MAX_LINE = 998
+_WORDS = re.compile(r"[ \t]+|[^ \t]+")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")
+_PRINTABLE = re.compile(r"[ -~]*")
+
+
+def encoded_words(text: str) -> list[str]:
+    """``text`` as UTF-8 encoded words of at most 75 characters, never splitting a character.
+
+    >>> encoded_words("Grüße")
+    ['=?utf-8?q?Gr=C3=BC=C3=9Fe?=']
+
+    Like the stdlib, "Q" is used unless "B" is at least five characters shorter. Whitespace
+    between two encoded words is dropped by decoders (RFC 2047 §6.2), so the words may be
+    joined with a space or a fold.
+    """
+    data = text.encode("utf-8")
+    q_length = len(data) + 2 * len(data.translate(None, _Q_SAFE))
+    b_length = (len(data) + 2) // 3 * 4
+    use_q = q_length - b_length < 5
+    budget = _Q_BUDGET if use_q else _B_BUDGET
+    words: list[str] = []
+    start = 0  # octet offset of the current word
+    cost = 0
+    position = 0
+    for char in text:
+        if char < "\x80":
+            size = 1
+            step = _Q_COST[ord(char)] if use_q else 1
+        else:
+            size = 2 if char < "\u0800" else 3 if char < "\U00010000" else 4
+            # Every octet of a multi-octet UTF-8 character is above 127: "=XX" in Q.
+            step = 3 * size if use_q else size
+        if cost + step > budget and position > start:
+            words.append(_encode(data[start:position], use_q))
+            start, cost = position, 0
+        cost += step
+        position += size
+    if position > start or not words:
+        words.append(_encode(data[start:position], use_q))
+    return words
+
+
+def _encode(chunk: bytes, use_q: bool) -> str:
+    if use_q:
+        return quoprimime.header_encode(chunk, charset="utf-8")
+    return base64mime.header_encode(chunk, charset="utf-8")
+
+
+def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
+    """``Name: value`` (no final CRLF) folded near 78 characters at the value's own spaces.
+
+    A word is RFC 2047 encoded when it is not ASCII (unless ``utf8``: RFC 6532 raw UTF-8),
+    when a decoder could take part of it for an encoded word (the text must reach the
+    reader literally), or when it would not fit in a 998-octet line. Neighbouring words
+    that need encoding are encoded together with the spaces between them, which keeps
+    those spaces (they would be dropped between two encoded words).
+
+    A long plain word (a URL in List-Unsubscribe, say) stays as it is, on a line of its
+    own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
+    only what RFC 5322 §2.1.1 prefers.
+    """
+    if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
+        return f"{name}: {value}"
+    longest = MAX_LINE - len(name) - 2
+    pieces: list[tuple[str, str]] = []  # (whitespace before, text)
+    run: list[str] = []  # words (and inner whitespace) waiting to be encoded together
+    run_space = ""
+    space = ""
+    for token in _WORDS.findall(value):
+        if token[0] in " \t":
+            space = token
+            continue
+        if _needs_encoding(token, utf8, longest):
+            if run:
+                run.append(space)
+            else:
+                run_space = space
+            run.append(token)
+        else:
+            if run:
+                _flush(pieces, run_space, run)
+                run = []
+            pieces.append((space, token))
+        space = ""
+    if run:
+        _flush(pieces, run_space, run)
+    return fold(f"{name}:", pieces, trailing=space)
+
+
+def _needs_encoding(word: str, utf8: bool, longest: int) -> bool:
+    if "=?" in word and _LOOKS_ENCODED.search(word):
+        return True
+    if word.isascii():
+        return len(word) > longest
+    return not utf8 or len(word.encode("utf-8")) > longest
+
+
+def _flush(pieces: list[tuple[str, str]], space: str, run: list[str]) -> None:
+    for index, word in enumerate(encoded_words("".join(run))):
+        pieces.append((space if index == 0 else " ", word))
+
+
+def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> str:
+    """Join ``pieces`` after ``start``, breaking the line before a piece's whitespace when
+    the line would pass 78 characters. The first piece always gets one space after
+    ``start``; a piece given no whitespace is glued to the one before."""
+    lines: list[str] = []
+    line = start
+    for index, (space, text) in enumerate(pieces):
+        if index == 0:
+            space = " "
+        elif space and len(line) + len(space) + len(text) > FOLD_AT:
+            lines.append(line)
+            line = space + text
+            continue
+        line += space + text
+    lines.append(line + trailing)
+    return "\r\n".join(lines)
+
+
+def phrase(text: str, *, utf8: bool) -> list[str]:
+    """A display name as the words of an RFC 5322 phrase (join them with spaces or folds).
+
+    Plain atoms stay as they are; other printable text becomes one quoted string when that
+    fits a line; the rest (non-ASCII unless ``utf8``, long names, text holding ``=?``
+    that decoders would misread) becomes encoded words.
+    """
+    if _PLAIN_PHRASE.fullmatch(text) and "=?" not in text:
+        return [text]
+    short = "=?" not in text and len(text) < FOLD_AT - 10
+    if short and (_PRINTABLE.fullmatch(text) or (utf8 and text.isprintable())):
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        return [f'"{escaped}"']
+    return encoded_words(text)
+
+
+def parameter(name: str, value: str) -> list[str]:
+    """``name="value"`` for a MIME header parameter, as one or more ``;``-separated pieces.
+
+    Printable ASCII that fits a line is a quoted string. Anything else uses RFC 2231
+    (``name*=utf-8''…``, split into ``name*0*``, ``name*1*``… sections when long). A value
+    holding ``=?`` also takes RFC 2231 form: RFC 2047 does not apply to parameters, but
+    many readers (the stdlib among them) decode ``"=?utf-8?q?x?="`` anyway, so the literal
+    text would not reach them.
+    """
+    if _PRINTABLE.fullmatch(value) and "=?" not in value and len(value) < 60:
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return [f'{name}="{escaped}"']
+    encoded = encode_rfc2231(value, "utf-8")
+    if len(encoded) < 60:
+        return [f"{name}*={encoded}"]
+    sections: list[str] = []
+    start = 0
+    while start < len(encoded):
+        end = min(start + 60, len(encoded))
+        if end < len(encoded):
+            # Never cut a %XX escape in two, nor a UTF-8 character (continuation octets
+            # are 80-BF) across sections.
+            percent = encoded.rfind("%", end - 2, end)
+            if percent != -1:
+                end = percent
+            while encoded[end] == "%" and encoded[end + 1] in "89AB":
+                end -= 3
+        sections.append(f"{name}*{len(sections)}*={encoded[start:end]}")
+        start = end
+    return sections

@@ -1,0 +1,154 @@
+"""The direct renderer: encodings chosen per part, header text, boundaries."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+import pytest
+
+from mailstrom.message import Attachment, Email, prepare
+from mailstrom.message.builder import check
+from mailstrom.message.render import encode_text, render
+from mailstrom.message.words import encoded_words, parameter, unstructured_field
+
+NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "cte"),
+    [
+        ("Hello\nworld\n", "7bit"),
+        ("x" * 78 + "\n", "7bit"),
+        ("x" * 79 + "\n", "quoted-printable"),
+        ("naïve\n", "quoted-printable"),
+        ("Grüße aus Köln\n", "base64"),
+        ("日本語のテキスト\n" * 3, "base64"),
+        ("a\0b\n", "quoted-printable"),
+    ],
+)
+def test_transfer_encoding_is_chosen_as_the_stdlib_does(text: str, cte: str) -> None:
+    assert encode_text(text)[0] == cte
+    # The stdlib's own choice, for comparison.
+    message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
+    message.set_content(text)
+    if "\0" not in text:  # the stdlib would send a NUL as 7bit, which RFC 2045 forbids
+        assert message["Content-Transfer-Encoding"] == cte
+
+
+def test_only_cr_and_lf_end_lines_in_a_text_body() -> None:
+    body = "form\x0cfeed, tab\tvertical\x0btab, nel\x85 and\u2028separator\n"
+    message = parsed(prepare(Email(from_="a@example.com", to="b@example.org", text=body)).data)
+    assert message.get_content() == body.replace("\n", "\r\n")
+
+
+def test_long_plain_words_in_headers_are_not_encoded() -> None:
+    """A long URL in List-Unsubscribe must stay a URL: RFC 2047 words are not allowed in
+    structured headers, and the line limit is 998, not 78."""
+    url = "<https://example.com/unsubscribe?token=" + "x" * 300 + ">"
+    field = unstructured_field("List-Unsubscribe", f"{url}, <mailto:u@example.com>", utf8=False)
+    assert field.startswith(f"List-Unsubscribe: {url},\r\n <mailto:u@example.com>")
+    assert "=?" not in field
+    # Only a word that cannot fit in 998 octets is encoded, so that it can be split.
+    assert unstructured_field("X-A", "y" * 2000, utf8=False).startswith("X-A: =?utf-8?q?")
+
+
+def test_text_that_looks_encoded_reaches_the_reader_literally() -> None:
+    subject = "Literal =?utf-8?q?=41?= here, and a=?b too"
+    message = parsed(
+        prepare(Email(from_="a@example.com", to="b@example.org", subject=subject)).data
+    )
+    assert message["Subject"] == subject
+
+
+def test_encoded_words_never_split_a_character() -> None:
+    for word in encoded_words("😀é" * 100):
+        assert len(word) <= 75
+        assert word.startswith("=?utf-8?")
+
+
+def test_long_non_ascii_filename_uses_rfc_2231_sections() -> None:
+    name = "Résumé " * 20 + ".pdf"
+    pieces = parameter("filename", name)
+    assert len(pieces) > 1 and all(len(piece) < 78 for piece in pieces)
+    data = prepare(
+        Email(
+            from_="a@example.com",
+            to="b@example.org",
+            attachments=[Attachment(filename=name, content=b"%PDF")],
+        )
+    ).data
+    assert next(parsed(data).iter_attachments()).get_filename() == name
+
+
+def test_a_boundary_found_in_the_content_is_not_used() -> None:
+    email = Email(
+        from_="a@example.com", to="b@example.org", text="--=_taken\nmore\n", html="<p>x</p>"
+    )
+    boundaries = iter(["=_taken", "=_free"])
+    data = render(
+        check(email), date=NOW, message_id="<m@x>", utf8=False, boundary=lambda: next(boundaries)
+    )
+    assert b'boundary="=_free"' in data
+    assert parsed(data).get_body(("plain",)).get_content() == "--=_taken\r\nmore\r\n"  # type: ignore[union-attr]
+
+
+def test_boundaries_differ_between_messages() -> None:
+    email = Email(from_="a@example.com", to="b@example.org", text="t", html="<p>h</p>")
+    found = {parsed(prepare(email).data).get_boundary() for _ in range(20)}
+    assert len(found) == 20
+
+
+def test_related_part_names_its_root_type() -> None:
+    """RFC 2387 §3.1: multipart/related carries the type of its root part."""
+    email = Email(
+        from_="a@example.com",
+        to="b@example.org",
+        html='<img src="cid:i@x">',
+        attachments=[
+            Attachment(filename="i.png", content=b"\x89PNG", inline=True, content_id="i@x")
+        ],
+    )
+    related = parsed(prepare(email).data)
+    assert related.get_content_type() == "multipart/related"
+    assert related.get_param("type") == "text/html"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_same_input_same_bytes_except_ids(count: int) -> None:
+    """Rendering is a function of the input: only the Message-ID and boundaries vary."""
+    email = Email(
+        from_="Ann <a@example.com>",
+        to=[f"user{i}@example.org" for i in range(count)],
+        subject="s",
+        text="t",
+        message_id="<fixed@example.com>",
+    )
+    outputs = {prepare(email, now=NOW).data for _ in range(3)}
+    assert len(outputs) == 1
+
+
+def test_distinct_addresses_validate_each_domain_once() -> None:
+    """The domain verdict is cached: new local parts at a known domain skip email-validator."""
+    from mailstrom.message import addrspec
+
+    addrspec._domain.cache_clear()
+    serial = itertools.count()
+    for _ in range(50):
+        prepare(Email(from_=f"s{next(serial)}@shop.example", to=f"c{next(serial)}@shop.example"))
+    assert addrspec._domain.cache_info().misses == 1
+
+
+def test_naive_now_is_taken_as_utc() -> None:
+    email = Email(from_="a@example.com", to="b@example.org")
+    data = prepare(email, now=datetime(2024, 5, 6, 7, 8, 9)).data
+    assert parsed(data)["Date"].datetime == NOW
