@@ -15,7 +15,6 @@ hardening issues:
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 from collections import Counter
@@ -33,7 +32,13 @@ from mailstrom.stores.base import Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.postgres import ThrowawayPostgres
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory
-from tests.support.fleet import Fleet, WorkerProcess
+from tests.support.fleet import (
+    Fleet,
+    WorkerProcess,
+    fleet_env,
+    numbered_message,
+    numbered_recipient,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,23 +50,14 @@ LEASE = "3s"
 """Short, so a killed worker's work comes back within the test."""
 KILLS = 4
 DEADLINE = 50.0
-SRC = Path(__file__).parents[2] / "src"
 
 
 def recipient(i: int) -> str:
-    return f"user{i:04d}@{DOMAINS[i % len(DOMAINS)]}"
+    return numbered_recipient(i, DOMAINS)
 
 
 def prepared(i: int) -> PreparedMessage:
-    address = recipient(i)
-    return PreparedMessage(
-        data=(
-            f"From: app@example.com\r\nTo: {address}\r\nSubject: n{i}\r\n"
-            f"Message-ID: <{i}@example.com>\r\n\r\nHello {i}.\r\n"
-        ).encode(),
-        envelope_from="app@example.com",
-        recipients=(address,),
-    )
+    return numbered_message(i, DOMAINS)
 
 
 @pytest.fixture
@@ -71,28 +67,6 @@ def receiver(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> ReceivingSe
         dns_server.mx(domain, [(10, "mx.test")])
     dns_server.a("mx.test", server.host)
     return server
-
-
-def worker_env(url: str, receiver: ReceivingServer, dns: LoopbackDNS, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(
-        HOME=str(home),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
-        MAILSTROM_STORE=url,
-        MAILSTROM_SMTP_PORT=str(receiver.port),
-        MAILSTROM_ALLOW_LOOPBACK="1",
-        MAILSTROM_DNS_NAMESERVERS=dns.address,
-        MAILSTROM_DNS_PORT=str(dns.port),
-        MAILSTROM_DNS_TIMEOUT="5",
-        MAILSTROM_TIMEOUTS_CONNECT="10",
-        MAILSTROM_TIMEOUTS_COMMAND="20",
-        MAILSTROM_LEASE_BATCH="40",
-        MAILSTROM_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-        MAILSTROM_POLL_INTERVAL="0.5",
-    )
-    return env
 
 
 def copies(messages: list[ReceivedMessage]) -> Counter[str]:
@@ -131,7 +105,16 @@ def fleet_for(receiver: ReceivingServer, dns_server: LoopbackDNS, tmp_path: Path
     fleets: list[Fleet] = []
 
     def make(url: str) -> Fleet:
-        fleet = Fleet(worker_env(url, receiver, dns_server, tmp_path))
+        env = fleet_env(
+            url,
+            smtp_port=receiver.port,
+            dns=dns_server,
+            home=tmp_path,
+            lease_batch="40",
+            max_connections=str(MAX_CONNECTIONS),
+            poll_interval="0.5",
+        )
+        fleet = Fleet(env)
         fleets.append(fleet)
         return fleet
 

@@ -20,7 +20,7 @@ from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
-from tests.support.delivery import Results
+from tests.support.delivery import Results, loopback_config
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
@@ -30,15 +30,7 @@ def hello(to: str, n: int = 0) -> Email:
 
 
 def config(dns: LoopbackDNS, port: int, **overrides: Any) -> Config:
-    options: dict[str, Any] = {
-        "helo_name": "client.test",
-        "smtp_port": port,
-        "dns": dns.dns_config,
-        "timeouts": FAST,
-        "allow_loopback": True,
-        "poll_interval": 0.5,
-    }
-    return Config(**(options | overrides))
+    return loopback_config(dns, port, **overrides)
 
 
 # --- pipelining across transactions ----------------------------------------------------------

@@ -18,7 +18,6 @@ each copy it got. Checked:
 
 from __future__ import annotations
 
-import os
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,7 +32,13 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer
-from tests.support.fleet import Fleet, WorkerProcess
+from tests.support.fleet import (
+    Fleet,
+    WorkerProcess,
+    fleet_env,
+    numbered_message,
+    numbered_recipient,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -52,24 +57,14 @@ SHORT_LEASE = "6s"
 """The worker that is killed leases for this long, so its work comes back within the test."""
 KILL_AFTER = 500
 DEADLINE = 60.0
-SRC = Path(__file__).parents[2] / "src"
 
 
 def recipient(i: int) -> str:
-    return f"user{i:04d}@{DOMAINS[i % len(DOMAINS)]}"
+    return numbered_recipient(i, DOMAINS)
 
 
 def prepared(i: int) -> PreparedMessage:
-    address = recipient(i)
-    return PreparedMessage(
-        data=(
-            f"From: app@example.com\r\nTo: {address}\r\nSubject: number {i}\r\n"
-            f"Message-ID: <{i}@example.com>\r\n\r\nHello number {i}.\r\n"
-        ).encode(),
-        envelope_from="app@example.com",
-        recipients=(address,),
-        subject=f"number {i}",
-    )
+    return numbered_message(i, DOMAINS)
 
 
 @pytest.fixture
@@ -90,23 +85,14 @@ def receiver(
 def fleet(
     postgres_url: str, receiver: ReceivingServer, dns_server: LoopbackDNS, tmp_path: Path
 ) -> Iterator[Fleet]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(
-        HOME=str(tmp_path),
-        XDG_CONFIG_HOME=str(tmp_path / ".config"),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
-        MAILSTROM_STORE=postgres_url,
-        MAILSTROM_SMTP_PORT=str(receiver.port),
-        MAILSTROM_ALLOW_LOOPBACK="1",
-        MAILSTROM_DNS_NAMESERVERS=dns_server.address,
-        MAILSTROM_DNS_PORT=str(dns_server.port),
-        MAILSTROM_DNS_TIMEOUT="5",
-        MAILSTROM_TIMEOUTS_CONNECT="10",
-        MAILSTROM_TIMEOUTS_COMMAND="20",
-        MAILSTROM_LEASE_BATCH=str(LEASE_BATCH),
-        MAILSTROM_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-        MAILSTROM_POLL_INTERVAL="1",
+    env = fleet_env(
+        postgres_url,
+        smtp_port=receiver.port,
+        dns=dns_server,
+        home=tmp_path,
+        lease_batch=str(LEASE_BATCH),
+        max_connections=str(MAX_CONNECTIONS),
+        poll_interval="1",
     )
     fleet = Fleet(env)
     try:

@@ -23,7 +23,7 @@ from mailstrom.errors import WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
-from tests.support.delivery import FakeClock, Results
+from tests.support.delivery import FakeClock, Results, loopback_config
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 ROOT = Path(__file__).parents[2]
@@ -42,15 +42,8 @@ def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
 
 
 def config(dns: LoopbackDNS, port: int, **overrides: Any) -> Config:
-    options: dict[str, Any] = {
-        "helo_name": "client.test",
-        "smtp_port": port,
-        "dns": dns.dns_config,
-        "timeouts": FAST,
-        "allow_loopback": True,
-        "poll_interval": 30,  # only wake-ups explain prompt deliveries
-    }
-    return Config(**(options | overrides))
+    # Only wake-ups explain prompt deliveries.
+    return loopback_config(dns, port, **({"poll_interval": 30} | overrides))
 
 
 def test_a_durable_store_gets_a_worker_process_by_default(

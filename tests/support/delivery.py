@@ -5,9 +5,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from mailstrom import Config, Timeouts
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
+from tests.fixtures.dns_server import LoopbackDNS
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+
+
+def loopback_config(dns: LoopbackDNS, smtp_port: int, **overrides: Any) -> Config:
+    """A Config delivering through the loopback DNS server to receivers on ``smtp_port``
+    (loopback targets allowed, short timeouts); ``overrides`` replace any field."""
+    options: dict[str, Any] = {
+        "helo_name": "client.test",
+        "smtp_port": smtp_port,
+        "dns": dns.dns_config,
+        "timeouts": FAST,
+        "allow_loopback": True,
+        "poll_interval": 0.5,
+    }
+    return Config(**(options | overrides))
 
 
 class FakeClock:

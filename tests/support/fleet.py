@@ -7,12 +7,19 @@ the workers log (``Fleet.wait_until``) and check what each recorded.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from mailstrom.message.prepared import PreparedMessage
+from tests.fixtures.dns_server import LoopbackDNS
+
+SRC = Path(__file__).parents[2] / "src"
 
 LONG_LEASE = "10m"
 
@@ -129,3 +136,46 @@ class Fleet:
             if worker.proc.poll() is None:
                 worker.proc.kill()
             worker.finish(timeout=10)
+
+
+def numbered_recipient(i: int, domains: Sequence[str]) -> str:
+    """The ``i``-th test recipient, spread over ``domains``."""
+    return f"user{i:04d}@{domains[i % len(domains)]}"
+
+
+def numbered_message(i: int, domains: Sequence[str]) -> PreparedMessage:
+    """A small one-recipient message to :func:`numbered_recipient`."""
+    address = numbered_recipient(i, domains)
+    return PreparedMessage(
+        data=(
+            f"From: app@example.com\r\nTo: {address}\r\nSubject: number {i}\r\n"
+            f"Message-ID: <{i}@example.com>\r\n\r\nHello number {i}.\r\n"
+        ).encode(),
+        envelope_from="app@example.com",
+        recipients=(address,),
+        subject=f"number {i}",
+    )
+
+
+def fleet_env(
+    store_url: str, *, smtp_port: int, dns: LoopbackDNS, home: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of worker processes on ``store_url`` delivering to a loopback
+    receiver through the loopback DNS server; ``settings`` are more ``MAILSTROM_*``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
+        MAILSTROM_STORE=store_url,
+        MAILSTROM_SMTP_PORT=str(smtp_port),
+        MAILSTROM_ALLOW_LOOPBACK="1",
+        MAILSTROM_DNS_NAMESERVERS=dns.address,
+        MAILSTROM_DNS_PORT=str(dns.port),
+        MAILSTROM_DNS_TIMEOUT="5",
+        MAILSTROM_TIMEOUTS_CONNECT="10",
+        MAILSTROM_TIMEOUTS_COMMAND="20",
+    )
+    env.update({f"MAILSTROM_{key.upper()}": value for key, value in settings.items()})
+    return env

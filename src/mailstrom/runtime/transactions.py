@@ -267,10 +267,7 @@ class TransactionsMixin:
         if session.pipelining:
             if not session.can_send(Command.RSET if txn.reset else Command.MAIL):
                 return b""
-            queued.popleft()
-            self._active.append(txn)
-            txn.written = True
-            self._needs_reset = False
+            self._take(txn)
             batch = session.envelope(
                 txn.sender,
                 txn.recipients,
@@ -291,10 +288,7 @@ class TransactionsMixin:
         # Stepwise: one command, then the next once its reply is in.
         if session.outstanding or not session.can_send(Command.RSET if txn.reset else Command.MAIL):
             return b""
-        queued.popleft()
-        self._active.append(txn)
-        txn.written = True
-        self._needs_reset = False
+        self._take(txn)
         if txn.reset:
             self._handlers.append(functools.partial(self._on_rset, txn))
             line = session.rset()
@@ -302,6 +296,13 @@ class TransactionsMixin:
             line = self._mail_line(txn)
         self._arm_next()
         return line
+
+    def _take(self, txn: Txn) -> None:
+        """``txn``, first in the queue, goes on the wire now."""
+        self._queued.popleft()
+        self._active.append(txn)
+        txn.written = True
+        self._needs_reset = False
 
     def _mail_line(self, txn: Txn) -> bytes:
         self._handlers.append(functools.partial(self._on_mail, txn))

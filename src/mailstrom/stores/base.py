@@ -55,6 +55,26 @@ def bounded_attempt(attempt: Attempt) -> Attempt:
     return replace(attempt, reply=short_reply, error=short_error)
 
 
+def domain_of(address: str) -> str:
+    """The destination domain of ``address``: the part after the last "@", lower-cased
+    (the key work items are grouped by)."""
+    return address.rpartition("@")[2].lower()
+
+
+def record_then_lease(
+    store: Store,
+    results: Sequence[RecipientResult],
+    *,
+    now: datetime,
+    limit: int,
+    lease_for: timedelta,
+) -> tuple[list[RecipientResult], Lease | None]:
+    """``Store.record_and_lease`` for a store that cannot do both in one transaction."""
+    recorded = store.record(results) if results else []
+    lease = store.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+    return recorded, lease
+
+
 def new_message_id() -> str:
     """A fresh message id: 32 hex digits, sortable by creation time (48-bit ms + 80 random bits)."""
     ms = time.time_ns() // 1_000_000

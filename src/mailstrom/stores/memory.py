@@ -33,7 +33,9 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    domain_of,
     new_message_id,
+    record_then_lease,
 )
 from mailstrom.stores.watchers import Watchers
 
@@ -114,11 +116,6 @@ class _Message:
             subject=self.prepared.subject,
             held=self.held,
         )
-
-
-def domain_of(address: str) -> str:
-    """The destination domain of ``address``: the part after the last "@", lower-cased."""
-    return address.rpartition("@")[2].lower()
 
 
 class MemoryStore:
@@ -280,9 +277,7 @@ class MemoryStore:
         lease_for: timedelta,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
-        recorded = self.record(results) if results else []
-        lease = self.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
-        return recorded, lease
+        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

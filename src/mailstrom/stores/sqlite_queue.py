@@ -22,9 +22,9 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    domain_of,
     new_message_id,
 )
-from mailstrom.stores.memory import domain_of
 from mailstrom.stores.sqlite_schema import (
     attempt_from_row,
     from_us,

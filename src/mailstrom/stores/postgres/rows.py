@@ -23,14 +23,10 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    domain_of,
 )
 
 Row = dict[str, Any]
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased part after the last ``@`` (the key work items are grouped by)."""
-    return address.rpartition("@")[2].lower()
 
 
 def enqueue_params(

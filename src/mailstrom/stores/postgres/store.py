@@ -20,7 +20,13 @@ from psycopg_pool import ConnectionPool
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
-from mailstrom.stores.base import Lease, QueueFilter, RecipientResult, new_message_id
+from mailstrom.stores.base import (
+    Lease,
+    QueueFilter,
+    RecipientResult,
+    new_message_id,
+    record_then_lease,
+)
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
@@ -153,9 +159,7 @@ class PostgresStore:
         lease_for: timedelta,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
-        recorded = self.record(results) if results else []
-        lease = self.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
-        return recorded, lease
+        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
