@@ -24,8 +24,8 @@ demo: $(STAMP)
 	PYTHONPATH=. $(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks examples scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
