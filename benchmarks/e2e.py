@@ -167,6 +167,7 @@ class Run:
     first_s: float | None = None
     """Time from the clock's start to the first result (or the sink's first message)."""
     max_gap: float | None = None
+    record_lags: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     """Per ``send_email`` call, seconds."""
     notes: list[str] = field(default_factory=list)
@@ -208,8 +209,12 @@ class Outcomes:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.max_gap = 0.0
+        self.record_lags: list[float] = []
+        """Per result: the server's final reply → its record committed (on_result fires
+        after the commit): the window in which a crash would resend the message."""
 
-    def __call__(self, result: RecipientResult) -> None:  # on the worker's loop
+    def __call__(self, result: RecipientResult) -> None:  # after the store recorded it
+        self.record_lags.append((datetime.now(UTC) - result.attempt.at).total_seconds())
         now = time.perf_counter()
         if self.last_at is None:
             self.first_at = now
@@ -390,6 +395,7 @@ def fill(run: Run, outcomes: Outcomes, began: float) -> None:
     run.problems = outcomes.problems
     run.first_problem = outcomes.first_problem
     run.max_gap = outcomes.max_gap
+    run.record_lags = outcomes.record_lags
     if outcomes.first_at is not None:
         run.first_s = outcomes.first_at - began
 
@@ -661,7 +667,7 @@ def add_row(table: Table, row: Row, reference: float | None) -> None:
             str(last.messages),
             "timeout",
             f"{last.delivered}/{last.messages} dlv",
-            *["-"] * 6,
+            *["-"] * 7,
         )
         return
     median = statistics.median(r.rate for r in done)
@@ -672,6 +678,7 @@ def add_row(table: Table, row: Row, reference: float | None) -> None:
     firsts = [r.first_s for r in done if r.first_s is not None]
     gaps = [r.max_gap for r in done if r.max_gap is not None]
     lat = [x for r in done for x in r.latencies]
+    lags = [x for r in done for x in r.record_lags]
     table.add_row(
         row.label,
         str(done[0].messages),
@@ -683,6 +690,7 @@ def add_row(table: Table, row: Row, reference: float | None) -> None:
         fmt_ms(percentile(lat, 0.5)) if lat else "-",
         fmt_ms(percentile(lat, 0.99)) if lat else "-",
         fmt_ms(max(gaps)) if gaps else "-",
+        fmt_ms(percentile(lags, 0.99)) if lags else "-",
     )
 
 
@@ -697,6 +705,7 @@ COLUMNS = (
     "p50 ms",
     "p99 ms",
     "max gap ms",
+    "record p99 ms",
 )
 
 
@@ -914,6 +923,8 @@ def run_all(console: Console, bench: Bench, args: argparse.Namespace, rows: list
         "1st ms: clock start → first result (worker process: → the sink's first message).\n"
         "p50/p99: send_email call latency. max gap: longest time between two results "
         "(worker in this process only).\n"
+        "record p99: the server's final reply → its result committed (rows whose results "
+        "reach on_result): a crash in this window resends the message.\n"
         "Worker in another process (deliver process, worker=process): done when "
         "store.stats(), polled every 10 ms once the sink has N, counts all delivered.\n"
         "deliver process: the clock starts at spawn; the worker logs at "
