@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
+from mailstrom.errors import SMTPTimeout
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -291,3 +292,90 @@ def test_the_worker_runs_on_the_loop_configured(
     assert set(loops) == {loop}
     assert mx.connections == 1
     assert all(m.tls for m in mx.messages)
+
+
+# --- the data-block timeout ------------------------------------------------------------------
+
+
+async def test_a_server_that_stops_reading_the_content_times_out() -> None:
+    """RFC 5321 §4.5.3.2.5: the content must keep moving (3 min a block by default). A
+    server that answers 354 and then reads nothing fills our buffers; the transfer is
+    given up after ``data_block`` without progress, as not delivered (the dot never
+    left), not uncertain."""
+    accepted = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 slow.test ESMTP\r\n")
+            await reader.readline()
+            writer.write(b"250-slow.test\r\n250 PIPELINING\r\n")
+            for _ in range(3):  # MAIL, RCPT, DATA (pipelined)
+                await reader.readline()
+            writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            accepted.set()
+            await finished.wait()  # reads nothing more: the client's writes back up
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        stall = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=0.5)
+        conn = await SMTPConnection.open(
+            host="slow.test",
+            ip="127.0.0.1",
+            port=port,
+            helo_name="client.test",
+            timeouts=stall,
+            starttls=StartTLS.NEVER,
+        )
+        body = (b"x" * 998 + b"\r\n") * 20_000  # 20 MB: far more than the socket buffers
+        started = time.monotonic()
+        with pytest.raises(SMTPTimeout, match="take the message"):
+            await conn.send(
+                envelope_from="a@a.test",
+                recipients=["b@b.test"],
+                data=body,
+                smtputf8=False,
+                eightbit=False,
+            )
+        assert accepted.is_set()
+        assert time.monotonic() - started < 10
+        await conn.close()
+        finished.set()
+        await asyncio.sleep(0)  # let the handler close its side
+
+
+# --- coalesced writes ------------------------------------------------------------------------
+
+
+class CountingStore(MemoryStore):
+    """Counts the worker's write calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        return super().record_and_lease(results, **kwargs)
+
+
+def test_a_stream_of_send_email_does_not_cost_a_write_each(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Engine v2 #2: with the worker busy, leases and records are gathered: far fewer
+    worker write transactions than messages (it used to be a lease and a record each)."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = CountingStore()
+    results = Results()
+    count = 400
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        for i in range(count):
+            ms.send_email(hello(f"u{i}@example.org", i))
+        results.wait_count(count, timeout=60)
+    assert {r.state for r in results.all} == {RecipientState.DELIVERED}
+    assert store.writes <= count // 2, store.writes
