@@ -17,6 +17,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore, migrate
+from mailstrom.stores.postgres.sql import migrations
 from tests.fixtures.postgres import ThrowawayPostgres, _free_port
 
 pytestmark = pytest.mark.postgres
@@ -65,12 +66,13 @@ def schema_versions(url: str) -> list[int]:
 
 
 def test_migrate_creates_schema_once(postgres_url: str) -> None:
-    assert migrate(postgres_url) == 1
-    assert migrate(postgres_url) == 1
-    assert schema_versions(postgres_url) == [1]
+    latest = migrations()[-1].version
+    assert migrate(postgres_url) == latest
+    assert migrate(postgres_url) == latest
+    assert schema_versions(postgres_url) == list(range(1, latest + 1))
     with PostgresStore(postgres_url) as s:  # opening migrates again: a no-op
         assert isinstance(s, Store)
-    assert schema_versions(postgres_url) == [1]
+    assert schema_versions(postgres_url) == list(range(1, latest + 1))
 
 
 def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
@@ -84,7 +86,7 @@ def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
     with ThreadPoolExecutor(6) as pool:
         ids = list(pool.map(open_and_enqueue, range(6)))
     assert len(set(ids)) == 6
-    assert schema_versions(postgres_url) == [1]
+    assert schema_versions(postgres_url) == list(range(1, migrations()[-1].version + 1))
 
 
 def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
