@@ -218,6 +218,15 @@ def test_key_value_format() -> None:
     assert "\n" not in line
 
 
+def test_key_value_values_and_timestamp() -> None:
+    record = _record()
+    record.created = 1767225600.0456  # 2026-01-01T00:00:00.045Z
+    record.fields = {"code": 451, "duration": 0.25, "uncertain": True, "ok": False, "n": None}
+    line = KeyValueFormatter().format(record)
+    assert line.startswith("ts=2026-01-01T00:00:00.045Z level=warning ")
+    assert line.endswith(" code=451 duration=0.25 uncertain=true ok=false")
+
+
 def test_json_format() -> None:
     obj = json.loads(JSONFormatter().format(_record()))
     assert obj["event"] == "attempt"
