@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,66 @@ def _minutes(n: int) -> Any:
     from datetime import timedelta
 
     return timedelta(minutes=n)
+
+
+def test_a_worker_process_outlives_the_thread_that_started_it(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Started from a short-lived thread (a web request, say), the worker process keeps
+    running after that thread ends. (PR_SET_PDEATHSIG, which Linux sends when the
+    starting *thread* ends, killed it.)"""
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results)
+    starter = threading.Thread(target=ms.start)
+    starter.start()
+    starter.join()
+    try:
+        time.sleep(1.0)  # time for a signal that should not come
+        assert ms.worker_status.running
+        ms.send_email(hello("after@example.org"))
+        results.wait_count(1)
+    finally:
+        ms.stop()
+        store.close()
+
+
+FORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    from mailstrom import Config, Mailstrom
+    from mailstrom.stores import SQLiteStore
+
+    ms = Mailstrom(Config(helo_name="client.test"), store=SQLiteStore(sys.argv[1]),
+                   worker="process")
+    ms.start()
+    print(ms.worker.pid, flush=True)
+    if os.fork() == 0:   # a pre-forking server's child: it outlives its parent
+        time.sleep(30)
+        os._exit(0)
+    sys.stdin.readline()  # until killed
+    """
+)
+
+
+def test_a_fork_of_the_application_does_not_keep_the_worker_alive(tmp_path: Path) -> None:
+    """A process forked from the application inherits the pipe to the worker's stdin.
+    It lets go of it at the fork, so when the application dies the worker still sees its
+    stdin close and exits, even while the forked process lives on."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with subprocess.Popen(
+        [sys.executable, "-c", FORKER, str(tmp_path / "q.db")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,
+    ) as parent:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        try:
+            parent.kill()
+            parent.wait()
+            assert _wait_until(lambda: _gone(worker), 15), "the worker outlived its parent"
+        finally:
+            os.killpg(parent.pid, signal.SIGKILL)  # the forked grandchild too

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
@@ -39,6 +41,18 @@ log = logging.getLogger("mailstrom.worker")
 _FORWARDED_LOGGERS = ("mailstrom", "mailstrom.attempts", "mailstrom.worker", "mailstrom.delivery")
 _KILL_AFTER = 10.0
 """Seconds past the drain timeout before a child that does not stop is killed."""
+
+
+def _forget_after_fork() -> None:
+    """In a process forked from this one (a pre-forking web server, say): let go of the
+    parent's worker processes without touching them, so that each worker still sees its
+    stdin close when its real parent dies."""
+    for worker in list(_LIVE):
+        worker._forget()
+
+
+_LIVE: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class WorkerProcess:
@@ -100,6 +114,7 @@ class WorkerProcess:
         )
         assert proc.stdin is not None and proc.stdout is not None
         self._proc, self._stdin = proc, proc.stdin
+        _LIVE.add(self)
         self._reader = threading.Thread(
             target=self._read, args=(proc.stdout,), name="mailstrom-worker-reader", daemon=True
         )
@@ -143,6 +158,16 @@ class WorkerProcess:
                 if stream is not None:
                     with contextlib.suppress(OSError):
                         stream.close()
+        self._stopped.set()
+
+    def _forget(self) -> None:
+        proc, self._proc, self._stdin = self._proc, None, None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                if isinstance(stream, io.BufferedIOBase):
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.detach().close()  # the descriptor only: flush nothing
+        self._ready.clear()
         self._stopped.set()
 
     @property

@@ -8,20 +8,24 @@ the levels the parent asked for, ``status`` snapshots, and ``stopped`` or ``erro
 
 The child runs in a session of its own, so a Ctrl-C meant for the application does not
 cut its deliveries short: the parent stops it gracefully. If the parent dies, the child's
-stdin reaches its end and it stops as if asked, giving back what it did not deliver (and
-on Linux the kernel also sends it SIGTERM, via ``PR_SET_PDEATHSIG``).
+stdin reaches its end (or, should a process forked from the parent still hold that pipe,
+the child sees itself adopted by another parent) and it stops as if asked, giving back
+what it did not deliver. ``PR_SET_PDEATHSIG`` is not used: Linux sends it when the *thread*
+that started the child ends, and a facade may well be started from a short-lived thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
 
@@ -32,6 +36,8 @@ from mailstrom.stores.base import RecipientResult, Store
 
 _STATUS_EVERY = 0.5
 """Seconds between status snapshots sent to the parent."""
+_PARENT_CHECK = 0.5
+"""Seconds between looks at whether the parent is still there."""
 
 
 class _Outbox:
@@ -79,17 +85,17 @@ class _ForwardLogs(logging.Handler):
         self._outbox.send("log", fields)
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _watch_parent(parent: int, stop: Callable[[], None]) -> None:
+    """Stop when this process is adopted by another parent: its own one died."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK)  # a timer: nothing to wait on for another process's death
+    stop()
 
 
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames may reach the parent's pipe
-    _die_with_parent()
+    parent = os.getppid()
     outbox = _Outbox(stdout)
     try:
         # Unpickling the spec opens the store (a pickled store is the way to reopen it).
@@ -141,7 +147,13 @@ def main() -> int:
                 reporter.cancel()
 
     threading.Thread(target=control, name="mailstrom-child-control", daemon=True).start()
-    # The parent stops us; a signal to our session (or PR_SET_PDEATHSIG) drains quickly.
+    threading.Thread(
+        target=_watch_parent,
+        args=(parent, lambda: worker.request_stop(drain_timeout=0)),
+        name="mailstrom-child-parent",
+        daemon=True,
+    ).start()
+    # The parent stops us; a SIGTERM to our session drains quickly.
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop(drain_timeout=5.0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
