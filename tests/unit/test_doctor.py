@@ -16,11 +16,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailstrom.cli.doctor import exit_code
 from mailstrom.config import Config, DNSConfig
 from mailstrom.doctor import (
     Answer,
     Check,
     DKIMKey,
+    DoctorReport,
     Outcome,
     Probe,
     SenderSetup,
@@ -520,6 +522,7 @@ def test_run_doctor_all_pass(rsa_key: Path) -> None:
     assert report.worst is Status.PASS, report.checks
     assert report.ip == IP
     assert network.probed == [("198.51.100.25", 25, None)]
+    assert exit_code(report) == 0
 
 
 def test_run_doctor_relay_mode(rsa_key: Path) -> None:
@@ -550,6 +553,18 @@ def test_setup_from_config() -> None:
         True,
         (),
     )
+
+
+def test_exit_codes() -> None:
+    def report(*statuses: Status) -> DoctorReport:
+        r = DoctorReport(domain=DOMAIN, helo_name=HELO)
+        r.add([Check(name="x", subject="y", status=s, summary="") for s in statuses])
+        return r
+
+    assert exit_code(report(Status.PASS, Status.SKIP)) == 0
+    assert exit_code(report(Status.PASS, Status.WARN)) == 1
+    assert exit_code(report(Status.WARN, Status.UNKNOWN)) == 75
+    assert exit_code(report(Status.UNKNOWN, Status.FAIL)) == 2
 
 
 def test_missing_extra(monkeypatch: pytest.MonkeyPatch, rsa_key: Path) -> None:
