@@ -273,6 +273,9 @@ KEYS: dict[str, Parser] = {
     "relay.password": _str,
     "relay.verify": _bool,
     "relay.allow_plaintext_auth": _bool,
+    # Read by ``mailstrom doctor`` only (not part of Config: delivery never uses them).
+    "doctor.probe": _str,
+    "doctor.dnsbls": _str_list,
 }
 
 SECRET_KEYS = frozenset(["relay.password"])

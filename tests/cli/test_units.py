@@ -158,6 +158,13 @@ def test_rich_table_on_a_terminal() -> None:
     assert "─" in text or "━" in text  # drawn by rich, not plain text
 
 
+def test_rich_table_shows_brackets_as_written() -> None:
+    out = _TTY()
+    reply = "550 [/bold] listed [see https://bl.example/q]"
+    print_table(["REPLY"], [[reply]], stream=out)
+    assert reply in out.getvalue()
+
+
 def test_to_jsonable() -> None:
     when = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     value = to_jsonable(

@@ -83,12 +83,15 @@ def print_table(
     if is_tty(stream):
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=title, title_justify="left", header_style="bold")
         for h in headers:
             table.add_column(h, overflow="fold")
         for row in cells:
-            table.add_row(*row)
+            # Text, not markup: cells hold what servers said (SMTP replies, DNS records),
+            # and "[/x]" in a reply must show as written, not crash the table.
+            table.add_row(*(Text(c) for c in row))
         Console(file=stream).print(table)
         return
     if title:

@@ -1,0 +1,213 @@
+"""``mailstrom doctor DOMAIN``: will receivers accept mail this machine sends as DOMAIN?
+
+The sending side's counterpart of ``mailstrom check`` (which looks at a receiving
+domain). The checks live in :mod:`mailstrom.doctor`; this module turns options and
+settings into a :class:`~mailstrom.doctor.SenderSetup`, prints the report and chooses
+the exit code.
+
+Exit codes: the verdict in the monitoring-plugin convention (Nagios, Icinga, Sensu), so
+the command can run as a check — 0 every check passed, 1 warnings, 2 failures — and
+the CLI's sysexits where no verdict could be reached: 75 (EX_TEMPFAIL) when lookups failed
+temporarily and nothing failed outright, 69 (EX_UNAVAILABLE) when the ``doctor`` extra is
+not installed, 64 usage, 78 configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from typing import Any
+
+from mailstrom.cli.context import settings_from
+from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, CLIError
+from mailstrom.cli.output import print_json, print_table, to_jsonable
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.doctor import (
+    DEFAULT_DNSBLS,
+    DEFAULT_PROBE,
+    DKIMKey,
+    DNSResolver,
+    DoctorReport,
+    MissingExtra,
+    SenderSetup,
+    Status,
+    run_doctor,
+    split_probe,
+)
+from mailstrom.errors import ConfigError
+from mailstrom.settings import KEYS
+
+EX_WARN = 1
+"""Some check warned, none failed (monitoring plugins' WARNING)."""
+EX_FAIL = 2
+"""Some check failed (monitoring plugins' CRITICAL)."""
+
+EPILOG = f"""\
+examples:
+  mailstrom doctor example.com
+  mailstrom doctor --ip 203.0.113.5 --bulk example.com
+  mailstrom doctor --dkim example.com:s2025:/etc/mailstrom/dkim.pem example.com
+  mailstrom doctor --json example.com | jq '.checks[] | select(.status != "pass")'
+
+The port 25 probe connects to the first MX host of {DEFAULT_PROBE} (reads its greeting,
+says QUIT; no mail is sent) unless --probe or doctor.probe names another.
+
+exit code: 0 every check passed, 1 warnings only, 2 a check failed (the monitoring
+plugin convention), 75 a lookup failed temporarily and nothing failed, 69 the doctor
+extra is missing ({"pip install 'mailstrom[doctor]'"}).
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "doctor",
+        parents=parents,
+        help="check that receivers will accept mail sent as a domain",
+        description="Check what receivers such as Gmail look at before accepting mail from "
+        "this machine for DOMAIN: the outgoing address and outbound port 25, reverse DNS "
+        "of the address and the HELO name, SPF, the published DKIM keys, DMARC policy and "
+        "alignment, and DNS blocklists. Each check passes, warns or fails, with the "
+        "exact fix (the DNS record to publish). Sends no mail.",
+        epilog=EPILOG,
+    )
+    p.add_argument("domain", help="the sending domain (From address domain), or an address")
+    p.add_argument(
+        "--ip",
+        metavar="ADDRESS",
+        type=_ip_arg,
+        help="the address receivers see (default: the one this machine routes from; give "
+        "it behind NAT or for a relay)",
+    )
+    p.add_argument(
+        "--probe",
+        metavar="HOST[:PORT]",
+        type=_probe_arg,
+        help=f"SMTP server (or mail domain: its first MX) to test outbound port 25 "
+        f"against (default: doctor.probe, else {DEFAULT_PROBE})",
+    )
+    p.add_argument(
+        "--dkim",
+        metavar="DOMAIN:SELECTOR:KEYFILE[:ALG]",
+        action="append",
+        type=_dkim_arg,
+        help="check this DKIM key instead of the configured ones (repeatable; ALG "
+        "rsa-sha256 or ed25519-sha256)",
+    )
+    p.add_argument(
+        "--dnsbl",
+        metavar="ZONE",
+        action="append",
+        help="query this blocklist instead of the configured ones (repeatable; default: "
+        f"doctor.dnsbls, else {', '.join(DEFAULT_DNSBLS)})",
+    )
+    p.add_argument("--no-dnsbl", action="store_true", help="query no blocklist")
+    p.add_argument(
+        "--bulk",
+        action="store_true",
+        help="judge as a bulk sender (Gmail: over 5,000 messages a day): DMARC required, "
+        "p=none warned about",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=doctor_command)
+
+
+def _ip_arg(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
+def _probe_arg(text: str) -> str:
+    try:
+        split_probe(text, 25)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _dkim_arg(text: str) -> DKIMKey:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"expected DOMAIN:SELECTOR:KEYFILE[:ALGORITHM], got {text!r}"
+        )
+    algorithm = parts[3] if len(parts) == 4 else "rsa-sha256"
+    return DKIMKey(domain=parts[0], selector=parts[1], private_key=parts[2], algorithm=algorithm)
+
+
+def _setting(values: Any, key: str) -> Any:
+    raw = values.get(key)
+    return None if raw is None else KEYS[key](key, raw)
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    config = settings.config
+    probe = args.probe or _setting(settings.values, "doctor.probe")
+    if probe is not None and args.probe is None:
+        try:
+            split_probe(probe, config.smtp_port)
+        except ValueError as exc:
+            raise ConfigError(f"doctor.probe: {exc}") from None
+    dnsbls = args.dnsbl or _setting(settings.values, "doctor.dnsbls")
+    domain = args.domain.rpartition("@")[2]
+    setup = SenderSetup.from_config(
+        config,
+        domain=domain,
+        ip=args.ip,
+        probe=probe,
+        dkim_keys=tuple(args.dkim) if args.dkim else None,
+        dnsbls=() if args.no_dnsbl else (tuple(dnsbls) if dnsbls is not None else None),
+        bulk=args.bulk,
+    )
+    try:
+        report = run_doctor(setup, DNSResolver(config.dns))
+    except MissingExtra as exc:
+        raise CLIError(str(exc), EX_UNAVAILABLE) from None
+    if args.json:
+        print_json({**to_jsonable(report), "verdict": report.worst.value})
+    else:
+        print_report(report)
+    return exit_code(report)
+
+
+def exit_code(report: DoctorReport) -> int:
+    statuses = {c.status for c in report.checks}
+    if Status.FAIL in statuses:
+        return EX_FAIL
+    if Status.UNKNOWN in statuses:
+        return EX_TEMPFAIL
+    if Status.WARN in statuses:
+        return EX_WARN
+    return EX_OK
+
+
+def print_report(r: DoctorReport) -> None:
+    out = sys.stdout
+    out.write(f"Sender doctor for {r.domain}\n")
+    out.write(f"  HELO name:        {r.helo_name}\n")
+    out.write(f"  outgoing address: {r.ip or '-'}\n")
+    if r.relay:
+        out.write(f"  relay:            {r.relay} (receivers see the relay's address)\n")
+    out.write("\n")
+    print_table(
+        ["CHECK", "SUBJECT", "STATUS", "RESULT"],
+        [(c.name, c.subject, c.status.value.upper(), c.summary) for c in r.checks],
+    )
+    todo = [c for c in r.checks if c.fix and c.status in (Status.FAIL, Status.WARN)]
+    if todo:
+        out.write("\nHow to fix:\n")
+        for n, c in enumerate(todo, 1):
+            out.write(f"{n:>3}. [{c.name} {c.subject}] {c.fix}\n")
+            for line in c.details:
+                out.write(f"       - {line}\n")
+    verdict = {
+        Status.PASS: "every check passed",
+        Status.SKIP: "every check passed",
+        Status.WARN: "mail should be accepted, but see the warnings",
+        Status.UNKNOWN: "some lookups failed for now: run again later",
+        Status.FAIL: "receivers will reject or junk this mail until the failures are fixed",
+    }[r.worst]
+    out.write(f"\nVerdict: {verdict}\n")

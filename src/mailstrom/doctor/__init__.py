@@ -1,0 +1,48 @@
+"""The sender doctor: will receivers accept mail this machine sends for a domain?
+
+It checks, each with pass / warn / fail and the fix: the outgoing address and whether
+outbound port 25 is open, forward-confirmed reverse DNS of the address and the HELO
+name, SPF (RFC 7208, evaluated by pyspf), the published DKIM keys against the configured
+private keys, DMARC (RFC 7489) policy and alignment, and DNS blocklists. Every lookup
+goes through an injected :class:`Resolver` (the configured nameservers in the CLI), every
+connection through an injected :class:`Network`.
+
+Needs the ``doctor`` extra (``pip install 'mailstrom[doctor]'``); delivery does not.
+
+>>> from mailstrom.config import DNSConfig
+>>> setup = SenderSetup(domain="example.com", helo_name="mail.example.com",
+...                     ip="192.0.2.10", dnsbls=())
+>>> resolver = DNSResolver(DNSConfig(nameservers=("127.0.0.1",), port=5353))
+>>> # report = run_doctor(setup, resolver)
+"""
+
+from mailstrom.doctor.dkim import DKIMKey
+from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
+from mailstrom.doctor.extras import INSTALL, MissingExtra
+from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
+from mailstrom.doctor.network import Network, Probe, SocketNetwork
+from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
+from mailstrom.doctor.report import Check, DoctorReport, Status
+from mailstrom.doctor.run import SenderSetup, dkim_keys, run_doctor
+
+__all__ = [
+    "DEFAULT_DNSBLS",
+    "DEFAULT_PROBE",
+    "INSTALL",
+    "Answer",
+    "Check",
+    "DKIMKey",
+    "DNSResolver",
+    "DoctorReport",
+    "MissingExtra",
+    "Network",
+    "Outcome",
+    "Probe",
+    "Resolver",
+    "SenderSetup",
+    "SocketNetwork",
+    "Status",
+    "dkim_keys",
+    "run_doctor",
+    "split_probe",
+]

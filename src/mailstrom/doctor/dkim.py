@@ -1,0 +1,240 @@
+"""DKIM (RFC 6376): is each configured key's public half published where receivers look?
+
+For a key with selector ``s`` and domain ``d`` the record is the TXT at
+``s._domainkey.d``: tags such as ``v=DKIM1; k=rsa; p=<base64>``. The public key is
+derived from the private key file with ``cryptography``; for RSA ``p=`` holds the DER
+SubjectPublicKeyInfo (RFC 6376 §3.6.1; a bare PKCS#1 RSAPublicKey is accepted too), for
+Ed25519 the 32 raw octets (RFC 8463). RFC 8301: keys under 1024 bits must not be
+trusted, 2048 is what to use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+from mailstrom.doctor.extras import MissingExtra
+from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.report import Check, Status
+
+MIN_RSA_BITS = 1024
+"""Below this verifiers must treat the signature as failed (RFC 8301 §3.2)."""
+GOOD_RSA_BITS = 2048
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DKIMKey:
+    """One signing key as the doctor needs it (the shape of a ``Config.dkim`` entry)."""
+
+    domain: str
+    """The ``d=`` of signatures made with it."""
+    selector: str
+    private_key: str
+    """Path of the PEM private key file."""
+    algorithm: str = "rsa-sha256"
+    """``rsa-sha256`` or ``ed25519-sha256`` (``rsa`` and ``ed25519`` are accepted)."""
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """A DKIM tag-list (RFC 6376 §3.2): ``v=DKIM1; k=rsa; p=MII…`` → {"v": "DKIM1", …}.
+    Whitespace inside values (folded base64) is dropped; raises ValueError on a tag
+    without ``=`` or a tag given twice."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ValueError(f"not a tag=value pair: {part.strip()!r}")
+        if name in tags:
+            raise ValueError(f"tag {name}= appears twice")
+        # Folding whitespace may split base64 anywhere (RFC 6376 §3.2); elsewhere it only
+        # surrounds the value.
+        tags[name] = "".join(value.split()) if name in ("p", "h") else value.strip()
+    return tags
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    kind: str
+    """``rsa`` or ``ed25519``: the record's ``k=``."""
+    p: str
+    """The base64 value of ``p=``."""
+    bits: int
+    key: Any
+
+
+def public_key(pem: bytes) -> PublicKey:
+    """The public half of a PEM private key, as a DKIM record publishes it."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    except ImportError:
+        raise MissingExtra(["cryptography"]) from None
+    key = serialization.load_pem_private_key(pem, password=None)
+    pub = key.public_key()
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return PublicKey("rsa", base64.b64encode(der).decode(), key.key_size, pub)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return PublicKey("ed25519", base64.b64encode(raw).decode(), 256, pub)
+    raise ValueError(f"{type(key).__name__} keys cannot sign DKIM (use RSA or Ed25519)")
+
+
+def published_matches(kind: str, p: str, ours: PublicKey) -> bool:
+    """Whether the record's ``p=`` is ``ours``, however the record encodes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = base64.b64decode(p, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    if kind == "ed25519":
+        return base64.b64encode(data).decode() == ours.p
+    if data == base64.b64decode(ours.p):
+        return True
+    try:  # SPKI with other (equivalent) DER, or a bare PKCS#1 RSAPublicKey
+        try:
+            theirs = serialization.load_der_public_key(data)
+        except ValueError:
+            pem = b"-----BEGIN RSA PUBLIC KEY-----\n" + base64.encodebytes(data)
+            theirs = serialization.load_pem_public_key(pem + b"-----END RSA PUBLIC KEY-----\n")
+        return bool(theirs.public_numbers() == ours.key.public_numbers())  # type: ignore[union-attr]
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def record_for(key: PublicKey) -> str:
+    """The TXT value to publish for ``key``."""
+    return f"v=DKIM1; k={key.kind}; p={key.p}"
+
+
+def _wanted_kind(algorithm: str) -> str | None:
+    algorithm = algorithm.strip().lower()
+    if algorithm in ("rsa", "rsa-sha256"):
+        return "rsa"
+    if algorithm in ("ed25519", "ed25519-sha256"):
+        return "ed25519"
+    return None
+
+
+def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
+    """The check for one key, and whether a signature made with it would verify."""
+    name = key.record_name
+
+    def result(
+        status: Status, summary: str, fix: str | None = None, details: tuple[str, ...] = ()
+    ) -> tuple[Check, bool]:
+        verifies = status in (Status.PASS, Status.WARN)
+        check = Check(
+            name="dkim", subject=name, status=status, summary=summary, details=details, fix=fix
+        )
+        return check, verifies
+
+    wanted = _wanted_kind(key.algorithm)
+    if wanted is None:
+        return result(
+            Status.FAIL,
+            f"unknown algorithm {key.algorithm!r}",
+            "use rsa-sha256 or ed25519-sha256 (RFC 6376, RFC 8463)",
+        )
+    try:
+        with open(key.private_key, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        return result(
+            Status.FAIL,
+            f"cannot read the private key {key.private_key}: {exc.strerror or exc}",
+            "point the DKIM key setting at a readable PEM file",
+        )
+    try:
+        ours = public_key(pem)
+    except (ValueError, TypeError) as exc:
+        return result(
+            Status.FAIL,
+            f"{key.private_key} is no usable private key: {exc}",
+            "generate one: openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 "
+            f"-out {key.private_key}",
+        )
+    publish = f'publish TXT at {name}: "{record_for(ours)}"'
+    if ours.kind != wanted:
+        return result(
+            Status.FAIL,
+            f"the key is {ours.kind} but the algorithm is {key.algorithm}",
+            f"set the algorithm to {ours.kind}-sha256, or use a {wanted} key",
+        )
+    answer = resolver.lookup(name, "TXT")
+    if answer.outcome is Outcome.ERROR:
+        return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
+    candidates = [r for r in answer.records if "p=" in r.replace(" ", "")]
+    shown = tuple(f"TXT {name}: {r}" for r in candidates)
+    if not candidates:
+        return result(Status.FAIL, f"no DKIM key published at {name}", publish)
+    problems: list[str] = []
+    for text in candidates:
+        try:
+            tags = parse_tags(text)
+        except ValueError as exc:
+            problems.append(f"malformed record: {exc}")
+            continue
+        problem = _record_problem(tags, ours)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        warnings = []
+        if ours.kind == "rsa" and ours.bits < MIN_RSA_BITS:
+            return result(
+                Status.FAIL,
+                f"RSA key of {ours.bits} bits: receivers ignore signatures by keys under "
+                f"{MIN_RSA_BITS} bits (RFC 8301)",
+                f"generate a {GOOD_RSA_BITS}-bit key and publish its record",
+                shown,
+            )
+        if ours.kind == "rsa" and ours.bits < GOOD_RSA_BITS:
+            warnings.append(f"RSA key of {ours.bits} bits; use {GOOD_RSA_BITS} (RFC 8301)")
+        if "y" in tags.get("t", "").split(":"):
+            warnings.append("t=y: receivers treat the domain as testing DKIM")
+        if warnings:
+            fix = (
+                f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector"
+                if ours.bits < GOOD_RSA_BITS
+                else f'drop t=y: publish TXT at {name}: "{record_for(ours)}"'
+            )
+            return result(Status.WARN, "; ".join(warnings), fix, shown)
+        return result(
+            Status.PASS, f"published key matches {key.private_key} ({_size(ours)})", None, shown
+        )
+    return result(Status.FAIL, "; ".join(problems), publish, shown)
+
+
+def _size(key: PublicKey) -> str:
+    return f"RSA {key.bits} bits" if key.kind == "rsa" else "Ed25519"
+
+
+def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
+    p = tags.get("p")
+    if p is None:  # often a missing ";" that glued p= to the tag before it
+        return "the record has no p= tag (is a ';' missing?)"
+    if tags.get("v", "DKIM1") != "DKIM1":
+        return f"v={tags['v']} is not DKIM1"
+    kind = tags.get("k", "rsa").lower()
+    if kind != ours.kind:
+        return f"the record is for k={kind}, the key is {ours.kind}"
+    hashes = tags.get("h")
+    if hashes is not None and "sha256" not in hashes.lower().split(":"):
+        return f"h={hashes} excludes sha256, which mailstrom signs with"
+    if p == "":
+        return "p= is empty: the key is revoked"
+    if not published_matches(kind, p, ours):
+        return "the published key is not the public half of the configured private key"
+    return None

@@ -1,0 +1,243 @@
+"""DMARC (RFC 7489): the domain's policy, and whether its mail would pass it.
+
+Mail passes DMARC when SPF passes for an envelope sender whose domain *aligns* with the
+From domain, or a DKIM signature verifies whose ``d=`` aligns with it: equal domains in
+strict mode (``aspf=s``/``adkim=s``), the same organizational domain in relaxed mode (the
+default). The organizational domain is the registrable domain under the Public Suffix
+List (``publicsuffixlist``, which ships the list: nothing is downloaded at run time).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailstrom.doctor.extras import MissingExtra
+from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
+from mailstrom.doctor.report import Check, Status
+
+_DMARC = re.compile(r"^v\s*=\s*DMARC1\s*(;|$)")
+_POLICIES = ("none", "quarantine", "reject")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DMARCRecord:
+    """The tags of a DMARC record that decide what receivers do (RFC 7489 §6.3)."""
+
+    p: str
+    sp: str | None = None
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+
+
+def is_dmarc(text: str) -> bool:
+    """Whether a TXT record is a DMARC record (its first tag is ``v=DMARC1``)."""
+    return _DMARC.match(text) is not None
+
+
+def parse_dmarc(text: str) -> DMARCRecord:
+    """Parse a DMARC record; raises ValueError naming what is wrong.
+
+    >>> parse_dmarc("v=DMARC1; p=reject; rua=mailto:d@example.com").p
+    'reject'
+    """
+    if not is_dmarc(text):
+        raise ValueError("the record does not start with v=DMARC1")
+    tags: dict[str, str] = {}
+    for part in text.split(";")[1:]:
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"not a tag=value pair: {part.strip()!r}")
+        tags.setdefault(name.strip().lower(), value.strip())
+    if "p" not in tags:
+        raise ValueError("the required p= tag is missing")
+
+    def choice(tag: str, allowed: Sequence[str], default: str | None) -> Any:
+        value = tags.get(tag)
+        if value is None:
+            return default
+        if value.lower() not in allowed:
+            raise ValueError(f"{tag}={value} is not one of {', '.join(allowed)}")
+        return value.lower()
+
+    pct_text = tags.get("pct", "100")
+    if not pct_text.isdigit() or not 0 <= int(pct_text) <= 100:
+        raise ValueError(f"pct={pct_text} is not a whole number from 0 to 100")
+    return DMARCRecord(
+        p=choice("p", _POLICIES, None),
+        sp=choice("sp", _POLICIES, None),
+        adkim=choice("adkim", ("r", "s"), "r"),
+        aspf=choice("aspf", ("r", "s"), "r"),
+        pct=int(pct_text),
+        rua=_uris(tags.get("rua")),
+        ruf=_uris(tags.get("ruf")),
+    )
+
+
+def _uris(value: str | None) -> tuple[str, ...]:
+    return tuple(u.strip() for u in (value or "").split(",") if u.strip())
+
+
+@functools.lru_cache(maxsize=1)
+def _psl() -> Any:
+    try:
+        from publicsuffixlist import PublicSuffixList
+    except ImportError:
+        raise MissingExtra(["publicsuffixlist"]) from None
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """The registrable domain: ``mail.example.co.uk`` → ``example.co.uk``."""
+    domain = normal_name(domain)
+    return str(_psl().privatesuffix(domain) or domain)
+
+
+def aligned(identifier: str, from_domain: str, mode: str) -> bool:
+    """RFC 7489 §3.1: strict needs the same domain, relaxed the same organizational one."""
+    a, b = normal_name(identifier), normal_name(from_domain)
+    if mode == "s":
+        return a == b
+    return organizational_domain(a) == organizational_domain(b)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Found:
+    """The policy discovery's result (RFC 7489 §6.6.3)."""
+
+    name: str | None = None
+    """Where the record was found (``_dmarc.<domain>`` or at the organizational domain)."""
+    records: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def discover(resolver: Resolver, domain: str) -> Found:
+    """Look for ``_dmarc.<domain>``, then ``_dmarc.<organizational domain>``."""
+    names = [f"_dmarc.{domain}"]
+    org = organizational_domain(domain)
+    if org != normal_name(domain):
+        names.append(f"_dmarc.{org}")
+    for name in names:
+        answer = resolver.lookup(name, "TXT")
+        if answer.outcome is Outcome.ERROR:
+            return Found(name=name, error=answer.error)
+        records = tuple(r for r in answer.records if is_dmarc(r))
+        if records:
+            return Found(name=name, records=records)
+    return Found()
+
+
+def check_dmarc(
+    resolver: Resolver,
+    *,
+    domain: str,
+    spf_result: str,
+    dkim_domains: Sequence[str],
+    bulk: bool = False,
+    envelope_domain: str | None = None,
+) -> Check:
+    """The policy, and whether mail From ``domain`` would pass it, given the SPF result
+    for ``envelope_domain`` (default: ``domain``, mailstrom's default envelope sender)
+    and the ``d=`` domains of the configured keys whose DKIM check passed."""
+    envelope_domain = envelope_domain or domain
+    found = discover(resolver, domain)
+    starter = f'publish TXT at _dmarc.{domain}: "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
+
+    def check(status: Status, summary: str, fix: str | None, details: Sequence[str]) -> Check:
+        return Check(
+            name="dmarc",
+            subject=found.name or f"_dmarc.{domain}",
+            status=status,
+            summary=summary,
+            details=tuple(details),
+            fix=fix,
+        )
+
+    if found.error is not None:
+        return check(Status.UNKNOWN, f"temporary DNS error: {found.error}", None, [])
+    shown = [f"TXT {found.name}: {r}" for r in found.records]
+    if not found.records:
+        status = Status.FAIL if bulk else Status.WARN
+        why = " (Gmail and Yahoo require one of bulk senders)" if bulk else ""
+        return check(
+            status,
+            f"no DMARC record for {domain}{why}",
+            starter + ", then p=quarantine once the reports show your mail passes",
+            [],
+        )
+    if len(found.records) > 1:
+        return check(
+            Status.FAIL,
+            f"{len(found.records)} DMARC records at {found.name}: receivers then apply none",
+            f"keep exactly one TXT record starting with v=DMARC1 at {found.name}",
+            shown,
+        )
+    try:
+        record = parse_dmarc(found.records[0])
+    except ValueError as exc:
+        return check(Status.FAIL, f"invalid DMARC record: {exc}", starter, shown)
+
+    at_org = found.name != f"_dmarc.{normal_name(domain)}"
+    policy = (record.sp or record.p) if at_org else record.p
+    spf_ok = spf_result == "pass" and aligned(envelope_domain, domain, record.aspf)
+    dkim_ok = [d for d in dkim_domains if aligned(d, domain, record.adkim)]
+    details = [
+        *shown,
+        f"policy for {domain}: p={policy}"
+        + (f" (sp= of {found.name})" if at_org and record.sp else "")
+        + f", adkim={record.adkim}, aspf={record.aspf}, pct={record.pct}",
+        f"SPF: {spf_result}, " + ("aligned" if spf_ok else "does not count for DMARC"),
+        "DKIM: "
+        + (
+            f"aligned signature by d={', '.join(dkim_ok)}"
+            if dkim_ok
+            else "no aligned signature that verifies"
+        ),
+    ]
+    if not record.rua:
+        details.append("no rua=: you get no aggregate reports of who sends as you")
+    if record.pct < 100:
+        details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
+
+    if not spf_ok and not dkim_ok:
+        return check(
+            Status.FAIL,
+            f"mail From {domain} from this setup would fail DMARC (p={policy})",
+            "make SPF pass for this address or publish the DKIM key (see the spf and dkim "
+            f"checks); an aligned DKIM key signs with d={domain}"
+            + (
+                f" (relaxed alignment: or another name under {organizational_domain(domain)})"
+                if record.adkim == "r"
+                else ""
+            ),
+            details,
+        )
+    problems: list[str] = []
+    fixes: list[str] = []
+    if not dkim_ok:
+        problems.append("passes by SPF alone, which forwarding breaks")
+        fixes.append(f"sign with a DKIM key for d={domain} and publish it (see the dkim check)")
+    if policy == "none" and bulk:
+        problems.append("p=none asks receivers to do nothing with mail that fails")
+        fixes.append(
+            f"once the reports show your mail passes, publish at {found.name}: "
+            f'"{_with_policy(found.records[0], "quarantine")}"'
+        )
+    verdict = f"mail From {domain} would pass DMARC (p={policy})"
+    if problems:
+        return check(
+            Status.WARN, f"{verdict}, but {'; '.join(problems)}", "; ".join(fixes), details
+        )
+    return check(Status.PASS, verdict, None, details)
+
+
+def _with_policy(record: str, policy: str) -> str:
+    return re.sub(r"(;\s*p\s*=\s*)none", lambda m: m.group(1) + policy, record, count=1)

@@ -1,0 +1,82 @@
+"""DNS blocklists (RFC 5782): is the outgoing address listed?
+
+An IPv4 address ``192.0.2.99`` is looked up as ``99.2.0.192.<zone>`` (IPv6: its 32
+nibbles reversed); an A record in 127.0.0.0/8 means listed, NXDOMAIN means not listed,
+and the TXT record at the same name usually says why and where to ask for removal.
+Spamhaus answers 127.255.255.x instead when it refuses the query (typically because it
+came through a large public resolver), which says nothing about the address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.report import Check, Status
+
+DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
+"""Widely used lists with free query access for modest volumes."""
+
+
+def query_name(ip: str, zone: str) -> str:
+    """The name to look up for ``ip`` in ``zone``."""
+    address = ipaddress.ip_address(ip)
+    if address.version == 4:
+        labels = str(address).split(".")
+    else:
+        labels = list(address.exploded.replace(":", ""))
+    return ".".join([*reversed(labels), zone.strip().rstrip(".")])
+
+
+def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
+    name = query_name(ip, zone)
+
+    def check(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
+        return Check(
+            name="dnsbl", subject=zone, status=status, summary=summary, details=details, fix=fix
+        )
+
+    answer = resolver.lookup(name, "A")
+    if answer.outcome in (Outcome.NXDOMAIN, Outcome.NODATA):
+        return check(Status.PASS, f"{ip} is not listed")
+    if answer.outcome is Outcome.ERROR:
+        return check(Status.UNKNOWN, f"could not query {zone}: {answer.error}")
+    codes = list(answer.records)
+    shown = f"A {name}: {', '.join(codes)}"
+    loopback = [c for c in codes if _in_127(c)]
+    if not loopback:
+        return check(
+            Status.WARN,
+            f"{zone} answered {', '.join(codes)}, which is no listing code: the resolver "
+            "seems to rewrite unknown names",
+            "use a resolver that returns NXDOMAIN unchanged for blocklist queries",
+            shown,
+        )
+    if all(c.startswith("127.255.255.") for c in loopback):
+        return check(
+            Status.WARN,
+            f"{zone} refused the query ({', '.join(loopback)}): it does not answer queries "
+            "relayed by public resolvers",
+            "query from your own recursive resolver (not 8.8.8.8, 1.1.1.1 and the like), "
+            f"or use the list's registered query service; then run the doctor again ({zone})",
+            shown,
+        )
+    reasons = resolver.lookup(name, "TXT")
+    reason = "; ".join(reasons.records) if reasons.outcome is Outcome.ANSWER else ""
+    summary = f"{ip} is LISTED ({', '.join(loopback)})" + (f": {reason}" if reason else "")
+    return check(
+        Status.FAIL,
+        summary,
+        f"find out why (the reason above; an open relay, a compromised account or "
+        f"a neighbour on the same network), stop it, then request removal from {zone}"
+        + (" at the address in the reason" if "http" in reason else "")
+        + "; until then send through a relay",
+        shown,
+    )
+
+
+def _in_127(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) in ipaddress.ip_network("127.0.0.0/8")
+    except ValueError:
+        return False

@@ -1,0 +1,141 @@
+"""Forward-confirmed reverse DNS (FCrDNS) of the outgoing address, and the HELO name.
+
+Gmail asks both of senders: the address's PTR record names a host whose A/AAAA records
+include the address, and the name given in EHLO resolves to the address. Receivers
+widely expect the PTR name and the EHLO name to be the same host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailstrom.doctor.lookup import (
+    Outcome,
+    Resolver,
+    address_family,
+    normal_name,
+    reverse_name,
+    same_address,
+)
+from mailstrom.doctor.report import Check, Status
+
+_PTR_OWNER = (
+    "PTR records belong to whoever holds the address block (your hosting or cloud "
+    "provider: its console or its support), not to your own zone"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Forward:
+    confirmed: list[str]
+    unconfirmed: list[str]
+    error: str | None
+
+
+def _forward(resolver: Resolver, ip: str, names: list[str]) -> _Forward:
+    confirmed: list[str] = []
+    unconfirmed: list[str] = []
+    error: str | None = None
+    for name in names:
+        answer = resolver.lookup(name, address_family(ip))
+        if answer.outcome is Outcome.ERROR:
+            error = error or answer.error
+        if any(same_address(ip, r) for r in answer.records):
+            confirmed.append(name)
+        elif answer.outcome is not Outcome.ERROR:
+            unconfirmed.append(name)
+    return _Forward(confirmed=confirmed, unconfirmed=unconfirmed, error=error)
+
+
+def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
+    """Two checks: ``ptr`` (the address's reverse DNS, forward-confirmed) and ``helo``
+    (the HELO name resolves to the address and is the PTR name)."""
+    helo = normal_name(helo)
+    rtype = address_family(ip)
+    rname = reverse_name(ip)
+    ptr = resolver.lookup(rname, "PTR")
+    names = [normal_name(n) for n in ptr.records]
+    forward = _forward(resolver, ip, names)
+    details = tuple(f"PTR {rname}: {n}" for n in names)
+
+    if ptr.outcome is Outcome.ERROR:
+        ptr_check = Check(
+            name="ptr",
+            subject=ip,
+            status=Status.UNKNOWN,
+            summary=f"temporary DNS error: {ptr.error}",
+        )
+    elif not names:
+        ptr_check = Check(
+            name="ptr",
+            subject=ip,
+            status=Status.FAIL,
+            summary=f"{ip} has no PTR record (Gmail rejects mail from such addresses)",
+            fix=f"{_PTR_OWNER}: ask for PTR {rname} → {helo}",
+        )
+    elif forward.confirmed:
+        ptr_check = Check(
+            name="ptr",
+            subject=ip,
+            status=Status.PASS,
+            summary=f"{ip} → {', '.join(forward.confirmed)} → {ip}: forward-confirmed",
+            details=details,
+        )
+    elif forward.error is not None:
+        ptr_check = Check(
+            name="ptr",
+            subject=ip,
+            status=Status.UNKNOWN,
+            summary=f"temporary DNS error confirming {', '.join(names)}: {forward.error}",
+            details=details,
+        )
+    else:
+        ptr_check = Check(
+            name="ptr",
+            subject=ip,
+            status=Status.FAIL,
+            summary=f"the PTR name {', '.join(names)} does not resolve back to {ip}",
+            details=details,
+            fix=f"publish {rtype} record {names[0]} → {ip}",
+        )
+    return [ptr_check, _check_helo(resolver, ip=ip, helo=helo, ptr_names=forward.confirmed)]
+
+
+def _check_helo(resolver: Resolver, *, ip: str, helo: str, ptr_names: list[str]) -> Check:
+    rtype = address_family(ip)
+
+    def check(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
+        return Check(
+            name="helo", subject=helo, status=status, summary=summary, details=details, fix=fix
+        )
+
+    if "." not in helo:
+        return check(
+            Status.FAIL,
+            f"{helo} is not a fully qualified domain name",
+            f'set helo_name to a name in DNS that resolves to {ip}, e.g. helo_name = "mail.'
+            f'{helo}.example.com" (MAILSTROM_HELO_NAME, --helo-name)',
+        )
+    answer = resolver.lookup(helo, rtype)
+    shown = tuple(f"{rtype} {helo}: {r}" for r in answer.records)
+    if answer.outcome is Outcome.ERROR:
+        return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
+    if not any(same_address(ip, r) for r in answer.records):
+        found = ", ".join(answer.records) or f"no {rtype} record"
+        return check(
+            Status.FAIL,
+            f"{helo} does not resolve to {ip} ({found})",
+            f"publish {rtype} record {helo} → {ip}"
+            + (f', or set helo_name = "{ptr_names[0]}"' if ptr_names else ""),
+            *shown,
+        )
+    if helo not in ptr_names:
+        ptr = ", ".join(ptr_names) or "no confirmed PTR name"
+        return check(
+            Status.WARN,
+            f"{helo} resolves to {ip}, but the address's PTR names {ptr}",
+            (f'set helo_name = "{ptr_names[0]}", or ' if ptr_names else "")
+            + f"{_PTR_OWNER}: ask for PTR {reverse_name(ip)} → {helo}",
+            *shown,
+        )
+    return check(Status.PASS, f"{helo} resolves to {ip} and is its PTR name", None, *shown)

@@ -1,0 +1,120 @@
+"""DNS lookups as the doctor needs them: every answer a value, never an exception.
+
+The checks take any :class:`Resolver`; :class:`DNSResolver` asks the servers of a
+:class:`~mailstrom.config.DNSConfig` (the loopback test server in tests), and unit tests
+pass a dict-backed fake. Answers keep what a check compares: addresses as text, names
+without the final dot, and each TXT record's character-strings joined into one string
+(RFC 7208 §3.3, RFC 6376 §3.6.2.2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.rdtypes.ANY.TXT
+import dns.resolver
+import dns.reversename
+
+from mailstrom.config import DNSConfig
+
+
+class Outcome(StrEnum):
+    ANSWER = "answer"
+    NXDOMAIN = "nxdomain"
+    """The name does not exist."""
+    NODATA = "nodata"
+    """The name exists but has no record of that type."""
+    ERROR = "error"
+    """SERVFAIL, timeout, no server reachable: the answer is unknown for now."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    name: str
+    rdtype: str
+    outcome: Outcome
+    records: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the lookup itself failed (the records are unknown, not absent)."""
+        return self.outcome is Outcome.ERROR
+
+
+class Resolver(Protocol):
+    """Answers one query; ``rdtype`` is ``A``, ``AAAA``, ``MX``, ``PTR`` or ``TXT``."""
+
+    def lookup(self, name: str, rdtype: str) -> Answer: ...
+
+
+class DNSResolver:
+    """A :class:`Resolver` over dnspython, asking the servers ``config`` names (or the
+    system's), each query given ``config.timeout`` seconds."""
+
+    def __init__(self, config: DNSConfig) -> None:
+        try:
+            self._resolver = dns.resolver.Resolver(configure=not config.nameservers)
+        except dns.resolver.NoResolverConfiguration:
+            self._resolver = dns.resolver.Resolver(configure=False)
+        if config.nameservers:
+            self._resolver.nameservers = list(config.nameservers)
+            self._resolver.port = config.port
+        self._resolver.lifetime = config.timeout
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.NXDOMAIN)
+        except dns.resolver.NoAnswer:
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.NODATA)
+        except (dns.exception.DNSException, OSError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error=reason)
+        return Answer(
+            name=name,
+            rdtype=rdtype,
+            outcome=Outcome.ANSWER,
+            records=tuple(_text(rdata) for rdata in answer),
+        )
+
+
+def _text(rdata: object) -> str:
+    if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
+        # Non-UTF-8 octets survive the round trip (the SPF adapter encodes them back).
+        return b"".join(rdata.strings).decode("utf-8", "surrogateescape")
+    text = rdata.to_text()  # type: ignore[attr-defined]
+    return str(text).removesuffix(".") if text != "." else text
+
+
+def reverse_name(ip: str) -> str:
+    """The PTR name of an address: ``4.3.2.1.in-addr.arpa`` (or its ip6.arpa nibbles)."""
+    return dns.reversename.from_address(ip).to_text(omit_final_dot=True)
+
+
+def normal_name(name: str) -> str:
+    """A DNS name compared the way DNS compares it: lower case, no final dot."""
+    return name.strip().rstrip(".").lower()
+
+
+def address_family(ip: str) -> str:
+    """``A`` for an IPv4 address, ``AAAA`` for IPv6 (the record type that names it)."""
+    return "A" if ipaddress.ip_address(ip).version == 4 else "AAAA"
+
+
+def same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def as_name(text: str) -> str:
+    """``text`` checked as a DNS name and returned in its normal form."""
+    return normal_name(dns.name.from_text(text).to_text())

@@ -1,0 +1,176 @@
+"""The outgoing address and outbound port 25.
+
+The doctor connects towards a *probe target*: by default the first MX host of
+``gmail.com`` on the configured SMTP port. Gmail is the receiver most senders must
+satisfy and its MX hosts answer on port 25 everywhere, and looking the host up in DNS
+(through the configured resolver) keeps the target current without a hard-coded address.
+``--probe`` (or ``doctor.probe``) names another: an address, a host, or a mail domain
+whose first MX host is used, with an optional port — tests point it at a loopback
+receiver.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
+from mailstrom.doctor.network import Network
+from mailstrom.doctor.report import Check, Status
+
+DEFAULT_PROBE = "gmail.com"
+
+RELAY_FIX = (
+    "ask the provider to open outbound port 25 (AWS, Google Cloud, Azure and many other "
+    "clouds block it by default), or send through a relay (smarthost) on port 587: set "
+    'relay.host = "smtp.example.net", relay.username and relay.password (MAILSTROM_RELAY_*)'
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    name: str
+    """What was asked for, as shown (``gmail-smtp-in.l.google.com``, ``127.0.0.1``)."""
+    address: str
+    port: int
+
+
+def split_probe(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST[:PORT]`` (IPv6 with a port as ``[::1]:25``) → (host, port); ValueError if
+    the port is no port."""
+    host, port = text.strip(), ""
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else ""
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not host:
+        raise ValueError(f"expected HOST[:PORT], got {text!r}")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a port number: {port!r}")
+    return host, int(port)
+
+
+def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Check:
+    """The probe target ``spec`` names, or a check saying why there is none."""
+    host, port = split_probe(spec, default_port)
+    try:
+        return Target(name=host, address=str(ipaddress.ip_address(host)), port=port)
+    except ValueError:
+        pass
+    name = normal_name(host)
+    mx = resolver.lookup(name, "MX")
+    if mx.outcome is Outcome.ANSWER:
+        ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
+        if ranked and ranked[0][1] not in (".", ""):
+            name = normal_name(ranked[0][1])
+    for rtype in ("A", "AAAA"):
+        answer = resolver.lookup(name, rtype)
+        if answer.records:
+            return Target(name=name, address=answer.records[0], port=port)
+    reason = mx.error or "no MX or address record"
+    return Check(
+        name="port-25",
+        subject=spec,
+        status=Status.UNKNOWN if mx.failed else Status.FAIL,
+        summary=f"cannot find the probe target {spec}: {reason}",
+        fix="name a reachable SMTP server with --probe HOST[:PORT]",
+    )
+
+
+def check_outgoing(
+    network: Network, target: Target | None, *, given: str | None, source: str | None
+) -> tuple[Check, str | None]:
+    """Which address receivers will see: ``given`` (``--ip``), else the one the kernel
+    picks towards the target (bound to ``source``, the ``source_address`` setting)."""
+    if given is not None:
+        return Check(
+            name="outgoing-ip",
+            subject=given,
+            status=Status.PASS,
+            summary=f"{given} (given with --ip)",
+        ), given
+    if target is None:
+        return Check(
+            name="outgoing-ip",
+            subject="-",
+            status=Status.FAIL,
+            summary="no probe target to find the outgoing address with",
+            fix="give the address receivers see with --ip ADDRESS, or a target with --probe",
+        ), None
+    try:
+        ip = network.local_address(target.address, target.port, source)
+    except OSError as exc:
+        return Check(
+            name="outgoing-ip",
+            subject=source or "-",
+            status=Status.FAIL,
+            summary=f"no route towards {target.name} ({target.address}): {exc.strerror or exc}",
+            fix="check this machine's network, or give the address with --ip ADDRESS",
+        ), None
+    how = (
+        f"the source_address setting, towards {target.name}"
+        if source
+        else (f"the route towards {target.name} ({target.address})")
+    )
+    address = ipaddress.ip_address(ip)
+    if not source and (address.is_loopback or address.is_link_local or _private(address)):
+        kind = "loopback" if address.is_loopback else "private"
+        return Check(
+            name="outgoing-ip",
+            subject=ip,
+            status=Status.WARN,
+            summary=f"{ip} ({how}) is a {kind} address: behind NAT receivers see another one",
+            fix="give the public address receivers see with --ip ADDRESS (your provider's "
+            "console shows it) so the checks below judge the right one",
+        ), ip
+    return Check(name="outgoing-ip", subject=ip, status=Status.PASS, summary=f"{ip} ({how})"), ip
+
+
+_PRIVATE = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+"""RFC 1918, carrier-grade NAT (RFC 6598) and unique local IPv6 (RFC 4193): addresses
+that reach the Internet only through a translator."""
+
+
+def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(address in net for net in _PRIVATE if net.version == address.version)
+
+
+def check_port25(network: Network, target: Target, *, source: str | None, timeout: float) -> Check:
+    """Whether an SMTP server on the target answers: outbound port 25 is open."""
+    where = (
+        f"{target.name}:{target.port}"
+        if target.name == target.address
+        else (f"{target.name} ({target.address}):{target.port}")
+    )
+    probe = network.probe(target.address, target.port, source, timeout)
+
+    def check(status: Status, summary: str, fix: str | None = None) -> Check:
+        return Check(name="port-25", subject=where, status=status, summary=summary, fix=fix)
+
+    if not probe.connected:
+        blocked = "looks blocked" if probe.timed_out else "is refused or unreachable"
+        return check(
+            Status.FAIL,
+            f"outbound SMTP {blocked}: {probe.error}",
+            RELAY_FIX,
+        )
+    if probe.greeting is None:
+        return check(
+            Status.FAIL,
+            f"the connection opened but no SMTP greeting came ({probe.error}): something "
+            "on the way intercepts port 25",
+            RELAY_FIX,
+        )
+    if not probe.greeting.startswith("220"):
+        return check(
+            Status.WARN,
+            f"answered, but refuses this address: {probe.greeting}",
+            "see the blocklist checks, or ask the receiver's postmaster why",
+        )
+    return check(Status.PASS, f"answered: {probe.greeting}")

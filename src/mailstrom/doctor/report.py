@@ -1,0 +1,67 @@
+"""What the doctor finds: one :class:`Check` per question, each with a status and its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """The verdict of one check, from best to worst for the exit code's purposes."""
+
+    PASS = "pass"  # noqa: S105 (a verdict, not a password)
+    """Receivers will be satisfied on this point."""
+    SKIP = "skip"
+    """Not applicable here (e.g. the port 25 probe in relay mode)."""
+    WARN = "warn"
+    """Mail flows, but some receivers will score it down or a rule is only half met."""
+    UNKNOWN = "unknown"
+    """Could not be decided now (a DNS server failed or timed out): try again later."""
+    FAIL = "fail"
+    """Receivers such as Gmail will reject or junk the mail until this is fixed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    """One check's outcome.
+
+    ``fix`` is what to do, as exactly as the doctor can say it: the DNS record to
+    publish (name, type and value), the setting to change, or whom to ask.
+    """
+
+    name: str
+    """Which check: ``outgoing-ip``, ``port-25``, ``ptr``, ``helo``, ``spf``,
+    ``spf-helo``, ``dkim``, ``dmarc``, ``dnsbl``."""
+    subject: str
+    """What was looked at: an address, a DNS name, a blocklist zone."""
+    status: Status
+    summary: str
+    """One line: what was found."""
+    details: tuple[str, ...] = ()
+    """Further lines: records seen, the evaluation's steps."""
+    fix: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class DoctorReport:
+    """Everything the doctor found about one sending domain."""
+
+    domain: str
+    helo_name: str
+    ip: str | None = None
+    """The outgoing address the IP-based checks used (None: none could be found)."""
+    relay: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, checks: Check | Sequence[Check]) -> None:
+        self.checks.extend([checks] if isinstance(checks, Check) else checks)
+
+    def find(self, name: str) -> list[Check]:
+        return [c for c in self.checks if c.name == name]
+
+    @property
+    def worst(self) -> Status:
+        """The worst status of any check (PASS when there are none)."""
+        order = list(Status)
+        return max((c.status for c in self.checks), key=order.index, default=Status.PASS)

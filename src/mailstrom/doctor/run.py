@@ -1,0 +1,200 @@
+"""The doctor's sequence: outgoing address and port 25, then the DNS checks that judge
+that address and the domain (FCrDNS, SPF, DKIM, DMARC, blocklists)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailstrom.config import Config
+from mailstrom.doctor import extras
+from mailstrom.doctor.dkim import DKIMKey, check_dkim
+from mailstrom.doctor.dmarc import check_dmarc
+from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
+from mailstrom.doctor.fcrdns import check_fcrdns
+from mailstrom.doctor.lookup import Resolver, normal_name
+from mailstrom.doctor.network import Network, SocketNetwork
+from mailstrom.doctor.outgoing import (
+    DEFAULT_PROBE,
+    Target,
+    check_outgoing,
+    check_port25,
+    find_target,
+)
+from mailstrom.doctor.report import Check, DoctorReport, Status
+from mailstrom.doctor.spf import check_spf, check_spf_helo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SenderSetup:
+    """What the doctor judges: the sending domain and how this machine sends for it."""
+
+    domain: str
+    """The From domain (and, as mailstrom sends by default, the envelope sender's)."""
+    helo_name: str
+    ip: str | None = None
+    """The address receivers see, if known (``--ip``); else it is found by routing."""
+    source_address: str | None = None
+    probe: str = DEFAULT_PROBE
+    """Where to test outbound SMTP: ``HOST[:PORT]``, an address, or a mail domain."""
+    smtp_port: int = 25
+    """The probe's port when ``probe`` names none."""
+    timeout: float = 10.0
+    """Seconds for the probe's connection, and again for its greeting."""
+    dkim_keys: tuple[DKIMKey, ...] = ()
+    dnsbls: tuple[str, ...] = DEFAULT_DNSBLS
+    bulk: bool = False
+    """A bulk sender (Gmail: 5,000 messages a day to its users): DMARC must enforce."""
+    relay: str | None = None
+    """``host:port`` of the configured relay: then the relay, not this machine, talks to
+    receivers, and the IP checks judge an address only when one is given."""
+
+    @classmethod
+    def from_config(cls, config: Config, *, domain: str, **given: Any) -> SenderSetup:
+        """The setup ``config`` describes, overridden by ``given`` (None values ignored).
+        Keys come from ``config.dkim`` when that setting exists (see :func:`dkim_keys`)."""
+        values: dict[str, Any] = {
+            "helo_name": config.helo_name,
+            "source_address": config.source_address,
+            "smtp_port": config.smtp_port,
+            "timeout": config.timeouts.connect,
+            "dkim_keys": dkim_keys(getattr(config, "dkim", None)),
+            "relay": f"{config.relay.host}:{config.relay.port}" if config.relay else None,
+        }
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(domain=normal_name(domain), **values)
+
+
+def dkim_keys(setting: Any) -> tuple[DKIMKey, ...]:
+    """DKIM keys from a ``Config.dkim`` value, read defensively: None, one entry or a
+    sequence of entries, each an object (or mapping) with ``domain``, ``selector``,
+    ``private_key`` (a path) and ``algorithm``."""
+    if setting is None:
+        return ()
+    entries: Iterable[Any] = (
+        [setting] if hasattr(setting, "selector") or isinstance(setting, dict) else setting
+    )
+    keys = []
+    for entry in entries:
+
+        def get(name: str, default: Any = None, entry: Any = entry) -> Any:
+            if isinstance(entry, dict):
+                return entry.get(name, default)
+            return getattr(entry, name, default)
+
+        path = get("private_key") or get("private_key_path") or get("key_file")
+        keys.append(
+            DKIMKey(
+                domain=str(get("domain")),
+                selector=str(get("selector")),
+                private_key=str(path),
+                algorithm=str(get("algorithm", "rsa-sha256") or "rsa-sha256"),
+            )
+        )
+    return tuple(keys)
+
+
+def run_doctor(
+    setup: SenderSetup, resolver: Resolver, network: Network | None = None
+) -> DoctorReport:
+    """Every check, in order; lookups go to ``resolver``, connections to ``network``."""
+    extras.require()
+    network = SocketNetwork() if network is None else network
+    report = DoctorReport(domain=setup.domain, helo_name=setup.helo_name, relay=setup.relay)
+
+    ip = _outgoing(setup, resolver, network, report)
+    report.ip = ip
+    spf_result = "none"
+    if ip is None:
+        report.add(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")))
+    else:
+        report.add(check_fcrdns(resolver, ip=ip, helo=setup.helo_name))
+        spf, spf_result = check_spf(resolver, domain=setup.domain, ip=ip, helo=setup.helo_name)
+        report.add(spf)
+        report.add(check_spf_helo(resolver, helo=setup.helo_name, ip=ip))
+
+    signing: list[str] = []
+    for key in setup.dkim_keys:
+        check, verifies = check_dkim(resolver, key)
+        report.add(check)
+        if verifies:
+            signing.append(key.domain)
+    if not setup.dkim_keys:
+        report.add(
+            Check(
+                name="dkim",
+                subject=setup.domain,
+                status=Status.WARN,
+                summary="no DKIM key configured: mail is unsigned, and Gmail asks bulk "
+                "senders for DKIM as well as SPF",
+                fix=f"configure a DKIM key for d={setup.domain} (or check one with "
+                "--dkim DOMAIN:SELECTOR:KEYFILE) and publish its record",
+            )
+        )
+    report.add(
+        check_dmarc(
+            resolver,
+            domain=setup.domain,
+            spf_result=spf_result,
+            dkim_domains=signing,
+            bulk=setup.bulk,
+        )
+    )
+    if ip is not None:
+        report.add([check_dnsbl(resolver, ip=ip, zone=zone) for zone in setup.dnsbls])
+    return report
+
+
+def _outgoing(
+    setup: SenderSetup, resolver: Resolver, network: Network, report: DoctorReport
+) -> str | None:
+    if setup.relay is not None:
+        report.add(
+            Check(
+                name="port-25",
+                subject=setup.relay,
+                status=Status.SKIP,
+                summary=f"relay mode: mail leaves through {setup.relay}, not port 25",
+            )
+        )
+        if setup.ip is None:
+            report.add(
+                Check(
+                    name="outgoing-ip",
+                    subject=setup.relay,
+                    status=Status.SKIP,
+                    summary="relay mode: receivers see the relay's address; give it with "
+                    "--ip to check its reverse DNS, SPF and listings",
+                )
+            )
+            return None
+        check, ip = check_outgoing(network, None, given=setup.ip, source=None)
+        report.add(check)
+        return ip
+    found = find_target(resolver, setup.probe, setup.smtp_port)
+    target = found if isinstance(found, Target) else None
+    check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
+    report.add(check)
+    if isinstance(found, Check):
+        report.add(found)
+    elif target is not None:
+        report.add(
+            check_port25(network, target, source=setup.source_address, timeout=setup.timeout)
+        )
+    return ip
+
+
+def _skipped(setup: SenderSetup, names: Sequence[str]) -> list[Check]:
+    why = "no outgoing address to judge" + (
+        " (relay mode: give the relay's with --ip)" if setup.relay else " (give one with --ip)"
+    )
+    return [
+        Check(
+            name=n,
+            subject=setup.helo_name if "helo" in n else setup.domain,
+            status=Status.SKIP,
+            summary=why,
+        )
+        for n in names
+    ]

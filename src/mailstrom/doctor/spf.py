@@ -1,0 +1,200 @@
+"""SPF (RFC 7208): would the domain's record authorize the outgoing address?
+
+The evaluation is pyspf's (the reference implementation behind many receivers' milters),
+so macros, ``include``, ``redirect``, the 10-lookup and void-lookup limits behave as a
+receiver sees them. pyspf does its DNS through a module-level function, ``DNSLookup``;
+mailstrom replaces it once with one that sends each query to the :class:`Resolver` set
+for the current context (a ``ContextVar``), and falls back to pyspf's own function
+anywhere else. So the doctor's SPF lookups go to the configured nameservers and port
+(the loopback server in tests), and no global resolver setting is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from mailstrom.doctor.extras import MissingExtra
+from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.report import Check, Status
+
+_SPF = re.compile(r"^v=spf1(\s|$)", re.IGNORECASE)
+_resolver: ContextVar[Resolver | None] = ContextVar("mailstrom_spf_resolver", default=None)
+
+
+def _pyspf() -> Any:
+    try:
+        import spf  # type: ignore[import-untyped]
+    except ImportError:
+        raise MissingExtra(["pyspf"]) from None
+    if not getattr(spf.DNSLookup, "mailstrom", False):
+        spf.DNSLookup = _lookup_through(spf, spf.DNSLookup)
+    return spf
+
+
+def _lookup_through(spf: Any, original: Any) -> Any:
+    def lookup(name: str, qtype: str, strict: Any = True, timeout: Any = 30) -> list[Any]:
+        resolver = _resolver.get()
+        if resolver is None:
+            return list(original(name, qtype, strict, timeout))
+        answer = resolver.lookup(name, qtype)
+        if answer.failed:
+            raise spf.TempError(f"DNS {answer.error}")
+        rows: list[Any] = []
+        for text in answer.records:
+            value: Any = text
+            if qtype in ("TXT", "SPF"):  # pyspf joins a record's strings as bytes
+                value = (text.encode("utf-8", "surrogateescape"),)
+            elif qtype == "MX":
+                preference, _, host = text.partition(" ")
+                value = (int(preference), host)
+            rows.append(((name, qtype), value))
+        return rows
+
+    lookup.mailstrom = True  # type: ignore[attr-defined]
+    return lookup
+
+
+@contextlib.contextmanager
+def _using(resolver: Resolver) -> Iterator[None]:
+    token = _resolver.set(resolver)
+    try:
+        yield
+    finally:
+        _resolver.reset(token)
+
+
+def evaluate(resolver: Resolver, *, ip: str, sender: str, helo: str) -> tuple[str, str]:
+    """pyspf's verdict for mail from ``sender`` (``postmaster@HELO`` checks the HELO
+    identity) sent by ``ip``: (result, explanation); result is one of pass, fail,
+    softfail, neutral, none, permerror, temperror."""
+    spf = _pyspf()
+    with _using(resolver):
+        result, _code, explanation = spf.query(i=ip, s=sender, h=helo).check()
+    return str(result), str(explanation)
+
+
+def spf_records(resolver: Resolver, name: str) -> tuple[list[str], str | None]:
+    """The ``v=spf1`` TXT records at ``name``, and the lookup error if it failed."""
+    answer = resolver.lookup(name, "TXT")
+    if answer.outcome is Outcome.ERROR:
+        return [], answer.error
+    return [r for r in answer.records if _SPF.match(r)], None
+
+
+def mechanism_for(ip: str) -> str:
+    """``ip4:192.0.2.1`` or ``ip6:2001:db8::1``: the one mechanism that authorizes ``ip``."""
+    return f"ip{ipaddress.ip_address(ip).version}:{ip}"
+
+
+def with_mechanism(record: str, mechanism: str) -> str:
+    """``record`` with ``mechanism`` put first, before anything that could end the
+    evaluation (``-all``, ``redirect=``): ``v=spf1 ip4:192.0.2.1 include:… -all``."""
+    terms = record.split()
+    return " ".join([terms[0], mechanism, *terms[1:]])
+
+
+def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[Check, str]:
+    """SPF for mail whose envelope sender is in ``domain`` (mailstrom's default envelope
+    sender is the From address), sent by ``ip``. Returns the check and pyspf's result."""
+    records, error = spf_records(resolver, domain)
+    result, explanation = evaluate(resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
+    mechanism = mechanism_for(ip)
+    shown = tuple(f"TXT {domain}: {r}" for r in records)
+
+    def check(status: Status, summary: str, fix: str | None = None) -> tuple[Check, str]:
+        return (
+            Check(
+                name="spf",
+                subject=domain,
+                status=status,
+                summary=summary,
+                details=shown,
+                fix=fix,
+            ),
+            result,
+        )
+
+    if result == "pass":
+        return check(Status.PASS, f"pass: {domain}'s SPF record authorizes {ip}")
+    if result == "temperror" or error is not None:
+        return check(Status.UNKNOWN, f"temporary error: {error or explanation}")
+    if result == "none" or not records:
+        return check(
+            Status.FAIL,
+            f"none: {domain} publishes no SPF record",
+            f'publish TXT at {domain}: "v=spf1 {mechanism} ~all" (add the other services '
+            "that send mail as this domain, e.g. include:<provider>, before ~all)",
+        )
+    if result == "permerror":
+        if len(records) > 1:
+            return check(
+                Status.FAIL,
+                f"permerror: {domain} has {len(records)} SPF records; receivers then ignore all",
+                f"publish exactly one TXT at {domain} starting with v=spf1: merge their "
+                f'mechanisms, e.g. "{_merged(records, mechanism)}"',
+            )
+        return check(
+            Status.FAIL,
+            f"permerror: {explanation}",
+            f"correct the TXT record at {domain} ({explanation}), for instance by "
+            f'replacing it with "v=spf1 {mechanism} ~all" plus the other services that '
+            "send for you",
+        )
+    return check(
+        Status.FAIL,
+        f"{result}: {domain}'s SPF record does not authorize {ip}",
+        f'replace TXT at {domain} "{records[0]}" by "{with_mechanism(records[0], mechanism)}"',
+    )
+
+
+def _merged(records: list[str], mechanism: str) -> str:
+    terms: list[str] = []
+    tail: list[str] = []
+    for record in records:
+        for term in record.split()[1:]:
+            lowered = term.lower()
+            if lowered.lstrip("+-~?") == "all" or lowered.startswith("redirect="):
+                if not tail:
+                    tail.append(term)
+            elif term not in terms:
+                terms.append(term)
+    if mechanism not in terms:
+        terms.insert(0, mechanism)
+    return " ".join(["v=spf1", *terms, *(tail or ["~all"])])
+
+
+def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
+    """SPF of the HELO identity (RFC 7208 §2.3): what receivers check for bounces, whose
+    envelope sender is empty. Worth a warning, not a failure: most mail has a sender."""
+    records, error = spf_records(resolver, helo)
+    result, explanation = evaluate(resolver, ip=ip, sender="", helo=helo)
+    shown = tuple(f"TXT {helo}: {r}" for r in records)
+    fix = f'publish TXT at {helo}: "v=spf1 a -all" (the host may send as itself)'
+    if result == "pass":
+        status, summary, fix_or_none = Status.PASS, f"pass: {helo} authorizes {ip}", None
+    elif result == "temperror" or error is not None:
+        status, summary, fix_or_none = Status.UNKNOWN, f"temporary error: {error}", None
+    elif result == "none":
+        status, summary, fix_or_none = Status.WARN, f"none: {helo} has no SPF record", fix
+    else:
+        why = explanation if result == "permerror" else f"{helo} does not authorize {ip}"
+        status, summary = Status.WARN, f"{result}: {why}"
+        fix_or_none = (
+            f'replace TXT at {helo} "{records[0]}" by '
+            f'"{with_mechanism(records[0], mechanism_for(ip))}"'
+            if records and result != "permerror"
+            else fix
+        )
+    return Check(
+        name="spf-helo",
+        subject=helo,
+        status=status,
+        summary=summary,
+        details=shown,
+        fix=fix_or_none,
+    )

@@ -1,0 +1,417 @@
+"""``mailstrom doctor`` through the installed command, against the loopback DNS server and
+a loopback receiver: a well-configured domain, a misconfigured one, and each check's
+passing and failing case."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailstrom.doctor.dkim import public_key, record_for
+from tests.cli.conftest import CLI, MailEnv
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ReceivingServer, free_loopback_port
+
+GOOD = "sender.test"
+BAD = "bad.test"
+HELO = "client.test"  # the cli fixture's MAILSTROM_HELO_NAME
+BLOCKLIST = "bl.test"
+
+
+def write_key(path: Path, bits: int = 2048) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return record_for(public_key(path.read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """RSA keys made once per module (2048-bit generation is slow on two shared cores)."""
+    folder = tmp_path_factory.mktemp("dkim")
+    made = {}
+    for name, bits in (("good", 2048), ("other", 2048), ("small", 1024)):
+        path = folder / f"{name}.pem"
+        made[name] = (path, write_key(path, bits))
+    return made
+
+
+def publish_good(dns: LoopbackDNS, keys: dict[str, tuple[Path, str]]) -> None:
+    dns.ptr("127.0.0.1", HELO)
+    dns.a(HELO, "127.0.0.1")
+    dns.txt(HELO, "v=spf1 a -all")
+    dns.txt(GOOD, "google-site-verification=abc", "v=spf1 ip4:127.0.0.1 -all")
+    dns.txt(f"s1._domainkey.{GOOD}", keys["good"][1])
+    dns.txt(f"_dmarc.{GOOD}", f"v=DMARC1; p=reject; rua=mailto:dmarc@{GOOD}")
+
+
+def doctor(env: MailEnv, *args: str, **extra: str) -> tuple[int, Any]:
+    """Run ``doctor --json`` with the probe on the loopback receiver."""
+    result = env.cli(
+        "doctor",
+        "--json",
+        "--probe",
+        f"127.0.0.1:{env.mx.port}",
+        "--dnsbl",
+        BLOCKLIST,
+        *args,
+    )
+    assert result.err == "", result.err
+    return result.code, result.json()
+
+
+def by_name(report: Any) -> dict[str, list[dict[str, Any]]]:
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for c in report["checks"]:
+        checks.setdefault(c["name"], []).append(c)
+    return checks
+
+
+def good_env(env: MailEnv, keys: dict[str, tuple[Path, str]]) -> CLI:
+    publish_good(env.dns, keys)
+    env.cli.env["MAILSTROM_SOURCE_ADDRESS"] = "127.0.0.1"
+    return env.cli
+
+
+def test_well_configured_domain_passes_every_check(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    good_env(mail_env, keys)
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{keys['good'][0]}", GOOD)
+    assert code == 0, report
+    assert report["verdict"] == "pass"
+    assert report["ip"] == "127.0.0.1"
+    checks = by_name(report)
+    assert set(checks) == {
+        "outgoing-ip",
+        "port-25",
+        "ptr",
+        "helo",
+        "spf",
+        "spf-helo",
+        "dkim",
+        "dmarc",
+        "dnsbl",
+    }
+    assert all(c["status"] == "pass" for c in report["checks"]), report
+    assert checks["port-25"][0]["summary"].startswith("answered: 220")
+    assert "forward-confirmed" in checks["ptr"][0]["summary"]
+    assert "RSA 2048 bits" in checks["dkim"][0]["summary"]
+    assert "would pass DMARC (p=reject)" in checks["dmarc"][0]["summary"]
+    assert checks["dnsbl"][0]["subject"] == BLOCKLIST
+
+    text = mail_env.cli(
+        "doctor",
+        "--probe",
+        f"127.0.0.1:{mail_env.mx.port}",
+        "--dnsbl",
+        BLOCKLIST,
+        "--dkim",
+        f"{GOOD}:s1:{keys['good'][0]}",
+        GOOD,
+    )
+    assert text.code == 0
+    assert "Sender doctor for sender.test" in text.out
+    assert "How to fix" not in text.out
+    assert "Verdict: every check passed" in text.out
+
+
+def test_misconfigured_domain_names_the_records_to_publish(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    dns = mail_env.dns
+    dns.a(HELO, "127.0.0.1")  # HELO points elsewhere than the outgoing address
+    dns.txt(f"s1._domainkey.{BAD}", keys["other"][1])  # someone else's key
+    dns.a(f"2.0.0.127.{BLOCKLIST}", "127.0.0.2")  # RFC 5782's always-listed test entry
+    dns.txt(f"2.0.0.127.{BLOCKLIST}", "Listed: see http://bl.test/lookup?127.0.0.2")
+    args = ["--ip", "127.0.0.2", "--dkim", f"{BAD}:s1:{keys['good'][0]}", BAD]
+    code, report = doctor(mail_env, *args)
+    assert code == 2
+    assert report["verdict"] == "fail"
+    checks = by_name(report)
+    status = {name: [c["status"] for c in cs] for name, cs in checks.items()}
+    assert status == {
+        "outgoing-ip": ["pass"],
+        "port-25": ["pass"],
+        "ptr": ["fail"],
+        "helo": ["fail"],
+        "spf": ["fail"],
+        "spf-helo": ["warn"],
+        "dkim": ["fail"],
+        "dmarc": ["warn"],
+        "dnsbl": ["fail"],
+    }
+    good_record = keys["good"][1]
+    assert checks["spf"][0]["fix"].startswith(
+        'publish TXT at bad.test: "v=spf1 ip4:127.0.0.2 ~all"'
+    )
+    assert checks["dkim"][0]["fix"] == f'publish TXT at s1._domainkey.bad.test: "{good_record}"'
+    assert "not the public half" in checks["dkim"][0]["summary"]
+    assert checks["dmarc"][0]["fix"].startswith(
+        'publish TXT at _dmarc.bad.test: "v=DMARC1; p=none; rua=mailto:dmarc@bad.test"'
+    )
+    assert checks["ptr"][0]["fix"].endswith("ask for PTR 2.0.0.127.in-addr.arpa → client.test")
+    assert checks["helo"][0]["fix"] == "publish A record client.test → 127.0.0.2"
+    assert "LISTED (127.0.0.2): Listed: see http://bl.test/lookup" in checks["dnsbl"][0]["summary"]
+
+    text = mail_env.cli(
+        "doctor", "--probe", f"127.0.0.1:{mail_env.mx.port}", "--dnsbl", BLOCKLIST, *args
+    )
+    assert text.code == 2
+    assert "How to fix:" in text.out
+    assert 'publish TXT at bad.test: "v=spf1 ip4:127.0.0.2 ~all"' in text.out
+    assert f'publish TXT at s1._domainkey.bad.test: "{good_record}"' in text.out
+    assert "publish A record client.test → 127.0.0.2" in text.out
+    assert "Verdict: receivers will reject or junk this mail" in text.out
+
+    # --bulk makes the missing DMARC record a failure too.
+    _, bulk = doctor(mail_env, "--bulk", *args)
+    assert by_name(bulk)["dmarc"][0]["status"] == "fail"
+
+
+def test_outgoing_address_and_port_25(mail_env: MailEnv, keys: dict[str, tuple[Path, str]]) -> None:
+    good_env(mail_env, keys)
+    del mail_env.cli.env["MAILSTROM_SOURCE_ADDRESS"]
+    # Found by routing towards the probe: loopback, which receivers never see.
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{keys['good'][0]}", GOOD)
+    assert code == 1
+    [outgoing] = by_name(report)["outgoing-ip"]
+    assert outgoing["status"] == "warn"
+    assert outgoing["subject"] == "127.0.0.1"
+    assert "--ip ADDRESS" in outgoing["fix"]
+
+    # Nothing listens on the probe's port: outbound SMTP refused; the fix is relay mode.
+    closed = free_loopback_port("127.0.0.1")
+    result = mail_env.cli(
+        "doctor",
+        "--json",
+        "--no-dnsbl",
+        "--ip",
+        "127.0.0.1",
+        "--probe",
+        f"127.0.0.1:{closed}",
+        GOOD,
+    )
+    assert result.code == 2
+    [port] = by_name(result.json())["port-25"]
+    assert port["status"] == "fail"
+    assert "refused or unreachable" in port["summary"]
+    assert "relay.host" in port["fix"]
+
+    # The default target comes from DNS: the probe domain's first MX (doctor.probe).
+    mail_env.cli.env["MAILSTROM_DOCTOR_PROBE"] = "example.test"  # MX mx.test → 127.0.0.1
+    result = mail_env.cli("doctor", "--json", "--no-dnsbl", "--ip", "127.0.0.1", GOOD)
+    [port] = by_name(result.json())["port-25"]
+    assert port["status"] == "pass"
+    assert port["subject"] == f"mx.test (127.0.0.1):{mail_env.mx.port}"
+
+    # Relay mode: port 25 is not needed, and the relay's address is unknown.
+    mail_env.cli.env["MAILSTROM_RELAY_HOST"] = "relay.test"
+    result = mail_env.cli("doctor", "--json", "--no-dnsbl", GOOD)
+    checks = by_name(result.json())
+    assert checks["port-25"][0]["status"] == "skip"
+    assert checks["outgoing-ip"][0]["status"] == "skip"
+    assert checks["spf"][0]["status"] == "skip"
+
+
+def test_fcrdns_mismatched_names(mail_env: MailEnv, keys: dict[str, tuple[Path, str]]) -> None:
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    # The PTR names a host that does not resolve back.
+    dns.ptr("127.0.0.1", "host-127-0-0-1.isp.test")
+    _, report = doctor(mail_env, GOOD)
+    ptr, helo = by_name(report)["ptr"][0], by_name(report)["helo"][0]
+    assert ptr["status"] == "fail"
+    assert ptr["fix"] == "publish A record host-127-0-0-1.isp.test → 127.0.0.1"
+    assert helo["status"] == "warn"  # resolves, but is not the PTR name
+
+    # Forward-confirmed, but under another name than HELO: set helo_name to it, or the PTR.
+    dns.a("host-127-0-0-1.isp.test", "127.0.0.1")
+    _, report = doctor(mail_env, GOOD)
+    ptr, helo = by_name(report)["ptr"][0], by_name(report)["helo"][0]
+    assert ptr["status"] == "pass"
+    assert helo["status"] == "warn"
+    assert helo["fix"].startswith('set helo_name = "host-127-0-0-1.isp.test", or')
+
+    # A temporary failure decides nothing: exit 75 when nothing failed outright.
+    dns.ptr("127.0.0.1", HELO)
+    dns.servfail(f"_dmarc.{GOOD}")
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{keys['good'][0]}", GOOD)
+    assert by_name(report)["dmarc"][0]["status"] == "unknown"
+    assert code == 75
+
+
+def test_spf_fails_then_passes_once_the_suggested_record_is_published(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    dns.txt(GOOD, "v=spf1 include:_spf.provider.test -all")
+    dns.txt("_spf.provider.test", "v=spf1 ip4:192.0.2.0/24 -all")
+    _, report = doctor(mail_env, GOOD)
+    [spf] = by_name(report)["spf"]
+    assert spf["status"] == "fail"
+    assert spf["summary"].startswith("fail:")
+    wanted = "v=spf1 ip4:127.0.0.1 include:_spf.provider.test -all"
+    assert spf["fix"] == (
+        f'replace TXT at {GOOD} "v=spf1 include:_spf.provider.test -all" by "{wanted}"'
+    )
+    dns.txt(GOOD, wanted)  # the include still resolves through the loopback server
+    _, report = doctor(mail_env, GOOD)
+    assert by_name(report)["spf"][0]["status"] == "pass"
+    assert mail_env.dns.queries("_spf.provider.test", "TXT") >= 1
+
+    # Two SPF records: a permanent error, and the fix merges them.
+    dns.txt(GOOD, "v=spf1 ip4:127.0.0.1 -all", "v=spf1 mx -all")
+    _, report = doctor(mail_env, GOOD)
+    [spf] = by_name(report)["spf"]
+    assert spf["status"] == "fail"
+    assert "permerror" in spf["summary"]
+    assert '"v=spf1 ip4:127.0.0.1 mx -all"' in spf["fix"]
+
+    # The HELO identity: no record is a warning.
+    dns.delete(HELO)
+    dns.a(HELO, "127.0.0.1")
+    _, report = doctor(mail_env, GOOD)
+    [helo_spf] = by_name(report)["spf-helo"]
+    assert helo_spf["status"] == "warn"
+    assert (
+        helo_spf["fix"] == f'publish TXT at {HELO}: "v=spf1 a -all" (the host may send as itself)'
+    )
+
+
+def test_dkim_key_size_revocation_and_missing_record(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    small_path, small_record = keys["small"]
+    dns.txt(f"small._domainkey.{GOOD}", small_record)
+    dns.txt(f"gone._domainkey.{GOOD}", "v=DKIM1; k=rsa; p=")
+    code, report = doctor(
+        mail_env,
+        "--dkim",
+        f"{GOOD}:s1:{keys['good'][0]}",
+        "--dkim",
+        f"{GOOD}:small:{small_path}",
+        "--dkim",
+        f"{GOOD}:gone:{keys['good'][0]}",
+        "--dkim",
+        f"{GOOD}:absent:{keys['good'][0]}",
+        GOOD,
+    )
+    assert code == 2
+    dkim = {c["subject"]: c for c in by_name(report)["dkim"]}
+    assert dkim[f"s1._domainkey.{GOOD}"]["status"] == "pass"
+    assert dkim[f"small._domainkey.{GOOD}"]["status"] == "warn"
+    assert "1024 bits" in dkim[f"small._domainkey.{GOOD}"]["summary"]
+    assert dkim[f"gone._domainkey.{GOOD}"]["status"] == "fail"
+    assert "revoked" in dkim[f"gone._domainkey.{GOOD}"]["summary"]
+    absent = dkim[f"absent._domainkey.{GOOD}"]
+    assert absent["status"] == "fail"
+    assert absent["fix"] == f'publish TXT at absent._domainkey.{GOOD}: "{keys["good"][1]}"'
+
+    # No key at all: a warning, and DMARC then rests on SPF alone.
+    _, report = doctor(mail_env, GOOD)
+    checks = by_name(report)
+    assert checks["dkim"][0]["status"] == "warn"
+    assert checks["dmarc"][0]["status"] == "warn"
+    assert "SPF alone" in checks["dmarc"][0]["summary"]
+
+
+def test_dmarc_policy_and_alignment(mail_env: MailEnv, keys: dict[str, tuple[Path, str]]) -> None:
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    key = ("--dkim", f"{GOOD}:s1:{keys['good'][0]}")
+    # Neither SPF nor DKIM aligned: DMARC fails.
+    dns.txt(GOOD, "v=spf1 -all")
+    _, report = doctor(mail_env, GOOD)
+    [dmarc] = by_name(report)["dmarc"]
+    assert dmarc["status"] == "fail"
+    assert "would fail DMARC (p=reject)" in dmarc["summary"]
+
+    # A subdomain without its own record gets the organizational domain's sp= policy.
+    dns.txt(f"_dmarc.{GOOD}", "v=DMARC1; p=reject; sp=none")
+    sub = f"news.{GOOD}"
+    dns.txt(f"s1._domainkey.{sub}", keys["good"][1])
+    _, report = doctor(mail_env, "--dkim", f"{sub}:s1:{keys['good'][0]}", sub)
+    [dmarc] = by_name(report)["dmarc"]
+    assert dmarc["subject"] == f"_dmarc.{GOOD}"
+    assert "p=none" in dmarc["summary"]
+    # Relaxed alignment: a key for the parent domain aligns with mail from the subdomain.
+    _, report = doctor(mail_env, *key, sub)
+    # (the subdomain has no SPF record, but an aligned DKIM signature is enough)
+    assert by_name(report)["dmarc"][0]["status"] == "pass"
+    # p=none is a warning for bulk senders, with the stricter record to publish.
+    _, report = doctor(mail_env, "--bulk", *key, sub)
+    [dmarc] = by_name(report)["dmarc"]
+    assert dmarc["status"] == "warn"
+    assert "p=none" in dmarc["summary"]
+
+    # Strict DKIM alignment: the parent's key no longer counts for the subdomain.
+    dns.txt(f"_dmarc.{GOOD}", "v=DMARC1; p=quarantine; adkim=s")
+    _, report = doctor(mail_env, *key, sub)
+    assert by_name(report)["dmarc"][0]["status"] == "fail"
+
+    # A malformed record.
+    dns.txt(f"_dmarc.{GOOD}", "v=DMARC1; p=block")
+    _, report = doctor(mail_env, *key, GOOD)
+    [dmarc] = by_name(report)["dmarc"]
+    assert dmarc["status"] == "fail"
+    assert "p=block is not one of none, quarantine, reject" in dmarc["summary"]
+
+
+def test_blocklists_listed_refused_and_configured(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    dns.a(f"1.0.0.127.{BLOCKLIST}", "127.0.0.4")
+    dns.a("1.0.0.127.refusing.test", "127.255.255.254")
+    mail_env.cli.env["MAILSTROM_DOCTOR_DNSBLS"] = f"{BLOCKLIST},refusing.test,clean.test"
+    result = mail_env.cli("doctor", "--json", "--probe", f"127.0.0.1:{mail_env.mx.port}", GOOD)
+    lists = {c["subject"]: c for c in by_name(result.json())["dnsbl"]}
+    assert list(lists) == [BLOCKLIST, "refusing.test", "clean.test"]
+    assert lists[BLOCKLIST]["status"] == "fail"
+    assert lists[BLOCKLIST]["summary"] == "127.0.0.1 is LISTED (127.0.0.4)"
+    assert lists["refusing.test"]["status"] == "warn"
+    assert "public resolvers" in lists["refusing.test"]["summary"]
+    assert lists["clean.test"]["status"] == "pass"
+    assert result.code == 2
+
+
+def test_usage_errors(cli: CLI) -> None:
+    assert cli("doctor", "--ip", "not-an-ip", "example.com").code == 64
+    assert cli("doctor", "--probe", "host:99999", "example.com").code == 64
+    assert cli("doctor", "--dkim", "example.com:s1", "example.com").code == 64
+    cli.env["MAILSTROM_DOCTOR_PROBE"] = "host:port"
+    bad = cli("doctor", "example.com")
+    assert bad.code == 78
+    assert "doctor.probe" in bad.err
+
+
+def test_missing_extra_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailstrom.cli.main import main
+
+    monkeypatch.setitem(__import__("sys").modules, "spf", None)
+    monkeypatch.setenv("MAILSTROM_DNS_NAMESERVERS", "127.0.0.1")
+    code = main(["doctor", "--ip", "192.0.2.1", "example.com"])
+    assert code == 69
+    err = capsys.readouterr().err
+    assert "pyspf" in err
+    assert "pip install 'mailstrom[doctor]'" in err
+
+
+_ = Callable, ReceivingServer  # imported for the fixtures' types

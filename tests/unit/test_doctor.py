@@ -1,0 +1,575 @@
+"""The sender doctor's checks over a dict-backed resolver and a fake network: no sockets.
+
+Each check has passing and failing cases here; tests/cli/test_doctor.py runs the same
+checks through the command against the loopback DNS server.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from mailstrom.cli.doctor import exit_code
+from mailstrom.config import Config, DNSConfig
+from mailstrom.doctor import (
+    Answer,
+    Check,
+    DKIMKey,
+    DoctorReport,
+    Outcome,
+    Probe,
+    SenderSetup,
+    Status,
+    dkim_keys,
+    extras,
+    run_doctor,
+)
+from mailstrom.doctor.dkim import check_dkim, parse_tags, public_key, record_for
+from mailstrom.doctor.dmarc import aligned, check_dmarc, organizational_domain, parse_dmarc
+from mailstrom.doctor.dnsbl import check_dnsbl, query_name
+from mailstrom.doctor.fcrdns import check_fcrdns
+from mailstrom.doctor.outgoing import (
+    Target,
+    check_outgoing,
+    check_port25,
+    find_target,
+    split_probe,
+)
+from mailstrom.doctor.spf import check_spf, check_spf_helo, with_mechanism
+
+IP = "192.0.2.10"
+DOMAIN = "example.com"
+HELO = "mail.example.com"
+
+Zone = Mapping[tuple[str, str], "list[str] | str"]
+
+
+class FakeResolver:
+    """Answers from a dict: (name, type) → records, or "nxdomain" / "servfail"."""
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = {(n.lower(), t): v for (n, t), v in zone.items()}
+        self.asked: list[tuple[str, str]] = []
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        key = (name.lower().rstrip("."), rdtype)
+        self.asked.append(key)
+        value = self.zone.get(key)
+        if value == "servfail":
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error="SERVFAIL")
+        if value is None or value == "nxdomain":
+            exists = any(n == key[0] for n, _ in self.zone)
+            outcome = Outcome.NODATA if exists else Outcome.NXDOMAIN
+            return Answer(name=name, rdtype=rdtype, outcome=outcome)
+        assert not isinstance(value, str)
+        return Answer(name=name, rdtype=rdtype, outcome=Outcome.ANSWER, records=tuple(value))
+
+
+@dataclass
+class FakeNetwork:
+    local: str = IP
+    probe_result: Probe = field(
+        default_factory=lambda: Probe(connected=True, greeting="220 mx.example.net ESMTP")
+    )
+    error: OSError | None = None
+    probed: list[tuple[str, int, str | None]] = field(default_factory=list)
+
+    def local_address(self, host: str, port: int, source: str | None) -> str:
+        if self.error is not None:
+            raise self.error
+        return source or self.local
+
+    def probe(self, host: str, port: int, source: str | None, timeout: float) -> Probe:
+        self.probed.append((host, port, source))
+        return self.probe_result
+
+
+def rsa_pem(tmp_path: Path, bits: int = 2048, name: str = "key.pem") -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    path = tmp_path / name
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def rsa_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return rsa_pem(tmp_path_factory.mktemp("keys"))
+
+
+def good_zone(rsa_key: Path) -> dict[tuple[str, str], list[str] | str]:
+    return {
+        ("10.2.0.192.in-addr.arpa", "PTR"): [HELO + "."],
+        (HELO, "A"): [IP],
+        (HELO, "TXT"): ["v=spf1 a -all"],
+        (DOMAIN, "TXT"): ["v=spf1 mx ip4:192.0.2.0/24 -all"],
+        (DOMAIN, "MX"): ["10 mx.example.com"],
+        (f"s1._domainkey.{DOMAIN}", "TXT"): [record_for(public_key(rsa_key.read_bytes()))],
+        (f"_dmarc.{DOMAIN}", "TXT"): ["v=DMARC1; p=reject; rua=mailto:d@example.com"],
+    }
+
+
+# --- SPF ---------------------------------------------------------------------------------
+
+
+def test_spf_pass_and_the_evaluation_asks_the_injected_resolver(rsa_key: Path) -> None:
+    resolver = FakeResolver(good_zone(rsa_key))
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.PASS, "pass")
+    assert (DOMAIN, "TXT") in resolver.asked
+    # mx is evaluated before ip4 matches: pyspf's MX lookups went through the fake too
+    assert (DOMAIN, "MX") in resolver.asked
+
+
+@pytest.mark.parametrize(
+    ("records", "status", "fix"),
+    [
+        ([], Status.FAIL, 'publish TXT at example.com: "v=spf1 ip4:192.0.2.10 ~all"'),
+        (
+            ["v=spf1 ip4:198.51.100.1 ~all"],
+            Status.FAIL,
+            'replace TXT at example.com "v=spf1 ip4:198.51.100.1 ~all" by '
+            '"v=spf1 ip4:192.0.2.10 ip4:198.51.100.1 ~all"',
+        ),
+        (
+            ["v=spf1 ip4:198.51.100.1 -all", "v=spf1 a -all"],
+            Status.FAIL,
+            "publish exactly one TXT at example.com starting with v=spf1: merge their "
+            'mechanisms, e.g. "v=spf1 ip4:192.0.2.10 ip4:198.51.100.1 a -all"',
+        ),
+        (["v=spf1 moo -all"], Status.FAIL, "correct the TXT record at example.com"),
+        ("servfail", Status.UNKNOWN, None),
+    ],
+)
+def test_spf_failures_name_the_record(
+    records: list[str] | str, status: Status, fix: str | None
+) -> None:
+    resolver = FakeResolver({(DOMAIN, "TXT"): records})
+    check, _ = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.status is status
+    if fix is None:
+        assert check.fix is None
+    else:
+        assert check.fix is not None and check.fix.startswith(fix)
+
+
+def test_spf_ipv6_mechanism_goes_first() -> None:
+    assert with_mechanism("v=spf1 redirect=_spf.example.net", "ip6:2001:db8::1") == (
+        "v=spf1 ip6:2001:db8::1 redirect=_spf.example.net"
+    )
+    resolver = FakeResolver({(DOMAIN, "TXT"): ["v=spf1 -all"]})
+    check, result = check_spf(resolver, domain=DOMAIN, ip="2001:db8::1", helo=HELO)
+    assert result == "fail"
+    assert check.fix is not None and '"v=spf1 ip6:2001:db8::1 -all"' in check.fix
+
+
+def test_spf_helo_identity() -> None:
+    ok = FakeResolver({(HELO, "TXT"): ["v=spf1 a -all"], (HELO, "A"): [IP]})
+    assert check_spf_helo(ok, helo=HELO, ip=IP).status is Status.PASS
+    missing = check_spf_helo(FakeResolver({(HELO, "A"): [IP]}), helo=HELO, ip=IP)
+    assert missing.status is Status.WARN
+    assert missing.fix == f'publish TXT at {HELO}: "v=spf1 a -all" (the host may send as itself)'
+
+
+# --- FCrDNS ------------------------------------------------------------------------------
+
+
+def test_fcrdns_pass(rsa_key: Path) -> None:
+    ptr, helo = check_fcrdns(FakeResolver(good_zone(rsa_key)), ip=IP, helo=HELO)
+    assert (ptr.status, helo.status) == (Status.PASS, Status.PASS)
+
+
+def test_fcrdns_failures() -> None:
+    nothing = FakeResolver({(HELO, "A"): ["198.51.100.7"]})
+    ptr, helo = check_fcrdns(nothing, ip=IP, helo=HELO)
+    assert ptr.status is Status.FAIL
+    assert ptr.fix is not None and ptr.fix.endswith(f"PTR 10.2.0.192.in-addr.arpa → {HELO}")
+    assert helo.status is Status.FAIL
+    assert helo.fix == f"publish A record {HELO} → {IP}"
+
+    unconfirmed = FakeResolver({("10.2.0.192.in-addr.arpa", "PTR"): ["h.isp.example"]})
+    ptr, _ = check_fcrdns(unconfirmed, ip=IP, helo=HELO)
+    assert ptr.status is Status.FAIL
+    assert ptr.fix == f"publish A record h.isp.example → {IP}"
+
+    broken = FakeResolver({("10.2.0.192.in-addr.arpa", "PTR"): "servfail"})
+    assert check_fcrdns(broken, ip=IP, helo=HELO)[0].status is Status.UNKNOWN
+
+    short = check_fcrdns(FakeResolver({}), ip=IP, helo="localhost")[1]
+    assert short.status is Status.FAIL
+    assert "fully qualified" in short.summary
+
+
+def test_fcrdns_ipv6() -> None:
+    ip = "2001:db8::25"
+    reverse = "5.2.0.0." + "0." * 20 + "8.b.d.0.1.0.0.2.ip6.arpa"
+    resolver = FakeResolver({(reverse, "PTR"): [HELO], (HELO, "AAAA"): ["2001:db8:0::25"]})
+    ptr, helo = check_fcrdns(resolver, ip=ip, helo=HELO)
+    assert (ptr.status, helo.status) == (Status.PASS, Status.PASS)
+
+
+# --- DKIM --------------------------------------------------------------------------------
+
+
+def test_dkim_tag_list() -> None:
+    assert parse_tags("v=DKIM1; k=rsa;\n p=MIIB\n IjAN ;") == {
+        "v": "DKIM1",
+        "k": "rsa",
+        "p": "MIIBIjAN",
+    }
+    with pytest.raises(ValueError, match="twice"):
+        parse_tags("p=a; p=b")
+
+
+def test_dkim_pass_and_mismatch(rsa_key: Path, tmp_path: Path) -> None:
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    check, verifies = check_dkim(FakeResolver(good_zone(rsa_key)), key)
+    assert (check.status, verifies) == (Status.PASS, True)
+
+    other = rsa_pem(tmp_path, name="other.pem")
+    zone = {(key.record_name, "TXT"): [record_for(public_key(other.read_bytes()))]}
+    check, verifies = check_dkim(FakeResolver(zone), key)
+    assert (check.status, verifies) == (Status.FAIL, False)
+    assert check.fix == (
+        f'publish TXT at {key.record_name}: "{record_for(public_key(rsa_key.read_bytes()))}"'
+    )
+
+
+def test_dkim_accepts_a_pkcs1_published_key(rsa_key: Path) -> None:
+    ours = public_key(rsa_key.read_bytes())
+    pkcs1 = ours.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    zone = {("s1._domainkey.example.com", "TXT"): [f"p={base64.b64encode(pkcs1).decode()}"]}
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    assert check_dkim(FakeResolver(zone), key)[0].status is Status.PASS
+
+
+def test_dkim_ed25519(tmp_path: Path) -> None:
+    path = tmp_path / "ed.pem"
+    path.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    record = record_for(public_key(path.read_bytes()))
+    assert record.startswith("v=DKIM1; k=ed25519; p=")
+    key = DKIMKey(domain=DOMAIN, selector="ed", private_key=str(path), algorithm="ed25519-sha256")
+    zone = {(key.record_name, "TXT"): [record]}
+    assert check_dkim(FakeResolver(zone), key)[0].status is Status.PASS
+    wrong_alg = DKIMKey(domain=DOMAIN, selector="ed", private_key=str(path))
+    assert check_dkim(FakeResolver(zone), wrong_alg)[0].status is Status.FAIL
+
+
+@pytest.mark.parametrize(
+    ("record", "status", "words"),
+    [
+        ("v=DKIM1; k=rsa; t=y; p={p}", Status.WARN, "testing"),
+        ("v=DKIM1; k=rsa; h=sha1; p={p}", Status.FAIL, "excludes sha256"),
+        ("v=DKIM1; k=ed25519; p={p}", Status.FAIL, "k=ed25519"),
+        ("v=DKIM1; k=rsa; p=", Status.FAIL, "revoked"),
+        ("v=DKIM1; k=rsa p={p}", Status.FAIL, "no p= tag (is a ';' missing?)"),
+        ("v=DKIM1; k=rsa; p={p}; p={p}", Status.FAIL, "malformed record: tag p= appears twice"),
+    ],
+)
+def test_dkim_record_problems(rsa_key: Path, record: str, status: Status, words: str) -> None:
+    p = public_key(rsa_key.read_bytes()).p
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    check, _ = check_dkim(FakeResolver({(key.record_name, "TXT"): [record.format(p=p)]}), key)
+    assert check.status is status
+    assert words in check.summary
+
+
+def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
+    missing = DKIMKey(domain=DOMAIN, selector="s", private_key=str(tmp_path / "none.pem"))
+    assert "cannot read" in check_dkim(FakeResolver({}), missing)[0].summary
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    bad = DKIMKey(domain=DOMAIN, selector="s", private_key=str(junk))
+    check, _ = check_dkim(FakeResolver({}), bad)
+    assert check.status is Status.FAIL
+    assert "openssl genpkey" in (check.fix or "")
+
+
+def test_dkim_keys_from_config_setting() -> None:
+    assert dkim_keys(None) == ()
+    one = SimpleNamespace(domain=DOMAIN, selector="s1", private_key="/k.pem", algorithm=None)
+    assert dkim_keys(one) == (DKIMKey(domain=DOMAIN, selector="s1", private_key="/k.pem"),)
+    many = [one, {"domain": "b.example", "selector": "s2", "private_key": "/b.pem"}]
+    assert [k.record_name for k in dkim_keys(many)] == [
+        "s1._domainkey.example.com",
+        "s2._domainkey.b.example",
+    ]
+
+
+# --- DMARC -------------------------------------------------------------------------------
+
+
+def test_dmarc_parse() -> None:
+    record = parse_dmarc("v=DMARC1;p=quarantine;sp=reject;adkim=s;pct=50;rua=mailto:a@x,mailto:b@x")
+    assert (record.p, record.sp, record.adkim, record.aspf, record.pct) == (
+        "quarantine",
+        "reject",
+        "s",
+        "r",
+        50,
+    )
+    assert record.rua == ("mailto:a@x", "mailto:b@x")
+    for text, reason in [
+        ("v=DMARC1; rua=mailto:a@x", "p= tag is missing"),
+        ("v=DMARC1; p=maybe", "p=maybe"),
+        ("v=DMARC1; p=none; pct=200", "pct=200"),
+        ("p=none; v=DMARC1", "v=DMARC1"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            parse_dmarc(text)
+
+
+def test_organizational_domain_and_alignment() -> None:
+    assert organizational_domain("mail.news.example.co.uk") == "example.co.uk"
+    assert organizational_domain("Example.COM.") == "example.com"
+    assert aligned("news.example.com", "example.com", "r")
+    assert not aligned("news.example.com", "example.com", "s")
+    assert not aligned("example.net", "example.com", "r")
+
+
+def test_dmarc_pass_warn_fail(rsa_key: Path) -> None:
+    zone = good_zone(rsa_key)
+    resolver = FakeResolver(zone)
+
+    def dmarc(spf: str, dkim: list[str], bulk: bool = False) -> Check:
+        return check_dmarc(resolver, domain=DOMAIN, spf_result=spf, dkim_domains=dkim, bulk=bulk)
+
+    assert dmarc("pass", [DOMAIN]).status is Status.PASS
+    assert dmarc("fail", ["mail.example.com"]).status is Status.PASS  # relaxed
+    assert dmarc("pass", []).status is Status.WARN  # SPF alone
+    failing = dmarc("softfail", ["example.net"])
+    assert failing.status is Status.FAIL
+    assert "d=example.com" in (failing.fix or "")
+
+    resolver.zone[(f"_dmarc.{DOMAIN}", "TXT")] = ["v=DMARC1; p=none"]
+    assert dmarc("pass", [DOMAIN]).status is Status.PASS
+    bulk = dmarc("pass", [DOMAIN], bulk=True)
+    assert bulk.status is Status.WARN
+    assert bulk.fix is not None and '"v=DMARC1; p=quarantine"' in bulk.fix
+
+    resolver.zone[(f"_dmarc.{DOMAIN}", "TXT")] = ["v=DMARC1; p=none", "v=DMARC1; p=reject"]
+    assert dmarc("pass", [DOMAIN]).status is Status.FAIL
+
+    resolver.zone[(f"_dmarc.{DOMAIN}", "TXT")] = "servfail"
+    assert dmarc("pass", [DOMAIN]).status is Status.UNKNOWN
+
+    del resolver.zone[(f"_dmarc.{DOMAIN}", "TXT")]
+    missing = dmarc("pass", [DOMAIN])
+    assert missing.status is Status.WARN
+    assert dmarc("pass", [DOMAIN], bulk=True).status is Status.FAIL
+    assert (missing.fix or "").startswith(
+        'publish TXT at _dmarc.example.com: "v=DMARC1; p=none; rua=mailto:dmarc@example.com"'
+    )
+
+
+def test_dmarc_subdomain_uses_the_organizational_record() -> None:
+    resolver = FakeResolver({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject; sp=quarantine"]})
+    check = check_dmarc(
+        resolver, domain="news.example.com", spf_result="pass", dkim_domains=["example.com"]
+    )
+    assert check.subject == "_dmarc.example.com"
+    assert "p=quarantine" in check.summary
+    assert resolver.asked == [("_dmarc.news.example.com", "TXT"), ("_dmarc.example.com", "TXT")]
+
+
+# --- blocklists --------------------------------------------------------------------------
+
+
+def test_dnsbl_names() -> None:
+    assert query_name("192.0.2.10", "zen.spamhaus.org") == "10.2.0.192.zen.spamhaus.org"
+    assert query_name("2001:db8::1", "bl.example.") == (
+        "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.example"
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "status", "words"),
+    [
+        ({}, Status.PASS, "not listed"),
+        (
+            {
+                ("10.2.0.192.bl.example", "A"): ["127.0.0.2"],
+                ("10.2.0.192.bl.example", "TXT"): ["spam source, see https://bl.example/r"],
+            },
+            Status.FAIL,
+            "LISTED (127.0.0.2): spam source",
+        ),
+        ({("10.2.0.192.bl.example", "A"): ["127.255.255.254"]}, Status.WARN, "refused"),
+        ({("10.2.0.192.bl.example", "A"): ["203.0.113.80"]}, Status.WARN, "rewrite"),
+        ({("10.2.0.192.bl.example", "A"): "servfail"}, Status.UNKNOWN, "could not query"),
+    ],
+)
+def test_dnsbl(zone: Zone, status: Status, words: str) -> None:
+    check = check_dnsbl(FakeResolver(zone), ip=IP, zone="bl.example")
+    assert check.status is status
+    assert words in check.summary
+
+
+# --- outgoing address and port 25 --------------------------------------------------------
+
+
+def test_split_probe() -> None:
+    assert split_probe("gmail.com", 25) == ("gmail.com", 25)
+    assert split_probe("127.0.0.1:2525", 25) == ("127.0.0.1", 2525)
+    assert split_probe("[::1]:2525", 25) == ("::1", 2525)
+    assert split_probe("::1", 25) == ("::1", 25)
+    for bad in ("host:0", "host:x", ":25"):
+        with pytest.raises(ValueError, match=r"port|HOST"):
+            split_probe(bad, 25)
+
+
+def test_probe_target_is_the_best_mx() -> None:
+    resolver = FakeResolver(
+        {
+            ("gmail.com", "MX"): ["20 alt.mx.example", "5 first.mx.example"],
+            ("first.mx.example", "A"): ["198.51.100.25"],
+        }
+    )
+    target = find_target(resolver, "gmail.com", 25)
+    assert target == Target(name="first.mx.example", address="198.51.100.25", port=25)
+    missing = find_target(FakeResolver({}), "nowhere.example", 25)
+    assert isinstance(missing, Check) and missing.status is Status.FAIL
+
+
+def test_outgoing_address() -> None:
+    target = Target(name="mx", address="198.51.100.25", port=25)
+    check, ip = check_outgoing(FakeNetwork(), target, given=None, source=None)
+    assert (check.status, ip) == (Status.PASS, IP)
+    check, ip = check_outgoing(FakeNetwork(local="10.0.0.5"), target, given=None, source=None)
+    assert (check.status, ip) == (Status.WARN, "10.0.0.5")
+    assert "private" in check.summary
+    unreachable = FakeNetwork(error=OSError(101, "Network is unreachable"))
+    check, ip = check_outgoing(unreachable, target, given=None, source=None)
+    assert (check.status, ip) == (Status.FAIL, None)
+    check, ip = check_outgoing(unreachable, target, given="203.0.113.9", source=None)
+    assert (check.status, ip) == (Status.PASS, "203.0.113.9")
+
+
+@pytest.mark.parametrize(
+    ("probe", "status", "words"),
+    [
+        (Probe(connected=True, greeting="220 mx ESMTP"), Status.PASS, "answered: 220"),
+        (
+            Probe(connected=False, timed_out=True, error="no answer within 10 s"),
+            Status.FAIL,
+            "looks blocked",
+        ),
+        (Probe(connected=False, error="Connection refused"), Status.FAIL, "refused"),
+        (
+            Probe(connected=True, timed_out=True, error="connected, but no greeting"),
+            Status.FAIL,
+            "intercepts",
+        ),
+        (Probe(connected=True, greeting="554 5.7.1 blocked"), Status.WARN, "refuses"),
+    ],
+)
+def test_port25(probe: Probe, status: Status, words: str) -> None:
+    target = Target(name="mx.example", address="198.51.100.25", port=25)
+    check = check_port25(FakeNetwork(probe_result=probe), target, source=None, timeout=10)
+    assert check.status is status
+    assert words in check.summary
+    if status is Status.FAIL:
+        assert "relay.host" in (check.fix or "")
+
+
+# --- the whole run -----------------------------------------------------------------------
+
+
+def setup(rsa_key: Path, **given: object) -> SenderSetup:
+    values: dict[str, object] = {
+        "domain": DOMAIN,
+        "helo_name": HELO,
+        "probe": "198.51.100.25",
+        "dkim_keys": (DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key)),),
+        "dnsbls": ("bl.example",),
+    }
+    values.update(given)
+    return SenderSetup(**values)  # type: ignore[arg-type]
+
+
+def test_run_doctor_all_pass(rsa_key: Path) -> None:
+    network = FakeNetwork()
+    report = run_doctor(setup(rsa_key), FakeResolver(good_zone(rsa_key)), network)
+    assert [c.name for c in report.checks] == [
+        "outgoing-ip",
+        "port-25",
+        "ptr",
+        "helo",
+        "spf",
+        "spf-helo",
+        "dkim",
+        "dmarc",
+        "dnsbl",
+    ]
+    assert report.worst is Status.PASS, report.checks
+    assert report.ip == IP
+    assert network.probed == [("198.51.100.25", 25, None)]
+    assert exit_code(report) == 0
+
+
+def test_run_doctor_relay_mode(rsa_key: Path) -> None:
+    network = FakeNetwork()
+    report = run_doctor(
+        setup(rsa_key, relay="smtp.example.net:587"), FakeResolver(good_zone(rsa_key)), network
+    )
+    assert network.probed == []
+    assert report.ip is None
+    assert {c.name: c.status for c in report.checks if c.status is Status.SKIP}.keys() == {
+        "port-25",
+        "outgoing-ip",
+        "ptr",
+        "helo",
+        "spf",
+        "spf-helo",
+    }
+    assert report.find("dnsbl") == []
+
+
+def test_setup_from_config() -> None:
+    config = Config(helo_name=HELO, source_address="192.0.2.10", dns=DNSConfig())
+    s = SenderSetup.from_config(config, domain="Example.COM.", ip=None, bulk=True)
+    assert (s.domain, s.helo_name, s.source_address, s.bulk, s.dkim_keys) == (
+        "example.com",
+        HELO,
+        "192.0.2.10",
+        True,
+        (),
+    )
+
+
+def test_exit_codes() -> None:
+    def report(*statuses: Status) -> DoctorReport:
+        r = DoctorReport(domain=DOMAIN, helo_name=HELO)
+        r.add([Check(name="x", subject="y", status=s, summary="") for s in statuses])
+        return r
+
+    assert exit_code(report(Status.PASS, Status.SKIP)) == 0
+    assert exit_code(report(Status.PASS, Status.WARN)) == 1
+    assert exit_code(report(Status.WARN, Status.UNKNOWN)) == 75
+    assert exit_code(report(Status.UNKNOWN, Status.FAIL)) == 2
+
+
+def test_missing_extra(monkeypatch: pytest.MonkeyPatch, rsa_key: Path) -> None:
+    assert extras.missing() == []
+    monkeypatch.setitem(__import__("sys").modules, "publicsuffixlist", None)
+    assert extras.missing() == ["publicsuffixlist"]
+    with pytest.raises(extras.MissingExtra, match=r"pip install 'mailstrom\[doctor\]'"):
+        run_doctor(setup(rsa_key), FakeResolver({}), FakeNetwork())
