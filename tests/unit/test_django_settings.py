@@ -92,6 +92,7 @@ def test_environment_variables_take_no_part(monkeypatch: pytest.MonkeyPatch) -> 
         ({"retry.max_age": None}, "retry.max_age: None is not a value"),
         ({"worker": "task"}, "worker: expected 'process', 'thread' or None"),
         ({"store": "mysql://db/mail"}, "unknown store URL"),
+        ({"store": "memory:", "worker": "process"}, "worker: 'process' needs a store"),
         ({"relay.password": "x"}, "relay.host: required"),
         ("sqlite:///mail.db", "expected a dict"),
     ],
