@@ -15,6 +15,7 @@ from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
+from mailstrom.settings import Settings
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.url import redact_url
 
@@ -41,34 +42,45 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "Several workers may share a PostgreSQL store.",
         epilog=EPILOG,
     )
-    p.add_argument("--once", action="store_true", help="exit when nothing is due")
-    p.add_argument(
+    add_worker_options(p)
+    p.set_defaults(handler=worker_command)
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mailstrom worker`` (also those of Django's ``mailstrom_worker``)."""
+    parser.add_argument("--once", action="store_true", help="exit when nothing is due")
+    parser.add_argument(
         "--drain-timeout",
         type=seconds_arg,
         default=30.0,
         metavar="S",
         help="seconds in-flight deliveries get to finish on stop (default 30)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="key=value or JSON lines"
     )
-    p.add_argument(
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="info",
         help="least severe level logged (default info)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--no-live",
         dest="live",
         action="store_false",
         help="no live view on a terminal; log lines only",
     )
-    p.set_defaults(handler=worker_command)
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+    return run_worker(settings_from(args), args)
+
+
+def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Deliver with ``settings`` as the options in ``args`` (:func:`add_worker_options`)
+    say; the command line's settings come from its file, environment and options, the
+    Django command's from ``settings.MAILSTROM``."""
     live = args.live and is_tty()
     level = getattr(logging, args.log_level.upper())
     # Under the live view the attempts are on screen; the log shows only trouble.

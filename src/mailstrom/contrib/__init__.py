@@ -1,0 +1,1 @@
+"""Integrations of mailstrom with frameworks (each imported only when used)."""

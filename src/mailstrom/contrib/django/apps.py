@@ -1,0 +1,64 @@
+"""The Django application: ``INSTALLED_APPS = [..., "mailstrom.contrib.django"]`` adds the
+``mailstrom_worker`` command and a system check of ``settings.MAILSTROM``. The email
+backend works without it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig, apps
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from mailstrom.contrib.django.conf import SETTING, load
+from mailstrom.errors import InvalidMessage
+from mailstrom.message.addresses import parse_mailbox
+
+
+class MailstromConfig(AppConfig):
+    name = "mailstrom.contrib.django"
+    label = "mailstrom"
+    verbose_name = "mailstrom"
+
+    def ready(self) -> None:
+        checks.register(check_settings, "mailstrom")
+
+
+def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """``manage.py check``: report a ``settings.MAILSTROM`` that would not load (an
+    unknown key, a bad value, a bad store URL) before the first email finds it, and
+    default senders mailstrom would refuse."""
+    if app_configs is not None and apps.get_app_config("mailstrom") not in app_configs:
+        return []
+    try:
+        load(getattr(settings, SETTING, None))
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), hint="See docs/django.md.", id="mailstrom.E001")]
+    if settings.EMAIL_BACKEND != "mailstrom.contrib.django.EmailBackend":
+        return []
+    warnings = []
+    for name, why in (
+        ("DEFAULT_FROM_EMAIL", "it is the From of mail sent without from_email"),
+        ("SERVER_EMAIL", "error reports to ADMINS come from it, and fail silently"),
+    ):
+        refusal = _refusal(str(getattr(settings, name)))
+        if refusal is not None:
+            warnings.append(
+                checks.Warning(
+                    f"{name} = {getattr(settings, name)!r} is refused by mailstrom: "
+                    f"{refusal.reason}",
+                    hint=f"Set {name} to an address of your domain: {why}.",
+                    id="mailstrom.W001",
+                )
+            )
+    return warnings
+
+
+def _refusal(address: str) -> InvalidMessage | None:
+    try:
+        parse_mailbox("from_email", address)
+    except InvalidMessage as exc:
+        return exc
+    return None

@@ -1,0 +1,120 @@
+"""``EMAIL_BACKEND = "mailstrom.contrib.django.EmailBackend"``: Django's mail through mailstrom.
+
+Each message is serialised by Django exactly as its SMTP backend would send it
+(:func:`smtp_bytes`) and queued as those bytes, with the envelope that backend would use:
+the sender from ``from_email``, the recipients from ``recipients()`` (To, Cc and Bcc;
+Django keeps Bcc out of the headers). mailstrom checks the bytes and rewrites nothing
+(Django already wrote Date and Message-ID, and no Bcc); it only ends the last line with
+CRLF when Django did not, as smtplib does too. So the receiving server gets what Django's
+SMTP backend would have sent it.
+"""
+
+from __future__ import annotations
+
+import email.policy
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import django
+from django.core.mail.backends.base import BaseEmailBackend
+from django.core.mail.message import EmailMessage
+
+from mailstrom.client.common import prepare_for
+from mailstrom.config import Config
+from mailstrom.contrib.django.shared import get_mailstrom
+from mailstrom.errors import HeaderInjection, MailstromError
+from mailstrom.message import PreparedMessage
+from mailstrom.message.addresses import parse_mailbox
+
+
+class EmailBackend(BaseEmailBackend):
+    """Queue Django's email in mailstrom's store; its worker delivers it.
+
+    ``send_messages`` returns how many messages were queued. Messages without recipients
+    are skipped, as Django's SMTP backend skips them. Invalid input raises mailstrom's
+    typed errors (:class:`~mailstrom.InvalidAddress`, :class:`~mailstrom.HeaderInjection`,
+    ... all :class:`~mailstrom.InvalidMessage`, a ``ValueError``) and a store that cannot be
+    written raises :class:`~mailstrom.StoreError`; the messages of one call are queued
+    together or not at all. With ``fail_silently`` those errors are swallowed: an invalid
+    message is left out (and not counted), the others are queued. A bad
+    ``settings.MAILSTROM`` raises ``ImproperlyConfigured`` either way.
+
+    Each queued message gets the attribute ``mailstrom_id``, for
+    ``get_mailstrom().query_status(message.mailstrom_id)``.
+    """
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        messages = [m for m in email_messages if m.recipients()]
+        if not messages:
+            return 0
+        try:
+            ms = get_mailstrom()
+            now = datetime.now(UTC)
+            queued: list[tuple[EmailMessage, PreparedMessage]] = []
+            for message in messages:
+                try:
+                    queued.append((message, prepare_message(message, ms.config, now=now)))
+                except MailstromError:
+                    if not self.fail_silently:
+                        raise
+            if not queued:
+                return 0
+            ids = ms.store.enqueue_many([prepared for _, prepared in queued], now=now)
+        except MailstromError:
+            if not self.fail_silently:
+                raise
+            return 0
+        for (message, _), message_id in zip(queued, ids, strict=True):
+            message.mailstrom_id = message_id  # type: ignore[attr-defined]
+        return len(ids)
+
+
+def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
+    """Validate and serialise one Django message as the backend queues it."""
+    for name, value in _header_values(message):
+        if "\r" in value or "\n" in value:
+            # Django would raise its BadHeaderError; this is the same refusal, typed.
+            raise HeaderInjection(
+                f"{name} header value contains a line break: {value!r}", header=name
+            )
+    # Each address on its own first, so that an error names the one at fault (and the
+    # attribute it is in) rather than the whole header Django joins them into.
+    for role, addresses in _addresses(message):
+        for address in addresses:
+            parse_mailbox(role, str(address))
+    return prepare_for(
+        config,
+        smtp_bytes(message),
+        envelope_from=message.from_email,
+        envelope_to=message.recipients(),
+        now=now,
+    )
+
+
+def smtp_bytes(message: EmailMessage) -> bytes:
+    """The bytes Django's own SMTP backend would send for ``message`` (Date and
+    Message-ID are made afresh at each call, MIME boundaries too)."""
+    built: Any = message  # message()'s signature and result type changed in Django 6
+    if django.VERSION >= (6, 0):
+        return bytes(built.message(policy=email.policy.SMTP).as_bytes())
+    return bytes(built.message().as_bytes(linesep="\r\n"))
+
+
+def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str]]]:
+    yield "from_email", [message.from_email]
+    yield "to", message.to
+    yield "cc", message.cc
+    yield "bcc", message.bcc
+    yield "reply_to", message.reply_to
+
+
+def _header_values(message: EmailMessage) -> Iterable[tuple[str, str]]:
+    """The header values Django refuses line breaks in (``forbid_multi_line_headers``)."""
+    yield "Subject", str(message.subject)
+    yield "From", str(message.from_email)
+    for name, addresses in (("To", message.to), ("Cc", message.cc), ("Reply-To", message.reply_to)):
+        for address in addresses:
+            yield name, str(address)
+    for name, value in message.extra_headers.items():
+        yield str(name), str(value)

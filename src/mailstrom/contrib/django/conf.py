@@ -1,0 +1,125 @@
+"""Reading ``settings.MAILSTROM``: the keys of mailstrom's TOML file, as a Python dict.
+
+Every key of :mod:`mailstrom.settings` is accepted, written flat with dots
+(``"dns.port": 53``) or nested as the TOML tables are (``"dns": {"port": 53}``), and parsed
+by the same code as the command line's file, so a value means the same in both places and a
+typo is an error naming the key. One key is the Django integration's own:
+
+``"worker"``
+    where the backend delivers: ``"process"``, ``"thread"`` or ``None`` (queue only), as
+    ``Mailstrom(worker=...)`` takes them; by default ``"auto"``, the facade's default (a
+    child process for a SQLite or PostgreSQL store).
+
+``MAILSTROM_*`` environment variables and configuration files are *not* read: the Django
+settings are the one source, for the web processes and ``manage.py mailstrom_worker``
+alike (a settings module can read the environment itself, e.g. for a password).
+
+>>> load({"store": "memory:", "dns": {"port": 5353}, "worker": None}).settings.config.dns.port
+5353
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, cast
+
+from django.core.exceptions import ImproperlyConfigured
+
+from mailstrom.errors import ConfigError, InvalidStoreURL
+from mailstrom.settings import ENV_PREFIX, Settings, load_settings
+from mailstrom.stores.url import StoreKind, parse_store_url
+
+SETTING = "MAILSTROM"
+"""The name of the Django setting."""
+
+WorkerChoice = Literal["auto", "process", "thread"] | None
+_WORKERS: tuple[WorkerChoice, ...] = ("auto", "process", "thread", None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DjangoSettings:
+    """What ``settings.MAILSTROM`` says: mailstrom's settings and where the worker runs."""
+
+    settings: Settings
+    worker: WorkerChoice = "auto"
+
+
+def load(value: object) -> DjangoSettings:
+    """Parse the value of ``settings.MAILSTROM`` (``None`` when it is not set).
+
+    Raises :class:`~django.core.exceptions.ImproperlyConfigured` saying which key is
+    wrong, chained to mailstrom's :class:`~mailstrom.errors.ConfigError`.
+    """
+    try:
+        return _load(value)
+    except (ConfigError, InvalidStoreURL) as exc:
+        raise ImproperlyConfigured(f"{SETTING}: {exc}") from exc
+
+
+def _load(value: object) -> DjangoSettings:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a dict, got {type(value).__name__}")
+    flat = flatten(value)
+    worker = flat.pop("worker", "auto")
+    if worker not in _WORKERS:
+        raise ConfigError(f"worker: expected 'process', 'thread' or None, got {worker!r}")
+    # The process's environment still gives the default store its place (HOME,
+    # XDG_STATE_HOME); MAILSTROM_* variables do not take part.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    settings = load_settings(env=env, overrides=flat, search=False)
+    # A bad URL is a configuration error, found here rather than at the first send.
+    store = parse_store_url(settings.store_url)
+    if worker == "process" and store.kind is StoreKind.MEMORY:
+        raise ConfigError(
+            "worker: 'process' needs a store another process can open (SQLite or "
+            "PostgreSQL), not memory:"
+        )
+    return DjangoSettings(settings=settings, worker=cast(WorkerChoice, worker))
+
+
+def flatten(value: Mapping[Any, Any]) -> dict[str, Any]:
+    """``{"dns": {"port": 53}, "helo_name": "x"}`` → ``{"dns.port": 53, "helo_name": "x"}``.
+
+    A key given twice (``"dns.port"`` and ``{"dns": {"port": ...}}``) and ``None`` as a
+    value are refused: ``None`` is not a TOML value, and reading it as "the default" or
+    as "off" would each surprise someone (leave the key out for the default; ``False``,
+    ``0`` or ``"none"`` turn a limit such as ``retry.max_age`` off).
+    """
+    flat: dict[str, Any] = {}
+
+    def put(key: str, item: Any) -> None:
+        if key in flat:
+            raise ConfigError(f"{key}: given twice")
+        if item is None and key != "worker":
+            raise ConfigError(
+                f"{key}: None is not a value; leave the key out for the default "
+                "(False, 0 or 'none' turn a limit off)"
+            )
+        flat[key] = _as_toml(item)
+
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {key!r}")
+        if isinstance(item, Mapping):
+            for sub, subitem in item.items():
+                if not isinstance(sub, str):
+                    raise ConfigError(f"{key}: keys must be strings, got {sub!r}")
+                put(f"{key}.{sub}", subitem)
+        else:
+            put(key, item)
+    return flat
+
+
+def _as_toml(item: Any) -> Any:
+    """Python values TOML has no word for, as the TOML file would write them: a tuple as
+    a list, a timedelta as its seconds."""
+    if isinstance(item, tuple):
+        return list(item)
+    if isinstance(item, timedelta):
+        return item.total_seconds()
+    return item

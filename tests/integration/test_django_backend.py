@@ -1,0 +1,213 @@
+"""Django's mail API through ``mailstrom.contrib.django.EmailBackend``, delivered to the
+loopback MX: what the server receives is what Django's own SMTP backend sends."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from email.mime.image import MIMEImage
+from pathlib import Path
+
+import pytest
+
+from tests.django_project import configure
+
+configure()
+
+from django.core import mail  # noqa: E402  (Django must be configured first)
+from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend  # noqa: E402
+from django.test import override_settings  # noqa: E402
+
+from mailstrom import HeaderInjection, InvalidAddress, RecipientState  # noqa: E402
+from mailstrom.contrib.django import get_mailstrom  # noqa: E402
+from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
+from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
+from tests.support.django import loopback_mx, mailstrom_setting  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> ReceivingServer:
+    return loopback_mx(smtp_server, dns_server)
+
+
+@pytest.fixture
+def project(dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path) -> Iterator[None]:
+    """The project's settings for this test; leaving it stops the backend's worker."""
+    with override_settings(MAILSTROM=mailstrom_setting(dns_server, mx, tmp_path)):
+        yield
+
+
+def without_volatile_parts(content: bytes) -> bytes:
+    """Date, Message-ID and MIME boundaries differ between two ``message()`` calls."""
+    content = re.sub(rb"(?m)^(Date|Message-ID): .*\r\n", b"", content)
+    return re.sub(rb"===============\d+==", b"BOUNDARY", content)
+
+
+def django_smtp_would_send(message: mail.EmailMessage, mx: ReceivingServer) -> ReceivedMessage:
+    """What the server gets when Django's own SMTP backend sends ``message``."""
+    before = len(mx.messages)
+    with DjangoSMTPBackend(host=mx.host, port=mx.port) as backend:
+        assert backend.send_messages([message]) == 1
+    return mx.wait_for_messages(before + 1)[before]
+
+
+def full_message() -> mail.EmailMultiAlternatives:
+    message = mail.EmailMultiAlternatives(
+        subject="Your order — Nr. 1234",
+        body="Grüße!\nYour order is on its way.\nFrom now on, track it online.\n",
+        to=["Bob <bob@example.org>"],
+        cc=["carol@example.org"],
+        bcc=["audit@example.net"],
+        reply_to=["Help <help@example.org>"],
+        headers={"X-Order": "1234"},
+    )
+    message.attach_alternative('<p>Grüße! <img src="cid:logo@shop"></p>', "text/html")
+    message.attach("invoice.txt", "Total: 12.00 EUR\n", "text/plain")
+    message.attach("data.bin", bytes(range(256)), "application/octet-stream")
+    logo = MIMEImage(PNG, "png")
+    logo.add_header("Content-ID", "<logo@shop>")
+    logo.add_header("Content-Disposition", "inline", filename="logo.png")
+    message.attach(logo)
+    return message
+
+
+def test_send_mail_queues_and_delivers_plain_text(project: None, mx: ReceivingServer) -> None:
+    assert mail.send_mail("Hi", "Hello Bob", None, ["bob@example.org"]) == 1
+    [received] = mx.wait_for_messages(1)
+    assert received.mail_from == "site@sender.test"  # DEFAULT_FROM_EMAIL, as an addr-spec
+    assert received.rcpt_tos == ("bob@example.org",)
+    assert b"\r\nFrom: Site <site@sender.test>\r\n" in received.content
+    assert received.content.endswith(b"\r\n\r\nHello Bob\r\n")
+
+
+def test_html_attachments_inline_image_cc_bcc_reply_to_and_headers_arrive_as_django_sends_them(
+    project: None, mx: ReceivingServer
+) -> None:
+    message = full_message()
+    assert message.send() == 1
+    # One transaction per destination domain: example.org, and example.net for the Bcc.
+    ours = mx.wait_for_messages(2)
+    theirs = django_smtp_would_send(message, mx)
+
+    assert {m.mail_from for m in ours} == {theirs.mail_from} == {"site@sender.test"}
+    assert sorted(r for m in ours for r in m.rcpt_tos) == sorted(theirs.rcpt_tos)
+    assert sorted(theirs.rcpt_tos) == ["audit@example.net", "bob@example.org", "carol@example.org"]
+    for received in ours:
+        assert without_volatile_parts(received.content) == without_volatile_parts(theirs.content)
+        assert b"audit@example.net" not in received.content  # Bcc: in the envelope only
+    for part in (
+        b"Reply-To: Help <help@example.org>",
+        b"X-Order: 1234",
+        b"Content-Type: text/html",
+        b'filename="invoice.txt"',
+        b"Content-ID: <logo@shop>",
+    ):
+        assert part in theirs.content
+    status = get_mailstrom().query_status(message.mailstrom_id)  # type: ignore[attr-defined]
+    assert {r.address for r in status.recipients} == set(theirs.rcpt_tos)
+
+
+def test_send_mass_mail_counts_what_was_queued(project: None, mx: ReceivingServer) -> None:
+    datatuples = [
+        (f"n{i}", f"body {i}", "App <app@sender.test>", [f"u{i}@example.org"]) for i in range(5)
+    ]
+    assert mail.send_mass_mail(datatuples) == 5
+    received = mx.wait_for_messages(5)
+    assert {m.mail_from for m in received} == {"app@sender.test"}
+    assert sorted(r for m in received for r in m.rcpt_tos) == [
+        f"u{i}@example.org" for i in range(5)
+    ]
+
+
+def test_the_envelope_follows_django_not_the_headers(project: None, mx: ReceivingServer) -> None:
+    # Extra headers may override what the headers say; the envelope stays from_email and
+    # recipients(), as with Django's SMTP backend.
+    message = mail.EmailMessage(
+        "Hi",
+        "Hello",
+        "bounces@sender.test",
+        ["bob@example.org"],
+        headers={"From": "Shop <shop@sender.test>", "To": "Customers <list@example.org>"},
+    )
+    assert message.send() == 1
+    [received] = mx.wait_for_messages(1)
+    assert received.mail_from == "bounces@sender.test"
+    assert received.rcpt_tos == ("bob@example.org",)
+    assert b"\r\nFrom: Shop <shop@sender.test>\r\n" in received.content
+
+
+def test_invalid_input_raises_mailstroms_typed_errors_and_queues_nothing(project: None) -> None:
+    with pytest.raises(InvalidAddress) as info:
+        mail.send_mail("Hi", "Hello", None, ["bob@example.org", "not an address"])
+    assert info.value.address == "not an address"
+    with pytest.raises(InvalidAddress):
+        mail.send_mail("Hi", "Hello", "nobody", ["bob@example.org"])
+    with pytest.raises(HeaderInjection) as injected:
+        mail.send_mail("Hi\nBcc: victim@example.org", "Hello", None, ["bob@example.org"])
+    assert injected.value.header == "Subject"
+    with pytest.raises(HeaderInjection):
+        mail.EmailMessage("Hi", "x", to=["b@example.org"], headers={"X-A": "1\r\nB: 2"}).send()
+    # One bad message of a batch: none of the batch is queued.
+    good = mail.EmailMessage("ok", "x", to=["bob@example.org"])
+    bad = mail.EmailMessage("bad", "x", to=["bob@"])
+    with pytest.raises(InvalidAddress):
+        mail.get_connection().send_messages([good, bad])
+    assert get_mailstrom().query_recent() == []
+
+
+def test_fail_silently_leaves_out_and_does_not_count_invalid_messages(
+    project: None, mx: ReceivingServer
+) -> None:
+    datatuples = [
+        ("bad", "x", None, ["not an address"]),
+        ("good", "x", None, ["bob@example.org"]),
+        ("injected", "x", None, ["ann@example.org\nBcc: x@example.org"]),
+    ]
+    assert mail.send_mass_mail(datatuples, fail_silently=True) == 1
+    [received] = mx.wait_for_messages(1)
+    assert received.rcpt_tos == ("bob@example.org",)
+    assert mail.send_mail("x", "y", None, ["bob@"], fail_silently=True) == 0
+
+
+def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:
+    assert mail.EmailMessage("Hi", "nobody to tell").send() == 0
+    assert mail.get_connection().send_messages([]) == 0
+
+
+def test_status_of_a_sent_message(project: None, mx: ReceivingServer) -> None:
+    message = mail.EmailMessage("Hi", "Hello", to=["bob@example.org"])
+    message.send()
+    mx.wait_for_messages(1)
+    ms = get_mailstrom()
+    status = ms.query_status(message.mailstrom_id)  # type: ignore[attr-defined]
+    for _ in range(100):  # the result is recorded a moment after the server's reply
+        if status.state is RecipientState.DELIVERED:
+            break
+        threading.Event().wait(0.05)
+        status = ms.query_status(message.mailstrom_id)  # type: ignore[attr-defined]
+    assert status.state is RecipientState.DELIVERED
+
+
+def test_a_worker_process_started_from_a_short_lived_thread_keeps_running(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path
+) -> None:
+    # The first send often comes from a request thread that ends right after; a worker
+    # process must not die with it.
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker="process")
+    with override_settings(MAILSTROM=setting):
+        sender = threading.Thread(
+            target=mail.send_mail, args=("one", "x", None, ["bob@example.org"])
+        )
+        sender.start()
+        sender.join()
+        mx.wait_for_messages(1)
+        ms = get_mailstrom()
+        assert ms.worker_mode == "process"
+        threading.Event().wait(1.0)  # a stopping child would be gone by now
+        assert ms.worker_status.running
+        mail.send_mail("two", "x", None, ["ann@example.org"])
+        mx.wait_for_messages(2)
+    assert not ms.worker_status.running  # leaving the settings stopped it

@@ -1,0 +1,200 @@
+"""Where the Django backend's mail is delivered: ``manage.py mailstrom_worker`` (the CLI's
+worker with ``settings.MAILSTROM``), and the in-process worker across fork and exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.django_project import configure
+
+configure()
+
+from django.core import checks, mail  # noqa: E402  (Django must be configured first)
+from django.test import override_settings  # noqa: E402
+
+from mailstrom import RecipientState  # noqa: E402
+from mailstrom.contrib.django import get_mailstrom  # noqa: E402
+from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
+from tests.fixtures.smtp_server import ReceivingServer, ServerFactory  # noqa: E402
+from tests.support.django import loopback_mx, mailstrom_setting  # noqa: E402
+
+ROOT = Path(__file__).parents[2]
+MANAGE = ROOT / "tests" / "django_project" / "manage.py"
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> ReceivingServer:
+    return loopback_mx(smtp_server, dns_server)
+
+
+def project_env(setting: dict[str, Any]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILSTROM_", "DJANGO_"))}
+    env["DJANGO_MAILSTROM_JSON"] = json.dumps(setting)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT)]))
+    return env
+
+
+def manage(setting: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(MANAGE), *args],
+        env=project_env(setting),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_mailstrom_worker_once_delivers_what_the_backend_queued_without_a_worker(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path
+) -> None:
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker=None)
+    with override_settings(MAILSTROM=setting):
+        message = mail.EmailMessage("Hi", "Hello", to=["bob@example.org"], bcc=["a@example.net"])
+        assert message.send() == 1
+        ms = get_mailstrom()
+        assert ms.worker is None and ms.worker_mode is None
+        mid: str = message.mailstrom_id  # type: ignore[attr-defined]
+        assert ms.query_status(mid).state is RecipientState.QUEUED
+        assert mx.messages == []
+
+        done = manage(setting, "mailstrom_worker", "--once", "--no-live", "--log-format", "json")
+        assert done.returncode == 0, done.stderr
+        received = mx.wait_for_messages(2)
+        assert sorted(r for m in received for r in m.rcpt_tos) == [
+            "a@example.net",
+            "bob@example.org",
+        ]
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    # The CLI's log lines: one JSON object per event, one per delivery attempt.
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    attempts = [e for e in events if e["event"] == "attempt"]
+    assert {(e["rcpt"], e["state"]) for e in attempts} == {
+        ("bob@example.org", "delivered"),
+        ("a@example.net", "delivered"),
+    }
+    assert {"worker started", "worker stopped"} <= {e["event"] for e in events}
+
+
+def test_mailstrom_worker_takes_the_cli_options(tmp_path: Path) -> None:
+    shown = manage({"store": "memory:"}, "mailstrom_worker", "--help")
+    assert shown.returncode == 0
+    for option in ("--once", "--drain-timeout", "--log-format", "--log-level", "--no-live"):
+        assert option in shown.stdout
+    wrong = manage({"store": "memory:"}, "mailstrom_worker", "--drain-timeout", "-1")
+    assert wrong.returncode != 0
+    assert "expected a number of seconds" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "code", "says"),
+    [
+        ({"smtp_prot": 25}, 78, "MAILSTROM: unknown setting 'smtp_prot'"),
+        ({"store": "ftp://x"}, 78, "unknown store URL"),
+        ("corrupt", 74, "not a mailstrom"),
+    ],
+)
+def test_mailstrom_worker_exits_as_the_cli_does(
+    tmp_path: Path, setting: Any, code: int, says: str
+) -> None:
+    if setting == "corrupt":
+        junk = tmp_path / "mail.db"
+        junk.write_bytes(b"this is not a database file" * 100)
+        setting = {"store": f"sqlite:///{junk}"}
+    done = manage(setting, "mailstrom_worker", "--once", "--no-live")
+    assert done.returncode == code, done.stderr
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_system_check_reports_a_bad_setting() -> None:
+    with override_settings(MAILSTROM={"helo_name": "x", "dns": {"prot": 53}}):
+        [error] = checks.run_checks(tags=["mailstrom"])
+    assert error.id == "mailstrom.E001"
+    assert "unknown setting 'dns.prot'" in error.msg
+    with override_settings(MAILSTROM={"store": "memory:"}):
+        assert checks.run_checks(tags=["mailstrom"]) == []
+        # Django's default senders are at localhost, which mailstrom refuses.
+        with override_settings(SERVER_EMAIL="root@localhost"):
+            [warning] = checks.run_checks(tags=["mailstrom"])
+    assert warning.id == "mailstrom.W001"
+    assert warning.msg.startswith("SERVER_EMAIL = 'root@localhost' is refused by mailstrom")
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import django
+    django.setup()
+    from django.core import mail
+    from mailstrom.contrib.django import get_mailstrom
+
+    def send(subject, to):
+        message = mail.EmailMessage(subject, "x", to=[to])
+        message.send()
+        ms = get_mailstrom()
+        deadline = time.monotonic() + 20
+        while ms.query_status(message.mailstrom_id).state != "delivered":
+            if time.monotonic() > deadline:
+                sys.exit(f"{subject} was not delivered")
+            time.sleep(0.02)  # polling the store: nothing else to wait on across processes
+
+    send("parent-1", "p1@example.org")
+    parent = get_mailstrom()
+    pid = os.fork()
+    if pid == 0:
+        # A forked child (a gunicorn worker, say) gets its own facade on first use.
+        send("child", "c@example.org")
+        mine = get_mailstrom()
+        print("child-worker", getattr(mine.worker, "pid", None), flush=True)
+        # A normal exit runs atexit: it must stop the child's worker, not the parent's.
+        sys.exit(0 if mine is not parent and mine.worker_status.running else 1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit("the child failed")
+    send("parent-2", "p2@example.org")
+    if get_mailstrom() is not parent or not parent.worker_status.running:
+        sys.exit("the parent's worker was disturbed")
+    print("parent-worker", getattr(parent.worker, "pid", None), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_a_forked_child_gets_its_own_worker_and_exits_without_stopping_the_parents(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path, worker: str
+) -> None:
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker=worker)
+    env = project_env(setting) | {"DJANGO_SETTINGS_MODULE": "tests.django_project.settings"}
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    received = mx.wait_for_messages(3)
+    assert sorted(r for m in received for r in m.rcpt_tos) == [
+        "c@example.org",
+        "p1@example.org",
+        "p2@example.org",
+    ]
+    if worker == "process":
+        pids = dict(line.split() for line in done.stdout.splitlines())
+        assert pids["child-worker"] != pids["parent-worker"]
+        # Both worker processes were stopped at their parents' exit, not left behind.
+        for pid in pids.values():
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(pid), 0)
