@@ -337,7 +337,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             ) from exc
         if tls_transport is None:  # the peer went away during the handshake
             self._drop()
-            raise TLSHandshakeError(f"{self.host} closed the connection during the TLS handshake")
+            raise TLSHandshakeError(
+                f"{self.host} closed the connection during the TLS handshake", host=self.host
+            )
         self._transport = tls_transport
         self._record_tls()
         self._session.tls_established()

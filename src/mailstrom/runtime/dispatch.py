@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from mailstrom.errors import DeliveryError, PermanentFailure, SMTPConnectError, TemporaryFailure
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection
@@ -220,7 +220,9 @@ class Dispatcher:
             return
         targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
-            "no MX host could be reached", host=route.hosts[0].name if route.hosts else None
+            "no MX host could be reached",
+            enhanced="4.4.4",  # RFC 3463: unable to route
+            host=route.hosts[0].name if route.hosts else None,
         )
         index = 0
         opener = self._opener
@@ -318,7 +320,7 @@ class Dispatcher:
             else:
                 queue.appendleft(work)
         if error is None and not conn.usable:
-            error = TemporaryFailure(f"the connection to {conn.host} ended", host=conn.host)
+            error = SMTPConnectError(f"the connection to {conn.host} ended", host=conn.host)
         return error
 
     def _submit(

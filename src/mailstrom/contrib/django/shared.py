@@ -7,10 +7,8 @@ process never starts a worker; the first ``send_mail`` does.
 
 Lifetimes, and why:
 
-- **One owner thread.** The facade is started, and later stopped, on a daemon thread of
-  its own. A worker process is tied to the thread that started it (on Linux it gets
-  SIGTERM when that *thread* ends, ``PR_SET_PDEATHSIG``), and the first send may well
-  come from a request thread that ends a moment later.
+- **Started by whichever thread sends first**, often a request thread that ends a moment
+  later: the worker (a thread, or a child process) does not depend on it.
 - **Stopped at exit** by :mod:`atexit` (in-flight deliveries get up to
   :data:`STOP_TIMEOUT` seconds, the rest goes back to the queue). The autoreloader of
   ``runserver`` restarts its serving process by exiting it, so each reload stops the
@@ -45,7 +43,7 @@ STOP_TIMEOUT = 30.0
 
 
 class _Running:
-    """A started facade, its store, and the thread that owns its worker."""
+    """A started facade and its store."""
 
     def __init__(self, conf: DjangoSettings) -> None:
         self.store = open_store(conf.settings.store_url)
@@ -54,44 +52,20 @@ class _Running:
         except BaseException:
             self.store.close()
             raise
-        self._stop = threading.Event()
-        self._stop_timeout: float | None = STOP_TIMEOUT
-        self._owner: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the worker (if any) on the owner thread; raise what stopped it."""
-        if self.ms.worker is None:
-            return
-        ready = threading.Event()
-        failed: list[BaseException] = []
-
-        def own() -> None:
-            try:
-                self.ms.start()
-            except BaseException as exc:
-                failed.append(exc)
-                return
-            finally:
-                ready.set()
-            self._stop.wait()
-            try:
-                self.ms.stop(self._stop_timeout)
-            except Exception:
-                log.exception("stopping the mailstrom worker failed")
-
-        self._owner = threading.Thread(target=own, name="mailstrom-django", daemon=True)
-        self._owner.start()
-        ready.wait()
-        if failed:
-            self._owner.join()
+        """Start the worker (if any); raise what stopped it."""
+        try:
+            self.ms.start()
+        except BaseException:
             self.store.close()
-            raise failed[0]
+            raise
 
     def stop(self, timeout: float | None) -> None:
-        self._stop_timeout = timeout
-        self._stop.set()
-        if self._owner is not None:
-            self._owner.join()
+        try:
+            self.ms.stop(timeout)
+        except Exception:
+            log.exception("stopping the mailstrom worker failed")
         # The store was handed to the facade, so closing it is ours to do.
         self.store.close()
 
