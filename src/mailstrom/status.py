@@ -37,6 +37,48 @@ class AttemptOutcome(StrEnum):
     PERMANENT = "permanent"
 
 
+class ReasonClass(StrEnum):
+    """Why an attempt failed, in words a user can act on: an explanation beside the
+    outcome, never a decision (temporary or permanent stays the reply code's call).
+
+    :mod:`mailstrom.policy.reasons` derives it from the reply (the providers' well-known
+    replies first, then the RFC 3463 enhanced code, then the basic code) or, for a
+    failure without a reply, from the local error; :func:`mailstrom.policy.advice_for`
+    says what to do about it, with the provider's help page when one is known.
+    """
+
+    RATE_LIMITED = "rate_limited"
+    """The receiver wants mail from us more slowly: too many messages, connections or
+    unwanted mail in some time."""
+    GREYLISTED = "greylisted"
+    """A deliberate first refusal of an unknown sender; the retry gets through."""
+    AUTHENTICATION = "authentication"
+    """The receiver could not verify the sender: SPF, DKIM, DMARC, the sending IP's
+    reverse DNS, or the credentials given to a relay."""
+    REPUTATION = "reputation"
+    """The sending IP or domain is distrusted: on a block list, or with a poor record."""
+    POLICY = "policy"
+    """The receiver's own rules refuse the mail (a catch-all of security refusals)."""
+    TLS = "tls"
+    """Encryption was required and not achieved, or the TLS handshake failed."""
+    MAILBOX = "mailbox"
+    """The address or mailbox: unknown user, bad address, disabled or full mailbox."""
+    CONTENT = "content"
+    """The message itself: judged spam or malware, too large, or in a form refused."""
+    DNS = "dns"
+    """A DNS lookup failed or found nothing (the recipient's domain does not exist)."""
+    ROUTING = "routing"
+    """No way to the destination: null MX, no usable address, a routing loop."""
+    CONNECTION = "connection"
+    """The connection could not be made, timed out or broke."""
+    PROTOCOL = "protocol"
+    """The two sides did not agree on SMTP: a command, syntax or extension refused."""
+    SYSTEM = "system"
+    """The receiving system has trouble of its own: busy, full or misconfigured."""
+    OTHER = "other"
+    """None of the above, or a reply that says too little to tell."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SMTPReply:
     """A server reply: ``code`` 250, ``enhanced`` "2.0.0", ``text`` (lines joined by "\\n")."""
@@ -62,6 +104,8 @@ class Attempt:
     a local description when there was no reply (connection refused, timeout, DNS failure).
     ``uncertain`` marks an attempt whose connection was lost after the final dot but before
     the reply (RFC 5321 §4.5.3.2.6): the message may or may not have been delivered.
+    ``reason_class`` says why it failed, for people and for code that reacts to a class
+    (None when it did not fail).
     """
 
     at: datetime
@@ -75,6 +119,9 @@ class Attempt:
     reply: SMTPReply | None = None
     error: str | None = None
     uncertain: bool = False
+    reason_class: ReasonClass | None = None
+    """Why the attempt failed (see :class:`ReasonClass`); None when the server accepted
+    the message. An uncertain attempt is ``connection`` even when counted as delivered."""
 
     @property
     def tls(self) -> bool:
@@ -101,6 +148,9 @@ class RecipientStatus:
     ip: str | None = None
     tls: bool = False
     uncertain: bool = False
+    reason_class: ReasonClass | None = None
+    """The class of the latest attempt's failure (None after an accepted delivery, before
+    any attempt, and once cancelled)."""
     first_attempt_at: datetime | None = None
     last_attempt_at: datetime | None = None
     next_attempt_at: datetime | None = None

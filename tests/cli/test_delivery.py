@@ -36,6 +36,7 @@ def test_send_then_worker_once_then_status_delivered(mail_env: MailEnv) -> None:
     status = cli.ok("status", "--json", message_id).json()
     assert status["state"] == "delivered"
     [rcpt] = status["recipients"]
+    assert (rcpt["reason_class"], rcpt["advice"]) == (None, None)
     assert (rcpt["state"], rcpt["mx_host"], rcpt["ip"], rcpt["tls"]) == (
         "delivered",
         "mx.test",
@@ -46,6 +47,38 @@ def test_send_then_worker_once_then_status_delivered(mail_env: MailEnv) -> None:
     table = cli.ok("status", "--history", message_id).out
     assert "delivered" in table
     assert "Attempts for bob@example.test" in table
+
+
+def test_status_and_worker_log_say_why_a_recipient_failed(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["bob@example.test"] = (
+        "550 5.7.26 This mail is unauthenticated: Gmail wants SPF or DKIM. a1si2 - gsmtp"
+    )
+    help_url = "https://support.google.com/mail/answer/81126"
+    message_id = send(cli, "--text", "Hi Bob")
+    worker = cli.ok("worker", "--once", "--no-live", "--log-format", "json")
+
+    [logged] = [json.loads(line) for line in worker.err_lines if '"attempt"' in line]
+    assert (logged["state"], logged["reason_class"], logged["help"]) == (
+        "failed",
+        "authentication",
+        help_url,
+    )
+    status = cli.ok("status", "--json", message_id).json()
+    [rcpt] = status["recipients"]
+    assert rcpt["state"] == "failed"
+    assert rcpt["reason_class"] == "authentication"
+    assert rcpt["advice"]["provider"] == "Google"
+    assert rcpt["advice"]["help"] == help_url
+    [attempt] = rcpt["history"]
+    assert attempt["reason_class"] == "authentication"
+    assert attempt["advice"]["help"] == help_url
+
+    text = cli.ok("status", "--history", message_id).out
+    assert "CLASS" in text
+    assert "bob@example.test: authentication (Google): " in text
+    assert f"  Help: {help_url}" in text
+    assert "  What to do: " in text
 
 
 def test_worker_text_log_is_key_value(mail_env: MailEnv) -> None:

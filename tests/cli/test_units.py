@@ -15,7 +15,7 @@ from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.cli.main import _split_sendmail, build_parser
 from mailstrom.cli.output import age, print_table, to_jsonable
 from mailstrom.runtime.attemptlog import attempt_fields
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 
 # --- sendmail ----------------------------------------------------------------------------
@@ -206,6 +206,7 @@ def _record() -> logging.LogRecord:
             ip="127.0.0.1",
             port=25,
             reply=SMTPReply(code=451, enhanced="4.7.1", text="Greylisted, try later"),
+            reason_class=ReasonClass.GREYLISTED,
         ),
         next_attempt_at=datetime(2024, 1, 1, 0, 5, tzinfo=UTC),
     )
@@ -219,7 +220,8 @@ def test_key_value_format() -> None:
     line = KeyValueFormatter().format(_record())
     assert " level=warning logger=mailstrom.attempts event=attempt message_id=m1 " in line
     assert "rcpt=bob@example.test state=deferred outcome=temporary host=mx.test" in line
-    assert 'reason="451 4.7.1 Greylisted, try later"' in line
+    assert 'reason="451 4.7.1 Greylisted, try later" reason_class=greylisted ' in line
+    assert "help=" not in line  # no provider rule knows this reply
     assert "next_attempt=2024-01-01T00:05:00+00:00" in line
     assert "tls=" not in line  # absent values are left out
     assert "\n" not in line

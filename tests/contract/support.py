@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores import Lease, RecipientResult, Store
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -44,8 +44,12 @@ def attempt(
     code: int | None = 250,
     error: str | None = None,
     uncertain: bool = False,
+    reason_class: ReasonClass | None = None,
 ) -> Attempt:
-    """An attempt with every field set, so the round trip checks them all."""
+    """An attempt with every field set, so the round trip checks them all (a failure gets
+    a reason class unless one is given)."""
+    if reason_class is None and outcome is not AttemptOutcome.DELIVERED:
+        reason_class = REASONS[outcome]
     return Attempt(
         at=at,
         outcome=outcome,
@@ -60,7 +64,15 @@ def attempt(
         else None,
         error=error,
         uncertain=uncertain,
+        reason_class=reason_class,
     )
+
+
+REASONS = {
+    AttemptOutcome.TEMPORARY: ReasonClass.GREYLISTED,
+    AttemptOutcome.PERMANENT: ReasonClass.MAILBOX,
+}
+"""The class :func:`attempt` gives a failure by default."""
 
 
 def results_for(

@@ -77,7 +77,9 @@ def test_cancel_fails_pending_recipients_and_keeps_final_ones(store: Store) -> N
         assert r.reason == "cancelled"
         assert r.attempts == attempts
         assert r.next_attempt_at is None
+        assert r.reason_class is None  # "cancelled" is no failure to classify
         assert len(r.history) == attempts
+    assert st.recipient("b@example.org").history[0].reason_class is not None
 
     # A worker still holding c records nothing, and nothing is leased again.
     assert len(store.record(results_for(lease, RecipientState.DELIVERED))) == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 
-from mailstrom.status import AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores import RecipientResult, Store
 from mailstrom.stores.base import MAX_HISTORY, MAX_REPLY_TEXT
 
@@ -103,6 +104,79 @@ def test_failed_with_local_error_and_no_reply(store: Store) -> None:
     assert r.error == "null MX: domain accepts no mail"
     assert r.reason == "null MX: domain accepts no mail"
     assert r.history == (failed,)
+
+
+def test_reason_class_round_trips_per_attempt_and_for_the_recipient(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    retry_at = NOW + 60 * SECOND
+    limited = attempt(AttemptOutcome.TEMPORARY, code=421, reason_class=ReasonClass.RATE_LIMITED)
+    tls = attempt(
+        AttemptOutcome.TEMPORARY,
+        at=retry_at,
+        code=None,
+        error="TLS handshake with mx1.example.org failed",
+        reason_class=ReasonClass.TLS,
+    )
+    delivered = attempt(AttemptOutcome.DELIVERED, at=retry_at + SECOND)
+
+    def record(lease_now: datetime, address: str, done: Attempt, state: RecipientState) -> None:
+        lease = lease_all(store, now=lease_now)
+        [leased] = [r for item in lease.items for r in item.recipients if r.address == address]
+        result = RecipientResult(
+            message_id=mid,
+            address=address,
+            state=state,
+            attempt=done,
+            lease_token=lease.token,
+            next_attempt_at=retry_at if state is RecipientState.DEFERRED else None,
+            ref=leased.ref,
+        )
+        assert store.record([result]) == [result]
+        store.release(lease)
+
+    record(NOW, "a@example.org", limited, RecipientState.DEFERRED)
+    st = store.status(mid)
+    a = st.recipient("a@example.org")
+    assert a.reason_class is ReasonClass.RATE_LIMITED
+    assert a.history == (limited,)
+    assert st.recipient("b@example.org").reason_class is None  # not attempted yet
+
+    record(retry_at, "a@example.org", tls, RecipientState.DEFERRED)
+    a = store.status(mid).recipient("a@example.org")
+    assert a.reason_class is ReasonClass.TLS  # the latest attempt's
+    assert [h.reason_class for h in a.history] == [ReasonClass.RATE_LIMITED, ReasonClass.TLS]
+
+    record(retry_at + SECOND, "a@example.org", delivered, RecipientState.DELIVERED)
+    a = store.status(mid).recipient("a@example.org")
+    assert a.reason_class is None  # delivered: nothing to explain
+    assert a.history == (limited, tls, delivered)
+    # The listing (no history) carries the recipient's class too.
+    [listed] = [m for m in store.recent() if m.id == mid]
+    assert listed.recipient("b@example.org").reason_class is None
+    assert listed.recipient("a@example.org").reason_class is None
+
+
+def test_reason_class_of_every_kind_is_stored(store: Store) -> None:
+    classes = list(ReasonClass)
+    addresses = [f"{c.value}@example.org" for c in classes]
+    mid = store.enqueue(message(*addresses), now=NOW)
+    lease = lease_all(store)
+    results = [
+        RecipientResult(
+            message_id=mid,
+            address=f"{c.value}@example.org",
+            state=RecipientState.FAILED,
+            attempt=attempt(AttemptOutcome.PERMANENT, code=550, reason_class=c),
+            lease_token=lease.token,
+        )
+        for c in classes
+    ]
+    assert len(store.record(results)) == len(classes)
+    st = store.status(mid)
+    for c in classes:
+        r = st.recipient(f"{c.value}@example.org")
+        assert r.reason_class is c
+        assert [h.reason_class for h in r.history] == [c]
 
 
 def test_message_state_is_derived_from_recipients(store: Store) -> None:

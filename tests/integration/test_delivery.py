@@ -4,6 +4,7 @@ aiosmtpd (with trustme TLS) and a dnslib DNS server, both on loopback ephemeral 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from mailstrom import (
     Config,
     Email,
     InvalidAddress,
+    ReasonClass,
     RecipientState,
     RetryPolicy,
     Timeouts,
@@ -26,6 +28,7 @@ from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
 from mailstrom.errors import UnknownMessage, WorkerError
 from mailstrom.message import PreparedMessage, prepare
+from mailstrom.policy import advice_for
 from mailstrom.routing import Route, Router
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
@@ -184,6 +187,65 @@ def test_one_transaction_with_per_recipient_outcomes(
     assert nobody.state is FAILED
     assert nobody.reply is not None and nobody.reply.code == 550
     assert status.state is DEFERRED
+
+
+GMAIL_UNAUTHENTICATED = (
+    "550 5.7.26 This mail is unauthenticated: Gmail wants SPF or DKIM to pass. a1si2 - gsmtp"
+)
+
+
+def test_a_failed_reply_is_classified_in_status_and_in_the_attempt_log(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, caplog: pytest.LogCaptureFixture
+) -> None:
+    mx.rcpt_replies["unauth@example.org"] = GMAIL_UNAUTHENTICATED
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted, try again later"
+    everyone = {"ok@example.org", "unauth@example.org", "grey@example.org"}
+    with caplog.at_level(logging.INFO, logger="mailstrom.attempts"):
+        ms = mailstrom()
+        mid = ms.send_email(hello(*sorted(everyone)))
+        results.wait_final(everyone)
+
+    status = ms.query_status(mid)
+    unauth = status.recipient("unauth@example.org")
+    assert unauth.state is FAILED  # the class explains; the 5xx decided
+    assert unauth.reason_class is ReasonClass.AUTHENTICATION
+    assert [a.reason_class for a in unauth.history] == [ReasonClass.AUTHENTICATION]
+    grey = status.recipient("grey@example.org")
+    assert grey.state is DEFERRED
+    assert grey.reason_class is ReasonClass.GREYLISTED
+    ok = status.recipient("ok@example.org")
+    assert ok.state is DELIVERED and ok.reason_class is None
+    assert [a.reason_class for a in ok.history] == [None]
+    found = advice_for(unauth)
+    assert found is not None and found.provider == "Google"
+    assert found.help == "https://support.google.com/mail/answer/81126"
+
+    fields = {
+        r.fields["rcpt"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "mailstrom.attempts"
+    }
+    assert fields["unauth@example.org"]["reason_class"] == "authentication"
+    assert fields["unauth@example.org"]["help"] == "https://support.google.com/mail/answer/81126"
+    assert fields["grey@example.org"]["reason_class"] == "greylisted"
+    assert fields["grey@example.org"]["help"] is None  # no provider rule: no link
+    assert fields["ok@example.org"]["reason_class"] is None
+
+
+def test_local_failures_are_classified_too(
+    mailstrom: MakeMailstrom, dns_server: LoopbackDNS, results: Results
+) -> None:
+    dns_server.mx("refused.test", [(10, "mx.refused.test")])
+    dns_server.a("mx.refused.test", "127.0.0.2")  # nothing listens there
+    ms = mailstrom()
+    refused = ms.send_email(hello("ann@refused.test"))
+    missing = ms.send_email(hello("bob@nowhere.test"))  # NXDOMAIN
+    results.wait_final({"ann@refused.test", "bob@nowhere.test"})
+    ann = ms.query_status(refused).recipient("ann@refused.test")
+    assert ann.reply is None and ann.error
+    assert ann.reason_class is ReasonClass.CONNECTION
+    bob = ms.query_status(missing).recipient("bob@nowhere.test")
+    assert bob.state is FAILED and bob.reason_class is ReasonClass.DNS
 
 
 def test_first_mx_down_backup_used(

@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, RecipientState, Timeouts
+from mailstrom import (
+    AsyncMailstrom,
+    Config,
+    Email,
+    Mailstrom,
+    ReasonClass,
+    RecipientState,
+    Timeouts,
+)
 from mailstrom.errors import WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -170,6 +178,10 @@ def test_a_worker_process_forwards_its_log_records(
     assert record.name == "mailstrom.attempts"
     assert record.levelno == logging.WARNING
     assert record.fields["rcpt"] == "grey@example.org"  # type: ignore[attr-defined]
+    assert record.fields["reason_class"] == "greylisted"  # type: ignore[attr-defined]
+    # The result crossed the pipe as a tuple, its class with it.
+    [result] = results.all
+    assert result.attempt.reason_class is ReasonClass.GREYLISTED
     store.close()
 
 

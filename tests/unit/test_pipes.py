@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailstrom.runtime.pipes import read_frame, result_from_wire, result_to_wire, write_frame
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 
 AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -37,6 +37,7 @@ AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
                 reply=SMTPReply(code=451, enhanced="4.7.1", text="Greylisted\nsee you"),
                 error=None,
                 uncertain=False,
+                reason_class=ReasonClass.GREYLISTED,
             ),
         ),
         RecipientResult(
@@ -44,7 +45,19 @@ AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
             address="ü@example.org",
             state=RecipientState.FAILED,
             lease_token="t2",
-            attempt=Attempt(at=AT, outcome=AttemptOutcome.PERMANENT, error="null MX"),
+            attempt=Attempt(
+                at=AT,
+                outcome=AttemptOutcome.PERMANENT,
+                error="null MX",
+                reason_class=ReasonClass.ROUTING,
+            ),
+        ),
+        RecipientResult(
+            message_id="m3",
+            address="carol@example.org",
+            state=RecipientState.DELIVERED,
+            lease_token="t3",
+            attempt=Attempt(at=AT, outcome=AttemptOutcome.DELIVERED),
         ),
     ],
 )

@@ -1,19 +1,23 @@
 """``mailstrom status ID`` and ``mailstrom queue``: read-only views of the queue.
 
 They open the store read-only, so they work on a read-only mount (a snapshot, a rescue
-system) and never create, migrate or change it.
+system) and never create, migrate or change it. ``status`` says why each failed recipient
+failed (its reason class) and what to do, with the provider's help page when the reply is
+a well-known one; the advice is looked up when shown, never stored.
 """
 
 from __future__ import annotations
 
 import argparse
 from datetime import datetime
+from typing import Any
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK
-from mailstrom.cli.output import age, print_fields, print_json, print_table
+from mailstrom.cli.output import age, print_fields, print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg
-from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.policy.reasons import advice_for
+from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState, RecipientStatus
 from mailstrom.stores.base import QueueFilter
 
 STATUS_EPILOG = """\
@@ -21,6 +25,7 @@ examples:
   mailstrom status 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom status --history 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].state'
+  mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].advice.help'
 """
 
 QUEUE_EPILOG = """\
@@ -39,7 +44,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="show one message and each recipient's state",
         description="Show where a message and each of its recipients stand: state, last "
-        "reply, MX host and address used, attempts and the next retry.",
+        "reply and why it failed (its class, what to do, the provider's help page), MX host "
+        "and address used, attempts and the next retry.",
         epilog=STATUS_EPILOG,
     )
     p.add_argument("id", help="message id (as printed by send)")
@@ -88,10 +94,26 @@ def status_command(args: argparse.Namespace) -> int:
     with store_from(settings_from(args), read_only=True) as store:
         st = store.status(args.id)
     if args.json:
-        print_json(st)
+        print_json(status_json(st))
         return EX_OK
     print_message(st, utc_now(), history=args.history)
     return EX_OK
+
+
+def status_json(st: MessageStatus) -> dict[str, Any]:
+    """The status as JSON-ready data: every field, plus ``advice`` (meaning, action, help,
+    provider; null when nothing failed) beside each recipient and each attempt."""
+    data: dict[str, Any] = to_jsonable(st)
+    for r, r_data in zip(st.recipients, data["recipients"], strict=True):
+        r_data["advice"] = _advice_json(r)
+        for a, a_data in zip(r.history, r_data["history"], strict=True):
+            a_data["advice"] = _advice_json(a)
+    return data
+
+
+def _advice_json(subject: Attempt | RecipientStatus) -> dict[str, Any] | None:
+    found = advice_for(subject)
+    return None if found is None else to_jsonable(found)
 
 
 def print_message(st: MessageStatus, now: datetime, *, history: bool = False) -> None:
@@ -109,7 +131,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
     )
     print()
     print_table(
-        ["RECIPIENT", "STATE", "ATTEMPTS", "HOST", "IP", "TLS", "NEXT RETRY", "REPLY"],
+        ["RECIPIENT", "STATE", "ATTEMPTS", "HOST", "IP", "TLS", "NEXT RETRY", "CLASS", "REPLY"],
         [
             [
                 r.address,
@@ -119,11 +141,13 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                 r.ip,
                 r.tls if r.attempts else None,
                 r.next_attempt_at if r.state is RecipientState.DEFERRED else None,
+                r.reason_class,
                 r.reason,
             ]
             for r in st.recipients
         ],
     )
+    print_advice(st.recipients)
     if not history:
         return
     for r in st.recipients:
@@ -132,7 +156,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             print(f"Attempts for {r.address}: none yet")
             continue
         print_table(
-            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "REPLY"],
+            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "CLASS", "REPLY"],
             [
                 [
                     a.at,
@@ -142,12 +166,35 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                     a.port,
                     " ".join(filter(None, [a.tls_version, a.tls_cipher])) or None,
                     f"{a.duration:.3f}",
+                    a.reason_class,
                     a.reason,
                 ]
                 for a in r.history
             ],
             title=f"Attempts for {r.address}",
         )
+
+
+def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
+    """What to do about each recipient whose latest attempt failed, one block each::
+
+    bob@example.org: authentication (Google): the receiver could not verify ...
+      What to do: ...
+      Help: https://...
+    """
+    first = True
+    for r in recipients:
+        found = advice_for(r)
+        if found is None:
+            continue
+        if first:
+            print()
+            first = False
+        source = f" ({found.provider})" if found.provider else ""
+        print(f"{r.address}: {found.reason_class}{source}: {found.meaning}")
+        print(f"  What to do: {found.action}")
+        if found.help:
+            print(f"  Help: {found.help}")
 
 
 # --- queue -------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ own logging setup)::
 and also carries ``event = "attempt"`` and the data in ``extra={"fields": ...}``, so a
 structured formatter (the CLI's key=value or JSON, or the application's own) gets fields
 rather than prose to parse. The message id field is ``message_id``: ``message`` is the text
-of the record in most log systems.
+of the record in most log systems. A failed attempt adds ``reason_class`` (why it failed,
+:class:`~mailstrom.status.ReasonClass`) and, when the reply is a provider's well-known one,
+``help``: the provider's page about it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mailstrom.policy.reasons import advice
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
 
@@ -54,6 +57,7 @@ class AttemptText:
 def attempt_fields(result: RecipientResult) -> dict[str, Any]:
     """The fields of one attempt's log line."""
     a = result.attempt
+    reason = a.reason_class
     return {
         "message_id": result.message_id,
         "rcpt": result.address,
@@ -66,6 +70,9 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
         "cipher": a.tls_cipher,
         "code": a.reply.code if a.reply else None,
         "reason": a.reason or None,
+        "reason_class": reason.value if reason is not None else None,
+        # Looked up again rather than carried: only failures logged at WARNING pay for it.
+        "help": advice(reason, a.reply).help if reason is not None else None,
         "uncertain": a.uncertain or None,
         "duration": round(a.duration, 3),
         "next_attempt": result.next_attempt_at.isoformat() if result.next_attempt_at else None,

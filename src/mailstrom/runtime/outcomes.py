@@ -5,6 +5,11 @@ rejected MAIL decides for every recipient; then each RCPT reply decides for its 
 the reply to DATA or to the final dot decides for the recipients accepted. A connection lost
 after the final dot is uncertain. The retry policy turns temporary outcomes into the next
 attempt time or, past its limits, a final failure.
+
+Every failed attempt also gets its :class:`~mailstrom.status.ReasonClass`: from the reply
+(:func:`~mailstrom.policy.reasons.classify_reply`, once per reply however many recipients
+it decides for) or, without one, from the error's type and then its enhanced code. A
+delivery is never classified.
 """
 
 from __future__ import annotations
@@ -15,12 +20,40 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    SMTPConnectError,
+    SMTPProtocolError,
+    SMTPTimeout,
+    TLSRequiredError,
+)
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
-from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.policy.reasons import classify_local, classify_reply, table
+from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+
+# Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
+# specific first. The rest are classified by their reply, else their enhanced code.
+_BY_ERROR_TYPE: tuple[tuple[type[DeliveryError], ReasonClass], ...] = (
+    (TLSHandshakeError, ReasonClass.TLS),  # and TLSVerifyError
+    (TLSRequiredError, ReasonClass.TLS),
+    (SMTPTimeout, ReasonClass.CONNECTION),
+    (SMTPConnectError, ReasonClass.CONNECTION),
+    (SMTPProtocolError, ReasonClass.PROTOCOL),
+)
+
+
+def error_reason(exc: DeliveryError, reply: SMTPReply | None) -> ReasonClass:
+    """The class of an attempt that ended in ``exc`` (``reply``: the one it carries)."""
+    for kind, reason in _BY_ERROR_TYPE:
+        if isinstance(exc, kind):
+            return reason
+    if reply is not None:
+        return classify_reply(reply)
+    return classify_local(exc.enhanced)
 
 
 class Where:
@@ -56,6 +89,7 @@ class Outcomes:
         self._config = config
         self._clock = clock
         self._rng = rng
+        table()  # read the reply classes now, not at the first failure on the event loop
 
     def from_transaction(
         self, item: WorkItem, result: TransactionResult, started: float, where: Where
@@ -64,8 +98,10 @@ class Outcomes:
         if result.mail is None or not is_positive(result.mail, stage=Stage.MAIL):
             reply = result.mail
             outcome = _outcome(reply, Stage.MAIL)
+            refused = _reason(reply)
             return [
-                self._result(item, r, outcome, started, where, reply=reply) for r in item.recipients
+                self._result(item, r, outcome, started, where, reply=reply, reason=refused)
+                for r in item.recipients
             ]
         by_address = {r.address: r for r in item.recipients}
         results: list[RecipientResult] = []
@@ -76,7 +112,17 @@ class Outcomes:
                 accepted.append(recipient)
             else:
                 outcome = classify(reply, stage=Stage.RCPT)
-                results.append(self._result(item, recipient, outcome, started, where, reply=reply))
+                results.append(
+                    self._result(
+                        item,
+                        recipient,
+                        outcome,
+                        started,
+                        where,
+                        reply=reply,
+                        reason=classify_reply(reply),
+                    )
+                )
         if not accepted:
             return results
         if result.uncertain:
@@ -87,7 +133,16 @@ class Outcomes:
             )
             error = "connection lost after the final dot; delivery uncertain"
             results.extend(
-                self._result(item, r, outcome, started, where, error=error, uncertain=True)
+                self._result(
+                    item,
+                    r,
+                    outcome,
+                    started,
+                    where,
+                    error=error,
+                    uncertain=True,
+                    reason=ReasonClass.CONNECTION,
+                )
                 for r in accepted
             )
             return results
@@ -98,8 +153,11 @@ class Outcomes:
         else:
             decisive = result.final
         outcome = _outcome(decisive, stage)
+        # A 250 to the final dot is the common case: classified never, not once per result.
+        reason = None if outcome is AttemptOutcome.DELIVERED else _reason(decisive)
         results.extend(
-            self._result(item, r, outcome, started, where, reply=decisive) for r in accepted
+            self._result(item, r, outcome, started, where, reply=decisive, reason=reason)
+            for r in accepted
         )
         return results
 
@@ -123,8 +181,9 @@ class Outcomes:
             else None
         )
         error = None if reply is not None else exc.text
+        reason = error_reason(exc, reply)
         return [
-            self._result(item, r, outcome, started, where, reply=reply, error=error)
+            self._result(item, r, outcome, started, where, reply=reply, error=error, reason=reason)
             for r in (item.recipients if recipients is None else recipients)
         ]
 
@@ -139,6 +198,7 @@ class Outcomes:
         reply: SMTPReply | None = None,
         error: str | None = None,
         uncertain: bool = False,
+        reason: ReasonClass | None = None,
     ) -> RecipientResult:
         now = self._clock()
         attempt = Attempt(
@@ -153,6 +213,7 @@ class Outcomes:
             reply=reply,
             error=error,
             uncertain=uncertain,
+            reason_class=reason,
         )
         state, next_at = self._decide(recipient, outcome, now)
         return RecipientResult(
@@ -188,3 +249,8 @@ def _outcome(reply: SMTPReply | None, stage: Stage) -> AttemptOutcome:
     if reply is None:
         return AttemptOutcome.TEMPORARY
     return classify(reply, stage=stage)
+
+
+def _reason(reply: SMTPReply | None) -> ReasonClass:
+    # No reply where one decides (MAIL, DATA): the connection gave out before it came.
+    return ReasonClass.CONNECTION if reply is None else classify_reply(reply)

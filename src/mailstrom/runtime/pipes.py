@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from mailstrom.config import Config
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 
 _HEADER = struct.Struct("!I")
@@ -89,16 +89,17 @@ ResultWire = tuple[Any, ...]
 def result_to_wire(r: RecipientResult) -> ResultWire:
     a = r.attempt
     reply = (a.reply.code, a.reply.text, a.reply.enhanced) if a.reply is not None else None
+    reason = a.reason_class.value if a.reason_class is not None else None
     return (
         *(r.message_id, r.address, r.state.value, r.lease_token, r.next_attempt_at, r.ref),
         *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
-        *(a.tls_cipher, reply, a.error, a.uncertain),
+        *(a.tls_cipher, reply, a.error, a.uncertain, reason),
     )
 
 
 def result_from_wire(w: ResultWire) -> RecipientResult:
     (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
-    (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain) = w[9:]
+    (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -121,5 +122,6 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
             reply=smtp_reply,
             error=error,
             uncertain=uncertain,
+            reason_class=None if reason is None else ReasonClass(reason),
         ),
     )

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState
+from mailstrom.status import Attempt, MessageStatus, QueueStats, ReasonClass, RecipientState
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -53,6 +53,17 @@ def bounded_attempt(attempt: Attempt) -> Attempt:
     if short_reply is reply and short_error is error:
         return attempt
     return replace(attempt, reply=short_reply, error=short_error)
+
+
+def reason_class_of(value: str | None) -> ReasonClass | None:
+    """The class stored as ``value``; a name this version does not know (written by a newer
+    mailstrom: classes can be added without a schema change) reads as OTHER."""
+    if value is None:
+        return None
+    try:
+        return ReasonClass(value)
+    except ValueError:
+        return ReasonClass.OTHER
 
 
 def domain_of(address: str) -> str:

@@ -20,6 +20,7 @@ from mailstrom.status import (
     Attempt,
     MessageStatus,
     QueueStats,
+    ReasonClass,
     RecipientState,
     RecipientStatus,
     SMTPReply,
@@ -62,6 +63,7 @@ class _Recipient:
     ip: str | None = None
     tls: bool = False
     uncertain: bool = False
+    reason_class: ReasonClass | None = None
     history: list[Attempt] = field(default_factory=list)
 
     def due_at(self) -> datetime:
@@ -83,6 +85,7 @@ class _Recipient:
             ip=self.ip,
             tls=self.tls,
             uncertain=self.uncertain,
+            reason_class=self.reason_class,
             first_attempt_at=self.first_attempt_at,
             last_attempt_at=self.last_attempt_at,
             next_attempt_at=self.next_attempt_at,
@@ -250,6 +253,7 @@ class MemoryStore:
                 r.ip = attempt.ip
                 r.tls = attempt.tls
                 r.uncertain = attempt.uncertain
+                r.reason_class = attempt.reason_class
                 r.history.append(attempt)
                 del r.history[:-MAX_HISTORY]
                 recorded.append(result)
@@ -334,6 +338,7 @@ class MemoryStore:
                     # The reason must read "cancelled"; the history keeps earlier replies.
                     r.reply = None
                     r.uncertain = False
+                    r.reason_class = None
                     r.next_attempt_at = None
                     r.finished_at = now
                     r.lease_token = r.lease_expires_at = None

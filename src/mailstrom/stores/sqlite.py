@@ -636,7 +636,8 @@ class SQLiteStore:
                 conn.execute(
                     "UPDATE recipients SET state = 'failed', error = 'cancelled',"
                     " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
-                    " uncertain = 0, next_attempt_at = NULL, finished_at = ?,"
+                    " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
+                    " finished_at = ?,"
                     " lease_token = NULL, lease_expires_at = NULL"
                     f" WHERE message_seq = ? AND {PENDING_SQL}",
                     (to_us(now), seq),

@@ -49,9 +49,9 @@ MESSAGE_STATE_SQL = """(
     END
     FROM recipients r WHERE r.message_seq = m.seq)"""
 _RECORD_CHUNK = 1000
-"""Results per statement when recording: 14 values each, well under SQLite's limit of
+"""Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
-_ROW14 = "(" + ",".join("?" * 14) + ")"
+_ROW15 = "(" + ",".join("?" * 15) + ")"
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
@@ -194,29 +194,30 @@ def _record_chunk(
         final = result.state.is_final
         next_at = None if final else opt_us(result.next_attempt_at) or at
         reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+        reason = a.reason_class.value if a.reason_class is not None else None
         values += (
             *(rid, result.lease_token, result.state.value, at, next_at),
             *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
-            *(a.tls, a.uncertain),
+            *(a.tls, a.uncertain, reason),
         )
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
-            *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain),
+            *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
         )
         by_rid[rid] = (result, history)
     if not by_rid:
         return []
     updated = conn.execute(
         "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
-        " mx_host, ip, tls, uncertain) AS (VALUES "
-        + ",".join([_ROW14] * len(by_rid))
+        " mx_host, ip, tls, uncertain, reason_class) AS (VALUES "
+        + ",".join([_ROW15] * len(by_rid))
         + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
         " first_attempt_at = coalesce(first_attempt_at, res.at),"
         " last_attempt_at = res.at, next_attempt_at = res.next_at,"
         " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
         " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
         " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
-        " uncertain = res.uncertain"
+        " uncertain = res.uncertain, reason_class = res.reason_class"
         " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
         " RETURNING recipients.id, recipients.attempts",
         values,
@@ -236,7 +237,7 @@ def _record_chunk(
     conn.execute(
         "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
         " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain) VALUES " + ",".join([_ROW14] * len(kept)),
+        " uncertain, reason_class) VALUES " + ",".join([_ROW15] * len(kept)),
         [value for _, history in kept for value in history],
     )
     return [result for result, _ in kept]
@@ -278,7 +279,7 @@ def read_messages(
         for row in conn.execute(
             "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
             " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-            " last_attempt_at, next_attempt_at FROM recipients"
+            " last_attempt_at, next_attempt_at, reason_class FROM recipients"
             f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
             chunk,
         ):
@@ -287,7 +288,7 @@ def read_messages(
             for row in conn.execute(
                 "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
                 " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                " a.reply_text, a.error, a.uncertain FROM attempts a"
+                " a.reply_text, a.error, a.uncertain, a.reason_class FROM attempts a"
                 " JOIN recipients r ON r.id = a.recipient_id"
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,

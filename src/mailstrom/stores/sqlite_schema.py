@@ -23,6 +23,7 @@ from mailstrom.status import (
     RecipientStatus,
     SMTPReply,
 )
+from mailstrom.stores.base import reason_class_of
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -123,9 +124,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 def attempt_from_row(row: Any) -> Attempt:
     """An attempt from (recipient_id, at, outcome, duration, mx_host, ip, port,
-    tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error, uncertain)."""
+    tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error, uncertain,
+    reason_class)."""
     (_, at, outcome, duration, mx_host, ip, port, tls_version, tls_cipher) = row[:9]
-    code, enhanced, text, error, uncertain = row[9:]
+    code, enhanced, text, error, uncertain, reason_class = row[9:]
     return Attempt(
         at=from_us(at),
         outcome=AttemptOutcome(outcome),
@@ -138,13 +140,14 @@ def attempt_from_row(row: Any) -> Attempt:
         reply=reply_from(code, enhanced, text),
         error=error,
         uncertain=bool(uncertain),
+        reason_class=reason_class_of(reason_class),
     )
 
 
 def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatus:
     """A recipient status from (message_seq, id, address, state, attempts, reply_code,
     reply_enhanced, reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,
-    last_attempt_at, next_attempt_at)."""
+    last_attempt_at, next_attempt_at, reason_class)."""
     return RecipientStatus(
         address=row[2],
         state=RecipientState(row[3]),
@@ -155,6 +158,7 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         ip=row[10],
         tls=bool(row[11]),
         uncertain=bool(row[12]),
+        reason_class=reason_class_of(row[16]),
         first_attempt_at=opt_dt(row[13]),
         last_attempt_at=opt_dt(row[14]),
         next_attempt_at=opt_dt(row[15]),

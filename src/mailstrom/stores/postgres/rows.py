@@ -24,6 +24,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     domain_of,
+    reason_class_of,
 )
 
 Row = dict[str, Any]
@@ -88,6 +89,7 @@ def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
         "reply_texts": [p.text if p else None for p in replies],
         "errors": [a.error for a in attempts],
         "uncertain": [a.uncertain for a in attempts],
+        "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
     }
 
 
@@ -165,6 +167,7 @@ def _attempt(row: Row) -> Attempt:
         reply=_reply(row["a_reply_code"], row["a_reply_enhanced"], row["a_reply_text"]),
         error=row["a_error"],
         uncertain=row["a_uncertain"],
+        reason_class=reason_class_of(row["a_reason_class"]),
     )
 
 
@@ -179,6 +182,7 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
         ip=row["ip"],
         tls=row["tls"],
         uncertain=row["uncertain"],
+        reason_class=reason_class_of(row["reason_class"]),
         first_attempt_at=row["first_attempt_at"],
         last_attempt_at=row["last_attempt_at"],
         next_attempt_at=row["next_attempt_at"],

@@ -83,10 +83,11 @@ WITH res AS (
                 %(mx_hosts)s::text[], %(ips)s::text[], %(ports)s::integer[],
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
-                %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[])
+                %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
+                %(reason_classes)s::text[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain)
+              reply_text, error, uncertain, reason_class)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -105,7 +106,8 @@ WITH res AS (
         mx_host = res.mx_host,
         ip = res.ip,
         tls = res.tls_version IS NOT NULL,
-        uncertain = res.uncertain
+        uncertain = res.uncertain,
+        reason_class = res.reason_class
     FROM res
     WHERE r.message_id = res.message_id
       AND r.address = res.address
@@ -114,10 +116,10 @@ WITH res AS (
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
-                          error, uncertain)
+                          error, uncertain, reason_class)
     SELECT res.message_id, res.address, res.at, res.outcome, res.duration, res.mx_host, res.ip,
            res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
-           res.reply_text, res.error, res.uncertain
+           res.reply_text, res.error, res.uncertain, res.reason_class
     FROM res
     JOIN updated USING (message_id, address)
     RETURNING 1
@@ -163,12 +165,13 @@ SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
-       r.next_attempt_at,
+       r.next_attempt_at, r.reason_class,
        a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
        a.mx_host AS a_mx_host, a.ip AS a_ip, a.port AS a_port,
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
        a.reply_code AS a_reply_code, a.reply_enhanced AS a_reply_enhanced,
-       a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain
+       a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain,
+       a.reason_class AS a_reason_class
 FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
@@ -203,7 +206,7 @@ WITH selected AS (
 SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subject, s.held,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
-       r.next_attempt_at
+       r.next_attempt_at, r.reason_class
 FROM selected s
 LEFT JOIN recipients r ON r.message_id = s.id
 ORDER BY s.created_at DESC, s.seq DESC, r.position;
@@ -235,8 +238,8 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 
 -- name: cancel
 -- The lease is cleared too, so a worker still holding these recipients records nothing.
--- The last reply is cleared so the recipient's reason reads "cancelled"; the history keeps
--- every earlier reply.
+-- The last reply and its class are cleared so the recipient's reason reads "cancelled";
+-- the history keeps every earlier reply.
 WITH found AS (
     SELECT 1 FROM messages WHERE id = %(id)s
 ), cancelled AS (
@@ -246,6 +249,7 @@ WITH found AS (
         reply_code = NULL,
         reply_enhanced = NULL,
         reply_text = NULL,
+        reason_class = NULL,
         uncertain = false,
         next_attempt_at = NULL,
         finished_at = %(now)s,

@@ -1,0 +1,163 @@
+"""The reason class the worker gives each result (runtime/outcomes.py): from the reply that
+decided it, or from the error when there was none; never for an accepted delivery, and
+never changing the outcome."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from mailstrom.config import Config
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    SMTPConnectError,
+    SMTPProtocolError,
+    SMTPTimeout,
+    TemporaryFailure,
+    TLSRequiredError,
+)
+from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
+from mailstrom.runtime.outcomes import Outcomes, Where, error_reason
+from mailstrom.runtime.transactions import TransactionResult
+from mailstrom.status import AttemptOutcome, ReasonClass, RecipientState, SMTPReply
+from mailstrom.stores.base import LeasedRecipient, WorkItem
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+OK = SMTPReply(code=250, enhanced="2.0.0", text="OK")
+GO = SMTPReply(code=354, text="go ahead")
+
+
+def reply(line: str) -> SMTPReply:
+    code, enhanced, text = line.split(" ", 2)
+    return SMTPReply(code=int(code), enhanced=enhanced, text=text)
+
+
+def item(*addresses: str) -> WorkItem:
+    return WorkItem(
+        message_id="m1",
+        lease_token="t1",
+        domain="example.org",
+        envelope_from="app@example.com",
+        recipients=tuple(
+            LeasedRecipient(address=a, attempts=0, first_attempt_at=None, created_at=NOW)
+            for a in addresses
+        ),
+        data=b"Subject: x\r\n\r\nx\r\n",
+        smtputf8=False,
+        eightbit=False,
+    )
+
+
+@pytest.fixture
+def outcomes() -> Outcomes:
+    return Outcomes(Config(helo_name="client.test"), clock=lambda: NOW, rng=random.Random(1))
+
+
+def test_per_recipient_replies_each_get_their_class(outcomes: Outcomes) -> None:
+    work = item("ok@example.org", "grey@example.org", "gone@example.org")
+    result = TransactionResult(
+        mail=OK,
+        rcpt=(
+            ("ok@example.org", OK),
+            ("grey@example.org", reply("451 4.7.1 Greylisted, come back later")),
+            ("gone@example.org", reply("550 5.1.1 No such user")),
+        ),
+        data=GO,
+        final=OK,
+    )
+    got = {
+        r.address: r
+        for r in outcomes.from_transaction(work, result, time.monotonic(), Where(host="mx"))
+    }
+    assert got["ok@example.org"].attempt.reason_class is None
+    assert got["ok@example.org"].state is RecipientState.DELIVERED
+    assert got["grey@example.org"].attempt.reason_class is ReasonClass.GREYLISTED
+    assert got["grey@example.org"].state is RecipientState.DEFERRED
+    assert got["gone@example.org"].attempt.reason_class is ReasonClass.MAILBOX
+    assert got["gone@example.org"].state is RecipientState.FAILED
+
+
+def test_a_refused_mail_command_or_content_classifies_every_recipient(
+    outcomes: Outcomes,
+) -> None:
+    work = item("a@example.org", "b@example.org")
+    refused = reply("421 4.7.0 [TSS04] Messages from 192.0.2.1 deferred for now")
+    mail = TransactionResult(mail=refused, rcpt=(), data=None, final=None)
+    results = outcomes.from_transaction(work, mail, time.monotonic(), Where())
+    assert [r.attempt.reason_class for r in results] == [ReasonClass.RATE_LIMITED] * 2
+    content = TransactionResult(
+        mail=OK,
+        rcpt=(("a@example.org", OK), ("b@example.org", OK)),
+        data=GO,
+        final=reply("550 5.7.26 Unauthenticated mail refused - gsmtp"),
+    )
+    results = outcomes.from_transaction(work, content, time.monotonic(), Where())
+    assert [r.attempt.reason_class for r in results] == [ReasonClass.AUTHENTICATION] * 2
+    assert [r.attempt.outcome for r in results] == [AttemptOutcome.PERMANENT] * 2
+
+
+def test_the_class_never_changes_the_outcome(outcomes: Outcomes) -> None:
+    # 552 to RCPT stays temporary (RFC 5321 §4.5.3.1.10) whatever its class says.
+    work = item("a@example.org")
+    result = TransactionResult(
+        mail=OK,
+        rcpt=(("a@example.org", reply("552 5.2.2 Mailbox full")),),
+        data=None,
+        final=None,
+    )
+    [r] = outcomes.from_transaction(work, result, time.monotonic(), Where())
+    assert r.attempt.outcome is AttemptOutcome.TEMPORARY
+    assert r.attempt.reason_class is ReasonClass.MAILBOX
+
+
+def test_an_uncertain_attempt_is_a_connection_failure(outcomes: Outcomes) -> None:
+    work = item("a@example.org")
+    result = TransactionResult(
+        mail=OK, rcpt=(("a@example.org", OK),), data=GO, final=None, uncertain=True
+    )
+    [r] = outcomes.from_transaction(work, result, time.monotonic(), Where())
+    assert r.attempt.uncertain
+    assert r.attempt.reason_class is ReasonClass.CONNECTION
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (TLSHandshakeError("handshake failed"), ReasonClass.TLS),
+        (TLSVerifyError("certificate not accepted"), ReasonClass.TLS),
+        (TLSRequiredError("mx does not offer STARTTLS"), ReasonClass.TLS),
+        (
+            TLSRequiredError("mx refused STARTTLS", code=454, enhanced="4.7.0"),
+            ReasonClass.TLS,
+        ),
+        (SMTPTimeout("connecting timed out"), ReasonClass.CONNECTION),
+        (SMTPConnectError("cannot connect: Connection refused"), ReasonClass.CONNECTION),
+        (SMTPProtocolError("malformed reply line"), ReasonClass.PROTOCOL),
+        (TemporaryFailure("DNS lookup timed out", enhanced="4.4.3"), ReasonClass.DNS),
+        (PermanentFailure("domain does not exist (NXDOMAIN)", enhanced="5.1.2"), ReasonClass.DNS),
+        (
+            PermanentFailure("accepts no mail (null MX)", code=556, enhanced="5.1.10"),
+            ReasonClass.ROUTING,
+        ),
+        (TemporaryFailure("no MX host has an address", enhanced="4.4.4"), ReasonClass.ROUTING),
+        (
+            PermanentFailure("message size exceeds the limit", code=552, enhanced="5.3.4"),
+            ReasonClass.CONTENT,
+        ),
+        (
+            TemporaryFailure("mx refused authentication: 535 5.7.8 No", code=535, enhanced="5.7.8"),
+            ReasonClass.AUTHENTICATION,
+        ),
+        (TemporaryFailure("internal error: KeyError: 'x'"), ReasonClass.OTHER),
+    ],
+)
+def test_failures_without_a_transaction(
+    outcomes: Outcomes, error: DeliveryError, expected: ReasonClass
+) -> None:
+    [r] = outcomes.from_error(item("a@example.org"), error, time.monotonic(), Where())
+    assert r.attempt.reason_class is expected
+    assert error_reason(error, r.attempt.reply) is expected

@@ -1,0 +1,267 @@
+"""Reply classes (policy/reasons.py over reasons.toml): the data file, the lookup order,
+the RFC 3463 and basic-code fallbacks, and the advice shown to people."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from importlib import resources
+
+import pytest
+
+from mailstrom.policy import advice, advice_for, classify_local, classify_reply
+from mailstrom.policy.reasons import DATA_FILE, ReplyRule, load_table, table
+from mailstrom.smtp.replies import ReplyParser
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, SMTPReply
+
+RULES = table().rules
+
+
+def parse(wire: str) -> SMTPReply:
+    """A reply as the session would see it: ``wire`` lines sent with CRLF."""
+    parser = ReplyParser()
+    parser.feed(wire.replace("\n", "\r\n").encode() + b"\r\n")
+    reply = parser.next_reply()
+    assert reply is not None
+    return reply
+
+
+def rule_id(rule: ReplyRule) -> str:
+    return f"{rule.index + 1}-{rule.provider or 'any'}-{rule.example[:24]}"
+
+
+# --- the data file ----------------------------------------------------------------------------
+
+
+def test_the_data_file_is_package_data_and_loads() -> None:
+    assert resources.files("mailstrom.policy").joinpath(DATA_FILE).is_file()
+    t = load_table()
+    assert len(t.rules) == len(RULES) > 40
+    assert set(t.classes) == set(ReasonClass)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
+def test_every_rule_classifies_its_own_example_and_no_earlier_rule_takes_it(
+    rule: ReplyRule,
+) -> None:
+    reply = parse(rule.example)
+    assert reply.code in rule.codes
+    if rule.enhanced:
+        assert reply.enhanced in rule.enhanced
+    assert table().match(reply) is rule  # reachable: not shadowed by an earlier rule
+    assert classify_reply(reply) is rule.reason_class
+    found = advice(rule.reason_class, reply)
+    assert (found.provider, found.help, found.action) == (rule.provider, rule.help, rule.action)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=rule_id)
+def test_every_rule_is_complete(rule: ReplyRule) -> None:
+    assert rule.action and "\n" not in rule.action
+    assert rule.help is None or rule.help.startswith("https://")
+    if rule.provider is not None:
+        assert rule.help is not None, "a provider's rule links to the provider's page"
+    if rule.enhanced:
+        # An enhanced code belongs to the class of the reply code it is listed with.
+        assert {e[0] for e in rule.enhanced} <= {str(c)[0] for c in rule.codes}
+
+
+def test_every_class_is_reachable_from_some_reply_or_fallback() -> None:
+    t = table()
+    reachable = {r.reason_class for r in t.rules}
+    reachable |= set(t.details.values()) | set(t.subjects.values()) | set(t.codes.values())
+    reachable |= set(t.local.values()) | {ReasonClass.OTHER}
+    # CONNECTION also comes from errors without a reply (runtime.outcomes).
+    assert reachable == set(ReasonClass)
+
+
+GOOD = """
+[classes]
+{classes}
+[[reply]]
+code = 550
+enhanced = "5.7.1"
+class = "policy"
+action = "do something"
+example = "550 5.7.1 no"
+"""
+
+
+def document(rule_extra: str = "", tail: str = "") -> str:
+    classes = "\n".join(f'{c.value} = {{ meaning = "m", action = "a" }}' for c in ReasonClass)
+    return GOOD.format(classes=classes) + rule_extra + "\n" + tail
+
+
+def test_a_minimal_document_loads() -> None:
+    t = load_table(document())
+    assert t.by_key[(550, "5.7.1")][0].reason_class is ReasonClass.POLICY
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        (document('colour = "red"'), "unknown keys"),
+        (document().replace('class = "policy"', 'class = "polite"'), "unknown class"),
+        (document().replace("code = 550", "code = 650"), "no reply code"),
+        (document().replace('enhanced = "5.7.1"', 'enhanced = "5.7"'), "no enhanced code"),
+        (document().replace('enhanced = "5.7.1"', 'enhanced = "4.7.9-3"'), "no enhanced code"),
+        (document("pattern = '(unclosed'"), "bad pattern"),
+        (document('help = "http://example.com/"'), "https"),
+        (document().replace('action = "do something"\n', ""), "action is missing"),
+        (document().replace("other = {", "# other = {"), "lacks"),
+        (document(tail='[enhanced]\n"7" = "policy"'), "subject.detail"),
+        (document(tail='[codes]\n"5x0" = "mailbox"'), "no reply code"),
+        (document(tail="[extras]\nx = 1"), "unknown tables"),
+    ],
+)
+def test_a_malformed_document_is_refused_with_its_reason(text: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        load_table(text)
+
+
+def test_ranges_expand_to_every_code() -> None:
+    t = load_table(document().replace('enhanced = "5.7.1"', 'enhanced = "5.7.606-649"'))
+    assert {e for (_, e) in t.by_key} == {f"5.7.{n}" for n in range(606, 650)}
+
+
+# --- lookup order -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        # RFC 3463 subject.detail, from servers no rule knows.
+        ("550 5.1.1 <bob@example.org>: Recipient address rejected: User unknown", "mailbox"),
+        ("552 5.2.2 Mailbox full", "mailbox"),
+        ("550 5.2.1 Mailbox disabled", "mailbox"),
+        ("552 5.3.4 Message too big for system", "content"),
+        ("451 4.4.3 Directory server failure", "dns"),
+        ("550 5.1.10 Recipient domain has null MX", "routing"),
+        ("550 5.7.26 Multiple authentication checks failed", "authentication"),
+        ("550 5.7.25 Reverse DNS validation failed", "authentication"),
+        ("550 5.7.23 SPF validation failed", "authentication"),
+        ("421 4.7.28 Flood of mail from your host", "rate_limited"),
+        ("530 5.7.11 Encryption required for requested authentication mechanism", "tls"),
+        ("553 5.6.7 Non-ASCII addresses not permitted", "protocol"),
+        ("452 4.5.3 Too many recipients", "protocol"),
+        ("421 4.4.5 Mail system congestion", "system"),
+        ("535 5.7.8 Authentication credentials invalid", "authentication"),
+        # Vague enhanced codes: the subject decides when no heuristic does.
+        ("554 5.7.1 Refused by local rule 17", "policy"),
+        ("550 5.7.0 Go away", "policy"),
+        ("550 5.6.0 Refused", "content"),
+        ("451 4.3.0 Try later", "system"),
+        # Nothing in the enhanced code (X.0.0 or none): the basic code.
+        ("550 5.0.0 Refused", "mailbox"),
+        ("451 4.0.0 Later", "system"),
+        ("421 mx.example.org Service not available, closing transmission channel", "system"),
+        ("550 Requested action not taken", "mailbox"),
+        ("500 Syntax error, command unrecognized", "protocol"),
+        ("535 Authentication failed", "authentication"),
+        ("556 Domain does not accept mail", "routing"),
+        ("554 Transaction failed", "other"),
+        ("459 Something new", "other"),
+        ("354 Go ahead", "protocol"),  # a positive reply where a failure was decided
+    ],
+)
+def test_fallbacks_by_enhanced_code_then_basic_code(wire: str, expected: str) -> None:
+    assert classify_reply(parse(wire)) is ReasonClass(expected)
+
+
+def test_a_telling_enhanced_code_beats_the_text_heuristics() -> None:
+    assert classify_reply(parse("550 5.1.1 Unknown user; looks like spam")) is ReasonClass.MAILBOX
+    # A vague one (X.7.1) leaves it to the text.
+    assert classify_reply(parse("550 5.7.1 Looks like spam")) is ReasonClass.CONTENT
+
+
+def test_text_is_compared_case_insensitively_and_across_lines() -> None:
+    assert classify_reply(parse("451 4.7.1 GREYLISTED")) is ReasonClass.GREYLISTED
+    gmail = parse(
+        "421-4.7.0 TLS\n421-4.7.0 required for RCPT domain, closing connection.\n"
+        "421 4.7.0 a1si2 - gsmtp"
+    )
+    assert gmail.enhanced == "4.7.0"
+    assert classify_reply(gmail) is ReasonClass.TLS
+    assert advice(ReasonClass.TLS, gmail).provider == "Google"
+
+
+def test_a_provider_rule_needs_the_providers_marker() -> None:
+    gmail = parse("550 5.7.26 Unauthenticated sender. a1si2 - gsmtp")
+    other = parse("550 5.7.26 Unauthenticated sender")
+    assert classify_reply(gmail) is classify_reply(other) is ReasonClass.AUTHENTICATION
+    assert advice(ReasonClass.AUTHENTICATION, gmail).provider == "Google"
+    plain = advice(ReasonClass.AUTHENTICATION, other)
+    assert (plain.provider, plain.help) == (None, None)
+    assert plain.action == table().classes[ReasonClass.AUTHENTICATION].action
+
+
+def test_the_brief_s_well_known_replies() -> None:
+    cases = {
+        "421 4.7.28 Unusual rate of unsolicited mail. - gsmtp": "rate_limited",
+        "550 5.7.26 Unauthenticated email is not accepted. - gsmtp": "authentication",
+        "550 5.7.27 SPF did not pass. - gsmtp": "authentication",
+        "421 4.7.0 TLS required for RCPT domain. - gsmtp": "tls",
+        "550 5.7.1 Policy refusal. - gsmtp": "policy",
+        "451 4.7.650 Rate limited due to IP reputation. (S775)": "reputation",
+        "550 5.7.1 Part of their network is on our block list (S3150).": "reputation",
+        "550 5.7.708 Access denied, traffic not accepted from this IP.": "reputation",
+        "550 5.7.750 Client blocked from sending from unregistered domains.": "policy",
+        "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred.": "rate_limited",
+        "554 5.7.9 Message not accepted for policy reasons.": "authentication",
+    }
+    for wire, expected in cases.items():
+        assert classify_reply(parse(wire)) is ReasonClass(expected), wire
+
+
+# --- failures without a reply -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("enhanced", "expected"),
+    [
+        (None, "other"),
+        ("4.4.3", "dns"),  # SERVFAIL or a timeout of our own lookup
+        ("5.1.2", "dns"),  # NXDOMAIN, or no valid domain name
+        ("4.4.4", "routing"),  # no MX host has an address
+        ("5.4.4", "routing"),  # every address refused (loopback...)
+        ("5.1.3", "mailbox"),  # a recipient SMTP cannot carry
+        ("5.1.7", "mailbox"),  # an envelope sender SMTP cannot carry
+    ],
+)
+def test_local_failures_by_enhanced_code(enhanced: str | None, expected: str) -> None:
+    assert classify_local(enhanced) is ReasonClass(expected)
+
+
+# --- advice -----------------------------------------------------------------------------------
+
+
+def test_advice_without_a_reply_is_the_class_s() -> None:
+    found = advice(ReasonClass.GREYLISTED)
+    info = table().classes[ReasonClass.GREYLISTED]
+    assert (found.meaning, found.action, found.help, found.provider) == (
+        info.meaning,
+        info.action,
+        None,
+        None,
+    )
+
+
+def test_advice_for_a_stored_class_the_rule_disagrees_with_is_the_stored_class_s() -> None:
+    # Recorded by another version of the table: the class shown is the one stored.
+    reply = parse("550 5.1.1 No such account. - gsmtp")
+    found = advice(ReasonClass.POLICY, reply)
+    assert found.reason_class is ReasonClass.POLICY and found.provider is None
+
+
+def test_advice_for_an_attempt_or_recipient() -> None:
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    delivered = Attempt(at=at, outcome=AttemptOutcome.DELIVERED)
+    assert advice_for(delivered) is None
+    failed = Attempt(
+        at=at,
+        outcome=AttemptOutcome.PERMANENT,
+        reply=parse("550 5.1.1 No such account. - gsmtp"),
+        reason_class=ReasonClass.MAILBOX,
+    )
+    found = advice_for(failed)
+    assert found is not None
+    assert found.help == "https://support.google.com/mail/?p=NoSuchUser"
