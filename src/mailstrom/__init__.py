@@ -52,6 +52,9 @@ from mailstrom.status import (
     WorkerStatus,
 )
 
+__version__ = "0.1.0"
+"""This release (PEP 440); packaging reads it from here (``[tool.hatch.version]``)."""
+
 __all__ = [
     "AsyncMailstrom",
     "Attachment",

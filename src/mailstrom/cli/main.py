@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from mailstrom import __version__
 from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
@@ -56,6 +57,9 @@ def build_parser() -> ArgumentParser:
         prog="mailstrom", description=DESCRIPTION + _default_store_line(), epilog=EPILOG
     )
     add_global_options(parser)
+    parser.add_argument(
+        "--version", action="version", version=f"mailstrom {__version__}", help="print the version"
+    )
     common = global_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in (

@@ -1,10 +1,10 @@
 """What happened to one work item, as a :class:`RecipientResult` per recipient.
 
-Pure decisions over what the connection reported (RFC 5321 §4.2.5 and DESIGN.md): a
-rejected MAIL decides for every recipient; then each RCPT reply decides for its recipient;
-the reply to DATA or to the final dot decides for the recipients accepted. A connection lost
-after the final dot is uncertain. The retry policy turns temporary outcomes into the next
-attempt time or, past its limits, a final failure.
+Pure decisions over what the connection reported (RFC 5321 §4.2.5, and the delivery rules
+in docs/guide.md): a rejected MAIL decides for every recipient; then each RCPT reply decides
+for its recipient; the reply to DATA or to the final dot decides for the recipients
+accepted. A connection lost after the final dot is uncertain. The retry policy turns
+temporary outcomes into the next attempt time or, past its limits, a final failure.
 """
 
 from __future__ import annotations
