@@ -163,6 +163,9 @@ class Outcomes:
             lease_token=item.lease_token,
             next_attempt_at=next_at,
             ref=recipient.ref,
+            queued_at=recipient.created_at,
+            size=len(item.data),
+            envelope_from=item.envelope_from,
         )
 
     def _decide(

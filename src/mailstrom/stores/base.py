@@ -139,6 +139,13 @@ class RecipientResult:
     lease_token: str
     next_attempt_at: datetime | None = None
     ref: int | None = None
+    queued_at: datetime | None = None
+    """When the message was enqueued (its work item's ``created_at``): for the attempt log's
+    ``delay`` and the queue-delay metric. Stores do not read it."""
+    size: int | None = None
+    """The message's size in octets as stored, for the attempt log. Stores do not read it."""
+    envelope_from: str | None = None
+    """The message's envelope sender, for the attempt log. Stores do not read it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
