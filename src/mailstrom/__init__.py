@@ -14,7 +14,15 @@ configures logging.
 import logging as _logging
 
 from mailstrom.client import AsyncMailstrom, Mailstrom
-from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.config import (
+    Config,
+    DNSConfig,
+    HookConfig,
+    RelayConfig,
+    RelayTLS,
+    Timeouts,
+    TLSPolicy,
+)
 from mailstrom.errors import (
     DeliveryError,
     ForbiddenCharacter,
@@ -44,11 +52,14 @@ from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    Histogram,
     MessageStatus,
+    MetricsSnapshot,
     QueueStats,
     RecipientState,
     RecipientStatus,
     SMTPReply,
+    WorkerMetrics,
     WorkerStatus,
 )
 
@@ -67,6 +78,8 @@ __all__ = [
     "ForbiddenCharacter",
     "HeaderInjection",
     "HeaderTooLong",
+    "Histogram",
+    "HookConfig",
     "InvalidAddress",
     "InvalidAttachment",
     "InvalidMessage",
@@ -75,6 +88,7 @@ __all__ = [
     "MailstromError",
     "MessageStatus",
     "MessageTooLarge",
+    "MetricsSnapshot",
     "MissingFrom",
     "MultipleFromWithoutSender",
     "NestingTooDeep",
@@ -97,6 +111,7 @@ __all__ = [
     "UnencodableHeader",
     "UnknownMessage",
     "WorkerError",
+    "WorkerMetrics",
     "WorkerStatus",
     "downgrade_to_7bit",
     "prepare",

@@ -39,9 +39,10 @@ from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import Lease, RecipientResult, Store
+from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -125,6 +126,10 @@ class Worker:
         self._rng = rng or random.Random()
         self._on_result = on_result
         self._counters = _Counters()
+        self.metrics = MetricsRecorder(domains=config.metrics_domains)
+        """What this worker counted (see :attr:`status`'s ``metrics``)."""
+        self._items: dict[tuple[str, str, str], int] = {}
+        """Recipients not yet reported per work item in delivery: (lease, message, domain)."""
         self._running = False
         self._stopping = False
         self._drain_timeout: float | None = None
@@ -189,7 +194,24 @@ class Worker:
             unrecorded=len(self._pending),
             sessions=dispatcher.sessions if dispatcher is not None else 0,
             record_lag=c.record_lag,
+            transactions=len(self._items),
+            idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
+            metrics=self.metrics.snapshot(),
         )
+
+    def responsive(self, timeout: float = 2.0) -> bool:
+        """Whether the worker runs and its event loop answers within ``timeout`` seconds
+        (thread-safe; for health checks from another thread). A loop stuck in a blocking
+        call, or a worker that stopped, is not responsive."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self._running:
+            return False
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # closed since the check
+            return False
+        return answered.wait(timeout)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until ``run`` has returned (for whatever reason); False on timeout."""
@@ -360,7 +382,9 @@ class Worker:
     def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
+        items = self._items
         for item in lease.items:
+            items[(lease.token, item.message_id, item.domain)] = len(item.recipients)
             dispatcher.submit(item)
         return count
 
@@ -368,6 +392,15 @@ class Worker:
         """An item's results: to the store loop at once (the duplicate window starts)."""
         if not self._pending and self._loop is not None:
             self._pending_since = self._loop.time()
+        if results:
+            first = results[0]
+            key = (first.lease_token, first.message_id, domain_of(first.address))
+            left = self._items.get(key)
+            if left is not None:
+                if left > len(results):
+                    self._items[key] = left - len(results)
+                else:
+                    del self._items[key]
         self._pending.extend(results)
         if self._starved:
             self._lease_wanted = True  # room for more work
@@ -385,6 +418,7 @@ class Worker:
                 if state.unrecorded <= 0:
                     del self._leases[result.lease_token]
         if ignored:
+            self.metrics.ignored_results += ignored
             # The lease expired and another worker took these recipients over (or they
             # were cancelled): its outcome stands; the message may have gone out twice.
             log.warning("%d of %d results ignored: taken over or cancelled", ignored, len(batch))
@@ -394,6 +428,7 @@ class Worker:
     def _count(self, result: RecipientResult) -> None:
         c = self._counters
         c.last_activity_at = result.attempt.at
+        self.metrics.observe(result)
         if result.state is RecipientState.DELIVERED:
             c.delivered += 1
         elif result.state is RecipientState.DEFERRED:
@@ -425,6 +460,7 @@ class Worker:
         first = c.store_error is None
         c.store_error = f"{doing}: {exc}"
         c.store_errors += 1
+        self.metrics.store_errors += 1
         if first:
             log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
 
@@ -481,3 +517,4 @@ class Worker:
             except StoreError as exc:
                 log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()
+        self._items.clear()
