@@ -162,6 +162,38 @@ class MessageStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryEvent:
+    """One recorded result, as the store's event outbox keeps it: what hooks receive and
+    ``mailstrom events`` shows.
+
+    ``id`` grows with every event of a store (never reused); ``attempt`` is the
+    recipient's attempt count including this one; ``at`` is when the attempt ended.
+    """
+
+    id: int
+    at: datetime
+    message_id: str
+    address: str
+    state: RecipientState
+    attempt: int
+    reply: SMTPReply | None = None
+    error: str | None = None
+    reason_class: str | None = None
+    mx_host: str | None = None
+    ip: str | None = None
+    tls: bool = False
+    uncertain: bool = False
+    next_attempt_at: datetime | None = None
+
+    @property
+    def reason(self) -> str:
+        """The reply if any, else the local error."""
+        if self.reply is not None:
+            return str(self.reply)
+        return self.error or ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """Counts of recipients by state, and of pending recipients by destination domain."""
 
