@@ -13,6 +13,7 @@ configures logging.
 
 import logging as _logging
 
+from mailstrom._version import __version__ as __version__
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import (
     Config,
@@ -62,9 +63,6 @@ from mailstrom.status import (
     WorkerMetrics,
     WorkerStatus,
 )
-
-__version__ = "0.1.0"
-"""This release (PEP 440); packaging reads it from here (``[tool.hatch.version]``)."""
 
 __all__ = [
     "AsyncMailstrom",

@@ -135,13 +135,18 @@ class HookConfig:
     never appears in ``repr``.
 
     >>> HookConfig(url="https://app.example/mail-events", secret="whsec")
-    HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100)
+    HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100, \
+retry_min=1.0, retry_max=300.0)
     """
 
     url: str
     secret: str
     timeout: float = 10.0
     batch: int = 100
+    retry_min: float = 1.0
+    retry_max: float = 300.0
+    """Seconds to wait after a failed request: ``retry_min`` at first, doubling (±20 %)
+    up to ``retry_max`` while the endpoint keeps failing."""
 
     def __post_init__(self) -> None:
         scheme, sep, rest = self.url.partition("://")
@@ -153,11 +158,13 @@ class HookConfig:
             raise ConfigError(f"hook.timeout: expected 0 < seconds <= 300, got {self.timeout}")
         if not 1 <= self.batch <= 10_000:
             raise ConfigError(f"hook.batch: expected 1 to 10000 events, got {self.batch}")
+        if not 0 < self.retry_min <= self.retry_max:
+            raise ConfigError("hook: expected 0 < retry_min <= retry_max")
 
     def __repr__(self) -> str:
         return (
             f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
-            f"batch={self.batch!r})"
+            f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
 
 

@@ -10,11 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 
-from mailstrom import __version__
+from mailstrom._version import __version__
 from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
+from mailstrom.cli.events import register as register_events
 from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
@@ -39,6 +40,7 @@ examples:
   mailstrom status 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom queue --state deferred
   mailstrom check example.org
+  mailstrom events --follow --json        # delivery events as workers record them
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
@@ -70,6 +72,7 @@ def build_parser() -> ArgumentParser:
         register_worker,
         register_check,
         register_db,
+        register_events,
     ):
         register(sub, [common])
     return parser

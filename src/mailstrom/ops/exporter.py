@@ -27,7 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from mailstrom import __version__
+from mailstrom._version import __version__
 from mailstrom.runtime.metrics import OTHER
 from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
 

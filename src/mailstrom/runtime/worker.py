@@ -39,6 +39,7 @@ from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
@@ -144,6 +145,7 @@ class Worker:
         self._pending_since = 0.0
         self._starved = False
         self._stopped = threading.Event()
+        self._hooks: HookSender | None = None
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -243,7 +245,23 @@ class Worker:
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         store_loop: asyncio.Task[None] | None = None
+        hooks: asyncio.Task[None] | None = None
+        failed = True
         try:
+            if self.config.outbox:
+                # From here on every record also writes its events, in the same transaction.
+                self.store.enable_events()
+            if self.config.hook is not None:
+                self._hooks = HookSender(
+                    self.config.hook,
+                    self.store,
+                    store_call=self._store_call,
+                    clock=self._clock,
+                    metrics=self.metrics,
+                    poll_interval=self.config.poll_interval,
+                    rng=self._rng,
+                )
+                hooks = asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
             unwatch = self.store.watch(self.wake)
             store_loop = asyncio.create_task(
                 self._store_loop(dispatcher, once=once), name="mailstrom-store"
@@ -256,6 +274,7 @@ class Worker:
             if store_loop.done():
                 store_loop.result()  # a fatal error: raise it here
             await self._drain(dispatcher, store_loop)
+            failed = False
         except BaseException as exc:
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -268,6 +287,8 @@ class Worker:
             await dispatcher.close()
             if store_loop is not None:
                 await self._finish_recording(store_loop)
+            if hooks is not None:
+                await self._stop_hooks(hooks, flush=not failed)
             await self._release_unfinished()
             self._running = False
             self._stopped.set()
@@ -332,6 +353,8 @@ class Worker:
             self._store_fine()
             if batch:
                 self._recorded(batch, recorded)
+                if recorded and self._hooks is not None:
+                    self._hooks.wake()
             if not leasing:
                 continue
             if lease is None:
@@ -503,6 +526,19 @@ class Worker:
                 "tried again when their lease expires",
                 len(self._pending),
             )
+
+    async def _stop_hooks(self, task: asyncio.Task[None], *, flush: bool) -> None:
+        """Let the hook sender finish the request in flight and, after a clean stop, send
+        what the last records added (bounded by the hook timeout); what is left waits in
+        the outbox for the next start."""
+        sender, hook = self._hooks, self.config.hook
+        assert sender is not None and hook is not None
+        sender.stop(within=hook.timeout if flush else 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._hooks = None
 
     async def _release_unfinished(self) -> None:
         """Give back, due at once, what was leased and never attempted. A lease holding
