@@ -263,3 +263,44 @@ def test_worker_command_serves_metrics(mx: Any, dns_server: LoopbackDNS, tmp_pat
         proc.wait(30)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.postgres
+def test_healthz_is_503_when_postgresql_stops(tmp_path: Path) -> None:
+    """A server of its own, so that stopping it troubles no other test."""
+    from mailstrom.stores.postgres import PostgresStore
+    from tests.fixtures.postgres import ThrowawayPostgres
+
+    server = ThrowawayPostgres().start()
+    store: PostgresStore | None = None
+    ms: Mailstrom | None = None
+    ops: OpsServer | None = None
+    try:
+        store = PostgresStore(server.create_database(), timeout=2)
+        ms = Mailstrom(Config(helo_name="client.test"), store=store, worker="thread")
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        ms.start()
+        health = HealthCheck(
+            status=lambda: worker.status, responsive=worker.responsive, store=store
+        )
+        ops = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        ops.start()
+        code, body = healthz(ops.url)
+        assert code == 200, body
+
+        server.stop()
+
+        code, body = healthz(ops.url)
+        assert code == 503
+        assert body["store"]["ok"] is False and body["store"]["error"]
+        # The scrape still answers while the store is down; the queue gauges are left out.
+        assert value(scrape(ops.url), "mailstrom_worker_up") == 1
+    finally:
+        if ops is not None:
+            ops.close()
+        if ms is not None:
+            ms.stop(timeout=1)
+        if store is not None:
+            store.close()
+        server.stop()
