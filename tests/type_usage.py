@@ -55,13 +55,18 @@ def sync_usage() -> None:
         ms.retry(mid)
         ms.cancel(mid)
         print(ms.worker_status.running, ms.query_recent(5))
+        snap = ms.metrics()
+        delay = snap.worker.metrics.queue_delay
+        print(snap.worker.metrics.attempts.get(("delivered", "none"), 0), delay and delay.count)
+        if snap.queue is not None:
+            print(snap.queue.by_state)
 
 
 async def async_usage() -> None:
     async with AsyncMailstrom(Config(), store=open_store("memory:")) as ms:
         mid = await ms.send_email(Email(from_="a@example.com", to="b@example.org", text="x"))
         status = await ms.query_status(mid)
-        print(status.state.is_final)
+        print(status.state.is_final, (await ms.metrics()).worker.transactions)
 
 
 if __name__ == "__main__":

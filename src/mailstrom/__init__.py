@@ -13,8 +13,17 @@ configures logging.
 
 import logging as _logging
 
+from mailstrom._version import __version__ as __version__
 from mailstrom.client import AsyncMailstrom, Mailstrom
-from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.config import (
+    Config,
+    DNSConfig,
+    HookConfig,
+    RelayConfig,
+    RelayTLS,
+    Timeouts,
+    TLSPolicy,
+)
 from mailstrom.errors import (
     DeliveryError,
     ForbiddenCharacter,
@@ -44,12 +53,15 @@ from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    Histogram,
     MessageStatus,
+    MetricsSnapshot,
     QueueStats,
     ReasonClass,
     RecipientState,
     RecipientStatus,
     SMTPReply,
+    WorkerMetrics,
     WorkerStatus,
 )
 
@@ -65,6 +77,8 @@ __all__ = [
     "ForbiddenCharacter",
     "HeaderInjection",
     "HeaderTooLong",
+    "Histogram",
+    "HookConfig",
     "InvalidAddress",
     "InvalidAttachment",
     "InvalidMessage",
@@ -73,6 +87,7 @@ __all__ = [
     "MailstromError",
     "MessageStatus",
     "MessageTooLarge",
+    "MetricsSnapshot",
     "MissingFrom",
     "MultipleFromWithoutSender",
     "NestingTooDeep",
@@ -96,6 +111,7 @@ __all__ = [
     "UnencodableHeader",
     "UnknownMessage",
     "WorkerError",
+    "WorkerMetrics",
     "WorkerStatus",
     "downgrade_to_7bit",
     "prepare",

@@ -125,6 +125,50 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HookConfig:
+    """Where a worker POSTs delivery events (see ``docs/guide.md``, "Events").
+
+    Every request is signed with HMAC-SHA256 under ``secret`` (the receiver checks it with
+    :func:`mailstrom.webhooks.verify_signature`); a request that fails or times out after
+    ``timeout`` seconds is retried with backoff, and its events stay in the store's outbox
+    until the endpoint answers 2xx. At most ``batch`` events go in one request. The secret
+    never appears in ``repr``.
+
+    >>> HookConfig(url="https://app.example/mail-events", secret="whsec")
+    HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100, \
+retry_min=1.0, retry_max=300.0)
+    """
+
+    url: str
+    secret: str
+    timeout: float = 10.0
+    batch: int = 100
+    retry_min: float = 1.0
+    retry_max: float = 300.0
+    """Seconds to wait after a failed request: ``retry_min`` at first, doubling (±20 %)
+    up to ``retry_max`` while the endpoint keeps failing."""
+
+    def __post_init__(self) -> None:
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+            raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
+        if not self.secret:
+            raise ConfigError("hook.secret: required with hook.url (receivers check signatures)")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"hook.timeout: expected 0 < seconds <= 300, got {self.timeout}")
+        if not 1 <= self.batch <= 10_000:
+            raise ConfigError(f"hook.batch: expected 1 to 10000 events, got {self.batch}")
+        if not 0 < self.retry_min <= self.retry_max:
+            raise ConfigError("hook: expected 0 < retry_min <= retry_max")
+
+    def __repr__(self) -> str:
+        return (
+            f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
+            f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the worker needs; every network dependency can be pointed elsewhere.
 
@@ -188,6 +232,20 @@ class Config:
     """SMTP sessions (connections that got a greeting) one delivery attempt may open
     before it gives up until the next retry (Postfix's ``smtp_mx_session_limit``). Enforced
     by the delivery code; connections that fail before the greeting do not count."""
+    metrics_domains: tuple[str, ...] = ()
+    """Destination domains counted under their own name in the per-domain metrics; every
+    other domain counts as ``other``, so the number of series stays bounded."""
+    hook: HookConfig | None = None
+    """POST every recorded result to this endpoint (implies ``events``)."""
+    events: bool = False
+    """Write an event for every recorded result to the store's outbox, in the same
+    transaction as the result (for ``mailstrom events`` and hooks). Off, recording does no
+    extra work."""
+
+    @property
+    def outbox(self) -> bool:
+        """Whether recorded results also go to the event outbox."""
+        return self.events or self.hook is not None
 
     def __post_init__(self) -> None:
         try:
@@ -223,3 +281,7 @@ class Config:
             raise ConfigError("lease_for and poll_interval must be positive")
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
+        domains = tuple(d.strip().lower() for d in self.metrics_domains)
+        if any(not d or any(c.isspace() for c in d) for d in domains):
+            raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
+        object.__setattr__(self, "metrics_domains", domains)

@@ -37,6 +37,7 @@ from mailstrom.config import (
     Config,
     DNSConfig,
     EventLoop,
+    HookConfig,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -65,6 +66,8 @@ class Settings:
     """The merged raw values by dotted key (for ``mailstrom config``)."""
     warnings: tuple[str, ...] = ()
     """Problems worth telling the user that do not stop the command (the CLI prints them)."""
+    metrics_listen: str | None = None
+    """``HOST:PORT`` where ``mailstrom worker`` serves /metrics and /healthz, if anywhere."""
 
     def __repr__(self) -> str:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
@@ -222,6 +225,17 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _listen(key: str, value: Any) -> str:
+    from mailstrom.ops.server import parse_listen
+
+    text = _str(key, value)
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -276,9 +290,16 @@ KEYS: dict[str, Parser] = {
     # Read by ``mailstrom doctor`` only (not part of Config: delivery never uses them).
     "doctor.probe": _str,
     "doctor.dnsbls": _str_list,
+    "events": _bool,
+    "hook.url": _str,
+    "hook.secret": _str,
+    "hook.timeout": _float(0.001),
+    "hook.batch": _int(1),
+    "metrics.listen": _listen,
+    "metrics.domains": _str_list,
 }
 
-SECRET_KEYS = frozenset(["relay.password"])
+SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
 """Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
@@ -403,6 +424,7 @@ def load_settings(
         config_file=config_file,
         values=values,
         warnings=tuple(warnings),
+        metrics_listen=parsed.get("metrics.listen"),
     )
 
 
@@ -463,6 +485,19 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
             others = ", ".join(f"relay.{k}" for k in sorted(relay))
             raise ConfigError(f"relay.host: required when {others} is set")
         top["relay"] = RelayConfig(**relay)
+    if hook := section("hook"):
+        if "url" not in hook:
+            # Settings such as the secret may live in a shared file; no URL, no hook.
+            hook = {}
+        elif "secret" not in hook:
+            raise ConfigError(
+                f"hook.secret: required with hook.url (set it in the file or "
+                f"{env_name('hook.secret')}); receivers check each request's signature"
+            )
+        if hook:
+            top["hook"] = HookConfig(**hook)
+    if (domains := section("metrics").get("domains")) is not None:
+        top["metrics_domains"] = tuple(domains)
     return Config(**top)
 
 

@@ -6,7 +6,7 @@ are the strings the stores write, so they must never change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -212,6 +212,38 @@ class MessageStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryEvent:
+    """One recorded result, as the store's event outbox keeps it: what hooks receive and
+    ``mailstrom events`` shows.
+
+    ``id`` grows with every event of a store (never reused); ``attempt`` is the
+    recipient's attempt count including this one; ``at`` is when the attempt ended.
+    """
+
+    id: int
+    at: datetime
+    message_id: str
+    address: str
+    state: RecipientState
+    attempt: int
+    reply: SMTPReply | None = None
+    error: str | None = None
+    reason_class: str | None = None
+    mx_host: str | None = None
+    ip: str | None = None
+    tls: bool = False
+    uncertain: bool = False
+    next_attempt_at: datetime | None = None
+
+    @property
+    def reason(self) -> str:
+        """The reply if any, else the local error."""
+        if self.reply is not None:
+            return str(self.reply)
+        return self.error or ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """Counts of recipients by state, and of pending recipients by destination domain."""
 
@@ -219,6 +251,61 @@ class QueueStats:
     pending_by_domain: dict[str, int] = field(default_factory=dict)
     messages: int = 0
     held: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Histogram:
+    """Observations counted into buckets, as Prometheus histograms are.
+
+    ``counts[i]`` is how many observations were at most ``bounds[i]`` and more than the
+    bound before it; the last count (one more than there are bounds) is everything above
+    the last bound. ``sum`` adds up every observation.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many observations there were."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations at most that)`` per bucket, ending with infinity."""
+        pairs, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            pairs.append((bound, running))
+        return pairs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerMetrics:
+    """What a worker counted since it started: the numbers behind its Prometheus metrics.
+
+    Every label has a bounded set of values: outcomes and states are enums, reason classes
+    a short fixed vocabulary (anything else counts as ``other``), and destination domains
+    only those configured in ``Config.metrics_domains`` (the rest as ``other``).
+    """
+
+    attempts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """Attempts by (outcome, reason class); the reason class is ``none`` when the attempt
+    has none (deliveries, and results recorded before reason classes existed)."""
+    domain_results: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """Recorded results by (destination domain, new state), for the configured domains."""
+    attempt_duration: Mapping[str, Histogram] = field(default_factory=dict)
+    """Seconds per attempt (connection, or its share of one, to the last reply) by outcome."""
+    queue_delay: Histogram | None = None
+    """Seconds from queueing to delivery, for each delivered recipient."""
+    store_errors: int = 0
+    """Store calls that failed (and were retried) since the worker started."""
+    ignored_results: int = 0
+    """Results the store ignored: their lease was taken over, or they were cancelled."""
+    hook_events_sent: int = 0
+    """Events the hook endpoint acknowledged."""
+    hook_failures: int = 0
+    """Hook requests that failed (they are retried with backoff)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,8 +330,27 @@ class WorkerStatus:
     record_lag: float = 0.0
     """Seconds the oldest result of the last recorded batch waited for its record: the
     window in which a crash would make a delivered recipient be sent again."""
+    transactions: int = 0
+    """Work items (one SMTP transaction each) handed to delivery and not finished."""
+    idle_connections: int = 0
+    """Connections kept open for reuse."""
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    """Counters and histograms since the worker started."""
 
     @property
     def dead(self) -> bool:
         """True when the worker stopped because of an error."""
         return not self.running and self.error is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSnapshot:
+    """The worker's numbers with the queue's: what ``Mailstrom.metrics()`` returns and what
+    ``mailstrom worker --metrics`` exports."""
+
+    worker: WorkerStatus
+    queue: QueueStats | None = None
+    """Recipients by state and pending ones by domain, read from the store at most every
+    few seconds (counting a large queue is not free); None when the store did not answer."""
+    queue_read_at: datetime | None = None
+    """When ``queue`` was read."""

@@ -34,6 +34,12 @@ def test_send_then_worker_once_then_status_delivered(mail_env: MailEnv) -> None:
         ("bob@example.test", "delivered", "mx.test")
     ]
     status = cli.ok("status", "--json", message_id).json()
+    # As Postfix's from=, size= and delay=: the sender, the stored octets, and the seconds
+    # from queueing to this attempt.
+    [attempt] = attempts
+    assert attempt["from"] == "app@client.test"
+    assert attempt["size"] == status["size"] > 0
+    assert 0 < attempt["delay"] < 60
     assert status["state"] == "delivered"
     [rcpt] = status["recipients"]
     assert (rcpt["reason_class"], rcpt["advice"]) == (None, None)

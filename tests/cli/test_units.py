@@ -236,6 +236,26 @@ def test_key_value_values_and_timestamp() -> None:
     assert line.endswith(" code=451 duration=0.25 uncertain=true ok=false")
 
 
+def test_attempt_fields_delay_size_and_sender() -> None:
+    record = _record()
+    result = RecipientResult(
+        message_id="m1",
+        address="bob@example.test",
+        lease_token="t1",
+        state=RecipientState.DELIVERED,
+        attempt=Attempt(
+            at=datetime(2024, 1, 1, 0, 2, 3, 500000, tzinfo=UTC), outcome=AttemptOutcome.DELIVERED
+        ),
+        queued_at=datetime(2024, 1, 1, tzinfo=UTC),
+        size=2048,
+        envelope_from="",
+    )
+    record.fields = attempt_fields(result)
+    line = KeyValueFormatter().format(record)
+    # The null sender shows as from="" (Postfix: from=<>).
+    assert ' message_id=m1 from="" rcpt=bob@example.test size=2048 delay=123.5 ' in line
+
+
 def test_json_format() -> None:
     obj = json.loads(JSONFormatter().format(_record()))
     assert obj["event"] == "attempt"

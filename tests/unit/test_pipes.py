@@ -25,6 +25,9 @@ AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
             lease_token="t1",
             next_attempt_at=AT,
             ref=42,
+            queued_at=AT,
+            size=1234,
+            envelope_from="app@example.com",
             attempt=Attempt(
                 at=AT,
                 outcome=AttemptOutcome.TEMPORARY,

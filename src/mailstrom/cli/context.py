@@ -101,6 +101,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "smtp_port": getattr(args, "smtp_port", None),
         "tls": getattr(args, "tls", None),
         "tls_ca": getattr(args, "tls_ca", None),
+        "metrics.listen": getattr(args, "metrics", None),
+        "hook.url": getattr(args, "hook", None),
     }
     servers = getattr(args, "dns_server", None)
     if servers:

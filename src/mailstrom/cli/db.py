@@ -46,13 +46,12 @@ def migrate_command(args: argparse.Namespace) -> int:
 
 def migrate(url: str) -> int | None:
     """Apply migrations; the resulting schema version (None for the memory store)."""
-    from mailstrom.stores.url import StoreKind, parse_store_url
+    from mailstrom.stores.url import StoreKind, parse_store_url, postgres_module
 
     parsed = parse_store_url(url)
     if parsed.kind is StoreKind.POSTGRES:
-        from mailstrom.stores.postgres import migrate as pg_migrate
-
-        return pg_migrate(parsed.target)
+        version: int = postgres_module().migrate(parsed.target)
+        return version
     if parsed.kind is StoreKind.SQLITE:
         import sqlite3
         from contextlib import closing

@@ -10,11 +10,13 @@ import os
 import sys
 from collections.abc import Callable
 
+from mailstrom._version import __version__
 from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
 from mailstrom.cli.doctor import register as register_doctor
+from mailstrom.cli.events import register as register_events
 from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
@@ -40,6 +42,7 @@ examples:
   mailstrom queue --state deferred
   mailstrom check example.org
   mailstrom doctor example.com             # will receivers accept our mail?
+  mailstrom events --follow --json        # delivery events as workers record them
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
@@ -58,6 +61,9 @@ def build_parser() -> ArgumentParser:
         prog="mailstrom", description=DESCRIPTION + _default_store_line(), epilog=EPILOG
     )
     add_global_options(parser)
+    parser.add_argument(
+        "--version", action="version", version=f"mailstrom {__version__}", help="print the version"
+    )
     common = global_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in (
@@ -69,6 +75,7 @@ def build_parser() -> ArgumentParser:
         register_check,
         register_doctor,
         register_db,
+        register_events,
     ):
         register(sub, [common])
     return parser

@@ -4,8 +4,10 @@ nothing is due), logging one structured line per attempt."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections import deque
+from typing import TYPE_CHECKING
 
 from mailstrom.cli.context import open_store, settings_from
 from mailstrom.cli.exits import EX_OK
@@ -13,11 +15,17 @@ from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
+from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
+from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker
 from mailstrom.settings import Settings
-from mailstrom.stores.base import RecipientResult
+from mailstrom.status import MetricsSnapshot
+from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.url import redact_url
+
+if TYPE_CHECKING:
+    from mailstrom.ops.server import OpsServer
 
 EPILOG = """\
 examples:
@@ -25,6 +33,8 @@ examples:
   mailstrom worker --once                           # deliver what is due, then exit
   mailstrom worker --log-format json --no-live      # for systemd/journald or a collector
   mailstrom worker --store postgresql://mailstrom@db/mailstrom   # one of many workers
+  mailstrom worker --metrics 127.0.0.1:9466         # Prometheus /metrics and /healthz
+  MAILSTROM_HOOK_SECRET=... mailstrom worker --hook https://app.example/mail-events
 
 On SIGTERM or SIGINT the worker stops leasing, lets deliveries in flight finish for up to
 --drain-timeout seconds, and gives the rest back to the queue, due at once. A second signal
@@ -43,6 +53,20 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         epilog=EPILOG,
     )
     add_worker_options(p)
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus /metrics and /healthz there (port alone: on 127.0.0.1; "
+        "needs mailstrom[metrics]); the setting metrics.listen",
+    )
+    p.add_argument(
+        "--hook",
+        metavar="URL",
+        default=None,
+        help="POST every recorded result there as signed JSON, in batches, from the "
+        "store's outbox (the secret: hook.secret or MAILSTROM_HOOK_SECRET)",
+    )
     p.set_defaults(handler=worker_command)
 
 
@@ -86,10 +110,14 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     # Under the live view the attempts are on screen; the log shows only trouble.
     configure_logging(args.log_format, level=max(level, logging.WARNING) if live else level)
     store = open_store(settings.store_url)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(store.close)
         recent: deque[RecipientResult] = deque(maxlen=12)
 
         worker = Worker(settings.config, store, on_result=recent.appendleft)
+        if settings.metrics_listen is not None:
+            server = _ops_server(settings.metrics_listen, worker, store)
+            stack.callback(server.close)
 
         def on_started() -> None:
             # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.
@@ -125,6 +153,27 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
                 "fields": {"delivered": s.delivered, "deferred": s.deferred, "failed": s.failed}
             },
         )
-    finally:
-        store.close()
     return EX_OK
+
+
+def _ops_server(listen: str, worker: Worker, store: Store) -> OpsServer:
+    """/metrics and /healthz for this worker, serving from a thread from now on."""
+    from mailstrom.ops.server import HealthCheck, OpsServer, parse_listen
+
+    host, port = parse_listen(listen)
+    cache = QueueStatsCache(store)
+
+    def snapshot() -> MetricsSnapshot:
+        stats, read_at = cache.get()
+        return MetricsSnapshot(worker=worker.status, queue=stats, queue_read_at=read_at)
+
+    health = HealthCheck(status=lambda: worker.status, responsive=worker.responsive, store=store)
+    try:
+        server = OpsServer(host, port, snapshot=snapshot, health=health)
+    except OSError as exc:
+        raise ConfigError(f"--metrics {listen}: cannot listen: {exc.strerror or exc}") from None
+    server.start()
+    logging.getLogger("mailstrom.worker").info(
+        "serving metrics", extra={"fields": {"url": f"{server.url}/metrics"}}
+    )
+    return server

@@ -10,7 +10,7 @@ from mailstrom.client.common import FacadeBase, MessageInput
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus
+from mailstrom.status import MessageStatus, MetricsSnapshot
 
 
 class AsyncMailstrom(FacadeBase):
@@ -105,6 +105,10 @@ class AsyncMailstrom(FacadeBase):
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""
         return await asyncio.to_thread(self.store.status, message_id)
+
+    async def metrics(self) -> MetricsSnapshot:
+        """The worker's counters with the queue's counts (see ``Mailstrom.metrics``)."""
+        return await asyncio.to_thread(self._metrics_snapshot)
 
     async def query_recent(self, limit: int = 20) -> list[MessageStatus]:
         return await asyncio.to_thread(self.store.recent, limit)

@@ -13,8 +13,9 @@ from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.routing import Router
+from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
-from mailstrom.status import WorkerStatus
+from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
 MessageInput = Email | EmailMessage | bytes
@@ -118,6 +119,17 @@ class FacadeBase:
         if self.worker is None:
             return WorkerStatus(running=False)
         return self.worker.status
+
+    _queue_stats: QueueStatsCache | None = None
+
+    def _metrics_snapshot(self) -> MetricsSnapshot:
+        """The worker's status and counters with the queue's counts (read from the store
+        at most every 5 seconds, shared by every caller)."""
+        cache = self._queue_stats
+        if cache is None:
+            cache = self._queue_stats = QueueStatsCache(self.store)
+        stats, read_at = cache.get()
+        return MetricsSnapshot(worker=self.worker_status, queue=stats, queue_read_at=read_at)
 
     def wake(self) -> None:
         """Look for due work now (e.g. after advancing an injected clock)."""

@@ -17,7 +17,7 @@ from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus
+from mailstrom.status import MessageStatus, MetricsSnapshot
 
 log = logging.getLogger("mailstrom")
 
@@ -138,6 +138,18 @@ class Mailstrom(FacadeBase):
         Raises :class:`~mailstrom.errors.UnknownMessage` for an id not in the store.
         """
         return self.store.status(message_id)
+
+    def metrics(self) -> MetricsSnapshot:
+        """The worker's counters (attempts by outcome and reason class, latency and queue
+        delay histograms, sessions, store errors) with the queue's counts by state: the
+        numbers ``mailstrom worker --metrics`` exports, for applications that run the
+        worker themselves. Works the same for a worker thread and a worker process (whose
+        numbers arrive twice a second).
+
+        >>> from mailstrom.ops.exporter import MailstromCollector  # doctest: +SKIP
+        >>> registry.register(MailstromCollector(ms.metrics))      # doctest: +SKIP
+        """
+        return self._metrics_snapshot()
 
     def query_recent(self, limit: int = 20) -> list[MessageStatus]:
         """The most recently queued messages, newest first."""

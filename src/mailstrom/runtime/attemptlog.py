@@ -55,12 +55,22 @@ class AttemptText:
 
 
 def attempt_fields(result: RecipientResult) -> dict[str, Any]:
-    """The fields of one attempt's log line."""
+    """The fields of one attempt's log line.
+
+    As Postfix's ``from=``, ``size=`` and ``delay=``: ``from`` is the envelope sender,
+    ``size`` the message's octets and ``delay`` the seconds from queueing to the end of
+    this attempt (so it grows with every retry). Left out when the result does not know
+    them (results built by hand rather than by the worker).
+    """
     a = result.attempt
     reason = a.reason_class
+    queued_at = result.queued_at
     return {
         "message_id": result.message_id,
+        "from": result.envelope_from,
         "rcpt": result.address,
+        "size": result.size,
+        "delay": round((a.at - queued_at).total_seconds(), 3) if queued_at else None,
         "state": result.state.value,
         "outcome": a.outcome.value,
         "host": a.mx_host,

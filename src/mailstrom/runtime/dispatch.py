@@ -97,6 +97,11 @@ class Dispatcher:
         """SMTP sessions running (connecting, sending or waiting for a reply)."""
         return self._sessions
 
+    @property
+    def idle_connections(self) -> int:
+        """Connections kept open for reuse (no session runs on them)."""
+        return self._opener.idle_count
+
     # --- taking work -------------------------------------------------------------------
 
     def submit(self, item: WorkItem) -> None:

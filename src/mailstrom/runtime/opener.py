@@ -57,6 +57,11 @@ class Opener:
         self._idle_count = 0
         self._closing: set[asyncio.Task[None]] = set()
 
+    @property
+    def idle_count(self) -> int:
+        """Connections kept open for reuse."""
+        return self._idle_count
+
     def key(self, host: str, ip: str) -> ConnectionKey:
         return ConnectionKey(host=host, ip=ip, port=self.port, tls_mode=self.mode)
 

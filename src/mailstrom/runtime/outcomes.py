@@ -1,10 +1,10 @@
 """What happened to one work item, as a :class:`RecipientResult` per recipient.
 
-Pure decisions over what the connection reported (RFC 5321 §4.2.5 and DESIGN.md): a
-rejected MAIL decides for every recipient; then each RCPT reply decides for its recipient;
-the reply to DATA or to the final dot decides for the recipients accepted. A connection lost
-after the final dot is uncertain. The retry policy turns temporary outcomes into the next
-attempt time or, past its limits, a final failure.
+Pure decisions over what the connection reported (RFC 5321 §4.2.5, and the delivery rules
+in docs/guide.md): a rejected MAIL decides for every recipient; then each RCPT reply decides
+for its recipient; the reply to DATA or to the final dot decides for the recipients
+accepted. A connection lost after the final dot is uncertain. The retry policy turns
+temporary outcomes into the next attempt time or, past its limits, a final failure.
 
 Every failed attempt also gets its :class:`~mailstrom.status.ReasonClass`: from the reply
 (:func:`~mailstrom.policy.reasons.classify_reply`, once per reply however many recipients
@@ -224,6 +224,9 @@ class Outcomes:
             lease_token=item.lease_token,
             next_attempt_at=next_at,
             ref=recipient.ref,
+            queued_at=recipient.created_at,
+            size=len(item.data),
+            envelope_from=item.envelope_from,
         )
 
     def _decide(

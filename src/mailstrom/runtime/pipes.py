@@ -94,12 +94,14 @@ def result_to_wire(r: RecipientResult) -> ResultWire:
         *(r.message_id, r.address, r.state.value, r.lease_token, r.next_attempt_at, r.ref),
         *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
         *(a.tls_cipher, reply, a.error, a.uncertain, reason),
+        *(r.queued_at, r.size, r.envelope_from),
     )
 
 
 def result_from_wire(w: ResultWire) -> RecipientResult:
     (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
-    (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:]
+    (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:18]
+    (queued_at, size, envelope_from) = w[18:21]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -110,6 +112,9 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
         lease_token=token,
         next_attempt_at=next_at,
         ref=ref,
+        queued_at=queued_at,
+        size=size,
+        envelope_from=envelope_from,
         attempt=Attempt(
             at=at,
             outcome=AttemptOutcome(outcome),

@@ -39,9 +39,11 @@ from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.hooks import HookSender
+from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import Lease, RecipientResult, Store
+from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -125,6 +127,10 @@ class Worker:
         self._rng = rng or random.Random()
         self._on_result = on_result
         self._counters = _Counters()
+        self.metrics = MetricsRecorder(domains=config.metrics_domains)
+        """What this worker counted (see :attr:`status`'s ``metrics``)."""
+        self._items: dict[tuple[str, str, str], int] = {}
+        """Recipients not yet reported per work item in delivery: (lease, message, domain)."""
         self._running = False
         self._stopping = False
         self._drain_timeout: float | None = None
@@ -139,6 +145,7 @@ class Worker:
         self._pending_since = 0.0
         self._starved = False
         self._stopped = threading.Event()
+        self._hooks: HookSender | None = None
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -189,7 +196,24 @@ class Worker:
             unrecorded=len(self._pending),
             sessions=dispatcher.sessions if dispatcher is not None else 0,
             record_lag=c.record_lag,
+            transactions=len(self._items),
+            idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
+            metrics=self.metrics.snapshot(),
         )
+
+    def responsive(self, timeout: float = 2.0) -> bool:
+        """Whether the worker runs and its event loop answers within ``timeout`` seconds
+        (thread-safe; for health checks from another thread). A loop stuck in a blocking
+        call, or a worker that stopped, is not responsive."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self._running:
+            return False
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # closed since the check
+            return False
+        return answered.wait(timeout)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until ``run`` has returned (for whatever reason); False on timeout."""
@@ -221,7 +245,23 @@ class Worker:
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         store_loop: asyncio.Task[None] | None = None
+        hooks: asyncio.Task[None] | None = None
+        failed = True
         try:
+            if self.config.outbox:
+                # From here on every record also writes its events, in the same transaction.
+                self.store.enable_events()
+            if self.config.hook is not None:
+                self._hooks = HookSender(
+                    self.config.hook,
+                    self.store,
+                    store_call=self._store_call,
+                    clock=self._clock,
+                    metrics=self.metrics,
+                    poll_interval=self.config.poll_interval,
+                    rng=self._rng,
+                )
+                hooks = asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
             unwatch = self.store.watch(self.wake)
             store_loop = asyncio.create_task(
                 self._store_loop(dispatcher, once=once), name="mailstrom-store"
@@ -234,6 +274,7 @@ class Worker:
             if store_loop.done():
                 store_loop.result()  # a fatal error: raise it here
             await self._drain(dispatcher, store_loop)
+            failed = False
         except BaseException as exc:
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -246,6 +287,8 @@ class Worker:
             await dispatcher.close()
             if store_loop is not None:
                 await self._finish_recording(store_loop)
+            if hooks is not None:
+                await self._stop_hooks(hooks, flush=not failed)
             await self._release_unfinished()
             self._running = False
             self._stopped.set()
@@ -310,6 +353,8 @@ class Worker:
             self._store_fine()
             if batch:
                 self._recorded(batch, recorded)
+                if recorded and self._hooks is not None:
+                    self._hooks.wake()
             if not leasing:
                 continue
             if lease is None:
@@ -360,7 +405,9 @@ class Worker:
     def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
+        items = self._items
         for item in lease.items:
+            items[(lease.token, item.message_id, item.domain)] = len(item.recipients)
             dispatcher.submit(item)
         return count
 
@@ -368,6 +415,15 @@ class Worker:
         """An item's results: to the store loop at once (the duplicate window starts)."""
         if not self._pending and self._loop is not None:
             self._pending_since = self._loop.time()
+        if results:
+            first = results[0]
+            key = (first.lease_token, first.message_id, domain_of(first.address))
+            left = self._items.get(key)
+            if left is not None:
+                if left > len(results):
+                    self._items[key] = left - len(results)
+                else:
+                    del self._items[key]
         self._pending.extend(results)
         if self._starved:
             self._lease_wanted = True  # room for more work
@@ -385,6 +441,7 @@ class Worker:
                 if state.unrecorded <= 0:
                     del self._leases[result.lease_token]
         if ignored:
+            self.metrics.ignored_results += ignored
             # The lease expired and another worker took these recipients over (or they
             # were cancelled): its outcome stands; the message may have gone out twice.
             log.warning("%d of %d results ignored: taken over or cancelled", ignored, len(batch))
@@ -394,6 +451,7 @@ class Worker:
     def _count(self, result: RecipientResult) -> None:
         c = self._counters
         c.last_activity_at = result.attempt.at
+        self.metrics.observe(result)
         if result.state is RecipientState.DELIVERED:
             c.delivered += 1
         elif result.state is RecipientState.DEFERRED:
@@ -425,6 +483,7 @@ class Worker:
         first = c.store_error is None
         c.store_error = f"{doing}: {exc}"
         c.store_errors += 1
+        self.metrics.store_errors += 1
         if first:
             log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
 
@@ -468,6 +527,19 @@ class Worker:
                 len(self._pending),
             )
 
+    async def _stop_hooks(self, task: asyncio.Task[None], *, flush: bool) -> None:
+        """Let the hook sender finish the request in flight and, after a clean stop, send
+        what the last records added (bounded by the hook timeout); what is left waits in
+        the outbox for the next start."""
+        sender, hook = self._hooks, self.config.hook
+        assert sender is not None and hook is not None
+        sender.stop(within=hook.timeout if flush else 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._hooks = None
+
     async def _release_unfinished(self) -> None:
         """Give back, due at once, what was leased and never attempted. A lease holding
         results that could not be recorded is kept: releasing it would resend at once
@@ -481,3 +553,4 @@ class Worker:
             except StoreError as exc:
                 log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()
+        self._items.clear()

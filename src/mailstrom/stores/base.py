@@ -21,7 +21,14 @@ from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import Attempt, MessageStatus, QueueStats, ReasonClass, RecipientState
+from mailstrom.status import (
+    Attempt,
+    DeliveryEvent,
+    MessageStatus,
+    QueueStats,
+    ReasonClass,
+    RecipientState,
+)
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -150,6 +157,23 @@ class RecipientResult:
     lease_token: str
     next_attempt_at: datetime | None = None
     ref: int | None = None
+    queued_at: datetime | None = None
+    """When the message was enqueued (its work item's ``created_at``): for the attempt log's
+    ``delay`` and the queue-delay metric. Stores do not read it."""
+    size: int | None = None
+    """The message's size in octets as stored, for the attempt log. Stores do not read it."""
+    envelope_from: str | None = None
+    """The message's envelope sender, for the attempt log. Stores do not read it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventBatch:
+    """Events of the outbox handed to one sender until ``expires_at``; acknowledged (or
+    released) under ``token``. Events not acknowledged before then are leased again."""
+
+    token: str
+    expires_at: datetime
+    events: tuple[DeliveryEvent, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,6 +302,44 @@ class Store(Protocol):
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""
+        ...
+
+    # --- the event outbox (schema version 3) ----------------------------------------------
+
+    def enable_events(self) -> None:
+        """From now on, :meth:`record` (and :meth:`record_and_lease`) also appends one
+        :class:`~mailstrom.status.DeliveryEvent` per recorded result to the store's event
+        outbox, in the same transaction as the result: an event exists if and only if its
+        result was committed. Until called, recording does no extra work."""
+        ...
+
+    def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
+        """Lease up to ``limit`` events not yet acknowledged and not under an unexpired
+        lease, oldest first; None when there are none. Two senders never hold the same
+        event at once."""
+        ...
+
+    def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
+        """Mark the batch's events sent (those still under its lease); returns how many.
+        Acknowledged events are never leased again."""
+        ...
+
+    def release_events(self, batch: EventBatch) -> None:
+        """Give the batch's unacknowledged events back at once (a failed send)."""
+        ...
+
+    def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
+        """Up to ``limit`` events with an id above ``after``, oldest first, sent or not
+        (for tailing)."""
+        ...
+
+    def last_event_id(self) -> int:
+        """The highest event id so far (0 when there are none)."""
+        ...
+
+    def prune_events(self, *, sent_before: datetime) -> int:
+        """Delete events acknowledged before ``sent_before``; returns how many. Events not
+        yet acknowledged are kept, however old."""
         ...
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:

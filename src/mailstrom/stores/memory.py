@@ -18,6 +18,7 @@ from mailstrom.errors import UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
+    DeliveryEvent,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -28,6 +29,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    EventBatch,
     Lease,
     LeasedRecipient,
     QueueFilter,
@@ -94,6 +96,15 @@ class _Recipient:
 
 
 @dataclass(slots=True, kw_only=True)
+class _Event:
+    # Mutable on purpose: delivery bookkeeping, only ever touched under the store's lock.
+    event: DeliveryEvent
+    sent_at: datetime | None = None
+    lease_token: str | None = None
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(slots=True, kw_only=True)
 class _Message:
     id: str
     seq: int
@@ -136,6 +147,9 @@ class MemoryStore:
         self._messages: dict[str, _Message] = {}
         self._seq = itertools.count()
         self._watchers = Watchers()
+        self._events_on = False
+        self._events: dict[int, _Event] = {}
+        self._event_ids = itertools.count(1)
 
     # --- writing ----------------------------------------------------------------------
 
@@ -257,7 +271,101 @@ class MemoryStore:
                 r.history.append(attempt)
                 del r.history[:-MAX_HISTORY]
                 recorded.append(result)
+                if self._events_on:
+                    reason = getattr(attempt, "reason_class", None)
+                    reason = reason or getattr(result, "reason_class", None)
+                    self._append_event(result.message_id, r, attempt, reason)
         return recorded
+
+    def _append_event(
+        self, message_id: str, r: _Recipient, attempt: Attempt, reason_class: str | None
+    ) -> None:
+        """The outbox entry of a result just recorded (under the lock)."""
+        event_id = next(self._event_ids)
+        self._events[event_id] = _Event(
+            event=DeliveryEvent(
+                id=event_id,
+                at=attempt.at,
+                message_id=message_id,
+                address=r.address,
+                state=r.state,
+                attempt=r.attempts,
+                reply=r.reply,
+                error=r.error,
+                reason_class=reason_class,
+                mx_host=r.mx_host,
+                ip=r.ip,
+                tls=r.tls,
+                uncertain=r.uncertain,
+                next_attempt_at=r.next_attempt_at,
+            )
+        )
+
+    # --- the event outbox -------------------------------------------------------------
+
+    def enable_events(self) -> None:
+        """Record results into the outbox too, from now on."""
+        self._events_on = True
+
+    def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
+        """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
+        if limit <= 0:
+            return None
+        token = os.urandom(16).hex()
+        expires_at = now + lease_for
+        taken: list[DeliveryEvent] = []
+        with self._lock:
+            for e in self._events.values():  # insertion order is id order
+                if len(taken) >= limit:
+                    break
+                if e.sent_at is None and (e.lease_expires_at is None or e.lease_expires_at <= now):
+                    e.lease_token, e.lease_expires_at = token, expires_at
+                    taken.append(e.event)
+        if not taken:
+            return None
+        return EventBatch(token=token, expires_at=expires_at, events=tuple(taken))
+
+    def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
+        """Mark the batch's events sent (those it still holds)."""
+        acked = 0
+        with self._lock:
+            for event in batch.events:
+                e = self._events.get(event.id)
+                if e is not None and e.lease_token == batch.token:
+                    e.sent_at, e.lease_token, e.lease_expires_at = now, None, None
+                    acked += 1
+        return acked
+
+    def release_events(self, batch: EventBatch) -> None:
+        """Give the batch's unacknowledged events back at once."""
+        with self._lock:
+            for event in batch.events:
+                e = self._events.get(event.id)
+                if e is not None and e.lease_token == batch.token:
+                    e.lease_token = e.lease_expires_at = None
+
+    def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
+        """Events with an id above ``after``, oldest first."""
+        with self._lock:
+            found = [e.event for i, e in self._events.items() if i > after]
+        return found[: max(limit, 0)]
+
+    def last_event_id(self) -> int:
+        """The highest event id so far (0 when none)."""
+        with self._lock:
+            return max(self._events, default=0)
+
+    def prune_events(self, *, sent_before: datetime) -> int:
+        """Delete events acknowledged before ``sent_before``."""
+        with self._lock:
+            doomed = [
+                i
+                for i, e in self._events.items()
+                if e.sent_at is not None and e.sent_at < sent_before
+            ]
+            for i in doomed:
+                del self._events[i]
+        return len(doomed)
 
     def _still_held(self, lease: Lease) -> list[_Recipient]:
         """The lease's recipients not yet recorded nor taken over (call under the lock)."""

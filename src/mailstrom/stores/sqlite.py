@@ -58,11 +58,14 @@ from typing import Any
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
+    DeliveryEvent,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
+from mailstrom.stores import sqlite_events
 from mailstrom.stores.base import (
+    EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
@@ -210,6 +213,7 @@ class SQLiteStore:
         self._seen: dict[int, float] = {}
         self._watchers = Watchers()
         self._wakeups = WakeupDirectory(self._path)
+        self._events = False
         try:
             self._open()
         except BaseException:
@@ -563,6 +567,8 @@ class SQLiteStore:
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
             recorded = record_rows(conn, results)
+            if self._events and recorded:
+                sqlite_events.append_events(conn, recorded)
             lease = (
                 lease_rows(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
             )
@@ -578,6 +584,8 @@ class SQLiteStore:
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
             recorded = record_rows(conn, results)
+            if self._events and recorded:
+                sqlite_events.append_events(conn, recorded)
         return recorded
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
@@ -738,6 +746,46 @@ class SQLiteStore:
         return QueueStats(
             by_state=by_state, pending_by_domain=by_domain, messages=messages, held=held
         )
+
+    # --- the event outbox -------------------------------------------------------------
+
+    def enable_events(self) -> None:
+        """Record results into the outbox too, from now on (same transaction)."""
+        self._events = True
+
+    def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
+        """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
+        if limit <= 0:
+            return None
+        with self._write(fsync=False) as conn:
+            return sqlite_events.lease_event_rows(conn, now=now, limit=limit, lease_for=lease_for)
+
+    def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
+        """Mark the batch's events sent (those it still holds). Not fsynced: a power
+        failure can make a batch be sent once more, never lost."""
+        with self._write(fsync=False) as conn:
+            return sqlite_events.ack_event_rows(conn, batch, now=now)
+
+    def release_events(self, batch: EventBatch) -> None:
+        """Give the batch's unacknowledged events back at once."""
+        with self._write(fsync=False) as conn:
+            sqlite_events.release_event_rows(conn, batch)
+
+    def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
+        """Events with an id above ``after``, oldest first."""
+        with self._read() as conn:
+            return sqlite_events.read_event_rows(conn, after=after, limit=limit)
+
+    def last_event_id(self) -> int:
+        """The highest event id so far (0 when none)."""
+        with self._read() as conn:
+            (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+        return int(last)
+
+    def prune_events(self, *, sent_before: datetime) -> int:
+        """Delete events acknowledged before ``sent_before``."""
+        with self._write(fsync=False) as conn:
+            return sqlite_events.prune_event_rows(conn, sent_before=sent_before)
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this

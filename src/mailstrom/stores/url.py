@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.stores.base import Store
@@ -178,10 +179,29 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
         if not read_only and _is_default_path(parsed.target):
             make_private_parents(parsed.target)
         return SQLiteStore(parsed.target, read_only=read_only)
-    # Imported only when asked for, so the other stores never load the driver.
-    from mailstrom.stores.postgres import PostgresStore
+    store: Store = postgres_module().PostgresStore(parsed.target)
+    return store
 
-    return PostgresStore(parsed.target)
+
+POSTGRES_EXTRA = "pip install 'mailstrom[postgres]' (or 'mailstrom[postgres-binary]')"
+"""What to install for PostgreSQL stores."""
+
+
+def postgres_module() -> Any:
+    """:mod:`mailstrom.stores.postgres`, imported only when asked for (SQLite users never
+    load the driver); ConfigError naming the extra when psycopg is missing or unusable."""
+    try:
+        from mailstrom.stores import postgres
+    except ImportError as exc:
+        # A missing psycopg or psycopg_pool, or psycopg without libpq ("no pq wrapper
+        # available", an ImportError without a module name); anything else is a bug.
+        if exc.name is not None and not exc.name.startswith("psycopg"):
+            raise
+        raise ConfigError(
+            f"PostgreSQL stores need the psycopg driver, which cannot be loaded ({exc}): "
+            f"{POSTGRES_EXTRA}"
+        ) from None
+    return postgres
 
 
 def _is_default_path(target: str) -> bool:

@@ -10,6 +10,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    DeliveryEvent,
     MessageStatus,
     RecipientState,
     RecipientStatus,
@@ -225,3 +226,27 @@ def messages_from_rows(rows: Sequence[Row]) -> list[MessageStatus]:
             )
         )
     return out
+
+
+def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
+    """An outbox event from (id, at, message_id, address, state, attempt, reply_code,
+    reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls, uncertain,
+    next_attempt_at)."""
+    (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
+    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:]
+    return DeliveryEvent(
+        id=int(event_id),
+        at=at,
+        message_id=message_id,
+        address=address,
+        state=RecipientState(state),
+        attempt=attempt,
+        reply=_reply(code, enhanced, text),
+        error=error,
+        reason_class=reason_class,
+        mx_host=mx_host,
+        ip=ip,
+        tls=tls,
+        uncertain=uncertain,
+        next_attempt_at=next_at,
+    )

@@ -19,8 +19,9 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.status import DeliveryEvent, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import (
+    EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
@@ -63,6 +64,7 @@ class PostgresStore:
         self._closed = False
         self._lock = threading.Lock()
         self._listeners: set[Listener] = set()
+        self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -147,8 +149,29 @@ class PostgresStore:
         """Record results of any leases in one statement; returns those recorded."""
         if not results:
             return []
+        if self._events:
+            return self._record_with_events(results)
         done = {tuple(row) for row in self._fetch("record", rows.record_params(results))}
         return [r for r in results if (r.message_id, r.address) in done]
+
+    def _record_with_events(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        """Record, then append the outbox rows of what was recorded, in one transaction
+        (two round trips; only with events enabled)."""
+        with (
+            translate_errors("record"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            found = conn.execute(self._queries["record"], rows.record_params(results))
+            done = {tuple(row) for row in found.fetchall()}
+            recorded = [r for r in results if (r.message_id, r.address) in done]
+            pairs = list(dict.fromkeys((r.message_id, r.address) for r in recorded))
+            if pairs:
+                conn.execute(
+                    self._queries["append_events"],
+                    {"message_ids": [m for m, _ in pairs], "addresses": [a for _, a in pairs]},
+                )
+        return recorded
 
     def record_and_lease(
         self,
@@ -276,6 +299,50 @@ class PostgresStore:
     def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages whose last recipient finished before the cutoff."""
         (count,) = self._fetch("purge", {"finished_before": finished_before})[0]
+        return int(count)
+
+    # --- the event outbox -------------------------------------------------------------
+
+    def enable_events(self) -> None:
+        """Record results into the outbox too, from now on (same transaction)."""
+        self._events = True
+
+    def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
+        """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
+        if limit <= 0:
+            return None
+        token = uuid.uuid4().hex
+        expires_at = now + lease_for
+        found = self._fetch(
+            "lease_events", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
+        )
+        if not found:
+            return None
+        events = sorted((rows.event_from_row(row) for row in found), key=lambda e: e.id)
+        return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
+
+    def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
+        """Mark the batch's events sent (those it still holds)."""
+        [(count,)] = self._fetch("ack_events", {"token": batch.token, "now": now})
+        return int(count)
+
+    def release_events(self, batch: EventBatch) -> None:
+        """Give the batch's unacknowledged events back at once."""
+        self._fetch("release_events", {"token": batch.token})
+
+    def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
+        """Events with an id above ``after``, oldest first."""
+        found = self._fetch("read_events", {"after": after, "limit": max(limit, 0)})
+        return [rows.event_from_row(row) for row in found]
+
+    def last_event_id(self) -> int:
+        """The highest event id so far (0 when none)."""
+        [(last,)] = self._fetch("last_event_id", {})
+        return int(last)
+
+    def prune_events(self, *, sent_before: datetime) -> int:
+        """Delete events acknowledged before ``sent_before``."""
+        [(count,)] = self._fetch("prune_events", {"sent_before": sent_before})
         return int(count)
 
     # --- wake-ups and lifetime --------------------------------------------------------

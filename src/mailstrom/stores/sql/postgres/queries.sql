@@ -300,3 +300,70 @@ UNION ALL
 SELECT 'messages', NULL, count(*) FROM messages
 UNION ALL
 SELECT 'held', NULL, count(*) FROM messages WHERE held;
+
+-- name: append_events
+-- The outbox rows of results just recorded, copied from the recipients' rows, in the
+-- order of the arrays. Runs in the record statement's transaction (see PostgresStore.record).
+INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
+                    reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
+                    uncertain)
+SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
+       r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
+       r.ip, r.tls, r.uncertain
+FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
+     AS t(message_id, address, n)
+JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
+ORDER BY t.n;
+
+-- name: lease_events
+-- Unsent events not under an unexpired lease, oldest first; rows another sender is
+-- leasing right now are skipped.
+WITH due AS (
+    SELECT id FROM events
+    WHERE sent_at IS NULL
+      AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE events e
+SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+FROM due
+WHERE e.id = due.id
+RETURNING e.id, e.at, e.message_id, e.address, e.state, e.attempt, e.reply_code,
+          e.reply_enhanced, e.reply_text, e.error, e.reason_class, e.mx_host, e.ip, e.tls,
+          e.uncertain, e.next_attempt_at;
+
+-- name: ack_events
+WITH acked AS (
+    UPDATE events
+    SET sent_at = %(now)s, lease_token = NULL, lease_expires_at = NULL
+    WHERE lease_token = %(token)s
+    RETURNING 1
+)
+SELECT count(*) FROM acked;
+
+-- name: release_events
+WITH released AS (
+    UPDATE events SET lease_token = NULL, lease_expires_at = NULL
+    WHERE lease_token = %(token)s
+    RETURNING 1
+)
+SELECT count(*) FROM released;
+
+-- name: read_events
+SELECT id, at, message_id, address, state, attempt, reply_code, reply_enhanced, reply_text,
+       error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at
+FROM events
+WHERE id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: last_event_id
+SELECT coalesce(max(id), 0) FROM events;
+
+-- name: prune_events
+WITH pruned AS (
+    DELETE FROM events WHERE sent_at < %(sent_before)s RETURNING 1
+)
+SELECT count(*) FROM pruned;

@@ -1,0 +1,140 @@
+"""``mailstrom events``: the delivery events of the store's outbox, for scripts.
+
+The same events a hook receives (``--json`` prints each as the hook's JSON object, one a
+line); ``--follow`` keeps printing new ones as workers record them, like ``tail -f``.
+Events are written only while a worker runs with a hook or the ``events`` setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from mailstrom.cli.context import settings_from, store_from, utc_now
+from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
+from mailstrom.status import DeliveryEvent
+from mailstrom.stores.base import Store
+from mailstrom.webhooks import event_json
+
+EPILOG = """\
+examples:
+  mailstrom events                        # the last 20 events
+  mailstrom events --follow --json | jq 'select(.type == "failed")'
+  mailstrom events --after 1200 --limit 500
+  mailstrom events --prune 7d             # delete events sent over a week ago
+
+Events are written while a worker runs with a hook (--hook, hook.url) or with the events
+setting (MAILSTROM_EVENTS=1); each is one recorded attempt's result.
+"""
+
+LOOKBACK = 200
+"""Ids below the highest printed that --follow looks at again: with several PostgreSQL
+workers an event with a lower id can commit after one with a higher id (SQLite commits in
+id order)."""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "events",
+        parents=parents,
+        help="show delivery events (what hooks receive)",
+        description="Show the delivery events of the store's outbox, oldest first: one per "
+        "recorded attempt (delivered, deferred, failed).",
+        epilog=EPILOG,
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--after", type=_event_id, default=None, metavar="ID", help="only events with a higher id"
+    )
+    p.add_argument(
+        "--limit",
+        type=count_arg,
+        default=20,
+        metavar="N",
+        help="without --after: the last N events (default 20); with it: at most N",
+    )
+    p.add_argument(
+        "--interval",
+        type=seconds_arg,
+        default=0.5,
+        metavar="S",
+        help="with --follow: seconds between looks at the store (default 0.5)",
+    )
+    p.add_argument(
+        "--prune",
+        type=duration_arg,
+        default=None,
+        metavar="AGE",
+        help="delete events sent (acknowledged by the hook) more than AGE ago, and exit",
+    )
+    p.set_defaults(handler=events_command)
+
+
+def _event_id(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an event id (a whole number), got {text!r}")
+    return int(text)
+
+
+def events_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.prune is not None:
+        with store_from(settings) as store:
+            pruned = store.prune_events(sent_before=utc_now() - args.prune)
+        print(json.dumps({"pruned": pruned}) if args.json else f"pruned {pruned} events")
+        return EX_OK
+    with store_from(settings, read_only=True) as store:
+        if args.after is None:
+            after = max(0, store.last_event_id() - max(args.limit, 0))
+            limit = max(args.limit, 0)
+        else:
+            after, limit = args.after, max(args.limit, 0)
+        for event in store.read_events(after=after, limit=limit):
+            after = max(after, event.id)
+            _print(event, as_json=args.json)
+        if args.follow:
+            _follow(store, after, as_json=args.json, interval=args.interval)
+    return EX_OK
+
+
+def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None:
+    """Print events as they appear until interrupted (Ctrl-C ends the command)."""
+    floor = high = after  # nothing at or below the starting point is printed again
+    printed: set[int] = set()
+    while True:
+        # Polling: events come from other processes, and a SQLite reader has nothing to
+        # wait on. Each look is one indexed range read of the ids near the top.
+        time.sleep(interval)
+        for event in store.read_events(after=max(floor, high - LOOKBACK), limit=10_000):
+            if event.id in printed:
+                continue
+            _print(event, as_json=as_json)
+            printed.add(event.id)
+            high = max(high, event.id)
+        printed = {i for i in printed if i > high - LOOKBACK}
+
+
+def _print(event: DeliveryEvent, *, as_json: bool) -> None:
+    if as_json:
+        line = json.dumps(event_json(event), ensure_ascii=False)
+    else:
+        parts = [
+            event.at.isoformat(timespec="seconds"),
+            f"#{event.id}",
+            event.state.value,
+            event.address,
+            f"attempt={event.attempt}",
+            f"message_id={event.message_id}",
+        ]
+        if event.mx_host:
+            parts.append(f"host={event.mx_host}")
+        if event.reason_class:
+            parts.append(f"class={event.reason_class}")
+        reason = " ".join(event.reason.split())
+        line = " ".join(parts) + (f": {reason}" if reason else "")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,204 @@
+"""Prometheus metrics from a :class:`~mailstrom.status.MetricsSnapshot` (needs the
+``metrics`` extra: ``pip install 'mailstrom[metrics]'``).
+
+The collector reads a snapshot when Prometheus scrapes and turns it into metric families;
+nothing in the worker touches prometheus-client, and the numbers are the ones
+``Mailstrom.metrics()`` returns. It goes into a registry of its own, never the process-wide
+default one, so an application's own metrics and ours do not collide::
+
+    from prometheus_client import CollectorRegistry
+    from mailstrom.ops.exporter import MailstromCollector
+
+    registry = CollectorRegistry()
+    registry.register(MailstromCollector(ms.metrics))
+
+Every label has a bounded set of values (see ``docs/guide.md``, "Metrics and health").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from mailstrom._version import __version__
+from mailstrom.runtime.metrics import OTHER
+from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
+
+TOP_DOMAINS = 10
+"""Destination domains with the most pending recipients shown by name in
+``mailstrom_queue_pending_recipients``; the rest add up under ``other``."""
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in h.cumulative()]
+    family.add_metric(labels, buckets, sum_value=h.sum)
+
+
+class MailstromCollector(Collector):
+    """Metric families from ``snapshot()``, called once per scrape.
+
+    ``top_domains``: how many destination domains the pending-queue gauge names.
+    """
+
+    def __init__(
+        self, snapshot: Callable[[], MetricsSnapshot], *, top_domains: int = TOP_DOMAINS
+    ) -> None:
+        self._snapshot = snapshot
+        self._top = top_domains
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        status, m = snap.worker, snap.worker.metrics
+
+        info = GaugeMetricFamily("mailstrom_info", "mailstrom version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "mailstrom_worker_up", "1 while the worker runs", value=int(status.running)
+        )
+        if status.started_at is not None:
+            yield GaugeMetricFamily(
+                "mailstrom_worker_start_time_seconds",
+                "When the worker started (Unix time)",
+                value=status.started_at.timestamp(),
+            )
+
+        attempts = CounterMetricFamily(
+            "mailstrom_attempts",
+            "Delivery attempts recorded, by outcome and reason class",
+            labels=["outcome", "reason_class"],
+        )
+        for (outcome, reason), n in sorted(m.attempts.items()):
+            attempts.add_metric([outcome, reason], n)
+        yield attempts
+
+        results = CounterMetricFamily(
+            "mailstrom_results",
+            "Recorded results by the recipient's new state: deliveries, deferrals, failures",
+            labels=["state"],
+        )
+        results.add_metric([RecipientState.DELIVERED.value], status.delivered)
+        results.add_metric([RecipientState.DEFERRED.value], status.deferred)
+        results.add_metric([RecipientState.FAILED.value], status.failed)
+        yield results
+
+        if m.domain_results:
+            by_domain = CounterMetricFamily(
+                "mailstrom_domain_results",
+                "Recorded results by configured destination domain (others: other) and state",
+                labels=["domain", "state"],
+            )
+            for (domain, state), n in sorted(m.domain_results.items()):
+                by_domain.add_metric([domain, state], n)
+            yield by_domain
+
+        durations = HistogramMetricFamily(
+            "mailstrom_attempt_duration_seconds",
+            "Seconds per delivery attempt, by outcome",
+            labels=["outcome"],
+        )
+        for outcome, h in sorted(m.attempt_duration.items()):
+            _histogram(durations, [outcome], h)
+        yield durations
+
+        if m.queue_delay is not None:
+            delay = HistogramMetricFamily(
+                "mailstrom_queue_delay_seconds",
+                "Seconds from queueing to delivery, per delivered recipient",
+            )
+            _histogram(delay, [], m.queue_delay)
+            yield delay
+
+        for name, doc, value in (
+            (
+                "mailstrom_sessions",
+                "SMTP sessions running (connecting or sending)",
+                status.sessions,
+            ),
+            (
+                "mailstrom_idle_connections",
+                "SMTP connections kept for reuse",
+                status.idle_connections,
+            ),
+            (
+                "mailstrom_in_flight_transactions",
+                "Work items (one SMTP transaction each) in delivery",
+                status.transactions,
+            ),
+            ("mailstrom_in_flight_recipients", "Recipients in delivery", status.in_flight),
+            (
+                "mailstrom_unrecorded_results",
+                "Results waiting in memory for the store",
+                status.unrecorded,
+            ),
+            (
+                "mailstrom_record_lag_seconds",
+                "How long the oldest result of the last recorded batch waited for its record",
+                status.record_lag,
+            ),
+            (
+                "mailstrom_store_up",
+                "1 while the worker's store calls succeed",
+                int(status.store_error is None),
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, count in (
+            ("mailstrom_store_errors", "Store calls that failed and were retried", m.store_errors),
+            (
+                "mailstrom_ignored_results",
+                "Results the store ignored (lease taken over, or cancelled)",
+                m.ignored_results,
+            ),
+            ("mailstrom_hook_events_sent", "Events the hook acknowledged", m.hook_events_sent),
+            ("mailstrom_hook_failures", "Hook requests that failed", m.hook_failures),
+        ):
+            yield CounterMetricFamily(name, doc, value=count)
+
+        yield from self._queue(snap)
+
+    def _queue(self, snap: MetricsSnapshot) -> Iterator[Metric]:
+        queue = snap.queue
+        if queue is None:
+            return
+        by_state = GaugeMetricFamily(
+            "mailstrom_queue_recipients", "Recipients in the store by state", labels=["state"]
+        )
+        for state in RecipientState:
+            by_state.add_metric([state.value], queue.by_state.get(state, 0))
+        yield by_state
+        pending = GaugeMetricFamily(
+            "mailstrom_queue_pending_recipients",
+            f"Queued or deferred recipients of the {self._top} busiest destination domains "
+            "(the rest: other)",
+            labels=["domain"],
+        )
+        ranked = sorted(queue.pending_by_domain.items(), key=lambda kv: (-kv[1], kv[0]))
+        for domain, n in ranked[: self._top]:
+            pending.add_metric([domain], n)
+        rest = sum(n for _, n in ranked[self._top :])
+        if rest:
+            pending.add_metric([OTHER], rest)
+        yield pending
+        yield GaugeMetricFamily("mailstrom_queue_messages", "Messages in the store", queue.messages)
+        yield GaugeMetricFamily("mailstrom_queue_held_messages", "Messages on hold", queue.held)
+        if snap.queue_read_at is not None:
+            yield GaugeMetricFamily(
+                "mailstrom_queue_read_time_seconds",
+                "When the queue counts were read from the store (Unix time)",
+                value=snap.queue_read_at.timestamp(),
+            )
+
+
+def registry_for(snapshot: Callable[[], MetricsSnapshot]) -> CollectorRegistry:
+    """A registry of its own holding one :class:`MailstromCollector`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MailstromCollector(snapshot))
+    return registry

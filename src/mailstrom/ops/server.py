@@ -1,0 +1,236 @@
+"""A small HTTP server beside a worker: ``/metrics`` for Prometheus, ``/healthz`` for
+supervisors and load balancers.
+
+It runs on a thread of its own (stdlib ``http.server``), so a scrape never waits for the
+worker's event loop and a busy loop never delays a scrape; what it reads are snapshots the
+worker hands over (thread-safe) and the store (thread-safe). Loopback by default: metrics
+say how much mail goes where, which is nobody else's business.
+
+``/healthz`` answers 200 with ``{"status": "ok", ...}`` while the worker runs, its event loop
+answers within two seconds, and the store answers a cheap query; otherwise 503 with
+``"status": "fail"`` and what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from mailstrom.errors import ConfigError
+from mailstrom.status import MetricsSnapshot, WorkerStatus
+from mailstrom.stores.base import Store
+
+log = logging.getLogger("mailstrom.ops")
+
+LOOP_TIMEOUT = 2.0
+"""Seconds the worker's event loop has to answer a health check."""
+STORE_TIMEOUT = 3.0
+"""Seconds the store has to answer a health check (a stopped PostgreSQL server can
+otherwise hold a connection attempt for the pool's whole timeout)."""
+METRICS_EXTRA = "pip install 'mailstrom[metrics]'"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Health:
+    """One health check: ``ok`` decides 200 or 503; ``details`` is the JSON body."""
+
+    ok: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class HealthCheck:
+    """Whether a worker and its store are alive (callable from any thread).
+
+    ``status`` gives the worker's status, ``responsive`` says whether its event loop
+    answers (``Worker.responsive``); the store is asked for its next due time, which every
+    store answers from an index.
+    """
+
+    def __init__(
+        self,
+        *,
+        status: Callable[[], WorkerStatus],
+        responsive: Callable[[float], bool],
+        store: Store,
+    ) -> None:
+        self._status = status
+        self._responsive = responsive
+        self._store = store
+        self._ping: _Ping | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Health:
+        status = self._status()
+        loop_ok = status.running and self._responsive(LOOP_TIMEOUT)
+        store_error = self._ping_store()
+        worker: dict[str, Any] = {
+            "running": status.running,
+            "loop": "ok" if loop_ok else "not responding" if status.running else "stopped",
+            "in_flight": status.in_flight,
+            "sessions": status.sessions,
+            "unrecorded": status.unrecorded,
+        }
+        if status.error is not None:
+            worker["error"] = status.error
+        store: dict[str, Any] = {"ok": store_error is None}
+        if store_error is not None:
+            store["error"] = store_error
+        elif status.store_error is not None:
+            store["worker_error"] = status.store_error  # failing for the worker, retried
+        ok = loop_ok and store_error is None
+        return Health(
+            ok=ok,
+            details={
+                "status": "ok" if ok else "fail",
+                "time": datetime.now(UTC).isoformat(),
+                "worker": worker,
+                "store": store,
+            },
+        )
+
+    def _ping_store(self) -> str | None:
+        with self._lock:
+            if self._ping is not None and not self._ping.done.is_set():
+                # The last ping still hangs: fail now rather than pile up threads.
+                return f"a store check has not answered for over {STORE_TIMEOUT:g} s"
+            ping = self._ping = _Ping()
+        # A daemon thread: a ping hanging on a dead database must not hold up exit.
+        threading.Thread(
+            target=ping.run, args=(self._store,), name="mailstrom-health", daemon=True
+        ).start()
+        if not ping.done.wait(STORE_TIMEOUT):
+            return f"the store did not answer within {STORE_TIMEOUT:g} s"
+        return ping.error
+
+
+class _Ping:
+    """One store check on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+
+    def run(self, store: Store) -> None:
+        try:
+            store.next_due(now=datetime.now(UTC))
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done.set()
+
+
+class OpsServer:
+    """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a thread.
+
+    >>> server = OpsServer("127.0.0.1", 9466, snapshot=ms.metrics, health=check)  # doctest: +SKIP
+    >>> server.start(); ...; server.close()  # doctest: +SKIP
+
+    ``port=0`` takes a free port (see :attr:`port`). Without prometheus-client installed
+    the constructor raises :class:`~mailstrom.errors.ConfigError` naming the extra.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        snapshot: Callable[[], MetricsSnapshot],
+        health: Callable[[], Health],
+    ) -> None:
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            from mailstrom.ops.exporter import registry_for
+        except ImportError as exc:
+            raise ConfigError(
+                f"metrics need prometheus-client, which cannot be loaded ({exc}): {METRICS_EXTRA}"
+            ) from None
+        registry = registry_for(snapshot)
+
+        def metrics() -> tuple[int, str, bytes]:
+            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+        def healthz() -> tuple[int, str, bytes]:
+            result = health()
+            body = json.dumps(result.details).encode() + b"\n"
+            return (200 if result.ok else 503), "application/json", body
+
+        routes = {"/metrics": metrics, "/healthz": healthz}
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "mailstrom"
+            sys_version = ""
+
+            def do_GET(self) -> None:
+                route = routes.get(self.path.partition("?")[0])
+                if route is None:
+                    self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
+                    return
+                try:
+                    code, content_type, body = route()
+                except Exception:
+                    log.exception("serving %s failed", self.path)
+                    code, content_type, body = 500, "text/plain", b"internal error\n"
+                self._send(code, content_type, body)
+
+            def _send(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # a scrape every few seconds is not worth a log line
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="mailstrom-ops-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose for port 0)."""
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = str(self._httpd.server_address[0])
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(5.0)
+        self._httpd.server_close()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` → (host, port); loopback
+    (127.0.0.1) when no host is given.
+
+    >>> parse_listen("9466"), parse_listen("0.0.0.0:9466"), parse_listen("[::1]:9466")
+    (('127.0.0.1', 9466), ('0.0.0.0', 9466), ('::1', 9466))
+    """
+    host, port = "127.0.0.1", text.strip()
+    if port.startswith("["):
+        host, _, rest = port[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif ":" in port:
+        host, _, port = port.rpartition(":")
+        host = host or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9466), got {text!r}")
+    return host, int(port)

@@ -1,0 +1,201 @@
+"""The hook sender: events from the store's outbox POSTed to ``Config.hook``, in batches.
+
+It runs as a task on the worker's loop. Each turn it leases a batch of unsent events
+(oldest first; other workers' senders never get the same ones), POSTs them signed
+(:mod:`mailstrom.webhooks`) and marks them sent once the endpoint answers 2xx. A failed
+request (an error status, a redirect, a timeout, no connection) gives the batch back and
+waits, doubling the wait from ``hook.retry_min`` (1 s) up to ``retry_max`` (5 min); the
+events wait in the store, so an endpoint that is down loses nothing and a restart resends
+exactly the events that were never acknowledged. A sender killed between the POST and the
+acknowledgement leaves that batch leased until ``lease_for`` passes, then it is sent again:
+at-least-once, which is why each event carries an id to de-duplicate on.
+
+HTTP goes through the standard library (``urllib.request``) on a thread: one request per
+batch of up to ``hook.batch`` events makes the thread hand-off and the missing connection
+reuse negligible, it verifies TLS certificates with the system's trust store by default,
+and it needs no extra to install. Redirects are not followed (a hook URL that moved is a
+configuration error, and following one would resend the body somewhere else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import logging
+import random
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from mailstrom._version import __version__
+from mailstrom.config import HookConfig
+from mailstrom.errors import StoreError
+from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.stores.base import EventBatch, Store
+from mailstrom.webhooks import SIGNATURE_HEADER, encode_events, sign
+
+log = logging.getLogger("mailstrom.hooks")
+
+T = TypeVar("T")
+StoreCall = Callable[..., Awaitable[Any]]
+
+RETENTION = timedelta(hours=24)
+"""How long sent events stay in the outbox (for ``mailstrom events``) before pruning."""
+PRUNE_EVERY = 600.0
+"""Seconds between prunes."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then surfaces as an HTTPError: a failed request
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str | None:
+    """POST ``body``; None when the endpoint answered 2xx, else why not (blocking)."""
+    opener = urllib.request.build_opener(_NoRedirects())
+    # HookConfig admits only http:// and https:// URLs.
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read(65536)  # let the connection close cleanly; the body is not used
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return f"{type(exc).__name__}: {reason}"
+    return None if 200 <= status < 300 else f"HTTP {status}"
+
+
+class HookSender:
+    """Sends the outbox of ``store`` to ``hook`` until :meth:`stop`.
+
+    ``store_call`` runs a store method the way the worker does (on the loop for local
+    stores, in a thread for PostgreSQL); ``clock`` gives aware UTC times.
+    """
+
+    def __init__(
+        self,
+        hook: HookConfig,
+        store: Store,
+        *,
+        store_call: StoreCall,
+        clock: Callable[[], datetime],
+        metrics: MetricsRecorder,
+        poll_interval: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._hook = hook
+        self._store = store
+        self._store_call = store_call
+        self._clock = clock
+        self._metrics = metrics
+        self._poll = poll_interval
+        self._rng = rng or random.Random()
+        # Long enough for a request that takes its whole timeout, and a little more.
+        self.lease_for = timedelta(seconds=2 * hook.timeout + 1)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._deadline = float("inf")
+        self._failing = False
+        self._last_prune = -PRUNE_EVERY
+
+    def wake(self) -> None:
+        """New events may be in the outbox (called on the loop)."""
+        self._wake.set()
+
+    def stop(self, within: float) -> None:
+        """Send what is in the outbox for at most ``within`` seconds more, then end: the
+        batch in flight is finished and acknowledged rather than left to expire."""
+        self._stopping = True
+        self._deadline = time.monotonic() + within
+        self._wake.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        wait = self._hook.retry_min
+        while True:
+            if self._stopping and (self._failing or time.monotonic() >= self._deadline):
+                return
+            self._wake.clear()  # a record from now on wakes the idle wait below
+            try:
+                batch = await self._store_call(
+                    self._store.lease_events,
+                    now=self._clock(),
+                    limit=self._hook.batch,
+                    lease_for=self.lease_for,
+                )
+            except StoreError as exc:
+                log.warning("hook: cannot read the outbox: %s", exc)
+                if self._stopping:
+                    return
+                await self._sleep(wait, self._stop)
+                wait = min(wait * 2, self._hook.retry_max)
+                continue
+            if batch is None:
+                if self._stopping:
+                    return
+                await self._prune()
+                await self._sleep(self._poll, self._wake)
+                continue
+            if await self._send(batch):
+                wait = self._hook.retry_min
+                continue
+            if self._stopping:
+                return
+            # New events do not cut a backoff short (the endpoint is failing); a stop does.
+            await self._sleep(wait * self._rng.uniform(0.8, 1.2), self._stop)
+            wait = min(wait * 2, self._hook.retry_max)
+
+    async def _send(self, batch: EventBatch) -> bool:
+        body = encode_events(batch.events)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"mailstrom/{__version__}",
+            SIGNATURE_HEADER: sign(self._hook.secret, body),
+        }
+        failure = await asyncio.to_thread(post, self._hook.url, body, headers, self._hook.timeout)
+        if failure is None:
+            try:
+                acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
+            except StoreError as exc:
+                # Delivered but not marked: the lease expires and the batch goes again.
+                log.warning(
+                    "hook: sent %d events, cannot mark them sent: %s", len(batch.events), exc
+                )
+                return False
+            self._metrics.hook_events_sent += acked
+            if self._failing:
+                log.warning("hook: %s answers again", self._hook.url)
+            self._failing = False
+            return True
+        self._metrics.hook_failures += 1
+        if not self._failing:
+            log.warning(
+                "hook: POST to %s failed (%s); retrying with backoff", self._hook.url, failure
+            )
+        self._failing = True
+        with contextlib.suppress(StoreError):  # else the lease simply expires
+            await self._store_call(self._store.release_events, batch)
+        return False
+
+    async def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        try:
+            await self._store_call(self._store.prune_events, sent_before=self._clock() - RETENTION)
+        except StoreError as exc:
+            log.debug("hook: pruning sent events failed: %s", exc)
+
+    @staticmethod
+    async def _sleep(seconds: float, until: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until.wait(), timeout=seconds)

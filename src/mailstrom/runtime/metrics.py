@@ -1,0 +1,154 @@
+"""What the worker counts about its own work, for ``WorkerStatus.metrics`` and Prometheus.
+
+Plain integers and lists on the worker's loop, not metric objects with a lock each: the
+worker observes every recorded result (about a microsecond) and copies the numbers into an
+immutable :class:`~mailstrom.status.WorkerMetrics` only when someone asks (a status
+snapshot, twice a second from a worker process; a scrape). Label values are bounded here,
+where they are made, so a hostile or chatty peer cannot grow the number of series.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from mailstrom.errors import StoreError
+from mailstrom.status import Histogram, QueueStats, RecipientState, WorkerMetrics
+from mailstrom.stores.base import RecipientResult, Store, domain_of
+
+ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+"""Bucket bounds of the attempt-duration histogram: a loopback delivery takes
+milliseconds, a distant server a second or two, a stalled one up to the RFC timeouts."""
+QUEUE_SECONDS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 5 * 86400.0)
+"""Bucket bounds of the queue-delay histogram: seconds when the first attempt succeeds,
+then the retry schedule's minutes and hours, up to the default maximum age of 5 days."""
+OTHER = "other"
+"""The label value that stands for everything outside a bounded set."""
+NO_REASON = "none"
+"""The reason class of an attempt that has none."""
+MAX_REASON_CLASSES = 32
+"""Distinct reason classes counted under their own name; later ones count as ``other``."""
+_REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+class _Buckets:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus' "le").
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def freeze(self) -> Histogram:
+        return Histogram(bounds=self.bounds, counts=tuple(self.counts), sum=self.total)
+
+
+def reason_class_of(result: RecipientResult) -> str:
+    """The reason class of a result's attempt, when the attempt (or the result) carries one;
+    read with ``getattr`` so that results from before reason classes work too."""
+    value = getattr(result.attempt, "reason_class", None) or getattr(result, "reason_class", None)
+    if value is None:
+        return NO_REASON
+    return str(getattr(value, "value", value))
+
+
+class MetricsRecorder:
+    """Counts recorded results; :meth:`snapshot` gives the numbers as a value.
+
+    ``domains`` are the destination domains counted under their own name (lower-case);
+    every other domain counts as ``other``.
+    """
+
+    def __init__(self, *, domains: Iterable[str] = ()) -> None:
+        self._domains = frozenset(d.lower() for d in domains)
+        self._attempts: dict[tuple[str, str], int] = {}
+        self._domain_results: dict[tuple[str, str], int] = {}
+        self._durations: dict[str, _Buckets] = {}
+        self._queue_delay = _Buckets(QUEUE_SECONDS)
+        self._reasons: set[str] = set()
+        self.store_errors = 0
+        self.ignored_results = 0
+        self.hook_events_sent = 0
+        self.hook_failures = 0
+
+    def observe(self, result: RecipientResult) -> None:
+        """Count one result the store recorded."""
+        attempt = result.attempt
+        outcome = attempt.outcome.value
+        key = (outcome, self._reason_label(reason_class_of(result)))
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+        buckets = self._durations.get(outcome)
+        if buckets is None:
+            buckets = self._durations[outcome] = _Buckets(ATTEMPT_SECONDS)
+        buckets.observe(attempt.duration)
+        if result.state is RecipientState.DELIVERED and result.queued_at is not None:
+            self._queue_delay.observe(max(0.0, (attempt.at - result.queued_at).total_seconds()))
+        if self._domains:
+            domain = domain_of(result.address)
+            label = domain if domain in self._domains else OTHER
+            dkey = (label, result.state.value)
+            self._domain_results[dkey] = self._domain_results.get(dkey, 0) + 1
+
+    def _reason_label(self, reason: str) -> str:
+        if reason == NO_REASON or reason in self._reasons:
+            return reason
+        if len(self._reasons) >= MAX_REASON_CLASSES or not _REASON_CLASS.fullmatch(reason):
+            return OTHER
+        self._reasons.add(reason)
+        return reason
+
+    def snapshot(self) -> WorkerMetrics:
+        """The numbers so far, as an immutable value (safe to hand to another thread)."""
+        return WorkerMetrics(
+            attempts=dict(self._attempts),
+            domain_results=dict(self._domain_results),
+            attempt_duration={k: b.freeze() for k, b in self._durations.items()},
+            queue_delay=self._queue_delay.freeze(),
+            store_errors=self.store_errors,
+            ignored_results=self.ignored_results,
+            hook_events_sent=self.hook_events_sent,
+            hook_failures=self.hook_failures,
+        )
+
+
+class QueueStatsCache:
+    """``store.stats()`` read at most once per ``max_age`` seconds (thread-safe).
+
+    Counting a queue of a million recipients takes a noticeable fraction of a second (an
+    index scan on SQLite, see benchmarks/README.md), so scrapes and ``metrics()`` callers
+    share one reading. A failing store gives None (and its error in :attr:`error`) rather
+    than an exception: a metrics scrape should report the trouble, not fail with it.
+    """
+
+    def __init__(self, store: Store, *, max_age: float = 5.0) -> None:
+        self._store = store
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._stats: QueueStats | None = None
+        self._read_at: datetime | None = None
+        self._read_mono = -math.inf
+        self.error: str | None = None
+
+    def get(self) -> tuple[QueueStats | None, datetime | None]:
+        """The queue's counts and when they were read (None, None if never read)."""
+        with self._lock:  # one reader at a time; the others use its result
+            if time.monotonic() - self._read_mono >= self._max_age:
+                self._read_mono = time.monotonic()
+                try:
+                    self._stats = self._store.stats()
+                    self._read_at = datetime.now(UTC)
+                    self.error = None
+                except StoreError as exc:
+                    self._stats, self._read_at = None, None
+                    self.error = str(exc)
+            return self._stats, self._read_at

@@ -1,0 +1,133 @@
+"""The SQL of the SQLite store's event outbox (schema version 3).
+
+Functions over a connection inside a transaction the caller (:class:`SQLiteStore`) opened.
+Events are copied from the recipients' rows right after :func:`record_rows` updated them,
+in the same transaction: the row then holds exactly what was recorded (state, attempt
+count, reply, and the reason class when the record path writes one).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from mailstrom.status import DeliveryEvent, RecipientState
+from mailstrom.stores.base import EventBatch, RecipientResult
+from mailstrom.stores.sqlite_schema import from_us, opt_dt, reply_from, to_us
+
+_CHUNK = 400
+"""Recipients per INSERT (two bound values each)."""
+EVENT_COLUMNS = (
+    "id, at, message_id, address, state, attempt, reply_code, reply_enhanced, reply_text,"
+    " error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at"
+)
+
+
+def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult]) -> None:
+    """One event per recorded result, in the order of ``recorded``."""
+    refs: list[int] = []
+    for result in recorded:
+        ref = result.ref
+        if ref is None:  # a result built by hand, not from a lease: find its row
+            row = conn.execute(
+                "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq"
+                " WHERE m.id = ? AND r.address = ?",
+                (result.message_id, result.address),
+            ).fetchone()
+            if row is None:
+                continue
+            ref = int(row[0])
+        refs.append(ref)
+    for start in range(0, len(refs), _CHUNK):
+        chunk = refs[start : start + _CHUNK]
+        conn.execute(
+            "WITH picked (n, rid) AS (VALUES " + ",".join(["(?,?)"] * len(chunk)) + ")"
+            " INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at,"
+            " reply_code, reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,"
+            " uncertain)"
+            " SELECT m.id, r.address, r.state, r.attempts, r.last_attempt_at,"
+            " r.next_attempt_at, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
+            " r.reason_class, r.mx_host, r.ip, r.tls, r.uncertain"
+            " FROM picked JOIN recipients r ON r.id = picked.rid"
+            " JOIN messages m ON m.seq = r.message_seq ORDER BY picked.n",
+            [v for n, rid in enumerate(chunk) for v in (n, rid)],
+        )
+
+
+def event_from_row(row: Any) -> DeliveryEvent:
+    """An event from a row of :data:`EVENT_COLUMNS`."""
+    (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
+    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:]
+    return DeliveryEvent(
+        id=event_id,
+        at=from_us(at),
+        message_id=message_id,
+        address=address,
+        state=RecipientState(state),
+        attempt=attempt,
+        reply=reply_from(code, enhanced, text),
+        error=error,
+        reason_class=reason_class,
+        mx_host=mx_host,
+        ip=ip,
+        tls=bool(tls),
+        uncertain=bool(uncertain),
+        next_attempt_at=opt_dt(next_at),
+    )
+
+
+def lease_event_rows(
+    conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
+) -> EventBatch | None:
+    """Lease up to ``limit`` unsent events not under an unexpired lease, oldest first."""
+    token = os.urandom(16).hex()
+    expires_at = now + lease_for
+    rows = conn.execute(
+        "UPDATE events SET lease_token = ?, lease_expires_at = ? WHERE id IN (SELECT id FROM"
+        " events INDEXED BY events_unsent WHERE sent_at IS NULL"
+        " AND coalesce(lease_expires_at, 0) <= ? ORDER BY id LIMIT ?)"
+        f" RETURNING {EVENT_COLUMNS}",
+        (token, to_us(expires_at), to_us(now), limit),
+    ).fetchall()
+    if not rows:
+        return None
+    events = sorted((event_from_row(row) for row in rows), key=lambda e: e.id)
+    return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
+
+
+def ack_event_rows(conn: sqlite3.Connection, batch: EventBatch, *, now: datetime) -> int:
+    """Mark the batch's events sent, those it still holds."""
+    return int(
+        conn.execute(
+            "UPDATE events SET sent_at = ?, lease_token = NULL, lease_expires_at = NULL"
+            " WHERE lease_token = ?",
+            (to_us(now), batch.token),
+        ).rowcount
+    )
+
+
+def release_event_rows(conn: sqlite3.Connection, batch: EventBatch) -> None:
+    conn.execute(
+        "UPDATE events SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = ?",
+        (batch.token,),
+    )
+
+
+def read_event_rows(conn: sqlite3.Connection, *, after: int, limit: int) -> list[DeliveryEvent]:
+    rows = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+        (after, max(limit, 0)),
+    ).fetchall()
+    return [event_from_row(row) for row in rows]
+
+
+def prune_event_rows(conn: sqlite3.Connection, *, sent_before: datetime) -> int:
+    return int(
+        conn.execute(
+            "DELETE FROM events WHERE sent_at IS NOT NULL AND sent_at < ?",
+            (to_us(sent_before),),
+        ).rowcount
+    )

@@ -1,0 +1,86 @@
+"""``mailstrom events``: the outbox's delivery events for scripts, listed and followed."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from tests.cli.conftest import MailEnv
+
+
+def send(env: MailEnv, to: str) -> str:
+    out = env.cli.ok("send", "--from", "app@client.test", "--to", to, "--text", "Hi").out
+    return out.strip()
+
+
+def test_events_list_and_follow(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"  # the outbox is written without a hook
+    mail_env.mx.rcpt_replies["later@example.test"] = "451 4.7.1 Try again later"
+    first = send(mail_env, "bob@example.test")
+    second = send(mail_env, "later@example.test")
+    cli.ok("worker", "--once", "--no-live")
+
+    lines = cli.ok("events", "--json").out.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [
+        (e["message_id"], e["recipient"], e["type"])
+        for e in sorted(events, key=lambda e: e["recipient"])
+    ] == [
+        (first, "bob@example.test", "delivered"),
+        (second, "later@example.test", "deferred"),
+    ]
+    assert all(e["attempt"] == 1 for e in events)
+    text = cli.ok("events").out
+    assert "delivered bob@example.test attempt=1" in text
+    assert "451 4.7.1 Try again later" in text
+    # --after and --limit page through them.
+    last = max(e["id"] for e in events)
+    assert cli.ok("events", "--after", str(last)).out == ""
+    assert len(cli.ok("events", "--limit", "1").out.splitlines()) == 1
+
+    # --follow prints what workers record from now on, and nothing it printed before.
+    follow = cli.popen("events", "--follow", "--json", "--interval", "0.05")
+    try:
+        assert follow.stdout is not None
+        got: list[dict[str, object]] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert follow.stdout is not None
+            for line in follow.stdout:
+                got.append(json.loads(line))
+                if len(got) == 3:
+                    ready.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        third = send(mail_env, "carol@example.test")
+        cli.ok("worker", "--once", "--no-live")
+        assert ready.wait(30), got
+        assert [e["recipient"] for e in got[2:]] == ["carol@example.test"]
+        assert got[2]["message_id"] == third
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        if follow.stdout is not None:
+            follow.stdout.close()
+        if follow.stderr is not None:
+            follow.stderr.close()
+
+
+def test_events_prune_keeps_unsent(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"
+    send(mail_env, "bob@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    assert cli.ok("events", "--prune", "0s", "--json").json() == {"pruned": 0}
+    assert len(cli.ok("events").out.splitlines()) == 1
+
+
+def test_events_on_an_empty_store(cli: object) -> None:
+    from tests.cli.conftest import CLI
+
+    assert isinstance(cli, CLI)
+    assert cli.ok("events").out == ""
+    assert cli("events", "--after", "x").code == 64

@@ -1,0 +1,168 @@
+"""The event outbox (schema version 3), the same on every store: an event per recorded
+result once enabled and none before, leasing like recipients, acknowledgement, release,
+reading in id order, pruning."""
+
+from __future__ import annotations
+
+import threading
+
+from mailstrom.status import AttemptOutcome, RecipientState
+from mailstrom.stores import RecipientResult, Store
+from tests.contract.conftest import Backend
+from tests.contract.support import LEASE_FOR, NOW, SECOND, attempt, lease_all, message, results_for
+
+
+def test_no_events_until_enabled(store: Store) -> None:
+    store.enqueue(message(), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    assert store.read_events() == []
+    assert store.last_event_id() == 0
+    assert store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+
+
+def test_an_event_per_recorded_result(store: Store) -> None:
+    store.enable_events()
+    mid = store.enqueue(message("alice@example.org", "bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    results = results_for(lease, RecipientState.DELIVERED, only=["alice@example.org"])
+    results += results_for(
+        lease, RecipientState.DEFERRED, only=["bob@example.org"], next_attempt_at=NOW + SECOND
+    )
+    store.record_and_lease(results, now=NOW, limit=0, lease_for=LEASE_FOR)
+    events = store.read_events()
+    assert [(e.address, e.state, e.attempt) for e in events] == [
+        ("alice@example.org", RecipientState.DELIVERED, 1),
+        ("bob@example.org", RecipientState.DEFERRED, 1),
+    ]
+    first, second = events
+    assert first.id < second.id == store.last_event_id()
+    assert first.message_id == mid
+    assert first.at == NOW
+    assert first.reply is not None and (first.reply.code, first.reply.enhanced) == (250, "2.0.0")
+    assert first.reply.text == "line one\nline two"
+    assert (first.mx_host, first.ip, first.tls, first.uncertain) == (
+        "mx1.example.org",
+        "127.0.0.7",
+        True,
+        False,
+    )
+    assert first.next_attempt_at is None
+    assert second.next_attempt_at == NOW + SECOND
+    assert second.reply is not None and second.reply.code == 451
+
+    # The second attempt's event counts it.
+    store.record(results_for(lease_all(store, now=NOW + SECOND), RecipientState.FAILED))
+    last = store.read_events(after=second.id)
+    assert [(e.address, e.state, e.attempt) for e in last] == [
+        ("bob@example.org", RecipientState.FAILED, 2)
+    ]
+
+
+def test_ignored_results_make_no_event(store: Store) -> None:
+    store.enable_events()
+    store.enqueue(message("alice@example.org"), now=NOW)
+    lease = lease_all(store)
+    stale = [
+        RecipientResult(
+            message_id=r.message_id,
+            address=r.address,
+            lease_token="not-the-lease",
+            state=RecipientState.DELIVERED,
+            attempt=attempt(AttemptOutcome.DELIVERED),
+            ref=r.ref,
+        )
+        for r in results_for(lease, RecipientState.DELIVERED)
+    ]
+    assert store.record(stale) == []
+    assert store.read_events() == []
+
+
+def test_lease_ack_release_and_expiry(store: Store) -> None:
+    store.enable_events()
+    for i in range(5):
+        store.enqueue(message(f"u{i}@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+
+    first = store.lease_events(now=NOW, limit=2, lease_for=LEASE_FOR)
+    assert first is not None
+    second = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert second is not None
+    ids = [e.id for e in first.events] + [e.id for e in second.events]
+    assert ids == sorted(ids) and len(set(ids)) == 5  # disjoint, oldest first
+    assert store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+
+    assert store.ack_events(first, now=NOW) == 2
+    assert store.ack_events(first, now=NOW) == 0  # once
+    store.release_events(second)
+    again = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert again is not None
+    assert [e.id for e in again.events] == [e.id for e in second.events]
+
+    # Not acknowledged before the lease expires: leased again, and the old lease's
+    # acknowledgement no longer counts.
+    later = NOW + LEASE_FOR + SECOND
+    retaken = store.lease_events(now=later, limit=10, lease_for=LEASE_FOR)
+    assert retaken is not None
+    assert [e.id for e in retaken.events] == [e.id for e in second.events]
+    assert store.ack_events(again, now=later) == 0
+    assert store.ack_events(retaken, now=later) == 3
+    assert store.lease_events(now=later + LEASE_FOR * 2, limit=10, lease_for=LEASE_FOR) is None
+    # Reading sees sent and unsent events alike.
+    assert len(store.read_events(limit=100)) == 5
+    assert len(store.read_events(after=ids[1], limit=2)) == 2
+
+
+def test_prune_removes_only_old_acknowledged_events(store: Store) -> None:
+    store.enable_events()
+    for i in range(3):
+        store.enqueue(message(f"u{i}@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    batch = store.lease_events(now=NOW, limit=2, lease_for=LEASE_FOR)
+    assert batch is not None
+    store.ack_events(batch, now=NOW)
+    assert store.prune_events(sent_before=NOW) == 0
+    assert store.prune_events(sent_before=NOW + SECOND) == 2
+    [left] = store.read_events()
+    assert left.id not in {e.id for e in batch.events}
+    # Ids keep growing after a prune.
+    last = store.last_event_id()
+    store.enqueue(message("late@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    assert store.last_event_id() > last
+
+
+def test_events_survive_reopening(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    store = store_backend.open()
+    store.enable_events()
+    store.enqueue(message("alice@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    store.close()
+    reopened = store_backend.open()
+    batch = reopened.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert batch is not None
+    assert [e.address for e in batch.events] == ["alice@example.org"]
+
+
+def test_concurrent_senders_never_share_an_event(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    writer = store_backend.open()
+    writer.enable_events()
+    for i in range(40):
+        writer.enqueue(message(f"u{i}@example.org"), now=NOW)
+    writer.record(results_for(lease_all(writer), RecipientState.DELIVERED))
+    stores = [store_backend.open() for _ in range(4)]
+    taken: list[list[int]] = [[] for _ in stores]
+
+    def drain(i: int) -> None:
+        while (batch := stores[i].lease_events(now=NOW, limit=3, lease_for=LEASE_FOR)) is not None:
+            taken[i].extend(e.id for e in batch.events)
+            stores[i].ack_events(batch, now=NOW)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [i for ids in taken for i in ids]
+    assert len(every) == len(set(every)) == 40

@@ -1,0 +1,304 @@
+"""Events out of the process (issue 11 §4): signed batches from the store's outbox to a
+loopback HTTP endpoint, none lost while it fails, none resent after a restart unless it
+was never acknowledged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Config, Email, HookConfig, Mailstrom
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.stores import SQLiteStore
+from mailstrom.webhooks import SIGNATURE_HEADER, verify_signature
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results, loopback_config
+
+SECRET = "whsec_test_0123456789"
+
+
+@dataclass
+class Request:
+    body: bytes
+    signature: str
+    answered: int
+
+    @property
+    def ids(self) -> list[int]:
+        return [e["id"] for e in json.loads(self.body)["events"]]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = json.loads(self.body)["events"]
+        return events
+
+
+@dataclass
+class Endpoint:
+    """A loopback receiver of hook requests. ``answer(n)`` decides the status of the n-th
+    request (0-based) and may block first (to be killed mid-request)."""
+
+    answer: Callable[[int], int] = lambda n: 200
+    requests: list[Request] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    url: str = ""
+
+    def record(self, request: Request) -> None:
+        with self.cond:
+            self.requests.append(request)
+            self.cond.notify_all()
+
+    def wait_for(self, check: Callable[[list[Request]], bool], timeout: float = 30) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: check(self.requests), timeout):
+                raise AssertionError(f"timed out; requests: {self.requests!r}")
+
+    def acked_ids(self) -> list[int]:
+        with self.cond:
+            return [i for r in self.requests if 200 <= r.answered < 300 for i in r.ids]
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    ep = Endpoint()
+    seen = [0]
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                n, seen[0] = seen[0], seen[0] + 1
+            status = ep.answer(n)
+            ep.record(Request(body, self.headers.get(SIGNATURE_HEADER, ""), status))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ep.url = f"http://127.0.0.1:{server.server_address[1]}/mail-events"
+    try:
+        yield ep
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+def hello(to: str, n: int = 0) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject=f"n{n}", text=f"Hello {n}")
+
+
+def hook_config(dns: LoopbackDNS, port: int, url: str, **hook: Any) -> Config:
+    options = {"timeout": 5.0, "batch": 2, "retry_min": 0.05, "retry_max": 0.2} | hook
+    return loopback_config(dns, port, hook=HookConfig(url=url, secret=SECRET, **options))
+
+
+def test_endpoint_failing_at_first_gets_every_event_exactly_once(
+    mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint, tmp_path: Path
+) -> None:
+    endpoint.answer = lambda n: 503 if n < 3 else 200
+    mx.rcpt_replies["later@example.org"] = "451 4.7.1 Greylisted"
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(4)]
+        ids.append(ms.send_email(hello("later@example.org", 9)))
+        results.wait_count(5)
+        endpoint.wait_for(lambda _: len(endpoint.acked_ids()) >= 5)
+    # Stopping lets the sender finish its request in flight and mark it sent.
+    sent = ms.metrics().worker.metrics
+    store.close()
+
+    acked = endpoint.acked_ids()
+    assert sorted(acked) == sorted(set(acked)) and len(acked) == 5  # each exactly once
+    assert [r.answered for r in endpoint.requests[:3]] == [503, 503, 503]
+    assert sent.hook_failures == 3 and sent.hook_events_sent == 5
+    # Every request is signed over its exact body.
+    for request in endpoint.requests:
+        assert verify_signature(SECRET, request.signature, request.body)
+        assert not verify_signature("another secret", request.signature, request.body)
+    events = {e["recipient"]: e for r in endpoint.requests if r.answered == 200 for e in r.events}
+    assert {e["message_id"] for e in events.values()} == set(ids)
+    later = events["later@example.org"]
+    assert later["type"] == "deferred" and later["attempt"] == 1
+    assert later["reply"] == {"code": 451, "enhanced": "4.7.1", "text": "Greylisted"}
+    assert later["next_attempt_at"] is not None
+    delivered = events["u0@example.org"]
+    assert delivered["type"] == "delivered" and delivered["reply"]["code"] == 250
+    assert delivered["mx_host"] == "mx.test" and delivered["ip"] == "127.0.0.1"
+    # Nothing is left to send.
+    store = SQLiteStore(tmp_path / "q.db")
+    assert store.lease_events(now=datetime.now(UTC), limit=100, lease_for=timedelta(1)) is None
+    store.close()
+
+
+def test_no_hook_no_events(mx: Any, dns_server: LoopbackDNS, tmp_path: Path) -> None:
+    """Without a hook (or the events setting) recording writes no outbox rows."""
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = loopback_config(dns_server, mx.port)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("u@example.org"))
+        results.wait_count(1)
+    assert store.read_events() == []
+    store.close()
+
+
+# --- a worker process killed in the middle of a request ---------------------------------
+
+
+def cli_env(tmp_path: Path, mx: Any, dns: LoopbackDNS, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
+    root = Path(__file__).parents[2]
+    env.update(
+        HOME=str(tmp_path),
+        XDG_CONFIG_HOME=str(tmp_path / ".config"),
+        PYTHONPATH=os.pathsep.join(p for p in (str(root / "src"), env.get("PYTHONPATH")) if p),
+        PYTHONUNBUFFERED="1",
+        MAILSTROM_STORE=f"sqlite:///{tmp_path / 'q.db'}",
+        MAILSTROM_HELO_NAME="client.test",
+        MAILSTROM_SMTP_PORT=str(mx.port),
+        MAILSTROM_DNS_NAMESERVERS=dns.dns_config.nameservers[0],
+        MAILSTROM_DNS_PORT=str(dns.dns_config.port),
+        MAILSTROM_ALLOW_LOOPBACK="1",
+        MAILSTROM_POLL_INTERVAL="0.2",
+    )
+    env.update({f"MAILSTROM_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailstrom", "worker", "--no-live", "--log-format", "json", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_started(proc: subprocess.Popen[str]) -> None:
+    """Read the worker's log until it says it started (signals are handled from then on)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if '"worker started"' in line:
+            return
+    raise AssertionError("the worker exited before it started")
+
+
+def finish(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return err
+
+
+def test_worker_killed_mid_batch_resends_only_unacknowledged_events(
+    mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint, tmp_path: Path
+) -> None:
+    # Six delivered recipients whose events wait in the outbox: a worker with the events
+    # setting records them, and no hook sends them yet.
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enqueue_many(
+        [
+            PreparedMessage(
+                data=f"Subject: n{i}\r\n\r\nHello {i}\r\n".encode(),
+                envelope_from="app@sender.test",
+                recipients=(f"u{i}@example.org",),
+            )
+            for i in range(6)
+        ],
+        now=datetime.now(UTC),
+    )
+    env = cli_env(tmp_path, mx, dns_server, events="1")
+    once = subprocess.run(
+        [sys.executable, "-m", "mailstrom", "worker", "--once", "--no-live"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert once.returncode == 0, once.stderr
+    assert len(store.read_events()) == 6
+    all_ids = [e.id for e in store.read_events()]
+
+    # The endpoint takes the first batch; the second request hangs until the worker that
+    # sent it has been killed (its answer then reaches nobody).
+    holding, killed = threading.Event(), threading.Event()
+
+    def answer(n: int) -> int:
+        if n == 1:
+            holding.set()
+            killed.wait(30)
+            return 599  # reaches nobody; not counted as acknowledged below
+        return 200
+
+    endpoint.answer = answer
+    hook_env = cli_env(
+        tmp_path, mx, dns_server, hook_secret=SECRET, hook_batch="2", hook_timeout="2"
+    )
+    first = start_worker(hook_env, "--hook", endpoint.url)
+    try:
+        assert holding.wait(30), finish(first)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        killed.set()
+        finish(first)
+    endpoint.wait_for(lambda rs: len(rs) == 2)
+    acked_before, unacked = endpoint.requests[0].ids, endpoint.requests[1].ids
+    assert len(acked_before) == len(unacked) == 2
+
+    # A new worker sends the rest, the killed batch included once its lease has expired,
+    # and nothing that was acknowledged before.
+    second = start_worker(hook_env, "--hook", endpoint.url)
+    try:
+        endpoint.wait_for(lambda rs: set(endpoint.acked_ids()) == set(all_ids))
+    finally:
+        err = finish(second)
+    assert '"event": "worker stopped"' in err
+    resent = [i for r in endpoint.requests[2:] for i in r.ids]
+    assert sorted(resent) == sorted(set(all_ids) - set(acked_before))
+    assert set(unacked) <= set(resent)
+    for request in endpoint.requests:
+        assert verify_signature(SECRET, request.signature, request.body)
+
+    # A third start sends nothing: everything was acknowledged.
+    count = len(endpoint.requests)
+    third = start_worker(hook_env, "--hook", endpoint.url)
+    wait_started(third)
+    finish(third)
+    assert len(endpoint.requests) == count
+    assert store.lease_events(now=datetime.now(UTC), limit=100, lease_for=timedelta(1)) is None
+    store.close()

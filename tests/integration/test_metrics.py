@@ -1,0 +1,306 @@
+"""Metrics and health of a running worker (issue 11 §3): what /metrics and /healthz say
+during real deliveries to a loopback receiver, and when the store goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailstrom import Config, Email, Mailstrom, RecipientState
+from mailstrom.ops.server import HealthCheck, OpsServer
+from mailstrom.runtime.metrics import QueueStatsCache
+from mailstrom.runtime.worker import Worker
+from mailstrom.status import MetricsSnapshot
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results, loopback_config
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def healthz(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def hello(to: str, n: int = 0) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject=f"n{n}", text=f"Hello {n}")
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    for domain in ("example.org", "example.net"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+class Served:
+    """A thread-mode Mailstrom on SQLite with /metrics and /healthz on an ephemeral port."""
+
+    def __init__(self, config: Config, path: Path) -> None:
+        self.results = Results()
+        self.store = SQLiteStore(path)
+        self.ms = Mailstrom(config, store=self.store, worker="thread", on_result=self.results)
+        worker = self.ms.worker
+        assert isinstance(worker, Worker)
+        # The queue gauges are read fresh on every scrape here, so that a test sees them move.
+        cache = QueueStatsCache(self.store, max_age=0)
+
+        def snapshot() -> MetricsSnapshot:
+            stats, at = cache.get()
+            return MetricsSnapshot(worker=self.ms.worker_status, queue=stats, queue_read_at=at)
+
+        health = HealthCheck(
+            status=lambda: self.ms.worker_status, responsive=worker.responsive, store=self.store
+        )
+        self.server = OpsServer("127.0.0.1", 0, snapshot=snapshot, health=health)
+        self.server.start()
+        self.url = self.server.url
+
+    def close(self) -> None:
+        self.server.close()
+        self.ms.stop(timeout=5)
+        self.store.close()
+
+
+@pytest.fixture
+def served(mx: Any, dns_server: LoopbackDNS, tmp_path: Path) -> Iterator[Served]:
+    config = loopback_config(dns_server, mx.port, metrics_domains=("example.org",))
+    s = Served(config, tmp_path / "q.db")
+    s.ms.start()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_counters_move_by_what_was_delivered(served: Served, mx: Any) -> None:
+    mx.rcpt_replies["later@example.net"] = "451 4.7.1 Greylisted, try later"
+    before = scrape(served.url)
+    assert value(before, "mailstrom_worker_up") == 1
+    assert value(before, "mailstrom_info", version=__import__("mailstrom").__version__) == 1
+
+    served.ms.send_email(hello("a@example.org", 1))
+    served.ms.send_email(hello("b@example.org", 2))
+    served.ms.send_email(hello("later@example.net", 3))
+    served.results.wait_count(3)
+    after = scrape(served.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("mailstrom_results_total", state="delivered") == 2
+    assert delta("mailstrom_results_total", state="deferred") == 1
+    assert delta("mailstrom_results_total", state="failed") == 0
+    # Attempts by outcome and reason class: a class when the result carries one, else none.
+    delivered = {k: v for k, v in after.items() if k[0] == "mailstrom_attempts_total"}
+    assert sum(v for k, v in delivered.items() if ("outcome", "delivered") in k[1]) == 2
+    assert sum(v for k, v in delivered.items() if ("outcome", "temporary") in k[1]) == 1
+    assert all(dict(k[1])["reason_class"] for k in delivered)
+    # Only the configured domain is named; the rest is "other".
+    assert delta("mailstrom_domain_results_total", domain="example.org", state="delivered") == 2
+    assert delta("mailstrom_domain_results_total", domain="other", state="deferred") == 1
+    assert not any(
+        dict(k[1]).get("domain") == "example.net"
+        for k in after
+        if k[0] == "mailstrom_domain_results_total"
+    )
+    # Histograms: one observation per attempt; queue delay only for deliveries.
+    assert delta("mailstrom_attempt_duration_seconds_count", outcome="delivered") == 2
+    assert delta("mailstrom_attempt_duration_seconds_count", outcome="temporary") == 1
+    assert delta("mailstrom_queue_delay_seconds_count") == 2
+    assert value(after, "mailstrom_queue_delay_seconds_bucket", le="+Inf") == 2
+    assert 0 < value(after, "mailstrom_queue_delay_seconds_sum") < 60
+    # Queue depth from the store.
+    assert value(after, "mailstrom_queue_recipients", state="delivered") == 2
+    assert value(after, "mailstrom_queue_recipients", state="deferred") == 1
+    assert value(after, "mailstrom_queue_pending_recipients", domain="example.net") == 1
+    assert value(after, "mailstrom_queue_messages") == 3
+    assert value(after, "mailstrom_store_up") == 1
+    assert value(after, "mailstrom_store_errors_total") == 0
+    # Nothing labelled by address, ever.
+    assert not any("@" in v for k in after for _, v in k[1])
+
+
+def test_library_snapshot_agrees_with_the_scrape(served: Served) -> None:
+    served.ms.send_email(hello("a@example.org"))
+    served.results.wait_count(1)
+    snap = served.ms.metrics()
+    assert snap.worker.delivered == 1
+    assert snap.worker.metrics.attempts == {("delivered", "none"): 1}
+    assert snap.worker.metrics.queue_delay is not None
+    assert snap.worker.metrics.queue_delay.count == 1
+    assert snap.queue is not None
+    assert snap.queue.by_state[RecipientState.DELIVERED] == 1
+
+
+def test_healthz_is_200_while_running_and_503_when_the_database_is_deleted(
+    served: Served,
+) -> None:
+    code, body = healthz(served.url)
+    assert code == 200, body
+    assert body["status"] == "ok"
+    assert body["worker"]["loop"] == "ok"
+    assert body["store"] == {"ok": True}
+
+    os.unlink(served.store.path)  # the store is gone: StoreCorrupt from now on
+
+    code, body = healthz(served.url)
+    assert code == 503
+    assert body["status"] == "fail"
+    assert "StoreCorrupt" in body["store"]["error"]
+    assert "deleted" in body["store"]["error"]
+
+
+def test_unknown_path_is_404(served: Served) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{served.url}/", timeout=10)
+    with info.value as error:
+        assert error.code == 404
+
+
+def test_process_mode_reports_the_childs_metrics(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A worker process sends its numbers with its status twice a second."""
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = loopback_config(dns_server, mx.port)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        assert ms.worker_mode == "process"
+        ms.send_email(hello("a@example.org"))
+        results.wait_count(1)
+        # The child reports every 0.5 s: poll its reports, no event announces them.
+        deadline = time.monotonic() + 10
+        while ms.metrics().worker.metrics.attempts.get(("delivered", "none")) != 1:
+            assert time.monotonic() < deadline, ms.metrics()
+            time.sleep(0.05)
+        snap = ms.metrics()
+        assert snap.worker.metrics.queue_delay is not None
+        assert snap.worker.metrics.queue_delay.count == 1
+    store.close()
+
+
+def test_worker_command_serves_metrics(mx: Any, dns_server: LoopbackDNS, tmp_path: Path) -> None:
+    """``mailstrom worker --metrics 127.0.0.1:0`` logs where it serves, and serves there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
+    env.update(
+        HOME=str(tmp_path),
+        XDG_CONFIG_HOME=str(tmp_path / ".config"),
+        PYTHONUNBUFFERED="1",
+        MAILSTROM_STORE=f"sqlite:///{tmp_path / 'q.db'}",
+        MAILSTROM_HELO_NAME="client.test",
+        MAILSTROM_SMTP_PORT=str(mx.port),
+        MAILSTROM_DNS_NAMESERVERS=dns_server.dns_config.nameservers[0],
+        MAILSTROM_DNS_PORT=str(dns_server.dns_config.port),
+        MAILSTROM_ALLOW_LOOPBACK="1",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mailstrom",
+            "worker",
+            "--no-live",
+            "--log-format",
+            "json",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        url = None
+        for line in proc.stderr:
+            found = re.search(r'"url": "(http://[^"]+)/metrics"', line)
+            if found:
+                url = found.group(1)
+            if '"worker started"' in line:
+                break
+        assert url is not None
+        assert value(scrape(url), "mailstrom_worker_up") == 1
+        assert healthz(url)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.postgres
+def test_healthz_is_503_when_postgresql_stops(tmp_path: Path) -> None:
+    """A server of its own, so that stopping it troubles no other test."""
+    from mailstrom.stores.postgres import PostgresStore
+    from tests.fixtures.postgres import ThrowawayPostgres
+
+    server = ThrowawayPostgres().start()
+    store: PostgresStore | None = None
+    ms: Mailstrom | None = None
+    ops: OpsServer | None = None
+    try:
+        store = PostgresStore(server.create_database(), timeout=2)
+        ms = Mailstrom(Config(helo_name="client.test"), store=store, worker="thread")
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        ms.start()
+        health = HealthCheck(
+            status=lambda: worker.status, responsive=worker.responsive, store=store
+        )
+        ops = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        ops.start()
+        code, body = healthz(ops.url)
+        assert code == 200, body
+
+        server.stop()
+
+        code, body = healthz(ops.url)
+        assert code == 503
+        assert body["store"]["ok"] is False and body["store"]["error"]
+        # The scrape still answers while the store is down; the queue gauges are left out.
+        assert value(scrape(ops.url), "mailstrom_worker_up") == 1
+    finally:
+        if ops is not None:
+            ops.close()
+        if ms is not None:
+            ms.stop(timeout=1)
+        if store is not None:
+            store.close()
+        server.stop()

@@ -1,0 +1,137 @@
+"""The worker's own counters (runtime/metrics.py) and the settings that shape them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.config import Config, HookConfig
+from mailstrom.errors import ConfigError
+from mailstrom.ops.server import parse_listen
+from mailstrom.runtime.metrics import MAX_REASON_CLASSES, MetricsRecorder
+from mailstrom.settings import load_settings
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.stores.base import RecipientResult
+
+AT = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def result(
+    address: str = "bob@example.org",
+    state: RecipientState = RecipientState.DELIVERED,
+    *,
+    duration: float = 0.3,
+    reason_class: str | None = None,
+) -> RecipientResult:
+    outcome = {
+        RecipientState.DELIVERED: AttemptOutcome.DELIVERED,
+        RecipientState.DEFERRED: AttemptOutcome.TEMPORARY,
+        RecipientState.FAILED: AttemptOutcome.PERMANENT,
+    }[state]
+    attempt: Attempt = Attempt(at=AT, outcome=outcome, duration=duration)
+    if reason_class is not None:
+        attempt = _WithReason(at=AT, outcome=outcome, duration=duration, reason_class=reason_class)
+    return RecipientResult(
+        message_id="m",
+        address=address,
+        state=state,
+        attempt=attempt,
+        lease_token="t",
+        queued_at=AT - timedelta(seconds=90),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _WithReason(Attempt):
+    """An attempt as it looks once attempts carry a reason class."""
+
+    reason_class: str | None = None
+
+
+def test_counts_and_histograms() -> None:
+    m = MetricsRecorder(domains=["Example.ORG"])
+    m.observe(result(duration=0.05))
+    m.observe(result("carol@elsewhere.test", duration=0.07))
+    m.observe(result(state=RecipientState.DEFERRED, duration=2.0, reason_class="rate_limited"))
+    snap = m.snapshot()
+    assert snap.attempts == {("delivered", "none"): 2, ("temporary", "rate_limited"): 1}
+    assert snap.domain_results == {
+        ("example.org", "delivered"): 1,
+        ("other", "delivered"): 1,
+        ("example.org", "deferred"): 1,
+    }
+    delivered = snap.attempt_duration["delivered"]
+    assert delivered.count == 2
+    # 0.05 is at most the first bound (le="0.05"); 0.07 in the next bucket.
+    assert delivered.cumulative()[:2] == [(0.05, 1), (0.1, 2)]
+    assert delivered.cumulative()[-1] == (float("inf"), 2)
+    assert snap.queue_delay is not None
+    assert (snap.queue_delay.count, snap.queue_delay.sum) == (2, 180.0)
+
+
+def test_reason_class_labels_are_bounded() -> None:
+    m = MetricsRecorder()
+    for i in range(MAX_REASON_CLASSES + 5):
+        m.observe(result(state=RecipientState.FAILED, reason_class=f"class_{i}"))
+    m.observe(result(state=RecipientState.FAILED, reason_class="Not A Class!"))
+    labels = {reason for _, reason in m.snapshot().attempts}
+    assert len(labels) == MAX_REASON_CLASSES + 1
+    assert "other" in labels
+    assert m.snapshot().attempts[("permanent", "other")] == 6
+
+
+def test_no_domain_series_without_configured_domains() -> None:
+    m = MetricsRecorder()
+    m.observe(result())
+    assert m.snapshot().domain_results == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("9466", ("127.0.0.1", 9466)),
+        (":9466", ("127.0.0.1", 9466)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("[::1]:9466", ("::1", 9466)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "host:", "host:x", "1:70000", "[::1]"])
+def test_parse_listen_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(text)
+
+
+def test_settings_for_hooks_and_metrics() -> None:
+    env = {
+        "HOME": "/nonexistent",
+        "MAILSTROM_HOOK_URL": "https://app.example/mail-events",
+        "MAILSTROM_HOOK_SECRET": "s3cret",
+        "MAILSTROM_HOOK_BATCH": "20",
+        "MAILSTROM_METRICS_LISTEN": "127.0.0.1:9466",
+        "MAILSTROM_METRICS_DOMAINS": "gmail.com, outlook.com",
+    }
+    s = load_settings(env=env, search=False)
+    assert s.config.hook == HookConfig(
+        url="https://app.example/mail-events", secret="s3cret", batch=20
+    )
+    assert s.config.outbox
+    assert s.metrics_listen == "127.0.0.1:9466"
+    assert s.config.metrics_domains == ("gmail.com", "outlook.com")
+    assert "s3cret" not in repr(s) and "s3cret" not in repr(s.config)
+
+
+def test_hook_needs_a_secret_and_a_web_url() -> None:
+    env = {"HOME": "/nonexistent", "MAILSTROM_HOOK_URL": "https://app.example/h"}
+    with pytest.raises(ConfigError, match=r"hook\.secret"):
+        load_settings(env=env, search=False)
+    with pytest.raises(ConfigError, match=r"hook\.url"):
+        HookConfig(url="ftp://app.example/h", secret="x")
+    assert not Config().outbox
+    assert Config(events=True).outbox
