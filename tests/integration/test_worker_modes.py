@@ -6,6 +6,7 @@ stop() work in every mode, and a worker process dies with its parent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -298,9 +299,11 @@ FORKER = textwrap.dedent(
                    worker="process")
     ms.start()
     print(ms.worker.pid, flush=True)
-    if os.fork() == 0:   # a pre-forking server's child: it outlives its parent
-        time.sleep(30)
+    child = os.fork()
+    if child == 0:   # a pre-forking server's child: it outlives its parent
+        time.sleep(60)
         os._exit(0)
+    print(child, flush=True)
     sys.stdin.readline()  # until killed
     """
 )
@@ -321,9 +324,12 @@ def test_a_fork_of_the_application_does_not_keep_the_worker_alive(tmp_path: Path
     ) as parent:
         assert parent.stdout is not None
         worker = int(parent.stdout.readline())
+        forked = int(parent.stdout.readline())
         try:
             parent.kill()
             parent.wait()
             assert _wait_until(lambda: _gone(worker), 15), "the worker outlived its parent"
+            assert not _gone(forked), "the forked process, holding a copy of the pipe, is gone"
         finally:
-            os.killpg(parent.pid, signal.SIGKILL)  # the forked grandchild too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(forked, signal.SIGKILL)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import subprocess
@@ -82,6 +81,7 @@ class WorkerProcess:
         self._status = WorkerStatus(running=False)
         self._counts = {state: 0 for state in RecipientState}
         self._error: str | None = None
+        self._fds: tuple[int, ...] = ()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -114,6 +114,7 @@ class WorkerProcess:
         )
         assert proc.stdin is not None and proc.stdout is not None
         self._proc, self._stdin = proc, proc.stdin
+        self._fds = (proc.stdin.fileno(), proc.stdout.fileno())
         _LIVE.add(self)
         self._reader = threading.Thread(
             target=self._read, args=(proc.stdout,), name="mailstrom-worker-reader", daemon=True
@@ -161,12 +162,20 @@ class WorkerProcess:
         self._stopped.set()
 
     def _forget(self) -> None:
-        proc, self._proc, self._stdin = self._proc, None, None
-        if proc is not None:
-            for stream in (proc.stdin, proc.stdout):
-                if isinstance(stream, io.BufferedIOBase):
-                    with contextlib.suppress(OSError, ValueError):
-                        stream.detach().close()  # the descriptor only: flush nothing
+        # Only the descriptors are touched, never the file objects: the parent's reader
+        # thread may have held a buffer's lock at the fork, and it does not exist here.
+        # Pointing them at /dev/null releases this process's ends of the pipes while the
+        # descriptor numbers stay valid for whatever later closes the objects.
+        self._proc, self._stdin = None, None
+        if self._fds:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                for fd in self._fds:
+                    with contextlib.suppress(OSError):
+                        os.dup2(null, fd)
+            finally:
+                os.close(null)
+            self._fds = ()
         self._ready.clear()
         self._stopped.set()
 
