@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 
@@ -188,6 +189,10 @@ class Config:
     """SMTP sessions (connections that got a greeting) one delivery attempt may open
     before it gives up until the next retry (Postfix's ``smtp_mx_session_limit``). Enforced
     by the delivery code; connections that fail before the greeting do not count."""
+    message_id_domain: str | None = None
+    """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
+    public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
+    ``localhost`` or a name private to one network."""
 
     def __post_init__(self) -> None:
         try:
@@ -223,3 +228,14 @@ class Config:
             raise ConfigError("lease_for and poll_interval must be positive")
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
+        if self.message_id_domain is not None:
+            try:
+                name = domain_name(self.message_id_domain)
+            except ValueError as exc:
+                raise ConfigError(f"message_id_domain: {exc}") from None
+            if not is_public_name(name):
+                raise ConfigError(
+                    f"message_id_domain must be a public domain name, not {name!r} (a name "
+                    "private to one host or network)"
+                )
+            object.__setattr__(self, "message_id_domain", name)

@@ -147,7 +147,7 @@ def prepare_for(
     envelope_to: Sequence[str] | None,
     now: datetime,
 ) -> PreparedMessage:
-    """Validate and encode ``message`` under ``config``'s limits (what send_email queues)."""
+    """Validate and encode ``message`` under ``config`` (what send_email queues)."""
     return prepare(
         message,
         envelope_from=envelope_from,
@@ -155,6 +155,8 @@ def prepare_for(
         max_size=config.max_message_size,
         max_recipients=config.max_recipients,
         now=now,
+        id_domain=config.message_id_domain,
+        fallback_id_domain=config.helo_name,
     )
 
 

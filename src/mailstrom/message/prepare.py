@@ -22,6 +22,7 @@ from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
 
+from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ForbiddenCharacter, HeaderInjection, InvalidMessage, MessageTooLarge
 from mailstrom.message import builder, mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
@@ -44,6 +45,9 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
+LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
+"""Message-ID domain when neither the From domain nor the host's name is a public name:
+``.invalid`` (RFC 6761 §6.4) can never be anyone's real domain, and no local name leaks."""
 
 
 def prepare(
@@ -55,6 +59,7 @@ def prepare(
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     now: datetime | None = None,
     id_domain: str | None = None,
+    fallback_id_domain: str | None = None,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -66,9 +71,12 @@ def prepare(
     use); by default it is the Sender address, else the single From address.
     ``envelope_to`` overrides the recipients (by default To + Cc + Bcc, or the Resent-
     fields of a resent raw message); at most ``max_recipients`` after de-duplication.
-    ``now`` is used for a missing Date (default: the current UTC time); a missing
-    Message-ID becomes ``<random@id_domain>``, ``id_domain`` defaulting to the From (or
-    Sender) domain.
+    ``now`` is used for a missing Date (default: the current UTC time). A missing
+    Message-ID becomes ``<random@domain>``: ``domain`` is ``id_domain`` when given, else
+    the From domain (the Sender's when From is a group) if it is a public name, else
+    ``fallback_id_domain`` (the host's name) if that is, else ``mailstrom.invalid`` —
+    never ``localhost``, an address literal or a name private to one network (see
+    :func:`~mailstrom.domains.is_public_name`).
 
     The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
     octets and header fields of at most 64 KiB. Raises a subclass of
@@ -82,31 +90,45 @@ def prepare(
         check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
             raise InvalidMessage(f"id_domain {id_domain!r} is not an ASCII domain name")
-    limits = _Limits(max_size=max_size, max_recipients=max_recipients)
+    options = _Options(
+        max_size=max_size,
+        max_recipients=max_recipients,
+        fallback_id_domain=fallback_id_domain,
+    )
     if isinstance(message, Email):
-        return _prepare_email(message, envelope_from, envelope_to, limits, now, id_domain)
+        return _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
     if isinstance(message, Message):
         data = _serialise(message)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
         raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
-    return _prepare_bytes(data, envelope_from, envelope_to, limits, now, id_domain)
+    return _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
 
 
-class _Limits:
-    __slots__ = ("max_recipients", "max_size")
+class _Options:
+    """What the caller asked of this call beyond the message: limits, the Message-ID
+    fallback."""
 
-    def __init__(self, *, max_size: int, max_recipients: int) -> None:
+    __slots__ = ("fallback_id_domain", "max_recipients", "max_size")
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        max_recipients: int,
+        fallback_id_domain: str | None,
+    ) -> None:
         self.max_size = max_size
         self.max_recipients = max_recipients
+        self.fallback_id_domain = fallback_id_domain
 
 
 def _prepare_email(
     email: Email,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    limits: _Limits,
+    options: _Options,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
@@ -115,16 +137,19 @@ def _prepare_email(
         draft.fields,
         envelope_from=envelope_from,
         envelope_to=envelope_to,
-        max_recipients=limits.max_recipients,
+        max_recipients=options.max_recipients,
     )
-    message_id = draft.message_id or _new_message_id(id_domain or envelope.id_domain)
+    message_id = draft.message_id or _new_message_id(
+        id_domain or _id_domain(envelope, options.fallback_id_domain)
+    )
     utf8 = draft.fields.utf8
     data = render(draft, date=now, message_id=message_id, utf8=utf8)
     return _finish(
         data,
         envelope,
         utf8_headers=utf8,
-        max_size=limits.max_size,
+        options=options,
+        now=now,
         message_id=message_id,
         subject=email.subject,
     )
@@ -134,19 +159,19 @@ def _prepare_bytes(
     data: bytes,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    limits: _Limits,
+    options: _Options,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
-    if len(data) > limits.max_size:
+    if len(data) > options.max_size:
         # Checked again once rewritten; refusing early keeps huge input cheap.
-        _too_large(len(data), limits.max_size)
+        _too_large(len(data), options.max_size)
     section = split_header_section(data)
     envelope = decide(
         fields_from_section(section),
         envelope_from=envelope_from,
         envelope_to=envelope_to,
-        max_recipients=limits.max_recipients,
+        max_recipients=options.max_recipients,
     )
     add: list[tuple[str, str]] = []
     if not section.values("Date"):
@@ -155,7 +180,7 @@ def _prepare_bytes(
     if message_ids:
         message_id = message_ids[0]
     else:
-        message_id = _new_message_id(id_domain or envelope.id_domain)
+        message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
         add.append(("Message-ID", message_id))
     subjects = section.values("Subject")
     out = section.rewrite(drop={"bcc", "resent-bcc"}, add=add)
@@ -173,7 +198,8 @@ def _prepare_bytes(
         out,
         envelope,
         utf8_headers=section.utf8 or part_utf8,
-        max_size=limits.max_size,
+        options=options,
+        now=now,
         message_id=message_id,
         subject=decode_text(subjects[0]) if subjects else None,
     )
@@ -184,10 +210,12 @@ def _finish(
     envelope: Envelope,
     *,
     utf8_headers: bool,
-    max_size: int,
+    options: _Options,
+    now: datetime,
     message_id: str,
     subject: str | None,
 ) -> PreparedMessage:
+    max_size = options.max_size
     if len(data) > max_size:
         _too_large(len(data), max_size)
     check_line_lengths(data)
@@ -201,6 +229,15 @@ def _finish(
         header_message_id=message_id,
         subject=subject,
     )
+
+
+def _id_domain(envelope: Envelope, fallback: str | None) -> str:
+    """The domain of a new Message-ID: see :func:`prepare`."""
+    if is_public_name(envelope.id_domain):
+        return envelope.id_domain
+    if fallback is not None and is_public_name(fallback):
+        return domain_name(fallback)
+    return LAST_RESORT_ID_DOMAIN
 
 
 def _too_large(size: int, limit: int) -> None:
