@@ -115,6 +115,16 @@ class InvalidAttachment(InvalidMessage):
         self.filename = filename
 
 
+class InvalidHeaderValue(InvalidMessage):
+    """A header that a builder field produces would be malformed: an unsubscribe URI that
+    is not https or mailto, an Auto-Submitted keyword RFC 3834 does not define, a
+    Feedback-ID with spaces. ``header`` names the field."""
+
+    def __init__(self, reason: str, *, header: str) -> None:
+        super().__init__(reason)
+        self.header = header
+
+
 # --- store and queue ---------------------------------------------------------------------
 
 
