@@ -15,6 +15,7 @@ import logging as _logging
 
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import Config, DNSConfig, RelayConfig, RelayTLS, Timeouts, TLSPolicy
+from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, DKIMSignature
 from mailstrom.errors import (
     DeliveryError,
     ForbiddenCharacter,
@@ -30,6 +31,7 @@ from mailstrom.errors import (
     MissingFrom,
     MultipleFromWithoutSender,
     NestingTooDeep,
+    NoDKIMKey,
     NoRecipients,
     PermanentFailure,
     StoreCorrupt,
@@ -59,6 +61,10 @@ __all__ = [
     "Attempt",
     "AttemptOutcome",
     "Config",
+    "DKIMAlgorithm",
+    "DKIMConfig",
+    "DKIMKey",
+    "DKIMSignature",
     "DNSConfig",
     "DeliveryError",
     "Email",
@@ -77,6 +83,7 @@ __all__ = [
     "MissingFrom",
     "MultipleFromWithoutSender",
     "NestingTooDeep",
+    "NoDKIMKey",
     "NoRecipients",
     "PermanentFailure",
     "PreparedMessage",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
@@ -189,6 +190,9 @@ class Config:
     """SMTP sessions (connections that got a greeting) one delivery attempt may open
     before it gives up until the next retry (Postfix's ``smtp_mx_session_limit``). Enforced
     by the delivery code; connections that fail before the greeting do not count."""
+    dkim: DKIMConfig | None = None
+    """DKIM signing of every message at submission (``send_email``), with the keys aligned
+    with its From domain; ``None`` sends mail unsigned. See :class:`DKIMConfig`."""
     message_id_domain: str | None = None
     """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
@@ -228,6 +232,8 @@ class Config:
             raise ConfigError("lease_for and poll_interval must be positive")
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
+        if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
+            raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
         if self.message_id_domain is not None:
             try:
                 name = domain_name(self.message_id_domain)

@@ -125,6 +125,16 @@ class InvalidHeaderValue(InvalidMessage):
         self.header = header
 
 
+class NoDKIMKey(InvalidMessage):
+    """DKIM signing is required (``dkim.required``) but no configured key aligns with the
+    From domain, so the message would go out unsigned; ``domains`` names the From
+    domains."""
+
+    def __init__(self, reason: str, *, domains: tuple[str, ...]) -> None:
+        super().__init__(reason)
+        self.domains = domains
+
+
 # --- store and queue ---------------------------------------------------------------------
 
 

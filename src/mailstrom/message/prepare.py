@@ -11,6 +11,9 @@ Three inputs, one pipeline, each stage handing the next a value:
   never decoded or re-encoded, only given CRLF line ends;
 - an ``EmailMessage`` is serialised once by the stdlib and then taken as raw bytes, so
   the envelope is read from exactly the header text that will be sent.
+
+With a :class:`~mailstrom.dkim.DKIMConfig` the bytes are signed last (:func:`_sign`),
+after their body has been made 7-bit, so that nothing on the way changes them.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
 
+from mailstrom.dkim.signing import DKIMConfig, DKIMSignature, sign
 from mailstrom.domains import domain_name, is_public_name
-from mailstrom.errors import ForbiddenCharacter, HeaderInjection, InvalidMessage, MessageTooLarge
+from mailstrom.errors import (
+    ForbiddenCharacter,
+    HeaderInjection,
+    InvalidMessage,
+    MessageTooLarge,
+    NoDKIMKey,
+)
 from mailstrom.message import builder, mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text
-from mailstrom.message.encoding import check_line_lengths, serialise
+from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
 from mailstrom.message.envelope import (
     DEFAULT_MAX_RECIPIENTS,
     Envelope,
@@ -60,6 +70,7 @@ def prepare(
     now: datetime | None = None,
     id_domain: str | None = None,
     fallback_id_domain: str | None = None,
+    dkim: DKIMConfig | None = None,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -71,12 +82,17 @@ def prepare(
     use); by default it is the Sender address, else the single From address.
     ``envelope_to`` overrides the recipients (by default To + Cc + Bcc, or the Resent-
     fields of a resent raw message); at most ``max_recipients`` after de-duplication.
-    ``now`` is used for a missing Date (default: the current UTC time). A missing
-    Message-ID becomes ``<random@domain>``: ``domain`` is ``id_domain`` when given, else
-    the From domain (the Sender's when From is a group) if it is a public name, else
-    ``fallback_id_domain`` (the host's name) if that is, else ``mailstrom.invalid`` —
-    never ``localhost``, an address literal or a name private to one network (see
-    :func:`~mailstrom.domains.is_public_name`).
+    ``now`` is used for a missing Date (default: the current UTC time) and as the DKIM
+    signing time. A missing Message-ID becomes ``<random@domain>``: ``domain`` is
+    ``id_domain`` when given, else the From domain (the Sender's when From is a group) if
+    it is a public name, else ``fallback_id_domain`` (the host's name) if that is, else
+    ``mailstrom.invalid`` — never ``localhost``, an address literal or a name private to
+    one network (see :func:`~mailstrom.domains.is_public_name`).
+
+    ``dkim`` signs the message with the keys aligned with its From domain (see
+    :class:`~mailstrom.dkim.DKIMConfig`); the signatures made are in the result's
+    ``dkim``. A message no key aligns with is left unsigned, or refused with
+    :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``.
 
     The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
     octets and header fields of at most 64 KiB. Raises a subclass of
@@ -94,6 +110,7 @@ def prepare(
         max_size=max_size,
         max_recipients=max_recipients,
         fallback_id_domain=fallback_id_domain,
+        dkim=dkim,
     )
     if isinstance(message, Email):
         return _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
@@ -108,9 +125,9 @@ def prepare(
 
 class _Options:
     """What the caller asked of this call beyond the message: limits, the Message-ID
-    fallback."""
+    fallback, DKIM."""
 
-    __slots__ = ("fallback_id_domain", "max_recipients", "max_size")
+    __slots__ = ("dkim", "fallback_id_domain", "max_recipients", "max_size")
 
     def __init__(
         self,
@@ -118,10 +135,12 @@ class _Options:
         max_size: int,
         max_recipients: int,
         fallback_id_domain: str | None,
+        dkim: DKIMConfig | None,
     ) -> None:
         self.max_size = max_size
         self.max_recipients = max_recipients
         self.fallback_id_domain = fallback_id_domain
+        self.dkim = dkim
 
 
 def _prepare_email(
@@ -220,6 +239,11 @@ def _finish(
         _too_large(len(data), max_size)
     check_line_lengths(data)
     body = data[data.find(b"\r\n\r\n") :]
+    signatures: tuple[DKIMSignature, ...] = ()
+    if options.dkim is not None:
+        data, body, signatures = _sign(data, body, envelope, options.dkim, now)
+        if len(data) > max_size:
+            _too_large(len(data), max_size)
     return PreparedMessage(
         data=data,
         envelope_from=envelope.sender,
@@ -228,7 +252,37 @@ def _finish(
         eightbit=not body.isascii(),
         header_message_id=message_id,
         subject=subject,
+        dkim=signatures,
     )
+
+
+def _sign(
+    data: bytes, body: bytes, envelope: Envelope, dkim: DKIMConfig, now: datetime
+) -> tuple[bytes, bytes, tuple[DKIMSignature, ...]]:
+    """(signed data, its body, the signatures) — or the data as it was when no key aligns.
+
+    An 8-bit body is made 7-bit first: a server without 8BITMIME would otherwise get it
+    re-encoded by the worker, which changes the signed body and breaks every signature
+    (RFC 6376 §5.3). A 7-bit body reaches every receiver exactly as signed, so the worker's
+    downgrade never applies to a signed message. UTF-8 header fields stay as they are:
+    they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
+    (RFC 8616 §4).
+    """
+    keys = dkim.keys_for(envelope.from_domains)
+    if not keys:
+        if dkim.required:
+            shown = ", ".join(envelope.from_domains) or "(none: From is a group)"
+            raise NoDKIMKey(
+                f"no DKIM key is configured for the From domain {shown}, and dkim.required "
+                "is set; add a [[dkim.keys]] entry for it or a parent domain",
+                domains=envelope.from_domains,
+            )
+        return data, body, ()
+    if not body.isascii():
+        data = downgrade_to_7bit(data)
+        body = data[data.find(b"\r\n\r\n") :]
+    signed, signatures = sign(data, keys, now=now, expire=dkim.expire)
+    return signed, body, signatures
 
 
 def _id_domain(envelope: Envelope, fallback: str | None) -> str:
