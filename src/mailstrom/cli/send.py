@@ -217,12 +217,23 @@ def send_command(args: argparse.Namespace) -> int:
         prepared = prepare_for(
             settings.config, build_email(args), envelope_from=None, envelope_to=None, now=now
         )
+    if settings.config.dkim is not None and not prepared.dkim:
+        sys.stderr.write(
+            "mailstrom: warning: the message is not DKIM-signed: no dkim.keys entry aligns "
+            "with its From domain\n"
+        )
     store = open_store(settings.store_url)
     try:
         message_id = store.enqueue(prepared, now=now, hold=args.hold)
         if not args.wait:
             if args.json:
-                print_json({"id": message_id, "recipients": prepared.recipients})
+                print_json(
+                    {
+                        "id": message_id,
+                        "recipients": prepared.recipients,
+                        "dkim": [str(signature) for signature in prepared.dkim],
+                    }
+                )
             else:
                 print(message_id)
             return EX_OK
