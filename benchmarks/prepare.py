@@ -182,6 +182,12 @@ def stages(count: int, runs: int) -> None:
     prepare_module = importlib.import_module("mailstrom.message.prepare")
 
     names = ("check", "decide", "message-id", "render", "finish")
+    options = prepare_module._Options(
+        max_size=prepare_module.DEFAULT_MAX_SIZE,
+        max_recipients=envelope.DEFAULT_MAX_RECIPIENTS,
+        fallback_id_domain=None,
+        dkim=None,
+    )
     print(f"{'shape':<30}" + "".join(f" {name:>10}" for name in names) + f" {'total':>8}")
     for shape in ("text", "text+html", "text+html+inline+attachment", "utf-8 headers"):
         totals = [[0.0] * len(names) for _ in range(runs)]
@@ -193,7 +199,7 @@ def stages(count: int, runs: int) -> None:
                 marks.append(time.process_time())
                 env = envelope.decide(draft.fields, envelope_from=None, envelope_to=None)
                 marks.append(time.process_time())
-                message_id = prepare_module._new_message_id(env.id_domain)
+                message_id = prepare_module._new_message_id(prepare_module._id_domain(env, None))
                 marks.append(time.process_time())
                 utf8 = draft.fields.utf8
                 data = render.render(draft, date=NOW, message_id=message_id, utf8=utf8)
@@ -202,7 +208,8 @@ def stages(count: int, runs: int) -> None:
                     data,
                     env,
                     utf8_headers=utf8,
-                    max_size=prepare_module.DEFAULT_MAX_SIZE,
+                    options=options,
+                    now=NOW,
                     message_id=message_id,
                     subject=email.subject,
                 )
