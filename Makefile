@@ -1,6 +1,7 @@
 # Two commands: `make demo` and `make test`. Both work on a fresh Debian machine with only
 # Python 3.11: they create .venv, install what they need, and (for tests) the PostgreSQL
-# server binaries the test setup starts on a throwaway cluster.
+# server binaries the test setup starts on a throwaway cluster, and Perl's Mail::DKIM (a
+# second, independent DKIM verifier).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	rm -f $(VENV)/.installed-* && touch $@
 
 system-deps:
-	@scripts/ensure-system-deps postgres
+	@scripts/ensure-system-deps postgres dkim
 
 demo: $(STAMP)
 	PYTHONPATH=. $(PY) examples/demo.py

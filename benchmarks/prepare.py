@@ -5,7 +5,9 @@ jobs on a shared machine disturb it less than wall time), and wall time. Every m
 run has its own sender and recipient addresses, so the whole-address caches never hit and
 each row pays for address validation; the domains come from a small pool, as they do for
 real traffic. The "same sender" row repeats one sender (the common case of an application sending as
-itself), and "new domains" gives every address a domain never seen before.
+itself), and "new domains" gives every address a domain never seen before. The "DKIM" rows
+sign the text message (keys generated in memory for the run); their difference from the
+"text" row is the cost of signing.
 
     .venv/bin/python benchmarks/prepare.py [--count 2000] [--runs 7] [--profile SHAPE]
     .venv/bin/python benchmarks/prepare.py --stages   # CPU µs per pipeline stage
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 
+from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, generate_private_key
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -119,6 +122,31 @@ def stdlib_message() -> EmailMessage:
     return message
 
 
+def _dkim(*algorithms: DKIMAlgorithm) -> DKIMConfig:
+    """Keys for every domain the messages come from, one per algorithm."""
+    pems = {algorithm: generate_private_key(algorithm) for algorithm in algorithms}
+    return DKIMConfig(
+        keys=[
+            DKIMKey(
+                domain=domain,
+                selector=f"s{index}",
+                private_key=pems[algorithm],
+                algorithm=algorithm,
+            )
+            for domain in [*DOMAINS, "example.com"]
+            for index, algorithm in enumerate(algorithms)
+        ]
+    )
+
+
+RSA, ED25519 = DKIMAlgorithm.RSA_SHA256, DKIMAlgorithm.ED25519_SHA256
+OPTIONS: dict[str, dict[str, object]] = {
+    "text, DKIM rsa-2048": {"dkim": _dkim(RSA)},
+    "text, DKIM ed25519": {"dkim": _dkim(ED25519)},
+    "text, DKIM rsa-2048 + ed25519": {"dkim": _dkim(RSA, ED25519)},
+}
+"""Keyword arguments of prepare() for the shapes that need some."""
+
 SHAPES: dict[str, Callable[[], Email | EmailMessage | bytes]] = {
     "text": text_email,
     "text+html": html_email,
@@ -128,6 +156,7 @@ SHAPES: dict[str, Callable[[], Email | EmailMessage | bytes]] = {
     "EmailMessage": stdlib_message,
     "text, same sender": lambda: text_email(same_sender=True),
     "text, new domains": lambda: text_email(new_domains=True),
+    **{name: text_email for name in OPTIONS},
 }
 
 
@@ -136,11 +165,11 @@ def batches(make: Callable[[], Email | EmailMessage | bytes], count: int) -> Ite
         yield [make() for _ in range(count)]
 
 
-def per_call_us(messages: list[object]) -> tuple[float, float]:
+def per_call_us(messages: list[object], options: dict[str, object]) -> tuple[float, float]:
     """(CPU µs, wall µs) per ``prepare()`` call over ``messages``."""
     cpu, wall = time.process_time(), time.perf_counter()
     for message in messages:
-        prepare(message, now=NOW)  # type: ignore[arg-type]
+        prepare(message, now=NOW, **options)  # type: ignore[arg-type]
     count = len(messages)
     return (time.process_time() - cpu) / count * 1e6, (time.perf_counter() - wall) / count * 1e6
 
@@ -153,6 +182,12 @@ def stages(count: int, runs: int) -> None:
     prepare_module = importlib.import_module("mailstrom.message.prepare")
 
     names = ("check", "decide", "message-id", "render", "finish")
+    options = prepare_module._Options(
+        max_size=prepare_module.DEFAULT_MAX_SIZE,
+        max_recipients=envelope.DEFAULT_MAX_RECIPIENTS,
+        fallback_id_domain=None,
+        dkim=None,
+    )
     print(f"{'shape':<30}" + "".join(f" {name:>10}" for name in names) + f" {'total':>8}")
     for shape in ("text", "text+html", "text+html+inline+attachment", "utf-8 headers"):
         totals = [[0.0] * len(names) for _ in range(runs)]
@@ -164,7 +199,7 @@ def stages(count: int, runs: int) -> None:
                 marks.append(time.process_time())
                 env = envelope.decide(draft.fields, envelope_from=None, envelope_to=None)
                 marks.append(time.process_time())
-                message_id = prepare_module._new_message_id(env.id_domain)
+                message_id = prepare_module._new_message_id(prepare_module._id_domain(env, None))
                 marks.append(time.process_time())
                 utf8 = draft.fields.utf8
                 data = render.render(draft, date=NOW, message_id=message_id, utf8=utf8)
@@ -173,7 +208,8 @@ def stages(count: int, runs: int) -> None:
                     data,
                     env,
                     utf8_headers=utf8,
-                    max_size=prepare_module.DEFAULT_MAX_SIZE,
+                    options=options,
+                    now=NOW,
                     message_id=message_id,
                     subject=email.subject,
                 )
@@ -206,23 +242,24 @@ def main() -> None:
     if args.profile:
         messages = next(batches(SHAPES[args.profile], args.count))
         profiler = cProfile.Profile()
-        profiler.runcall(per_call_us, messages)
+        profiler.runcall(per_call_us, messages, OPTIONS.get(args.profile, {}))
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
         return
 
     # Warm up imports, compiled regexes and the stdlib's lazily built tables.
-    for make in SHAPES.values():
-        prepare(make(), now=NOW)  # type: ignore[arg-type]
+    for name, make in SHAPES.items():
+        prepare(make(), now=NOW, **OPTIONS.get(name, {}))  # type: ignore[arg-type]
     print(
         f"{'shape':<30} {'CPU µs':>8} {'min':>7} {'max':>7} {'wall µs':>8} {'size':>8}"
         f"   (median of {args.runs} runs of {args.count})"
     )
     for name, make in SHAPES.items():
         source = batches(make, args.count)
-        figures = [per_call_us(next(source)) for _ in range(args.runs)]
+        options = OPTIONS.get(name, {})
+        figures = [per_call_us(next(source), options) for _ in range(args.runs)]
         cpu = [figure[0] for figure in figures]
         wall = statistics.median(figure[1] for figure in figures)
-        size = prepare(make(), now=NOW).size  # type: ignore[arg-type]
+        size = prepare(make(), now=NOW, **options).size  # type: ignore[arg-type]
         print(
             f"{name:<30} {statistics.median(cpu):>8.1f} {min(cpu):>7.1f} {max(cpu):>7.1f} "
             f"{wall:>8.1f} {size:>7} B"

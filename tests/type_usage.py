@@ -12,15 +12,21 @@ from mailstrom import (
     AsyncMailstrom,
     Attachment,
     Config,
+    DKIMAlgorithm,
+    DKIMConfig,
+    DKIMKey,
     DNSConfig,
     Email,
     InvalidAddress,
+    InvalidHeaderValue,
     InvalidMessage,
     Mailstrom,
     MessageStatus,
+    NoDKIMKey,
     RecipientState,
     RetryPolicy,
     TLSPolicy,
+    prepare,
 )
 from mailstrom.stores import SQLiteStore, open_store
 
@@ -60,6 +66,44 @@ def sync_usage() -> None:
         print(snap.worker.metrics.attempts.get(("delivered", "none"), 0), delay and delay.count)
         if snap.queue is not None:
             print(snap.queue.by_state)
+
+
+def dkim_usage() -> None:
+    config = Config(
+        helo_name="mail.example.com",
+        message_id_domain="mail.example.com",
+        dkim=DKIMConfig(
+            keys=[
+                DKIMKey(domain="example.com", selector="r", private_key="/etc/dkim/r.pem"),
+                DKIMKey(
+                    domain="example.com",
+                    selector="e",
+                    private_key=b"-----BEGIN PRIVATE KEY-----...",
+                    algorithm=DKIMAlgorithm.ED25519_SHA256,
+                ),
+            ],
+            required=True,
+            expire=timedelta(days=7),
+        ),
+    )
+    email = Email(
+        from_="news@example.com",
+        to="bob@example.org",
+        text="x",
+        unsubscribe_url="https://example.com/u?id=1",
+        unsubscribe_mailto="unsubscribe@example.com",
+        feedback_id="may:c1:news:example",
+        auto_submitted="auto-generated",
+    )
+    try:
+        prepared = prepare(email, dkim=config.dkim)
+        for signature in prepared.dkim:
+            print(signature.domain, signature.selector, signature.algorithm.value)
+        print(config.dkim and config.dkim.keys[0].dns_record().strings)
+    except NoDKIMKey as exc:
+        print(exc.domains)
+    except InvalidHeaderValue as exc:
+        print(exc.header, exc.reason)
 
 
 async def async_usage() -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.dkim.signing import DKIMConfig
+from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 
@@ -242,6 +244,14 @@ class Config:
     transaction as the result (for ``mailstrom events`` and hooks). Off, recording does no
     extra work."""
 
+    dkim: DKIMConfig | None = None
+    """DKIM signing of every message at submission (``send_email``), with the keys aligned
+    with its From domain; ``None`` sends mail unsigned. See :class:`DKIMConfig`."""
+    message_id_domain: str | None = None
+    """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
+    public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
+    ``localhost`` or a name private to one network."""
+
     @property
     def outbox(self) -> bool:
         """Whether recorded results also go to the event outbox."""
@@ -285,3 +295,16 @@ class Config:
         if any(not d or any(c.isspace() for c in d) for d in domains):
             raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
         object.__setattr__(self, "metrics_domains", domains)
+        if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
+            raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
+        if self.message_id_domain is not None:
+            try:
+                name = domain_name(self.message_id_domain)
+            except ValueError as exc:
+                raise ConfigError(f"message_id_domain: {exc}") from None
+            if not is_public_name(name):
+                raise ConfigError(
+                    f"message_id_domain must be a public domain name, not {name!r} (a name "
+                    "private to one host or network)"
+                )
+            object.__setattr__(self, "message_id_domain", name)

@@ -115,6 +115,26 @@ class InvalidAttachment(InvalidMessage):
         self.filename = filename
 
 
+class InvalidHeaderValue(InvalidMessage):
+    """A header that a builder field produces would be malformed: an unsubscribe URI that
+    is not https or mailto, an Auto-Submitted keyword RFC 3834 does not define, a
+    Feedback-ID with spaces. ``header`` names the field."""
+
+    def __init__(self, reason: str, *, header: str) -> None:
+        super().__init__(reason)
+        self.header = header
+
+
+class NoDKIMKey(InvalidMessage):
+    """DKIM signing is required (``dkim.required``) but no configured key aligns with the
+    From domain, so the message would go out unsigned; ``domains`` names the From
+    domains."""
+
+    def __init__(self, reason: str, *, domains: tuple[str, ...]) -> None:
+        super().__init__(reason)
+        self.domains = domains
+
+
 # --- store and queue ---------------------------------------------------------------------
 
 

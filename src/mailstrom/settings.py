@@ -43,6 +43,8 @@ from mailstrom.config import (
     Timeouts,
     TLSPolicy,
 )
+from mailstrom.dkim.keys import DKIMKey
+from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores.url import default_store_url, redact_url
@@ -236,6 +238,50 @@ def _listen(key: str, value: Any) -> str:
     return text
 
 
+_DKIM_KEY_FIELDS = ("domain", "selector", "private_key", "algorithm")
+
+
+def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
+    """``[[dkim.keys]]`` tables, or in the environment ``domain:selector:path[:algorithm]``
+    entries separated by commas; each key file is read and checked here (DKIMKey)."""
+    if isinstance(value, str):
+        value = [_dkim_key_entry(key, entry) for entry in value.split(",") if entry.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected [[dkim.keys]] tables, got {value!r}")
+    keys: list[DKIMKey] = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table with domain, selector, private_key")
+        unknown = sorted(set(entry) - set(_DKIM_KEY_FIELDS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+        missing = [name for name in _DKIM_KEY_FIELDS[:3] if name not in entry]
+        if missing:
+            raise ConfigError(f"{where}: {missing[0]} is required")
+        for name, item in entry.items():
+            _str(f"{where}.{name}", item)
+        keys.append(
+            DKIMKey(
+                domain=entry["domain"],
+                selector=entry["selector"],
+                private_key=entry["private_key"],
+                algorithm=entry.get("algorithm", "rsa-sha256"),
+            )
+        )
+    return tuple(keys)
+
+
+def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
+    parts = [part.strip() for part in text.split(":")]
+    if len(parts) not in (3, 4) or not all(parts):
+        raise ConfigError(
+            f"{key}: expected domain:selector:path[:algorithm] entries separated by commas, "
+            f"got {text.strip()!r}"
+        )
+    return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -297,6 +343,10 @@ KEYS: dict[str, Parser] = {
     "hook.batch": _int(1),
     "metrics.listen": _listen,
     "metrics.domains": _str_list,
+    "message_id_domain": _str,
+    "dkim.keys": _dkim_keys,
+    "dkim.required": _bool,
+    "dkim.expire": _optional(_duration),
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
@@ -480,6 +530,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["timeouts"] = Timeouts(**timeouts)
     if retry := section("retry"):
         top["retry"] = RetryPolicy(**retry)
+    if dkim := section("dkim"):
+        top["dkim"] = DKIMConfig(**dkim)
     if relay := section("relay"):
         if "host" not in relay:
             others = ", ".join(f"relay.{k}" for k in sorted(relay))

@@ -10,7 +10,6 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -18,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailstrom.cli.doctor import exit_code
 from mailstrom.config import Config, DNSConfig
+from mailstrom.dkim import DKIMAlgorithm, DKIMConfig
+from mailstrom.dkim import DKIMKey as SigningKey
+from mailstrom.dkim.keys import generate_private_key
 from mailstrom.doctor import (
     Answer,
     Check,
@@ -303,15 +305,34 @@ def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
     assert "openssl genpkey" in (check.fix or "")
 
 
-def test_dkim_keys_from_config_setting() -> None:
+def test_dkim_keys_come_from_the_signing_configuration(rsa_key: Path) -> None:
+    """The doctor checks the keys mailstrom signs with: a key file by its path, a key given
+    as PEM bytes without ever printing it."""
+    rsa_key.chmod(0o600)
+    ed_pem = generate_private_key(DKIMAlgorithm.ED25519_SHA256)
+    signing = DKIMConfig(
+        keys=(
+            SigningKey(domain="Example.COM", selector="s1", private_key=rsa_key),
+            SigningKey(domain=DOMAIN, selector="s2", private_key=ed_pem, algorithm="ed25519"),
+        )
+    )
     assert dkim_keys(None) == ()
-    one = SimpleNamespace(domain=DOMAIN, selector="s1", private_key="/k.pem", algorithm=None)
-    assert dkim_keys(one) == (DKIMKey(domain=DOMAIN, selector="s1", private_key="/k.pem"),)
-    many = [one, {"domain": "b.example", "selector": "s2", "private_key": "/b.pem"}]
-    assert [k.record_name for k in dkim_keys(many)] == [
-        "s1._domainkey.example.com",
-        "s2._domainkey.b.example",
-    ]
+    keys = dkim_keys(signing)
+    assert keys == (
+        DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key)),
+        DKIMKey(domain=DOMAIN, selector="s2", private_key=ed_pem, algorithm="ed25519-sha256"),
+    )
+    assert SenderSetup.from_config(Config(dkim=signing), domain=DOMAIN).dkim_keys == keys
+
+    zone = {
+        (f"s1._domainkey.{DOMAIN}", "TXT"): [record_for(public_key(rsa_key.read_bytes()))],
+        (f"s2._domainkey.{DOMAIN}", "TXT"): [record_for(public_key(ed_pem))],
+    }
+    checks = [check_dkim(FakeResolver(zone), k)[0] for k in keys]
+    assert [c.status for c in checks] == [Status.PASS, Status.PASS]
+    assert str(rsa_key) in checks[0].summary
+    assert "the configured private key" in checks[1].summary
+    assert "PRIVATE KEY" not in repr(keys) + repr(checks)
 
 
 # --- DMARC -------------------------------------------------------------------------------

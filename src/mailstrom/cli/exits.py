@@ -29,6 +29,9 @@ EX_UNAVAILABLE = 69
 """``send --wait``: some recipient failed permanently."""
 EX_SOFTWARE = 70
 """A bug in mailstrom."""
+EX_CANTCREAT = 73
+"""An output file cannot be created (``dkim keygen``: it exists, or its directory does
+not)."""
 EX_IOERR = 74
 """The store is damaged, is no mailstrom database, has a newer schema, or its file was
 deleted or replaced: trying again will not help, so a supervisor should not restart-loop."""

@@ -15,6 +15,7 @@ from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
+from mailstrom.cli.dkim import register as register_dkim
 from mailstrom.cli.doctor import register as register_doctor
 from mailstrom.cli.events import register as register_events
 from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
@@ -47,9 +48,9 @@ examples:
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
-74 store damaged, not a mailstrom database, newer schema, or replaced (retrying will
-not help), 75 try again later (store unavailable; send --wait: still pending),
-78 bad configuration.
+73 dkim keygen: the key file cannot be created, 74 store damaged, not a mailstrom
+database, newer schema, or replaced (retrying will not help), 75 try again later
+(store unavailable; send --wait: still pending), 78 bad configuration.
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -76,6 +77,7 @@ def build_parser() -> ArgumentParser:
         register_doctor,
         register_db,
         register_events,
+        register_dkim,
     ):
         register(sub, [common])
     return parser

@@ -81,6 +81,24 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         metavar='"NAME: VALUE"',
         help="extra header (repeatable)",
     )
+    bulk = p.add_argument_group("headers mailbox providers ask of bulk mail")
+    bulk.add_argument(
+        "--unsubscribe-url",
+        metavar="URL",
+        help="https URL for one-click unsubscription (List-Unsubscribe and "
+        "List-Unsubscribe-Post, RFC 8058)",
+    )
+    bulk.add_argument(
+        "--unsubscribe-mailto",
+        metavar="ADDR",
+        help="address or mailto: URI that unsubscribes by mail (List-Unsubscribe)",
+    )
+    bulk.add_argument("--feedback-id", metavar="ID", help="Feedback-ID header")
+    bulk.add_argument(
+        "--auto-submitted",
+        choices=["auto-generated", "auto-replied", "auto-notified"],
+        help="Auto-Submitted header (RFC 3834): mail a program sent on its own",
+    )
     raw = p.add_argument_group("sending a complete message")
     raw.add_argument(
         "--file",
@@ -155,10 +173,26 @@ def build_email(args: argparse.Namespace) -> Email:
         html=read_text(args.html_file) if args.html_file else None,
         attachments=[attachment(path) for path in args.attach],
         headers=headers(args.header),
+        unsubscribe_url=args.unsubscribe_url,
+        unsubscribe_mailto=args.unsubscribe_mailto,
+        feedback_id=args.feedback_id,
+        auto_submitted=args.auto_submitted,
     )
 
 
-_BUILDER_ONLY = ("subject", "text", "text_file", "html_file", "attach", "header", "reply_to")
+_BUILDER_ONLY = (
+    "subject",
+    "text",
+    "text_file",
+    "html_file",
+    "attach",
+    "header",
+    "reply_to",
+    "unsubscribe_url",
+    "unsubscribe_mailto",
+    "feedback_id",
+    "auto_submitted",
+)
 
 
 # --- the command -------------------------------------------------------------------------
@@ -183,12 +217,23 @@ def send_command(args: argparse.Namespace) -> int:
         prepared = prepare_for(
             settings.config, build_email(args), envelope_from=None, envelope_to=None, now=now
         )
+    if settings.config.dkim is not None and not prepared.dkim:
+        sys.stderr.write(
+            "mailstrom: warning: the message is not DKIM-signed: no dkim.keys entry aligns "
+            "with its From domain\n"
+        )
     store = open_store(settings.store_url)
     try:
         message_id = store.enqueue(prepared, now=now, hold=args.hold)
         if not args.wait:
             if args.json:
-                print_json({"id": message_id, "recipients": prepared.recipients})
+                print_json(
+                    {
+                        "id": message_id,
+                        "recipients": prepared.recipients,
+                        "dkim": [str(signature) for signature in prepared.dkim],
+                    }
+                )
             else:
                 print(message_id)
             return EX_OK

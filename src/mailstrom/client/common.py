@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -159,15 +160,46 @@ def prepare_for(
     envelope_to: Sequence[str] | None,
     now: datetime,
 ) -> PreparedMessage:
-    """Validate and encode ``message`` under ``config``'s limits (what send_email queues)."""
-    return prepare(
+    """Validate, encode and sign ``message`` under ``config`` (what send_email queues).
+
+    A message that DKIM is configured for but no key signed is logged (a WARNING on
+    ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
+    """
+    prepared = prepare(
         message,
         envelope_from=envelope_from,
         envelope_to=envelope_to,
         max_size=config.max_message_size,
         max_recipients=config.max_recipients,
         now=now,
+        id_domain=config.message_id_domain,
+        fallback_id_domain=config.helo_name,
+        dkim=config.dkim,
     )
+    if config.dkim is not None and not prepared.dkim:
+        log_unsigned(prepared)
+    return prepared
+
+
+_dkim_log = logging.getLogger("mailstrom.dkim")
+
+
+def log_unsigned(prepared: PreparedMessage) -> None:
+    """One record saying that ``prepared`` goes out without a DKIM signature."""
+    if _dkim_log.isEnabledFor(logging.WARNING):
+        _dkim_log.warning(
+            "not DKIM-signed: no DKIM key aligns with its From domain (Message-ID %s, "
+            "envelope sender %s)",
+            prepared.header_message_id,
+            prepared.envelope_from or "<>",
+            extra={
+                "event": "dkim_unsigned",
+                "fields": {
+                    "header_message_id": prepared.header_message_id,
+                    "from": prepared.envelope_from,
+                },
+            },
+        )
 
 
 Clock = Callable[[], datetime]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
@@ -31,14 +31,21 @@ class DKIMKey:
     domain: str
     """The ``d=`` of signatures made with it."""
     selector: str
-    private_key: str
-    """Path of the PEM private key file."""
+    private_key: str | bytes = field(repr=False)
+    """Path of the PEM private key file, or the PEM itself."""
     algorithm: str = "rsa-sha256"
     """``rsa-sha256`` or ``ed25519-sha256`` (``rsa`` and ``ed25519`` are accepted)."""
 
     @property
     def record_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def source(self) -> str:
+        """Where the private key comes from, as reports name it (never the key itself)."""
+        if isinstance(self.private_key, bytes):
+            return "the configured private key"
+        return self.private_key
 
 
 def parse_tags(text: str) -> dict[str, str]:
@@ -128,6 +135,13 @@ def _wanted_kind(algorithm: str) -> str | None:
     return None
 
 
+def _read_pem(private_key: str | bytes) -> bytes:
+    if isinstance(private_key, bytes):
+        return private_key
+    with open(private_key, "rb") as f:
+        return f.read()
+
+
 def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     """The check for one key, and whether a signature made with it would verify."""
     name = key.record_name
@@ -149,12 +163,11 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             "use rsa-sha256 or ed25519-sha256 (RFC 6376, RFC 8463)",
         )
     try:
-        with open(key.private_key, "rb") as f:
-            pem = f.read()
+        pem = _read_pem(key.private_key)
     except OSError as exc:
         return result(
             Status.FAIL,
-            f"cannot read the private key {key.private_key}: {exc.strerror or exc}",
+            f"cannot read the private key {key.source}: {exc.strerror or exc}",
             "point the DKIM key setting at a readable PEM file",
         )
     try:
@@ -162,9 +175,9 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     except (ValueError, TypeError) as exc:
         return result(
             Status.FAIL,
-            f"{key.private_key} is no usable private key: {exc}",
+            f"{key.source} is no usable private key: {exc}",
             "generate one: openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 "
-            f"-out {key.private_key}",
+            f"-out {key.source}",
         )
     publish = f'publish TXT at {name}: "{record_for(ours)}"'
     if ours.kind != wanted:
@@ -212,7 +225,7 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             )
             return result(Status.WARN, "; ".join(warnings), fix, shown)
         return result(
-            Status.PASS, f"published key matches {key.private_key} ({_size(ours)})", None, shown
+            Status.PASS, f"published key matches {key.source} ({_size(ours)})", None, shown
         )
     return result(Status.FAIL, "; ".join(problems), publish, shown)
 

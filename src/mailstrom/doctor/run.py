@@ -3,11 +3,13 @@ that address and the domain (FCrDNS, SPF, DKIM, DMARC, blocklists)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mailstrom.config import Config
+from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.doctor import extras
 from mailstrom.doctor.dkim import DKIMKey, check_dkim
 from mailstrom.doctor.dmarc import check_dmarc
@@ -53,46 +55,34 @@ class SenderSetup:
     @classmethod
     def from_config(cls, config: Config, *, domain: str, **given: Any) -> SenderSetup:
         """The setup ``config`` describes, overridden by ``given`` (None values ignored).
-        Keys come from ``config.dkim`` when that setting exists (see :func:`dkim_keys`)."""
+        DKIM keys come from ``config.dkim``."""
         values: dict[str, Any] = {
             "helo_name": config.helo_name,
             "source_address": config.source_address,
             "smtp_port": config.smtp_port,
             "timeout": config.timeouts.connect,
-            "dkim_keys": dkim_keys(getattr(config, "dkim", None)),
+            "dkim_keys": dkim_keys(config.dkim),
             "relay": f"{config.relay.host}:{config.relay.port}" if config.relay else None,
         }
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(domain=normal_name(domain), **values)
 
 
-def dkim_keys(setting: Any) -> tuple[DKIMKey, ...]:
-    """DKIM keys from a ``Config.dkim`` value, read defensively: None, one entry or a
-    sequence of entries, each an object (or mapping) with ``domain``, ``selector``,
-    ``private_key`` (a path) and ``algorithm``."""
+def dkim_keys(setting: DKIMConfig | None) -> tuple[DKIMKey, ...]:
+    """The keys ``Config.dkim`` signs with, as the doctor checks them."""
     if setting is None:
         return ()
-    entries: Iterable[Any] = (
-        [setting] if hasattr(setting, "selector") or isinstance(setting, dict) else setting
-    )
-    keys = []
-    for entry in entries:
-
-        def get(name: str, default: Any = None, entry: Any = entry) -> Any:
-            if isinstance(entry, dict):
-                return entry.get(name, default)
-            return getattr(entry, name, default)
-
-        path = get("private_key") or get("private_key_path") or get("key_file")
-        keys.append(
-            DKIMKey(
-                domain=str(get("domain")),
-                selector=str(get("selector")),
-                private_key=str(path),
-                algorithm=str(get("algorithm", "rsa-sha256") or "rsa-sha256"),
-            )
+    return tuple(
+        DKIMKey(
+            domain=key.domain,
+            selector=key.selector,
+            private_key=key.private_key
+            if isinstance(key.private_key, bytes)
+            else os.fspath(key.private_key),
+            algorithm=key.algorithm.value,
         )
-    return tuple(keys)
+        for key in setting.keys
+    )
 
 
 def run_doctor(

@@ -13,6 +13,7 @@ from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.envelope import AddressFields
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
+from mailstrom.message.provider import provider_fields
 
 # Headers the Email fields own; setting them through ``headers`` would be ambiguous.
 _OWNED = {
@@ -28,6 +29,14 @@ _OWNED = {
     "mime-version": "text/html/attachments",
     "content-type": "text/html/attachments",
     "content-transfer-encoding": "text/html/attachments",
+}
+# Headers that fields for mailbox providers produce; through ``headers`` as well they would
+# appear twice.
+_PROVIDED = {
+    "list-unsubscribe": ("unsubscribe_url", "unsubscribe_mailto"),
+    "list-unsubscribe-post": ("unsubscribe_url",),
+    "feedback-id": ("feedback_id",),
+    "auto-submitted": ("auto_submitted",),
 }
 # Address headers of a resent message (RFC 5322 §3.6.6) belong to raw input, where the
 # envelope is read from them; through ``headers`` they would be sent unvalidated, and
@@ -88,6 +97,21 @@ class Email:
     """Date header; default: the time of submission. A naive datetime is taken as UTC."""
     message_id: str | None = None
     """Message-ID header, with or without angle brackets; default: a fresh unique one."""
+    unsubscribe_url: str | None = None
+    """An https URL that unsubscribes the recipient with one POST (RFC 8058): sent in
+    ``List-Unsubscribe`` together with ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``.
+    Gmail and Yahoo require one-click unsubscription of bulk senders."""
+    unsubscribe_mailto: str | None = None
+    """An address (``unsubscribe@example.com``) or mailto URI
+    (``mailto:unsubscribe@example.com?subject=stop``) that unsubscribes by mail; in the same
+    ``List-Unsubscribe`` field as ``unsubscribe_url`` when both are given (RFC 2369)."""
+    feedback_id: str | None = None
+    """``Feedback-ID``: printable ASCII without spaces, e.g. ``spring:c42:newsletter:shop``,
+    by which providers report complaints (Gmail's feedback loop)."""
+    auto_submitted: str | None = None
+    """``Auto-Submitted`` (RFC 3834): ``"auto-generated"`` for mail a program sends on its
+    own, ``"auto-replied"`` for an answer to a message, ``"auto-notified"`` for a
+    notification; robots then know not to reply."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +146,8 @@ class Draft:
     """Timezone-aware."""
     message_id: str | None
     """In angle brackets."""
+    provided: tuple[str, ...] = ()
+    """Header fields from the fields for mailbox providers, written as they are."""
 
 
 def check(email: Email) -> Draft:
@@ -155,6 +181,14 @@ def check(email: Email) -> Draft:
         if date.tzinfo is None:
             date = date.replace(tzinfo=UTC)
     message_id = None if email.message_id is None else normalise_message_id(email.message_id)
+    provided: tuple[str, ...] = ()
+    if (
+        email.unsubscribe_url is not None
+        or email.unsubscribe_mailto is not None
+        or email.feedback_id is not None
+        or email.auto_submitted is not None
+    ):
+        provided = _provided(email, headers)
     return Draft(
         fields=fields,
         subject=subject,
@@ -164,6 +198,24 @@ def check(email: Email) -> Draft:
         attachments=tuple(_part(attachment) for attachment in email.attachments),
         date=date,
         message_id=message_id,
+        provided=provided,
+    )
+
+
+def _provided(email: Email, headers: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    for name, _ in headers:
+        owners = _PROVIDED.get(name.lower(), ())
+        given = [owner for owner in owners if getattr(email, owner) is not None]
+        if given:
+            raise InvalidMessage(
+                f"header {name!r} is set by the Email field {given[0]!r}; give it one way, "
+                "not also through headers"
+            )
+    return provider_fields(
+        unsubscribe_url=email.unsubscribe_url,
+        unsubscribe_mailto=email.unsubscribe_mailto,
+        feedback_id=email.feedback_id,
+        auto_submitted=email.auto_submitted,
     )
 
 

@@ -55,7 +55,11 @@ class Envelope:
     """Envelope form of the reverse-path, ``""`` for the null reverse-path."""
     recipients: tuple[str, ...]
     id_domain: str
-    """Domain of the responsible mailbox (From, else Sender), for a new Message-ID."""
+    """Domain of the first From mailbox (the Sender's when From is a group), for a new
+    Message-ID."""
+    from_domains: tuple[str, ...] = ()
+    """Domains of the From mailboxes, lower-case A-labels without repeats: what DKIM
+    signatures must align with (DMARC, RFC 7489 §3.1)."""
     smtputf8: bool
     """An envelope address has a non-ASCII local part (RFC 6531)."""
 
@@ -163,9 +167,11 @@ def decide(
             count=len(recipients),
             limit=max_recipients,
         )
+    from_domains = tuple(dict.fromkeys(b.address.envelope.rpartition("@")[2] for b in from_boxes))
     return Envelope(
         sender=sender,
         recipients=recipients,
-        id_domain=responsible.envelope.rpartition("@")[2],
+        id_domain=from_domains[0] if from_domains else responsible.envelope.rpartition("@")[2],
         smtputf8=sender_utf8 or any(address.smtputf8 for address in addresses),
+        from_domains=from_domains,
     )

@@ -11,6 +11,9 @@ Three inputs, one pipeline, each stage handing the next a value:
   never decoded or re-encoded, only given CRLF line ends;
 - an ``EmailMessage`` is serialised once by the stdlib and then taken as raw bytes, so
   the envelope is read from exactly the header text that will be sent.
+
+With a :class:`~mailstrom.dkim.DKIMConfig` the bytes are signed last (:func:`_sign`),
+after their body has been made 7-bit, so that nothing on the way changes them.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
 
-from mailstrom.errors import ForbiddenCharacter, HeaderInjection, InvalidMessage, MessageTooLarge
+from mailstrom.dkim.signing import DKIMConfig, DKIMSignature, sign
+from mailstrom.domains import domain_name, is_public_name
+from mailstrom.errors import (
+    ForbiddenCharacter,
+    HeaderInjection,
+    InvalidMessage,
+    MessageTooLarge,
+    NoDKIMKey,
+)
 from mailstrom.message import builder, mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text
-from mailstrom.message.encoding import check_line_lengths, serialise
+from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
 from mailstrom.message.envelope import (
     DEFAULT_MAX_RECIPIENTS,
     Envelope,
@@ -44,6 +55,9 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
+LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
+"""Message-ID domain when neither the From domain nor the host's name is a public name:
+``.invalid`` (RFC 6761 §6.4) can never be anyone's real domain, and no local name leaks."""
 
 
 def prepare(
@@ -55,6 +69,8 @@ def prepare(
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     now: datetime | None = None,
     id_domain: str | None = None,
+    fallback_id_domain: str | None = None,
+    dkim: DKIMConfig | None = None,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -66,9 +82,17 @@ def prepare(
     use); by default it is the Sender address, else the single From address.
     ``envelope_to`` overrides the recipients (by default To + Cc + Bcc, or the Resent-
     fields of a resent raw message); at most ``max_recipients`` after de-duplication.
-    ``now`` is used for a missing Date (default: the current UTC time); a missing
-    Message-ID becomes ``<random@id_domain>``, ``id_domain`` defaulting to the From (or
-    Sender) domain.
+    ``now`` is used for a missing Date (default: the current UTC time) and as the DKIM
+    signing time. A missing Message-ID becomes ``<random@domain>``: ``domain`` is
+    ``id_domain`` when given, else the From domain (the Sender's when From is a group) if
+    it is a public name, else ``fallback_id_domain`` (the host's name) if that is, else
+    ``mailstrom.invalid`` — never ``localhost``, an address literal or a name private to
+    one network (see :func:`~mailstrom.domains.is_public_name`).
+
+    ``dkim`` signs the message with the keys aligned with its From domain (see
+    :class:`~mailstrom.dkim.DKIMConfig`); the signatures made are in the result's
+    ``dkim``. A message no key aligns with is left unsigned, or refused with
+    :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``.
 
     The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
     octets and header fields of at most 64 KiB. Raises a subclass of
@@ -82,31 +106,48 @@ def prepare(
         check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
             raise InvalidMessage(f"id_domain {id_domain!r} is not an ASCII domain name")
-    limits = _Limits(max_size=max_size, max_recipients=max_recipients)
+    options = _Options(
+        max_size=max_size,
+        max_recipients=max_recipients,
+        fallback_id_domain=fallback_id_domain,
+        dkim=dkim,
+    )
     if isinstance(message, Email):
-        return _prepare_email(message, envelope_from, envelope_to, limits, now, id_domain)
+        return _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
     if isinstance(message, Message):
         data = _serialise(message)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
         raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
-    return _prepare_bytes(data, envelope_from, envelope_to, limits, now, id_domain)
+    return _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
 
 
-class _Limits:
-    __slots__ = ("max_recipients", "max_size")
+class _Options:
+    """What the caller asked of this call beyond the message: limits, the Message-ID
+    fallback, DKIM."""
 
-    def __init__(self, *, max_size: int, max_recipients: int) -> None:
+    __slots__ = ("dkim", "fallback_id_domain", "max_recipients", "max_size")
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        max_recipients: int,
+        fallback_id_domain: str | None,
+        dkim: DKIMConfig | None,
+    ) -> None:
         self.max_size = max_size
         self.max_recipients = max_recipients
+        self.fallback_id_domain = fallback_id_domain
+        self.dkim = dkim
 
 
 def _prepare_email(
     email: Email,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    limits: _Limits,
+    options: _Options,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
@@ -115,16 +156,19 @@ def _prepare_email(
         draft.fields,
         envelope_from=envelope_from,
         envelope_to=envelope_to,
-        max_recipients=limits.max_recipients,
+        max_recipients=options.max_recipients,
     )
-    message_id = draft.message_id or _new_message_id(id_domain or envelope.id_domain)
+    message_id = draft.message_id or _new_message_id(
+        id_domain or _id_domain(envelope, options.fallback_id_domain)
+    )
     utf8 = draft.fields.utf8
     data = render(draft, date=now, message_id=message_id, utf8=utf8)
     return _finish(
         data,
         envelope,
         utf8_headers=utf8,
-        max_size=limits.max_size,
+        options=options,
+        now=now,
         message_id=message_id,
         subject=email.subject,
     )
@@ -134,19 +178,19 @@ def _prepare_bytes(
     data: bytes,
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
-    limits: _Limits,
+    options: _Options,
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
-    if len(data) > limits.max_size:
+    if len(data) > options.max_size:
         # Checked again once rewritten; refusing early keeps huge input cheap.
-        _too_large(len(data), limits.max_size)
+        _too_large(len(data), options.max_size)
     section = split_header_section(data)
     envelope = decide(
         fields_from_section(section),
         envelope_from=envelope_from,
         envelope_to=envelope_to,
-        max_recipients=limits.max_recipients,
+        max_recipients=options.max_recipients,
     )
     add: list[tuple[str, str]] = []
     if not section.values("Date"):
@@ -155,7 +199,7 @@ def _prepare_bytes(
     if message_ids:
         message_id = message_ids[0]
     else:
-        message_id = _new_message_id(id_domain or envelope.id_domain)
+        message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
         add.append(("Message-ID", message_id))
     subjects = section.values("Subject")
     out = section.rewrite(drop={"bcc", "resent-bcc"}, add=add)
@@ -173,7 +217,8 @@ def _prepare_bytes(
         out,
         envelope,
         utf8_headers=section.utf8 or part_utf8,
-        max_size=limits.max_size,
+        options=options,
+        now=now,
         message_id=message_id,
         subject=decode_text(subjects[0]) if subjects else None,
     )
@@ -184,14 +229,21 @@ def _finish(
     envelope: Envelope,
     *,
     utf8_headers: bool,
-    max_size: int,
+    options: _Options,
+    now: datetime,
     message_id: str,
     subject: str | None,
 ) -> PreparedMessage:
+    max_size = options.max_size
     if len(data) > max_size:
         _too_large(len(data), max_size)
     check_line_lengths(data)
     body = data[data.find(b"\r\n\r\n") :]
+    signatures: tuple[DKIMSignature, ...] = ()
+    if options.dkim is not None:
+        data, body, signatures = _sign(data, body, envelope, options.dkim, now)
+        if len(data) > max_size:
+            _too_large(len(data), max_size)
     return PreparedMessage(
         data=data,
         envelope_from=envelope.sender,
@@ -200,7 +252,46 @@ def _finish(
         eightbit=not body.isascii(),
         header_message_id=message_id,
         subject=subject,
+        dkim=signatures,
     )
+
+
+def _sign(
+    data: bytes, body: bytes, envelope: Envelope, dkim: DKIMConfig, now: datetime
+) -> tuple[bytes, bytes, tuple[DKIMSignature, ...]]:
+    """(signed data, its body, the signatures) — or the data as it was when no key aligns.
+
+    An 8-bit body is made 7-bit first: a server without 8BITMIME would otherwise get it
+    re-encoded by the worker, which changes the signed body and breaks every signature
+    (RFC 6376 §5.3). A 7-bit body reaches every receiver exactly as signed, so the worker's
+    downgrade never applies to a signed message. UTF-8 header fields stay as they are:
+    they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
+    (RFC 8616 §4).
+    """
+    keys = dkim.keys_for(envelope.from_domains)
+    if not keys:
+        if dkim.required:
+            shown = ", ".join(envelope.from_domains) or "(none: From is a group)"
+            raise NoDKIMKey(
+                f"no DKIM key is configured for the From domain {shown}, and dkim.required "
+                "is set; add a [[dkim.keys]] entry for it or a parent domain",
+                domains=envelope.from_domains,
+            )
+        return data, body, ()
+    if not body.isascii():
+        data = downgrade_to_7bit(data)
+        body = data[data.find(b"\r\n\r\n") :]
+    signed, signatures = sign(data, keys, now=now, expire=dkim.expire)
+    return signed, body, signatures
+
+
+def _id_domain(envelope: Envelope, fallback: str | None) -> str:
+    """The domain of a new Message-ID: see :func:`prepare`."""
+    if is_public_name(envelope.id_domain):
+        return envelope.id_domain
+    if fallback is not None and is_public_name(fallback):
+        return domain_name(fallback)
+    return LAST_RESORT_ID_DOMAIN
 
 
 def _too_large(size: int, limit: int) -> None:

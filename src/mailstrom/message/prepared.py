@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailstrom.dkim.signing import DKIMSignature
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +28,9 @@ class PreparedMessage:
     """True when the content holds 8-bit octets and so needs BODY=8BITMIME (RFC 6152)."""
     header_message_id: str | None = None
     subject: str | None = None
+    dkim: tuple[DKIMSignature, ...] = ()
+    """The DKIM signatures ``data`` carries, one per key that signed it; empty when it was
+    not signed (no DKIM configured, or no key aligned with the From domain)."""
 
     @property
     def size(self) -> int:

@@ -84,6 +84,8 @@ def render(
     fields.append(f"Message-ID: {message_id}")
     for name, value in draft.headers:
         fields.append(unstructured_field(name, value, utf8=utf8))
+    if draft.provided:
+        fields.extend(draft.provided)
     fields.append("MIME-Version: 1.0")
     top = _Builder(boundary or _random_boundary).tree(draft)
     fields.extend(top.fields)

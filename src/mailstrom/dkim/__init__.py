@@ -1,0 +1,20 @@
+"""DKIM signing (RFC 6376, RFC 8463, RFC 8301) of messages at submission.
+
+Configure it with :class:`DKIMConfig` (``Config.dkim``, or ``[[dkim.keys]]`` in the
+command line's TOML file); ``prepare()`` then signs each message with the keys aligned
+with its From domain. Keys are made and published with ``mailstrom dkim keygen``.
+"""
+
+from mailstrom.dkim.keys import DKIMAlgorithm, DKIMKey, DNSRecord, generate_private_key
+from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, DKIMSignature, sign
+
+__all__ = [
+    "SIGNED_HEADERS",
+    "DKIMAlgorithm",
+    "DKIMConfig",
+    "DKIMKey",
+    "DKIMSignature",
+    "DNSRecord",
+    "generate_private_key",
+    "sign",
+]

@@ -1,0 +1,59 @@
+"""The "relaxed" canonicalisation of RFC 6376 §3.4.2 (headers) and §3.4.4 (body).
+
+It works on the octets of a prepared message (CRLF line ends throughout), so UTF-8 header
+text (RFC 6532) is canonicalised as the octets it is, as RFC 8616 §4 asks; only space and
+tab are white space (WSP), never a non-ASCII space.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WSP_RUN = re.compile(rb"[ \t]+")
+
+
+def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """``(lower-case name, raw field)`` for each field of a header section.
+
+    ``head`` is the header section up to and including the CRLF of its last field (not
+    the empty line); each raw field keeps its folding and its final CRLF.
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    lines = head.split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            # A folded continuation belongs to the field before it.
+            name, raw = fields[-1]
+            fields[-1] = (name, raw + line + b"\r\n")
+        else:
+            name = line.partition(b":")[0].rstrip(b" \t").lower()
+            fields.append((name, line + b"\r\n"))
+    return fields
+
+
+def relaxed_header(raw: bytes) -> bytes:
+    """One header field (with or without its CRLF) canonicalised, ending with CRLF.
+
+    The name is lower-cased, continuation lines unfolded, every run of WSP made one space,
+    and WSP at the end of the value and around the colon removed (RFC 6376 §3.4.2).
+    """
+    name, _, value = raw.partition(b":")
+    value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    return name.rstrip(b" \t").lower() + b":" + value.strip(b" \t") + b"\r\n"
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """The body canonicalised (RFC 6376 §3.4.4): WSP at line ends removed, other WSP runs
+    made one space, empty lines at the end removed; a non-empty result ends with CRLF and
+    an empty body stays empty."""
+    if b"\t" in body or b"  " in body or b" \r\n" in body or body.endswith(b" "):
+        body = _WSP_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
+        if body.endswith(b" "):
+            body = body[:-1]
+    # The input has CRLF line ends only, so stripping CR and LF removes whole empty lines.
+    body = body.rstrip(b"\r\n")
+    return body + b"\r\n" if body else b""

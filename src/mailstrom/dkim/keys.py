@@ -1,0 +1,329 @@
+"""DKIM signing keys: load and check one, generate one, and the DNS record publishing it.
+
+A key is checked once, when it is configured, so that a message never meets a bad key:
+
+- the PEM file must be private to its owner (no permission bit for group or others), as
+  ssh demands of private keys. Whoever can read the key can sign mail that passes DKIM and
+  DMARC for the domain until the DNS record is changed, and a warning from a library or a
+  cron job is read by nobody, so a readable key is refused (:class:`ConfigError`), not
+  merely reported;
+- its type must match the algorithm: ``rsa-sha256`` (RFC 6376) with 1024 to 4096 bits
+  (RFC 8301 §3.2: signers MUST use at least 1024 and SHOULD use at least 2048 bits;
+  verifiers need not check keys over 4096), or ``ed25519-sha256`` (RFC 8463).
+
+The ``cryptography`` package (the ``mailstrom[dkim]`` extra) is imported only here and only
+when a key is loaded or made, so mail without DKIM never pays for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mailstrom import domains
+from mailstrom.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+MIN_RSA_BITS = 1024
+"""Smallest RSA key accepted (RFC 8301 §3.2)."""
+RECOMMENDED_RSA_BITS = 2048
+"""What RFC 8301 §3.2 says signers SHOULD use, and what ``generate_private_key`` makes."""
+MAX_RSA_BITS = 4096
+"""Largest RSA key accepted: RFC 8301 §3.2 obliges verifiers to check keys up to 4096
+bits only, and a larger public key hardly fits a DNS answer."""
+TXT_STRING = 255
+"""Octets in one character-string of a TXT record (RFC 1035 §3.3)."""
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+class DKIMAlgorithm(StrEnum):
+    """A signing algorithm (the ``a=`` tag)."""
+
+    RSA_SHA256 = "rsa-sha256"
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 6376 §3.3.1): verified everywhere."""
+    ED25519_SHA256 = "ed25519-sha256"
+    """Ed25519 over the SHA-256 of the signed data (RFC 8463): short keys and signatures,
+    fast, but not verified by every receiver yet, so sign with RSA as well."""
+
+    @property
+    def key_type(self) -> str:
+        """The ``k=`` tag of the DNS record."""
+        return "rsa" if self is DKIMAlgorithm.RSA_SHA256 else "ed25519"
+
+    @classmethod
+    def named(cls, value: object) -> DKIMAlgorithm:
+        """The algorithm ``value`` names: its ``a=`` value, or the key type alone
+        (``"rsa"``, ``"ed25519"``), in any case; :class:`ValueError` otherwise."""
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower()
+        return cls(_SHORT_NAMES.get(text, text))
+
+
+_SHORT_NAMES = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DNSRecord:
+    """The TXT record that publishes a key's public half (RFC 6376 §3.6.2.2)."""
+
+    name: str
+    """``selector._domainkey.domain``, without the final dot."""
+    value: str
+    """``v=DKIM1; k=...; p=...`` in one piece."""
+
+    @property
+    def strings(self) -> tuple[str, ...]:
+        """``value`` cut into character-strings of at most 255 octets, as a TXT record
+        holds it (an RSA-2048 key needs two); receivers join them without a separator."""
+        return tuple(self.value[i : i + TXT_STRING] for i in range(0, len(self.value), TXT_STRING))
+
+    def zone_line(self, ttl: int | None = None) -> str:
+        """The record as a zone-file line, e.g. for BIND or NSD."""
+        quoted = " ".join(f'"{s}"' for s in self.strings)
+        ttl_text = f" {ttl}" if ttl is not None else ""
+        return f"{self.name}.{ttl_text} IN TXT ( {quoted} )"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DKIMKey:
+    """One signing key: the domain it signs for (``d=``), its selector (``s=``), the
+    private key and the algorithm.
+
+    >>> DKIMKey(domain="example.com", selector="s2026",
+    ...         private_key="/etc/mailstrom/dkim/example.com.s2026.pem")  # doctest: +SKIP
+
+    ``private_key`` is the path of a PEM file (PKCS#8 or the traditional RSA form, not
+    encrypted) that only its owner may access, or the PEM itself as ``bytes`` (from a
+    secret store, say). The key is loaded and checked here: a missing or unreadable
+    file, a file others can access, a key of the wrong type for ``algorithm``, or an RSA
+    key under 1024 or over 4096 bits raises :class:`ConfigError`. The domain is kept as a
+    lower-case A-label. ``repr`` never shows key material.
+    """
+
+    domain: str
+    selector: str
+    private_key: str | os.PathLike[str] | bytes
+    algorithm: DKIMAlgorithm = DKIMAlgorithm.RSA_SHA256
+    """The ``a=`` value; ``"rsa"`` and ``"ed25519"`` are accepted for it."""
+    bits: int = field(init=False)
+    """Size of the key (256 for Ed25519)."""
+    _signer: _Signer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        label = f"dkim key {self.domain}/{self.selector}"
+        set_ = object.__setattr__
+        set_(self, "domain", signing_domain(self.domain, label=label))
+        check_selector(self.selector, label=label)
+        try:
+            set_(self, "algorithm", DKIMAlgorithm.named(self.algorithm))
+        except ValueError:
+            choices = ", ".join(a.value for a in DKIMAlgorithm)
+            raise ConfigError(
+                f"{label}: algorithm must be one of {choices}, got {self.algorithm!r}"
+            ) from None
+        if isinstance(self.private_key, bytes | bytearray):
+            pem = bytes(self.private_key)
+        elif isinstance(self.private_key, str | os.PathLike):
+            pem = read_private_file(Path(self.private_key), what=label)
+        else:
+            raise ConfigError(
+                f"{label}: private_key must be a file path or PEM bytes, "
+                f"not {type(self.private_key).__name__}"
+            )
+        signer = _Signer(pem, self.algorithm, label)
+        set_(self, "bits", signer.bits)
+        set_(self, "_signer", signer)
+
+    def sign(self, data: bytes) -> bytes:
+        """The raw signature of ``data`` (the canonicalised headers, RFC 6376 §3.7)."""
+        return self._signer.sign(data)
+
+    def dns_record(self) -> DNSRecord:
+        """The TXT record to publish for this key."""
+        p = base64.b64encode(self._signer.public).decode("ascii")
+        return DNSRecord(
+            name=f"{self.selector}._domainkey.{self.domain}",
+            value=f"v=DKIM1; k={self.algorithm.key_type}; p={p}",
+        )
+
+    def __repr__(self) -> str:
+        source = "<PEM>" if isinstance(self.private_key, bytes | bytearray) else self.private_key
+        return (
+            f"DKIMKey(domain={self.domain!r}, selector={self.selector!r}, "
+            f"algorithm={self.algorithm.value!r}, bits={self.bits}, private_key={source!r})"
+        )
+
+
+class _Signer:
+    """The loaded private key, kept out of sight: no repr, no JSON, no deep copy of it.
+
+    It pickles as its PEM (a worker process gets the ``Config``, and the loaded key
+    itself cannot be pickled), so the file is not read, nor its checks made, again.
+    """
+
+    __slots__ = ("algorithm", "bits", "pem", "public", "sign")
+
+    def __init__(self, pem: bytes, algorithm: DKIMAlgorithm, label: str) -> None:
+        self.pem = pem
+        self.algorithm = algorithm
+        self.sign, self.public, self.bits = _check(_load_pem(pem, label), algorithm, label)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Signer, (self.pem, self.algorithm, "dkim key"))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Signer:
+        return self  # immutable; copying would mean exposing the key
+
+    def __repr__(self) -> str:
+        return "<DKIM private key>"
+
+
+def signing_domain(value: object, *, label: str = "dkim key") -> str:
+    """``value`` as a lower-case A-label domain name, or :class:`ConfigError`."""
+    try:
+        return domains.domain_name(value)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: the domain must be a domain name: {exc}") from None
+
+
+def check_selector(value: object, *, label: str = "dkim key") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a selector: ASCII DNS labels
+    (RFC 6376 §3.1)."""
+    if not isinstance(value, str) or not _SELECTOR.fullmatch(value):
+        raise ConfigError(
+            f"{label}: the selector must be DNS labels of letters, digits and hyphens "
+            f"(like s2026 or mail.2026), got {value!r}"
+        )
+
+
+def read_private_file(path: Path, *, what: str) -> bytes:
+    """The content of a private key file, refused unless only its owner can access it."""
+    try:
+        with path.open("rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"{what}: {path} is not a regular file")
+            mode = info.st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{what}: {path} can be accessed by other users (mode {mode:04o}); whoever "
+                    "reads a DKIM key can sign mail as the domain, so mailstrom refuses it, "
+                    f"as ssh does: chmod 600 {path}"
+                )
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
+    try:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigError(
+            f"{label}: DKIM signing needs the cryptography package: pip install 'mailstrom[dkim]'"
+        ) from None
+    try:
+        return load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ConfigError(f"{label}: the private key is encrypted; give it unencrypted") from None
+    except (ValueError, UnicodeError) as exc:
+        raise ConfigError(f"{label}: not a PEM private key ({exc})") from None
+
+
+def _check(
+    key: PrivateKeyTypes, algorithm: DKIMAlgorithm, label: str
+) -> tuple[Callable[[bytes], bytes], bytes, int]:
+    """(sign function, public key as DNS publishes it, bits) of a key fit for ``algorithm``."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+    if algorithm is DKIMAlgorithm.RSA_SHA256:
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError(f"{label}: rsa-sha256 needs an RSA key, got {_kind(key)}")
+        bits = key.key_size
+        if bits < MIN_RSA_BITS:
+            raise ConfigError(
+                f"{label}: the RSA key has {bits} bits; RFC 8301 §3.2 requires at least "
+                f"{MIN_RSA_BITS} (use {RECOMMENDED_RSA_BITS}), and receivers ignore smaller ones"
+            )
+        if bits > MAX_RSA_BITS:
+            raise ConfigError(
+                f"{label}: the RSA key has {bits} bits; receivers need not verify keys over "
+                f"{MAX_RSA_BITS} (RFC 8301 §3.2), use {RECOMMENDED_RSA_BITS}"
+            )
+        rsa_key = key
+        pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
+
+        def sign_rsa(data: bytes) -> bytes:
+            return rsa_key.sign(data, pkcs1, sha256)
+
+        # RFC 6376 §3.6.1: p= is the DER SubjectPublicKeyInfo of an RSA key.
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return sign_rsa, public, bits
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{label}: ed25519-sha256 needs an Ed25519 key, got {_kind(key)}")
+    ed_key = key
+
+    def sign_ed25519(data: bytes) -> bytes:
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash of the data, not the data itself.
+        return ed_key.sign(hashlib.sha256(data).digest())
+
+    # RFC 8463 §4.2: p= is the raw 32-octet public key.
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return sign_ed25519, public, 256
+
+
+def _kind(key: object) -> str:
+    return type(key).__name__.removeprefix("_").replace("PrivateKey", " key")
+
+
+def generate_private_key(
+    algorithm: DKIMAlgorithm = DKIMAlgorithm.RSA_SHA256, *, bits: int = RECOMMENDED_RSA_BITS
+) -> bytes:
+    """A new private key as unencrypted PKCS#8 PEM (``bits`` applies to RSA only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    algorithm = DKIMAlgorithm.named(algorithm)
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm is DKIMAlgorithm.RSA_SHA256:
+        if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+            raise ConfigError(
+                f"RSA keys must have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits (RFC 8301), got {bits}"
+            )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write_private_file(path: Path, pem: bytes) -> None:
+    """Write ``pem`` to a new file of mode 0600; an existing file is never replaced
+    (:class:`FileExistsError`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        f.write(pem)
+        f.flush()
+        os.fsync(fd)

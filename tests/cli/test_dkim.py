@@ -1,0 +1,164 @@
+"""``mailstrom dkim keygen``, DKIM in the configuration file, and ``send``'s options for
+the headers providers require — through the real command in a subprocess."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from mailstrom.dkim import DKIMKey
+from tests.cli.conftest import CLI, MailEnv
+from tests.support.dkim import assert_all_pass, verify_dkimpy
+
+
+def keygen(cli: CLI, *args: str) -> str:
+    return cli.ok("dkim", "keygen", "--domain", "client.test", *args).out
+
+
+def test_keygen_writes_a_private_key_and_prints_the_record(cli: CLI) -> None:
+    out = keygen(cli, "--selector", "s2026")
+    path = cli.cwd / "client.test.s2026.pem"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert "name:  s2026._domainkey.client.test" in out
+    value_line = next(line for line in out.splitlines() if line.startswith("  value: "))
+    strings = value_line.removeprefix("  value: ").split('" "')
+    assert len(strings) == 2 and len(strings[0].strip('"')) == 255  # RSA-2048: two strings
+    assert 's2026._domainkey.client.test. IN TXT ( "v=DKIM1; k=rsa; p=' in out
+    assert f'private_key = "{path}"' in out and 'algorithm = "rsa-sha256"' in out
+
+
+def test_keygen_never_overwrites(cli: CLI) -> None:
+    keygen(cli, "--selector", "s1", "--algorithm", "ed25519")
+    path = cli.cwd / "client.test.s1.pem"
+    before = path.read_bytes()
+    again = cli("dkim", "keygen", "--domain", "client.test", "--selector", "s1")
+    assert again.code == 73 and "exists" in again.err
+    assert path.read_bytes() == before
+
+
+def test_keygen_json_and_bad_options(cli: CLI) -> None:
+    out = cli.ok(
+        "dkim", "keygen", "--domain", "Client.Test", "--selector", "e1",
+        "--algorithm", "ed25519", "--out", "keys.pem", "--json",
+    ).json()  # fmt: skip
+    assert out["dns_name"] == "e1._domainkey.client.test"
+    assert out["dns_strings"][0].startswith("v=DKIM1; k=ed25519; p=")
+    assert out["bits"] == 256 and (cli.cwd / "keys.pem").exists()
+    for args in (
+        ["--selector", "e2", "--algorithm", "ed25519", "--bits", "2048"],
+        ["--selector", "r2", "--bits", "512"],
+        ["--selector", "bad_selector"],
+    ):
+        result = cli("dkim", "keygen", "--domain", "client.test", *args)
+        assert result.code == 64, result.err
+    assert cli("dkim", "keygen", "--domain", "x", "--selector", "s").code == 64
+
+
+def dkim_config(cli: CLI, *lines: str) -> Path:
+    keygen(cli, "--selector", "rsa")
+    keygen(cli, "--selector", "ed", "--algorithm", "ed25519")
+    config = cli.cwd / "config.toml"
+    config.write_text(
+        "\n".join(
+            [
+                *lines,
+                "[[dkim.keys]]",
+                'domain = "client.test"',
+                'selector = "rsa"',
+                f'private_key = "{cli.cwd / "client.test.rsa.pem"}"',
+                "[[dkim.keys]]",
+                'domain = "client.test"',
+                'selector = "ed"',
+                f'private_key = "{cli.cwd / "client.test.ed.pem"}"',
+                'algorithm = "ed25519"',
+            ]
+        )
+    )
+    return config
+
+
+def publish(env: MailEnv) -> None:
+    """Publish the keys the way keygen printed them: the record of each key file."""
+    for selector, algorithm in (("rsa", "rsa-sha256"), ("ed", "ed25519-sha256")):
+        key = DKIMKey(
+            domain="client.test",
+            selector=selector,
+            private_key=env.cli.cwd / f"client.test.{selector}.pem",
+            algorithm=algorithm,  # type: ignore[arg-type]
+        )
+        record = key.dns_record()
+        env.dns.txt(record.name, record.strings)
+
+
+def test_send_signs_with_the_configured_keys(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    config = dkim_config(cli)
+    publish(mail_env)
+    sent = cli.ok(
+        "--config", str(config), "send", "--from", "App <app@client.test>",
+        "--to", "bob@example.test", "--subject", "Signed", "--text", "Grüße",
+        "--unsubscribe-url", "https://client.test/u?t=1",
+        "--unsubscribe-mailto", "unsubscribe@client.test",
+        "--feedback-id", "c1:app:notice:client", "--auto-submitted", "auto-generated",
+        "--json",
+    ).json()  # fmt: skip
+    assert sent["dkim"] == ["client.test (rsa, rsa-sha256)", "client.test (ed, ed25519-sha256)"]
+    cli.ok("--config", str(config), "worker", "--once", "--no-live")
+    [received] = mail_env.mx.messages
+    content = received.content
+    unsubscribe = (
+        b"List-Unsubscribe: <https://client.test/u?t=1>,\r\n <mailto:unsubscribe@client.test>"
+    )
+    assert unsubscribe in content
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in content
+    assert b"Feedback-ID: c1:app:notice:client\r\n" in content
+    assert b"Auto-Submitted: auto-generated\r\n" in content
+    assert_all_pass(content, mail_env.dns)
+
+
+def test_unsigned_mail_is_reported(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    config = dkim_config(cli)
+    sent = cli(
+        "--config", str(config), "send", "--from", "app@other.test", "--to", "bob@example.test",
+        "--text", "x",
+    )  # fmt: skip
+    assert sent.code == 0 and "not DKIM-signed" in sent.err
+
+
+def test_required_refuses_unsigned_mail(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    config = dkim_config(cli, "[dkim]", "required = true", 'expire = "7d"')
+    refused = cli(
+        "--config", str(config), "send", "--from", "app@other.test", "--to", "bob@example.test",
+        "--text", "x",
+    )  # fmt: skip
+    assert refused.code == 65 and "no DKIM key" in refused.err
+    assert cli.queue_ids() == []
+
+
+def test_key_file_others_can_read_is_a_configuration_error(cli: CLI) -> None:
+    config = dkim_config(cli)
+    (cli.cwd / "client.test.rsa.pem").chmod(0o644)
+    result = cli("--config", str(config), "send", "--from", "a@client.test", "--to", "b@x.test")
+    assert result.code == 78 and "chmod 600" in result.err
+
+
+def test_provider_options_are_validated_and_need_a_built_message(cli: CLI) -> None:
+    bad = cli(
+        "send", "--from", "a@client.test", "--to", "b@x.test", "--unsubscribe-url", "http://x"
+    )
+    assert bad.code == 65 and "https" in bad.err
+    raw = cli.cwd / "m.eml"
+    raw.write_bytes(b"From: a@client.test\r\nTo: b@x.test\r\n\r\nx\r\n")
+    mixed = cli("send", "--file", str(raw), "--feedback-id", "a:b")
+    assert mixed.code == 64 and "--feedback-id" in mixed.err
+
+
+def test_dkimpy_sees_no_signature_without_dkim(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.ok("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    cli.ok("worker", "--once", "--no-live")
+    [received] = mail_env.mx.messages
+    assert verify_dkimpy(received.content, mail_env.dns) == []

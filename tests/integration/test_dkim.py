@@ -1,0 +1,120 @@
+"""prepare()'s signatures checked by independent verifiers, which find the public keys on
+the loopback DNS server: dkimpy for every message, Perl's Mail::DKIM as well for fixed
+messages, and dkimpy against random ones (white space, folding, empty lines, UTF-8) where a
+canonicalisation mistake would show."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailstrom import Attachment, Email
+from mailstrom.message import prepare
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.dkim import assert_all_fail, assert_all_pass, dual, publish, verify_dkimpy
+
+DKIM = dual("example.com", expire=timedelta(days=3))
+NOW = datetime.now(UTC)  # x= must lie ahead of the verifiers' clock
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[LoopbackDNS]:
+    """One loopback DNS server for the module (hypothesis reruns a test many times)."""
+    with LoopbackDNS() as server:
+        publish(server, DKIM)
+        yield server
+
+
+def stdlib_message() -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "Shop <shop@example.com>"
+    message["To"] = "bob@example.org"
+    message["Subject"] = "Grüße"
+    message.set_content("Grüße aus Köln\n", cte="8bit")
+    message.add_attachment(b"\x00\x01binary", maintype="application", subtype="octet-stream")
+    return message
+
+
+FIXED = {
+    "text": Email(from_="shop@example.com", to="bob@example.org", subject="Hi", text="Hello\n"),
+    "empty body": Email(from_="shop@example.com", to="bob@example.org", text=""),
+    "html+attachments+provider headers": Email(
+        from_="Shop <shop@news.example.com>",
+        to=["Bob <bob@example.org>", "carol@example.org"],
+        cc="dave@example.org",
+        reply_to="help@example.com",
+        subject="A subject long enough to be folded by the renderer, " * 3,
+        text="Plain\n",
+        html="<p>HTML</p>\n",
+        attachments=[Attachment(filename="a.pdf", content=bytes(range(256)) * 4)],
+        unsubscribe_url="https://example.com/unsubscribe?token=" + "x" * 120,
+        unsubscribe_mailto="mailto:unsubscribe@example.com?subject=stop",
+        feedback_id="spring:c42:newsletter:shop",
+        auto_submitted="auto-generated",
+    ),
+    "utf-8 headers": Email(
+        from_="Zoë <zoë@example.com>", to="bob@example.org", subject="Ünïcödé", text="ü\n"
+    ),
+    "raw 8-bit": (
+        "From: shop@example.com\r\nTo: bob@example.org\r\nSubject:  spaced\t out \r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße \t aus Köln  \r\n\r\n\r\n"
+    ).encode(),
+    "raw with LF line ends and folding": (
+        b"From: shop@example.com\nTo: a@example.org,\n\tb@example.org\nSubject: x\n\nbody\n"
+    ),
+    "EmailMessage": stdlib_message(),
+}
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+def test_signatures_verify(dns: LoopbackDNS, name: str) -> None:
+    p = prepare(FIXED[name], now=NOW, dkim=DKIM)  # type: ignore[arg-type]
+    assert len(p.dkim) == 2
+    assert_all_pass(p.data, dns)
+
+
+def test_an_expired_signature_fails(dns: LoopbackDNS) -> None:
+    p = prepare(FIXED["text"], now=NOW - timedelta(days=4), dkim=DKIM)  # type: ignore[arg-type]
+    assert_all_fail(p.data, dns)
+
+
+# --- random messages ---------------------------------------------------------------------
+
+WORDS = st.text("abcxyzäö€ \t", min_size=0, max_size=12)
+LINES = st.lists(st.text("abc é\t", max_size=30), max_size=8)
+
+
+@st.composite
+def raw_messages(draw: st.DrawFn) -> bytes:
+    subject = draw(WORDS).strip("\t ")
+    folded = draw(st.booleans())
+    extra = draw(st.lists(WORDS, max_size=3))
+    body = "\r\n".join(draw(LINES)) + draw(st.sampled_from(["", "\r\n", "\r\n\r\n", "  "]))
+    lines = [
+        "From: Shop <shop@example.com>",
+        "To: bob@example.org," + ("\r\n\t" if folded else " ") + "carol@example.org",
+        f"Subject: {subject}" + draw(st.sampled_from(["", " ", "\t"])),
+        *(f"X-Extra:{value}" for value in extra),
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(raw_messages())
+def test_random_messages_verify(dns: LoopbackDNS, data: bytes) -> None:
+    p = prepare(data, now=NOW, dkim=DKIM)
+    verdicts = verify_dkimpy(p.data, dns)
+    assert [v.result for v in verdicts] == ["pass", "pass"], (p.data, verdicts)

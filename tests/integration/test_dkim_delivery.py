@@ -1,0 +1,190 @@
+"""DKIM end to end: a message signed at send_email reaches a loopback MX and verifies there,
+with keys found only in the loopback DNS server, whatever the path.
+
+Each message is signed with an RSA-2048 and an Ed25519 key and checked as received by two
+verifiers that share no code with mailstrom (dkimpy, and Perl's Mail::DKIM for RSA), both
+through a receiver offering 8BITMIME and one that does not (where the worker would re-encode
+an 8-bit body if the signer had not made it 7-bit first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Attachment, Email, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.stores import MemoryStore, SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import Results, loopback_config
+from tests.support.dkim import assert_all_fail, assert_all_pass, dual, publish, verify_dkimpy
+
+CONFIG = dual("sender.test")
+
+
+def text_message(to: str) -> Email:
+    # Runs of spaces, a tab and empty lines at the end: what relaxed canonicalisation
+    # changes, so a verifier that got it wrong would fail here.
+    return Email(
+        from_="Shop <shop@sender.test>",
+        to=[to],
+        subject="Your order  has shipped",
+        text="Hello Bob,\n\nyour parcel is on its way.\n\t \nRegards\n\n\n",
+        auto_submitted="auto-generated",
+    )
+
+
+def html_with_attachments(to: str) -> Email:
+    return Email(
+        from_="Shop <shop@sender.test>",
+        to=[to],
+        cc=[f"Carol <carol@{to.partition('@')[2]}>"],
+        reply_to=["help@sender.test"],
+        subject="Ihre Rechnung \u2013 vielen Dank",
+        text="Grüße aus Köln\n",
+        html='<p>Grüße <img src="cid:logo@shop"></p>\n',
+        attachments=[
+            Attachment(
+                filename="logo.png",
+                content=bytes(range(256)) * 8,
+                content_type="image/png",
+                inline=True,
+                content_id="logo@shop",
+            ),
+            Attachment(filename="Rechnung März.pdf", content=b"%PDF-1.4\n" + bytes(range(256))),
+        ],
+        unsubscribe_url="https://sender.test/u?t=abc",
+        unsubscribe_mailto="unsubscribe@sender.test",
+        feedback_id="march:c42:invoice:shop",
+    )
+
+
+def utf8_message(to: str) -> Email:
+    # A UTF-8 local part: the message needs SMTPUTF8 and its headers are raw UTF-8.
+    return Email(
+        from_="Bücherstube <bücher@sender.test>",
+        to=[f"Zoë <{to}>"],
+        subject="Ihre Bestellung über 30 €",
+        text="Vielen Dank für Ihre Bestellung!\n",
+    )
+
+
+def raw_eight_bit(to: str) -> bytes:
+    return (
+        "From: Shop <shop@sender.test>\r\n"
+        f"To: {to}\r\n"
+        "Subject: raw 8bit\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        "Grüße  aus Köln \r\n"
+        "\r\n"
+    ).encode()
+
+
+MESSAGES: dict[str, Callable[[str], Email | bytes]] = {
+    "text": text_message,
+    "html+attachments": html_with_attachments,
+    "smtputf8": utf8_message,
+    "raw 8-bit body": raw_eight_bit,
+}
+
+
+@pytest.fixture
+def receivers(smtp_server: Any, dns_server: LoopbackDNS) -> dict[bool, Any]:
+    """A receiver with 8BITMIME (modern.test) and one without (old.test), same port."""
+    modern = smtp_server(host="127.0.0.1")
+    old = smtp_server(host="127.0.0.2", port=modern.port, eightbitmime=False)
+    for domain, server in (("modern.test", modern), ("old.test", old)):
+        dns_server.mx(domain, [(10, f"mx.{domain}")])
+        dns_server.a(f"mx.{domain}", server.host)
+    publish(dns_server, CONFIG)
+    return {True: modern, False: old}
+
+
+@pytest.fixture
+def mailstrom(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> Iterator[tuple[Mailstrom, Results]]:
+    results = Results()
+    config = loopback_config(dns_server, receivers[True].port, dkim=CONFIG)
+    ms = Mailstrom(config, store=MemoryStore(), worker="thread", on_result=results)
+    ms.start()
+    yield ms, results
+    ms.stop(timeout=5)
+
+
+@pytest.mark.parametrize("eightbitmime", [True, False], ids=["8bitmime", "7bit-only"])
+@pytest.mark.parametrize("shape", list(MESSAGES))
+def test_signatures_verify_as_received(
+    mailstrom: tuple[Mailstrom, Results],
+    receivers: dict[bool, Any],
+    dns_server: LoopbackDNS,
+    shape: str,
+    eightbitmime: bool,
+) -> None:
+    ms, results = mailstrom
+    domain = "modern.test" if eightbitmime else "old.test"
+    mid = ms.send_email(MESSAGES[shape](f"bob@{domain}"))
+    results.wait_count(2 if shape == "html+attachments" else 1)
+    assert ms.query_status(mid).state is RecipientState.DELIVERED
+    [received] = receivers[eightbitmime].wait_for_messages(1)
+    if not eightbitmime:
+        assert "BODY=8BITMIME" not in received.mail_options
+    body = received.content[received.content.find(b"\r\n\r\n") :]
+    assert body.isascii()  # signed bodies are 7-bit, so no server re-encodes them
+    assert_all_pass(received.content, dns_server)
+
+
+def test_tampering_breaks_every_signature(
+    mailstrom: tuple[Mailstrom, Results], receivers: dict[bool, Any], dns_server: LoopbackDNS
+) -> None:
+    ms, results = mailstrom
+    ms.send_email(html_with_attachments("bob@modern.test"))
+    results.wait_count(2)
+    [received] = receivers[True].wait_for_messages(1)
+    data = received.content
+    assert_all_pass(data, dns_server)
+
+    head_end = data.find(b"\r\n\r\n")
+    subject = data.index(b"Subject: ")
+    one_header = data[:subject] + b"Subject: X" + data[subject + len(b"Subject: ") + 1 :]
+    one_body_byte = data[: head_end + 10] + bytes([data[head_end + 10] ^ 1]) + data[head_end + 11 :]
+    unsubscribe = data.index(b"https://sender.test/u?t=abc")
+    redirected = data[:unsubscribe] + b"https://evil.test/u?t=abc" + data[unsubscribe + 27 :]
+    second_from = b"From: Bank <ceo@bank.test>\r\n" + data
+    for tampered in (one_header, one_body_byte, redirected, second_from):
+        assert tampered != data
+        assert_all_fail(tampered, dns_server)
+
+
+def test_unpublished_key_fails(
+    mailstrom: tuple[Mailstrom, Results], receivers: dict[bool, Any], dns_server: LoopbackDNS
+) -> None:
+    ms, results = mailstrom
+    ms.send_email(MESSAGES["text"]("bob@modern.test"))
+    results.wait_count(1)
+    [received] = receivers[True].wait_for_messages(1)
+    dns_server.delete("rsa._domainkey.sender.test")
+    verdicts = verify_dkimpy(received.content, dns_server)
+    assert [v.result for v in verdicts] == ["fail", "pass"]
+
+
+def test_a_worker_process_delivers_signed_mail(
+    tmp_path: Path, dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """The Config, keys included, crosses to the worker process (which never signs)."""
+    config = loopback_config(dns_server, receivers[True].port, dkim=CONFIG)
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        with Mailstrom(config, store=store, worker="process") as ms:
+            assert ms.worker_mode == "process"
+            ms.send_email(text_message("bob@old.test"))
+            [received] = receivers[False].wait_for_messages(1, timeout=30)
+    finally:
+        store.close()
+    assert_all_pass(received.content, dns_server)

@@ -1,0 +1,221 @@
+"""DKIM keys: what is accepted, what is refused and why, and the DNS record of a key."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from tests.support.dkim import ED25519, RSA, pem
+
+from mailstrom.dkim import keys as keys_module
+from mailstrom.dkim.keys import (
+    DKIMAlgorithm,
+    DKIMKey,
+    DNSRecord,
+    generate_private_key,
+    write_private_file,
+)
+from mailstrom.errors import ConfigError
+
+# Made with `openssl genrsa 512` for this test: too small to be accepted.
+RSA_512 = b"""-----BEGIN PRIVATE KEY-----
+MIIBVAIBADANBgkqhkiG9w0BAQEFAASCAT4wggE6AgEAAkEAuAXurNjPF9USrkAL
+Nzq2O5L4WPAY3YfVpEkzGtT2beB0cfbuHUnxu2UkxZ+jgkLXeUAObnev0tzPSwBQ
+VkuUhQIDAQABAkBg4FaezeBv9m7IJtUAtTrcL+nnwDYG4Yx52UM7G+PDQWLRG1Xy
+J5l0ukuuRpGMubib6mIit16tbUAOgZKPX95dAiEA3sSmdpXoRP9qBsPVLDl8sljY
+jSW17XfRvN+YYzu0GsMCIQDTeaPJWpFSaitFPXf8VsBcwAo0Yb5yact+P/i6fAlP
+FwIgclfP9dh2U0wiuPw15DBRwB14ceKkYhJ5do/yYSUZCg8CIHC3LfBdoIVv5z5R
+hAlwZ7lH9mhzDKJI91iEWltzTzbjAiEA0p2Ey2xALFoN/DUjRZ+M+K4ybEdJshXw
+rUUGx/AP/yE=
+-----END PRIVATE KEY-----
+"""
+
+
+def key_file(tmp_path: Path, data: bytes, mode: int = 0o600, name: str = "key.pem") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def test_a_private_key_file_is_loaded(tmp_path: Path) -> None:
+    path = key_file(tmp_path, pem(RSA))
+    key = DKIMKey(domain="Example.COM.", selector="s2026", private_key=path)
+    assert (key.domain, key.selector, key.algorithm, key.bits) == (
+        "example.com",
+        "s2026",
+        RSA,
+        2048,
+    )
+    assert DKIMKey(domain="example.com", selector="s", private_key=str(path)) == key.__class__(
+        domain="example.com", selector="s", private_key=str(path)
+    )
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660, 0o644, 0o601])
+def test_a_key_file_others_can_access_is_refused(tmp_path: Path, mode: int) -> None:
+    path = key_file(tmp_path, pem(RSA), mode)
+    with pytest.raises(ConfigError, match=rf"mode {mode:04o}.*chmod 600") as caught:
+        DKIMKey(domain="example.com", selector="s", private_key=path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_read_only_key_file_is_fine(tmp_path: Path) -> None:
+    DKIMKey(domain="example.com", selector="s", private_key=key_file(tmp_path, pem(RSA), 0o400))
+
+
+def test_missing_file_and_directory_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        DKIMKey(domain="example.com", selector="s", private_key=tmp_path / "nope.pem")
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    with pytest.raises(ConfigError):
+        DKIMKey(domain="example.com", selector="s", private_key=directory)
+
+
+def test_small_rsa_keys_are_refused() -> None:
+    with pytest.raises(ConfigError, match="512 bits; RFC 8301"):
+        DKIMKey(domain="example.com", selector="s", private_key=RSA_512)
+
+
+def test_rsa_1024_is_the_smallest_accepted() -> None:
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    data = small.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,  # "BEGIN RSA PRIVATE KEY" works too
+        serialization.NoEncryption(),
+    )
+    assert DKIMKey(domain="example.com", selector="s", private_key=data).bits == 1024
+
+
+def test_large_rsa_keys_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 4097-bit key takes seconds to make; lowering the bound shows it is enforced.
+    monkeypatch.setattr(keys_module, "MAX_RSA_BITS", 1024)
+    with pytest.raises(ConfigError, match="2048 bits; receivers need not verify"):
+        DKIMKey(domain="example.com", selector="s", private_key=pem(RSA))
+
+
+def test_key_type_must_match_the_algorithm() -> None:
+    with pytest.raises(ConfigError, match="ed25519-sha256 needs an Ed25519 key, got RSA key"):
+        DKIMKey(domain="example.com", selector="s", private_key=pem(RSA), algorithm=ED25519)
+    with pytest.raises(ConfigError, match="rsa-sha256 needs an RSA key, got Ed25519 key"):
+        DKIMKey(domain="example.com", selector="s", private_key=pem(ED25519))
+
+
+def test_algorithm_names() -> None:
+    for name, algorithm in [("rsa", RSA), ("RSA-SHA256", RSA), ("ed25519", ED25519)]:
+        key = DKIMKey(
+            domain="example.com", selector="s", private_key=pem(algorithm), algorithm=name
+        )  # type: ignore[arg-type]
+        assert key.algorithm is algorithm
+    with pytest.raises(ConfigError, match="algorithm must be one of"):
+        DKIMKey(domain="example.com", selector="s", private_key=pem(RSA), algorithm="rsa-sha1")  # type: ignore[arg-type]
+
+
+def test_encrypted_and_malformed_keys_are_refused() -> None:
+    encrypted = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    with pytest.raises(ConfigError, match="encrypted"):
+        DKIMKey(domain="example.com", selector="s", private_key=encrypted, algorithm=ED25519)
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        DKIMKey(domain="example.com", selector="s", private_key=b"-----BEGIN NONSENSE-----")
+
+
+@pytest.mark.parametrize("domain", ["", "com", "[192.0.2.1]", "a..b", "exa mple.com", "a@b.com"])
+def test_bad_domains(domain: str) -> None:
+    with pytest.raises(ConfigError, match="domain"):
+        DKIMKey(domain=domain, selector="s", private_key=pem(RSA))
+
+
+@pytest.mark.parametrize("selector", ["", "s_1", "-s", "s.", "sel ector", "sél", "a" * 64])
+def test_bad_selectors(selector: str) -> None:
+    with pytest.raises(ConfigError, match="selector"):
+        DKIMKey(domain="example.com", selector=selector, private_key=pem(RSA))
+
+
+def test_unicode_domain_becomes_an_a_label() -> None:
+    key = DKIMKey(
+        domain="Bücher.Example", selector="mail.2026", private_key=pem(ED25519), algorithm=ED25519
+    )
+    assert key.domain == "xn--bcher-kva.example"
+    assert key.dns_record().name == "mail.2026._domainkey.xn--bcher-kva.example"
+
+
+def test_key_material_never_shows(tmp_path: Path) -> None:
+    from_bytes = DKIMKey(domain="example.com", selector="s", private_key=pem(RSA))
+    from_file = DKIMKey(
+        domain="example.com", selector="s", private_key=key_file(tmp_path, pem(RSA))
+    )
+    for key in (from_bytes, from_file):
+        assert "PRIVATE" not in repr(key) and "MII" not in repr(key)
+    assert "'<PEM>'" in repr(from_bytes) and str(tmp_path) in repr(from_file)
+
+
+def test_keys_pickle_and_copy_without_reading_the_file_again(tmp_path: Path) -> None:
+    path = key_file(tmp_path, pem(RSA))
+    key = DKIMKey(domain="example.com", selector="s", private_key=path)
+    path.chmod(0o644)  # would now be refused, but the copy does not look again
+    clone = pickle.loads(pickle.dumps(key))
+    assert clone == key and clone.private_key == path
+    assert clone.sign(b"data") == key.sign(b"data")  # RSA PKCS#1 v1.5 is deterministic
+    assert copy.deepcopy(key) == key
+
+
+def test_rsa_dns_record_is_split_into_character_strings() -> None:
+    key = DKIMKey(domain="example.com", selector="s2026", private_key=pem(RSA))
+    record = key.dns_record()
+    assert record.name == "s2026._domainkey.example.com"
+    assert record.value.startswith("v=DKIM1; k=rsa; p=MIIB")
+    assert len(record.strings) == 2
+    assert all(len(s) <= 255 for s in record.strings) and "".join(record.strings) == record.value
+    public = serialization.load_der_public_key(base64.b64decode(record.value.partition("p=")[2]))
+    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+    assert record.zone_line(3600) == (
+        f's2026._domainkey.example.com. 3600 IN TXT ( "{record.strings[0]}" "{record.strings[1]}" )'
+    )
+
+
+def test_ed25519_dns_record_is_the_raw_public_key() -> None:
+    key = DKIMKey(domain="example.com", selector="e", private_key=pem(ED25519), algorithm="ed25519")  # type: ignore[arg-type]
+    record = key.dns_record()
+    assert record.value.startswith("v=DKIM1; k=ed25519; p=") and len(record.strings) == 1
+    assert len(base64.b64decode(record.value.partition("p=")[2])) == 32  # RFC 8463 §4.2
+
+
+def test_dns_record_strings_are_at_most_255_octets() -> None:
+    record = DNSRecord(name="s._domainkey.example.com", value="x" * 600)
+    assert [len(s) for s in record.strings] == [255, 255, 90]
+
+
+def test_generated_keys() -> None:
+    assert b"BEGIN PRIVATE KEY" in generate_private_key(DKIMAlgorithm.ED25519_SHA256)
+    for bits in (512, 8192):
+        with pytest.raises(ConfigError, match="1024 to 4096"):
+            generate_private_key(RSA, bits=bits)
+
+
+def test_private_files_are_0600_and_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "new.pem"
+    old_umask = os.umask(0)
+    try:
+        write_private_file(path, b"secret")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"secret"
+    with pytest.raises(FileExistsError):
+        write_private_file(path, b"other")
+    link = tmp_path / "link.pem"
+    link.symlink_to(tmp_path / "elsewhere.pem")
+    with pytest.raises(FileExistsError):
+        write_private_file(link, b"other")
+    assert not (tmp_path / "elsewhere.pem").exists()

@@ -1,0 +1,212 @@
+"""What prepare() signs, with which keys, and how the signature field is written.
+
+Whether the signatures verify is tested against independent verifiers (through the
+loopback DNS server) in tests/integration/test_dkim.py and test_dkim_delivery.py.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+
+import pytest
+from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
+
+from mailstrom.dkim import DKIMConfig
+from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
+from mailstrom.message import Email, downgrade_to_7bit, prepare
+
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+DKIM = dual("example.com")
+
+
+def email(**fields: object) -> Email:
+    options: dict[str, object] = {
+        "from_": "Shop <shop@example.com>",
+        "to": "bob@example.org",
+        "subject": "Hi",
+        "text": "Hello\n",
+    }
+    options.update(fields)
+    return Email(**options)  # type: ignore[arg-type]
+
+
+def test_signed_with_every_aligned_key_in_key_order() -> None:
+    p = prepare(email(), now=NOW, dkim=DKIM)
+    assert [(s.domain, s.selector, s.algorithm) for s in p.dkim] == [
+        ("example.com", "rsa", RSA),
+        ("example.com", "ed", ED25519),
+    ]
+    assert [str(s) for s in p.dkim] == [
+        "example.com (rsa, rsa-sha256)",
+        "example.com (ed, ed25519-sha256)",
+    ]
+    tags = signature_tags(p.data)
+    assert [t["a"] for t in tags] == ["rsa-sha256", "ed25519-sha256"]
+    assert p.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+
+
+def test_the_tags() -> None:
+    [tags, _] = signature_tags(prepare(email(cc="c@example.org"), now=NOW, dkim=DKIM).data)
+    assert tags["v"] == "1" and tags["c"] == "relaxed/relaxed"
+    assert (tags["d"], tags["s"]) == ("example.com", "rsa")
+    assert tags["t"] == str(int(NOW.timestamp()))
+    assert "l" not in tags and "x" not in tags and "i" not in tags
+    # From and Subject once more than present, the others as often as present.
+    assert tags["h"].split(":") == [
+        "from",
+        "from",
+        "to",
+        "cc",
+        "subject",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+    ]
+    assert re.fullmatch(r"[A-Za-z0-9+/]{43}=", tags["bh"])
+
+
+def test_expiry() -> None:
+    config = dual("example.com", expire=timedelta(days=7))
+    [tags, _] = signature_tags(prepare(email(), now=NOW, dkim=config).data)
+    assert int(tags["x"]) - int(tags["t"]) == 7 * 86400
+    with pytest.raises(ConfigError, match="positive"):
+        dual("example.com", expire=timedelta(0))
+
+
+def test_headers_for_providers_are_signed_and_an_absent_subject_is_signed_as_absent() -> None:
+    message = Email(
+        from_="shop@example.com",
+        to="bob@example.org",
+        reply_to="help@example.com",
+        text="x",
+        unsubscribe_url="https://example.com/u",
+        unsubscribe_mailto="u@example.com",
+        feedback_id="a:b:c",
+    )
+    [tags, _] = signature_tags(prepare(message, now=NOW, dkim=DKIM).data)
+    names = tags["h"].split(":")
+    assert names.count("subject") == 1  # none present: one listing forbids adding one
+    for name in ("reply-to", "list-unsubscribe", "list-unsubscribe-post", "feedback-id"):
+        assert names.count(name) == 1
+
+
+def test_repeated_fields_are_listed_as_often_as_they_occur() -> None:
+    raw = (
+        b"From: shop@example.com\r\nTo: a@example.org\r\nTo: b@example.org\r\n"
+        b"Subject: one\r\nX-Other: not signed\r\n\r\nbody\r\n"
+    )
+    [tags, _] = signature_tags(prepare(raw, now=NOW, dkim=DKIM).data)
+    names = tags["h"].split(":")
+    assert names.count("to") == 2 and names.count("from") == 2 and "x-other" not in names
+
+
+def test_signature_lines_are_folded() -> None:
+    p = prepare(email(), now=NOW, dkim=DKIM)
+    head = p.data[: p.data.find(b"\r\n\r\n")]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+
+
+@pytest.mark.parametrize(
+    ("sender", "selectors"),
+    [
+        ("a@example.com", ["rsa", "ed"]),  # the key domain itself
+        ("a@news.example.com", ["news"]),  # the most specific key domain wins
+        ("a@deep.news.example.com", ["news"]),
+        ("a@shop.example.com", ["rsa", "ed"]),  # a parent domain aligns (DMARC relaxed)
+        ("a@EXAMPLE.COM", ["rsa", "ed"]),
+        ("a@example.net", []),
+        ("a@notexample.com", []),  # a suffix of the name, not a parent domain
+    ],
+)
+def test_which_keys_sign(sender: str, selectors: list[str]) -> None:
+    config = DKIMConfig(keys=(*DKIM.keys, key("news.example.com", "news")))
+    p = prepare(email(from_=sender), now=NOW, dkim=config)
+    assert [s.selector for s in p.dkim] == selectors
+    assert p.data.count(b"DKIM-Signature:") == len(selectors)
+
+
+def test_every_from_domain_gets_its_keys() -> None:
+    config = DKIMConfig(keys=(key("example.com", "a"), key("example.net", "b")))
+    message = email(from_=["a@example.com", "b@example.net"], sender="desk@example.org")
+    assert [s.domain for s in prepare(message, now=NOW, dkim=config).dkim] == [
+        "example.com",
+        "example.net",
+    ]
+
+
+def test_the_envelope_or_sender_domain_does_not_sign() -> None:
+    # DMARC aligns with From: a key for the Sender or bounce domain would not help.
+    config = DKIMConfig(keys=(key("example.org", "s"),))
+    message = email(from_="a@example.com", sender="desk@example.org")
+    assert prepare(message, envelope_from="bounce@example.org", now=NOW, dkim=config).dkim == ()
+
+
+def test_unsigned_when_no_key_aligns_unless_required() -> None:
+    unsigned = prepare(email(from_="a@example.net"), now=NOW, dkim=DKIM)
+    plain = prepare(email(from_="a@example.net", message_id="<x@example.net>"), now=NOW)
+    assert unsigned.dkim == () and b"DKIM-Signature" not in unsigned.data
+    assert plain.dkim == ()
+    required = dual("example.com", required=True)
+    with pytest.raises(NoDKIMKey, match=r"example\.net") as caught:
+        prepare(email(from_="a@example.net"), now=NOW, dkim=required)
+    assert caught.value.domains == ("example.net",)
+
+
+def test_a_from_group_cannot_be_signed_for() -> None:
+    message = email(from_="Team:;", sender="desk@example.com")
+    assert prepare(message, now=NOW, dkim=DKIM).dkim == ()
+    with pytest.raises(NoDKIMKey, match="From is a group"):
+        prepare(message, now=NOW, dkim=dual("example.com", required=True))
+
+
+def test_required_needs_keys() -> None:
+    with pytest.raises(ConfigError, match=r"no dkim\.keys"):
+        DKIMConfig(required=True)
+    with pytest.raises(ConfigError, match="configured twice"):
+        DKIMConfig(keys=(key("example.com", "s"), key("example.com", "s", ED25519)))
+
+
+EIGHT_BIT = (
+    "From: shop@example.com\r\nTo: bob@example.org\r\nSubject: 8bit\r\n"
+    "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln\r\n"
+).encode()
+
+
+def test_an_eight_bit_body_is_made_seven_bit_before_signing() -> None:
+    unsigned = prepare(EIGHT_BIT, now=NOW)
+    assert unsigned.eightbit  # unsigned mail keeps its 8-bit body (BODY=8BITMIME)
+    signed = prepare(EIGHT_BIT, now=NOW, dkim=DKIM)
+    assert not signed.eightbit
+    body = signed.data[signed.data.find(b"\r\n\r\n") :]
+    assert body.isascii() and b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln" in body
+    assert b"Content-Transfer-Encoding: quoted-printable" in signed.data
+    # What the worker does for a server without 8BITMIME changes nothing of it.
+    assert downgrade_to_7bit(signed.data) is signed.data
+
+
+def test_an_eight_bit_email_message_is_made_seven_bit_too() -> None:
+    message = EmailMessage()
+    message["From"] = "shop@example.com"
+    message["To"] = "bob@example.org"
+    message.set_content("Grüße\n", cte="8bit")
+    signed = prepare(message, now=NOW, dkim=DKIM)
+    assert not signed.eightbit and len(signed.dkim) == 2
+
+
+def test_utf8_headers_stay_utf8_and_are_signed() -> None:
+    message = email(from_="Bücher <bücher@example.com>", subject="Grüße")
+    signed = prepare(message, now=NOW, dkim=DKIM)
+    assert signed.smtputf8 and len(signed.dkim) == 2
+    assert 'From: "Bücher" <bücher@example.com>'.encode() in signed.data
+
+
+def test_the_size_limit_counts_the_signatures() -> None:
+    size = len(prepare(email(message_id="<x@example.com>"), now=NOW).data)
+    with pytest.raises(MessageTooLarge, match="the limit is"):
+        prepare(email(message_id="<x@example.com>"), now=NOW, dkim=DKIM, max_size=size + 100)
