@@ -66,9 +66,11 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import EmailMessage
 from typing import Any, AnyStr, cast
 
 from mailstrom.testing._extra import missing_extra
+from mailstrom.testing.outbox import parse_message
 
 try:
     import trustme
@@ -127,6 +129,12 @@ class ReceivedMessage:
     def accepted(self) -> bool:
         """Whether the server answered the final dot with 2xx."""
         return self.reply is not None and self.reply.startswith("2")
+
+    @property
+    def message(self) -> EmailMessage:
+        """``content`` parsed (a new object each time); see
+        :func:`~mailstrom.testing.outbox.parse_message`."""
+        return parse_message(self.content)
 
 
 class ReceivingServer:
