@@ -1,8 +1,17 @@
 """Shared test setup. Services live in tests/fixtures/* as pytest plugins so each can be
-read on its own; every one binds to loopback on an ephemeral port and stops afterwards."""
+read on its own; every one binds to loopback on an ephemeral port and stops afterwards.
+
+The loopback DNS and SMTP servers themselves ship in ``mailstrom.testing`` (users test
+with them too); tests/fixtures keeps the project's fixtures around them, and the old
+import paths. The user-facing fixtures (``mailstrom_outbox``, ``fake_mx``) are listed here
+by module name, the name the ``mailstrom`` entry point also loads them under
+(``mailstrom.testing.pytest_entry``), so pytest registers them once whether plugin
+autoloading is on, off, or ``-p no:mailstrom`` is given.
+"""
 
 pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.smtp_server",
     "tests.fixtures.postgres",
+    "mailstrom.testing.pytest_plugin",
 ]

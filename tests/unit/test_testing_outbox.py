@@ -227,6 +227,11 @@ def test_the_outbox_reads_like_a_list() -> None:
     assert [m.envelope_to for m in outbox] == [["d@x.test"]]
 
 
+def test_the_fixture_captures(mailstrom_outbox: Outbox) -> None:
+    mid = Mailstrom(CONFIG, store=MemoryStore(), worker=None).send_email(welcome())
+    assert [m.message_id for m in mailstrom_outbox] == [mid]
+
+
 def test_the_docstring_example_runs() -> None:
     results = doctest.testmod(mailstrom.testing.outbox, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
