@@ -166,6 +166,11 @@ class _Interceptor:
                     saved = self._patch(cls)
                 self._patched[cls] = (count + 1, saved)
 
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return bool(self._outboxes)
+
     def close(self, outbox: Outbox, classes: Iterable[type]) -> None:
         with self._lock:
             self._outboxes.remove(outbox)
@@ -255,8 +260,7 @@ def shipped_store_types() -> list[type]:
 
 def capture_active() -> bool:
     """Whether a capture is open (mail queued now is held, not delivered)."""
-    with _interceptor._lock:
-        return bool(_interceptor._outboxes)
+    return _interceptor.active
 
 
 @contextlib.contextmanager
