@@ -4,9 +4,10 @@ read on its own; every one binds to loopback on an ephemeral port and stops afte
 The loopback DNS and SMTP servers themselves ship in ``mailstrom.testing`` (users test
 with them too); tests/fixtures keeps the project's fixtures around them, and the old
 import paths. The user-facing fixtures (``mailstrom_outbox``, ``fake_mx``) are listed here
-by module name, the name the ``mailstrom`` entry point also loads them under
-(``mailstrom.testing.pytest_entry``), so pytest registers them once whether plugin
-autoloading is on, off, or ``-p no:mailstrom`` is given.
+by module name: the ``mailstrom`` entry point (``src/_mailstrom_pytest.py``) registers that
+module only when nothing has, so it is registered once whether plugin autoloading is on
+or off and whether ``-p no:mailstrom`` or ``-p mailstrom`` is given; and it is imported
+here, after coverage has started, not when pytest loads entry points.
 """
 
 pytest_plugins = [

@@ -59,7 +59,7 @@ def test_without_the_extra_capture_works_and_the_servers_say_what_to_install() -
         for name in ("aiosmtpd", "dnslib", "trustme"):
             sys.modules[name] = None  # as if not installed: importing raises ImportError
 
-        import mailstrom.testing.pytest_entry
+        import _mailstrom_pytest
         import mailstrom.testing.pytest_plugin
         from mailstrom import Config, Email, Mailstrom
         from mailstrom.stores import MemoryStore

@@ -1,16 +1,14 @@
 """The pytest plugin: fixtures ``mailstrom_outbox`` and ``fake_mx``.
 
-Loaded in every pytest run of an environment where mailstrom is installed, through the
-``pytest11`` entry point ``mailstrom`` (see :mod:`mailstrom.testing.pytest_entry`):
+Registered in every pytest run of an environment where mailstrom is installed, through
+the ``pytest11`` entry point ``mailstrom`` (the top-level module ``_mailstrom_pytest``):
 ``-p no:mailstrom`` turns it off, ``-p mailstrom`` on where plugin autoloading is
-disabled. A conftest.py may also list this module in ``pytest_plugins``; pytest loads it
-once either way.
+disabled. A conftest.py may also list this module in ``pytest_plugins``; pytest registers
+it once either way.
 
-pytest loads it at start-up, before any test (or coverage) runs, so this module imports
-nothing but pytest: mailstrom itself and the ``testing`` extra's packages are imported
-when a test first asks for a fixture. A program without the extra installed therefore
-loses nothing by having the plugin, and gets an ImportError naming the extra only from
-``fake_mx``.
+Fixtures import what they need when a test first asks for them, so the plugin needs
+nothing of the ``testing`` extra until ``fake_mx`` is used, which then raises an
+ImportError naming the extra if it is missing.
 """
 
 from __future__ import annotations
