@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml | $(PY)
 system-deps:
 	@scripts/ensure-system-deps postgres dkim
 
+# The demo's loopback servers are mailstrom.testing's (the `testing` extra, part of `test`).
 demo: $(STAMP)
-	PYTHONPATH=. $(PY) examples/demo.py
+	$(PY) examples/demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts

@@ -1,30 +1,28 @@
 """`make demo`: the main job on the embedded SQLite default, entirely offline.
 
-Starts a receiving SMTP server (aiosmtpd, STARTTLS with a throwaway CA) and a DNS zone
-(dnslib) on loopback, points mailstrom at them, queues a batch through `Mailstrom` with a
-SQLite store, shows progress while the background worker delivers, and prints every
-recipient's final status — including one the server defers (451) and one it rejects (550).
+Starts mailstrom's test kit, `mailstrom.testing.FakeMX`: a receiving SMTP server (aiosmtpd,
+STARTTLS with a throwaway CA) and a DNS zone (dnslib) on loopback. Points mailstrom at them,
+queues a batch through `Mailstrom` with a SQLite store, shows progress while the background
+worker delivers, and prints every recipient's final status — including one the server
+defers (451) and one it rejects (550).
 """
 
 from __future__ import annotations
 
-import ssl
 import tempfile
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
-import trustme
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from tests.fixtures.dns_server import LoopbackDNS
-from tests.fixtures.smtp_server import start_receiving_server
 
 from mailstrom import Config, Email, InvalidMessage, Mailstrom, RecipientState, RetryPolicy
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import RecipientResult
+from mailstrom.testing import FakeMX
 
 console = Console(width=None if Console().is_terminal else 150)
 STATE_STYLE = {
@@ -36,19 +34,21 @@ STATE_STYLE = {
 
 
 def main() -> None:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.example.org", "mx.partner.test").configure_cert(server_context)
+    with FakeMX() as mx:
+        deliver_through(mx)
 
-    receiver = start_receiving_server(server_context, name="mx.example.org")
-    receiver.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy, try again later"
-    receiver.rcpt_replies["nobody@example.org"] = "550 5.1.1 No such user here"
-    dns = LoopbackDNS().start()
+
+def deliver_through(mx: FakeMX) -> None:
+    mx.defer("busy@example.org", "451 4.2.1 Mailbox busy, try again later")
+    mx.reject("nobody@example.org", "550 5.1.1 No such user here")
+    # Every domain's MX is the fake's own host unless the zone says otherwise.
+    dns = mx.dns
     dns.mx("example.org", [(10, "mx.example.org")])
     dns.mx("partner.test", [(10, "mx.partner.test"), (20, "backup.partner.test")])
     dns.a("mx.example.org", "127.0.0.1")
     dns.a("mx.partner.test", "127.0.0.1")
     dns.null_mx("no-mail.test")
+    receiver = mx.server
     console.print(
         f"[bold]Loopback peers:[/] SMTP receiver 127.0.0.1:{receiver.port} (STARTTLS), "
         f"DNS 127.0.0.1:{dns.port}"
@@ -147,8 +147,6 @@ def main() -> None:
         f"{len(receiver.messages)} SMTP transactions. Queue file: {workdir / 'queue.db'}"
     )
     store.close()
-    dns.stop()
-    receiver.stop()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
 """Shared test setup. Services live in tests/fixtures/* as pytest plugins so each can be
-read on its own; every one binds to loopback on an ephemeral port and stops afterwards."""
+read on its own; every one binds to loopback on an ephemeral port and stops afterwards.
+
+The loopback DNS and SMTP servers themselves ship in ``mailstrom.testing`` (users test
+with them too); tests/fixtures keeps the project's fixtures around them, and the old
+import paths. The user-facing fixtures (``mailstrom_outbox``, ``fake_mx``) are listed here
+by module name: the ``mailstrom`` entry point (``src/_mailstrom_pytest.py``) registers that
+module only when nothing has, so it is registered once whether plugin autoloading is on
+or off and whether ``-p no:mailstrom`` or ``-p mailstrom`` is given; and it is imported
+here, after coverage has started, not when pytest loads entry points.
+"""
 
 pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.smtp_server",
     "tests.fixtures.postgres",
+    "mailstrom.testing.pytest_plugin",
 ]

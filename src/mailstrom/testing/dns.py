@@ -1,0 +1,337 @@
+"""A real DNS server on loopback serving a mutable in-memory zone.
+
+It is ``dnslib``'s ``DNSServer`` on 127.0.0.1, UDP and TCP on one ephemeral port, answering
+from a zone the test edits while it runs. It behaves like a recursive resolver would
+towards mailstrom: it follows CNAMEs inside the zone and puts the whole chain in the answer.
+Needs the ``testing`` extra (``pip install 'mailstrom[testing]'``).
+
+::
+
+    with LoopbackDNS() as dns:
+        dns.mx("example.org", [(10, "mx1.example.org"), (20, "mx2.example.org")])
+        dns.a("mx1.example.org", "127.0.0.1")
+        dns.aaaa("mx2.example.org", "::1", ttl=30)
+        config = Config(dns=dns.dns_config, allow_loopback=True, ...)
+        ...
+        assert dns.queries("example.org", "MX") == 1
+
+(or ``dns = LoopbackDNS().start()`` ... ``dns.stop()``). :class:`~mailstrom.testing.FakeMX`
+wraps one; mailstrom's own test suite has it as the ``dns_server`` fixture.
+
+API of :class:`LoopbackDNS` (names are case-insensitive, with or without the final dot,
+Unicode names are stored as their A-label; every record method takes ``ttl=`` (default
+300) and *replaces* that name's records of that type):
+
+* ``port``, ``address`` ("127.0.0.1"), ``dns_config`` — a ``DNSConfig(nameservers=
+  ("127.0.0.1",), port=port, timeout=2.0)``.
+* ``mx(domain, [(preference, host), ...])``, ``a(name, *ips)``, ``aaaa(name, *ips)``,
+  ``cname(name, target)``, ``txt(name, *records)``, ``ptr(ip, *names)``.
+* ``txt`` takes one string per record; a string longer than 255 octets is sent as several
+  character-strings of one record (as a zone file splits a 2048-bit DKIM key), and a
+  tuple of strings is one record made of exactly those character-strings.
+* ``null_mx(domain)`` — the RFC 7505 ``MX 0 .``.
+* ``wildcard_mx([(preference, host), ...])`` — every name the zone does not hold answers
+  MX with these hosts (and has no other records), so mail to any domain goes there.
+* ``nxdomain(name)`` — ``name`` does not exist, whatever ``wildcard_mx`` says.
+* ``servfail(name)`` — every query for ``name`` gets SERVFAIL.
+* ``drop(name)`` — queries for ``name`` are never answered (the client times out; give
+  it a small ``timeout``).
+* ``delete(name)`` — forget everything about ``name`` (it becomes NXDOMAIN, or falls
+  under ``wildcard_mx``).
+* A name not in the zone → NXDOMAIN (unless ``wildcard_mx``); a name in the zone without
+  the asked type → NOERROR with an empty answer (dnspython's ``NoAnswer``).
+* ``queries(name, rtype) -> int`` counts the queries received for (name, type), e.g.
+  ``queries("example.org", "MX")``; ``reset_counts()`` zeroes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import socketserver
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.name
+import dns.reversename
+
+from mailstrom.config import DNSConfig
+from mailstrom.testing._extra import missing_extra
+
+try:
+    from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
+    from dnslib.server import DNSHandler, DNSServer
+except ImportError as exc:
+    raise missing_extra(exc) from exc
+
+__all__ = ["LoopbackDNS"]
+
+_LOCALHOST = "127.0.0.1"
+_DEFAULT_TTL = 300
+_MAX_CHAIN = 8
+_BIND_ATTEMPTS = 20
+
+
+def _key(name: str) -> str:
+    """The zone key of ``name``: lower-case A-label without the final dot."""
+    if name in (".", ""):
+        return ""
+    return dns.name.from_text(name).to_text(omit_final_dot=True).lower()
+
+
+def _character_strings(record: str | tuple[str, ...]) -> list[bytes]:
+    """One TXT record's character-strings, none longer than the 255 octets DNS allows."""
+    if isinstance(record, tuple):
+        return [s.encode() for s in record]
+    data = record.encode()
+    return [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+
+
+@dataclass(slots=True)
+class _Node:
+    records: dict[str, list[RR]] = field(default_factory=dict)
+    cname: str | None = None
+    servfail: bool = False
+    drop: bool = False
+    nxdomain: bool = False
+
+
+class _ZoneResolver:
+    """dnslib resolver answering from a dict; called from the server's request threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.nodes: dict[str, _Node] = {}
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.wildcard_mx: list[tuple[int, str]] = []
+        self.wildcard_ttl = _DEFAULT_TTL
+
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
+        qname = _key(str(request.q.qname))
+        qtype = QTYPE[request.q.qtype]
+        reply = request.reply()
+        with self.lock:
+            self.counts[(qname, qtype)] += 1
+            name = qname
+            for _ in range(_MAX_CHAIN):
+                node = self.nodes.get(name)
+                if node is None and self.wildcard_mx:
+                    # As a zone-wide "*" owning only MX records would answer.
+                    if qtype == "MX":
+                        reply.add_answer(*self._wildcard_answer(name))
+                    break
+                if node is None or node.nxdomain:
+                    reply.header.rcode = RCODE.NXDOMAIN
+                    break
+                if node.drop:
+                    # DNSHandler logs a DNSError and sends nothing: the client times out.
+                    raise DNSError(f"dropping query for {name}")
+                if node.servfail:
+                    reply.header.rcode = RCODE.SERVFAIL
+                    break
+                if node.cname is not None and qtype != "CNAME":
+                    reply.add_answer(*node.records["CNAME"])
+                    name = _key(node.cname)
+                    continue
+                reply.add_answer(*node.records.get(qtype, []))
+                break
+        return reply
+
+    def _wildcard_answer(self, name: str) -> list[RR]:
+        return [
+            RR(name, QTYPE.MX, rdata=MX(host, pref), ttl=self.wildcard_ttl)
+            for pref, host in self.wildcard_mx
+        ]
+
+
+class _QuietLogger:
+    """dnslib logs every packet to stdout by default; tests want silence."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
+    # Non-daemon request threads are joined by server_close(), so none outlive stop().
+    daemon_threads = False
+    block_on_close = True
+
+
+class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = False
+    block_on_close = True
+
+
+class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
+    def setup(self) -> None:
+        # A TCP client that connects and says nothing must not stall server_close().
+        if isinstance(self.request, socket.socket):
+            self.request.settimeout(5.0)
+
+
+class LoopbackDNS:
+    """A DNS server on 127.0.0.1 (UDP + TCP, one ephemeral port) with an editable zone."""
+
+    address = _LOCALHOST
+
+    def __init__(self) -> None:
+        self._zone = _ZoneResolver()
+        self._servers: list[DNSServer] = []
+        self._threads: list[threading.Thread] = []
+        self.port = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> LoopbackDNS:
+        """Bind UDP and TCP on the same free port and serve in background threads."""
+        udp, tcp = self._bind()
+        self._servers = [udp, tcp]
+        self.port = udp.server.server_address[1]
+        for server in self._servers:
+            thread = threading.Thread(
+                target=server.server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"loopback-dns-{self.port}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _bind(self) -> tuple[DNSServer, DNSServer]:
+        # UDP picks the port; TCP must get the same one, which another process may hold.
+        for _ in range(_BIND_ATTEMPTS):
+            udp = self._server(0, tcp=False)
+            port = udp.server.server_address[1]
+            try:
+                tcp = self._server(port, tcp=True)
+            except OSError as exc:
+                udp.server.server_close()
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return udp, tcp
+        raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+
+    def _server(self, port: int, *, tcp: bool) -> DNSServer:
+        return DNSServer(
+            self._zone,
+            address=_LOCALHOST,
+            port=port,
+            tcp=tcp,
+            logger=_QuietLogger(),
+            handler=_Handler,
+            server=_TCPServer if tcp else _UDPServer,
+        )
+
+    def stop(self) -> None:
+        """Stop serving, join every thread and close every socket. Idempotent."""
+        for server in self._servers:
+            server.server.shutdown()
+        for thread in self._threads:
+            thread.join()
+        for server in self._servers:
+            server.server.server_close()
+        self._servers = []
+        self._threads = []
+
+    def __enter__(self) -> LoopbackDNS:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def dns_config(self) -> DNSConfig:
+        """Where to point mailstrom's resolver: this server, 2 s per resolution."""
+        return DNSConfig(nameservers=(_LOCALHOST,), port=self.port, timeout=2.0)
+
+    # --- zone editing --------------------------------------------------------------------
+
+    def _set(self, name: str, rtype: str, rdatas: Iterable[Any], ttl: int) -> None:
+        key = _key(name)
+        rrs = [RR(key, getattr(QTYPE, rtype), rdata=r, ttl=ttl) for r in rdatas]
+        with self._zone.lock:
+            node = self._zone.nodes.setdefault(key, _Node())
+            node.records[rtype] = rrs
+
+    def mx(self, domain: str, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
+        """Set ``domain``'s MX records: ``[(preference, host), ...]``."""
+        self._set(domain, "MX", [MX(_key(h) + ".", pref) for pref, h in hosts], ttl)
+
+    def null_mx(self, domain: str, *, ttl: int = _DEFAULT_TTL) -> None:
+        """Declare that ``domain`` accepts no mail (RFC 7505 ``MX 0 .``)."""
+        self._set(domain, "MX", [MX(".", 0)], ttl)
+
+    def wildcard_mx(self, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
+        """Answer MX with ``[(preference, host), ...]`` for every name the zone does not
+        hold (other types: an empty answer), so that mail to any domain goes to ``hosts``.
+        An empty list turns this off again."""
+        with self._zone.lock:
+            self._zone.wildcard_mx = [(pref, _key(h) + ".") for pref, h in hosts]
+            self._zone.wildcard_ttl = ttl
+
+    def a(self, name: str, *ips: str, ttl: int = _DEFAULT_TTL) -> None:
+        """Set ``name``'s A records."""
+        self._set(name, "A", [A(ip) for ip in ips], ttl)
+
+    def aaaa(self, name: str, *ips: str, ttl: int = _DEFAULT_TTL) -> None:
+        """Set ``name``'s AAAA records (any IPv6 spelling, ``::ffff:127.0.0.1`` too)."""
+        # dnslib parses hex groups only; the 16 octets take every spelling.
+        octets = [list(ipaddress.IPv6Address(ip).packed) for ip in ips]
+        self._set(name, "AAAA", [AAAA(o) for o in octets], ttl)
+
+    def txt(self, name: str, *records: str | tuple[str, ...], ttl: int = _DEFAULT_TTL) -> None:
+        """Set ``name``'s TXT records: one record per argument. A string longer than 255
+        octets becomes several character-strings of its record; a tuple gives them."""
+        self._set(name, "TXT", [TXT(_character_strings(r)) for r in records], ttl)
+
+    def ptr(self, ip: str, *names: str, ttl: int = _DEFAULT_TTL) -> None:
+        """Set the PTR records of address ``ip`` (its in-addr.arpa or ip6.arpa name)."""
+        reverse = dns.reversename.from_address(ip).to_text()
+        self._set(reverse, "PTR", [PTR(_key(n) + ".") for n in names], ttl)
+
+    def cname(self, name: str, target: str, *, ttl: int = _DEFAULT_TTL) -> None:
+        """Make ``name`` an alias of ``target`` (answers follow it within the zone)."""
+        key = _key(name)
+        with self._zone.lock:
+            node = self._zone.nodes.setdefault(key, _Node())
+            node.cname = _key(target) + "."
+            node.records = {"CNAME": [RR(key, QTYPE.CNAME, rdata=CNAME(node.cname), ttl=ttl)]}
+
+    def servfail(self, name: str) -> None:
+        """Answer every query for ``name`` with SERVFAIL."""
+        with self._zone.lock:
+            self._zone.nodes.setdefault(_key(name), _Node()).servfail = True
+
+    def drop(self, name: str) -> None:
+        """Never answer queries for ``name`` (the client times out)."""
+        with self._zone.lock:
+            self._zone.nodes.setdefault(_key(name), _Node()).drop = True
+
+    def nxdomain(self, name: str) -> None:
+        """Make ``name`` not exist (NXDOMAIN), even under :meth:`wildcard_mx`."""
+        with self._zone.lock:
+            self._zone.nodes[_key(name)] = _Node(nxdomain=True)
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` and everything about it; it becomes NXDOMAIN (or falls under
+        :meth:`wildcard_mx`)."""
+        with self._zone.lock:
+            self._zone.nodes.pop(_key(name), None)
+
+    # --- observation ---------------------------------------------------------------------
+
+    def queries(self, name: str, rtype: str) -> int:
+        """How many queries arrived for (``name``, ``rtype``), e.g. ("example.org", "MX")."""
+        with self._zone.lock:
+            return self._zone.counts[(_key(name), rtype.upper())]
+
+    def reset_counts(self) -> None:
+        """Forget all query counts."""
+        with self._zone.lock:
+            self._zone.counts.clear()

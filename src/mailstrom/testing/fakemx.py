@@ -1,0 +1,196 @@
+"""``FakeMX``: every domain's mail goes to one scripted SMTP server on loopback.
+
+A :class:`~mailstrom.testing.dns.LoopbackDNS` answers every MX query with
+:data:`MX_HOST` (127.0.0.1), where a :class:`~mailstrom.testing.smtp.ReceivingServer`
+listens on an ephemeral port, offering STARTTLS with a certificate from a throwaway CA.
+:attr:`FakeMX.config` is a :class:`~mailstrom.Config` delivering there, with short
+timeouts. Needs the ``testing`` extra (``pip install 'mailstrom[testing]'``).
+
+Recipients are accepted unless scripted otherwise, per address (case-insensitive)::
+
+    with FakeMX() as mx:                     # or the ``fake_mx`` pytest fixture
+        mx.defer("busy@example.org", "451 4.2.1 Mailbox busy")
+        mx.reject("nobody@example.org", "550 5.1.1 No such user")
+        mx.drop_after_dot("flaky@example.org")
+        mx.stall("slow@example.org")
+        with Mailstrom(mx.config, store=MemoryStore()) as ms:
+            ms.send_email(...)
+            [got] = mx.wait_for(1)
+
+A domain can still be given its own records with :attr:`FakeMX.dns` (``mx.dns.null_mx
+("no-mail.test")``, ``mx.dns.nxdomain("typo.test")``); whole-server behaviour (a refusing
+greeting, a stall at DATA for everyone) is set on :attr:`FakeMX.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+
+from mailstrom.config import Config, Timeouts
+from mailstrom.testing.dns import LoopbackDNS
+from mailstrom.testing.outbox import capture_active
+from mailstrom.testing.smtp import (
+    ReceivedMessage,
+    ReceivingServer,
+    start_receiving_server,
+    tls_contexts,
+)
+
+__all__ = ["MX_HOST", "FakeMX"]
+
+MX_HOST = "mx.fake-mx.test"
+"""The host name every domain's MX record names (and the server's certificate)."""
+
+TIMEOUTS = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+"""Seconds per SMTP phase in :attr:`FakeMX.config`: a stalled server costs a test 2 s,
+while a loaded machine still answers a loopback command well within it."""
+
+
+@functools.cache
+def _tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    # One throwaway CA per process: issuing it takes longer than starting the servers.
+    return tls_contexts(MX_HOST, "localhost", "127.0.0.1")
+
+
+def _check(reply: str, first: str, what: str) -> str:
+    code = reply[:3]
+    if not (code.isdigit() and code[0] == first and reply[3:4] in ("", " ")):
+        raise ValueError(f"{what} needs a {first}xx reply line, got {reply!r}")
+    return reply
+
+
+class FakeMX:
+    """A loopback DNS zone routing every domain to one scripted SMTP server."""
+
+    host = MX_HOST
+
+    def __init__(self) -> None:
+        self.dns = LoopbackDNS()
+        """The DNS server; edit its zone to give a domain other records."""
+        self._server: ReceivingServer | None = None
+        self._config: Config | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> FakeMX:
+        """Start the DNS and SMTP servers; returns self."""
+        server_context, client_context = _tls()
+        self.dns.start()
+        try:
+            self._server = start_receiving_server(server_context, name=MX_HOST)
+        except BaseException:
+            self.dns.stop()
+            raise
+        self.dns.wildcard_mx([(10, MX_HOST)])
+        self.dns.a(MX_HOST, "127.0.0.1")
+        self._config = Config(
+            helo_name="client.fake-mx.test",
+            smtp_port=self._server.port,
+            dns=self.dns.dns_config,
+            timeouts=TIMEOUTS,
+            allow_loopback=True,  # the server is on 127.0.0.1
+            tls_context=client_context,  # so that tls=VERIFY trusts the server's certificate
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop both servers. Idempotent."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        self.dns.stop()
+
+    def __enter__(self) -> FakeMX:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def server(self) -> ReceivingServer:
+        """The SMTP server (its rules apply to every connection)."""
+        if self._server is None:
+            raise RuntimeError("FakeMX is not started")
+        return self._server
+
+    @property
+    def config(self) -> Config:
+        """A Config delivering to this fake: its DNS server, its SMTP port, loopback
+        allowed, 2 s timeouts; change it with :func:`dataclasses.replace`."""
+        if self._config is None:
+            raise RuntimeError("FakeMX is not started")
+        return self._config
+
+    def __repr__(self) -> str:
+        return f"<FakeMX dns=127.0.0.1:{self.dns.port} smtp={self._server!r}>"
+
+    # --- scripting, per recipient address -------------------------------------------------
+
+    def accept(self, address: str) -> None:
+        """Accept ``address`` (the default): forget what was scripted for it."""
+        key = address.lower()
+        server = self.server
+        server.rcpt_replies.pop(key, None)
+        server.stall_rcpts.discard(key)
+        server.drop_after_dot_rcpts.discard(key)
+
+    def defer(
+        self,
+        address: str,
+        reply: str = "451 4.2.1 Mailbox busy, try again later",
+        *,
+        times: int | None = None,
+    ) -> None:
+        """Answer RCPT TO for ``address`` with the 4xx ``reply``: always, or the first
+        ``times`` times and then accept (greylisting)."""
+        _check(reply, "4", "defer")
+        self.accept(address)
+        if times is None:
+            self.server.rcpt_replies[address.lower()] = reply
+        else:
+            self.server.rcpt_replies[address.lower()] = [reply] * times + ["250 2.1.5 OK"]
+
+    def reject(self, address: str, reply: str = "550 5.1.1 No such user here") -> None:
+        """Answer RCPT TO for ``address`` with the 5xx ``reply``."""
+        _check(reply, "5", "reject")
+        self.accept(address)
+        self.server.rcpt_replies[address.lower()] = reply
+
+    def drop_after_dot(self, address: str) -> None:
+        """Take the content of a transaction that includes ``address``, then close the
+        connection without a reply: the client cannot know whether it was accepted."""
+        self.accept(address)
+        self.server.drop_after_dot_rcpts.add(address.lower())
+
+    def stall(self, address: str) -> None:
+        """Stop answering at RCPT TO for ``address``: the client's command timeout (2 s
+        in :attr:`config`) decides the whole transaction."""
+        self.accept(address)
+        self.server.stall_rcpts.add(address.lower())
+
+    # --- what arrived ----------------------------------------------------------------------
+
+    @property
+    def received(self) -> list[ReceivedMessage]:
+        """Every transaction whose content arrived, in order, accepted or not (see
+        ``.accepted``, ``.envelope_from``, ``.envelope_to``, ``.message``)."""
+        return self.server.received
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        """Block until ``count`` transactions' content arrived; AssertionError after
+        ``timeout`` seconds. In async tests use :meth:`wait_for_async`."""
+        try:
+            return self.server.wait_for_received(count, timeout)
+        except AssertionError as exc:
+            if capture_active():
+                raise AssertionError(
+                    f"{exc}; a mailstrom capture (mailstrom_outbox) is open, which holds "
+                    "every queued message, so none reaches the fake MX"
+                ) from None
+            raise
+
+    async def wait_for_async(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        """:meth:`wait_for` without blocking the event loop (where the worker may run)."""
+        return await asyncio.to_thread(self.wait_for, count, timeout)

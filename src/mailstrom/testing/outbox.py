@@ -1,0 +1,294 @@
+"""``capture()``: collect everything a program queues through mailstrom, and send none of it.
+
+The seam is the store's write entry, :meth:`Store.enqueue` and :meth:`Store.enqueue_many`:
+every way of queueing mail ends there (``Mailstrom`` and ``AsyncMailstrom``'s
+``send_email``/``send_emails``, the Django backend, which calls ``send_email``, and the
+command line's ``send`` and ``sendmail``, which call ``store.enqueue`` directly). While a
+capture is open those two methods of the shipped store classes are replaced, so the stores
+a program made before entering the capture are covered too, and the program changes
+nothing.
+
+A captured message is still written to the program's own store, but *held* (as
+``mailstrom send --hold`` queues it): its id is real, ``query_status``, ``query_recent``,
+``cancel`` and ``mailstrom status`` see it, and no worker leases it — not one on a thread,
+not a worker process mailstrom started, not a ``mailstrom worker`` elsewhere — because
+the store itself refuses to hand out held mail. Its status is therefore ``queued`` with
+``held=True``, and it stays so after the capture ends (a store kept after the test keeps
+it held; releasing it would deliver it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.policy
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage
+from typing import Any, cast, overload
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import MessageStatus
+from mailstrom.stores.base import Store
+
+__all__ = ["CapturedMessage", "Outbox", "capture", "capture_active", "parse_message"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CapturedMessage:
+    """One message queued while a capture was open.
+
+    ``data`` are the exact bytes a worker would have sent after DATA (Bcc removed, Date
+    and Message-ID added); ``message`` is the same parsed by :func:`parse_message`, for
+    assertions on headers and parts.
+    """
+
+    message_id: str
+    """The id the store gave it (what ``send_email`` returned)."""
+    envelope_from: str
+    recipients: tuple[str, ...]
+    """Envelope recipients (To, Cc and Bcc, or ``envelope_to``), de-duplicated."""
+    data: bytes = field(repr=False)
+    message: EmailMessage = field(repr=False, compare=False)
+    store: Store = field(repr=False, compare=False)
+    """The store it was queued (held) in."""
+
+    @property
+    def envelope_to(self) -> list[str]:
+        """The envelope recipients as a list (compare with ``== ["bob@example.org"]``)."""
+        return list(self.recipients)
+
+    @property
+    def subject(self) -> str | None:
+        value = self.message["Subject"]
+        return None if value is None else str(value)
+
+    @property
+    def text(self) -> str | None:
+        """The text/plain body (the one a reader would show), or None."""
+        return self._body("plain")
+
+    @property
+    def html(self) -> str | None:
+        """The text/html body, or None."""
+        return self._body("html")
+
+    def _body(self, subtype: str) -> str | None:
+        part = self.message.get_body(preferencelist=(subtype,))
+        if part is None:
+            return None
+        return cast(str, part.get_content())
+
+    def status(self) -> MessageStatus:
+        """Its status read from the store now: ``queued`` and ``held`` unless the test
+        cancelled or released it. The store must still be open."""
+        return self.store.status(self.message_id)
+
+
+class Outbox(Sequence[CapturedMessage]):
+    """What a capture collected, oldest first; safe to read while other threads queue."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: list[CapturedMessage] = []
+
+    @overload
+    def __getitem__(self, index: int) -> CapturedMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[CapturedMessage]: ...
+
+    def __getitem__(self, index: int | slice) -> CapturedMessage | list[CapturedMessage]:
+        with self._lock:
+            return self._messages[index]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._messages)
+
+    def __iter__(self) -> Iterator[CapturedMessage]:
+        with self._lock:
+            return iter(list(self._messages))
+
+    def __repr__(self) -> str:
+        return f"Outbox({self[:]!r})"
+
+    def clear(self) -> None:
+        """Forget what was collected so far (the store keeps it)."""
+        with self._lock:
+            self._messages.clear()
+
+    def _add(self, messages: Sequence[CapturedMessage]) -> None:
+        with self._lock:
+            self._messages.extend(messages)
+
+
+def parse_message(data: bytes) -> EmailMessage:
+    """Message bytes as an :class:`~email.message.EmailMessage` (``email.policy.default``),
+    line ends made LF first, as a reader shows them: ``get_content()`` of a text part
+    then equals the text that was sent."""
+    return email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+
+
+def _captured(store: Store, message_id: str, prepared: PreparedMessage) -> CapturedMessage:
+    return CapturedMessage(
+        message_id=message_id,
+        envelope_from=prepared.envelope_from,
+        recipients=prepared.recipients,
+        data=prepared.data,
+        message=parse_message(prepared.data),
+        store=store,
+    )
+
+
+class _Interceptor:
+    """Replaces ``enqueue``/``enqueue_many`` on store classes while captures are open.
+
+    One process-wide instance: the methods are class attributes, shared by every thread.
+    Each class is patched once however many captures name it, and restored when the last
+    of them closes. Every open capture receives every message.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outboxes: list[Outbox] = []
+        self._patched: dict[type, tuple[int, dict[str, Any]]] = {}
+        self._local = threading.local()
+
+    def open(self, outbox: Outbox, classes: Iterable[type]) -> None:
+        with self._lock:
+            self._outboxes.append(outbox)
+            for cls in classes:
+                count, saved = self._patched.get(cls, (0, {}))
+                if count == 0:
+                    saved = self._patch(cls)
+                self._patched[cls] = (count + 1, saved)
+
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return bool(self._outboxes)
+
+    def close(self, outbox: Outbox, classes: Iterable[type]) -> None:
+        with self._lock:
+            self._outboxes.remove(outbox)
+            for cls in classes:
+                count, saved = self._patched.pop(cls)
+                if count > 1:
+                    self._patched[cls] = (count - 1, saved)
+                    continue
+                for name, original in saved.items():
+                    if original is None:
+                        delattr(cls, name)  # it was inherited
+                    else:
+                        setattr(cls, name, original)
+
+    def _patch(self, cls: type) -> dict[str, Any]:
+        saved = {name: cls.__dict__.get(name) for name in ("enqueue", "enqueue_many")}
+        cls.enqueue = self._enqueue(cls.enqueue)  # type: ignore[attr-defined]
+        cls.enqueue_many = self._enqueue_many(cls.enqueue_many)  # type: ignore[attr-defined]
+        return saved
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[None]:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    def _nested(self) -> bool:
+        # A subclass's enqueue calling super(), or enqueue_many below: captured once, above.
+        return getattr(self._local, "depth", 0) > 0
+
+    def _enqueue(self, original: Callable[..., str]) -> Callable[..., str]:
+        def enqueue(
+            store: Store, message: PreparedMessage, *, now: datetime, hold: bool = False
+        ) -> str:
+            if self._nested():
+                return original(store, message, now=now, hold=hold)
+            with self._inside():
+                message_id = original(store, message, now=now, hold=True)
+            self._deliver([_captured(store, message_id, message)])
+            return message_id
+
+        return enqueue
+
+    def _enqueue_many(self, original: Callable[..., list[str]]) -> Callable[..., list[str]]:
+        def enqueue_many(
+            store: Store, messages: Sequence[PreparedMessage], *, now: datetime
+        ) -> list[str]:
+            if self._nested():
+                return original(store, messages, now=now)
+            # The Store protocol holds single messages only: a batch becomes one held
+            # enqueue per message (never a batch that a worker could lease before it is
+            # held). All of it is validated before this point, so only a failing store
+            # can leave part of a batch queued.
+            with self._inside():
+                ids = [store.enqueue(m, now=now, hold=True) for m in messages]
+            self._deliver([_captured(store, i, m) for i, m in zip(ids, messages, strict=True)])
+            return ids
+
+        return enqueue_many
+
+    def _deliver(self, messages: list[CapturedMessage]) -> None:
+        with self._lock:
+            outboxes = list(self._outboxes)
+        for outbox in outboxes:
+            outbox._add(messages)
+
+
+_interceptor = _Interceptor()
+
+
+def shipped_store_types() -> list[type]:
+    """The store classes mailstrom ships; PostgreSQL's only where its driver imports."""
+    from mailstrom.stores.memory import MemoryStore
+    from mailstrom.stores.sqlite import SQLiteStore
+
+    types: list[type] = [MemoryStore, SQLiteStore]
+    try:
+        from mailstrom.stores.postgres import PostgresStore
+    except ImportError:  # no libpq: no PostgresStore can exist to queue into
+        pass
+    else:
+        types.append(PostgresStore)
+    return types
+
+
+def capture_active() -> bool:
+    """Whether a capture is open (mail queued now is held, not delivered)."""
+    return _interceptor.active
+
+
+@contextlib.contextmanager
+def capture(*, store_types: Iterable[type] = ()) -> Iterator[Outbox]:
+    """Collect every message queued until the block ends; deliver none of them.
+
+    >>> from mailstrom import Email, Mailstrom
+    >>> from mailstrom.stores import MemoryStore
+    >>> with capture() as outbox, Mailstrom(store=MemoryStore()) as ms:
+    ...     mid = ms.send_email(Email(from_="app@example.com", to=["bob@example.org"],
+    ...                               subject="Hi", text="Hello"))
+    >>> [mail] = outbox
+    >>> mail.message_id == mid, mail.envelope_to, mail.subject
+    (True, ['bob@example.org'], 'Hi')
+    >>> mail.status().held
+    True
+
+    Covers :class:`~mailstrom.stores.MemoryStore`, :class:`~mailstrom.stores.SQLiteStore`
+    and ``PostgresStore`` (and their subclasses); name your own :class:`Store`
+    implementations in ``store_types``. Captures may be nested or open in several
+    threads at once: each collects everything queued while it is open. Mail queued
+    inside is held in its store (see the module docstring), so ``mailstrom send --wait``
+    waits out its ``--timeout`` and reports it pending.
+    """
+    outbox = Outbox()
+    classes = [*shipped_store_types(), *store_types]
+    _interceptor.open(outbox, classes)
+    try:
+        yield outbox
+    finally:
+        _interceptor.close(outbox, classes)

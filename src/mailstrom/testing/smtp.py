@@ -1,0 +1,557 @@
+"""Real aiosmtpd SMTP servers on loopback, scripted to accept, refuse, stall or drop.
+
+Needs the ``testing`` extra (``pip install 'mailstrom[testing]'``). Each server runs its
+own event loop on a thread, so tests of sync and async code alike can use it::
+
+    server_context, client_context = tls_contexts("mx.test")
+    mx = start_receiving_server(server_context)                  # 127.0.0.1, ephemeral port
+    mx2 = start_receiving_server(server_context, host="127.0.0.2", port=mx.port)
+    mx.rcpt_replies["rej@x.test"] = "550 5.1.1 No such user"
+    mx.rcpt_replies["grey@x.test"] = ["451 4.7.1 Greylisted", "250 2.1.5 OK"]
+    ...
+    [msg] = mx.wait_for_messages(1)           # or: await mx.await_messages(1)
+    assert msg.content == b"...\\r\\n" and msg.tls
+    mx.stop(), mx2.stop()
+
+:class:`~mailstrom.testing.FakeMX` wraps one with a DNS zone; mailstrom's own test suite
+has this as the ``smtp_server`` fixture (a factory whose servers stop after the test).
+
+Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
+    ``host="127.0.0.1"``, ``port=0`` (pass another server's ``.port`` to share it: MX
+    delivery uses one port for every host), ``name="mx.test"`` (greeting/EHLO name),
+    ``starttls=True`` (offer STARTTLS), ``require_starttls=False`` (530 before TLS),
+    ``tls_broken=False`` (offer STARTTLS, answer 220, then break the handshake),
+    ``implicit_tls=False`` (TLS from the first byte, as on port 465),
+    ``smtputf8=True``, ``eightbitmime=True``, ``pipelining=True``,
+    ``enhancedstatuscodes=True`` (advertise the keywords), ``size_limit=None`` (an int
+    advertises SIZE and enforces it), ``auth=None`` (``(user, password)``: AUTH PLAIN and
+    LOGIN offered even without TLS, only these credentials pass), ``auth_mechanisms=("PLAIN",
+    "LOGIN")`` (which of the two to offer),
+    ``greeting=None`` (e.g. ``"421 4.3.2 Go away"``: a non-2xx greeting is sent, then the
+    connection closed), ``ehlo_reply=None`` (e.g. ``"502 5.5.1 No EHLO"`` forces HELO),
+    ``stall_on=None``, ``drop_on=None`` (see below).
+
+Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
+    ``rcpt_replies[address]``, ``mail_reply``, ``data_reply``: a reply line such as
+    ``"451 4.7.1 Try later"``, or a list of them used one per command, the last one
+    repeating (greylisting: ``["451 ...", "250 ..."]``). A 2xx rule accepts.
+    ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
+    ``"rcpt"``, ``"data"``, ``"rset"``, ``"quit"``) or ``"dot"`` (after the content): the
+    server stops answering there, to test client timeouts. Stalls end when the client
+    disconnects. ``drop_on``: the same names; the server closes the connection instead of
+    answering. Shorthands: ``drop_on_data`` (closes on the DATA command, before 354, so
+    the client has sent no content) and ``drop_after_dot`` (takes the content, closes
+    without the final reply: the client cannot know whether the message was accepted).
+    Per recipient (lower-case addresses): ``stall_rcpts``, where the server stops
+    answering at that RCPT, and ``drop_after_dot_rcpts``, where a transaction with one of
+    them among its accepted recipients is closed after its content, without a reply.
+
+What a server records
+    ``messages``: :class:`ReceivedMessage` for every message answered 2xx after the dot;
+    ``received``: every message whose final dot arrived, whatever happened next;
+    ``commands``: command verbs in arrival order (``"EHLO"``, ``"MAIL"``, ...);
+    ``pipelined``: how many commands arrived while later ones were already buffered
+    (non-zero only when the client pipelines); ``connections``: connections accepted.
+    ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
+    (raises AssertionError on timeout); ``await_messages(n, within)`` is its asyncio form;
+    ``wait_for_received(n, timeout)`` waits on ``received`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any, AnyStr, cast
+
+from mailstrom.testing._extra import missing_extra
+from mailstrom.testing.outbox import parse_message
+
+try:
+    import trustme
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+except ImportError as exc:
+    raise missing_extra(exc) from exc
+
+__all__ = [
+    "ReceivedMessage",
+    "ReceivingServer",
+    "Rule",
+    "ServerFactory",
+    "free_loopback_port",
+    "start_receiving_server",
+    "tls_contexts",
+]
+
+Rule = str | list[str]
+"""A reply line, or replies used one per command with the last one repeating."""
+
+_STALL_NAMES = frozenset(
+    {"greeting", "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset"}
+    | {"noop", "quit", "dot"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedMessage:
+    """One message as the server got it; ``content`` is un-dot-stuffed, CRLF included."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    mail_options: tuple[str, ...]
+    rcpt_options: tuple[str, ...]
+    tls: bool
+    tls_version: str | None
+    helo: str | None
+    auth_login: str | None
+    peer: tuple[str, int]
+    reply: str | None
+    """The reply sent after the dot (None when the server dropped or stalled)."""
+
+    @property
+    def envelope_from(self) -> str:
+        """The MAIL FROM address (``""`` for the null reverse-path)."""
+        return self.mail_from
+
+    @property
+    def envelope_to(self) -> list[str]:
+        """The recipients the server accepted in this transaction, in RCPT order."""
+        return list(self.rcpt_tos)
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the server answered the final dot with 2xx."""
+        return self.reply is not None and self.reply.startswith("2")
+
+    @property
+    def message(self) -> EmailMessage:
+        """``content`` parsed (a new object each time); see
+        :func:`~mailstrom.testing.outbox.parse_message`."""
+        return parse_message(self.content)
+
+
+class ReceivingServer:
+    """One aiosmtpd server running in its own thread; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        pipelining: bool,
+        eightbitmime: bool,
+        enhancedstatuscodes: bool,
+        tls_broken: bool,
+        greeting: str | None,
+        ehlo_reply: str | None,
+        auth: tuple[str, str] | None,
+    ) -> None:
+        self.host = host
+        self.port = 0
+        self.pipelining = pipelining
+        self.eightbitmime = eightbitmime
+        self.enhancedstatuscodes = enhancedstatuscodes
+        self.tls_broken = tls_broken
+        self.greeting = greeting
+        self.ehlo_reply = ehlo_reply
+        self.auth = auth
+        self.rcpt_replies: dict[str, Rule] = {}
+        self.mail_reply: Rule | None = None
+        self.data_reply: Rule | None = None
+        self.stall_on: str | None = None
+        self.drop_on: str | None = None
+        self.stall_rcpts: set[str] = set()
+        self.drop_after_dot_rcpts: set[str] = set()
+        self.connections = 0
+        self.pipelined = 0
+        self.commands: list[str] = []
+        self._messages: list[ReceivedMessage] = []
+        self._received: list[ReceivedMessage] = []
+        self._condition = threading.Condition()
+        self._controller: _Controller | None = None
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @property
+    def drop_on_data(self) -> bool:
+        return self.drop_on == "data"
+
+    @drop_on_data.setter
+    def drop_on_data(self, value: bool) -> None:
+        self.drop_on = "data" if value else None
+
+    @property
+    def drop_after_dot(self) -> bool:
+        return self.drop_on == "dot"
+
+    @drop_after_dot.setter
+    def drop_after_dot(self, value: bool) -> None:
+        self.drop_on = "dot" if value else None
+
+    def take(self, rule: Rule | None) -> str | None:
+        """The reply a rule gives now; a list yields its replies in turn, the last sticks."""
+        if rule is None or isinstance(rule, str):
+            return rule
+        with self._condition:
+            return rule.pop(0) if len(rule) > 1 else rule[0]
+
+    def rcpt_rule(self, address: str) -> str | None:
+        rule = self.rcpt_replies.get(address)
+        if rule is None:
+            rule = self.rcpt_replies.get(address.lower())
+        return self.take(rule)
+
+    # --- what arrived ------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        """Messages accepted (2xx after the dot), in arrival order."""
+        with self._condition:
+            return list(self._messages)
+
+    @property
+    def received(self) -> list[ReceivedMessage]:
+        """Every message whose final dot arrived, accepted or not."""
+        with self._condition:
+            return list(self._received)
+
+    def record(self, message: ReceivedMessage, *, accepted: bool) -> None:
+        with self._condition:
+            self._received.append(message)
+            if accepted:
+                self._messages.append(message)
+            self._condition.notify_all()
+
+    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        """Block until ``count`` messages were accepted; AssertionError after ``timeout``."""
+        return self._wait(self._messages, count, timeout, "accepted")
+
+    def wait_for_received(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        """Block until the final dot of ``count`` messages arrived, whatever the reply;
+        AssertionError after ``timeout``."""
+        return self._wait(self._received, count, timeout, "received")
+
+    def _wait(
+        self, items: list[ReceivedMessage], count: int, timeout: float, what: str
+    ) -> list[ReceivedMessage]:
+        with self._condition:
+            if not self._condition.wait_for(lambda: len(items) >= count, timeout):
+                raise AssertionError(
+                    f"{self.host}:{self.port} {what} {len(items)} messages, "
+                    f"expected {count} within {timeout}s"
+                )
+            return list(items)
+
+    async def await_messages(self, count: int, within: float = 10.0) -> list[ReceivedMessage]:
+        """:meth:`wait_for_messages` without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_for_messages, count, within)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def __repr__(self) -> str:
+        return f"<ReceivingServer {self.host}:{self.port}>"
+
+
+async def _forever() -> None:
+    """Stall: wait until the connection is lost (which cancels the handler)."""
+    await asyncio.Event().wait()
+
+
+class _Handler:
+    """aiosmtpd hooks applying the server's rules and recording messages."""
+
+    def __init__(self, fixture: ReceivingServer) -> None:
+        self.fixture = fixture
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        fixture = self.fixture
+        if fixture.ehlo_reply is not None:
+            return [fixture.ehlo_reply]
+        session.host_name = hostname
+        lines = [r for r in responses if fixture.eightbitmime or r != "250-8BITMIME"]
+        extra = []
+        if fixture.pipelining:
+            extra.append("250-PIPELINING")
+        if fixture.enhancedstatuscodes:
+            extra.append("250-ENHANCEDSTATUSCODES")
+        return lines[:1] + extra + lines[1:]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.fixture.take(self.fixture.mail_reply) or "250 2.1.0 OK"
+        if reply.startswith("2"):
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return reply
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address.lower() in self.fixture.stall_rcpts:
+            await _forever()
+        reply = self.fixture.rcpt_rule(address) or "250 2.1.5 OK"
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        fixture = self.fixture
+        transport = server.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
+        peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
+        drop = fixture.drop_on == "dot" or any(
+            r.lower() in fixture.drop_after_dot_rcpts for r in envelope.rcpt_tos
+        )
+        silent = drop or fixture.stall_on == "dot"
+        reply = None if silent else fixture.take(fixture.data_reply) or "250 2.0.0 OK queued"
+        message = ReceivedMessage(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=envelope.original_content or b"",
+            mail_options=tuple(envelope.mail_options),
+            rcpt_options=tuple(envelope.rcpt_options),
+            tls=ssl_object is not None,
+            tls_version=ssl_object.version() if ssl_object is not None else None,
+            helo=session.host_name,
+            auth_login=login.decode() if login is not None else None,
+            peer=(str(peer[0]), int(peer[1])),
+            reply=reply,
+        )
+        fixture.record(message, accepted=reply is not None and reply.startswith("2"))
+        if reply is None:
+            if drop and transport is not None:
+                transport.close()
+            await _forever()
+        assert reply is not None
+        return reply
+
+
+class _SMTP(SMTP):
+    """aiosmtpd's server plus what it lacks: stalls, drops, a custom greeting, broken TLS."""
+
+    def __init__(self, handler: _Handler, *, fixture: ReceivingServer, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._fixture = fixture
+        self._greeted = False
+        self._smtp_methods = {
+            name: self._wrap(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    def _wrap(self, name: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
+        async def wrapped(arg: str) -> None:
+            fixture = self._fixture
+            fixture.commands.append(name)
+            if self._reader._buffer:  # type: ignore[attr-defined]
+                fixture.pipelined += 1
+            if fixture.drop_on == name.lower():
+                if self.transport is not None:
+                    self.transport.close()
+                await _forever()
+            if fixture.stall_on == name.lower():
+                await _forever()
+            await method(arg)
+
+        return wrapped
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None:  # not the switch to TLS after STARTTLS
+            self._fixture.connections += 1
+        super().connection_made(transport)
+
+    async def push(self, status: AnyStr) -> None:
+        fixture = self._fixture
+        if not self._greeted:
+            self._greeted = True
+            if fixture.drop_on == "greeting" and self.transport is not None:
+                self.transport.close()
+                await _forever()
+            if fixture.stall_on == "greeting":
+                await _forever()
+            if fixture.greeting is not None:
+                await super().push(fixture.greeting.replace("\n", "\r\n").replace("\r\r", "\r"))
+                if not fixture.greeting.startswith("2") and self.transport is not None:
+                    self.transport.close()
+                return
+        await super().push(status)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not self._fixture.tls_broken:
+            await super().smtp_STARTTLS(arg)
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        # Answer the ClientHello with bytes that are no TLS record, then hang up: the
+        # client's handshake fails as it would against a broken TLS stack.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader.read(1), 5.0)
+        if self.transport is not None:
+            cast(asyncio.Transport, self.transport).write(b"220 this is not TLS\r\n" * 8)
+            self.transport.close()
+
+
+class _Controller(Controller):
+    """A Controller that reports its ephemeral port, builds :class:`_SMTP` and, when
+    stopped, closes its connections before its loop so no transport is leaked."""
+
+    def __init__(self, fixture: ReceivingServer, **kwargs: Any) -> None:
+        super().__init__(_Handler(fixture), **kwargs)
+        self._fixture = fixture
+        self._live: set[_SMTP] = set()
+
+    def factory(self) -> SMTP:
+        smtp = _SMTP(self.handler, fixture=self._fixture, loop=self.loop, **self.SMTP_kwargs)
+        self._live.add(smtp)
+        return smtp
+
+    def _trigger_server(self) -> None:
+        server = cast(asyncio.Server, self.server)
+        self.port = server.sockets[0].getsockname()[1]
+        super()._trigger_server()  # type: ignore[no-untyped-call]
+
+    def stop(self, no_assert: bool = False) -> None:
+        async def close_connections() -> None:
+            assert self.server is not None
+            self.server.close()
+            tasks = []
+            for smtp in self._live:
+                if smtp.transport is not None:
+                    cast(asyncio.Transport, smtp.transport).abort()
+                if smtp._handler_coroutine is not None:
+                    tasks.append(smtp._handler_coroutine)
+            if tasks:
+                await asyncio.wait(tasks, timeout=5.0)
+            await asyncio.sleep(0)
+
+        if self._thread is not None and self.loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(close_connections(), self.loop)
+            future.result(timeout=10.0)
+        super().stop(no_assert=no_assert)
+
+
+# --- starting servers ----------------------------------------------------------------------
+
+
+def tls_contexts(
+    *names: str, ca: trustme.CA | None = None
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context holding a certificate for ``names``, issued by ``ca`` (a new
+    throwaway CA by default), and a client context trusting that CA."""
+    ca = ca or trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+ServerFactory = Callable[..., ReceivingServer]
+"""A callable starting servers with :func:`start_receiving_server`'s keyword options."""
+
+
+def start_receiving_server(
+    tls_context: ssl.SSLContext,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "mx.test",
+    starttls: bool = True,
+    require_starttls: bool = False,
+    tls_broken: bool = False,
+    implicit_tls: bool = False,
+    smtputf8: bool = True,
+    eightbitmime: bool = True,
+    pipelining: bool = True,
+    enhancedstatuscodes: bool = True,
+    size_limit: int | None = None,
+    auth: tuple[str, str] | None = None,
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN"),
+    greeting: str | None = None,
+    ehlo_reply: str | None = None,
+    stall_on: str | None = None,
+    drop_on: str | None = None,
+) -> ReceivingServer:
+    """Start one receiving server (see the module docstring for the options); the caller
+    stops it."""
+    for what in (stall_on, drop_on):
+        if what is not None and what not in _STALL_NAMES:
+            raise ValueError(f"unknown stall/drop point {what!r}")
+    fixture = ReceivingServer(
+        host=host,
+        pipelining=pipelining,
+        eightbitmime=eightbitmime,
+        enhancedstatuscodes=enhancedstatuscodes,
+        tls_broken=tls_broken,
+        greeting=greeting,
+        ehlo_reply=ehlo_reply,
+        auth=auth,
+    )
+    kwargs: dict[str, Any] = {
+        "enable_SMTPUTF8": smtputf8,
+        "data_size_limit": size_limit,
+        "decode_data": False,
+    }
+    if starttls or tls_broken:
+        kwargs["tls_context"] = tls_context
+        kwargs["require_starttls"] = require_starttls
+    if auth is not None:
+        kwargs["authenticator"] = _authenticator(auth)
+        kwargs["auth_require_tls"] = False
+        kwargs["auth_exclude_mechanism"] = [
+            m for m in ("PLAIN", "LOGIN") if m not in auth_mechanisms
+        ]
+    controller = _Controller(
+        fixture,
+        hostname=host,
+        port=port,
+        server_hostname=name,
+        ssl_context=tls_context if implicit_tls else None,
+        **kwargs,
+    )
+    controller.start()
+    fixture._controller = controller
+    fixture.port = controller.port
+    # The controller's own start-up probe is no client of the test's.
+    fixture.connections = 0
+    fixture.commands.clear()
+    fixture.stall_on = stall_on
+    fixture.drop_on = drop_on
+    return fixture
+
+
+def _authenticator(credentials: tuple[str, str]) -> Callable[..., AuthResult]:
+    user, password = (c.encode() for c in credentials)
+
+    def authenticate(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (user, password)
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    return authenticate
+
+
+def free_loopback_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for "connection refused" tests)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

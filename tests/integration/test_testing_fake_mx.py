@@ -1,0 +1,159 @@
+"""mailstrom.testing.FakeMX (the ``fake_mx`` fixture): real deliveries to a scripted server."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolicy
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.testing import FakeMX, capture
+from mailstrom.testing.fakemx import MX_HOST
+from tests.support.delivery import Results
+
+DELIVERED = RecipientState.DELIVERED
+DEFERRED = RecipientState.DEFERRED
+FAILED = RecipientState.FAILED
+
+
+def mail(*to: str, subject: str = "Hi") -> Email:
+    return Email(from_="App <app@shop.test>", to=list(to), subject=subject, text="Hello")
+
+
+def test_the_sketch_from_the_issue(fake_mx: FakeMX) -> None:
+    fake_mx.reject("nobody@example.org", "550 5.1.1 no such user")
+    store = MemoryStore()
+    with Mailstrom(fake_mx.config, store=store) as ms:
+        mid = ms.send_email(mail("bob@example.org", "nobody@example.org"))
+        fake_mx.wait_for(1)
+    [got] = fake_mx.received
+    assert got.envelope_to == ["bob@example.org"]
+    assert got.envelope_from == "app@shop.test"
+    assert got.accepted and got.tls
+    assert got.message["Subject"] == "Hi"
+    # Leaving the block drained what was in flight: both results are recorded.
+    status = store.status(mid)
+    assert status.recipient("bob@example.org").state is DELIVERED
+    nobody = status.recipient("nobody@example.org")
+    assert nobody.state is FAILED
+    assert nobody.reply is not None
+    assert (nobody.reply.code, nobody.reply.enhanced) == (550, "5.1.1")
+    assert nobody.mx_host == MX_HOST
+
+
+def test_every_script_per_address(fake_mx: FakeMX) -> None:
+    fake_mx.defer("busy@a.test", "451 4.2.1 Mailbox busy")
+    fake_mx.reject("gone@b.test")
+    fake_mx.drop_after_dot("flaky@c.test")
+    fake_mx.stall("slow@d.test")
+    fake_mx.reject("ok@e.test")
+    fake_mx.accept("OK@e.test")  # scripts are per address, case-insensitive; accept undoes
+    results = Results()
+    addresses = {"busy@a.test", "gone@b.test", "flaky@c.test", "slow@d.test", "ok@e.test"}
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        for address in sorted(addresses):
+            ms.send_email(mail(address))
+        results.wait_final(addresses)
+        status = {r.address: ms.query_status(r.message_id).recipients[0] for r in results.all}
+    assert {a: s.state for a, s in status.items()} == {
+        "busy@a.test": DEFERRED,
+        "gone@b.test": FAILED,
+        "flaky@c.test": DEFERRED,
+        "slow@d.test": DEFERRED,
+        "ok@e.test": DELIVERED,
+    }
+    assert str(status["busy@a.test"].reply) == "451 4.2.1 Mailbox busy"
+    assert status["flaky@c.test"].uncertain
+    assert "did not reply to RCPT" in status["slow@d.test"].reason
+    # The server saw the content of the dropped transaction, unanswered, and of ok@.
+    received = {tuple(m.envelope_to): m for m in fake_mx.received}
+    assert set(received) == {("flaky@c.test",), ("ok@e.test",)}
+    assert received[("flaky@c.test",)].reply is None
+    assert not received[("flaky@c.test",)].accepted
+
+
+def test_defer_a_number_of_times_then_accept(fake_mx: FakeMX) -> None:
+    fake_mx.defer("grey@example.org", "450 4.7.1 Greylisted", times=1)
+    results = Results()
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(mail("grey@example.org"))
+        [first] = results.wait_count(1)
+        assert first.state is DEFERRED
+        ms.retry(mid)
+        fake_mx.wait_for(1)
+        results.wait_count(2)
+        assert ms.query_status(mid).state is DELIVERED
+
+
+def test_scripts_need_the_right_kind_of_reply(fake_mx: FakeMX) -> None:
+    with pytest.raises(ValueError, match="4xx"):
+        fake_mx.defer("a@example.org", "550 5.1.1 nope")
+    with pytest.raises(ValueError, match="5xx"):
+        fake_mx.reject("a@example.org", "451 later")
+    with pytest.raises(ValueError, match="5xx"):
+        fake_mx.reject("a@example.org", "5501 too long a code")
+
+
+def test_any_domain_goes_to_the_fake_unless_its_records_are_set(fake_mx: FakeMX) -> None:
+    fake_mx.dns.null_mx("no-mail.test")
+    fake_mx.dns.nxdomain("typo.test")
+    results = Results()
+    to = {"x@anything.example", "y@no-mail.test", "z@typo.test"}
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        ms.send_email(mail(*sorted(to)))
+        results.wait_final(to)
+    assert results.states() == {
+        "x@anything.example": DELIVERED,
+        "y@no-mail.test": FAILED,
+        "z@typo.test": FAILED,
+    }
+
+
+def test_the_config_verifies_the_fakes_certificate(fake_mx: FakeMX) -> None:
+    config = replace(fake_mx.config, tls=TLSPolicy.VERIFY)
+    with Mailstrom(config, store=MemoryStore()) as ms:
+        ms.send_email(mail("bob@example.org"))
+        [got] = fake_mx.wait_for(1)
+    assert got.tls
+
+
+def test_a_worker_process_on_sqlite(fake_mx: FakeMX, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        with Mailstrom(fake_mx.config, store=store) as ms:
+            assert ms.worker_mode == "process"
+            ms.send_email(mail("bob@example.org"))
+            [got] = fake_mx.wait_for(1)
+        assert got.envelope_to == ["bob@example.org"]
+    finally:
+        store.close()
+
+
+async def test_async_facade_and_wait_for_async(fake_mx: FakeMX) -> None:
+    async with AsyncMailstrom(fake_mx.config, store=MemoryStore()) as ms:
+        await ms.send_email(mail("bob@example.org"))
+        [got] = await fake_mx.wait_for_async(1)
+    assert got.envelope_to == ["bob@example.org"]
+
+
+def test_captured_mail_never_reaches_the_fake_until_released(fake_mx: FakeMX) -> None:
+    store = MemoryStore()
+    with Mailstrom(fake_mx.config, store=store) as ms:
+        with capture() as outbox:
+            mid = ms.send_email(mail("bob@example.org"))
+            with pytest.raises(AssertionError, match="capture"):
+                fake_mx.wait_for(1, timeout=0.5)
+        assert [m.message_id for m in outbox] == [mid]
+        store.set_held(mid, False)  # what only a deliberate release does
+        ms.wake()
+        [got] = fake_mx.wait_for(1)
+    assert got.envelope_to == ["bob@example.org"]
+
+
+def test_not_started() -> None:
+    mx = FakeMX()
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = mx.config
+    mx.stop()  # harmless

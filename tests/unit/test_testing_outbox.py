@@ -1,0 +1,238 @@
+"""mailstrom.testing.capture(): every way of queueing is collected, and held in its store."""
+
+from __future__ import annotations
+
+import doctest
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mailstrom.testing.outbox
+from mailstrom import AsyncMailstrom, Config, Email, InvalidAddress, Mailstrom, RecipientState
+from mailstrom.message import PreparedMessage
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.testing import CapturedMessage, Outbox, capture
+from mailstrom.testing.outbox import capture_active
+
+CONFIG = Config(helo_name="app.test")
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+def welcome(to: str = "bob@example.org", **extra: Any) -> Email:
+    return Email(
+        from_="Shop <hello@shop.test>",
+        to=[to],
+        subject="Welcome",
+        text="Thanks for signing up.",
+        html="<p>Thanks for signing up.</p>",
+        **extra,
+    )
+
+
+def prepared(to: str) -> PreparedMessage:
+    return PreparedMessage(
+        data=f"From: a@shop.test\r\nTo: {to}\r\nSubject: raw\r\n\r\nHi\r\n".encode(),
+        envelope_from="a@shop.test",
+        recipients=(to,),
+    )
+
+
+def test_send_email_is_captured_with_its_envelope_and_parsed_message() -> None:
+    store = MemoryStore()
+    with capture() as outbox, Mailstrom(CONFIG, store=store) as ms:
+        mid = ms.send_email(welcome(bcc=["audit@shop.test"]))
+    [mail] = outbox
+    assert mail.message_id == mid
+    assert mail.envelope_from == "hello@shop.test"
+    assert mail.envelope_to == ["bob@example.org", "audit@shop.test"]
+    assert isinstance(mail.message, EmailMessage)
+    assert mail.message["To"] == "bob@example.org"
+    assert "Bcc" not in mail.message
+    assert mail.subject == "Welcome"
+    assert mail.text == "Thanks for signing up.\n"
+    assert mail.html == "<p>Thanks for signing up.</p>\n"
+    assert len(mail.data) == store.status(mid).size  # the stored bytes, as a worker sends them
+    assert b"Bcc" not in mail.data
+
+
+def test_captured_mail_is_queued_and_held_and_the_worker_leaves_it_alone() -> None:
+    store = MemoryStore()
+    with capture() as outbox, Mailstrom(CONFIG, store=store) as ms:
+        mid = ms.send_email(welcome())
+        ms.wake()
+    # The worker has stopped; it never leased the held message.
+    status = store.status(mid)
+    assert status.state is RecipientState.QUEUED
+    assert status.held
+    assert [r.attempts for r in status.recipients] == [0]
+    assert outbox[0].status() == status
+    assert store.next_due(now=NOW) is None  # nothing due: held mail is not pending work
+
+
+def test_send_emails_queues_the_batch_held_in_order() -> None:
+    store = MemoryStore()
+    with capture() as outbox:
+        ms = Mailstrom(CONFIG, store=store, worker=None)
+        ids = ms.send_emails([welcome("a@example.org"), welcome("b@example.org")])
+    assert [m.message_id for m in outbox] == ids
+    assert [m.envelope_to for m in outbox] == [["a@example.org"], ["b@example.org"]]
+    assert all(store.status(i).held for i in ids)
+
+
+async def test_async_facade_is_captured() -> None:
+    store = MemoryStore()
+    with capture() as outbox:
+        async with AsyncMailstrom(CONFIG, store=store) as ms:
+            mid = await ms.send_email(welcome())
+            [batch_id] = await ms.send_emails([welcome("c@example.org")])
+            status = await ms.query_status(mid)
+    assert [m.message_id for m in outbox] == [mid, batch_id]
+    assert status.held
+
+
+def test_raw_bytes_and_an_explicit_envelope() -> None:
+    raw = b"From: a@shop.test\nTo: list@example.org\nSubject: raw\n\nbody\n"
+    with capture() as outbox:
+        Mailstrom(CONFIG, store=MemoryStore(), worker=None).send_email(
+            raw, envelope_from="bounces@shop.test", envelope_to=["x@example.org"]
+        )
+    [mail] = outbox
+    assert (mail.envelope_from, mail.envelope_to) == ("bounces@shop.test", ["x@example.org"])
+    assert mail.message["To"] == "list@example.org"
+    assert mail.html is None
+    assert mail.text == "body\n"
+
+
+def test_invalid_input_is_refused_and_nothing_is_captured() -> None:
+    with capture() as outbox:
+        ms = Mailstrom(CONFIG, store=MemoryStore(), worker=None)
+        with pytest.raises(InvalidAddress):
+            ms.send_email(Email(from_="a@shop.test", to=["not an address"], text="x"))
+    assert len(outbox) == 0
+
+
+def test_a_store_made_before_the_capture_is_covered_and_restored_after(tmp_path: Path) -> None:
+    original = (MemoryStore.enqueue, SQLiteStore.enqueue, SQLiteStore.enqueue_many)
+    memory, sqlite = MemoryStore(), SQLiteStore(tmp_path / "q.db")
+    try:
+        assert not capture_active()
+        with capture() as outbox:
+            assert capture_active()
+            held = [memory.enqueue(prepared("a@x.test"), now=NOW)]
+            held += sqlite.enqueue_many([prepared("b@x.test"), prepared("c@x.test")], now=NOW)
+        assert not capture_active()
+        assert (MemoryStore.enqueue, SQLiteStore.enqueue, SQLiteStore.enqueue_many) == original
+        free = sqlite.enqueue(prepared("d@x.test"), now=NOW)
+        assert [m.message_id for m in outbox] == held
+        assert [m.store for m in outbox] == [memory, sqlite, sqlite]
+        assert all(m.status().held for m in outbox)
+        assert not sqlite.status(free).held
+        assert len(outbox) == 3  # closed: no longer collecting
+    finally:
+        sqlite.close()
+
+
+def test_a_sqlite_queue_keeps_captured_mail_held_after_reopening(tmp_path: Path) -> None:
+    with capture(), Mailstrom(CONFIG, store=SQLiteStore(tmp_path / "q.db"), worker=None) as ms:
+        mid = ms.send_email(welcome())
+        ms.store.close()
+    again = SQLiteStore(tmp_path / "q.db")
+    try:
+        assert again.status(mid).held
+        assert again.stats().held == 1
+    finally:
+        again.close()
+
+
+def test_nested_captures_each_collect_what_is_queued_while_open() -> None:
+    store = MemoryStore()
+    with capture() as outer:
+        store.enqueue(prepared("a@x.test"), now=NOW)
+        with capture() as inner:
+            store.enqueue(prepared("b@x.test"), now=NOW)
+        assert capture_active()
+        store.enqueue(prepared("c@x.test"), now=NOW)
+    assert [m.recipients for m in outer] == [("a@x.test",), ("b@x.test",), ("c@x.test",)]
+    assert [m.recipients for m in inner] == [("b@x.test",)]
+    assert not capture_active()
+
+
+class AuditedStore(MemoryStore):
+    """A subclass overriding enqueue and calling the original."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        self.calls += 1
+        return super().enqueue(message, now=now, hold=hold)
+
+
+def test_a_subclass_is_captured_once_even_when_named_too() -> None:
+    store = AuditedStore()
+    with capture(store_types=[AuditedStore]) as outbox:
+        mid = store.enqueue(prepared("a@x.test"), now=NOW)
+        ids = store.enqueue_many([prepared("b@x.test")], now=NOW)
+    assert [m.message_id for m in outbox] == [mid, *ids]
+    assert store.calls == 2  # the batch went through the subclass's enqueue
+    assert "enqueue" in AuditedStore.__dict__  # its own method is back
+    assert all(store.status(i).held for i in [mid, *ids])
+
+
+class WrappingStore:
+    """A Store of the user's own that is no subclass of a shipped one."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        return self.inner._add([message], now=now, hold=hold)[0]
+
+    def enqueue_many(self, messages: Sequence[PreparedMessage], *, now: datetime) -> list[str]:
+        return self.inner._add(messages, now=now, hold=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_store_types_names_the_users_own_store_classes() -> None:
+    store = WrappingStore()
+    with capture() as missed:
+        store.enqueue(prepared("a@x.test"), now=NOW)
+    with capture(store_types=[WrappingStore]) as outbox:
+        mid = store.enqueue(prepared("b@x.test"), now=NOW)
+    assert len(missed) == 0
+    assert [m.message_id for m in outbox] == [mid]
+    assert store.status(mid).held
+    assert "enqueue" in WrappingStore.__dict__
+
+
+def test_the_outbox_reads_like_a_list() -> None:
+    with capture() as outbox:
+        store = MemoryStore()
+        for to in ("a@x.test", "b@x.test", "c@x.test"):
+            store.enqueue(prepared(to), now=NOW)
+        assert isinstance(outbox, Outbox)
+        assert len(outbox) == 3
+        assert [m.envelope_to[0] for m in outbox[1:]] == ["b@x.test", "c@x.test"]
+        assert isinstance(outbox[-1], CapturedMessage)
+        assert "b@x.test" in repr(outbox)
+        outbox.clear()
+        store.enqueue(prepared("d@x.test"), now=NOW)
+    assert [m.envelope_to for m in outbox] == [["d@x.test"]]
+
+
+def test_the_fixture_captures(mailstrom_outbox: Outbox) -> None:
+    mid = Mailstrom(CONFIG, store=MemoryStore(), worker=None).send_email(welcome())
+    assert [m.message_id for m in mailstrom_outbox] == [mid]
+
+
+def test_the_docstring_example_runs() -> None:
+    results = doctest.testmod(mailstrom.testing.outbox, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0
+    assert results.failed == 0
