@@ -128,7 +128,7 @@ def deliver_through(mx: FakeMX) -> None:
             style = STATE_STYLE[r.state]
             retry = f" (next try {r.next_attempt_at:%H:%M:%S})" if r.next_attempt_at else ""
             table.add_row(
-                status.id[:10],
+                status.id[-8:],  # ids begin with their timestamp; the end tells them apart
                 r.address,
                 f"[{style}]{r.state}[/]",
                 str(r.attempts),
