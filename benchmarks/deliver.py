@@ -122,8 +122,8 @@ class Run:
         return self.messages / self.deliver_s
 
 
-class _Outcomes:
-    """The ``on_result`` hook: counts results, sets ``done`` when all are in."""
+class Outcomes:
+    """The ``on_result`` hook: counts results and sets ``done`` when all are in."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
@@ -131,13 +131,19 @@ class _Outcomes:
         self.problems = 0
         self.first_problem: str | None = None
         self.done = threading.Event()
+        self.first_at: float | None = None
         self.last_at: float | None = None
         self.max_gap = 0.0
-        """Longest silence between two recorded results: a stall shows up here."""
+        self.record_lags: list[float] = []
+        """Per result: the server's final reply → its record committed (on_result fires
+        after the commit): the window in which a crash would resend the message."""
 
-    def __call__(self, result: RecipientResult) -> None:  # on the worker's loop
+    def __call__(self, result: RecipientResult) -> None:  # after the store recorded it
+        self.record_lags.append((datetime.now(UTC) - result.attempt.at).total_seconds())
         now = time.perf_counter()
-        if self.last_at is not None:
+        if self.last_at is None:
+            self.first_at = now
+        else:
             self.max_gap = max(self.max_gap, now - self.last_at)
         self.last_at = now
         if result.state is RecipientState.DELIVERED:
@@ -172,7 +178,7 @@ def run_mailstrom(
     profiler: ThreadProfiler | None = None,
 ) -> Run:
     expected = len(emails) * rcpts
-    outcomes = _Outcomes(expected)
+    outcomes = Outcomes(expected)
     store = make_store(store_kind, directory)
     config = Config(
         helo_name="bench.test",

@@ -62,6 +62,7 @@ from rich.console import Console
 from rich.table import Table
 from tests.fixtures.dns_server import LoopbackDNS
 
+from benchmarks.deliver import Outcomes
 from benchmarks.postfix import (
     INSTALL_HINT,
     Children,
@@ -195,41 +196,6 @@ class Row:
     def median_rate(self) -> float | None:
         done = [r.rate for r in self.runs if r.completed]
         return statistics.median(done) if done else None
-
-
-class Outcomes:
-    """The ``on_result`` hook: counts results and sets ``done`` when all are in."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.delivered = 0
-        self.problems = 0
-        self.first_problem: str | None = None
-        self.done = threading.Event()
-        self.first_at: float | None = None
-        self.last_at: float | None = None
-        self.max_gap = 0.0
-        self.record_lags: list[float] = []
-        """Per result: the server's final reply → its record committed (on_result fires
-        after the commit): the window in which a crash would resend the message."""
-
-    def __call__(self, result: RecipientResult) -> None:  # after the store recorded it
-        self.record_lags.append((datetime.now(UTC) - result.attempt.at).total_seconds())
-        now = time.perf_counter()
-        if self.last_at is None:
-            self.first_at = now
-        else:
-            self.max_gap = max(self.max_gap, now - self.last_at)
-        self.last_at = now
-        if result.state is RecipientState.DELIVERED:
-            self.delivered += 1
-        else:
-            self.problems += 1
-            if self.first_problem is None:
-                a = result.attempt
-                self.first_problem = f"{result.state}: {a.reply or a.error}"
-        if self.delivered + self.problems >= self.expected:
-            self.done.set()
 
 
 class LogCatcher(logging.Handler):
