@@ -112,6 +112,7 @@ def role_work(path: Path, batch: int) -> dict[str, float]:
         RecipientResult(
             message_id=item.message_id,
             address=r.address,
+            lease_token=lease.token,
             state=RecipientState.DELIVERED,
             attempt=attempt,
         )
@@ -119,7 +120,7 @@ def role_work(path: Path, batch: int) -> dict[str, float]:
         for r in item.recipients
     ]
     t = time.perf_counter()
-    recorded = store.record(lease, results)
+    recorded = len(store.record(results))
     timings["record_ms"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
     stats = store.stats()

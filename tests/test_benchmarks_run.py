@@ -1,0 +1,72 @@
+"""Every benchmark still runs against today's API, on tiny inputs.
+
+The benchmarks are scripts outside ``src/`` (not type-checked, never imported by the
+suite), so an API change can break one silently; this runs each the way its README does,
+with sizes that take a second or two, and checks that it printed its table. The figures
+themselves are not looked at: performance is judged by running the benchmarks, not here.
+``e2e.py`` needs Postfix's smtp-sink and smtp-source, which the suite does not install;
+it is run when they are present.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks.postfix import missing_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RUNS = {
+    "prepare": (["--count", "20", "--runs", "1"], "text+html"),
+    "enqueue": (
+        ["--count", "50", "--repeat", "1", "--queued", "1000", "--batch", "50"],
+        "record",
+    ),
+    "deliver": (["-n", "40", "--stores", "memory,sqlite", "--repeat", "1"], "sqlite"),
+    "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
+    "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
+    "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
+}
+
+
+def run_benchmark(name: str, args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_benchmark_runs(name: str) -> None:
+    args, expected = RUNS[name]
+    assert expected in run_benchmark(name, args)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_benchmark_runs() -> None:
+    # Starts its own throwaway server, as the suite's fixture does.
+    out = run_benchmark("postgres", ["-n", "100", "--processes", "1", "--timeout", "60"])
+    assert "enqueue_many" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_tools()), reason="Postfix's smtp-sink/smtp-source missing")
+def test_e2e_benchmark_runs() -> None:
+    out = run_benchmark(
+        "e2e", ["-n", "200", "--repeat", "1", "--rows", "deliver-thread", "--wakeups", "2"]
+    )
+    assert "deliver only" in out
