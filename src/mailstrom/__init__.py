@@ -56,6 +56,7 @@ from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    DKIMStatus,
     Histogram,
     MessageStatus,
     MetricsSnapshot,
@@ -78,6 +79,7 @@ __all__ = [
     "DKIMConfig",
     "DKIMKey",
     "DKIMSignature",
+    "DKIMStatus",
     "DNSConfig",
     "DeliveryError",
     "Email",

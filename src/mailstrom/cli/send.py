@@ -219,8 +219,8 @@ def send_command(args: argparse.Namespace) -> int:
         )
     if settings.config.dkim is not None and not prepared.dkim:
         sys.stderr.write(
-            "mailstrom: warning: the message is not DKIM-signed: no dkim.keys entry aligns "
-            "with its From domain\n"
+            f"mailstrom: warning: the message is not DKIM-signed: {prepared.dkim_unsigned}; "
+            "add a [[dkim.keys]] entry for it or a parent domain\n"
         )
     store = open_store(settings.store_url)
     try:

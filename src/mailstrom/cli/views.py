@@ -17,7 +17,14 @@ from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import age, print_fields, print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg
 from mailstrom.policy.reasons import advice_for
-from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState, RecipientStatus
+from mailstrom.status import (
+    Attempt,
+    DKIMStatus,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+    RecipientStatus,
+)
 from mailstrom.stores.base import QueueFilter
 
 STATUS_EPILOG = """\
@@ -104,6 +111,8 @@ def status_json(st: MessageStatus) -> dict[str, Any]:
     """The status as JSON-ready data: every field, plus ``advice`` (meaning, action, help,
     provider; null when nothing failed) beside each recipient and each attempt."""
     data: dict[str, Any] = to_jsonable(st)
+    if st.dkim is not None:
+        data["dkim"]["signed"] = st.dkim.signed
     for r, r_data in zip(st.recipients, data["recipients"], strict=True):
         r_data["advice"] = _advice_json(r)
         for a, a_data in zip(r.history, r_data["history"], strict=True):
@@ -127,6 +136,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ("Queued", f"{st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)"),
             ("Size", f"{st.size} bytes"),
             ("Held", st.held),
+            ("DKIM", dkim_text(st.dkim)),
         ]
     )
     print()
@@ -173,6 +183,13 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ],
             title=f"Attempts for {r.address}",
         )
+
+
+def dkim_text(dkim: DKIMStatus | None) -> str:
+    """The DKIM line of ``status``: each signature, or unsigned with the reason."""
+    if dkim is None:
+        return "not recorded (DKIM not configured when queued)"
+    return str(dkim)
 
 
 def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:

@@ -240,10 +240,13 @@ def _finish(
     check_line_lengths(data)
     body = data[data.find(b"\r\n\r\n") :]
     signatures: tuple[DKIMSignature, ...] = ()
+    unsigned: str | None = None
     if options.dkim is not None:
         data, body, signatures = _sign(data, body, envelope, options.dkim, now)
         if len(data) > max_size:
             _too_large(len(data), max_size)
+        if not signatures:
+            unsigned = unsigned_reason(envelope.from_domains)
     return PreparedMessage(
         data=data,
         envelope_from=envelope.sender,
@@ -253,6 +256,7 @@ def _finish(
         header_message_id=message_id,
         subject=subject,
         dkim=signatures,
+        dkim_unsigned=unsigned,
     )
 
 
@@ -283,6 +287,26 @@ def _sign(
         body = data[data.find(b"\r\n\r\n") :]
     signed, signatures = sign(data, keys, now=now, expire=dkim.expire)
     return signed, body, signatures
+
+
+MAX_REASON_DOMAINS = 5
+"""From domains named in an unsigned message's reason; a From header may list many."""
+
+
+def unsigned_reason(from_domains: Sequence[str]) -> str:
+    """Why a message with these From domains has no DKIM signature although DKIM is
+    configured: what its status shows.
+
+    >>> unsigned_reason(["example.org"])
+    'no DKIM key for the From domain example.org'
+    """
+    if not from_domains:
+        return "no From address to align a DKIM key with (From is a group)"
+    shown = ", ".join(from_domains[:MAX_REASON_DOMAINS])
+    if len(from_domains) > MAX_REASON_DOMAINS:
+        shown += f" and {len(from_domains) - MAX_REASON_DOMAINS} more"
+    plural = "s" if len(from_domains) > 1 else ""
+    return f"no DKIM key for the From domain{plural} {shown}"
 
 
 def _id_domain(envelope: Envelope, fallback: str | None) -> str:

@@ -19,6 +19,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
+    DKIMStatus,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -40,6 +41,7 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
 )
+from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.watchers import Watchers
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -112,6 +114,7 @@ class _Message:
     created_at: datetime
     held: bool
     recipients: dict[str, _Recipient]
+    dkim: DKIMStatus | None = None
 
     def state(self) -> RecipientState:
         return derive_message_state([r.state for r in self.recipients.values()])
@@ -129,6 +132,7 @@ class _Message:
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
             held=self.held,
+            dkim=self.dkim,
         )
 
 
@@ -183,6 +187,7 @@ class MemoryStore:
                     created_at=now,
                     held=hold,
                     recipients=recipients,
+                    dkim=bounded_dkim(prepared.dkim_status),
                 )
                 ids.append(mid)
         if ids and not hold:

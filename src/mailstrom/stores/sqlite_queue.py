@@ -25,6 +25,7 @@ from mailstrom.stores.base import (
     domain_of,
     new_message_id,
 )
+from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.sqlite_schema import (
     attempt_from_row,
     from_us,
@@ -74,6 +75,7 @@ def insert_messages(
     """Insert ``messages`` and their recipients (queued, due at ``now``); their new ids."""
     ids: list[str] = []
     recipients: list[tuple[object, ...]] = []
+    dkims: list[tuple[object, ...]] = []
     for message in messages:
         mid = new_message_id()
         cursor = conn.execute(
@@ -93,6 +95,9 @@ def insert_messages(
             ),
         )
         seq = cursor.lastrowid
+        dkim = dkim_to_column(message.dkim_status)
+        if dkim is not None:
+            dkims.append((seq, dkim))
         recipients.extend(
             (seq, i, address, domain_of(address), hold, now)
             for i, address in enumerate(message.recipients)
@@ -103,6 +108,8 @@ def insert_messages(
         " next_attempt_at) VALUES (?,?,?,?,'queued',?,?)",
         recipients,
     )
+    if dkims:
+        conn.executemany("INSERT INTO message_dkim (message_seq, dkim) VALUES (?,?)", dkims)
     return ids
 
 
@@ -267,7 +274,8 @@ def read_messages(
     # `condition` is built only from the constant fragments above; values are bound.
     messages = conn.execute(
         "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-        f" m.subject, m.held FROM messages m WHERE {condition}"
+        " m.subject, m.held, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
+        f" FROM messages m WHERE {condition}"
         " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
@@ -295,7 +303,7 @@ def read_messages(
             ):
                 attempts.setdefault(row[0], []).append(attempt_from_row(row))
     result = []
-    for seq, mid, envelope_from, created_at, size, header_id, subject, held in messages:
+    for seq, mid, envelope_from, created_at, size, header_id, subject, held, dkim in messages:
         statuses = tuple(
             recipient_from_row(row, tuple(attempts.get(row[1], ())))
             for row in recipients.get(seq, [])
@@ -311,6 +319,7 @@ def read_messages(
                 header_message_id=header_id,
                 subject=subject,
                 held=bool(held),
+                dkim=dkim_from_column(dkim),
             )
         )
     return result

@@ -27,6 +27,7 @@ from mailstrom.stores.base import (
     domain_of,
     reason_class_of,
 )
+from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 
 Row = dict[str, Any]
 
@@ -56,6 +57,7 @@ def enqueue_params(
         "subjects": [m.subject for m in messages],
         "header_ids": [m.header_message_id for m in messages],
         "sizes": [m.size for m in messages],
+        "dkims": [dkim_to_column(m.dkim_status) for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
         "r_positions": r_positions,
@@ -223,6 +225,7 @@ def messages_from_rows(rows: Sequence[Row]) -> list[MessageStatus]:
                 header_message_id=head["header_message_id"],
                 subject=head["subject"],
                 held=head["held"],
+                dkim=dkim_from_column(head["dkim"]),
             )
         )
     return out

@@ -9,14 +9,15 @@
 -- whole batch is one statement. NOTIFY is delivered when the statement commits.
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
-                          header_message_id, size, created_at, held)
+                          header_message_id, size, created_at, held, dkim)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
-           t.header_message_id, t.size, %(now)s, %(held)s
+           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
-                %(header_ids)s::text[], %(sizes)s::integer[]) WITH ORDINALITY
+                %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[])
+         WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
-              n)
+              dkim, n)
     ORDER BY t.n  -- seq follows the caller's order
     RETURNING id, seq
 ), new_recipients AS (
@@ -163,7 +164,7 @@ SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
-       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       m.dkim, r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class,
        a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
@@ -184,7 +185,7 @@ ORDER BY r.position, a.id;
 -- mailstrom.status.derive_message_state.
 WITH selected AS (
     SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
-           m.held, m.seq
+           m.held, m.seq, m.dkim
     FROM messages m
     WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
       AND (%(created_before)s::timestamptz IS NULL
@@ -204,7 +205,7 @@ WITH selected AS (
     LIMIT %(limit)s
 )
 SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subject, s.held,
-       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       s.dkim, r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class
 FROM selected s
