@@ -15,6 +15,7 @@ from mailstrom import (
     DKIMAlgorithm,
     DKIMConfig,
     DKIMKey,
+    DKIMStatus,
     DNSConfig,
     Email,
     InvalidAddress,
@@ -100,6 +101,12 @@ def dkim_usage() -> None:
         for signature in prepared.dkim:
             print(signature.domain, signature.selector, signature.algorithm.value)
         print(config.dkim and config.dkim.keys[0].dns_record().strings)
+        with Mailstrom(config, store=open_store("memory:")) as ms:
+            outcome: DKIMStatus | None = ms.query_status(ms.send_email(email)).dkim
+            if outcome is not None and not outcome.signed:
+                print(outcome.reason)
+            elif outcome is not None:
+                print([str(s) for s in outcome.signatures])
     except NoDKIMKey as exc:
         print(exc.domains)
     except InvalidHeaderValue as exc:

@@ -33,6 +33,7 @@ examples:
   mailstrom status --history 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].state'
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].advice.help'
+  mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.dkim.signed, .dkim.reason'
 """
 
 QUEUE_EPILOG = """\
@@ -52,7 +53,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="show one message and each recipient's state",
         description="Show where a message and each of its recipients stand: state, last "
         "reply and why it failed (its class, what to do, the provider's help page), MX host "
-        "and address used, attempts and the next retry.",
+        "and address used, attempts and the next retry; and whether the message was "
+        "DKIM-signed (by which keys, or why not).",
         epilog=STATUS_EPILOG,
     )
     p.add_argument("id", help="message id (as printed by send)")
@@ -109,10 +111,11 @@ def status_command(args: argparse.Namespace) -> int:
 
 def status_json(st: MessageStatus) -> dict[str, Any]:
     """The status as JSON-ready data: every field, plus ``advice`` (meaning, action, help,
-    provider; null when nothing failed) beside each recipient and each attempt."""
+    provider; null when nothing failed) beside each recipient and each attempt, and
+    ``signed`` in ``dkim`` (null when no DKIM outcome was recorded)."""
     data: dict[str, Any] = to_jsonable(st)
     if st.dkim is not None:
-        data["dkim"]["signed"] = st.dkim.signed
+        data["dkim"] = {"signed": st.dkim.signed, **data["dkim"]}
     for r, r_data in zip(st.recipients, data["recipients"], strict=True):
         r_data["advice"] = _advice_json(r)
         for a, a_data in zip(r.history, r_data["history"], strict=True):
