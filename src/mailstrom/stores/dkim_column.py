@@ -1,10 +1,13 @@
 """A message's DKIM outcome (:class:`~mailstrom.status.DKIMStatus`) as the stores keep it.
 
-Every store records it at enqueue cut to the same bounds (:func:`bounded_dkim`); the SQL
-stores write it to one nullable text column, ``messages.dkim`` (migration 0004), as
-compact JSON: ``{"signed": [[domain, selector, algorithm], ...]}`` or
-``{"unsigned": reason}``. NULL means no DKIM outcome: DKIM was not configured, or the
-message was queued before the column existed.
+Every store records it at enqueue cut to the same bounds (:func:`bounded_dkim`). The SQL
+stores write it as compact JSON text, ``{"signed": [[domain, selector, algorithm], ...]}``
+or ``{"unsigned": reason}`` (migration 0004): PostgreSQL in the nullable column
+``messages.dkim`` (``data`` is TOASTed out of line, so a later column costs nothing to
+read), SQLite in the table ``message_dkim`` keyed by the message's rowid (a column after
+``messages.data`` would be read by walking the message's overflow pages;
+``benchmarks/status_read.py``). No value means no DKIM outcome: DKIM was not configured,
+or the message was queued before migration 0004.
 """
 
 from __future__ import annotations
