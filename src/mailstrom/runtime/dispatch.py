@@ -297,7 +297,12 @@ class Dispatcher:
         self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
 
     def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
-        return Destination(domain=dest.domain, mx_host=mx.name)
+        return Destination(
+            domain=dest.domain,
+            mx_host=mx.name,
+            mx_secure=route.secure,
+            host_secure=mx.secure,
+        )
 
     async def _stream(
         self,
