@@ -27,7 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure, SMTPConnectError, TemporaryFailure
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    RequireTLSFailure,
+    SMTPConnectError,
+    TemporaryFailure,
+)
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection
@@ -37,6 +43,7 @@ from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
 from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
@@ -68,6 +75,10 @@ class _Destination:
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    require_tls: bool = False
+    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    tls_optional: bool = False
+    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
 
 
 class Dispatcher:
@@ -124,6 +135,13 @@ class Dispatcher:
         if checked is None:
             return
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        # Messages that change the TLS decision (RFC 8689) travel apart from the others.
+        require_tls = checked.item.require_tls
+        tls_optional = not require_tls and tls_required_no(checked.item.data)
+        if require_tls:
+            key += "\0requiretls"
+        elif tls_optional:
+            key += "\0tls-optional"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -131,6 +149,8 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
         dest.queue.append(checked)
         self._start_sessions(dest)
@@ -285,7 +305,9 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
-        if isinstance(last_error, PermanentFailure):
+        if isinstance(last_error, PermanentFailure) and not isinstance(
+            last_error, RequireTLSFailure
+        ):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
             last_error = TemporaryFailure(
@@ -302,6 +324,8 @@ class Dispatcher:
             mx_host=mx.name,
             mx_secure=route.secure,
             host_secure=mx.secure,
+            tls_optional=dest.tls_optional,
+            require_tls=dest.require_tls,
         )
 
     async def _stream(
@@ -380,6 +404,7 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.

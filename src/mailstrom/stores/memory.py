@@ -235,6 +235,7 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
                     )
                 )
         if not items:
