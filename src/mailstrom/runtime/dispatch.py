@@ -33,10 +33,11 @@ from mailstrom.errors import (
     RequireTLSFailure,
     SMTPConnectError,
     TemporaryFailure,
+    TLSRequiredError,
 )
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.transactions import TransactionResult
@@ -282,6 +283,9 @@ class Dispatcher:
                     conn = await opener.open(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
+                        # Say which policy refused, not just what the peer did.
+                        exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
                     last_policy = need.label
                     index += 1
