@@ -241,3 +241,15 @@ def test_dane_ta_anchor_not_sent_defers(
     anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
     signed_zone(dns_server, mx.host, (2, 0, 1, anchor))
     assert deliver(mx.port).state is RecipientState.DEFERRED
+
+
+def test_a_dane_only_table_entry_defers_a_host_without_tlsa(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host)  # validated, but no TLSA records
+    bob = deliver(mx.port, tls_domains={"*.org": "dane-only"})
+    assert bob.state is RecipientState.DEFERRED
+    assert "dane-only" in bob.reason and "*.org" in bob.reason
+    assert mx.connections == 0
