@@ -54,8 +54,10 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="show how mail to a domain would be delivered",
         description="Resolve DOMAIN's MX hosts, connect to each address, and report EHLO "
-        "capabilities, STARTTLS, TLS version and certificate, what the TLS policy would "
-        "do, and whether the HELO name's forward and reverse DNS match. Sends no mail.",
+        "capabilities, STARTTLS, TLS version and certificate, whether DNSSEC validated the "
+        "records, each host's TLSA records and whether the certificate matches them, what "
+        "the TLS policy would do, and whether the HELO name's forward and reverse DNS "
+        "match. Sends no mail.",
         epilog=EPILOG,
     )
     p.add_argument("domain", help="recipient domain (the part after @)")
