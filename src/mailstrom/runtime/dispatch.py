@@ -273,6 +273,7 @@ class Dispatcher:
                 # This host must not be used now (TLSA lookup failed, a policy refuses it).
                 exc.host = exc.host or host
                 last_error = exc
+                last_policy = None
                 index += 1
                 continue
             key = opener.key(host, ip, need)
