@@ -56,3 +56,15 @@ def test_no_certificate_matches_nothing() -> None:
 
 def test_garbage_certificate_matches_nothing() -> None:
     assert not record_matches(record(3, 1, 1, b"x" * 32), b"not a certificate")
+
+
+def test_dane_ta_full_certificate_record_needs_no_anchor_in_the_chain() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    leaf = der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    assert check_chain([leaf], [record(2, 0, 0, anchor)], host="mx.test") == "DANE-TA 0 0"
+    other = der(trustme.CA().cert_pem.bytes())
+    with pytest.raises(DaneMismatch, match="does not verify"):
+        check_chain([leaf], [record(2, 0, 0, other)], host="mx.test")
+    with pytest.raises(DaneMismatch):
+        check_chain([leaf], [record(2, 0, 0, b"not a certificate")], host="mx.test")

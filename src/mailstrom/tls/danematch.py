@@ -4,9 +4,10 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
 * DANE-EE (usage 3): the leaf certificate, or its SubjectPublicKeyInfo, matches; names,
   expiry and issuer are not checked (RFC 7672 §3.1.1).
 * DANE-TA (usage 2): a certificate of the chain the server sent (RFC 7671 §5.2.2: it must
-  send the trust anchor) matches; the chain from the leaf to it must then verify, with the
-  leaf's name matching the MX host (RFC 7672 §3.2.2), as if that certificate were the only
-  trusted root. The chain check is ``cryptography``'s X.509 path validation.
+  send the trust anchor, unless the record is ``2 0 0``, which holds the anchor itself)
+  matches; the chain from the leaf to it must then verify, with the leaf's name matching
+  the MX host (RFC 7672 §3.2.2), as if that certificate were the only trusted root. The
+  chain check is ``cryptography``'s X.509 path validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
 
 Selectors: 0 full certificate, 1 SubjectPublicKeyInfo; matching types: 0 exact, 1
@@ -105,12 +106,21 @@ def check_chain(
     for record in usable:
         if record.usage != 2:
             continue
+        matched = False
         for index, der in enumerate(chain):
             if not record_matches(record, der):
                 continue
+            matched = True
             trouble = _verify_to_anchor(chain, index, host=host, now=now)
             if trouble is None:
                 return f"DANE-TA {record.selector} {record.matching}"
+            problems.append(trouble)
+        if not matched and record.selector == 0 and record.matching == 0:
+            # "2 0 0" holds the trust anchor itself: the server need not send it
+            # (RFC 7671 §5.2.2).
+            trouble = _verify_to_anchor([*chain, record.data], len(chain), host=host, now=now)
+            if trouble is None:
+                return "DANE-TA 0 0"
             problems.append(trouble)
     kinds = sorted({f"{r.usage} {r.selector} {r.matching}" for r in usable})
     detail = f"; {problems[0]}" if problems else ""
