@@ -30,6 +30,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     LeasedRecipient,
@@ -154,6 +155,7 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._tls_broken: dict[str, datetime] = {}
 
     # --- writing ----------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
                     )
                 )
         if not items:
@@ -545,6 +548,22 @@ class MemoryStore:
             )
 
     # --- misc -------------------------------------------------------------------------
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._lock:
+            known = self._tls_broken.get(host)
+            self._tls_broken[host] = until if known is None else max(known, until)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        with self._lock:
+            for host in [h for h, until in self._tls_broken.items() if until <= now]:
+                del self._tls_broken[host]
+            longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
+        return dict(longest[:limit])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""
