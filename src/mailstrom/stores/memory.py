@@ -40,6 +40,7 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
 )
+from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.watchers import Watchers
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -132,7 +133,7 @@ class _Message:
         )
 
 
-class MemoryStore:
+class MemoryStore(MemoryTLSMixin):
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
     >>> store = MemoryStore()
@@ -150,6 +151,7 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._init_tls()
 
     # --- writing ----------------------------------------------------------------------
 
