@@ -171,6 +171,44 @@ retry_min=1.0, retry_max=300.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MTASTSConfig:
+    """MTA-STS (RFC 8461): honour the policies recipient domains publish.
+
+    With it, every destination domain's ``_mta-sts`` TXT record is looked up (through
+    ``Config.dns``) and, when present, its policy fetched from
+    ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` and cached in the store for all
+    workers. ``enforce`` policies restrict delivery to the listed MX hosts over verified
+    TLS; ``testing`` ones only record what would have failed, for TLS reports (RFC 8460).
+    Needs the ``mta-sts`` extra (httpx).
+
+    >>> MTASTSConfig(timeout=5.0)  # doctest: +ELLIPSIS
+    MTASTSConfig(port=443, ...)
+    """
+
+    port: int = 443
+    """HTTPS port of ``mta-sts.<domain>`` (443; tests point it at a loopback server)."""
+    ca_file: str | None = None
+    """PEM file of the CAs that HTTPS certificates must chain to; default: the system's."""
+    tls_context: ssl.SSLContext | None = None
+    """Context verifying the HTTPS certificate (overrides ``ca_file``; for tests)."""
+    timeout: float = 10.0
+    """Seconds one policy fetch may take, connection and body together."""
+    recheck: float = 300.0
+    """Seconds a worker trusts its last look at a domain's TXT record (never longer than
+    the record's TTL); 0 looks it up for every delivery attempt."""
+    report: bool = True
+    """Count TLS sessions per policy domain in the store for ``mailstrom tlsrpt``."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mta_sts.port must be 1-65535, got {self.port}")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"mta_sts.timeout: expected 0 < seconds <= 300, got {self.timeout}")
+        if not 0 <= self.recheck <= 86400:
+            raise ConfigError(f"mta_sts.recheck: expected 0 to 86400 seconds, got {self.recheck}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the worker needs; every network dependency can be pointed elsewhere.
 
@@ -251,6 +289,9 @@ class Config:
     """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
     ``localhost`` or a name private to one network."""
+    mta_sts: MTASTSConfig | None = None
+    """Apply recipient domains' MTA-STS policies (RFC 8461); ``None`` ignores them. See
+    :class:`MTASTSConfig`."""
 
     @property
     def outbox(self) -> bool:
