@@ -36,6 +36,8 @@ from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -72,13 +74,22 @@ class Dispatcher:
     """Delivers work items; reports each item's results through ``on_done``."""
 
     def __init__(
-        self, config: Config, *, router: Router, outcomes: Outcomes, on_done: Done
+        self,
+        config: Config,
+        *,
+        router: Router,
+        outcomes: Outcomes,
+        on_done: Done,
+        tls: TLSDecider | None = None,
     ) -> None:
+        """``tls`` decides each connection's TLS requirement (default: the one ``config``
+        asks for, without a store to share remembered broken TLS)."""
         self._config = config
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
-        self._opener = Opener(config)
+        self._tls = tls if tls is not None else TLSDecider.for_config(config)
+        self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -223,30 +234,41 @@ class Dispatcher:
         except DeliveryError as exc:
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
-        targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
+        targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
+        last_policy: str | None = None
         index = 0
         opener = self._opener
         while dest.queue and index < len(targets):
-            host, ip = targets[index]
-            key = opener.key(host, ip)
+            mx, ip = targets[index]
+            host = mx.name
+            try:
+                need = await self._tls.requirement(self._destination(dest, route, mx))
+            except DeliveryError as exc:
+                # This host must not be used now (TLSA lookup failed, a policy refuses it).
+                exc.host = exc.host or host
+                last_error = exc
+                index += 1
+                continue
+            key = opener.key(host, ip, need)
             conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
-                    conn = await opener.open(host, ip)
+                    conn = await opener.open(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
                     last_error = exc
+                    last_policy = need.label
                     index += 1
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused)
+                broke = await self._stream(dest, conn, reused, need)
             finally:
                 dest.connected -= 1
             if broke is None:
@@ -272,16 +294,23 @@ class Dispatcher:
                 enhanced=last_error.enhanced,
                 host=last_error.host,
             )
-        self._fail_queue(dest, last_error, Where(host=last_error.host))
+        self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+
+    def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
+        return Destination(domain=dest.domain, mx_host=mx.name)
 
     async def _stream(
-        self, dest: _Destination, conn: SMTPConnection, reused: bool
+        self,
+        dest: _Destination,
+        conn: SMTPConnection,
+        reused: bool,
+        need: TLSRequirement,
     ) -> DeliveryError | None:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, or it breaks (returning the error)."""
         cap = self._config.max_messages_per_connection
         queue = dest.queue
-        where = Where.of(conn)
+        where = Where.of(conn, need)
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
