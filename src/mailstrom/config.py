@@ -203,6 +203,25 @@ class MTASTSConfig:
         if not 0 <= self.recheck <= 86400:
             raise ConfigError(f"mta_sts.recheck: expected 0 to 86400 seconds, got {self.recheck}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # An SSLContext cannot cross to a worker process: its CA certificates do, and the
+        # other side builds a context trusting them (besides the system's).
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tls_context"}
+        cas: tuple[bytes, ...] | None = None
+        if self.tls_context is not None:
+            found = self.tls_context.get_ca_certs(binary_form=True)
+            cas = tuple(c for c in found if isinstance(c, bytes))
+        return (_rebuild_mta_sts, (options, cas))
+
+
+def _rebuild_mta_sts(options: dict[str, object], cas: tuple[bytes, ...] | None) -> MTASTSConfig:
+    context = None
+    if cas is not None:
+        context = ssl.create_default_context()
+        for der in cas:
+            context.load_verify_locations(cadata=der)
+    return MTASTSConfig(tls_context=context, **options)  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.mtasts.hook import for_worker
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
@@ -44,6 +45,7 @@ from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.tls.decide import TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -239,9 +241,21 @@ class Worker:
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
-        dispatcher = self._dispatcher = Dispatcher(
-            self.config, router=self._router, outcomes=outcomes, on_done=self._on_done
+        mta_sts = for_worker(
+            self.config, self.store, store_call=self._store_call, clock=self._clock
         )
+        hook, tls_sessions = mta_sts if mta_sts is not None else (None, None)
+        dispatcher = self._dispatcher = Dispatcher(
+            self.config,
+            router=self._router,
+            outcomes=outcomes,
+            on_done=self._on_done,
+            tls=TLSDecider.for_config(self.config, mta_sts=hook) if hook is not None else None,
+            observe_tls=hook.observe if hook is not None else None,
+        )
+        reporting = None
+        if tls_sessions is not None:
+            reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         store_loop: asyncio.Task[None] | None = None
@@ -290,6 +304,10 @@ class Worker:
             if hooks is not None:
                 await self._stop_hooks(hooks, flush=not failed)
             await self._release_unfinished()
+            if reporting is not None and tls_sessions is not None:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
+                await tls_sessions.flush()
             self._running = False
             self._stopped.set()
 
