@@ -3,7 +3,8 @@
 It resolves the domain as the worker does, connects to every address of every MX host on the
 configured SMTP port, reports EHLO capabilities, STARTTLS and the certificate (verified with
 the configured trust), says whether the TLS policy would let mail through, and checks that
-the HELO name has forward (A/AAAA) and reverse (PTR) DNS that agree, as receivers expect.
+the HELO name has forward (A/AAAA) and reverse (PTR) DNS that agree, as receivers expect,
+and fetches the domain's MTA-STS policy (see :mod:`mailstrom.cli.check_mtasts`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import dns.exception
 import dns.resolver
 import dns.reversename
 
+from mailstrom.cli.check_mtasts import (
+    MTASTSReport,
+    apply_to_verdicts,
+    check_mta_sts,
+    print_mta_sts,
+)
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import print_json
@@ -101,6 +108,7 @@ class CheckReport:
     dns_permanent: bool = False
     hosts: list[HostReport] = field(default_factory=list)
     helo: HeloReport | None = None
+    mta_sts: MTASTSReport | None = None
 
     @property
     def deliverable(self) -> bool:
@@ -243,6 +251,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
         report.dns_error = str(exc)
         report.dns_permanent = isinstance(exc, PermanentFailure)
     helo = asyncio.create_task(check_helo(config))
+    mta_sts = asyncio.create_task(check_mta_sts(config, domain))
     if route is not None:
         report.implicit_mx = route.implicit
         for host in route.hosts:
@@ -253,6 +262,8 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                 HostReport(name=host.name, preference=host.preference, addresses=list(addresses))
             )
     report.helo = await helo
+    report.mta_sts = await mta_sts
+    apply_to_verdicts(report, report.mta_sts)
     return report
 
 
@@ -308,6 +319,8 @@ def print_report(r: CheckReport) -> None:
                 elif a.certificate_error:
                     print(f"    certificate: NOT verified: {a.certificate_error}")
             print(f"    verdict:     {a.verdict}")
+    if r.mta_sts is not None:
+        print_mta_sts(r.mta_sts)
     if r.helo is not None:
         h2 = r.helo
         print(f"\nHELO name {h2.name}")
