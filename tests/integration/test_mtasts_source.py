@@ -49,9 +49,9 @@ def make_source(
     clock: Clock,
     store: MemoryStore,
     failures: list[tuple[str, PolicyError, CachedPolicy | None]] | None = None,
-    **options: object,
+    recheck_seconds: float = 0,
 ) -> PolicySource:
-    settings = MTASTSConfig(port=https.port, tls_context=context, recheck=0, **options)  # type: ignore[arg-type]
+    settings = MTASTSConfig(port=https.port, tls_context=context, recheck=recheck_seconds)
     config = Config(dns=dns.dns_config, allow_loopback=True, mta_sts=settings)
     return PolicySource(
         config,
@@ -222,3 +222,29 @@ async def test_untrusted_certificate_is_refused(
     assert await source.policy("example.org") is None
     [(_, error, _)] = failures
     assert error.result_type == "sts-webpki-invalid"
+
+
+async def test_unicode_domain_is_looked_up_as_its_a_label(
+    dns_server: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
+) -> None:
+    https = https_server(names=("mta-sts.xn--bcher-kva.example",))
+    https.policy(POLICY)
+    dns_server.txt("_mta-sts.xn--bcher-kva.example", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.xn--bcher-kva.example", "127.0.0.1")
+    store = MemoryStore()
+    source = make_source(dns_server, https, client_tls_context, Clock(), store)
+    cached = await source.policy("bücher.example")
+    assert cached is not None and cached.domain == "xn--bcher-kva.example"
+    assert store.mta_sts_policy("xn--bcher-kva.example") == cached
+    assert await source.policy("[127.0.0.1]") is None
+
+
+async def test_domains_without_a_record_are_remembered_for_recheck(
+    dns_server: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext
+) -> None:
+    source = make_source(
+        dns_server, https, client_tls_context, Clock(), MemoryStore(), recheck_seconds=300
+    )
+    for _ in range(3):
+        assert await source.policy("example.org") is None
+    assert dns_server.queries("_mta-sts.example.org", "TXT") == 1

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 from mailstrom.config import Config, MTASTSConfig
 from mailstrom.errors import ConfigError
-from mailstrom.mtasts.fetch import DNSTrouble, fetch_policy, require_httpx, txt_records
+from mailstrom.mtasts.fetch import (
+    DNSTrouble,
+    a_label,
+    fetch_policy,
+    require_httpx,
+    txt_records,
+)
 from mailstrom.mtasts.policy import Mode, PolicyError, parse_sts_record
 from mailstrom.routing import RoutePolicy, make_resolver
 
@@ -41,7 +47,10 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
     report = MTASTSReport(applied=config.mta_sts is not None)
     settings = config.mta_sts or MTASTSConfig()
     resolver = make_resolver(config.dns)
-    name = domain.strip().rstrip(".").lower()
+    name = a_label(domain)
+    if name is None:
+        report.error = f"{domain!r} is no domain name"
+        return report
     try:
         report.records, _ = await txt_records(resolver, f"_mta-sts.{name}")
         report.policy_id = parse_sts_record(report.records)

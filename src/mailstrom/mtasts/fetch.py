@@ -55,13 +55,31 @@ def require_httpx() -> None:
         raise ConfigError("MTA-STS needs httpx: pip install 'mailstrom[mta-sts]'")
 
 
+NO_RECORD_TTL = float("inf")
+"""The TTL :func:`txt_records` gives "no such record": how long to believe it is the
+caller's choice (a worker's ``recheck``)."""
+
+
+def a_label(domain: str) -> str | None:
+    """``domain`` as the lower-case A-label the policy is looked up and cached under, or
+    None when it is no valid domain name (an address literal, say)."""
+    text = domain.strip().rstrip(".")
+    if not text or text.startswith("["):
+        return None
+    try:
+        return dns.name.from_text(text).canonicalize().to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+
+
 async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[list[str], float]:
     """The TXT records of ``name`` (each record's strings joined) and their TTL; no
-    records → ``([], 0)``. Raises :class:`DNSTrouble` for SERVFAIL, timeouts and the like."""
+    records → ``([], NO_RECORD_TTL)``. Raises :class:`DNSTrouble` for SERVFAIL, timeouts
+    and the like."""
     try:
         answer = await resolver.resolve(dns.name.from_text(name), dns.rdatatype.TXT, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return [], 0.0
+        return [], NO_RECORD_TTL
     except (dns.exception.DNSException, OSError) as exc:
         raise DNSTrouble(f"TXT lookup of {name} failed: {exc}") from exc
     records = [

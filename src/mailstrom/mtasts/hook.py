@@ -28,7 +28,7 @@ from mailstrom.config import Config
 from mailstrom.errors import DeliveryError, TemporaryFailure
 from mailstrom.mtasts.fetch import require_httpx
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, mx_matches
-from mailstrom.mtasts.source import PolicySource, StoreCall
+from mailstrom.mtasts.source import MAX_REMEMBERED, PolicySource, StoreCall
 from mailstrom.routing import make_resolver
 from mailstrom.stores.base import Store
 from mailstrom.tls.decide import Destination
@@ -76,6 +76,8 @@ class MTASTSHook:
         if cached is None or cached.policy.mode is Mode.NONE:
             self._applied.pop(destination.domain, None)
             return None
+        if len(self._applied) >= MAX_REMEMBERED:
+            self._applied.clear()  # a bound; the next call for each domain fills it again
         self._applied[destination.domain] = cached
         policy, host = cached.policy, destination.mx_host
         pattern = next((p for p in policy.mx if mx_matches(p, host)), None)
@@ -125,7 +127,7 @@ class MTASTSHook:
             return
         if error is None:
             if requirement.mode is TLSMode.VERIFY:
-                self._recorder.success(domain, PolicyType.STS, cached.policy.text)
+                self._recorder.success(cached.domain, PolicyType.STS, cached.policy.text)
             return
         found = classify(error)
         if found is not None:

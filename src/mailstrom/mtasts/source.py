@@ -29,7 +29,7 @@ import dns.asyncresolver
 
 from mailstrom.config import Config, MTASTSConfig
 from mailstrom.errors import StoreError
-from mailstrom.mtasts.fetch import DNSTrouble, fetch_policy, txt_records
+from mailstrom.mtasts.fetch import DNSTrouble, a_label, fetch_policy, txt_records
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, parse_sts_record
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.stores.base import Store
@@ -93,6 +93,17 @@ class PolicySource:
         ready, cached = self.known(domain)
         if ready:
             return cached
+        name = a_label(domain)
+        if name is None:
+            self._remember(domain, None, self._settings.recheck)
+            return None
+        if name != domain:
+            # A Unicode or mixed-case spelling: answered, and remembered, as its A-label.
+            found = await self.policy(name)
+            entry = self._known.get(name)
+            if entry is not None:
+                self._known[domain] = entry
+            return found
         flight = self._flights.get(domain)
         if flight is None:
             flight = asyncio.get_running_loop().create_task(self._resolve(domain))
