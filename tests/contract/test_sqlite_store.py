@@ -45,10 +45,9 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
 
 
 def test_migrations_are_packaged_and_numbered_from_one() -> None:
-    # Numbers are handed out to features built side by side: increasing and unique.
     numbers = [n for n, _ in migrations()]
-    assert numbers[:3] == [1, 2, 3]
-    assert numbers == sorted(set(numbers))
+    # Distinct and growing from 1; a gap is allowed (branches take numbers ahead).
+    assert numbers[:3] == [1, 2, 3] and numbers == sorted(set(numbers))
 
 
 @pytest.mark.parametrize(

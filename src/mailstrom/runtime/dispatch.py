@@ -334,7 +334,12 @@ class Dispatcher:
         return conn, need
 
     def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
-        return Destination(domain=dest.domain, mx_host=mx.name)
+        return Destination(
+            domain=dest.domain,
+            mx_host=mx.name,
+            mx_secure=route.secure,
+            host_secure=mx.secure,
+        )
 
     async def _stream(
         self,

@@ -52,6 +52,7 @@ _RECORD_CHUNK = 1000
 """Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
 _ROW15 = "(" + ",".join("?" * 15) + ")"
+_ROW16 = "(" + ",".join("?" * 16) + ")"
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
@@ -203,6 +204,7 @@ def _record_chunk(
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
             *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+            a.tls_policy,
         )
         by_rid[rid] = (result, history)
     if not by_rid:
@@ -237,7 +239,7 @@ def _record_chunk(
     conn.execute(
         "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
         " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain, reason_class) VALUES " + ",".join([_ROW15] * len(kept)),
+        " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
         [value for _, history in kept for value in history],
     )
     return [result for result, _ in kept]
@@ -288,7 +290,8 @@ def read_messages(
             for row in conn.execute(
                 "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
                 " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                " a.reply_text, a.error, a.uncertain, a.reason_class FROM attempts a"
+                " a.reply_text, a.error, a.uncertain, a.reason_class, a.tls_policy"
+                " FROM attempts a"
                 " JOIN recipients r ON r.id = a.recipient_id"
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,

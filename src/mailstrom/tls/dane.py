@@ -30,7 +30,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import Config
-from mailstrom.errors import TemporaryFailure
+from mailstrom.errors import ConfigError, TemporaryFailure
 from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 
@@ -53,6 +53,8 @@ class TLSALookup:
     """The resolver set the AD bit (only meaningful when it is trusted)."""
     exists: bool = False
     """There was an answer with records (validated or not)."""
+    ttl: float = NEGATIVE_TTL
+    """Seconds the answer may be reused (its TTL, at most :data:`MAX_TTL`)."""
 
 
 def tlsa_name(host: str, port: int = 25) -> str:
@@ -84,7 +86,8 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
         )
         for rdata in list(answer)[:MAX_RECORDS]
     )
-    return TLSALookup(host=host, records=records, secure=secure, exists=bool(records))
+    ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
+    return TLSALookup(host=host, records=records, secure=secure, exists=bool(records), ttl=ttl)
 
 
 def requirement_for(lookup: TLSALookup) -> TLSRequirement | None:
@@ -127,7 +130,12 @@ class DaneSource:
         """A source asking the resolver ``config.dns`` names, with DNSSEC answers asked
         for (the DO and AD bits)."""
         from mailstrom.routing import make_resolver
+        from mailstrom.tls.danematch import available
 
+        if not available():
+            raise ConfigError(
+                "dns.dnssec (DANE) needs the cryptography package: pip install 'mailstrom[dane]'"
+            )
         return cls(make_resolver(config.dns))
 
     async def lookup(self, host: str) -> TLSALookup:
@@ -137,7 +145,7 @@ class DaneSource:
         if cached is not None and cached[0] > now:
             return cached[1]
         found = await lookup_tlsa(self._resolver, host)
-        ttl = MAX_TTL if found.exists else NEGATIVE_TTL
+        ttl = found.ttl
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
         self._cache[host] = (now + ttl, found)

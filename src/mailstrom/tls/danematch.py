@@ -24,7 +24,13 @@ from mailstrom.tls.requirement import TLSARecord
 try:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+    from cryptography.x509.verification import (
+        Criticality,
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
 except ImportError:  # pragma: no cover - the dane extra is missing
     x509 = None  # type: ignore[assignment]
 
@@ -34,6 +40,11 @@ MAX_CHAIN = 10
 
 class DaneMismatch(Exception):
     """No usable TLSA record matches the chain; ``str`` says what was tried."""
+
+
+def available() -> bool:
+    """Whether ``cryptography`` (the ``dane`` extra) is installed."""
+    return x509 is not None
 
 
 def _require_cryptography() -> None:
@@ -117,19 +128,34 @@ def _verify_to_anchor(
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:
         return f"unparsable certificate: {exc}"
-    store = Store([certs[anchor]])
-    builder = PolicyBuilder().store(store).time(now or datetime.now(UTC))
-    verifier = builder.build_server_verifier(x509.DNSName(host))
     leaf = certs[0]
-    if anchor == 0:
-        # The leaf itself is the trust anchor: only its name is left to check.
+    try:
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        if _name_matches(host, names.value.get_values_for_type(x509.DNSName)):
-            return None
-        return f"the certificate is not valid for {host}"
+        dns_names = names.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns_names = []
+    if not _name_matches(host, dns_names):
+        return f"the certificate is not valid for {host} (names: {', '.join(dns_names[:5])})"
+    if anchor == 0:
+        return None  # the leaf itself is the trust anchor
+    # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
+    # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow
+    # it); its name was checked above against its DNS names, as RFC 7672 §3.2.2 asks.
+    builder = (
+        PolicyBuilder()
+        .store(Store([certs[anchor]]))
+        .time(now or datetime.now(UTC))
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=ExtensionPolicy.permit_all().require_present(
+                x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+            ),
+        )
+    )
+    verifier = builder.build_server_verifier(x509.DNSName(host))
     try:
         verifier.verify(leaf, certs[1:anchor])
-    except VerificationError as exc:
+    except (VerificationError, ValueError) as exc:
         return f"chain to the TLSA trust anchor does not verify: {exc}"
     return None
 

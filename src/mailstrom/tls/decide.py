@@ -134,9 +134,14 @@ class BrokenTLS:
             self._on_note(host, self.remember_for, reason)
 
     def load(self, remaining: dict[str, float]) -> None:
-        """Replace what is known with ``{host: seconds still to remember}``."""
+        """Add what the store knows, ``{host: seconds still to remember}`` (the later
+        time wins), and forget what expired."""
         now = self._clock()
-        self._until = {h: now + s for h, s in remaining.items() if s > 0}
+        known = {h: u for h, u in self._until.items() if u > now}
+        for host, seconds in remaining.items():
+            if seconds > 0:
+                known[host] = max(known.get(host, 0.0), now + seconds)
+        self._until = known
 
 
 class TLSDecider:

@@ -91,6 +91,7 @@ def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
         "errors": [a.error for a in attempts],
         "uncertain": [a.uncertain for a in attempts],
         "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
+        "tls_policies": [a.tls_policy for a in attempts],
     }
 
 
@@ -169,6 +170,7 @@ def _attempt(row: Row) -> Attempt:
         error=row["a_error"],
         uncertain=row["a_uncertain"],
         reason_class=reason_class_of(row["a_reason_class"]),
+        tls_policy=row.get("a_tls_policy"),
     )
 
 

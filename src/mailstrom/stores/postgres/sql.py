@@ -50,10 +50,11 @@ def migrations() -> tuple[Migration, ...]:
             )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Numbers are handed out to features developed side by side, so a build may lack some
-    # of them for a while: increasing and unique is what matters.
+    # Numbers only grow; a gap is allowed (features developed apart take numbers ahead).
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise StoreError(f"PostgreSQL migrations must have unique numbers from 1; found {versions}")
+        raise StoreError(
+            f"PostgreSQL migrations must have distinct numbers from 1; found {versions}"
+        )
     return tuple(found)
 
 

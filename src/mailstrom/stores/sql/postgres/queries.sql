@@ -84,10 +84,10 @@ WITH res AS (
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
-                %(reason_classes)s::text[])
+                %(reason_classes)s::text[], %(tls_policies)s::text[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class)
+              reply_text, error, uncertain, reason_class, tls_policy)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -116,10 +116,10 @@ WITH res AS (
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
-                          error, uncertain, reason_class)
+                          error, uncertain, reason_class, tls_policy)
     SELECT res.message_id, res.address, res.at, res.outcome, res.duration, res.mx_host, res.ip,
            res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
-           res.reply_text, res.error, res.uncertain, res.reason_class
+           res.reply_text, res.error, res.uncertain, res.reason_class, res.tls_policy
     FROM res
     JOIN updated USING (message_id, address)
     RETURNING 1
@@ -171,7 +171,7 @@ SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subje
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
        a.reply_code AS a_reply_code, a.reply_enhanced AS a_reply_enhanced,
        a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain,
-       a.reason_class AS a_reason_class
+       a.reason_class AS a_reason_class, a.tls_policy AS a_tls_policy
 FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
@@ -403,3 +403,21 @@ WITH pruned AS (
     DELETE FROM tls_sessions WHERE day < %(before)s RETURNING 1
 )
 SELECT count(*) FROM pruned;
+
+-- name: note_tls_broken
+INSERT INTO tls_broken (host, until, reason, noted_at)
+VALUES (%(host)s, %(until)s, %(reason)s, %(now)s)
+ON CONFLICT (host) DO UPDATE
+    SET until = greatest(tls_broken.until, excluded.until),
+        reason = excluded.reason,
+        noted_at = excluded.noted_at
+RETURNING 1;
+
+-- name: tls_broken
+WITH expired AS (
+    DELETE FROM tls_broken WHERE until <= %(now)s RETURNING 1
+)
+SELECT host, until FROM tls_broken
+WHERE until > %(now)s
+ORDER BY until DESC
+LIMIT %(limit)s;
