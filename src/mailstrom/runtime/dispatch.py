@@ -43,7 +43,7 @@ from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
-from mailstrom.tls.requirement import TLSRequirement
+from mailstrom.tls.requirement import PolicySource, TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -320,7 +320,12 @@ class Dispatcher:
         except DeliveryError as exc:
             if observe is not None:
                 observe(dest.domain, need, host, ip, exc)
-            if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
+            tls_failed = isinstance(exc, TLSHandshakeError | TLSRequiredError)
+            if tls_failed and need.source is PolicySource.MTA_STS and need.fallback is None:
+                # Say which policy made TLS a must (the status shows this text).
+                exc.text = f"{exc.text}; required by {need.reason}"
+                exc.args = (exc.text,)
+            if need.fallback is None or not tls_failed:
                 raise
             need = replace(
                 need,
