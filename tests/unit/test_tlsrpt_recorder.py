@@ -89,3 +89,23 @@ def test_classify(error: TLSRequiredError | TLSHandshakeError, expected: ResultT
 
 def test_failures_unrelated_to_tls_are_not_counted() -> None:
     assert classify(SMTPConnectError("connection refused")) is None
+
+
+async def test_prune_drops_days_past_the_retention() -> None:
+    from datetime import timedelta
+
+    from mailstrom.tlsrpt.recorder import RETENTION
+
+    store = MemoryStore()
+    old = TLSSessions(
+        day=NOW.date() - RETENTION - timedelta(days=1),
+        policy_domain="example.org",
+        policy_type=PolicyType.STS,
+    )
+    recent = TLSSessions(
+        day=NOW.date() - RETENTION, policy_domain="example.org", policy_type=PolicyType.STS
+    )
+    store.add_tls_sessions([old, recent])
+    await SessionRecorder(store, clock=lambda: NOW).prune()
+    assert store.tls_sessions(old.day) == []
+    assert store.tls_sessions(recent.day) == [recent]

@@ -14,7 +14,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import DeliveryError, StoreError, TLSRequiredError
@@ -25,6 +25,10 @@ log = logging.getLogger("mailstrom.tlsrpt")
 
 FLUSH_EVERY = 30.0
 """Seconds between two writes of the counters."""
+RETENTION = timedelta(days=31)
+"""How long a day's counters stay in the store."""
+PRUNE_EVERY = 6 * 3600.0
+"""Seconds between two prunes of old counters."""
 MAX_KEYS = 10_000
 """Distinct counters kept in memory at most between writes (each new key past it is
 dropped, with a warning: a bound on what hostile peers can make a worker hold)."""
@@ -150,9 +154,27 @@ class SessionRecorder:
             for sessions in batch:
                 self._add(sessions)
 
+    async def prune(self) -> None:
+        """Delete the counters of days older than :data:`RETENTION` (reports are made
+        the day after; a month leaves room to make them again)."""
+        before = self._clock().date() - RETENTION
+        try:
+            if self._store_call is not None:
+                await self._store_call(self._store.prune_tls_sessions, before=before)
+            else:
+                self._store.prune_tls_sessions(before=before)
+        except StoreError as exc:
+            log.warning("old TLS session counters not pruned: %s", exc)
+
     async def run(self) -> None:
         """Write the counters every :data:`FLUSH_EVERY` seconds until cancelled (the
-        worker calls :meth:`flush` once more when it stops)."""
+        worker calls :meth:`flush` once more when it stops), and prune old days every
+        :data:`PRUNE_EVERY` seconds."""
+        since_prune = PRUNE_EVERY  # prune once at start
         while True:
+            if since_prune >= PRUNE_EVERY:
+                since_prune = 0.0
+                await self.prune()
             await asyncio.sleep(FLUSH_EVERY)  # a timer, not synchronisation
+            since_prune += FLUSH_EVERY
             await self.flush()
