@@ -176,7 +176,7 @@ def test_enforce_starttls_stripped_defers(
     status, store = send(zone, https, mx.port, client_tls_context)
     assert status.state is RecipientState.DEFERRED
     assert "STARTTLS" in status.reason
-    assert "required by MTA-STS policy of example.org (enforce, id one)" in status.reason
+    assert "(TLS policy mta-sts enforce: MTA-STS policy of example.org (enforce" in status.reason
     assert mx.received == []
     assert failures(store) == {"starttls-not-supported": 1}
 

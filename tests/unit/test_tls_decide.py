@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mailstrom.config import Config, DNSConfig, RelayConfig, TLSPolicy
-from mailstrom.errors import TemporaryFailure
+from mailstrom.errors import RequireTLSFailure, TemporaryFailure
 from mailstrom.tls.decide import BrokenTLS, Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 
 DEST = Destination(domain="example.org", mx_host="mx.example.org", mx_secure=True, host_secure=True)
@@ -118,3 +119,56 @@ async def test_a_relay_decides_alone() -> None:
     cfg = config(relay=RelayConfig(host="smtp.example.net"), tls_domains={"example.org": "none"})
     need = await TLSDecider(cfg).requirement(DEST)
     assert need.mode is TLSMode.VERIFY and need.source is PolicySource.RELAY
+
+
+async def test_requiretls_upgrades_an_unauthenticated_policy_to_verify() -> None:
+    need = await TLSDecider(config()).requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    )
+    assert need.mode is TLSMode.VERIFY and "REQUIRETLS" in need.reason
+
+
+async def test_requiretls_keeps_dane_and_ignores_tls_required_no() -> None:
+    decider = TLSDecider(config(), sources=[Source("dane", DANE)])
+    need = await decider.requirement(
+        Destination(
+            domain="example.org",
+            mx_host="mx.example.org",
+            require_tls=True,
+            tls_optional=True,
+        )
+    )
+    assert need is DANE
+
+
+async def test_requiretls_to_a_none_domain_fails_permanently() -> None:
+    decider = TLSDecider(config(tls_domains={"example.org": "none"}))
+    with pytest.raises(RequireTLSFailure) as caught:
+        await decider.requirement(
+            Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+        )
+    assert caught.value.enhanced == "5.7.30"
+
+
+async def test_requiretls_is_never_sent_in_plaintext_for_remembered_broken_tls() -> None:
+    broken = BrokenTLS(60.0)
+    broken.note("mx.example.org", "handshake failed")
+    need = await TLSDecider(config(), broken=broken).requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    )
+    assert need.mode is TLSMode.VERIFY
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\ntls-required:no  \r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nTLS-Required: Yes\r\n\r\nbody\r\n", False),
+        (b"Subject: x\r\nX-TLS-Required: No\r\n\r\nbody\r\n", False),
+        (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),
+        (b"Subject: TLS-Required: No\r\n\r\n", False),
+    ],
+)
+def test_tls_required_no_is_read_from_the_header_only(data: bytes, expected: bool) -> None:
+    assert tls_required_no(data) is expected

@@ -31,6 +31,9 @@ class PreparedMessage:
     dkim: tuple[DKIMSignature, ...] = ()
     """The DKIM signatures ``data`` carries, one per key that signed it; empty when it was
     not signed (no DKIM configured, or no key aligned with the From domain)."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
+    MTA-STS or certificate verification that offers REQUIRETLS; otherwise fail (5.7.30)."""
 
     @property
     def size(self) -> int:

@@ -30,6 +30,7 @@ from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     TemporaryFailure,
     TLSRequiredError,
@@ -43,7 +44,8 @@ from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
-from mailstrom.tls.requirement import PolicySource, TLSRequirement
+from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -77,6 +79,10 @@ class _Destination:
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    require_tls: bool = False
+    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    tls_optional: bool = False
+    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
 
 
 class Dispatcher:
@@ -135,6 +141,13 @@ class Dispatcher:
         if checked is None:
             return
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        # Messages that change the TLS decision (RFC 8689) travel apart from the others.
+        require_tls = checked.item.require_tls
+        tls_optional = not require_tls and tls_required_no(checked.item.data)
+        if require_tls:
+            key += "\0requiretls"
+        elif tls_optional:
+            key += "\0tls-optional"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -142,6 +155,8 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
         dest.queue.append(checked)
         self._start_sessions(dest)
@@ -274,6 +289,9 @@ class Dispatcher:
                     key = opener.key(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
+                        # Say which policy refused, not just what the peer did.
+                        exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
                     last_policy = need.label
                     index += 1
@@ -297,7 +315,9 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
-        if isinstance(last_error, PermanentFailure):
+        if isinstance(last_error, PermanentFailure) and not isinstance(
+            last_error, RequireTLSFailure
+        ):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
             last_error = TemporaryFailure(
@@ -320,12 +340,7 @@ class Dispatcher:
         except DeliveryError as exc:
             if observe is not None:
                 observe(dest.domain, need, host, ip, exc)
-            tls_failed = isinstance(exc, TLSHandshakeError | TLSRequiredError)
-            if tls_failed and need.source is PolicySource.MTA_STS and need.fallback is None:
-                # Say which policy made TLS a must (the status shows this text).
-                exc.text = f"{exc.text}; required by {need.reason}"
-                exc.args = (exc.text,)
-            if need.fallback is None or not tls_failed:
+            if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
                 raise
             need = replace(
                 need,
@@ -344,6 +359,8 @@ class Dispatcher:
             mx_host=mx.name,
             mx_secure=route.secure,
             host_secure=mx.secure,
+            tls_optional=dest.tls_optional,
+            require_tls=dest.require_tls,
         )
 
     async def _stream(
@@ -422,6 +439,7 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.

@@ -23,6 +23,7 @@ from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
@@ -41,6 +42,7 @@ from mailstrom.tls.requirement import TLSRequirement
 _BY_ERROR_TYPE: tuple[tuple[type[DeliveryError], ReasonClass], ...] = (
     (TLSHandshakeError, ReasonClass.TLS),  # and TLSVerifyError
     (TLSRequiredError, ReasonClass.TLS),
+    (RequireTLSFailure, ReasonClass.TLS),
     (SMTPTimeout, ReasonClass.CONNECTION),
     (SMTPConnectError, ReasonClass.CONNECTION),
     (SMTPProtocolError, ReasonClass.PROTOCOL),

@@ -134,6 +134,9 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
+    REQUIRETLS (``Email.require_tls``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

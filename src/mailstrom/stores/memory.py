@@ -237,6 +237,7 @@ class MemoryStore(MemoryTLSMixin):
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
                     )
                 )
         if not items:

@@ -94,6 +94,8 @@ def insert_messages(
             ),
         )
         seq = cursor.lastrowid
+        if message.require_tls:  # rare: a statement of its own keeps the common one short
+            conn.execute("UPDATE messages SET require_tls = 1 WHERE seq = ?", (seq,))
         recipients.extend(
             (seq, i, address, domain_of(address), hold, now)
             for i, address in enumerate(message.recipients)
@@ -130,7 +132,7 @@ def lease_rows(
     messages = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
-            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
+            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
@@ -151,7 +153,7 @@ def lease_rows(
         )
     items = []
     for (seq, domain), leased in groups.items():
-        _, mid, envelope_from, smtputf8, eightbit, _, data = messages[seq]
+        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls = messages[seq]
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
@@ -163,6 +165,7 @@ def lease_rows(
                 data=bytes(data),
                 smtputf8=bool(smtputf8),
                 eightbit=bool(eightbit),
+                require_tls=bool(require_tls),
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mailstrom.config import Config, RelayTLS
-from mailstrom.errors import TemporaryFailure
+from mailstrom.errors import RequireTLSFailure, TemporaryFailure
 from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
@@ -83,6 +83,8 @@ class Destination:
     """The host's address records were DNSSEC-validated."""
     tls_optional: bool = False
     """The message carries ``TLS-Required: No`` (RFC 8689 §4)."""
+    require_tls: bool = False
+    """The message asks for REQUIRETLS (RFC 8689): only authenticated TLS will do."""
 
 
 class PolicySourceHook(Protocol):
@@ -206,7 +208,35 @@ class TLSDecider:
         """What a connection to ``destination`` requires. Raises
         :class:`~mailstrom.errors.TemporaryFailure` when the host must not be used now
         (a TLSA lookup failed, ``dane-only`` without usable TLSA records, a source's
-        refusal)."""
+        refusal), and :class:`~mailstrom.errors.RequireTLSFailure` (5.7.30) for a
+        REQUIRETLS message to a destination whose policy is ``none``.
+
+        For REQUIRETLS (RFC 8689 §4.2.1) a requirement that does not authenticate the
+        server (opportunistic, required) becomes ``verify``: the certificate must be valid
+        for the MX host name when neither DANE nor MTA-STS says more; remembered broken
+        TLS never turns it into plaintext."""
+        chosen = await self._decide(destination)
+        if not destination.require_tls:
+            return self._remembered(destination, chosen)
+        if chosen.authenticated:
+            return chosen
+        if chosen.mode is TLSMode.NONE:
+            raise RequireTLSFailure(
+                f"REQUIRETLS: the TLS policy for {destination.domain} is none "
+                f"({chosen.reason}); the message must not go without authenticated TLS",
+                code=550,
+                enhanced="5.7.30",
+                host=destination.mx_host,
+            )
+        return TLSRequirement(
+            mode=TLSMode.VERIFY,
+            source=chosen.source,
+            reason=f"REQUIRETLS: certificate verified for {destination.mx_host} "
+            f"(instead of {chosen.label}: {chosen.reason})",
+            detail=chosen.detail,
+        )
+
+    async def _decide(self, destination: Destination) -> TLSRequirement:
         if self._relay is not None:
             return self._relay
         entry = self._table.match(destination.domain)
@@ -215,25 +245,25 @@ class TLSDecider:
             chosen = self._level(level, PolicySource.TABLE, f"tls.domains: {pattern} = {level}")
             if level in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
                 chosen = await self._dane_level(destination, chosen, level)
-            return self._remembered(destination, chosen)
+            return chosen
         default = self._default
         if self._config.tls in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
             default = await self._dane_level(destination, default, self._config.tls)
             if default.source is PolicySource.DANE:
                 return default
-        if destination.tls_optional:
+        if destination.tls_optional and not destination.require_tls:
             if self._sources:
                 return TLSRequirement(
                     mode=default.mode,
                     source=PolicySource.TLS_REQUIRED_NO,
                     reason="TLS-Required: No (RFC 8689 §4): DANE and MTA-STS not applied",
                 )
-            return self._remembered(destination, default)
+            return default
         for source in self._sources:
             answer = await source.requirement(destination, default)
             if answer is not None:
-                return self._remembered(destination, answer)
-        return self._remembered(destination, default)
+                return answer
+        return default
 
     async def _dane_level(
         self, destination: Destination, chosen: TLSRequirement, level: TLSPolicy

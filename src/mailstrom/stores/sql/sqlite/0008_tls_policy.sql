@@ -17,3 +17,7 @@ CREATE INDEX tls_broken_until ON tls_broken (until);
 -- verify, dane, mta-sts enforce|testing); NULL before version 8 and when no connection
 -- was decided on.
 ALTER TABLE attempts ADD COLUMN tls_policy TEXT;
+
+-- REQUIRETLS (RFC 8689): the message may only go over TLS to an authenticated server that
+-- offers REQUIRETLS; it is sent on MAIL FROM.
+ALTER TABLE messages ADD COLUMN require_tls INTEGER NOT NULL DEFAULT 0;

@@ -1,5 +1,5 @@
-"""Contract: schema version 8 — remembered broken TLS, shared by every store object, and
-the TLS policy of each attempt in the history."""
+"""Contract: schema version 8 — remembered broken TLS, shared by every store object, the
+TLS policy of each attempt in the history, and REQUIRETLS on leased work."""
 
 from __future__ import annotations
 
@@ -61,3 +61,11 @@ def test_the_tls_policy_of_each_attempt_is_kept_in_the_history(store: Store) -> 
     store.record([delivered])
     history = store.status(mid).recipient("a@example.org").history
     assert [a.tls_policy for a in history] == ["dane", None]
+
+
+def test_requiretls_travels_with_the_leased_work(store: Store) -> None:
+    flagged = replace(message("a@example.org"), require_tls=True)
+    store.enqueue_many([flagged, message("b@example.org")], now=NOW)
+    lease = lease_all(store)
+    flags = {item.recipients[0].address: item.require_tls for item in lease.items}
+    assert flags == {"a@example.org": True, "b@example.org": False}
