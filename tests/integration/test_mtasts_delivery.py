@@ -193,6 +193,33 @@ def test_testing_mode_delivers_and_records_the_failure(
     assert failures(store) == {"starttls-not-supported": 1}
 
 
+def test_testing_mode_never_falls_back_for_a_requiretls_message(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    zone.mx("example.org", [(10, "mail.example.net")])
+    zone.a("mail.example.net", "127.0.0.1")
+    https.policy(policy("testing", "mail.example.net"))
+    # REQUIRETLS offered, but the certificate does not name mail.example.net: without
+    # the fallback of testing mode, the message has nowhere to go.
+    mx = smtp_server(requiretls=True)
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        mid = ms.send_email(
+            Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hello", require_tls=True)
+        )
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED
+    assert "mail.example.net" in status.reason
+    assert mx.received == []
+
+
 def test_testing_mode_with_valid_certificate_counts_a_success(
     zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
 ) -> None:

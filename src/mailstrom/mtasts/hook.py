@@ -104,13 +104,14 @@ class MTASTSHook:
                 detail=policy.mode.value,
                 reason=reason,
             )
-        # Testing: try what enforce would ask, and deliver as before when it fails.
+        # Testing: try what enforce would ask, and deliver as before when it fails —
+        # except a REQUIRETLS message, which never goes without verified TLS (RFC 8689).
         return TLSRequirement(
             mode=TLSMode.VERIFY,
             source=Source.MTA_STS,
             detail="testing",
             reason=reason,
-            fallback=default.mode,
+            fallback=None if destination.require_tls else default.mode,
         )
 
     def observe(
