@@ -43,6 +43,9 @@ def test_check_reports_the_mta_sts_policy(mail_env: MailEnv, https_server: HTTPS
         86400,
     )
     assert sts["error"] is None
+    [host] = report["hosts"]
+    assert host["tls_policy"] == "mta-sts enforce"
+    assert "matches mx mx.test" in host["tls_policy_reason"]
     text = mail_env.cli.ok("check", "example.test").out
     assert "MTA-STS (applied by the worker)" in text
     assert "policy:      id 20300101, mode enforce, max_age 86400" in text
@@ -55,6 +58,9 @@ def test_check_enforce_policy_not_listing_the_mx(
     result = mail_env.cli("check", "example.test")
     assert result.code == 69
     assert "would defer (MTA-STS enforce): mx.test is not listed" in result.out
+    # A tls.domains entry is the operator's word: MTA-STS is not asked for that domain.
+    mail_env.cli.env["MAILSTROM_TLS_DOMAINS"] = "example.test=opportunistic"
+    assert mail_env.cli("check", "example.test").code == 0
 
 
 def test_check_domain_without_mta_sts(mail_env: MailEnv) -> None:

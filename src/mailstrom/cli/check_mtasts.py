@@ -84,16 +84,30 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
 
 
 def apply_to_verdicts(report: CheckReport, sts: MTASTSReport) -> None:
-    """Under an applied ``enforce`` policy, an address of an unlisted MX host, or one
-    without a verified certificate, would be deferred: say so in its verdict."""
-    if not sts.applied or sts.mode != Mode.ENFORCE.value:
+    """When the worker would apply ``sts`` to a host (MTA-STS on, mode enforce or testing,
+    and nothing before it decided: no ``tls.domains`` entry, no DANE), say so in the host's
+    TLS policy; under ``enforce`` an address of an unlisted host, or one without a verified
+    certificate, would be deferred, and its verdict says that."""
+    if not sts.applied or sts.mode not in (Mode.ENFORCE.value, Mode.TESTING.value):
         return
     from mailstrom.mtasts.policy import mx_matches
 
+    about = f"MTA-STS policy of {report.domain} ({sts.mode}, id {sts.policy_id})"
     for host in report.hosts:
-        listed = any(mx_matches(p, host.name) for p in sts.mx)
+        reason = host.tls_policy_reason or ""
+        if not reason.startswith("tls = "):
+            continue  # a table entry or DANE decided: MTA-STS is not asked
+        pattern = next((p for p in sts.mx if mx_matches(p, host.name)), None)
+        host.tls_policy = f"mta-sts {sts.mode}"
+        host.tls_policy_reason = (
+            f"{about}: {host.name} matches mx {pattern}"
+            if pattern is not None
+            else f"{about} does not list {host.name}"
+        )
+        if sts.mode != Mode.ENFORCE.value:
+            continue
         for address in host.addresses:
-            if not listed:
+            if pattern is None:
                 address.verdict = f"would defer (MTA-STS enforce): {host.name} is not listed"
                 address.usable = False
             elif not address.certificate_verified:
