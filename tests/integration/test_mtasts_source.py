@@ -248,3 +248,29 @@ async def test_domains_without_a_record_are_remembered_for_recheck(
     for _ in range(3):
         assert await source.policy("example.org") is None
     assert dns_server.queries("_mta-sts.example.org", "TXT") == 1
+
+
+async def test_policy_is_refreshed_before_it_expires(
+    zone: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
+) -> None:
+    https = https_server()
+    https.policy(POLICY)  # max_age 86400: refreshed after half a day, id unchanged
+    clock = Clock()
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    first = await source.policy("example.org")
+    assert first is not None
+    clock.now += timedelta(hours=11)
+    assert await source.policy("example.org") == first
+    assert https.count() == 1
+    clock.now += timedelta(hours=2)
+    again = await source.policy("example.org")
+    assert https.count() == 2
+    assert again is not None and again.fetched_at == clock.now
+    assert store.mta_sts_policy("example.org") == again
+    # A refresh that fails keeps the policy, which still applies until it expires.
+    https.stop()
+    clock.now += timedelta(hours=13)
+    assert await source.policy("example.org") == again
+    clock.now += timedelta(hours=12)
+    assert await source.policy("example.org") is None  # expired, and no fetch works

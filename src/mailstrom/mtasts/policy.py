@@ -41,6 +41,9 @@ MIN_CACHE = 60
 """Seconds a policy is kept at least, whatever its ``max_age`` says, so that a domain
 publishing ``max_age: 0`` does not cost one HTTPS fetch per message."""
 
+REFRESH_AFTER = timedelta(days=1)
+"""The longest a cached policy goes without a fetch while mail flows to its domain."""
+
 _RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -105,6 +108,14 @@ class CachedPolicy:
     def fresh(self, now: datetime) -> bool:
         """Whether the policy may still be applied at ``now`` (RFC 8461 §5.1)."""
         return now < self.expires_at
+
+    def refresh_due(self, now: datetime) -> bool:
+        """Whether to fetch the policy again although its id did not change: half its
+        lifetime (at most a day) has passed. RFC 8461 §10.2 asks senders to refresh before
+        expiry, so that an attacker must block the fetch for the rest of the lifetime
+        (not just at the moment it runs out) to make a sender forget the policy."""
+        lifetime = self.expires_at - self.fetched_at
+        return now >= self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
 
     @classmethod
     def of(cls, domain: str, policy_id: str, policy: Policy, now: datetime) -> CachedPolicy:

@@ -3,7 +3,9 @@
 :class:`PolicySource` looks up the domain's ``_mta-sts`` TXT record and compares its ``id``
 with the policy cached in the store (shared by every worker):
 
-* same id and the cached policy has not aged out (``max_age``) → the cached policy;
+* same id and the cached policy has not aged out (``max_age``) → the cached policy, fetched
+  again once half its lifetime (at most a day) has passed (RFC 8461 §10.2), and kept when
+  that fails;
 * a new id, no cached policy, or an aged-out one → fetch over HTTPS, cache and apply it;
   when the fetch fails, the cached policy stays and applies while it is fresh (an attacker
   who blocks the fetch cannot remove a policy), else the domain has none for now;
@@ -151,7 +153,8 @@ class PolicySource:
         cached = await self._cached(domain)
         now = self._clock()
         fresh = cached if cached is not None and cached.fresh(now) else None
-        if policy_id is None or (fresh is not None and fresh.policy_id == policy_id):
+        same = fresh is not None and fresh.policy_id == policy_id
+        if policy_id is None or (same and fresh is not None and not fresh.refresh_due(now)):
             self._remember(domain, fresh, min(recheck, ttl))
             return fresh
         try:
@@ -163,7 +166,8 @@ class PolicySource:
             )
         except PolicyError as exc:
             self._failed(domain, exc, fresh)
-            self._remember(domain, fresh, min(recheck, _FAILURE_RECHECK))
+            # A refresh ahead of time is in no hurry: try again after ``recheck``.
+            self._remember(domain, fresh, recheck if same else min(recheck, _FAILURE_RECHECK))
             return fresh
         new = CachedPolicy.of(domain, policy_id, policy, self._clock())
         try:
