@@ -377,6 +377,8 @@ class Config:
                 )
             object.__setattr__(self, "message_id_domain", name)
         self._check_tls()
+        if self.mta_sts is not None and not isinstance(self.mta_sts, MTASTSConfig):
+            raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")
 
     def _check_tls(self) -> None:
         try:

@@ -159,3 +159,17 @@ def test_cached_policy_lifetime_has_a_floor() -> None:
     assert cached.expires_at == now + timedelta(seconds=MIN_CACHE)
     assert cached.fresh(now)
     assert not cached.fresh(cached.expires_at)
+
+
+def test_mta_sts_settings_are_checked() -> None:
+    from mailstrom import Config, MTASTSConfig
+    from mailstrom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mta_sts\.port"):
+        MTASTSConfig(port=0)
+    with pytest.raises(ConfigError, match=r"mta_sts\.timeout"):
+        MTASTSConfig(timeout=0)
+    with pytest.raises(ConfigError, match=r"mta_sts\.recheck"):
+        MTASTSConfig(recheck=-1)
+    with pytest.raises(ConfigError, match="MTASTSConfig"):
+        Config(mta_sts=True)  # type: ignore[arg-type]
