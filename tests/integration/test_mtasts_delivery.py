@@ -4,6 +4,7 @@ servers with chosen certificates."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -70,6 +71,7 @@ def send(
     client_tls_context: ssl.SSLContext,
     store: Store | None = None,
     worker: str = "thread",
+    dnssec: bool = False,
     **options: Any,
 ) -> tuple[Any, Store]:
     """Send one message to BOB and wait for its first result; (recipient status, store)."""
@@ -81,6 +83,8 @@ def send(
         mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
         **options,
     )
+    if dnssec:
+        config = dataclasses.replace(config, dns=dataclasses.replace(config.dns, dnssec=True))
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker=worker) as ms:  # type: ignore[arg-type]
         mid = ms.send_email(Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hello"))
@@ -299,3 +303,31 @@ def test_bad_policy_files_are_ignored(
     assert status.history[-1].tls_policy == "opportunistic"
     assert "MTA-STS policy of example.org ignored" in caplog.text
     assert store.mta_sts_policy("example.org") is None
+
+
+@pytest.mark.parametrize("match", [True, False], ids=["dane-match", "dane-mismatch"])
+def test_dane_sessions_are_counted_for_tls_reports(
+    dns_server: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[ReceivingServer],
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+    match: bool,
+) -> None:
+    """With reporting on, a connection under DANE counts as a tlsa session (RFC 8460)."""
+    from tests.support.certs import self_signed, server_context, spki_sha256
+
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = serve(servers, server_context(tmp_path, cert, key), name="mx.test")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", "127.0.0.1")
+    dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(cert if match else other)))
+    dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+    status, store = send(dns_server, https, mx.port, client_tls_context, dnssec=True)
+    assert status.state is (RecipientState.DELIVERED if match else RecipientState.DEFERRED)
+    [counter] = store.tls_sessions(datetime.now(UTC).date())
+    assert counter.policy_type is PolicyType.TLSA
+    assert counter.policy_string.startswith("3 1 1 ")
+    assert counter.receiving_mx == "mx.test"
+    assert counter.result_type == ("" if match else "validation-failure")

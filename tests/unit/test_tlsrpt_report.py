@@ -204,3 +204,31 @@ def test_rua_records(records: list[str], expected: list[str] | None) -> None:
 def test_unusable_rua_records(records: list[str]) -> None:
     with pytest.raises(ReportRecordError):
         parse_tlsrpt_record(records)
+
+
+def test_tlsa_policy_names_its_mx_host() -> None:
+    records = "3 1 1 ab12"
+    tlsa: dict[str, Any] = {
+        "day": DAY,
+        "policy_domain": "example.org",
+        "policy_type": PolicyType.TLSA,
+        "policy_string": records,
+        "receiving_mx": "mx1.example.org",
+    }
+    rows = [
+        TLSSessions(**tlsa, count=9),
+        TLSSessions(**tlsa, result_type="validation-failure", receiving_ip="192.0.2.9", count=1),
+    ]
+    document = build_report("example.org", DAY, rows, REPORTER).document
+    validate(document)
+    [entry] = document["policies"]
+    assert entry["policy"] == {
+        "policy-type": "tlsa",
+        "policy-string": ["3 1 1 ab12"],
+        "policy-domain": "example.org",
+        "mx-host": ["mx1.example.org"],
+    }
+    assert entry["summary"] == {
+        "total-successful-session-count": 9,
+        "total-failure-session-count": 1,
+    }

@@ -26,7 +26,7 @@ from datetime import datetime
 
 from mailstrom.config import Config
 from mailstrom.errors import DeliveryError, TemporaryFailure
-from mailstrom.mtasts.fetch import require_httpx
+from mailstrom.mtasts.fetch import a_label, require_httpx
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, mx_matches
 from mailstrom.mtasts.source import MAX_REMEMBERED, PolicySource, StoreCall
 from mailstrom.routing import make_resolver
@@ -122,7 +122,13 @@ class MTASTSHook:
         ip: str,
         error: DeliveryError | None,
     ) -> None:
-        """How a connection opened under ``requirement`` went (None: it succeeded)."""
+        """How a connection opened under ``requirement`` went (None: it succeeded).
+
+        Connections under DANE are counted too (``policy-type`` ``tlsa``, the host's TLSA
+        records as the policy), so that a domain's TLS report covers both."""
+        if self._recorder is not None and requirement.source is Source.DANE:
+            self._observe_dane(domain, requirement, host, ip, error)
+            return
         cached = self._applied.get(domain)
         if self._recorder is None or cached is None or requirement.source is not Source.MTA_STS:
             return
@@ -133,6 +139,25 @@ class MTASTSHook:
         found = classify(error)
         if found is not None:
             self._count_failure(cached, host, ip, *found)
+
+    def _observe_dane(
+        self,
+        domain: str,
+        requirement: TLSRequirement,
+        host: str,
+        ip: str,
+        error: DeliveryError | None,
+    ) -> None:
+        assert self._recorder is not None
+        name = a_label(domain) or domain
+        records = "\n".join(str(r) for r in requirement.tlsa)
+        if error is None:
+            self._recorder.success(name, PolicyType.TLSA, records, mx=host)
+            return
+        found = classify(error)
+        if found is not None:
+            kind, code = found
+            self._recorder.failure(name, PolicyType.TLSA, records, kind, mx=host, ip=ip, code=code)
 
     def _count_failure(
         self, cached: CachedPolicy, host: str, ip: str, kind: ResultType, code: str

@@ -90,14 +90,18 @@ class SessionRecorder:
         """Counters not yet written."""
         return len(self._counts)
 
-    def success(self, domain: str, policy_type: PolicyType, policy_string: str) -> None:
-        """One successful TLS session with a host of ``domain``'s policy."""
+    def success(
+        self, domain: str, policy_type: PolicyType, policy_string: str, *, mx: str = ""
+    ) -> None:
+        """One successful TLS session with a host of ``domain``'s policy (``mx``: the host,
+        for policies of one host such as TLSA records)."""
         self._add(
             TLSSessions(
                 day=self._clock().date(),
                 policy_domain=domain,
                 policy_type=policy_type,
                 policy_string=policy_string,
+                receiving_mx=mx[:MAX_FIELD],
             )
         )
 

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from mailstrom.errors import MailstromError
-from mailstrom.tlsrpt.sessions import TLSSessions
+from mailstrom.tlsrpt.sessions import PolicyType, TLSSessions
 
 MEDIA_TYPE = "application/tlsrpt+gzip"
 """RFC 8460 §6.4: the media type of a gzip-compressed report (mail attachment, POST)."""
@@ -126,9 +126,10 @@ def build_report(
                 "policy-string": lines,
                 "policy-domain": policy_domain,
             }
-            mx = [line.partition(":")[2].strip() for line in lines if line.startswith("mx:")]
-            if mx:
-                policy["mx-host"] = mx
+            if s.policy_type is PolicyType.STS:
+                mx = [line.partition(":")[2].strip() for line in lines if line.startswith("mx:")]
+                if mx:
+                    policy["mx-host"] = mx
             entry = {
                 "policy": policy,
                 "summary": {
@@ -138,6 +139,11 @@ def build_report(
                 "failure-details": [],
             }
             policies[(s.policy_type.value, s.policy_string)] = entry
+        if s.policy_type is PolicyType.TLSA and s.receiving_mx:
+            # TLSA records belong to one MX host: it is the policy's mx-host (§4.4).
+            hosts = entry["policy"].setdefault("mx-host", [])
+            if s.receiving_mx not in hosts:
+                hosts.append(s.receiving_mx)
         if s.successful:
             entry["summary"]["total-successful-session-count"] += s.count
             continue
