@@ -193,7 +193,8 @@ class MTASTSConfig:
     """Seconds a worker trusts its last look at a domain's TXT record (never longer than
     the record's TTL); 0 looks it up for every delivery attempt."""
     report: bool = True
-    """Count TLS sessions per policy domain in the store for ``mailstrom tlsrpt``."""
+    """Count TLS sessions per policy domain in the store for ``mailstrom tlsrpt``: those
+    with MTA-STS domains, and those under DANE."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
