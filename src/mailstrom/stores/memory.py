@@ -43,6 +43,7 @@ from mailstrom.stores.base import (
     record_then_lease,
 )
 from mailstrom.stores.dkim_column import bounded_dkim
+from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.watchers import Watchers
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -137,7 +138,7 @@ class _Message:
         )
 
 
-class MemoryStore:
+class MemoryStore(MemoryTLSMixin):
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
     >>> store = MemoryStore()
@@ -155,6 +156,7 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._init_tls()
         self._tls_broken: dict[str, datetime] = {}
 
     # --- writing ----------------------------------------------------------------------

@@ -52,18 +52,19 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     DeliveryEvent,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events
+from mailstrom.stores import sqlite_events, sqlite_tls
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
@@ -90,6 +91,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
 
@@ -835,3 +837,33 @@ class SQLiteStore:
         """Work may be due: tell watchers here and in other processes (after COMMIT)."""
         self._watchers.notify()
         self._wakeups.notify()
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        with self._read() as conn:
+            return sqlite_tls.read_policy(conn, domain)
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there (not fsynced: a
+        policy lost to a power failure is fetched again)."""
+        with self._write(fsync=False) as conn:
+            sqlite_tls.write_policy(conn, cached)
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        with self._write(fsync=False) as conn:
+            sqlite_tls.add_sessions(conn, sessions)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        with self._read() as conn:
+            return sqlite_tls.read_sessions(conn, day)
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        with self._write(fsync=False) as conn:
+            return sqlite_tls.prune_sessions(conn, before)
