@@ -23,6 +23,7 @@ from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
 from mailstrom.cli.views import register as register_views
+from mailstrom.cli.web import register as register_web
 from mailstrom.cli.worker import register as register_worker
 
 DESCRIPTION = """\
@@ -44,6 +45,7 @@ examples:
   mailstrom check example.org
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
+  mailstrom web                           # the queue in the browser, on 127.0.0.1:8025
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
@@ -78,6 +80,7 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_web,
     ):
         register(sub, [common])
     return parser
