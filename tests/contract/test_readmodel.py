@@ -239,3 +239,21 @@ def test_sqlite_answers_the_same_through_either_plan(
     monkeypatch.setattr(sqlite_model, "SET_LIMIT", -1)
     walked = [model.queue_page(q, now=NOW) for q in queries]
     assert walked == through_index
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+def test_pages_split_a_batch_queued_at_one_instant(
+    store: Store, model: ReadModel, order: SortOrder
+) -> None:
+    ids = store.enqueue_many([message(f"r{i}@batch.example") for i in range(5)], now=NOW)
+    seen: list[str] = []
+    after: PageCursor | None = None
+    while True:
+        page = model.queue_page(
+            QueueQuery(view=QueueView.ALL, order=order, limit=2, after=after), now=NOW
+        )
+        seen += [m.id for m in page.messages]
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == (ids[::-1] if order is SortOrder.NEWEST else ids)

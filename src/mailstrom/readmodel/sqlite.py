@@ -143,9 +143,11 @@ class SQLiteReadModel:
                 by_state[RecipientState(state)] = n
             (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             (held,) = conn.execute("SELECT count(*) FROM messages WHERE held = 1").fetchone()
+            # Named: left to itself the planner reads every pending row of the state
+            # index (0.2 s at 70,000) instead of this index's first entry.
             row = conn.execute(
-                "SELECT id, created_at FROM messages WHERE seq ="
-                f" (SELECT min(message_seq) FROM recipients WHERE {_PENDING})"
+                "SELECT id, created_at FROM messages WHERE seq = (SELECT min(message_seq)"
+                f" FROM recipients INDEXED BY recipients_pending_message WHERE {_PENDING})"
             ).fetchone()
             oldest = None if row is None else OldestPending(id=row[0], created_at=from_us(row[1]))
             width = to_us(start + BUCKET) - to_us(start)
