@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -229,3 +230,38 @@ def test_destinations_list_pending_domains(client: TestClient, ids: dict[str, st
     assert "one.example" not in page  # nothing pending there
     only = client.get("/destinations", params={"domain": "THREE.example"}).text
     assert "three.example" in only and "two.example" not in only
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    from mailstrom.stores import open_store
+
+    if request.param == "memory":
+        opened: Store = MemoryStore()
+    elif request.param == "sqlite":
+        opened = open_store(f"sqlite:///{tmp_path / 'queue.db'}")
+    else:
+        opened = open_store(request.getfixturevalue("postgres_url"))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_every_store_serves_every_page_and_action(any_store: Store) -> None:
+    """The same pages and the same action over memory, SQLite and PostgreSQL."""
+    mid = any_store.enqueue(message("b@two.example", data=DATA), now=NOW)
+    lease = lease_all(any_store)
+    any_store.record(
+        results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(hours=1))
+    )
+    for client in _client(any_store):
+        assert re.search(r'id="count-deferred">1<', client.get("/").text)
+        assert mid in client.get("/queue", params={"view": "deferred"}).text
+        assert "Café" in client.get(f"/message/{mid}").text
+        assert "two.example" in client.get("/destinations").text
+        token = _csrf(client.get(f"/action/cancel/{mid}").text)
+        done = client.post(f"/action/cancel/{mid}", data={"csrf": token})
+        assert "Cancel: 1 recipient cancelled" in done.text
+        assert re.search(r'id="count-failed">1<', client.get("/").text)
+    assert any_store.status(mid).state is RecipientState.FAILED
