@@ -265,3 +265,10 @@ def test_every_store_serves_every_page_and_action(any_store: Store) -> None:
         assert "Cancel: 1 recipient cancelled" in done.text
         assert re.search(r'id="count-failed">1<', client.get("/").text)
     assert any_store.status(mid).state is RecipientState.FAILED
+
+
+def test_a_large_form_is_refused_before_it_is_read(store: Store) -> None:
+    for client in _client(store, token="t"):
+        login = client.get("/login")
+        big = client.post("/login", data={"csrf": _csrf(login.text), "token": "x" * 20_000})
+        assert big.status_code == 413

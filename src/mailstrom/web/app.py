@@ -321,6 +321,9 @@ def create_app(
         fresh = request.cookies.get(CSRF_COOKIE) is None
         request.state.csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
         path = request.url.path
+        if request.method == "POST" and not _small_body(request.headers.get("content-length")):
+            # Every form here is a few short fields; the login form is open to anyone.
+            return PlainTextResponse("request body missing its length or too large", 413)
         if request.method == "POST" and not same_origin(
             request.headers.get("origin"), request.headers.get("host"), request.url.scheme
         ):
@@ -448,6 +451,14 @@ def _safe_next(value: str | None) -> str:
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
         return "/"
     return value[:2000]
+
+
+MAX_FORM_BYTES = 16 * 1024
+"""The largest form body accepted (the forms hold a token, a path and a CSRF token)."""
+
+
+def _small_body(length: str | None) -> bool:
+    return length is not None and length.isdigit() and int(length) <= MAX_FORM_BYTES
 
 
 def _str(value: object) -> str | None:
