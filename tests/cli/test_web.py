@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from mailstrom.cli.web import check_access
+from mailstrom.errors import ConfigError
 from mailstrom.settings import load_settings
 
 from .conftest import CLI
@@ -14,6 +18,14 @@ def test_a_non_loopback_address_needs_a_token(cli: CLI) -> None:
     result = cli("web", "--listen", "0.0.0.0:0")
     assert result.code == 78
     assert "needs a token" in result.err and "web.token" in result.err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "mail.example.org"])
+def test_any_other_address_is_allowed_with_a_token(host: str) -> None:
+    check_access(host, "s3cret")  # no error: every page then asks for the token
+    with pytest.raises(ConfigError):
+        check_access(host, None)
+    check_access("127.0.0.1", None)
 
 
 def test_a_malformed_listen_address_is_a_usage_error(cli: CLI) -> None:

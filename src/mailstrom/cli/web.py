@@ -54,7 +54,6 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 def web_command(args: argparse.Namespace) -> int:
     from mailstrom.ops.server import parse_listen
-    from mailstrom.web.security import is_loopback
 
     settings = settings_from(args)
     listen = args.listen or settings.web_listen or DEFAULT_LISTEN
@@ -62,15 +61,10 @@ def web_command(args: argparse.Namespace) -> int:
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise UsageError(f"--listen: {exc}") from None
-    if settings.web_token is None and not is_loopback(host):
-        raise ConfigError(
-            f"listening on {host} (not loopback) needs a token: set web.token in the "
-            "configuration file or MAILSTROM_WEB_TOKEN; every page then asks for it"
-        )
+    check_access(host, settings.web_token)
     try:
-        import uvicorn
-
         from mailstrom.web import create_app
+        from mailstrom.web.server import serve
     except ImportError as exc:
         raise ConfigError(
             f"mailstrom web needs the web extra ({exc.name} is missing): "
@@ -85,19 +79,22 @@ def web_command(args: argparse.Namespace) -> int:
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         # The first line on stdout: scripts (and the tests) read the address from it.
         print(f"mailstrom web: serving http://{shown}:{bound[1]}/", flush=True)
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            lifespan="on",
-        )
-        uvicorn.Server(config).run(sockets=[sock])
+        serve(app, sock)
     finally:
         sock.close()
         store.close()
     return EX_OK
+
+
+def check_access(host: str, token: str | None) -> None:
+    """Refuse (ConfigError) to serve anything but loopback without a token."""
+    from mailstrom.web.security import is_loopback
+
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"listening on {host} (not loopback) needs a token: set web.token in the "
+            "configuration file or MAILSTROM_WEB_TOKEN; every page then asks for it"
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:
