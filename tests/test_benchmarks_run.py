@@ -31,6 +31,7 @@ RUNS = {
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
     "web": (["--messages", "2000", "--runs", "1"], "overview"),
+    "web_indexes": (["--messages", "500", "--rounds", "1"], "lease+record"),
 }
 
 
