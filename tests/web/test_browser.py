@@ -54,10 +54,13 @@ def shots(tmp_path: Path) -> Path:
 
 
 def _shoot(driver: Any, folder: Path, name: str) -> None:
-    # The whole page, not just the window: resize to the document's height first.
+    # The whole page, not just the window: make the viewport as tall as the content (the
+    # window's own frame takes some of its height, so measure it once resized).
     width = driver.get_window_size()["width"]
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(max(height + 20, 400), 2400))
+    needed = min(max(driver.execute_script("return document.body.scrollHeight"), 300), 2400)
+    driver.set_window_size(width, needed)
+    frame = needed - driver.execute_script("return window.innerHeight")
+    driver.set_window_size(width, needed + frame)
     path = folder / f"{name}.png"
     assert driver.save_screenshot(str(path))
     assert path.stat().st_size > 5000
