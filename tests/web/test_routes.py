@@ -272,3 +272,13 @@ def test_a_large_form_is_refused_before_it_is_read(store: Store) -> None:
         login = client.get("/login")
         big = client.post("/login", data={"csrf": _csrf(login.text), "token": "x" * 20_000})
         assert big.status_code == 413
+
+
+def test_the_notice_after_an_action_cannot_be_made_up(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    page = client.get(f"/message/{ids['queued']}", params={"done": "Hold: held"}).text
+    assert 'id="done">Hold: held<' in page
+    for made_up in ("Your account is closed", "Hold: call +1 555 0100 now!", "Explode: done"):
+        page = client.get(f"/message/{ids['queued']}", params={"done": made_up}).text
+        assert 'id="done"' not in page

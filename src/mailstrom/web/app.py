@@ -198,7 +198,7 @@ def create_app(
                 if a.target is Target.MESSAGE
                 and _applies(a.name, held=status.held, pending=pending)
             ],
-            done=request.query_params.get("done"),
+            done=_done_notice(request.query_params.get("done")),
         )
 
     async def destinations(request: Request) -> Response:
@@ -430,6 +430,19 @@ def _queue_query(params: Any) -> QueueQuery:
         after=PageCursor.decode(after) if after else None,
         limit=int(limit_text),
     )
+
+
+_OUTCOME = re.compile(r"^\d{0,9} ?[a-z ]{1,40}$")
+
+
+def _done_notice(text: str | None) -> str | None:
+    """The notice after an action, shown only in the form an action writes: a link
+    carrying any other text (``?done=Your account is closed``) shows nothing."""
+    if text is None:
+        return None
+    label, sep, outcome = text.partition(": ")
+    known = {a.label for a in ACTIONS.values()}
+    return text if sep and label in known and _OUTCOME.match(outcome) else None
 
 
 def _applies(action: str, *, held: bool, pending: bool) -> bool:
