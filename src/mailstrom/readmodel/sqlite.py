@@ -107,10 +107,12 @@ class SQLiteReadModel:
                 yield conn
             finally:
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if conn is not None:
-                conn.close()
-            raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+                conn.close()  # in an unknown state: never pooled again
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+            raise
         with self._lock:
             if self._closed:
                 conn.close()
