@@ -72,6 +72,10 @@ class Settings:
     """Problems worth telling the user that do not stop the command (the CLI prints them)."""
     metrics_listen: str | None = None
     """``HOST:PORT`` where ``mailstrom worker`` serves /metrics and /healthz, if anywhere."""
+    web_listen: str | None = None
+    """``HOST:PORT`` where ``mailstrom web`` serves the dashboard (default 127.0.0.1:8025)."""
+    web_token: str | None = dataclasses.field(default=None, repr=False)
+    """The token (a password) every dashboard page requires; required off loopback."""
 
     def __repr__(self) -> str:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
@@ -381,9 +385,11 @@ KEYS: dict[str, Parser] = {
     "tlsrpt.organization": _str,
     "tlsrpt.contact": _str,
     "tlsrpt.from": _str,
+    "web.listen": _listen,
+    "web.token": _str,
 }
 
-SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
+SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])
 """Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
@@ -509,6 +515,8 @@ def load_settings(
         values=values,
         warnings=tuple(warnings),
         metrics_listen=parsed.get("metrics.listen"),
+        web_listen=parsed.get("web.listen"),
+        web_token=parsed.get("web.token"),
     )
 
 
