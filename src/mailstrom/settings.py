@@ -387,6 +387,8 @@ KEYS: dict[str, Parser] = {
     "tlsrpt.from": _str,
     "web.listen": _listen,
     "web.token": _str,
+    # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).
+    "tlsrpt.record": _bool,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])
@@ -603,6 +605,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["tls_remember_broken"] = tls["remember_broken"]
     if (mta_sts := section("mta_sts")) and mta_sts.pop("enabled", True):
         top["mta_sts"] = MTASTSConfig(**mta_sts)
+    if "record" in (tlsrpt := section("tlsrpt")):
+        top["tlsrpt_record"] = tlsrpt["record"]
     return Config(**top)
 
 
