@@ -34,6 +34,7 @@ examples:
   mailstrom queue --state deferred --older-than 2h
   mailstrom queue --domain example.org --limit 20
   mailstrom queue --held
+  mailstrom queue --tag newsletter --state deferred
   mailstrom queue --counts                 # recipients by state, pending by domain
 """
 
@@ -79,6 +80,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
+    q.add_argument("--tag", metavar="TAG", help="only messages carrying this tag")
     q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
     q.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
@@ -127,6 +129,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ("Queued", f"{st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)"),
             ("Size", f"{st.size} bytes"),
             ("Held", st.held),
+            *queue_fields(st),
         ]
     )
     print()
@@ -175,6 +178,25 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
         )
 
 
+def queue_fields(st: MessageStatus) -> list[tuple[str, Any]]:
+    """The message's queue attributes as status lines; only those it has (a message sent
+    without any shows no more lines than before)."""
+    fields: list[tuple[str, Any]] = []
+    if st.priority:
+        fields.append(("Priority", st.priority))
+    if st.tags:
+        fields.append(("Tags", ", ".join(st.tags)))
+    for key, value in st.metadata.items():
+        fields.append((f"Meta {key}", value))
+    if st.send_at is not None:
+        fields.append(("Send at", st.send_at))
+    if st.expires_at is not None:
+        fields.append(("Expires", st.expires_at))
+    if st.idempotency_key is not None:
+        fields.append(("Idempotency key", st.idempotency_key))
+    return fields
+
+
 def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
     """What to do about each recipient whose latest attempt failed, one block each::
 
@@ -215,6 +237,7 @@ def queue_command(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             held=args.held,
             limit=args.limit,
+            tag=args.tag,
         )
         now = utc_now()
         messages = store.query(now=now, where=where)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailstrom.message.attributes import NO_ATTRIBUTES, QueueAttributes
+
 if TYPE_CHECKING:
     from mailstrom.dkim.signing import DKIMSignature
 
@@ -31,6 +33,9 @@ class PreparedMessage:
     dkim: tuple[DKIMSignature, ...] = ()
     """The DKIM signatures ``data`` carries, one per key that signed it; empty when it was
     not signed (no DKIM configured, or no key aligned with the From domain)."""
+    attributes: QueueAttributes = NO_ATTRIBUTES
+    """Tags, metadata, priority lane, schedule, expiry and idempotency key: what the queue
+    keeps beside the bytes (see :mod:`mailstrom.message.attributes`)."""
 
     @property
     def size(self) -> int:

@@ -128,6 +128,11 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    expires_at: datetime | None = None
+    """The message's expiry: recipients leased at or after it fail as ``expired`` without
+    a connection, and a retry is never scheduled past it."""
+    priority: str = ""
+    """The message's lane ("" when queued before lanes existed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +193,8 @@ class QueueFilter:
     """Messages enqueued more than this long before ``now``."""
     held: bool | None = None
     limit: int = 100
+    tag: str | None = None
+    """Messages carrying this tag (exact, case-sensitive)."""
 
 
 @runtime_checkable

@@ -129,6 +129,12 @@ class _Message:
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
             held=self.held,
+            tags=self.prepared.attributes.tags,
+            metadata=dict(self.prepared.attributes.metadata),
+            priority=self.prepared.attributes.priority,
+            send_at=self.prepared.attributes.send_at,
+            expires_at=self.prepared.attributes.expires_at,
+            idempotency_key=self.prepared.attributes.idempotency_key,
         )
 
 
@@ -150,6 +156,8 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._keys: dict[str, tuple[str, datetime]] = {}
+        """Idempotency key -> (message id, until when it holds)."""
 
     # --- writing ----------------------------------------------------------------------
 
@@ -167,12 +175,21 @@ class MemoryStore:
         with self._lock:
             for prepared in messages:
                 mid = new_message_id()
+                attrs = prepared.attributes
+                key = attrs.idempotency_key
+                if key is not None:
+                    held_by = self._keys.get(key)
+                    if held_by is not None and held_by[1] > now and held_by[0] in self._messages:
+                        ids.append(held_by[0])
+                        continue
+                    self._keys[key] = (mid, attrs.idempotency_until or now)
+                due = now if attrs.send_at is None else max(now, attrs.send_at)
                 recipients = {
                     address: _Recipient(
                         address=address,
                         domain=domain_of(address),
                         position=i,
-                        next_attempt_at=now,
+                        next_attempt_at=due,
                     )
                     for i, address in enumerate(prepared.recipients)
                 }
@@ -233,6 +250,8 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        expires_at=m.prepared.attributes.expires_at,
+                        priority=m.prepared.attributes.priority or "",
                     )
                 )
         if not items:
@@ -271,14 +290,14 @@ class MemoryStore:
                 r.history.append(attempt)
                 del r.history[:-MAX_HISTORY]
                 recorded.append(result)
-                if self._events_on:
+                if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)
                     reason = reason or getattr(result, "reason_class", None)
-                    self._append_event(result.message_id, r, attempt, reason)
+                    self._append_event(m, r, attempt, reason)
         return recorded
 
     def _append_event(
-        self, message_id: str, r: _Recipient, attempt: Attempt, reason_class: str | None
+        self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
     ) -> None:
         """The outbox entry of a result just recorded (under the lock)."""
         event_id = next(self._event_ids)
@@ -286,7 +305,7 @@ class MemoryStore:
             event=DeliveryEvent(
                 id=event_id,
                 at=attempt.at,
-                message_id=message_id,
+                message_id=m.id,
                 address=r.address,
                 state=r.state,
                 attempt=r.attempts,
@@ -298,6 +317,8 @@ class MemoryStore:
                 tls=r.tls,
                 uncertain=r.uncertain,
                 next_attempt_at=r.next_attempt_at,
+                tags=m.prepared.attributes.tags,
+                metadata=dict(m.prepared.attributes.metadata),
             )
         )
 
@@ -499,6 +520,8 @@ class MemoryStore:
                 if domain is not None and all(r.domain != domain for r in m.recipients.values()):
                     continue
                 if where.state is not None and m.state() is not where.state:
+                    continue
+                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
                     continue
                 found.append(m.snapshot(with_history=False))
         return found

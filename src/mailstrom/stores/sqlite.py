@@ -710,6 +710,9 @@ class SQLiteStore:
         if where.state is not None:
             conditions.append(f"{MESSAGE_STATE_SQL} = ?")
             params.append(where.state.value)
+        if where.tag is not None:
+            conditions.append("EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)")
+            params.append(where.tag)
         with self._read() as conn:
             return read_messages(
                 conn, " AND ".join(conditions) or "1", params, where.limit, history=False

@@ -127,7 +127,48 @@ class PostgresStore:
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
         ids = [new_message_id() for _ in messages]
-        self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+        if all(m.attributes.idempotency_key is None for m in messages):
+            self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+            return ids
+        return self._enqueue_keyed(messages, ids, now=now, held=held)
+
+    def _enqueue_keyed(
+        self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
+    ) -> list[str]:
+        """Claim each idempotency key, then insert the messages that got theirs, in one
+        transaction; a message whose key another one holds gets that one's id instead."""
+        fresh: list[PreparedMessage] = []
+        fresh_ids: list[str] = []
+        with (
+            translate_errors("enqueue"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for i, message in enumerate(messages):
+                key = message.attributes.idempotency_key
+                if key is not None:
+                    claimed = conn.execute(
+                        self._queries["claim_key"],
+                        {
+                            "key": key,
+                            "id": ids[i],
+                            "until": message.attributes.idempotency_until or now,
+                            "now": now,
+                        },
+                    ).fetchone()
+                    if claimed is None:
+                        holder = conn.execute(self._queries["key_holder"], {"key": key}).fetchone()
+                        if holder is None:  # cannot happen: the conflict was on this row
+                            raise StoreError(f"idempotency key {key!r} vanished while claimed")
+                        ids[i] = holder[0]
+                        continue
+                fresh.append(message)
+                fresh_ids.append(ids[i])
+            if fresh:
+                conn.execute(
+                    self._queries["enqueue"],
+                    rows.enqueue_params(fresh, fresh_ids, now=now, held=held),
+                )
         return ids
 
     # --- the worker's side ------------------------------------------------------------
@@ -232,6 +273,7 @@ class PostgresStore:
             "domain": None if where.domain is None else where.domain.lower(),
             "state": None if where.state is None else where.state.value,
             "limit": max(where.limit, 0),
+            "tag": where.tag,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
@@ -243,6 +285,7 @@ class PostgresStore:
             "domain": None,
             "state": None,
             "limit": max(limit, 0),
+            "tag": None,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
