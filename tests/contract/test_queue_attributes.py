@@ -80,3 +80,31 @@ def test_attributes_survive_reopening(store_backend: Backend) -> None:
     again = store_backend.open()
     assert again.status(mid).tags == ("a",)
     assert dict(again.status(mid).metadata) == {"k": "v"}
+
+
+def test_send_at_holds_recipients_back_until_then(store: Store) -> None:
+    at = NOW + 3600 * SECOND
+    mid = store.enqueue(
+        with_attributes(message(), send_at=at, expires_at=at + 60 * SECOND), now=NOW
+    )
+    store.enqueue(with_attributes(message("carol@example.net"), send_at=NOW - SECOND), now=NOW)
+    status = store.status(mid)
+    assert status.send_at == at and status.expires_at == at + 60 * SECOND
+    assert {r.next_attempt_at for r in status.recipients} == {at}
+    early = lease_all(store)  # the past send_at is simply due now
+    assert [i.domain for i in early.items] == ["example.net"]
+    store.record(results_for(early, RecipientState.DELIVERED))
+    assert store.lease(now=at - SECOND, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW) == at
+    lease = lease_all(store, now=at)
+    [item] = lease.items
+    assert item.message_id == mid
+    assert item.expires_at == at + 60 * SECOND
+    assert item.priority == ""  # a message stored without a lane
+
+
+def test_the_lane_comes_back_on_the_work_item(store: Store) -> None:
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
+    [item] = lease_all(store).items
+    assert item.priority == "bulk"
+    assert item.expires_at is None

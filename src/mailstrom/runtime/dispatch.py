@@ -108,6 +108,9 @@ class Dispatcher:
         """Deliver ``item`` (results arrive through ``on_done``)."""
         self.in_flight += len(item.recipients)
         self.idle.clear()
+        if item.expires_at is not None and self._outcomes.is_expired(item):
+            self._done(self._outcomes.expired(item))
+            return
         work = _Work(item=item)
         checked = self._check_paths(work)
         if checked is None:

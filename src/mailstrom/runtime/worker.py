@@ -146,6 +146,12 @@ class Worker:
         self._starved = False
         self._stopped = threading.Event()
         self._hooks: HookSender | None = None
+        self._due_at: datetime | None = None
+        """When the earliest pending work not yet leased becomes due (a message sent with
+        ``send_at``, a deferred retry), as last read from the store."""
+        self._due_stale = True
+        """Whether ``_due_at`` must be read again: after a lease found nothing due, and
+        after a wake-up (new mail may be due earlier)."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -170,6 +176,7 @@ class Worker:
 
     def _poke(self) -> None:
         self._lease_wanted = True
+        self._due_stale = True
         if self._wake is not None:
             self._wake.set()
 
@@ -359,6 +366,7 @@ class Worker:
                 continue
             if lease is None:
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                self._due_stale = True
                 continue
             if self._start(lease, dispatcher) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
@@ -378,28 +386,38 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.0))
 
     async def _idle(self, dispatcher: Dispatcher, *, once: bool) -> bool:
-        """Nothing to write: sleep until work may be due. True when ``once`` is done."""
+        """Nothing to write: sleep until work may be due. True when ``once`` is done.
+
+        The sleep ends at the earliest due time of work not yet leased (a scheduled
+        message, a retry), read from the store once after each empty lease or wake-up and
+        remembered while deliveries run, so a busy worker neither asks the store on every
+        turn nor sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
         if once and dispatcher.idle.is_set():
             return True  # the last lease found nothing due, and nothing is in flight
-        if dispatcher.idle.is_set() and not self._starved:
-            try:
-                due = await self._store_call(self.store.next_due, now=self._clock())
-            except StoreCorrupt:
-                raise
-            except StoreError as exc:
-                self._store_trouble("next_due", exc)
-                due = None
+        if not self._starved:
+            if self._due_stale or dispatcher.idle.is_set():
+                try:
+                    self._due_at = await self._store_call(self.store.next_due, now=self._clock())
+                    self._due_stale = False
+                except StoreCorrupt:
+                    raise
+                except StoreError as exc:
+                    self._store_trouble("next_due", exc)
+                    self._due_at = None
+            due = self._due_at
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
             if timeout <= 0:
                 self._lease_wanted = True
+                self._due_stale = True
                 return False
         assert self._wake is not None
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         except TimeoutError:
             self._lease_wanted = True  # the poll, or the due time came
+            self._due_stale = True
         return False
 
     def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
