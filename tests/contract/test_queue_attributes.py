@@ -108,3 +108,42 @@ def test_the_lane_comes_back_on_the_work_item(store: Store) -> None:
     [item] = lease_all(store).items
     assert item.priority == "bulk"
     assert item.expires_at is None
+
+
+LANES = [("transactional", 10), ("bulk", 10)]
+
+
+def _lanes_of(store: Store, **lease: object) -> list[str]:
+    found = store.lease(now=NOW, lease_for=LEASE_FOR, **lease)  # type: ignore[arg-type]
+    return [] if found is None else [item.priority for item in found.items]
+
+
+def test_higher_lanes_are_leased_first_each_up_to_its_number(store: Store) -> None:
+    for i in range(4):  # bulk queued first: due earlier
+        store.enqueue(
+            with_attributes(message(f"b{i}@bulk.example"), priority="bulk"), now=NOW - 9 * SECOND
+        )
+    for i in range(2):
+        store.enqueue(
+            with_attributes(message(f"t{i}@tx.example"), priority="transactional"), now=NOW
+        )
+    assert _lanes_of(store, limit=3, lanes=LANES) == ["transactional", "transactional", "bulk"]
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 1)]) == ["bulk"]
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 0)]) == []
+    assert _lanes_of(store, limit=10, lanes=LANES) == ["bulk", "bulk"]
+
+
+def test_without_lanes_every_lane_is_leased_by_due_time(store: Store) -> None:
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW - SECOND)
+    store.enqueue(with_attributes(message(), priority="transactional"), now=NOW)
+    found = store.lease(now=NOW, limit=1, lease_for=LEASE_FOR)
+    assert found is not None and [i.priority for i in found.items] == ["bulk"]
+
+
+def test_lanes_not_named_go_when_the_named_ones_have_nothing_more_due(store: Store) -> None:
+    store.enqueue(message(), now=NOW - 9 * SECOND)  # queued before lanes existed
+    store.enqueue(with_attributes(message(), priority="retired"), now=NOW - 9 * SECOND)
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
+    # bulk has no room: the others wait, though due earlier.
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 0)]) == []
+    assert sorted(_lanes_of(store, limit=10, lanes=LANES)) == ["", "bulk", "retired"]

@@ -138,6 +138,32 @@ class _Message:
         )
 
 
+_Due = tuple[datetime, int, int, "_Message", _Recipient]
+
+
+def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
+    """The due recipients (earliest first) a lease with ``lanes`` takes: each named lane's
+    earliest, up to its number, highest lane first; then, when every lane had room left
+    and nothing more due, those of lanes not named."""
+    per_lane: dict[str, list[_Due]] = {}
+    for entry in due:
+        per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
+    taken: list[_Due] = []
+    exhausted = True
+    for lane, most in lanes:
+        take = min(most, limit - len(taken))
+        if take <= 0:
+            exhausted = False
+            continue
+        found = per_lane.pop(lane, [])
+        exhausted = exhausted and len(found) < take
+        taken += found[:take]
+    if exhausted and len(taken) < limit:
+        rest = sorted((e for entries in per_lane.values() for e in entries), key=lambda t: t[:3])
+        taken += rest[: limit - len(taken)]
+    return taken
+
+
 class MemoryStore:
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
@@ -206,8 +232,16 @@ class MemoryStore:
             self._watchers.notify()
         return ids
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients, grouped per (message, domain)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients, grouped per (message, domain); with
+        ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
         if limit <= 0:
             return None
         token = os.urandom(16).hex()
@@ -221,6 +255,8 @@ class MemoryStore:
                 if r.state in _PENDING and r.due_at() <= now
             ]
             due.sort(key=lambda t: t[:3])
+            if lanes is not None:
+                due = _by_lanes(due, lanes, limit)
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
             for _, _, _, m, r in due[:limit]:
@@ -408,9 +444,12 @@ class MemoryStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

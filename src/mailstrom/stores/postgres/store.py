@@ -173,15 +173,42 @@ class PostgresStore:
 
     # --- the worker's side ------------------------------------------------------------
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients in one statement (see Store.lease)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients in one statement (see Store.lease); with
+        ``lanes``, one statement for the named lanes and, when they had room left and
+        nothing more due, one for the others."""
         if limit <= 0:
             return None
         token = uuid.uuid4().hex
         expires_at = now + lease_for
-        found = self._fetch(
-            "lease", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
-        )
+        params: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "token": token,
+            "expires_at": expires_at,
+        }
+        if lanes is None:
+            found = self._fetch("lease", params)
+        else:
+            params["lanes"] = [lane for lane, _ in lanes]
+            params["lane_limits"] = [max(0, most) for _, most in lanes]
+            found = self._fetch("lease_lanes", params)
+            taken: dict[str, int] = {}
+            for row in found:
+                taken[row[12] or ""] = taken.get(row[12] or "", 0) + 1
+            exhausted = len(found) < limit and all(
+                most > 0 and taken.get(lane, 0) < most for lane, most in lanes
+            )
+            if exhausted:
+                params["limit"] = limit - len(found)
+                found += self._fetch("lease_other_lanes", params)
         if not found:
             return None
         return rows.lease_from_rows(token, expires_at, found)
@@ -221,9 +248,12 @@ class PostgresStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""

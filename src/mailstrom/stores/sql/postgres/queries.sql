@@ -94,6 +94,95 @@ JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
 ORDER BY d.due_at, l.seq, l.position;
 
+-- name: lease_lanes
+-- The lease of named lanes, highest first: for each lane (an element of the parallel arrays
+-- lanes and lane_limits) the earliest due recipients of that lane, up to its own limit,
+-- read from its range of recipients_lane_due; then the first LIMIT of them in lane order.
+-- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH picked AS MATERIALIZED (
+    SELECT l.rank, d.*
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
+         AS l(lane, most, rank)
+    CROSS JOIN LATERAL (
+        SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+        FROM recipients r
+        JOIN messages m ON m.id = r.message_id
+        WHERE r.lane = l.lane
+          AND r.state IN ('queued', 'deferred')
+          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+          AND NOT m.held
+        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+        LIMIT l.most
+        FOR UPDATE OF r SKIP LOCKED
+    ) d
+), due AS MATERIALIZED (
+    SELECT row_id, message_id, address, rank, due_at, seq, position
+    FROM picked
+    ORDER BY rank, due_at, seq, position
+    LIMIT %(limit)s
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.expires_at, m.priority
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.expires_at, m.priority
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.rank, d.due_at, l.seq, l.position;
+
+-- name: lease_other_lanes
+-- The lease of recipients in lanes not named (queued before lanes existed, or in a lane
+-- since removed from the configuration): run only when every named lane had room left and
+-- nothing more due, so walking recipients_due meets few rows of the named lanes.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH due AS MATERIALIZED (
+    SELECT r.ctid AS row_id, r.message_id, r.address,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+      AND r.lane <> ALL (%(lanes)s::text[])
+    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.expires_at, m.priority
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.expires_at, m.priority
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.due_at, l.seq, l.position;
+
 -- name: record
 -- Results of any number of leases, one array element per result: a recipient is updated
 -- only while the lease named in its own element still holds it, and the attempt history
