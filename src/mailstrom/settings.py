@@ -38,6 +38,7 @@ from mailstrom.config import (
     DNSConfig,
     EventLoop,
     HookConfig,
+    Lane,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -282,6 +283,33 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
 
 
+def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
+    """``[[lanes]]`` tables (``name``, optional ``share``), highest first; in the
+    environment ``name[:share]`` entries separated by commas (``transactional,bulk:0.75``)."""
+    if isinstance(value, str):
+        entries: list[Any] = []
+        for text in value.split(","):
+            name, _, share = text.strip().partition(":")
+            entries.append({"name": name} | ({"share": share} if share else {}))
+        value = entries
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected [[lanes]] tables with a name (and a share)")
+    lanes: list[Lane] = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: expected a table with a name (and a share)")
+        unknown = sorted(set(entry) - {"name", "share"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+        share = _float(0.0)(f"{where}.share", entry.get("share", 1.0))
+        try:
+            lanes.append(Lane(name=_str(f"{where}.name", entry["name"]), share=share))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(lanes)
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -347,6 +375,9 @@ KEYS: dict[str, Parser] = {
     "dkim.keys": _dkim_keys,
     "dkim.required": _bool,
     "dkim.expire": _optional(_duration),
+    "lanes": _lanes,
+    "default_priority": _str,
+    "idempotency_window": _duration,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
