@@ -89,10 +89,10 @@ class Dispatcher:
             host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
             self._relay_route = Route(domain=config.relay.host, hosts=(host,), implicit=False)
         self._ranks = {lane.name: i for i, lane in enumerate(config.lanes)}
-        # Sessions each lane may start: its share of max_connections (a lane not
-        # configured, the lowest rank, gets the smallest share).
+        # Sessions each lane may start: its share of max_connections. Work of a lane not
+        # configured (queued before lanes existed) ranks lowest but is not held to a share.
         caps = [max(1, int(lane.share * config.max_connections)) for lane in config.lanes]
-        self._lane_caps = [*caps, min(caps)]
+        self._lane_caps = [*caps, config.max_connections]
         self._lane_sessions = [0] * len(self._lane_caps)
         self.in_flight = 0
         """Recipients handed to :meth:`submit` whose results have not been reported."""
