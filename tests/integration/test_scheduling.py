@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy
+from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
 from mailstrom.status import RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
@@ -95,3 +95,30 @@ def test_a_message_past_its_expiry_fails_as_expired_without_a_connection(
         ReasonClass.EXPIRED,
     ]
     assert mx.connections == 1  # the expiry made no connection
+
+
+def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """While a delivery hangs on a stalled server, the worker still wakes at the due time
+    of a scheduled message (it remembers the store's next due time), instead of waiting
+    for the slow delivery to end or for the poll."""
+    mx = smtp_server()
+    mx.stall_rcpts.add("stuck@slow.example")
+    for domain in ("example.org", "slow.example"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = CountingStore()
+    results = Results()
+    timeouts = Timeouts(connect=2, greeting=2, command=4, data_init=2, data_block=2, data_end=2)
+    config = loopback_config(dns_server, mx.port, poll_interval=60.0, timeouts=timeouts)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("stuck@slow.example"))
+        due = datetime.now(UTC) + timedelta(seconds=1)
+        later = ms.send_email(hello("later@example.org"), send_at=due)
+        [result] = [r for r in results.wait_final({"later@example.org"}) if r.message_id == later]
+        stuck = {r.address for r in results.all}
+    assert result.state is RecipientState.DELIVERED
+    assert due <= result.attempt.at < due + timedelta(seconds=1)
+    assert "stuck@slow.example" not in stuck  # it was still hanging then
+    assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"
