@@ -29,7 +29,7 @@ def tags_from(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        value = json.loads(value)
+        value = _loads(value)
     if not isinstance(value, list):
         return ()
     return tuple(tag for tag in value if isinstance(tag, str))
@@ -40,7 +40,16 @@ def metadata_from(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if isinstance(value, str):
-        value = json.loads(value)
+        value = _loads(value)
     if not isinstance(value, dict):
         return {}
     return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _loads(text: str) -> Any:
+    """The JSON in ``text``; None for text that is not JSON (a damaged or hand-edited row
+    reads as no tags or no metadata rather than making every status of it fail)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
