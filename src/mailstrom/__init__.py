@@ -26,6 +26,7 @@ from mailstrom.config import (
 )
 from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, DKIMSignature
 from mailstrom.errors import (
+    AmbiguousMessageId,
     DeliveryError,
     ForbiddenCharacter,
     HeaderInjection,
@@ -67,8 +68,10 @@ from mailstrom.status import (
     WorkerMetrics,
     WorkerStatus,
 )
+from mailstrom.stores.operator import ShapeRow, Suspension
 
 __all__ = [
+    "AmbiguousMessageId",
     "AsyncMailstrom",
     "Attachment",
     "Attempt",
@@ -111,8 +114,10 @@ __all__ = [
     "RelayTLS",
     "RetryPolicy",
     "SMTPReply",
+    "ShapeRow",
     "StoreCorrupt",
     "StoreError",
+    "Suspension",
     "TLSPolicy",
     "TemporaryFailure",
     "Timeouts",

@@ -107,21 +107,28 @@ def insert_messages(
 
 
 def lease_rows(
-    conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
+    conn: sqlite3.Connection,
+    *,
+    now: datetime,
+    limit: int,
+    lease_for: timedelta,
+    skip_domains: Sequence[str] = (),
 ) -> Lease | None:
-    """Lease up to ``limit`` due recipients inside the caller's write transaction."""
+    """Lease up to ``limit`` due recipients inside the caller's write transaction, none
+    at ``skip_domains`` (suspended destinations)."""
     token = os.urandom(16).hex()
     expires_at = now + lease_for
+    skip = f" AND domain NOT IN ({qmarks(len(skip_domains))})" if skip_domains else ""
     # One statement marks and returns the due rows (the subquery walks the due
     # index and stops at the limit), instead of a SELECT and an UPDATE per row.
     rows = conn.execute(
         "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
         " WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due"
-        f" WHERE {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
+        f" WHERE {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?{skip}"
         f" ORDER BY {DUE_SQL}, id LIMIT ?)"
         " RETURNING id, message_seq, position, address, domain, attempts,"
         " first_attempt_at",
-        (token, to_us(expires_at), to_us(now), limit),
+        (token, to_us(expires_at), to_us(now), *skip_domains, limit),
     ).fetchall()
     if not rows:
         return None

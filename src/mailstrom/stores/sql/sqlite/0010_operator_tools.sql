@@ -1,0 +1,17 @@
+-- mailstrom SQLite schema, version 10: what the operator's tools need.
+--
+-- Suspended destinations: while a row here is in force (until IS NULL, or in the future),
+-- no worker leases a recipient at that domain; its messages stay as they are. Shared by
+-- every worker of the queue because it lives in the queue.
+CREATE TABLE suspensions (
+    domain            TEXT PRIMARY KEY,
+    suspended_at      INTEGER NOT NULL,
+    -- NULL: until resumed.
+    until             INTEGER
+);
+
+-- The queue view lists pending messages newest first and counts them, and `queue --shape`
+-- counts pending recipients per domain and age, from this index alone (no message rows
+-- read, whatever their size).
+CREATE INDEX recipients_pending_message ON recipients (message_seq, domain)
+    WHERE state IN ('queued', 'deferred');
