@@ -15,6 +15,7 @@ from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
+from mailstrom.cli.destinations import register as register_destinations
 from mailstrom.cli.dkim import register as register_dkim
 from mailstrom.cli.doctor import register as register_doctor
 from mailstrom.cli.events import register as register_events
@@ -78,6 +79,7 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_destinations,
     ):
         register(sub, [common])
     return parser

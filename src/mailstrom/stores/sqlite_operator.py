@@ -32,6 +32,12 @@ _PENDING_SEQS = (
     "SELECT DISTINCT message_seq AS seq FROM recipients"
     f" INDEXED BY recipients_pending_message WHERE {PENDING_SQL}"
 )
+# The same walk joined to the messages, for conditions on them; ORDER BY follows the index,
+# so SQLite stops at the LIMIT instead of sorting.
+_PENDING_JOINED = (
+    "SELECT DISTINCT r.message_seq FROM recipients r INDEXED BY recipients_pending_message"
+    " JOIN messages m ON m.seq = r.message_seq WHERE r.state IN ('queued', 'deferred')"
+)
 
 # --- ids -----------------------------------------------------------------------------------
 
@@ -104,8 +110,7 @@ def pending_seqs(
         rows = conn.execute(f"{_PENDING_SEQS} ORDER BY message_seq DESC LIMIT ?", (limit,))
     else:
         rows = conn.execute(
-            f"SELECT p.seq FROM ({_PENDING_SEQS} ORDER BY message_seq DESC) p"
-            f" JOIN messages m ON m.seq = p.seq WHERE {' AND '.join(conditions)} LIMIT ?",
+            f"{_PENDING_JOINED} AND {' AND '.join(conditions)} ORDER BY r.message_seq DESC LIMIT ?",
             [*params, limit],
         )
     return [row[0] for row in rows]
@@ -118,10 +123,7 @@ def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, 
         if not conditions:
             inner = f"{_PENDING_SEQS} LIMIT ?"
         else:
-            inner = (
-                f"SELECT 1 FROM ({_PENDING_SEQS}) p JOIN messages m ON m.seq = p.seq"
-                f" WHERE {' AND '.join(conditions)} LIMIT ?"
-            )
+            inner = f"{_PENDING_JOINED} AND {' AND '.join(conditions)} LIMIT ?"
     elif not conditions:
         inner = "SELECT 1 FROM messages INDEXED BY messages_newest LIMIT ?"
     else:

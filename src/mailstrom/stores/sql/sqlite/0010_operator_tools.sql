@@ -11,7 +11,7 @@ CREATE TABLE suspensions (
 );
 
 -- The queue view lists pending messages newest first and counts them, and `queue --shape`
--- counts pending recipients per domain and age, from this index alone (no message rows
--- read, whatever their size).
-CREATE INDEX recipients_pending_message ON recipients (message_seq, domain)
+-- counts pending recipients per domain and age, from this index alone (it holds the state
+-- so that it covers those queries: no message rows are read, whatever their size).
+CREATE INDEX recipients_pending_message ON recipients (message_seq, domain, state)
     WHERE state IN ('queued', 'deferred');
