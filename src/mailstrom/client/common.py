@@ -18,6 +18,7 @@ from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.stores.watchers import Watchers
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -87,12 +88,36 @@ class FacadeBase:
         self.worker_mode: str | None = mode
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
         self.worker: Worker | WorkerProcess | None = None
+        self._results = Watchers()
+        """Told of each result of a worker in this process (``wait`` listens)."""
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:
             self.worker = Worker(
-                self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
+                self.config,
+                self.store,
+                router=router,
+                clock=clock,
+                rng=rng,
+                on_result=self._result_hook(on_result),
             )
+
+    def _result_hook(
+        self, on_result: Callable[[RecipientResult], None] | None
+    ) -> Callable[[RecipientResult], None]:
+        """``on_result``, then a word to whoever waits for results (one call per result,
+        on the worker's loop)."""
+        notify = self._results.notify
+        if on_result is None:
+            return lambda result: notify()
+
+        def hook(result: RecipientResult) -> None:
+            try:
+                on_result(result)
+            finally:
+                notify()
+
+        return hook
 
     def _mode(self, worker: WorkerMode, *, store_url: str | None, custom: bool) -> str | None:
         if worker is None or worker == self._LOCAL:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.operations import QueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
@@ -22,7 +23,7 @@ from mailstrom.status import MessageStatus, MetricsSnapshot
 log = logging.getLogger("mailstrom")
 
 
-class Mailstrom(FacadeBase):
+class Mailstrom(FacadeBase, QueueOperations):
     """Queue mail and deliver it in the background.
 
     >>> from mailstrom import Mailstrom, Config, Email
@@ -135,9 +136,11 @@ class Mailstrom(FacadeBase):
     def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history.
 
-        Raises :class:`~mailstrom.errors.UnknownMessage` for an id not in the store.
+        ``message_id`` may be any unique prefix of an id. Raises
+        :class:`~mailstrom.errors.UnknownMessage` for an id not in the store
+        (:class:`~mailstrom.errors.AmbiguousMessageId` for a prefix of several).
         """
-        return self.store.status(message_id)
+        return self.store.status(resolve(self.store, message_id))
 
     def metrics(self) -> MetricsSnapshot:
         """The worker's counters (attempts by outcome and reason class, latency and queue
@@ -157,8 +160,8 @@ class Mailstrom(FacadeBase):
 
     def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now; returns how many."""
-        return self.store.retry(message_id, now=self._clock())
+        return self.store.retry(resolve(self.store, message_id), now=self._clock())
 
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        return self.store.cancel(message_id, now=self._clock())
+        return self.store.cancel(resolve(self.store, message_id), now=self._clock())
