@@ -30,11 +30,13 @@ RUNS = {
     "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
+    "queue_tools": (["--messages", "2000", "--runs", "1"], "queue --shape"),
 }
 
 
 def run_benchmark(name: str, args: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # This checkout's package (its src), whatever is installed in the virtualenv.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
         cwd=ROOT,
