@@ -199,3 +199,22 @@ def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
     assert store.next_due(now=NOW) == NOW + 2 * HOUR  # when the worker should look again
     assert store.suspensions(now=NOW + 2 * HOUR) == []
     assert leased_addresses(lease_all(store, now=NOW + 2 * HOUR)) == ["a@example.org"]
+
+
+def test_a_message_with_queued_and_deferred_recipients_is_deferred(store: Store) -> None:
+    mixed = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    _settle(store, RecipientState.DEFERRED, only=["a@example.org"])
+    queued = store.enqueue(message("c@example.org"), now=NOW + MINUTE)
+    later = NOW + 2 * MINUTE
+    only_queued = QueueFilter(states=frozenset({RecipientState.QUEUED}))
+    only_deferred = QueueFilter(states=frozenset({RecipientState.DEFERRED}))
+    assert [m.id for m in store.query(now=later, where=only_queued)] == [queued]
+    assert store.count(now=later, where=only_queued, cap=10) == 1
+    assert [m.id for m in store.query(now=later, where=only_deferred)] == [mixed]
+    assert store.count(now=later, where=only_deferred, cap=10) == 1
+    # A domain filter looks at every recipient of the message, pending or not.
+    other = QueueFilter(states=PENDING_STATES, domain="other.org")
+    assert store.count(now=later, where=other, cap=10) == 1
+    not_held = QueueFilter(states=PENDING_STATES, held=False, older_than=MINUTE)
+    assert [m.id for m in store.query(now=later, where=not_held)] == [mixed]
+    assert store.count(now=later, where=not_held, cap=10) == 1

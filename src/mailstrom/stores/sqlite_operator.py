@@ -28,17 +28,6 @@ from mailstrom.stores.operator import (
 from mailstrom.stores.sqlite_queue import MESSAGE_STATE_SQL, PENDING_SQL, chunks, qmarks
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, to_us
 
-_PENDING_SEQS = (
-    "SELECT DISTINCT message_seq AS seq FROM recipients"
-    f" INDEXED BY recipients_pending_message WHERE {PENDING_SQL}"
-)
-# The same walk joined to the messages, for conditions on them; ORDER BY follows the index,
-# so SQLite stops at the LIMIT instead of sorting.
-_PENDING_JOINED = (
-    "SELECT DISTINCT r.message_seq FROM recipients r INDEXED BY recipients_pending_message"
-    " JOIN messages m ON m.seq = r.message_seq WHERE r.state IN ('queued', 'deferred')"
-)
-
 # --- ids -----------------------------------------------------------------------------------
 
 
@@ -100,31 +89,63 @@ def pending_only(where: QueueFilter) -> bool:
     return states is not None and bool(states) and states <= PENDING_STATES
 
 
+def _pending_walk(now: datetime, where: QueueFilter) -> tuple[str, list[object]]:
+    """``SELECT DISTINCT r.message_seq ...`` over the pending index for a pending-only
+    ``where``: conditions on recipients are answered from that index (and probes of it),
+    and the messages table is joined only for conditions on messages (held, age), so a
+    count reads no message rows."""
+    conditions: list[str] = []
+    params: list[object] = []
+    states = effective_states(where.state, where.states) or PENDING_STATES
+    if states == {RecipientState.DEFERRED}:
+        # A pending message with a deferred recipient is deferred.
+        conditions.append("r.state = 'deferred'")
+    elif states == {RecipientState.QUEUED}:
+        conditions.append(
+            "r.state = 'queued' AND NOT EXISTS (SELECT 1 FROM recipients d"
+            " INDEXED BY recipients_pending_message WHERE d.message_seq = r.message_seq"
+            " AND d.state IN ('queued', 'deferred') AND d.state = 'deferred')"
+        )
+    if where.domain is not None:
+        conditions.append(
+            "EXISTS (SELECT 1 FROM recipients o WHERE o.message_seq = r.message_seq"
+            " AND o.domain = ?)"
+        )
+        params.append(where.domain.lower())
+    joined = ""
+    if where.held is not None:
+        joined = " JOIN messages m ON m.seq = r.message_seq"
+        conditions.append("m.held = ?")
+        params.append(where.held)
+    if where.older_than is not None:
+        joined = " JOIN messages m ON m.seq = r.message_seq"
+        conditions.append("m.created_at < ?")
+        params.append(to_us(now - where.older_than))
+    sql = (
+        "SELECT DISTINCT r.message_seq FROM recipients r INDEXED BY recipients_pending_message"
+        f"{joined} WHERE r.state IN ('queued', 'deferred')"
+    )
+    return sql + "".join(f" AND {c}" for c in conditions), params
+
+
 def pending_seqs(
     conn: sqlite3.Connection, now: datetime, where: QueueFilter, limit: int
 ) -> list[int]:
     """The newest ``limit`` pending messages matching ``where``, walking the pending index
     from the newest message down and stopping at the limit."""
-    conditions, params = filter_sql(now, where)
-    if not conditions:
-        rows = conn.execute(f"{_PENDING_SEQS} ORDER BY message_seq DESC LIMIT ?", (limit,))
-    else:
-        rows = conn.execute(
-            f"{_PENDING_JOINED} AND {' AND '.join(conditions)} ORDER BY r.message_seq DESC LIMIT ?",
-            [*params, limit],
-        )
+    sql, params = _pending_walk(now, where)
+    rows = conn.execute(f"{sql} ORDER BY r.message_seq DESC LIMIT ?", [*params, limit])
     return [row[0] for row in rows]
 
 
 def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, cap: int) -> int:
     """How many messages match ``where``, reading at most ``cap`` of them."""
-    conditions, params = filter_sql(now, where)
     if pending_only(where):
-        if not conditions:
-            inner = f"{_PENDING_SEQS} LIMIT ?"
-        else:
-            inner = f"{_PENDING_JOINED} AND {' AND '.join(conditions)} LIMIT ?"
-    elif not conditions:
+        sql, params = _pending_walk(now, where)
+        (n,) = conn.execute(f"SELECT count(*) FROM ({sql} LIMIT ?)", [*params, cap]).fetchone()
+        return int(n)
+    conditions, params = filter_sql(now, where)
+    if not conditions:
         inner = "SELECT 1 FROM messages INDEXED BY messages_newest LIMIT ?"
     else:
         inner = f"SELECT 1 FROM messages m WHERE {' AND '.join(conditions)} LIMIT ?"
