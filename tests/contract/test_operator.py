@@ -218,3 +218,33 @@ def test_a_message_with_queued_and_deferred_recipients_is_deferred(store: Store)
     not_held = QueueFilter(states=PENDING_STATES, held=False, older_than=MINUTE)
     assert [m.id for m in store.query(now=later, where=not_held)] == [mixed]
     assert store.count(now=later, where=not_held, cap=10) == 1
+
+
+def test_counts_by_every_state(store: Store) -> None:
+    delivered = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    half = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
+    pending_one = store.enqueue(message("e@example.org", "f@example.org"), now=NOW)
+    lease = lease_all(store)
+    done = ["a@example.org", "b@example.org", "c@example.org"]
+    store.record(results_for(lease, RecipientState.DELIVERED, only=done))
+    store.record(results_for(lease, RecipientState.FAILED, only=["d@example.org", "e@example.org"]))
+    store.release(lease)  # f stays queued: its message, with a failed recipient, is pending
+    assert store.status(pending_one).state is RecipientState.QUEUED
+    store.enqueue(message("g@example.org"), now=NOW)
+
+    def count(*states: RecipientState) -> int:
+        return store.count(now=NOW, where=QueueFilter(states=frozenset(states)), cap=100)
+
+    assert count(RecipientState.DELIVERED) == 1
+    assert count(RecipientState.FAILED) == 1
+    assert count(RecipientState.DELIVERED, RecipientState.FAILED) == 2
+    assert count(RecipientState.QUEUED) == 2
+    assert count(RecipientState.FAILED, RecipientState.QUEUED) == 3
+    assert count() == 0
+    assert store.count(now=NOW, where=QueueFilter(), cap=100) == 4
+    assert store.count(now=NOW, where=QueueFilter(), cap=3) == 3
+    assert store.count(now=NOW, where=QueueFilter(state=RecipientState.DELIVERED), cap=100) == 1
+    assert [m.id for m in store.query(now=NOW, where=QueueFilter(state=RecipientState.FAILED))] == [
+        half
+    ]
+    assert delivered != half

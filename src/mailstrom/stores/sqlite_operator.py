@@ -144,6 +144,10 @@ def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, 
         sql, params = _pending_walk(now, where)
         (n,) = conn.execute(f"SELECT count(*) FROM ({sql} LIMIT ?)", [*params, cap]).fetchone()
         return int(n)
+    states = effective_states(where.state, where.states)
+    plain = where.domain is None and where.held is None and where.older_than is None
+    if states is not None and plain:
+        return min(_count_in_states(conn, now, states), cap)
     conditions, params = filter_sql(now, where)
     if not conditions:
         inner = "SELECT 1 FROM messages INDEXED BY messages_newest LIMIT ?"
@@ -151,6 +155,40 @@ def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, 
         inner = f"SELECT 1 FROM messages m WHERE {' AND '.join(conditions)} LIMIT ?"
     (n,) = conn.execute(f"SELECT count(*) FROM ({inner})", [*params, cap]).fetchone()
     return int(n)
+
+
+def _count_in_states(
+    conn: sqlite3.Connection, now: datetime, states: frozenset[RecipientState]
+) -> int:
+    """Messages in ``states`` from counts the indexes answer: pending ones (and queued or
+    deferred ones) from the pending index, failed ones (final, one recipient failed at
+    least) from the failed index, delivered ones as all messages less the other two."""
+
+    def pending(which: frozenset[RecipientState]) -> int:
+        sql, params = _pending_walk(now, QueueFilter(states=which))
+        (n,) = conn.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()
+        return int(n)
+
+    total = 0
+    if states >= PENDING_STATES:
+        total += pending(PENDING_STATES)
+    elif states & PENDING_STATES:
+        total += pending(states & PENDING_STATES)
+    finished = states & {RecipientState.DELIVERED, RecipientState.FAILED}
+    if not finished:
+        return total
+    (failed,) = conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT f.message_seq FROM recipients f"
+        " INDEXED BY recipients_failed_message WHERE f.state = 'failed' AND NOT EXISTS ("
+        "SELECT 1 FROM recipients p INDEXED BY recipients_pending_message"
+        " WHERE p.message_seq = f.message_seq AND p.state IN ('queued', 'deferred')))"
+    ).fetchone()
+    if RecipientState.FAILED in finished:
+        total += failed
+    if RecipientState.DELIVERED in finished:
+        (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+        total += messages - pending(PENDING_STATES) - failed
+    return int(total)
 
 
 # --- bulk changes --------------------------------------------------------------------------

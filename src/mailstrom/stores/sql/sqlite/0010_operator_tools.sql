@@ -15,3 +15,8 @@ CREATE TABLE suspensions (
 -- so that it covers those queries: no message rows are read, whatever their size).
 CREATE INDEX recipients_pending_message ON recipients (message_seq, domain, state)
     WHERE state IN ('queued', 'deferred');
+
+-- Messages with a failed recipient, for counting failed and delivered messages by
+-- subtraction (`queue --state failed`) instead of deriving every message's state.
+-- Failed recipients are few, and written once.
+CREATE INDEX recipients_failed_message ON recipients (message_seq) WHERE state = 'failed';
