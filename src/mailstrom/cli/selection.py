@@ -43,7 +43,9 @@ def add_id_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
 
 
 def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -> None:
-    """The filters of ``queue``, also for the bulk commands."""
+    """The filters of ``queue``, also for the bulk commands. A new filter (``--tag``, when
+    messages carry tags) goes here and into :func:`queue_filter` and :func:`has_filters`;
+    every command that selects messages then takes it."""
     parser.add_argument(
         "--state",
         choices=STATE_CHOICES,
