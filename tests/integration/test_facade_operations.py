@@ -141,3 +141,17 @@ async def test_operator_methods_on_the_async_facade() -> None:
         held = await ms.send_email(hello("b@example.org"))
         await ms.hold(held)
         assert (await ms.wait(held, timeout=30)).held  # a held message cannot change
+
+
+def test_waits_share_one_store_watch_until_stop(tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    wake_dir = tmp_path / "q.db-wake"
+    ms = Mailstrom(Config(helo_name="client.test"), store=store, worker=None)
+    with ms:
+        mid = ms.send_email(hello("a@example.org"))
+        ms.hold(mid)
+        for _ in range(3):
+            assert ms.wait(mid, timeout=5).held
+        assert len(list(wake_dir.glob("*.sock"))) == 1  # one listener, not one per wait
+    assert list(wake_dir.glob("*.sock")) == []
+    store.close()

@@ -67,6 +67,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     worker.request_stop(drain_timeout=timeout)
                     await asyncio.shield(task)
         finally:
+            self._unwatch_store()
             if self._owns_store:
                 self.store.close()
 

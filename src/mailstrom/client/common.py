@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from email.message import EmailMessage
@@ -89,7 +90,10 @@ class FacadeBase:
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
         self.worker: Worker | WorkerProcess | None = None
         self._results = Watchers()
-        """Told of each result of a worker in this process (``wait`` listens)."""
+        """Told of each result of a worker in this process, and (once a ``wait`` started
+        it) of the store's wake-ups: ``wait`` listens."""
+        self._store_watch: Callable[[], None] | None = None
+        self._store_watch_lock = threading.Lock()
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:
@@ -118,6 +122,20 @@ class FacadeBase:
                 notify()
 
         return hook
+
+    def _watch_store_for_waiters(self) -> None:
+        """Forward the store's wake-ups (mail retried or released) to ``wait`` callers:
+        one watch per facade, started by the first wait and shared by all (a PostgreSQL
+        watch holds a LISTEN connection), ended by ``stop``."""
+        with self._store_watch_lock:
+            if self._store_watch is None:
+                self._store_watch = self.store.watch(self._results.notify)
+
+    def _unwatch_store(self) -> None:
+        with self._store_watch_lock:
+            unwatch, self._store_watch = self._store_watch, None
+        if unwatch is not None:
+            unwatch()
 
     def _mode(self, worker: WorkerMode, *, store_url: str | None, custom: bool) -> str | None:
         if worker is None or worker == self._LOCAL:

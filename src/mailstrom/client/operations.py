@@ -78,6 +78,9 @@ class _Base:
     _clock: Callable[[], datetime]
     _results: Watchers
 
+    def _watch_store_for_waiters(self) -> None:
+        raise NotImplementedError  # the facade's (FacadeBase)
+
 
 class QueueOperations(_Base):
     """The blocking operator methods of :class:`~mailstrom.Mailstrom`.
@@ -178,14 +181,15 @@ class QueueOperations(_Base):
         before ``timeout`` seconds have passed (every pending recipient's next retry falls
         later, or the message is held), or for ``timeout`` seconds; return its status.
 
-        Woken by the store's watch (mail retried or released) and, with the worker in
-        this process, by each result; otherwise it looks every :data:`WAIT_POLL` seconds.
+        Woken by the store's watch (mail retried or released; one watch per facade,
+        shared by every wait, until :meth:`stop`) and, with the worker in this process, by
+        each result; otherwise it looks every :data:`WAIT_POLL` seconds.
         """
         mid = resolve(self.store, message_id)
         give_up = time.monotonic() + max(timeout, 0.0)
         deadline = self._clock() + timedelta(seconds=max(timeout, 0.0))
         changed = threading.Event()
-        unwatch = self.store.watch(changed.set)
+        self._watch_store_for_waiters()
         unlisten = self._results.add(changed.set)
         try:
             while True:
@@ -197,7 +201,6 @@ class QueueOperations(_Base):
                 changed.wait(min(left, WAIT_POLL))
         finally:
             unlisten()
-            unwatch()
 
 
 class AsyncQueueOperations(_Base):
@@ -290,7 +293,7 @@ class AsyncQueueOperations(_Base):
         def wake() -> None:
             loop.call_soon_threadsafe(changed.set)
 
-        unwatch = self.store.watch(wake)
+        await asyncio.to_thread(self._watch_store_for_waiters)
         unlisten = self._results.add(wake)
         try:
             while True:
@@ -303,4 +306,3 @@ class AsyncQueueOperations(_Base):
                     await asyncio.wait_for(changed.wait(), min(left, WAIT_POLL))
         finally:
             unlisten()
-            unwatch()

@@ -92,6 +92,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                     worker.request_stop(drain_timeout=timeout)
                     thread.join()
         finally:
+            self._unwatch_store()
             if self._owns_store:
                 self.store.close()
 
