@@ -29,14 +29,16 @@ RUNS = {
     "deliver": (["-n", "40", "--stores", "memory,sqlite", "--repeat", "1"], "sqlite"),
     "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
+    "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
     "queue_tools": (["--messages", "2000", "--runs", "1"], "queue --shape"),
+    "status_read": (["--messages", "20", "--size", "100000", "--runs", "1"], "message_dkim"),
 }
 
 
 def run_benchmark(name: str, args: list[str]) -> str:
-    # This checkout's package (its src), whatever is installed in the virtualenv.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    # This checkout's src first: the installed mailstrom may be another checkout's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
         cwd=ROOT,

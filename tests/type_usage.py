@@ -16,6 +16,7 @@ from mailstrom import (
     DKIMAlgorithm,
     DKIMConfig,
     DKIMKey,
+    DKIMStatus,
     DNSConfig,
     Email,
     InvalidAddress,
@@ -23,6 +24,7 @@ from mailstrom import (
     InvalidMessage,
     Mailstrom,
     MessageStatus,
+    MTASTSConfig,
     NoDKIMKey,
     RecipientState,
     RetryPolicy,
@@ -117,10 +119,35 @@ def dkim_usage() -> None:
         for signature in prepared.dkim:
             print(signature.domain, signature.selector, signature.algorithm.value)
         print(config.dkim and config.dkim.keys[0].dns_record().strings)
+        with Mailstrom(config, store=open_store("memory:")) as ms:
+            outcome: DKIMStatus | None = ms.query_status(ms.send_email(email)).dkim
+            if outcome is not None and not outcome.signed:
+                print(outcome.reason)
+            elif outcome is not None:
+                print([str(s) for s in outcome.signatures])
     except NoDKIMKey as exc:
         print(exc.domains)
     except InvalidHeaderValue as exc:
         print(exc.header, exc.reason)
+
+
+def mta_sts_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom.tlsrpt.report import Reporter, build_report
+
+    config = Config(helo_name="mail.example.com", mta_sts=MTASTSConfig(timeout=5.0))
+    store = SQLiteStore("mail.db")
+    try:
+        cached = store.mta_sts_policy("example.org")
+        if cached is not None and cached.fresh(datetime.now(UTC)):
+            print(cached.policy.mode.value, cached.policy.allows("mx1.example.org"))
+        day = datetime.now(UTC).date()
+        reporter = Reporter(organization="Example", contact="tls@example.com", submitter="mx")
+        report = build_report("example.org", day, store.tls_sessions(day), reporter)
+        print(config.mta_sts, report.filename("mx"), len(report.gzipped()))
+    finally:
+        store.close()
 
 
 async def async_usage() -> None:

@@ -236,3 +236,8 @@ class SMTPConnectError(TemporaryFailure, ConnectionError):
 
 class TLSRequiredError(TemporaryFailure):
     """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""
+
+
+class RequireTLSFailure(PermanentFailure):
+    """A REQUIRETLS message (RFC 8689) cannot be sent as it demands: no authenticated TLS
+    is possible to the destination, or its server does not offer REQUIRETLS (5.7.30)."""

@@ -38,6 +38,7 @@ from mailstrom.config import (
     DNSConfig,
     EventLoop,
     HookConfig,
+    MTASTSConfig,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -48,6 +49,7 @@ from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores.url import default_store_url, redact_url
+from mailstrom.tls.table import PolicyTable
 
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
@@ -289,6 +291,24 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
 
 
+def _tls_domains(key: str, value: Any) -> PolicyTable:
+    """A ``[tls.domains]`` table, or ``domain=level`` pairs separated by commas (the
+    environment's form: ``example.com=verify,*.bank.example=dane-only``)."""
+    if isinstance(value, str):
+        entries: dict[str, str] = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            name, sep, level = part.partition("=")
+            if not sep or not name.strip() or not level.strip():
+                raise ConfigError(f"{key}: expected domain=level pairs, got {part.strip()!r}")
+            entries[name.strip()] = level.strip()
+        value = entries
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of domain = level, got {value!r}")
+    return PolicyTable.parse(value)
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -358,6 +378,20 @@ KEYS: dict[str, Parser] = {
     # names get, and the aliases file ("" for none).
     "sendmail.origin": _str,
     "sendmail.aliases": _any_str,
+    "tls.default": _choice(TLSPolicy),
+    "tls.domains": _tls_domains,
+    "tls.remember_broken": _duration,
+    "dns.dnssec": _bool,
+    "mta_sts.enabled": _bool,
+    "mta_sts.port": _port,
+    "mta_sts.ca_file": _existing_file,
+    "mta_sts.timeout": _float(0.001),
+    "mta_sts.recheck": _float(0),
+    "mta_sts.report": _bool,
+    # Read by ``mailstrom tlsrpt`` only: who the reports say they come from.
+    "tlsrpt.organization": _str,
+    "tlsrpt.contact": _str,
+    "tlsrpt.from": _str,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
@@ -561,6 +595,17 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
             top["hook"] = HookConfig(**hook)
     if (domains := section("metrics").get("domains")) is not None:
         top["metrics_domains"] = tuple(domains)
+    tls = section("tls")
+    if "default" in tls and "tls" not in top:
+        # [tls] default = ... is how a file with [tls.domains] names the global level
+        # (TOML cannot have both tls = "..." and a [tls] table); a plain tls wins.
+        top["tls"] = tls["default"]
+    if "domains" in tls:
+        top["tls_domains"] = tls["domains"]
+    if "remember_broken" in tls:
+        top["tls_remember_broken"] = tls["remember_broken"]
+    if (mta_sts := section("mta_sts")) and mta_sts.pop("enabled", True):
+        top["mta_sts"] = MTASTSConfig(**mta_sts)
     return Config(**top)
 
 

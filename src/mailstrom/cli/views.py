@@ -19,7 +19,14 @@ from mailstrom.cli.output import age, print_fields, print_json, print_table, to_
 from mailstrom.cli.parsing import Subparsers, count_arg
 from mailstrom.cli.selection import add_filter_options, queue_filter
 from mailstrom.policy.reasons import advice_for
-from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState, RecipientStatus
+from mailstrom.status import (
+    Attempt,
+    DKIMStatus,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+    RecipientStatus,
+)
 from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension
 
 STATUS_EPILOG = """\
@@ -28,6 +35,7 @@ examples:
   mailstrom status --history 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].state'
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].advice.help'
+  mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.dkim.signed, .dkim.reason'
 """
 
 QUEUE_EPILOG = """\
@@ -50,7 +58,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="show one message and each recipient's state",
         description="Show where a message and each of its recipients stand: state, last "
         "reply and why it failed (its class, what to do, the provider's help page), MX host "
-        "and address used, attempts and the next retry.",
+        "and address used, attempts and the next retry; and whether the message was "
+        "DKIM-signed (by which keys, or why not).",
         epilog=STATUS_EPILOG,
     )
     p.add_argument("id", help="message id (as printed by send)")
@@ -123,8 +132,11 @@ def status_command(args: argparse.Namespace) -> int:
 
 def status_json(st: MessageStatus) -> dict[str, Any]:
     """The status as JSON-ready data: every field, plus ``advice`` (meaning, action, help,
-    provider; null when nothing failed) beside each recipient and each attempt."""
+    provider; null when nothing failed) beside each recipient and each attempt, and
+    ``signed`` in ``dkim`` (null when no DKIM outcome was recorded)."""
     data: dict[str, Any] = to_jsonable(st)
+    if st.dkim is not None:
+        data["dkim"] = {"signed": st.dkim.signed, **data["dkim"]}
     for r, r_data in zip(st.recipients, data["recipients"], strict=True):
         r_data["advice"] = _advice_json(r)
         for a, a_data in zip(r.history, r_data["history"], strict=True):
@@ -148,6 +160,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ("Queued", f"{st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)"),
             ("Size", f"{st.size} bytes"),
             ("Held", st.held),
+            ("DKIM", dkim_text(st.dkim)),
         ]
     )
     print()
@@ -177,7 +190,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             print(f"Attempts for {r.address}: none yet")
             continue
         print_table(
-            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "CLASS", "REPLY"],
+            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "POLICY", "SECONDS", "CLASS", "REPLY"],
             [
                 [
                     a.at,
@@ -186,6 +199,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                     a.ip,
                     a.port,
                     " ".join(filter(None, [a.tls_version, a.tls_cipher])) or None,
+                    a.tls_policy,
                     f"{a.duration:.3f}",
                     a.reason_class,
                     a.reason,
@@ -194,6 +208,13 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ],
             title=f"Attempts for {r.address}",
         )
+
+
+def dkim_text(dkim: DKIMStatus | None) -> str:
+    """The DKIM line of ``status``: each signature, or unsigned with the reason."""
+    if dkim is None:
+        return "not recorded (DKIM not configured when queued)"
+    return str(dkim)
 
 
 def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:

@@ -231,8 +231,8 @@ def log_unsigned(prepared: PreparedMessage) -> None:
     """One record saying that ``prepared`` goes out without a DKIM signature."""
     if _dkim_log.isEnabledFor(logging.WARNING):
         _dkim_log.warning(
-            "not DKIM-signed: no DKIM key aligns with its From domain (Message-ID %s, "
-            "envelope sender %s)",
+            "not DKIM-signed: %s (Message-ID %s, envelope sender %s)",
+            prepared.dkim_unsigned,
             prepared.header_message_id,
             prepared.envelope_from or "<>",
             extra={
@@ -240,6 +240,7 @@ def log_unsigned(prepared: PreparedMessage) -> None:
                 "fields": {
                     "header_message_id": prepared.header_message_id,
                     "from": prepared.envelope_from,
+                    "reason": prepared.dkim_unsigned,
                 },
             },
         )

@@ -27,15 +27,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure, SMTPConnectError, TemporaryFailure
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    RequireTLSFailure,
+    SMTPConnectError,
+    TemporaryFailure,
+    TLSRequiredError,
+)
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -45,6 +55,9 @@ and one more waiting, so that the content of the next leaves with the envelope a
 even when the replies of both arrive in one segment."""
 
 Done = Callable[[list[RecipientResult]], None]
+TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | None], None]
+"""Told (domain, requirement, MX host, address, error or None) after each connection
+attempt, for TLS reports (``observe_tls``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -66,19 +79,34 @@ class _Destination:
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    require_tls: bool = False
+    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    tls_optional: bool = False
+    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
 
 
 class Dispatcher:
     """Delivers work items; reports each item's results through ``on_done``."""
 
     def __init__(
-        self, config: Config, *, router: Router, outcomes: Outcomes, on_done: Done
+        self,
+        config: Config,
+        *,
+        router: Router,
+        outcomes: Outcomes,
+        on_done: Done,
+        tls: TLSDecider | None = None,
+        observe_tls: TLSObserver | None = None,
     ) -> None:
+        """``tls`` decides each connection's TLS requirement (default: the one ``config``
+        asks for, without a store to share remembered broken TLS)."""
         self._config = config
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
-        self._opener = Opener(config)
+        self._tls = tls if tls is not None else TLSDecider.for_config(config)
+        self._observe_tls = observe_tls
+        self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -113,6 +141,13 @@ class Dispatcher:
         if checked is None:
             return
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        # Messages that change the TLS decision (RFC 8689) travel apart from the others.
+        require_tls = checked.item.require_tls
+        tls_optional = not require_tls and tls_required_no(checked.item.data)
+        if require_tls:
+            key += "\0requiretls"
+        elif tls_optional:
+            key += "\0tls-optional"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -120,6 +155,8 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
         dest.queue.append(checked)
         self._start_sessions(dest)
@@ -223,30 +260,46 @@ class Dispatcher:
         except DeliveryError as exc:
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
-        targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
+        targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
+        last_policy: str | None = None
         index = 0
         opener = self._opener
         while dest.queue and index < len(targets):
-            host, ip = targets[index]
-            key = opener.key(host, ip)
+            mx, ip = targets[index]
+            host = mx.name
+            try:
+                need = await self._tls.requirement(self._destination(dest, route, mx))
+            except DeliveryError as exc:
+                # This host must not be used now (TLSA lookup failed, a policy refuses it).
+                exc.host = exc.host or host
+                last_error = exc
+                last_policy = None
+                index += 1
+                continue
+            key = opener.key(host, ip, need)
             conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
-                    conn = await opener.open(host, ip)
+                    conn, need = await self._open(dest, host, ip, need)
+                    key = opener.key(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
+                        # Say which policy refused, not just what the peer did.
+                        exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
+                    last_policy = need.label
                     index += 1
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused)
+                broke = await self._stream(dest, conn, reused, need)
             finally:
                 dest.connected -= 1
             if broke is None:
@@ -263,7 +316,9 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
-        if isinstance(last_error, PermanentFailure):
+        if isinstance(last_error, PermanentFailure) and not isinstance(
+            last_error, RequireTLSFailure
+        ):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
             last_error = TemporaryFailure(
@@ -272,16 +327,55 @@ class Dispatcher:
                 enhanced=last_error.enhanced,
                 host=last_error.host,
             )
-        self._fail_queue(dest, last_error, Where(host=last_error.host))
+        self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+
+    async def _open(
+        self, dest: _Destination, host: str, ip: str, need: TLSRequirement
+    ) -> tuple[SMTPConnection, TLSRequirement]:
+        """A new connection under ``need``, and the requirement it was opened under: when
+        TLS fails and ``need`` has a fallback (MTA-STS testing), the connection made again
+        in the fallback mode. ``observe_tls`` hears how the first connection went."""
+        observe = self._observe_tls
+        try:
+            conn = await self._opener.open(host, ip, need)
+        except DeliveryError as exc:
+            if observe is not None:
+                observe(dest.domain, need, host, ip, exc)
+            if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
+                raise
+            need = replace(
+                need,
+                mode=need.fallback,
+                fallback=None,
+                reason=f"{need.reason}; enforce would fail: {exc.text}",
+            )
+            return await self._opener.open(host, ip, need), need
+        if observe is not None:
+            observe(dest.domain, need, host, ip, None)
+        return conn, need
+
+    def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
+        return Destination(
+            domain=dest.domain,
+            mx_host=mx.name,
+            mx_secure=route.secure,
+            host_secure=mx.secure,
+            tls_optional=dest.tls_optional,
+            require_tls=dest.require_tls,
+        )
 
     async def _stream(
-        self, dest: _Destination, conn: SMTPConnection, reused: bool
+        self,
+        dest: _Destination,
+        conn: SMTPConnection,
+        reused: bool,
+        need: TLSRequirement,
     ) -> DeliveryError | None:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, or it breaks (returning the error)."""
         cap = self._config.max_messages_per_connection
         queue = dest.queue
-        where = Where.of(conn)
+        where = Where.of(conn, need)
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
@@ -346,6 +440,7 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.

@@ -31,11 +31,12 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.mtasts.hook import for_worker
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
@@ -44,6 +45,7 @@ from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -61,6 +63,8 @@ _BACKOFF_MAX = 5.0
 """Bounds of the wait between retries of a failing store call."""
 _FINAL_RECORD = 30.0
 """Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
+_TLS_REFRESH = 60.0
+"""Seconds between reads of the hosts other workers found with broken TLS."""
 
 
 def utc_now() -> datetime:
@@ -239,11 +243,27 @@ class Worker:
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
-        dispatcher = self._dispatcher = Dispatcher(
-            self.config, router=self._router, outcomes=outcomes, on_done=self._on_done
+        mta_sts = for_worker(
+            self.config, self.store, store_call=self._store_call, clock=self._clock
         )
+        hook, tls_sessions = mta_sts if mta_sts is not None else (None, None)
+        tls = self._tls_decider(mta_sts=hook)
+        dispatcher = self._dispatcher = Dispatcher(
+            self.config,
+            router=self._router,
+            outcomes=outcomes,
+            on_done=self._on_done,
+            tls=tls,
+            observe_tls=hook.observe if hook is not None else None,
+        )
+        reporting = None
+        if tls_sessions is not None:
+            reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        tls_memory = asyncio.create_task(
+            self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
+        )
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
         failed = True
@@ -280,7 +300,8 @@ class Worker:
             raise
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            tls_memory.cancel()
+            await asyncio.gather(heartbeat, tls_memory, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -290,6 +311,10 @@ class Worker:
             if hooks is not None:
                 await self._stop_hooks(hooks, flush=not failed)
             await self._release_unfinished()
+            if reporting is not None and tls_sessions is not None:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
+                await tls_sessions.flush()
             self._running = False
             self._stopped.set()
 
@@ -477,6 +502,55 @@ class Worker:
                     await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
+
+    # --- the TLS decision and its shared memory ------------------------------------------
+
+    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
+        """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
+        memory of broken TLS written to the store so that every worker shares it, and
+        ``mta_sts`` as a policy source when MTA-STS is on."""
+        broken = BrokenTLS(
+            self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
+        )
+        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
+
+    def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
+        if self._loop is None or not hasattr(self.store, "note_tls_broken"):
+            return
+        now = self._clock()
+        task = self._loop.create_task(
+            self._store_call(
+                self.store.note_tls_broken,
+                host,
+                until=now + timedelta(seconds=seconds),
+                reason=reason,
+                now=now,
+            )
+        )
+        task.add_done_callback(self._noted)
+
+    def _noted(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            self._store_trouble("note_tls_broken", exc)  # this worker still remembers
+        elif exc is not None:
+            log.error("remembering broken TLS failed: %r", exc)
+
+    async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
+        """Read the hosts with broken TLS every worker noted, now and every minute."""
+        read = getattr(self.store, "tls_broken", None)  # a store older than the protocol
+        if broken.remember_for <= 0 or read is None:
+            return
+        while True:
+            try:
+                now = self._clock()
+                known = await self._store_call(read, now=now)
+                broken.load({h: (until - now).total_seconds() for h, until in known.items()})
+            except StoreError as exc:
+                self._store_trouble("tls_broken", exc)
+            await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation
 
     def _store_trouble(self, doing: str, exc: StoreError) -> None:
         c = self._counters

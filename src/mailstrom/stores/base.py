@@ -17,10 +17,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
@@ -30,6 +31,7 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.stores.operator import ShapeRow, Suspension
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -37,6 +39,10 @@ may send up to a megabyte per reply; Postfix keeps 2,048 octets too."""
 MAX_HISTORY = 50
 """Attempts kept in a recipient's history; older ones are dropped as new ones are recorded
 (the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
+
+
+MAX_TLS_BROKEN = 10_000
+"""Hosts with remembered broken TLS that a worker reads at most."""
 
 
 def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
@@ -129,6 +135,9 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
+    REQUIRETLS (``Email.require_tls``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -346,6 +355,19 @@ class Store(Protocol):
         yet acknowledged are kept, however old."""
         ...
 
+    # --- remembered broken TLS (schema version 8) -----------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember that ``host``'s TLS handshake failed (``reason``, cut to
+        :data:`MAX_REPLY_TEXT` octets) until ``until``; a later ``until`` already known is
+        kept. Every worker sharing the store sees it (:meth:`tls_broken`)."""
+        ...
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``, with until when (at most
+        ``limit``, those remembered longest first); expired entries are dropped."""
+        ...
+
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) when work may have become due: mail enqueued
         or retried through this store object, or through any process for stores that can
@@ -422,4 +444,28 @@ class Store(Protocol):
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspensions in force at ``now``, by domain."""
+        ...
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The MTA-STS policy cached for ``domain`` (lower-case A-label), expired or not,
+        or None. Every worker sharing the store sees the same cache."""
+        ...
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        ...
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add each counter of ``sessions`` to the stored counter with the same key
+        (:meth:`TLSSessions.key`), in one transaction; concurrent adds never lose counts."""
+        ...
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every session counter of the UTC day ``day`` (for TLS reports)."""
+        ...
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
         ...

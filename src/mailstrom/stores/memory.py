@@ -19,6 +19,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
+    DKIMStatus,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -29,6 +30,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     LeasedRecipient,
@@ -40,6 +42,8 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
 )
+from mailstrom.stores.dkim_column import bounded_dkim
+from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
@@ -121,6 +125,7 @@ class _Message:
     created_at: datetime
     held: bool
     recipients: dict[str, _Recipient]
+    dkim: DKIMStatus | None = None
 
     def state(self) -> RecipientState:
         return derive_message_state([r.state for r in self.recipients.values()])
@@ -138,10 +143,11 @@ class _Message:
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
             held=self.held,
+            dkim=self.dkim,
         )
 
 
-class MemoryStore:
+class MemoryStore(MemoryTLSMixin):
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
     >>> store = MemoryStore()
@@ -160,6 +166,8 @@ class MemoryStore:
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
         self._suspended: dict[str, Suspension] = {}
+        self._init_tls()
+        self._tls_broken: dict[str, datetime] = {}
 
     # --- writing ----------------------------------------------------------------------
 
@@ -193,6 +201,7 @@ class MemoryStore:
                     created_at=now,
                     held=hold,
                     recipients=recipients,
+                    dkim=bounded_dkim(prepared.dkim_status),
                 )
                 ids.append(mid)
         if ids and not hold:
@@ -244,6 +253,7 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
                     )
                 )
         if not items:
@@ -555,6 +565,22 @@ class MemoryStore:
             )
 
     # --- misc -------------------------------------------------------------------------
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._lock:
+            known = self._tls_broken.get(host)
+            self._tls_broken[host] = until if known is None else max(known, until)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        with self._lock:
+            for host in [h for h, until in self._tls_broken.items() if until <= now]:
+                del self._tls_broken[host]
+            longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
+        return dict(longest[:limit])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""

@@ -52,23 +52,26 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     DeliveryEvent,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events
+from mailstrom.stores import sqlite_events, sqlite_tls
 from mailstrom.stores.base import (
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
+    bounded_text,
 )
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -105,6 +108,7 @@ from mailstrom.stores.sqlite_queue import (
     record_rows,
 )
 from mailstrom.stores.sqlite_schema import (
+    from_us,
     migrate,
     migrations,
     opt_dt,
@@ -113,6 +117,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
 
@@ -842,6 +847,29 @@ class SQLiteStore:
         with self._write(fsync=False) as conn:
             return sqlite_events.prune_event_rows(conn, sent_before=sent_before)
 
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._write(fsync=False) as conn:
+            conn.execute(
+                "INSERT INTO tls_broken (host, until, reason, noted_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET until = max(until, excluded.until),"
+                " reason = excluded.reason, noted_at = excluded.noted_at",
+                (host, to_us(until), bounded_text(reason), to_us(now)),
+            )
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        at = to_us(now)
+        with self._write(fsync=False) as conn:
+            conn.execute("DELETE FROM tls_broken WHERE until <= ?", (at,))
+            rows = conn.execute(
+                "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
+                (at, limit),
+            ).fetchall()
+        return {host: from_us(until) for host, until in rows}
+
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this
         object or by another process (a datagram socket in ``<database>-wake/``, see
@@ -950,3 +978,33 @@ class SQLiteStore:
         """The suspensions in force at ``now``, by domain."""
         with self._read() as conn:
             return active_suspensions(conn, now)
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        with self._read() as conn:
+            return sqlite_tls.read_policy(conn, domain)
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there (not fsynced: a
+        policy lost to a power failure is fetched again)."""
+        with self._write(fsync=False) as conn:
+            sqlite_tls.write_policy(conn, cached)
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        with self._write(fsync=False) as conn:
+            sqlite_tls.add_sessions(conn, sessions)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        with self._read() as conn:
+            return sqlite_tls.read_sessions(conn, day)
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        with self._write(fsync=False) as conn:
+            return sqlite_tls.prune_sessions(conn, before)

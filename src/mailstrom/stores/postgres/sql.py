@@ -50,10 +50,11 @@ def migrations() -> tuple[Migration, ...]:
             )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Numbers are assigned to features developed side by side, so there may be gaps; a
-    # number used twice would apply only one of its files.
+    # Numbers only grow; a gap is allowed (features developed apart take numbers ahead).
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise StoreError(f"PostgreSQL migrations must have distinct numbers ≥ 1; found {versions}")
+        raise StoreError(
+            f"PostgreSQL migrations must have distinct numbers from 1; found {versions}"
+        )
     return tuple(found)
 
 
