@@ -9,6 +9,7 @@ import asyncio
 from datetime import timedelta
 
 from mailstrom import (
+    AmbiguousMessageId,
     AsyncMailstrom,
     Attachment,
     Config,
@@ -27,10 +28,12 @@ from mailstrom import (
     NoDKIMKey,
     RecipientState,
     RetryPolicy,
+    ShapeRow,
+    Suspension,
     TLSPolicy,
     prepare,
 )
-from mailstrom.stores import SQLiteStore, open_store
+from mailstrom.stores import QueueFilter, SQLiteStore, open_store
 
 
 def sync_usage() -> None:
@@ -68,6 +71,20 @@ def sync_usage() -> None:
         print(snap.worker.metrics.attempts.get(("delivered", "none"), 0), delay and delay.count)
         if snap.queue is not None:
             print(snap.queue.by_state)
+        # The operator's methods (issue 14): prefixes, many ids or a filter.
+        try:
+            full: str = ms.resolve_id(mid[:12])
+        except AmbiguousMessageId as exc:
+            print(exc.candidates)
+        held: int = ms.hold([mid, full]) + ms.release(QueueFilter(held=True))
+        print(held, ms.retry_many(mid), ms.cancel_many(QueueFilter(domain="example.org")))
+        print(ms.purge(timedelta(days=7), state=RecipientState.DELIVERED))
+        rows: list[ShapeRow] = ms.shape()
+        ms.suspend("example.org", for_=timedelta(hours=2))
+        suspended: list[Suspension] = ms.suspensions()
+        print(rows, suspended, ms.resume("example.org"), ms.count(), ms.stats().held)
+        final: MessageStatus = ms.wait(mid, timeout=30.0)
+        print(final.state, ms.message_data(mid)[:10], ms.query(QueueFilter(limit=5)))
 
 
 def dkim_usage() -> None:
@@ -169,6 +186,9 @@ async def async_usage() -> None:
         mid = await ms.send_email(Email(from_="a@example.com", to="b@example.org", text="x"))
         status = await ms.query_status(mid)
         print(status.state.is_final, (await ms.metrics()).worker.transactions)
+        waited: MessageStatus = await ms.wait(mid[:12], timeout=5.0)
+        changed: int = await ms.hold(mid) + await ms.release([mid])
+        print(waited.held, changed, await ms.shape(), await ms.suspensions())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from mailstrom.config import (
 )
 from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, DKIMSignature
 from mailstrom.errors import (
+    AmbiguousMessageId,
     DeliveryError,
     ForbiddenCharacter,
     HeaderInjection,
@@ -69,8 +70,10 @@ from mailstrom.status import (
     WorkerMetrics,
     WorkerStatus,
 )
+from mailstrom.stores.operator import ShapeRow, Suspension
 
 __all__ = [
+    "AmbiguousMessageId",
     "AsyncMailstrom",
     "Attachment",
     "Attempt",
@@ -115,8 +118,10 @@ __all__ = [
     "RelayTLS",
     "RetryPolicy",
     "SMTPReply",
+    "ShapeRow",
     "StoreCorrupt",
     "StoreError",
+    "Suspension",
     "TLSPolicy",
     "TemporaryFailure",
     "Timeouts",

@@ -182,6 +182,21 @@ class UnknownMessage(MailstromError, KeyError):
         return f"unknown message id: {self.message_id!r}"
 
 
+class AmbiguousMessageId(UnknownMessage):
+    """A short id (a prefix) starts more than one message id; ``candidates`` lists some of
+    them (``more`` when there are others). A subclass of :class:`UnknownMessage`: code
+    that handles "no such message" handles "no single such message" too."""
+
+    def __init__(self, prefix: str, candidates: list[str], *, more: bool = False) -> None:
+        super().__init__(prefix)
+        self.candidates = candidates
+        self.more = more
+
+    def __str__(self) -> str:
+        listed = ", ".join(self.candidates) + (", ..." if self.more else "")
+        return f"ambiguous message id {self.message_id!r}: it starts {listed}"
+
+
 class InvalidStoreURL(MailstromError, ValueError):
     """A store URL names no known scheme or is malformed."""
 

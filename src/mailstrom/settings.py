@@ -126,6 +126,13 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _any_str(key: str, value: Any) -> str:
+    """A string, possibly empty (empty turns the feature off)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
 def _int(minimum: int, maximum: int | None = MAX_INTEGER) -> Parser:
     def parse(key: str, value: Any) -> int:
         if isinstance(value, str):
@@ -399,6 +406,10 @@ KEYS: dict[str, Parser] = {
     "dkim.keys": _dkim_keys,
     "dkim.required": _bool,
     "dkim.expire": _optional(_duration),
+    # Read by the sendmail personality only (cli/localnames.py): the domain bare local
+    # names get, and the aliases file ("" for none).
+    "sendmail.origin": _str,
+    "sendmail.aliases": _any_str,
     "tls.default": _choice(TLSPolicy),
     "tls.domains": _tls_domains,
     "tls.remember_broken": _duration,

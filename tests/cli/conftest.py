@@ -78,7 +78,7 @@ class CLI:
         )
 
     def queue_ids(self) -> list[str]:
-        return [m["id"] for m in self.ok("queue", "--json").json()]
+        return [m["id"] for m in self.ok("queue", "--json", "--state", "any").json()]
 
 
 def clean_env(home: Path) -> dict[str, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import time
 
 from tests.cli.conftest import CLI, MailEnv
 
@@ -170,6 +172,25 @@ def test_send_wait_exit_codes(mail_env: MailEnv) -> None:
     assert pending.code == 75
     assert "deferred" in pending.out
     assert "451" in pending.out
+
+
+def test_send_wait_returns_once_the_next_retry_is_past_the_timeout(mail_env: MailEnv) -> None:
+    """Issue 14: the outcome is known when the retry falls after the timeout; --wait must
+    not sit out its two minutes."""
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["later@example.test"] = "451 4.7.1 Try again later"
+    started = time.monotonic()
+    pending = cli(
+        "send", "--from", "a@client.test", "--to", "later@example.test", "--text", "x",
+        "--wait", "--timeout", "120",
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert pending.code == 75, pending.err
+    [line] = [ln for ln in pending.out.splitlines() if "deferred until" in ln]
+    assert re.fullmatch(
+        r"later@example\.test: deferred until \d\d:\d\d UTC \(451 4\.7\.1 Try again later\)",
+        line,
+    )
 
 
 def test_send_attachment_html_and_header(mail_env: MailEnv) -> None:

@@ -138,7 +138,7 @@ def test_sendmail_errors(cli: CLI) -> None:
     assert cli("sendmail", "-t", stdin=message).code == 64
     assert_one_line_error(cli("sendmail", "bad address@", stdin=message), 65)
     assert_one_line_error(cli("sendmail", "bob@example.test", stdin=b""), 66, "no message")
-    assert cli("sendmail", "-bp").code == 64
+    assert cli("sendmail", "-bs").code == 64
     assert cli("sendmail", "-Z", "bob@example.test", stdin=message).code == 64
     assert cli.queue_ids() == []
 

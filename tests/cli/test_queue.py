@@ -36,7 +36,9 @@ def test_queue_filters_and_counts(cli: CLI) -> None:
     assert counts["held"] == 1
 
     plain = cli.ok("queue").out.splitlines()
-    assert plain[0].split() == ["ID", "STATE", "AGE", "FROM", "RCPTS", "SIZE", "HELD", "SUBJECT"]
+    assert plain[0].split() == [
+        *("ID", "STATE", "AGE", "SIZE", "FROM", "RCPTS", "NEXT", "ATTEMPT", "LAST", "REASON")
+    ]
     assert [line.split()[0] for line in plain[1:]] == [third, second, first]
     assert "other.test" in cli.ok("queue", "--counts").out
 
@@ -44,13 +46,14 @@ def test_queue_filters_and_counts(cli: CLI) -> None:
 def test_hold_release_and_delivery(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     message_id = send(cli, "bob@example.test")
-    assert cli.ok("hold", message_id).out.strip() == f"{message_id}: held"
+    assert cli.ok("hold", message_id).out.strip() == "1 message held"
     assert cli.ok("status", "--json", message_id).json()["held"] is True
 
     cli.ok("worker", "--once", "--no-live")
     assert mx.messages == []  # held: not delivered
 
-    assert cli.ok("release", "--json", message_id).json() == {"id": message_id, "held": False}
+    released = cli.ok("release", "--json", message_id).json()
+    assert released == {"action": "release", "selected": 1, "changed": 1}
     cli.ok("worker", "--once", "--no-live")
     assert len(mx.messages) == 1
     assert cli.ok("status", "--json", message_id).json()["state"] == "delivered"
@@ -91,18 +94,19 @@ def test_retry_one_message(mail_env: MailEnv) -> None:
     mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted", "250 2.1.5 OK"]
     message_id = send(cli, "grey@example.test")
     cli.ok("worker", "--once", "--no-live")
-    assert cli.ok("retry", message_id).out.strip() == f"{message_id}: 1 recipients due now"
+    assert cli.ok("retry", message_id).out.strip() == "1 recipient due now (1 message)"
     cli.ok("worker", "--once", "--no-live")
     assert len(mx.messages) == 1
 
 
 def test_cancel(cli: CLI) -> None:
     message_id = send(cli, "bob@example.test")
-    assert cli.ok("cancel", "--json", message_id).json() == {"id": message_id, "cancelled": 1}
+    cancelled = cli.ok("cancel", "--json", message_id).json()
+    assert cancelled == {"action": "cancel", "selected": 1, "changed": 1}
     status = cli.ok("status", "--json", message_id).json()
     assert status["state"] == "failed"
     assert status["recipients"][0]["error"] == "cancelled"
-    assert cli.ok("cancel", message_id).out.strip() == f"{message_id}: 0 recipients cancelled"
+    assert cli.ok("cancel", message_id).out.strip() == "0 recipients cancelled (1 message)"
 
 
 def test_purge_only_finished_and_old_enough(mail_env: MailEnv) -> None:

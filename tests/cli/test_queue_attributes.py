@@ -33,6 +33,12 @@ def test_tags_and_metadata_are_shown_and_filtered(cli: CLI) -> None:
     assert cli.ok("queue", "--json", "--tag", "nothing").json() == []
     assert len(cli.queue_ids()) == 3
 
+    # The bulk commands take the same filter: only the tagged message is held.
+    held = cli.ok("hold", "--tag", "news")
+    assert "1" in held.out, held.out
+    assert [m["id"] for m in cli.ok("queue", "--json", "--held").json()] != [tagged]
+    assert len(cli.ok("queue", "--json", "--held").json()) == 1
+
 
 def test_bad_attributes_are_refused_before_anything_is_queued(cli: CLI) -> None:
     base = ("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")

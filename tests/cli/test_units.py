@@ -57,7 +57,7 @@ def test_sendmail_long_options() -> None:
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [
-        (["-bp"], "-bp is not supported"),
+        (["-bs"], "-bs is not supported"),
         (["-q1h"], "-q1h is not supported"),
         (["-f"], "-f requires an argument"),
         (["-Z"], "unknown option -Z"),

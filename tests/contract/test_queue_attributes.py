@@ -147,3 +147,20 @@ def test_lanes_not_named_go_when_the_named_ones_have_nothing_more_due(store: Sto
     # bulk has no room: the others wait, though due earlier.
     assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 0)]) == []
     assert sorted(_lanes_of(store, limit=10, lanes=LANES)) == ["", "bulk", "retired"]
+
+
+def test_the_pending_view_and_counts_filter_by_tag(store: Store) -> None:
+    """The operator's default view (pending mail, answered from the pending index on
+    SQLite) and its count honour the tag filter as the plain query does."""
+    from mailstrom.stores.operator import PENDING_STATES
+
+    receipt = store.enqueue(with_attributes(message(), tags=("receipt",)), now=NOW)
+    store.enqueue(with_attributes(message(), tags=("news",)), now=NOW + SECOND)
+    store.enqueue(message(), now=NOW + 2 * SECOND)
+    pending = QueueFilter(states=PENDING_STATES, tag="receipt")
+    assert [m.id for m in store.query(now=NOW, where=pending)] == [receipt]
+    assert store.count(now=NOW, where=pending, cap=100) == 1
+    assert store.count(now=NOW, where=QueueFilter(tag="news"), cap=100) == 1
+    assert store.count(now=NOW, where=QueueFilter(tag="nothing"), cap=100) == 0
+    failed = QueueFilter(states=frozenset({RecipientState.FAILED}), tag="receipt")
+    assert store.count(now=NOW, where=failed, cap=100) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from mailstrom.errors import (
+    AmbiguousMessageId,
     ConfigError,
     InvalidMessage,
     InvalidStoreURL,
@@ -24,7 +25,8 @@ EX_USAGE = 64
 EX_DATAERR = 65
 """Bad input data: an invalid address or message."""
 EX_NOINPUT = 66
-"""An input file cannot be read, or an unknown message id."""
+"""An input file cannot be read, or a message id (or prefix) that names no message or
+more than one."""
 EX_UNAVAILABLE = 69
 """``send --wait``: some recipient failed permanently."""
 EX_SOFTWARE = 70
@@ -82,6 +84,8 @@ def reason_for(exc: BaseException) -> str:
     """One line saying what went wrong (a password in a URL it quotes shown as ``***``)."""
     from mailstrom.stores.url import redact_url
 
+    if isinstance(exc, AmbiguousMessageId):
+        return str(exc)  # with the candidates
     if isinstance(exc, UnknownMessage):
         return f"unknown message id: {exc.message_id}"
     if isinstance(exc, MailstromError):

@@ -1,6 +1,7 @@
 """The ``mailstrom`` command: argument parsing, dispatch, and errors turned into exit codes.
 
-Invoked under the name ``sendmail`` (a symlink), it behaves as ``mailstrom sendmail``.
+Invoked under the name ``sendmail`` (a symlink), it behaves as ``mailstrom sendmail``;
+under the name ``mailq``, as ``mailstrom queue``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mailstrom.cli import sendmail
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
+from mailstrom.cli.destinations import register as register_destinations
 from mailstrom.cli.dkim import register as register_dkim
 from mailstrom.cli.doctor import register as register_doctor
 from mailstrom.cli.events import register as register_events
@@ -41,8 +43,12 @@ EPILOG = """\
 examples:
   mailstrom send --from app@example.com --to bob@example.org --subject Hi --text Hello
   mailstrom worker                        # deliver until SIGTERM/SIGINT
-  mailstrom status 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
-  mailstrom queue --state deferred
+  mailstrom status 0190f3a2c4e1            # any unique prefix of an id
+  mailstrom queue                          # pending mail, with reasons and next attempts
+  mailstrom queue --shape                  # pending recipients by destination and age
+  mailstrom show 0190f3a2c4e1              # the message as stored
+  mailstrom hold --domain example.org --dry-run
+  mailstrom suspend example.org --for 2h
   mailstrom check example.org
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
@@ -51,9 +57,10 @@ examples:
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
-input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
-73 dkim keygen: the key file cannot be created, 74 store damaged, not a mailstrom
-database, newer schema, or replaced (retrying will not help), 75 try again later
+input, unknown or ambiguous message id, or resume of a domain not suspended,
+69 send --wait: a recipient failed, 70 internal error, 73 dkim keygen: the key file
+cannot be created, 74 store damaged, not a mailstrom database, newer schema, or
+replaced (retrying will not help), 75 try again later
 (store unavailable; send --wait: still pending), 78 bad configuration.
 """
 
@@ -82,6 +89,7 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_destinations,
         register_tlsrpt,
         register_web,
     ):
@@ -105,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code (the console script passes it to exit)."""
     if argv is None:
         argv = sys.argv[1:]
-        if os.path.basename(sys.argv[0]) == "sendmail":
+        name = os.path.basename(sys.argv[0])
+        if name == "sendmail":
             return sendmail.main(argv)
+        if name == "mailq":
+            argv = ["queue", *argv]  # Postfix's and Sendmail's mailq: list the queue
     parser = build_parser()
     try:
         split = _split_sendmail(argv)

@@ -1,79 +1,189 @@
-"""Commands that change the queue: retry, hold, release, cancel, purge."""
+"""Commands that change the queue: retry, hold, release, cancel, purge.
+
+Each takes message ids (any unique prefix; ``-`` reads ids from standard input, one a
+line, as ``postsuper -`` does) or the filters of ``queue`` (``--state``, ``--domain``,
+``--older-than``, or ``--all``), prints how many it changed, and with ``--dry-run``
+changes nothing and lists what it would change. Every id is resolved before anything
+changes, so a typo changes nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers, duration_arg
+from mailstrom.cli.selection import (
+    MAX_BULK,
+    add_filter_options,
+    add_id_arguments,
+    given_ids,
+    has_filters,
+    plural,
+    print_ids,
+    queue_filter,
+    resolve_all,
+    select,
+)
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import Store
+
+BULK_EPILOG = """\
+examples:
+  mailstrom {name} 0190f3a2                     # a unique prefix is enough
+  mailstrom {name} 0190f3a2c4e1 0190f3a2d7f0
+  mailstrom queue --json | jq -r '.[].id' | mailstrom {name} -
+  mailstrom {name} --domain example.org --older-than 2h --dry-run
+  mailstrom {name} --all
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Action:
+    """One bulk command: what it does to the selected messages."""
+
+    name: str
+    help: str
+    description: str
+    unit: str
+    """What the count counts: "message" or "recipient"."""
+    done: str
+    """The past tense in the report ("3 messages held")."""
+    held: bool | None
+    """Which messages the filters select by default: held ones (release), unheld ones
+    (hold), or either."""
+    apply: Callable[[Store, list[str], datetime], int]
+
+
+_ACTIONS = (
+    _Action(
+        "hold",
+        "keep messages from being delivered until released",
+        "Keep messages from being delivered until released. Deliveries already in flight "
+        "finish. Filters select pending messages not held yet.",
+        "message",
+        "held",
+        False,
+        lambda store, ids, now: store.hold_many(ids, True),
+    ),
+    _Action(
+        "release",
+        "let held messages be delivered again",
+        "Let held messages be delivered again. Filters select held pending messages.",
+        "message",
+        "released",
+        True,
+        lambda store, ids, now: store.hold_many(ids, False),
+    ),
+    _Action(
+        "retry",
+        "make pending recipients due now",
+        "Make the queued and deferred recipients of messages due at once. A running "
+        "worker picks them up at once (SQLite and PostgreSQL wake it), or within "
+        "poll_interval. Filters select pending messages.",
+        "recipient",
+        "due now",
+        None,
+        lambda store, ids, now: store.retry_many(ids, now=now),
+    ),
+    _Action(
+        "cancel",
+        "fail messages' pending recipients",
+        'Fail every queued or deferred recipient of messages with the reason "cancelled". '
+        "Delivered recipients stay delivered. Filters select pending messages.",
+        "recipient",
+        "cancelled",
+        None,
+        lambda store, ids, now: store.cancel_many(ids, now=now),
+    ),
+)
 
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "retry",
-        parents=parents,
-        help="make pending recipients due now",
-        description="Make a message's queued and deferred recipients due at once, or every "
-        "deferred recipient in the queue. A running worker picks them up on its next look "
-        "at the store (at once with PostgreSQL, within poll_interval otherwise).",
-        epilog="examples:\n  mailstrom retry 0190f3a2c4e1b7d08a4f2c6e9b1d3f57\n"
-        "  mailstrom retry --all-deferred\n",
-    )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", nargs="?", help="message id")
-    which.add_argument("--all-deferred", action="store_true", help="every deferred recipient")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=retry_command)
-
-    for name, held, text in (
-        ("hold", True, "keep a message from being delivered until released"),
-        ("release", False, "let a held message be delivered again"),
-    ):
-        h = sub.add_parser(
-            name,
+    for action in _ACTIONS:
+        p = sub.add_parser(
+            action.name,
             parents=parents,
-            help=text,
-            description=text[0].upper() + text[1:] + ". Deliveries already in flight finish.",
-            epilog=f"example:\n  mailstrom {name} 0190f3a2c4e1b7d08a4f2c6e9b1d3f57\n",
+            help=action.help,
+            description=action.description
+            + f" At most {MAX_BULK:,} messages per run. Prints how many {action.unit}s "
+            "changed.",
+            epilog=BULK_EPILOG.format(name=action.name),
         )
-        h.add_argument("id", help="message id")
-        h.add_argument("--json", action="store_true", help="print JSON")
-        h.set_defaults(handler=hold_command, held=held)
-
-    c = sub.add_parser(
-        "cancel",
-        parents=parents,
-        help="fail a message's pending recipients",
-        description="Fail every queued or deferred recipient of a message with the reason "
-        '"cancelled". Delivered recipients stay delivered.',
-        epilog="example:\n  mailstrom cancel 0190f3a2c4e1b7d08a4f2c6e9b1d3f57\n",
-    )
-    c.add_argument("id", help="message id")
-    c.add_argument("--json", action="store_true", help="print JSON")
-    c.set_defaults(handler=cancel_command)
+        add_id_arguments(p, what="messages")
+        add_filter_options(p, default_state="pending")
+        _add_common(p)
+        if action.name == "retry":
+            p.add_argument(
+                "--all-deferred",
+                action="store_true",
+                help="every deferred recipient in the queue, however many (one statement)",
+            )
+        p.set_defaults(handler=bulk_command, action=action)
 
     pg = sub.add_parser(
         "purge",
         parents=parents,
         help="delete finished messages",
         description="Delete messages all of whose recipients are final (delivered or "
-        "failed) and whose last attempt is older than AGE. Pending messages are never "
-        "deleted.",
-        epilog="example:\n  mailstrom purge --delivered-before 7d\n",
+        "failed, cancelled included). Pending messages are never deleted. Choose by age "
+        "(--delivered-before, --failed-before, --finished-before), by ids, or by the "
+        "filters of queue (which select finished messages unless --state says otherwise); "
+        "an age option with ids or filters deletes only those finished long enough ago.",
+        epilog="examples:\n  mailstrom purge --delivered-before 7d\n"
+        "  mailstrom purge --failed-before 30d --dry-run\n"
+        "  mailstrom purge --finished-before 30d\n"
+        "  mailstrom purge --domain example.org --finished-before 1d\n"
+        "  mailstrom purge 0190f3a2c4e1\n",
     )
-    pg.add_argument(
-        "--delivered-before",
-        "--finished-before",
-        dest="before",
-        metavar="AGE",
-        type=duration_arg,
-        required=True,
-        help="finished more than AGE ago (30s, 15m, 2h, 3d)",
-    )
-    pg.add_argument("--json", action="store_true", help="print JSON")
-    pg.set_defaults(handler=purge_command)
+    add_id_arguments(pg, what="messages to delete (when finished)")
+    add_filter_options(pg, default_state="finished: delivered or failed")
+    age = pg.add_mutually_exclusive_group()
+    for flag, state, text in (
+        ("--delivered-before", RecipientState.DELIVERED, "every recipient delivered"),
+        ("--failed-before", RecipientState.FAILED, "every recipient final, one at least failed"),
+        ("--finished-before", None, "every recipient final, delivered or failed"),
+    ):
+        age.add_argument(
+            flag,
+            dest="before",
+            metavar="AGE",
+            type=duration_arg,
+            action=_StoreAge,
+            const=state,
+            help=f"messages with {text}, the last more than AGE ago (30s, 15m, 2h, 3d)",
+        )
+    _add_common(pg)
+    pg.set_defaults(handler=purge_command, before=None, purge_state=None)
+
+
+class _StoreAge(argparse.Action):
+    """Stores the age and remembers which of the three purge flags gave it."""
+
+    def __init__(self, *args: object, const: RecipientState | None = None, **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.purge_state = const
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.purge_state = self.purge_state
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every message the filters admit")
+    p.add_argument("--dry-run", action="store_true", help="change nothing; list what would change")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _report(args: argparse.Namespace, data: dict[str, object], text: str) -> int:
@@ -84,29 +194,84 @@ def _report(args: argparse.Namespace, data: dict[str, object], text: str) -> int
     return EX_OK
 
 
-def retry_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
-        if args.all_deferred:
-            n = store.retry_deferred(now=utc_now())
-            return _report(args, {"rescheduled": n}, f"{n} deferred recipients due now")
-        n = store.retry(args.id, now=utc_now())
-    return _report(args, {"id": args.id, "rescheduled": n}, f"{args.id}: {n} recipients due now")
+def bulk_command(args: argparse.Namespace) -> int:
+    action: _Action = args.action
+    now = utc_now()
+    with store_from(settings_from(args), read_only=args.dry_run) as store:
+        if getattr(args, "all_deferred", False):
+            if args.ids or has_filters(args) or args.all or args.dry_run:
+                raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
+            n = store.retry_deferred(now=now)
+            return _report(args, {"rescheduled": n}, f"{plural(n, 'deferred recipient')} due now")
+        ids = select(store, args, now=now, default_state="pending", held=action.held)
+        if args.dry_run:
+            return _dry_run(args, action.name, ids)
+        changed = action.apply(store, ids, now) if ids else 0
+    data: dict[str, object] = {"action": action.name, "selected": len(ids), "changed": changed}
+    if action.unit == "recipient":
+        text = f"{plural(changed, 'recipient')} {action.done} ({plural(len(ids), 'message')})"
+    else:
+        text = f"{plural(changed, 'message')} {action.done}"
+        if changed != len(ids):
+            text += f" ({len(ids) - changed:,} already so)"
+    return _report(args, data, text)
 
 
-def hold_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
-        store.set_held(args.id, args.held)
-    word = "held" if args.held else "released"
-    return _report(args, {"id": args.id, "held": args.held}, f"{args.id}: {word}")
-
-
-def cancel_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
-        n = store.cancel(args.id, now=utc_now())
-    return _report(args, {"id": args.id, "cancelled": n}, f"{args.id}: {n} recipients cancelled")
+def _dry_run(args: argparse.Namespace, name: str, ids: list[str]) -> int:
+    if args.json:
+        print_json({"action": name, "dry_run": True, "selected": len(ids), "ids": ids})
+        return EX_OK
+    print_ids(ids)
+    print(f"would {name} {plural(len(ids), 'message')} (dry run: nothing changed)")
+    return EX_OK
 
 
 def purge_command(args: argparse.Namespace) -> int:
-    with store_from(settings_from(args)) as store:
-        n = store.purge(finished_before=utc_now() - args.before)
-    return _report(args, {"purged": n}, f"{n} message{'' if n == 1 else 's'} purged")
+    now = utc_now()
+    before: timedelta | None = args.before
+    cutoff = now - before if before is not None else None
+    state: RecipientState | None = args.purge_state
+    with store_from(settings_from(args), read_only=args.dry_run) as store:
+        if not args.ids and not has_filters(args) and not args.all:
+            if cutoff is None:
+                raise UsageError(
+                    "say what to purge: --delivered-before, --failed-before, "
+                    "--finished-before, ids, filters or --all"
+                )
+            if not args.dry_run:
+                n = (
+                    store.purge(finished_before=cutoff)
+                    if state is None
+                    else store.purge_state(finished_before=cutoff, state=state)
+                )
+                return _purged(args, n)
+        if args.ids:
+            ids = resolve_all(store, given_ids(args))
+            if has_filters(args) or args.all:
+                raise UsageError("give message ids or filters (--state, --domain, ...), not both")
+        else:
+            default = "finished" if state is None else state.value
+            where = queue_filter(args, default_state=default, limit=MAX_BULK)
+            ids = [
+                m.id
+                for m in store.query(now=now, where=where)
+                if m.state.is_final and (cutoff is None or _finished_before(m.recipients, cutoff))
+            ]
+        if args.dry_run:
+            return _dry_run(args, "purge", ids)
+        n = store.purge_many(ids, finished_before=cutoff) if ids else 0
+    return _purged(args, n)
+
+
+def _finished_before(recipients: tuple[object, ...], cutoff: datetime) -> bool:
+    """Whether every recipient's last attempt (or cancellation) came before ``cutoff``;
+    the dry run's estimate of what purge_many checks on the stored finishing times."""
+    for r in recipients:
+        last = getattr(r, "last_attempt_at", None)
+        if last is not None and last >= cutoff:
+            return False
+    return True
+
+
+def _purged(args: argparse.Namespace, n: int) -> int:
+    return _report(args, {"purged": n}, f"{plural(n, 'message')} purged")

@@ -364,20 +364,41 @@ def send_command(args: argparse.Namespace) -> int:
     else:
         print()
         print_message(status, utc_now())
+        print_deferred(status)
     return wait_exit_code(status)
+
+
+def print_deferred(status: MessageStatus) -> None:
+    """One line per recipient still deferred: when the next attempt comes (UTC)."""
+    lines = [
+        f"{r.address}: deferred until {r.next_attempt_at:%H:%M} UTC"
+        + (f" ({' '.join(r.reason.split())})" if r.reason else "")
+        for r in status.recipients
+        if r.state is RecipientState.DEFERRED and r.next_attempt_at is not None
+    ]
+    if lines:
+        print()
+        print("\n".join(lines))
 
 
 async def deliver_and_wait(
     config: Config, store: Store, message_id: str, *, wait_for: float
 ) -> None:
-    """Run a worker until every recipient of ``message_id`` is final, or ``wait_for`` seconds."""
-    pending = {r.address for r in store.status(message_id).recipients if not r.state.is_final}
+    """Run a worker until every recipient of ``message_id`` is final or deferred past the
+    end of the wait (its next retry falls after ``wait_for`` seconds), or for ``wait_for``
+    seconds."""
+    deadline = utc_now() + timedelta(seconds=wait_for)
+    status = store.status(message_id)
+    pending = {r.address for r in status.recipients if not r.state.is_final}
     finished = asyncio.Event()
-    if not pending:
+    if not pending or status.held:
         finished.set()
 
     def on_result(result: RecipientResult) -> None:
-        if result.message_id == message_id and result.state.is_final:
+        if result.message_id != message_id:
+            return
+        later = result.next_attempt_at is not None and result.next_attempt_at > deadline
+        if result.state.is_final or later:
             pending.discard(result.address)
             if not pending:
                 finished.set()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -35,6 +35,14 @@ from mailstrom.cli.exits import (
     fail,
     reason_for,
 )
+from mailstrom.cli.localnames import (
+    aliases_path,
+    default_origin,
+    expand,
+    qualify,
+    qualify_headers,
+    read_aliases,
+)
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -50,7 +58,13 @@ Read one RFC 5322 message on standard input and queue it for delivery; a running
                   envelope sender (default: taken from the From header)
   -F NAME         full name for the From header, when the message has none
   -i, -oi         a line with a single dot does not end the message
+  -bp             list the pending queue (as mailq, or `mailstrom queue`) and exit
   --help          show this help
+
+Bare local names (root, www-data, "From: root (Cron Daemon)") get the origin domain
+(setting sendmail.origin, default the host's fully qualified name); recipients that are
+bare names are first looked up in the aliases file (sendmail.aliases, default
+/etc/aliases when it exists; "name: address, address" lines).
 
 Configuration comes only from $MAILSTROM_CONFIG or /etc/mailstrom/config.toml and the
 MAILSTROM_* environment variables; mailstrom's own options (--store, --config, ...) are
@@ -69,11 +83,10 @@ _FLAGS = frozenset("timnvUG")
 _IGNORED_WITH_VALUE = frozenset("BCNRVXLOhp")
 """Options whose value is accepted (attached or next argument) and ignored."""
 _UNSUPPORTED_MODES = {
-    "bp": "use `mailstrom queue`",
     "bs": "SMTP on stdin is not supported",
     "bd": "run `mailstrom worker` instead",
     "bD": "run `mailstrom worker` instead",
-    "bi": "there are no aliases",
+    "bi": "aliases are read as they are; there is no database to build",
     "bv": "use `mailstrom check DOMAIN`",
     "q": "run `mailstrom worker --once`",
 }
@@ -87,6 +100,8 @@ class SendmailArgs:
     ignore_dots: bool = False
     recipients: list[str] = field(default_factory=list)
     help: bool = False
+    list_queue: bool = False
+    """-bp: print the queue, as mailq does."""
 
 
 def parse_args(argv: Sequence[str]) -> SendmailArgs:
@@ -122,7 +137,9 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
             mode = arg[1:3] if letter == "b" else letter
             if mode in _UNSUPPORTED_MODES:
                 raise UsageError(f"-{arg[1:]} is not supported: {_UNSUPPORTED_MODES[mode]}")
-            if letter in ("f", "r"):
+            if mode == "bp":
+                args.list_queue = True
+            elif letter in ("f", "r"):
                 args.sender = value(arg, letter)
             elif letter == "F":
                 args.full_name = value(arg, letter)
@@ -172,18 +189,31 @@ def has_from(data: bytes) -> bool:
     return BytesHeaderParser(policy=compat32).parsebytes(data)["From"] is not None
 
 
-def build(data: bytes, args: SendmailArgs, *, default_domain: str) -> tuple[bytes, list[str]]:
-    """The message bytes (with a From header added if missing) and the envelope recipients."""
+def build(
+    data: bytes,
+    args: SendmailArgs,
+    *,
+    default_domain: str,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[bytes, list[str]]:
+    """The message bytes (with a From header added if missing, bare local names in its
+    address fields given ``default_domain``, the origin) and the envelope recipients
+    (bare names through ``aliases``, then given the origin; see
+    :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
     if not has_from(data):
-        address = args.sender or f"{getpass.getuser()}@{default_domain}"
+        address = qualify(args.sender or getpass.getuser(), default_domain)
         line = "From: " + formataddr((args.full_name or "", address), charset="utf-8")
         newline = b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
         data = line.encode("ascii") + newline + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text)]
     if args.extract:
         recipients = header_recipients(data) + recipients
+    recipients = list(
+        dict.fromkeys(r for a in recipients for r in expand(a, aliases or {}, default_domain))
+    )
+    data = qualify_headers(data, default_domain)
     if not recipients:
         hint = (
             "no recipients in the To, Cc or Bcc headers"
@@ -220,6 +250,8 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
+        if args.list_queue:
+            return _list_queue()
         return _enqueue(args)
     except UsageError as exc:
         sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
@@ -234,19 +266,44 @@ def _enqueue(args: SendmailArgs) -> int:
     # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
     # directory's files, which whoever can write there would control.
     settings = sendmail_settings()
+    origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
+    path = aliases_path(settings.values.get("sendmail.aliases"))
     stdin = sys.stdin.buffer
     data, recipients = build(
         read_message(stdin, ignore_dots=args.ignore_dots),
         args,
-        default_domain=settings.config.helo_name,
+        default_domain=origin,
+        aliases=read_aliases(path) if path else None,
     )
     now = utc_now()
+    sender = qualify(args.sender, origin) if args.sender else None
     prepared = prepare_for(
-        settings.config, data, envelope_from=args.sender, envelope_to=recipients, now=now
+        settings.config, data, envelope_from=sender, envelope_to=recipients, now=now
     )
     with store_from(settings) as store:
         store.enqueue(prepared, now=now)
     return EX_OK
+
+
+def _list_queue() -> int:
+    """-bp: the pending queue, as ``mailq`` (``mailstrom queue``) prints it."""
+    from mailstrom.cli.views import COUNT_CAP, print_queue
+    from mailstrom.stores.base import QueueFilter
+    from mailstrom.stores.operator import PENDING_STATES
+
+    now = utc_now()
+    where = QueueFilter(states=PENDING_STATES, limit=_MAILQ_LIMIT)
+    with store_from(sendmail_settings(), read_only=True) as store:
+        messages = store.query(now=now, where=where)
+        total = len(messages)
+        if total >= _MAILQ_LIMIT:
+            total = store.count(now=now, where=where, cap=COUNT_CAP)
+    print_queue(messages, now, total=total)
+    return EX_OK
+
+
+_MAILQ_LIMIT = 1000
+"""Messages ``sendmail -bp`` lists at most (a footer says how many more there are)."""
 
 
 def sendmail_settings() -> Settings:

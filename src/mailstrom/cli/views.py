@@ -9,13 +9,15 @@ a well-known one; the advice is looked up when shown, never stored.
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+import sys
+from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import age, print_fields, print_json, print_table, to_jsonable
-from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg
+from mailstrom.cli.parsing import Subparsers, count_arg
+from mailstrom.cli.selection import add_filter_options, queue_filter
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
@@ -25,7 +27,7 @@ from mailstrom.status import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension
 
 STATUS_EPILOG = """\
 examples:
@@ -38,12 +40,15 @@ examples:
 
 QUEUE_EPILOG = """\
 examples:
-  mailstrom queue                          # the 100 newest messages
+  mailstrom queue                          # the 100 newest pending messages
+  mailstrom queue --state any              # delivered and failed ones too
   mailstrom queue --state deferred --older-than 2h
   mailstrom queue --domain example.org --limit 20
   mailstrom queue --held
   mailstrom queue --tag newsletter --state deferred
   mailstrom queue --counts                 # recipients by state, pending by domain
+  mailstrom queue --shape                  # pending by destination and age (qshape)
+  mailstrom queue --suspended              # destinations on hold (see suspend)
 """
 
 
@@ -66,22 +71,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     q = sub.add_parser(
         "queue",
         parents=parents,
-        help="list queued messages, or count them",
-        description="List messages in the queue, newest first. Filters combine.",
+        help="list pending messages, count them, or show the queue's shape",
+        description="List messages, newest first: pending ones (queued or deferred) "
+        "unless --state says otherwise, with each one's last reason and next attempt, and "
+        "a footer when there are more than --limit. Filters combine.",
         epilog=QUEUE_EPILOG,
     )
-    q.add_argument(
-        "--state",
-        choices=[s.value for s in RecipientState],
-        help="only messages in this state (a message's state is derived from its recipients)",
-    )
-    q.add_argument("--domain", help="only messages with a recipient at this domain")
-    q.add_argument(
-        "--older-than",
-        metavar="AGE",
-        type=duration_arg,
-        help="only messages queued more than AGE ago (30s, 15m, 2h, 3d)",
-    )
+    add_filter_options(q, default_state="pending")
     held = q.add_mutually_exclusive_group()
     held.add_argument(
         "--held", dest="held", action="store_const", const=True, help="only held messages"
@@ -89,13 +85,37 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
-    q.add_argument("--tag", metavar="TAG", help="only messages carrying this tag")
     q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
-    q.add_argument(
+    view = q.add_mutually_exclusive_group()
+    view.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
+    )
+    view.add_argument(
+        "--shape",
+        action="store_true",
+        help="pending recipients per destination domain and age (qshape), largest first",
+    )
+    view.add_argument(
+        "--suspended", action="store_true", help="destinations suspended with `suspend`"
     )
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(handler=queue_command)
+
+    show = sub.add_parser(
+        "show",
+        parents=parents,
+        help="print a queued message as stored, recipients and states on top",
+        description="Print a message as it is stored and will be sent (like postcat): "
+        "the envelope, each recipient's state and last reason, then the message. "
+        "--headers stops after the header section; --raw prints only the stored bytes.",
+        epilog="examples:\n  mailstrom show 0190f3a2\n  mailstrom show --headers 0190f3a2\n"
+        "  mailstrom show --raw 0190f3a2 > message.eml\n",
+    )
+    show.add_argument("id", help="message id, or any unique prefix of one")
+    part = show.add_mutually_exclusive_group()
+    part.add_argument("--raw", action="store_true", help="only the stored bytes, unchanged")
+    part.add_argument("--headers", action="store_true", help="the header section only")
+    show.set_defaults(handler=show_command)
 
 
 # --- status ------------------------------------------------------------------------------
@@ -103,7 +123,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 def status_command(args: argparse.Namespace) -> int:
     with store_from(settings_from(args), read_only=True) as store:
-        st = store.status(args.id)
+        st = store.status(store.resolve_id(args.id))
     if args.json:
         print_json(status_json(st))
         return EX_OK
@@ -244,6 +264,7 @@ def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
 
 
 def queue_command(args: argparse.Namespace) -> int:
+    now = utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
@@ -252,36 +273,98 @@ def queue_command(args: argparse.Namespace) -> int:
             else:
                 print_counts(stats)
             return EX_OK
-        where = QueueFilter(
-            state=RecipientState(args.state) if args.state else None,
-            domain=args.domain,
-            older_than=args.older_than,
-            held=args.held,
-            limit=args.limit,
-            tag=args.tag,
-        )
-        now = utc_now()
+        if args.shape:
+            print_shape(store.shape(now=now, edges=AGE_EDGES), json=args.json)
+            return EX_OK
+        if args.suspended:
+            print_suspensions(store.suspensions(now=now), now, json=args.json)
+            return EX_OK
+        where = queue_filter(args, default_state="pending", limit=args.limit, held=args.held)
         messages = store.query(now=now, where=where)
+        total = len(messages)
+        if total >= args.limit:
+            total = store.count(now=now, where=where, cap=COUNT_CAP)
     if args.json:
         print_json(messages)
         return EX_OK
+    print_queue(messages, now, total=total)
+    return EX_OK
+
+
+COUNT_CAP = 1_000_000
+"""Messages the queue view's footer counts at most ("showing 100 of 1,000,000+")."""
+
+
+def print_queue(messages: list[MessageStatus], now: datetime, *, total: int) -> None:
+    """The queue table, and a footer when ``total`` says there are more."""
     print_table(
-        ["ID", "STATE", "AGE", "FROM", "RCPTS", "SIZE", "HELD", "SUBJECT"],
+        ["ID", "STATE", "AGE", "SIZE", "FROM", "RCPTS", "NEXT ATTEMPT", "LAST REASON"],
         [
             [
                 m.id,
-                m.state,
+                m.state.value + (", held" if m.held else ""),
                 age(m.created_at, now),
+                m.size,
                 m.envelope_from or "<>",
                 _recipient_summary(m),
-                m.size,
-                m.held,
-                m.subject,
+                _next_attempt(m, now),
+                _last_reason(m),
             ]
             for m in messages
         ],
     )
-    return EX_OK
+    if total > len(messages):
+        more = f"{total:,}+" if total >= COUNT_CAP else f"{total:,}"
+        print(f"\nshowing {len(messages):,} of {more} (use --limit)")
+
+
+def _next_attempt(m: MessageStatus, now: datetime) -> str | None:
+    due = [r.next_attempt_at for r in m.recipients if not r.state.is_final and r.next_attempt_at]
+    if not due:
+        return None
+    first = min(due)
+    return "now" if first <= now else f"in {age(now, first)}"
+
+
+def _last_reason(m: MessageStatus) -> str | None:
+    """The reason of the first recipient that has one, pending recipients first."""
+    ordered = sorted(m.recipients, key=lambda r: r.state.is_final)
+    return next((r.reason for r in ordered if r.reason), None)
+
+
+def print_shape(rows: list[ShapeRow], *, json: bool) -> None:
+    """qshape's table: a TOTAL row, then one row per domain, largest first."""
+    labels = age_labels(AGE_EDGES)
+    if json:
+        print_json(
+            [
+                {"domain": r.domain, "total": r.total, **dict(zip(labels, r.counts, strict=True))}
+                for r in rows
+            ]
+        )
+        return
+    totals = [sum(r.counts[i] for r in rows) for i in range(len(labels))]
+    print_table(
+        ["DOMAIN", "TOTAL", *labels],
+        [["TOTAL", sum(totals), *totals], *[[r.domain, r.total, *r.counts] for r in rows]],
+    )
+
+
+def age_labels(edges: tuple[timedelta, ...]) -> list[str]:
+    """Bucket names: 0-5m, 5-10m, ..., 160m+."""
+    minutes = [int(e.total_seconds() // 60) for e in edges]
+    lows = [0, *minutes]
+    return [f"{lo}-{hi}m" for lo, hi in zip(lows, minutes, strict=False)] + [f"{minutes[-1]}m+"]
+
+
+def print_suspensions(found: list[Suspension], now: datetime, *, json: bool) -> None:
+    if json:
+        print_json(found)
+        return
+    print_table(
+        ["DOMAIN", "SUSPENDED", "UNTIL"],
+        [[s.domain, s.suspended_at, s.until or "resumed"] for s in found],
+    )
 
 
 def _recipient_summary(m: MessageStatus) -> str:
@@ -300,3 +383,53 @@ def print_counts(stats: QueueStats) -> None:
     print()
     pending = sorted(stats.pending_by_domain.items(), key=lambda kv: (-kv[1], kv[0]))
     print_table(["DOMAIN", "PENDING"], pending, title="Pending recipients by domain")
+
+
+# --- show --------------------------------------------------------------------------------
+
+
+def show_command(args: argparse.Namespace) -> int:
+    with store_from(settings_from(args), read_only=True) as store:
+        mid = store.resolve_id(args.id)
+        data = store.message_data(mid)
+        st = None if args.raw else store.status(mid)
+    out = sys.stdout.buffer
+    if st is not None:
+        sys.stdout.write(envelope_text(st, utc_now()))
+        sys.stdout.flush()
+    if args.headers:
+        data = header_section(data)
+    out.write(data)
+    out.flush()
+    return EX_OK
+
+
+def envelope_text(st: MessageStatus, now: datetime) -> str:
+    """postcat's envelope part: who, when, and each recipient's state, then a line that
+    says where the message starts."""
+    lines = [
+        "*** ENVELOPE RECORDS ***",
+        f"message_id: {st.id}",
+        f"state: {st.state.value}{' (held)' if st.held else ''}",
+        f"queued: {st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)",
+        f"size: {st.size}",
+        f"sender: {st.envelope_from or '<>'}",
+    ]
+    for r in st.recipients:
+        line = f"recipient: {r.address}  {r.state.value}  attempts={r.attempts}"
+        if not r.state.is_final and r.next_attempt_at is not None:
+            line += f"  next={r.next_attempt_at:%Y-%m-%d %H:%M:%S}"
+        if r.reason:
+            line += "  reason=" + " ".join(r.reason.split())
+        lines.append(line)
+    lines.append("*** MESSAGE CONTENTS ***")
+    return "\n".join(lines) + "\n"
+
+
+def header_section(data: bytes) -> bytes:
+    """The header section of ``data``: up to and including the empty line that ends it."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        end = data.find(separator)
+        if end >= 0:
+            return data[: end + len(separator)]
+    return data

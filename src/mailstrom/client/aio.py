@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.operations import AsyncQueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
@@ -15,7 +16,7 @@ from mailstrom.status import MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
 
 
-class AsyncMailstrom(FacadeBase):
+class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """Queue mail and deliver it on the running event loop.
 
     >>> async with AsyncMailstrom(Config(helo_name="mail.example.com"),
@@ -68,6 +69,7 @@ class AsyncMailstrom(FacadeBase):
                     worker.request_stop(drain_timeout=timeout)
                     await asyncio.shield(task)
         finally:
+            self._unwatch_store()
             if self._owns_store:
                 self.store.close()
 
@@ -132,7 +134,7 @@ class AsyncMailstrom(FacadeBase):
 
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""
-        return await asyncio.to_thread(self.store.status, message_id)
+        return await asyncio.to_thread(lambda: self.store.status(resolve(self.store, message_id)))
 
     async def metrics(self) -> MetricsSnapshot:
         """The worker's counters with the queue's counts (see ``Mailstrom.metrics``)."""
@@ -148,8 +150,14 @@ class AsyncMailstrom(FacadeBase):
 
     async def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now."""
-        return await asyncio.to_thread(self.store.retry, message_id, now=self._clock())
+        now = self._clock()
+        return await asyncio.to_thread(
+            lambda: self.store.retry(resolve(self.store, message_id), now=now)
+        )
 
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        return await asyncio.to_thread(self.store.cancel, message_id, now=self._clock())
+        now = self._clock()
+        return await asyncio.to_thread(
+            lambda: self.store.cancel(resolve(self.store, message_id), now=now)
+        )

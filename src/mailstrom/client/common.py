@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -20,6 +21,7 @@ from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.stores.watchers import Watchers
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -89,12 +91,53 @@ class FacadeBase:
         self.worker_mode: str | None = mode
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
         self.worker: Worker | WorkerProcess | None = None
+        self._results = Watchers()
+        """Told of each result of a worker in this process, and (once a ``wait`` started
+        it) of the store's wake-ups: ``wait`` listens."""
+        self._store_watch: Callable[[], None] | None = None
+        self._store_watch_lock = threading.Lock()
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:
             self.worker = Worker(
-                self.config, self.store, router=router, clock=clock, rng=rng, on_result=on_result
+                self.config,
+                self.store,
+                router=router,
+                clock=clock,
+                rng=rng,
+                on_result=self._result_hook(on_result),
             )
+
+    def _result_hook(
+        self, on_result: Callable[[RecipientResult], None] | None
+    ) -> Callable[[RecipientResult], None]:
+        """``on_result``, then a word to whoever waits for results (one call per result,
+        on the worker's loop)."""
+        notify = self._results.notify
+        if on_result is None:
+            return lambda result: notify()
+
+        def hook(result: RecipientResult) -> None:
+            try:
+                on_result(result)
+            finally:
+                notify()
+
+        return hook
+
+    def _watch_store_for_waiters(self) -> None:
+        """Forward the store's wake-ups (mail retried or released) to ``wait`` callers:
+        one watch per facade, started by the first wait and shared by all (a PostgreSQL
+        watch holds a LISTEN connection), ended by ``stop``."""
+        with self._store_watch_lock:
+            if self._store_watch is None:
+                self._store_watch = self.store.watch(self._results.notify)
+
+    def _unwatch_store(self) -> None:
+        with self._store_watch_lock:
+            unwatch, self._store_watch = self._store_watch, None
+        if unwatch is not None:
+            unwatch()
 
     def _mode(self, worker: WorkerMode, *, store_url: str | None, custom: bool) -> str | None:
         if worker is None or worker == self._LOCAL:

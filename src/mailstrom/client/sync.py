@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.operations import QueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
@@ -24,7 +25,7 @@ from mailstrom.stores.base import QueueFilter
 log = logging.getLogger("mailstrom")
 
 
-class Mailstrom(FacadeBase):
+class Mailstrom(FacadeBase, QueueOperations):
     """Queue mail and deliver it in the background.
 
     >>> from mailstrom import Mailstrom, Config, Email
@@ -93,6 +94,7 @@ class Mailstrom(FacadeBase):
                     worker.request_stop(drain_timeout=timeout)
                     thread.join()
         finally:
+            self._unwatch_store()
             if self._owns_store:
                 self.store.close()
 
@@ -163,9 +165,11 @@ class Mailstrom(FacadeBase):
     def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history.
 
-        Raises :class:`~mailstrom.errors.UnknownMessage` for an id not in the store.
+        ``message_id`` may be any unique prefix of an id. Raises
+        :class:`~mailstrom.errors.UnknownMessage` for an id not in the store
+        (:class:`~mailstrom.errors.AmbiguousMessageId` for a prefix of several).
         """
-        return self.store.status(message_id)
+        return self.store.status(resolve(self.store, message_id))
 
     def metrics(self) -> MetricsSnapshot:
         """The worker's counters (attempts by outcome and reason class, latency and queue
@@ -193,8 +197,8 @@ class Mailstrom(FacadeBase):
 
     def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now; returns how many."""
-        return self.store.retry(message_id, now=self._clock())
+        return self.store.retry(resolve(self.store, message_id), now=self._clock())
 
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        return self.store.cancel(message_id, now=self._clock())
+        return self.store.cancel(resolve(self.store, message_id), now=self._clock())

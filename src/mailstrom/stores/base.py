@@ -30,6 +30,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
+from mailstrom.stores.operator import ShapeRow, Suspension
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
@@ -207,6 +208,9 @@ class QueueFilter:
     limit: int = 100
     tag: str | None = None
     """Messages carrying this tag (exact, case-sensitive)."""
+    states: frozenset[RecipientState] | None = None
+    """Messages whose derived state is one of these (with ``state``, both must hold);
+    :data:`~mailstrom.stores.operator.PENDING_STATES` is the queue's default view."""
 
 
 @runtime_checkable
@@ -396,6 +400,74 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections and threads. Idempotent."""
+        ...
+
+    # --- operator tools (schema version 10) -------------------------------------------
+
+    def resolve_id(self, prefix: str) -> str:
+        """The one message id starting with ``prefix`` (1 to 32 hex digits, any case),
+        found on the id index. Raises :class:`~mailstrom.errors.UnknownMessage` when none
+        does and :class:`~mailstrom.errors.AmbiguousMessageId` (with candidates) when
+        several do."""
+        ...
+
+    def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
+        """How many messages match ``where`` (its ``limit`` ignored), counting at most
+        ``cap``: a count of ``cap`` means "at least that many"."""
+        ...
+
+    def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """:meth:`retry` for each listed message in one transaction; unknown ids are
+        skipped. Returns how many recipients were rescheduled."""
+        ...
+
+    def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """:meth:`cancel` for each listed message in one transaction; unknown ids are
+        skipped. Returns how many recipients were cancelled."""
+        ...
+
+    def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
+        """Hold or release the listed messages in one transaction; returns how many
+        messages changed (those already so, and unknown ids, are not counted)."""
+        ...
+
+    def purge_many(
+        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+    ) -> int:
+        """Delete the listed messages all of whose recipients are final (and, with
+        ``finished_before``, whose last recipient finished before it); pending messages
+        are never deleted. Returns how many were deleted."""
+        ...
+
+    def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
+        """:meth:`purge` limited to messages whose derived state is ``state`` (DELIVERED:
+        every recipient delivered; FAILED: every recipient final, at least one failed)."""
+        ...
+
+    def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
+        """Pending recipients (held ones included) per destination domain and age of their
+        message, bucketed at ``edges`` (ascending), largest domain first; one aggregate
+        query."""
+        ...
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored (what the worker sends)."""
+        ...
+
+    def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
+        """Stop delivery to ``domain`` (lower case) until ``until`` or :meth:`resume`:
+        :meth:`lease` hands out none of its recipients and :meth:`next_due` ignores them;
+        they keep their state and are not counted as attempted. Suspending again replaces
+        the end."""
+        ...
+
+    def resume(self, domain: str) -> bool:
+        """End the suspension of ``domain`` (its pending recipients are due as they were
+        scheduled); False when it was not suspended. Wakes watchers."""
+        ...
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspensions in force at ``now``, by domain."""
         ...
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------

@@ -11,7 +11,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from mailstrom.errors import UnknownMessage
@@ -44,6 +44,15 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_tls import MemoryTLSMixin
+from mailstrom.stores.operator import (
+    ShapeRow,
+    Suspension,
+    bucket_of,
+    earliest,
+    normalize_prefix,
+    pick_one,
+    shape_rows,
+)
 from mailstrom.stores.watchers import Watchers
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -188,6 +197,7 @@ class MemoryStore(MemoryTLSMixin):
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._suspended: dict[str, Suspension] = {}
         self._init_tls()
         self._tls_broken: dict[str, datetime] = {}
         self._keys: dict[str, tuple[str, datetime]] = {}
@@ -256,12 +266,13 @@ class MemoryStore(MemoryTLSMixin):
         token = os.urandom(16).hex()
         expires_at = now + lease_for
         with self._lock:
+            suspended = self._suspended_domains(now)
             due = [
                 (r.due_at(), m.seq, r.position, m, r)
                 for m in self._messages.values()
                 if not m.held
                 for r in m.recipients.values()
-                if r.state in _PENDING and r.due_at() <= now
+                if r.state in _PENDING and r.due_at() <= now and r.domain not in suspended
             ]
             due.sort(key=lambda t: t[:3])
             if lanes is not None:
@@ -572,6 +583,8 @@ class MemoryStore(MemoryTLSMixin):
                     continue
                 if where.tag is not None and where.tag not in m.prepared.attributes.tags:
                     continue
+                if where.states is not None and m.state() not in where.states:
+                    continue
                 found.append(m.snapshot(with_history=False))
         return found
 
@@ -583,16 +596,18 @@ class MemoryStore(MemoryTLSMixin):
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due, or None."""
         with self._lock:
-            return min(
+            suspended = self._suspended_domains(now)
+            due = min(
                 (
                     r.due_at()
                     for m in self._messages.values()
                     if not m.held
                     for r in m.recipients.values()
-                    if r.state in _PENDING
+                    if r.state in _PENDING and r.domain not in suspended
                 ),
                 default=None,
             )
+            return earliest(due, self._suspension_end(now))
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""
@@ -644,3 +659,146 @@ class MemoryStore(MemoryTLSMixin):
 
     def _newest_first(self) -> list[_Message]:
         return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)
+
+    # --- operator tools (schema version 10) ---------------------------------------------
+
+    def resolve_id(self, prefix: str) -> str:
+        """The one message id starting with ``prefix`` (see :class:`Store`)."""
+        text = normalize_prefix(prefix)
+        with self._lock:
+            if text in self._messages:
+                return text
+            found = [mid for mid in self._messages if mid.startswith(text)]
+        return pick_one(prefix, found)
+
+    def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
+        """How many messages match ``where``, at most ``cap``."""
+        return len(self.query(now=now, where=replace(where, limit=max(cap, 0))))
+
+    def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Make the listed messages' pending recipients due at ``now``."""
+        changed = 0
+        with self._lock:
+            for r in self._recipients_of(message_ids):
+                if r.state in _PENDING:
+                    r.next_attempt_at = now
+                    changed += 1
+        if changed:
+            self._watchers.notify()
+        return changed
+
+    def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Fail the listed messages' pending recipients as "cancelled"."""
+        changed = 0
+        for mid in dict.fromkeys(message_ids):
+            try:
+                changed += self.cancel(mid, now=now)
+            except UnknownMessage:
+                continue
+        return changed
+
+    def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
+        """Hold or release the listed messages; returns how many changed."""
+        changed = 0
+        with self._lock:
+            for mid in dict.fromkeys(message_ids):
+                m = self._messages.get(mid)
+                if m is not None and m.held != held:
+                    m.held = held
+                    changed += 1
+        if changed and not held:
+            self._watchers.notify()
+        return changed
+
+    def purge_many(
+        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+    ) -> int:
+        """Delete the listed messages that are final (finished before the cutoff)."""
+        with self._lock:
+            doomed = [
+                mid
+                for mid in dict.fromkeys(message_ids)
+                if mid in self._messages
+                and self._finished(self._messages[mid], finished_before, None)
+            ]
+            for mid in doomed:
+                del self._messages[mid]
+        return len(doomed)
+
+    def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
+        """Delete finished messages in ``state`` finished before the cutoff."""
+        with self._lock:
+            doomed = [
+                m.id for m in self._messages.values() if self._finished(m, finished_before, state)
+            ]
+            for mid in doomed:
+                del self._messages[mid]
+        return len(doomed)
+
+    @staticmethod
+    def _finished(m: _Message, before: datetime | None, state: RecipientState | None) -> bool:
+        recipients = m.recipients.values()
+        if any(r.finished_at is None for r in recipients):
+            return False
+        if before is not None and not all(
+            r.finished_at is not None and r.finished_at < before for r in recipients
+        ):
+            return False
+        return state is None or m.state() is state
+
+    def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
+        """Pending recipients per domain and message age, largest domain first."""
+        counts: dict[tuple[str, int], int] = {}
+        with self._lock:
+            for m in self._messages.values():
+                bucket = bucket_of(now - m.created_at, edges)
+                for r in m.recipients.values():
+                    if r.state in _PENDING:
+                        key = (r.domain, bucket)
+                        counts[key] = counts.get(key, 0) + 1
+        return shape_rows(counts, len(edges) + 1)
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored."""
+        with self._lock:
+            return self._get(message_id).prepared.data
+
+    def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
+        """Stop delivery to ``domain`` until ``until`` or resume."""
+        with self._lock:
+            self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
+
+    def resume(self, domain: str) -> bool:
+        """End the suspension of ``domain``."""
+        with self._lock:
+            found = self._suspended.pop(domain, None) is not None
+        if found:
+            self._watchers.notify()
+        return found
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspensions in force at ``now``, by domain."""
+        with self._lock:
+            return sorted(
+                (s for s in self._suspended.values() if s.active(now)), key=lambda s: s.domain
+            )
+
+    def _suspended_domains(self, now: datetime) -> frozenset[str]:
+        """Domains suspended at ``now`` (call under the lock)."""
+        if not self._suspended:
+            return frozenset()
+        return frozenset(d for d, s in self._suspended.items() if s.active(now))
+
+    def _suspension_end(self, now: datetime) -> datetime | None:
+        """When the first timed suspension in force ends (call under the lock): work at
+        that domain may become due then."""
+        return earliest(*(s.until for s in self._suspended.values() if s.active(now)))
+
+    def _recipients_of(self, message_ids: Sequence[str]) -> list[_Recipient]:
+        """The recipients of the listed messages that exist (call under the lock)."""
+        found: list[_Recipient] = []
+        for mid in dict.fromkeys(message_ids):
+            m = self._messages.get(mid)
+            if m is not None:
+                found.extend(m.recipients.values())
+        return found

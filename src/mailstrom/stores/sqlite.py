@@ -73,12 +73,37 @@ from mailstrom.stores.base import (
     RecipientResult,
     bounded_text,
 )
+from mailstrom.stores.operator import (
+    ShapeRow,
+    Suspension,
+    earliest,
+    normalize_prefix,
+    pick_one,
+)
+from mailstrom.stores.sqlite_operator import (
+    active_suspensions,
+    cancel_seqs,
+    count_matching,
+    filter_sql,
+    hold_seqs,
+    ids_with_prefix,
+    pending_only,
+    pending_seqs,
+    purge_in_state,
+    purge_seqs,
+    retry_seqs,
+    seqs_of,
+    shape_rows_sql,
+    suspended_domains,
+)
 from mailstrom.stores.sqlite_queue import (
     DUE_SQL,
     MESSAGE_STATE_SQL,
     PENDING_SQL,
+    chunks,
     insert_messages,
     lease_rows,
+    qmarks,
     read_messages,
     record_rows,
 )
@@ -87,6 +112,7 @@ from mailstrom.stores.sqlite_schema import (
     migrate,
     migrations,
     opt_dt,
+    opt_us,
     to_us,
 )
 from mailstrom.stores.wakeup import WakeupDirectory
@@ -566,7 +592,10 @@ class SQLiteStore:
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+            skip = suspended_domains(conn, now)
+            return lease_rows(
+                conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
+            )
 
     def record_and_lease(
         self,
@@ -583,11 +612,12 @@ class SQLiteStore:
             recorded = record_rows(conn, results)
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
-            lease = (
-                lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
-                if limit > 0
-                else None
-            )
+            lease = None
+            if limit > 0:
+                skip = suspended_domains(conn, now)
+                lease = lease_rows(
+                    conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
+                )
         return recorded, lease
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -710,6 +740,26 @@ class SQLiteStore:
         """Messages matching ``where``, newest first, without history; walks the
         newest-first index and stops at the limit."""
         where = where or QueueFilter()
+        if where.states is not None or pending_only(where):
+            with self._read() as conn:
+                if pending_only(where):
+                    # Newest first, in chunks that keep the bound parameters few.
+                    seqs = pending_seqs(conn, now, where, where.limit)
+                    return [
+                        message
+                        for chunk in chunks(seqs)
+                        for message in read_messages(
+                            conn,
+                            f"m.seq IN ({qmarks(len(chunk))})",
+                            list(chunk),
+                            len(chunk),
+                            history=False,
+                        )
+                    ]
+                found, values = filter_sql(now, where)
+                return read_messages(
+                    conn, " AND ".join(found) or "1", values, where.limit, history=False
+                )
         conditions: list[str] = []
         params: list[object] = []
         if where.held is not None:
@@ -742,12 +792,17 @@ class SQLiteStore:
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (from the due index)."""
         with self._connection() as conn:
+            suspended = active_suspensions(conn, now)
+            skip = [s.domain for s in suspended]
+            where = f" AND domain NOT IN ({qmarks(len(skip))})" if skip else ""
             row = conn.execute(
                 f"SELECT {DUE_SQL} FROM recipients INDEXED BY recipients_due"
-                f" WHERE {PENDING_SQL} AND held = 0 ORDER BY 1 LIMIT 1"
+                f" WHERE {PENDING_SQL} AND held = 0{where} ORDER BY 1 LIMIT 1",
+                skip,
             ).fetchone()
-        due = row[0] if row else None
-        return opt_dt(due)
+        due = opt_dt(row[0] if row else None)
+        # A timed suspension's end may make its domain's work due.
+        return earliest(due, *(s.until for s in suspended))
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""
@@ -851,6 +906,92 @@ class SQLiteStore:
         """Work may be due: tell watchers here and in other processes (after COMMIT)."""
         self._watchers.notify()
         self._wakeups.notify()
+
+    # --- operator tools (schema version 10) -------------------------------------------
+
+    def resolve_id(self, prefix: str) -> str:
+        """The one message id starting with ``prefix`` (a range on the id index)."""
+        text = normalize_prefix(prefix)
+        with self._read() as conn:
+            found = ids_with_prefix(conn, text)
+        if text in found:
+            return text
+        return pick_one(prefix, found)
+
+    def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
+        """How many messages match ``where``, reading at most ``cap``."""
+        with self._read() as conn:
+            return count_matching(conn, now, where, max(cap, 0))
+
+    def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Make the listed messages' pending recipients due at ``now``."""
+        with self._write() as conn:
+            changed = retry_seqs(conn, seqs_of(conn, message_ids), now)
+        if changed:
+            self._notify()
+        return changed
+
+    def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Fail the listed messages' pending recipients as "cancelled"."""
+        with self._write() as conn:
+            return cancel_seqs(conn, seqs_of(conn, message_ids), now)
+
+    def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
+        """Hold or release the listed messages; returns how many changed."""
+        with self._write() as conn:
+            changed = hold_seqs(conn, seqs_of(conn, message_ids), held)
+        if changed and not held:
+            self._notify()
+        return changed
+
+    def purge_many(
+        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+    ) -> int:
+        """Delete the listed messages that are final (finished before the cutoff)."""
+        with self._write() as conn:
+            return purge_seqs(conn, seqs_of(conn, message_ids), finished_before)
+
+    def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
+        """Delete finished messages in ``state`` finished before the cutoff."""
+        with self._write() as conn:
+            return purge_in_state(conn, finished_before, state)
+
+    def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
+        """Pending recipients per domain and message age (see
+        :func:`~mailstrom.stores.sqlite_operator.shape_rows_sql`)."""
+        with self._read() as conn:
+            return shape_rows_sql(conn, now, edges)
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored."""
+        with self._read() as conn:
+            row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise UnknownMessage(message_id)
+        return bytes(row[0])
+
+    def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
+        """Stop delivery to ``domain`` until ``until`` or resume."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO suspensions (domain, suspended_at, until) VALUES (?, ?, ?)"
+                " ON CONFLICT (domain) DO UPDATE SET suspended_at = excluded.suspended_at,"
+                " until = excluded.until",
+                (domain, to_us(now), opt_us(until)),
+            )
+
+    def resume(self, domain: str) -> bool:
+        """End the suspension of ``domain``; wakes workers."""
+        with self._write() as conn:
+            found = conn.execute("DELETE FROM suspensions WHERE domain = ?", (domain,)).rowcount
+        if found:
+            self._notify()
+        return bool(found)
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspensions in force at ``now``, by domain."""
+        with self._read() as conn:
+            return active_suspensions(conn, now)
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
 

@@ -167,6 +167,7 @@ def lease_rows(
     limit: int,
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None = None,
+    skip_domains: Sequence[str] = (),
 ) -> Lease | None:
     """Lease up to ``limit`` due recipients inside the caller's write transaction.
 
@@ -174,12 +175,14 @@ def lease_rows(
     first), each lane's earliest due in turn, walking that lane's range of
     recipients_lane_due; then, when every lane had room left and nothing more due,
     recipients of lanes not named (queued before lanes existed, or in a lane since removed
-    from the configuration)."""
+    from the configuration). None at ``skip_domains`` (suspended destinations)."""
     token = os.urandom(16).hex()
     expires_at = now + lease_for
     marks = (token, to_us(expires_at), to_us(now))
+    skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
+    skipped = list(skip_domains)
     if lanes is None:
-        rows = _mark(conn, marks, limit, "recipients_due", "", [])
+        rows = _mark(conn, marks, limit, "recipients_due", skip, skipped)
     else:
         rows = []
         exhausted = True
@@ -188,7 +191,9 @@ def lease_rows(
             if take <= 0:
                 exhausted = False
                 continue
-            found = _mark(conn, marks, take, "recipients_lane_due", "lane = ? AND", [lane])
+            found = _mark(
+                conn, marks, take, "recipients_lane_due", f"{skip}lane = ? AND", [*skipped, lane]
+            )
             exhausted = exhausted and len(found) < take
             rows += found
         if exhausted and len(rows) < limit:
@@ -198,8 +203,8 @@ def lease_rows(
                 marks,
                 limit - len(rows),
                 "recipients_due",
-                f"lane NOT IN ({qmarks(len(named))}) AND",
-                named,
+                f"{skip}lane NOT IN ({qmarks(len(named))}) AND",
+                [*skipped, *named],
             )
     if not rows:
         return None

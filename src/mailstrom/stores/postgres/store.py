@@ -32,11 +32,27 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
 )
+from mailstrom.stores.operator import (
+    MAX_CANDIDATES,
+    PENDING_STATES,
+    ShapeRow,
+    Suspension,
+    effective_states,
+    normalize_prefix,
+    pick_one,
+    prefix_upper_bound,
+    shape_rows,
+)
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.tlsrpt.sessions import TLSSessions
+
+
+def _state_values(where: QueueFilter) -> list[str] | None:
+    """The ``states`` filter as the text array the queries take."""
+    return None if where.states is None else sorted(s.value for s in where.states)
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -309,6 +325,7 @@ class PostgresStore:
             "state": None if where.state is None else where.state.value,
             "limit": max(where.limit, 0),
             "tag": where.tag,
+            "states": _state_values(where),
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
@@ -321,12 +338,13 @@ class PostgresStore:
             "state": None,
             "limit": max(limit, 0),
             "tag": None,
+            "states": None,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (lease expiry counts)."""
-        found = self._fetch("next_due", {})
+        found = self._fetch("next_due", {"now": now})
         return found[0][0] if found else None
 
     def stats(self) -> QueueStats:
@@ -514,6 +532,98 @@ class PostgresStore:
         for listener in listeners:
             listener.stop()
         self._pool.close()
+
+    # --- operator tools (schema version 10) -------------------------------------------
+
+    def resolve_id(self, prefix: str) -> str:
+        """The one message id starting with ``prefix`` (a range on the primary key)."""
+        text = normalize_prefix(prefix)
+        found = [
+            row[0]
+            for row in self._fetch(
+                "ids_with_prefix",
+                {"prefix": text, "upper": prefix_upper_bound(text), "limit": MAX_CANDIDATES + 1},
+            )
+        ]
+        if text in found:
+            return text
+        return pick_one(prefix, found)
+
+    def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
+        """How many messages match ``where``, reading at most ``cap``."""
+        states = effective_states(where.state, where.states)
+        pending = states == PENDING_STATES
+        params = {
+            "held": where.held,
+            "created_before": None if where.older_than is None else now - where.older_than,
+            "domain": None if where.domain is None else where.domain.lower(),
+            "pending": pending,
+            "states": None if states is None or pending else sorted(s.value for s in states),
+            "tag": where.tag,
+            "cap": max(cap, 0),
+        }
+        [(n,)] = self._fetch("count", params)
+        return int(n)
+
+    def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Make the listed messages' pending recipients due at ``now``."""
+        changed, _ = self._fetch("retry_many", {"ids": list(message_ids), "now": now})[0]
+        return int(changed)
+
+    def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Fail the listed messages' pending recipients as "cancelled"."""
+        [(changed,)] = self._fetch("cancel_many", {"ids": list(message_ids), "now": now})
+        return int(changed)
+
+    def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
+        """Hold or release the listed messages; returns how many changed."""
+        changed, _ = self._fetch("hold_many", {"ids": list(message_ids), "held": held})[0]
+        return int(changed)
+
+    def purge_many(
+        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+    ) -> int:
+        """Delete the listed messages that are final (finished before the cutoff)."""
+        [(n,)] = self._fetch(
+            "purge_many", {"ids": list(message_ids), "finished_before": finished_before}
+        )
+        return int(n)
+
+    def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
+        """Delete finished messages in ``state`` finished before the cutoff."""
+        [(n,)] = self._fetch(
+            "purge_state", {"finished_before": finished_before, "state": state.value}
+        )
+        return int(n)
+
+    def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
+        """Pending recipients per domain and message age, in one aggregate query."""
+        found = self._fetch("shape", {"now": now, "edges": [e.total_seconds() for e in edges]})
+        counts = {(domain, int(bucket)): int(n) for domain, bucket, n in found}
+        return shape_rows(counts, len(edges) + 1)
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored."""
+        found = self._fetch("message_data", {"id": message_id})
+        if not found:
+            raise UnknownMessage(message_id)
+        return bytes(found[0][0])
+
+    def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
+        """Stop delivery to ``domain`` until ``until`` or resume."""
+        self._fetch("suspend", {"domain": domain, "now": now, "until": until})
+
+    def resume(self, domain: str) -> bool:
+        """End the suspension of ``domain``; wakes workers (NOTIFY)."""
+        found, _ = self._fetch("resume", {"domain": domain})[0]
+        return bool(found)
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspensions in force at ``now``, by domain."""
+        return [
+            Suspension(domain=domain, suspended_at=at, until=until)
+            for domain, at, until in self._fetch("suspensions", {"now": now})
+        ]
 
     def __enter__(self) -> PostgresStore:
         return self

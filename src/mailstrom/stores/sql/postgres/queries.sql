@@ -71,6 +71,9 @@ WITH due AS MATERIALIZED (
     WHERE r.state IN ('queued', 'deferred')
       AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
       AND NOT m.held
+      -- Suspended destinations (schema version 10) wait, unattempted.
+      AND NOT EXISTS (SELECT 1 FROM suspensions s
+                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED
@@ -115,6 +118,8 @@ WITH picked AS MATERIALIZED (
           AND r.state IN ('queued', 'deferred')
           AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
           AND NOT m.held
+          AND NOT EXISTS (SELECT 1 FROM suspensions s
+                          WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
         ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
         LIMIT l.most
         FOR UPDATE OF r SKIP LOCKED
@@ -160,6 +165,8 @@ WITH due AS MATERIALIZED (
       AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
       AND NOT m.held
       AND r.lane <> ALL (%(lanes)s::text[])
+      AND NOT EXISTS (SELECT 1 FROM suspensions s
+                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED
@@ -320,6 +327,14 @@ WITH selected AS (
                END
                FROM recipients r WHERE r.message_id = m.id))
       AND (%(tag)s::text IS NULL OR m.tags @> ARRAY[%(tag)s::text])
+      AND (%(states)s::text[] IS NULL OR (
+               SELECT CASE
+                   WHEN bool_or(r.state IN ('queued', 'deferred')) THEN
+                       CASE WHEN bool_or(r.state = 'deferred') THEN 'deferred' ELSE 'queued' END
+                   WHEN bool_and(r.state = 'delivered') THEN 'delivered'
+                   ELSE 'failed'
+               END
+               FROM recipients r WHERE r.message_id = m.id) = ANY (%(states)s::text[]))
     ORDER BY m.created_at DESC, m.seq DESC
     LIMIT %(limit)s
 )
@@ -405,12 +420,19 @@ WITH purged AS (
 SELECT count(*) FROM purged;
 
 -- name: next_due
-SELECT GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
-FROM recipients r
-JOIN messages m ON m.id = r.message_id
-WHERE r.state IN ('queued', 'deferred') AND NOT m.held
-ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at)
-LIMIT 1;
+-- Suspended destinations are left out; the end of a timed suspension counts as a due
+-- time (LEAST ignores NULLs).
+SELECT LEAST(
+    (SELECT GREATEST(r.next_attempt_at, r.lease_expires_at)
+     FROM recipients r
+     JOIN messages m ON m.id = r.message_id
+     WHERE r.state IN ('queued', 'deferred') AND NOT m.held
+       AND NOT EXISTS (SELECT 1 FROM suspensions s
+                       WHERE s.domain = r.domain
+                         AND (s.until IS NULL OR s.until > %(now)s))
+     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at)
+     LIMIT 1),
+    (SELECT min(until) FROM suspensions WHERE until > %(now)s)) AS due_at;
 
 -- name: stats
 SELECT 'state' AS kind, state AS key, count(*) AS n FROM recipients GROUP BY state
@@ -489,6 +511,151 @@ WITH pruned AS (
     DELETE FROM events WHERE sent_at < %(sent_before)s RETURNING 1
 )
 SELECT count(*) FROM pruned;
+
+-- name: ids_with_prefix
+-- A range on the primary key; the left() test keeps the answer exact whatever the
+-- database's collation makes of the range.
+SELECT id FROM messages
+WHERE id >= %(prefix)s AND id < %(upper)s AND left(id, length(%(prefix)s)) = %(prefix)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: count
+-- How many messages match the queue filter (as in query), reading at most cap of them.
+SELECT count(*) FROM (
+    SELECT 1
+    FROM messages m
+    WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
+      AND (%(created_before)s::timestamptz IS NULL
+           OR m.created_at < %(created_before)s::timestamptz)
+      AND (%(domain)s::text IS NULL OR EXISTS (
+               SELECT 1 FROM recipients r
+               WHERE r.message_id = m.id AND r.domain = %(domain)s::text))
+      AND (NOT %(pending)s::boolean OR EXISTS (
+               SELECT 1 FROM recipients r
+               WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred')))
+      AND (%(states)s::text[] IS NULL OR (
+               SELECT CASE
+                   WHEN bool_or(r.state IN ('queued', 'deferred')) THEN
+                       CASE WHEN bool_or(r.state = 'deferred') THEN 'deferred' ELSE 'queued' END
+                   WHEN bool_and(r.state = 'delivered') THEN 'delivered'
+                   ELSE 'failed'
+               END
+               FROM recipients r WHERE r.message_id = m.id) = ANY (%(states)s::text[]))
+      AND (%(tag)s::text IS NULL OR m.tags @> ARRAY[%(tag)s::text])
+    LIMIT %(cap)s
+) AS matching;
+
+-- name: retry_many
+WITH rescheduled AS (
+    UPDATE recipients
+    SET next_attempt_at = %(now)s
+    WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM rescheduled) AS changed,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
+
+-- name: cancel_many
+-- As cancel: the lease and the last reply are cleared.
+WITH cancelled AS (
+    UPDATE recipients
+    SET state = 'failed',
+        error = 'cancelled',
+        reply_code = NULL,
+        reply_enhanced = NULL,
+        reply_text = NULL,
+        reason_class = NULL,
+        uncertain = false,
+        next_attempt_at = NULL,
+        finished_at = %(now)s,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT count(*) FROM cancelled;
+
+-- name: hold_many
+WITH changed AS (
+    UPDATE messages SET held = %(held)s
+    WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM changed) AS changed,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified;
+
+-- name: purge_many
+-- The listed messages none of whose recipients is pending or (with a cutoff) finished
+-- at or after it.
+WITH purged AS (
+    DELETE FROM messages m
+    WHERE m.id = ANY (%(ids)s::text[])
+      AND NOT EXISTS (
+        SELECT 1 FROM recipients r
+        WHERE r.message_id = m.id
+          AND (r.state IN ('queued', 'deferred')
+               OR r.finished_at IS NULL
+               OR (%(finished_before)s::timestamptz IS NOT NULL
+                   AND r.finished_at >= %(finished_before)s::timestamptz)))
+    RETURNING 1
+)
+SELECT count(*) FROM purged;
+
+-- name: purge_state
+-- As purge, for messages whose derived state is the one given: delivered (every
+-- recipient delivered) or failed (every recipient final, one at least failed).
+WITH purged AS (
+    DELETE FROM messages m
+    WHERE NOT EXISTS (
+        SELECT 1 FROM recipients r
+        WHERE r.message_id = m.id
+          AND (r.state IN ('queued', 'deferred')
+               OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
+               OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
+      AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
+      AND (%(state)s = 'delivered') = NOT EXISTS (
+        SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
+    RETURNING 1
+)
+SELECT count(*) FROM purged;
+
+-- name: shape
+-- Pending recipients per domain and age bucket of their message; edges are the bucket
+-- boundaries as seconds, ascending.
+SELECT r.domain,
+       (SELECT count(*) FROM unnest(%(edges)s::double precision[]) AS e(edge)
+        WHERE extract(epoch FROM (%(now)s::timestamptz - m.created_at)) >= e.edge) AS bucket,
+       count(*)
+FROM recipients r
+JOIN messages m ON m.id = r.message_id
+WHERE r.state IN ('queued', 'deferred')
+GROUP BY 1, 2;
+
+-- name: message_data
+SELECT data FROM messages WHERE id = %(id)s;
+
+-- name: suspend
+INSERT INTO suspensions (domain, suspended_at, until)
+VALUES (%(domain)s, %(now)s, %(until)s)
+ON CONFLICT (domain) DO UPDATE SET suspended_at = excluded.suspended_at,
+                                   until = excluded.until
+RETURNING 1;
+
+-- name: resume
+WITH resumed AS (
+    DELETE FROM suspensions WHERE domain = %(domain)s RETURNING 1
+)
+SELECT (SELECT count(*) FROM resumed) AS found,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE EXISTS (SELECT 1 FROM resumed))::text AS notified;
+
+-- name: suspensions
+SELECT domain, suspended_at, until FROM suspensions
+WHERE until IS NULL OR until > %(now)s
+ORDER BY domain;
 
 -- name: mta_sts_policy
 SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at

@@ -1,0 +1,148 @@
+"""Bare local names in mail from local programs: ``root``, ``www-data``, ``From: root (Cron
+Daemon)``. cron, at, mdadm and smartd address mail to a user name and sign it with one;
+a mail server gives such a name its origin domain (Postfix's ``myorigin``, by default the
+host's name) and looks it up in ``/etc/aliases`` first. The sendmail personality does the
+same, so their mail reaches a real mailbox instead of being refused.
+
+``sendmail.origin`` names the domain (default: the host's fully qualified name, else
+``helo_name``); ``sendmail.aliases`` the aliases file (default ``/etc/aliases`` when it
+exists; an empty value turns aliases off). Aliases map bare names only, recursively
+(a bounded depth, loops stopped); targets that are programs, files or includes
+(``|cmd``, ``/path``, ``:include:``) are skipped: mailstrom delivers no local mail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from email.utils import formataddr, getaddresses
+
+from mailstrom.errors import ConfigError
+
+DEFAULT_ALIASES = "/etc/aliases"
+MAX_ALIASES_SIZE = 1 << 20
+"""Octets of an aliases file read at most (Debian's is a few hundred)."""
+MAX_ALIASES = 10_000
+"""Entries of an aliases file at most."""
+MAX_DEPTH = 10
+"""How deep aliases expand (``root: admin``, ``admin: ops@example.com`` is depth 2)."""
+MAX_EXPANSION = 1_000
+"""Addresses one name may expand to at most."""
+REWRITTEN_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+"""Header fields whose bare names get the origin domain."""
+
+
+def default_origin(helo_name: str) -> str:
+    """The host's fully qualified name, or ``helo_name`` when it has none (no dot)."""
+    fqdn = socket.getfqdn().rstrip(".").lower()
+    return fqdn if "." in fqdn else helo_name
+
+
+def is_bare(address: str) -> bool:
+    """Whether ``address`` is a local name without a domain (``root``, ``www-data``)."""
+    return bool(address) and "@" not in address and not address.startswith(("|", "/", ":"))
+
+
+def qualify(address: str, origin: str) -> str:
+    """``address`` with ``@origin`` appended when it is a bare name."""
+    return f"{address}@{origin}" if is_bare(address) else address
+
+
+def read_aliases(path: str) -> dict[str, list[str]]:
+    """The aliases in ``path`` (``name: target, target`` lines, ``#`` comments,
+    continuation lines starting with white space); ConfigError when unreadable or too big.
+    Names are matched case-insensitively, as sendmail does."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ALIASES_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"sendmail.aliases: cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_ALIASES_SIZE:
+        raise ConfigError(f"sendmail.aliases: {path} is larger than {MAX_ALIASES_SIZE} octets")
+    entries: list[str] = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t" and entries:
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append(line.strip())
+    if len(entries) > MAX_ALIASES:
+        raise ConfigError(f"sendmail.aliases: {path} has more than {MAX_ALIASES} entries")
+    aliases: dict[str, list[str]] = {}
+    for entry in entries:
+        name, colon, rest = entry.partition(":")
+        if not colon or not name.strip():
+            continue  # not an alias line; sendmail's newaliases would complain, we skip it
+        targets = [t.strip().strip('"') for t in rest.split(",") if t.strip()]
+        aliases[name.strip().lower()] = targets
+    return aliases
+
+
+def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> list[str]:
+    """Where mail for ``address`` goes: a bare name through the aliases (recursively),
+    each bare result given the origin domain; other addresses unchanged."""
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def walk(name: str, depth: int) -> None:
+        key = name.lower()
+        targets = aliases.get(key) if is_bare(name) else None
+        if targets is None or depth >= MAX_DEPTH or key in seen:
+            if not name.startswith(("|", "/", ":")):  # programs, files, includes: skipped
+                found.append(qualify(name, origin))
+            return
+        seen.add(key)
+        for target in targets:
+            if len(found) >= MAX_EXPANSION:
+                return
+            walk(target, depth + 1)
+
+    walk(address, 0)
+    return list(dict.fromkeys(found))
+
+
+def qualify_headers(data: bytes, origin: str) -> bytes:
+    """``data`` with every bare name in its From, Sender, Reply-To, To, Cc and Bcc fields
+    given the origin domain; other fields, and the body, byte for byte as they were."""
+    end = _header_end(data)
+    head, body = data[:end], data[end:]
+    newline = b"\r\n" if b"\r\n" in head else b"\n"
+    fields: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    changed = False
+    out: list[bytes] = []
+    for lines in fields:
+        raw = b"".join(lines)
+        name, colon, value = raw.partition(b":")
+        if colon and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
+            text = value.decode("utf-8", "surrogateescape")
+            pairs = getaddresses([" ".join(text.split())])
+            if any(is_bare(addr) for _, addr in pairs):
+                rendered = ", ".join(formataddr((n, qualify(a, origin))) for n, a in pairs if a)
+                out.append(name + b": " + rendered.encode("utf-8", "surrogateescape") + newline)
+                changed = True
+                continue
+        out.append(raw)
+    return b"".join(out) + body if changed else data
+
+
+def _header_end(data: bytes) -> int:
+    """Where the header section ends (the start of its empty line), or the data's end."""
+    if data.startswith((b"\r\n", b"\n")):
+        return 0
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+    ends = [i + 2 for i in (crlf,) if i >= 0] + [i + 1 for i in (lf,) if i >= 0]
+    return min(ends) if ends else len(data)
+
+
+def aliases_path(configured: str | None) -> str | None:
+    """The aliases file to read: the setting (empty: none), else /etc/aliases if present."""
+    if configured is not None:
+        return configured or None
+    return DEFAULT_ALIASES if os.path.isfile(DEFAULT_ALIASES) else None

@@ -1,0 +1,157 @@
+"""Which messages a command acts on: ids (any unique prefix), ``-`` for ids on standard
+input, and the filters ``queue`` takes. Shared by ``queue`` and the bulk commands
+(hold, release, retry, cancel, purge).
+
+New filters (tags, ...) are added in :func:`add_filter_options` and :func:`queue_filter`
+and then work for every one of those commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import BinaryIO
+
+from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
+from mailstrom.cli.parsing import duration_arg
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.operator import PENDING_STATES
+
+MAX_BULK = 100_000
+"""Messages one bulk command changes at most (and ids read from standard input): the ids
+are held in memory and changed in one transaction."""
+MAX_ID_LINE = 200
+"""Octets of one line of ids on standard input (an id is 32)."""
+
+STATE_CHOICES = ["pending", "finished", "any", *(s.value for s in RecipientState)]
+"""What ``--state`` takes: a recipient state (a message's is derived from its
+recipients), ``pending`` (queued or deferred) or ``any``."""
+
+
+def add_id_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """Positional ids: full ids or unique prefixes; ``-`` reads them from stdin."""
+    parser.add_argument(
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help=f"{what}: a message id or any unique prefix of one; '-' reads ids from "
+        "standard input, one a line",
+    )
+
+
+def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -> None:
+    """The filters of ``queue``, also for the bulk commands. A new filter goes here and
+    into :func:`queue_filter` and :func:`has_filters`; every command that selects messages
+    then takes it."""
+    parser.add_argument(
+        "--state",
+        choices=STATE_CHOICES,
+        default=None,
+        help="messages in this state: a message's state is derived from its recipients; "
+        "pending = queued or deferred; finished = delivered or failed; any = all "
+        f"(default {default_state})",
+    )
+    parser.add_argument("--domain", help="messages with a recipient at this domain")
+    parser.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=duration_arg,
+        help="messages queued more than AGE ago (30s, 15m, 2h, 3d)",
+    )
+    parser.add_argument("--tag", metavar="TAG", help="messages carrying this tag (exact)")
+
+
+def queue_filter(
+    args: argparse.Namespace, *, default_state: str, limit: int, held: bool | None = None
+) -> QueueFilter:
+    """The filter ``args`` describe (``--state`` defaulting to ``default_state``)."""
+    state = args.state or default_state
+    states: frozenset[RecipientState] | None
+    if state == "any":
+        states = None
+    elif state == "pending":
+        states = PENDING_STATES
+    elif state == "finished":
+        states = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
+    else:
+        states = frozenset({RecipientState(state)})
+    return QueueFilter(
+        states=states,
+        domain=args.domain.strip().lower() if args.domain else None,
+        older_than=args.older_than,
+        held=held,
+        limit=limit,
+        tag=args.tag,
+    )
+
+
+def has_filters(args: argparse.Namespace) -> bool:
+    return bool(args.state or args.domain or args.tag or args.older_than is not None)
+
+
+def read_ids(stream: BinaryIO) -> list[str]:
+    """Ids on ``stream``, one a line (blank lines and ``#`` comments skipped), at most
+    :data:`MAX_BULK`; CLIError (65) for more, or for a line too long to be an id."""
+    ids: list[str] = []
+    for number, raw in enumerate(iter(lambda: stream.readline(MAX_ID_LINE + 1), b""), 1):
+        if len(raw) > MAX_ID_LINE:
+            raise CLIError(f"standard input line {number}: too long for a message id", EX_DATAERR)
+        text = raw.decode("ascii", "replace").strip()
+        if not text or text.startswith("#"):
+            continue
+        ids.append(text)
+        if len(ids) > MAX_BULK:
+            raise CLIError(f"more than {MAX_BULK:,} ids on standard input", EX_DATAERR)
+    return ids
+
+
+def given_ids(args: argparse.Namespace) -> list[str]:
+    """The ids on the command line, with ``-`` replaced by those on standard input."""
+    ids: list[str] = []
+    for arg in args.ids:
+        if arg == "-":
+            ids.extend(read_ids(sys.stdin.buffer))
+        else:
+            ids.append(arg)
+    return ids
+
+
+def resolve_all(store: Store, ids: Iterable[str]) -> list[str]:
+    """Every id resolved to a full id, in order, without repeats; the first unknown or
+    ambiguous one raises (before anything changes)."""
+    return list(dict.fromkeys(store.resolve_id(i) for i in ids))
+
+
+def select(
+    store: Store,
+    args: argparse.Namespace,
+    *,
+    now: datetime,
+    default_state: str,
+    held: bool | None = None,
+) -> list[str]:
+    """The full ids a bulk command acts on: the ids given, or every message the filters
+    (or ``--all``) select, at most :data:`MAX_BULK`. A usage error when the command
+    names nothing, or both ids and filters."""
+    ids = given_ids(args)
+    filtered = has_filters(args) or args.all
+    if args.ids and filtered:
+        raise UsageError("give message ids or filters (--state, --domain, --older-than, --all)")
+    if not args.ids and not filtered:
+        raise UsageError("name messages: ids, '-' for ids on standard input, filters, or --all")
+    if args.ids:
+        return resolve_all(store, ids)
+    where = queue_filter(args, default_state=default_state, limit=MAX_BULK, held=held)
+    return [m.id for m in store.query(now=now, where=where)]
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def print_ids(ids: Sequence[str]) -> None:
+    for mid in ids:
+        print(mid)

@@ -1,0 +1,308 @@
+"""What the command line does to the queue, as methods of both facades: short ids, hold and
+release, bulk retry and cancel, purge, counts, the queue's shape, suspended destinations,
+and waiting for a message's outcome.
+
+:class:`QueueOperations` is mixed into :class:`~mailstrom.Mailstrom` (blocking calls) and
+:class:`AsyncQueueOperations` into :class:`~mailstrom.AsyncMailstrom` (the same calls,
+awaited; the store is called in a thread). Every method that takes message ids accepts
+full ids or unique prefixes, one id or many, or a :class:`~mailstrom.stores.QueueFilter`
+selecting the messages (at most its ``limit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+
+from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.operator import (
+    AGE_EDGES,
+    ID_LENGTH,
+    ShapeRow,
+    Suspension,
+    normalize_domain,
+)
+from mailstrom.stores.watchers import Watchers
+
+Messages = str | Iterable[str] | QueueFilter
+"""Which messages a bulk method acts on: one id, several ids (full or unique prefixes), or
+a filter."""
+
+WAIT_POLL = 0.25
+"""Seconds between looks at the store while waiting when nothing can announce a result:
+a worker in another process records results without telling this one. With the worker
+in this process (``worker="thread"``/``"task"``) every result wakes the waiter at once."""
+
+
+def settled(status: MessageStatus, deadline: datetime) -> bool:
+    """Whether waiting for ``status`` until ``deadline`` is over: every recipient is final,
+    or the message is held, or every pending recipient's next attempt falls after the
+    deadline (nothing can change before then)."""
+    if status.held:
+        return True
+    for r in status.recipients:
+        if r.state.is_final:
+            continue
+        if r.state is RecipientState.QUEUED or r.next_attempt_at is None:
+            return False
+        if r.next_attempt_at <= deadline:
+            return False
+    return True
+
+
+def resolve(store: Store, message_id: str) -> str:
+    """``message_id`` as a full id: a full id as is (no extra look-up), a prefix resolved."""
+    if len(message_id) == ID_LENGTH:
+        return message_id
+    return store.resolve_id(message_id)
+
+
+def select(store: Store, messages: Messages, now: datetime) -> list[str]:
+    """Full ids of ``messages`` (ids resolved in order, without repeats; a filter queried)."""
+    if isinstance(messages, QueueFilter):
+        return [m.id for m in store.query(now=now, where=messages)]
+    if isinstance(messages, str):
+        messages = [messages]
+    return list(dict.fromkeys(resolve(store, m) for m in messages))
+
+
+class _Base:
+    """What the mixins expect of the facade they are mixed into."""
+
+    store: Store
+    _clock: Callable[[], datetime]
+    _results: Watchers
+
+    def _watch_store_for_waiters(self) -> None:
+        raise NotImplementedError  # the facade's (FacadeBase)
+
+
+class QueueOperations(_Base):
+    """The blocking operator methods of :class:`~mailstrom.Mailstrom`.
+
+    >>> ms.hold("0190f3a2")                                  # doctest: +SKIP
+    1
+    >>> ms.retry_many(QueueFilter(domain="example.org"))     # doctest: +SKIP
+    12
+    >>> ms.suspend("example.org", for_=timedelta(hours=2))   # doctest: +SKIP
+    """
+
+    def resolve_id(self, prefix: str) -> str:
+        """The full id of the one message whose id starts with ``prefix``; raises
+        :class:`~mailstrom.errors.UnknownMessage` or (several match)
+        :class:`~mailstrom.errors.AmbiguousMessageId` with the candidates."""
+        return self.store.resolve_id(prefix)
+
+    def hold(self, messages: Messages) -> int:
+        """Keep messages from being delivered until released; returns how many changed."""
+        return self.store.hold_many(select(self.store, messages, self._clock()), True)
+
+    def release(self, messages: Messages) -> int:
+        """Let held messages be delivered again; returns how many changed."""
+        return self.store.hold_many(select(self.store, messages, self._clock()), False)
+
+    def retry_many(self, messages: Messages) -> int:
+        """Make the pending recipients of messages due now; returns how many."""
+        now = self._clock()
+        return self.store.retry_many(select(self.store, messages, now), now=now)
+
+    def cancel_many(self, messages: Messages) -> int:
+        """Fail the pending recipients of messages as "cancelled"; returns how many."""
+        now = self._clock()
+        return self.store.cancel_many(select(self.store, messages, now), now=now)
+
+    def purge(
+        self,
+        older_than: timedelta,
+        *,
+        state: RecipientState | None = None,
+        messages: Messages | None = None,
+    ) -> int:
+        """Delete finished messages whose last recipient finished more than ``older_than``
+        ago: only delivered ones (``state=DELIVERED``), only failed ones (``FAILED``), or
+        both; ``messages`` limits it to those. Pending mail is never deleted. Returns how
+        many messages were deleted."""
+        now = self._clock()
+        cutoff = now - older_than
+        if messages is not None:
+            ids = select(self.store, messages, now)
+            return self.store.purge_many(ids, finished_before=cutoff)
+        if state is None:
+            return self.store.purge(finished_before=cutoff)
+        return self.store.purge_state(finished_before=cutoff, state=state)
+
+    def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where`` (every message, newest first, by default), without
+        attempt history."""
+        return self.store.query(now=self._clock(), where=where)
+
+    def count(self, where: QueueFilter | None = None, *, cap: int = 1_000_000) -> int:
+        """How many messages match ``where``, counting at most ``cap``."""
+        return self.store.count(now=self._clock(), where=where or QueueFilter(), cap=cap)
+
+    def stats(self) -> QueueStats:
+        """Recipients by state, pending recipients by domain, messages and held ones."""
+        return self.store.stats()
+
+    def shape(self) -> list[ShapeRow]:
+        """Pending recipients per destination domain and message age (0-5m, 5-10m, ...,
+        160m+), largest domain first: ``mailstrom queue --shape``."""
+        return self.store.shape(now=self._clock(), edges=AGE_EDGES)
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored, the bytes the worker sends."""
+        return self.store.message_data(resolve(self.store, message_id))
+
+    def suspend(
+        self, domain: str, *, for_: timedelta | None = None, until: datetime | None = None
+    ) -> None:
+        """Stop delivery to ``domain`` for ``for_``, until ``until``, or until
+        :meth:`resume`; its messages stay queued and no attempt is counted. Every worker
+        of the store honours it."""
+        now = self._clock()
+        end = now + for_ if for_ is not None else until
+        self.store.suspend(normalize_domain(domain), now=now, until=end)
+
+    def resume(self, domain: str) -> bool:
+        """Restart delivery to ``domain``; False when it was not suspended."""
+        return self.store.resume(normalize_domain(domain))
+
+    def suspensions(self) -> list[Suspension]:
+        """The destinations suspended now."""
+        return self.store.suspensions(now=self._clock())
+
+    def wait(self, message_id: str, timeout: float) -> MessageStatus:
+        """Wait until every recipient of the message is final, or until nothing can change
+        before ``timeout`` seconds have passed (every pending recipient's next retry falls
+        later, or the message is held), or for ``timeout`` seconds; return its status.
+
+        Woken by the store's watch (mail retried or released; one watch per facade,
+        shared by every wait, until :meth:`stop`) and, with the worker in this process, by
+        each result; otherwise it looks every :data:`WAIT_POLL` seconds.
+        """
+        mid = resolve(self.store, message_id)
+        give_up = time.monotonic() + max(timeout, 0.0)
+        deadline = self._clock() + timedelta(seconds=max(timeout, 0.0))
+        changed = threading.Event()
+        self._watch_store_for_waiters()
+        unlisten = self._results.add(changed.set)
+        try:
+            while True:
+                changed.clear()
+                status = self.store.status(mid)
+                left = give_up - time.monotonic()
+                if settled(status, deadline) or left <= 0:
+                    return status
+                changed.wait(min(left, WAIT_POLL))
+        finally:
+            unlisten()
+
+
+class AsyncQueueOperations(_Base):
+    """The operator methods of :class:`~mailstrom.AsyncMailstrom`: those of
+    :class:`QueueOperations`, awaited (each store call runs in a thread)."""
+
+    def _sync(self) -> QueueOperations:
+        ops = QueueOperations()
+        ops.store, ops._clock, ops._results = self.store, self._clock, self._results
+        return ops
+
+    async def resolve_id(self, prefix: str) -> str:
+        """See :meth:`QueueOperations.resolve_id`."""
+        return await asyncio.to_thread(self._sync().resolve_id, prefix)
+
+    async def hold(self, messages: Messages) -> int:
+        """See :meth:`QueueOperations.hold`."""
+        return await asyncio.to_thread(self._sync().hold, messages)
+
+    async def release(self, messages: Messages) -> int:
+        """See :meth:`QueueOperations.release`."""
+        return await asyncio.to_thread(self._sync().release, messages)
+
+    async def retry_many(self, messages: Messages) -> int:
+        """See :meth:`QueueOperations.retry_many`."""
+        return await asyncio.to_thread(self._sync().retry_many, messages)
+
+    async def cancel_many(self, messages: Messages) -> int:
+        """See :meth:`QueueOperations.cancel_many`."""
+        return await asyncio.to_thread(self._sync().cancel_many, messages)
+
+    async def purge(
+        self,
+        older_than: timedelta,
+        *,
+        state: RecipientState | None = None,
+        messages: Messages | None = None,
+    ) -> int:
+        """See :meth:`QueueOperations.purge`."""
+        ops = self._sync()
+        return await asyncio.to_thread(
+            lambda: ops.purge(older_than, state=state, messages=messages)
+        )
+
+    async def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """See :meth:`QueueOperations.query`."""
+        return await asyncio.to_thread(self._sync().query, where)
+
+    async def count(self, where: QueueFilter | None = None, *, cap: int = 1_000_000) -> int:
+        """See :meth:`QueueOperations.count`."""
+        ops = self._sync()
+        return await asyncio.to_thread(lambda: ops.count(where, cap=cap))
+
+    async def stats(self) -> QueueStats:
+        """See :meth:`QueueOperations.stats`."""
+        return await asyncio.to_thread(self.store.stats)
+
+    async def shape(self) -> list[ShapeRow]:
+        """See :meth:`QueueOperations.shape`."""
+        return await asyncio.to_thread(self._sync().shape)
+
+    async def message_data(self, message_id: str) -> bytes:
+        """See :meth:`QueueOperations.message_data`."""
+        return await asyncio.to_thread(self._sync().message_data, message_id)
+
+    async def suspend(
+        self, domain: str, *, for_: timedelta | None = None, until: datetime | None = None
+    ) -> None:
+        """See :meth:`QueueOperations.suspend`."""
+        ops = self._sync()
+        await asyncio.to_thread(lambda: ops.suspend(domain, for_=for_, until=until))
+
+    async def resume(self, domain: str) -> bool:
+        """See :meth:`QueueOperations.resume`."""
+        return await asyncio.to_thread(self._sync().resume, domain)
+
+    async def suspensions(self) -> list[Suspension]:
+        """See :meth:`QueueOperations.suspensions`."""
+        return await asyncio.to_thread(self._sync().suspensions)
+
+    async def wait(self, message_id: str, timeout: float) -> MessageStatus:
+        """See :meth:`QueueOperations.wait`; waits on the running loop, woken from any
+        thread, and can be cancelled."""
+        loop = asyncio.get_running_loop()
+        mid = await asyncio.to_thread(resolve, self.store, message_id)
+        give_up = loop.time() + max(timeout, 0.0)
+        deadline = self._clock() + timedelta(seconds=max(timeout, 0.0))
+        changed = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        await asyncio.to_thread(self._watch_store_for_waiters)
+        unlisten = self._results.add(wake)
+        try:
+            while True:
+                changed.clear()
+                status = await asyncio.to_thread(self.store.status, mid)
+                left = give_up - loop.time()
+                if settled(status, deadline) or left <= 0:
+                    return status
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, WAIT_POLL))
+        finally:
+            unlisten()

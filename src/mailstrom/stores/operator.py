@@ -1,0 +1,131 @@
+"""Value types and pure helpers behind the operator's tools (schema version 10).
+
+Short message ids (unique prefixes, as git takes them), the queue's shape (pending
+recipients per destination and age, like Postfix's ``qshape``), and suspended
+destinations. Every store implements the matching :class:`~mailstrom.stores.base.Store`
+methods; the command line and both facades call them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from mailstrom.errors import AmbiguousMessageId, UnknownMessage
+from mailstrom.status import RecipientState
+
+ID_LENGTH = 32
+"""Hex digits in a full message id (see :func:`~mailstrom.stores.base.new_message_id`)."""
+MAX_CANDIDATES = 10
+"""Ids an ambiguous prefix reports (the store reads one more to know there are more)."""
+_HEX = re.compile(r"[0-9a-f]{1,32}")
+
+PENDING_STATES = frozenset({RecipientState.QUEUED, RecipientState.DEFERRED})
+"""The derived states of messages still to be delivered (the queue's default view)."""
+
+AGE_EDGES: tuple[timedelta, ...] = tuple(timedelta(minutes=m) for m in (5, 10, 20, 40, 80, 160))
+"""Where the age buckets of :meth:`Store.shape` split: 0-5m, 5-10m, ... 80-160m, 160m+
+(qshape's doubling buckets)."""
+
+MAX_DOMAIN = 253
+"""Octets of a domain name (RFC 1035 §2.3.4, without the root's dot)."""
+
+
+def effective_states(
+    state: RecipientState | None, states: frozenset[RecipientState] | None
+) -> frozenset[RecipientState] | None:
+    """The derived states a queue filter admits: its ``states`` narrowed by its ``state``
+    (None: any state)."""
+    if state is None:
+        return states
+    return frozenset({state}) if states is None else states & {state}
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``prefix`` lower-cased, or :class:`UnknownMessage` when it cannot start any id
+    (not 1 to 32 hex digits)."""
+    text = prefix.strip().lower()
+    if not _HEX.fullmatch(text):
+        raise UnknownMessage(prefix)
+    return text
+
+
+def pick_one(prefix: str, found: Sequence[str]) -> str:
+    """The one id ``found`` for ``prefix``; UnknownMessage for none, AmbiguousMessageId
+    (listing up to :data:`MAX_CANDIDATES`) for several."""
+    if not found:
+        raise UnknownMessage(prefix)
+    if len(found) > 1:
+        raise AmbiguousMessageId(
+            prefix, sorted(found)[:MAX_CANDIDATES], more=len(found) > MAX_CANDIDATES
+        )
+    return found[0]
+
+
+def prefix_upper_bound(prefix: str) -> str:
+    """The smallest string above every id starting with ``prefix`` (for a range scan on
+    the id index: ``prefix <= id < bound``); ids are lower-case hex, so "g" sorts after
+    every digit."""
+    return prefix + "g"
+
+
+def normalize_domain(domain: str) -> str:
+    """A destination domain as stores key it: lower case, no trailing dot; ValueError
+    when empty, too long, or not a plain domain."""
+    text = domain.strip().rstrip(".").lower()
+    if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
+        raise ValueError(f"not a domain: {domain!r}")
+    if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
+        raise ValueError(f"not a domain: {domain!r}")
+    return text
+
+
+def earliest(*times: datetime | None) -> datetime | None:
+    """The earliest of ``times`` that is not None (None when all are)."""
+    return min((t for t in times if t is not None), default=None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suspension:
+    """A destination no worker delivers to until ``until`` (None: until resumed)."""
+
+    domain: str
+    suspended_at: datetime
+    until: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        """Whether the suspension is in force at ``now``."""
+        return self.until is None or self.until > now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShapeRow:
+    """Pending recipients at one destination domain by age of their message: ``counts[i]``
+    is the bucket below ``AGE_EDGES[i]`` (the last one: older than the last edge)."""
+
+    domain: str
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def bucket_of(age: timedelta, edges: Sequence[timedelta] = AGE_EDGES) -> int:
+    """The index of the age bucket ``age`` falls in (an age on an edge belongs above it)."""
+    for i, edge in enumerate(edges):
+        if age < edge:
+            return i
+    return len(edges)
+
+
+def shape_rows(counts: Mapping[tuple[str, int], int], buckets: int) -> list[ShapeRow]:
+    """Rows from ``{(domain, bucket): n}``, largest total first (ties by domain)."""
+    by_domain: dict[str, list[int]] = {}
+    for (domain, bucket), n in counts.items():
+        by_domain.setdefault(domain, [0] * buckets)[bucket] += int(n)
+    rows = [ShapeRow(domain=d, counts=tuple(c)) for d, c in by_domain.items()]
+    rows.sort(key=lambda r: (-r.total, r.domain))
+    return rows

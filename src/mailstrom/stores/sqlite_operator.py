@@ -1,0 +1,340 @@
+"""The SQL of the SQLite queue's operator tools (schema version 10): short ids, the
+pending view and its count, bulk changes, the queue's shape, suspended destinations.
+
+Functions over a connection inside a transaction the caller (:class:`SQLiteStore`)
+opened, as in :mod:`mailstrom.stores.sqlite_queue`. The pending view and the shape read
+the partial index ``recipients_pending_message`` (message, domain of each pending
+recipient) and never the message rows, whose bytes would make a scan of a large queue
+read gigabytes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.operator import (
+    MAX_CANDIDATES,
+    PENDING_STATES,
+    ShapeRow,
+    Suspension,
+    effective_states,
+    prefix_upper_bound,
+    shape_rows,
+)
+from mailstrom.stores.sqlite_queue import MESSAGE_STATE_SQL, PENDING_SQL, chunks, qmarks
+from mailstrom.stores.sqlite_schema import from_us, opt_dt, to_us
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def ids_with_prefix(conn: sqlite3.Connection, prefix: str) -> list[str]:
+    """Up to MAX_CANDIDATES + 1 ids starting with ``prefix``: a range on the id index."""
+    rows = conn.execute(
+        "SELECT id FROM messages WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+        (prefix, prefix_upper_bound(prefix), MAX_CANDIDATES + 1),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def seqs_of(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[int]:
+    """The row numbers of the listed messages that exist (by the id index)."""
+    seqs: list[int] = []
+    unique = list(dict.fromkeys(message_ids))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        seqs += [
+            row[0]
+            for row in conn.execute(
+                f"SELECT seq FROM messages WHERE id IN ({qmarks(len(chunk))})", chunk
+            )
+        ]
+    return seqs
+
+
+# --- the queue view ------------------------------------------------------------------------
+
+
+_TAG_SQL = "EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)"
+"""A message carrying the bound tag (``tags`` is a JSON list; see schema version 5)."""
+
+
+def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[object]]:
+    """SQL conditions on ``messages m`` for ``where`` (the pending restriction aside)."""
+    conditions: list[str] = []
+    params: list[object] = []
+    if where.held is not None:
+        conditions.append("m.held = ?")
+        params.append(where.held)
+    if where.older_than is not None:
+        conditions.append("m.created_at < ?")
+        params.append(to_us(now - where.older_than))
+    if where.domain is not None:
+        conditions.append(
+            "EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = m.seq AND r.domain = ?)"
+        )
+        params.append(where.domain.lower())
+    if where.tag is not None:
+        conditions.append(_TAG_SQL)
+        params.append(where.tag)
+    states = effective_states(where.state, where.states)
+    if states is not None and states != PENDING_STATES:
+        if not states:
+            conditions.append("0")
+        else:
+            conditions.append(f"{MESSAGE_STATE_SQL} IN ({qmarks(len(states))})")
+            params.extend(sorted(s.value for s in states))
+    return conditions, params
+
+
+def pending_only(where: QueueFilter) -> bool:
+    """Whether ``where`` admits only pending messages (the pending index can drive it)."""
+    states = effective_states(where.state, where.states)
+    return states is not None and bool(states) and states <= PENDING_STATES
+
+
+def _pending_walk(now: datetime, where: QueueFilter) -> tuple[str, list[object]]:
+    """``SELECT DISTINCT r.message_seq ...`` over the pending index for a pending-only
+    ``where``: conditions on recipients are answered from that index (and probes of it),
+    and the messages table is joined only for conditions on messages (held, age), so a
+    count reads no message rows."""
+    conditions: list[str] = []
+    params: list[object] = []
+    states = effective_states(where.state, where.states) or PENDING_STATES
+    if states == {RecipientState.DEFERRED}:
+        # A pending message with a deferred recipient is deferred.
+        conditions.append("r.state = 'deferred'")
+    elif states == {RecipientState.QUEUED}:
+        conditions.append(
+            "r.state = 'queued' AND NOT EXISTS (SELECT 1 FROM recipients d"
+            " INDEXED BY recipients_pending_message WHERE d.message_seq = r.message_seq"
+            " AND d.state IN ('queued', 'deferred') AND d.state = 'deferred')"
+        )
+    if where.domain is not None:
+        conditions.append(
+            "EXISTS (SELECT 1 FROM recipients o WHERE o.message_seq = r.message_seq"
+            " AND o.domain = ?)"
+        )
+        params.append(where.domain.lower())
+    joined = ""
+    if where.held is not None:
+        joined = " JOIN messages m ON m.seq = r.message_seq"
+        conditions.append("m.held = ?")
+        params.append(where.held)
+    if where.older_than is not None:
+        joined = " JOIN messages m ON m.seq = r.message_seq"
+        conditions.append("m.created_at < ?")
+        params.append(to_us(now - where.older_than))
+    if where.tag is not None:
+        joined = " JOIN messages m ON m.seq = r.message_seq"
+        conditions.append(_TAG_SQL)
+        params.append(where.tag)
+    sql = (
+        "SELECT DISTINCT r.message_seq FROM recipients r INDEXED BY recipients_pending_message"
+        f"{joined} WHERE r.state IN ('queued', 'deferred')"
+    )
+    return sql + "".join(f" AND {c}" for c in conditions), params
+
+
+def pending_seqs(
+    conn: sqlite3.Connection, now: datetime, where: QueueFilter, limit: int
+) -> list[int]:
+    """The newest ``limit`` pending messages matching ``where``, walking the pending index
+    from the newest message down and stopping at the limit."""
+    sql, params = _pending_walk(now, where)
+    rows = conn.execute(f"{sql} ORDER BY r.message_seq DESC LIMIT ?", [*params, limit])
+    return [row[0] for row in rows]
+
+
+def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, cap: int) -> int:
+    """How many messages match ``where``, reading at most ``cap`` of them."""
+    if pending_only(where):
+        sql, params = _pending_walk(now, where)
+        (n,) = conn.execute(f"SELECT count(*) FROM ({sql} LIMIT ?)", [*params, cap]).fetchone()
+        return int(n)
+    states = effective_states(where.state, where.states)
+    plain = (
+        where.domain is None
+        and where.held is None
+        and where.older_than is None
+        and where.tag is None
+    )
+    if states is not None and plain:
+        return min(_count_in_states(conn, now, states), cap)
+    conditions, params = filter_sql(now, where)
+    if not conditions:
+        inner = "SELECT 1 FROM messages INDEXED BY messages_newest LIMIT ?"
+    else:
+        inner = f"SELECT 1 FROM messages m WHERE {' AND '.join(conditions)} LIMIT ?"
+    (n,) = conn.execute(f"SELECT count(*) FROM ({inner})", [*params, cap]).fetchone()
+    return int(n)
+
+
+def _count_in_states(
+    conn: sqlite3.Connection, now: datetime, states: frozenset[RecipientState]
+) -> int:
+    """Messages in ``states`` from counts the indexes answer: pending ones (and queued or
+    deferred ones) from the pending index, failed ones (final, one recipient failed at
+    least) from the failed index, delivered ones as all messages less the other two."""
+
+    def pending(which: frozenset[RecipientState]) -> int:
+        sql, params = _pending_walk(now, QueueFilter(states=which))
+        (n,) = conn.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()
+        return int(n)
+
+    total = 0
+    if states >= PENDING_STATES:
+        total += pending(PENDING_STATES)
+    elif states & PENDING_STATES:
+        total += pending(states & PENDING_STATES)
+    finished = states & {RecipientState.DELIVERED, RecipientState.FAILED}
+    if not finished:
+        return total
+    (failed,) = conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT f.message_seq FROM recipients f"
+        " INDEXED BY recipients_failed_message WHERE f.state = 'failed' AND NOT EXISTS ("
+        "SELECT 1 FROM recipients p INDEXED BY recipients_pending_message"
+        " WHERE p.message_seq = f.message_seq AND p.state IN ('queued', 'deferred')))"
+    ).fetchone()
+    if RecipientState.FAILED in finished:
+        total += failed
+    if RecipientState.DELIVERED in finished:
+        (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+        total += messages - pending(PENDING_STATES) - failed
+    return int(total)
+
+
+# --- bulk changes --------------------------------------------------------------------------
+
+
+def retry_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> int:
+    changed = 0
+    for chunk in chunks(seqs):
+        changed += conn.execute(
+            f"UPDATE recipients SET next_attempt_at = ? WHERE message_seq IN"
+            f" ({qmarks(len(chunk))}) AND {PENDING_SQL}",
+            [to_us(now), *chunk],
+        ).rowcount
+    return changed
+
+
+def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> int:
+    # As SQLiteStore.cancel: the last reply is cleared so the reason reads "cancelled",
+    # and the lease too, so a later record for these recipients is a no-op.
+    changed = 0
+    for chunk in chunks(seqs):
+        changed += conn.execute(
+            "UPDATE recipients SET state = 'failed', error = 'cancelled',"
+            " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
+            " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
+            " finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
+            f" WHERE message_seq IN ({qmarks(len(chunk))}) AND {PENDING_SQL}",
+            [to_us(now), *chunk],
+        ).rowcount
+    return changed
+
+
+def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
+    changed = 0
+    for chunk in chunks(seqs):
+        marks = qmarks(len(chunk))
+        changed += conn.execute(
+            f"UPDATE messages SET held = ? WHERE seq IN ({marks}) AND held != ?",
+            [held, *chunk, held],
+        ).rowcount
+        conn.execute(
+            f"UPDATE recipients SET held = ? WHERE message_seq IN ({marks})", [held, *chunk]
+        )
+    return changed
+
+
+def purge_seqs(conn: sqlite3.Connection, seqs: Sequence[int], before: datetime | None) -> int:
+    """Delete the listed messages whose recipients are all final (finished before
+    ``before``, when given)."""
+    cutoff = to_us(before) if before is not None else None
+    deleted = 0
+    for chunk in chunks(seqs):
+        deleted += conn.execute(
+            f"DELETE FROM messages WHERE seq IN ({qmarks(len(chunk))}) AND seq IN ("
+            "SELECT message_seq FROM recipients"
+            f" WHERE message_seq IN ({qmarks(len(chunk))}) GROUP BY message_seq"
+            " HAVING count(finished_at) = count(*) AND (? IS NULL OR max(finished_at) < ?))",
+            [*chunk, *chunk, cutoff, cutoff],
+        ).rowcount
+    return deleted
+
+
+def purge_in_state(conn: sqlite3.Connection, before: datetime, state: RecipientState) -> int:
+    """Delete finished messages in ``state`` (delivered or failed) finished before
+    ``before``."""
+    wanted = "= count(*)" if state is RecipientState.DELIVERED else "< count(*)"
+    return int(
+        conn.execute(
+            "DELETE FROM messages WHERE seq IN (SELECT message_seq FROM recipients"
+            " GROUP BY message_seq HAVING count(finished_at) = count(*)"
+            f" AND max(finished_at) < ? AND sum(state = 'delivered') {wanted})",
+            (to_us(before),),
+        ).rowcount
+    )
+
+
+# --- the shape -----------------------------------------------------------------------------
+
+
+def shape_rows_sql(
+    conn: sqlite3.Connection, now: datetime, edges: Sequence[timedelta]
+) -> list[ShapeRow]:
+    """Pending recipients per domain and message age from the pending index alone.
+
+    A message's age is known from its row number: the newest message enqueued before each
+    bucket's edge is found on the ``messages_newest`` index, and messages numbered above
+    it are younger than the edge. This is exact while enqueue times rise with enqueue
+    order, as they do with one clock; a clock stepped back puts a message enqueued across
+    the step one bucket off.
+    """
+    bounds: list[int] = []
+    for edge in edges:
+        row = conn.execute(
+            "SELECT seq FROM messages INDEXED BY messages_newest WHERE created_at <= ?"
+            " ORDER BY created_at DESC, seq DESC LIMIT 1",
+            (to_us(now - edge),),
+        ).fetchone()
+        bounds.append(row[0] if row else -1)
+    cases = " ".join(f"WHEN message_seq > ? THEN {i}" for i in range(len(bounds)))
+    bucket = f"CASE {cases} ELSE {len(bounds)} END" if bounds else "0"
+    counts = {
+        (domain, b): n
+        for domain, b, n in conn.execute(
+            f"SELECT domain, {bucket} AS b, count(*) FROM recipients"
+            f" INDEXED BY recipients_pending_message WHERE {PENDING_SQL} GROUP BY domain, b",
+            bounds,
+        )
+    }
+    return shape_rows(counts, len(edges) + 1)
+
+
+# --- suspended destinations ----------------------------------------------------------------
+
+
+def active_suspensions(conn: sqlite3.Connection, now: datetime) -> list[Suspension]:
+    return [
+        Suspension(domain=domain, suspended_at=from_us(at), until=opt_dt(until))
+        for domain, at, until in conn.execute(
+            "SELECT domain, suspended_at, until FROM suspensions"
+            " WHERE until IS NULL OR until > ? ORDER BY domain",
+            (to_us(now),),
+        )
+    ]
+
+
+def suspended_domains(conn: sqlite3.Connection, now: datetime) -> list[str]:
+    """The domains no recipient may be leased at, at ``now``."""
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT domain FROM suspensions WHERE until IS NULL OR until > ?", (to_us(now),)
+        )
+    ]

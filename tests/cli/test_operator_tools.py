@@ -1,0 +1,211 @@
+"""The operator's tools through the command: short ids, bulk changes, the pending queue
+view, --shape, show, suspend/resume (issue 14 §1)."""
+
+from __future__ import annotations
+
+from tests.cli.conftest import CLI, MailEnv
+
+
+def send(cli: CLI, to: str, *extra: str) -> str:
+    out = cli.ok("send", "--from", "app@client.test", "--to", to, "--text", "x", *extra).out
+    return out.strip()
+
+
+def ids_of(result_json: list[dict[str, object]]) -> list[str]:
+    return [str(m["id"]) for m in result_json]
+
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def test_a_unique_prefix_works_everywhere_and_an_ambiguous_one_lists_candidates(
+    cli: CLI,
+) -> None:
+    first, second = send(cli, "bob@example.test"), send(cli, "carol@example.test")
+    # Time-ordered ids share their beginning; the random end tells them apart.
+    short = {mid: mid[:20] for mid in (first, second)}
+    assert cli.ok("status", "--json", short[first]).json()["id"] == first
+    assert cli.ok("status", "--json", short[first].upper()).json()["id"] == first
+    assert cli.ok("hold", short[second]).out.strip() == "1 message held"
+    assert cli.ok("status", "--json", second).json()["held"] is True
+    assert "*** MESSAGE CONTENTS ***" in cli.ok("show", short[first]).out
+
+    common = first[:6]
+    assert second.startswith(common)
+    for command in ("status", "show", "hold", "retry", "cancel", "purge"):
+        result = cli(command, common)
+        assert result.code == 66, (command, result.err)
+        assert result.err_lines == [
+            f"mailstrom: ambiguous message id '{common}': it starts {first}, {second}"
+        ]
+    unknown = cli("release", first, "0" * 32)
+    assert unknown.code == 66
+    assert unknown.err == f"mailstrom: unknown message id: {'0' * 32}\n"
+    assert cli.ok("status", "--json", first).json()["held"] is False  # nothing changed
+
+
+# --- bulk ----------------------------------------------------------------------------------
+
+
+def test_bulk_commands_take_many_ids_stdin_and_filters(cli: CLI) -> None:
+    a = send(cli, "a@example.test")
+    b = send(cli, "b@example.test")
+    c = send(cli, "c@other.test")
+
+    assert cli.ok("hold", a[:20], b).out.strip() == "2 messages held"
+    assert cli.ok("hold", a).out.strip() == "0 messages held (1 already so)"
+    stdin = f"{a}\n\n# a comment\n{b[:16]}\n".encode()
+    assert cli.ok("release", "-", stdin=stdin).out.strip() == "2 messages released"
+
+    dry = cli.ok("hold", "--domain", "example.test", "--dry-run").out.splitlines()
+    assert dry == [b, a, "would hold 2 messages (dry run: nothing changed)"]
+    assert cli.ok("queue", "--json", "--held").json() == []
+    assert cli.ok("hold", "--json", "--domain", "other.test").json() == {
+        "action": "hold",
+        "selected": 1,
+        "changed": 1,
+    }
+    assert ids_of(cli.ok("queue", "--json", "--held").json()) == [c]
+    assert cli.ok("release", "--all").out.strip() == "1 message released"
+
+    assert cli.ok("retry", "--all").out.strip() == "3 recipients due now (3 messages)"
+    assert (
+        cli.ok("cancel", "--older-than", "1h").out.strip() == "0 recipients cancelled (0 messages)"
+    )
+    assert cli.ok("cancel", "--state", "queued", "--domain", "other.test").out.strip() == (
+        "1 recipient cancelled (1 message)"
+    )
+    assert cli.ok("queue", "--json", "--state", "failed").json()[0]["id"] == c
+
+    nothing = cli("hold")
+    assert nothing.code == 64
+    assert "name messages" in nothing.err_lines[-1]
+    both = cli("hold", a, "--all")
+    assert both.code == 64
+    too_long = cli("hold", "-", stdin=b"x" * 500 + b"\n")
+    assert too_long.code == 65
+
+
+def test_purge_flags_say_what_they_purge(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["gone@example.test"] = ["550 5.1.1 No such user"]
+    delivered = send(cli, "bob@example.test")
+    failed = send(cli, "gone@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    pending = send(cli, "carol@example.test", "--hold")
+
+    dry = cli.ok("purge", "--failed-before", "0s", "--dry-run").out.splitlines()
+    assert dry == [failed, "would purge 1 message (dry run: nothing changed)"]
+    assert cli.ok("purge", "--delivered-before", "1h").out.strip() == "0 messages purged"
+    assert cli.ok("purge", "--failed-before", "0s").out.strip() == "1 message purged"
+    assert sorted(cli.queue_ids()) == sorted([delivered, pending])
+    assert cli.ok("purge", pending[:20], "--finished-before", "0s").out.strip() == (
+        "0 messages purged"  # pending mail is never purged
+    )
+    assert cli.ok("purge", "--json", "--delivered-before", "0s").json() == {"purged": 1}
+    assert cli.queue_ids() == [pending]
+    assert cli("purge").code == 64
+
+
+# --- queue ---------------------------------------------------------------------------------
+
+
+def test_queue_shows_pending_mail_with_reason_next_attempt_and_footer(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted, come back later"]
+    delivered = send(cli, "bob@example.test")
+    deferred = send(cli, "grey@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    queued = [send(cli, f"q{i}@other.test", "--hold") for i in range(3)]
+
+    assert ids_of(cli.ok("queue", "--json").json()) == [*reversed(queued), deferred]
+    assert delivered in ids_of(cli.ok("queue", "--json", "--state", "any").json())
+    assert ids_of(cli.ok("queue", "--json", "--state", "finished").json()) == [delivered]
+
+    lines = cli.ok("queue").out.splitlines()
+    row = next(line for line in lines if line.startswith(deferred))
+    assert "451 4.7.1 Greylisted, come back later" in row
+    assert " in " in row  # the next attempt, minutes away
+    assert not any("showing" in line for line in lines)
+
+    limited = cli.ok("queue", "--limit", "2").out.splitlines()
+    assert limited[-1] == "showing 2 of 4 (use --limit)"
+    assert cli.ok("queue", "--limit", "2", "--state", "any").out.splitlines()[-1] == (
+        "showing 2 of 5 (use --limit)"
+    )
+
+
+def test_queue_shape_counts_pending_recipients_by_domain_and_age(cli: CLI) -> None:
+    send(cli, "a@example.test")
+    send(cli, "b@other.test")
+    send(cli, "c@other.test")
+    lines = cli.ok("queue", "--shape").out.splitlines()
+    assert lines[0].split() == [
+        *("DOMAIN", "TOTAL", "0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80-160m", "160m+")
+    ]
+    assert lines[1].split() == ["TOTAL", "3", "3", "0", "0", "0", "0", "0", "0"]
+    assert lines[2].split() == ["other.test", "2", "2", "0", "0", "0", "0", "0", "0"]
+    assert lines[3].split() == ["example.test", "1", "1", "0", "0", "0", "0", "0", "0"]
+    shape = cli.ok("queue", "--shape", "--json").json()
+    assert shape[0] == {
+        "domain": "other.test",
+        "total": 2,
+        **{"0-5m": 2, "5-10m": 0, "10-20m": 0, "20-40m": 0, "40-80m": 0, "80-160m": 0},
+        "160m+": 0,
+    }
+
+
+# --- show ----------------------------------------------------------------------------------
+
+
+def test_show_prints_the_stored_message_with_recipients_on_top(cli: CLI) -> None:
+    mid = cli.ok(
+        "send", "--from", "app@client.test", "--to", "bob@example.test", "--to",
+        "carol@other.test", "--subject", "Report", "--text", "line one\nline two",
+    ).out.strip()  # fmt: skip
+    out = cli.ok("show", mid[:20]).out
+    head, _, body = out.partition("*** MESSAGE CONTENTS ***\n")
+    assert f"message_id: {mid}" in head
+    assert "sender: app@client.test" in head
+    assert "recipient: bob@example.test  queued  attempts=0" in head
+    assert "recipient: carol@other.test  queued  attempts=0" in head
+    assert "Subject: Report" in body and "line two" in body
+
+    raw = cli.ok("show", "--raw", mid).out
+    assert raw.startswith("Date: ") or raw.split(":", 1)[0] in ("From", "Message-ID", "To")
+    assert "ENVELOPE" not in raw and "line two" in raw
+    headers = cli.ok("show", "--headers", mid).out
+    assert "Subject: Report" in headers and "line two" not in headers
+    assert cli("show", "--raw", "--headers", mid).code == 64
+
+
+# --- destinations --------------------------------------------------------------------------
+
+
+def test_suspend_stops_one_destination_without_touching_its_messages(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    assert cli.ok("suspend", "Example.Test.").out.strip() == "example.test: suspended until resumed"
+    timed = cli.ok("suspend", "other.test", "--for", "2h", "--json").json()
+    assert timed["domain"] == "other.test" and timed["until"]
+    listed = cli.ok("queue", "--suspended").out.splitlines()
+    assert [line.split()[0] for line in listed[1:]] == ["example.test", "other.test"]
+    assert cli.ok("resume", "other.test").out.strip() == "other.test: resumed"
+
+    mid = cli.ok(
+        "send", "--from", "app@client.test", "--to", "bob@example.test", "--to",
+        "carol@other.test", "--text", "x",
+    ).out.strip()  # fmt: skip
+    cli.ok("worker", "--once", "--no-live")
+    status = cli.ok("status", "--json", mid).json()
+    states = {r["address"]: (r["state"], r["attempts"]) for r in status["recipients"]}
+    assert states == {"bob@example.test": ("queued", 0), "carol@other.test": ("delivered", 1)}
+    assert [list(m.rcpt_tos) for m in mx.messages] == [["carol@other.test"]]
+
+    assert cli.ok("resume", "example.test").out.strip() == "example.test: resumed"
+    assert cli.ok("queue", "--suspended", "--json").json() == []
+    cli.ok("worker", "--once", "--no-live")
+    assert cli.ok("status", "--json", mid).json()["state"] == "delivered"
+
+    again = cli("resume", "example.test")
+    assert again.code == 66 and again.err == "mailstrom: example.test is not suspended\n"
+    assert cli("suspend", "not a domain").code == 64

@@ -1,0 +1,105 @@
+"""The sendmail personality as local programs use it (issue 14 §1): bare local names get an
+origin domain, an aliases file maps them, ``-bp`` and a ``mailq`` symlink list the queue."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli.conftest import CLI
+
+CRON_MAIL = b"""From: root (Cron Daemon)
+To: root
+Subject: Cron <root@host> run-parts /etc/cron.daily
+
+/etc/cron.daily/logrotate: error
+"""
+
+
+def local_names(cli: CLI, aliases: str | None) -> None:
+    cli.env["MAILSTROM_SENDMAIL_ORIGIN"] = "host.example.test"
+    path = cli.cwd / "aliases"
+    if aliases is None:
+        cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    else:
+        path.write_text(aliases)
+        cli.env["MAILSTROM_SENDMAIL_ALIASES"] = str(path)
+
+
+def test_cron_mail_to_root_reaches_the_alias(cli: CLI) -> None:
+    local_names(cli, "# mail for root\npostmaster: root\nroot: ops@example.test,\n  backup\n")
+    cli.ok("sendmail", "-t", "-i", stdin=CRON_MAIL)
+    [message] = cli.ok("queue", "--json").json()
+    assert message["envelope_from"] == "root@host.example.test"
+    assert [r["address"] for r in message["recipients"]] == [
+        "ops@example.test",
+        "backup@host.example.test",
+    ]
+    headers = cli.ok("show", "--headers", message["id"]).out
+    assert "From: Cron Daemon <root@host.example.test>" in headers
+    assert "To: root@host.example.test" in headers
+    assert "Subject: Cron <root@host> run-parts /etc/cron.daily" in headers
+
+
+def test_bare_names_get_the_origin_without_aliases(cli: CLI) -> None:
+    local_names(cli, None)
+    message = b"Subject: disk\n\nfull\n"
+    cli.ok("sendmail", "-i", "-f", "www-data", "root", "bob@example.test", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "www-data@host.example.test"
+    assert [r["address"] for r in queued["recipients"]] == [
+        "root@host.example.test",
+        "bob@example.test",
+    ]
+    assert "From: www-data@host.example.test" in cli.ok("show", "--headers", queued["id"]).out
+
+
+def test_alias_loops_stop_and_programs_are_skipped(cli: CLI) -> None:
+    local_names(cli, "a: b, |/usr/bin/procmail\nb: a, c@example.test\n")
+    cli.ok("sendmail", "-i", "a", stdin=b"Subject: x\n\ny\n")
+    [queued] = cli.ok("queue", "--json").json()
+    assert sorted(r["address"] for r in queued["recipients"]) == [
+        "a@host.example.test",
+        "c@example.test",
+    ]
+
+
+def test_an_oversized_aliases_file_is_a_configuration_error(cli: CLI) -> None:
+    local_names(cli, "x: y\n" * 300_000)
+    result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
+    assert result.code == 78
+    assert "sendmail.aliases" in result.err
+    assert cli.queue_ids() == []
+
+
+def test_bp_and_a_mailq_symlink_list_the_queue(cli: CLI) -> None:
+    local_names(cli, None)
+    cli.ok("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
+    [mid] = cli.queue_ids()
+    listing = cli.ok("sendmail", "-bp").out.splitlines()
+    assert listing[0].split()[:3] == ["ID", "STATE", "AGE"]
+    assert listing[1].startswith(mid)
+    assert "root@host.example.test" in listing[1]
+
+    script = cli.cwd / "mailstrom-entry.py"
+    # What the console script does, under the name "mailq".
+    script.write_text("import sys\nfrom mailstrom.cli.main import main\nsys.exit(main())\n")
+    link = cli.cwd / "mailq"
+    link.symlink_to(script)
+    proc = run(link, cli)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith(mid)
+    counted = run(link, cli, "--shape")
+    assert counted.stdout.splitlines()[1].split()[:2] == ["TOTAL", "1"]
+
+
+def run(link: Path, cli: CLI, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(link), *args],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )

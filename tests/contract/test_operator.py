@@ -1,0 +1,250 @@
+"""Contract: the operator's tools (schema version 10): short ids, the pending view and
+its count, bulk changes, purge by state, the queue's shape, suspended destinations."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from mailstrom.errors import AmbiguousMessageId, UnknownMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores import QueueFilter, Store
+from mailstrom.stores.operator import AGE_EDGES, PENDING_STATES
+
+from .support import LEASE_FOR, NOW, lease_all, leased_addresses, message, results_for
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+PENDING = QueueFilter(states=PENDING_STATES)
+
+
+def _settle(
+    store: Store, state: RecipientState, *, only: list[str] | None = None, now: datetime = NOW
+) -> None:
+    lease = lease_all(store, now=now)
+    store.record(results_for(lease, state, next_attempt_at=NOW + HOUR, only=only))
+
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def test_a_unique_prefix_resolves_and_an_ambiguous_one_lists_candidates(store: Store) -> None:
+    ids = [store.enqueue(message("a@example.org"), now=NOW) for _ in range(3)]
+    for mid in ids:
+        assert store.resolve_id(mid) == mid
+        assert store.resolve_id(mid[:-2]) == mid  # 80 random bits: unique long before
+        assert store.resolve_id(mid[:-2].upper()) == mid
+    # Ids begin with their millisecond: enqueued together, they share the first digits.
+    common = ids[0][:4]
+    assert all(mid.startswith(common) for mid in ids)
+    with pytest.raises(AmbiguousMessageId) as raised:
+        store.resolve_id(common)
+    assert sorted(raised.value.candidates) == sorted(ids)
+    assert isinstance(raised.value, UnknownMessage)
+    for bad in ("f" * 32, "xyz", "", "0" * 33, ids[0] + "0"):
+        with pytest.raises(UnknownMessage):
+            store.resolve_id(bad)
+
+
+def test_resolving_reports_at_most_ten_candidates(store: Store) -> None:
+    ids = store.enqueue_many([message("a@example.org")] * 12, now=NOW)
+    with pytest.raises(AmbiguousMessageId) as raised:
+        store.resolve_id(ids[0][:2])
+    assert len(raised.value.candidates) == 10 and raised.value.more
+
+
+# --- the pending view and counts -----------------------------------------------------------
+
+
+def test_pending_view_and_count(store: Store) -> None:
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    _settle(store, RecipientState.DELIVERED)
+    deferred = store.enqueue(message("b@example.org"), now=NOW + MINUTE)
+    _settle(store, RecipientState.DEFERRED, now=NOW + MINUTE)
+    queued = store.enqueue(message("c@other.org"), now=NOW + 2 * MINUTE)
+    later = NOW + 3 * MINUTE
+
+    assert [m.id for m in store.query(now=later, where=PENDING)] == [queued, deferred]
+    assert store.count(now=later, where=PENDING, cap=100) == 2
+    assert store.count(now=later, where=PENDING, cap=1) == 1
+    assert store.count(now=later, where=QueueFilter(), cap=100) == 3
+    deferred_only = QueueFilter(states=frozenset({RecipientState.DEFERRED}))
+    assert [m.id for m in store.query(now=later, where=deferred_only)] == [deferred]
+    assert store.count(now=later, where=deferred_only, cap=100) == 1
+    finished = QueueFilter(states=frozenset({RecipientState.DELIVERED, RecipientState.FAILED}))
+    assert [m.id for m in store.query(now=later, where=finished)] == [delivered]
+    by_domain = QueueFilter(states=PENDING_STATES, domain="OTHER.org")
+    assert [m.id for m in store.query(now=later, where=by_domain)] == [queued]
+    assert store.count(now=later, where=by_domain, cap=100) == 1
+    old = QueueFilter(states=PENDING_STATES, older_than=90 * timedelta(seconds=1))
+    assert [m.id for m in store.query(now=later, where=old)] == [deferred]
+    assert store.count(now=later, where=old, cap=100) == 1
+    limited = QueueFilter(states=PENDING_STATES, limit=1)
+    assert [m.id for m in store.query(now=later, where=limited)] == [queued]
+    # The last reason and next attempt come with the listing.
+    [row] = store.query(now=later, where=deferred_only)
+    assert row.recipients[0].next_attempt_at == NOW + HOUR
+    assert row.recipients[0].reply is not None and row.recipients[0].reply.code == 451
+
+
+# --- bulk changes --------------------------------------------------------------------------
+
+
+def test_bulk_hold_release_retry_cancel(store: Store) -> None:
+    first = store.enqueue(message("a@example.org"), now=NOW)
+    second = store.enqueue(message("b@example.org", "c@example.org"), now=NOW)
+    assert store.hold_many([first, second, "0" * 32], True) == 2
+    assert store.hold_many([first], True) == 0  # already held
+    assert store.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+    assert store.hold_many([second], False) == 1
+    assert sorted(leased_addresses(lease_all(store))) == ["b@example.org", "c@example.org"]
+
+    third = store.enqueue(message("d@example.org"), now=NOW)
+    _settle(store, RecipientState.DEFERRED)
+    soon = NOW + MINUTE
+    assert store.retry_many([third, first], now=soon) == 2  # held ones count too
+    assert store.status(third).recipients[0].next_attempt_at == soon
+    assert store.cancel_many([first, third, third], now=soon) == 2
+    assert store.status(first).recipients[0].state is RecipientState.FAILED
+    assert store.status(third).recipients[0].error == "cancelled"
+
+
+def test_purge_listed_and_by_state(store: Store) -> None:
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    failed = store.enqueue(message("b@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.record(results_for(lease, RecipientState.FAILED, only=["b@example.org"]))
+    pending = store.enqueue(message("c@example.org"), now=NOW)
+    later = NOW + HOUR
+
+    assert store.purge_many([pending], finished_before=later) == 0  # never pending mail
+    assert store.purge_many([delivered, failed], finished_before=NOW) == 0  # too recent
+    assert store.purge_state(finished_before=later, state=RecipientState.FAILED) == 1
+    with pytest.raises(UnknownMessage):
+        store.status(failed)
+    assert store.status(delivered).state is RecipientState.DELIVERED
+    assert store.purge_state(finished_before=later, state=RecipientState.DELIVERED) == 1
+    assert store.status(pending).state is RecipientState.QUEUED
+
+    again = store.enqueue(message("d@example.org"), now=NOW)
+    _settle(store, RecipientState.DELIVERED, only=["d@example.org"])
+    assert store.purge_many([again, pending]) == 1
+
+
+# --- the shape -----------------------------------------------------------------------------
+
+
+def test_shape_counts_pending_recipients_by_domain_and_age(store: Store) -> None:
+    now = NOW + 200 * MINUTE
+    store.enqueue(message("a@example.org", "b@example.org", "c@other.org"), now=NOW)
+    # Enqueued in time order, as with one clock (the SQLite store counts on it).
+    store.enqueue(message("e@example.org"), now=now - 10 * MINUTE)  # on an edge: above it
+    store.enqueue(message("d@example.org"), now=now - 7 * MINUTE)
+    store.enqueue(message("f@example.org"), now=now - MINUTE)
+    done = store.enqueue(message("g@done.org"), now=now - MINUTE)
+    lease = store.lease(now=now, limit=100, lease_for=LEASE_FOR)
+    assert lease is not None
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["g@done.org"]))
+    store.release(lease)
+    assert store.status(done).state is RecipientState.DELIVERED
+
+    rows = store.shape(now=now, edges=AGE_EDGES)
+    assert [r.domain for r in rows] == ["example.org", "other.org"]
+    assert rows[0].counts == (1, 1, 1, 0, 0, 0, 2)
+    assert rows[1].counts == (0, 0, 0, 0, 0, 0, 1)
+    assert rows[0].total == 5
+
+
+# --- the message ---------------------------------------------------------------------------
+
+
+def test_message_data_is_the_stored_bytes(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", data=b"Subject: x\r\n\r\nbody\r\n"), now=NOW)
+    assert store.message_data(mid) == b"Subject: x\r\n\r\nbody\r\n"
+    with pytest.raises(UnknownMessage):
+        store.message_data("0" * 32)
+
+
+# --- suspended destinations ----------------------------------------------------------------
+
+
+def test_a_suspended_domain_is_not_leased_until_resumed(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    store.suspend("example.org", now=NOW)
+    assert [s.domain for s in store.suspensions(now=NOW)] == ["example.org"]
+    lease = lease_all(store)
+    assert leased_addresses(lease) == ["b@other.org"]
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW) is None  # nothing the worker may take
+    status = store.status(mid).recipient("a@example.org")
+    assert status.state is RecipientState.QUEUED and status.attempts == 0
+
+    assert store.resume("example.org") is True
+    assert store.resume("example.org") is False
+    assert store.suspensions(now=NOW) == []
+    assert store.next_due(now=NOW) == NOW
+    assert leased_addresses(lease_all(store)) == ["a@example.org"]
+
+
+def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
+    store.enqueue(message("a@example.org"), now=NOW)
+    store.suspend("example.org", now=NOW, until=NOW + HOUR)
+    store.suspend("example.org", now=NOW, until=NOW + 2 * HOUR)  # replaces the end
+    [suspension] = store.suspensions(now=NOW)
+    assert suspension.until == NOW + 2 * HOUR
+    assert store.lease(now=NOW + HOUR, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW) == NOW + 2 * HOUR  # when the worker should look again
+    assert store.suspensions(now=NOW + 2 * HOUR) == []
+    assert leased_addresses(lease_all(store, now=NOW + 2 * HOUR)) == ["a@example.org"]
+
+
+def test_a_message_with_queued_and_deferred_recipients_is_deferred(store: Store) -> None:
+    mixed = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    _settle(store, RecipientState.DEFERRED, only=["a@example.org"])
+    queued = store.enqueue(message("c@example.org"), now=NOW + MINUTE)
+    later = NOW + 2 * MINUTE
+    only_queued = QueueFilter(states=frozenset({RecipientState.QUEUED}))
+    only_deferred = QueueFilter(states=frozenset({RecipientState.DEFERRED}))
+    assert [m.id for m in store.query(now=later, where=only_queued)] == [queued]
+    assert store.count(now=later, where=only_queued, cap=10) == 1
+    assert [m.id for m in store.query(now=later, where=only_deferred)] == [mixed]
+    assert store.count(now=later, where=only_deferred, cap=10) == 1
+    # A domain filter looks at every recipient of the message, pending or not.
+    other = QueueFilter(states=PENDING_STATES, domain="other.org")
+    assert store.count(now=later, where=other, cap=10) == 1
+    not_held = QueueFilter(states=PENDING_STATES, held=False, older_than=MINUTE)
+    assert [m.id for m in store.query(now=later, where=not_held)] == [mixed]
+    assert store.count(now=later, where=not_held, cap=10) == 1
+
+
+def test_counts_by_every_state(store: Store) -> None:
+    delivered = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    half = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
+    pending_one = store.enqueue(message("e@example.org", "f@example.org"), now=NOW)
+    lease = lease_all(store)
+    done = ["a@example.org", "b@example.org", "c@example.org"]
+    store.record(results_for(lease, RecipientState.DELIVERED, only=done))
+    store.record(results_for(lease, RecipientState.FAILED, only=["d@example.org", "e@example.org"]))
+    store.release(lease)  # f stays queued: its message, with a failed recipient, is pending
+    assert store.status(pending_one).state is RecipientState.QUEUED
+    store.enqueue(message("g@example.org"), now=NOW)
+
+    def count(*states: RecipientState) -> int:
+        return store.count(now=NOW, where=QueueFilter(states=frozenset(states)), cap=100)
+
+    assert count(RecipientState.DELIVERED) == 1
+    assert count(RecipientState.FAILED) == 1
+    assert count(RecipientState.DELIVERED, RecipientState.FAILED) == 2
+    assert count(RecipientState.QUEUED) == 2
+    assert count(RecipientState.FAILED, RecipientState.QUEUED) == 3
+    assert count() == 0
+    assert store.count(now=NOW, where=QueueFilter(), cap=100) == 4
+    assert store.count(now=NOW, where=QueueFilter(), cap=3) == 3
+    assert store.count(now=NOW, where=QueueFilter(state=RecipientState.DELIVERED), cap=100) == 1
+    assert [m.id for m in store.query(now=NOW, where=QueueFilter(state=RecipientState.FAILED))] == [
+        half
+    ]
+    assert delivered != half

@@ -1,0 +1,157 @@
+"""The operator's methods on both facades (issue 14 §1: facade parity and ``wait``).
+
+``wait`` returns as soon as the outcome is known: every recipient final, or the next
+retry falls after the timeout; a real worker delivers to a loopback receiver.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from mailstrom import (
+    AmbiguousMessageId,
+    AsyncMailstrom,
+    Config,
+    Email,
+    Mailstrom,
+    RecipientState,
+    UnknownMessage,
+)
+from mailstrom.stores import MemoryStore, QueueFilter, SQLiteStore
+from mailstrom.stores.operator import PENDING_STATES
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import loopback_config
+
+
+def hello(to: str) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject="Hi", text="Hello")
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    for domain in ("example.org", "other.org"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+def config(dns: LoopbackDNS, port: int) -> Config:
+    return loopback_config(dns, port, poll_interval=30)  # only wake-ups explain speed
+
+
+def test_wait_returns_once_delivered_or_deferred_past_the_timeout(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    mx.rcpt_replies["grey@example.org"] = ["451 4.7.1 Greylisted"]
+    with Mailstrom(config(dns_server, mx.port), store=MemoryStore(), worker="thread") as ms:
+        started = time.monotonic()
+        delivered = ms.wait(ms.send_email(hello("bob@example.org")), timeout=60)
+        assert delivered.state is RecipientState.DELIVERED
+        grey = ms.send_email(hello("grey@example.org"))
+        status = ms.wait(grey[:24], timeout=60)  # a prefix works too
+        assert status.state is RecipientState.DEFERRED
+        # The retry is minutes away: no reason to sit out the 60 seconds.
+        assert time.monotonic() - started < 20
+        # With a timeout past the next retry, the wait is not over yet: it times out.
+        mx.rcpt_replies["slow@example.org"] = ["451 4.7.1 Greylisted"]
+        slow = ms.send_email(hello("slow@example.org"))
+        ms.wait(slow, timeout=10)
+        before = time.monotonic()
+        assert ms.wait(slow, timeout=1.0).state is RecipientState.DEFERRED  # next retry > 1 s
+        assert time.monotonic() - before < 1.0
+        with pytest.raises(UnknownMessage):
+            ms.wait("0" * 32, timeout=1)
+
+
+async def test_async_wait(mx: Any, dns_server: LoopbackDNS) -> None:
+    async with AsyncMailstrom(config(dns_server, mx.port), store=MemoryStore()) as ms:
+        assert ms.worker_mode == "task"
+        started = time.monotonic()
+        mid = await ms.send_email(hello("bob@example.org"))
+        status = await ms.wait(mid, timeout=60)
+        assert status.state is RecipientState.DELIVERED
+        assert time.monotonic() - started < 20
+
+
+def test_wait_with_a_worker_process(mx: Any, dns_server: LoopbackDNS, tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        assert ms.worker_mode == "process"
+        mid = ms.send_email(hello("bob@example.org"))
+        assert ms.wait(mid, timeout=60).state is RecipientState.DELIVERED
+    store.close()
+
+
+def test_operator_methods_on_the_sync_facade() -> None:
+    with Mailstrom(Config(helo_name="client.test"), store=MemoryStore(), worker=None) as ms:
+        a = ms.send_email(hello("a@example.org"))
+        b = ms.send_email(hello("b@other.org"))
+        assert ms.resolve_id(a[:24]) == a
+        with pytest.raises(AmbiguousMessageId):
+            ms.resolve_id(a[:4])
+        assert ms.query_status(b[:24]).id == b
+
+        assert ms.hold([a[:24], b]) == 2
+        assert ms.stats().held == 2
+        assert ms.release(QueueFilter(domain="other.org")) == 1
+        assert ms.hold(b) == 1 and ms.release(b) == 1
+        assert ms.retry_many(QueueFilter(states=PENDING_STATES)) == 2
+        assert ms.count(QueueFilter(states=PENDING_STATES)) == 2
+        assert [m.id for m in ms.query(QueueFilter(held=True))] == [a]
+        assert [(r.domain, r.total) for r in ms.shape()] == [("example.org", 1), ("other.org", 1)]
+        assert b"Hello" in ms.message_data(a[:24])
+
+        ms.suspend("Example.org.", for_=timedelta(hours=1))
+        [suspension] = ms.suspensions()
+        assert suspension.domain == "example.org" and suspension.until is not None
+        assert ms.resume("example.org") is True
+        assert ms.suspensions() == []
+
+        assert ms.cancel_many([a, b]) == 2
+        assert ms.purge(timedelta(0), state=RecipientState.DELIVERED) == 0
+        assert ms.purge(timedelta(hours=1), messages=[a]) == 0  # cancelled just now
+        assert ms.purge(timedelta(seconds=-1), state=RecipientState.FAILED) == 2
+        assert ms.stats().messages == 0
+
+
+async def test_operator_methods_on_the_async_facade() -> None:
+    ms = AsyncMailstrom(Config(helo_name="client.test"), store=MemoryStore(), worker=None)
+    async with ms:
+        a = await ms.send_email(hello("a@example.org"))
+        assert await ms.resolve_id(a[:24]) == a
+        assert await ms.hold(a[:24]) == 1
+        assert await ms.release([a]) == 1
+        assert await ms.retry_many(a) == 1
+        assert await ms.count() == 1
+        assert [m.id for m in await ms.query()] == [a]
+        assert (await ms.stats()).messages == 1
+        assert [r.domain for r in await ms.shape()] == ["example.org"]
+        assert b"Hello" in await ms.message_data(a)
+        await ms.suspend("example.org")
+        assert [s.domain for s in await ms.suspensions()] == ["example.org"]
+        assert await ms.resume("example.org") is True
+        assert await ms.cancel_many(QueueFilter()) == 1
+        assert await ms.purge(timedelta(seconds=-1)) == 1
+        held = await ms.send_email(hello("b@example.org"))
+        await ms.hold(held)
+        assert (await ms.wait(held, timeout=30)).held  # a held message cannot change
+
+
+def test_waits_share_one_store_watch_until_stop(tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    wake_dir = tmp_path / "q.db-wake"
+    ms = Mailstrom(Config(helo_name="client.test"), store=store, worker=None)
+    with ms:
+        mid = ms.send_email(hello("a@example.org"))
+        ms.hold(mid)
+        for _ in range(3):
+            assert ms.wait(mid, timeout=5).held
+        assert len(list(wake_dir.glob("*.sock"))) == 1  # one listener, not one per wait
+    assert list(wake_dir.glob("*.sock")) == []
+    store.close()

@@ -1,0 +1,150 @@
+"""Pure pieces of the operator's tools: id prefixes, age buckets, the wait's stopping
+rule, and the sendmail personality's local names and aliases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailstrom.cli.localnames import (
+    MAX_ALIASES_SIZE,
+    expand,
+    is_bare,
+    qualify_headers,
+    read_aliases,
+)
+from mailstrom.client.operations import settled
+from mailstrom.errors import AmbiguousMessageId, ConfigError, UnknownMessage
+from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
+from mailstrom.stores.operator import (
+    AGE_EDGES,
+    bucket_of,
+    normalize_domain,
+    normalize_prefix,
+    pick_one,
+    shape_rows,
+)
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+
+
+# --- ids and buckets -----------------------------------------------------------------------
+
+
+def test_prefixes_are_hex_and_case_insensitive() -> None:
+    assert normalize_prefix(" 01A22D ") == "01a22d"
+    for bad in ("", "xyz", "0" * 33, "01a2-"):
+        with pytest.raises(UnknownMessage):
+            normalize_prefix(bad)
+
+
+def test_pick_one() -> None:
+    assert pick_one("ab", ["abc"]) == "abc"
+    with pytest.raises(UnknownMessage):
+        pick_one("ab", [])
+    with pytest.raises(AmbiguousMessageId) as raised:
+        pick_one("ab", ["abd", "abc"] + [f"ab{i}" for i in range(10)])
+    assert raised.value.candidates[:2] == ["ab0", "ab1"] and raised.value.more
+    assert str(raised.value).startswith("ambiguous message id 'ab': it starts ab0, ab1")
+
+
+@pytest.mark.parametrize(
+    ("minutes", "bucket"),
+    [(0, 0), (4.9, 0), (5, 1), (9, 1), (10, 2), (39, 3), (40, 4), (159, 5), (160, 6), (1e6, 6)],
+)
+def test_age_buckets_double(minutes: float, bucket: int) -> None:
+    assert bucket_of(timedelta(minutes=minutes), AGE_EDGES) == bucket
+
+
+def test_shape_rows_put_the_largest_domain_first() -> None:
+    rows = shape_rows({("b.test", 0): 1, ("a.test", 6): 2, ("c.test", 1): 3, ("b.test", 2): 2}, 7)
+    # Ties (3 and 3) by domain name.
+    assert [(r.domain, r.total) for r in rows] == [("b.test", 3), ("c.test", 3), ("a.test", 2)]
+    assert rows[0].counts == (1, 0, 2, 0, 0, 0, 0)
+    assert rows[2].counts == (0, 0, 0, 0, 0, 0, 2)
+
+
+def test_domains_are_normalized_and_checked() -> None:
+    assert normalize_domain(" Example.ORG. ") == "example.org"
+    for bad in ("", "a b", "bob@example.org", "x" * 300, "a/b"):
+        with pytest.raises(ValueError, match="not a domain"):
+            normalize_domain(bad)
+
+
+# --- when a wait is over -------------------------------------------------------------------
+
+
+def status(
+    *recipients: tuple[RecipientState, datetime | None], held: bool = False
+) -> MessageStatus:
+    return MessageStatus(
+        id="0" * 32,
+        state=RecipientState.QUEUED,
+        envelope_from="a@example.org",
+        created_at=NOW,
+        size=1,
+        recipients=tuple(
+            RecipientStatus(address=f"r{i}@example.org", state=s, attempts=1, next_attempt_at=at)
+            for i, (s, at) in enumerate(recipients)
+        ),
+        held=held,
+    )
+
+
+def test_a_wait_is_over_when_nothing_can_change_before_its_end() -> None:
+    end = NOW + MINUTE
+    final = (RecipientState.DELIVERED, None)
+    assert settled(status(final, (RecipientState.FAILED, None)), end)
+    assert not settled(status(final, (RecipientState.QUEUED, NOW)), end)
+    assert not settled(status((RecipientState.DEFERRED, NOW + MINUTE / 2)), end)
+    assert settled(status((RecipientState.DEFERRED, NOW + 2 * MINUTE), final), end)
+    assert settled(status((RecipientState.QUEUED, NOW), held=True), end)
+
+
+# --- local names and aliases ---------------------------------------------------------------
+
+
+def test_bare_names() -> None:
+    assert is_bare("root") and is_bare("www-data")
+    assert not is_bare("root@host") and not is_bare("|/bin/cmd") and not is_bare("")
+
+
+def test_headers_get_the_origin_and_nothing_else_changes() -> None:
+    data = (
+        b"From: root (Cron Daemon)\r\nTo: root,\r\n ops@example.org\r\n"
+        b"Subject: Cron <root@host> job\r\nX-Other: root\r\n\r\nFrom: root\r\n"
+    )
+    out = qualify_headers(data, "host.example.org")
+    assert out == (
+        b"From: Cron Daemon <root@host.example.org>\r\n"
+        b"To: root@host.example.org, ops@example.org\r\n"
+        b"Subject: Cron <root@host> job\r\nX-Other: root\r\n\r\nFrom: root\r\n"
+    )
+    untouched = b"From: a@example.org\nTo: b@example.org\n\nroot\n"
+    assert qualify_headers(untouched, "host.example.org") is untouched
+
+
+def test_aliases_expand_recursively_with_loops_and_programs_stopped() -> None:
+    aliases = {"root": ["admin", "ops@example.org"], "admin": ["root", "|/bin/x", "kim"]}
+    assert expand("root", aliases, "o.test") == ["root@o.test", "kim@o.test", "ops@example.org"]
+    assert expand("Nobody", aliases, "o.test") == ["Nobody@o.test"]
+    assert expand("bob@example.org", aliases, "o.test") == ["bob@example.org"]
+
+
+def test_reading_an_aliases_file(tmp_path: Path) -> None:
+    path = tmp_path / "aliases"
+    path.write_text(
+        '# comment\n\nPostmaster: root\nroot: ops@example.org,\n\t"backup"\nnot an alias\n'
+    )
+    assert read_aliases(str(path)) == {
+        "postmaster": ["root"],
+        "root": ["ops@example.org", "backup"],
+    }
+    path.write_bytes(b"a: b\n" * (MAX_ALIASES_SIZE // 5 + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        read_aliases(str(path))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_aliases(str(tmp_path / "missing"))
