@@ -13,6 +13,7 @@ from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.policy.shaping import ShapingConfig
 
 
 class TLSPolicy(StrEnum):
@@ -251,6 +252,10 @@ class Config:
     """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
     ``localhost`` or a name private to one network."""
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    """Traffic shaping per destination: limits by recipient domain or MX host, and the
+    pause after a throttling reply (see :class:`~mailstrom.policy.shaping.ShapingConfig`
+    and docs/guide.md, "Traffic shaping")."""
 
     @property
     def outbox(self) -> bool:
@@ -308,3 +313,5 @@ class Config:
                     "private to one host or network)"
                 )
             object.__setattr__(self, "message_id_domain", name)
+        if not isinstance(self.shaping, ShapingConfig):
+            raise ConfigError(f"shaping must be a ShapingConfig, not {type(self.shaping).__name__}")

@@ -52,23 +52,27 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     DeliveryEvent,
+    DestinationThrottle,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events
+from mailstrom.stores import sqlite_events, sqlite_shaping
 from mailstrom.stores.base import (
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
+    WorkItem,
+    with_throttles,
 )
 from mailstrom.stores.sqlite_queue import (
     DUE_SQL,
@@ -686,9 +690,10 @@ class SQLiteStore:
         """The message's status with every recipient's history."""
         with self._read() as conn:
             found = read_messages(conn, "m.id = ?", [message_id], 1, history=True)
+            paused = sqlite_shaping.paused_recipients(conn, message_id, now=datetime.now(UTC))
         if not found:
             raise UnknownMessage(message_id)
-        return found[0]
+        return with_throttles(found[0], paused)
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without history; walks the
@@ -809,3 +814,42 @@ class SQLiteStore:
         """Work may be due: tell watchers here and in other processes (after COMMIT)."""
         self._watchers.notify()
         self._wakeups.notify()
+
+    # --- traffic shaping --------------------------------------------------------------
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+    ) -> DestinationThrottle:
+        """Pause ``destination`` (see :class:`Store`); one write transaction."""
+        with self._write(fsync=False) as conn:
+            return sqlite_shaping.throttle(
+                conn, destination, now=now, reply=reply, first=first, maximum=maximum
+            )
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        with self._read() as conn:
+            return sqlite_shaping.throttles(conn, now=now)
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        if not items:
+            return 0
+        with self._write(fsync=False) as conn:
+            return sqlite_shaping.postpone(conn, items, until=until, destination=destination)
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every bucket at once, shared by every process
+        of this database (the write lock serialises them)."""
+        with self._write(fsync=False) as conn:
+            return sqlite_shaping.take(conn, buckets, want=want, now=now)

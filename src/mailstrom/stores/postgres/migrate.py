@@ -38,12 +38,13 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
         conn.execute(_CREATE_VERSION_TABLE)
         row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
         current = int(row[0]) if row else 0
-        if current > len(known):
+        latest = known[-1].version if known else 0
+        if current > latest:
             raise StoreError(
                 f"the database schema is at version {current}, newer than this mailstrom "
-                f"knows ({len(known)}); upgrade mailstrom"
+                f"knows ({latest}); upgrade mailstrom"
             )
-        for migration in known[current:]:
+        for migration in (m for m in known if m.version > current):
             conn.execute(migration.sql.encode())
             conn.execute(
                 "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
