@@ -34,6 +34,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidHeaderValue,
     InvalidMessage,
+    InvalidShapingRule,
     LineTooLong,
     MailstromError,
     MessageTooLarge,
@@ -53,9 +54,11 @@ from mailstrom.errors import (
 )
 from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    DestinationThrottle,
     DKIMStatus,
     Histogram,
     MessageStatus,
@@ -82,6 +85,8 @@ __all__ = [
     "DKIMStatus",
     "DNSConfig",
     "DeliveryError",
+    "DestinationRule",
+    "DestinationThrottle",
     "Email",
     "ForbiddenCharacter",
     "HeaderInjection",
@@ -92,6 +97,7 @@ __all__ = [
     "InvalidAttachment",
     "InvalidHeaderValue",
     "InvalidMessage",
+    "InvalidShapingRule",
     "LineTooLong",
     "Mailstrom",
     "MailstromError",
@@ -113,6 +119,7 @@ __all__ = [
     "RelayTLS",
     "RetryPolicy",
     "SMTPReply",
+    "ShapingConfig",
     "StoreCorrupt",
     "StoreError",
     "TLSPolicy",

@@ -10,7 +10,7 @@ from mailstrom.client.common import FacadeBase, MessageInput
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 
 
 class AsyncMailstrom(FacadeBase):
@@ -120,3 +120,7 @@ class AsyncMailstrom(FacadeBase):
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return await asyncio.to_thread(self.store.cancel, message_id, now=self._clock())
+
+    async def throttled_destinations(self) -> list[DestinationThrottle]:
+        """The destinations paused now (see :meth:`Mailstrom.throttled_destinations`)."""
+        return await asyncio.to_thread(self.store.throttles, now=self._clock())
