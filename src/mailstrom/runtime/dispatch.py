@@ -315,7 +315,9 @@ class Dispatcher:
             if broke is None:
                 cap = shape.messages_per_connection if shape is not None else None
                 if cap is not None and conn.messages_sent >= cap:
-                    opener.close_later(conn)  # the rule's cap: a fresh connection next
+                    # The rule's cap: closed before the next one opens, so that the two
+                    # never count twice against the rule's connections.
+                    await conn.close()
                 else:
                     opener.release(key, conn)
                 continue
@@ -502,7 +504,8 @@ class Dispatcher:
         reply = SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         if not is_throttling(reply, connecting=True):
             return False
-        pause = await self._shaper.throttled(shape, exc.text)
+        held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]
+        pause = await self._shaper.throttled(shape, exc.text, held)
         now = time.monotonic()
         where = Where(host=exc.host)
         while dest.queue:
@@ -522,7 +525,10 @@ class Dispatcher:
         throttling = next((r for r in replies if is_throttling(r)), None)
         if throttling is None:
             return results
-        pause = await self._shaper.throttled(shape, str(throttling))
+        deferred = [
+            (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
+        ]
+        pause = await self._shaper.throttled(shape, str(throttling), deferred)
         return _until_pause(results, pause)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:

@@ -181,9 +181,12 @@ class Shaper:
         now = self._clock()
         return sorted((p for p in self._pauses.values() if p.until > now), key=lambda p: p.until)
 
-    async def throttled(self, shape: Shape, reply: str) -> DestinationThrottle:
+    async def throttled(
+        self, shape: Shape, reply: str, recipients: Sequence[tuple[str, str]] = ()
+    ) -> DestinationThrottle:
         """Pause ``shape`` after a throttling ``reply``: in the store, for every worker;
-        in this worker alone when the store fails (the reply must be heeded anyway)."""
+        in this worker alone when the store fails (the reply must be heeded anyway).
+        ``recipients``: (message id, address) of those the reply deferred."""
         settings = self._settings
         now = self._clock()
         try:
@@ -194,6 +197,7 @@ class Shaper:
                 reply=reply,
                 first=settings.pause_first,
                 maximum=settings.pause_max,
+                recipients=recipients,
             )
         except StoreError as exc:
             log.warning("could not record the pause of %s in the store: %s", shape.key, exc)

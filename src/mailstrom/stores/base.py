@@ -378,11 +378,14 @@ class Store(Protocol):
         reply: str,
         first: timedelta,
         maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` after a throttling ``reply`` at ``now`` and return the
         pause: a new one (:func:`~mailstrom.policy.throttle.next_pause`: ``first`` long,
         doubling on repeats up to ``maximum``) or, while one runs, that one unchanged. In
-        one transaction, so workers reporting at once count one throttle."""
+        one transaction, so workers reporting at once count one throttle. ``recipients``
+        ((message id, address) pairs: those the throttling reply deferred) show the pause
+        in their status while they are pending, as postponed ones do."""
         ...
 
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:

@@ -595,9 +595,15 @@ class MemoryStore:
         reply: str,
         first: timedelta,
         maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`)."""
         with self._lock:
+            for message_id, address in recipients:
+                m = self._messages.get(message_id)
+                r = m.recipients.get(address) if m is not None else None
+                if r is not None:
+                    r.throttled_by = destination
             pause = next_pause(
                 self._throttles.get(destination),
                 destination=destination,

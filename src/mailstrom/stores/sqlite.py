@@ -825,9 +825,11 @@ class SQLiteStore:
         reply: str,
         first: timedelta,
         maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
         with self._write(fsync=False) as conn:
+            sqlite_shaping.mark(conn, recipients, destination)
             return sqlite_shaping.throttle(
                 conn, destination, now=now, reply=reply, first=first, maximum=maximum
             )

@@ -79,6 +79,15 @@ def paused_recipients(
     return {row[0]: _throttle_from_row(row[1:]) for row in rows}
 
 
+def mark(conn: sqlite3.Connection, recipients: Sequence[tuple[str, str]], destination: str) -> None:
+    """Note that ``destination``'s pause holds these (message id, address) recipients."""
+    conn.executemany(
+        "UPDATE recipients SET throttled_by = ?"
+        " WHERE message_seq = (SELECT seq FROM messages WHERE id = ?) AND address = ?",
+        [(destination, message_id, address) for message_id, address in recipients],
+    )
+
+
 def postpone(
     conn: sqlite3.Connection,
     items: Sequence[WorkItem],

@@ -405,6 +405,7 @@ class PostgresStore:
         reply: str,
         first: timedelta,
         maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
         lock on the destination, so workers reporting at once count one throttle."""
@@ -414,6 +415,15 @@ class PostgresStore:
             self._pool.connection() as conn,
             conn.transaction(),
         ):
+            if recipients:
+                conn.execute(
+                    q["mark_throttled"],
+                    {
+                        "destination": destination,
+                        "message_ids": [m for m, _ in recipients],
+                        "addresses": [a for _, a in recipients],
+                    },
+                )
             conn.execute(q["shaping_lock"], {"key": destination})
             conn.execute(q["forget_throttles"], {"before": now - _FORGET_THROTTLES})
             row = conn.execute(q["get_throttle"], {"destination": destination}).fetchone()

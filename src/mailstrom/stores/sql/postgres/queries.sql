@@ -424,3 +424,9 @@ SELECT key, tokens, at FROM shaping_buckets WHERE key = ANY(%(keys)s::text[]);
 INSERT INTO shaping_buckets (key, tokens, at)
 SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::float8[], %(ats)s::timestamptz[])
 ON CONFLICT (key) DO UPDATE SET tokens = EXCLUDED.tokens, at = EXCLUDED.at;
+
+-- name: mark_throttled
+UPDATE recipients r
+SET throttled_by = %(destination)s
+FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
+WHERE r.message_id = t.message_id AND r.address = t.address;
