@@ -127,6 +127,8 @@ class Shaper:
         self._store_call = store_call
         self._clock = clock
         self._by_domain: dict[str, Shape] = {}
+        self._no_rule: set[str] = set()
+        """Domains known to have no rule of their own (those may still match by MX)."""
         self._shapes: dict[str, Shape] = {}
         self._pauses: dict[str, DestinationThrottle] = {}
 
@@ -149,9 +151,13 @@ class Shaper:
         shape = self._by_domain.get(domain)
         if shape is not None:
             return shape
-        rule = self._book.rule_for_name(domain) if self._book else None
-        if rule is not None:
-            return self._shape(domain, rule)
+        if self._book and domain not in self._no_rule:
+            rule = self._book.rule_for_name(domain)
+            if rule is not None:
+                return self._shape(domain, rule)
+            if len(self._no_rule) >= _MAX_DOMAINS:
+                self._no_rule.clear()
+            self._no_rule.add(domain)
         if domain in self._pauses:
             return Shape(domain, None)
         return None
