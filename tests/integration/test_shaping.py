@@ -46,6 +46,7 @@ class ObservedStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.settled = 0
+        self.postponed = 0
         self.changed = threading.Condition()
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -57,6 +58,7 @@ class ObservedStore(MemoryStore):
         self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
     ) -> int:
         postponed = super().postpone(items, until=until, destination=destination)
+        self.postponed += postponed
         self._count(postponed)
         return postponed
 
@@ -171,6 +173,42 @@ def test_a_rate_limit_reply_in_a_transaction_pauses_the_queue_behind_it(
     late = mx.arrivals[in_flight:]
     assert len(late) == 6 - in_flight
     assert all(t >= pause.until.timestamp() for t in late)
+
+
+def test_mail_a_rate_would_hold_for_long_goes_back_to_the_store(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """40 messages at 60 a minute: the worker keeps 10 s worth and gives the rest back,
+    due about when the rate allows them, so another destination is not held up."""
+    mx = smtp_server(host="127.0.0.28")
+    other_mx = smtp_server(host="127.0.0.29", port=mx.port)
+    for domain, server in (("slowrate.test", mx), ("other.test", other_mx)):
+        dns_server.mx(domain, [(10, f"mx.{domain}")])
+        dns_server.a(f"mx.{domain}", server.host)
+    rule = DestinationRule(match="slowrate.test", messages_per_minute=60)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(rule))
+    store = ObservedStore()
+    results = Results()
+    ms = start(config, store, results)
+    try:
+        sent_at = datetime.now(UTC)
+        ids = ms.send_emails([hello(f"r{i}@slowrate.test") for i in range(40)])
+        store.wait_settled(25)
+        assert store.postponed >= 25
+        other = ms.send_email(hello("x@other.test"))
+        results.wait_final({"x@other.test"}, timeout=5)  # not behind the rate-limited mail
+        waits = sorted(
+            (r.next_attempt_at - sent_at).total_seconds()
+            for r in (ms.query_status(i).recipients[0] for i in ids)
+            if r.state is RecipientState.QUEUED and r.next_attempt_at is not None
+        )
+        assert ms.query_status(other).state is DELIVERED
+    finally:
+        ms.stop(timeout=5)
+    late = [w for w in waits if w >= 9]
+    assert len(late) >= 25
+    assert max(late) <= 42  # spread over what the rate needs, not all at one time
+    assert len(set(round(w) for w in late)) >= 20
 
 
 @pytest.mark.parametrize("limited", [True, False])

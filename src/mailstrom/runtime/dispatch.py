@@ -99,6 +99,7 @@ class Dispatcher:
         self._config = config
         self._shaper = shaper
         self._on_postpone = on_postpone
+        self._spread: dict[datetime, list[WorkItem]] = {}
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
@@ -143,6 +144,12 @@ class Dispatcher:
             if pause is not None:
                 self._postpone([checked], pause)  # paused: back to the store at once
                 return
+            if shape is not None and shape.message_buckets:
+                queued = self._destinations.get(key)
+                later = self._shaper.spread(shape, len(queued.queue) if queued else 0)
+                if later is not None:
+                    self._postpone_later(checked, later)  # the rate would keep it waiting
+                    return
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -480,6 +487,23 @@ class Dispatcher:
             self.idle.set()
         if items and self._on_postpone is not None:
             self._on_postpone(items, pause.until, pause.destination)
+
+    def _postpone_later(self, work: _Work, until: datetime) -> None:
+        """Give ``work`` back, due at ``until``; the items of one lease are gathered and
+        given back in one call per due time."""
+        self.in_flight -= len(work.item.recipients)
+        if self.in_flight <= 0:
+            self.idle.set()
+        if not self._spread:
+            asyncio.get_running_loop().call_soon(self._flush_spread)
+        self._spread.setdefault(until, []).append(work.item)
+
+    def _flush_spread(self) -> None:
+        spread, self._spread = self._spread, {}
+        if self._on_postpone is None:
+            return
+        for until, items in spread.items():
+            self._on_postpone(items, until, None)
 
     def _unpark(self, shape: Shape) -> None:
         """Start the destinations waiting for a slot of ``shape``, as slots allow."""

@@ -20,7 +20,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom.config import Config
@@ -37,6 +37,10 @@ StoreCall = Callable[..., Awaitable[Any]]
 
 _STORE_RETRY = 1.0
 """Seconds before asking a failing store for tokens again."""
+_HORIZON = 10.0
+"""Seconds of a destination's message rate a worker keeps queued in memory; what would
+wait longer goes back to the store, due about when the rate allows it, so that it holds
+no room other destinations could use."""
 _MAX_DOMAINS = 100_000
 """Domains whose rule is remembered; past this the memory is cleared and rebuilt."""
 
@@ -45,6 +49,7 @@ class Shape:
     """One destination's shaping state in this worker (private, mutable)."""
 
     __slots__ = (
+        "booked",
         "connect_buckets",
         "connections",
         "key",
@@ -67,6 +72,8 @@ class Shape:
         self.message_buckets: tuple[TokenBucket, ...] = ()
         self.connect_buckets: tuple[TokenBucket, ...] = ()
         self.want = 1
+        self.booked: datetime | None = None
+        """The next free place in the rate's schedule for a message given back."""
         if rule is None:
             return
         buckets = []
@@ -241,6 +248,23 @@ class Shaper:
         self._pauses = mine
 
     # --- rates ----------------------------------------------------------------------------
+
+    def spread(self, shape: Shape, waiting: int) -> datetime | None:
+        """When a message that finds ``waiting`` others queued for ``shape`` should come
+        back from the store, if its rate leaves it waiting past the horizon; else None."""
+        if not shape.message_buckets:
+            return None
+        rate = min(bucket.rate for bucket in shape.message_buckets)
+        if waiting < max(shape.want, math.ceil(rate * _HORIZON)):
+            return None
+        # Each message given back books the next place in the rate's schedule, after
+        # those queued here and those given back before it.
+        due = self._clock() + timedelta(seconds=waiting / rate)
+        if shape.booked is not None and shape.booked > due:
+            due = shape.booked
+        shape.booked = due + timedelta(seconds=1 / rate)
+        # Whole seconds, so that one lease's overflow is given back in a few writes.
+        return due.replace(microsecond=0) + timedelta(seconds=1)
 
     async def _take(self, buckets: Sequence[TokenBucket], want: int) -> TokenGrant:
         try:
