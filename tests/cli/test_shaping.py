@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.cli.conftest import MailEnv
+from tests.cli.conftest import CLI, MailEnv
 from tests.cli.test_delivery import send
 
 
@@ -26,3 +26,10 @@ def test_status_says_the_destination_is_throttled(mail_env: MailEnv) -> None:
         assert rcpt["next_attempt_at"] == throttle["until"]
         text = cli.ok("status", message_id).out
         assert "bob@example.test: destination example.test throttled until " in text
+
+
+def test_a_bad_rule_is_a_configuration_error(cli: CLI) -> None:
+    cli.env["MAILSTROM_SHAPING_RULES"] = "mail.*.example max_connections=2"
+    result = cli("queue")
+    assert result.code == 78
+    assert "shaping.rules[0]: match" in result.err
