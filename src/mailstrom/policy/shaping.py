@@ -190,7 +190,9 @@ class ShapingConfig:
     provider_defaults: bool = True
     """Apply the rules of ``policy/destinations.toml`` (Gmail, Microsoft, Yahoo, iCloud)
     where no rule of ``rules`` has the same pattern."""
-    pause_first: timedelta = timedelta(minutes=1)
+    pause_first: timedelta = timedelta(minutes=5)
+    """As long as the retry policy's first delay (and Postfix's ``minimal_backoff_time``):
+    a throttled destination is never tried again sooner than a deferred recipient."""
     pause_max: timedelta = timedelta(hours=1)
     refresh: float = 1.0
     """Seconds between a worker's reads of the pauses other workers recorded."""
