@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
@@ -14,18 +15,8 @@ from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
-
-
-class TLSPolicy(StrEnum):
-    """What to do about STARTTLS when delivering to MX hosts."""
-
-    OPPORTUNISTIC = "opportunistic"
-    """Use TLS when offered, without verifying the certificate; if the handshake fails,
-    retry that host in plaintext on a new connection (as MTAs do)."""
-    REQUIRED = "required"
-    """Deliver only over TLS (certificate not verified); no TLS → temporary failure."""
-    VERIFY = "verify"
-    """Deliver only over TLS with a certificate valid for the MX host name."""
+from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
+from mailstrom.tls.table import PolicyTable
 
 
 class EventLoop(StrEnum):
@@ -75,6 +66,11 @@ class DNSConfig:
     timeout: float = 10.0
     """Total seconds for one domain's route: its MX query and every address query
     together (dnspython's lifetime, shared by all the queries of one lookup)."""
+    dnssec: bool = False
+    """Trust the resolver to validate DNSSEC: believe the AD bit of its answers (like
+    Postfix's ``smtp_dns_support_level = dnssec``) and so use DANE (RFC 7672) for MX hosts
+    reached through validated records. Only for a validating resolver on a trusted path
+    (the same host, or a protected link)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,6 +253,18 @@ class Config:
     pause after a throttling reply (see :class:`~mailstrom.policy.shaping.ShapingConfig`
     and docs/guide.md, "Traffic shaping")."""
 
+    tls_domains: PolicyTable | Mapping[str, str] = field(default_factory=PolicyTable)
+    """Per-domain TLS policy levels overriding ``tls`` (Postfix's ``smtp_tls_policy_maps``):
+    ``{"example.com": "verify", "legacy.example": "none", "*.bank.example": "dane-only"}``.
+    An entry is the operator's word for its domain: MTA-STS and DANE apply only to
+    domains without one (and to ``dane``/``dane-only`` entries). Becomes a
+    :class:`~mailstrom.tls.table.PolicyTable`."""
+    tls_remember_broken: timedelta = timedelta(hours=1)
+    """How long a host whose TLS handshake failed is remembered (in the store, shared by
+    every worker): under the opportunistic policy it then gets plaintext at once, one
+    connection per attempt instead of two. Never under verify, DANE or MTA-STS; zero
+    turns the memory off."""
+
     @property
     def outbox(self) -> bool:
         """Whether recorded results also go to the event outbox."""
@@ -315,3 +323,29 @@ class Config:
             object.__setattr__(self, "message_id_domain", name)
         if not isinstance(self.shaping, ShapingConfig):
             raise ConfigError(f"shaping must be a ShapingConfig, not {type(self.shaping).__name__}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        try:
+            object.__setattr__(self, "tls", TLSPolicy(self.tls))
+        except ValueError:
+            choices = ", ".join(p.value for p in TLSPolicy)
+            raise ConfigError(f"tls must be one of {choices}, got {self.tls!r}") from None
+        table = self.tls_domains
+        if not isinstance(table, PolicyTable):
+            table = PolicyTable.parse(table)
+            object.__setattr__(self, "tls_domains", table)
+        dane = {TLSPolicy.DANE, TLSPolicy.DANE_ONLY}
+        if not self.dns.dnssec and (self.tls in dane or any(lv in dane for _, lv in table)):
+            raise ConfigError(
+                "tls: dane and dane-only need a resolver trusted to validate DNSSEC; "
+                "set dns.dnssec = true"
+            )
+        if self.tls_remember_broken.total_seconds() < 0:
+            raise ConfigError("tls_remember_broken must not be negative")
+
+    @property
+    def tls_table(self) -> PolicyTable:
+        """``tls_domains`` as the :class:`~mailstrom.tls.table.PolicyTable` it became."""
+        assert isinstance(self.tls_domains, PolicyTable)
+        return self.tls_domains

@@ -232,3 +232,8 @@ class InvalidShapingRule(ConfigError):
         self.reason = reason
         self.pattern = pattern
         self.field = field
+
+
+class RequireTLSFailure(PermanentFailure):
+    """A REQUIRETLS message (RFC 8689) cannot be sent as it demands: no authenticated TLS
+    is possible to the destination, or its server does not offer REQUIRETLS (5.7.30)."""

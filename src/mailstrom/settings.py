@@ -49,6 +49,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.stores.url import default_store_url, redact_url
+from mailstrom.tls.table import PolicyTable
 
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
@@ -311,6 +312,24 @@ def _shaping_rule_entry(key: str, text: str) -> dict[str, Any]:
     return entry
 
 
+def _tls_domains(key: str, value: Any) -> PolicyTable:
+    """A ``[tls.domains]`` table, or ``domain=level`` pairs separated by commas (the
+    environment's form: ``example.com=verify,*.bank.example=dane-only``)."""
+    if isinstance(value, str):
+        entries: dict[str, str] = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            name, sep, level = part.partition("=")
+            if not sep or not name.strip() or not level.strip():
+                raise ConfigError(f"{key}: expected domain=level pairs, got {part.strip()!r}")
+            entries[name.strip()] = level.strip()
+        value = entries
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of domain = level, got {value!r}")
+    return PolicyTable.parse(value)
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -380,6 +399,10 @@ KEYS: dict[str, Parser] = {
     "shaping.provider_defaults": _bool,
     "shaping.pause_first": _duration,
     "shaping.pause_max": _duration,
+    "tls.default": _choice(TLSPolicy),
+    "tls.domains": _tls_domains,
+    "tls.remember_broken": _duration,
+    "dns.dnssec": _bool,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
@@ -585,6 +608,15 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["metrics_domains"] = tuple(domains)
     if shaping := section("shaping"):
         top["shaping"] = ShapingConfig(**shaping)
+    tls = section("tls")
+    if "default" in tls and "tls" not in top:
+        # [tls] default = ... is how a file with [tls.domains] names the global level
+        # (TOML cannot have both tls = "..." and a [tls] table); a plain tls wins.
+        top["tls"] = tls["default"]
+    if "domains" in tls:
+        top["tls_domains"] = tls["domains"]
+    if "remember_broken" in tls:
+        top["tls_remember_broken"] = tls["remember_broken"]
     return Config(**top)
 
 

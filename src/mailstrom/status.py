@@ -124,6 +124,11 @@ class Attempt:
     reason_class: ReasonClass | None = None
     """Why the attempt failed (see :class:`ReasonClass`); None when the server accepted
     the message. An uncertain attempt is ``connection`` even when counted as delivered."""
+    tls_policy: str | None = None
+    """The TLS policy the attempt's connection was made under: ``none``,
+    ``opportunistic``, ``required``, ``verify``, ``dane``, ``mta-sts enforce`` or
+    ``mta-sts testing`` (None: no connection was decided on, or recorded before
+    mailstrom knew policies)."""
 
     @property
     def tls(self) -> bool:

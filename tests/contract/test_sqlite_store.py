@@ -46,8 +46,8 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
 
 def test_migrations_are_packaged_and_numbered_from_one() -> None:
     numbers = [n for n, _ in migrations()]
-    # Ascending from 1; a number may be skipped while parallel work holds it.
-    assert numbers[0] == 1 and numbers == sorted(set(numbers))
+    # Distinct and growing from 1; a gap is allowed (branches take numbers ahead).
+    assert numbers[:3] == [1, 2, 3] and numbers == sorted(set(numbers))
 
 
 @pytest.mark.parametrize(

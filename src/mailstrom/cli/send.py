@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import mimetypes
 import sys
 from pathlib import Path
@@ -106,6 +107,11 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="raw RFC 5322 message (- for stdin); --from/--to/--cc/--bcc then set the envelope",
     )
     p.add_argument("--hold", action="store_true", help="queue it held (release to deliver)")
+    p.add_argument(
+        "--require-tls",
+        action="store_true",
+        help="REQUIRETLS (RFC 8689): only over authenticated TLS to a server offering it",
+    )
     p.add_argument("--wait", action="store_true", help="deliver now and wait for the outcome")
     p.add_argument(
         "--timeout",
@@ -217,6 +223,8 @@ def send_command(args: argparse.Namespace) -> int:
         prepared = prepare_for(
             settings.config, build_email(args), envelope_from=None, envelope_to=None, now=now
         )
+    if args.require_tls:
+        prepared = dataclasses.replace(prepared, require_tls=True)
     if settings.config.dkim is not None and not prepared.dkim:
         sys.stderr.write(
             f"mailstrom: warning: the message is not DKIM-signed: {prepared.dkim_unsigned}; "

@@ -172,7 +172,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             print(f"Attempts for {r.address}: none yet")
             continue
         print_table(
-            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "CLASS", "REPLY"],
+            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "POLICY", "SECONDS", "CLASS", "REPLY"],
             [
                 [
                     a.at,
@@ -181,6 +181,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                     a.ip,
                     a.port,
                     " ".join(filter(None, [a.tls_version, a.tls_cipher])) or None,
+                    a.tls_policy,
                     f"{a.duration:.3f}",
                     a.reason_class,
                     a.reason,

@@ -112,6 +112,11 @@ class Email:
     """``Auto-Submitted`` (RFC 3834): ``"auto-generated"`` for mail a program sends on its
     own, ``"auto-replied"`` for an answer to a message, ``"auto-notified"`` for a
     notification; robots then know not to reply."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
+    MTA-STS (enforce) or certificate verification, with ``REQUIRETLS`` on MAIL FROM; a
+    server that does not offer REQUIRETLS, or a destination whose policy allows no
+    authentication, fails the recipient with 5.7.30."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,6 +18,7 @@ after their body has been made 7-bit, so that nothing on the way changes them.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ def prepare(
     id_domain: str | None = None,
     fallback_id_domain: str | None = None,
     dkim: DKIMConfig | None = None,
+    require_tls: bool = False,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -94,6 +96,8 @@ def prepare(
     ``dkim``. A message no key aligns with is left unsigned, or refused with
     :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``.
 
+    ``require_tls`` (or ``Email.require_tls``) marks the message for REQUIRETLS (RFC 8689).
+
     The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
     octets and header fields of at most 64 KiB. Raises a subclass of
     :class:`~mailstrom.errors.InvalidMessage` saying what is wrong.
@@ -113,14 +117,18 @@ def prepare(
         dkim=dkim,
     )
     if isinstance(message, Email):
-        return _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
+        prepared = _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
+        if require_tls or message.require_tls:
+            prepared = dataclasses.replace(prepared, require_tls=True)
+        return prepared
     if isinstance(message, Message):
         data = _serialise(message)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
         raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
-    return _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
+    prepared = _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
+    return dataclasses.replace(prepared, require_tls=True) if require_tls else prepared
 
 
 class _Options:

@@ -35,6 +35,9 @@ class PreparedMessage:
     dkim_unsigned: str | None = None
     """Why ``data`` is not signed although DKIM is configured (no key aligns with the From
     domain); None when it is signed or DKIM is not configured."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
+    MTA-STS or certificate verification that offers REQUIRETLS; otherwise fail (5.7.30)."""
 
     @property
     def size(self) -> int:

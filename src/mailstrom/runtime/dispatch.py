@@ -35,11 +35,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure, SMTPConnectError, TemporaryFailure
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    RequireTLSFailure,
+    SMTPConnectError,
+    TemporaryFailure,
+    TLSRequiredError,
+)
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.shaper import Shape, Shaper
@@ -47,6 +54,9 @@ from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -81,6 +91,10 @@ class _Destination:
     waiting: bool = False
     parked: bool = False
     """Waiting for a connection slot of its shaping rule (shared with other domains)."""
+    require_tls: bool = False
+    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    tls_optional: bool = False
+    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
 
 
 class Dispatcher:
@@ -95,7 +109,10 @@ class Dispatcher:
         on_done: Done,
         shaper: Shaper | None = None,
         on_postpone: Postpone | None = None,
+        tls: TLSDecider | None = None,
     ) -> None:
+        """``tls`` decides each connection's TLS requirement (default: the one ``config``
+        asks for, without a store to share remembered broken TLS)."""
         self._config = config
         self._shaper = shaper
         self._on_postpone = on_postpone
@@ -103,7 +120,8 @@ class Dispatcher:
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
-        self._opener = Opener(config)
+        self._tls = tls if tls is not None else TLSDecider.for_config(config)
+        self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -138,8 +156,9 @@ class Dispatcher:
         if checked is None:
             return
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        shaping_key = key  # before the TLS split below: one destination for shaping
         if self._shaper is not None:
-            shape = self._shaper.known(key)
+            shape = self._shaper.known(shaping_key)
             pause = self._shaper.pause_of(shape) if shape is not None else None
             if pause is not None:
                 self._postpone([checked], pause)  # paused: back to the store at once
@@ -150,6 +169,13 @@ class Dispatcher:
                 if later is not None:
                     self._postpone_later(checked, later)  # the rate would keep it waiting
                     return
+        # Messages that change the TLS decision (RFC 8689) travel apart from the others.
+        require_tls = checked.item.require_tls
+        tls_optional = not require_tls and tls_required_no(checked.item.data)
+        if require_tls:
+            key += "\0requiretls"
+        elif tls_optional:
+            key += "\0tls-optional"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -157,6 +183,8 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
         dest.queue.append(checked)
         self._start_sessions(dest)
@@ -265,7 +293,8 @@ class Dispatcher:
         if self._shaper is None:
             await self._deliver(dest, route, None)
             return
-        shape = self._shaper.for_route(dest.key, [host.name for host in route.hosts])
+        name = self._relay_route.domain if self._relay_route is not None else dest.domain
+        shape = self._shaper.for_route(name, [host.name for host in route.hosts])
         if self._held_back(dest, shape):
             return
         limit = shape.max_connections
@@ -284,36 +313,51 @@ class Dispatcher:
             self._unpark(shape)
 
     async def _deliver(self, dest: _Destination, route: Route, shape: Shape | None) -> None:
-        targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
+        targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
+        last_policy: str | None = None
         index = 0
         opener = self._opener
         while dest.queue and index < len(targets):
             if shape is not None and not await self._may_go_on(dest, shape):
                 return
-            host, ip = targets[index]
-            key = opener.key(host, ip)
+            mx, ip = targets[index]
+            host = mx.name
+            try:
+                need = await self._tls.requirement(self._destination(dest, route, mx))
+            except DeliveryError as exc:
+                # This host must not be used now (TLSA lookup failed, a policy refuses it).
+                exc.host = exc.host or host
+                last_error = exc
+                last_policy = None
+                index += 1
+                continue
+            key = opener.key(host, ip, need)
             conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
                     if shape is not None and not await self._may_connect(dest, shape):
                         return
-                    conn = await opener.open(host, ip)
+                    conn = await opener.open(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
+                        # Say which policy refused, not just what the peer did.
+                        exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
+                    last_policy = need.label
                     if shape is not None and await self._throttled_connecting(dest, shape, exc):
                         return
                     index += 1
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused, shape)
+                broke = await self._stream(dest, conn, reused, need, shape)
             finally:
                 dest.connected -= 1
             if shape is not None and self._held_back(dest, shape):
@@ -339,7 +383,9 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
-        if isinstance(last_error, PermanentFailure):
+        if isinstance(last_error, PermanentFailure) and not isinstance(
+            last_error, RequireTLSFailure
+        ):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
             last_error = TemporaryFailure(
@@ -348,10 +394,25 @@ class Dispatcher:
                 enhanced=last_error.enhanced,
                 host=last_error.host,
             )
-        self._fail_queue(dest, last_error, Where(host=last_error.host))
+        self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+
+    def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
+        return Destination(
+            domain=dest.domain,
+            mx_host=mx.name,
+            mx_secure=route.secure,
+            host_secure=mx.secure,
+            tls_optional=dest.tls_optional,
+            require_tls=dest.require_tls,
+        )
 
     async def _stream(
-        self, dest: _Destination, conn: SMTPConnection, reused: bool, shape: Shape | None = None
+        self,
+        dest: _Destination,
+        conn: SMTPConnection,
+        reused: bool,
+        need: TLSRequirement,
+        shape: Shape | None = None,
     ) -> DeliveryError | None:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, or it breaks (returning the error). With a ``shape``, also
@@ -360,7 +421,7 @@ class Dispatcher:
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
         queue = dest.queue
-        where = Where.of(conn)
+        where = Where.of(conn, need)
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
@@ -430,6 +491,7 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.

@@ -23,6 +23,7 @@ from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
@@ -34,12 +35,14 @@ from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.tls.requirement import TLSRequirement
 
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
 # specific first. The rest are classified by their reply, else their enhanced code.
 _BY_ERROR_TYPE: tuple[tuple[type[DeliveryError], ReasonClass], ...] = (
     (TLSHandshakeError, ReasonClass.TLS),  # and TLSVerifyError
     (TLSRequiredError, ReasonClass.TLS),
+    (RequireTLSFailure, ReasonClass.TLS),
     (SMTPTimeout, ReasonClass.CONNECTION),
     (SMTPConnectError, ReasonClass.CONNECTION),
     (SMTPProtocolError, ReasonClass.PROTOCOL),
@@ -59,7 +62,7 @@ def error_reason(exc: DeliveryError, reply: SMTPReply | None) -> ReasonClass:
 class Where:
     """Where an attempt went, for the history (a connection's or just a host's)."""
 
-    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_version")
+    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_policy", "tls_version")
 
     def __init__(
         self,
@@ -68,16 +71,26 @@ class Where:
         port: int | None = None,
         tls_version: str | None = None,
         tls_cipher: str | None = None,
+        tls_policy: str | None = None,
     ) -> None:
         self.host = host
         self.ip = ip
         self.port = port
         self.tls_version = tls_version
         self.tls_cipher = tls_cipher
+        self.tls_policy = tls_policy
 
     @classmethod
-    def of(cls, conn: SMTPConnection) -> Where:
-        return cls(conn.host, conn.ip, conn.port, conn.tls_version, conn.tls_cipher)
+    def of(cls, conn: SMTPConnection, requirement: TLSRequirement | None = None) -> Where:
+        """Where ``conn`` goes; ``requirement`` is the TLS policy it was opened under."""
+        return cls(
+            conn.host,
+            conn.ip,
+            conn.port,
+            conn.tls_version,
+            conn.tls_cipher,
+            requirement.label if requirement is not None else None,
+        )
 
 
 class Outcomes:
@@ -214,6 +227,7 @@ class Outcomes:
             error=error,
             uncertain=uncertain,
             reason_class=reason,
+            tls_policy=where.tls_policy,
         )
         state, next_at = self._decide(recipient, outcome, now)
         return RecipientResult(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     TemporaryFailure,
@@ -81,6 +82,7 @@ class Txn:
         "next_rcpt",
         "rcpt",
         "recipients",
+        "requiretls",
         "reset",
         "sender",
         "smtputf8",
@@ -96,7 +98,9 @@ class Txn:
         eightbit: bool,
         reset: bool,
         future: asyncio.Future[TransactionResult],
+        requiretls: bool = False,
     ) -> None:
+        self.requiretls = requiretls
         self.sender = sender
         self.recipients = recipients
         self.data = data
@@ -204,6 +208,7 @@ class TransactionsMixin:
         smtputf8: bool,
         eightbit: bool,
         reset: bool = False,
+        requiretls: bool = False,
     ) -> asyncio.Future[TransactionResult]:
         """Queue one transaction; the future gives its :class:`TransactionResult`.
 
@@ -249,9 +254,19 @@ class TransactionsMixin:
                 enhanced="5.6.7",
                 host=self.host,
             )
+        if requiretls and "REQUIRETLS" not in extensions:
+            # RFC 8689 §4.2.1: such a message must not go to a server without REQUIRETLS.
+            raise RequireTLSFailure(
+                f"message requires TLS (REQUIRETLS), which {self.host} does not support",
+                code=550,
+                enhanced="5.7.30",
+                host=self.host,
+            )
         self.messages_sent += 1
         future: asyncio.Future[TransactionResult] = self._loop.create_future()
-        self._queued.append(Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future))
+        self._queued.append(
+            Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future, requiretls)
+        )
         self._continue()
         return future
 
@@ -275,6 +290,7 @@ class TransactionsMixin:
                 eightbit=txn.eightbit,
                 smtputf8=txn.smtputf8,
                 reset=txn.reset,
+                requiretls=txn.requiretls,
             )
             handlers = self._handlers
             if txn.reset:
@@ -307,7 +323,11 @@ class TransactionsMixin:
     def _mail_line(self, txn: Txn) -> bytes:
         self._handlers.append(functools.partial(self._on_mail, txn))
         return self._session.mail(
-            txn.sender, size=len(txn.data), eightbit=txn.eightbit, smtputf8=txn.smtputf8
+            txn.sender,
+            size=len(txn.data),
+            eightbit=txn.eightbit,
+            smtputf8=txn.smtputf8,
+            requiretls=txn.requiretls,
         )
 
     def _on_rset(self, txn: Txn, reply: Reply) -> None:

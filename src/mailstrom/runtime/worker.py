@@ -31,7 +31,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom.config import Config
@@ -45,6 +45,7 @@ from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
+from mailstrom.tls.decide import BrokenTLS, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -62,6 +63,8 @@ _BACKOFF_MAX = 5.0
 """Bounds of the wait between retries of a failing store call."""
 _FINAL_RECORD = 30.0
 """Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
+_TLS_REFRESH = 60.0
+"""Seconds between reads of the hosts other workers found with broken TLS."""
 
 
 def utc_now() -> datetime:
@@ -245,16 +248,21 @@ class Worker:
         shaper = self._shaper = Shaper(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
+        tls = self._tls_decider()
         dispatcher = self._dispatcher = Dispatcher(
             self.config,
             router=self._router,
             outcomes=outcomes,
             on_done=self._on_done,
+            tls=tls,
             shaper=shaper,
             on_postpone=self._on_postpone,
         )
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        tls_memory = asyncio.create_task(
+            self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
+        )
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
@@ -292,8 +300,9 @@ class Worker:
             raise
         finally:
             heartbeat.cancel()
+            tls_memory.cancel()
             pauses.cancel()
-            await asyncio.gather(heartbeat, pauses, return_exceptions=True)
+            await asyncio.gather(heartbeat, tls_memory, pauses, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -548,6 +557,54 @@ class Worker:
             self._lease_wanted = True  # room for more work
             if self._wake is not None:
                 self._wake.set()
+
+    # --- the TLS decision and its shared memory ------------------------------------------
+
+    def _tls_decider(self) -> TLSDecider:
+        """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
+        memory of broken TLS written to the store so that every worker shares it."""
+        broken = BrokenTLS(
+            self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
+        )
+        return TLSDecider.for_config(self.config, broken=broken)
+
+    def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
+        if self._loop is None or not hasattr(self.store, "note_tls_broken"):
+            return
+        now = self._clock()
+        task = self._loop.create_task(
+            self._store_call(
+                self.store.note_tls_broken,
+                host,
+                until=now + timedelta(seconds=seconds),
+                reason=reason,
+                now=now,
+            )
+        )
+        task.add_done_callback(self._noted)
+
+    def _noted(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            self._store_trouble("note_tls_broken", exc)  # this worker still remembers
+        elif exc is not None:
+            log.error("remembering broken TLS failed: %r", exc)
+
+    async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
+        """Read the hosts with broken TLS every worker noted, now and every minute."""
+        read = getattr(self.store, "tls_broken", None)  # a store older than the protocol
+        if broken.remember_for <= 0 or read is None:
+            return
+        while True:
+            try:
+                now = self._clock()
+                known = await self._store_call(read, now=now)
+                broken.load({h: (until - now).total_seconds() for h, until in known.items()})
+            except StoreError as exc:
+                self._store_trouble("tls_broken", exc)
+            await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation
 
     def _store_trouble(self, doing: str, exc: StoreError) -> None:
         c = self._counters

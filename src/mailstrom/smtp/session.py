@@ -311,9 +311,12 @@ class ClientSession:
         size: int | None = None,
         eightbit: bool = False,
         smtputf8: bool = False,
+        requiretls: bool = False,
     ) -> bytes:
-        """MAIL FROM with SIZE (if offered), BODY=8BITMIME and SMTPUTF8 (if asked for)."""
-        return self._send(Command.MAIL, self._mail_line(sender, size, eightbit, smtputf8), sender)
+        """MAIL FROM with SIZE (if offered), BODY=8BITMIME, SMTPUTF8 and REQUIRETLS (RFC
+        8689, if asked for)."""
+        line = self._mail_line(sender, size, eightbit, smtputf8, requiretls)
+        return self._send(Command.MAIL, line, sender)
 
     def rcpt(self, recipient: str, *, smtputf8: bool = False) -> bytes:
         return self._send(Command.RCPT, self._rcpt_line(recipient, smtputf8), recipient)
@@ -343,6 +346,7 @@ class ClientSession:
         eightbit: bool = False,
         smtputf8: bool = False,
         reset: bool = False,
+        requiretls: bool = False,
     ) -> bytes:
         """[RSET,] MAIL, every RCPT and DATA as one pipelined batch (RFC 2920).
 
@@ -353,7 +357,7 @@ class ClientSession:
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
         # Build every line first, so a bad address leaves the session untouched.
-        mail = self._mail_line(sender, size, eightbit, smtputf8)
+        mail = self._mail_line(sender, size, eightbit, smtputf8, requiretls)
         rcpts = [(r, self._rcpt_line(r, smtputf8)) for r in recipients]
         out = [self.rset()] if reset else []
         out.append(self._send(Command.MAIL, mail, sender))
@@ -361,7 +365,14 @@ class ClientSession:
         out.append(self.data())
         return b"".join(out)
 
-    def _mail_line(self, sender: str, size: int | None, eightbit: bool, smtputf8: bool) -> bytes:
+    def _mail_line(
+        self,
+        sender: str,
+        size: int | None,
+        eightbit: bool,
+        smtputf8: bool,
+        requiretls: bool = False,
+    ) -> bytes:
         params = b""
         if size is not None and "SIZE" in self._extensions:
             params += b" SIZE=%d" % size
@@ -373,6 +384,10 @@ class ClientSession:
             if "SMTPUTF8" not in self._extensions:
                 raise LocalProtocolError("SMTPUTF8 but the server does not offer it")
             params += b" SMTPUTF8"
+        if requiretls:
+            if "REQUIRETLS" not in self._extensions:
+                raise LocalProtocolError("REQUIRETLS but the server does not offer it")
+            params += b" REQUIRETLS"
         return b"MAIL FROM:" + encode_path(sender, smtputf8) + params + b"\r\n"
 
     @staticmethod

@@ -40,6 +40,10 @@ MAX_HISTORY = 50
 (the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
 
 
+MAX_TLS_BROKEN = 10_000
+"""Hosts with remembered broken TLS that a worker reads at most."""
+
+
 def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
     """``text`` cut to at most ``limit`` octets of UTF-8 (at a character boundary)."""
     if len(text) <= limit // 4:  # cannot exceed the limit even at four octets a character
@@ -144,6 +148,9 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
+    REQUIRETLS (``Email.require_tls``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -356,6 +363,19 @@ class Store(Protocol):
     def prune_events(self, *, sent_before: datetime) -> int:
         """Delete events acknowledged before ``sent_before``; returns how many. Events not
         yet acknowledged are kept, however old."""
+        ...
+
+    # --- remembered broken TLS (schema version 8) -----------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember that ``host``'s TLS handshake failed (``reason``, cut to
+        :data:`MAX_REPLY_TEXT` octets) until ``until``; a later ``until`` already known is
+        kept. Every worker sharing the store sees it (:meth:`tls_broken`)."""
+        ...
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``, with until when (at most
+        ``limit``, those remembered longest first); expired entries are dropped."""
         ...
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:

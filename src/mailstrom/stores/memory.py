@@ -38,6 +38,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     LeasedRecipient,
@@ -166,6 +167,7 @@ class MemoryStore:
         self._event_ids = itertools.count(1)
         self._throttles: dict[str, DestinationThrottle] = {}
         self._buckets: dict[str, BucketState] = {}
+        self._tls_broken: dict[str, datetime] = {}
 
     # --- writing ----------------------------------------------------------------------
 
@@ -250,6 +252,7 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
                     )
                 )
         if not items:
@@ -558,6 +561,22 @@ class MemoryStore:
             )
 
     # --- misc -------------------------------------------------------------------------
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._lock:
+            known = self._tls_broken.get(host)
+            self._tls_broken[host] = until if known is None else max(known, until)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        with self._lock:
+            for host in [h for h, until in self._tls_broken.items() if until <= now]:
+                del self._tls_broken[host]
+            longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
+        return dict(longest[:limit])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""

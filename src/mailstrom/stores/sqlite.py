@@ -67,11 +67,13 @@ from mailstrom.status import (
 )
 from mailstrom.stores import sqlite_events, sqlite_shaping
 from mailstrom.stores.base import (
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
     WorkItem,
+    bounded_text,
     with_throttles,
 )
 from mailstrom.stores.sqlite_queue import (
@@ -84,6 +86,7 @@ from mailstrom.stores.sqlite_queue import (
     record_rows,
 )
 from mailstrom.stores.sqlite_schema import (
+    from_us,
     migrate,
     migrations,
     opt_dt,
@@ -791,6 +794,29 @@ class SQLiteStore:
         """Delete events acknowledged before ``sent_before``."""
         with self._write(fsync=False) as conn:
             return sqlite_events.prune_event_rows(conn, sent_before=sent_before)
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._write(fsync=False) as conn:
+            conn.execute(
+                "INSERT INTO tls_broken (host, until, reason, noted_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET until = max(until, excluded.until),"
+                " reason = excluded.reason, noted_at = excluded.noted_at",
+                (host, to_us(until), bounded_text(reason), to_us(now)),
+            )
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        at = to_us(now)
+        with self._write(fsync=False) as conn:
+            conn.execute("DELETE FROM tls_broken WHERE until <= ?", (at,))
+            rows = conn.execute(
+                "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
+                (at, limit),
+            ).fetchall()
+        return {host: from_us(until) for host, until in rows}
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this

@@ -53,6 +53,7 @@ _RECORD_CHUNK = 1000
 """Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
 _ROW15 = "(" + ",".join("?" * 15) + ")"
+_ROW16 = "(" + ",".join("?" * 16) + ")"
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
@@ -98,6 +99,8 @@ def insert_messages(
         dkim = dkim_to_column(message.dkim_status)
         if dkim is not None:
             dkims.append((seq, dkim))
+        if message.require_tls:  # rare: a statement of its own keeps the common one short
+            conn.execute("UPDATE messages SET require_tls = 1 WHERE seq = ?", (seq,))
         recipients.extend(
             (seq, i, address, domain_of(address), hold, now)
             for i, address in enumerate(message.recipients)
@@ -136,7 +139,7 @@ def lease_rows(
     messages = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
-            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
+            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
@@ -157,7 +160,7 @@ def lease_rows(
         )
     items = []
     for (seq, domain), leased in groups.items():
-        _, mid, envelope_from, smtputf8, eightbit, _, data = messages[seq]
+        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls = messages[seq]
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
@@ -169,6 +172,7 @@ def lease_rows(
                 data=bytes(data),
                 smtputf8=bool(smtputf8),
                 eightbit=bool(eightbit),
+                require_tls=bool(require_tls),
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
@@ -210,6 +214,7 @@ def _record_chunk(
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
             *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+            a.tls_policy,
         )
         by_rid[rid] = (result, history)
     if not by_rid:
@@ -244,7 +249,7 @@ def _record_chunk(
     conn.execute(
         "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
         " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain, reason_class) VALUES " + ",".join([_ROW15] * len(kept)),
+        " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
         [value for _, history in kept for value in history],
     )
     return [result for result, _ in kept]
@@ -296,7 +301,8 @@ def read_messages(
             for row in conn.execute(
                 "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
                 " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                " a.reply_text, a.error, a.uncertain, a.reason_class FROM attempts a"
+                " a.reply_text, a.error, a.uncertain, a.reason_class, a.tls_policy"
+                " FROM attempts a"
                 " JOIN recipients r ON r.id = a.recipient_id"
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,

@@ -27,6 +27,8 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     advertises SIZE and enforces it), ``auth=None`` (``(user, password)``: AUTH PLAIN and
     LOGIN offered even without TLS, only these credentials pass), ``auth_mechanisms=("PLAIN",
     "LOGIN")`` (which of the two to offer),
+    ``requiretls=False`` (offer REQUIRETLS, RFC 8689, after STARTTLS, and accept it on
+    MAIL FROM: it then shows in the message's ``mail_options``),
     ``greeting=None`` (e.g. ``"421 4.3.2 Go away"``: a non-2xx greeting is sent, then the
     connection closed), ``ehlo_reply=None`` (e.g. ``"502 5.5.1 No EHLO"`` forces HELO),
     ``stall_on=None``, ``drop_on=None`` (see below).
@@ -155,8 +157,10 @@ class ReceivingServer:
         greeting: str | None,
         ehlo_reply: str | None,
         auth: tuple[str, str] | None,
+        requiretls: bool = False,
     ) -> None:
         self.host = host
+        self.requiretls = requiretls
         self.port = 0
         self.pipelining = pipelining
         self.eightbitmime = eightbitmime
@@ -302,6 +306,8 @@ class _Handler:
             extra.append("250-PIPELINING")
         if fixture.enhancedstatuscodes:
             extra.append("250-ENHANCEDSTATUSCODES")
+        if fixture.requiretls and server._tls_protocol is not None:
+            extra.append("250-REQUIRETLS")  # RFC 8689 §2: only over TLS
         return lines[:1] + extra + lines[1:]
 
     async def handle_MAIL(
@@ -418,6 +424,19 @@ class _SMTP(SMTP):
                 return
         await super().push(status)
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        # REQUIRETLS is a parameter aiosmtpd does not know: take it off and note it.
+        requiretls = False
+        if self._fixture.requiretls and self._tls_protocol is not None and arg:
+            words = arg.split(" ")
+            kept = [w for w in words if w.upper() != "REQUIRETLS"]
+            requiretls = len(kept) != len(words)
+            arg = " ".join(kept)
+        await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if requiretls and envelope is not None and envelope.mail_from is not None:
+            envelope.mail_options.append("REQUIRETLS")
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         if not self._fixture.tls_broken:
             await super().smtp_STARTTLS(arg)
@@ -512,6 +531,7 @@ def start_receiving_server(
     ehlo_reply: str | None = None,
     stall_on: str | None = None,
     drop_on: str | None = None,
+    requiretls: bool = False,
 ) -> ReceivingServer:
     """Start one receiving server (see the module docstring for the options); the caller
     stops it."""
@@ -527,6 +547,7 @@ def start_receiving_server(
         greeting=greeting,
         ehlo_reply=ehlo_reply,
         auth=auth,
+        requiretls=requiretls,
     )
     kwargs: dict[str, Any] = {
         "enable_SMTPUTF8": smtputf8,

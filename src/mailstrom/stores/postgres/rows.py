@@ -58,6 +58,7 @@ def enqueue_params(
         "header_ids": [m.header_message_id for m in messages],
         "sizes": [m.size for m in messages],
         "dkims": [dkim_to_column(m.dkim_status) for m in messages],
+        "require_tls": [m.require_tls for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
         "r_positions": r_positions,
@@ -93,6 +94,7 @@ def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
         "errors": [a.error for a in attempts],
         "uncertain": [a.uncertain for a in attempts],
         "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
+        "tls_policies": [a.tls_policy for a in attempts],
     }
 
 
@@ -101,7 +103,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
     (message, domain), each listing its recipients in the message's order."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], tuple[str, bool, bool]] = {}
+    heads: dict[tuple[str, str], tuple[str, bool, bool, bool]] = {}
     for (
         message_id,
         domain,
@@ -114,13 +116,14 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         smtputf8,
         eightbit,
         body,
+        require_tls,
     ) in rows:
         if body is not None:
             data[message_id] = body
         key = (message_id, domain)
         if key not in groups:
             groups[key] = []
-            heads[key] = (envelope_from, smtputf8, eightbit)
+            heads[key] = (envelope_from, smtputf8, eightbit, require_tls)
         groups[key].append(
             (
                 position,
@@ -134,7 +137,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         )
     items = []
     for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit = heads[message_id, domain]
+        envelope_from, smtputf8, eightbit, require_tls = heads[message_id, domain]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
@@ -146,6 +149,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 data=data[message_id],
                 smtputf8=smtputf8,
                 eightbit=eightbit,
+                require_tls=require_tls,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
@@ -171,6 +175,7 @@ def _attempt(row: Row) -> Attempt:
         error=row["a_error"],
         uncertain=row["a_uncertain"],
         reason_class=reason_class_of(row["a_reason_class"]),
+        tls_policy=row.get("a_tls_policy"),
     )
 
 

@@ -50,9 +50,11 @@ def migrations() -> tuple[Migration, ...]:
             )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Numbers may skip (migrations are numbered ahead by work in parallel), never repeat.
+    # Numbers only grow; a gap is allowed (features developed apart take numbers ahead).
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise StoreError(f"PostgreSQL migrations must have distinct numbers ≥ 1; found {versions}")
+        raise StoreError(
+            f"PostgreSQL migrations must have distinct numbers from 1; found {versions}"
+        )
     return tuple(found)
 
 

@@ -34,11 +34,13 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.stores.base import (
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
     WorkItem,
+    bounded_text,
     new_message_id,
     record_then_lease,
     with_throttles,
@@ -360,6 +362,17 @@ class PostgresStore:
         """Delete events acknowledged before ``sent_before``."""
         [(count,)] = self._fetch("prune_events", {"sent_before": sent_before})
         return int(count)
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        params = {"host": host, "until": until, "reason": bounded_text(reason), "now": now}
+        self._fetch("note_tls_broken", params)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        return dict(self._fetch("tls_broken", {"now": now, "limit": limit}))
 
     # --- wake-ups and lifetime --------------------------------------------------------
 

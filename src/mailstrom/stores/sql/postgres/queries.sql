@@ -9,15 +9,15 @@
 -- whole batch is one statement. NOTIFY is delivered when the statement commits.
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
-                          header_message_id, size, created_at, held, dkim)
+                          header_message_id, size, created_at, held, dkim, require_tls)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
-           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim
+           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim, t.require_tls
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
-                %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[])
-         WITH ORDINALITY
+                %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[],
+                %(require_tls)s::boolean[]) WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
-              dkim, n)
+              dkim, require_tls, n)
     ORDER BY t.n  -- seq follows the caller's order
     RETURNING id, seq
 ), new_recipients AS (
@@ -56,14 +56,15 @@ WITH due AS MATERIALIZED (
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at
 ), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
 SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data
+            THEN m.data END AS data,
+       m.require_tls
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -85,10 +86,10 @@ WITH res AS (
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
-                %(reason_classes)s::text[])
+                %(reason_classes)s::text[], %(tls_policies)s::text[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class)
+              reply_text, error, uncertain, reason_class, tls_policy)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -117,10 +118,10 @@ WITH res AS (
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
-                          error, uncertain, reason_class)
+                          error, uncertain, reason_class, tls_policy)
     SELECT res.message_id, res.address, res.at, res.outcome, res.duration, res.mx_host, res.ip,
            res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
-           res.reply_text, res.error, res.uncertain, res.reason_class
+           res.reply_text, res.error, res.uncertain, res.reason_class, res.tls_policy
     FROM res
     JOIN updated USING (message_id, address)
     RETURNING 1
@@ -172,7 +173,7 @@ SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subje
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
        a.reply_code AS a_reply_code, a.reply_enhanced AS a_reply_enhanced,
        a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain,
-       a.reason_class AS a_reason_class
+       a.reason_class AS a_reason_class, a.tls_policy AS a_tls_policy
 FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
@@ -430,3 +431,20 @@ UPDATE recipients r
 SET throttled_by = %(destination)s
 FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
 WHERE r.message_id = t.message_id AND r.address = t.address;
+-- name: note_tls_broken
+INSERT INTO tls_broken (host, until, reason, noted_at)
+VALUES (%(host)s, %(until)s, %(reason)s, %(now)s)
+ON CONFLICT (host) DO UPDATE
+    SET until = greatest(tls_broken.until, excluded.until),
+        reason = excluded.reason,
+        noted_at = excluded.noted_at
+RETURNING 1;
+
+-- name: tls_broken
+WITH expired AS (
+    DELETE FROM tls_broken WHERE until <= %(now)s RETURNING 1
+)
+SELECT host, until FROM tls_broken
+WHERE until > %(now)s
+ORDER BY until DESC
+LIMIT %(limit)s;
