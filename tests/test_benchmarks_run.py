@@ -29,6 +29,7 @@ RUNS = {
     "deliver": (["-n", "40", "--stores", "memory,sqlite", "--repeat", "1"], "sqlite"),
     "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
+    "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
     "status_read": (["--messages", "20", "--size", "100000", "--runs", "1"], "message_dkim"),
 }

@@ -26,6 +26,7 @@ from mailstrom import (
     InvalidShapingRule,
     Mailstrom,
     MessageStatus,
+    MTASTSConfig,
     NoDKIMKey,
     RecipientState,
     RetryPolicy,
@@ -115,6 +116,25 @@ def dkim_usage() -> None:
         print(exc.domains)
     except InvalidHeaderValue as exc:
         print(exc.header, exc.reason)
+
+
+def mta_sts_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom.tlsrpt.report import Reporter, build_report
+
+    config = Config(helo_name="mail.example.com", mta_sts=MTASTSConfig(timeout=5.0))
+    store = SQLiteStore("mail.db")
+    try:
+        cached = store.mta_sts_policy("example.org")
+        if cached is not None and cached.fresh(datetime.now(UTC)):
+            print(cached.policy.mode.value, cached.policy.allows("mx1.example.org"))
+        day = datetime.now(UTC).date()
+        reporter = Reporter(organization="Example", contact="tls@example.com", submitter="mx")
+        report = build_report("example.org", day, store.tls_sessions(day), reporter)
+        print(config.mta_sts, report.filename("mx"), len(report.gzipped()))
+    finally:
+        store.close()
 
 
 async def async_usage() -> None:

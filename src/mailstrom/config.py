@@ -168,6 +168,64 @@ retry_min=1.0, retry_max=300.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MTASTSConfig:
+    """MTA-STS (RFC 8461): honour the policies recipient domains publish.
+
+    With it, every destination domain's ``_mta-sts`` TXT record is looked up (through
+    ``Config.dns``) and, when present, its policy fetched from
+    ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` and cached in the store for all
+    workers. ``enforce`` policies restrict delivery to the listed MX hosts over verified
+    TLS; ``testing`` ones only record what would have failed, for TLS reports (RFC 8460).
+    Needs the ``mta-sts`` extra (httpx).
+
+    >>> MTASTSConfig(timeout=5.0)  # doctest: +ELLIPSIS
+    MTASTSConfig(port=443, ...)
+    """
+
+    port: int = 443
+    """HTTPS port of ``mta-sts.<domain>`` (443; tests point it at a loopback server)."""
+    ca_file: str | None = None
+    """PEM file of the CAs that HTTPS certificates must chain to; default: the system's."""
+    tls_context: ssl.SSLContext | None = None
+    """Context verifying the HTTPS certificate (overrides ``ca_file``; for tests)."""
+    timeout: float = 10.0
+    """Seconds one policy fetch may take, connection and body together."""
+    recheck: float = 300.0
+    """Seconds a worker trusts its last look at a domain's TXT record (never longer than
+    the record's TTL); 0 looks it up for every delivery attempt."""
+    report: bool = True
+    """Count TLS sessions per policy domain in the store for ``mailstrom tlsrpt``: those
+    with MTA-STS domains, and those under DANE."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mta_sts.port must be 1-65535, got {self.port}")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"mta_sts.timeout: expected 0 < seconds <= 300, got {self.timeout}")
+        if not 0 <= self.recheck <= 86400:
+            raise ConfigError(f"mta_sts.recheck: expected 0 to 86400 seconds, got {self.recheck}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # An SSLContext cannot cross to a worker process: its CA certificates do, and the
+        # other side builds a context trusting them (besides the system's).
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tls_context"}
+        cas: tuple[bytes, ...] | None = None
+        if self.tls_context is not None:
+            found = self.tls_context.get_ca_certs(binary_form=True)
+            cas = tuple(c for c in found if isinstance(c, bytes))
+        return (_rebuild_mta_sts, (options, cas))
+
+
+def _rebuild_mta_sts(options: dict[str, object], cas: tuple[bytes, ...] | None) -> MTASTSConfig:
+    context = None
+    if cas is not None:
+        context = ssl.create_default_context()
+        for der in cas:
+            context.load_verify_locations(cadata=der)
+    return MTASTSConfig(tls_context=context, **options)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the worker needs; every network dependency can be pointed elsewhere.
 
@@ -252,6 +310,9 @@ class Config:
     """Traffic shaping per destination: limits by recipient domain or MX host, and the
     pause after a throttling reply (see :class:`~mailstrom.policy.shaping.ShapingConfig`
     and docs/guide.md, "Traffic shaping")."""
+    mta_sts: MTASTSConfig | None = None
+    """Apply recipient domains' MTA-STS policies (RFC 8461); ``None`` ignores them. See
+    :class:`MTASTSConfig`."""
 
     tls_domains: PolicyTable | Mapping[str, str] = field(default_factory=PolicyTable)
     """Per-domain TLS policy levels overriding ``tls`` (Postfix's ``smtp_tls_policy_maps``):
@@ -324,6 +385,8 @@ class Config:
         if not isinstance(self.shaping, ShapingConfig):
             raise ConfigError(f"shaping must be a ShapingConfig, not {type(self.shaping).__name__}")
         self._check_tls()
+        if self.mta_sts is not None and not isinstance(self.mta_sts, MTASTSConfig):
+            raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")
 
     def _check_tls(self) -> None:
         try:

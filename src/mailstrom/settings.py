@@ -38,6 +38,7 @@ from mailstrom.config import (
     DNSConfig,
     EventLoop,
     HookConfig,
+    MTASTSConfig,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -403,6 +404,16 @@ KEYS: dict[str, Parser] = {
     "tls.domains": _tls_domains,
     "tls.remember_broken": _duration,
     "dns.dnssec": _bool,
+    "mta_sts.enabled": _bool,
+    "mta_sts.port": _port,
+    "mta_sts.ca_file": _existing_file,
+    "mta_sts.timeout": _float(0.001),
+    "mta_sts.recheck": _float(0),
+    "mta_sts.report": _bool,
+    # Read by ``mailstrom tlsrpt`` only: who the reports say they come from.
+    "tlsrpt.organization": _str,
+    "tlsrpt.contact": _str,
+    "tlsrpt.from": _str,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
@@ -617,6 +628,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["tls_domains"] = tls["domains"]
     if "remember_broken" in tls:
         top["tls_remember_broken"] = tls["remember_broken"]
+    if (mta_sts := section("mta_sts")) and mta_sts.pop("enabled", True):
+        top["mta_sts"] = MTASTSConfig(**mta_sts)
     return Config(**top)
 
 

@@ -9,6 +9,7 @@ It also asks for DNSSEC (whatever ``dns.dnssec`` says, so that it can report it)
 the resolver validated the MX and address records (the AD bit), each host's TLSA records
 at ``_25._tcp.<host>``, and the TLS policy the worker would apply to each host (DANE only
 with ``dns.dnssec``, as in delivery), checking the certificate against the TLSA records.
+It fetches the domain's MTA-STS policy too (see :mod:`mailstrom.cli.check_mtasts`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import dns.exception
 import dns.resolver
 import dns.reversename
 
+from mailstrom.cli.check_mtasts import (
+    MTASTSReport,
+    apply_to_verdicts,
+    check_mta_sts,
+    print_mta_sts,
+)
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import print_json
@@ -127,6 +134,7 @@ class CheckReport:
     """The MX records (or the implicit MX's addresses) were DNSSEC-validated."""
     dnssec_trusted: bool = False
     """``dns.dnssec``: delivery believes the AD bit (and so uses DANE)."""
+    mta_sts: MTASTSReport | None = None
 
     @property
     def deliverable(self) -> bool:
@@ -327,6 +335,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
         report.dns_error = str(exc)
         report.dns_permanent = isinstance(exc, PermanentFailure)
     helo = asyncio.create_task(check_helo(config))
+    mta_sts = asyncio.create_task(check_mta_sts(config, domain))
     if route is not None:
         report.implicit_mx = route.implicit
         report.dnssec = route.secure
@@ -366,6 +375,8 @@ async def run_check(config: Config, domain: str) -> CheckReport:
             host_report.addresses = list(addresses)
             report.hosts.append(host_report)
     report.helo = await helo
+    report.mta_sts = await mta_sts
+    apply_to_verdicts(report, report.mta_sts)
     return report
 
 
@@ -441,6 +452,8 @@ def print_report(r: CheckReport) -> None:
                 if a.dane:
                     print(f"    DANE:        {a.dane}")
             print(f"    verdict:     {a.verdict}")
+    if r.mta_sts is not None:
+        print_mta_sts(r.mta_sts)
     if r.helo is not None:
         h2 = r.helo
         print(f"\nHELO name {h2.name}")

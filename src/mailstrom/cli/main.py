@@ -22,6 +22,7 @@ from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, 
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
+from mailstrom.cli.tlsrpt import register as register_tlsrpt
 from mailstrom.cli.views import register as register_views
 from mailstrom.cli.worker import register as register_worker
 
@@ -44,6 +45,7 @@ examples:
   mailstrom check example.org
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
+  mailstrom tlsrpt --date 2026-11-29 --send  # daily TLS reports (RFC 8460)
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
@@ -78,6 +80,7 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_tlsrpt,
     ):
         register(sub, [common])
     return parser

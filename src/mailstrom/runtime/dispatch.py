@@ -68,6 +68,9 @@ even when the replies of both arrive in one segment."""
 Done = Callable[[list[RecipientResult]], None]
 Postpone = Callable[[list[WorkItem], datetime, str | None], None]
 """Give items back to the store, due at a time, naming the paused destination (or None)."""
+TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | None], None]
+"""Told (domain, requirement, MX host, address, error or None) after each connection
+attempt, for TLS reports (``observe_tls``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -110,6 +113,7 @@ class Dispatcher:
         shaper: Shaper | None = None,
         on_postpone: Postpone | None = None,
         tls: TLSDecider | None = None,
+        observe_tls: TLSObserver | None = None,
     ) -> None:
         """``tls`` decides each connection's TLS requirement (default: the one ``config``
         asks for, without a store to share remembered broken TLS)."""
@@ -121,6 +125,7 @@ class Dispatcher:
         self._outcomes = outcomes
         self._on_done = on_done
         self._tls = tls if tls is not None else TLSDecider.for_config(config)
+        self._observe_tls = observe_tls
         self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
@@ -343,7 +348,8 @@ class Dispatcher:
                 try:
                     if shape is not None and not await self._may_connect(dest, shape):
                         return
-                    conn = await opener.open(host, ip, need)
+                    conn, need = await self._open(dest, host, ip, need)
+                    key = opener.key(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
@@ -395,6 +401,31 @@ class Dispatcher:
                 host=last_error.host,
             )
         self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+
+    async def _open(
+        self, dest: _Destination, host: str, ip: str, need: TLSRequirement
+    ) -> tuple[SMTPConnection, TLSRequirement]:
+        """A new connection under ``need``, and the requirement it was opened under: when
+        TLS fails and ``need`` has a fallback (MTA-STS testing), the connection made again
+        in the fallback mode. ``observe_tls`` hears how the first connection went."""
+        observe = self._observe_tls
+        try:
+            conn = await self._opener.open(host, ip, need)
+        except DeliveryError as exc:
+            if observe is not None:
+                observe(dest.domain, need, host, ip, exc)
+            if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
+                raise
+            need = replace(
+                need,
+                mode=need.fallback,
+                fallback=None,
+                reason=f"{need.reason}; enforce would fail: {exc.text}",
+            )
+            return await self._opener.open(host, ip, need), need
+        if observe is not None:
+            observe(dest.domain, need, host, ip, None)
+        return conn, need
 
     def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
         return Destination(

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.mtasts.hook import for_worker
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
@@ -45,7 +46,7 @@ from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
-from mailstrom.tls.decide import BrokenTLS, TLSDecider
+from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -248,16 +249,24 @@ class Worker:
         shaper = self._shaper = Shaper(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
-        tls = self._tls_decider()
+        mta_sts = for_worker(
+            self.config, self.store, store_call=self._store_call, clock=self._clock
+        )
+        hook, tls_sessions = mta_sts if mta_sts is not None else (None, None)
+        tls = self._tls_decider(mta_sts=hook)
         dispatcher = self._dispatcher = Dispatcher(
             self.config,
             router=self._router,
             outcomes=outcomes,
             on_done=self._on_done,
             tls=tls,
+            observe_tls=hook.observe if hook is not None else None,
             shaper=shaper,
             on_postpone=self._on_postpone,
         )
+        reporting = None
+        if tls_sessions is not None:
+            reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         tls_memory = asyncio.create_task(
@@ -314,6 +323,10 @@ class Worker:
             if self._postponing:
                 await asyncio.gather(*self._postponing, return_exceptions=True)
             await self._release_unfinished()
+            if reporting is not None and tls_sessions is not None:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
+                await tls_sessions.flush()
             self._running = False
             self._stopped.set()
 
@@ -560,13 +573,14 @@ class Worker:
 
     # --- the TLS decision and its shared memory ------------------------------------------
 
-    def _tls_decider(self) -> TLSDecider:
+    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
         """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
-        memory of broken TLS written to the store so that every worker shares it."""
+        memory of broken TLS written to the store so that every worker shares it, and
+        ``mta_sts`` as a policy source when MTA-STS is on."""
         broken = BrokenTLS(
             self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
         )
-        return TLSDecider.for_config(self.config, broken=broken)
+        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
 
     def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
         if self._loop is None or not hasattr(self.store, "note_tls_broken"):

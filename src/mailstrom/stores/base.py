@@ -17,10 +17,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -31,6 +32,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -427,4 +429,27 @@ class Store(Protocol):
         """Take up to ``want`` tokens from every one of ``buckets`` at once
         (:func:`~mailstrom.policy.throttle.take_tokens`) in one transaction: every worker
         of the store draws from the same buckets."""
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The MTA-STS policy cached for ``domain`` (lower-case A-label), expired or not,
+        or None. Every worker sharing the store sees the same cache."""
+        ...
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        ...
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add each counter of ``sessions`` to the stored counter with the same key
+        (:meth:`TLSSessions.key`), in one transaction; concurrent adds never lose counts."""
+        ...
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every session counter of the UTC day ``day`` (for TLS reports)."""
+        ...
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
         ...

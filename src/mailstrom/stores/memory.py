@@ -52,6 +52,7 @@ from mailstrom.stores.base import (
     with_throttles,
 )
 from mailstrom.stores.dkim_column import bounded_dkim
+from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.watchers import Watchers
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -147,7 +148,7 @@ class _Message:
         )
 
 
-class MemoryStore:
+class MemoryStore(MemoryTLSMixin):
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
     >>> store = MemoryStore()
@@ -167,6 +168,7 @@ class MemoryStore:
         self._event_ids = itertools.count(1)
         self._throttles: dict[str, DestinationThrottle] = {}
         self._buckets: dict[str, BucketState] = {}
+        self._init_tls()
         self._tls_broken: dict[str, datetime] = {}
 
     # --- writing ----------------------------------------------------------------------

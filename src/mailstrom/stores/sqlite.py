@@ -52,11 +52,12 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     DeliveryEvent,
@@ -65,7 +66,7 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_shaping
+from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_tls
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
@@ -94,6 +95,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
 
@@ -881,3 +883,33 @@ class SQLiteStore:
         of this database (the write lock serialises them)."""
         with self._write(fsync=False) as conn:
             return sqlite_shaping.take(conn, buckets, want=want, now=now)
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        with self._read() as conn:
+            return sqlite_tls.read_policy(conn, domain)
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there (not fsynced: a
+        policy lost to a power failure is fetched again)."""
+        with self._write(fsync=False) as conn:
+            sqlite_tls.write_policy(conn, cached)
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        with self._write(fsync=False) as conn:
+            sqlite_tls.add_sessions(conn, sessions)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        with self._read() as conn:
+            return sqlite_tls.read_sessions(conn, day)
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        with self._write(fsync=False) as conn:
+            return sqlite_tls.prune_sessions(conn, before)

@@ -93,6 +93,9 @@ class TLSRequirement:
     reason: str = ""
     tlsa: tuple[TLSARecord, ...] = ()
     detail: str = ""
+    fallback: TLSMode | None = None
+    """The mode to connect in again, on a new connection, when a connection in ``mode``
+    fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
 
     @property
     def authenticated(self) -> bool:

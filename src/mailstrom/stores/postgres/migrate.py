@@ -44,13 +44,16 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
                 f"the database schema is at version {current}, newer than this mailstrom "
                 f"knows ({latest}); upgrade mailstrom"
             )
-        for migration in (m for m in known if m.version > current):
+        applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+        for migration in known:
+            if migration.version in applied:
+                continue
             conn.execute(migration.sql.encode())
             conn.execute(
                 "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
                 (migration.version, migration.name),
             )
-            current = migration.version
+            current = max(current, migration.version)
     return current
 
 

@@ -10,7 +10,7 @@ import functools
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
     BucketState,
     TokenBucket,
@@ -33,6 +34,7 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
+from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
@@ -49,6 +51,7 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -361,6 +364,53 @@ class PostgresStore:
     def prune_events(self, *, sent_before: datetime) -> int:
         """Delete events acknowledged before ``sent_before``."""
         [(count,)] = self._fetch("prune_events", {"sent_before": sent_before})
+        return int(count)
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        found = self._fetch("mta_sts_policy", {"domain": domain.lower()})
+        return tls_rows.policy_from_row(found[0]) if found else None
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        domain, policy_id, mode, mx, max_age, text = tls_rows.policy_params(cached)
+        self._fetch(
+            "save_mta_sts_policy",
+            {
+                "domain": domain,
+                "policy_id": policy_id,
+                "mode": mode,
+                "mx": mx,
+                "max_age": max_age,
+                "policy_text": text,
+                "fetched_at": cached.fetched_at,
+                "expires_at": cached.expires_at,
+            },
+        )
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        params = [tls_rows.session_params(s) for s in sessions]
+        with (
+            translate_errors("add_tls_sessions"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            cur.executemany(self._queries["add_tls_sessions"], params)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        found = self._fetch("tls_sessions", {"day": day})
+        return [tls_rows.session_from_row(row) for row in found]
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        [(count,)] = self._fetch("prune_tls_sessions", {"before": before})
         return int(count)
 
     # --- remembered broken TLS ----------------------------------------------------------

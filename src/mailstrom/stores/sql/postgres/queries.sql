@@ -431,6 +431,42 @@ UPDATE recipients r
 SET throttled_by = %(destination)s
 FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
 WHERE r.message_id = t.message_id AND r.address = t.address;
+-- name: mta_sts_policy
+SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at
+FROM mta_sts_policies WHERE domain = %(domain)s;
+
+-- name: save_mta_sts_policy
+INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, policy_text,
+                              fetched_at, expires_at)
+VALUES (%(domain)s, %(policy_id)s, %(mode)s, %(mx)s, %(max_age)s, %(policy_text)s,
+        %(fetched_at)s, %(expires_at)s)
+ON CONFLICT (domain) DO UPDATE SET
+    policy_id = EXCLUDED.policy_id, mode = EXCLUDED.mode, mx = EXCLUDED.mx,
+    max_age = EXCLUDED.max_age, policy_text = EXCLUDED.policy_text,
+    fetched_at = EXCLUDED.fetched_at, expires_at = EXCLUDED.expires_at
+RETURNING 1;
+
+-- name: add_tls_sessions
+INSERT INTO tls_sessions AS t (day, policy_domain, policy_type, policy_hash, policy_string,
+                               result_type, sending_ip, receiving_mx, receiving_ip,
+                               failure_code, count)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (day, policy_domain, policy_type, policy_hash, result_type, sending_ip,
+             receiving_mx, receiving_ip, failure_code)
+DO UPDATE SET count = t.count + EXCLUDED.count;
+
+-- name: tls_sessions
+SELECT day, policy_domain, policy_type, policy_hash, policy_string, result_type, sending_ip,
+       receiving_mx, receiving_ip, failure_code, count
+FROM tls_sessions WHERE day = %(day)s
+ORDER BY policy_domain, result_type, receiving_mx;
+
+-- name: prune_tls_sessions
+WITH pruned AS (
+    DELETE FROM tls_sessions WHERE day < %(before)s RETURNING 1
+)
+SELECT count(*) FROM pruned;
+
 -- name: note_tls_broken
 INSERT INTO tls_broken (host, until, reason, noted_at)
 VALUES (%(host)s, %(until)s, %(reason)s, %(now)s)
