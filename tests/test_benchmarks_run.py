@@ -32,6 +32,8 @@ RUNS = {
     "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
     "status_read": (["--messages", "20", "--size", "100000", "--runs", "1"], "message_dkim"),
+    "web": (["--messages", "2000", "--runs", "1"], "overview"),
+    "web_indexes": (["--messages", "500", "--rounds", "1"], "lease+record"),
 }
 
 

@@ -194,8 +194,8 @@ class MTASTSConfig:
     """Seconds a worker trusts its last look at a domain's TXT record (never longer than
     the record's TTL); 0 looks it up for every delivery attempt."""
     report: bool = True
-    """Count TLS sessions per policy domain in the store for ``mailstrom tlsrpt``: those
-    with MTA-STS domains, and those under DANE."""
+    """Count every connection's TLS outcome per policy domain in the store for ``mailstrom
+    tlsrpt`` (as ``Config.tlsrpt_record`` does, which also works without MTA-STS)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -325,6 +325,18 @@ class Config:
     every worker): under the opportunistic policy it then gets plaintext at once, one
     connection per attempt instead of two. Never under verify, DANE or MTA-STS; zero
     turns the memory off."""
+    tlsrpt_record: bool = False
+    """Count the TLS outcome of every connection to a recipient's MX host, per policy
+    domain and policy type (``sts``, ``tlsa``, ``no-policy-found``), in the store, for the
+    daily TLS reports of ``mailstrom tlsrpt`` (RFC 8460), with or without MTA-STS. A
+    connection costs no store write: counters are written in batches. ``mta_sts.report``
+    (on by default) turns the same counting on whenever ``mta_sts`` is set."""
+
+    @property
+    def records_tls_sessions(self) -> bool:
+        """Whether workers count TLS sessions for reports (``tlsrpt_record``, or MTA-STS
+        with ``report``)."""
+        return self.tlsrpt_record or (self.mta_sts is not None and self.mta_sts.report)
 
     @property
     def outbox(self) -> bool:

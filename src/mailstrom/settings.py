@@ -73,6 +73,10 @@ class Settings:
     """Problems worth telling the user that do not stop the command (the CLI prints them)."""
     metrics_listen: str | None = None
     """``HOST:PORT`` where ``mailstrom worker`` serves /metrics and /healthz, if anywhere."""
+    web_listen: str | None = None
+    """``HOST:PORT`` where ``mailstrom web`` serves the dashboard (default 127.0.0.1:8025)."""
+    web_token: str | None = dataclasses.field(default=None, repr=False)
+    """The token (a password) every dashboard page requires; required off loopback."""
 
     def __repr__(self) -> str:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
@@ -414,9 +418,13 @@ KEYS: dict[str, Parser] = {
     "tlsrpt.organization": _str,
     "tlsrpt.contact": _str,
     "tlsrpt.from": _str,
+    "web.listen": _listen,
+    "web.token": _str,
+    # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).
+    "tlsrpt.record": _bool,
 }
 
-SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
+SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])
 """Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
@@ -542,6 +550,8 @@ def load_settings(
         values=values,
         warnings=tuple(warnings),
         metrics_listen=parsed.get("metrics.listen"),
+        web_listen=parsed.get("web.listen"),
+        web_token=parsed.get("web.token"),
     )
 
 
@@ -630,6 +640,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["tls_remember_broken"] = tls["remember_broken"]
     if (mta_sts := section("mta_sts")) and mta_sts.pop("enabled", True):
         top["mta_sts"] = MTASTSConfig(**mta_sts)
+    if "record" in (tlsrpt := section("tlsrpt")):
+        top["tlsrpt_record"] = tlsrpt["record"]
     return Config(**top)
 
 

@@ -62,3 +62,20 @@ def test_a_plain_tls_setting_still_works() -> None:
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env=env, search=False)
+
+
+def test_tlsrpt_record_in_file_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[tlsrpt]\nrecord = true\norganization = "Example Inc."\n')
+    config = load_settings(config_path=path, env={}).config
+    assert config.tlsrpt_record is True and config.records_tls_sessions
+    env = {"MAILSTROM_TLSRPT_RECORD": "false"}
+    config = load_settings(config_path=path, env=env).config
+    assert config.tlsrpt_record is False and not config.records_tls_sessions
+    # MTA-STS with report (its default) counts sessions through the same switch.
+    env |= {"MAILSTROM_MTA_STS_ENABLED": "true"}
+    assert load_settings(config_path=path, env=env).config.records_tls_sessions
+    env |= {"MAILSTROM_MTA_STS_REPORT": "false"}
+    assert not load_settings(config_path=path, env=env).config.records_tls_sessions
+    with pytest.raises(ConfigError, match=r"tlsrpt\.record"):
+        load_settings(env={"MAILSTROM_TLSRPT_RECORD": "sometimes"}, search=False)

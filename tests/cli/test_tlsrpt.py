@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import gzip
 import json
-from datetime import date
+from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any
 
 from mailstrom.stores import SQLiteStore
+from mailstrom.testing.smtp import start_receiving_server
 from mailstrom.tlsrpt import PolicyType, TLSSessions
 from tests.cli.conftest import MailEnv
 from tests.fixtures.https_server import Answer, HTTPSFactory
+from tests.support.certs import self_signed, server_context, spki_sha256
 from tests.unit.test_tlsrpt_report import validate
 
 POLICY = "version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
@@ -184,3 +187,62 @@ def test_tlsrpt_bad_date(mail_env: MailEnv) -> None:
     result = mail_env.cli("tlsrpt", "--date", "yesterday")
     assert result.code == 64
     assert "YYYY-MM-DD" in result.err
+
+
+def deliver_and_report(mail_env: MailEnv) -> dict[str, Any]:
+    """Queue a message to bob@example.test, let a worker that counts TLS sessions deliver
+    it, and return the report ``mailstrom tlsrpt`` writes for example.test that day."""
+    cli = mail_env.cli
+    cli.env["MAILSTROM_TLSRPT_RECORD"] = "true"
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    cli.ok("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    before = datetime.now(UTC).date()
+    cli.ok("worker", "--once")
+    days = sorted({before, datetime.now(UTC).date()})  # the worker may cross midnight
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    for day in days:
+        cli.ok("tlsrpt", "--date", day.isoformat(), "--out", str(out))
+    [written] = out.iterdir()
+    assert "!example.test!" in written.name
+    document: dict[str, Any] = json.loads(written.read_bytes())
+    validate(document)
+    return document
+
+
+def test_tlsrpt_reports_opportunistic_sessions_as_no_policy_found(mail_env: MailEnv) -> None:
+    document = deliver_and_report(mail_env)
+    [received] = mail_env.mx.wait_for_messages(1)
+    assert received.tls
+    [entry] = document["policies"]
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": "example.test"}
+    assert entry["summary"] == {
+        "total-successful-session-count": 1,
+        "total-failure-session-count": 0,
+    }
+
+
+def test_tlsrpt_reports_dane_sessions_without_mta_sts(mail_env: MailEnv, tmp_path: Path) -> None:
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+        mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+        mail_env.dns.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(cert)))
+        mail_env.dns.authenticated(everything=True)
+        document = deliver_and_report(mail_env)
+        [received] = mx.wait_for_messages(1)
+        assert received.tls
+    finally:
+        mx.stop()
+    [entry] = document["policies"]
+    assert entry["policy"] == {
+        "policy-type": "tlsa",
+        "policy-string": [f"3 1 1 {spki_sha256(cert).hex()}"],
+        "policy-domain": "example.test",
+        "mx-host": ["mx.test"],
+    }
+    assert entry["summary"] == {
+        "total-successful-session-count": 1,
+        "total-failure-session-count": 0,
+    }

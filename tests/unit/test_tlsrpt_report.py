@@ -81,8 +81,11 @@ def validate(document: dict[str, Any]) -> None:
     for entry in document["policies"]:
         p = entry["policy"]
         assert p["policy-type"] in ("tlsa", "sts", "no-policy-found")
-        assert isinstance(p["policy-string"], list)
-        assert all(isinstance(line, str) for line in p["policy-string"])
+        if p["policy-type"] == "no-policy-found":
+            assert "policy-string" not in p  # no policy, no policy text
+        else:
+            assert isinstance(p["policy-string"], list) and p["policy-string"]
+            assert all(isinstance(line, str) for line in p["policy-string"])
         assert isinstance(p["policy-domain"], str)
         if "mx-host" in p:
             assert all(isinstance(h, str) for h in p["mx-host"])
@@ -141,8 +144,7 @@ def test_daily_report_has_every_rfc8460_field() -> None:
         "failure-reason-code": "X509_V_ERR 10: certificate has expired",
     }
     assert stripped["result-type"] == "starttls-not-supported"
-    assert none["policy"]["policy-type"] == "no-policy-found"
-    assert none["policy"]["policy-string"] == []
+    assert none["policy"] == {"policy-type": "no-policy-found", "policy-domain": "example.org"}
     assert none["summary"]["total-failure-session-count"] == 1
 
 

@@ -24,6 +24,7 @@ from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
 from mailstrom.cli.tlsrpt import register as register_tlsrpt
 from mailstrom.cli.views import register as register_views
+from mailstrom.cli.web import register as register_web
 from mailstrom.cli.worker import register as register_worker
 
 DESCRIPTION = """\
@@ -46,6 +47,7 @@ examples:
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
   mailstrom tlsrpt --date 2026-11-29 --send  # daily TLS reports (RFC 8460)
+  mailstrom web                           # the queue in the browser, on 127.0.0.1:8025
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
@@ -81,6 +83,7 @@ def build_parser() -> ArgumentParser:
         register_events,
         register_dkim,
         register_tlsrpt,
+        register_web,
     ):
         register(sub, [common])
     return parser

@@ -39,6 +39,9 @@ exit code: 0 when every report was written (and sent, with --send), 64 for a bad
 option, 75 when a report could not be sent or a DNS lookup failed (run it again).
 """
 
+MAX_LOOKUPS = 32
+"""``_smtp._tls`` TXT lookups in flight at once."""
+
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -98,10 +101,14 @@ def _day(text: str | None) -> date:
 async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str | None]:
     """Each domain's rua URIs, None without a record, or the problem as text."""
     resolver = make_resolver(config.dns)
+    # Every recipient domain of the day may be here (no-policy-found sessions count too):
+    # a bounded number of lookups at a time, not one burst of thousands.
+    lookups = asyncio.Semaphore(MAX_LOOKUPS)
 
     async def one(domain: str) -> list[str] | str | None:
         try:
-            records, _ = await txt_records(resolver, f"_smtp._tls.{domain}")
+            async with lookups:
+                records, _ = await txt_records(resolver, f"_smtp._tls.{domain}")
             return parse_record(records)
         except DNSTrouble as exc:
             return str(exc)

@@ -26,7 +26,7 @@ from datetime import datetime
 
 from mailstrom.config import Config
 from mailstrom.errors import DeliveryError, TemporaryFailure
-from mailstrom.mtasts.fetch import a_label, require_httpx
+from mailstrom.mtasts.fetch import require_httpx
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, mx_matches
 from mailstrom.mtasts.source import MAX_REMEMBERED, PolicySource, StoreCall
 from mailstrom.routing import make_resolver
@@ -114,6 +114,11 @@ class MTASTSHook:
             fallback=None if destination.require_tls else default.mode,
         )
 
+    def applies_to(self, domain: str) -> bool:
+        """Whether the last decision for ``domain`` applied its policy (its sessions are
+        counted here, never as ``no-policy-found``)."""
+        return domain in self._applied
+
     def observe(
         self,
         domain: str,
@@ -122,13 +127,9 @@ class MTASTSHook:
         ip: str,
         error: DeliveryError | None,
     ) -> None:
-        """How a connection opened under ``requirement`` went (None: it succeeded).
-
-        Connections under DANE are counted too (``policy-type`` ``tlsa``, the host's TLSA
-        records as the policy), so that a domain's TLS report covers both."""
-        if self._recorder is not None and requirement.source is Source.DANE:
-            self._observe_dane(domain, requirement, host, ip, error)
-            return
+        """How a connection opened under an MTA-STS ``requirement`` went (None: it
+        succeeded). :class:`~mailstrom.tlsrpt.observer.SessionObserver` calls it for those
+        connections; it counts the others (DANE, no policy)."""
         cached = self._applied.get(domain)
         if self._recorder is None or cached is None or requirement.source is not Source.MTA_STS:
             return
@@ -139,25 +140,6 @@ class MTASTSHook:
         found = classify(error)
         if found is not None:
             self._count_failure(cached, host, ip, *found)
-
-    def _observe_dane(
-        self,
-        domain: str,
-        requirement: TLSRequirement,
-        host: str,
-        ip: str,
-        error: DeliveryError | None,
-    ) -> None:
-        assert self._recorder is not None
-        name = a_label(domain) or domain
-        records = "\n".join(str(r) for r in requirement.tlsa)
-        if error is None:
-            self._recorder.success(name, PolicyType.TLSA, records, mx=host)
-            return
-        found = classify(error)
-        if found is not None:
-            kind, code = found
-            self._recorder.failure(name, PolicyType.TLSA, records, kind, mx=host, ip=ip, code=code)
 
     def _count_failure(
         self, cached: CachedPolicy, host: str, ip: str, kind: ResultType, code: str
@@ -171,22 +153,17 @@ class MTASTSHook:
 def for_worker(
     config: Config,
     store: Store,
+    recorder: SessionRecorder | None,
     *,
     store_call: StoreCall,
     clock: Callable[[], datetime],
-) -> tuple[MTASTSHook, SessionRecorder | None] | None:
-    """The MTA-STS source and TLS session recorder a worker runs with, or None when
-    ``config.mta_sts`` is off. Raises :class:`~mailstrom.errors.ConfigError` when the
-    ``mta-sts`` extra (httpx) is missing."""
-    settings = config.mta_sts
-    if settings is None:
+) -> MTASTSHook | None:
+    """The MTA-STS source a worker runs with, counting into ``recorder`` (None: no
+    counting), or None when ``config.mta_sts`` is off. Raises
+    :class:`~mailstrom.errors.ConfigError` when the ``mta-sts`` extra (httpx) is missing."""
+    if config.mta_sts is None:
         return None
     require_httpx()
-    recorder = None
-    if settings.report:
-        recorder = SessionRecorder(
-            store, clock=clock, store_call=store_call, sending_ip=config.source_address or ""
-        )
     hook: MTASTSHook | None = None
 
     def failed(domain: str, error: PolicyError, applied: CachedPolicy | None) -> None:
@@ -202,4 +179,4 @@ def for_worker(
         on_failure=failed,
     )
     hook = MTASTSHook(source, recorder)
-    return hook, recorder
+    return hook

@@ -144,6 +144,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self.tls_cipher: str | None = None
         self.dane_match: str | None = None
         """Which TLSA record the peer's certificate matched (DANE connections only)."""
+        self.tls_fallback: DeliveryError | None = None
+        """Why this plaintext connection replaced one whose TLS handshake failed (set by
+        the opener's opportunistic fallback; for TLS reports)."""
         self._session = session
         self._timeouts = timeouts
         self._loop = asyncio.get_running_loop()

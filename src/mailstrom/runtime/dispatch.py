@@ -68,9 +68,9 @@ even when the replies of both arrive in one segment."""
 Done = Callable[[list[RecipientResult]], None]
 Postpone = Callable[[list[WorkItem], datetime, str | None], None]
 """Give items back to the store, due at a time, naming the paused destination (or None)."""
-TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | None], None]
-"""Told (domain, requirement, MX host, address, error or None) after each connection
-attempt, for TLS reports (``observe_tls``)."""
+TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | SMTPConnection], None]
+"""Told (domain, requirement, MX host, address, the error or the opened connection) after
+each connection attempt, for TLS reports (``observe_tls``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -424,7 +424,7 @@ class Dispatcher:
             )
             return await self._opener.open(host, ip, need), need
         if observe is not None:
-            observe(dest.domain, need, host, ip, None)
+            observe(dest.domain, need, host, ip, conn)
         return conn, need
 
     def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:

@@ -104,7 +104,9 @@ class Opener:
                 self._on_tls_broken(host, exc.text)
             # A broken TLS stack on the peer must not stop mail: the same host again, in
             # plaintext, on a fresh connection.
-            return await self._open(host, ip, StartTLS.NEVER, ())
+            conn = await self._open(host, ip, StartTLS.NEVER, ())
+            conn.tls_fallback = exc
+            return conn
 
     async def _open(
         self, host: str, ip: str, starttls: StartTLS, tlsa: tuple[TLSARecord, ...]

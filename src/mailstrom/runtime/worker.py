@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
-from mailstrom.mtasts.hook import for_worker
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
@@ -44,6 +43,7 @@ from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
+from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
 from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
@@ -249,10 +249,9 @@ class Worker:
         shaper = self._shaper = Shaper(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
-        mta_sts = for_worker(
+        hook, tls_sessions, observe_tls = tls_reporting(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
-        hook, tls_sessions = mta_sts if mta_sts is not None else (None, None)
         tls = self._tls_decider(mta_sts=hook)
         dispatcher = self._dispatcher = Dispatcher(
             self.config,
@@ -260,7 +259,7 @@ class Worker:
             outcomes=outcomes,
             on_done=self._on_done,
             tls=tls,
-            observe_tls=hook.observe if hook is not None else None,
+            observe_tls=observe_tls,
             shaper=shaper,
             on_postpone=self._on_postpone,
         )

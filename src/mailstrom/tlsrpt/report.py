@@ -121,11 +121,11 @@ def build_report(
         entry = policies.get((s.policy_type.value, s.policy_string))
         if entry is None:
             lines = [line for line in s.policy_string.split("\n") if line.strip()]
-            policy: dict[str, Any] = {
-                "policy-type": s.policy_type.value,
-                "policy-string": lines,
-                "policy-domain": policy_domain,
-            }
+            policy: dict[str, Any] = {"policy-type": s.policy_type.value}
+            if s.policy_type is not PolicyType.NO_POLICY:
+                # §4.4: the applied policy's text; with no policy found there is none.
+                policy["policy-string"] = lines
+            policy["policy-domain"] = policy_domain
             if s.policy_type is PolicyType.STS:
                 mx = [line.partition(":")[2].strip() for line in lines if line.startswith("mx:")]
                 if mx:
