@@ -34,6 +34,10 @@ RUNS = {
     "status_read": (["--messages", "20", "--size", "100000", "--runs", "1"], "message_dkim"),
     "web": (["--messages", "2000", "--runs", "1"], "overview"),
     "web_indexes": (["--messages", "500", "--rounds", "1"], "lease+record"),
+    "priority": (
+        ["-n", "300", "--transactional", "1", "--warmup", "50", "--gap", "10"],
+        "latency median",
+    ),
 }
 
 

@@ -137,6 +137,37 @@ def mta_sts_usage() -> None:
         store.close()
 
 
+def queue_attribute_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom import InvalidQueueAttribute, Lane, QueueFilter
+
+    config = Config(
+        lanes=(Lane(name="transactional"), Lane(name="bulk", share=0.5)),
+        default_priority="transactional",
+        idempotency_window=timedelta(hours=6),
+    )
+    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+        try:
+            mid = ms.send_email(
+                Email(from_="a@example.com", to="b@example.org", text="x", tags=["receipt"]),
+                metadata={"order": "42"},
+                priority="bulk",
+                send_at=datetime(2030, 1, 1, 9, 0, tzinfo=UTC),
+                max_age=timedelta(hours=2),
+                idempotency_key="order-42",
+            )
+        except InvalidQueueAttribute as exc:
+            print(exc.field, exc.reason)
+            return
+        status = ms.query_status(mid)
+        tags: tuple[str, ...] = status.tags
+        order: str | None = status.metadata.get("order")
+        print(tags, order, status.priority, status.send_at, status.expires_at)
+        for found in ms.query(QueueFilter(tag="receipt", limit=10)):
+            print(found.id, found.idempotency_key)
+
+
 async def async_usage() -> None:
     async with AsyncMailstrom(Config(), store=open_store("memory:")) as ms:
         mid = await ms.send_email(Email(from_="a@example.com", to="b@example.org", text="x"))

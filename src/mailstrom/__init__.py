@@ -137,6 +137,22 @@ __all__ = [
     "prepare",
 ]
 
+# Queue attributes: tags, metadata, priority lanes, scheduling, idempotency.
+from mailstrom.config import DEFAULT_LANES, Lane
+from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.stores.base import QueueFilter
+
+__all__ += [
+    "DEFAULT_LANES",
+    "InvalidMetadata",
+    "InvalidQueueAttribute",
+    "InvalidTag",
+    "Lane",
+    "QueueAttributes",
+    "QueueFilter",
+]
+
 # A library must not print through logging's last-resort handler when the application has
 # not configured logging (it would write a bare line per deferred attempt on stderr).
 _logging.getLogger("mailstrom").addHandler(_logging.NullHandler())

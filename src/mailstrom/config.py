@@ -226,6 +226,39 @@ def _rebuild_mta_sts(options: dict[str, object], cas: tuple[bytes, ...] | None) 
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Lane:
+    """A priority lane: messages sent with ``priority=name``.
+
+    Lanes are listed in ``Config.lanes`` highest first: a worker leases due work of a lane
+    before any of the lanes after it, and puts it ahead of theirs in every destination's
+    queue. ``share`` is the largest fraction of the worker's connections
+    (``max_connections``) and of the recipients it holds in flight that this lane may
+    take, so that bulk mail cannot occupy every connection while transactional mail waits.
+
+    >>> Lane(name="bulk", share=0.5)
+    Lane(name='bulk', share=0.5)
+    """
+
+    name: str
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        from mailstrom.message.attributes import check_lane_name
+
+        try:
+            check_lane_name(self.name, what="lanes")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"lane {self.name!r}: share must be > 0 and <= 1, got {self.share}")
+
+
+DEFAULT_LANES = (Lane(name="transactional", share=1.0), Lane(name="bulk", share=0.75))
+"""Transactional mail first, with every connection; bulk mail after it, with at most three
+quarters of them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the worker needs; every network dependency can be pointed elsewhere.
 
@@ -338,6 +371,19 @@ class Config:
         with ``report``)."""
         return self.tlsrpt_record or (self.mta_sts is not None and self.mta_sts.report)
 
+    lanes: tuple[Lane, ...] = DEFAULT_LANES
+    """Priority lanes, highest first (see :class:`Lane`)."""
+    default_priority: str = "transactional"
+    """The lane of a message sent without ``priority``; must be one of ``lanes``."""
+    idempotency_window: timedelta = timedelta(hours=24)
+    """How long an ``idempotency_key`` keeps returning the id of the message first sent
+    with it (counted from that first submission)."""
+
+    @property
+    def lane_names(self) -> tuple[str, ...]:
+        """The names of ``lanes``, highest first."""
+        return tuple(lane.name for lane in self.lanes)
+
     @property
     def outbox(self) -> bool:
         """Whether recorded results also go to the event outbox."""
@@ -399,6 +445,22 @@ class Config:
         self._check_tls()
         if self.mta_sts is not None and not isinstance(self.mta_sts, MTASTSConfig):
             raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")
+        self._check_lanes()
+
+    def _check_lanes(self) -> None:
+        lanes = tuple(self.lanes)
+        if not lanes or not all(isinstance(lane, Lane) for lane in lanes):
+            raise ConfigError("lanes: expected one or more Lane values")
+        names = [lane.name for lane in lanes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"lanes: names must differ, got {names}")
+        if self.default_priority not in names:
+            raise ConfigError(
+                f"default_priority {self.default_priority!r} is not one of the lanes {names}"
+            )
+        object.__setattr__(self, "lanes", lanes)
+        if self.idempotency_window.total_seconds() <= 0:
+            raise ConfigError("idempotency_window must be positive")
 
     def _check_tls(self) -> None:
         try:

@@ -38,6 +38,7 @@ from mailstrom.config import (
     DNSConfig,
     EventLoop,
     HookConfig,
+    Lane,
     MTASTSConfig,
     RelayConfig,
     RelayTLS,
@@ -335,6 +336,33 @@ def _tls_domains(key: str, value: Any) -> PolicyTable:
     return PolicyTable.parse(value)
 
 
+def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
+    """``[[lanes]]`` tables (``name``, optional ``share``), highest first; in the
+    environment ``name[:share]`` entries separated by commas (``transactional,bulk:0.75``)."""
+    if isinstance(value, str):
+        entries: list[Any] = []
+        for text in value.split(","):
+            name, _, share = text.strip().partition(":")
+            entries.append({"name": name} | ({"share": share} if share else {}))
+        value = entries
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected [[lanes]] tables with a name (and a share)")
+    lanes: list[Lane] = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: expected a table with a name (and a share)")
+        unknown = sorted(set(entry) - {"name", "share"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+        share = _float(0.0)(f"{where}.share", entry.get("share", 1.0))
+        try:
+            lanes.append(Lane(name=_str(f"{where}.name", entry["name"]), share=share))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(lanes)
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -422,6 +450,9 @@ KEYS: dict[str, Parser] = {
     "web.token": _str,
     # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).
     "tlsrpt.record": _bool,
+    "lanes": _lanes,
+    "default_priority": _str,
+    "idempotency_window": _duration,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])

@@ -79,6 +79,9 @@ class ReasonClass(StrEnum):
     """The receiving system has trouble of its own: busy, full or misconfigured."""
     OTHER = "other"
     """None of the above, or a reply that says too little to tell."""
+    EXPIRED = "expired"
+    """Not delivered before the message's own expiry (``expires_at`` or ``max_age`` at
+    submission); given up without another attempt."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -262,6 +265,18 @@ class MessageStatus:
     """Whether the message was DKIM-signed when queued (see :class:`DKIMStatus`); None
     when DKIM was not configured, or the message was queued by a mailstrom that did not
     record it."""
+    tags: tuple[str, ...] = ()
+    """The labels given at submission (``Email.tags`` or ``send_email(tags=...)``)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The key/value strings given at submission."""
+    priority: str | None = None
+    """The priority lane (None for messages queued before lanes existed)."""
+    send_at: datetime | None = None
+    """Not delivered before this time (None: at once)."""
+    expires_at: datetime | None = None
+    """Recipients still pending at this time fail with the reason ``expired``."""
+    idempotency_key: str | None = None
+    """The key it was submitted with, if any."""
 
     @property
     def is_final(self) -> bool:
@@ -300,6 +315,10 @@ class DeliveryEvent:
     tls: bool = False
     uncertain: bool = False
     next_attempt_at: datetime | None = None
+    tags: tuple[str, ...] = ()
+    """The message's tags, copied when the event was written."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The message's metadata, copied when the event was written."""
 
     @property
     def reason(self) -> str:

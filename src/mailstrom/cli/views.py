@@ -42,6 +42,7 @@ examples:
   mailstrom queue --state deferred --older-than 2h
   mailstrom queue --domain example.org --limit 20
   mailstrom queue --held
+  mailstrom queue --tag newsletter --state deferred
   mailstrom queue --counts                 # recipients by state, pending by domain
 """
 
@@ -88,6 +89,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
+    q.add_argument("--tag", metavar="TAG", help="only messages carrying this tag")
     q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
     q.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
@@ -140,6 +142,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ("Size", f"{st.size} bytes"),
             ("Held", st.held),
             ("DKIM", dkim_text(st.dkim)),
+            *queue_fields(st),
         ]
     )
     print()
@@ -199,6 +202,25 @@ def dkim_text(dkim: DKIMStatus | None) -> str:
     return str(dkim)
 
 
+def queue_fields(st: MessageStatus) -> list[tuple[str, Any]]:
+    """The message's queue attributes as status lines; only those it has (a message sent
+    without any shows no more lines than before)."""
+    fields: list[tuple[str, Any]] = []
+    if st.priority:
+        fields.append(("Priority", st.priority))
+    if st.tags:
+        fields.append(("Tags", ", ".join(st.tags)))
+    for key, value in st.metadata.items():
+        fields.append((f"Meta {key}", value))
+    if st.send_at is not None:
+        fields.append(("Send at", st.send_at))
+    if st.expires_at is not None:
+        fields.append(("Expires", st.expires_at))
+    if st.idempotency_key is not None:
+        fields.append(("Idempotency key", st.idempotency_key))
+    return fields
+
+
 def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
     """What to do about each recipient whose latest attempt failed, one block each::
 
@@ -251,6 +273,7 @@ def queue_command(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             held=args.held,
             limit=args.limit,
+            tag=args.tag,
         )
         now = utc_now()
         messages = store.query(now=now, where=where)

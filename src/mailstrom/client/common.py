@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Literal
+from typing import Any, Literal
 
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
+from mailstrom.message.attributes import queue_attributes
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
@@ -142,6 +144,7 @@ class FacadeBase:
         message: MessageInput,
         envelope_from: str | None,
         envelope_to: Sequence[str] | None,
+        **attributes: Any,
     ) -> PreparedMessage:
         return prepare_for(
             self.config,
@@ -149,6 +152,7 @@ class FacadeBase:
             envelope_from=envelope_from,
             envelope_to=envelope_to,
             now=self._clock(),
+            **attributes,
         )
 
 
@@ -159,12 +163,40 @@ def prepare_for(
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
     now: datetime,
+    tags: Iterable[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    priority: str | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    max_age: timedelta | None = None,
+    idempotency_key: str | None = None,
 ) -> PreparedMessage:
     """Validate, encode and sign ``message`` under ``config`` (what send_email queues).
+
+    ``tags``, ``metadata`` and ``priority`` replace the :class:`Email`'s own when given;
+    with the schedule and the idempotency key they become the message's
+    :class:`~mailstrom.message.attributes.QueueAttributes` (validated here, so bad values
+    raise before anything is encoded).
 
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
     """
+    if isinstance(message, Email):
+        tags = message.tags if tags is None else tags
+        metadata = message.metadata if metadata is None else metadata
+        priority = message.priority if priority is None else priority
+    attributes = queue_attributes(
+        tags=tags,
+        metadata=metadata,
+        priority=config.default_priority if priority is None else priority,
+        lanes=config.lane_names,
+        send_at=send_at,
+        expires_at=expires_at,
+        max_age=max_age,
+        idempotency_key=idempotency_key,
+        idempotency_window=config.idempotency_window,
+        now=now,
+    )
     prepared = prepare(
         message,
         envelope_from=envelope_from,
@@ -178,7 +210,7 @@ def prepare_for(
     )
     if config.dkim is not None and not prepared.dkim:
         log_unsigned(prepared)
-    return prepared
+    return dataclasses.replace(prepared, attributes=attributes)
 
 
 _dkim_log = logging.getLogger("mailstrom.dkim")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput
@@ -18,6 +19,7 @@ from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
+from mailstrom.stores.base import QueueFilter
 
 log = logging.getLogger("mailstrom")
 
@@ -114,13 +116,39 @@ class Mailstrom(FacadeBase):
         *,
         envelope_from: str | None = None,
         envelope_to: Sequence[str] | None = None,
+        tags: Iterable[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: str | None = None,
+        send_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        max_age: timedelta | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input;
         nothing is queued then.
+
+        ``tags`` and ``metadata`` are kept with the message (never sent) and come back in
+        :meth:`query_status` and every delivery event; ``priority`` names its lane
+        (``Config.lanes``). Given here they replace the :class:`~mailstrom.Email`'s own.
+        ``send_at`` holds it until then; ``expires_at`` (or ``max_age`` from ``send_at``,
+        else now) fails the recipients still pending then, with the reason ``expired``.
+        With ``idempotency_key``, a second submission with the same key within
+        ``Config.idempotency_window`` returns the first message's id and queues nothing.
         """
-        prepared = self._prepare(message, envelope_from, envelope_to)
+        prepared = self._prepare(
+            message,
+            envelope_from,
+            envelope_to,
+            tags=tags,
+            metadata=metadata,
+            priority=priority,
+            send_at=send_at,
+            expires_at=expires_at,
+            max_age=max_age,
+            idempotency_key=idempotency_key,
+        )
         return self.store.enqueue(prepared, now=self._clock())
 
     def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
@@ -154,6 +182,14 @@ class Mailstrom(FacadeBase):
     def query_recent(self, limit: int = 20) -> list[MessageStatus]:
         """The most recently queued messages, newest first."""
         return self.store.recent(limit)
+
+    def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where``, newest first, without attempt history.
+
+        >>> ms.query(QueueFilter(tag="newsletter", state=RecipientState.DEFERRED))
+        ... # doctest: +SKIP
+        """
+        return self.store.query(now=self._clock(), where=where)
 
     def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now; returns how many."""

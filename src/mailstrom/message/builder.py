@@ -117,6 +117,17 @@ class Email:
     MTA-STS (enforce) or certificate verification, with ``REQUIRETLS`` on MAIL FROM; a
     server that does not offer REQUIRETLS, or a destination whose policy allows no
     authentication, fails the recipient with 5.7.30."""
+    tags: Sequence[str] = ()
+    """Labels the queue keeps with the message (never sent): shown by ``mailstrom status``,
+    copied into delivery events, filterable (``mailstrom queue --tag``). At most 20, each
+    1-64 letters, digits and ``. _ : / @ + -``."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Your own key/value strings kept with the message (never sent), returned by
+    ``query_status`` and in every delivery event: an order id, a user id. At most 32
+    entries, values of at most 1,024 octets, 8 KiB in all."""
+    priority: str | None = None
+    """The priority lane (``"transactional"`` or ``"bulk"`` by default, see
+    ``Config.lanes``); None: ``Config.default_priority``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailstrom.message.attributes import NO_ATTRIBUTES, QueueAttributes
+
 if TYPE_CHECKING:
     from mailstrom.dkim.signing import DKIMSignature
     from mailstrom.status import DKIMStatus
@@ -38,6 +40,9 @@ class PreparedMessage:
     require_tls: bool = False
     """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
     MTA-STS or certificate verification that offers REQUIRETLS; otherwise fail (5.7.30)."""
+    attributes: QueueAttributes = NO_ATTRIBUTES
+    """Tags, metadata, priority lane, schedule, expiry and idempotency key: what the queue
+    keeps beside the bytes (see :mod:`mailstrom.message.attributes`)."""
 
     @property
     def size(self) -> int:

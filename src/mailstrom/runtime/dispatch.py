@@ -81,6 +81,7 @@ class _Work:
     started: float = 0.0
     broken_sessions: int = 0
     seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
+    rank: int = 0  # the item's lane, 0 the highest (see Dispatcher._rank)
 
 
 @dataclass(slots=True, eq=False)
@@ -135,6 +136,12 @@ class Dispatcher:
         if config.relay is not None:
             host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
             self._relay_route = Route(domain=config.relay.host, hosts=(host,), implicit=False)
+        self._ranks = {lane.name: i for i, lane in enumerate(config.lanes)}
+        # Sessions each lane may start: its share of max_connections. Work of a lane not
+        # configured (queued before lanes existed) ranks lowest but is not held to a share.
+        caps = [max(1, int(lane.share * config.max_connections)) for lane in config.lanes]
+        self._lane_caps = [*caps, config.max_connections]
+        self._lane_sessions = [0] * len(self._lane_caps)
         self.in_flight = 0
         """Recipients handed to :meth:`submit` whose results have not been reported."""
         self.idle = asyncio.Event()
@@ -156,10 +163,14 @@ class Dispatcher:
         """Deliver ``item`` (results arrive through ``on_done``)."""
         self.in_flight += len(item.recipients)
         self.idle.clear()
+        if item.expires_at is not None and self._outcomes.is_expired(item):
+            self._done(self._outcomes.expired(item))
+            return
         work = _Work(item=item)
         checked = self._check_paths(work)
         if checked is None:
             return
+        checked.rank = self._ranks.get(item.priority, len(self._ranks))
         key = self._config.relay.host if self._config.relay is not None else item.domain
         shaping_key = key  # before the TLS split below: one destination for shaping
         if self._shaper is not None:
@@ -191,7 +202,7 @@ class Dispatcher:
                 require_tls=require_tls,
                 tls_optional=tls_optional,
             )
-        dest.queue.append(checked)
+        _enqueue_by_rank(dest.queue, checked)
         self._start_sessions(dest)
 
     def _check_paths(self, work: _Work) -> _Work | None:
@@ -236,14 +247,22 @@ class Dispatcher:
             and dest.sessions < dest.limit
             and (dest.sessions == 0 or len(dest.queue) > dest.sessions * _DEPTH)
         ):
-            if self._sessions >= max_connections:
+            # A session counts against the lane of the work at the head of the queue
+            # (the highest lane waiting there): a lane past its share waits for one of
+            # its own sessions to end, while higher lanes still get connections.
+            rank = dest.queue[0].rank
+            if (
+                self._sessions >= max_connections
+                or self._lane_sessions[rank] >= self._lane_caps[rank]
+            ):
                 if not dest.waiting:
                     dest.waiting = True
                     self._waiting.append(dest)
                 return
             dest.sessions += 1
             self._sessions += 1
-            task = asyncio.get_running_loop().create_task(self._session(dest))
+            self._lane_sessions[rank] += 1
+            task = asyncio.get_running_loop().create_task(self._session(dest, rank))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -255,7 +274,7 @@ class Dispatcher:
 
     # --- one session -------------------------------------------------------------------
 
-    async def _session(self, dest: _Destination) -> None:
+    async def _session(self, dest: _Destination, rank: int) -> None:
         try:
             await self._run(dest)
         except asyncio.CancelledError:
@@ -269,6 +288,7 @@ class Dispatcher:
         finally:
             dest.sessions -= 1
             self._sessions -= 1
+            self._lane_sessions[rank] -= 1
             if dest.queue:
                 self._start_sessions(dest)
             elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
@@ -276,10 +296,16 @@ class Dispatcher:
             self._start_waiting()
 
     def _start_waiting(self) -> None:
-        while self._waiting and self._sessions < self._config.max_connections:
-            dest = self._waiting.popleft()
+        """Give free connections to waiting destinations, highest lane first; one whose
+        lane is past its share goes on waiting."""
+        if not self._waiting or self._sessions >= self._config.max_connections:
+            return
+        waiting = sorted(self._waiting, key=lambda d: d.queue[0].rank if d.queue else 0)
+        self._waiting.clear()
+        for dest in waiting:
             dest.waiting = False
-            self._start_sessions(dest)
+            if dest.queue:
+                self._start_sessions(dest)
 
     async def _route(self, dest: _Destination) -> Route:
         if self._relay_route is not None:
@@ -683,3 +709,17 @@ def _until_pause(
         replace(r, next_attempt_at=pause.until) if r.state is RecipientState.DEFERRED else r
         for r in results
     ]
+
+
+def _enqueue_by_rank(queue: deque[_Work], work: _Work) -> None:
+    """Put ``work`` behind every item of its lane and of higher lanes, ahead of lower
+    lanes' (items of one lane keep their order). The common case, a lane no higher than
+    the last item's, is an append."""
+    if not queue or queue[-1].rank <= work.rank:
+        queue.append(work)
+        return
+    for i, queued in enumerate(queue):
+        if queued.rank > work.rank:
+            queue.insert(i, work)
+            return
+    queue.append(work)

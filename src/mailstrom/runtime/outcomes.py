@@ -200,6 +200,35 @@ class Outcomes:
             for r in (item.recipients if recipients is None else recipients)
         ]
 
+    def is_expired(self, item: WorkItem) -> bool:
+        """Whether ``item``'s message is past the expiry its sender set."""
+        return item.expires_at is not None and self._clock() >= item.expires_at
+
+    def expired(self, item: WorkItem) -> list[RecipientResult]:
+        """Every recipient of ``item`` failed with the reason ``expired``: no connection is
+        made for a message past its expiry."""
+        now = self._clock()
+        attempt = Attempt(
+            at=now,
+            outcome=AttemptOutcome.PERMANENT,
+            error="expired",
+            reason_class=ReasonClass.EXPIRED,
+        )
+        return [
+            RecipientResult(
+                message_id=item.message_id,
+                address=r.address,
+                state=RecipientState.FAILED,
+                attempt=attempt,
+                lease_token=item.lease_token,
+                ref=r.ref,
+                queued_at=r.created_at,
+                size=len(item.data),
+                envelope_from=item.envelope_from,
+            )
+            for r in item.recipients
+        ]
+
     def _result(
         self,
         item: WorkItem,
@@ -230,6 +259,10 @@ class Outcomes:
             tls_policy=where.tls_policy,
         )
         state, next_at = self._decide(recipient, outcome, now)
+        if next_at is not None and item.expires_at is not None and next_at > item.expires_at:
+            # The next try would come after the message's expiry: it is made at the expiry
+            # instead, where the recipient fails as "expired" without a connection.
+            next_at = max(now, item.expires_at)
         return RecipientResult(
             message_id=item.message_id,
             address=recipient.address,

@@ -153,6 +153,23 @@ class Worker:
         self._hooks: HookSender | None = None
         self._shaper: Shaper | None = None
         self._postponing: set[asyncio.Task[None]] = set()
+        self._due_at: datetime | None = None
+        """When the earliest pending work not yet leased becomes due (a message sent with
+        ``send_at``, a deferred retry), as last read from the store."""
+        self._due_stale = True
+        """Whether ``_due_at`` must be read again: after a lease found nothing due, and
+        after a wake-up (new mail may be due earlier)."""
+        self._lane_load: dict[str, int] = {}
+        """Recipients leased and not yet delivered (or failed) per lane."""
+        self._item_lanes: dict[tuple[str, str, str], str] = {}
+        """The lane of each work item in delivery, by the key of ``_items``."""
+        self._empty_at: datetime | None = None
+        """When a lease last found nothing to take: work due by then that it did not take
+        (locked by another worker, in a lane without room) is no reason to lease again
+        before a wake-up, a delivery ending or the poll."""
+        self._capped = False
+        """Whether the last lease left out a lane that had used up its share: its due
+        work is not worth another lease until a delivery ends."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -177,6 +194,7 @@ class Worker:
 
     def _poke(self) -> None:
         self._lease_wanted = True
+        self._due_stale = True
         if self._wake is not None:
             self._wake.set()
 
@@ -338,6 +356,9 @@ class Worker:
         # Keep enough work in flight to fill every session, but no more: work leased and
         # waiting in memory is work no other worker can take.
         high_water = max(config.max_connections * 4, config.lease_batch)
+        # Each lane may hold its share of the recipients in flight (bulk cannot fill the
+        # worker and leave no room for transactional mail leased after it).
+        lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
         backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
         while True:
@@ -366,6 +387,8 @@ class Worker:
                 continue
             batch, self._pending = self._pending, []
             limit = min(room, config.lease_batch) if leasing else 0
+            load = self._lane_load
+            lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
@@ -373,6 +396,7 @@ class Worker:
                     now=self._clock(),
                     limit=limit,
                     lease_for=config.lease_for,
+                    lanes=lanes,
                 )
             except StoreCorrupt:
                 self._pending[:0] = batch
@@ -393,8 +417,11 @@ class Worker:
                     self._hooks.wake()
             if not leasing:
                 continue
+            self._capped = any(most == 0 for _, most in lanes)
             if lease is None:
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                self._due_stale = True
+                self._empty_at = self._clock()
                 continue
             if self._start(lease, dispatcher) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
@@ -414,36 +441,50 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.0))
 
     async def _idle(self, dispatcher: Dispatcher, *, once: bool) -> bool:
-        """Nothing to write: sleep until work may be due. True when ``once`` is done."""
+        """Nothing to write: sleep until work may be due. True when ``once`` is done.
+
+        The sleep ends at the earliest due time of work not yet leased (a scheduled
+        message, a retry), read from the store once after each empty lease or wake-up and
+        remembered while deliveries run, so a busy worker neither asks the store on every
+        turn nor sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
         if once and dispatcher.idle.is_set():
             return True  # the last lease found nothing due, and nothing is in flight
-        if dispatcher.idle.is_set() and not self._starved:
-            try:
-                due = await self._store_call(self.store.next_due, now=self._clock())
-            except StoreCorrupt:
-                raise
-            except StoreError as exc:
-                self._store_trouble("next_due", exc)
-                due = None
-            if due is not None:
+        if not self._starved and not self._capped and not self._stopping:
+            if self._due_stale or dispatcher.idle.is_set():
+                try:
+                    self._due_at = await self._store_call(self.store.next_due, now=self._clock())
+                    self._due_stale = False
+                except StoreCorrupt:
+                    raise
+                except StoreError as exc:
+                    self._store_trouble("next_due", exc)
+                    self._due_at = None
+            due = self._due_at
+            if due is not None and (self._empty_at is None or due > self._empty_at):
                 timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
             if timeout <= 0:
                 self._lease_wanted = True
+                self._due_stale = True
                 return False
         assert self._wake is not None
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         except TimeoutError:
             self._lease_wanted = True  # the poll, or the due time came
+            self._due_stale = True
         return False
 
     def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
         items = self._items
+        load = self._lane_load
         for item in lease.items:
-            items[(lease.token, item.message_id, item.domain)] = len(item.recipients)
+            key = (lease.token, item.message_id, item.domain)
+            items[key] = len(item.recipients)
+            self._item_lanes[key] = item.priority
+            load[item.priority] = load.get(item.priority, 0) + len(item.recipients)
             dispatcher.submit(item)
         return count
 
@@ -456,12 +497,15 @@ class Worker:
             key = (first.lease_token, first.message_id, domain_of(first.address))
             left = self._items.get(key)
             if left is not None:
+                lane = self._item_lanes.get(key, "")
+                self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - len(results))
                 if left > len(results):
                     self._items[key] = left - len(results)
                 else:
                     del self._items[key]
+                    self._item_lanes.pop(key, None)
         self._pending.extend(results)
-        if self._starved:
+        if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
         assert self._wake is not None
         self._wake.set()
@@ -529,6 +573,21 @@ class Worker:
         """Items the dispatcher gives back (their destination is paused): to the store,
         due at ``until``, without an attempt."""
         assert self._loop is not None
+        # Out of delivery now (as the dispatcher counts them): their transactions and their
+        # lanes' load end here, whether or not the store write below succeeds.
+        for item in items:
+            count = len(item.recipients)
+            key = (item.lease_token, item.message_id, item.domain)
+            left = self._items.get(key)
+            if left is None:
+                continue
+            lane = self._item_lanes.get(key, "")
+            self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - count)
+            if left > count:
+                self._items[key] = left - count
+            else:
+                del self._items[key]
+                self._item_lanes.pop(key, None)
         task = self._loop.create_task(self._postpone(items, until, destination))
         self._postponing.add(task)
         task.add_done_callback(self._postponing.discard)
@@ -552,20 +611,12 @@ class Worker:
                 await asyncio.sleep(backoff.take())
         self._store_fine()
         for item in items:
-            count = len(item.recipients)
-            key = (item.lease_token, item.message_id, item.domain)
-            left = self._items.get(key)
-            if left is not None:
-                if left > count:
-                    self._items[key] = left - count
-                else:
-                    del self._items[key]
             state = self._leases.get(item.lease_token)
             if state is not None:
-                state.unrecorded -= count
+                state.unrecorded -= len(item.recipients)
                 if state.unrecorded <= 0:
                     del self._leases[item.lease_token]
-        if self._starved:
+        if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
             if self._wake is not None:
                 self._wake.set()
@@ -695,3 +746,5 @@ class Worker:
                 log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()
         self._items.clear()
+        self._item_lanes.clear()
+        self._lane_load.clear()

@@ -94,10 +94,13 @@ def record_then_lease(
     now: datetime,
     limit: int,
     lease_for: timedelta,
+    lanes: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
     """``Store.record_and_lease`` for a store that cannot do both in one transaction."""
     recorded = store.record(results) if results else []
-    lease = store.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+    lease = (
+        store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes) if limit > 0 else None
+    )
     return recorded, lease
 
 
@@ -153,6 +156,11 @@ class WorkItem:
     require_tls: bool = False
     """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
     REQUIRETLS (``Email.require_tls``)."""
+    expires_at: datetime | None = None
+    """The message's expiry: recipients leased at or after it fail as ``expired`` without
+    a connection, and a retry is never scheduled past it."""
+    priority: str = ""
+    """The message's lane ("" when queued before lanes existed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +221,8 @@ class QueueFilter:
     """Messages enqueued more than this long before ``now``."""
     held: bool | None = None
     limit: int = 100
+    tag: str | None = None
+    """Messages carrying this tag (exact, case-sensitive)."""
 
 
 @runtime_checkable
@@ -242,11 +252,24 @@ class Store(Protocol):
         """Store several messages in one transaction; ids in the same order."""
         ...
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
         items. Returns None when nothing is due. Two concurrent callers never receive the
-        same recipient while its lease is unexpired."""
+        same recipient while its lease is unexpired.
+
+        ``lanes`` ((lane name, at most this many), highest first) leases each lane's due
+        recipients before the next lane's, each lane up to its own number; recipients of a
+        lane not named are leased only when every named lane had room left and nothing
+        more due. Each lane is read from an index of its own, so a lane with a deep
+        backlog costs the others nothing."""
         ...
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -267,10 +290,11 @@ class Store(Protocol):
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
-        (none when ``limit`` is 0); in one transaction where the store can (SQLite: one
-        commit, one fsync, for the worker's whole turn)."""
+        (none when ``limit`` is 0) of ``lanes``; in one transaction where the store can
+        (SQLite: one commit, one fsync, for the worker's whole turn)."""
         ...
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

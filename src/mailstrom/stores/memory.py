@@ -145,7 +145,39 @@ class _Message:
             subject=self.prepared.subject,
             held=self.held,
             dkim=self.dkim,
+            tags=self.prepared.attributes.tags,
+            metadata=dict(self.prepared.attributes.metadata),
+            priority=self.prepared.attributes.priority,
+            send_at=self.prepared.attributes.send_at,
+            expires_at=self.prepared.attributes.expires_at,
+            idempotency_key=self.prepared.attributes.idempotency_key,
         )
+
+
+_Due = tuple[datetime, int, int, "_Message", _Recipient]
+
+
+def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
+    """The due recipients (earliest first) a lease with ``lanes`` takes: each named lane's
+    earliest, up to its number, highest lane first; then, when every lane had room left
+    and nothing more due, those of lanes not named."""
+    per_lane: dict[str, list[_Due]] = {}
+    for entry in due:
+        per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
+    taken: list[_Due] = []
+    exhausted = True
+    for lane, most in lanes:
+        take = min(most, limit - len(taken))
+        if take <= 0:
+            exhausted = False
+            continue
+        found = per_lane.pop(lane, [])
+        exhausted = exhausted and len(found) < take
+        taken += found[:take]
+    if exhausted and len(taken) < limit:
+        rest = sorted((e for entries in per_lane.values() for e in entries), key=lambda t: t[:3])
+        taken += rest[: limit - len(taken)]
+    return taken
 
 
 class MemoryStore(MemoryTLSMixin):
@@ -170,6 +202,8 @@ class MemoryStore(MemoryTLSMixin):
         self._buckets: dict[str, BucketState] = {}
         self._init_tls()
         self._tls_broken: dict[str, datetime] = {}
+        self._keys: dict[str, tuple[str, datetime]] = {}
+        """Idempotency key -> (message id, until when it holds)."""
 
     # --- writing ----------------------------------------------------------------------
 
@@ -187,12 +221,21 @@ class MemoryStore(MemoryTLSMixin):
         with self._lock:
             for prepared in messages:
                 mid = new_message_id()
+                attrs = prepared.attributes
+                key = attrs.idempotency_key
+                if key is not None:
+                    held_by = self._keys.get(key)
+                    if held_by is not None and held_by[1] > now and held_by[0] in self._messages:
+                        ids.append(held_by[0])
+                        continue
+                    self._keys[key] = (mid, attrs.idempotency_until or now)
+                due = now if attrs.send_at is None else max(now, attrs.send_at)
                 recipients = {
                     address: _Recipient(
                         address=address,
                         domain=domain_of(address),
                         position=i,
-                        next_attempt_at=now,
+                        next_attempt_at=due,
                     )
                     for i, address in enumerate(prepared.recipients)
                 }
@@ -210,8 +253,16 @@ class MemoryStore(MemoryTLSMixin):
             self._watchers.notify()
         return ids
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients, grouped per (message, domain)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients, grouped per (message, domain); with
+        ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
         if limit <= 0:
             return None
         token = os.urandom(16).hex()
@@ -225,6 +276,8 @@ class MemoryStore(MemoryTLSMixin):
                 if r.state in _PENDING and r.due_at() <= now
             ]
             due.sort(key=lambda t: t[:3])
+            if lanes is not None:
+                due = _by_lanes(due, lanes, limit)
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
             for _, _, _, m, r in due[:limit]:
@@ -255,6 +308,8 @@ class MemoryStore(MemoryTLSMixin):
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
                         require_tls=m.prepared.require_tls,
+                        expires_at=m.prepared.attributes.expires_at,
+                        priority=m.prepared.attributes.priority or "",
                     )
                 )
         if not items:
@@ -293,14 +348,14 @@ class MemoryStore(MemoryTLSMixin):
                 r.history.append(attempt)
                 del r.history[:-MAX_HISTORY]
                 recorded.append(result)
-                if self._events_on:
+                if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)
                     reason = reason or getattr(result, "reason_class", None)
-                    self._append_event(result.message_id, r, attempt, reason)
+                    self._append_event(m, r, attempt, reason)
         return recorded
 
     def _append_event(
-        self, message_id: str, r: _Recipient, attempt: Attempt, reason_class: str | None
+        self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
     ) -> None:
         """The outbox entry of a result just recorded (under the lock)."""
         event_id = next(self._event_ids)
@@ -308,7 +363,7 @@ class MemoryStore(MemoryTLSMixin):
             event=DeliveryEvent(
                 id=event_id,
                 at=attempt.at,
-                message_id=message_id,
+                message_id=m.id,
                 address=r.address,
                 state=r.state,
                 attempt=r.attempts,
@@ -320,6 +375,8 @@ class MemoryStore(MemoryTLSMixin):
                 tls=r.tls,
                 uncertain=r.uncertain,
                 next_attempt_at=r.next_attempt_at,
+                tags=m.prepared.attributes.tags,
+                metadata=dict(m.prepared.attributes.metadata),
             )
         )
 
@@ -409,9 +466,12 @@ class MemoryStore(MemoryTLSMixin):
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
@@ -522,6 +582,8 @@ class MemoryStore(MemoryTLSMixin):
                 if domain is not None and all(r.domain != domain for r in m.recipients.values()):
                     continue
                 if where.state is not None and m.state() is not where.state:
+                    continue
+                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
                     continue
                 found.append(m.snapshot(with_history=False))
         return found

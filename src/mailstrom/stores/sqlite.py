@@ -556,13 +556,21 @@ class SQLiteStore:
 
     # --- leasing ----------------------------------------------------------------------
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients, oldest due first, grouped per
-        (message, domain); one transaction, walking the due index with LIMIT."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients, oldest due first (per lane, highest lane
+        first, with ``lanes``), grouped per (message, domain); one transaction, walking
+        the due index (a lane's range of it) with LIMIT."""
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for)
+            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
 
     def record_and_lease(
         self,
@@ -571,6 +579,7 @@ class SQLiteStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         recorded: list[RecipientResult] = []
@@ -579,7 +588,9 @@ class SQLiteStore:
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
             lease = (
-                lease_rows(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+                lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+                if limit > 0
+                else None
             )
         return recorded, lease
 
@@ -720,6 +731,9 @@ class SQLiteStore:
         if where.state is not None:
             conditions.append(f"{MESSAGE_STATE_SQL} = ?")
             params.append(where.state.value)
+        if where.tag is not None:
+            conditions.append("EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)")
+            params.append(where.tag)
         with self._read() as conn:
             return read_messages(
                 conn, " AND ".join(conditions) or "1", params, where.limit, history=False

@@ -36,15 +36,16 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-        current = int(row[0]) if row else 0
+        applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+        current = max(applied, default=0)
         latest = known[-1].version if known else 0
         if current > latest:
             raise StoreError(
                 f"the database schema is at version {current}, newer than this mailstrom "
                 f"knows ({latest}); upgrade mailstrom"
             )
-        applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+        # Every version not yet recorded, in order: one numbered below an applied one (a
+        # feature merged after a later-numbered one was deployed) is applied too.
         for migration in known:
             if migration.version in applied:
                 continue

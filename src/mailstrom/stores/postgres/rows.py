@@ -17,6 +17,7 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
+from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
     Lease,
@@ -59,6 +60,12 @@ def enqueue_params(
         "sizes": [m.size for m in messages],
         "dkims": [dkim_to_column(m.dkim_status) for m in messages],
         "require_tls": [m.require_tls for m in messages],
+        "tags": [tags_json(m.attributes.tags) for m in messages],
+        "metadatas": [metadata_json(m.attributes.metadata) for m in messages],
+        "priorities": [m.attributes.priority for m in messages],
+        "send_ats": [m.attributes.send_at for m in messages],
+        "expires_ats": [m.attributes.expires_at for m in messages],
+        "keys": [m.attributes.idempotency_key for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
         "r_positions": r_positions,
@@ -103,7 +110,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
     (message, domain), each listing its recipients in the message's order."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], tuple[str, bool, bool, bool]] = {}
+    heads: dict[tuple[str, str], tuple[str, bool, bool, bool, datetime | None, str]] = {}
     for (
         message_id,
         domain,
@@ -117,13 +124,22 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         eightbit,
         body,
         require_tls,
+        expires_at_,
+        priority,
     ) in rows:
         if body is not None:
             data[message_id] = body
         key = (message_id, domain)
         if key not in groups:
             groups[key] = []
-            heads[key] = (envelope_from, smtputf8, eightbit, require_tls)
+            heads[key] = (
+                envelope_from,
+                smtputf8,
+                eightbit,
+                require_tls,
+                expires_at_,
+                priority or "",
+            )
         groups[key].append(
             (
                 position,
@@ -137,7 +153,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         )
     items = []
     for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit, require_tls = heads[message_id, domain]
+        envelope_from, smtputf8, eightbit, require_tls, expires, lane = heads[message_id, domain]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
@@ -150,6 +166,8 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 smtputf8=smtputf8,
                 eightbit=eightbit,
                 require_tls=require_tls,
+                expires_at=expires,
+                priority=lane,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
@@ -231,6 +249,12 @@ def messages_from_rows(rows: Sequence[Row]) -> list[MessageStatus]:
                 subject=head["subject"],
                 held=head["held"],
                 dkim=dkim_from_column(head["dkim"]),
+                tags=tags_from(head.get("tags")),
+                metadata=metadata_from(head.get("metadata")),
+                priority=head.get("priority"),
+                send_at=head.get("send_at"),
+                expires_at=head.get("expires_at"),
+                idempotency_key=head.get("idempotency_key"),
             )
         )
     return out
@@ -241,7 +265,8 @@ def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls, uncertain,
     next_attempt_at)."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
-    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:]
+    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
+    tags, metadata = row[16:18] if len(row) > 16 else (None, None)
     return DeliveryEvent(
         id=int(event_id),
         at=at,
@@ -257,4 +282,6 @@ def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
         tls=tls,
         uncertain=uncertain,
         next_attempt_at=next_at,
+        tags=tags_from(tags),
+        metadata=metadata_from(metadata),
     )

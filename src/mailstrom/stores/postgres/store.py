@@ -147,20 +147,88 @@ class PostgresStore:
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
         ids = [new_message_id() for _ in messages]
-        self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+        if all(m.attributes.idempotency_key is None for m in messages):
+            self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+            return ids
+        return self._enqueue_keyed(messages, ids, now=now, held=held)
+
+    def _enqueue_keyed(
+        self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
+    ) -> list[str]:
+        """Claim each idempotency key, then insert the messages that got theirs, in one
+        transaction; a message whose key another one holds gets that one's id instead."""
+        fresh: list[PreparedMessage] = []
+        fresh_ids: list[str] = []
+        with (
+            translate_errors("enqueue"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for i, message in enumerate(messages):
+                key = message.attributes.idempotency_key
+                if key is not None:
+                    claimed = conn.execute(
+                        self._queries["claim_key"],
+                        {
+                            "key": key,
+                            "id": ids[i],
+                            "until": message.attributes.idempotency_until or now,
+                            "now": now,
+                        },
+                    ).fetchone()
+                    if claimed is None:
+                        holder = conn.execute(self._queries["key_holder"], {"key": key}).fetchone()
+                        if holder is None:  # cannot happen: the conflict was on this row
+                            raise StoreError(f"idempotency key {key!r} vanished while claimed")
+                        ids[i] = holder[0]
+                        continue
+                fresh.append(message)
+                fresh_ids.append(ids[i])
+            if fresh:
+                conn.execute(
+                    self._queries["enqueue"],
+                    rows.enqueue_params(fresh, fresh_ids, now=now, held=held),
+                )
         return ids
 
     # --- the worker's side ------------------------------------------------------------
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients in one statement (see Store.lease)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients in one statement (see Store.lease); with
+        ``lanes``, one statement for the named lanes and, when they had room left and
+        nothing more due, one for the others."""
         if limit <= 0:
             return None
         token = uuid.uuid4().hex
         expires_at = now + lease_for
-        found = self._fetch(
-            "lease", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
-        )
+        params: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "token": token,
+            "expires_at": expires_at,
+        }
+        if lanes is None:
+            found = self._fetch("lease", params)
+        else:
+            params["lanes"] = [lane for lane, _ in lanes]
+            params["lane_limits"] = [max(0, most) for _, most in lanes]
+            found = self._fetch("lease_lanes", params)
+            taken: dict[str, int] = {}
+            for row in found:
+                taken[row[12] or ""] = taken.get(row[12] or "", 0) + 1
+            exhausted = len(found) < limit and all(
+                most > 0 and taken.get(lane, 0) < most for lane, most in lanes
+            )
+            if exhausted:
+                params["limit"] = limit - len(found)
+                found += self._fetch("lease_other_lanes", params)
         if not found:
             return None
         return rows.lease_from_rows(token, expires_at, found)
@@ -200,9 +268,12 @@ class PostgresStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
@@ -253,6 +324,7 @@ class PostgresStore:
             "domain": None if where.domain is None else where.domain.lower(),
             "state": None if where.state is None else where.state.value,
             "limit": max(where.limit, 0),
+            "tag": where.tag,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
@@ -264,6 +336,7 @@ class PostgresStore:
             "domain": None,
             "state": None,
             "limit": max(limit, 0),
+            "tag": None,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 

@@ -6,29 +6,54 @@
 
 -- name: enqueue
 -- Messages and their recipients arrive as parallel arrays (one element per row), so a
--- whole batch is one statement. NOTIFY is delivered when the statement commits.
+-- whole batch is one statement. NOTIFY is delivered when the statement commits. Tags
+-- arrive as one JSON array text per message (arrays of arrays must be rectangular), and
+-- recipients are first due at the message's send_at when it is later than now.
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
-                          header_message_id, size, created_at, held, dkim, require_tls)
+                          header_message_id, size, created_at, held, dkim, require_tls,
+                          tags, metadata, priority, send_at, expires_at, idempotency_key)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
-           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim, t.require_tls
+           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim, t.require_tls,
+           CASE WHEN t.tags IS NOT NULL
+                THEN ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)) END,
+           t.metadata::jsonb, t.priority, t.send_at, t.expires_at, t.idempotency_key
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
                 %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[],
-                %(require_tls)s::boolean[]) WITH ORDINALITY
+                %(require_tls)s::boolean[], %(tags)s::text[],
+                %(metadatas)s::text[], %(priorities)s::text[], %(send_ats)s::timestamptz[],
+                %(expires_ats)s::timestamptz[], %(keys)s::text[]) WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
-              dkim, require_tls, n)
+              dkim, require_tls, tags, metadata, priority, send_at, expires_at,
+              idempotency_key, n)
     ORDER BY t.n  -- seq follows the caller's order
-    RETURNING id, seq
+    RETURNING id, seq, send_at, priority
 ), new_recipients AS (
     INSERT INTO recipients (message_id, seq, address, position, domain, state,
-                            next_attempt_at)
-    SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued', %(now)s
+                            next_attempt_at, lane)
+    SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued',
+           GREATEST(%(now)s, nm.send_at), COALESCE(nm.priority, '')
     FROM unnest(%(r_ids)s::text[], %(r_addresses)s::text[], %(r_positions)s::integer[],
                 %(r_domains)s::text[]) AS t(message_id, address, position, domain)
     JOIN new_messages nm ON nm.id = t.message_id
 )
 SELECT pg_notify('mailstrom_work', '') WHERE NOT %(held)s;
+
+-- name: claim_key
+-- Make an idempotency key name a message about to be inserted in this transaction (the
+-- foreign key is checked at commit): a new key, or one whose window has passed. Returns
+-- no row while another message holds the key; the PRIMARY KEY decides, and a submission
+-- racing ours waits here until ours commits or rolls back.
+INSERT INTO idempotency_keys AS k (key, message_id, expires_at)
+VALUES (%(key)s, %(id)s, %(until)s)
+ON CONFLICT (key) DO UPDATE
+    SET message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at
+    WHERE k.expires_at <= %(now)s
+RETURNING message_id;
+
+-- name: key_holder
+SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 
 -- name: lease
 -- Lock due recipients (skipping rows other workers are locking right now), stamp them
@@ -56,7 +81,8 @@ WITH due AS MATERIALIZED (
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at
 ), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
+           m.expires_at, m.priority
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
@@ -64,7 +90,96 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attemp
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
-       m.require_tls
+       m.require_tls, m.expires_at, m.priority
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.due_at, l.seq, l.position;
+
+-- name: lease_lanes
+-- The lease of named lanes, highest first: for each lane (an element of the parallel arrays
+-- lanes and lane_limits) the earliest due recipients of that lane, up to its own limit,
+-- read from its range of recipients_lane_due; then the first LIMIT of them in lane order.
+-- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH picked AS MATERIALIZED (
+    SELECT l.rank, d.*
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
+         AS l(lane, most, rank)
+    CROSS JOIN LATERAL (
+        SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+        FROM recipients r
+        JOIN messages m ON m.id = r.message_id
+        WHERE r.lane = l.lane
+          AND r.state IN ('queued', 'deferred')
+          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+          AND NOT m.held
+        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+        LIMIT l.most
+        FOR UPDATE OF r SKIP LOCKED
+    ) d
+), due AS MATERIALIZED (
+    SELECT row_id, message_id, address, rank, due_at, seq, position
+    FROM picked
+    ORDER BY rank, due_at, seq, position
+    LIMIT %(limit)s
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.require_tls, m.expires_at, m.priority
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.require_tls, m.expires_at, m.priority
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.rank, d.due_at, l.seq, l.position;
+
+-- name: lease_other_lanes
+-- The lease of recipients in lanes not named (queued before lanes existed, or in a lane
+-- since removed from the configuration): run only when every named lane had room left and
+-- nothing more due, so walking recipients_due meets few rows of the named lanes.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH due AS MATERIALIZED (
+    SELECT r.ctid AS row_id, r.message_id, r.address,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+      AND r.lane <> ALL (%(lanes)s::text[])
+    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.require_tls, m.expires_at, m.priority
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.require_tls, m.expires_at, m.priority
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -165,7 +280,8 @@ SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
-       m.dkim, r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,
+       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class,
        a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
@@ -186,7 +302,8 @@ ORDER BY r.position, a.id;
 -- mailstrom.status.derive_message_state.
 WITH selected AS (
     SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
-           m.held, m.seq, m.dkim
+           m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
+           m.idempotency_key
     FROM messages m
     WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
       AND (%(created_before)s::timestamptz IS NULL
@@ -202,11 +319,13 @@ WITH selected AS (
                    ELSE 'failed'
                END
                FROM recipients r WHERE r.message_id = m.id))
+      AND (%(tag)s::text IS NULL OR m.tags @> ARRAY[%(tag)s::text])
     ORDER BY m.created_at DESC, m.seq DESC
     LIMIT %(limit)s
 )
 SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subject, s.held,
-       s.dkim, r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
+       s.dkim, s.tags, s.metadata, s.priority, s.send_at, s.expires_at, s.idempotency_key,
+       r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class
 FROM selected s
@@ -308,13 +427,14 @@ SELECT 'held', NULL, count(*) FROM messages WHERE held;
 -- order of the arrays. Runs in the record statement's transaction (see PostgresStore.record).
 INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
                     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
-                    uncertain)
+                    uncertain, tags, metadata)
 SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
        r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
-       r.ip, r.tls, r.uncertain
+       r.ip, r.tls, r.uncertain, m.tags, m.metadata
 FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
      AS t(message_id, address, n)
 JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
+JOIN messages m ON m.id = r.message_id
 ORDER BY t.n;
 
 -- name: lease_events
@@ -334,7 +454,7 @@ FROM due
 WHERE e.id = due.id
 RETURNING e.id, e.at, e.message_id, e.address, e.state, e.attempt, e.reply_code,
           e.reply_enhanced, e.reply_text, e.error, e.reason_class, e.mx_host, e.ip, e.tls,
-          e.uncertain, e.next_attempt_at;
+          e.uncertain, e.next_attempt_at, e.tags, e.metadata;
 
 -- name: ack_events
 WITH acked AS (
@@ -355,7 +475,7 @@ SELECT count(*) FROM released;
 
 -- name: read_events
 SELECT id, at, message_id, address, state, attempt, reply_code, reply_enhanced, reply_text,
-       error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at
+       error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at, tags, metadata
 FROM events
 WHERE id > %(after)s
 ORDER BY id
