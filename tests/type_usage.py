@@ -13,6 +13,8 @@ from mailstrom import (
     AsyncMailstrom,
     Attachment,
     Config,
+    DestinationRule,
+    DestinationThrottle,
     DKIMAlgorithm,
     DKIMConfig,
     DKIMKey,
@@ -22,6 +24,7 @@ from mailstrom import (
     InvalidAddress,
     InvalidHeaderValue,
     InvalidMessage,
+    InvalidShapingRule,
     Mailstrom,
     MessageStatus,
     MTASTSConfig,
@@ -29,6 +32,7 @@ from mailstrom import (
     RecipientState,
     RetryPolicy,
     ShapeRow,
+    ShapingConfig,
     Suspension,
     TLSPolicy,
     prepare,
@@ -193,3 +197,27 @@ async def async_usage() -> None:
 
 if __name__ == "__main__":
     asyncio.run(async_usage())
+
+
+def shaping_usage() -> None:
+    config = Config(
+        helo_name="mail.example.com",
+        shaping=ShapingConfig(
+            rules=(
+                DestinationRule(match="*.google.com", max_connections=5, messages_per_minute=120),
+                DestinationRule(match="example.org", messages_per_hour=500.0),
+            ),
+            pause_first=timedelta(minutes=2),
+        ),
+    )
+    try:
+        DestinationRule(match="mail.*.example", max_connections=0)
+    except InvalidShapingRule as exc:
+        print(exc.pattern, exc.field, exc.reason)
+    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+        pauses: list[DestinationThrottle] = ms.throttled_destinations()
+        for pause in pauses:
+            print(pause.destination, pause.until.isoformat(), pause.strikes, pause.reply)
+        for r in ms.query_status("0" * 32).recipients:
+            if r.throttle is not None:
+                print(r.throttle_note, r.throttle.until)

@@ -36,6 +36,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidHeaderValue,
     InvalidMessage,
+    InvalidShapingRule,
     LineTooLong,
     MailstromError,
     MessageTooLarge,
@@ -55,9 +56,11 @@ from mailstrom.errors import (
 )
 from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    DestinationThrottle,
     DKIMStatus,
     Histogram,
     MessageStatus,
@@ -86,6 +89,8 @@ __all__ = [
     "DKIMStatus",
     "DNSConfig",
     "DeliveryError",
+    "DestinationRule",
+    "DestinationThrottle",
     "Email",
     "ForbiddenCharacter",
     "HeaderInjection",
@@ -96,6 +101,7 @@ __all__ = [
     "InvalidAttachment",
     "InvalidHeaderValue",
     "InvalidMessage",
+    "InvalidShapingRule",
     "LineTooLong",
     "MTASTSConfig",
     "Mailstrom",
@@ -119,6 +125,7 @@ __all__ = [
     "RetryPolicy",
     "SMTPReply",
     "ShapeRow",
+    "ShapingConfig",
     "StoreCorrupt",
     "StoreError",
     "Suspension",

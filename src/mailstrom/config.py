@@ -14,6 +14,7 @@ from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.policy.shaping import ShapingConfig
 from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
 from mailstrom.tls.table import PolicyTable
 
@@ -338,6 +339,10 @@ class Config:
     """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
     ``localhost`` or a name private to one network."""
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    """Traffic shaping per destination: limits by recipient domain or MX host, and the
+    pause after a throttling reply (see :class:`~mailstrom.policy.shaping.ShapingConfig`
+    and docs/guide.md, "Traffic shaping")."""
     mta_sts: MTASTSConfig | None = None
     """Apply recipient domains' MTA-STS policies (RFC 8461); ``None`` ignores them. See
     :class:`MTASTSConfig`."""
@@ -435,6 +440,8 @@ class Config:
                     "private to one host or network)"
                 )
             object.__setattr__(self, "message_id_domain", name)
+        if not isinstance(self.shaping, ShapingConfig):
+            raise ConfigError(f"shaping must be a ShapingConfig, not {type(self.shaping).__name__}")
         self._check_tls()
         if self.mta_sts is not None and not isinstance(self.mta_sts, MTASTSConfig):
             raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")

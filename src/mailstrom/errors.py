@@ -259,6 +259,17 @@ class TLSRequiredError(TemporaryFailure):
     """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""
 
 
+class InvalidShapingRule(ConfigError):
+    """A traffic shaping rule or setting is invalid: ``pattern`` names the rule (empty for
+    a setting of no one rule), ``field`` the offending key, ``reason`` says why."""
+
+    def __init__(self, reason: str, *, pattern: str, field: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.pattern = pattern
+        self.field = field
+
+
 class RequireTLSFailure(PermanentFailure):
     """A REQUIRETLS message (RFC 8689) cannot be sent as it demands: no authenticated TLS
     is possible to the destination, or its server does not offer REQUIRETLS (5.7.30)."""

@@ -49,6 +49,7 @@ from mailstrom.dkim.keys import DKIMKey
 from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
+from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.stores.url import default_store_url, redact_url
 from mailstrom.tls.table import PolicyTable
 
@@ -296,6 +297,34 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
 
 
+def _shaping_rules(key: str, value: Any) -> tuple[DestinationRule, ...]:
+    """``[[shaping.rules]]`` tables, or in the environment entries separated by ``;``, each
+    a pattern followed by ``name=value`` limits:
+    ``"*.google.com max_connections=5 messages_per_minute=100; example.org max_connections=1"``."""
+    if isinstance(value, str):
+        value = [_shaping_rule_entry(key, entry) for entry in value.split(";") if entry.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected [[shaping.rules]] tables, got {value!r}")
+    return tuple(
+        DestinationRule.from_mapping(entry, where=f"{key}[{index}]")
+        for index, entry in enumerate(value)
+    )
+
+
+def _shaping_rule_entry(key: str, text: str) -> dict[str, Any]:
+    pattern, *limits = text.split()
+    entry: dict[str, Any] = {"match": pattern}
+    for limit in limits:
+        name, sep, number = limit.partition("=")
+        if not sep:
+            raise ConfigError(f"{key}: expected name=value after {pattern!r}, got {limit!r}")
+        try:
+            entry[name] = int(number) if number.strip().isdigit() else float(number)
+        except ValueError:
+            raise ConfigError(f"{key}: {name}: expected a number, got {number!r}") from None
+    return entry
+
+
 def _tls_domains(key: str, value: Any) -> PolicyTable:
     """A ``[tls.domains]`` table, or ``domain=level`` pairs separated by commas (the
     environment's form: ``example.com=verify,*.bank.example=dane-only``)."""
@@ -410,6 +439,10 @@ KEYS: dict[str, Parser] = {
     # names get, and the aliases file ("" for none).
     "sendmail.origin": _str,
     "sendmail.aliases": _any_str,
+    "shaping.rules": _shaping_rules,
+    "shaping.provider_defaults": _bool,
+    "shaping.pause_first": _duration,
+    "shaping.pause_max": _duration,
     "tls.default": _choice(TLSPolicy),
     "tls.domains": _tls_domains,
     "tls.remember_broken": _duration,
@@ -636,6 +669,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
             top["hook"] = HookConfig(**hook)
     if (domains := section("metrics").get("domains")) is not None:
         top["metrics_domains"] = tuple(domains)
+    if shaping := section("shaping"):
+        top["shaping"] = ShapingConfig(**shaping)
     tls = section("tls")
     if "default" in tls and "tls" not in top:
         # [tls] default = ... is how a file with [tls.domains] names the global level

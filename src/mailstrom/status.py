@@ -165,6 +165,20 @@ class RecipientStatus:
     last_attempt_at: datetime | None = None
     next_attempt_at: datetime | None = None
     history: tuple[Attempt, ...] = ()
+    throttle: DestinationThrottle | None = None
+    """The pause of this recipient's destination, while one holds it back (see
+    :meth:`throttle_note`); None otherwise."""
+
+    @property
+    def throttle_note(self) -> str | None:
+        """``"destination *.google.com throttled until 2026-11-30T17:02:00+00:00: 421
+        4.7.28 ..."`` while the recipient waits for its destination's pause; else None."""
+        pause = self.throttle
+        if pause is None:
+            return None
+        until = pause.until.isoformat(timespec="seconds")
+        note = f"destination {pause.destination} throttled until {until}"
+        return f"{note}: {pause.reply}" if pause.reply else note
 
     @property
     def domain(self) -> str:
@@ -425,3 +439,20 @@ class MetricsSnapshot:
     few seconds (counting a large queue is not free); None when the store did not answer."""
     queue_read_at: datetime | None = None
     """When ``queue`` was read."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationThrottle:
+    """A destination paused after a throttling reply (traffic shaping, docs/guide.md).
+
+    ``destination`` is the shaping rule's pattern (``*.google.com``) or, without a rule,
+    the recipient domain; no connection is made to it before ``until``. ``strikes`` counts
+    the throttles in a row (the pause doubles with each); ``reply`` is the one that
+    started this pause; ``since`` when it came.
+    """
+
+    destination: str
+    until: datetime
+    strikes: int
+    reply: str
+    since: datetime

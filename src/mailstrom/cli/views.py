@@ -176,7 +176,9 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                 r.mx_host,
                 r.ip,
                 r.tls if r.attempts else None,
-                r.next_attempt_at if r.state is RecipientState.DEFERRED else None,
+                r.next_attempt_at
+                if r.state is RecipientState.DEFERRED or r.throttle is not None
+                else None,
                 r.reason_class,
                 r.reason,
             ]
@@ -184,6 +186,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
         ],
     )
     print_advice(st.recipients)
+    print_throttles(st.recipients)
     if not history:
         return
     for r in st.recipients:
@@ -258,6 +261,18 @@ def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
         print(f"  What to do: {found.action}")
         if found.help:
             print(f"  Help: {found.help}")
+
+
+def print_throttles(recipients: tuple[RecipientStatus, ...]) -> None:
+    """One line per recipient held back by its destination's pause (traffic shaping)::
+
+    bob@gmail.com: destination *.google.com throttled until 2026-11-30T17:02:00+00:00: 421 ...
+    """
+    notes = [(r.address, r.throttle_note) for r in recipients if r.throttle_note]
+    if notes:
+        print()
+    for address, note in notes:
+        print(f"{address}: {note}")
 
 
 # --- queue -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from mailstrom.client.operations import AsyncQueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
 
 
@@ -161,3 +161,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         return await asyncio.to_thread(
             lambda: self.store.cancel(resolve(self.store, message_id), now=now)
         )
+
+    async def throttled_destinations(self) -> list[DestinationThrottle]:
+        """The destinations paused now (see :meth:`Mailstrom.throttled_destinations`)."""
+        return await asyncio.to_thread(self.store.throttles, now=self._clock())

@@ -19,7 +19,7 @@ from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
 
 log = logging.getLogger("mailstrom")
@@ -202,3 +202,8 @@ class Mailstrom(FacadeBase, QueueOperations):
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return self.store.cancel(resolve(self.store, message_id), now=self._clock())
+
+    def throttled_destinations(self) -> list[DestinationThrottle]:
+        """The destinations paused now after a throttling reply, soonest end first (every
+        worker of the store heeds them; see docs/guide.md, "Traffic shaping")."""
+        return self.store.throttles(now=self._clock())

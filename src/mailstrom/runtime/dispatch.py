@@ -15,6 +15,13 @@ item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the 
 deferred with the last error — unless other sessions of the destination are still
 connected, in which case the destination just runs with fewer sessions (Postfix's
 concurrency feedback).
+
+Traffic shaping (``runtime.shaper``) hooks in at four points: a destination whose rule
+allows fewer connections runs fewer sessions (and one whose slots are all taken by other
+domains of the same rule waits, parked, without holding a session); a new connection waits
+for the connection rate; each message waits for the message rate; and a throttling reply
+pauses the destination: its queue is given back to the store due at the end of the pause
+(``on_postpone``), as is every item that arrives for it while the pause lasts.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from mailstrom.config import Config
 from mailstrom.errors import (
@@ -36,12 +44,15 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.message import downgrade_to_7bit
+from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
+from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
+from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.headers import tls_required_no
@@ -55,6 +66,8 @@ and one more waiting, so that the content of the next leaves with the envelope a
 even when the replies of both arrive in one segment."""
 
 Done = Callable[[list[RecipientResult]], None]
+Postpone = Callable[[list[WorkItem], datetime, str | None], None]
+"""Give items back to the store, due at a time, naming the paused destination (or None)."""
 TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | SMTPConnection], None]
 """Told (domain, requirement, MX host, address, the error or the opened connection) after
 each connection attempt, for TLS reports (``observe_tls``)."""
@@ -80,6 +93,8 @@ class _Destination:
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    parked: bool = False
+    """Waiting for a connection slot of its shaping rule (shared with other domains)."""
     require_tls: bool = False
     """Its messages ask for REQUIRETLS (they get a destination of their own)."""
     tls_optional: bool = False
@@ -96,12 +111,17 @@ class Dispatcher:
         router: Router,
         outcomes: Outcomes,
         on_done: Done,
+        shaper: Shaper | None = None,
+        on_postpone: Postpone | None = None,
         tls: TLSDecider | None = None,
         observe_tls: TLSObserver | None = None,
     ) -> None:
         """``tls`` decides each connection's TLS requirement (default: the one ``config``
         asks for, without a store to share remembered broken TLS)."""
         self._config = config
+        self._shaper = shaper
+        self._on_postpone = on_postpone
+        self._spread: dict[datetime, list[WorkItem]] = {}
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
@@ -152,6 +172,19 @@ class Dispatcher:
             return
         checked.rank = self._ranks.get(item.priority, len(self._ranks))
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        shaping_key = key  # before the TLS split below: one destination for shaping
+        if self._shaper is not None:
+            shape = self._shaper.known(shaping_key)
+            pause = self._shaper.pause_of(shape) if shape is not None else None
+            if pause is not None:
+                self._postpone([checked], pause)  # paused: back to the store at once
+                return
+            if shape is not None and shape.message_buckets:
+                queued = self._destinations.get(key)
+                later = self._shaper.spread(shape, len(queued.queue) if queued else 0)
+                if later is not None:
+                    self._postpone_later(checked, later)  # the rate would keep it waiting
+                    return
         # Messages that change the TLS decision (RFC 8689) travel apart from the others.
         require_tls = checked.item.require_tls
         tls_optional = not require_tls and tls_required_no(checked.item.data)
@@ -206,6 +239,8 @@ class Dispatcher:
         return _Work(item=replace(item, recipients=rest))
 
     def _start_sessions(self, dest: _Destination) -> None:
+        if dest.parked:
+            return  # started again when its shaping rule frees a connection slot
         max_connections = self._config.max_connections
         while (
             dest.queue
@@ -286,6 +321,29 @@ class Dispatcher:
         except DeliveryError as exc:
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
+        if self._shaper is None:
+            await self._deliver(dest, route, None)
+            return
+        name = self._relay_route.domain if self._relay_route is not None else dest.domain
+        shape = self._shaper.for_route(name, [host.name for host in route.hosts])
+        if self._held_back(dest, shape):
+            return
+        limit = shape.max_connections
+        if limit is not None:
+            dest.limit = min(dest.limit, limit)
+            if not shape.has_slot():
+                # Other domains of this rule hold every slot: wait without a session.
+                dest.parked = True
+                shape.parked.append(dest)
+                return
+        shape.connections += 1
+        try:
+            await self._deliver(dest, route, shape)
+        finally:
+            shape.connections -= 1
+            self._unpark(shape)
+
+    async def _deliver(self, dest: _Destination, route: Route, shape: Shape | None) -> None:
         targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
@@ -296,6 +354,8 @@ class Dispatcher:
         index = 0
         opener = self._opener
         while dest.queue and index < len(targets):
+            if shape is not None and not await self._may_go_on(dest, shape):
+                return
             mx, ip = targets[index]
             host = mx.name
             try:
@@ -312,6 +372,8 @@ class Dispatcher:
             reused = conn is not None
             if conn is None:
                 try:
+                    if shape is not None and not await self._may_connect(dest, shape):
+                        return
                     conn, need = await self._open(dest, host, ip, need)
                     key = opener.key(host, ip, need)
                 except DeliveryError as exc:
@@ -321,15 +383,26 @@ class Dispatcher:
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
                     last_policy = need.label
+                    if shape is not None and await self._throttled_connecting(dest, shape, exc):
+                        return
                     index += 1
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused, need)
+                broke = await self._stream(dest, conn, reused, need, shape)
             finally:
                 dest.connected -= 1
+            if shape is not None and self._held_back(dest, shape):
+                opener.close_later(conn)  # paused meanwhile: the queue went back to the store
+                return
             if broke is None:
-                opener.release(key, conn)
+                cap = shape.messages_per_connection if shape is not None else None
+                if cap is not None and conn.messages_sent >= cap:
+                    # The rule's cap: closed before the next one opens, so that the two
+                    # never count twice against the rule's connections.
+                    await conn.close()
+                else:
+                    opener.release(key, conn)
                 continue
             opener.close_later(conn)
             last_error = broke
@@ -396,10 +469,14 @@ class Dispatcher:
         conn: SMTPConnection,
         reused: bool,
         need: TLSRequirement,
+        shape: Shape | None = None,
     ) -> DeliveryError | None:
         """Send the destination's items over ``conn`` until none is left, the connection
-        reaches its message cap, or it breaks (returning the error)."""
+        reaches its message cap, or it breaks (returning the error). With a ``shape``, also
+        until its rate allows no more now or it is paused."""
         cap = self._config.max_messages_per_connection
+        if shape is not None and shape.messages_per_connection is not None:
+            cap = min(cap, shape.messages_per_connection)
         queue = dest.queue
         where = Where.of(conn, need)
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
@@ -414,6 +491,8 @@ class Dispatcher:
                 and conn.usable
                 and conn.messages_sent < cap
             ):
+                if shape is not None and not self._may_send(shape):
+                    break
                 work = queue.popleft()
                 if not work.started:
                     work.started = time.monotonic()
@@ -436,7 +515,10 @@ class Dispatcher:
                 error = error or exc
                 retry.append(work)
                 continue
-            self._done(self._outcomes.from_transaction(work.item, result, work.started, where))
+            results = self._outcomes.from_transaction(work.item, result, work.started, where)
+            if shape is not None:
+                results = await self._heed_throttle(shape, result, results)
+            self._done(results)
         for work in reversed(retry):
             work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
@@ -482,6 +564,116 @@ class Dispatcher:
             self._done(self._outcomes.from_error(item, error, work.started, where))
             return None
 
+    # --- traffic shaping -----------------------------------------------------------------
+
+    def _may_send(self, shape: Shape) -> bool:
+        """Whether one more message may go to ``shape`` now (using a rate token)."""
+        assert self._shaper is not None
+        return self._shaper.pause_of(shape) is None and shape.take_local()
+
+    async def _may_go_on(self, dest: _Destination, shape: Shape) -> bool:
+        """Wait for the rate to allow the next message; False (queue given back) when the
+        destination is paused meanwhile."""
+        assert self._shaper is not None
+        if await self._shaper.wait_to_send(shape):
+            return True
+        self._held_back(dest, shape)
+        return False
+
+    async def _may_connect(self, dest: _Destination, shape: Shape) -> bool:
+        assert self._shaper is not None
+        if await self._shaper.wait_to_connect(shape):
+            return True
+        self._held_back(dest, shape)
+        return False
+
+    def _held_back(self, dest: _Destination, shape: Shape) -> bool:
+        """If ``shape`` is paused, give the destination's queue back (due at the end of
+        the pause) and say so."""
+        assert self._shaper is not None
+        pause = self._shaper.pause_of(shape)
+        if pause is None:
+            return False
+        works = list(dest.queue)
+        dest.queue.clear()
+        self._postpone(works, pause)
+        return True
+
+    def _postpone(self, works: list[_Work], pause: DestinationThrottle) -> None:
+        items = [work.item for work in works]
+        self.in_flight -= sum(len(item.recipients) for item in items)
+        if self.in_flight <= 0:
+            self.idle.set()
+        if items and self._on_postpone is not None:
+            self._on_postpone(items, pause.until, pause.destination)
+
+    def _postpone_later(self, work: _Work, until: datetime) -> None:
+        """Give ``work`` back, due at ``until``; the items of one lease are gathered and
+        given back in one call per due time."""
+        self.in_flight -= len(work.item.recipients)
+        if self.in_flight <= 0:
+            self.idle.set()
+        if not self._spread:
+            asyncio.get_running_loop().call_soon(self._flush_spread)
+        self._spread.setdefault(until, []).append(work.item)
+
+    def _flush_spread(self) -> None:
+        spread, self._spread = self._spread, {}
+        if self._on_postpone is None:
+            return
+        for until, items in spread.items():
+            self._on_postpone(items, until, None)
+
+    def _unpark(self, shape: Shape) -> None:
+        """Start the destinations waiting for a slot of ``shape``, as slots allow."""
+        while shape.parked and shape.has_slot():
+            dest: _Destination = shape.parked.popleft()
+            dest.parked = False
+            if dest.queue:
+                self._start_sessions(dest)
+                break  # its session takes the slot once its route is known
+            if dest.sessions == 0 and self._destinations.get(dest.key) is dest:
+                del self._destinations[dest.key]
+
+    async def _throttled_connecting(
+        self, dest: _Destination, shape: Shape, exc: DeliveryError
+    ) -> bool:
+        """A 421 to the greeting or EHLO pauses the destination (its other hosts too: they
+        share the limit). The items this session held were attempted: they are deferred
+        with that reply, due at the end of the pause."""
+        assert self._shaper is not None
+        if exc.code is None:
+            return False
+        reply = SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
+        if not is_throttling(reply, connecting=True):
+            return False
+        held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]
+        pause = await self._shaper.throttled(shape, exc.text, held)
+        now = time.monotonic()
+        where = Where(host=exc.host)
+        while dest.queue:
+            work = dest.queue.popleft()
+            results = self._outcomes.from_error(work.item, exc, work.started or now, where)
+            self._done(_until_pause(results, pause))
+        return True
+
+    async def _heed_throttle(
+        self, shape: Shape, result: TransactionResult, results: list[RecipientResult]
+    ) -> list[RecipientResult]:
+        """A throttling reply in ``result`` pauses the destination; its deferred
+        recipients then come back at the end of the pause, not after a backoff of their
+        own."""
+        assert self._shaper is not None
+        replies = [result.mail, *(reply for _, reply in result.rcpt), result.data, result.final]
+        throttling = next((r for r in replies if is_throttling(r)), None)
+        if throttling is None:
+            return results
+        deferred = [
+            (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
+        ]
+        pause = await self._shaper.throttled(shape, str(throttling), deferred)
+        return _until_pause(results, pause)
+
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()
         queue = dest.queue
@@ -506,6 +698,17 @@ class Dispatcher:
         self._destinations.clear()
         self._waiting.clear()
         await self._opener.close()
+
+
+def _until_pause(
+    results: list[RecipientResult], pause: DestinationThrottle
+) -> list[RecipientResult]:
+    """``results`` with every deferred recipient due at the end of ``pause`` (all of the
+    destination's recipients come back together, not each after a backoff of its own)."""
+    return [
+        replace(r, next_attempt_at=pause.until) if r.state is RecipientState.DEFERRED else r
+        for r in results
+    ]
 
 
 def _enqueue_by_rank(queue: deque[_Work], work: _Work) -> None:

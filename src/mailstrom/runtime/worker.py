@@ -42,9 +42,10 @@ from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
+from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
 from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
@@ -150,6 +151,8 @@ class Worker:
         self._starved = False
         self._stopped = threading.Event()
         self._hooks: HookSender | None = None
+        self._shaper: Shaper | None = None
+        self._postponing: set[asyncio.Task[None]] = set()
         self._due_at: datetime | None = None
         """When the earliest pending work not yet leased becomes due (a message sent with
         ``send_at``, a deferred retry), as last read from the store."""
@@ -261,6 +264,9 @@ class Worker:
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
+        shaper = self._shaper = Shaper(
+            self.config, self.store, store_call=self._store_call, clock=self._clock
+        )
         hook, tls_sessions, observe_tls = tls_reporting(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
@@ -272,6 +278,8 @@ class Worker:
             on_done=self._on_done,
             tls=tls,
             observe_tls=observe_tls,
+            shaper=shaper,
+            on_postpone=self._on_postpone,
         )
         reporting = None
         if tls_sessions is not None:
@@ -281,6 +289,7 @@ class Worker:
         tls_memory = asyncio.create_task(
             self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
         )
+        pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
         failed = True
@@ -318,7 +327,8 @@ class Worker:
         finally:
             heartbeat.cancel()
             tls_memory.cancel()
-            await asyncio.gather(heartbeat, tls_memory, return_exceptions=True)
+            pauses.cancel()
+            await asyncio.gather(heartbeat, tls_memory, pauses, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -327,6 +337,8 @@ class Worker:
                 await self._finish_recording(store_loop)
             if hooks is not None:
                 await self._stop_hooks(hooks, flush=not failed)
+            if self._postponing:
+                await asyncio.gather(*self._postponing, return_exceptions=True)
             await self._release_unfinished()
             if reporting is not None and tls_sessions is not None:
                 reporting.cancel()
@@ -545,6 +557,69 @@ class Worker:
                     await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
+
+    async def _pauses_loop(self, shaper: Shaper) -> None:
+        """Read the destination pauses that every worker of the store recorded, so that a
+        throttle seen by one worker stops the others connecting too."""
+        interval = self.config.shaping.refresh
+        while True:
+            try:
+                await shaper.refresh()
+            except StoreError as exc:  # a passing hiccup; the next read tries again
+                self._store_trouble("throttles", exc)
+            await asyncio.sleep(interval)  # a timer, not synchronisation
+
+    def _on_postpone(self, items: list[WorkItem], until: datetime, destination: str | None) -> None:
+        """Items the dispatcher gives back (their destination is paused): to the store,
+        due at ``until``, without an attempt."""
+        assert self._loop is not None
+        # Out of delivery now (as the dispatcher counts them): their transactions and their
+        # lanes' load end here, whether or not the store write below succeeds.
+        for item in items:
+            count = len(item.recipients)
+            key = (item.lease_token, item.message_id, item.domain)
+            left = self._items.get(key)
+            if left is None:
+                continue
+            lane = self._item_lanes.get(key, "")
+            self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - count)
+            if left > count:
+                self._items[key] = left - count
+            else:
+                del self._items[key]
+                self._item_lanes.pop(key, None)
+        task = self._loop.create_task(self._postpone(items, until, destination))
+        self._postponing.add(task)
+        task.add_done_callback(self._postponing.discard)
+
+    async def _postpone(
+        self, items: list[WorkItem], until: datetime, destination: str | None
+    ) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                await self._store_call(
+                    self.store.postpone, items, until=until, destination=destination
+                )
+                break
+            except StoreCorrupt:
+                return  # the store loop stops the worker; the leases expire
+            except StoreError as exc:
+                self._store_trouble("postpone", exc)
+                if self._stopping:
+                    return  # released with the rest of the lease (due at once)
+                await asyncio.sleep(backoff.take())
+        self._store_fine()
+        for item in items:
+            state = self._leases.get(item.lease_token)
+            if state is not None:
+                state.unrecorded -= len(item.recipients)
+                if state.unrecorded <= 0:
+                    del self._leases[item.lease_token]
+        if self._starved or self._capped:
+            self._lease_wanted = True  # room for more work
+            if self._wake is not None:
+                self._wake.set()
 
     # --- the TLS decision and its shared memory ------------------------------------------
 

@@ -22,9 +22,11 @@ from typing import Protocol, runtime_checkable
 
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
+from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
+    DestinationThrottle,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -101,6 +103,20 @@ def record_then_lease(
         store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes) if limit > 0 else None
     )
     return recorded, lease
+
+
+def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]) -> MessageStatus:
+    """``status`` with each pending recipient named in ``paused`` (address → the pause of
+    its destination) carrying that pause (:attr:`RecipientStatus.throttle`)."""
+    if not paused:
+        return status
+    recipients = tuple(
+        replace(r, throttle=paused[r.address])
+        if r.address in paused and not r.state.is_final
+        else r
+        for r in status.recipients
+    )
+    return replace(status, recipients=recipients)
 
 
 def new_message_id() -> str:
@@ -469,6 +485,46 @@ class Store(Protocol):
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspensions in force at ``now``, by domain."""
         ...
+
+    # --- traffic shaping (schema version 7) -----------------------------------------------
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
+    ) -> DestinationThrottle:
+        """Pause ``destination`` after a throttling ``reply`` at ``now`` and return the
+        pause: a new one (:func:`~mailstrom.policy.throttle.next_pause`: ``first`` long,
+        doubling on repeats up to ``maximum``) or, while one runs, that one unchanged. In
+        one transaction, so workers reporting at once count one throttle. ``recipients``
+        ((message id, address) pairs: those the throttling reply deferred) show the pause
+        in their status while they are pending, as postponed ones do."""
+        ...
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        ...
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the recipients of ``items`` still held under their lease, due at
+        ``until``, without counting an attempt (their destination is paused or its rate
+        is used up). With ``destination``, their status shows that destination's pause
+        while it lasts. Returns how many were postponed."""
+        ...
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every one of ``buckets`` at once
+        (:func:`~mailstrom.policy.throttle.take_tokens`) in one transaction: every worker
+        of the store draws from the same buckets."""
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
 

@@ -12,13 +12,21 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from mailstrom.errors import UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.policy.throttle import (
+    BucketState,
+    TokenBucket,
+    TokenGrant,
+    next_pause,
+    take_tokens,
+)
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
+    DestinationThrottle,
     DKIMStatus,
     MessageStatus,
     QueueStats,
@@ -41,6 +49,7 @@ from mailstrom.stores.base import (
     domain_of,
     new_message_id,
     record_then_lease,
+    with_throttles,
 )
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_tls import MemoryTLSMixin
@@ -80,6 +89,7 @@ class _Recipient:
     uncertain: bool = False
     reason_class: ReasonClass | None = None
     history: list[Attempt] = field(default_factory=list)
+    throttled_by: str | None = None
 
     def due_at(self) -> datetime:
         """When a pending recipient may next be leased: its next attempt, or its lease's
@@ -198,6 +208,8 @@ class MemoryStore(MemoryTLSMixin):
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
         self._suspended: dict[str, Suspension] = {}
+        self._throttles: dict[str, DestinationThrottle] = {}
+        self._buckets: dict[str, BucketState] = {}
         self._init_tls()
         self._tls_broken: dict[str, datetime] = {}
         self._keys: dict[str, tuple[str, datetime]] = {}
@@ -561,7 +573,8 @@ class MemoryStore(MemoryTLSMixin):
     def status(self, message_id: str) -> MessageStatus:
         """The message's status with every recipient's history."""
         with self._lock:
-            return self._get(message_id).snapshot(with_history=True)
+            m = self._get(message_id)
+            return with_throttles(m.snapshot(with_history=True), self._paused_in(m))
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without history."""
@@ -802,3 +815,80 @@ class MemoryStore(MemoryTLSMixin):
             if m is not None:
                 found.extend(m.recipients.values())
         return found
+
+    # --- traffic shaping --------------------------------------------------------------
+
+    def _paused_in(self, m: _Message) -> dict[str, DestinationThrottle]:
+        """The message's postponed recipients whose pause still runs (under the lock)."""
+        now = datetime.now(UTC)
+        paused = {}
+        for r in m.recipients.values():
+            pause = self._throttles.get(r.throttled_by) if r.throttled_by else None
+            if pause is not None and pause.until > now:
+                paused[r.address] = pause
+        return paused
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
+    ) -> DestinationThrottle:
+        """Pause ``destination`` (see :class:`Store`)."""
+        with self._lock:
+            for message_id, address in recipients:
+                m = self._messages.get(message_id)
+                r = m.recipients.get(address) if m is not None else None
+                if r is not None:
+                    r.throttled_by = destination
+            pause = next_pause(
+                self._throttles.get(destination),
+                destination=destination,
+                now=now,
+                first=first,
+                maximum=maximum,
+                reply=reply,
+            )
+            self._throttles[destination] = pause
+            return pause
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        with self._lock:
+            return sorted(
+                (t for t in self._throttles.values() if t.until > now),
+                key=lambda t: (t.until, t.destination),
+            )
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        postponed = 0
+        with self._lock:
+            for item in items:
+                m = self._messages.get(item.message_id)
+                if m is None:
+                    continue
+                for leased in item.recipients:
+                    r = m.recipients.get(leased.address)
+                    if r is None or r.lease_token != item.lease_token:
+                        continue
+                    r.lease_token = r.lease_expires_at = None
+                    r.next_attempt_at = until
+                    r.throttled_by = destination
+                    postponed += 1
+        return postponed
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every bucket at once."""
+        with self._lock:
+            grant, states = take_tokens(buckets, self._buckets, want=want, now=now)
+            self._buckets.update(states)
+        return grant

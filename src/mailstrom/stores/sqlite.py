@@ -52,26 +52,30 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
+from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     DeliveryEvent,
+    DestinationThrottle,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_tls
+from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_tls
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
+    WorkItem,
     bounded_text,
+    with_throttles,
 )
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -732,9 +736,10 @@ class SQLiteStore:
         """The message's status with every recipient's history."""
         with self._read() as conn:
             found = read_messages(conn, "m.id = ?", [message_id], 1, history=True)
+            paused = sqlite_shaping.paused_recipients(conn, message_id, now=datetime.now(UTC))
         if not found:
             raise UnknownMessage(message_id)
-        return found[0]
+        return with_throttles(found[0], paused)
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without history; walks the
@@ -992,6 +997,47 @@ class SQLiteStore:
         """The suspensions in force at ``now``, by domain."""
         with self._read() as conn:
             return active_suspensions(conn, now)
+
+    # --- traffic shaping --------------------------------------------------------------
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
+    ) -> DestinationThrottle:
+        """Pause ``destination`` (see :class:`Store`); one write transaction."""
+        with self._write(fsync=False) as conn:
+            sqlite_shaping.mark(conn, recipients, destination)
+            return sqlite_shaping.throttle(
+                conn, destination, now=now, reply=reply, first=first, maximum=maximum
+            )
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        with self._read() as conn:
+            return sqlite_shaping.throttles(conn, now=now)
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        if not items:
+            return 0
+        with self._write(fsync=False) as conn:
+            return sqlite_shaping.postpone(conn, items, until=until, destination=destination)
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every bucket at once, shared by every process
+        of this database (the write lock serialises them)."""
+        with self._write(fsync=False) as conn:
+            return sqlite_shaping.take(conn, buckets, want=want, now=now)
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
 

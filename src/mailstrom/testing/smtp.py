@@ -54,6 +54,9 @@ What a server records
     ``commands``: command verbs in arrival order (``"EHLO"``, ``"MAIL"``, ...);
     ``pipelined``: how many commands arrived while later ones were already buffered
     (non-zero only when the client pipelines); ``connections``: connections accepted.
+    ``connected_at``: the wall-clock time (``time.time()``) of each accepted connection;
+    ``open_connections`` and ``peak_connections``: connections open now and at most at
+    once; ``arrivals``: the wall-clock time of each ``received`` message's final dot.
     ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
     (raises AssertionError on timeout); ``await_messages(n, within)`` is its asyncio form;
     ``wait_for_received(n, timeout)`` waits on ``received`` instead.
@@ -66,6 +69,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -173,6 +177,11 @@ class ReceivingServer:
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
+        self.connected_at: list[float] = []
+        self.open_connections = 0
+        self.peak_connections = 0
+        self.generation = 0
+        self.arrivals: list[float] = []
         self.pipelined = 0
         self.commands: list[str] = []
         self._messages: list[ReceivedMessage] = []
@@ -228,6 +237,7 @@ class ReceivingServer:
     def record(self, message: ReceivedMessage, *, accepted: bool) -> None:
         with self._condition:
             self._received.append(message)
+            self.arrivals.append(time.time())
             if accepted:
                 self._messages.append(message)
             self._condition.notify_all()
@@ -360,6 +370,7 @@ class _SMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._fixture = fixture
         self._greeted = False
+        self._counted_in: int | None = None
         self._smtp_methods = {
             name: self._wrap(name, method) for name, method in self._smtp_methods.items()
         }
@@ -382,8 +393,20 @@ class _SMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # not the switch to TLS after STARTTLS
-            self._fixture.connections += 1
+            fixture = self._fixture
+            fixture.connections += 1
+            fixture.connected_at.append(time.time())
+            fixture.open_connections += 1
+            fixture.peak_connections = max(fixture.peak_connections, fixture.open_connections)
+            self._counted_in = fixture.generation
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only connections counted since the last reset (not the start-up probe's).
+        if self._counted_in == self._fixture.generation:
+            self._counted_in = None
+            self._fixture.open_connections -= 1
+        super().connection_lost(exc)
 
     async def push(self, status: AnyStr) -> None:
         fixture = self._fixture
@@ -553,6 +576,9 @@ def start_receiving_server(
     fixture.port = controller.port
     # The controller's own start-up probe is no client of the test's.
     fixture.connections = 0
+    fixture.connected_at.clear()
+    fixture.open_connections = fixture.peak_connections = 0
+    fixture.generation += 1
     fixture.commands.clear()
     fixture.stall_on = stall_on
     fixture.drop_on = drop_on

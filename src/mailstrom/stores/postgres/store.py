@@ -10,7 +10,7 @@ import functools
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -20,7 +20,20 @@ from psycopg_pool import ConnectionPool
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
-from mailstrom.status import DeliveryEvent, MessageStatus, QueueStats, RecipientState
+from mailstrom.policy.throttle import (
+    BucketState,
+    TokenBucket,
+    TokenGrant,
+    next_pause,
+    take_tokens,
+)
+from mailstrom.status import (
+    DeliveryEvent,
+    DestinationThrottle,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+)
 from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
@@ -28,9 +41,11 @@ from mailstrom.stores.base import (
     Lease,
     QueueFilter,
     RecipientResult,
+    WorkItem,
     bounded_text,
     new_message_id,
     record_then_lease,
+    with_throttles,
 )
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
@@ -313,7 +328,8 @@ class PostgresStore:
         found = rows.messages_from_rows(self._fetch_dicts("status", {"id": message_id}))
         if not found:
             raise UnknownMessage(message_id)
-        return found[0]
+        paused = self._fetch("paused_recipients", {"id": message_id, "now": datetime.now(UTC)})
+        return with_throttles(found[0], {row[0]: _throttle(row[1:]) for row in paused})
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
@@ -625,8 +641,123 @@ class PostgresStore:
             for domain, at, until in self._fetch("suspensions", {"now": now})
         ]
 
+    # --- traffic shaping --------------------------------------------------------------
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
+    ) -> DestinationThrottle:
+        """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
+        lock on the destination, so workers reporting at once count one throttle."""
+        q = self._queries
+        with (
+            translate_errors("throttle"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            if recipients:
+                conn.execute(
+                    q["mark_throttled"],
+                    {
+                        "destination": destination,
+                        "message_ids": [m for m, _ in recipients],
+                        "addresses": [a for _, a in recipients],
+                    },
+                )
+            conn.execute(q["shaping_lock"], {"key": destination})
+            conn.execute(q["forget_throttles"], {"before": now - _FORGET_THROTTLES})
+            row = conn.execute(q["get_throttle"], {"destination": destination}).fetchone()
+            previous = _throttle(row) if row is not None else None
+            pause = next_pause(
+                previous,
+                destination=destination,
+                now=now,
+                first=first,
+                maximum=maximum,
+                reply=reply,
+            )
+            if pause is not previous:
+                conn.execute(
+                    q["put_throttle"],
+                    {
+                        "destination": destination,
+                        "until": pause.until,
+                        "strikes": pause.strikes,
+                        "reply": pause.reply,
+                        "since": pause.since,
+                    },
+                )
+        return pause
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        return [_throttle(row) for row in self._fetch("throttles", {"now": now})]
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        triples = [(i.message_id, r.address, i.lease_token) for i in items for r in i.recipients]
+        if not triples:
+            return 0
+        [(count,)] = self._fetch(
+            "postpone",
+            {
+                "until": until,
+                "destination": destination,
+                "message_ids": [m for m, _, _ in triples],
+                "addresses": [a for _, a, _ in triples],
+                "tokens": [t for _, _, t in triples],
+            },
+        )
+        return int(count)
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every bucket at once: one transaction holding an
+        advisory lock per bucket (taken in key order, so two workers never deadlock)."""
+        q = self._queries
+        keys = sorted({b.key for b in buckets})
+        with (
+            translate_errors("take_tokens"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for key in keys:
+                conn.execute(q["shaping_lock"], {"key": key})
+            found = conn.execute(q["get_buckets"], {"keys": keys}).fetchall()
+            states = {key: BucketState(tokens=tokens, at=at) for key, tokens, at in found}
+            grant, new = take_tokens(buckets, states, want=want, now=now)
+            conn.execute(
+                q["put_buckets"],
+                {
+                    "keys": list(new),
+                    "tokens": [s.tokens for s in new.values()],
+                    "ats": [s.at for s in new.values()],
+                },
+            )
+        return grant
+
     def __enter__(self) -> PostgresStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_FORGET_THROTTLES = timedelta(days=1)
+"""A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
+
+
+def _throttle(row: Sequence[Any]) -> DestinationThrottle:
+    destination, until, strikes, reply, since = row
+    return DestinationThrottle(
+        destination=destination, until=until, strikes=strikes, reply=reply, since=since
+    )

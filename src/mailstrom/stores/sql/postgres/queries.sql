@@ -657,6 +657,67 @@ SELECT domain, suspended_at, until FROM suspensions
 WHERE until IS NULL OR until > %(now)s
 ORDER BY domain;
 
+-- name: shaping_lock
+-- Serialises the workers updating one pause or bucket (a row that may not exist yet cannot
+-- be locked with FOR UPDATE); held until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 7));
+
+-- name: forget_throttles
+DELETE FROM destination_throttles WHERE until < %(before)s;
+
+-- name: get_throttle
+SELECT destination, until, strikes, reply, since
+FROM destination_throttles
+WHERE destination = %(destination)s;
+
+-- name: put_throttle
+INSERT INTO destination_throttles (destination, until, strikes, reply, since)
+VALUES (%(destination)s, %(until)s, %(strikes)s, %(reply)s, %(since)s)
+ON CONFLICT (destination) DO UPDATE
+SET until = EXCLUDED.until, strikes = EXCLUDED.strikes, reply = EXCLUDED.reply,
+    since = EXCLUDED.since;
+
+-- name: throttles
+SELECT destination, until, strikes, reply, since
+FROM destination_throttles
+WHERE until > %(now)s
+ORDER BY until, destination;
+
+-- name: paused_recipients
+SELECT r.address, t.destination, t.until, t.strikes, t.reply, t.since
+FROM recipients r
+JOIN destination_throttles t ON t.destination = r.throttled_by
+WHERE r.message_id = %(id)s
+  AND r.state IN ('queued', 'deferred')
+  AND t.until > %(now)s;
+
+-- name: postpone
+WITH postponed AS (
+    UPDATE recipients r
+    SET lease_token = NULL, lease_expires_at = NULL, next_attempt_at = %(until)s,
+        throttled_by = %(destination)s
+    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(tokens)s::text[])
+        AS t(message_id, address, token)
+    WHERE r.message_id = t.message_id
+      AND r.address = t.address
+      AND r.lease_token = t.token
+    RETURNING 1
+)
+SELECT count(*) FROM postponed;
+
+-- name: get_buckets
+SELECT key, tokens, at FROM shaping_buckets WHERE key = ANY(%(keys)s::text[]);
+
+-- name: put_buckets
+INSERT INTO shaping_buckets (key, tokens, at)
+SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::float8[], %(ats)s::timestamptz[])
+ON CONFLICT (key) DO UPDATE SET tokens = EXCLUDED.tokens, at = EXCLUDED.at;
+
+-- name: mark_throttled
+UPDATE recipients r
+SET throttled_by = %(destination)s
+FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
+WHERE r.message_id = t.message_id AND r.address = t.address;
 -- name: mta_sts_policy
 SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at
 FROM mta_sts_policies WHERE domain = %(domain)s;

@@ -1,0 +1,137 @@
+"""Site-wide backoff and token buckets (pure): when a destination is paused, and how many
+messages or connections a rate still allows.
+
+A **throttling reply** tells the whole site to slow down, not one recipient: a 421 while
+connecting (greeting or EHLO: the server closes the channel), or a 421/451 that
+:func:`~mailstrom.policy.reasons.classify_reply` classes ``rate_limited`` (Gmail's 4.7.28,
+Microsoft's 4.7.500-699, Yahoo's TSS04...) or that carries a provider's rate-limit code
+(:data:`RATE_LIMIT_CODES`: Microsoft's 4.7.650 is classed ``reputation`` by its cause).
+A 450 about one recipient ("getting mail too fast") is per recipient and does not pause
+the destination.
+
+**Pauses** grow on repeats: the first lasts ``first``, each next one twice the last up to
+``maximum``; a throttle that comes more than ``maximum`` after the end of the last pause
+starts over. A throttle reported while a pause runs (a connection made before another
+worker's pause was known) neither lengthens it nor counts as a repeat.
+
+**Token buckets** refill at ``rate`` tokens a second up to ``capacity``; a new bucket is
+full. Taking from several buckets at once (per minute and per hour) grants what all of
+them allow. Stores keep the buckets' state so that every worker of one store draws from
+the same buckets (see docs/guide.md, "Traffic shaping").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from mailstrom.policy.reasons import classify_reply
+from mailstrom.status import DestinationThrottle, ReasonClass, SMTPReply
+
+THROTTLE_CODES = frozenset({421, 451})
+RATE_LIMIT_CODES = frozenset({"4.7.28", "4.7.650", "4.7.651"})
+"""Enhanced codes that throttle whatever class explains them: Microsoft's 4.7.650/651
+("temporarily rate limited due to IP reputation") are classed ``reputation`` for the
+cause, and still ask for the whole destination to slow down."""
+MAX_THROTTLE_REPLY = 512
+"""Characters of the throttling reply kept with a pause."""
+
+
+def is_throttling(reply: SMTPReply | None, *, connecting: bool = False) -> bool:
+    """Whether ``reply`` pauses its whole destination (see the module docstring)."""
+    if reply is None or reply.code not in THROTTLE_CODES:
+        return False
+    if connecting and reply.code == 421:
+        return True
+    if reply.enhanced in RATE_LIMIT_CODES:
+        return True
+    return classify_reply(reply) is ReasonClass.RATE_LIMITED
+
+
+def next_pause(
+    previous: DestinationThrottle | None,
+    *,
+    destination: str,
+    now: datetime,
+    first: timedelta,
+    maximum: timedelta,
+    reply: str,
+) -> DestinationThrottle:
+    """The pause a throttle at ``now`` starts, given the destination's ``previous`` one."""
+    if previous is not None and previous.until > now:
+        return previous
+    strikes = 1
+    if previous is not None and now - previous.until < maximum:
+        strikes = previous.strikes + 1
+    # 2 ** strikes overflows a timedelta long before strikes is large: cap the exponent.
+    delay = min(maximum, first * (2 ** min(strikes - 1, 40)))
+    return DestinationThrottle(
+        destination=destination,
+        until=now + delay,
+        strikes=strikes,
+        reply=reply[:MAX_THROTTLE_REPLY],
+        since=now,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenBucket:
+    """One rate: ``rate`` tokens a second, at most ``capacity`` saved, named ``key``."""
+
+    key: str
+    rate: float
+    capacity: float
+
+    @classmethod
+    def per_second(cls, key: str, rate: float) -> TokenBucket:
+        """A bucket for ``rate`` a second holding one second's worth (at least one)."""
+        return cls(key=key, rate=rate, capacity=max(1.0, rate))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BucketState:
+    tokens: float
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenGrant:
+    """What :func:`take_tokens` granted; ``wait`` is the seconds until one more token
+    would be available (0 when some were granted)."""
+
+    granted: int
+    wait: float
+
+
+def take_tokens(
+    buckets: Sequence[TokenBucket],
+    states: Mapping[str, BucketState],
+    *,
+    want: int,
+    now: datetime,
+) -> tuple[TokenGrant, dict[str, BucketState]]:
+    """Take up to ``want`` tokens from every bucket of ``buckets`` (their saved
+    ``states``; a missing one is full); returns the grant and the buckets' new states."""
+    levels: dict[str, float] = {}
+    for bucket in buckets:
+        state = states.get(bucket.key)
+        if state is None:
+            level = bucket.capacity
+        else:
+            # A clock behind the one that saved the state (another host) adds nothing.
+            elapsed = max(0.0, (now - state.at).total_seconds())
+            level = min(bucket.capacity, state.tokens + elapsed * bucket.rate)
+        levels[bucket.key] = level
+    granted = max(0, min([want, *(math.floor(level + 1e-9) for level in levels.values())]))
+    wait = 0.0
+    if granted == 0 and want > 0:
+        wait = max(
+            (max(0.0, 1.0 - levels[b.key]) / b.rate for b in buckets),
+            default=0.0,
+        )
+    new = {
+        bucket.key: BucketState(tokens=levels[bucket.key] - granted, at=now) for bucket in buckets
+    }
+    return TokenGrant(granted=granted, wait=wait), new

@@ -1,0 +1,305 @@
+"""Traffic shaping in the worker: which rule a destination falls under, whether it is paused,
+and the connection slots and rate tokens it may use.
+
+A :class:`Shape` is one destination as shaping sees it: a rule's pattern (every domain
+whose MX hosts match ``*.google.com`` shares one shape) or, without a rule, the recipient
+domain. The dispatcher asks the :class:`Shaper` before it connects and before each
+message; with no rule and no pause the answers cost a dictionary lookup.
+
+What several workers must agree on lives in the store (see ``docs/guide.md``, "Traffic
+shaping"): pauses (:meth:`Store.throttle`, read back every ``shaping.refresh`` seconds) and
+rate buckets (:meth:`Store.take_tokens`: a worker takes a second's worth at most and keeps
+what it took for its own sessions). Connection slots are per worker: a connection belongs
+to one process, and a shared count would need expiry for a worker that died holding one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from mailstrom.config import Config
+from mailstrom.errors import StoreError
+from mailstrom.policy.shaping import DestinationRule, RuleBook
+from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause
+from mailstrom.status import DestinationThrottle
+from mailstrom.stores.base import Store
+
+log = logging.getLogger("mailstrom.shaping")
+
+T = TypeVar("T")
+StoreCall = Callable[..., Awaitable[Any]]
+
+_STORE_RETRY = 1.0
+"""Seconds before asking a failing store for tokens again."""
+_HORIZON = 10.0
+"""Seconds of a destination's message rate a worker keeps queued in memory; what would
+wait longer goes back to the store, due about when the rate allows it, so that it holds
+no room other destinations could use."""
+_MAX_DOMAINS = 100_000
+"""Domains whose rule is remembered; past this the memory is cleared and rebuilt."""
+
+
+class Shape:
+    """One destination's shaping state in this worker (private, mutable)."""
+
+    __slots__ = (
+        "booked",
+        "connect_buckets",
+        "connections",
+        "key",
+        "message_buckets",
+        "parked",
+        "rule",
+        "tokens",
+        "want",
+    )
+
+    def __init__(self, key: str, rule: DestinationRule | None) -> None:
+        self.key = key
+        self.rule = rule
+        self.connections = 0
+        """Sessions of this worker holding a connection slot of this destination."""
+        self.parked: deque[Any] = deque()
+        """Dispatcher destinations waiting for a free slot (the dispatcher's business)."""
+        self.tokens = 0
+        """Messages this worker may still send under the destination's rates."""
+        self.message_buckets: tuple[TokenBucket, ...] = ()
+        self.connect_buckets: tuple[TokenBucket, ...] = ()
+        self.want = 1
+        self.booked: datetime | None = None
+        """The next free place in the rate's schedule for a message given back."""
+        if rule is None:
+            return
+        buckets = []
+        if rule.messages_per_minute is not None:
+            buckets.append(
+                TokenBucket.per_second(f"{key} messages/minute", rule.messages_per_minute / 60)
+            )
+        if rule.messages_per_hour is not None:
+            buckets.append(
+                TokenBucket.per_second(f"{key} messages/hour", rule.messages_per_hour / 3600)
+            )
+        self.message_buckets = tuple(buckets)
+        if buckets:
+            self.want = max(1, math.floor(min(b.capacity for b in buckets)))
+        if rule.connections_per_minute is not None:
+            self.connect_buckets = (
+                TokenBucket.per_second(
+                    f"{key} connections/minute", rule.connections_per_minute / 60
+                ),
+            )
+
+    @property
+    def max_connections(self) -> int | None:
+        return self.rule.max_connections if self.rule is not None else None
+
+    @property
+    def messages_per_connection(self) -> int | None:
+        return self.rule.messages_per_connection if self.rule is not None else None
+
+    def has_slot(self) -> bool:
+        limit = self.max_connections
+        return limit is None or self.connections < limit
+
+    def take_local(self) -> bool:
+        """Use one message token this worker holds; True without message rates."""
+        if not self.message_buckets:
+            return True
+        if self.tokens > 0:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class Shaper:
+    """The rules, the pauses known to this worker, and the store calls behind them."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        store_call: StoreCall,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._settings = config.shaping
+        self._book = RuleBook.of(config.shaping)
+        self._store = store
+        self._store_call = store_call
+        self._clock = clock
+        self._by_domain: dict[str, Shape] = {}
+        self._no_rule: set[str] = set()
+        """Domains known to have no rule of their own (those may still match by MX)."""
+        self._shapes: dict[str, Shape] = {}
+        self._pauses: dict[str, DestinationThrottle] = {}
+
+    # --- which shape ---------------------------------------------------------------------
+
+    def _shape(self, key: str, rule: DestinationRule | None) -> Shape:
+        if rule is None:
+            return Shape(key, None)  # no limits to count: nothing to share or keep
+        shape = self._shapes.get(rule.match)
+        if shape is None:
+            shape = self._shapes[rule.match] = Shape(rule.match, rule)
+        if len(self._by_domain) >= _MAX_DOMAINS:
+            self._by_domain.clear()
+        self._by_domain[key] = shape
+        return shape
+
+    def known(self, domain: str) -> Shape | None:
+        """The shape of ``domain`` when it is known without DNS (a rule for the domain
+        itself, a rule found through its MX hosts before, or a pause on the domain)."""
+        shape = self._by_domain.get(domain)
+        if shape is not None:
+            return shape
+        if self._book and domain not in self._no_rule:
+            rule = self._book.rule_for_name(domain)
+            if rule is not None:
+                return self._shape(domain, rule)
+            if len(self._no_rule) >= _MAX_DOMAINS:
+                self._no_rule.clear()
+            self._no_rule.add(domain)
+        if domain in self._pauses:
+            return Shape(domain, None)
+        return None
+
+    def for_route(self, domain: str, hosts: Sequence[str]) -> Shape:
+        """The shape of ``domain`` whose MX hosts are ``hosts``, best first."""
+        shape = self._by_domain.get(domain)
+        if shape is not None:
+            return shape
+        rule = self._book.match(domain, hosts) if self._book else None
+        return self._shape(domain, rule)
+
+    # --- pauses ---------------------------------------------------------------------------
+
+    def pause_of(self, shape: Shape) -> DestinationThrottle | None:
+        """The pause holding ``shape`` back now, if any."""
+        pause = self._pauses.get(shape.key)
+        if pause is None:
+            return None
+        if pause.until <= self._clock():
+            del self._pauses[shape.key]
+            return None
+        return pause
+
+    def paused(self) -> list[DestinationThrottle]:
+        """The pauses this worker knows of (its own and those read from the store)."""
+        now = self._clock()
+        return sorted((p for p in self._pauses.values() if p.until > now), key=lambda p: p.until)
+
+    async def throttled(
+        self, shape: Shape, reply: str, recipients: Sequence[tuple[str, str]] = ()
+    ) -> DestinationThrottle:
+        """Pause ``shape`` after a throttling ``reply``: in the store, for every worker;
+        in this worker alone when the store fails (the reply must be heeded anyway).
+        ``recipients``: (message id, address) of those the reply deferred."""
+        settings = self._settings
+        now = self._clock()
+        try:
+            pause: DestinationThrottle = await self._store_call(
+                self._store.throttle,
+                shape.key,
+                now=now,
+                reply=reply,
+                first=settings.pause_first,
+                maximum=settings.pause_max,
+                recipients=recipients,
+            )
+        except StoreError as exc:
+            log.warning("could not record the pause of %s in the store: %s", shape.key, exc)
+            pause = next_pause(
+                self._pauses.get(shape.key),
+                destination=shape.key,
+                now=now,
+                first=settings.pause_first,
+                maximum=settings.pause_max,
+                reply=reply,
+            )
+        known = self._pauses.get(shape.key)
+        if known is None or known.until < pause.until:
+            self._pauses[shape.key] = pause
+            log.warning(
+                "destination %s throttled until %s (%d in a row): %s",
+                shape.key,
+                pause.until.isoformat(timespec="seconds"),
+                pause.strikes,
+                reply,
+            )
+        return self._pauses[shape.key]
+
+    async def refresh(self) -> None:
+        """Read the pauses every worker of the store recorded."""
+        found: list[DestinationThrottle] = await self._store_call(
+            self._store.throttles, now=self._clock()
+        )
+        now = self._clock()
+        mine = {k: p for k, p in self._pauses.items() if p.until > now}
+        for pause in found:
+            known = mine.get(pause.destination)
+            if known is None or known.until < pause.until:
+                mine[pause.destination] = pause
+        self._pauses = mine
+
+    # --- rates ----------------------------------------------------------------------------
+
+    def spread(self, shape: Shape, waiting: int) -> datetime | None:
+        """When a message that finds ``waiting`` others queued for ``shape`` should come
+        back from the store, if its rate leaves it waiting past the horizon; else None."""
+        if not shape.message_buckets:
+            return None
+        rate = min(bucket.rate for bucket in shape.message_buckets)
+        if waiting < max(shape.want, math.ceil(rate * _HORIZON)):
+            return None
+        # Each message given back books the next place in the rate's schedule, after
+        # those queued here and those given back before it.
+        due = self._clock() + timedelta(seconds=waiting / rate)
+        if shape.booked is not None and shape.booked > due:
+            due = shape.booked
+        shape.booked = due + timedelta(seconds=1 / rate)
+        # Whole seconds, so that one lease's overflow is given back in a few writes.
+        return due.replace(microsecond=0) + timedelta(seconds=1)
+
+    async def _take(self, buckets: Sequence[TokenBucket], want: int) -> TokenGrant:
+        try:
+            grant: TokenGrant = await self._store_call(
+                self._store.take_tokens, buckets, want=want, now=self._clock()
+            )
+        except StoreError as exc:
+            # No token without the store: a rate is a promise to the receiver.
+            log.warning("could not take shaping tokens from the store: %s", exc)
+            return TokenGrant(granted=0, wait=_STORE_RETRY)
+        return grant
+
+    async def wait_to_send(self, shape: Shape) -> bool:
+        """Wait until ``shape`` may send a message; False when it is paused (now or
+        meanwhile). Without message rates this returns at once."""
+        while True:
+            if self.pause_of(shape) is not None:
+                return False
+            if not shape.message_buckets or shape.tokens > 0:
+                return True
+            grant = await self._take(shape.message_buckets, shape.want)
+            if grant.granted:
+                shape.tokens += grant.granted
+                continue
+            # Look at the pauses again at least every refresh interval while waiting.
+            await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll
+
+    async def wait_to_connect(self, shape: Shape) -> bool:
+        """Wait until ``shape`` may open a new connection; False when it is paused."""
+        while True:
+            if self.pause_of(shape) is not None:
+                return False
+            if not shape.connect_buckets:
+                return True
+            grant = await self._take(shape.connect_buckets, 1)
+            if grant.granted:
+                return self.pause_of(shape) is None
+            await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll

@@ -1,0 +1,129 @@
+"""The SQLite store's traffic shaping tables (schema version 7): destination pauses, rate
+buckets, postponed recipients. Functions over a connection inside the caller's transaction;
+the decisions themselves are :mod:`mailstrom.policy.throttle`'s."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from mailstrom.policy.throttle import BucketState, TokenBucket, TokenGrant, next_pause, take_tokens
+from mailstrom.status import DestinationThrottle
+from mailstrom.stores.base import WorkItem
+from mailstrom.stores.sqlite_schema import from_us, to_us
+
+_FORGET_AFTER = timedelta(days=1)
+"""A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
+
+
+def _throttle_from_row(row: tuple[str, int, int, str, int]) -> DestinationThrottle:
+    destination, until, strikes, reply, since = row
+    return DestinationThrottle(
+        destination=destination,
+        until=from_us(until),
+        strikes=strikes,
+        reply=reply,
+        since=from_us(since),
+    )
+
+
+_COLUMNS = "destination, until, strikes, reply, since"
+
+
+def throttle(
+    conn: sqlite3.Connection,
+    destination: str,
+    *,
+    now: datetime,
+    reply: str,
+    first: timedelta,
+    maximum: timedelta,
+) -> DestinationThrottle:
+    """Start (or find) ``destination``'s pause; call inside a write transaction."""
+    conn.execute("DELETE FROM destination_throttles WHERE until < ?", (to_us(now - _FORGET_AFTER),))
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM destination_throttles WHERE destination = ?", (destination,)
+    ).fetchone()
+    previous = _throttle_from_row(row) if row is not None else None
+    pause = next_pause(
+        previous, destination=destination, now=now, first=first, maximum=maximum, reply=reply
+    )
+    if pause is not previous:
+        conn.execute(
+            f"INSERT OR REPLACE INTO destination_throttles ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+            (destination, to_us(pause.until), pause.strikes, pause.reply, to_us(pause.since)),
+        )
+    return pause
+
+
+def throttles(conn: sqlite3.Connection, *, now: datetime) -> list[DestinationThrottle]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM destination_throttles WHERE until > ? ORDER BY until, destination",
+        (to_us(now),),
+    ).fetchall()
+    return [_throttle_from_row(row) for row in rows]
+
+
+def paused_recipients(
+    conn: sqlite3.Connection, message_id: str, *, now: datetime
+) -> dict[str, DestinationThrottle]:
+    """Address → pause, for the message's pending recipients held back by a running pause."""
+    rows = conn.execute(
+        f"SELECT r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
+        " FROM recipients r JOIN destination_throttles t ON t.destination = r.throttled_by"
+        " WHERE r.message_seq = (SELECT seq FROM messages WHERE id = ?)"
+        " AND r.state IN ('queued', 'deferred') AND t.until > ?",
+        (message_id, to_us(now)),
+    ).fetchall()
+    return {row[0]: _throttle_from_row(row[1:]) for row in rows}
+
+
+def mark(conn: sqlite3.Connection, recipients: Sequence[tuple[str, str]], destination: str) -> None:
+    """Note that ``destination``'s pause holds these (message id, address) recipients."""
+    conn.executemany(
+        "UPDATE recipients SET throttled_by = ?"
+        " WHERE message_seq = (SELECT seq FROM messages WHERE id = ?) AND address = ?",
+        [(destination, message_id, address) for message_id, address in recipients],
+    )
+
+
+def postpone(
+    conn: sqlite3.Connection,
+    items: Sequence[WorkItem],
+    *,
+    until: datetime,
+    destination: str | None,
+) -> int:
+    params = [
+        (to_us(until), destination, item.message_id, r.address, item.lease_token)
+        for item in items
+        for r in item.recipients
+    ]
+    before = conn.total_changes
+    conn.executemany(
+        "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = ?, throttled_by = ?"
+        " WHERE message_seq = (SELECT seq FROM messages WHERE id = ?) AND address = ?"
+        " AND lease_token = ?",
+        params,
+    )
+    return conn.total_changes - before
+
+
+def take(
+    conn: sqlite3.Connection, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+) -> TokenGrant:
+    states = {}
+    for bucket in buckets:
+        row = conn.execute(
+            "SELECT tokens, at FROM shaping_buckets WHERE key = ?", (bucket.key,)
+        ).fetchone()
+        if row is not None:
+            states[bucket.key] = BucketState(tokens=row[0], at=from_us(row[1]))
+    grant, new = take_tokens(buckets, states, want=want, now=now)
+    conn.executemany(
+        "INSERT OR REPLACE INTO shaping_buckets (key, tokens, at) VALUES (?, ?, ?)",
+        [(key, state.tokens, to_us(state.at)) for key, state in new.items()],
+    )
+    return grant

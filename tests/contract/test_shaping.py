@@ -1,0 +1,152 @@
+"""Contract: traffic shaping state every worker of a store shares (schema version 7):
+destination pauses, postponed recipients, rate buckets."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+from mailstrom.policy.throttle import TokenBucket
+from mailstrom.status import RecipientState
+from mailstrom.stores import Store
+
+from .conftest import Backend
+from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+REPLY = "421 4.7.28 Too much unsolicited mail seen from your sending domain - gsmtp"
+
+
+def _throttle(store: Store, at: datetime, destination: str = "*.google.com") -> object:
+    return store.throttle(destination, now=at, reply=REPLY, first=MINUTE, maximum=HOUR)
+
+
+def test_a_throttle_pauses_the_destination_for_the_first_delay(store: Store) -> None:
+    pause = store.throttle("*.google.com", now=NOW, reply=REPLY, first=MINUTE, maximum=HOUR)
+    assert (pause.destination, pause.until, pause.strikes) == ("*.google.com", NOW + MINUTE, 1)
+    assert pause.reply == REPLY and pause.since == NOW
+    assert store.throttles(now=NOW + 30 * SECOND) == [pause]
+    assert store.throttles(now=NOW + MINUTE) == []  # over at its end
+
+
+def test_a_throttle_during_the_pause_changes_nothing(store: Store) -> None:
+    first = _throttle(store, NOW)
+    again = _throttle(store, NOW + 10 * SECOND)
+    assert again == first
+
+
+def test_repeats_double_the_pause_up_to_the_maximum_and_a_quiet_spell_resets(
+    store: Store,
+) -> None:
+    at, pauses = NOW, []
+    for _ in range(8):
+        pause = store.throttle("example.org", now=at, reply=REPLY, first=MINUTE, maximum=HOUR)
+        pauses.append(pause.until - at)
+        at = pause.until + SECOND
+    assert pauses[:7] == [MINUTE * 2**i for i in range(6)] + [HOUR]
+    assert pauses[7] == HOUR
+    later = at + 2 * HOUR  # no throttle for longer than the maximum pause
+    fresh = store.throttle("example.org", now=later, reply=REPLY, first=MINUTE, maximum=HOUR)
+    assert (fresh.strikes, fresh.until) == (1, later + MINUTE)
+
+
+def test_destinations_are_paused_apart(store: Store) -> None:
+    _throttle(store, NOW, "*.google.com")
+    _throttle(store, NOW + 10 * SECOND, "example.org")
+    listed = store.throttles(now=NOW + 20 * SECOND)
+    assert [t.destination for t in listed] == ["*.google.com", "example.org"]  # soonest first
+
+
+def test_a_pause_is_seen_by_every_store_object(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    one, two = store_backend.open(), store_backend.open()
+    pause = _throttle(one, NOW)
+    assert two.throttles(now=NOW) == [pause]
+    assert _throttle(two, NOW + SECOND) == pause  # still the same pause, not a repeat
+
+
+def test_postponed_recipients_wait_without_an_attempt_and_show_the_pause(store: Store) -> None:
+    # The pause runs in real time: status shows a pause only while it lasts on the clock.
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@gmail.com", "b@gmail.com"), now=now)
+    lease = lease_all(store, now=now)
+    pause = store.throttle("*.google.com", now=now, reply=REPLY, first=HOUR, maximum=HOUR)
+    assert store.postpone(lease.items, until=pause.until, destination="*.google.com") == 2
+
+    assert store.lease(now=now + MINUTE, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=now) == pause.until
+    status = store.status(mid)
+    for r in status.recipients:
+        assert (r.state, r.attempts, r.next_attempt_at) == (RecipientState.QUEUED, 0, pause.until)
+        assert r.throttle == pause
+        assert r.throttle_note is not None
+        assert r.throttle_note.startswith("destination *.google.com throttled until ")
+        assert REPLY in r.throttle_note
+    again = store.lease(now=pause.until, limit=10, lease_for=LEASE_FOR)
+    assert again is not None
+    assert sorted(r.address for i in again.items for r in i.recipients) == [
+        "a@gmail.com",
+        "b@gmail.com",
+    ]
+
+
+def test_status_shows_no_pause_once_it_ended_or_the_recipient_is_final(store: Store) -> None:
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=now - HOUR)
+    lease = lease_all(store, now=now - HOUR)
+    ended = store.throttle("example.org", now=now - HOUR, reply=REPLY, first=MINUTE, maximum=HOUR)
+    store.postpone(lease.items, until=ended.until, destination="example.org")
+    assert all(r.throttle is None for r in store.status(mid).recipients)
+
+    lease = lease_all(store, now=now)
+    pause = store.throttle("example.org", now=now, reply=REPLY, first=HOUR, maximum=HOUR)
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.postpone(lease.items, until=pause.until, destination="example.org")
+    status = store.status(mid)
+    assert status.recipient("a@example.org").throttle is None  # delivered: final
+    assert status.recipient("b@example.org").throttle == pause
+
+
+def test_postpone_skips_recipients_no_longer_held(store: Store) -> None:
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert store.postpone(lease.items, until=NOW + HOUR) == 1
+    assert store.postpone(lease.items, until=NOW + HOUR) == 0  # given back already
+    assert store.lease(now=NOW + MINUTE, limit=10, lease_for=LEASE_FOR) is None
+
+
+def test_a_new_bucket_is_full_and_refills_at_its_rate(store: Store) -> None:
+    bucket = TokenBucket(key="example.org messages/minute", rate=2.0, capacity=2.0)
+    first = store.take_tokens([bucket], want=5, now=NOW)
+    assert (first.granted, first.wait) == (2, 0.0)
+    empty = store.take_tokens([bucket], want=1, now=NOW)
+    assert empty.granted == 0 and abs(empty.wait - 0.5) < 1e-6
+    half = store.take_tokens([bucket], want=3, now=NOW + timedelta(milliseconds=500))
+    assert half.granted == 1
+    full = store.take_tokens([bucket], want=3, now=NOW + 10 * SECOND)
+    assert full.granted == 2  # never more than its capacity saved
+
+
+def test_several_buckets_grant_what_all_of_them_allow(store: Store) -> None:
+    minute = TokenBucket(key="d messages/minute", rate=1.0, capacity=3.0)
+    hour = TokenBucket(key="d messages/hour", rate=0.01, capacity=2.0)
+    assert store.take_tokens([minute, hour], want=5, now=NOW).granted == 2
+    refused = store.take_tokens([minute, hour], want=1, now=NOW + SECOND)
+    assert refused.granted == 0
+    assert abs(refused.wait - 99.0) < 1e-6  # the hour bucket (0.01 refilled) decides
+
+
+def test_workers_share_one_bucket_and_never_take_more_than_it_holds(
+    store_backend: Backend,
+) -> None:
+    stores = [store_backend.open() for _ in range(2)]
+    bucket = TokenBucket(key="*.google.com messages/minute", rate=0.001, capacity=20.0)
+
+    def take(i: int) -> int:
+        return sum(stores[i % 2].take_tokens([bucket], want=1, now=NOW).granted for _ in range(8))
+
+    with ThreadPoolExecutor(6) as pool:
+        granted = sum(pool.map(take, range(6)))
+    assert granted == 20

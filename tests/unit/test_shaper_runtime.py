@@ -1,0 +1,102 @@
+"""The worker's shaper: which shape a destination has, pauses known and shared through the
+store, rate tokens, and the schedule of mail given back for later."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailstrom import Config, DestinationRule, ShapingConfig, StoreError
+from mailstrom.runtime.shaper import Shaper
+from mailstrom.stores import MemoryStore
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+REPLY = "421 4.7.28 slow down - gsmtp"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return method(*args, **kwargs)
+
+
+def make(*rules: DestinationRule, store: MemoryStore | None = None) -> tuple[Shaper, Clock]:
+    clock = Clock()
+    config = Config(
+        helo_name="client.test",
+        shaping=ShapingConfig(rules=rules, provider_defaults=False, refresh=0.01),
+    )
+    return Shaper(config, store or MemoryStore(), store_call=call, clock=clock), clock
+
+
+def test_domains_of_one_rule_share_one_shape() -> None:
+    google = DestinationRule(match="*.google.com", max_connections=2)
+    shaper, _ = make(google, DestinationRule(match="example.org"))
+    assert shaper.known("gmail.com") is None  # not known before its MX hosts are
+    one = shaper.for_route("gmail.com", ["gmail-smtp-in.l.google.com"])
+    two = shaper.for_route("acme.example", ["aspmx.l.google.com"])
+    assert one is two and one.key == "*.google.com" and one.max_connections == 2
+    assert shaper.known("gmail.com") is one  # remembered once routed
+    assert shaper.known("example.org") is not None  # a rule for the domain itself
+    plain = shaper.for_route("other.test", ["mx.other.test"])
+    assert plain.key == "other.test" and plain.rule is None
+
+
+async def test_a_pause_holds_until_it_ends_and_reaches_other_workers() -> None:
+    store = MemoryStore()
+    mine, clock = make(store=store)
+    theirs, _ = make(store=store)
+    shape = mine.for_route("example.org", ["mx.example.org"])
+    pause = await mine.throttled(shape, REPLY)
+    assert mine.pause_of(shape) == pause
+    assert theirs.known("example.org") is None
+    await theirs.refresh()
+    assert theirs.pause_of(theirs.for_route("example.org", ["mx.example.org"])) == pause
+    assert theirs.known("example.org") is not None  # items arriving now are held back
+    clock.now = pause.until
+    assert mine.pause_of(shape) is None
+    assert await mine.wait_to_send(shape)
+
+
+async def test_a_failing_store_still_pauses_this_worker() -> None:
+    class FailingStore(MemoryStore):
+        def throttle(self, *args: Any, **kwargs: Any) -> Any:
+            raise StoreError("database unreachable")
+
+    shaper, _ = make(store=FailingStore())
+    shape = shaper.for_route("example.org", [])
+    pause = await shaper.throttled(shape, REPLY)
+    assert pause.until == NOW + timedelta(minutes=5)  # the default first pause
+    assert not await shaper.wait_to_send(shape)  # paused: nothing goes out
+
+
+async def test_tokens_come_from_the_store_a_second_at_a_time() -> None:
+    rule = DestinationRule(match="example.org", messages_per_minute=180)
+    store = MemoryStore()
+    shaper, clock = make(rule, store=store)
+    shape = shaper.for_route("example.org", [])
+    assert shape.want == 3
+    assert await shaper.wait_to_send(shape)
+    sent = sum(shape.take_local() for _ in range(10))
+    assert sent == 3  # a full bucket holds one second's worth
+    clock.now += timedelta(seconds=1)
+    assert await shaper.wait_to_send(shape)
+    assert sum(shape.take_local() for _ in range(10)) == 3
+
+
+def test_mail_beyond_the_horizon_is_scheduled_at_the_rate() -> None:
+    rule = DestinationRule(match="example.org", messages_per_minute=60)
+    shaper, _ = make(rule)
+    shape = shaper.for_route("example.org", [])
+    assert shaper.spread(shape, 5) is None  # within 10 s of the rate: kept
+    dues = [shaper.spread(shape, 10) for _ in range(5)]
+    assert dues == [NOW + timedelta(seconds=s) for s in (11, 12, 13, 14, 15)]
+    unlimited = shaper.for_route("other.test", [])
+    assert shaper.spread(unlimited, 10_000) is None

@@ -1,0 +1,161 @@
+"""Traffic shaping rules: matching by domain and MX host, the shipped provider defaults,
+the TOML and environment settings, and typed errors for bad input."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from mailstrom.config import Config
+from mailstrom.errors import ConfigError, InvalidShapingRule
+from mailstrom.policy.shaping import DestinationRule, RuleBook, ShapingConfig, provider_rules
+from mailstrom.settings import load_settings
+
+
+def book(*rules: DestinationRule, defaults: bool = False) -> RuleBook:
+    return RuleBook.of(ShapingConfig(rules=rules, provider_defaults=defaults))
+
+
+def test_exact_pattern_matches_the_domain_only() -> None:
+    rules = book(DestinationRule(match="example.org", max_connections=1))
+    assert rules.match("example.org", ()) is not None
+    assert rules.match("EXAMPLE.org.", ()) is not None  # case and trailing dot ignored
+    assert rules.match("mail.example.org", ()) is None
+    assert rules.match("notexample.org", ()) is None
+
+
+def test_wildcard_matches_names_below_the_suffix_only() -> None:
+    rule = DestinationRule(match="*.google.com")
+    rules = book(rule)
+    assert rules.match("gmail.com", ("gmail-smtp-in.l.google.com",)) is rule
+    assert rules.match("google.com", ()) is None  # "*." means below, not the name itself
+    assert rules.match("x.org", ("evilgoogle.com",)) is None  # a label boundary is required
+
+
+def test_the_domain_wins_over_its_mx_hosts_and_the_first_matching_host_decides() -> None:
+    by_domain = DestinationRule(match="example.org", max_connections=1)
+    google = DestinationRule(match="*.google.com", max_connections=5)
+    outlook = DestinationRule(match="*.outlook.com", max_connections=7)
+    rules = book(by_domain, google, outlook)
+    assert rules.match("example.org", ("aspmx.l.google.com",)) is by_domain
+    hosts = ("mx.unknown.example", "x.protection.outlook.com", "aspmx.l.google.com")
+    assert rules.match("example.net", hosts) is outlook
+
+
+def test_the_most_specific_rule_wins() -> None:
+    broad = DestinationRule(match="*.example.com")
+    narrow = DestinationRule(match="*.eu.example.com")
+    exact = DestinationRule(match="mx.eu.example.com")
+    rules = book(broad, narrow, exact)
+    assert rules.rule_for_name("a.eu.example.com") is narrow
+    assert rules.rule_for_name("a.us.example.com") is broad
+    assert rules.rule_for_name("mx.eu.example.com") is exact
+
+
+def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them() -> None:
+    shipped = {r.match for r in provider_rules()}
+    assert {"*.google.com", "*.outlook.com", "*.yahoodns.net"} <= shipped
+    assert all(r.messages_per_minute is None for r in provider_rules())  # the user's call
+    rules = RuleBook.of(ShapingConfig())
+    gmail = rules.match("gmail.com", ("gmail-smtp-in.l.google.com",))
+    assert gmail is not None and gmail.max_connections == 5
+    mine = DestinationRule(match="*.google.com", max_connections=2, messages_per_minute=60)
+    rules = RuleBook.of(ShapingConfig(rules=(mine,)))
+    assert rules.match("gmail.com", ("gmail-smtp-in.l.google.com",)) is mine
+    assert not RuleBook.of(ShapingConfig(provider_defaults=False))
+
+
+@pytest.mark.parametrize(
+    ("fields", "bad"),
+    [
+        ({"match": ""}, "match"),
+        ({"match": "exa mple.org"}, "match"),
+        ({"match": "mail.*.example.org"}, "match"),
+        ({"match": "*"}, "match"),
+        ({"match": "x.org", "max_connections": 0}, "max_connections"),
+        ({"match": "x.org", "max_connections": True}, "max_connections"),
+        ({"match": "x.org", "messages_per_connection": 1.5}, "messages_per_connection"),
+        ({"match": "x.org", "messages_per_minute": 0}, "messages_per_minute"),
+        ({"match": "x.org", "messages_per_hour": float("nan")}, "messages_per_hour"),
+        ({"match": "x.org", "connections_per_minute": -1}, "connections_per_minute"),
+        ({"match": "x.org", "messages_per_minute": "10"}, "messages_per_minute"),
+    ],
+)
+def test_bad_rules_raise_a_typed_error_naming_the_field(fields: dict, bad: str) -> None:
+    with pytest.raises(InvalidShapingRule) as caught:
+        DestinationRule(**fields)
+    assert caught.value.field == bad
+    assert isinstance(caught.value, ConfigError)
+
+
+def test_shaping_config_is_validated() -> None:
+    rule = DestinationRule(match="x.org")
+    with pytest.raises(InvalidShapingRule, match="two rules"):
+        ShapingConfig(rules=(rule, DestinationRule(match="X.org")))
+    with pytest.raises(InvalidShapingRule, match="pause_first"):
+        ShapingConfig(pause_first=timedelta(hours=2), pause_max=timedelta(hours=1))
+    with pytest.raises(InvalidShapingRule, match="at most"):
+        ShapingConfig(rules=tuple(DestinationRule(match=f"d{i}.org") for i in range(1001)))
+    with pytest.raises(ConfigError, match="ShapingConfig"):
+        Config(helo_name="mail.example.com", shaping={"rules": []})  # type: ignore[arg-type]
+
+
+def test_rules_from_the_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[shaping]\npause_first = "30s"\npause_max = "2h"\nprovider_defaults = false\n\n'
+        '[[shaping.rules]]\nmatch = "*.google.com"\nmax_connections = 2\n'
+        "messages_per_minute = 120\n\n"
+        '[[shaping.rules]]\nmatch = "example.org"\nmessages_per_hour = 500\n'
+        "connections_per_minute = 6\nmessages_per_connection = 10\n"
+    )
+    shaping = load_settings(config_path=path, env={}).config.shaping
+    assert shaping.pause_first == timedelta(seconds=30)
+    assert shaping.pause_max == timedelta(hours=2)
+    assert shaping.provider_defaults is False
+    assert shaping.rules == (
+        DestinationRule(match="*.google.com", max_connections=2, messages_per_minute=120),
+        DestinationRule(
+            match="example.org",
+            messages_per_hour=500,
+            connections_per_minute=6,
+            messages_per_connection=10,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[[shaping.rules]]\nmatch = "x.org"\nmax_conections = 2\n', "unknown setting"),
+        ("[[shaping.rules]]\nmax_connections = 2\n", "match is required"),
+        ('[[shaping.rules]]\nmatch = "x.org"\nmax_connections = -2\n', "max_connections"),
+        ("[shaping]\nrules = 5\n", "expected"),
+        ("[shaping]\nrulez = []\n", "unknown setting"),
+    ],
+)
+def test_bad_toml_names_the_problem(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config_path=path, env={})
+
+
+def test_rules_from_the_environment() -> None:
+    env = {
+        "MAILSTROM_SHAPING_RULES": "*.google.com max_connections=5 messages_per_minute=100;"
+        " example.org messages_per_hour=10.5",
+        "MAILSTROM_SHAPING_PAUSE_FIRST": "2m",
+    }
+    shaping = load_settings(env=env, search=False).config.shaping
+    assert shaping.rules == (
+        DestinationRule(match="*.google.com", max_connections=5, messages_per_minute=100),
+        DestinationRule(match="example.org", messages_per_hour=10.5),
+    )
+    assert shaping.pause_first == timedelta(minutes=2)
+    with pytest.raises(ConfigError, match="name=value"):
+        load_settings(env={"MAILSTROM_SHAPING_RULES": "x.org 5"}, search=False)
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_settings(env={"MAILSTROM_SHAPING_RULES": "x.org max_connections=a"}, search=False)

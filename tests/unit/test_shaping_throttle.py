@@ -1,0 +1,92 @@
+"""Which replies pause a whole destination, how long pauses last, and token buckets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.policy.throttle import (
+    BucketState,
+    TokenBucket,
+    is_throttling,
+    next_pause,
+    take_tokens,
+)
+from mailstrom.status import SMTPReply
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+
+
+def reply(code: int, enhanced: str | None, text: str) -> SMTPReply:
+    return SMTPReply(code=code, enhanced=enhanced, text=text)
+
+
+@pytest.mark.parametrize(
+    "r",
+    [
+        reply(421, "4.7.28", "Too much unsolicited mail seen from your sending domain. - gsmtp"),
+        reply(451, "4.7.650", "The mail server [192.0.2.1] has been temporarily rate limited"),
+        reply(451, "4.7.500", "Server busy, try again later from [192.0.2.1]. (AS761)"),
+        reply(421, "4.7.0", "[TSS04] Messages from 192.0.2.1 deferred for now"),
+        reply(421, None, "Too many connections from your IP, slow down"),
+    ],
+)
+def test_provider_rate_limit_replies_throttle_the_destination(r: SMTPReply) -> None:
+    assert is_throttling(r)
+
+
+@pytest.mark.parametrize(
+    "r",
+    [
+        reply(450, "4.2.1", "The recipient is getting mail too fast; try later. - gsmtp"),
+        reply(451, "4.3.0", "Temporary local problem"),
+        reply(421, "4.3.2", "Service shutting down"),
+        reply(550, "5.7.28", "rate limited for good"),
+        reply(250, "2.0.0", "OK"),
+    ],
+)
+def test_other_replies_do_not(r: SMTPReply) -> None:
+    assert not is_throttling(r)
+    assert not is_throttling(None)
+
+
+def test_any_421_while_connecting_throttles() -> None:
+    busy = reply(421, "4.3.2", "Service shutting down")
+    assert is_throttling(busy, connecting=True)
+    assert not is_throttling(reply(450, None, "try later"), connecting=True)
+
+
+def test_pauses_double_up_to_the_maximum() -> None:
+    pause, lengths, at = None, [], NOW
+    for _ in range(5):
+        pause = next_pause(
+            pause, destination="d", now=at, first=MINUTE, maximum=5 * MINUTE, reply="421"
+        )
+        lengths.append(pause.until - at)
+        at = pause.until
+    assert lengths == [MINUTE, 2 * MINUTE, 4 * MINUTE, 5 * MINUTE, 5 * MINUTE]
+    huge = next_pause(
+        pause.__class__(destination="d", until=at, strikes=10_000, reply="", since=at),
+        destination="d",
+        now=at,
+        first=MINUTE,
+        maximum=5 * MINUTE,
+        reply="x" * 10_000,
+    )
+    assert huge.until - at == 5 * MINUTE  # no overflow however many strikes
+    assert len(huge.reply) == 512  # a hostile reply is bounded
+
+
+def test_bucket_refill_is_bounded_and_a_clock_behind_adds_nothing() -> None:
+    bucket = TokenBucket.per_second("k", 2.0)
+    assert bucket.capacity == 2.0
+    assert TokenBucket.per_second("k", 0.1).capacity == 1.0
+    states = {"k": BucketState(tokens=0.0, at=NOW)}
+    grant, new = take_tokens([bucket], states, want=1, now=NOW - MINUTE)
+    assert grant.granted == 0 and new["k"].tokens == 0.0
+    grant, _ = take_tokens([bucket], states, want=10, now=NOW + MINUTE)
+    assert grant.granted == 2
+    grant, new = take_tokens([bucket], {}, want=0, now=NOW)
+    assert (grant.granted, grant.wait) == (0, 0.0) and new["k"].tokens == 2.0
