@@ -34,6 +34,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidHeaderValue,
     InvalidMessage,
+    InvalidSuppression,
     LineTooLong,
     MailstromError,
     MessageTooLarge,
@@ -67,6 +68,7 @@ from mailstrom.status import (
     WorkerMetrics,
     WorkerStatus,
 )
+from mailstrom.suppression import Suppression, SuppressionSource
 
 __all__ = [
     "AsyncMailstrom",
@@ -90,6 +92,7 @@ __all__ = [
     "InvalidAttachment",
     "InvalidHeaderValue",
     "InvalidMessage",
+    "InvalidSuppression",
     "LineTooLong",
     "Mailstrom",
     "MailstromError",
@@ -113,6 +116,8 @@ __all__ = [
     "SMTPReply",
     "StoreCorrupt",
     "StoreError",
+    "Suppression",
+    "SuppressionSource",
     "TLSPolicy",
     "TemporaryFailure",
     "Timeouts",

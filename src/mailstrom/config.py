@@ -12,6 +12,7 @@ from enum import StrEnum
 from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
+from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
 
 
@@ -252,6 +253,16 @@ class Config:
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
     ``localhost`` or a name private to one network."""
 
+    suppress_on: tuple[str, ...] = DEFAULT_SUPPRESS_ON
+    """Permanent refusals that put the refused address on the store's suppression list:
+    enhanced codes (``5.1.1``) or basic codes (``556``) of an RCPT refusal, of a final-dot
+    refusal of a one-recipient transaction, or of a routing failure (NXDOMAIN 5.1.2, null
+    MX 556 5.1.10). Later messages to a suppressed address fail at once without a
+    connection. Empty: nothing is added automatically (entries can still be added by
+    hand or by ``mailstrom bounce``)."""
+    suppress_for: timedelta | None = None
+    """How long an entry added for a hard bounce lasts; None: until removed."""
+
     @property
     def outbox(self) -> bool:
         """Whether recorded results also go to the event outbox."""
@@ -297,6 +308,12 @@ class Config:
         object.__setattr__(self, "metrics_domains", domains)
         if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
             raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
+        try:
+            object.__setattr__(self, "suppress_on", check_codes(self.suppress_on))
+        except ValueError as exc:
+            raise ConfigError(f"suppress_on: {exc}") from None
+        if self.suppress_for is not None and self.suppress_for.total_seconds() <= 0:
+            raise ConfigError("suppress_for must be positive (or None: no expiry)")
         if self.message_id_domain is not None:
             try:
                 name = domain_name(self.message_id_domain)

@@ -221,3 +221,16 @@ class SMTPConnectError(TemporaryFailure, ConnectionError):
 
 class TLSRequiredError(TemporaryFailure):
     """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""
+
+
+# --- suppression and bounces -------------------------------------------------------------
+
+
+class InvalidSuppression(MailstromError, ValueError):
+    """A suppression entry (an address or domain, its reason or its expiry) is invalid, or
+    a suppression list being imported is malformed or too large."""
+
+    def __init__(self, reason: str, *, line: int | None = None) -> None:
+        super().__init__(f"line {line}: {reason}" if line is not None else reason)
+        self.reason = reason
+        self.line = line

@@ -347,6 +347,8 @@ KEYS: dict[str, Parser] = {
     "dkim.keys": _dkim_keys,
     "dkim.required": _bool,
     "dkim.expire": _optional(_duration),
+    "suppress_on": _str_list,
+    "suppress_for": _optional(_duration),
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])

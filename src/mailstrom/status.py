@@ -77,6 +77,9 @@ class ReasonClass(StrEnum):
     """The receiving system has trouble of its own: busy, full or misconfigured."""
     OTHER = "other"
     """None of the above, or a reply that says too little to tell."""
+    SUPPRESSED = "suppressed"
+    """Not attempted: the address or its domain is on the suppression list (an earlier
+    hard bounce, complaint or an operator's entry)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

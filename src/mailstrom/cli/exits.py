@@ -12,6 +12,7 @@ from mailstrom.errors import (
     ConfigError,
     InvalidMessage,
     InvalidStoreURL,
+    InvalidSuppression,
     MailstromError,
     StoreCorrupt,
     StoreError,
@@ -67,7 +68,7 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.code
     if isinstance(exc, ConfigError | InvalidStoreURL):
         return EX_CONFIG
-    if isinstance(exc, InvalidMessage):
+    if isinstance(exc, InvalidMessage | InvalidSuppression):
         return EX_DATAERR
     if isinstance(exc, UnknownMessage):
         return EX_NOINPUT

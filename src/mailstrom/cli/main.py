@@ -22,6 +22,7 @@ from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, 
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
+from mailstrom.cli.suppress import register as register_suppress
 from mailstrom.cli.views import register as register_views
 from mailstrom.cli.worker import register as register_worker
 
@@ -45,6 +46,7 @@ examples:
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
+  mailstrom suppress add bob@example.org  # never send to bob again
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
@@ -78,6 +80,7 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_suppress,
     ):
         register(sub, [common])
     return parser

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from types import TracebackType
 
-from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
 
 
 class AsyncMailstrom(FacadeBase):
@@ -120,3 +122,36 @@ class AsyncMailstrom(FacadeBase):
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return await asyncio.to_thread(self.store.cancel, message_id, now=self._clock())
+
+    # --- the suppression list --------------------------------------------------------
+
+    async def suppress(
+        self,
+        target: str,
+        reply: str = "",
+        *,
+        source: SuppressionSource = SuppressionSource.MANUAL,
+        expires_at: datetime | None = None,
+    ) -> Suppression:
+        """Put an address or a whole domain on the suppression list (see
+        :meth:`Mailstrom.suppress`)."""
+        entry = suppression_entry(
+            target, reply, source=source, expires_at=expires_at, now=self._clock()
+        )
+        await asyncio.to_thread(self.store.suppress, [entry])
+        return entry
+
+    async def unsuppress(self, target: str) -> bool:
+        """Take an address or domain off the list; False when it was not on it."""
+        removed = await asyncio.to_thread(self.store.unsuppress, [normalize_target(target)])
+        return removed > 0
+
+    async def suppressed(self, address: str) -> Suppression | None:
+        """The entry that keeps mail from ``address`` now, or None."""
+        return await asyncio.to_thread(self._suppressed, address)
+
+    async def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
+        """Up to ``limit`` entries in force, in target order after ``after``."""
+        return await asyncio.to_thread(
+            self.store.list_suppressions, now=self._clock(), after=after, limit=limit
+        )

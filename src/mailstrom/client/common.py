@@ -11,13 +11,21 @@ from typing import Literal
 
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
-from mailstrom.errors import WorkerError
+from mailstrom.errors import InvalidSuppression, WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.suppression import (
+    MAX_REPLY,
+    Suppression,
+    SuppressionSource,
+    lookup_targets,
+    match,
+    normalize_target,
+)
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -137,6 +145,12 @@ class FacadeBase:
         if self.worker is not None:
             self.worker.wake()
 
+    def _suppressed(self, address: str) -> Suppression | None:
+        """The entry that applies to ``address`` now (its own, else its domain's)."""
+        target = normalize_target(address)
+        found = self.store.suppressions_for(lookup_targets([target]), now=self._clock())
+        return match(target, found)
+
     def _prepare(
         self,
         message: MessageInput,
@@ -150,6 +164,32 @@ class FacadeBase:
             envelope_to=envelope_to,
             now=self._clock(),
         )
+
+
+def suppression_entry(
+    target: str,
+    reply: str,
+    *,
+    source: SuppressionSource,
+    expires_at: datetime | None,
+    now: datetime,
+) -> Suppression:
+    """The entry a facade's ``suppress`` writes; InvalidSuppression for a bad target, a
+    naive or past expiry, or a reply longer than :data:`~mailstrom.suppression.MAX_REPLY`."""
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidSuppression("expires_at must be a timezone-aware datetime")
+        if expires_at <= now:
+            raise InvalidSuppression(f"expires_at {expires_at.isoformat()} is not in the future")
+    if len(reply) > MAX_REPLY:
+        raise InvalidSuppression(f"the reply is longer than {MAX_REPLY} characters")
+    return Suppression(
+        target=normalize_target(target),
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=now,
+        expires_at=expires_at,
+    )
 
 
 def prepare_for(

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from types import TracebackType
 
-from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
 
 log = logging.getLogger("mailstrom")
 
@@ -162,3 +164,39 @@ class Mailstrom(FacadeBase):
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         return self.store.cancel(message_id, now=self._clock())
+
+    # --- the suppression list --------------------------------------------------------
+
+    def suppress(
+        self,
+        target: str,
+        reply: str = "",
+        *,
+        source: SuppressionSource = SuppressionSource.MANUAL,
+        expires_at: datetime | None = None,
+    ) -> Suppression:
+        """Put an address (``bob@example.org``) or a whole domain (``example.org``) on the
+        suppression list, shared by every worker of the store: later recipients there fail
+        at once with ``suppressed since <date>: <reply>``. Replaces an earlier entry.
+
+        Raises :class:`~mailstrom.errors.InvalidSuppression` for a bad target or expiry.
+        """
+        entry = suppression_entry(
+            target, reply, source=source, expires_at=expires_at, now=self._clock()
+        )
+        self.store.suppress([entry])
+        return entry
+
+    def unsuppress(self, target: str) -> bool:
+        """Take an address or domain off the list; False when it was not on it."""
+        return self.store.unsuppress([normalize_target(target)]) > 0
+
+    def suppressed(self, address: str) -> Suppression | None:
+        """The entry that keeps mail from ``address`` now (the address's own, else its
+        domain's), or None."""
+        return self._suppressed(address)
+
+    def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
+        """Up to ``limit`` entries in force, in target order after ``after`` (pass the
+        last target of a page to get the next)."""
+        return self.store.list_suppressions(now=self._clock(), after=after, limit=limit)

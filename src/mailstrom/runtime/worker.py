@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -42,8 +42,10 @@ from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
+from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.suppression import Suppression
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -352,6 +354,8 @@ class Worker:
             backoff.reset()
             self._store_fine()
             if batch:
+                # Before on_result hears of a hard bounce, its address is on the list.
+                await self._suppress_hard_bounces(recorded)
                 self._recorded(batch, recorded)
                 if recorded and self._hooks is not None:
                     self._hooks.wake()
@@ -360,7 +364,11 @@ class Worker:
             if lease is None:
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
                 continue
-            if self._start(lease, dispatcher) < _SMALL_LEASE and dispatcher.in_flight:
+            found = await self._suppressed_in(lease)
+            if found is None:
+                await self._sleep(backoff.take())
+                continue
+            if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
 
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -402,14 +410,53 @@ class Worker:
             self._lease_wanted = True  # the poll, or the due time came
         return False
 
-    def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
+    def _start(
+        self, lease: Lease, dispatcher: Dispatcher, suppressed: Mapping[str, Suppression]
+    ) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
         items = self._items
+        now = self._clock()
         for item in lease.items:
             items[(lease.token, item.message_id, item.domain)] = len(item.recipients)
-            dispatcher.submit(item)
+            rest, refused = screen(item, suppressed, now=now)
+            if refused:
+                self._on_done(refused)  # failed at once, recorded with the next write
+            if rest is not None:
+                dispatcher.submit(rest)
         return count
+
+    async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
+        """The suppression entries that apply to the lease's recipients (one store call
+        per lease). None when the store failed: the lease is given back, to be taken again
+        once the list can be read, so a suppressed address is never sent to for want of a
+        lookup."""
+        try:
+            return await self._store_call(
+                self.store.suppressions_for, lease_targets(lease), now=self._clock()
+            )
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("suppressions", exc)
+            with contextlib.suppress(StoreError):
+                await self._store_call(self.store.release, lease)
+            return None
+
+    async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
+        """Put the addresses of recorded hard bounces on the suppression list. If the store
+        fails here the entries are lost (logged): the next message to such an address is
+        refused again and adds it then."""
+        entries = hard_bounce_entries(recorded, expire_after=self.config.suppress_for)
+        if not entries:
+            return
+        try:
+            await self._store_call(self.store.suppress, entries)
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("suppress", exc)
+            log.warning("%d hard-bounced addresses not suppressed: %s", len(entries), exc)
 
     def _on_done(self, results: list[RecipientResult]) -> None:
         """An item's results: to the store loop at once (the duplicate window starts)."""

@@ -29,6 +29,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
+from mailstrom.suppression import Suppression
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -164,6 +165,10 @@ class RecipientResult:
     """The message's size in octets as stored, for the attempt log. Stores do not read it."""
     envelope_from: str | None = None
     """The message's envelope sender, for the attempt log. Stores do not read it."""
+    hard_bounce: bool = False
+    """The failure puts the address on the suppression list (a permanent refusal of a
+    class in ``Config.suppress_on``); the worker adds it once the result is recorded.
+    Stores do not read it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,4 +355,28 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections and threads. Idempotent."""
+        ...
+
+    # --- the suppression list (schema version 6) -------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add ``entries`` in one transaction; an entry replaces the one its target had
+        (newest wins). Targets must be normalized
+        (:func:`~mailstrom.suppression.normalize_target`). Returns how many were written."""
+        ...
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets`` (normalized); returns how many existed."""
+        ...
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` (normalized addresses and domains) that apply at
+        ``now``, by target: one indexed lookup, made by the worker once per lease."""
+        ...
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Up to ``limit`` entries with a target after ``after``, in target order (page on
+        with the last target seen); with ``now``, only those that apply then."""
         ...

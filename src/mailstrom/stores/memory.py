@@ -41,6 +41,7 @@ from mailstrom.stores.base import (
     record_then_lease,
 )
 from mailstrom.stores.watchers import Watchers
+from mailstrom.suppression import Suppression
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -150,6 +151,7 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._suppressions: dict[str, Suppression] = {}
 
     # --- writing ----------------------------------------------------------------------
 
@@ -556,3 +558,36 @@ class MemoryStore:
 
     def _newest_first(self) -> list[_Message]:
         return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)
+
+    # --- the suppression list -----------------------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries; returns how many were written."""
+        with self._lock:
+            for entry in entries:
+                self._suppressions[entry.target] = entry
+        return len(entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        with self._lock:
+            return sum(self._suppressions.pop(t, None) is not None for t in set(targets))
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now``."""
+        with self._lock:
+            found = {t: self._suppressions.get(t) for t in targets}
+        return {t: e for t, e in found.items() if e is not None and e.active(now)}
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        with self._lock:
+            entries = sorted(
+                (e for t, e in self._suppressions.items() if t > after),
+                key=lambda e: e.target,
+            )
+        if now is not None:
+            entries = [e for e in entries if e.active(now)]
+        return entries[: max(limit, 0)]

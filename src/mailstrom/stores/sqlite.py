@@ -63,7 +63,7 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events
+from mailstrom.stores import sqlite_events, sqlite_suppressions
 from mailstrom.stores.base import (
     EventBatch,
     Lease,
@@ -87,6 +87,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+from mailstrom.suppression import Suppression
 
 log = logging.getLogger(__name__)
 
@@ -809,3 +810,34 @@ class SQLiteStore:
         """Work may be due: tell watchers here and in other processes (after COMMIT)."""
         self._watchers.notify()
         self._wakeups.notify()
+
+    # --- the suppression list -----------------------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries in one transaction (fsynced: an operator's or a
+        bounce's entry must not vanish); returns how many were written."""
+        if not entries:
+            return 0
+        with self._write() as conn:
+            return sqlite_suppressions.insert_suppressions(conn, entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        if not targets:
+            return 0
+        with self._write() as conn:
+            return sqlite_suppressions.delete_suppressions(conn, targets)
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now`` (primary-key lookups)."""
+        if not targets:
+            return {}
+        with self._read() as conn:
+            return sqlite_suppressions.find_suppressions(conn, targets, now=now)
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        with self._read() as conn:
+            return sqlite_suppressions.page_suppressions(conn, now=now, after=after, limit=limit)

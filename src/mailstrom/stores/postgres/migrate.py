@@ -36,20 +36,23 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-        current = int(row[0]) if row else 0
-        if current > len(known):
+        applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+        newest = known[-1].version if known else 0
+        current = max(applied, default=0)
+        if current > newest:
             raise StoreError(
                 f"the database schema is at version {current}, newer than this mailstrom "
-                f"knows ({len(known)}); upgrade mailstrom"
+                f"knows ({newest}); upgrade mailstrom"
             )
-        for migration in known[current:]:
+        for migration in known:
+            if migration.version in applied:
+                continue
             conn.execute(migration.sql.encode())
             conn.execute(
                 "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
                 (migration.version, migration.name),
             )
-            current = migration.version
+            current = max(current, migration.version)
     return current
 
 

@@ -32,6 +32,7 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.suppression import Suppression, SuppressionSource
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -379,8 +380,66 @@ class PostgresStore:
             listener.stop()
         self._pool.close()
 
+    # --- the suppression list -----------------------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries in one statement; returns how many were given."""
+        if not entries:
+            return 0
+        self._fetch_none(
+            "suppress",
+            {
+                "targets": [e.target for e in entries],
+                "sources": [e.source.value for e in entries],
+                "replies": [e.reply for e in entries],
+                "created": [e.created_at for e in entries],
+                "expires": [e.expires_at for e in entries],
+                "message_ids": [e.message_id for e in entries],
+            },
+        )
+        return len(entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        if not targets:
+            return 0
+        [(count,)] = self._fetch("unsuppress", {"targets": list(set(targets))})
+        return int(count)
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now`` (one primary-key lookup)."""
+        if not targets:
+            return {}
+        found = self._fetch("suppressions_for", {"targets": list(targets), "now": now})
+        return {row[0]: _suppression(row) for row in found}
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        found = self._fetch(
+            "list_suppressions", {"after": after, "now": now, "limit": max(limit, 0)}
+        )
+        return [_suppression(row) for row in found]
+
+    def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
+        with translate_errors(name), self._pool.connection() as conn:
+            conn.execute(self._queries[name], params)
+
     def __enter__(self) -> PostgresStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _suppression(row: tuple[Any, ...]) -> Suppression:
+    target, source, reply, created_at, expires_at, message_id = row
+    return Suppression(
+        target=target,
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=created_at,
+        expires_at=expires_at,
+        message_id=message_id,
+    )

@@ -367,3 +367,36 @@ WITH pruned AS (
     DELETE FROM events WHERE sent_at < %(sent_before)s RETURNING 1
 )
 SELECT count(*) FROM pruned;
+
+-- name: suppress
+-- Add or replace suppression entries given as parallel arrays (the newest entry for a
+-- target wins).
+INSERT INTO suppressions (target, source, reply, created_at, expires_at, message_id)
+SELECT DISTINCT ON (target) target, source, reply, created_at, expires_at, message_id
+FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
+            %(created)s::timestamptz[], %(expires)s::timestamptz[], %(message_ids)s::text[])
+     WITH ORDINALITY AS t(target, source, reply, created_at, expires_at, message_id, n)
+ORDER BY target, n DESC
+ON CONFLICT (target) DO UPDATE
+SET source = excluded.source, reply = excluded.reply, created_at = excluded.created_at,
+    expires_at = excluded.expires_at, message_id = excluded.message_id;
+
+-- name: unsuppress
+WITH removed AS (
+    DELETE FROM suppressions WHERE target = ANY(%(targets)s::text[]) RETURNING 1
+)
+SELECT count(*) FROM removed;
+
+-- name: suppressions_for
+SELECT target, source, reply, created_at, expires_at, message_id
+FROM suppressions
+WHERE target = ANY(%(targets)s::text[])
+  AND (expires_at IS NULL OR expires_at > %(now)s);
+
+-- name: list_suppressions
+SELECT target, source, reply, created_at, expires_at, message_id
+FROM suppressions
+WHERE target > %(after)s
+  AND (%(now)s::timestamptz IS NULL OR expires_at IS NULL OR expires_at > %(now)s)
+ORDER BY target
+LIMIT %(limit)s;

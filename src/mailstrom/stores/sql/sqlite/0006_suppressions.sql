@@ -1,0 +1,14 @@
+-- mailstrom SQLite schema, version 6: the suppression list, shared by every worker of the
+-- queue. A target is a lower-case address, or a domain (no "@") covering every address
+-- there. The worker looks the recipients of each lease up by primary key; expired entries
+-- are ignored and replaced by the next entry for their target.
+
+CREATE TABLE suppressions (
+    target            TEXT PRIMARY KEY,
+    source            TEXT NOT NULL
+        CHECK (source IN ('hard_bounce', 'async_bounce', 'complaint', 'manual')),
+    reply             TEXT NOT NULL DEFAULT '',
+    created_at        INTEGER NOT NULL,
+    expires_at        INTEGER,
+    message_id        TEXT
+) WITHOUT ROWID;
