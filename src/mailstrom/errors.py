@@ -234,3 +234,8 @@ class InvalidSuppression(MailstromError, ValueError):
         super().__init__(f"line {line}: {reason}" if line is not None else reason)
         self.reason = reason
         self.line = line
+
+
+class InvalidReport(MailstromError, ValueError):
+    """A bounce or complaint report (``mailstrom bounce``) is malformed: a
+    ``multipart/report`` without the part its report type requires."""

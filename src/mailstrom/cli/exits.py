@@ -11,6 +11,7 @@ import sys
 from mailstrom.errors import (
     ConfigError,
     InvalidMessage,
+    InvalidReport,
     InvalidStoreURL,
     InvalidSuppression,
     MailstromError,
@@ -68,7 +69,7 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.code
     if isinstance(exc, ConfigError | InvalidStoreURL):
         return EX_CONFIG
-    if isinstance(exc, InvalidMessage | InvalidSuppression):
+    if isinstance(exc, InvalidMessage | InvalidSuppression | InvalidReport):
         return EX_DATAERR
     if isinstance(exc, UnknownMessage):
         return EX_NOINPUT

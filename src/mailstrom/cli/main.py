@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from mailstrom._version import __version__
 from mailstrom.cli import sendmail
+from mailstrom.cli.bounce import register as register_bounce
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
@@ -47,6 +48,7 @@ examples:
   mailstrom events --follow --json        # delivery events as workers record them
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
   mailstrom suppress add bob@example.org  # never send to bob again
+  mailstrom bounce < bounce.eml           # a late bounce: fail and suppress the recipient
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input or unknown message id, 69 send --wait: a recipient failed, 70 internal error,
@@ -81,6 +83,7 @@ def build_parser() -> ArgumentParser:
         register_events,
         register_dkim,
         register_suppress,
+        register_bounce,
     ):
         register(sub, [common])
     return parser

@@ -9,6 +9,7 @@ from datetime import datetime
 from email.message import EmailMessage
 from typing import Literal
 
+from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
 from mailstrom.errors import InvalidSuppression, WorkerError
@@ -205,6 +206,8 @@ def prepare_for(
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
     """
+    if envelope_from is not None and is_verp_template(envelope_from):
+        check_verp_template(envelope_from)
     prepared = prepare(
         message,
         envelope_from=envelope_from,

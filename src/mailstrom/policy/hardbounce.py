@@ -51,3 +51,21 @@ def is_hard_bounce(
     return (enhanced is not None and enhanced in wanted) or (
         code is not None and str(code) in wanted
     )
+
+
+def is_late_hard_bounce(status: str, *, code: int | None, codes: Iterable[str]) -> bool:
+    """Whether a delivery status notification's ``Status`` (and the SMTP code of its
+    diagnostic, if any) suppresses the address: a permanent status among ``codes``, or
+    ``5.0.0``, the status without detail that several MTAs (Exim among them) give an
+    unknown address found after the mail was accepted.
+
+    >>> is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
+    True
+    >>> is_late_hard_bounce("5.7.1", code=550, codes=DEFAULT_SUPPRESS_ON)
+    False
+    """
+    if not status.startswith("5."):
+        return False
+    return status == "5.0.0" or is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes
+    )

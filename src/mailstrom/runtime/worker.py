@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
@@ -423,7 +424,9 @@ class Worker:
             if refused:
                 self._on_done(refused)  # failed at once, recorded with the next write
             if rest is not None:
-                dispatcher.submit(rest)
+                # A VERP message is one transaction per recipient (its own envelope sender).
+                for part in per_recipient(rest):
+                    dispatcher.submit(part)
         return count
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:

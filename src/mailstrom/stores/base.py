@@ -380,3 +380,18 @@ class Store(Protocol):
         """Up to ``limit`` entries with a target after ``after``, in target order (page on
         with the last target seen); with ``now``, only those that apply then."""
         ...
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (a bounce that came back after the
+        server had accepted the message): its state, reason and finish time become those
+        of ``attempt``, which is appended to its history without counting as a delivery
+        attempt; a lease on it is dropped (a later record for it is ignored). With events
+        enabled, an event is written in the same transaction. Returns False when the
+        message has no such recipient (``address`` exactly as stored) or it has failed
+        already; raises UnknownMessage for an unknown id."""
+        ...
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages whose Message-ID header is ``header_message_id`` (with its
+        angle brackets), newest first, at most ``limit``."""
+        ...

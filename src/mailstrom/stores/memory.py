@@ -591,3 +591,37 @@ class MemoryStore:
         if now is not None:
             entries = [e for e in entries if e.active(now)]
         return entries[: max(limit, 0)]
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late)."""
+        attempt = bounded_attempt(attempt)
+        with self._lock:
+            r = self._get(message_id).recipients.get(address)
+            if r is None or r.state is RecipientState.FAILED:
+                return False
+            r.state = RecipientState.FAILED
+            r.last_attempt_at = attempt.at
+            r.next_attempt_at = None
+            r.finished_at = attempt.at
+            r.lease_token = r.lease_expires_at = None
+            r.reply = attempt.reply
+            r.error = attempt.error
+            r.mx_host = attempt.mx_host
+            r.ip = attempt.ip
+            r.tls = attempt.tls
+            r.uncertain = False
+            r.reason_class = attempt.reason_class
+            r.history.append(attempt)
+            del r.history[:-MAX_HISTORY]
+            if self._events_on:
+                self._append_event(message_id, r, attempt, attempt.reason_class)
+        return True
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first."""
+        with self._lock:
+            return [
+                m.id
+                for m in self._newest_first()
+                if m.prepared.header_message_id == header_message_id
+            ][: max(limit, 0)]

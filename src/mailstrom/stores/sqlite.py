@@ -58,6 +58,7 @@ from typing import Any
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
+    Attempt,
     DeliveryEvent,
     MessageStatus,
     QueueStats,
@@ -841,3 +842,36 @@ class SQLiteStore:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
         with self._read() as conn:
             return sqlite_suppressions.page_suppressions(conn, now=now, after=after, limit=limit)
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction."""
+        with self._write() as conn:
+            seq = self._seq(conn, message_id)
+            rid = sqlite_suppressions.fail_recipient(conn, seq, address, attempt)
+            if rid is not None and self._events:
+                sqlite_events.append_events(conn, [_late_result(message_id, address, attempt, rid)])
+        return rid is not None
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first (indexed)."""
+        with self._read() as conn:
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM messages WHERE header_message_id = ?"
+                    " ORDER BY created_at DESC, seq DESC LIMIT ?",
+                    (header_message_id, max(limit, 0)),
+                )
+            ]
+
+
+def _late_result(message_id: str, address: str, attempt: Attempt, rid: int) -> RecipientResult:
+    """A result standing for a late failure, for the event outbox (which reads the row)."""
+    return RecipientResult(
+        message_id=message_id,
+        address=address,
+        state=RecipientState.FAILED,
+        attempt=attempt,
+        lease_token="",
+        ref=rid,
+    )

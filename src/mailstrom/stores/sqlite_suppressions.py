@@ -1,4 +1,4 @@
-"""The SQL of the SQLite store's suppression list (schema version 6).
+"""The SQL of the SQLite store's suppression list and late failures (schema version 6).
 
 Functions over a connection inside a transaction the caller (:class:`SQLiteStore`) opened.
 """
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from mailstrom.status import Attempt
+from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
 from mailstrom.stores.sqlite_queue import qmarks
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, opt_us, to_us
 from mailstrom.suppression import Suppression, SuppressionSource
@@ -99,3 +101,42 @@ def page_suppressions(
 def _text_chunks(values: list[str]) -> list[list[str]]:
     """``values`` in lists short enough for one ``IN (...)`` each."""
     return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
+
+
+def fail_recipient(
+    conn: sqlite3.Connection, seq: int, address: str, attempt: Attempt
+) -> int | None:
+    """Mark one recipient of message ``seq`` FAILED by ``attempt`` and add it to the
+    history (not counted as a delivery attempt); its row id, or None when it has no such
+    recipient or it has failed already."""
+    a = bounded_attempt(attempt)
+    reply = a.reply
+    reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+    reason = a.reason_class.value if a.reason_class is not None else None
+    at = to_us(a.at)
+    row = conn.execute(
+        "UPDATE recipients SET state = 'failed', last_attempt_at = ?, next_attempt_at = NULL,"
+        " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, reply_code = ?,"
+        " reply_enhanced = ?, reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?,"
+        " uncertain = 0, reason_class = ?"
+        " WHERE message_seq = ? AND address = ? AND state != 'failed' RETURNING id",
+        (at, at, *reply_cols, a.error, a.mx_host, a.ip, a.tls, reason, seq, address),
+    ).fetchone()
+    if row is None:
+        return None
+    rid = int(row[0])
+    conn.execute(
+        "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id FROM attempts"
+        " WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+        (rid, rid, MAX_HISTORY - 1),
+    )
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
+        " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
+        " uncertain, reason_class) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
+            *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+        ),
+    )
+    return rid

@@ -19,12 +19,20 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import DeliveryEvent, MessageStatus, QueueStats, RecipientState
+from mailstrom.status import (
+    Attempt,
+    DeliveryEvent,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+)
 from mailstrom.stores.base import (
+    MAX_HISTORY,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
+    bounded_attempt,
     new_message_id,
     record_then_lease,
 )
@@ -421,6 +429,53 @@ class PostgresStore:
             "list_suppressions", {"after": after, "now": now, "limit": max(limit, 0)}
         )
         return [_suppression(row) for row in found]
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
+        (two statements with events enabled)."""
+        a = bounded_attempt(attempt)
+        reply = a.reply
+        params = {
+            "message_id": message_id,
+            "address": address,
+            "at": a.at,
+            "outcome": a.outcome.value,
+            "duration": a.duration,
+            "mx_host": a.mx_host,
+            "ip": a.ip,
+            "port": a.port,
+            "tls_version": a.tls_version,
+            "tls_cipher": a.tls_cipher,
+            "reply_code": reply.code if reply else None,
+            "reply_enhanced": reply.enhanced if reply else None,
+            "reply_text": reply.text if reply else None,
+            "error": a.error,
+            "reason_class": a.reason_class.value if a.reason_class is not None else None,
+            "max_history": MAX_HISTORY,
+        }
+        with (
+            translate_errors("fail_late"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            row = conn.execute(self._queries["fail_late"], params).fetchone()
+            found, changed = row if row is not None else (0, 0)
+            if changed and self._events:
+                conn.execute(
+                    self._queries["append_events"],
+                    {"message_ids": [message_id], "addresses": [address]},
+                )
+        if not found:
+            raise UnknownMessage(message_id)
+        return bool(changed)
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first (indexed)."""
+        found = self._fetch(
+            "message_ids_for_header",
+            {"header_message_id": header_message_id, "limit": max(limit, 0)},
+        )
+        return [row[0] for row in found]
 
     def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
         with translate_errors(name), self._pool.connection() as conn:

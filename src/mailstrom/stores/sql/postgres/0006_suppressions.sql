@@ -13,3 +13,7 @@ CREATE TABLE suppressions (
     expires_at        timestamptz,
     message_id        text
 );
+
+-- `mailstrom bounce` finds the message a returned Message-ID names.
+CREATE INDEX messages_header_id ON messages (header_message_id)
+    WHERE header_message_id IS NOT NULL;

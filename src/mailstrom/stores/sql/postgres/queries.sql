@@ -400,3 +400,48 @@ WHERE target > %(after)s
   AND (%(now)s::timestamptz IS NULL OR expires_at IS NULL OR expires_at > %(now)s)
 ORDER BY target
 LIMIT %(limit)s;
+
+-- name: fail_late
+-- A recipient failed after the fact (a late bounce): the attempt becomes its last reply
+-- and joins the history without counting as a delivery attempt. Returns whether the
+-- message exists and whether the recipient changed.
+WITH msg AS (
+    SELECT id FROM messages WHERE id = %(message_id)s
+), updated AS (
+    UPDATE recipients r
+    SET state = 'failed', last_attempt_at = %(at)s, next_attempt_at = NULL,
+        finished_at = %(at)s, lease_token = NULL, lease_expires_at = NULL,
+        reply_code = %(reply_code)s, reply_enhanced = %(reply_enhanced)s,
+        reply_text = %(reply_text)s, error = %(error)s, mx_host = %(mx_host)s, ip = %(ip)s,
+        tls = %(tls_version)s::text IS NOT NULL, uncertain = false,
+        reason_class = %(reason_class)s
+    FROM msg
+    WHERE r.message_id = msg.id AND r.address = %(address)s AND r.state <> 'failed'
+    RETURNING r.message_id, r.address
+), history AS (
+    INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
+                          tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
+                          error, uncertain, reason_class)
+    SELECT u.message_id, u.address, %(at)s, %(outcome)s, %(duration)s, %(mx_host)s, %(ip)s,
+           %(port)s, %(tls_version)s, %(tls_cipher)s, %(reply_code)s, %(reply_enhanced)s,
+           %(reply_text)s, %(error)s, false, %(reason_class)s
+    FROM updated u
+    RETURNING 1
+), trimmed AS (
+    -- Sees the history before this statement's insert: keeps one fewer than the bound.
+    DELETE FROM attempts a
+    USING updated u
+    WHERE a.message_id = u.message_id
+      AND a.address = u.address
+      AND a.id NOT IN (SELECT k.id FROM attempts k
+                       WHERE k.message_id = u.message_id AND k.address = u.address
+                       ORDER BY k.id DESC LIMIT %(max_history)s - 1)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM msg), (SELECT count(*) FROM updated);
+
+-- name: message_ids_for_header
+SELECT id FROM messages
+WHERE header_message_id = %(header_message_id)s
+ORDER BY created_at DESC, seq DESC
+LIMIT %(limit)s;

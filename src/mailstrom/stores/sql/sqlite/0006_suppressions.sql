@@ -12,3 +12,7 @@ CREATE TABLE suppressions (
     expires_at        INTEGER,
     message_id        TEXT
 ) WITHOUT ROWID;
+
+-- `mailstrom bounce` finds the message a returned Message-ID names.
+CREATE INDEX messages_header_id ON messages (header_message_id)
+    WHERE header_message_id IS NOT NULL;
