@@ -53,6 +53,7 @@ from mailstrom.errors import (
     WorkerError,
 )
 from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
+from mailstrom.message.dsn import DSN, Notify, Return
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
@@ -71,6 +72,7 @@ from mailstrom.status import (
 from mailstrom.suppression import Suppression, SuppressionSource
 
 __all__ = [
+    "DSN",
     "AsyncMailstrom",
     "Attachment",
     "Attempt",
@@ -104,6 +106,7 @@ __all__ = [
     "NestingTooDeep",
     "NoDKIMKey",
     "NoRecipients",
+    "Notify",
     "PermanentFailure",
     "PreparedMessage",
     "QueueStats",
@@ -113,6 +116,7 @@ __all__ = [
     "RelayConfig",
     "RelayTLS",
     "RetryPolicy",
+    "Return",
     "SMTPReply",
     "StoreCorrupt",
     "StoreError",

@@ -24,6 +24,7 @@ from mailstrom.cli.views import print_message
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores.base import RecipientResult, Store
@@ -105,6 +106,16 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help="raw RFC 5322 message (- for stdin); --from/--to/--cc/--bcc then set the envelope",
     )
+    dsn = p.add_argument_group(
+        "delivery status notifications (RFC 3461; sent only to servers offering DSN)"
+    )
+    dsn.add_argument(
+        "--notify",
+        metavar="WHEN",
+        help="never, or a comma-separated list of success, failure, delay",
+    )
+    dsn.add_argument("--ret", choices=["full", "hdrs"], help="what a failure report returns")
+    dsn.add_argument("--envid", help="envelope id quoted by reports (default: the message id)")
     p.add_argument("--hold", action="store_true", help="queue it held (release to deliver)")
     p.add_argument("--wait", action="store_true", help="deliver now and wait for the outcome")
     p.add_argument(
@@ -201,6 +212,7 @@ _BUILDER_ONLY = (
 def send_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     now = utc_now()
+    dsn = DSN.from_options(args.notify, args.ret, args.envid)
     if args.file is not None:
         given = [f"--{n.replace('_', '-')}" for n in _BUILDER_ONLY if getattr(args, n)]
         if given:
@@ -212,10 +224,16 @@ def send_command(args: argparse.Namespace) -> int:
             envelope_from=args.from_,
             envelope_to=envelope_to,
             now=now,
+            dsn=dsn,
         )
     else:
         prepared = prepare_for(
-            settings.config, build_email(args), envelope_from=None, envelope_to=None, now=now
+            settings.config,
+            build_email(args),
+            envelope_from=None,
+            envelope_to=None,
+            now=now,
+            dsn=dsn,
         )
     if settings.config.dkim is not None and not prepared.dkim:
         sys.stderr.write(

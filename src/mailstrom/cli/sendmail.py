@@ -36,6 +36,8 @@ from mailstrom.cli.exits import (
     reason_for,
 )
 from mailstrom.cli.parsing import Subparsers
+from mailstrom.errors import InvalidMessage
+from mailstrom.message.dsn import DSN
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
 HELP = """\
@@ -50,6 +52,10 @@ Read one RFC 5322 message on standard input and queue it for delivery; a running
                   envelope sender (default: taken from the From header)
   -F NAME         full name for the From header, when the message has none
   -i, -oi         a line with a single dot does not end the message
+  -N DSN          delivery status notifications: never, or a comma-separated list of
+                  success, failure, delay (RFC 3461 NOTIFY; only to servers offering DSN)
+  -R RET          full or hdrs: what a failure report returns (RFC 3461 RET)
+  -V ENVID        envelope id quoted by reports (default, with -N or -R: the message id)
   --help          show this help
 
 Configuration comes only from $MAILSTROM_CONFIG or /etc/mailstrom/config.toml and the
@@ -57,7 +63,7 @@ MAILSTROM_* environment variables; mailstrom's own options (--store, --config, .
 refused here, before or after "sendmail".
 
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
--m -Am -Ac -d*, and -B -C -N -R -V -X -L -O -h -p with their value.
+-m -Am -Ac -d*, and -B -C -X -L -O -h -p with their value.
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
@@ -66,7 +72,7 @@ exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 
 _FLAGS = frozenset("timnvUG")
 """Single-letter flags without a value (may be clustered: ``-ti``)."""
-_IGNORED_WITH_VALUE = frozenset("BCNRVXLOhp")
+_IGNORED_WITH_VALUE = frozenset("BCXLOhp")
 """Options whose value is accepted (attached or next argument) and ignored."""
 _UNSUPPORTED_MODES = {
     "bp": "use `mailstrom queue`",
@@ -87,6 +93,16 @@ class SendmailArgs:
     ignore_dots: bool = False
     recipients: list[str] = field(default_factory=list)
     help: bool = False
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+
+    def dsn(self) -> DSN | None:
+        """The DSN request of -N, -R and -V, if any was given; UsageError when invalid."""
+        try:
+            return DSN.from_options(self.notify, self.ret, self.envid)
+        except InvalidMessage as exc:
+            raise UsageError(str(exc).replace("dsn: ", "-N/-R/-V: ")) from None
 
 
 def parse_args(argv: Sequence[str]) -> SendmailArgs:
@@ -126,6 +142,12 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                 args.sender = value(arg, letter)
             elif letter == "F":
                 args.full_name = value(arg, letter)
+            elif letter == "N":
+                args.notify = value(arg, letter)
+            elif letter == "R":
+                args.ret = value(arg, letter)
+            elif letter == "V":
+                args.envid = value(arg, letter)
             elif letter == "o":
                 # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
                 if arg[2:3] == "i":
@@ -233,6 +255,7 @@ def _enqueue(args: SendmailArgs) -> int:
 
     # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
     # directory's files, which whoever can write there would control.
+    dsn = args.dsn()  # a bad -N/-R/-V is a usage error before reading the message
     settings = sendmail_settings()
     stdin = sys.stdin.buffer
     data, recipients = build(
@@ -242,7 +265,12 @@ def _enqueue(args: SendmailArgs) -> int:
     )
     now = utc_now()
     prepared = prepare_for(
-        settings.config, data, envelope_from=args.sender, envelope_to=recipients, now=now
+        settings.config,
+        data,
+        envelope_from=args.sender,
+        envelope_to=recipients,
+        now=now,
+        dsn=dsn,
     )
     with store_from(settings) as store:
         store.enqueue(prepared, now=now)

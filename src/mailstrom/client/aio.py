@@ -10,6 +10,7 @@ from types import TracebackType
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, MetricsSnapshot
 from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
@@ -89,13 +90,15 @@ class AsyncMailstrom(FacadeBase):
         *,
         envelope_from: str | None = None,
         envelope_to: Sequence[str] | None = None,
+        dsn: DSN | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input; nothing
-        is queued then. Never waits on the network.
+        is queued then. Never waits on the network. ``dsn`` and a VERP ``envelope_from``
+        as for :meth:`Mailstrom.send_email`.
         """
-        prepared = self._prepare(message, envelope_from, envelope_to)
+        prepared = self._prepare(message, envelope_from, envelope_to, dsn)
         return await asyncio.to_thread(self.store.enqueue, prepared, now=self._clock())
 
     async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Literal
@@ -12,8 +13,9 @@ from typing import Literal
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
-from mailstrom.errors import InvalidSuppression, WorkerError
+from mailstrom.errors import InvalidMessage, InvalidSuppression, WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
+from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
@@ -157,6 +159,7 @@ class FacadeBase:
         message: MessageInput,
         envelope_from: str | None,
         envelope_to: Sequence[str] | None,
+        dsn: DSN | None = None,
     ) -> PreparedMessage:
         return prepare_for(
             self.config,
@@ -164,6 +167,7 @@ class FacadeBase:
             envelope_from=envelope_from,
             envelope_to=envelope_to,
             now=self._clock(),
+            dsn=dsn,
         )
 
 
@@ -200,8 +204,12 @@ def prepare_for(
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
     now: datetime,
+    dsn: DSN | None = None,
 ) -> PreparedMessage:
     """Validate, encode and sign ``message`` under ``config`` (what send_email queues).
+
+    ``dsn`` (else an :class:`Email`'s own ``dsn``) is the delivery status notification
+    request the message carries in its envelope.
 
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
@@ -221,6 +229,12 @@ def prepare_for(
     )
     if config.dkim is not None and not prepared.dkim:
         log_unsigned(prepared)
+    if dsn is None and isinstance(message, Email):
+        dsn = message.dsn
+    if dsn is not None:
+        if not isinstance(dsn, DSN):
+            raise InvalidMessage(f"dsn must be a DSN, not {type(dsn).__name__}")
+        prepared = replace(prepared, dsn=dsn)
     return prepared
 
 

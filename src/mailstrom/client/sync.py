@@ -16,6 +16,7 @@ from types import TracebackType
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, MetricsSnapshot
@@ -116,13 +117,17 @@ class Mailstrom(FacadeBase):
         *,
         envelope_from: str | None = None,
         envelope_to: Sequence[str] | None = None,
+        dsn: DSN | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input;
-        nothing is queued then.
+        nothing is queued then. ``dsn`` asks receiving servers for delivery status
+        notifications (RFC 3461; else an :class:`Email`'s own ``dsn``); an
+        ``envelope_from`` with ``{token}`` in its local part gives each recipient its own
+        VERP envelope sender (see docs/guide.md, "Bounces").
         """
-        prepared = self._prepare(message, envelope_from, envelope_to)
+        prepared = self._prepare(message, envelope_from, envelope_to, dsn)
         return self.store.enqueue(prepared, now=self._clock())
 
     def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailstrom.message.dsn import DSN
+
 if TYPE_CHECKING:
     from mailstrom.dkim.signing import DKIMSignature
 
@@ -31,6 +33,9 @@ class PreparedMessage:
     dkim: tuple[DKIMSignature, ...] = ()
     """The DKIM signatures ``data`` carries, one per key that signed it; empty when it was
     not signed (no DKIM configured, or no key aligned with the From domain)."""
+    dsn: DSN | None = None
+    """The delivery status notifications asked for (RFC 3461), sent to servers offering
+    DSN; None: no DSN parameters."""
 
     @property
     def size(self) -> int:

@@ -339,6 +339,8 @@ class Dispatcher:
                 if work.seven_bit is None:
                     work.seven_bit = downgrade_to_7bit(data)
                 data, eightbit = work.seven_bit, False
+            # RFC 3461 parameters go only to a server that offers DSN.
+            dsn_mail, dsn_rcpt = dsn_params(item) if "DSN" in conn.extensions else (b"", ())
             return conn.submit(
                 envelope_from=item.envelope_from,
                 recipients=[r.address for r in item.recipients],
@@ -346,6 +348,8 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.
@@ -385,3 +389,14 @@ class Dispatcher:
         self._destinations.clear()
         self._waiting.clear()
         await self._opener.close()
+
+
+def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
+    """The RFC 3461 MAIL and per-RCPT parameters ``item``'s DSN request asks for (the
+    ENVID defaults to the message id, which ``mailstrom bounce`` recognises)."""
+    dsn = item.dsn
+    if dsn is None:
+        return b"", ()
+    return dsn.mail_params(item.message_id), tuple(
+        dsn.rcpt_params(r.address) for r in item.recipients
+    )

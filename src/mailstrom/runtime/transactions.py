@@ -74,6 +74,8 @@ class Txn:
         "data",
         "data_reply",
         "dot_pending",
+        "dsn_mail",
+        "dsn_rcpt",
         "eightbit",
         "final",
         "future",
@@ -96,7 +98,11 @@ class Txn:
         eightbit: bool,
         reset: bool,
         future: asyncio.Future[TransactionResult],
+        dsn_mail: bytes = b"",
+        dsn_rcpt: Sequence[bytes] = (),
     ) -> None:
+        self.dsn_mail = dsn_mail
+        self.dsn_rcpt = dsn_rcpt
         self.sender = sender
         self.recipients = recipients
         self.data = data
@@ -204,6 +210,8 @@ class TransactionsMixin:
         smtputf8: bool,
         eightbit: bool,
         reset: bool = False,
+        dsn_mail: bytes = b"",
+        dsn_rcpt: Sequence[bytes] = (),
     ) -> asyncio.Future[TransactionResult]:
         """Queue one transaction; the future gives its :class:`TransactionResult`.
 
@@ -222,9 +230,16 @@ class TransactionsMixin:
         the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
         although no recipient was accepted, the connection is closed rather than an empty
         message sent.
+
+        ``dsn_mail`` and ``dsn_rcpt`` (one per recipient) are RFC 3461 parameters
+        (:class:`~mailstrom.message.dsn.DSN`); given to a server without DSN they raise
+        ``LocalProtocolError`` as the transaction starts, so callers give them only when
+        ``extensions`` has DSN.
         """
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
+        if dsn_rcpt and len(dsn_rcpt) != len(recipients):
+            raise ValueError("dsn_rcpt needs one entry per recipient")
         if not self.usable:
             raise SMTPConnectError(f"connection to {self.host} is not usable", host=self.host)
         session = self._session
@@ -251,7 +266,19 @@ class TransactionsMixin:
             )
         self.messages_sent += 1
         future: asyncio.Future[TransactionResult] = self._loop.create_future()
-        self._queued.append(Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future))
+        self._queued.append(
+            Txn(
+                envelope_from,
+                recipients,
+                data,
+                smtputf8,
+                eightbit,
+                reset,
+                future,
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
+            )
+        )
         self._continue()
         return future
 
@@ -275,6 +302,8 @@ class TransactionsMixin:
                 eightbit=txn.eightbit,
                 smtputf8=txn.smtputf8,
                 reset=txn.reset,
+                dsn_mail=txn.dsn_mail,
+                dsn_rcpt=txn.dsn_rcpt,
             )
             handlers = self._handlers
             if txn.reset:
@@ -307,7 +336,11 @@ class TransactionsMixin:
     def _mail_line(self, txn: Txn) -> bytes:
         self._handlers.append(functools.partial(self._on_mail, txn))
         return self._session.mail(
-            txn.sender, size=len(txn.data), eightbit=txn.eightbit, smtputf8=txn.smtputf8
+            txn.sender,
+            size=len(txn.data),
+            eightbit=txn.eightbit,
+            smtputf8=txn.smtputf8,
+            dsn=txn.dsn_mail,
         )
 
     def _on_rset(self, txn: Txn, reply: Reply) -> None:
@@ -333,9 +366,10 @@ class TransactionsMixin:
 
     def _send_rcpt(self, txn: Txn) -> None:
         address = txn.recipients[txn.next_rcpt]
+        dsn = txn.dsn_rcpt[txn.next_rcpt] if txn.dsn_rcpt else b""
         txn.next_rcpt += 1
         self._handlers.append(functools.partial(self._on_rcpt, txn))
-        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8))
+        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8, dsn=dsn))
         self._arm_next()
 
     def _on_rcpt(self, txn: Txn, reply: Reply) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -129,6 +130,8 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    dsn: DSN | None = None
+    """The message's delivery status notification request, if any."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -235,6 +235,7 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        dsn=m.prepared.dsn,
                     )
                 )
         if not items:

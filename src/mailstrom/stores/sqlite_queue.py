@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, MessageStatus, derive_message_state
 from mailstrom.stores.base import (
@@ -93,6 +94,8 @@ def insert_messages(
             ),
         )
         seq = cursor.lastrowid
+        if message.dsn is not None:  # rare: the common INSERT stays as it is
+            conn.execute("UPDATE messages SET dsn = ? WHERE seq = ?", (message.dsn.encode(), seq))
         recipients.extend(
             (seq, i, address, domain_of(address), hold, now)
             for i, address in enumerate(message.recipients)
@@ -129,7 +132,7 @@ def lease_rows(
     messages = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
-            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data"
+            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, dsn"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
@@ -150,7 +153,7 @@ def lease_rows(
         )
     items = []
     for (seq, domain), leased in groups.items():
-        _, mid, envelope_from, smtputf8, eightbit, _, data = messages[seq]
+        _, mid, envelope_from, smtputf8, eightbit, _, data, dsn = messages[seq]
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
@@ -162,6 +165,7 @@ def lease_rows(
                 data=bytes(data),
                 smtputf8=bool(smtputf8),
                 eightbit=bool(eightbit),
+                dsn=DSN.decode(dsn) if dsn else None,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))

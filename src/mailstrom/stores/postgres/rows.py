@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -56,6 +57,7 @@ def enqueue_params(
         "subjects": [m.subject for m in messages],
         "header_ids": [m.header_message_id for m in messages],
         "sizes": [m.size for m in messages],
+        "dsns": [m.dsn.encode() if m.dsn is not None else None for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
         "r_positions": r_positions,
@@ -99,7 +101,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
     (message, domain), each listing its recipients in the message's order."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], tuple[str, bool, bool]] = {}
+    heads: dict[tuple[str, str], tuple[str, bool, bool, str | None]] = {}
     for (
         message_id,
         domain,
@@ -112,13 +114,14 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         smtputf8,
         eightbit,
         body,
+        dsn,
     ) in rows:
         if body is not None:
             data[message_id] = body
         key = (message_id, domain)
         if key not in groups:
             groups[key] = []
-            heads[key] = (envelope_from, smtputf8, eightbit)
+            heads[key] = (envelope_from, smtputf8, eightbit, dsn)
         groups[key].append(
             (
                 position,
@@ -132,7 +135,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         )
     items = []
     for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit = heads[message_id, domain]
+        envelope_from, smtputf8, eightbit, dsn = heads[message_id, domain]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
@@ -144,6 +147,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 data=data[message_id],
                 smtputf8=smtputf8,
                 eightbit=eightbit,
+                dsn=DSN.decode(dsn) if dsn else None,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))

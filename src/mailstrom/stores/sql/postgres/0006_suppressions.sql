@@ -17,3 +17,7 @@ CREATE TABLE suppressions (
 -- `mailstrom bounce` finds the message a returned Message-ID names.
 CREATE INDEX messages_header_id ON messages (header_message_id)
     WHERE header_message_id IS NOT NULL;
+
+-- The delivery status notifications a message asks for (RFC 3461), as
+-- mailstrom.message.dsn.DSN.encode() writes them; NULL for none.
+ALTER TABLE messages ADD COLUMN dsn text;

@@ -9,14 +9,15 @@
 -- whole batch is one statement. NOTIFY is delivered when the statement commits.
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
-                          header_message_id, size, created_at, held)
+                          header_message_id, size, created_at, held, dsn)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
-           t.header_message_id, t.size, %(now)s, %(held)s
+           t.header_message_id, t.size, %(now)s, %(held)s, t.dsn
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
-                %(header_ids)s::text[], %(sizes)s::integer[]) WITH ORDINALITY
+                %(header_ids)s::text[], %(sizes)s::integer[], %(dsns)s::text[])
+         WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
-              n)
+              dsn, n)
     ORDER BY t.n  -- seq follows the caller's order
     RETURNING id, seq
 ), new_recipients AS (
@@ -55,14 +56,14 @@ WITH due AS MATERIALIZED (
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at
 ), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.dsn
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
 SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data
+            THEN m.data END AS data, m.dsn
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
