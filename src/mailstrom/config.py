@@ -262,6 +262,11 @@ class Config:
     hand or by ``mailstrom bounce``)."""
     suppress_for: timedelta | None = None
     """How long an entry added for a hard bounce lasts; None: until removed."""
+    bounce_notices: bool = False
+    """Send a bounce message (an RFC 3464 delivery status notification) to the envelope
+    sender of a message whose recipients the worker gives up on, for messages without a
+    DSN request; a message with one follows its NOTIFY (``mailstrom sendmail`` gives every
+    message one, so sendmail mail is bounced by default). Never for the null sender."""
 
     @property
     def outbox(self) -> bool:

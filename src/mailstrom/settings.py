@@ -349,6 +349,7 @@ KEYS: dict[str, Parser] = {
     "dkim.expire": _optional(_duration),
     "suppress_on": _str_list,
     "suppress_for": _optional(_duration),
+    "bounce_notices": _bool,
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])

@@ -78,3 +78,18 @@ def test_bad_values_are_refused(cli: CLI) -> None:
     assert sent.code == 65
     assert "NEVER cannot be combined" in sent.err
     assert cli.queue_ids() == []
+
+
+def test_sendmail_mail_is_bounced_to_its_sender(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["nobody@example.test"] = "550 5.1.1 No such user"
+    raw = b"From: App <app@other.test>\nTo: nobody@example.test\nSubject: hi\n\nbody\n"
+    cli.ok("sendmail", "-f", "app@other.test", "nobody@example.test", stdin=raw)
+    cli.ok("worker", "--once", "--no-live")
+    [notice] = mx.messages
+    assert (notice.mail_from, notice.rcpt_tos) == ("<>", ("app@other.test",))
+    assert b"Status: 5.1.1" in notice.content
+    # `mailstrom send` is the library's path: no notice unless asked.
+    cli.ok("send", "--from", "app@other.test", "--to", "nobody@example.test", "--text", "x")
+    cli.ok("worker", "--once", "--no-live")
+    assert len(mx.messages) == 1

@@ -172,3 +172,44 @@ def test_a_verp_item_becomes_one_transaction_per_recipient() -> None:
         **{**{f: getattr(item, f) for f in item.__slots__}, "envelope_from": "b@x.test"}
     )
     assert per_recipient(plain) == [plain]
+
+
+# --- the notices mailstrom sends -----------------------------------------------------
+
+
+def test_a_notice_keeps_peer_text_to_one_printable_line() -> None:
+    from mailstrom.bounces.notice import FailedRecipient, render_notice, wants_notice
+    from mailstrom.message.dsn import DSN, Notify
+
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    hostile = "550 5.1.1 gone\r\nBcc: victim@example.org\r\n\r\n--x\x00 ünï" + "y" * 5000
+    raw = render_notice(
+        reporting_mta="mx.client.test",
+        sender="app@sender.test",
+        message_id=MID,
+        original=b"Subject: hi\r\nMessage-ID: <m@x.test>\r\n\r\nbody\r\n",
+        arrival=now,
+        failed=[
+            FailedRecipient(
+                address="bob@example.org",
+                status="5.1.1",
+                diagnostic=hostile,
+                remote_mta="mx.example.org",
+                at=now,
+            )
+        ],
+        dsn=None,
+        now=now,
+    )
+    assert b"\nBcc:" not in raw and b"\x00" not in raw and raw.isascii()
+    assert max(len(line) for line in raw.split(b"\r\n")) < 998
+    report = parse_report(raw)
+    assert report is not None
+    [r] = report.recipients
+    assert r.diagnostic is not None and r.diagnostic.startswith("550 5.1.1 gone Bcc: victim")
+    assert report.original_message_id == "<m@x.test>"
+    assert b"body" not in raw  # headers only unless RET=FULL
+    assert not wants_notice("", DSN(), default=True)
+    assert not wants_notice("a@x.test", DSN(notify=(Notify.DELAY,)), default=True)
+    assert wants_notice("a@x.test", DSN(), default=False)
+    assert wants_notice("a@x.test", None, default=True)

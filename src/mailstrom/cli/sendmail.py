@@ -255,7 +255,10 @@ def _enqueue(args: SendmailArgs) -> int:
 
     # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
     # directory's files, which whoever can write there would control.
-    dsn = args.dsn()  # a bad -N/-R/-V is a usage error before reading the message
+    # A bad -N/-R/-V is a usage error before reading the message. Without them the
+    # message still carries a DSN request (NOTIFY left to the server), as an MTA's mail
+    # does: the worker then bounces final failures to the sender (docs/guide.md).
+    dsn = args.dsn() or DSN()
     settings = sendmail_settings()
     stdin = sys.stdin.buffer
     data, recipients = build(

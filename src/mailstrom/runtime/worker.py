@@ -37,11 +37,13 @@ from typing import Any, TypeVar
 from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.runtime.notices import notices_for
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
 from mailstrom.status import RecipientState, WorkerStatus
@@ -357,9 +359,12 @@ class Worker:
             if batch:
                 # Before on_result hears of a hard bounce, its address is on the list.
                 await self._suppress_hard_bounces(recorded)
+                notices = self._notices(recorded)  # before _recorded forgets the leases
                 self._recorded(batch, recorded)
                 if recorded and self._hooks is not None:
                     self._hooks.wake()
+                if notices:
+                    await self._send_notices(notices)
             if not leasing:
                 continue
             if lease is None:
@@ -445,6 +450,32 @@ class Worker:
             with contextlib.suppress(StoreError):
                 await self._store_call(self.store.release, lease)
             return None
+
+    def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
+        """Bounce messages for the final failures among ``recorded`` that ask for one."""
+        failed = [r for r in recorded if r.state is RecipientState.FAILED]
+        if not failed:
+            return []
+        items = {
+            (item.message_id, item.domain): item
+            for token in {r.lease_token for r in failed}
+            if (state := self._leases.get(token)) is not None
+            for item in state.lease.items
+        }
+        return notices_for(failed, items, config=self.config, now=self._clock())
+
+    async def _send_notices(self, notices: list[PreparedMessage]) -> None:
+        """Queue bounce messages like any other mail (they go out with the null sender,
+        so they are never bounced themselves). A store failure here loses them (logged)."""
+        try:
+            await self._store_call(self.store.enqueue_many, notices, now=self._clock())
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("bounce notices", exc)
+            log.warning("%d bounce messages not queued: %s", len(notices), exc)
+        else:
+            self._lease_wanted = True
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
         """Put the addresses of recorded hard bounces on the suppression list. If the store
