@@ -267,6 +267,11 @@ class Config:
     sender of a message whose recipients the worker gives up on, for messages without a
     DSN request; a message with one follows its NOTIFY (``mailstrom sendmail`` gives every
     message one, so sendmail mail is bounced by default). Never for the null sender."""
+    delay_warning: timedelta | None = None
+    """Also send a delay warning (``Action: delayed``) once, by the first attempt that
+    defers a recipient this long after queueing, to the senders that would get a bounce
+    message (and for a DSN request, only when its NOTIFY includes DELAY or is left to the
+    server); None (the default, as Postfix's ``delay_warning_time = 0``): never."""
 
     @property
     def outbox(self) -> bool:
@@ -317,6 +322,8 @@ class Config:
             object.__setattr__(self, "suppress_on", check_codes(self.suppress_on))
         except ValueError as exc:
             raise ConfigError(f"suppress_on: {exc}") from None
+        if self.delay_warning is not None and self.delay_warning.total_seconds() <= 0:
+            raise ConfigError("delay_warning must be positive (or None: no warnings)")
         if self.suppress_for is not None and self.suppress_for.total_seconds() <= 0:
             raise ConfigError("suppress_for must be positive (or None: no expiry)")
         if self.message_id_domain is not None:

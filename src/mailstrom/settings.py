@@ -350,6 +350,7 @@ KEYS: dict[str, Parser] = {
     "suppress_on": _str_list,
     "suppress_for": _optional(_duration),
     "bounce_notices": _bool,
+    "delay_warning": _optional(_duration),
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret"])

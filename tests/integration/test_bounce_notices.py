@@ -138,3 +138,35 @@ def test_a_suppressed_recipient_is_reported_too(mailstrom: Make, mx: Any, result
     assert report is not None
     [r] = report.recipients
     assert r.status == "5.0.0" and (r.diagnostic or "").startswith("suppressed since ")
+
+
+def test_one_delay_warning_once_retries_pass_the_threshold(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    from datetime import timedelta
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    mx.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy"
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1)
+    )
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@example.org"))
+        results.wait_count(1)  # deferred at once: no warning yet
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # deferred past the hour, and the warning delivered
+        [warning] = mx.wait_for_messages(1)
+        report = parse_report(warning.content)
+        assert report is not None
+        [r] = report.recipients
+        assert (r.final_recipient, r.action, r.status) == ("busy@example.org", "delayed", "4.2.1")
+        assert b"Subject: Delayed Mail (still being retried)" in warning.content
+        assert b"Will-Retry-Until: " in warning.content
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(4)  # deferred again: no second warning
+    assert [m.id for m in ms.query_recent()][-1] == mid
+    assert len(ms.query_recent()) == 2 and len(mx.messages) == 1

@@ -43,19 +43,24 @@ class FailedRecipient:
     at: datetime
 
 
-def wants_notice(envelope_from: str, dsn: DSN | None, *, default: bool) -> bool:
-    """Whether a final failure of a message is reported to its envelope sender."""
+def wants_notice(
+    envelope_from: str, dsn: DSN | None, *, default: bool, delay: bool = False
+) -> bool:
+    """Whether a final failure (``delay``: a delay) of a message is reported to its
+    envelope sender."""
     if not envelope_from:
         return False
     if dsn is None:
         return default
-    return not dsn.notify or Notify.FAILURE in dsn.notify
+    return not dsn.notify or (Notify.DELAY if delay else Notify.FAILURE) in dsn.notify
 
 
-def status_of(outcome: AttemptOutcome, enhanced: str | None) -> str:
+def status_of(outcome: AttemptOutcome, enhanced: str | None, *, delayed: bool = False) -> str:
     """The DSN ``Status`` of a failure: the enhanced code when it is a permanent one,
     else 5.0.0 (a refusal without one) or 4.4.7 (retries ran out: "delivery time
-    expired", RFC 3463)."""
+    expired", RFC 3463); of a delay, the temporary enhanced code or 4.0.0."""
+    if delayed:
+        return enhanced if enhanced and enhanced.startswith("4.") else "4.0.0"
     if enhanced and enhanced.startswith("5."):
         return enhanced
     return "5.0.0" if outcome is AttemptOutcome.PERMANENT else "4.4.7"
@@ -71,15 +76,26 @@ def render_notice(
     failed: Sequence[FailedRecipient],
     dsn: DSN | None,
     now: datetime,
+    delayed: bool = False,
+    retry_until: datetime | None = None,
 ) -> bytes:
-    """The notice to ``sender`` about ``failed`` recipients of message ``message_id``."""
+    """The notice to ``sender`` about ``failed`` recipients of message ``message_id``;
+    ``delayed``: a delay warning about recipients still being retried (``Action:
+    delayed``, RFC 3464 §2.3.3), until ``retry_until`` if known."""
     boundary = f"{message_id}.{os.urandom(6).hex()}/{reporting_mta}"
     head = original.partition(b"\r\n\r\n")[0] + b"\r\n"
-    full = dsn is not None and dsn.ret is Return.FULL and len(original) <= MAX_RETURNED
+    full = (
+        not delayed and dsn is not None and dsn.ret is Return.FULL and len(original) <= MAX_RETURNED
+    )
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{_line(sender)}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: "
+        + (
+            "Delayed Mail (still being retried)"
+            if delayed
+            else "Undelivered Mail Returned to Sender"
+        ),
         f"Date: {format_datetime(now)}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -94,7 +110,13 @@ def render_notice(
         "",
         f"This is the mail system at host {reporting_mta}.",
         "",
-        "Your message could not be delivered to one or more recipients.",
+        (
+            "Your message has not been delivered yet to one or more recipients; delivery"
+            " is still being tried"
+            + (f", until {format_datetime(retry_until)} at the latest." if retry_until else ".")
+            if delayed
+            else "Your message could not be delivered to one or more recipients."
+        ),
         "",
         *(f"<{_line(r.address)}>: {_line(r.diagnostic)}" for r in failed),
         "",
@@ -120,11 +142,12 @@ def render_notice(
                 else []
             ),
             f"Final-Recipient: rfc822; {_line(r.address)}",
-            "Action: failed",
+            f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {r.status}",
             *([f"Remote-MTA: dns; {_line(r.remote_mta)}"] if r.remote_mta else []),
             f"Diagnostic-Code: {_diagnostic(r.diagnostic)}",
             f"Last-Attempt-Date: {format_datetime(r.at)}",
+            *([f"Will-Retry-Until: {format_datetime(retry_until)}"] if retry_until else []),
         ]
     lines += [
         "",

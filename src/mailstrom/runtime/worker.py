@@ -453,7 +453,12 @@ class Worker:
 
     def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
         """Bounce messages for the final failures among ``recorded`` that ask for one."""
-        failed = [r for r in recorded if r.state is RecipientState.FAILED]
+        wanted = self.config.delay_warning is not None
+        failed = [
+            r
+            for r in recorded
+            if r.state is RecipientState.FAILED or (wanted and r.state is RecipientState.DEFERRED)
+        ]
         if not failed:
             return []
         items = {

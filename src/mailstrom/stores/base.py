@@ -114,6 +114,9 @@ class LeasedRecipient:
     ref: int | None = None
     """The store's own handle on this recipient (a row id), handed back in the result so
     recording needs no lookup; None for stores that do not use one."""
+    last_attempt_at: datetime | None = None
+    """When the attempt before this lease was made (None before the first): a delay
+    warning is sent by the attempt that first falls past its threshold."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

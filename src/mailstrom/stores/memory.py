@@ -229,6 +229,7 @@ class MemoryStore:
                                 attempts=r.attempts,
                                 first_attempt_at=r.first_attempt_at,
                                 created_at=m.created_at,
+                                last_attempt_at=r.last_attempt_at,
                             )
                             for r in recipients
                         ),

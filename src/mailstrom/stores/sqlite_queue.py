@@ -123,7 +123,7 @@ def lease_rows(
         f" WHERE {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
         f" ORDER BY {DUE_SQL}, id LIMIT ?)"
         " RETURNING id, message_seq, position, address, domain, attempts,"
-        " first_attempt_at",
+        " first_attempt_at, last_attempt_at",
         (token, to_us(expires_at), to_us(now), limit),
     ).fetchall()
     if not rows:
@@ -138,7 +138,7 @@ def lease_rows(
         ):
             messages[m[0]] = m
     groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
-    for rid, seq, position, address, domain, attempts, first in rows:
+    for rid, seq, position, address, domain, attempts, first, last in rows:
         groups.setdefault((seq, domain), []).append(
             (
                 position,
@@ -148,6 +148,7 @@ def lease_rows(
                     first_attempt_at=opt_dt(first),
                     created_at=from_us(messages[seq][5]),
                     ref=rid,
+                    last_attempt_at=opt_dt(last),
                 ),
             )
         )

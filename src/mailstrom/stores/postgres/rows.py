@@ -115,6 +115,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         eightbit,
         body,
         dsn,
+        last_attempt_at,
     ) in rows:
         if body is not None:
             data[message_id] = body
@@ -130,6 +131,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                     attempts=attempts,
                     first_attempt_at=first_attempt_at,
                     created_at=created_at,
+                    last_attempt_at=last_attempt_at,
                 ),
             )
         )

@@ -54,7 +54,7 @@ WITH due AS MATERIALIZED (
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
     WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at
+              r.first_attempt_at, r.last_attempt_at
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.dsn
     FROM messages m
@@ -63,7 +63,7 @@ WITH due AS MATERIALIZED (
 SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data, m.dsn
+            THEN m.data END AS data, m.dsn, l.last_attempt_at
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
