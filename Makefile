@@ -1,7 +1,7 @@
 # Two commands: `make demo` and `make test`. Both work on a fresh Debian machine with only
 # Python 3.11: they create .venv, install what they need, and (for tests) the PostgreSQL
-# server binaries the test setup starts on a throwaway cluster, and Perl's Mail::DKIM (a
-# second, independent DKIM verifier).
+# server binaries the test setup starts on a throwaway cluster, Perl's Mail::DKIM (a
+# second, independent DKIM verifier) and headless Chromium for the dashboard's browser tests.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	rm -f $(VENV)/.installed-* && touch $@
 
 system-deps:
-	@scripts/ensure-system-deps postgres dkim
+	@scripts/ensure-system-deps postgres dkim browser
 
 # The demo's loopback servers are mailstrom.testing's (the `testing` extra, part of `test`).
 demo: $(STAMP)

@@ -14,5 +14,6 @@ pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.smtp_server",
     "tests.fixtures.postgres",
+    "tests.fixtures.https_server",
     "mailstrom.testing.pytest_plugin",
 ]

@@ -15,6 +15,7 @@ from mailstrom import (
     DKIMAlgorithm,
     DKIMConfig,
     DKIMKey,
+    DKIMStatus,
     DNSConfig,
     Email,
     InvalidAddress,
@@ -22,6 +23,7 @@ from mailstrom import (
     InvalidMessage,
     Mailstrom,
     MessageStatus,
+    MTASTSConfig,
     NoDKIMKey,
     RecipientState,
     RetryPolicy,
@@ -100,10 +102,66 @@ def dkim_usage() -> None:
         for signature in prepared.dkim:
             print(signature.domain, signature.selector, signature.algorithm.value)
         print(config.dkim and config.dkim.keys[0].dns_record().strings)
+        with Mailstrom(config, store=open_store("memory:")) as ms:
+            outcome: DKIMStatus | None = ms.query_status(ms.send_email(email)).dkim
+            if outcome is not None and not outcome.signed:
+                print(outcome.reason)
+            elif outcome is not None:
+                print([str(s) for s in outcome.signatures])
     except NoDKIMKey as exc:
         print(exc.domains)
     except InvalidHeaderValue as exc:
         print(exc.header, exc.reason)
+
+
+def mta_sts_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom.tlsrpt.report import Reporter, build_report
+
+    config = Config(helo_name="mail.example.com", mta_sts=MTASTSConfig(timeout=5.0))
+    store = SQLiteStore("mail.db")
+    try:
+        cached = store.mta_sts_policy("example.org")
+        if cached is not None and cached.fresh(datetime.now(UTC)):
+            print(cached.policy.mode.value, cached.policy.allows("mx1.example.org"))
+        day = datetime.now(UTC).date()
+        reporter = Reporter(organization="Example", contact="tls@example.com", submitter="mx")
+        report = build_report("example.org", day, store.tls_sessions(day), reporter)
+        print(config.mta_sts, report.filename("mx"), len(report.gzipped()))
+    finally:
+        store.close()
+
+
+def queue_attribute_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom import InvalidQueueAttribute, Lane, QueueFilter
+
+    config = Config(
+        lanes=(Lane(name="transactional"), Lane(name="bulk", share=0.5)),
+        default_priority="transactional",
+        idempotency_window=timedelta(hours=6),
+    )
+    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+        try:
+            mid = ms.send_email(
+                Email(from_="a@example.com", to="b@example.org", text="x", tags=["receipt"]),
+                metadata={"order": "42"},
+                priority="bulk",
+                send_at=datetime(2030, 1, 1, 9, 0, tzinfo=UTC),
+                max_age=timedelta(hours=2),
+                idempotency_key="order-42",
+            )
+        except InvalidQueueAttribute as exc:
+            print(exc.field, exc.reason)
+            return
+        status = ms.query_status(mid)
+        tags: tuple[str, ...] = status.tags
+        order: str | None = status.metadata.get("order")
+        print(tags, order, status.priority, status.send_at, status.expires_at)
+        for found in ms.query(QueueFilter(tag="receipt", limit=10)):
+            print(found.id, found.idempotency_key)
 
 
 async def async_usage() -> None:

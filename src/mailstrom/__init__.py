@@ -19,6 +19,7 @@ from mailstrom.config import (
     Config,
     DNSConfig,
     HookConfig,
+    MTASTSConfig,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -58,6 +59,7 @@ from mailstrom.policy.retry import RetryPolicy
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
+    DKIMStatus,
     Histogram,
     MessageStatus,
     MetricsSnapshot,
@@ -82,6 +84,7 @@ __all__ = [
     "DKIMConfig",
     "DKIMKey",
     "DKIMSignature",
+    "DKIMStatus",
     "DNSConfig",
     "DeliveryError",
     "Email",
@@ -96,6 +99,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidSuppression",
     "LineTooLong",
+    "MTASTSConfig",
     "Mailstrom",
     "MailstromError",
     "MessageStatus",
@@ -133,6 +137,22 @@ __all__ = [
     "WorkerStatus",
     "downgrade_to_7bit",
     "prepare",
+]
+
+# Queue attributes: tags, metadata, priority lanes, scheduling, idempotency.
+from mailstrom.config import DEFAULT_LANES, Lane
+from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.stores.base import QueueFilter
+
+__all__ += [
+    "DEFAULT_LANES",
+    "InvalidMetadata",
+    "InvalidQueueAttribute",
+    "InvalidTag",
+    "Lane",
+    "QueueAttributes",
+    "QueueFilter",
 ]
 
 # A library must not print through logging's last-resort handler when the application has

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
@@ -14,18 +15,8 @@ from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
-
-
-class TLSPolicy(StrEnum):
-    """What to do about STARTTLS when delivering to MX hosts."""
-
-    OPPORTUNISTIC = "opportunistic"
-    """Use TLS when offered, without verifying the certificate; if the handshake fails,
-    retry that host in plaintext on a new connection (as MTAs do)."""
-    REQUIRED = "required"
-    """Deliver only over TLS (certificate not verified); no TLS → temporary failure."""
-    VERIFY = "verify"
-    """Deliver only over TLS with a certificate valid for the MX host name."""
+from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
+from mailstrom.tls.table import PolicyTable
 
 
 class EventLoop(StrEnum):
@@ -75,6 +66,11 @@ class DNSConfig:
     timeout: float = 10.0
     """Total seconds for one domain's route: its MX query and every address query
     together (dnspython's lifetime, shared by all the queries of one lookup)."""
+    dnssec: bool = False
+    """Trust the resolver to validate DNSSEC: believe the AD bit of its answers (like
+    Postfix's ``smtp_dns_support_level = dnssec``) and so use DANE (RFC 7672) for MX hosts
+    reached through validated records. Only for a validating resolver on a trusted path
+    (the same host, or a protected link)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,6 +168,97 @@ retry_min=1.0, retry_max=300.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MTASTSConfig:
+    """MTA-STS (RFC 8461): honour the policies recipient domains publish.
+
+    With it, every destination domain's ``_mta-sts`` TXT record is looked up (through
+    ``Config.dns``) and, when present, its policy fetched from
+    ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` and cached in the store for all
+    workers. ``enforce`` policies restrict delivery to the listed MX hosts over verified
+    TLS; ``testing`` ones only record what would have failed, for TLS reports (RFC 8460).
+    Needs the ``mta-sts`` extra (httpx).
+
+    >>> MTASTSConfig(timeout=5.0)  # doctest: +ELLIPSIS
+    MTASTSConfig(port=443, ...)
+    """
+
+    port: int = 443
+    """HTTPS port of ``mta-sts.<domain>`` (443; tests point it at a loopback server)."""
+    ca_file: str | None = None
+    """PEM file of the CAs that HTTPS certificates must chain to; default: the system's."""
+    tls_context: ssl.SSLContext | None = None
+    """Context verifying the HTTPS certificate (overrides ``ca_file``; for tests)."""
+    timeout: float = 10.0
+    """Seconds one policy fetch may take, connection and body together."""
+    recheck: float = 300.0
+    """Seconds a worker trusts its last look at a domain's TXT record (never longer than
+    the record's TTL); 0 looks it up for every delivery attempt."""
+    report: bool = True
+    """Count every connection's TLS outcome per policy domain in the store for ``mailstrom
+    tlsrpt`` (as ``Config.tlsrpt_record`` does, which also works without MTA-STS)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mta_sts.port must be 1-65535, got {self.port}")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"mta_sts.timeout: expected 0 < seconds <= 300, got {self.timeout}")
+        if not 0 <= self.recheck <= 86400:
+            raise ConfigError(f"mta_sts.recheck: expected 0 to 86400 seconds, got {self.recheck}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # An SSLContext cannot cross to a worker process: its CA certificates do, and the
+        # other side builds a context trusting them (besides the system's).
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tls_context"}
+        cas: tuple[bytes, ...] | None = None
+        if self.tls_context is not None:
+            found = self.tls_context.get_ca_certs(binary_form=True)
+            cas = tuple(c for c in found if isinstance(c, bytes))
+        return (_rebuild_mta_sts, (options, cas))
+
+
+def _rebuild_mta_sts(options: dict[str, object], cas: tuple[bytes, ...] | None) -> MTASTSConfig:
+    context = None
+    if cas is not None:
+        context = ssl.create_default_context()
+        for der in cas:
+            context.load_verify_locations(cadata=der)
+    return MTASTSConfig(tls_context=context, **options)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lane:
+    """A priority lane: messages sent with ``priority=name``.
+
+    Lanes are listed in ``Config.lanes`` highest first: a worker leases due work of a lane
+    before any of the lanes after it, and puts it ahead of theirs in every destination's
+    queue. ``share`` is the largest fraction of the worker's connections
+    (``max_connections``) and of the recipients it holds in flight that this lane may
+    take, so that bulk mail cannot occupy every connection while transactional mail waits.
+
+    >>> Lane(name="bulk", share=0.5)
+    Lane(name='bulk', share=0.5)
+    """
+
+    name: str
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        from mailstrom.message.attributes import check_lane_name
+
+        try:
+            check_lane_name(self.name, what="lanes")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"lane {self.name!r}: share must be > 0 and <= 1, got {self.share}")
+
+
+DEFAULT_LANES = (Lane(name="transactional", share=1.0), Lane(name="bulk", share=0.75))
+"""Transactional mail first, with every connection; bulk mail after it, with at most three
+quarters of them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the worker needs; every network dependency can be pointed elsewhere.
 
@@ -252,6 +339,46 @@ class Config:
     """Domain of the Message-IDs mailstrom makes. Default: the From domain when it is a
     public name, else ``helo_name`` when that is one, else ``mailstrom.invalid`` — never
     ``localhost`` or a name private to one network."""
+    mta_sts: MTASTSConfig | None = None
+    """Apply recipient domains' MTA-STS policies (RFC 8461); ``None`` ignores them. See
+    :class:`MTASTSConfig`."""
+
+    tls_domains: PolicyTable | Mapping[str, str] = field(default_factory=PolicyTable)
+    """Per-domain TLS policy levels overriding ``tls`` (Postfix's ``smtp_tls_policy_maps``):
+    ``{"example.com": "verify", "legacy.example": "none", "*.bank.example": "dane-only"}``.
+    An entry is the operator's word for its domain: MTA-STS and DANE apply only to
+    domains without one (and to ``dane``/``dane-only`` entries). Becomes a
+    :class:`~mailstrom.tls.table.PolicyTable`."""
+    tls_remember_broken: timedelta = timedelta(hours=1)
+    """How long a host whose TLS handshake failed is remembered (in the store, shared by
+    every worker): under the opportunistic policy it then gets plaintext at once, one
+    connection per attempt instead of two. Never under verify, DANE or MTA-STS; zero
+    turns the memory off."""
+    tlsrpt_record: bool = False
+    """Count the TLS outcome of every connection to a recipient's MX host, per policy
+    domain and policy type (``sts``, ``tlsa``, ``no-policy-found``), in the store, for the
+    daily TLS reports of ``mailstrom tlsrpt`` (RFC 8460), with or without MTA-STS. A
+    connection costs no store write: counters are written in batches. ``mta_sts.report``
+    (on by default) turns the same counting on whenever ``mta_sts`` is set."""
+
+    @property
+    def records_tls_sessions(self) -> bool:
+        """Whether workers count TLS sessions for reports (``tlsrpt_record``, or MTA-STS
+        with ``report``)."""
+        return self.tlsrpt_record or (self.mta_sts is not None and self.mta_sts.report)
+
+    lanes: tuple[Lane, ...] = DEFAULT_LANES
+    """Priority lanes, highest first (see :class:`Lane`)."""
+    default_priority: str = "transactional"
+    """The lane of a message sent without ``priority``; must be one of ``lanes``."""
+    idempotency_window: timedelta = timedelta(hours=24)
+    """How long an ``idempotency_key`` keeps returning the id of the message first sent
+    with it (counted from that first submission)."""
+
+    @property
+    def lane_names(self) -> tuple[str, ...]:
+        """The names of ``lanes``, highest first."""
+        return tuple(lane.name for lane in self.lanes)
 
     suppress_on: tuple[str, ...] = DEFAULT_SUPPRESS_ON
     """Permanent refusals that put the refused address on the store's suppression list:
@@ -337,3 +464,47 @@ class Config:
                     "private to one host or network)"
                 )
             object.__setattr__(self, "message_id_domain", name)
+        self._check_tls()
+        if self.mta_sts is not None and not isinstance(self.mta_sts, MTASTSConfig):
+            raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")
+        self._check_lanes()
+
+    def _check_lanes(self) -> None:
+        lanes = tuple(self.lanes)
+        if not lanes or not all(isinstance(lane, Lane) for lane in lanes):
+            raise ConfigError("lanes: expected one or more Lane values")
+        names = [lane.name for lane in lanes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"lanes: names must differ, got {names}")
+        if self.default_priority not in names:
+            raise ConfigError(
+                f"default_priority {self.default_priority!r} is not one of the lanes {names}"
+            )
+        object.__setattr__(self, "lanes", lanes)
+        if self.idempotency_window.total_seconds() <= 0:
+            raise ConfigError("idempotency_window must be positive")
+
+    def _check_tls(self) -> None:
+        try:
+            object.__setattr__(self, "tls", TLSPolicy(self.tls))
+        except ValueError:
+            choices = ", ".join(p.value for p in TLSPolicy)
+            raise ConfigError(f"tls must be one of {choices}, got {self.tls!r}") from None
+        table = self.tls_domains
+        if not isinstance(table, PolicyTable):
+            table = PolicyTable.parse(table)
+            object.__setattr__(self, "tls_domains", table)
+        dane = {TLSPolicy.DANE, TLSPolicy.DANE_ONLY}
+        if not self.dns.dnssec and (self.tls in dane or any(lv in dane for _, lv in table)):
+            raise ConfigError(
+                "tls: dane and dane-only need a resolver trusted to validate DNSSEC; "
+                "set dns.dnssec = true"
+            )
+        if self.tls_remember_broken.total_seconds() < 0:
+            raise ConfigError("tls_remember_broken must not be negative")
+
+    @property
+    def tls_table(self) -> PolicyTable:
+        """``tls_domains`` as the :class:`~mailstrom.tls.table.PolicyTable` it became."""
+        assert isinstance(self.tls_domains, PolicyTable)
+        return self.tls_domains

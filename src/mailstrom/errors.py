@@ -135,6 +135,27 @@ class NoDKIMKey(InvalidMessage):
         self.domains = domains
 
 
+class InvalidQueueAttribute(InvalidMessage):
+    """A queue attribute given at submission is unusable: a tag, a metadata entry, a
+    priority lane, a schedule or an idempotency key; ``field`` names it (``"tags"``,
+    ``"metadata"``, ``"priority"``, ``"send_at"``, ``"expires_at"``, ``"max_age"``,
+    ``"idempotency_key"``)."""
+
+    def __init__(self, reason: str, *, field: str) -> None:
+        super().__init__(reason)
+        self.field = field
+
+
+class InvalidTag(InvalidQueueAttribute):
+    """A tag is empty, too long, holds a character outside the allowed set, or there are
+    too many tags (see :mod:`mailstrom.message.attributes` for the limits)."""
+
+
+class InvalidMetadata(InvalidQueueAttribute):
+    """A metadata key or value is not a string, is too long or holds a control character,
+    or there are too many entries or octets."""
+
+
 # --- store and queue ---------------------------------------------------------------------
 
 
@@ -221,6 +242,11 @@ class SMTPConnectError(TemporaryFailure, ConnectionError):
 
 class TLSRequiredError(TemporaryFailure):
     """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""
+
+
+class RequireTLSFailure(PermanentFailure):
+    """A REQUIRETLS message (RFC 8689) cannot be sent as it demands: no authenticated TLS
+    is possible to the destination, or its server does not offer REQUIRETLS (5.7.30)."""
 
 
 # --- suppression and bounces -------------------------------------------------------------

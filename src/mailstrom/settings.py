@@ -38,6 +38,8 @@ from mailstrom.config import (
     DNSConfig,
     EventLoop,
     HookConfig,
+    Lane,
+    MTASTSConfig,
     RelayConfig,
     RelayTLS,
     Timeouts,
@@ -48,6 +50,7 @@ from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores.url import default_store_url, redact_url
+from mailstrom.tls.table import PolicyTable
 
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
@@ -70,6 +73,10 @@ class Settings:
     """Problems worth telling the user that do not stop the command (the CLI prints them)."""
     metrics_listen: str | None = None
     """``HOST:PORT`` where ``mailstrom worker`` serves /metrics and /healthz, if anywhere."""
+    web_listen: str | None = None
+    """``HOST:PORT`` where ``mailstrom web`` serves the dashboard (default 127.0.0.1:8025)."""
+    web_token: str | None = dataclasses.field(default=None, repr=False)
+    """The token (a password) every dashboard page requires; required off loopback."""
 
     def __repr__(self) -> str:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
@@ -282,6 +289,51 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
 
 
+def _tls_domains(key: str, value: Any) -> PolicyTable:
+    """A ``[tls.domains]`` table, or ``domain=level`` pairs separated by commas (the
+    environment's form: ``example.com=verify,*.bank.example=dane-only``)."""
+    if isinstance(value, str):
+        entries: dict[str, str] = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            name, sep, level = part.partition("=")
+            if not sep or not name.strip() or not level.strip():
+                raise ConfigError(f"{key}: expected domain=level pairs, got {part.strip()!r}")
+            entries[name.strip()] = level.strip()
+        value = entries
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of domain = level, got {value!r}")
+    return PolicyTable.parse(value)
+
+
+def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
+    """``[[lanes]]`` tables (``name``, optional ``share``), highest first; in the
+    environment ``name[:share]`` entries separated by commas (``transactional,bulk:0.75``)."""
+    if isinstance(value, str):
+        entries: list[Any] = []
+        for text in value.split(","):
+            name, _, share = text.strip().partition(":")
+            entries.append({"name": name} | ({"share": share} if share else {}))
+        value = entries
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected [[lanes]] tables with a name (and a share)")
+    lanes: list[Lane] = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: expected a table with a name (and a share)")
+        unknown = sorted(set(entry) - {"name", "share"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+        share = _float(0.0)(f"{where}.share", entry.get("share", 1.0))
+        try:
+            lanes.append(Lane(name=_str(f"{where}.name", entry["name"]), share=share))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(lanes)
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -347,13 +399,34 @@ KEYS: dict[str, Parser] = {
     "dkim.keys": _dkim_keys,
     "dkim.required": _bool,
     "dkim.expire": _optional(_duration),
+    "tls.default": _choice(TLSPolicy),
+    "tls.domains": _tls_domains,
+    "tls.remember_broken": _duration,
+    "dns.dnssec": _bool,
+    "mta_sts.enabled": _bool,
+    "mta_sts.port": _port,
+    "mta_sts.ca_file": _existing_file,
+    "mta_sts.timeout": _float(0.001),
+    "mta_sts.recheck": _float(0),
+    "mta_sts.report": _bool,
+    # Read by ``mailstrom tlsrpt`` only: who the reports say they come from.
+    "tlsrpt.organization": _str,
+    "tlsrpt.contact": _str,
+    "tlsrpt.from": _str,
+    "web.listen": _listen,
+    "web.token": _str,
+    # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).
+    "tlsrpt.record": _bool,
+    "lanes": _lanes,
+    "default_priority": _str,
+    "idempotency_window": _duration,
     "suppress_on": _str_list,
     "suppress_for": _optional(_duration),
     "bounce_notices": _bool,
     "delay_warning": _optional(_duration),
 }
 
-SECRET_KEYS = frozenset(["relay.password", "hook.secret"])
+SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])
 """Settings whose values are never shown: not in errors, not in ``repr``."""
 
 _SECTIONS = {key.partition(".")[0] for key in KEYS if "." in key}
@@ -479,6 +552,8 @@ def load_settings(
         values=values,
         warnings=tuple(warnings),
         metrics_listen=parsed.get("metrics.listen"),
+        web_listen=parsed.get("web.listen"),
+        web_token=parsed.get("web.token"),
     )
 
 
@@ -554,6 +629,19 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
             top["hook"] = HookConfig(**hook)
     if (domains := section("metrics").get("domains")) is not None:
         top["metrics_domains"] = tuple(domains)
+    tls = section("tls")
+    if "default" in tls and "tls" not in top:
+        # [tls] default = ... is how a file with [tls.domains] names the global level
+        # (TOML cannot have both tls = "..." and a [tls] table); a plain tls wins.
+        top["tls"] = tls["default"]
+    if "domains" in tls:
+        top["tls_domains"] = tls["domains"]
+    if "remember_broken" in tls:
+        top["tls_remember_broken"] = tls["remember_broken"]
+    if (mta_sts := section("mta_sts")) and mta_sts.pop("enabled", True):
+        top["mta_sts"] = MTASTSConfig(**mta_sts)
+    if "record" in (tlsrpt := section("tlsrpt")):
+        top["tlsrpt_record"] = tlsrpt["record"]
     return Config(**top)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from mailstrom.dkim.signing import DKIMSignature
+
 
 class RecipientState(StrEnum):
     """Where one recipient of one message stands."""
@@ -77,6 +79,9 @@ class ReasonClass(StrEnum):
     """The receiving system has trouble of its own: busy, full or misconfigured."""
     OTHER = "other"
     """None of the above, or a reply that says too little to tell."""
+    EXPIRED = "expired"
+    """Not delivered before the message's own expiry (``expires_at`` or ``max_age`` at
+    submission); given up without another attempt."""
     SUPPRESSED = "suppressed"
     """Not attempted: the address or its domain is on the suppression list (an earlier
     hard bounce, complaint or an operator's entry)."""
@@ -125,6 +130,11 @@ class Attempt:
     reason_class: ReasonClass | None = None
     """Why the attempt failed (see :class:`ReasonClass`); None when the server accepted
     the message. An uncertain attempt is ``connection`` even when counted as delivered."""
+    tls_policy: str | None = None
+    """The TLS policy the attempt's connection was made under: ``none``,
+    ``opportunistic``, ``required``, ``verify``, ``dane``, ``mta-sts enforce`` or
+    ``mta-sts testing`` (None: no connection was decided on, or recorded before
+    mailstrom knew policies)."""
 
     @property
     def tls(self) -> bool:
@@ -171,6 +181,47 @@ class RecipientStatus:
         return self.error or ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DKIMStatus:
+    """Whether a message was DKIM-signed when it was queued, and how.
+
+    Signed: ``signatures`` lists one :class:`~mailstrom.dkim.DKIMSignature` (domain,
+    selector, algorithm) per key that signed it and ``reason`` is None. Unsigned although
+    DKIM is configured: ``signatures`` is empty and ``reason`` says why (e.g. "no DKIM key
+    for the From domain example.org"); the message is sent as it is and may fail DMARC at
+    the receiver. A message queued without DKIM configured has no DKIMStatus at all
+    (``MessageStatus.dkim`` is None).
+
+    >>> from mailstrom.dkim import DKIMAlgorithm, DKIMSignature
+    >>> rsa = DKIMSignature(domain="example.com", selector="s1",
+    ...                     algorithm=DKIMAlgorithm.RSA_SHA256)
+    >>> st = DKIMStatus(signatures=(rsa,))
+    >>> st.signed, str(st)
+    (True, 'signed: example.com (s1, rsa-sha256)')
+    >>> str(DKIMStatus(reason="no DKIM key for the From domain example.org"))
+    'unsigned: no DKIM key for the From domain example.org'
+    """
+
+    signatures: tuple[DKIMSignature, ...] = ()
+    """The signatures the queued message carries, in the order they were made."""
+    reason: str | None = None
+    """Why the message is not signed; None when it is."""
+
+    def __post_init__(self) -> None:
+        if bool(self.signatures) == (self.reason is not None):
+            raise ValueError("a DKIMStatus has either signatures or a reason, exactly one")
+
+    @property
+    def signed(self) -> bool:
+        """True when at least one DKIM signature was made."""
+        return bool(self.signatures)
+
+    def __str__(self) -> str:
+        if self.reason is not None:
+            return f"unsigned: {self.reason}"
+        return "signed: " + ", ".join(str(s) for s in self.signatures)
+
+
 def derive_message_state(states: Sequence[RecipientState]) -> RecipientState:
     """A message's state from its recipients' states.
 
@@ -199,6 +250,22 @@ class MessageStatus:
     header_message_id: str | None = None
     subject: str | None = None
     held: bool = False
+    dkim: DKIMStatus | None = None
+    """Whether the message was DKIM-signed when queued (see :class:`DKIMStatus`); None
+    when DKIM was not configured, or the message was queued by a mailstrom that did not
+    record it."""
+    tags: tuple[str, ...] = ()
+    """The labels given at submission (``Email.tags`` or ``send_email(tags=...)``)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The key/value strings given at submission."""
+    priority: str | None = None
+    """The priority lane (None for messages queued before lanes existed)."""
+    send_at: datetime | None = None
+    """Not delivered before this time (None: at once)."""
+    expires_at: datetime | None = None
+    """Recipients still pending at this time fail with the reason ``expired``."""
+    idempotency_key: str | None = None
+    """The key it was submitted with, if any."""
 
     @property
     def is_final(self) -> bool:
@@ -237,6 +304,10 @@ class DeliveryEvent:
     tls: bool = False
     uncertain: bool = False
     next_attempt_at: datetime | None = None
+    tags: tuple[str, ...] = ()
+    """The message's tags, copied when the event was written."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """The message's metadata, copied when the event was written."""
 
     @property
     def reason(self) -> str:

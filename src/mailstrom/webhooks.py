@@ -7,7 +7,8 @@ recorded result, oldest first::
      "message_id": "0190f3a2…", "recipient": "bob@example.org", "attempt": 2,
      "reply": {"code": 452, "enhanced": "4.2.2", "text": "Mailbox full"}, "error": null,
      "reason_class": "mailbox", "mx_host": "mx.example.org", "ip": "192.0.2.1",
-     "tls": true, "uncertain": false, "next_attempt_at": "2030-01-02T03:14:05+00:00"}
+     "tls": true, "uncertain": false, "next_attempt_at": "2030-01-02T03:14:05+00:00",
+     "tags": ["receipt"], "metadata": {"order": "42"}}
 
 ``id`` is unique and increasing per store: a request that timed out may arrive again, so
 receivers de-duplicate on it. The ``Mailstrom-Signature`` header reads
@@ -57,6 +58,8 @@ def event_json(event: DeliveryEvent) -> dict[str, Any]:
         "tls": event.tls,
         "uncertain": event.uncertain,
         "next_attempt_at": event.next_attempt_at.isoformat() if event.next_attempt_at else None,
+        "tags": list(event.tags),
+        "metadata": dict(event.metadata),
     }
 
 

@@ -162,3 +162,39 @@ def test_dkimpy_sees_no_signature_without_dkim(mail_env: MailEnv) -> None:
     cli.ok("worker", "--once", "--no-live")
     [received] = mail_env.mx.messages
     assert verify_dkimpy(received.content, mail_env.dns) == []
+
+
+def dkim_line(out: str) -> str:
+    [line] = [line for line in out.splitlines() if line.startswith("DKIM:")]
+    return line.removeprefix("DKIM:").strip()
+
+
+def test_status_shows_how_each_message_was_signed(cli: CLI) -> None:
+    config = dkim_config(cli)
+    send = ("send", "--to", "bob@example.test", "--text", "x", "--from")
+    signed = cli.ok("--config", str(config), *send, "App <app@client.test>").out.strip()
+    unsigned = cli.ok("--config", str(config), *send, "app@other.test").out.strip()
+    plain = cli.ok(*send, "app@client.test").out.strip()  # no DKIM configured
+
+    assert dkim_line(cli.ok("status", signed).out) == (
+        "signed: client.test (rsa, rsa-sha256), client.test (ed, ed25519-sha256)"
+    )
+    assert dkim_line(cli.ok("status", unsigned).out) == (
+        "unsigned: no DKIM key for the From domain other.test"
+    )
+    assert dkim_line(cli.ok("status", plain).out).startswith("not recorded")
+
+    assert cli.ok("status", "--json", signed).json()["dkim"] == {
+        "signed": True,
+        "signatures": [
+            {"domain": "client.test", "selector": "rsa", "algorithm": "rsa-sha256"},
+            {"domain": "client.test", "selector": "ed", "algorithm": "ed25519-sha256"},
+        ],
+        "reason": None,
+    }
+    assert cli.ok("status", "--json", unsigned).json()["dkim"] == {
+        "signed": False,
+        "signatures": [],
+        "reason": "no DKIM key for the From domain other.test",
+    }
+    assert cli.ok("status", "--json", plain).json()["dkim"] is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailstrom.config import RelayTLS, TLSPolicy
+from mailstrom.config import Lane, RelayTLS, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.settings import (
     KEYS,
@@ -219,3 +219,27 @@ def test_parse_dns_servers() -> None:
     assert parse_dns_servers(["::1"]) == {"dns.nameservers": ["::1"]}
     with pytest.raises(ConfigError, match="same port"):
         parse_dns_servers(["127.0.0.1:53", "127.0.0.2:54"])
+
+
+def test_lanes_default_priority_and_idempotency_window_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'default_priority = "bulk"\nidempotency_window = "2h"\n'
+        '[[lanes]]\nname = "transactional"\n[[lanes]]\nname = "bulk"\nshare = 0.5\n'
+    )
+    config = load_settings(config_path=path, env={}).config
+    assert config.lanes == (Lane(name="transactional"), Lane(name="bulk", share=0.5))
+    assert config.default_priority == "bulk"
+    assert config.idempotency_window == timedelta(hours=2)
+    env = {
+        "MAILSTROM_LANES": "urgent, normal:0.6,bulk:0.25",
+        "MAILSTROM_DEFAULT_PRIORITY": "normal",
+    }
+    from_env = load_settings(env=env, search=False).config
+    assert from_env.lane_names == ("urgent", "normal", "bulk")
+    assert from_env.lanes[2].share == 0.25
+    for bad in ("Bulk", "bulk:0", "bulk:2", "a,a", ""):
+        with pytest.raises(ConfigError):
+            _ = load_settings(env={"MAILSTROM_LANES": bad}, search=False).config
+    with pytest.raises(ConfigError):
+        _ = load_settings(env={"MAILSTROM_DEFAULT_PRIORITY": "urgent"}, search=False).config

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Attachment, Email, RecipientState
+from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -188,3 +188,40 @@ def test_a_worker_process_delivers_signed_mail(
     finally:
         store.close()
     assert_all_pass(received.content, dns_server)
+
+
+def test_status_says_whether_each_message_was_signed(
+    tmp_path: Path, dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Issue 10 §1: a message no key aligns with is sent unsigned "and its status says so";
+    a signed one's status lists the signatures the receiver verified."""
+    results = Results()
+    config = loopback_config(dns_server, receivers[True].port, dkim=CONFIG)
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+            signed = ms.send_email(text_message("bob@modern.test"))
+            unsigned = ms.send_email(
+                Email(from_="app@elsewhere.test", to=["carol@modern.test"], text="Hi")
+            )
+            results.wait_count(2)
+            signed_status, unsigned_status = ms.query_status(signed), ms.query_status(unsigned)
+            recent = {m.id: m.dkim for m in ms.query_recent()}
+    finally:
+        store.close()
+    assert signed_status.state is unsigned_status.state is RecipientState.DELIVERED
+    assert signed_status.dkim == DKIMStatus(
+        signatures=(
+            DKIMSignature(domain="sender.test", selector="rsa", algorithm=DKIMAlgorithm.RSA_SHA256),
+            DKIMSignature(
+                domain="sender.test", selector="ed", algorithm=DKIMAlgorithm.ED25519_SHA256
+            ),
+        )
+    )
+    assert unsigned_status.dkim == DKIMStatus(
+        reason="no DKIM key for the From domain elsewhere.test"
+    )
+    assert recent == {signed: signed_status.dkim, unsigned: unsigned_status.dkim}
+    by_rcpt = {m.rcpt_tos[0]: m.content for m in receivers[True].wait_for_messages(2)}
+    assert_all_pass(by_rcpt["bob@modern.test"], dns_server)
+    assert b"DKIM-Signature" not in by_rcpt["carol@modern.test"]

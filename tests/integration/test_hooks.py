@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Config, Email, HookConfig, Mailstrom
+from mailstrom import Config, Email, HookConfig, Mailstrom, QueueFilter
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.stores import SQLiteStore
 from mailstrom.webhooks import SIGNATURE_HEADER, verify_signature
@@ -302,3 +302,35 @@ def test_worker_killed_mid_batch_resends_only_unacknowledged_events(
     assert len(endpoint.requests) == count
     assert store.lease_events(now=datetime.now(UTC), limit=100, lease_for=timedelta(1)) is None
     store.close()
+
+
+def test_hook_payloads_carry_the_messages_tags_and_metadata(
+    mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    email = Email(
+        from_="App <app@sender.test>",
+        to=["u1@example.org"],
+        text="Your receipt",
+        tags=["receipt"],
+        metadata={"order": "42"},
+    )
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        tagged = ms.send_email(email)
+        raw = ms.send_email(
+            b"From: app@sender.test\r\nTo: u2@example.org\r\nSubject: raw\r\n\r\nraw\r\n",
+            tags=["raw", "shop:eu"],
+            metadata={"user": "u-7"},
+        )
+        results.wait_count(2)
+        endpoint.wait_for(lambda _: len(endpoint.acked_ids()) >= 2)
+        assert ms.query_status(raw).tags == ("raw", "shop:eu")
+        assert [m.id for m in ms.query(QueueFilter(tag="receipt"))] == [tagged]
+    store.close()
+    events = {e["message_id"]: e for r in endpoint.requests for e in r.events}
+    assert events[tagged]["tags"] == ["receipt"]
+    assert events[tagged]["metadata"] == {"order": "42"}
+    assert events[raw]["tags"] == ["raw", "shop:eu"]
+    assert events[raw]["metadata"] == {"user": "u-7"}

@@ -67,12 +67,13 @@ def schema_versions(url: str) -> list[int]:
 
 def test_migrate_creates_schema_once(postgres_url: str) -> None:
     latest = migrations()[-1].version
+    every = [m.version for m in migrations()]
     assert migrate(postgres_url) == latest
     assert migrate(postgres_url) == latest
-    assert schema_versions(postgres_url) == [m.version for m in migrations()]
+    assert schema_versions(postgres_url) == every
     with PostgresStore(postgres_url) as s:  # opening migrates again: a no-op
         assert isinstance(s, Store)
-    assert schema_versions(postgres_url) == [m.version for m in migrations()]
+    assert schema_versions(postgres_url) == every
 
 
 def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
@@ -287,3 +288,33 @@ def test_server_going_away_is_a_store_error(postgres_server: ThrowawayPostgres) 
             s.enqueue(message("r@example.org"), now=T0)
     finally:
         s.close()
+
+
+def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> None:
+    """EXPLAIN of the statement a lease by lanes runs: each lane's rows come from
+    recipients_lane_due (sequential scans are priced out, as on a large table)."""
+    import dataclasses
+
+    from mailstrom.message.attributes import QueueAttributes
+    from mailstrom.stores.postgres.sql import queries
+
+    with PostgresStore(postgres_url) as store:
+        for lane in ("transactional", "bulk"):
+            prepared = dataclasses.replace(
+                message("x@example.org"), attributes=QueueAttributes(priority=lane)
+            )
+            store.enqueue(prepared, now=T0)
+    params = {
+        "now": T0,
+        "limit": 10,
+        "token": "t",
+        "expires_at": T0 + LEASE,
+        "lanes": ["transactional", "bulk"],
+        "lane_limits": [10, 10],
+    }
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row[0] for row in conn.execute(b"EXPLAIN " + queries()["lease_lanes"].encode(), params)
+        )
+    assert "recipients_lane_due" in plan, plan

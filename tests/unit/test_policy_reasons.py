@@ -70,10 +70,10 @@ def test_every_class_is_reachable_from_some_reply_or_fallback() -> None:
     reachable = {r.reason_class for r in t.rules}
     reachable |= set(t.details.values()) | set(t.subjects.values()) | set(t.codes.values())
     reachable |= set(t.local.values()) | {ReasonClass.OTHER}
-    # CONNECTION also comes from errors without a reply (runtime.outcomes); SUPPRESSED
-    # only from the worker's suppression check, never from a reply.
-    reachable |= {ReasonClass.SUPPRESSED}
-    assert reachable == set(ReasonClass)
+    # CONNECTION also comes from errors without a reply (runtime.outcomes); EXPIRED only
+    # from the message's own expiry and SUPPRESSED only from the worker's suppression
+    # check, never from a reply.
+    assert reachable | {ReasonClass.EXPIRED, ReasonClass.SUPPRESSED} == set(ReasonClass)
 
 
 GOOD = """

@@ -4,12 +4,19 @@ It resolves the domain as the worker does, connects to every address of every MX
 configured SMTP port, reports EHLO capabilities, STARTTLS and the certificate (verified with
 the configured trust), says whether the TLS policy would let mail through, and checks that
 the HELO name has forward (A/AAAA) and reverse (PTR) DNS that agree, as receivers expect.
+
+It also asks for DNSSEC (whatever ``dns.dnssec`` says, so that it can report it): whether
+the resolver validated the MX and address records (the AD bit), each host's TLSA records
+at ``_25._tcp.<host>``, and the TLS policy the worker would apply to each host (DANE only
+with ``dns.dnssec``, as in delivery), checking the certificate against the TLSA records.
+It fetches the domain's MTA-STS policy too (see :mod:`mailstrom.cli.check_mtasts`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +26,12 @@ import dns.exception
 import dns.resolver
 import dns.reversename
 
+from mailstrom.cli.check_mtasts import (
+    MTASTSReport,
+    apply_to_verdicts,
+    check_mta_sts,
+    print_mta_sts,
+)
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import print_json
@@ -27,6 +40,9 @@ from mailstrom.config import Config, TLSPolicy
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
+from mailstrom.tls.dane import lookup_tlsa
+from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
 EPILOG = """\
 examples:
@@ -45,8 +61,10 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="show how mail to a domain would be delivered",
         description="Resolve DOMAIN's MX hosts, connect to each address, and report EHLO "
-        "capabilities, STARTTLS, TLS version and certificate, what the TLS policy would "
-        "do, and whether the HELO name's forward and reverse DNS match. Sends no mail.",
+        "capabilities, STARTTLS, TLS version and certificate, whether DNSSEC validated the "
+        "records, each host's TLSA records and whether the certificate matches them, what "
+        "the TLS policy would do, and whether the HELO name's forward and reverse DNS "
+        "match. Sends no mail.",
         epilog=EPILOG,
     )
     p.add_argument("domain", help="recipient domain (the part after @)")
@@ -72,6 +90,8 @@ class AddressReport:
     certificate_error: str | None = None
     verdict: str = ""
     usable: bool = False
+    dane: str | None = None
+    """With TLSA records: which one the certificate matched, or why none did."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -79,6 +99,15 @@ class HostReport:
     name: str
     preference: int
     addresses: list[AddressReport]
+    dnssec: bool = False
+    """The host's address records were DNSSEC-validated (the resolver's AD bit)."""
+    tlsa: list[str] = field(default_factory=list)
+    """Its TLSA records at _25._tcp.<host>, as "usage selector matching data"."""
+    tlsa_dnssec: bool = False
+    tlsa_error: str | None = None
+    tls_policy: str | None = None
+    """The policy delivery would apply (none, opportunistic, required, verify, dane...)."""
+    tls_policy_reason: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -101,6 +130,11 @@ class CheckReport:
     dns_permanent: bool = False
     hosts: list[HostReport] = field(default_factory=list)
     helo: HeloReport | None = None
+    dnssec: bool = False
+    """The MX records (or the implicit MX's addresses) were DNSSEC-validated."""
+    dnssec_trusted: bool = False
+    """``dns.dnssec``: delivery believes the AD bit (and so uses DANE)."""
+    mta_sts: MTASTSReport | None = None
 
     @property
     def deliverable(self) -> bool:
@@ -147,8 +181,11 @@ async def _open(config: Config, host: str, ip: str, mode: StartTLS) -> SMTPConne
     )
 
 
-async def probe(config: Config, host: str, ip: str) -> AddressReport:
-    """Connect in plaintext for the capabilities, then with STARTTLS to judge TLS."""
+async def probe(
+    config: Config, host: str, ip: str, need: TLSRequirement | None = None
+) -> AddressReport:
+    """Connect in plaintext for the capabilities, then with STARTTLS to judge TLS; ``need``
+    is the TLS requirement delivery would apply (default: the global policy's)."""
     report = AddressReport(ip=ip, port=config.smtp_port)
     try:
         plain = await _open(config, host, ip, StartTLS.NEVER)
@@ -162,8 +199,57 @@ async def probe(config: Config, host: str, ip: str) -> AddressReport:
     await plain.close()
     if report.starttls:
         await _probe_tls(config, host, ip, report)
-    report.verdict, report.usable = _verdict(config.tls, report)
+        if need is not None and need.tlsa:
+            await _probe_dane(config, host, ip, need, report)
+    if need is None or (need.source is PolicySource.DEFAULT and need.mode is not TLSMode.NONE):
+        report.verdict, report.usable = _verdict(config.tls, report)
+    else:
+        report.verdict, report.usable = _verdict_for(need, report)
     return report
+
+
+async def _probe_dane(
+    config: Config, host: str, ip: str, need: TLSRequirement, report: AddressReport
+) -> None:
+    try:
+        conn = await SMTPConnection.open(
+            host=host,
+            ip=ip,
+            port=config.smtp_port,
+            helo_name=config.helo_name,
+            timeouts=config.timeouts,
+            starttls=StartTLS.DANE,
+            tlsa=need.tlsa,
+            source_address=config.source_address,
+        )
+    except DeliveryError as exc:
+        report.dane = f"no match: {exc.text}"
+        return
+    report.dane = f"matched {conn.dane_match}"
+    await conn.close()
+
+
+def _verdict_for(need: TLSRequirement, r: AddressReport) -> tuple[str, bool]:
+    """What delivery under the decided requirement would do with this address."""
+    label = need.label
+    tls_works = r.tls_version is not None
+    if need.mode is TLSMode.NONE:
+        return f"would deliver in plaintext (policy none: {need.reason})", True
+    if need.mode is TLSMode.DANE:
+        if r.dane is not None and r.dane.startswith("matched"):
+            return f"would deliver over TLS (DANE: {r.dane})", True
+        why = r.dane or r.error or "STARTTLS not offered"
+        return f"would defer ({label}): {why}", False
+    if need.mode is TLSMode.VERIFY and not r.certificate_verified:
+        why = r.certificate_error or r.error or "STARTTLS not offered"
+        return f"would defer ({label}): {why}", False
+    if need.mode is TLSMode.REQUIRED and not tls_works:
+        return f"would defer ({label}): {r.error or 'STARTTLS not offered'}", False
+    if tls_works:
+        return f"would deliver over TLS ({label})", True
+    if r.starttls:
+        return "would deliver in plaintext (TLS handshake failed)", True
+    return "would deliver in plaintext (no STARTTLS)", True
 
 
 async def _probe_tls(config: Config, host: str, ip: str, report: AddressReport) -> None:
@@ -236,23 +322,61 @@ async def run_check(config: Config, domain: str) -> CheckReport:
         tls_policy=config.tls.value,
         relay=config.relay.host if config.relay else None,
     )
+    report.dnssec_trusted = config.dns.dnssec
+    # Ask for DNSSEC whatever the setting, to report it; delivery believes it only with
+    # dns.dnssec (the decider below is the worker's own).
+    asking = dataclasses.replace(config.dns, dnssec=True)
     route: Route | None = None
     try:
-        route = await Router.for_config(config).route(domain)
+        route = await Router(
+            asking, allow_loopback=config.allow_loopback, mx_address_limit=config.mx_address_limit
+        ).route(domain)
     except DeliveryError as exc:
         report.dns_error = str(exc)
         report.dns_permanent = isinstance(exc, PermanentFailure)
     helo = asyncio.create_task(check_helo(config))
+    mta_sts = asyncio.create_task(check_mta_sts(config, domain))
     if route is not None:
         report.implicit_mx = route.implicit
+        report.dnssec = route.secure
+        resolver = make_resolver(asking)
+        decider = TLSDecider.for_config(config)
         for host in route.hosts:
+            host_report = HostReport(
+                name=host.name, preference=host.preference, addresses=[], dnssec=host.secure
+            )
+            try:
+                found = await lookup_tlsa(resolver, host.name)
+                host_report.tlsa = [str(r) for r in found.records]
+                host_report.tlsa_dnssec = found.secure
+            except DeliveryError as exc:
+                host_report.tlsa_error = exc.text
+            need: TLSRequirement | None = None
+            try:
+                need = await decider.requirement(
+                    Destination(
+                        domain=route.domain,
+                        mx_host=host.name,
+                        mx_secure=route.secure,
+                        host_secure=host.secure,
+                    )
+                )
+                host_report.tls_policy = need.label
+                host_report.tls_policy_reason = need.reason
+            except DeliveryError as exc:
+                host_report.tls_policy_reason = f"would defer: {exc.text}"
             addresses = await asyncio.gather(
-                *(probe(config, host.name, ip) for ip in host.addresses)
+                *(probe(config, host.name, ip, need) for ip in host.addresses)
             )
-            report.hosts.append(
-                HostReport(name=host.name, preference=host.preference, addresses=list(addresses))
-            )
+            if need is None:  # the policy itself refuses this host
+                for address in addresses:
+                    address.verdict = host_report.tls_policy_reason or "would defer"
+                    address.usable = False
+            host_report.addresses = list(addresses)
+            report.hosts.append(host_report)
     report.helo = await helo
+    report.mta_sts = await mta_sts
+    apply_to_verdicts(report, report.mta_sts)
     return report
 
 
@@ -282,8 +406,26 @@ def print_report(r: CheckReport) -> None:
         print(f"  DNS: {kind} failure: {r.dns_error}")
     elif r.implicit_mx:
         print("  no MX records: the domain's own addresses stand in (implicit MX)")
+    if r.dns_error is None:
+        trust = "" if r.dnssec_trusted else " (not used: dns.dnssec is off)"
+        validated = "validated (AD)" if r.dnssec else "not validated"
+        print(f"  DNSSEC:      MX records {validated}{trust}")
     for h in r.hosts:
         print(f"\nMX {h.preference} {h.name}")
+        print(f"  DNSSEC:      addresses {'validated (AD)' if h.dnssec else 'not validated'}")
+        if h.tlsa_error:
+            print(f"  TLSA:        lookup failed: {h.tlsa_error}")
+        elif h.tlsa:
+            state = "validated (AD)" if h.tlsa_dnssec else "NOT validated"
+            print(f"  TLSA:        {state}")
+            for record in h.tlsa:
+                print(f"               {record}")
+        else:
+            print("  TLSA:        none")
+        if h.tls_policy is not None:
+            print(f"  TLS policy:  {h.tls_policy} ({h.tls_policy_reason})")
+        elif h.tls_policy_reason:
+            print(f"  TLS policy:  {h.tls_policy_reason}")
         for a in h.addresses:
             where = f"[{a.ip}]:{a.port}" if _is_v6(a.ip) else f"{a.ip}:{a.port}"
             print(f"  {where}")
@@ -307,7 +449,11 @@ def print_report(r: CheckReport) -> None:
                     print("    certificate: verified")
                 elif a.certificate_error:
                     print(f"    certificate: NOT verified: {a.certificate_error}")
+                if a.dane:
+                    print(f"    DANE:        {a.dane}")
             print(f"    verdict:     {a.verdict}")
+    if r.mta_sts is not None:
+        print_mta_sts(r.mta_sts)
     if r.helo is not None:
         h2 = r.helo
         print(f"\nHELO name {h2.name}")

@@ -134,6 +134,8 @@ def _print(event: DeliveryEvent, *, as_json: bool) -> None:
             parts.append(f"host={event.mx_host}")
         if event.reason_class:
             parts.append(f"class={event.reason_class}")
+        if event.tags:
+            parts.append("tags=" + ",".join(event.tags))
         reason = " ".join(event.reason.split())
         line = " ".join(parts) + (f": {reason}" if reason else "")
     sys.stdout.write(line + "\n")

@@ -24,7 +24,9 @@ from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
 from mailstrom.cli.suppress import register as register_suppress
+from mailstrom.cli.tlsrpt import register as register_tlsrpt
 from mailstrom.cli.views import register as register_views
+from mailstrom.cli.web import register as register_web
 from mailstrom.cli.worker import register as register_worker
 
 DESCRIPTION = """\
@@ -46,6 +48,8 @@ examples:
   mailstrom check example.org
   mailstrom doctor example.com             # will receivers accept our mail?
   mailstrom events --follow --json        # delivery events as workers record them
+  mailstrom tlsrpt --date 2026-11-29 --send  # daily TLS reports (RFC 8460)
+  mailstrom web                           # the queue in the browser, on 127.0.0.1:8025
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
   mailstrom suppress add bob@example.org  # never send to bob again
   mailstrom bounce < bounce.eml           # a late bounce: fail and suppress the recipient
@@ -82,6 +86,8 @@ def build_parser() -> ArgumentParser:
         register_db,
         register_events,
         register_dkim,
+        register_tlsrpt,
+        register_web,
         register_suppress,
         register_bounce,
     ):

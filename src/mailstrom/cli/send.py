@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import mimetypes
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from mailstrom.cli.context import open_store, settings_from, utc_now
 from mailstrom.cli.exits import (
@@ -26,6 +29,7 @@ from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
 from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
+from mailstrom.settings import parse_duration
 from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -37,6 +41,10 @@ examples:
       --subject Hi --text Hello --header "X-Campaign: spring" --wait --timeout 30
   mailstrom send --file message.eml                   # recipients from To/Cc/Bcc
   cat message.eml | mailstrom send --file - --to bob@example.org   # explicit envelope
+  mailstrom send --from app@example.com --to bob@example.org --subject Receipt --text ... \
+      --tag receipt --meta order=42 --idempotency-key order-42-receipt
+  mailstrom send --from news@example.com --to bob@example.org --subject News --text ... \
+      --priority bulk --at 2026-12-01T09:00Z --expires 2h
 
 Prints the message id. With --wait, runs a worker in this process until every recipient
 is delivered or failed, or until --timeout, then shows each recipient's state.
@@ -106,6 +114,46 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help="raw RFC 5322 message (- for stdin); --from/--to/--cc/--bcc then set the envelope",
     )
+    queueing = p.add_argument_group("queue attributes (kept with the message, never sent)")
+    queueing.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=None,
+        metavar="TAG",
+        help="a tag (repeatable): shown by status, in events, filtered by queue --tag",
+    )
+    queueing.add_argument(
+        "--meta",
+        dest="meta",
+        action="append",
+        default=[],
+        type=meta_arg,
+        metavar="KEY=VALUE",
+        help="a metadata entry (repeatable), returned by status and in events",
+    )
+    queueing.add_argument(
+        "--priority", metavar="LANE", help="the priority lane (default: default_priority)"
+    )
+    queueing.add_argument(
+        "--at",
+        dest="send_at",
+        type=time_arg,
+        metavar="TIME",
+        help="deliver not before TIME (ISO 8601, e.g. 2026-12-01T09:00Z; UTC when no zone)",
+    )
+    queueing.add_argument(
+        "--expires",
+        type=expiry_arg,
+        metavar="AGE|TIME",
+        help="fail what is still pending as 'expired' after AGE (2h, from --at or now) or at TIME",
+    )
+    queueing.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a second send with this KEY within idempotency_window prints the first "
+        "message's id and queues nothing",
+    )
     dsn = p.add_argument_group(
         "delivery status notifications (RFC 3461; sent only to servers offering DSN)"
     )
@@ -117,6 +165,11 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     dsn.add_argument("--ret", choices=["full", "hdrs"], help="what a failure report returns")
     dsn.add_argument("--envid", help="envelope id quoted by reports (default: the message id)")
     p.add_argument("--hold", action="store_true", help="queue it held (release to deliver)")
+    p.add_argument(
+        "--require-tls",
+        action="store_true",
+        help="REQUIRETLS (RFC 8689): only over authenticated TLS to a server offering it",
+    )
     p.add_argument("--wait", action="store_true", help="deliver now and wait for the outcome")
     p.add_argument(
         "--timeout",
@@ -127,6 +180,61 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=send_command)
+
+
+# --- option values -----------------------------------------------------------------------
+
+
+def meta_arg(text: str) -> tuple[str, str]:
+    """An argparse ``type`` for ``KEY=VALUE`` (the value may hold ``=``)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def time_arg(text: str) -> datetime:
+    """An argparse ``type`` for an ISO 8601 time; without a zone it is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time like 2026-12-01T09:00Z, got {text!r}"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def expiry_arg(text: str) -> timedelta | datetime:
+    """An argparse ``type`` for ``--expires``: an age (``2h``) or an ISO 8601 time."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return time_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected an age (30m, 2h, 3d) or an ISO 8601 time, got {text!r}"
+        ) from None
+
+
+def queue_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The queue attributes given on the command line, as ``prepare_for`` takes them."""
+    metadata: dict[str, str] = {}
+    for key, value in args.meta:
+        if key in metadata:
+            raise UsageError(f"--meta {key}= given twice")
+        metadata[key] = value
+    expires = args.expires
+    return {
+        "tags": args.tags,
+        "metadata": metadata or None,
+        "priority": args.priority,
+        "send_at": args.send_at,
+        "expires_at": expires if isinstance(expires, datetime) else None,
+        "max_age": expires if isinstance(expires, timedelta) else None,
+        "idempotency_key": args.idempotency_key,
+    }
 
 
 # --- reading input -----------------------------------------------------------------------
@@ -225,6 +333,7 @@ def send_command(args: argparse.Namespace) -> int:
             envelope_to=envelope_to,
             now=now,
             dsn=dsn,
+            **queue_options(args),
         )
     else:
         prepared = prepare_for(
@@ -234,11 +343,14 @@ def send_command(args: argparse.Namespace) -> int:
             envelope_to=None,
             now=now,
             dsn=dsn,
+            **queue_options(args),
         )
+    if args.require_tls:
+        prepared = dataclasses.replace(prepared, require_tls=True)
     if settings.config.dkim is not None and not prepared.dkim:
         sys.stderr.write(
-            "mailstrom: warning: the message is not DKIM-signed: no dkim.keys entry aligns "
-            "with its From domain\n"
+            f"mailstrom: warning: the message is not DKIM-signed: {prepared.dkim_unsigned}; "
+            "add a [[dkim.keys]] entry for it or a parent domain\n"
         )
     store = open_store(settings.store_url)
     try:

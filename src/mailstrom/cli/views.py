@@ -17,7 +17,14 @@ from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import age, print_fields, print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg
 from mailstrom.policy.reasons import advice_for
-from mailstrom.status import Attempt, MessageStatus, QueueStats, RecipientState, RecipientStatus
+from mailstrom.status import (
+    Attempt,
+    DKIMStatus,
+    MessageStatus,
+    QueueStats,
+    RecipientState,
+    RecipientStatus,
+)
 from mailstrom.stores.base import QueueFilter
 
 STATUS_EPILOG = """\
@@ -26,6 +33,7 @@ examples:
   mailstrom status --history 0190f3a2c4e1b7d08a4f2c6e9b1d3f57
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].state'
   mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.recipients[].advice.help'
+  mailstrom status --json 0190f3a2c4e1b7d08a4f2c6e9b1d3f57 | jq '.dkim.signed, .dkim.reason'
 """
 
 QUEUE_EPILOG = """\
@@ -34,6 +42,7 @@ examples:
   mailstrom queue --state deferred --older-than 2h
   mailstrom queue --domain example.org --limit 20
   mailstrom queue --held
+  mailstrom queue --tag newsletter --state deferred
   mailstrom queue --counts                 # recipients by state, pending by domain
 """
 
@@ -45,7 +54,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="show one message and each recipient's state",
         description="Show where a message and each of its recipients stand: state, last "
         "reply and why it failed (its class, what to do, the provider's help page), MX host "
-        "and address used, attempts and the next retry.",
+        "and address used, attempts and the next retry; and whether the message was "
+        "DKIM-signed (by which keys, or why not).",
         epilog=STATUS_EPILOG,
     )
     p.add_argument("id", help="message id (as printed by send)")
@@ -79,6 +89,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
+    q.add_argument("--tag", metavar="TAG", help="only messages carrying this tag")
     q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
     q.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
@@ -102,8 +113,11 @@ def status_command(args: argparse.Namespace) -> int:
 
 def status_json(st: MessageStatus) -> dict[str, Any]:
     """The status as JSON-ready data: every field, plus ``advice`` (meaning, action, help,
-    provider; null when nothing failed) beside each recipient and each attempt."""
+    provider; null when nothing failed) beside each recipient and each attempt, and
+    ``signed`` in ``dkim`` (null when no DKIM outcome was recorded)."""
     data: dict[str, Any] = to_jsonable(st)
+    if st.dkim is not None:
+        data["dkim"] = {"signed": st.dkim.signed, **data["dkim"]}
     for r, r_data in zip(st.recipients, data["recipients"], strict=True):
         r_data["advice"] = _advice_json(r)
         for a, a_data in zip(r.history, r_data["history"], strict=True):
@@ -127,6 +141,8 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ("Queued", f"{st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)"),
             ("Size", f"{st.size} bytes"),
             ("Held", st.held),
+            ("DKIM", dkim_text(st.dkim)),
+            *queue_fields(st),
         ]
     )
     print()
@@ -156,7 +172,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             print(f"Attempts for {r.address}: none yet")
             continue
         print_table(
-            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "SECONDS", "CLASS", "REPLY"],
+            ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "POLICY", "SECONDS", "CLASS", "REPLY"],
             [
                 [
                     a.at,
@@ -165,6 +181,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                     a.ip,
                     a.port,
                     " ".join(filter(None, [a.tls_version, a.tls_cipher])) or None,
+                    a.tls_policy,
                     f"{a.duration:.3f}",
                     a.reason_class,
                     a.reason,
@@ -173,6 +190,32 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ],
             title=f"Attempts for {r.address}",
         )
+
+
+def dkim_text(dkim: DKIMStatus | None) -> str:
+    """The DKIM line of ``status``: each signature, or unsigned with the reason."""
+    if dkim is None:
+        return "not recorded (DKIM not configured when queued)"
+    return str(dkim)
+
+
+def queue_fields(st: MessageStatus) -> list[tuple[str, Any]]:
+    """The message's queue attributes as status lines; only those it has (a message sent
+    without any shows no more lines than before)."""
+    fields: list[tuple[str, Any]] = []
+    if st.priority:
+        fields.append(("Priority", st.priority))
+    if st.tags:
+        fields.append(("Tags", ", ".join(st.tags)))
+    for key, value in st.metadata.items():
+        fields.append((f"Meta {key}", value))
+    if st.send_at is not None:
+        fields.append(("Send at", st.send_at))
+    if st.expires_at is not None:
+        fields.append(("Expires", st.expires_at))
+    if st.idempotency_key is not None:
+        fields.append(("Idempotency key", st.idempotency_key))
+    return fields
 
 
 def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
@@ -215,6 +258,7 @@ def queue_command(args: argparse.Namespace) -> int:
             older_than=args.older_than,
             held=args.held,
             limit=args.limit,
+            tag=args.tag,
         )
         now = utc_now()
         messages = store.query(now=now, where=where)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
@@ -13,6 +13,7 @@ from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus, MetricsSnapshot
+from mailstrom.stores.base import QueueFilter
 from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
 
 
@@ -90,15 +91,42 @@ class AsyncMailstrom(FacadeBase):
         *,
         envelope_from: str | None = None,
         envelope_to: Sequence[str] | None = None,
+        tags: Iterable[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: str | None = None,
+        send_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        max_age: timedelta | None = None,
+        idempotency_key: str | None = None,
         dsn: DSN | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
         Raises an :class:`~mailstrom.errors.InvalidMessage` subclass for bad input; nothing
-        is queued then. Never waits on the network. ``dsn`` and a VERP ``envelope_from``
-        as for :meth:`Mailstrom.send_email`.
+        is queued then. Never waits on the network.
+
+        ``tags`` and ``metadata`` are kept with the message (never sent) and come back in
+        :meth:`query_status` and every delivery event; ``priority`` names its lane
+        (``Config.lanes``). Given here they replace the :class:`~mailstrom.Email`'s own.
+        ``send_at`` holds it until then; ``expires_at`` (or ``max_age`` from ``send_at``,
+        else now) fails the recipients still pending then, with the reason ``expired``.
+        With ``idempotency_key``, a second submission with the same key within
+        ``Config.idempotency_window`` returns the first message's id and queues nothing.
+        ``dsn`` and a VERP ``envelope_from`` as for :meth:`Mailstrom.send_email`.
         """
-        prepared = self._prepare(message, envelope_from, envelope_to, dsn)
+        prepared = self._prepare(
+            message,
+            envelope_from,
+            envelope_to,
+            dsn,
+            tags=tags,
+            metadata=metadata,
+            priority=priority,
+            send_at=send_at,
+            expires_at=expires_at,
+            max_age=max_age,
+            idempotency_key=idempotency_key,
+        )
         return await asyncio.to_thread(self.store.enqueue, prepared, now=self._clock())
 
     async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
@@ -117,6 +145,11 @@ class AsyncMailstrom(FacadeBase):
 
     async def query_recent(self, limit: int = 20) -> list[MessageStatus]:
         return await asyncio.to_thread(self.store.recent, limit)
+
+    async def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where`` (state, domain, age, held, tag), newest first,
+        without attempt history (see :meth:`Mailstrom.query`)."""
+        return await asyncio.to_thread(self.store.query, now=self._clock(), where=where)
 
     async def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now."""

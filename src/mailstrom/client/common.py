@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import replace
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Literal
+from typing import Any, Literal
 
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
 from mailstrom.errors import InvalidMessage, InvalidSuppression, WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
+from mailstrom.message.attributes import queue_attributes
 from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
@@ -160,6 +161,7 @@ class FacadeBase:
         envelope_from: str | None,
         envelope_to: Sequence[str] | None,
         dsn: DSN | None = None,
+        **attributes: Any,
     ) -> PreparedMessage:
         return prepare_for(
             self.config,
@@ -168,6 +170,7 @@ class FacadeBase:
             envelope_to=envelope_to,
             now=self._clock(),
             dsn=dsn,
+            **attributes,
         )
 
 
@@ -204,18 +207,44 @@ def prepare_for(
     envelope_from: str | None,
     envelope_to: Sequence[str] | None,
     now: datetime,
+    tags: Iterable[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    priority: str | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    max_age: timedelta | None = None,
+    idempotency_key: str | None = None,
     dsn: DSN | None = None,
 ) -> PreparedMessage:
     """Validate, encode and sign ``message`` under ``config`` (what send_email queues).
 
-    ``dsn`` (else an :class:`Email`'s own ``dsn``) is the delivery status notification
-    request the message carries in its envelope.
+    ``tags``, ``metadata`` and ``priority`` replace the :class:`Email`'s own when given;
+    with the schedule and the idempotency key they become the message's
+    :class:`~mailstrom.message.attributes.QueueAttributes` (validated here, so bad values
+    raise before anything is encoded). ``dsn`` (else an :class:`Email`'s own ``dsn``) is
+    the delivery status notification request the message carries in its envelope.
 
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
     """
     if envelope_from is not None and is_verp_template(envelope_from):
         check_verp_template(envelope_from)
+    if isinstance(message, Email):
+        tags = message.tags if tags is None else tags
+        metadata = message.metadata if metadata is None else metadata
+        priority = message.priority if priority is None else priority
+    attributes = queue_attributes(
+        tags=tags,
+        metadata=metadata,
+        priority=config.default_priority if priority is None else priority,
+        lanes=config.lane_names,
+        send_at=send_at,
+        expires_at=expires_at,
+        max_age=max_age,
+        idempotency_key=idempotency_key,
+        idempotency_window=config.idempotency_window,
+        now=now,
+    )
     prepared = prepare(
         message,
         envelope_from=envelope_from,
@@ -231,11 +260,9 @@ def prepare_for(
         log_unsigned(prepared)
     if dsn is None and isinstance(message, Email):
         dsn = message.dsn
-    if dsn is not None:
-        if not isinstance(dsn, DSN):
-            raise InvalidMessage(f"dsn must be a DSN, not {type(dsn).__name__}")
-        prepared = replace(prepared, dsn=dsn)
-    return prepared
+    if dsn is not None and not isinstance(dsn, DSN):
+        raise InvalidMessage(f"dsn must be a DSN, not {type(dsn).__name__}")
+    return dataclasses.replace(prepared, attributes=attributes, dsn=dsn)
 
 
 _dkim_log = logging.getLogger("mailstrom.dkim")
@@ -245,8 +272,8 @@ def log_unsigned(prepared: PreparedMessage) -> None:
     """One record saying that ``prepared`` goes out without a DKIM signature."""
     if _dkim_log.isEnabledFor(logging.WARNING):
         _dkim_log.warning(
-            "not DKIM-signed: no DKIM key aligns with its From domain (Message-ID %s, "
-            "envelope sender %s)",
+            "not DKIM-signed: %s (Message-ID %s, envelope sender %s)",
+            prepared.dkim_unsigned,
             prepared.header_message_id,
             prepared.envelope_from or "<>",
             extra={
@@ -254,6 +281,7 @@ def log_unsigned(prepared: PreparedMessage) -> None:
                 "fields": {
                     "header_message_id": prepared.header_message_id,
                     "from": prepared.envelope_from,
+                    "reason": prepared.dkim_unsigned,
                 },
             },
         )

@@ -113,6 +113,22 @@ class Email:
     """``Auto-Submitted`` (RFC 3834): ``"auto-generated"`` for mail a program sends on its
     own, ``"auto-replied"`` for an answer to a message, ``"auto-notified"`` for a
     notification; robots then know not to reply."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
+    MTA-STS (enforce) or certificate verification, with ``REQUIRETLS`` on MAIL FROM; a
+    server that does not offer REQUIRETLS, or a destination whose policy allows no
+    authentication, fails the recipient with 5.7.30."""
+    tags: Sequence[str] = ()
+    """Labels the queue keeps with the message (never sent): shown by ``mailstrom status``,
+    copied into delivery events, filterable (``mailstrom queue --tag``). At most 20, each
+    1-64 letters, digits and ``. _ : / @ + -``."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Your own key/value strings kept with the message (never sent), returned by
+    ``query_status`` and in every delivery event: an order id, a user id. At most 32
+    entries, values of at most 1,024 octets, 8 KiB in all."""
+    priority: str | None = None
+    """The priority lane (``"transactional"`` or ``"bulk"`` by default, see
+    ``Config.lanes``); None: ``Config.default_priority``."""
     dsn: DSN | None = None
     """Delivery status notifications to ask receiving servers for (RFC 3461: NOTIFY,
     RET, ENVID, ORCPT), sent only to servers that offer DSN. Not a header: it travels in

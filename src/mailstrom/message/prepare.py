@@ -18,6 +18,7 @@ after their body has been made 7-bit, so that nothing on the way changes them.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ def prepare(
     id_domain: str | None = None,
     fallback_id_domain: str | None = None,
     dkim: DKIMConfig | None = None,
+    require_tls: bool = False,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -94,6 +96,8 @@ def prepare(
     ``dkim``. A message no key aligns with is left unsigned, or refused with
     :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``.
 
+    ``require_tls`` (or ``Email.require_tls``) marks the message for REQUIRETLS (RFC 8689).
+
     The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
     octets and header fields of at most 64 KiB. Raises a subclass of
     :class:`~mailstrom.errors.InvalidMessage` saying what is wrong.
@@ -113,14 +117,18 @@ def prepare(
         dkim=dkim,
     )
     if isinstance(message, Email):
-        return _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
+        prepared = _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
+        if require_tls or message.require_tls:
+            prepared = dataclasses.replace(prepared, require_tls=True)
+        return prepared
     if isinstance(message, Message):
         data = _serialise(message)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
         raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
-    return _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
+    prepared = _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
+    return dataclasses.replace(prepared, require_tls=True) if require_tls else prepared
 
 
 class _Options:
@@ -240,10 +248,13 @@ def _finish(
     check_line_lengths(data)
     body = data[data.find(b"\r\n\r\n") :]
     signatures: tuple[DKIMSignature, ...] = ()
+    unsigned: str | None = None
     if options.dkim is not None:
         data, body, signatures = _sign(data, body, envelope, options.dkim, now)
         if len(data) > max_size:
             _too_large(len(data), max_size)
+        if not signatures:
+            unsigned = unsigned_reason(envelope.from_domains)
     return PreparedMessage(
         data=data,
         envelope_from=envelope.sender,
@@ -253,6 +264,7 @@ def _finish(
         header_message_id=message_id,
         subject=subject,
         dkim=signatures,
+        dkim_unsigned=unsigned,
     )
 
 
@@ -283,6 +295,26 @@ def _sign(
         body = data[data.find(b"\r\n\r\n") :]
     signed, signatures = sign(data, keys, now=now, expire=dkim.expire)
     return signed, body, signatures
+
+
+MAX_REASON_DOMAINS = 5
+"""From domains named in an unsigned message's reason; a From header may list many."""
+
+
+def unsigned_reason(from_domains: Sequence[str]) -> str:
+    """Why a message with these From domains has no DKIM signature although DKIM is
+    configured: what its status shows.
+
+    >>> unsigned_reason(["example.org"])
+    'no DKIM key for the From domain example.org'
+    """
+    if not from_domains:
+        return "no From address to align a DKIM key with (From is a group)"
+    shown = ", ".join(from_domains[:MAX_REASON_DOMAINS])
+    if len(from_domains) > MAX_REASON_DOMAINS:
+        shown += f" and {len(from_domains) - MAX_REASON_DOMAINS} more"
+    plural = "s" if len(from_domains) > 1 else ""
+    return f"no DKIM key for the From domain{plural} {shown}"
 
 
 def _id_domain(envelope: Envelope, fallback: str | None) -> str:

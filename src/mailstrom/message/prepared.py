@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailstrom.message.attributes import NO_ATTRIBUTES, QueueAttributes
 from mailstrom.message.dsn import DSN
 
 if TYPE_CHECKING:
     from mailstrom.dkim.signing import DKIMSignature
+    from mailstrom.status import DKIMStatus
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +35,15 @@ class PreparedMessage:
     dkim: tuple[DKIMSignature, ...] = ()
     """The DKIM signatures ``data`` carries, one per key that signed it; empty when it was
     not signed (no DKIM configured, or no key aligned with the From domain)."""
+    dkim_unsigned: str | None = None
+    """Why ``data`` is not signed although DKIM is configured (no key aligns with the From
+    domain); None when it is signed or DKIM is not configured."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
+    MTA-STS or certificate verification that offers REQUIRETLS; otherwise fail (5.7.30)."""
+    attributes: QueueAttributes = NO_ATTRIBUTES
+    """Tags, metadata, priority lane, schedule, expiry and idempotency key: what the queue
+    keeps beside the bytes (see :mod:`mailstrom.message.attributes`)."""
     dsn: DSN | None = None
     """The delivery status notifications asked for (RFC 3461), sent to servers offering
     DSN; None: no DSN parameters."""
@@ -40,3 +51,15 @@ class PreparedMessage:
     @property
     def size(self) -> int:
         return len(self.data)
+
+    @property
+    def dkim_status(self) -> DKIMStatus | None:
+        """The DKIM outcome the store records for this message: signed (``dkim``),
+        unsigned with the reason (``dkim_unsigned``), or None without DKIM."""
+        from mailstrom.status import DKIMStatus
+
+        if self.dkim:
+            return DKIMStatus(signatures=self.dkim)
+        if self.dkim_unsigned is not None:
+            return DKIMStatus(reason=self.dkim_unsigned)
+        return None

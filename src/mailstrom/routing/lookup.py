@@ -27,6 +27,7 @@ from itertools import groupby
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -108,6 +109,12 @@ def to_qname(domain: str) -> dns.name.Name:
         ) from exc
 
 
+def authenticated(answer: dns.resolver.Answer) -> bool:
+    """Whether the resolver set the AD bit on ``answer`` (RFC 4035 §3.2.3: it validated
+    it). Believe it only from a resolver trusted to validate (``DNSConfig.dnssec``)."""
+    return bool(answer.response.flags & dns.flags.AD)
+
+
 def is_literal(domain: str) -> bool:
     """Whether ``domain`` is an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``)."""
     return domain.startswith("[") and domain.endswith("]")
@@ -170,6 +177,8 @@ class _Addresses:
     """Minimum TTL of the answers; None when there was no answer to bound it."""
     temporary: TemporaryFailure | None = None
     """Set when a family could not be looked up: the result is incomplete."""
+    secure: bool = False
+    """Every answer found carried the AD bit (DNSSEC-validated by the resolver)."""
 
 
 class _Resolution:
@@ -236,12 +245,14 @@ class _Resolution:
         refused: list[tuple[str, str]] = []
         ttls: list[float] = []
         temporary: TemporaryFailure | None = None
+        secure = any(isinstance(r, dns.resolver.Answer) for r in results)
         for result in results:
             if isinstance(result, TemporaryFailure):
                 temporary = result
             elif isinstance(result, BaseException):
                 raise result
             elif isinstance(result, dns.resolver.Answer):
+                secure = secure and authenticated(result)
                 ttls.append(result.chaining_result.minimum_ttl)
                 for rdata in result:
                     address: str = rdata.address
@@ -255,6 +266,7 @@ class _Resolution:
             refused=tuple(refused),
             ttl=min(ttls) if ttls else None,
             temporary=temporary,
+            secure=secure,
         )
 
 
@@ -294,7 +306,13 @@ async def lookup_route(
         # A null MX mixed with real ones is a misconfiguration; use the real ones.
         records = [r for r in records if r.exchange != dns.name.root]
     candidates = _candidates(records, policy.hosts_considered, rng or random.Random())
-    return await _mx_route(resolution, domain, candidates, answer.chaining_result.minimum_ttl)
+    return await _mx_route(
+        resolution,
+        domain,
+        candidates,
+        answer.chaining_result.minimum_ttl,
+        mx_secure=authenticated(answer),
+    )
 
 
 def _candidates(
@@ -323,6 +341,8 @@ async def _mx_route(
     domain: str,
     candidates: list[tuple[dns.name.Name, int]],
     mx_ttl: float,
+    *,
+    mx_secure: bool = False,
 ) -> Lookup:
     policy = resolution.policy
     hosts: list[MXHost] = []
@@ -350,7 +370,14 @@ async def _mx_route(
             refused.extend((host_name, address, kind) for address, kind in result.refused)
             if not result.addresses:
                 continue  # a host without usable addresses cannot be tried; others can
-            hosts.append(MXHost(name=host_name, preference=preference, addresses=result.addresses))
+            hosts.append(
+                MXHost(
+                    name=host_name,
+                    preference=preference,
+                    addresses=result.addresses,
+                    secure=result.secure,
+                )
+            )
             found += len(result.addresses)
     if not hosts:
         if temporary is not None:
@@ -360,7 +387,7 @@ async def _mx_route(
         # Like Postfix, MX hosts without addresses are a temporary failure: it is usually
         # a DNS change in progress, and the retry policy's max_age bounds the wait.
         raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
-    route = Route(domain=domain, hosts=tuple(hosts), implicit=False)
+    route = Route(domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure)
     # An incomplete route (a host's lookup failed) is used now but not remembered.
     return Lookup(route=route, ttl=None if temporary else min(ttls))
 
@@ -381,8 +408,8 @@ async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) 
             text=f"domain {domain} has no MX and no address records", enhanced="5.4.4"
         )
         return Lookup(refusal=refusal, ttl=NEGATIVE_TTL)
-    host = MXHost(name=domain, preference=0, addresses=result.addresses)
-    route = Route(domain=domain, hosts=(host,), implicit=True)
+    host = MXHost(name=domain, preference=0, addresses=result.addresses, secure=result.secure)
+    route = Route(domain=domain, hosts=(host,), implicit=True, secure=result.secure)
     if result.temporary is not None:
         return Lookup(route=route, ttl=None)
     # The absence of MX records is a negative answer: remember it only briefly.

@@ -18,6 +18,9 @@ class MXHost:
     name: str
     preference: int
     addresses: tuple[str, ...]
+    secure: bool = False
+    """The address records were DNSSEC-validated (the resolver set the AD bit); only
+    meaningful with ``DNSConfig.dnssec`` (for DANE, RFC 7672 §2.2.2)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +35,9 @@ class Route:
     domain: str
     hosts: tuple[MXHost, ...]
     implicit: bool
+    secure: bool = False
+    """The MX records (for an implicit MX, the domain's address records) were
+    DNSSEC-validated; only meaningful with ``DNSConfig.dnssec`` (RFC 7672 §2.2.1)."""
 
     @property
     def addresses(self) -> tuple[str, ...]:

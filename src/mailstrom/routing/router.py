@@ -6,9 +6,10 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dns.asyncresolver
+import dns.flags
 import dns.name
 import dns.resolver
 
@@ -43,6 +44,11 @@ def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
         resolver.port = config.port
         resolver.nameservers = list(config.nameservers)
     resolver.lifetime = config.timeout
+    if config.dnssec:
+        # Ask for DNSSEC (the DO bit) and for the AD bit in answers (RFC 6840 §5.7), which
+        # a validating resolver sets on what it validated.
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        resolver.flags = dns.flags.RD | dns.flags.AD
     return resolver
 
 
@@ -76,6 +82,7 @@ class _Entry:
             domain=self.template.domain,
             hosts=tuple(hosts) if self.limit is None else limit_addresses(hosts, self.limit),
             implicit=self.template.implicit,
+            secure=self.template.secure,
         )
 
 
@@ -87,7 +94,7 @@ def _prepare(lookup: Lookup, *, canonical: str, expires: float, limit: int) -> _
     over = sum(len(h.addresses) for h in route.hosts) > limit
     if not spans:
         hosts = limit_addresses(route.hosts, limit) if over else route.hosts
-        ready = Route(domain=route.domain, hosts=hosts, implicit=route.implicit)
+        ready = replace(route, hosts=hosts)
         return _Entry(canonical=canonical, expires=expires, ready=ready)
     return _Entry(
         canonical=canonical,

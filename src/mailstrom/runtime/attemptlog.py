@@ -78,6 +78,7 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
         "port": a.port,
         "tls": a.tls_version,
         "cipher": a.tls_cipher,
+        "tls_policy": a.tls_policy,
         "code": a.reply.code if a.reply else None,
         "reason": a.reason or None,
         "reason_class": reason.value if reason is not None else None,

@@ -58,7 +58,11 @@ from mailstrom.runtime.transactions import Handler, TransactionsMixin, failure
 from mailstrom.runtime.transactions import TransactionResult as TransactionResult
 from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
+from mailstrom.tls.danematch import DaneMismatch, check_chain
+from mailstrom.tls.requirement import TLSARecord
 
+_ENCODING_DER = 2
+"""``_ssl.ENCODING_DER``: the form ``Certificate.public_bytes`` gives DER in."""
 _QUIT_TIMEOUT = 5.0
 """Longest wait for the reply to QUIT: politeness must not hold up a worker."""
 _CLOSE_TIMEOUT = 2.0
@@ -75,6 +79,9 @@ class StartTLS(StrEnum):
     """TLS or nothing (:class:`TLSRequiredError`); the certificate is not verified."""
     VERIFY = "verify"
     """TLS with a certificate valid for ``host``, checked against ``tls_context``."""
+    DANE = "dane"
+    """TLS with a certificate chain matching the ``tlsa`` records (RFC 7672); no STARTTLS
+    or no match is a failure that never falls back to plaintext."""
 
 
 class TLSHandshakeError(TemporaryFailure):
@@ -105,6 +112,7 @@ def _default_verify_context() -> ssl.SSLContext:
 
 
 def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLContext:
+    # DANE checks the chain against TLSA records after the handshake (_check_dane).
     if mode is StartTLS.VERIFY:
         return verify_with or _default_verify_context()
     return _unverified_context()
@@ -134,6 +142,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self.port = port
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
+        self.dane_match: str | None = None
+        """Which TLSA record the peer's certificate matched (DANE connections only)."""
+        self.tls_fallback: DeliveryError | None = None
+        """Why this plaintext connection replaced one whose TLS handshake failed (set by
+        the opener's opportunistic fallback; for TLS reports)."""
         self._session = session
         self._timeouts = timeouts
         self._loop = asyncio.get_running_loop()
@@ -201,8 +214,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         implicit_tls: bool = False,
         source_address: str | None = None,
         auth: tuple[str, str] | None = None,
+        tlsa: tuple[TLSARecord, ...] = (),
     ) -> SMTPConnection:
         """Connect to ``ip``:``port`` and get ready to send mail to ``host``.
+
+        ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``.
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
@@ -227,7 +243,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 conn._record_tls()
             await conn._greet()
             if not implicit_tls and starttls is not StartTLS.NEVER:
-                await conn._starttls(starttls, tls_context)
+                await conn._starttls(starttls, tls_context, tlsa)
             if auth is not None:
                 await conn._authenticate(*auth)
         except DeliveryError:
@@ -286,7 +302,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             raise failure(helo.reply, host=self.host, what="HELO")
         raise failure(ehlo.reply, host=self.host, what="EHLO")
 
-    async def _starttls(self, mode: StartTLS, verify_with: ssl.SSLContext | None) -> None:
+    async def _starttls(
+        self,
+        mode: StartTLS,
+        verify_with: ssl.SSLContext | None,
+        tlsa: tuple[TLSARecord, ...] = (),
+    ) -> None:
         if "STARTTLS" not in self._session.extensions:
             if mode is StartTLS.OPPORTUNISTIC:
                 return
@@ -341,9 +362,33 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 f"{self.host} closed the connection during the TLS handshake", host=self.host
             )
         self._transport = tls_transport
+        if mode is StartTLS.DANE:
+            self._check_dane(tlsa)
         self._record_tls()
         self._session.tls_established()
         await self._hello()
+
+    def _check_dane(self, tlsa: tuple[TLSARecord, ...]) -> None:
+        """Match the peer's chain against ``tlsa`` before a single command goes over TLS;
+        no match drops the connection (RFC 7672 §2.2: never plaintext)."""
+        assert self._transport is not None
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        chain: list[bytes] = []
+        if ssl_object is not None:
+            # Python 3.11's ssl has the chain as sent only on the private _sslobj
+            # (public as get_unverified_chain() from 3.13); the leaf is public.
+            inner = getattr(ssl_object, "_sslobj", None)
+            get_chain = getattr(inner, "get_unverified_chain", None)
+            if get_chain is not None:
+                chain = [c.public_bytes(_ENCODING_DER) for c in get_chain() or ()]
+            if not chain:
+                leaf = ssl_object.getpeercert(binary_form=True)
+                chain = [leaf] if leaf else []
+        try:
+            self.dane_match = check_chain(chain, tlsa, host=self.host)
+        except DaneMismatch as exc:
+            self._drop()
+            raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None
 
     def _record_tls(self) -> None:
         assert self._transport is not None

@@ -27,15 +27,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailstrom.config import Config
-from mailstrom.errors import DeliveryError, PermanentFailure, SMTPConnectError, TemporaryFailure
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    RequireTLSFailure,
+    SMTPConnectError,
+    TemporaryFailure,
+    TLSRequiredError,
+)
 from mailstrom.message import downgrade_to_7bit
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection
+from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.tls.decide import Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -45,6 +55,9 @@ and one more waiting, so that the content of the next leaves with the envelope a
 even when the replies of both arrive in one segment."""
 
 Done = Callable[[list[RecipientResult]], None]
+TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | SMTPConnection], None]
+"""Told (domain, requirement, MX host, address, the error or the opened connection) after
+each connection attempt, for TLS reports (``observe_tls``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +68,7 @@ class _Work:
     started: float = 0.0
     broken_sessions: int = 0
     seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
+    rank: int = 0  # the item's lane, 0 the highest (see Dispatcher._rank)
 
 
 @dataclass(slots=True, eq=False)
@@ -66,19 +80,34 @@ class _Destination:
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    require_tls: bool = False
+    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    tls_optional: bool = False
+    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
 
 
 class Dispatcher:
     """Delivers work items; reports each item's results through ``on_done``."""
 
     def __init__(
-        self, config: Config, *, router: Router, outcomes: Outcomes, on_done: Done
+        self,
+        config: Config,
+        *,
+        router: Router,
+        outcomes: Outcomes,
+        on_done: Done,
+        tls: TLSDecider | None = None,
+        observe_tls: TLSObserver | None = None,
     ) -> None:
+        """``tls`` decides each connection's TLS requirement (default: the one ``config``
+        asks for, without a store to share remembered broken TLS)."""
         self._config = config
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
-        self._opener = Opener(config)
+        self._tls = tls if tls is not None else TLSDecider.for_config(config)
+        self._observe_tls = observe_tls
+        self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -87,6 +116,12 @@ class Dispatcher:
         if config.relay is not None:
             host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
             self._relay_route = Route(domain=config.relay.host, hosts=(host,), implicit=False)
+        self._ranks = {lane.name: i for i, lane in enumerate(config.lanes)}
+        # Sessions each lane may start: its share of max_connections. Work of a lane not
+        # configured (queued before lanes existed) ranks lowest but is not held to a share.
+        caps = [max(1, int(lane.share * config.max_connections)) for lane in config.lanes]
+        self._lane_caps = [*caps, config.max_connections]
+        self._lane_sessions = [0] * len(self._lane_caps)
         self.in_flight = 0
         """Recipients handed to :meth:`submit` whose results have not been reported."""
         self.idle = asyncio.Event()
@@ -108,11 +143,22 @@ class Dispatcher:
         """Deliver ``item`` (results arrive through ``on_done``)."""
         self.in_flight += len(item.recipients)
         self.idle.clear()
+        if item.expires_at is not None and self._outcomes.is_expired(item):
+            self._done(self._outcomes.expired(item))
+            return
         work = _Work(item=item)
         checked = self._check_paths(work)
         if checked is None:
             return
+        checked.rank = self._ranks.get(item.priority, len(self._ranks))
         key = self._config.relay.host if self._config.relay is not None else item.domain
+        # Messages that change the TLS decision (RFC 8689) travel apart from the others.
+        require_tls = checked.item.require_tls
+        tls_optional = not require_tls and tls_required_no(checked.item.data)
+        if require_tls:
+            key += "\0requiretls"
+        elif tls_optional:
+            key += "\0tls-optional"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -120,8 +166,10 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                require_tls=require_tls,
+                tls_optional=tls_optional,
             )
-        dest.queue.append(checked)
+        _enqueue_by_rank(dest.queue, checked)
         self._start_sessions(dest)
 
     def _check_paths(self, work: _Work) -> _Work | None:
@@ -164,14 +212,22 @@ class Dispatcher:
             and dest.sessions < dest.limit
             and (dest.sessions == 0 or len(dest.queue) > dest.sessions * _DEPTH)
         ):
-            if self._sessions >= max_connections:
+            # A session counts against the lane of the work at the head of the queue
+            # (the highest lane waiting there): a lane past its share waits for one of
+            # its own sessions to end, while higher lanes still get connections.
+            rank = dest.queue[0].rank
+            if (
+                self._sessions >= max_connections
+                or self._lane_sessions[rank] >= self._lane_caps[rank]
+            ):
                 if not dest.waiting:
                     dest.waiting = True
                     self._waiting.append(dest)
                 return
             dest.sessions += 1
             self._sessions += 1
-            task = asyncio.get_running_loop().create_task(self._session(dest))
+            self._lane_sessions[rank] += 1
+            task = asyncio.get_running_loop().create_task(self._session(dest, rank))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -183,7 +239,7 @@ class Dispatcher:
 
     # --- one session -------------------------------------------------------------------
 
-    async def _session(self, dest: _Destination) -> None:
+    async def _session(self, dest: _Destination, rank: int) -> None:
         try:
             await self._run(dest)
         except asyncio.CancelledError:
@@ -197,6 +253,7 @@ class Dispatcher:
         finally:
             dest.sessions -= 1
             self._sessions -= 1
+            self._lane_sessions[rank] -= 1
             if dest.queue:
                 self._start_sessions(dest)
             elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
@@ -204,10 +261,16 @@ class Dispatcher:
             self._start_waiting()
 
     def _start_waiting(self) -> None:
-        while self._waiting and self._sessions < self._config.max_connections:
-            dest = self._waiting.popleft()
+        """Give free connections to waiting destinations, highest lane first; one whose
+        lane is past its share goes on waiting."""
+        if not self._waiting or self._sessions >= self._config.max_connections:
+            return
+        waiting = sorted(self._waiting, key=lambda d: d.queue[0].rank if d.queue else 0)
+        self._waiting.clear()
+        for dest in waiting:
             dest.waiting = False
-            self._start_sessions(dest)
+            if dest.queue:
+                self._start_sessions(dest)
 
     async def _route(self, dest: _Destination) -> Route:
         if self._relay_route is not None:
@@ -223,30 +286,46 @@ class Dispatcher:
         except DeliveryError as exc:
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
-        targets = [(host.name, ip) for host in route.hosts for ip in host.addresses]
+        targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
+        last_policy: str | None = None
         index = 0
         opener = self._opener
         while dest.queue and index < len(targets):
-            host, ip = targets[index]
-            key = opener.key(host, ip)
+            mx, ip = targets[index]
+            host = mx.name
+            try:
+                need = await self._tls.requirement(self._destination(dest, route, mx))
+            except DeliveryError as exc:
+                # This host must not be used now (TLSA lookup failed, a policy refuses it).
+                exc.host = exc.host or host
+                last_error = exc
+                last_policy = None
+                index += 1
+                continue
+            key = opener.key(host, ip, need)
             conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
-                    conn = await opener.open(host, ip)
+                    conn, need = await self._open(dest, host, ip, need)
+                    key = opener.key(host, ip, need)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
+                        # Say which policy refused, not just what the peer did.
+                        exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
+                    last_policy = need.label
                     index += 1
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused)
+                broke = await self._stream(dest, conn, reused, need)
             finally:
                 dest.connected -= 1
             if broke is None:
@@ -263,7 +342,9 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
-        if isinstance(last_error, PermanentFailure):
+        if isinstance(last_error, PermanentFailure) and not isinstance(
+            last_error, RequireTLSFailure
+        ):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
             last_error = TemporaryFailure(
@@ -272,16 +353,55 @@ class Dispatcher:
                 enhanced=last_error.enhanced,
                 host=last_error.host,
             )
-        self._fail_queue(dest, last_error, Where(host=last_error.host))
+        self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+
+    async def _open(
+        self, dest: _Destination, host: str, ip: str, need: TLSRequirement
+    ) -> tuple[SMTPConnection, TLSRequirement]:
+        """A new connection under ``need``, and the requirement it was opened under: when
+        TLS fails and ``need`` has a fallback (MTA-STS testing), the connection made again
+        in the fallback mode. ``observe_tls`` hears how the first connection went."""
+        observe = self._observe_tls
+        try:
+            conn = await self._opener.open(host, ip, need)
+        except DeliveryError as exc:
+            if observe is not None:
+                observe(dest.domain, need, host, ip, exc)
+            if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
+                raise
+            need = replace(
+                need,
+                mode=need.fallback,
+                fallback=None,
+                reason=f"{need.reason}; enforce would fail: {exc.text}",
+            )
+            return await self._opener.open(host, ip, need), need
+        if observe is not None:
+            observe(dest.domain, need, host, ip, conn)
+        return conn, need
+
+    def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
+        return Destination(
+            domain=dest.domain,
+            mx_host=mx.name,
+            mx_secure=route.secure,
+            host_secure=mx.secure,
+            tls_optional=dest.tls_optional,
+            require_tls=dest.require_tls,
+        )
 
     async def _stream(
-        self, dest: _Destination, conn: SMTPConnection, reused: bool
+        self,
+        dest: _Destination,
+        conn: SMTPConnection,
+        reused: bool,
+        need: TLSRequirement,
     ) -> DeliveryError | None:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, or it breaks (returning the error)."""
         cap = self._config.max_messages_per_connection
         queue = dest.queue
-        where = Where.of(conn)
+        where = Where.of(conn, need)
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
@@ -350,6 +470,7 @@ class Dispatcher:
                 reset=reset,
                 dsn_mail=dsn_mail,
                 dsn_rcpt=dsn_rcpt,
+                requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
             # Too large for this server, or SMTPUTF8 needed and not offered: nothing sent.
@@ -400,3 +521,17 @@ def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
     return dsn.mail_params(item.message_id), tuple(
         dsn.rcpt_params(r.address) for r in item.recipients
     )
+
+
+def _enqueue_by_rank(queue: deque[_Work], work: _Work) -> None:
+    """Put ``work`` behind every item of its lane and of higher lanes, ahead of lower
+    lanes' (items of one lane keep their order). The common case, a lane no higher than
+    the last item's, is an append."""
+    if not queue or queue[-1].rank <= work.rank:
+        queue.append(work)
+        return
+    for i, queued in enumerate(queue):
+        if queued.rank > work.rank:
+            queue.insert(i, work)
+            return
+    queue.append(work)

@@ -4,6 +4,7 @@ renders; this module gathers per message and sender, and prepares them for the q
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -12,6 +13,7 @@ from mailstrom.bounces.notice import FailedRecipient, render_notice, status_of, 
 from mailstrom.bounces.verp import is_verp_template, verp_address
 from mailstrom.config import Config
 from mailstrom.errors import InvalidMessage
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepare import prepare
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
@@ -58,6 +60,9 @@ def notices_for(
         key = (result.message_id, sender, delayed)
         groups.setdefault(key, (item, arrival, []))[2].append(entry)
     notices = []
+    # In the default lane like the application's own mail (a message without a lane would
+    # wait until every configured lane had nothing due).
+    attributes = QueueAttributes(priority=config.default_priority)
     for (message_id, sender, delayed), (item, arrival, entries) in groups.items():
         max_age = config.retry.max_age
         raw = render_notice(
@@ -73,19 +78,18 @@ def notices_for(
             retry_until=arrival + max_age if delayed and max_age is not None else None,
         )
         try:
-            notices.append(
-                prepare(
-                    raw,
-                    envelope_from="",
-                    envelope_to=[sender],
-                    max_size=config.max_message_size + 64 * 1024,
-                    max_recipients=1,
-                    now=now,
-                    id_domain=config.message_id_domain,
-                    fallback_id_domain=config.helo_name,
-                    dkim=config.dkim,
-                )
+            prepared = prepare(
+                raw,
+                envelope_from="",
+                envelope_to=[sender],
+                max_size=config.max_message_size + 64 * 1024,
+                max_recipients=1,
+                now=now,
+                id_domain=config.message_id_domain,
+                fallback_id_domain=config.helo_name,
+                dkim=config.dkim,
             )
+            notices.append(dataclasses.replace(prepared, attributes=attributes))
         except InvalidMessage as exc:
             log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
     return notices

@@ -1,32 +1,38 @@
 """Opening SMTP connections as the configuration says, and keeping idle ones for reuse.
 
-The TLS mode follows the policy (or the relay's settings); under the opportunistic policy a
-failed TLS handshake is retried on a fresh connection in plaintext, as MTAs do, while a
-certificate that fails verification never falls back. Opening a connection costs a TCP
-handshake, the greeting, EHLO, usually STARTTLS and a second EHLO, so idle connections are
-kept for ``connection_idle`` seconds, keyed by host, address, port and TLS mode (as
-Postfix's connection cache keys by address): another destination sharing the MX host
-reuses them too.
+The TLS mode of each connection is what :class:`~mailstrom.tls.decide.TLSDecider` decided
+for its destination and MX host (:class:`~mailstrom.tls.requirement.TLSRequirement`); under
+the opportunistic mode a failed TLS handshake is retried on a fresh connection in
+plaintext, as MTAs do, and the host is remembered as broken (``on_tls_broken``) so that
+the next attempts go straight to plaintext; a certificate that fails verification never
+falls back. Opening a connection costs a TCP handshake, the greeting, EHLO, usually
+STARTTLS and a second EHLO, so idle connections are kept for ``connection_idle`` seconds,
+keyed by host, address, port and TLS mode (as Postfix's connection cache keys by address):
+another destination sharing the MX host with the same requirement reuses them too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailstrom.config import Config, RelayTLS, TLSPolicy
+from mailstrom.config import Config, RelayTLS
 from mailstrom.runtime.connection import (
     SMTPConnection,
     StartTLS,
     TLSHandshakeError,
     TLSVerifyError,
 )
+from mailstrom.tls.requirement import TLSARecord, TLSMode, TLSRequirement
 
-_STARTTLS_FOR_POLICY = {
-    TLSPolicy.OPPORTUNISTIC: StartTLS.OPPORTUNISTIC,
-    TLSPolicy.REQUIRED: StartTLS.REQUIRED,
-    TLSPolicy.VERIFY: StartTLS.VERIFY,
+STARTTLS_FOR_MODE = {
+    TLSMode.NONE: StartTLS.NEVER,
+    TLSMode.OPPORTUNISTIC: StartTLS.OPPORTUNISTIC,
+    TLSMode.REQUIRED: StartTLS.REQUIRED,
+    TLSMode.VERIFY: StartTLS.VERIFY,
+    TLSMode.DANE: StartTLS.DANE,
 }
 
 
@@ -36,23 +42,22 @@ class ConnectionKey:
     ip: str
     port: int
     tls_mode: str
+    tlsa: tuple[TLSARecord, ...] = ()
 
 
 class Opener:
     """Opens connections for the worker and keeps the idle ones."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, on_tls_broken: Callable[[str, str], None] | None = None
+    ) -> None:
+        """``on_tls_broken(host, reason)`` is told of each host whose TLS handshake failed
+        under the opportunistic mode (before the plaintext retry)."""
         self._config = config
         relay = config.relay
         self.port = relay.port if relay else config.smtp_port
-        if relay is not None:
-            self.mode = {
-                RelayTLS.NONE: StartTLS.NEVER,
-                RelayTLS.STARTTLS: StartTLS.VERIFY if relay.verify else StartTLS.REQUIRED,
-                RelayTLS.IMPLICIT: StartTLS.NEVER,
-            }[relay.tls]
-        else:
-            self.mode = _STARTTLS_FOR_POLICY[config.tls]
+        self._implicit = relay is not None and relay.tls is RelayTLS.IMPLICIT
+        self._on_tls_broken = on_tls_broken
         self._idle: dict[ConnectionKey, list[tuple[float, SMTPConnection]]] = {}
         self._idle_count = 0
         self._closing: set[asyncio.Task[None]] = set()
@@ -62,8 +67,16 @@ class Opener:
         """Connections kept open for reuse."""
         return self._idle_count
 
-    def key(self, host: str, ip: str) -> ConnectionKey:
-        return ConnectionKey(host=host, ip=ip, port=self.port, tls_mode=self.mode)
+    def key(self, host: str, ip: str, requirement: TLSRequirement) -> ConnectionKey:
+        """The idle-cache key of a connection to ``ip`` for ``host`` under ``requirement``
+        (a DANE connection is only reused under the same TLSA records)."""
+        return ConnectionKey(
+            host=host,
+            ip=ip,
+            port=self.port,
+            tls_mode=requirement.mode,
+            tlsa=requirement.tlsa,
+        )
 
     def idle(self, key: ConnectionKey) -> SMTPConnection | None:
         """A fresh idle connection for ``key``, taken out of the cache, or None."""
@@ -77,21 +90,27 @@ class Opener:
             self.close_later(conn)
         return None
 
-    async def open(self, host: str, ip: str) -> SMTPConnection:
+    async def open(self, host: str, ip: str, requirement: TLSRequirement) -> SMTPConnection:
         """A new connection to ``ip`` for ``host`` (see the module docstring for TLS)."""
-        mode = self.mode
+        mode = StartTLS.NEVER if self._implicit else STARTTLS_FOR_MODE[requirement.mode]
         try:
-            return await self._open(host, ip, mode)
+            return await self._open(host, ip, mode, requirement.tlsa)
         except TLSVerifyError:
             raise
-        except TLSHandshakeError:
+        except TLSHandshakeError as exc:
             if mode is not StartTLS.OPPORTUNISTIC:
                 raise
+            if self._on_tls_broken is not None:
+                self._on_tls_broken(host, exc.text)
             # A broken TLS stack on the peer must not stop mail: the same host again, in
             # plaintext, on a fresh connection.
-            return await self._open(host, ip, StartTLS.NEVER)
+            conn = await self._open(host, ip, StartTLS.NEVER, ())
+            conn.tls_fallback = exc
+            return conn
 
-    async def _open(self, host: str, ip: str, starttls: StartTLS) -> SMTPConnection:
+    async def _open(
+        self, host: str, ip: str, starttls: StartTLS, tlsa: tuple[TLSARecord, ...]
+    ) -> SMTPConnection:
         config = self._config
         relay = config.relay
         return await SMTPConnection.open(
@@ -102,7 +121,8 @@ class Opener:
             timeouts=config.timeouts,
             starttls=starttls,
             tls_context=config.tls_context,
-            implicit_tls=relay is not None and relay.tls is RelayTLS.IMPLICIT,
+            tlsa=tlsa,
+            implicit_tls=self._implicit,
             source_address=config.source_address,
             auth=(relay.username, relay.password or "")
             if relay is not None and relay.username

@@ -23,6 +23,7 @@ from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
@@ -35,12 +36,14 @@ from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.tls.requirement import TLSRequirement
 
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
 # specific first. The rest are classified by their reply, else their enhanced code.
 _BY_ERROR_TYPE: tuple[tuple[type[DeliveryError], ReasonClass], ...] = (
     (TLSHandshakeError, ReasonClass.TLS),  # and TLSVerifyError
     (TLSRequiredError, ReasonClass.TLS),
+    (RequireTLSFailure, ReasonClass.TLS),
     (SMTPTimeout, ReasonClass.CONNECTION),
     (SMTPConnectError, ReasonClass.CONNECTION),
     (SMTPProtocolError, ReasonClass.PROTOCOL),
@@ -60,7 +63,7 @@ def error_reason(exc: DeliveryError, reply: SMTPReply | None) -> ReasonClass:
 class Where:
     """Where an attempt went, for the history (a connection's or just a host's)."""
 
-    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_version")
+    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_policy", "tls_version")
 
     def __init__(
         self,
@@ -69,16 +72,26 @@ class Where:
         port: int | None = None,
         tls_version: str | None = None,
         tls_cipher: str | None = None,
+        tls_policy: str | None = None,
     ) -> None:
         self.host = host
         self.ip = ip
         self.port = port
         self.tls_version = tls_version
         self.tls_cipher = tls_cipher
+        self.tls_policy = tls_policy
 
     @classmethod
-    def of(cls, conn: SMTPConnection) -> Where:
-        return cls(conn.host, conn.ip, conn.port, conn.tls_version, conn.tls_cipher)
+    def of(cls, conn: SMTPConnection, requirement: TLSRequirement | None = None) -> Where:
+        """Where ``conn`` goes; ``requirement`` is the TLS policy it was opened under."""
+        return cls(
+            conn.host,
+            conn.ip,
+            conn.port,
+            conn.tls_version,
+            conn.tls_cipher,
+            requirement.label if requirement is not None else None,
+        )
 
 
 class Outcomes:
@@ -202,6 +215,35 @@ class Outcomes:
         """Whether this refusal puts its recipients on the suppression list."""
         return is_hard_bounce(outcome, code=code, enhanced=enhanced, codes=self._config.suppress_on)
 
+    def is_expired(self, item: WorkItem) -> bool:
+        """Whether ``item``'s message is past the expiry its sender set."""
+        return item.expires_at is not None and self._clock() >= item.expires_at
+
+    def expired(self, item: WorkItem) -> list[RecipientResult]:
+        """Every recipient of ``item`` failed with the reason ``expired``: no connection is
+        made for a message past its expiry."""
+        now = self._clock()
+        attempt = Attempt(
+            at=now,
+            outcome=AttemptOutcome.PERMANENT,
+            error="expired",
+            reason_class=ReasonClass.EXPIRED,
+        )
+        return [
+            RecipientResult(
+                message_id=item.message_id,
+                address=r.address,
+                state=RecipientState.FAILED,
+                attempt=attempt,
+                lease_token=item.lease_token,
+                ref=r.ref,
+                queued_at=r.created_at,
+                size=len(item.data),
+                envelope_from=item.envelope_from,
+            )
+            for r in item.recipients
+        ]
+
     def _result(
         self,
         item: WorkItem,
@@ -230,8 +272,13 @@ class Outcomes:
             error=error,
             uncertain=uncertain,
             reason_class=reason,
+            tls_policy=where.tls_policy,
         )
         state, next_at = self._decide(recipient, outcome, now)
+        if next_at is not None and item.expires_at is not None and next_at > item.expires_at:
+            # The next try would come after the message's expiry: it is made at the expiry
+            # instead, where the recipient fails as "expired" without a connection.
+            next_at = max(now, item.expires_at)
         return RecipientResult(
             message_id=item.message_id,
             address=recipient.address,

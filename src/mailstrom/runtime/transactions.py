@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     TemporaryFailure,
@@ -83,6 +84,7 @@ class Txn:
         "next_rcpt",
         "rcpt",
         "recipients",
+        "requiretls",
         "reset",
         "sender",
         "smtputf8",
@@ -98,9 +100,11 @@ class Txn:
         eightbit: bool,
         reset: bool,
         future: asyncio.Future[TransactionResult],
+        requiretls: bool = False,
         dsn_mail: bytes = b"",
         dsn_rcpt: Sequence[bytes] = (),
     ) -> None:
+        self.requiretls = requiretls
         self.dsn_mail = dsn_mail
         self.dsn_rcpt = dsn_rcpt
         self.sender = sender
@@ -210,6 +214,7 @@ class TransactionsMixin:
         smtputf8: bool,
         eightbit: bool,
         reset: bool = False,
+        requiretls: bool = False,
         dsn_mail: bytes = b"",
         dsn_rcpt: Sequence[bytes] = (),
     ) -> asyncio.Future[TransactionResult]:
@@ -264,6 +269,14 @@ class TransactionsMixin:
                 enhanced="5.6.7",
                 host=self.host,
             )
+        if requiretls and "REQUIRETLS" not in extensions:
+            # RFC 8689 §4.2.1: such a message must not go to a server without REQUIRETLS.
+            raise RequireTLSFailure(
+                f"message requires TLS (REQUIRETLS), which {self.host} does not support",
+                code=550,
+                enhanced="5.7.30",
+                host=self.host,
+            )
         self.messages_sent += 1
         future: asyncio.Future[TransactionResult] = self._loop.create_future()
         self._queued.append(
@@ -275,6 +288,7 @@ class TransactionsMixin:
                 eightbit,
                 reset,
                 future,
+                requiretls,
                 dsn_mail=dsn_mail,
                 dsn_rcpt=dsn_rcpt,
             )
@@ -302,6 +316,7 @@ class TransactionsMixin:
                 eightbit=txn.eightbit,
                 smtputf8=txn.smtputf8,
                 reset=txn.reset,
+                requiretls=txn.requiretls,
                 dsn_mail=txn.dsn_mail,
                 dsn_rcpt=txn.dsn_rcpt,
             )
@@ -340,6 +355,7 @@ class TransactionsMixin:
             size=len(txn.data),
             eightbit=txn.eightbit,
             smtputf8=txn.smtputf8,
+            requiretls=txn.requiretls,
             dsn=txn.dsn_mail,
         )
 

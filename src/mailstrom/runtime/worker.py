@@ -31,7 +31,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom.bounces.verp import per_recipient
@@ -46,9 +46,11 @@ from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.notices import notices_for
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
+from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
 from mailstrom.suppression import Suppression
+from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -66,6 +68,8 @@ _BACKOFF_MAX = 5.0
 """Bounds of the wait between retries of a failing store call."""
 _FINAL_RECORD = 30.0
 """Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
+_TLS_REFRESH = 60.0
+"""Seconds between reads of the hosts other workers found with broken TLS."""
 
 
 def utc_now() -> datetime:
@@ -151,6 +155,23 @@ class Worker:
         self._starved = False
         self._stopped = threading.Event()
         self._hooks: HookSender | None = None
+        self._due_at: datetime | None = None
+        """When the earliest pending work not yet leased becomes due (a message sent with
+        ``send_at``, a deferred retry), as last read from the store."""
+        self._due_stale = True
+        """Whether ``_due_at`` must be read again: after a lease found nothing due, and
+        after a wake-up (new mail may be due earlier)."""
+        self._lane_load: dict[str, int] = {}
+        """Recipients leased and not yet delivered (or failed) per lane."""
+        self._item_lanes: dict[tuple[str, str, str], str] = {}
+        """The lane of each work item in delivery, by the key of ``_items``."""
+        self._empty_at: datetime | None = None
+        """When a lease last found nothing to take: work due by then that it did not take
+        (locked by another worker, in a lane without room) is no reason to lease again
+        before a wake-up, a delivery ending or the poll."""
+        self._capped = False
+        """Whether the last lease left out a lane that had used up its share: its due
+        work is not worth another lease until a delivery ends."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -175,6 +196,7 @@ class Worker:
 
     def _poke(self) -> None:
         self._lease_wanted = True
+        self._due_stale = True
         if self._wake is not None:
             self._wake.set()
 
@@ -244,11 +266,26 @@ class Worker:
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
-        dispatcher = self._dispatcher = Dispatcher(
-            self.config, router=self._router, outcomes=outcomes, on_done=self._on_done
+        hook, tls_sessions, observe_tls = tls_reporting(
+            self.config, self.store, store_call=self._store_call, clock=self._clock
         )
+        tls = self._tls_decider(mta_sts=hook)
+        dispatcher = self._dispatcher = Dispatcher(
+            self.config,
+            router=self._router,
+            outcomes=outcomes,
+            on_done=self._on_done,
+            tls=tls,
+            observe_tls=observe_tls,
+        )
+        reporting = None
+        if tls_sessions is not None:
+            reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        tls_memory = asyncio.create_task(
+            self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
+        )
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
         failed = True
@@ -285,7 +322,8 @@ class Worker:
             raise
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            tls_memory.cancel()
+            await asyncio.gather(heartbeat, tls_memory, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -295,6 +333,10 @@ class Worker:
             if hooks is not None:
                 await self._stop_hooks(hooks, flush=not failed)
             await self._release_unfinished()
+            if reporting is not None and tls_sessions is not None:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
+                await tls_sessions.flush()
             self._running = False
             self._stopped.set()
 
@@ -307,6 +349,9 @@ class Worker:
         # Keep enough work in flight to fill every session, but no more: work leased and
         # waiting in memory is work no other worker can take.
         high_water = max(config.max_connections * 4, config.lease_batch)
+        # Each lane may hold its share of the recipients in flight (bulk cannot fill the
+        # worker and leave no room for transactional mail leased after it).
+        lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
         backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
         while True:
@@ -335,6 +380,8 @@ class Worker:
                 continue
             batch, self._pending = self._pending, []
             limit = min(room, config.lease_batch) if leasing else 0
+            load = self._lane_load
+            lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
@@ -342,6 +389,7 @@ class Worker:
                     now=self._clock(),
                     limit=limit,
                     lease_for=config.lease_for,
+                    lanes=lanes,
                 )
             except StoreCorrupt:
                 self._pending[:0] = batch
@@ -367,8 +415,11 @@ class Worker:
                     await self._send_notices(notices)
             if not leasing:
                 continue
+            self._capped = any(most == 0 for _, most in lanes)
             if lease is None:
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                self._due_stale = True
+                self._empty_at = self._clock()
                 continue
             found = await self._suppressed_in(lease)
             if found is None:
@@ -392,28 +443,38 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.0))
 
     async def _idle(self, dispatcher: Dispatcher, *, once: bool) -> bool:
-        """Nothing to write: sleep until work may be due. True when ``once`` is done."""
+        """Nothing to write: sleep until work may be due. True when ``once`` is done.
+
+        The sleep ends at the earliest due time of work not yet leased (a scheduled
+        message, a retry), read from the store once after each empty lease or wake-up and
+        remembered while deliveries run, so a busy worker neither asks the store on every
+        turn nor sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
         if once and dispatcher.idle.is_set():
             return True  # the last lease found nothing due, and nothing is in flight
-        if dispatcher.idle.is_set() and not self._starved:
-            try:
-                due = await self._store_call(self.store.next_due, now=self._clock())
-            except StoreCorrupt:
-                raise
-            except StoreError as exc:
-                self._store_trouble("next_due", exc)
-                due = None
-            if due is not None:
+        if not self._starved and not self._capped and not self._stopping:
+            if self._due_stale or dispatcher.idle.is_set():
+                try:
+                    self._due_at = await self._store_call(self.store.next_due, now=self._clock())
+                    self._due_stale = False
+                except StoreCorrupt:
+                    raise
+                except StoreError as exc:
+                    self._store_trouble("next_due", exc)
+                    self._due_at = None
+            due = self._due_at
+            if due is not None and (self._empty_at is None or due > self._empty_at):
                 timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
             if timeout <= 0:
                 self._lease_wanted = True
+                self._due_stale = True
                 return False
         assert self._wake is not None
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         except TimeoutError:
             self._lease_wanted = True  # the poll, or the due time came
+            self._due_stale = True
         return False
 
     def _start(
@@ -422,9 +483,13 @@ class Worker:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
         items = self._items
+        load = self._lane_load
         now = self._clock()
         for item in lease.items:
-            items[(lease.token, item.message_id, item.domain)] = len(item.recipients)
+            key = (lease.token, item.message_id, item.domain)
+            items[key] = len(item.recipients)
+            self._item_lanes[key] = item.priority
+            load[item.priority] = load.get(item.priority, 0) + len(item.recipients)
             rest, refused = screen(item, suppressed, now=now)
             if refused:
                 self._on_done(refused)  # failed at once, recorded with the next write
@@ -506,12 +571,15 @@ class Worker:
             key = (first.lease_token, first.message_id, domain_of(first.address))
             left = self._items.get(key)
             if left is not None:
+                lane = self._item_lanes.get(key, "")
+                self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - len(results))
                 if left > len(results):
                     self._items[key] = left - len(results)
                 else:
                     del self._items[key]
+                    self._item_lanes.pop(key, None)
         self._pending.extend(results)
-        if self._starved:
+        if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
         assert self._wake is not None
         self._wake.set()
@@ -563,6 +631,55 @@ class Worker:
                     await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
+
+    # --- the TLS decision and its shared memory ------------------------------------------
+
+    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
+        """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
+        memory of broken TLS written to the store so that every worker shares it, and
+        ``mta_sts`` as a policy source when MTA-STS is on."""
+        broken = BrokenTLS(
+            self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
+        )
+        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
+
+    def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
+        if self._loop is None or not hasattr(self.store, "note_tls_broken"):
+            return
+        now = self._clock()
+        task = self._loop.create_task(
+            self._store_call(
+                self.store.note_tls_broken,
+                host,
+                until=now + timedelta(seconds=seconds),
+                reason=reason,
+                now=now,
+            )
+        )
+        task.add_done_callback(self._noted)
+
+    def _noted(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            self._store_trouble("note_tls_broken", exc)  # this worker still remembers
+        elif exc is not None:
+            log.error("remembering broken TLS failed: %r", exc)
+
+    async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
+        """Read the hosts with broken TLS every worker noted, now and every minute."""
+        read = getattr(self.store, "tls_broken", None)  # a store older than the protocol
+        if broken.remember_for <= 0 or read is None:
+            return
+        while True:
+            try:
+                now = self._clock()
+                known = await self._store_call(read, now=now)
+                broken.load({h: (until - now).total_seconds() for h, until in known.items()})
+            except StoreError as exc:
+                self._store_trouble("tls_broken", exc)
+            await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation
 
     def _store_trouble(self, doing: str, exc: StoreError) -> None:
         c = self._counters
@@ -640,3 +757,5 @@ class Worker:
                 log.warning("could not give back lease %s: %s", state.lease.token, exc)
         self._leases.clear()
         self._items.clear()
+        self._item_lanes.clear()
+        self._lane_load.clear()

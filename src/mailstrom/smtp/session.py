@@ -311,11 +311,13 @@ class ClientSession:
         size: int | None = None,
         eightbit: bool = False,
         smtputf8: bool = False,
+        requiretls: bool = False,
         dsn: bytes = b"",
     ) -> bytes:
-        """MAIL FROM with SIZE (if offered), BODY=8BITMIME and SMTPUTF8 (if asked for) and
-        the DSN parameters ``dsn`` (`` RET=HDRS ENVID=...``; RFC 3461, only when offered)."""
-        line = self._mail_line(sender, size, eightbit, smtputf8, dsn)
+        """MAIL FROM with SIZE (if offered), BODY=8BITMIME, SMTPUTF8 and REQUIRETLS (RFC
+        8689, if asked for) and the DSN parameters ``dsn`` (`` RET=HDRS ENVID=...``; RFC
+        3461, only when offered)."""
+        line = self._mail_line(sender, size, eightbit, smtputf8, requiretls, dsn)
         return self._send(Command.MAIL, line, sender)
 
     def rcpt(self, recipient: str, *, smtputf8: bool = False, dsn: bytes = b"") -> bytes:
@@ -347,6 +349,7 @@ class ClientSession:
         eightbit: bool = False,
         smtputf8: bool = False,
         reset: bool = False,
+        requiretls: bool = False,
         dsn_mail: bytes = b"",
         dsn_rcpt: Sequence[bytes] = (),
     ) -> bytes:
@@ -363,7 +366,7 @@ class ClientSession:
         if dsn_rcpt and len(dsn_rcpt) != len(recipients):
             raise ValueError("dsn_rcpt needs one entry per recipient")
         # Build every line first, so a bad address leaves the session untouched.
-        mail = self._mail_line(sender, size, eightbit, smtputf8, dsn_mail)
+        mail = self._mail_line(sender, size, eightbit, smtputf8, requiretls, dsn_mail)
         rcpts = [
             (r, self._rcpt_line(r, smtputf8, dsn_rcpt[i] if dsn_rcpt else b""))
             for i, r in enumerate(recipients)
@@ -375,7 +378,13 @@ class ClientSession:
         return b"".join(out)
 
     def _mail_line(
-        self, sender: str, size: int | None, eightbit: bool, smtputf8: bool, dsn: bytes = b""
+        self,
+        sender: str,
+        size: int | None,
+        eightbit: bool,
+        smtputf8: bool,
+        requiretls: bool = False,
+        dsn: bytes = b"",
     ) -> bytes:
         params = b""
         if size is not None and "SIZE" in self._extensions:
@@ -388,6 +397,10 @@ class ClientSession:
             if "SMTPUTF8" not in self._extensions:
                 raise LocalProtocolError("SMTPUTF8 but the server does not offer it")
             params += b" SMTPUTF8"
+        if requiretls:
+            if "REQUIRETLS" not in self._extensions:
+                raise LocalProtocolError("REQUIRETLS but the server does not offer it")
+            params += b" REQUIRETLS"
         if dsn:
             self._check_dsn(dsn)
             params += dsn

@@ -17,11 +17,12 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
@@ -31,6 +32,7 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.suppression import Suppression
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
@@ -38,6 +40,10 @@ may send up to a megabyte per reply; Postfix keeps 2,048 octets too."""
 MAX_HISTORY = 50
 """Attempts kept in a recipient's history; older ones are dropped as new ones are recorded
 (the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
+
+
+MAX_TLS_BROKEN = 10_000
+"""Hosts with remembered broken TLS that a worker reads at most."""
 
 
 def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
@@ -88,10 +94,13 @@ def record_then_lease(
     now: datetime,
     limit: int,
     lease_for: timedelta,
+    lanes: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
     """``Store.record_and_lease`` for a store that cannot do both in one transaction."""
     recorded = store.record(results) if results else []
-    lease = store.lease(now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+    lease = (
+        store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes) if limit > 0 else None
+    )
     return recorded, lease
 
 
@@ -135,6 +144,14 @@ class WorkItem:
     eightbit: bool
     dsn: DSN | None = None
     """The message's delivery status notification request, if any."""
+    require_tls: bool = False
+    """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
+    REQUIRETLS (``Email.require_tls``)."""
+    expires_at: datetime | None = None
+    """The message's expiry: recipients leased at or after it fail as ``expired`` without
+    a connection, and a retry is never scheduled past it."""
+    priority: str = ""
+    """The message's lane ("" when queued before lanes existed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +216,8 @@ class QueueFilter:
     """Messages enqueued more than this long before ``now``."""
     held: bool | None = None
     limit: int = 100
+    tag: str | None = None
+    """Messages carrying this tag (exact, case-sensitive)."""
 
 
 @runtime_checkable
@@ -228,11 +247,24 @@ class Store(Protocol):
         """Store several messages in one transaction; ids in the same order."""
         ...
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
         items. Returns None when nothing is due. Two concurrent callers never receive the
-        same recipient while its lease is unexpired."""
+        same recipient while its lease is unexpired.
+
+        ``lanes`` ((lane name, at most this many), highest first) leases each lane's due
+        recipients before the next lane's, each lane up to its own number; recipients of a
+        lane not named are leased only when every named lane had room left and nothing
+        more due. Each lane is read from an index of its own, so a lane with a deep
+        backlog costs the others nothing."""
         ...
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -253,10 +285,11 @@ class Store(Protocol):
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
-        (none when ``limit`` is 0); in one transaction where the store can (SQLite: one
-        commit, one fsync, for the worker's whole turn)."""
+        (none when ``limit`` is 0) of ``lanes``; in one transaction where the store can
+        (SQLite: one commit, one fsync, for the worker's whole turn)."""
         ...
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
@@ -353,6 +386,19 @@ class Store(Protocol):
         yet acknowledged are kept, however old."""
         ...
 
+    # --- remembered broken TLS (schema version 8) -----------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember that ``host``'s TLS handshake failed (``reason``, cut to
+        :data:`MAX_REPLY_TEXT` octets) until ``until``; a later ``until`` already known is
+        kept. Every worker sharing the store sees it (:meth:`tls_broken`)."""
+        ...
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``, with until when (at most
+        ``limit``, those remembered longest first); expired entries are dropped."""
+        ...
+
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) when work may have become due: mail enqueued
         or retried through this store object, or through any process for stores that can
@@ -400,4 +446,28 @@ class Store(Protocol):
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages whose Message-ID header is ``header_message_id`` (with its
         angle brackets), newest first, at most ``limit``."""
+        ...
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The MTA-STS policy cached for ``domain`` (lower-case A-label), expired or not,
+        or None. Every worker sharing the store sees the same cache."""
+        ...
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        ...
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add each counter of ``sessions`` to the stored counter with the same key
+        (:meth:`TLSSessions.key`), in one transaction; concurrent adds never lose counts."""
+        ...
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every session counter of the UTC day ``day`` (for TLS reports)."""
+        ...
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
         ...

@@ -19,6 +19,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
+    DKIMStatus,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -29,6 +30,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     LeasedRecipient,
@@ -40,6 +42,8 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
 )
+from mailstrom.stores.dkim_column import bounded_dkim
+from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
 
@@ -113,6 +117,7 @@ class _Message:
     created_at: datetime
     held: bool
     recipients: dict[str, _Recipient]
+    dkim: DKIMStatus | None = None
 
     def state(self) -> RecipientState:
         return derive_message_state([r.state for r in self.recipients.values()])
@@ -130,10 +135,43 @@ class _Message:
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
             held=self.held,
+            dkim=self.dkim,
+            tags=self.prepared.attributes.tags,
+            metadata=dict(self.prepared.attributes.metadata),
+            priority=self.prepared.attributes.priority,
+            send_at=self.prepared.attributes.send_at,
+            expires_at=self.prepared.attributes.expires_at,
+            idempotency_key=self.prepared.attributes.idempotency_key,
         )
 
 
-class MemoryStore:
+_Due = tuple[datetime, int, int, "_Message", _Recipient]
+
+
+def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
+    """The due recipients (earliest first) a lease with ``lanes`` takes: each named lane's
+    earliest, up to its number, highest lane first; then, when every lane had room left
+    and nothing more due, those of lanes not named."""
+    per_lane: dict[str, list[_Due]] = {}
+    for entry in due:
+        per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
+    taken: list[_Due] = []
+    exhausted = True
+    for lane, most in lanes:
+        take = min(most, limit - len(taken))
+        if take <= 0:
+            exhausted = False
+            continue
+        found = per_lane.pop(lane, [])
+        exhausted = exhausted and len(found) < take
+        taken += found[:take]
+    if exhausted and len(taken) < limit:
+        rest = sorted((e for entries in per_lane.values() for e in entries), key=lambda t: t[:3])
+        taken += rest[: limit - len(taken)]
+    return taken
+
+
+class MemoryStore(MemoryTLSMixin):
     """A :class:`~mailstrom.stores.base.Store` kept in process memory.
 
     >>> store = MemoryStore()
@@ -151,6 +189,10 @@ class MemoryStore:
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
+        self._init_tls()
+        self._tls_broken: dict[str, datetime] = {}
+        self._keys: dict[str, tuple[str, datetime]] = {}
+        """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
 
     # --- writing ----------------------------------------------------------------------
@@ -169,12 +211,21 @@ class MemoryStore:
         with self._lock:
             for prepared in messages:
                 mid = new_message_id()
+                attrs = prepared.attributes
+                key = attrs.idempotency_key
+                if key is not None:
+                    held_by = self._keys.get(key)
+                    if held_by is not None and held_by[1] > now and held_by[0] in self._messages:
+                        ids.append(held_by[0])
+                        continue
+                    self._keys[key] = (mid, attrs.idempotency_until or now)
+                due = now if attrs.send_at is None else max(now, attrs.send_at)
                 recipients = {
                     address: _Recipient(
                         address=address,
                         domain=domain_of(address),
                         position=i,
-                        next_attempt_at=now,
+                        next_attempt_at=due,
                     )
                     for i, address in enumerate(prepared.recipients)
                 }
@@ -185,14 +236,23 @@ class MemoryStore:
                     created_at=now,
                     held=hold,
                     recipients=recipients,
+                    dkim=bounded_dkim(prepared.dkim_status),
                 )
                 ids.append(mid)
         if ids and not hold:
             self._watchers.notify()
         return ids
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients, grouped per (message, domain)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients, grouped per (message, domain); with
+        ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
         if limit <= 0:
             return None
         token = os.urandom(16).hex()
@@ -206,6 +266,8 @@ class MemoryStore:
                 if r.state in _PENDING and r.due_at() <= now
             ]
             due.sort(key=lambda t: t[:3])
+            if lanes is not None:
+                due = _by_lanes(due, lanes, limit)
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
             for _, _, _, m, r in due[:limit]:
@@ -236,6 +298,9 @@ class MemoryStore:
                         data=m.prepared.data,
                         smtputf8=m.prepared.smtputf8,
                         eightbit=m.prepared.eightbit,
+                        require_tls=m.prepared.require_tls,
+                        expires_at=m.prepared.attributes.expires_at,
+                        priority=m.prepared.attributes.priority or "",
                         dsn=m.prepared.dsn,
                     )
                 )
@@ -275,14 +340,14 @@ class MemoryStore:
                 r.history.append(attempt)
                 del r.history[:-MAX_HISTORY]
                 recorded.append(result)
-                if self._events_on:
+                if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)
                     reason = reason or getattr(result, "reason_class", None)
-                    self._append_event(result.message_id, r, attempt, reason)
+                    self._append_event(m, r, attempt, reason)
         return recorded
 
     def _append_event(
-        self, message_id: str, r: _Recipient, attempt: Attempt, reason_class: str | None
+        self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
     ) -> None:
         """The outbox entry of a result just recorded (under the lock)."""
         event_id = next(self._event_ids)
@@ -290,7 +355,7 @@ class MemoryStore:
             event=DeliveryEvent(
                 id=event_id,
                 at=attempt.at,
-                message_id=message_id,
+                message_id=m.id,
                 address=r.address,
                 state=r.state,
                 attempt=r.attempts,
@@ -302,6 +367,8 @@ class MemoryStore:
                 tls=r.tls,
                 uncertain=r.uncertain,
                 next_attempt_at=r.next_attempt_at,
+                tags=m.prepared.attributes.tags,
+                metadata=dict(m.prepared.attributes.metadata),
             )
         )
 
@@ -391,9 +458,12 @@ class MemoryStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
@@ -504,6 +574,8 @@ class MemoryStore:
                     continue
                 if where.state is not None and m.state() is not where.state:
                     continue
+                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
+                    continue
                 found.append(m.snapshot(with_history=False))
         return found
 
@@ -544,6 +616,22 @@ class MemoryStore:
             )
 
     # --- misc -------------------------------------------------------------------------
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._lock:
+            known = self._tls_broken.get(host)
+            self._tls_broken[host] = until if known is None else max(known, until)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        with self._lock:
+            for host in [h for h, until in self._tls_broken.items() if until <= now]:
+                del self._tls_broken[host]
+            longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
+        return dict(longest[:limit])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""
@@ -598,7 +686,8 @@ class MemoryStore:
         """Mark a recipient FAILED after the fact (see Store.fail_late)."""
         attempt = bounded_attempt(attempt)
         with self._lock:
-            r = self._get(message_id).recipients.get(address)
+            m = self._get(message_id)
+            r = m.recipients.get(address)
             if r is None or r.state is RecipientState.FAILED:
                 return False
             r.state = RecipientState.FAILED
@@ -616,7 +705,7 @@ class MemoryStore:
             r.history.append(attempt)
             del r.history[:-MAX_HISTORY]
             if self._events_on:
-                self._append_event(message_id, r, attempt, attempt.reason_class)
+                self._append_event(m, r, attempt, attempt.reason_class)
         return True
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:

@@ -52,11 +52,12 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
@@ -64,12 +65,14 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_suppressions
+from mailstrom.stores import sqlite_events, sqlite_suppressions, sqlite_tls
 from mailstrom.stores.base import (
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
+    bounded_text,
 )
 from mailstrom.stores.sqlite_queue import (
     DUE_SQL,
@@ -81,6 +84,7 @@ from mailstrom.stores.sqlite_queue import (
     record_rows,
 )
 from mailstrom.stores.sqlite_schema import (
+    from_us,
     migrate,
     migrations,
     opt_dt,
@@ -89,6 +93,7 @@ from mailstrom.stores.sqlite_schema import (
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
 
@@ -549,13 +554,21 @@ class SQLiteStore:
 
     # --- leasing ----------------------------------------------------------------------
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients, oldest due first, grouped per
-        (message, domain); one transaction, walking the due index with LIMIT."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients, oldest due first (per lane, highest lane
+        first, with ``lanes``), grouped per (message, domain); one transaction, walking
+        the due index (a lane's range of it) with LIMIT."""
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for)
+            return lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
 
     def record_and_lease(
         self,
@@ -564,6 +577,7 @@ class SQLiteStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         recorded: list[RecipientResult] = []
@@ -572,7 +586,9 @@ class SQLiteStore:
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
             lease = (
-                lease_rows(conn, now=now, limit=limit, lease_for=lease_for) if limit > 0 else None
+                lease_rows(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+                if limit > 0
+                else None
             )
         return recorded, lease
 
@@ -712,6 +728,9 @@ class SQLiteStore:
         if where.state is not None:
             conditions.append(f"{MESSAGE_STATE_SQL} = ?")
             params.append(where.state.value)
+        if where.tag is not None:
+            conditions.append("EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)")
+            params.append(where.tag)
         with self._read() as conn:
             return read_messages(
                 conn, " AND ".join(conditions) or "1", params, where.limit, history=False
@@ -789,6 +808,29 @@ class SQLiteStore:
         with self._write(fsync=False) as conn:
             return sqlite_events.prune_event_rows(conn, sent_before=sent_before)
 
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        with self._write(fsync=False) as conn:
+            conn.execute(
+                "INSERT INTO tls_broken (host, until, reason, noted_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET until = max(until, excluded.until),"
+                " reason = excluded.reason, noted_at = excluded.noted_at",
+                (host, to_us(until), bounded_text(reason), to_us(now)),
+            )
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        at = to_us(now)
+        with self._write(fsync=False) as conn:
+            conn.execute("DELETE FROM tls_broken WHERE until <= ?", (at,))
+            rows = conn.execute(
+                "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
+                (at, limit),
+            ).fetchall()
+        return {host: from_us(until) for host, until in rows}
+
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this
         object or by another process (a datagram socket in ``<database>-wake/``, see
@@ -811,6 +853,36 @@ class SQLiteStore:
         """Work may be due: tell watchers here and in other processes (after COMMIT)."""
         self._watchers.notify()
         self._wakeups.notify()
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        with self._read() as conn:
+            return sqlite_tls.read_policy(conn, domain)
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there (not fsynced: a
+        policy lost to a power failure is fetched again)."""
+        with self._write(fsync=False) as conn:
+            sqlite_tls.write_policy(conn, cached)
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        with self._write(fsync=False) as conn:
+            sqlite_tls.add_sessions(conn, sessions)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        with self._read() as conn:
+            return sqlite_tls.read_sessions(conn, day)
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        with self._write(fsync=False) as conn:
+            return sqlite_tls.prune_sessions(conn, before)
 
     # --- the suppression list -----------------------------------------------------------
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.status import DeliveryEvent, RecipientState
+from mailstrom.stores.attributes import metadata_from, tags_from
 from mailstrom.stores.base import EventBatch, RecipientResult
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, reply_from, to_us
 
@@ -22,7 +23,7 @@ _CHUNK = 400
 """Recipients per INSERT (two bound values each)."""
 EVENT_COLUMNS = (
     "id, at, message_id, address, state, attempt, reply_code, reply_enhanced, reply_text,"
-    " error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at"
+    " error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at, tags, metadata"
 )
 
 
@@ -47,10 +48,10 @@ def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult])
             "WITH picked (n, rid) AS (VALUES " + ",".join(["(?,?)"] * len(chunk)) + ")"
             " INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at,"
             " reply_code, reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,"
-            " uncertain)"
+            " uncertain, tags, metadata)"
             " SELECT m.id, r.address, r.state, r.attempts, r.last_attempt_at,"
             " r.next_attempt_at, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
-            " r.reason_class, r.mx_host, r.ip, r.tls, r.uncertain"
+            " r.reason_class, r.mx_host, r.ip, r.tls, r.uncertain, m.tags, m.metadata"
             " FROM picked JOIN recipients r ON r.id = picked.rid"
             " JOIN messages m ON m.seq = r.message_seq ORDER BY picked.n",
             [v for n, rid in enumerate(chunk) for v in (n, rid)],
@@ -60,7 +61,8 @@ def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult])
 def event_from_row(row: Any) -> DeliveryEvent:
     """An event from a row of :data:`EVENT_COLUMNS`."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
-    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:]
+    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
+    tags, metadata = row[16:18] if len(row) > 16 else (None, None)
     return DeliveryEvent(
         id=event_id,
         at=from_us(at),
@@ -76,6 +78,8 @@ def event_from_row(row: Any) -> DeliveryEvent:
         tls=bool(tls),
         uncertain=bool(uncertain),
         next_attempt_at=opt_dt(next_at),
+        tags=tags_from(tags),
+        metadata=metadata_from(metadata),
     )
 
 

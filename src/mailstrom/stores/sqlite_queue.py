@@ -16,6 +16,7 @@ from typing import Any
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, MessageStatus, derive_message_state
+from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
     Lease,
@@ -26,6 +27,7 @@ from mailstrom.stores.base import (
     domain_of,
     new_message_id,
 )
+from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.sqlite_schema import (
     attempt_from_row,
     from_us,
@@ -53,6 +55,7 @@ _RECORD_CHUNK = 1000
 """Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
 _ROW15 = "(" + ",".join("?" * 15) + ")"
+_ROW16 = "(" + ",".join("?" * 16) + ")"
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
@@ -72,14 +75,20 @@ def qmarks(n: int) -> str:
 def insert_messages(
     conn: sqlite3.Connection, messages: Sequence[PreparedMessage], *, now: int, hold: bool
 ) -> list[str]:
-    """Insert ``messages`` and their recipients (queued, due at ``now``); their new ids."""
+    """Insert ``messages`` and their recipients (queued, due at ``now`` or at their
+    ``send_at``); their new ids. A message whose idempotency key another message holds
+    (unexpired) is not inserted: the id of that other message takes its place."""
     ids: list[str] = []
     recipients: list[tuple[object, ...]] = []
+    dkims: list[tuple[object, ...]] = []
     for message in messages:
         mid = new_message_id()
+        attrs = message.attributes
+        due = now if attrs.send_at is None else max(now, to_us(attrs.send_at))
         cursor = conn.execute(
             "INSERT INTO messages (id, envelope_from, smtputf8, eightbit, created_at, held,"
-            " subject, header_message_id, size, data) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " subject, header_message_id, size, data, tags, metadata, priority, send_at,"
+            " expires_at, idempotency_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 mid,
                 message.envelope_from,
@@ -91,48 +100,118 @@ def insert_messages(
                 message.header_message_id,
                 message.size,
                 message.data,
+                tags_json(attrs.tags),
+                metadata_json(attrs.metadata),
+                attrs.priority,
+                opt_us(attrs.send_at),
+                opt_us(attrs.expires_at),
+                attrs.idempotency_key,
             ),
         )
         seq = cursor.lastrowid
+        assert seq is not None
+        if attrs.idempotency_key is not None:
+            earlier = _claim_key(conn, attrs.idempotency_key, seq, attrs.idempotency_until, now)
+            if earlier is not None:
+                ids.append(earlier)
+                continue
+        dkim = dkim_to_column(message.dkim_status)
+        if dkim is not None:
+            dkims.append((seq, dkim))
+        if message.require_tls:  # rare: a statement of its own keeps the common one short
+            conn.execute("UPDATE messages SET require_tls = 1 WHERE seq = ?", (seq,))
         if message.dsn is not None:  # rare: the common INSERT stays as it is
             conn.execute("UPDATE messages SET dsn = ? WHERE seq = ?", (message.dsn.encode(), seq))
+        lane = attrs.priority or ""
         recipients.extend(
-            (seq, i, address, domain_of(address), hold, now)
+            (seq, i, address, domain_of(address), hold, due, lane)
             for i, address in enumerate(message.recipients)
         )
         ids.append(mid)
     conn.executemany(
         "INSERT INTO recipients (message_seq, position, address, domain, state, held,"
-        " next_attempt_at) VALUES (?,?,?,?,'queued',?,?)",
+        " next_attempt_at, lane) VALUES (?,?,?,?,'queued',?,?,?)",
         recipients,
     )
+    if dkims:
+        conn.executemany("INSERT INTO message_dkim (message_seq, dkim) VALUES (?,?)", dkims)
     return ids
 
 
+def _claim_key(
+    conn: sqlite3.Connection, key: str, seq: int, until: datetime | None, now: int
+) -> str | None:
+    """Make ``key`` name the message just inserted as ``seq``; None when it does. When an
+    unexpired row holds the key, the new message is deleted again and the id of the one the
+    key names is returned. The PRIMARY KEY decides: the INSERT either adds the row, takes
+    over an expired one, or does nothing."""
+    expires = to_us(until) if until is not None else now
+    claimed = conn.execute(
+        "INSERT INTO idempotency_keys (key, message_seq, expires_at) VALUES (?,?,?)"
+        " ON CONFLICT (key) DO UPDATE SET message_seq = excluded.message_seq,"
+        " expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= ?",
+        (key, seq, expires, now),
+    ).rowcount
+    if claimed:
+        return None
+    conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+    (earlier,) = conn.execute(
+        "SELECT m.id FROM idempotency_keys k JOIN messages m ON m.seq = k.message_seq"
+        " WHERE k.key = ?",
+        (key,),
+    ).fetchone()
+    return str(earlier)
+
+
 def lease_rows(
-    conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
+    conn: sqlite3.Connection,
+    *,
+    now: datetime,
+    limit: int,
+    lease_for: timedelta,
+    lanes: Sequence[tuple[str, int]] | None = None,
 ) -> Lease | None:
-    """Lease up to ``limit`` due recipients inside the caller's write transaction."""
+    """Lease up to ``limit`` due recipients inside the caller's write transaction.
+
+    Without ``lanes``, the earliest due of every lane. With them ((name, at most), highest
+    first), each lane's earliest due in turn, walking that lane's range of
+    recipients_lane_due; then, when every lane had room left and nothing more due,
+    recipients of lanes not named (queued before lanes existed, or in a lane since removed
+    from the configuration)."""
     token = os.urandom(16).hex()
     expires_at = now + lease_for
-    # One statement marks and returns the due rows (the subquery walks the due
-    # index and stops at the limit), instead of a SELECT and an UPDATE per row.
-    rows = conn.execute(
-        "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
-        " WHERE id IN (SELECT id FROM recipients INDEXED BY recipients_due"
-        f" WHERE {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
-        f" ORDER BY {DUE_SQL}, id LIMIT ?)"
-        " RETURNING id, message_seq, position, address, domain, attempts,"
-        " first_attempt_at, last_attempt_at",
-        (token, to_us(expires_at), to_us(now), limit),
-    ).fetchall()
+    marks = (token, to_us(expires_at), to_us(now))
+    if lanes is None:
+        rows = _mark(conn, marks, limit, "recipients_due", "", [])
+    else:
+        rows = []
+        exhausted = True
+        for lane, most in lanes:
+            take = min(most, limit - len(rows))
+            if take <= 0:
+                exhausted = False
+                continue
+            found = _mark(conn, marks, take, "recipients_lane_due", "lane = ? AND", [lane])
+            exhausted = exhausted and len(found) < take
+            rows += found
+        if exhausted and len(rows) < limit:
+            named = [lane for lane, _ in lanes]
+            rows += _mark(
+                conn,
+                marks,
+                limit - len(rows),
+                "recipients_due",
+                f"lane NOT IN ({qmarks(len(named))}) AND",
+                named,
+            )
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
     messages = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
-            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, dsn"
+            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls,"
+            " expires_at, priority, dsn"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
@@ -154,7 +233,8 @@ def lease_rows(
         )
     items = []
     for (seq, domain), leased in groups.items():
-        _, mid, envelope_from, smtputf8, eightbit, _, data, dsn = messages[seq]
+        row = messages[seq]
+        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls, expires, lane, dsn = row
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
@@ -166,10 +246,36 @@ def lease_rows(
                 data=bytes(data),
                 smtputf8=bool(smtputf8),
                 eightbit=bool(eightbit),
+                require_tls=bool(require_tls),
+                expires_at=opt_dt(expires),
+                priority=lane or "",
                 dsn=DSN.decode(dsn) if dsn else None,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
+
+
+def _mark(
+    conn: sqlite3.Connection,
+    marks: tuple[str, int, int],
+    limit: int,
+    index: str,
+    condition: str,
+    params: Sequence[object],
+) -> list[Any]:
+    """Stamp up to ``limit`` due recipients with the lease (token, expiry) of ``marks``
+    and return them: one statement whose subquery walks ``index`` in due order and stops
+    at the limit. ``condition`` is a constant fragment ending in AND; values are bound."""
+    token, expires, now = marks
+    return conn.execute(
+        "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
+        f" WHERE id IN (SELECT id FROM recipients INDEXED BY {index}"
+        f" WHERE {condition} {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
+        f" ORDER BY {DUE_SQL}, id LIMIT ?)"
+        " RETURNING id, message_seq, position, address, domain, attempts,"
+        " first_attempt_at, last_attempt_at",
+        (token, expires, *params, now, limit),
+    ).fetchall()
 
 
 def record_rows(
@@ -208,6 +314,7 @@ def _record_chunk(
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
             *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+            a.tls_policy,
         )
         by_rid[rid] = (result, history)
     if not by_rid:
@@ -242,7 +349,7 @@ def _record_chunk(
     conn.execute(
         "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
         " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain, reason_class) VALUES " + ",".join([_ROW15] * len(kept)),
+        " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
         [value for _, history in kept for value in history],
     )
     return [result for result, _ in kept]
@@ -272,7 +379,9 @@ def read_messages(
     # `condition` is built only from the constant fragments above; values are bound.
     messages = conn.execute(
         "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-        f" m.subject, m.held FROM messages m WHERE {condition}"
+        " m.subject, m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,"
+        " m.idempotency_key, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
+        f" FROM messages m WHERE {condition}"
         " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
@@ -293,14 +402,17 @@ def read_messages(
             for row in conn.execute(
                 "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
                 " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                " a.reply_text, a.error, a.uncertain, a.reason_class FROM attempts a"
+                " a.reply_text, a.error, a.uncertain, a.reason_class, a.tls_policy"
+                " FROM attempts a"
                 " JOIN recipients r ON r.id = a.recipient_id"
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,
             ):
                 attempts.setdefault(row[0], []).append(attempt_from_row(row))
     result = []
-    for seq, mid, envelope_from, created_at, size, header_id, subject, held in messages:
+    for row in messages:
+        seq, mid, envelope_from, created_at, size, header_id, subject, held = row[:8]
+        tags, metadata, priority, send_at, expires_at, key, dkim = row[8:]
         statuses = tuple(
             recipient_from_row(row, tuple(attempts.get(row[1], ())))
             for row in recipients.get(seq, [])
@@ -316,6 +428,13 @@ def read_messages(
                 header_message_id=header_id,
                 subject=subject,
                 held=bool(held),
+                dkim=dkim_from_column(dkim),
+                tags=tags_from(tags),
+                metadata=metadata_from(metadata),
+                priority=priority,
+                send_at=opt_dt(send_at),
+                expires_at=opt_dt(expires_at),
+                idempotency_key=key,
             )
         )
     return result

@@ -125,9 +125,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 def attempt_from_row(row: Any) -> Attempt:
     """An attempt from (recipient_id, at, outcome, duration, mx_host, ip, port,
     tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error, uncertain,
-    reason_class)."""
+    reason_class[, tls_policy])."""
     (_, at, outcome, duration, mx_host, ip, port, tls_version, tls_cipher) = row[:9]
-    code, enhanced, text, error, uncertain, reason_class = row[9:]
+    code, enhanced, text, error, uncertain, reason_class = row[9:15]
+    tls_policy = row[15] if len(row) > 15 else None
     return Attempt(
         at=from_us(at),
         outcome=AttemptOutcome(outcome),
@@ -141,6 +142,7 @@ def attempt_from_row(row: Any) -> Attempt:
         error=error,
         uncertain=bool(uncertain),
         reason_class=reason_class_of(reason_class),
+        tls_policy=tls_policy,
     )
 
 

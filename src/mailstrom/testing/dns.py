@@ -29,6 +29,11 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * ``txt`` takes one string per record; a string longer than 255 octets is sent as several
   character-strings of one record (as a zone file splits a 2048-bit DKIM key), and a
   tuple of strings is one record made of exactly those character-strings.
+* ``tlsa(name, (usage, selector, matching, data), ...)`` — TLSA records (RFC 6698), e.g.
+  ``tlsa("_25._tcp.mx.example.org", (3, 1, 1, digest))``; ``data`` is bytes or hex.
+* ``authenticated(*names)`` — answers about these names (records, NODATA, NXDOMAIN) carry
+  the AD bit, as a validating resolver's answers about signed data do; ``authenticated()``
+  with ``everything=True`` sets it on every answer. ``unauthenticated(*names)`` undoes it.
 * ``null_mx(domain)`` — the RFC 7505 ``MX 0 .``.
 * ``wildcard_mx([(preference, host), ...])`` — every name the zone does not hold answers
   MX with these hosts (and has no other records), so mail to any domain goes there.
@@ -63,7 +68,7 @@ from mailstrom.config import DNSConfig
 from mailstrom.testing._extra import missing_extra
 
 try:
-    from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
+    from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TLSA, TXT, A, DNSError, DNSRecord
     from dnslib.server import DNSHandler, DNSServer
 except ImportError as exc:
     raise missing_extra(exc) from exc
@@ -98,6 +103,7 @@ class _Node:
     servfail: bool = False
     drop: bool = False
     nxdomain: bool = False
+    authenticated: bool = False
 
 
 class _ZoneResolver:
@@ -109,6 +115,8 @@ class _ZoneResolver:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.wildcard_mx: list[tuple[int, str]] = []
         self.wildcard_ttl = _DEFAULT_TTL
+        self.authenticated: set[str] = set()
+        self.all_authenticated = False
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         qname = _key(str(request.q.qname))
@@ -116,6 +124,8 @@ class _ZoneResolver:
         reply = request.reply()
         with self.lock:
             self.counts[(qname, qtype)] += 1
+            # The AD bit (RFC 4035 §3.2.3): the whole answer, chain included, validated.
+            secure = self.all_authenticated or qname in self.authenticated
             name = qname
             for _ in range(_MAX_CHAIN):
                 node = self.nodes.get(name)
@@ -136,9 +146,12 @@ class _ZoneResolver:
                 if node.cname is not None and qtype != "CNAME":
                     reply.add_answer(*node.records["CNAME"])
                     name = _key(node.cname)
+                    secure = secure and (self.all_authenticated or name in self.authenticated)
                     continue
                 reply.add_answer(*node.records.get(qtype, []))
                 break
+            # dnslib's reply() copies the query's flags, AD included: set it ourselves.
+            reply.header.ad = int(secure and reply.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN))
         return reply
 
     def _wildcard_answer(self, name: str) -> list[RR]:
@@ -289,6 +302,37 @@ class LoopbackDNS:
         """Set ``name``'s TXT records: one record per argument. A string longer than 255
         octets becomes several character-strings of its record; a tuple gives them."""
         self._set(name, "TXT", [TXT(_character_strings(r)) for r in records], ttl)
+
+    def tlsa(
+        self,
+        name: str,
+        *records: tuple[int, int, int, bytes | str],
+        ttl: int = _DEFAULT_TTL,
+    ) -> None:
+        """Set ``name``'s TLSA records: ``(usage, selector, matching, data)`` each, the
+        data as bytes or hex (``name`` is the full owner, ``_25._tcp.<host>``)."""
+        rdatas = [
+            TLSA(u, s, m, bytes.fromhex(d) if isinstance(d, str) else bytes(d))
+            for u, s, m, d in records
+        ]
+        self._set(name, "TLSA", rdatas, ttl)
+
+    def authenticated(self, *names: str, everything: bool = False) -> None:
+        """Set the AD bit on answers about ``names`` (or, with ``everything``, on every
+        answer), as a validating resolver does for signed, validated data."""
+        with self._zone.lock:
+            self._zone.authenticated.update(_key(n) for n in names)
+            if everything:
+                self._zone.all_authenticated = True
+
+    def unauthenticated(self, *names: str) -> None:
+        """No AD bit on answers about ``names`` (none at all when no name is given)."""
+        with self._zone.lock:
+            if names:
+                self._zone.authenticated.difference_update(_key(n) for n in names)
+            else:
+                self._zone.authenticated.clear()
+                self._zone.all_authenticated = False
 
     def ptr(self, ip: str, *names: str, ttl: int = _DEFAULT_TTL) -> None:
         """Set the PTR records of address ``ip`` (its in-addr.arpa or ip6.arpa name)."""

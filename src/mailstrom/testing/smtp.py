@@ -27,6 +27,8 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     advertises SIZE and enforces it), ``auth=None`` (``(user, password)``: AUTH PLAIN and
     LOGIN offered even without TLS, only these credentials pass), ``auth_mechanisms=("PLAIN",
     "LOGIN")`` (which of the two to offer),
+    ``requiretls=False`` (offer REQUIRETLS, RFC 8689, after STARTTLS, and accept it on
+    MAIL FROM: it then shows in the message's ``mail_options``),
     ``greeting=None`` (e.g. ``"421 4.3.2 Go away"``: a non-2xx greeting is sent, then the
     connection closed), ``ehlo_reply=None`` (e.g. ``"502 5.5.1 No EHLO"`` forces HELO),
     ``stall_on=None``, ``drop_on=None`` (see below), ``dsn=False`` (advertise DSN and take
@@ -153,8 +155,10 @@ class ReceivingServer:
         greeting: str | None,
         ehlo_reply: str | None,
         auth: tuple[str, str] | None,
+        requiretls: bool = False,
     ) -> None:
         self.host = host
+        self.requiretls = requiretls
         self.port = 0
         self.pipelining = pipelining
         self.eightbitmime = eightbitmime
@@ -300,6 +304,8 @@ class _Handler:
             extra.append("250-ENHANCEDSTATUSCODES")
         if fixture.dsn:
             extra.append("250-DSN")
+        if fixture.requiretls and server._tls_protocol is not None:
+            extra.append("250-REQUIRETLS")  # RFC 8689 §2: only over TLS
         return lines[:1] + extra + lines[1:]
 
     async def handle_MAIL(
@@ -407,7 +413,17 @@ class _SMTP(SMTP):
         await super().push(status)
 
     async def smtp_MAIL(self, arg: str) -> None:
+        # REQUIRETLS is a parameter aiosmtpd does not know: take it off and note it.
+        requiretls = False
+        if self._fixture.requiretls and self._tls_protocol is not None and arg:
+            words = arg.split(" ")
+            kept = [w for w in words if w.upper() != "REQUIRETLS"]
+            requiretls = len(kept) != len(words)
+            arg = " ".join(kept)
         await super().smtp_MAIL(self._take_dsn("MAIL", arg))
+        envelope = self.envelope
+        if requiretls and envelope is not None and envelope.mail_from is not None:
+            envelope.mail_options.append("REQUIRETLS")
 
     async def smtp_RCPT(self, arg: str) -> None:
         await super().smtp_RCPT(self._take_dsn("RCPT", arg))
@@ -519,6 +535,7 @@ def start_receiving_server(
     stall_on: str | None = None,
     drop_on: str | None = None,
     dsn: bool = False,
+    requiretls: bool = False,
 ) -> ReceivingServer:
     """Start one receiving server (see the module docstring for the options); the caller
     stops it."""
@@ -534,6 +551,7 @@ def start_receiving_server(
         greeting=greeting,
         ehlo_reply=ehlo_reply,
         auth=auth,
+        requiretls=requiretls,
     )
     kwargs: dict[str, Any] = {
         "enable_SMTPUTF8": smtputf8,

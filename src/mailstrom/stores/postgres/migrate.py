@@ -37,13 +37,15 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
         applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
-        newest = known[-1].version if known else 0
         current = max(applied, default=0)
-        if current > newest:
+        latest = known[-1].version if known else 0
+        if current > latest:
             raise StoreError(
                 f"the database schema is at version {current}, newer than this mailstrom "
-                f"knows ({newest}); upgrade mailstrom"
+                f"knows ({latest}); upgrade mailstrom"
             )
+        # Every version not yet recorded, in order: one numbered below an applied one (a
+        # feature merged after a later-numbered one was deployed) is applied too.
         for migration in known:
             if migration.version in applied:
                 continue

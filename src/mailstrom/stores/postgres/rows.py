@@ -18,6 +18,7 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
+from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
     Lease,
@@ -28,6 +29,7 @@ from mailstrom.stores.base import (
     domain_of,
     reason_class_of,
 )
+from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 
 Row = dict[str, Any]
 
@@ -57,6 +59,14 @@ def enqueue_params(
         "subjects": [m.subject for m in messages],
         "header_ids": [m.header_message_id for m in messages],
         "sizes": [m.size for m in messages],
+        "dkims": [dkim_to_column(m.dkim_status) for m in messages],
+        "require_tls": [m.require_tls for m in messages],
+        "tags": [tags_json(m.attributes.tags) for m in messages],
+        "metadatas": [metadata_json(m.attributes.metadata) for m in messages],
+        "priorities": [m.attributes.priority for m in messages],
+        "send_ats": [m.attributes.send_at for m in messages],
+        "expires_ats": [m.attributes.expires_at for m in messages],
+        "keys": [m.attributes.idempotency_key for m in messages],
         "dsns": [m.dsn.encode() if m.dsn is not None else None for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
@@ -93,6 +103,7 @@ def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
         "errors": [a.error for a in attempts],
         "uncertain": [a.uncertain for a in attempts],
         "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
+        "tls_policies": [a.tls_policy for a in attempts],
     }
 
 
@@ -101,7 +112,9 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
     (message, domain), each listing its recipients in the message's order."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], tuple[str, bool, bool, str | None]] = {}
+    heads: dict[
+        tuple[str, str], tuple[str, bool, bool, bool, datetime | None, str, str | None]
+    ] = {}
     for (
         message_id,
         domain,
@@ -114,6 +127,9 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         smtputf8,
         eightbit,
         body,
+        require_tls,
+        expires_at_,
+        priority,
         dsn,
         last_attempt_at,
     ) in rows:
@@ -122,7 +138,15 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         key = (message_id, domain)
         if key not in groups:
             groups[key] = []
-            heads[key] = (envelope_from, smtputf8, eightbit, dsn)
+            heads[key] = (
+                envelope_from,
+                smtputf8,
+                eightbit,
+                require_tls,
+                expires_at_,
+                priority or "",
+                dsn,
+            )
         groups[key].append(
             (
                 position,
@@ -137,7 +161,9 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         )
     items = []
     for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit, dsn = heads[message_id, domain]
+        envelope_from, smtputf8, eightbit, require_tls, expires, lane, dsn = heads[
+            message_id, domain
+        ]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
@@ -149,6 +175,9 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 data=data[message_id],
                 smtputf8=smtputf8,
                 eightbit=eightbit,
+                require_tls=require_tls,
+                expires_at=expires,
+                priority=lane,
                 dsn=DSN.decode(dsn) if dsn else None,
             )
         )
@@ -175,6 +204,7 @@ def _attempt(row: Row) -> Attempt:
         error=row["a_error"],
         uncertain=row["a_uncertain"],
         reason_class=reason_class_of(row["a_reason_class"]),
+        tls_policy=row.get("a_tls_policy"),
     )
 
 
@@ -229,6 +259,13 @@ def messages_from_rows(rows: Sequence[Row]) -> list[MessageStatus]:
                 header_message_id=head["header_message_id"],
                 subject=head["subject"],
                 held=head["held"],
+                dkim=dkim_from_column(head["dkim"]),
+                tags=tags_from(head.get("tags")),
+                metadata=metadata_from(head.get("metadata")),
+                priority=head.get("priority"),
+                send_at=head.get("send_at"),
+                expires_at=head.get("expires_at"),
+                idempotency_key=head.get("idempotency_key"),
             )
         )
     return out
@@ -239,7 +276,8 @@ def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls, uncertain,
     next_attempt_at)."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
-    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:]
+    (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
+    tags, metadata = row[16:18] if len(row) > 16 else (None, None)
     return DeliveryEvent(
         id=int(event_id),
         at=at,
@@ -255,4 +293,6 @@ def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
         tls=tls,
         uncertain=uncertain,
         next_attempt_at=next_at,
+        tags=tags_from(tags),
+        metadata=metadata_from(metadata),
     )

@@ -50,11 +50,11 @@ def migrations() -> tuple[Migration, ...]:
             )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Unique and increasing; gaps are allowed, since branches developed side by side each
-    # take a number of their own and are merged in any order (migrate applies every
-    # version the database lacks, not only those above its newest).
+    # Numbers only grow; a gap is allowed (features developed apart take numbers ahead).
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise StoreError(f"PostgreSQL migrations must have unique numbers from 1; found {versions}")
+        raise StoreError(
+            f"PostgreSQL migrations must have distinct numbers from 1; found {versions}"
+        )
     return tuple(found)
 
 

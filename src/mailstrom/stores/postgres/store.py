@@ -10,7 +10,7 @@ import functools
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
@@ -26,13 +27,16 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
+from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
     bounded_attempt,
+    bounded_text,
     new_message_id,
     record_then_lease,
 )
@@ -41,6 +45,7 @@ from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.suppression import Suppression, SuppressionSource
+from mailstrom.tlsrpt.sessions import TLSSessions
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -136,20 +141,88 @@ class PostgresStore:
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
         ids = [new_message_id() for _ in messages]
-        self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+        if all(m.attributes.idempotency_key is None for m in messages):
+            self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+            return ids
+        return self._enqueue_keyed(messages, ids, now=now, held=held)
+
+    def _enqueue_keyed(
+        self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
+    ) -> list[str]:
+        """Claim each idempotency key, then insert the messages that got theirs, in one
+        transaction; a message whose key another one holds gets that one's id instead."""
+        fresh: list[PreparedMessage] = []
+        fresh_ids: list[str] = []
+        with (
+            translate_errors("enqueue"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for i, message in enumerate(messages):
+                key = message.attributes.idempotency_key
+                if key is not None:
+                    claimed = conn.execute(
+                        self._queries["claim_key"],
+                        {
+                            "key": key,
+                            "id": ids[i],
+                            "until": message.attributes.idempotency_until or now,
+                            "now": now,
+                        },
+                    ).fetchone()
+                    if claimed is None:
+                        holder = conn.execute(self._queries["key_holder"], {"key": key}).fetchone()
+                        if holder is None:  # cannot happen: the conflict was on this row
+                            raise StoreError(f"idempotency key {key!r} vanished while claimed")
+                        ids[i] = holder[0]
+                        continue
+                fresh.append(message)
+                fresh_ids.append(ids[i])
+            if fresh:
+                conn.execute(
+                    self._queries["enqueue"],
+                    rows.enqueue_params(fresh, fresh_ids, now=now, held=held),
+                )
         return ids
 
     # --- the worker's side ------------------------------------------------------------
 
-    def lease(self, *, now: datetime, limit: int, lease_for: timedelta) -> Lease | None:
-        """Lease up to ``limit`` due recipients in one statement (see Store.lease)."""
+    def lease(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` due recipients in one statement (see Store.lease); with
+        ``lanes``, one statement for the named lanes and, when they had room left and
+        nothing more due, one for the others."""
         if limit <= 0:
             return None
         token = uuid.uuid4().hex
         expires_at = now + lease_for
-        found = self._fetch(
-            "lease", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
-        )
+        params: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "token": token,
+            "expires_at": expires_at,
+        }
+        if lanes is None:
+            found = self._fetch("lease", params)
+        else:
+            params["lanes"] = [lane for lane, _ in lanes]
+            params["lane_limits"] = [max(0, most) for _, most in lanes]
+            found = self._fetch("lease_lanes", params)
+            taken: dict[str, int] = {}
+            for row in found:
+                taken[row[12] or ""] = taken.get(row[12] or "", 0) + 1
+            exhausted = len(found) < limit and all(
+                most > 0 and taken.get(lane, 0) < most for lane, most in lanes
+            )
+            if exhausted:
+                params["limit"] = limit - len(found)
+                found += self._fetch("lease_other_lanes", params)
         if not found:
             return None
         return rows.lease_from_rows(token, expires_at, found)
@@ -189,9 +262,12 @@ class PostgresStore:
         now: datetime,
         limit: int,
         lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
-        return record_then_lease(self, results, now=now, limit=limit, lease_for=lease_for)
+        return record_then_lease(
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+        )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
@@ -241,6 +317,7 @@ class PostgresStore:
             "domain": None if where.domain is None else where.domain.lower(),
             "state": None if where.state is None else where.state.value,
             "limit": max(where.limit, 0),
+            "tag": where.tag,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
@@ -252,6 +329,7 @@ class PostgresStore:
             "domain": None,
             "state": None,
             "limit": max(limit, 0),
+            "tag": None,
         }
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
@@ -353,6 +431,64 @@ class PostgresStore:
         """Delete events acknowledged before ``sent_before``."""
         [(count,)] = self._fetch("prune_events", {"sent_before": sent_before})
         return int(count)
+
+    # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        found = self._fetch("mta_sts_policy", {"domain": domain.lower()})
+        return tls_rows.policy_from_row(found[0]) if found else None
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        domain, policy_id, mode, mx, max_age, text = tls_rows.policy_params(cached)
+        self._fetch(
+            "save_mta_sts_policy",
+            {
+                "domain": domain,
+                "policy_id": policy_id,
+                "mode": mode,
+                "mx": mx,
+                "max_age": max_age,
+                "policy_text": text,
+                "fetched_at": cached.fetched_at,
+                "expires_at": cached.expires_at,
+            },
+        )
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters, in one transaction."""
+        if not sessions:
+            return
+        params = [tls_rows.session_params(s) for s in sessions]
+        with (
+            translate_errors("add_tls_sessions"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            cur.executemany(self._queries["add_tls_sessions"], params)
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        found = self._fetch("tls_sessions", {"day": day})
+        return [tls_rows.session_from_row(row) for row in found]
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        [(count,)] = self._fetch("prune_tls_sessions", {"before": before})
+        return int(count)
+
+    # --- remembered broken TLS ----------------------------------------------------------
+
+    def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
+        """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        params = {"host": host, "until": until, "reason": bounded_text(reason), "now": now}
+        self._fetch("note_tls_broken", params)
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
+        return dict(self._fetch("tls_broken", {"now": now, "limit": limit}))
 
     # --- wake-ups and lifetime --------------------------------------------------------
 

@@ -6,29 +6,56 @@
 
 -- name: enqueue
 -- Messages and their recipients arrive as parallel arrays (one element per row), so a
--- whole batch is one statement. NOTIFY is delivered when the statement commits.
+-- whole batch is one statement. NOTIFY is delivered when the statement commits. Tags
+-- arrive as one JSON array text per message (arrays of arrays must be rectangular), and
+-- recipients are first due at the message's send_at when it is later than now.
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
-                          header_message_id, size, created_at, held, dsn)
+                          header_message_id, size, created_at, held, dkim, require_tls,
+                          tags, metadata, priority, send_at, expires_at, idempotency_key,
+                          dsn)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
-           t.header_message_id, t.size, %(now)s, %(held)s, t.dsn
+           t.header_message_id, t.size, %(now)s, %(held)s, t.dkim, t.require_tls,
+           CASE WHEN t.tags IS NOT NULL
+                THEN ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)) END,
+           t.metadata::jsonb, t.priority, t.send_at, t.expires_at, t.idempotency_key, t.dsn
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
-                %(header_ids)s::text[], %(sizes)s::integer[], %(dsns)s::text[])
+                %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[],
+                %(require_tls)s::boolean[], %(tags)s::text[],
+                %(metadatas)s::text[], %(priorities)s::text[], %(send_ats)s::timestamptz[],
+                %(expires_ats)s::timestamptz[], %(keys)s::text[], %(dsns)s::text[])
          WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
-              dsn, n)
+              dkim, require_tls, tags, metadata, priority, send_at, expires_at,
+              idempotency_key, dsn, n)
     ORDER BY t.n  -- seq follows the caller's order
-    RETURNING id, seq
+    RETURNING id, seq, send_at, priority
 ), new_recipients AS (
     INSERT INTO recipients (message_id, seq, address, position, domain, state,
-                            next_attempt_at)
-    SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued', %(now)s
+                            next_attempt_at, lane)
+    SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued',
+           GREATEST(%(now)s, nm.send_at), COALESCE(nm.priority, '')
     FROM unnest(%(r_ids)s::text[], %(r_addresses)s::text[], %(r_positions)s::integer[],
                 %(r_domains)s::text[]) AS t(message_id, address, position, domain)
     JOIN new_messages nm ON nm.id = t.message_id
 )
 SELECT pg_notify('mailstrom_work', '') WHERE NOT %(held)s;
+
+-- name: claim_key
+-- Make an idempotency key name a message about to be inserted in this transaction (the
+-- foreign key is checked at commit): a new key, or one whose window has passed. Returns
+-- no row while another message holds the key; the PRIMARY KEY decides, and a submission
+-- racing ours waits here until ours commits or rolls back.
+INSERT INTO idempotency_keys AS k (key, message_id, expires_at)
+VALUES (%(key)s, %(id)s, %(until)s)
+ON CONFLICT (key) DO UPDATE
+    SET message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at
+    WHERE k.expires_at <= %(now)s
+RETURNING message_id;
+
+-- name: key_holder
+SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 
 -- name: lease
 -- Lock due recipients (skipping rows other workers are locking right now), stamp them
@@ -56,14 +83,105 @@ WITH due AS MATERIALIZED (
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at, r.last_attempt_at
 ), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.dsn
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
+           m.expires_at, m.priority, m.dsn
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
 SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data, m.dsn, l.last_attempt_at
+            THEN m.data END AS data,
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.due_at, l.seq, l.position;
+
+-- name: lease_lanes
+-- The lease of named lanes, highest first: for each lane (an element of the parallel arrays
+-- lanes and lane_limits) the earliest due recipients of that lane, up to its own limit,
+-- read from its range of recipients_lane_due; then the first LIMIT of them in lane order.
+-- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH picked AS MATERIALIZED (
+    SELECT l.rank, d.*
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
+         AS l(lane, most, rank)
+    CROSS JOIN LATERAL (
+        SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+        FROM recipients r
+        JOIN messages m ON m.id = r.message_id
+        WHERE r.lane = l.lane
+          AND r.state IN ('queued', 'deferred')
+          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+          AND NOT m.held
+        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+        LIMIT l.most
+        FOR UPDATE OF r SKIP LOCKED
+    ) d
+), due AS MATERIALIZED (
+    SELECT row_id, message_id, address, rank, due_at, seq, position
+    FROM picked
+    ORDER BY rank, due_at, seq, position
+    LIMIT %(limit)s
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at, r.last_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.require_tls, m.expires_at, m.priority, m.dsn
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
+FROM leased l
+JOIN due d ON d.message_id = l.message_id AND d.address = l.address
+JOIN leased_messages m ON m.id = l.message_id
+ORDER BY d.rank, d.due_at, l.seq, l.position;
+
+-- name: lease_other_lanes
+-- The lease of recipients in lanes not named (queued before lanes existed, or in a lane
+-- since removed from the configuration): run only when every named lane had room left and
+-- nothing more due, so walking recipients_due meets few rows of the named lanes.
+-- Otherwise as the lease query above: stamped by ctid, the bytes once per message.
+WITH due AS MATERIALIZED (
+    SELECT r.ctid AS row_id, r.message_id, r.address,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+      AND r.lane <> ALL (%(lanes)s::text[])
+    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), leased AS (
+    UPDATE recipients r
+    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
+              r.first_attempt_at, r.last_attempt_at
+), leased_messages AS MATERIALIZED (
+    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.require_tls, m.expires_at, m.priority, m.dsn
+    FROM messages m
+    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
+)
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
+       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
+            THEN m.data END AS data,
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -85,10 +203,10 @@ WITH res AS (
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
-                %(reason_classes)s::text[])
+                %(reason_classes)s::text[], %(tls_policies)s::text[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class)
+              reply_text, error, uncertain, reason_class, tls_policy)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -117,10 +235,10 @@ WITH res AS (
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
-                          error, uncertain, reason_class)
+                          error, uncertain, reason_class, tls_policy)
     SELECT res.message_id, res.address, res.at, res.outcome, res.duration, res.mx_host, res.ip,
            res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
-           res.reply_text, res.error, res.uncertain, res.reason_class
+           res.reply_text, res.error, res.uncertain, res.reason_class, res.tls_policy
     FROM res
     JOIN updated USING (message_id, address)
     RETURNING 1
@@ -164,6 +282,7 @@ SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
+       m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class,
@@ -172,7 +291,7 @@ SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subje
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
        a.reply_code AS a_reply_code, a.reply_enhanced AS a_reply_enhanced,
        a.reply_text AS a_reply_text, a.error AS a_error, a.uncertain AS a_uncertain,
-       a.reason_class AS a_reason_class
+       a.reason_class AS a_reason_class, a.tls_policy AS a_tls_policy
 FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
@@ -185,7 +304,8 @@ ORDER BY r.position, a.id;
 -- mailstrom.status.derive_message_state.
 WITH selected AS (
     SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
-           m.held, m.seq
+           m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
+           m.idempotency_key
     FROM messages m
     WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
       AND (%(created_before)s::timestamptz IS NULL
@@ -201,10 +321,12 @@ WITH selected AS (
                    ELSE 'failed'
                END
                FROM recipients r WHERE r.message_id = m.id))
+      AND (%(tag)s::text IS NULL OR m.tags @> ARRAY[%(tag)s::text])
     ORDER BY m.created_at DESC, m.seq DESC
     LIMIT %(limit)s
 )
 SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subject, s.held,
+       s.dkim, s.tags, s.metadata, s.priority, s.send_at, s.expires_at, s.idempotency_key,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class
@@ -307,13 +429,14 @@ SELECT 'held', NULL, count(*) FROM messages WHERE held;
 -- order of the arrays. Runs in the record statement's transaction (see PostgresStore.record).
 INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
                     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
-                    uncertain)
+                    uncertain, tags, metadata)
 SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
        r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
-       r.ip, r.tls, r.uncertain
+       r.ip, r.tls, r.uncertain, m.tags, m.metadata
 FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
      AS t(message_id, address, n)
 JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
+JOIN messages m ON m.id = r.message_id
 ORDER BY t.n;
 
 -- name: lease_events
@@ -333,7 +456,7 @@ FROM due
 WHERE e.id = due.id
 RETURNING e.id, e.at, e.message_id, e.address, e.state, e.attempt, e.reply_code,
           e.reply_enhanced, e.reply_text, e.error, e.reason_class, e.mx_host, e.ip, e.tls,
-          e.uncertain, e.next_attempt_at;
+          e.uncertain, e.next_attempt_at, e.tags, e.metadata;
 
 -- name: ack_events
 WITH acked AS (
@@ -354,7 +477,7 @@ SELECT count(*) FROM released;
 
 -- name: read_events
 SELECT id, at, message_id, address, state, attempt, reply_code, reply_enhanced, reply_text,
-       error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at
+       error, reason_class, mx_host, ip, tls, uncertain, next_attempt_at, tags, metadata
 FROM events
 WHERE id > %(after)s
 ORDER BY id
@@ -368,6 +491,60 @@ WITH pruned AS (
     DELETE FROM events WHERE sent_at < %(sent_before)s RETURNING 1
 )
 SELECT count(*) FROM pruned;
+
+-- name: mta_sts_policy
+SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at
+FROM mta_sts_policies WHERE domain = %(domain)s;
+
+-- name: save_mta_sts_policy
+INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, policy_text,
+                              fetched_at, expires_at)
+VALUES (%(domain)s, %(policy_id)s, %(mode)s, %(mx)s, %(max_age)s, %(policy_text)s,
+        %(fetched_at)s, %(expires_at)s)
+ON CONFLICT (domain) DO UPDATE SET
+    policy_id = EXCLUDED.policy_id, mode = EXCLUDED.mode, mx = EXCLUDED.mx,
+    max_age = EXCLUDED.max_age, policy_text = EXCLUDED.policy_text,
+    fetched_at = EXCLUDED.fetched_at, expires_at = EXCLUDED.expires_at
+RETURNING 1;
+
+-- name: add_tls_sessions
+INSERT INTO tls_sessions AS t (day, policy_domain, policy_type, policy_hash, policy_string,
+                               result_type, sending_ip, receiving_mx, receiving_ip,
+                               failure_code, count)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (day, policy_domain, policy_type, policy_hash, result_type, sending_ip,
+             receiving_mx, receiving_ip, failure_code)
+DO UPDATE SET count = t.count + EXCLUDED.count;
+
+-- name: tls_sessions
+SELECT day, policy_domain, policy_type, policy_hash, policy_string, result_type, sending_ip,
+       receiving_mx, receiving_ip, failure_code, count
+FROM tls_sessions WHERE day = %(day)s
+ORDER BY policy_domain, result_type, receiving_mx;
+
+-- name: prune_tls_sessions
+WITH pruned AS (
+    DELETE FROM tls_sessions WHERE day < %(before)s RETURNING 1
+)
+SELECT count(*) FROM pruned;
+
+-- name: note_tls_broken
+INSERT INTO tls_broken (host, until, reason, noted_at)
+VALUES (%(host)s, %(until)s, %(reason)s, %(now)s)
+ON CONFLICT (host) DO UPDATE
+    SET until = greatest(tls_broken.until, excluded.until),
+        reason = excluded.reason,
+        noted_at = excluded.noted_at
+RETURNING 1;
+
+-- name: tls_broken
+WITH expired AS (
+    DELETE FROM tls_broken WHERE until <= %(now)s RETURNING 1
+)
+SELECT host, until FROM tls_broken
+WHERE until > %(now)s
+ORDER BY until DESC
+LIMIT %(limit)s;
 
 -- name: suppress
 -- Add or replace suppression entries given as parallel arrays (the newest entry for a

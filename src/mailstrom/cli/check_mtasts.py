@@ -1,0 +1,133 @@
+"""The MTA-STS part of ``mailstrom check DOMAIN``: the domain's ``_mta-sts`` record, its
+policy fetched now (with the worker's settings, never from the cache), and what the policy
+would do to each MX address when ``mta_sts`` is on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mailstrom.config import Config, MTASTSConfig
+from mailstrom.errors import ConfigError
+from mailstrom.mtasts.fetch import (
+    DNSTrouble,
+    a_label,
+    fetch_policy,
+    require_httpx,
+    txt_records,
+)
+from mailstrom.mtasts.policy import Mode, PolicyError, parse_sts_record
+from mailstrom.routing import RoutePolicy, make_resolver
+
+if TYPE_CHECKING:
+    from mailstrom.cli.check import CheckReport
+
+
+@dataclass(slots=True, kw_only=True)
+class MTASTSReport:
+    """What ``check`` found about the domain's MTA-STS policy."""
+
+    applied: bool
+    """Whether the worker applies MTA-STS (``mta_sts`` is configured)."""
+    records: list[str] = field(default_factory=list)
+    """The ``_mta-sts`` TXT records as published."""
+    policy_id: str | None = None
+    mode: str | None = None
+    mx: list[str] = field(default_factory=list)
+    max_age: int | None = None
+    policy: list[str] = field(default_factory=list)
+    """The policy file's lines."""
+    error: str | None = None
+    result_type: str | None = None
+    """The RFC 8460 failure type of ``error``, when it is a policy failure."""
+
+
+async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
+    """Look up and fetch ``domain``'s MTA-STS policy as the worker would."""
+    report = MTASTSReport(applied=config.mta_sts is not None)
+    settings = config.mta_sts or MTASTSConfig()
+    resolver = make_resolver(config.dns)
+    name = a_label(domain)
+    if name is None:
+        report.error = f"{domain!r} is no domain name"
+        return report
+    try:
+        report.records, _ = await txt_records(resolver, f"_mta-sts.{name}")
+        report.policy_id = parse_sts_record(report.records)
+    except DNSTrouble as exc:
+        report.error = str(exc)
+        return report
+    except PolicyError as exc:
+        report.error, report.result_type = exc.reason, exc.result_type
+        return report
+    if report.policy_id is None:
+        return report
+    try:
+        require_httpx()
+        policy = await fetch_policy(
+            name,
+            resolver=resolver,
+            config=settings,
+            route_policy=RoutePolicy(allow_loopback=config.allow_loopback),
+        )
+    except ConfigError as exc:
+        report.error = str(exc)
+        return report
+    except PolicyError as exc:
+        report.error, report.result_type = exc.reason, exc.result_type
+        return report
+    report.mode = policy.mode.value
+    report.mx = list(policy.mx)
+    report.max_age = policy.max_age
+    report.policy = policy.lines
+    return report
+
+
+def apply_to_verdicts(report: CheckReport, sts: MTASTSReport) -> None:
+    """When the worker would apply ``sts`` to a host (MTA-STS on, mode enforce or testing,
+    and nothing before it decided: no ``tls.domains`` entry, no DANE), say so in the host's
+    TLS policy; under ``enforce`` an address of an unlisted host, or one without a verified
+    certificate, would be deferred, and its verdict says that."""
+    if not sts.applied or sts.mode not in (Mode.ENFORCE.value, Mode.TESTING.value):
+        return
+    from mailstrom.mtasts.policy import mx_matches
+
+    about = f"MTA-STS policy of {report.domain} ({sts.mode}, id {sts.policy_id})"
+    for host in report.hosts:
+        reason = host.tls_policy_reason or ""
+        if not reason.startswith("tls = "):
+            continue  # a table entry or DANE decided: MTA-STS is not asked
+        pattern = next((p for p in sts.mx if mx_matches(p, host.name)), None)
+        host.tls_policy = f"mta-sts {sts.mode}"
+        host.tls_policy_reason = (
+            f"{about}: {host.name} matches mx {pattern}"
+            if pattern is not None
+            else f"{about} does not list {host.name}"
+        )
+        if sts.mode != Mode.ENFORCE.value:
+            continue
+        for address in host.addresses:
+            if pattern is None:
+                address.verdict = f"would defer (MTA-STS enforce): {host.name} is not listed"
+                address.usable = False
+            elif not address.certificate_verified:
+                why = address.certificate_error or address.error or "STARTTLS not offered"
+                address.verdict = f"would defer (MTA-STS enforce): {why}"
+                address.usable = False
+
+
+def print_mta_sts(sts: MTASTSReport) -> None:
+    state = "applied by the worker" if sts.applied else "not applied (mta_sts is off)"
+    print(f"\nMTA-STS ({state})")
+    if not sts.records and sts.error is None:
+        print("  no _mta-sts TXT record: the domain publishes no policy")
+        return
+    for record in sts.records:
+        print(f"  TXT:         {record}")
+    if sts.error is not None:
+        kind = f" ({sts.result_type})" if sts.result_type else ""
+        print(f"  problem{kind}: {sts.error}")
+        return
+    print(f"  policy:      id {sts.policy_id}, mode {sts.mode}, max_age {sts.max_age}")
+    for pattern in sts.mx:
+        print(f"  mx:          {pattern}")

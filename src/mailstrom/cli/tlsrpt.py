@@ -1,0 +1,214 @@
+"""``mailstrom tlsrpt``: the daily TLS reports (RFC 8460) of the sessions workers counted.
+
+For every policy domain with counted sessions on the day, the domain's ``_smtp._tls`` TXT
+record is looked up; a domain that publishes one with a ``rua`` gets its report written as
+a JSON file and, with ``--send``, sent: ``mailto:`` addresses get a queued message (the
+worker delivers it, DKIM-signed when signing is configured), ``https:`` URLs a POST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+from mailstrom.cli.context import open_store, settings_from, utc_now
+from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, UsageError
+from mailstrom.cli.output import print_json
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.client.common import prepare_for
+from mailstrom.config import Config
+from mailstrom.errors import MailstromError
+from mailstrom.mtasts.fetch import DNSTrouble, require_httpx, txt_records
+from mailstrom.routing import make_resolver
+from mailstrom.stores.base import Store
+from mailstrom.tlsrpt.deliver import post_report, report_message
+from mailstrom.tlsrpt.report import Report, Reporter, ReportRecordError, build_report
+from mailstrom.tlsrpt.report import parse_tlsrpt_record as parse_record
+
+EPILOG = """\
+examples:
+  mailstrom tlsrpt                                   # yesterday's reports, into .
+  mailstrom tlsrpt --date 2026-11-29 --out /var/lib/mailstrom/tlsrpt
+  mailstrom tlsrpt --send --organization "Example Inc." --contact tls@example.com
+
+exit code: 0 when every report was written (and sent, with --send), 64 for a bad
+option, 75 when a report could not be sent or a DNS lookup failed (run it again).
+"""
+
+MAX_LOOKUPS = 32
+"""``_smtp._tls`` TXT lookups in flight at once."""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tlsrpt",
+        parents=parents,
+        help="write (and send) the daily TLS reports of RFC 8460",
+        description="Turn one UTC day's counted TLS sessions into a JSON report for each "
+        "policy domain that publishes a _smtp._tls TXT record with rua, write it, and "
+        "with --send deliver it (mailto: as queued mail, https: as a POST).",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--date", metavar="YYYY-MM-DD", help="the UTC day to report (default: yesterday)"
+    )
+    p.add_argument("--out", metavar="DIR", default=".", help="where to write the reports (.)")
+    p.add_argument("--send", action="store_true", help="send each report to its rua")
+    p.add_argument(
+        "--organization", help="organization-name (tlsrpt.organization, else the HELO name)"
+    )
+    p.add_argument("--contact", help="contact-info (tlsrpt.contact, else postmaster@HELO name)")
+    p.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDRESS",
+        help="From of mailed reports (tlsrpt.from, else the contact)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=tlsrpt_command)
+
+
+@dataclass(slots=True, kw_only=True)
+class Delivery:
+    uri: str
+    ok: bool
+    detail: str
+
+
+@dataclass(slots=True, kw_only=True)
+class DomainReport:
+    domain: str
+    rua: list[str] = field(default_factory=list)
+    file: str | None = None
+    report_id: str | None = None
+    problem: str | None = None
+    sent: list[Delivery] = field(default_factory=list)
+
+
+def _day(text: str | None) -> date:
+    if text is None:
+        return utc_now().date() - timedelta(days=1)
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--date: expected YYYY-MM-DD, got {text!r}") from None
+
+
+async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str | None]:
+    """Each domain's rua URIs, None without a record, or the problem as text."""
+    resolver = make_resolver(config.dns)
+    # Every recipient domain of the day may be here (no-policy-found sessions count too):
+    # a bounded number of lookups at a time, not one burst of thousands.
+    lookups = asyncio.Semaphore(MAX_LOOKUPS)
+
+    async def one(domain: str) -> list[str] | str | None:
+        try:
+            async with lookups:
+                records, _ = await txt_records(resolver, f"_smtp._tls.{domain}")
+            return parse_record(records)
+        except DNSTrouble as exc:
+            return str(exc)
+        except ReportRecordError as exc:
+            return f"_smtp._tls record unusable: {exc.reason}"
+
+    found = await asyncio.gather(*(one(d) for d in domains))
+    return dict(zip(domains, found, strict=True))
+
+
+def tlsrpt_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    config = settings.config
+    values = settings.values
+    day = _day(args.date)
+    submitter = config.helo_name
+    contact = args.contact or values.get("tlsrpt.contact") or f"postmaster@{submitter}"
+    reporter = Reporter(
+        organization=args.organization or values.get("tlsrpt.organization") or submitter,
+        contact=contact,
+        submitter=submitter,
+    )
+    sender = args.sender or values.get("tlsrpt.from") or contact
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UsageError(f"--out: {out} is not a directory")
+    if args.send:
+        require_httpx()
+    store = open_store(settings.store_url, read_only=not args.send)
+    try:
+        sessions = store.tls_sessions(day)
+        domains = sorted({s.policy_domain for s in sessions})
+        rua = asyncio.run(_rua(config, domains)) if domains else {}
+        results: list[DomainReport] = []
+        for domain in domains:
+            entry = DomainReport(domain=domain)
+            results.append(entry)
+            found = rua[domain]
+            if found is None:
+                entry.problem = "no _smtp._tls record: no report wanted"
+                continue
+            if isinstance(found, str):
+                entry.problem = found
+                continue
+            entry.rua = found
+            report = build_report(domain, day, sessions, reporter)
+            entry.report_id = report.report_id
+            path = out / report.filename(submitter)
+            _write(path, report.json())
+            entry.file = str(path)
+            if args.send:
+                entry.sent = [
+                    _send(config, store, report, uri, sender=sender, submitter=submitter)
+                    for uri in found
+                ]
+    finally:
+        store.close()
+    if args.json:
+        print_json({"date": day.isoformat(), "domains": results})
+    else:
+        _print(day, results)
+    failed = any(r.problem and not r.problem.startswith("no _smtp") for r in results)
+    failed = failed or any(not d.ok for r in results for d in r.sent)
+    return EX_TEMPFAIL if failed else EX_OK
+
+
+def _write(path: Path, data: bytes) -> None:
+    # Written whole under a temporary name, then renamed: a reader never sees half a file.
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _send(
+    config: Config, store: Store, report: Report, uri: str, *, sender: str, submitter: str
+) -> Delivery:
+    if uri.lower().startswith("mailto:"):
+        to = uri[len("mailto:") :].split("?", 1)[0]
+        try:
+            msg = report_message(report, sender=sender, to=to, submitter=submitter)
+            now = utc_now()
+            prepared = prepare_for(config, msg, envelope_from=None, envelope_to=None, now=now)
+            message_id = store.enqueue(prepared, now=now)
+        except MailstromError as exc:
+            return Delivery(uri=uri, ok=False, detail=str(exc))
+        return Delivery(uri=uri, ok=True, detail=f"queued as {message_id}")
+    problem = post_report(report, uri, context=config.tls_context)
+    if problem is not None:
+        return Delivery(uri=uri, ok=False, detail=problem)
+    return Delivery(uri=uri, ok=True, detail="posted")
+
+
+def _print(day: date, results: list[DomainReport]) -> None:
+    if not results:
+        print(f"{day.isoformat()}: no TLS sessions counted; no reports")
+        return
+    for r in results:
+        if r.problem is not None:
+            print(f"{r.domain}: {r.problem}")
+            continue
+        print(f"{r.domain}: report {r.report_id} written to {r.file}")
+        for d in r.sent:
+            print(f"  {d.uri}: {'ok' if d.ok else 'FAILED'}: {d.detail}")

@@ -1,0 +1,105 @@
+"""``mailstrom web``: serve the dashboard (overview, queue, message, destinations) until
+SIGTERM/SIGINT. Needs the ``web`` extra (Starlette, Jinja2, uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+from mailstrom.cli.context import open_store, settings_from
+from mailstrom.cli.exits import EX_OK, UsageError
+from mailstrom.cli.logs import configure_logging
+from mailstrom.cli.parsing import Subparsers
+from mailstrom.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:8025"
+
+EPILOG = """\
+examples:
+  mailstrom web                                   # http://127.0.0.1:8025/
+  mailstrom web --listen 127.0.0.1:9000
+  MAILSTROM_WEB_TOKEN=... mailstrom web --listen 0.0.0.0:8025   # every page needs the token
+
+On loopback anyone on this host may use the dashboard (as anyone who can read the queue
+can run `mailstrom queue`). Any other address needs the setting web.token (or
+MAILSTROM_WEB_TOKEN); every page then asks for it. Actions (retry, hold, release, cancel)
+are confirmed, POSTed with a CSRF token, and logged on stderr.
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "web",
+        parents=parents,
+        help="serve the queue dashboard in the browser",
+        description="Serve a dashboard of the queue: counts and the last hour's throughput, "
+        "the queue with filters and search, each message with its attempts, and pending "
+        "mail per destination; retry, hold, release or cancel a message. Needs "
+        "mailstrom[web].",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"address to serve on (default {DEFAULT_LISTEN}; the setting web.listen); "
+        "port 0 picks a free one",
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="key=value or JSON lines"
+    )
+    p.set_defaults(handler=web_command)
+
+
+def web_command(args: argparse.Namespace) -> int:
+    from mailstrom.ops.server import parse_listen
+
+    settings = settings_from(args)
+    listen = args.listen or settings.web_listen or DEFAULT_LISTEN
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    check_access(host, settings.web_token)
+    try:
+        from mailstrom.web import create_app
+        from mailstrom.web.server import serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"mailstrom web needs the web extra ({exc.name} is missing): "
+            "pip install 'mailstrom[web]'"
+        ) from None
+    configure_logging(args.log_format, level=logging.INFO)
+    sock = _bind(host, port)
+    store = open_store(settings.store_url)
+    try:
+        app = create_app(store, token=settings.web_token)
+        bound = sock.getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        # The first line on stdout: scripts (and the tests) read the address from it.
+        print(f"mailstrom web: serving http://{shown}:{bound[1]}/", flush=True)
+        serve(app, sock)
+    finally:
+        sock.close()
+        store.close()
+    return EX_OK
+
+
+def check_access(host: str, token: str | None) -> None:
+    """Refuse (ConfigError) to serve anything but loopback without a token."""
+    from mailstrom.web.security import is_loopback
+
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"listening on {host} (not loopback) needs a token: set web.token in the "
+            "configuration file or MAILSTROM_WEB_TOKEN; every page then asks for it"
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"--listen {host}:{port}: cannot listen: {exc.strerror or exc}") from None

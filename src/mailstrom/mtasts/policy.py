@@ -1,0 +1,237 @@
+"""MTA-STS records and policies (RFC 8461): parsing, validation and MX matching, pure.
+
+Two texts come from a recipient domain that publishes MTA-STS:
+
+* the ``_mta-sts.<domain>`` TXT record, ``v=STSv1; id=20240101T000000;`` (§3.1), whose
+  ``id`` changes whenever the policy does — :func:`parse_sts_record`;
+* the policy file at ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (§3.2)::
+
+      version: STSv1
+      mode: enforce
+      mx: mail.example.com
+      mx: *.example.net
+      max_age: 604800
+
+  — :func:`parse_policy`.
+
+Everything here is hostile input: sizes, line lengths and pattern counts are bounded, and
+anything that does not follow the grammar raises :class:`PolicyError` with the reason, so the
+caller can log it and treat the domain as having no (new) policy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from mailstrom.errors import MailstromError
+
+MAX_POLICY_SIZE = 64 * 1024
+"""Octets of a policy file read at most (RFC 8461 §3.3 lets senders bound it; 64 KiB is the
+size the RFC's examples and the major implementations use)."""
+MAX_LINE = 1024
+"""Octets of one policy line; a real line is well under 300."""
+MAX_MX_PATTERNS = 100
+"""``mx`` lines kept at most; no real policy lists more than a handful."""
+MAX_AGE_LIMIT = 31_557_600
+"""The largest ``max_age`` RFC 8461 §3.2 allows (about one year), in seconds."""
+MIN_CACHE = 60
+"""Seconds a policy is kept at least, whatever its ``max_age`` says, so that a domain
+publishing ``max_age: 0`` does not cost one HTTPS fetch per message."""
+
+REFRESH_AFTER = timedelta(days=1)
+"""The longest a cached policy goes without a fetch while mail flows to its domain."""
+
+_RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_MAX_AGE = re.compile(r"^[0-9]{1,10}$")
+
+
+class PolicyError(MailstromError, ValueError):
+    """An MTA-STS record or policy that cannot be used; ``reason`` says why and
+    ``result_type`` is the RFC 8460 §4.3 failure type it is reported under."""
+
+    def __init__(self, reason: str, *, result_type: str = "sts-policy-invalid") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.result_type = result_type
+
+
+class Mode(StrEnum):
+    """What a policy asks of senders (RFC 8461 §5)."""
+
+    ENFORCE = "enforce"
+    """Deliver only to matching MX hosts, over TLS with a valid certificate."""
+    TESTING = "testing"
+    """Deliver as usual; report what would have failed."""
+    NONE = "none"
+    """The domain has withdrawn its policy."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """A validated policy file (RFC 8461 §3.2)."""
+
+    mode: Mode
+    mx: tuple[str, ...]
+    """Patterns of the MX hosts allowed, lower-case, without the final dot."""
+    max_age: int
+    """Seconds the policy may be cached (0 to :data:`MAX_AGE_LIMIT`)."""
+    text: str
+    """The policy as fetched (normalised to LF), for ``check`` and TLS reports."""
+
+    def allows(self, host: str) -> bool:
+        """Whether MX ``host`` matches one of the patterns (RFC 8461 §4.1)."""
+        return any(mx_matches(pattern, host) for pattern in self.mx)
+
+    @property
+    def lines(self) -> list[str]:
+        """The policy's lines, as RFC 8460 §4.4's ``policy-string`` wants them."""
+        return [line for line in self.text.split("\n") if line.strip()]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CachedPolicy:
+    """A policy as the store keeps it for all workers: fetched under the TXT record's
+    ``policy_id`` at ``fetched_at``, usable until ``expires_at``."""
+
+    domain: str
+    """The recipient (policy) domain, lower-case A-label."""
+    policy_id: str
+    policy: Policy
+    fetched_at: datetime
+    expires_at: datetime
+
+    def fresh(self, now: datetime) -> bool:
+        """Whether the policy may still be applied at ``now`` (RFC 8461 §5.1)."""
+        return now < self.expires_at
+
+    def refresh_due(self, now: datetime) -> bool:
+        """Whether to fetch the policy again although its id did not change: half its
+        lifetime (at most a day) has passed. RFC 8461 §10.2 asks senders to refresh before
+        expiry, so that an attacker must block the fetch for the rest of the lifetime
+        (not just at the moment it runs out) to make a sender forget the policy."""
+        lifetime = self.expires_at - self.fetched_at
+        return now >= self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
+
+    @classmethod
+    def of(cls, domain: str, policy_id: str, policy: Policy, now: datetime) -> CachedPolicy:
+        lifetime = max(policy.max_age, MIN_CACHE)
+        return cls(
+            domain=domain,
+            policy_id=policy_id,
+            policy=policy,
+            fetched_at=now,
+            expires_at=now + timedelta(seconds=lifetime),
+        )
+
+
+def normalize_host(host: str) -> str:
+    """``host`` as patterns are compared with it: lower-case, without the final dot."""
+    return host.strip().rstrip(".").lower()
+
+
+def mx_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 §4.1: ``pattern`` names ``host`` exactly, or ``*.rest`` where ``host`` is
+    one label followed by ``rest`` (the wildcard covers exactly one label, the leftmost).
+
+    >>> mx_matches("*.example.com", "mx1.example.com")
+    True
+    >>> mx_matches("*.example.com", "a.b.example.com")
+    False
+    """
+    host = normalize_host(host)
+    pattern = normalize_host(pattern)
+    if not host or not pattern:
+        return False
+    if pattern.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(label) and bool(dot) and rest == pattern[2:]
+    return host == pattern
+
+
+def parse_sts_record(records: list[str]) -> str | None:
+    """The policy id of the ``_mta-sts`` TXT records (each record's strings joined), or
+    None when there is no MTA-STS record. Raises :class:`PolicyError` when the domain's
+    records are unusable: several STSv1 records, or one that breaks the grammar (RFC 8461
+    §3.1 says to treat both as no policy; the caller decides what to keep).
+    """
+    sts = [r for r in records if r.split(";", 1)[0].strip() == "v=STSv1"]
+    if not sts:
+        return None
+    if len(sts) > 1:
+        raise PolicyError(f"{len(sts)} v=STSv1 TXT records (exactly one allowed)")
+    fields = [f.strip() for f in sts[0].split(";")]
+    policy_id: str | None = None
+    for field in fields[1:]:
+        if not field:
+            continue
+        key, eq, value = field.partition("=")
+        if not eq:
+            raise PolicyError(f"TXT record field without '=': {field[:40]!r}")
+        if key.strip() == "id" and policy_id is None:
+            policy_id = value.strip()
+    if policy_id is None:
+        raise PolicyError("TXT record has no id field")
+    if not _RECORD_ID.match(policy_id):
+        raise PolicyError(f"TXT record id {policy_id[:40]!r} is not 1-32 letters and digits")
+    return policy_id
+
+
+def _valid_pattern(pattern: str) -> bool:
+    labels = pattern[2:].split(".") if pattern.startswith("*.") else pattern.split(".")
+    return len(pattern) <= 253 and len(labels) >= 1 and all(_LABEL.match(x) for x in labels)
+
+
+def parse_policy(body: bytes) -> Policy:
+    """Validate a policy file (RFC 8461 §3.2) and return it; :class:`PolicyError` says what
+    is wrong. Lines end with CRLF or LF; unknown keys are ignored (extensions); of a
+    repeated key other than ``mx`` the first counts.
+    """
+    if len(body) > MAX_POLICY_SIZE:
+        raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy is not UTF-8: {exc.reason} at octet {exc.start}") from None
+    text = text.replace("\r\n", "\n")
+    fields: dict[str, str] = {}
+    patterns: list[str] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if len(raw.encode()) > MAX_LINE:
+            raise PolicyError(f"line {number} longer than {MAX_LINE} octets")
+        line = raw.strip()
+        if not line:
+            continue
+        key, colon, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not colon or not _KEY.match(key):
+            raise PolicyError(f"line {number} is not 'key: value': {line[:60]!r}")
+        if key == "mx":
+            if len(patterns) >= MAX_MX_PATTERNS:
+                raise PolicyError(f"more than {MAX_MX_PATTERNS} mx lines")
+            pattern = normalize_host(value)
+            if not _valid_pattern(pattern):
+                raise PolicyError(f"mx pattern {value[:60]!r} is not a host name or *.name")
+            patterns.append(pattern)
+        else:
+            fields.setdefault(key, value)
+    version = fields.get("version")
+    if version != "STSv1":
+        raise PolicyError(f"version is {version!r}, not 'STSv1'")
+    try:
+        mode = Mode(fields.get("mode", ""))
+    except ValueError:
+        raise PolicyError(f"mode is {fields.get('mode')!r}, not enforce, testing or none") from None
+    max_age_text = fields.get("max_age")
+    if max_age_text is None or not _MAX_AGE.match(max_age_text):
+        raise PolicyError(f"max_age is {max_age_text!r}, not 0 to 10 digits of seconds")
+    max_age = int(max_age_text)
+    if max_age > MAX_AGE_LIMIT:
+        raise PolicyError(f"max_age {max_age} is above the limit of {MAX_AGE_LIMIT} seconds")
+    if mode is not Mode.NONE and not patterns:
+        raise PolicyError(f"mode {mode} without any mx line")
+    return Policy(mode=mode, mx=tuple(patterns), max_age=max_age, text=text.strip("\n"))

@@ -1,0 +1,180 @@
+"""The MTA-STS policy to apply to a destination domain now (RFC 8461 §5.1).
+
+:class:`PolicySource` looks up the domain's ``_mta-sts`` TXT record and compares its ``id``
+with the policy cached in the store (shared by every worker):
+
+* same id and the cached policy has not aged out (``max_age``) → the cached policy, fetched
+  again once half its lifetime (at most a day) has passed (RFC 8461 §10.2), and kept when
+  that fails;
+* a new id, no cached policy, or an aged-out one → fetch over HTTPS, cache and apply it;
+  when the fetch fails, the cached policy stays and applies while it is fresh (an attacker
+  who blocks the fetch cannot remove a policy), else the domain has none for now;
+* no TXT record, or a DNS failure → the cached policy while it is fresh (a policy is
+  withdrawn with ``mode: none``, not by removing the record), else none.
+
+Each answer is remembered by this worker for ``MTASTSConfig.recheck`` seconds (never longer
+than the TXT record's TTL), and concurrent calls for one domain share one lookup, so a
+stream of mail to a domain costs one TXT query per recheck interval, not one per message.
+Failures are logged with their reason and passed to ``on_failure`` for TLS reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import dns.asyncresolver
+
+from mailstrom.config import Config, MTASTSConfig
+from mailstrom.errors import StoreError
+from mailstrom.mtasts.fetch import DNSTrouble, a_label, fetch_policy, txt_records
+from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, parse_sts_record
+from mailstrom.routing.policy import RoutePolicy
+from mailstrom.stores.base import Store
+
+log = logging.getLogger("mailstrom.mtasts")
+
+StoreCall = Callable[..., Awaitable[Any]]
+FailureHook = Callable[[str, PolicyError, CachedPolicy | None], None]
+"""Called with (domain, error, policy applied anyway) when a record or policy is unusable."""
+
+_FAILURE_RECHECK = 60.0
+"""Seconds a worker waits before looking again after a lookup or fetch failed."""
+MAX_REMEMBERED = 10_000
+"""Domains remembered at most per worker (beyond that the oldest answers are dropped)."""
+
+
+async def _direct(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return method(*args, **kwargs)
+
+
+class PolicySource:
+    """Answers "which MTA-STS policy applies to this domain now?" for one worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        resolver: dns.asyncresolver.Resolver,
+        store_call: StoreCall = _direct,
+        clock: Callable[[], datetime],
+        on_failure: FailureHook | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert config.mta_sts is not None
+        self._settings: MTASTSConfig = config.mta_sts
+        self._store = store
+        self._resolver = resolver
+        self._store_call = store_call
+        self._clock = clock
+        self._monotonic = monotonic
+        self._on_failure = on_failure
+        self._route_policy = RoutePolicy(allow_loopback=config.allow_loopback)
+        self._known: dict[str, tuple[float, CachedPolicy | None]] = {}
+        self._flights: dict[str, asyncio.Task[CachedPolicy | None]] = {}
+
+    def known(self, domain: str) -> tuple[bool, CachedPolicy | None]:
+        """(True, policy) when this worker's answer for ``domain`` is still good, without
+        a coroutine; (False, None) when :meth:`policy` must be awaited."""
+        entry = self._known.get(domain)
+        if entry is not None and self._monotonic() < entry[0]:
+            return True, entry[1]
+        return False, None
+
+    async def policy(self, domain: str) -> CachedPolicy | None:
+        """The policy to apply to mail for ``domain`` (lower-case A-label), or None.
+
+        A policy whose mode is ``none`` is returned as it is: it says the domain has no
+        requirements, and it is cached like any other.
+        """
+        ready, cached = self.known(domain)
+        if ready:
+            return cached
+        name = a_label(domain)
+        if name is None:
+            self._remember(domain, None, self._settings.recheck)
+            return None
+        if name != domain:
+            # A Unicode or mixed-case spelling: answered, and remembered, as its A-label.
+            found = await self.policy(name)
+            entry = self._known.get(name)
+            if entry is not None:
+                self._known[domain] = entry
+            return found
+        flight = self._flights.get(domain)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._resolve(domain))
+            self._flights[domain] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(domain, None))
+        return await asyncio.shield(flight)
+
+    def _remember(self, domain: str, value: CachedPolicy | None, seconds: float) -> None:
+        if len(self._known) >= MAX_REMEMBERED:
+            for key in list(self._known)[: MAX_REMEMBERED // 10]:
+                del self._known[key]
+        self._known[domain] = (self._monotonic() + max(seconds, 0.0), value)
+
+    def _failed(self, domain: str, error: PolicyError, applied: CachedPolicy | None) -> None:
+        kept = f"; the cached policy (id {applied.policy_id}) still applies" if applied else ""
+        log.warning("MTA-STS policy of %s ignored: %s%s", domain, error.reason, kept)
+        if self._on_failure is not None:
+            self._on_failure(domain, error, applied)
+
+    async def _cached(self, domain: str) -> CachedPolicy | None:
+        try:
+            found: CachedPolicy | None = await self._store_call(self._store.mta_sts_policy, domain)
+        except StoreError as exc:
+            log.warning("MTA-STS cache of %s unreadable: %s", domain, exc)
+            return None
+        return found
+
+    async def _resolve(self, domain: str) -> CachedPolicy | None:
+        recheck = self._settings.recheck
+        try:
+            records, ttl = await txt_records(self._resolver, f"_mta-sts.{domain}")
+            policy_id = parse_sts_record(records)
+        except DNSTrouble as exc:
+            log.info("MTA-STS record of %s not looked up: %s", domain, exc)
+            cached = await self._cached(domain)
+            fresh = cached if cached is not None and cached.fresh(self._clock()) else None
+            self._remember(domain, fresh, min(recheck, _FAILURE_RECHECK))
+            return fresh
+        except PolicyError as exc:
+            cached = await self._cached(domain)
+            fresh = cached if cached is not None and cached.fresh(self._clock()) else None
+            self._failed(domain, exc, fresh)
+            self._remember(domain, fresh, min(recheck, _FAILURE_RECHECK))
+            return fresh
+        cached = await self._cached(domain)
+        now = self._clock()
+        fresh = cached if cached is not None and cached.fresh(now) else None
+        same = fresh is not None and fresh.policy_id == policy_id
+        if policy_id is None or (same and fresh is not None and not fresh.refresh_due(now)):
+            self._remember(domain, fresh, min(recheck, ttl))
+            return fresh
+        try:
+            policy = await fetch_policy(
+                domain,
+                resolver=self._resolver,
+                config=self._settings,
+                route_policy=self._route_policy,
+            )
+        except PolicyError as exc:
+            self._failed(domain, exc, fresh)
+            # A refresh ahead of time is in no hurry: try again after ``recheck``.
+            self._remember(domain, fresh, recheck if same else min(recheck, _FAILURE_RECHECK))
+            return fresh
+        new = CachedPolicy.of(domain, policy_id, policy, self._clock())
+        try:
+            await self._store_call(self._store.save_mta_sts_policy, new)
+        except StoreError as exc:
+            log.warning("MTA-STS policy of %s not cached: %s", domain, exc)
+        if policy.mode is not Mode.NONE:
+            log.info("MTA-STS policy of %s (id %s): mode %s", domain, policy_id, policy.mode)
+        self._remember(domain, new, min(recheck, ttl))
+        return new

@@ -1,0 +1,248 @@
+"""What the dashboard reads, and the protocol each store's read model implements.
+
+The :class:`~mailstrom.stores.base.Store` protocol serves the worker and the command line;
+the dashboard needs other questions answered fast on a queue of a million messages: one
+page of messages in a keyset order (never ``OFFSET`` over millions), the counts of an
+overview, per-destination summaries, the stored bytes of one message. Each store has its
+own :class:`ReadModel` (``mailstrom.readmodel.sqlite``, ``.postgres``, ``.memory``); one
+contract suite (``tests/contract/test_readmodel.py``) runs over all three.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from mailstrom.errors import MailstromError
+from mailstrom.status import MessageStatus, ReasonClass, RecipientState
+
+MAX_PAGE = 500
+"""The most messages one page may hold."""
+THROUGHPUT_BUCKETS = 60
+"""The overview's throughput chart: this many buckets of :data:`BUCKET` each, up to now."""
+BUCKET = timedelta(minutes=1)
+MAX_SEARCH = 320
+"""Octets of a search term considered (an address is at most 254)."""
+
+_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class InvalidQuery(MailstromError, ValueError):
+    """A dashboard query that cannot be answered: a malformed page cursor, a bad limit."""
+
+
+class QueueView(StrEnum):
+    """Which messages the queue page lists (by a message's derived state, or held)."""
+
+    PENDING = "pending"
+    """Queued or deferred: what still needs delivering (the default)."""
+    ALL = "all"
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    HELD = "held"
+
+
+class SortOrder(StrEnum):
+    """The order of the queue page: by the time messages were queued."""
+
+    NEWEST = "newest"
+    OLDEST = "oldest"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageCursor:
+    """Where the next page starts: just past the message queued at ``created_at`` with the
+    store's insertion number ``seq`` (keyset paging: each page is an index range scan)."""
+
+    created_at: datetime
+    seq: int
+
+    def encode(self) -> str:
+        """The cursor as it travels in a URL: ``<microseconds>.<seq>``."""
+        return f"{(self.created_at - _EPOCH) // timedelta(microseconds=1)}.{self.seq}"
+
+    @classmethod
+    def decode(cls, text: str) -> PageCursor:
+        """The cursor :meth:`encode` wrote; :class:`InvalidQuery` for anything else."""
+        us, dot, seq = text.partition(".")
+        if not dot or not us.lstrip("-").isdigit() or not seq.isdigit() or len(text) > 40:
+            raise InvalidQuery(f"not a page cursor: {text[:40]!r}")
+        try:
+            created = _EPOCH + timedelta(microseconds=int(us))
+        except OverflowError:
+            raise InvalidQuery(f"not a page cursor: {text[:40]!r}") from None
+        return cls(created_at=created, seq=int(seq))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Search:
+    """A search term, understood as what it looks like: an address (has an ``@``), the
+    beginning of a message id (hex digits), otherwise a destination domain."""
+
+    address: str | None = None
+    id_prefix: str | None = None
+    domain: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Search | None:
+        """None for an empty term."""
+        term = text.strip()[:MAX_SEARCH]
+        if not term:
+            return None
+        if "@" in term:
+            return cls(address=term)
+        if _HEX.match(term.lower()):
+            return cls(id_prefix=term.lower())
+        return cls(domain=term.lower())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueQuery:
+    """One page of the queue: the ``mailstrom queue`` filters, a search, an order."""
+
+    view: QueueView = QueueView.PENDING
+    domain: str | None = None
+    """Messages with a recipient at this domain (case-insensitive)."""
+    older_than: timedelta | None = None
+    """Messages queued more than this long before ``now``."""
+    search: Search | None = None
+    order: SortOrder = SortOrder.NEWEST
+    after: PageCursor | None = None
+    """Start just past this message (from the previous page's ``next``)."""
+    limit: int = 50
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueuePage:
+    """The messages of one page (without attempt history) and where the next one starts."""
+
+    messages: tuple[MessageStatus, ...]
+    next: PageCursor | None = None
+    """None on the last page."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThroughputBucket:
+    """Attempts that ended in one interval, by outcome."""
+
+    start: datetime
+    delivered: int = 0
+    deferred: int = 0
+    """Temporary failures."""
+    failed: int = 0
+    """Permanent failures."""
+
+    @property
+    def total(self) -> int:
+        return self.delivered + self.deferred + self.failed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """Pending mail to one destination domain, and the latest reply that deferred it."""
+
+    domain: str
+    pending: int
+    """Queued and deferred recipients."""
+    deferred: int
+    last_reply: str | None = None
+    """The reply (or local error) of the newest deferred recipient there."""
+    reason_class: ReasonClass | None = None
+    last_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OldestPending:
+    """The message waiting longest: the first queued of those with a pending recipient."""
+
+    id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Overview:
+    """The numbers on the dashboard's first page."""
+
+    by_state: Mapping[RecipientState, int] = field(default_factory=dict)
+    """Recipients by state."""
+    messages: int = 0
+    held: int = 0
+    """Held messages."""
+    oldest_pending: OldestPending | None = None
+    throughput: tuple[ThroughputBucket, ...] = ()
+    """Attempts per minute over the last hour, oldest first."""
+    top_deferred: tuple[Destination, ...] = ()
+    """The destinations with the most deferred recipients, most first."""
+
+
+class ReadModel(Protocol):
+    """The dashboard's queries over one store. Safe to share between threads.
+
+    Raises :class:`~mailstrom.errors.UnknownMessage` for an id that is not stored and
+    :class:`~mailstrom.errors.StoreError` for driver failures.
+    """
+
+    def overview(self, *, now: datetime, top: int = 10) -> Overview:
+        """Counts by state, the oldest pending message, the last hour's throughput (up to
+        ``now``) and the ``top`` destinations by deferred recipients."""
+        ...
+
+    def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
+        """One page of messages matching ``query``, in its order."""
+        ...
+
+    def destinations(
+        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+    ) -> list[Destination]:
+        """Destinations with pending mail, most pending first (then by name); only
+        ``domain`` when given. The list is an aggregate over pending recipients only."""
+        ...
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored (the bytes the worker transmits)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+def throughput_window(now: datetime) -> tuple[datetime, list[datetime]]:
+    """The start of the chart's window and each bucket's start: whole minutes, the last
+    bucket holding ``now``."""
+    last = now.replace(second=0, microsecond=0)
+    starts = [last - BUCKET * i for i in range(THROUGHPUT_BUCKETS - 1, -1, -1)]
+    return starts[0], starts
+
+
+def fill_buckets(
+    starts: list[datetime], counts: Mapping[tuple[int, str], int]
+) -> tuple[ThroughputBucket, ...]:
+    """Buckets from counts keyed by (bucket index, attempt outcome)."""
+    return tuple(
+        ThroughputBucket(
+            start=start,
+            delivered=counts.get((i, "delivered"), 0),
+            deferred=counts.get((i, "temporary"), 0),
+            failed=counts.get((i, "permanent"), 0),
+        )
+        for i, start in enumerate(starts)
+    )
+
+
+def id_range(prefix: str) -> tuple[str, str]:
+    """The ids beginning with ``prefix`` lie between these two (inclusive): ids are 32
+    lower-case hex digits, which every collation orders as C does."""
+    pad = 32 - len(prefix)
+    return prefix + "0" * pad, prefix + "f" * pad

@@ -1,0 +1,265 @@
+"""The dashboard's queries on a PostgreSQL store, on a small connection pool of its own.
+
+Pages walk the index ``messages_newest`` in keyset order and probe each message's
+recipients by primary key, stopping at the page's limit; PostgreSQL's planner picks a
+semi-join instead when a filter is selective. Counts come from the partial index of
+pending recipients.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.readmodel.base import (
+    BUCKET,
+    Destination,
+    OldestPending,
+    Overview,
+    PageCursor,
+    QueuePage,
+    QueueQuery,
+    QueueView,
+    SortOrder,
+    fill_buckets,
+    id_range,
+    throughput_window,
+)
+from mailstrom.status import RecipientState, SMTPReply
+from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.postgres.rows import messages_from_rows
+from mailstrom.stores.postgres.sql import translate_errors
+
+_HAS_PENDING = (
+    "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
+    " AND p.state IN ('queued', 'deferred'))"
+)
+_HAS_DEFERRED = (
+    "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'deferred')"
+)
+_HAS_FAILED = "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'failed')"
+_VIEWS = {
+    QueueView.ALL: "true",
+    QueueView.PENDING: _HAS_PENDING,
+    QueueView.DEFERRED: _HAS_DEFERRED,
+    QueueView.QUEUED: f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
+    QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED}",
+    QueueView.FAILED: f"NOT {_HAS_PENDING} AND {_HAS_FAILED}",
+    QueueView.HELD: "m.held",
+}
+_STATUS_COLUMNS = (
+    "m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held, m.dkim,"
+    " r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
+    " r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,"
+    " r.next_attempt_at, r.reason_class"
+)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET TimeZone TO 'UTC'")
+
+
+class PostgresReadModel:
+    """A :class:`~mailstrom.readmodel.base.ReadModel` over the database at ``url``."""
+
+    def __init__(self, url: str, *, max_size: int = 4, timeout: float = 30.0) -> None:
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            timeout=timeout,
+            open=False,
+            name="mailstrom-readmodel",
+        )
+        with translate_errors("connecting"):
+            self._pool.open(wait=True, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the pool. Idempotent."""
+        self._pool.close()
+
+    def overview(self, *, now: datetime, top: int = 10) -> Overview:
+        """See :meth:`ReadModel.overview`."""
+        by_state = dict.fromkeys(RecipientState, 0)
+        start, starts = throughput_window(now)
+        with (
+            translate_errors("overview"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
+                by_state[RecipientState(state)] = int(n)
+            row = conn.execute(
+                b"SELECT count(*), count(*) FILTER (WHERE held) FROM messages"
+            ).fetchone()
+            messages, held = (int(row[0]), int(row[1])) if row else (0, 0)
+            row = conn.execute(
+                b"SELECT m.id, m.created_at FROM messages m WHERE m.id = ("
+                b"SELECT message_id FROM recipients"
+                b" WHERE state IN ('queued', 'deferred') ORDER BY seq LIMIT 1)"
+            ).fetchone()
+            oldest = None if row is None else OldestPending(id=row[0], created_at=row[1])
+            counts = {
+                (int(i), outcome): int(n)
+                for i, outcome, n in conn.execute(
+                    b"SELECT floor(extract(epoch FROM at - %(start)s) / %(width)s),"
+                    b" outcome, count(*) FROM attempts"
+                    b" WHERE at >= %(start)s AND at < %(end)s GROUP BY 1, 2",
+                    {
+                        "start": start,
+                        "end": starts[-1] + BUCKET,
+                        "width": BUCKET.total_seconds(),
+                    },
+                )
+            }
+            busiest = conn.execute(
+                b"SELECT domain, count(*) FROM recipients WHERE state = 'deferred'"
+                b" GROUP BY domain ORDER BY 2 DESC, 1 LIMIT %s",
+                (top,),
+            ).fetchall()
+            top_deferred = tuple(
+                self._destination(conn, domain, deferred=int(n)) for domain, n in busiest
+            )
+        return Overview(
+            by_state=by_state,
+            messages=messages,
+            held=held,
+            oldest_pending=oldest,
+            throughput=fill_buckets(starts, counts),
+            top_deferred=top_deferred,
+        )
+
+    @staticmethod
+    def _destination(
+        conn: psycopg.Connection[Any], domain: str, *, deferred: int, pending: int | None = None
+    ) -> Destination:
+        if pending is None:
+            row = conn.execute(
+                b"SELECT count(*) FROM recipients"
+                b" WHERE state IN ('queued', 'deferred') AND domain = %s",
+                (domain,),
+            ).fetchone()
+            pending = int(row[0]) if row else 0
+        last = conn.execute(
+            b"SELECT reply_code, reply_enhanced, reply_text, error, reason_class,"
+            b" last_attempt_at FROM recipients"
+            b" WHERE state IN ('queued', 'deferred') AND state = 'deferred' AND domain = %s"
+            b" ORDER BY seq DESC, position DESC LIMIT 1",
+            (domain,),
+        ).fetchone()
+        if last is None:
+            return Destination(domain=domain, pending=pending, deferred=deferred)
+        code, enhanced, text, error, reason, at = last
+        reply = (
+            None if code is None else str(SMTPReply(code=code, enhanced=enhanced, text=text or ""))
+        )
+        return Destination(
+            domain=domain,
+            pending=pending,
+            deferred=deferred,
+            last_reply=reply if reply is not None else error,
+            reason_class=reason_class_of(reason),
+            last_attempt_at=at,
+        )
+
+    def destinations(
+        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+    ) -> list[Destination]:
+        """See :meth:`ReadModel.destinations`."""
+        with (
+            translate_errors("destinations"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            rows = conn.execute(
+                b"SELECT domain, count(*) FILTER (WHERE state = 'deferred'), count(*)"
+                b" FROM recipients WHERE state IN ('queued', 'deferred')"
+                b" AND (%(domain)s::text IS NULL OR domain = %(domain)s::text)"
+                b" GROUP BY domain ORDER BY 3 DESC, 1 LIMIT %(limit)s OFFSET %(offset)s",
+                {
+                    "domain": None if domain is None else domain.lower(),
+                    "limit": limit,
+                    "offset": offset,
+                },
+            ).fetchall()
+            return [
+                self._destination(conn, d, deferred=int(deferred), pending=int(pending))
+                for d, deferred, pending in rows
+            ]
+
+    def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
+        """See :meth:`ReadModel.queue_page`."""
+        conditions = [_VIEWS[query.view]]
+        params: list[Any] = []
+        if query.older_than is not None:
+            conditions.append("m.created_at < %s")
+            params.append(now - query.older_than)
+        newest = query.order is SortOrder.NEWEST
+        if query.after is not None:
+            conditions.append(f"(m.created_at, m.seq) {'<' if newest else '>'} (%s, %s)")
+            params += [query.after.created_at, query.after.seq]
+        search = query.search
+        for domain in (query.domain, search and search.domain):
+            if domain:
+                conditions.append(
+                    "EXISTS (SELECT 1 FROM recipients d WHERE d.message_id = m.id"
+                    " AND d.domain = %s)"
+                )
+                params.append(domain.lower())
+        if search is not None and search.address is not None:
+            conditions.append(
+                "EXISTS (SELECT 1 FROM recipients a WHERE a.message_id = m.id AND a.address = %s)"
+            )
+            params.append(search.address)
+        if search is not None and search.id_prefix is not None:
+            conditions.append("m.id BETWEEN %s AND %s")
+            params += list(id_range(search.id_prefix))
+        direction = "DESC" if newest else "ASC"
+        with (
+            translate_errors("queue page"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            rows = conn.execute(
+                (
+                    f"SELECT m.id, m.seq, m.created_at FROM messages m"
+                    f" WHERE {' AND '.join(conditions)}"
+                    f" ORDER BY m.created_at {direction}, m.seq {direction} LIMIT %s"
+                ).encode(),
+                [*params, query.limit + 1],
+            ).fetchall()
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            ids = [row[0] for row in rows]
+            with conn.cursor(row_factory=dict_row) as cur:
+                found = {
+                    s.id: s
+                    for s in messages_from_rows(
+                        cur.execute(
+                            f"SELECT {_STATUS_COLUMNS} FROM messages m"
+                            " LEFT JOIN recipients r ON r.message_id = m.id"
+                            " WHERE m.id = ANY(%s) ORDER BY m.id, r.position".encode(),
+                            (ids,),
+                        ).fetchall()
+                    )
+                }
+        cursor = None
+        if more:
+            _, seq, created = rows[-1]
+            cursor = PageCursor(created_at=created, seq=int(seq))
+        return QueuePage(messages=tuple(found[mid] for mid in ids), next=cursor)
+
+    def message_data(self, message_id: str) -> bytes:
+        """See :meth:`ReadModel.message_data`."""
+        with translate_errors("reading a message"), self._pool.connection() as conn:
+            row = conn.execute(b"SELECT data FROM messages WHERE id = %s", (message_id,)).fetchone()
+        if row is None:
+            raise UnknownMessage(message_id)
+        return bytes(row[0])

@@ -1,0 +1,57 @@
+"""The memory store's MTA-STS policy cache and TLS session counters (schema version 9)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import date
+
+from mailstrom.mtasts.policy import CachedPolicy
+from mailstrom.tlsrpt.sessions import TLSSessions
+
+
+class MemoryTLSMixin:
+    """Kept in dicts under their own lock; mixed into :class:`MemoryStore`."""
+
+    _tls_lock: threading.Lock
+    _mta_sts: dict[str, CachedPolicy]
+    _tls_sessions: dict[tuple[str, ...], TLSSessions]
+
+    def _init_tls(self) -> None:
+        self._tls_lock = threading.Lock()
+        self._mta_sts = {}
+        self._tls_sessions = {}
+
+    def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        with self._tls_lock:
+            return self._mta_sts.get(domain.lower())
+
+    def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
+        """Cache ``cached`` for its domain, replacing what was there."""
+        with self._tls_lock:
+            self._mta_sts[cached.domain.lower()] = cached
+
+    def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
+        """Add ``sessions`` to the day's counters."""
+        with self._tls_lock:
+            for s in sessions:
+                key = s.key()
+                old = self._tls_sessions.get(key)
+                self._tls_sessions[key] = (
+                    s if old is None else replace(old, count=old.count + s.count)
+                )
+
+    def tls_sessions(self, day: date) -> list[TLSSessions]:
+        """Every counter of ``day``."""
+        with self._tls_lock:
+            return [s for s in self._tls_sessions.values() if s.day == day]
+
+    def prune_tls_sessions(self, *, before: date) -> int:
+        """Delete the counters of days before ``before``; returns how many."""
+        with self._tls_lock:
+            doomed = [k for k, s in self._tls_sessions.items() if s.day < before]
+            for key in doomed:
+                del self._tls_sessions[key]
+        return len(doomed)

@@ -1,0 +1,181 @@
+"""Checking a server's certificate chain against TLSA records (RFC 6698, RFC 7671,
+RFC 7672 §3), a pure function of the DER certificates the server sent.
+
+* DANE-EE (usage 3): the leaf certificate, or its SubjectPublicKeyInfo, matches; names,
+  expiry and issuer are not checked (RFC 7672 §3.1.1).
+* DANE-TA (usage 2): a certificate of the chain the server sent (RFC 7671 §5.2.2: it must
+  send the trust anchor, unless the record is ``2 0 0``, which holds the anchor itself)
+  matches; the chain from the leaf to it must then verify, with the leaf's name matching
+  the MX host (RFC 7672 §3.2.2), as if that certificate were the only trusted root. The
+  chain check is ``cryptography``'s X.509 path validation.
+* PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
+
+Selectors: 0 full certificate, 1 SubjectPublicKeyInfo; matching types: 0 exact, 1
+SHA-256, 2 SHA-512.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from mailstrom.tls.requirement import TLSARecord
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from cryptography.x509.verification import (
+        Criticality,
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+except ImportError:  # pragma: no cover - the dane extra is missing
+    x509 = None  # type: ignore[assignment]
+
+MAX_CHAIN = 10
+"""Certificates of a server's chain looked at; more is no legitimate chain."""
+
+
+class DaneMismatch(Exception):
+    """No usable TLSA record matches the chain; ``str`` says what was tried."""
+
+
+def available() -> bool:
+    """Whether ``cryptography`` (the ``dane`` extra) is installed."""
+    return x509 is not None
+
+
+def _require_cryptography() -> None:
+    if x509 is None:
+        raise DaneMismatch("DANE needs the cryptography package: pip install 'mailstrom[dane]'")
+
+
+def _selected(der: bytes, selector: int) -> bytes:
+    if selector == 0:
+        return der
+    cert = x509.load_der_x509_certificate(der)
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _digest(data: bytes, matching: int) -> bytes:
+    if matching == 1:
+        return hashlib.sha256(data).digest()
+    if matching == 2:
+        return hashlib.sha512(data).digest()
+    return data
+
+
+def record_matches(record: TLSARecord, der: bytes) -> bool:
+    """Whether ``record``'s selector and matching type applied to certificate ``der`` give
+    its data (the usage is not looked at)."""
+    _require_cryptography()
+    try:
+        selected = _selected(der, record.selector)
+    except ValueError:
+        return False  # a certificate cryptography cannot parse matches nothing
+    return _digest(selected, record.matching) == record.data
+
+
+def check_chain(
+    chain: Sequence[bytes],
+    records: Sequence[TLSARecord],
+    *,
+    host: str,
+    now: datetime | None = None,
+) -> str:
+    """Check ``chain`` (DER, leaf first, as sent) against ``records`` for MX ``host``.
+
+    Returns a short description of the record that matched; raises :class:`DaneMismatch`
+    when none does.
+    """
+    _require_cryptography()
+    usable = [r for r in records if r.usable]
+    if not chain:
+        raise DaneMismatch("the server sent no certificate")
+    if not usable:
+        raise DaneMismatch("no usable TLSA record")
+    chain = list(chain[:MAX_CHAIN])
+    leaf = chain[0]
+    for record in usable:
+        if record.usage == 3 and record_matches(record, leaf):
+            return f"DANE-EE {record.selector} {record.matching}"
+    problems: list[str] = []
+    for record in usable:
+        if record.usage != 2:
+            continue
+        matched = False
+        for index, der in enumerate(chain):
+            if not record_matches(record, der):
+                continue
+            matched = True
+            trouble = _verify_to_anchor(chain, index, host=host, now=now)
+            if trouble is None:
+                return f"DANE-TA {record.selector} {record.matching}"
+            problems.append(trouble)
+        if not matched and record.selector == 0 and record.matching == 0:
+            # "2 0 0" holds the trust anchor itself: the server need not send it
+            # (RFC 7671 §5.2.2).
+            trouble = _verify_to_anchor([*chain, record.data], len(chain), host=host, now=now)
+            if trouble is None:
+                return "DANE-TA 0 0"
+            problems.append(trouble)
+    kinds = sorted({f"{r.usage} {r.selector} {r.matching}" for r in usable})
+    detail = f"; {problems[0]}" if problems else ""
+    raise DaneMismatch(
+        f"certificate of {host} matches none of its TLSA records ({', '.join(kinds)}){detail}"
+    )
+
+
+def _verify_to_anchor(
+    chain: list[bytes], anchor: int, *, host: str, now: datetime | None
+) -> str | None:
+    """None when the leaf chains up to ``chain[anchor]`` and is valid for ``host``; else
+    why not."""
+    try:
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
+    except ValueError as exc:
+        return f"unparsable certificate: {exc}"
+    leaf = certs[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        dns_names = names.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns_names = []
+    if not _name_matches(host, dns_names):
+        return f"the certificate is not valid for {host} (names: {', '.join(dns_names[:5])})"
+    if anchor == 0:
+        return None  # the leaf itself is the trust anchor
+    # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
+    # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow
+    # it); its name was checked above against its DNS names, as RFC 7672 §3.2.2 asks.
+    builder = (
+        PolicyBuilder()
+        .store(Store([certs[anchor]]))
+        .time(now or datetime.now(UTC))
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=ExtensionPolicy.permit_all().require_present(
+                x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+            ),
+        )
+    )
+    verifier = builder.build_server_verifier(x509.DNSName(host))
+    try:
+        verifier.verify(leaf, certs[1:anchor])
+    except (VerificationError, ValueError) as exc:
+        return f"chain to the TLSA trust anchor does not verify: {exc}"
+    return None
+
+
+def _name_matches(host: str, names: Sequence[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for name in names:
+        name = name.lower().rstrip(".")
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False

@@ -1,0 +1,293 @@
+"""The per-destination TLS decision: what a connection to (domain, MX host) requires.
+
+The delivery engine asks :meth:`TLSDecider.requirement` once for every MX host it is
+about to connect to (before opening, or before taking an idle connection keyed by the
+answer's mode) and hands the :class:`~mailstrom.tls.requirement.TLSRequirement` to the
+opener. The decision, in order:
+
+1. A relay (``Config.relay``) decides alone (source ``relay``).
+2. An entry of the per-domain table (``Config.tls_domains``) is the operator's word:
+   ``none``, ``opportunistic``, ``required`` and ``verify`` apply as they are; ``dane``
+   and ``dane-only`` ask the DANE source (``dane-only`` refuses a host without usable
+   TLSA records).
+3. Otherwise the **policy sources** are asked in order, and the first that answers
+   decides: DANE first (RFC 7672 §1.3: DANE wins over MTA-STS for a host that has TLSA
+   records), then MTA-STS, then any other source given. A message carrying
+   ``TLS-Required: No`` (RFC 8689 §4) skips them.
+4. Otherwise the global ``Config.tls`` applies.
+
+An opportunistic answer becomes plaintext when the host's TLS handshake failed recently
+(:class:`BrokenTLS`, shared through the store); no other mode ever does.
+
+How MTA-STS (or any other source) plugs in
+------------------------------------------
+A source is any object with ``name`` and an async ``requirement(destination, default)``
+method (:class:`PolicySourceHook`). It gets the :class:`Destination` (policy domain, MX
+host, whether the MX records were DNSSEC-validated...) and the requirement that applies
+if no source answers, and returns:
+
+* ``None`` — nothing to say for this destination: the next source, then the default,
+  decides. (MTA-STS without a policy, or mode ``none``.)
+* a :class:`~mailstrom.tls.requirement.TLSRequirement` — e.g. MTA-STS enforce for a
+  matching MX: ``TLSRequirement(mode=TLSMode.VERIFY, source=PolicySource.MTA_STS,
+  detail="enforce", reason="MTA-STS policy id 2024...: mx pattern *.example.com")``;
+  testing mode: the default's mode with ``source=MTA_STS, detail="testing"``.
+* or raise a :class:`~mailstrom.errors.DeliveryError` (``TemporaryFailure``) — this host
+  must not be used now (MTA-STS enforce and the MX matches no pattern); the engine moves
+  on to the next MX host and, when none is left, defers with that error's text.
+
+Give it as ``TLSDecider.for_config(config, mta_sts=source)`` (it goes after DANE), or
+as ``sources=`` for full control of the order. A :class:`VERIFY
+<mailstrom.tls.requirement.TLSMode>` requirement is checked against the MX host name with
+``Config.tls_context``, exactly as ``tls = "verify"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailstrom.config import Config, RelayTLS
+from mailstrom.errors import RequireTLSFailure, TemporaryFailure
+from mailstrom.tls.levels import TLSPolicy
+from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
+
+log = logging.getLogger("mailstrom.tls")
+
+_MODE_OF_LEVEL = {
+    TLSPolicy.NONE: TLSMode.NONE,
+    TLSPolicy.OPPORTUNISTIC: TLSMode.OPPORTUNISTIC,
+    TLSPolicy.REQUIRED: TLSMode.REQUIRED,
+    TLSPolicy.VERIFY: TLSMode.VERIFY,
+    # Without usable TLSA records, "dane" is opportunistic (Postfix's level "dane").
+    TLSPolicy.DANE: TLSMode.OPPORTUNISTIC,
+    TLSPolicy.DANE_ONLY: TLSMode.DANE,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """Where a connection is about to go, as the TLS decision sees it."""
+
+    domain: str
+    """The policy domain: the recipient domain (lower-case, as leased)."""
+    mx_host: str
+    """The MX host name to connect to (lower-case A-label, no final dot)."""
+    mx_secure: bool = False
+    """The MX records (or the implicit MX's own address records) were DNSSEC-validated:
+    the resolver is trusted (``dns.dnssec``) and set the AD bit."""
+    host_secure: bool = False
+    """The host's address records were DNSSEC-validated."""
+    tls_optional: bool = False
+    """The message carries ``TLS-Required: No`` (RFC 8689 §4)."""
+    require_tls: bool = False
+    """The message asks for REQUIRETLS (RFC 8689): only authenticated TLS will do."""
+
+
+class PolicySourceHook(Protocol):
+    """A source of TLS requirements (DANE, MTA-STS...): see the module docstring."""
+
+    name: str
+
+    async def requirement(
+        self, destination: Destination, default: TLSRequirement
+    ) -> TLSRequirement | None: ...
+
+
+class BrokenTLS:
+    """Hosts whose TLS handshake failed, until when (monotonic clock), with the store as
+    the shared memory of every worker when one is given (see :meth:`load`).
+
+    In memory this is a dict; :meth:`note` also calls ``on_note`` (the worker writes the
+    entry to the store) and :meth:`load` replaces what is known with the store's view.
+    """
+
+    def __init__(
+        self,
+        remember_for: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_note: Callable[[str, float, str], None] | None = None,
+    ) -> None:
+        self.remember_for = remember_for
+        self._clock = clock
+        self._until: dict[str, float] = {}
+        self._on_note = on_note
+
+    def broken(self, host: str) -> bool:
+        """Whether ``host``'s TLS is known to be broken now."""
+        until = self._until.get(host)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._until[host]
+            return False
+        return True
+
+    def note(self, host: str, reason: str) -> None:
+        """``host``'s TLS handshake failed (under the opportunistic policy)."""
+        if self.remember_for <= 0:
+            return
+        self._until[host] = self._clock() + self.remember_for
+        if self._on_note is not None:
+            self._on_note(host, self.remember_for, reason)
+
+    def load(self, remaining: dict[str, float]) -> None:
+        """Add what the store knows, ``{host: seconds still to remember}`` (the later
+        time wins), and forget what expired."""
+        now = self._clock()
+        known = {h: u for h, u in self._until.items() if u > now}
+        for host, seconds in remaining.items():
+            if seconds > 0:
+                known[host] = max(known.get(host, 0.0), now + seconds)
+        self._until = known
+
+
+class TLSDecider:
+    """Decides the :class:`~mailstrom.tls.requirement.TLSRequirement` of each connection
+    (see the module docstring for the order)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sources: Sequence[PolicySourceHook] = (),
+        broken: BrokenTLS | None = None,
+    ) -> None:
+        self._config = config
+        self._table = config.tls_table
+        self._sources = tuple(sources)
+        self._dane = next((s for s in self._sources if s.name == "dane"), None)
+        self.broken = (
+            broken if broken is not None else BrokenTLS(config.tls_remember_broken.total_seconds())
+        )
+        self._default = self._level(config.tls, PolicySource.DEFAULT, "tls = " + config.tls)
+        self._relay: TLSRequirement | None = None
+        if config.relay is not None:
+            relay = config.relay
+            mode = {
+                RelayTLS.NONE: TLSMode.NONE,
+                RelayTLS.STARTTLS: TLSMode.VERIFY if relay.verify else TLSMode.REQUIRED,
+                # Implicit TLS wraps the connection itself, verified (see the opener).
+                RelayTLS.IMPLICIT: TLSMode.VERIFY,
+            }[relay.tls]
+            self._relay = TLSRequirement(
+                mode=mode, source=PolicySource.RELAY, reason=f"relay.tls = {relay.tls.value}"
+            )
+
+    @classmethod
+    def for_config(
+        cls,
+        config: Config,
+        *,
+        mta_sts: PolicySourceHook | None = None,
+        dane: PolicySourceHook | None = None,
+        broken: BrokenTLS | None = None,
+    ) -> TLSDecider:
+        """The decider ``config`` asks for: DANE when ``dns.dnssec`` is set (``dane``
+        replaces the default DANE source), then ``mta_sts`` when given."""
+        sources: list[PolicySourceHook] = []
+        if dane is not None:
+            sources.append(dane)
+        elif config.dns.dnssec:
+            from mailstrom.tls.dane import DaneSource
+
+            sources.append(DaneSource.for_config(config))
+        if mta_sts is not None:
+            sources.append(mta_sts)
+        return cls(config, sources=sources, broken=broken)
+
+    @staticmethod
+    def _level(level: TLSPolicy, source: PolicySource, reason: str) -> TLSRequirement:
+        return TLSRequirement(mode=_MODE_OF_LEVEL[level], source=source, reason=reason)
+
+    async def requirement(self, destination: Destination) -> TLSRequirement:
+        """What a connection to ``destination`` requires. Raises
+        :class:`~mailstrom.errors.TemporaryFailure` when the host must not be used now
+        (a TLSA lookup failed, ``dane-only`` without usable TLSA records, a source's
+        refusal), and :class:`~mailstrom.errors.RequireTLSFailure` (5.7.30) for a
+        REQUIRETLS message to a destination whose policy is ``none``.
+
+        For REQUIRETLS (RFC 8689 §4.2.1) a requirement that does not authenticate the
+        server (opportunistic, required) becomes ``verify``: the certificate must be valid
+        for the MX host name when neither DANE nor MTA-STS says more; remembered broken
+        TLS never turns it into plaintext."""
+        chosen = await self._decide(destination)
+        if not destination.require_tls:
+            return self._remembered(destination, chosen)
+        if chosen.authenticated:
+            return chosen
+        if chosen.mode is TLSMode.NONE:
+            raise RequireTLSFailure(
+                f"REQUIRETLS: the TLS policy for {destination.domain} is none "
+                f"({chosen.reason}); the message must not go without authenticated TLS",
+                code=550,
+                enhanced="5.7.30",
+                host=destination.mx_host,
+            )
+        return TLSRequirement(
+            mode=TLSMode.VERIFY,
+            source=chosen.source,
+            reason=f"REQUIRETLS: certificate verified for {destination.mx_host} "
+            f"(instead of {chosen.label}: {chosen.reason})",
+            detail=chosen.detail,
+        )
+
+    async def _decide(self, destination: Destination) -> TLSRequirement:
+        if self._relay is not None:
+            return self._relay
+        entry = self._table.match(destination.domain)
+        if entry is not None:
+            pattern, level = entry
+            chosen = self._level(level, PolicySource.TABLE, f"tls.domains: {pattern} = {level}")
+            if level in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
+                chosen = await self._dane_level(destination, chosen, level)
+            return chosen
+        default = self._default
+        if self._config.tls in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
+            default = await self._dane_level(destination, default, self._config.tls)
+            if default.source is PolicySource.DANE:
+                return default
+        if destination.tls_optional and not destination.require_tls:
+            if self._sources:
+                return TLSRequirement(
+                    mode=default.mode,
+                    source=PolicySource.TLS_REQUIRED_NO,
+                    reason="TLS-Required: No (RFC 8689 §4): DANE and MTA-STS not applied",
+                )
+            return default
+        for source in self._sources:
+            answer = await source.requirement(destination, default)
+            if answer is not None:
+                return answer
+        return default
+
+    async def _dane_level(
+        self, destination: Destination, chosen: TLSRequirement, level: TLSPolicy
+    ) -> TLSRequirement:
+        answer = None
+        if self._dane is not None:
+            answer = await self._dane.requirement(destination, chosen)
+        if answer is not None:
+            return answer
+        if level is TLSPolicy.DANE_ONLY:
+            raise TemporaryFailure(
+                f"TLS policy dane-only ({chosen.reason}): {destination.mx_host} has no "
+                "usable DNSSEC-validated TLSA records",
+                enhanced="4.7.5",  # RFC 7672 §2.2 / RFC 3463: cryptographic failure
+                host=destination.mx_host,
+            )
+        return chosen
+
+    def _remembered(self, destination: Destination, chosen: TLSRequirement) -> TLSRequirement:
+        if chosen.mode is TLSMode.OPPORTUNISTIC and self.broken.broken(destination.mx_host):
+            return TLSRequirement(
+                mode=TLSMode.NONE,
+                source=PolicySource.REMEMBERED,
+                reason=f"TLS with {destination.mx_host} failed recently: plaintext "
+                f"({chosen.reason})",
+            )
+        return chosen

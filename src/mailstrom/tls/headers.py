@@ -1,0 +1,28 @@
+"""What a message's own header says about TLS: ``TLS-Required: No`` (RFC 8689 §5)."""
+
+from __future__ import annotations
+
+import re
+
+MAX_HEADER_SCAN = 256 * 1024
+"""Octets of a message looked at for its header block; a header field further down is
+not honoured (the limit only bounds the work a huge header could cause)."""
+
+_TLS_REQUIRED_NO = re.compile(rb"(?im)^tls-required:[ \t]*no[ \t]*\r?$")
+
+
+def tls_required_no(data: bytes) -> bool:
+    """Whether ``data`` (a message with CRLF line endings) carries ``TLS-Required: No``:
+    the sender asks that MTA-STS and DANE failures not stop delivery (RFC 8689 §5).
+
+    >>> tls_required_no(b"Subject: x\\r\\nTLS-Required: No\\r\\n\\r\\nbody\\r\\n")
+    True
+    >>> tls_required_no(b"Subject: x\\r\\n\\r\\nTLS-Required: No\\r\\n")
+    False
+    """
+    end = data.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
+    header = data[: end + 2 if end >= 0 else MAX_HEADER_SCAN]
+    # Nearly every message lacks the field: one substring search decides for those.
+    if b"equired" not in header:
+        return False
+    return _TLS_REQUIRED_NO.search(header) is not None

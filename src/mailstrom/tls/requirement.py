@@ -1,0 +1,111 @@
+"""What one connection to one MX host requires of TLS: the value the decision hands on.
+
+A :class:`TLSRequirement` is decided per destination domain and MX host (see
+:mod:`mailstrom.tls.decide`) before a connection is opened; the opener keys idle
+connections by its mode, and the attempt history records its :attr:`~TLSRequirement.label`
+so that status and logs say which policy applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class TLSMode(StrEnum):
+    """How a connection uses STARTTLS (the values are what logs and status show)."""
+
+    NONE = "none"
+    """Plaintext, even when STARTTLS is offered."""
+    OPPORTUNISTIC = "opportunistic"
+    """TLS when offered, certificate not checked; a failed handshake falls back to
+    plaintext on a new connection (RFC 7435)."""
+    REQUIRED = "required"
+    """TLS or nothing; certificate not checked."""
+    VERIFY = "verify"
+    """TLS with a certificate valid for the MX host name (PKIX, the trust store)."""
+    DANE = "dane"
+    """TLS with a certificate matching the host's TLSA records (RFC 7672)."""
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer is authenticated (what REQUIRETLS, RFC 8689, needs)."""
+        return self in (TLSMode.VERIFY, TLSMode.DANE)
+
+
+class PolicySource(StrEnum):
+    """Where a requirement came from."""
+
+    DEFAULT = "default"
+    """The global ``Config.tls`` policy."""
+    TABLE = "table"
+    """An entry of the per-domain table ``Config.tls_domains``."""
+    DANE = "dane"
+    """The MX host's DNSSEC-validated TLSA records."""
+    MTA_STS = "mta-sts"
+    """The domain's MTA-STS policy (RFC 8461)."""
+    REMEMBERED = "remembered"
+    """The host's TLS handshake failed recently: plaintext at once (opportunistic only)."""
+    TLS_REQUIRED_NO = "tls-required-no"
+    """The message carries ``TLS-Required: No`` (RFC 8689 §4): policies are ignored."""
+    RELAY = "relay"
+    """The smarthost's settings (``Config.relay``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSARecord:
+    """One TLSA record (RFC 6698 §2.1): usage, selector, matching type and data.
+
+    ``selector`` 0 is the full certificate, 1 its SubjectPublicKeyInfo; ``matching`` 0 is
+    the data itself, 1 its SHA-256, 2 its SHA-512.
+    """
+
+    usage: int
+    selector: int
+    matching: int
+    data: bytes
+
+    @property
+    def usable(self) -> bool:
+        """Usable for SMTP (RFC 7672 §3.1.3: PKIX usages 0 and 1 are not)."""
+        return self.usage in (2, 3) and self.selector in (0, 1) and self.matching in (0, 1, 2)
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.matching} {self.data.hex()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSRequirement:
+    """What a connection to ``mx_host`` for ``domain`` requires, and why.
+
+    ``mode`` says how STARTTLS is used; ``source`` which policy decided and ``reason`` in
+    words (for status and logs). ``tlsa`` holds the usable TLSA records when ``mode`` is
+    DANE; ``detail`` a short qualifier of the source ("enforce", "testing", the table
+    pattern that matched...).
+
+    >>> TLSRequirement(mode=TLSMode.VERIFY, source=PolicySource.TABLE,
+    ...                reason="tls.domains: example.com = verify").label
+    'verify'
+    """
+
+    mode: TLSMode
+    source: PolicySource
+    reason: str = ""
+    tlsa: tuple[TLSARecord, ...] = ()
+    detail: str = ""
+    fallback: TLSMode | None = None
+    """The mode to connect in again, on a new connection, when a connection in ``mode``
+    fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the peer is authenticated (VERIFY or DANE)."""
+        return self.mode.authenticated
+
+    @property
+    def label(self) -> str:
+        """The policy applied, as status and logs show it: ``none``, ``opportunistic``,
+        ``required``, ``verify``, ``dane``, ``mta-sts enforce`` / ``mta-sts testing``."""
+        if self.source is PolicySource.MTA_STS:
+            return f"mta-sts {self.detail}" if self.detail else "mta-sts"
+        return self.mode.value

@@ -1,0 +1,122 @@
+"""Counting how every new connection's TLS went, per policy domain, for TLS reports.
+
+The delivery engine tells :class:`SessionObserver` about each connection it opens to a
+recipient domain's MX host: the :class:`~mailstrom.tls.requirement.TLSRequirement` it was
+opened under and either the connection or the error that stopped it. The requirement's
+source says which RFC 8460 ``policy-type`` the session counts under:
+
+* ``mta-sts`` → ``sts``, counted by the MTA-STS source itself
+  (:meth:`~mailstrom.mtasts.hook.MTASTSHook.observe`, which knows the policy text);
+* ``dane`` → ``tlsa``, the host's TLSA records as the policy;
+* anything else that is about the recipient's own MX (the global ``tls``, a
+  ``tls.domains`` entry, remembered broken TLS, ``TLS-Required: No``) →
+  ``no-policy-found``: no published policy was applied.
+
+A session counts as successful when TLS was established, and as a failure of an RFC 8460
+§4.3 type when it was not: the server offered no STARTTLS (``starttls-not-supported``),
+a handshake or certificate check failed (the types of
+:func:`~mailstrom.tlsrpt.recorder.classify`), or TLS was skipped because the host's
+handshake failed recently. Connections through a relay, and those the operator asked to
+be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
+neither are failures with nothing to do with TLS (refused, timed out before STARTTLS).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mailstrom.errors import DeliveryError
+from mailstrom.mtasts.fetch import a_label
+from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
+from mailstrom.tlsrpt.recorder import SessionRecorder, classify
+from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType
+
+if TYPE_CHECKING:
+    from mailstrom.mtasts.hook import MTASTSHook
+    from mailstrom.runtime.connection import SMTPConnection
+
+REMEMBERED_CODE = "tls-handshake-failed-recently"
+"""The ``failure-reason-code`` of a session sent in plaintext at once because the host's
+TLS handshake failed recently (``tls.remember_broken``)."""
+REFUSED_CODE = "starttls-refused"
+"""The ``failure-reason-code`` of a server that offered STARTTLS and then refused it."""
+
+_NOT_COUNTED = frozenset({PolicySource.RELAY})
+"""Sources whose connections do not go to the recipient domain's MX."""
+
+
+class SessionObserver:
+    """Counts each connection's TLS outcome in a :class:`SessionRecorder` (see the module
+    docstring); give it to the engine as its ``observe_tls``."""
+
+    def __init__(self, recorder: SessionRecorder, *, mta_sts: MTASTSHook | None = None) -> None:
+        self._recorder = recorder
+        self._mta_sts = mta_sts
+
+    def __call__(
+        self,
+        domain: str,
+        requirement: TLSRequirement,
+        host: str,
+        ip: str,
+        outcome: DeliveryError | SMTPConnection,
+    ) -> None:
+        """Count one connection attempt to ``host`` (``ip``) for ``domain``: ``outcome``
+        is the opened connection or the error that stopped it."""
+        source = requirement.source
+        if source in _NOT_COUNTED:
+            return
+        error = outcome if isinstance(outcome, DeliveryError) else None
+        if source is PolicySource.MTA_STS:
+            if self._mta_sts is not None:
+                self._mta_sts.observe(domain, requirement, host, ip, error)
+            return
+        name = a_label(domain)
+        if name is None:  # an address literal: no domain to report to
+            return
+        if source is PolicySource.DANE:
+            policy_type = PolicyType.TLSA
+            policy = "\n".join(str(r) for r in requirement.tlsa)
+        elif requirement.mode is TLSMode.NONE and source is not PolicySource.REMEMBERED:
+            return  # plaintext by the operator's choice: no TLS was attempted
+        elif self._mta_sts is not None and self._mta_sts.applies_to(domain):
+            # MTA-STS testing with an unlisted MX whose TLS is remembered broken: the
+            # policy failure was counted when the decision was made.
+            return
+        else:
+            policy_type, policy = PolicyType.NO_POLICY, ""
+        found = _failure(requirement, outcome)
+        if found is None:
+            if error is None:
+                self._recorder.success(name, policy_type, policy, mx=_mx(policy_type, host))
+            return
+        kind, code = found
+        self._recorder.failure(name, policy_type, policy, kind, mx=host, ip=ip, code=code)
+
+
+def _mx(policy_type: PolicyType, host: str) -> str:
+    # TLSA records belong to one host: its successes are counted per host, so that the
+    # report can name the policy's mx-host. Other successes need no host (one counter).
+    return host if policy_type is PolicyType.TLSA else ""
+
+
+def _failure(
+    requirement: TLSRequirement, outcome: DeliveryError | SMTPConnection
+) -> tuple[ResultType, str] | None:
+    """The RFC 8460 failure of a connection attempt, or None when TLS was established (or
+    the failure was not about TLS, for an error)."""
+    if isinstance(outcome, DeliveryError):
+        return classify(outcome)
+    if outcome.tls_version is not None:
+        return None
+    if outcome.tls_fallback is not None:
+        # The handshake failed and the opener delivered in plaintext on a new connection.
+        return classify(outcome.tls_fallback) or (
+            ResultType.VALIDATION_FAILURE,
+            outcome.tls_fallback.text[:MAX_FIELD],
+        )
+    if requirement.source is PolicySource.REMEMBERED:
+        return ResultType.VALIDATION_FAILURE, REMEMBERED_CODE
+    if "STARTTLS" in outcome.extensions:
+        return ResultType.STARTTLS_NOT_SUPPORTED, REFUSED_CODE
+    return ResultType.STARTTLS_NOT_SUPPORTED, ""

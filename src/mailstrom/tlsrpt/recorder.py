@@ -1,0 +1,184 @@
+"""Counting TLS sessions in a worker and adding the counts to the store in batches.
+
+A connection costs no store write: :meth:`SessionRecorder.success` and
+:meth:`SessionRecorder.failure` add to counters in memory, and :meth:`SessionRecorder.run`
+adds them to the store every ``FLUSH_EVERY`` seconds (and once more when the worker stops),
+one transaction for all of them. Counters that cannot be written are kept for the next
+turn; a worker that dies loses at most one interval of counts, which a report can bear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from mailstrom.errors import DeliveryError, StoreError, TLSRequiredError
+from mailstrom.stores.base import Store
+from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType, TLSSessions
+
+log = logging.getLogger("mailstrom.tlsrpt")
+
+FLUSH_EVERY = 30.0
+"""Seconds between two writes of the counters."""
+RETENTION = timedelta(days=31)
+"""How long a day's counters stay in the store."""
+PRUNE_EVERY = 6 * 3600.0
+"""Seconds between two prunes of old counters."""
+MAX_KEYS = 10_000
+"""Distinct counters kept in memory at most between writes (each new key past it is
+dropped, with a warning: a bound on what hostile peers can make a worker hold)."""
+
+StoreCall = Callable[..., Awaitable[Any]]
+
+# OpenSSL verification codes (X509_V_ERR_*) and the RFC 8460 §4.3 type they report as.
+_VERIFY_TYPES = {
+    10: ResultType.CERTIFICATE_EXPIRED,  # CERT_HAS_EXPIRED
+    9: ResultType.CERTIFICATE_EXPIRED,  # CERT_NOT_YET_VALID: outside its validity too
+    18: ResultType.CERTIFICATE_NOT_TRUSTED,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: ResultType.CERTIFICATE_NOT_TRUSTED,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: ResultType.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: ResultType.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    2: ResultType.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT
+    62: ResultType.CERTIFICATE_HOST_MISMATCH,  # HOSTNAME_MISMATCH
+}
+
+
+def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
+    """The RFC 8460 failure type and reason code of a failed connection, or None when the
+    failure had nothing to do with TLS (refused, timed out before STARTTLS...)."""
+    from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
+
+    if isinstance(error, TLSRequiredError):
+        return ResultType.STARTTLS_NOT_SUPPORTED, ""
+    if isinstance(error, TLSVerifyError):
+        cause = error.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            code = cause.verify_code
+            kind = _VERIFY_TYPES.get(code, ResultType.VALIDATION_FAILURE)
+            return kind, f"X509_V_ERR {code}: {cause.verify_message}"[:MAX_FIELD]
+        return ResultType.VALIDATION_FAILURE, error.text[:MAX_FIELD]
+    if isinstance(error, TLSHandshakeError):
+        return ResultType.VALIDATION_FAILURE, error.text[:MAX_FIELD]
+    return None
+
+
+class SessionRecorder:
+    """In-memory TLS session counters of one worker, written to the store in batches."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], datetime],
+        store_call: StoreCall | None = None,
+        sending_ip: str = "",
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._store_call = store_call
+        self._sending_ip = sending_ip
+        self._counts: dict[tuple[str, ...], TLSSessions] = {}
+        self._warned = False
+
+    @property
+    def pending(self) -> int:
+        """Counters not yet written."""
+        return len(self._counts)
+
+    def success(
+        self, domain: str, policy_type: PolicyType, policy_string: str, *, mx: str = ""
+    ) -> None:
+        """One successful TLS session with a host of ``domain``'s policy (``mx``: the host,
+        for policies of one host such as TLSA records)."""
+        self._add(
+            TLSSessions(
+                day=self._clock().date(),
+                policy_domain=domain,
+                policy_type=policy_type,
+                policy_string=policy_string,
+                receiving_mx=mx[:MAX_FIELD],
+            )
+        )
+
+    def failure(
+        self,
+        domain: str,
+        policy_type: PolicyType,
+        policy_string: str,
+        result_type: ResultType,
+        *,
+        mx: str = "",
+        ip: str = "",
+        code: str = "",
+    ) -> None:
+        """One failed session (or policy failure) of ``result_type``."""
+        self._add(
+            TLSSessions(
+                day=self._clock().date(),
+                policy_domain=domain,
+                policy_type=policy_type,
+                policy_string=policy_string,
+                result_type=result_type.value,
+                sending_ip=self._sending_ip,
+                receiving_mx=mx[:MAX_FIELD],
+                receiving_ip=ip[:MAX_FIELD],
+                failure_code=code[:MAX_FIELD],
+            )
+        )
+
+    def _add(self, sessions: TLSSessions) -> None:
+        key = sessions.key()
+        old = self._counts.get(key)
+        if old is not None:
+            self._counts[key] = replace(old, count=old.count + sessions.count)
+        elif len(self._counts) < MAX_KEYS:
+            self._counts[key] = sessions
+        elif not self._warned:
+            self._warned = True
+            log.warning("more than %d TLS session counters between writes; dropping", MAX_KEYS)
+
+    async def flush(self) -> None:
+        """Write the counters to the store (kept for the next try if that fails)."""
+        if not self._counts:
+            return
+        batch, self._counts = list(self._counts.values()), {}
+        self._warned = False
+        try:
+            if self._store_call is not None:
+                await self._store_call(self._store.add_tls_sessions, batch)
+            else:
+                self._store.add_tls_sessions(batch)
+        except StoreError as exc:
+            log.warning("TLS session counters not written (kept for the next try): %s", exc)
+            for sessions in batch:
+                self._add(sessions)
+
+    async def prune(self) -> None:
+        """Delete the counters of days older than :data:`RETENTION` (reports are made
+        the day after; a month leaves room to make them again)."""
+        before = self._clock().date() - RETENTION
+        try:
+            if self._store_call is not None:
+                await self._store_call(self._store.prune_tls_sessions, before=before)
+            else:
+                self._store.prune_tls_sessions(before=before)
+        except StoreError as exc:
+            log.warning("old TLS session counters not pruned: %s", exc)
+
+    async def run(self) -> None:
+        """Write the counters every :data:`FLUSH_EVERY` seconds until cancelled (the
+        worker calls :meth:`flush` once more when it stops), and prune old days every
+        :data:`PRUNE_EVERY` seconds."""
+        since_prune = PRUNE_EVERY  # prune once at start
+        while True:
+            if since_prune >= PRUNE_EVERY:
+                since_prune = 0.0
+                await self.prune()
+            await asyncio.sleep(FLUSH_EVERY)  # a timer, not synchronisation
+            since_prune += FLUSH_EVERY
+            await self.flush()

@@ -1,0 +1,482 @@
+"""The dashboard as an ASGI application (Starlette, Jinja2 templates, no JavaScript).
+
+Pages: ``/`` overview, ``/queue`` the queue, ``/message/{id}`` one message,
+``/destinations`` pending mail per domain. Actions (retry, hold, release, cancel) are a
+confirmation page at ``GET /action/{name}/{target}`` and the change at ``POST`` there,
+CSRF-checked and logged on the ``mailstrom.web`` logger.
+
+>>> from mailstrom.web import create_app
+>>> app = create_app(store)  # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8025)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from mailstrom.cli.output import age
+from mailstrom.errors import MailstromError, UnknownMessage
+from mailstrom.policy.reasons import advice_for
+from mailstrom.readmodel import (
+    InvalidQuery,
+    Overview,
+    PageCursor,
+    QueueQuery,
+    QueueView,
+    ReadModel,
+    Search,
+    SortOrder,
+    open_read_model,
+)
+from mailstrom.readmodel.ttl import TTLCache
+from mailstrom.settings import parse_duration
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import Store
+from mailstrom.web.actions import ACTIONS, Target
+from mailstrom.web.chart import throughput_chart
+from mailstrom.web.headers import header_fields, shown_body
+from mailstrom.web.security import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    SESSION_COOKIE,
+    Access,
+    csrf_matches,
+    new_csrf_token,
+    same_origin,
+)
+
+log = logging.getLogger("mailstrom.web")
+
+PAGE_SIZES = (25, 50, 100, 200)
+_MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+_DOMAIN = re.compile(r"^[^\s/]{1,253}$")
+_PUBLIC_PATHS = ("/login", "/static/")
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(
+    store: Store,
+    *,
+    read_model: ReadModel | None = None,
+    token: str | None = None,
+    cache_seconds: float = 5.0,
+    clock: Clock = _utc_now,
+    secure_cookies: bool = False,
+) -> Starlette:
+    """The dashboard over ``store`` (the caller keeps ownership of ``store``; the read model
+    made here, if none is given, is closed with the application).
+
+    ``token`` makes every page require it (see :mod:`mailstrom.web.security`);
+    ``cache_seconds`` is how old the overview's and destinations' numbers may be;
+    ``secure_cookies`` marks cookies ``Secure`` (behind an HTTPS proxy).
+    """
+    model = (
+        read_model
+        if read_model is not None
+        else open_read_model(store, cache_seconds=cache_seconds)
+    )
+    owns_model = read_model is None
+    access = Access(token)
+    cache: TTLCache[Any] = TTLCache(cache_seconds)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mailstrom.web", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    templates = Jinja2Templates(env=env)
+
+    def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        now = clock()
+        context.update(
+            now=now,
+            age=lambda when: age(when, now),
+            csrf=request.state.csrf,
+            auth=access.required,
+            path=request.url.path,
+        )
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+    def problem(request: Request, status: int, text: str) -> Response:
+        return render(request, "error.html", status_code=status, status=status, text=text)
+
+    # --- pages --------------------------------------------------------------------------
+
+    async def overview(request: Request) -> Response:
+        now = clock()
+        view: Overview = await run_in_threadpool(
+            cache.get, "overview", lambda: model.overview(now=now)
+        )
+        pending = view.by_state.get(RecipientState.QUEUED, 0) + view.by_state.get(
+            RecipientState.DEFERRED, 0
+        )
+        return render(
+            request,
+            "overview.html",
+            view=view,
+            states=list(RecipientState),
+            pending=pending,
+            chart=throughput_chart(view.throughput),
+        )
+
+    async def queue(request: Request) -> Response:
+        params = request.query_params
+        try:
+            query = _queue_query(params)
+        except (InvalidQuery, ValueError) as exc:
+            return problem(request, 400, str(exc))
+        page = await run_in_threadpool(model.queue_page, query, now=clock())
+        filters = {
+            "view": query.view.value,
+            "domain": query.domain or "",
+            "age": params.get("age", ""),
+            "q": params.get("q", ""),
+            "order": query.order.value,
+            "limit": str(query.limit),
+        }
+        kept = {k: v for k, v in filters.items() if v}
+        next_url = None
+        if page.next is not None:
+            next_url = "/queue?" + urllib.parse.urlencode({**kept, "after": page.next.encode()})
+        return render(
+            request,
+            "queue.html",
+            page=page,
+            filters=filters,
+            views=list(QueueView),
+            orders=list(SortOrder),
+            sizes=PAGE_SIZES,
+            next_url=next_url,
+            first_url="/queue?" + urllib.parse.urlencode(kept) if query.after else None,
+        )
+
+    async def message(request: Request) -> Response:
+        mid = request.path_params["id"]
+        if not _MESSAGE_ID.match(mid):
+            return problem(request, 404, "no such message")
+        show_body = request.query_params.get("body") == "1"
+        try:
+            status = await run_in_threadpool(store.status, mid)
+            data = await run_in_threadpool(model.message_data, mid)
+        except UnknownMessage:
+            return problem(request, 404, f"no message {mid} in the queue")
+        body, cut = shown_body(data) if show_body else ("", False)
+        pending = not status.is_final
+        return render(
+            request,
+            "message.html",
+            message=status,
+            headers=header_fields(data),
+            body=body if show_body else None,
+            cut=cut,
+            advice={r.address: advice_for(r) for r in status.recipients},
+            actions=[
+                a
+                for a in ACTIONS.values()
+                if a.target is Target.MESSAGE
+                and _applies(a.name, held=status.held, pending=pending)
+            ],
+            done=_done_notice(request.query_params.get("done")),
+        )
+
+    async def destinations(request: Request) -> Response:
+        params = request.query_params
+        domain = params.get("domain", "").strip().lower() or None
+        try:
+            offset = max(0, int(params.get("offset", "0") or 0))
+        except ValueError:
+            return problem(request, 400, "offset must be a number")
+        if domain is not None and not _DOMAIN.match(domain):
+            return problem(request, 400, "not a domain")
+        size = 100
+        found = await run_in_threadpool(
+            cache.get,
+            ("destinations", domain, offset),
+            lambda: model.destinations(limit=size + 1, offset=offset, domain=domain),
+        )
+        return render(
+            request,
+            "destinations.html",
+            destinations=found[:size],
+            domain=domain or "",
+            next_offset=offset + size if len(found) > size else None,
+            offset=offset,
+        )
+
+    # --- actions ------------------------------------------------------------------------
+
+    def action_and_target(request: Request) -> tuple[Any, str] | Response:
+        action = ACTIONS.get(request.path_params["name"])
+        target = request.path_params["target"]
+        if action is None:
+            return problem(request, 404, "no such action")
+        pattern = _MESSAGE_ID if action.target is Target.MESSAGE else _DOMAIN
+        if not pattern.match(target):
+            return problem(request, 404, f"no such {action.target.value}")
+        return action, target
+
+    async def confirm(request: Request) -> Response:
+        found = action_and_target(request)
+        if isinstance(found, Response):
+            return found
+        action, target = found
+        return render(
+            request,
+            "confirm.html",
+            action=action,
+            target=target,
+            question=action.question.format(target=target),
+            back=_target_url(action.target, target),
+        )
+
+    async def perform(request: Request) -> Response:
+        found = action_and_target(request)
+        if isinstance(found, Response):
+            return found
+        action, target = found
+        form = await request.form(max_files=0, max_fields=8)
+        if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
+            log.warning(
+                "refused %s %s from %s: bad or missing CSRF token",
+                action.name,
+                target,
+                _client(request),
+            )
+            return problem(
+                request,
+                403,
+                "This form has expired or did not come from this "
+                "dashboard. Go back, reload the page and try again.",
+            )
+        try:
+            outcome = await run_in_threadpool(action.run, store, target, clock())
+        except UnknownMessage:
+            return problem(request, 404, f"no message {target} in the queue")
+        cache.clear()
+        log.info("%s %s by %s: %s", action.name, target, _client(request), outcome)
+        done = urllib.parse.quote(f"{action.label}: {outcome}")
+        return RedirectResponse(f"{_target_url(action.target, target)}?done={done}", 303)
+
+    # --- logging in ---------------------------------------------------------------------
+
+    async def login_form(request: Request) -> Response:
+        return render(
+            request, "login.html", next=_safe_next(request.query_params.get("next")), failed=False
+        )
+
+    async def login(request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=8)
+        following = _safe_next(_str(form.get("next")))
+        if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
+            return problem(request, 403, "The login form expired; reload it and try again.")
+        if not access.token_matches(_str(form.get("token"))):
+            log.warning("failed login from %s", _client(request))
+            return render(request, "login.html", status_code=401, next=following, failed=True)
+        log.info("login from %s", _client(request))
+        response = RedirectResponse(following, 303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            access.session_value(),
+            httponly=True,
+            samesite="strict",
+            secure=secure_cookies,
+        )
+        return response
+
+    async def logout(request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=8)
+        if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
+            return problem(request, 403, "This form expired; reload the page and try again.")
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    # --- middleware ---------------------------------------------------------------------
+
+    async def guard(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        fresh = request.cookies.get(CSRF_COOKIE) is None
+        request.state.csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
+        path = request.url.path
+        if request.method == "POST" and not _small_body(request.headers.get("content-length")):
+            # Every form here is a few short fields; the login form is open to anyone.
+            return PlainTextResponse("request body missing its length or too large", 413)
+        if request.method == "POST" and not same_origin(
+            request.headers.get("origin"), request.headers.get("host"), request.url.scheme
+        ):
+            log.warning("refused a POST to %s from origin %s", path, request.headers.get("origin"))
+            return PlainTextResponse("cross-site request refused", 403)
+        if not path.startswith(_PUBLIC_PATHS) and not access.allows(
+            cookie=request.cookies.get(SESSION_COOKIE),
+            authorization=request.headers.get("authorization"),
+        ):
+            if request.method == "GET":
+                target = path + (f"?{request.url.query}" if request.url.query else "")
+                response: Response = RedirectResponse(
+                    "/login?" + urllib.parse.urlencode({"next": target}), 303
+                )
+            else:
+                response = PlainTextResponse("log in first", 401)
+        else:
+            try:
+                response = await call_next(request)
+            except MailstromError as exc:
+                log.warning("%s: %s", path, exc)
+                response = problem(request, 503, f"The queue cannot be read right now: {exc}")
+        if fresh:
+            response.set_cookie(
+                CSRF_COOKIE,
+                request.state.csrf,
+                httponly=True,
+                samesite="strict",
+                secure=secure_cookies,
+            )
+        for name, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if not hasattr(request.state, "csrf"):
+            request.state.csrf = ""
+        return problem(request, status, "no such page" if status == 404 else "error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owns_model:
+                model.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", overview),
+            Route("/queue", queue),
+            Route("/message/{id}", message),
+            Route("/destinations", destinations),
+            Route("/action/{name}/{target}", confirm, methods=["GET"]),
+            Route("/action/{name}/{target}", perform, methods=["POST"]),
+            Route("/login", login_form, methods=["GET"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+            Mount("/static", StaticFiles(packages=[("mailstrom.web", "static")]), name="static"),
+        ],
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard)],
+        exception_handlers={404: not_found, 405: not_found},
+        lifespan=lifespan,
+    )
+    return app
+
+
+_SECURITY_HEADERS = {
+    # Inline SVG needs no script; no page loads anything from elsewhere.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self';"
+    " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def _queue_query(params: Any) -> QueueQuery:
+    """The queue page's query string → a QueueQuery (ValueError on bad values)."""
+    view_text = params.get("view") or QueueView.PENDING.value
+    order_text = params.get("order") or SortOrder.NEWEST.value
+    try:
+        view, order = QueueView(view_text), SortOrder(order_text)
+    except ValueError:
+        raise InvalidQuery(
+            f"unknown view or order: {view_text[:20]!r} {order_text[:20]!r}"
+        ) from None
+    limit_text = params.get("limit") or "50"
+    if not limit_text.isdigit() or int(limit_text) not in PAGE_SIZES:
+        raise InvalidQuery(f"page size must be one of {', '.join(map(str, PAGE_SIZES))}")
+    domain = (params.get("domain") or "").strip().lower() or None
+    if domain is not None and not _DOMAIN.match(domain):
+        raise InvalidQuery("not a domain")
+    age_text = (params.get("age") or "").strip()
+    after = params.get("after")
+    return QueueQuery(
+        view=view,
+        domain=domain,
+        older_than=parse_duration(age_text) if age_text else None,
+        search=Search.parse(params.get("q") or ""),
+        order=order,
+        after=PageCursor.decode(after) if after else None,
+        limit=int(limit_text),
+    )
+
+
+_OUTCOME = re.compile(r"^\d{0,9} ?[a-z ]{1,40}$")
+
+
+def _done_notice(text: str | None) -> str | None:
+    """The notice after an action, shown only in the form an action writes: a link
+    carrying any other text (``?done=Your account is closed``) shows nothing."""
+    if text is None:
+        return None
+    label, sep, outcome = text.partition(": ")
+    known = {a.label for a in ACTIONS.values()}
+    return text if sep and label in known and _OUTCOME.match(outcome) else None
+
+
+def _applies(action: str, *, held: bool, pending: bool) -> bool:
+    if action == "hold":
+        return pending and not held
+    if action == "release":
+        return held
+    return pending  # retry, cancel
+
+
+def _target_url(target: Target, value: str) -> str:
+    if target is Target.MESSAGE:
+        return f"/message/{value}"
+    return "/destinations?" + urllib.parse.urlencode({"domain": value})
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path on this server (never ``//elsewhere`` or a full URL)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value[:2000]
+
+
+MAX_FORM_BYTES = 16 * 1024
+"""The largest form body accepted (the forms hold a token, a path and a CSRF token)."""
+
+
+def _small_body(length: str | None) -> bool:
+    return length is not None and length.isdigit() and int(length) <= MAX_FORM_BYTES
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"

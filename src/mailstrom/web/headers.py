@@ -1,0 +1,42 @@
+"""The header section of a stored message, for display (never for delivery)."""
+
+from __future__ import annotations
+
+from email.header import decode_header, make_header
+
+MAX_HEADER_BYTES = 64 * 1024
+"""Octets of header section shown; a longer one is cut (the raw view shows the rest)."""
+MAX_BODY_BYTES = 1024 * 1024
+"""Octets of a message shown in the raw view."""
+
+
+def header_fields(data: bytes) -> list[tuple[str, str]]:
+    """(name, value) per header field, unfolded, encoded-words decoded where they are
+    valid (left as they are otherwise)."""
+    end = data.find(b"\r\n\r\n")
+    section = data[: end if end >= 0 else MAX_HEADER_BYTES][:MAX_HEADER_BYTES]
+    text = section.decode("utf-8", "replace")
+    fields: list[tuple[str, str]] = []
+    for line in text.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {line.strip()}")
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip(), value.strip()))
+    return [(name, _decoded(value)) for name, value in fields]
+
+
+def _decoded(value: str) -> str:
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeError):
+        return value
+
+
+def shown_body(data: bytes) -> tuple[str, bool]:
+    """The message as text for the raw view, and whether it was cut."""
+    cut = len(data) > MAX_BODY_BYTES
+    return data[:MAX_BODY_BYTES].decode("utf-8", "replace"), cut

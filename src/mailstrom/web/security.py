@@ -1,0 +1,89 @@
+"""Who may use the dashboard, and proof that a form was posted by the dashboard itself.
+
+Access: on loopback without a token anyone on the host may look (as with ``mailstrom
+queue``, which needs only read access to the store file). With a token (``web.token``,
+required for any other address), every page needs it: once through the login form,
+which sets a session cookie, or on each request as ``Authorization: Bearer <token>``.
+The cookie holds an HMAC of the token under a key made at start, so it carries no secret
+and stops working when the server restarts or the token changes.
+
+CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
+cross-site request never carries it) and every form repeats it in a hidden field; a POST
+whose field and cookie differ, or whose ``Origin`` names another site, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+
+SESSION_COOKIE = "mailstrom_session"
+CSRF_COOKIE = "mailstrom_csrf"
+CSRF_FIELD = "csrf"
+MAX_TOKEN = 1024
+"""Octets of a token accepted from a request (longer ones are refused unread)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; False for every other address or name
+    (a wildcard address such as 0.0.0.0 listens on every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """The dashboard's access rule: ``token`` None lets everyone in."""
+
+    token: str | None
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    """Signs session cookies; new at every start."""
+
+    @property
+    def required(self) -> bool:
+        return self.token is not None
+
+    def session_value(self) -> str:
+        """The session cookie's value for a browser that gave the right token."""
+        assert self.token is not None
+        return hmac.new(self.key, self.token.encode(), hashlib.sha256).hexdigest()
+
+    def token_matches(self, given: str | None) -> bool:
+        """Whether ``given`` is the token (compared in constant time)."""
+        if self.token is None or given is None or len(given) > MAX_TOKEN:
+            return False
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def allows(self, *, cookie: str | None, authorization: str | None) -> bool:
+        """Whether a request with this session cookie and Authorization header may in."""
+        if self.token is None:
+            return True
+        if cookie is not None and hmac.compare_digest(cookie, self.session_value()):
+            return True
+        scheme, _, credentials = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and self.token_matches(credentials.strip())
+
+
+def new_csrf_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def csrf_matches(cookie: str | None, submitted: str | None) -> bool:
+    """Whether the form's token is the browser's cookie (constant time)."""
+    if not cookie or not submitted or len(submitted) > MAX_TOKEN:
+        return False
+    return hmac.compare_digest(cookie.encode(), submitted.encode())
+
+
+def same_origin(origin: str | None, host: str | None, scheme: str) -> bool:
+    """A POST's ``Origin`` header (when the browser sent one) must be this server."""
+    if origin is None:
+        return True  # older browsers and non-browser clients; the CSRF token still holds
+    return host is not None and origin == f"{scheme}://{host}"

@@ -1,0 +1,77 @@
+"""Queue attributes through the command: send --tag/--meta/--priority/--at/--expires/
+--idempotency-key, shown by status, filtered by queue --tag."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from tests.cli.conftest import CLI
+
+
+def send(cli: CLI, *extra: str) -> str:
+    args = ("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    return cli.ok(*args, *extra).out.strip()
+
+
+def test_tags_and_metadata_are_shown_and_filtered(cli: CLI) -> None:
+    tagged = send(cli, "--tag", "receipt", "--tag", "shop:eu", "--meta", "order=42")
+    send(cli, "--tag", "news", "--meta", "formula=a=b")
+    plain = send(cli)
+
+    data = cli.ok("status", "--json", tagged).json()
+    assert data["tags"] == ["receipt", "shop:eu"]
+    assert data["metadata"] == {"order": "42"}
+    assert data["priority"] == "transactional"
+    human = cli.ok("status", tagged).out
+    assert "Tags:" in human and "receipt, shop:eu" in human
+    assert "Meta order:" in human
+    assert "Tags:" not in cli.ok("status", plain).out
+
+    listed = cli.ok("queue", "--json", "--tag", "receipt").json()
+    assert [m["id"] for m in listed] == [tagged]
+    assert listed[0]["metadata"] == {"order": "42"}
+    assert cli.ok("queue", "--json", "--tag", "nothing").json() == []
+    assert len(cli.queue_ids()) == 3
+
+
+def test_bad_attributes_are_refused_before_anything_is_queued(cli: CLI) -> None:
+    base = ("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    bad_tag = cli(*base, "--tag", "has space")
+    assert bad_tag.code == 65, bad_tag.err
+    assert "tag" in bad_tag.err
+    assert cli(*base, "--meta", "no-equals-sign").code == 64
+    assert cli(*base, "--meta", "k=" + "v" * 2000).code == 65
+    assert cli(*base, "--priority", "urgent").code == 65
+    assert cli(*base, "--at", "next tuesday").code == 64
+    assert cli(*base, "--expires", "soon").code == 64
+    assert cli(*base, "--idempotency-key", "has space").code == 65
+    assert cli.ok("queue", "--json").json() == []
+
+
+def test_schedule_priority_and_idempotency_key(cli: CLI) -> None:
+    first = send(
+        cli,
+        "--priority",
+        "bulk",
+        "--at",
+        "2099-12-01T09:00Z",
+        "--expires",
+        "2h",
+        "--idempotency-key",
+        "order-42-receipt",
+    )
+    again = send(cli, "--idempotency-key", "order-42-receipt", "--tag", "ignored")
+    assert again == first
+    assert len(cli.queue_ids()) == 1
+    data = cli.ok("status", "--json", first).json()
+    at = datetime(2099, 12, 1, 9, 0, tzinfo=UTC)
+    assert data["priority"] == "bulk"
+    assert datetime.fromisoformat(data["send_at"]) == at
+    assert datetime.fromisoformat(data["expires_at"]) == at + timedelta(hours=2)
+    assert data["idempotency_key"] == "order-42-receipt"
+    assert datetime.fromisoformat(data["recipients"][0]["next_attempt_at"]) == at
+    human = cli.ok("status", first).out
+    assert "Send at:" in human and "2099-12-01 09:00:00" in human
+    other = send(cli, "--expires", "2099-12-02T00:00:00+01:00")
+    expires = cli.ok("status", "--json", other).json()["expires_at"]
+    assert datetime.fromisoformat(expires) == datetime(2099, 12, 1, 23, 0, tzinfo=UTC)

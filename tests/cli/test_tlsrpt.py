@@ -1,0 +1,248 @@
+"""``mailstrom check`` reporting MTA-STS, and ``mailstrom tlsrpt`` writing and sending the
+daily TLS reports, against loopback DNS, HTTPS and SMTP servers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import UTC, date, datetime
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Any
+
+from mailstrom.stores import SQLiteStore
+from mailstrom.testing.smtp import start_receiving_server
+from mailstrom.tlsrpt import PolicyType, TLSSessions
+from tests.cli.conftest import MailEnv
+from tests.fixtures.https_server import Answer, HTTPSFactory
+from tests.support.certs import self_signed, server_context, spki_sha256
+from tests.unit.test_tlsrpt_report import validate
+
+POLICY = "version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
+DAY = date(2030, 1, 2)
+
+
+def with_mta_sts(mail_env: MailEnv, https_server: HTTPSFactory, mx: str = "mx.test") -> None:
+    https = https_server(names=("mta-sts.example.test",))
+    https.policy(POLICY.format(mx=mx))
+    mail_env.dns.txt("_mta-sts.example.test", "v=STSv1; id=20300101;")
+    mail_env.dns.a("mta-sts.example.test", "127.0.0.1")
+    mail_env.cli.env.update(
+        MAILSTROM_MTA_STS_PORT=str(https.port),
+        MAILSTROM_MTA_STS_CA_FILE=str(mail_env.workdir / "ca.pem"),
+    )
+
+
+def test_check_reports_the_mta_sts_policy(mail_env: MailEnv, https_server: HTTPSFactory) -> None:
+    with_mta_sts(mail_env, https_server)
+    report = mail_env.cli.ok("check", "--json", "example.test").json()
+    sts = report["mta_sts"]
+    assert sts["applied"] is True
+    assert sts["records"] == ["v=STSv1; id=20300101;"]
+    assert (sts["policy_id"], sts["mode"], sts["mx"], sts["max_age"]) == (
+        "20300101",
+        "enforce",
+        ["mx.test"],
+        86400,
+    )
+    assert sts["error"] is None
+    [host] = report["hosts"]
+    assert host["tls_policy"] == "mta-sts enforce"
+    assert "matches mx mx.test" in host["tls_policy_reason"]
+    text = mail_env.cli.ok("check", "example.test").out
+    assert "MTA-STS (applied by the worker)" in text
+    assert "policy:      id 20300101, mode enforce, max_age 86400" in text
+
+
+def test_check_enforce_policy_not_listing_the_mx(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    with_mta_sts(mail_env, https_server, mx="mx.elsewhere.example")
+    result = mail_env.cli("check", "example.test")
+    assert result.code == 69
+    assert "would defer (MTA-STS enforce): mx.test is not listed" in result.out
+    # A tls.domains entry is the operator's word: MTA-STS is not asked for that domain.
+    mail_env.cli.env["MAILSTROM_TLS_DOMAINS"] = "example.test=opportunistic"
+    assert mail_env.cli("check", "example.test").code == 0
+
+
+def test_check_domain_without_mta_sts(mail_env: MailEnv) -> None:
+    report = mail_env.cli.ok("check", "--json", "example.test").json()
+    assert report["mta_sts"]["records"] == []
+    assert report["mta_sts"]["applied"] is False
+    assert "no _mta-sts TXT record" in mail_env.cli.ok("check", "example.test").out
+
+
+def seed(workdir: Path) -> None:
+    store = SQLiteStore(workdir / "queue.db")
+    try:
+        text = POLICY.format(mx="mx.test").strip()
+        store.add_tls_sessions(
+            [
+                TLSSessions(
+                    day=DAY,
+                    policy_domain="example.test",
+                    policy_type=PolicyType.STS,
+                    policy_string=text,
+                    count=41,
+                ),
+                TLSSessions(
+                    day=DAY,
+                    policy_domain="example.test",
+                    policy_type=PolicyType.STS,
+                    policy_string=text,
+                    result_type="certificate-host-mismatch",
+                    receiving_mx="mx.test",
+                    receiving_ip="127.0.0.1",
+                    count=2,
+                ),
+                TLSSessions(
+                    day=DAY, policy_domain="other.test", policy_type=PolicyType.STS, count=5
+                ),
+            ]
+        )
+    finally:
+        store.close()
+
+
+def test_tlsrpt_writes_and_sends_reports(mail_env: MailEnv, https_server: HTTPSFactory) -> None:
+    cli, workdir = mail_env.cli, mail_env.workdir
+    seed(workdir)
+    collector = https_server(names=("127.0.0.1",))
+    collector.routes["/tlsrpt"] = Answer(status=201)
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        f"v=TLSRPTv1; rua=mailto:tls@example.test,https://127.0.0.1:{collector.port}/tlsrpt",
+    )
+    out = workdir / "reports"
+    out.mkdir()
+    result = cli.ok(
+        "tlsrpt",
+        "--date",
+        DAY.isoformat(),
+        "--out",
+        str(out),
+        "--send",
+        "--organization",
+        "Client Org",
+        "--contact",
+        "postmaster@client.test",
+        "--json",
+    ).json()
+    assert result["date"] == "2030-01-02"
+    mine, other = result["domains"]
+    assert other == {
+        "domain": "other.test",
+        "rua": [],
+        "file": None,
+        "report_id": None,
+        "problem": "no _smtp._tls record: no report wanted",
+        "sent": [],
+    }
+    assert [d["ok"] for d in mine["sent"]] == [True, True]
+    # The file: RFC 8460 JSON with the counts.
+    [written] = out.iterdir()
+    assert written.name.startswith("client.test!example.test!1893542400!1893628799!")
+    document = json.loads(written.read_bytes())
+    validate(document)
+    assert document["organization-name"] == "Client Org"
+    [entry] = document["policies"]
+    assert entry["summary"] == {
+        "total-successful-session-count": 41,
+        "total-failure-session-count": 2,
+    }
+    # The POST: the same report, gzipped.
+    [post] = [r for r in collector.requests if r.path == "/tlsrpt"]
+    assert post.method == "POST"
+    assert post.headers["Content-Type"] == "application/tlsrpt+gzip"
+    assert json.loads(gzip.decompress(post.body)) == document
+    # The mail: queued, then delivered by a worker to example.test's MX.
+    cli.ok("worker", "--once")
+    [received] = mail_env.mx.wait_for_messages(1)
+    parsed = message_from_bytes(received.content, policy=policy.default)
+    assert parsed["To"] == "tls@example.test"
+    assert parsed.get_content_type() == "multipart/report"
+    [attachment] = list(parsed.iter_attachments())
+    assert json.loads(gzip.decompress(attachment.get_content())) == document
+
+
+def test_tlsrpt_failed_post_exits_75(mail_env: MailEnv, https_server: HTTPSFactory) -> None:
+    seed(mail_env.workdir)
+    collector = https_server(names=("127.0.0.1",))
+    collector.routes["/tlsrpt"] = Answer(status=500)
+    mail_env.dns.txt(
+        "_smtp._tls.example.test", f"v=TLSRPTv1; rua=https://127.0.0.1:{collector.port}/tlsrpt"
+    )
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
+    assert result.code == 75
+    assert "FAILED: HTTP 500" in result.out
+
+
+def test_tlsrpt_without_sessions(mail_env: MailEnv) -> None:
+    out = mail_env.cli.ok("tlsrpt", "--date", "2030-01-02").out
+    assert "no TLS sessions counted" in out
+
+
+def test_tlsrpt_bad_date(mail_env: MailEnv) -> None:
+    result = mail_env.cli("tlsrpt", "--date", "yesterday")
+    assert result.code == 64
+    assert "YYYY-MM-DD" in result.err
+
+
+def deliver_and_report(mail_env: MailEnv) -> dict[str, Any]:
+    """Queue a message to bob@example.test, let a worker that counts TLS sessions deliver
+    it, and return the report ``mailstrom tlsrpt`` writes for example.test that day."""
+    cli = mail_env.cli
+    cli.env["MAILSTROM_TLSRPT_RECORD"] = "true"
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    cli.ok("send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x")
+    before = datetime.now(UTC).date()
+    cli.ok("worker", "--once")
+    days = sorted({before, datetime.now(UTC).date()})  # the worker may cross midnight
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    for day in days:
+        cli.ok("tlsrpt", "--date", day.isoformat(), "--out", str(out))
+    [written] = out.iterdir()
+    assert "!example.test!" in written.name
+    document: dict[str, Any] = json.loads(written.read_bytes())
+    validate(document)
+    return document
+
+
+def test_tlsrpt_reports_opportunistic_sessions_as_no_policy_found(mail_env: MailEnv) -> None:
+    document = deliver_and_report(mail_env)
+    [received] = mail_env.mx.wait_for_messages(1)
+    assert received.tls
+    [entry] = document["policies"]
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": "example.test"}
+    assert entry["summary"] == {
+        "total-successful-session-count": 1,
+        "total-failure-session-count": 0,
+    }
+
+
+def test_tlsrpt_reports_dane_sessions_without_mta_sts(mail_env: MailEnv, tmp_path: Path) -> None:
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+        mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+        mail_env.dns.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(cert)))
+        mail_env.dns.authenticated(everything=True)
+        document = deliver_and_report(mail_env)
+        [received] = mx.wait_for_messages(1)
+        assert received.tls
+    finally:
+        mx.stop()
+    [entry] = document["policies"]
+    assert entry["policy"] == {
+        "policy-type": "tlsa",
+        "policy-string": [f"3 1 1 {spki_sha256(cert).hex()}"],
+        "policy-domain": "example.test",
+        "mx-host": ["mx.test"],
+    }
+    assert entry["summary"] == {
+        "total-successful-session-count": 1,
+        "total-failure-session-count": 0,
+    }

@@ -1,0 +1,56 @@
+"""``mailstrom web`` as a command: where it may listen, and its settings. (The pages
+themselves are tested in tests/web.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailstrom.cli.web import check_access
+from mailstrom.errors import ConfigError
+from mailstrom.settings import load_settings
+
+from .conftest import CLI
+
+
+def test_a_non_loopback_address_needs_a_token(cli: CLI) -> None:
+    result = cli("web", "--listen", "0.0.0.0:0")
+    assert result.code == 78
+    assert "needs a token" in result.err and "web.token" in result.err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "mail.example.org"])
+def test_any_other_address_is_allowed_with_a_token(host: str) -> None:
+    check_access(host, "s3cret")  # no error: every page then asks for the token
+    with pytest.raises(ConfigError):
+        check_access(host, None)
+    check_access("127.0.0.1", None)
+
+
+def test_a_malformed_listen_address_is_a_usage_error(cli: CLI) -> None:
+    result = cli("web", "--listen", "127.0.0.1:port")
+    assert result.code == 64
+    assert "--listen" in result.err
+
+
+def test_a_port_in_use_is_reported(cli: CLI) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("web", "--listen", f"127.0.0.1:{port}")
+    assert result.code == 78
+    assert "cannot listen" in result.err
+
+
+def test_web_settings_come_from_file_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[web]\nlisten = "127.0.0.1:9000"\ntoken = "from the file"\n')
+    config.chmod(0o600)
+    settings = load_settings(config_path=config, env={"MAILSTROM_WEB_TOKEN": "from env"})
+    assert settings.web_listen == "127.0.0.1:9000"
+    assert settings.web_token == "from env"
+    assert "from env" not in repr(settings) and "from the file" not in repr(settings)

@@ -1,0 +1,195 @@
+"""Contract: a message's DKIM outcome is recorded at enqueue and read back by ``status``,
+``query`` and ``recent`` — which signatures it carries, or that it is unsigned and why —
+and a database from before it existed (schema 3) upgrades with its old messages reading
+``dkim=None``."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from mailstrom.dkim import DKIMAlgorithm, DKIMSignature
+from mailstrom.message import Email, prepare
+from mailstrom.status import DKIMStatus, RecipientState
+from mailstrom.stores import QueueFilter, SQLiteStore, Store
+from mailstrom.stores.dkim_column import MAX_DKIM_REASON, MAX_DKIM_SIGNATURES
+from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.sql import migrations as postgres_migrations
+from mailstrom.stores.sqlite_schema import _statements, to_us
+from mailstrom.stores.sqlite_schema import migrations as sqlite_migrations
+from tests.support.dkim import dual
+
+from .support import NOW, lease_all, message, results_for
+
+DKIM = dual("sender.test")
+SIGNED_BY = (
+    DKIMSignature(domain="sender.test", selector="rsa", algorithm=DKIMAlgorithm.RSA_SHA256),
+    DKIMSignature(domain="sender.test", selector="ed", algorithm=DKIMAlgorithm.ED25519_SHA256),
+)
+
+
+def email(from_: str) -> Email:
+    return Email(from_=from_, to=["alice@example.org"], subject="Hi", text="Hello")
+
+
+def test_a_signed_message_lists_its_signatures(store: Store) -> None:
+    prepared = prepare(email("Shop <shop@news.sender.test>"), now=NOW, dkim=DKIM)
+    mid = store.enqueue(prepared, now=NOW)
+    st = store.status(mid)
+    assert st.dkim == DKIMStatus(signatures=SIGNED_BY)
+    assert st.dkim.signed and st.dkim.reason is None
+    # The same outcome from every way of reading a message, and after delivery.
+    assert [m.dkim for m in store.recent()] == [st.dkim]
+    assert [m.dkim for m in store.query(now=NOW, where=QueueFilter(domain="example.org"))] == [
+        st.dkim
+    ]
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.status(mid).dkim == st.dkim
+
+
+def test_an_unsigned_message_says_why(store: Store) -> None:
+    prepared = prepare(email("app@other.test"), now=NOW, dkim=DKIM)
+    mid = store.enqueue(prepared, now=NOW)
+    st = store.status(mid)
+    assert st.dkim == DKIMStatus(reason="no DKIM key for the From domain other.test")
+    assert not st.dkim.signed and st.dkim.signatures == ()
+    assert [m.dkim for m in store.recent()] == [st.dkim]
+
+
+def test_without_dkim_configured_there_is_no_outcome(store: Store) -> None:
+    mid = store.enqueue(prepare(email("shop@sender.test"), now=NOW), now=NOW)
+    assert store.status(mid).dkim is None
+    assert store.recent()[0].dkim is None
+
+
+def test_enqueue_many_keeps_each_message_its_own_outcome(store: Store) -> None:
+    batch = [
+        prepare(email("shop@sender.test"), now=NOW, dkim=DKIM),
+        prepare(email("shop@sender.test"), now=NOW),
+        prepare(email("app@other.test"), now=NOW, dkim=DKIM),
+    ]
+    ids = store.enqueue_many(batch, now=NOW)
+    found = [store.status(mid).dkim for mid in ids]
+    assert found == [p.dkim_status for p in batch]
+    assert [f is not None and f.signed for f in found] == [True, False, False]
+
+
+def test_what_is_stored_is_bounded(store: Store) -> None:
+    """The reason names From domains the message chose; every store keeps the same
+    bounded text, and at most MAX_DKIM_SIGNATURES signatures."""
+    long_reason = replace(message(), dkim_unsigned="no DKIM key for " + "é" * 5000)
+    many = replace(message(), dkim=SIGNED_BY * MAX_DKIM_SIGNATURES)
+    reason = store.status(store.enqueue(long_reason, now=NOW)).dkim
+    signed = store.status(store.enqueue(many, now=NOW)).dkim
+    assert reason is not None and reason.reason is not None
+    assert len(reason.reason.encode()) <= MAX_DKIM_REASON
+    assert reason.reason.startswith("no DKIM key for éé")
+    assert signed is not None and signed.signatures == many.dkim[:MAX_DKIM_SIGNATURES]
+
+
+# --- upgrading a database of schema 3 -------------------------------------------------------
+
+
+def test_sqlite_at_schema_3_upgrades_and_old_messages_read_none(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    with sqlite3.connect(db) as conn:
+        for number, script in sqlite_migrations():
+            if number <= 3:
+                for statement in _statements(script):
+                    conn.execute(statement)
+        conn.execute("PRAGMA user_version = 3")
+        cursor = conn.execute(
+            "INSERT INTO messages (id, envelope_from, created_at, subject, size, data)"
+            " VALUES ('old1', 'a@sender.test', ?, 'Old', 4, x'41424344')",
+            (to_us(NOW),),
+        )
+        conn.execute(
+            "INSERT INTO recipients (message_seq, position, address, domain, state,"
+            " next_attempt_at) VALUES (?, 0, 'alice@example.org', 'example.org', 'queued', ?)",
+            (cursor.lastrowid, to_us(NOW)),
+        )
+    conn.close()
+    store = SQLiteStore(db)
+    try:
+        assert store.status("old1").dkim is None
+        assert store.status("old1").subject == "Old"
+        new = store.enqueue(prepare(email("shop@sender.test"), now=NOW, dkim=DKIM), now=NOW)
+        assert {m.id: m.dkim for m in store.recent()} == {
+            new: DKIMStatus(signatures=SIGNED_BY),
+            "old1": None,
+        }
+        # Purging a message takes its DKIM row with it.
+        lease = lease_all(store)
+        store.record(results_for(lease, RecipientState.DELIVERED))
+        assert store.purge(finished_before=NOW + timedelta(days=1)) == 2
+    finally:
+        store.close()
+    with sqlite3.connect(db) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] >= 4
+        assert check.execute("SELECT count(*) FROM message_dkim").fetchone() == (0,)
+    check.close()
+
+
+def test_postgres_at_schema_3_upgrades_and_old_messages_read_none(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in postgres_migrations()[:3]:
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+        seq = conn.execute(
+            "INSERT INTO messages (id, data, envelope_from, created_at, subject, size)"
+            " VALUES ('old1', 'ABCD', 'a@sender.test', %s, 'Old', 4) RETURNING seq",
+            (NOW,),
+        ).fetchone()
+        assert seq is not None
+        conn.execute(
+            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
+            " next_attempt_at) VALUES ('old1', 'alice@example.org', %s, 0, 'example.org',"
+            " 'queued', %s)",
+            (seq[0], NOW),
+        )
+    with PostgresStore(postgres_url) as store:
+        assert store.status("old1").dkim is None
+        assert store.status("old1").subject == "Old"
+        new = store.enqueue(prepare(email("app@other.test"), now=NOW, dkim=DKIM), now=NOW)
+        assert {m.id: m.dkim for m in store.recent()} == {
+            new: DKIMStatus(reason="no DKIM key for the From domain other.test"),
+            "old1": None,
+        }
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "not json",
+        '{"signed": "x"}',
+        '{"signed": [["d", "s", "rsa-sha1"]]}',
+        '{"unsigned": 5}',
+        "[]",
+    ],
+)
+def test_an_unreadable_stored_outcome_reads_as_unknown(tmp_path: Path, stored: str) -> None:
+    """A damaged value (or one a newer mailstrom wrote) must not make the status
+    unreadable: it reads as None."""
+    db = tmp_path / "queue.db"
+    store = SQLiteStore(db)
+    try:
+        mid = store.enqueue(prepare(email("shop@sender.test"), now=NOW, dkim=DKIM), now=NOW)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE message_dkim SET dkim = ?", (stored,))
+        conn.close()
+        assert store.status(mid).dkim is None
+    finally:
+        store.close()

@@ -1,0 +1,149 @@
+"""Queue attributes, the same on every store: tags and metadata stored, returned, copied into
+events and filtered on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores import QueueFilter, Store
+from tests.contract.conftest import Backend
+from tests.contract.support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+
+
+def with_attributes(prepared: PreparedMessage, **attributes: object) -> PreparedMessage:
+    return dataclasses.replace(prepared, attributes=QueueAttributes(**attributes))  # type: ignore[arg-type]
+
+
+def test_tags_and_metadata_round_trip(store: Store) -> None:
+    metadata = {"order": "42", "note": 'Grüße — 100% "quoted" {json}', "empty": ""}
+    mid = store.enqueue(
+        with_attributes(
+            message(), tags=("receipt", "shop:eu"), metadata=metadata, priority="transactional"
+        ),
+        now=NOW,
+    )
+    plain = store.enqueue(message(), now=NOW + SECOND)
+    status = store.status(mid)
+    assert status.tags == ("receipt", "shop:eu")
+    assert dict(status.metadata) == metadata
+    assert status.priority == "transactional"
+    assert store.status(plain).tags == ()
+    assert dict(store.status(plain).metadata) == {}
+    listed = {m.id: m for m in store.query(now=NOW)}
+    assert listed[mid].tags == ("receipt", "shop:eu")
+    assert dict(listed[mid].metadata) == metadata
+    assert {m.id: m.tags for m in store.recent()}[mid] == ("receipt", "shop:eu")
+
+
+def test_query_filters_by_tag(store: Store) -> None:
+    receipt = store.enqueue(with_attributes(message(), tags=("receipt",)), now=NOW)
+    news = store.enqueue(with_attributes(message(), tags=("news", "receipt-ish")), now=NOW + SECOND)
+    both = store.enqueue(with_attributes(message(), tags=("news", "receipt")), now=NOW + 2 * SECOND)
+    store.enqueue(message(), now=NOW + 3 * SECOND)
+
+    def ids(**where: object) -> list[str]:
+        return [m.id for m in store.query(now=NOW, where=QueueFilter(**where))]  # type: ignore[arg-type]
+
+    assert ids(tag="receipt") == [both, receipt]
+    assert ids(tag="news") == [both, news]
+    assert ids(tag="Receipt") == []  # exact, case-sensitive
+    assert ids(tag="rec") == []  # whole tags only
+    assert ids(tag="news", limit=1) == [both]
+    store.record(results_for(lease_all(store, now=NOW + 3 * SECOND), RecipientState.DELIVERED))
+    assert ids(tag="receipt", state=RecipientState.DELIVERED) == [both, receipt]
+    assert ids(tag="receipt", state=RecipientState.QUEUED) == []
+
+
+def test_events_carry_tags_and_metadata(store: Store) -> None:
+    store.enable_events()
+    store.enqueue(with_attributes(message(), tags=("receipt",), metadata={"order": "42"}), now=NOW)
+    store.enqueue(message("carol@example.net"), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    by_address = {e.address: e for e in store.read_events()}
+    assert by_address["alice@example.org"].tags == ("receipt",)
+    assert dict(by_address["alice@example.org"].metadata) == {"order": "42"}
+    assert by_address["carol@example.net"].tags == ()
+    batch = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert batch is not None
+    assert {e.address: e.tags for e in batch.events}["bob@example.org"] == ("receipt",)
+
+
+def test_attributes_survive_reopening(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    store = store_backend.open()
+    mid = store.enqueue(with_attributes(message(), tags=("a",), metadata={"k": "v"}), now=NOW)
+    store.close()
+    again = store_backend.open()
+    assert again.status(mid).tags == ("a",)
+    assert dict(again.status(mid).metadata) == {"k": "v"}
+
+
+def test_send_at_holds_recipients_back_until_then(store: Store) -> None:
+    at = NOW + 3600 * SECOND
+    mid = store.enqueue(
+        with_attributes(message(), send_at=at, expires_at=at + 60 * SECOND), now=NOW
+    )
+    store.enqueue(with_attributes(message("carol@example.net"), send_at=NOW - SECOND), now=NOW)
+    status = store.status(mid)
+    assert status.send_at == at and status.expires_at == at + 60 * SECOND
+    assert {r.next_attempt_at for r in status.recipients} == {at}
+    early = lease_all(store)  # the past send_at is simply due now
+    assert [i.domain for i in early.items] == ["example.net"]
+    store.record(results_for(early, RecipientState.DELIVERED))
+    assert store.lease(now=at - SECOND, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW) == at
+    lease = lease_all(store, now=at)
+    [item] = lease.items
+    assert item.message_id == mid
+    assert item.expires_at == at + 60 * SECOND
+    assert item.priority == ""  # a message stored without a lane
+
+
+def test_the_lane_comes_back_on_the_work_item(store: Store) -> None:
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
+    [item] = lease_all(store).items
+    assert item.priority == "bulk"
+    assert item.expires_at is None
+
+
+LANES = [("transactional", 10), ("bulk", 10)]
+
+
+def _lanes_of(store: Store, **lease: object) -> list[str]:
+    found = store.lease(now=NOW, lease_for=LEASE_FOR, **lease)  # type: ignore[arg-type]
+    return [] if found is None else [item.priority for item in found.items]
+
+
+def test_higher_lanes_are_leased_first_each_up_to_its_number(store: Store) -> None:
+    for i in range(4):  # bulk queued first: due earlier
+        store.enqueue(
+            with_attributes(message(f"b{i}@bulk.example"), priority="bulk"), now=NOW - 9 * SECOND
+        )
+    for i in range(2):
+        store.enqueue(
+            with_attributes(message(f"t{i}@tx.example"), priority="transactional"), now=NOW
+        )
+    assert _lanes_of(store, limit=3, lanes=LANES) == ["transactional", "transactional", "bulk"]
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 1)]) == ["bulk"]
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 0)]) == []
+    assert _lanes_of(store, limit=10, lanes=LANES) == ["bulk", "bulk"]
+
+
+def test_without_lanes_every_lane_is_leased_by_due_time(store: Store) -> None:
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW - SECOND)
+    store.enqueue(with_attributes(message(), priority="transactional"), now=NOW)
+    found = store.lease(now=NOW, limit=1, lease_for=LEASE_FOR)
+    assert found is not None and [i.priority for i in found.items] == ["bulk"]
+
+
+def test_lanes_not_named_go_when_the_named_ones_have_nothing_more_due(store: Store) -> None:
+    store.enqueue(message(), now=NOW - 9 * SECOND)  # queued before lanes existed
+    store.enqueue(with_attributes(message(), priority="retired"), now=NOW - 9 * SECOND)
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
+    # bulk has no room: the others wait, though due earlier.
+    assert _lanes_of(store, limit=10, lanes=[("transactional", 10), ("bulk", 0)]) == []
+    assert sorted(_lanes_of(store, limit=10, lanes=LANES)) == ["", "bulk", "retired"]

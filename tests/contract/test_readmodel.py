@@ -1,0 +1,259 @@
+"""Contract: the dashboard's read model answers the same over every store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.readmodel import (
+    PageCursor,
+    QueueQuery,
+    QueueView,
+    ReadModel,
+    Search,
+    SortOrder,
+    open_read_model,
+)
+from mailstrom.status import ReasonClass, RecipientState
+from mailstrom.stores import Store
+
+from .support import NOW, SECOND, lease_all, message, results_for
+
+START = NOW - timedelta(minutes=10)
+ATTEMPTED = NOW - timedelta(minutes=5)
+
+
+@dataclass
+class Queue:
+    """Five messages, one in each situation the dashboard shows (oldest first)."""
+
+    deferred: str  # a@one delivered, b@two deferred
+    delivered: str  # c@one
+    failed: str  # d@two
+    queued: str  # e@three, never attempted
+    held: str  # f@two, queued and held
+    data: bytes
+
+
+@pytest.fixture
+def model(store: Store) -> Iterator[ReadModel]:
+    read = open_read_model(store, cache_seconds=0)
+    try:
+        yield read
+    finally:
+        read.close()
+
+
+@pytest.fixture
+def queue(store: Store) -> Queue:
+    first = message("a@one.example", "b@two.example")
+    m1 = store.enqueue(first, now=START)
+    m2 = store.enqueue(message("c@one.example"), now=START + SECOND)
+    m3 = store.enqueue(message("d@two.example"), now=START + 2 * SECOND)
+    lease = lease_all(store, now=START + 3 * SECOND)
+    at = ATTEMPTED
+    store.record(
+        results_for(lease, RecipientState.DELIVERED, at=at, only=["a@one.example", "c@one.example"])
+    )
+    store.record(
+        results_for(
+            lease,
+            RecipientState.DEFERRED,
+            at=at,
+            next_attempt_at=NOW + timedelta(hours=1),
+            only=["b@two.example"],
+        )
+    )
+    store.record(results_for(lease, RecipientState.FAILED, at=at, only=["d@two.example"]))
+    m4 = store.enqueue(message("e@three.example"), now=START + 3 * SECOND)
+    m5 = store.enqueue(message("f@two.example"), now=START + 4 * SECOND, hold=True)
+    return Queue(deferred=m1, delivered=m2, failed=m3, queued=m4, held=m5, data=first.data)
+
+
+def _ids(model: ReadModel, **query: object) -> list[str]:
+    page = model.queue_page(QueueQuery(**query), now=NOW)  # type: ignore[arg-type]
+    return [m.id for m in page.messages]
+
+
+def test_overview_counts_states_and_the_oldest_pending(model: ReadModel, queue: Queue) -> None:
+    view = model.overview(now=NOW)
+    assert dict(view.by_state) == {
+        RecipientState.QUEUED: 2,
+        RecipientState.DEFERRED: 1,
+        RecipientState.DELIVERED: 2,
+        RecipientState.FAILED: 1,
+    }
+    assert (view.messages, view.held) == (5, 1)
+    assert view.oldest_pending is not None
+    assert view.oldest_pending.id == queue.deferred
+    assert view.oldest_pending.created_at == START
+
+
+def test_overview_counts_the_last_hours_attempts_per_minute(model: ReadModel, queue: Queue) -> None:
+    buckets = model.overview(now=NOW).throughput
+    assert len(buckets) == 60
+    assert buckets[-1].start == NOW.replace(second=0, microsecond=0)
+    busy = [b for b in buckets if b.total]
+    assert len(busy) == 1
+    assert busy[0].start == ATTEMPTED.replace(second=0, microsecond=0)
+    assert (busy[0].delivered, busy[0].deferred, busy[0].failed) == (2, 1, 1)
+    # An hour later they have left the window.
+    assert sum(b.total for b in model.overview(now=NOW + timedelta(hours=1)).throughput) == 0
+
+
+def test_overview_names_the_most_deferred_destinations_with_their_last_reply(
+    model: ReadModel, queue: Queue
+) -> None:
+    [top] = model.overview(now=NOW).top_deferred
+    assert (top.domain, top.pending, top.deferred) == ("two.example", 2, 1)
+    assert top.last_reply == "451 4.0.0 line one\nline two"
+    assert top.reason_class is ReasonClass.GREYLISTED
+    assert top.last_attempt_at == ATTEMPTED
+
+
+def test_an_empty_queue_has_an_empty_overview(model: ReadModel) -> None:
+    view = model.overview(now=NOW)
+    assert view.messages == 0
+    assert view.oldest_pending is None
+    assert view.top_deferred == ()
+    assert sum(view.by_state.values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("view", "expected"),
+    [
+        (QueueView.PENDING, ["held", "queued", "deferred"]),
+        (QueueView.ALL, ["held", "queued", "failed", "delivered", "deferred"]),
+        (QueueView.QUEUED, ["held", "queued"]),
+        (QueueView.DEFERRED, ["deferred"]),
+        (QueueView.DELIVERED, ["delivered"]),
+        (QueueView.FAILED, ["failed"]),
+        (QueueView.HELD, ["held"]),
+    ],
+)
+def test_queue_views_select_by_derived_state(
+    model: ReadModel, queue: Queue, view: QueueView, expected: list[str]
+) -> None:
+    assert _ids(model, view=view) == [getattr(queue, name) for name in expected]
+
+
+def test_the_queue_sorts_oldest_first_on_request(model: ReadModel, queue: Queue) -> None:
+    assert _ids(model, view=QueueView.ALL, order=SortOrder.OLDEST) == [
+        queue.deferred,
+        queue.delivered,
+        queue.failed,
+        queue.queued,
+        queue.held,
+    ]
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+def test_keyset_pages_cover_the_queue_once(
+    model: ReadModel, queue: Queue, order: SortOrder
+) -> None:
+    seen: list[str] = []
+    after: PageCursor | None = None
+    pages = 0
+    while True:
+        page = model.queue_page(
+            QueueQuery(view=QueueView.ALL, order=order, limit=2, after=after), now=NOW
+        )
+        seen += [m.id for m in page.messages]
+        pages += 1
+        if page.next is None:
+            break
+        after = PageCursor.decode(page.next.encode())  # through the URL form
+    assert pages == 3
+    assert seen == _ids(model, view=QueueView.ALL, order=order)
+
+
+def test_queue_filters_by_domain_and_age(model: ReadModel, queue: Queue) -> None:
+    assert _ids(model, view=QueueView.ALL, domain="TWO.example") == [
+        queue.held,
+        queue.failed,
+        queue.deferred,
+    ]
+    older = NOW - (START + SECOND + SECOND / 2)
+    assert _ids(model, view=QueueView.ALL, older_than=older) == [queue.delivered, queue.deferred]
+
+
+def test_queue_search_by_address_id_or_domain(model: ReadModel, queue: Queue) -> None:
+    def found(term: str) -> list[str]:
+        return _ids(model, view=QueueView.ALL, search=Search.parse(term))
+
+    assert found("b@two.example") == [queue.deferred]
+    assert found("nobody@two.example") == []
+    assert found(queue.failed) == [queue.failed]
+    assert queue.failed in found(queue.failed[:8])
+    assert found("one.example") == [queue.delivered, queue.deferred]
+
+
+def test_destinations_list_pending_mail_per_domain(model: ReadModel, queue: Queue) -> None:
+    found = model.destinations()
+    assert [(d.domain, d.pending, d.deferred) for d in found] == [
+        ("two.example", 2, 1),
+        ("three.example", 1, 0),
+    ]
+    assert found[0].last_reply == "451 4.0.0 line one\nline two"
+    assert found[1].last_reply is None
+    assert [d.domain for d in model.destinations(domain="Three.example")] == ["three.example"]
+    assert [d.domain for d in model.destinations(limit=1, offset=1)] == ["three.example"]
+
+
+def test_message_data_is_the_stored_message(model: ReadModel, queue: Queue) -> None:
+    assert model.message_data(queue.deferred) == queue.data
+    with pytest.raises(UnknownMessage):
+        model.message_data("0" * 32)
+
+
+def test_the_read_model_sees_changes_made_through_the_store(
+    store: Store, model: ReadModel, queue: Queue
+) -> None:
+    store.set_held(queue.held, False)
+    store.cancel(queue.queued, now=NOW)
+    assert _ids(model, view=QueueView.HELD) == []
+    assert _ids(model, view=QueueView.FAILED) == [queue.queued, queue.failed]
+
+
+def test_sqlite_answers_the_same_through_either_plan(
+    store: Store, model: ReadModel, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite applies a filter through its index when few rows match, else by walking the
+    messages: both must find the same messages."""
+    from mailstrom.readmodel import sqlite as sqlite_model
+
+    if not isinstance(model, sqlite_model.SQLiteReadModel):
+        pytest.skip("the plan choice is SQLite's")
+    queries = [
+        QueueQuery(view=view, domain=domain, search=search, limit=2, order=order)
+        for view in QueueView
+        for domain in (None, "two.example")
+        for search in (None, Search.parse("b@two.example"), Search.parse(queue.held[:6]))
+        for order in SortOrder
+    ]
+    through_index = [model.queue_page(q, now=NOW) for q in queries]
+    monkeypatch.setattr(sqlite_model, "SET_LIMIT", -1)
+    walked = [model.queue_page(q, now=NOW) for q in queries]
+    assert walked == through_index
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+def test_pages_split_a_batch_queued_at_one_instant(
+    store: Store, model: ReadModel, order: SortOrder
+) -> None:
+    ids = store.enqueue_many([message(f"r{i}@batch.example") for i in range(5)], now=NOW)
+    seen: list[str] = []
+    after: PageCursor | None = None
+    while True:
+        page = model.queue_page(
+            QueueQuery(view=QueueView.ALL, order=order, limit=2, after=after), now=NOW
+        )
+        seen += [m.id for m in page.messages]
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == (ids[::-1] if order is SortOrder.NEWEST else ids)

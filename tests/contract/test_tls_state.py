@@ -1,0 +1,119 @@
+"""MTA-STS policy cache and TLS session counters (schema version 9), the same on every
+store: what is saved is read back exactly, a save replaces, counters add up, also across
+store objects sharing the storage (all workers see one cache)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, timedelta
+
+from mailstrom.mtasts import CachedPolicy, Mode, Policy
+from mailstrom.stores import Store
+from mailstrom.tlsrpt import PolicyType, TLSSessions
+from tests.contract.conftest import Backend
+from tests.contract.support import NOW
+
+DAY = date(2030, 1, 2)
+TEXT = "version: STSv1\nmode: enforce\nmx: mx1.example.org\nmx: *.example.net\nmax_age: 86400"
+
+
+def cached(policy_id: str = "20300101", mode: Mode = Mode.ENFORCE) -> CachedPolicy:
+    policy = Policy(mode=mode, mx=("mx1.example.org", "*.example.net"), max_age=86400, text=TEXT)
+    return CachedPolicy.of("example.org", policy_id, policy, NOW)
+
+
+def test_no_policy_cached_at_first(store: Store) -> None:
+    assert store.mta_sts_policy("example.org") is None
+
+
+def test_saved_policy_reads_back_exactly(store: Store) -> None:
+    store.save_mta_sts_policy(cached())
+    assert store.mta_sts_policy("example.org") == cached()
+    assert store.mta_sts_policy("EXAMPLE.org") == cached()
+    assert store.mta_sts_policy("example.com") is None
+
+
+def test_a_new_policy_replaces_the_old(store: Store) -> None:
+    store.save_mta_sts_policy(cached())
+    newer = cached("20300102", Mode.TESTING)
+    store.save_mta_sts_policy(newer)
+    got = store.mta_sts_policy("example.org")
+    assert got == newer
+    assert got is not None and got.policy.mode is Mode.TESTING
+
+
+def test_policy_without_mx_round_trips(store: Store) -> None:
+    policy = Policy(mode=Mode.NONE, mx=(), max_age=0, text="version: STSv1\nmode: none")
+    store.save_mta_sts_policy(CachedPolicy.of("example.org", "x1", policy, NOW))
+    got = store.mta_sts_policy("example.org")
+    assert got is not None and got.policy == policy
+
+
+def test_cache_is_shared_by_store_objects(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    first, second = store_backend.open(), store_backend.open()
+    first.save_mta_sts_policy(cached())
+    assert second.mta_sts_policy("example.org") == cached()
+
+
+def success(count: int = 1, day: date = DAY) -> TLSSessions:
+    return TLSSessions(
+        day=day,
+        policy_domain="example.org",
+        policy_type=PolicyType.STS,
+        policy_string=TEXT,
+        count=count,
+    )
+
+
+def failure(result_type: str = "certificate-expired", count: int = 1) -> TLSSessions:
+    return TLSSessions(
+        day=DAY,
+        policy_domain="example.org",
+        policy_type=PolicyType.STS,
+        policy_string=TEXT,
+        result_type=result_type,
+        sending_ip="192.0.2.1",
+        receiving_mx="mx1.example.org",
+        receiving_ip="198.51.100.7",
+        failure_code="X509_V_ERR_CERT_HAS_EXPIRED",
+        count=count,
+    )
+
+
+def test_session_counters_add_up(store: Store) -> None:
+    assert store.tls_sessions(DAY) == []
+    store.add_tls_sessions([success(2), failure(count=1)])
+    store.add_tls_sessions([success(3), failure(count=4), failure("starttls-not-supported")])
+    got = {(s.result_type, s.count) for s in store.tls_sessions(DAY)}
+    assert got == {("", 5), ("certificate-expired", 5), ("starttls-not-supported", 1)}
+    [expired] = [s for s in store.tls_sessions(DAY) if s.result_type == "certificate-expired"]
+    assert expired == failure(count=5)
+    assert store.tls_sessions(DAY + timedelta(days=1)) == []
+
+
+def test_concurrent_adds_lose_nothing(store_backend: Backend) -> None:
+    stores = (
+        [store_backend.open() for _ in range(2)]
+        if store_backend.durable
+        else [store_backend.open()] * 2
+    )
+
+    def add(store: Store) -> None:
+        for _ in range(20):
+            store.add_tls_sessions([success()])
+
+    threads = [threading.Thread(target=add, args=(s,)) for s in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [row] = stores[0].tls_sessions(DAY)
+    assert row.count == 80
+
+
+def test_pruning_drops_old_days_only(store: Store) -> None:
+    store.add_tls_sessions([success(day=DAY - timedelta(days=40)), success()])
+    assert store.prune_tls_sessions(before=DAY - timedelta(days=30)) == 1
+    assert [s.day for s in store.tls_sessions(DAY)] == [DAY]
+    assert store.tls_sessions(DAY - timedelta(days=40)) == []

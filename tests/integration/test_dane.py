@@ -1,0 +1,255 @@
+"""DANE (RFC 7672) end to end: TLSA records and the AD bit from the loopback DNS server,
+aiosmtpd receivers presenting chosen certificates, the whole worker in between."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailstrom import Config, Email, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.status import ReasonClass, RecipientStatus
+from mailstrom.stores import MemoryStore
+from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
+from tests.support.delivery import FAST, FakeClock, Results
+
+TLSA_OWNER = "_25._tcp.mx.test"
+TO = "bob@example.org"
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., ReceivingServer]]:
+    started: list[ReceivingServer] = []
+
+    def start(context: ssl.SSLContext, **options: Any) -> ReceivingServer:
+        server = start_receiving_server(context, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def deliver(dns_server: LoopbackDNS, results: Results) -> Iterator[Callable[..., RecipientStatus]]:
+    """Send one message to bob@example.org through a DNSSEC-trusting worker and return
+    bob's status once the attempt is recorded."""
+    started: list[Mailstrom] = []
+
+    def run(port: int, **overrides: Any) -> RecipientStatus:
+        config = Config(
+            **{
+                "helo_name": "client.test",
+                "smtp_port": port,
+                "dns": dataclasses.replace(dns_server.dns_config, dnssec=True),
+                "allow_loopback": True,
+                "timeouts": FAST,
+                "poll_interval": 0.5,
+            }
+            | overrides
+        )
+        ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
+        ms.start()
+        started.append(ms)
+        mid = ms.send_email(Email(from_="a@sender.test", to=[TO], subject="Hi", text="Hello"))
+        results.wait_final({TO})
+        return ms.query_status(mid).recipient(TO)
+
+    yield run
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def signed_zone(dns: LoopbackDNS, host_ip: str, *tlsa: tuple[int, int, int, bytes]) -> None:
+    """example.org → MX mx.test → host_ip, with TLSA records, all validated (AD)."""
+    dns.mx("example.org", [(10, "mx.test")])
+    dns.a("mx.test", host_ip)
+    if tlsa:
+        dns.tlsa(TLSA_OWNER, *tlsa)
+    dns.authenticated("example.org", "mx.test", TLSA_OWNER)
+
+
+def test_dane_ee_spki_match_delivers_despite_an_expired_self_signed_certificate(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test", expired=True)
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.tls and bob.history[-1].tls_policy == "dane"
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
+
+
+@pytest.mark.parametrize(("selector", "matching"), [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2)])
+def test_dane_ee_every_selector_and_matching_type(
+    dns_server: LoopbackDNS,
+    receivers: Any,
+    deliver: Any,
+    tmp_path: Path,
+    selector: int,
+    matching: int,
+) -> None:
+    cert, key = self_signed("other.name.example")  # names are not checked for DANE-EE
+    mx = receivers(server_context(tmp_path, cert, key))
+    data = der(cert)
+    if selector == 1:
+        data = (
+            x509.load_pem_x509_certificate(cert)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    if matching == 1:
+        data = hashlib.sha256(data).digest()
+    elif matching == 2:
+        data = hashlib.sha512(data).digest()
+    signed_zone(dns_server, mx.host, (3, selector, matching, data))
+    assert deliver(mx.port).state is RecipientState.DELIVERED
+
+
+def test_dane_mismatch_defers_and_sends_nothing(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(other)))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert "DANE" in bob.reason and "TLSA" in bob.reason
+    assert bob.history[-1].tls_policy == "dane"
+    assert mx.messages == []
+
+
+def test_tlsa_present_and_starttls_not_offered_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key), starttls=False)
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "STARTTLS" in bob.reason
+    assert mx.messages == []
+
+
+def test_without_the_ad_bit_dane_is_not_applied(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(other)))  # would not match
+    dns_server.unauthenticated()
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "opportunistic"
+    assert dns_server.queries(TLSA_OWNER, "TLSA") == 0  # insecure MX: not even asked
+
+
+def test_tlsa_lookup_servfail_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host)
+    dns_server.servfail(TLSA_OWNER)
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "TLSA lookup" in bob.reason
+    assert mx.messages == [] and mx.connections == 0
+
+
+def test_validated_absence_of_tlsa_leaves_the_default(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test", expired=True)
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host)
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "opportunistic"
+
+
+def test_pkix_usages_alone_mean_tls_required_unauthenticated(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    # Usage 1 (PKIX-EE) is not usable for SMTP (RFC 7672 §3.1.3), even when it matches.
+    signed_zone(dns_server, mx.host, (1, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "required"
+
+
+def test_dane_ta_trust_anchor_in_the_chain_delivers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    chain, key = chain_with_anchor(ca, "mx.test")
+    mx = receivers(server_context(tmp_path, chain, key))
+    anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+    signed_zone(dns_server, mx.host, (2, 0, 1, anchor))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "dane"
+
+
+def test_dane_ta_with_a_leaf_for_another_name_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    chain, key = chain_with_anchor(ca, "elsewhere.example")
+    mx = receivers(server_context(tmp_path, chain, key))
+    anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+    signed_zone(dns_server, mx.host, (2, 0, 1, anchor))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "DANE" in bob.reason
+    assert mx.messages == []
+
+
+def test_dane_ta_anchor_not_sent_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("mx.test")
+    chain = b"".join(b.bytes() for b in leaf.cert_chain_pems)  # no CA certificate
+    mx = receivers(server_context(tmp_path, chain, leaf.private_key_pem.bytes()))
+    anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+    signed_zone(dns_server, mx.host, (2, 0, 1, anchor))
+    assert deliver(mx.port).state is RecipientState.DEFERRED
+
+
+def test_a_dane_only_table_entry_defers_a_host_without_tlsa(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host)  # validated, but no TLSA records
+    bob = deliver(mx.port, tls_domains={"*.org": "dane-only"})
+    assert bob.state is RecipientState.DEFERRED
+    assert "dane-only" in bob.reason and "*.org" in bob.reason
+    assert mx.connections == 0

@@ -1,0 +1,333 @@
+"""MTA-STS applied to delivery (issue 13, "Done when"): loopback DNS serving the _mta-sts
+TXT record, a loopback HTTPS server (trustme) serving the policy, and loopback SMTP
+servers with chosen certificates."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailstrom import Email, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.config import MTASTSConfig
+from mailstrom.stores import MemoryStore, SQLiteStore, Store
+from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from mailstrom.tlsrpt import PolicyType
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
+from tests.support.delivery import Results, loopback_config
+
+BOB = "bob@example.org"
+
+
+def policy(mode: str = "enforce", *mx: str) -> str:
+    lines = "".join(f"mx: {m}\n" for m in (mx or ("mx1.test",)))
+    return f"version: STSv1\nmode: {mode}\n{lines}max_age: 86400\n"
+
+
+@pytest.fixture
+def https(https_server: HTTPSFactory) -> HTTPSServer:
+    server = https_server()
+    server.policy(policy())
+    return server
+
+
+@pytest.fixture
+def zone(dns_server: LoopbackDNS) -> LoopbackDNS:
+    dns_server.mx("example.org", [(10, "mx1.test")])
+    dns_server.a("mx1.test", "127.0.0.1")
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.1")
+    return dns_server
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ReceivingServer]]:
+    started: list[ReceivingServer] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def serve(
+    servers: list[ReceivingServer], context: ssl.SSLContext, **options: Any
+) -> ReceivingServer:
+    server = start_receiving_server(context, **options)
+    servers.append(server)
+    return server
+
+
+def send(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    port: int,
+    client_tls_context: ssl.SSLContext,
+    store: Store | None = None,
+    worker: str = "thread",
+    dnssec: bool = False,
+    **options: Any,
+) -> tuple[Any, Store]:
+    """Send one message to BOB and wait for its first result; (recipient status, store)."""
+    store = store if store is not None else MemoryStore()
+    config = loopback_config(
+        zone,
+        port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        **options,
+    )
+    if dnssec:
+        config = dataclasses.replace(config, dns=dataclasses.replace(config.dns, dnssec=True))
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker=worker) as ms:  # type: ignore[arg-type]
+        mid = ms.send_email(Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hello"))
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    return status, store
+
+
+def failures(store: Store) -> dict[str, int]:
+    today = datetime.now(UTC).date()
+    return {s.result_type: s.count for s in store.tls_sessions(today) if s.result_type}
+
+
+def successes(store: Store) -> int:
+    today = datetime.now(UTC).date()
+    return sum(s.count for s in store.tls_sessions(today) if not s.result_type)
+
+
+def test_enforce_matching_mx_with_valid_certificate_delivers(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    mx = smtp_server(name="mx1.test")
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DELIVERED
+    assert status.history[-1].tls_policy == "mta-sts enforce"
+    assert len(mx.wait_for_messages(1)) == 1
+    assert successes(store) == 1 and failures(store) == {}
+    [counter] = store.tls_sessions(datetime.now(UTC).date())
+    assert counter.policy_type is PolicyType.STS
+    assert "mode: enforce" in counter.policy_string
+
+
+def test_enforce_certificate_for_another_name_defers(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    zone.mx("example.org", [(10, "mail.example.net")])
+    zone.a("mail.example.net", "127.0.0.1")
+    https.policy(policy("enforce", "mail.example.net"))
+    mx = smtp_server()  # its certificate does not name mail.example.net
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DEFERRED
+    assert "mail.example.net" in status.reason
+    assert mx.received == []
+    assert failures(store) == {"certificate-host-mismatch": 1}
+
+
+def test_enforce_self_signed_certificate_defers(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[ReceivingServer],
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    other = trustme.CA()  # its own certificate, self-signed, presented as the server's
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*_pem_files(other))
+    mx = serve(servers, context, name="mx1.test")
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DEFERRED
+    assert "certificate" in status.reason
+    assert mx.received == []
+    assert failures(store) == {"certificate-not-trusted": 1}
+
+
+def _pem_files(ca: trustme.CA) -> tuple[str, str]:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(ca.cert_pem.bytes())
+    key.write_bytes(ca.private_key_pem.bytes())
+    return str(cert), str(key)
+
+
+def test_enforce_mx_not_in_policy_defers_without_connecting(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    https.policy(policy("enforce", "mx.other.example"))
+    mx = smtp_server(name="mx1.test")
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DEFERRED
+    assert "does not list MX host mx1.test" in status.reason
+    assert mx.connections == 0
+    assert failures(store) == {"validation-failure": 1}
+
+
+def test_enforce_starttls_stripped_defers(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    mx = smtp_server(name="mx1.test", starttls=False)
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DEFERRED
+    assert "STARTTLS" in status.reason
+    assert "(TLS policy mta-sts enforce: MTA-STS policy of example.org (enforce" in status.reason
+    assert mx.received == []
+    assert failures(store) == {"starttls-not-supported": 1}
+
+
+def test_testing_mode_delivers_and_records_the_failure(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    https.policy(policy("testing"))
+    mx = smtp_server(name="mx1.test", starttls=False)
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DELIVERED
+    assert status.history[-1].tls_policy == "mta-sts testing"
+    assert len(mx.wait_for_messages(1)) == 1
+    assert failures(store) == {"starttls-not-supported": 1}
+
+
+def test_testing_mode_never_falls_back_for_a_requiretls_message(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    zone.mx("example.org", [(10, "mail.example.net")])
+    zone.a("mail.example.net", "127.0.0.1")
+    https.policy(policy("testing", "mail.example.net"))
+    # REQUIRETLS offered, but the certificate does not name mail.example.net: without
+    # the fallback of testing mode, the message has nowhere to go.
+    mx = smtp_server(requiretls=True)
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        mid = ms.send_email(
+            Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hello", require_tls=True)
+        )
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED
+    assert "mail.example.net" in status.reason
+    assert mx.received == []
+
+
+def test_testing_mode_with_valid_certificate_counts_a_success(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    https.policy(policy("testing"))
+    mx = smtp_server(name="mx1.test")
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DELIVERED
+    assert status.tls
+    assert successes(store) == 1 and failures(store) == {}
+
+
+def test_cached_policy_applies_when_the_https_server_is_down(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    https = https_server()
+    https.policy(policy("enforce", "mx.other.example"))
+    mx = smtp_server(name="mx1.test")
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        first, _ = send(zone, https, mx.port, client_tls_context, store=store)
+        assert first.state is RecipientState.DEFERRED
+        https.stop()
+        zone.txt("_mta-sts.example.org", "v=STSv1; id=two;")  # a refresh, which fails
+        # This time a worker process (its configuration crosses the process boundary).
+        again, _ = send(zone, https, mx.port, client_tls_context, store=store, worker="process")
+        # The cached enforce policy still refuses mx1.test: nothing was sent.
+        assert again.state is RecipientState.DEFERRED
+        assert "does not list MX host mx1.test" in again.reason
+        assert mx.connections == 0
+        cached = store.mta_sts_policy("example.org")
+        assert cached is not None and cached.policy_id == "one"
+        assert failures(store)["sts-policy-fetch-error"] == 1
+    finally:
+        store.close()
+
+
+def test_new_id_is_refetched_and_applied(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    https.policy(policy("enforce", "mx.other.example"))
+    mx = smtp_server(name="mx1.test")
+    first, store = send(zone, https, mx.port, client_tls_context)
+    assert first.state is RecipientState.DEFERRED
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=two;")
+    https.policy(policy("enforce", "mx1.test"))
+    again, _ = send(zone, https, mx.port, client_tls_context, store=store)
+    assert again.state is RecipientState.DELIVERED
+    assert https.count() == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(body=policy().replace("STSv1", "STSv9").encode()),
+        Answer(body=policy().replace("enforce", "always").encode()),
+        Answer(body=policy().encode() + b"#" * 70_000),
+        Answer(status=302, headers={"Location": "https://mta-sts.example.org/elsewhere"}),
+    ],
+    ids=["wrong-version", "bad-mode", "oversized", "redirect"],
+)
+def test_bad_policy_files_are_ignored(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+    answer: Answer,
+) -> None:
+    https.routes["/.well-known/mta-sts.txt"] = answer
+    mx = smtp_server(name="mx1.test", starttls=False)  # delivered only without a policy
+    status, store = send(zone, https, mx.port, client_tls_context)
+    assert status.state is RecipientState.DELIVERED
+    assert status.history[-1].tls_policy == "opportunistic"
+    assert "MTA-STS policy of example.org ignored" in caplog.text
+    assert store.mta_sts_policy("example.org") is None
+
+
+@pytest.mark.parametrize("match", [True, False], ids=["dane-match", "dane-mismatch"])
+def test_dane_sessions_are_counted_for_tls_reports(
+    dns_server: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[ReceivingServer],
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+    match: bool,
+) -> None:
+    """With reporting on, a connection under DANE counts as a tlsa session (RFC 8460)."""
+    from tests.support.certs import self_signed, server_context, spki_sha256
+
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = serve(servers, server_context(tmp_path, cert, key), name="mx.test")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", "127.0.0.1")
+    dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(cert if match else other)))
+    dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+    status, store = send(dns_server, https, mx.port, client_tls_context, dnssec=True)
+    assert status.state is (RecipientState.DELIVERED if match else RecipientState.DEFERRED)
+    [counter] = store.tls_sessions(datetime.now(UTC).date())
+    assert counter.policy_type is PolicyType.TLSA
+    assert counter.policy_string.startswith("3 1 1 ")
+    assert counter.receiving_mx == "mx.test"
+    assert counter.result_type == ("" if match else "validation-failure")

@@ -1,0 +1,276 @@
+"""MTA-STS discovery against a loopback DNS server and a loopback HTTPS server (trustme):
+fetch, cache in the store, refetch on a new id, keep the cache when the fetch fails, and
+ignore bad policy files with a logged reason."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom import Config
+from mailstrom.config import MTASTSConfig
+from mailstrom.mtasts import CachedPolicy, Mode, PolicyError
+from mailstrom.mtasts.source import PolicySource
+from mailstrom.routing import make_resolver
+from mailstrom.stores import MemoryStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
+
+POLICY = "version: STSv1\nmode: enforce\nmx: mx1.test\nmx: *.example.org\nmax_age: 86400\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def https(https_server: HTTPSFactory) -> HTTPSServer:
+    server = https_server()
+    server.policy(POLICY)
+    return server
+
+
+def make_source(
+    dns: LoopbackDNS,
+    https: HTTPSServer,
+    context: ssl.SSLContext,
+    clock: Clock,
+    store: MemoryStore,
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] | None = None,
+    recheck_seconds: float = 0,
+) -> PolicySource:
+    settings = MTASTSConfig(port=https.port, tls_context=context, recheck=recheck_seconds)
+    config = Config(dns=dns.dns_config, allow_loopback=True, mta_sts=settings)
+    return PolicySource(
+        config,
+        store,
+        resolver=make_resolver(config.dns),
+        clock=clock,
+        on_failure=(lambda *a: failures.append(a)) if failures is not None else None,
+    )
+
+
+@pytest.fixture
+def zone(dns_server: LoopbackDNS) -> LoopbackDNS:
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.1")
+    return dns_server
+
+
+async def test_policy_fetched_cached_and_reused(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    cached = await source.policy("example.org")
+    assert cached is not None
+    assert cached.policy_id == "one"
+    assert cached.policy.mode is Mode.ENFORCE
+    assert cached.policy.allows("mx1.test")
+    assert store.mta_sts_policy("example.org") == cached
+    request = https.requests[0]
+    assert request.headers["Host"] == f"mta-sts.example.org:{https.port}"
+    # Same id, policy fresh: no second fetch, even for another worker sharing the store.
+    other = make_source(zone, https, client_tls_context, clock, store)
+    assert await other.policy("example.org") == cached
+    assert await source.policy("example.org") == cached
+    assert https.count() == 1
+
+
+async def test_new_id_is_refetched(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    await source.policy("example.org")
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=two;")
+    https.policy(POLICY.replace("enforce", "testing"))
+    cached = await source.policy("example.org")
+    assert cached is not None and cached.policy_id == "two"
+    assert cached.policy.mode is Mode.TESTING
+    assert https.count() == 2
+
+
+async def test_aged_out_policy_is_refetched(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore())
+    await source.policy("example.org")
+    clock.now += timedelta(seconds=86401)
+    await source.policy("example.org")
+    assert https.count() == 2
+
+
+async def test_cached_policy_used_when_https_server_is_down(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    https = https_server()
+    https.policy(POLICY)
+    store = MemoryStore()
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, store, failures)
+    first = await source.policy("example.org")
+    https.stop()
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=two;")  # forces a refresh, which fails
+    with caplog.at_level(logging.WARNING, logger="mailstrom.mtasts"):
+        again = await source.policy("example.org")
+    assert again == first
+    assert store.mta_sts_policy("example.org") == first
+    [(domain, error, applied)] = failures
+    assert (domain, error.result_type, applied) == ("example.org", "sts-policy-fetch-error", first)
+    assert "cached policy (id one) still applies" in caplog.text
+
+
+async def test_no_record_no_policy_no_fetch(
+    dns_server: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    dns_server.a("mta-sts.example.org", "127.0.0.1")
+    source = make_source(dns_server, https, client_tls_context, clock, MemoryStore())
+    assert await source.policy("example.org") is None
+    assert https.count() == 0
+
+
+async def test_dns_failure_keeps_the_cached_policy(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore())
+    first = await source.policy("example.org")
+    zone.servfail("_mta-sts.example.org")
+    fresh = make_source(zone, https, client_tls_context, clock, source._store)  # type: ignore[arg-type]
+    assert await fresh.policy("example.org") == first
+
+
+@pytest.mark.parametrize(
+    ("answer", "result_type", "reason"),
+    [
+        (Answer(body=POLICY.replace("STSv1", "STSv2").encode()), "sts-policy-invalid", "version"),
+        (Answer(body=POLICY.replace("enforce", "strict").encode()), "sts-policy-invalid", "mode"),
+        (Answer(body=POLICY.encode() + b"#" * 70_000), "sts-policy-invalid", "larger than"),
+        (
+            Answer(status=301, headers={"Location": "https://elsewhere.example/p.txt"}),
+            "sts-policy-fetch-error",
+            "redirect",
+        ),
+        (Answer(status=404), "sts-policy-fetch-error", "HTTP 404"),
+        (
+            Answer(body=POLICY.encode(), headers={"Content-Type": "text/html"}),
+            "sts-policy-invalid",
+            "text/plain",
+        ),
+    ],
+)
+async def test_bad_policy_files_are_ignored_with_a_reason(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    answer: Answer,
+    result_type: str,
+    reason: str,
+) -> None:
+    https.routes["/.well-known/mta-sts.txt"] = answer
+    store = MemoryStore()
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, store, failures)
+    with caplog.at_level(logging.WARNING, logger="mailstrom.mtasts"):
+        assert await source.policy("example.org") is None
+    assert store.mta_sts_policy("example.org") is None
+    [(_, error, _)] = failures
+    assert error.result_type == result_type
+    assert reason in error.reason
+    assert "MTA-STS policy of example.org ignored" in caplog.text
+    assert https.count() == 1  # the redirect was not followed
+
+
+async def test_certificate_for_another_name_is_refused(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+) -> None:
+    https = https_server(names=("mta-sts.other.test",))
+    https.policy(POLICY)
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore(), failures)
+    assert await source.policy("example.org") is None
+    [(_, error, _)] = failures
+    assert error.result_type == "sts-webpki-invalid"
+
+
+async def test_untrusted_certificate_is_refused(
+    zone: LoopbackDNS, https: HTTPSServer, clock: Clock
+) -> None:
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, ssl.create_default_context(), clock, MemoryStore(), failures)
+    assert await source.policy("example.org") is None
+    [(_, error, _)] = failures
+    assert error.result_type == "sts-webpki-invalid"
+
+
+async def test_unicode_domain_is_looked_up_as_its_a_label(
+    dns_server: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
+) -> None:
+    https = https_server(names=("mta-sts.xn--bcher-kva.example",))
+    https.policy(POLICY)
+    dns_server.txt("_mta-sts.xn--bcher-kva.example", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.xn--bcher-kva.example", "127.0.0.1")
+    store = MemoryStore()
+    source = make_source(dns_server, https, client_tls_context, Clock(), store)
+    cached = await source.policy("bücher.example")
+    assert cached is not None and cached.domain == "xn--bcher-kva.example"
+    assert store.mta_sts_policy("xn--bcher-kva.example") == cached
+    assert await source.policy("[127.0.0.1]") is None
+
+
+async def test_domains_without_a_record_are_remembered_for_recheck(
+    dns_server: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext
+) -> None:
+    source = make_source(
+        dns_server, https, client_tls_context, Clock(), MemoryStore(), recheck_seconds=300
+    )
+    for _ in range(3):
+        assert await source.policy("example.org") is None
+    assert dns_server.queries("_mta-sts.example.org", "TXT") == 1
+
+
+async def test_policy_is_refreshed_before_it_expires(
+    zone: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
+) -> None:
+    https = https_server()
+    https.policy(POLICY)  # max_age 86400: refreshed after half a day, id unchanged
+    clock = Clock()
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    first = await source.policy("example.org")
+    assert first is not None
+    clock.now += timedelta(hours=11)
+    assert await source.policy("example.org") == first
+    assert https.count() == 1
+    clock.now += timedelta(hours=2)
+    again = await source.policy("example.org")
+    assert https.count() == 2
+    assert again is not None and again.fetched_at == clock.now
+    assert store.mta_sts_policy("example.org") == again
+    # A refresh that fails keeps the policy, which still applies until it expires.
+    https.stop()
+    clock.now += timedelta(hours=13)
+    assert await source.policy("example.org") == again
+    clock.now += timedelta(hours=12)
+    assert await source.policy("example.org") is None  # expired, and no fetch works

@@ -1,0 +1,191 @@
+"""REQUIRETLS and ``TLS-Required: No`` (RFC 8689) end to end, against aiosmtpd receivers
+(trustme and self-signed certificates) and the loopback DNS server."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Config, Email, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.status import ReasonClass
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.stores.base import Store
+from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.certs import self_signed, server_context, spki_sha256
+from tests.support.delivery import FAST, FakeClock, Results
+
+MakeMailstrom = Callable[..., Mailstrom]
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., ReceivingServer]]:
+    started: list[ReceivingServer] = []
+
+    def start(context: ssl.SSLContext, **options: Any) -> ReceivingServer:
+        server = start_receiving_server(context, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def mailstrom(
+    dns_server: LoopbackDNS, results: Results, client_tls_context: ssl.SSLContext
+) -> Iterator[MakeMailstrom]:
+    started: list[Mailstrom] = []
+
+    def make(port: int, store: Store | None = None, **overrides: Any) -> Mailstrom:
+        options: dict[str, Any] = {
+            "helo_name": "client.test",
+            "smtp_port": port,
+            "dns": dns_server.dns_config,
+            "allow_loopback": True,
+            "timeouts": FAST,
+            "poll_interval": 0.5,
+            "tls_context": client_tls_context,
+        }
+        ms = Mailstrom(
+            Config(**(options | overrides)),
+            store=store if store is not None else MemoryStore(),
+            clock=FakeClock(),
+            on_result=results,
+        )
+        ms.start()
+        started.append(ms)
+        return ms
+
+    yield make
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def secured(to: str, **kwargs: Any) -> Email:
+    return Email(
+        from_="a@sender.test", to=[to], subject="Hi", text="Hello", require_tls=True, **kwargs
+    )
+
+
+@pytest.fixture
+def route(dns_server: LoopbackDNS) -> Callable[[str], None]:
+    def set_route(ip: str) -> None:
+        dns_server.mx("example.org", [(10, "mx.test")])
+        dns_server.a("mx.test", ip)
+
+    return set_route
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_requiretls_honoured_sends_the_parameter_over_verified_tls(
+    smtp_server: Any,
+    route: Any,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    mx = smtp_server(requiretls=True)
+    route(mx.host)
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    ms = mailstrom(mx.port, store=store)  # default policy: opportunistic
+    mid = ms.send_email(secured("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "verify"  # upgraded for REQUIRETLS
+    [received] = mx.wait_for_messages(1)
+    assert received.tls and "REQUIRETLS" in received.mail_options
+
+
+def test_requiretls_not_offered_fails_with_5_7_30(
+    smtp_server: Any, route: Any, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    mx = smtp_server()  # TLS with a valid certificate, but no REQUIRETLS
+    route(mx.host)
+    ms = mailstrom(mx.port)
+    mid = ms.send_email(secured("bob@example.org"))
+    plain = ms.send_email(Email(from_="a@sender.test", to=["ann@example.org"], text="x"))
+    results.wait_final({"bob@example.org", "ann@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.FAILED
+    assert bob.reply is not None and bob.reply.enhanced == "5.7.30"
+    assert bob.reason_class is ReasonClass.TLS
+    ann = ms.query_status(plain).recipient("ann@example.org")
+    assert ann.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@example.org"]
+
+
+def test_requiretls_to_a_domain_whose_policy_is_none_fails_with_5_7_30(
+    smtp_server: Any, route: Any, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    mx = smtp_server(requiretls=True)
+    route(mx.host)
+    ms = mailstrom(mx.port, tls_domains={"example.org": "none"})
+    mid = ms.send_email(secured("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.FAILED
+    assert bob.reply is not None and bob.reply.enhanced == "5.7.30"
+    assert mx.connections == 0
+
+
+def test_requiretls_with_an_unverifiable_certificate_is_not_sent(
+    smtp_server: Any, route: Any, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    mx = smtp_server(requiretls=True)
+    route(mx.host)
+    ms = mailstrom(mx.port, tls_context=ssl.create_default_context())  # trustme unknown
+    mid = ms.send_email(secured("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED and bob.reason_class is ReasonClass.TLS
+    assert mx.messages == []
+
+
+def test_tls_required_no_delivers_where_dane_would_defer(
+    dns_server: LoopbackDNS,
+    receivers: Any,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    tmp_path: Path,
+) -> None:
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(other)))  # no match
+    dns_server.authenticated(everything=True)
+    ms = mailstrom(mx.port, dns=dataclasses.replace(dns_server.dns_config, dnssec=True))
+    relaxed = ms.send_email(
+        Email(
+            from_="a@sender.test",
+            to=["bob@example.org"],
+            text="x",
+            headers={"TLS-Required": "No"},
+        )
+    )
+    strict = ms.send_email(Email(from_="a@sender.test", to=["ann@example.org"], text="x"))
+    results.wait_final({"bob@example.org", "ann@example.org"})
+    bob = ms.query_status(relaxed).recipient("bob@example.org")
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "opportunistic"
+    ann = ms.query_status(strict).recipient("ann@example.org")
+    assert ann.state is RecipientState.DEFERRED and ann.history[-1].tls_policy == "dane"
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["bob@example.org"]

@@ -1,0 +1,124 @@
+"""Scheduling and expiry against a loopback receiver: a message sent with ``send_at`` goes
+at that time (the worker wakes for it by itself, without polling or spinning), and one
+past its ``expires_at`` fails as ``expired`` without another connection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
+from mailstrom.status import RecipientState
+from mailstrom.stores import Lease, MemoryStore, RecipientResult
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results, loopback_config
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts the worker's lease attempts (a spinning worker makes
+    thousands a second)."""
+
+    leases = 0
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        **kwargs: Any,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        if limit > 0:
+            self.leases += 1
+        return super().record_and_lease(
+            results, now=now, limit=limit, lease_for=lease_for, **kwargs
+        )
+
+
+def hello(to: str) -> Email:
+    return Email(from_="app@sender.test", to=[to], subject="Hi", text="Hello")
+
+
+def test_a_scheduled_message_goes_at_its_time_without_polling_or_spinning(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = CountingStore()
+    results = Results()
+    # A poll interval far beyond the test: only the due time can wake the worker.
+    config = loopback_config(dns_server, mx.port, poll_interval=60.0)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        now = datetime.now(UTC)
+        later = ms.send_email(hello("later@example.org"), send_at=now + timedelta(seconds=1.5))
+        soon = ms.send_email(hello("soon@example.org"))
+        results.wait_final({"soon@example.org"})
+        assert ms.query_status(later).recipients[0].state is RecipientState.QUEUED
+        [result] = [r for r in results.wait_final({"later@example.org"}) if r.message_id == later]
+        assert result.state is RecipientState.DELIVERED
+        assert ms.query_status(soon).state is RecipientState.DELIVERED
+    sent_at = result.attempt.at
+    assert sent_at >= now + timedelta(seconds=1.5)
+    assert sent_at - (now + timedelta(seconds=1.5)) < timedelta(seconds=1)
+    assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"
+
+
+def test_a_message_past_its_expiry_fails_as_expired_without_a_connection(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    mx = smtp_server()
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted, try again later"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    # The retry policy would try again in an hour; the message expires within a second.
+    retry = RetryPolicy(min_delay=timedelta(hours=1), max_delay=timedelta(hours=2))
+    config = loopback_config(dns_server, mx.port, retry=retry, poll_interval=60.0)
+    with Mailstrom(config, store=MemoryStore(), worker="thread", on_result=results) as ms:
+        mid = ms.send_email(hello("grey@example.org"), max_age=timedelta(seconds=1))
+        deferred, expired = results.wait_count(2)
+        status = ms.query_status(mid)
+    assert deferred.state is RecipientState.DEFERRED
+    assert deferred.next_attempt_at == status.expires_at  # not an hour later
+    assert expired.state is RecipientState.FAILED
+    assert expired.attempt.reason_class is ReasonClass.EXPIRED
+    recipient = status.recipients[0]
+    assert recipient.state is RecipientState.FAILED
+    assert recipient.reason == "expired"
+    assert recipient.reason_class is ReasonClass.EXPIRED
+    assert [a.reason_class for a in recipient.history] == [
+        ReasonClass.GREYLISTED,
+        ReasonClass.EXPIRED,
+    ]
+    assert mx.connections == 1  # the expiry made no connection
+
+
+def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """While a delivery hangs on a stalled server, the worker still wakes at the due time
+    of a scheduled message (it remembers the store's next due time), instead of waiting
+    for the slow delivery to end or for the poll."""
+    mx = smtp_server()
+    mx.stall_rcpts.add("stuck@slow.example")
+    for domain in ("example.org", "slow.example"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = CountingStore()
+    results = Results()
+    timeouts = Timeouts(connect=2, greeting=2, command=4, data_init=2, data_block=2, data_end=2)
+    config = loopback_config(dns_server, mx.port, poll_interval=60.0, timeouts=timeouts)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("stuck@slow.example"))
+        due = datetime.now(UTC) + timedelta(seconds=1)
+        later = ms.send_email(hello("later@example.org"), send_at=due)
+        [result] = [r for r in results.wait_final({"later@example.org"}) if r.message_id == later]
+        stuck = {r.address for r in results.all}
+    assert result.state is RecipientState.DELIVERED
+    assert due <= result.attempt.at < due + timedelta(seconds=1)
+    assert "stuck@slow.example" not in stuck  # it was still hanging then
+    assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"

@@ -1,0 +1,155 @@
+"""Counting TLS sessions for reports (RFC 8460) with ``tlsrpt_record`` and no MTA-STS:
+every connection to a recipient's MX counts under its policy type (``tlsa`` under DANE,
+``no-policy-found`` otherwise), against aiosmtpd receivers and the loopback DNS server."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Config, Email, RecipientState, TLSPolicy
+from mailstrom.client import Mailstrom
+from mailstrom.stores import MemoryStore
+from mailstrom.testing.smtp import start_receiving_server
+from mailstrom.tlsrpt import PolicyType, TLSSessions
+from mailstrom.tlsrpt.observer import REMEMBERED_CODE
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.certs import self_signed, server_context, spki_sha256
+from tests.support.delivery import FAST, FakeClock, Results
+
+CLOCK = FakeClock()
+DAY = CLOCK().date()
+
+Run = Callable[..., list[TLSSessions]]
+
+
+@pytest.fixture
+def run(
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext
+) -> Iterator[Callable[..., list[TLSSessions]]]:
+    """Deliver one message per address in ``to`` (one connection each) through a worker
+    with ``overrides``, stop it, and return the day's counters in its store."""
+    running: list[Mailstrom] = []
+
+    def deliver(port: int, to: list[str], **overrides: Any) -> list[TLSSessions]:
+        options: dict[str, Any] = {
+            "helo_name": "client.test",
+            "smtp_port": port,
+            "dns": dns_server.dns_config,
+            "allow_loopback": True,
+            "timeouts": FAST,
+            "poll_interval": 0.5,
+            "tls_context": client_tls_context,
+            "max_messages_per_connection": 1,
+            "tlsrpt_record": True,
+        }
+        store = MemoryStore()
+        results = Results()
+        ms = Mailstrom(Config(**(options | overrides)), store=store, clock=CLOCK, on_result=results)
+        ms.start()
+        running.append(ms)
+        for address in to:
+            ms.send_email(Email(from_="a@sender.test", to=[address], subject="Hi", text="Hi"))
+            results.wait_final({address})  # one after the other: broken TLS is remembered
+        assert set(results.states().values()) == {RecipientState.DELIVERED}
+        ms.stop(timeout=5)  # the worker writes its counters when it stops
+        running.remove(ms)
+        return store.tls_sessions(DAY)
+
+    yield deliver
+    for ms in running:
+        ms.stop(timeout=5)
+
+
+def route(dns: LoopbackDNS, ip: str, *domains: str) -> None:
+    for domain in domains:
+        dns.mx(domain, [(10, "mx.test")])
+    dns.a("mx.test", ip)
+
+
+def summary(counters: list[TLSSessions]) -> dict[tuple[str, str, str], int]:
+    """(domain, policy type, result type or "ok") → sessions."""
+    found: dict[tuple[str, str, str], int] = {}
+    for c in counters:
+        key = (c.policy_domain, c.policy_type.value, c.result_type or "ok")
+        found[key] = found.get(key, 0) + c.count
+    return found
+
+
+def test_opportunistic_tls_sessions_count_as_no_policy_found(
+    smtp_server: Any, dns_server: LoopbackDNS, run: Run
+) -> None:
+    mx = smtp_server()
+    route(dns_server, mx.host, "example.org", "Other.Example")
+    counters = run(mx.port, ["a@example.org", "b@example.org", "c@other.example"])
+    assert summary(counters) == {
+        ("example.org", "no-policy-found", "ok"): 2,
+        ("other.example", "no-policy-found", "ok"): 1,
+    }
+    assert all(c.policy_type is PolicyType.NO_POLICY and not c.policy_string for c in counters)
+
+
+def test_a_server_without_starttls_counts_as_starttls_not_supported(
+    smtp_server: Any, dns_server: LoopbackDNS, run: Run
+) -> None:
+    mx = smtp_server(starttls=False)
+    route(dns_server, mx.host, "example.org")
+    [counter] = run(mx.port, ["a@example.org"])
+    assert counter.policy_type is PolicyType.NO_POLICY
+    assert counter.result_type == "starttls-not-supported"
+    assert (counter.receiving_mx, counter.receiving_ip) == ("mx.test", mx.host)
+    assert counter.count == 1
+
+
+def test_broken_tls_counts_as_failures_also_when_remembered(
+    smtp_server: Any, dns_server: LoopbackDNS, run: Run
+) -> None:
+    mx = smtp_server(tls_broken=True)
+    route(dns_server, mx.host, "example.org")
+    counters = run(mx.port, ["a@example.org", "b@example.org"])
+    assert mx.connections == 3  # TLS, plaintext again; then plaintext at once
+    by_code = {c.failure_code: c for c in counters}
+    assert len(counters) == 2 and REMEMBERED_CODE in by_code
+    remembered = by_code.pop(REMEMBERED_CODE)
+    [(code, handshake)] = by_code.items()
+    assert "handshake" in code
+    for c in (handshake, remembered):
+        assert c.result_type == "validation-failure" and c.count == 1
+        assert c.policy_type is PolicyType.NO_POLICY and c.receiving_mx == "mx.test"
+
+
+def test_dane_sessions_count_as_tlsa_without_mta_sts(
+    dns_server: LoopbackDNS, run: Run, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        route(dns_server, mx.host, "example.org")
+        dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(cert)))
+        dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+        dns = dataclasses.replace(dns_server.dns_config, dnssec=True)
+        counters = run(mx.port, ["a@example.org"], dns=dns)
+    finally:
+        mx.stop()
+    [counter] = counters
+    assert counter.policy_type is PolicyType.TLSA and counter.successful
+    assert counter.policy_string == f"3 1 1 {spki_sha256(cert).hex()}"
+    assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"tlsrpt_record": False}, {"tls": TLSPolicy.NONE}],
+    ids=["recording-off", "tls-none"],
+)
+def test_nothing_is_counted_when_off_or_without_tls(
+    smtp_server: Any, dns_server: LoopbackDNS, run: Run, overrides: dict[str, Any]
+) -> None:
+    mx = smtp_server()
+    route(dns_server, mx.host, "example.org")
+    assert run(mx.port, ["a@example.org"], **overrides) == []

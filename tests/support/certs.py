@@ -1,0 +1,79 @@
+"""Certificates for DANE tests, made with ``cryptography``: self-signed ones (expired or
+not) and TLSA record data for any certificate."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def self_signed(name: str, *, expired: bool = False) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a self-signed certificate for ``name``; ``expired``
+    makes it a year past its validity."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    start, end = (
+        (now - timedelta(days=730), now - timedelta(days=365))
+        if expired
+        else (
+            now - timedelta(days=1),
+            now + timedelta(days=365),
+        )
+    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def server_context(tmp: Path, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A server context presenting ``cert_pem`` (a chain: leaf first) with ``key_pem``."""
+    path = tmp / f"server-{hashlib.sha256(cert_pem).hexdigest()[:12]}.pem"
+    path.write_bytes(key_pem + cert_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(path)
+    return context
+
+
+def chain_with_anchor(ca: trustme.CA, *names: str) -> tuple[bytes, bytes]:
+    """(chain PEM: leaf then the CA's own certificate, key PEM) for a leaf ``ca`` issues:
+    a server that sends its trust anchor, as DANE-TA needs (RFC 7671 §5.2.2)."""
+    leaf = ca.issue_cert(*names)
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems) + ca.cert_pem.bytes()
+    return chain, leaf.private_key_pem.bytes()
+
+
+def der(pem: bytes) -> bytes:
+    """The first certificate of ``pem``, DER-encoded."""
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def spki_sha256(pem: bytes) -> bytes:
+    """SHA-256 of the first certificate's SubjectPublicKeyInfo (TLSA ``x 1 1`` data)."""
+    key = x509.load_pem_x509_certificate(pem).public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()

@@ -1,0 +1,175 @@
+"""MTA-STS records and policy files (RFC 8461 §3.1, §3.2, §4.1): parsing and MX matching."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.mtasts.policy import (
+    MAX_AGE_LIMIT,
+    MAX_MX_PATTERNS,
+    MAX_POLICY_SIZE,
+    MIN_CACHE,
+    CachedPolicy,
+    Mode,
+    PolicyError,
+    mx_matches,
+    parse_policy,
+    parse_sts_record,
+)
+
+GOOD = (
+    b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\n"
+    b"max_age: 604800\r\n"
+)
+
+
+def test_good_policy() -> None:
+    policy = parse_policy(GOOD)
+    assert policy.mode is Mode.ENFORCE
+    assert policy.mx == ("mail.example.com", "*.example.net")
+    assert policy.max_age == 604800
+    assert policy.lines == [
+        "version: STSv1",
+        "mode: enforce",
+        "mx: mail.example.com",
+        "mx: *.example.net",
+        "max_age: 604800",
+    ]
+
+
+def test_lf_line_ends_unknown_keys_and_spaces_are_fine() -> None:
+    policy = parse_policy(
+        b"version: STSv1\nmode:testing\nmx:  MX.Example.COM. \nfuture-key: whatever\nmax_age: 0\n"
+    )
+    assert policy.mode is Mode.TESTING
+    assert policy.mx == ("mx.example.com",)
+    assert policy.max_age == 0
+
+
+def test_mode_none_needs_no_mx() -> None:
+    assert parse_policy(b"version: STSv1\nmode: none\nmax_age: 86400\n").mx == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"version: STSv2\nmode: enforce\nmx: a.example\nmax_age: 1\n", "version"),
+        (b"mode: enforce\nmx: a.example\nmax_age: 1\n", "version"),
+        (b"version: STSv1\nmode: strict\nmx: a.example\nmax_age: 1\n", "mode"),
+        (b"version: STSv1\nmx: a.example\nmax_age: 1\n", "mode"),
+        (b"version: STSv1\nmode: enforce\nmax_age: 1\n", "without any mx"),
+        (b"version: STSv1\nmode: enforce\nmx: a.example\n", "max_age"),
+        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -5\n", "max_age"),
+        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 12345678901\n", "max_age"),
+        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n", "limit"),
+        (b"version: STSv1\nmode: enforce\nmx: a..example\nmax_age: 1\n", "mx pattern"),
+        (b"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n", "mx pattern"),
+        (b"version: STSv1\nmode: enforce\nmx: a b\nmax_age: 1\n", "mx pattern"),
+        (b"<html>version: STSv1</html>\n", "key: value"),
+        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n\xff\n", "UTF-8"),
+    ],
+)
+def test_bad_policies_say_why(body: bytes, reason: str) -> None:
+    with pytest.raises(PolicyError, match=reason) as info:
+        parse_policy(body)
+    assert info.value.result_type == "sts-policy-invalid"
+
+
+def test_largest_max_age_is_accepted() -> None:
+    body = f"version: STSv1\nmode: testing\nmx: a.example\nmax_age: {MAX_AGE_LIMIT}\n"
+    assert parse_policy(body.encode()).max_age == MAX_AGE_LIMIT
+
+
+def test_size_line_and_pattern_limits() -> None:
+    with pytest.raises(PolicyError, match="larger"):
+        parse_policy(GOOD + b"#" * MAX_POLICY_SIZE)
+    with pytest.raises(PolicyError, match="longer"):
+        parse_policy(GOOD + b"x-pad: " + b"a" * 2000 + b"\n")
+    many = b"".join(b"mx: m%d.example\n" % i for i in range(MAX_MX_PATTERNS + 1))
+    with pytest.raises(PolicyError, match="more than"):
+        parse_policy(GOOD + many)
+
+
+def test_first_of_a_repeated_key_counts() -> None:
+    policy = parse_policy(GOOD + b"mode: none\n")
+    assert policy.mode is Mode.ENFORCE
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "expected"),
+    [
+        ("mail.example.com", "mail.example.com", True),
+        ("mail.example.com", "MAIL.example.com.", True),
+        ("mail.example.com", "mail2.example.com", False),
+        ("*.example.com", "mx1.example.com", True),
+        ("*.example.com", "example.com", False),
+        ("*.example.com", "a.b.example.com", False),
+        ("*.example.com", ".example.com", False),
+        ("*.example.com", "mx1.example.org", False),
+    ],
+)
+def test_mx_matching(pattern: str, host: str, expected: bool) -> None:
+    assert mx_matches(pattern, host) is expected
+
+
+def test_policy_allows_listed_hosts_only() -> None:
+    policy = parse_policy(GOOD)
+    assert policy.allows("mail.example.com")
+    assert policy.allows("mx7.example.net")
+    assert not policy.allows("evil.example.org")
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        ([], None),
+        (["v=spf1 -all"], None),
+        (["v=STSv1; id=20160831085700Z;"], "20160831085700Z"),
+        (["v=STSv1;id=abc"], "abc"),
+        (["v=STSv1; id=abc; ext=1"], "abc"),
+        (["other", "v=STSv1; id=abc;"], "abc"),
+        (["v=STSv10; id=a"], None),
+    ],
+)
+def test_sts_records(records: list[str], expected: str | None) -> None:
+    assert parse_sts_record(records) == expected
+
+
+@pytest.mark.parametrize(
+    ("records", "reason"),
+    [
+        (["v=STSv1; id=a;", "v=STSv1; id=b;"], "2 v=STSv1"),
+        (["v=STSv1;"], "no id"),
+        (["v=STSv1; id=not-alnum;"], "letters and digits"),
+        (["v=STSv1; id=" + "a" * 33], "letters and digits"),
+        (["v=STSv1; junk"], "without '='"),
+    ],
+)
+def test_bad_sts_records(records: list[str], reason: str) -> None:
+    with pytest.raises(PolicyError, match=reason):
+        parse_sts_record(records)
+
+
+def test_cached_policy_lifetime_has_a_floor() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    zero = parse_policy(b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 0\n")
+    cached = CachedPolicy.of("example.org", "1", zero, now)
+    assert cached.expires_at == now + timedelta(seconds=MIN_CACHE)
+    assert cached.fresh(now)
+    assert not cached.fresh(cached.expires_at)
+
+
+def test_mta_sts_settings_are_checked() -> None:
+    from mailstrom import Config, MTASTSConfig
+    from mailstrom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mta_sts\.port"):
+        MTASTSConfig(port=0)
+    with pytest.raises(ConfigError, match=r"mta_sts\.timeout"):
+        MTASTSConfig(timeout=0)
+    with pytest.raises(ConfigError, match=r"mta_sts\.recheck"):
+        MTASTSConfig(recheck=-1)
+    with pytest.raises(ConfigError, match="MTASTSConfig"):
+        Config(mta_sts=True)  # type: ignore[arg-type]

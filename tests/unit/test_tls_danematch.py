@@ -1,0 +1,70 @@
+"""Matching certificate chains against TLSA records: pure logic over DER bytes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import trustme
+from tests.support.certs import der, self_signed, spki_sha256
+
+from mailstrom.tls.danematch import DaneMismatch, check_chain, record_matches
+from mailstrom.tls.requirement import TLSARecord
+
+
+def record(usage: int, selector: int, matching: int, data: bytes) -> TLSARecord:
+    return TLSARecord(usage=usage, selector=selector, matching=matching, data=data)
+
+
+def test_dane_ee_ignores_names_and_expiry() -> None:
+    cert, _ = self_signed("whatever.example", expired=True)
+    assert check_chain([der(cert)], [record(3, 1, 1, spki_sha256(cert))], host="mx.test")
+
+
+def test_pkix_usages_are_never_used() -> None:
+    cert, _ = self_signed("mx.test")
+    with pytest.raises(DaneMismatch, match="no usable"):
+        check_chain([der(cert)], [record(1, 1, 1, spki_sha256(cert))], host="mx.test")
+
+
+def test_full_certificate_exact_and_sha512() -> None:
+    cert, _ = self_signed("mx.test")
+    leaf = der(cert)
+    assert record_matches(record(3, 0, 0, leaf), leaf)
+    assert record_matches(record(3, 0, 2, hashlib.sha512(leaf).digest()), leaf)
+    assert not record_matches(record(3, 0, 1, hashlib.sha512(leaf).digest()), leaf)
+
+
+def test_dane_ta_needs_the_name_and_the_chain() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    good = der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    assert check_chain([good, anchor], tlsa, host="mx.test").startswith("DANE-TA")
+    with pytest.raises(DaneMismatch, match="not valid for"):
+        check_chain([good, anchor], tlsa, host="other.test")
+    stranger = trustme.CA()
+    forged = der(stranger.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    with pytest.raises(DaneMismatch, match="does not verify"):
+        check_chain([forged, anchor], tlsa, host="mx.test")
+
+
+def test_no_certificate_matches_nothing() -> None:
+    with pytest.raises(DaneMismatch, match="no certificate"):
+        check_chain([], [record(3, 1, 1, b"x" * 32)], host="mx.test")
+
+
+def test_garbage_certificate_matches_nothing() -> None:
+    assert not record_matches(record(3, 1, 1, b"x" * 32), b"not a certificate")
+
+
+def test_dane_ta_full_certificate_record_needs_no_anchor_in_the_chain() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    leaf = der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    assert check_chain([leaf], [record(2, 0, 0, anchor)], host="mx.test") == "DANE-TA 0 0"
+    other = der(trustme.CA().cert_pem.bytes())
+    with pytest.raises(DaneMismatch, match="does not verify"):
+        check_chain([leaf], [record(2, 0, 0, other)], host="mx.test")
+    with pytest.raises(DaneMismatch):
+        check_chain([leaf], [record(2, 0, 0, b"not a certificate")], host="mx.test")

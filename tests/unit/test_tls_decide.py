@@ -1,0 +1,174 @@
+"""The per-destination TLS decision: its order of precedence, as pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailstrom.config import Config, DNSConfig, RelayConfig, TLSPolicy
+from mailstrom.errors import RequireTLSFailure, TemporaryFailure
+from mailstrom.tls.decide import BrokenTLS, Destination, TLSDecider
+from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
+
+DEST = Destination(domain="example.org", mx_host="mx.example.org", mx_secure=True, host_secure=True)
+
+
+class Source:
+    """A policy source answering with a fixed requirement (or None), counting its calls."""
+
+    def __init__(self, name: str, answer: TLSRequirement | None) -> None:
+        self.name = name
+        self.answer = answer
+        self.calls: list[tuple[Destination, TLSRequirement]] = []
+
+    async def requirement(
+        self, destination: Destination, default: TLSRequirement
+    ) -> TLSRequirement | None:
+        self.calls.append((destination, default))
+        return self.answer
+
+
+DANE = TLSRequirement(
+    mode=TLSMode.DANE,
+    source=PolicySource.DANE,
+    tlsa=(TLSARecord(usage=3, selector=1, matching=1, data=b"x" * 32),),
+)
+STS = TLSRequirement(mode=TLSMode.VERIFY, source=PolicySource.MTA_STS, detail="enforce")
+
+
+def config(**kwargs: object) -> Config:
+    return Config(helo_name="mx.test", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_the_global_policy_is_the_default() -> None:
+    need = await TLSDecider(config(tls=TLSPolicy.VERIFY)).requirement(DEST)
+    assert need.mode is TLSMode.VERIFY and need.source is PolicySource.DEFAULT
+    assert need.label == "verify"
+
+
+async def test_a_table_entry_overrides_the_global_policy_and_the_sources() -> None:
+    sts = Source("mta-sts", STS)
+    decider = TLSDecider(config(tls_domains={"example.org": "none"}), sources=[sts])
+    need = await decider.requirement(DEST)
+    assert need.mode is TLSMode.NONE and need.source is PolicySource.TABLE
+    assert "example.org = none" in need.reason
+    assert sts.calls == []
+
+
+async def test_dane_comes_before_mta_sts() -> None:
+    dane, sts = Source("dane", DANE), Source("mta-sts", STS)
+    decider = TLSDecider(config(), sources=[dane, sts])
+    assert await decider.requirement(DEST) is DANE
+    assert sts.calls == []
+
+
+async def test_mta_sts_decides_when_dane_has_nothing_to_say() -> None:
+    dane, sts = Source("dane", None), Source("mta-sts", STS)
+    decider = TLSDecider(config(), sources=[dane, sts])
+    need = await decider.requirement(DEST)
+    assert need is STS and need.label == "mta-sts enforce"
+    # The source is told what applies without it.
+    assert sts.calls[0][1].mode is TLSMode.OPPORTUNISTIC
+
+
+async def test_for_config_puts_the_mta_sts_hook_after_dane() -> None:
+    sts = Source("mta-sts", STS)
+    decider = TLSDecider.for_config(config(), mta_sts=sts, dane=Source("dane", None))
+    assert await decider.requirement(DEST) is STS
+
+
+async def test_tls_required_no_skips_the_sources() -> None:
+    dane = Source("dane", DANE)
+    decider = TLSDecider(config(), sources=[dane])
+    need = await decider.requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", tls_optional=True)
+    )
+    assert need.mode is TLSMode.OPPORTUNISTIC
+    assert need.source is PolicySource.TLS_REQUIRED_NO
+    assert dane.calls == []
+
+
+async def test_dane_only_without_tlsa_refuses_the_host() -> None:
+    cfg = config(dns=DNSConfig(dnssec=True), tls_domains={"*.example": "dane-only"})
+    decider = TLSDecider(cfg, sources=[Source("dane", None)])
+    with pytest.raises(TemporaryFailure, match="dane-only"):
+        await decider.requirement(Destination(domain="bank.example", mx_host="mx.bank.example"))
+
+
+async def test_dane_level_without_tlsa_is_opportunistic() -> None:
+    cfg = config(dns=DNSConfig(dnssec=True), tls_domains={"example.org": "dane"})
+    decider = TLSDecider(cfg, sources=[Source("dane", None)])
+    need = await decider.requirement(DEST)
+    assert need.mode is TLSMode.OPPORTUNISTIC and need.source is PolicySource.TABLE
+
+
+async def test_remembered_broken_tls_turns_opportunistic_into_plaintext_only() -> None:
+    now = [100.0]
+    broken = BrokenTLS(60.0, clock=lambda: now[0])
+    broken.note("mx.example.org", "handshake failed")
+    decider = TLSDecider(config(), broken=broken)
+    need = await decider.requirement(DEST)
+    assert need.mode is TLSMode.NONE and need.source is PolicySource.REMEMBERED
+    strict = TLSDecider(config(tls=TLSPolicy.VERIFY), broken=broken)
+    assert (await strict.requirement(DEST)).mode is TLSMode.VERIFY
+    now[0] += 61
+    assert (await decider.requirement(DEST)).mode is TLSMode.OPPORTUNISTIC
+
+
+async def test_a_relay_decides_alone() -> None:
+    cfg = config(relay=RelayConfig(host="smtp.example.net"), tls_domains={"example.org": "none"})
+    need = await TLSDecider(cfg).requirement(DEST)
+    assert need.mode is TLSMode.VERIFY and need.source is PolicySource.RELAY
+
+
+async def test_requiretls_upgrades_an_unauthenticated_policy_to_verify() -> None:
+    need = await TLSDecider(config()).requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    )
+    assert need.mode is TLSMode.VERIFY and "REQUIRETLS" in need.reason
+
+
+async def test_requiretls_keeps_dane_and_ignores_tls_required_no() -> None:
+    decider = TLSDecider(config(), sources=[Source("dane", DANE)])
+    need = await decider.requirement(
+        Destination(
+            domain="example.org",
+            mx_host="mx.example.org",
+            require_tls=True,
+            tls_optional=True,
+        )
+    )
+    assert need is DANE
+
+
+async def test_requiretls_to_a_none_domain_fails_permanently() -> None:
+    decider = TLSDecider(config(tls_domains={"example.org": "none"}))
+    with pytest.raises(RequireTLSFailure) as caught:
+        await decider.requirement(
+            Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+        )
+    assert caught.value.enhanced == "5.7.30"
+
+
+async def test_requiretls_is_never_sent_in_plaintext_for_remembered_broken_tls() -> None:
+    broken = BrokenTLS(60.0)
+    broken.note("mx.example.org", "handshake failed")
+    need = await TLSDecider(config(), broken=broken).requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    )
+    assert need.mode is TLSMode.VERIFY
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\ntls-required:no  \r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nTLS-Required: Yes\r\n\r\nbody\r\n", False),
+        (b"Subject: x\r\nX-TLS-Required: No\r\n\r\nbody\r\n", False),
+        (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),
+        (b"Subject: TLS-Required: No\r\n\r\n", False),
+    ],
+)
+def test_tls_required_no_is_read_from_the_header_only(data: bytes, expected: bool) -> None:
+    assert tls_required_no(data) is expected

@@ -1,0 +1,80 @@
+"""The per-domain TLS policy table: parsing, validation and matching."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailstrom.config import Config, DNSConfig, TLSPolicy
+from mailstrom.errors import ConfigError
+from mailstrom.tls.table import PolicyTable
+
+
+def test_exact_entry_matches_case_insensitively() -> None:
+    table = PolicyTable.parse({"Example.COM.": "verify"})
+    assert table.match("example.com") == ("example.com", TLSPolicy.VERIFY)
+    assert table.match("EXAMPLE.com.") == ("example.com", TLSPolicy.VERIFY)
+    assert table.match("other.com") is None
+
+
+def test_wildcard_matches_names_under_it_only() -> None:
+    table = PolicyTable.parse({"*.bank.example": "required"})
+    assert table.match("www.bank.example") == ("*.bank.example", TLSPolicy.REQUIRED)
+    assert table.match("a.b.bank.example") == ("*.bank.example", TLSPolicy.REQUIRED)
+    assert table.match("bank.example") is None
+    assert table.match("notbank.example") is None
+
+
+def test_exact_beats_wildcard_and_nearest_wildcard_wins() -> None:
+    table = PolicyTable.parse(
+        {"*.example": "verify", "*.bank.example": "required", "legacy.bank.example": "none"}
+    )
+    assert table.match("legacy.bank.example") == ("legacy.bank.example", TLSPolicy.NONE)
+    assert table.match("www.bank.example") == ("*.bank.example", TLSPolicy.REQUIRED)
+    assert table.match("shop.example") == ("*.example", TLSPolicy.VERIFY)
+
+
+def test_unicode_names_are_matched_as_a_labels() -> None:
+    table = PolicyTable.parse({"bücher.example": "verify"})
+    assert table.match("xn--bcher-kva.example") == ("xn--bcher-kva.example", TLSPolicy.VERIFY)
+    assert table.match("BÜCHER.example") is not None
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"example.com": "sometimes"},
+        {"": "verify"},
+        {"*": "verify"},
+        {"a.*.example": "verify"},
+        {"user@example.com": "verify"},
+        {"example..com": "verify"},
+        {"example.com": 3},
+    ],
+)
+def test_bad_entries_are_refused_with_a_clear_error(entries: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.domains"):
+        PolicyTable.parse(entries)
+
+
+def test_config_takes_a_plain_mapping_and_keeps_a_table() -> None:
+    config = Config(helo_name="mx.test", tls_domains={"legacy.example": "none"})
+    assert isinstance(config.tls_domains, PolicyTable)
+    assert config.tls_table.match("legacy.example") == ("legacy.example", TLSPolicy.NONE)
+    hash(config)  # still usable as a key
+
+
+def test_dane_levels_need_a_trusted_resolver() -> None:
+    with pytest.raises(ConfigError, match=r"dns\.dnssec"):
+        Config(helo_name="mx.test", tls_domains={"*.bank.example": "dane-only"})
+    with pytest.raises(ConfigError, match=r"dns\.dnssec"):
+        Config(helo_name="mx.test", tls=TLSPolicy.DANE)
+    Config(
+        helo_name="mx.test",
+        dns=DNSConfig(dnssec=True),
+        tls_domains={"*.bank.example": "dane-only"},
+    )
+
+
+def test_unknown_global_level_is_refused() -> None:
+    with pytest.raises(ConfigError, match="tls must be one of"):
+        Config(helo_name="mx.test", tls="maybe")  # type: ignore[arg-type]

@@ -1,0 +1,70 @@
+"""Which policy type and failure a connection attempt counts under (the error path; the
+opened-connection path runs against real servers in tests/integration/test_tls_sessions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from mailstrom.errors import DeliveryError, SMTPConnectError, TLSRequiredError
+from mailstrom.runtime.connection import TLSVerifyError
+from mailstrom.stores import MemoryStore
+from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
+from mailstrom.tlsrpt import PolicyType
+from mailstrom.tlsrpt.observer import SessionObserver
+from mailstrom.tlsrpt.recorder import SessionRecorder
+
+NOW = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+TLSA = TLSARecord(usage=3, selector=1, matching=1, data=b"\xab\x12")
+STRIPPED = TLSRequiredError("mx.example.org does not offer STARTTLS", host="mx.example.org")
+
+
+async def counted(
+    source: PolicySource,
+    error: DeliveryError,
+    *,
+    mode: TLSMode = TLSMode.REQUIRED,
+    domain: str = "Example.ORG",
+) -> list[tuple[str, str, str, str, str]]:
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    observe = SessionObserver(recorder)
+    tlsa = (TLSA,) if source is PolicySource.DANE else ()
+    requirement = TLSRequirement(mode=mode, source=source, tlsa=tlsa)
+    observe(domain, requirement, "mx.example.org", "192.0.2.7", error)
+    await recorder.flush()
+    return [
+        (s.policy_domain, s.policy_type.value, s.policy_string, s.result_type, s.receiving_ip)
+        for s in store.tls_sessions(NOW.date())
+    ]
+
+
+@pytest.mark.parametrize("source", [PolicySource.DEFAULT, PolicySource.TABLE])
+async def test_without_a_published_policy_a_failure_counts_as_no_policy_found(
+    source: PolicySource,
+) -> None:
+    assert await counted(source, STRIPPED) == [
+        ("example.org", "no-policy-found", "", "starttls-not-supported", "192.0.2.7")
+    ]
+
+
+async def test_under_dane_a_failure_counts_with_the_tlsa_records() -> None:
+    error = TLSVerifyError("DANE: no TLSA record matches", host="mx.example.org")
+    assert await counted(PolicySource.DANE, error, mode=TLSMode.DANE) == [
+        ("example.org", PolicyType.TLSA.value, "3 1 1 ab12", "validation-failure", "192.0.2.7")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "domain"),
+    [
+        (PolicySource.RELAY, STRIPPED, "example.org"),  # the smarthost, not the domain's MX
+        (PolicySource.MTA_STS, STRIPPED, "example.org"),  # MTA-STS counts its own
+        (PolicySource.DEFAULT, SMTPConnectError("refused", host="mx"), "example.org"),
+        (PolicySource.DEFAULT, STRIPPED, "[192.0.2.1]"),  # an address literal: no domain
+    ],
+    ids=["relay", "mta-sts-without-source", "not-about-tls", "address-literal"],
+)
+async def test_not_counted(source: PolicySource, error: DeliveryError, domain: str) -> None:
+    assert await counted(source, error, domain=domain) == []

@@ -1,0 +1,236 @@
+"""Daily TLS reports (RFC 8460 §4): the JSON, checked field by field against the report
+format of §4.4, the rua record of §3, the file name of §5.3 and the mail of §5.3."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from datetime import date, datetime
+from email import message_from_bytes, policy
+from typing import Any
+
+import pytest
+
+from mailstrom.tlsrpt import PolicyType, ResultType, TLSSessions
+from mailstrom.tlsrpt.deliver import report_message
+from mailstrom.tlsrpt.report import (
+    MEDIA_TYPE,
+    Reporter,
+    ReportRecordError,
+    build_report,
+    parse_tlsrpt_record,
+)
+
+DAY = date(2030, 1, 2)
+STS = "version: STSv1\nmode: testing\nmx: mx1.example.org\nmx: *.example.net\nmax_age: 86400"
+REPORTER = Reporter(
+    organization="Sender Inc.", contact="tls@sender.test", submitter="mx.sender.test"
+)
+RESULT_TYPES = {t.value for t in ResultType}
+DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+def sessions() -> list[TLSSessions]:
+    base: dict[str, Any] = {
+        "day": DAY,
+        "policy_domain": "example.org",
+        "policy_type": PolicyType.STS,
+        "policy_string": STS,
+    }
+    return [
+        TLSSessions(**base, count=120),
+        TLSSessions(
+            **base,
+            result_type="certificate-expired",
+            sending_ip="192.0.2.1",
+            receiving_mx="mx1.example.org",
+            receiving_ip="198.51.100.7",
+            failure_code="X509_V_ERR 10: certificate has expired",
+            count=3,
+        ),
+        TLSSessions(
+            **base, result_type="starttls-not-supported", receiving_mx="mx2.example.net", count=2
+        ),
+        TLSSessions(
+            day=DAY,
+            policy_domain="example.org",
+            policy_type=PolicyType.NO_POLICY,
+            result_type="sts-policy-fetch-error",
+            failure_code="cannot fetch",
+            count=1,
+        ),
+        # Another domain and another day: not in this report.
+        TLSSessions(**(base | {"policy_domain": "other.test"}), count=7),
+        TLSSessions(**(base | {"day": date(2030, 1, 3)}), count=9),
+    ]
+
+
+def validate(document: dict[str, Any]) -> None:
+    """RFC 8460 §4.4, every field the report must carry, with its JSON type."""
+    assert isinstance(document["organization-name"], str) and document["organization-name"]
+    window = document["date-range"]
+    for key in ("start-datetime", "end-datetime"):
+        assert DATETIME.match(window[key]), window[key]
+    start = datetime.fromisoformat(window["start-datetime"].replace("Z", "+00:00"))
+    end = datetime.fromisoformat(window["end-datetime"].replace("Z", "+00:00"))
+    assert start < end
+    assert isinstance(document["contact-info"], str) and document["contact-info"]
+    assert isinstance(document["report-id"], str) and document["report-id"]
+    assert isinstance(document["policies"], list) and document["policies"]
+    for entry in document["policies"]:
+        p = entry["policy"]
+        assert p["policy-type"] in ("tlsa", "sts", "no-policy-found")
+        if p["policy-type"] == "no-policy-found":
+            assert "policy-string" not in p  # no policy, no policy text
+        else:
+            assert isinstance(p["policy-string"], list) and p["policy-string"]
+            assert all(isinstance(line, str) for line in p["policy-string"])
+        assert isinstance(p["policy-domain"], str)
+        if "mx-host" in p:
+            assert all(isinstance(h, str) for h in p["mx-host"])
+        summary = entry["summary"]
+        ok = summary["total-successful-session-count"]
+        failed = summary["total-failure-session-count"]
+        assert isinstance(ok, int) and isinstance(failed, int) and ok >= 0 and failed >= 0
+        details = entry.get("failure-details", [])
+        assert sum(d["failed-session-count"] for d in details) == failed
+        for d in details:
+            assert d["result-type"] in RESULT_TYPES
+            assert isinstance(d["failed-session-count"], int)
+            for key in ("sending-mta-ip", "receiving-mx-hostname", "receiving-ip"):
+                assert isinstance(d.get(key, ""), str)
+            assert set(d) <= {
+                "result-type",
+                "sending-mta-ip",
+                "receiving-mx-hostname",
+                "receiving-mx-helo",
+                "receiving-ip",
+                "failed-session-count",
+                "additional-information",
+                "failure-reason-code",
+            }
+
+
+def test_daily_report_has_every_rfc8460_field() -> None:
+    report = build_report("example.org", DAY, sessions(), REPORTER, report_id="r1@mx.sender.test")
+    document = json.loads(report.json())
+    validate(document)
+    assert document["organization-name"] == "Sender Inc."
+    assert document["contact-info"] == "tls@sender.test"
+    assert document["report-id"] == "r1@mx.sender.test"
+    assert document["date-range"] == {
+        "start-datetime": "2030-01-02T00:00:00Z",
+        "end-datetime": "2030-01-02T23:59:59Z",
+    }
+    sts, none = document["policies"]
+    assert sts["policy"] == {
+        "policy-type": "sts",
+        "policy-string": STS.split("\n"),
+        "policy-domain": "example.org",
+        "mx-host": ["mx1.example.org", "*.example.net"],
+    }
+    assert sts["summary"] == {
+        "total-successful-session-count": 120,
+        "total-failure-session-count": 5,
+    }
+    expired, stripped = sts["failure-details"]
+    assert expired == {
+        "result-type": "certificate-expired",
+        "sending-mta-ip": "192.0.2.1",
+        "receiving-mx-hostname": "mx1.example.org",
+        "receiving-ip": "198.51.100.7",
+        "failed-session-count": 3,
+        "failure-reason-code": "X509_V_ERR 10: certificate has expired",
+    }
+    assert stripped["result-type"] == "starttls-not-supported"
+    assert none["policy"] == {"policy-type": "no-policy-found", "policy-domain": "example.org"}
+    assert none["summary"]["total-failure-session-count"] == 1
+
+
+def test_report_without_failures_has_no_failure_details() -> None:
+    only_ok = [s for s in sessions() if s.successful]
+    document = build_report("example.org", DAY, only_ok, REPORTER).document
+    validate(document)
+    [entry] = document["policies"]
+    assert "failure-details" not in entry
+
+
+def test_gzip_and_file_name() -> None:
+    report = build_report("example.org", DAY, sessions(), REPORTER, report_id="x_abc@h")
+    assert json.loads(gzip.decompress(report.gzipped())) == report.document
+    name = report.filename("mx.sender.test", gz=True)
+    assert name == "mx.sender.test!example.org!1893542400!1893628799!abc.json.gz"
+
+
+def test_report_mail() -> None:
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    msg = report_message(
+        report, sender="tls@sender.test", to="tlsrpt@example.org", submitter="mx.sender.test"
+    )
+    parsed = message_from_bytes(msg.as_bytes(), policy=policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "tlsrpt"
+    assert parsed["TLS-Report-Domain"] == "example.org"
+    assert parsed["TLS-Report-Submitter"] == "mx.sender.test"
+    assert parsed["Subject"].startswith("Report Domain: example.org Submitter: mx.sender.test")
+    [attachment] = [p for p in parsed.iter_attachments()]
+    assert attachment.get_content_type() == MEDIA_TYPE
+    assert json.loads(gzip.decompress(attachment.get_content())) == report.document
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        ([], None),
+        (["v=spf1 -all"], None),
+        (["v=TLSRPTv1; rua=mailto:tls@example.org"], ["mailto:tls@example.org"]),
+        (
+            ["v=TLSRPTv1;rua=mailto:a@example.org, https://r.example/x ,ftp://no"],
+            ["mailto:a@example.org", "https://r.example/x"],
+        ),
+    ],
+)
+def test_rua_records(records: list[str], expected: list[str] | None) -> None:
+    assert parse_tlsrpt_record(records) == expected
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        ["v=TLSRPTv1; rua=mailto:a@x", "v=TLSRPTv1; rua=mailto:b@x"],
+        ["v=TLSRPTv1;"],
+        ["v=TLSRPTv1; rua=ftp://x"],
+    ],
+)
+def test_unusable_rua_records(records: list[str]) -> None:
+    with pytest.raises(ReportRecordError):
+        parse_tlsrpt_record(records)
+
+
+def test_tlsa_policy_names_its_mx_host() -> None:
+    records = "3 1 1 ab12"
+    tlsa: dict[str, Any] = {
+        "day": DAY,
+        "policy_domain": "example.org",
+        "policy_type": PolicyType.TLSA,
+        "policy_string": records,
+        "receiving_mx": "mx1.example.org",
+    }
+    rows = [
+        TLSSessions(**tlsa, count=9),
+        TLSSessions(**tlsa, result_type="validation-failure", receiving_ip="192.0.2.9", count=1),
+    ]
+    document = build_report("example.org", DAY, rows, REPORTER).document
+    validate(document)
+    [entry] = document["policies"]
+    assert entry["policy"] == {
+        "policy-type": "tlsa",
+        "policy-string": ["3 1 1 ab12"],
+        "policy-domain": "example.org",
+        "mx-host": ["mx1.example.org"],
+    }
+    assert entry["summary"] == {
+        "total-successful-session-count": 9,
+        "total-failure-session-count": 1,
+    }

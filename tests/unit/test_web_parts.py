@@ -1,0 +1,148 @@
+"""The dashboard's pure parts: access rules, page cursors, search terms, the chart, header
+display, and the count cache."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.readmodel import InvalidQuery, PageCursor, QueueQuery, Search
+from mailstrom.readmodel.base import ThroughputBucket, id_range, throughput_window
+from mailstrom.readmodel.ttl import TTLCache
+from mailstrom.web.chart import HEIGHT, throughput_chart
+from mailstrom.web.headers import MAX_BODY_BYTES, header_fields, shown_body
+from mailstrom.web.security import Access, csrf_matches, is_loopback, same_origin
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+        ("localhost.example.org", False),
+    ],
+)
+def test_which_addresses_are_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_access_with_a_token() -> None:
+    access = Access("s3cret")
+    assert access.required
+    assert access.allows(cookie=access.session_value(), authorization=None)
+    assert access.allows(cookie=None, authorization="Bearer s3cret")
+    assert not access.allows(cookie=None, authorization="Bearer wrong")
+    assert not access.allows(cookie="forged", authorization=None)
+    assert not access.allows(cookie=None, authorization="Basic s3cret")
+    assert "s3cret" not in access.session_value()
+    # A new server (a new key) does not accept an old session.
+    assert not Access("s3cret").allows(cookie=access.session_value(), authorization=None)
+    assert not access.token_matches("x" * 5000)
+
+
+def test_access_without_a_token_lets_everyone_in() -> None:
+    assert Access(None).allows(cookie=None, authorization=None)
+
+
+def test_csrf_and_origin_checks() -> None:
+    assert csrf_matches("abc", "abc")
+    assert not csrf_matches("abc", "abd")
+    assert not csrf_matches(None, "abc")
+    assert not csrf_matches("abc", None)
+    assert not csrf_matches("", "")
+    assert same_origin(None, "127.0.0.1:8025", "http")
+    assert same_origin("http://127.0.0.1:8025", "127.0.0.1:8025", "http")
+    assert not same_origin("http://evil.example", "127.0.0.1:8025", "http")
+
+
+def test_page_cursors_round_trip_and_refuse_garbage() -> None:
+    cursor = PageCursor(created_at=NOW, seq=42)
+    assert PageCursor.decode(cursor.encode()) == cursor
+    for bad in ("", "12", "a.b", "1.-2", "9" * 60 + ".1", "1.2.3"):
+        with pytest.raises(InvalidQuery):
+            PageCursor.decode(bad)
+
+
+def test_search_terms_are_read_by_their_shape() -> None:
+    assert Search.parse("  ") is None
+    assert Search.parse("Bob@Example.org") == Search(address="Bob@Example.org")
+    assert Search.parse("01A2b3") == Search(id_prefix="01a2b3")
+    assert Search.parse("Example.ORG") == Search(domain="example.org")
+    assert id_range("ab") == ("ab" + "0" * 30, "ab" + "f" * 30)
+
+
+def test_page_size_is_bounded() -> None:
+    with pytest.raises(InvalidQuery):
+        QueueQuery(limit=0)
+    with pytest.raises(InvalidQuery):
+        QueueQuery(limit=100_000)
+
+
+def test_the_throughput_window_is_an_hour_of_whole_minutes() -> None:
+    start, starts = throughput_window(NOW)
+    assert len(starts) == 60
+    assert starts[-1] == NOW.replace(second=0, microsecond=0)
+    assert start == starts[-1] - timedelta(minutes=59)
+
+
+def test_the_chart_scales_the_busiest_minute_to_full_height() -> None:
+    buckets = [
+        ThroughputBucket(start=NOW, delivered=6, deferred=2, failed=0),
+        ThroughputBucket(start=NOW + timedelta(minutes=1), delivered=2),
+        ThroughputBucket(start=NOW + timedelta(minutes=2)),
+    ]
+    chart = throughput_chart(buckets)
+    assert (chart.peak, chart.total) == (8, 10)
+    first = [b for b in chart.bars if b.x < chart.width / 3]
+    assert sum(b.height for b in first) == pytest.approx(HEIGHT)
+    assert {b.series for b in first} == {"delivered", "deferred"}
+    assert "6 delivered" in first[0].title
+    assert throughput_chart([]).bars == ()
+
+
+def test_header_fields_are_unfolded_and_decoded() -> None:
+    data = (
+        b"Subject: =?utf-8?q?Caf=C3=A9?=\r\n =?utf-8?q?_ouvert?=\r\n"
+        b"To: a@example.org,\r\n\tb@example.org\r\nX-Bad: =?bogus?q?x?=\r\n"
+        b"\r\nBody: not a header\r\n"
+    )
+    fields = header_fields(data)
+    assert fields == [
+        ("Subject", "Café ouvert"),
+        ("To", "a@example.org, b@example.org"),
+        ("X-Bad", "=?bogus?q?x?="),
+    ]
+
+
+def test_a_huge_message_is_shown_cut() -> None:
+    text, cut = shown_body(b"x" * (MAX_BODY_BYTES + 10))
+    assert cut and len(text) == MAX_BODY_BYTES
+    assert shown_body(b"short") == ("short", False)
+
+
+def test_the_cache_keeps_values_for_its_ttl() -> None:
+    clock = [0.0]
+    cache: TTLCache[int] = TTLCache(5.0, clock=lambda: clock[0])
+    calls = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert cache.get("k", compute) == 1
+    assert cache.get("k", compute) == 1
+    clock[0] = 6.0
+    assert cache.get("k", compute) == 2
+    cache.clear()
+    assert cache.get("k", compute) == 3
+    assert TTLCache[int](0).get("k", compute) == 4  # ttl 0 keeps nothing

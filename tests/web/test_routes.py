@@ -1,0 +1,284 @@
+"""The dashboard's routes through Starlette's test client (no browser): what each page
+shows, the action flow, CSRF and token checks, and bad input."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from mailstrom.status import RecipientState
+from mailstrom.stores import MemoryStore, Store
+from mailstrom.web import create_app
+from tests.contract.support import NOW, lease_all, message, results_for
+
+DATA = (
+    b"From: App <app@example.com>\r\nTo: a@one.example\r\n"
+    b"Subject: =?utf-8?q?Caf=C3=A9?=\r\n\r\nThe secret body.\r\n"
+)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def ids(store: Store) -> dict[str, str]:
+    """A deferred message (a@one delivered, b@two deferred) and a queued one."""
+    deferred = store.enqueue(message("a@one.example", "b@two.example", data=DATA), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@one.example"]))
+    store.record(
+        results_for(
+            lease,
+            RecipientState.DEFERRED,
+            next_attempt_at=NOW + timedelta(hours=1),
+            only=["b@two.example"],
+        )
+    )
+    queued = store.enqueue(message("c@three.example"), now=NOW + timedelta(seconds=1))
+    return {"deferred": deferred, "queued": queued}
+
+
+def _client(store: Store, **options: object) -> Iterator[TestClient]:
+    app = create_app(store, clock=lambda: NOW + timedelta(minutes=1), **options)  # type: ignore[arg-type]
+    with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+        yield client
+
+
+@pytest.fixture
+def client(store: Store) -> Iterator[TestClient]:
+    yield from _client(store)
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, html
+    return found.group(1)
+
+
+def test_overview_shows_counts_and_the_deferred_destination(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert re.search(r'id="count-deferred">1<', page.text)
+    assert re.search(r'id="count-delivered">1<', page.text)
+    assert re.search(r'id="count-queued">1<', page.text)
+    assert ids["deferred"] in page.text  # the oldest pending message
+    assert "two.example" in page.text
+    assert "451 4.0.0 line one" in page.text
+    assert "<svg" in page.text and "bar-deferred" in page.text
+
+
+def test_queue_lists_pending_mail_and_filters(client: TestClient, ids: dict[str, str]) -> None:
+    page = client.get("/queue")
+    assert ids["deferred"] in page.text and ids["queued"] in page.text
+    only = client.get("/queue", params={"view": "deferred"}).text
+    assert ids["deferred"] in only and ids["queued"] not in only
+    found = client.get("/queue", params={"view": "all", "q": "c@three.example"}).text
+    assert ids["queued"] in found and ids["deferred"] not in found
+    assert "No messages match" in client.get("/queue", params={"domain": "none.example"}).text
+
+
+def test_queue_pages_follow_the_next_link(client: TestClient, store: Store) -> None:
+    made = [
+        store.enqueue(message(f"r{i}@many.example"), now=NOW + timedelta(seconds=i))
+        for i in range(30)
+    ]
+    first = client.get("/queue", params={"limit": "25", "order": "oldest"}).text
+    assert made[0] in first and made[24] in first and made[25] not in first
+    link = re.search(r'href="([^"]+)" rel="next"', first)
+    assert link is not None
+    second = client.get(link.group(1).replace("&amp;", "&")).text
+    assert made[25] in second and made[29] in second and made[24] not in second
+    assert 'rel="next"' not in second and "First page" in second
+
+
+def test_message_page_shows_recipients_attempts_and_headers_not_the_body(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    page = client.get(f"/message/{ids['deferred']}").text
+    assert "b@two.example" in page and "deferred" in page
+    assert "mx1.example.org" in page and "127.0.0.7" in page and "TLSv1.3" in page
+    assert "Café" in page  # the Subject header, decoded
+    assert "The secret body" not in page
+    shown = client.get(f"/message/{ids['deferred']}", params={"body": "1"}).text
+    assert "The secret body" in shown
+
+
+def test_an_action_is_confirmed_then_posted_then_logged(
+    client: TestClient, store: Store, ids: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    mid = ids["queued"]
+    confirm = client.get(f"/action/hold/{mid}")
+    assert "Hold message" in confirm.text
+    assert not store.status(mid).held  # looking at the question changes nothing
+    with caplog.at_level(logging.INFO, logger="mailstrom.web"):
+        done = client.post(
+            f"/action/hold/{mid}", data={"csrf": _csrf(confirm.text)}, follow_redirects=False
+        )
+    assert done.status_code == 303
+    assert done.headers["location"].startswith(f"/message/{mid}?done=")
+    assert store.status(mid).held
+    assert any(f"hold {mid} by" in r.getMessage() for r in caplog.records)
+    after = client.get(done.headers["location"]).text
+    assert "Hold: held" in after and f"/action/release/{mid}" in after
+
+
+def test_a_post_without_the_csrf_token_changes_nothing(
+    client: TestClient, store: Store, ids: dict[str, str]
+) -> None:
+    mid = ids["queued"]
+    client.get("/")  # the browser has its CSRF cookie
+    for data in ({}, {"csrf": "forged"}):
+        refused = client.post(f"/action/cancel/{mid}", data=data)
+        assert refused.status_code == 403
+    assert store.status(mid).state is RecipientState.QUEUED
+
+
+def test_a_post_from_another_origin_is_refused(
+    client: TestClient, store: Store, ids: dict[str, str]
+) -> None:
+    mid = ids["queued"]
+    token = _csrf(client.get(f"/action/cancel/{mid}").text)
+    refused = client.post(
+        f"/action/cancel/{mid}", data={"csrf": token}, headers={"Origin": "http://evil.example"}
+    )
+    assert refused.status_code == 403
+    assert store.status(mid).state is RecipientState.QUEUED
+
+
+def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> None:
+    for client in _client(store, token="s3cret-token"):
+        for path in ("/", "/queue", f"/message/{ids['queued']}", "/destinations"):
+            page = client.get(path, follow_redirects=False)
+            assert page.status_code == 303
+            assert page.headers["location"].startswith("/login?next=")
+        assert client.post(f"/action/retry/{ids['queued']}").status_code in (401, 403)
+        assert client.get("/static/style.css").status_code == 200
+        login = client.get("/login")
+        wrong = client.post("/login", data={"csrf": _csrf(login.text), "token": "guess"})
+        assert wrong.status_code == 401 and "not the token" in wrong.text
+        right = client.post(
+            "/login",
+            data={"csrf": _csrf(login.text), "token": "s3cret-token", "next": "/queue"},
+            follow_redirects=False,
+        )
+        assert right.status_code == 303 and right.headers["location"] == "/queue"
+        assert client.get("/queue").status_code == 200
+        assert "s3cret-token" not in right.headers.get("set-cookie", "")
+
+
+def test_a_bearer_token_works_without_a_session(store: Store, ids: dict[str, str]) -> None:
+    for client in _client(store, token="s3cret-token"):
+        ok = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200
+        bad = client.get("/", headers={"Authorization": "Bearer nope"}, follow_redirects=False)
+        assert bad.status_code == 303
+
+
+def test_login_only_follows_paths_on_this_server(store: Store) -> None:
+    for client in _client(store, token="t"):
+        form = client.get("/login", params={"next": "https://evil.example/"})
+        assert 'name="next" value="/"' in form.text
+        right = client.post(
+            "/login",
+            data={"csrf": _csrf(form.text), "token": "t", "next": "//evil.example/"},
+            follow_redirects=False,
+        )
+        assert right.headers["location"] == "/"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/queue?view=everything", 400),
+        ("/queue?age=soon", 400),
+        ("/queue?after=garbage", 400),
+        ("/queue?limit=100000", 400),
+        ("/message/" + "0" * 32, 404),
+        ("/message/not-an-id", 404),
+        ("/action/explode/" + "0" * 32, 404),
+        ("/destinations?offset=x", 400),
+        ("/nowhere", 404),
+    ],
+)
+def test_bad_input_gets_a_clear_page(client: TestClient, path: str, status: int) -> None:
+    page = client.get(path)
+    assert page.status_code == status
+    assert 'id="problem"' in page.text
+
+
+def test_pages_carry_security_headers(client: TestClient) -> None:
+    headers = client.get("/").headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert "samesite=strict" in headers["set-cookie"].lower()
+    assert "httponly" in headers["set-cookie"].lower()
+
+
+def test_destinations_list_pending_domains(client: TestClient, ids: dict[str, str]) -> None:
+    page = client.get("/destinations").text
+    assert "two.example" in page and "three.example" in page
+    assert "one.example" not in page  # nothing pending there
+    only = client.get("/destinations", params={"domain": "THREE.example"}).text
+    assert "three.example" in only and "two.example" not in only
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    from mailstrom.stores import open_store
+
+    if request.param == "memory":
+        opened: Store = MemoryStore()
+    elif request.param == "sqlite":
+        opened = open_store(f"sqlite:///{tmp_path / 'queue.db'}")
+    else:
+        opened = open_store(request.getfixturevalue("postgres_url"))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_every_store_serves_every_page_and_action(any_store: Store) -> None:
+    """The same pages and the same action over memory, SQLite and PostgreSQL."""
+    mid = any_store.enqueue(message("b@two.example", data=DATA), now=NOW)
+    lease = lease_all(any_store)
+    any_store.record(
+        results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(hours=1))
+    )
+    for client in _client(any_store):
+        assert re.search(r'id="count-deferred">1<', client.get("/").text)
+        assert mid in client.get("/queue", params={"view": "deferred"}).text
+        assert "Café" in client.get(f"/message/{mid}").text
+        assert "two.example" in client.get("/destinations").text
+        token = _csrf(client.get(f"/action/cancel/{mid}").text)
+        done = client.post(f"/action/cancel/{mid}", data={"csrf": token})
+        assert "Cancel: 1 recipient cancelled" in done.text
+        assert re.search(r'id="count-failed">1<', client.get("/").text)
+    assert any_store.status(mid).state is RecipientState.FAILED
+
+
+def test_a_large_form_is_refused_before_it_is_read(store: Store) -> None:
+    for client in _client(store, token="t"):
+        login = client.get("/login")
+        big = client.post("/login", data={"csrf": _csrf(login.text), "token": "x" * 20_000})
+        assert big.status_code == 413
+
+
+def test_the_notice_after_an_action_cannot_be_made_up(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    page = client.get(f"/message/{ids['queued']}", params={"done": "Hold: held"}).text
+    assert 'id="done">Hold: held<' in page
+    for made_up in ("Your account is closed", "Hold: call +1 555 0100 now!", "Explode: done"):
+        page = client.get(f"/message/{ids['queued']}", params={"done": made_up}).text
+        assert 'id="done"' not in page
