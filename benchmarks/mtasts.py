@@ -52,9 +52,9 @@ async def measure(dns: LoopbackDNS, number: int, repeat: int) -> dict[str, float
     base = Config(helo_name="bench.test", dns=dns.dns_config)
     off = TLSDecider.for_config(base)
     config = Config(helo_name="bench.test", dns=dns.dns_config, mta_sts=MTASTSConfig())
-    built = for_worker(config, store, store_call=direct, clock=lambda: datetime.now(UTC))
-    assert built is not None
-    on = TLSDecider.for_config(config, mta_sts=built[0])
+    hook = for_worker(config, store, None, store_call=direct, clock=lambda: datetime.now(UTC))
+    assert hook is not None
+    on = TLSDecider.for_config(config, mta_sts=hook)
     cases = {
         "mta_sts off": (off, Destination(domain="plain.test", mx_host="mx.plain.test")),
         "on, no record": (on, Destination(domain="plain.test", mx_host="mx.plain.test")),
