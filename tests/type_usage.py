@@ -221,3 +221,36 @@ def shaping_usage() -> None:
         for r in ms.query_status("0" * 32).recipients:
             if r.throttle is not None:
                 print(r.throttle_note, r.throttle.until)
+
+
+def suppression_and_bounce_usage() -> None:
+    from datetime import UTC, datetime
+
+    from mailstrom import DSN, InvalidSuppression, Notify, Return, Suppression, SuppressionSource
+    from mailstrom.bounces import apply_report, parse_report
+
+    config = Config(helo_name="mail.example.com", suppress_for=timedelta(days=180))
+    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+        try:
+            entry: Suppression = ms.suppress("bob@example.org", "asked to stop")
+        except InvalidSuppression as exc:
+            print(exc.reason)
+        else:
+            print(entry.reason, entry.source is SuppressionSource.MANUAL)
+        found: Suppression | None = ms.suppressed("bob@example.org")
+        print(found, ms.suppressions(after="", limit=10), ms.unsuppress("bob@example.org"))
+        ms.send_email(
+            Email(from_="a@example.com", to=["b@example.org"], text="x"),
+            envelope_from="bounces+{token}@example.com",
+            dsn=DSN(notify=(Notify.FAILURE, Notify.DELAY), ret=Return.HEADERS),
+        )
+        report = parse_report(b"...")
+        if report is not None:
+            for outcome in apply_report(ms.store, report, now=datetime.now(UTC)):
+                print(outcome.action, outcome.message_id, outcome.suppressed)
+
+
+async def async_suppression_usage() -> None:
+    async with AsyncMailstrom(Config(), worker=None) as ms:
+        await ms.suppress("example.net")
+        print(await ms.suppressed("a@example.net"), await ms.suppressions())

@@ -37,6 +37,7 @@ from mailstrom.errors import (
     InvalidHeaderValue,
     InvalidMessage,
     InvalidShapingRule,
+    InvalidSuppression,
     LineTooLong,
     MailstromError,
     MessageTooLarge,
@@ -55,6 +56,7 @@ from mailstrom.errors import (
     WorkerError,
 )
 from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
+from mailstrom.message.dsn import DSN, Notify, Return
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.status import (
@@ -74,8 +76,10 @@ from mailstrom.status import (
     WorkerStatus,
 )
 from mailstrom.stores.operator import ShapeRow, Suspension
+from mailstrom.suppression import Suppression, SuppressionSource
 
 __all__ = [
+    "DSN",
     "AmbiguousMessageId",
     "AsyncMailstrom",
     "Attachment",
@@ -102,6 +106,7 @@ __all__ = [
     "InvalidHeaderValue",
     "InvalidMessage",
     "InvalidShapingRule",
+    "InvalidSuppression",
     "LineTooLong",
     "MTASTSConfig",
     "Mailstrom",
@@ -114,6 +119,7 @@ __all__ = [
     "NestingTooDeep",
     "NoDKIMKey",
     "NoRecipients",
+    "Notify",
     "PermanentFailure",
     "PreparedMessage",
     "QueueStats",
@@ -123,11 +129,14 @@ __all__ = [
     "RelayConfig",
     "RelayTLS",
     "RetryPolicy",
+    "Return",
     "SMTPReply",
     "ShapeRow",
     "ShapingConfig",
     "StoreCorrupt",
     "StoreError",
+    "Suppression",
+    "SuppressionSource",
     "Suspension",
     "TLSPolicy",
     "TemporaryFailure",

@@ -13,6 +13,7 @@ from enum import StrEnum
 from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
+from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
 from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
@@ -384,6 +385,26 @@ class Config:
         """The names of ``lanes``, highest first."""
         return tuple(lane.name for lane in self.lanes)
 
+    suppress_on: tuple[str, ...] = DEFAULT_SUPPRESS_ON
+    """Permanent refusals that put the refused address on the store's suppression list:
+    enhanced codes (``5.1.1``) or basic codes (``556``) of an RCPT refusal, of a final-dot
+    refusal of a one-recipient transaction, or of a routing failure (NXDOMAIN 5.1.2, null
+    MX 556 5.1.10). Later messages to a suppressed address fail at once without a
+    connection. Empty: nothing is added automatically (entries can still be added by
+    hand or by ``mailstrom bounce``)."""
+    suppress_for: timedelta | None = None
+    """How long an entry added for a hard bounce lasts; None: until removed."""
+    bounce_notices: bool = False
+    """Send a bounce message (an RFC 3464 delivery status notification) to the envelope
+    sender of a message whose recipients the worker gives up on, for messages without a
+    DSN request; a message with one follows its NOTIFY (``mailstrom sendmail`` gives every
+    message one, so sendmail mail is bounced by default). Never for the null sender."""
+    delay_warning: timedelta | None = None
+    """Also send a delay warning (``Action: delayed``) once, by the first attempt that
+    defers a recipient this long after queueing, to the senders that would get a bounce
+    message (and for a DSN request, only when its NOTIFY includes DELAY or is left to the
+    server); None (the default, as Postfix's ``delay_warning_time = 0``): never."""
+
     @property
     def outbox(self) -> bool:
         """Whether recorded results also go to the event outbox."""
@@ -429,6 +450,14 @@ class Config:
         object.__setattr__(self, "metrics_domains", domains)
         if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
             raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
+        try:
+            object.__setattr__(self, "suppress_on", check_codes(self.suppress_on))
+        except ValueError as exc:
+            raise ConfigError(f"suppress_on: {exc}") from None
+        if self.delay_warning is not None and self.delay_warning.total_seconds() <= 0:
+            raise ConfigError("delay_warning must be positive (or None: no warnings)")
+        if self.suppress_for is not None and self.suppress_for.total_seconds() <= 0:
+            raise ConfigError("suppress_for must be positive (or None: no expiry)")
         if self.message_id_domain is not None:
             try:
                 name = domain_name(self.message_id_domain)

@@ -273,3 +273,21 @@ class InvalidShapingRule(ConfigError):
 class RequireTLSFailure(PermanentFailure):
     """A REQUIRETLS message (RFC 8689) cannot be sent as it demands: no authenticated TLS
     is possible to the destination, or its server does not offer REQUIRETLS (5.7.30)."""
+
+
+# --- suppression and bounces -------------------------------------------------------------
+
+
+class InvalidSuppression(MailstromError, ValueError):
+    """A suppression entry (an address or domain, its reason or its expiry) is invalid, or
+    a suppression list being imported is malformed or too large."""
+
+    def __init__(self, reason: str, *, line: int | None = None) -> None:
+        super().__init__(f"line {line}: {reason}" if line is not None else reason)
+        self.reason = reason
+        self.line = line
+
+
+class InvalidReport(MailstromError, ValueError):
+    """A bounce or complaint report (``mailstrom bounce``) is malformed: a
+    ``multipart/report`` without the part its report type requires."""

@@ -464,6 +464,10 @@ KEYS: dict[str, Parser] = {
     "lanes": _lanes,
     "default_priority": _str,
     "idempotency_window": _duration,
+    "suppress_on": _str_list,
+    "suppress_for": _optional(_duration),
+    "bounce_notices": _bool,
+    "delay_warning": _optional(_duration),
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])

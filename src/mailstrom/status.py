@@ -82,6 +82,9 @@ class ReasonClass(StrEnum):
     EXPIRED = "expired"
     """Not delivered before the message's own expiry (``expires_at`` or ``max_age`` at
     submission); given up without another attempt."""
+    SUPPRESSED = "suppressed"
+    """Not attempted: the address or its domain is on the suppression list (an earlier
+    hard bounce, complaint or an operator's entry)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

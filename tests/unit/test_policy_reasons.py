@@ -71,8 +71,9 @@ def test_every_class_is_reachable_from_some_reply_or_fallback() -> None:
     reachable |= set(t.details.values()) | set(t.subjects.values()) | set(t.codes.values())
     reachable |= set(t.local.values()) | {ReasonClass.OTHER}
     # CONNECTION also comes from errors without a reply (runtime.outcomes); EXPIRED only
-    # from the message's own expiry, never from a reply.
-    assert reachable | {ReasonClass.EXPIRED} == set(ReasonClass)
+    # from the message's own expiry and SUPPRESSED only from the worker's suppression
+    # check, never from a reply.
+    assert reachable | {ReasonClass.EXPIRED, ReasonClass.SUPPRESSED} == set(ReasonClass)
 
 
 GOOD = """

@@ -12,7 +12,9 @@ from mailstrom.errors import (
     AmbiguousMessageId,
     ConfigError,
     InvalidMessage,
+    InvalidReport,
     InvalidStoreURL,
+    InvalidSuppression,
     MailstromError,
     StoreCorrupt,
     StoreError,
@@ -69,7 +71,7 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.code
     if isinstance(exc, ConfigError | InvalidStoreURL):
         return EX_CONFIG
-    if isinstance(exc, InvalidMessage):
+    if isinstance(exc, InvalidMessage | InvalidSuppression | InvalidReport):
         return EX_DATAERR
     if isinstance(exc, UnknownMessage):
         return EX_NOINPUT

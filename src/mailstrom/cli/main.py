@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from mailstrom._version import __version__
 from mailstrom.cli import sendmail
+from mailstrom.cli.bounce import register as register_bounce
 from mailstrom.cli.check import register as register_check
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.db import register as register_db
@@ -24,6 +25,7 @@ from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, 
 from mailstrom.cli.manage import register as register_manage
 from mailstrom.cli.parsing import ArgumentParser
 from mailstrom.cli.send import register as register_send
+from mailstrom.cli.suppress import register as register_suppress
 from mailstrom.cli.tlsrpt import register as register_tlsrpt
 from mailstrom.cli.views import register as register_views
 from mailstrom.cli.web import register as register_web
@@ -55,6 +57,8 @@ examples:
   mailstrom tlsrpt --date 2026-11-29 --send  # daily TLS reports (RFC 8460)
   mailstrom web                           # the queue in the browser, on 127.0.0.1:8025
   printf 'Subject: hi\\n\\nbody\\n' | mailstrom sendmail -f app@example.com bob@example.org
+  mailstrom suppress add bob@example.org  # never send to bob again
+  mailstrom bounce < bounce.eml           # a late bounce: fail and suppress the recipient
 
 exit codes (sysexits): 0 ok, 64 usage, 65 bad message or address, 66 unreadable
 input, unknown or ambiguous message id, or resume of a domain not suspended,
@@ -92,6 +96,8 @@ def build_parser() -> ArgumentParser:
         register_destinations,
         register_tlsrpt,
         register_web,
+        register_suppress,
+        register_bounce,
     ):
         register(sub, [common])
     return parser

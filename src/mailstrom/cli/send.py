@@ -27,6 +27,7 @@ from mailstrom.cli.views import print_message
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.settings import parse_duration
 from mailstrom.status import MessageStatus, RecipientState
@@ -153,6 +154,16 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="a second send with this KEY within idempotency_window prints the first "
         "message's id and queues nothing",
     )
+    dsn = p.add_argument_group(
+        "delivery status notifications (RFC 3461; sent only to servers offering DSN)"
+    )
+    dsn.add_argument(
+        "--notify",
+        metavar="WHEN",
+        help="never, or a comma-separated list of success, failure, delay",
+    )
+    dsn.add_argument("--ret", choices=["full", "hdrs"], help="what a failure report returns")
+    dsn.add_argument("--envid", help="envelope id quoted by reports (default: the message id)")
     p.add_argument("--hold", action="store_true", help="queue it held (release to deliver)")
     p.add_argument(
         "--require-tls",
@@ -309,6 +320,7 @@ _BUILDER_ONLY = (
 def send_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     now = utc_now()
+    dsn = DSN.from_options(args.notify, args.ret, args.envid)
     if args.file is not None:
         given = [f"--{n.replace('_', '-')}" for n in _BUILDER_ONLY if getattr(args, n)]
         if given:
@@ -320,6 +332,7 @@ def send_command(args: argparse.Namespace) -> int:
             envelope_from=args.from_,
             envelope_to=envelope_to,
             now=now,
+            dsn=dsn,
             **queue_options(args),
         )
     else:
@@ -329,6 +342,7 @@ def send_command(args: argparse.Namespace) -> int:
             envelope_from=None,
             envelope_to=None,
             now=now,
+            dsn=dsn,
             **queue_options(args),
         )
     if args.require_tls:

@@ -44,6 +44,8 @@ from mailstrom.cli.localnames import (
     read_aliases,
 )
 from mailstrom.cli.parsing import Subparsers
+from mailstrom.errors import InvalidMessage
+from mailstrom.message.dsn import DSN
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
 HELP = """\
@@ -59,6 +61,10 @@ Read one RFC 5322 message on standard input and queue it for delivery; a running
   -F NAME         full name for the From header, when the message has none
   -i, -oi         a line with a single dot does not end the message
   -bp             list the pending queue (as mailq, or `mailstrom queue`) and exit
+  -N DSN          delivery status notifications: never, or a comma-separated list of
+                  success, failure, delay (RFC 3461 NOTIFY; only to servers offering DSN)
+  -R RET          full or hdrs: what a failure report returns (RFC 3461 RET)
+  -V ENVID        envelope id quoted by reports (default, with -N or -R: the message id)
   --help          show this help
 
 Bare local names (root, www-data, "From: root (Cron Daemon)") get the origin domain
@@ -71,7 +77,7 @@ MAILSTROM_* environment variables; mailstrom's own options (--store, --config, .
 refused here, before or after "sendmail".
 
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
--m -Am -Ac -d*, and -B -C -N -R -V -X -L -O -h -p with their value.
+-m -Am -Ac -d*, and -B -C -X -L -O -h -p with their value.
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
@@ -80,7 +86,7 @@ exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 
 _FLAGS = frozenset("timnvUG")
 """Single-letter flags without a value (may be clustered: ``-ti``)."""
-_IGNORED_WITH_VALUE = frozenset("BCNRVXLOhp")
+_IGNORED_WITH_VALUE = frozenset("BCXLOhp")
 """Options whose value is accepted (attached or next argument) and ignored."""
 _UNSUPPORTED_MODES = {
     "bs": "SMTP on stdin is not supported",
@@ -102,6 +108,17 @@ class SendmailArgs:
     help: bool = False
     list_queue: bool = False
     """-bp: print the queue, as mailq does."""
+
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+
+    def dsn(self) -> DSN | None:
+        """The DSN request of -N, -R and -V, if any was given; UsageError when invalid."""
+        try:
+            return DSN.from_options(self.notify, self.ret, self.envid)
+        except InvalidMessage as exc:
+            raise UsageError(str(exc).replace("dsn: ", "-N/-R/-V: ")) from None
 
 
 def parse_args(argv: Sequence[str]) -> SendmailArgs:
@@ -143,6 +160,12 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                 args.sender = value(arg, letter)
             elif letter == "F":
                 args.full_name = value(arg, letter)
+            elif letter == "N":
+                args.notify = value(arg, letter)
+            elif letter == "R":
+                args.ret = value(arg, letter)
+            elif letter == "V":
+                args.envid = value(arg, letter)
             elif letter == "o":
                 # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
                 if arg[2:3] == "i":
@@ -265,6 +288,10 @@ def _enqueue(args: SendmailArgs) -> int:
 
     # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
     # directory's files, which whoever can write there would control.
+    # A bad -N/-R/-V is a usage error before reading the message. Without them the
+    # message still carries a DSN request (NOTIFY left to the server), as an MTA's mail
+    # does: the worker then bounces final failures to the sender (docs/guide.md).
+    dsn = args.dsn() or DSN()
     settings = sendmail_settings()
     origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
     path = aliases_path(settings.values.get("sendmail.aliases"))
@@ -278,7 +305,12 @@ def _enqueue(args: SendmailArgs) -> int:
     now = utc_now()
     sender = qualify(args.sender, origin) if args.sender else None
     prepared = prepare_for(
-        settings.config, data, envelope_from=sender, envelope_to=recipients, now=now
+        settings.config,
+        data,
+        envelope_from=sender,
+        envelope_to=recipients,
+        now=now,
+        dsn=dsn,
     )
     with store_from(settings) as store:
         store.enqueue(prepared, now=now)

@@ -7,13 +7,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.operations import AsyncQueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
+from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -98,6 +100,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         expires_at: datetime | None = None,
         max_age: timedelta | None = None,
         idempotency_key: str | None = None,
+        dsn: DSN | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
@@ -111,11 +114,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         else now) fails the recipients still pending then, with the reason ``expired``.
         With ``idempotency_key``, a second submission with the same key within
         ``Config.idempotency_window`` returns the first message's id and queues nothing.
+        ``dsn`` and a VERP ``envelope_from`` as for :meth:`Mailstrom.send_email`.
         """
         prepared = self._prepare(
             message,
             envelope_from,
             envelope_to,
+            dsn,
             tags=tags,
             metadata=metadata,
             priority=priority,
@@ -165,3 +170,36 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def throttled_destinations(self) -> list[DestinationThrottle]:
         """The destinations paused now (see :meth:`Mailstrom.throttled_destinations`)."""
         return await asyncio.to_thread(self.store.throttles, now=self._clock())
+
+    # --- the suppression list --------------------------------------------------------
+
+    async def suppress(
+        self,
+        target: str,
+        reply: str = "",
+        *,
+        source: SuppressionSource = SuppressionSource.MANUAL,
+        expires_at: datetime | None = None,
+    ) -> Suppression:
+        """Put an address or a whole domain on the suppression list (see
+        :meth:`Mailstrom.suppress`)."""
+        entry = suppression_entry(
+            target, reply, source=source, expires_at=expires_at, now=self._clock()
+        )
+        await asyncio.to_thread(self.store.suppress, [entry])
+        return entry
+
+    async def unsuppress(self, target: str) -> bool:
+        """Take an address or domain off the list; False when it was not on it."""
+        removed = await asyncio.to_thread(self.store.unsuppress, [normalize_target(target)])
+        return removed > 0
+
+    async def suppressed(self, address: str) -> Suppression | None:
+        """The entry that keeps mail from ``address`` now, or None."""
+        return await asyncio.to_thread(self._suppressed, address)
+
+    async def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
+        """Up to ``limit`` entries in force, in target order after ``after``."""
+        return await asyncio.to_thread(
+            self.store.list_suppressions, now=self._clock(), after=after, limit=limit
+        )

@@ -11,17 +11,27 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Literal
 
+from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
-from mailstrom.errors import WorkerError
+from mailstrom.errors import InvalidMessage, InvalidSuppression, WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.message.attributes import queue_attributes
+from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.watchers import Watchers
+from mailstrom.suppression import (
+    MAX_REPLY,
+    Suppression,
+    SuppressionSource,
+    lookup_targets,
+    match,
+    normalize_target,
+)
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -182,11 +192,18 @@ class FacadeBase:
         if self.worker is not None:
             self.worker.wake()
 
+    def _suppressed(self, address: str) -> Suppression | None:
+        """The entry that applies to ``address`` now (its own, else its domain's)."""
+        target = normalize_target(address)
+        found = self.store.suppressions_for(lookup_targets([target]), now=self._clock())
+        return match(target, found)
+
     def _prepare(
         self,
         message: MessageInput,
         envelope_from: str | None,
         envelope_to: Sequence[str] | None,
+        dsn: DSN | None = None,
         **attributes: Any,
     ) -> PreparedMessage:
         return prepare_for(
@@ -195,8 +212,35 @@ class FacadeBase:
             envelope_from=envelope_from,
             envelope_to=envelope_to,
             now=self._clock(),
+            dsn=dsn,
             **attributes,
         )
+
+
+def suppression_entry(
+    target: str,
+    reply: str,
+    *,
+    source: SuppressionSource,
+    expires_at: datetime | None,
+    now: datetime,
+) -> Suppression:
+    """The entry a facade's ``suppress`` writes; InvalidSuppression for a bad target, a
+    naive or past expiry, or a reply longer than :data:`~mailstrom.suppression.MAX_REPLY`."""
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidSuppression("expires_at must be a timezone-aware datetime")
+        if expires_at <= now:
+            raise InvalidSuppression(f"expires_at {expires_at.isoformat()} is not in the future")
+    if len(reply) > MAX_REPLY:
+        raise InvalidSuppression(f"the reply is longer than {MAX_REPLY} characters")
+    return Suppression(
+        target=normalize_target(target),
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=now,
+        expires_at=expires_at,
+    )
 
 
 def prepare_for(
@@ -213,17 +257,21 @@ def prepare_for(
     expires_at: datetime | None = None,
     max_age: timedelta | None = None,
     idempotency_key: str | None = None,
+    dsn: DSN | None = None,
 ) -> PreparedMessage:
     """Validate, encode and sign ``message`` under ``config`` (what send_email queues).
 
     ``tags``, ``metadata`` and ``priority`` replace the :class:`Email`'s own when given;
     with the schedule and the idempotency key they become the message's
     :class:`~mailstrom.message.attributes.QueueAttributes` (validated here, so bad values
-    raise before anything is encoded).
+    raise before anything is encoded). ``dsn`` (else an :class:`Email`'s own ``dsn``) is
+    the delivery status notification request the message carries in its envelope.
 
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
     """
+    if envelope_from is not None and is_verp_template(envelope_from):
+        check_verp_template(envelope_from)
     if isinstance(message, Email):
         tags = message.tags if tags is None else tags
         metadata = message.metadata if metadata is None else metadata
@@ -253,7 +301,11 @@ def prepare_for(
     )
     if config.dkim is not None and not prepared.dkim:
         log_unsigned(prepared)
-    return dataclasses.replace(prepared, attributes=attributes)
+    if dsn is None and isinstance(message, Email):
+        dsn = message.dsn
+    if dsn is not None and not isinstance(dsn, DSN):
+        raise InvalidMessage(f"dsn must be a DSN, not {type(dsn).__name__}")
+    return dataclasses.replace(prepared, attributes=attributes, dsn=dsn)
 
 
 _dkim_log = logging.getLogger("mailstrom.dkim")

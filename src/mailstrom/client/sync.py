@@ -13,14 +13,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from mailstrom.client.common import FacadeBase, MessageInput
+from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.operations import QueueOperations, resolve
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
+from mailstrom.message.dsn import DSN
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
+from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
 
 log = logging.getLogger("mailstrom")
 
@@ -125,6 +127,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         expires_at: datetime | None = None,
         max_age: timedelta | None = None,
         idempotency_key: str | None = None,
+        dsn: DSN | None = None,
     ) -> str:
         """Validate, encode and durably queue ``message``; return its id at once.
 
@@ -138,11 +141,17 @@ class Mailstrom(FacadeBase, QueueOperations):
         else now) fails the recipients still pending then, with the reason ``expired``.
         With ``idempotency_key``, a second submission with the same key within
         ``Config.idempotency_window`` returns the first message's id and queues nothing.
+
+        ``dsn`` asks receiving servers for delivery status notifications (RFC 3461; else
+        an :class:`Email`'s own ``dsn``); an ``envelope_from`` with ``{token}`` in its
+        local part gives each recipient its own VERP envelope sender (see docs/guide.md,
+        "Bounces").
         """
         prepared = self._prepare(
             message,
             envelope_from,
             envelope_to,
+            dsn,
             tags=tags,
             metadata=metadata,
             priority=priority,
@@ -207,3 +216,39 @@ class Mailstrom(FacadeBase, QueueOperations):
         """The destinations paused now after a throttling reply, soonest end first (every
         worker of the store heeds them; see docs/guide.md, "Traffic shaping")."""
         return self.store.throttles(now=self._clock())
+
+    # --- the suppression list --------------------------------------------------------
+
+    def suppress(
+        self,
+        target: str,
+        reply: str = "",
+        *,
+        source: SuppressionSource = SuppressionSource.MANUAL,
+        expires_at: datetime | None = None,
+    ) -> Suppression:
+        """Put an address (``bob@example.org``) or a whole domain (``example.org``) on the
+        suppression list, shared by every worker of the store: later recipients there fail
+        at once with ``suppressed since <date>: <reply>``. Replaces an earlier entry.
+
+        Raises :class:`~mailstrom.errors.InvalidSuppression` for a bad target or expiry.
+        """
+        entry = suppression_entry(
+            target, reply, source=source, expires_at=expires_at, now=self._clock()
+        )
+        self.store.suppress([entry])
+        return entry
+
+    def unsuppress(self, target: str) -> bool:
+        """Take an address or domain off the list; False when it was not on it."""
+        return self.store.unsuppress([normalize_target(target)]) > 0
+
+    def suppressed(self, address: str) -> Suppression | None:
+        """The entry that keeps mail from ``address`` now (the address's own, else its
+        domain's), or None."""
+        return self._suppressed(address)
+
+    def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
+        """Up to ``limit`` entries in force, in target order after ``after`` (pass the
+        last target of a page to get the next)."""
+        return self.store.list_suppressions(now=self._clock(), after=after, limit=limit)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from mailstrom.errors import InvalidAddress, InvalidAttachment, InvalidMessage
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
+from mailstrom.message.dsn import DSN
 from mailstrom.message.envelope import AddressFields
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
 from mailstrom.message.provider import provider_fields
@@ -128,6 +129,10 @@ class Email:
     priority: str | None = None
     """The priority lane (``"transactional"`` or ``"bulk"`` by default, see
     ``Config.lanes``); None: ``Config.default_priority``."""
+    dsn: DSN | None = None
+    """Delivery status notifications to ask receiving servers for (RFC 3461: NOTIFY,
+    RET, ENVID, ORCPT), sent only to servers that offer DSN. Not a header: it travels in
+    the envelope. See :class:`~mailstrom.message.dsn.DSN`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailstrom.message.attributes import NO_ATTRIBUTES, QueueAttributes
+from mailstrom.message.dsn import DSN
 
 if TYPE_CHECKING:
     from mailstrom.dkim.signing import DKIMSignature
@@ -43,6 +44,9 @@ class PreparedMessage:
     attributes: QueueAttributes = NO_ATTRIBUTES
     """Tags, metadata, priority lane, schedule, expiry and idempotency key: what the queue
     keeps beside the bytes (see :mod:`mailstrom.message.attributes`)."""
+    dsn: DSN | None = None
+    """The delivery status notifications asked for (RFC 3461), sent to servers offering
+    DSN; None: no DSN parameters."""
 
     @property
     def size(self) -> int:

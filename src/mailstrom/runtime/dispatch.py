@@ -541,6 +541,8 @@ class Dispatcher:
                 if work.seven_bit is None:
                     work.seven_bit = downgrade_to_7bit(data)
                 data, eightbit = work.seven_bit, False
+            # RFC 3461 parameters go only to a server that offers DSN.
+            dsn_mail, dsn_rcpt = dsn_params(item) if "DSN" in conn.extensions else (b"", ())
             return conn.submit(
                 envelope_from=item.envelope_from,
                 recipients=[r.address for r in item.recipients],
@@ -548,6 +550,8 @@ class Dispatcher:
                 smtputf8=item.smtputf8,
                 eightbit=eightbit,
                 reset=reset,
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
                 requiretls=item.require_tls,
             )
         except PermanentFailure as exc:
@@ -709,6 +713,17 @@ def _until_pause(
         replace(r, next_attempt_at=pause.until) if r.state is RecipientState.DEFERRED else r
         for r in results
     ]
+
+
+def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
+    """The RFC 3461 MAIL and per-RCPT parameters ``item``'s DSN request asks for (the
+    ENVID defaults to the message id, which ``mailstrom bounce`` recognises)."""
+    dsn = item.dsn
+    if dsn is None:
+        return b"", ()
+    return dsn.mail_params(item.message_id), tuple(
+        dsn.rcpt_params(r.address) for r in item.recipients
+    )
 
 
 def _enqueue_by_rank(queue: deque[_Work], work: _Work) -> None:

@@ -30,6 +30,7 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
+from mailstrom.policy.hardbounce import is_hard_bounce
 from mailstrom.policy.reasons import classify_local, classify_reply, table
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
@@ -134,6 +135,7 @@ class Outcomes:
                         where,
                         reply=reply,
                         reason=classify_reply(reply),
+                        hard=self._hard(outcome, reply.code, reply.enhanced),
                     )
                 )
         if not accepted:
@@ -168,8 +170,14 @@ class Outcomes:
         outcome = _outcome(decisive, stage)
         # A 250 to the final dot is the common case: classified never, not once per result.
         reason = None if outcome is AttemptOutcome.DELIVERED else _reason(decisive)
+        # A refusal after DATA names one recipient only when the transaction had one.
+        hard = (
+            decisive is not None
+            and len(accepted) == 1
+            and self._hard(outcome, decisive.code, decisive.enhanced)
+        )
         results.extend(
-            self._result(item, r, outcome, started, where, reply=decisive, reason=reason)
+            self._result(item, r, outcome, started, where, reply=decisive, reason=reason, hard=hard)
             for r in accepted
         )
         return results
@@ -195,10 +203,17 @@ class Outcomes:
         )
         error = None if reply is not None else exc.text
         reason = error_reason(exc, reply)
+        hard = self._hard(outcome, exc.code, exc.enhanced)
         return [
-            self._result(item, r, outcome, started, where, reply=reply, error=error, reason=reason)
+            self._result(
+                item, r, outcome, started, where, reply=reply, error=error, reason=reason, hard=hard
+            )
             for r in (item.recipients if recipients is None else recipients)
         ]
+
+    def _hard(self, outcome: AttemptOutcome, code: int | None, enhanced: str | None) -> bool:
+        """Whether this refusal puts its recipients on the suppression list."""
+        return is_hard_bounce(outcome, code=code, enhanced=enhanced, codes=self._config.suppress_on)
 
     def is_expired(self, item: WorkItem) -> bool:
         """Whether ``item``'s message is past the expiry its sender set."""
@@ -241,6 +256,7 @@ class Outcomes:
         error: str | None = None,
         uncertain: bool = False,
         reason: ReasonClass | None = None,
+        hard: bool = False,
     ) -> RecipientResult:
         now = self._clock()
         attempt = Attempt(
@@ -274,6 +290,7 @@ class Outcomes:
             queued_at=recipient.created_at,
             size=len(item.data),
             envelope_from=item.envelope_from,
+            hard_bounce=hard and state is RecipientState.FAILED,
         )
 
     def _decide(

@@ -75,6 +75,8 @@ class Txn:
         "data",
         "data_reply",
         "dot_pending",
+        "dsn_mail",
+        "dsn_rcpt",
         "eightbit",
         "final",
         "future",
@@ -99,8 +101,12 @@ class Txn:
         reset: bool,
         future: asyncio.Future[TransactionResult],
         requiretls: bool = False,
+        dsn_mail: bytes = b"",
+        dsn_rcpt: Sequence[bytes] = (),
     ) -> None:
         self.requiretls = requiretls
+        self.dsn_mail = dsn_mail
+        self.dsn_rcpt = dsn_rcpt
         self.sender = sender
         self.recipients = recipients
         self.data = data
@@ -209,6 +215,8 @@ class TransactionsMixin:
         eightbit: bool,
         reset: bool = False,
         requiretls: bool = False,
+        dsn_mail: bytes = b"",
+        dsn_rcpt: Sequence[bytes] = (),
     ) -> asyncio.Future[TransactionResult]:
         """Queue one transaction; the future gives its :class:`TransactionResult`.
 
@@ -227,9 +235,16 @@ class TransactionsMixin:
         the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
         although no recipient was accepted, the connection is closed rather than an empty
         message sent.
+
+        ``dsn_mail`` and ``dsn_rcpt`` (one per recipient) are RFC 3461 parameters
+        (:class:`~mailstrom.message.dsn.DSN`); given to a server without DSN they raise
+        ``LocalProtocolError`` as the transaction starts, so callers give them only when
+        ``extensions`` has DSN.
         """
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
+        if dsn_rcpt and len(dsn_rcpt) != len(recipients):
+            raise ValueError("dsn_rcpt needs one entry per recipient")
         if not self.usable:
             raise SMTPConnectError(f"connection to {self.host} is not usable", host=self.host)
         session = self._session
@@ -265,7 +280,18 @@ class TransactionsMixin:
         self.messages_sent += 1
         future: asyncio.Future[TransactionResult] = self._loop.create_future()
         self._queued.append(
-            Txn(envelope_from, recipients, data, smtputf8, eightbit, reset, future, requiretls)
+            Txn(
+                envelope_from,
+                recipients,
+                data,
+                smtputf8,
+                eightbit,
+                reset,
+                future,
+                requiretls,
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
+            )
         )
         self._continue()
         return future
@@ -291,6 +317,8 @@ class TransactionsMixin:
                 smtputf8=txn.smtputf8,
                 reset=txn.reset,
                 requiretls=txn.requiretls,
+                dsn_mail=txn.dsn_mail,
+                dsn_rcpt=txn.dsn_rcpt,
             )
             handlers = self._handlers
             if txn.reset:
@@ -328,6 +356,7 @@ class TransactionsMixin:
             eightbit=txn.eightbit,
             smtputf8=txn.smtputf8,
             requiretls=txn.requiretls,
+            dsn=txn.dsn_mail,
         )
 
     def _on_rset(self, txn: Txn, reply: Reply) -> None:
@@ -353,9 +382,10 @@ class TransactionsMixin:
 
     def _send_rcpt(self, txn: Txn) -> None:
         address = txn.recipients[txn.next_rcpt]
+        dsn = txn.dsn_rcpt[txn.next_rcpt] if txn.dsn_rcpt else b""
         txn.next_rcpt += 1
         self._handlers.append(functools.partial(self._on_rcpt, txn))
-        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8))
+        self._write(self._session.rcpt(address, smtputf8=txn.smtputf8, dsn=dsn))
         self._arm_next()
 
     def _on_rcpt(self, txn: Txn, reply: Reply) -> None:

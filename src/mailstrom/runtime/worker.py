@@ -29,23 +29,28 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.runtime.notices import notices_for
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
+from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
 from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
+from mailstrom.suppression import Suppression
 from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 log = logging.getLogger("mailstrom.worker")
@@ -412,9 +417,14 @@ class Worker:
             backoff.reset()
             self._store_fine()
             if batch:
+                # Before on_result hears of a hard bounce, its address is on the list.
+                await self._suppress_hard_bounces(recorded)
+                notices = self._notices(recorded)  # before _recorded forgets the leases
                 self._recorded(batch, recorded)
                 if recorded and self._hooks is not None:
                     self._hooks.wake()
+                if notices:
+                    await self._send_notices(notices)
             if not leasing:
                 continue
             self._capped = any(most == 0 for _, most in lanes)
@@ -423,7 +433,11 @@ class Worker:
                 self._due_stale = True
                 self._empty_at = self._clock()
                 continue
-            if self._start(lease, dispatcher) < _SMALL_LEASE and dispatcher.in_flight:
+            found = await self._suppressed_in(lease)
+            if found is None:
+                await self._sleep(backoff.take())
+                continue
+            if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
 
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -475,18 +489,90 @@ class Worker:
             self._due_stale = True
         return False
 
-    def _start(self, lease: Lease, dispatcher: Dispatcher) -> int:
+    def _start(
+        self, lease: Lease, dispatcher: Dispatcher, suppressed: Mapping[str, Suppression]
+    ) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
         items = self._items
         load = self._lane_load
+        now = self._clock()
         for item in lease.items:
             key = (lease.token, item.message_id, item.domain)
             items[key] = len(item.recipients)
             self._item_lanes[key] = item.priority
             load[item.priority] = load.get(item.priority, 0) + len(item.recipients)
-            dispatcher.submit(item)
+            rest, refused = screen(item, suppressed, now=now)
+            if refused:
+                self._on_done(refused)  # failed at once, recorded with the next write
+            if rest is not None:
+                # A VERP message is one transaction per recipient (its own envelope sender).
+                for part in per_recipient(rest):
+                    dispatcher.submit(part)
         return count
+
+    async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
+        """The suppression entries that apply to the lease's recipients (one store call
+        per lease). None when the store failed: the lease is given back, to be taken again
+        once the list can be read, so a suppressed address is never sent to for want of a
+        lookup."""
+        try:
+            return await self._store_call(
+                self.store.suppressions_for, lease_targets(lease), now=self._clock()
+            )
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("suppressions", exc)
+            with contextlib.suppress(StoreError):
+                await self._store_call(self.store.release, lease)
+            return None
+
+    def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
+        """Bounce messages for the final failures among ``recorded`` that ask for one."""
+        wanted = self.config.delay_warning is not None
+        failed = [
+            r
+            for r in recorded
+            if r.state is RecipientState.FAILED or (wanted and r.state is RecipientState.DEFERRED)
+        ]
+        if not failed:
+            return []
+        items = {
+            (item.message_id, item.domain): item
+            for token in {r.lease_token for r in failed}
+            if (state := self._leases.get(token)) is not None
+            for item in state.lease.items
+        }
+        return notices_for(failed, items, config=self.config, now=self._clock())
+
+    async def _send_notices(self, notices: list[PreparedMessage]) -> None:
+        """Queue bounce messages like any other mail (they go out with the null sender,
+        so they are never bounced themselves). A store failure here loses them (logged)."""
+        try:
+            await self._store_call(self.store.enqueue_many, notices, now=self._clock())
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("bounce notices", exc)
+            log.warning("%d bounce messages not queued: %s", len(notices), exc)
+        else:
+            self._lease_wanted = True
+
+    async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
+        """Put the addresses of recorded hard bounces on the suppression list. If the store
+        fails here the entries are lost (logged): the next message to such an address is
+        refused again and adds it then."""
+        entries = hard_bounce_entries(recorded, expire_after=self.config.suppress_for)
+        if not entries:
+            return
+        try:
+            await self._store_call(self.store.suppress, entries)
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("suppress", exc)
+            log.warning("%d hard-bounced addresses not suppressed: %s", len(entries), exc)
 
     def _on_done(self, results: list[RecipientResult]) -> None:
         """An item's results: to the store loop at once (the duplicate window starts)."""

@@ -312,14 +312,17 @@ class ClientSession:
         eightbit: bool = False,
         smtputf8: bool = False,
         requiretls: bool = False,
+        dsn: bytes = b"",
     ) -> bytes:
         """MAIL FROM with SIZE (if offered), BODY=8BITMIME, SMTPUTF8 and REQUIRETLS (RFC
-        8689, if asked for)."""
-        line = self._mail_line(sender, size, eightbit, smtputf8, requiretls)
+        8689, if asked for) and the DSN parameters ``dsn`` (`` RET=HDRS ENVID=...``; RFC
+        3461, only when offered)."""
+        line = self._mail_line(sender, size, eightbit, smtputf8, requiretls, dsn)
         return self._send(Command.MAIL, line, sender)
 
-    def rcpt(self, recipient: str, *, smtputf8: bool = False) -> bytes:
-        return self._send(Command.RCPT, self._rcpt_line(recipient, smtputf8), recipient)
+    def rcpt(self, recipient: str, *, smtputf8: bool = False, dsn: bytes = b"") -> bytes:
+        """RCPT TO with the DSN parameters ``dsn`` (`` NOTIFY=... ORCPT=...``), if any."""
+        return self._send(Command.RCPT, self._rcpt_line(recipient, smtputf8, dsn), recipient)
 
     def data(self) -> bytes:
         return self._send(Command.DATA, b"DATA\r\n")
@@ -347,18 +350,27 @@ class ClientSession:
         smtputf8: bool = False,
         reset: bool = False,
         requiretls: bool = False,
+        dsn_mail: bytes = b"",
+        dsn_rcpt: Sequence[bytes] = (),
     ) -> bytes:
         """[RSET,] MAIL, every RCPT and DATA as one pipelined batch (RFC 2920).
 
         Only when the server offers PIPELINING; the replies then come back in this order.
+        ``dsn_mail`` and ``dsn_rcpt`` (one per recipient, or none) are DSN parameters, as
+        for :meth:`mail` and :meth:`rcpt`.
         """
         if not self.pipelining:
             raise LocalProtocolError("the server does not offer PIPELINING")
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
+        if dsn_rcpt and len(dsn_rcpt) != len(recipients):
+            raise ValueError("dsn_rcpt needs one entry per recipient")
         # Build every line first, so a bad address leaves the session untouched.
-        mail = self._mail_line(sender, size, eightbit, smtputf8, requiretls)
-        rcpts = [(r, self._rcpt_line(r, smtputf8)) for r in recipients]
+        mail = self._mail_line(sender, size, eightbit, smtputf8, requiretls, dsn_mail)
+        rcpts = [
+            (r, self._rcpt_line(r, smtputf8, dsn_rcpt[i] if dsn_rcpt else b""))
+            for i, r in enumerate(recipients)
+        ]
         out = [self.rset()] if reset else []
         out.append(self._send(Command.MAIL, mail, sender))
         out.extend(self._send(Command.RCPT, line, r) for r, line in rcpts)
@@ -372,6 +384,7 @@ class ClientSession:
         eightbit: bool,
         smtputf8: bool,
         requiretls: bool = False,
+        dsn: bytes = b"",
     ) -> bytes:
         params = b""
         if size is not None and "SIZE" in self._extensions:
@@ -388,13 +401,25 @@ class ClientSession:
             if "REQUIRETLS" not in self._extensions:
                 raise LocalProtocolError("REQUIRETLS but the server does not offer it")
             params += b" REQUIRETLS"
+        if dsn:
+            self._check_dsn(dsn)
+            params += dsn
         return b"MAIL FROM:" + encode_path(sender, smtputf8) + params + b"\r\n"
 
-    @staticmethod
-    def _rcpt_line(recipient: str, smtputf8: bool) -> bytes:
+    def _rcpt_line(self, recipient: str, smtputf8: bool, dsn: bytes = b"") -> bytes:
         if not recipient:
             raise ValueError("empty recipient address")
-        return b"RCPT TO:" + encode_path(recipient, smtputf8) + b"\r\n"
+        if dsn:
+            self._check_dsn(dsn)
+        return b"RCPT TO:" + encode_path(recipient, smtputf8) + dsn + b"\r\n"
+
+    def _check_dsn(self, params: bytes) -> None:
+        # RFC 3461 §4: the parameters only go to a server that offers DSN. They are built
+        # from checked values (xtext), so a line break here is a bug, not peer input.
+        if "DSN" not in self._extensions:
+            raise LocalProtocolError("DSN parameters but the server does not offer DSN")
+        if not params.startswith(b" ") or any(c in params for c in b"\r\n\x00"):
+            raise ValueError(f"malformed DSN parameters: {params!r}")
 
     def _require_state(self, state: State) -> None:
         if self._pending or self._state is not state:

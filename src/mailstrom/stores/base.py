@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
@@ -33,6 +34,7 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.stores.operator import ShapeRow, Suspension
+from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
@@ -138,6 +140,9 @@ class LeasedRecipient:
     ref: int | None = None
     """The store's own handle on this recipient (a row id), handed back in the result so
     recording needs no lookup; None for stores that do not use one."""
+    last_attempt_at: datetime | None = None
+    """When the attempt before this lease was made (None before the first): a delay
+    warning is sent by the attempt that first falls past its threshold."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +159,8 @@ class WorkItem:
     data: bytes
     smtputf8: bool
     eightbit: bool
+    dsn: DSN | None = None
+    """The message's delivery status notification request, if any."""
     require_tls: bool = False
     """REQUIRETLS (RFC 8689): deliver only over TLS to an authenticated server offering
     REQUIRETLS (``Email.require_tls``)."""
@@ -198,6 +205,10 @@ class RecipientResult:
     """The message's size in octets as stored, for the attempt log. Stores do not read it."""
     envelope_from: str | None = None
     """The message's envelope sender, for the attempt log. Stores do not read it."""
+    hard_bounce: bool = False
+    """The failure puts the address on the suppression list (a permanent refusal of a
+    class in ``Config.suppress_on``); the worker adds it once the result is recorded.
+    Stores do not read it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -525,6 +536,45 @@ class Store(Protocol):
         """Take up to ``want`` tokens from every one of ``buckets`` at once
         (:func:`~mailstrom.policy.throttle.take_tokens`) in one transaction: every worker
         of the store draws from the same buckets."""
+
+    # --- the suppression list (schema version 6) -------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add ``entries`` in one transaction; an entry replaces the one its target had
+        (newest wins). Targets must be normalized
+        (:func:`~mailstrom.suppression.normalize_target`). Returns how many were written."""
+        ...
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets`` (normalized); returns how many existed."""
+        ...
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` (normalized addresses and domains) that apply at
+        ``now``, by target: one indexed lookup, made by the worker once per lease."""
+        ...
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Up to ``limit`` entries with a target after ``after``, in target order (page on
+        with the last target seen); with ``now``, only those that apply then."""
+        ...
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (a bounce that came back after the
+        server had accepted the message): its state, reason and finish time become those
+        of ``attempt``, which is appended to its history without counting as a delivery
+        attempt; a lease on it is dropped (a later record for it is ignored). With events
+        enabled, an event is written in the same transaction. Returns False when the
+        message has no such recipient (``address`` exactly as stored) or it has failed
+        already; raises UnknownMessage for an unknown id."""
+        ...
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages whose Message-ID header is ``header_message_id`` (with its
+        angle brackets), newest first, at most ``limit``."""
+        ...
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
 

@@ -60,13 +60,14 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
+    Attempt,
     DeliveryEvent,
     DestinationThrottle,
     MessageStatus,
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_tls
+from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_suppressions, sqlite_tls
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
@@ -121,6 +122,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
+from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
@@ -1068,3 +1070,67 @@ class SQLiteStore:
         """Delete the counters of days before ``before``; returns how many."""
         with self._write(fsync=False) as conn:
             return sqlite_tls.prune_sessions(conn, before)
+
+    # --- the suppression list -----------------------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries in one transaction (fsynced: an operator's or a
+        bounce's entry must not vanish); returns how many were written."""
+        if not entries:
+            return 0
+        with self._write() as conn:
+            return sqlite_suppressions.insert_suppressions(conn, entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        if not targets:
+            return 0
+        with self._write() as conn:
+            return sqlite_suppressions.delete_suppressions(conn, targets)
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now`` (primary-key lookups)."""
+        if not targets:
+            return {}
+        with self._read() as conn:
+            return sqlite_suppressions.find_suppressions(conn, targets, now=now)
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        with self._read() as conn:
+            return sqlite_suppressions.page_suppressions(conn, now=now, after=after, limit=limit)
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction."""
+        with self._write() as conn:
+            seq = self._seq(conn, message_id)
+            rid = sqlite_suppressions.fail_recipient(conn, seq, address, attempt)
+            if rid is not None and self._events:
+                sqlite_events.append_events(conn, [_late_result(message_id, address, attempt, rid)])
+        return rid is not None
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first (indexed)."""
+        with self._read() as conn:
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM messages WHERE header_message_id = ?"
+                    " ORDER BY created_at DESC, seq DESC LIMIT ?",
+                    (header_message_id, max(limit, 0)),
+                )
+            ]
+
+
+def _late_result(message_id: str, address: str, attempt: Attempt, rid: int) -> RecipientResult:
+    """A result standing for a late failure, for the event outbox (which reads the row)."""
+    return RecipientResult(
+        message_id=message_id,
+        address=address,
+        state=RecipientState.FAILED,
+        attempt=attempt,
+        lease_token="",
+        ref=rid,
+    )

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, MessageStatus, derive_message_state
 from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
@@ -119,6 +120,8 @@ def insert_messages(
             dkims.append((seq, dkim))
         if message.require_tls:  # rare: a statement of its own keeps the common one short
             conn.execute("UPDATE messages SET require_tls = 1 WHERE seq = ?", (seq,))
+        if message.dsn is not None:  # rare: the common INSERT stays as it is
+            conn.execute("UPDATE messages SET dsn = ? WHERE seq = ?", (message.dsn.encode(), seq))
         lane = attrs.priority or ""
         recipients.extend(
             (seq, i, address, domain_of(address), hold, due, lane)
@@ -213,12 +216,13 @@ def lease_rows(
     for chunk in chunks(seqs):
         for m in conn.execute(
             "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls,"
-            f" expires_at, priority FROM messages WHERE seq IN ({qmarks(len(chunk))})",
+            " expires_at, priority, dsn"
+            f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
             messages[m[0]] = m
     groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
-    for rid, seq, position, address, domain, attempts, first in rows:
+    for rid, seq, position, address, domain, attempts, first, last in rows:
         groups.setdefault((seq, domain), []).append(
             (
                 position,
@@ -228,13 +232,14 @@ def lease_rows(
                     first_attempt_at=opt_dt(first),
                     created_at=from_us(messages[seq][5]),
                     ref=rid,
+                    last_attempt_at=opt_dt(last),
                 ),
             )
         )
     items = []
     for (seq, domain), leased in groups.items():
         row = messages[seq]
-        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls, expires, lane = row
+        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls, expires, lane, dsn = row
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
@@ -249,6 +254,7 @@ def lease_rows(
                 require_tls=bool(require_tls),
                 expires_at=opt_dt(expires),
                 priority=lane or "",
+                dsn=DSN.decode(dsn) if dsn else None,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
@@ -272,7 +278,7 @@ def _mark(
         f" WHERE {condition} {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
         f" ORDER BY {DUE_SQL}, id LIMIT ?)"
         " RETURNING id, message_seq, position, address, domain, attempts,"
-        " first_attempt_at",
+        " first_attempt_at, last_attempt_at",
         (token, expires, *params, now, limit),
     ).fetchall()
 

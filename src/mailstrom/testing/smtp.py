@@ -31,7 +31,9 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     MAIL FROM: it then shows in the message's ``mail_options``),
     ``greeting=None`` (e.g. ``"421 4.3.2 Go away"``: a non-2xx greeting is sent, then the
     connection closed), ``ehlo_reply=None`` (e.g. ``"502 5.5.1 No EHLO"`` forces HELO),
-    ``stall_on=None``, ``drop_on=None`` (see below).
+    ``stall_on=None``, ``drop_on=None`` (see below), ``dsn=False`` (advertise DSN and take
+    its RFC 3461 MAIL and RCPT parameters, recorded in ``dsn_params``; aiosmtpd alone
+    refuses them).
 
 Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     ``rcpt_replies[address]``, ``mail_reply``, ``data_reply``: a reply line such as
@@ -169,6 +171,10 @@ class ReceivingServer:
         self.greeting = greeting
         self.ehlo_reply = ehlo_reply
         self.auth = auth
+        self.dsn = False
+        self.dsn_params: list[tuple[str, str, tuple[str, ...]]] = []
+        """With ``dsn=True``: (``"MAIL"`` or ``"RCPT"``, address, its RFC 3461 parameters)
+        for every command that carried some, in arrival order."""
         self.rcpt_replies: dict[str, Rule] = {}
         self.mail_reply: Rule | None = None
         self.data_reply: Rule | None = None
@@ -306,6 +312,8 @@ class _Handler:
             extra.append("250-PIPELINING")
         if fixture.enhancedstatuscodes:
             extra.append("250-ENHANCEDSTATUSCODES")
+        if fixture.dsn:
+            extra.append("250-DSN")
         if fixture.requiretls and server._tls_protocol is not None:
             extra.append("250-REQUIRETLS")  # RFC 8689 §2: only over TLS
         return lines[:1] + extra + lines[1:]
@@ -361,6 +369,9 @@ class _Handler:
             await _forever()
         assert reply is not None
         return reply
+
+
+_DSN_PARAMS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
 
 
 class _SMTP(SMTP):
@@ -432,10 +443,25 @@ class _SMTP(SMTP):
             kept = [w for w in words if w.upper() != "REQUIRETLS"]
             requiretls = len(kept) != len(words)
             arg = " ".join(kept)
-        await super().smtp_MAIL(arg)
+        await super().smtp_MAIL(self._take_dsn("MAIL", arg))
         envelope = self.envelope
         if requiretls and envelope is not None and envelope.mail_from is not None:
             envelope.mail_options.append("REQUIRETLS")
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        await super().smtp_RCPT(self._take_dsn("RCPT", arg))
+
+    def _take_dsn(self, command: str, arg: str) -> str:
+        """With ``dsn=True``, record the RFC 3461 parameters of ``arg`` and hand aiosmtpd
+        the rest (it refuses parameters it does not know with 555)."""
+        if not self._fixture.dsn or not arg:
+            return arg
+        path, *params = arg.split(" ")
+        dsn = tuple(p for p in params if p.partition("=")[0].upper() in _DSN_PARAMS)
+        if dsn:
+            address = path.partition(":")[2].strip("<>")
+            self._fixture.dsn_params.append((command, address, dsn))
+        return " ".join([path, *(p for p in params if p not in dsn)])
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if not self._fixture.tls_broken:
@@ -531,6 +557,7 @@ def start_receiving_server(
     ehlo_reply: str | None = None,
     stall_on: str | None = None,
     drop_on: str | None = None,
+    dsn: bool = False,
     requiretls: bool = False,
 ) -> ReceivingServer:
     """Start one receiving server (see the module docstring for the options); the caller
@@ -582,6 +609,7 @@ def start_receiving_server(
     fixture.commands.clear()
     fixture.stall_on = stall_on
     fixture.drop_on = drop_on
+    fixture.dsn = dsn
     return fixture
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -66,6 +67,7 @@ def enqueue_params(
         "send_ats": [m.attributes.send_at for m in messages],
         "expires_ats": [m.attributes.expires_at for m in messages],
         "keys": [m.attributes.idempotency_key for m in messages],
+        "dsns": [m.dsn.encode() if m.dsn is not None else None for m in messages],
         "r_ids": r_ids,
         "r_addresses": r_addresses,
         "r_positions": r_positions,
@@ -110,7 +112,9 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
     (message, domain), each listing its recipients in the message's order."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], tuple[str, bool, bool, bool, datetime | None, str]] = {}
+    heads: dict[
+        tuple[str, str], tuple[str, bool, bool, bool, datetime | None, str, str | None]
+    ] = {}
     for (
         message_id,
         domain,
@@ -126,6 +130,8 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
         require_tls,
         expires_at_,
         priority,
+        dsn,
+        last_attempt_at,
     ) in rows:
         if body is not None:
             data[message_id] = body
@@ -139,6 +145,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 require_tls,
                 expires_at_,
                 priority or "",
+                dsn,
             )
         groups[key].append(
             (
@@ -148,12 +155,15 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                     attempts=attempts,
                     first_attempt_at=first_attempt_at,
                     created_at=created_at,
+                    last_attempt_at=last_attempt_at,
                 ),
             )
         )
     items = []
     for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit, require_tls, expires, lane = heads[message_id, domain]
+        envelope_from, smtputf8, eightbit, require_tls, expires, lane, dsn = heads[
+            message_id, domain
+        ]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
@@ -168,6 +178,7 @@ def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, 
                 require_tls=require_tls,
                 expires_at=expires,
                 priority=lane,
+                dsn=DSN.decode(dsn) if dsn else None,
             )
         )
     return Lease(token=token, expires_at=expires_at, items=tuple(items))

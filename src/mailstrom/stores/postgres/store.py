@@ -28,6 +28,7 @@ from mailstrom.policy.throttle import (
     take_tokens,
 )
 from mailstrom.status import (
+    Attempt,
     DeliveryEvent,
     DestinationThrottle,
     MessageStatus,
@@ -36,12 +37,14 @@ from mailstrom.status import (
 )
 from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
+    MAX_HISTORY,
     MAX_TLS_BROKEN,
     EventBatch,
     Lease,
     QueueFilter,
     RecipientResult,
     WorkItem,
+    bounded_attempt,
     bounded_text,
     new_message_id,
     record_then_lease,
@@ -62,6 +65,7 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.suppression import Suppression, SuppressionSource
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 
@@ -745,6 +749,99 @@ class PostgresStore:
             )
         return grant
 
+    # --- the suppression list -----------------------------------------------------------
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries in one statement; returns how many were given."""
+        if not entries:
+            return 0
+        self._fetch_none(
+            "suppress",
+            {
+                "targets": [e.target for e in entries],
+                "sources": [e.source.value for e in entries],
+                "replies": [e.reply for e in entries],
+                "created": [e.created_at for e in entries],
+                "expires": [e.expires_at for e in entries],
+                "message_ids": [e.message_id for e in entries],
+            },
+        )
+        return len(entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        if not targets:
+            return 0
+        [(count,)] = self._fetch("unsuppress", {"targets": list(set(targets))})
+        return int(count)
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now`` (one primary-key lookup)."""
+        if not targets:
+            return {}
+        found = self._fetch("suppressions_for", {"targets": list(targets), "now": now})
+        return {row[0]: _suppression(row) for row in found}
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        found = self._fetch(
+            "list_suppressions", {"after": after, "now": now, "limit": max(limit, 0)}
+        )
+        return [_suppression(row) for row in found]
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
+        (two statements with events enabled)."""
+        a = bounded_attempt(attempt)
+        reply = a.reply
+        params = {
+            "message_id": message_id,
+            "address": address,
+            "at": a.at,
+            "outcome": a.outcome.value,
+            "duration": a.duration,
+            "mx_host": a.mx_host,
+            "ip": a.ip,
+            "port": a.port,
+            "tls_version": a.tls_version,
+            "tls_cipher": a.tls_cipher,
+            "reply_code": reply.code if reply else None,
+            "reply_enhanced": reply.enhanced if reply else None,
+            "reply_text": reply.text if reply else None,
+            "error": a.error,
+            "reason_class": a.reason_class.value if a.reason_class is not None else None,
+            "max_history": MAX_HISTORY,
+        }
+        with (
+            translate_errors("fail_late"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            row = conn.execute(self._queries["fail_late"], params).fetchone()
+            found, changed = row if row is not None else (0, 0)
+            if changed and self._events:
+                conn.execute(
+                    self._queries["append_events"],
+                    {"message_ids": [message_id], "addresses": [address]},
+                )
+        if not found:
+            raise UnknownMessage(message_id)
+        return bool(changed)
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first (indexed)."""
+        found = self._fetch(
+            "message_ids_for_header",
+            {"header_message_id": header_message_id, "limit": max(limit, 0)},
+        )
+        return [row[0] for row in found]
+
+    def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
+        with translate_errors(name), self._pool.connection() as conn:
+            conn.execute(self._queries[name], params)
+
     def __enter__(self) -> PostgresStore:
         return self
 
@@ -760,4 +857,16 @@ def _throttle(row: Sequence[Any]) -> DestinationThrottle:
     destination, until, strikes, reply, since = row
     return DestinationThrottle(
         destination=destination, until=until, strikes=strikes, reply=reply, since=since
+    )
+
+
+def _suppression(row: tuple[Any, ...]) -> Suppression:
+    target, source, reply, created_at, expires_at, message_id = row
+    return Suppression(
+        target=target,
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=created_at,
+        expires_at=expires_at,
+        message_id=message_id,
     )

@@ -12,21 +12,23 @@
 WITH new_messages AS (
     INSERT INTO messages (id, data, envelope_from, smtputf8, eightbit, subject,
                           header_message_id, size, created_at, held, dkim, require_tls,
-                          tags, metadata, priority, send_at, expires_at, idempotency_key)
+                          tags, metadata, priority, send_at, expires_at, idempotency_key,
+                          dsn)
     SELECT t.id, t.data, t.envelope_from, t.smtputf8, t.eightbit, t.subject,
            t.header_message_id, t.size, %(now)s, %(held)s, t.dkim, t.require_tls,
            CASE WHEN t.tags IS NOT NULL
                 THEN ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)) END,
-           t.metadata::jsonb, t.priority, t.send_at, t.expires_at, t.idempotency_key
+           t.metadata::jsonb, t.priority, t.send_at, t.expires_at, t.idempotency_key, t.dsn
     FROM unnest(%(ids)s::text[], %(datas)s::bytea[], %(froms)s::text[],
                 %(smtputf8)s::boolean[], %(eightbit)s::boolean[], %(subjects)s::text[],
                 %(header_ids)s::text[], %(sizes)s::integer[], %(dkims)s::text[],
                 %(require_tls)s::boolean[], %(tags)s::text[],
                 %(metadatas)s::text[], %(priorities)s::text[], %(send_ats)s::timestamptz[],
-                %(expires_ats)s::timestamptz[], %(keys)s::text[]) WITH ORDINALITY
+                %(expires_ats)s::timestamptz[], %(keys)s::text[], %(dsns)s::text[])
+         WITH ORDINALITY
          AS t(id, data, envelope_from, smtputf8, eightbit, subject, header_message_id, size,
               dkim, require_tls, tags, metadata, priority, send_at, expires_at,
-              idempotency_key, n)
+              idempotency_key, dsn, n)
     ORDER BY t.n  -- seq follows the caller's order
     RETURNING id, seq, send_at, priority
 ), new_recipients AS (
@@ -82,10 +84,10 @@ WITH due AS MATERIALIZED (
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
     WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at
+              r.first_attempt_at, r.last_attempt_at
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
-           m.expires_at, m.priority
+           m.expires_at, m.priority, m.dsn
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
@@ -93,7 +95,7 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attemp
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -134,10 +136,10 @@ WITH picked AS MATERIALIZED (
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
     WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at
+              r.first_attempt_at, r.last_attempt_at
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
-           m.require_tls, m.expires_at, m.priority
+           m.require_tls, m.expires_at, m.priority, m.dsn
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
@@ -145,7 +147,7 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attemp
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -175,10 +177,10 @@ WITH due AS MATERIALIZED (
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
     WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at
+              r.first_attempt_at, r.last_attempt_at
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
-           m.require_tls, m.expires_at, m.priority
+           m.require_tls, m.expires_at, m.priority, m.dsn
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
@@ -186,7 +188,7 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attemp
        m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority
+       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at
 FROM leased l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -770,4 +772,82 @@ WITH expired AS (
 SELECT host, until FROM tls_broken
 WHERE until > %(now)s
 ORDER BY until DESC
+LIMIT %(limit)s;
+
+-- name: suppress
+-- Add or replace suppression entries given as parallel arrays (the newest entry for a
+-- target wins).
+INSERT INTO suppressions (target, source, reply, created_at, expires_at, message_id)
+SELECT DISTINCT ON (target) target, source, reply, created_at, expires_at, message_id
+FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
+            %(created)s::timestamptz[], %(expires)s::timestamptz[], %(message_ids)s::text[])
+     WITH ORDINALITY AS t(target, source, reply, created_at, expires_at, message_id, n)
+ORDER BY target, n DESC
+ON CONFLICT (target) DO UPDATE
+SET source = excluded.source, reply = excluded.reply, created_at = excluded.created_at,
+    expires_at = excluded.expires_at, message_id = excluded.message_id;
+
+-- name: unsuppress
+WITH removed AS (
+    DELETE FROM suppressions WHERE target = ANY(%(targets)s::text[]) RETURNING 1
+)
+SELECT count(*) FROM removed;
+
+-- name: suppressions_for
+SELECT target, source, reply, created_at, expires_at, message_id
+FROM suppressions
+WHERE target = ANY(%(targets)s::text[])
+  AND (expires_at IS NULL OR expires_at > %(now)s);
+
+-- name: list_suppressions
+SELECT target, source, reply, created_at, expires_at, message_id
+FROM suppressions
+WHERE target > %(after)s
+  AND (%(now)s::timestamptz IS NULL OR expires_at IS NULL OR expires_at > %(now)s)
+ORDER BY target
+LIMIT %(limit)s;
+
+-- name: fail_late
+-- A recipient failed after the fact (a late bounce): the attempt becomes its last reply
+-- and joins the history without counting as a delivery attempt. Returns whether the
+-- message exists and whether the recipient changed.
+WITH msg AS (
+    SELECT id FROM messages WHERE id = %(message_id)s
+), updated AS (
+    UPDATE recipients r
+    SET state = 'failed', last_attempt_at = %(at)s, next_attempt_at = NULL,
+        finished_at = %(at)s, lease_token = NULL, lease_expires_at = NULL,
+        reply_code = %(reply_code)s, reply_enhanced = %(reply_enhanced)s,
+        reply_text = %(reply_text)s, error = %(error)s, mx_host = %(mx_host)s, ip = %(ip)s,
+        tls = %(tls_version)s::text IS NOT NULL, uncertain = false,
+        reason_class = %(reason_class)s
+    FROM msg
+    WHERE r.message_id = msg.id AND r.address = %(address)s AND r.state <> 'failed'
+    RETURNING r.message_id, r.address
+), history AS (
+    INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
+                          tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
+                          error, uncertain, reason_class)
+    SELECT u.message_id, u.address, %(at)s, %(outcome)s, %(duration)s, %(mx_host)s, %(ip)s,
+           %(port)s, %(tls_version)s, %(tls_cipher)s, %(reply_code)s, %(reply_enhanced)s,
+           %(reply_text)s, %(error)s, false, %(reason_class)s
+    FROM updated u
+    RETURNING 1
+), trimmed AS (
+    -- Sees the history before this statement's insert: keeps one fewer than the bound.
+    DELETE FROM attempts a
+    USING updated u
+    WHERE a.message_id = u.message_id
+      AND a.address = u.address
+      AND a.id NOT IN (SELECT k.id FROM attempts k
+                       WHERE k.message_id = u.message_id AND k.address = u.address
+                       ORDER BY k.id DESC LIMIT %(max_history)s - 1)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM msg), (SELECT count(*) FROM updated);
+
+-- name: message_ids_for_header
+SELECT id FROM messages
+WHERE header_message_id = %(header_message_id)s
+ORDER BY created_at DESC, seq DESC
 LIMIT %(limit)s;

@@ -1,0 +1,28 @@
+"""Bounces that arrive after a server accepted the mail: VERP addresses, reading delivery
+status notifications (RFC 3464) and complaints (RFC 5965), and applying them to the store.
+
+>>> from mailstrom.bounces import parse_report, apply_report, verp_address
+"""
+
+from mailstrom.bounces.apply import BounceOutcome, apply_report
+from mailstrom.bounces.reports import (
+    MAX_REPORT,
+    Report,
+    ReportedRecipient,
+    ReportKind,
+    parse_report,
+)
+from mailstrom.bounces.verp import is_verp_template, recipient_token, verp_address
+
+__all__ = [
+    "MAX_REPORT",
+    "BounceOutcome",
+    "Report",
+    "ReportKind",
+    "ReportedRecipient",
+    "apply_report",
+    "is_verp_template",
+    "parse_report",
+    "recipient_token",
+    "verp_address",
+]

@@ -1,0 +1,266 @@
+"""Reading a delivery status notification (RFC 3464) or a complaint (RFC 5965).
+
+Parsed with the standard library's ``email`` package, leniently (``compat32``): reports
+come from every kind of MTA, and a report whose returned message is cut short or malformed
+still says what failed, since its ``message/delivery-status`` part comes before the
+returned message. Everything is bounded: the octets read (:data:`MAX_REPORT`, by the
+caller), the recipients taken from one report and the length of every field kept.
+
+What a report says is gathered into a :class:`Report`; matching it to a queued message
+and recipient is :mod:`mailstrom.bounces.apply`'s job.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass
+from email.message import Message
+from email.utils import getaddresses
+from enum import StrEnum
+
+from mailstrom.errors import InvalidReport
+
+MAX_REPORT = 10 * 1024 * 1024
+"""Octets of a report read from standard input; the rest is not parsed."""
+MAX_RECIPIENTS = 1000
+"""Per-recipient blocks taken from one report."""
+_MAX_FIELD = 1000
+"""Characters kept of a field (a diagnostic, an address)."""
+_ADDRESS_HEADERS = ("To", "Delivered-To", "X-Original-To", "Envelope-To", "Return-Path")
+_MAX_ADDRESS_HEADERS = 20
+
+
+class ReportKind(StrEnum):
+    """What a report is."""
+
+    DSN = "dsn"
+    """A delivery status notification: ``multipart/report; report-type=delivery-status``."""
+    COMPLAINT = "complaint"
+    """A feedback report: ``multipart/report; report-type=feedback-report``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportedRecipient:
+    """One recipient a report speaks of."""
+
+    final_recipient: str | None
+    """The address the reporting MTA tried (DSN ``Final-Recipient``; ARF
+    ``Original-Rcpt-To``)."""
+    original_recipient: str | None = None
+    """The address as the sender gave it (DSN ``Original-Recipient``, from ORCPT)."""
+    action: str = ""
+    """``failed``, ``delayed``, ``delivered``, ``relayed``, ``expanded`` (lower case);
+    empty for a complaint."""
+    status: str | None = None
+    """The RFC 3463 status code, ``5.1.1``."""
+    diagnostic: str | None = None
+    """The remote MTA's reply or the reporting MTA's reason (``Diagnostic-Code``,
+    without its type)."""
+    diagnostic_code: int | None = None
+    """The SMTP reply code at the start of an ``smtp;`` diagnostic, if any."""
+    remote_mta: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """What one DSN or ARF report says."""
+
+    kind: ReportKind
+    recipients: tuple[ReportedRecipient, ...]
+    reporting_mta: str | None = None
+    envelope_id: str | None = None
+    """``Original-Envelope-Id``: the ENVID the message was sent with."""
+    original_message_id: str | None = None
+    """The ``Message-ID`` of the returned message or its headers."""
+    feedback_type: str | None = None
+    """ARF: ``abuse``, ``fraud``, ``virus``, ``other``, ..."""
+    envelope_senders: tuple[str, ...] = ()
+    """Addresses the original message's envelope sender may appear as (the report's own
+    recipients, ``X-Postfix-Sender``, ``Original-Mail-From``, ``Return-Path``): where a
+    VERP token is looked for."""
+
+
+def parse_report(data: bytes) -> Report | None:
+    """The report in ``data``, or None when ``data`` is no report (an ordinary message,
+    an auto-reply). Raises :class:`~mailstrom.errors.InvalidReport` for a
+    ``multipart/report`` without the part its report type needs."""
+    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    if message.get_content_type() != "multipart/report":
+        return None
+    report_type = str(message.get_param("report-type", "") or "").lower()
+    if report_type == "delivery-status":
+        return _dsn(_parts(message), _addresses(message))
+    if report_type == "feedback-report":
+        return _arf(_parts(message), _addresses(message))
+    return None  # a read receipt (disposition-notification) or another kind
+
+
+def _parts(message: Message) -> list[Message]:
+    """The top-level parts of a multipart message (bounded)."""
+    payload = message.get_payload()
+    if not isinstance(payload, list):
+        raise InvalidReport("a multipart/report without parts")
+    return [p for p in payload[:20] if isinstance(p, Message)]
+
+
+def _part(parts: list[Message], *types: str) -> Message | None:
+    for part in parts:
+        if part.get_content_type() in types:
+            return part
+    return None
+
+
+def _dsn(parts: list[Message], senders: list[str]) -> Report:
+    status = _part(parts, "message/delivery-status", "message/global-delivery-status")
+    if status is None:
+        raise InvalidReport("a delivery-status report without a message/delivery-status part")
+    blocks = _blocks(status)
+    if not blocks:
+        raise InvalidReport("an empty message/delivery-status part")
+    per_message, per_recipient = blocks[0], blocks[1:]
+    recipients = []
+    for block in per_recipient[:MAX_RECIPIENTS]:
+        final = _typed_address(block.get("Final-Recipient"))
+        if final is None and block.get("Action") is None:
+            continue  # not a recipient block (a stray blank line in the message block)
+        diagnostic_type, diagnostic = _typed(block.get("Diagnostic-Code"))
+        recipients.append(
+            ReportedRecipient(
+                final_recipient=final,
+                original_recipient=_typed_address(block.get("Original-Recipient")),
+                action=_field(block.get("Action")).lower(),
+                status=_status(block.get("Status")),
+                diagnostic=diagnostic,
+                diagnostic_code=_smtp_code(diagnostic) if diagnostic_type == "smtp" else None,
+                remote_mta=_typed(block.get("Remote-MTA"))[1],
+            )
+        )
+    postfix_sender = _typed_address(per_message.get("X-Postfix-Sender"))
+    return Report(
+        kind=ReportKind.DSN,
+        recipients=tuple(recipients),
+        reporting_mta=_typed(per_message.get("Reporting-MTA"))[1],
+        envelope_id=_field(per_message.get("Original-Envelope-Id")) or None,
+        original_message_id=_returned_message_id(parts),
+        envelope_senders=tuple(
+            [*senders, *([postfix_sender] if postfix_sender else []), *_returned_paths(parts)]
+        ),
+    )
+
+
+def _arf(parts: list[Message], senders: list[str]) -> Report:
+    feedback = _part(parts, "message/feedback-report")
+    if feedback is None:
+        raise InvalidReport("a feedback-report without a message/feedback-report part")
+    blocks = _blocks(feedback)
+    if not blocks:
+        raise InvalidReport("an empty message/feedback-report part")
+    fields = blocks[0]
+    recipients = [
+        ReportedRecipient(final_recipient=_bare(value))
+        for value in (fields.get_all("Original-Rcpt-To") or [])[:MAX_RECIPIENTS]
+        if _bare(value)
+    ]
+    mail_from = _bare(fields.get("Original-Mail-From"))
+    return Report(
+        kind=ReportKind.COMPLAINT,
+        recipients=tuple(recipients),
+        reporting_mta=_typed(fields.get("Reporting-MTA"))[1],
+        original_message_id=_returned_message_id(parts),
+        feedback_type=_field(fields.get("Feedback-Type")).lower() or None,
+        envelope_senders=tuple(
+            [*senders, *([mail_from] if mail_from else []), *_returned_paths(parts)]
+        ),
+    )
+
+
+def _blocks(part: Message) -> list[Message]:
+    """The header blocks of a ``message/delivery-status`` or ``message/feedback-report``
+    part (the parser reads each block as a message of headers)."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [b for b in payload[: MAX_RECIPIENTS + 1] if isinstance(b, Message)]
+    if isinstance(payload, str):  # an encoded part the parser left as text
+        text = payload.replace("\r\n", "\n")
+        return [email.message_from_string(b) for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]]
+    return []
+
+
+def _returned(parts: list[Message]) -> Message | None:
+    """The returned message's headers (``message/rfc822`` or ``text/rfc822-headers``)."""
+    part = _part(parts, "message/rfc822", "message/global", "text/rfc822-headers")
+    if part is None:
+        return None
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return payload[0]
+    if isinstance(payload, str):
+        return email.message_from_string(payload[:200_000], policy=email.policy.compat32)
+    return None
+
+
+def _returned_message_id(parts: list[Message]) -> str | None:
+    returned = _returned(parts)
+    if returned is None:
+        return None
+    value = _field(returned.get("Message-ID"))
+    return value or None
+
+
+def _returned_paths(parts: list[Message]) -> list[str]:
+    returned = _returned(parts)
+    if returned is None:
+        return []
+    return [a for a in (_bare(v) for v in (returned.get_all("Return-Path") or [])[:5]) if a]
+
+
+def _addresses(message: Message) -> list[str]:
+    """The addresses the report itself was sent to (bounded)."""
+    values: list[str] = []
+    for name in _ADDRESS_HEADERS:
+        values += [_field(v) for v in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]]
+    return [addr for _, addr in getaddresses(values) if addr][:_MAX_ADDRESS_HEADERS]
+
+
+def _field(value: object) -> str:
+    """A header value as one line of at most ``_MAX_FIELD`` characters."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())[:_MAX_FIELD]
+
+
+def _typed(value: object) -> tuple[str | None, str | None]:
+    """``type; value`` fields (``rfc822; bob@x``, ``smtp; 550 ...``) → (type, value)."""
+    text = _field(value)
+    if not text:
+        return None, None
+    kind, sep, rest = text.partition(";")
+    if not sep:
+        return None, text
+    return kind.strip().lower(), rest.strip() or None
+
+
+def _typed_address(value: object) -> str | None:
+    return _bare(_typed(value)[1])
+
+
+def _bare(value: object) -> str | None:
+    """An address without angle brackets or surrounding space; None when empty."""
+    text = _field(value).strip()
+    if text.startswith("<") and ">" in text:
+        text = text[1 : text.index(">")]
+    return text.strip() or None
+
+
+def _status(value: object) -> str | None:
+    text = _field(value).split(" ")[0]
+    parts = text.split(".")
+    if len(parts) == 3 and parts[0] in ("2", "4", "5") and all(p.isdigit() for p in parts):
+        return text
+    return None
+
+
+def _smtp_code(diagnostic: str | None) -> int | None:
+    head = (diagnostic or "")[:3]
+    return int(head) if head.isdigit() and head[0] in "45" else None

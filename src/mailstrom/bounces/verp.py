@@ -1,0 +1,96 @@
+"""VERP: an envelope sender per recipient, so a bounce names what bounced.
+
+An ``envelope_from`` holding ``{token}`` in its local part (``bounces+{token}@example.com``)
+is a template: each recipient gets its own envelope sender with ``{token}`` replaced by
+``<message id>-<digest>``, the message's 32-hex-digit id and ten hex digits of a BLAKE2s
+digest of the recipient's lower-cased address. A bounce sent to that address (or an ARF
+report quoting it as ``Original-Mail-From``) then says which message and which recipient
+failed, however the receiving system rewrote the recipient's address. The token is 43
+characters: with ``bounces+`` and the local part stays within RFC 5321's 64 octets.
+
+Since the envelope sender differs per recipient, each recipient of a VERP message is its
+own SMTP transaction (the worker splits such work items; see :func:`per_recipient`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+
+from mailstrom.errors import InvalidAddress
+from mailstrom.stores.base import WorkItem
+
+TOKEN_FIELD = "{token}"  # noqa: S105 (a placeholder, not a secret)
+_TOKEN_LENGTH = 43
+_TOKEN = re.compile(r"(?<![0-9a-f])([0-9a-f]{32})-([0-9a-f]{10})(?![0-9a-f])")
+
+
+def is_verp_template(envelope_from: str) -> bool:
+    """Whether ``envelope_from`` asks for a per-recipient envelope sender."""
+    return TOKEN_FIELD in envelope_from
+
+
+def check_verp_template(envelope_from: str) -> None:
+    """Raise :class:`~mailstrom.errors.InvalidAddress` unless ``envelope_from`` holds
+    ``{token}`` once, in its local part, and that local part stays within 64 octets once
+    the token is in."""
+    local, at, _ = envelope_from.rpartition("@")
+    if not at or envelope_from.count(TOKEN_FIELD) != 1 or TOKEN_FIELD not in local:
+        raise InvalidAddress(
+            "a VERP envelope sender needs {token} once, in its local part "
+            "(bounces+{token}@example.com)",
+            address=envelope_from,
+        )
+    size = len(local.encode("utf-8")) - len(TOKEN_FIELD) + _TOKEN_LENGTH
+    if size > 64:
+        raise InvalidAddress(
+            f"the VERP local part would be {size} octets with its token; at most 64",
+            address=envelope_from,
+        )
+
+
+def address_digest(address: str) -> str:
+    """Ten hex digits standing for ``address`` (case-insensitive)."""
+    return hashlib.blake2s(address.lower().encode("utf-8"), digest_size=5).hexdigest()
+
+
+def recipient_token(message_id: str, address: str) -> str:
+    """The token of one recipient of one message.
+
+    >>> recipient_token("0190f3a2c4e1b7d08a4f2c6e9b1d3f57", "bob@example.org")[:33]
+    '0190f3a2c4e1b7d08a4f2c6e9b1d3f57-'
+    """
+    return f"{message_id}-{address_digest(address)}"
+
+
+def verp_address(template: str, message_id: str, address: str) -> str:
+    """``template`` with ``{token}`` replaced for this recipient of this message."""
+    return template.replace(TOKEN_FIELD, recipient_token(message_id, address))
+
+
+def per_recipient(item: WorkItem) -> list[WorkItem]:
+    """``item`` as transactions: itself, or one item per recipient with its own VERP
+    envelope sender when its envelope sender is a template."""
+    if TOKEN_FIELD not in item.envelope_from:
+        return [item]
+    return [
+        replace(
+            item,
+            envelope_from=verp_address(item.envelope_from, item.message_id, r.address),
+            recipients=(r,),
+        )
+        for r in item.recipients
+    ]
+
+
+def find_tokens(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Every (message id, address digest) a token in ``texts`` names, in order, once."""
+    seen: set[tuple[str, str]] = set()
+    for text in texts:
+        for match in _TOKEN.finditer(text.lower()):
+            pair = (match.group(1), match.group(2))
+            if pair not in seen:
+                seen.add(pair)
+                yield pair

@@ -1,0 +1,222 @@
+"""``mailstrom suppress list|add|remove|import|export``: the store's suppression list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+
+from mailstrom.cli.context import settings_from, store_from, utc_now
+from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError
+from mailstrom.cli.output import cell, print_json, print_table
+from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg
+from mailstrom.errors import InvalidSuppression
+from mailstrom.stores.base import Store
+from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, normalize_target
+from mailstrom.suppression_csv import parse_csv, read_limited, write_csv
+
+_WRITE_BATCH = 1000
+"""Entries per store call when importing (one transaction each)."""
+_PAGE = 1000
+
+DESCRIPTION = """\
+The suppression list holds addresses and whole domains that mail is not sent to: a
+recipient there fails at once with "suppressed since <date>: <reply>" and no connection is
+made. Workers add the addresses that hard-bounce (see suppress_on in docs/cli.md) and
+`mailstrom bounce` those of bounces and complaints that arrive later; these commands let
+an operator look, add and remove. Every worker of the store shares the list.
+"""
+
+
+def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "suppress",
+        parents=parents,
+        help="list, add, remove, import or export suppressed addresses and domains",
+        description=DESCRIPTION,
+        epilog="examples:\n"
+        "  mailstrom suppress list\n"
+        "  mailstrom suppress add bob@example.org --reason 'asked to stop' --expires 90d\n"
+        "  mailstrom suppress add example.net          # every address there\n"
+        "  mailstrom suppress remove bob@example.org\n"
+        "  mailstrom suppress export > suppressed.csv\n"
+        "  mailstrom suppress import suppressed.csv\n",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    ls = _action(actions, parents, "list", "show the entries in force, in target order")
+    ls.add_argument("--all", action="store_true", help="include expired entries")
+    ls.add_argument("--after", default="", metavar="TARGET", help="start after this target")
+    ls.add_argument("--limit", type=count_arg, default=100, help="at most N entries (100)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(handler=list_command)
+
+    add = _action(actions, parents, "add", "suppress addresses or domains")
+    add.add_argument("targets", nargs="+", metavar="TARGET", help="an address or a domain")
+    add.add_argument("--reason", default="", help="a note shown as the reply (optional)")
+    add.add_argument(
+        "--expires", type=duration_arg, metavar="AGE", help="remove it after AGE (e.g. 90d)"
+    )
+    add.add_argument(
+        "--source",
+        choices=[s.value for s in SuppressionSource],
+        default=SuppressionSource.MANUAL.value,
+        help="why it is suppressed (default: manual)",
+    )
+    add.add_argument("--json", action="store_true", help="print JSON")
+    add.set_defaults(handler=add_command)
+
+    rm = _action(actions, parents, "remove", "take addresses or domains off the list")
+    rm.add_argument("targets", nargs="+", metavar="TARGET", help="an address or a domain")
+    rm.add_argument("--json", action="store_true", help="print JSON")
+    rm.set_defaults(handler=remove_command)
+
+    imp = _action(
+        actions,
+        parents,
+        "import",
+        "add the entries of a CSV file (all or none: the file is checked first)",
+    )
+    imp.add_argument("file", nargs="?", default="-", help="CSV file, or - for stdin (default)")
+    imp.add_argument(
+        "--source",
+        choices=[s.value for s in SuppressionSource],
+        default=SuppressionSource.MANUAL.value,
+        help="source of rows without one (default: manual)",
+    )
+    imp.add_argument("--json", action="store_true", help="print JSON")
+    imp.set_defaults(handler=import_command)
+
+    exp = _action(actions, parents, "export", "write the list as CSV")
+    exp.add_argument("file", nargs="?", default="-", help="CSV file, or - for stdout (default)")
+    exp.add_argument("--all", action="store_true", help="include expired entries")
+    exp.set_defaults(handler=export_command)
+
+
+def _action(
+    actions: Subparsers, parents: list[argparse.ArgumentParser], name: str, text: str
+) -> ArgumentParser:
+    parser: ArgumentParser = actions.add_parser(
+        name, parents=parents, help=text, description=text[0].upper() + text[1:] + "."
+    )
+    return parser
+
+
+def _row(e: Suppression) -> dict[str, object]:
+    return {
+        "target": e.target,
+        "source": e.source.value,
+        "reply": e.reply,
+        "created_at": e.created_at,
+        "expires_at": e.expires_at,
+        "message_id": e.message_id,
+    }
+
+
+def list_command(args: argparse.Namespace) -> int:
+    now = utc_now()
+    with store_from(settings_from(args), read_only=True) as store:
+        entries = store.list_suppressions(
+            now=None if args.all else now, after=args.after.strip().lower(), limit=args.limit
+        )
+    if args.json:
+        print_json([_row(e) for e in entries])
+        return EX_OK
+    print_table(
+        ["TARGET", "SOURCE", "SINCE", "EXPIRES", "REPLY"],
+        [
+            [
+                e.target,
+                e.source.value,
+                _time(e.created_at),
+                _time(e.expires_at) if e.expires_at else "never",
+                cell(e.reply),
+            ]
+            for e in entries
+        ],
+    )
+    return EX_OK
+
+
+def _time(when: datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M") if when is not None else ""
+
+
+def add_command(args: argparse.Namespace) -> int:
+    now = utc_now()
+    if len(args.reason) > MAX_REPLY:
+        raise InvalidSuppression(f"--reason is longer than {MAX_REPLY} characters")
+    expires = now + args.expires if args.expires is not None else None
+    entries = [
+        Suppression(
+            target=normalize_target(t),
+            source=SuppressionSource(args.source),
+            reply=args.reason,
+            created_at=now,
+            expires_at=expires,
+        )
+        for t in args.targets
+    ]
+    with store_from(settings_from(args)) as store:
+        store.suppress(entries)
+    if args.json:
+        print_json({"added": [_row(e) for e in entries]})
+    else:
+        for e in entries:
+            print(f"{e.target}: suppressed" + (f" until {_time(expires)}" if expires else ""))
+    return EX_OK
+
+
+def remove_command(args: argparse.Namespace) -> int:
+    targets = [normalize_target(t) for t in args.targets]
+    with store_from(settings_from(args)) as store:
+        removed = store.unsuppress(targets)
+    if args.json:
+        print_json({"removed": removed})
+    else:
+        print(f"{removed} of {len(set(targets))} removed")
+    return EX_OK
+
+
+def import_command(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        text = read_limited(sys.stdin.buffer)
+    else:
+        try:
+            with open(args.file, "rb") as stream:
+                text = read_limited(stream)
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}", EX_NOINPUT) from None
+    entries = parse_csv(text, now=utc_now(), source=SuppressionSource(args.source))
+    with store_from(settings_from(args)) as store:
+        for start in range(0, len(entries), _WRITE_BATCH):
+            store.suppress(entries[start : start + _WRITE_BATCH])
+    if args.json:
+        print_json({"imported": len(entries)})
+    else:
+        print(f"{len(entries)} entries imported")
+    return EX_OK
+
+
+def _every(store: Store, *, now: datetime | None) -> Iterator[Suppression]:
+    after = ""
+    while page := store.list_suppressions(now=now, after=after, limit=_PAGE):
+        yield from page
+        after = page[-1].target
+
+
+def export_command(args: argparse.Namespace) -> int:
+    now = None if args.all else utc_now()
+    with store_from(settings_from(args), read_only=True) as store:
+        if args.file == "-":
+            write_csv(_every(store, now=now), sys.stdout)
+        else:
+            try:
+                with open(args.file, "w", encoding="utf-8", newline="") as stream:
+                    write_csv(_every(store, now=now), stream)
+            except OSError as exc:
+                raise CLIError(
+                    f"cannot write {args.file}: {exc.strerror or exc}", EX_CANTCREAT
+                ) from None
+    return EX_OK

@@ -1,0 +1,71 @@
+"""Which permanent refusals put an address on the suppression list (pure).
+
+A refusal counts when its RFC 3463 enhanced code, or its basic code, is one of the
+configured codes (:attr:`~mailstrom.config.Config.suppress_on`). The default list holds the
+refusals that say the address cannot take mail at all, ever: the mailbox does not exist
+(``5.1.1``; Microsoft's ``5.1.10`` "recipient not found", which RFC 7505 also gives a null
+MX), the domain does not exist (``5.1.2``) or accepts no mail (``556``, RFC 7504), the
+mailbox is disabled (``5.2.1``). A full mailbox (``5.2.2``), a policy or content refusal
+(``5.7.x``) or a rate limit says something about this message or this moment, not about
+the address, and is left out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from mailstrom.status import AttemptOutcome
+
+DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
+"""The codes that suppress an address unless configured otherwise."""
+
+_CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$")
+
+
+def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
+    """``codes`` as a tuple, each a permanent enhanced code (``5.1.1``) or basic code
+    (``556``); raises ValueError naming the first that is neither."""
+    result = tuple(c.strip() for c in codes)
+    for code in result:
+        if not _CODE.match(code):
+            raise ValueError(f"expected permanent status codes like 5.1.1 or 556, got {code!r}")
+    return result
+
+
+def is_hard_bounce(
+    outcome: AttemptOutcome, *, code: int | None, enhanced: str | None, codes: Iterable[str]
+) -> bool:
+    """Whether a refusal with this outcome and these codes suppresses its address.
+
+    >>> is_hard_bounce(AttemptOutcome.PERMANENT, code=550, enhanced="5.1.1",
+    ...                codes=DEFAULT_SUPPRESS_ON)
+    True
+    >>> is_hard_bounce(AttemptOutcome.PERMANENT, code=552, enhanced="5.2.2",
+    ...                codes=DEFAULT_SUPPRESS_ON)
+    False
+    """
+    if outcome is not AttemptOutcome.PERMANENT:
+        return False
+    wanted = set(codes)
+    return (enhanced is not None and enhanced in wanted) or (
+        code is not None and str(code) in wanted
+    )
+
+
+def is_late_hard_bounce(status: str, *, code: int | None, codes: Iterable[str]) -> bool:
+    """Whether a delivery status notification's ``Status`` (and the SMTP code of its
+    diagnostic, if any) suppresses the address: a permanent status among ``codes``, or
+    ``5.0.0``, the status without detail that several MTAs (Exim among them) give an
+    unknown address found after the mail was accepted.
+
+    >>> is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
+    True
+    >>> is_late_hard_bounce("5.7.1", code=550, codes=DEFAULT_SUPPRESS_ON)
+    False
+    """
+    if not status.startswith("5."):
+        return False
+    return status == "5.0.0" or is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes
+    )

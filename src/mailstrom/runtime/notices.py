@@ -1,0 +1,110 @@
+"""The worker's bounce messages: final failures of a batch of results turned into RFC 3464
+notices to the senders who asked for them (:mod:`mailstrom.bounces.notice` decides and
+renders; this module gathers per message and sender, and prepares them for the queue)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+from mailstrom.bounces.notice import FailedRecipient, render_notice, status_of, wants_notice
+from mailstrom.bounces.verp import is_verp_template, verp_address
+from mailstrom.config import Config
+from mailstrom.errors import InvalidMessage
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.prepare import prepare
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
+
+log = logging.getLogger("mailstrom.worker")
+
+
+def notices_for(
+    results: Sequence[RecipientResult],
+    items: Mapping[tuple[str, str], WorkItem],
+    *,
+    config: Config,
+    now: datetime,
+) -> list[PreparedMessage]:
+    """One prepared notice per (message, envelope sender, kind) for the final failures,
+    and the deferrals that cross ``Config.delay_warning``, among ``results`` whose
+    message asks for one; ``items`` are the leased work items by (message id, domain)."""
+    groups: dict[tuple[str, str, bool], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
+    for result in results:
+        delayed = result.state is RecipientState.DEFERRED
+        if not delayed and result.state is not RecipientState.FAILED:
+            continue
+        item = items.get((result.message_id, domain_of(result.address)))
+        if item is None:
+            continue
+        arrival = result.queued_at or now
+        if delayed and not _crosses_delay(result, item, arrival, config.delay_warning):
+            continue
+        sender = result.envelope_from or item.envelope_from
+        if is_verp_template(sender):
+            sender = verp_address(sender, result.message_id, result.address)
+        if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=delayed):
+            continue
+        attempt = result.attempt
+        reply = attempt.reply
+        entry = FailedRecipient(
+            address=result.address,
+            status=status_of(attempt.outcome, reply.enhanced if reply else None, delayed=delayed),
+            diagnostic=attempt.reason,
+            remote_mta=attempt.mx_host,
+            at=attempt.at,
+        )
+        key = (result.message_id, sender, delayed)
+        groups.setdefault(key, (item, arrival, []))[2].append(entry)
+    notices = []
+    # In the default lane like the application's own mail (a message without a lane would
+    # wait until every configured lane had nothing due).
+    attributes = QueueAttributes(priority=config.default_priority)
+    for (message_id, sender, delayed), (item, arrival, entries) in groups.items():
+        max_age = config.retry.max_age
+        raw = render_notice(
+            reporting_mta=config.helo_name,
+            sender=sender,
+            message_id=message_id,
+            original=item.data,
+            arrival=arrival,
+            failed=entries,
+            dsn=item.dsn,
+            now=now,
+            delayed=delayed,
+            retry_until=arrival + max_age if delayed and max_age is not None else None,
+        )
+        try:
+            prepared = prepare(
+                raw,
+                envelope_from="",
+                envelope_to=[sender],
+                max_size=config.max_message_size + 64 * 1024,
+                max_recipients=1,
+                now=now,
+                id_domain=config.message_id_domain,
+                fallback_id_domain=config.helo_name,
+                dkim=config.dkim,
+            )
+            notices.append(dataclasses.replace(prepared, attributes=attributes))
+        except InvalidMessage as exc:
+            log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
+    return notices
+
+
+def _crosses_delay(
+    result: RecipientResult, item: WorkItem, arrival: datetime, delay: timedelta | None
+) -> bool:
+    """Whether this deferral is the first attempt past ``arrival + delay`` (the attempt
+    before it, if any, came earlier): each recipient is warned once, with no state."""
+    if delay is None:
+        return False
+    threshold = arrival + delay
+    if result.attempt.at < threshold:
+        return False
+    leased = next((r for r in item.recipients if r.address == result.address), None)
+    previous = leased.last_attempt_at if leased is not None else None
+    return previous is None or previous < threshold

@@ -1,0 +1,142 @@
+"""The SQL of the SQLite store's suppression list and late failures (schema version 6).
+
+Functions over a connection inside a transaction the caller (:class:`SQLiteStore`) opened.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from mailstrom.status import Attempt
+from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.sqlite_queue import qmarks
+from mailstrom.stores.sqlite_schema import from_us, opt_dt, opt_us, to_us
+from mailstrom.suppression import Suppression, SuppressionSource
+
+_IN_CHUNK = 500
+"""Targets per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
+_COLUMNS = "target, source, reply, created_at, expires_at, message_id"
+
+
+def _entry(row: Any) -> Suppression:
+    target, source, reply, created_at, expires_at, message_id = row
+    return Suppression(
+        target=target,
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=from_us(created_at),
+        expires_at=opt_dt(expires_at),
+        message_id=message_id,
+    )
+
+
+def insert_suppressions(conn: sqlite3.Connection, entries: Sequence[Suppression]) -> int:
+    """Add or replace ``entries``."""
+    conn.executemany(
+        f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?,?,?,?,?,?)"
+        " ON CONFLICT (target) DO UPDATE SET source = excluded.source,"
+        " reply = excluded.reply, created_at = excluded.created_at,"
+        " expires_at = excluded.expires_at, message_id = excluded.message_id",
+        [
+            (
+                e.target,
+                e.source.value,
+                e.reply,
+                to_us(e.created_at),
+                opt_us(e.expires_at),
+                e.message_id,
+            )
+            for e in entries
+        ],
+    )
+    return len(entries)
+
+
+def delete_suppressions(conn: sqlite3.Connection, targets: Sequence[str]) -> int:
+    """Remove the entries of ``targets``; how many existed."""
+    removed = 0
+    for chunk in _text_chunks(sorted(set(targets))):
+        removed += conn.execute(
+            f"DELETE FROM suppressions WHERE target IN ({qmarks(len(chunk))})", chunk
+        ).rowcount
+    return removed
+
+
+def find_suppressions(
+    conn: sqlite3.Connection, targets: Sequence[str], *, now: datetime
+) -> dict[str, Suppression]:
+    """The entries of ``targets`` that apply at ``now``, by target."""
+    found: dict[str, Suppression] = {}
+    for chunk in _text_chunks(list(dict.fromkeys(targets))):
+        for row in conn.execute(
+            f"SELECT {_COLUMNS} FROM suppressions WHERE target IN ({qmarks(len(chunk))})"
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            [*chunk, to_us(now)],
+        ):
+            found[row[0]] = _entry(row)
+    return found
+
+
+def page_suppressions(
+    conn: sqlite3.Connection, *, now: datetime | None, after: str, limit: int
+) -> list[Suppression]:
+    """Entries after ``after`` in target order (only those active at ``now``, if given)."""
+    active = "" if now is None else " AND (expires_at IS NULL OR expires_at > ?)"
+    params: list[object] = [after]
+    if now is not None:
+        params.append(to_us(now))
+    params.append(max(limit, 0))
+    return [
+        _entry(row)
+        for row in conn.execute(
+            f"SELECT {_COLUMNS} FROM suppressions WHERE target > ?{active} ORDER BY target LIMIT ?",
+            params,
+        )
+    ]
+
+
+def _text_chunks(values: list[str]) -> list[list[str]]:
+    """``values`` in lists short enough for one ``IN (...)`` each."""
+    return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
+
+
+def fail_recipient(
+    conn: sqlite3.Connection, seq: int, address: str, attempt: Attempt
+) -> int | None:
+    """Mark one recipient of message ``seq`` FAILED by ``attempt`` and add it to the
+    history (not counted as a delivery attempt); its row id, or None when it has no such
+    recipient or it has failed already."""
+    a = bounded_attempt(attempt)
+    reply = a.reply
+    reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+    reason = a.reason_class.value if a.reason_class is not None else None
+    at = to_us(a.at)
+    row = conn.execute(
+        "UPDATE recipients SET state = 'failed', last_attempt_at = ?, next_attempt_at = NULL,"
+        " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, reply_code = ?,"
+        " reply_enhanced = ?, reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?,"
+        " uncertain = 0, reason_class = ?"
+        " WHERE message_seq = ? AND address = ? AND state != 'failed' RETURNING id",
+        (at, at, *reply_cols, a.error, a.mx_host, a.ip, a.tls, reason, seq, address),
+    ).fetchone()
+    if row is None:
+        return None
+    rid = int(row[0])
+    conn.execute(
+        "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id FROM attempts"
+        " WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+        (rid, rid, MAX_HISTORY - 1),
+    )
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
+        " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
+        " uncertain, reason_class) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
+            *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+        ),
+    )
+    return rid

@@ -1,0 +1,134 @@
+"""The suppression list: addresses and domains that mail is not sent to again.
+
+An entry is kept in the store, so every worker of a queue shares it. The worker looks up
+the recipients of each lease (one query per lease, by primary key) and fails a suppressed
+recipient at once with the reason ``suppressed since <date>: <original reply>``, without a
+connection; the other recipients of the message go on. Entries come from hard bounces the
+worker sees (:attr:`~mailstrom.config.Config.suppress_on`), from asynchronous bounces and
+complaints read by ``mailstrom bounce``, and from operators (``mailstrom suppress add``,
+:meth:`~mailstrom.Mailstrom.suppress`).
+
+A target is a whole address (``bob@example.org``) or a domain (``example.org``: every
+address there). Both are kept lower-cased: local parts are case-sensitive in theory, but
+no large mailbox provider treats them so, and a list that missed ``Bob@`` after a bounce
+for ``bob@`` would be no list at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from mailstrom.errors import InvalidSuppression
+
+MAX_TARGET = 320
+"""Octets of an address (64 for the local part, "@", 255 for the domain) or a domain."""
+MAX_REPLY = 2048
+"""Characters of an entry's reply or note (as much as a recipient's reply keeps)."""
+
+
+class SuppressionSource(StrEnum):
+    """Why a target is on the list (the values are what the stores write)."""
+
+    HARD_BOUNCE = "hard_bounce"
+    """The receiving server refused the address permanently during delivery."""
+    ASYNC_BOUNCE = "async_bounce"
+    """A delivery status notification came back after the server had accepted the mail."""
+    COMPLAINT = "complaint"
+    """The recipient marked the mail as spam (an ARF feedback report)."""
+    MANUAL = "manual"
+    """An operator or the application added it."""
+
+
+def normalize_target(text: str) -> str:
+    """``text`` as a suppression target: an address or a domain, stripped and lower-cased.
+
+    Raises :class:`~mailstrom.errors.InvalidSuppression` for anything else.
+
+    >>> normalize_target(" Bob@Example.ORG ")
+    'bob@example.org'
+    >>> normalize_target("example.org")
+    'example.org'
+    """
+    target = text.strip().lower()
+    if target.startswith("<") and target.endswith(">"):
+        target = target[1:-1].strip()
+    if not target:
+        raise InvalidSuppression("an empty address or domain")
+    if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
+        raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
+    # Quoted local parts are left out on purpose: no mailbox provider issues them, and
+    # their quoting rules would make "the same address" a parsing question.
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c in '<>,;"' for c in target):
+        raise InvalidSuppression(f"not an address or a domain: {target!r}")
+    local, at, domain = target.rpartition("@")
+    if at and not local:
+        raise InvalidSuppression(f"an address without a local part: {target!r}")
+    if not domain or domain.startswith(".") or domain.endswith(".") or ".." in domain:
+        raise InvalidSuppression(f"not an address or a domain: {target!r}")
+    if "@" in local:
+        raise InvalidSuppression(f"more than one @: {target!r}")
+    return target
+
+
+def domain_of_target(address: str) -> str:
+    """The domain an address's domain entry would be filed under."""
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suppression:
+    """One entry of the suppression list.
+
+    >>> from datetime import UTC
+    >>> entry = Suppression(target="bob@example.org", source=SuppressionSource.HARD_BOUNCE,
+    ...                     reply="550 5.1.1 no such user",
+    ...                     created_at=datetime(2026, 11, 30, 9, 0, tzinfo=UTC))
+    >>> entry.reason
+    'suppressed since 2026-11-30T09:00:00Z: 550 5.1.1 no such user'
+    """
+
+    target: str
+    """A lower-case address, or a domain (no "@") that covers every address there."""
+    source: SuppressionSource
+    reply: str
+    """The reply or report that put it there (or an operator's note); may be empty."""
+    created_at: datetime
+    expires_at: datetime | None = None
+    """When the entry stops applying (None: never). Expired entries are ignored, and
+    replaced by the next entry for the same target."""
+    message_id: str | None = None
+    """The message whose bounce or complaint added it, if any."""
+
+    @property
+    def is_domain(self) -> bool:
+        """Whether the entry covers a whole domain."""
+        return "@" not in self.target
+
+    @property
+    def reason(self) -> str:
+        """What a suppressed recipient's status says: ``suppressed since <date>: <reply>``."""
+        since = self.created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        head = f"suppressed since {since}"
+        return f"{head}: {self.reply}" if self.reply else head
+
+    def active(self, now: datetime) -> bool:
+        """Whether the entry applies at ``now``."""
+        return self.expires_at is None or self.expires_at > now
+
+
+def lookup_targets(addresses: Iterable[str]) -> list[str]:
+    """The targets to look up for ``addresses``: each address and each domain, once."""
+    seen: dict[str, None] = {}
+    for address in addresses:
+        seen.setdefault(address.lower(), None)
+        seen.setdefault(domain_of_target(address), None)
+    return list(seen)
+
+
+def match(address: str, found: Mapping[str, Suppression]) -> Suppression | None:
+    """The entry that suppresses ``address`` among ``found`` (an address entry before
+    its domain's), or None."""
+    return found.get(address.lower()) or found.get(domain_of_target(address))

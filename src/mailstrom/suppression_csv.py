@@ -1,0 +1,175 @@
+"""The suppression list as CSV, for ``mailstrom suppress import`` and ``export``.
+
+The columns are ``target,source,reply,created_at,expires_at,message_id`` (times in ISO 8601
+with a zone, ``2026-11-30T09:00:00+00:00``); an export starts with that header. An import
+may leave out the header (the columns are then taken in that order) and any column after
+``target``: a file of one address or domain a line is a valid import. Input is hostile:
+its size, its number of rows and every field are bounded, and the first bad row stops the
+import with :class:`~mailstrom.errors.InvalidSuppression` naming its line, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Protocol, TextIO
+
+from mailstrom.errors import InvalidSuppression
+from mailstrom.suppression import (
+    MAX_REPLY,
+    Suppression,
+    SuppressionSource,
+    normalize_target,
+)
+
+COLUMNS = ("target", "source", "reply", "created_at", "expires_at", "message_id")
+MAX_INPUT = 64 * 1024 * 1024
+"""Octets of CSV one import reads (about half a million entries with long replies)."""
+MAX_ROWS = 1_000_000
+"""Entries one import takes."""
+_MAX_FIELD = MAX_REPLY * 4 + 2
+"""The csv module's own limit per field: past it a row is refused while being read."""
+_MAX_MESSAGE_ID = 128
+
+
+class Readable(Protocol):
+    """A binary stream: a file opened ``rb``, ``sys.stdin.buffer``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def read_limited(stream: Readable, limit: int = MAX_INPUT) -> str:
+    """Up to ``limit`` octets of ``stream`` decoded as UTF-8 (a BOM is dropped); raises
+    InvalidSuppression when there is more, or when it is not UTF-8."""
+    raw = stream.read(limit + 1)
+    if len(raw) > limit:
+        raise InvalidSuppression(f"the input is larger than {limit} octets")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidSuppression(f"the input is not UTF-8 (at octet {exc.start})") from None
+
+
+def parse_csv(
+    text: str,
+    *,
+    now: datetime,
+    source: SuppressionSource = SuppressionSource.MANUAL,
+    max_rows: int = MAX_ROWS,
+) -> list[Suppression]:
+    """The entries of a CSV text; ``now`` and ``source`` fill the columns left out.
+
+    >>> from datetime import UTC
+    >>> [e.target for e in parse_csv("Bob@Example.org\\nexample.net\\n", now=datetime.now(UTC))]
+    ['bob@example.org', 'example.net']
+    """
+    entries: list[Suppression] = []
+    columns: tuple[str, ...] = COLUMNS
+    previous = csv.field_size_limit(_MAX_FIELD)
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        for row in _rows(reader):
+            line = reader.line_num
+            cells = [c.strip() for c in row]
+            if not any(cells) or cells[0].startswith("#"):
+                continue
+            if not entries and columns is COLUMNS and "target" in (c.lower() for c in cells):
+                columns = _header(cells, line)
+                continue
+            if len(entries) >= max_rows:
+                raise InvalidSuppression(f"more than {max_rows} entries", line=line)
+            if len(cells) > len(columns):
+                raise InvalidSuppression(
+                    f"{len(cells)} columns, expected at most {len(columns)}", line=line
+                )
+            fields = dict(zip(columns, cells, strict=False))
+            entries.append(_entry(fields, line=line, now=now, source=source))
+    finally:
+        csv.field_size_limit(previous)
+    return entries
+
+
+def _rows(reader: Iterator[list[str]]) -> Iterator[list[str]]:
+    try:
+        yield from reader
+    except csv.Error as exc:
+        line = getattr(reader, "line_num", None)
+        raise InvalidSuppression(f"malformed CSV: {exc}", line=line) from None
+
+
+def _header(cells: list[str], line: int) -> tuple[str, ...]:
+    names = tuple(c.lower() for c in cells)
+    unknown = [n for n in names if n not in COLUMNS]
+    if unknown:
+        raise InvalidSuppression(
+            f"unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})", line=line
+        )
+    if len(set(names)) != len(names):
+        raise InvalidSuppression("a column is named twice", line=line)
+    return names
+
+
+def _entry(
+    fields: dict[str, str], *, line: int, now: datetime, source: SuppressionSource
+) -> Suppression:
+    try:
+        target = normalize_target(fields.get("target", ""))
+    except InvalidSuppression as exc:
+        raise InvalidSuppression(exc.reason, line=line) from None
+    kind = fields.get("source") or source.value
+    try:
+        chosen = SuppressionSource(kind)
+    except ValueError:
+        known = ", ".join(s.value for s in SuppressionSource)
+        raise InvalidSuppression(f"unknown source {kind!r} (known: {known})", line=line) from None
+    reply = fields.get("reply", "")
+    if len(reply) > MAX_REPLY:
+        raise InvalidSuppression(f"the reply is longer than {MAX_REPLY} characters", line=line)
+    message_id = fields.get("message_id") or None
+    if message_id is not None and (
+        len(message_id) > _MAX_MESSAGE_ID or not message_id.isprintable()
+    ):
+        raise InvalidSuppression("the message_id is not a message id", line=line)
+    return Suppression(
+        target=target,
+        source=chosen,
+        reply=reply,
+        created_at=_time(fields.get("created_at"), line) or now,
+        expires_at=_time(fields.get("expires_at"), line),
+        message_id=message_id,
+    )
+
+
+def _time(text: str | None, line: int) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidSuppression(f"not an ISO 8601 time: {text[:40]!r}", line=line) from None
+    if when.tzinfo is None:
+        raise InvalidSuppression(f"a time without a zone: {text!r} (add Z or +00:00)", line=line)
+    return when
+
+
+def write_csv(entries: Iterable[Suppression], stream: TextIO) -> int:
+    """Write a header and ``entries``; returns how many were written."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    count = 0
+    for e in entries:
+        writer.writerow(
+            (
+                e.target,
+                e.source.value,
+                e.reply,
+                e.created_at.isoformat(),
+                e.expires_at.isoformat() if e.expires_at is not None else "",
+                e.message_id or "",
+            )
+        )
+        count += 1
+    return count

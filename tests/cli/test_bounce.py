@@ -1,0 +1,106 @@
+"""``mailstrom bounce`` through the real command, with real Postfix and Exim DSNs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailstrom.bounces import recipient_token, verp_address
+from tests.cli.conftest import CLI, MailEnv
+
+SAMPLES = Path(__file__).parents[1] / "samples" / "bounces"
+PLACEHOLDER = b"0190f3a2c4e1b7d08a4f2c6e9b1d3f57-5d41402abc"
+VERP = "bounces+{token}@sender.test"
+RAW = (
+    b"From: App <app@sender.test>\r\nTo: nosuchuser@receiver.test\r\nSubject: sample 3\r\n"
+    b"Message-ID: <sample-3@sender.test>\r\nDate: Mon, 30 Nov 2026 16:00:00 +0000\r\n\r\n"
+    b"Hello.\r\n"
+)
+
+
+def deliver(env: MailEnv, *send: str, stdin: bytes | None = None) -> str:
+    env.dns.mx("receiver.test", [(10, "mx.test")])
+    message_id = env.cli.ok("send", *send, stdin=stdin).out.strip()
+    env.cli.ok("worker", "--once", "--no-live")
+    assert env.cli.ok("status", "--json", message_id).json()["state"] == "delivered"
+    return message_id
+
+
+def recipient(cli: CLI, message_id: str) -> dict[str, object]:
+    [r] = cli.ok("status", "--json", message_id).json()["recipients"]
+    assert isinstance(r, dict)
+    return r
+
+
+def test_an_exim_bounce_found_by_message_id(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    mid = deliver(
+        mail_env,
+        *("--file", "-", "--from", "app@sender.test", "--to", "nosuchuser@receiver.test"),
+        stdin=RAW,
+    )
+    result = cli.ok("bounce", "--json", stdin=(SAMPLES / "exim-dsn.eml").read_bytes())
+    assert result.json() == {
+        "kind": "dsn",
+        "outcomes": [
+            {
+                "action": "failed",
+                "message_id": mid,
+                "address": "nosuchuser@receiver.test",
+                "status": "5.0.0",
+                "reason": "bounced after acceptance, reported by mx.receiver.test: 5.0.0",
+                "suppressed": "nosuchuser@receiver.test",
+            }
+        ],
+    }
+    assert recipient(cli, mid)["state"] == "failed"
+    [entry] = cli.ok("suppress", "list", "--json").json()
+    assert (entry["target"], entry["source"]) == ("nosuchuser@receiver.test", "async_bounce")
+
+
+def test_a_postfix_bounce_found_by_the_verp_recipient(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    mid = deliver(
+        mail_env,
+        *("--from", VERP, "--to", "nosuchuser@receiver.test", "--text", "x"),
+    )
+    [received] = mail_env.mx.messages
+    address = verp_address(VERP, mid, "nosuchuser@receiver.test")
+    assert received.mail_from == address
+    # The report quotes another token; the MTA's $RECIPIENT names the right one.
+    data = (SAMPLES / "postfix-dsn-full.eml").read_bytes()
+    cli.env["RECIPIENT"] = address
+    out = cli.ok("bounce", stdin=data).out
+    assert out.startswith(f"{mid} nosuchuser@receiver.test: failed, suppressed (bounced after")
+    assert recipient(cli, mid)["state"] == "failed"
+
+
+def test_a_complaint(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    mail_env.dns.mx("mailbox.test", [(10, "mx.test")])
+    mid = deliver(mail_env, *("--from", VERP, "--to", "carol@mailbox.test", "--text", "x"))
+    token = recipient_token(mid, "carol@mailbox.test").encode()
+    data = (SAMPLES / "arf-complaint.eml").read_bytes().replace(PLACEHOLDER, token)
+    [outcome] = cli.ok("bounce", "--json", stdin=data).json()["outcomes"]
+    assert (outcome["action"], outcome["suppressed"]) == ("complaint", "carol@mailbox.test")
+    assert recipient(cli, mid)["state"] == "delivered"
+
+
+def test_what_is_no_report_is_ignored_and_errors_are_typed(cli: CLI) -> None:
+    ignored = cli("bounce", stdin=b"Subject: Out of office\r\n\r\nAway.\r\n")
+    assert ignored.code == 0
+    assert ignored.err_lines == [
+        "mailstrom: ignored: not a delivery status notification or feedback report"
+    ]
+    broken = (
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsorry\r\n--b--\r\n"
+    )
+    bad = cli("bounce", stdin=broken)
+    assert bad.code == 65
+    assert "without a message/delivery-status part" in bad.err
+    unmatched = cli("bounce", stdin=(SAMPLES / "postfix-dsn-headers.eml").read_bytes())
+    assert unmatched.code == 66
+    assert "unmatched" in unmatched.out
+    # Larger than --max-size: the rest is read and dropped, the head still parsed.
+    big = (SAMPLES / "postfix-dsn-full.eml").read_bytes() + b"x" * 3_000_000
+    assert cli("bounce", "--max-size", "2000", stdin=big).code == 66

@@ -1,0 +1,111 @@
+"""``mailstrom suppress`` through the real command in a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.cli.conftest import CLI, MailEnv
+
+
+def test_add_list_remove(cli: CLI) -> None:
+    out = cli.ok("suppress", "add", "Bob@Example.test", "other.test", "--reason", "by hand").out
+    assert out.splitlines() == ["bob@example.test: suppressed", "other.test: suppressed"]
+    rows = cli.ok("suppress", "list", "--json").json()
+    assert [(r["target"], r["source"], r["reply"]) for r in rows] == [
+        ("bob@example.test", "manual", "by hand"),
+        ("other.test", "manual", "by hand"),
+    ]
+    plain = cli.ok("suppress", "list").out.splitlines()
+    assert plain[0].split() == ["TARGET", "SOURCE", "SINCE", "EXPIRES", "REPLY"]
+    assert plain[1].split()[:2] == ["bob@example.test", "manual"]
+    assert [
+        r["target"]
+        for r in cli.ok(
+            "suppress", "list", "--json", "--limit", "1", "--after", "bob@example.test"
+        ).json()
+    ] == ["other.test"]
+
+    assert cli.ok("suppress", "remove", "--json", "bob@example.test", "x@y.test").json() == {
+        "removed": 1
+    }
+    assert [r["target"] for r in cli.ok("suppress", "list", "--json").json()] == ["other.test"]
+
+
+def test_expiring_entries(cli: CLI) -> None:
+    row = cli.ok("suppress", "add", "--json", "bob@example.test", "--expires", "2d").json()
+    assert row["added"][0]["expires_at"] is not None
+    assert len(cli.ok("suppress", "list", "--json").json()) == 1
+
+
+def test_export_import_round_trip(cli: CLI, workdir: Path, tmp_path: Path) -> None:
+    cli.ok(
+        "suppress",
+        "add",
+        "bob@example.test",
+        "--source",
+        "complaint",
+        "--reason",
+        'a "quoted", reply',
+    )
+    cli.ok("suppress", "add", "example.org")
+    exported = cli.ok("suppress", "export").out
+    assert exported.splitlines()[0] == "target,source,reply,created_at,expires_at,message_id"
+    (workdir / "list.csv").write_text(exported)
+
+    other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
+    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 2}
+    assert other.ok("suppress", "export").out == exported
+    # From stdin, a bare list of addresses.
+    out = other.ok("suppress", "import", "--source", "async_bounce", stdin=b"ann@example.test\n")
+    assert out.out.strip() == "1 entries imported"
+    sources = {r["target"]: r["source"] for r in other.ok("suppress", "list", "--json").json()}
+    assert sources == {
+        "ann@example.test": "async_bounce",
+        "bob@example.test": "complaint",
+        "example.org": "manual",
+    }
+
+
+def test_errors_are_typed_and_nothing_is_half_imported(cli: CLI, workdir: Path) -> None:
+    bad = cli("suppress", "add", "not an address")
+    assert bad.code == 65
+    assert bad.err_lines == ["mailstrom: not an address or a domain: 'not an address'"]
+
+    result = cli("suppress", "import", stdin=b"good@example.test\nbad address\n")
+    assert result.code == 65
+    assert result.err_lines == ["mailstrom: line 2: not an address or a domain: 'bad address'"]
+    assert cli.ok("suppress", "list", "--json").json() == []
+
+    assert cli("suppress", "import", stdin=b"x@\xff.test\n").code == 65
+    missing = cli("suppress", "import", "nowhere.csv")
+    assert missing.code == 66 and "cannot read nowhere.csv" in missing.err
+    assert cli("suppress", "add", "bob@example.test", "--expires", "soon").code == 64
+    assert cli("suppress").code == 64
+
+
+def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    cli.ok("suppress", "add", "bob@example.test", "--reason", "550 5.1.1 gone")
+    out = cli.ok(
+        "send",
+        "--from",
+        "app@client.test",
+        "--to",
+        "bob@example.test",
+        "--to",
+        "carol@example.test",
+        "--text",
+        "x",
+    )
+    message_id = out.out.strip()
+    cli.ok("worker", "--once", "--no-live")
+    status = cli.ok("status", "--json", message_id).json()
+    by_address = {r["address"]: r for r in status["recipients"]}
+    assert by_address["carol@example.test"]["state"] == "delivered"
+    bob = by_address["bob@example.test"]
+    assert bob["state"] == "failed"
+    assert bob["error"].startswith("suppressed since ") and bob["error"].endswith(
+        ": 550 5.1.1 gone"
+    )
+    [received] = mx.messages
+    assert list(received.rcpt_tos) == ["carol@example.test"]

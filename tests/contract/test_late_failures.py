@@ -1,0 +1,103 @@
+"""Contract: a recipient failed after the fact (a late bounce), and finding messages by
+their Message-ID header."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
+from mailstrom.stores import Store
+
+from .support import LEASE_FOR, NOW, lease_all, message, results_for
+
+LATER = NOW + timedelta(hours=2)
+
+
+def late(error: str = "bounced after acceptance, reported by mx: 5.1.1 unknown user") -> Attempt:
+    return Attempt(
+        at=LATER,
+        outcome=AttemptOutcome.PERMANENT,
+        mx_host="mx.receiver.test",
+        error=error,
+        reason_class=ReasonClass.MAILBOX,
+    )
+
+
+def test_a_delivered_recipient_fails_late(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+
+    assert store.fail_late(mid, "a@example.org", late())
+    status = store.status(mid)
+    a = status.recipient("a@example.org")
+    assert a.state is RecipientState.FAILED
+    assert a.reason == late().error
+    assert a.reason_class is ReasonClass.MAILBOX
+    assert a.attempts == 1  # a late bounce is no delivery attempt of ours
+    assert [h.outcome for h in a.history] == [AttemptOutcome.DELIVERED, AttemptOutcome.PERMANENT]
+    assert a.history[-1] == late()
+    assert a.last_attempt_at == LATER and a.next_attempt_at is None
+    assert status.recipient("b@example.org").state is RecipientState.DELIVERED
+    assert status.state is RecipientState.FAILED
+    # Failed already: nothing changes.
+    assert not store.fail_late(mid, "a@example.org", late("again"))
+    assert store.status(mid).recipient("a@example.org").reason == late().error
+
+
+def test_unknown_recipients_and_messages(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    assert not store.fail_late(mid, "nobody@example.org", late())
+    with pytest.raises(UnknownMessage):
+        store.fail_late("0" * 32, "a@example.org", late())
+
+
+def test_a_leased_recipient_failed_late_ignores_the_later_record(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    assert store.fail_late(mid, "a@example.org", late())
+    assert store.record(results_for(lease, RecipientState.DELIVERED)) == []
+    assert store.status(mid).recipient("a@example.org").state is RecipientState.FAILED
+    assert store.lease(now=LATER, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=LATER) is None
+
+
+def test_a_late_failure_is_an_event_when_events_are_on(store: Store) -> None:
+    store.enable_events()
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    store.fail_late(mid, "a@example.org", late())
+    events = store.read_events()
+    assert [(e.state, e.error) for e in events] == [
+        (RecipientState.DELIVERED, None),
+        (RecipientState.FAILED, late().error),
+    ]
+    assert events[-1].at == LATER
+
+
+def test_the_history_stays_bounded(store: Store) -> None:
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    for i in range(60):
+        lease = lease_all(store, now=NOW + timedelta(minutes=i))
+        store.record(
+            results_for(
+                lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(minutes=i + 1)
+            )
+        )
+    store.fail_late(mid, "a@example.org", late())
+    history = store.status(mid).recipient("a@example.org").history
+    assert len(history) == 50
+    assert history[-1] == late()
+
+
+def test_messages_by_header_message_id(store: Store) -> None:
+    first = store.enqueue(message("a@example.org"), now=NOW)
+    second = store.enqueue(message("b@example.org"), now=NOW + timedelta(seconds=1))
+    other = replace(message("c@example.org"), header_message_id="<other@example.com>")
+    store.enqueue(other, now=NOW)
+    assert store.message_ids_for_header("<m1@example.com>") == [second, first]
+    assert store.message_ids_for_header("<m1@example.com>", limit=1) == [second]
+    assert store.message_ids_for_header("<none@example.com>") == []

@@ -1,0 +1,128 @@
+"""Contract: the suppression list (add, replace, look up, expire, list, remove)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from mailstrom.stores import Store
+from mailstrom.suppression import Suppression, SuppressionSource
+
+from .support import NOW
+
+DAY = timedelta(days=1)
+
+
+def entry(
+    target: str,
+    *,
+    source: SuppressionSource = SuppressionSource.HARD_BOUNCE,
+    reply: str = "550 5.1.1 no such user",
+    expires_at: object = None,
+    message_id: str | None = "0190f3a2c4e1b7d08a4f2c6e9b1d3f57",
+) -> Suppression:
+    return Suppression(
+        target=target,
+        source=source,
+        reply=reply,
+        created_at=NOW,
+        expires_at=expires_at,  # type: ignore[arg-type]
+        message_id=message_id,
+    )
+
+
+def test_an_entry_round_trips_with_every_field(store: Store) -> None:
+    bob = entry("bob@example.org", expires_at=NOW + DAY)
+    assert store.suppress([bob]) == 1
+    assert store.suppressions_for(["bob@example.org"], now=NOW) == {"bob@example.org": bob}
+    assert store.list_suppressions() == [bob]
+
+
+def test_lookup_returns_only_the_targets_asked_for(store: Store) -> None:
+    store.suppress(
+        [
+            entry("bob@example.org"),
+            entry("example.net", source=SuppressionSource.MANUAL, reply="", message_id=None),
+        ]
+    )
+    found = store.suppressions_for(
+        ["ann@example.org", "example.org", "bob@example.org", "carl@example.net", "example.net"],
+        now=NOW,
+    )
+    assert sorted(found) == ["bob@example.org", "example.net"]
+    assert found["example.net"].is_domain
+    assert store.suppressions_for([], now=NOW) == {}
+
+
+def test_a_new_entry_replaces_the_old_one_for_its_target(store: Store) -> None:
+    store.suppress([entry("bob@example.org", expires_at=NOW + DAY)])
+    newer = entry("bob@example.org", source=SuppressionSource.COMPLAINT, reply="abuse report")
+    store.suppress([newer])
+    assert store.list_suppressions() == [newer]
+
+
+def test_the_last_of_duplicates_in_one_call_wins(store: Store) -> None:
+    first = entry("bob@example.org", reply="first")
+    last = entry("bob@example.org", reply="last")
+    store.suppress([first, last])
+    assert store.suppressions_for(["bob@example.org"], now=NOW)["bob@example.org"].reply == "last"
+
+
+def test_expired_entries_do_not_apply_and_are_listed_only_without_now(store: Store) -> None:
+    store.suppress([entry("bob@example.org", expires_at=NOW + DAY), entry("ann@example.org")])
+    assert sorted(store.suppressions_for(["bob@example.org", "ann@example.org"], now=NOW)) == [
+        "ann@example.org",
+        "bob@example.org",
+    ]
+    later = NOW + 2 * DAY
+    assert list(store.suppressions_for(["bob@example.org", "ann@example.org"], now=later)) == [
+        "ann@example.org"
+    ]
+    assert [e.target for e in store.list_suppressions(now=later)] == ["ann@example.org"]
+    assert [e.target for e in store.list_suppressions()] == ["ann@example.org", "bob@example.org"]
+
+
+def test_expiring_exactly_now_no_longer_applies(store: Store) -> None:
+    store.suppress([entry("bob@example.org", expires_at=NOW)])
+    assert store.suppressions_for(["bob@example.org"], now=NOW) == {}
+
+
+def test_listing_pages_in_target_order(store: Store) -> None:
+    targets = [f"user{i:03d}@example.org" for i in range(25)] + ["example.com", "zz.example"]
+    store.suppress([entry(t) for t in reversed(targets)])
+    seen: list[str] = []
+    after = ""
+    while page := store.list_suppressions(after=after, limit=10):
+        seen += [e.target for e in page]
+        after = page[-1].target
+    assert seen == sorted(targets)
+    assert store.list_suppressions(limit=0) == []
+
+
+def test_unsuppress_removes_and_counts_what_existed(store: Store) -> None:
+    store.suppress([entry("bob@example.org"), entry("ann@example.org")])
+    assert store.unsuppress(["bob@example.org", "bob@example.org", "nobody@example.org"]) == 1
+    assert [e.target for e in store.list_suppressions()] == ["ann@example.org"]
+    assert store.unsuppress([]) == 0
+
+
+def test_many_targets_in_one_call(store: Store) -> None:
+    targets = [f"u{i}@example.org" for i in range(1200)]
+    assert store.suppress([entry(t) for t in targets]) == 1200
+    assert len(store.suppressions_for([*targets, "example.org"], now=NOW)) == 1200
+    assert store.unsuppress(targets[:700]) == 700
+
+
+def test_unicode_targets_round_trip(store: Store) -> None:
+    store.suppress([entry("jörg@bücher.example"), entry("bücher.example")])
+    found = store.suppressions_for(["jörg@bücher.example", "bücher.example"], now=NOW)
+    assert sorted(found) == ["bücher.example", "jörg@bücher.example"]
+
+
+def test_a_second_store_object_sees_the_entries(store_backend: object) -> None:
+    from .conftest import Backend
+
+    assert isinstance(store_backend, Backend)
+    first = store_backend.open()
+    first.suppress([entry("bob@example.org")])
+    second = store_backend.open()
+    assert list(second.suppressions_for(["bob@example.org"], now=NOW)) == ["bob@example.org"]

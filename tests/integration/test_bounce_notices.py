@@ -1,0 +1,172 @@
+"""Bounce messages: the worker reports final failures to the envelope sender with an
+RFC 3464 notice when the message or the configuration asks for it, never for the null
+sender, and the notice reads back with mailstrom's own DSN parser."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from mailstrom import DSN, Email, Notify, RecipientState, Return
+from mailstrom.bounces import parse_report, verp_address
+from mailstrom.client import Mailstrom
+from mailstrom.stores import MemoryStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import Results, loopback_config
+
+NO_SUCH_USER = "550 5.1.1 No such user"
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def mx(smtp_server: Any, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.a("mx.test", server.host)
+    for domain in ("example.org", "sender.test"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    server.rcpt_replies["nobody@example.org"] = NO_SUCH_USER
+    return server
+
+
+Make = Callable[..., Mailstrom]
+
+
+@pytest.fixture
+def mailstrom(dns_server: LoopbackDNS, mx: Any, results: Results) -> Iterator[Make]:
+    started: list[Mailstrom] = []
+
+    def make(**config: Any) -> Mailstrom:
+        ms = Mailstrom(
+            loopback_config(dns_server, mx.port, **config), store=MemoryStore(), on_result=results
+        )
+        ms.start()
+        started.append(ms)
+        return ms
+
+    yield make
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def hello(*to: str, **kw: Any) -> Email:
+    return Email(
+        from_="App <app@sender.test>", to=list(to), subject="Quarterly", text="Hello", **kw
+    )
+
+
+def test_a_final_failure_is_reported_to_the_sender(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    ms = mailstrom(bounce_notices=True, helo_name="mx.client.test")
+    mid = ms.send_email(hello("nobody@example.org", "ann@example.org"))
+    results.wait_count(3)  # nobody failed, ann delivered, the notice delivered
+    by_address = {r.address: r.state for r in results.all}
+    assert by_address == {
+        "nobody@example.org": RecipientState.FAILED,
+        "ann@example.org": RecipientState.DELIVERED,
+        "app@sender.test": RecipientState.DELIVERED,
+    }
+    notice = next(m for m in mx.wait_for_messages(2) if m.rcpt_tos == ("app@sender.test",))
+    assert notice.mail_from == "<>"  # the null sender: a bounce is never bounced
+    assert b"Auto-Submitted: auto-replied" in notice.content
+    report = parse_report(notice.content)
+    assert report is not None
+    assert report.reporting_mta == "mx.client.test"
+    assert report.original_message_id == ms.query_status(mid).header_message_id
+    assert report.envelope_id is None  # the message asked for no DSN
+    [r] = report.recipients
+    assert (r.final_recipient, r.action, r.status) == ("nobody@example.org", "failed", "5.1.1")
+    assert r.diagnostic == NO_SUCH_USER and r.diagnostic_code == 550
+    assert r.remote_mta == "mx.test"
+    assert b"Subject: Quarterly" in notice.content and b"Hello" not in notice.content
+
+
+def test_off_by_default_in_the_library(mailstrom: Make, mx: Any, results: Results) -> None:
+    ms = mailstrom()
+    ms.send_email(hello("nobody@example.org"))
+    results.wait_count(1)
+    ms.stop(timeout=5)
+    assert len(ms.query_recent()) == 1
+
+
+def test_the_message_dsn_request_decides(mailstrom: Make, mx: Any, results: Results) -> None:
+    ms = mailstrom()  # notices off, but the message asks, with RET=FULL
+    ms.send_email(hello("nobody@example.org", dsn=DSN(notify=(Notify.FAILURE,), ret=Return.FULL)))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert b"Content-Type: message/rfc822" in notice.content and b"Hello" in notice.content
+    report = parse_report(notice.content)
+    assert report is not None and report.recipients[0].original_recipient == "nobody@example.org"
+
+
+def test_never_when_notify_never_or_for_the_null_sender(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    ms = mailstrom(bounce_notices=True)
+    ms.send_email(hello("nobody@example.org", dsn=DSN(notify=(Notify.NEVER,))))
+    ms.send_email(hello("nobody@example.org"), envelope_from="")
+    results.wait_count(2)
+    ms.stop(timeout=5)
+    assert len(ms.query_recent()) == 2
+    assert mx.messages == []
+
+
+def test_a_verp_sender_gets_the_notice_at_its_own_address(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    ms = mailstrom(bounce_notices=True)
+    template = "bounces+{token}@sender.test"
+    mid = ms.send_email(hello("nobody@example.org"), envelope_from=template)
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert notice.rcpt_tos == (verp_address(template, mid, "nobody@example.org"),)
+
+
+def test_a_suppressed_recipient_is_reported_too(mailstrom: Make, mx: Any, results: Results) -> None:
+    ms = mailstrom(bounce_notices=True)
+    ms.suppress("gone@example.org", "550 5.1.1 earlier")
+    ms.send_email(hello("gone@example.org"))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    report = parse_report(notice.content)
+    assert report is not None
+    [r] = report.recipients
+    assert r.status == "5.0.0" and (r.diagnostic or "").startswith("suppressed since ")
+
+
+def test_one_delay_warning_once_retries_pass_the_threshold(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    from datetime import timedelta
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    mx.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy"
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1)
+    )
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@example.org"))
+        results.wait_count(1)  # deferred at once: no warning yet
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # deferred past the hour, and the warning delivered
+        [warning] = mx.wait_for_messages(1)
+        report = parse_report(warning.content)
+        assert report is not None
+        [r] = report.recipients
+        assert (r.final_recipient, r.action, r.status) == ("busy@example.org", "delayed", "4.2.1")
+        assert b"Subject: Delayed Mail (still being retried)" in warning.content
+        assert b"Will-Retry-Until: " in warning.content
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(4)  # deferred again: no second warning
+    assert [m.id for m in ms.query_recent()][-1] == mid
+    assert len(ms.query_recent()) == 2 and len(mx.messages) == 1

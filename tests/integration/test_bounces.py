@@ -1,0 +1,205 @@
+"""Late bounces end to end: VERP envelope senders on the wire, then real Postfix and Exim
+DSNs and an ARF complaint applied to the store, and the next message making no
+connection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Email, RecipientState, SuppressionSource
+from mailstrom.bounces import apply_report, parse_report, recipient_token, verp_address
+from mailstrom.bounces.apply import BounceAction, BounceOutcome
+from mailstrom.client import Mailstrom
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import FakeClock, Results, loopback_config
+
+SAMPLES = Path(__file__).parents[1] / "samples" / "bounces"
+PLACEHOLDER = b"0190f3a2c4e1b7d08a4f2c6e9b1d3f57-5d41402abc"
+VERP = "bounces+{token}@sender.test"
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def mx(smtp_server: Any, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.a("mx.test", server.host)
+    for domain in ("receiver.test", "mailbox.test", "example.org"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    return server
+
+
+@pytest.fixture
+def ms(
+    dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock, tmp_path: Path
+) -> Iterator[Mailstrom]:
+    with Mailstrom(
+        loopback_config(dns_server, mx.port),
+        store=SQLiteStore(tmp_path / "q.db"),
+        clock=clock,
+        on_result=results,
+    ) as mailstrom:
+        yield mailstrom
+
+
+def hello(*to: str, message_id: str | None = None) -> Email:
+    return Email(
+        from_="App <app@sender.test>",
+        to=list(to),
+        subject="Hi",
+        text="Hello",
+        message_id=message_id,
+    )
+
+
+def report_for(name: str, message_id: str, address: str) -> bytes:
+    """A sample report with its placeholder token made this recipient's."""
+    token = recipient_token(message_id, address).encode()
+    return (SAMPLES / name).read_bytes().replace(PLACEHOLDER, token)
+
+
+Apply = Callable[..., list[BounceOutcome]]
+
+
+def apply(ms: Mailstrom, data: bytes, clock: FakeClock, **kw: Any) -> list[BounceOutcome]:
+    report = parse_report(data)
+    assert report is not None
+    return apply_report(ms.store, report, now=clock(), **kw)
+
+
+def test_verp_gives_each_recipient_its_own_transaction(
+    ms: Mailstrom, mx: Any, results: Results
+) -> None:
+    mid = ms.send_email(hello("ann@example.org", "bob@example.org"), envelope_from=VERP)
+    results.wait_count(2)
+    received = mx.wait_for_messages(2)
+    by_rcpt = {tuple(m.rcpt_tos): m.mail_from for m in received}
+    assert by_rcpt == {
+        ("ann@example.org",): verp_address(VERP, mid, "ann@example.org"),
+        ("bob@example.org",): verp_address(VERP, mid, "bob@example.org"),
+    }
+    assert mx.commands.count("MAIL") == 2
+    assert ms.query_status(mid).envelope_from == VERP
+    assert [r.state for r in ms.query_status(mid).recipients] == [RecipientState.DELIVERED] * 2
+
+
+def test_a_postfix_bounce_by_verp_token_fails_and_suppresses(
+    ms: Mailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    [outcome] = apply(
+        ms, report_for("postfix-dsn-full.eml", mid, "nosuchuser@receiver.test"), clock
+    )
+    assert outcome.action is BounceAction.FAILED
+    assert (outcome.message_id, outcome.address, outcome.status) == (
+        mid,
+        "nosuchuser@receiver.test",
+        "5.1.1",
+    )
+    r = ms.query_status(mid).recipient("nosuchuser@receiver.test")
+    assert r.state is RecipientState.FAILED
+    assert r.reason == (
+        'bounced after acceptance, reported by mx.receiver.test: 5.1.1 unknown user: "nosuchuser"'
+    )
+    entry = ms.suppressed("nosuchuser@receiver.test")
+    assert entry is not None and entry.source is SuppressionSource.ASYNC_BOUNCE
+    assert entry.message_id == mid
+
+    connections = mx.connections
+    again = ms.send_email(hello("nosuchuser@receiver.test"))
+    results.wait_count(2)
+    assert ms.query_status(again).recipients[0].reason.startswith("suppressed since ")
+    assert mx.connections == connections
+
+
+def test_a_postfix_bounce_by_message_id_and_original_recipient(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    # The sample's token and ENVID name no message here: the Message-ID and ORCPT do.
+    mid = ms.send_email(
+        hello(
+            "NoSuchUser@receiver.test", "other@receiver.test", message_id="<sample-1@sender.test>"
+        )
+    )
+    results.wait_count(2)
+    data = (SAMPLES / "postfix-dsn-headers.eml").read_bytes()
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.message_id, outcome.address) == (
+        BounceAction.FAILED,
+        mid,
+        "NoSuchUser@receiver.test",
+    )
+    status = ms.query_status(mid)
+    assert status.recipient("NoSuchUser@receiver.test").state is RecipientState.FAILED
+    assert status.recipient("other@receiver.test").state is RecipientState.DELIVERED
+    # Applying it again changes nothing more.
+    assert apply(ms, data, clock)[0].action is BounceAction.ALREADY_FAILED
+
+
+def test_an_exim_bounce_without_detail_still_suppresses(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    [outcome] = apply(ms, report_for("exim-dsn.eml", mid, "nosuchuser@receiver.test"), clock)
+    assert outcome.action is BounceAction.FAILED and outcome.status == "5.0.0"
+    assert outcome.suppressed is not None
+
+
+def test_a_complaint_suppresses_and_keeps_the_delivery(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("carol@mailbox.test", "dave@mailbox.test"), envelope_from=VERP)
+    results.wait_count(2)
+    [outcome] = apply(ms, report_for("arf-complaint.eml", mid, "carol@mailbox.test"), clock)
+    assert (outcome.action, outcome.address) == (BounceAction.COMPLAINT, "carol@mailbox.test")
+    assert ms.query_status(mid).recipient("carol@mailbox.test").state is RecipientState.DELIVERED
+    entry = ms.suppressed("carol@mailbox.test")
+    assert entry is not None and entry.source is SuppressionSource.COMPLAINT
+    assert entry.reply == "abuse complaint reported by fbl.mailbox.test"
+    assert ms.suppressed("dave@mailbox.test") is None
+
+
+def test_a_delay_notice_and_an_unknown_message_change_nothing(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    delayed = report_for("postfix-dsn-full.eml", mid, "nosuchuser@receiver.test").replace(
+        b"Action: failed\r\nStatus: 5.1.1", b"Action: delayed\r\nStatus: 4.4.1"
+    )
+    assert [o.action for o in apply(ms, delayed, clock)] == [BounceAction.IGNORED]
+    assert ms.query_status(mid).state is RecipientState.DELIVERED
+    stranger = (SAMPLES / "exim-dsn.eml").read_bytes()
+    assert [o.action for o in apply(ms, stranger, clock)] == [BounceAction.UNMATCHED]
+    assert ms.suppressions() == []
+
+
+def test_the_envelope_recipient_can_carry_the_token(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("nosuchuser@receiver.test"))
+    results.wait_count(1)
+    # A report that quotes no token: the MTA tells which address it was delivered to.
+    data = (SAMPLES / "exim-dsn.eml").read_bytes().replace(PLACEHOLDER, b"x")
+    [outcome] = apply(
+        ms,
+        data,
+        clock,
+        envelope_recipient=verp_address(VERP, mid, "nosuchuser@receiver.test"),
+    )
+    assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, mid)

@@ -1,0 +1,214 @@
+"""The suppression list end to end: a loopback server refuses an address with 550 5.1.1,
+the worker suppresses it, and the next message to it fails at once without a connection
+while the other recipients are delivered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import (
+    Config,
+    Email,
+    InvalidSuppression,
+    ReasonClass,
+    RecipientState,
+    SuppressionSource,
+)
+from mailstrom.client import AsyncMailstrom, Mailstrom
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.stores.base import Store
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import FakeClock, Results, loopback_config
+
+DELIVERED = RecipientState.DELIVERED
+FAILED = RecipientState.FAILED
+NO_SUCH_USER = "550 5.1.1 No such user"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def results() -> Results:
+    return Results()
+
+
+@pytest.fixture
+def mx(smtp_server: Any, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+MakeMailstrom = Callable[..., Mailstrom]
+
+
+@pytest.fixture
+def mailstrom(
+    dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results
+) -> Iterator[MakeMailstrom]:
+    started: list[Mailstrom] = []
+
+    def make(store: Store | None = None, **overrides: Any) -> Mailstrom:
+        ms = Mailstrom(
+            loopback_config(dns_server, mx.port, **overrides),
+            store=store if store is not None else MemoryStore(),
+            clock=clock,
+            on_result=results,
+        )
+        ms.start()
+        started.append(ms)
+        return ms
+
+    yield make
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def hello(*to: str) -> Email:
+    return Email(from_="App <app@sender.test>", to=list(to), subject="Hi", text="Hello")
+
+
+def test_a_hard_bounce_suppresses_and_the_next_send_makes_no_connection(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, tmp_path: Path
+) -> None:
+    mx.rcpt_replies["nobody@example.org"] = NO_SUCH_USER
+    ms = mailstrom(SQLiteStore(tmp_path / "q.db"))
+    first = ms.send_email(hello("nobody@example.org"))
+    results.wait_count(1)
+    assert ms.query_status(first).recipient("nobody@example.org").state is FAILED
+    entry = ms.suppressed("Nobody@Example.org")
+    assert entry is not None
+    assert entry.target == "nobody@example.org"
+    assert entry.source is SuppressionSource.HARD_BOUNCE
+    assert entry.reply == NO_SUCH_USER
+    assert entry.message_id == first
+    connections = mx.connections
+
+    second = ms.send_email(hello("nobody@example.org"))
+    results.wait_count(2)
+    nobody = ms.query_status(second).recipient("nobody@example.org")
+    assert nobody.state is FAILED
+    assert nobody.reason == f"suppressed since 2026-01-05T12:00:00Z: {NO_SUCH_USER}"
+    assert nobody.reason_class is ReasonClass.SUPPRESSED
+    assert nobody.mx_host is None
+    assert mx.connections == connections  # nothing went out for it
+
+
+def test_other_recipients_of_the_message_go_on(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    ms = mailstrom()
+    ms.suppress("nobody@example.org", "550 5.1.1 earlier bounce")
+    mid = ms.send_email(hello("ann@example.org", "nobody@example.org", "bob@example.org"))
+    results.wait_final({"ann@example.org", "nobody@example.org", "bob@example.org"})
+
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@example.org", "bob@example.org"]
+    status = ms.query_status(mid)
+    assert status.recipient("ann@example.org").state is DELIVERED
+    assert status.recipient("bob@example.org").state is DELIVERED
+    nobody = status.recipient("nobody@example.org")
+    assert nobody.state is FAILED
+    assert nobody.reason.endswith(": 550 5.1.1 earlier bounce")
+
+
+def test_a_domain_entry_covers_every_address_there_until_removed(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    ms = mailstrom()
+    ms.suppress("EXAMPLE.org", "closed down")
+    ms.send_email(hello("ann@example.org"))
+    results.wait_count(1)
+    assert results.all[0].state is FAILED
+    assert mx.connections == 0
+    assert ms.suppressed("anyone@example.org") is not None
+    assert [e.target for e in ms.suppressions()] == ["example.org"]
+
+    assert ms.unsuppress("example.org")
+    assert not ms.unsuppress("example.org")
+    ms.send_email(hello("ann@example.org"))
+    results.wait_count(2)
+    assert results.all[1].state is DELIVERED
+
+
+def test_an_expired_entry_no_longer_applies(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    ms = mailstrom()
+    ms.suppress("bob@example.org", expires_at=clock() + timedelta(days=1))
+    assert ms.suppressed("bob@example.org") is not None
+    clock.advance(timedelta(days=1, seconds=1))
+    assert ms.suppressed("bob@example.org") is None
+    assert ms.suppressions() == []
+    ms.send_email(hello("bob@example.org"))
+    results.wait_count(1)
+    assert results.all[0].state is DELIVERED
+
+
+def test_hard_bounce_entries_expire_when_configured(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    mx.rcpt_replies["gone@example.org"] = "550 5.2.1 Mailbox disabled"
+    ms = mailstrom(suppress_for=timedelta(days=30))
+    ms.send_email(hello("gone@example.org"))
+    results.wait_count(1)
+    entry = ms.suppressed("gone@example.org")
+    assert entry is not None and entry.expires_at == clock() + timedelta(days=30)
+
+
+def test_refusals_outside_the_configured_classes_do_not_suppress(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    mx.rcpt_replies["full@example.org"] = "552 5.2.2 Mailbox full"
+    mx.rcpt_replies["spam@example.org"] = "550 5.7.1 Looks like spam"
+    mx.rcpt_replies["nobody@example.org"] = NO_SUCH_USER
+    ms = mailstrom(suppress_on=("5.7.1",))
+    ms.send_email(hello("full@example.org", "spam@example.org", "nobody@example.org"))
+    results.wait_count(3)
+    assert [e.target for e in ms.suppressions()] == ["spam@example.org"]
+
+
+def test_a_null_mx_domain_suppresses_the_address(
+    mailstrom: MakeMailstrom, dns_server: LoopbackDNS, results: Results
+) -> None:
+    dns_server.mx("nomail.test", [(0, ".")])
+    ms = mailstrom()
+    ms.send_email(hello("who@nomail.test"))
+    results.wait_count(1)
+    entry = ms.suppressed("who@nomail.test")
+    assert entry is not None
+    assert "null MX" in entry.reply
+
+
+def test_bad_targets_and_expiries_are_refused(mailstrom: MakeMailstrom, clock: FakeClock) -> None:
+    ms = mailstrom()
+    for bad in ("", "a b@example.org", "@example.org", "bob@", "x" * 400 + "@example.org"):
+        with pytest.raises(InvalidSuppression):
+            ms.suppress(bad)
+    with pytest.raises(InvalidSuppression, match="future"):
+        ms.suppress("bob@example.org", expires_at=clock())
+    with pytest.raises(InvalidSuppression):
+        ms.suppress("bob@example.org", "x" * 5000)
+    assert ms.suppressions() == []
+
+
+async def test_the_async_facade_has_the_same_api(
+    dns_server: LoopbackDNS, mx: Any, tmp_path: Path
+) -> None:
+    config: Config = loopback_config(dns_server, mx.port)
+    async with AsyncMailstrom(config, store=SQLiteStore(tmp_path / "q.db"), worker=None) as ms:
+        entry = await ms.suppress("bob@example.org", "by hand")
+        assert entry.source is SuppressionSource.MANUAL
+        assert await ms.suppressed("bob@example.org") == entry
+        assert await ms.suppressions() == [entry]
+        assert await ms.unsuppress("bob@example.org")
+        assert await ms.suppressed("bob@example.org") is None

@@ -1,0 +1,215 @@
+"""Reading real DSNs (Postfix, Exim) and an ARF complaint; VERP tokens."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailstrom.bounces import ReportKind, parse_report
+from mailstrom.bounces.verp import (
+    check_verp_template,
+    find_tokens,
+    per_recipient,
+    recipient_token,
+    verp_address,
+)
+from mailstrom.errors import InvalidAddress, InvalidReport
+from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_late_hard_bounce
+from mailstrom.stores.base import LeasedRecipient, WorkItem
+
+SAMPLES = Path(__file__).parents[1] / "samples" / "bounces"
+MID = "0190f3a2c4e1b7d08a4f2c6e9b1d3f57"
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def test_postfix_dsn_with_dsn_parameters() -> None:
+    report = parse_report(sample("postfix-dsn-headers.eml"))
+    assert report is not None and report.kind is ReportKind.DSN
+    assert report.reporting_mta == "mx.receiver.test"
+    assert report.envelope_id == MID
+    assert report.original_message_id == "<sample-1@sender.test>"
+    [r] = report.recipients
+    assert r.final_recipient == "nosuchuser@receiver.test"
+    assert r.original_recipient == "NoSuchUser@receiver.test"
+    assert (r.action, r.status) == ("failed", "5.1.1")
+    assert r.diagnostic == 'unknown user: "nosuchuser"'
+    assert r.diagnostic_code is None  # an X-Postfix diagnostic, not an SMTP reply
+    assert list(find_tokens(report.envelope_senders)) == [(MID, "5d41402abc")]
+
+
+def test_postfix_dsn_returning_the_whole_message() -> None:
+    report = parse_report(sample("postfix-dsn-full.eml"))
+    assert report is not None
+    assert report.envelope_id is None
+    assert report.original_message_id == "<sample-2@sender.test>"
+    assert [r.original_recipient for r in report.recipients] == ["nosuchuser@receiver.test"]
+
+
+def test_exim_dsn() -> None:
+    report = parse_report(sample("exim-dsn.eml"))
+    assert report is not None and report.kind is ReportKind.DSN
+    [r] = report.recipients
+    assert (r.final_recipient, r.original_recipient) == ("nosuchuser@receiver.test", None)
+    assert (r.action, r.status) == ("failed", "5.0.0")
+    assert report.original_message_id == "<sample-3@sender.test>"
+    assert (MID, "5d41402abc") in set(find_tokens(report.envelope_senders))
+
+
+def test_arf_complaint() -> None:
+    report = parse_report(sample("arf-complaint.eml"))
+    assert report is not None and report.kind is ReportKind.COMPLAINT
+    assert report.feedback_type == "abuse"
+    assert report.reporting_mta == "fbl.mailbox.test"
+    assert [r.final_recipient for r in report.recipients] == ["carol@mailbox.test"]
+    assert report.original_message_id == "<sample-4@sender.test>"
+    assert (MID, "5d41402abc") in set(find_tokens(report.envelope_senders))
+
+
+def test_an_smtp_diagnostic_gives_its_code() -> None:
+    text = sample("postfix-dsn-headers.eml").replace(
+        b'Diagnostic-Code: X-Postfix; unknown user: "nosuchuser"',
+        b"Remote-MTA: dns; mx2.receiver.test\nDiagnostic-Code: smtp; 550 5.1.1 <x>: no such user",
+    )
+    report = parse_report(text)
+    assert report is not None
+    [r] = report.recipients
+    assert (r.diagnostic_code, r.remote_mta) == (550, "mx2.receiver.test")
+
+
+def test_other_mail_is_no_report() -> None:
+    assert parse_report(b"Subject: Out of office\r\n\r\nBack on Monday.\r\n") is None
+    other = (
+        b"Content-Type: multipart/report; report-type=disposition-notification;"
+        b' boundary="b"\r\n\r\n--b--\r\n'
+    )
+    assert parse_report(other) is None
+    assert parse_report(b"") is None
+
+
+def test_a_report_without_its_status_part_is_invalid() -> None:
+    broken = (
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsorry\r\n--b--\r\n"
+    )
+    with pytest.raises(InvalidReport, match="message/delivery-status"):
+        parse_report(broken)
+
+
+def test_a_report_cut_short_still_reads() -> None:
+    data = sample("postfix-dsn-full.eml")
+    cut = data[: data.index(b"Content-Description: Undelivered Message") + 20]
+    report = parse_report(cut)
+    assert report is not None and report.recipients[0].status == "5.1.1"
+
+
+def test_recipients_per_report_are_bounded() -> None:
+    block = b"Final-Recipient: rfc822; a@x.test\nAction: failed\nStatus: 5.1.1\n\n"
+    data = (
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
+        b"--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\n"
+        + block * 3000
+        + b"--b--\n"
+    )
+    report = parse_report(data)
+    assert report is not None and len(report.recipients) == 1000
+
+
+def test_late_hard_bounces() -> None:
+    assert is_late_hard_bounce("5.1.1", code=None, codes=DEFAULT_SUPPRESS_ON)
+    assert is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
+    assert not is_late_hard_bounce("5.2.2", code=552, codes=DEFAULT_SUPPRESS_ON)
+    assert not is_late_hard_bounce("4.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
+
+
+# --- VERP ---------------------------------------------------------------------------
+
+
+def test_tokens_round_trip_and_name_the_recipient() -> None:
+    token = recipient_token(MID, "Bob@Example.org")
+    assert token == recipient_token(MID, "bob@example.org")
+    assert token != recipient_token(MID, "ann@example.org")
+    address = verp_address("bounces+{token}@sender.test", MID, "bob@example.org")
+    assert address == f"bounces+{token}@sender.test"
+    assert len(address.partition("@")[0]) <= 64
+    assert list(find_tokens([address.upper(), address])) == [tuple(token.split("-"))]
+
+
+def test_templates_are_checked() -> None:
+    check_verp_template("bounces+{token}@sender.test")
+    for bad in ("bounces@{token}.test", "{token}{token}@x.test", "b" * 30 + "+{token}@x.test"):
+        with pytest.raises(InvalidAddress):
+            check_verp_template(bad)
+
+
+def test_a_verp_item_becomes_one_transaction_per_recipient() -> None:
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    recipients = tuple(
+        LeasedRecipient(address=a, attempts=0, first_attempt_at=None, created_at=now)
+        for a in ("ann@example.org", "bob@example.org")
+    )
+    item = WorkItem(
+        message_id=MID,
+        lease_token="t",
+        domain="example.org",
+        envelope_from="bounces+{token}@sender.test",
+        recipients=recipients,
+        data=b"x",
+        smtputf8=False,
+        eightbit=False,
+    )
+    parts = per_recipient(item)
+    assert [p.recipients for p in parts] == [(recipients[0],), (recipients[1],)]
+    assert [p.envelope_from for p in parts] == [
+        verp_address(item.envelope_from, MID, "ann@example.org"),
+        verp_address(item.envelope_from, MID, "bob@example.org"),
+    ]
+    plain = WorkItem(
+        **{**{f: getattr(item, f) for f in item.__slots__}, "envelope_from": "b@x.test"}
+    )
+    assert per_recipient(plain) == [plain]
+
+
+# --- the notices mailstrom sends -----------------------------------------------------
+
+
+def test_a_notice_keeps_peer_text_to_one_printable_line() -> None:
+    from mailstrom.bounces.notice import FailedRecipient, render_notice, wants_notice
+    from mailstrom.message.dsn import DSN, Notify
+
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    hostile = "550 5.1.1 gone\r\nBcc: victim@example.org\r\n\r\n--x\x00 ünï" + "y" * 5000
+    raw = render_notice(
+        reporting_mta="mx.client.test",
+        sender="app@sender.test",
+        message_id=MID,
+        original=b"Subject: hi\r\nMessage-ID: <m@x.test>\r\n\r\nbody\r\n",
+        arrival=now,
+        failed=[
+            FailedRecipient(
+                address="bob@example.org",
+                status="5.1.1",
+                diagnostic=hostile,
+                remote_mta="mx.example.org",
+                at=now,
+            )
+        ],
+        dsn=None,
+        now=now,
+    )
+    assert b"\nBcc:" not in raw and b"\x00" not in raw and raw.isascii()
+    assert max(len(line) for line in raw.split(b"\r\n")) < 998
+    report = parse_report(raw)
+    assert report is not None
+    [r] = report.recipients
+    assert r.diagnostic is not None and r.diagnostic.startswith("550 5.1.1 gone Bcc: victim")
+    assert report.original_message_id == "<m@x.test>"
+    assert b"body" not in raw  # headers only unless RET=FULL
+    assert not wants_notice("", DSN(), default=True)
+    assert not wants_notice("a@x.test", DSN(notify=(Notify.DELAY,)), default=True)
+    assert wants_notice("a@x.test", DSN(), default=False)
+    assert wants_notice("a@x.test", None, default=True)

@@ -1,0 +1,200 @@
+"""The suppression list's pure parts: targets, matching, hard-bounce codes, CSV."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.config import Config
+from mailstrom.errors import ConfigError, InvalidSuppression
+from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_hard_bounce
+from mailstrom.status import AttemptOutcome
+from mailstrom.suppression import (
+    Suppression,
+    SuppressionSource,
+    lookup_targets,
+    match,
+    normalize_target,
+)
+from mailstrom.suppression_csv import parse_csv, read_limited, write_csv
+
+NOW = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
+def entry(target: str, **kw: object) -> Suppression:
+    return Suppression(
+        target=target,
+        source=kw.pop("source", SuppressionSource.MANUAL),  # type: ignore[arg-type]
+        reply=kw.pop("reply", ""),  # type: ignore[arg-type]
+        created_at=NOW,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        (" Bob@Example.ORG ", "bob@example.org"),
+        ("<bob@example.org>", "bob@example.org"),
+        ("EXAMPLE.org", "example.org"),
+        ("jörg@bücher.example", "jörg@bücher.example"),
+    ],
+)
+def test_targets_are_normalized(text: str, target: str) -> None:
+    assert normalize_target(text) == target
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "  ",
+        "@example.org",
+        "bob@",
+        "a b@example.org",
+        "a@b@example.org",
+        "bob@.org",
+        "bob@example..org",
+        "bob@example.org.",
+        "x\x00@example.org",
+        "a,b@example.org",
+        '"a@b"@example.org',
+        "x" * 321,
+    ],
+)
+def test_bad_targets_are_refused(text: str) -> None:
+    with pytest.raises(InvalidSuppression):
+        normalize_target(text)
+
+
+def test_an_address_entry_wins_over_its_domain() -> None:
+    found = {
+        "bob@example.org": entry("bob@example.org", reply="own"),
+        "example.org": entry("example.org", reply="domain"),
+    }
+    assert lookup_targets(["Bob@Example.org", "ann@example.org"]) == [
+        "bob@example.org",
+        "example.org",
+        "ann@example.org",
+    ]
+    assert match("BOB@example.org", found) is found["bob@example.org"]
+    assert match("ann@EXAMPLE.org", found) is found["example.org"]
+    assert match("ann@example.net", found) is None
+
+
+def test_reason_and_activity() -> None:
+    e = entry("bob@example.org", reply="550 5.1.1 gone", expires_at=NOW + timedelta(days=1))
+    assert e.reason == "suppressed since 2026-11-30T09:00:00Z: 550 5.1.1 gone"
+    assert entry("bob@example.org").reason == "suppressed since 2026-11-30T09:00:00Z"
+    assert e.active(NOW) and not e.active(NOW + timedelta(days=1))
+    assert entry("example.org").is_domain and not e.is_domain
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "enhanced", "expected"),
+    [
+        (AttemptOutcome.PERMANENT, 550, "5.1.1", True),
+        (AttemptOutcome.PERMANENT, 550, "5.1.10", True),
+        (AttemptOutcome.PERMANENT, 550, "5.2.1", True),
+        (AttemptOutcome.PERMANENT, None, "5.1.2", True),  # NXDOMAIN, found by our lookup
+        (AttemptOutcome.PERMANENT, 556, None, True),
+        (AttemptOutcome.PERMANENT, 552, "5.2.2", False),  # full: it may empty
+        (AttemptOutcome.PERMANENT, 550, "5.7.1", False),
+        (AttemptOutcome.PERMANENT, 550, None, False),
+        (AttemptOutcome.TEMPORARY, 450, "4.1.1", False),
+        (AttemptOutcome.TEMPORARY, 550, "5.1.1", False),  # retries ran out: not a refusal
+    ],
+)
+def test_hard_bounce_codes(
+    outcome: AttemptOutcome, code: int | None, enhanced: str | None, expected: bool
+) -> None:
+    assert (
+        is_hard_bounce(outcome, code=code, enhanced=enhanced, codes=DEFAULT_SUPPRESS_ON) is expected
+    )
+
+
+def test_suppress_on_is_checked_by_config() -> None:
+    assert Config(helo_name="h.test", suppress_on=(" 5.7.1 ", "554")).suppress_on == (
+        "5.7.1",
+        "554",
+    )
+    assert Config(helo_name="h.test", suppress_on=()).suppress_on == ()
+    for bad in (("4.1.1",), ("5.1",), ("550 5.1.1",), ("x",)):
+        with pytest.raises(ConfigError, match="suppress_on"):
+            Config(helo_name="h.test", suppress_on=bad)
+    with pytest.raises(ConfigError, match="suppress_for"):
+        Config(helo_name="h.test", suppress_for=timedelta(0))
+
+
+# --- CSV -------------------------------------------------------------------------------
+
+
+def test_export_then_import_round_trips() -> None:
+    entries = [
+        entry(
+            "bob@example.org",
+            source=SuppressionSource.HARD_BOUNCE,
+            reply='550 5.1.1 "no such user", sorry\nsecond line',
+            expires_at=NOW + timedelta(days=3),
+            message_id="0190f3a2",
+        ),
+        entry("example.net"),
+    ]
+    out = io.StringIO()
+    assert write_csv(entries, out) == 2
+    assert out.getvalue().startswith("target,source,reply,created_at,expires_at,message_id\n")
+    assert parse_csv(out.getvalue(), now=NOW + timedelta(days=1)) == entries
+
+
+def test_import_without_header_or_optional_columns() -> None:
+    later = NOW + timedelta(hours=1)
+    got = parse_csv(
+        "# a comment\nBob@Example.org\n\nexample.net,complaint,spam report\n",
+        now=later,
+        source=SuppressionSource.ASYNC_BOUNCE,
+    )
+    assert [(e.target, e.source, e.reply, e.created_at) for e in got] == [
+        ("bob@example.org", SuppressionSource.ASYNC_BOUNCE, "", later),
+        ("example.net", SuppressionSource.COMPLAINT, "spam report", later),
+    ]
+
+
+def test_import_with_a_header_in_another_order() -> None:
+    [e] = parse_csv("reply,target\nby hand,bob@example.org\n", now=NOW)
+    assert (e.target, e.reply) == ("bob@example.org", "by hand")
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("bob@example.org\nnot an address\n", "line 2: not an address"),
+        ("bob@example.org,weird\n", "line 1: unknown source 'weird'"),
+        ("target,colour\n", "line 1: unknown column 'colour'"),
+        ("bob@example.org,manual,,yesterday\n", "line 1: not an ISO 8601 time"),
+        ("bob@example.org,manual,,2026-01-01T00:00:00\n", "line 1: a time without a zone"),
+        ("a@example.org,manual,x,,,,extra\n", "line 1: 7 columns"),
+        ('"bob@example.org\n', "malformed CSV"),
+        ("bob@example.org,manual," + "x" * 3000 + "\n", "longer than 2048"),
+        ("bob@example.org,manual," + "x" * 20000 + "\n", "malformed CSV"),
+    ],
+)
+def test_bad_rows_name_their_line(text: str, reason: str) -> None:
+    with pytest.raises(InvalidSuppression, match=reason):
+        parse_csv(text, now=NOW)
+
+
+def test_rows_are_bounded() -> None:
+    text = "".join(f"u{i}@example.org\n" for i in range(11))
+    assert len(parse_csv(text, now=NOW, max_rows=11)) == 11
+    with pytest.raises(InvalidSuppression, match="line 11: more than 10 entries"):
+        parse_csv(text, now=NOW, max_rows=10)
+
+
+def test_input_is_bounded_and_must_be_utf8() -> None:
+    assert read_limited(io.BytesIO(b"\xef\xbb\xbfbob@example.org\n"), 100) == "bob@example.org\n"
+    with pytest.raises(InvalidSuppression, match="larger than 10 octets"):
+        read_limited(io.BytesIO(b"x" * 11), 10)
+    with pytest.raises(InvalidSuppression, match="not UTF-8"):
+        read_limited(io.BytesIO(b"bob@\xffexample.org"), 100)
