@@ -33,8 +33,8 @@ from mailstrom.readmodel.base import (
 )
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
-from mailstrom.stores.postgres.rows import messages_from_rows
 from mailstrom.stores.operator import Suspension
+from mailstrom.stores.postgres.rows import messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 
 _HAS_PENDING = (
