@@ -204,6 +204,36 @@ def test_destinations_list_pending_mail_per_domain(model: ReadModel, queue: Queu
     assert [d.domain for d in model.destinations(limit=1, offset=1)] == ["three.example"]
 
 
+def test_destinations_carry_the_suspension_in_force(
+    store: Store, model: ReadModel, queue: Queue
+) -> None:
+    store.suspend("two.example", now=NOW)
+    store.suspend("three.example", now=NOW, until=NOW + timedelta(hours=1))
+    store.suspend("idle.example", now=NOW, until=NOW + timedelta(hours=2))
+    found = {d.domain: d for d in model.destinations(now=NOW)}
+    assert found["two.example"].suspended and found["two.example"].suspension is not None
+    assert found["two.example"].suspension.until is None
+    three = found["three.example"].suspension
+    assert three is not None and three.until == NOW + timedelta(hours=1)
+    assert "idle.example" not in found  # nothing pending there: listed as a suspension
+    assert [s.domain for s in model.suspensions(now=NOW)] == [
+        "idle.example",
+        "three.example",
+        "two.example",
+    ]
+    assert [s.domain for s in model.overview(now=NOW).suspended] == [
+        "idle.example",
+        "three.example",
+        "two.example",
+    ]
+    # The timed one has ended an hour and a bit later; without now nothing is looked up.
+    later = {d.domain: d.suspended for d in model.destinations(now=NOW + timedelta(minutes=61))}
+    assert later == {"two.example": True, "three.example": False}
+    assert not any(d.suspended for d in model.destinations())
+    assert store.resume("two.example")
+    assert not any(d.suspended for d in model.destinations(now=NOW + timedelta(minutes=61)))
+
+
 def test_message_data_is_the_stored_message(model: ReadModel, queue: Queue) -> None:
     assert model.message_data(queue.deferred) == queue.data
     with pytest.raises(UnknownMessage):

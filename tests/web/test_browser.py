@@ -149,7 +149,41 @@ def test_overview_queue_message_retry(
         _click(browser, link="Destinations")
         _title(browser, "Destinations · mailstrom")
         assert "slow.example" in _text(browser, "#destinations")
+
+
+def _suspended(path: Path) -> list[str]:
+    store = SQLiteStore(path, read_only=True)
+    try:
+        return [s.domain for s in store.suspensions(now=datetime.now(UTC))]
+    finally:
+        store.close()
+
+
+def test_suspend_then_resume_a_destination(
+    queue_db: tuple[Path, Scenario], browser: Any, shots: Path, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    path, _ = queue_db
+    with web_server(f"sqlite:///{path}", tmp_path) as url:
+        browser.get(url + "/destinations")
+        _click(browser, css="#destinations a[href='/action/suspend/slow.example']")
+        assert _text(browser, "#question").startswith("Suspend delivery to slow.example?")
+        Select(browser.find_element(By.ID, "for")).select_by_visible_text("for 2 hours")
+        _click(browser, css="#confirm")
+        assert _text(browser, "#done") == "Suspend: suspended for 2h"
+        assert "suspended until" in _text(browser, "#destinations")
+        assert _suspended(path) == ["slow.example"]
+        browser.get(url + "/destinations")
         _shoot(browser, shots, "destinations")
+
+        _click(browser, css="#destinations a[href='/action/resume/slow.example']")
+        assert _text(browser, "#question").startswith("Resume delivery to slow.example?")
+        _click(browser, css="#confirm")
+        assert _text(browser, "#done") == "Resume: resumed"
+        assert "suspended" not in _text(browser, "#destinations")
+        assert _suspended(path) == []
 
 
 def test_a_forged_form_is_refused(

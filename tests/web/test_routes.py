@@ -282,3 +282,112 @@ def test_the_notice_after_an_action_cannot_be_made_up(
     for made_up in ("Your account is closed", "Hold: call +1 555 0100 now!", "Explode: done"):
         page = client.get(f"/message/{ids['queued']}", params={"done": made_up}).text
         assert 'id="done"' not in page
+
+
+def _suspend(client: TestClient, domain: str, duration: str) -> str:
+    confirm = client.get(f"/action/suspend/{domain}")
+    assert confirm.status_code == 200 and "Suspend delivery to" in confirm.text
+    assert 'name="for"' in confirm.text and "for 2 hours" in confirm.text
+    done = client.post(
+        f"/action/suspend/{domain}",
+        data={"csrf": _csrf(confirm.text), "for": duration},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    location: str = done.headers["location"]
+    assert location.startswith(f"/destinations?domain={domain.lower()}&done=")
+    return location
+
+
+def test_a_destination_is_suspended_then_resumed_on_every_store(
+    any_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    any_store.enqueue(message("b@two.example", "c@three.example"), now=NOW)
+    now = NOW + timedelta(minutes=1)  # the dashboard's clock
+    for client in _client(any_store):
+        with caplog.at_level(logging.INFO, logger="mailstrom.web"):
+            after = client.get(_suspend(client, "Two.Example", "2h")).text
+        assert 'id="done">Suspend: suspended for 2h<' in after
+        assert re.search(r"suspended</span> until \d{4}-\d\d-\d\d \d\d:\d\d UTC", after)
+        assert "/action/resume/two.example" in after
+        assert [(s.domain, s.until) for s in any_store.suspensions(now=now)] == [
+            ("two.example", now + timedelta(hours=2))
+        ]
+        assert any("suspend two.example by" in r.getMessage() for r in caplog.records)
+        # The other destination is still delivered to and offers a suspend button.
+        listing = client.get("/destinations").text
+        assert "/action/suspend/three.example" in listing
+        assert "/action/suspend/two.example" not in listing
+        overview = client.get("/").text
+        assert re.search(
+            r'id="suspended">Suspended destinations \(1\):\s*<a[^>]*>two\.example', overview
+        )
+
+        # Until resumed, for a domain with nothing pending (typed into the filter).
+        idle = client.get("/destinations", params={"domain": "idle.example"}).text
+        assert "/action/suspend/idle.example" in idle
+        client.get(_suspend(client, "idle.example", ""))
+        assert {s.domain: s.until for s in any_store.suspensions(now=now)} == {
+            "idle.example": None,
+            "two.example": now + timedelta(hours=2),
+        }
+
+        confirm = client.get("/action/resume/two.example")
+        assert (
+            "Resume delivery to two.example?" in confirm.text and 'name="for"' not in confirm.text
+        )
+        done = client.post("/action/resume/two.example", data={"csrf": _csrf(confirm.text)})
+        assert 'id="done">Resume: resumed<' in done.text
+        assert "/action/suspend/two.example" in done.text
+    assert [s.domain for s in any_store.suspensions(now=now)] == ["idle.example"]
+
+
+def test_suspend_needs_the_csrf_token_and_an_offered_duration(
+    client: TestClient, store: Store, ids: dict[str, str]
+) -> None:
+    confirm = client.get("/action/suspend/two.example")
+    for data in ({}, {"csrf": "forged", "for": "1h"}):
+        refused = client.post("/action/suspend/two.example", data=data)
+        assert refused.status_code == 403 and 'id="problem"' in refused.text
+    odd = client.post(
+        "/action/suspend/two.example", data={"csrf": _csrf(confirm.text), "for": "999y"}
+    )
+    assert odd.status_code == 400 and "offered durations" in odd.text
+    assert store.suspensions(now=NOW) == []
+    store.suspend("two.example", now=NOW)
+    refused = client.post("/action/resume/two.example", data={"csrf": "forged"})
+    assert refused.status_code == 403
+    assert [s.domain for s in store.suspensions(now=NOW)] == ["two.example"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "not a domain",
+        "bang!.example",
+        "-leading.example",
+        "trailing-.example",
+        "a..example",
+        "x" * 64 + ".example",
+        ".".join(["abcdefghi"] * 30),  # 299 octets
+        "user@example.org",
+        "%5B127.0.0.1%5D",
+    ],
+)
+def test_a_bad_domain_gets_a_clear_page(client: TestClient, store: Store, target: str) -> None:
+    for page in (
+        client.get(f"/action/suspend/{target}"),
+        client.post(f"/action/suspend/{target}", data={"csrf": "x"}),
+    ):
+        assert page.status_code == 400
+        assert 'id="problem"' in page.text and "not a domain name" in page.text
+    assert store.suspensions(now=NOW) == []
+
+
+def test_domain_names_are_lower_cased_and_may_be_internationalised() -> None:
+    from mailstrom.web.actions import InvalidTarget, destination_domain
+
+    assert destination_domain("Mail.Example.ORG.") == "mail.example.org"
+    assert destination_domain("bücher.example") == "bücher.example"
+    with pytest.raises(InvalidTarget):
+        destination_domain("bad label.example")

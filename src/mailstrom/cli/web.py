@@ -23,8 +23,9 @@ examples:
 
 On loopback anyone on this host may use the dashboard (as anyone who can read the queue
 can run `mailstrom queue`). Any other address needs the setting web.token (or
-MAILSTROM_WEB_TOKEN); every page then asks for it. Actions (retry, hold, release, cancel)
-are confirmed, POSTed with a CSRF token, and logged on stderr.
+MAILSTROM_WEB_TOKEN); every page then asks for it. Actions (retry, hold, release, cancel
+a message; suspend, resume a destination) are confirmed, POSTed with a CSRF token, and
+logged on stderr.
 """
 
 
@@ -35,7 +36,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="serve the queue dashboard in the browser",
         description="Serve a dashboard of the queue: counts and the last hour's throughput, "
         "the queue with filters and search, each message with its attempts, and pending "
-        "mail per destination; retry, hold, release or cancel a message. Needs "
+        "mail per destination; retry, hold, release or cancel a message, suspend or "
+        "resume a destination. Needs "
         "mailstrom[web].",
         epilog=EPILOG,
     )

@@ -11,14 +11,15 @@ contract suite (``tests/contract/test_readmodel.py``) runs over all three.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
+from mailstrom.stores.operator import Suspension
 
 MAX_PAGE = 500
 """The most messages one page may hold."""
@@ -160,6 +161,14 @@ class Destination:
     """The reply (or local error) of the newest deferred recipient there."""
     reason_class: ReasonClass | None = None
     last_attempt_at: datetime | None = None
+    suspension: Suspension | None = None
+    """The suspension in force (looked up when the query is given ``now``); None while
+    mail is delivered there."""
+
+    @property
+    def suspended(self) -> bool:
+        """Whether no worker delivers here now."""
+        return self.suspension is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +193,8 @@ class Overview:
     """Attempts per minute over the last hour, oldest first."""
     top_deferred: tuple[Destination, ...] = ()
     """The destinations with the most deferred recipients, most first."""
+    suspended: tuple[Suspension, ...] = ()
+    """The suspended destinations at ``now``, by domain."""
 
 
 class ReadModel(Protocol):
@@ -203,10 +214,21 @@ class ReadModel(Protocol):
         ...
 
     def destinations(
-        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        domain: str | None = None,
+        now: datetime | None = None,
     ) -> list[Destination]:
         """Destinations with pending mail, most pending first (then by name); only
-        ``domain`` when given. The list is an aggregate over pending recipients only."""
+        ``domain`` when given. The list is an aggregate over pending recipients only.
+        With ``now``, each carries the suspension in force then (if any)."""
+        ...
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspended destinations at ``now``, by domain (as
+        :meth:`~mailstrom.stores.base.Store.suspensions`; the list is small)."""
         ...
 
     def message_data(self, message_id: str) -> bytes:
@@ -216,6 +238,16 @@ class ReadModel(Protocol):
     def close(self) -> None:
         """Release connections. Idempotent."""
         ...
+
+
+def with_suspensions(
+    found: list[Destination], suspensions: Iterable[Suspension]
+) -> list[Destination]:
+    """``found`` with each destination's suspension (from the store's short list)."""
+    by_domain = {s.domain: s for s in suspensions}
+    if not by_domain:
+        return found
+    return [replace(d, suspension=by_domain.get(d.domain)) for d in found]
 
 
 def throughput_window(now: datetime) -> tuple[datetime, list[datetime]]:

@@ -22,9 +22,11 @@ from mailstrom.readmodel.base import (
     fill_buckets,
     id_range,
     throughput_window,
+    with_suspensions,
 )
 from mailstrom.status import RecipientState
 from mailstrom.stores.memory import MemoryStore, _Message, _Recipient
+from mailstrom.stores.operator import Suspension
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -77,6 +79,7 @@ class MemoryReadModel:
             else OldestPending(id=oldest.id, created_at=oldest.created_at),
             throughput=fill_buckets(starts, counts),
             top_deferred=top_deferred,
+            suspended=tuple(self.suspensions(now=now)),
         )
 
     @staticmethod
@@ -107,7 +110,12 @@ class MemoryReadModel:
         )
 
     def destinations(
-        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        domain: str | None = None,
+        now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
         with self._store._lock:
@@ -120,7 +128,12 @@ class MemoryReadModel:
             }
             found = [self._destination(d, messages) for d in names]
         found.sort(key=lambda d: (-d.pending, d.domain))
-        return found[offset : offset + limit]
+        page = found[offset : offset + limit]
+        return page if now is None else with_suspensions(page, self.suspensions(now=now))
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """See :meth:`ReadModel.suspensions`."""
+        return self._store.suspensions(now=now)
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""

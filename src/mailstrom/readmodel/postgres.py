@@ -29,11 +29,13 @@ from mailstrom.readmodel.base import (
     fill_buckets,
     id_range,
     throughput_window,
+    with_suspensions,
 )
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.operator import Suspension
 from mailstrom.stores.postgres.rows import messages_from_rows
-from mailstrom.stores.postgres.sql import translate_errors
+from mailstrom.stores.postgres.sql import queries, translate_errors
 
 _HAS_PENDING = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
@@ -58,6 +60,10 @@ _STATUS_COLUMNS = (
     " r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,"
     " r.next_attempt_at, r.reason_class"
 )
+
+
+# The store's own query (the list is short: no paging).
+_SUSPENSIONS = queries()["suspensions"].encode()
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -127,6 +133,7 @@ class PostgresReadModel:
             top_deferred = tuple(
                 self._destination(conn, domain, deferred=int(n)) for domain, n in busiest
             )
+            suspended = tuple(self._suspensions(conn, now))
         return Overview(
             by_state=by_state,
             messages=messages,
@@ -134,6 +141,7 @@ class PostgresReadModel:
             oldest_pending=oldest,
             throughput=fill_buckets(starts, counts),
             top_deferred=top_deferred,
+            suspended=suspended,
         )
 
     @staticmethod
@@ -170,7 +178,12 @@ class PostgresReadModel:
         )
 
     def destinations(
-        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        domain: str | None = None,
+        now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
         with (
@@ -189,10 +202,25 @@ class PostgresReadModel:
                     "offset": offset,
                 },
             ).fetchall()
-            return [
+            found = [
                 self._destination(conn, d, deferred=int(deferred), pending=int(pending))
                 for d, deferred, pending in rows
             ]
+            if now is None:
+                return found
+            return with_suspensions(found, self._suspensions(conn, now))
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """See :meth:`ReadModel.suspensions`."""
+        with translate_errors("suspensions"), self._pool.connection() as conn:
+            return self._suspensions(conn, now)
+
+    @staticmethod
+    def _suspensions(conn: psycopg.Connection[Any], now: datetime) -> list[Suspension]:
+        return [
+            Suspension(domain=domain, suspended_at=at, until=until)
+            for domain, at, until in conn.execute(_SUSPENSIONS, {"now": now}).fetchall()
+        ]
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""

@@ -34,10 +34,13 @@ from mailstrom.readmodel.base import (
     fill_buckets,
     id_range,
     throughput_window,
+    with_suspensions,
 )
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.operator import Suspension
+from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, reply_from, to_us
 
@@ -169,6 +172,7 @@ class SQLiteReadModel:
             top_deferred = tuple(
                 self._destination(conn, domain, deferred=n) for domain, n in busiest
             )
+            suspended = tuple(active_suspensions(conn, now))
         return Overview(
             by_state=by_state,
             messages=messages,
@@ -176,6 +180,7 @@ class SQLiteReadModel:
             oldest_pending=oldest,
             throughput=fill_buckets(starts, counts),
             top_deferred=top_deferred,
+            suspended=suspended,
         )
 
     @staticmethod
@@ -207,7 +212,12 @@ class SQLiteReadModel:
         )
 
     def destinations(
-        self, *, limit: int = 100, offset: int = 0, domain: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        domain: str | None = None,
+        now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
         where, params = _PENDING, list[object]()
@@ -221,10 +231,18 @@ class SQLiteReadModel:
                 f" WHERE {where} GROUP BY domain ORDER BY 3 DESC, 1 LIMIT ? OFFSET ?",
                 params,
             ).fetchall()
-            return [
+            found = [
                 self._destination(conn, d, deferred=int(deferred), pending=int(pending))
                 for d, deferred, pending in rows
             ]
+            if now is None:
+                return found
+            return with_suspensions(found, active_suspensions(conn, now))
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """See :meth:`ReadModel.suspensions`."""
+        with self._read() as conn:
+            return active_suspensions(conn, now)
 
     # --- the queue ------------------------------------------------------------------------
 

@@ -1,17 +1,25 @@
 """The dashboard's actions: what each does to the queue, and how it is asked for.
 
 Each action has a confirmation page (GET) and a form that performs it (POST, CSRF-checked).
-Message actions call the same store operations as ``mailstrom retry/hold/release/cancel``.
+Message actions call the same store operations as ``mailstrom retry/hold/release/cancel``;
+destination actions those of ``mailstrom suspend/resume``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 
+from mailstrom.errors import MailstromError
 from mailstrom.stores.base import Store
+from mailstrom.stores.operator import normalize_domain
+
+
+class InvalidTarget(MailstromError, ValueError):
+    """What an action was asked to apply to is not a message id or a domain name."""
 
 
 class Target(StrEnum):
@@ -29,29 +37,70 @@ class Action:
     """The button's text."""
     question: str
     """The confirmation page's question; ``{target}`` names what it applies to."""
-    run: Callable[[Store, str, datetime], str]
-    """Perform it on (store, message id or domain, now); returns what happened."""
+    run: Callable[[Store, str, datetime, timedelta | None], str]
+    """Perform it on (store, message id or domain, now, chosen duration); returns what
+    happened."""
     danger: bool = False
+    durations: Mapping[str, tuple[str, timedelta | None]] = field(default_factory=dict)
+    """The confirmation form's choice of how long (form value → label, duration); empty:
+    the action takes none."""
 
 
-def _retry(store: Store, message_id: str, now: datetime) -> str:
+SUSPEND_FOR: Mapping[str, tuple[str, timedelta | None]] = {
+    "": ("until resumed", None),
+    "1h": ("for 1 hour", timedelta(hours=1)),
+    "2h": ("for 2 hours", timedelta(hours=2)),
+    "24h": ("for 24 hours", timedelta(hours=24)),
+}
+"""How long the dashboard suspends a destination (the first is the default)."""
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def destination_domain(text: str) -> str:
+    """``text`` as the domain a destination action applies to: lower case, no trailing
+    dot, at most 253 octets, letter-digit-hyphen labels (an internationalised name is
+    checked in its IDNA form and kept as written). :class:`InvalidTarget` otherwise."""
+    try:
+        domain = normalize_domain(text[:300])
+        ascii_form = domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise InvalidTarget(f"not a domain name: {text[:80]!r}") from None
+    if len(ascii_form) > 253 or not all(_LABEL.match(x) for x in ascii_form.split(".")):
+        raise InvalidTarget(f"not a domain name: {text[:80]!r}")
+    return domain
+
+
+def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     n = store.retry(message_id, now=now)
     return f"{n} recipient{'' if n == 1 else 's'} due now"
 
 
-def _hold(store: Store, message_id: str, now: datetime) -> str:
+def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     store.set_held(message_id, True)
     return "held"
 
 
-def _release(store: Store, message_id: str, now: datetime) -> str:
+def _release(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     store.set_held(message_id, False)
     return "released"
 
 
-def _cancel(store: Store, message_id: str, now: datetime) -> str:
+def _cancel(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     n = store.cancel(message_id, now=now)
     return f"{n} recipient{'' if n == 1 else 's'} cancelled"
+
+
+def _suspend(store: Store, domain: str, now: datetime, duration: timedelta | None) -> str:
+    if duration is None:
+        store.suspend(domain, now=now)
+        return "suspended until resumed"
+    store.suspend(domain, now=now, until=now + duration)
+    return f"suspended for {duration // timedelta(hours=1)}h"
+
+
+def _resume(store: Store, domain: str, now: datetime, _: timedelta | None) -> str:
+    return "resumed" if store.resume(domain) else "was not suspended"
 
 
 ACTIONS: dict[str, Action] = {
@@ -87,10 +136,21 @@ ACTIONS: dict[str, Action] = {
             run=_cancel,
             danger=True,
         ),
-        # SUSPEND/RESUME (issue 14): destination actions go here once the store can
-        # suspend a destination (the opscli branch). Add
-        #   Action(name="suspend", target=Target.DESTINATION, ...) and "resume",
-        # and the Destinations page shows their buttons and a "suspended" column (see
-        # templates/destinations.html, marked the same way).
+        Action(
+            name="suspend",
+            target=Target.DESTINATION,
+            label="Suspend",
+            question="Suspend delivery to {target}? Its mail stays queued, unattempted, "
+            "until it is resumed or the time below ends.",
+            run=_suspend,
+            durations=SUSPEND_FOR,
+        ),
+        Action(
+            name="resume",
+            target=Target.DESTINATION,
+            label="Resume",
+            question="Resume delivery to {target}? Its mail is attempted as scheduled.",
+            run=_resume,
+        ),
     )
 }

@@ -1,7 +1,8 @@
 """The dashboard as an ASGI application (Starlette, Jinja2 templates, no JavaScript).
 
 Pages: ``/`` overview, ``/queue`` the queue, ``/message/{id}`` one message,
-``/destinations`` pending mail per domain. Actions (retry, hold, release, cancel) are a
+``/destinations`` pending mail per domain and the suspended ones. Actions (retry, hold,
+release, cancel on a message; suspend, resume on a destination domain) are a
 confirmation page at ``GET /action/{name}/{target}`` and the change at ``POST`` there,
 CSRF-checked and logged on the ``mailstrom.web`` logger.
 
@@ -50,7 +51,7 @@ from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.settings import parse_duration
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
-from mailstrom.web.actions import ACTIONS, Target
+from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import header_fields, shown_body
 from mailstrom.web.security import (
@@ -211,18 +212,31 @@ def create_app(
         if domain is not None and not _DOMAIN.match(domain):
             return problem(request, 400, "not a domain")
         size = 100
+        now = clock()
         found = await run_in_threadpool(
             cache.get,
             ("destinations", domain, offset),
-            lambda: model.destinations(limit=size + 1, offset=offset, domain=domain),
+            lambda: model.destinations(limit=size + 1, offset=offset, domain=domain, now=now),
         )
+        suspended = await run_in_threadpool(
+            cache.get, "suspensions", lambda: model.suspensions(now=now)
+        )
+        try:
+            # A domain typed into the filter can be suspended even with nothing pending.
+            actionable = destination_domain(domain) if domain else None
+        except InvalidTarget:
+            actionable = None
         return render(
             request,
             "destinations.html",
             destinations=found[:size],
             domain=domain or "",
+            actionable=actionable,
+            suspensions=suspended,
+            suspended_domains={s.domain for s in suspended},
             next_offset=offset + size if len(found) > size else None,
             offset=offset,
+            done=_done_notice(params.get("done")),
         )
 
     # --- actions ------------------------------------------------------------------------
@@ -232,10 +246,14 @@ def create_app(
         target = request.path_params["target"]
         if action is None:
             return problem(request, 404, "no such action")
-        pattern = _MESSAGE_ID if action.target is Target.MESSAGE else _DOMAIN
-        if not pattern.match(target):
-            return problem(request, 404, f"no such {action.target.value}")
-        return action, target
+        if action.target is Target.MESSAGE:
+            if not _MESSAGE_ID.match(target):
+                return problem(request, 404, f"no such {action.target.value}")
+            return action, target
+        try:
+            return action, destination_domain(target)
+        except InvalidTarget as exc:
+            return problem(request, 400, f"{exc}: give a destination such as example.org")
 
     async def confirm(request: Request) -> Response:
         found = action_and_target(request)
@@ -249,6 +267,7 @@ def create_app(
             target=target,
             question=action.question.format(target=target),
             back=_target_url(action.target, target),
+            durations=action.durations,
         )
 
     async def perform(request: Request) -> Response:
@@ -270,14 +289,22 @@ def create_app(
                 "This form has expired or did not come from this "
                 "dashboard. Go back, reload the page and try again.",
             )
+        duration = None
+        if action.durations:
+            chosen = action.durations.get(_str(form.get("for")) or "")
+            if chosen is None:
+                return problem(request, 400, "choose one of the offered durations")
+            duration = chosen[1]
         try:
-            outcome = await run_in_threadpool(action.run, store, target, clock())
+            outcome = await run_in_threadpool(action.run, store, target, clock(), duration)
         except UnknownMessage:
             return problem(request, 404, f"no message {target} in the queue")
         cache.clear()
         log.info("%s %s by %s: %s", action.name, target, _client(request), outcome)
         done = urllib.parse.quote(f"{action.label}: {outcome}")
-        return RedirectResponse(f"{_target_url(action.target, target)}?done={done}", 303)
+        back = _target_url(action.target, target)
+        joiner = "&" if "?" in back else "?"  # a destination's page has a query already
+        return RedirectResponse(f"{back}{joiner}done={done}", 303)
 
     # --- logging in ---------------------------------------------------------------------
 
@@ -432,7 +459,7 @@ def _queue_query(params: Any) -> QueueQuery:
     )
 
 
-_OUTCOME = re.compile(r"^\d{0,9} ?[a-z ]{1,40}$")
+_OUTCOME = re.compile(r"^\d{0,9} ?[a-z0-9 ]{1,40}$")
 
 
 def _done_notice(text: str | None) -> str | None:
