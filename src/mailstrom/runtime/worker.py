@@ -434,9 +434,17 @@ class Worker:
                 self._empty_at = self._clock()
                 continue
             found = await self._suppressed_in(lease)
+            while found is None and not self._closing:
+                # The lease stays ours (it is long, and giving it back needs the very store
+                # that just failed): ask again once the store answers. Dropping it instead
+                # stranded its recipients until the lease expired.
+                await asyncio.sleep(backoff.take())
+                found = await self._suppressed_in(lease)
             if found is None:
-                await self._sleep(backoff.take())
+                with contextlib.suppress(StoreError):
+                    await self._store_call(self.store.release, lease)
                 continue
+            backoff.reset()
             if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
 
@@ -513,9 +521,9 @@ class Worker:
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
-        per lease). None when the store failed: the lease is given back, to be taken again
-        once the list can be read, so a suppressed address is never sent to for want of a
-        lookup."""
+        per lease). None when the store failed: the caller asks again and delivers nothing
+        of the lease until the list can be read, so a suppressed address is never sent to
+        for want of a lookup."""
         try:
             return await self._store_call(
                 self.store.suppressions_for, lease_targets(lease), now=self._clock()
@@ -524,8 +532,6 @@ class Worker:
             raise
         except StoreError as exc:
             self._store_trouble("suppressions", exc)
-            with contextlib.suppress(StoreError):
-                await self._store_call(self.store.release, lease)
             return None
 
     def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
