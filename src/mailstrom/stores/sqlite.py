@@ -103,7 +103,6 @@ from mailstrom.stores.sqlite_operator import (
 )
 from mailstrom.stores.sqlite_queue import (
     DUE_SQL,
-    MESSAGE_STATE_SQL,
     PENDING_SQL,
     chunks,
     insert_messages,
@@ -747,48 +746,24 @@ class SQLiteStore:
         """Messages matching ``where``, newest first, without history; walks the
         newest-first index and stops at the limit."""
         where = where or QueueFilter()
-        if where.states is not None or pending_only(where):
-            with self._read() as conn:
-                if pending_only(where):
-                    # Newest first, in chunks that keep the bound parameters few.
-                    seqs = pending_seqs(conn, now, where, where.limit)
-                    return [
-                        message
-                        for chunk in chunks(seqs)
-                        for message in read_messages(
-                            conn,
-                            f"m.seq IN ({qmarks(len(chunk))})",
-                            list(chunk),
-                            len(chunk),
-                            history=False,
-                        )
-                    ]
-                found, values = filter_sql(now, where)
-                return read_messages(
-                    conn, " AND ".join(found) or "1", values, where.limit, history=False
-                )
-        conditions: list[str] = []
-        params: list[object] = []
-        if where.held is not None:
-            conditions.append("m.held = ?")
-            params.append(where.held)
-        if where.older_than is not None:
-            conditions.append("m.created_at < ?")
-            params.append(to_us(now - where.older_than))
-        if where.domain is not None:
-            conditions.append(
-                "EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = m.seq AND r.domain = ?)"
-            )
-            params.append(where.domain.lower())
-        if where.state is not None:
-            conditions.append(f"{MESSAGE_STATE_SQL} = ?")
-            params.append(where.state.value)
-        if where.tag is not None:
-            conditions.append("EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)")
-            params.append(where.tag)
         with self._read() as conn:
+            if pending_only(where):
+                # Newest first, in chunks that keep the bound parameters few.
+                seqs = pending_seqs(conn, now, where, where.limit)
+                return [
+                    message
+                    for chunk in chunks(seqs)
+                    for message in read_messages(
+                        conn,
+                        f"m.seq IN ({qmarks(len(chunk))})",
+                        list(chunk),
+                        len(chunk),
+                        history=False,
+                    )
+                ]
+            found, values = filter_sql(now, where)
             return read_messages(
-                conn, " AND ".join(conditions) or "1", params, where.limit, history=False
+                conn, " AND ".join(found) or "1", values, where.limit, history=False
             )
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
