@@ -7,7 +7,7 @@ from datetime import timedelta
 from mailstrom.stores import Store
 from mailstrom.suppression import Suppression, SuppressionSource
 
-from .support import NOW
+from .support import NOW, lease_all, message
 
 DAY = timedelta(days=1)
 
@@ -126,3 +126,35 @@ def test_a_second_store_object_sees_the_entries(store_backend: object) -> None:
     first.suppress([entry("bob@example.org")])
     second = store_backend.open()
     assert list(second.suppressions_for(["bob@example.org"], now=NOW)) == ["bob@example.org"]
+
+
+def test_a_lease_carries_the_entries_of_its_recipients_when_the_store_reads_them(
+    store: Store,
+) -> None:
+    """The lease's own transaction reads the list (one store call per lease, not two);
+    a store that does not must say None, and the worker then asks suppressions_for."""
+    store.enqueue(
+        message("bob@example.org", "ann@example.org", "carl@example.net", "dan@other.test"),
+        now=NOW,
+    )
+    store.suppress(
+        [
+            entry("bob@example.org"),
+            entry("example.net", source=SuppressionSource.MANUAL, reply="", message_id=None),
+            entry("ann@example.org", expires_at=NOW - DAY),  # expired: does not apply
+            entry("eve@example.org"),  # not in the lease
+        ]
+    )
+    lease = lease_all(store)
+    if lease.suppressions is None:
+        return  # this store leaves the lookup to the worker
+    targets = ["bob@example.org", "example.org", "ann@example.org", "carl@example.net"]
+    targets += ["example.net", "dan@other.test", "other.test"]
+    assert lease.suppressions == store.suppressions_for(targets, now=NOW)
+    assert sorted(lease.suppressions) == ["bob@example.org", "example.net"]
+
+
+def test_a_lease_with_an_empty_list_carries_no_entries(store: Store) -> None:
+    store.enqueue(message("bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    assert lease.suppressions in (None, {})

@@ -433,7 +433,9 @@ class Worker:
                 self._due_stale = True
                 self._empty_at = self._clock()
                 continue
-            found = await self._suppressed_in(lease)
+            found = lease.suppressions
+            if found is None:  # not read with the lease: ask
+                found = await self._suppressed_in(lease)
             while found is None and not self._closing:
                 # The lease stays ours (it is long, and giving it back needs the very store
                 # that just failed): ask again once the store answers. Dropping it instead

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -178,6 +178,10 @@ class Lease:
     token: str
     expires_at: datetime
     items: tuple[WorkItem, ...]
+    suppressions: Mapping[str, Suppression] | None = None
+    """The suppression entries that apply to the lease's recipients (by target, as
+    :meth:`Store.suppressions_for` returns them), when the store looked them up in the
+    lease's own transaction; None when it did not, and the worker must ask."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

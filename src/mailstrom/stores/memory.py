@@ -63,7 +63,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.watchers import Watchers
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import Suppression, lookup_targets
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -327,9 +327,17 @@ class MemoryStore(MemoryTLSMixin):
                         dsn=m.prepared.dsn,
                     )
                 )
-        if not items:
-            return None
-        return Lease(token=token, expires_at=expires_at, items=tuple(items))
+            if not items:
+                return None
+            # Under the same lock as the lease: the worker needs no lookup of its own.
+            targets = lookup_targets(r.address for item in items for r in item.recipients)
+            found = {t: e for t in targets if (e := self._suppressions.get(t)) is not None}
+        return Lease(
+            token=token,
+            expires_at=expires_at,
+            items=tuple(items),
+            suppressions={t: e for t, e in found.items() if e.active(now)},
+        )
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results; those whose recipient its lease no longer holds are ignored."""

@@ -597,10 +597,7 @@ class SQLiteStore:
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            skip = suspended_domains(conn, now)
-            return lease_rows(
-                conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
-            )
+            return _lease_in(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
 
     def record_and_lease(
         self,
@@ -619,10 +616,7 @@ class SQLiteStore:
                 sqlite_events.append_events(conn, recorded)
             lease = None
             if limit > 0:
-                skip = suspended_domains(conn, now)
-                lease = lease_rows(
-                    conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
-                )
+                lease = _lease_in(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
         return recorded, lease
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -1097,6 +1091,26 @@ class SQLiteStore:
                     (header_message_id, max(limit, 0)),
                 )
             ]
+
+
+def _lease_in(
+    conn: sqlite3.Connection,
+    *,
+    now: datetime,
+    limit: int,
+    lease_for: timedelta,
+    lanes: Sequence[tuple[str, int]] | None,
+) -> Lease | None:
+    """Lease inside the caller's write transaction: suspended destinations skipped, and
+    the suppression entries of what was leased read in the same snapshot (one store
+    call per lease, not two)."""
+    skip = suspended_domains(conn, now)
+    lease = lease_rows(
+        conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
+    )
+    if lease is None:
+        return None
+    return sqlite_suppressions.with_suppressions(conn, lease, now=now)
 
 
 def _late_result(message_id: str, address: str, attempt: Attempt, rid: int) -> RecipientResult:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from mailstrom.status import Attempt
-from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.base import MAX_HISTORY, Lease, bounded_attempt
 from mailstrom.stores.sqlite_queue import qmarks
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, opt_us, to_us
-from mailstrom.suppression import Suppression, SuppressionSource
+from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
 
 _IN_CHUNK = 500
 """Targets per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
@@ -78,6 +79,16 @@ def find_suppressions(
         ):
             found[row[0]] = _entry(row)
     return found
+
+
+def with_suppressions(conn: sqlite3.Connection, lease: Lease, *, now: datetime) -> Lease:
+    """``lease`` carrying the entries that apply to its recipients, read in the caller's
+    transaction (the one that leased them), so the worker needs no lookup of its own.
+    An empty list, the usual case, costs one probe."""
+    if conn.execute("SELECT 1 FROM suppressions LIMIT 1").fetchone() is None:
+        return replace(lease, suppressions={})
+    targets = lookup_targets(r.address for item in lease.items for r in item.recipients)
+    return replace(lease, suppressions=find_suppressions(conn, targets, now=now))
 
 
 def page_suppressions(
