@@ -30,7 +30,7 @@ def test_schema_version_is_recorded_and_migrations_run_once(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (latest,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA page_size").fetchone() == (8192,)
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
     store = SQLiteStore(db)  # a second open must not try to create the tables again
     store.enqueue(message(), now=NOW)
     store.close()
