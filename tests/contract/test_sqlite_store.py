@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ from typing import Any
 import pytest
 
 from mailstrom.errors import StoreError
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite import _Enqueue
+from mailstrom.stores.sqlite_queue import PENDING_LANES_SQL, lanes_walk_sql, next_due_sql
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 
 from .support import NOW, lease_all, message
@@ -51,20 +54,54 @@ def test_migrations_are_packaged_and_numbered_from_one() -> None:
 
 
 @pytest.mark.parametrize(
-    "query",
+    ("query", "binds"),
     [
-        "SELECT id FROM recipients INDEXED BY recipients_due"
-        " WHERE state IN ('queued', 'deferred') AND held = 0"
-        " AND max(next_attempt_at, coalesce(lease_expires_at, 0)) <= 1"
-        " ORDER BY max(next_attempt_at, coalesce(lease_expires_at, 0)), id LIMIT 10",
+        (lanes_walk_sql(1), ["bulk", 1, 10]),
+        (lanes_walk_sql(1, "domain NOT IN (?) AND "), ["x.test", "bulk", 1, 10]),
+        (next_due_sql(""), ["bulk"]),
     ],
 )
-def test_lease_walks_the_due_index_without_sorting(db: Path, query: str) -> None:
+def test_lease_walks_the_due_index_without_sorting(
+    db: Path, query: str, binds: list[object]
+) -> None:
     SQLiteStore(db).close()
     with sqlite3.connect(db) as conn:
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query))
-    assert "recipients_due" in plan
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, binds))
+    assert "USING INDEX recipients_lane_due (lane=?" in plan
     assert "TEMP B-TREE" not in plan
+
+
+def test_several_lanes_merge_their_walks_and_sort_only_what_they_read(db: Path) -> None:
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        plan = [
+            row[3]
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN " + lanes_walk_sql(2), ["a", 1, 10, "b", 1, 10, 10]
+            )
+        ]
+    searches = [p for p in plan if p.startswith("SEARCH recipients USING INDEX")]
+    assert len(searches) == 2 and all("recipients_lane_due (lane=?" in p for p in searches)
+    assert not any(p.startswith("SCAN recipients") for p in plan)
+
+
+def test_pending_lanes_seek_from_lane_to_lane(db: Path) -> None:
+    store = SQLiteStore(db)
+    for lane in ("transactional", "bulk", "bulk", "", "zeta"):
+        store.enqueue(
+            replace(message("a@example.org"), attributes=QueueAttributes(priority=lane or None)),
+            now=NOW,
+        )
+    store.close()
+    with sqlite3.connect(db) as conn:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + PENDING_LANES_SQL))
+        assert "SEARCH r USING INDEX recipients_lane_due (lane>?)" in plan
+        assert [lane for (lane,) in conn.execute(PENDING_LANES_SQL)] == [
+            "",
+            "bulk",
+            "transactional",
+            "zeta",
+        ]
 
 
 def test_times_round_trip_exactly_and_naive_times_are_refused() -> None:
@@ -186,7 +223,8 @@ def test_concurrent_enqueues_share_fsyncs_and_a_lone_one_never_waits(db: Path) -
 
 def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) -> None:
     """The statements a lease by lanes really runs, each explained: the named lanes read
-    their range of recipients_lane_due, the lanes not named the due index; no sort."""
+    their range of recipients_lane_due, and so does the one lane not named (found by
+    seeking from lane to lane); no sort."""
     import dataclasses
 
     from mailstrom.message.attributes import QueueAttributes
@@ -220,6 +258,5 @@ def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) 
             " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
             for statement in marks
         ]
-    assert all("recipients_lane_due" in plan for plan in plans[:2]), plans
-    assert "recipients_due" in plans[2], plans
+    assert all("recipients_lane_due (lane=?" in plan for plan in plans), plans
     assert not any("TEMP B-TREE" in plan for plan in plans), plans

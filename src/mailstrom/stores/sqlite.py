@@ -102,14 +102,16 @@ from mailstrom.stores.sqlite_operator import (
     suspended_domains,
 )
 from mailstrom.stores.sqlite_queue import (
-    DUE_SQL,
     PENDING_SQL,
     chunks,
     insert_messages,
     lease_rows,
+    next_due_sql,
+    pending_lanes,
     qmarks,
     read_messages,
     record_rows,
+    update_leased,
 )
 from mailstrom.stores.sqlite_schema import (
     from_us,
@@ -639,20 +641,13 @@ class SQLiteStore:
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``."""
         with self._write(fsync=False) as conn:
-            return conn.execute(
-                "UPDATE recipients SET lease_expires_at = ? WHERE lease_token = ?",
-                (to_us(until), lease.token),
-            ).rowcount
+            return update_leased(conn, lease, [to_us(until)], "lease_expires_at = ?")
 
     def release(self, lease: Lease) -> None:
         """Give back every unrecorded recipient of ``lease``, due at once (they were due
         when leased, so clearing the lease is enough)."""
         with self._write(fsync=False) as conn:
-            released = conn.execute(
-                "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL"
-                " WHERE lease_token = ?",
-                (lease.token,),
-            ).rowcount
+            released = update_leased(conn, lease, [], "lease_token = NULL, lease_expires_at = NULL")
         if released:
             self._notify()
 
@@ -774,12 +769,13 @@ class SQLiteStore:
             suspended = active_suspensions(conn, now)
             skip = [s.domain for s in suspended]
             where = f" AND domain NOT IN ({qmarks(len(skip))})" if skip else ""
-            row = conn.execute(
-                f"SELECT {DUE_SQL} FROM recipients INDEXED BY recipients_due"
-                f" WHERE {PENDING_SQL} AND held = 0{where} ORDER BY 1 LIMIT 1",
-                skip,
-            ).fetchone()
-        due = opt_dt(row[0] if row else None)
+            # Each lane's earliest, from the front of its range of the due index.
+            dues = [
+                row[0]
+                for lane in pending_lanes(conn)
+                if (row := conn.execute(next_due_sql(where), [lane, *skip]).fetchone()) is not None
+            ]
+        due = opt_dt(min(dues, default=None))
         # A timed suspension's end may make its domain's work due.
         return earliest(due, *(s.until for s in suspended))
 

@@ -38,7 +38,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 
 PENDING_SQL = "state IN ('queued', 'deferred')"
-# Must match the recipients_due index expression exactly, or SQLite cannot use it; the
+# Must match the recipients_lane_due index expression exactly, or SQLite cannot use it; the
 # queries name the index (INDEXED BY) because without ANALYZE statistics the planner
 # prefers the state index and sorts every pending recipient.
 DUE_SQL = "max(next_attempt_at, coalesce(lease_expires_at, 0))"
@@ -185,7 +185,7 @@ def lease_rows(
     skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
     skipped = list(skip_domains)
     if lanes is None:
-        rows = _mark(conn, marks, limit, "recipients_due", skip, skipped)
+        rows = _mark_lanes(conn, marks, limit, pending_lanes(conn), skip, skipped)
     else:
         rows = []
         exhausted = True
@@ -194,21 +194,13 @@ def lease_rows(
             if take <= 0:
                 exhausted = False
                 continue
-            found = _mark(
-                conn, marks, take, "recipients_lane_due", f"{skip}lane = ? AND", [*skipped, lane]
-            )
+            found = _mark_lanes(conn, marks, take, [lane], skip, skipped)
             exhausted = exhausted and len(found) < take
             rows += found
         if exhausted and len(rows) < limit:
-            named = [lane for lane, _ in lanes]
-            rows += _mark(
-                conn,
-                marks,
-                limit - len(rows),
-                "recipients_due",
-                f"{skip}lane NOT IN ({qmarks(len(named))}) AND",
-                [*skipped, *named],
-            )
+            named = {lane for lane, _ in lanes}
+            others = [lane for lane in pending_lanes(conn) if lane not in named]
+            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped)
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
@@ -260,27 +252,116 @@ def lease_rows(
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
 
 
-def _mark(
+# The lanes holding pending, unheld recipients, in name order: a walk of
+# recipients_lane_due that seeks from each lane to the next (one probe per lane, however
+# many recipients each holds).
+PENDING_LANES_SQL = (
+    "WITH RECURSIVE lanes (lane) AS ("
+    " SELECT (SELECT lane FROM recipients INDEXED BY recipients_lane_due"
+    f" WHERE {PENDING_SQL} AND held = 0 ORDER BY lane LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT r.lane FROM recipients r INDEXED BY recipients_lane_due"
+    f" WHERE r.lane > lanes.lane AND {PENDING_SQL} AND held = 0 ORDER BY r.lane LIMIT 1)"
+    " FROM lanes WHERE lanes.lane IS NOT NULL)"
+    " SELECT lane FROM lanes WHERE lane IS NOT NULL"
+)
+
+
+def pending_lanes(conn: sqlite3.Connection) -> list[str]:
+    """The lanes that hold pending, unheld recipients (see PENDING_LANES_SQL)."""
+    return [lane for (lane,) in conn.execute(PENDING_LANES_SQL)]
+
+
+def lane_walk_sql(skip: str = "") -> str:
+    """The ids and due times of one lane's due recipients, earliest first, up to a limit:
+    a range of recipients_lane_due read in order. Binds (*skipped, lane, now, limit);
+    ``skip`` is a constant fragment ending in AND."""
+    return (
+        f"SELECT id, {DUE_SQL} AS due FROM recipients INDEXED BY recipients_lane_due"
+        f" WHERE {skip}lane = ? AND {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
+        f" ORDER BY {DUE_SQL}, id LIMIT ?"
+    )
+
+
+def lanes_walk_sql(lanes: int, skip: str = "") -> str:
+    """The ids of the earliest due recipients of ``lanes`` lanes, up to a limit: each
+    lane's walk (lane_walk_sql, its own limit) merged in due order. Binds each lane's
+    values in turn, then the limit."""
+    if lanes == 1:
+        return f"SELECT id FROM ({lane_walk_sql(skip)})"
+    walk = f"SELECT * FROM ({lane_walk_sql(skip)})"
+    return f"SELECT id FROM ({' UNION ALL '.join([walk] * lanes)}) ORDER BY due, id LIMIT ?"
+
+
+def next_due_sql(skip: str) -> str:
+    """The earliest due time of one lane's pending, unheld recipients: the front of its
+    range of recipients_lane_due. Binds (lane, *skipped); ``skip`` is a constant fragment
+    starting with AND."""
+    return (
+        f"SELECT {DUE_SQL} FROM recipients INDEXED BY recipients_lane_due"
+        f" WHERE lane = ? AND {PENDING_SQL} AND held = 0{skip} ORDER BY {DUE_SQL} LIMIT 1"
+    )
+
+
+def _mark_lanes(
     conn: sqlite3.Connection,
     marks: tuple[str, int, int],
     limit: int,
-    index: str,
-    condition: str,
-    params: Sequence[object],
+    lanes: Sequence[str],
+    skip: str,
+    skipped: Sequence[str],
 ) -> list[Any]:
-    """Stamp up to ``limit`` due recipients with the lease (token, expiry) of ``marks``
-    and return them: one statement whose subquery walks ``index`` in due order and stops
-    at the limit. ``condition`` is a constant fragment ending in AND; values are bound."""
+    """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
+    ``marks``, earliest due first across them, and return them: one statement.
+    ``skip`` is a constant fragment ending in AND, ``skipped`` its values."""
+    if not lanes or limit <= 0:
+        return []
     token, expires, now = marks
+    params: list[object] = [token, expires]
+    for lane in lanes:
+        params += [*skipped, lane, now, limit]
+    if len(lanes) > 1:
+        params.append(limit)
     return conn.execute(
         "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
-        f" WHERE id IN (SELECT id FROM recipients INDEXED BY {index}"
-        f" WHERE {condition} {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
-        f" ORDER BY {DUE_SQL}, id LIMIT ?)"
+        f" WHERE id IN ({lanes_walk_sql(len(lanes), skip)})"
         " RETURNING id, message_seq, position, address, domain, attempts,"
         " first_attempt_at, last_attempt_at",
-        (token, expires, *params, now, limit),
+        params,
     ).fetchall()
+
+
+def update_leased(
+    conn: sqlite3.Connection, lease: Lease, values: Sequence[object], assignments: str
+) -> int:
+    """Apply ``assignments`` (a constant SET fragment, its values first in ``values``) to
+    the recipients ``lease`` still holds, found by the row ids it handed out (by message
+    and address for a recipient without one). Returns how many changed."""
+    before = conn.total_changes
+    by_ref = [
+        (*values, r.ref, lease.token)
+        for item in lease.items
+        for r in item.recipients
+        if r.ref is not None
+    ]
+    by_address = [
+        (*values, item.message_id, r.address, lease.token)
+        for item in lease.items
+        for r in item.recipients
+        if r.ref is None
+    ]
+    if by_ref:
+        conn.executemany(
+            f"UPDATE recipients SET {assignments} WHERE id = ? AND lease_token = ?", by_ref
+        )
+    if by_address:
+        conn.executemany(
+            f"UPDATE recipients SET {assignments}"
+            " WHERE message_seq = (SELECT seq FROM messages WHERE id = ?) AND address = ?"
+            " AND lease_token = ?",
+            by_address,
+        )
+    return conn.total_changes - before
 
 
 def record_rows(
