@@ -11,7 +11,6 @@ import importlib
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -170,36 +169,3 @@ def test_unknown_name_is_an_attribute_error() -> None:
         mailstrom.no_such_name  # type: ignore[attr-defined]  # noqa: B018
     with pytest.raises(ImportError):
         exec("from mailstrom import no_such_name")
-
-
-def test_reply_table_loads_once_when_asked_for_while_a_thread_loads_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A starting worker loads the reply classes on a thread; a failure classified before
-    # that thread is done waits for its table instead of parsing the file a second time.
-    from mailstrom.policy import reasons
-
-    loads: list[int] = []
-    started = threading.Event()
-    release = threading.Event()
-
-    def slow_load(text: str | None = None) -> reasons.ReasonTable:
-        loads.append(1)
-        started.set()
-        release.wait(10)
-        return real_load(text)
-
-    real_load = reasons.load_table
-    monkeypatch.setattr(reasons, "_loaded_table", None)
-    monkeypatch.setattr(reasons, "load_table", slow_load)
-    reasons.load_table_soon()
-    assert started.wait(10)
-    got: list[reasons.ReasonTable] = []
-    asker = threading.Thread(target=lambda: got.append(reasons.table()))
-    asker.start()
-    release.set()
-    asker.join(10)
-    assert loads == [1]
-    assert got == [reasons.table()]
-    reasons.load_table_soon()  # loaded: no thread, no second load
-    assert loads == [1]

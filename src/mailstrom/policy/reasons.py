@@ -21,8 +21,8 @@ a microsecond and only failed replies are classified at all.
 
 from __future__ import annotations
 
+import functools
 import re
-import threading
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -325,31 +325,10 @@ def _rule(index: int, entry: Mapping[str, Any]) -> ReplyRule:
     )
 
 
-_loaded_table: ReasonTable | None = None
-_loading = threading.Lock()
-
-
+@functools.cache
 def table() -> ReasonTable:
     """The packaged table, loaded on first use (a few milliseconds) and kept."""
-    global _loaded_table
-    loaded = _loaded_table
-    if loaded is None:
-        with _loading:  # loaded once, also when load_table_soon's thread is at it
-            loaded = _loaded_table
-            if loaded is None:
-                loaded = _loaded_table = load_table()
-    return loaded
-
-
-def load_table_soon() -> None:
-    """Start loading the packaged table on a thread of its own, unless it is loaded.
-
-    Parsing it takes ~6 ms; a starting worker calls this so that the table is read while
-    its first lease and connections are under way, rather than before them or on the
-    event loop at the first failure.
-    """
-    if _loaded_table is None:
-        threading.Thread(target=table, name="mailstrom-reasons", daemon=True).start()
+    return load_table()
 
 
 # --- the API ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from mailstrom.errors import (
 )
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
 from mailstrom.policy.hardbounce import is_hard_bounce
-from mailstrom.policy.reasons import classify_local, classify_reply, load_table_soon
+from mailstrom.policy.reasons import classify_local, classify_reply, table
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
@@ -103,7 +103,7 @@ class Outcomes:
         self._config = config
         self._clock = clock
         self._rng = rng
-        load_table_soon()  # read the reply classes now, not at the first failure
+        table()  # read the reply classes now, not at the first failure on the event loop
 
     def from_transaction(
         self, item: WorkItem, result: TransactionResult, started: float, where: Where
