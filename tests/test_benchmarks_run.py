@@ -40,6 +40,7 @@ RUNS = {
         "latency median",
     ),
     "suppression": (["--entries", "2000", "--repeat", "3"], "µs/lease"),
+    "startup": (["--runs", "1"], "worker built"),
     "page_size": (["--count", "30", "--rounds", "1"], "WAL B/enq"),
 }
 

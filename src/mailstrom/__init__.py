@@ -12,71 +12,84 @@ configures logging.
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING
 
+from mailstrom._lazy import lazy_exports
 from mailstrom._version import __version__ as __version__
-from mailstrom.client import AsyncMailstrom, Mailstrom
-from mailstrom.config import (
-    Config,
-    DNSConfig,
-    HookConfig,
-    MTASTSConfig,
-    RelayConfig,
-    RelayTLS,
-    Timeouts,
-    TLSPolicy,
-)
-from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, DKIMSignature
-from mailstrom.errors import (
-    AmbiguousMessageId,
-    DeliveryError,
-    ForbiddenCharacter,
-    HeaderInjection,
-    HeaderTooLong,
-    InvalidAddress,
-    InvalidAttachment,
-    InvalidHeaderValue,
-    InvalidMessage,
-    InvalidShapingRule,
-    InvalidSuppression,
-    LineTooLong,
-    MailstromError,
-    MessageTooLarge,
-    MissingFrom,
-    MultipleFromWithoutSender,
-    NestingTooDeep,
-    NoDKIMKey,
-    NoRecipients,
-    PermanentFailure,
-    StoreCorrupt,
-    StoreError,
-    TemporaryFailure,
-    TooManyRecipients,
-    UnencodableHeader,
-    UnknownMessage,
-    WorkerError,
-)
-from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit, prepare
-from mailstrom.message.dsn import DSN, Notify, Return
-from mailstrom.policy.retry import RetryPolicy
-from mailstrom.policy.shaping import DestinationRule, ShapingConfig
-from mailstrom.status import (
-    Attempt,
-    AttemptOutcome,
-    DestinationThrottle,
-    DKIMStatus,
-    Histogram,
-    MessageStatus,
-    MetricsSnapshot,
-    QueueStats,
-    ReasonClass,
-    RecipientState,
-    RecipientStatus,
-    SMTPReply,
-    WorkerMetrics,
-    WorkerStatus,
-)
-from mailstrom.stores.operator import ShapeRow, Suspension
-from mailstrom.suppression import Suppression, SuppressionSource
+
+if TYPE_CHECKING:
+    from mailstrom.client import AsyncMailstrom, Mailstrom
+    from mailstrom.config import (
+        DEFAULT_LANES,
+        Config,
+        DNSConfig,
+        HookConfig,
+        Lane,
+        MTASTSConfig,
+        RelayConfig,
+        RelayTLS,
+        Timeouts,
+        TLSPolicy,
+    )
+    from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, DKIMSignature
+    from mailstrom.errors import (
+        AmbiguousMessageId,
+        DeliveryError,
+        ForbiddenCharacter,
+        HeaderInjection,
+        HeaderTooLong,
+        InvalidAddress,
+        InvalidAttachment,
+        InvalidHeaderValue,
+        InvalidMessage,
+        InvalidMetadata,
+        InvalidQueueAttribute,
+        InvalidShapingRule,
+        InvalidSuppression,
+        InvalidTag,
+        LineTooLong,
+        MailstromError,
+        MessageTooLarge,
+        MissingFrom,
+        MultipleFromWithoutSender,
+        NestingTooDeep,
+        NoDKIMKey,
+        NoRecipients,
+        PermanentFailure,
+        StoreCorrupt,
+        StoreError,
+        TemporaryFailure,
+        TooManyRecipients,
+        UnencodableHeader,
+        UnknownMessage,
+        WorkerError,
+    )
+    from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit
+    from mailstrom.message.attributes import QueueAttributes
+    from mailstrom.message.dsn import DSN, Notify, Return
+    from mailstrom.message.prepare import prepare
+    from mailstrom.policy.retry import RetryPolicy
+    from mailstrom.policy.shaping import DestinationRule, ShapingConfig
+    from mailstrom.status import (
+        Attempt,
+        AttemptOutcome,
+        DestinationThrottle,
+        DKIMStatus,
+        Histogram,
+        MessageStatus,
+        MetricsSnapshot,
+        QueueStats,
+        ReasonClass,
+        RecipientState,
+        RecipientStatus,
+        SMTPReply,
+        WorkerMetrics,
+        WorkerStatus,
+    )
+    from mailstrom.stores.base import QueueFilter
+    from mailstrom.stores.operator import ShapeRow, Suspension
+    from mailstrom.suppression import Suppression, SuppressionSource
+
 
 __all__ = [
     "DSN",
@@ -152,10 +165,6 @@ __all__ = [
 ]
 
 # Queue attributes: tags, metadata, priority lanes, scheduling, idempotency.
-from mailstrom.config import DEFAULT_LANES, Lane
-from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
-from mailstrom.message.attributes import QueueAttributes
-from mailstrom.stores.base import QueueFilter
 
 __all__ += [
     "DEFAULT_LANES",
@@ -170,3 +179,107 @@ __all__ += [
 # A library must not print through logging's last-resort handler when the application has
 # not configured logging (it would write a bare line per deferred attempt on stderr).
 _logging.getLogger("mailstrom").addHandler(_logging.NullHandler())
+
+# Loaded on first use (PEP 562): importing the package costs only what is touched.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "mailstrom.client": (
+            "AsyncMailstrom",
+            "Mailstrom",
+        ),
+        "mailstrom.config": (
+            "Config",
+            "DNSConfig",
+            "HookConfig",
+            "MTASTSConfig",
+            "RelayConfig",
+            "RelayTLS",
+            "Timeouts",
+            "TLSPolicy",
+            "DEFAULT_LANES",
+            "Lane",
+        ),
+        "mailstrom.dkim": (
+            "DKIMAlgorithm",
+            "DKIMConfig",
+            "DKIMKey",
+            "DKIMSignature",
+        ),
+        "mailstrom.errors": (
+            "AmbiguousMessageId",
+            "DeliveryError",
+            "ForbiddenCharacter",
+            "HeaderInjection",
+            "HeaderTooLong",
+            "InvalidAddress",
+            "InvalidAttachment",
+            "InvalidHeaderValue",
+            "InvalidMessage",
+            "InvalidShapingRule",
+            "InvalidSuppression",
+            "LineTooLong",
+            "MailstromError",
+            "MessageTooLarge",
+            "MissingFrom",
+            "MultipleFromWithoutSender",
+            "NestingTooDeep",
+            "NoDKIMKey",
+            "NoRecipients",
+            "PermanentFailure",
+            "StoreCorrupt",
+            "StoreError",
+            "TemporaryFailure",
+            "TooManyRecipients",
+            "UnencodableHeader",
+            "UnknownMessage",
+            "WorkerError",
+            "InvalidMetadata",
+            "InvalidQueueAttribute",
+            "InvalidTag",
+        ),
+        "mailstrom.message": (
+            "Attachment",
+            "Email",
+            "PreparedMessage",
+            "downgrade_to_7bit",
+        ),
+        "mailstrom.message.prepare": ("prepare",),
+        "mailstrom.message.dsn": (
+            "DSN",
+            "Notify",
+            "Return",
+        ),
+        "mailstrom.policy.retry": ("RetryPolicy",),
+        "mailstrom.policy.shaping": (
+            "DestinationRule",
+            "ShapingConfig",
+        ),
+        "mailstrom.status": (
+            "Attempt",
+            "AttemptOutcome",
+            "DestinationThrottle",
+            "DKIMStatus",
+            "Histogram",
+            "MessageStatus",
+            "MetricsSnapshot",
+            "QueueStats",
+            "ReasonClass",
+            "RecipientState",
+            "RecipientStatus",
+            "SMTPReply",
+            "WorkerMetrics",
+            "WorkerStatus",
+        ),
+        "mailstrom.stores.operator": (
+            "ShapeRow",
+            "Suspension",
+        ),
+        "mailstrom.suppression": (
+            "Suppression",
+            "SuppressionSource",
+        ),
+        "mailstrom.message.attributes": ("QueueAttributes",),
+        "mailstrom.stores.base": ("QueueFilter",),
+    },
+)

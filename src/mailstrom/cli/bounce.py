@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from mailstrom.bounces import MAX_REPORT, apply_report, parse_report
-from mailstrom.bounces.apply import BounceAction, BounceOutcome
+from mailstrom.bounces.reports import MAX_REPORT
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_NOINPUT, EX_OK
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers, count_arg
+
+if TYPE_CHECKING:
+    from mailstrom.bounces.apply import BounceOutcome
 
 _DRAIN = 1 << 30
 """Octets of standard input read and dropped past ``--max-size`` (so that the MTA writing
@@ -63,6 +66,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def bounce_command(args: argparse.Namespace) -> int:
+    from mailstrom.bounces import apply_report, parse_report
+    from mailstrom.bounces.apply import BounceAction
+
     stdin = sys.stdin.buffer
     data = stdin.read(args.max_size)
     _drain(stdin)

@@ -20,18 +20,12 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.resolver
 import dns.reversename
 
-from mailstrom.cli.check_mtasts import (
-    MTASTSReport,
-    apply_to_verdicts,
-    check_mta_sts,
-    print_mta_sts,
-)
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import print_json
@@ -40,9 +34,11 @@ from mailstrom.config import Config, TLSPolicy
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
-from mailstrom.tls.dane import lookup_tlsa
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
+
+if TYPE_CHECKING:
+    from mailstrom.cli.check_mtasts import MTASTSReport
 
 EPILOG = """\
 examples:
@@ -316,6 +312,10 @@ async def check_helo(config: Config) -> HeloReport:
 
 
 async def run_check(config: Config, domain: str) -> CheckReport:
+    # MTA-STS and DANE lookups are loaded by this command only, not by every command.
+    from mailstrom.cli.check_mtasts import apply_to_verdicts, check_mta_sts
+    from mailstrom.tls.dane import lookup_tlsa
+
     report = CheckReport(
         domain=domain,
         smtp_port=config.smtp_port,
@@ -453,6 +453,8 @@ def print_report(r: CheckReport) -> None:
                     print(f"    DANE:        {a.dane}")
             print(f"    verdict:     {a.verdict}")
     if r.mta_sts is not None:
+        from mailstrom.cli.check_mtasts import print_mta_sts
+
         print_mta_sts(r.mta_sts)
     if r.helo is not None:
         h2 = r.helo

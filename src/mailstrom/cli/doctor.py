@@ -17,26 +17,20 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, CLIError
 from mailstrom.cli.output import print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers
-from mailstrom.doctor import (
-    DEFAULT_DNSBLS,
-    DEFAULT_PROBE,
-    DKIMKey,
-    DNSResolver,
-    DoctorReport,
-    MissingExtra,
-    SenderSetup,
-    Status,
-    run_doctor,
-    split_probe,
-)
+from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
+from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
+from mailstrom.doctor.report import Status
 from mailstrom.errors import ConfigError
 from mailstrom.settings import KEYS
+
+if TYPE_CHECKING:
+    from mailstrom.doctor import DKIMKey, DoctorReport
 
 EX_WARN = 1
 """Some check warned, none failed (monitoring plugins' WARNING)."""
@@ -128,6 +122,8 @@ def _probe_arg(text: str) -> str:
 
 
 def _dkim_arg(text: str) -> DKIMKey:
+    from mailstrom.doctor import DKIMKey
+
     parts = text.split(":")
     if len(parts) not in (3, 4) or not all(parts):
         raise argparse.ArgumentTypeError(
@@ -143,6 +139,9 @@ def _setting(values: Any, key: str) -> Any:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
+    # The checks are loaded when asked for, not by every command's start-up.
+    from mailstrom.doctor import DNSResolver, MissingExtra, SenderSetup, run_doctor
+
     settings = settings_from(args)
     config = settings.config
     probe = args.probe or _setting(settings.values, "doctor.probe")

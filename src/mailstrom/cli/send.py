@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import mimetypes
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,6 @@ from mailstrom.cli.exits import (
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.views import print_message
-from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
 from mailstrom.message.dsn import DSN
@@ -258,6 +256,8 @@ def read_text(path: str) -> str:
 
 
 def attachment(path: str) -> Attachment:
+    import mimetypes
+
     content_type, encoding = mimetypes.guess_type(path, strict=False)
     if content_type is None or encoding is not None:
         # A compressed file (report.csv.gz) is sent as what it is: opaque bytes.
@@ -318,6 +318,9 @@ _BUILDER_ONLY = (
 
 
 def send_command(args: argparse.Namespace) -> int:
+    # The facade's prepare step (and what it imports) is loaded by this command only.
+    from mailstrom.client.common import prepare_for
+
     settings = settings_from(args)
     now = utc_now()
     dsn = DSN.from_options(args.notify, args.ret, args.envid)

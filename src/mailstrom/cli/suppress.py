@@ -14,7 +14,6 @@ from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duratio
 from mailstrom.errors import InvalidSuppression
 from mailstrom.stores.base import Store
 from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, normalize_target
-from mailstrom.suppression_csv import parse_csv, read_limited, write_csv
 
 _WRITE_BATCH = 1000
 """Entries per store call when importing (one transaction each)."""
@@ -180,6 +179,8 @@ def remove_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
+    from mailstrom.suppression_csv import parse_csv, read_limited
+
     if args.file == "-":
         text = read_limited(sys.stdin.buffer)
     else:
@@ -207,6 +208,8 @@ def _every(store: Store, *, now: datetime | None) -> Iterator[Suppression]:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from mailstrom.suppression_csv import write_csv
+
     now = None if args.all else utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         if args.file == "-":

@@ -14,20 +14,23 @@ import os
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailstrom.cli.context import open_store, settings_from, utc_now
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, UsageError
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers
-from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.errors import MailstromError
 from mailstrom.mtasts.fetch import DNSTrouble, require_httpx, txt_records
 from mailstrom.routing import make_resolver
 from mailstrom.stores.base import Store
-from mailstrom.tlsrpt.deliver import post_report, report_message
-from mailstrom.tlsrpt.report import Report, Reporter, ReportRecordError, build_report
-from mailstrom.tlsrpt.report import parse_tlsrpt_record as parse_record
+
+if TYPE_CHECKING:
+    from mailstrom.tlsrpt.report import Report
+
+# The report builder, its delivery and the client's prepare step are loaded by this
+# command when it runs, not by every command's start-up.
 
 EPILOG = """\
 examples:
@@ -100,6 +103,9 @@ def _day(text: str | None) -> date:
 
 async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str | None]:
     """Each domain's rua URIs, None without a record, or the problem as text."""
+    from mailstrom.tlsrpt.report import ReportRecordError
+    from mailstrom.tlsrpt.report import parse_tlsrpt_record as parse_record
+
     resolver = make_resolver(config.dns)
     # Every recipient domain of the day may be here (no-policy-found sessions count too):
     # a bounded number of lookups at a time, not one burst of thousands.
@@ -120,6 +126,8 @@ async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str 
 
 
 def tlsrpt_command(args: argparse.Namespace) -> int:
+    from mailstrom.tlsrpt.report import Reporter, build_report
+
     settings = settings_from(args)
     config = settings.config
     values = settings.values
@@ -185,6 +193,9 @@ def _write(path: Path, data: bytes) -> None:
 def _send(
     config: Config, store: Store, report: Report, uri: str, *, sender: str, submitter: str
 ) -> Delivery:
+    from mailstrom.client.common import prepare_for
+    from mailstrom.tlsrpt.deliver import post_report, report_message
+
     if uri.lower().startswith("mailto:"):
         to = uri[len("mailto:") :].split("?", 1)[0]
         try:

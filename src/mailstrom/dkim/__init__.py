@@ -5,8 +5,14 @@ command line's TOML file); ``prepare()`` then signs each message with the keys a
 with its From domain. Keys are made and published with ``mailstrom dkim keygen``.
 """
 
-from mailstrom.dkim.keys import DKIMAlgorithm, DKIMKey, DNSRecord, generate_private_key
-from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, DKIMSignature, sign
+from typing import TYPE_CHECKING
+
+from mailstrom._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from mailstrom.dkim.keys import DKIMAlgorithm, DKIMKey, DNSRecord, generate_private_key
+    from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, DKIMSignature, sign
+
 
 __all__ = [
     "SIGNED_HEADERS",
@@ -18,3 +24,22 @@ __all__ = [
     "generate_private_key",
     "sign",
 ]
+
+# Loaded on first use (PEP 562): importing the package costs only what is touched.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "mailstrom.dkim.keys": (
+            "DKIMAlgorithm",
+            "DKIMKey",
+            "DNSRecord",
+            "generate_private_key",
+        ),
+        "mailstrom.dkim.signing": (
+            "SIGNED_HEADERS",
+            "DKIMConfig",
+            "DKIMSignature",
+            "sign",
+        ),
+    },
+)

@@ -16,14 +16,20 @@ Needs the ``doctor`` extra (``pip install 'mailstrom[doctor]'``); delivery does 
 >>> # report = run_doctor(setup, resolver)
 """
 
-from mailstrom.doctor.dkim import DKIMKey
-from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
-from mailstrom.doctor.extras import INSTALL, MissingExtra
-from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
-from mailstrom.doctor.network import Network, Probe, SocketNetwork
-from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
-from mailstrom.doctor.report import Check, DoctorReport, Status
-from mailstrom.doctor.run import SenderSetup, dkim_keys, run_doctor
+from typing import TYPE_CHECKING
+
+from mailstrom._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from mailstrom.doctor.dkim import DKIMKey
+    from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
+    from mailstrom.doctor.extras import INSTALL, MissingExtra
+    from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
+    from mailstrom.doctor.network import Network, Probe, SocketNetwork
+    from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
+    from mailstrom.doctor.report import Check, DoctorReport, Status
+    from mailstrom.doctor.run import SenderSetup, dkim_keys, run_doctor
+
 
 __all__ = [
     "DEFAULT_DNSBLS",
@@ -46,3 +52,41 @@ __all__ = [
     "run_doctor",
     "split_probe",
 ]
+
+# Loaded on first use (PEP 562): importing the package costs only what is touched.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "mailstrom.doctor.dkim": ("DKIMKey",),
+        "mailstrom.doctor.dnsbl": ("DEFAULT_DNSBLS",),
+        "mailstrom.doctor.extras": (
+            "INSTALL",
+            "MissingExtra",
+        ),
+        "mailstrom.doctor.lookup": (
+            "Answer",
+            "DNSResolver",
+            "Outcome",
+            "Resolver",
+        ),
+        "mailstrom.doctor.network": (
+            "Network",
+            "Probe",
+            "SocketNetwork",
+        ),
+        "mailstrom.doctor.outgoing": (
+            "DEFAULT_PROBE",
+            "split_probe",
+        ),
+        "mailstrom.doctor.report": (
+            "Check",
+            "DoctorReport",
+            "Status",
+        ),
+        "mailstrom.doctor.run": (
+            "SenderSetup",
+            "dkim_keys",
+            "run_doctor",
+        ),
+    },
+)

@@ -24,12 +24,16 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-
-from email_validator import EmailNotValidError, ValidatedEmail, validate_email
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from typing import TYPE_CHECKING
 
 from mailstrom.errors import InvalidAddress
 from mailstrom.message.chars import shorten
+
+if TYPE_CHECKING:
+    from email_validator import ValidatedEmail
+
+# email-validator is imported where an address is first validated, not with this module:
+# it costs ~20 ms and a process that only delivers queued mail never validates one.
 
 MAX_LOCAL_PART = 64
 """Octets in a local part (RFC 5321 §4.5.3.1.1)."""
@@ -40,7 +44,13 @@ MAX_ADDRESS = 254
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 _ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
-_ROLE_NAMES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+@functools.cache
+def _role_names() -> frozenset[str]:
+    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+
+    return frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,8 @@ def validate_address(text: str) -> ValidAddress:
 def validate(local: str, domain: str) -> ValidAddress:
     """Validate the addr-spec ``local@domain`` as written (a quoted local part keeps its
     quotes) and return its forms; :class:`InvalidAddress` with the reason otherwise."""
+    from email_validator import EmailNotValidError
+
     address = f"{local}@{domain}"
     if "=?" in local and _ENCODED_WORD.search(local):
         raise _invalid(address, "an RFC 2047 encoded word may not appear in an addr-spec")
@@ -84,7 +96,7 @@ def validate(local: str, domain: str) -> ValidAddress:
         if _DOT_ATOM.fullmatch(local):
             # What validate_email does for a dot-atom local part, without its domain cost.
             ascii_domain, unicode_domain = _domain(domain)
-            normal = local.lower() if local.lower() in _ROLE_NAMES else local
+            normal = local.lower() if local.lower() in _role_names() else local
             for form in (address, f"{normal}@{unicode_domain}", f"{normal}@{ascii_domain}"):
                 if len(form.encode("utf-8")) > MAX_ADDRESS:
                     raise _invalid(address, f"it is longer than {MAX_ADDRESS} octets")
@@ -120,6 +132,8 @@ def _domain(domain: str) -> tuple[str, str]:
 
 
 def _validate_email(address: str) -> ValidatedEmail:
+    from email_validator import validate_email
+
     return validate_email(
         address,
         check_deliverability=False,

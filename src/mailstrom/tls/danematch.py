@@ -22,18 +22,8 @@ from datetime import UTC, datetime
 
 from mailstrom.tls.requirement import TLSARecord
 
-try:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    from cryptography.x509.verification import (
-        Criticality,
-        ExtensionPolicy,
-        PolicyBuilder,
-        Store,
-        VerificationError,
-    )
-except ImportError:  # pragma: no cover - the dane extra is missing
-    x509 = None  # type: ignore[assignment]
+# cryptography is imported by the checks themselves, not with this module: its X.509
+# layer costs ~20 ms of start-up, and only a DANE destination needs it.
 
 MAX_CHAIN = 10
 """Certificates of a server's chain looked at; more is no legitimate chain."""
@@ -45,17 +35,24 @@ class DaneMismatch(Exception):
 
 def available() -> bool:
     """Whether ``cryptography`` (the ``dane`` extra) is installed."""
-    return x509 is not None
+    try:
+        import cryptography.x509.verification  # noqa: F401
+    except ImportError:  # pragma: no cover - the dane extra is missing
+        return False
+    return True
 
 
 def _require_cryptography() -> None:
-    if x509 is None:
+    if not available():
         raise DaneMismatch("DANE needs the cryptography package: pip install 'mailstrom[dane]'")
 
 
 def _selected(der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     cert = x509.load_der_x509_certificate(der)
     return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
@@ -134,6 +131,15 @@ def _verify_to_anchor(
 ) -> str | None:
     """None when the leaf chains up to ``chain[anchor]`` and is valid for ``host``; else
     why not."""
+    from cryptography import x509
+    from cryptography.x509.verification import (
+        Criticality,
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:
