@@ -517,3 +517,77 @@ def test_a_421_to_the_content_voids_the_pipelined_next_envelope() -> None:
     assert reply.command is Command.BODY
     assert session.state is State.CLOSED
     assert session.outstanding == ()
+
+
+def _stepwise_envelope(session: ClientSession, reset: bool) -> bytes:
+    """envelope() as one command method after the other, each checked on its own."""
+    out = [session.rset()] if reset else []
+    out.append(session.mail("a@a.test", size=10))
+    out += [session.rcpt("b@b.test"), session.rcpt("c@b.test"), session.data()]
+    return b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_envelope_agrees_with_the_commands_sent_one_by_one(data: st.DataObject) -> None:
+    # envelope() checks the first command and pushes the rest: it must accept and refuse
+    # exactly where sending each command on its own would, and queue the same commands.
+    steps: list[bytes | None] = []  # replies fed (bytes) or a random command sent (None)
+
+    def replay() -> ClientSession:
+        session = ready()
+        for i, step in enumerate(steps):
+            if step is None:
+                _SENDERS[_chosen[i]](session)
+            else:
+                with contextlib.suppress(SMTPProtocolError):
+                    feed(session, step)
+        return session
+
+    _chosen: dict[int, Command] = {}
+    for _ in range(12):
+        reset = data.draw(st.booleans())
+        session, twin = replay(), replay()
+        try:
+            batch: bytes | str = session.envelope(
+                "a@a.test", ["b@b.test", "c@b.test"], size=10, reset=reset
+            )
+        except LocalProtocolError:
+            batch = "refused"
+        try:
+            stepwise: bytes | str = _stepwise_envelope(twin, reset)
+        except LocalProtocolError:
+            stepwise = "refused"
+        assert batch == stepwise
+        if batch != "refused":
+            assert session.outstanding == twin.outstanding
+            assert [session.can_send(c) for c in Command] == [twin.can_send(c) for c in Command]
+        # Move on: an envelope, a reply to the oldest command, or another command.
+        session = replay()
+        sendable = [c for c in _SENDERS if session.can_send(c) and c is not Command.QUIT]
+        if session.outstanding and (not sendable or data.draw(st.booleans())):
+            code = data.draw(st.sampled_from([250, 354, 451, 550]))
+            steps.append(b"%d ok\r\n" % code)
+        elif sendable:
+            _chosen[len(steps)] = data.draw(st.sampled_from(sendable))
+            steps.append(None)
+        else:
+            break
+
+
+def test_encode_path_remembers_only_good_addresses_per_smtputf8() -> None:
+    from mailstrom.smtp import session as session_module
+
+    session_module._paths[0].clear()
+    session_module._paths[1].clear()
+    assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()
+    assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()  # remembered
+    with pytest.raises(ValueError, match="SMTPUTF8"):  # not with smtputf8 off
+        encode_path("ü@b.test", False)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="invalid envelope address"):
+            encode_path("a\r\nb@c.test", False)
+    assert "a\r\nb@c.test" not in session_module._paths[0]
+    for i in range(2 * session_module._PATHS_MAX):
+        assert encode_path(f"u{i}@b.test", False) == b"<u%d@b.test>" % i
+    assert len(session_module._paths[0]) <= session_module._PATHS_MAX
