@@ -170,6 +170,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_mark = 0
+        # True while data_received hands replies out: the deadline is then moved once, when
+        # they are all handled, not after each command the handlers write.
+        self._receiving = False
         self._init_transactions()
 
     # --- what the connection knows ---------------------------------------------------
@@ -468,6 +471,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self._session
         handlers = self._handlers
+        self._receiving = True
         try:
             session.receive_data(data)
             while True:
@@ -487,6 +491,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             exc.host = exc.host or self.host
             self._abort(exc)
             return
+        finally:
+            self._receiving = False
         self._progress()
 
     def eof_received(self) -> bool:
@@ -542,6 +548,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     def _arm_next(self) -> None:
         """Move the deadline to the reply now due (RFC 5321 §4.5.3.2 per command)."""
+        if self._receiving:
+            return  # data_received moves it once every reply at hand has been handled
         if self._write_paused:
             self._arm(self._timeouts.data_block, "take the message")
             return

@@ -443,8 +443,12 @@ class TransactionsMixin:
             self._continue()
 
     def _finish(self, txn: Txn) -> None:
-        with contextlib.suppress(ValueError):
-            self._active.remove(txn)
+        active = self._active
+        if active and active[0] is txn:
+            active.popleft()  # transactions finish in the order they started, but for bugs
+        else:
+            with contextlib.suppress(ValueError):
+                active.remove(txn)
         if txn.final is None and _is_2xx(txn.mail):
             self._needs_reset = True
         txn.settle(txn.result())
