@@ -13,10 +13,14 @@ processes on a shared machine inflate the figures as little as possible:
   ``smtp-sink`` on loopback (started here), 10 connections with 3 transactions submitted
   each, as the dispatcher keeps them: the session plus the protocol callbacks, the
   transaction machine, futures, the deadline and the event loop's socket work.
+* ``worker``: the whole delivery in the facade's worker thread, as ``benchmarks/e2e.py``'s
+  "deliver only, in-process worker" row runs it (SQLite store filled before ``start()``,
+  loopback DNS, 10 sessions to smtp-sink): the CPU clock of the ``mailstrom-worker``
+  thread from ``start()`` to the last result, per message: the connection stage plus
+  the store, dispatcher, outcomes and metrics. CPU rather than wall time, so that other
+  processes on a shared machine move the figure little.
 
-The rest of a delivery (store, dispatcher, outcomes) is in ``benchmarks/e2e.py``.
-
-    .venv/bin/python benchmarks/smtp_cpu.py [-n 20000] [--repeat 5]
+    .venv/bin/python benchmarks/smtp_cpu.py [-n 20000] [--repeat 5] [--worker-messages 5000]
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fixtures.dns_server import LoopbackDNS
 
 from benchmarks.postfix import Children, PostfixSink, missing_tools
 from mailstrom.config import Timeouts
@@ -128,11 +135,48 @@ def connection_stage(host: str, port: int, count: int, sessions: int) -> float:
     return asyncio.run(_connection_stage(host, port, count, sessions))
 
 
+def worker_stage(sink: PostfixSink, dns: LoopbackDNS, directory: Path, count: int) -> float:
+    """µs of CPU per message in the facade's worker thread, for ``count`` messages."""
+    from benchmarks.deliver import Outcomes
+    from benchmarks.e2e import DOMAIN, HELO, MX_HOST, SESSIONS, make_emails, make_facade
+    from mailstrom import Config
+
+    dns.mx(DOMAIN, [(10, MX_HOST)])
+    dns.a(MX_HOST, sink.host)
+    config = Config(
+        helo_name=HELO,
+        smtp_port=sink.port,
+        dns=dns.dns_config,
+        max_connections=SESSIONS,
+        max_per_destination=SESSIONS,
+        allow_loopback=True,
+    )
+    outcomes = Outcomes(count)
+    path = directory / f"queue-{time.monotonic_ns()}.db"
+    ms = make_facade(config, path, "thread", on_result=outcomes)
+    try:
+        ms.send_emails(make_emails(count))
+        ms.start()
+        worker = next(t for t in threading.enumerate() if t.name == "mailstrom-worker")
+        assert worker.ident is not None
+        clock = time.pthread_getcpuclockid(worker.ident)
+        if not outcomes.done.wait(120):
+            raise RuntimeError("the worker did not deliver every message within 120 s")
+        seconds = time.clock_gettime(clock)
+    finally:
+        ms.stop(timeout=10.0)
+        ms.store.close()
+    if outcomes.delivered != count:
+        raise RuntimeError(f"{outcomes.delivered} of {count} delivered")
+    return seconds / count * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", "--messages", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5, help="runs per stage; median shown")
     parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--worker-messages", type=int, default=5000, help="0: no worker stage")
     args = parser.parse_args()
     rows: list[tuple[str, list[float]]] = []
     rows.append(("session (sans-IO)", [session_stage(args.messages) for _ in range(args.repeat)]))
@@ -142,17 +186,21 @@ def main() -> int:
         print(f"skipping the connection stage: {tools} not found (apt install postfix)")
     else:
         children = Children()
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, LoopbackDNS() as dns:
             sink = PostfixSink(children, Path(tmp)).start()
             try:
                 runs = [
                     connection_stage(sink.host, sink.port, args.messages, args.sessions)
                     for _ in range(args.repeat)
                 ]
+                rows.append((f"connection to smtp-sink ({args.sessions} sessions)", runs))
+                if args.worker_messages:
+                    n = args.worker_messages
+                    runs = [worker_stage(sink, dns, Path(tmp), n) for _ in range(args.repeat)]
+                    rows.append((f"worker thread, whole delivery (N={n})", runs))
             finally:
                 sink.stop()
                 children.stop_all()
-        rows.append((f"connection to smtp-sink ({args.sessions} sessions)", runs))
     print(f"CPU µs per message (thread CPU clock), N={args.messages}, {args.repeat} runs")
     for label, runs in rows:
         print(

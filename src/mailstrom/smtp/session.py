@@ -221,44 +221,42 @@ class ClientSession:
 
     def next_event(self) -> Reply | NeedData:
         """The next reply, paired with the command it answers, or :data:`NEED_DATA`."""
+        # One frame per reply (called several times per message): the body is inline.
         try:
-            return self._next_event()
+            reply = self._parser.next_reply()
+            if reply is None:
+                return NEED_DATA
+            if not self._pending:
+                raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
+            command, argument = self._pending.popleft()
+            ungroupable, changing = _COUNTS[command]
+            if ungroupable:
+                self._ungroupable -= 1
+            if changing:
+                self._changing -= 1
+            after = _AFTER_REPLY[command]
+            code = reply.code
+            digit = code // 100
+            if digit not in after:
+                raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=code)
+            if code == 421:
+                # The server is going away: the replies still owed will never come.
+                self._state = State.CLOSED
+                self._clear_pending()
+            elif (state := after[digit]) is not None:
+                self._state = state
+            if digit == 2 and command in _HELLOS:
+                self._esmtp = command is Command.EHLO
+                self._set_extensions(parse_ehlo(reply) if self._esmtp else {})
+            if self._state is State.TLS and self._parser.buffered:
+                # Bytes after "220 go ahead" arrived in plaintext and would be read as if
+                # protected by TLS: the STARTTLS injection bugs
+                # of CVE-2011-0411 and kin, seen from the client side.
+                raise SMTPProtocolError("data received after the STARTTLS reply")
+            return Reply(command=command, reply=reply, argument=argument)
         except SMTPProtocolError:
             self._fail()
             raise
-
-    def _next_event(self) -> Reply | NeedData:
-        reply = self._parser.next_reply()
-        if reply is None:
-            return NEED_DATA
-        if not self._pending:
-            raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
-        command, argument = self._pending.popleft()
-        ungroupable, changing = _COUNTS[command]
-        if ungroupable:
-            self._ungroupable -= 1
-        if changing:
-            self._changing -= 1
-        after = _AFTER_REPLY[command]
-        code = reply.code
-        digit = code // 100
-        if digit not in after:
-            raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=code)
-        if code == 421:
-            # The server is going away: the replies still owed will never come.
-            self._state = State.CLOSED
-            self._clear_pending()
-        elif (state := after[digit]) is not None:
-            self._state = state
-        if digit == 2 and command in _HELLOS:
-            self._esmtp = command is Command.EHLO
-            self._set_extensions(parse_ehlo(reply) if self._esmtp else {})
-        if self._state is State.TLS and self._parser.buffered:
-            # Bytes after "220 go ahead" arrived in plaintext and would be read as if
-            # protected by TLS: the STARTTLS injection bugs
-            # of CVE-2011-0411 and kin, seen from the client side.
-            raise SMTPProtocolError("data received after the STARTTLS reply")
-        return Reply(command=command, reply=reply, argument=argument)
 
     def _fail(self) -> None:
         self._state = State.CLOSED
