@@ -591,3 +591,43 @@ def test_encode_path_remembers_only_good_addresses_per_smtputf8() -> None:
     for i in range(2 * session_module._PATHS_MAX):
         assert encode_path(f"u{i}@b.test", False) == b"<u%d@b.test>" % i
     assert len(session_module._paths[0]) <= session_module._PATHS_MAX
+
+
+_ANSWER_WIRES = st.lists(
+    st.sampled_from(
+        [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"354 go\r\n", b"550 5.1.1 no\r\n",
+         b"421 4.3.2 bye\r\n", b"451-4.7.1 a\r\n451 4.7.1 b\r\n", b"250 ", b"\r\n", b"xyz\r\n"]
+    ),
+    max_size=10,
+).map(b"".join)  # fmt: skip
+
+
+def _drain(session: ClientSession, wire: bytes, *, events: bool) -> list[object]:
+    out: list[object] = []
+    try:
+        session.receive_data(wire)
+        while True:
+            if events:
+                event = session.next_event()
+                if event is NEED_DATA:
+                    break
+                assert isinstance(event, Reply)
+                out.append((event.command, event.reply, event.argument))
+            else:
+                answer = session.next_answer()
+                if answer is None:
+                    break
+                out.append(answer)
+    except SMTPProtocolError as exc:
+        out.append(str(exc))
+    out.append(session.state)
+    return out
+
+
+@settings(max_examples=300)
+@given(_ANSWER_WIRES, st.booleans())
+def test_next_answer_says_what_next_event_says(wire: bytes, reset: bool) -> None:
+    sessions = [ready(), ready()]
+    for session in sessions:
+        session.envelope("a@a.test", ["b@b.test", "c@b.test"], reset=reset)
+    assert _drain(sessions[0], wire, events=True) == _drain(sessions[1], wire, events=False)

@@ -33,6 +33,7 @@ from typing import NoReturn
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
 from mailstrom.smtp.replies import ReplyParser, parse_ehlo
+from mailstrom.status import SMTPReply
 
 
 class State(StrEnum):
@@ -221,11 +222,20 @@ class ClientSession:
 
     def next_event(self) -> Reply | NeedData:
         """The next reply, paired with the command it answers, or :data:`NEED_DATA`."""
-        # One frame per reply (called several times per message): the body is inline.
+        answer = self.next_answer()
+        if answer is None:
+            return NEED_DATA
+        command, reply, argument = answer
+        return Reply(command=command, reply=reply, argument=argument)
+
+    def next_answer(self) -> tuple[Command, SMTPReply, str | None] | None:
+        """What :meth:`next_event` says, as a plain (command, reply, argument) tuple, or
+        None while no complete reply is buffered: for a driver handling several replies
+        per message, without an event object for each."""
         try:
             reply = self._parser.next_reply()
             if reply is None:
-                return NEED_DATA
+                return None
             if not self._pending:
                 raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
             command, argument = self._pending.popleft()
@@ -253,7 +263,7 @@ class ClientSession:
                 # protected by TLS: the STARTTLS injection bugs
                 # of CVE-2011-0411 and kin, seen from the client side.
                 raise SMTPProtocolError("data received after the STARTTLS reply")
-            return Reply(command=command, reply=reply, argument=argument)
+            return command, reply, argument
         except SMTPProtocolError:
             self._fail()
             raise
