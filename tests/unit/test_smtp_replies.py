@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailstrom.errors import SMTPProtocolError
-from mailstrom.smtp import ReplyParser, make_reply, parse_ehlo
+from mailstrom.smtp import ReplyParser, make_reply, parse_ehlo, replies
 from mailstrom.smtp.replies import MAX_LINE
 from mailstrom.status import SMTPReply
 
@@ -251,3 +251,51 @@ def test_single_line_fast_path_still_checks_the_multi_line_code() -> None:
 def test_over_long_complete_line_is_a_protocol_error() -> None:
     with pytest.raises(SMTPProtocolError, match="longer"):
         parse_all(b"250 " + b"x" * MAX_LINE + b"\r\n")
+
+
+# --- the memory of single-line replies already parsed ------------------------------------
+
+
+@settings(max_examples=300)
+@given(st.lists(_LINES, min_size=1, max_size=8))
+def test_remembered_lines_give_the_same_replies(lines: list[tuple[bytes, ...]]) -> None:
+    # Cold, then warm (every short single line of the first pass remembered), then split
+    # byte by byte: the regex-only parser's replies each time.
+    wire = b"".join(code + sep + text + end for code, sep, text, end in lines)
+    expected = reference_parse(wire)
+    replies._known.clear()
+    assert parse_or_error(wire) == expected
+    assert parse_or_error(wire) == expected
+    parser = ReplyParser()
+    out: list[SMTPReply | str] = []
+    try:
+        for i in range(len(wire)):
+            parser.feed(wire[i : i + 1])
+            while (reply := parser.next_reply()) is not None:
+                out.append(reply)
+    except SMTPProtocolError as exc:
+        out.append(next(w for w in ("longer", "malformed", "changed") if w in str(exc)))
+    assert out == expected
+
+
+def test_a_remembered_line_inside_a_multi_line_reply_is_one_of_its_lines() -> None:
+    assert parse_all(b"250 2.1.5 Ok\r\n") == [SMTPReply(code=250, enhanced="2.1.5", text="Ok")]
+    assert parse_all(b"250-2.1.5 first\r\n250 2.1.5 Ok\r\n") == [
+        SMTPReply(code=250, enhanced="2.1.5", text="first\nOk")
+    ]
+    parser = ReplyParser()
+    parser.feed(b"550-no\r\n250 2.1.5 Ok\r\n")  # remembered, but the code changed
+    with pytest.raises(SMTPProtocolError, match="changed"):
+        parser.next_reply()
+
+
+def test_remembered_replies_are_bounded_in_number_and_length() -> None:
+    replies._known.clear()
+    parse_all(b"".join(b"250 2.0.0 queued as %d\r\n" % i for i in range(3 * replies._KNOWN_MAX)))
+    assert 0 < len(replies._known) <= replies._KNOWN_MAX
+    replies._known.clear()
+    long_line = b"250 " + b"x" * replies._KNOWN_LINE + b"\r\n"
+    assert parse_all(long_line) == [SMTPReply(code=250, text="x" * replies._KNOWN_LINE)]
+    assert not replies._known
+    parse_all(b"250-a\r\n250 b\r\n")  # lines of multi-line replies are never remembered
+    assert list(replies._known) == []

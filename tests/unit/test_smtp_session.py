@@ -517,3 +517,117 @@ def test_a_421_to_the_content_voids_the_pipelined_next_envelope() -> None:
     assert reply.command is Command.BODY
     assert session.state is State.CLOSED
     assert session.outstanding == ()
+
+
+def _stepwise_envelope(session: ClientSession, reset: bool) -> bytes:
+    """envelope() as one command method after the other, each checked on its own."""
+    out = [session.rset()] if reset else []
+    out.append(session.mail("a@a.test", size=10))
+    out += [session.rcpt("b@b.test"), session.rcpt("c@b.test"), session.data()]
+    return b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_envelope_agrees_with_the_commands_sent_one_by_one(data: st.DataObject) -> None:
+    # envelope() checks the first command and pushes the rest: it must accept and refuse
+    # exactly where sending each command on its own would, and queue the same commands.
+    steps: list[bytes | None] = []  # replies fed (bytes) or a random command sent (None)
+
+    def replay() -> ClientSession:
+        session = ready()
+        for i, step in enumerate(steps):
+            if step is None:
+                _SENDERS[_chosen[i]](session)
+            else:
+                with contextlib.suppress(SMTPProtocolError):
+                    feed(session, step)
+        return session
+
+    _chosen: dict[int, Command] = {}
+    for _ in range(12):
+        reset = data.draw(st.booleans())
+        session, twin = replay(), replay()
+        try:
+            batch: bytes | str = session.envelope(
+                "a@a.test", ["b@b.test", "c@b.test"], size=10, reset=reset
+            )
+        except LocalProtocolError:
+            batch = "refused"
+        try:
+            stepwise: bytes | str = _stepwise_envelope(twin, reset)
+        except LocalProtocolError:
+            stepwise = "refused"
+        assert batch == stepwise
+        if batch != "refused":
+            assert session.outstanding == twin.outstanding
+            assert [session.can_send(c) for c in Command] == [twin.can_send(c) for c in Command]
+        # Move on: an envelope, a reply to the oldest command, or another command.
+        session = replay()
+        sendable = [c for c in _SENDERS if session.can_send(c) and c is not Command.QUIT]
+        if session.outstanding and (not sendable or data.draw(st.booleans())):
+            code = data.draw(st.sampled_from([250, 354, 451, 550]))
+            steps.append(b"%d ok\r\n" % code)
+        elif sendable:
+            _chosen[len(steps)] = data.draw(st.sampled_from(sendable))
+            steps.append(None)
+        else:
+            break
+
+
+def test_encode_path_remembers_only_good_addresses_per_smtputf8() -> None:
+    from mailstrom.smtp import session as session_module
+
+    session_module._paths[0].clear()
+    session_module._paths[1].clear()
+    assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()
+    assert encode_path("ü@b.test", True) == "<ü@b.test>".encode()  # remembered
+    with pytest.raises(ValueError, match="SMTPUTF8"):  # not with smtputf8 off
+        encode_path("ü@b.test", False)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="invalid envelope address"):
+            encode_path("a\r\nb@c.test", False)
+    assert "a\r\nb@c.test" not in session_module._paths[0]
+    for i in range(2 * session_module._PATHS_MAX):
+        assert encode_path(f"u{i}@b.test", False) == b"<u%d@b.test>" % i
+    assert len(session_module._paths[0]) <= session_module._PATHS_MAX
+
+
+_ANSWER_WIRES = st.lists(
+    st.sampled_from(
+        [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"354 go\r\n", b"550 5.1.1 no\r\n",
+         b"421 4.3.2 bye\r\n", b"451-4.7.1 a\r\n451 4.7.1 b\r\n", b"250 ", b"\r\n", b"xyz\r\n"]
+    ),
+    max_size=10,
+).map(b"".join)  # fmt: skip
+
+
+def _drain(session: ClientSession, wire: bytes, *, events: bool) -> list[object]:
+    out: list[object] = []
+    try:
+        session.receive_data(wire)
+        while True:
+            if events:
+                event = session.next_event()
+                if event is NEED_DATA:
+                    break
+                assert isinstance(event, Reply)
+                out.append((event.command, event.reply, event.argument))
+            else:
+                answer = session.next_answer()
+                if answer is None:
+                    break
+                out.append(answer)
+    except SMTPProtocolError as exc:
+        out.append(str(exc))
+    out.append(session.state)
+    return out
+
+
+@settings(max_examples=300)
+@given(_ANSWER_WIRES, st.booleans())
+def test_next_answer_says_what_next_event_says(wire: bytes, reset: bool) -> None:
+    sessions = [ready(), ready()]
+    for session in sessions:
+        session.envelope("a@a.test", ["b@b.test", "c@b.test"], reset=reset)
+    assert _drain(sessions[0], wire, events=True) == _drain(sessions[1], wire, events=False)

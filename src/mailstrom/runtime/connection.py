@@ -58,6 +58,7 @@ from mailstrom.runtime.transactions import Handler, TransactionsMixin, failure
 from mailstrom.runtime.transactions import TransactionResult as TransactionResult
 from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
+from mailstrom.status import SMTPReply
 from mailstrom.tls.danematch import DaneMismatch, check_chain
 from mailstrom.tls.requirement import TLSARecord
 
@@ -170,6 +171,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_mark = 0
+        # True while data_received hands replies out: the deadline is then moved once, when
+        # they are all handled, not after each command the handlers write.
+        self._receiving = False
         self._init_transactions()
 
     # --- what the connection knows ---------------------------------------------------
@@ -449,15 +453,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             self._drop()
             raise
 
-    def _on_handshake_reply(self, reply: Reply) -> None:
-        if reply.command is Command.STARTTLS and 200 <= reply.reply.code < 300:
+    def _on_handshake_reply(self, command: Command, reply: SMTPReply) -> None:
+        if command is Command.STARTTLS and 200 <= reply.code < 300:
             # Stop reading at once: octets arriving from now on belong to the TLS
             # handshake, never to the plaintext SMTP session.
             assert self._transport is not None
             self._transport.pause_reading()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(reply)
+            waiter.set_result(Reply(command=command, reply=reply))
 
     # --- the protocol's callbacks ----------------------------------------------------------
 
@@ -468,18 +472,17 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self._session
         handlers = self._handlers
+        self._receiving = True
         try:
             session.receive_data(data)
-            while True:
-                event = session.next_event()
-                if not isinstance(event, Reply):
-                    break
+            while (answer := session.next_answer()) is not None:
+                command, reply, _ = answer
                 if not handlers:
-                    raise SMTPProtocolError(f"unsolicited reply: {event.reply}")
-                handlers.popleft()(event)
+                    raise SMTPProtocolError(f"unsolicited reply: {reply}")
+                handlers.popleft()(command, reply)
                 if self._aborted:
                     return
-                if event.reply.code == 421:
+                if reply.code == 421:
                     # The session forgets the commands the server will never answer.
                     self._abort(None)
                     return
@@ -487,6 +490,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             exc.host = exc.host or self.host
             self._abort(exc)
             return
+        finally:
+            self._receiving = False
         self._progress()
 
     def eof_received(self) -> bool:
@@ -542,6 +547,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     def _arm_next(self) -> None:
         """Move the deadline to the reply now due (RFC 5321 §4.5.3.2 per command)."""
+        if self._receiving:
+            return  # data_received moves it once every reply at hand has been handled
         if self._write_paused:
             self._arm(self._timeouts.data_block, "take the message")
             return

@@ -44,7 +44,7 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.message import downgrade_to_7bit
-from mailstrom.policy.throttle import is_throttling
+from mailstrom.policy.throttle import THROTTLE_CODES, is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
@@ -668,6 +668,8 @@ class Dispatcher:
         recipients then come back at the end of the pause, not after a backoff of their
         own."""
         assert self._shaper is not None
+        if _none_throttling(result):
+            return results
         replies = [result.mail, *(reply for _, reply in result.rcpt), result.data, result.final]
         throttling = next((r for r in replies if is_throttling(r)), None)
         if throttling is None:
@@ -713,6 +715,16 @@ def _until_pause(
         replace(r, next_attempt_at=pause.until) if r.state is RecipientState.DEFERRED else r
         for r in results
     ]
+
+
+def _none_throttling(result: TransactionResult) -> bool:
+    """True when no reply of ``result`` has a code that can throttle (the common case, told
+    without building a list or classifying a reply)."""
+    codes = THROTTLE_CODES
+    for reply in (result.mail, result.data, result.final):
+        if reply is not None and reply.code in codes:
+            return False
+    return all(reply.code not in codes for _, reply in result.rcpt)
 
 
 def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from mailstrom.errors import StoreError
-from mailstrom.status import Histogram, QueueStats, RecipientState, WorkerMetrics
+from mailstrom.status import AttemptOutcome, Histogram, QueueStats, RecipientState, WorkerMetrics
 from mailstrom.stores.base import RecipientResult, Store, domain_of
 
 ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -34,6 +34,9 @@ NO_REASON = "none"
 MAX_REASON_CLASSES = 32
 """Distinct reason classes counted under their own name; later ones count as ``other``."""
 _REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# Label values by member: a dict lookup, not the enum's ``value`` property, per result.
+_OUTCOME_LABELS = {outcome: outcome.value for outcome in AttemptOutcome}
+_STATE_LABELS = {state: state.value for state in RecipientState}
 
 
 class _Buckets:
@@ -56,7 +59,10 @@ class _Buckets:
 def reason_class_of(result: RecipientResult) -> str:
     """The reason class of a result's attempt, when the attempt (or the result) carries one;
     read with ``getattr`` so that results from before reason classes work too."""
-    value = getattr(result.attempt, "reason_class", None) or getattr(result, "reason_class", None)
+    value = getattr(result.attempt, "reason_class", None)
+    if value is None and type(result) is not RecipientResult:
+        # A RecipientResult has no such field: the lookup would fail, slowly, every time.
+        value = getattr(result, "reason_class", None)
     if value is None:
         return NO_REASON
     return str(getattr(value, "value", value))
@@ -84,7 +90,7 @@ class MetricsRecorder:
     def observe(self, result: RecipientResult) -> None:
         """Count one result the store recorded."""
         attempt = result.attempt
-        outcome = attempt.outcome.value
+        outcome = _OUTCOME_LABELS.get(attempt.outcome) or attempt.outcome.value
         key = (outcome, self._reason_label(reason_class_of(result)))
         self._attempts[key] = self._attempts.get(key, 0) + 1
         buckets = self._durations.get(outcome)
@@ -96,7 +102,7 @@ class MetricsRecorder:
         if self._domains:
             domain = domain_of(result.address)
             label = domain if domain in self._domains else OTHER
-            dkey = (label, result.state.value)
+            dkey = (label, _STATE_LABELS.get(result.state) or result.state.value)
             self._domain_results[dkey] = self._domain_results.get(dkey, 0) + 1
 
     def _reason_label(self, reason: str) -> str:

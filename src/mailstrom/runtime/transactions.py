@@ -26,11 +26,12 @@ from mailstrom.errors import (
     SMTPProtocolError,
     TemporaryFailure,
 )
-from mailstrom.smtp import ClientSession, Command, Reply, encode_path
+from mailstrom.smtp import ClientSession, Command, encode_path
 from mailstrom.status import SMTPReply
 
-Handler = Callable[[Reply], None]
-"""Called with each reply, in the order the commands were sent."""
+Handler = Callable[[Command, SMTPReply], None]
+"""Called with each reply and the command it answers, in the order the commands were
+sent."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,22 +360,24 @@ class TransactionsMixin:
             dsn=txn.dsn_mail,
         )
 
-    def _on_rset(self, txn: Txn, reply: Reply) -> None:
-        if reply.closing:
-            self._abort(failure(reply.reply, host=self.host, what="RSET"))
+    # The handlers below get each reply with the command it answers (which they know).
+
+    def _on_rset(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
+        if reply.code == 421:
+            self._abort(failure(reply, host=self.host, what="RSET"))
         elif not self._session.pipelining:
             self._write(self._mail_line(txn))
             self._arm_next()
 
-    def _on_mail(self, txn: Txn, reply: Reply) -> None:
-        txn.mail = reply.reply
-        if reply.closing:
+    def _on_mail(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
+        txn.mail = reply
+        if reply.code == 421:
             self._finish(txn)
             self._abort(None)
             return
         if self._session.pipelining:
             return
-        if not reply.ok:
+        if not 200 <= reply.code < 400:
             self._finish(txn)
             self._continue()
             return
@@ -388,13 +391,13 @@ class TransactionsMixin:
         self._write(self._session.rcpt(address, smtputf8=txn.smtputf8, dsn=dsn))
         self._arm_next()
 
-    def _on_rcpt(self, txn: Txn, reply: Reply) -> None:
+    def _on_rcpt(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         address = txn.recipients[len(txn.rcpt)]
-        if reply.closing:
+        if reply.code == 421:
             # The replies for the remaining recipients (and the rest) will never come.
-            self._abort(failure(reply.reply, host=self.host, what=f"RCPT TO:<{address}>"))
+            self._abort(failure(reply, host=self.host, what=f"RCPT TO:<{address}>"))
             return
-        txn.rcpt.append((address, reply.reply))
+        txn.rcpt.append((address, reply))
         if self._session.pipelining:
             return
         if txn.next_rcpt < len(txn.recipients):
@@ -407,11 +410,11 @@ class TransactionsMixin:
             self._finish(txn)
             self._continue()
 
-    def _on_data(self, txn: Txn, reply: Reply) -> None:
-        txn.data_reply = reply.reply
-        if reply.reply.code != 354:
+    def _on_data(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
+        txn.data_reply = reply
+        if reply.code != 354:
             self._finish(txn)
-            if reply.closing:
+            if reply.code == 421:
                 self._abort(None)
             else:
                 self._continue()
@@ -433,18 +436,22 @@ class TransactionsMixin:
             txn.dot_pending = False
         self._arm_next()
 
-    def _on_body(self, txn: Txn, reply: Reply) -> None:
+    def _on_body(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         txn.dot_pending = False
-        txn.final = reply.reply
+        txn.final = reply
         self._finish(txn)
-        if reply.closing:
+        if reply.code == 421:
             self._abort(None)
         else:
             self._continue()
 
     def _finish(self, txn: Txn) -> None:
-        with contextlib.suppress(ValueError):
-            self._active.remove(txn)
+        active = self._active
+        if active and active[0] is txn:
+            active.popleft()  # transactions finish in the order they started, but for bugs
+        else:
+            with contextlib.suppress(ValueError):
+                active.remove(txn)
         if txn.final is None and _is_2xx(txn.mail):
             self._needs_reset = True
         txn.settle(txn.result())

@@ -27,6 +27,23 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 _CLASS = {2: "2", 4: "4", 5: "5"}
 
 
+# Single-line replies already parsed, by their raw line (CR LF included): servers repeat
+# the same few lines ("250 2.1.0 Ok", "354 End data ...") for every transaction. SMTPReply
+# is immutable, so one object serves every parser (and thread). Bounded in lines and in the
+# length of each, so a peer sending ever different lines only makes it start over.
+_KNOWN_LINE = 128
+"""Lines (with their LF) shorter than this many octets are remembered."""
+_KNOWN_MAX = 512
+"""Lines remembered at most; the memory is emptied when it is full."""
+_known: dict[bytes, SMTPReply] = {}
+
+
+def _remember(raw: bytes, reply: SMTPReply) -> None:
+    if len(_known) >= _KNOWN_MAX:
+        _known.clear()
+    _known[raw] = reply
+
+
 class ReplyParser:
     """Accumulates received bytes and returns complete replies, oldest first.
 
@@ -69,11 +86,22 @@ class ReplyParser:
                     raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
                 self._scanned = len(buffer)
                 return None
-            line = bytes(buffer[: end - 1 if end and buffer[end - 1] == 13 else end])  # no CR
-            del buffer[: end + 1]
             self._scanned = 0
-            if len(line) > MAX_LINE:
-                raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
+            raw: bytes | None = None
+            if self._code is None and end < _KNOWN_LINE:
+                # A short line outside a multi-line reply: most likely one seen before
+                # ("250 2.1.5 Ok" for every RCPT), whose reply is already made.
+                raw = bytes(buffer[: end + 1])
+                del buffer[: end + 1]
+                known = _known.get(raw)
+                if known is not None:
+                    return known
+                line = raw[: -2 if end and raw[-2] == 13 else -1]  # no CR, no LF
+            else:
+                line = bytes(buffer[: end - 1 if end and buffer[end - 1] == 13 else end])
+                del buffer[: end + 1]
+                if len(line) > MAX_LINE:
+                    raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
             # Fast path, the common case: a whole single-line reply "DDD SP text". Bytes
             # indexing gives ints: first digit 2-5, second 0-5, third 0-9, then a space.
             if (
@@ -85,7 +113,10 @@ class ReplyParser:
                 and 48 <= line[2] <= 57
             ):
                 code = (line[0] - 48) * 100 + (line[1] - 48) * 10 + line[2] - 48
-                return _single_reply(code, line[4:].decode("utf-8", "replace"))
+                single = _single_reply(code, line[4:].decode("utf-8", "replace"))
+                if raw is not None:
+                    _remember(raw, single)
+                return single
             reply = self._add_line(line)
             if reply is not None:
                 return reply

@@ -28,10 +28,12 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from types import MappingProxyType
+from typing import NoReturn
 
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
 from mailstrom.smtp.replies import ReplyParser, parse_ehlo
+from mailstrom.status import SMTPReply
 
 
 class State(StrEnum):
@@ -107,6 +109,14 @@ _ALLOWED: dict[State, frozenset[Command]] = {
 _GROUPABLE = frozenset({_C.RSET, _C.MAIL, _C.RCPT, _C.BODY})
 _MAY_FOLLOW = frozenset({_C.RSET, _C.MAIL, _C.RCPT, _C.DATA, _C.NOOP, _C.QUIT})
 
+# Per command, what it adds to the counts kept for can_send while it awaits its reply:
+# (1 if it is outside _GROUPABLE, 1 if its success changes the state).
+_COUNTS: dict[Command, tuple[int, int]] = {
+    command: (int(command not in _GROUPABLE), int(_ON_SUCCESS[command] is not None))
+    for command in Command
+}
+_HELLOS = frozenset({_C.EHLO, _C.HELO})
+
 
 def encode_body(content: bytes) -> bytes:
     """Dot-stuff ``content`` (RFC 5321 §4.5.2) and append the final dot, for one write.
@@ -150,6 +160,7 @@ class ClientSession:
         self._last_change = State.GREETING  # the state the newest of those leads to
         self._push(Command.GREETING, None)
         self._extensions: dict[str, str] = {}
+        self._set_extensions({})
         self._esmtp = False
 
     # --- what the session knows --------------------------------------------------------
@@ -171,7 +182,7 @@ class ClientSession:
     @property
     def extensions(self) -> Mapping[str, str]:
         """EHLO keywords → parameters, e.g. ``{"SIZE": "1000", "AUTH": "PLAIN LOGIN"}``."""
-        return MappingProxyType(self._extensions)
+        return self._extensions_view
 
     @property
     def esmtp(self) -> bool:
@@ -180,13 +191,12 @@ class ClientSession:
 
     @property
     def pipelining(self) -> bool:
-        return "PIPELINING" in self._extensions
+        return self._pipelining
 
     @property
     def max_size(self) -> int | None:
         """The SIZE limit the server announced (RFC 1870), or None when it set none."""
-        value = self._extensions.get("SIZE", "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
+        return self._max_size
 
     @property
     def auth_mechanisms(self) -> frozenset[str]:
@@ -198,7 +208,7 @@ class ClientSession:
             return False
         if not self._pending:
             return True
-        return not self._ungroupable and command in _MAY_FOLLOW and self.pipelining
+        return not self._ungroupable and command in _MAY_FOLLOW and self._pipelining
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -212,46 +222,63 @@ class ClientSession:
 
     def next_event(self) -> Reply | NeedData:
         """The next reply, paired with the command it answers, or :data:`NEED_DATA`."""
+        answer = self.next_answer()
+        if answer is None:
+            return NEED_DATA
+        command, reply, argument = answer
+        return Reply(command=command, reply=reply, argument=argument)
+
+    def next_answer(self) -> tuple[Command, SMTPReply, str | None] | None:
+        """What :meth:`next_event` says, as a plain (command, reply, argument) tuple, or
+        None while no complete reply is buffered: for a driver handling several replies
+        per message, without an event object for each."""
         try:
-            return self._next_event()
+            reply = self._parser.next_reply()
+            if reply is None:
+                return None
+            if not self._pending:
+                raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
+            command, argument = self._pending.popleft()
+            ungroupable, changing = _COUNTS[command]
+            if ungroupable:
+                self._ungroupable -= 1
+            if changing:
+                self._changing -= 1
+            after = _AFTER_REPLY[command]
+            code = reply.code
+            digit = code // 100
+            if digit not in after:
+                raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=code)
+            if code == 421:
+                # The server is going away: the replies still owed will never come.
+                self._state = State.CLOSED
+                self._clear_pending()
+            elif (state := after[digit]) is not None:
+                self._state = state
+            if digit == 2 and command in _HELLOS:
+                self._esmtp = command is Command.EHLO
+                self._set_extensions(parse_ehlo(reply) if self._esmtp else {})
+            if self._state is State.TLS and self._parser.buffered:
+                # Bytes after "220 go ahead" arrived in plaintext and would be read as if
+                # protected by TLS: the STARTTLS injection bugs
+                # of CVE-2011-0411 and kin, seen from the client side.
+                raise SMTPProtocolError("data received after the STARTTLS reply")
+            return command, reply, argument
         except SMTPProtocolError:
             self._fail()
             raise
 
-    def _next_event(self) -> Reply | NeedData:
-        reply = self._parser.next_reply()
-        if reply is None:
-            return NEED_DATA
-        if not self._pending:
-            raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
-        command, argument = self._pending.popleft()
-        if command not in _GROUPABLE:
-            self._ungroupable -= 1
-        if _ON_SUCCESS[command] is not None:
-            self._changing -= 1
-        after = _AFTER_REPLY[command]
-        digit = reply.code // 100
-        if digit not in after:
-            raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=reply.code)
-        if reply.code == 421:
-            # The server is going away: the replies still owed will never come.
-            self._state = State.CLOSED
-            self._clear_pending()
-        elif (state := after[digit]) is not None:
-            self._state = state
-        if digit == 2 and command in (Command.EHLO, Command.HELO):
-            self._esmtp = command is Command.EHLO
-            self._extensions = parse_ehlo(reply) if self._esmtp else {}
-        if self._state is State.TLS and self._parser.buffered:
-            # Bytes after "220 go ahead" arrived in plaintext and would be read as if
-            # protected by TLS: the STARTTLS injection bugs
-            # of CVE-2011-0411 and kin, seen from the client side.
-            raise SMTPProtocolError("data received after the STARTTLS reply")
-        return Reply(command=command, reply=reply, argument=argument)
-
     def _fail(self) -> None:
         self._state = State.CLOSED
         self._clear_pending()
+
+    def _set_extensions(self, extensions: dict[str, str]) -> None:
+        # What is read per transaction is worked out once per EHLO, not per read.
+        self._extensions = extensions
+        self._extensions_view = MappingProxyType(extensions)
+        self._pipelining = "PIPELINING" in extensions
+        value = extensions.get("SIZE", "")
+        self._max_size = int(value) if value.isdigit() and int(value) > 0 else None
 
     def _push(self, command: Command, argument: str | None) -> None:
         self._pending.append((command, argument))
@@ -283,7 +310,7 @@ class ClientSession:
         if self._state is not State.TLS:
             raise LocalProtocolError(f"no STARTTLS was accepted (state {self._state})")
         self._state = State.HELLO
-        self._extensions = {}
+        self._set_extensions({})
         self._esmtp = False
         self._parser = ReplyParser()
 
@@ -359,7 +386,7 @@ class ClientSession:
         ``dsn_mail`` and ``dsn_rcpt`` (one per recipient, or none) are DSN parameters, as
         for :meth:`mail` and :meth:`rcpt`.
         """
-        if not self.pipelining:
+        if not self._pipelining:
             raise LocalProtocolError("the server does not offer PIPELINING")
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
@@ -371,10 +398,24 @@ class ClientSession:
             (r, self._rcpt_line(r, smtputf8, dsn_rcpt[i] if dsn_rcpt else b""))
             for i, r in enumerate(recipients)
         ]
-        out = [self.rset()] if reset else []
-        out.append(self._send(Command.MAIL, mail, sender))
-        out.extend(self._send(Command.RCPT, line, r) for r, line in rcpts)
-        out.append(self.data())
+        first = Command.RSET if reset else Command.MAIL
+        if not self.can_send(first):
+            self._refuse(first)
+        # With PIPELINING, once the first command may go, so may the rest: RSET leads to
+        # READY, which takes MAIL; MAIL leads to MAIL, which takes RCPT and DATA; all of
+        # them may follow unanswered commands, and none but DATA ends a group.
+        push = self._push
+        out = []
+        if reset:
+            push(Command.RSET, None)
+            out.append(b"RSET\r\n")
+        push(Command.MAIL, sender)
+        out.append(mail)
+        for r, line in rcpts:
+            push(Command.RCPT, r)
+            out.append(line)
+        push(Command.DATA, None)
+        out.append(b"DATA\r\n")
         return b"".join(out)
 
     def _mail_line(
@@ -432,24 +473,40 @@ class ClientSession:
 
     def _send(self, command: Command, line: bytes, argument: str | None = None) -> bytes:
         if not self.can_send(command):
-            raise LocalProtocolError(
-                f"cannot send {command} in state {self._projected_state()} "
-                f"with {len(self._pending)} replies outstanding"
-            )
+            self._refuse(command)
         self._push(command, argument)
         return line
 
+    def _refuse(self, command: Command) -> NoReturn:
+        raise LocalProtocolError(
+            f"cannot send {command} in state {self._projected_state()} "
+            f"with {len(self._pending)} replies outstanding"
+        )
+
 
 _FORBIDDEN_IN_PATH = re.compile(r"[\r\n\x00<>]").search
+
+# Paths already encoded, per smtputf8: an address is checked and encoded several times on
+# its way (the dispatcher, SMTPConnection.submit, the MAIL or RCPT line) and the sender is
+# the same for most messages. Only good addresses are kept; bounded, emptied when full.
+_PATHS_MAX = 4096
+_paths: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
 
 
 def encode_path(address: str, smtputf8: bool) -> bytes:
     """``<address>`` for MAIL/RCPT (``<>`` for the null reverse-path); ValueError if it
     holds CR, LF, NUL or angle brackets, or non-ASCII without ``smtputf8``."""
+    known = _paths[smtputf8]
+    encoded = known.get(address)
+    if encoded is not None:
+        return encoded
     if _FORBIDDEN_IN_PATH(address) is not None:
         raise ValueError(f"invalid envelope address: {address!r}")
     try:
-        encoded = address.encode("utf-8" if smtputf8 else "ascii")
+        encoded = b"<" + address.encode("utf-8" if smtputf8 else "ascii") + b">"
     except UnicodeEncodeError:
         raise ValueError(f"non-ASCII address needs SMTPUTF8: {address!r}") from None
-    return b"<" + encoded + b">"
+    if len(known) >= _PATHS_MAX:
+        known.clear()
+    known[address] = encoded
+    return encoded
