@@ -40,6 +40,7 @@ RUNS = {
         "latency median",
     ),
     "suppression": (["--entries", "2000", "--repeat", "3"], "µs/lease"),
+    "attemptlog": (["--count", "200", "--runs", "1"], "delivered"),
 }
 
 
