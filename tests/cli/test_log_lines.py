@@ -293,12 +293,29 @@ def _generic_line(fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+# Shared by every example, so that values it remembers as plain are reused across them.
+_SHARED = KeyValueFormatter()
+
+
 @given(st.dictionaries(st.text(min_size=1, max_size=5), st.text(max_size=30), max_size=6))
 def test_any_text_is_quoted_when_it_must_be(fields: dict[str, str]) -> None:
     record = _record(logging.INFO, "m", event="e", fields=fields)
-    line = KeyValueFormatter().format(record)
+    line = _SHARED.format(record)
     head = "ts=2026-01-01T00:00:00.045Z level=info logger=mailstrom.worker event=e"
     # Keys named like the head's replace its values; leave those to the fixed cases.
     if not {"ts", "level", "logger", "event"} & fields.keys():
         body = _generic_line(fields)
         assert line == (f"{head} {body}" if body else head)
+
+
+def test_values_remembered_as_plain_stay_bounded() -> None:
+    """The formatter remembers text that needed no quotes, a bounded number of values."""
+    formatter = KeyValueFormatter()
+    for i in range(10_000):
+        line = formatter.format(_record(logging.INFO, "m", fields={"id": f"v{i}", "q": "a b"}))
+        assert line.endswith(f' id=v{i} q="a b"')
+    assert 0 < len(formatter._plain) <= 4097
+    long_value = "x" * 10_000
+    line = formatter.format(_record(logging.INFO, "m", fields={"v": long_value}))
+    assert line.endswith(f" v={long_value}")
+    assert long_value not in formatter._plain

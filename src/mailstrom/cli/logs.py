@@ -68,14 +68,28 @@ def _logfmt_value(value: Any) -> str:
 # Printable ASCII but for space, '"', '=' and '\\': a value made only of these needs no
 # quotes. Anything else (also any non-ASCII text) goes the long way, _logfmt_value.
 _PLAIN_ASCII = re.compile(r"[!#-<>-\[\]-~]+").fullmatch
+_PLAIN_KEPT = 4096  # values a formatter remembers as plain (then it starts again)
+_PLAIN_KEPT_LENGTH = 256  # longer values are checked every time rather than kept
 
 
-def _logfmt_pairs(fields: Mapping[str, Any]) -> list[str]:
-    # The common values inline (plain ASCII text, an int, a float) with one C-level check
-    # each: a function call per value was a third of a delivery's line.
+def _is_plain(value: str, plain: set[str]) -> bool:
+    if _PLAIN_ASCII(value) is None:
+        return False
+    if len(value) <= _PLAIN_KEPT_LENGTH:
+        plain.add(value)
+    return True
+
+
+def _logfmt_pairs(fields: Mapping[str, Any], plain: set[str]) -> list[str]:
+    # One line per delivery at thousands a second: the common values inline (text that
+    # needs no quotes, an int, a float) rather than a function call each. Most text repeats
+    # from line to line (state, host, IP address, TLS version, cipher, sender): ``plain``
+    # holds what was already found to need no quotes, a set lookup instead of a check.
     return [
         f"{k}={v}"
-        if (v.__class__ is str and _PLAIN_ASCII(v)) or v.__class__ is int or v.__class__ is float
+        if (v.__class__ is str and (v in plain or _is_plain(v, plain)))
+        or v.__class__ is int
+        or v.__class__ is float
         else f"{k}={_logfmt_value(v)}"
         for k, v in fields.items()
         if v is not None
@@ -125,6 +139,7 @@ class KeyValueFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._head = _Heads(_logfmt_head)
+        self._plain: set[str] = set()
 
     def format(self, record: logging.LogRecord) -> str:
         fields = _fields(record)
@@ -133,7 +148,9 @@ class KeyValueFormatter(logging.Formatter):
         else:
             line = f"ts={_timestamp(record)} {self._head(record)}"
             if fields:
-                pairs = _logfmt_pairs(fields)
+                if len(self._plain) > _PLAIN_KEPT:
+                    self._plain.clear()
+                pairs = _logfmt_pairs(fields, self._plain)
                 if pairs:
                     line = f"{line} {' '.join(pairs)}"
         if record.exc_info:

@@ -97,19 +97,14 @@ def log_attempt(result: RecipientResult) -> None:
     """Log one attempt (INFO when delivered, WARNING otherwise)."""
     level = logging.INFO if result.state is RecipientState.DELIVERED else logging.WARNING
     if _log.isEnabledFor(level):  # the fields cost more than the call on the hot path
-        # The record as Logger.log makes it, less the walk up the stack to find the caller
-        # (one line per delivery): the caller is always this function.
+        # The record as Logger.log makes it with extra={"event": …, "fields": …}, less the
+        # walk up the stack to find the caller (one line per delivery: the caller is always
+        # this function) and the check that extra's keys are free (they are).
         record = _log.makeRecord(
-            ATTEMPT_LOGGER,
-            level,
-            __file__,
-            _LINE,
-            AttemptText(result),
-            (),
-            None,
-            func="log_attempt",
-            extra={"event": ATTEMPT_EVENT, "fields": attempt_fields(result)},
+            ATTEMPT_LOGGER, level, __file__, _LINE, AttemptText(result), (), None, "log_attempt"
         )
+        record.event = ATTEMPT_EVENT
+        record.fields = attempt_fields(result)
         _log.handle(record)
 
 
