@@ -119,3 +119,13 @@ def test_configure_logging_buffers_only_when_asked() -> None:
         root.handlers[:] = [logging.NullHandler()]
         root.propagate = True
         root.setLevel(logging.NOTSET)
+
+
+def test_closing_over_a_closed_stream_is_quiet(logger: logging.Logger) -> None:
+    stream = _Stream()
+    handler = _handler(stream, interval=3600)
+    logger.addHandler(handler)
+    logger.info("held")
+    stream.close()
+    handler.close()  # the held line cannot be written; closing still ends the handler
+    logger.removeHandler(handler)

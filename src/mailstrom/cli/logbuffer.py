@@ -81,6 +81,8 @@ class BufferedStreamHandler(logging.StreamHandler[TextIO]):
             self._closing.set()
             self._held.set()  # wake the timer so that it ends
             self._write_held()
+        except (OSError, ValueError):
+            pass  # the stream is closed or gone: nothing more can be written (as at shutdown)
         finally:
             timer, self._timer = self._timer, None
             self.release()

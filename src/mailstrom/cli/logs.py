@@ -97,8 +97,8 @@ def _logfmt_pairs(fields: Mapping[str, Any], plain: set[str]) -> list[str]:
 
 
 class _Heads:
-    """``ts=… level=… logger=… event=…`` (or the JSON object's first keys), with what
-    repeats from line to line (level, logger, event) formatted once per combination."""
+    """The ``level=… logger=… event=…`` of a logfmt line: what repeats from line to line,
+    formatted once per combination."""
 
     def __init__(self, build: Callable[[str, str, str], str]) -> None:
         self._build = build
