@@ -40,6 +40,7 @@ RUNS = {
         "latency median",
     ),
     "suppression": (["--entries", "2000", "--repeat", "3"], "µs/lease"),
+    "attemptlog": (["--count", "200", "--runs", "1"], "delivered"),
     "smtp_cpu": (["-n", "200", "--repeat", "1", "--worker-messages", "50"], "session (sans-IO)"),
     "startup": (["--runs", "1"], "worker built"),
     "page_size": (["--count", "30", "--rounds", "1"], "WAL B/enq"),

@@ -245,3 +245,29 @@ def test_worker_stops_gracefully_on_sigterm(mail_env: MailEnv) -> None:
             proc.wait()
     assert proc.returncode == 0
     assert "worker stopped" in err.decode()
+
+
+def test_sigterm_leaves_every_attempt_line_written(mail_env: MailEnv) -> None:
+    """The worker holds INFO lines up to 0.1 s (cli/logbuffer.py); stopped by SIGTERM
+    right after its deliveries, it has still written every one of them."""
+    cli, mx = mail_env.cli, mail_env.mx
+    rcpts = [f"user{i}@example.test" for i in range(5)]
+    for rcpt in rcpts:
+        send(cli, "--text", "Hi", to=rcpt)
+    proc = cli.popen("worker", "--no-live", "--log-format", "json")
+    try:
+        mx.wait_for_messages(len(rcpts), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    delivered = sorted(line["rcpt"] for line in lines if line["event"] == "attempt")
+    assert delivered == rcpts
+    events = [line["event"] for line in lines]
+    assert "stopping" in events  # SIGTERM came while it ran (deliveries may still finish)
+    assert events[-1] == "worker stopped"
+    assert next(line for line in lines if line["event"] == "worker stopped")["delivered"] == 5

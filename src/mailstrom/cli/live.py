@@ -99,6 +99,7 @@ def logs_above(console: Console, logger_name: str = "mailstrom") -> Iterator[Non
     swapped: list[tuple[logging.Handler, logging.Handler]] = []
     for handler in list(logger.handlers):
         if isinstance(handler, logging.StreamHandler) and is_tty(handler.stream):
+            handler.flush()  # lines it holds come before the view
             replacement = ConsoleLogHandler(console)
             replacement.setFormatter(handler.formatter)
             replacement.setLevel(handler.level)

@@ -13,10 +13,11 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from mailstrom.cli.logbuffer import BufferedStreamHandler
 from mailstrom.stores.url import redact_url
 
 
@@ -34,6 +35,8 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     fields = getattr(record, "fields", None)
+    if fields.__class__ is dict:  # the usual case, without the cost of an ABC check
+        return fields
     return fields if isinstance(fields, Mapping) else {}
 
 
@@ -43,6 +46,10 @@ def _event(record: logging.LogRecord) -> str:
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\]').search
+# json.dumps with a keyword builds a new encoder per call; one encoder serves every line
+# (it keeps no state between calls) and writes the same text.
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
+_json_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 def _logfmt_value(value: Any) -> str:
@@ -50,26 +57,102 @@ def _logfmt_value(value: Any) -> str:
     if isinstance(value, str):
         if value and value.isprintable() and _NEEDS_QUOTES(value) is None:
             return value
-        return json.dumps(value, ensure_ascii=False)
+        return _json_text(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)  # digits, a sign, a dot, "e", "inf" or "nan": nothing to quote
-    return _logfmt_value(json.dumps(value, ensure_ascii=False, default=str))
+    return _logfmt_value(_json_line(value))
+
+
+# Printable ASCII but for space, '"', '=' and '\\': a value made only of these needs no
+# quotes. Anything else (also any non-ASCII text) goes the long way, _logfmt_value.
+_PLAIN_ASCII = re.compile(r"[!#-<>-\[\]-~]+").fullmatch
+_PLAIN_KEPT = 4096  # values a formatter remembers as plain (then it starts again)
+_PLAIN_KEPT_LENGTH = 256  # longer values are checked every time rather than kept
+
+
+def _is_plain(value: str, plain: set[str]) -> bool:
+    if _PLAIN_ASCII(value) is None:
+        return False
+    if len(value) <= _PLAIN_KEPT_LENGTH:
+        plain.add(value)
+    return True
+
+
+def _logfmt_pairs(fields: Mapping[str, Any], plain: set[str]) -> list[str]:
+    # One line per delivery at thousands a second: the common values inline (text that
+    # needs no quotes, an int, a float) rather than a function call each. Most text repeats
+    # from line to line (state, host, IP address, TLS version, cipher, sender): ``plain``
+    # holds what was already found to need no quotes, a set lookup instead of a check.
+    return [
+        f"{k}={v}"
+        if (v.__class__ is str and (v in plain or _is_plain(v, plain)))
+        or v.__class__ is int
+        or v.__class__ is float
+        else f"{k}={_logfmt_value(v)}"
+        for k, v in fields.items()
+        if v is not None
+    ]
+
+
+class _Heads:
+    """The ``level=… logger=… event=…`` of a logfmt line: what repeats from line to line,
+    formatted once per combination."""
+
+    def __init__(self, build: Callable[[str, str, str], str]) -> None:
+        self._build = build
+        self._cache: dict[tuple[str, str, str], str] = {}
+
+    def __call__(self, record: logging.LogRecord) -> str:
+        key = (record.levelname, record.name, _event(record))
+        head = self._cache.get(key)
+        if head is None:
+            head = self._build(*key)
+            if len(self._cache) >= 256:  # events can be free text: keep the cache bounded
+                self._cache.clear()
+            self._cache[key] = head
+        return head
+
+
+def _logfmt_head(levelname: str, name: str, event: str) -> str:
+    return (
+        f"level={_logfmt_value(levelname.lower())} logger={_logfmt_value(name)} "
+        f"event={_logfmt_value(event)}"
+    )
+
+
+def _logfmt_overriding(record: logging.LogRecord, fields: Mapping[str, Any]) -> str:
+    pairs: dict[str, Any] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": _event(record),
+    }
+    pairs.update((k, v) for k, v in fields.items() if v is not None)
+    return " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
 
 
 class KeyValueFormatter(logging.Formatter):
     """``ts=… level=info logger=… event=attempt message_id=… rcpt=… reason="250 2.0.0 Ok"``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._head = _Heads(_logfmt_head)
+        self._plain: set[str] = set()
+
     def format(self, record: logging.LogRecord) -> str:
-        pairs: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": _event(record),
-        }
-        pairs.update((k, v) for k, v in _fields(record).items() if v is not None)
-        line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
+        fields = _fields(record)
+        if "ts" in fields or "level" in fields or "logger" in fields or "event" in fields:
+            line = _logfmt_overriding(record, fields)  # a field replaces a head value
+        else:
+            line = f"ts={_timestamp(record)} {self._head(record)}"
+            if fields:
+                if len(self._plain) > _PLAIN_KEPT:
+                    self._plain.clear()
+                pairs = _logfmt_pairs(fields, self._plain)
+                if pairs:
+                    line = f"{line} {' '.join(pairs)}"
         if record.exc_info:
             line += " exc=" + _logfmt_value(redact_url(self.formatException(record.exc_info)))
         return line
@@ -85,19 +168,29 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "event": _event(record),
         }
-        obj.update((k, v) for k, v in _fields(record).items() if v is not None)
+        fields = _fields(record)
+        if fields:
+            obj.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             obj["exc"] = redact_url(self.formatException(record.exc_info))
-        return json.dumps(obj, ensure_ascii=False, default=str)
+        return _json_line(obj)
 
 
 def configure_logging(
-    fmt: str, *, level: int = logging.INFO, stream: TextIO | None = None
+    fmt: str, *, level: int = logging.INFO, stream: TextIO | None = None, buffered: bool = False
 ) -> logging.Handler:
-    """Send mailstrom's logs to ``stream`` (stderr) in ``fmt`` ("text" or "json")."""
-    handler = logging.StreamHandler(stream)
+    """Send mailstrom's logs to ``stream`` (stderr) in ``fmt`` ("text" or "json").
+
+    ``buffered`` (``mailstrom worker``: a line per delivery) writes lines in batches, at
+    once for warnings and within 0.1 s otherwise (:mod:`mailstrom.cli.logbuffer`); short
+    commands write each line as it comes.
+    """
+    handler = BufferedStreamHandler(stream) if buffered else logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger("mailstrom")
+    for old in root.handlers:
+        if isinstance(old, BufferedStreamHandler):
+            old.close()  # writes what it holds and ends its timer thread
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False

@@ -108,9 +108,13 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     live = args.live and is_tty()
     level = getattr(logging, args.log_level.upper())
     # Under the live view the attempts are on screen; the log shows only trouble.
-    configure_logging(args.log_format, level=max(level, logging.WARNING) if live else level)
-    store = open_store(settings.store_url)
+    log_handler = configure_logging(
+        args.log_format, level=max(level, logging.WARNING) if live else level, buffered=True
+    )
     with contextlib.ExitStack() as stack:
+        # Lines held in the buffer come out before anything the caller prints (an error).
+        stack.callback(log_handler.flush)
+        store = open_store(settings.store_url)
         stack.callback(store.close)
         recent: deque[RecipientResult] = deque(maxlen=12)
 
@@ -124,6 +128,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
             logging.getLogger("mailstrom.worker").info(
                 "worker started", extra={"fields": {"store": redact_url(settings.store_url)}}
             )
+            log_handler.flush()  # at once: a supervisor or a test may be waiting for it
 
         if live:
             from mailstrom.cli.live import run_with_live_view

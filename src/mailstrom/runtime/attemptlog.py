@@ -65,25 +65,28 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
     a = result.attempt
     reason = a.reason_class
     queued_at = result.queued_at
+    reply = a.reply
+    # One dict per delivery: enum values as ``_value_`` (a plain attribute, where
+    # ``.value`` goes through a descriptor).
     return {
         "message_id": result.message_id,
         "from": result.envelope_from,
         "rcpt": result.address,
         "size": result.size,
         "delay": round((a.at - queued_at).total_seconds(), 3) if queued_at else None,
-        "state": result.state.value,
-        "outcome": a.outcome.value,
+        "state": result.state._value_,
+        "outcome": a.outcome._value_,
         "host": a.mx_host,
         "ip": a.ip,
         "port": a.port,
         "tls": a.tls_version,
         "cipher": a.tls_cipher,
         "tls_policy": a.tls_policy,
-        "code": a.reply.code if a.reply else None,
+        "code": reply.code if reply else None,
         "reason": a.reason or None,
-        "reason_class": reason.value if reason is not None else None,
+        "reason_class": reason._value_ if reason is not None else None,
         # Looked up again rather than carried: only failures logged at WARNING pay for it.
-        "help": advice(reason, a.reply).help if reason is not None else None,
+        "help": advice(reason, reply).help if reason is not None else None,
         "uncertain": a.uncertain or None,
         "duration": round(a.duration, 3),
         "next_attempt": result.next_attempt_at.isoformat() if result.next_attempt_at else None,
@@ -94,8 +97,15 @@ def log_attempt(result: RecipientResult) -> None:
     """Log one attempt (INFO when delivered, WARNING otherwise)."""
     level = logging.INFO if result.state is RecipientState.DELIVERED else logging.WARNING
     if _log.isEnabledFor(level):  # the fields cost more than the call on the hot path
-        _log.log(
-            level,
-            AttemptText(result),
-            extra={"event": ATTEMPT_EVENT, "fields": attempt_fields(result)},
+        # The record as Logger.log makes it with extra={"event": …, "fields": …}, less the
+        # walk up the stack to find the caller (one line per delivery: the caller is always
+        # this function) and the check that extra's keys are free (they are).
+        record = _log.makeRecord(
+            ATTEMPT_LOGGER, level, __file__, _LINE, AttemptText(result), (), None, "log_attempt"
         )
+        record.event = ATTEMPT_EVENT
+        record.fields = attempt_fields(result)
+        _log.handle(record)
+
+
+_LINE = log_attempt.__code__.co_firstlineno
