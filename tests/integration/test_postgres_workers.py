@@ -200,7 +200,14 @@ def test_killed_worker_loses_nothing_and_duplicates_only_its_in_flight_mail(
             and bool(short_leased(postgres_url))
         )
 
-    fleet.wait_until(victim_busy, DEADLINE, "the victim was mid-run")
+    # Frozen (SIGSTOP) between the check and the kill, so that what it holds leased
+    # cannot change in between: a fast victim used to record its last lease first.
+    for _ in range(20):
+        fleet.wait_until(victim_busy, DEADLINE, "the victim was mid-run")
+        victim.proc.send_signal(signal.SIGSTOP)
+        if short_leased(postgres_url):
+            break
+        victim.proc.send_signal(signal.SIGCONT)
     victim.proc.send_signal(signal.SIGKILL)
     assert victim.finish(timeout=10) == -signal.SIGKILL
     orphaned = short_leased(postgres_url)

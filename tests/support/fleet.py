@@ -42,6 +42,8 @@ class WorkerProcess:
                 "mailstrom",
                 "worker",
                 "--no-live",
+                # The log is what a killed worker had recorded: every line, at once.
+                "--no-log-buffer",
                 "--log-format",
                 "json",
                 "--drain-timeout",

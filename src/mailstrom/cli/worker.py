@@ -95,6 +95,13 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="no live view on a terminal; log lines only",
     )
+    parser.add_argument(
+        "--no-log-buffer",
+        dest="log_buffer",
+        action="store_false",
+        help="write each log line at once (default: in batches, at most 0.1 s late, so a "
+        "SIGKILL loses at most the last 0.1 s of lines)",
+    )
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -109,7 +116,9 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     level = getattr(logging, args.log_level.upper())
     # Under the live view the attempts are on screen; the log shows only trouble.
     log_handler = configure_logging(
-        args.log_format, level=max(level, logging.WARNING) if live else level, buffered=True
+        args.log_format,
+        level=max(level, logging.WARNING) if live else level,
+        buffered=args.log_buffer,
     )
     with contextlib.ExitStack() as stack:
         # Lines held in the buffer come out before anything the caller prints (an error).
