@@ -34,7 +34,13 @@ from mailstrom.cli.main import build_parser
 from mailstrom.cli.context import open_store, settings_from
 from mailstrom.runtime.worker import Worker
 
-args = build_parser().parse_args(
+# As `mailstrom worker` does: only the worker command's module (build_parser() without
+# the name, on a tree from before the command table, loads every command's).
+try:
+    parser = build_parser("worker")
+except TypeError:
+    parser = build_parser()
+args = parser.parse_args(
     ["worker", "--store", "sqlite:///" + sys.argv[1], "--helo-name", "mx.example.com"]
 )
 settings = settings_from(args)

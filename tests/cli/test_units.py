@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -12,7 +13,7 @@ import pytest
 from mailstrom.cli import sendmail
 from mailstrom.cli.exits import EX_NOINPUT, CLIError, UsageError
 from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
-from mailstrom.cli.main import _split_sendmail, build_parser
+from mailstrom.cli.main import COMMAND_MODULES, _split_sendmail, build_parser, main
 from mailstrom.cli.output import age, print_table, to_jsonable
 from mailstrom.runtime.attemptlog import attempt_fields
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
@@ -305,3 +306,26 @@ def test_live_view_frame() -> None:
     assert "TLSv1.3" in text
     assert "250 OK" in text
     assert " 7 " in text  # deferred count
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def test_the_command_table_lists_every_command_in_help_order() -> None:
+    """A command added without an entry in COMMAND_MODULES would load only with --help."""
+    assert _commands(build_parser()) == list(COMMAND_MODULES)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_MODULES))
+def test_each_command_parses_with_only_its_module_loaded(command: str) -> None:
+    assert command in _commands(build_parser(command))
+
+
+def test_an_unknown_command_gets_the_whole_tree_in_its_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--store", "memory://", "sendmial"]) == 64
+    err = capsys.readouterr().err
+    assert "invalid choice: 'sendmial'" in err and "'worker'" in err and "'bounce'" in err

@@ -65,7 +65,7 @@ from mailstrom.cli.main import build_parser
 from mailstrom.cli.context import open_store, settings_from
 from mailstrom.runtime.worker import Worker
 
-args = build_parser().parse_args(
+args = build_parser("worker").parse_args(
     ["worker", "--store", "sqlite:///" + DB, "--helo-name", "mx.example.com"]
 )
 settings = settings_from(args)
@@ -169,3 +169,30 @@ def test_unknown_name_is_an_attribute_error() -> None:
         mailstrom.no_such_name  # type: ignore[attr-defined]  # noqa: B018
     with pytest.raises(ImportError):
         exec("from mailstrom import no_such_name")
+
+
+OTHER_COMMANDS = (
+    "mailstrom.cli.send",
+    "mailstrom.cli.sendmail",
+    "mailstrom.cli.manage",
+    "mailstrom.cli.worker",
+    "mailstrom.cli.check",
+    "mailstrom.cli.doctor",
+    "mailstrom.cli.dkim",
+    "mailstrom.cli.web",
+    "mailstrom.cli.tlsrpt",
+    "mailstrom.cli.bounce",
+    "mailstrom.cli.suppress",
+)
+
+
+def test_a_command_loads_only_its_own_module() -> None:
+    modules = loaded_after(
+        "from mailstrom.cli.main import main\n"
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['--store', 'memory://', 'status', '--help']) == 0\n"
+    )
+    assert "mailstrom.cli.views" in modules
+    assert sorted(m for m in OTHER_COMMANDS if m in modules) == []
+    assert heavy_in(modules) == []
