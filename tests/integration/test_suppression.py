@@ -22,6 +22,7 @@ from mailstrom import (
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Store
+from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import FakeClock, Results, loopback_config
 
@@ -119,6 +120,29 @@ def test_other_recipients_of_the_message_go_on(
     nobody = status.recipient("nobody@example.org")
     assert nobody.state is FAILED
     assert nobody.reason.endswith(": 550 5.1.1 earlier bounce")
+
+
+def test_a_store_that_leaves_the_lookup_to_the_worker_is_screened_all_the_same(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, postgres_url: str
+) -> None:
+    """PostgreSQL hands out leases without their suppression entries (Lease.suppressions
+    is None): the worker looks them up itself before it delivers anything of the lease."""
+    store = PostgresStore(postgres_url)
+    ms = mailstrom(store)
+    ms.suppress("nobody@example.org", "550 5.1.1 earlier bounce")
+    ms.suppress("closed.example.org", "closed down")
+    mid = ms.send_email(hello("ann@example.org", "nobody@example.org", "eve@closed.example.org"))
+    results.wait_final({"ann@example.org", "nobody@example.org", "eve@closed.example.org"})
+
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@example.org"]
+    status = ms.query_status(mid)
+    assert status.recipient("ann@example.org").state is DELIVERED
+    for refused in ("nobody@example.org", "eve@closed.example.org"):
+        assert status.recipient(refused).state is FAILED
+        assert status.recipient(refused).reason_class is ReasonClass.SUPPRESSED
+    ms.stop(timeout=5)
+    store.close()
 
 
 def test_a_domain_entry_covers_every_address_there_until_removed(

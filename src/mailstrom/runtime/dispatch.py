@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -44,7 +44,7 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.message import downgrade_to_7bit
-from mailstrom.policy.throttle import THROTTLE_CODES, is_throttling
+from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
@@ -668,10 +668,7 @@ class Dispatcher:
         recipients then come back at the end of the pause, not after a backoff of their
         own."""
         assert self._shaper is not None
-        if _none_throttling(result):
-            return results
-        replies = [result.mail, *(reply for _, reply in result.rcpt), result.data, result.final]
-        throttling = next((r for r in replies if is_throttling(r)), None)
+        throttling = next((r for r in _replies(result) if is_throttling(r)), None)
         if throttling is None:
             return results
         deferred = [
@@ -717,14 +714,13 @@ def _until_pause(
     ]
 
 
-def _none_throttling(result: TransactionResult) -> bool:
-    """True when no reply of ``result`` has a code that can throttle (the common case, told
-    without building a list or classifying a reply)."""
-    codes = THROTTLE_CODES
-    for reply in (result.mail, result.data, result.final):
-        if reply is not None and reply.code in codes:
-            return False
-    return all(reply.code not in codes for _, reply in result.rcpt)
+def _replies(result: TransactionResult) -> Iterator[SMTPReply | None]:
+    """Every reply of ``result``, in the order they came (None for those never sent)."""
+    yield result.mail
+    for _, reply in result.rcpt:
+        yield reply
+    yield result.data
+    yield result.final
 
 
 def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:

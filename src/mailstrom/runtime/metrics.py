@@ -57,12 +57,9 @@ class _Buckets:
 
 
 def reason_class_of(result: RecipientResult) -> str:
-    """The reason class of a result's attempt, when the attempt (or the result) carries one;
-    read with ``getattr`` so that results from before reason classes work too."""
-    value = getattr(result.attempt, "reason_class", None)
-    if value is None and type(result) is not RecipientResult:
-        # A RecipientResult has no such field: the lookup would fail, slowly, every time.
-        value = getattr(result, "reason_class", None)
+    """The reason class of a result's attempt (a :class:`ReasonClass`, or the plain string a
+    hand-built attempt may carry), or ``none``."""
+    value = result.attempt.reason_class
     if value is None:
         return NO_REASON
     return str(getattr(value, "value", value))
@@ -90,7 +87,7 @@ class MetricsRecorder:
     def observe(self, result: RecipientResult) -> None:
         """Count one result the store recorded."""
         attempt = result.attempt
-        outcome = _OUTCOME_LABELS.get(attempt.outcome) or attempt.outcome.value
+        outcome = _OUTCOME_LABELS[attempt.outcome]
         key = (outcome, self._reason_label(reason_class_of(result)))
         self._attempts[key] = self._attempts.get(key, 0) + 1
         buckets = self._durations.get(outcome)
@@ -102,7 +99,7 @@ class MetricsRecorder:
         if self._domains:
             domain = domain_of(result.address)
             label = domain if domain in self._domains else OTHER
-            dkey = (label, _STATE_LABELS.get(result.state) or result.state.value)
+            dkey = (label, _STATE_LABELS[result.state])
             self._domain_results[dkey] = self._domain_results.get(dkey, 0) + 1
 
     def _reason_label(self, reason: str) -> str:

@@ -331,13 +331,12 @@ class MemoryStore(MemoryTLSMixin):
                 return None
             # Under the same lock as the lease: the worker needs no lookup of its own.
             targets = lookup_targets(r.address for item in items for r in item.recipients)
-            found = {t: e for t in targets if (e := self._suppressions.get(t)) is not None}
-        return Lease(
-            token=token,
-            expires_at=expires_at,
-            items=tuple(items),
-            suppressions={t: e for t, e in found.items() if e.active(now)},
-        )
+            found = {
+                t: e
+                for t in targets
+                if (e := self._suppressions.get(t)) is not None and e.active(now)
+            }
+        return Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=found)
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results; those whose recipient its lease no longer holds are ignored."""

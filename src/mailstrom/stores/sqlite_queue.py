@@ -335,32 +335,13 @@ def update_leased(
     conn: sqlite3.Connection, lease: Lease, values: Sequence[object], assignments: str
 ) -> int:
     """Apply ``assignments`` (a constant SET fragment, its values first in ``values``) to
-    the recipients ``lease`` still holds, found by the row ids it handed out (by message
-    and address for a recipient without one). Returns how many changed."""
+    the recipients ``lease`` still holds, found by the row ids it handed out (every
+    recipient of a lease this store made carries one). Returns how many changed."""
     before = conn.total_changes
-    by_ref = [
-        (*values, r.ref, lease.token)
-        for item in lease.items
-        for r in item.recipients
-        if r.ref is not None
-    ]
-    by_address = [
-        (*values, item.message_id, r.address, lease.token)
-        for item in lease.items
-        for r in item.recipients
-        if r.ref is None
-    ]
-    if by_ref:
-        conn.executemany(
-            f"UPDATE recipients SET {assignments} WHERE id = ? AND lease_token = ?", by_ref
-        )
-    if by_address:
-        conn.executemany(
-            f"UPDATE recipients SET {assignments}"
-            " WHERE message_seq = (SELECT seq FROM messages WHERE id = ?) AND address = ?"
-            " AND lease_token = ?",
-            by_address,
-        )
+    conn.executemany(
+        f"UPDATE recipients SET {assignments} WHERE id = ? AND lease_token = ?",
+        [(*values, r.ref, lease.token) for item in lease.items for r in item.recipients],
+    )
     return conn.total_changes - before
 
 
