@@ -65,10 +65,18 @@ WORKER_FEATURES = (
     "mailstrom.message.envelope",
     "mailstrom.message.encoding",
     "mailstrom.message.render",
+    # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.
+    "mailstrom.runtime.hooks",
+    "mailstrom.webhooks",
+    "mailstrom.mtasts.hook",
+    "mailstrom.mtasts.source",
+    "mailstrom.mtasts.fetch",
+    "mailstrom.tlsrpt.recorder",
+    "mailstrom.tlsrpt.observer",
 )
 """mailstrom's own modules a SQLite worker without those features has no use for."""
 
-WORKER_STDLIB = ("email.headerregistry", "email.generator")
+WORKER_STDLIB = ("urllib.request", "http.client", "email.headerregistry", "email.generator")
 """The standard library's modules that only those features bring in."""
 
 BUILD_WORKER = """

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
@@ -41,7 +41,6 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
-from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.notices import notices_for
 from mailstrom.runtime.outcomes import Outcomes
@@ -52,6 +51,9 @@ from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
 from mailstrom.suppression import Suppression
 from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.hooks import HookSender
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -303,6 +305,9 @@ class Worker:
                 # From here on every record also writes its events, in the same transaction.
                 self.store.enable_events()
             if self.config.hook is not None:
+                # Loaded only here: HTTP (urllib, http.client) is for workers with a hook.
+                from mailstrom.runtime.hooks import HookSender
+
                 self._hooks = HookSender(
                     self.config.hook,
                     self.store,
