@@ -65,6 +65,9 @@ WORKER_FEATURES = (
     "mailstrom.message.envelope",
     "mailstrom.message.encoding",
     "mailstrom.message.render",
+    # DKIM signs at submission; a store reads its outcomes only for a message's status.
+    "mailstrom.dkim.keys",
+    "mailstrom.dkim.signing",
     # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.
     "mailstrom.runtime.hooks",
     "mailstrom.webhooks",
