@@ -76,6 +76,9 @@ WORKER_FEATURES = (
     "mailstrom.mtasts.fetch",
     "mailstrom.tlsrpt.recorder",
     "mailstrom.tlsrpt.observer",
+    "mailstrom.mtasts.policy",
+    "mailstrom.tlsrpt.sessions",
+    "mailstrom.stores.sqlite_tls",
 )
 """mailstrom's own modules a SQLite worker without those features has no use for."""
 
