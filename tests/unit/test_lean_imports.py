@@ -59,6 +59,9 @@ WORKER_FEATURES = (
     "mailstrom.stores.postgres",
     # Building and encoding messages: a worker sends stored bytes (it prepares a bounce
     # notice, or re-encodes for a server without 8BITMIME, only when one is needed).
+    "mailstrom.message.prepared",
+    "mailstrom.runtime.notices",
+    "mailstrom.bounces.notice",
     "mailstrom.message.builder",
     "mailstrom.message.preparation",
     "mailstrom.message.addresses",

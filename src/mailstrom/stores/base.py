@@ -21,7 +21,6 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mailstrom.message.dsn import DSN
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -36,8 +35,9 @@ from mailstrom.stores.operator import ShapeRow, Suspension
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
-    # Only named in the MTA-STS and TLS-RPT methods' signatures: a worker without those
-    # features does not load them.
+    # Only named in signatures: a worker, which neither enqueues (but for a bounce
+    # notice) nor uses MTA-STS or TLS-RPT without their settings, does not load them.
+    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.mtasts.policy import CachedPolicy
     from mailstrom.tlsrpt.sessions import TLSSessions
 

@@ -56,7 +56,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -125,6 +124,7 @@ from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
+    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.mtasts.policy import CachedPolicy
     from mailstrom.tlsrpt.sessions import TLSSessions
 
