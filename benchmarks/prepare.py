@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import itertools
 import pstats
 import statistics
@@ -177,9 +176,7 @@ def per_call_us(messages: list[object], options: dict[str, object]) -> tuple[flo
 def stages(count: int, runs: int) -> None:
     """CPU µs per call of each stage of the Email pipeline, for the first Email shapes."""
     from mailstrom.message import builder, envelope, render
-
-    # The package re-exports the function under the module's name.
-    prepare_module = importlib.import_module("mailstrom.message.prepare")
+    from mailstrom.message import preparation as prepare_module
 
     names = ("check", "decide", "message-id", "render", "finish")
     options = prepare_module._Options(

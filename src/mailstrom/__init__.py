@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit
     from mailstrom.message.attributes import QueueAttributes
     from mailstrom.message.dsn import DSN, Notify, Return
-    from mailstrom.message.prepare import prepare
+    from mailstrom.message.preparation import prepare
     from mailstrom.policy.retry import RetryPolicy
     from mailstrom.policy.shaping import DestinationRule, ShapingConfig
     from mailstrom.status import (
@@ -244,7 +244,7 @@ __getattr__, __dir__ = lazy_exports(
             "PreparedMessage",
             "downgrade_to_7bit",
         ),
-        "mailstrom.message.prepare": ("prepare",),
+        "mailstrom.message.preparation": ("prepare",),
         "mailstrom.message.dsn": (
             "DSN",
             "Notify",

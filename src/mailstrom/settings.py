@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.config import (
     Config,
@@ -45,13 +45,14 @@ from mailstrom.config import (
     Timeouts,
     TLSPolicy,
 )
-from mailstrom.dkim.keys import DKIMKey
-from mailstrom.dkim.signing import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.stores.url import default_store_url, redact_url
 from mailstrom.tls.table import PolicyTable
+
+if TYPE_CHECKING:
+    from mailstrom.dkim.keys import DKIMKey
 
 ENV_PREFIX = "MAILSTROM_"
 CONFIG_PATH_ENV = "MAILSTROM_CONFIG"
@@ -259,6 +260,8 @@ _DKIM_KEY_FIELDS = ("domain", "selector", "private_key", "algorithm")
 def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
     """``[[dkim.keys]]`` tables, or in the environment ``domain:selector:path[:algorithm]``
     entries separated by commas; each key file is read and checked here (DKIMKey)."""
+    from mailstrom.dkim.keys import DKIMKey  # here: settings without DKIM never load it
+
     if isinstance(value, str):
         value = [_dkim_key_entry(key, entry) for entry in value.split(",") if entry.strip()]
     if not isinstance(value, list):
@@ -654,6 +657,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
     if retry := section("retry"):
         top["retry"] = RetryPolicy(**retry)
     if dkim := section("dkim"):
+        from mailstrom.dkim.signing import DKIMConfig
+
         top["dkim"] = DKIMConfig(**dkim)
     if relay := section("relay"):
         if "host" not in relay:

@@ -10,8 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from mailstrom.dkim.signing import DKIMSignature
+if TYPE_CHECKING:
+    # Only named in annotations: a status without DKIM needs none of DKIM's modules.
+    from mailstrom.dkim.signing import DKIMSignature
 
 
 class RecipientState(StrEnum):

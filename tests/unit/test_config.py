@@ -63,3 +63,11 @@ def test_repr_hides_the_password() -> None:
         assert "password='***'" in text
         assert "username='app'" in text
     assert "password=None" in repr(RelayConfig(host="smtp.example.net"))
+
+
+def test_dkim_must_be_a_dkim_config() -> None:
+    from mailstrom.dkim import DKIMConfig
+
+    assert Config(helo_name="mail.example.com", dkim=DKIMConfig()).dkim == DKIMConfig()
+    with pytest.raises(ConfigError, match="dkim must be a DKIMConfig, not dict"):
+        Config(helo_name="mail.example.com", dkim={"keys": []})  # type: ignore[arg-type]

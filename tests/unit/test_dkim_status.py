@@ -11,7 +11,7 @@ from tests.support.dkim import dual
 
 from mailstrom import DKIMAlgorithm, DKIMSignature, DKIMStatus
 from mailstrom.message import Email, prepare
-from mailstrom.message.prepare import MAX_REASON_DOMAINS, unsigned_reason
+from mailstrom.message.preparation import MAX_REASON_DOMAINS, unsigned_reason
 from mailstrom.stores.dkim_column import (
     MAX_DKIM_REASON,
     MAX_DKIM_SIGNATURES,

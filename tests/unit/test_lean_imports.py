@@ -57,8 +57,36 @@ WORKER_FEATURES = (
     "mailstrom.client.process",
     "mailstrom.stores.memory",
     "mailstrom.stores.postgres",
+    # Building and encoding messages: a worker sends stored bytes (it prepares a bounce
+    # notice, or re-encodes for a server without 8BITMIME, only when one is needed).
+    "mailstrom.message.prepared",
+    "mailstrom.runtime.notices",
+    "mailstrom.bounces.notice",
+    "mailstrom.message.builder",
+    "mailstrom.message.preparation",
+    "mailstrom.message.addresses",
+    "mailstrom.message.envelope",
+    "mailstrom.message.encoding",
+    "mailstrom.message.render",
+    # DKIM signs at submission; a store reads its outcomes only for a message's status.
+    "mailstrom.dkim.keys",
+    "mailstrom.dkim.signing",
+    # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.
+    "mailstrom.runtime.hooks",
+    "mailstrom.webhooks",
+    "mailstrom.mtasts.hook",
+    "mailstrom.mtasts.source",
+    "mailstrom.mtasts.fetch",
+    "mailstrom.tlsrpt.recorder",
+    "mailstrom.tlsrpt.observer",
+    "mailstrom.mtasts.policy",
+    "mailstrom.tlsrpt.sessions",
+    "mailstrom.stores.sqlite_tls",
 )
 """mailstrom's own modules a SQLite worker without those features has no use for."""
+
+WORKER_STDLIB = ("urllib.request", "http.client", "email.headerregistry", "email.generator")
+"""The standard library's modules that only those features bring in."""
 
 BUILD_WORKER = """
 from mailstrom.cli.main import build_parser
@@ -73,6 +101,12 @@ store = open_store(settings.store_url)
 worker = Worker(settings.config, store)
 store.close()
 """
+
+RUN_WORKER = BUILD_WORKER.replace(
+    "store.close()",
+    "import asyncio\nasyncio.run(worker.run(once=True))\nstore.close()",
+)
+"""The same worker, run until nothing is due (an empty queue: at once)."""
 
 
 def loaded_after(code: str, **names: str) -> set[str]:
@@ -110,13 +144,30 @@ def test_sqlite_worker_start_up_loads_no_unused_feature(tmp_path: Path) -> None:
     modules = loaded_after(BUILD_WORKER, DB=str(tmp_path / "queue.db"))
     assert "mailstrom.runtime.worker" in modules  # the script did build a worker
     assert heavy_in(modules) == []
-    unused = [m for m in WORKER_FEATURES if m in modules]
+    unused = [m for m in (*WORKER_FEATURES, *WORKER_STDLIB) if m in modules]
+    assert unused == []
+
+
+def test_sqlite_worker_run_loads_no_unused_feature(tmp_path: Path) -> None:
+    # Starting the loops (TLS reporting, hooks, the dispatcher) on the default config
+    # loads nothing more of the features above either.
+    modules = loaded_after(RUN_WORKER, DB=str(tmp_path / "queue.db"))
+    assert "mailstrom.runtime.outcomes" in modules  # the worker did run
+    assert heavy_in(modules) == []
+    unused = [m for m in (*WORKER_FEATURES, *WORKER_STDLIB) if m in modules]
     assert unused == []
 
 
 @pytest.mark.parametrize(
     "package",
-    ["mailstrom", "mailstrom.bounces", "mailstrom.client", "mailstrom.dkim", "mailstrom.stores"],
+    [
+        "mailstrom",
+        "mailstrom.bounces",
+        "mailstrom.client",
+        "mailstrom.dkim",
+        "mailstrom.message",
+        "mailstrom.stores",
+    ],
 )
 def test_every_exported_name_resolves_in_a_fresh_interpreter(package: str) -> None:
     code = (
@@ -131,7 +182,14 @@ def test_every_exported_name_resolves_in_a_fresh_interpreter(package: str) -> No
 
 @pytest.mark.parametrize(
     "package",
-    ["mailstrom", "mailstrom.bounces", "mailstrom.client", "mailstrom.dkim", "mailstrom.stores"],
+    [
+        "mailstrom",
+        "mailstrom.bounces",
+        "mailstrom.client",
+        "mailstrom.dkim",
+        "mailstrom.message",
+        "mailstrom.stores",
+    ],
 )
 def test_lazy_names_match_the_type_checking_imports(package: str) -> None:
     """What type checkers see (the ``TYPE_CHECKING`` imports), what ``__all__`` promises
@@ -152,14 +210,14 @@ def test_lazy_names_match_the_type_checking_imports(package: str) -> None:
 
 
 def test_prepare_is_the_function_whatever_was_imported_first() -> None:
-    # `mailstrom.message.prepare` is a module and a function of the same name: the package
-    # must give the function even after the module was imported on its own.
+    # The function's module has its own name (`preparation`), so importing it first, or
+    # any other submodule of the lazy package, cannot put a module where `prepare` is.
     code = (
-        "import mailstrom.message.prepare, types\n"
+        "import mailstrom.message.preparation, mailstrom.message.prepared, types\n"
         "from mailstrom.message import prepare\n"
         "from mailstrom import prepare as top\n"
         "assert not isinstance(prepare, types.ModuleType)\n"
-        "assert top is prepare\n"
+        "assert top is prepare is mailstrom.message.preparation.prepare\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

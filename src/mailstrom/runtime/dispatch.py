@@ -43,7 +43,6 @@ from mailstrom.errors import (
     TemporaryFailure,
     TLSRequiredError,
 )
-from mailstrom.message import downgrade_to_7bit
 from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
@@ -539,6 +538,10 @@ class Dispatcher:
         try:
             if eightbit and "8BITMIME" not in conn.extensions:
                 if work.seven_bit is None:
+                    # Loaded here: the encoders (and the stdlib email package) are needed
+                    # only by a server without 8BITMIME, which few are.
+                    from mailstrom.message.encoding import downgrade_to_7bit
+
                     work.seven_bit = downgrade_to_7bit(data)
                 data, eightbit = work.seven_bit, False
             # RFC 3461 parameters go only to a server that offers DSN.

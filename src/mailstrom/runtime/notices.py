@@ -14,7 +14,6 @@ from mailstrom.bounces.verp import is_verp_template, verp_address
 from mailstrom.config import Config
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.attributes import QueueAttributes
-from mailstrom.message.prepare import prepare
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
@@ -59,6 +58,11 @@ def notices_for(
         )
         key = (result.message_id, sender, delayed)
         groups.setdefault(key, (item, arrival, []))[2].append(entry)
+    if not groups:
+        return []
+    # Loaded at the first notice: a worker that never bounces needs no message builder.
+    from mailstrom.message.preparation import prepare
+
     notices = []
     # In the default lane like the application's own mail (a message without a lane would
     # wait until every configured lane had nothing due).

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from mailstrom.config import Config
-from mailstrom.mtasts.hook import MTASTSHook, for_worker
-from mailstrom.mtasts.source import StoreCall
 from mailstrom.runtime.dispatch import TLSObserver
 from mailstrom.stores.base import Store
-from mailstrom.tlsrpt.observer import SessionObserver
-from mailstrom.tlsrpt.recorder import SessionRecorder
+
+if TYPE_CHECKING:
+    # Loaded by tls_reporting() only for the features the config turns on: a worker
+    # without MTA-STS or TLS reporting imports neither package.
+    from mailstrom.mtasts.hook import MTASTSHook
+    from mailstrom.mtasts.source import StoreCall
+    from mailstrom.tlsrpt.recorder import SessionRecorder
 
 
 class TLSReporting(NamedTuple):
@@ -42,9 +45,19 @@ def tls_reporting(
     :class:`~mailstrom.errors.ConfigError` when MTA-STS is on and httpx is missing."""
     recorder = None
     if config.records_tls_sessions:
+        from mailstrom.tlsrpt.recorder import SessionRecorder
+
         recorder = SessionRecorder(
             store, clock=clock, store_call=store_call, sending_ip=config.source_address or ""
         )
-    hook = for_worker(config, store, recorder, store_call=store_call, clock=clock)
-    observe = SessionObserver(recorder, mta_sts=hook) if recorder is not None else None
+    hook = None
+    if config.mta_sts is not None:
+        from mailstrom.mtasts.hook import for_worker
+
+        hook = for_worker(config, store, recorder, store_call=store_call, clock=clock)
+    observe = None
+    if recorder is not None:
+        from mailstrom.tlsrpt.observer import SessionObserver
+
+        observe = SessionObserver(recorder, mta_sts=hook)
     return TLSReporting(hook, recorder, observe)

@@ -32,18 +32,15 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.routing import Router
 from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
-from mailstrom.runtime.hooks import HookSender
 from mailstrom.runtime.metrics import MetricsRecorder
-from mailstrom.runtime.notices import notices_for
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
@@ -52,6 +49,10 @@ from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
 from mailstrom.suppression import Suppression
 from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
+
+if TYPE_CHECKING:
+    from mailstrom.message.prepared import PreparedMessage
+    from mailstrom.runtime.hooks import HookSender
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -306,6 +307,9 @@ class Worker:
                 # From here on every record also writes its events, in the same transaction.
                 self.store.enable_events()
             if self.config.hook is not None:
+                # Loaded only here: HTTP (urllib, http.client) is for workers with a hook.
+                from mailstrom.runtime.hooks import HookSender
+
                 self._hooks = HookSender(
                     self.config.hook,
                     self.store,
@@ -555,6 +559,9 @@ class Worker:
             if (state := self._leases.get(token)) is not None
             for item in state.lease.items
         }
+        # Loaded at the first failure: the notices' renderer and the message model.
+        from mailstrom.runtime.notices import notices_for
+
         return notices_for(failed, items, config=self.config, now=self._clock())
 
     async def _send_notices(self, notices: list[PreparedMessage]) -> None:

@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mailstrom.message.dsn import DSN
-from mailstrom.message.prepared import PreparedMessage
-from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -35,7 +33,13 @@ from mailstrom.status import (
 )
 from mailstrom.stores.operator import ShapeRow, Suspension
 from mailstrom.suppression import Suppression
-from mailstrom.tlsrpt.sessions import TLSSessions
+
+if TYPE_CHECKING:
+    # Only named in signatures: a worker, which neither enqueues (but for a bounce
+    # notice) nor uses MTA-STS or TLS-RPT without their settings, does not load them.
+    from mailstrom.message.prepared import PreparedMessage
+    from mailstrom.mtasts.policy import CachedPolicy
+    from mailstrom.tlsrpt.sessions import TLSSessions
 
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server

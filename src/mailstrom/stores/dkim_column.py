@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 
-from mailstrom.dkim.keys import DKIMAlgorithm
-from mailstrom.dkim.signing import DKIMSignature
 from mailstrom.status import DKIMStatus
 from mailstrom.stores.base import bounded_text
 
@@ -65,6 +63,10 @@ def dkim_from_column(text: str | None) -> DKIMStatus | None:
             if not isinstance(reason, str):
                 return None
             return DKIMStatus(reason=reason)
+        # Here, not at the top: a store is opened by workers that never sign or read these.
+        from mailstrom.dkim.keys import DKIMAlgorithm
+        from mailstrom.dkim.signing import DKIMSignature
+
         signatures = tuple(
             DKIMSignature(domain=domain, selector=selector, algorithm=DKIMAlgorithm(algorithm))
             for domain, selector, algorithm in value["signed"]

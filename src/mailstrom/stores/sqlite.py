@@ -53,11 +53,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
-from mailstrom.message.prepared import PreparedMessage
-from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -67,7 +65,7 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_suppressions, sqlite_tls
+from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_suppressions
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
     EventBatch,
@@ -124,7 +122,11 @@ from mailstrom.stores.sqlite_schema import (
 from mailstrom.stores.wakeup import WakeupDirectory
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
-from mailstrom.tlsrpt.sessions import TLSSessions
+
+if TYPE_CHECKING:
+    from mailstrom.message.prepared import PreparedMessage
+    from mailstrom.mtasts.policy import CachedPolicy
+    from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
 
@@ -1010,15 +1012,21 @@ class SQLiteStore:
             return sqlite_shaping.take(conn, buckets, want=want, now=now)
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
+    # sqlite_tls (and the MTA-STS and TLS-RPT types it builds) is imported by each method:
+    # a worker without those features never loads it.
 
     def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
         """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
+        from mailstrom.stores import sqlite_tls
+
         with self._read() as conn:
             return sqlite_tls.read_policy(conn, domain)
 
     def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
         """Cache ``cached`` for its domain, replacing what was there (not fsynced: a
         policy lost to a power failure is fetched again)."""
+        from mailstrom.stores import sqlite_tls
+
         with self._write(fsync=False) as conn:
             sqlite_tls.write_policy(conn, cached)
 
@@ -1026,16 +1034,22 @@ class SQLiteStore:
         """Add ``sessions`` to the day's counters, in one transaction."""
         if not sessions:
             return
+        from mailstrom.stores import sqlite_tls
+
         with self._write(fsync=False) as conn:
             sqlite_tls.add_sessions(conn, sessions)
 
     def tls_sessions(self, day: date) -> list[TLSSessions]:
         """Every counter of ``day``."""
+        from mailstrom.stores import sqlite_tls
+
         with self._read() as conn:
             return sqlite_tls.read_sessions(conn, day)
 
     def prune_tls_sessions(self, *, before: date) -> int:
         """Delete the counters of days before ``before``; returns how many."""
+        from mailstrom.stores import sqlite_tls
+
         with self._write(fsync=False) as conn:
             return sqlite_tls.prune_sessions(conn, before)
 

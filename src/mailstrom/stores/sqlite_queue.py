@@ -11,10 +11,9 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.message.dsn import DSN
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, MessageStatus, derive_message_state
 from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
@@ -36,6 +35,9 @@ from mailstrom.stores.sqlite_schema import (
     recipient_from_row,
     to_us,
 )
+
+if TYPE_CHECKING:
+    from mailstrom.message.prepared import PreparedMessage
 
 PENDING_SQL = "state IN ('queued', 'deferred')"
 # Must match the recipients_lane_due index expression exactly, or SQLite cannot use it; the
