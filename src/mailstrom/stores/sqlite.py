@@ -529,10 +529,11 @@ class SQLiteStore:
             self._notify()
         return request.ids
 
-    def _gather(self, me: int, now: float) -> None:
+    def _gather(self, me: int, now: float) -> bool:
         """Wait up to ``commit_delay`` for the enqueues of the other threads that have
         been enqueueing lately (PostgreSQL's commit_delay/commit_siblings): one fsync
-        then carries them all. Called as the leader, with ``self._group`` held."""
+        then carries them all. Called as the leader, with ``self._group`` held. True when
+        it waited; a thread enqueueing alone never does."""
         siblings = 0
         for thread, at in list(self._seen.items()):
             if now - at > _SIBLING_WINDOW:
@@ -541,12 +542,13 @@ class SQLiteStore:
             elif thread != me:
                 siblings += 1
         if not siblings:
-            return
+            return False
         self._gathering = True
         deadline = now + self._commit_delay
         while len(self._pending) <= siblings and (left := deadline - time.monotonic()) > 0:
             self._group.wait(left)
         self._gathering = False
+        return True
 
     def _commit_batch(self, batch: list[_Enqueue]) -> None:
         # Called with the write lock held; every request leaves done, with ids or an error.
