@@ -384,9 +384,10 @@ class Worker:
                     await self._sleep(not_before - loop.time())  # a record cuts it short
                     continue
                 leasing = False  # results never wait for the batch to gather
-            if self._pending and not leasing and not self._closing:
+            if self._pending and not leasing and not self._closing and dispatcher.in_flight:
                 # Gather results for a moment (bounded: the duplicate window after a crash
-                # is this plus one write) so that each write records a batch.
+                # is this plus one write) so that each write records a batch. With nothing
+                # in flight no result is coming to join them: they are written at once.
                 wait = self._pending_since + _RECORD_AFTER - loop.time()
                 if wait > 0 and len(self._pending) < _RECORD_MANY:
                     await self._sleep(wait)
