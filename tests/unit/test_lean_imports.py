@@ -158,17 +158,18 @@ def test_sqlite_worker_run_loads_no_unused_feature(tmp_path: Path) -> None:
     assert unused == []
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "mailstrom",
-        "mailstrom.bounces",
-        "mailstrom.client",
-        "mailstrom.dkim",
-        "mailstrom.message",
-        "mailstrom.stores",
-    ],
-)
+# The packages whose names resolve on first use (mailstrom._lazy).
+LAZY_PACKAGES = [
+    "mailstrom",
+    "mailstrom.bounces",
+    "mailstrom.client",
+    "mailstrom.dkim",
+    "mailstrom.message",
+    "mailstrom.stores",
+]
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_every_exported_name_resolves_in_a_fresh_interpreter(package: str) -> None:
     code = (
         f"import importlib, {package} as p\n"
@@ -180,17 +181,7 @@ def test_every_exported_name_resolves_in_a_fresh_interpreter(package: str) -> No
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "mailstrom",
-        "mailstrom.bounces",
-        "mailstrom.client",
-        "mailstrom.dkim",
-        "mailstrom.message",
-        "mailstrom.stores",
-    ],
-)
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_lazy_names_match_the_type_checking_imports(package: str) -> None:
     """What type checkers see (the ``TYPE_CHECKING`` imports), what ``__all__`` promises
     and where ``__getattr__`` looks are the same names, found in the same modules."""
