@@ -262,6 +262,30 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return predicate()
 
 
+# --- when results are written ------------------------------------------------------------------
+
+
+def test_an_idle_workers_result_is_written_at_once(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results gather for a moment so that one write records several; with no other
+    delivery in flight none is coming to join them, so the result of a lone delivery is
+    written (and reaches on_result) without that wait. The gather is made a minute long
+    here: a worker that waited for it would miss the test's deadline."""
+    from mailstrom.runtime import worker
+
+    monkeypatch.setattr(worker, "_RECORD_AFTER", 60.0)
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    with Mailstrom(config(dns_server, mx.port), store=MemoryStore(), on_result=results) as ms:
+        for n in range(2):  # twice: the first result, and one after the worker was idle
+            ms.send_email(hello("u@example.org", n))
+            [result] = results.wait_count(n + 1, timeout=15)[n:]
+            assert result.state is RecipientState.DELIVERED
+
+
 # --- event loops ---------------------------------------------------------------------------------
 
 
