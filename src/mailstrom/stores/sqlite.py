@@ -199,6 +199,15 @@ class _Enqueue:
     ids: list[str] = field(default_factory=list)
     done: bool = False
     error: Exception | None = None
+    turn: threading.Lock | None = None
+    """A follower's own lock, held until its request is done or it leads the next commit:
+    the leader wakes exactly the callers it concerns, never every waiter."""
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 class SQLiteStore:
@@ -503,31 +512,50 @@ class SQLiteStore:
                 self._pending.append(request)
                 me, now = threading.get_ident(), time.monotonic()
                 self._seen[me] = now
-                if self._gathering:
-                    self._group.notify_all()
-                # Wait while another caller commits; it may take our request along.
-                while self._leader and not request.done:
-                    self._group.wait()
-                batch: list[_Enqueue] = []
-                if not request.done:
-                    # We lead the next commit: everything pending goes into it, and
-                    # first, when other threads enqueue too, a moment for theirs.
+                if self._leader:
+                    # Another caller leads: ours goes into its commit or the next one.
+                    request.turn = _held_lock()
+                    if self._gathering:
+                        self._group.notify()  # only the gathering leader waits here
+                else:
                     self._leader = True
-                    self._gather(me, now)
-                    batch, self._pending = self._pending, []
-            if batch:
-                try:
-                    with self._exclusive():
-                        self._commit_batch(batch)
-                finally:
-                    with self._group:
-                        self._leader = False
-                        self._group.notify_all()
+            if request.turn is not None:
+                request.turn.acquire()  # our request is done, or we lead the next commit
+            if not request.done:
+                self._lead(me, now)
             if request.error is not None:
                 raise request.error
         if not request.hold:
             self._notify()
         return request.ids
+
+    def _lead(self, me: int, now: float) -> None:
+        """Commit everything pending (ours first in line) after a moment for the other
+        threads' enqueues; then wake the callers that were carried, and hand the lead to
+        the first caller that came too late for this commit."""
+        with self._group:
+            self._gather(me, now)
+            batch, self._pending = self._pending, []
+        try:
+            with self._exclusive():
+                self._commit_batch(batch)
+        except BaseException as exc:
+            for request in batch:
+                if not request.done:  # taking the write lock failed: nothing was committed
+                    request.error = StoreError(f"enqueue not committed: {exc!r}")
+                    request.done = True
+            raise
+        finally:
+            with self._group:
+                successor = self._pending[0] if self._pending else None
+                if successor is None:
+                    self._leader = False
+            for request in batch:
+                if request.turn is not None:
+                    request.turn.release()
+            if successor is not None:
+                assert successor.turn is not None  # it came while we led
+                successor.turn.release()
 
     def _gather(self, me: int, now: float) -> bool:
         """Wait up to ``commit_delay`` for the enqueues of the other threads that have
