@@ -104,6 +104,10 @@ class HostReport:
     tls_policy: str | None = None
     """The policy delivery would apply (none, opportunistic, required, verify, dane...)."""
     tls_policy_reason: str | None = None
+    canonical: str | None = None
+    """The CNAME-expanded name when the host is an alias (its TLSA records may be there)."""
+    tlsa_at: str | None = None
+    """Where the reported TLSA records were looked up, when the host is an alias."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -216,6 +220,7 @@ async def _probe_dane(
             timeouts=config.timeouts,
             starttls=StartTLS.DANE,
             tlsa=need.tlsa,
+            dane_names=need.dane_names,
             source_address=config.source_address,
         )
     except DeliveryError as exc:
@@ -314,7 +319,7 @@ async def check_helo(config: Config) -> HeloReport:
 async def run_check(config: Config, domain: str) -> CheckReport:
     # MTA-STS and DANE lookups are loaded by this command only, not by every command.
     from mailstrom.cli.check_mtasts import apply_to_verdicts, check_mta_sts
-    from mailstrom.tls.dane import lookup_tlsa
+    from mailstrom.tls.dane import lookup_tlsa, tlsa_name
 
     report = CheckReport(
         domain=domain,
@@ -345,8 +350,18 @@ async def run_check(config: Config, domain: str) -> CheckReport:
             host_report = HostReport(
                 name=host.name, preference=host.preference, addresses=[], dnssec=host.secure
             )
+            host_report.canonical = host.canonical
             try:
-                found = await lookup_tlsa(resolver, host.name)
+                # As delivery looks (RFC 7672 §2.2.3): a validated alias's expansion first.
+                bases = [host.name]
+                if host.canonical is not None and host.secure:
+                    bases.insert(0, host.canonical)
+                for base in bases:
+                    found = await lookup_tlsa(resolver, base)
+                    if found.exists:
+                        break
+                if host.canonical is not None:
+                    host_report.tlsa_at = tlsa_name(found.host)
                 host_report.tlsa = [str(r) for r in found.records]
                 host_report.tlsa_dnssec = found.secure
             except DeliveryError as exc:
@@ -359,6 +374,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                         mx_host=host.name,
                         mx_secure=route.secure,
                         host_secure=host.secure,
+                        mx_canonical=host.canonical,
                     )
                 )
                 host_report.tls_policy = need.label
@@ -412,12 +428,15 @@ def print_report(r: CheckReport) -> None:
         print(f"  DNSSEC:      MX records {validated}{trust}")
     for h in r.hosts:
         print(f"\nMX {h.preference} {h.name}")
+        if h.canonical is not None:
+            print(f"  alias of:    {h.canonical}")
         print(f"  DNSSEC:      addresses {'validated (AD)' if h.dnssec else 'not validated'}")
+        at = f" at {h.tlsa_at}" if h.tlsa_at else ""
         if h.tlsa_error:
             print(f"  TLSA:        lookup failed: {h.tlsa_error}")
         elif h.tlsa:
             state = "validated (AD)" if h.tlsa_dnssec else "NOT validated"
-            print(f"  TLSA:        {state}")
+            print(f"  TLSA:        {state}{at}")
             for record in h.tlsa:
                 print(f"               {record}")
         else:

@@ -179,6 +179,22 @@ class _Addresses:
     """Set when a family could not be looked up: the result is incomplete."""
     secure: bool = False
     """Every answer found carried the AD bit (DNSSEC-validated by the resolver)."""
+    canonical: str | None = None
+    """The CNAME-expanded name the answers came from, when the name is an alias."""
+
+
+def expanded_name(answers: list[dns.resolver.Answer]) -> str | None:
+    """The name ``answers`` (A and AAAA of one name) reached through CNAMEs, or None when
+    the name is no alias or the two families disagree (then only the name as given is safe
+    to build on). dnspython follows the chain inside the answer the server sent, so the
+    expansion costs no query and is bounded by that answer's size."""
+    reached = {answer.canonical_name.canonicalize() for answer in answers}
+    if len(reached) != 1:
+        return None
+    (name,) = reached
+    if name == answers[0].qname.canonicalize():
+        return None
+    return name.to_text(omit_final_dot=True)
 
 
 class _Resolution:
@@ -245,7 +261,8 @@ class _Resolution:
         refused: list[tuple[str, str]] = []
         ttls: list[float] = []
         temporary: TemporaryFailure | None = None
-        secure = any(isinstance(r, dns.resolver.Answer) for r in results)
+        answers = [r for r in results if isinstance(r, dns.resolver.Answer)]
+        secure = bool(answers)
         for result in results:
             if isinstance(result, TemporaryFailure):
                 temporary = result
@@ -267,6 +284,7 @@ class _Resolution:
             ttl=min(ttls) if ttls else None,
             temporary=temporary,
             secure=secure,
+            canonical=expanded_name(answers),
         )
 
 
@@ -376,6 +394,7 @@ async def _mx_route(
                     preference=preference,
                     addresses=result.addresses,
                     secure=result.secure,
+                    canonical=result.canonical,
                 )
             )
             found += len(result.addresses)
@@ -408,7 +427,13 @@ async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) 
             text=f"domain {domain} has no MX and no address records", enhanced="5.4.4"
         )
         return Lookup(refusal=refusal, ttl=NEGATIVE_TTL)
-    host = MXHost(name=domain, preference=0, addresses=result.addresses, secure=result.secure)
+    host = MXHost(
+        name=domain,
+        preference=0,
+        addresses=result.addresses,
+        secure=result.secure,
+        canonical=result.canonical,
+    )
     route = Route(domain=domain, hosts=(host,), implicit=True, secure=result.secure)
     if result.temporary is not None:
         return Lookup(route=route, ttl=None)

@@ -20,7 +20,12 @@ class MXHost:
     addresses: tuple[str, ...]
     secure: bool = False
     """The address records were DNSSEC-validated (the resolver set the AD bit); only
-    meaningful with ``DNSConfig.dnssec`` (for DANE, RFC 7672 §2.2.2)."""
+    meaningful with ``DNSConfig.dnssec`` (for DANE, RFC 7672 §2.2.2). When the name is an
+    alias, this covers the whole CNAME chain: the resolver sets the AD bit only then."""
+    canonical: str | None = None
+    """The CNAME-expanded name when ``name`` is an alias whose chain the address lookup
+    followed (lower-case A-label), else None. DANE looks for TLSA records there first when
+    the chain validated (RFC 7672 §2.2.3)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -145,6 +145,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self.tls_cipher: str | None = None
         self.dane_match: str | None = None
         """Which TLSA record the peer's certificate matched (DANE connections only)."""
+        self._dane_names: tuple[str, ...] = ()
         self.tls_fallback: DeliveryError | None = None
         """Why this plaintext connection replaced one whose TLS handshake failed (set by
         the opener's opportunistic fallback; for TLS reports)."""
@@ -219,10 +220,13 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         source_address: str | None = None,
         auth: tuple[str, str] | None = None,
         tlsa: tuple[TLSARecord, ...] = (),
+        dane_names: tuple[str, ...] = (),
     ) -> SMTPConnection:
         """Connect to ``ip``:``port`` and get ready to send mail to ``host``.
 
-        ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``.
+        ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``, and
+        ``dane_names`` the names a DANE-TA(2) certificate may be issued for (``host``
+        alone when empty; more when ``host`` is an alias, RFC 7672 §3.2.2).
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
@@ -235,6 +239,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             port=port,
             timeouts=timeouts,
         )
+        conn._dane_names = dane_names
         context: ssl.SSLContext | None = None
         if implicit_tls:
             unverified = starttls in (StartTLS.OPPORTUNISTIC, StartTLS.REQUIRED)
@@ -335,13 +340,16 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         assert transport is not None
         context = _tls_context(mode, verify_with)
         timeout = self._timeouts.command
+        # SNI names the TLSA base domain under DANE (RFC 7672 §8.1), which is the MX host's
+        # CNAME expansion when its records were found there; else the MX host name.
+        sni = self._dane_names[0] if mode is StartTLS.DANE and self._dane_names else self.host
         try:
             async with asyncio.timeout(timeout):
                 tls_transport = await self._loop.start_tls(
                     transport,
                     self,
                     context,
-                    server_hostname=self.host,
+                    server_hostname=sni,
                     ssl_handshake_timeout=timeout,
                 )
         except ssl.SSLCertVerificationError as exc:
@@ -389,7 +397,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 leaf = ssl_object.getpeercert(binary_form=True)
                 chain = [leaf] if leaf else []
         try:
-            self.dane_match = check_chain(chain, tlsa, host=self.host)
+            self.dane_match = check_chain(chain, tlsa, host=self.host, names=self._dane_names)
         except DaneMismatch as exc:
             self._drop()
             raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None

@@ -460,6 +460,7 @@ class Dispatcher:
             host_secure=mx.secure,
             tls_optional=dest.tls_optional,
             require_tls=dest.require_tls,
+            mx_canonical=mx.canonical,
         )
 
     async def _stream(

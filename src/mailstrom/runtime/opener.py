@@ -94,7 +94,7 @@ class Opener:
         """A new connection to ``ip`` for ``host`` (see the module docstring for TLS)."""
         mode = StartTLS.NEVER if self._implicit else STARTTLS_FOR_MODE[requirement.mode]
         try:
-            return await self._open(host, ip, mode, requirement.tlsa)
+            return await self._open(host, ip, mode, requirement.tlsa, requirement.dane_names)
         except TLSVerifyError:
             raise
         except TLSHandshakeError as exc:
@@ -109,7 +109,12 @@ class Opener:
             return conn
 
     async def _open(
-        self, host: str, ip: str, starttls: StartTLS, tlsa: tuple[TLSARecord, ...]
+        self,
+        host: str,
+        ip: str,
+        starttls: StartTLS,
+        tlsa: tuple[TLSARecord, ...],
+        dane_names: tuple[str, ...] = (),
     ) -> SMTPConnection:
         config = self._config
         relay = config.relay
@@ -122,6 +127,7 @@ class Opener:
             starttls=starttls,
             tls_context=config.tls_context,
             tlsa=tlsa,
+            dane_names=dane_names,
             implicit_tls=self._implicit,
             source_address=config.source_address,
             auth=(relay.username, relay.password or "")

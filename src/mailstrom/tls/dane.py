@@ -13,6 +13,18 @@ TLSA is looked up:
 * any other failure (SERVFAIL, timeout) → :class:`~mailstrom.errors.TemporaryFailure`:
   the host is not used now, never reached in plaintext (RFC 7672 §2.2).
 
+When the MX host name is an alias (a CNAME chain the address lookup followed), the TLSA
+base domain depends on how far DNSSEC reaches (RFC 7672 §2.2.3, :func:`tlsa_base_domains`):
+
+* the whole chain validated → the fully expanded name first, and the MX host name only
+  when no validated TLSA records exist at the expanded name;
+* the chain did not validate, but the alias itself (the host's own CNAME record, asked
+  for separately) did → the MX host name only;
+* not even the alias validated → DANE does not apply.
+
+A DANE-TA(2) certificate may then name the TLSA base domain or the other of the two names
+(when that one was validated too): :func:`reference_names`.
+
 Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
 """
 
@@ -90,8 +102,79 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
     return TLSALookup(host=host, records=records, secure=secure, exists=bool(records), ttl=ttl)
 
 
-def requirement_for(lookup: TLSALookup) -> TLSRequirement | None:
-    """The DANE requirement a (validated) lookup makes, or None when DANE does not apply."""
+def tlsa_base_domains(
+    host: str, canonical: str | None, *, chain_secure: bool, alias_secure: bool = False
+) -> tuple[str, ...]:
+    """The names whose ``_25._tcp`` TLSA records may apply to MX ``host``, in the order
+    to try them (RFC 7672 §2.2.3); the first with validated records wins.
+
+    ``canonical`` is the CNAME-expanded name when ``host`` is an alias, ``chain_secure``
+    whether the host's address records (the whole chain, for an alias) validated, and
+    ``alias_secure`` whether the alias's own CNAME record did.
+
+    >>> tlsa_base_domains("mx.example.org", None, chain_secure=True)
+    ('mx.example.org',)
+    >>> tlsa_base_domains("mx.example.org", "smtp.provider.net", chain_secure=True)
+    ('smtp.provider.net', 'mx.example.org')
+    >>> tlsa_base_domains("mx.example.org", "smtp.provider.net", chain_secure=False,
+    ...                   alias_secure=True)
+    ('mx.example.org',)
+    """
+    if canonical is None or canonical == host:
+        return (host,) if chain_secure else ()
+    if chain_secure:
+        return (canonical, host)
+    # An insecure expansion proves nothing about the target: only the name the (signed)
+    # MX records gave is trusted, and only when its own zone vouches for the alias.
+    return (host,) if alias_secure else ()
+
+
+def reference_names(
+    base: str, host: str, canonical: str | None, *, chain_secure: bool
+) -> tuple[str, ...]:
+    """The names a DANE-TA(2) certificate of MX ``host`` may be issued for (RFC 7672
+    §3.2.2), TLSA base domain ``base`` first: the MX host name, and its CNAME expansion
+    when the whole chain validated.
+
+    >>> reference_names("smtp.provider.net", "mx.example.org", "smtp.provider.net",
+    ...                 chain_secure=True)
+    ('smtp.provider.net', 'mx.example.org')
+    >>> reference_names("mx.example.org", "mx.example.org", "smtp.provider.net",
+    ...                 chain_secure=False)
+    ('mx.example.org',)
+    """
+    names = [base]
+    for name in (host, canonical if chain_secure else None):
+        if name is not None and name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+async def lookup_alias_secure(
+    resolver: dns.asyncresolver.Resolver, host: str
+) -> tuple[bool, float]:
+    """Ask for ``host``'s own CNAME record: whether it validated, and for how many seconds
+    that may be believed. Only the alias's zone answers this, whatever the target's zones
+    do. Raises TemporaryFailure for anything but an answer, NXDOMAIN or NODATA (then
+    ``host`` is no alias any more: not secure), as :func:`lookup_tlsa` does."""
+    name = f"{host.rstrip('.')}."
+    try:
+        answer = await resolver.resolve(name, dns.rdatatype.CNAME, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return False, NEGATIVE_TTL
+    except (dns.exception.DNSException, OSError) as exc:
+        raise TemporaryFailure(
+            f"DANE: CNAME lookup of {name} failed: {exc}; not delivering to {host} without it",
+            enhanced="4.7.5",
+            host=host,
+        ) from exc
+    ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
+    return bool(answer.response.flags & dns.flags.AD), ttl
+
+
+def requirement_for(lookup: TLSALookup, *, names: tuple[str, ...] = ()) -> TLSRequirement | None:
+    """The DANE requirement a (validated) lookup makes, or None when DANE does not apply.
+    ``names`` are the reference identifiers for DANE-TA(2) (:func:`reference_names`)."""
     if not lookup.secure or not lookup.exists:
         return None
     usable = tuple(r for r in lookup.records if r.usable)
@@ -107,6 +190,7 @@ def requirement_for(lookup: TLSALookup) -> TLSRequirement | None:
         source=PolicySource.DANE,
         reason=f"DANE: {len(usable)} usable TLSA record(s) at {tlsa_name(lookup.host)}",
         tlsa=usable,
+        dane_names=names,
     )
 
 
@@ -124,6 +208,7 @@ class DaneSource:
         self._resolver = resolver
         self._clock = clock
         self._cache: dict[str, tuple[float, TLSALookup]] = {}
+        self._aliases: dict[str, tuple[float, bool]] = {}
 
     @classmethod
     def for_config(cls, config: Config) -> DaneSource:
@@ -151,9 +236,34 @@ class DaneSource:
         self._cache[host] = (now + ttl, found)
         return found
 
+    async def alias_secure(self, host: str) -> bool:
+        """Whether alias ``host``'s own CNAME record validated, cached for its TTL."""
+        cached = self._aliases.get(host)
+        now = self._clock()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        secure, ttl = await lookup_alias_secure(self._resolver, host)
+        if len(self._aliases) >= MAX_CACHED:
+            self._aliases.clear()
+        self._aliases[host] = (now + ttl, secure)
+        return secure
+
     async def requirement(
         self, destination: Destination, default: TLSRequirement
     ) -> TLSRequirement | None:
-        if not (destination.mx_secure and destination.host_secure):
-            return None  # RFC 7672 §2.2.1/§2.2.2: insecure MX or address records
-        return requirement_for(await self.lookup(destination.mx_host))
+        if not destination.mx_secure:
+            return None  # RFC 7672 §2.2.1: insecure MX records
+        host, canonical = destination.mx_host, destination.mx_canonical
+        chain_secure = destination.host_secure
+        alias_secure = False
+        if canonical is not None and not chain_secure:
+            alias_secure = await self.alias_secure(host)
+        bases = tlsa_base_domains(
+            host, canonical, chain_secure=chain_secure, alias_secure=alias_secure
+        )
+        for base in bases:
+            found = await self.lookup(base)
+            if found.secure and found.exists:
+                names = reference_names(base, host, canonical, chain_secure=chain_secure)
+                return requirement_for(found, names=names)
+        return None  # RFC 7672 §2.2.2/§2.2.3: insecure address records, or no TLSA

@@ -6,8 +6,10 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
 * DANE-TA (usage 2): a certificate of the chain the server sent (RFC 7671 §5.2.2: it must
   send the trust anchor, unless the record is ``2 0 0``, which holds the anchor itself)
   matches; the chain from the leaf to it must then verify, with the leaf's name matching
-  the MX host (RFC 7672 §3.2.2), as if that certificate were the only trusted root. The
-  chain check is ``cryptography``'s X.509 path validation.
+  the MX host or another reference identifier the caller gives (RFC 7672 §3.2.2: the
+  TLSA base domain, which may be the MX host's CNAME expansion), as if that certificate
+  were the only trusted root. The chain check is ``cryptography``'s X.509 path
+  validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
 
 Selectors: 0 full certificate, 1 SubjectPublicKeyInfo; matching types: 0 exact, 1
@@ -82,8 +84,12 @@ def check_chain(
     *,
     host: str,
     now: datetime | None = None,
+    names: Sequence[str] = (),
 ) -> str:
     """Check ``chain`` (DER, leaf first, as sent) against ``records`` for MX ``host``.
+
+    ``names`` are the reference identifiers a DANE-TA(2) leaf may be issued for (see
+    :func:`mailstrom.tls.dane.reference_names`); empty means ``host`` alone.
 
     Returns a short description of the record that matched; raises :class:`DaneMismatch`
     when none does.
@@ -96,6 +102,7 @@ def check_chain(
         raise DaneMismatch("no usable TLSA record")
     chain = list(chain[:MAX_CHAIN])
     leaf = chain[0]
+    wanted = tuple(names) or (host,)
     for record in usable:
         if record.usage == 3 and record_matches(record, leaf):
             return f"DANE-EE {record.selector} {record.matching}"
@@ -108,14 +115,16 @@ def check_chain(
             if not record_matches(record, der):
                 continue
             matched = True
-            trouble = _verify_to_anchor(chain, index, host=host, now=now)
+            trouble = _verify_to_anchor(chain, index, reference=wanted, now=now)
             if trouble is None:
                 return f"DANE-TA {record.selector} {record.matching}"
             problems.append(trouble)
         if not matched and record.selector == 0 and record.matching == 0:
             # "2 0 0" holds the trust anchor itself: the server need not send it
             # (RFC 7671 §5.2.2).
-            trouble = _verify_to_anchor([*chain, record.data], len(chain), host=host, now=now)
+            trouble = _verify_to_anchor(
+                [*chain, record.data], len(chain), reference=wanted, now=now
+            )
             if trouble is None:
                 return "DANE-TA 0 0"
             problems.append(trouble)
@@ -127,10 +136,10 @@ def check_chain(
 
 
 def _verify_to_anchor(
-    chain: list[bytes], anchor: int, *, host: str, now: datetime | None
+    chain: list[bytes], anchor: int, *, reference: Sequence[str], now: datetime | None
 ) -> str | None:
-    """None when the leaf chains up to ``chain[anchor]`` and is valid for ``host``; else
-    why not."""
+    """None when the leaf chains up to ``chain[anchor]`` and is valid for one of the
+    ``reference`` names; else why not."""
     from cryptography import x509
     from cryptography.x509.verification import (
         Criticality,
@@ -150,8 +159,12 @@ def _verify_to_anchor(
         dns_names = names.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns_names = []
-    if not _name_matches(host, dns_names):
-        return f"the certificate is not valid for {host} (names: {', '.join(dns_names[:5])})"
+    host = next((name for name in reference if _name_matches(name, dns_names)), None)
+    if host is None:
+        return (
+            f"the certificate is not valid for {' or '.join(reference)} "
+            f"(names: {', '.join(dns_names[:5])})"
+        )
     if anchor == 0:
         return None  # the leaf itself is the trust anchor
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's

@@ -85,6 +85,9 @@ class Destination:
     """The message carries ``TLS-Required: No`` (RFC 8689 §4)."""
     require_tls: bool = False
     """The message asks for REQUIRETLS (RFC 8689): only authenticated TLS will do."""
+    mx_canonical: str | None = None
+    """The CNAME-expanded name of ``mx_host`` when it is an alias (``host_secure`` then
+    says whether the whole chain validated), else None (RFC 7672 §2.2.3)."""
 
 
 class PolicySourceHook(Protocol):

@@ -96,6 +96,9 @@ class TLSRequirement:
     fallback: TLSMode | None = None
     """The mode to connect in again, on a new connection, when a connection in ``mode``
     fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
+    dane_names: tuple[str, ...] = ()
+    """With ``mode`` DANE, the names a DANE-TA(2) certificate may be issued for (RFC 7672
+    §3.2.2), the TLSA base domain first; empty means the MX host name alone."""
 
     @property
     def authenticated(self) -> bool:

@@ -1,0 +1,81 @@
+"""DANE for an MX host that is an alias (RFC 7672 §2.2.3, §3.2.2): which TLSA base domains
+are tried, in which order, and which names a DANE-TA certificate may carry. Pure logic."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import trustme
+from tests.support.certs import der
+
+from mailstrom.tls.dane import TLSALookup, reference_names, requirement_for, tlsa_base_domains
+from mailstrom.tls.danematch import DaneMismatch, check_chain
+from mailstrom.tls.requirement import TLSARecord, TLSMode
+
+HOST = "mx.example.test"
+TARGET = "real.hosting.test"
+
+
+@pytest.mark.parametrize(
+    ("canonical", "chain_secure", "alias_secure", "bases"),
+    [
+        # No alias: the host itself, when its address records validated.
+        (None, True, False, (HOST,)),
+        (None, False, True, ()),
+        (HOST, True, False, (HOST,)),  # "expanded" to itself: no alias
+        # A validated chain: the expanded name first, then the original name.
+        (TARGET, True, False, (TARGET, HOST)),
+        (TARGET, True, True, (TARGET, HOST)),
+        # The chain did not validate: the expanded name is never trusted; the original
+        # name only when its own CNAME record validated.
+        (TARGET, False, True, (HOST,)),
+        (TARGET, False, False, ()),
+    ],
+)
+def test_tlsa_base_domains(
+    canonical: str | None, chain_secure: bool, alias_secure: bool, bases: tuple[str, ...]
+) -> None:
+    assert (
+        tlsa_base_domains(HOST, canonical, chain_secure=chain_secure, alias_secure=alias_secure)
+        == bases
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "canonical", "chain_secure", "names"),
+    [
+        (HOST, None, True, (HOST,)),
+        (TARGET, TARGET, True, (TARGET, HOST)),
+        (HOST, TARGET, True, (HOST, TARGET)),
+        (HOST, TARGET, False, (HOST,)),  # an unvalidated expansion names nothing
+    ],
+)
+def test_reference_names(
+    base: str, canonical: str | None, chain_secure: bool, names: tuple[str, ...]
+) -> None:
+    assert reference_names(base, HOST, canonical, chain_secure=chain_secure) == names
+
+
+def test_the_requirement_names_the_base_domain_and_carries_the_reference_names() -> None:
+    record = TLSARecord(usage=3, selector=1, matching=1, data=b"x" * 32)
+    found = TLSALookup(host=TARGET, records=(record,), secure=True, exists=True)
+    need = requirement_for(found, names=(TARGET, HOST))
+    assert need is not None and need.mode is TLSMode.DANE
+    assert f"_25._tcp.{TARGET}." in need.reason
+    assert need.dane_names == (TARGET, HOST)
+
+
+def test_dane_ta_accepts_a_leaf_for_any_reference_name_and_only_those() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [TLSARecord(usage=2, selector=0, matching=1, data=hashlib.sha256(anchor).digest())]
+    for_target = der(ca.issue_cert(TARGET).cert_chain_pems[0].bytes())
+    names = (TARGET, HOST)
+    assert check_chain([for_target, anchor], tlsa, host=HOST, names=names).startswith("DANE-TA")
+    # Without the expansion among the names, the MX host name alone is checked.
+    with pytest.raises(DaneMismatch, match=f"not valid for {HOST} "):
+        check_chain([for_target, anchor], tlsa, host=HOST)
+    elsewhere = der(ca.issue_cert("elsewhere.example").cert_chain_pems[0].bytes())
+    with pytest.raises(DaneMismatch, match=f"not valid for {TARGET} or {HOST}"):
+        check_chain([elsewhere, anchor], tlsa, host=HOST, names=names)
