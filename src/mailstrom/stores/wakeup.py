@@ -23,6 +23,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 _MAX_PATH = 100
 """Longest socket path used as is (sun_path holds 108 octets with the NUL)."""
 _STOP = b"stop"
+_GATHER = 0.002
+"""Seconds a listener waits after answering a wake-up, so that the wake-ups of a burst of
+enqueues (one per ``send_email``) are answered together: one callback per burst instead
+of one per message. The first wake-up after a quiet spell is answered at once."""
 
 
 class WakeupDirectory:
@@ -42,6 +47,10 @@ class WakeupDirectory:
         self._listing: list[str] = []
         self._dir_fd: int | None = None
         self._own = f"{os.getpid()}-"
+        self._sender: socket.socket | None = None
+        """One unbound datagram socket for every wake-up this process sends (made on first
+        use: a socket per call cost more than the send itself)."""
+        self._closed = False
 
     # --- the sending side --------------------------------------------------------------
 
@@ -53,20 +62,29 @@ class WakeupDirectory:
             return  # no directory: nobody listens
         if not targets:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            for name in targets:
-                try:
-                    sock.sendto(b"!", self._address(name))
-                except BlockingIOError:
-                    pass  # its queue is full of wake-ups already
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                        # Nobody bound to it any more: its process died. Tidy up.
-                        with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(self.path, name))
-                    else:
-                        log.debug("wake-up of %s failed: %s", name, exc)
+        sock = self._sending_socket()
+        if sock is None:
+            return  # closed
+        for name in targets:
+            try:
+                sock.sendto(b"!", self._address(name))
+            except BlockingIOError:
+                pass  # its queue is full of wake-ups already
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    # Nobody bound to it any more: its process died. Tidy up.
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.path, name))
+                else:
+                    log.debug("wake-up of %s failed: %s", name, exc)
+
+    def _sending_socket(self) -> socket.socket | None:
+        with self._lock:
+            if self._sender is None and not self._closed:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                self._sender = sock
+            return self._sender
 
     def _targets(self) -> list[str]:
         mtime = os.stat(self.path).st_mtime_ns  # binding or removing a socket changes it
@@ -85,6 +103,8 @@ class WakeupDirectory:
         if len(full) <= _MAX_PATH:
             return full
         with self._lock:
+            if self._closed:
+                return full  # too long to reach: that send fails, and no descriptor leaks
             if self._dir_fd is None:
                 self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             return f"/proc/self/fd/{self._dir_fd}/{name}"
@@ -111,11 +131,9 @@ class WakeupDirectory:
                 try:
                     received = [sock.recv(64)]
                     # Several senders may have written at once: one call covers them all.
-                    sock.setblocking(False)
                     with contextlib.suppress(BlockingIOError):
                         while True:
-                            received.append(sock.recv(64))
-                    sock.setblocking(True)
+                            received.append(sock.recv(64, socket.MSG_DONTWAIT))
                 except OSError:
                     return
                 if stopping.is_set() and _STOP in received:
@@ -124,6 +142,8 @@ class WakeupDirectory:
                     callback()
                 except Exception:
                     log.exception("wake-up callback %r failed", callback)
+                if not stopping.is_set():
+                    time.sleep(_GATHER)
 
         thread = threading.Thread(target=run, name="mailstrom-sqlite-wake", daemon=True)
         thread.start()
@@ -162,6 +182,10 @@ class WakeupDirectory:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None

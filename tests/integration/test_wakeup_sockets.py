@@ -1,0 +1,79 @@
+"""SQLite's cross-process wake-ups (``stores/wakeup.py``) between real processes: a burst
+of enqueues costs the listener one callback per burst, never a lost last wake-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from mailstrom.stores.wakeup import WakeupDirectory
+
+SEND = """
+import sys
+from mailstrom.stores.wakeup import WakeupDirectory
+wakeups = WakeupDirectory(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    wakeups.notify()
+wakeups.close()
+wakeups.notify()  # after close: nothing is sent, nothing raises
+"""
+
+
+def _send(database: Path, count: int) -> None:
+    subprocess.run([sys.executable, "-c", SEND, str(database), str(count)], check=True, timeout=60)
+
+
+def test_a_burst_of_wake_ups_is_answered_together_and_the_last_is_never_lost(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "q.db"
+    database.touch()
+    calls: list[float] = []
+    woken = threading.Event()
+
+    def callback() -> None:
+        calls.append(time.monotonic())
+        woken.set()
+
+    stop = WakeupDirectory(str(database)).listen(callback)
+    try:
+        _send(database, 2000)
+        assert woken.wait(10)
+        time.sleep(0.2)  # let the gathered rest be answered
+        burst = len(calls)
+        # Answered together: far fewer callbacks than datagrams (one per gathering pause).
+        assert 1 <= burst < 1000
+        # A wake-up after a quiet spell is answered at once, however many came before.
+        woken.clear()
+        _send(database, 1)
+        assert woken.wait(10)
+        assert len(calls) == burst + 1
+    finally:
+        stop()
+
+
+def test_one_sending_socket_serves_every_wake_up(tmp_path: Path) -> None:
+    database = tmp_path / "q.db"
+    database.touch()
+    listener = WakeupDirectory(str(database))
+    woken = threading.Event()
+    stop = listener.listen(woken.set)
+    sender = WakeupDirectory(str(database))
+    sender._own = "another-process-"  # the listener is in this process
+    try:
+        sender.notify()
+        first = sender._sender
+        assert first is not None
+        for _ in range(50):
+            sender.notify()
+        assert sender._sender is first
+        assert woken.wait(10)
+        sender.close()
+        assert first.fileno() == -1  # closed with the directory
+        sender.notify()  # after close: nothing sent, nothing raised, no new socket
+        assert sender._sender is None
+    finally:
+        stop()
