@@ -25,7 +25,8 @@ from mailstrom.readmodel.base import (
     with_suspensions,
 )
 from mailstrom.status import RecipientState
-from mailstrom.stores.memory import MemoryStore, _Message, _Recipient
+from mailstrom.stores.memory import MemoryStore
+from mailstrom.stores.memory_records import _Message, _Recipient
 from mailstrom.stores.operator import Suspension
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)

@@ -31,32 +31,31 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.routing import Router
-from mailstrom.runtime.attemptlog import log_attempt
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
-from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, screen
+from mailstrom.runtime.suppressing import screen
 from mailstrom.runtime.tls_reporting import tls_reporting
-from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import Lease, RecipientResult, Store, WorkItem, domain_of
+from mailstrom.runtime.worker_destinations import WorkerDestinations
+from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
+from mailstrom.runtime.worker_screening import WorkerScreening
+from mailstrom.runtime.worker_stopping import WorkerStopping
+from mailstrom.runtime.worker_store import WorkerStore, _Backoff
+from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
 from mailstrom.suppression import Suppression
-from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
 
 if TYPE_CHECKING:
-    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.runtime.hooks import HookSender
 
 log = logging.getLogger("mailstrom.worker")
-
-T = TypeVar("T")
 
 _COALESCE = 0.005
 """Seconds to let work accumulate before the next lease, after a small one."""
@@ -68,30 +67,10 @@ _RECORD_MANY = 128
 At full speed a write then carries ~43 results instead of ~24: a worker process delivers
 9% faster (benchmarks/README.md), and a result is still committed within 10 ms of the
 server's reply (p99 8.7 ms), the bound on what a crash can make us send twice."""
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 5.0
-"""Bounds of the wait between retries of a failing store call."""
-_FINAL_RECORD = 30.0
-"""Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
-_TLS_REFRESH = 60.0
-"""Seconds between reads of the hosts other workers found with broken TLS."""
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class _Counters:
-    delivered: int = 0
-    deferred: int = 0
-    failed: int = 0
-    started_at: datetime | None = None
-    last_activity_at: datetime | None = None
-    error: str | None = None
-    store_error: str | None = None
-    store_errors: int = 0
-    record_lag: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -100,22 +79,11 @@ class _LeaseState:
     unrecorded: int
 
 
-class _Backoff:
-    """Exponential waits between retries of a failing store call, reset on success."""
-
-    def __init__(self) -> None:
-        self._next = _BACKOFF_FIRST
-
-    def reset(self) -> None:
-        self._next = _BACKOFF_FIRST
-
-    def take(self) -> float:
-        wait, self._next = self._next, min(self._next * 2, _BACKOFF_MAX)
-        return wait
-
-
-class Worker:
+class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStopping, WorkerStore):
     """Delivers everything due in ``store`` until stopped.
+
+    Its parts beside the store loop live in ``worker_*.py``, mixed in over the state kept
+    here: reporting, suppression and bounces, destinations, stopping, store calls.
 
     >>> worker = Worker(Config(), store)           # doctest: +SKIP
     >>> await worker.run()                         # doctest: +SKIP
@@ -212,28 +180,6 @@ class Worker:
             self._stop_event.set()
         if self._wake is not None:
             self._wake.set()
-
-    @property
-    def status(self) -> WorkerStatus:
-        c = self._counters
-        dispatcher = self._dispatcher
-        return WorkerStatus(
-            running=self._running,
-            started_at=c.started_at,
-            error=c.error,
-            in_flight=dispatcher.in_flight if dispatcher is not None else 0,
-            delivered=c.delivered,
-            deferred=c.deferred,
-            failed=c.failed,
-            last_activity_at=c.last_activity_at,
-            store_error=c.store_error,
-            unrecorded=len(self._pending),
-            sessions=dispatcher.sessions if dispatcher is not None else 0,
-            record_lag=c.record_lag,
-            transactions=len(self._items),
-            idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
-            metrics=self.metrics.snapshot(),
-        )
 
     def responsive(self, timeout: float = 2.0) -> bool:
         """Whether the worker runs and its event loop answers within ``timeout`` seconds
@@ -458,14 +404,6 @@ class Worker:
             if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
 
-    async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call the store: on this loop when its calls are short local work (memory,
-        SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
-        work), else in a thread (PostgreSQL: a network round trip)."""
-        if self._inline:
-            return method(*args, **kwargs)
-        return await asyncio.to_thread(method, *args, **kwargs)
-
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or something happens (a result, a wake-up, a stop)."""
         assert self._wake is not None
@@ -529,70 +467,6 @@ class Worker:
                     dispatcher.submit(part)
         return count
 
-    async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
-        """The suppression entries that apply to the lease's recipients (one store call
-        per lease). None when the store failed: the caller asks again and delivers nothing
-        of the lease until the list can be read, so a suppressed address is never sent to
-        for want of a lookup."""
-        try:
-            return await self._store_call(
-                self.store.suppressions_for, lease_targets(lease), now=self._clock()
-            )
-        except StoreCorrupt:
-            raise
-        except StoreError as exc:
-            self._store_trouble("suppressions", exc)
-            return None
-
-    def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
-        """Bounce messages for the final failures among ``recorded`` that ask for one."""
-        wanted = self.config.delay_warning is not None
-        failed = [
-            r
-            for r in recorded
-            if r.state is RecipientState.FAILED or (wanted and r.state is RecipientState.DEFERRED)
-        ]
-        if not failed:
-            return []
-        items = {
-            (item.message_id, item.domain): item
-            for token in {r.lease_token for r in failed}
-            if (state := self._leases.get(token)) is not None
-            for item in state.lease.items
-        }
-        # Loaded at the first failure: the notices' renderer and the message model.
-        from mailstrom.runtime.notices import notices_for
-
-        return notices_for(failed, items, config=self.config, now=self._clock())
-
-    async def _send_notices(self, notices: list[PreparedMessage]) -> None:
-        """Queue bounce messages like any other mail (they go out with the null sender,
-        so they are never bounced themselves). A store failure here loses them (logged)."""
-        try:
-            await self._store_call(self.store.enqueue_many, notices, now=self._clock())
-        except StoreCorrupt:
-            raise
-        except StoreError as exc:
-            self._store_trouble("bounce notices", exc)
-            log.warning("%d bounce messages not queued: %s", len(notices), exc)
-        else:
-            self._lease_wanted = True
-
-    async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
-        """Put the addresses of recorded hard bounces on the suppression list. If the store
-        fails here the entries are lost (logged): the next message to such an address is
-        refused again and adds it then."""
-        entries = hard_bounce_entries(recorded, expire_after=self.config.suppress_for)
-        if not entries:
-            return
-        try:
-            await self._store_call(self.store.suppress, entries)
-        except StoreCorrupt:
-            raise
-        except StoreError as exc:
-            self._store_trouble("suppress", exc)
-            log.warning("%d hard-bounced addresses not suppressed: %s", len(entries), exc)
-
     def _on_done(self, results: list[RecipientResult]) -> None:
         """An item's results: to the store loop at once (the duplicate window starts)."""
         if not self._pending and self._loop is not None:
@@ -633,20 +507,6 @@ class Worker:
         for result in recorded:
             self._count(result)
 
-    def _count(self, result: RecipientResult) -> None:
-        c = self._counters
-        c.last_activity_at = result.attempt.at
-        self.metrics.observe(result)
-        if result.state is RecipientState.DELIVERED:
-            c.delivered += 1
-        elif result.state is RecipientState.DEFERRED:
-            c.deferred += 1
-        else:
-            c.failed += 1
-        log_attempt(result)
-        if self._on_result is not None:
-            self._on_result(result)
-
     async def _heartbeat_loop(self) -> None:
         """Keep extending the leases of work still in progress, so that a delivery that
         takes long (slow peers, several MX hosts timing out) is not taken over and sent
@@ -662,194 +522,3 @@ class Worker:
                     await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
-
-    async def _pauses_loop(self, shaper: Shaper) -> None:
-        """Read the destination pauses that every worker of the store recorded, so that a
-        throttle seen by one worker stops the others connecting too."""
-        interval = self.config.shaping.refresh
-        while True:
-            try:
-                await shaper.refresh()
-            except StoreError as exc:  # a passing hiccup; the next read tries again
-                self._store_trouble("throttles", exc)
-            await asyncio.sleep(interval)  # a timer, not synchronisation
-
-    def _on_postpone(self, items: list[WorkItem], until: datetime, destination: str | None) -> None:
-        """Items the dispatcher gives back (their destination is paused): to the store,
-        due at ``until``, without an attempt."""
-        assert self._loop is not None
-        # Out of delivery now (as the dispatcher counts them): their transactions and their
-        # lanes' load end here, whether or not the store write below succeeds.
-        for item in items:
-            count = len(item.recipients)
-            key = (item.lease_token, item.message_id, item.domain)
-            left = self._items.get(key)
-            if left is None:
-                continue
-            lane = self._item_lanes.get(key, "")
-            self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - count)
-            if left > count:
-                self._items[key] = left - count
-            else:
-                del self._items[key]
-                self._item_lanes.pop(key, None)
-        task = self._loop.create_task(self._postpone(items, until, destination))
-        self._postponing.add(task)
-        task.add_done_callback(self._postponing.discard)
-
-    async def _postpone(
-        self, items: list[WorkItem], until: datetime, destination: str | None
-    ) -> None:
-        backoff = _Backoff()
-        while True:
-            try:
-                await self._store_call(
-                    self.store.postpone, items, until=until, destination=destination
-                )
-                break
-            except StoreCorrupt:
-                return  # the store loop stops the worker; the leases expire
-            except StoreError as exc:
-                self._store_trouble("postpone", exc)
-                if self._stopping:
-                    return  # released with the rest of the lease (due at once)
-                await asyncio.sleep(backoff.take())
-        self._store_fine()
-        for item in items:
-            state = self._leases.get(item.lease_token)
-            if state is not None:
-                state.unrecorded -= len(item.recipients)
-                if state.unrecorded <= 0:
-                    del self._leases[item.lease_token]
-        if self._starved or self._capped:
-            self._lease_wanted = True  # room for more work
-            if self._wake is not None:
-                self._wake.set()
-
-    # --- the TLS decision and its shared memory ------------------------------------------
-
-    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
-        """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
-        memory of broken TLS written to the store so that every worker shares it, and
-        ``mta_sts`` as a policy source when MTA-STS is on."""
-        broken = BrokenTLS(
-            self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
-        )
-        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
-
-    def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
-        if self._loop is None or not hasattr(self.store, "note_tls_broken"):
-            return
-        now = self._clock()
-        task = self._loop.create_task(
-            self._store_call(
-                self.store.note_tls_broken,
-                host,
-                until=now + timedelta(seconds=seconds),
-                reason=reason,
-                now=now,
-            )
-        )
-        task.add_done_callback(self._noted)
-
-    def _noted(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, StoreError):
-            self._store_trouble("note_tls_broken", exc)  # this worker still remembers
-        elif exc is not None:
-            log.error("remembering broken TLS failed: %r", exc)
-
-    async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
-        """Read the hosts with broken TLS every worker noted, now and every minute."""
-        read = getattr(self.store, "tls_broken", None)  # a store older than the protocol
-        if broken.remember_for <= 0 or read is None:
-            return
-        while True:
-            try:
-                now = self._clock()
-                known = await self._store_call(read, now=now)
-                broken.load({h: (until - now).total_seconds() for h, until in known.items()})
-            except StoreError as exc:
-                self._store_trouble("tls_broken", exc)
-            await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation
-
-    def _store_trouble(self, doing: str, exc: StoreError) -> None:
-        c = self._counters
-        first = c.store_error is None
-        c.store_error = f"{doing}: {exc}"
-        c.store_errors += 1
-        self.metrics.store_errors += 1
-        if first:
-            log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
-
-    def _store_fine(self) -> None:
-        c = self._counters
-        if c.store_error is not None:
-            log.warning("store working again after %d failed calls", c.store_errors)
-            c.store_error = None
-            c.store_errors = 0
-
-    # --- stopping ----------------------------------------------------------------------
-
-    async def _drain(self, dispatcher: Dispatcher, store_loop: asyncio.Task[None]) -> None:
-        """Let deliveries in flight finish, up to the drain timeout (the store loop records
-        their results meanwhile)."""
-        if dispatcher.idle.is_set():
-            return
-        idle = asyncio.create_task(dispatcher.idle.wait())
-        await asyncio.wait(
-            {idle, store_loop}, timeout=self._drain_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        idle.cancel()
-
-    async def _finish_recording(self, store_loop: asyncio.Task[None]) -> None:
-        """Let the store loop write what is pending, retrying a failing store for as long
-        as the drain timeout allows; what still cannot be written is reported, not hidden."""
-        self._closing = True
-        if self._wake is not None:
-            self._wake.set()
-        timeout = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
-        if not store_loop.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(store_loop), timeout=timeout)
-            store_loop.cancel()
-        with contextlib.suppress(BaseException):
-            await store_loop
-        if self._pending:
-            log.error(
-                "%d results could not be recorded before stopping; those recipients are "
-                "tried again when their lease expires",
-                len(self._pending),
-            )
-
-    async def _stop_hooks(self, task: asyncio.Task[None], *, flush: bool) -> None:
-        """Let the hook sender finish the request in flight and, after a clean stop, send
-        what the last records added (bounded by the hook timeout); what is left waits in
-        the outbox for the next start."""
-        sender, hook = self._hooks, self.config.hook
-        assert sender is not None and hook is not None
-        sender.stop(within=hook.timeout if flush else 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        self._hooks = None
-
-    async def _release_unfinished(self) -> None:
-        """Give back, due at once, what was leased and never attempted. A lease holding
-        results that could not be recorded is kept: releasing it would resend at once
-        what may have been delivered; it expires instead."""
-        unrecorded = {result.lease_token for result in self._pending}
-        for state in list(self._leases.values()):
-            if state.lease.token in unrecorded:
-                continue
-            try:
-                await self._store_call(self.store.release, state.lease)
-            except StoreError as exc:
-                log.warning("could not give back lease %s: %s", state.lease.token, exc)
-        self._leases.clear()
-        self._items.clear()
-        self._item_lanes.clear()
-        self._lane_load.clear()

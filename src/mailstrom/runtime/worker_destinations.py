@@ -1,0 +1,159 @@
+"""What every worker of a store shares about destinations, and this worker's part in it:
+the pauses of throttled destinations (read back, and the work the dispatcher postpones
+given back until a pause ends) and the hosts whose TLS was found broken (noted, read back
+every minute, and fed to the TLS decision)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from mailstrom.config import Config
+from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.runtime.shaper import Shaper
+from mailstrom.runtime.worker_store import WorkerStore, _Backoff
+from mailstrom.stores.base import WorkItem
+from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.worker import _LeaseState
+
+log = logging.getLogger("mailstrom.worker")
+
+_TLS_REFRESH = 60.0
+"""Seconds between reads of the hosts other workers found with broken TLS."""
+
+
+class WorkerDestinations(WorkerStore):
+    """Destination pauses and the memory of broken TLS; mixed into :class:`Worker`."""
+
+    config: Config
+    _clock: Callable[[], datetime]
+    _loop: asyncio.AbstractEventLoop | None
+    _wake: asyncio.Event | None
+    _stopping: bool
+    _starved: bool
+    _capped: bool
+    _lease_wanted: bool
+    _leases: dict[str, _LeaseState]
+    _items: dict[tuple[str, str, str], int]
+    _item_lanes: dict[tuple[str, str, str], str]
+    _lane_load: dict[str, int]
+    _postponing: set[asyncio.Task[None]]
+
+    # --- destination pauses ------------------------------------------------------------
+
+    async def _pauses_loop(self, shaper: Shaper) -> None:
+        """Read the destination pauses that every worker of the store recorded, so that a
+        throttle seen by one worker stops the others connecting too."""
+        interval = self.config.shaping.refresh
+        while True:
+            try:
+                await shaper.refresh()
+            except StoreError as exc:  # a passing hiccup; the next read tries again
+                self._store_trouble("throttles", exc)
+            await asyncio.sleep(interval)  # a timer, not synchronisation
+
+    def _on_postpone(self, items: list[WorkItem], until: datetime, destination: str | None) -> None:
+        """Items the dispatcher gives back (their destination is paused): to the store,
+        due at ``until``, without an attempt."""
+        assert self._loop is not None
+        # Out of delivery now (as the dispatcher counts them): their transactions and their
+        # lanes' load end here, whether or not the store write below succeeds.
+        for item in items:
+            count = len(item.recipients)
+            key = (item.lease_token, item.message_id, item.domain)
+            left = self._items.get(key)
+            if left is None:
+                continue
+            lane = self._item_lanes.get(key, "")
+            self._lane_load[lane] = max(0, self._lane_load.get(lane, 0) - count)
+            if left > count:
+                self._items[key] = left - count
+            else:
+                del self._items[key]
+                self._item_lanes.pop(key, None)
+        task = self._loop.create_task(self._postpone(items, until, destination))
+        self._postponing.add(task)
+        task.add_done_callback(self._postponing.discard)
+
+    async def _postpone(
+        self, items: list[WorkItem], until: datetime, destination: str | None
+    ) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                await self._store_call(
+                    self.store.postpone, items, until=until, destination=destination
+                )
+                break
+            except StoreCorrupt:
+                return  # the store loop stops the worker; the leases expire
+            except StoreError as exc:
+                self._store_trouble("postpone", exc)
+                if self._stopping:
+                    return  # released with the rest of the lease (due at once)
+                await asyncio.sleep(backoff.take())
+        self._store_fine()
+        for item in items:
+            state = self._leases.get(item.lease_token)
+            if state is not None:
+                state.unrecorded -= len(item.recipients)
+                if state.unrecorded <= 0:
+                    del self._leases[item.lease_token]
+        if self._starved or self._capped:
+            self._lease_wanted = True  # room for more work
+            if self._wake is not None:
+                self._wake.set()
+
+    # --- the TLS decision and its shared memory ------------------------------------------
+
+    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
+        """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
+        memory of broken TLS written to the store so that every worker shares it, and
+        ``mta_sts`` as a policy source when MTA-STS is on."""
+        broken = BrokenTLS(
+            self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
+        )
+        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
+
+    def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
+        if self._loop is None or not hasattr(self.store, "note_tls_broken"):
+            return
+        now = self._clock()
+        task = self._loop.create_task(
+            self._store_call(
+                self.store.note_tls_broken,
+                host,
+                until=now + timedelta(seconds=seconds),
+                reason=reason,
+                now=now,
+            )
+        )
+        task.add_done_callback(self._noted)
+
+    def _noted(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            self._store_trouble("note_tls_broken", exc)  # this worker still remembers
+        elif exc is not None:
+            log.error("remembering broken TLS failed: %r", exc)
+
+    async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
+        """Read the hosts with broken TLS every worker noted, now and every minute."""
+        read = getattr(self.store, "tls_broken", None)  # a store older than the protocol
+        if broken.remember_for <= 0 or read is None:
+            return
+        while True:
+            try:
+                now = self._clock()
+                known = await self._store_call(read, now=now)
+                broken.load({h: (until - now).total_seconds() for h, until in known.items()})
+            except StoreError as exc:
+                self._store_trouble("tls_broken", exc)
+            await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation

@@ -1,0 +1,78 @@
+"""What a worker reports: its counters, :attr:`Worker.status`, and each recorded result
+counted (metrics, the attempt log, ``on_result``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from mailstrom.runtime.attemptlog import log_attempt
+from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.status import RecipientState, WorkerStatus
+from mailstrom.stores.base import RecipientResult
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.dispatch import Dispatcher
+
+
+@dataclass(slots=True)
+class _Counters:
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    started_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    error: str | None = None
+    store_error: str | None = None
+    store_errors: int = 0
+    record_lag: float = 0.0
+
+
+class WorkerReporting:
+    """The counters and what is read from them; mixed into :class:`Worker`."""
+
+    metrics: MetricsRecorder
+    _counters: _Counters
+    _running: bool
+    _dispatcher: Dispatcher | None
+    _pending: list[RecipientResult]
+    _items: dict[tuple[str, str, str], int]
+    _on_result: Callable[[RecipientResult], None] | None
+
+    @property
+    def status(self) -> WorkerStatus:
+        c = self._counters
+        dispatcher = self._dispatcher
+        return WorkerStatus(
+            running=self._running,
+            started_at=c.started_at,
+            error=c.error,
+            in_flight=dispatcher.in_flight if dispatcher is not None else 0,
+            delivered=c.delivered,
+            deferred=c.deferred,
+            failed=c.failed,
+            last_activity_at=c.last_activity_at,
+            store_error=c.store_error,
+            unrecorded=len(self._pending),
+            sessions=dispatcher.sessions if dispatcher is not None else 0,
+            record_lag=c.record_lag,
+            transactions=len(self._items),
+            idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
+            metrics=self.metrics.snapshot(),
+        )
+
+    def _count(self, result: RecipientResult) -> None:
+        c = self._counters
+        c.last_activity_at = result.attempt.at
+        self.metrics.observe(result)
+        if result.state is RecipientState.DELIVERED:
+            c.delivered += 1
+        elif result.state is RecipientState.DEFERRED:
+            c.deferred += 1
+        else:
+            c.failed += 1
+        log_attempt(result)
+        if self._on_result is not None:
+            self._on_result(result)

@@ -1,0 +1,100 @@
+"""How a worker stops: deliveries in flight drained, pending results written, the hook
+sender finished, and what was leased and never attempted given back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from mailstrom.config import Config
+from mailstrom.errors import StoreError
+from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.worker_store import WorkerStore
+from mailstrom.stores.base import RecipientResult
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.hooks import HookSender
+    from mailstrom.runtime.worker import _LeaseState
+
+log = logging.getLogger("mailstrom.worker")
+
+_FINAL_RECORD = 30.0
+"""Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
+
+
+class WorkerStopping(WorkerStore):
+    """The steps of :meth:`Worker.run`'s clean-up; mixed into :class:`Worker`."""
+
+    config: Config
+    _wake: asyncio.Event | None
+    _closing: bool
+    _drain_timeout: float | None
+    _pending: list[RecipientResult]
+    _hooks: HookSender | None
+    _leases: dict[str, _LeaseState]
+    _items: dict[tuple[str, str, str], int]
+    _item_lanes: dict[tuple[str, str, str], str]
+    _lane_load: dict[str, int]
+
+    async def _drain(self, dispatcher: Dispatcher, store_loop: asyncio.Task[None]) -> None:
+        """Let deliveries in flight finish, up to the drain timeout (the store loop records
+        their results meanwhile)."""
+        if dispatcher.idle.is_set():
+            return
+        idle = asyncio.create_task(dispatcher.idle.wait())
+        await asyncio.wait(
+            {idle, store_loop}, timeout=self._drain_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        idle.cancel()
+
+    async def _finish_recording(self, store_loop: asyncio.Task[None]) -> None:
+        """Let the store loop write what is pending, retrying a failing store for as long
+        as the drain timeout allows; what still cannot be written is reported, not hidden."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        timeout = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
+        if not store_loop.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(store_loop), timeout=timeout)
+            store_loop.cancel()
+        with contextlib.suppress(BaseException):
+            await store_loop
+        if self._pending:
+            log.error(
+                "%d results could not be recorded before stopping; those recipients are "
+                "tried again when their lease expires",
+                len(self._pending),
+            )
+
+    async def _stop_hooks(self, task: asyncio.Task[None], *, flush: bool) -> None:
+        """Let the hook sender finish the request in flight and, after a clean stop, send
+        what the last records added (bounded by the hook timeout); what is left waits in
+        the outbox for the next start."""
+        sender, hook = self._hooks, self.config.hook
+        assert sender is not None and hook is not None
+        sender.stop(within=hook.timeout if flush else 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._hooks = None
+
+    async def _release_unfinished(self) -> None:
+        """Give back, due at once, what was leased and never attempted. A lease holding
+        results that could not be recorded is kept: releasing it would resend at once
+        what may have been delivered; it expires instead."""
+        unrecorded = {result.lease_token for result in self._pending}
+        for state in list(self._leases.values()):
+            if state.lease.token in unrecorded:
+                continue
+            try:
+                await self._store_call(self.store.release, state.lease)
+            except StoreError as exc:
+                log.warning("could not give back lease %s: %s", state.lease.token, exc)
+        self._leases.clear()
+        self._items.clear()
+        self._item_lanes.clear()
+        self._lane_load.clear()

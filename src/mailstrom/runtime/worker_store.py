@@ -1,0 +1,76 @@
+"""How a worker calls its store: on its event loop or in a thread, with exponential
+backoff between retries of a failing call, and the failure shown in its status until
+the store works again.
+
+The base of the worker's other parts (``worker_*.py``), all mixed into
+:class:`~mailstrom.runtime.worker.Worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mailstrom.errors import StoreError
+from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.stores.base import Store
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.worker_reporting import _Counters
+
+log = logging.getLogger("mailstrom.worker")
+
+T = TypeVar("T")
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+"""Bounds of the wait between retries of a failing store call."""
+
+
+class _Backoff:
+    """Exponential waits between retries of a failing store call, reset on success."""
+
+    def __init__(self) -> None:
+        self._next = _BACKOFF_FIRST
+
+    def reset(self) -> None:
+        self._next = _BACKOFF_FIRST
+
+    def take(self) -> float:
+        wait, self._next = self._next, min(self._next * 2, _BACKOFF_MAX)
+        return wait
+
+
+class WorkerStore:
+    """The worker's store calls and its account of a failing store."""
+
+    store: Store
+    metrics: MetricsRecorder
+    _inline: bool
+    _counters: _Counters
+
+    async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call the store: on this loop when its calls are short local work (memory,
+        SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
+        work), else in a thread (PostgreSQL: a network round trip)."""
+        if self._inline:
+            return method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    def _store_trouble(self, doing: str, exc: StoreError) -> None:
+        c = self._counters
+        first = c.store_error is None
+        c.store_error = f"{doing}: {exc}"
+        c.store_errors += 1
+        self.metrics.store_errors += 1
+        if first:
+            log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
+
+    def _store_fine(self) -> None:
+        c = self._counters
+        if c.store_error is not None:
+            log.warning("store working again after %d failed calls", c.store_errors)
+            c.store_error = None
+            c.store_errors = 0

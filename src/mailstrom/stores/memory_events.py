@@ -1,0 +1,112 @@
+"""The memory store's event outbox: an entry per recorded result (once the worker turns
+events on), leased, acknowledged and pruned like the durable stores' ``events`` table."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from datetime import datetime, timedelta
+
+from mailstrom.status import Attempt, DeliveryEvent
+from mailstrom.stores.base import EventBatch
+from mailstrom.stores.memory_records import _Event, _Message, _Recipient
+
+
+class MemoryEventsMixin:
+    """Kept in a dict under the store's lock; mixed into :class:`MemoryStore`."""
+
+    _lock: threading.Lock
+    _events_on: bool
+    _events: dict[int, _Event]
+    _event_ids: itertools.count[int]
+
+    def _append_event(
+        self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
+    ) -> None:
+        """The outbox entry of a result just recorded (under the lock)."""
+        event_id = next(self._event_ids)
+        self._events[event_id] = _Event(
+            event=DeliveryEvent(
+                id=event_id,
+                at=attempt.at,
+                message_id=m.id,
+                address=r.address,
+                state=r.state,
+                attempt=r.attempts,
+                reply=r.reply,
+                error=r.error,
+                reason_class=reason_class,
+                mx_host=r.mx_host,
+                ip=r.ip,
+                tls=r.tls,
+                uncertain=r.uncertain,
+                next_attempt_at=r.next_attempt_at,
+                tags=m.prepared.attributes.tags,
+                metadata=dict(m.prepared.attributes.metadata),
+            )
+        )
+
+    def enable_events(self) -> None:
+        """Record results into the outbox too, from now on."""
+        self._events_on = True
+
+    def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
+        """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
+        if limit <= 0:
+            return None
+        token = os.urandom(16).hex()
+        expires_at = now + lease_for
+        taken: list[DeliveryEvent] = []
+        with self._lock:
+            for e in self._events.values():  # insertion order is id order
+                if len(taken) >= limit:
+                    break
+                if e.sent_at is None and (e.lease_expires_at is None or e.lease_expires_at <= now):
+                    e.lease_token, e.lease_expires_at = token, expires_at
+                    taken.append(e.event)
+        if not taken:
+            return None
+        return EventBatch(token=token, expires_at=expires_at, events=tuple(taken))
+
+    def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
+        """Mark the batch's events sent (those it still holds)."""
+        acked = 0
+        with self._lock:
+            for event in batch.events:
+                e = self._events.get(event.id)
+                if e is not None and e.lease_token == batch.token:
+                    e.sent_at, e.lease_token, e.lease_expires_at = now, None, None
+                    acked += 1
+        return acked
+
+    def release_events(self, batch: EventBatch) -> None:
+        """Give the batch's unacknowledged events back at once."""
+        with self._lock:
+            for event in batch.events:
+                e = self._events.get(event.id)
+                if e is not None and e.lease_token == batch.token:
+                    e.lease_token = e.lease_expires_at = None
+
+    def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
+        """Events with an id above ``after``, oldest first."""
+        with self._lock:
+            found = [e.event for i, e in self._events.items() if i > after]
+        return found[: max(limit, 0)]
+
+    def last_event_id(self) -> int:
+        """The highest event id so far (0 when none)."""
+        with self._lock:
+            return max(self._events, default=0)
+
+    def prune_events(self, *, sent_before: datetime) -> int:
+        """Delete events acknowledged before ``sent_before``."""
+        with self._lock:
+            doomed = [
+                i
+                for i, e in self._events.items()
+                if e.sent_at is not None and e.sent_at < sent_before
+            ]
+            for i in doomed:
+                del self._events[i]
+        return len(doomed)

@@ -1,0 +1,237 @@
+"""The memory store's views of the queue (filtered lists, the newest messages, counts by
+state) and its operator tools (schema version 10): short ids, counts, bulk changes,
+purges, the queue's shape and suspended destinations, as
+:mod:`mailstrom.stores.sqlite_operator` does them in SQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from mailstrom.errors import UnknownMessage
+from mailstrom.status import MessageStatus, QueueStats, RecipientState
+from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
+from mailstrom.stores.operator import (
+    ShapeRow,
+    Suspension,
+    bucket_of,
+    earliest,
+    normalize_prefix,
+    pick_one,
+    shape_rows,
+)
+from mailstrom.stores.watchers import Watchers
+
+
+class MemoryOperatorMixin:
+    """Over the store's messages and suspensions, under its lock; mixed into
+    :class:`MemoryStore`."""
+
+    _lock: threading.Lock
+    _messages: dict[str, _Message]
+    _watchers: Watchers
+    _suspended: dict[str, Suspension]
+
+    if TYPE_CHECKING:  # the store's own, in memory.py
+
+        def _get(self, message_id: str) -> _Message: ...
+
+        def _newest_first(self) -> list[_Message]: ...
+
+        def cancel(self, message_id: str, *, now: datetime) -> int: ...
+
+    # --- views of the queue ------------------------------------------------------------
+
+    def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
+        """Messages matching ``where``, newest first, without history."""
+        where = where or QueueFilter()
+        domain = where.domain.lower() if where.domain is not None else None
+        cutoff = now - where.older_than if where.older_than is not None else None
+        found: list[MessageStatus] = []
+        with self._lock:
+            for m in self._newest_first():
+                if len(found) >= where.limit:
+                    break
+                if where.held is not None and m.held != where.held:
+                    continue
+                if cutoff is not None and not m.created_at < cutoff:
+                    continue
+                if domain is not None and all(r.domain != domain for r in m.recipients.values()):
+                    continue
+                if where.state is not None and m.state() is not where.state:
+                    continue
+                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
+                    continue
+                if where.states is not None and m.state() not in where.states:
+                    continue
+                found.append(m.snapshot(with_history=False))
+        return found
+
+    def recent(self, limit: int = 20) -> list[MessageStatus]:
+        """The ``limit`` most recently enqueued messages, newest first."""
+        with self._lock:
+            return [m.snapshot(with_history=False) for m in self._newest_first()[:limit]]
+
+    def stats(self) -> QueueStats:
+        """Counts of recipients by state and of pending recipients by domain."""
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[str, int] = {}
+        with self._lock:
+            for m in self._messages.values():
+                for r in m.recipients.values():
+                    by_state[r.state] += 1
+                    if r.state in _PENDING:
+                        by_domain[r.domain] = by_domain.get(r.domain, 0) + 1
+            return QueueStats(
+                by_state=by_state,
+                pending_by_domain=by_domain,
+                messages=len(self._messages),
+                held=sum(m.held for m in self._messages.values()),
+            )
+
+    # --- operator tools ----------------------------------------------------------------
+
+    def resolve_id(self, prefix: str) -> str:
+        """The one message id starting with ``prefix`` (see :class:`Store`)."""
+        text = normalize_prefix(prefix)
+        with self._lock:
+            if text in self._messages:
+                return text
+            found = [mid for mid in self._messages if mid.startswith(text)]
+        return pick_one(prefix, found)
+
+    def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
+        """How many messages match ``where``, at most ``cap``."""
+        return len(self.query(now=now, where=replace(where, limit=max(cap, 0))))
+
+    def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Make the listed messages' pending recipients due at ``now``."""
+        changed = 0
+        with self._lock:
+            for r in self._recipients_of(message_ids):
+                if r.state in _PENDING:
+                    r.next_attempt_at = now
+                    changed += 1
+        if changed:
+            self._watchers.notify()
+        return changed
+
+    def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
+        """Fail the listed messages' pending recipients as "cancelled"."""
+        changed = 0
+        for mid in dict.fromkeys(message_ids):
+            try:
+                changed += self.cancel(mid, now=now)
+            except UnknownMessage:
+                continue
+        return changed
+
+    def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
+        """Hold or release the listed messages; returns how many changed."""
+        changed = 0
+        with self._lock:
+            for mid in dict.fromkeys(message_ids):
+                m = self._messages.get(mid)
+                if m is not None and m.held != held:
+                    m.held = held
+                    changed += 1
+        if changed and not held:
+            self._watchers.notify()
+        return changed
+
+    def purge_many(
+        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+    ) -> int:
+        """Delete the listed messages that are final (finished before the cutoff)."""
+        with self._lock:
+            doomed = [
+                mid
+                for mid in dict.fromkeys(message_ids)
+                if mid in self._messages
+                and self._finished(self._messages[mid], finished_before, None)
+            ]
+            for mid in doomed:
+                del self._messages[mid]
+        return len(doomed)
+
+    def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
+        """Delete finished messages in ``state`` finished before the cutoff."""
+        with self._lock:
+            doomed = [
+                m.id for m in self._messages.values() if self._finished(m, finished_before, state)
+            ]
+            for mid in doomed:
+                del self._messages[mid]
+        return len(doomed)
+
+    @staticmethod
+    def _finished(m: _Message, before: datetime | None, state: RecipientState | None) -> bool:
+        recipients = m.recipients.values()
+        if any(r.finished_at is None for r in recipients):
+            return False
+        if before is not None and not all(
+            r.finished_at is not None and r.finished_at < before for r in recipients
+        ):
+            return False
+        return state is None or m.state() is state
+
+    def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
+        """Pending recipients per domain and message age, largest domain first."""
+        counts: dict[tuple[str, int], int] = {}
+        with self._lock:
+            for m in self._messages.values():
+                bucket = bucket_of(now - m.created_at, edges)
+                for r in m.recipients.values():
+                    if r.state in _PENDING:
+                        key = (r.domain, bucket)
+                        counts[key] = counts.get(key, 0) + 1
+        return shape_rows(counts, len(edges) + 1)
+
+    def message_data(self, message_id: str) -> bytes:
+        """The message as stored."""
+        with self._lock:
+            return self._get(message_id).prepared.data
+
+    def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
+        """Stop delivery to ``domain`` until ``until`` or resume."""
+        with self._lock:
+            self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
+
+    def resume(self, domain: str) -> bool:
+        """End the suspension of ``domain``."""
+        with self._lock:
+            found = self._suspended.pop(domain, None) is not None
+        if found:
+            self._watchers.notify()
+        return found
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        """The suspensions in force at ``now``, by domain."""
+        with self._lock:
+            return sorted(
+                (s for s in self._suspended.values() if s.active(now)), key=lambda s: s.domain
+            )
+
+    def _suspended_domains(self, now: datetime) -> frozenset[str]:
+        """Domains suspended at ``now`` (call under the lock)."""
+        if not self._suspended:
+            return frozenset()
+        return frozenset(d for d, s in self._suspended.items() if s.active(now))
+
+    def _suspension_end(self, now: datetime) -> datetime | None:
+        """When the first timed suspension in force ends (call under the lock): work at
+        that domain may become due then."""
+        return earliest(*(s.until for s in self._suspended.values() if s.active(now)))
+
+    def _recipients_of(self, message_ids: Sequence[str]) -> list[_Recipient]:
+        """The recipients of the listed messages that exist (call under the lock)."""
+        found: list[_Recipient] = []
+        for mid in dict.fromkeys(message_ids):
+            m = self._messages.get(mid)
+            if m is not None:
+                found.extend(m.recipients.values())
+        return found

@@ -1,0 +1,122 @@
+"""The memory store's bookkeeping: one mutable record per message, recipient and outbox
+event, only ever touched under the store's lock.
+
+Shared by :class:`~mailstrom.stores.memory.MemoryStore`, the mixins that make up its
+sections (``memory_*.py``) and the memory read model, which reads them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import (
+    Attempt,
+    DeliveryEvent,
+    DKIMStatus,
+    MessageStatus,
+    ReasonClass,
+    RecipientState,
+    RecipientStatus,
+    SMTPReply,
+    derive_message_state,
+)
+
+_PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Recipient:
+    # Mutable on purpose: private bookkeeping, only ever touched under the store's lock.
+    address: str
+    domain: str
+    position: int
+    state: RecipientState = RecipientState.QUEUED
+    attempts: int = 0
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    lease_token: str | None = None
+    lease_expires_at: datetime | None = None
+    reply: SMTPReply | None = None
+    error: str | None = None
+    mx_host: str | None = None
+    ip: str | None = None
+    tls: bool = False
+    uncertain: bool = False
+    reason_class: ReasonClass | None = None
+    history: list[Attempt] = field(default_factory=list)
+    throttled_by: str | None = None
+
+    def due_at(self) -> datetime:
+        """When a pending recipient may next be leased: its next attempt, or its lease's
+        expiry if that is later."""
+        assert self.next_attempt_at is not None
+        if self.lease_expires_at is not None and self.lease_expires_at > self.next_attempt_at:
+            return self.lease_expires_at
+        return self.next_attempt_at
+
+    def snapshot(self, *, with_history: bool) -> RecipientStatus:
+        return RecipientStatus(
+            address=self.address,
+            state=self.state,
+            attempts=self.attempts,
+            reply=self.reply,
+            error=self.error,
+            mx_host=self.mx_host,
+            ip=self.ip,
+            tls=self.tls,
+            uncertain=self.uncertain,
+            reason_class=self.reason_class,
+            first_attempt_at=self.first_attempt_at,
+            last_attempt_at=self.last_attempt_at,
+            next_attempt_at=self.next_attempt_at,
+            history=tuple(self.history) if with_history else (),
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class _Event:
+    # Mutable on purpose: delivery bookkeeping, only ever touched under the store's lock.
+    event: DeliveryEvent
+    sent_at: datetime | None = None
+    lease_token: str | None = None
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Message:
+    id: str
+    seq: int
+    prepared: PreparedMessage
+    created_at: datetime
+    held: bool
+    recipients: dict[str, _Recipient]
+    dkim: DKIMStatus | None = None
+
+    def state(self) -> RecipientState:
+        return derive_message_state([r.state for r in self.recipients.values()])
+
+    def snapshot(self, *, with_history: bool) -> MessageStatus:
+        return MessageStatus(
+            id=self.id,
+            state=self.state(),
+            envelope_from=self.prepared.envelope_from,
+            created_at=self.created_at,
+            size=self.prepared.size,
+            recipients=tuple(
+                r.snapshot(with_history=with_history) for r in self.recipients.values()
+            ),
+            header_message_id=self.prepared.header_message_id,
+            subject=self.prepared.subject,
+            held=self.held,
+            dkim=self.dkim,
+            tags=self.prepared.attributes.tags,
+            metadata=dict(self.prepared.attributes.metadata),
+            priority=self.prepared.attributes.priority,
+            send_at=self.prepared.attributes.send_at,
+            expires_at=self.prepared.attributes.expires_at,
+            idempotency_key=self.prepared.attributes.idempotency_key,
+        )

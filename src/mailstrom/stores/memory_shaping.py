@@ -1,0 +1,103 @@
+"""The memory store's traffic shaping: destination pauses (throttles), items given back
+until a pause ends, and the token buckets of rate limits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from mailstrom.policy.throttle import (
+    BucketState,
+    TokenBucket,
+    TokenGrant,
+    next_pause,
+    take_tokens,
+)
+from mailstrom.status import DestinationThrottle
+from mailstrom.stores.base import WorkItem
+from mailstrom.stores.memory_records import _Message
+
+
+class MemoryShapingMixin:
+    """Kept in dicts under the store's lock; mixed into :class:`MemoryStore`."""
+
+    _lock: threading.Lock
+    _messages: dict[str, _Message]
+    _throttles: dict[str, DestinationThrottle]
+    _buckets: dict[str, BucketState]
+
+    def _paused_in(self, m: _Message) -> dict[str, DestinationThrottle]:
+        """The message's postponed recipients whose pause still runs (under the lock)."""
+        now = datetime.now(UTC)
+        paused = {}
+        for r in m.recipients.values():
+            pause = self._throttles.get(r.throttled_by) if r.throttled_by else None
+            if pause is not None and pause.until > now:
+                paused[r.address] = pause
+        return paused
+
+    def throttle(
+        self,
+        destination: str,
+        *,
+        now: datetime,
+        reply: str,
+        first: timedelta,
+        maximum: timedelta,
+        recipients: Sequence[tuple[str, str]] = (),
+    ) -> DestinationThrottle:
+        """Pause ``destination`` (see :class:`Store`)."""
+        with self._lock:
+            for message_id, address in recipients:
+                m = self._messages.get(message_id)
+                r = m.recipients.get(address) if m is not None else None
+                if r is not None:
+                    r.throttled_by = destination
+            pause = next_pause(
+                self._throttles.get(destination),
+                destination=destination,
+                now=now,
+                first=first,
+                maximum=maximum,
+                reply=reply,
+            )
+            self._throttles[destination] = pause
+            return pause
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations paused at ``now``, soonest end first."""
+        with self._lock:
+            return sorted(
+                (t for t in self._throttles.values() if t.until > now),
+                key=lambda t: (t.until, t.destination),
+            )
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        postponed = 0
+        with self._lock:
+            for item in items:
+                m = self._messages.get(item.message_id)
+                if m is None:
+                    continue
+                for leased in item.recipients:
+                    r = m.recipients.get(leased.address)
+                    if r is None or r.lease_token != item.lease_token:
+                        continue
+                    r.lease_token = r.lease_expires_at = None
+                    r.next_attempt_at = until
+                    r.throttled_by = destination
+                    postponed += 1
+        return postponed
+
+    def take_tokens(
+        self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
+    ) -> TokenGrant:
+        """Take up to ``want`` tokens from every bucket at once."""
+        with self._lock:
+            grant, states = take_tokens(buckets, self._buckets, want=want, now=now)
+            self._buckets.update(states)
+        return grant

@@ -1,0 +1,98 @@
+"""The memory store's suppression list, and what bounces processed after delivery need:
+a recipient failed late, and the messages that carry a Message-ID header."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from mailstrom.status import Attempt, RecipientState
+from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.memory_records import _Message, _Recipient
+from mailstrom.suppression import Suppression
+
+
+class MemorySuppressionsMixin:
+    """Kept in a dict under the store's lock; mixed into :class:`MemoryStore`."""
+
+    _lock: threading.Lock
+    _events_on: bool
+    _suppressions: dict[str, Suppression]
+
+    if TYPE_CHECKING:  # the store's own (memory.py) and the outbox's (memory_events.py)
+
+        def _get(self, message_id: str) -> _Message: ...
+
+        def _newest_first(self) -> list[_Message]: ...
+
+        def _append_event(
+            self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
+        ) -> None: ...
+
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add or replace entries; returns how many were written."""
+        with self._lock:
+            for entry in entries:
+                self._suppressions[entry.target] = entry
+        return len(entries)
+
+    def unsuppress(self, targets: Sequence[str]) -> int:
+        """Remove the entries of ``targets``; returns how many existed."""
+        with self._lock:
+            return sum(self._suppressions.pop(t, None) is not None for t in set(targets))
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        """The entries of ``targets`` that apply at ``now``."""
+        with self._lock:
+            found = {t: self._suppressions.get(t) for t in targets}
+        return {t: e for t, e in found.items() if e is not None and e.active(now)}
+
+    def list_suppressions(
+        self, *, now: datetime | None = None, after: str = "", limit: int = 100
+    ) -> list[Suppression]:
+        """Entries after ``after`` in target order (only active ones with ``now``)."""
+        with self._lock:
+            entries = sorted(
+                (e for t, e in self._suppressions.items() if t > after),
+                key=lambda e: e.target,
+            )
+        if now is not None:
+            entries = [e for e in entries if e.active(now)]
+        return entries[: max(limit, 0)]
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        """Mark a recipient FAILED after the fact (see Store.fail_late)."""
+        attempt = bounded_attempt(attempt)
+        with self._lock:
+            m = self._get(message_id)
+            r = m.recipients.get(address)
+            if r is None or r.state is RecipientState.FAILED:
+                return False
+            r.state = RecipientState.FAILED
+            r.last_attempt_at = attempt.at
+            r.next_attempt_at = None
+            r.finished_at = attempt.at
+            r.lease_token = r.lease_expires_at = None
+            r.reply = attempt.reply
+            r.error = attempt.error
+            r.mx_host = attempt.mx_host
+            r.ip = attempt.ip
+            r.tls = attempt.tls
+            r.uncertain = False
+            r.reason_class = attempt.reason_class
+            r.history.append(attempt)
+            del r.history[:-MAX_HISTORY]
+            if self._events_on:
+                self._append_event(m, r, attempt, attempt.reason_class)
+        return True
+
+    def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
+        """Ids of the messages with this Message-ID header, newest first."""
+        with self._lock:
+            return [
+                m.id
+                for m in self._newest_first()
+                if m.prepared.header_message_id == header_message_id
+            ][: max(limit, 0)]
