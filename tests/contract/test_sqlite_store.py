@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -268,3 +270,54 @@ def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) 
         ]
     assert all("recipients_lane_due (lane=?" in plan for plan in plans), plans
     assert not any("TEMP B-TREE" in plan for plan in plans), plans
+
+
+class LockFailingOnce(SQLiteStore):
+    """The first commit cannot take the write lock (after a moment, so that other callers
+    queue behind it)."""
+
+    failed = False
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self.failed:
+            self.failed = True
+            time.sleep(0.05)
+            raise OSError("flock failed")
+        with super()._exclusive():
+            yield
+
+
+def test_a_failed_group_commit_fails_its_callers_and_the_lead_passes_on(db: Path) -> None:
+    """The callers carried by a commit that could not start get a StoreError; those that
+    came too late for it are committed by the next leader; nobody waits forever."""
+    store = LockFailingOnce(db, commit_delay=0.01)
+    start = threading.Barrier(4)
+    outcomes: list[str | Exception] = [""] * 4
+
+    def run(n: int) -> None:
+        start.wait()
+        time.sleep(0.005 * n)  # one leads; the others arrive while it gathers or fails
+        try:
+            outcomes[n] = store.enqueue(message(f"t{n}@example.org"), now=NOW)
+        except StoreError as exc:
+            outcomes[n] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    failed = [o for o in outcomes if isinstance(o, StoreError)]
+    queued = [o for o in outcomes if isinstance(o, str)]
+    assert failed, outcomes
+    assert all("not committed" in str(e) for e in failed)
+    assert store.stats().messages == len(queued)
+    assert {store.status(i).recipients[0].address for i in queued} <= {
+        f"t{n}@example.org" for n in range(4)
+    }
+    # The store goes on: the next enqueue leads and commits at once.
+    store.enqueue(message("after@example.org"), now=NOW)
+    assert store.stats().messages == len(queued) + 1
+    store.close()

@@ -533,18 +533,23 @@ class SQLiteStore:
         """Commit everything pending (ours first in line) after a moment for the other
         threads' enqueues; then wake the callers that were carried, and hand the lead to
         the first caller that came too late for this commit."""
-        with self._group:
-            self._gather(me, now)
-            batch, self._pending = self._pending, []
+        batch: list[_Enqueue] = []
         try:
+            with self._group:
+                try:
+                    self._gather(me, now)
+                finally:  # even when interrupted: what is pending now leaves with us
+                    batch, self._pending = self._pending, []
             with self._exclusive():
                 self._commit_batch(batch)
         except BaseException as exc:
             for request in batch:
-                if not request.done:  # taking the write lock failed: nothing was committed
+                if not request.done:  # interrupted before the commit: nothing was written
                     request.error = StoreError(f"enqueue not committed: {exc!r}")
+                    request.error.__cause__ = exc
                     request.done = True
-            raise
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt and the like reach the caller as they are
         finally:
             with self._group:
                 successor = self._pending[0] if self._pending else None
