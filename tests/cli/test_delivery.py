@@ -164,6 +164,9 @@ def test_send_wait_exit_codes(mail_env: MailEnv) -> None:
     status = failed.json()
     assert status["recipients"][0]["state"] == "failed"
     assert status["recipients"][0]["reply"]["code"] == 550
+    # The same document as `mailstrom status --json`, advice included.
+    assert status == cli("status", "--json", status["id"]).json()
+    assert status["recipients"][0]["advice"]["meaning"]
 
     # Deferred with the next retry minutes away: --wait gives up at the timeout.
     pending = cli(

@@ -22,7 +22,7 @@ from mailstrom.cli.exits import (
 )
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers, seconds_arg
-from mailstrom.cli.views import print_message
+from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
 from mailstrom.message.dsn import DSN
@@ -377,7 +377,7 @@ def send_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print_json(status)
+        print_json(status_json(status))  # the same document as `mailstrom status --json`
     else:
         print()
         print_message(status, utc_now())
