@@ -77,6 +77,21 @@ def test_overview_shows_counts_and_the_deferred_destination(
     assert "<svg" in page.text and "bar-deferred" in page.text
 
 
+def test_a_suspended_destination_is_marked_among_the_most_deferred(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    table = re.compile(r'<table id="top-deferred">.*?</table>', re.S)
+    before = table.search(client.get("/").text)
+    assert before is not None and "two.example" in before.group(0)
+    assert "suspended" not in before.group(0)
+    client.get(_suspend(client, "two.example", "2h"))
+    after = table.search(client.get("/").text)
+    assert after is not None
+    assert re.search(
+        r">two\.example</a> <a class=\"tag suspended\"[^>]*>suspended<", after.group(0)
+    )
+
+
 def test_queue_lists_pending_mail_and_filters(client: TestClient, ids: dict[str, str]) -> None:
     page = client.get("/queue")
     assert ids["deferred"] in page.text and ids["queued"] in page.text
