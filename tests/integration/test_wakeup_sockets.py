@@ -3,6 +3,7 @@ of enqueues costs the listener one callback per burst, never a lost last wake-up
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
@@ -75,5 +76,25 @@ def test_one_sending_socket_serves_every_wake_up(tmp_path: Path) -> None:
         assert first.fileno() == -1  # closed with the directory
         sender.notify()  # after close: nothing sent, nothing raised, no new socket
         assert sender._sender is None
+    finally:
+        stop()
+
+
+def test_a_directory_dropped_without_close_closes_its_socket(tmp_path: Path) -> None:
+    """A store the application forgets to close leaves no socket for the collector to
+    complain about (pytest runs with warnings as errors: a ResourceWarning fails this)."""
+    database = tmp_path / "q.db"
+    database.touch()
+    listener = WakeupDirectory(str(database))
+    stop = listener.listen(lambda: None)
+    try:
+        sender = WakeupDirectory(str(database))
+        sender._own = "another-process-"
+        sender.notify()
+        sock = sender._sender
+        assert sock is not None
+        del sender
+        gc.collect()
+        assert sock.fileno() == -1
     finally:
         stop()

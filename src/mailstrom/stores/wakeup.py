@@ -24,6 +24,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class WakeupDirectory:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 sock.setblocking(False)
                 self._sender = sock
+                # A store dropped without close() must not leave it to the collector.
+                weakref.finalize(self, sock.close)
             return self._sender
 
     def _targets(self) -> list[str]:
