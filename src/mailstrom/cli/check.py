@@ -319,7 +319,7 @@ async def check_helo(config: Config) -> HeloReport:
 async def run_check(config: Config, domain: str) -> CheckReport:
     # MTA-STS and DANE lookups are loaded by this command only, not by every command.
     from mailstrom.cli.check_mtasts import apply_to_verdicts, check_mta_sts
-    from mailstrom.tls.dane import lookup_tlsa, tlsa_name
+    from mailstrom.tls.dane import lookup_tlsa, tlsa_base_domains, tlsa_name
 
     report = CheckReport(
         domain=domain,
@@ -352,10 +352,11 @@ async def run_check(config: Config, domain: str) -> CheckReport:
             )
             host_report.canonical = host.canonical
             try:
-                # As delivery looks (RFC 7672 §2.2.3): a validated alias's expansion first.
-                bases = [host.name]
-                if host.canonical is not None and host.secure:
-                    bases.insert(0, host.canonical)
+                # In the order delivery looks (RFC 7672 §2.2.3: a validated alias's
+                # expansion first); unvalidated records are shown too, marked as such.
+                bases = tlsa_base_domains(
+                    host.name, host.canonical, chain_secure=host.secure, alias_secure=True
+                ) or (host.name,)
                 for base in bases:
                     found = await lookup_tlsa(resolver, base)
                     if found.exists:

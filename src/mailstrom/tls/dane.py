@@ -31,8 +31,9 @@ Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -54,6 +55,8 @@ MAX_RECORDS = 32
 """TLSA records of one host looked at; more is no sane configuration."""
 MAX_CACHED = 10_000
 
+V = TypeVar("V")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSALookup:
@@ -74,21 +77,39 @@ def tlsa_name(host: str, port: int = 25) -> str:
     return f"_{port}._tcp.{host.rstrip('.')}."
 
 
-async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALookup:
-    """Look up ``host``'s TLSA records; raise TemporaryFailure for anything but an answer,
-    NXDOMAIN or NODATA (RFC 7672 §2.2: such a host is unusable, never plaintext)."""
-    name = tlsa_name(host)
+async def _ask(
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: dns.rdatatype.RdataType, host: str
+) -> dns.resolver.Answer | None:
+    """The answer for ``name``, None for NXDOMAIN or NODATA; any other failure raises
+    TemporaryFailure (RFC 7672 §2.2: such a host is unusable, never plaintext)."""
     try:
-        answer = await resolver.resolve(name, dns.rdatatype.TLSA, search=False)
+        return await resolver.resolve(name, rdtype, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return TLSALookup(host=host)
+        return None
     except (dns.exception.DNSException, OSError) as exc:
+        what = dns.rdatatype.to_text(rdtype)
         raise TemporaryFailure(
-            f"DANE: TLSA lookup of {name} failed: {exc}; not delivering to {host} without it",
+            f"DANE: {what} lookup of {name} failed: {exc}; not delivering to {host} without it",
             enhanced="4.7.5",
             host=host,
         ) from exc
-    secure = bool(answer.response.flags & dns.flags.AD)
+
+
+def _ttl(answer: dns.resolver.Answer) -> float:
+    """How long ``answer`` may be reused: its TTL, at most :data:`MAX_TTL`."""
+    return min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
+
+
+def _validated(answer: dns.resolver.Answer) -> bool:
+    return bool(answer.response.flags & dns.flags.AD)
+
+
+async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALookup:
+    """Look up ``host``'s TLSA records; raise TemporaryFailure for anything but an answer,
+    NXDOMAIN or NODATA (RFC 7672 §2.2: such a host is unusable, never plaintext)."""
+    answer = await _ask(resolver, tlsa_name(host), dns.rdatatype.TLSA, host)
+    if answer is None:
+        return TLSALookup(host=host)
     records = tuple(
         TLSARecord(
             usage=int(rdata.usage),
@@ -98,8 +119,13 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
         )
         for rdata in list(answer)[:MAX_RECORDS]
     )
-    ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
-    return TLSALookup(host=host, records=records, secure=secure, exists=bool(records), ttl=ttl)
+    return TLSALookup(
+        host=host,
+        records=records,
+        secure=_validated(answer),
+        exists=bool(records),
+        ttl=_ttl(answer),
+    )
 
 
 def tlsa_base_domains(
@@ -157,19 +183,10 @@ async def lookup_alias_secure(
     that may be believed. Only the alias's zone answers this, whatever the target's zones
     do. Raises TemporaryFailure for anything but an answer, NXDOMAIN or NODATA (then
     ``host`` is no alias any more: not secure), as :func:`lookup_tlsa` does."""
-    name = f"{host.rstrip('.')}."
-    try:
-        answer = await resolver.resolve(name, dns.rdatatype.CNAME, search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    answer = await _ask(resolver, f"{host.rstrip('.')}.", dns.rdatatype.CNAME, host)
+    if answer is None:
         return False, NEGATIVE_TTL
-    except (dns.exception.DNSException, OSError) as exc:
-        raise TemporaryFailure(
-            f"DANE: CNAME lookup of {name} failed: {exc}; not delivering to {host} without it",
-            enhanced="4.7.5",
-            host=host,
-        ) from exc
-    ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
-    return bool(answer.response.flags & dns.flags.AD), ttl
+    return _validated(answer), _ttl(answer)
 
 
 def requirement_for(lookup: TLSALookup, *, names: tuple[str, ...] = ()) -> TLSRequirement | None:
@@ -225,28 +242,36 @@ class DaneSource:
 
     async def lookup(self, host: str) -> TLSALookup:
         """``host``'s TLSA records, cached (see the module docstring)."""
-        cached = self._cache.get(host)
-        now = self._clock()
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await lookup_tlsa(self._resolver, host)
-        ttl = found.ttl
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[host] = (now + ttl, found)
-        return found
+
+        async def ask() -> tuple[TLSALookup, float]:
+            found = await lookup_tlsa(self._resolver, host)
+            return found, found.ttl
+
+        return await self._remembered(self._cache, host, ask)
 
     async def alias_secure(self, host: str) -> bool:
         """Whether alias ``host``'s own CNAME record validated, cached for its TTL."""
-        cached = self._aliases.get(host)
+        return await self._remembered(
+            self._aliases, host, lambda: lookup_alias_secure(self._resolver, host)
+        )
+
+    async def _remembered(
+        self,
+        cache: dict[str, tuple[float, V]],
+        host: str,
+        ask: Callable[[], Awaitable[tuple[V, float]]],
+    ) -> V:
+        """``cache``'s answer for ``host`` while fresh, else ``ask()``'s, kept for the TTL
+        it comes with (a full cache starts again: at most :data:`MAX_CACHED` hosts)."""
         now = self._clock()
+        cached = cache.get(host)
         if cached is not None and cached[0] > now:
             return cached[1]
-        secure, ttl = await lookup_alias_secure(self._resolver, host)
-        if len(self._aliases) >= MAX_CACHED:
-            self._aliases.clear()
-        self._aliases[host] = (now + ttl, secure)
-        return secure
+        value, ttl = await ask()
+        if len(cache) >= MAX_CACHED:
+            cache.clear()
+        cache[host] = (now + ttl, value)
+        return value
 
     async def requirement(
         self, destination: Destination, default: TLSRequirement
