@@ -10,11 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    # Only named in annotations: a status without DKIM needs none of DKIM's modules.
-    from mailstrom.dkim.signing import DKIMSignature
+# Imported for real (it needs only the standard library), so that typing.get_type_hints()
+# resolves every field of these types, as serialisers (pydantic, FastAPI...) ask.
+from mailstrom.dkim.signature import DKIMSignature
 
 
 class RecipientState(StrEnum):

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from mailstrom._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from mailstrom.dkim.keys import DKIMAlgorithm, DKIMKey, DNSRecord, generate_private_key
-    from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, DKIMSignature, sign
+    from mailstrom.dkim.keys import DKIMKey, DNSRecord, generate_private_key
+    from mailstrom.dkim.signature import DKIMAlgorithm, DKIMSignature
+    from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, sign
 
 
 __all__ = [
@@ -30,7 +31,6 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "mailstrom.dkim.keys": (
-            "DKIMAlgorithm",
             "DKIMKey",
             "DNSRecord",
             "generate_private_key",
@@ -38,8 +38,8 @@ __getattr__, __dir__ = lazy_exports(
         "mailstrom.dkim.signing": (
             "SIGNED_HEADERS",
             "DKIMConfig",
-            "DKIMSignature",
             "sign",
         ),
+        "mailstrom.dkim.signature": ("DKIMAlgorithm", "DKIMSignature"),
     },
 )

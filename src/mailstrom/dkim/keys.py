@@ -24,11 +24,11 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailstrom import domains
+from mailstrom.dkim.signature import DKIMAlgorithm as DKIMAlgorithm  # re-exported
 from mailstrom.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,33 +46,6 @@ TXT_STRING = 255
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
-class DKIMAlgorithm(StrEnum):
-    """A signing algorithm (the ``a=`` tag)."""
-
-    RSA_SHA256 = "rsa-sha256"
-    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 6376 §3.3.1): verified everywhere."""
-    ED25519_SHA256 = "ed25519-sha256"
-    """Ed25519 over the SHA-256 of the signed data (RFC 8463): short keys and signatures,
-    fast, but not verified by every receiver yet, so sign with RSA as well."""
-
-    @property
-    def key_type(self) -> str:
-        """The ``k=`` tag of the DNS record."""
-        return "rsa" if self is DKIMAlgorithm.RSA_SHA256 else "ed25519"
-
-    @classmethod
-    def named(cls, value: object) -> DKIMAlgorithm:
-        """The algorithm ``value`` names: its ``a=`` value, or the key type alone
-        (``"rsa"``, ``"ed25519"``), in any case; :class:`ValueError` otherwise."""
-        if isinstance(value, cls):
-            return value
-        text = str(value).strip().lower()
-        return cls(_SHORT_NAMES.get(text, text))
-
-
-_SHORT_NAMES = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from mailstrom.dkim.canon import relaxed_body, relaxed_header, split_fields
-from mailstrom.dkim.keys import DKIMAlgorithm, DKIMKey
+from mailstrom.dkim.keys import DKIMKey
+from mailstrom.dkim.signature import DKIMSignature as DKIMSignature  # re-exported
 from mailstrom.errors import ConfigError
 
 SIGNED_HEADERS = (
@@ -47,19 +48,6 @@ OVERSIGNED = frozenset({"from", "subject"})
 _SIGNED = tuple((name, name.encode("ascii"), name in OVERSIGNED) for name in SIGNED_HEADERS)
 _FOLD_AT = 78
 _B64_LINE = 72
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DKIMSignature:
-    """What one signature on a prepared message says: the signing domain (``d=``),
-    selector (``s=``) and algorithm (``a=``)."""
-
-    domain: str
-    selector: str
-    algorithm: DKIMAlgorithm
-
-    def __str__(self) -> str:
-        return f"{self.domain} ({self.selector}, {self.algorithm.value})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailstrom.dkim.signature import DKIMSignature
 from mailstrom.message.attributes import NO_ATTRIBUTES, QueueAttributes
 from mailstrom.message.dsn import DSN
 
 if TYPE_CHECKING:
-    from mailstrom.dkim.signing import DKIMSignature
     from mailstrom.status import DKIMStatus
 
 

@@ -64,8 +64,7 @@ def dkim_from_column(text: str | None) -> DKIMStatus | None:
                 return None
             return DKIMStatus(reason=reason)
         # Here, not at the top: a store is opened by workers that never sign or read these.
-        from mailstrom.dkim.keys import DKIMAlgorithm
-        from mailstrom.dkim.signing import DKIMSignature
+        from mailstrom.dkim.signature import DKIMAlgorithm, DKIMSignature
 
         signatures = tuple(
             DKIMSignature(domain=domain, selector=selector, algorithm=DKIMAlgorithm(algorithm))
