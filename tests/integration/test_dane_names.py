@@ -121,6 +121,24 @@ def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
     assert mx.messages == []
 
 
+def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
+    dns_server: LoopbackDNS, receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    mx = receiver(*chain_with_anchor(ca, "example.org"))
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    send = worker(mx.port)
+    assert send("bob@example.org").state is RecipientState.DELIVERED
+    carol = send("carol@example.net")
+    # Mail for example.net needs a certificate naming mx.test or example.net: a new
+    # connection is opened and refused, example.org's idle one is left alone.
+    assert carol.state is RecipientState.DEFERRED
+    assert carol.reason_class is ReasonClass.TLS
+    assert "not valid for mx.test or example.net" in carol.reason
+    assert mx.connections == 2
+    assert [m.envelope_to for m in mx.messages] == [["bob@example.org"]]
+
+
 def test_dane_ee_connections_are_reused_across_domains_sharing_the_mx(
     dns_server: LoopbackDNS, receiver: Any, worker: Any
 ) -> None:
