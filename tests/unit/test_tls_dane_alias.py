@@ -42,19 +42,42 @@ def test_tlsa_base_domains(
     )
 
 
+NEXT_HOP = "example.test"
+
+
 @pytest.mark.parametrize(
-    ("base", "canonical", "chain_secure", "names"),
+    ("base", "canonical", "chain_secure", "next_hop", "names"),
     [
-        (HOST, None, True, (HOST,)),
-        (TARGET, TARGET, True, (TARGET, HOST)),
-        (HOST, TARGET, True, (HOST, TARGET)),
-        (HOST, TARGET, False, (HOST,)),  # an unvalidated expansion names nothing
+        (HOST, None, True, None, (HOST,)),
+        (TARGET, TARGET, True, None, (TARGET, HOST)),
+        (HOST, TARGET, True, None, (HOST, TARGET)),
+        (HOST, TARGET, False, None, (HOST,)),  # an unvalidated expansion names nothing
+        # Validated MX records: the domain they belong to comes last, never first (the
+        # first name is the SNI name, the TLSA base domain).
+        (HOST, None, True, NEXT_HOP, (HOST, NEXT_HOP)),
+        (TARGET, TARGET, True, NEXT_HOP, (TARGET, HOST, NEXT_HOP)),
+        (HOST, TARGET, False, NEXT_HOP, (HOST, NEXT_HOP)),
+        # The MX records name the domain itself: no name twice.
+        (HOST, None, True, HOST, (HOST,)),
     ],
 )
 def test_reference_names(
-    base: str, canonical: str | None, chain_secure: bool, names: tuple[str, ...]
+    base: str,
+    canonical: str | None,
+    chain_secure: bool,
+    next_hop: str | None,
+    names: tuple[str, ...],
 ) -> None:
-    assert reference_names(base, HOST, canonical, chain_secure=chain_secure) == names
+    assert (
+        reference_names(base, HOST, canonical, chain_secure=chain_secure, next_hop=next_hop)
+        == names
+    )
+
+
+def test_an_implicit_mx_adds_no_name() -> None:
+    # No MX records: the worker gives no next-hop domain, and the host is the domain.
+    assert reference_names(NEXT_HOP, NEXT_HOP, None, chain_secure=True) == (NEXT_HOP,)
+    assert reference_names(TARGET, NEXT_HOP, TARGET, chain_secure=True) == (TARGET, NEXT_HOP)
 
 
 def test_the_requirement_names_the_base_domain_and_carries_the_reference_names() -> None:
@@ -76,6 +99,11 @@ def test_dane_ta_accepts_a_leaf_for_any_reference_name_and_only_those() -> None:
     # Without the expansion among the names, the MX host name alone is checked.
     with pytest.raises(DaneMismatch, match=f"not valid for {HOST} "):
         check_chain([for_target, anchor], tlsa, host=HOST)
+    for_next_hop = der(ca.issue_cert(NEXT_HOP).cert_chain_pems[0].bytes())
+    with_next_hop = (*names, NEXT_HOP)
+    assert check_chain([for_next_hop, anchor], tlsa, host=HOST, names=with_next_hop)
+    with pytest.raises(DaneMismatch, match=f"not valid for {TARGET} or {HOST} "):
+        check_chain([for_next_hop, anchor], tlsa, host=HOST, names=names)
     elsewhere = der(ca.issue_cert("elsewhere.example").cert_chain_pems[0].bytes())
     with pytest.raises(DaneMismatch, match=f"not valid for {TARGET} or {HOST}"):
         check_chain([elsewhere, anchor], tlsa, host=HOST, names=names)

@@ -376,6 +376,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                         mx_secure=route.secure,
                         host_secure=host.secure,
                         mx_canonical=host.canonical,
+                        next_hop=None if route.implicit else route.domain,
                     )
                 )
                 host_report.tls_policy = need.label

@@ -226,7 +226,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
         ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``, and
         ``dane_names`` the names a DANE-TA(2) certificate may be issued for (``host``
-        alone when empty; more when ``host`` is an alias, RFC 7672 §3.2.2).
+        alone when empty; more when ``host`` is an alias, and the next-hop domain, RFC 7672
+        §3.2.2); the first of them is the SNI name.
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS

@@ -461,6 +461,8 @@ class Dispatcher:
             tls_optional=dest.tls_optional,
             require_tls=dest.require_tls,
             mx_canonical=mx.canonical,
+            # The name the MX records were asked for: none for an implicit MX or a relay.
+            next_hop=None if route.implicit or route is self._relay_route else route.domain,
         )
 
     async def _stream(

@@ -8,7 +8,9 @@ the next attempts go straight to plaintext; a certificate that fails verificatio
 falls back. Opening a connection costs a TCP handshake, the greeting, EHLO, usually
 STARTTLS and a second EHLO, so idle connections are kept for ``connection_idle`` seconds,
 keyed by host, address, port and TLS mode (as Postfix's connection cache keys by address):
-another destination sharing the MX host with the same requirement reuses them too.
+another destination sharing the MX host with the same requirement reuses them too. Under
+DANE the TLSA records join the key, and with a DANE-TA(2) record the names the certificate
+was checked against, which include the recipient domain (see :meth:`Opener.key`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ class ConnectionKey:
     port: int
     tls_mode: str
     tlsa: tuple[TLSARecord, ...] = ()
+    dane_names: tuple[str, ...] = ()
+    """The DANE-TA(2) reference names the certificate was checked against; empty when no
+    name was checked (see :meth:`Opener.key`)."""
+
+
+def _names_checked(tlsa: tuple[TLSARecord, ...]) -> bool:
+    """Whether a certificate matching ``tlsa`` may have been accepted for its names: a
+    usable DANE-TA(2) record is among them."""
+    return any(record.usage == 2 and record.usable for record in tlsa)
 
 
 class Opener:
@@ -69,13 +80,24 @@ class Opener:
 
     def key(self, host: str, ip: str, requirement: TLSRequirement) -> ConnectionKey:
         """The idle-cache key of a connection to ``ip`` for ``host`` under ``requirement``
-        (a DANE connection is only reused under the same TLSA records)."""
+        (a DANE connection is only reused under the same TLSA records, and, with a
+        DANE-TA(2) record among them, the same reference names)."""
+        # A DANE-TA certificate is accepted for the names it carries, and those include
+        # the recipient domain (RFC 7672 §3.2.2): a connection accepted because its
+        # certificate names example.org proves nothing for example.net's mail, so the
+        # names join the key. Keyed by the whole set rather than by the name that matched,
+        # which is simpler and errs on the side of a new connection. DANE-EE checks no name,
+        # so those connections stay shared by every domain whose MX is this host.
+        names = requirement.dane_names
+        if names and not _names_checked(requirement.tlsa):
+            names = ()
         return ConnectionKey(
             host=host,
             ip=ip,
             port=self.port,
             tls_mode=requirement.mode,
             tlsa=requirement.tlsa,
+            dane_names=names,
         )
 
     def idle(self, key: ConnectionKey) -> SMTPConnection | None:

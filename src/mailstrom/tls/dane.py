@@ -22,8 +22,10 @@ base domain depends on how far DNSSEC reaches (RFC 7672 §2.2.3, :func:`tlsa_bas
   for separately) did → the MX host name only;
 * not even the alias validated → DANE does not apply.
 
-A DANE-TA(2) certificate may then name the TLSA base domain or the other of the two names
-(when that one was validated too): :func:`reference_names`.
+A DANE-TA(2) certificate may then name the TLSA base domain, the other of the two names
+(when that one was validated too), or the next-hop domain whose validated MX records named
+the host (RFC 7672 §3.2.2): :func:`reference_names`. A CNAME expansion of the next-hop
+domain itself is not tracked, so it is not among them.
 
 Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
 """
@@ -156,21 +158,28 @@ def tlsa_base_domains(
 
 
 def reference_names(
-    base: str, host: str, canonical: str | None, *, chain_secure: bool
+    base: str,
+    host: str,
+    canonical: str | None,
+    *,
+    chain_secure: bool,
+    next_hop: str | None = None,
 ) -> tuple[str, ...]:
     """The names a DANE-TA(2) certificate of MX ``host`` may be issued for (RFC 7672
-    §3.2.2), TLSA base domain ``base`` first: the MX host name, and its CNAME expansion
-    when the whole chain validated.
+    §3.2.2), TLSA base domain ``base`` first (it is also the SNI name): the MX host name,
+    its CNAME expansion when the whole chain validated, and ``next_hop``, the domain whose
+    validated MX records named ``host`` (None for an implicit MX: no MX records were used,
+    and the host is that domain already).
 
     >>> reference_names("smtp.provider.net", "mx.example.org", "smtp.provider.net",
-    ...                 chain_secure=True)
-    ('smtp.provider.net', 'mx.example.org')
+    ...                 chain_secure=True, next_hop="example.org")
+    ('smtp.provider.net', 'mx.example.org', 'example.org')
     >>> reference_names("mx.example.org", "mx.example.org", "smtp.provider.net",
     ...                 chain_secure=False)
     ('mx.example.org',)
     """
     names = [base]
-    for name in (host, canonical if chain_secure else None):
+    for name in (host, canonical if chain_secure else None, next_hop):
         if name is not None and name not in names:
             names.append(name)
     return tuple(names)
@@ -289,6 +298,8 @@ class DaneSource:
         for base in bases:
             found = await self.lookup(base)
             if found.secure and found.exists:
-                names = reference_names(base, host, canonical, chain_secure=chain_secure)
+                names = reference_names(
+                    base, host, canonical, chain_secure=chain_secure, next_hop=destination.next_hop
+                )
                 return requirement_for(found, names=names)
         return None  # RFC 7672 §2.2.2/§2.2.3: insecure address records, or no TLSA

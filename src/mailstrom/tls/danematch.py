@@ -7,7 +7,8 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
   send the trust anchor, unless the record is ``2 0 0``, which holds the anchor itself)
   matches; the chain from the leaf to it must then verify, with the leaf's name matching
   the MX host or another reference identifier the caller gives (RFC 7672 §3.2.2: the
-  TLSA base domain, which may be the MX host's CNAME expansion), as if that certificate
+  TLSA base domain, which may be the MX host's CNAME expansion, and the next-hop domain
+  whose validated MX records named the host), as if that certificate
   were the only trusted root. The chain check is ``cryptography``'s X.509 path
   validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.

@@ -98,7 +98,8 @@ class TLSRequirement:
     fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
     dane_names: tuple[str, ...] = ()
     """With ``mode`` DANE, the names a DANE-TA(2) certificate may be issued for (RFC 7672
-    §3.2.2), the TLSA base domain first; empty means the MX host name alone."""
+    §3.2.2), the TLSA base domain first (it is the SNI name), the next-hop domain last;
+    empty means the MX host name alone."""
 
     @property
     def authenticated(self) -> bool:

@@ -1,0 +1,152 @@
+"""DANE-TA(2) name checks against the next-hop domain (RFC 7672 §3.2.2) end to end, and
+which idle connections another recipient domain may reuse: validated MX records of
+``example.org`` (and ``example.net``) name ``mx.test`` on the loopback DNS server, an
+aiosmtpd receiver presents a chosen certificate, the whole worker runs in between."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailstrom import Config, Email, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.status import ReasonClass, RecipientStatus
+from mailstrom.stores import MemoryStore
+from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
+from tests.support.delivery import FAST, FakeClock, Results
+
+MX = "mx.test"
+TLSA_OWNER = f"_25._tcp.{MX}"
+DOMAINS = ("example.org", "example.net")
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Callable[..., ReceivingServer]]:
+    """Start a receiver presenting ``cert``; the SNI names clients send go to ``sni``."""
+    started: list[ReceivingServer] = []
+
+    def start(cert: bytes, key: bytes, sni: list[str | None] | None = None) -> ReceivingServer:
+        context = server_context(tmp_path, cert, key)
+        if sni is not None:
+            context.sni_callback = lambda _conn, name, _context: sni.append(name)
+        server = start_receiving_server(context)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def worker(dns_server: LoopbackDNS) -> Iterator[Callable[[int], Callable[[str], RecipientStatus]]]:
+    """A DNSSEC-trusting worker delivering to port ``port``; the function it returns sends
+    one message to an address and returns that recipient's status once recorded, so that
+    messages go one after the other (the second may find the first's idle connection)."""
+    started: list[Mailstrom] = []
+
+    def start(port: int) -> Callable[[str], RecipientStatus]:
+        results = Results()
+        config = Config(
+            helo_name="client.test",
+            smtp_port=port,
+            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
+            allow_loopback=True,
+            timeouts=FAST,
+            poll_interval=0.5,
+            connection_idle=60.0,  # the first connection stays idle for the second message
+        )
+        ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
+        ms.start()
+        started.append(ms)
+
+        def send(to: str) -> RecipientStatus:
+            mid = ms.send_email(Email(from_="a@sender.test", to=[to], subject="Hi", text="Hi"))
+            results.wait_final({to})
+            return ms.query_status(mid).recipient(to)
+
+        return send
+
+    yield start
+    for ms in started:
+        ms.stop(timeout=5)
+
+
+def signed_zone(dns: LoopbackDNS, host_ip: str, *tlsa: tuple[int, int, int, bytes]) -> None:
+    """Both domains → MX mx.test → host_ip, with TLSA records, all validated (AD)."""
+    for domain in DOMAINS:
+        dns.mx(domain, [(10, MX)])
+    dns.a(MX, host_ip)
+    dns.tlsa(TLSA_OWNER, *tlsa)
+    dns.authenticated(*DOMAINS, MX, TLSA_OWNER)
+
+
+def dane_ta(ca: trustme.CA) -> tuple[int, int, int, bytes]:
+    """A ``2 0 1`` record for ``ca``'s certificate."""
+    return (2, 0, 1, hashlib.sha256(der(ca.cert_pem.bytes())).digest())
+
+
+def test_dane_ta_takes_a_certificate_for_the_recipient_domain(
+    dns_server: LoopbackDNS, receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    sni: list[str | None] = []
+    mx = receiver(*chain_with_anchor(ca, "example.org"), sni=sni)
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    bob = worker(mx.port)("bob@example.org")
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "dane"
+    # The SNI still names the TLSA base domain, not the recipient domain.
+    assert sni == [MX]
+
+
+def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
+    dns_server: LoopbackDNS, receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    mx = receiver(*chain_with_anchor(ca, "example.com", "elsewhere.test"))
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    bob = worker(mx.port)("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert "not valid for mx.test or example.org" in bob.reason
+    assert mx.messages == []
+
+
+def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
+    dns_server: LoopbackDNS, receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    mx = receiver(*chain_with_anchor(ca, "example.org"))
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    send = worker(mx.port)
+    assert send("bob@example.org").state is RecipientState.DELIVERED
+    carol = send("carol@example.net")
+    # Mail for example.net needs a certificate naming mx.test or example.net: a new
+    # connection is opened and refused, example.org's idle one is left alone.
+    assert carol.state is RecipientState.DEFERRED
+    assert carol.reason_class is ReasonClass.TLS
+    assert "not valid for mx.test or example.net" in carol.reason
+    assert mx.connections == 2
+    assert [m.envelope_to for m in mx.messages] == [["bob@example.org"]]
+
+
+def test_dane_ee_connections_are_reused_across_domains_sharing_the_mx(
+    dns_server: LoopbackDNS, receiver: Any, worker: Any
+) -> None:
+    cert, key = self_signed("example.org")  # names are not checked for DANE-EE
+    mx = receiver(cert, key)
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(cert)))
+    send = worker(mx.port)
+    assert send("bob@example.org").state is RecipientState.DELIVERED
+    assert send("carol@example.net").state is RecipientState.DELIVERED
+    assert mx.connections == 1
+    assert len(mx.messages) == 2
