@@ -297,3 +297,23 @@ def test_an_alias_that_does_not_validate_means_no_dane(
     assert bob.history[-1].tls_policy == "opportunistic"
     assert dns_server.queries(AT_MX, "TLSA") == 0
     assert dns_server.queries(AT_TARGET, "TLSA") == 0
+
+
+def test_a_failed_lookup_of_the_aliass_own_record_defers_instead_of_dropping_dane(
+    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+) -> None:
+    """The chain does not validate, so whether DANE applies hangs on the alias's own CNAME
+    record; when that query fails, the attempt waits (as a failed TLSA lookup does) instead
+    of going on as if the alias were insecure, which would send without DANE."""
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    mx = receiver(cert, key)
+    aliased_zone(dns_server, mx.host, chain_secure=False)
+    dns_server.tlsa(AT_MX, ee(other))  # DANE would refuse this server's certificate
+    dns_server.servfail(MX, "CNAME")  # the address queries, which follow it, still work
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert MX in bob.reason
+    assert mx.connections == 0
+    assert mx.messages == []
+    assert dns_server.queries(MX, "CNAME") >= 1

@@ -38,7 +38,8 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * ``wildcard_mx([(preference, host), ...])`` — every name the zone does not hold answers
   MX with these hosts (and has no other records), so mail to any domain goes there.
 * ``nxdomain(name)`` — ``name`` does not exist, whatever ``wildcard_mx`` says.
-* ``servfail(name)`` — every query for ``name`` gets SERVFAIL.
+* ``servfail(name)`` — every query for ``name`` gets SERVFAIL (``servfail(name, "CNAME")``:
+  only the queries for that type).
 * ``drop(name)`` — queries for ``name`` are never answered (the client times out; give
   it a small ``timeout``).
 * ``delete(name)`` — forget everything about ``name`` (it becomes NXDOMAIN, or falls
@@ -101,6 +102,7 @@ class _Node:
     records: dict[str, list[RR]] = field(default_factory=dict)
     cname: str | None = None
     servfail: bool = False
+    servfail_types: set[str] = field(default_factory=set)
     drop: bool = False
     nxdomain: bool = False
     authenticated: bool = False
@@ -140,7 +142,7 @@ class _ZoneResolver:
                 if node.drop:
                     # DNSHandler logs a DNSError and sends nothing: the client times out.
                     raise DNSError(f"dropping query for {name}")
-                if node.servfail:
+                if node.servfail or qtype in node.servfail_types:
                     reply.header.rcode = RCODE.SERVFAIL
                     break
                 if node.cname is not None and qtype != "CNAME":
@@ -347,10 +349,16 @@ class LoopbackDNS:
             node.cname = _key(target) + "."
             node.records = {"CNAME": [RR(key, QTYPE.CNAME, rdata=CNAME(node.cname), ttl=ttl)]}
 
-    def servfail(self, name: str) -> None:
-        """Answer every query for ``name`` with SERVFAIL."""
+    def servfail(self, name: str, rtype: str | None = None) -> None:
+        """Answer every query for ``name`` with SERVFAIL, or only those for ``rtype``
+        (e.g. ``"CNAME"``: an alias whose own record cannot be fetched while queries
+        for its addresses, which follow it, still work)."""
         with self._zone.lock:
-            self._zone.nodes.setdefault(_key(name), _Node()).servfail = True
+            node = self._zone.nodes.setdefault(_key(name), _Node())
+            if rtype is None:
+                node.servfail = True
+            else:
+                node.servfail_types.add(rtype.upper())
 
     def drop(self, name: str) -> None:
         """Never answer queries for ``name`` (the client times out)."""
