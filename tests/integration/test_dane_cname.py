@@ -9,45 +9,25 @@ import asyncio
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from mailstrom import Config, Email, RecipientState
+from mailstrom import Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.routing import Router
 from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.stores import MemoryStore
-from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
-from tests.support.delivery import FAST, FakeClock, Results
+from tests.support.certs import chain_with_anchor, der, self_signed, spki_sha256
+from tests.support.delivery import FakeClock, Results, loopback_config
 
 MX = "mx.example.test"
 TARGET = "real.hosting.test"
 AT_MX = f"_25._tcp.{MX}"
 AT_TARGET = f"_25._tcp.{TARGET}"
 TO = "bob@example.org"
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Callable[..., ReceivingServer]]:
-    """Start a receiver presenting ``cert``; the SNI names clients send go to ``sni``."""
-    started: list[ReceivingServer] = []
-
-    def start(cert: bytes, key: bytes, sni: list[str | None] | None = None) -> ReceivingServer:
-        context = server_context(tmp_path, cert, key)
-        if sni is not None:
-            context.sni_callback = lambda _conn, name, _context: sni.append(name)
-        server = start_receiving_server(context)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
@@ -58,13 +38,8 @@ def deliver(dns_server: LoopbackDNS) -> Iterator[Callable[[int], RecipientStatus
 
     def run(port: int) -> RecipientStatus:
         results = Results()
-        config = Config(
-            helo_name="client.test",
-            smtp_port=port,
-            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
-            allow_loopback=True,
-            timeouts=FAST,
-            poll_interval=0.5,
+        config = loopback_config(
+            dns_server, port, dns=dataclasses.replace(dns_server.dns_config, dnssec=True)
         )
         ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
         ms.start()
@@ -120,10 +95,10 @@ def test_the_router_reports_the_expansion_of_an_alias(dns_server: LoopbackDNS) -
 
 
 def test_tlsa_only_at_the_expanded_name_authenticates_the_host(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(TARGET, expired=True)  # DANE-EE: only the key counts
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_TARGET, ee(cert))
     bob = deliver(mx.port)
@@ -135,11 +110,11 @@ def test_tlsa_only_at_the_expanded_name_authenticates_the_host(
 
 
 def test_a_mismatch_with_the_expanded_names_records_defers(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(TARGET)
     other, _ = self_signed(TARGET)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_TARGET, ee(other))
     bob = deliver(mx.port)
@@ -151,11 +126,11 @@ def test_a_mismatch_with_the_expanded_names_records_defers(
 
 
 def test_the_expanded_names_records_win_over_the_original_names(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(TARGET)
     other, _ = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_TARGET, ee(cert))
     dns_server.tlsa(AT_MX, ee(other))  # would not match: never looked at
@@ -166,11 +141,11 @@ def test_the_expanded_names_records_win_over_the_original_names(
 
 @pytest.mark.parametrize("leaf_name", [TARGET, MX])
 def test_dane_ta_takes_a_certificate_for_the_expansion_or_the_mx_name(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any, leaf_name: str
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any, leaf_name: str
 ) -> None:
     ca = trustme.CA()
     chain, key = chain_with_anchor(ca, leaf_name)
-    mx = receiver(chain, key)
+    mx = cert_receiver(chain, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_TARGET, (2, 0, 1, hashlib.sha256(der(ca.cert_pem.bytes())).digest()))
     bob = deliver(mx.port)
@@ -179,11 +154,11 @@ def test_dane_ta_takes_a_certificate_for_the_expansion_or_the_mx_name(
 
 
 def test_dane_ta_refuses_a_certificate_for_another_name(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     ca = trustme.CA()
     chain, key = chain_with_anchor(ca, "elsewhere.example")
-    mx = receiver(chain, key)
+    mx = cert_receiver(chain, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_TARGET, (2, 0, 1, hashlib.sha256(der(ca.cert_pem.bytes())).digest()))
     bob = deliver(mx.port)
@@ -194,11 +169,11 @@ def test_dane_ta_refuses_a_certificate_for_another_name(
 
 @pytest.mark.parametrize(("owner", "base"), [(AT_TARGET, TARGET), (AT_MX, MX)])
 def test_sni_names_the_tlsa_base_domain(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any, owner: str, base: str
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any, owner: str, base: str
 ) -> None:
     cert, key = self_signed(TARGET)
     sni: list[str | None] = []
-    mx = receiver(cert, key, sni)
+    mx = cert_receiver(cert, key, sni)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(owner, ee(cert))
     assert deliver(mx.port).state is RecipientState.DELIVERED
@@ -210,11 +185,11 @@ def test_sni_names_the_tlsa_base_domain(
 
 @pytest.mark.parametrize("matching", [True, False])
 def test_without_records_at_the_expansion_the_original_names_apply(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any, matching: bool
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any, matching: bool
 ) -> None:
     cert, key = self_signed(MX)
     other, _ = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_MX, ee(cert if matching else other))
     bob = deliver(mx.port)
@@ -230,10 +205,10 @@ def test_without_records_at_the_expansion_the_original_names_apply(
 
 
 def test_a_failed_lookup_at_the_expansion_defers_without_trying_the_original(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host)
     dns_server.tlsa(AT_MX, ee(cert))
     dns_server.servfail(AT_TARGET)  # not "no records": the host must not be used now
@@ -248,11 +223,11 @@ def test_a_failed_lookup_at_the_expansion_defers_without_trying_the_original(
 
 
 def test_an_insecure_expansion_ignores_the_expanded_names_records(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(TARGET)
     other, _ = self_signed(TARGET)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host, chain_secure=False)
     dns_server.tlsa(AT_TARGET, ee(other))  # would defer if used
     bob = deliver(mx.port)
@@ -263,11 +238,11 @@ def test_an_insecure_expansion_ignores_the_expanded_names_records(
 
 @pytest.mark.parametrize("matching", [True, False])
 def test_an_insecure_expansion_of_a_validated_alias_uses_the_original_names_records(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any, matching: bool
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any, matching: bool
 ) -> None:
     cert, key = self_signed(MX)
     other, _ = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host, chain_secure=False)
     dns_server.tlsa(AT_TARGET, ee(cert))  # would match, but the expansion is not trusted
     dns_server.tlsa(AT_MX, ee(cert if matching else other))
@@ -283,11 +258,11 @@ def test_an_insecure_expansion_of_a_validated_alias_uses_the_original_names_reco
 
 
 def test_an_alias_that_does_not_validate_means_no_dane(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     cert, key = self_signed(MX)
     other, _ = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host, chain_secure=False)
     dns_server.unauthenticated(MX)
     dns_server.tlsa(AT_MX, ee(other))
@@ -300,14 +275,14 @@ def test_an_alias_that_does_not_validate_means_no_dane(
 
 
 def test_a_failed_lookup_of_the_aliass_own_record_defers_instead_of_dropping_dane(
-    dns_server: LoopbackDNS, receiver: Any, deliver: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, deliver: Any
 ) -> None:
     """The chain does not validate, so whether DANE applies hangs on the alias's own CNAME
     record; when that query fails, the attempt waits (as a failed TLSA lookup does) instead
     of going on as if the alias were insecure, which would send without DANE."""
     cert, key = self_signed(MX)
     other, _ = self_signed(MX)
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     aliased_zone(dns_server, mx.host, chain_secure=False)
     dns_server.tlsa(AT_MX, ee(other))  # DANE would refuse this server's certificate
     dns_server.servfail(MX, "CNAME")  # the address queries, which follow it, still work

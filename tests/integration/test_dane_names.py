@@ -8,42 +8,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from mailstrom import Config, Email, RecipientState
+from mailstrom import Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.stores import MemoryStore
-from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
-from tests.support.delivery import FAST, FakeClock, Results
+from tests.support.certs import chain_with_anchor, der, self_signed, spki_sha256
+from tests.support.delivery import FakeClock, Results, loopback_config
 
 MX = "mx.test"
 TLSA_OWNER = f"_25._tcp.{MX}"
 DOMAINS = ("example.org", "example.net")
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Callable[..., ReceivingServer]]:
-    """Start a receiver presenting ``cert``; the SNI names clients send go to ``sni``."""
-    started: list[ReceivingServer] = []
-
-    def start(cert: bytes, key: bytes, sni: list[str | None] | None = None) -> ReceivingServer:
-        context = server_context(tmp_path, cert, key)
-        if sni is not None:
-            context.sni_callback = lambda _conn, name, _context: sni.append(name)
-        server = start_receiving_server(context)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
@@ -55,13 +35,10 @@ def worker(dns_server: LoopbackDNS) -> Iterator[Callable[[int], Callable[[str], 
 
     def start(port: int) -> Callable[[str], RecipientStatus]:
         results = Results()
-        config = Config(
-            helo_name="client.test",
-            smtp_port=port,
+        config = loopback_config(
+            dns_server,
+            port,
             dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
-            allow_loopback=True,
-            timeouts=FAST,
-            poll_interval=0.5,
             connection_idle=60.0,  # the first connection stays idle for the second message
         )
         ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
@@ -95,11 +72,11 @@ def dane_ta(ca: trustme.CA) -> tuple[int, int, int, bytes]:
 
 
 def test_dane_ta_takes_a_certificate_for_the_recipient_domain(
-    dns_server: LoopbackDNS, receiver: Any, worker: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
 ) -> None:
     ca = trustme.CA()
     sni: list[str | None] = []
-    mx = receiver(*chain_with_anchor(ca, "example.org"), sni=sni)
+    mx = cert_receiver(*chain_with_anchor(ca, "example.org"), sni=sni)
     signed_zone(dns_server, mx.host, dane_ta(ca))
     bob = worker(mx.port)("bob@example.org")
     assert bob.state is RecipientState.DELIVERED
@@ -109,10 +86,10 @@ def test_dane_ta_takes_a_certificate_for_the_recipient_domain(
 
 
 def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
-    dns_server: LoopbackDNS, receiver: Any, worker: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
 ) -> None:
     ca = trustme.CA()
-    mx = receiver(*chain_with_anchor(ca, "example.com", "elsewhere.test"))
+    mx = cert_receiver(*chain_with_anchor(ca, "example.com", "elsewhere.test"))
     signed_zone(dns_server, mx.host, dane_ta(ca))
     bob = worker(mx.port)("bob@example.org")
     assert bob.state is RecipientState.DEFERRED
@@ -122,10 +99,10 @@ def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
 
 
 def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
-    dns_server: LoopbackDNS, receiver: Any, worker: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
 ) -> None:
     ca = trustme.CA()
-    mx = receiver(*chain_with_anchor(ca, "example.org"))
+    mx = cert_receiver(*chain_with_anchor(ca, "example.org"))
     signed_zone(dns_server, mx.host, dane_ta(ca))
     send = worker(mx.port)
     assert send("bob@example.org").state is RecipientState.DELIVERED
@@ -140,10 +117,10 @@ def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
 
 
 def test_dane_ee_connections_are_reused_across_domains_sharing_the_mx(
-    dns_server: LoopbackDNS, receiver: Any, worker: Any
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
 ) -> None:
     cert, key = self_signed("example.org")  # names are not checked for DANE-EE
-    mx = receiver(cert, key)
+    mx = cert_receiver(cert, key)
     signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(cert)))
     send = worker(mx.port)
     assert send("bob@example.org").state is RecipientState.DELIVERED

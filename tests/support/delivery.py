@@ -15,7 +15,7 @@ from tests.fixtures.dns_server import LoopbackDNS
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
 
-def loopback_config(dns: LoopbackDNS, smtp_port: int, **overrides: Any) -> Config:
+def loopback_config(dns: LoopbackDNS, smtp_port: int, /, **overrides: Any) -> Config:
     """A Config delivering through the loopback DNS server to receivers on ``smtp_port``
     (loopback targets allowed, short timeouts); ``overrides`` replace any field."""
     options: dict[str, Any] = {
