@@ -348,11 +348,12 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             limit = min(room, config.lease_batch) if leasing else 0
             load = self._lane_load
             lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
+            now = self._clock()
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
                     batch,
-                    now=self._clock(),
+                    now=now,
                     limit=limit,
                     lease_for=config.lease_for,
                     lanes=lanes,
@@ -385,7 +386,9 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             if lease is None:
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
                 self._due_stale = True
-                self._empty_at = self._clock()
+                # The time the lease looked at, not the clock after it: work that came due
+                # while the store looked was not seen, and its due time must still wake us.
+                self._empty_at = now
                 continue
             found = lease.suppressions
             if found is None:  # not read with the lease: ask
