@@ -147,6 +147,9 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._capped = False
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
+        self._wakeups = 0
+        """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
+        may be for work that lease did not see, so it keeps the next lease wanted."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -170,6 +173,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             loop.call_soon_threadsafe(callback)
 
     def _poke(self) -> None:
+        self._wakeups += 1
         self._lease_wanted = True
         self._due_stale = True
         if self._wake is not None:
@@ -349,6 +353,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             load = self._lane_load
             lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
             now = self._clock()
+            wakeups = self._wakeups
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
@@ -384,7 +389,8 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 continue
             self._capped = any(most == 0 for _, most in lanes)
             if lease is None:
-                self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                if self._wakeups == wakeups:  # else lease again: new work may have come
+                    self._lease_wanted = False  # nothing due: wait for a wake-up or due time
                 self._due_stale = True
                 # The time the lease looked at, not the clock after it: work that came due
                 # while the store looked was not seen, and its due time must still wake us.
