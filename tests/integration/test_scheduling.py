@@ -13,7 +13,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
-from tests.support.delivery import Results, loopback_config
+from tests.support.delivery import FakeClock, Results, loopback_config
 
 
 class CountingStore(MemoryStore):
@@ -36,6 +36,32 @@ class CountingStore(MemoryStore):
         return super().record_and_lease(
             results, now=now, limit=limit, lease_for=lease_for, **kwargs
         )
+
+
+class TimeTakingStore(MemoryStore):
+    """A memory store whose every lease takes a millisecond of the worker's clock: time
+    moves on while the store looks for due work, as it does on a loaded machine."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def record_and_lease(
+        self,
+        results: Sequence[RecipientResult],
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        **kwargs: Any,
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        try:
+            return super().record_and_lease(
+                results, now=now, limit=limit, lease_for=lease_for, **kwargs
+            )
+        finally:
+            if limit > 0:
+                self._clock.advance(timedelta(milliseconds=1))
 
 
 def hello(to: str) -> Email:
@@ -65,6 +91,32 @@ def test_a_scheduled_message_goes_at_its_time_without_polling_or_spinning(
     assert sent_at >= now + timedelta(seconds=1.5)
     assert sent_at - (now + timedelta(seconds=1.5)) < timedelta(seconds=1)
     assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"
+
+
+def test_a_message_coming_due_while_a_lease_looks_is_not_left_for_the_poll(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """A lease that looks just before a scheduled message's time and finds nothing, but
+    ends after it, must still let the due time wake the worker. It once counted the
+    message as seen and not taken, and slept until the poll: now and then, when a timer
+    (uvloop's, rounded to the millisecond) woke the worker a hair before the due time."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    clock = FakeClock()
+    store = TimeTakingStore(clock)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, poll_interval=60.0)
+    ms = Mailstrom(config, store=store, worker="thread", clock=clock, on_result=results)
+    # Queued before the worker starts, so its first lease is the one that looks a
+    # millisecond early and ends at the due time.
+    due = clock() + timedelta(milliseconds=1)
+    later = ms.send_email(hello("later@example.org"), send_at=due)
+    with ms:
+        [result] = results.wait_final({"later@example.org"}, timeout=10)
+    assert result.message_id == later
+    assert result.state is RecipientState.DELIVERED
+    assert result.attempt.at >= due
 
 
 def test_a_message_past_its_expiry_fails_as_expired_without_a_connection(

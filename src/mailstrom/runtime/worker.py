@@ -147,6 +147,9 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._capped = False
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
+        self._wakeups = 0
+        """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
+        may be for work that lease did not see, so it keeps the next lease wanted."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -170,6 +173,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             loop.call_soon_threadsafe(callback)
 
     def _poke(self) -> None:
+        self._wakeups += 1
         self._lease_wanted = True
         self._due_stale = True
         if self._wake is not None:
@@ -348,11 +352,13 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             limit = min(room, config.lease_batch) if leasing else 0
             load = self._lane_load
             lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
+            now = self._clock()
+            wakeups = self._wakeups
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
                     batch,
-                    now=self._clock(),
+                    now=now,
                     limit=limit,
                     lease_for=config.lease_for,
                     lanes=lanes,
@@ -383,9 +389,12 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 continue
             self._capped = any(most == 0 for _, most in lanes)
             if lease is None:
-                self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+                if self._wakeups == wakeups:  # else lease again: new work may have come
+                    self._lease_wanted = False  # nothing due: wait for a wake-up or due time
                 self._due_stale = True
-                self._empty_at = self._clock()
+                # The time the lease looked at, not the clock after it: work that came due
+                # while the store looked was not seen, and its due time must still wake us.
+                self._empty_at = now
                 continue
             found = lease.suppressions
             if found is None:  # not read with the lease: ask
