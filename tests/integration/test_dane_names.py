@@ -116,6 +116,31 @@ def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
     assert [m.envelope_to for m in mx.messages] == [["bob@example.org"]]
 
 
+def test_a_dane_ta_connection_accepted_for_the_hosts_name_serves_every_domain(
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    mx = cert_receiver(*chain_with_anchor(ca, MX))  # the usual case: names the MX host
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    send = worker(mx.port)
+    assert send("bob@example.org").state is RecipientState.DELIVERED
+    assert send("carol@example.net").state is RecipientState.DELIVERED
+    assert mx.connections == 1
+    assert len(mx.messages) == 2
+
+
+def test_a_connection_accepted_for_a_domains_name_serves_that_domain_again(
+    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+) -> None:
+    ca = trustme.CA()
+    mx = cert_receiver(*chain_with_anchor(ca, "example.org"))
+    signed_zone(dns_server, mx.host, dane_ta(ca))
+    send = worker(mx.port)
+    assert send("bob@example.org").state is RecipientState.DELIVERED
+    assert send("alice@example.org").state is RecipientState.DELIVERED
+    assert mx.connections == 1
+
+
 def test_dane_ee_connections_are_reused_across_domains_sharing_the_mx(
     dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
 ) -> None:

@@ -46,38 +46,41 @@ NEXT_HOP = "example.test"
 
 
 @pytest.mark.parametrize(
-    ("base", "canonical", "chain_secure", "next_hop", "names"),
+    ("base", "canonical", "chain_secure", "names"),
     [
-        (HOST, None, True, None, (HOST,)),
-        (TARGET, TARGET, True, None, (TARGET, HOST)),
-        (HOST, TARGET, True, None, (HOST, TARGET)),
-        (HOST, TARGET, False, None, (HOST,)),  # an unvalidated expansion names nothing
-        # Validated MX records: the domain they belong to comes last, never first (the
-        # first name is the SNI name, the TLSA base domain).
-        (HOST, None, True, NEXT_HOP, (HOST, NEXT_HOP)),
-        (TARGET, TARGET, True, NEXT_HOP, (TARGET, HOST, NEXT_HOP)),
-        (HOST, TARGET, False, NEXT_HOP, (HOST, NEXT_HOP)),
-        # The MX records name the domain itself: no name twice.
-        (HOST, None, True, HOST, (HOST,)),
+        (HOST, None, True, (HOST,)),
+        (TARGET, TARGET, True, (TARGET, HOST)),
+        (HOST, TARGET, True, (HOST, TARGET)),
+        (HOST, TARGET, False, (HOST,)),  # an unvalidated expansion names nothing
     ],
 )
 def test_reference_names(
-    base: str,
-    canonical: str | None,
-    chain_secure: bool,
-    next_hop: str | None,
-    names: tuple[str, ...],
+    base: str, canonical: str | None, chain_secure: bool, names: tuple[str, ...]
 ) -> None:
-    assert (
-        reference_names(base, HOST, canonical, chain_secure=chain_secure, next_hop=next_hop)
-        == names
-    )
+    assert reference_names(base, HOST, canonical, chain_secure=chain_secure) == names
 
 
-def test_an_implicit_mx_adds_no_name() -> None:
+def dane_ee_lookup() -> TLSALookup:
+    record = TLSARecord(usage=3, selector=1, matching=1, data=b"x" * 32)
+    return TLSALookup(host=TARGET, records=(record,), secure=True, exists=True)
+
+
+def test_the_requirement_carries_the_next_hop_beside_the_hosts_names() -> None:
+    # Validated MX records: the domain they belong to is acceptable too, kept apart from
+    # the host's names (which come first: the first is the SNI name).
+    need = requirement_for(dane_ee_lookup(), names=(TARGET, HOST), next_hop=NEXT_HOP)
+    assert need is not None
+    assert need.dane_names == (TARGET, HOST)
+    assert need.dane_next_hop == NEXT_HOP
+
+
+def test_an_implicit_mx_or_a_next_hop_among_the_names_adds_nothing() -> None:
     # No MX records: the worker gives no next-hop domain, and the host is the domain.
-    assert reference_names(NEXT_HOP, NEXT_HOP, None, chain_secure=True) == (NEXT_HOP,)
-    assert reference_names(TARGET, NEXT_HOP, TARGET, chain_secure=True) == (TARGET, NEXT_HOP)
+    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hop=None)
+    assert need is not None and need.dane_next_hop is None
+    # MX records naming the domain itself: no name twice.
+    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hop=NEXT_HOP)
+    assert need is not None and need.dane_next_hop is None
 
 
 def test_the_requirement_names_the_base_domain_and_carries_the_reference_names() -> None:

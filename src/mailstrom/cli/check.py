@@ -221,6 +221,7 @@ async def _probe_dane(
             starttls=StartTLS.DANE,
             tlsa=need.tlsa,
             dane_names=need.dane_names,
+            dane_next_hop=need.dane_next_hop,
             source_address=config.source_address,
         )
     except DeliveryError as exc:

@@ -145,7 +145,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self.tls_cipher: str | None = None
         self.dane_match: str | None = None
         """Which TLSA record the peer's certificate matched (DANE connections only)."""
+        self.dane_via_next_hop = False
+        """The DANE-TA(2) certificate was accepted for naming the next-hop domain only
+        (not the MX host): the connection serves that domain alone."""
         self._dane_names: tuple[str, ...] = ()
+        self._dane_next_hop: str | None = None
         self.tls_fallback: DeliveryError | None = None
         """Why this plaintext connection replaced one whose TLS handshake failed (set by
         the opener's opportunistic fallback; for TLS reports)."""
@@ -221,13 +225,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         auth: tuple[str, str] | None = None,
         tlsa: tuple[TLSARecord, ...] = (),
         dane_names: tuple[str, ...] = (),
+        dane_next_hop: str | None = None,
     ) -> SMTPConnection:
         """Connect to ``ip``:``port`` and get ready to send mail to ``host``.
 
         ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``, and
         ``dane_names`` the names a DANE-TA(2) certificate may be issued for (``host``
-        alone when empty; more when ``host`` is an alias, and the next-hop domain, RFC 7672
-        §3.2.2); the first of them is the SNI name.
+        alone when empty; more when ``host`` is an alias, RFC 7672 §3.2.2); the first of
+        them is the SNI name. ``dane_next_hop``, the recipient domain, is accepted too,
+        checked after them (:attr:`dane_via_next_hop` says when only it matched).
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
@@ -241,6 +247,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             timeouts=timeouts,
         )
         conn._dane_names = dane_names
+        conn._dane_next_hop = dane_next_hop
         context: ssl.SSLContext | None = None
         if implicit_tls:
             unverified = starttls in (StartTLS.OPPORTUNISTIC, StartTLS.REQUIRED)
@@ -397,11 +404,24 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if not chain:
                 leaf = ssl_object.getpeercert(binary_form=True)
                 chain = [leaf] if leaf else []
+        names = self._dane_names or (self.host,)
         try:
-            self.dane_match = check_chain(chain, tlsa, host=self.host, names=self._dane_names)
+            self.dane_match = check_chain(chain, tlsa, host=self.host, names=names)
         except DaneMismatch as exc:
+            mismatch = exc
+            if self._dane_next_hop is not None:
+                # The host's own names first: a certificate for one of them makes the
+                # connection good for every domain this host receives mail for.
+                try:
+                    self.dane_match = check_chain(
+                        chain, tlsa, host=self.host, names=(*names, self._dane_next_hop)
+                    )
+                    self.dane_via_next_hop = True
+                    return
+                except DaneMismatch as second:
+                    mismatch = second
             self._drop()
-            raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None
+            raise TLSVerifyError(f"DANE: {mismatch}", host=self.host) from None
 
     def _record_tls(self) -> None:
         assert self._transport is not None

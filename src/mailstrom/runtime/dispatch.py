@@ -368,13 +368,17 @@ class Dispatcher:
                 continue
             key = opener.key(host, ip, need)
             conn = opener.idle(key)
+            if conn is None and need.dane_next_hop is not None:
+                # One whose DANE-TA certificate named only this recipient domain.
+                key = opener.key(host, ip, need, via_next_hop=True)
+                conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
                     if shape is not None and not await self._may_connect(dest, shape):
                         return
                     conn, need = await self._open(dest, host, ip, need)
-                    key = opener.key(host, ip, need)
+                    key = opener.key(host, ip, need, via_next_hop=conn.dane_via_next_hop)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:

@@ -10,7 +10,8 @@ STARTTLS and a second EHLO, so idle connections are kept for ``connection_idle``
 keyed by host, address, port and TLS mode (as Postfix's connection cache keys by address):
 another destination sharing the MX host with the same requirement reuses them too. Under
 DANE the TLSA records join the key, and with a DANE-TA(2) record the names the certificate
-was checked against, which include the recipient domain (see :meth:`Opener.key`).
+was checked against: the host's own, or those and the recipient domain when only that one
+matched (see :meth:`Opener.key`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ConnectionKey:
     tls_mode: str
     tlsa: tuple[TLSARecord, ...] = ()
     dane_names: tuple[str, ...] = ()
-    """The DANE-TA(2) reference names the certificate was checked against; empty when no
+    """The DANE-TA(2) reference names the certificate was accepted for; empty when no
     name was checked (see :meth:`Opener.key`)."""
 
 
@@ -78,19 +79,24 @@ class Opener:
         """Connections kept open for reuse."""
         return self._idle_count
 
-    def key(self, host: str, ip: str, requirement: TLSRequirement) -> ConnectionKey:
+    def key(
+        self, host: str, ip: str, requirement: TLSRequirement, *, via_next_hop: bool = False
+    ) -> ConnectionKey:
         """The idle-cache key of a connection to ``ip`` for ``host`` under ``requirement``
         (a DANE connection is only reused under the same TLSA records, and, with a
-        DANE-TA(2) record among them, the same reference names)."""
-        # A DANE-TA certificate is accepted for the names it carries, and those include
-        # the recipient domain (RFC 7672 §3.2.2): a connection accepted because its
-        # certificate names example.org proves nothing for example.net's mail, so the
-        # names join the key. Keyed by the whole set rather than by the name that matched,
-        # which is simpler and errs on the side of a new connection. DANE-EE checks no name,
-        # so those connections stay shared by every domain whose MX is this host.
-        names = requirement.dane_names
-        if names and not _names_checked(requirement.tlsa):
-            names = ()
+        DANE-TA(2) record among them, the same reference names). ``via_next_hop``: the
+        certificate was accepted only for naming the recipient domain
+        (``SMTPConnection.dane_via_next_hop``)."""
+        # A DANE-TA certificate is accepted for the names it carries (RFC 7672 §3.2.2).
+        # The host's own names depend on the host alone, so a connection accepted through
+        # them serves every domain this host receives for; one accepted only because its
+        # certificate names example.org proves nothing for example.net's mail, so that
+        # domain joins its key. DANE-EE checks no name: no names in the key.
+        names: tuple[str, ...] = ()
+        if _names_checked(requirement.tlsa):
+            names = requirement.dane_names or (host,)
+            if via_next_hop and requirement.dane_next_hop is not None:
+                names = (*names, requirement.dane_next_hop)
         return ConnectionKey(
             host=host,
             ip=ip,
@@ -116,7 +122,14 @@ class Opener:
         """A new connection to ``ip`` for ``host`` (see the module docstring for TLS)."""
         mode = StartTLS.NEVER if self._implicit else STARTTLS_FOR_MODE[requirement.mode]
         try:
-            return await self._open(host, ip, mode, requirement.tlsa, requirement.dane_names)
+            return await self._open(
+                host,
+                ip,
+                mode,
+                requirement.tlsa,
+                requirement.dane_names,
+                requirement.dane_next_hop,
+            )
         except TLSVerifyError:
             raise
         except TLSHandshakeError as exc:
@@ -137,6 +150,7 @@ class Opener:
         starttls: StartTLS,
         tlsa: tuple[TLSARecord, ...],
         dane_names: tuple[str, ...] = (),
+        dane_next_hop: str | None = None,
     ) -> SMTPConnection:
         config = self._config
         relay = config.relay
@@ -150,6 +164,7 @@ class Opener:
             tls_context=config.tls_context,
             tlsa=tlsa,
             dane_names=dane_names,
+            dane_next_hop=dane_next_hop,
             implicit_tls=self._implicit,
             source_address=config.source_address,
             auth=(relay.username, relay.password or "")

@@ -23,8 +23,9 @@ base domain depends on how far DNSSEC reaches (RFC 7672 §2.2.3, :func:`tlsa_bas
 * not even the alias validated → DANE does not apply.
 
 A DANE-TA(2) certificate may then name the TLSA base domain, the other of the two names
-(when that one was validated too), or the next-hop domain whose validated MX records named
-the host (RFC 7672 §3.2.2): :func:`reference_names`. A CNAME expansion of the next-hop
+(when that one was validated too): :func:`reference_names`; or the next-hop domain whose
+validated MX records named the host (RFC 7672 §3.2.2), checked last, since a connection
+accepted through it alone serves that domain only. A CNAME expansion of the next-hop
 domain itself is not tracked, so it is not among them.
 
 Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
@@ -158,28 +159,23 @@ def tlsa_base_domains(
 
 
 def reference_names(
-    base: str,
-    host: str,
-    canonical: str | None,
-    *,
-    chain_secure: bool,
-    next_hop: str | None = None,
+    base: str, host: str, canonical: str | None, *, chain_secure: bool
 ) -> tuple[str, ...]:
-    """The names a DANE-TA(2) certificate of MX ``host`` may be issued for (RFC 7672
+    """The names of MX ``host`` a DANE-TA(2) certificate may be issued for (RFC 7672
     §3.2.2), TLSA base domain ``base`` first (it is also the SNI name): the MX host name,
-    its CNAME expansion when the whole chain validated, and ``next_hop``, the domain whose
-    validated MX records named ``host`` (None for an implicit MX: no MX records were used,
-    and the host is that domain already).
+    and its CNAME expansion when the whole chain validated. The next-hop domain, which may
+    be named too, travels beside them (:func:`requirement_for`): these depend on the host
+    alone, so connections accepted through them serve every domain the host receives for.
 
     >>> reference_names("smtp.provider.net", "mx.example.org", "smtp.provider.net",
-    ...                 chain_secure=True, next_hop="example.org")
-    ('smtp.provider.net', 'mx.example.org', 'example.org')
+    ...                 chain_secure=True)
+    ('smtp.provider.net', 'mx.example.org')
     >>> reference_names("mx.example.org", "mx.example.org", "smtp.provider.net",
     ...                 chain_secure=False)
     ('mx.example.org',)
     """
     names = [base]
-    for name in (host, canonical if chain_secure else None, next_hop):
+    for name in (host, canonical if chain_secure else None):
         if name is not None and name not in names:
             names.append(name)
     return tuple(names)
@@ -198,9 +194,12 @@ async def lookup_alias_secure(
     return _validated(answer), _ttl(answer)
 
 
-def requirement_for(lookup: TLSALookup, *, names: tuple[str, ...] = ()) -> TLSRequirement | None:
+def requirement_for(
+    lookup: TLSALookup, *, names: tuple[str, ...] = (), next_hop: str | None = None
+) -> TLSRequirement | None:
     """The DANE requirement a (validated) lookup makes, or None when DANE does not apply.
-    ``names`` are the reference identifiers for DANE-TA(2) (:func:`reference_names`)."""
+    ``names`` are the reference identifiers for DANE-TA(2) of the MX host
+    (:func:`reference_names`), ``next_hop`` the recipient domain, acceptable as well."""
     if not lookup.secure or not lookup.exists:
         return None
     usable = tuple(r for r in lookup.records if r.usable)
@@ -217,6 +216,7 @@ def requirement_for(lookup: TLSALookup, *, names: tuple[str, ...] = ()) -> TLSRe
         reason=f"DANE: {len(usable)} usable TLSA record(s) at {tlsa_name(lookup.host)}",
         tlsa=usable,
         dane_names=names,
+        dane_next_hop=None if next_hop in names else next_hop,
     )
 
 
@@ -298,8 +298,6 @@ class DaneSource:
         for base in bases:
             found = await self.lookup(base)
             if found.secure and found.exists:
-                names = reference_names(
-                    base, host, canonical, chain_secure=chain_secure, next_hop=destination.next_hop
-                )
-                return requirement_for(found, names=names)
+                names = reference_names(base, host, canonical, chain_secure=chain_secure)
+                return requirement_for(found, names=names, next_hop=destination.next_hop)
         return None  # RFC 7672 §2.2.2/§2.2.3: insecure address records, or no TLSA
