@@ -4,64 +4,34 @@ past its ``expires_at`` fails as ``expired`` without another connection."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
 from mailstrom.status import RecipientState
-from mailstrom.stores import Lease, MemoryStore, RecipientResult
+from mailstrom.stores import Lease, MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import FakeClock, Results, loopback_config
+from tests.support.stores import LeaseWatchingStore
 
 
-class CountingStore(MemoryStore):
-    """A memory store that counts the worker's lease attempts (a spinning worker makes
-    thousands a second)."""
+def counting_store() -> tuple[LeaseWatchingStore, list[int]]:
+    """A store that counts the worker's lease attempts (a spinning worker makes thousands
+    a second), and the count."""
+    leases: list[int] = []
+    store = LeaseWatchingStore(lambda _now, limit, _lease: leases.append(limit) if limit else None)
+    return store, leases
 
-    leases = 0
 
-    def record_and_lease(
-        self,
-        results: Sequence[RecipientResult],
-        *,
-        now: datetime,
-        limit: int,
-        lease_for: timedelta,
-        **kwargs: Any,
-    ) -> tuple[list[RecipientResult], Lease | None]:
+def time_taking_store(clock: FakeClock) -> LeaseWatchingStore:
+    """A store whose every lease takes a millisecond of the worker's clock: time moves on
+    while the store looks for due work, as it does on a loaded machine."""
+
+    def took(_now: datetime, limit: int, _lease: Lease | None) -> None:
         if limit > 0:
-            self.leases += 1
-        return super().record_and_lease(
-            results, now=now, limit=limit, lease_for=lease_for, **kwargs
-        )
+            clock.advance(timedelta(milliseconds=1))
 
-
-class TimeTakingStore(MemoryStore):
-    """A memory store whose every lease takes a millisecond of the worker's clock: time
-    moves on while the store looks for due work, as it does on a loaded machine."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__()
-        self._clock = clock
-
-    def record_and_lease(
-        self,
-        results: Sequence[RecipientResult],
-        *,
-        now: datetime,
-        limit: int,
-        lease_for: timedelta,
-        **kwargs: Any,
-    ) -> tuple[list[RecipientResult], Lease | None]:
-        try:
-            return super().record_and_lease(
-                results, now=now, limit=limit, lease_for=lease_for, **kwargs
-            )
-        finally:
-            if limit > 0:
-                self._clock.advance(timedelta(milliseconds=1))
+    return LeaseWatchingStore(took)
 
 
 def hello(to: str) -> Email:
@@ -74,7 +44,7 @@ def test_a_scheduled_message_goes_at_its_time_without_polling_or_spinning(
     mx = smtp_server()
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
-    store = CountingStore()
+    store, leases = counting_store()
     results = Results()
     # A poll interval far beyond the test: only the due time can wake the worker.
     config = loopback_config(dns_server, mx.port, poll_interval=60.0)
@@ -90,7 +60,7 @@ def test_a_scheduled_message_goes_at_its_time_without_polling_or_spinning(
     sent_at = result.attempt.at
     assert sent_at >= now + timedelta(seconds=1.5)
     assert sent_at - (now + timedelta(seconds=1.5)) < timedelta(seconds=1)
-    assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"
+    assert len(leases) < 20, f"{len(leases)} lease attempts: the worker spun"
 
 
 def test_a_message_coming_due_while_a_lease_looks_is_not_left_for_the_poll(
@@ -104,7 +74,7 @@ def test_a_message_coming_due_while_a_lease_looks_is_not_left_for_the_poll(
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
     clock = FakeClock()
-    store = TimeTakingStore(clock)
+    store = time_taking_store(clock)
     results = Results()
     config = loopback_config(dns_server, mx.port, poll_interval=60.0)
     ms = Mailstrom(config, store=store, worker="thread", clock=clock, on_result=results)
@@ -160,7 +130,7 @@ def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
     for domain in ("example.org", "slow.example"):
         dns_server.mx(domain, [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
-    store = CountingStore()
+    store, leases = counting_store()
     results = Results()
     timeouts = Timeouts(connect=2, greeting=2, command=4, data_init=2, data_block=2, data_end=2)
     config = loopback_config(dns_server, mx.port, poll_interval=60.0, timeouts=timeouts)
@@ -173,4 +143,4 @@ def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
     assert result.state is RecipientState.DELIVERED
     assert due <= result.attempt.at < due + timedelta(seconds=1)
     assert "stuck@slow.example" not in stuck  # it was still hanging then
-    assert store.leases < 20, f"{store.leases} lease attempts: the worker spun"
+    assert len(leases) < 20, f"{len(leases)} lease attempts: the worker spun"
