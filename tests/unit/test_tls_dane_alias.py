@@ -10,7 +10,7 @@ import trustme
 from tests.support.certs import der
 
 from mailstrom.tls.dane import TLSALookup, reference_names, requirement_for, tlsa_base_domains
-from mailstrom.tls.danematch import DaneMismatch, check_chain
+from mailstrom.tls.danematch import DaneMatch, DaneMismatch, check_chain, match_chain
 from mailstrom.tls.requirement import TLSARecord, TLSMode
 
 HOST = "mx.example.test"
@@ -110,3 +110,17 @@ def test_dane_ta_accepts_a_leaf_for_any_reference_name_and_only_those() -> None:
     elsewhere = der(ca.issue_cert("elsewhere.example").cert_chain_pems[0].bytes())
     with pytest.raises(DaneMismatch, match=f"not valid for {TARGET} or {HOST}"):
         check_chain([elsewhere, anchor], tlsa, host=HOST, names=names)
+
+
+def test_a_dane_ta_match_names_the_first_reference_name_the_leaf_is_valid_for() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [TLSARecord(usage=2, selector=0, matching=1, data=hashlib.sha256(anchor).digest())]
+    names = (HOST, NEXT_HOP)
+    for_both = der(ca.issue_cert(NEXT_HOP, HOST).cert_chain_pems[0].bytes())
+    assert match_chain([for_both, anchor], tlsa, host=HOST, names=names).name == HOST
+    for_next_hop = der(ca.issue_cert(NEXT_HOP).cert_chain_pems[0].bytes())
+    match = match_chain([for_next_hop, anchor], tlsa, host=HOST, names=names)
+    assert match == DaneMatch("DANE-TA 0 1", NEXT_HOP)
+    ee = TLSARecord(usage=3, selector=0, matching=1, data=hashlib.sha256(for_next_hop).digest())
+    assert match_chain([for_next_hop], [ee], host=HOST, names=names) == DaneMatch("DANE-EE 0 1")

@@ -59,7 +59,7 @@ from mailstrom.runtime.transactions import TransactionResult as TransactionResul
 from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
 from mailstrom.status import SMTPReply
-from mailstrom.tls.danematch import DaneMismatch, check_chain
+from mailstrom.tls.danematch import DaneMismatch, match_chain
 from mailstrom.tls.requirement import TLSARecord
 
 _ENCODING_DER = 2
@@ -404,24 +404,19 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if not chain:
                 leaf = ssl_object.getpeercert(binary_form=True)
                 chain = [leaf] if leaf else []
+        # The host's own names first: a certificate for one of them makes the connection
+        # good for every domain this host receives mail for.
         names = self._dane_names or (self.host,)
+        next_hop = self._dane_next_hop
         try:
-            self.dane_match = check_chain(chain, tlsa, host=self.host, names=names)
+            match = match_chain(
+                chain, tlsa, host=self.host, names=names if next_hop is None else (*names, next_hop)
+            )
         except DaneMismatch as exc:
-            mismatch = exc
-            if self._dane_next_hop is not None:
-                # The host's own names first: a certificate for one of them makes the
-                # connection good for every domain this host receives mail for.
-                try:
-                    self.dane_match = check_chain(
-                        chain, tlsa, host=self.host, names=(*names, self._dane_next_hop)
-                    )
-                    self.dane_via_next_hop = True
-                    return
-                except DaneMismatch as second:
-                    mismatch = second
             self._drop()
-            raise TLSVerifyError(f"DANE: {mismatch}", host=self.host) from None
+            raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None
+        self.dane_match = match.record
+        self.dane_via_next_hop = next_hop is not None and match.name == next_hop
 
     def _record_tls(self) -> None:
         assert self._transport is not None

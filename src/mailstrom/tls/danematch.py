@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailstrom.tls.requirement import TLSARecord
@@ -79,6 +80,17 @@ def record_matches(record: TLSARecord, der: bytes) -> bool:
     return _digest(selected, record.matching) == record.data
 
 
+@dataclass(frozen=True, slots=True)
+class DaneMatch:
+    """What a certificate chain matched."""
+
+    record: str
+    """A short description of the TLSA record, e.g. ``DANE-TA 1 1``."""
+    name: str | None = None
+    """For DANE-TA(2), the first of the reference names the leaf is valid for; None for
+    DANE-EE(3), which checks no name."""
+
+
 def check_chain(
     chain: Sequence[bytes],
     records: Sequence[TLSARecord],
@@ -95,6 +107,19 @@ def check_chain(
     Returns a short description of the record that matched; raises :class:`DaneMismatch`
     when none does.
     """
+    return match_chain(chain, records, host=host, now=now, names=names).record
+
+
+def match_chain(
+    chain: Sequence[bytes],
+    records: Sequence[TLSARecord],
+    *,
+    host: str,
+    now: datetime | None = None,
+    names: Sequence[str] = (),
+) -> DaneMatch:
+    """:func:`check_chain`, saying also which reference name a DANE-TA(2) leaf was
+    accepted for (names are tried in the order given)."""
     _require_cryptography()
     usable = [r for r in records if r.usable]
     if not chain:
@@ -106,7 +131,7 @@ def check_chain(
     wanted = tuple(names) or (host,)
     for record in usable:
         if record.usage == 3 and record_matches(record, leaf):
-            return f"DANE-EE {record.selector} {record.matching}"
+            return DaneMatch(f"DANE-EE {record.selector} {record.matching}")
     problems: list[str] = []
     for record in usable:
         if record.usage != 2:
@@ -116,19 +141,23 @@ def check_chain(
             if not record_matches(record, der):
                 continue
             matched = True
-            trouble = _verify_to_anchor(chain, index, reference=wanted, now=now)
-            if trouble is None:
-                return f"DANE-TA {record.selector} {record.matching}"
-            problems.append(trouble)
+            try:
+                name = _verify_to_anchor(chain, index, reference=wanted, now=now)
+            except DaneMismatch as trouble:
+                problems.append(str(trouble))
+                continue
+            return DaneMatch(f"DANE-TA {record.selector} {record.matching}", name)
         if not matched and record.selector == 0 and record.matching == 0:
             # "2 0 0" holds the trust anchor itself: the server need not send it
             # (RFC 7671 §5.2.2).
-            trouble = _verify_to_anchor(
-                [*chain, record.data], len(chain), reference=wanted, now=now
-            )
-            if trouble is None:
-                return "DANE-TA 0 0"
-            problems.append(trouble)
+            try:
+                name = _verify_to_anchor(
+                    [*chain, record.data], len(chain), reference=wanted, now=now
+                )
+            except DaneMismatch as trouble:
+                problems.append(str(trouble))
+                continue
+            return DaneMatch("DANE-TA 0 0", name)
     kinds = sorted({f"{r.usage} {r.selector} {r.matching}" for r in usable})
     detail = f"; {problems[0]}" if problems else ""
     raise DaneMismatch(
@@ -138,9 +167,9 @@ def check_chain(
 
 def _verify_to_anchor(
     chain: list[bytes], anchor: int, *, reference: Sequence[str], now: datetime | None
-) -> str | None:
-    """None when the leaf chains up to ``chain[anchor]`` and is valid for one of the
-    ``reference`` names; else why not."""
+) -> str:
+    """The first ``reference`` name the leaf is valid for, when it chains up to
+    ``chain[anchor]``; else DaneMismatch says why not."""
     from cryptography import x509
     from cryptography.x509.verification import (
         Criticality,
@@ -153,7 +182,7 @@ def _verify_to_anchor(
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:
-        return f"unparsable certificate: {exc}"
+        raise DaneMismatch(f"unparsable certificate: {exc}") from None
     leaf = certs[0]
     try:
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -162,12 +191,12 @@ def _verify_to_anchor(
         dns_names = []
     host = next((name for name in reference if _name_matches(name, dns_names)), None)
     if host is None:
-        return (
+        raise DaneMismatch(
             f"the certificate is not valid for {' or '.join(reference)} "
             f"(names: {', '.join(dns_names[:5])})"
         )
     if anchor == 0:
-        return None  # the leaf itself is the trust anchor
+        return host  # the leaf itself is the trust anchor
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
     # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow
     # it); its name was checked above against its DNS names, as RFC 7672 §3.2.2 asks.
@@ -186,8 +215,8 @@ def _verify_to_anchor(
     try:
         verifier.verify(leaf, certs[1:anchor])
     except (VerificationError, ValueError) as exc:
-        return f"chain to the TLSA trust anchor does not verify: {exc}"
-    return None
+        raise DaneMismatch(f"chain to the TLSA trust anchor does not verify: {exc}") from None
+    return host
 
 
 def _name_matches(host: str, names: Sequence[str]) -> bool:
