@@ -3,7 +3,6 @@ aiosmtpd receivers presenting chosen certificates, the whole worker in between."
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ssl
 from collections.abc import Callable, Iterator
@@ -15,22 +14,14 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mailstrom import Config, Email, RecipientState
-from mailstrom.client import Mailstrom
+from mailstrom import RecipientState
 from mailstrom.status import ReasonClass, RecipientStatus
-from mailstrom.stores import MemoryStore
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
-from tests.support.delivery import FAST, FakeClock, Results
 
 TLSA_OWNER = "_25._tcp.mx.test"
 TO = "bob@example.org"
-
-
-@pytest.fixture
-def results() -> Results:
-    return Results()
 
 
 @pytest.fixture
@@ -48,33 +39,10 @@ def receivers() -> Iterator[Callable[..., ReceivingServer]]:
 
 
 @pytest.fixture
-def deliver(dns_server: LoopbackDNS, results: Results) -> Iterator[Callable[..., RecipientStatus]]:
-    """Send one message to bob@example.org through a DNSSEC-trusting worker and return
-    bob's status once the attempt is recorded."""
-    started: list[Mailstrom] = []
-
-    def run(port: int, **overrides: Any) -> RecipientStatus:
-        config = Config(
-            **{
-                "helo_name": "client.test",
-                "smtp_port": port,
-                "dns": dataclasses.replace(dns_server.dns_config, dnssec=True),
-                "allow_loopback": True,
-                "timeouts": FAST,
-                "poll_interval": 0.5,
-            }
-            | overrides
-        )
-        ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
-        ms.start()
-        started.append(ms)
-        mid = ms.send_email(Email(from_="a@sender.test", to=[TO], subject="Hi", text="Hello"))
-        results.wait_final({TO})
-        return ms.query_status(mid).recipient(TO)
-
-    yield run
-    for ms in started:
-        ms.stop(timeout=5)
+def deliver(dnssec_worker: Any) -> Callable[..., RecipientStatus]:
+    """Send one message to bob@example.org through a DNSSEC-trusting worker (``overrides``
+    replace Config fields) and return bob's status once the attempt is recorded."""
+    return lambda port, **overrides: dnssec_worker(port, **overrides)(TO)
 
 
 def signed_zone(dns: LoopbackDNS, host_ip: str, *tlsa: tuple[int, int, int, bytes]) -> None:

@@ -8,20 +8,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trustme
 
-from mailstrom import Email, RecipientState
-from mailstrom.client import Mailstrom
+from mailstrom import RecipientState
 from mailstrom.routing import Router
 from mailstrom.status import ReasonClass, RecipientStatus
-from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import chain_with_anchor, der, self_signed, spki_sha256
-from tests.support.delivery import FakeClock, Results, loopback_config
 
 MX = "mx.example.test"
 TARGET = "real.hosting.test"
@@ -31,26 +28,10 @@ TO = "bob@example.org"
 
 
 @pytest.fixture
-def deliver(dns_server: LoopbackDNS) -> Iterator[Callable[[int], RecipientStatus]]:
+def deliver(dnssec_worker: Any) -> Callable[[int], RecipientStatus]:
     """Send one message to bob@example.org through a DNSSEC-trusting worker and return
     bob's status once the attempt is recorded."""
-    started: list[Mailstrom] = []
-
-    def run(port: int) -> RecipientStatus:
-        results = Results()
-        config = loopback_config(
-            dns_server, port, dns=dataclasses.replace(dns_server.dns_config, dnssec=True)
-        )
-        ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
-        ms.start()
-        started.append(ms)
-        mid = ms.send_email(Email(from_="a@sender.test", to=[TO], subject="Hi", text="Hello"))
-        results.wait_final({TO})
-        return ms.query_status(mid).recipient(TO)
-
-    yield run
-    for ms in started:
-        ms.stop(timeout=5)
+    return lambda port: dnssec_worker(port)(TO)
 
 
 def aliased_zone(dns: LoopbackDNS, host_ip: str, *, chain_secure: bool = True) -> None:

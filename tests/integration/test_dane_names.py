@@ -5,21 +5,16 @@ aiosmtpd receiver presents a chosen certificate, the whole worker runs in betwee
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import trustme
 
-from mailstrom import Email, RecipientState
-from mailstrom.client import Mailstrom
-from mailstrom.status import ReasonClass, RecipientStatus
-from mailstrom.stores import MemoryStore
+from mailstrom import RecipientState
+from mailstrom.status import ReasonClass
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import chain_with_anchor, der, self_signed, spki_sha256
-from tests.support.delivery import FakeClock, Results, loopback_config
 
 MX = "mx.test"
 TLSA_OWNER = f"_25._tcp.{MX}"
@@ -27,34 +22,9 @@ DOMAINS = ("example.org", "example.net")
 
 
 @pytest.fixture
-def worker(dns_server: LoopbackDNS) -> Iterator[Callable[[int], Callable[[str], RecipientStatus]]]:
-    """A DNSSEC-trusting worker delivering to port ``port``; the function it returns sends
-    one message to an address and returns that recipient's status once recorded, so that
-    messages go one after the other (the second may find the first's idle connection)."""
-    started: list[Mailstrom] = []
-
-    def start(port: int) -> Callable[[str], RecipientStatus]:
-        results = Results()
-        config = loopback_config(
-            dns_server,
-            port,
-            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
-            connection_idle=60.0,  # the first connection stays idle for the second message
-        )
-        ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
-        ms.start()
-        started.append(ms)
-
-        def send(to: str) -> RecipientStatus:
-            mid = ms.send_email(Email(from_="a@sender.test", to=[to], subject="Hi", text="Hi"))
-            results.wait_final({to})
-            return ms.query_status(mid).recipient(to)
-
-        return send
-
-    yield start
-    for ms in started:
-        ms.stop(timeout=5)
+def worker(dnssec_worker: Any) -> Any:
+    """``dnssec_worker`` whose connections stay idle long enough for the next message."""
+    return lambda port: dnssec_worker(port, connection_idle=60.0)
 
 
 def signed_zone(dns: LoopbackDNS, host_ip: str, *tlsa: tuple[int, int, int, bytes]) -> None:
