@@ -18,7 +18,6 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DestinationThrottle, MessageStatus, RecipientState
 from mailstrom.stores.base import (
-    MAX_HISTORY,
     MAX_TLS_BROKEN,
     Lease,
     LeasedRecipient,
@@ -234,27 +233,16 @@ class MemoryStore(
                 if r is None or r.lease_token != result.lease_token:
                     continue
                 attempt = bounded_attempt(result.attempt)
-                r.state = result.state
                 r.attempts += 1
                 if r.first_attempt_at is None:
                     r.first_attempt_at = attempt.at
-                r.last_attempt_at = attempt.at
-                if result.state in _PENDING:
-                    r.next_attempt_at = result.next_attempt_at or attempt.at
-                    r.finished_at = None
-                else:
-                    r.next_attempt_at = None
-                    r.finished_at = attempt.at
-                r.lease_token = r.lease_expires_at = None
-                r.reply = attempt.reply
-                r.error = attempt.error
-                r.mx_host = attempt.mx_host
-                r.ip = attempt.ip
-                r.tls = attempt.tls
-                r.uncertain = attempt.uncertain
-                r.reason_class = attempt.reason_class
-                r.history.append(attempt)
-                del r.history[:-MAX_HISTORY]
+                pending = result.state in _PENDING
+                r.take(
+                    attempt,
+                    result.state,
+                    next_attempt_at=(result.next_attempt_at or attempt.at) if pending else None,
+                    uncertain=attempt.uncertain,
+                )
                 recorded.append(result)
                 if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)

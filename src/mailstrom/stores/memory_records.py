@@ -22,6 +22,7 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
+from mailstrom.stores.base import MAX_HISTORY
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -49,6 +50,32 @@ class _Recipient:
     reason_class: ReasonClass | None = None
     history: list[Attempt] = field(default_factory=list)
     throttled_by: str | None = None
+
+    def take(
+        self,
+        attempt: Attempt,
+        state: RecipientState,
+        *,
+        next_attempt_at: datetime | None,
+        uncertain: bool,
+    ) -> None:
+        """Make ``attempt`` this recipient's latest: now in ``state``, due again at
+        ``next_attempt_at`` (None: final, finished at the attempt's time), with the
+        attempt's reply and where it went, its lease ended, its history bounded."""
+        self.state = state
+        self.last_attempt_at = attempt.at
+        self.next_attempt_at = next_attempt_at
+        self.finished_at = None if next_attempt_at is not None else attempt.at
+        self.lease_token = self.lease_expires_at = None
+        self.reply = attempt.reply
+        self.error = attempt.error
+        self.mx_host = attempt.mx_host
+        self.ip = attempt.ip
+        self.tls = attempt.tls
+        self.uncertain = uncertain
+        self.reason_class = attempt.reason_class
+        self.history.append(attempt)
+        del self.history[:-MAX_HISTORY]
 
     def due_at(self) -> datetime:
         """When a pending recipient may next be leased: its next attempt, or its lease's

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mailstrom.status import Attempt, RecipientState
-from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.base import bounded_attempt
 from mailstrom.stores.memory_records import _Message, _Recipient
 from mailstrom.suppression import Suppression
 
@@ -70,20 +70,7 @@ class MemorySuppressionsMixin:
             r = m.recipients.get(address)
             if r is None or r.state is RecipientState.FAILED:
                 return False
-            r.state = RecipientState.FAILED
-            r.last_attempt_at = attempt.at
-            r.next_attempt_at = None
-            r.finished_at = attempt.at
-            r.lease_token = r.lease_expires_at = None
-            r.reply = attempt.reply
-            r.error = attempt.error
-            r.mx_host = attempt.mx_host
-            r.ip = attempt.ip
-            r.tls = attempt.tls
-            r.uncertain = False
-            r.reason_class = attempt.reason_class
-            r.history.append(attempt)
-            del r.history[:-MAX_HISTORY]
+            r.take(attempt, RecipientState.FAILED, next_attempt_at=None, uncertain=False)
             if self._events_on:
                 self._append_event(m, r, attempt, attempt.reason_class)
         return True
