@@ -149,6 +149,17 @@ def test_lanes_not_named_go_when_the_named_ones_have_nothing_more_due(store: Sto
     assert sorted(_lanes_of(store, limit=10, lanes=LANES)) == ["", "bulk", "retired"]
 
 
+def test_a_named_lane_taking_its_full_number_keeps_the_others_waiting(store: Store) -> None:
+    """A lane that took all it may has more waiting, as far as the lease can tell: lanes
+    not named must not go ahead of it, however early they came due."""
+    store.enqueue(message("old@example.org"), now=NOW - 9 * SECOND)  # before lanes existed
+    for i in range(2):
+        store.enqueue(with_attributes(message(f"b{i}@example.org"), priority="bulk"), now=NOW)
+    assert _lanes_of(store, limit=10, lanes=[("bulk", 1)]) == ["bulk"]
+    # One bulk recipient left, two may go: bulk has nothing more due, the others follow.
+    assert _lanes_of(store, limit=10, lanes=[("bulk", 2)]) == ["bulk", ""]
+
+
 def test_the_pending_view_and_counts_filter_by_tag(store: Store) -> None:
     """The operator's default view (pending mail, answered from the pending index on
     SQLite) and its count honour the tag filter as the plain query does."""

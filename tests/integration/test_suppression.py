@@ -4,8 +4,8 @@ while the other recipients are delivered."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from mailstrom import (
     InvalidSuppression,
     ReasonClass,
     RecipientState,
+    Suppression,
     SuppressionSource,
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
@@ -122,26 +123,54 @@ def test_other_recipients_of_the_message_go_on(
     assert nobody.reason.endswith(": 550 5.1.1 earlier bounce")
 
 
-def test_a_store_that_leaves_the_lookup_to_the_worker_is_screened_all_the_same(
-    mailstrom: MakeMailstrom, mx: Any, results: Results, postgres_url: str
+class CountingPostgresStore(PostgresStore):
+    """Counts the worker's own suppression lookups."""
+
+    lookups = 0
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        self.lookups += 1
+        return super().suppressions_for(targets, now=now)
+
+
+@pytest.mark.parametrize(
+    ("unicode_recipient", "worker_lookups"),
+    [(None, 0), ("ünal@example.org", 1)],  # ÜNAL@ in the message
+    ids=["entries-with-the-lease", "worker-looks-up"],
+)
+def test_postgres_leases_are_screened_with_their_entries_or_by_the_worker(
+    mailstrom: MakeMailstrom,
+    mx: Any,
+    results: Results,
+    postgres_url: str,
+    unicode_recipient: str | None,
+    worker_lookups: int,
 ) -> None:
-    """PostgreSQL hands out leases without their suppression entries (Lease.suppressions
-    is None): the worker looks them up itself before it delivers anything of the lease."""
-    store = PostgresStore(postgres_url)
+    """PostgreSQL reads the entries of a lease's ASCII addresses with the lease (no second
+    round trip); a lease with another address comes without them (SQL would fold its case
+    by the server's locale), and the worker looks them up itself before it delivers
+    anything of the lease."""
+    store = CountingPostgresStore(postgres_url)
     ms = mailstrom(store)
-    ms.suppress("nobody@example.org", "550 5.1.1 earlier bounce")
+    ms.suppress("Nobody@example.org", "550 5.1.1 earlier bounce")
     ms.suppress("closed.example.org", "closed down")
-    mid = ms.send_email(hello("ann@example.org", "nobody@example.org", "eve@closed.example.org"))
-    results.wait_final({"ann@example.org", "nobody@example.org", "eve@closed.example.org"})
+    refused = ["NOBODY@example.org", "Eve@closed.example.org"]
+    if unicode_recipient is not None:
+        ms.suppress(unicode_recipient, "550 5.1.1 earlier bounce")
+        local, _, domain = unicode_recipient.partition("@")
+        refused.append(f"{local.upper()}@{domain}")
+    mid = ms.send_email(hello("ann@example.org", *refused))
+    results.wait_final({"ann@example.org", *refused})
 
     [received] = mx.wait_for_messages(1)
     assert list(received.rcpt_tos) == ["ann@example.org"]
     status = ms.query_status(mid)
     assert status.recipient("ann@example.org").state is DELIVERED
-    for refused in ("nobody@example.org", "eve@closed.example.org"):
-        assert status.recipient(refused).state is FAILED
-        assert status.recipient(refused).reason_class is ReasonClass.SUPPRESSED
+    for address in refused:
+        assert status.recipient(address).state is FAILED
+        assert status.recipient(address).reason_class is ReasonClass.SUPPRESSED
     ms.stop(timeout=5)
+    assert store.lookups == worker_lookups
     store.close()
 
 

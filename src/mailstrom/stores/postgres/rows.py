@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
@@ -30,6 +30,7 @@ from mailstrom.stores.base import (
     reason_class_of,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
+from mailstrom.suppression import Suppression, SuppressionSource
 
 Row = dict[str, Any]
 
@@ -107,81 +108,138 @@ def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
     }
 
 
-def lease_from_rows(token: str, expires_at: datetime, rows: Sequence[tuple[Any, ...]]) -> Lease:
+class LeaseRow(NamedTuple):
+    """One row of the ``lease`` queries, in their SELECT order: a leased recipient, its
+    message's fields (the bytes on the message's first row only), and the suppression
+    entries in force for its address and for its domain."""
+
+    message_id: str
+    domain: str
+    address: str
+    position: int
+    attempts: int
+    first_attempt_at: datetime | None
+    created_at: datetime
+    envelope_from: str
+    smtputf8: bool
+    eightbit: bool
+    data: bytes | None
+    require_tls: bool
+    expires_at: datetime | None
+    priority: str | None
+    dsn: str | None
+    last_attempt_at: datetime | None
+    ascii_address: bool
+    """Whether the database's ASCII-only case folding of the suppression targets below
+    equals Python's (:func:`~mailstrom.suppression.lookup_targets`)."""
+    address_target: str | None
+    address_source: str | None
+    address_reply: str | None
+    address_created_at: datetime | None
+    address_expires_at: datetime | None
+    address_message_id: str | None
+    domain_target: str | None
+    domain_source: str | None
+    domain_reply: str | None
+    domain_created_at: datetime | None
+    domain_expires_at: datetime | None
+    domain_message_id: str | None
+
+    @property
+    def lane(self) -> str:
+        return self.priority or ""
+
+
+def lease_rows(found: Iterable[tuple[Any, ...]]) -> list[LeaseRow]:
+    """The rows of a ``lease`` query, by name (a query whose columns no longer match
+    fails here, not further on)."""
+    return [LeaseRow._make(row) for row in found]
+
+
+def lease_from_rows(token: str, expires_at: datetime, found: Sequence[LeaseRow]) -> Lease:
     """Group leased recipient rows (ordered by due time) into work items, one per
-    (message, domain), each listing its recipients in the message's order."""
+    (message, domain), each listing its recipients in the message's order; with the
+    suppression entries that apply to them, or None when an address is not ASCII (the
+    worker then looks them up with Python's case folding)."""
     data: dict[str, bytes] = {}
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[
-        tuple[str, str], tuple[str, bool, bool, bool, datetime | None, str, str | None]
-    ] = {}
-    for (
-        message_id,
-        domain,
-        address,
-        position,
-        attempts,
-        first_attempt_at,
-        created_at,
-        envelope_from,
-        smtputf8,
-        eightbit,
-        body,
-        require_tls,
-        expires_at_,
-        priority,
-        dsn,
-        last_attempt_at,
-    ) in rows:
-        if body is not None:
-            data[message_id] = body
-        key = (message_id, domain)
+    heads: dict[tuple[str, str], LeaseRow] = {}
+    suppressions: dict[str, Suppression] | None = {}
+    for row in found:
+        if row.data is not None:
+            data[row.message_id] = row.data
+        key = (row.message_id, row.domain)
         if key not in groups:
             groups[key] = []
-            heads[key] = (
-                envelope_from,
-                smtputf8,
-                eightbit,
-                require_tls,
-                expires_at_,
-                priority or "",
-                dsn,
-            )
+            heads[key] = row
         groups[key].append(
             (
-                position,
+                row.position,
                 LeasedRecipient(
-                    address=address,
-                    attempts=attempts,
-                    first_attempt_at=first_attempt_at,
-                    created_at=created_at,
-                    last_attempt_at=last_attempt_at,
+                    address=row.address,
+                    attempts=row.attempts,
+                    first_attempt_at=row.first_attempt_at,
+                    created_at=row.created_at,
+                    last_attempt_at=row.last_attempt_at,
                 ),
             )
         )
+        if not row.ascii_address:
+            suppressions = None
+        elif suppressions is not None:
+            for entry in _entries_of(row):
+                suppressions[entry.target] = entry
     items = []
-    for (message_id, domain), members in groups.items():
-        envelope_from, smtputf8, eightbit, require_tls, expires, lane, dsn = heads[
-            message_id, domain
-        ]
+    for key, members in groups.items():
+        head = heads[key]
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
-                message_id=message_id,
+                message_id=head.message_id,
                 lease_token=token,
-                domain=domain,
-                envelope_from=envelope_from,
+                domain=head.domain,
+                envelope_from=head.envelope_from,
                 recipients=tuple(r for _, r in members),
-                data=data[message_id],
-                smtputf8=smtputf8,
-                eightbit=eightbit,
-                require_tls=require_tls,
-                expires_at=expires,
-                priority=lane,
-                dsn=DSN.decode(dsn) if dsn else None,
+                data=data[head.message_id],
+                smtputf8=head.smtputf8,
+                eightbit=head.eightbit,
+                require_tls=head.require_tls,
+                expires_at=head.expires_at,
+                priority=head.lane,
+                dsn=DSN.decode(head.dsn) if head.dsn else None,
             )
         )
-    return Lease(token=token, expires_at=expires_at, items=tuple(items))
+    return Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=suppressions)
+
+
+def _entry_columns(first: str) -> slice:
+    start = LeaseRow._fields.index(first)
+    return slice(start, start + 6)
+
+
+_ADDRESS_ENTRY = _entry_columns("address_target")
+_DOMAIN_ENTRY = _entry_columns("domain_target")
+
+
+def _entries_of(row: LeaseRow) -> Iterator[Suppression]:
+    if row.address_target is not None:
+        yield suppression_from_row(tuple(row)[_ADDRESS_ENTRY])
+    if row.domain_target is not None:
+        yield suppression_from_row(tuple(row)[_DOMAIN_ENTRY])
+
+
+def suppression_from_row(row: Sequence[Any]) -> Suppression:
+    """A suppression entry from (target, source, reply, created_at, expires_at,
+    message_id)."""
+    target, source, reply, created_at, expires_at, message_id = row
+    return Suppression(
+        target=target,
+        source=SuppressionSource(source),
+        reply=reply,
+        created_at=created_at,
+        expires_at=expires_at,
+        message_id=message_id,
+    )
 
 
 def _reply(code: int | None, enhanced: str | None, text: str | None) -> SMTPReply | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -65,7 +66,7 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
-from mailstrom.suppression import Suppression, SuppressionSource
+from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 
@@ -221,9 +222,10 @@ class PostgresStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
     ) -> Lease | None:
-        """Lease up to ``limit`` due recipients in one statement (see Store.lease); with
-        ``lanes``, one statement for the named lanes and, when they had room left and
-        nothing more due, one for the others."""
+        """Lease up to ``limit`` due recipients in one statement (see Store.lease), with
+        the suppression entries that apply to them; with ``lanes``, one statement for the
+        named lanes and, when they had room left and nothing more due, one for the
+        others."""
         if limit <= 0:
             return None
         token = uuid.uuid4().hex
@@ -235,20 +237,18 @@ class PostgresStore:
             "expires_at": expires_at,
         }
         if lanes is None:
-            found = self._fetch("lease", params)
+            found = rows.lease_rows(self._fetch("lease", params))
         else:
             params["lanes"] = [lane for lane, _ in lanes]
             params["lane_limits"] = [max(0, most) for _, most in lanes]
-            found = self._fetch("lease_lanes", params)
-            taken: dict[str, int] = {}
-            for row in found:
-                taken[row[12] or ""] = taken.get(row[12] or "", 0) + 1
+            found = rows.lease_rows(self._fetch("lease_lanes", params))
+            taken = Counter(row.lane for row in found)
             exhausted = len(found) < limit and all(
-                most > 0 and taken.get(lane, 0) < most for lane, most in lanes
+                most > 0 and taken[lane] < most for lane, most in lanes
             )
             if exhausted:
                 params["limit"] = limit - len(found)
-                found += self._fetch("lease_other_lanes", params)
+                found += rows.lease_rows(self._fetch("lease_other_lanes", params))
         if not found:
             return None
         return rows.lease_from_rows(token, expires_at, found)
@@ -780,7 +780,7 @@ class PostgresStore:
         if not targets:
             return {}
         found = self._fetch("suppressions_for", {"targets": list(targets), "now": now})
-        return {row[0]: _suppression(row) for row in found}
+        return {row[0]: rows.suppression_from_row(row) for row in found}
 
     def list_suppressions(
         self, *, now: datetime | None = None, after: str = "", limit: int = 100
@@ -789,7 +789,7 @@ class PostgresStore:
         found = self._fetch(
             "list_suppressions", {"after": after, "now": now, "limit": max(limit, 0)}
         )
-        return [_suppression(row) for row in found]
+        return [rows.suppression_from_row(row) for row in found]
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
@@ -857,16 +857,4 @@ def _throttle(row: Sequence[Any]) -> DestinationThrottle:
     destination, until, strikes, reply, since = row
     return DestinationThrottle(
         destination=destination, until=until, strikes=strikes, reply=reply, since=since
-    )
-
-
-def _suppression(row: tuple[Any, ...]) -> Suppression:
-    target, source, reply, created_at, expires_at, message_id = row
-    return Suppression(
-        target=target,
-        source=SuppressionSource(source),
-        reply=reply,
-        created_at=created_at,
-        expires_at=expires_at,
-        message_id=message_id,
     )
