@@ -4,6 +4,8 @@ past its ``expires_at`` fails as ``expired`` without another connection."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
@@ -87,6 +89,51 @@ def test_a_message_coming_due_while_a_lease_looks_is_not_left_for_the_poll(
     assert result.message_id == later
     assert result.state is RecipientState.DELIVERED
     assert result.attempt.at >= due
+
+
+class SlowClock:
+    """Wall time at half speed: every timer the worker sets for a due time fires before
+    that time by its clock, as uvloop's (rounded to the millisecond) sometimes do."""
+
+    def __init__(self) -> None:
+        self._start = datetime.now(UTC)
+        self._t0 = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._start + timedelta(seconds=(time.monotonic() - self._t0) / 2)
+
+
+def test_a_timer_firing_before_the_due_time_makes_no_empty_lease(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Woken before the due time it waited for, the worker sleeps the rest instead of
+    leasing: a lease that can find nothing is a write transaction for nothing."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    started, queued = threading.Event(), threading.Event()
+    empty: list[datetime] = []
+
+    def watch(now: datetime, limit: int, lease: Lease | None) -> None:
+        if queued.is_set() and limit and lease is None and now < due:
+            empty.append(now)
+        started.set()
+
+    clock = SlowClock()
+    results = Results()
+    config = loopback_config(dns_server, mx.port, poll_interval=60.0)
+    due = clock() + timedelta(milliseconds=300)
+    with Mailstrom(
+        config, store=LeaseWatchingStore(watch), worker="thread", clock=clock, on_result=results
+    ) as ms:
+        assert started.wait(10)  # the worker's first lease, before the message
+        later = ms.send_email(hello("later@example.org"), send_at=due)
+        queued.set()
+        [result] = results.wait_final({"later@example.org"}, timeout=10)
+    assert result.message_id == later
+    assert result.attempt.at >= due
+    # At most the lease the enqueue's wake-up asked for, which may come after the flag.
+    assert len(empty) <= 1, f"{len(empty)} empty leases before the due time"
 
 
 def test_a_message_past_its_expiry_fails_as_expired_without_a_connection(

@@ -427,6 +427,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         remembered while deliveries run, so a busy worker neither asks the store on every
         turn nor sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
+        waits_for: datetime | None = None
         if once and dispatcher.idle.is_set():
             return True  # the last lease found nothing due, and nothing is in flight
         if not self._starved and not self._capped and not self._stopping:
@@ -441,18 +442,28 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                     self._due_at = None
             due = self._due_at
             if due is not None and (self._empty_at is None or due > self._empty_at):
-                timeout = min(timeout, max(0.0, (due - self._clock()).total_seconds()))
+                until_due = max(0.0, (due - self._clock()).total_seconds())
+                if until_due < timeout:
+                    timeout, waits_for = until_due, due
             if timeout <= 0:
                 self._lease_wanted = True
                 self._due_stale = True
                 return False
         assert self._wake is not None
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-        except TimeoutError:
-            self._lease_wanted = True  # the poll, or the due time came
-            self._due_stale = True
-        return False
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                return False
+            except TimeoutError:
+                if waits_for is not None:
+                    # uvloop rounds its timers to the millisecond, so the timer may fire
+                    # before the due time: sleep the rest (a lease would find nothing).
+                    timeout = (waits_for - self._clock()).total_seconds()
+                    if timeout > 0:
+                        continue
+                self._lease_wanted = True  # the poll, or the due time came
+                self._due_stale = True
+                return False
 
     def _start(
         self, lease: Lease, dispatcher: Dispatcher, suppressed: Mapping[str, Suppression]
