@@ -41,13 +41,25 @@ def dane_ta(ca: trustme.CA) -> tuple[int, int, int, bytes]:
     return (2, 0, 1, hashlib.sha256(der(ca.cert_pem.bytes())).digest())
 
 
+@pytest.fixture
+def dane_ta_receiver(dns_server: LoopbackDNS, cert_receiver: Any) -> Any:
+    """A receiver whose certificate names ``names``, issued by a CA that a validated
+    ``2 0 1`` record of mx.test pins; the zone of :func:`signed_zone` around it."""
+
+    def start(*names: str, sni: list[str | None] | None = None) -> Any:
+        ca = trustme.CA()
+        mx = cert_receiver(*chain_with_anchor(ca, *names), sni=sni)
+        signed_zone(dns_server, mx.host, dane_ta(ca))
+        return mx
+
+    return start
+
+
 def test_dane_ta_takes_a_certificate_for_the_recipient_domain(
-    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+    dane_ta_receiver: Any, worker: Any
 ) -> None:
-    ca = trustme.CA()
     sni: list[str | None] = []
-    mx = cert_receiver(*chain_with_anchor(ca, "example.org"), sni=sni)
-    signed_zone(dns_server, mx.host, dane_ta(ca))
+    mx = dane_ta_receiver("example.org", sni=sni)
     bob = worker(mx.port)("bob@example.org")
     assert bob.state is RecipientState.DELIVERED
     assert bob.history[-1].tls_policy == "dane"
@@ -56,11 +68,9 @@ def test_dane_ta_takes_a_certificate_for_the_recipient_domain(
 
 
 def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
-    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+    dane_ta_receiver: Any, worker: Any
 ) -> None:
-    ca = trustme.CA()
-    mx = cert_receiver(*chain_with_anchor(ca, "example.com", "elsewhere.test"))
-    signed_zone(dns_server, mx.host, dane_ta(ca))
+    mx = dane_ta_receiver("example.com", "elsewhere.test")
     bob = worker(mx.port)("bob@example.org")
     assert bob.state is RecipientState.DEFERRED
     assert bob.reason_class is ReasonClass.TLS
@@ -69,11 +79,9 @@ def test_dane_ta_refuses_a_certificate_for_another_recipient_domain(
 
 
 def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
-    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+    dane_ta_receiver: Any, worker: Any
 ) -> None:
-    ca = trustme.CA()
-    mx = cert_receiver(*chain_with_anchor(ca, "example.org"))
-    signed_zone(dns_server, mx.host, dane_ta(ca))
+    mx = dane_ta_receiver("example.org")
     send = worker(mx.port)
     assert send("bob@example.org").state is RecipientState.DELIVERED
     carol = send("carol@example.net")
@@ -87,11 +95,9 @@ def test_a_connection_accepted_for_one_domains_name_is_not_reused_for_another(
 
 
 def test_a_dane_ta_connection_accepted_for_the_hosts_name_serves_every_domain(
-    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+    dane_ta_receiver: Any, worker: Any
 ) -> None:
-    ca = trustme.CA()
-    mx = cert_receiver(*chain_with_anchor(ca, MX))  # the usual case: names the MX host
-    signed_zone(dns_server, mx.host, dane_ta(ca))
+    mx = dane_ta_receiver(MX)  # the usual case: names the MX host
     send = worker(mx.port)
     assert send("bob@example.org").state is RecipientState.DELIVERED
     assert send("carol@example.net").state is RecipientState.DELIVERED
@@ -100,11 +106,9 @@ def test_a_dane_ta_connection_accepted_for_the_hosts_name_serves_every_domain(
 
 
 def test_a_connection_accepted_for_a_domains_name_serves_that_domain_again(
-    dns_server: LoopbackDNS, cert_receiver: Any, worker: Any
+    dane_ta_receiver: Any, worker: Any
 ) -> None:
-    ca = trustme.CA()
-    mx = cert_receiver(*chain_with_anchor(ca, "example.org"))
-    signed_zone(dns_server, mx.host, dane_ta(ca))
+    mx = dane_ta_receiver("example.org")
     send = worker(mx.port)
     assert send("bob@example.org").state is RecipientState.DELIVERED
     assert send("alice@example.org").state is RecipientState.DELIVERED

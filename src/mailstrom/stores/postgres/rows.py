@@ -129,9 +129,6 @@ class LeaseRow(NamedTuple):
     priority: str | None
     dsn: str | None
     last_attempt_at: datetime | None
-    ascii_address: bool
-    """Whether the database's ASCII-only case folding of the suppression targets below
-    equals Python's (:func:`~mailstrom.suppression.lookup_targets`)."""
     address_target: str | None
     address_source: str | None
     address_reply: str | None
@@ -184,7 +181,9 @@ def lease_from_rows(token: str, expires_at: datetime, found: Sequence[LeaseRow])
                 ),
             )
         )
-        if not row.ascii_address:
+        if not row.address.isascii():
+            # The entries were matched with SQL's ASCII-only case folding, which equals
+            # Python's (suppression.lookup_targets) for ASCII addresses alone.
             suppressions = None
         elif suppressions is not None:
             for entry in _entries_of(row):

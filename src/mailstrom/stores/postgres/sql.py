@@ -1,7 +1,9 @@
 """The SQL text of the PostgreSQL store, kept in ``stores/sql/postgres/*.sql``.
 
 Migrations are the files named ``NNNN_name.sql`` (applied in order of ``NNNN``); every
-query is a ``-- name: <name>`` section of ``queries.sql``.
+query is a ``-- name: <name>`` section of ``queries.sql``. A line ``-- include: <name>``
+stands for that section's text: a part several queries share (named with a leading
+underscore, not a query of its own).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mailstrom.errors import StoreError
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _QUERY_MARKER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_INCLUDE_MARKER = re.compile(r"^-- include: (\w+)[ \t]*$", re.MULTILINE)
 
 CHANNEL = "mailstrom_work"
 """The NOTIFY channel on which work that may have become due is announced."""
@@ -64,7 +67,12 @@ def queries() -> dict[str, str]:
     text = _sql_dir().joinpath("queries.sql").read_text()
     parts = _QUERY_MARKER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    sections = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {
+        name: _INCLUDE_MARKER.sub(lambda m: sections[m.group(1)], body)
+        for name, body in sections.items()
+        if not name.startswith("_")
+    }
 
 
 @contextmanager

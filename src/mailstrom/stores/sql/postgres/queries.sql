@@ -59,18 +59,11 @@ SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 
 -- name: lease
 -- Lock due recipients (skipping rows other workers are locking right now), stamp them
--- with our token, and return them with their message; the bytes of each message are
--- returned once, on its first row, not once per recipient.
--- Each row also carries the suppression entries in force for its address and for its
--- domain (rows.LeaseRow), so the worker needs no lookup of its own: COLLATE "C" folds
--- ASCII letters only, which equals Python's lower() on the ASCII addresses it is used for
--- (ascii_address); a lease with another address is looked up by the worker.
+-- with our token, and return them with their message (see _lease_rest).
 -- The ORDER BY is exactly the index recipients_due, so this reads LIMIT index entries
--- (plus any of held messages) and sorts nothing. The rows stay locked until commit, so
--- the UPDATE finds them again by ctid (a TID scan, whatever the table's size), and the
--- messages are fetched by primary key.
+-- (plus any of held messages) and sorts nothing once the table has statistics.
 WITH due AS MATERIALIZED (
-    SELECT r.ctid AS row_id, r.message_id, r.address,
+    SELECT r.ctid AS row_id, r.message_id, r.address, 0 AS rank,
            GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
     FROM recipients r
     JOIN messages m ON m.id = r.message_id
@@ -83,14 +76,81 @@ WITH due AS MATERIALIZED (
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED
-), leased AS (
+)
+-- include: _lease_rest
+
+-- name: lease_lanes
+-- The lease of named lanes, highest first: for each lane (an element of the parallel arrays
+-- lanes and lane_limits) the earliest due recipients of that lane, up to its own limit,
+-- read from its range of recipients_lane_due; then the first LIMIT of them in lane order.
+-- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
+WITH picked AS MATERIALIZED (
+    SELECT l.rank, d.*
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
+         AS l(lane, most, rank)
+    CROSS JOIN LATERAL (
+        SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+        FROM recipients r
+        JOIN messages m ON m.id = r.message_id
+        WHERE r.lane = l.lane
+          AND r.state IN ('queued', 'deferred')
+          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+          AND NOT m.held
+          AND NOT EXISTS (SELECT 1 FROM suspensions s
+                          WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
+        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+        LIMIT l.most
+        FOR UPDATE OF r SKIP LOCKED
+    ) d
+), due AS MATERIALIZED (
+    SELECT row_id, message_id, address, rank, due_at
+    FROM picked
+    ORDER BY rank, due_at, seq, position
+    LIMIT %(limit)s
+)
+-- include: _lease_rest
+
+-- name: lease_other_lanes
+-- The lease of recipients in lanes not named (queued before lanes existed, or in a lane
+-- since removed from the configuration): run only when every named lane had room left and
+-- nothing more due, so walking recipients_due meets few rows of the named lanes.
+WITH due AS MATERIALIZED (
+    SELECT r.ctid AS row_id, r.message_id, r.address, 0 AS rank,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+      AND r.lane <> ALL (%(lanes)s::text[])
+      AND NOT EXISTS (SELECT 1 FROM suspensions s
+                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
+    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+)
+-- include: _lease_rest
+
+-- name: _lease_rest
+-- The rest of every lease query, after its `due` CTE (row_id, message_id, address,
+-- rank, due_at; the rows locked). Stamp those rows with our token, found again by ctid (a
+-- TID scan, whatever the table's size), and return them in due order (rank first) with
+-- their message, fetched by primary key: the bytes of each message on its first row
+-- only, not once per recipient. Each row also carries the suppression entries in force
+-- for its address and for its domain (rows.LeaseRow), so the worker needs no lookup of
+-- its own: COLLATE "C" folds ASCII letters only, which equals Python's lower() on the
+-- ASCII addresses it is used for; a lease with another address is looked up by the
+-- worker. The entries are joined in a CTE of their own: joined in the final SELECT, they
+-- made the planner nest a loop over leased_messages.
+, leased AS (
     UPDATE recipients r
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
     WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at, r.last_attempt_at
 ), screened AS MATERIALIZED (
-    SELECT l.*, octet_length(l.address) = length(l.address) AS ascii_address,
+    SELECT l.*,
            sa.target AS a_target, sa.source AS a_source, sa.reply AS a_reply,
            sa.created_at AS a_created_at, sa.expires_at AS a_expires_at,
            sa.message_id AS a_message_id,
@@ -115,144 +175,12 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attemp
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
        m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at,
-       l.ascii_address, l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at,
-       l.a_message_id, l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at,
-       l.d_message_id
-FROM screened l
-JOIN due d ON d.message_id = l.message_id AND d.address = l.address
-JOIN leased_messages m ON m.id = l.message_id
-ORDER BY d.due_at, l.seq, l.position;
-
--- name: lease_lanes
--- The lease of named lanes, highest first: for each lane (an element of the parallel arrays
--- lanes and lane_limits) the earliest due recipients of that lane, up to its own limit,
--- read from its range of recipients_lane_due; then the first LIMIT of them in lane order.
--- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
--- Otherwise as the lease query above: stamped by ctid, the bytes once per message, the
--- suppression entries beside each row.
-WITH picked AS MATERIALIZED (
-    SELECT l.rank, d.*
-    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
-         AS l(lane, most, rank)
-    CROSS JOIN LATERAL (
-        SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
-               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
-        FROM recipients r
-        JOIN messages m ON m.id = r.message_id
-        WHERE r.lane = l.lane
-          AND r.state IN ('queued', 'deferred')
-          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
-          AND NOT m.held
-          AND NOT EXISTS (SELECT 1 FROM suspensions s
-                          WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
-        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
-        LIMIT l.most
-        FOR UPDATE OF r SKIP LOCKED
-    ) d
-), due AS MATERIALIZED (
-    SELECT row_id, message_id, address, rank, due_at, seq, position
-    FROM picked
-    ORDER BY rank, due_at, seq, position
-    LIMIT %(limit)s
-), leased AS (
-    UPDATE recipients r
-    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
-    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
-    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at, r.last_attempt_at
-), screened AS MATERIALIZED (
-    SELECT l.*, octet_length(l.address) = length(l.address) AS ascii_address,
-           sa.target AS a_target, sa.source AS a_source, sa.reply AS a_reply,
-           sa.created_at AS a_created_at, sa.expires_at AS a_expires_at,
-           sa.message_id AS a_message_id,
-           sd.target AS d_target, sd.source AS d_source, sd.reply AS d_reply,
-           sd.created_at AS d_created_at, sd.expires_at AS d_expires_at,
-           sd.message_id AS d_message_id
-    FROM leased l
-    LEFT JOIN suppressions sa
-           ON sa.target = lower(l.address COLLATE "C")
-          AND (sa.expires_at IS NULL OR sa.expires_at > %(now)s)
-    LEFT JOIN suppressions sd
-           ON sd.target = lower(substring(l.address FROM '[^@]*$') COLLATE "C")
-          AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s)
-), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
-           m.require_tls, m.expires_at, m.priority, m.dsn
-    FROM messages m
-    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
-)
-SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
-       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
-       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at,
-       l.ascii_address, l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at,
-       l.a_message_id, l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at,
-       l.d_message_id
+       l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at, l.a_message_id,
+       l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at, l.d_message_id
 FROM screened l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
 ORDER BY d.rank, d.due_at, l.seq, l.position;
-
--- name: lease_other_lanes
--- The lease of recipients in lanes not named (queued before lanes existed, or in a lane
--- since removed from the configuration): run only when every named lane had room left and
--- nothing more due, so walking recipients_due meets few rows of the named lanes.
--- Otherwise as the lease query above: stamped by ctid, the bytes once per message, the
--- suppression entries beside each row.
-WITH due AS MATERIALIZED (
-    SELECT r.ctid AS row_id, r.message_id, r.address,
-           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
-    FROM recipients r
-    JOIN messages m ON m.id = r.message_id
-    WHERE r.state IN ('queued', 'deferred')
-      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
-      AND NOT m.held
-      AND r.lane <> ALL (%(lanes)s::text[])
-      AND NOT EXISTS (SELECT 1 FROM suspensions s
-                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
-    ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
-    LIMIT %(limit)s
-    FOR UPDATE OF r SKIP LOCKED
-), leased AS (
-    UPDATE recipients r
-    SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
-    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
-    RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
-              r.first_attempt_at, r.last_attempt_at
-), screened AS MATERIALIZED (
-    SELECT l.*, octet_length(l.address) = length(l.address) AS ascii_address,
-           sa.target AS a_target, sa.source AS a_source, sa.reply AS a_reply,
-           sa.created_at AS a_created_at, sa.expires_at AS a_expires_at,
-           sa.message_id AS a_message_id,
-           sd.target AS d_target, sd.source AS d_source, sd.reply AS d_reply,
-           sd.created_at AS d_created_at, sd.expires_at AS d_expires_at,
-           sd.message_id AS d_message_id
-    FROM leased l
-    LEFT JOIN suppressions sa
-           ON sa.target = lower(l.address COLLATE "C")
-          AND (sa.expires_at IS NULL OR sa.expires_at > %(now)s)
-    LEFT JOIN suppressions sd
-           ON sd.target = lower(substring(l.address FROM '[^@]*$') COLLATE "C")
-          AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s)
-), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
-           m.require_tls, m.expires_at, m.priority, m.dsn
-    FROM messages m
-    WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
-)
-SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
-       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
-       CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
-            THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at,
-       l.ascii_address, l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at,
-       l.a_message_id, l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at,
-       l.d_message_id
-FROM screened l
-JOIN due d ON d.message_id = l.message_id AND d.address = l.address
-JOIN leased_messages m ON m.id = l.message_id
-ORDER BY d.due_at, l.seq, l.position;
 
 -- name: record
 -- Results of any number of leases, one array element per result: a recipient is updated
