@@ -41,3 +41,29 @@ def test_check_accepts_a_dane_ta_certificate_for_the_checked_domain(
             assert address["usable"] is False
     finally:
         mx.stop()
+
+
+def test_check_follows_an_aliased_domain_to_its_expansions_certificate(
+    mail_env: MailEnv, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    mx = start_receiving_server(server_context(tmp_path, *chain_with_anchor(ca, DOMAIN)))
+    try:
+        dns = mail_env.dns
+        dns.cname("alias.example", DOMAIN)
+        anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+        dns.tlsa("_25._tcp.mx.test", (2, 0, 1, anchor))
+        dns.authenticated(everything=True)
+        mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+        mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+        result = mail_env.cli("check", "--json", "alias.example")
+        assert result.code == 0, result.err
+        report = result.json()
+        assert report["alias_of"] == DOMAIN
+        [host] = report["hosts"]
+        [address] = host["addresses"]
+        assert address["dane"].startswith("matched DANE-TA"), address["dane"]
+        text = mail_env.cli("check", "alias.example")
+        assert f"alias of:    {DOMAIN}" in text.out
+    finally:
+        mx.stop()

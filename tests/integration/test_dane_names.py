@@ -5,6 +5,8 @@ aiosmtpd receiver presents a chosen certificate, the whole worker runs in betwee
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 import trustme
 
 from mailstrom import RecipientState
+from mailstrom.routing import Route, Router
 from mailstrom.status import ReasonClass
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import chain_with_anchor, der, self_signed, spki_sha256
@@ -126,3 +129,60 @@ def test_dane_ee_connections_are_reused_across_domains_sharing_the_mx(
     assert send("carol@example.net").state is RecipientState.DELIVERED
     assert mx.connections == 1
     assert len(mx.messages) == 2
+
+
+# --- a recipient domain that is itself an alias (RFC 7672 §3.2.2) -------------------------
+
+ALIAS = "alias.example"  # CNAME example.org, whose validated MX records name mx.test
+
+
+def test_dane_ta_takes_a_certificate_for_the_expansion_of_an_aliased_domain(
+    dns_server: LoopbackDNS, dane_ta_receiver: Any, worker: Any
+) -> None:
+    sni: list[str | None] = []
+    mx = dane_ta_receiver("example.org", sni=sni)
+    dns_server.cname(ALIAS, "example.org")
+    dns_server.authenticated(ALIAS)
+    send = worker(mx.port)
+    bob = send(f"bob@{ALIAS}")
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "dane"
+    assert sni == [MX]  # still the TLSA base domain
+    # Accepted through the alias's expansion alone, the connection serves the alias only:
+    # mail addressed to example.org itself is checked on a connection of its own.
+    assert send("alice@example.org").state is RecipientState.DELIVERED
+    assert mx.connections == 2
+    assert send(f"carol@{ALIAS}").state is RecipientState.DELIVERED
+    assert mx.connections == 2
+
+
+def test_a_certificate_for_another_aliass_expansion_is_refused(
+    dns_server: LoopbackDNS, dane_ta_receiver: Any, worker: Any
+) -> None:
+    mx = dane_ta_receiver("elsewhere.test")
+    # elsewhere.test is the expansion of another alias, not of the recipient's domain.
+    dns_server.cname("other-alias.example", "elsewhere.test")
+    dns_server.cname(ALIAS, "example.org")
+    dns_server.authenticated(ALIAS, "other-alias.example")
+    bob = worker(mx.port)(f"bob@{ALIAS}")
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert "not valid for mx.test or alias.example or example.org" in bob.reason
+    assert mx.messages == []
+
+
+def test_the_router_reports_the_expansion_of_an_aliased_domain(
+    dns_server: LoopbackDNS,
+) -> None:
+    signed_zone(dns_server, "127.0.0.1")
+    dns_server.cname(ALIAS, "example.org")
+    dns_server.authenticated(ALIAS)
+    router = Router(dataclasses.replace(dns_server.dns_config, dnssec=True), allow_loopback=True)
+
+    async def routes() -> list[Route]:
+        return [await router.route(domain) for domain in (ALIAS, "example.org")]
+
+    aliased, plain = asyncio.run(routes())
+    assert (aliased.domain, aliased.canonical, aliased.secure) == (ALIAS, "example.org", True)
+    assert aliased.next_hops == (ALIAS, "example.org")
+    assert plain.canonical is None and plain.next_hops == ("example.org",)

@@ -19,7 +19,7 @@ def dane(*tlsa: TLSARecord, domain: str) -> TLSRequirement:
         source=PolicySource.DANE,
         tlsa=tlsa,
         dane_names=(HOST,),
-        dane_next_hop=domain,
+        dane_next_hops=(domain,),
     )
 
 

@@ -116,3 +116,13 @@ def test_limit_addresses_keeps_the_first_in_order() -> None:
     assert kept[1].addresses == ("192.0.2.3",)
     assert limit_addresses(hosts, 6) == hosts
     assert limit_addresses(hosts, 1)[0].addresses == ("192.0.2.1",)
+
+
+def test_next_hops_are_the_domain_and_its_expansion_unless_the_mx_is_implicit() -> None:
+    host = MXHost(name="mx.example.org", preference=10, addresses=("192.0.2.1",))
+    plain = Route(domain="example.org", hosts=(host,), implicit=False)
+    aliased = Route(domain="shop.example", hosts=(host,), implicit=False, canonical="example.org")
+    implicit = Route(domain="example.org", hosts=(host,), implicit=True)
+    assert plain.next_hops == ("example.org",)
+    assert aliased.next_hops == ("shop.example", "example.org")
+    assert implicit.next_hops == ()

@@ -68,19 +68,31 @@ def dane_ee_lookup() -> TLSALookup:
 def test_the_requirement_carries_the_next_hop_beside_the_hosts_names() -> None:
     # Validated MX records: the domain they belong to is acceptable too, kept apart from
     # the host's names (which come first: the first is the SNI name).
-    need = requirement_for(dane_ee_lookup(), names=(TARGET, HOST), next_hop=NEXT_HOP)
+    need = requirement_for(dane_ee_lookup(), names=(TARGET, HOST), next_hops=(NEXT_HOP,))
     assert need is not None
     assert need.dane_names == (TARGET, HOST)
-    assert need.dane_next_hop == NEXT_HOP
+    assert need.dane_next_hops == (NEXT_HOP,)
+
+
+def test_the_requirement_carries_the_next_hops_expansion_after_the_domain() -> None:
+    # The recipient domain is an alias whose validated chain led to the MX records: its
+    # expansion is a next-hop name too (RFC 7672 §3.2.2), after the name as addressed.
+    expanded = "mail.provider.test"
+    need = requirement_for(dane_ee_lookup(), names=(TARGET, HOST), next_hops=(NEXT_HOP, expanded))
+    assert need is not None
+    assert need.dane_next_hops == (NEXT_HOP, expanded)
+    # An expansion that is the MX host's own name is among the host's names already.
+    need = requirement_for(dane_ee_lookup(), names=(TARGET, HOST), next_hops=(NEXT_HOP, HOST))
+    assert need is not None and need.dane_next_hops == (NEXT_HOP,)
 
 
 def test_an_implicit_mx_or_a_next_hop_among_the_names_adds_nothing() -> None:
     # No MX records: the worker gives no next-hop domain, and the host is the domain.
-    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hop=None)
-    assert need is not None and need.dane_next_hop is None
+    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hops=())
+    assert need is not None and need.dane_next_hops == ()
     # MX records naming the domain itself: no name twice.
-    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hop=NEXT_HOP)
-    assert need is not None and need.dane_next_hop is None
+    need = requirement_for(dane_ee_lookup(), names=(NEXT_HOP,), next_hops=(NEXT_HOP,))
+    assert need is not None and need.dane_next_hops == ()
 
 
 def test_the_requirement_names_the_base_domain_and_carries_the_reference_names() -> None:

@@ -126,6 +126,8 @@ class CheckReport:
     tls_policy: str
     relay: str | None = None
     implicit_mx: bool = False
+    alias_of: str | None = None
+    """The domain's CNAME expansion, when its MX records were found through an alias."""
     dns_error: str | None = None
     dns_permanent: bool = False
     hosts: list[HostReport] = field(default_factory=list)
@@ -221,7 +223,7 @@ async def _probe_dane(
             starttls=StartTLS.DANE,
             tlsa=need.tlsa,
             dane_names=need.dane_names,
-            dane_next_hop=need.dane_next_hop,
+            dane_next_hops=need.dane_next_hops,
             source_address=config.source_address,
         )
     except DeliveryError as exc:
@@ -344,6 +346,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
     mta_sts = asyncio.create_task(check_mta_sts(config, domain))
     if route is not None:
         report.implicit_mx = route.implicit
+        report.alias_of = route.canonical
         report.dnssec = route.secure
         resolver = make_resolver(asking)
         decider = TLSDecider.for_config(config)
@@ -377,7 +380,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                         mx_secure=route.secure,
                         host_secure=host.secure,
                         mx_canonical=host.canonical,
-                        next_hop=None if route.implicit else route.domain,
+                        next_hops=route.next_hops,
                     )
                 )
                 host_report.tls_policy = need.label
@@ -425,6 +428,8 @@ def print_report(r: CheckReport) -> None:
         print(f"  DNS: {kind} failure: {r.dns_error}")
     elif r.implicit_mx:
         print("  no MX records: the domain's own addresses stand in (implicit MX)")
+    if r.alias_of is not None:
+        print(f"  alias of:    {r.alias_of} (its MX records are those of the expansion)")
     if r.dns_error is None:
         trust = "" if r.dnssec_trusted else " (not used: dns.dnssec is off)"
         validated = "validated (AD)" if r.dnssec else "not validated"

@@ -184,10 +184,10 @@ class _Addresses:
 
 
 def expanded_name(answers: list[dns.resolver.Answer]) -> str | None:
-    """The name ``answers`` (A and AAAA of one name) reached through CNAMEs, or None when
-    the name is no alias or the two families disagree (then only the name as given is safe
-    to build on). dnspython follows the chain inside the answer the server sent, so the
-    expansion costs no query and is bounded by that answer's size."""
+    """The name ``answers`` (A and AAAA of one name, or its MX records) reached through
+    CNAMEs, or None when the name is no alias or the two families disagree (then only the
+    name as given is safe to build on). dnspython follows the chain inside the answer the
+    server sent, so the expansion costs no query and is bounded by that answer's size."""
     reached = {answer.canonical_name.canonicalize() for answer in answers}
     if len(reached) != 1:
         return None
@@ -330,6 +330,7 @@ async def lookup_route(
         candidates,
         answer.chaining_result.minimum_ttl,
         mx_secure=authenticated(answer),
+        canonical=expanded_name([answer]),
     )
 
 
@@ -361,6 +362,7 @@ async def _mx_route(
     mx_ttl: float,
     *,
     mx_secure: bool = False,
+    canonical: str | None = None,
 ) -> Lookup:
     policy = resolution.policy
     hosts: list[MXHost] = []
@@ -406,7 +408,9 @@ async def _mx_route(
         # Like Postfix, MX hosts without addresses are a temporary failure: it is usually
         # a DNS change in progress, and the retry policy's max_age bounds the wait.
         raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
-    route = Route(domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure)
+    route = Route(
+        domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure, canonical=canonical
+    )
     # An incomplete route (a host's lookup failed) is used now but not remembered.
     return Lookup(route=route, ttl=None if temporary else min(ttls))
 

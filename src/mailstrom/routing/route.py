@@ -42,7 +42,28 @@ class Route:
     implicit: bool
     secure: bool = False
     """The MX records (for an implicit MX, the domain's address records) were
-    DNSSEC-validated; only meaningful with ``DNSConfig.dnssec`` (RFC 7672 §2.2.1)."""
+    DNSSEC-validated; only meaningful with ``DNSConfig.dnssec`` (RFC 7672 §2.2.1). When
+    ``domain`` is an alias, this covers the whole CNAME chain to the MX records."""
+    canonical: str | None = None
+    """The CNAME-expanded name when ``domain`` is an alias and its MX records were found at
+    the end of the chain (lower-case A-label), else None. For an implicit MX the host's
+    own :attr:`MXHost.canonical` says it instead."""
+
+    @property
+    def next_hops(self) -> tuple[str, ...]:
+        """The names of the next-hop domain a DANE-TA(2) certificate of one of its MX hosts
+        may carry besides the host's own (RFC 7672 §3.2.2): ``domain`` and its CNAME
+        expansion. Empty for an implicit MX, whose one host bears those names already.
+
+        >>> Route(domain="example.org", hosts=(), implicit=False,
+        ...       canonical="mail.provider.net").next_hops
+        ('example.org', 'mail.provider.net')
+        """
+        if self.implicit:
+            return ()
+        if self.canonical is None:
+            return (self.domain,)
+        return (self.domain, self.canonical)
 
     @property
     def addresses(self) -> tuple[str, ...]:

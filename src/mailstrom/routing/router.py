@@ -83,6 +83,7 @@ class _Entry:
             hosts=tuple(hosts) if self.limit is None else limit_addresses(hosts, self.limit),
             implicit=self.template.implicit,
             secure=self.template.secure,
+            canonical=self.template.canonical,
         )
 
 

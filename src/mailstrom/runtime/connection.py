@@ -149,7 +149,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         """The DANE-TA(2) certificate was accepted for naming the next-hop domain only
         (not the MX host): the connection serves that domain alone."""
         self._dane_names: tuple[str, ...] = ()
-        self._dane_next_hop: str | None = None
+        self._dane_next_hops: tuple[str, ...] = ()
         self.tls_fallback: DeliveryError | None = None
         """Why this plaintext connection replaced one whose TLS handshake failed (set by
         the opener's opportunistic fallback; for TLS reports)."""
@@ -225,15 +225,16 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         auth: tuple[str, str] | None = None,
         tlsa: tuple[TLSARecord, ...] = (),
         dane_names: tuple[str, ...] = (),
-        dane_next_hop: str | None = None,
+        dane_next_hops: tuple[str, ...] = (),
     ) -> SMTPConnection:
         """Connect to ``ip``:``port`` and get ready to send mail to ``host``.
 
         ``tlsa`` are the host's usable TLSA records, for ``starttls=StartTLS.DANE``, and
         ``dane_names`` the names a DANE-TA(2) certificate may be issued for (``host``
         alone when empty; more when ``host`` is an alias, RFC 7672 §3.2.2); the first of
-        them is the SNI name. ``dane_next_hop``, the recipient domain, is accepted too,
-        checked after them (:attr:`dane_via_next_hop` says when only it matched).
+        them is the SNI name. ``dane_next_hops``, the recipient domain and its CNAME
+        expansion, are accepted too, checked after them (:attr:`dane_via_next_hop` says
+        when only one of those matched).
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
@@ -247,7 +248,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             timeouts=timeouts,
         )
         conn._dane_names = dane_names
-        conn._dane_next_hop = dane_next_hop
+        conn._dane_next_hops = dane_next_hops
         context: ssl.SSLContext | None = None
         if implicit_tls:
             unverified = starttls in (StartTLS.OPPORTUNISTIC, StartTLS.REQUIRED)
@@ -407,16 +408,14 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         # The host's own names first: a certificate for one of them makes the connection
         # good for every domain this host receives mail for.
         names = self._dane_names or (self.host,)
-        next_hop = self._dane_next_hop
+        next_hops = self._dane_next_hops
         try:
-            match = match_chain(
-                chain, tlsa, host=self.host, names=names if next_hop is None else (*names, next_hop)
-            )
+            match = match_chain(chain, tlsa, host=self.host, names=(*names, *next_hops))
         except DaneMismatch as exc:
             self._drop()
             raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None
         self.dane_match = match.record
-        self.dane_via_next_hop = next_hop is not None and match.name == next_hop
+        self.dane_via_next_hop = match.name in next_hops
 
     def _record_tls(self) -> None:
         assert self._transport is not None

@@ -368,7 +368,7 @@ class Dispatcher:
                 continue
             key = opener.key(host, ip, need)
             conn = opener.idle(key)
-            if conn is None and need.dane_next_hop is not None:
+            if conn is None and need.dane_next_hops:
                 # One whose DANE-TA certificate named only this recipient domain.
                 key = opener.key(host, ip, need, via_next_hop=True)
                 conn = opener.idle(key)
@@ -465,8 +465,8 @@ class Dispatcher:
             tls_optional=dest.tls_optional,
             require_tls=dest.require_tls,
             mx_canonical=mx.canonical,
-            # The name the MX records were asked for: none for an implicit MX or a relay.
-            next_hop=None if route.implicit or route is self._relay_route else route.domain,
+            # The names the MX records were asked for: none for an implicit MX or a relay.
+            next_hops=() if route is self._relay_route else route.next_hops,
         )
 
     async def _stream(

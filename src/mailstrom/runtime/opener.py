@@ -95,8 +95,8 @@ class Opener:
         names: tuple[str, ...] = ()
         if _names_checked(requirement.tlsa):
             names = requirement.dane_names or (host,)
-            if via_next_hop and requirement.dane_next_hop is not None:
-                names = (*names, requirement.dane_next_hop)
+            if via_next_hop:
+                names = (*names, *requirement.dane_next_hops)
         return ConnectionKey(
             host=host,
             ip=ip,
@@ -128,7 +128,7 @@ class Opener:
                 mode,
                 requirement.tlsa,
                 requirement.dane_names,
-                requirement.dane_next_hop,
+                requirement.dane_next_hops,
             )
         except TLSVerifyError:
             raise
@@ -150,7 +150,7 @@ class Opener:
         starttls: StartTLS,
         tlsa: tuple[TLSARecord, ...],
         dane_names: tuple[str, ...] = (),
-        dane_next_hop: str | None = None,
+        dane_next_hops: tuple[str, ...] = (),
     ) -> SMTPConnection:
         config = self._config
         relay = config.relay
@@ -164,7 +164,7 @@ class Opener:
             tls_context=config.tls_context,
             tlsa=tlsa,
             dane_names=dane_names,
-            dane_next_hop=dane_next_hop,
+            dane_next_hops=dane_next_hops,
             implicit_tls=self._implicit,
             source_address=config.source_address,
             auth=(relay.username, relay.password or "")

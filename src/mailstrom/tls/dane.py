@@ -24,9 +24,9 @@ base domain depends on how far DNSSEC reaches (RFC 7672 §2.2.3, :func:`tlsa_bas
 
 A DANE-TA(2) certificate may then name the TLSA base domain, the other of the two names
 (when that one was validated too): :func:`reference_names`; or the next-hop domain whose
-validated MX records named the host (RFC 7672 §3.2.2), checked last, since a connection
-accepted through it alone serves that domain only. A CNAME expansion of the next-hop
-domain itself is not tracked, so it is not among them.
+validated MX records named the host, or that domain's CNAME expansion when it is an alias
+(the MX answer's chain validated with it: RFC 7672 §3.2.2). Those are checked last, since a
+connection accepted through them alone serves that domain only.
 
 Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
 """
@@ -195,11 +195,12 @@ async def lookup_alias_secure(
 
 
 def requirement_for(
-    lookup: TLSALookup, *, names: tuple[str, ...] = (), next_hop: str | None = None
+    lookup: TLSALookup, *, names: tuple[str, ...] = (), next_hops: tuple[str, ...] = ()
 ) -> TLSRequirement | None:
     """The DANE requirement a (validated) lookup makes, or None when DANE does not apply.
     ``names`` are the reference identifiers for DANE-TA(2) of the MX host
-    (:func:`reference_names`), ``next_hop`` the recipient domain, acceptable as well."""
+    (:func:`reference_names`), ``next_hops`` the recipient domain and its CNAME
+    expansion, acceptable as well."""
     if not lookup.secure or not lookup.exists:
         return None
     usable = tuple(r for r in lookup.records if r.usable)
@@ -216,7 +217,7 @@ def requirement_for(
         reason=f"DANE: {len(usable)} usable TLSA record(s) at {tlsa_name(lookup.host)}",
         tlsa=usable,
         dane_names=names,
-        dane_next_hop=None if next_hop in names else next_hop,
+        dane_next_hops=tuple(name for name in next_hops if name not in names),
     )
 
 
@@ -299,5 +300,5 @@ class DaneSource:
             found = await self.lookup(base)
             if found.secure and found.exists:
                 names = reference_names(base, host, canonical, chain_secure=chain_secure)
-                return requirement_for(found, names=names, next_hop=destination.next_hop)
+                return requirement_for(found, names=names, next_hops=destination.next_hops)
         return None  # RFC 7672 §2.2.2/§2.2.3: insecure address records, or no TLSA

@@ -88,11 +88,12 @@ class Destination:
     mx_canonical: str | None = None
     """The CNAME-expanded name of ``mx_host`` when it is an alias (``host_secure`` then
     says whether the whole chain validated), else None (RFC 7672 §2.2.3)."""
-    next_hop: str | None = None
+    next_hops: tuple[str, ...] = ()
     """The domain whose MX records named ``mx_host`` (lower-case A-label; the name the MX
-    lookup asked for), which a DANE-TA(2) certificate may name too (RFC 7672 §3.2.2).
-    None for an implicit MX (no MX records: ``mx_host`` is that domain already) and when
-    no MX lookup was made (a relay)."""
+    lookup asked for) and, when it is an alias, its CNAME expansion, which a DANE-TA(2)
+    certificate may name too (RFC 7672 §3.2.2; :attr:`Route.next_hops
+    <mailstrom.routing.route.Route.next_hops>`). Empty for an implicit MX (no MX records:
+    ``mx_host`` is that domain already) and when no MX lookup was made (a relay)."""
 
 
 class PolicySourceHook(Protocol):

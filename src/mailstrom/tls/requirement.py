@@ -100,10 +100,11 @@ class TLSRequirement:
     """With ``mode`` DANE, the names a DANE-TA(2) certificate may be issued for (RFC 7672
     §3.2.2), the TLSA base domain first (it is the SNI name); empty means the MX host name
     alone. These depend on the MX host only, not on the recipient domain."""
-    dane_next_hop: str | None = None
-    """With ``mode`` DANE, the next-hop domain, which a DANE-TA(2) certificate may name
-    too (RFC 7672 §3.2.2). Tried after ``dane_names``: a connection accepted through it
-    alone serves that domain only (see :meth:`mailstrom.runtime.opener.Opener.key`)."""
+    dane_next_hops: tuple[str, ...] = ()
+    """With ``mode`` DANE, the next-hop domain and its CNAME expansion (when it is an
+    alias), which a DANE-TA(2) certificate may name too (RFC 7672 §3.2.2). Tried after
+    ``dane_names``: a connection accepted through them alone serves that domain only (see
+    :meth:`mailstrom.runtime.opener.Opener.key`)."""
 
     @property
     def authenticated(self) -> bool:
