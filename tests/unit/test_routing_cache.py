@@ -3,12 +3,16 @@ synchronously through ``Router.cached``. A scripted resolver stands in for DNS."
 
 from __future__ import annotations
 
+import random
+
 import dns.name
 import pytest
 from tests.support.resolver import ScriptedResolver, make_router
 
 from mailstrom.errors import PermanentFailure
+from mailstrom.routing import MXHost, Route
 from mailstrom.routing import router as router_module
+from mailstrom.routing.lookup import Lookup
 
 
 async def test_cached_route_costs_no_name_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,3 +93,29 @@ async def test_forget_drops_every_spelling() -> None:
     router.forget("Example.Test")
     assert router.cached("example.test") is None
     assert router.cached("EXAMPLE.test.") is None
+
+
+@pytest.mark.parametrize("limit", [10, 3])
+def test_a_shuffled_route_keeps_everything_but_its_hosts_order(limit: int) -> None:
+    """A route whose hosts are shuffled on each use (equal preferences), cut to the address
+    limit or not, keeps what the lookup found about the domain: DANE depends on it."""
+    hosts = tuple(
+        MXHost(name=f"mx{i}.example.org", preference=10, addresses=(f"192.0.2.{i}", f"::{i}"))
+        for i in range(1, 4)
+    )
+    route = Route(
+        domain="shop.example", hosts=hosts, implicit=False, secure=True, canonical="example.org"
+    )
+    entry = router_module._prepare(
+        Lookup(route=route, ttl=60.0), canonical="shop.example", expires=60.0, limit=limit
+    )
+    assert entry.template is not None  # the path that rebuilds the route on each use
+    finished = entry.finish(random.Random(7))
+    assert (finished.domain, finished.implicit, finished.secure, finished.canonical) == (
+        "shop.example",
+        False,
+        True,
+        "example.org",
+    )
+    assert {h.name for h in finished.hosts} <= {h.name for h in hosts}
+    assert len(finished.addresses) == min(limit, 6)

@@ -78,12 +78,10 @@ class _Entry:
         assert self.template is not None
         hosts = list(self.template.hosts)
         shuffle_spans(hosts, self.spans, rng)
-        return Route(
-            domain=self.template.domain,
+        # Only the hosts change: every other field of the route is kept as looked up.
+        return replace(
+            self.template,
             hosts=tuple(hosts) if self.limit is None else limit_addresses(hosts, self.limit),
-            implicit=self.template.implicit,
-            secure=self.template.secure,
-            canonical=self.template.canonical,
         )
 
 

@@ -369,7 +369,8 @@ class Dispatcher:
             key = opener.key(host, ip, need)
             conn = opener.idle(key)
             if conn is None and need.dane_next_hops:
-                # One whose DANE-TA certificate named only this recipient domain.
+                # One whose DANE-TA certificate named only this recipient domain (or its
+                # CNAME expansion).
                 key = opener.key(host, ip, need, via_next_hop=True)
                 conn = opener.idle(key)
             reused = conn is not None
