@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
+from mailstrom.dkim.config import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
@@ -18,10 +18,6 @@ from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
 from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
 from mailstrom.tls.table import PolicyTable
-
-if TYPE_CHECKING:
-    # Imported where a config has DKIM: DKIM's modules are not loaded without it.
-    from mailstrom.dkim.signing import DKIMConfig
 
 
 class EventLoop(StrEnum):
@@ -452,11 +448,8 @@ class Config:
         if any(not d or any(c.isspace() for c in d) for d in domains):
             raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
         object.__setattr__(self, "metrics_domains", domains)
-        if self.dkim is not None:
-            from mailstrom.dkim.signing import DKIMConfig
-
-            if not isinstance(self.dkim, DKIMConfig):
-                raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
+        if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
+            raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")
         try:
             object.__setattr__(self, "suppress_on", check_codes(self.suppress_on))
         except ValueError as exc:

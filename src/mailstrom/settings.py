@@ -45,6 +45,7 @@ from mailstrom.config import (
     Timeouts,
     TLSPolicy,
 )
+from mailstrom.dkim.config import DKIMConfig
 from mailstrom.errors import ConfigError
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
@@ -657,8 +658,6 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
     if retry := section("retry"):
         top["retry"] = RetryPolicy(**retry)
     if dkim := section("dkim"):
-        from mailstrom.dkim.signing import DKIMConfig
-
         top["dkim"] = DKIMConfig(**dkim)
     if relay := section("relay"):
         if "host" not in relay:

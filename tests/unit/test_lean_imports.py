@@ -69,7 +69,7 @@ WORKER_FEATURES = (
     "mailstrom.message.encoding",
     "mailstrom.message.render",
     # DKIM signs at submission; a store reads its outcomes only for a message's status.
-    "mailstrom.dkim.keys",
+    # (Its settings types, dkim.config and dkim.keys, come with the configuration.)
     "mailstrom.dkim.signing",
     # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.
     "mailstrom.runtime.hooks",

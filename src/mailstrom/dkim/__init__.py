@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from mailstrom._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from mailstrom.dkim.config import DKIMConfig
     from mailstrom.dkim.keys import DKIMKey, DNSRecord, generate_private_key
     from mailstrom.dkim.signature import DKIMAlgorithm, DKIMSignature
-    from mailstrom.dkim.signing import SIGNED_HEADERS, DKIMConfig, sign
+    from mailstrom.dkim.signing import SIGNED_HEADERS, sign
 
 
 __all__ = [
@@ -35,11 +36,8 @@ __getattr__, __dir__ = lazy_exports(
             "DNSRecord",
             "generate_private_key",
         ),
-        "mailstrom.dkim.signing": (
-            "SIGNED_HEADERS",
-            "DKIMConfig",
-            "sign",
-        ),
+        "mailstrom.dkim.config": ("DKIMConfig",),
+        "mailstrom.dkim.signing": ("SIGNED_HEADERS", "sign"),
         "mailstrom.dkim.signature": ("DKIMAlgorithm", "DKIMSignature"),
     },
 )

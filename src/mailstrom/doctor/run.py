@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailstrom.config import Config
-from mailstrom.dkim.signing import DKIMConfig
+from mailstrom.dkim.config import DKIMConfig
 from mailstrom.doctor import extras
 from mailstrom.doctor.dkim import DKIMKey, check_dkim
 from mailstrom.doctor.dmarc import check_dmarc

@@ -26,7 +26,8 @@ from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
 
-from mailstrom.dkim.signing import DKIMConfig, DKIMSignature, sign
+from mailstrom.dkim.config import DKIMConfig
+from mailstrom.dkim.signing import DKIMSignature, sign
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import (
     ForbiddenCharacter,

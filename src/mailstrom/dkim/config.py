@@ -1,0 +1,83 @@
+"""DKIM settings (``Config.dkim``): the keys, and which of them sign which message.
+
+Kept apart from the signing itself so that :class:`~mailstrom.config.Config` can name the
+type at run time (``typing.get_type_hints(Config)`` resolves it) without loading the
+signer; ``cryptography`` is still imported only when a key is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from mailstrom.dkim.keys import DKIMKey
+from mailstrom.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DKIMConfig:
+    """DKIM signing at submission (``Config.dkim``).
+
+    >>> DKIMConfig(keys=(
+    ...     DKIMKey(domain="example.com", selector="s2026r", private_key="/etc/dkim/r.pem"),
+    ...     DKIMKey(domain="example.com", selector="s2026e", private_key="/etc/dkim/e.pem",
+    ...             algorithm="ed25519-sha256"),
+    ... ), required=True)  # doctest: +SKIP
+
+    A message is signed by every key of the most specific key domain that equals, or is
+    a parent of, the domain of a From address (DMARC relaxed alignment, RFC 7489 §3.1.1):
+    with keys for ``example.com`` and ``news.example.com``, mail from
+    ``a@news.example.com`` is signed by the ``news.example.com`` keys only, mail from
+    ``a@shop.example.com`` by the ``example.com`` keys. Keys of one domain are typically
+    an RSA and an Ed25519 key (RFC 8463 §4 suggests signing with both). A message no key
+    matches is sent unsigned, or refused with
+    :class:`~mailstrom.errors.NoDKIMKey` when ``required`` is true.
+    """
+
+    keys: Sequence[DKIMKey] = ()
+    required: bool = False
+    """Refuse (``NoDKIMKey``) a message that no key can sign, instead of sending it
+    unsigned."""
+    expire: timedelta | None = None
+    """Signatures carry ``x=`` this long after their ``t=``; receivers treat a signature
+    past it as invalid (RFC 6376 §3.5). ``None``: no expiry."""
+    _by_domain: dict[str, tuple[DKIMKey, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        keys = tuple(self.keys)
+        object.__setattr__(self, "keys", keys)
+        seen: set[tuple[str, str]] = set()
+        for key in keys:
+            if not isinstance(key, DKIMKey):
+                raise ConfigError(f"dkim.keys must be DKIMKey values, not {type(key).__name__}")
+            if (key.domain, key.selector) in seen:
+                raise ConfigError(
+                    f"dkim key {key.domain}/{key.selector} is configured twice; a selector "
+                    "names one key"
+                )
+            seen.add((key.domain, key.selector))
+            self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
+        if self.expire is not None and self.expire <= timedelta(0):
+            raise ConfigError(f"dkim.expire must be positive, got {self.expire}")
+        if self.required and not keys:
+            raise ConfigError("dkim.required is set but no dkim.keys are configured")
+
+    def keys_for(self, domains: Iterable[str]) -> tuple[DKIMKey, ...]:
+        """The keys that sign mail from ``domains`` (lower-case A-labels, the From
+        addresses' domains), without repeats; empty when none aligns."""
+        found: list[DKIMKey] = []
+        for domain in domains:
+            name = domain
+            while True:
+                keys = self._by_domain.get(name)
+                if keys is not None:
+                    found.extend(k for k in keys if k not in found)
+                    break
+                dot = name.find(".")
+                if dot == -1:
+                    break
+                name = name[dot + 1 :]
+        return tuple(found)
