@@ -3,6 +3,10 @@
 Every migration runs in one transaction together with the version bump, under a
 transaction-level advisory lock, so processes opening the store at the same time apply
 each migration exactly once and never see a half-built schema.
+
+A schema that is already current is only read: no lock, no DDL. So a role that may only
+read and write the tables (granted SELECT, INSERT, UPDATE, DELETE and the sequences'
+USAGE) opens the store once the tables' owner has run ``mailstrom db migrate``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 import psycopg
 
 from mailstrom.errors import StoreError
-from mailstrom.stores.postgres.sql import migrations, translate_errors
+from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
 
 # An arbitrary constant naming mailstrom's migration lock (pg_advisory_xact_lock takes a
 # bigint); it only has to differ from the application's other advisory locks.
@@ -27,23 +31,53 @@ CREATE TABLE IF NOT EXISTS schema_version (
 """
 
 
+def _applied(conn: psycopg.Connection[Any]) -> set[int] | None:
+    """The versions recorded, or None before the first migration."""
+    with conn.transaction():
+        found = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if not (found and found[0]):
+            return None
+        return {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+
+
+def _check_not_newer(current: int, latest: int) -> None:
+    if current > latest:
+        raise StoreError(
+            f"the database schema is at version {current}, newer than this mailstrom "
+            f"knows ({latest}); upgrade mailstrom"
+        )
+
+
 def apply_migrations(conn: psycopg.Connection[Any]) -> int:
     """Bring the schema on ``conn`` up to date; returns the schema version.
 
     ``conn`` must not be inside a transaction; the work is committed before returning.
     """
     known = migrations()
+    latest = known[-1].version if known else 0
+    applied = _applied(conn)
+    if applied is not None and all(m.version in applied for m in known):
+        current = max(applied, default=0)
+        _check_not_newer(current, latest)
+        return current
+    try:
+        return _migrate_locked(conn, known)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        have = max(applied or (), default=0)
+        raise StoreError(
+            f"the database schema is at version {have} and needs version {latest}, which "
+            f"this database role may not create ({exc.diag.message_primary or exc}): run "
+            "`mailstrom db migrate` as the role that owns mailstrom's tables"
+        ) from exc
+
+
+def _migrate_locked(conn: psycopg.Connection[Any], known: tuple[Migration, ...]) -> int:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
         applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
         current = max(applied, default=0)
-        latest = known[-1].version if known else 0
-        if current > latest:
-            raise StoreError(
-                f"the database schema is at version {current}, newer than this mailstrom "
-                f"knows ({latest}); upgrade mailstrom"
-            )
+        _check_not_newer(current, known[-1].version if known else 0)
         # Every version not yet recorded, in order: one numbered below an applied one (a
         # feature merged after a later-numbered one was deployed) is applied too.
         for migration in known:

@@ -1,0 +1,93 @@
+"""A database role that may only read and write mailstrom's tables (the least privilege an
+application or a worker needs) opens a store whose schema its owner migrated, and does
+what a store does; what it may not do (migrate) fails with an error that says who may."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from mailstrom.errors import StoreError
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.sql import migrations
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+
+
+def message(i: int) -> PreparedMessage:
+    return PreparedMessage(
+        data=b"From: a@example.com\r\nSubject: hi\r\n\r\n" + b"x" * 1000 + b"\r\n",
+        envelope_from="a@example.com",
+        recipients=(f"r{i}@example.org",),
+        subject="hi",
+    )
+
+
+@pytest.fixture
+def owner_url(postgres_url: str) -> str:
+    """A database whose schema its owner (the fixture's superuser) migrated."""
+    PostgresStore(postgres_url).close()
+    return postgres_url
+
+
+@pytest.fixture
+def role_url(owner_url: str) -> Iterator[str]:
+    """The URL of a role granted what the docs ask for: the rows, not the schema."""
+    role = f"mailer_{uuid.uuid4().hex[:12]}"  # roles belong to the whole cluster
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+        )
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    rest = owner_url.partition("://")[2].partition("@")[2]
+    try:
+        yield f"postgresql://{role}@{rest}"
+    finally:
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_read_write_role_queues_leases_and_records(role_url: str) -> None:
+    with PostgresStore(role_url) as store:
+        mid = store.enqueue(message(0), now=T0)
+        lease = store.lease(now=T0, limit=10, lease_for=LEASE)
+        assert lease is not None
+        assert [i.message_id for i in lease.items] == [mid]
+        result = RecipientResult(
+            message_id=mid,
+            address="r0@example.org",
+            lease_token=lease.token,
+            state=RecipientState.DELIVERED,
+            attempt=Attempt(
+                at=T0, outcome=AttemptOutcome.DELIVERED, reply=SMTPReply(code=250, text="ok")
+            ),
+        )
+        assert store.record([result]) == [result]
+        assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
+
+
+def test_a_schema_behind_is_a_clear_error_for_a_role_that_cannot_migrate(
+    owner_url: str, role_url: str
+) -> None:
+    latest = migrations()[-1]
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_version WHERE version = %s", (latest.version,))
+    with pytest.raises(StoreError, match=r"mailstrom db migrate.* owns") as raised:
+        PostgresStore(role_url)
+    assert f"needs version {latest.version}" in str(raised.value)
