@@ -79,6 +79,15 @@ def test_postgres_benchmark_runs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_lease_benchmark_runs() -> None:
+    out = run_benchmark(
+        "postgres_lease", ["--backlog", "600", "--leases", "3", "--limit", "10", "--runs", "1"]
+    )
+    assert "statistics" in out
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(bool(missing_tools()), reason="Postfix's smtp-sink/smtp-source missing")
 def test_e2e_benchmark_runs() -> None:
     out = run_benchmark(

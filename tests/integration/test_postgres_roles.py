@@ -1,6 +1,7 @@
 """A database role that may only read and write mailstrom's tables (the least privilege an
 application or a worker needs) opens a store whose schema its owner migrated, and does
-what a store does; what it may not do (migrate) fails with an error that says who may."""
+what a store does; what it may not do fails with an error that says who may (migrate) or
+is skipped (analyse)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,28 @@ def test_a_schema_behind_is_a_clear_error_for_a_role_that_cannot_migrate(
     with pytest.raises(StoreError, match=r"mailstrom db migrate.* owns") as raised:
         PostgresStore(role_url)
     assert f"needs version {latest.version}" in str(raised.value)
+
+
+def analysed(url: str) -> dict[str, bool]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables"
+            " WHERE relname IN ('recipients', 'messages')"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_a_role_that_may_not_analyse_still_leases_from_a_new_backlog(
+    owner_url: str, role_url: str
+) -> None:
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        for table in ("recipients", "messages"):
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    with PostgresStore(owner_url) as owner:
+        owner.enqueue_many([message(i) for i in range(1500)], now=T0)
+    with PostgresStore(role_url) as store:
+        first = store.lease(now=T0, limit=10, lease_for=LEASE)
+        second = store.lease(now=T0, limit=10, lease_for=LEASE)
+    assert first is not None and second is not None
+    # The server skipped the tables, with a warning: only their owner may analyse them.
+    assert analysed(owner_url) == {"recipients": False, "messages": False}

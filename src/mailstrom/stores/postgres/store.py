@@ -7,6 +7,7 @@ transaction), so batches cost the same number of round trips as single items.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -66,8 +67,11 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.stores.postgres.statistics import PlannerStatistics
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
+
+log = logging.getLogger(__name__)
 
 
 def _state_values(where: QueueFilter) -> list[str] | None:
@@ -107,6 +111,7 @@ class PostgresStore:
         self._listeners: set[Listener] = set()
         self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
+        self._statistics = PlannerStatistics()
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
@@ -228,6 +233,8 @@ class PostgresStore:
         others."""
         if limit <= 0:
             return None
+        if self._statistics.due():
+            self._gather_statistics()
         token = uuid.uuid4().hex
         expires_at = now + lease_for
         params: dict[str, Any] = {
@@ -252,6 +259,16 @@ class PostgresStore:
         if not found:
             return None
         return rows.lease_from_rows(token, expires_at, found)
+
+    def _gather_statistics(self) -> None:
+        """Analyse the queue's tables if they have no planner statistics yet (a new
+        database with a backlog: see :mod:`~mailstrom.stores.postgres.statistics`). A
+        failure only means the lease is planned as before."""
+        try:
+            with self._pool.connection() as conn:
+                self._statistics.ensure(conn)
+        except psycopg.Error as exc:
+            log.debug("planner statistics: %s", exc)
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results of any leases in one statement; returns those recorded."""
@@ -427,6 +444,8 @@ class PostgresStore:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
         if limit <= 0:
             return None
+        if self._statistics.due():
+            self._gather_statistics()
         token = uuid.uuid4().hex
         expires_at = now + lease_for
         found = self._fetch(
