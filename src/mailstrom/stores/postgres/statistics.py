@@ -4,11 +4,11 @@ Until a table has been analysed, PostgreSQL plans queries on it blind. For the l
 that means reading and sorting every due recipient instead of walking ``recipients_due``
 for ``LIMIT`` rows: with 100,000 due, about 240 ms a lease instead of 7, for the first ten
 or so leases on each pooled connection (``benchmarks/postgres_lease.py``). The same holds
-for a database restored from a dump, which carries no statistics. Autovacuum's first ``ANALYZE`` of a table comes up to a
-minute or so after it filled, and not at all where autovacuum is off, so a worker leasing
-from a new database with a backlog analyses the tables itself, once: after that,
-autovacuum's thresholds (a share of the rows changed) keep the statistics current as the
-queue grows and shrinks.
+for a database restored from a dump, which carries no statistics. Autovacuum's first
+``ANALYZE`` of a table comes up to a minute or so after it filled, and not at all where
+autovacuum is off, so a worker leasing from a new database with a backlog analyses the
+tables itself, once: after that, autovacuum's thresholds (a share of the rows changed)
+keep the statistics current as the queue grows and shrinks.
 """
 
 from __future__ import annotations
