@@ -10,6 +10,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.sql import CHANNEL, translate_errors
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class Listener:
         self._stopping.set()
         if self._thread.is_alive():
             try:
-                with psycopg.connect(self._url, autocommit=True, connect_timeout=2) as conn:
+                url = bounded(self._url, connect_timeout=2)
+                with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(self._stop_channel)))
             except psycopg.Error:
                 log.debug("could not wake the listener; it notices within %ss", _STOP_POLL)
@@ -66,7 +68,7 @@ class Listener:
         return self._thread.is_alive()
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
-        conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(bounded(self._url), autocommit=True)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._stop_channel)))

@@ -64,6 +64,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.postgres import rows
+from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import queries, translate_errors
@@ -114,7 +115,7 @@ class PostgresStore:
         self._statistics = PlannerStatistics()
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            url,
+            bounded(url),
             min_size=min_size,
             max_size=max_size,
             kwargs={"autocommit": True},
