@@ -18,6 +18,7 @@ from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.sql import migrations
+from tests.support.pg_tables import analysed, without_autovacuum
 
 pytestmark = pytest.mark.postgres
 
@@ -94,21 +95,10 @@ def test_a_schema_behind_is_a_clear_error_for_a_role_that_cannot_migrate(
     assert f"needs version {latest.version}" in str(raised.value)
 
 
-def analysed(url: str) -> dict[str, bool]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables"
-            " WHERE relname IN ('recipients', 'messages')"
-        ).fetchall()
-    return dict(rows)
-
-
 def test_a_role_that_may_not_analyse_still_leases_from_a_new_backlog(
     owner_url: str, role_url: str
 ) -> None:
-    with psycopg.connect(owner_url, autocommit=True) as conn:
-        for table in ("recipients", "messages"):
-            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    without_autovacuum(owner_url)
     with PostgresStore(owner_url) as owner:
         owner.enqueue_many([message(i) for i in range(1500)], now=T0)
     with PostgresStore(role_url) as store:

@@ -15,6 +15,7 @@ import pytest
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.statistics import MIN_BYTES, PlannerStatistics
+from tests.support.pg_tables import analysed, without_autovacuum
 
 pytestmark = pytest.mark.postgres
 
@@ -43,15 +44,6 @@ def fill(store: PostgresStore, count: int) -> None:
         store.enqueue_many(batch[start : start + 500], now=T0)
 
 
-def analysed(url: str) -> dict[str, bool]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables"
-            " WHERE relname IN ('recipients', 'messages')"
-        ).fetchall()
-    return dict(rows)
-
-
 def sizes(url: str) -> list[int]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
@@ -65,9 +57,7 @@ def sizes(url: str) -> list[int]:
 def url(postgres_url: str) -> str:
     """A migrated database whose queue tables autovacuum leaves alone."""
     PostgresStore(postgres_url).close()
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for table in ("recipients", "messages"):
-            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    without_autovacuum(postgres_url)
     return postgres_url
 
 

@@ -1,0 +1,25 @@
+"""What a test needs to see and steer of PostgreSQL's statistics on the queue's tables."""
+
+from __future__ import annotations
+
+import psycopg
+
+QUEUE_TABLES = ("recipients", "messages")
+
+
+def without_autovacuum(url: str) -> None:
+    """Keep autovacuum off the queue's tables, so that only the store analyses them."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in QUEUE_TABLES:
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+
+
+def analysed(url: str) -> dict[str, bool]:
+    """Whether each queue table was analysed by hand (``ANALYZE``, the store's included)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables"
+            " WHERE relname = ANY(%s)",
+            (list(QUEUE_TABLES),),
+        ).fetchall()
+    return dict(rows)
