@@ -80,6 +80,13 @@ def test_postgres_benchmark_runs() -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
+def test_postgres_commits_benchmark_runs() -> None:
+    out = run_benchmark("postgres_commits", ["--processes", "2", "--count", "5"])
+    assert "NOTIFY/s" in out
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_postgres_lease_benchmark_runs() -> None:
     out = run_benchmark(
         "postgres_lease", ["--backlog", "600", "--leases", "3", "--limit", "10", "--runs", "1"]

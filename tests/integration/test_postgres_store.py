@@ -232,17 +232,20 @@ def test_watcher_thread_stops_on_unwatch_and_close(postgres_url: str) -> None:
 
 def test_failing_callback_does_not_end_wakeups(store: PostgresStore) -> None:
     calls: list[int] = []
-    second = threading.Event()
+    first, second = threading.Event(), threading.Event()
 
     def flaky() -> None:
         calls.append(1)
         if len(calls) == 1:
+            first.set()
             raise RuntimeError("boom")
         second.set()
 
     stop = store.watch(flaky)
     try:
         store.enqueue(message("a@example.org"), now=T0)
+        # One at a time: enqueues committed while a NOTIFY is on its way share it.
+        assert first.wait(10)
         store.enqueue(message("b@example.org"), now=T0)
         assert second.wait(10)
     finally:

@@ -67,6 +67,7 @@ from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
+from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
 from mailstrom.suppression import Suppression
@@ -113,6 +114,7 @@ class PostgresStore:
         self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
+        self._notifier = Notifier(url)
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             bounded(url),
@@ -176,8 +178,13 @@ class PostgresStore:
         ids = [new_message_id() for _ in messages]
         if all(m.attributes.idempotency_key is None for m in messages):
             self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
-            return ids
-        return self._enqueue_keyed(messages, ids, now=now, held=held)
+        else:
+            ids = self._enqueue_keyed(messages, ids, now=now, held=held)
+        if not held:
+            # After the commit, from the notifier's thread: a NOTIFY in the enqueue's own
+            # transaction would serialise every client's commits (see notifier.py).
+            self._notifier.poke()
+        return ids
 
     def _enqueue_keyed(
         self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
@@ -571,6 +578,7 @@ class PostgresStore:
             self._listeners.clear()
         for listener in listeners:
             listener.stop()
+        self._notifier.close()
         self._pool.close()
 
     # --- operator tools (schema version 10) -------------------------------------------

@@ -6,7 +6,8 @@
 
 -- name: enqueue
 -- Messages and their recipients arrive as parallel arrays (one element per row), so a
--- whole batch is one statement. NOTIFY is delivered when the statement commits. Tags
+-- whole batch is one statement. No NOTIFY here: the store's notifier sends it after the
+-- commit (a NOTIFY would serialise the commits of every client). Tags
 -- arrive as one JSON array text per message (arrays of arrays must be rectangular), and
 -- recipients are first due at the message's send_at when it is later than now.
 WITH new_messages AS (
@@ -40,7 +41,7 @@ WITH new_messages AS (
                 %(r_domains)s::text[]) AS t(message_id, address, position, domain)
     JOIN new_messages nm ON nm.id = t.message_id
 )
-SELECT pg_notify('mailstrom_work', '') WHERE NOT %(held)s;
+SELECT count(*) FROM new_messages;
 
 -- name: claim_key
 -- Make an idempotency key name a message about to be inserted in this transaction (the
