@@ -99,6 +99,21 @@ def test_the_enqueue_transaction_itself_sends_no_notify(
     assert wait_for(lambda: store._notifier.sent == 1)
 
 
+def test_the_notify_leaves_no_setting_on_its_connection(postgres_url: str) -> None:
+    """Behind a transaction-pooling proxy (PgBouncer), a session setting would stay on the
+    server connection and govern the next client's transactions: here, make its commits
+    skip the flush. The wake-up's own setting ends with its transaction."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        dbname = postgres_url.rsplit("/", 1)[1]
+        admin.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = on")
+    with PostgresStore(postgres_url) as store:
+        store.enqueue(message("a@example.org"), now=T0)
+        assert wait_for(lambda: store._notifier.sent == 1)
+        conn = store._notifier.connection
+        assert conn is not None
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
 def test_the_notifier_reconnects_after_a_server_restart() -> None:
     with ThrowawayPostgres() as server:
         url = server.create_database()

@@ -9,8 +9,8 @@ transactions/s with a NOTIFY whether 1, 8 or 32 clients ran, and 5,300 / 11,300 
 without one.
 
 So the enqueue commits on its own, and a :class:`Notifier` thread sends the NOTIFY from a
-connection of its own, with ``synchronous_commit`` off (a wake-up needs no flush): at once
-after a quiet spell, then at most one every :data:`GAP` for however many enqueues commit
+connection of its own, in a transaction that does not wait for the disk: at once after a
+quiet spell, then at most one every :data:`GAP` for however many enqueues commit
 meanwhile. Every enqueue is followed by a NOTIFY that starts after its commit, so a
 listening worker never misses mail that was committed before it was told. If the
 notifier cannot reach the server, workers find the mail at their next poll
@@ -35,7 +35,12 @@ GAP = 0.002
 """Seconds between two NOTIFYs at most: a burst of enqueues costs the server one NOTIFY
 transaction every 2 ms, not one per enqueue, and a worker hears of it at most 2 ms late."""
 
-_NOTIFY = sql.SQL("NOTIFY {}").format(sql.Identifier(CHANNEL))
+# One round trip (no parameters: the simple query protocol takes several statements). A
+# wake-up needs no flush to disk, and SET LOCAL ends with the transaction, so nothing
+# outlives it on a connection a transaction-pooling proxy hands to another client next.
+_NOTIFY = sql.SQL("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY {}; COMMIT").format(
+    sql.Identifier(CHANNEL)
+)
 
 
 class Notifier:
@@ -51,6 +56,8 @@ class Notifier:
         self._thread: threading.Thread | None = None
         self.sent = 0
         """NOTIFYs sent so far (for tests and curiosity)."""
+        self.connection: psycopg.Connection[tuple[object, ...]] | None = None
+        """The thread's connection, once it has sent a NOTIFY (for tests)."""
 
     def poke(self) -> None:
         """Some mail was committed: make sure a NOTIFY goes out after this call."""
@@ -76,7 +83,6 @@ class Notifier:
             thread.join(timeout)
 
     def _run(self) -> None:
-        conn: psycopg.Connection[tuple[object, ...]] | None = None
         try:
             while True:
                 self._wanted.wait()
@@ -84,32 +90,28 @@ class Notifier:
                 if self._pending:
                     # Cleared before the NOTIFY goes: a poke from now on gets another one.
                     self._pending = False
-                    conn = self._notify(conn)
+                    self._notify()
                 if self._closed and not self._pending:
                     return
                 # Pokes in the next few ms share one NOTIFY, sent when the gap ends; the
                 # first poke after a quiet spell is sent at once.
                 time.sleep(GAP)
         finally:
-            if conn is not None:
-                conn.close()
+            if self.connection is not None:
+                self.connection.close()
 
-    def _notify(
-        self, conn: psycopg.Connection[tuple[object, ...]] | None
-    ) -> psycopg.Connection[tuple[object, ...]] | None:
-        """One NOTIFY; a broken connection is replaced once. The connection to keep."""
+    def _notify(self) -> None:
+        """One NOTIFY; a broken connection is replaced once."""
         for attempt in (1, 2):
             try:
-                if conn is None:
-                    conn = psycopg.connect(bounded(self._url), autocommit=True)
-                    conn.execute("SET synchronous_commit TO off")
-                conn.execute(_NOTIFY)
+                if self.connection is None:
+                    self.connection = psycopg.connect(bounded(self._url), autocommit=True)
+                self.connection.execute(_NOTIFY)
                 self.sent += 1
-                return conn
+                return
             except psycopg.Error as exc:
-                if conn is not None:
-                    conn.close()
-                    conn = None
+                if self.connection is not None:
+                    self.connection.close()
+                    self.connection = None
                 if attempt == 2:
                     log.debug("NOTIFY failed (workers find the mail at their next poll): %s", exc)
-        return None
