@@ -1,12 +1,14 @@
-"""The parameters mailstrom adds to a PostgreSQL URL so that a server that vanished is
-noticed within about a minute (stores/postgres/connect.py); the URL's own win."""
+"""What mailstrom makes of a PostgreSQL store URL (stores/postgres/connect.py): the
+parameters it adds so that a server that vanished is noticed within about a minute (the
+URL's own win), and ``prepare_threshold``, its own, taken out before libpq sees it."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from mailstrom.stores.postgres.connect import connection_options
+from mailstrom.errors import InvalidStoreURL
+from mailstrom.stores.postgres.connect import connection_options, split_url
 
 URL = "postgresql://mail@db.internal/mail"
 
@@ -50,3 +52,29 @@ def test_the_callers_connect_timeout_rounds_up_to_a_second() -> None:
 def test_pgconnect_timeout_in_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "4")
     assert "connect_timeout" not in connection_options(URL)
+
+
+@pytest.mark.parametrize(
+    ("url", "libpq", "threshold"),
+    [
+        (URL, URL, 5),
+        (URL + "?prepare_threshold=none", URL, None),
+        (URL + "?prepare_threshold=OFF", URL, None),
+        (URL + "?prepare_threshold=0", URL, 0),
+        (
+            URL + "?sslmode=require&prepare_threshold=none&options=-c%20search_path%3Dmail",
+            URL + "?sslmode=require&options=-c%20search_path%3Dmail",
+            None,
+        ),
+    ],
+)
+def test_prepare_threshold_is_taken_out_of_the_url(
+    url: str, libpq: str, threshold: int | None
+) -> None:
+    assert split_url(url) == (libpq, threshold)
+
+
+@pytest.mark.parametrize("value", ["", "-1", "sometimes", "2.5"])
+def test_a_bad_prepare_threshold_is_an_invalid_store_url(value: str) -> None:
+    with pytest.raises(InvalidStoreURL, match="prepare_threshold"):
+        split_url(f"{URL}?prepare_threshold={value}")

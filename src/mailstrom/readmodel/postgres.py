@@ -34,6 +34,7 @@ from mailstrom.readmodel.base import (
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
+from mailstrom.stores.postgres.connect import connection_pool
 from mailstrom.stores.postgres.rows import messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 
@@ -66,23 +67,12 @@ _STATUS_COLUMNS = (
 _SUSPENSIONS = queries()["suspensions"].encode()
 
 
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SET TimeZone TO 'UTC'")
-
-
 class PostgresReadModel:
     """A :class:`~mailstrom.readmodel.base.ReadModel` over the database at ``url``."""
 
     def __init__(self, url: str, *, max_size: int = 4, timeout: float = 30.0) -> None:
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_size,
-            kwargs={"autocommit": True},
-            configure=_configure,
-            timeout=timeout,
-            open=False,
-            name="mailstrom-readmodel",
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
+            url, name="mailstrom-readmodel", min_size=1, max_size=max_size, timeout=timeout
         )
         with translate_errors("connecting"):
             self._pool.open(wait=True, timeout=timeout)

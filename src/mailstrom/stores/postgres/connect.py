@@ -20,10 +20,16 @@ probes while the server works. A parameter given in the store's URL (or
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool
+
+from mailstrom.errors import InvalidStoreURL
 
 KEEPALIVE = {
     "keepalives": "1",
@@ -49,3 +55,67 @@ def connection_options(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) ->
 def bounded(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str:
     """``url`` as a connection string with :func:`connection_options` added."""
     return make_conninfo(url, **connection_options(url, connect_timeout=connect_timeout))
+
+
+PREPARE_THRESHOLD = "prepare_threshold"
+"""The one query parameter of a store URL that is mailstrom's, not libpq's."""
+DEFAULT_PREPARE_THRESHOLD = 5
+"""psycopg's own default: a statement is prepared on the server at its 5th execution."""
+
+
+def split_url(url: str) -> tuple[str, int | None]:
+    """``url`` without ``prepare_threshold``, for libpq, and that parameter's value: an
+    integer, or None for ``none`` (never prepare on the server).
+
+    Prepared statements are named per client connection, so a proxy that hands one server
+    connection to several clients in turn (PgBouncer before 1.21, or later without
+    ``max_prepared_statements``, in transaction pooling) mixes them up: a statement
+    missing, or another client's statement run with these parameters.
+    ``?prepare_threshold=none`` is for such a proxy (each statement is then planned
+    every time: in ``benchmarks/postgres.py``, 1,430 single enqueues a second instead
+    of 2,470).
+
+    >>> split_url("postgresql://app@db/mail?sslmode=require&prepare_threshold=none")
+    ('postgresql://app@db/mail?sslmode=require', None)
+    >>> split_url("postgresql://app@db/mail")
+    ('postgresql://app@db/mail', 5)
+    """
+    parts = urlsplit(url)
+    pairs = parts.query.split("&") if parts.query else []
+    ours = [p for p in pairs if p.partition("=")[0] == PREPARE_THRESHOLD]
+    if not ours:
+        return url, DEFAULT_PREPARE_THRESHOLD
+    rest = "&".join(p for p in pairs if p.partition("=")[0] != PREPARE_THRESHOLD)
+    value = unquote(ours[-1].partition("=")[2]).strip().lower()
+    if value in ("none", "off", "never"):
+        threshold = None
+    elif value.isdigit():
+        threshold = int(value)
+    else:
+        raise InvalidStoreURL(f"prepare_threshold must be a whole number or 'none', not {value!r}")
+    return urlunsplit(parts._replace(query=rest)), threshold
+
+
+def _configure(conn: psycopg.Connection[Any], *, prepare_threshold: int | None) -> None:
+    # Hand back UTC datetimes whatever the server's TimeZone, as the Store protocol says.
+    # (PgBouncer carries TimeZone over to whichever server connection a client gets.)
+    conn.execute("SET TimeZone TO 'UTC'")
+    conn.prepare_threshold = prepare_threshold
+
+
+def connection_pool(
+    url: str, *, name: str, min_size: int, max_size: int, timeout: float
+) -> ConnectionPool[psycopg.Connection[Any]]:
+    """A pool (not yet open) of autocommit connections to ``url``: bounded in time, UTC,
+    and preparing statements as the URL's ``prepare_threshold`` says."""
+    conninfo, prepare_threshold = split_url(url)
+    return ConnectionPool(
+        bounded(conninfo),
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"autocommit": True},
+        configure=functools.partial(_configure, prepare_threshold=prepare_threshold),
+        timeout=timeout,
+        open=False,
+        name=name,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from mailstrom.errors import StoreError
-from mailstrom.stores.postgres.connect import bounded
+from mailstrom.stores.postgres.connect import bounded, split_url
 from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
 
 # An arbitrary constant naming mailstrom's migration lock (pg_advisory_xact_lock takes a
@@ -101,6 +101,6 @@ def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
     """
     with (
         translate_errors("migrating the schema"),
-        psycopg.connect(bounded(url, connect_timeout=connect_timeout)) as conn,
+        psycopg.connect(bounded(split_url(url)[0], connect_timeout=connect_timeout)) as conn,
     ):
         return apply_migrations(conn)

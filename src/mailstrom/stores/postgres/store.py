@@ -64,7 +64,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.postgres import rows
-from mailstrom.stores.postgres.connect import bounded
+from mailstrom.stores.postgres.connect import connection_pool, split_url
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
@@ -79,11 +79,6 @@ log = logging.getLogger(__name__)
 def _state_values(where: QueueFilter) -> list[str] | None:
     """The ``states`` filter as the text array the queries take."""
     return None if where.states is None else sorted(s.value for s in where.states)
-
-
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    # Hand back UTC datetimes whatever the server's TimeZone, as the Store protocol says.
-    conn.execute("SET TimeZone TO 'UTC'")
 
 
 class PostgresStore:
@@ -106,6 +101,8 @@ class PostgresStore:
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
     ) -> None:
         self._url = url
+        # What libpq gets: the URL less mailstrom's own parameter (see connect.split_url).
+        self._conninfo, _ = split_url(url)
         self._sizes = (min_size, max_size)
         self._timeout = timeout
         self._closed = False
@@ -114,17 +111,10 @@ class PostgresStore:
         self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
-        self._notifier = Notifier(url)
-        migrate(url, connect_timeout=timeout)
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            bounded(url),
-            min_size=min_size,
-            max_size=max_size,
-            kwargs={"autocommit": True},
-            configure=_configure,
-            timeout=timeout,
-            open=False,
-            name="mailstrom",
+        self._notifier = Notifier(self._conninfo)
+        migrate(self._conninfo, connect_timeout=timeout)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
+            url, name="mailstrom", min_size=min_size, max_size=max_size, timeout=timeout
         )
         try:
             with translate_errors("connecting"):
@@ -557,7 +547,7 @@ class PostgresStore:
         with self._lock:
             if self._closed:
                 raise StoreError("PostgreSQL store is closed")
-            listener = Listener(self._url, callback)
+            listener = Listener(self._conninfo, callback)
             listener.start()
             self._listeners.add(listener)
 

@@ -1,0 +1,93 @@
+"""Behind PgBouncer in transaction pooling, clients take turns on the server's connections,
+so what a client prepares on one is missing on the next, or is another client's statement
+under the same name. ``?prepare_threshold=none`` in the store URL keeps every statement
+unprepared (stores/postgres/connect.py); the URL is otherwise the pooler's own."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores.postgres import PostgresStore
+from tests.fixtures.pgbouncer import ThrowawayPgBouncer
+from tests.fixtures.postgres import ThrowawayPostgres
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+
+
+def message(address: str) -> PreparedMessage:
+    return PreparedMessage(
+        data=b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
+        envelope_from="a@example.com",
+        recipients=(address,),
+        subject="hi",
+    )
+
+
+@pytest.fixture
+def bouncer(postgres_server: ThrowawayPostgres, postgres_url: str) -> Iterator[str]:
+    """The URL of ``postgres_url``'s database through PgBouncer (migrated directly)."""
+    PostgresStore(postgres_url).close()
+    pooler = ThrowawayPgBouncer(
+        server_port=postgres_server.port, dbname=postgres_url.rsplit("/", 1)[1]
+    )
+    try:
+        pooler.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)  # a silently skipped test hides breakage
+    try:
+        yield pooler.url
+    finally:
+        pooler.stop()
+
+
+def prepared(conn: psycopg.Connection[object]) -> int:
+    row = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_none_prepares_nothing_on_the_server(postgres_url: str) -> None:
+    with PostgresStore(postgres_url + "?prepare_threshold=none", max_size=1) as store:
+        for i in range(10):
+            store.enqueue(message(f"r{i}@example.org"), now=T0)
+        with store._pool.connection() as conn:
+            assert prepared(conn) == 0
+    with PostgresStore(postgres_url, max_size=1) as store:  # psycopg's default: the 5th
+        for i in range(10):
+            store.enqueue(message(f"s{i}@example.org"), now=T0)
+        with store._pool.connection() as conn:
+            assert prepared(conn) >= 1
+
+
+def test_clients_taking_turns_through_pgbouncer_queue_lease_and_record(bouncer: str) -> None:
+    errors: list[BaseException] = []
+    ids: list[str] = []
+    with PostgresStore(bouncer + "?prepare_threshold=none", max_size=4) as store:
+
+        def work(t: int) -> None:
+            try:
+                for i in range(30):
+                    ids.append(store.enqueue(message(f"r{t}-{i}@example.org"), now=T0))
+                    store.lease(now=T0, limit=3, lease_for=LEASE)
+                    store.stats()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert len(set(ids)) == 120
+        status = store.status(ids[0])
+        assert status.recipients[0].state is RecipientState.QUEUED
