@@ -13,25 +13,16 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.sql import CHANNEL
 from tests.fixtures.postgres import ThrowawayPostgres
+from tests.support.pg_tables import small_message
 
 pytestmark = pytest.mark.postgres
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 THREADS = 8
 EACH = 50
-
-
-def message(address: str) -> PreparedMessage:
-    return PreparedMessage(
-        data=b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
-        envelope_from="a@example.com",
-        recipients=(address,),
-        subject="hi",
-    )
 
 
 def queued(store: PostgresStore) -> int:
@@ -66,7 +57,7 @@ def test_the_last_wake_up_comes_after_the_last_commit_and_bursts_share_them(
             def send(t: int) -> None:
                 start.wait(10)
                 for i in range(EACH):
-                    store.enqueue(message(f"r{t}-{i}@example.org"), now=T0)
+                    store.enqueue(small_message(f"r{t}-{i}@example.org"), now=T0)
 
             threads = [threading.Thread(target=send, args=(t,)) for t in range(THREADS)]
             for thread in threads:
@@ -90,10 +81,10 @@ def test_the_enqueue_transaction_itself_sends_no_notify(
     # notifier does, so a held message leaves the notifier idle and the channel silent.
     with psycopg.connect(postgres_url, autocommit=True) as listen:
         listen.execute(f"LISTEN {CHANNEL}")
-        store.enqueue(message("held@example.org"), now=T0, hold=True)
+        store.enqueue(small_message("held@example.org"), now=T0, hold=True)
         assert list(listen.notifies(timeout=0.5)) == []
         assert store._notifier.sent == 0
-        store.enqueue(message("ready@example.org"), now=T0)
+        store.enqueue(small_message("ready@example.org"), now=T0)
         assert [n.channel for n in listen.notifies(timeout=5, stop_after=1)] == [CHANNEL]
     # Counted once the NOTIFY statement returned, which can be after it was delivered.
     assert wait_for(lambda: store._notifier.sent == 1)
@@ -107,7 +98,7 @@ def test_the_notify_leaves_no_setting_on_its_connection(postgres_url: str) -> No
         dbname = postgres_url.rsplit("/", 1)[1]
         admin.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = on")
     with PostgresStore(postgres_url) as store:
-        store.enqueue(message("a@example.org"), now=T0)
+        store.enqueue(small_message("a@example.org"), now=T0)
         assert wait_for(lambda: store._notifier.sent == 1)
         conn = store._notifier.connection
         assert conn is not None
@@ -121,7 +112,7 @@ def test_the_notifier_reconnects_after_a_server_restart() -> None:
             woken = threading.Event()
             stop = watcher_store.watch(woken.set)
             try:
-                store.enqueue(message("before@example.org"), now=T0)
+                store.enqueue(small_message("before@example.org"), now=T0)
                 assert woken.wait(10)
                 server.restart(down_for=0.5)
                 # The pool and the listener reconnect on their own; so does the notifier,
@@ -136,7 +127,7 @@ def test_the_notifier_reconnects_after_a_server_restart() -> None:
 
 def _enqueued(store: PostgresStore) -> bool:
     try:
-        store.enqueue(message("after@example.org"), now=T0)
+        store.enqueue(small_message("after@example.org"), now=T0)
     except Exception:
         return False
     return True
@@ -144,7 +135,7 @@ def _enqueued(store: PostgresStore) -> bool:
 
 def test_close_stops_the_thread(postgres_url: str) -> None:
     store = PostgresStore(postgres_url)
-    store.enqueue(message("a@example.org"), now=T0)
+    store.enqueue(small_message("a@example.org"), now=T0)
     thread = store._notifier._thread
     store.close()
     assert thread is not None and not thread.is_alive()

@@ -12,25 +12,16 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.pgbouncer import ThrowawayPgBouncer
 from tests.fixtures.postgres import ThrowawayPostgres
+from tests.support.pg_tables import small_message
 
 pytestmark = pytest.mark.postgres
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
-
-
-def message(address: str) -> PreparedMessage:
-    return PreparedMessage(
-        data=b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
-        envelope_from="a@example.com",
-        recipients=(address,),
-        subject="hi",
-    )
 
 
 @pytest.fixture
@@ -58,12 +49,12 @@ def prepared(conn: psycopg.Connection[object]) -> int:
 def test_none_prepares_nothing_on_the_server(postgres_url: str) -> None:
     with PostgresStore(postgres_url + "?prepare_threshold=none", max_size=1) as store:
         for i in range(10):
-            store.enqueue(message(f"r{i}@example.org"), now=T0)
+            store.enqueue(small_message(f"r{i}@example.org"), now=T0)
         with store._pool.connection() as conn:
             assert prepared(conn) == 0
     with PostgresStore(postgres_url, max_size=1) as store:  # psycopg's default: the 5th
         for i in range(10):
-            store.enqueue(message(f"s{i}@example.org"), now=T0)
+            store.enqueue(small_message(f"s{i}@example.org"), now=T0)
         with store._pool.connection() as conn:
             assert prepared(conn) >= 1
 
@@ -76,7 +67,7 @@ def test_clients_taking_turns_through_pgbouncer_queue_lease_and_record(bouncer: 
         def work(t: int) -> None:
             try:
                 for i in range(30):
-                    ids.append(store.enqueue(message(f"r{t}-{i}@example.org"), now=T0))
+                    ids.append(store.enqueue(small_message(f"r{t}-{i}@example.org"), now=T0))
                     store.lease(now=T0, limit=3, lease_for=LEASE)
                     store.stats()
             except BaseException as exc:

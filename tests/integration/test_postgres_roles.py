@@ -18,7 +18,7 @@ from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.sql import migrations
-from tests.support.pg_tables import analysed, without_autovacuum
+from tests.support.pg_tables import analysed, small_message, without_autovacuum
 
 pytestmark = pytest.mark.postgres
 
@@ -27,12 +27,7 @@ LEASE = timedelta(minutes=5)
 
 
 def message(i: int) -> PreparedMessage:
-    return PreparedMessage(
-        data=b"From: a@example.com\r\nSubject: hi\r\n\r\n" + b"x" * 1000 + b"\r\n",
-        envelope_from="a@example.com",
-        recipients=(f"r{i}@example.org",),
-        subject="hi",
-    )
+    return small_message(f"r{i}@example.org", body=b"x" * 1000)
 
 
 @pytest.fixture

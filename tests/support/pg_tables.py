@@ -1,8 +1,11 @@
-"""What a test needs to see and steer of PostgreSQL's statistics on the queue's tables."""
+"""Helpers of the PostgreSQL store tests: messages to queue, and what a test needs to see and
+steer of PostgreSQL's statistics on the queue's tables."""
 
 from __future__ import annotations
 
 import psycopg
+
+from mailstrom.message.prepared import PreparedMessage
 
 QUEUE_TABLES = ("recipients", "messages")
 
@@ -23,3 +26,13 @@ def analysed(url: str) -> dict[str, bool]:
             (list(QUEUE_TABLES),),
         ).fetchall()
     return dict(rows)
+
+
+def small_message(*recipients: str, body: bytes = b"hello") -> PreparedMessage:
+    """A prepared message the PostgreSQL store tests queue (no worker sends it)."""
+    return PreparedMessage(
+        data=b"From: a@example.com\r\nSubject: hi\r\n\r\n" + body + b"\r\n",
+        envelope_from="a@example.com",
+        recipients=recipients,
+        subject="hi",
+    )
