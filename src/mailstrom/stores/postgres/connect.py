@@ -1,4 +1,6 @@
-"""How mailstrom's connections to PostgreSQL are bounded in time.
+"""How mailstrom connects to PostgreSQL: bounded in time, in UTC, and with statements
+prepared on the server or not as the store URL's ``prepare_threshold`` says
+(:func:`split_url`).
 
 libpq's defaults wait without end: no connect timeout, and TCP keepalive only after the
 kernel's idle time (two hours on Linux). A server that goes away without closing its
