@@ -8,6 +8,9 @@
 ``mail.db``, ``/var/q.sqlite3``    a bare path ending in ``.db``, ``.sqlite`` or ``.sqlite3``
 ``postgresql://user@host/db``      :class:`~mailstrom.stores.postgres.PostgresStore`
 ``postgres://...``                 the same (libpq accepts both spellings)
+``postgresql://...?prepare_...``   ``prepare_threshold=none``: statements never prepared on
+                                   the server, for PgBouncer's transaction pooling (the one
+                                   parameter that is mailstrom's, not libpq's)
 =================================  ==========================================================
 
 When nothing names a store, the command line and the facades use :func:`default_store_path`:
