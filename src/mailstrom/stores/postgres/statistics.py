@@ -84,8 +84,11 @@ class PlannerStatistics:
 
     def _look(self, conn: psycopg.Connection[Any]) -> tuple[str, ...]:
         tables = conn.execute(TABLES).fetchall()
-        pending = [(schema, name, size) for schema, name, analysed, size in tables if not analysed]
-        pending = [p for p in pending if p[1] not in self._tried]
+        pending = [
+            (schema, name, size)
+            for schema, name, analysed, size in tables
+            if not analysed and name not in self._tried
+        ]
         large = [(schema, name) for schema, name, size in pending if size >= MIN_BYTES]
         self._settled = len(tables) == 2 and len(pending) == len(large)
         if not large:

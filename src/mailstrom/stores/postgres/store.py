@@ -442,8 +442,6 @@ class PostgresStore:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
         if limit <= 0:
             return None
-        if self._statistics.due():
-            self._gather_statistics()
         token = uuid.uuid4().hex
         expires_at = now + lease_for
         found = self._fetch(
