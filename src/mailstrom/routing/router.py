@@ -78,10 +78,16 @@ class _Entry:
         assert self.template is not None
         hosts = list(self.template.hosts)
         shuffle_spans(hosts, self.spans, rng)
-        # Only the hosts change: every other field of the route is kept as looked up.
-        return replace(
-            self.template,
+        template = self.template
+        # Only the hosts change. Built field by field, not with dataclasses.replace (0.65
+        # µs more per call, benchmarks/route_cache.py); the unit test
+        # test_a_shuffled_route_keeps_everything_but_its_hosts_order catches a field left out.
+        return Route(
+            domain=template.domain,
             hosts=tuple(hosts) if self.limit is None else limit_addresses(hosts, self.limit),
+            implicit=template.implicit,
+            secure=template.secure,
+            canonical=template.canonical,
         )
 
 
