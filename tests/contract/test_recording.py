@@ -244,6 +244,25 @@ def test_reply_text_kept_is_bounded(store: Store) -> None:
     assert kept.reply == r.reply
 
 
+def test_a_nul_in_a_reply_or_an_error_is_recorded(store: Store) -> None:
+    """PostgreSQL refuses NUL in text: a result carrying one (in a reply built by hand, or
+    in an error's text) is recorded all the same, the NUL as U+FFFD, in every store, so
+    one result can never hold its worker up."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    odd = replace(
+        attempt(AttemptOutcome.TEMPORARY, code=451),
+        reply=SMTPReply(code=451, enhanced="4.0.0", text="try \x00later"),
+        error="peer said \x00",
+    )
+    [result] = results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW)
+    assert store.record([replace(result, attempt=odd)]) == [replace(result, attempt=odd)]
+    (r,) = store.status(mid).recipients
+    assert r.reply is not None and r.reply.text == "try \ufffdlater"
+    assert r.error == "peer said \ufffd"
+    assert r.history[0].reply == r.reply
+
+
 def test_history_kept_per_recipient_is_bounded(store: Store) -> None:
     """Hardening #7: the history keeps the newest attempts, the count keeps counting."""
     mid = store.enqueue(message("a@example.org"), now=NOW)

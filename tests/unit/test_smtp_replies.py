@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -132,8 +133,20 @@ _REF_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
 _REF_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 
 
+_REF_INVISIBLE = set("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def reference_safe(text: str) -> str:
+    """Every control character but TAB, and the line separators and bidi controls, as
+    U+FFFD: character by character, from the Unicode database."""
+    return "".join(
+        "\ufffd" if (unicodedata.category(c) == "Cc" and c != "\t") or c in _REF_INVISIBLE else c
+        for c in text
+    )
+
+
 def reference_make_reply(code: int, lines: list[bytes]) -> SMTPReply:
-    texts = [raw.decode("utf-8", "replace") for raw in lines]
+    texts = [reference_safe(raw.decode("utf-8", "replace")) for raw in lines]
     enhanced = None
     match = _REF_ENHANCED.match(texts[0]) if texts else None
     if match is not None and int(match.group(1)) == code // 100:
@@ -187,7 +200,8 @@ _TEXT_PIECES = st.sampled_from(
     [
         "2.1.5", "5.1.1", "4.7.1", "2.0.0", "3.0.0", "5.7.26", "2.123.456", "2.1234.5",
         "2.1.5555", "2.\u0661.5", "2.1.\u0663", "2.\u00b2.5", "2.1.", "2..5", "2.1.5.6", "2.1.5\n",
-        " ", "  ", "\t", "\r", ".", "OK", "ü", "x", "\0",
+        " ", "  ", "\t", "\r", ".", "OK", "ü", "x", "\0", "\x1b[2J", "\x85", "\u2028", "\u202e",
+        "\u00a0", "\u200b",
     ]
 )  # fmt: skip
 _LINES = st.tuples(
@@ -231,7 +245,7 @@ def test_make_reply_agrees_with_the_regex_only_version(code: int, texts: list[st
         ("250 2.\u0661.5 x\r\n".encode(), SMTPReply(code=250, enhanced="2.\u0661.5", text="x")),
         # ... but not any character str.isdigit() accepts, such as a superscript two.
         ("250 2.\u00b2.5 x\r\n".encode(), SMTPReply(code=250, text="2.\u00b2.5 x")),
-        (b"250 a\r\r\n", SMTPReply(code=250, text="a\r")),
+        (b"250 a\r\r\n", SMTPReply(code=250, text="a\ufffd")),
         (b"250 \xff\r\n", SMTPReply(code=250, text="\ufffd")),
     ],
 )
@@ -299,3 +313,22 @@ def test_remembered_replies_are_bounded_in_number_and_length() -> None:
     assert not replies._known
     parse_all(b"250-a\r\n250 b\r\n")  # lines of multi-line replies are never remembered
     assert list(replies._known) == []
+
+
+@pytest.mark.parametrize(
+    ("wire", "text"),
+    [
+        (b"250 queued as \x00abc\r\n", "queued as \ufffdabc"),
+        (b"550 5.1.1 no\x1b[31m such\x1b[0m user\r\n", "no\ufffd[31m such\ufffd[0m user"),
+        (b"250 a\rb\x7f\xc2\x85c\r\n", "a\ufffdb\ufffd\ufffdc"),
+        ("250 \u202egnp.exe \u2028x\r\n".encode(), "\ufffdgnp.exe \ufffdx"),
+        (b"250 tab\tkept\r\n", "tab\tkept"),
+        ("250 caf\u00e9 \u00a0ok\r\n".encode(), "caf\u00e9 \u00a0ok"),
+        (b"250-x\x00\r\n250 y\x1b\r\n", "x\ufffd\ny\ufffd"),
+    ],
+)
+def test_reply_text_carries_no_control_characters(wire: bytes, text: str) -> None:
+    """A peer's NUL cannot reach a PostgreSQL text column, nor its escape sequences a
+    terminal; what is printable (TAB, non-ASCII text) stays as it was sent."""
+    [reply] = parse_all(wire)
+    assert reply.text == text

@@ -37,7 +37,7 @@ from mailstrom.status import (
     RecipientStatus,
     SMTPReply,
 )
-from mailstrom.stores.base import Store, bounded_text
+from mailstrom.stores.base import Store, storable_text
 from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, normalize_target
 
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -191,7 +191,7 @@ def _apply_one(
             reason=f"action {entry.action or 'missing'}: nothing final to record",
         )
     detail = " ".join(p for p in (entry.status, entry.diagnostic) if p) or "no details"
-    reason = bounded_text(f"bounced after acceptance, reported by {where}: {detail}", MAX_REPLY)
+    reason = storable_text(f"bounced after acceptance, reported by {where}: {detail}", MAX_REPLY)
     attempt = Attempt(
         at=now,
         outcome=AttemptOutcome.PERMANENT,

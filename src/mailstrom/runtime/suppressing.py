@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from mailstrom.errors import InvalidSuppression
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
-from mailstrom.stores.base import Lease, LeasedRecipient, RecipientResult, WorkItem, bounded_text
+from mailstrom.stores.base import Lease, LeasedRecipient, RecipientResult, WorkItem, storable_text
 from mailstrom.suppression import (
     MAX_REPLY,
     Suppression,
@@ -88,7 +88,7 @@ def hard_bounce_entries(
         entries[target] = Suppression(
             target=target,
             source=SuppressionSource.HARD_BOUNCE,
-            reply=bounded_text(result.attempt.reason, MAX_REPLY),
+            reply=storable_text(result.attempt.reason, MAX_REPLY),
             created_at=at,
             expires_at=None if expire_after is None else at + expire_after,
             message_id=result.message_id,

@@ -63,15 +63,24 @@ def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
     return encoded[:limit].decode("utf-8", "ignore")
 
 
+def storable_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
+    """``text`` cut to ``limit`` octets, without NUL: PostgreSQL refuses NUL in text, and a
+    result that can never be recorded would hold its worker up for good. Reply texts come
+    without it (:mod:`mailstrom.smtp.replies`); this keeps any other text out too."""
+    text = bounded_text(text, limit)
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def bounded_attempt(attempt: Attempt) -> Attempt:
-    """``attempt`` with its reply text and error cut to :data:`MAX_REPLY_TEXT` octets."""
+    """``attempt`` with its reply text and error cut to :data:`MAX_REPLY_TEXT` octets and
+    storable anywhere (:func:`storable_text`)."""
     reply, error = attempt.reply, attempt.error
     short_reply = reply
-    if reply is not None and len(reply.text) > MAX_REPLY_TEXT // 4:
-        text = bounded_text(reply.text)
+    if reply is not None:
+        text = storable_text(reply.text)
         if text is not reply.text:
             short_reply = replace(reply, text=text)
-    short_error = bounded_text(error) if error is not None else None
+    short_error = storable_text(error) if error is not None else None
     if short_reply is reply and short_error is error:
         return attempt
     return replace(attempt, reply=short_reply, error=short_error)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from mailstrom.status import DKIMStatus
-from mailstrom.stores.base import bounded_text
+from mailstrom.stores.base import storable_text
 
 MAX_DKIM_REASON = 512
 """Octets of an unsigned message's reason kept (it names From domains, which the message
@@ -31,7 +31,7 @@ def bounded_dkim(status: DKIMStatus | None) -> DKIMStatus | None:
     if status is None:
         return None
     if status.reason is not None:
-        reason = bounded_text(status.reason, MAX_DKIM_REASON)
+        reason = storable_text(status.reason, MAX_DKIM_REASON)
         return status if reason is status.reason else DKIMStatus(reason=reason)
     if len(status.signatures) > MAX_DKIM_SIGNATURES:
         return DKIMStatus(signatures=status.signatures[:MAX_DKIM_SIGNATURES])

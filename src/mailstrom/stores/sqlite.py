@@ -73,7 +73,7 @@ from mailstrom.stores.base import (
     QueueFilter,
     RecipientResult,
     WorkItem,
-    bounded_text,
+    storable_text,
     with_throttles,
 )
 from mailstrom.stores.operator import (
@@ -882,7 +882,7 @@ class SQLiteStore:
                 "INSERT INTO tls_broken (host, until, reason, noted_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (host) DO UPDATE SET until = max(until, excluded.until),"
                 " reason = excluded.reason, noted_at = excluded.noted_at",
-                (host, to_us(until), bounded_text(reason), to_us(now)),
+                (host, to_us(until), storable_text(reason), to_us(now)),
             )
 
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:

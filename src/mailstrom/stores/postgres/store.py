@@ -47,9 +47,9 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
-    bounded_text,
     new_message_id,
     record_then_lease,
+    storable_text,
     with_throttles,
 )
 from mailstrom.stores.operator import (
@@ -527,7 +527,7 @@ class PostgresStore:
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
-        params = {"host": host, "until": until, "reason": bounded_text(reason), "now": now}
+        params = {"host": host, "until": until, "reason": storable_text(reason), "now": now}
         self._fetch("note_tls_broken", params)
 
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
