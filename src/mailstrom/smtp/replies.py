@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from mailstrom.errors import SMTPProtocolError
+from mailstrom.safetext import safe_decode
 from mailstrom.status import SMTPReply
 
 MAX_LINE = 64 * 1024
@@ -25,21 +26,6 @@ _LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 # Reply classes that carry an enhanced code of the same class (RFC 3463: 2, 4 and 5).
 _CLASS = {2: "2", 4: "4", 5: "5"}
-# What a reply's text must not carry on: control characters but TAB (NUL cannot be stored in a
-# PostgreSQL text column; ESC sequences rewrite the terminal of whoever reads the reason),
-# Unicode's line and paragraph separators, and the bidirectional overrides and isolates
-# that reorder what a reader sees. Each becomes U+FFFD, as undecodable octets do.
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _text(raw: bytes) -> str:
-    """The text of one reply line, safe to store, log and show."""
-    text = raw.decode("utf-8", "replace")
-    # isprintable() is one C-level pass, true for almost every line servers send; it is
-    # false for every character _UNSAFE matches (and for some harmless ones, like U+00A0).
-    return text if text.isprintable() else _UNSAFE.sub("\ufffd", text)
-
-
 # Single-line replies already parsed, by their raw line (CR LF included): servers repeat
 # the same few lines ("250 2.1.0 Ok", "354 End data ...") for every transaction. SMTPReply
 # is immutable, so one object serves every parser (and thread). Bounded in lines and in the
@@ -126,7 +112,7 @@ class ReplyParser:
                 and 48 <= line[2] <= 57
             ):
                 code = (line[0] - 48) * 100 + (line[1] - 48) * 10 + line[2] - 48
-                single = _single_reply(code, _text(line[4:]))
+                single = _single_reply(code, safe_decode(line[4:]))
                 if raw is not None:
                     _remember(raw, single)
                 return single
@@ -162,7 +148,7 @@ def make_reply(code: int, lines: list[bytes]) -> SMTPReply:
     The RFC 3463 enhanced code is taken from the first line when its class matches the
     reply's, and removed from every line that repeats it (RFC 2034 §4 puts it on each).
     """
-    texts = [_text(raw) for raw in lines]
+    texts = [safe_decode(raw) for raw in lines]
     if len(texts) == 1:
         return _single_reply(code, texts[0])
     klass = _CLASS.get(code // 100)

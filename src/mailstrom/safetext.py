@@ -1,0 +1,32 @@
+"""Text from outside (a peer's reply, a bounce report, a DNS record, an MTA-STS policy)
+made safe to store, log and show.
+
+Such text must not carry control characters but TAB: NUL cannot be stored in a
+PostgreSQL text column, and ESC sequences rewrite the terminal of whoever reads the text.
+Unicode's line and paragraph separators and the bidirectional overrides and isolates,
+which reorder what a reader sees, go too. Each becomes U+FFFD, as undecodable octets do
+when bytes are decoded with ``errors="replace"``.
+
+>>> safe_text("queued as \\x00abc \\x1b[31mred")
+'queued as \\ufffdabc \\ufffd[31mred'
+>>> safe_text("caf\\u00e9\\tok")
+'café\\tok'
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every unsafe character (see the module) replaced by U+FFFD."""
+    # isprintable() is one C-level pass, true for almost every text met; it is false for
+    # every character _UNSAFE matches (and for some harmless ones, like U+00A0).
+    return text if text.isprintable() else _UNSAFE.sub("\ufffd", text)
+
+
+def safe_decode(raw: bytes) -> str:
+    """``raw`` decoded as UTF-8 (U+FFFD for what is not) and made safe."""
+    return safe_text(raw.decode("utf-8", "replace"))
