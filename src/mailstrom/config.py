@@ -43,7 +43,12 @@ class RelayTLS(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
-    """Seconds to wait, per RFC 5321 §4.5.3.2 unless noted."""
+    """Seconds to wait, per RFC 5321 §4.5.3.2 unless noted.
+
+    A reply must be complete within its timeout: part of one (a line of a multi-line
+    reply, a byte) does not restart it. The next reply's time starts when the one before
+    it is complete. The reply to QUIT gets at most 5 s.
+    """
 
     connect: float = 30.0
     """TCP connect to one address (not in the RFC; Postfix uses 30 s)."""

@@ -12,8 +12,9 @@ protocol's callbacks, without a task, stream or context manager per command:
   one's content and final dot (§3.1 lets the content open a group), so a stream of messages
   costs one round trip each;
 * without PIPELINING each command waits for the reply to the one before;
-* one deadline per connection, moved forward as replies arrive, enforces the RFC 5321
-  §4.5.3.2 timeout of whatever reply is due (:class:`~mailstrom.config.Timeouts`).
+* one deadline per connection enforces the RFC 5321 §4.5.3.2 timeout of whatever reply is
+  due (:class:`~mailstrom.config.Timeouts`): each reply must be complete within its own
+  timeout, so the deadline moves when a reply is complete, never for part of one.
 
 Failures raise the delivery errors of :mod:`mailstrom.errors`: ``SMTPConnectError`` when the
 peer cannot be reached or goes away, ``SMTPTimeout`` when it stops answering,
@@ -119,7 +120,16 @@ def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLC
     return _unverified_context()
 
 
-_REPLY_TO = {command: f"reply to {command.value}" for command in Command}
+def _reply_deadlines(timeouts: Timeouts) -> dict[Command, tuple[float, str]]:
+    """Per command, how long its reply may take to complete and how a timeout names it
+    (RFC 5321 §4.5.3.2; QUIT capped by ``_QUIT_TIMEOUT``)."""
+    deadlines = {command: (timeouts.command, f"reply to {command.value}") for command in Command}
+    deadlines[Command.GREETING] = (timeouts.greeting, "reply to the greeting")
+    deadlines[Command.DATA] = (timeouts.data_init, "reply to DATA")
+    deadlines[Command.BODY] = (timeouts.data_end, "reply to the end of data")
+    deadlines[Command.QUIT] = (min(timeouts.command, _QUIT_TIMEOUT), "reply to QUIT")
+    return deadlines
+
 
 # Session states in which transactions can be submitted (some may be on the wire).
 _TRANSACTING = frozenset({State.READY, State.MAIL, State.DATA})
@@ -155,6 +165,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         the opener's opportunistic fallback; for TLS reports)."""
         self._session = session
         self._timeouts = timeouts
+        self._reply_deadlines = _reply_deadlines(timeouts)
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._healthy = True
@@ -495,10 +506,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self._session
         handlers = self._handlers
+        answered = False
         self._receiving = True
         try:
             session.receive_data(data)
             while (answer := session.next_answer()) is not None:
+                answered = True
                 command, reply, _ = answer
                 if not handlers:
                     raise SMTPProtocolError(f"unsolicited reply: {reply}")
@@ -515,7 +528,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             return
         finally:
             self._receiving = False
-        self._progress()
+        if answered:
+            # Only a complete reply moves the deadline, to the one due next: each reply
+            # must complete within its own timeout (RFC 5321 §4.5.3.2), or a server that
+            # drips a byte a second would hold the connection forever.
+            self._progress()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -579,13 +596,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if command is None:
             self._disarm()
             return
-        t = self._timeouts
-        if command is Command.DATA:
-            self._arm(t.data_init, "reply to DATA")
-        elif command is Command.BODY:
-            self._arm(t.data_end, "reply to the end of data")
-        else:
-            self._arm(t.command, _REPLY_TO[command])
+        self._arm(*self._reply_deadlines[command])
 
     def _progress(self) -> None:
         if self._handlers:

@@ -1,0 +1,256 @@
+"""SMTP peers that misbehave on purpose: replies dripped a byte at a time, lines nobody asked
+for, absurd EHLO parameters, nonsense after the final dot.
+
+The hostile peer is a raw asyncio server scripted per test (no SMTP library misbehaves
+like this); the healthy MX beside it, where one is needed, is aiosmtpd on 127.0.0.1 with
+the hostile one on 127.0.0.2, same port. Timeouts are fractions of a second, and the
+tests measure that each wait ends within about its timeout, not later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
+from mailstrom.errors import SMTPTimeout
+from mailstrom.runtime import connection
+from mailstrom.runtime.connection import SMTPConnection, StartTLS
+from mailstrom.stores import MemoryStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.delivery import Results, loopback_config
+
+TIMEOUT = 0.5
+QUICK = Timeouts(
+    connect=2,
+    greeting=TIMEOUT,
+    command=TIMEOUT,
+    data_init=TIMEOUT,
+    data_block=TIMEOUT,
+    data_end=TIMEOUT,
+)
+# Well past any timeout here, far short of what a dripping peer could hold us for.
+WITHIN = TIMEOUT + 0.6
+GIVE_UP = 10.0
+GAP = 0.05  # between two dripped octets: ten of them inside one timeout
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def peer(handle: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+    """Run ``handle`` for every connection to ``host``; yields the port. Handlers still
+    running (a peer dripping forever) are cancelled at the end."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handle(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, host, port)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def drip_forever(writer: asyncio.StreamWriter, code: bytes) -> None:
+    """An endless multi-line reply ``code``-..., one octet every ``GAP`` seconds."""
+    while True:
+        for octet in code + b"-still thinking\r\n":
+            writer.write(bytes([octet]))
+            await writer.drain()
+            await asyncio.sleep(GAP)
+
+
+def session(
+    *,
+    greeting: bytes = b"220 hostile.test ESMTP\r\n",
+    ehlo: bytes = b"250-hostile.test\r\n250 PIPELINING\r\n",
+    after_dot: Callable[[asyncio.StreamWriter], Awaitable[None]] | None = None,
+    on_quit: Callable[[asyncio.StreamWriter], Awaitable[None]] | None = None,
+) -> Handler:
+    """A peer that says ``greeting``, answers EHLO with ``ehlo`` and accepts everything,
+    except that ``after_dot`` answers the final dot and ``on_quit`` answers QUIT."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(ehlo)
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                if after_dot is None:
+                    writer.write(b"250 2.0.0 queued\r\n")
+                else:
+                    await after_dot(writer)
+            elif verb == b"QUIT":
+                if on_quit is None:
+                    writer.write(b"221 bye\r\n")
+                else:
+                    await on_quit(writer)
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    return handle
+
+
+async def open_to(port: int, timeouts: Timeouts = QUICK) -> SMTPConnection:
+    return await SMTPConnection.open(
+        host="hostile.test",
+        ip="127.0.0.1",
+        port=port,
+        helo_name="client.test",
+        timeouts=timeouts,
+        starttls=StartTLS.OPPORTUNISTIC,
+    )
+
+
+async def send(conn: SMTPConnection) -> connection.TransactionResult:
+    return await conn.send(
+        envelope_from="a@a.test",
+        recipients=["b@b.test"],
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        smtputf8=False,
+        eightbit=False,
+    )
+
+
+def hello(to: str) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject="hi", text="Hello")
+
+
+# --- each reply within its own timeout -----------------------------------------------------
+
+
+async def test_a_dripped_greeting_times_out_after_the_greeting_timeout() -> None:
+    """RFC 5321 §4.5.3.2: the greeting must be complete within its timeout; octets of a
+    multi-line greeting arriving all along do not restart it."""
+    slow = Timeouts(connect=2, greeting=TIMEOUT, command=GIVE_UP)  # not the command's
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await drip_forever(writer, b"220")
+
+    async with peer(handle) as port:
+        started = time.monotonic()
+        with pytest.raises(SMTPTimeout, match=r"greeting within 0\.5s"):
+            async with asyncio.timeout(GIVE_UP):
+                await open_to(port, slow)
+        assert time.monotonic() - started < WITHIN
+
+
+async def test_a_dripped_reply_to_the_final_dot_is_uncertain_after_data_end() -> None:
+    async with peer(session(after_dot=lambda w: drip_forever(w, b"250"))) as port:
+        conn = await open_to(port)
+        started = time.monotonic()
+        async with asyncio.timeout(GIVE_UP):
+            result = await send(conn)
+        elapsed = time.monotonic() - started
+        await conn.close()
+    assert result.uncertain
+    assert result.final is None
+    assert elapsed < WITHIN
+
+
+async def test_pipelined_replies_each_get_their_own_timeout() -> None:
+    """The replies to MAIL, RCPT and DATA come one by one, each within the timeout but
+    all together taking longer than one: the deadline starts again at each complete one."""
+    gap = TIMEOUT * 0.6
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test\r\n")
+        await reader.readline()
+        writer.write(b"250-slow.test\r\n250 PIPELINING\r\n")
+        for _ in range(3):  # MAIL, RCPT, DATA, in one write
+            await reader.readline()
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            await asyncio.sleep(gap)
+            writer.write(reply)
+        while await reader.readline() != b".\r\n":
+            pass
+        writer.write(b"250 2.0.0 queued\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    async with peer(handle) as port:
+        conn = await open_to(port)
+        result = await send(conn)
+        await conn.close()
+    assert result.final is not None
+    assert result.final.code == 250
+
+
+# --- QUIT and stop() ---------------------------------------------------------------------
+
+
+async def test_close_is_bounded_when_the_quit_reply_drips() -> None:
+    async with peer(session(on_quit=lambda w: drip_forever(w, b"221"))) as port:
+        conn = await open_to(port)
+        await send(conn)
+        started = time.monotonic()
+        async with asyncio.timeout(GIVE_UP):
+            await conn.close()
+        assert time.monotonic() - started < WITHIN
+        assert conn._transport is not None and conn._transport.is_closing()
+
+
+async def test_one_octet_of_the_quit_reply_does_not_lift_the_quit_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QUIT waits min(command, the QUIT cap); the first octet of its reply must not turn
+    that into the (much longer) command timeout."""
+    monkeypatch.setattr(connection, "_QUIT_TIMEOUT", TIMEOUT)
+    patient = Timeouts(connect=2, greeting=2, command=GIVE_UP, data_init=2, data_end=2)
+
+    async def one_octet(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(GAP)
+        writer.write(b"2")
+        await writer.drain()
+        await asyncio.sleep(GIVE_UP * 2)
+
+    async with peer(session(on_quit=one_octet)) as port:
+        conn = await open_to(port, patient)
+        await send(conn)
+        started = time.monotonic()
+        await conn.close()
+        assert time.monotonic() - started < WITHIN
+
+
+async def test_stop_is_not_held_by_a_dripped_quit_reply(
+    dns_server: LoopbackDNS,
+) -> None:
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(session(on_quit=lambda w: drip_forever(w, b"221"))) as port:
+        config = loopback_config(dns_server, port, timeouts=QUICK)
+        ms = AsyncMailstrom(config, store=MemoryStore(), on_result=results)
+        await ms.start()
+        try:
+            await ms.send_email(hello("bob@hostile.example"))
+            [result] = await asyncio.to_thread(results.wait_count, 1)
+            assert result.state is RecipientState.DELIVERED
+        finally:
+            started = time.monotonic()
+            async with asyncio.timeout(GIVE_UP):
+                await ms.stop(timeout=0.2)
+            assert time.monotonic() - started < WITHIN + 0.5
