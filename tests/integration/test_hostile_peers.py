@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
-from mailstrom.errors import SMTPTimeout
+from mailstrom.errors import SMTPProtocolError, SMTPTimeout
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
+from mailstrom.status import ReasonClass
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
 
 TIMEOUT = 0.5
@@ -254,3 +256,58 @@ async def test_stop_is_not_held_by_a_dripped_quit_reply(
             async with asyncio.timeout(GIVE_UP):
                 await ms.stop(timeout=0.2)
             assert time.monotonic() - started < WITHIN + 0.5
+
+
+# --- unsolicited lines while the session is set up ----------------------------------------
+
+EARLY_TALKERS = {
+    "after the greeting": session(greeting=b"220 hostile.test ESMTP\r\n250 I talk first\r\n"),
+    "after EHLO offering STARTTLS": session(
+        ehlo=b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n250 one too many\r\n"
+    ),
+    "after EHLO, before any command": session(
+        ehlo=b"250-hostile.test\r\n250 PIPELINING\r\n250 ok\r\n250 ok\r\n354 go\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("when", list(EARLY_TALKERS))
+async def test_an_unsolicited_line_during_setup_is_a_protocol_error(when: str) -> None:
+    async with peer(EARLY_TALKERS[when]) as port:
+        with pytest.raises(SMTPProtocolError, match="unsolicited reply"):
+            await open_to(port)
+
+
+@pytest.mark.parametrize("when", list(EARLY_TALKERS))
+async def test_an_early_talker_gives_way_to_the_next_mx(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, when: str
+) -> None:
+    healthy = smtp_server(starttls=False)
+    dns_server.mx("two.example", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", "127.0.0.2")
+    dns_server.a("mx2.test", healthy.host)
+    results = Results()
+    async with peer(EARLY_TALKERS[when], host="127.0.0.2", port=healthy.port):
+        config = loopback_config(dns_server, healthy.port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            await ms.send_email(hello("bob@two.example"))
+            [result] = await asyncio.to_thread(results.wait_count, 1)
+    assert result.state is RecipientState.DELIVERED
+    assert len(healthy.messages) == 1
+
+
+async def test_an_early_talker_alone_is_deferred_naming_the_protocol_error(
+    dns_server: LoopbackDNS,
+) -> None:
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(EARLY_TALKERS["after EHLO, before any command"]) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(hello("bob@hostile.example"))
+            await asyncio.to_thread(results.wait_count, 1)
+            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    assert status.state is RecipientState.DEFERRED
+    assert status.reason_class is ReasonClass.PROTOCOL
+    assert "unsolicited reply" in status.reason

@@ -42,7 +42,7 @@ import functools
 import math
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any, cast
 
@@ -209,6 +209,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         return None if ssl_object is None else ssl_object.getpeercert()
 
     @property
+    def error(self) -> DeliveryError | None:
+        """Why the session could not go on (the peer broke the protocol, timed out, went
+        away or said 421), or None."""
+        return self._error
+
+    @property
     def usable(self) -> bool:
         """False once a transfer failed, the server said 421, or the connection closed."""
         return (
@@ -275,6 +281,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 await conn._starttls(starttls, tls_context, tlsa)
             if auth is not None:
                 await conn._authenticate(*auth)
+            # Lines the peer sent after the last reply of the handshake (replies to
+            # commands never sent) broke the session: a failure to set it up, as any.
+            conn._check_open()
         except DeliveryError:
             await conn.close()  # politely: QUIT if the session still allows it
             raise
@@ -320,12 +329,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         await self._hello()
 
     async def _hello(self) -> None:
-        ehlo = await self._request(self._session.ehlo(), "EHLO")
+        ehlo = await self._request(self._session.ehlo, "EHLO")
         if ehlo.ok:
             return
         if ehlo.reply.code >= 500 and not ehlo.closing:
             # RFC 5321 §3.2: a server that does not know EHLO gets HELO.
-            helo = await self._request(self._session.helo(), "HELO")
+            helo = await self._request(self._session.helo, "HELO")
             if helo.ok:
                 return
             raise failure(helo.reply, host=self.host, what="HELO")
@@ -341,7 +350,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if mode is StartTLS.OPPORTUNISTIC:
                 return
             raise TLSRequiredError(f"{self.host} does not offer STARTTLS", host=self.host)
-        reply = await self._request(self._session.starttls(), "STARTTLS")
+        reply = await self._request(self._session.starttls, "STARTTLS")
         if not reply.ok:
             if reply.closing:
                 raise failure(reply.reply, host=self.host, what="STARTTLS")
@@ -440,10 +449,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         session = self._session
         mechanisms = session.auth_mechanisms
         responses: list[bytes] = []
+        first: Callable[[], bytes]
         if "PLAIN" in mechanisms:
-            first = session.auth_plain(username, password)
+            first = functools.partial(session.auth_plain, username, password)
         elif "LOGIN" in mechanisms:
-            first = session.auth_login()
+            first = session.auth_login
             responses = [username.encode(), password.encode()]
         else:
             raise TemporaryFailure(
@@ -454,7 +464,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         reply = await self._request(first, "AUTH")
         while reply.reply.code == 334:
             answer = responses.pop(0) if responses else None  # None cancels the exchange
-            reply = await self._request(session.auth_response(answer), "AUTH")
+            reply = await self._request(functools.partial(session.auth_response, answer), "AUTH")
         if not 200 <= reply.reply.code < 300:
             # Temporary even for 535, as Postfix's smtp_sasl_auth_soft_bounce: wrong
             # credentials are a configuration error to fix, not a reason to bounce mail.
@@ -465,9 +475,18 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 host=self.host,
             )
 
-    async def _request(self, line: bytes, what: str, seconds: float | None = None) -> Reply:
-        """Write one handshake command and wait for its reply."""
+    async def _request(
+        self, command: Callable[[], bytes], what: str, seconds: float | None = None
+    ) -> Reply:
+        """Write one handshake command and wait for its reply.
+
+        ``command`` makes the line (a session method): called only once the connection is
+        known to be open, so that an error the peer caused since the last reply (say an
+        unsolicited line after it) is raised as itself, not as a session that refuses to
+        send in state "closed".
+        """
         self._check_open()
+        line = command()
         self._push_waiter()
         self._write(line)
         return await self._wait(self._timeouts.command if seconds is None else seconds, what)
@@ -717,7 +736,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if polite:
                 with contextlib.suppress(DeliveryError):
                     await self._request(
-                        self._session.quit(), "QUIT", min(self._timeouts.command, _QUIT_TIMEOUT)
+                        self._session.quit, "QUIT", min(self._timeouts.command, _QUIT_TIMEOUT)
                     )
             if self._healthy and not self._lost:
                 transport.close()

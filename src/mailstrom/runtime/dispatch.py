@@ -534,7 +534,9 @@ class Dispatcher:
             else:
                 queue.appendleft(work)
         if error is None and not conn.usable:
-            error = SMTPConnectError(f"the connection to {conn.host} ended", host=conn.host)
+            error = conn.error or SMTPConnectError(
+                f"the connection to {conn.host} ended", host=conn.host
+            )
         return error
 
     def _submit(
