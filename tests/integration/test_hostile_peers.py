@@ -311,3 +311,18 @@ async def test_an_early_talker_alone_is_deferred_naming_the_protocol_error(
     assert status.state is RecipientState.DEFERRED
     assert status.reason_class is ReasonClass.PROTOCOL
     assert "unsolicited reply" in status.reason
+
+
+# --- EHLO SIZE ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "abc"])
+async def test_a_size_that_is_not_ascii_digits_sets_no_limit(value: str) -> None:
+    ehlo = b"250-hostile.test\r\n250-SIZE " + value.encode() + b"\r\n250 PIPELINING\r\n"
+    async with peer(session(ehlo=ehlo)) as port:
+        conn = await open_to(port)
+        assert conn.extensions["SIZE"] == value
+        result = await send(conn)
+        await conn.close()
+    assert result.final is not None
+    assert result.final.code == 250

@@ -237,6 +237,25 @@ def test_dot_stuffing_and_terminator(content: bytes, wire: bytes) -> None:
     assert encode_body(content) == wire
 
 
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        ("1000", 1000),
+        ("0", None),
+        ("", None),
+        ("abc", None),
+        ("-5", None),
+        ("²", None),
+        ("٣", None),
+    ],
+)
+def test_size_limit_is_ascii_digits_only(value: str, limit: int | None) -> None:
+    """RFC 1870: SIZE takes ASCII digits; "²" (isdigit, but int() refuses it) and "٣"
+    (int() reads 3) announce no limit, as any other invalid value does."""
+    session = ready(b"250-mx.test\r\n250 SIZE " + value.encode() + b"\r\n")
+    assert session.max_size == limit
+
+
 def test_starttls_forgets_extensions_and_needs_ehlo_again() -> None:
     session = ready()
     assert session.starttls() == b"STARTTLS\r\n"

@@ -278,7 +278,10 @@ class ClientSession:
         self._extensions_view = MappingProxyType(extensions)
         self._pipelining = "PIPELINING" in extensions
         value = extensions.get("SIZE", "")
-        self._max_size = int(value) if value.isdigit() and int(value) > 0 else None
+        # RFC 1870: the value is ASCII digits; str.isdigit() alone also takes "²" or "٣",
+        # which int() refuses or reads. Anything else (or 0) announces no limit.
+        valid = value.isascii() and value.isdigit()
+        self._max_size = int(value) if valid and int(value) > 0 else None
 
     def _push(self, command: Command, argument: str | None) -> None:
         self._pending.append((command, argument))
