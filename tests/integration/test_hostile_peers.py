@@ -20,6 +20,7 @@ from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
 from mailstrom.errors import SMTPProtocolError, SMTPTimeout
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
+from mailstrom.runtime.outcomes import _uncertain_reason
 from mailstrom.status import ReasonClass
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -170,6 +171,8 @@ async def test_a_dripped_reply_to_the_final_dot_is_uncertain_after_data_end() ->
         await conn.close()
     assert result.uncertain
     assert result.final is None
+    assert isinstance(result.cause, SMTPTimeout)
+    assert "end of data within 0.5s" in result.cause.text
     assert elapsed < WITHIN
 
 
@@ -326,3 +329,53 @@ async def test_a_size_that_is_not_ascii_digits_sets_no_limit(value: str) -> None
         await conn.close()
     assert result.final is not None
     assert result.final.code == 250
+
+
+# --- a bad reply to the final dot ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "named"),
+    [
+        (b"2500 delivered\r\n", "2500 delivered"),
+        (b"354 again\r\n", "unexpected reply to BODY: 354 again"),
+        (b"250-a\r\n251 b\r\n", "250 then 251"),
+    ],
+)
+async def test_a_bad_reply_to_the_final_dot_is_named_and_uncertain(
+    dns_server: LoopbackDNS, reply: bytes, named: str
+) -> None:
+    async def bad(writer: asyncio.StreamWriter) -> None:
+        writer.write(reply)
+
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(session(after_dot=bad)) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(hello("bob@hostile.example"))
+            await asyncio.to_thread(results.wait_count, 1)
+            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    assert status.state is RecipientState.DEFERRED
+    assert status.uncertain
+    assert status.reason_class is ReasonClass.PROTOCOL
+    assert named in status.reason
+    assert status.reason.endswith("delivery uncertain")
+
+
+async def test_a_long_bad_reply_to_the_final_dot_is_cut_short() -> None:
+    async def bad(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"354 " + b"\x1b[31m" * 2000 + b"\r\n")
+
+    async with peer(session(after_dot=bad)) as port:
+        conn = await open_to(port)
+        result = await send(conn)
+        await conn.close()
+    assert result.uncertain
+    assert isinstance(result.cause, SMTPProtocolError)
+    reason, why = _uncertain_reason(result.cause)
+    assert why is ReasonClass.PROTOCOL
+    assert len(reason) < 400
+    assert "\x1b" not in reason
+    assert "more characters" in reason

@@ -699,7 +699,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._queued.clear()
         for txn in active:
             if txn.data_reply is not None and txn.data_reply.code == 354 and not txn.dot_pending:
-                txn.settle(txn.result(uncertain=True))
+                txn.settle(txn.result(uncertain=True, cause=error))
             else:
                 txn.settle(error)
         for txn in queued:

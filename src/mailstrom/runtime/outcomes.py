@@ -60,6 +60,26 @@ def error_reason(exc: DeliveryError, reply: SMTPReply | None) -> ReasonClass:
     return classify_local(exc.enhanced)
 
 
+_MAX_QUOTED = 200
+"""Most characters of a peer's bad reply quoted in a reason."""
+
+
+def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
+    """The reason of a delivery left uncertain by ``cause``: a reply that broke the
+    protocol is named (what the peer sent is worth knowing), anything else is a lost
+    connection."""
+    if isinstance(cause, SMTPProtocolError):
+        text = cause.text
+        quoted = "".join(c if c.isprintable() else "?" for c in text[:_MAX_QUOTED])
+        if len(text) > _MAX_QUOTED:
+            quoted += f"… ({len(text) - _MAX_QUOTED} more characters)"
+        return (
+            f"protocol error after the final dot: {quoted}; delivery uncertain",
+            ReasonClass.PROTOCOL,
+        )
+    return "connection lost after the final dot; delivery uncertain", ReasonClass.CONNECTION
+
+
 class Where:
     """Where an attempt went, for the history (a connection's or just a host's)."""
 
@@ -146,7 +166,7 @@ class Outcomes:
                 if self._config.retry_uncertain
                 else AttemptOutcome.DELIVERED
             )
-            error = "connection lost after the final dot; delivery uncertain"
+            error, why = _uncertain_reason(result.cause)
             results.extend(
                 self._result(
                     item,
@@ -156,7 +176,7 @@ class Outcomes:
                     where,
                     error=error,
                     uncertain=True,
-                    reason=ReasonClass.CONNECTION,
+                    reason=why,
                 )
                 for r in accepted
             )

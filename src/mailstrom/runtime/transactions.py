@@ -50,6 +50,9 @@ class TransactionResult:
     """The reply to DATA (354 to go ahead), or None if DATA was not sent."""
     final: SMTPReply | None
     uncertain: bool = False
+    cause: DeliveryError | None = None
+    """When ``uncertain``: what ended the session before the reply to the final dot (a
+    timeout, the connection lost, or a reply that broke the protocol)."""
 
     @property
     def accepted(self) -> tuple[str, ...]:
@@ -123,13 +126,16 @@ class Txn:
         self.written = False  # some command of this transaction is on the wire
         self.dot_pending = False  # content written but not yet handed to the kernel
 
-    def result(self, *, uncertain: bool = False) -> TransactionResult:
+    def result(
+        self, *, uncertain: bool = False, cause: DeliveryError | None = None
+    ) -> TransactionResult:
         return TransactionResult(
             mail=self.mail,
             rcpt=tuple(self.rcpt),
             data=self.data_reply,
             final=self.final,
             uncertain=uncertain,
+            cause=cause,
         )
 
     def settle(self, result: TransactionResult | BaseException) -> None:
