@@ -72,16 +72,18 @@ def test_sendmail_bad_flags(argv: list[str], reason: str) -> None:
 
 def test_read_message_lone_dot() -> None:
     stream = io.BytesIO(b"Subject: x\n\nbody\n.\nleft over\n")
-    assert sendmail.read_message(stream, ignore_dots=False) == b"Subject: x\n\nbody\n"
+    assert sendmail.read_message(stream, ignore_dots=False, limit=1000) == b"Subject: x\n\nbody\n"
     stream = io.BytesIO(b"Subject: x\r\n\r\n..\r\n.\r\n")
-    assert sendmail.read_message(stream, ignore_dots=False) == b"Subject: x\r\n\r\n..\r\n"
+    assert (
+        sendmail.read_message(stream, ignore_dots=False, limit=1000) == b"Subject: x\r\n\r\n..\r\n"
+    )
     stream = io.BytesIO(b"Subject: x\n\n.\nmore\n")
-    assert sendmail.read_message(stream, ignore_dots=True) == b"Subject: x\n\n.\nmore\n"
+    assert sendmail.read_message(stream, ignore_dots=True, limit=1000) == b"Subject: x\n\n.\nmore\n"
 
 
 def test_read_message_drops_mbox_separator() -> None:
     stream = io.BytesIO(b"From bob@x.test Mon Jan  1 00:00:00 2024\nSubject: x\n\nb\n")
-    assert sendmail.read_message(stream, ignore_dots=True) == b"Subject: x\n\nb\n"
+    assert sendmail.read_message(stream, ignore_dots=True, limit=1000) == b"Subject: x\n\nb\n"
 
 
 def test_build_adds_from_and_collects_recipients() -> None:

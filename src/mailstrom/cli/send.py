@@ -22,6 +22,7 @@ from mailstrom.cli.exits import (
 )
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers, seconds_arg
+from mailstrom.cli.reading import FileBudget
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
@@ -238,31 +239,34 @@ def queue_options(args: argparse.Namespace) -> dict[str, Any]:
 # --- reading input -----------------------------------------------------------------------
 
 
-def read_bytes(path: str) -> bytes:
-    """A file's bytes (``-`` is stdin); unreadable → EX_NOINPUT."""
+def read_bytes(path: str, budget: FileBudget) -> bytes:
+    """A file's bytes (``-`` is stdin), charged to ``budget``: MessageTooLarge past it (the
+    rest is not read); unreadable → EX_NOINPUT."""
     if path == "-":
-        return sys.stdin.buffer.read()
+        return budget.read(sys.stdin.buffer, source="standard input")
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as stream:
+            return budget.read(stream, source=path)
     except OSError as exc:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}", EX_NOINPUT) from None
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, budget: FileBudget) -> str:
     try:
-        return read_bytes(path).decode("utf-8")
+        return read_bytes(path, budget).decode("utf-8")
     except UnicodeDecodeError:
         raise CLIError(f"{path} is not UTF-8 text", EX_DATAERR) from None
 
 
-def attachment(path: str) -> Attachment:
+def attachment(path: str, budget: FileBudget) -> Attachment:
     import mimetypes
 
     content_type, encoding = mimetypes.guess_type(path, strict=False)
     if content_type is None or encoding is not None:
         # A compressed file (report.csv.gz) is sent as what it is: opaque bytes.
         content_type = "application/octet-stream"
-    return Attachment(filename=Path(path).name, content=read_bytes(path), content_type=content_type)
+    content = read_bytes(path, budget)
+    return Attachment(filename=Path(path).name, content=content, content_type=content_type)
 
 
 def headers(values: list[str]) -> dict[str, str]:
@@ -275,12 +279,15 @@ def headers(values: list[str]) -> dict[str, str]:
     return out
 
 
-def build_email(args: argparse.Namespace) -> Email:
+def build_email(args: argparse.Namespace, *, max_size: int) -> Email:
+    """The message the options describe; its files are read up to ``max_size`` octets
+    together (the message size limit: past it, the message would be refused anyway)."""
     if not args.from_:
         raise UsageError("--from is required (or give a complete message with --file)")
+    budget = FileBudget(max_size)
     text = args.text
     if args.text_file is not None:
-        text = read_text(args.text_file)
+        text = read_text(args.text_file, budget)
     return Email(
         from_=args.from_,
         to=args.to,
@@ -289,8 +296,8 @@ def build_email(args: argparse.Namespace) -> Email:
         reply_to=args.reply_to,
         subject=args.subject,
         text=text,
-        html=read_text(args.html_file) if args.html_file else None,
-        attachments=[attachment(path) for path in args.attach],
+        html=read_text(args.html_file, budget) if args.html_file else None,
+        attachments=[attachment(path, budget) for path in args.attach],
         headers=headers(args.header),
         unsubscribe_url=args.unsubscribe_url,
         unsubscribe_mailto=args.unsubscribe_mailto,
@@ -331,7 +338,7 @@ def send_command(args: argparse.Namespace) -> int:
         envelope_to = [*args.to, *args.cc, *args.bcc] or None
         prepared = prepare_for(
             settings.config,
-            read_bytes(args.file),
+            read_bytes(args.file, FileBudget(settings.config.max_message_size)),
             envelope_from=args.from_,
             envelope_to=envelope_to,
             now=now,
@@ -341,7 +348,7 @@ def send_command(args: argparse.Namespace) -> int:
     else:
         prepared = prepare_for(
             settings.config,
-            build_email(args),
+            build_email(args, max_size=settings.config.max_message_size),
             envelope_from=None,
             envelope_to=None,
             now=now,

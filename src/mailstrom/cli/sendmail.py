@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formataddr, getaddresses
-from typing import BinaryIO
 
 from mailstrom.cli.context import report, store_from, utc_now
 from mailstrom.cli.exits import (
@@ -44,6 +43,7 @@ from mailstrom.cli.localnames import (
     read_aliases,
 )
 from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.dsn import DSN
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
@@ -184,17 +184,18 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
     return args
 
 
-def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
-    """The message on ``stream``: to end of input, or (without -i) to a lone ``.`` line."""
+def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> bytes:
+    """The message on ``stream``: to end of input, or (without -i) to a lone ``.`` line.
+
+    Reading stops one octet past ``limit`` (the message size limit) with MessageTooLarge:
+    a message that large would be refused anyway, and an endless pipe must not be held in
+    memory first.
+    """
+    source = "the message on standard input"
     if ignore_dots:
-        data = stream.read()
+        data = read_limited(stream, limit, source=source)
     else:
-        lines: list[bytes] = []
-        for line in stream:
-            if line.rstrip(b"\r\n") == b".":
-                break
-            lines.append(line)
-        data = b"".join(lines)
+        data = read_until_dot(stream, limit, source=source)
     # An mbox "From " separator line (not a header) is dropped, as sendmail does.
     if data.startswith(b"From "):
         data = data.partition(b"\n")[2]
@@ -295,9 +296,11 @@ def _enqueue(args: SendmailArgs) -> int:
     settings = sendmail_settings()
     origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
     path = aliases_path(settings.values.get("sendmail.aliases"))
-    stdin = sys.stdin.buffer
+    message = read_message(
+        sys.stdin.buffer, ignore_dots=args.ignore_dots, limit=settings.config.max_message_size
+    )
     data, recipients = build(
-        read_message(stdin, ignore_dots=args.ignore_dots),
+        message,
         args,
         default_domain=origin,
         aliases=read_aliases(path) if path else None,

@@ -1,0 +1,89 @@
+"""Reading a message, or the files it is built from, never past the message size limit.
+
+A message larger than ``max_message_size`` is refused by ``prepare()`` anyway, so there is
+no point in holding more than the limit in memory first: ``sendmail -i`` fed an endless
+pipe, or ``send --file /dev/zero``, would otherwise read until memory runs out. Each reader
+here stops one octet past the limit and raises :class:`~mailstrom.errors.MessageTooLarge`,
+the error (and exit code 65) of any message over the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mailstrom.errors import MessageTooLarge
+
+
+class Readable(Protocol):
+    """A binary stream: ``sys.stdin.buffer``, a file opened ``rb``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class LineReadable(Readable, Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def too_large(source: str, limit: int) -> MessageTooLarge:
+    """The error for input past ``limit`` octets (its real size is unknown: it was not
+    read to the end)."""
+    return MessageTooLarge(
+        f"{source} holds more than the message size limit of {limit} octets (max_message_size)",
+        size=limit + 1,
+        limit=limit,
+    )
+
+
+def read_limited(stream: Readable, limit: int, *, source: str) -> bytes:
+    """``stream`` to its end; MessageTooLarge as soon as it holds more than ``limit``
+    octets (``limit + 1`` are read at most)."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise too_large(source, limit)
+    return data
+
+
+_DOT_LINE = len(b".\r\n")
+
+
+def read_until_dot(stream: LineReadable, limit: int, *, source: str) -> bytes:
+    """``stream`` up to a line holding a single ``.`` (not included) or its end;
+    MessageTooLarge as soon as the lines before hold more than ``limit`` octets.
+
+    Lines are read with a bound, so a single endless line is not read whole; the bound is
+    never below the length of the ``.`` line, so that line is still recognised when the
+    message ends just under the limit.
+    """
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = stream.readline(max(limit - size + 1, _DOT_LINE))
+        if not line or line.rstrip(b"\r\n") == b".":
+            return b"".join(lines)
+        size += len(line)
+        if size > limit:
+            raise too_large(source, limit)
+        lines.append(line)
+
+
+class FileBudget:
+    """The octets that the files one message is built from may hold together.
+
+    A message's encoded size is at least the sum of its parts' contents (transfer encodings
+    only add to them), so files that together exceed the message size limit make a message
+    that ``prepare()`` would refuse: they are refused while being read instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def read(self, stream: Readable, *, source: str) -> bytes:
+        """``stream`` to its end, charged to the budget; MessageTooLarge past it."""
+        try:
+            data = read_limited(stream, self.limit - self.used, source=source)
+        except MessageTooLarge:
+            together = " with the files before it" if self.used else ""
+            raise too_large(f"{source}{together}", self.limit) from None
+        self.used += len(data)
+        return data

@@ -1,0 +1,162 @@
+"""Input is read only up to the message size limit: one octet past it, the command refuses
+the message (exit 65) without reading the rest — an endless pipe or /dev/zero must not be
+held in memory first."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailstrom.cli.reading import FileBudget
+from mailstrom.cli.sendmail import read_message
+from mailstrom.errors import MessageTooLarge
+from tests.cli.conftest import CLI
+
+LIMIT = 1000
+HEAD = b"From: a@client.test\nTo: b@example.test\nSubject: x\n\n"
+
+
+class Endless:
+    """A stream that never ends: it hands out ``a`` octets as long as it is asked, and
+    fails a test that reads it to its end (which would never come)."""
+
+    def __init__(self, *, lines: bool) -> None:
+        self.given = 0
+        self._line = b"aaa\n" if lines else b""
+
+    def read(self, size: int = -1, /) -> bytes:
+        assert size >= 0, "read to the end of an endless stream"
+        self.given += size
+        return b"a" * size
+
+    def readline(self, size: int = -1, /) -> bytes:
+        assert size >= 0, "read a whole endless line"
+        line = self._line[:size] if self._line else b"a" * size
+        self.given += len(line)
+        return line
+
+
+@pytest.mark.parametrize("ignore_dots", [True, False])
+@pytest.mark.parametrize("lines", [True, False])
+def test_sendmail_stops_reading_one_octet_past_the_limit(ignore_dots: bool, lines: bool) -> None:
+    stream = Endless(lines=lines)
+    with pytest.raises(MessageTooLarge, match=f"limit of {LIMIT} octets") as info:
+        read_message(stream, ignore_dots=ignore_dots, limit=LIMIT)
+    assert LIMIT < stream.given <= LIMIT + 4
+    assert info.value.limit == LIMIT
+
+
+def test_sendmail_takes_a_message_of_exactly_the_limit() -> None:
+    body = b"x" * (LIMIT - len(HEAD) - 1) + b"\n"
+    message = HEAD + body
+    assert len(message) == LIMIT
+    for ignore_dots in (True, False):
+        got = read_message(io.BytesIO(message), ignore_dots=ignore_dots, limit=LIMIT)
+        assert got == message
+    # The lone dot still ends the message when it comes just at the limit...
+    stream = io.BytesIO(message + b".\r\nafter\n")
+    assert read_message(stream, ignore_dots=False, limit=LIMIT) == message
+    # ...and a line that only starts with a dot is part of it, so one octet over.
+    with pytest.raises(MessageTooLarge):
+        read_message(io.BytesIO(message + b".x\n"), ignore_dots=False, limit=LIMIT)
+    with pytest.raises(MessageTooLarge):
+        read_message(io.BytesIO(message + b"y"), ignore_dots=True, limit=LIMIT)
+
+
+def test_the_files_of_one_message_share_the_limit() -> None:
+    budget = FileBudget(LIMIT)
+    assert budget.read(io.BytesIO(b"t" * 600), source="text.txt") == b"t" * 600
+    with pytest.raises(MessageTooLarge, match=r"report\.pdf with the files before it"):
+        budget.read(io.BytesIO(b"p" * 401), source="report.pdf")
+    stream = Endless(lines=False)
+    with pytest.raises(MessageTooLarge, match=r"^zero holds more than"):
+        FileBudget(LIMIT).read(stream, source="zero")
+    assert stream.given == LIMIT + 1
+
+
+# --- through the command: a pipe that is never closed -------------------------------------
+
+
+@pytest.fixture
+def small_limit(cli: CLI) -> CLI:
+    cli.env["MAILSTROM_MAX_MESSAGE_SIZE"] = str(LIMIT)
+    return cli
+
+
+def exits_without_end_of_input(
+    cli: CLI, *args: str, data: bytes
+) -> subprocess.CompletedProcess[str]:
+    """Run the command with ``data`` on a standard input that stays open: a command that
+    read it to its end would wait for ever (the test then fails on the timeout)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailstrom", *args],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)  # far less than a pipe holds: never blocks
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+def assert_refused(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 65, result.stderr
+    assert f"more than the message size limit of {LIMIT} octets" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "data"),
+    [
+        (["sendmail", "-i", "b@example.test"], HEAD + b"line\n" * LIMIT),
+        (["sendmail", "b@example.test"], HEAD + b"a" * 2 * LIMIT),  # one line, no end
+        (["send", "--file", "-"], HEAD + b"line\n" * LIMIT),
+        (
+            ["send", "--from", "a@client.test", "--to", "b@example.test", "--text-file", "-"],
+            b"a" * 2 * LIMIT,
+        ),
+    ],
+    ids=["sendmail -i", "sendmail one line", "send --file -", "send --text-file -"],
+)
+def test_stdin_is_read_up_to_the_limit_only(small_limit: CLI, args: list[str], data: bytes) -> None:
+    assert_refused(exits_without_end_of_input(small_limit, *args, data=data))
+    assert small_limit.queue_ids() == []
+
+
+@pytest.fixture
+def endless_fifo(workdir: Path) -> Iterator[Path]:
+    """A named pipe holding more than LIMIT octets, kept open for writing by the test."""
+    path = workdir / "endless"
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)  # Linux: opens at once, and the reader never sees EOF
+    try:
+        os.write(fd, b"a" * 2 * LIMIT)
+        yield path
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("option", ["--attach", "--html-file", "--text-file"])
+def test_files_are_read_up_to_the_limit_only(
+    small_limit: CLI, endless_fifo: Path, option: str
+) -> None:
+    args = ["send", "--from", "a@client.test", "--to", "b@example.test", option, "endless"]
+    assert_refused(exits_without_end_of_input(small_limit, *args, data=b""))
+
+
+def test_sendmail_under_the_limit_is_queued(small_limit: CLI) -> None:
+    small_limit.ok("sendmail", "b@example.test", stdin=HEAD + b"hello\n.\nignored\n")
+    assert len(small_limit.queue_ids()) == 1
