@@ -520,15 +520,14 @@ def _user_config_home(env: Mapping[str, str]) -> Path | None:
     return Path(home) / ".config" if os.path.isabs(home) else None
 
 
+MAX_CONFIG_FILE_SIZE = 1 << 20
+"""Octets of a configuration file read at most (a full one is a few kilobytes)."""
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The file's settings by dotted key; unknown keys raise ConfigError."""
-    try:
-        with path.open("rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    """The file's settings by dotted key; ConfigError when it cannot be read, is larger
+    than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 or not TOML, or has unknown keys."""
+    document = _parse_toml(_read_config_text(path), path)
     flat: dict[str, Any] = {}
     for name, value in document.items():
         if name in _SECTIONS and isinstance(value, dict):
@@ -540,6 +539,32 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown setting {key!r}")
     return flat
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_FILE_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_FILE_SIZE:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_FILE_SIZE} octets: not a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # TOML files are UTF-8 (TOML 1.0 "Spec").
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (at octet {exc.start})") from None
+
+
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: thousands of "[[[…"
+        # exhaust Python's stack rather than raise TOMLDecodeError.
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def read_env(env: Mapping[str, str]) -> dict[str, Any]:

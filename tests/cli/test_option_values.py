@@ -75,3 +75,12 @@ def test_out_of_range_environment_value_exits_78(cli: CLI) -> None:
     """Hardening #12: through the command, such a value is one line and exit 78."""
     cli.env["MAILSTROM_RETRY_MAX_AGE"] = "99999999999d"
     assert_one_line_error(cli("queue"), 78, "retry.max_age")
+
+
+def test_a_config_file_that_is_no_toml_exits_78(cli: CLI) -> None:
+    """A config file that is not UTF-8, or nested past Python's stack, is one line and
+    exit 78, not "internal error" (70)."""
+    (cli.cwd / "binary.toml").write_bytes(b"\xff\xfe\x00\x01")
+    assert_one_line_error(cli("--config", "binary.toml", "queue"), 78, "not UTF-8")
+    (cli.cwd / "deep.toml").write_bytes(b"a = " + b"[" * 100_000)
+    assert_one_line_error(cli("--config", "deep.toml", "queue"), 78, "nested too deeply")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from mailstrom.config import Lane, RelayTLS, TLSPolicy
 from mailstrom.errors import ConfigError
 from mailstrom.settings import (
     KEYS,
+    MAX_CONFIG_FILE_SIZE,
     default_config_paths,
     env_name,
     load_settings,
@@ -139,6 +141,32 @@ def test_bad_file_values_name_the_key(tmp_path: Path, text: str, named: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_settings(config_path=path, env={})
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"helo_name = '\xff\xfe'\n", "not UTF-8 (at octet 13)"),
+        (b"a = " + b"[" * 100_000, "nested too deeply"),
+        (b"a = " + b"{b = " * 5_000 + b"1" + b"}" * 5_000, "nested too deeply"),
+        (b"# padding\n" * (MAX_CONFIG_FILE_SIZE // 10 + 1), f"larger than {MAX_CONFIG_FILE_SIZE}"),
+    ],
+    ids=["not UTF-8", "deep arrays", "deep inline tables", "too large"],
+)
+def test_unreadable_toml_is_a_config_error(tmp_path: Path, data: bytes, reason: str) -> None:
+    """Not a crash (UnicodeDecodeError, RecursionError), nor a file read however large."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        load_settings(config_path=path, env={})
+
+
+def test_a_config_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    line = b'helo_name = "mail.example.com"\n'
+    path.write_bytes(line + b"#" * (MAX_CONFIG_FILE_SIZE - len(line) - 1) + b"\n")
+    assert path.stat().st_size == MAX_CONFIG_FILE_SIZE
+    assert load_settings(config_path=path, env={}).config.helo_name == "mail.example.com"
 
 
 def test_unknown_environment_variable_is_named(tmp_path: Path) -> None:
