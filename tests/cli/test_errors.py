@@ -90,6 +90,16 @@ def test_bad_store_url(cli: CLI) -> None:
     assert option.err_lines[-1].startswith("mailstrom: argument --store: unknown store URL")
 
 
+def test_malformed_postgresql_url_is_a_bad_store_url(cli: CLI) -> None:
+    """Exit 78 from the configuration and 64 from --store, as any bad store URL; not
+    "internal error: ValueError" (70)."""
+    cli.env["MAILSTROM_STORE"] = "postgresql://[::1"
+    assert_one_line_error(cli("queue"), 78, "malformed store URL", "Invalid IPv6 URL")
+    option = cli("--store", "postgresql://[::1", "queue")
+    assert option.code == 64, option.err
+    assert option.err_lines[-1].startswith("mailstrom: argument --store: malformed store URL")
+
+
 def test_usage_errors_exit_64(cli: CLI) -> None:
     assert cli("frobnicate").code == 64
     assert cli("queue", "--older-than", "soon").code == 64

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from mailstrom.errors import InvalidStoreURL
-from mailstrom.stores.postgres.connect import connection_options, split_url
+from mailstrom.stores.postgres.connect import check_conninfo, connection_options, split_url
 
 URL = "postgresql://mail@db.internal/mail"
 
@@ -78,3 +78,25 @@ def test_prepare_threshold_is_taken_out_of_the_url(
 def test_a_bad_prepare_threshold_is_an_invalid_store_url(value: str) -> None:
     with pytest.raises(InvalidStoreURL, match="prepare_threshold"):
         split_url(f"{URL}?prepare_threshold={value}")
+
+
+def test_a_malformed_url_is_an_invalid_store_url() -> None:
+    """PostgresStore(url) splits the URL first: a bare ValueError from urlsplit was an
+    internal error."""
+    with pytest.raises(InvalidStoreURL, match="Invalid IPv6 URL"):
+        split_url("postgresql://mail@[::1/mail")
+
+
+def test_what_libpq_cannot_parse_is_an_invalid_store_url() -> None:
+    """Not the StoreError (exit 75, try again) that connecting with it would raise."""
+    with pytest.raises(InvalidStoreURL, match=r'invalid URI query parameter: "bogus"$'):
+        check_conninfo(f"{URL}?bogus=1")
+    check_conninfo(f"{URL}?sslmode=require")
+
+
+def test_libpq_s_reason_is_left_out_when_the_url_holds_a_password() -> None:
+    # libpq quotes the token it cannot decode: here, the password.
+    with pytest.raises(InvalidStoreURL) as info:
+        check_conninfo("postgresql://mail:%zzsecret@db.internal/mail")
+    assert "secret" not in str(info.value)
+    assert "mail:***@db.internal" in str(info.value)

@@ -50,6 +50,8 @@ def test_parse(url: str, kind: StoreKind, target: str) -> None:
         "sqlite:///dir/",
         "postgresql://",
         "http://example.com/q.db",
+        "postgresql://[::1",  # an unclosed IPv6 address
+        "postgres://u@[db.internal]/mail",  # brackets hold an IP address only
     ],
 )
 def test_bad_urls_raise_invalid_store_url(url: str) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.stores.base import Store
@@ -143,6 +144,7 @@ def parse_store_url(url: str) -> StoreURL:
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
             raise InvalidStoreURL(f"PostgreSQL URL without host or database: {redact_url(url)!r}")
+        _check_url_syntax(text)
         return StoreURL(kind=StoreKind.POSTGRES, target=text)
     if sep and scheme == "sqlite":
         if not rest.startswith("/"):
@@ -161,6 +163,16 @@ def parse_store_url(url: str) -> StoreURL:
         f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:///path.db, a *.db "
         "file path, or postgresql://..."
     )
+
+
+def _check_url_syntax(url: str) -> None:
+    """InvalidStoreURL when ``url`` is no URL at all (an unclosed ``[`` of an IPv6 address,
+    a bracketed host that is no IP address): the PostgreSQL store splits its URL with
+    :func:`urllib.parse.urlsplit`, which raises a bare ValueError on these."""
+    try:
+        urlsplit(url)
+    except ValueError as exc:
+        raise InvalidStoreURL(f"malformed store URL {redact_url(url)!r}: {exc}") from None
 
 
 def open_store(url: str, *, read_only: bool = False) -> Store:

@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL
+from mailstrom.stores.url import redact_url
 
 KEEPALIVE = {
     "keepalives": "1",
@@ -82,7 +83,10 @@ def split_url(url: str) -> tuple[str, int | None]:
     >>> split_url("postgresql://app@db/mail")
     ('postgresql://app@db/mail', 5)
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed "[", a bracketed host that is no IP address
+        raise InvalidStoreURL(f"malformed PostgreSQL URL {redact_url(url)!r}: {exc}") from None
     pairs = parts.query.split("&") if parts.query else []
     ours = [p for p in pairs if p.partition("=")[0] == PREPARE_THRESHOLD]
     if not ours:
@@ -96,6 +100,19 @@ def split_url(url: str) -> tuple[str, int | None]:
     else:
         raise InvalidStoreURL(f"prepare_threshold must be a whole number or 'none', not {value!r}")
     return urlunsplit(parts._replace(query=rest)), threshold
+
+
+def check_conninfo(conninfo: str) -> None:
+    """InvalidStoreURL when libpq cannot parse ``conninfo`` (an unknown query parameter, a
+    bad percent-escape): a mistake in the configuration that retrying will not mend, so
+    not the StoreError (try again) that connecting with it would raise. libpq's reason is
+    left out when the URL holds a password, which it may quote."""
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        shown = redact_url(conninfo)
+        detail = "" if shown != conninfo else f": {str(exc).strip()}"
+        raise InvalidStoreURL(f"PostgreSQL URL libpq cannot parse {shown!r}{detail}") from None
 
 
 def _configure(conn: psycopg.Connection[Any], *, prepare_threshold: int | None) -> None:

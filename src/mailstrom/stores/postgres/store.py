@@ -64,7 +64,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.postgres import rows
-from mailstrom.stores.postgres.connect import connection_pool, split_url
+from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
@@ -103,6 +103,7 @@ class PostgresStore:
         self._url = url
         # What libpq gets: the URL less mailstrom's own parameter (see connect.split_url).
         self._conninfo, _ = split_url(url)
+        check_conninfo(self._conninfo)
         self._sizes = (min_size, max_size)
         self._timeout = timeout
         self._closed = False
