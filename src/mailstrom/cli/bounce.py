@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from mailstrom.bounces.reports import MAX_REPORT
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_NOINPUT, EX_OK
-from mailstrom.cli.output import print_json
+from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, count_arg
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def bounce_command(args: argparse.Namespace) -> int:
         print_json({"kind": report.kind.value, "outcomes": [_row(o) for o in outcomes]})
     else:
         for o in outcomes:
-            print(_line(o))
+            echo(_line(o))
     if any(o.action is BounceAction.UNMATCHED for o in outcomes):
         return EX_NOINPUT
     return EX_OK

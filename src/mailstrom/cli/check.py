@@ -28,7 +28,7 @@ import dns.reversename
 
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
-from mailstrom.cli.output import print_json
+from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.config import Config, TLSPolicy
 from mailstrom.errors import DeliveryError, PermanentFailure
@@ -420,83 +420,85 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def print_report(r: CheckReport) -> None:
-    print(f"Domain {r.domain} (SMTP port {r.smtp_port}, TLS policy {r.tls_policy})")
+    echo(f"Domain {r.domain} (SMTP port {r.smtp_port}, TLS policy {r.tls_policy})")
     if r.relay:
-        print(f"  note: a relay is configured; the worker sends everything to {r.relay}")
+        echo(f"  note: a relay is configured; the worker sends everything to {r.relay}")
     if r.dns_error is not None:
         kind = "permanent" if r.dns_permanent else "temporary"
-        print(f"  DNS: {kind} failure: {r.dns_error}")
+        echo(f"  DNS: {kind} failure: {r.dns_error}")
     elif r.implicit_mx:
-        print("  no MX records: the domain's own addresses stand in (implicit MX)")
+        echo("  no MX records: the domain's own addresses stand in (implicit MX)")
     if r.alias_of is not None:
-        print(f"  alias of:    {r.alias_of} (its MX records are those of the expansion)")
+        echo(f"  alias of:    {r.alias_of} (its MX records are those of the expansion)")
     if r.dns_error is None:
         trust = "" if r.dnssec_trusted else " (not used: dns.dnssec is off)"
         validated = "validated (AD)" if r.dnssec else "not validated"
-        print(f"  DNSSEC:      MX records {validated}{trust}")
+        echo(f"  DNSSEC:      MX records {validated}{trust}")
     for h in r.hosts:
-        print(f"\nMX {h.preference} {h.name}")
+        print()
+        echo(f"MX {h.preference} {h.name}")
         if h.canonical is not None:
-            print(f"  alias of:    {h.canonical}")
-        print(f"  DNSSEC:      addresses {'validated (AD)' if h.dnssec else 'not validated'}")
+            echo(f"  alias of:    {h.canonical}")
+        echo(f"  DNSSEC:      addresses {'validated (AD)' if h.dnssec else 'not validated'}")
         at = f" at {h.tlsa_at}" if h.tlsa_at else ""
         if h.tlsa_error:
-            print(f"  TLSA:        lookup failed: {h.tlsa_error}")
+            echo(f"  TLSA:        lookup failed: {h.tlsa_error}")
         elif h.tlsa:
             state = "validated (AD)" if h.tlsa_dnssec else "NOT validated"
-            print(f"  TLSA:        {state}{at}")
+            echo(f"  TLSA:        {state}{at}")
             for record in h.tlsa:
-                print(f"               {record}")
+                echo(f"               {record}")
         else:
-            print("  TLSA:        none")
+            echo("  TLSA:        none")
         if h.tls_policy is not None:
-            print(f"  TLS policy:  {h.tls_policy} ({h.tls_policy_reason})")
+            echo(f"  TLS policy:  {h.tls_policy} ({h.tls_policy_reason})")
         elif h.tls_policy_reason:
-            print(f"  TLS policy:  {h.tls_policy_reason}")
+            echo(f"  TLS policy:  {h.tls_policy_reason}")
         for a in h.addresses:
             where = f"[{a.ip}]:{a.port}" if _is_v6(a.ip) else f"{a.ip}:{a.port}"
-            print(f"  {where}")
+            echo(f"  {where}")
             if not a.connected:
-                print(f"    connect:     failed: {a.error}")
+                echo(f"    connect:     failed: {a.error}")
             else:
                 caps = " ".join(k if not v else f"{k}={v}" for k, v in sorted(a.extensions.items()))
-                print(f"    EHLO:        {caps or '(none)'}")
-                print(f"    STARTTLS:    {'offered' if a.starttls else 'not offered'}")
+                echo(f"    EHLO:        {caps or '(none)'}")
+                echo(f"    STARTTLS:    {'offered' if a.starttls else 'not offered'}")
                 if a.tls_version:
-                    print(f"    TLS:         {a.tls_version} {a.tls_cipher or ''}".rstrip())
+                    echo(f"    TLS:         {a.tls_version} {a.tls_cipher or ''}".rstrip())
                 elif a.starttls and a.error:
-                    print(f"    TLS:         failed: {a.error}")
+                    echo(f"    TLS:         failed: {a.error}")
                 if a.certificate_verified and a.certificate:
                     c = a.certificate
-                    print(f"    certificate: verified; subject {c['subject']}")
-                    print(f"                 issuer {c['issuer']}; expires {c['expires']}")
+                    echo(f"    certificate: verified; subject {c['subject']}")
+                    echo(f"                 issuer {c['issuer']}; expires {c['expires']}")
                     if c["names"]:
-                        print(f"                 names {', '.join(c['names'])}")
+                        echo(f"                 names {', '.join(c['names'])}")
                 elif a.certificate_verified:
-                    print("    certificate: verified")
+                    echo("    certificate: verified")
                 elif a.certificate_error:
-                    print(f"    certificate: NOT verified: {a.certificate_error}")
+                    echo(f"    certificate: NOT verified: {a.certificate_error}")
                 if a.dane:
-                    print(f"    DANE:        {a.dane}")
-            print(f"    verdict:     {a.verdict}")
+                    echo(f"    DANE:        {a.dane}")
+            echo(f"    verdict:     {a.verdict}")
     if r.mta_sts is not None:
         from mailstrom.cli.check_mtasts import print_mta_sts
 
         print_mta_sts(r.mta_sts)
     if r.helo is not None:
         h2 = r.helo
-        print(f"\nHELO name {h2.name}")
-        print(f"  A/AAAA:      {', '.join(h2.addresses) or '-'}")
+        print()
+        echo(f"HELO name {h2.name}")
+        echo(f"  A/AAAA:      {', '.join(h2.addresses) or '-'}")
         for ip, names in h2.ptr.items():
-            print(f"  PTR {ip}: {', '.join(names) or '(none)'}")
+            echo(f"  PTR {ip}: {', '.join(names) or '(none)'}")
         if h2.error:
-            print(f"  problem:     {h2.error}")
+            echo(f"  problem:     {h2.error}")
         verdict = (
             "forward and reverse DNS match"
             if h2.forward_confirmed
             else ("forward and reverse DNS do not match; some receivers will refuse or score mail")
         )
-        print(f"  verdict:     {verdict}")
+        echo(f"  verdict:     {verdict}")
 
 
 def _is_v6(ip: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mailstrom.cli.output import echo
 from mailstrom.config import Config, MTASTSConfig
 from mailstrom.errors import ConfigError
 from mailstrom.mtasts.fetch import (
@@ -118,16 +119,17 @@ def apply_to_verdicts(report: CheckReport, sts: MTASTSReport) -> None:
 
 def print_mta_sts(sts: MTASTSReport) -> None:
     state = "applied by the worker" if sts.applied else "not applied (mta_sts is off)"
-    print(f"\nMTA-STS ({state})")
+    print()
+    echo(f"MTA-STS ({state})")
     if not sts.records and sts.error is None:
-        print("  no _mta-sts TXT record: the domain publishes no policy")
+        echo("  no _mta-sts TXT record: the domain publishes no policy")
         return
     for record in sts.records:
-        print(f"  TXT:         {record}")
+        echo(f"  TXT:         {record}")
     if sts.error is not None:
         kind = f" ({sts.result_type})" if sts.result_type else ""
-        print(f"  problem{kind}: {sts.error}")
+        echo(f"  problem{kind}: {sts.error}")
         return
-    print(f"  policy:      id {sts.policy_id}, mode {sts.mode}, max_age {sts.max_age}")
+    echo(f"  policy:      id {sts.policy_id}, mode {sts.mode}, max_age {sts.max_age}")
     for pattern in sts.mx:
-        print(f"  mx:          {pattern}")
+        echo(f"  mx:          {pattern}")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, CLIError
-from mailstrom.cli.output import print_json, print_table, to_jsonable
+from mailstrom.cli.output import echo, print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
 from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
@@ -185,11 +185,11 @@ def exit_code(report: DoctorReport) -> int:
 
 def print_report(r: DoctorReport) -> None:
     out = sys.stdout
-    out.write(f"Sender doctor for {r.domain}\n")
-    out.write(f"  HELO name:        {r.helo_name}\n")
-    out.write(f"  outgoing address: {r.ip or '-'}\n")
+    echo(f"Sender doctor for {r.domain}", out)
+    echo(f"  HELO name:        {r.helo_name}", out)
+    echo(f"  outgoing address: {r.ip or '-'}", out)
     if r.relay:
-        out.write(f"  relay:            {r.relay} (receivers see the relay's address)\n")
+        echo(f"  relay:            {r.relay} (receivers see the relay's address)", out)
     out.write("\n")
     print_table(
         ["CHECK", "SUBJECT", "STATUS", "RESULT"],
@@ -199,9 +199,10 @@ def print_report(r: DoctorReport) -> None:
     if todo:
         out.write("\nHow to fix:\n")
         for n, c in enumerate(todo, 1):
-            out.write(f"{n:>3}. [{c.name} {c.subject}] {c.fix}\n")
+            # Fixes and details quote DNS records: whatever their publisher wrote.
+            echo(f"{n:>3}. [{c.name} {c.subject}] {c.fix}", out)
             for line in c.details:
-                out.write(f"       - {line}\n")
+                echo(f"       - {line}", out)
     verdict = {
         Status.PASS: "every check passed",
         Status.SKIP: "every check passed",

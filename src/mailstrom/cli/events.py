@@ -14,6 +14,7 @@ import time
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.output import visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
 from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import Store
@@ -137,6 +138,6 @@ def _print(event: DeliveryEvent, *, as_json: bool) -> None:
         if event.tags:
             parts.append("tags=" + ",".join(event.tags))
         reason = " ".join(event.reason.split())
-        line = " ".join(parts) + (f": {reason}" if reason else "")
+        line = visible(" ".join(parts) + (f": {reason}" if reason else ""))
     sys.stdout.write(line + "\n")
     sys.stdout.flush()

@@ -83,7 +83,9 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def reason_for(exc: BaseException) -> str:
-    """One line saying what went wrong (a password in a URL it quotes shown as ``***``)."""
+    """One line saying what went wrong (a password in a URL it quotes shown as ``***``,
+    control characters it quotes, from a server's reply say, as escapes)."""
+    from mailstrom.cli.output import visible
     from mailstrom.stores.url import redact_url
 
     if isinstance(exc, AmbiguousMessageId):
@@ -94,7 +96,7 @@ def reason_for(exc: BaseException) -> str:
         text = str(exc)
     else:
         text = f"internal error: {type(exc).__name__}: {exc}"
-    return redact_url(" ".join(text.split())) or type(exc).__name__
+    return visible(redact_url(" ".join(text.split()))) or type(exc).__name__
 
 
 def fail(exc: BaseException, prog: str = "mailstrom") -> int:

@@ -65,11 +65,12 @@ def render(worker: Worker, stats: QueueStats | None, recent: Sequence[RecipientR
     for r in recent:
         attempts.add_row(
             f"{r.attempt.at:%H:%M:%S}",
-            r.address,
+            # Text, not str: an address or a reply is never read as rich markup.
+            Text(cell(r.address)),
             Text(r.state.value, style=_STYLE.get(r.state, "")),
-            cell(r.attempt.mx_host),
-            cell(r.attempt.tls_version),
-            cell(r.attempt.reason),
+            Text(cell(r.attempt.mx_host)),
+            Text(cell(r.attempt.tls_version)),
+            Text(cell(r.attempt.reason)),
         )
     parts.append(attempts)
     return Group(*parts)

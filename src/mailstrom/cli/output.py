@@ -2,6 +2,14 @@
 
 Plain output is for ``grep``/``awk``: one row per line, columns separated by two or more
 spaces, empty cells shown as ``-`` so every row has every column.
+
+What the views print comes largely from others: a Subject, addresses, a server's reply, a
+bounce report, DNS records. Such text reaches the terminal only through :func:`visible`
+(:func:`cell`, :func:`echo`, :func:`print_table`, :func:`print_fields` apply it), which
+shows control characters as escapes: an ESC from a crafted Subject must not recolour or
+rewrite the operator's terminal, nor a CR or line separator forge a line of output.
+JSON output needs none of this: the json module escapes what a parser would misread, and
+scripts get the text as it is.
 """
 
 from __future__ import annotations
@@ -9,10 +17,49 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
+
+# C0, DEL and C1 controls (ESC, CSI, OSC start terminal commands; CR, BS, VT rewrite
+# what is shown), the Unicode line and paragraph separators, and the bidirectional
+# controls that make text display in another order than it reads (CVE-2021-42574).
+_UNICODE_CONTROLS = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(rf"[\x00-\x1f{_UNICODE_CONTROLS}]")
+# The same but for tab, LF, and CR before LF: the layout of a message's lines.
+_CONTROL_BUT_LAYOUT = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_UNICODE_CONTROLS}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every control character shown as an escape, for a terminal.
+
+    >>> visible("hi\x1b[31mRED\u202e")
+    'hi\\x1b[31mRED\\u202e'
+    """
+    if text.isprintable():  # the usual case: one C-level scan
+        return text
+    return _CONTROL.sub(_escape, text)
+
+
+def visible_lines(data: bytes) -> bytes:
+    """``data`` (a message) for a terminal: line breaks and tabs kept, other control
+    characters and octets that are not UTF-8 shown as escapes."""
+    text = data.decode("utf-8", "backslashreplace")
+    return _CONTROL_BUT_LAYOUT.sub(_escape, text).encode("utf-8")
+
+
+def echo(text: str, stream: TextIO | None = None) -> None:
+    """Print one line that may quote others (a reply, an address, a report): control
+    characters, line breaks included, are shown as escapes (see :func:`visible`)."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(visible(text) + "\n")
 
 
 def is_tty(stream: TextIO | None = None) -> bool:
@@ -58,7 +105,8 @@ def cell(value: Any) -> str:
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, enum.Enum):
         return str(value.value)
-    return " ".join(str(value).split())  # one line per row, whatever the reply said
+    # One line per row, whatever the reply said, and nothing a terminal would obey.
+    return visible(" ".join(str(value).split()))
 
 
 def age(since: datetime, now: datetime) -> str:
@@ -85,7 +133,8 @@ def print_table(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=title, title_justify="left", header_style="bold")
+        shown = None if title is None else Text(visible(title))
+        table = Table(title=shown, title_justify="left", header_style="bold")
         for h in headers:
             table.add_column(h, overflow="fold")
         for row in cells:
@@ -95,7 +144,7 @@ def print_table(
         Console(file=stream).print(table)
         return
     if title:
-        stream.write(title + "\n")
+        stream.write(visible(title) + "\n")
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]

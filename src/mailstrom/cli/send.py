@@ -20,7 +20,7 @@ from mailstrom.cli.exits import (
     CLIError,
     UsageError,
 )
-from mailstrom.cli.output import print_json
+from mailstrom.cli.output import cell, echo, print_json
 from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.reading import FileBudget
 from mailstrom.cli.views import print_message, status_json
@@ -396,13 +396,14 @@ def print_deferred(status: MessageStatus) -> None:
     """One line per recipient still deferred: when the next attempt comes (UTC)."""
     lines = [
         f"{r.address}: deferred until {r.next_attempt_at:%H:%M} UTC"
-        + (f" ({' '.join(r.reason.split())})" if r.reason else "")
+        + (f" ({cell(r.reason)})" if r.reason else "")
         for r in status.recipients
         if r.state is RecipientState.DEFERRED and r.next_attempt_at is not None
     ]
     if lines:
         print()
-        print("\n".join(lines))
+    for line in lines:
+        echo(line)
 
 
 async def deliver_and_wait(

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError
-from mailstrom.cli.output import cell, print_json, print_table
+from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg
 from mailstrom.errors import InvalidSuppression
 from mailstrom.stores.base import Store
@@ -163,7 +163,7 @@ def add_command(args: argparse.Namespace) -> int:
         print_json({"added": [_row(e) for e in entries]})
     else:
         for e in entries:
-            print(f"{e.target}: suppressed" + (f" until {_time(expires)}" if expires else ""))
+            echo(f"{e.target}: suppressed" + (f" until {_time(expires)}" if expires else ""))
     return EX_OK
 
 

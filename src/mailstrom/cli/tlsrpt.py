@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.cli.context import open_store, settings_from, utc_now
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, UsageError
-from mailstrom.cli.output import print_json
+from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.config import Config
 from mailstrom.errors import MailstromError
@@ -214,12 +214,12 @@ def _send(
 
 def _print(day: date, results: list[DomainReport]) -> None:
     if not results:
-        print(f"{day.isoformat()}: no TLS sessions counted; no reports")
+        echo(f"{day.isoformat()}: no TLS sessions counted; no reports")
         return
     for r in results:
         if r.problem is not None:
-            print(f"{r.domain}: {r.problem}")
+            echo(f"{r.domain}: {r.problem}")
             continue
-        print(f"{r.domain}: report {r.report_id} written to {r.file}")
+        echo(f"{r.domain}: report {r.report_id} written to {r.file}")
         for d in r.sent:
-            print(f"  {d.uri}: {'ok' if d.ok else 'FAILED'}: {d.detail}")
+            echo(f"  {d.uri}: {'ok' if d.ok else 'FAILED'}: {d.detail}")

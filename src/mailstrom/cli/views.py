@@ -15,7 +15,17 @@ from typing import Any
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK
-from mailstrom.cli.output import age, print_fields, print_json, print_table, to_jsonable
+from mailstrom.cli.output import (
+    age,
+    cell,
+    echo,
+    is_tty,
+    print_fields,
+    print_json,
+    print_table,
+    to_jsonable,
+    visible_lines,
+)
 from mailstrom.cli.parsing import Subparsers, count_arg
 from mailstrom.cli.selection import add_filter_options, queue_filter
 from mailstrom.policy.reasons import advice_for
@@ -192,7 +202,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
     for r in st.recipients:
         print()
         if not r.history:
-            print(f"Attempts for {r.address}: none yet")
+            echo(f"Attempts for {r.address}: none yet")
             continue
         print_table(
             ["AT", "OUTCOME", "HOST", "IP", "PORT", "TLS", "POLICY", "SECONDS", "CLASS", "REPLY"],
@@ -257,10 +267,10 @@ def print_advice(recipients: tuple[RecipientStatus, ...]) -> None:
             print()
             first = False
         source = f" ({found.provider})" if found.provider else ""
-        print(f"{r.address}: {found.reason_class}{source}: {found.meaning}")
-        print(f"  What to do: {found.action}")
+        echo(f"{r.address}: {found.reason_class}{source}: {found.meaning}")
+        echo(f"  What to do: {found.action}")
         if found.help:
-            print(f"  Help: {found.help}")
+            echo(f"  Help: {found.help}")
 
 
 def print_throttles(recipients: tuple[RecipientStatus, ...]) -> None:
@@ -272,7 +282,7 @@ def print_throttles(recipients: tuple[RecipientStatus, ...]) -> None:
     if notes:
         print()
     for address, note in notes:
-        print(f"{address}: {note}")
+        echo(f"{address}: {cell(note)}")
 
 
 # --- queue -------------------------------------------------------------------------------
@@ -414,6 +424,9 @@ def show_command(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if args.headers:
         data = header_section(data)
+    if not args.raw and is_tty():
+        # On a terminal, not in a file: what the message holds is shown, never obeyed.
+        data = visible_lines(data)
     out.write(data)
     out.flush()
     return EX_OK
@@ -428,14 +441,14 @@ def envelope_text(st: MessageStatus, now: datetime) -> str:
         f"state: {st.state.value}{' (held)' if st.held else ''}",
         f"queued: {st.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(st.created_at, now)} ago)",
         f"size: {st.size}",
-        f"sender: {st.envelope_from or '<>'}",
+        f"sender: {cell(st.envelope_from or '<>')}",
     ]
     for r in st.recipients:
-        line = f"recipient: {r.address}  {r.state.value}  attempts={r.attempts}"
+        line = f"recipient: {cell(r.address)}  {r.state.value}  attempts={r.attempts}"
         if not r.state.is_final and r.next_attempt_at is not None:
             line += f"  next={r.next_attempt_at:%Y-%m-%d %H:%M:%S}"
         if r.reason:
-            line += "  reason=" + " ".join(r.reason.split())
+            line += "  reason=" + cell(r.reason)
         lines.append(line)
     lines.append("*** MESSAGE CONTENTS ***")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""Text from a message or a peer reaches the terminal with its control characters shown
+as escapes: a crafted Subject or reply cannot recolour, rewrite or forge lines of the
+operator's terminal. JSON output keeps the text as it is (json escapes it)."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from mailstrom.cli.events import _print as print_event
+from mailstrom.cli.exits import reason_for
+from mailstrom.cli.output import cell, echo, print_fields, print_table, visible, visible_lines
+from mailstrom.errors import InvalidMessage
+from mailstrom.status import DeliveryEvent, RecipientState, SMTPReply
+from tests.cli.conftest import CLI
+
+ESC = "\x1b"
+HOSTILE = f"hi\r\nFAKE LINE{ESC}[31mRED\x9b2J\u2028x\u202eevil\x07"
+"""An ESC colour sequence, an 8-bit CSI (clear screen), a line break and a line
+separator that forge a line, a right-to-left override, a bell."""
+
+
+def assert_harmless(text: str) -> None:
+    assert not any(c in text for c in "\r\x1b\x9b\u2028\u202e\x07"), repr(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain text, é 😀", "plain text, é 😀"),
+        (f"{ESC}[31mRED", r"\x1b[31mRED"),
+        ("a\x9bb\x7fc\x00", r"a\x9bb\x7fc\x00"),
+        ("x\u2028y\u2029z", r"x\u2028y\u2029z"),
+        ("abc\u202edcba\u2066\u200f", r"abc\u202edcba\u2066\u200f"),
+        ("tab\tand\nline", r"tab\x09and\x0aline"),
+    ],
+)
+def test_visible_shows_controls_as_escapes(text: str, shown: str) -> None:
+    assert visible(text) == shown
+
+
+def test_a_cell_is_one_line_without_controls() -> None:
+    assert cell(HOSTILE) == r"hi FAKE LINE\x1b[31mRED\x9b2J x\u202eevil\x07"
+
+
+def test_fields_and_tables_show_controls_as_escapes() -> None:
+    out = io.StringIO()
+    print_fields([("Subject", HOSTILE), ("Meta k", f"v{ESC}]0;title\x07")], stream=out)
+    print_table(["REPLY"], [[HOSTILE]], title=f"Attempts for a{ESC}[2J@example.org", stream=out)
+    assert_harmless(out.getvalue())
+    assert out.getvalue().count("\n") == 2 + 3  # no forged line
+    assert r"Attempts for a\x1b[2J@example.org" in out.getvalue()
+
+
+def test_echo_and_error_lines_show_controls_as_escapes() -> None:
+    out = io.StringIO()
+    echo(f"bob@example.org: {HOSTILE}", out)
+    assert_harmless(out.getvalue())
+    assert out.getvalue().count("\n") == 1
+    reason = reason_for(InvalidMessage(f"bad header {HOSTILE}"))
+    assert_harmless(reason)
+    assert reason.startswith("bad header hi FAKE LINE\\x1b[31mRED")
+
+
+def test_an_event_line_shows_the_reply_s_controls_as_escapes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    event = DeliveryEvent(
+        id=1,
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+        message_id="m1",
+        address="bob@example.org",
+        state=RecipientState.FAILED,
+        attempt=1,
+        reply=SMTPReply(code=550, text=HOSTILE),
+        mx_host=f"mx{ESC}[8m.example.org",
+        tags=(f"t{ESC}",),
+    )
+    print_event(event, as_json=False)
+    plain = capsys.readouterr().out
+    assert_harmless(plain)
+    assert plain.count("\n") == 1
+    print_event(event, as_json=True)
+    assert json.loads(capsys.readouterr().out)["reply"]["text"] == HOSTILE
+
+
+def test_a_message_shown_on_a_terminal_keeps_its_lines_only() -> None:
+    data = f"Subject: x\r\n\r\nhello\tworld\r\nover\rwrite {ESC}[2J\xe9\n".encode() + b"\xff\n"
+    shown = visible_lines(data)
+    assert shown == (b"Subject: x\r\n\r\nhello\tworld\r\nover\\x0dwrite \\x1b[2J\xc3\xa9\n\\xff\n")
+
+
+SUBJECT_MESSAGE = (
+    b"From: a@client.test\r\nTo: b@example.test\r\n"
+    b"Subject: =?utf-8?q?hi=0D=0AFAKE_LINE=1B[31mRED?=\r\n\r\nx\r\n"
+)
+
+
+def test_status_shows_a_subject_s_escape_as_text(cli: CLI) -> None:
+    message_id = cli.ok("send", "--file", "-", stdin=SUBJECT_MESSAGE).out.strip()
+    out = cli.ok("status", message_id).out
+    assert_harmless(out)
+    assert r"Subject:     hi FAKE LINE\x1b[31mRED" in out.splitlines()
+    # JSON is for programs: the Subject as decoded, escaped by json only.
+    document = cli.ok("status", "--json", message_id).json()
+    assert document["subject"] == f"hi\r\nFAKE LINE{ESC}[31mRED"
