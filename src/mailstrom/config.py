@@ -10,6 +10,13 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.bounds import (
+    check_duration,
+    check_int,
+    check_number,
+    check_port,
+    check_seconds,
+)
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import ConfigError
@@ -62,6 +69,10 @@ class Timeouts:
     data_end: float = 600.0
     """Reply to the final dot (10 min)."""
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_seconds(getattr(self, f.name), f"timeouts.{f.name}")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DNSConfig:
@@ -77,6 +88,10 @@ class DNSConfig:
     Postfix's ``smtp_dns_support_level = dnssec``) and so use DANE (RFC 7672) for MX hosts
     reached through validated records. Only for a validating resolver on a trusted path
     (the same host, or a protected link)."""
+
+    def __post_init__(self) -> None:
+        check_port(self.port, "dns.port")
+        check_seconds(self.timeout, "dns.timeout")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +122,7 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
     password."""
 
     def __post_init__(self) -> None:
+        check_port(self.port, "relay.port")
         if (
             self.username is not None
             and self.tls is RelayTLS.NONE
@@ -159,11 +175,11 @@ retry_min=1.0, retry_max=300.0)
             raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
         if not self.secret:
             raise ConfigError("hook.secret: required with hook.url (receivers check signatures)")
-        if not 0 < self.timeout <= 300:
-            raise ConfigError(f"hook.timeout: expected 0 < seconds <= 300, got {self.timeout}")
-        if not 1 <= self.batch <= 10_000:
-            raise ConfigError(f"hook.batch: expected 1 to 10000 events, got {self.batch}")
-        if not 0 < self.retry_min <= self.retry_max:
+        check_seconds(self.timeout, "hook.timeout", maximum=300)
+        check_int(self.batch, "hook.batch", maximum=10_000)
+        check_seconds(self.retry_min, "hook.retry_min")
+        check_seconds(self.retry_max, "hook.retry_max")
+        if self.retry_min > self.retry_max:
             raise ConfigError("hook: expected 0 < retry_min <= retry_max")
 
     def __repr__(self) -> str:
@@ -204,12 +220,9 @@ class MTASTSConfig:
     tlsrpt`` (as ``Config.tlsrpt_record`` does, which also works without MTA-STS)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"mta_sts.port must be 1-65535, got {self.port}")
-        if not 0 < self.timeout <= 300:
-            raise ConfigError(f"mta_sts.timeout: expected 0 < seconds <= 300, got {self.timeout}")
-        if not 0 <= self.recheck <= 86400:
-            raise ConfigError(f"mta_sts.recheck: expected 0 to 86400 seconds, got {self.recheck}")
+        check_port(self.port, "mta_sts.port")
+        check_seconds(self.timeout, "mta_sts.timeout", maximum=300)
+        check_seconds(self.recheck, "mta_sts.recheck", positive=False, maximum=86400)
 
     def __reduce__(self) -> tuple[object, ...]:
         # An SSLContext cannot cross to a worker process: its CA certificates do, and the
@@ -255,9 +268,28 @@ class Lane:
             check_lane_name(self.name, what="lanes")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if not 0 < self.share <= 1:
-            raise ConfigError(f"lane {self.name!r}: share must be > 0 and <= 1, got {self.share}")
+        check_number(self.share, f"lane {self.name!r}: share", maximum=1)
 
+
+_COUNT_FIELDS = (
+    "max_message_size",
+    "max_recipients",
+    "max_connections",
+    "max_per_destination",
+    "max_messages_per_connection",
+    "lease_batch",
+    "mx_address_limit",
+    "mx_session_limit",
+)
+"""The integer limits of :class:`Config`, each at least 1."""
+_NESTED: tuple[tuple[str, type], ...] = (
+    ("dns", DNSConfig),
+    ("timeouts", Timeouts),
+    ("retry", RetryPolicy),
+    ("relay", RelayConfig),
+    ("hook", HookConfig),
+)
+"""Fields of :class:`Config` holding one of the dataclasses above (relay and hook: or None)."""
 
 DEFAULT_LANES = (Lane(name="transactional", share=1.0), Lane(name="bulk", share=0.75))
 """Transactional mail first, with every connection; bulk mail after it, with at most three
@@ -431,22 +463,7 @@ class Config:
         # Fail where the bad value is given, not deep inside the worker later.
         if not self.helo_name or any(c.isspace() for c in self.helo_name):
             raise ConfigError(f"helo_name must be a host name, got {self.helo_name!r}")
-        if not 0 < self.smtp_port < 65536:
-            raise ConfigError(f"smtp_port must be 1-65535, got {self.smtp_port}")
-        for name in (
-            "max_connections",
-            "max_per_destination",
-            "max_messages_per_connection",
-            "lease_batch",
-            "max_message_size",
-            "mx_address_limit",
-            "mx_session_limit",
-            "max_recipients",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lease_for.total_seconds() <= 0 or self.poll_interval <= 0:
-            raise ConfigError("lease_for and poll_interval must be positive")
+        self._check_numbers()
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
         domains = tuple(d.strip().lower() for d in self.metrics_domains)
@@ -459,10 +476,6 @@ class Config:
             object.__setattr__(self, "suppress_on", check_codes(self.suppress_on))
         except ValueError as exc:
             raise ConfigError(f"suppress_on: {exc}") from None
-        if self.delay_warning is not None and self.delay_warning.total_seconds() <= 0:
-            raise ConfigError("delay_warning must be positive (or None: no warnings)")
-        if self.suppress_for is not None and self.suppress_for.total_seconds() <= 0:
-            raise ConfigError("suppress_for must be positive (or None: no expiry)")
         if self.message_id_domain is not None:
             try:
                 name = domain_name(self.message_id_domain)
@@ -481,6 +494,26 @@ class Config:
             raise ConfigError(f"mta_sts must be an MTASTSConfig, not {type(self.mta_sts).__name__}")
         self._check_lanes()
 
+    def _check_numbers(self) -> None:
+        # Types too, not only ranges: NaN passes "< 1", and a limit that is NaN or
+        # infinite is no limit at all.
+        check_port(self.smtp_port, "smtp_port")
+        for name in _COUNT_FIELDS:
+            check_int(getattr(self, name), name)
+        check_seconds(self.connection_idle, "connection_idle", positive=False)
+        check_seconds(self.poll_interval, "poll_interval")
+        check_duration(self.lease_for, "lease_for")
+        check_duration(self.idempotency_window, "idempotency_window")
+        check_duration(self.tls_remember_broken, "tls_remember_broken", positive=False)
+        for name in ("suppress_for", "delay_warning"):
+            if getattr(self, name) is not None:  # None: no expiry, no warnings
+                check_duration(getattr(self, name), name)
+        # The nested dataclasses check their own numbers, if they are what they claim.
+        for name, kind in _NESTED:
+            value = getattr(self, name)
+            if not isinstance(value, kind) and not (value is None and name in ("relay", "hook")):
+                raise ConfigError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
+
     def _check_lanes(self) -> None:
         lanes = tuple(self.lanes)
         if not lanes or not all(isinstance(lane, Lane) for lane in lanes):
@@ -493,8 +526,6 @@ class Config:
                 f"default_priority {self.default_priority!r} is not one of the lanes {names}"
             )
         object.__setattr__(self, "lanes", lanes)
-        if self.idempotency_window.total_seconds() <= 0:
-            raise ConfigError("idempotency_window must be positive")
 
     def _check_tls(self) -> None:
         try:
@@ -512,8 +543,6 @@ class Config:
                 "tls: dane and dane-only need a resolver trusted to validate DNSSEC; "
                 "set dns.dnssec = true"
             )
-        if self.tls_remember_broken.total_seconds() < 0:
-            raise ConfigError("tls_remember_broken must not be negative")
 
     @property
     def tls_table(self) -> PolicyTable:

@@ -33,6 +33,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mailstrom.bounds import MAX_DURATION
+from mailstrom.bounds import MAX_INTEGER as MAX_INTEGER  # re-exported: its old home
 from mailstrom.config import (
     Config,
     DNSConfig,
@@ -98,10 +100,6 @@ Parser = Callable[[str, Any], Any]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-MAX_DURATION = timedelta(days=36525)
-"""The longest duration accepted (100 years): longer ones overflow date arithmetic."""
-MAX_INTEGER = 2**63 - 1
-"""The largest integer setting: what SQLite and PostgreSQL store in a bigint."""
 
 
 def parse_duration(text: str) -> timedelta:

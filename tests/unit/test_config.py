@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -71,3 +72,106 @@ def test_dkim_must_be_a_dkim_config() -> None:
     assert Config(helo_name="mail.example.com", dkim=DKIMConfig()).dkim == DKIMConfig()
     with pytest.raises(ConfigError, match="dkim must be a DKIMConfig, not dict"):
         Config(helo_name="mail.example.com", dkim={"keys": []})  # type: ignore[arg-type]
+
+
+# --- numbers: NaN, infinity and wrong types are refused, not taken for "no limit" ----------
+
+NAN = float("nan")
+INF = float("inf")
+HUGE = timedelta.max
+
+INT_FIELDS = (
+    "smtp_port",
+    "max_message_size",
+    "max_recipients",
+    "max_connections",
+    "max_per_destination",
+    "max_messages_per_connection",
+    "lease_batch",
+    "mx_address_limit",
+    "mx_session_limit",
+)
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("value", [NAN, INF, -INF, 5.0, True, "5", None])
+def test_integer_limits_must_be_integers(name: str, value: object) -> None:
+    """A NaN or infinite limit would switch the limit off (``n > nan`` is false), a
+    string would fail later with a raw TypeError: each is a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=name):
+        Config(helo_name="mail.example.com", **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["poll_interval", "connection_idle"])
+@pytest.mark.parametrize("value", [NAN, INF, -1.0, True, "5", 1e300])
+def test_seconds_must_be_finite_numbers(name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Config(helo_name="mail.example.com", **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["lease_for", "idempotency_window", "tls_remember_broken", "suppress_for", "delay_warning"],
+)
+@pytest.mark.parametrize("value", [HUGE, -timedelta(seconds=1), 60, "1h"])
+def test_durations_must_be_bounded_timedeltas(name: str, value: object) -> None:
+    """Beyond 100 years ``now + duration`` overflows at run time (a raw OverflowError in
+    the worker or at every send); a number is not a timedelta."""
+    with pytest.raises(ConfigError, match=name):
+        Config(helo_name="mail.example.com", **{name: value})  # type: ignore[arg-type]
+
+
+def test_good_numbers_are_still_accepted() -> None:
+    config = Config(
+        helo_name="mail.example.com",
+        connection_idle=0,
+        poll_interval=0.05,
+        max_recipients=2**40,
+        tls_remember_broken=timedelta(0),
+        suppress_for=timedelta(days=365),
+    )
+    assert config.connection_idle == 0 and config.max_recipients == 2**40
+
+
+def _nested() -> list[tuple[Callable[..., object], dict[str, object], str]]:
+    from mailstrom import DNSConfig, HookConfig, Lane, MTASTSConfig, RelayConfig, Timeouts
+    from mailstrom.dkim import DKIMConfig
+    from mailstrom.policy.shaping import ShapingConfig
+
+    hook = {"url": "https://app.example/h", "secret": "s"}
+    cases: list[tuple[Callable[..., object], dict[str, object], str]] = []
+    for name in ("connect", "greeting", "command", "data_init", "data_block", "data_end"):
+        cases += [(Timeouts, {name: v}, name) for v in (NAN, INF, 0, "30")]
+    cases += [(DNSConfig, {"port": v}, "dns.port") for v in (NAN, 53.0, True, 0, 70000)]
+    cases += [(DNSConfig, {"timeout": v}, "dns.timeout") for v in (NAN, INF, 0)]
+    cases += [(RelayConfig, {"host": "r.example", "port": v}, "relay.port") for v in (NAN, 0)]
+    cases += [(HookConfig, {**hook, "timeout": v}, "hook.timeout") for v in (NAN, INF, 301)]
+    cases += [(HookConfig, {**hook, "batch": v}, "hook.batch") for v in (NAN, 5.5, True)]
+    cases += [(HookConfig, {**hook, "retry_max": v}, "hook.retry_max") for v in (NAN, INF)]
+    cases += [(MTASTSConfig, {"port": v}, "mta_sts.port") for v in (NAN, 443.0)]
+    cases += [(MTASTSConfig, {"timeout": v}, "mta_sts.timeout") for v in (NAN, INF)]
+    cases += [(MTASTSConfig, {"recheck": v}, "mta_sts.recheck") for v in (NAN, INF, True)]
+    cases += [(Lane, {"name": "bulk", "share": v}, "share") for v in (NAN, INF, True, 2)]
+    for name in ("min_delay", "max_delay", "max_age"):
+        cases += [(RetryPolicy, {name: v}, name) for v in (HUGE, 300)]
+    cases += [(RetryPolicy, {"multiplier": v}, "multiplier") for v in (NAN, INF, 0.5)]
+    cases += [(RetryPolicy, {"jitter": v}, "jitter") for v in (NAN, INF, -0.1, 2)]
+    cases += [(RetryPolicy, {"max_attempts": v}, "max_attempts") for v in (NAN, 0, 2.0)]
+    cases += [(ShapingConfig, {"pause_max": v}, "pause_max") for v in (HUGE, 60)]
+    cases += [(ShapingConfig, {"refresh": v}, "refresh") for v in (NAN, INF, True)]
+    cases += [(DKIMConfig, {"expire": v}, "dkim.expire") for v in (HUGE, 3600)]
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "options", "named"), _nested())
+def test_nested_configs_refuse_bad_numbers(
+    kind: Callable[..., object], options: dict[str, object], named: str
+) -> None:
+    """Every dataclass nested in Config checks its numbers as Config does."""
+    with pytest.raises(ConfigError, match=named):
+        kind(**options)
+
+
+def test_nested_configs_must_be_their_dataclasses() -> None:
+    with pytest.raises(ConfigError, match="timeouts must be a Timeouts, not dict"):
+        Config(helo_name="mail.example.com", timeouts={"connect": 1})  # type: ignore[arg-type]

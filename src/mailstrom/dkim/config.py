@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from mailstrom.bounds import check_duration
 from mailstrom.dkim.keys import DKIMKey
 from mailstrom.errors import ConfigError
 
@@ -60,8 +61,8 @@ class DKIMConfig:
                 )
             seen.add((key.domain, key.selector))
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
-        if self.expire is not None and self.expire <= timedelta(0):
-            raise ConfigError(f"dkim.expire must be positive, got {self.expire}")
+        if self.expire is not None:
+            check_duration(self.expire, "dkim.expire")
         if self.required and not keys:
             raise ConfigError("dkim.required is set but no dkim.keys are configured")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from mailstrom.bounds import check_duration, check_int, check_number
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
@@ -31,3 +33,14 @@ class RetryPolicy:
     """Give up when the next attempt would fall after ``queued_at + max_age``."""
     max_attempts: int | None = None
     """Give up after this many attempts (None: only ``max_age`` limits)."""
+
+    def __post_init__(self) -> None:
+        check_duration(self.min_delay, "retry.min_delay", positive=False)
+        check_duration(self.max_delay, "retry.max_delay", positive=False)
+        # Below 1 the delays would shrink with every attempt.
+        check_number(self.multiplier, "retry.multiplier", minimum=1, inclusive=True)
+        check_number(self.jitter, "retry.jitter", inclusive=True, maximum=1)
+        if self.max_age is not None:
+            check_duration(self.max_age, "retry.max_age", positive=False)
+        if self.max_attempts is not None:
+            check_int(self.max_attempts, "retry.max_attempts")

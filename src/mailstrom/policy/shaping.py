@@ -27,13 +27,14 @@ import functools
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from importlib import resources
 from typing import Any
 
-from mailstrom.errors import InvalidShapingRule
+from mailstrom.bounds import check_duration, check_seconds
+from mailstrom.errors import ConfigError, InvalidShapingRule
 
 DATA_FILE = "destinations.toml"
 MAX_RULES = 1000
@@ -175,6 +176,15 @@ def provider_rules() -> tuple[DestinationRule, ...]:
     )
 
 
+def _setting(name: str, check: Callable[[], object]) -> None:
+    """Run ``check`` of the setting ``name``; its ConfigError becomes the
+    :class:`InvalidShapingRule` that shaping raises for every bad setting."""
+    try:
+        check()
+    except ConfigError as exc:
+        raise InvalidShapingRule(str(exc), pattern="", field=name) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShapingConfig:
     """Traffic shaping: the rules, whether the shipped provider rules apply, and how long a
@@ -221,15 +231,12 @@ class ShapingConfig:
                 )
             seen.add(rule.match)
         object.__setattr__(self, "rules", rules)
-        if not timedelta(0) < self.pause_first <= self.pause_max:
+        _setting("pause_first", lambda: check_duration(self.pause_first, "shaping.pause_first"))
+        _setting("pause_max", lambda: check_duration(self.pause_max, "shaping.pause_max"))
+        _setting("refresh", lambda: check_seconds(self.refresh, "shaping.refresh", maximum=3600))
+        if self.pause_first > self.pause_max:
             raise InvalidShapingRule(
                 "shaping: expected 0 < pause_first <= pause_max", pattern="", field="pause_first"
-            )
-        if not 0 < self.refresh <= 3600:
-            raise InvalidShapingRule(
-                f"shaping.refresh: expected 0 < seconds <= 3600, got {self.refresh}",
-                pattern="",
-                field="refresh",
             )
 
     def effective_rules(self) -> tuple[DestinationRule, ...]:
