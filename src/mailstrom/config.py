@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -18,7 +17,7 @@ from mailstrom.bounds import (
     check_seconds,
 )
 from mailstrom.dkim.config import DKIMConfig
-from mailstrom.domains import domain_name, is_public_name
+from mailstrom.domains import default_helo_name, domain_name, helo_name_problem, is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
@@ -305,7 +304,10 @@ class Config:
     Config(...)
     """
 
-    helo_name: str = field(default_factory=socket.getfqdn)
+    helo_name: str = field(default_factory=default_helo_name)
+    """The name sent in EHLO: a domain (``mail.example.com``, U-labels allowed) or an
+    address literal (``[192.0.2.1]``). Default: the machine's fully qualified name, or
+    ``localhost`` when that is not a valid domain."""
     smtp_port: int = 25
     """Port of MX hosts (25 in production; tests point it at a loopback receiver)."""
     dns: DNSConfig = field(default_factory=DNSConfig)
@@ -461,8 +463,12 @@ class Config:
                 "event_loop = uvloop, but uvloop is not installed: pip install 'mailstrom[fast]'"
             )
         # Fail where the bad value is given, not deep inside the worker later.
-        if not self.helo_name or any(c.isspace() for c in self.helo_name):
-            raise ConfigError(f"helo_name must be a host name, got {self.helo_name!r}")
+        problem = helo_name_problem(self.helo_name)
+        if problem is not None:
+            raise ConfigError(
+                f"helo_name {self.helo_name!r:.80}: {problem} (expected a domain like "
+                "mail.example.com or an address literal like [192.0.2.1])"
+            )
         self._check_numbers()
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")

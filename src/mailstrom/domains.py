@@ -7,6 +7,9 @@ the message layer and DKIM can all use it.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
+import socket
 
 import dns.exception
 import dns.name
@@ -37,6 +40,71 @@ def domain_name(value: object) -> str:
     if any(c in name for c in " \t\\@<>") or "." not in name:
         raise ValueError(f"not a fully qualified domain name: {value!r}")
     return name.lower()
+
+
+_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+MAX_HELO_DOMAIN = 253
+"""Octets of a domain name in EHLO (RFC 1035 §2.3.4, without the root's dot; RFC 5321
+§4.5.3.1.2 allows 255, which DNS cannot hold)."""
+FALLBACK_HELO_NAME = "localhost"
+"""EHLO name when the machine's own name is not a valid domain (see
+:func:`default_helo_name`)."""
+
+
+def helo_name_problem(value: object) -> str | None:
+    """Why ``value`` cannot be sent in EHLO, or None when it can: it must be an RFC 5321
+    §4.1.2 ``Domain`` (letter-digit-hyphen labels of at most 63 octets, at most 253 in all,
+    no final dot; U-labels allowed, as the session sends their IDNA form) or an address
+    literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``, §4.1.3).
+
+    >>> helo_name_problem("mail.example.com") is None, helo_name_problem("[IPv6:::1]") is None
+    (True, True)
+    >>> helo_name_problem("mail@example.com")
+    "label 'mail@example' is not letters, digits and inner hyphens"
+    """
+    if not isinstance(value, str):
+        return f"expected a string, not {type(value).__name__}"
+    if value.startswith("["):
+        return _literal_problem(value)
+    name = value
+    if not name.isascii():
+        try:
+            # What smtp/session.py sends for a U-label name.
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "not a valid internationalized domain name"
+    if not name or len(name) > MAX_HELO_DOMAIN:
+        return f"expected 1 to {MAX_HELO_DOMAIN} characters, got {len(name)}"
+    for label in name.split("."):
+        if not label:
+            return "empty label (two dots, or a dot at either end)"
+        if len(label) > 63:
+            return f"label {label[:20]!r}... has {len(label)} characters; at most 63"
+        if not _LDH_LABEL.match(label):
+            return f"label {label!r} is not letters, digits and inner hyphens"
+    return None
+
+
+def _literal_problem(text: str) -> str | None:
+    inner = text[1:-1] if text.endswith("]") else ""
+    try:
+        if inner[:5].lower() == "ipv6:":
+            if "%" in inner:  # a zone index means nothing to the server
+                raise ValueError(inner)
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return "not an address literal like [192.0.2.1] or [IPv6:2001:db8::1]"
+    return None
+
+
+def default_helo_name() -> str:
+    """The machine's fully qualified name (``socket.getfqdn()``) when it is a valid EHLO
+    domain, else :data:`FALLBACK_HELO_NAME`: a host named ``my_laptop`` must not make every
+    ``Config()`` fail, and a name servers would refuse is no better than ``localhost``."""
+    name = socket.getfqdn()
+    return name if helo_name_problem(name) is None else FALLBACK_HELO_NAME
 
 
 @functools.lru_cache(maxsize=1024)

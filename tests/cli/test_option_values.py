@@ -32,6 +32,7 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         (["--dns-server", "127.0.0.1:99999", "queue"], "argument --dns-server: not a port"),
         (["--dns-server", "1.1.1.1:53", "--dns-server", "1.1.1.2:54", "queue"], "same port"),
         (["--helo-name", "two words", "queue"], "argument --helo-name: expected a host name"),
+        (["--helo-name", "mail@evil.com", "queue"], "argument --helo-name: expected a host"),
         (["--store", "mysql://x/y", "queue"], "argument --store: unknown store URL"),
         (["--tls-ca", "/no/such/ca.pem", "queue"], "argument --tls-ca: no such file"),
     ],

@@ -175,3 +175,56 @@ def test_nested_configs_refuse_bad_numbers(
 def test_nested_configs_must_be_their_dataclasses() -> None:
     with pytest.raises(ConfigError, match="timeouts must be a Timeouts, not dict"):
         Config(helo_name="mail.example.com", timeouts={"connect": 1})  # type: ignore[arg-type]
+
+
+# --- helo_name: an RFC 5321 Domain or an address literal, since it is sent in EHLO --------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mail@evil.com",
+        "x>y.example.com",
+        "a;b",
+        "a" * 300,
+        "a" * 64 + ".example.com",
+        "mail.example.com\x00",
+        "mail.example.com.",
+        "-mail.example.com",
+        "mail_1.example.com",
+        "[1.2.3]",
+        "[IPv6:fe80::1%eth0]",
+        "[mail.example.com]",
+    ],
+)
+def test_helo_name_must_be_a_domain_or_address_literal(name: str) -> None:
+    with pytest.raises(ConfigError, match="helo_name"):
+        Config(helo_name=name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mail.example.com",
+        "localhost",
+        "MX-1.Example.COM",
+        "bücher.example",
+        "[192.0.2.1]",
+        "[IPv6:2001:db8::1]",
+        "a" * 63 + ".example.com",
+    ],
+)
+def test_helo_name_accepts_domains_u_labels_and_literals(name: str) -> None:
+    assert Config(helo_name=name).helo_name == name
+
+
+def test_default_helo_name_falls_back_when_the_host_name_is_not_a_domain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A machine named like ``my_laptop`` must not make every ``Config()`` fail."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda: "my_laptop.corp.example")
+    assert Config().helo_name == "localhost"
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mail.example.com")
+    assert Config().helo_name == "mail.example.com"

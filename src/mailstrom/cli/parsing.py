@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from mailstrom.cli.exits import UsageError
+from mailstrom.domains import helo_name_problem
 from mailstrom.errors import ConfigError, InvalidStoreURL
 from mailstrom.settings import KEYS, MAX_INTEGER, parse_dns_servers, parse_duration
 
@@ -104,8 +105,9 @@ def setting_arg(key: str, option: str) -> Callable[[str], str]:
 
 def helo_arg(text: str) -> str:
     """An argparse ``type`` for a host name (what Config requires of helo_name)."""
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"expected a host name, got {text!r}")
+    problem = helo_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"expected a host name, got {text!r:.80}: {problem}")
     return text
 
 
