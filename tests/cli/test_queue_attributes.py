@@ -51,6 +51,18 @@ def test_bad_attributes_are_refused_before_anything_is_queued(cli: CLI) -> None:
     assert cli(*base, "--at", "next tuesday").code == 64
     assert cli(*base, "--expires", "soon").code == 64
     assert cli(*base, "--idempotency-key", "has space").code == 65
+    # Dates beyond what UTC or the queue can hold: refused like any bad attribute, not
+    # an internal error (70) from an OverflowError.
+    for extreme in (
+        ["--at", "9999-12-31T23:59:59-05:00"],
+        ["--at", "9999-12-31T20:00Z", "--expires", "400d"],
+        ["--expires", "9999-12-31T23:59:59-05:00"],
+        ["--at", "0001-01-01T00:00+05:00"],
+    ):
+        result = cli(*base, *extreme)
+        assert result.code == 65, (extreme, result.err)
+        assert "Traceback" not in result.err
+        assert "out of range" in result.err or "100 years" in result.err
     assert cli.ok("queue", "--json").json() == []
 
 

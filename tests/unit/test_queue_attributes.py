@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -123,6 +123,46 @@ def test_bad_schedule_key_or_lane(kwargs: dict[str, object], field: str) -> None
     with pytest.raises(InvalidQueueAttribute) as caught:
         queue_attributes(now=NOW, **kwargs)  # type: ignore[arg-type]
     assert caught.value.field == field
+
+
+MINUS_5 = timezone(timedelta(hours=-5))
+PLUS_5 = timezone(timedelta(hours=5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        # Out of range once in UTC: astimezone() raised a raw OverflowError.
+        ({"send_at": datetime(9999, 12, 31, 23, tzinfo=MINUS_5)}, "send_at"),
+        ({"send_at": datetime(1, 1, 1, tzinfo=PLUS_5)}, "send_at"),
+        ({"expires_at": datetime(9999, 12, 31, 23, 59, 59, tzinfo=MINUS_5)}, "expires_at"),
+        # (send_at or now) + max_age beyond year 9999: a raw OverflowError too.
+        ({"max_age": timedelta(days=365 * 9000)}, "max_age"),
+        ({"max_age": timedelta.max}, "max_age"),
+        ({"send_at": datetime(9999, 1, 1), "max_age": timedelta(days=400)}, "send_at"),
+        # More than 100 years ahead: representable, but nothing should wait that long.
+        ({"send_at": datetime.max}, "send_at"),
+        ({"send_at": NOW + timedelta(days=36526)}, "send_at"),
+        ({"expires_at": datetime(9999, 12, 31, tzinfo=UTC)}, "expires_at"),
+        ({"send_at": NOW, "expires_at": NOW + timedelta(days=36526)}, "expires_at"),
+    ],
+)
+def test_extreme_dates_are_refused_as_queue_attributes(
+    kwargs: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidQueueAttribute) as caught:
+        queue_attributes(now=NOW, **kwargs)  # type: ignore[arg-type]
+    assert caught.value.field == field
+
+
+def test_dates_up_to_a_hundred_years_ahead_are_kept() -> None:
+    far = NOW + timedelta(days=36525)
+    attrs = queue_attributes(now=NOW, send_at=far, max_age=timedelta(days=36525))
+    assert attrs.send_at == far and attrs.expires_at == far + timedelta(days=36525)
+    # A time in the past is due at once, as before, however far back.
+    assert queue_attributes(now=NOW, send_at=datetime.min).send_at == datetime.min.replace(
+        tzinfo=UTC
+    )
 
 
 def test_prepare_for_takes_the_email_fields_and_lets_keywords_replace_them() -> None:

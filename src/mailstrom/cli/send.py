@@ -193,14 +193,18 @@ def meta_arg(text: str) -> tuple[str, str]:
 
 
 def time_arg(text: str) -> datetime:
-    """An argparse ``type`` for an ISO 8601 time; without a zone it is UTC."""
+    """An argparse ``type`` for an ISO 8601 time; without a zone it is UTC.
+
+    A time with a zone is kept in it: the queue attributes convert it to UTC and refuse
+    one out of range there (9999-12-31T23:00-05:00) as for the API (exit 65).
+    """
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected an ISO 8601 time like 2026-12-01T09:00Z, got {text!r}"
         ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 def expiry_arg(text: str) -> timedelta | datetime:

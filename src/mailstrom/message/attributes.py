@@ -32,6 +32,11 @@ MAX_IDEMPOTENCY_KEY = 255
 """Characters of an idempotency key."""
 MAX_LANE_NAME = 32
 """Characters of a priority lane's name."""
+MAX_SCHEDULE = timedelta(days=36525)
+"""How far ahead ``send_at`` may lie, and ``expires_at`` after it (100 years, the longest
+duration the configuration takes): the store could hold year 9999, but nothing is meant
+to wait that long, and dates near it overflow the arithmetic done on them."""
+_SCHEDULE_LIMIT = "100 years"
 
 # Tags and metadata keys travel in URLs, CSV files and command lines: letters, digits and a
 # few separators, nothing that needs quoting in any of them.
@@ -162,7 +167,13 @@ def aware(when: datetime, what: str) -> datetime:
         )
     if when.tzinfo is None:
         return when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+        raise InvalidQueueAttribute(
+            f"{what} {when.isoformat()} is out of range: in UTC it is not in years 1 to 9999",
+            field=what,
+        ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,21 +228,34 @@ def queue_attributes(
                 field="priority",
             )
     start = aware(send_at, "send_at") if send_at is not None else None
+    if start is not None and start - now > MAX_SCHEDULE:
+        raise InvalidQueueAttribute(
+            f"send_at ({start:%Y-%m-%d %H:%M:%S} UTC) is more than {_SCHEDULE_LIMIT} ahead",
+            field="send_at",
+        )
     if expires_at is not None and max_age is not None:
         raise InvalidQueueAttribute("give expires_at or max_age, not both", field="max_age")
     until: datetime | None = None
     if expires_at is not None:
         until = aware(expires_at, "expires_at")
     elif max_age is not None:
-        if not isinstance(max_age, timedelta) or max_age <= timedelta(0):
+        if not isinstance(max_age, timedelta) or not timedelta(0) < max_age <= MAX_SCHEDULE:
             raise InvalidQueueAttribute(
-                f"max_age must be a positive timedelta, got {max_age!r}", field="max_age"
+                f"max_age must be a positive timedelta of at most {_SCHEDULE_LIMIT}, "
+                f"got {max_age!r:.60}",
+                field="max_age",
             )
-        until = (start or now) + max_age
+        until = (start or now) + max_age  # both bounded: no overflow before year 9799
     if until is not None and start is not None and until <= start:
         raise InvalidQueueAttribute(
             f"expires_at ({until:%Y-%m-%d %H:%M:%S} UTC) must come after send_at "
             f"({start:%Y-%m-%d %H:%M:%S} UTC)",
+            field="expires_at",
+        )
+    if until is not None and until - (start or now) > MAX_SCHEDULE:
+        raise InvalidQueueAttribute(
+            f"expires_at ({until:%Y-%m-%d %H:%M:%S} UTC) is more than {_SCHEDULE_LIMIT} "
+            f"after {'send_at' if start is not None else 'now'}",
             field="expires_at",
         )
     key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
