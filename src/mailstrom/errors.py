@@ -179,7 +179,13 @@ class UnknownMessage(MailstromError, KeyError):
         self.message_id = message_id
 
     def __str__(self) -> str:
-        return f"unknown message id: {self.message_id!r}"
+        return f"unknown message id: {self.shown_id!r}"
+
+    @property
+    def shown_id(self) -> str:
+        """``message_id`` as errors quote it: at most 64 characters (an id has 32)."""
+        text = self.message_id
+        return text if len(text) <= 64 else text[:61] + "..."
 
 
 class AmbiguousMessageId(UnknownMessage):
@@ -194,7 +200,7 @@ class AmbiguousMessageId(UnknownMessage):
 
     def __str__(self) -> str:
         listed = ", ".join(self.candidates) + (", ..." if self.more else "")
-        return f"ambiguous message id {self.message_id!r}: it starts {listed}"
+        return f"ambiguous message id {self.shown_id!r}: it starts {listed}"
 
 
 class InvalidStoreURL(MailstromError, ValueError):

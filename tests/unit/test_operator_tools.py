@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
 from mailstrom.cli.localnames import (
     MAX_ALIASES_SIZE,
     expand,
@@ -18,6 +19,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.client.operations import settled
 from mailstrom.errors import AmbiguousMessageId, ConfigError, UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
+from mailstrom.stores import MemoryStore
 from mailstrom.stores.operator import (
     AGE_EDGES,
     bucket_of,
@@ -49,6 +51,52 @@ def test_pick_one() -> None:
         pick_one("ab", ["abd", "abc"] + [f"ab{i}" for i in range(10)])
     assert raised.value.candidates[:2] == ["ab0", "ab1"] and raised.value.more
     assert str(raised.value).startswith("ambiguous message id 'ab': it starts ab0, ab1")
+
+
+def _facade() -> tuple[Mailstrom, str]:
+    ms = Mailstrom(Config(helo_name="mail.example.com"), store=MemoryStore(), worker=None)
+    mid = ms.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    return ms, mid
+
+
+def test_a_full_id_is_taken_in_any_case_by_every_method() -> None:
+    """Ids are "1 to 32 hex digits, any case": a 31-digit upper-case prefix resolved while
+    the full upper-case id was an UnknownMessage (it skipped the look-up as is)."""
+    ms, mid = _facade()
+    with ms:
+        upper = mid.upper()
+        assert ms.query_status(upper).id == mid
+        assert ms.message_data(upper) == ms.message_data(mid)
+        assert ms.hold(upper) == 1 and ms.release([upper]) == 1
+        assert ms.retry(upper) == 1 and ms.retry_many(upper) == 1
+        assert ms.wait(upper, timeout=0).id == mid
+        assert ms.cancel(upper) == 1
+
+
+async def test_the_async_facade_takes_a_full_upper_case_id() -> None:
+    async with AsyncMailstrom(
+        Config(helo_name="mail.example.com"), store=MemoryStore(), worker=None
+    ) as ms:
+        mid = await ms.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+        assert (await ms.query_status(mid.upper())).id == mid
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"0123", 1.5, ["0123"]])
+def test_an_id_that_is_not_a_string_is_an_unknown_message(bad: object) -> None:
+    """Not a raw TypeError from len() or the regex: the error every "no such message"
+    path raises (a KeyError, exit 66 on the command line)."""
+    ms, _ = _facade()
+    with ms:
+        for call in (ms.query_status, ms.retry, ms.cancel, ms.resolve_id, ms.message_data):
+            with pytest.raises(UnknownMessage, match=type(bad).__name__):
+                call(bad)  # type: ignore[arg-type]
+        with pytest.raises(UnknownMessage):
+            ms.hold(bad)  # type: ignore[arg-type]
+
+
+def test_unknown_ids_are_quoted_briefly() -> None:
+    text = str(UnknownMessage("x" * 10_000))
+    assert len(text) < 100 and text.endswith("...'")
 
 
 @pytest.mark.parametrize(

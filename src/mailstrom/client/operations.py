@@ -56,9 +56,11 @@ def settled(status: MessageStatus, deadline: datetime) -> bool:
 
 
 def resolve(store: Store, message_id: str) -> str:
-    """``message_id`` as a full id: a full id as is (no extra look-up), a prefix resolved."""
-    if len(message_id) == ID_LENGTH:
-        return message_id
+    """``message_id`` as a full id: a full id lower-cased (no extra look-up; ids are
+    stored in lower case and taken in any case), a prefix resolved. Anything but a string
+    is no id: :class:`~mailstrom.errors.UnknownMessage`, from the store's check."""
+    if isinstance(message_id, str) and len(message_id) == ID_LENGTH:
+        return message_id.lower()
     return store.resolve_id(message_id)
 
 
@@ -66,8 +68,8 @@ def select(store: Store, messages: Messages, now: datetime) -> list[str]:
     """Full ids of ``messages`` (ids resolved in order, without repeats; a filter queried)."""
     if isinstance(messages, QueueFilter):
         return [m.id for m in store.query(now=now, where=messages)]
-    if isinstance(messages, str):
-        messages = [messages]
+    if isinstance(messages, str | bytes | bytearray) or not isinstance(messages, Iterable):
+        messages = [messages]  # bytes are one (bad) id, not a sequence of ints
     return list(dict.fromkeys(resolve(store, m) for m in messages))
 
 

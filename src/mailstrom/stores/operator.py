@@ -45,7 +45,10 @@ def effective_states(
 
 def normalize_prefix(prefix: str) -> str:
     """``prefix`` lower-cased, or :class:`UnknownMessage` when it cannot start any id
-    (not 1 to 32 hex digits)."""
+    (not a string of 1 to 32 hex digits)."""
+    if not isinstance(prefix, str):
+        # None, 5 or b"..." name no message; say what was given, briefly.
+        raise UnknownMessage(f"<{type(prefix).__name__} {prefix!r:.40}>")
     text = prefix.strip().lower()
     if not _HEX.fullmatch(text):
         raise UnknownMessage(prefix)
