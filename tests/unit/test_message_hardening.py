@@ -692,3 +692,47 @@ def test_header_injection_stays_its_own_error() -> None:
     """Hardening #2: CR and LF keep raising HeaderInjection, not ForbiddenCharacter."""
     with pytest.raises(HeaderInjection):
         prepare(email(subject="a\r\nBcc: x@example.net"), now=NOW)
+
+
+# --- wrong argument types: typed errors, not TypeError/AttributeError from inside --------
+
+
+@pytest.mark.parametrize(
+    ("parts", "error"),
+    [
+        ({"headers": None}, "headers must be a mapping"),
+        ({"headers": 5}, "headers must be a mapping"),
+        ({"attachments": None}, "attachments must be a sequence"),
+        ({"attachments": b"x"}, "attachments must be a sequence"),
+        ({"attachments": [b"x"]}, "must be Attachment values, not bytes"),
+        ({"attachments": [{"filename": "a", "content": b"x"}]}, "not dict"),
+    ],
+)
+def test_wrong_builder_types_are_invalid_message(parts: dict[str, Any], error: str) -> None:
+    with pytest.raises(InvalidMessage, match=error):
+        prepare(email(**parts), now=NOW)
+
+
+def test_header_pairs_are_still_taken() -> None:
+    prepared = prepare(email(headers=[("X-A", "1")]), now=NOW)
+    assert b"\r\nX-A: 1\r\n" in prepared.data
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"envelope_to": [None]},
+        {"envelope_to": b"x@example.org"},
+        {"envelope_to": 5},
+        {"envelope_from": b"a@example.com"},
+        {"envelope_from": 5},
+    ],
+)
+def test_wrong_envelope_types_are_invalid_address(envelope: dict[str, Any]) -> None:
+    """bytes were iterated as ints and None or 5 reached the address regex (TypeError)."""
+    config = Config(helo_name="mail.example.com")
+    for message in (email(), b"From: a@example.com\r\nTo: b@example.org\r\n\r\nx\r\n"):
+        with pytest.raises(InvalidAddress, match="must be"):
+            prepare_for(
+                config, message, now=NOW, **{"envelope_from": None, "envelope_to": None, **envelope}
+            )

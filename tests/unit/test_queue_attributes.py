@@ -41,6 +41,8 @@ def test_tags_are_deduplicated_in_order() -> None:
         ["new\nline"],
         [42],
         [f"t{i}" for i in range(MAX_TAGS + 1)],
+        5,  # not iterable: a raw TypeError before
+        b"abc",
     ],
 )
 def test_bad_tags_raise_invalid_tag(tags: object) -> None:

@@ -270,7 +270,8 @@ def prepare_for(
     A message that DKIM is configured for but no key signed is logged (a WARNING on
     ``mailstrom.dkim``, ``event = "dkim_unsigned"``): it may fail DMARC at the receiver.
     """
-    if envelope_from is not None and is_verp_template(envelope_from):
+    # A non-string is refused with InvalidAddress where the envelope is decided.
+    if isinstance(envelope_from, str) and is_verp_template(envelope_from):
         check_verp_template(envelope_from)
     if isinstance(message, Email):
         tags = message.tags if tags is None else tags

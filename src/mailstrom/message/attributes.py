@@ -61,8 +61,14 @@ def check_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
         return ()
     if isinstance(tags, str | bytes):
         raise InvalidTag("tags must be a list of strings, not one string", field="tags")
+    try:
+        given = iter(tags)
+    except TypeError:
+        raise InvalidTag(
+            f"tags must be a list of strings, not {type(tags).__name__}", field="tags"
+        ) from None
     found: dict[str, None] = {}
-    for tag in tags:
+    for tag in given:
         if not isinstance(tag, str):
             raise InvalidTag(f"a tag must be a string, not {type(tag).__name__}", field="tags")
         if not 1 <= len(tag) <= MAX_TAG_LENGTH:

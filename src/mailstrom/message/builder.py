@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -189,7 +189,7 @@ def check(email: Email) -> Draft:
         bcc=_groups("Bcc", email.bcc),
     )
     subject = _text("Subject", email.subject)
-    headers = tuple(_header(name, value) for name, value in dict(email.headers).items())
+    headers = tuple(_header(name, value) for name, value in _header_items(email.headers))
     for where, body in (("text", email.text), ("html", email.html)):
         if body is not None:
             if not isinstance(body, str):
@@ -216,7 +216,7 @@ def check(email: Email) -> Draft:
         headers=headers,
         text=email.text,
         html=email.html,
-        attachments=tuple(_part(attachment) for attachment in email.attachments),
+        attachments=_parts(email.attachments),
         date=date,
         message_id=message_id,
         provided=provided,
@@ -275,6 +275,17 @@ def _header(name: object, value: object) -> tuple[str, str]:
     return name, _text(name, value)
 
 
+def _header_items(headers: object) -> Iterable[tuple[str, str]]:
+    try:
+        # A mapping, or (name, value) pairs as dict() takes them.
+        found: dict[str, str] = dict(headers)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidMessage(
+            f"headers must be a mapping of header names to values, not {type(headers).__name__}"
+        ) from None
+    return found.items()
+
+
 def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
     if isinstance(value, str):
         values = [value]
@@ -305,7 +316,22 @@ def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
     return tuple(out)
 
 
-def _part(attachment: Attachment) -> Part:
+def _parts(attachments: object) -> tuple[Part, ...]:
+    # A tuple or a list on the common path: the ABC check only for anything else.
+    if not isinstance(attachments, tuple | list) and (
+        isinstance(attachments, str | bytes | bytearray) or not isinstance(attachments, Sequence)
+    ):
+        raise InvalidMessage(
+            f"attachments must be a sequence of Attachment, not {type(attachments).__name__}"
+        )
+    return tuple(_part(attachment) for attachment in attachments)
+
+
+def _part(attachment: object) -> Part:
+    if not isinstance(attachment, Attachment):
+        raise InvalidMessage(
+            f"attachments must be Attachment values, not {type(attachment).__name__}"
+        )
     filename = attachment.filename
     if not isinstance(filename, str):
         raise InvalidMessage(f"attachment filename must be a str, not {type(filename).__name__}")

@@ -8,10 +8,11 @@ Nothing is validated twice: every mailbox arrives here as a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mailstrom.errors import (
+    InvalidAddress,
     InvalidMessage,
     MissingFrom,
     MultipleFromWithoutSender,
@@ -91,6 +92,26 @@ def fields_from_section(section: HeaderSection) -> AddressFields:
     )
 
 
+def _explicit(envelope_to: object) -> Sequence[str]:
+    """``envelope_to`` as a list of strings (one string is one address); InvalidAddress
+    for anything else: bytes would iterate as ints, None reach the address parser."""
+    if isinstance(envelope_to, str):
+        return [envelope_to]
+    if isinstance(envelope_to, bytes | bytearray) or not isinstance(envelope_to, Iterable):
+        raise InvalidAddress(
+            f"envelope_to must be a str or a list of str, not {type(envelope_to).__name__}",
+            address=f"{envelope_to!r:.80}",
+        )
+    found = list(envelope_to)
+    for item in found:
+        if not isinstance(item, str):
+            raise InvalidAddress(
+                f"envelope_to addresses must be str, not {type(item).__name__}",
+                address=f"{item!r:.80}",
+            )
+    return found
+
+
 def decide(
     fields: AddressFields,
     *,
@@ -138,6 +159,11 @@ def decide(
     if envelope_from is None:
         sender = responsible.envelope
         sender_utf8 = responsible.smtputf8
+    elif not isinstance(envelope_from, str):
+        raise InvalidAddress(
+            f"envelope_from must be a str, not {type(envelope_from).__name__}",
+            address=f"{envelope_from!r:.80}",
+        )
     elif envelope_from in ("", "<>"):
         sender, sender_utf8 = "", False
     else:
@@ -153,9 +179,7 @@ def decide(
             where = "To, Cc or Bcc"
         addresses = [box.address for box in boxes]
     else:
-        if isinstance(envelope_to, str):
-            envelope_to = [envelope_to]
-        addresses = [parse_mailbox("envelope_to", a).address for a in envelope_to]
+        addresses = [parse_mailbox("envelope_to", a).address for a in _explicit(envelope_to)]
         where = "envelope_to"
     recipients = dedupe(address.envelope for address in addresses)
     if not recipients:
