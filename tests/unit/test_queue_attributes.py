@@ -60,7 +60,7 @@ def test_the_limits_themselves_are_accepted() -> None:
 
 
 def test_metadata_is_copied_with_sorted_keys() -> None:
-    given = {"order": "42", "customer": "c-7", "note": "Grüße, 50% off"}
+    given = {"order": "42", "customer": "c-7", "note": "Grüße, 50\xa0% off — 日本"}
     checked = check_metadata(given)
     assert list(checked) == ["customer", "note", "order"]
     assert checked == given and checked is not given
@@ -76,6 +76,11 @@ def test_metadata_is_copied_with_sorted_keys() -> None:
         {"bad key": "x"},
         {"k": "tab\there"},
         {"k": "\x7f"},
+        # C1 controls and the Unicode line breaks are controls too ("one line").
+        {"k": "x\x85y"},  # NEL
+        {"k": "x\x9bK"},  # CSI: a terminal escape in one character
+        {"k": "x\u2028y"},
+        {"k": "x\u2029y"},
         {"k": "x" * (MAX_METADATA_VALUE + 1)},
         {"k": "é" * (MAX_METADATA_VALUE // 2 + 1)},  # counted in octets
         {"k": "\ud800"},

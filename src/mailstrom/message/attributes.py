@@ -46,9 +46,14 @@ _LANE = re.compile(r"[a-z][a-z0-9_\-]*\Z")
 _KEY = re.compile(r"[\x21-\x7e]+\Z")
 
 
+# C0 controls, DEL, C1 controls (NEL, U+0085, among them) and the Unicode line and
+# paragraph separators: tab and every line break included, as a value is shown on one line
+# (a terminal, a CSV row, a log line), and nothing in it may move the cursor or start one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _has_control(text: str) -> bool:
-    # C0 controls and DEL; tab and newline included: a value is shown on one line.
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def check_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
