@@ -99,9 +99,8 @@ def check_duration(
         or not (value > timedelta(0) if positive else value >= timedelta(0))
         or value > maximum
     ):
-        low = "above zero" if positive else "of zero or more"
+        kind = "a positive timedelta" if positive else "a timedelta of zero or more"
         raise ConfigError(
-            f"{where}: expected a timedelta {low} and at most {maximum.days} days, "
-            f"got {_shown(value)}"
+            f"{where}: expected {kind} of at most {maximum.days} days, got {_shown(value)}"
         )
     return value
