@@ -433,6 +433,16 @@ def test_dnsbl_names() -> None:
             Status.FAIL,
             "LISTED (127.0.0.2): spam source",
         ),
+        (
+            {
+                ("10.2.0.192.bl.example", "A"): ["127.0.0.2"],
+                # A third party's text: escape sequences and octets that are not UTF-8
+                # (the lookup keeps those as surrogates) reach the operator harmless.
+                ("10.2.0.192.bl.example", "TXT"): ["Listed \x1b]0;owned\x07 \udcff see"],
+            },
+            Status.FAIL,
+            "LISTED (127.0.0.2): Listed \ufffd]0;owned\ufffd \ufffd see",
+        ),
         ({("10.2.0.192.bl.example", "A"): ["127.255.255.254"]}, Status.WARN, "refused"),
         ({("10.2.0.192.bl.example", "A"): ["203.0.113.80"]}, Status.WARN, "rewrite"),
         ({("10.2.0.192.bl.example", "A"): "servfail"}, Status.UNKNOWN, "could not query"),

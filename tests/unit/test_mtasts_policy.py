@@ -69,12 +69,22 @@ def test_mode_none_needs_no_mx() -> None:
         (b"version: STSv1\nmode: enforce\nmx: a b\nmax_age: 1\n", "mx pattern"),
         (b"<html>version: STSv1</html>\n", "key: value"),
         (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n\xff\n", "UTF-8"),
+        # RFC 8461 §3.2 allows no control character in a value; a NUL could not be stored.
+        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\nx-note: a\x00b\n", "line 5"),
+        (b"version: STSv1\nmode: enforce\x1b[2J\nmx: a.example\nmax_age: 1\n", "U\\+001B"),
+        (b"version: STSv1\rmode: enforce\nmx: a.example\nmax_age: 1\n", "U\\+000D"),
+        ("version: STSv1\nmode: none\nmax_age: 1\nx: \x85\n".encode(), "U\\+0085"),
     ],
 )
 def test_bad_policies_say_why(body: bytes, reason: str) -> None:
     with pytest.raises(PolicyError, match=reason) as info:
         parse_policy(body)
     assert info.value.result_type == "sts-policy-invalid"
+
+
+def test_tabs_and_crlf_line_ends_are_no_control_characters() -> None:
+    body = b"version: STSv1\r\nmode:\tenforce\r\nmx: a.example\r\nmax_age: 1\r\n"
+    assert parse_policy(body).mx == ("a.example",)
 
 
 def test_largest_max_age_is_accepted() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import dns.name
 import pytest
 from tests.support.resolver import ScriptedResolver, hosts_in, make_router
 
 from mailstrom.errors import TemporaryFailure
+from mailstrom.routing.lookup import lookup_route
+from mailstrom.routing.policy import RoutePolicy
 
 # --- hardening #6: bounded DNS work ---------------------------------------------------
 
@@ -112,6 +115,24 @@ async def test_the_limit_cuts_inside_a_host_and_keeps_try_order() -> None:
     route = await make_router(resolver).route("example.test")
     assert hosts_in(route) == ["big.example.test"]
     assert route.addresses == tuple(f"192.0.2.{i}" for i in range(1, 6))
+
+
+async def test_thousands_of_addresses_for_one_host_keep_the_limit_per_family() -> None:
+    """A zone answering with thousands of addresses (a 64 KB answer over TCP) costs no
+    quadratic work: a host keeps the limit's worth of each family, IPv4 first."""
+    resolver = ScriptedResolver()
+    resolver.mx("big.test", [(10, "mx.big.test")])
+    resolver.a("mx.big.test", *(f"10.{i // 250}.{i % 250}.1" for i in range(4000)))
+    resolver.aaaa("mx.big.test", *(f"2001:db8::{i:x}" for i in range(2300)))
+    found = await lookup_route(resolver, dns.name.from_text("big.test"), policy=RoutePolicy())  # type: ignore[arg-type]
+    assert found.route is not None
+    [host] = found.route.hosts
+    assert host.addresses == (
+        *(f"10.0.{i}.1" for i in range(5)),
+        *(f"2001:db8::{i:x}" for i in range(5)),
+    )
+    route = await make_router(resolver).route("big.test")
+    assert route.addresses == tuple(f"10.0.{i}.1" for i in range(5))
 
 
 async def test_mx_address_limit_is_configurable() -> None:

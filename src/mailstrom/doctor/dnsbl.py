@@ -13,6 +13,7 @@ import ipaddress
 
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status
+from mailstrom.safetext import safe_decode
 
 DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
 """Widely used lists with free query access for modest volumes."""
@@ -62,7 +63,12 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
             shown,
         )
     reasons = resolver.lookup(name, "TXT")
-    reason = "; ".join(reasons.records) if reasons.outcome is Outcome.ANSWER else ""
+    # The list's own words, shown to the operator: whatever octets it published, made safe.
+    reason = (
+        "; ".join(safe_decode(r.encode("utf-8", "surrogateescape")) for r in reasons.records)
+        if reasons.outcome is Outcome.ANSWER
+        else ""
+    )
     summary = f"{ip} is LISTED ({', '.join(loopback)})" + (f": {reason}" if reason else "")
     return check(
         Status.FAIL,

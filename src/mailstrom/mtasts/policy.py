@@ -47,6 +47,8 @@ REFRESH_AFTER = timedelta(days=1)
 _RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# Control characters but TAB (WSP) and the LF lines end with, once CR LF is made LF.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MAX_AGE = re.compile(r"^[0-9]{1,10}$")
 
 
@@ -198,6 +200,11 @@ def parse_policy(body: bytes) -> Policy:
     except UnicodeDecodeError as exc:
         raise PolicyError(f"policy is not UTF-8: {exc.reason} at octet {exc.start}") from None
     text = text.replace("\r\n", "\n")
+    control = _CONTROL.search(text)
+    if control is not None:
+        # RFC 8461 §3.2 allows none in a value; and a NUL could not even be stored.
+        where = text.count("\n", 0, control.start()) + 1
+        raise PolicyError(f"line {where} holds a control character (U+{ord(control[0]):04X})")
     fields: dict[str, str] = {}
     patterns: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):

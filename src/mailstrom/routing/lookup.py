@@ -263,6 +263,10 @@ class _Resolution:
         temporary: TemporaryFailure | None = None
         answers = [r for r in results if isinstance(r, dns.resolver.Answer)]
         secure = bool(answers)
+        # A route never uses more than the limit of one family's addresses (it is cut to
+        # the limit over all hosts), and a hostile zone can answer with thousands: keep
+        # that many usable (and as many refused, for the reason) per family, no more.
+        limit = self.policy.mx_address_limit
         for result in results:
             if isinstance(result, TemporaryFailure):
                 temporary = result
@@ -271,13 +275,19 @@ class _Resolution:
             elif isinstance(result, dns.resolver.Answer):
                 secure = secure and authenticated(result)
                 ttls.append(result.chaining_result.minimum_ttl)
+                kept: dict[str, None] = {}  # insertion-ordered, and no quadratic "in" test
+                refused_here = 0
                 for rdata in result:
                     address: str = rdata.address
                     kind = self.policy.refused(address)
-                    if kind is not None:
+                    if kind is None:
+                        kept[address] = None
+                        if len(kept) >= limit:
+                            break
+                    elif refused_here < limit:
                         refused.append((address, kind))
-                    elif address not in addresses:
-                        addresses.append(address)
+                        refused_here += 1
+                addresses.extend(kept)
         return _Addresses(
             addresses=tuple(addresses),
             refused=tuple(refused),
