@@ -4,12 +4,14 @@ was never acknowledged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,8 @@ import pytest
 
 from mailstrom import Config, Email, HookConfig, Mailstrom, QueueFilter
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.runtime.hook_post import BODY_READ_LIMIT
+from mailstrom.runtime.hooks import post
 from mailstrom.stores import SQLiteStore
 from mailstrom.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.fixtures.dns_server import LoopbackDNS
@@ -334,3 +338,127 @@ def test_hook_payloads_carry_the_messages_tags_and_metadata(
     assert events[tagged]["metadata"] == {"order": "42"}
     assert events[raw]["tags"] == ["raw", "shop:eu"]
     assert events[raw]["metadata"] == {"user": "u-7"}
+
+
+# --- endpoints that answer slowly, or too much -------------------------------------------
+
+DRIP_CAP = 5.0
+"""Seconds a slow endpoint keeps dripping before it completes its 200 (so that without a
+deadline on the whole request, a test fails after this long rather than hanging)."""
+
+
+@dataclass
+class RawEndpoint:
+    """A loopback endpoint that writes its answer itself, byte by byte if it likes:
+    ``answer(wfile, stop)`` after reading each request."""
+
+    answer: Callable[[Any, threading.Event], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+    requested: threading.Event = field(default_factory=threading.Event)
+    answered: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0
+    url: str = ""
+
+
+@pytest.fixture
+def raw_endpoint() -> Iterator[RawEndpoint]:
+    ep = RawEndpoint(answer=lambda wfile, stop: None)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            ep.requested.set()
+            with contextlib.suppress(OSError):  # the client gave up and closed
+                ep.answer(self.wfile, ep.stop)
+            ep.answered.set()
+            self.close_connection = True
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    ep.url = f"http://127.0.0.1:{server.server_address[1]}/mail-events"
+    try:
+        yield ep
+    finally:
+        ep.stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def drip(wfile: Any, stop: threading.Event) -> None:
+    """A byte every 0.2 s, each well within any per-read timeout, for DRIP_CAP seconds."""
+    end = time.monotonic() + DRIP_CAP
+    while time.monotonic() < end and not stop.wait(0.2):
+        wfile.write(b"X")
+
+
+def drip_header(wfile: Any, stop: threading.Event) -> None:
+    wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    drip(wfile, stop)
+    wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+
+
+def drip_body(wfile: Any, stop: threading.Event) -> None:
+    wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    drip(wfile, stop)
+
+
+@pytest.mark.parametrize("answer", [drip_header, drip_body])
+def test_post_gives_up_on_an_endpoint_that_drips_its_answer_after_the_timeout(
+    raw_endpoint: RawEndpoint, answer: Callable[[Any, threading.Event], None]
+) -> None:
+    raw_endpoint.answer = answer
+    start = time.monotonic()
+    failure = post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, timeout=0.5)
+    took = time.monotonic() - start
+    assert failure == "no complete answer within 0.5 s (hook.timeout)"
+    assert took < 1.0
+
+
+def test_post_reads_a_huge_answer_only_up_to_the_bound(raw_endpoint: RawEndpoint) -> None:
+    size = 1 << 30
+
+    def huge(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * 65536
+        while raw_endpoint.sent < size and not stop.is_set():
+            wfile.write(chunk)  # raises once the client has closed the connection
+            raw_endpoint.sent += len(chunk)
+
+    raw_endpoint.answer = huge
+    start = time.monotonic()
+    assert post(raw_endpoint.url, b"{}", {}, timeout=5.0) is None  # the status is the answer
+    assert time.monotonic() - start < 1.0
+    assert raw_endpoint.answered.wait(5)
+    # What the socket buffers took in before the client closed, not the gigabyte.
+    assert BODY_READ_LIMIT <= raw_endpoint.sent < 64 << 20
+
+
+def test_a_worker_stops_promptly_while_its_endpoint_drips_and_loses_no_event(
+    mx: Any, dns_server: LoopbackDNS, raw_endpoint: RawEndpoint, endpoint: Endpoint, tmp_path: Path
+) -> None:
+    raw_endpoint.answer = drip_header
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, raw_endpoint.url, timeout=0.5)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("u@example.org"))
+        results.wait_count(1)
+        assert raw_endpoint.requested.wait(10)
+        stopping = time.monotonic()
+    # The request in flight fails within hook.timeout; nothing waits for the endpoint.
+    assert time.monotonic() - stopping < 3.0
+    events = store.read_events()
+    assert len(events) == 1
+    assert ms.metrics().worker.metrics.hook_events_sent == 0
+
+    # The event is still in the outbox: a worker whose endpoint answers sends it.
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    with Mailstrom(config, store=store, worker="thread"):
+        endpoint.wait_for(lambda _: endpoint.acked_ids() == [events[0].id])
+    store.close()

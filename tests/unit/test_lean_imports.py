@@ -73,6 +73,7 @@ WORKER_FEATURES = (
     "mailstrom.dkim.signing",
     # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.
     "mailstrom.runtime.hooks",
+    "mailstrom.runtime.hook_post",
     "mailstrom.webhooks",
     "mailstrom.mtasts.hook",
     "mailstrom.mtasts.source",

@@ -14,19 +14,17 @@ HTTP goes through the standard library (``urllib.request``) on a thread: one req
 batch of up to ``hook.batch`` events makes the thread hand-off and the missing connection
 reuse negligible, it verifies TLS certificates with the system's trust store by default,
 and it needs no extra to install. Redirects are not followed (a hook URL that moved is a
-configuration error, and following one would resend the body somewhere else).
+configuration error, and following one would resend the body somewhere else). Each request
+ends within ``hook.timeout`` whatever the endpoint sends (:mod:`.hook_post`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import logging
 import random
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -34,6 +32,7 @@ from typing import Any, TypeVar
 from mailstrom._version import __version__
 from mailstrom.config import HookConfig
 from mailstrom.errors import StoreError
+from mailstrom.runtime.hook_post import post
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.stores.base import EventBatch, Store
 from mailstrom.webhooks import SIGNATURE_HEADER, encode_events, sign
@@ -47,29 +46,6 @@ RETENTION = timedelta(hours=24)
 """How long sent events stay in the outbox (for ``mailstrom events``) before pruning."""
 PRUNE_EVERY = 600.0
 """Seconds between prunes."""
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the 3xx then surfaces as an HTTPError: a failed request
-
-
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str | None:
-    """POST ``body``; None when the endpoint answered 2xx, else why not (blocking)."""
-    opener = urllib.request.build_opener(_NoRedirects())
-    # HookConfig admits only http:// and https:// URLs.
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            response.read(65536)  # let the connection close cleanly; the body is not used
-            status = int(response.status)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return f"HTTP {exc.code} {exc.reason}"
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        return f"{type(exc).__name__}: {reason}"
-    return None if 200 <= status < 300 else f"HTTP {status}"
 
 
 class HookSender:

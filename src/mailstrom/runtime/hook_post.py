@@ -1,0 +1,194 @@
+"""One hook request: a POST that ends within its timeout, whatever the endpoint does.
+
+urllib's own ``timeout`` bounds each socket operation, not the request: an endpoint that
+sends a byte of its answer every second keeps a request going for as long as it likes, and
+with it the thread it runs on (which the worker's loop waits for when it closes). Here the
+request has a deadline instead. Its sockets are made by :class:`_Deadline` (so connecting
+to a name with several addresses is bounded too), and a timer shuts them down when the
+deadline passes: a thread blocked reading or writing one returns at once, and the request
+counts as failed, whatever arrived by then.
+
+urllib still does the rest, so everything it honours stays as it was: the system trust
+store and ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` for HTTPS, the ``https_proxy`` /
+``no_proxy`` environment, and no redirects followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import TracebackType
+from typing import Any
+
+BODY_READ_LIMIT = 65536
+"""Bytes of an answer's body read at most (then discarded): the status is the answer."""
+
+
+class _Deadline:
+    """The end of one request's time. Sockets it watches are shut down when it passes;
+    use it as a context manager around the request."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._watched: list[socket.socket] = []
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    @property
+    def expired(self) -> bool:
+        return self._expired
+
+    def connect(
+        self, address: tuple[str, int], source_address: tuple[str, int] | None = None
+    ) -> socket.socket:
+        """A TCP connection to ``address``, trying each of its addresses within what is
+        left of the deadline (``socket.create_connection`` gives each one the whole
+        timeout). The socket is watched from before it connects."""
+        host, port = address
+        error: OSError = TimeoutError(f"{host}:{port}: deadline passed before connecting")
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        ):
+            left = self._end - time.monotonic()
+            if self._expired or left <= 0:
+                break
+            sock = socket.socket(family, kind, proto)
+            try:
+                self._watch(sock)
+                sock.settimeout(left)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            return sock
+        raise error
+
+    def _watch(self, sock: socket.socket) -> None:
+        # A duplicate of the descriptor: shutting it down ends the connection for every
+        # descriptor of it, the TLS socket that later takes over this one's included.
+        with self._lock:
+            self._watched.append(sock.dup())
+            if self._expired:
+                self._shut_down_watched()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            self._shut_down_watched()
+
+    def _shut_down_watched(self) -> None:
+        for sock in self._watched:
+            with contextlib.suppress(OSError):  # not connected (yet), or already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket comes from a :class:`_Deadline`."""
+
+    def __init__(self, host: str, *, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        # http.client's hook for making the socket: socket.create_connection, set on the
+        # instance by HTTPConnection.__init__.
+        self._create_connection = self._open_socket
+        self._deadline = deadline
+
+    def _open_socket(
+        self,
+        address: tuple[str, int],
+        timeout: object = None,  # the per-operation timeout: the deadline replaces it
+        source_address: tuple[str, int] | None = None,
+    ) -> socket.socket:
+        return self._deadline.connect(address, source_address)
+
+
+class _DeadlineTLSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    """The same over TLS, with http.client's default context (as urllib uses)."""
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_DeadlineConnection, deadline=self._deadline)
+        return self.do_open(connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_DeadlineTLSConnection, deadline=self._deadline)
+        return self.do_open(connection, req)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then surfaces as an HTTPError: a failed request
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str | None:
+    """POST ``body``; None when the endpoint answered 2xx, else why not (blocking).
+
+    Connecting, sending and the whole answer take ``timeout`` seconds at most (plus the
+    name lookup, which nothing can interrupt); an answer not complete by then is a failure.
+    At most :data:`BODY_READ_LIMIT` bytes of the answer's body are read.
+    """
+    # HookConfig admits only http:// and https:// URLs.
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    with _Deadline(timeout) as deadline:
+        opener = urllib.request.build_opener(
+            _NoRedirects(), _HTTPHandler(deadline), _HTTPSHandler(deadline)
+        )
+        failure = _exchange(opener, request, timeout)
+    if deadline.expired:
+        # Checked whatever the exchange returned: a connection shut down mid-header can
+        # still parse as a complete 2xx answer.
+        return f"no complete answer within {timeout:g} s (hook.timeout)"
+    return failure
+
+
+def _exchange(
+    opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float
+) -> str | None:
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read(BODY_READ_LIMIT)  # let the connection close cleanly; not used
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return f"{type(exc).__name__}: {reason}"
+    return None if 200 <= status < 300 else f"HTTP {status}"
