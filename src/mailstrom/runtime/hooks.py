@@ -15,15 +15,18 @@ batch of up to ``hook.batch`` events makes the thread hand-off and the missing c
 reuse negligible, it verifies TLS certificates with the system's trust store by default,
 and it needs no extra to install. Redirects are not followed (a hook URL that moved is a
 configuration error, and following one would resend the body somewhere else). Each request
-ends within ``hook.timeout`` whatever the endpoint sends (:mod:`.hook_post`).
+ends within ``hook.timeout`` whatever the endpoint sends (:mod:`.hook_post`), so an endpoint
+that answers slowly only fails its requests; it cannot hold up the sender or a stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -46,6 +49,37 @@ RETENTION = timedelta(hours=24)
 """How long sent events stay in the outbox (for ``mailstrom events``) before pruning."""
 PRUNE_EVERY = 600.0
 """Seconds between prunes."""
+
+
+POST_GRACE = 1.0
+"""Seconds the sender waits for a request past ``hook.timeout`` before counting it failed
+(the name lookup is the one step :func:`post` cannot cut short)."""
+
+
+async def post_off_loop(
+    url: str, body: bytes, headers: dict[str, str], timeout: float
+) -> str | None:
+    """:func:`post` on a daemon thread of its own; its failure, or why it took too long.
+
+    Not ``asyncio.to_thread``: the loop's default executor is joined when the loop closes,
+    so a request stuck there would hold up the worker's exit.
+    """
+    done: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+
+    def request() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(post(url, body, headers, timeout))
+        except BaseException as exc:  # handed to the awaiting task
+            done.set_exception(exc)
+
+    threading.Thread(target=request, name="mailstrom-hook-post", daemon=True).start()
+    within = timeout + POST_GRACE
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(done), within)
+    except TimeoutError:
+        return f"no answer within {within:g} s"
 
 
 class HookSender:
@@ -136,7 +170,7 @@ class HookSender:
             "User-Agent": f"mailstrom/{__version__}",
             SIGNATURE_HEADER: sign(self._hook.secret, body),
         }
-        failure = await asyncio.to_thread(post, self._hook.url, body, headers, self._hook.timeout)
+        failure = await post_off_loop(self._hook.url, body, headers, self._hook.timeout)
         if failure is None:
             try:
                 acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
