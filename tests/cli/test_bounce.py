@@ -104,3 +104,32 @@ def test_what_is_no_report_is_ignored_and_errors_are_typed(cli: CLI) -> None:
     # Larger than --max-size: the rest is read and dropped, the head still parsed.
     big = (SAMPLES / "postfix-dsn-full.eml").read_bytes() + b"x" * 3_000_000
     assert cli("bounce", "--max-size", "2000", stdin=big).code == 66
+
+
+def test_escape_sequences_in_a_report_reach_neither_the_terminal_nor_the_store(
+    mail_env: MailEnv,
+) -> None:
+    cli = mail_env.cli
+    mid = deliver(
+        mail_env, *("--from", "app@sender.test", "--to", "bob@receiver.test", "--text", "x")
+    )
+    evil = "\x1b]0;owned\x1b\\\x1b[2J\x1b[31mRED"
+    data = (
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx{evil}.receiver.test\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
+        "Final-Recipient: rfc822; bob@receiver.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 {evil} no such user\r\n\r\n--b--\r\n"
+    ).encode()
+    out = cli.ok("bounce", stdin=data).out
+    assert out.startswith(f"{mid} bob@receiver.test: failed, suppressed")
+    shown = "\ufffd]0;owned\ufffd\\\ufffd[2J\ufffd[31mRED"
+    assert f"mx{shown}.receiver.test: 5.1.1 550 5.1.1 {shown} no such user" in out
+    assert "\x1b" not in out
+    assert "\x1b" not in cli.ok("status", mid).out
+    assert recipient(cli, mid)["error"] == (
+        f"bounced after acceptance, reported by mx{shown}.receiver.test:"
+        f" 5.1.1 550 5.1.1 {shown} no such user"
+    )
+    [entry] = cli.ok("suppress", "list", "--json").json()
+    assert "\x1b" not in entry["reply"]

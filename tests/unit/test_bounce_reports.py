@@ -119,6 +119,34 @@ def test_recipients_per_report_are_bounded() -> None:
     assert report is not None and len(report.recipients) == 1000
 
 
+ESC_SEQUENCES = "\x1b]0;owned\x1b\\\x1b[2J\x1b[31mRED"
+
+
+def test_report_text_reaches_nobody_with_control_characters() -> None:
+    # A report's sender chooses its words: they are stored and shown to the operator.
+    data = (
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx%(e)s.receiver.test\r\nOriginal-Envelope-Id: e%(e)s\r\n\r\n"
+        b"Final-Recipient: rfc822; bob%(e)s@receiver.test\r\nAction: failed\r\n"
+        b"Status: 5.1.1\r\nRemote-MTA: dns; r%(e)s\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 %(e)s\r\n  folded\tline \xe2\x80\xae\r\n\r\n"
+        b"--b\r\nContent-Type: text/rfc822-headers\r\n\r\nMessage-ID: <m%(e)s@x>\r\n"
+        b"\r\n--b--\r\n"
+    ) % {b"e": ESC_SEQUENCES.encode()}
+    report = parse_report(data)
+    assert report is not None
+    [r] = report.recipients
+    shown = "\ufffd]0;owned\ufffd\\\ufffd[2J\ufffd[31mRED"
+    assert report.reporting_mta == f"mx{shown}.receiver.test"
+    assert report.envelope_id == f"e{shown}"
+    assert report.original_message_id == f"<m{shown}@x>"
+    assert r.final_recipient == f"bob{shown}@receiver.test"
+    assert r.remote_mta == f"r{shown}"
+    # Folded whitespace is one space, as before; the 8-bit octets are U+FFFD already.
+    assert r.diagnostic == f"550 5.1.1 {shown} folded line \ufffd\ufffd\ufffd"
+
+
 def test_late_hard_bounces() -> None:
     assert is_late_hard_bounce("5.1.1", code=None, codes=DEFAULT_SUPPRESS_ON)
     assert is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)

@@ -20,6 +20,7 @@ from email.utils import getaddresses
 from enum import StrEnum
 
 from mailstrom.errors import InvalidReport
+from mailstrom.safetext import safe_text
 
 MAX_REPORT = 10 * 1024 * 1024
 """Octets of a report read from standard input; the rest is not parsed."""
@@ -224,10 +225,14 @@ def _addresses(message: Message) -> list[str]:
 
 
 def _field(value: object) -> str:
-    """A header value as one line of at most ``_MAX_FIELD`` characters."""
+    """A header value as one line of at most ``_MAX_FIELD`` characters, safe to store and
+    show (:func:`~mailstrom.safetext.safe_text`). Every text taken from a report passes
+    here: whoever sends a report chooses its words, and they reach the store, the
+    suppression list and the operator's terminal."""
     if value is None:
         return ""
-    return " ".join(str(value).split())[:_MAX_FIELD]
+    # Folded whitespace becomes one space first; what is left unsafe becomes U+FFFD.
+    return safe_text(" ".join(str(value).split())[:_MAX_FIELD])
 
 
 def _typed(value: object) -> tuple[str | None, str | None]:
