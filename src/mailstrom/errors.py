@@ -296,4 +296,5 @@ class InvalidSuppression(MailstromError, ValueError):
 
 class InvalidReport(MailstromError, ValueError):
     """A bounce or complaint report (``mailstrom bounce``) is malformed: a
-    ``multipart/report`` without the part its report type requires."""
+    ``multipart/report`` without the part its report type requires, or one whose MIME
+    parts nest deeper than :data:`mailstrom.bounces.reports.MAX_DEPTH`."""

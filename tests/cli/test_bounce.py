@@ -133,3 +133,16 @@ def test_escape_sequences_in_a_report_reach_neither_the_terminal_nor_the_store(
     )
     [entry] = cli.ok("suppress", "list", "--json").json()
     assert "\x1b" not in entry["reply"]
+
+
+def test_a_report_nested_thousands_deep_is_invalid_not_an_internal_error(cli: CLI) -> None:
+    data = b'Content-Type: multipart/report; report-type=delivery-status; boundary="b0"\r\n\r\n'
+    data += b"".join(
+        b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1)
+        for i in range(20_000)
+    )
+    result = cli("bounce", stdin=data)
+    assert result.code == 65
+    assert result.err_lines == [
+        "mailstrom: MIME parts nested more than 102 levels deep (multipart and message levels)"
+    ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom.bounces import ReportKind, parse_report
+from mailstrom.bounces.reports import MAX_DEPTH
 from mailstrom.bounces.verp import (
     check_verp_template,
     find_tokens,
@@ -145,6 +146,46 @@ def test_report_text_reaches_nobody_with_control_characters() -> None:
     assert r.remote_mta == f"r{shown}"
     # Folded whitespace is one space, as before; the 8-bit octets are U+FFFD already.
     assert r.diagnostic == f"550 5.1.1 {shown} folded line \ufffd\ufffd\ufffd"
+
+
+def nested_report(levels: int, level: str) -> bytes:
+    """A DSN whose returned message nests ``levels`` deep below the report's own two
+    levels, one ``level`` (a multipart or a message type) at a time."""
+    head = (
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="r"\r\n\r\n'
+        b"--r\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; m\r\n\r\n"
+        b"Final-Recipient: rfc822; a@x.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"--r\r\nContent-Type: message/rfc822\r\n\r\n"
+    )
+    if level.startswith("multipart/"):
+        body = "".join(
+            f'Content-Type: {level}; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(levels)
+        )
+    else:
+        body = f"Content-Type: {level}\r\n\r\n" * levels
+    return head + body.encode() + b"Subject: innermost\r\n\r\nx\r\n"
+
+
+@pytest.mark.parametrize("level", ["multipart/mixed", "message/rfc822", "message/global"])
+def test_nesting_is_bounded(level: str) -> None:
+    # As deep as any mail sent may nest, inside the report: read.
+    report = parse_report(nested_report(MAX_DEPTH - 2, level))
+    assert report is not None and report.recipients[0].status == "5.1.1"
+    # One level more: refused as the parser meets it, with a typed error, not a
+    # RecursionError from the standard library's parser (thousands of levels).
+    for levels in (MAX_DEPTH - 1, 20_000):
+        with pytest.raises(InvalidReport, match=f"nested more than {MAX_DEPTH} levels deep"):
+            parse_report(nested_report(levels, level))
+
+
+def test_returned_headers_are_read_as_headers_only() -> None:
+    nested = nested_report(5_000, "multipart/mixed").replace(
+        b"Content-Type: message/rfc822\r\n\r\n",
+        b"Content-Type: text/rfc822-headers\r\n\r\nMessage-ID: <m@x.test>\r\n",
+        1,
+    )
+    report = parse_report(nested)
+    assert report is not None and report.original_message_id == "<m@x.test>"
 
 
 def test_late_hard_bounces() -> None:

@@ -4,7 +4,8 @@ Parsed with the standard library's ``email`` package, leniently (``compat32``): 
 come from every kind of MTA, and a report whose returned message is cut short or malformed
 still says what failed, since its ``message/delivery-status`` part comes before the
 returned message. Everything is bounded: the octets read (:data:`MAX_REPORT`, by the
-caller), the recipients taken from one report and the length of every field kept.
+caller), how deep its MIME parts nest (:data:`MAX_DEPTH`), the recipients taken from one
+report and the length of every field kept.
 
 What a report says is gathered into a :class:`Report`; matching it to a queued message
 and recipient is :mod:`mailstrom.bounces.apply`'s job.
@@ -13,6 +14,7 @@ and recipient is :mod:`mailstrom.bounces.apply`'s job.
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 from dataclasses import dataclass
 from email.message import Message
@@ -20,10 +22,16 @@ from email.utils import getaddresses
 from enum import StrEnum
 
 from mailstrom.errors import InvalidReport
+from mailstrom.message.mime import MAX_DEPTH as MAX_MESSAGE_DEPTH
 from mailstrom.safetext import safe_text
 
 MAX_REPORT = 10 * 1024 * 1024
 """Octets of a report read from standard input; the rest is not parsed."""
+MAX_DEPTH = MAX_MESSAGE_DEPTH + 2
+"""Deepest MIME nesting read: a returned message may nest as deep as any mail sent
+(:data:`mailstrom.message.mime.MAX_DEPTH`) below the report's own two levels
+(``multipart/report``, ``message/rfc822``). The standard library's parser recurses per
+level, so a report nested thousands deep would exhaust Python's stack."""
 MAX_RECIPIENTS = 1000
 """Per-recipient blocks taken from one report."""
 _MAX_FIELD = 1000
@@ -85,8 +93,9 @@ class Report:
 def parse_report(data: bytes) -> Report | None:
     """The report in ``data``, or None when ``data`` is no report (an ordinary message,
     an auto-reply). Raises :class:`~mailstrom.errors.InvalidReport` for a
-    ``multipart/report`` without the part its report type needs."""
-    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    ``multipart/report`` without the part its report type needs, or one nested deeper
+    than :data:`MAX_DEPTH`."""
+    message = _parse(data)
     if message.get_content_type() != "multipart/report":
         return None
     report_type = str(message.get_param("report-type", "") or "").lower()
@@ -95,6 +104,30 @@ def parse_report(data: bytes) -> Report | None:
     if report_type == "feedback-report":
         return _arf(_parts(message), _addresses(message))
     return None  # a read receipt (disposition-notification) or another kind
+
+
+class _Part(Message):
+    """A MIME entity that knows its depth: the parser attaches each new entity to its
+    parent as soon as it meets it, so the nesting is refused before the parser goes
+    deeper (public API: ``_class`` and :meth:`~email.message.Message.attach`)."""
+
+    depth = 0
+
+    def attach(self, payload: Message | str) -> None:
+        depth = self.depth + 1
+        if depth > MAX_DEPTH:
+            raise InvalidReport(
+                f"MIME parts nested more than {MAX_DEPTH} levels deep "
+                "(multipart and message levels)"
+            )
+        if isinstance(payload, _Part):
+            payload.depth = depth
+        super().attach(payload)
+
+
+def _parse(data: bytes) -> Message:
+    parser = email.parser.BytesParser(_class=_Part, policy=email.policy.compat32)
+    return parser.parsebytes(data)
 
 
 def _parts(message: Message) -> list[Message]:
@@ -197,7 +230,9 @@ def _returned(parts: list[Message]) -> Message | None:
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         return payload[0]
     if isinstance(payload, str):
-        return email.message_from_string(payload[:200_000], policy=email.policy.compat32)
+        # Only its headers are read: a body here would be parsed (and nested) for nothing.
+        parser = email.parser.Parser(policy=email.policy.compat32)
+        return parser.parsestr(payload[:200_000], headersonly=True)
     return None
 
 
