@@ -50,19 +50,30 @@ def test_a_delivered_recipient_fails_late(store: Store) -> None:
 
 def test_unknown_recipients_and_messages(store: Store) -> None:
     mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
     assert not store.fail_late(mid, "nobody@example.org", late())
     with pytest.raises(UnknownMessage):
         store.fail_late("0" * 32, "a@example.org", late())
 
 
-def test_a_leased_recipient_failed_late_ignores_the_later_record(store: Store) -> None:
-    mid = store.enqueue(message("a@example.org"), now=NOW)
+def test_only_a_delivered_recipient_fails_late(store: Store) -> None:
+    # A bounce after acceptance cannot concern mail no server has accepted: a queued
+    # recipient, one in delivery (leased) or one deferred stays as it is.
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    assert not store.fail_late(mid, "a@example.org", late())
     lease = lease_all(store)
-    assert store.fail_late(mid, "a@example.org", late())
-    assert store.record(results_for(lease, RecipientState.DELIVERED)) == []
-    assert store.status(mid).recipient("a@example.org").state is RecipientState.FAILED
-    assert store.lease(now=LATER, limit=10, lease_for=LEASE_FOR) is None
-    assert store.next_due(now=LATER) is None
+    assert not store.fail_late(mid, "a@example.org", late())
+    store.record(
+        results_for(lease, RecipientState.DEFERRED, next_attempt_at=LATER, only=["a@example.org"])
+    )
+    assert not store.fail_late(mid, "a@example.org", late())
+    a = store.status(mid).recipient("a@example.org")
+    assert (a.state, a.attempts, len(a.history)) == (RecipientState.DEFERRED, 1, 1)
+    assert a.error != late().error
+    # The lease still holds b, and records it as usual.
+    assert len(store.record(results_for(lease, RecipientState.DELIVERED, only=["b@example.org"])))
+    assert store.status(mid).recipient("b@example.org").state is RecipientState.DELIVERED
+    assert store.lease(now=LATER, limit=10, lease_for=LEASE_FOR) is not None
 
 
 def test_a_late_failure_is_an_event_when_events_are_on(store: Store) -> None:
@@ -87,7 +98,9 @@ def test_the_history_stays_bounded(store: Store) -> None:
                 lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(minutes=i + 1)
             )
         )
-    store.fail_late(mid, "a@example.org", late())
+    lease = lease_all(store, now=NOW + timedelta(minutes=60))
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.fail_late(mid, "a@example.org", late())
     history = store.status(mid).recipient("a@example.org").history
     assert len(history) == 50
     assert history[-1] == late()

@@ -5,6 +5,7 @@ connection."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,34 @@ def test_the_envelope_recipient_can_carry_the_token(
         envelope_recipient=verp_address(VERP, mid, "nosuchuser@receiver.test"),
     )
     assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, mid)
+
+
+def test_a_bounce_about_mail_no_server_accepted_is_not_applied(
+    ms: Mailstrom, clock: FakeClock
+) -> None:
+    # Queued for tomorrow: nothing handed to any server yet, so nothing can have bounced.
+    mid = ms.send_email(
+        hello("nosuchuser@receiver.test", message_id="<sample-3@sender.test>"),
+        send_at=clock() + timedelta(days=1),
+    )
+    [outcome] = apply(ms, (SAMPLES / "exim-dsn.eml").read_bytes(), clock)
+    assert (outcome.action, outcome.message_id, outcome.address) == (
+        BounceAction.UNMATCHED,
+        mid,
+        "nosuchuser@receiver.test",
+    )
+    assert outcome.reason == (
+        "not applied: no server has accepted this recipient (it is queued), "
+        "so the report cannot be about a delivery"
+    )
+    r = ms.query_status(mid).recipient("nosuchuser@receiver.test")
+    assert (r.state, r.attempts, r.history) == (RecipientState.QUEUED, 0, ())
+    assert ms.suppressions() == []
+    # Nor can a complaint, even one with the recipient's VERP token.
+    later = ms.send_email(
+        hello("carol@mailbox.test"), envelope_from=VERP, send_at=clock() + timedelta(days=1)
+    )
+    [outcome] = apply(ms, report_for("arf-complaint.eml", later, "carol@mailbox.test"), clock)
+    assert (outcome.action, outcome.message_id) == (BounceAction.UNMATCHED, later)
+    assert outcome.reason.startswith("not applied: no server has accepted this recipient")
+    assert ms.suppressions() == []

@@ -15,6 +15,10 @@ with the recipient chosen by ``Original-Recipient`` (the ORCPT the message carri
 ``Final-Recipient`` (ARF: ``Original-Rcpt-To``), compared without regard to case. A
 complaint that names no recipient (providers often redact it) matches a message with one
 recipient only.
+
+A report is applied only to a recipient a server has accepted (DELIVERED; a FAILED one
+has failed already): a bounce after acceptance, or a complaint, about mail still queued or
+deferred is no such thing, and is reported as unmatched with the reason.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from mailstrom.status import (
     AttemptOutcome,
     MessageStatus,
     ReasonClass,
+    RecipientState,
     RecipientStatus,
     SMTPReply,
 )
@@ -43,6 +48,9 @@ from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, nor
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CANDIDATES = 10
 """Messages looked at per report (a Message-ID header shared by many messages)."""
+_REPORTABLE = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
+"""The states a report may concern: accepted by a server (and perhaps failed late since),
+or failed already (the report then changes at most the suppression list)."""
 
 
 class BounceAction(StrEnum):
@@ -57,7 +65,8 @@ class BounceAction(StrEnum):
     IGNORED = "ignored"
     """The report says nothing final (``delayed``, ``delivered``, ``relayed``)."""
     UNMATCHED = "unmatched"
-    """No queued message and recipient fit the report."""
+    """No queued message and recipient fit the report, or the recipient it names has not
+    been accepted by any server (the reason says which)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,8 +164,26 @@ def apply_report(
             )
             continue
         message, recipient = match
+        if recipient.state not in _REPORTABLE:
+            outcomes.append(_not_accepted(entry, message, recipient))
+            continue
         outcomes.append(_apply_one(store, report, entry, message, recipient, now, suppress_on))
     return outcomes
+
+
+def _not_accepted(
+    entry: ReportedRecipient, message: MessageStatus, recipient: RecipientStatus
+) -> BounceOutcome:
+    return BounceOutcome(
+        action=BounceAction.UNMATCHED,
+        address=recipient.address,
+        message_id=message.id,
+        status=entry.status,
+        reason=(
+            f"not applied: no server has accepted this recipient (it is {recipient.state}), "
+            "so the report cannot be about a delivery"
+        ),
+    )
 
 
 def _apply_one(

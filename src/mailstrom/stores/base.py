@@ -579,13 +579,14 @@ class Store(Protocol):
         ...
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
-        """Mark a recipient FAILED after the fact (a bounce that came back after the
-        server had accepted the message): its state, reason and finish time become those
-        of ``attempt``, which is appended to its history without counting as a delivery
-        attempt; a lease on it is dropped (a later record for it is ignored). With events
-        enabled, an event is written in the same transaction. Returns False when the
-        message has no such recipient (``address`` exactly as stored) or it has failed
-        already; raises UnknownMessage for an unknown id."""
+        """Mark a DELIVERED recipient FAILED after the fact (a bounce that came back after
+        the server had accepted the message): its state, reason and finish time become
+        those of ``attempt``, which is appended to its history without counting as a
+        delivery attempt. With events enabled, an event is written in the same
+        transaction. Returns False, changing nothing, when the message has no such
+        recipient (``address`` exactly as stored) or it is not DELIVERED: one no server
+        has accepted (queued, deferred, in delivery) cannot have bounced after acceptance,
+        and a failed one has failed already. Raises UnknownMessage for an unknown id."""
         ...
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:

@@ -68,8 +68,8 @@ class MemorySuppressionsMixin:
         with self._lock:
             m = self._get(message_id)
             r = m.recipients.get(address)
-            if r is None or r.state is RecipientState.FAILED:
-                return False
+            if r is None or r.state is not RecipientState.DELIVERED:
+                return False  # only mail a server accepted can bounce after acceptance
             r.take(attempt, RecipientState.FAILED, next_attempt_at=None, uncertain=False)
             if self._events_on:
                 self._append_event(m, r, attempt, attempt.reason_class)

@@ -117,9 +117,9 @@ def _text_chunks(values: list[str]) -> list[list[str]]:
 def fail_recipient(
     conn: sqlite3.Connection, seq: int, address: str, attempt: Attempt
 ) -> int | None:
-    """Mark one recipient of message ``seq`` FAILED by ``attempt`` and add it to the
-    history (not counted as a delivery attempt); its row id, or None when it has no such
-    recipient or it has failed already."""
+    """Mark one DELIVERED recipient of message ``seq`` FAILED by ``attempt`` and add it to
+    the history (not counted as a delivery attempt); its row id, or None when it has no
+    such recipient or it is not DELIVERED (see Store.fail_late)."""
     a = bounded_attempt(attempt)
     reply = a.reply
     reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
@@ -130,7 +130,7 @@ def fail_recipient(
         " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, reply_code = ?,"
         " reply_enhanced = ?, reply_text = ?, error = ?, mx_host = ?, ip = ?, tls = ?,"
         " uncertain = 0, reason_class = ?"
-        " WHERE message_seq = ? AND address = ? AND state != 'failed' RETURNING id",
+        " WHERE message_seq = ? AND address = ? AND state = 'delivered' RETURNING id",
         (at, at, *reply_cols, a.error, a.mx_host, a.ip, a.tls, reason, seq, address),
     ).fetchone()
     if row is None:

@@ -797,9 +797,10 @@ ORDER BY target
 LIMIT %(limit)s;
 
 -- name: fail_late
--- A recipient failed after the fact (a late bounce): the attempt becomes its last reply
--- and joins the history without counting as a delivery attempt. Returns whether the
--- message exists and whether the recipient changed.
+-- A delivered recipient failed after the fact (a late bounce): the attempt becomes its
+-- last reply and joins the history without counting as a delivery attempt. Only a
+-- delivered one: no other was accepted by a server. Returns whether the message exists
+-- and whether the recipient changed.
 WITH msg AS (
     SELECT id FROM messages WHERE id = %(message_id)s
 ), updated AS (
@@ -811,7 +812,7 @@ WITH msg AS (
         tls = %(tls_version)s::text IS NOT NULL, uncertain = false,
         reason_class = %(reason_class)s
     FROM msg
-    WHERE r.message_id = msg.id AND r.address = %(address)s AND r.state <> 'failed'
+    WHERE r.message_id = msg.id AND r.address = %(address)s AND r.state = 'delivered'
     RETURNING r.message_id, r.address
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
