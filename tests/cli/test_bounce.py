@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailstrom.bounces import recipient_token, verp_address
+from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
 
 SAMPLES = Path(__file__).parents[1] / "samples" / "bounces"
@@ -23,6 +24,15 @@ def deliver(env: MailEnv, *send: str, stdin: bytes | None = None) -> str:
     env.cli.ok("worker", "--once", "--no-live")
     assert env.cli.ok("status", "--json", message_id).json()["state"] == "delivered"
     return message_id
+
+
+def verp_key(env: MailEnv) -> bytes:
+    """The key the commands make VERP tokens with (kept in their store)."""
+    store = SQLiteStore(env.workdir / "queue.db")
+    try:
+        return store.verp_key()
+    finally:
+        store.close()
 
 
 def recipient(cli: CLI, message_id: str) -> dict[str, object]:
@@ -64,7 +74,7 @@ def test_a_postfix_bounce_found_by_the_verp_recipient(mail_env: MailEnv) -> None
         *("--from", VERP, "--to", "nosuchuser@receiver.test", "--text", "x"),
     )
     [received] = mail_env.mx.messages
-    address = verp_address(VERP, mid, "nosuchuser@receiver.test")
+    address = verp_address(VERP, mid, "nosuchuser@receiver.test", key=verp_key(mail_env))
     assert received.mail_from == address
     # The report quotes another token; the MTA's $RECIPIENT names the right one.
     data = (SAMPLES / "postfix-dsn-full.eml").read_bytes()
@@ -78,7 +88,7 @@ def test_a_complaint(mail_env: MailEnv) -> None:
     cli = mail_env.cli
     mail_env.dns.mx("mailbox.test", [(10, "mx.test")])
     mid = deliver(mail_env, *("--from", VERP, "--to", "carol@mailbox.test", "--text", "x"))
-    token = recipient_token(mid, "carol@mailbox.test").encode()
+    token = recipient_token(mid, "carol@mailbox.test", key=verp_key(mail_env)).encode()
     data = (SAMPLES / "arf-complaint.eml").read_bytes().replace(PLACEHOLDER, token)
     [outcome] = cli.ok("bounce", "--json", stdin=data).json()["outcomes"]
     assert (outcome["action"], outcome["suppressed"]) == ("complaint", "carol@mailbox.test")

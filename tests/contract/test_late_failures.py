@@ -1,5 +1,5 @@
-"""Contract: a recipient failed after the fact (a late bounce), and finding messages by
-their Message-ID header."""
+"""Contract: a recipient failed after the fact (a late bounce), finding messages by
+their Message-ID header, and the key VERP tokens are made with."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mailstrom.errors import UnknownMessage
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
 from mailstrom.stores import Store
 
+from .conftest import Backend
 from .support import LEASE_FOR, NOW, lease_all, message, results_for
 
 LATER = NOW + timedelta(hours=2)
@@ -114,3 +115,13 @@ def test_messages_by_header_message_id(store: Store) -> None:
     assert store.message_ids_for_header("<m1@example.com>") == [second, first]
     assert store.message_ids_for_header("<m1@example.com>", limit=1) == [second]
     assert store.message_ids_for_header("<none@example.com>") == []
+
+
+def test_the_verp_key_is_made_once_and_shared(store_backend: Backend) -> None:
+    first = store_backend.open()
+    key = first.verp_key()
+    assert len(key) == 32 and key != bytes(32)
+    assert first.verp_key() == key
+    # Every store object on the same storage (another process's, after a restart) uses
+    # the same key: tokens made by a worker are checked by `mailstrom bounce`.
+    assert store_backend.open().verp_key() == key

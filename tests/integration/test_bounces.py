@@ -4,6 +4,7 @@ connection."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -66,9 +67,9 @@ def hello(*to: str, message_id: str | None = None) -> Email:
     )
 
 
-def report_for(name: str, message_id: str, address: str) -> bytes:
+def report_for(ms: Mailstrom, name: str, message_id: str, address: str) -> bytes:
     """A sample report with its placeholder token made this recipient's."""
-    token = recipient_token(message_id, address).encode()
+    token = recipient_token(message_id, address, key=ms.store.verp_key()).encode()
     return (SAMPLES / name).read_bytes().replace(PLACEHOLDER, token)
 
 
@@ -89,8 +90,8 @@ def test_verp_gives_each_recipient_its_own_transaction(
     received = mx.wait_for_messages(2)
     by_rcpt = {tuple(m.rcpt_tos): m.mail_from for m in received}
     assert by_rcpt == {
-        ("ann@example.org",): verp_address(VERP, mid, "ann@example.org"),
-        ("bob@example.org",): verp_address(VERP, mid, "bob@example.org"),
+        ("ann@example.org",): verp_address(VERP, mid, "ann@example.org", key=ms.store.verp_key()),
+        ("bob@example.org",): verp_address(VERP, mid, "bob@example.org", key=ms.store.verp_key()),
     }
     assert mx.commands.count("MAIL") == 2
     assert ms.query_status(mid).envelope_from == VERP
@@ -103,7 +104,7 @@ def test_a_postfix_bounce_by_verp_token_fails_and_suppresses(
     mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
     results.wait_count(1)
     [outcome] = apply(
-        ms, report_for("postfix-dsn-full.eml", mid, "nosuchuser@receiver.test"), clock
+        ms, report_for(ms, "postfix-dsn-full.eml", mid, "nosuchuser@receiver.test"), clock
     )
     assert outcome.action is BounceAction.FAILED
     assert (outcome.message_id, outcome.address, outcome.status) == (
@@ -156,7 +157,7 @@ def test_an_exim_bounce_without_detail_still_suppresses(
 ) -> None:
     mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
     results.wait_count(1)
-    [outcome] = apply(ms, report_for("exim-dsn.eml", mid, "nosuchuser@receiver.test"), clock)
+    [outcome] = apply(ms, report_for(ms, "exim-dsn.eml", mid, "nosuchuser@receiver.test"), clock)
     assert outcome.action is BounceAction.FAILED and outcome.status == "5.0.0"
     assert outcome.suppressed is not None
 
@@ -166,7 +167,7 @@ def test_a_complaint_suppresses_and_keeps_the_delivery(
 ) -> None:
     mid = ms.send_email(hello("carol@mailbox.test", "dave@mailbox.test"), envelope_from=VERP)
     results.wait_count(2)
-    [outcome] = apply(ms, report_for("arf-complaint.eml", mid, "carol@mailbox.test"), clock)
+    [outcome] = apply(ms, report_for(ms, "arf-complaint.eml", mid, "carol@mailbox.test"), clock)
     assert (outcome.action, outcome.address) == (BounceAction.COMPLAINT, "carol@mailbox.test")
     assert ms.query_status(mid).recipient("carol@mailbox.test").state is RecipientState.DELIVERED
     entry = ms.suppressed("carol@mailbox.test")
@@ -180,7 +181,7 @@ def test_a_delay_notice_and_an_unknown_message_change_nothing(
 ) -> None:
     mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
     results.wait_count(1)
-    delayed = report_for("postfix-dsn-full.eml", mid, "nosuchuser@receiver.test").replace(
+    delayed = report_for(ms, "postfix-dsn-full.eml", mid, "nosuchuser@receiver.test").replace(
         b"Action: failed\r\nStatus: 5.1.1", b"Action: delayed\r\nStatus: 4.4.1"
     )
     assert [o.action for o in apply(ms, delayed, clock)] == [BounceAction.IGNORED]
@@ -201,7 +202,9 @@ def test_the_envelope_recipient_can_carry_the_token(
         ms,
         data,
         clock,
-        envelope_recipient=verp_address(VERP, mid, "nosuchuser@receiver.test"),
+        envelope_recipient=verp_address(
+            VERP, mid, "nosuchuser@receiver.test", key=ms.store.verp_key()
+        ),
     )
     assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, mid)
 
@@ -231,7 +234,57 @@ def test_a_bounce_about_mail_no_server_accepted_is_not_applied(
     later = ms.send_email(
         hello("carol@mailbox.test"), envelope_from=VERP, send_at=clock() + timedelta(days=1)
     )
-    [outcome] = apply(ms, report_for("arf-complaint.eml", later, "carol@mailbox.test"), clock)
+    [outcome] = apply(ms, report_for(ms, "arf-complaint.eml", later, "carol@mailbox.test"), clock)
     assert (outcome.action, outcome.message_id) == (BounceAction.UNMATCHED, later)
     assert outcome.reason.startswith("not applied: no server has accepted this recipient")
     assert ms.suppressions() == []
+
+
+def forged_dsn(message_id_header: str, *victims: str, token: str = "") -> bytes:
+    """A DSN anyone who saw a message could write: its Message-ID header and, in Cc, the
+    address of a co-recipient; ``token`` as the envelope sender it claims to return."""
+    blocks = "".join(
+        f"Final-Recipient: rfc822; {v}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n" for v in victims
+    )
+    return (
+        f"To: bounces+{token}@sender.test\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; forger.test\r\n"
+        f"\r\n{blocks}--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Message-ID: {message_id_header}\r\n\r\n--b--\r\n"
+    ).encode()
+
+
+def test_a_recipient_cannot_forge_a_bounce_about_a_co_recipient_of_verp_mail(
+    ms: Mailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    email = Email(
+        from_="App <app@sender.test>",
+        to=["bob@example.org"],
+        cc=["carol@example.org"],
+        subject="News",
+        text="Hello",
+        message_id="<news-1@sender.test>",
+    )
+    mid = ms.send_email(email, envelope_from=VERP)
+    results.wait_count(2)
+    bobs = next(m for m in mx.wait_for_messages(2) if m.rcpt_tos == ("bob@example.org",))
+    bob_token = bobs.mail_from.partition("+")[2].partition("@")[0]
+    # What Bob can try: the Message-ID and Carol's address; a token from the unkeyed
+    # digest of her address; his own token, with Carol named beside him.
+    unkeyed = f"{mid}-{hashlib.blake2s(b'carol@example.org', digest_size=5).hexdigest()}"
+    for forged in (
+        forged_dsn("<news-1@sender.test>", "carol@example.org"),
+        forged_dsn(f"<{mid}@sender.test>", "carol@example.org", token=unkeyed),
+        forged_dsn("<news-1@sender.test>", "bob@example.org", "carol@example.org", token=bob_token),
+    ):
+        outcomes = {o.address: o for o in apply(ms, forged, clock)}
+        assert outcomes["carol@example.org"].action is BounceAction.UNMATCHED
+    assert outcomes["carol@example.org"].reason == (
+        "no queued message and recipient match this report"
+        " (a message sent with VERP matches only by its recipient's token)"
+    )
+    assert ms.query_status(mid).recipient("carol@example.org").state is RecipientState.DELIVERED
+    assert ms.suppressed("carol@example.org") is None
+    # Bob's own token speaks for Bob (his bounce is his to forge).
+    assert outcomes["bob@example.org"].action is BounceAction.FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -198,14 +199,30 @@ def test_late_hard_bounces() -> None:
 # --- VERP ---------------------------------------------------------------------------
 
 
+KEY = bytes(range(32))
+
+
 def test_tokens_round_trip_and_name_the_recipient() -> None:
-    token = recipient_token(MID, "Bob@Example.org")
-    assert token == recipient_token(MID, "bob@example.org")
-    assert token != recipient_token(MID, "ann@example.org")
-    address = verp_address("bounces+{token}@sender.test", MID, "bob@example.org")
+    token = recipient_token(MID, "Bob@Example.org", key=KEY)
+    assert token == recipient_token(MID, "bob@example.org", key=KEY)
+    assert token != recipient_token(MID, "ann@example.org", key=KEY)
+    address = verp_address("bounces+{token}@sender.test", MID, "bob@example.org", key=KEY)
     assert address == f"bounces+{token}@sender.test"
     assert len(address.partition("@")[0]) <= 64
     assert list(find_tokens([address.upper(), address])) == [tuple(token.split("-"))]
+
+
+def test_a_token_cannot_be_made_without_the_key() -> None:
+    # Bob sees his own token and knows Carol's address (Cc): without the store's key,
+    # neither the unkeyed digest nor his own token's digest is Carol's.
+    carol = recipient_token(MID, "carol@example.net", key=KEY)
+    unkeyed = hashlib.blake2s(b"carol@example.net", digest_size=5).hexdigest()
+    assert carol != f"{MID}-{unkeyed}"
+    assert carol != recipient_token(MID, "carol@example.net", key=bytes(32))
+    assert carol.split("-")[1] != recipient_token(MID, "bob@example.org", key=KEY).split("-")[1]
+    # A token is good for one message only.
+    other = "0190f3a2c4e1b7d08a4f2c6e9b1d3f58"
+    assert carol.split("-")[1] != recipient_token(other, "carol@example.net", key=KEY)[33:]
 
 
 def test_templates_are_checked() -> None:
@@ -231,16 +248,16 @@ def test_a_verp_item_becomes_one_transaction_per_recipient() -> None:
         smtputf8=False,
         eightbit=False,
     )
-    parts = per_recipient(item)
+    parts = per_recipient(item, key=KEY)
     assert [p.recipients for p in parts] == [(recipients[0],), (recipients[1],)]
     assert [p.envelope_from for p in parts] == [
-        verp_address(item.envelope_from, MID, "ann@example.org"),
-        verp_address(item.envelope_from, MID, "bob@example.org"),
+        verp_address(item.envelope_from, MID, "ann@example.org", key=KEY),
+        verp_address(item.envelope_from, MID, "bob@example.org", key=KEY),
     ]
     plain = WorkItem(
         **{**{f: getattr(item, f) for f in item.__slots__}, "envelope_from": "b@x.test"}
     )
-    assert per_recipient(plain) == [plain]
+    assert per_recipient(plain, key=KEY) == [plain]
 
 
 # --- the notices mailstrom sends -----------------------------------------------------

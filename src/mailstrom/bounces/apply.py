@@ -16,6 +16,12 @@ with the recipient chosen by ``Original-Recipient`` (the ORCPT the message carri
 complaint that names no recipient (providers often redact it) matches a message with one
 recipient only.
 
+Ways 2 and 3 trust whoever sent the report: every recipient of a message sees its
+Message-ID header (which holds the message id too) and the recipients in To and Cc, and
+can send a report naming any of them. A token is keyed with the store's secret, so it
+cannot be made for another recipient: a message sent with VERP is therefore matched by
+its tokens only, and a token names its own recipient only.
+
 A report is applied only to a recipient a server has accepted (DELIVERED; a FAILED one
 has failed already): a bounce after acceptance, or a complaint, about mail still queued or
 deferred is no such thing, and is reported as unmatched with the reason.
@@ -23,13 +29,14 @@ deferred is no such thing, and is reported as unmatched with the reason.
 
 from __future__ import annotations
 
+import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
 from mailstrom.bounces.reports import Report, ReportedRecipient, ReportKind
-from mailstrom.bounces.verp import address_digest, find_tokens
+from mailstrom.bounces.verp import address_digest, find_tokens, is_verp_template
 from mailstrom.errors import InvalidSuppression, UnknownMessage
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_late_hard_bounce
 from mailstrom.policy.reasons import classify_reply
@@ -86,9 +93,13 @@ class BounceOutcome:
 class _Matcher:
     store: Store
     report: Report
-    loaded: dict[str, MessageStatus | None]
-    tokens: list[tuple[MessageStatus, RecipientStatus]]
-    candidates: list[MessageStatus]
+    loaded: dict[str, MessageStatus | None] = field(default_factory=dict)
+    tokens: list[tuple[MessageStatus, RecipientStatus]] = field(default_factory=list)
+    """Recipients named by a valid VERP token."""
+    candidates: list[MessageStatus] = field(default_factory=list)
+    """Messages whose recipients the report may name by address."""
+    verp_skipped: bool = False
+    """Whether a message sent with VERP was left out of ``candidates``."""
 
     def load(self, message_id: str) -> MessageStatus | None:
         if message_id not in self.loaded:
@@ -98,6 +109,35 @@ class _Matcher:
                 self.loaded[message_id] = None
         return self.loaded[message_id]
 
+    def add_tokens(self, texts: list[str]) -> None:
+        """The recipients the valid tokens in ``texts`` name (the key is read only when
+        there is a token)."""
+        found = list(find_tokens(texts))[:_MAX_CANDIDATES]
+        key = self.store.verp_key() if found else b""
+        for message_id, digest in found:
+            message = self.load(message_id)
+            if message is None:
+                continue
+            self.tokens += [
+                (message, r)
+                for r in message.recipients
+                if hmac.compare_digest(address_digest(message.id, r.address, key=key), digest)
+            ]
+            if not is_verp_template(message.envelope_from):
+                self.consider(message)  # its other recipients, by address (no token needed)
+
+    def consider(self, message: MessageStatus | None) -> None:
+        """Let the report name ``message``'s recipients by address, unless it was sent
+        with VERP: the ids and the Message-ID header that lead here are seen by every
+        recipient, so only a token, which the store alone can make, speaks for one of
+        its recipients."""
+        if message is None or message in self.candidates:
+            return
+        if is_verp_template(message.envelope_from):
+            self.verp_skipped = True
+            return
+        self.candidates.append(message)
+
     def find(self, reported: ReportedRecipient) -> tuple[MessageStatus, RecipientStatus] | None:
         wanted = [a.lower() for a in (reported.original_recipient, reported.final_recipient) if a]
         for message, recipient in self.tokens:
@@ -106,7 +146,7 @@ class _Matcher:
         if len(self.report.recipients) <= 1 and len(self.tokens) == 1:
             return self.tokens[0]  # the token names the recipient, whatever the report says
         for address in wanted:  # Original-Recipient first
-            for message in [*(m for m, _ in self.tokens), *self.candidates]:
+            for message in self.candidates:
                 for recipient in message.recipients:
                     if recipient.address.lower() == address:
                         return message, recipient
@@ -130,25 +170,18 @@ def apply_report(
     suppressed when its status is a hard one (:func:`is_late_hard_bounce` with
     ``suppress_on``); a complaint always suppresses.
     """
-    matcher = _Matcher(store=store, report=report, loaded={}, tokens=[], candidates=[])
-    texts = [envelope_recipient or "", *report.envelope_senders]
-    for message_id, digest in list(find_tokens(texts))[:_MAX_CANDIDATES]:
-        message = matcher.load(message_id)
-        if message is not None:
-            matcher.tokens += [
-                (message, r) for r in message.recipients if address_digest(r.address) == digest
-            ]
+    matcher = _Matcher(store=store, report=report)
+    matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
     envelope_id = (report.envelope_id or "").lower()
     if _MESSAGE_ID.match(envelope_id):
-        found = matcher.load(envelope_id)
-        if found is not None:
-            matcher.candidates.append(found)
+        matcher.consider(matcher.load(envelope_id))
     if report.original_message_id:
         header = _angle(report.original_message_id)
         for message_id in store.message_ids_for_header(header, limit=_MAX_CANDIDATES):
-            found = matcher.load(message_id)
-            if found is not None and found not in matcher.candidates:
-                matcher.candidates.append(found)
+            matcher.consider(matcher.load(message_id))
+    unmatched = "no queued message and recipient match this report"
+    if matcher.verp_skipped:
+        unmatched += " (a message sent with VERP matches only by its recipient's token)"
     reported = report.recipients or (ReportedRecipient(final_recipient=None),)
     outcomes = []
     for entry in reported:
@@ -159,7 +192,7 @@ def apply_report(
                     action=BounceAction.UNMATCHED,
                     address=entry.original_recipient or entry.final_recipient,
                     status=entry.status,
-                    reason="no queued message and recipient match this report",
+                    reason=unmatched,
                 )
             )
             continue

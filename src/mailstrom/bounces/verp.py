@@ -3,10 +3,18 @@
 An ``envelope_from`` holding ``{token}`` in its local part (``bounces+{token}@example.com``)
 is a template: each recipient gets its own envelope sender with ``{token}`` replaced by
 ``<message id>-<digest>``, the message's 32-hex-digit id and ten hex digits of a BLAKE2s
-digest of the recipient's lower-cased address. A bounce sent to that address (or an ARF
+digest of the recipient's lower-cased address, keyed with the store's secret
+(:meth:`~mailstrom.stores.base.Store.verp_key`). A bounce sent to that address (or an ARF
 report quoting it as ``Original-Mail-From``) then says which message and which recipient
 failed, however the receiving system rewrote the recipient's address. The token is 43
 characters: with ``bounces+`` and the local part stays within RFC 5321's 64 octets.
+
+The key is what makes a token evidence: every recipient sees their own envelope sender
+(``Return-Path``) and the message id in it (it is in the Message-ID header too), and the
+other recipients in To and Cc. Unkeyed, a digest of a co-recipient's address could be
+computed by any of them, and a bounce forged with it would fail and suppress that
+co-recipient. Keyed, only the store can make a token, so a report that carries a valid
+one came back from the envelope sender that recipient's copy was sent with.
 
 Since the envelope sender differs per recipient, each recipient of a VERP message is its
 own SMTP transaction (the worker splits such work items; see :func:`per_recipient`).
@@ -51,34 +59,37 @@ def check_verp_template(envelope_from: str) -> None:
         )
 
 
-def address_digest(address: str) -> str:
-    """Ten hex digits standing for ``address`` (case-insensitive)."""
-    return hashlib.blake2s(address.lower().encode("utf-8"), digest_size=5).hexdigest()
+def address_digest(message_id: str, address: str, *, key: bytes) -> str:
+    """Ten hex digits standing for ``address`` (case-insensitive) as a recipient of
+    ``message_id``: a BLAKE2s MAC under ``key``, so a token is good for one message only
+    and nobody without the key can make one."""
+    data = f"{message_id.lower()}\0{address.lower()}".encode()
+    return hashlib.blake2s(data, digest_size=5, key=key).hexdigest()
 
 
-def recipient_token(message_id: str, address: str) -> str:
-    """The token of one recipient of one message.
+def recipient_token(message_id: str, address: str, *, key: bytes) -> str:
+    """The token of one recipient of one message, under the store's VERP ``key``.
 
-    >>> recipient_token("0190f3a2c4e1b7d08a4f2c6e9b1d3f57", "bob@example.org")[:33]
+    >>> recipient_token("0190f3a2c4e1b7d08a4f2c6e9b1d3f57", "bob@example.org", key=b"k")[:33]
     '0190f3a2c4e1b7d08a4f2c6e9b1d3f57-'
     """
-    return f"{message_id}-{address_digest(address)}"
+    return f"{message_id}-{address_digest(message_id, address, key=key)}"
 
 
-def verp_address(template: str, message_id: str, address: str) -> str:
+def verp_address(template: str, message_id: str, address: str, *, key: bytes) -> str:
     """``template`` with ``{token}`` replaced for this recipient of this message."""
-    return template.replace(TOKEN_FIELD, recipient_token(message_id, address))
+    return template.replace(TOKEN_FIELD, recipient_token(message_id, address, key=key))
 
 
-def per_recipient(item: WorkItem) -> list[WorkItem]:
+def per_recipient(item: WorkItem, *, key: bytes) -> list[WorkItem]:
     """``item`` as transactions: itself, or one item per recipient with its own VERP
-    envelope sender when its envelope sender is a template."""
+    envelope sender (tokens under ``key``) when its envelope sender is a template."""
     if TOKEN_FIELD not in item.envelope_from:
         return [item]
     return [
         replace(
             item,
-            envelope_from=verp_address(item.envelope_from, item.message_id, r.address),
+            envelope_from=verp_address(item.envelope_from, item.message_id, r.address, key=key),
             recipients=(r,),
         )
         for r in item.recipients

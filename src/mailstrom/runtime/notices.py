@@ -27,6 +27,7 @@ def notices_for(
     *,
     config: Config,
     now: datetime,
+    verp_key: bytes,
 ) -> list[PreparedMessage]:
     """One prepared notice per (message, envelope sender, kind) for the final failures,
     and the deferrals that cross ``Config.delay_warning``, among ``results`` whose
@@ -44,7 +45,7 @@ def notices_for(
             continue
         sender = result.envelope_from or item.envelope_from
         if is_verp_template(sender):
-            sender = verp_address(sender, result.message_id, result.address)
+            sender = verp_address(sender, result.message_id, result.address, key=verp_key)
         if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=delayed):
             continue
         attempt = result.attempt

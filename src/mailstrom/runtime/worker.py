@@ -147,6 +147,9 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._capped = False
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
+        self._verp_key = b""
+        """The store's VERP key (read when the worker starts): the tokens of VERP
+        envelope senders are made with it."""
         self._wakeups = 0
         """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
         may be for work that lease did not see, so it keeps the next lease wanted."""
@@ -256,6 +259,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             if self.config.outbox:
                 # From here on every record also writes its events, in the same transaction.
                 self.store.enable_events()
+            self._verp_key = await self._store_call(self.store.verp_key)
             if self.config.hook is not None:
                 # Loaded only here: HTTP (urllib, http.client) is for workers with a hook.
                 from mailstrom.runtime.hooks import HookSender
@@ -483,7 +487,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 self._on_done(refused)  # failed at once, recorded with the next write
             if rest is not None:
                 # A VERP message is one transaction per recipient (its own envelope sender).
-                for part in per_recipient(rest):
+                for part in per_recipient(rest, key=self._verp_key):
                     dispatcher.submit(part)
         return count
 

@@ -31,6 +31,7 @@ class WorkerScreening(WorkerStore):
     _clock: Callable[[], datetime]
     _leases: dict[str, _LeaseState]
     _lease_wanted: bool
+    _verp_key: bytes
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
@@ -66,7 +67,9 @@ class WorkerScreening(WorkerStore):
         # Loaded at the first failure: the notices' renderer and the message model.
         from mailstrom.runtime.notices import notices_for
 
-        return notices_for(failed, items, config=self.config, now=self._clock())
+        return notices_for(
+            failed, items, config=self.config, now=self._clock(), verp_key=self._verp_key
+        )
 
     async def _send_notices(self, notices: list[PreparedMessage]) -> None:
         """Queue bounce messages like any other mail (they go out with the null sender,

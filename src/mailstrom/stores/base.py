@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 MAX_REPLY_TEXT = 2048
 """Octets of a peer's reply text (and of a local error) kept per attempt. A hostile server
 may send up to a megabyte per reply; Postfix keeps 2,048 octets too."""
+VERP_KEY_SIZE = 32
+"""Octets of the store's VERP key (BLAKE2s takes keys of up to 32)."""
 MAX_HISTORY = 50
 """Attempts kept in a recipient's history; older ones are dropped as new ones are recorded
 (the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
@@ -592,6 +594,13 @@ class Store(Protocol):
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages whose Message-ID header is ``header_message_id`` (with its
         angle brackets), newest first, at most ``limit``."""
+        ...
+
+    def verp_key(self) -> bytes:
+        """The store's secret key for VERP tokens (:mod:`mailstrom.bounces.verp`):
+        :data:`VERP_KEY_SIZE` random bytes, made the first time any process asks and the
+        same ever after for every process sharing the store (workers make tokens with it,
+        ``mailstrom bounce`` checks them)."""
         ...
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------

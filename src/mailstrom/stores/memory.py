@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DestinationThrottle, MessageStatus, RecipientState
 from mailstrom.stores.base import (
     MAX_TLS_BROKEN,
+    VERP_KEY_SIZE,
     Lease,
     LeasedRecipient,
     RecipientResult,
@@ -101,6 +103,7 @@ class MemoryStore(
         self._keys: dict[str, tuple[str, datetime]] = {}
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
+        self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
 
     # --- writing ----------------------------------------------------------------------
 

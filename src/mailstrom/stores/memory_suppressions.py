@@ -20,6 +20,7 @@ class MemorySuppressionsMixin:
     _lock: threading.Lock
     _events_on: bool
     _suppressions: dict[str, Suppression]
+    _verp_key: bytes
 
     if TYPE_CHECKING:  # the store's own (memory.py) and the outbox's (memory_events.py)
 
@@ -74,6 +75,10 @@ class MemorySuppressionsMixin:
             if self._events_on:
                 self._append_event(m, r, attempt, attempt.reason_class)
         return True
+
+    def verp_key(self) -> bytes:
+        """The store's VERP key (see Store.verp_key): made with the store."""
+        return self._verp_key
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first."""

@@ -261,6 +261,7 @@ class SQLiteStore:
         self._gathering = False
         self._seen: dict[int, float] = {}
         self._watchers = Watchers()
+        self._verp_key: bytes | None = None
         self._wakeups = WakeupDirectory(self._path)
         self._events = False
         try:
@@ -1127,6 +1128,18 @@ class SQLiteStore:
             if rid is not None and self._events:
                 sqlite_events.append_events(conn, [_late_result(message_id, address, attempt, rid)])
         return rid is not None
+
+    def verp_key(self) -> bytes:
+        """The store's VERP key (see Store.verp_key), made on first use; kept once read,
+        since it never changes."""
+        if self._verp_key is None:
+            with self._read() as conn:
+                key = sqlite_suppressions.read_verp_key(conn)
+            if key is None:
+                with self._write() as conn:
+                    key = sqlite_suppressions.make_verp_key(conn)
+            self._verp_key = key
+        return self._verp_key
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""

@@ -1,10 +1,12 @@
-"""The SQL of the SQLite store's suppression list and late failures (schema version 6).
+"""The SQL of the SQLite store's suppression list and late failures (schema version 6),
+and its VERP key (version 13).
 
 Functions over a connection inside a transaction the caller (:class:`SQLiteStore`) opened.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from mailstrom.status import Attempt
-from mailstrom.stores.base import MAX_HISTORY, Lease, bounded_attempt
+from mailstrom.stores.base import MAX_HISTORY, VERP_KEY_SIZE, Lease, bounded_attempt
 from mailstrom.stores.sqlite_queue import qmarks
 from mailstrom.stores.sqlite_schema import from_us, opt_dt, opt_us, to_us
 from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
@@ -151,3 +153,21 @@ def fail_recipient(
         ),
     )
     return rid
+
+
+def read_verp_key(conn: sqlite3.Connection) -> bytes | None:
+    """The store's VERP key, or None before any process has made it."""
+    row = conn.execute("SELECT key FROM verp_key WHERE id = 1").fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def make_verp_key(conn: sqlite3.Connection) -> bytes:
+    """The store's VERP key, made now unless another process made it first (inside the
+    caller's write transaction)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO verp_key (id, key) VALUES (1, ?)",
+        (secrets.token_bytes(VERP_KEY_SIZE),),
+    )
+    key = read_verp_key(conn)
+    assert key is not None  # inserted, or there already
+    return key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import uuid
 from collections import Counter
@@ -41,6 +42,7 @@ from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
     MAX_HISTORY,
     MAX_TLS_BROKEN,
+    VERP_KEY_SIZE,
     EventBatch,
     Lease,
     QueueFilter,
@@ -112,6 +114,7 @@ class PostgresStore:
         self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
+        self._verp_key: bytes | None = None
         self._notifier = Notifier(self._conninfo)
         migrate(self._conninfo, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
@@ -846,6 +849,21 @@ class PostgresStore:
         if not found:
             raise UnknownMessage(message_id)
         return bool(changed)
+
+    def verp_key(self) -> bytes:
+        """The store's VERP key (see Store.verp_key), made on first use; kept once read,
+        since it never changes."""
+        if self._verp_key is None:
+            # Twice: a key another process inserts at the same moment is seen by neither
+            # half of the first statement (see the query), and by the second.
+            for _ in range(2):
+                found = self._fetch("verp_key", {"key": secrets.token_bytes(VERP_KEY_SIZE)})
+                if found:
+                    self._verp_key = bytes(found[0][0])
+                    break
+            else:
+                raise StoreError("the store's VERP key could not be read")
+        return self._verp_key
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""

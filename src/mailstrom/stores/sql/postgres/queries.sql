@@ -841,3 +841,16 @@ SELECT id FROM messages
 WHERE header_message_id = %(header_message_id)s
 ORDER BY created_at DESC, seq DESC
 LIMIT %(limit)s;
+
+-- name: verp_key
+-- The key, made from %(key)s if there is none yet. The SELECT below does not see a row
+-- this statement inserts (one snapshot), so exactly one of the two returns it; a row
+-- another transaction inserted concurrently is seen by neither (the caller asks again).
+WITH made AS (
+    INSERT INTO verp_key (id, key) VALUES (1, %(key)s)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING key
+)
+SELECT key FROM made
+UNION ALL
+SELECT key FROM verp_key WHERE id = 1;
