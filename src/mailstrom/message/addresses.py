@@ -74,7 +74,16 @@ class _Token:
     space: str  # the white space before it ("" if none; a comment counts as " ")
 
 
-@functools.lru_cache(maxsize=4096)
+CACHED_VALUE_LENGTH = 256
+"""Longest address-list value whose parse is cached, in characters.
+
+Senders repeat the same few addresses, so short values are cached; a long list is
+parsed each time. A cache keyed by any value would keep up to 4,096 parses of 64 KiB
+headers (each many times that size once parsed), including those of refused messages:
+gigabytes. 256 characters hold a few mailboxes with display names, which covers the From,
+Sender, Reply-To and To of nearly all real mail; the cache then stays within a few MB."""
+
+
 def parse_address_list(field: str, value: str) -> tuple[Group, ...]:
     """Parse and validate one address-list header value (without line breaks).
 
@@ -82,9 +91,15 @@ def parse_address_list(field: str, value: str) -> tuple[Group, ...]:
     'Team'
 
     Raises :class:`InvalidAddress` (malformed list, bad addr-spec) and the character
-    errors of :func:`~mailstrom.message.chars.check_header_text`. Results are cached:
-    senders repeat the same few addresses.
+    errors of :func:`~mailstrom.message.chars.check_header_text`. The results for
+    values of at most :data:`CACHED_VALUE_LENGTH` characters are cached.
     """
+    if len(value) <= CACHED_VALUE_LENGTH:
+        return _parse_cached(field, value)
+    return _parse_address_list(field, value)
+
+
+def _parse_address_list(field: str, value: str) -> tuple[Group, ...]:
     check_header_text(field, value)
     simple = _SIMPLE.fullmatch(value.strip(" \t"))
     if simple is not None:
@@ -94,6 +109,9 @@ def parse_address_list(field: str, value: str) -> tuple[Group, ...]:
             box = Mailbox("", _validate(field, value, simple["l2"], simple["d2"]))
         return (Group(None, (box,)),)
     return _Parser(field, value).address_list()
+
+
+_parse_cached = functools.lru_cache(maxsize=4096)(_parse_address_list)
 
 
 def parse_mailbox(role: str, value: str) -> Mailbox:
