@@ -19,7 +19,14 @@ from mailstrom.errors import (
     NoRecipients,
     TooManyRecipients,
 )
-from mailstrom.message.addresses import Group, dedupe, mailboxes, parse_address_list, parse_mailbox
+from mailstrom.message.addresses import (
+    Group,
+    Mailbox,
+    dedupe,
+    mailboxes,
+    parse_address_list,
+    parse_mailbox,
+)
 from mailstrom.message.headers import HeaderSection
 
 DEFAULT_MAX_RECIPIENTS = 1000
@@ -65,31 +72,103 @@ class Envelope:
     """An envelope address has a non-ASCII local part (RFC 6531)."""
 
 
-def fields_from_section(section: HeaderSection) -> AddressFields:
-    """Read and validate the address headers of a raw header section."""
+MAX_OTHER_MAILBOXES = 10_240
+"""Mailboxes that the address fields of a raw message may name beyond ``max_recipients``:
+From, Sender, Reply-To, repeats, and To/Cc/Bcc when the envelope is given explicitly.
 
-    def groups(name: str, *, single: bool = False) -> tuple[Group, ...] | None:
-        values = section.values(name)
+Each is parsed and validated, at tens of µs apiece, so without a bound a 35 MiB message
+of address fields costs a minute of CPU. Postfix similarly stops reading an address
+header after ``header_address_token_limit`` (10,240) tokens."""
+
+_RESENT_RECIPIENTS = ("resent-to", "resent-cc", "resent-bcc")
+
+
+def fields_from_section(
+    section: HeaderSection,
+    *,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+    recipients_from_headers: bool = True,
+) -> AddressFields:
+    """Read and validate the address headers of a raw header section.
+
+    Counting as it parses, it stops at the first field that takes the recipient fields
+    (To, Cc, Bcc, or the Resent- ones when present) past ``max_recipients`` different
+    addresses, when the envelope is to be read from them (``recipients_from_headers``),
+    or all address fields together past ``max_recipients`` + :data:`MAX_OTHER_MAILBOXES`
+    mailboxes: :class:`TooManyRecipients`, before the rest is parsed.
+    """
+    reader = _AddressReader(section, max_recipients, recipients_from_headers)
+    resent = [reader.groups(name) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")]
+    return AddressFields(
+        from_=reader.groups("From", single=True),
+        sender=reader.groups("Sender", single=True),
+        reply_to=reader.groups("Reply-To") or (),
+        to=reader.groups("To") or (),
+        cc=reader.groups("Cc") or (),
+        bcc=reader.groups("Bcc") or (),
+        resent=None
+        if all(g is None for g in resent)
+        else tuple(group for found in resent for group in found or ()),
+    )
+
+
+class _AddressReader:
+    """Parses the address fields of one header section, counting what they name."""
+
+    def __init__(self, section: HeaderSection, max_recipients: int, count: bool) -> None:
+        self.section = section
+        self.max_recipients = max_recipients
+        self.mailbox_limit = max_recipients + MAX_OTHER_MAILBOXES
+        self.mailbox_count = 0
+        resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
+        self.counted: tuple[str, ...] = ()
+        if count:
+            self.counted = _RESENT_RECIPIENTS if resending else ("to", "cc", "bcc")
+        self.recipients: set[str] = set()
+
+    def groups(self, name: str, *, single: bool = False) -> tuple[Group, ...] | None:
+        values = self.section.values(name)
         if not values:
             return None
         if single and len(values) > 1:
             raise InvalidMessage(
                 f"the message has {len(values)} {name} header fields; RFC 5322 §3.6 allows one"
             )
-        return tuple(group for value in values for group in parse_address_list(name, value))
+        recipients = name.lower() in self.counted
+        found: list[Group] = []
+        for value in values:
+            parsed = parse_address_list(name, value)
+            found.extend(parsed)
+            self._count(mailboxes(parsed), recipients=recipients)
+        return tuple(found)
 
-    resent = [groups(name) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")]
-    return AddressFields(
-        from_=groups("From", single=True),
-        sender=groups("Sender", single=True),
-        reply_to=groups("Reply-To") or (),
-        to=groups("To") or (),
-        cc=groups("Cc") or (),
-        bcc=groups("Bcc") or (),
-        resent=None
-        if all(g is None for g in resent)
-        else tuple(group for found in resent for group in found or ()),
-    )
+    def _count(self, boxes: list[Mailbox], *, recipients: bool) -> None:
+        self.mailbox_count += len(boxes)
+        if self.mailbox_count > self.mailbox_limit:
+            raise TooManyRecipients(
+                f"the address header fields name more than {self.mailbox_limit} mailboxes; "
+                f"the limit is Config.max_recipients ({self.max_recipients}) + "
+                f"{MAX_OTHER_MAILBOXES}",
+                count=self.mailbox_count,
+                limit=self.mailbox_limit,
+            )
+        if not recipients:
+            return
+        # Envelope forms have lower-case domains: a set de-duplicates them as decide() does.
+        self.recipients.update(box.address.envelope for box in boxes)
+        if len(self.recipients) > self.max_recipients:
+            names = (
+                "Resent-To, Resent-Cc and Resent-Bcc"
+                if "resent-to" in self.counted
+                else ("To, Cc and Bcc")
+            )
+            raise TooManyRecipients(
+                f"the message has more than {self.max_recipients} recipients: its {names} "
+                f"fields name {len(self.recipients)} different addresses before the rest are "
+                f"read; the limit is {self.max_recipients} (Config.max_recipients)",
+                count=len(self.recipients),
+                limit=self.max_recipients,
+            )
 
 
 def _explicit(envelope_to: object) -> Sequence[str]:

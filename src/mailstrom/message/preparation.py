@@ -195,8 +195,13 @@ def _prepare_bytes(
         # Checked again once rewritten; refusing early keeps huge input cheap.
         _too_large(len(data), options.max_size)
     section = split_header_section(data)
+    fields = fields_from_section(
+        section,
+        max_recipients=options.max_recipients,
+        recipients_from_headers=envelope_to is None,
+    )
     envelope = decide(
-        fields_from_section(section),
+        fields,
         envelope_from=envelope_from,
         envelope_to=envelope_to,
         max_recipients=options.max_recipients,
