@@ -80,7 +80,8 @@ class ForbiddenCharacter(InvalidMessage):
 
 
 class HeaderTooLong(InvalidMessage):
-    """A header field is longer than the limit (``size`` and ``limit`` in octets)."""
+    """A header field, or a whole header section (``header`` is then ``"header
+    section"``), is longer than the limit (``size`` and ``limit`` in octets)."""
 
     def __init__(self, reason: str, *, header: str, size: int, limit: int) -> None:
         super().__init__(reason)
@@ -100,6 +101,25 @@ class TooManyRecipients(InvalidMessage):
 
 class NestingTooDeep(InvalidMessage):
     """MIME parts are nested deeper than the limit (multipart and message/rfc822 levels)."""
+
+    def __init__(self, reason: str, *, limit: int) -> None:
+        super().__init__(reason)
+        self.limit = limit
+
+
+class TooManyHeaderFields(InvalidMessage):
+    """A header section (the message's own, or a MIME part's) has more fields than the
+    limit; ``count`` and ``limit`` are numbers of fields."""
+
+    def __init__(self, reason: str, *, count: int, limit: int) -> None:
+        super().__init__(reason)
+        self.count = count
+        self.limit = limit
+
+
+class TooManyParts(InvalidMessage):
+    """The message has more MIME parts than the limit (every entity counts, nested ones
+    and the message itself included); ``limit`` is that number."""
 
     def __init__(self, reason: str, *, limit: int) -> None:
         super().__init__(reason)

@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from mailstrom.errors import HeaderInjection, HeaderTooLong, UnencodableHeader
+from mailstrom.message.bounds import check_header_section, section_end
 from mailstrom.message.chars import check_header_octets, check_header_text
 from mailstrom.message.encoding import to_crlf
 from mailstrom.message.policies import HEADER_FACTORY
@@ -105,8 +106,10 @@ def split_header_section(data: bytes) -> HeaderSection:
     A line in the header section must be a ``name:`` field line or a folded continuation
     (starting with space or tab). Anything else, and any CR not followed by LF, means a
     line break inside a header value: :class:`HeaderInjection`. Non-ASCII octets must be
-    UTF-8 (RFC 6532), else :class:`UnencodableHeader`.
+    UTF-8 (RFC 6532), else :class:`UnencodableHeader`. A section too long or with too many
+    fields (:mod:`~mailstrom.message.bounds`) is refused before it is read.
     """
+    check_header_section(data, 0, section_end(data), where="the header section")
     fields: list[tuple[str, list[bytes]]] = []
     pos = 0
     body = b""

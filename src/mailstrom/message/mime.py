@@ -7,7 +7,8 @@ walking a nested message costs no memory per level. Input is CRLF-normalised.
 
 Everything here is tolerant: a missing or malformed Content-Type reads as text/plain
 (RFC 2045 §5.2), a multipart without a usable boundary as a single opaque body. Only
-:func:`check_structure` raises, and only :class:`NestingTooDeep`.
+:func:`check_structure` raises, when a bound on nesting, parts or header sections is
+passed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mailstrom.errors import NestingTooDeep
+from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 
 MAX_DEPTH = 100
 """Deepest MIME nesting accepted (multipart and message/rfc822 levels below the top).
@@ -70,16 +72,23 @@ def entity(
     (message/rfc822 inside multipart/digest, RFC 2046 §5.1.5)."""
     if end is None:
         end = len(data)
+    return _entity(data, start, body_start(data, start, end), end, default=default)
+
+
+def body_start(data: bytes, start: int, end: int) -> int:
+    """Where the body of the entity at ``data[start:end]`` starts: after the empty line that
+    ends its header section (``end`` when it has only headers, ``start`` when none)."""
     if data.startswith(b"\r\n", start) or start >= end:
-        body = min(start + 2, end)
-    else:
-        blank = data.find(b"\r\n\r\n", start, end)
-        if blank != -1:
-            body = blank + 4
-        elif _FIELD.match(data, start, end):
-            body = end  # headers only
-        else:
-            body = start  # no header section at all
+        return min(start + 2, end)
+    blank = data.find(b"\r\n\r\n", start, end)
+    if blank != -1:
+        return blank + 4
+    if _FIELD.match(data, start, end):
+        return end  # headers only
+    return start  # no header section at all
+
+
+def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> Entity:
     content_type, boundary, cte = default, None, "7bit"
     for name, value in _fields(data, start, body):
         if name == b"content-type":
@@ -140,23 +149,17 @@ class Layout:
 
 def layout(item: Entity) -> Layout | None:
     """The layout of a multipart entity, or None when it has no boundary or no delimiter."""
-    if item.boundary is None:
-        return None
-    delimiter = re.compile(rb"(?m)^--" + re.escape(item.boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    data, parts = item.data, []
     preamble: tuple[int, int] | None = None
+    parts = []
     part_start = 0
-    for match in delimiter.finditer(data, item.body, item.end):
-        if match.start() != item.body and data[match.start() - 2 : match.start()] != b"\r\n":
-            continue  # "^" matched after a bare LF, which CRLF input does not have
-        before = max(match.start() - 2, item.body)
+    for line, next_line, close in _delimiters(item):
+        before = max(line - 2, item.body)
         if preamble is None:
             preamble = (item.body, before)
         else:
             parts.append((part_start, before))
-        line_end = data.find(b"\r\n", match.end(), item.end)
-        part_start = item.end if line_end == -1 else line_end + 2
-        if match[1]:
+        part_start = next_line
+        if close:
             return Layout(preamble=preamble, parts=tuple(parts), epilogue=(part_start, item.end))
     if preamble is None:
         return None
@@ -164,33 +167,93 @@ def layout(item: Entity) -> Layout | None:
     return Layout(preamble=preamble, parts=tuple(parts), epilogue=None)
 
 
-def children(item: Entity) -> list[Entity]:
-    """The entities directly inside ``item`` (parts of a multipart, a nested message)."""
+_TRANSPORT_PADDING = re.compile(rb"[ \t]*(?:\r\n|\Z)")
+
+
+def _delimiters(item: Entity) -> Iterator[tuple[int, int, bool]]:
+    """(where its line starts, where the next line starts, whether it closes) for each
+    delimiter line of a multipart body, in order, up to the close delimiter.
+
+    A delimiter line is ``--boundary``, ``--`` more for the close one, then white space
+    (RFC 2046 §5.1.1), at the start of the body or after a CRLF. Found with
+    ``bytes.find``, which skips ahead at C speed: a regular expression anchored at line
+    starts tried every position, and a body nested a hundred levels deep is scanned once
+    per level (33 MB: 12 s).
+    """
+    if item.boundary is None:
+        return
+    data, end = item.data, item.end
+    needle = b"\r\n--" + item.boundary
+    found = item.body if data.startswith(needle[2:], item.body, end) else -1
+    if found == -1:
+        found = data.find(needle, item.body, end)
+        found = -1 if found == -1 else found + 2
+    while found != -1:
+        after = found + len(needle) - 2
+        close = data.startswith(b"--", after, end)
+        padding = _TRANSPORT_PADDING.match(data, after + 2 if close else after, end)
+        if padding is not None:
+            yield found, padding.end(), close
+            if close:
+                return
+        found = data.find(needle, after, end)
+        found = -1 if found == -1 else found + 2
+
+
+def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:
+    """(start, end, default content type) of each entity directly inside ``item``, found
+    one at a time."""
     if item.nested:
-        return [entity(item.data, item.body, item.end)]
-    found = layout(item)
-    if found is None:
-        return []
+        yield item.body, item.end, "text/plain"
+        return
     default = "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
-    return [entity(item.data, start, end, default=default) for start, end in found.parts]
+    part_start: int | None = None
+    for line, next_line, close in _delimiters(item):
+        if part_start is not None:
+            yield part_start, max(line - 2, item.body), default
+        part_start = next_line
+        if close:
+            return
+    if part_start is not None:
+        yield part_start, item.end, default
 
 
-def check_structure(data: bytes, *, limit: int = MAX_DEPTH) -> bool:
-    """Walk every entity of ``data``: raise :class:`NestingTooDeep` if they nest deeper
-    than ``limit``; return True if a part's own header section (below the top level) holds
-    8-bit octets, which only RFC 6532 allows, so the message then needs SMTPUTF8."""
+def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> bool:
+    """Walk every entity of ``data``; return True if a part's own header section (below
+    the top level) holds 8-bit octets, which only RFC 6532 allows, so the message then
+    needs SMTPUTF8.
+
+    Raises :class:`NestingTooDeep` if entities nest deeper than ``limit``,
+    :class:`TooManyParts` past ``max_parts`` entities, and :class:`TooManyHeaderFields` or
+    :class:`HeaderTooLong` for a header section over the bounds of
+    :mod:`~mailstrom.message.bounds`. Entities are read one at a time, each bound checked
+    before the next is, so refusing costs no more than the limits allow.
+    """
     utf8 = False
-    stack = [(entity(data), 0)]
-    while stack:
-        item, depth = stack.pop()
+    count = 0
+    pending = [(iter([(0, len(data), "text/plain")]), 0)]
+    while pending:
+        spans, depth = pending[-1]
+        span = next(spans, None)
+        if span is None:
+            pending.pop()
+            continue
+        count += 1
+        if count > max_parts:
+            raise too_many_parts(max_parts)
         if depth > limit:
             raise NestingTooDeep(
                 f"MIME parts are nested more than {limit} levels deep (multipart and "
                 "message/rfc822 levels); Postfix refuses such mail (mime_nesting_limit)",
                 limit=limit,
             )
+        start, end, default = span
+        body = body_start(data, start, end)
+        where = "the header section of a MIME part" if depth else "the header section"
+        check_header_section(data, start, body, where=where)
+        item = _entity(data, start, body, end, default=default)
         if depth and not utf8:
             utf8 = not item.head.isascii()
         if item.maintype in ("multipart", "message"):
-            stack.extend((child, depth + 1) for child in children(item))
+            pending.append((_child_spans(item), depth + 1))
     return utf8
