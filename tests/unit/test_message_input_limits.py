@@ -12,8 +12,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mailstrom.errors import HeaderTooLong, TooManyHeaderFields, TooManyParts, TooManyRecipients
-from mailstrom.message import envelope, prepare
+from mailstrom.errors import (
+    HeaderTooLong,
+    InvalidHeaderValue,
+    InvalidMessage,
+    TooManyHeaderFields,
+    TooManyParts,
+    TooManyRecipients,
+)
+from mailstrom.message import Email, envelope, prepare
 from mailstrom.message.addresses import CACHED_VALUE_LENGTH, parse_address_list
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_HEADER_SECTION, MAX_PARTS
 
@@ -143,3 +150,79 @@ def test_mime_part_header_sections_are_bounded() -> None:
     with pytest.raises(TooManyHeaderFields, match="MIME part"):
         prepare(multipart(fields + b"\r\nx"), now=NOW)
     assert prepare(multipart(fields[8:] + b"\r\nx"), now=NOW)
+
+
+# --- #4 Date and Message-ID ---------------------------------------------------------------
+
+TOP = ("From: a@example.com", "To: b@example.org")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("Date: Mon, 01 Jan 2024 00:00:00 +0000", "Date: Tue, 02 Jan 2024 00:00:00 +0000"),
+        ("Message-ID: <a@example.com>", "Message-ID: <b@example.com>"),
+    ],
+    ids=["Date", "Message-ID"],
+)
+def test_a_second_date_or_message_id_is_refused(fields: tuple[str, str]) -> None:
+    """Input audit #4: both fields were sent; RFC 5322 §3.6 allows one of each, as of From."""
+    name = fields[0].partition(":")[0]
+    with pytest.raises(InvalidMessage, match=f"2 {name} header fields; RFC 5322 §3.6 allows one"):
+        prepare(raw(*TOP, *fields), now=NOW)
+
+
+BAD_MESSAGE_IDS = ["", "garbage here", "abc", "<abc>", "<a@b", "<a@b> <c@d>"]
+GOOD_MESSAGE_IDS = {
+    "<a.b@example.com>": "<a.b@example.com>",
+    " (made by cron) <a@example.com> (x)": "<a@example.com>",  # CFWS around it
+    '<"a b"@example.com>': '<"a b"@example.com>',  # obs-id-left
+    "<a@[192.0.2.1]>": "<a@[192.0.2.1]>",  # no-fold-literal
+}
+
+
+def test_raw_message_id_must_be_a_msg_id() -> None:
+    """Input audit #4: a Message-ID that is no msg-id was stored and sent as it came; the
+    forms RFC 5322 allows stay accepted, sent as given, and the queue keeps the msg-id
+    without the comments around it."""
+    for value in BAD_MESSAGE_IDS:
+        with pytest.raises(InvalidHeaderValue, match="expected <id-left@id-right>") as caught:
+            prepare(raw(*TOP, f"Message-ID: {value}"), now=NOW)
+        assert caught.value.header == "Message-ID"
+    for value, kept in GOOD_MESSAGE_IDS.items():
+        prepared = prepare(raw(*TOP, f"Message-ID: {value}"), now=NOW)
+        assert prepared.header_message_id == kept
+        assert f"Message-ID: {value}".encode() in prepared.data
+
+
+BAD_DATES = ["", "yesterday", "2024-01-02T03:04:05Z", "Mon, 32 Jan 2024 00:00 +0000"]
+GOOD_DATES = [
+    "Mon, 01 Jan 2024 00:00:00 +0000",
+    "1 Jan 2024 00:00 GMT",  # no day of week, obsolete zone name (RFC 5322 §4.3)
+    "Mon, 01 Jan 24 00:00:00 EST",  # two-digit year
+    "Tue, 02 Jan 2024 03:04:05 +0100 (CET)",  # a comment after it
+    "Sat, 31 Dec 2016 23:59:60 +0000",  # a leap second (§3.3)
+]
+
+
+def test_raw_date_must_be_readable() -> None:
+    """Input audit #4: an empty or unreadable Date was kept, and no Date added; obsolete
+    but valid dates stay accepted and are sent as given."""
+    for value in BAD_DATES:
+        with pytest.raises(InvalidHeaderValue, match="expected an RFC 5322 date-time") as caught:
+            prepare(raw(*TOP, f"Date: {value}"), now=NOW)
+        assert caught.value.header == "Date"
+    for value in GOOD_DATES:
+        prepared = prepare(raw(*TOP, f"Date: {value}"), now=NOW)
+        assert prepared.data.count(b"Date:") == 1
+        assert f"Date: {value}".encode() in prepared.data
+
+
+@pytest.mark.parametrize("message_id", ["abc", 'a"b(c)@x,y', "<>", "a@b@c", "a@"])
+def test_builder_message_id_is_checked_like_raw_input(message_id: str) -> None:
+    """Input audit #4: Email(message_id="abc") was sent as <abc> although the error text
+    promised <id-left@id-right>."""
+    with pytest.raises(InvalidHeaderValue, match="expected <id-left@id-right>"):
+        prepare(Email(from_="a@example.com", to="b@example.org", message_id=message_id))
+    ok = Email(from_="a@example.com", to="b@example.org", message_id="x.y@[192.0.2.1]")
+    assert prepare(ok).header_message_id == "<x.y@[192.0.2.1]>"

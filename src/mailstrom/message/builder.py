@@ -8,12 +8,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from mailstrom.errors import InvalidAddress, InvalidAttachment, InvalidMessage
+from mailstrom.errors import (
+    InvalidAddress,
+    InvalidAttachment,
+    InvalidHeaderValue,
+    InvalidMessage,
+)
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.envelope import AddressFields
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
+from mailstrom.message.identification import check_message_id
 from mailstrom.message.provider import provider_fields
 
 # Headers the Email fields own; setting them through ``headers`` would be ambiguous.
@@ -240,12 +246,29 @@ def _provided(email: Email, headers: tuple[tuple[str, str], ...]) -> tuple[str, 
     )
 
 
-def normalise_message_id(value: str, *, field: str = "Message-ID") -> str:
-    """``value`` as a msg-id in angle brackets; :class:`InvalidMessage` if it cannot be."""
-    value = _text(field, value)
-    inner = value.strip().removeprefix("<").removesuffix(">")
+def normalise_message_id(value: object) -> str:
+    """``value``, with or without angle brackets, as a msg-id in them (RFC 5322 §3.6.4);
+    :class:`InvalidHeaderValue` if it is not an ASCII one."""
+    text = _text("Message-ID", value)
+    inner = text.strip().removeprefix("<").removesuffix(">")
+    if not inner.isascii():
+        raise InvalidHeaderValue(
+            f"invalid Message-ID {shorten(text)}: expected ASCII <id-left@id-right> (an "
+            "internationalised one needs a raw message with UTF-8 headers)",
+            header="Message-ID",
+        )
+    return check_message_id(f"<{inner}>")
+
+
+def _bracketed(field: str, value: object) -> str:
+    """``value`` in angle brackets; :class:`InvalidMessage` if it cannot be put in them.
+
+    All a Content-ID needs: ``cid:logo`` works in every reader although RFC 2045 §7 asks
+    for msg-id syntax."""
+    text = _text(field, value)
+    inner = text.strip().removeprefix("<").removesuffix(">")
     if not inner or not inner.isascii() or any(c in inner for c in " \t<>"):
-        raise InvalidMessage(f"invalid {field} {shorten(value)}: expected <id-left@id-right>")
+        raise InvalidMessage(f"invalid {field} {shorten(text)}: expected <id-left@id-right>")
     return f"<{inner}>"
 
 
@@ -352,7 +375,7 @@ def _part(attachment: object) -> Part:
         content_type=content_type,
         params=params,
         inline=bool(attachment.inline),
-        content_id=None if cid is None else normalise_message_id(cid, field="Content-ID"),
+        content_id=None if cid is None else _bracketed("Content-ID", cid),
     )
 
 

@@ -127,13 +127,13 @@ class _AddressReader:
         self.recipients: set[str] = set()
 
     def groups(self, name: str, *, single: bool = False) -> tuple[Group, ...] | None:
-        values = self.section.values(name)
+        if single:
+            one = self.section.value(name)
+            values = [] if one is None else [one]
+        else:
+            values = self.section.values(name)
         if not values:
             return None
-        if single and len(values) > 1:
-            raise InvalidMessage(
-                f"the message has {len(values)} {name} header fields; RFC 5322 §3.6 allows one"
-            )
         recipients = name.lower() in self.counted
         found: list[Group] = []
         for value in values:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from mailstrom.errors import HeaderInjection, HeaderTooLong, UnencodableHeader
+from mailstrom.errors import HeaderInjection, HeaderTooLong, InvalidMessage, UnencodableHeader
 from mailstrom.message.bounds import check_header_section, section_end
 from mailstrom.message.chars import check_header_octets, check_header_text
 from mailstrom.message.encoding import to_crlf
@@ -83,6 +83,17 @@ class HeaderSection:
                 text = b"".join(field.lines).decode("utf-8")
                 out.append(text.partition(":")[2].strip(" \t"))
         return out
+
+    def value(self, name: str) -> str | None:
+        """The unfolded value of the one field called ``name``, None when there is none;
+        :class:`InvalidMessage` when there are several of a field RFC 5322 §3.6 allows once
+        (From, Sender, Date, Message-ID, ...)."""
+        values = self.values(name)
+        if len(values) > 1:
+            raise InvalidMessage(
+                f"the message has {len(values)} {name} header fields; RFC 5322 §3.6 allows one"
+            )
+        return values[0] if values else None
 
     def rewrite(self, *, drop: Collection[str], add: Sequence[tuple[str, str]]) -> bytes:
         """The message with fields named in ``drop`` (lower-case) removed and ``add`` appended.

@@ -53,6 +53,7 @@ from mailstrom.message.headers import (
     decode_text,
     split_header_section,
 )
+from mailstrom.message.identification import check_date, check_message_id
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 
@@ -207,11 +208,14 @@ def _prepare_bytes(
         max_recipients=options.max_recipients,
     )
     add: list[tuple[str, str]] = []
-    if not section.values("Date"):
+    date = section.value("Date")
+    if date is None:
         add.append(("Date", format_datetime(now)))
-    message_ids = section.values("Message-ID")
-    if message_ids:
-        message_id = message_ids[0]
+    else:
+        check_date(date)
+    given_id = section.value("Message-ID")
+    if given_id is not None:
+        message_id = check_message_id(given_id)
     else:
         message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
         add.append(("Message-ID", message_id))

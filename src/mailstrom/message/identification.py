@@ -1,0 +1,64 @@
+"""Date and Message-ID: the fields that date and identify a message (RFC 5322 §3.6.1,
+§3.6.4), checked where a message brings its own.
+
+A reader cannot sort or thread a message whose Date it cannot read, and Gmail refuses
+mail without a valid Message-ID; both are refused at submission rather than sent.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_tz
+
+from mailstrom.errors import InvalidHeaderValue
+from mailstrom.message.chars import shorten
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+# UTF-8 is atext in a raw UTF-8 header section (RFC 6532 §3.2); the builder is ASCII only.
+_ID_LEFT = rf'(?:[{_ATEXT}\x80-\U0010ffff]+(?:\.[{_ATEXT}\x80-\U0010ffff]+)*|"(?:[^"\\]|\\.)*")'
+_ID_RIGHT = rf"(?:[{_ATEXT}\x80-\U0010ffff]+(?:\.[{_ATEXT}\x80-\U0010ffff]+)*|\[[!-Z^-~]*\])"
+_CFWS = r"[ \t]*(?:\((?:[^()\\]|\\.)*\)[ \t]*)*"
+_MSG_ID = re.compile(rf"{_CFWS}(<{_ID_LEFT}@{_ID_RIGHT}>){_CFWS}", re.DOTALL)
+"""msg-id (RFC 5322 §3.6.4): id-left a dot-atom-text or (obs-id-left) a quoted string,
+id-right a dot-atom-text or a no-fold-literal, with comments and white space around."""
+
+
+def check_message_id(value: str, *, field: str = "Message-ID") -> str:
+    """The msg-id of a ``Message-ID`` value, in angle brackets without the comments and
+    white space around it; :class:`InvalidHeaderValue` when it is not one.
+
+    >>> check_message_id(" <a.b@example.com> (sent by cron)")
+    '<a.b@example.com>'
+    """
+    match = _MSG_ID.fullmatch(value)
+    if match is None:
+        raise InvalidHeaderValue(
+            f"invalid {field} {shorten(value)}: expected <id-left@id-right> (RFC 5322 "
+            "§3.6.4), e.g. <unique-part@example.com>",
+            header=field,
+        )
+    return match[1]
+
+
+def check_date(value: str) -> None:
+    """Raise :class:`InvalidHeaderValue` unless ``value`` is a readable RFC 5322 date.
+
+    Obsolete forms stay valid (RFC 5322 §4.3): two-digit years, zone names such as
+    ``GMT`` or ``EST``, a trailing comment. A second of 60 is a leap second (§3.3).
+    """
+    parts = parsedate_tz(value)
+    try:
+        if parts is None:
+            raise ValueError("unreadable")
+        year, month, day, hour, minute, second = parts[:6]
+        if second > 60:
+            raise ValueError("second out of range")
+        offset = timedelta(seconds=parts[9] or 0)
+        datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset))
+    except (ValueError, OverflowError):
+        raise InvalidHeaderValue(
+            f"invalid Date {shorten(value)}: expected an RFC 5322 date-time (§3.3) such as "
+            "'Tue, 02 Jan 2024 03:04:05 +0000'",
+            header="Date",
+        ) from None
