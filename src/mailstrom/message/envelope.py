@@ -19,14 +19,7 @@ from mailstrom.errors import (
     NoRecipients,
     TooManyRecipients,
 )
-from mailstrom.message.addresses import (
-    Group,
-    Mailbox,
-    dedupe,
-    mailboxes,
-    parse_address_list,
-    parse_mailbox,
-)
+from mailstrom.message.addresses import Group, dedupe, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.headers import HeaderSection
 
 DEFAULT_MAX_RECIPIENTS = 1000
@@ -80,8 +73,6 @@ Each is parsed and validated, at tens of µs apiece, so without a bound a 35 MiB
 of address fields costs a minute of CPU. Postfix similarly stops reading an address
 header after ``header_address_token_limit`` (10,240) tokens."""
 
-_RESENT_RECIPIENTS = ("resent-to", "resent-cc", "resent-bcc")
-
 
 def fields_from_section(
     section: HeaderSection,
@@ -97,36 +88,40 @@ def fields_from_section(
     or all address fields together past ``max_recipients`` + :data:`MAX_OTHER_MAILBOXES`
     mailboxes: :class:`TooManyRecipients`, before the rest is parsed.
     """
-    reader = _AddressReader(section, max_recipients, recipients_from_headers)
-    resent = [reader.groups(name) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")]
+    reader = _AddressReader(section, max_recipients)
+    count = recipients_from_headers
+    # Read first: when a message has any Resent- recipient field, those are its recipients.
+    resent = [
+        reader.groups(name, recipients=count) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")
+    ]
+    resending = any(found is not None for found in resent)
+    count = count and not resending
     return AddressFields(
         from_=reader.groups("From", single=True),
         sender=reader.groups("Sender", single=True),
         reply_to=reader.groups("Reply-To") or (),
-        to=reader.groups("To") or (),
-        cc=reader.groups("Cc") or (),
-        bcc=reader.groups("Bcc") or (),
-        resent=None
-        if all(g is None for g in resent)
-        else tuple(group for found in resent for group in found or ()),
+        to=reader.groups("To", recipients=count) or (),
+        cc=reader.groups("Cc", recipients=count) or (),
+        bcc=reader.groups("Bcc", recipients=count) or (),
+        resent=tuple(group for found in resent for group in found or ()) if resending else None,
     )
 
 
 class _AddressReader:
     """Parses the address fields of one header section, counting what they name."""
 
-    def __init__(self, section: HeaderSection, max_recipients: int, count: bool) -> None:
+    def __init__(self, section: HeaderSection, max_recipients: int) -> None:
         self.section = section
         self.max_recipients = max_recipients
         self.mailbox_limit = max_recipients + MAX_OTHER_MAILBOXES
         self.mailbox_count = 0
-        resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
-        self.counted: tuple[str, ...] = ()
-        if count:
-            self.counted = _RESENT_RECIPIENTS if resending else ("to", "cc", "bcc")
         self.recipients: set[str] = set()
 
-    def groups(self, name: str, *, single: bool = False) -> tuple[Group, ...] | None:
+    def groups(
+        self, name: str, *, single: bool = False, recipients: bool = False
+    ) -> tuple[Group, ...] | None:
+        """The groups of every ``name`` field (None when there is none); ``recipients``:
+        they name envelope recipients, to be counted against ``max_recipients``."""
         if single:
             one = self.section.value(name)
             values = [] if one is None else [one]
@@ -134,16 +129,19 @@ class _AddressReader:
             values = self.section.values(name)
         if not values:
             return None
-        recipients = name.lower() in self.counted
         found: list[Group] = []
         for value in values:
             parsed = parse_address_list(name, value)
             found.extend(parsed)
-            self._count(mailboxes(parsed), recipients=recipients)
+            self._count(name, parsed, recipients=recipients)
         return tuple(found)
 
-    def _count(self, boxes: list[Mailbox], *, recipients: bool) -> None:
-        self.mailbox_count += len(boxes)
+    def _count(self, name: str, groups: tuple[Group, ...], *, recipients: bool) -> None:
+        for group in groups:
+            self.mailbox_count += len(group.mailboxes)
+            if recipients:
+                # Envelope forms have lower-case domains: a set de-duplicates as decide() does.
+                self.recipients.update(box.address.envelope for box in group.mailboxes)
         if self.mailbox_count > self.mailbox_limit:
             raise TooManyRecipients(
                 f"the address header fields name more than {self.mailbox_limit} mailboxes; "
@@ -152,20 +150,13 @@ class _AddressReader:
                 count=self.mailbox_count,
                 limit=self.mailbox_limit,
             )
-        if not recipients:
-            return
-        # Envelope forms have lower-case domains: a set de-duplicates them as decide() does.
-        self.recipients.update(box.address.envelope for box in boxes)
         if len(self.recipients) > self.max_recipients:
-            names = (
-                "Resent-To, Resent-Cc and Resent-Bcc"
-                if "resent-to" in self.counted
-                else ("To, Cc and Bcc")
-            )
+            prefix = "Resent-" if name.startswith("Resent-") else ""
             raise TooManyRecipients(
-                f"the message has more than {self.max_recipients} recipients: its {names} "
-                f"fields name {len(self.recipients)} different addresses before the rest are "
-                f"read; the limit is {self.max_recipients} (Config.max_recipients)",
+                f"the message has more than {self.max_recipients} recipients: its "
+                f"{prefix}To, {prefix}Cc and {prefix}Bcc fields name {len(self.recipients)} "
+                "different addresses before the rest are read; the limit is "
+                f"{self.max_recipients} (Config.max_recipients)",
                 count=len(self.recipients),
                 limit=self.max_recipients,
             )
