@@ -15,6 +15,7 @@ from mailstrom.cli.exits import EX_NOINPUT, CLIError, UsageError
 from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.cli.main import COMMAND_MODULES, _split_sendmail, build_parser, main
 from mailstrom.cli.output import age, print_table, to_jsonable
+from mailstrom.errors import HeaderTooLong, TooManyHeaderFields
 from mailstrom.runtime.attemptlog import attempt_fields
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
@@ -107,6 +108,17 @@ def test_build_rejects_empty_input() -> None:
     with pytest.raises(CLIError) as info:
         sendmail.build(b"\n", sendmail.parse_args(["a@x.test"]), default_domain="h.test")
     assert info.value.code == EX_NOINPUT
+
+
+def test_build_bounds_the_header_section_before_parsing_it() -> None:
+    """The stdlib parsers build() uses on the header section would take a second per
+    million fields: the section is refused first, as prepare() refuses it."""
+    many = b"".join(b"X-%d: v\n" % i for i in range(1001))
+    with pytest.raises(TooManyHeaderFields):
+        sendmail.build(many + b"\nhi\n", sendmail.parse_args(["-t"]), default_domain="h.test")
+    huge = b"To: " + b",\n ".join(b"u%d@x.test" % i for i in range(100_000)) + b"\n"
+    with pytest.raises(HeaderTooLong):
+        sendmail.build(huge + b"\nhi\n", sendmail.parse_args(["-t"]), default_domain="h.test")
 
 
 # --- argument parsing --------------------------------------------------------------------

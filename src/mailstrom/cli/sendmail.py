@@ -45,6 +45,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
 from mailstrom.errors import InvalidMessage
+from mailstrom.message.bounds import check_header_section, section_end
 from mailstrom.message.dsn import DSN
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -226,6 +227,8 @@ def build(
     :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
+    # The header parsers below take the whole section: bounded first, as prepare() does.
+    check_header_section(data, 0, section_end(data), where="the header section")
     if not has_from(data):
         address = qualify(args.sender or getpass.getuser(), default_domain)
         line = "From: " + formataddr((args.full_name or "", address), charset="utf-8")
