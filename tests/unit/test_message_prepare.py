@@ -352,6 +352,19 @@ def test_non_ascii_header_name() -> None:
         prepare("From: a@example.com\r\nTo: b@example.org\r\nX-Grüße: 1\r\n\r\n".encode())
 
 
+def test_an_empty_header_name_is_called_empty() -> None:
+    with pytest.raises(InvalidMessage, match="header name is empty"):
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={"": "1"}))
+
+
+def test_a_bad_header_name_is_quoted_short() -> None:
+    name = "X-" + "a" * 10_000 + "\r\nBcc"
+    with pytest.raises(HeaderInjection) as info:
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={name: "1"}))
+    assert info.value.header == name
+    assert len(info.value.reason) < 300
+
+
 def test_raw_header_octets_must_be_utf8() -> None:
     data = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: caf\xe9\r\n\r\nx\r\n"
     with pytest.raises(UnencodableHeader, match="not UTF-8"):

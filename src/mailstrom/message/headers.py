@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mailstrom.errors import HeaderInjection, HeaderTooLong, InvalidMessage, UnencodableHeader
 from mailstrom.message.bounds import check_header_section, section_end
-from mailstrom.message.chars import check_header_octets, check_header_text
+from mailstrom.message.chars import check_header_octets, check_header_text, shorten
 from mailstrom.message.encoding import to_crlf
 from mailstrom.message.policies import HEADER_FACTORY
 
@@ -44,15 +44,18 @@ def check_field_name(name: str) -> None:
     """Raise unless ``name`` is a valid header field name (RFC 5322 §3.6.8)."""
     if _FIELD_NAME.fullmatch(name):
         return
+    if not name:
+        raise InvalidMessage("a header name is empty; RFC 5322 §3.6.8 requires one character")
+    shown = shorten(name)  # a name can be any length here: quote only its ends
     if "\r" in name or "\n" in name or ":" in name or " " in name or "\t" in name:
         raise HeaderInjection(
-            f"header name {name!r} contains CR, LF, a colon or white space", header=name
+            f"header name {shown} contains CR, LF, a colon or white space", header=name
         )
     if not name.isascii():
         raise UnencodableHeader(
-            f"header name {name!r} is not ASCII; header names cannot be encoded (RFC 5322 §2.2)"
+            f"header name {shown} is not ASCII; header names cannot be encoded (RFC 5322 §2.2)"
         )
-    raise HeaderInjection(f"header name {name!r} contains control characters", header=name)
+    raise HeaderInjection(f"header name {shown} contains control characters", header=name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
