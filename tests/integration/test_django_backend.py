@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from email.mime.base import MIMEBase
 from email.mime.image import MIMEImage
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from django.core import mail  # noqa: E402  (Django must be configured first)
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend  # noqa: E402
 from django.test import override_settings  # noqa: E402
 
-from mailstrom import HeaderInjection, InvalidAddress, RecipientState  # noqa: E402
+from mailstrom import (  # noqa: E402
+    HeaderInjection,
+    InvalidAddress,
+    InvalidMessage,
+    RecipientState,
+    UnencodableHeader,
+)
 from mailstrom.contrib.django import get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
@@ -170,6 +177,103 @@ def test_fail_silently_leaves_out_and_does_not_count_invalid_messages(
     [received] = mx.wait_for_messages(1)
     assert received.rcpt_tos == ("bob@example.org",)
     assert mail.send_mail("x", "y", None, ["bob@"], fail_silently=True) == 0
+
+
+def with_header_named(name: str) -> Callable[[], mail.EmailMessage]:
+    return lambda: mail.EmailMessage("Hi", "x", to=["bob@example.org"], headers={name: "v"})
+
+
+def with_attachment(filename: str, mimetype: str = "application/pdf") -> mail.EmailMessage:
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    message.attach(filename, b"%PDF-", mimetype)
+    return message
+
+
+def with_alternative(mimetype: str) -> mail.EmailMessage:
+    message = mail.EmailMultiAlternatives("Hi", "x", to=["bob@example.org"])
+    message.attach_alternative("<p>x</p>", mimetype)
+    return message
+
+
+def with_mime_attachment_named(filename: str) -> mail.EmailMessage:
+    part = MIMEBase("application", "pdf")
+    part.set_payload(b"%PDF-")
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    message.attach(part)
+    return message
+
+
+def with_encoding(encoding: str) -> mail.EmailMessage:
+    message = mail.EmailMessage("Hi", "Grüße", to=["bob@example.org"])
+    message.encoding = encoding
+    return message
+
+
+BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessage]]] = {
+    # A line break in a header *name* wrote the attacker's header lines into the message.
+    "name adds Reply-To": (
+        with_header_named("X-A: v\r\nReply-To: attacker@evil.example\r\nX-B"),
+        HeaderInjection,
+    ),
+    "name adds a second To": (
+        with_header_named("X-A: v\r\nTo: victim@evil.example\r\nX-B"),
+        HeaderInjection,
+    ),
+    "name starts the body": (with_header_named("X-A: v\r\n\r\nInjected\r\nX-B"), HeaderInjection),
+    "name with bare LF": (
+        with_header_named("X-A: v\nReply-To: a@evil.example\nX-B"),
+        HeaderInjection,
+    ),
+    "name with a colon": (with_header_named("X-A:B"), HeaderInjection),
+    "non-ASCII name": (with_header_named("X-Ä"), UnencodableHeader),
+    # Django's serialiser raised the standard library's errors for these.
+    "filename with CRLF": (lambda: with_attachment("a\r\nX-Evil: 1.txt"), HeaderInjection),
+    "filename with LF": (lambda: with_attachment("a\nContent-Type: text/html"), HeaderInjection),
+    "attachment type with CRLF": (
+        lambda: with_attachment("a.txt", "text/plain\r\nX-Evil: 1"),
+        HeaderInjection,
+    ),
+    "alternative type with CRLF": (
+        lambda: with_alternative("text/html\r\nX-E: 1"),
+        HeaderInjection,
+    ),
+    "MIME attachment filename with CRLF": (
+        lambda: with_mime_attachment_named("a\r\nX-Evil: 1.txt"),
+        InvalidMessage,
+    ),
+    "alternative type without subtype": (lambda: with_alternative("nonsense"), InvalidMessage),
+    "unknown encoding": (lambda: with_encoding("no-such-charset"), InvalidMessage),
+    "lone surrogate in the body": (
+        lambda: mail.EmailMessage("Hi", "\udc80", to=["bob@example.org"]),
+        InvalidMessage,
+    ),
+}
+
+
+@pytest.mark.parametrize(("make", "error"), BAD_MESSAGES.values(), ids=BAD_MESSAGES.keys())
+def test_a_message_django_cannot_serialise_safely_raises_a_typed_error(
+    project: None, make: Callable[[], mail.EmailMessage], error: type[InvalidMessage]
+) -> None:
+    good = mail.EmailMessage("ok", "x", to=["carol@example.org"])
+    with pytest.raises(error):
+        mail.get_connection().send_messages([good, make()])
+    assert get_mailstrom().query_recent() == []
+
+
+@pytest.mark.parametrize(
+    "make", [make for make, _ in BAD_MESSAGES.values()], ids=BAD_MESSAGES.keys()
+)
+def test_fail_silently_leaves_out_only_the_message_django_cannot_serialise(
+    project: None, make: Callable[[], mail.EmailMessage]
+) -> None:
+    first = mail.EmailMessage("one", "x", to=["carol@example.org"])
+    bad = make()
+    last = mail.EmailMessage("two", "x", to=["dave@example.org"])
+    assert mail.get_connection(fail_silently=True).send_messages([first, bad, last]) == 2
+    assert not hasattr(bad, "mailstrom_id")
+    queued = {status.id for status in get_mailstrom().query_recent()}
+    assert queued == {first.mailstrom_id, last.mailstrom_id}  # type: ignore[attr-defined]
 
 
 def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:

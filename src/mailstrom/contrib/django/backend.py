@@ -11,6 +11,7 @@ SMTP backend would have sent it.
 
 from __future__ import annotations
 
+import email.errors
 import email.policy
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -23,9 +24,11 @@ from django.core.mail.message import EmailMessage
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.contrib.django.shared import get_mailstrom
-from mailstrom.errors import HeaderInjection, MailstromError
+from mailstrom.errors import HeaderInjection, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import parse_mailbox
+from mailstrom.message.chars import check_header_text, shorten
+from mailstrom.message.headers import check_field_name
 
 
 class EmailBackend(BaseEmailBackend):
@@ -72,12 +75,19 @@ class EmailBackend(BaseEmailBackend):
 
 def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
     """Validate and serialise one Django message as the backend queues it."""
+    for name in message.extra_headers:
+        # Django checks header values only: a line break in a name wrote the text after it
+        # as header lines of their own (or as the start of the body). Email(headers=...)
+        # checks its names with the same function.
+        check_field_name(str(name))
     for name, value in _header_values(message):
         if "\r" in value or "\n" in value:
             # Django would raise its BadHeaderError; this is the same refusal, typed.
             raise HeaderInjection(
-                f"{name} header value contains a line break: {value!r}", header=name
+                f"{name} header value contains a line break: {shorten(value)}", header=name
             )
+    for where, text in _mime_header_texts(message):
+        check_header_text(where, text)
     # Each address on its own first, so that an error names the one at fault (and the
     # attribute it is in) rather than the whole header Django joins them into.
     for role, addresses in _addresses(message):
@@ -85,11 +95,26 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
             parse_mailbox(role, str(address))
     return prepare_for(
         config,
-        smtp_bytes(message),
+        _serialised(message),
         envelope_from=message.from_email,
         envelope_to=message.recipients(),
         now=now,
     )
+
+
+def _serialised(message: EmailMessage) -> bytes:
+    """:func:`smtp_bytes`, with what Django and the standard library raise for input they
+    cannot serialise (an unknown charset, a lone surrogate, a MIME part's header with a
+    line break...) turned into :class:`InvalidMessage`, so that ``fail_silently`` leaves
+    out that message only. The checks above name the common cases more precisely."""
+    try:
+        return smtp_bytes(message)
+    except (ValueError, LookupError, email.errors.MessageError) as exc:
+        # ValueError covers UnicodeError and Django's BadHeaderError; LookupError an
+        # unknown ``encoding``; MessageError the email package's HeaderParseError.
+        raise InvalidMessage(
+            f"Django cannot serialise the message: {type(exc).__name__}: {shorten(str(exc))}"
+        ) from exc
 
 
 def smtp_bytes(message: EmailMessage) -> bytes:
@@ -118,3 +143,18 @@ def _header_values(message: EmailMessage) -> Iterable[tuple[str, str]]:
             yield name, str(address)
     for name, value in message.extra_headers.items():
         yield str(name), str(value)
+
+
+def _mime_header_texts(message: EmailMessage) -> Iterable[tuple[str, str]]:
+    """Attachment filenames and content types, which Django writes into MIME part headers:
+    a line break in a filename added header lines to its part (and the standard library
+    raised ``HeaderParseError`` for a CRLF), one in a type raised ``BadHeaderError``."""
+    for attachment in message.attachments:
+        if isinstance(attachment, tuple):  # (filename, content, mimetype); not a MIME part
+            filename, _, mimetype = attachment
+            if filename:
+                yield "attachment filename", str(filename)
+            if mimetype:
+                yield "attachment content type", str(mimetype)
+    for _, mimetype in getattr(message, "alternatives", ()):
+        yield "alternative content type", str(mimetype)
