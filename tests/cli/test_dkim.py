@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mailstrom.dkim import DKIMKey
 from tests.cli.conftest import CLI, MailEnv
-from tests.support.dkim import assert_all_pass, verify_dkimpy
+from tests.support.dkim import EC_SECP112R1, assert_all_pass, verify_dkimpy
 
 
 def keygen(cli: CLI, *args: str) -> str:
@@ -143,6 +143,21 @@ def test_key_file_others_can_read_is_a_configuration_error(cli: CLI) -> None:
     (cli.cwd / "client.test.rsa.pem").chmod(0o644)
     result = cli("--config", str(config), "send", "--from", "a@client.test", "--to", "b@x.test")
     assert result.code == 78 and "chmod 600" in result.err
+
+
+def test_key_openssl_cannot_load_is_a_configuration_error(cli: CLI) -> None:
+    path = cli.cwd / "ec.pem"
+    path.write_bytes(EC_SECP112R1)
+    path.chmod(0o600)
+    config = cli.cwd / "config.toml"
+    config.write_text(
+        f'[[dkim.keys]]\ndomain = "client.test"\nselector = "s1"\nprivate_key = "{path}"\n'
+    )
+    message = b"From: a@client.test\r\nTo: b@x.test\r\nSubject: x\r\n\r\nhi\r\n"
+    result = cli("--config", str(config), "send", "--file", "-", stdin=message)
+    assert result.code == 78, result.err
+    assert "unsupported kind of private key" in result.err and "internal error" not in result.err
+    assert cli.queue_ids() == []
 
 
 def test_provider_options_are_validated_and_need_a_built_message(cli: CLI) -> None:

@@ -4,6 +4,7 @@ passing and failing case."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from mailstrom.doctor.dkim import public_key, record_for
 from tests.cli.conftest import CLI, MailEnv
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, free_loopback_port
+from tests.support.dkim import EC_SECP112R1, EC_SECP112R1_SPKI
 
 GOOD = "sender.test"
 BAD = "bad.test"
@@ -327,6 +329,36 @@ def test_dkim_key_size_revocation_and_missing_record(
     assert checks["dkim"][0]["status"] == "warn"
     assert checks["dmarc"][0]["status"] == "warn"
     assert "SPF alone" in checks["dmarc"][0]["summary"]
+
+
+def test_dkim_keys_on_curves_openssl_cannot_load(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    """A private or a published key that cryptography cannot load is a failed check (or,
+    configured, a configuration error), never the command's crash."""
+    good_env(mail_env, keys)
+    ec_key = mail_env.workdir / "ec.pem"
+    ec_key.write_bytes(EC_SECP112R1)
+    ec_key.chmod(0o600)
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{ec_key}", GOOD)
+    [dkim] = by_name(report)["dkim"]
+    assert (code, dkim["status"]) == (2, "fail")
+    assert "unsupported kind of key" in dkim["summary"]
+
+    config = mail_env.workdir / "ec.toml"
+    config.write_text(
+        f'[[dkim.keys]]\ndomain = "{GOOD}"\nselector = "s1"\nprivate_key = "{ec_key}"\n'
+    )
+    configured = mail_env.cli("--config", str(config), "doctor", "--no-dnsbl", GOOD)
+    assert configured.code == 78
+    assert "unsupported kind of private key" in configured.err
+
+    p = base64.b64encode(EC_SECP112R1_SPKI).decode()
+    mail_env.dns.txt(f"s1._domainkey.{GOOD}", f"v=DKIM1; k=rsa; p={p}")
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{keys['good'][0]}", GOOD)
+    [dkim] = by_name(report)["dkim"]
+    assert (code, dkim["status"]) == (2, "fail")
+    assert "not the public half" in dkim["summary"]
 
 
 def test_dmarc_policy_and_alignment(mail_env: MailEnv, keys: dict[str, tuple[Path, str]]) -> None:

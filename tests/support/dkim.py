@@ -42,6 +42,22 @@ def pem(algorithm: DKIMAlgorithm) -> bytes:
 RSA = DKIMAlgorithm.RSA_SHA256
 ED25519 = DKIMAlgorithm.ED25519_SHA256
 
+# Well-formed EC keys on curves OpenSSL 3 cannot load (made with `openssl ecparam -genkey`
+# for these tests): cryptography raises UnsupportedAlgorithm, not ValueError, for them.
+EC_SECP112R1 = b"""-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDhsN15PU+0a994+xpfyYoAcGBSuBBAAGoSADHgAEHvd3K8gk8zK0x50V
+X3XM8xhqrBP7teujKQOLOA==
+-----END EC PRIVATE KEY-----
+"""
+EC_BRAINPOOLP160R1 = b"""-----BEGIN EC PRIVATE KEY-----
+MFQCAQEEFF2MQfs7EZvdMPnmPfhhHq3vlfW+oAsGCSskAwMCCAEBAaEsAyoABEKh
+MTinV22jDYqNTT3T0djGQcWYO/HkfvTuThrLAyf9bq0U0mn6ETo=
+-----END EC PRIVATE KEY-----
+"""
+UNSUPPORTED_CURVE_PEMS = (EC_SECP112R1, EC_BRAINPOOLP160R1)
+# The SubjectPublicKeyInfo of a (dummy) secp112r1 point: what a p= tag could hold.
+EC_SECP112R1_SPKI = bytes.fromhex("3032301006072a8648ce3d020106052b81040006031e0004" + "00" * 28)
+
 
 def key(domain: str, selector: str, algorithm: DKIMAlgorithm = RSA) -> DKIMKey:
     return DKIMKey(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from tests.support.dkim import ED25519, RSA, pem
+from tests.support.dkim import ED25519, RSA, UNSUPPORTED_CURVE_PEMS, pem
 
 from mailstrom.dkim import keys as keys_module
 from mailstrom.dkim.keys import (
@@ -129,6 +129,16 @@ def test_encrypted_and_malformed_keys_are_refused() -> None:
         DKIMKey(domain="example.com", selector="s", private_key=encrypted, algorithm=ED25519)
     with pytest.raises(ConfigError, match="not a PEM private key"):
         DKIMKey(domain="example.com", selector="s", private_key=b"-----BEGIN NONSENSE-----")
+
+
+@pytest.mark.parametrize("data", UNSUPPORTED_CURVE_PEMS)
+@pytest.mark.parametrize("algorithm", [RSA, ED25519])
+def test_a_key_on_a_curve_openssl_cannot_load_is_a_config_error(
+    tmp_path: Path, data: bytes, algorithm: DKIMAlgorithm
+) -> None:
+    for source in (data, key_file(tmp_path, data)):
+        with pytest.raises(ConfigError, match=r"unsupported kind of private key.*RSA or Ed25519"):
+            DKIMKey(domain="example.com", selector="s", private_key=source, algorithm=algorithm)
 
 
 @pytest.mark.parametrize("domain", ["", "com", "[192.0.2.1]", "a..b", "exa mple.com", "a@b.com"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from tests.support.dkim import EC_SECP112R1_SPKI, UNSUPPORTED_CURVE_PEMS
 
 from mailstrom.cli.doctor import exit_code
 from mailstrom.config import Config, DNSConfig
@@ -303,6 +304,28 @@ def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
     check, _ = check_dkim(FakeResolver({}), bad)
     assert check.status is Status.FAIL
     assert "openssl genpkey" in (check.fix or "")
+
+
+@pytest.mark.parametrize("data", UNSUPPORTED_CURVE_PEMS)
+def test_dkim_key_on_a_curve_openssl_cannot_load_fails(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "ec.pem"
+    path.write_bytes(data)
+    for source in (str(path), data):
+        check, verifies = check_dkim(
+            FakeResolver({}), DKIMKey(domain=DOMAIN, selector="s", private_key=source)
+        )
+        assert (check.status, verifies) == (Status.FAIL, False)
+        assert "unsupported kind of key" in check.summary
+
+
+def test_dkim_published_key_on_a_curve_openssl_cannot_load_is_a_mismatch(
+    rsa_key: Path,
+) -> None:
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    p = base64.b64encode(EC_SECP112R1_SPKI).decode()
+    check, verifies = check_dkim(FakeResolver({(key.record_name, "TXT"): [f"p={p}"]}), key)
+    assert (check.status, verifies) == (Status.FAIL, False)
+    assert "not the public half of the configured private key" in check.summary
 
 
 def test_dkim_keys_come_from_the_signing_configuration(rsa_key: Path) -> None:

@@ -203,6 +203,7 @@ def read_private_file(path: Path, *, what: str) -> bytes:
 
 def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
     try:
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
     except ImportError:  # pragma: no cover - depends on the installation
         raise ConfigError(
@@ -214,6 +215,12 @@ def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
         raise ConfigError(f"{label}: the private key is encrypted; give it unencrypted") from None
     except (ValueError, UnicodeError) as exc:
         raise ConfigError(f"{label}: not a PEM private key ({exc})") from None
+    except UnsupportedAlgorithm as exc:
+        # A well-formed key OpenSSL cannot load, such as EC on secp112r1: DKIM could not
+        # use it anyway (RFC 6376 and RFC 8463 define RSA and Ed25519 only).
+        raise ConfigError(
+            f"{label}: unsupported kind of private key ({exc}); use an RSA or Ed25519 key"
+        ) from None
 
 
 def _check(

@@ -81,11 +81,15 @@ class PublicKey:
 def public_key(pem: bytes) -> PublicKey:
     """The public half of a PEM private key, as a DKIM record publishes it."""
     try:
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
     except ImportError:
         raise MissingExtra(["cryptography"]) from None
-    key = serialization.load_pem_private_key(pem, password=None)
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except UnsupportedAlgorithm as exc:  # e.g. EC on a curve OpenSSL does not know
+        raise ValueError(f"unsupported kind of key ({exc}); use RSA or Ed25519") from None
     pub = key.public_key()
     if isinstance(key, rsa.RSAPrivateKey):
         der = pub.public_bytes(
@@ -100,6 +104,7 @@ def public_key(pem: bytes) -> PublicKey:
 
 def published_matches(kind: str, p: str, ours: PublicKey) -> bool:
     """Whether the record's ``p=`` is ``ours``, however the record encodes it."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -117,7 +122,9 @@ def published_matches(kind: str, p: str, ours: PublicKey) -> bool:
             pem = b"-----BEGIN RSA PUBLIC KEY-----\n" + base64.encodebytes(data)
             theirs = serialization.load_pem_public_key(pem + b"-----END RSA PUBLIC KEY-----\n")
         return bool(theirs.public_numbers() == ours.key.public_numbers())  # type: ignore[union-attr]
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, UnsupportedAlgorithm):
+        # Not a key, or one of a kind cryptography cannot load (EC on secp112r1, say):
+        # either way not the configured key.
         return False
 
 
