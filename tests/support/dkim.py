@@ -13,12 +13,15 @@ Both get the public key only from DNS, as a receiver does.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import dkim as dkimpy
 import dns.resolver
@@ -57,6 +60,34 @@ MTinV22jDYqNTT3T0djGQcWYO/HkfvTuThrLAyf9bq0U0mn6ETo=
 UNSUPPORTED_CURVE_PEMS = (EC_SECP112R1, EC_BRAINPOOLP160R1)
 # The SubjectPublicKeyInfo of a (dummy) secp112r1 point: what a p= tag could hold.
 EC_SECP112R1_SPKI = bytes.fromhex("3032301006072a8648ce3d020106052b81040006031e0004" + "00" * 28)
+
+
+T = TypeVar("T")
+
+
+def read_from_fifo(fifo: Path, read: Callable[[Path], T], *, within: float = 2.0) -> T:
+    """``read(fifo)``'s result (or its exception), failing the test when it has not
+    returned ``within`` seconds: a reader that opens a FIFO plainly blocks until a writer
+    comes. The writer that then releases it is this function's, so no thread is left."""
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read(fifo))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked open()
+        thread.join(within)
+        pytest.fail(f"reading the FIFO {fifo} blocked for {within} s")
+    [result] = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def key(domain: str, selector: str, algorithm: DKIMAlgorithm = RSA) -> DKIMKey:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from tests.support.dkim import ED25519, RSA, UNSUPPORTED_CURVE_PEMS, pem
+from tests.support.dkim import ED25519, RSA, UNSUPPORTED_CURVE_PEMS, pem, read_from_fifo
 
 from mailstrom.dkim import keys as keys_module
 from mailstrom.dkim.keys import (
@@ -78,6 +78,33 @@ def test_missing_file_and_directory_are_refused(tmp_path: Path) -> None:
     directory.mkdir(mode=0o700)
     with pytest.raises(ConfigError):
         DKIMKey(domain="example.com", selector="s", private_key=directory)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "key.pem"
+    os.mkfifo(fifo, 0o600)
+
+    def load(path: Path) -> DKIMKey:
+        return DKIMKey(domain="example.com", selector="s", private_key=path)
+
+    with pytest.raises(ConfigError, match="is a FIFO, not a regular file"):
+        read_from_fifo(fifo, load)
+
+
+def test_a_device_is_refused_unread(tmp_path: Path) -> None:
+    link = tmp_path / "key.pem"
+    link.symlink_to(os.devnull)  # /dev/zero would be read until memory ran out
+    with pytest.raises(ConfigError, match="is a character device, not a regular file"):
+        DKIMKey(domain="example.com", selector="s", private_key=link)
+
+
+def test_a_key_file_over_the_limit_is_refused(tmp_path: Path) -> None:
+    limit = keys_module.MAX_KEY_FILE
+    at_limit = key_file(tmp_path, pem(RSA).ljust(limit, b"\n"), name="at.pem")
+    assert DKIMKey(domain="example.com", selector="s", private_key=at_limit).bits == 2048
+    over = key_file(tmp_path, pem(RSA).ljust(limit + 1, b"\n"), name="over.pem")
+    with pytest.raises(ConfigError, match=f"has more than {limit} octets"):
+        DKIMKey(domain="example.com", selector="s", private_key=over)
 
 
 def test_small_rsa_keys_are_refused() -> None:

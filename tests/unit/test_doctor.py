@@ -7,6 +7,7 @@ checks through the command against the loopback DNS server.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from tests.support.dkim import EC_SECP112R1_SPKI, UNSUPPORTED_CURVE_PEMS
+from tests.support.dkim import EC_SECP112R1_SPKI, UNSUPPORTED_CURVE_PEMS, read_from_fifo
 
 from mailstrom.cli.doctor import exit_code
 from mailstrom.config import Config, DNSConfig
 from mailstrom.dkim import DKIMAlgorithm, DKIMConfig
 from mailstrom.dkim import DKIMKey as SigningKey
-from mailstrom.dkim.keys import generate_private_key
+from mailstrom.dkim.keys import MAX_KEY_FILE, generate_private_key
 from mailstrom.doctor import (
     Answer,
     Check,
@@ -304,6 +305,31 @@ def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
     check, _ = check_dkim(FakeResolver({}), bad)
     assert check.status is Status.FAIL
     assert "openssl genpkey" in (check.fix or "")
+
+
+def test_dkim_key_file_that_is_no_regular_file_or_too_large(tmp_path: Path, rsa_key: Path) -> None:
+    """The doctor reads keys as the signer does: never blocked by a FIFO, never reading
+    a device or a file larger than any key."""
+
+    def check(path: Path) -> Check:
+        return check_dkim(
+            FakeResolver({}), DKIMKey(domain=DOMAIN, selector="s", private_key=str(path))
+        )[0]
+
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo, 0o600)
+    fifo_check = read_from_fifo(fifo, check)
+    assert fifo_check.status is Status.FAIL and "is a FIFO" in fifo_check.summary
+
+    device = tmp_path / "device.pem"
+    device.symlink_to(os.devnull)
+    assert "is a character device" in check(device).summary
+
+    large = tmp_path / "large.pem"
+    large.write_bytes(rsa_key.read_bytes().ljust(MAX_KEY_FILE + 1, b"\n"))
+    large_check = check(large)
+    assert large_check.status is Status.FAIL
+    assert f"more than {MAX_KEY_FILE} octets" in large_check.summary
 
 
 @pytest.mark.parametrize("data", UNSUPPORTED_CURVE_PEMS)

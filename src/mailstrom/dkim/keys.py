@@ -41,6 +41,9 @@ RECOMMENDED_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 """Largest RSA key accepted: RFC 8301 §3.2 obliges verifiers to check keys up to 4096
 bits only, and a larger public key hardly fits a DNS answer."""
+MAX_KEY_FILE = 64 * 1024
+"""Octets a key file may hold: a 4096-bit RSA key in PEM has about 3.3 KB (an 8192-bit
+one 6.5 KB), so a larger file is no key, and is refused without being read."""
 TXT_STRING = 255
 """Octets in one character-string of a TXT record (RFC 1035 §3.3)."""
 
@@ -183,22 +186,70 @@ def check_selector(value: object, *, label: str = "dkim key") -> None:
 
 
 def read_private_file(path: Path, *, what: str) -> bytes:
-    """The content of a private key file, refused unless only its owner can access it."""
+    """The content of a private key file, refused unless only its owner can access it
+    (see :func:`read_key_file`); errors begin with ``what``."""
     try:
-        with path.open("rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(f"{what}: {path} is not a regular file")
-            mode = info.st_mode & 0o777
-            if mode & 0o077:
-                raise ConfigError(
-                    f"{what}: {path} can be accessed by other users (mode {mode:04o}); whoever "
-                    "reads a DKIM key can sign mail as the domain, so mailstrom refuses it, "
-                    f"as ssh does: chmod 600 {path}"
-                )
-            return f.read()
+        return read_key_file(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def read_key_file(
+    path: str | os.PathLike[str], *, owner_only: bool = True, limit: int = MAX_KEY_FILE
+) -> bytes:
+    """The content of the key file at ``path``, read without ever blocking and at most
+    ``limit`` octets of it; :class:`ConfigError` saying why for a file that cannot be
+    read, anything but a regular file, a file over ``limit`` octets, and (``owner_only``)
+    a file others can access.
+
+    The signer and ``mailstrom doctor`` both read keys through it. A FIFO would block
+    ``open()`` until some writer came, and ``/dev/zero`` would be read until memory ran
+    out: so the file is looked at before it is opened, opened with ``O_NONBLOCK`` (which
+    also keeps a FIFO swapped in meanwhile from blocking), and looked at again, by its
+    descriptor, before a single octet is read.
+    """
+    try:
+        _check_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        _check_regular(path, info.st_mode)
+        mode = info.st_mode & 0o777
+        if owner_only and mode & 0o077:
+            raise ConfigError(
+                f"{path} can be accessed by other users (mode {mode:04o}); whoever "
+                "reads a DKIM key can sign mail as the domain, so mailstrom refuses it, "
+                f"as ssh does: chmod 600 {path}"
+            )
+        try:
+            # One octet more than allowed tells a file at the limit from a longer one,
+            # even one that grew since fstat().
+            data = f.read(limit + 1) if info.st_size <= limit else b""
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if info.st_size > limit or len(data) > limit:
+            raise ConfigError(
+                f"{path} has more than {limit} octets: not a DKIM private key (a 4096-bit "
+                "RSA key in PEM has about 3,300)"
+            )
+        return data
+
+
+def _check_regular(path: str | os.PathLike[str], mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise ConfigError(f"{path} is {kind}, not a regular file with a key in PEM")
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:

@@ -15,9 +15,11 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailstrom.dkim.keys import read_key_file
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status
+from mailstrom.errors import ConfigError
 
 MIN_RSA_BITS = 1024
 """Below this verifiers must treat the signature as failed (RFC 8301 §3.2)."""
@@ -145,8 +147,10 @@ def _wanted_kind(algorithm: str) -> str | None:
 def _read_pem(private_key: str | bytes) -> bytes:
     if isinstance(private_key, bytes):
         return private_key
-    with open(private_key, "rb") as f:
-        return f.read()
+    # The signer's own reader: bounded, and never blocked by a FIFO or fed by a device.
+    # Permissions are the signer's business: the doctor only asks whether the key is
+    # published, for keys other signers (opendkim's 0640 ones, say) use too.
+    return read_key_file(private_key, owner_only=False)
 
 
 def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
@@ -171,10 +175,10 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
         )
     try:
         pem = _read_pem(key.private_key)
-    except OSError as exc:
+    except ConfigError as exc:
         return result(
             Status.FAIL,
-            f"cannot read the private key {key.source}: {exc.strerror or exc}",
+            f"unusable private key: {exc}",
             "point the DKIM key setting at a readable PEM file",
         )
     try:
