@@ -32,18 +32,57 @@ def domain_name(value: object) -> str:
         raise ValueError(f"expected a domain name, got {type(value).__name__}")
     text = value.strip()
     if text.startswith("[") or not text.strip("."):
-        raise ValueError(f"not a domain name: {value!r}")
+        raise ValueError(f"not a domain name: {shown(value)}")
     try:
         name: str = dns.name.from_text(text).to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
-        raise ValueError(f"not a domain name: {value!r} ({exc})") from None
+        raise ValueError(f"not a domain name: {shown(value)} ({exc})") from None
     if any(c in name for c in " \t\\@<>") or "." not in name:
-        raise ValueError(f"not a fully qualified domain name: {value!r}")
+        raise ValueError(f"not a fully qualified domain name: {shown(value)}")
     return name.lower()
 
 
+def ldh_domain_name(value: object) -> str:
+    """``value`` as :func:`domain_name` gives it, but only if it is an RFC 5321 §4.1.2
+    ``Domain``: labels of letters, digits and inner hyphens, at most :data:`MAX_DOMAIN`
+    characters in all (a U-label is taken in the A-label form :func:`domain_name` makes).
+
+    :func:`domain_name` takes whatever DNS can hold (``ex=ample.com``), as a Message-ID's
+    domain may be; DKIM's ``d=`` (RFC 6376 §3.5 takes RFC 5321's ``Domain``) and the
+    domain ``mailstrom doctor`` judges must be this.
+
+    >>> ldh_domain_name("Bücher.Example.")
+    'xn--bcher-kva.example'
+    >>> ldh_domain_name("ex=ample.com")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: not a letter-digit-hyphen domain name: 'ex=ample.com' (label 'ex=ample' is ...)
+    """
+    if isinstance(value, str) and value.isascii():
+        # Judged as written, before dnspython reads "\\065" as "A" or ";" as a character
+        # to escape, so the message names what is wrong.
+        problem = _name_problem(value.strip().removesuffix("."))
+        if problem is not None:
+            raise ValueError(f"not a letter-digit-hyphen domain name: {shown(value)} ({problem})")
+    name = domain_name(value)
+    problem = _name_problem(name)  # a U-label's A-label form
+    if problem is not None:
+        raise ValueError(f"not a letter-digit-hyphen domain name: {shown(value)} ({problem})")
+    return name
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` quoted for an error message, cut after ``limit`` characters (a value
+    that is no string by its type's name)."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-MAX_HELO_DOMAIN = 253
+MAX_DOMAIN = 253
+"""Characters of a domain name written without the final dot: 255 octets on the wire
+(RFC 1035 §2.3.4) hold 253 in text."""
+MAX_HELO_DOMAIN = MAX_DOMAIN
 """Octets of a domain name in EHLO (RFC 1035 §2.3.4, without the root's dot; RFC 5321
 §4.5.3.1.2 allows 255, which DNS cannot hold)."""
 FALLBACK_HELO_NAME = "localhost"
@@ -73,8 +112,13 @@ def helo_name_problem(value: object) -> str | None:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
             return "not a valid internationalized domain name"
-    if not name or len(name) > MAX_HELO_DOMAIN:
-        return f"expected 1 to {MAX_HELO_DOMAIN} characters, got {len(name)}"
+    return _name_problem(name)
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` (ASCII, no final dot) is not letter-digit-hyphen labels, or None."""
+    if not name or len(name) > MAX_DOMAIN:
+        return f"expected 1 to {MAX_DOMAIN} characters, got {len(name)}"
     for label in name.split("."):
         if not label:
             return "empty label (two dots, or a dot at either end)"

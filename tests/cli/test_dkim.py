@@ -55,6 +55,20 @@ def test_keygen_json_and_bad_options(cli: CLI) -> None:
     assert cli("dkim", "keygen", "--domain", "x", "--selector", "s").code == 64
 
 
+def test_keygen_refuses_names_dkim_cannot_use_before_writing_a_key(cli: CLI) -> None:
+    long_selector = "a." * 125 + "a"  # each label fine, the record name 274 characters
+    for domain, selector, words in (
+        ("ex=ample.com", "s1", "not a letter-digit-hyphen domain name"),
+        ("client.test", long_selector, "274 characters, and DNS allows 253"),
+    ):
+        result = cli(
+            "dkim", "keygen", "--domain", domain, "--selector", selector,
+            "--algorithm", "ed25519", "--out", "k.pem",
+        )  # fmt: skip
+        assert result.code == 64 and words in result.err, result.err
+        assert not (cli.cwd / "k.pem").exists()
+
+
 def dkim_config(cli: CLI, *lines: str) -> Path:
     keygen(cli, "--selector", "rsa")
     keygen(cli, "--selector", "ed", "--algorithm", "ed25519")

@@ -168,10 +168,36 @@ def test_a_key_on_a_curve_openssl_cannot_load_is_a_config_error(
             DKIMKey(domain="example.com", selector="s", private_key=source, algorithm=algorithm)
 
 
-@pytest.mark.parametrize("domain", ["", "com", "[192.0.2.1]", "a..b", "exa mple.com", "a@b.com"])
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "",
+        "com",
+        "[192.0.2.1]",
+        "a..b",
+        "exa mple.com",
+        "a@b.com",
+        # DNS holds these, but d= is an RFC 5321 Domain: letters, digits, inner hyphens.
+        "ex=ample.com",
+        "ex,ample.com",
+        "ex:ample.com",
+        "ex{ample}.com",
+        "ex/ample.com",
+        "-lead.example.com",
+    ],
+)
 def test_bad_domains(domain: str) -> None:
     with pytest.raises(ConfigError, match="domain"):
         DKIMKey(domain=domain, selector="s", private_key=pem(RSA))
+
+
+def test_the_record_name_fits_in_dns() -> None:
+    # 126 one-letter labels: each label is fine, the name is 274 characters.
+    with pytest.raises(ConfigError, match="274 characters, and DNS allows 253"):
+        DKIMKey(domain="example.com", selector="a." * 125 + "a", private_key=pem(RSA))
+    longest = "a." * 114 + "aa"  # 230, and "._domainkey.example.com" 23: 253 in all
+    key = DKIMKey(domain="example.com", selector=longest, private_key=pem(RSA))
+    assert len(key.dns_record().name) == 253
 
 
 @pytest.mark.parametrize("selector", ["", "s_1", "-s", "s.", "sel ector", "sél", "a" * 64])

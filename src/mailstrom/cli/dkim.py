@@ -17,6 +17,7 @@ from mailstrom.dkim.keys import (
     DKIMKey,
     check_selector,
     generate_private_key,
+    record_name,
     signing_domain,
     write_private_file,
 )
@@ -86,6 +87,7 @@ def keygen_command(args: argparse.Namespace) -> int:
         # Checked before the (slow) key generation, and before anything is written.
         domain = signing_domain(args.domain, label="--domain")
         check_selector(args.selector, label="--selector")
+        record_name(domain, args.selector, label="--selector")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     path = Path(args.out or f"{domain}.{args.selector}.pem")

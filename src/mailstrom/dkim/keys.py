@@ -99,10 +99,11 @@ class DKIMKey:
     _signer: _Signer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        label = f"dkim key {self.domain}/{self.selector}"
+        label = f"dkim key {_in_label(self.domain)}/{_in_label(self.selector)}"
         set_ = object.__setattr__
         set_(self, "domain", signing_domain(self.domain, label=label))
         check_selector(self.selector, label=label)
+        record_name(self.domain, self.selector, label=label)
         try:
             set_(self, "algorithm", DKIMAlgorithm.named(self.algorithm))
         except ValueError:
@@ -131,7 +132,7 @@ class DKIMKey:
         """The TXT record to publish for this key."""
         p = base64.b64encode(self._signer.public).decode("ascii")
         return DNSRecord(
-            name=f"{self.selector}._domainkey.{self.domain}",
+            name=record_name(self.domain, self.selector),
             value=f"v=DKIM1; k={self.algorithm.key_type}; p={p}",
         )
 
@@ -167,12 +168,20 @@ class _Signer:
         return "<DKIM private key>"
 
 
+def _in_label(value: object) -> str:
+    """A configured value as error messages name the key by it: short, on one line."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text if len(text) <= 40 else text[:40] + "..."
+    return text if text.isprintable() else repr(text)
+
+
 def signing_domain(value: object, *, label: str = "dkim key") -> str:
-    """``value`` as a lower-case A-label domain name, or :class:`ConfigError`."""
+    """``value`` as a lower-case A-label domain name of letter-digit-hyphen labels (the
+    ``d=`` of RFC 6376 §3.5 is an RFC 5321 ``Domain``), or :class:`ConfigError`."""
     try:
-        return domains.domain_name(value)
+        return domains.ldh_domain_name(value)
     except ValueError as exc:
-        raise ConfigError(f"{label}: the domain must be a domain name: {exc}") from None
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def check_selector(value: object, *, label: str = "dkim key") -> None:
@@ -181,8 +190,21 @@ def check_selector(value: object, *, label: str = "dkim key") -> None:
     if not isinstance(value, str) or not _SELECTOR.fullmatch(value):
         raise ConfigError(
             f"{label}: the selector must be DNS labels of letters, digits and hyphens "
-            f"(like s2026 or mail.2026), got {value!r}"
+            f"(like s2026 or mail.2026), got {domains.shown(value)}"
         )
+
+
+def record_name(domain: str, selector: str, *, label: str = "dkim key") -> str:
+    """``selector._domainkey.domain``, where the key is published, or
+    :class:`ConfigError` when DNS cannot hold so long a name (RFC 1035 §2.3.4)."""
+    name = f"{selector}._domainkey.{domain}"
+    if len(name) > domains.MAX_DOMAIN:
+        raise ConfigError(
+            f"{label}: the key's DNS name, SELECTOR._domainkey.DOMAIN, would have "
+            f"{len(name)} characters, and DNS allows {domains.MAX_DOMAIN}: use a shorter "
+            "selector"
+        )
+    return name
 
 
 def read_private_file(path: Path, *, what: str) -> bytes:

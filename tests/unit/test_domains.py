@@ -1,0 +1,57 @@
+"""Domain names: what the strict, letter-digit-hyphen form takes that DKIM and the doctor
+use, beside the lenient one the Message-ID domain keeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailstrom.domains import MAX_DOMAIN, domain_name, ldh_domain_name
+
+# Names DNS can hold but no RFC 5321 Domain is (RFC 6376 §3.5's d= is one).
+NOT_LDH = [
+    "ex=ample.com",
+    "ex,ample.com",
+    "ex:ample.com",
+    "ex{ample}.com",
+    "ex/ample.com",
+    "ex*ample.com",
+    "_dmarc.example.com",
+    "-lead.example.com",
+    "trail-.example.com",
+    "ex\\065ample.com",  # a DNS escape, for "exAample.com"
+]
+
+
+@pytest.mark.parametrize("name", NOT_LDH)
+def test_names_dns_can_hold_but_smtp_cannot_are_refused(name: str) -> None:
+    domain_name(name)  # the lenient form takes them (a Message-ID's domain may be so)
+    with pytest.raises(ValueError, match="not a letter-digit-hyphen domain name"):
+        ldh_domain_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "..", "com", "user@", "ex ample.com", "ex;ample.com", "a" * 64 + ".com"]
+)
+def test_what_is_no_domain_name_at_all_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="domain name"):
+        ldh_domain_name(name)
+
+
+def test_the_normal_form() -> None:
+    assert ldh_domain_name(" Mail.Example.COM. ") == "mail.example.com"
+    assert ldh_domain_name("Bücher.Example") == "xn--bcher-kva.example"  # as domain_name does
+    assert ldh_domain_name("3com.example") == "3com.example"
+
+
+def test_at_most_253_characters() -> None:
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(longest) == MAX_DOMAIN == 253
+    assert ldh_domain_name(longest) == longest
+    with pytest.raises(ValueError, match="got 255"):
+        ldh_domain_name("e." + longest)
+
+
+def test_huge_input_is_not_echoed() -> None:
+    with pytest.raises(ValueError, match=r"\.\.\. \(10004 characters\)") as caught:
+        ldh_domain_name("=" * 10_000 + ".com")
+    assert len(str(caught.value)) < 300
