@@ -432,6 +432,43 @@ def test_usage_errors(cli: CLI) -> None:
     assert "doctor.probe" in bad.err
 
 
+@pytest.mark.parametrize(
+    ("domain", "words"),
+    [
+        ("user@", "(the domain of 'user@')"),
+        ("..", "empty label"),
+        ("ex;ample.com", "label 'ex;ample' is not letters, digits and inner hyphens"),
+        ("a" * 64 + ".com", "has 64 characters; at most 63"),  # was a "temporary" error
+    ],
+)
+def test_a_domain_argument_that_is_no_domain_is_a_usage_error(
+    mail_env: MailEnv, domain: str, words: str
+) -> None:
+    closed = free_loopback_port("127.0.0.1")
+    args = ["--no-dnsbl", "--ip", "127.0.0.1", "--probe", f"127.0.0.1:{closed}"]
+    result = mail_env.cli("doctor", *args, domain)
+    assert (result.code, result.out) == (64, ""), result.out  # refused before any check
+    assert words in result.err
+
+
+def test_a_dkim_option_with_names_dkim_cannot_use_is_a_usage_error(mail_env: MailEnv) -> None:
+    closed = free_loopback_port("127.0.0.1")
+    args = ["--no-dnsbl", "--ip", "127.0.0.1", "--probe", f"127.0.0.1:{closed}"]
+    bad = mail_env.cli("doctor", *args, "--dkim", "ex=ample.com:s1:/no/key.pem", "example.com")
+    assert (bad.code, bad.out) == (64, "")
+    assert "not a letter-digit-hyphen domain name" in bad.err
+
+
+def test_an_address_or_a_u_label_names_the_domain(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    good_env(mail_env, keys)
+    _, report = doctor(mail_env, f"app@{GOOD.upper()}")
+    assert report["domain"] == GOOD
+    _, report = doctor(mail_env, "Bücher.test")
+    assert report["domain"] == "xn--bcher-kva.test"
+
+
 def test_missing_extra_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

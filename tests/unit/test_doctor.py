@@ -635,6 +635,12 @@ def test_setup_from_config() -> None:
     )
 
 
+@pytest.mark.parametrize("domain", ["", "user@", "..", "ex;ample.com", "a" * 64 + ".com", "com"])
+def test_setup_refuses_what_is_no_sending_domain(domain: str) -> None:
+    with pytest.raises(ValueError, match="domain name"):
+        SenderSetup.from_config(Config(helo_name=HELO), domain=domain)
+
+
 def test_exit_codes() -> None:
     def report(*statuses: Status) -> DoctorReport:
         r = DoctorReport(domain=DOMAIN, helo_name=HELO)

@@ -26,6 +26,7 @@ from mailstrom.cli.parsing import Subparsers
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
 from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
 from mailstrom.doctor.report import Status
+from mailstrom.domains import ldh_domain_name, shown
 from mailstrom.errors import ConfigError
 from mailstrom.settings import KEYS
 
@@ -65,7 +66,11 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "exact fix (the DNS record to publish). Sends no mail.",
         epilog=EPILOG,
     )
-    p.add_argument("domain", help="the sending domain (From address domain), or an address")
+    p.add_argument(
+        "domain",
+        type=_domain_arg,
+        help="the sending domain (From address domain), or an address",
+    )
     p.add_argument(
         "--ip",
         metavar="ADDRESS",
@@ -106,6 +111,17 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=doctor_command)
 
 
+def _domain_arg(text: str) -> str:
+    """The domain of ``DOMAIN`` (or of an address), as a lower-case A-label. The doctor
+    judges a sending domain: a name that is no RFC 5321 Domain cannot be one, and would
+    only get nonsense verdicts (or a "temporary" DNS error for an over-long label)."""
+    try:
+        return ldh_domain_name(text.rpartition("@")[2])
+    except ValueError as exc:
+        where = f" (the domain of {shown(text)})" if "@" in text else ""
+        raise argparse.ArgumentTypeError(f"{exc}{where}") from None
+
+
 def _ip_arg(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
@@ -122,15 +138,22 @@ def _probe_arg(text: str) -> str:
 
 
 def _dkim_arg(text: str) -> DKIMKey:
+    from mailstrom.dkim.keys import check_selector, record_name, signing_domain
     from mailstrom.doctor import DKIMKey
 
     parts = text.split(":")
     if len(parts) not in (3, 4) or not all(parts):
         raise argparse.ArgumentTypeError(
-            f"expected DOMAIN:SELECTOR:KEYFILE[:ALGORITHM], got {text!r}"
+            f"expected DOMAIN:SELECTOR:KEYFILE[:ALGORITHM], got {shown(text)}"
         )
     algorithm = parts[3] if len(parts) == 4 else "rsa-sha256"
-    return DKIMKey(domain=parts[0], selector=parts[1], private_key=parts[2], algorithm=algorithm)
+    try:  # the checks the signer makes of a configured key's names
+        domain = signing_domain(parts[0], label="DOMAIN")
+        check_selector(parts[1], label="SELECTOR")
+        record_name(domain, parts[1], label="SELECTOR")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return DKIMKey(domain=domain, selector=parts[1], private_key=parts[2], algorithm=algorithm)
 
 
 def _setting(values: Any, key: str) -> Any:
@@ -151,10 +174,9 @@ def doctor_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"doctor.probe: {exc}") from None
     dnsbls = args.dnsbl or _setting(settings.values, "doctor.dnsbls")
-    domain = args.domain.rpartition("@")[2]
     setup = SenderSetup.from_config(
         config,
-        domain=domain,
+        domain=args.domain,
         ip=args.ip,
         probe=probe,
         dkim_keys=tuple(args.dkim) if args.dkim else None,

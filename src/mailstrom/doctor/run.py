@@ -15,7 +15,7 @@ from mailstrom.doctor.dkim import DKIMKey, check_dkim
 from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
-from mailstrom.doctor.lookup import Resolver, normal_name
+from mailstrom.doctor.lookup import Resolver
 from mailstrom.doctor.network import Network, SocketNetwork
 from mailstrom.doctor.outgoing import (
     DEFAULT_PROBE,
@@ -26,6 +26,7 @@ from mailstrom.doctor.outgoing import (
 )
 from mailstrom.doctor.report import Check, DoctorReport, Status
 from mailstrom.doctor.spf import check_spf, check_spf_helo
+from mailstrom.domains import ldh_domain_name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,7 +56,9 @@ class SenderSetup:
     @classmethod
     def from_config(cls, config: Config, *, domain: str, **given: Any) -> SenderSetup:
         """The setup ``config`` describes, overridden by ``given`` (None values ignored).
-        DKIM keys come from ``config.dkim``."""
+        DKIM keys come from ``config.dkim``. ``domain`` is taken as a lower-case A-label;
+        :class:`ValueError` when it is no domain name of letter-digit-hyphen labels
+        (RFC 5321 §4.1.2), which no sending domain can be."""
         values: dict[str, Any] = {
             "helo_name": config.helo_name,
             "source_address": config.source_address,
@@ -65,7 +68,7 @@ class SenderSetup:
             "relay": f"{config.relay.host}:{config.relay.port}" if config.relay else None,
         }
         values.update({k: v for k, v in given.items() if v is not None})
-        return cls(domain=normal_name(domain), **values)
+        return cls(domain=ldh_domain_name(domain), **values)
 
 
 def dkim_keys(setting: DKIMConfig | None) -> tuple[DKIMKey, ...]:
