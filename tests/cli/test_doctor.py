@@ -403,6 +403,20 @@ def test_dmarc_policy_and_alignment(mail_env: MailEnv, keys: dict[str, tuple[Pat
     assert "p=block is not one of none, quarantine, reject" in dmarc["summary"]
 
 
+def test_records_that_are_not_utf8_leave_the_output_utf8(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    """A record's octets that are no UTF-8 reach neither output raw (CLI.Result decodes
+    stdout strictly): escapes in text, U+FFFD in JSON (RFC 8259 §8.1)."""
+    good_env(mail_env, keys)
+    mail_env.dns.txt(f"_dmarc.{GOOD}", b"v=DMARC1; p=reject; rua=mailto:\xff@sender.test")
+    _, report = doctor(mail_env, GOOD)
+    [dmarc] = by_name(report)["dmarc"]
+    assert "rua=mailto:\ufffd@sender.test" in " ".join(dmarc["details"])
+    text = mail_env.cli("doctor", "--probe", f"127.0.0.1:{mail_env.mx.port}", "--no-dnsbl", GOOD)
+    assert r"rua=mailto:\xff@sender.test" in text.out
+
+
 def test_blocklists_listed_refused_and_configured(
     mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
 ) -> None:

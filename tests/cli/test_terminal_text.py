@@ -12,7 +12,15 @@ import pytest
 
 from mailstrom.cli.events import _print as print_event
 from mailstrom.cli.exits import reason_for
-from mailstrom.cli.output import cell, echo, print_fields, print_table, visible, visible_lines
+from mailstrom.cli.output import (
+    cell,
+    echo,
+    print_fields,
+    print_json,
+    print_table,
+    visible,
+    visible_lines,
+)
 from mailstrom.errors import InvalidMessage
 from mailstrom.status import DeliveryEvent, RecipientState, SMTPReply
 from tests.cli.conftest import CLI
@@ -40,6 +48,30 @@ def assert_harmless(text: str) -> None:
 )
 def test_visible_shows_controls_as_escapes(text: str, shown: str) -> None:
     assert visible(text) == shown
+
+
+# What surrogateescape makes of b"mailto:\xff@x\xed\xa0\x80": an octet that is no UTF-8
+# becomes a lone surrogate, which no UTF-8 output can hold.
+UNDECODED = b"mailto:\xff@x\xed\xa0\x80".decode("utf-8", "surrogateescape")
+
+
+def test_octets_that_are_no_utf8_show_as_escapes() -> None:
+    assert visible(UNDECODED) == r"mailto:\xff@x\xed\xa0\x80"
+    assert visible("lone \ud800") == r"lone \ud800"
+    out = io.StringIO()
+    echo(UNDECODED, out)
+    print_table(["RECORD"], [[UNDECODED]], stream=out)
+    out.getvalue().encode("utf-8")  # strict: no surrogate left
+
+
+def test_json_output_is_utf8_whatever_the_strings_hold() -> None:
+    out = io.StringIO()
+    print_json({"record": UNDECODED, "other": "\ud800", "fine": "é"}, out)
+    assert json.loads(out.getvalue().encode("utf-8")) == {
+        "record": "mailto:\ufffd@x\ufffd\ufffd\ufffd",
+        "other": "\ufffd",
+        "fine": "é",
+    }
 
 
 def test_a_cell_is_one_line_without_controls() -> None:

@@ -10,6 +10,11 @@ shows control characters as escapes: an ESC from a crafted Subject must not reco
 rewrite the operator's terminal, nor a CR or line separator forge a line of output.
 JSON output needs none of this: the json module escapes what a parser would misread, and
 scripts get the text as it is.
+
+Both must still be UTF-8 (RFC 8259 §8.1 for JSON). Text read with ``surrogateescape``
+(a DNS record's octets, which the doctor keeps so that SPF sees them as published)
+holds lone surrogates for octets that are not UTF-8: :func:`visible` shows each as the
+escape of its octet (``\\xff``), and :func:`print_json` writes U+FFFD for it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from typing import Any, TextIO
 # what is shown), the Unicode line and paragraph separators, and the bidirectional
 # controls that make text display in another order than it reads (CVE-2021-42574).
 _UNICODE_CONTROLS = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-_CONTROL = re.compile(rf"[\x00-\x1f{_UNICODE_CONTROLS}]")
+# Lone surrogates: what surrogateescape makes of an octet that is not UTF-8 (U+DC80 to
+# U+DCFF), or text no encoder takes; written out raw they make the output invalid UTF-8.
+_SURROGATES = r"\ud800-\udfff"
+_CONTROL = re.compile(rf"[\x00-\x1f{_UNICODE_CONTROLS}{_SURROGATES}]")
+_SURROGATE = re.compile(f"[{_SURROGATES}]")
 # The same but for tab, LF, and CR before LF: the layout of a message's lines.
 _CONTROL_BUT_LAYOUT = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_UNICODE_CONTROLS}]")
 
 
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # the octet surrogateescape kept: show the octet
+        code -= 0xDC00
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
@@ -90,9 +101,11 @@ def to_jsonable(value: Any) -> Any:
 
 
 def print_json(value: Any, stream: TextIO | None = None) -> None:
+    """``value`` as indented JSON, in UTF-8 whatever its strings hold: a lone surrogate
+    (an undecodable octet kept by ``surrogateescape``) becomes U+FFFD."""
     stream = sys.stdout if stream is None else stream
-    json.dump(to_jsonable(value), stream, indent=2, ensure_ascii=False)
-    stream.write("\n")
+    text = json.dumps(to_jsonable(value), indent=2, ensure_ascii=False)
+    stream.write(_SURROGATE.sub("\ufffd", text) + "\n")
 
 
 def cell(value: Any) -> str:

@@ -89,11 +89,11 @@ def _key(name: str) -> str:
     return dns.name.from_text(name).to_text(omit_final_dot=True).lower()
 
 
-def _character_strings(record: str | tuple[str, ...]) -> list[bytes]:
+def _character_strings(record: str | bytes | tuple[str, ...]) -> list[bytes]:
     """One TXT record's character-strings, none longer than the 255 octets DNS allows."""
     if isinstance(record, tuple):
         return [s.encode() for s in record]
-    data = record.encode()
+    data = record if isinstance(record, bytes) else record.encode()
     return [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
@@ -300,9 +300,13 @@ class LoopbackDNS:
         octets = [list(ipaddress.IPv6Address(ip).packed) for ip in ips]
         self._set(name, "AAAA", [AAAA(o) for o in octets], ttl)
 
-    def txt(self, name: str, *records: str | tuple[str, ...], ttl: int = _DEFAULT_TTL) -> None:
+    def txt(
+        self, name: str, *records: str | bytes | tuple[str, ...], ttl: int = _DEFAULT_TTL
+    ) -> None:
         """Set ``name``'s TXT records: one record per argument. A string longer than 255
-        octets becomes several character-strings of its record; a tuple gives them."""
+        octets becomes several character-strings of its record; a tuple gives them.
+        A record given as bytes is served as those octets, UTF-8 or not (DNS does not
+        care), to see what a reader makes of them."""
         self._set(name, "TXT", [TXT(_character_strings(r)) for r in records], ttl)
 
     def tlsa(
