@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, Store
 from mailstrom.web import create_app
+from mailstrom.web.security import names_loopback
 from tests.contract.support import NOW, lease_all, message, results_for
 
 DATA = (
@@ -168,6 +169,49 @@ def test_a_post_from_another_origin_is_refused(
     )
     assert refused.status_code == 403
     assert store.status(mid).state is RecipientState.QUEUED
+
+
+def test_without_a_token_a_rebound_name_gets_nothing(store: Store, ids: dict[str, str]) -> None:
+    """DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1, and its
+    requests reach the dashboard as same-origin ones (Host: evil.example:8025), able to
+    read pages and forms, CSRF token included. Without a token only loopback names are
+    answered, so neither the queue nor an action is reachable that way."""
+    mid = ids["queued"]
+    app = create_app(store, clock=lambda: NOW + timedelta(minutes=1))
+    with TestClient(app, base_url="http://evil.example:8025") as rebound:
+        for path in ("/", "/queue", f"/message/{mid}", f"/action/cancel/{mid}"):
+            page = rebound.get(path)
+            assert page.status_code == 400
+            assert mid not in page.text and "csrf" not in page.text
+        origin = {"Origin": "http://evil.example:8025"}
+        refused = rebound.post(f"/action/cancel/{mid}", data={"csrf": "x"}, headers=origin)
+        assert refused.status_code == 400
+    assert store.status(mid).state is RecipientState.QUEUED
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8025", "localhost:8025", "LOCALHOST", "localhost.:80", "[::1]:8025"]
+)
+def test_without_a_token_loopback_names_are_served(
+    client: TestClient, ids: dict[str, str], host: str
+) -> None:
+    assert client.get("/", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8025", "127.0.0.1.evil.example", "[::1", "", "0.0.0.0"]
+)
+def test_names_loopback_refuses_every_other_host(host: str) -> None:
+    assert not names_loopback(host)
+
+
+def test_with_a_token_any_name_may_ask(store: Store, ids: dict[str, str]) -> None:
+    """A token is the protection then (a rebound page does not have it), and a proxy may
+    pass its own public name."""
+    app = create_app(store, clock=lambda: NOW + timedelta(minutes=1), token="s3cret-token")
+    with TestClient(app, base_url="https://mail.example.com") as client:
+        ok = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200
 
 
 def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> None:

@@ -60,6 +60,7 @@ from mailstrom.web.security import (
     SESSION_COOKIE,
     Access,
     csrf_matches,
+    names_loopback,
     new_csrf_token,
     same_origin,
 )
@@ -345,9 +346,18 @@ def create_app(
     async def guard(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        path = request.url.path
+        if not access.required and not names_loopback(request.headers.get("host")):
+            # Without a token, being reachable only on loopback is the protection; a
+            # rebound name would make the dashboard another site's (see security.py).
+            log.warning("refused %s %s for Host %r", request.method, path, _host(request))
+            return PlainTextResponse(
+                "This dashboard answers only to localhost, 127.0.0.1 or [::1] unless it has "
+                "a token (web.token).",
+                400,
+            )
         fresh = request.cookies.get(CSRF_COOKIE) is None
         request.state.csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
-        path = request.url.path
         if request.method == "POST" and not _small_body(request.headers.get("content-length")):
             # Every form here is a few short fields; the login form is open to anyone.
             return PlainTextResponse("request body missing its length or too large", 413)
@@ -495,6 +505,11 @@ def _safe_next(value: str | None) -> str:
 
 MAX_FORM_BYTES = 16 * 1024
 """The largest form body accepted (the forms hold a token, a path and a CSRF token)."""
+
+
+def _host(request: Request) -> str:
+    """The request's Host header for a log line: short, whatever a client sent."""
+    return (request.headers.get("host") or "")[:100]
 
 
 def _small_body(length: str | None) -> bool:
