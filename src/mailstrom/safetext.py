@@ -27,6 +27,16 @@ def safe_text(text: str) -> str:
     return text if text.isprintable() else _UNSAFE.sub("\ufffd", text)
 
 
+def is_safe(text: str) -> bool:
+    """Whether ``text`` holds no unsafe character: what input meant to be shown (a note, a
+    reason) is checked with before it is kept.
+
+    >>> is_safe("gone\tfor good"), is_safe("gone\x1b[2J")
+    (True, False)
+    """
+    return text.isprintable() or _UNSAFE.search(text) is None
+
+
 def safe_decode(raw: bytes) -> str:
     """``raw`` decoded as UTF-8 (U+FFFD for what is not) and made safe."""
     return safe_text(raw.decode("utf-8", "replace"))

@@ -22,6 +22,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from mailstrom.errors import InvalidSuppression
+from mailstrom.safetext import is_safe
 
 MAX_TARGET = 320
 """Octets of an address (64 for the local part, "@", 255 for the domain) or a domain."""
@@ -40,6 +41,19 @@ class SuppressionSource(StrEnum):
     """The recipient marked the mail as spam (an ARF feedback report)."""
     MANUAL = "manual"
     """An operator or the application added it."""
+
+
+def check_reply(reply: str, *, what: str = "the reply", line: int | None = None) -> str:
+    """``reply``, an entry's reason as someone gave it, when it is at most
+    :data:`MAX_REPLY` characters of text without control characters but TAB and LF (it is
+    shown in status lines and bounce reasons, and a NUL cannot be stored in PostgreSQL;
+    LF is how a multi-line SMTP reply is kept, so an exported entry imports again);
+    :class:`~mailstrom.errors.InvalidSuppression` otherwise."""
+    if len(reply) > MAX_REPLY:
+        raise InvalidSuppression(f"{what} is longer than {MAX_REPLY} characters", line=line)
+    if not is_safe(reply.replace("\n", " ")):
+        raise InvalidSuppression(f"{what} holds control characters: {reply[:60]!r}", line=line)
+    return reply
 
 
 def normalize_target(text: str) -> str:

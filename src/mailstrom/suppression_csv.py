@@ -22,6 +22,7 @@ from mailstrom.suppression import (
     MAX_REPLY,
     Suppression,
     SuppressionSource,
+    check_reply,
     normalize_target,
 )
 
@@ -125,9 +126,7 @@ def _entry(
     except ValueError:
         known = ", ".join(s.value for s in SuppressionSource)
         raise InvalidSuppression(f"unknown source {kind!r} (known: {known})", line=line) from None
-    reply = fields.get("reply", "")
-    if len(reply) > MAX_REPLY:
-        raise InvalidSuppression(f"the reply is longer than {MAX_REPLY} characters", line=line)
+    reply = check_reply(fields.get("reply", ""), line=line)
     message_id = fields.get("message_id") or None
     if message_id is not None and (
         len(message_id) > _MAX_MESSAGE_ID or not message_id.isprintable()

@@ -80,6 +80,8 @@ def test_errors_are_typed_and_nothing_is_half_imported(cli: CLI, workdir: Path) 
     missing = cli("suppress", "import", "nowhere.csv")
     assert missing.code == 66 and "cannot read nowhere.csv" in missing.err
     assert cli("suppress", "add", "bob@example.test", "--expires", "soon").code == 64
+    escape = cli("suppress", "add", "bob@example.test", "--reason", "gone\x1b[2J")
+    assert escape.code == 65 and "--reason holds control characters" in escape.err
     assert cli("suppress").code == 64
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mailstrom.client.common import suppression_entry
 from mailstrom.config import Config
 from mailstrom.errors import ConfigError, InvalidSuppression
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_hard_bounce
@@ -14,6 +15,7 @@ from mailstrom.status import AttemptOutcome
 from mailstrom.suppression import (
     Suppression,
     SuppressionSource,
+    check_reply,
     lookup_targets,
     match,
     normalize_target,
@@ -177,6 +179,8 @@ def test_import_with_a_header_in_another_order() -> None:
         ("a@example.org,manual,x,,,,extra\n", "line 1: 7 columns"),
         ('"bob@example.org\n', "malformed CSV"),
         ("bob@example.org,manual," + "x" * 3000 + "\n", "longer than 2048"),
+        ("bob@example.org,manual,gone\x1b[2J\n", "line 1: the reply holds control"),
+        ('bob@example.org,manual,"a\x00b"\n', "line 1: the reply holds control"),
         ("bob@example.org,manual," + "x" * 20000 + "\n", "malformed CSV"),
     ],
 )
@@ -198,3 +202,17 @@ def test_input_is_bounded_and_must_be_utf8() -> None:
         read_limited(io.BytesIO(b"x" * 11), 10)
     with pytest.raises(InvalidSuppression, match="not UTF-8"):
         read_limited(io.BytesIO(b"bob@\xffexample.org"), 100)
+
+
+@pytest.mark.parametrize("reply", ["x\x00", "x\x1b[31m", "a\rb", "a\r\nb", "\u202ex", "x\x85"])
+def test_a_reason_given_by_hand_holds_no_control_characters(reply: str) -> None:
+    """It is shown in status lines and bounce reasons, and PostgreSQL cannot store a NUL:
+    refused where it is given (the facade's suppress, the command's --reason, an import)."""
+    with pytest.raises(InvalidSuppression, match="control characters"):
+        check_reply(reply)
+    with pytest.raises(InvalidSuppression, match="control characters"):
+        suppression_entry(
+            "bob@example.org", reply, source=SuppressionSource.MANUAL, expires_at=None, now=NOW
+        )
+    kept = "550 5.1.1 gone\tfor good,\nGrüße"  # TAB, and LF between a reply's lines
+    assert check_reply(kept) == kept

@@ -11,9 +11,13 @@ from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg
-from mailstrom.errors import InvalidSuppression
 from mailstrom.stores.base import Store
-from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, normalize_target
+from mailstrom.suppression import (
+    Suppression,
+    SuppressionSource,
+    check_reply,
+    normalize_target,
+)
 
 _WRITE_BATCH = 1000
 """Entries per store call when importing (one transaction each)."""
@@ -144,8 +148,7 @@ def _time(when: datetime | None) -> str:
 
 def add_command(args: argparse.Namespace) -> int:
     now = utc_now()
-    if len(args.reason) > MAX_REPLY:
-        raise InvalidSuppression(f"--reason is longer than {MAX_REPLY} characters")
+    check_reply(args.reason, what="--reason")
     expires = now + args.expires if args.expires is not None else None
     entries = [
         Suppression(

@@ -25,9 +25,9 @@ from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import (
-    MAX_REPLY,
     Suppression,
     SuppressionSource,
+    check_reply,
     lookup_targets,
     match,
     normalize_target,
@@ -226,18 +226,16 @@ def suppression_entry(
     now: datetime,
 ) -> Suppression:
     """The entry a facade's ``suppress`` writes; InvalidSuppression for a bad target, a
-    naive or past expiry, or a reply longer than :data:`~mailstrom.suppression.MAX_REPLY`."""
+    naive or past expiry, or a reply :func:`~mailstrom.suppression.check_reply` refuses."""
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise InvalidSuppression("expires_at must be a timezone-aware datetime")
         if expires_at <= now:
             raise InvalidSuppression(f"expires_at {expires_at.isoformat()} is not in the future")
-    if len(reply) > MAX_REPLY:
-        raise InvalidSuppression(f"the reply is longer than {MAX_REPLY} characters")
     return Suppression(
         target=normalize_target(target),
         source=SuppressionSource(source),
-        reply=reply,
+        reply=check_reply(reply),
         created_at=now,
         expires_at=expires_at,
     )
