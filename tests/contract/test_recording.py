@@ -245,21 +245,22 @@ def test_reply_text_kept_is_bounded(store: Store) -> None:
 
 
 def test_a_nul_in_a_reply_or_an_error_is_recorded(store: Store) -> None:
-    """PostgreSQL refuses NUL in text: a result carrying one (in a reply built by hand, or
-    in an error's text) is recorded all the same, the NUL as U+FFFD, in every store, so
-    one result can never hold its worker up."""
+    """PostgreSQL refuses NUL in text, and no UTF-8 driver encodes a lone surrogate (the
+    worker died of the UnicodeEncodeError): a result carrying either (in a reply built by
+    hand, or in an error's text) is recorded all the same, each as U+FFFD, in every
+    store, so one result can never hold its worker up."""
     mid = store.enqueue(message("a@example.org"), now=NOW)
     lease = lease_all(store)
     odd = replace(
         attempt(AttemptOutcome.TEMPORARY, code=451),
         reply=SMTPReply(code=451, enhanced="4.0.0", text="try \x00later"),
-        error="peer said \x00",
+        error="peer said \x00 of host \udcff",  # a surrogate no driver can encode
     )
     [result] = results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW)
     assert store.record([replace(result, attempt=odd)]) == [replace(result, attempt=odd)]
     (r,) = store.status(mid).recipients
     assert r.reply is not None and r.reply.text == "try \ufffdlater"
-    assert r.error == "peer said \ufffd"
+    assert r.error == "peer said \ufffd of host \ufffd"
     assert r.history[0].reply == r.reply
 
 

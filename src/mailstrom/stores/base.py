@@ -14,6 +14,7 @@ under a lease whose recipients were taken over by a newer lease are ignored.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -65,12 +66,19 @@ def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
     return encoded[:limit].decode("utf-8", "ignore")
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""NUL, which PostgreSQL refuses in text, and lone surrogates, which no UTF-8 database
+driver can encode (an undecodable octet carried by ``errors="surrogateescape"``)."""
+
+
 def storable_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
-    """``text`` cut to ``limit`` octets, without NUL: PostgreSQL refuses NUL in text, and a
-    result that can never be recorded would hold its worker up for good. Reply texts come
-    without it (:mod:`mailstrom.smtp.replies`); this keeps any other text out too."""
+    """``text`` cut to ``limit`` octets, with NUL and lone surrogates as U+FFFD: a result
+    whose text a store cannot write would hold its worker up for good. Reply texts come
+    without them (:mod:`mailstrom.smtp.replies`); this keeps them out of any other text."""
     text = bounded_text(text, limit)
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    if text.isascii() and "\x00" not in text:
+        return text  # the usual case, without a regex
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def bounded_attempt(attempt: Attempt) -> Attempt:
