@@ -371,6 +371,14 @@ class TransactionsMixin:
     def _on_rset(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         if reply.code == 421:
             self._abort(failure(reply, host=self.host, what="RSET"))
+        elif not 200 <= reply.code < 300:
+            # RFC 5321 §4.1.1.5: RSET gets 250. Refused, the server may still be inside the
+            # transaction before (every RCPT refused), where the session will not let MAIL
+            # go (stepwise) or the server refuses it as nested (pipelined, a 5xx that would
+            # bounce the recipients): the session cannot go on, and the transaction is
+            # tried again on another.
+            quoted = str(reply)[:200]  # the peer's text, however long it is
+            self._abort(SMTPProtocolError(f"{self.host} refused RSET: {quoted}", host=self.host))
         elif not self._session.pipelining:
             self._write(self._mail_line(txn))
             self._arm_next()
