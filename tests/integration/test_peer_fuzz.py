@@ -152,7 +152,7 @@ _GOOD: dict[Unit, tuple[int, str, str]] = {
     Unit.GREETING: (220, "", "peer.test ESMTP"),
     Unit.HELO: (250, "", "peer.test"),
     Unit.STARTTLS: (220, "2.0.0", "Ready to start TLS"),
-    Unit.AUTH: (235, "2.7.0", "Authenticated"),
+    Unit.AUTH: (235, "2.7.0", "Authentication successful"),
     Unit.MAIL: (250, "2.1.0", "Ok"),
     Unit.RCPT: (250, "2.1.5", "Ok"),
     Unit.DATA: (354, "", "End data with <CR><LF>.<CR><LF>"),
@@ -226,6 +226,7 @@ class ScriptedPeer:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.transcript = Transcript()
+        self.last_said = b""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -253,10 +254,17 @@ class ScriptedPeer:
             line = await asyncio.wait_for(reader.readline(), IDLE)
             if not line:
                 return
-            unit = _unit(line)
+            # After a 334 challenge the client's next line is its AUTH response.
+            unit = Unit.AUTH if self._challenged() else _unit(line)
             if unit is None:
                 continue  # a line of the message content
             tls = await self._answer(unit, reader, writer)
+
+    def _challenged(self) -> bool:
+        """True when the last answer was a 334 challenge to AUTH."""
+        last_line = self.last_said.rstrip(b"\r\n").rpartition(b"\n")[2]
+        units = self.transcript.units
+        return bool(units) and units[-1] is Unit.AUTH and last_line.startswith(b"334")
 
     async def _answer(
         self, unit: Unit, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -269,7 +277,7 @@ class ScriptedPeer:
             while await reader.read(4096):  # until the client gives up and hangs up
                 pass
             raise Hangup
-        data = render(answer, unit, self.script.style)
+        data = self.last_said = render(answer, unit, self.script.style)
         for piece in pieces(data, answer.splits):
             transcript.sent += piece
             writer.write(piece)
@@ -472,6 +480,10 @@ class Plan:
     """All submitted at once (else one after the other, each awaited)."""
     eightbit: bool
     smtputf8: bool
+    auth: bool = False
+    """Log in (AUTH PLAIN or LOGIN, when offered)."""
+    reset: bool = False
+    """The first transaction starts with RSET, as on a connection that sat idle."""
 
 
 plans = st.builds(
@@ -485,6 +497,8 @@ plans = st.builds(
     pipelined=st.booleans(),
     eightbit=st.booleans(),
     smtputf8=st.booleans(),
+    auth=st.booleans(),
+    reset=st.booleans(),
 )
 
 
@@ -514,6 +528,7 @@ async def converse(plan: Plan, port: int) -> Run:
             helo_name="client.test",
             timeouts=QUICK,
             starttls=plan.starttls,
+            auth=("user", "secret") if plan.auth else None,
         )
     except DeliveryError as exc:
         run.open_error = exc
@@ -530,6 +545,7 @@ async def converse(plan: Plan, port: int) -> Run:
                     # Only what the server offers: the rest is a caller error (ValueError).
                     eightbit=plan.eightbit and "8BITMIME" in conn.extensions,
                     smtputf8=plan.smtputf8 and "SMTPUTF8" in conn.extensions,
+                    reset=plan.reset and n == 0,
                 )
             except Exception as exc:  # checked below: DeliveryError only
                 submitted.append(exc)
