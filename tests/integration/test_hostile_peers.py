@@ -379,3 +379,40 @@ async def test_a_long_bad_reply_to_the_final_dot_is_cut_short() -> None:
     assert len(reason) < 400
     assert "\x1b" not in reason
     assert "more characters" in reason
+
+
+# --- AUTH that never ends ---------------------------------------------------------------
+
+
+async def test_a_server_that_asks_on_after_auth_was_cancelled_is_a_protocol_error() -> None:
+    """RFC 4954 §4: the client's "*" cancels the exchange and the server answers 501. One
+    that sends a 334 challenge to every line, each well within the command timeout,
+    held the connection for as long as it liked."""
+    lines: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            if line[:4].upper() == b"EHLO":
+                writer.write(b"250-hostile.test\r\n250 AUTH PLAIN\r\n")
+            elif line[:4].upper() == b"QUIT":
+                writer.write(b"221 bye\r\n")
+            else:
+                writer.write(b"334 \r\n")  # and again, and again
+            await writer.drain()
+
+    async with peer(handle) as port:
+        started = time.monotonic()
+        with pytest.raises(SMTPProtocolError, match="after AUTH was cancelled"):
+            await SMTPConnection.open(
+                host="hostile.test",
+                ip="127.0.0.1",
+                port=port,
+                helo_name="client.test",
+                timeouts=QUICK,
+                starttls=StartTLS.NEVER,
+                auth=("user", "secret"),
+            )
+        assert time.monotonic() - started < WITHIN
+    assert [x.split()[0] for x in lines[1:3]] == [b"AUTH", b"*"]

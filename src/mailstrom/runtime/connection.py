@@ -465,6 +465,13 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         while reply.reply.code == 334:
             answer = responses.pop(0) if responses else None  # None cancels the exchange
             reply = await self._request(functools.partial(session.auth_response, answer), "AUTH")
+            if answer is None and reply.reply.code == 334:
+                # RFC 4954 §4: a cancelled exchange ends with 501. A server that asks on
+                # would hold the connection for as long as it liked, each of its
+                # challenges well within the command timeout.
+                raise SMTPProtocolError(
+                    f"{self.host} went on asking (334) after AUTH was cancelled", host=self.host
+                )
         if not 200 <= reply.reply.code < 300:
             # Temporary even for 535, as Postfix's smtp_sasl_auth_soft_bounce: wrong
             # credentials are a configuration error to fix, not a reason to bounce mail.
