@@ -14,6 +14,8 @@ import socket
 import dns.exception
 import dns.name
 
+from mailstrom.message.chars import shorten
+
 PRIVATE_SUFFIXES = frozenset({"localhost", "localdomain", "local", "internal", "lan", "invalid"})
 """Last labels of names that mean something only inside one host or network: localhost
 (RFC 6761 §6.3), mDNS's ``local`` (RFC 6762), ``internal`` (set aside for private use by
@@ -71,20 +73,18 @@ def ldh_domain_name(value: object) -> str:
 
 
 def shown(value: object, limit: int = 80) -> str:
-    """``value`` quoted for an error message, cut after ``limit`` characters (a value
-    that is no string by its type's name)."""
+    """``value`` quoted for an error message and cut to about ``limit`` characters
+    (:func:`~mailstrom.message.chars.shorten`); a value that is no string by its type's
+    name."""
     if not isinstance(value, str):
         return type(value).__name__
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+    return shorten(value, limit)
 
 
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 MAX_DOMAIN = 253
 """Characters of a domain name written without the final dot: 255 octets on the wire
 (RFC 1035 §2.3.4) hold 253 in text."""
-MAX_HELO_DOMAIN = MAX_DOMAIN
-"""Octets of a domain name in EHLO (RFC 1035 §2.3.4, without the root's dot; RFC 5321
-§4.5.3.1.2 allows 255, which DNS cannot hold)."""
 FALLBACK_HELO_NAME = "localhost"
 """EHLO name when the machine's own name is not a valid domain (see
 :func:`default_helo_name`)."""

@@ -117,14 +117,21 @@ def session(
     return handle
 
 
-async def open_to(port: int, timeouts: Timeouts = QUICK) -> SMTPConnection:
+async def open_to(
+    port: int,
+    timeouts: Timeouts = QUICK,
+    *,
+    starttls: StartTLS = StartTLS.OPPORTUNISTIC,
+    auth: tuple[str, str] | None = None,
+) -> SMTPConnection:
     return await SMTPConnection.open(
         host="hostile.test",
         ip="127.0.0.1",
         port=port,
         helo_name="client.test",
         timeouts=timeouts,
-        starttls=StartTLS.OPPORTUNISTIC,
+        starttls=starttls,
+        auth=auth,
     )
 
 
@@ -405,14 +412,6 @@ async def test_a_server_that_asks_on_after_auth_was_cancelled_is_a_protocol_erro
     async with peer(handle) as port:
         started = time.monotonic()
         with pytest.raises(SMTPProtocolError, match="after AUTH was cancelled"):
-            await SMTPConnection.open(
-                host="hostile.test",
-                ip="127.0.0.1",
-                port=port,
-                helo_name="client.test",
-                timeouts=QUICK,
-                starttls=StartTLS.NEVER,
-                auth=("user", "secret"),
-            )
+            await open_to(port, starttls=StartTLS.NEVER, auth=("user", "secret"))
         assert time.monotonic() - started < WITHIN
     assert [x.split()[0] for x in lines[1:3]] == [b"AUTH", b"*"]

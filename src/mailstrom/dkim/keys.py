@@ -169,10 +169,11 @@ class _Signer:
 
 
 def _in_label(value: object) -> str:
-    """A configured value as error messages name the key by it: short, on one line."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text if len(text) <= 40 else text[:40] + "..."
-    return text if text.isprintable() else repr(text)
+    """A configured value as error messages name the key by it: as written when short and
+    printable, else quoted and cut (:func:`~mailstrom.domains.shown`)."""
+    if isinstance(value, str) and len(value) <= 40 and value.isprintable():
+        return value
+    return domains.shown(value, 40)
 
 
 def signing_domain(value: object, *, label: str = "dkim key") -> str:
