@@ -192,6 +192,13 @@ class StoreCorrupt(StoreError):
     retrying forever."""
 
 
+class StoreRefusedData(StoreError):
+    """The store refused a value it was asked to write (a constraint, a number out of its
+    range, text its encoding cannot hold): writing the same again will not help, other
+    values may. A worker records a result the store refuses with its details stripped
+    rather than retrying it for ever."""
+
+
 class UnknownMessage(MailstromError, KeyError):
     """No message with this id is in the store."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
+from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores import RecipientResult, Store
 from mailstrom.stores.base import MAX_HISTORY, MAX_REPLY_TEXT
@@ -262,6 +263,52 @@ def test_a_nul_in_a_reply_or_an_error_is_recorded(store: Store) -> None:
     assert r.reply is not None and r.reply.text == "try \ufffdlater"
     assert r.error == "peer said \ufffd of host \ufffd"
     assert r.history[0].reply == r.reply
+
+
+def test_every_detail_of_an_attempt_is_recorded_as_storable(store: Store) -> None:
+    """The other texts of an attempt (MX host, IP address, TLS version, cipher, policy)
+    and its numbers get the same care as the reply: NUL and lone surrogates become
+    U+FFFD, a duration that is no finite number becomes 0 and a port that is no port is
+    dropped. Before, PostgreSQL refused the NUL for good and SQLite the NaN (as a NULL)."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    odd = replace(
+        attempt(AttemptOutcome.DELIVERED),
+        mx_host="mx\x00.example.org",
+        ip="127.0.0.1\udcff",
+        tls_version="TLS\x00",
+        tls_cipher="\udcff",
+        tls_policy="none\x00",
+        duration=float("nan"),
+        port=2**40,
+    )
+    [result] = results_for(lease, RecipientState.DELIVERED)
+    assert len(store.record([replace(result, attempt=odd)])) == 1
+    [kept] = store.status(mid).recipients[0].history
+    assert kept.mx_host == "mx\ufffd.example.org"
+    assert kept.ip == "127.0.0.1\ufffd"
+    assert kept.tls_version == "TLS\ufffd"
+    assert kept.tls_cipher == "\ufffd"
+    assert kept.tls_policy in ("none\ufffd", None)  # a store may not keep the policy
+    assert kept.duration == 0.0
+    assert kept.port is None
+
+
+def test_a_value_the_store_refuses_changes_nothing(store: Store) -> None:
+    """A value no column holds (a reply code past 64 bits) is refused with
+    StoreRefusedData, a StoreError the worker answers by recording the result bare, and
+    the refused write leaves the lease and the recipient as they were. The memory store
+    holds any value."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    [result] = results_for(lease, RecipientState.DELIVERED)
+    odd = replace(result.attempt, reply=SMTPReply(code=2**70, text="ok"))
+    try:
+        store.record([replace(result, attempt=odd)])
+    except StoreRefusedData:
+        assert store.status(mid).recipients[0].state is RecipientState.QUEUED
+        assert store.record([result]) == [result]  # the lease still holds
+    assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
 
 
 def test_history_kept_per_recipient_is_bounded(store: Store) -> None:

@@ -5,6 +5,7 @@ rides out a store that fails for a while."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,12 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
 from mailstrom.errors import SMTPTimeout
+from mailstrom.message import prepare
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
-from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.stores import MemoryStore, SQLiteStore, Store
+from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
@@ -239,6 +243,111 @@ def test_a_store_locked_by_another_process_is_ridden_out(
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
         f"u{i}@example.org" for i in range(count)
     )
+
+
+def _refuse_attempts(path: Path, when: str) -> None:
+    """Make the database itself refuse to record some attempts: a trigger, as an
+    operator's own constraint or a value no column holds would."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON attempts WHEN {when}"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    conn.close()
+
+
+REFUSE_POISON_PG = """
+CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.reply_text LIKE '%poison%' THEN
+        RAISE check_violation USING MESSAGE = 'refused by a trigger';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse BEFORE INSERT ON attempts FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "worker"),
+    [
+        ("sqlite", "thread"),
+        ("sqlite", "process"),
+        pytest.param("postgres", "thread", marks=pytest.mark.postgres),
+    ],
+)
+def test_a_result_the_store_refuses_is_recorded_bare(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    kind: str,
+    worker: str,
+) -> None:
+    """A result the store refuses to write (here a trigger refuses a reply text) used to
+    be retried for ever, in the transaction that also leases: one such result stopped
+    the worker's leasing and recording for good. The batch is now written one result at a
+    time, the refused one without its details; everything else goes on."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    mx.rcpt_replies["poison@example.org"] = "550 5.1.1 poison"
+    store: Store
+    if kind == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        store = PostgresStore(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(REFUSE_POISON_PG)
+    else:
+        store = SQLiteStore(tmp_path / "q.db")
+        _refuse_attempts(tmp_path / "q.db", "NEW.reply_text LIKE '%poison%'")
+    count = 60
+    ids = [store.enqueue(_prepared(i), now=_now()) for i in range(count)]
+    poisoned = store.enqueue(prepare(hello("poison@example.org")), now=_now())
+    ids += [store.enqueue(_prepared(i), now=_now()) for i in range(count, 2 * count)]
+    results = Results()
+    with Mailstrom(
+        config(dns_server, mx.port), store=store, on_result=results, worker=worker
+    ) as ms:
+        results.wait_count(2 * count + 1, timeout=30)
+        assert ms.worker_status.running
+        assert _wait_until(lambda: ms.worker_status.store_error is None, 10)
+    [bare] = store.status(poisoned).recipients
+    statuses = [store.status(i).recipients[0] for i in ids]
+    suppressed = store.suppressions_for(["poison@example.org"], now=_now())
+    store.close()
+    assert bare.state is RecipientState.FAILED and bare.reply is None
+    assert bare.error is not None
+    assert bare.error.startswith(
+        "the store refused this attempt's details (the server replied 550)"
+    )
+    assert "refused by a trigger" in bare.error
+    assert suppressed  # the hard bounce still counts
+    assert {s.state for s in statuses} == {RecipientState.DELIVERED}
+    assert len(mx.messages) == 2 * count
+
+
+def test_a_store_that_refuses_even_a_bare_result_stops_the_worker(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A store that refuses a result with no details at all is broken for good (its
+    schema is not mailstrom's): the worker stops and says why, as for a damaged file,
+    instead of retrying for ever."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    _refuse_attempts(
+        path,
+        "NEW.recipient_id IN (SELECT id FROM recipients WHERE address = 'poison@example.org')",
+    )
+    store.enqueue(prepare(hello("poison@example.org")), now=_now())
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        assert _wait_until(lambda: not ms.worker_status.running, 30)
+        error = ms.worker_status.error
+    store.close()
+    assert error is not None and "refuses even a bare result" in error
 
 
 def _prepared(i: int) -> Any:

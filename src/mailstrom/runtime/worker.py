@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.bounces.verp import per_recipient
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.routing import Router
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.metrics import MetricsRecorder
@@ -371,7 +371,15 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 self._pending[:0] = batch
                 raise
             except StoreError as exc:
-                self._pending[:0] = batch
+                if batch and isinstance(exc, StoreRefusedData):
+                    trouble = await self._record_refused(batch)
+                    if trouble is None:  # all written; lease on the next turn
+                        backoff.reset()
+                        self._store_fine()
+                        continue
+                    exc = trouble
+                else:
+                    self._pending[:0] = batch
                 self._store_trouble("record" if batch else "lease", exc)
                 await self._sleep(backoff.take())
                 continue
@@ -380,15 +388,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 raise
             backoff.reset()
             self._store_fine()
-            if batch:
-                # Before on_result hears of a hard bounce, its address is on the list.
-                await self._suppress_hard_bounces(recorded)
-                notices = self._notices(recorded)  # before _recorded forgets the leases
-                self._recorded(batch, recorded)
-                if recorded and self._hooks is not None:
-                    self._hooks.wake()
-                if notices:
-                    await self._send_notices(notices)
+            await self._after_record(batch, recorded)
             if not leasing:
                 continue
             self._capped = any(most == 0 for _, most in lanes)
@@ -512,6 +512,33 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             self._lease_wanted = True  # room for more work
         assert self._wake is not None
         self._wake.set()
+
+    async def _record_refused(self, batch: list[RecipientResult]) -> StoreError | None:
+        """Write a batch whose write the store refused, one result at a time (see
+        :meth:`_record_apart`); what is not written waits for the next write. Returns the
+        passing error that stopped the writing, if one did."""
+        done, recorded, trouble = await self._record_apart(batch)
+        self._pending[:0] = batch[done:]
+        await self._after_record(batch[:done], recorded)
+        if isinstance(trouble, StoreCorrupt):
+            raise trouble
+        return trouble
+
+    async def _after_record(
+        self, batch: list[RecipientResult], recorded: list[RecipientResult]
+    ) -> None:
+        """What follows a write of ``batch``: suppressions, notices, the worker's own
+        account of its leases, and the hook sender's wake-up."""
+        if not batch:
+            return
+        # Before on_result hears of a hard bounce, its address is on the list.
+        await self._suppress_hard_bounces(recorded)
+        notices = self._notices(recorded)  # before _recorded forgets the leases
+        self._recorded(batch, recorded)
+        if recorded and self._hooks is not None:
+            self._hooks.wake()
+        if notices:
+            await self._send_notices(notices)
 
     def _recorded(self, batch: list[RecipientResult], recorded: list[RecipientResult]) -> None:
         oldest = min(result.attempt.at for result in batch)

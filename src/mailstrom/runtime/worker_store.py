@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.runtime.metrics import MetricsRecorder
-from mailstrom.stores.base import Store
+from mailstrom.stores.base import RecipientResult, Store, bare_result
 
 if TYPE_CHECKING:
     from mailstrom.runtime.worker_reporting import _Counters
@@ -74,3 +74,36 @@ class WorkerStore:
             log.warning("store working again after %d failed calls", c.store_errors)
             c.store_error = None
             c.store_errors = 0
+
+    async def _record_apart(
+        self, batch: list[RecipientResult]
+    ) -> tuple[int, list[RecipientResult], StoreError | None]:
+        """Record, one at a time, a batch whose write the store refused, so that the
+        result it refuses does not hold up the rest (nor the worker: it would be retried
+        for ever). That result is recorded bare (:func:`bare_result`): its recipient's
+        state is what counts.
+
+        Returns how many results of ``batch`` (from its start) were written, the results
+        as recorded, and the error that stopped the writing early: a passing one (the rest
+        wait for the next write) or :class:`StoreCorrupt` when the store refuses even a
+        bare result."""
+        recorded: list[RecipientResult] = []
+        for done, result in enumerate(batch):
+            try:
+                try:
+                    recorded += await self._store_call(self.store.record, [result])
+                except StoreRefusedData as exc:
+                    bare = bare_result(result, exc)
+                    log.error(
+                        "the store refused the result for %s of message %s (%s); "
+                        "recorded without its details",
+                        result.address,
+                        result.message_id,
+                        bare.attempt.error,
+                    )
+                    recorded += await self._store_call(self.store.record, [bare])
+            except StoreRefusedData as exc:
+                return done, recorded, StoreCorrupt(f"the store refuses even a bare result: {exc}")
+            except StoreError as exc:
+                return done, recorded, exc
+        return len(batch), recorded, None

@@ -13,6 +13,7 @@ under a lease whose recipients were taken over by a newer lease are ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -81,9 +82,18 @@ def storable_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:
     return _UNSTORABLE.sub("\ufffd", text)
 
 
+MAX_ATTEMPT_DETAIL = 1024
+"""Octets kept of an attempt's other texts (MX host, IP address, TLS version, cipher and
+policy): each is far shorter when it comes from where it should."""
+
+
 def bounded_attempt(attempt: Attempt) -> Attempt:
-    """``attempt`` with its reply text and error cut to :data:`MAX_REPLY_TEXT` octets and
-    storable anywhere (:func:`storable_text`)."""
+    """``attempt`` as every store can write it: its reply text and error cut to
+    :data:`MAX_REPLY_TEXT` octets, its other texts to :data:`MAX_ATTEMPT_DETAIL`, every
+    text storable anywhere (:func:`storable_text`), a duration that is a finite number
+    and a port that is one. Each comes from a peer, the resolver or the TLS library, and
+    none may make a store refuse the result (the worker would then record it without its
+    details, see :func:`bare_result`)."""
     reply, error = attempt.reply, attempt.error
     short_reply = reply
     if reply is not None:
@@ -91,9 +101,55 @@ def bounded_attempt(attempt: Attempt) -> Attempt:
         if text is not reply.text:
             short_reply = replace(reply, text=text)
     short_error = storable_text(error) if error is not None else None
-    if short_reply is reply and short_error is error:
+    duration, port = attempt.duration, attempt.port
+    sane = math.isfinite(duration) and (port is None or 0 <= port <= 65535)
+    a = attempt
+    # The usual case in one check: short ASCII without NUL needs neither a cut nor a change.
+    details = f"{a.mx_host}{a.ip}{a.tls_version}{a.tls_cipher}{a.tls_policy}"
+    plain = len(details) <= MAX_ATTEMPT_DETAIL // 4 and details.isascii() and "\x00" not in details
+    if plain and sane and short_reply is reply and short_error is error:
         return attempt
-    return replace(attempt, reply=short_reply, error=short_error)
+    if not plain:
+        a = replace(
+            a,
+            mx_host=_storable_detail(a.mx_host),
+            ip=_storable_detail(a.ip),
+            tls_version=_storable_detail(a.tls_version),
+            tls_cipher=_storable_detail(a.tls_cipher),
+            tls_policy=_storable_detail(a.tls_policy),
+        )
+    return replace(
+        a,
+        reply=short_reply,
+        error=short_error,
+        duration=duration if math.isfinite(duration) else 0.0,
+        port=port if port is None or 0 <= port <= 65535 else None,
+    )
+
+
+def _storable_detail(text: str | None) -> str | None:
+    return None if text is None else storable_text(text, MAX_ATTEMPT_DETAIL)
+
+
+def bare_result(result: RecipientResult, refused: BaseException) -> RecipientResult:
+    """``result`` without the details a store refused to write: its state, outcome,
+    timing and reason class stay, the server's reply and every other text go, and the
+    error says so, with the reply's code and the store's reason (in ASCII, cut short)."""
+    attempt = result.attempt
+    reply = attempt.reply
+    code = ""
+    if reply is not None and 0 <= reply.code <= 999:
+        code = f" (the server replied {reply.code})"
+    why = str(refused)[:200].encode("ascii", "backslashreplace").decode("ascii")
+    bare = Attempt(
+        at=attempt.at,
+        outcome=attempt.outcome,
+        duration=attempt.duration if math.isfinite(attempt.duration) else 0.0,
+        error=f"the store refused this attempt's details{code}: {why}",
+        uncertain=attempt.uncertain,
+        reason_class=attempt.reason_class,
+    )
+    return replace(result, attempt=bare)
 
 
 def reason_class_of(value: str | None) -> ReasonClass | None:

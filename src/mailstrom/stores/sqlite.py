@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
+from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData, UnknownMessage
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
@@ -145,6 +145,8 @@ def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int) and code & 0xFF in _CORRUPT:
         return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+        return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
     return StoreError(f"SQLite error on {path}: {exc}")
 
 
@@ -430,6 +432,10 @@ class SQLiteStore:
             yield conn
         except sqlite3.Error as exc:
             raise _store_error(exc, self._path) from exc
+        except (UnicodeEncodeError, OverflowError) as exc:
+            # Raised by the driver while binding a value (a lone surrogate, an integer
+            # past 64 bits): the value is refused, the database is fine.
+            raise StoreRefusedData(f"SQLite store {self._path} refused a value: {exc}") from exc
         finally:
             if conn is not None:
                 if conn.in_transaction:  # a failed COMMIT; never pool a dirty connection

@@ -18,7 +18,7 @@ from importlib.resources.abc import Traversable
 
 import psycopg
 
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreError, StoreRefusedData
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _QUERY_MARKER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -77,8 +77,12 @@ def queries() -> dict[str, str]:
 
 @contextmanager
 def translate_errors(doing: str) -> Iterator[None]:
-    """Turn driver errors (psycopg and psycopg_pool's, which subclass them) into StoreError."""
+    """Turn driver errors (psycopg and psycopg_pool's, which subclass them) into StoreError:
+    StoreRefusedData for a value the server or the driver refused (SQLSTATE classes 22 and
+    23, text UTF-8 cannot encode), which trying again as it is cannot mend."""
     try:
         yield
+    except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
+        raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
     except psycopg.Error as exc:
         raise StoreError(f"PostgreSQL store: {doing} failed: {exc}") from exc
