@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
+from mailstrom.bounces import verp_address
 from mailstrom.errors import SMTPTimeout
 from mailstrom.message import prepare
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
@@ -242,6 +243,50 @@ def test_a_store_locked_by_another_process_is_ridden_out(
     assert [(s.state, s.attempts) for s in statuses] == [(RecipientState.DELIVERED, 1)] * count
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
         f"u{i}@example.org" for i in range(count)
+    )
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_a_worker_starts_while_its_store_is_locked(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, worker: str
+) -> None:
+    """A new store (no VERP key made yet), locked by another process past the busy
+    timeout as the worker starts: ``start()`` raised WorkerError, because the worker
+    made the key before anything else and the child process's open took the write lock.
+    Now the worker starts, rides the lock out, and reads the key when a VERP message
+    first needs it."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    results = Results()
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+        ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results, worker=worker)
+        try:
+            ms.start()
+            time.sleep(0.5)  # the worker meets the locked store
+            assert ms.worker_status.running
+        finally:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+    try:
+        mid = ms.send_email(hello("u@example.org"), envelope_from="bounces+{token}@sender.test")
+        [result] = results.wait_count(1, timeout=30)
+        key = store.verp_key()
+    finally:
+        ms.stop()
+    assert result.state is RecipientState.DELIVERED
+    [received] = mx.messages
+    assert received.mail_from == verp_address(
+        "bounces+{token}@sender.test", mid, "u@example.org", key=key
     )
 
 

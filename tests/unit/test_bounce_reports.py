@@ -225,6 +225,13 @@ def test_a_token_cannot_be_made_without_the_key() -> None:
     assert carol.split("-")[1] != recipient_token(other, "carol@example.net", key=KEY)[33:]
 
 
+def test_no_token_is_made_with_an_empty_key() -> None:
+    # An empty key is BLAKE2s unkeyed: anybody could make the token. The worker reads
+    # the store's key only when a VERP message needs it; this guards against forgetting.
+    with pytest.raises(ValueError, match="VERP key"):
+        recipient_token(MID, "carol@example.net", key=b"")
+
+
 def test_templates_are_checked() -> None:
     check_verp_template("bounces+{token}@sender.test")
     for bad in ("bounces@{token}.test", "{token}{token}@x.test", "b" * 30 + "+{token}@x.test"):

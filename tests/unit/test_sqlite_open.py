@@ -104,6 +104,21 @@ def test_a_replaced_database_file_is_corrupt(db: Path, tmp_path: Path) -> None:
 # --- read-only -----------------------------------------------------------------------------
 
 
+def test_a_current_store_opens_while_another_connection_writes(db: Path) -> None:
+    """Opening a store whose schema is current takes no write lock: it neither waits
+    behind another writer (a long purge, a bulk enqueue) nor fails after the busy
+    timeout. A worker process opening its store, or an application starting, did."""
+    SQLiteStore(db).close()
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        store = SQLiteStore(db, busy_timeout=0.05)
+        store.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_read_only_opening_writes_nothing(db: Path) -> None:
     """Hardening #18: read_only=True reads a store without writing to its file: no pragma
     that writes, no migration; writes are refused."""

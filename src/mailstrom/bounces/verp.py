@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from mailstrom.errors import InvalidAddress
-from mailstrom.stores.base import WorkItem
+from mailstrom.stores.base import Lease, WorkItem
 
 TOKEN_FIELD = "{token}"  # noqa: S105 (a placeholder, not a secret)
 _TOKEN_LENGTH = 43
@@ -63,6 +63,8 @@ def address_digest(message_id: str, address: str, *, key: bytes) -> str:
     """Ten hex digits standing for ``address`` (case-insensitive) as a recipient of
     ``message_id``: a BLAKE2s MAC under ``key``, so a token is good for one message only
     and nobody without the key can make one."""
+    if not key:  # without one, anybody could make a token
+        raise ValueError("a VERP token needs the store's VERP key")
     data = f"{message_id.lower()}\0{address.lower()}".encode()
     return hashlib.blake2s(data, digest_size=5, key=key).hexdigest()
 
@@ -79,6 +81,11 @@ def recipient_token(message_id: str, address: str, *, key: bytes) -> str:
 def verp_address(template: str, message_id: str, address: str, *, key: bytes) -> str:
     """``template`` with ``{token}`` replaced for this recipient of this message."""
     return template.replace(TOKEN_FIELD, recipient_token(message_id, address, key=key))
+
+
+def wants_verp_key(lease: Lease) -> bool:
+    """Whether a message of ``lease`` has a VERP template as its envelope sender."""
+    return any(is_verp_template(item.envelope_from) for item in lease.items)
 
 
 def per_recipient(item: WorkItem, *, key: bytes) -> list[WorkItem]:

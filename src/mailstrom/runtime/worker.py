@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from mailstrom.bounces.verp import per_recipient
+from mailstrom.bounces.verp import per_recipient, wants_verp_key
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.routing import Router
@@ -147,9 +147,10 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._capped = False
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
-        self._verp_key = b""
-        """The store's VERP key (read when the worker starts): the tokens of VERP
-        envelope senders are made with it."""
+        self._verp_key: bytes | None = None
+        """The store's VERP key: the tokens of VERP envelope senders are made with it.
+        Read when the first VERP message is leased, so that a store failing while the
+        worker starts does not stop it, and a worker without VERP mail never asks."""
         self._wakeups = 0
         """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
         may be for work that lease did not see, so it keeps the next lease wanted."""
@@ -259,7 +260,6 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             if self.config.outbox:
                 # From here on every record also writes its events, in the same transaction.
                 self.store.enable_events()
-            self._verp_key = await self._store_call(self.store.verp_key)
             if self.config.hook is not None:
                 # Loaded only here: HTTP (urllib, http.client) is for workers with a hook.
                 from mailstrom.runtime.hooks import HookSender
@@ -409,13 +409,30 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 # stranded its recipients until the lease expired.
                 await asyncio.sleep(backoff.take())
                 found = await self._suppressed_in(lease)
-            if found is None:
-                with contextlib.suppress(StoreError):
+            if found is not None and self._verp_key is None and wants_verp_key(lease):
+                self._verp_key = await self._read_verp_key()
+            if found is None or (self._verp_key is None and wants_verp_key(lease)):
+                with contextlib.suppress(StoreError):  # closing before the store answered
                     await self._store_call(self.store.release, lease)
                 continue
             backoff.reset()
             if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
                 not_before = loop.time() + _COALESCE
+
+    async def _read_verp_key(self) -> bytes | None:
+        """The store's VERP key, asked again with backoff while the store fails (the
+        lease waiting for it stays ours, as while its suppressions are read). None when
+        the worker closes first."""
+        backoff = _Backoff()
+        while not self._closing:
+            try:
+                return await self._store_call(self.store.verp_key)
+            except StoreCorrupt:
+                raise
+            except StoreError as exc:
+                self._store_trouble("VERP key", exc)
+                await asyncio.sleep(backoff.take())
+        return None
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` pass or something happens (a result, a wake-up, a stop)."""
@@ -487,7 +504,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 self._on_done(refused)  # failed at once, recorded with the next write
             if rest is not None:
                 # A VERP message is one transaction per recipient (its own envelope sender).
-                for part in per_recipient(rest, key=self._verp_key):
+                for part in per_recipient(rest, key=self._verp_key or b""):
                     dispatcher.submit(part)
         return count
 

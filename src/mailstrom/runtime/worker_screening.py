@@ -31,7 +31,7 @@ class WorkerScreening(WorkerStore):
     _clock: Callable[[], datetime]
     _leases: dict[str, _LeaseState]
     _lease_wanted: bool
-    _verp_key: bytes
+    _verp_key: bytes | None
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
@@ -68,7 +68,12 @@ class WorkerScreening(WorkerStore):
         from mailstrom.runtime.notices import notices_for
 
         return notices_for(
-            failed, items, config=self.config, now=self._clock(), verp_key=self._verp_key
+            failed,
+            items,
+            config=self.config,
+            now=self._clock(),
+            # Read when the failed VERP message was leased.
+            verp_key=self._verp_key or b"",
         )
 
     async def _send_notices(self, notices: list[PreparedMessage]) -> None:

@@ -293,7 +293,10 @@ class SQLiteStore:
             conn.execute("PRAGMA page_size=4096")
             # Persistent in the file; must run outside a transaction.
             conn.execute("PRAGMA journal_mode=WAL")
-            migrate(conn)
+            if version != latest:
+                # Only then: migrating takes the write lock, and opening a current store
+                # must not wait for (nor fail behind) another process's long write.
+                migrate(conn)
         self._file = _identity(self._path)  # checked on every checkout from now on
         self._lock_fd = self._open_lock_file()
 
