@@ -96,6 +96,55 @@ def test_thread_mode_and_custom_clocks_stay_in_this_process(
     store.close()
 
 
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_an_on_result_that_raises_stops_no_delivery(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    worker: str,
+) -> None:
+    """A bug in the application's callback is logged, in every mode, and delivery goes
+    on. In a thread (or task) the exception ended the worker: of five messages sent one
+    apart, one was delivered; a worker process already went on."""
+    calls: list[str] = []
+
+    def buggy(result: Any) -> None:
+        calls.append(result.address)
+        raise KeyError("a bug in the application")
+
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=buggy, worker=worker) as ms:
+        for i in range(5):
+            ms.send_email(hello(f"u{i}@example.org", i))
+            assert _wait_until(lambda: len(calls) == i + 1, 10)  # noqa: B023
+        assert ms.worker_status.running
+    store.close()
+    assert len(mx.messages) == 5
+    failed = [r for r in caplog.records if r.getMessage() == "on_result callback failed"]
+    assert len(failed) == 5 and all(r.exc_info for r in failed)
+
+
+async def test_an_on_result_that_raises_stops_no_delivery_in_a_task(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    calls: list[str] = []
+
+    def buggy(result: Any) -> None:
+        calls.append(result.address)
+        raise KeyError("a bug in the application")
+
+    async with AsyncMailstrom(
+        config(dns_server, mx.port), store=MemoryStore(), on_result=buggy
+    ) as ms:
+        assert ms.worker_mode == "task"
+        for i in range(3):
+            mid = await ms.send_email(hello(f"u{i}@example.org", i))
+            assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+        assert ms.worker_status.running
+    assert len(calls) == 3
+
+
 def test_without_a_worker_a_separate_worker_process_delivers(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ counted (metrics, the attempt log, ``on_result``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,8 @@ from mailstrom.stores.base import RecipientResult
 
 if TYPE_CHECKING:
     from mailstrom.runtime.dispatch import Dispatcher
+
+log = logging.getLogger("mailstrom.worker")
 
 
 @dataclass(slots=True)
@@ -75,4 +78,9 @@ class WorkerReporting:
             c.failed += 1
         log_attempt(result)
         if self._on_result is not None:
-            self._on_result(result)
+            try:
+                self._on_result(result)
+            except Exception:
+                # The application's callback: a bug in it must not stop every delivery
+                # (a worker process logs it the same way, in the application).
+                log.exception("on_result callback failed")
