@@ -87,6 +87,34 @@ def test_a_final_failure_is_reported_to_the_sender(
     assert b"Subject: Quarterly" in notice.content and b"Hello" not in notice.content
 
 
+def test_a_notice_that_cannot_be_made_stops_no_delivery(
+    mailstrom: Make,
+    mx: Any,
+    results: Results,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong while a notice is made (the returned message is hostile
+    input), the results are recorded already: the error is logged and the worker goes
+    on. It ended the worker before."""
+    from mailstrom.runtime import notices
+
+    def broken(*args: Any, **kwargs: Any) -> list[Any]:
+        raise RuntimeError("a bug in the notice renderer")
+
+    monkeypatch.setattr(notices, "notices_for", broken)
+    ms = mailstrom(bounce_notices=True)
+    ms.send_email(hello("nobody@example.org"))
+    ms.send_email(hello("ann@example.org"))
+    results.wait_count(2)
+    assert {r.address: r.state for r in results.all} == {
+        "nobody@example.org": RecipientState.FAILED,
+        "ann@example.org": RecipientState.DELIVERED,
+    }
+    assert ms.worker_status.running
+    assert "bounce messages could not be made" in caplog.text
+
+
 def test_off_by_default_in_the_library(mailstrom: Make, mx: Any, results: Results) -> None:
     ms = mailstrom()
     ms.send_email(hello("nobody@example.org"))

@@ -550,7 +550,13 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             return
         # Before on_result hears of a hard bounce, its address is on the list.
         await self._suppress_hard_bounces(recorded)
-        notices = self._notices(recorded)  # before _recorded forgets the leases
+        try:
+            notices = self._notices(recorded)  # before _recorded forgets the leases
+        except Exception:
+            # The results are recorded: a notice that cannot be made must not stop every
+            # delivery (a restarted worker would not make it either).
+            log.exception("bounce messages could not be made (%d results)", len(recorded))
+            notices = []
         self._recorded(batch, recorded)
         if recorded and self._hooks is not None:
             self._hooks.wake()
