@@ -6,7 +6,9 @@ stop() work in every mode, and a worker process dies with its parent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -143,6 +145,36 @@ async def test_an_on_result_that_raises_stops_no_delivery_in_a_task(
             assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
         assert ms.worker_status.running
     assert len(calls) == 3
+
+
+async def test_stop_closes_connections_with_deliveries_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deliveries still waiting for their final reply when the drain timeout ends are
+    cancelled. Their connections used to stay open, timers armed, on the application's
+    loop: the server kept them until the reply timeout fired, and asyncio then logged
+    "Future exception was never retrieved" for the transactions pipelined behind."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    ms = AsyncMailstrom(config(dns_server, mx.port, timeouts=FAST), store=MemoryStore())
+    await ms.start()
+    for i in range(3):
+        await ms.send_email(hello(f"u{i}@example.org", i))
+    for _ in range(500):
+        if mx.received:
+            break
+        await asyncio.sleep(0.01)
+    assert mx.received
+    await ms.stop(timeout=0.2)
+    for _ in range(50):  # well before the 2 s reply timeout
+        if mx.open_connections == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert mx.open_connections == 0
+    await asyncio.sleep(FAST.data_end + 0.5)  # past the reply timeout the sockets had
+    gc.collect()  # asyncio logs a never-retrieved error when the future is collected
+    assert "never retrieved" not in caplog.text
 
 
 def test_without_a_worker_a_separate_worker_process_delivers(

@@ -725,6 +725,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     # --- closing -----------------------------------------------------------------------
 
+    def abandon(self) -> None:
+        """Drop the connection at once, without QUIT: its session was cancelled (the
+        worker stops). What was outstanding settles with an error nobody waits for."""
+        if self._closed:
+            return
+        self._closed = True
+        self._abort(SMTPConnectError(f"connection to {self.host} abandoned", host=self.host))
+        self._drop()
+
     async def close(self) -> None:
         """Say QUIT if the connection is healthy (briefly), then close it. Never raises."""
         if self._closed:

@@ -394,6 +394,11 @@ class Dispatcher:
             dest.connected += 1
             try:
                 broke = await self._stream(dest, conn, reused, need, shape)
+            except BaseException:
+                # Cancelled (the worker stops with this delivery in flight): the socket
+                # must not outlive the session, nor its timers fire into nobody.
+                conn.abandon()
+                raise
             finally:
                 dest.connected -= 1
             if shape is not None and self._held_back(dest, shape):

@@ -143,6 +143,9 @@ class Txn:
             return
         if isinstance(result, BaseException):
             self.future.set_exception(result)
+            # Read here: the session that would read it may be gone (cancelled while the
+            # worker stops), and asyncio would log the error as never retrieved.
+            self.future.exception()
         else:
             self.future.set_result(result)
 
