@@ -19,7 +19,7 @@ import pytest
 
 from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
 from mailstrom.bounces import verp_address
-from mailstrom.errors import SMTPTimeout
+from mailstrom.errors import SMTPTimeout, WorkerError
 from mailstrom.message import prepare
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
@@ -288,6 +288,57 @@ def test_a_worker_starts_while_its_store_is_locked(
     assert received.mail_from == verp_address(
         "bounces+{token}@sender.test", mid, "u@example.org", key=key
     )
+
+
+def test_stop_returns_while_the_store_blocks_the_worker_thread(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``stop(timeout)`` waits for a worker thread at most STOP_GRACE past ``timeout``,
+    as it already did for a worker process (which it kills). A worker thread whose store
+    calls block (a write lock held by another process, a long busy timeout) held
+    ``stop(timeout=1)`` for 41 s. The thread is left to end by itself, and the facade
+    will not start another worker while it lives."""
+    from mailstrom.client import sync
+
+    monkeypatch.setattr(sync, "STOP_GRACE", 1.0)
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=5)
+    ms = Mailstrom(config(dns_server, mx.port, timeouts=FAST), store=store, worker="thread")
+    ms.start()
+    for i in range(3):
+        ms.send_email(hello(f"u{i}@example.org", i))
+    assert _wait_until(lambda: len(mx.received) >= 1, 10)
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+        try:
+            began = time.monotonic()
+            ms.stop(timeout=0.5)
+            took = time.monotonic() - began
+            stuck = ms._stuck
+            assert stuck is not None and stuck.is_alive()
+            with pytest.raises(WorkerError, match="has not ended yet"):
+                ms.start()
+        finally:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+    stuck.join(30)
+    store.close()
+    assert took < 4, took
+    assert "the worker thread did not stop within 1.5 s" in caplog.text
+    assert not stuck.is_alive()
 
 
 def _refuse_attempts(path: Path, when: str) -> None:

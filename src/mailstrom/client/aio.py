@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.operations import AsyncQueueOperations, resolve
-from mailstrom.client.process import WorkerProcess
+from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
 from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
+
+log = logging.getLogger("mailstrom")
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -60,7 +63,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
-        give the rest back to the store, due at once."""
+        give the rest back to the store, due at once; wait for the worker at most
+        :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``, then kill a
+        worker process or cancel the worker task (logged)."""
         worker = self.worker
         try:
             if isinstance(worker, WorkerProcess):
@@ -69,7 +74,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 task, self._task = self._task, None
                 if task is not None:
                     worker.request_stop(drain_timeout=timeout)
-                    await asyncio.shield(task)
+                    limit = None if timeout is None else timeout + STOP_GRACE
+                    try:
+                        await asyncio.wait_for(asyncio.shield(task), limit)
+                    except TimeoutError:
+                        if task.done():
+                            raise  # the worker's own TimeoutError
+                        log.error("the worker task did not stop within %g s", limit)
+                        task.cancel()
         finally:
             self._unwatch_store()
             if self._owns_store:

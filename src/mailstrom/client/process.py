@@ -38,8 +38,9 @@ from mailstrom.stores.base import RecipientResult, Store
 log = logging.getLogger("mailstrom.worker")
 
 _FORWARDED_LOGGERS = ("mailstrom", "mailstrom.attempts", "mailstrom.worker", "mailstrom.delivery")
-_KILL_AFTER = 10.0
-"""Seconds past the drain timeout before a child that does not stop is killed."""
+STOP_GRACE = 10.0
+"""Seconds past the drain timeout that ``stop()`` waits for a worker to end: a child is
+then killed, a worker thread or task left to end by itself."""
 
 
 def _forget_after_fork() -> None:
@@ -141,7 +142,7 @@ class WorkerProcess:
             assert self._stdin is not None
             self._stdin.close()
         try:
-            proc.wait(None if timeout is None else timeout + _KILL_AFTER)
+            proc.wait(None if timeout is None else timeout + STOP_GRACE)
         except subprocess.TimeoutExpired:
             log.error("worker process %d did not stop; killing it", proc.pid)
             self._kill()

@@ -15,7 +15,7 @@ from types import TracebackType
 
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
 from mailstrom.client.operations import QueueOperations, resolve
-from mailstrom.client.process import WorkerProcess
+from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
 from mailstrom.runtime.loops import run as run_loop
@@ -42,6 +42,8 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     _thread: threading.Thread | None = None
     _start_error: BaseException | None = None
+    _stuck: threading.Thread | None = None
+    """A worker thread that did not end within ``stop()``'s bound, while it lives."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -57,6 +59,8 @@ class Mailstrom(FacadeBase, QueueOperations):
             return
         if self._thread is not None:
             raise WorkerError("already started")
+        if self._stuck is not None and self._stuck.is_alive():
+            raise WorkerError("the worker thread of the last stop() has not ended yet")
         self._ready = threading.Event()
         self._start_error = None
         self._thread = threading.Thread(
@@ -85,7 +89,11 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds, give
-        the rest back to the store (due at once), and wait for the worker to end."""
+        the rest back to the store (due at once), and wait for the worker to end: at most
+        :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``. A worker
+        process still running then is killed; a worker thread is left to end by itself
+        (logged). Either way what it had not recorded is tried again once its leases
+        expire."""
         worker = self.worker
         try:
             if isinstance(worker, WorkerProcess):
@@ -94,7 +102,13 @@ class Mailstrom(FacadeBase, QueueOperations):
                 thread, self._thread = self._thread, None
                 if thread is not None:
                     worker.request_stop(drain_timeout=timeout)
-                    thread.join()
+                    limit = None if timeout is None else timeout + STOP_GRACE
+                    thread.join(limit)
+                    if thread.is_alive():
+                        # A store call that blocks (a lock held elsewhere, a database
+                        # that went silent) must not hold the application's shutdown.
+                        self._stuck = thread
+                        log.error("the worker thread did not stop within %g s", limit)
         finally:
             self._unwatch_store()
             if self._owns_store:
