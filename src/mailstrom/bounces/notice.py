@@ -10,18 +10,22 @@ off (the application reads ``query_status`` instead).
 
 The notice is rendered here as bytes, ASCII only: a ``multipart/report`` with a readable
 part, the ``message/delivery-status`` part and the returned message's headers (or the
-whole message for ``RET=FULL``, when it is at most :data:`MAX_RETURNED` octets). Everything
-that came from a peer (reply texts) is cut to one line of printable ASCII.
+whole message for ``RET=FULL``, when it is at most :data:`MAX_RETURNED` octets), in
+base64 as ``message/global(-headers)`` when they hold 8-bit octets. Everything that came
+from a peer (reply texts) is cut to one line of printable ASCII.
 """
 
 from __future__ import annotations
 
+import base64
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
+from mailstrom.errors import InvalidAddress
+from mailstrom.message.addrspec import validate_address
 from mailstrom.message.dsn import DSN, Notify, Return, xtext
 from mailstrom.status import AttemptOutcome
 
@@ -66,6 +70,21 @@ def status_of(outcome: AttemptOutcome, enhanced: str | None, *, delayed: bool = 
     return "5.0.0" if outcome is AttemptOutcome.PERMANENT else "4.4.7"
 
 
+def mailer_daemon_domain(candidates: Iterable[str | None]) -> str | None:
+    """The first of ``candidates`` that an address can have as its domain (in A-label
+    form), or None. The host's name comes first, but it may be one no address can have
+    (``localhost``, the default on a host without a usable name, or ``mac.local``): a
+    notice from ``MAILER-DAEMON@localhost`` would be refused by ``prepare`` and lost."""
+    for domain in candidates:
+        if not domain:
+            continue
+        try:
+            return validate_address(f"MAILER-DAEMON@{domain}").envelope.partition("@")[2]
+        except InvalidAddress:
+            continue
+    return None
+
+
 def render_notice(
     *,
     reporting_mta: str,
@@ -78,18 +97,29 @@ def render_notice(
     now: datetime,
     delayed: bool = False,
     retry_until: datetime | None = None,
+    from_domain: str | None = None,
 ) -> bytes:
     """The notice to ``sender`` about ``failed`` recipients of message ``message_id``;
     ``delayed``: a delay warning about recipients still being retried (``Action:
-    delayed``, RFC 3464 §2.3.3), until ``retry_until`` if known."""
-    boundary = f"{message_id}.{os.urandom(6).hex()}/{reporting_mta}"
+    delayed``, RFC 3464 §2.3.3), until ``retry_until`` if known. It is from
+    ``MAILER-DAEMON@<from_domain>`` (default: the reporting MTA's name; see
+    :func:`mailer_daemon_domain`)."""
+    reporting_mta = _host_name(reporting_mta)
+    message_id = _line(message_id)
+    from_domain = reporting_mta if from_domain is None else _host_name(from_domain)
+    # Not the host's name, as Postfix does: an address literal's brackets are not allowed
+    # in a boundary, and a long name would take it past 70 characters (RFC 2046 §5.1.1).
+    queue_id = "".join(c for c in message_id[:50] if c.isalnum())
+    boundary = f"{queue_id}.{os.urandom(6).hex()}"
     head = original.partition(b"\r\n\r\n")[0] + b"\r\n"
     full = (
         not delayed and dsn is not None and dsn.ret is Return.FULL and len(original) <= MAX_RETURNED
     )
     lines = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{_line(sender)}>",
+        f"From: Mail Delivery System <MAILER-DAEMON@{from_domain}>",
+        # A UTF-8 local part stays UTF-8 (RFC 6532): the notice needs SMTPUTF8 to reach
+        # that address anyway, and any ASCII stand-in would be some other address.
+        f"To: <{_line(sender, unicode=True)}>",
         "Subject: "
         + (
             "Delayed Mail (still being retried)"
@@ -118,7 +148,9 @@ def render_notice(
             else "Your message could not be delivered to one or more recipients."
         ),
         "",
-        *(f"<{_line(r.address)}>: {_line(r.diagnostic)}" for r in failed),
+        # Cut as a whole: an address and a reply each of up to _MAX_LINE make a line past
+        # RFC 5322's 998 octets, which prepare() refuses (and the notice would be lost).
+        *(f"<{_address(r.address)}>: {_line(r.diagnostic)}"[:_MAX_LINE] for r in failed),
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
@@ -137,31 +169,47 @@ def render_notice(
         lines += [
             "",
             *(
-                [f"Original-Recipient: rfc822;{xtext(r.address).decode()}"]
+                [f"Original-Recipient: rfc822;{xtext(r.address).decode()[:_MAX_LINE]}"]
                 if dsn is not None and dsn.orcpt and r.address.isascii()
                 else []
             ),
-            f"Final-Recipient: rfc822; {_line(r.address)}",
+            f"Final-Recipient: {_address_type(r.address)}; {_address(r.address)}",
             f"Action: {'delayed' if delayed else 'failed'}",
-            f"Status: {r.status}",
+            f"Status: {_line(r.status)}",
             *([f"Remote-MTA: dns; {_line(r.remote_mta)}"] if r.remote_mta else []),
             f"Diagnostic-Code: {_diagnostic(r.diagnostic)}",
             f"Last-Attempt-Date: {format_datetime(r.at)}",
             *([f"Will-Retry-Until: {format_datetime(retry_until)}"] if retry_until else []),
         ]
+    returned = original if full else head
+    if not returned.endswith(b"\r\n"):
+        returned += b"\r\n"
     lines += [
         "",
         f"--{boundary}",
         "Content-Description: "
         + ("Undelivered Message" if full else "Undelivered Message Headers"),
-        "Content-Type: " + ("message/rfc822" if full else "text/rfc822-headers"),
+        *_returned_type(returned, full=full),
         "",
     ]
-    text = "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
-    returned = original if full else head
-    if not returned.endswith(b"\r\n"):
-        returned += b"\r\n"
+    text = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    if not returned.isascii():
+        returned = base64.encodebytes(returned).replace(b"\n", b"\r\n")
     return text + returned + f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+def _returned_type(returned: bytes, *, full: bool) -> list[str]:
+    """The returned message's Content-Type (and Content-Transfer-Encoding). One with 8-bit
+    octets (UTF-8 header fields, RFC 6532, or an 8-bit body) is ``message/global`` or
+    ``message/global-headers`` in base64 (RFC 6532 §3.7, RFC 6533 §6.3), which those
+    types allow and ``message/rfc822`` does not: the notice stays ASCII, and needs
+    neither SMTPUTF8 nor 8BITMIME of the sender's server."""
+    if returned.isascii():
+        return ["Content-Type: " + ("message/rfc822" if full else "text/rfc822-headers")]
+    return [
+        "Content-Type: " + ("message/global" if full else "message/global-headers"),
+        "Content-Transfer-Encoding: base64",
+    ]
 
 
 def _diagnostic(text: str) -> str:
@@ -170,7 +218,39 @@ def _diagnostic(text: str) -> str:
     return f"{'smtp' if reply else 'X-Mailstrom'}; {_line(text)}"
 
 
-def _line(text: str) -> str:
-    """One line of printable ASCII, at most ``_MAX_LINE`` characters."""
+def _host_name(name: str) -> str:
+    """``name`` in ASCII: a U-label domain in the A-label form EHLO sends it in (a name
+    that has none, cut to printable ASCII like peer text)."""
+    if not name.isascii():
+        try:
+            return name.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return _line(name)
+
+
+def _address_type(address: str) -> str:
+    """The address type of a DSN recipient field: ``utf-8`` for an address that is not
+    ASCII (RFC 6533 §3), else ``rfc822``."""
+    return "rfc822" if address.isascii() else "utf-8"
+
+
+def _address(address: str) -> str:
+    """``address`` as a DSN recipient field writes it: an ASCII one as one printable
+    line; any other as ``utf-8-addr-xtext`` (RFC 6533 §3), each character that is not
+    printable ASCII, and ``+``, ``=`` and ``\\``, written ``\\x{HEX}``: the field stays
+    ASCII and still names the address (``?`` for each letter would name another one)."""
+    if address.isascii():
+        return _line(address)
+    return "".join(
+        c if 33 <= ord(c) < 127 and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
+    )[:_MAX_LINE]
+
+
+def _line(text: str, *, unicode: bool = False) -> str:
+    """One line of printable ASCII (``unicode``: printable characters), at most
+    ``_MAX_LINE`` characters."""
     flat = " ".join(text.split())
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in flat)[:_MAX_LINE]
+    return "".join(c if 32 <= ord(c) < 127 or (unicode and c.isprintable()) else "?" for c in flat)[
+        :_MAX_LINE
+    ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email
 import email.parser
 import email.policy
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
@@ -222,10 +223,17 @@ def _blocks(part: Message) -> list[Message]:
 
 
 def _returned(parts: list[Message]) -> Message | None:
-    """The returned message's headers (``message/rfc822`` or ``text/rfc822-headers``)."""
-    part = _part(parts, "message/rfc822", "message/global", "text/rfc822-headers")
+    """The returned message's headers (``message/rfc822``, ``text/rfc822-headers`` or
+    their RFC 6532/6533 forms ``message/global``, ``message/global-headers``)."""
+    part = _part(
+        parts, "message/rfc822", "message/global", "text/rfc822-headers", "message/global-headers"
+    )
     if part is None:
         return None
+    if _field(part.get("Content-Transfer-Encoding")).lower() in ("base64", "quoted-printable"):
+        # mailstrom's own notices encode a returned message/global(-headers) that holds
+        # 8-bit octets; the parser took the encoded text for a message (or for text).
+        return _decoded_headers(part)
     payload = part.get_payload()
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         return payload[0]
@@ -234,6 +242,20 @@ def _returned(parts: list[Message]) -> Message | None:
         parser = email.parser.Parser(policy=email.policy.compat32)
         return parser.parsestr(payload[:200_000], headersonly=True)
     return None
+
+
+def _decoded_headers(part: Message) -> Message:
+    """The header section of an encoded returned message (at most 200,000 octets read)."""
+    payload = part.get_payload()
+    inner = payload[0] if isinstance(payload, list) and payload else None
+    encoded = inner.get_payload() if isinstance(inner, Message) else payload
+    text = encoded[:200_000] if isinstance(encoded, str) else ""
+    carrier = Message()
+    carrier["Content-Transfer-Encoding"] = _field(part.get("Content-Transfer-Encoding"))
+    carrier.set_payload(text)
+    data = carrier.get_payload(decode=True)
+    parser = email.parser.BytesParser(policy=email.policy.compat32)
+    return parser.parsebytes(data if isinstance(data, bytes) else b"", headersonly=True)
 
 
 def _returned_message_id(parts: list[Message]) -> str | None:
@@ -282,7 +304,25 @@ def _typed(value: object) -> tuple[str | None, str | None]:
 
 
 def _typed_address(value: object) -> str | None:
-    return _bare(_typed(value)[1])
+    kind, address = _typed(value)
+    if kind == "utf-8" and address is not None:
+        address = _unescape_utf8(address)
+    return _bare(address)
+
+
+_EMBEDDED_CHAR = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _unescape_utf8(address: str) -> str:
+    """A ``utf-8`` address written as ``utf-8-addr-xtext`` (``\\x{F1}o\\x{F1}o@x``,
+    RFC 6533 §3) in its own characters, made safe again: the escapes may name any."""
+
+    def char(match: re.Match[str]) -> str:
+        point = int(match.group(1), 16)
+        surrogate = 0xD800 <= point <= 0xDFFF
+        return chr(point) if point <= 0x10FFFF and not surrogate else "\ufffd"
+
+    return safe_text(_EMBEDDED_CHAR.sub(char, address))
 
 
 def _bare(value: object) -> str | None:

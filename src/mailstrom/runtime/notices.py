@@ -9,7 +9,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
-from mailstrom.bounces.notice import FailedRecipient, render_notice, status_of, wants_notice
+from mailstrom.bounces.notice import (
+    FailedRecipient,
+    mailer_daemon_domain,
+    render_notice,
+    status_of,
+    wants_notice,
+)
 from mailstrom.bounces.verp import is_verp_template, verp_address
 from mailstrom.config import Config
 from mailstrom.errors import InvalidMessage
@@ -81,13 +87,18 @@ def notices_for(
             now=now,
             delayed=delayed,
             retry_until=arrival + max_age if delayed and max_age is not None else None,
+            # The sender's own domain last: its MTA is the one reporting.
+            from_domain=mailer_daemon_domain(
+                (config.helo_name, config.message_id_domain, domain_of(sender))
+            ),
         )
         try:
             prepared = prepare(
                 raw,
                 envelope_from="",
                 envelope_to=[sender],
-                max_size=config.max_message_size + 64 * 1024,
+                # The returned message may be in base64 (an 8-bit one): 4/3 of its size.
+                max_size=config.max_message_size * 4 // 3 + 64 * 1024,
                 max_recipients=1,
                 now=now,
                 id_domain=config.message_id_domain,
