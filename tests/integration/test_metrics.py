@@ -3,6 +3,7 @@ during real deliveries to a loopback receiver, and when the store goes away."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -190,6 +191,32 @@ def test_unknown_path_is_404(served: Served) -> None:
         urllib.request.urlopen(f"{served.url}/", timeout=10)
     with info.value as error:
         assert error.code == 404
+
+
+@pytest.mark.parametrize("host", ["rebound.example", "rebound.example:9466", "10.0.0.1", ""])
+def test_on_loopback_only_loopback_names_are_answered(served: Served, host: str) -> None:
+    """DNS rebinding: a page on another site that rebinds its name to 127.0.0.1 asks
+    with its own name as Host; the metrics name the domains mailed most."""
+    port = served.server.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", "/metrics", skip_host=True)
+        if host:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        refused = conn.getresponse()
+        assert refused.status == 400 and b"example.org" not in refused.read()
+    finally:
+        conn.close()
+    for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/healthz", headers={"Host": name})
+            answer = conn.getresponse()
+            assert answer.status == 200
+            answer.read()
+        finally:
+            conn.close()
 
 
 def test_process_mode_reports_the_childs_metrics(

@@ -7,12 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mailstrom.loopback import is_loopback
 from mailstrom.readmodel import InvalidQuery, PageCursor, QueueQuery, Search
 from mailstrom.readmodel.base import ThroughputBucket, id_range, throughput_window
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.web.chart import HEIGHT, throughput_chart
 from mailstrom.web.headers import MAX_BODY_BYTES, header_fields, shown_body
-from mailstrom.web.security import Access, csrf_matches, is_loopback, same_origin
+from mailstrom.web.security import Access, csrf_matches, same_origin
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 

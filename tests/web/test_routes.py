@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from mailstrom.loopback import names_loopback
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, Store
 from mailstrom.web import create_app
-from mailstrom.web.security import names_loopback
 from tests.contract.support import NOW, lease_all, message, results_for
 
 DATA = (

@@ -90,7 +90,7 @@ def web_command(args: argparse.Namespace) -> int:
 
 def check_access(host: str, token: str | None) -> None:
     """Refuse (ConfigError) to serve anything but loopback without a token."""
-    from mailstrom.web.security import is_loopback
+    from mailstrom.loopback import is_loopback
 
     if token is None and not is_loopback(host):
         raise ConfigError(

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from mailstrom.errors import ConfigError
+from mailstrom.loopback import is_loopback, names_loopback
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import Store
 
@@ -133,6 +134,11 @@ class OpsServer:
 
     ``port=0`` takes a free port (see :attr:`port`). Without prometheus-client installed
     the constructor raises :class:`~mailstrom.errors.ConfigError` naming the extra.
+
+    On a loopback address it answers only requests whose ``Host`` names this host by a
+    loopback name or address (400 otherwise), as the dashboard does without a token: the
+    metrics name the domains mailed most, and a page on another site must not read them
+    by rebinding its own name to 127.0.0.1 (:mod:`mailstrom.loopback`).
     """
 
     def __init__(
@@ -162,12 +168,16 @@ class OpsServer:
             return (200 if result.ok else 503), "application/json", body
 
         routes = {"/metrics": metrics, "/healthz": healthz}
+        on_loopback = is_loopback(host)
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "mailstrom"
             sys_version = ""
 
             def do_GET(self) -> None:
+                if on_loopback and not names_loopback(self.headers.get("Host")):
+                    self._send(400, "text/plain", b"ask by a loopback name: Host: 127.0.0.1\n")
+                    return
                 route = routes.get(self.path.partition("?")[0])
                 if route is None:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")

@@ -35,6 +35,7 @@ from starlette.templating import Jinja2Templates
 
 from mailstrom.cli.output import age
 from mailstrom.errors import MailstromError, UnknownMessage
+from mailstrom.loopback import names_loopback
 from mailstrom.policy.reasons import advice_for
 from mailstrom.readmodel import (
     InvalidQuery,
@@ -60,7 +61,6 @@ from mailstrom.web.security import (
     SESSION_COOKIE,
     Access,
     csrf_matches,
-    names_loopback,
     new_csrf_token,
     same_origin,
 )

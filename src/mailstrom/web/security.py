@@ -9,7 +9,8 @@ and stops working when the server restarts or the token changes.
 
 Host: without a token, only requests that name the dashboard by a loopback name or
 address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so that a page
-on another site cannot reach it by rebinding its own name to 127.0.0.1.
+on another site cannot reach it by rebinding its own name to 127.0.0.1
+(:mod:`mailstrom.loopback`).
 
 CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
 cross-site request never carries it) and every form repeats it in a hidden field; a POST
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 
@@ -29,36 +29,6 @@ CSRF_COOKIE = "mailstrom_csrf"
 CSRF_FIELD = "csrf"
 MAX_TOKEN = 1024
 """Octets of a token accepted from a request (longer ones are refused unread)."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``; False for every other address or name
-    (a wildcard address such as 0.0.0.0 listens on every interface)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def names_loopback(host_header: str | None) -> bool:
-    """Whether a request's ``Host`` header names this host by a loopback name or address
-    (``localhost``, ``127.0.0.1:8025``, ``[::1]:8025``), the only names a dashboard
-    without a token answers to.
-
-    A page on another site can rebind its own name to 127.0.0.1 (DNS rebinding): the
-    browser then sends that page's requests, with the page's name as ``Host``, to the
-    dashboard, and lets the page read the answers, forms and CSRF token included, since
-    to the browser they are the page's own origin. Such requests are refused by name.
-    """
-    if not host_header:
-        return False
-    if host_header.startswith("["):  # [::1] or [::1]:8025
-        host = host_header[1 : host_header.find("]")] if "]" in host_header else ""
-    else:
-        host = host_header.rpartition(":")[0] if ":" in host_header else host_header
-    return is_loopback(host.lower().removesuffix("."))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,35 @@
+"""Whether a name, an address or an HTTP ``Host`` header means this host by loopback.
+
+The dashboard without a token and the metrics server on a loopback address answer only
+requests that name them this way. A page on another site can rebind its own name to
+127.0.0.1 (DNS rebinding): the browser then sends that page's requests, with the page's
+name as ``Host``, to a server on loopback, and lets the page read the answers, since to
+the browser they come from the page's own origin. Such requests are refused by name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; False for every other address or name
+    (a wildcard address such as 0.0.0.0 listens on every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def names_loopback(host_header: str | None) -> bool:
+    """Whether a request's ``Host`` header names this host by a loopback name or address
+    (``localhost``, ``127.0.0.1:8025``, ``[::1]:8025``)."""
+    if not host_header:
+        return False
+    if host_header.startswith("["):  # [::1] or [::1]:8025
+        host = host_header[1 : host_header.find("]")] if "]" in host_header else ""
+    else:
+        host = host_header.rpartition(":")[0] if ":" in host_header else host_header
+    return is_loopback(host.lower().removesuffix("."))
