@@ -47,7 +47,13 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * A name not in the zone → NXDOMAIN (unless ``wildcard_mx``); a name in the zone without
   the asked type → NOERROR with an empty answer (dnspython's ``NoAnswer``).
 * ``queries(name, rtype) -> int`` counts the queries received for (name, type), e.g.
-  ``queries("example.org", "MX")``; ``reset_counts()`` zeroes them.
+  ``queries("example.org", "MX")``; ``query_counts()`` gives them all as a dict
+  ``{(name, type): count}``; ``reset_counts()`` zeroes them.
+* ``reset()`` — forget the whole zone and the counts (one server for many
+  hypothesis examples).
+* Names are served octet for octet, odd labels included (``\\000.example.org``,
+  ``-.example.org``, ``a\\.b.example.org``: a label holding a dot). A query for a name
+  with a label that is not UTF-8 is never answered (dnslib cannot parse it).
 """
 
 from __future__ import annotations
@@ -69,7 +75,21 @@ from mailstrom.config import DNSConfig
 from mailstrom.testing._extra import missing_extra
 
 try:
-    from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TLSA, TXT, A, DNSError, DNSRecord
+    from dnslib import (
+        AAAA,
+        CNAME,
+        MX,
+        PTR,
+        QTYPE,
+        RCODE,
+        RR,
+        TLSA,
+        TXT,
+        A,
+        DNSError,
+        DNSLabel,
+        DNSRecord,
+    )
     from dnslib.server import DNSHandler, DNSServer
 except ImportError as exc:
     raise missing_extra(exc) from exc
@@ -87,6 +107,20 @@ def _key(name: str) -> str:
     if name in (".", ""):
         return ""
     return dns.name.from_text(name).to_text(omit_final_dot=True).lower()
+
+
+def _wire_key(label: DNSLabel) -> str:
+    """The zone key of a name as dnslib parsed it off the wire. Built from its octets,
+    not from dnslib's text, which does not escape ``.`` or ``\\`` inside a label."""
+    if not label.label:
+        return ""
+    return dns.name.Name(label.label).to_text(omit_final_dot=True).lower()
+
+
+def _label(key: str) -> DNSLabel:
+    """The name ``key`` as dnslib is to put it on the wire: every label's exact octets
+    (dnslib's own parsing of text mangles ``\\.``, ``\\DDD`` above 127 and the like)."""
+    return DNSLabel([bytes(label) for label in dns.name.from_text(key).labels if label])
 
 
 def _character_strings(record: str | bytes | tuple[str, ...]) -> list[bytes]:
@@ -121,7 +155,7 @@ class _ZoneResolver:
         self.all_authenticated = False
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
-        qname = _key(str(request.q.qname))
+        qname = _wire_key(request.q.qname)
         qtype = QTYPE[request.q.qtype]
         reply = request.reply()
         with self.lock:
@@ -158,7 +192,7 @@ class _ZoneResolver:
 
     def _wildcard_answer(self, name: str) -> list[RR]:
         return [
-            RR(name, QTYPE.MX, rdata=MX(host, pref), ttl=self.wildcard_ttl)
+            RR(_label(name), QTYPE.MX, rdata=MX(_label(host), pref), ttl=self.wildcard_ttl)
             for pref, host in self.wildcard_mx
         ]
 
@@ -269,14 +303,14 @@ class LoopbackDNS:
 
     def _set(self, name: str, rtype: str, rdatas: Iterable[Any], ttl: int) -> None:
         key = _key(name)
-        rrs = [RR(key, getattr(QTYPE, rtype), rdata=r, ttl=ttl) for r in rdatas]
+        rrs = [RR(_label(key), getattr(QTYPE, rtype), rdata=r, ttl=ttl) for r in rdatas]
         with self._zone.lock:
             node = self._zone.nodes.setdefault(key, _Node())
             node.records[rtype] = rrs
 
     def mx(self, domain: str, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
         """Set ``domain``'s MX records: ``[(preference, host), ...]``."""
-        self._set(domain, "MX", [MX(_key(h) + ".", pref) for pref, h in hosts], ttl)
+        self._set(domain, "MX", [MX(_label(_key(h)), pref) for pref, h in hosts], ttl)
 
     def null_mx(self, domain: str, *, ttl: int = _DEFAULT_TTL) -> None:
         """Declare that ``domain`` accepts no mail (RFC 7505 ``MX 0 .``)."""
@@ -287,7 +321,7 @@ class LoopbackDNS:
         hold (other types: an empty answer), so that mail to any domain goes to ``hosts``.
         An empty list turns this off again."""
         with self._zone.lock:
-            self._zone.wildcard_mx = [(pref, _key(h) + ".") for pref, h in hosts]
+            self._zone.wildcard_mx = [(pref, _key(h)) for pref, h in hosts]
             self._zone.wildcard_ttl = ttl
 
     def a(self, name: str, *ips: str, ttl: int = _DEFAULT_TTL) -> None:
@@ -343,15 +377,16 @@ class LoopbackDNS:
     def ptr(self, ip: str, *names: str, ttl: int = _DEFAULT_TTL) -> None:
         """Set the PTR records of address ``ip`` (its in-addr.arpa or ip6.arpa name)."""
         reverse = dns.reversename.from_address(ip).to_text()
-        self._set(reverse, "PTR", [PTR(_key(n) + ".") for n in names], ttl)
+        self._set(reverse, "PTR", [PTR(_label(_key(n))) for n in names], ttl)
 
     def cname(self, name: str, target: str, *, ttl: int = _DEFAULT_TTL) -> None:
         """Make ``name`` an alias of ``target`` (answers follow it within the zone)."""
         key = _key(name)
         with self._zone.lock:
             node = self._zone.nodes.setdefault(key, _Node())
-            node.cname = _key(target) + "."
-            node.records = {"CNAME": [RR(key, QTYPE.CNAME, rdata=CNAME(node.cname), ttl=ttl)]}
+            node.cname = _key(target)
+            rdata = CNAME(_label(node.cname))
+            node.records = {"CNAME": [RR(_label(key), QTYPE.CNAME, rdata=rdata, ttl=ttl)]}
 
     def servfail(self, name: str, rtype: str | None = None) -> None:
         """Answer every query for ``name`` with SERVFAIL, or only those for ``rtype``
@@ -391,3 +426,18 @@ class LoopbackDNS:
         """Forget all query counts."""
         with self._zone.lock:
             self._zone.counts.clear()
+
+    def query_counts(self) -> dict[tuple[str, str], int]:
+        """Every (name, type) queried since the last reset, with how many queries came."""
+        with self._zone.lock:
+            return dict(self._zone.counts)
+
+    def reset(self) -> None:
+        """Forget the whole zone, ``wildcard_mx``, the AD settings and the query counts:
+        the empty server :meth:`start` gave (one server can then serve many examples)."""
+        with self._zone.lock:
+            self._zone.nodes.clear()
+            self._zone.counts.clear()
+            self._zone.wildcard_mx = []
+            self._zone.authenticated.clear()
+            self._zone.all_authenticated = False
