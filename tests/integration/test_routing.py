@@ -238,6 +238,22 @@ async def test_route_is_cached_for_the_smallest_ttl(
     assert dns_server.queries("mx.example.org", "A") == 2
 
 
+async def test_a_huge_ttl_is_believed_for_one_day_at_most(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
+) -> None:
+    """Found by tests/integration/test_routing_fuzz.py: a route whose answers carry TTL
+    2**31-1 (a hijacked zone's parting gift) was cached for 68 years."""
+    dns_server.mx("example.org", [(10, "mx.example.org")], ttl=2**31 - 1)
+    dns_server.a("mx.example.org", "127.0.0.1", ttl=2**31 - 1)
+    await router.route("example.org")
+    dns_server.a("mx.example.org", "127.0.0.2")  # the owner takes the domain back
+    clock.now += 86_400 - 1
+    assert router.cached("example.org") is not None
+    clock.now += 2
+    assert router.cached("example.org") is None
+    assert (await router.route("example.org")).addresses == ("127.0.0.2",)
+
+
 async def test_nxdomain_is_cached_briefly(
     dns_server: LoopbackDNS, router: Router, clock: FakeClock
 ) -> None:

@@ -42,6 +42,13 @@ NEGATIVE_TTL = 60.0
 Short, so a domain whose owner fixes its DNS gets mail again soon; long enough that a
 burst of mail to one bad domain costs one lookup."""
 
+MAX_TTL = 86_400.0
+"""Seconds any route found through DNS is remembered at most, whatever TTL its answers
+carry. A hostile or hijacked zone can publish a TTL of 2**31-1 s (68 years, RFC 2181
+§8); believed as it is, a route to the hijacker's hosts would outlive the hijack until
+the worker restarts. One day is what recursive resolvers cap their caches to (Unbound's
+``cache-max-ttl``), and one MX lookup a day per domain costs nothing."""
+
 FOREVER = float("inf")
 """The TTL of what no DNS answer can change (address literals)."""
 

@@ -16,6 +16,7 @@ import dns.resolver
 from mailstrom.config import Config, DNSConfig
 from mailstrom.routing.lookup import (
     FOREVER,
+    MAX_TTL,
     Lookup,
     Refusal,
     is_literal,
@@ -120,7 +121,8 @@ class Router:
     """Finds the hosts that take mail for a domain, with dnspython's async resolver.
 
     Routes and permanent failures (NXDOMAIN, null MX, refused targets) are cached for the
-    smallest TTL of the answers used, measured with ``clock``, by the domain string as
+    smallest TTL of the answers used, one day at most (``lookup.MAX_TTL``: a hostile zone's
+    TTL of 2**31-1 s must not pin its route), measured with ``clock``, by the domain string as
     given (lower-cased) so that a cached route costs one dict lookup; temporary failures
     are not cached. Concurrent calls for one domain share one lookup. Hosts of equal MX
     preference are shuffled with ``rng`` on every call, so load spreads over them even
@@ -263,7 +265,7 @@ class Router:
         lookup = await lookup_route(
             self._resolver, qname, policy=self.policy, rng=self._rng, clock=self._clock
         )
-        ttl = lookup.ttl
+        ttl = None if lookup.ttl is None else min(lookup.ttl, MAX_TTL)
         cacheable = ttl is not None and ttl > 0
         expires = self._clock() + ttl if ttl is not None and ttl > 0 else -FOREVER
         entry = _prepare(
