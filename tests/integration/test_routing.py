@@ -147,6 +147,18 @@ async def test_null_mx_is_permanent(dns_server: LoopbackDNS, router: Router) -> 
     assert info.value.enhanced == "5.1.10"
 
 
+async def test_several_null_mx_records_are_a_null_mx(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    """Found while fuzzing: "MX 0 ." and "MX 10 ." together were read as MX hosts without
+    addresses, a temporary failure retried for days, not as the refusal they spell."""
+    dns_server.mx("example.org", [(0, "."), (10, ".")])
+    with pytest.raises(PermanentFailure, match=r"accepts no mail \(null MX\)") as info:
+        await router.route("example.org")
+    assert info.value.code == 556
+    assert info.value.enhanced == "5.1.10"
+
+
 async def test_null_mx_beside_real_mx_is_ignored(dns_server: LoopbackDNS, router: Router) -> None:
     dns_server.mx("example.org", [(0, "."), (10, "mx.example.org")])
     dns_server.a("mx.example.org", "127.0.0.1")

@@ -329,9 +329,10 @@ async def lookup_route(
     assert isinstance(answer, dns.resolver.Answer)
     records = [rdata for rdata in answer if isinstance(rdata, MX)]
     if any(r.exchange == dns.name.root for r in records):
-        if len(records) == 1:
-            # RFC 7505: "MX 0 ." alone says the domain accepts no mail. Any preference is
-            # read the same way: "." has no address, so nothing else could be meant.
+        if all(r.exchange == dns.name.root for r in records):
+            # RFC 7505: "MX 0 ." alone says the domain accepts no mail. Any preference, and
+            # several such records, are read the same way: "." has no address, so nothing
+            # else could be meant (and "no MX host has an address" would retry for days).
             refusal = Refusal(
                 text=f"domain {domain} accepts no mail (null MX)", code=556, enhanced="5.1.10"
             )
