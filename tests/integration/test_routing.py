@@ -424,6 +424,21 @@ async def test_implicit_mx_to_a_refused_address_fails_permanently(
     assert "direct.test" in info.value.text
 
 
+@pytest.mark.parametrize(("rtype", "address"), [("A", "224.0.0.1"), ("AAAA", "ff02::1"),
+                                                ("A", "255.255.255.255")])  # fmt: skip
+async def test_an_mx_at_a_multicast_or_reserved_address_fails_permanently(
+    dns_server: LoopbackDNS, rtype: str, address: str
+) -> None:
+    """Even where loopback is allowed (tests, demos): no server has such an address. Such
+    a route used to be tried, and retried until max_age, as a connection failure."""
+    dns_server.mx("group.test", [(10, "mx.group.test")])
+    getattr(dns_server, rtype.lower())("mx.group.test", address)
+    with pytest.raises(PermanentFailure) as info:
+        await Router(dns_server.dns_config, allow_loopback=True).route("group.test")
+    assert info.value.enhanced == "5.4.4"
+    assert address in info.value.text
+
+
 @pytest.mark.parametrize("literal", ["[127.0.0.4]", "[IPv6:::1]", "[IPv6:::ffff:127.0.0.1]"])
 async def test_address_literal_to_loopback_fails_permanently(
     dns_server: LoopbackDNS, literal: str

@@ -39,9 +39,29 @@ def test_targets_that_are_this_host_or_its_link_are_refused(address: str, kind: 
 
 
 @pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("224.0.0.1", "multicast"),
+        ("239.255.255.250", "multicast"),
+        ("ff02::1", "multicast"),
+        ("::ffff:224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("::ffff:255.255.255.255", "reserved"),
+    ],
+)
+def test_targets_no_server_can_have_are_refused_always(address: str, kind: str) -> None:
+    """No TCP connection goes to a multicast or reserved address: a route to one was
+    retried until max_age instead of failing. Refused even where loopback is allowed."""
+    assert target_kind(ipaddress.ip_address(address)) == kind
+    assert RoutePolicy().refused(address) == kind
+    assert RoutePolicy(allow_loopback=True).refused(address) == kind
+
+
+@pytest.mark.parametrize(
     "address",
     ["192.0.2.1", "10.0.0.1", "126.255.255.255", "128.0.0.1", "1.0.0.0", "169.253.0.1",
-     "2001:db8::1", "fec0::1", "::ffff:192.0.2.1"],
+     "2001:db8::1", "fec0::1", "::ffff:192.0.2.1", "223.255.255.255", "100.64.0.1"],
 )  # fmt: skip
 def test_other_targets_are_kept(address: str) -> None:
     assert target_kind(ipaddress.ip_address(address)) is None

@@ -12,6 +12,8 @@ and refuses the second (like Exim's ``ignore_target_hosts``, whose usual setting
 'link-local'
 >>> RoutePolicy(allow_loopback=True).refused("127.0.0.4") is None
 True
+>>> RoutePolicy(allow_loopback=True).refused("224.0.0.1")
+'multicast'
 """
 
 from __future__ import annotations
@@ -37,9 +39,15 @@ MAX_DNS_QUERIES = 10
 """DNS queries one route lookup has in flight at once (A and AAAA of five hosts)."""
 
 
+NEVER_A_SERVER = frozenset({"multicast", "reserved"})
+"""Kinds of address that no mail server can have, refused even with ``allow_loopback``."""
+
+
 def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """``"loopback"``, ``"unspecified"`` or ``"link-local"`` for addresses that name this
-    host or its own link rather than a mail server elsewhere; None for any other address.
+    host or its own link rather than a mail server elsewhere; ``"multicast"`` (224.0.0.0/4,
+    ff00::/8) or ``"reserved"`` (240.0.0.0/4 and the broadcast address 255.255.255.255),
+    to which no TCP connection can be made; None for any other address.
 
     IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) are judged by their IPv4 address:
     a dual-stack socket connects to them as IPv4. (Python 3.11's ``is_loopback`` does not
@@ -55,6 +63,10 @@ def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None
         return "unspecified"
     if ip.is_link_local:
         return "link-local"  # 169.254.0.0/16, fe80::/10
+    if ip.is_multicast:
+        return "multicast"
+    if ip.version == 4 and ip.is_reserved:
+        return "reserved"
     return None
 
 
@@ -67,7 +79,8 @@ class RoutePolicy:
     """
 
     allow_loopback: bool = False
-    """Keep loopback, unspecified and link-local targets (see :func:`target_kind`)."""
+    """Keep loopback, unspecified and link-local targets (see :func:`target_kind`);
+    multicast and reserved ones are refused all the same."""
     mx_address_limit: int = MX_ADDRESS_LIMIT
     """Addresses a route holds at most, in the order they are to be tried."""
     mx_host_limit: int | None = None
@@ -93,6 +106,7 @@ class RoutePolicy:
 
     def refused(self, address: str) -> str | None:
         """Why mail must not go to ``address`` (its :func:`target_kind`), or None."""
-        if self.allow_loopback:
+        kind = target_kind(ipaddress.ip_address(address))
+        if self.allow_loopback and kind not in NEVER_A_SERVER:
             return None
-        return target_kind(ipaddress.ip_address(address))
+        return kind
