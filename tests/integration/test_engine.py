@@ -5,12 +5,13 @@ rides out a store that fails for a while."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,24 @@ HOLD_LOCK = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Another process holds the SQLite write lock of ``path`` until the block ends."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            yield
+        finally:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+
+
 @pytest.mark.parametrize("worker", ["thread", "process"])
 def test_a_store_locked_by_another_process_is_ridden_out(
     smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, worker: str
@@ -218,22 +237,11 @@ def test_a_store_locked_by_another_process_is_ridden_out(
         worker=worker,
     ) as ms:
         mx.wait_for_messages(1, timeout=10)
-        with subprocess.Popen(
-            [sys.executable, "-c", HOLD_LOCK, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as holder:
-            assert holder.stdout is not None and holder.stdin is not None
-            try:
-                assert holder.stdout.readline() == "locked\n"
-                troubled = _wait_until(lambda: ms.worker_status.store_error is not None, 10)
-                assert troubled, "the worker never noticed the locked store"
-                time.sleep(2.0)  # hold the lock well past the busy timeout, many times over
-                assert ms.worker_status.running
-            finally:
-                holder.stdin.write("\n")
-                holder.stdin.flush()
+        with write_lock_held(path):
+            troubled = _wait_until(lambda: ms.worker_status.store_error is not None, 10)
+            assert troubled, "the worker never noticed the locked store"
+            time.sleep(2.0)  # hold the lock well past the busy timeout, many times over
+            assert ms.worker_status.running
         results.wait_count(count, timeout=60)
         # (A worker process reports its status twice a second.)
         assert _wait_until(lambda: ms.worker_status.store_error is None, 10)
@@ -261,22 +269,11 @@ def test_a_worker_starts_while_its_store_is_locked(
     path = tmp_path / "q.db"
     store = SQLiteStore(path, busy_timeout=0.2)
     results = Results()
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline() == "locked\n"
-        ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results, worker=worker)
-        try:
-            ms.start()
-            time.sleep(0.5)  # the worker meets the locked store
-            assert ms.worker_status.running
-        finally:
-            holder.stdin.write("\n")
-            holder.stdin.flush()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results, worker=worker)
+    with write_lock_held(path):
+        ms.start()
+        time.sleep(0.5)  # the worker meets the locked store
+        assert ms.worker_status.running
     try:
         mid = ms.send_email(hello("u@example.org"), envelope_from="bounces+{token}@sender.test")
         [result] = results.wait_count(1, timeout=30)
@@ -315,25 +312,14 @@ def test_stop_returns_while_the_store_blocks_the_worker_thread(
     for i in range(3):
         ms.send_email(hello(f"u{i}@example.org", i))
     assert _wait_until(lambda: len(mx.received) >= 1, 10)
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline() == "locked\n"
-        try:
-            began = time.monotonic()
-            ms.stop(timeout=0.5)
-            took = time.monotonic() - began
-            stuck = ms._stuck
-            assert stuck is not None and stuck.is_alive()
-            with pytest.raises(WorkerError, match="has not ended yet"):
-                ms.start()
-        finally:
-            holder.stdin.write("\n")
-            holder.stdin.flush()
+    with write_lock_held(path):
+        began = time.monotonic()
+        ms.stop(timeout=0.5)
+        took = time.monotonic() - began
+        stuck = ms._stuck
+        assert stuck is not None and stuck.is_alive()
+        with pytest.raises(WorkerError, match="has not ended yet"):
+            ms.start()
     stuck.join(30)
     store.close()
     assert took < 4, took
