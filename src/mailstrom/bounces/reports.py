@@ -4,8 +4,9 @@ Parsed with the standard library's ``email`` package, leniently (``compat32``): 
 come from every kind of MTA, and a report whose returned message is cut short or malformed
 still says what failed, since its ``message/delivery-status`` part comes before the
 returned message. Everything is bounded: the octets read (:data:`MAX_REPORT`, by the
-caller), how deep its MIME parts nest (:data:`MAX_DEPTH`), the recipients taken from one
-report and the length of every field kept.
+caller), the lines parsed (:data:`MAX_LINES`), how deep its MIME parts nest
+(:data:`MAX_DEPTH`), the recipients taken from one report and the length of every field
+kept.
 
 What a report says is gathered into a :class:`Report`; matching it to a queued message
 and recipient is :mod:`mailstrom.bounces.apply`'s job.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import email
 import email.parser
 import email.policy
+import itertools
 import re
 from dataclasses import dataclass
 from email.message import Message
@@ -28,6 +30,13 @@ from mailstrom.safetext import safe_text
 
 MAX_REPORT = 10 * 1024 * 1024
 """Octets of a report read from standard input; the rest is not parsed."""
+MAX_LINES = 50_000
+"""Lines of a report parsed; the rest is not. The parser makes an object of every line,
+header field and MIME part, some hundred octets each, so ten megabytes of two-octet lines
+or empty parts would take a gigabyte and a quarter of a minute. A report's own parts (its
+text, its status or feedback part, the returned message's header) come first and take a
+few thousand lines even for :data:`MAX_RECIPIENTS` recipients; what is cut is the
+returned message's body."""
 MAX_DEPTH = MAX_MESSAGE_DEPTH + 2
 """Deepest MIME nesting read: a returned message may nest as deep as any mail sent
 (:data:`mailstrom.message.mime.MAX_DEPTH`) below the report's own two levels
@@ -96,7 +105,7 @@ def parse_report(data: bytes) -> Report | None:
     an auto-reply). Raises :class:`~mailstrom.errors.InvalidReport` for a
     ``multipart/report`` without the part its report type needs, or one nested deeper
     than :data:`MAX_DEPTH`."""
-    message = _parse(data)
+    message = _parse(_first_lines(data))
     if message.get_content_type() != "multipart/report":
         return None
     report_type = str(message.get_param("report-type", "") or "").lower()
@@ -124,6 +133,18 @@ class _Part(Message):
         if isinstance(payload, _Part):
             payload.depth = depth
         super().attach(payload)
+
+
+_LINE_END = re.compile(rb"\r\n?|\n")
+"""Where the parser ends a line: CRLF, CR or LF."""
+
+
+def _first_lines(data: bytes) -> bytes:
+    """``data`` up to the end of its :data:`MAX_LINES`-th line."""
+    if data.count(b"\n") + data.count(b"\r") <= MAX_LINES:
+        return data  # no more line ends than that, however they pair (one C-level pass)
+    last = next(itertools.islice(_LINE_END.finditer(data), MAX_LINES - 1, None), None)
+    return data if last is None else data[: last.end()]
 
 
 def _parse(data: bytes) -> Message:
@@ -277,8 +298,40 @@ def _addresses(message: Message) -> list[str]:
     """The addresses the report itself was sent to (bounded)."""
     values: list[str] = []
     for name in _ADDRESS_HEADERS:
-        values += [_field(v) for v in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]]
+        values += [
+            _without_comments(_field(v))
+            for v in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]
+        ]
     return [addr for _, addr in getaddresses(values) if addr][:_MAX_ADDRESS_HEADERS]
+
+
+def _without_comments(text: str) -> str:
+    """``text`` with its RFC 5322 comments (``(...)``, nested, outside quoted strings)
+    as spaces: ``getaddresses`` reads a nested comment by recursion, one level per
+    parenthesis, so a field of a few hundred ``(`` raised RecursionError."""
+    if "(" not in text:
+        return text
+    kept: list[str] = []
+    depth = 0
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif depth:  # inside a comment, only its nesting counts
+            depth += (char == "(") - (char == ")")
+            if not depth:
+                kept.append(" ")
+            continue
+        elif char == '"':
+            quoted = not quoted
+        elif char == "(" and not quoted:
+            depth = 1
+            continue
+        if not depth:
+            kept.append(char)
+    return "".join(kept)
 
 
 def _field(value: object) -> str:
