@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from email.utils import formataddr, getaddresses
+from email.utils import formataddr, getaddresses, quote
 
 from mailstrom.errors import ConfigError
 
@@ -29,7 +29,10 @@ MAX_DEPTH = 10
 """How deep aliases expand (``root: admin``, ``admin: ops@example.com`` is depth 2)."""
 MAX_EXPANSION = 1_000
 """Addresses one name may expand to at most."""
-REWRITTEN_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+REWRITTEN_HEADERS = frozenset(
+    {"from", "sender", "reply-to", "to", "cc", "bcc"}
+    | {"resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"}
+)
 """Header fields whose bare names get the origin domain."""
 
 
@@ -105,7 +108,8 @@ def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> l
 
 def qualify_headers(data: bytes, origin: str) -> bytes:
     """``data`` with every bare name in its From, Sender, Reply-To, To, Cc and Bcc fields
-    given the origin domain; other fields, and the body, byte for byte as they were."""
+    (and their Resent- forms) given the origin domain; other fields, and the body, byte
+    for byte as they were."""
     end = _header_end(data)
     head, body = data[:end], data[end:]
     newline = b"\r\n" if b"\r\n" in head else b"\n"
@@ -124,12 +128,24 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
             text = value.decode("utf-8", "surrogateescape")
             pairs = getaddresses([" ".join(text.split())])
             if any(is_bare(addr) for _, addr in pairs):
-                rendered = ", ".join(formataddr((n, qualify(a, origin))) for n, a in pairs if a)
+                rendered = ", ".join(format_address(n, qualify(a, origin)) for n, a in pairs if a)
                 out.append(name + b": " + rendered.encode("utf-8", "surrogateescape") + newline)
                 changed = True
                 continue
         out.append(raw)
     return b"".join(out) + body if changed else data
+
+
+def format_address(name: str, address: str) -> str:
+    """``Name <address>`` as ``formataddr`` writes it (a non-ASCII name as an encoded
+    word), also when ``formataddr`` refuses them with UnicodeEncodeError: an address that
+    is not ASCII (RFC 6532), or octets that are not UTF-8 (kept as surrogate escapes) in
+    either. The name is then written quoted, as it is: the message is not ASCII anyway,
+    and prepare() refuses octets that are not UTF-8 with a reason."""
+    try:
+        return formataddr((name, address), charset="utf-8")
+    except UnicodeEncodeError:
+        return f'"{quote(name)}" <{address}>' if name else address
 
 
 def _header_end(data: bytes) -> int:

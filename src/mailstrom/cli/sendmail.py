@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import formataddr, getaddresses
+from email.utils import getaddresses
 
 from mailstrom.cli.context import report, store_from, utc_now
 from mailstrom.cli.exits import (
@@ -38,6 +38,7 @@ from mailstrom.cli.localnames import (
     aliases_path,
     default_origin,
     expand,
+    format_address,
     qualify,
     qualify_headers,
     read_aliases,
@@ -46,6 +47,7 @@ from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.bounds import check_header_section, section_end
+from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -56,7 +58,8 @@ usage: mailstrom sendmail [-t] [-i] [-f ADDR] [-F NAME] [options] [RECIPIENT ...
 Read one RFC 5322 message on standard input and queue it for delivery; a running
 "mailstrom worker" delivers it. Prints nothing on success.
 
-  -t              recipients also from the To, Cc and Bcc headers (Bcc is never sent)
+  -t              recipients also from the To, Cc and Bcc headers (Bcc is never sent),
+                  or the Resent-To, -Cc and -Bcc headers of a resent message
   -f ADDR, -r ADDR
                   envelope sender (default: taken from the From header)
   -F NAME         full name for the From header, when the message has none
@@ -203,11 +206,30 @@ def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> byte
     return data
 
 
+_RESENT_RECIPIENTS = ("resent-to", "resent-cc", "resent-bcc")
+
+
 def header_recipients(data: bytes) -> list[str]:
-    """Addresses in the To, Cc and Bcc headers (for -t)."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(data)
-    values = [str(v) for name in ("To", "Cc", "Bcc") for v in headers.get_all(name, [])]
+    """Addresses in the To, Cc and Bcc headers (for -t); in the Resent-To, Resent-Cc and
+    Resent-Bcc headers instead when the message has any, as Postfix does and ``prepare``
+    does for a message without envelope recipients: a resent message goes to its new
+    recipients, not again to its first ones (RFC 5322 §3.6.6)."""
+    fields = [
+        (name.lower(), _utf8(value))
+        for name, value in BytesHeaderParser(policy=compat32).parsebytes(data).raw_items()
+    ]
+    resent = any(name in _RESENT_RECIPIENTS for name, _ in fields)
+    names = _RESENT_RECIPIENTS if resent else ("to", "cc", "bcc")
+    values = [value for name, value in fields if name in names]
     return [addr for _, addr in getaddresses(values) if addr]
+
+
+def _utf8(value: str) -> str:
+    """A raw header value as the parser keeps it (octets as ASCII and surrogate escapes)
+    decoded as UTF-8 (RFC 6532). Its fetched form would put U+FFFD in place of every
+    octet past ASCII: ``ñoño@example.org`` became ``��o��o@example.org``, and mail went
+    there. Octets that are not UTF-8 stay surrogates, which prepare() refuses."""
+    return value.encode("ascii", "surrogateescape").decode("utf-8", "surrogateescape")
 
 
 def has_from(data: bytes) -> bool:
@@ -231,9 +253,9 @@ def build(
     check_header_section(data, 0, section_end(data), where="the header section")
     if not has_from(data):
         address = qualify(args.sender or getpass.getuser(), default_domain)
-        line = "From: " + formataddr((args.full_name or "", address), charset="utf-8")
+        line = "From: " + from_field(args.full_name or "", address)
         newline = b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
-        data = line.encode("ascii") + newline + data
+        data = line.encode("utf-8", "surrogateescape") + newline + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text)]
     if args.extract:
         recipients = header_recipients(data) + recipients
@@ -249,6 +271,15 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def from_field(full_name: str, address: str) -> str:
+    """The From field's value for ``-F full_name`` and the sender ``address``, both
+    checked like any header text: a CR or LF in them would start a header field of the
+    caller's choosing (``-F $'x\nBcc: ...'``)."""
+    check_header_text("-F", full_name)
+    check_header_text("-f", address)
+    return format_address(full_name, address)
 
 
 def _argument_addresses(text: str) -> list[str]:
