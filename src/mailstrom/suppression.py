@@ -75,7 +75,9 @@ def normalize_target(text: str) -> str:
         raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
     # Quoted local parts are left out on purpose: no mailbox provider issues them, and
     # their quoting rules would make "the same address" a parsing question.
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c in '<>,;"' for c in target):
+    # Unsafe characters (C1 controls, bidirectional overrides: safetext) as for a reply:
+    # no address holds one, and the list is shown to operators.
+    if not is_safe(target) or any(c.isspace() or c in '<>,;"' for c in target):
         raise InvalidSuppression(f"not an address or a domain: {target!r}")
     local, at, domain = target.rpartition("@")
     if at and not local:

@@ -1,12 +1,12 @@
 """The suppression list as CSV, for ``mailstrom suppress import`` and ``export``.
 
 The columns are ``target,source,reply,created_at,expires_at,message_id`` (times in ISO 8601
-with a zone, ``2026-11-30T09:00:00+00:00``); an export starts with that header. An import
-may leave out the header (the columns are then taken in that order) and any column after
-``target``: a file of one address or domain a line is a valid import. Input is hostile:
-its size, its number of rows and every field are bounded, and the first bad row stops the
-import with :class:`~mailstrom.errors.InvalidSuppression` naming its line, before anything
-is written.
+with a zone, ``2026-11-30T09:00:00+00:00``, kept in UTC); an export starts with that
+header. An import may leave out the header (the columns are then taken in that order) and
+any column after ``target``: a file of one address or domain a line is a valid import.
+Input is hostile: its size, its number of rows and every field are bounded, and the first
+bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression` naming its
+line, before anything is written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol, TextIO
 
 from mailstrom.errors import InvalidSuppression
@@ -149,9 +149,14 @@ def _time(text: str | None, line: int) -> datetime | None:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidSuppression(f"not an ISO 8601 time: {text[:40]!r}", line=line) from None
-    if when.tzinfo is None:
+    if when.utcoffset() is None:
         raise InvalidSuppression(f"a time without a zone: {text!r} (add Z or +00:00)", line=line)
-    return when
+    try:
+        # In UTC, as the stores keep it: 0001-01-01T00:00+01:00 is before the first time
+        # Python can hold there, and an entry stored with it could not be read back.
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise InvalidSuppression(f"a time out of range: {text!r}", line=line) from None
 
 
 def write_csv(entries: Iterable[Suppression], stream: TextIO) -> int:
