@@ -278,14 +278,17 @@ def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
             raise ConfigError(f"{where}: {missing[0]} is required")
         for name, item in entry.items():
             _str(f"{where}.{name}", item)
-        keys.append(
-            DKIMKey(
-                domain=entry["domain"],
-                selector=entry["selector"],
-                private_key=entry["private_key"],
-                algorithm=entry.get("algorithm", "rsa-sha256"),
+        try:
+            keys.append(
+                DKIMKey(
+                    domain=entry["domain"],
+                    selector=entry["selector"],
+                    private_key=entry["private_key"],
+                    algorithm=entry.get("algorithm", "rsa-sha256"),
+                )
             )
-        )
+        except ConfigError as exc:  # "dkim key a.org/s: ...": say which setting too
+            raise ConfigError(f"{where}: {exc}") from None
     return tuple(keys)
 
 
@@ -715,7 +718,29 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["mta_sts"] = MTASTSConfig(**mta_sts)
     if "record" in (tlsrpt := section("tlsrpt")):
         top["tlsrpt_record"] = tlsrpt["record"]
-    return Config(**top)
+    try:
+        return Config(**top)
+    except ConfigError as exc:
+        raise _named_as_settings(exc) from None
+
+
+_FIELD_KEYS = {
+    "metrics_domains": "metrics.domains",
+    "tls_domains": "tls.domains",
+    "tls_remember_broken": "tls.remember_broken",
+    "tlsrpt_record": "tlsrpt.record",
+}
+"""Config fields whose setting has another name: Config's errors name the field."""
+
+
+def _named_as_settings(exc: ConfigError) -> ConfigError:
+    """``exc`` naming the setting (``metrics.domains``) where Config named its field
+    (``metrics_domains``), which is no key of the file nor of the environment."""
+    text = str(exc)
+    for field, key in _FIELD_KEYS.items():
+        if text.startswith(field):
+            return ConfigError(key + text[len(field) :])
+    return exc
 
 
 def _tls_context(cafile: str) -> ssl.SSLContext:
