@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,42 @@ MID = "0190f3a2c4e1b7d08a4f2c6e9b1d3f57"
 
 def sample(name: str) -> bytes:
     return (SAMPLES / name).read_bytes()
+
+
+def global_dsn(*, utf8: bool = True, base64_body: bool = False) -> bytes:
+    """The Postfix sample as an SMTPUTF8 server sends it: message/global-delivery-status
+    (RFC 6533), with a UTF-8 recipient in raw UTF-8, the part in 8bit or in base64."""
+    data = sample("postfix-dsn-full.eml").replace(
+        b"message/delivery-status", b"message/global-delivery-status"
+    )
+    if utf8:
+        data = data.replace(
+            b"Final-Recipient: rfc822; nosuchuser@receiver.test",
+            "Final-Recipient: utf-8; ñoño@receiver.test".encode(),
+        )
+    if base64_body:
+        head = b"Content-Type: message/global-delivery-status\r\n\r\n"
+        start = data.index(head) + len(head)
+        end = data.index(b"\r\n--", start)
+        encoded = base64.encodebytes(data[start:end]).replace(b"\n", b"\r\n")
+        data = (
+            data[: start - 2] + b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + data[end:]
+        )
+    return data
+
+
+@pytest.mark.parametrize("base64_body", [False, True])
+def test_a_global_delivery_status_report_names_its_recipients(base64_body: bool) -> None:
+    """RFC 6533: the parser does not split message/global-delivery-status into blocks as
+    it does message/delivery-status, so such a report read as having no recipient (and
+    the bounce was left unmatched); its raw UTF-8 came out as U+FFFD."""
+    report = parse_report(global_dsn(base64_body=base64_body))
+    assert report is not None and report.reporting_mta == "mx.receiver.test"
+    [r] = report.recipients
+    assert (r.final_recipient, r.action, r.status) == ("ñoño@receiver.test", "failed", "5.1.1")
+    plain = parse_report(global_dsn(utf8=False, base64_body=base64_body))
+    assert plain is not None
+    assert [r.final_recipient for r in plain.recipients] == ["nosuchuser@receiver.test"]
 
 
 def test_postfix_dsn_with_dsn_parameters() -> None:
@@ -145,8 +182,9 @@ def test_report_text_reaches_nobody_with_control_characters() -> None:
     assert report.original_message_id == f"<m{shown}@x>"
     assert r.final_recipient == f"bob{shown}@receiver.test"
     assert r.remote_mta == f"r{shown}"
-    # Folded whitespace is one space, as before; the 8-bit octets are U+FFFD already.
-    assert r.diagnostic == f"550 5.1.1 {shown} folded line \ufffd\ufffd\ufffd"
+    # Folded whitespace is one space, as before; the 8-bit octets are read as UTF-8
+    # (RFC 6532): U+202E, a bidi control, shown as one U+FFFD.
+    assert r.diagnostic == f"550 5.1.1 {shown} folded line \ufffd"
 
 
 def nested_report(levels: int, level: str) -> bytes:

@@ -14,6 +14,7 @@ and recipient is :mod:`mailstrom.bounces.apply`'s job.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.parser
 import email.policy
@@ -116,6 +117,18 @@ def parse_report(data: bytes) -> Report | None:
     return None  # a read receipt (disposition-notification) or another kind
 
 
+class _RawFields(email.policy.Compat32):
+    """``compat32``, but a field holding 8-bit octets is given as parsed (the octets as
+    lone surrogates) instead of as an ``unknown-8bit`` Header whose text has lost them to
+    U+FFFD: :func:`_field` reads them as UTF-8 where they are."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+_POLICY = _RawFields()
+
+
 class _Part(Message):
     """A MIME entity that knows its depth: the parser attaches each new entity to its
     parent as soon as it meets it, so the nesting is refused before the parser goes
@@ -148,7 +161,7 @@ def _first_lines(data: bytes) -> bytes:
 
 
 def _parse(data: bytes) -> Message:
-    parser = email.parser.BytesParser(_class=_Part, policy=email.policy.compat32)
+    parser = email.parser.BytesParser(_class=_Part, policy=_POLICY)
     return parser.parsebytes(data)
 
 
@@ -232,15 +245,46 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
 
 
 def _blocks(part: Message) -> list[Message]:
-    """The header blocks of a ``message/delivery-status`` or ``message/feedback-report``
-    part (the parser reads each block as a message of headers)."""
+    """The header blocks of a ``message/delivery-status``, ``message/global-delivery-status``
+    or ``message/feedback-report`` part (the parser reads each block of the first as a
+    message of headers)."""
     payload = part.get_payload()
-    if isinstance(payload, list):
-        return [b for b in payload[: MAX_RECIPIENTS + 1] if isinstance(b, Message)]
     if isinstance(payload, str):  # an encoded part the parser left as text
-        text = payload.replace("\r\n", "\n")
-        return [email.message_from_string(b) for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]]
-    return []
+        return _text_blocks(payload)
+    if not isinstance(payload, list):
+        return []
+    blocks = [b for b in payload[: MAX_RECIPIENTS + 1] if isinstance(b, Message)]
+    if len(blocks) != 1:
+        return blocks
+    # message/global-delivery-status (RFC 6533, from SMTPUTF8 servers) is not a type the
+    # parser splits: it reads the part as one message, the per-message block as its
+    # header and the recipient blocks as its body (or, in base64, all of it as the body).
+    inner = blocks[0]
+    body = inner.get_payload(decode=True)  # its octets as they came, 8-bit ones too
+    if not isinstance(body, bytes) or not body.strip():
+        return blocks  # one block indeed (a feedback report)
+    if not inner.keys() and _field(part.get("Content-Transfer-Encoding")).lower() == "base64":
+        return _text_blocks(_decoded(body))
+    return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"))]
+
+
+def _text_blocks(text: str) -> list[Message]:
+    """Header blocks separated by empty lines, each read as a message of headers."""
+    text = text.replace("\r\n", "\n")
+    return [
+        email.message_from_string(b, policy=_POLICY)
+        for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]
+    ]
+
+
+def _decoded(base64_text: bytes) -> str:
+    """Base64 decoded, its octets as text the way the parser keeps them (8-bit ones
+    escaped; :func:`_field` reads them as UTF-8)."""
+    try:
+        data = base64.b64decode(b"".join(base64_text.split()), validate=False)
+    except ValueError:
+        return ""
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _returned(parts: list[Message]) -> Message | None:
@@ -260,7 +304,7 @@ def _returned(parts: list[Message]) -> Message | None:
         return payload[0]
     if isinstance(payload, str):
         # Only its headers are read: a body here would be parsed (and nested) for nothing.
-        parser = email.parser.Parser(policy=email.policy.compat32)
+        parser = email.parser.Parser(policy=_POLICY)
         return parser.parsestr(payload[:200_000], headersonly=True)
     return None
 
@@ -275,7 +319,7 @@ def _decoded_headers(part: Message) -> Message:
     carrier["Content-Transfer-Encoding"] = _field(part.get("Content-Transfer-Encoding"))
     carrier.set_payload(text)
     data = carrier.get_payload(decode=True)
-    parser = email.parser.BytesParser(policy=email.policy.compat32)
+    parser = email.parser.BytesParser(policy=_POLICY)
     return parser.parsebytes(data if isinstance(data, bytes) else b"", headersonly=True)
 
 
@@ -334,6 +378,9 @@ def _without_comments(text: str) -> str:
     return "".join(kept)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _field(value: object) -> str:
     """A header value as one line of at most ``_MAX_FIELD`` characters, safe to store and
     show (:func:`~mailstrom.safetext.safe_text`). Every text taken from a report passes
@@ -341,8 +388,17 @@ def _field(value: object) -> str:
     suppression list and the operator's terminal."""
     if value is None:
         return ""
+    text = str(value)
+    if not text.isascii():
+        # 8-bit octets come as lone surrogates (see _RawFields): UTF-8 ones (RFC 6532
+        # header fields, a message/global-delivery-status part) are read as what they
+        # are, others as U+FFFD.
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeError:  # a surrogate that stands for no octet
+            text = _SURROGATE.sub("\ufffd", text)
     # Folded whitespace becomes one space first; what is left unsafe becomes U+FFFD.
-    return safe_text(" ".join(str(value).split())[:_MAX_FIELD])
+    return safe_text(" ".join(text.split())[:_MAX_FIELD])
 
 
 def _typed(value: object) -> tuple[str | None, str | None]:
