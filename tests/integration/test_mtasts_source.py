@@ -4,6 +4,7 @@ ignore bad policy files with a logged reason."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -172,6 +173,15 @@ async def test_dns_failure_keeps_the_cached_policy(
             Answer(body=POLICY.encode(), headers={"Content-Type": "text/html"}),
             "sts-policy-invalid",
             "text/plain",
+        ),
+        # Never inflated (a few KB of "gzip, gzip" are gigabytes), though we asked identity.
+        (
+            Answer(
+                body=gzip.compress(POLICY.encode()),
+                headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"},
+            ),
+            "sts-policy-fetch-error",
+            "Content-Encoding 'gzip'",
         ),
     ],
 )

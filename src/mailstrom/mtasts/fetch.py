@@ -9,7 +9,8 @@ for MX records. Targets the route policy refuses (loopback, link-local, unless
 
 The fetch is bounded: one deadline (``MTASTSConfig.timeout``) for connecting, the headers
 and the body, a body of at most :data:`~mailstrom.mtasts.policy.MAX_POLICY_SIZE` octets
-(read as a stream and cut), no redirects followed, a certificate valid for
+(read as a stream and cut, and never decompressed: a ``Content-Encoding`` is refused),
+no redirects followed, a certificate valid for
 ``mta-sts.<domain>``, and a fresh client per fetch so that no connection made for one
 name is ever reused for another.
 """
@@ -173,7 +174,15 @@ async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
         media = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "text/plain":
             raise PolicyError(f"policy served as {media or 'no type'!r}, not text/plain")
-        async for chunk in response.aiter_bytes():
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # We asked for identity. Decoding is what would make the size limit useless: a
+            # few KB of "gzip, gzip" inflate to gigabytes in one step, before any check.
+            raise PolicyError(
+                f"policy served with Content-Encoding {encoding[:40]!r} (identity asked)",
+                result_type=FETCH_ERROR,
+            )
+        async for chunk in response.aiter_raw():
             body += chunk
             if len(body) > MAX_POLICY_SIZE:
                 raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
