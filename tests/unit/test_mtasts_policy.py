@@ -74,12 +74,31 @@ def test_mode_none_needs_no_mx() -> None:
         (b"version: STSv1\nmode: enforce\x1b[2J\nmx: a.example\nmax_age: 1\n", "U\\+001B"),
         (b"version: STSv1\rmode: enforce\nmx: a.example\nmax_age: 1\n", "U\\+000D"),
         ("version: STSv1\nmode: none\nmax_age: 1\nx: \x85\n".encode(), "U\\+0085"),
+        # Found by tests/unit/test_mtasts_fuzz.py: what safetext calls unsafe was kept in the
+        # policy's text (stored, reported, shown), and a Unicode look-alike of an ASCII
+        # letter made an mx pattern of another name than the text shows.
+        ("version: STSv1\nmode: none\nmax_age: 1\nx: \u202eevil\n".encode(), "U\\+202E"),
+        ("version: STSv1\nmode: none\nmax_age: 1\nx: a\u2028b\n".encode(), "U\\+2028"),
+        ("version: STSv1\nmode: none\u2029\nmax_age: 1\n".encode(), "U\\+2029"),
+        ("version: STSv1\nmode: enforce\nmx: \u212aelvin.example\nmax_age: 1\n".encode(), "mx"),
     ],
 )
 def test_bad_policies_say_why(body: bytes, reason: str) -> None:
     with pytest.raises(PolicyError, match=reason) as info:
         parse_policy(body)
     assert info.value.result_type == "sts-policy-invalid"
+
+
+@pytest.mark.parametrize("key", ["version", "mode", "max_age"])
+def test_a_long_bad_value_is_not_echoed_whole(key: str) -> None:
+    # Found by tests/unit/test_mtasts_fuzz.py: these reasons quoted the whole value, up to
+    # a line's 1,024 octets (and six times that as escapes) in a log line and a reason code.
+    fields = {"version": "STSv1", "mode": "enforce", "max_age": "1"}
+    fields[key] = "9" * 1000
+    body = "".join(f"{k}: {v}\n" for k, v in fields.items()) + "mx: a.example\n"
+    with pytest.raises(PolicyError, match=key) as info:
+        parse_policy(body.encode())
+    assert len(info.value.reason) < 120
 
 
 def test_tabs_and_crlf_line_ends_are_no_control_characters() -> None:

@@ -47,8 +47,10 @@ REFRESH_AFTER = timedelta(days=1)
 _RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-# Control characters but TAB (WSP) and the LF lines end with, once CR LF is made LF.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Control characters but TAB (WSP) and the LF lines end with, once CR LF is made LF; and
+# what safetext calls unsafe beyond them (line and paragraph separators, bidi controls):
+# the policy's text is stored, reported and shown as it came.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _MAX_AGE = re.compile(r"^[0-9]{1,10}$")
 
 
@@ -183,6 +185,11 @@ def parse_sts_record(records: list[str]) -> str | None:
     return policy_id
 
 
+def _quote(value: str | None) -> str:
+    """``value`` quoted for a reason: a line may be 1,024 octets, the reason stays short."""
+    return repr(value if value is None or len(value) <= 40 else value[:40] + "...")
+
+
 def _valid_pattern(pattern: str) -> bool:
     labels = pattern[2:].split(".") if pattern.startswith("*.") else pattern.split(".")
     return len(pattern) <= 253 and len(labels) >= 1 and all(_LABEL.match(x) for x in labels)
@@ -221,21 +228,25 @@ def parse_policy(body: bytes) -> Policy:
             if len(patterns) >= MAX_MX_PATTERNS:
                 raise PolicyError(f"more than {MAX_MX_PATTERNS} mx lines")
             pattern = normalize_host(value)
-            if not _valid_pattern(pattern):
+            # ASCII before lower-casing: the KELVIN SIGN lower-cases to "k", and a pattern
+            # is the name the text shows (RFC 8461 §3.2: a Domain, LDH labels).
+            if not value.isascii() or not _valid_pattern(pattern):
                 raise PolicyError(f"mx pattern {value[:60]!r} is not a host name or *.name")
             patterns.append(pattern)
         else:
             fields.setdefault(key, value)
     version = fields.get("version")
     if version != "STSv1":
-        raise PolicyError(f"version is {version!r}, not 'STSv1'")
+        raise PolicyError(f"version is {_quote(version)}, not 'STSv1'")
     try:
         mode = Mode(fields.get("mode", ""))
     except ValueError:
-        raise PolicyError(f"mode is {fields.get('mode')!r}, not enforce, testing or none") from None
+        raise PolicyError(
+            f"mode is {_quote(fields.get('mode'))}, not enforce, testing or none"
+        ) from None
     max_age_text = fields.get("max_age")
     if max_age_text is None or not _MAX_AGE.match(max_age_text):
-        raise PolicyError(f"max_age is {max_age_text!r}, not 0 to 10 digits of seconds")
+        raise PolicyError(f"max_age is {_quote(max_age_text)}, not 0 to 10 digits of seconds")
     max_age = int(max_age_text)
     if max_age > MAX_AGE_LIMIT:
         raise PolicyError(f"max_age {max_age} is above the limit of {MAX_AGE_LIMIT} seconds")
