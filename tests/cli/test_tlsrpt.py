@@ -178,6 +178,15 @@ def test_tlsrpt_failed_post_exits_75(mail_env: MailEnv, https_server: HTTPSFacto
     assert "FAILED: HTTP 500" in result.out
 
 
+def test_tlsrpt_mailto_without_an_address_fails_that_report_only(mail_env: MailEnv) -> None:
+    # "mailto:tls@" raised IndexError out of the email package: exit 70, no report sent.
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
+    assert result.code == 75, result.err
+    assert "mailto:tls@: FAILED: invalid address 'tls@'" in result.out
+
+
 def test_tlsrpt_without_sessions(mail_env: MailEnv) -> None:
     out = mail_env.cli.ok("tlsrpt", "--date", "2030-01-02").out
     assert "no TLS sessions counted" in out

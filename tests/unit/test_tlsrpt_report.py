@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from mailstrom.errors import InvalidAddress
 from mailstrom.tlsrpt import PolicyType, ResultType, TLSSessions
-from mailstrom.tlsrpt.deliver import report_message
+from mailstrom.tlsrpt.deliver import post_report, report_message
 from mailstrom.tlsrpt.report import (
     MEDIA_TYPE,
     Reporter,
@@ -193,6 +194,36 @@ def test_report_mail() -> None:
 )
 def test_rua_records(records: list[str], expected: list[str] | None) -> None:
     assert parse_tlsrpt_record(records) == expected
+
+
+def test_rua_keeps_uris_only_and_each_once() -> None:
+    # Found by tests/unit/test_mtasts_fuzz.py: text that is no URI was kept (a CR LF went
+    # into the report mail's To field and raised ValueError out of ``tlsrpt --send``; an
+    # ESC reached the output), and a URI given twice got two reports.
+    record = (
+        "v=TLSRPTv1; rua=mailto:a@example.org,mailto:b@example.org\r\nBcc: c@example.org,"
+        "mailto:\x1b[2J@example.org,https://bücher.example/r,mailto:a@example.org"
+    )
+    assert parse_tlsrpt_record([record]) == ["mailto:a@example.org"]
+    with pytest.raises(ReportRecordError, match="no mailto"):
+        parse_tlsrpt_record(["v=TLSRPTv1; rua=mailto:a@example.org\u202e"])
+
+
+@pytest.mark.parametrize("to", ["tls@", "=@", "tls@example.org\r\nBcc: c@example.org"])
+def test_report_mail_to_no_address_is_refused(to: str) -> None:
+    # Found by tests/unit/test_mtasts_fuzz.py: "mailto:tls@" raised IndexError from the
+    # email package, out of ``mailstrom tlsrpt --send`` (exit 70, no other report sent).
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    with pytest.raises(InvalidAddress):
+        report_message(report, sender="tls@sender.test", to=to, submitter="mx.sender.test")
+
+
+@pytest.mark.parametrize("url", ["https://xn--/tls", "https://a..b/", "https://[::1/"])
+def test_post_to_a_url_httpx_cannot_parse_says_so(url: str) -> None:
+    # Found by the same fuzz test: an IDNAError (UnicodeError) or InvalidURL escaped.
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    problem = post_report(report, url, timeout=1.0)
+    assert problem is not None and problem.startswith("invalid URL"), problem
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from mailstrom._version import __version__
+from mailstrom.message.addrspec import validate_address
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
 POST_TIMEOUT = 30.0
@@ -19,10 +20,14 @@ POST_TIMEOUT = 30.0
 def report_message(report: Report, *, sender: str, to: str, submitter: str) -> EmailMessage:
     """The mail carrying ``report`` to ``to`` (RFC 8460 §5.3: subject, the
     ``TLS-Report-Domain``/``TLS-Report-Submitter`` fields, ``multipart/report`` with
-    ``report-type="tlsrpt"``)."""
+    ``report-type="tlsrpt"``). ``to`` comes from the policy domain's DNS: one that is no
+    addr-spec raises :class:`~mailstrom.errors.InvalidAddress`."""
+    # Checked before the email package sees it, which raises IndexError for "a@" and
+    # ValueError for a CR LF.
+    recipient = validate_address(to).header
     msg = EmailMessage()
     msg["From"] = sender
-    msg["To"] = to
+    msg["To"] = recipient
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid(domain=submitter)
     msg["Subject"] = (
@@ -57,24 +62,32 @@ def post_report(
     timeout: float = POST_TIMEOUT,
 ) -> str | None:
     """POST ``report`` (gzipped) to the https ``url``; None when the endpoint answered
-    2xx, else why not. Redirects are not followed (RFC 8460 §5.4 asks for a 2xx)."""
+    2xx, else why not. Redirects are not followed (RFC 8460 §5.4 asks for a 2xx), and the
+    answer's body is never read: only its status counts."""
     import httpx  # the mta-sts extra; checked by the caller
 
     try:
-        response = httpx.post(
-            url,
-            content=report.gzipped(),
-            headers={
-                "Content-Type": MEDIA_TYPE,
-                "User-Agent": f"mailstrom/{__version__}",
-            },
-            verify=context if context is not None else True,
-            follow_redirects=False,
-            timeout=timeout,
-            trust_env=False,
-        )
+        with (
+            httpx.Client(
+                verify=context if context is not None else True,
+                follow_redirects=False,
+                timeout=timeout,
+                trust_env=False,
+            ) as client,
+            client.stream(
+                "POST",
+                url,
+                content=report.gzipped(),
+                headers={"Content-Type": MEDIA_TYPE, "User-Agent": f"mailstrom/{__version__}"},
+            ) as response,
+        ):
+            status = response.status_code
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        # The URL comes from DNS: one httpx cannot parse ("https://xn--/") is the record's
+        # problem, not a crash of the command.
+        return f"invalid URL: {type(exc).__name__}: {str(exc)[:200]}"
+    if 200 <= status < 300:
         return None
-    return f"HTTP {response.status_code}"
+    return f"HTTP {status}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,6 +23,10 @@ MEDIA_TYPE = "application/tlsrpt+gzip"
 """RFC 8460 §6.4: the media type of a gzip-compressed report (mail attachment, POST)."""
 MAX_RUA = 8
 """Reporting addresses used at most per domain."""
+_SCHEMES = ("mailto:", "https://")
+_URI = re.compile(r"[!-~]+")
+"""What an RFC 3986 URI is made of: printable ASCII, no space. Anything else (a CR LF
+that would forge a header of the report mail, an ESC, 8-bit text) is no URI."""
 
 
 class ReportRecordError(MailstromError, ValueError):
@@ -34,7 +39,8 @@ class ReportRecordError(MailstromError, ValueError):
 
 def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     """The ``rua`` URIs of the ``_smtp._tls`` TXT records (RFC 8460 §3), or None when
-    there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept. Raises
+    there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept, each once,
+    and only those that are URIs (printable ASCII). Raises
     :class:`ReportRecordError` for several TLSRPTv1 records or one without ``rua``."""
     found = [r for r in records if r.split(";", 1)[0].strip() == "v=TLSRPTv1"]
     if not found:
@@ -49,10 +55,11 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     if not rua:
         raise ReportRecordError("v=TLSRPTv1 record without rua")
     uris = [u.strip() for u in rua.split(",") if u.strip()]
-    kept = [u for u in uris if u.lower().startswith(("mailto:", "https://"))]
+    # dict: each URI once (one report each), in the record's order.
+    kept = {u: None for u in uris if u.lower().startswith(_SCHEMES) and _URI.fullmatch(u)}
     if not kept:
         raise ReportRecordError(f"rua has no mailto: or https: URI: {rua[:100]!r}")
-    return kept[:MAX_RUA]
+    return list(kept)[:MAX_RUA]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
