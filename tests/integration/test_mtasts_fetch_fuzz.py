@@ -79,6 +79,8 @@ STATUS_LINES = st.one_of(
             b"HTTP/1.1 200 \xc3\xa4\xff\x1b[2J",
             b"http/1.1 200 ok",
             b"HTTP/1.1 0200 OK",
+            b"HTTP/1.1 2" + b"\x1b" * 12_000,  # quoted by h11: 48 KB of escapes
+            b"HTTP/1.1 200 " + b"\xff" * 12_000,
         ]
     ),
     st.integers(0, 1200).map(lambda code: b"HTTP/1.1 %d X" % code),
@@ -325,3 +327,29 @@ def test_no_server_makes_the_fetch_misbehave(
     assert response.status.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200", b"HTTP/1.1 100"))
     assert not response.encoded
     assert len(outcome.text.encode()) <= MAX_POLICY_SIZE
+
+
+# --- what the fuzzing found ----------------------------------------------------------------
+
+
+def test_a_long_bad_status_line_is_not_quoted_whole(
+    zone: LoopbackDNS, server_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    """h11 quotes the bad status line in its error, and the reason quoted that: 48 KB of
+    escapes in a log line (and in the TLS report's reason code, cut there)."""
+    response = Response(
+        status=b"HTTP/1.1 2" + b"\x1b" * 12_000,
+        content_type=b"text/plain",
+        extra=(),
+        body=POLICY,
+        framing="length",
+        endless=False,
+        splits=1,
+        drip=False,
+        cut=None,
+        silent_after=None,
+    )
+    outcome, _ = asyncio.run(fetch(response, zone, server_context, client_tls_context))
+    assert isinstance(outcome, PolicyError)
+    assert "illegal status line" in outcome.reason
+    assert len(outcome.reason) < 400

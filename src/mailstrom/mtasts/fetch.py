@@ -32,6 +32,7 @@ from mailstrom.config import MTASTSConfig
 from mailstrom.errors import ConfigError
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
 from mailstrom.routing.policy import RoutePolicy
+from mailstrom.safetext import safe_text
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 FETCH_ERROR = "sts-policy-fetch-error"
@@ -132,6 +133,16 @@ def _verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     return None
 
 
+_MAX_QUOTED = 200
+"""Characters of an HTTP error's text kept in a reason: h11 quotes the peer's bad status
+line or chunk header in it, up to 16 KiB of octets (64 KiB as escapes)."""
+
+
+def _quoted(exc: BaseException) -> str:
+    text = safe_text(str(exc))
+    return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."
+
+
 async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
     import httpx
 
@@ -217,9 +228,9 @@ async def fetch_policy(
                             f"{verify.verify_message or verify}",
                             result_type=WEBPKI_INVALID,
                         ) from None
-                    last = f"{ip}: {exc}"
+                    last = f"{ip}: {_quoted(exc)}"
                 except httpx.HTTPError as exc:
-                    last = f"{ip}: {type(exc).__name__}: {exc}"
+                    last = f"{ip}: {type(exc).__name__}: {_quoted(exc)}"
             raise PolicyError(
                 f"cannot fetch https://{host}{WELL_KNOWN}: {last}", result_type=FETCH_ERROR
             )
