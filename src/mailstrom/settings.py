@@ -49,6 +49,7 @@ from mailstrom.config import (
 )
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.errors import ConfigError
+from mailstrom.message.chars import shorten
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
 from mailstrom.stores.url import default_store_url, redact_url
@@ -110,14 +111,16 @@ def parse_duration(text: str) -> timedelta:
     """
     match = _DURATION.match(text)
     if match is None:
-        raise ValueError(f"not a duration (like 30s, 15m, 2h, 3d): {text!r}")
+        raise ValueError(f"not a duration (like 30s, 15m, 2h, 3d): {shorten(text, 60)}")
     number, unit = match.groups()
     return _bounded(float(number) * _UNIT_SECONDS[unit or "s"], text)
 
 
 def _bounded(seconds: float, given: object) -> timedelta:
     if not math.isfinite(seconds) or seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"not a duration of at most 100 years: {given!r}")
+        # The text may come from anywhere (a dashboard's query string): quote a piece.
+        shown = shorten(given, 60) if isinstance(given, str) else repr(given)
+        raise ValueError(f"not a duration of at most 100 years: {shown}")
     return timedelta(seconds=seconds)
 
 

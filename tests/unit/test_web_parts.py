@@ -147,3 +147,19 @@ def test_the_cache_keeps_values_for_its_ttl() -> None:
     cache.clear()
     assert cache.get("k", compute) == 3
     assert TTLCache[int](0).get("k", compute) == 4  # ttl 0 keeps nothing
+
+
+def test_page_cursors_stop_at_what_a_store_holds() -> None:
+    assert PageCursor.decode(f"1.{2**63 - 1}").seq == 2**63 - 1
+    for bad in (f"1.{2**63}", "1.²", "².1", "1.٣", " 1.2", "1.2\n"):
+        with pytest.raises(InvalidQuery):
+            PageCursor.decode(bad)
+
+
+def test_access_and_csrf_compare_any_text_a_client_sends() -> None:
+    access = Access("tøken")
+    assert not access.allows(cookie="\xe9t\xe9", authorization=None)
+    assert not access.allows(cookie=None, authorization="Bearer \xe9")
+    assert access.allows(cookie=None, authorization="Bearer tøken")
+    assert not csrf_matches("\xe9", "\xe8")
+    assert csrf_matches("\xe9", "\xe9")

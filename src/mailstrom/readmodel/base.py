@@ -30,6 +30,10 @@ MAX_SEARCH = 320
 """Octets of a search term considered (an address is at most 254)."""
 
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+_CURSOR = re.compile(r"(?P<us>-?[0-9]{1,20})\.(?P<seq>[0-9]{1,19})")
+MAX_SEQ = 2**63 - 1
+"""The largest insertion number a store keeps (SQLite's and PostgreSQL's bigint)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -71,15 +75,16 @@ class PageCursor:
 
     @classmethod
     def decode(cls, text: str) -> PageCursor:
-        """The cursor :meth:`encode` wrote; :class:`InvalidQuery` for anything else."""
-        us, dot, seq = text.partition(".")
-        if not dot or not us.lstrip("-").isdigit() or not seq.isdigit() or len(text) > 40:
+        """The cursor :meth:`encode` wrote; :class:`InvalidQuery` for anything else (a
+        ``seq`` past a signed 64-bit integer, which no store has and none can compare)."""
+        found = _CURSOR.fullmatch(text)
+        if found is None or int(found["seq"]) > MAX_SEQ:
             raise InvalidQuery(f"not a page cursor: {text[:40]!r}")
         try:
-            created = _EPOCH + timedelta(microseconds=int(us))
+            created = _EPOCH + timedelta(microseconds=int(found["us"]))
         except OverflowError:
             raise InvalidQuery(f"not a page cursor: {text[:40]!r}") from None
-        return cls(created_at=created, seq=int(seq))
+        return cls(created_at=created, seq=int(found["seq"]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -68,7 +68,11 @@ from mailstrom.web.security import (
 log = logging.getLogger("mailstrom.web")
 
 PAGE_SIZES = (25, 50, 100, 200)
-_MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_OFFSET = 10**9
+"""The largest ``offset`` of the destinations page (a store's integers end at 2**63)."""
+_DIGITS = re.compile(r"[0-9]{1,12}")
+"""A number as a query string or header gives it (not str.isdigit, which takes "²")."""
+_MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" in
 _DOMAIN = re.compile(r"^[^\s/]{1,253}$")
 _PUBLIC_PATHS = ("/login", "/static/")
 
@@ -176,7 +180,7 @@ def create_app(
 
     async def message(request: Request) -> Response:
         mid = request.path_params["id"]
-        if not _MESSAGE_ID.match(mid):
+        if not _MESSAGE_ID.fullmatch(mid):
             return problem(request, 404, "no such message")
         show_body = request.query_params.get("body") == "1"
         try:
@@ -206,10 +210,10 @@ def create_app(
     async def destinations(request: Request) -> Response:
         params = request.query_params
         domain = params.get("domain", "").strip().lower() or None
-        try:
-            offset = max(0, int(params.get("offset", "0") or 0))
-        except ValueError:
-            return problem(request, 400, "offset must be a number")
+        offset_text = params.get("offset") or "0"
+        if not _DIGITS.fullmatch(offset_text) or int(offset_text) > MAX_OFFSET:
+            return problem(request, 400, f"offset must be a number from 0 to {MAX_OFFSET:,}")
+        offset = int(offset_text)
         if domain is not None and not _DOMAIN.match(domain):
             return problem(request, 400, "not a domain")
         size = 100
@@ -248,7 +252,7 @@ def create_app(
         if action is None:
             return problem(request, 404, "no such action")
         if action.target is Target.MESSAGE:
-            if not _MESSAGE_ID.match(target):
+            if not _MESSAGE_ID.fullmatch(target):
                 return problem(request, 404, f"no such {action.target.value}")
             return action, target
         try:
@@ -347,10 +351,13 @@ def create_app(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         path = request.url.path
-        if not access.required and not names_loopback(request.headers.get("host")):
+        host_header = request.headers.get("host")
+        if not access.required and not names_loopback(host_header):
             # Without a token, being reachable only on loopback is the protection; a
             # rebound name would make the dashboard another site's (see security.py).
-            log.warning("refused %s %s for Host %r", request.method, path, _host(request))
+            log.warning(
+                "refused %s %s for Host %s", request.method, _shown(path), _shown(host_header)
+            )
             return PlainTextResponse(
                 "This dashboard answers only to localhost, 127.0.0.1 or [::1] unless it has "
                 "a token (web.token).",
@@ -364,7 +371,8 @@ def create_app(
         if request.method == "POST" and not same_origin(
             request.headers.get("origin"), request.headers.get("host"), request.url.scheme
         ):
-            log.warning("refused a POST to %s from origin %s", path, request.headers.get("origin"))
+            origin = request.headers.get("origin")
+            log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))
             return PlainTextResponse("cross-site request refused", 403)
         if not path.startswith(_PUBLIC_PATHS) and not access.allows(
             cookie=request.cookies.get(SESSION_COOKIE),
@@ -381,7 +389,7 @@ def create_app(
             try:
                 response = await call_next(request)
             except MailstromError as exc:
-                log.warning("%s: %s", path, exc)
+                log.warning("%s: %s", _shown(path), exc)
                 response = problem(request, 503, f"The queue cannot be read right now: {exc}")
         if fresh:
             response.set_cookie(
@@ -426,6 +434,10 @@ def create_app(
         exception_handlers={404: not_found, 405: not_found},
         lifespan=lifespan,
     )
+    # Starlette answers "/queue/" with a redirect to an absolute URL made from the
+    # request's Host header; every redirect here is a path on this server instead, and
+    # no page of the dashboard has a trailing slash (a 404 says so).
+    app.router.redirect_slashes = False
     return app
 
 
@@ -451,7 +463,7 @@ def _queue_query(params: Any) -> QueueQuery:
             f"unknown view or order: {view_text[:20]!r} {order_text[:20]!r}"
         ) from None
     limit_text = params.get("limit") or "50"
-    if not limit_text.isdigit() or int(limit_text) not in PAGE_SIZES:
+    if not _DIGITS.fullmatch(limit_text) or int(limit_text) not in PAGE_SIZES:
         raise InvalidQuery(f"page size must be one of {', '.join(map(str, PAGE_SIZES))}")
     domain = (params.get("domain") or "").strip().lower() or None
     if domain is not None and not _DOMAIN.match(domain):
@@ -507,13 +519,14 @@ MAX_FORM_BYTES = 16 * 1024
 """The largest form body accepted (the forms hold a token, a path and a CSRF token)."""
 
 
-def _host(request: Request) -> str:
-    """The request's Host header for a log line: short, whatever a client sent."""
-    return (request.headers.get("host") or "")[:100]
+def _shown(text: str | None) -> str:
+    """A path or header for a log line, whatever a client sent: quoted, so that a line
+    break (``%0A`` in a path) cannot forge a line of its own, and short."""
+    return repr((text or "")[:100])
 
 
 def _small_body(length: str | None) -> bool:
-    return length is not None and length.isdigit() and int(length) <= MAX_FORM_BYTES
+    return length is not None and bool(_DIGITS.fullmatch(length)) and int(length) <= MAX_FORM_BYTES
 
 
 def _str(value: object) -> str | None:

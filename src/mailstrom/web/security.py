@@ -52,13 +52,13 @@ class Access:
         """Whether ``given`` is the token (compared in constant time)."""
         if self.token is None or given is None or len(given) > MAX_TOKEN:
             return False
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        return _equal(given, self.token)
 
     def allows(self, *, cookie: str | None, authorization: str | None) -> bool:
         """Whether a request with this session cookie and Authorization header may in."""
         if self.token is None:
             return True
-        if cookie is not None and hmac.compare_digest(cookie, self.session_value()):
+        if cookie is not None and _equal(cookie, self.session_value()):
             return True
         scheme, _, credentials = (authorization or "").partition(" ")
         return scheme.lower() == "bearer" and self.token_matches(credentials.strip())
@@ -72,7 +72,16 @@ def csrf_matches(cookie: str | None, submitted: str | None) -> bool:
     """Whether the form's token is the browser's cookie (constant time)."""
     if not cookie or not submitted or len(submitted) > MAX_TOKEN:
         return False
-    return hmac.compare_digest(cookie.encode(), submitted.encode())
+    return _equal(cookie, submitted)
+
+
+def _equal(given: str, expected: str) -> bool:
+    """``given == expected`` in constant time. Compared as bytes: ``compare_digest``
+    refuses ``str`` with non-ASCII characters (a TypeError), and a header value is any
+    Latin-1 text a client sent."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 def same_origin(origin: str | None, host: str | None, scheme: str) -> bool:

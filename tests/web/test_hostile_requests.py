@@ -1,0 +1,139 @@
+"""What the dashboard's fuzzing (``test_web_fuzz.py``) found, one request each: input a
+client controls that made a 500, a redirect or a log line out of the client's text, or an
+error page quoting all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from mailstrom.stores import SQLiteStore, Store
+from mailstrom.web import create_app
+from tests.contract.support import NOW, message
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "queue.db")
+    yield opened
+    opened.close()
+
+
+def _client(store: Store, token: str | None = None) -> Iterator[TestClient]:
+    app = create_app(store, clock=lambda: NOW, token=token)
+    with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+        yield client
+
+
+@pytest.fixture
+def client(store: Store) -> Iterator[TestClient]:
+    yield from _client(store)
+
+
+@pytest.mark.parametrize("cookie", [b"mailstrom_session=\xe9t\xe9", b"mailstrom_session=\x80"])
+def test_a_session_cookie_with_latin_1_octets_is_refused_not_a_crash(
+    store: Store, cookie: bytes
+) -> None:
+    """hmac.compare_digest raised TypeError for a str with non-ASCII characters."""
+    for client in _client(store, token="s3cret"):
+        page = client.get("/queue", headers={"Cookie": cookie}, follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"].startswith("/login?")
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/queue?after=1." + "9" * 19, "not a page cursor"),  # past a 64-bit integer
+        ("/queue?after=1.%C2%B2", "not a page cursor"),  # "²" is a digit to str.isdigit
+        ("/queue?limit=%C2%B2%C2%B2", "page size must be one of"),
+        ("/destinations?offset=" + "9" * 30, "offset must be a number from 0 to"),
+        ("/destinations?offset=%D9%A3", "offset must be a number from 0 to"),
+    ],
+)
+def test_numbers_past_what_a_store_holds_are_a_clear_400(
+    client: TestClient, path: str, problem: str
+) -> None:
+    """SQLite raised OverflowError for a cursor's seq or an offset past 2**63 (a 500)."""
+    page = client.get(path)
+    assert page.status_code == 400 and problem in page.text
+
+
+def test_an_error_quotes_a_short_piece_of_a_long_value(client: TestClient) -> None:
+    page = client.get("/queue", params={"age": "z" * 5000})
+    assert page.status_code == 400 and "not a duration" in page.text
+    assert "z" * 100 not in page.text  # all 5,000 were on the page
+
+
+def test_a_trailing_slash_is_not_a_redirect_to_the_host_header(store: Store) -> None:
+    """Starlette answered "/queue/" with a 307 to http://<Host header>/queue."""
+    for client in _client(store, token="s3cret"):
+        page = client.get(
+            "/queue/",
+            headers={"Host": "evil.example", "Authorization": "Bearer s3cret"},
+            follow_redirects=False,
+        )
+        assert page.status_code == 404 and "location" not in page.headers
+
+
+def test_a_message_id_with_a_final_line_break_is_no_message(
+    client: TestClient, store: Store
+) -> None:
+    mid = store.enqueue(message("a@one.example"), now=NOW)
+    for path in (f"/message/{mid}%0A", f"/action/hold/{mid}%0A"):
+        assert client.get(path).status_code == 404
+
+
+def test_log_lines_quote_what_the_client_sent(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line break in a path (``%0A``) wrote a forged line into the log."""
+    app = create_app(store, clock=lambda: NOW)
+    with (
+        TestClient(app, base_url="http://evil.example") as client,
+        caplog.at_level(logging.WARNING, logger="mailstrom.web"),
+    ):
+        client.get("/x%0A2030-01-01 admin logged in")
+    with (
+        TestClient(app, base_url="http://127.0.0.1") as client,
+        caplog.at_level(logging.WARNING, logger="mailstrom.web"),
+    ):
+        client.post("/x%0Aforged", headers={"Origin": "http://evil.example/" + "o" * 500})
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert all("\n" not in line and len(line) < 300 for line in lines), lines
+
+
+def test_a_content_length_that_is_not_ascii_digits_is_refused(store: Store) -> None:
+    """A server passes on any Content-Length it is given (uvicorn checks it; others may
+    not): "²" is a digit to str.isdigit, and int() raised ValueError (a 500)."""
+    app = create_app(store, clock=lambda: NOW)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"csrf=x", "more_body": False}
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"\xb2")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
