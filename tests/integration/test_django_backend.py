@@ -19,6 +19,7 @@ configure()
 from django.core import mail  # noqa: E402  (Django must be configured first)
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend  # noqa: E402
 from django.test import override_settings  # noqa: E402
+from django.utils.functional import lazy  # noqa: E402
 
 from mailstrom import (  # noqa: E402
     HeaderInjection,
@@ -204,6 +205,13 @@ def with_mime_attachment_named(filename: str) -> mail.EmailMessage:
     return message
 
 
+def with_appended(attribute: str, item: tuple[object, ...]) -> mail.EmailMessage:
+    """A message whose list of attachments or alternatives the application filled itself."""
+    message = mail.EmailMultiAlternatives("Hi", "x", to=["bob@example.org"])
+    getattr(message, attribute).append(item)
+    return message
+
+
 def with_encoding(encoding: str) -> mail.EmailMessage:
     message = mail.EmailMessage("Hi", "Grüße", to=["bob@example.org"])
     message.encoding = encoding
@@ -248,6 +256,23 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
         lambda: mail.EmailMessage("Hi", "\udc80", to=["bob@example.org"]),
         InvalidMessage,
     ),
+    # Found by tests/integration/test_django_fuzz.py: AttributeError from Django's writer.
+    "bytes body": (
+        lambda: mail.EmailMessage("Hi", b"bytes", to=["bob@example.org"]),
+        InvalidMessage,
+    ),
+    "alternative added as a plain tuple": (
+        lambda: with_appended("alternatives", ("<p>x</p>", "text/html")),
+        InvalidMessage,
+    ),
+    "attachment appended without a type": (
+        lambda: with_appended("attachments", ("a.bin", b"x", None)),
+        InvalidMessage,
+    ),
+    "attachment appended without content": (
+        lambda: with_appended("attachments", ("a.txt", None, "text/plain")),
+        InvalidMessage,
+    ),
 }
 
 
@@ -274,6 +299,19 @@ def test_fail_silently_leaves_out_only_the_message_django_cannot_serialise(
     assert not hasattr(bad, "mailstrom_id")
     queued = {status.id for status in get_mailstrom().query_recent()}
     assert queued == {first.mailstrom_id, last.mailstrom_id}  # type: ignore[attr-defined]
+
+
+def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: ReceivingServer) -> None:
+    """The envelope took the lazy objects themselves: InvalidAddress("envelope_from must be
+    a str, not __proxy__") for a valid address."""
+    as_lazy = lazy(lambda text: text, str)
+    message = mail.EmailMessage(
+        "Hi", "x", as_lazy("App <app@sender.test>"), [as_lazy("Bob <bob@example.org>")]
+    )
+    assert message.send() == 1
+    [received] = mx.wait_for_messages(1)
+    assert received.mail_from == "app@sender.test"
+    assert received.rcpt_tos == ("bob@example.org",)
 
 
 def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:

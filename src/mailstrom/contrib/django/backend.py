@@ -20,6 +20,7 @@ from typing import Any
 import django
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.message import EmailMessage
+from django.utils.functional import Promise
 
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
@@ -93,11 +94,17 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
     for role, addresses in _addresses(message):
         for address in addresses:
             parse_mailbox(role, str(address))
+    if not isinstance(message.body, str | Promise):
+        # Django writes the body with str methods: bytes raised AttributeError.
+        raise InvalidMessage(
+            f"body must be text (str), got {type(message.body).__name__}: decode it first"
+        )
     return prepare_for(
         config,
         _serialised(message),
-        envelope_from=message.from_email,
-        envelope_to=message.recipients(),
+        # Django accepts lazy strings (gettext_lazy) for addresses and writes them as text.
+        envelope_from=str(message.from_email),
+        envelope_to=[str(address) for address in message.recipients()],
         now=now,
     )
 
@@ -109,9 +116,17 @@ def _serialised(message: EmailMessage) -> bytes:
     out that message only. The checks above name the common cases more precisely."""
     try:
         return smtp_bytes(message)
-    except (ValueError, LookupError, email.errors.MessageError) as exc:
+    except (
+        ValueError,
+        LookupError,
+        email.errors.MessageError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         # ValueError covers UnicodeError and Django's BadHeaderError; LookupError an
-        # unknown ``encoding``; MessageError the email package's HeaderParseError.
+        # unknown ``encoding``; MessageError the email package's HeaderParseError;
+        # TypeError and AttributeError a value of a type Django does not write (an
+        # attachment's content or type None, an alternative added as a plain tuple).
         raise InvalidMessage(
             f"Django cannot serialise the message: {type(exc).__name__}: {shorten(str(exc))}"
         ) from exc
