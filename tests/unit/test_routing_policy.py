@@ -69,6 +69,38 @@ def test_other_targets_are_kept(address: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "address",
+    ["10.0.0.5", "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.1.1",
+     "100.64.0.1", "100.127.255.254", "fc00::1", "fd12:3456::1", "::ffff:10.0.0.5",
+     "::ffff:192.168.0.1"],
+)  # fmt: skip
+def test_private_targets_are_refused_only_when_asked(address: str) -> None:
+    """TLS report POSTs refuse private networks (a collector of a public domain has no
+    business there); mail routes keep them (an internal relay on 10/8 is normal), and
+    ``allow_loopback`` (tests, demos) lifts the refusal as it lifts loopback's."""
+    assert RoutePolicy().refused(address) is None
+    assert RoutePolicy(refuse_private=True).refused(address) == "private"
+    assert RoutePolicy(refuse_private=True, allow_loopback=True).refused(address) is None
+
+
+@pytest.mark.parametrize(
+    "address", ["172.15.255.255", "172.32.0.1", "100.63.255.255", "100.128.0.1", "fe00::1",
+                "192.169.0.1", "11.0.0.1", "2001:db8::1", "8.8.8.8"],
+)  # fmt: skip
+def test_addresses_next_to_private_networks_are_kept(address: str) -> None:
+    assert RoutePolicy(refuse_private=True).refused(address) is None
+
+
+def test_refusing_private_keeps_the_other_refusals() -> None:
+    policy = RoutePolicy(refuse_private=True)
+    assert policy.refused("127.0.0.1") == "loopback"
+    assert policy.refused("169.254.169.254") == "link-local"
+    assert RoutePolicy(refuse_private=True, allow_loopback=True).refused("224.0.0.1") == (
+        "multicast"
+    )
+
+
+@pytest.mark.parametrize(
     ("literal", "address"),
     [
         ("[127.0.0.4]", "127.0.0.4"),

@@ -14,6 +14,8 @@ and refuses the second (like Exim's ``ignore_target_hosts``, whose usual setting
 True
 >>> RoutePolicy(allow_loopback=True).refused("224.0.0.1")
 'multicast'
+>>> RoutePolicy().refused("10.1.2.3") is None, RoutePolicy(refuse_private=True).refused("10.1.2.3")
+(True, 'private')
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ cost hundreds of lookups."""
 
 MAX_DNS_QUERIES = 10
 """DNS queries one route lookup has in flight at once (A and AAAA of five hosts)."""
+
+
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",  # RFC 1918
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # shared address space (carrier-grade NAT), RFC 6598
+        "fc00::/7",  # unique local addresses, RFC 4193
+    )
+)
+"""Networks of private use, which :attr:`RoutePolicy.refuse_private` refuses."""
 
 
 NEVER_A_SERVER = frozenset({"multicast", "reserved"})
@@ -70,6 +85,14 @@ def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None
     return None
 
 
+def is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is in one of the :data:`PRIVATE_NETWORKS` (an IPv4-mapped IPv6
+    address judged by its IPv4 address, as in :func:`target_kind`)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in PRIVATE_NETWORKS)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoutePolicy:
     """Limits and refusals the :class:`~mailstrom.routing.Router` applies to every route.
@@ -81,6 +104,13 @@ class RoutePolicy:
     allow_loopback: bool = False
     """Keep loopback, unspecified and link-local targets (see :func:`target_kind`);
     multicast and reserved ones are refused all the same."""
+    refuse_private: bool = False
+    """Refuse :data:`PRIVATE_NETWORKS` addresses too (as ``"private"``). Not for mail
+    routes (an MX on 10.0.0.0/8 is a normal internal relay) but for requests a remote
+    domain chooses the target of, like TLS report POSTs: a collector for a public domain
+    has no business on the sender's own network. ``allow_loopback`` lifts this refusal
+    too: a test or demo whose servers are on this host may well have some on a private
+    network."""
     mx_address_limit: int = MX_ADDRESS_LIMIT
     """Addresses a route holds at most, in the order they are to be tried."""
     mx_host_limit: int | None = None
@@ -106,7 +136,10 @@ class RoutePolicy:
 
     def refused(self, address: str) -> str | None:
         """Why mail must not go to ``address`` (its :func:`target_kind`), or None."""
-        kind = target_kind(ipaddress.ip_address(address))
+        ip = ipaddress.ip_address(address)
+        kind = target_kind(ip)
+        if kind is None and self.refuse_private and is_private(ip):
+            kind = "private"
         if self.allow_loopback and kind not in NEVER_A_SERVER:
             return None
         return kind
