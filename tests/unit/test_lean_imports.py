@@ -78,6 +78,7 @@ WORKER_FEATURES = (
     "mailstrom.mtasts.hook",
     "mailstrom.mtasts.source",
     "mailstrom.mtasts.fetch",
+    "mailstrom.mtasts.https",
     "mailstrom.tlsrpt.recorder",
     "mailstrom.tlsrpt.observer",
     "mailstrom.mtasts.policy",

@@ -5,7 +5,8 @@ the address of ``mta-sts.<domain>``: the HTTPS request is made to that address w
 name in SNI, the ``Host`` header and the certificate check, so a test's loopback DNS server
 can point the name at a loopback HTTPS server, and production uses the same resolver as
 for MX records. Targets the route policy refuses (loopback, link-local, unless
-``allow_loopback``) are refused here too.
+``allow_loopback``) are refused here too (:mod:`mailstrom.mtasts.https`, shared with the
+TLS report POST).
 
 The fetch is bounded: one deadline (``MTASTSConfig.timeout``) for connecting, the headers
 and the body, a body of at most :data:`~mailstrom.mtasts.policy.MAX_POLICY_SIZE` octets
@@ -18,8 +19,6 @@ name is ever reused for another.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ssl
 
 import dns.asyncresolver
 import dns.exception
@@ -27,18 +26,15 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from mailstrom._version import __version__
 from mailstrom.config import MTASTSConfig
 from mailstrom.errors import ConfigError
+from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
 from mailstrom.routing.policy import RoutePolicy
-from mailstrom.safetext import safe_text
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 FETCH_ERROR = "sts-policy-fetch-error"
 WEBPKI_INVALID = "sts-webpki-invalid"
-_MAX_ADDRESSES = 3
-"""Addresses of ``mta-sts.<domain>`` tried at most."""
 
 
 class DNSTrouble(Exception):
@@ -91,83 +87,20 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     return records, float(answer.rrset.ttl if answer.rrset is not None else 0)
 
 
-async def _addresses(
-    resolver: dns.asyncresolver.Resolver, name: str, route_policy: RoutePolicy
-) -> list[str]:
-    found: list[str] = []
-    refused: list[str] = []
-    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        try:
-            answer = await resolver.resolve(dns.name.from_text(name), rdtype, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            continue
-        except (dns.exception.DNSException, OSError) as exc:
-            raise PolicyError(
-                f"address lookup of {name} failed: {exc}", result_type=FETCH_ERROR
-            ) from exc
-        for rdata in answer:
-            address: str = rdata.address
-            if route_policy.refused(address) is not None:
-                refused.append(address)
-            elif address not in found:
-                found.append(address)
-    if not found:
-        why = f"only refused addresses ({', '.join(refused[:3])})" if refused else "no address"
-        raise PolicyError(f"{name} has {why}", result_type=FETCH_ERROR)
-    return found[:_MAX_ADDRESSES]
-
-
-@functools.cache
-def _default_context(ca_file: str | None) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_file)
-
-
-def _verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-_MAX_QUOTED = 200
-"""Characters of an HTTP error's text kept in a reason: h11 quotes the peer's bad status
-line or chunk header in it, up to 16 KiB of octets (64 KiB as escapes)."""
-
-
-def _quoted(exc: BaseException) -> str:
-    text = safe_text(str(exc))
-    return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."
-
-
 async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
-    import httpx
-
-    url_host = f"[{ip}]" if ":" in ip else ip
-    url = f"https://{url_host}:{config.port}{WELL_KNOWN}"
-    host_header = host if config.port == 443 else f"{host}:{config.port}"
-    context = config.tls_context or _default_context(config.ca_file)
     body = bytearray()
     async with (
-        httpx.AsyncClient(
-            verify=context,
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(config.timeout),
-            limits=httpx.Limits(max_keepalive_connections=0),
-        ) as client,
-        client.stream(
+        https.client(
+            config.tls_context or https.default_context(config.ca_file), config.timeout
+        ) as http,
+        https.stream_at(
+            http,
             "GET",
-            url,
-            headers={
-                "Host": host_header,
-                "Accept-Encoding": "identity",
-                "User-Agent": f"mailstrom/{__version__}",
-            },
-            extensions={"sni_hostname": host},
+            host=host,
+            ip=ip,
+            port=config.port,
+            path=WELL_KNOWN,
+            headers={"Accept-Encoding": "identity"},
         ) as response,
     ):
         status = response.status_code
@@ -217,20 +150,24 @@ async def fetch_policy(
     try:
         async with asyncio.timeout(config.timeout):
             last: str = "no address"
-            for ip in await _addresses(resolver, host, route_policy):
+            try:
+                addresses = await https.usable_addresses(resolver, host, route_policy)
+            except https.NoUsableAddress as exc:
+                raise PolicyError(str(exc), result_type=FETCH_ERROR) from exc
+            for ip in addresses:
                 try:
                     return parse_policy(await _get(host, ip, config))
                 except httpx.ConnectError as exc:
-                    verify = _verify_error(exc)
+                    verify = https.verify_error(exc)
                     if verify is not None:
                         raise PolicyError(
                             f"certificate of {host} not accepted: "
                             f"{verify.verify_message or verify}",
                             result_type=WEBPKI_INVALID,
                         ) from None
-                    last = f"{ip}: {_quoted(exc)}"
+                    last = f"{ip}: {https.quoted(exc)}"
                 except httpx.HTTPError as exc:
-                    last = f"{ip}: {type(exc).__name__}: {_quoted(exc)}"
+                    last = f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
             raise PolicyError(
                 f"cannot fetch https://{host}{WELL_KNOWN}: {last}", result_type=FETCH_ERROR
             )

@@ -1,0 +1,169 @@
+"""HTTPS to a name at an address mailstrom chose: what the MTA-STS policy fetch and the
+TLS report POST (RFC 8460 §5.4) have in common.
+
+Both go to a host a remote domain names, so both must not become a way into the sender's
+own network. The name's addresses are looked up here, through mailstrom's resolver (the
+one MX lookups use: one view of DNS, and a test's loopback DNS server works), addresses
+the :class:`~mailstrom.routing.policy.RoutePolicy` refuses are dropped, and the request is
+made to one of the others with the name in SNI, the ``Host`` header and the certificate
+check. Letting httpx resolve the name would connect wherever the system resolver points
+it, 127.0.0.1 included, and resolving once to check and again to connect would let the
+name change in between.
+
+The client follows no redirects, reads no proxy settings from the environment, and keeps
+no connection for another request. Its timeout is per operation; the callers bound the
+whole exchange with ``asyncio.timeout``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import ssl
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from mailstrom._version import __version__
+from mailstrom.routing.policy import RoutePolicy
+from mailstrom.safetext import safe_text
+
+if TYPE_CHECKING:
+    import httpx
+
+MAX_ADDRESSES = 3
+"""Addresses of a name tried at most."""
+
+USER_AGENT = f"mailstrom/{__version__}"
+
+
+class NoUsableAddress(Exception):
+    """No address a request to this host may go to: the host is a refused address, its
+    name has none or only refused ones, or the lookup failed. The text says which."""
+
+
+def is_address(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (as a URL holds it, without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _refused(address: str, route_policy: RoutePolicy) -> str | None:
+    kind = route_policy.refused(address)
+    return None if kind is None else f"{address} ({kind})"
+
+
+async def usable_addresses(
+    resolver: dns.asyncresolver.Resolver, host: str, route_policy: RoutePolicy
+) -> list[str]:
+    """The addresses (at most :data:`MAX_ADDRESSES`) a request to ``host`` may go to:
+    ``host`` itself when it is an address the route policy admits, else the A and AAAA
+    addresses of the name it admits. Raises :class:`NoUsableAddress`."""
+    if is_address(host):
+        kind = route_policy.refused(host)
+        if kind is not None:
+            raise NoUsableAddress(f"refused {kind} address {host}")
+        return [host]
+    found: list[str] = []
+    refused_ones: list[str] = []
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        try:
+            answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except (dns.exception.DNSException, OSError) as exc:
+            raise NoUsableAddress(f"address lookup of {host} failed: {exc}") from exc
+        for rdata in answer:
+            address: str = rdata.address
+            refused = _refused(address, route_policy)
+            if refused is not None:
+                refused_ones.append(refused)
+            elif address not in found:
+                found.append(address)
+    if not found:
+        why = (
+            f"only refused addresses: {', '.join(refused_ones[:3])}"
+            if refused_ones
+            else "no address"
+        )
+        raise NoUsableAddress(f"{host} has {why}")
+    return found[:MAX_ADDRESSES]
+
+
+@functools.cache
+def default_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The context checking certificates against ``ca_file``, or the system's trust store
+    (as for SMTP), made once: loading a trust store takes milliseconds."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def client(verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
+    """A client for one request (see the module docstring)."""
+    import httpx
+
+    return httpx.AsyncClient(
+        verify=verify,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
+def stream_at(
+    http: httpx.AsyncClient,
+    method: str,
+    *,
+    host: str,
+    ip: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    content: bytes | None = None,
+) -> AbstractAsyncContextManager[httpx.Response]:
+    """``http.stream(method, ...)`` to ``https://host:port/path``, made to ``ip``: the
+    name (when ``host`` is one) goes in SNI, the ``Host`` header and the certificate
+    check. ``path`` includes the query, if any."""
+    url_host = f"[{ip}]" if ":" in ip else ip
+    named = host != ip
+    host_header = host if named else url_host
+    if port != 443:
+        host_header = f"{host_header}:{port}"
+    return http.stream(
+        method,
+        f"https://{url_host}:{port}{path}",
+        headers={"Host": host_header, "User-Agent": USER_AGENT, **headers},
+        content=content,
+        extensions={"sni_hostname": host} if named else {},
+    )
+
+
+def verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind an httpx error, if that is what it is."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+MAX_QUOTED = 200
+"""Characters of an HTTP error's text kept in a reason: h11 quotes the peer's bad status
+line or chunk header in it, up to 16 KiB of octets (64 KiB as escapes)."""
+
+
+def quoted(exc: BaseException) -> str:
+    """``exc``'s text, made safe to print and cut to :data:`MAX_QUOTED` characters."""
+    text = safe_text(str(exc))
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
