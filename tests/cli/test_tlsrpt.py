@@ -178,6 +178,51 @@ def test_tlsrpt_failed_post_exits_75(mail_env: MailEnv, https_server: HTTPSFacto
     assert "FAILED: HTTP 500" in result.out
 
 
+def test_tlsrpt_posts_nothing_to_this_host_without_allow_loopback(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # The rua comes from the policy domain's DNS: one naming 127.0.0.1, or a name that
+    # resolves there, made ``tlsrpt --send`` POST into the operator's own host (SSRF).
+    seed(mail_env.workdir)
+    del mail_env.cli.env["MAILSTROM_ALLOW_LOOPBACK"]
+    collector = https_server(names=("127.0.0.1", "collector.example.test"))
+    collector.routes["/tlsrpt"] = Answer(status=202)
+    mail_env.dns.a("collector.example.test", "127.0.0.1")
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        f"v=TLSRPTv1; rua=https://127.0.0.1:{collector.port}/tlsrpt,"
+        f"https://collector.example.test:{collector.port}/tlsrpt",
+    )
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--json")
+    assert result.code == 75, result.err
+    [mine, _] = result.json()["domains"]
+    assert [d["detail"] for d in mine["sent"]] == [
+        "not posted: refused loopback address 127.0.0.1",
+        "not posted: collector.example.test has only refused addresses: 127.0.0.1 (loopback)",
+    ]
+    assert collector.requests == []
+
+
+def test_tlsrpt_posts_to_a_named_collector_at_the_address_its_dns_gives(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # The collector's name is looked up through mailstrom's resolver (the loopback DNS
+    # server here, which the system resolver does not ask) and checked against its
+    # certificate; allow_loopback (set by mail_env) admits 127.0.0.1.
+    seed(mail_env.workdir)
+    collector = https_server(names=("collector.example.test",))
+    collector.routes["/tlsrpt"] = Answer(status=202)
+    mail_env.dns.a("collector.example.test", "127.0.0.1")
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        f"v=TLSRPTv1; rua=https://collector.example.test:{collector.port}/tlsrpt",
+    )
+    out = mail_env.cli.ok("tlsrpt", "--date", DAY.isoformat(), "--send").out
+    assert f"https://collector.example.test:{collector.port}/tlsrpt: ok: posted" in out
+    [post] = collector.requests
+    assert post.headers["Host"] == f"collector.example.test:{collector.port}"
+
+
 def test_tlsrpt_mailto_without_an_address_fails_that_report_only(mail_env: MailEnv) -> None:
     # "mailto:tls@" raised IndexError out of the email package: exit 70, no report sent.
     seed(mail_env.workdir)

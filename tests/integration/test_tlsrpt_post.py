@@ -1,5 +1,6 @@
-"""Posting a TLS report (RFC 8460 §5.4) to a collector on loopback that misbehaves after
-its status line: the report counts as delivered on a 2xx, whatever the body does."""
+"""Posting a TLS report (RFC 8460 §5.4) to collectors on loopback: a 2xx is enough whatever
+the body does, the whole POST has one deadline, and the policy domain's DNS cannot point
+it into the sender's own network (SSRF)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import time
 from collections.abc import Iterator
 from datetime import date
 
+import dns.asyncresolver
 import pytest
 
+from mailstrom.routing import make_resolver
 from mailstrom.tlsrpt.deliver import post_report
 from mailstrom.tlsrpt.report import Reporter, build_report
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.https_server import Answer, HTTPSFactory
 
 REPORT = build_report(
     "example.org",
@@ -21,6 +26,14 @@ REPORT = build_report(
     [],
     Reporter(organization="Org", contact="postmaster@sender.test", submitter="sender.test"),
 )
+DEADLINE = 0.5
+SLACK = 1.0
+"""Time a POST may take past its deadline on a loaded machine."""
+
+
+@pytest.fixture
+def resolver(dns_server: LoopbackDNS) -> dns.asyncresolver.Resolver:
+    return make_resolver(dns_server.dns_config)
 
 
 @pytest.fixture
@@ -47,18 +60,177 @@ def endless_collector(server_tls_context: ssl.SSLContext) -> Iterator[int]:
     listener.close()
 
 
-def test_a_2xx_is_enough_and_the_body_is_not_read(
-    endless_collector: int, client_tls_context: ssl.SSLContext
+@pytest.fixture
+def dripping_collector(server_tls_context: ssl.SSLContext) -> Iterator[int]:
+    """A collector that sends its answer's head an octet every 50 ms, never ending it
+    (for 5 s at most, so that a client without a deadline ends too)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_tls_context.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            head = b"HTTP/1.1 202 Accepted\r\nX-Drip: " + b"a" * 70
+            for octet in head:
+                if stop.wait(0.05):
+                    return
+                try:
+                    tls.sendall(bytes([octet]))
+                except OSError:
+                    return  # the client hung up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(10)
+    listener.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A TCP port on 127.0.0.1 that accepts nothing itself: a connection made to it waits
+    in the backlog, where :func:`connected` sees it."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connected(listener: socket.socket) -> bool:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+async def test_a_2xx_is_enough_and_the_body_is_not_read(
+    endless_collector: int,
+    client_tls_context: ssl.SSLContext,
+    resolver: dns.asyncresolver.Resolver,
 ) -> None:
     # The POST read the answer's whole body: a collector sending one without end held
     # ``mailstrom tlsrpt --send`` and its memory (each octet restarted the read timeout);
     # this one, which stops, made a posted report a failure ("ReadTimeout").
     started = time.monotonic()
-    problem = post_report(
+    problem = await post_report(
         REPORT,
         f"https://127.0.0.1:{endless_collector}/tlsrpt",
+        resolver=resolver,
+        allow_loopback=True,
         context=client_tls_context,
-        timeout=0.5,
+        timeout=DEADLINE,
     )
     assert problem is None
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < DEADLINE
+
+
+async def test_a_dripping_collector_fails_the_post_at_its_deadline(
+    dripping_collector: int,
+    client_tls_context: ssl.SSLContext,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    # httpx's timeout is per read: a collector sending its answer's head an octet at a
+    # time held the POST (and ``mailstrom tlsrpt --send``) for as long as it kept going.
+    started = time.monotonic()
+    problem = await post_report(
+        REPORT,
+        f"https://127.0.0.1:{dripping_collector}/tlsrpt",
+        resolver=resolver,
+        allow_loopback=True,
+        context=client_tls_context,
+        timeout=DEADLINE,
+    )
+    assert time.monotonic() - started < DEADLINE + SLACK
+    assert problem is not None
+    assert problem.startswith(f"no answer within {DEADLINE:g} s"), problem
+
+
+@pytest.mark.parametrize(
+    ("host", "addresses", "reason"),
+    [
+        ("127.0.0.1", (), "refused loopback address 127.0.0.1"),
+        (
+            "collector.example.test",
+            ("127.0.0.1",),
+            "has only refused addresses: 127.0.0.1 (loopback)",
+        ),
+        (
+            "mixed.example.test",
+            ("10.0.0.5", "127.0.0.1"),
+            "only refused addresses: 10.0.0.5 (private), 127.0.0.1 (loopback)",
+        ),
+        ("metadata.example.test", ("169.254.169.254",), "169.254.169.254 (link-local)"),
+    ],
+)
+async def test_a_collector_on_this_host_or_its_network_is_refused_without_connecting(
+    listener: socket.socket,
+    dns_server: LoopbackDNS,
+    resolver: dns.asyncresolver.Resolver,
+    host: str,
+    addresses: tuple[str, ...],
+    reason: str,
+) -> None:
+    # The rua URL comes from the policy domain's DNS: "https://127.0.0.1:8443/admin" (or a
+    # name resolving there) made mailstrom POST into its operator's own network.
+    if addresses:
+        dns_server.a(host, *addresses)
+    port = listener.getsockname()[1]
+    problem = await post_report(
+        REPORT, f"https://{host}:{port}/tlsrpt", resolver=resolver, timeout=DEADLINE
+    )
+    assert problem is not None
+    assert problem.startswith("not posted: "), problem
+    assert reason in problem
+    assert not connected(listener)
+
+
+async def test_a_named_collector_is_reached_at_the_address_mailstroms_dns_gives(
+    https_server: HTTPSFactory,
+    dns_server: LoopbackDNS,
+    resolver: dns.asyncresolver.Resolver,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    # The name is looked up through mailstrom's resolver (here the loopback DNS server;
+    # the system resolver knows no such name), and its certificate is checked.
+    collector = https_server(names=("collector.example.test",))
+    collector.routes["/tlsrpt?x=1"] = Answer(status=202)
+    dns_server.a("collector.example.test", "127.0.0.1")
+    problem = await post_report(
+        REPORT,
+        f"https://collector.example.test:{collector.port}/tlsrpt?x=1",
+        resolver=resolver,
+        allow_loopback=True,
+        context=client_tls_context,
+        timeout=5.0,
+    )
+    assert problem is None
+    [post] = collector.requests
+    assert post.method == "POST"
+    assert post.headers["Host"] == f"collector.example.test:{collector.port}"
+    assert post.body == REPORT.gzipped()
+
+
+async def test_a_certificate_for_another_name_fails_the_post(
+    https_server: HTTPSFactory,
+    dns_server: LoopbackDNS,
+    resolver: dns.asyncresolver.Resolver,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    collector = https_server(names=("someone-else.example.test",))
+    dns_server.a("collector.example.test", "127.0.0.1")
+    problem = await post_report(
+        REPORT,
+        f"https://collector.example.test:{collector.port}/tlsrpt",
+        resolver=resolver,
+        allow_loopback=True,
+        context=client_tls_context,
+        timeout=5.0,
+    )
+    assert problem is not None and "certificate" in problem.lower(), problem
+    assert collector.requests == []

@@ -10,6 +10,7 @@ from datetime import date, datetime
 from email import message_from_bytes, policy
 from typing import Any
 
+import dns.asyncresolver
 import pytest
 
 from mailstrom.errors import InvalidAddress
@@ -218,12 +219,46 @@ def test_report_mail_to_no_address_is_refused(to: str) -> None:
         report_message(report, sender="tls@sender.test", to=to, submitter="mx.sender.test")
 
 
-@pytest.mark.parametrize("url", ["https://xn--/tls", "https://a..b/", "https://[::1/"])
-def test_post_to_a_url_httpx_cannot_parse_says_so(url: str) -> None:
+NO_DNS = dns.asyncresolver.Resolver(configure=False)
+"""A resolver with no nameserver: these POSTs must end before any lookup."""
+
+
+@pytest.mark.parametrize(
+    "url", ["https://xn--/tls", "https://a..b/", "https://[::1/", "https://x.example:99999/"]
+)
+async def test_post_to_a_url_httpx_cannot_parse_says_so(url: str) -> None:
     # Found by the same fuzz test: an IDNAError (UnicodeError) or InvalidURL escaped.
     report = build_report("example.org", DAY, sessions(), REPORTER)
-    problem = post_report(report, url, timeout=1.0)
+    problem = await post_report(report, url, resolver=NO_DNS, timeout=1.0)
     assert problem is not None and problem.startswith("invalid URL"), problem
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("[::1]", "loopback"),
+        ("[::ffff:127.0.0.1]", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("169.254.169.254", "link-local"),
+        ("[fe80::1]", "link-local"),
+        ("10.0.0.5", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("100.64.0.1", "private"),
+        ("[fd00::1]", "private"),
+        ("224.0.0.1", "multicast"),
+    ],
+)
+async def test_post_to_an_address_of_this_host_or_a_private_network_is_refused(
+    host: str, kind: str
+) -> None:
+    # The rua URL is the policy domain's choice: such a POST went into the sender's own
+    # network (SSRF). Refused before connecting (10.0.0.5 would hang until the timeout).
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    problem = await post_report(report, f"https://{host}:8443/admin", resolver=NO_DNS)
+    assert problem is not None
+    assert problem == f"not posted: refused {kind} address {host.strip('[]')}"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 For every policy domain with counted sessions on the day, the domain's ``_smtp._tls`` TXT
 record is looked up; a domain that publishes one with a ``rua`` gets its report written as
 a JSON file and, with ``--send``, sent: ``mailto:`` addresses get a queued message (the
-worker delivers it, DKIM-signed when signing is configured), ``https:`` URLs a POST.
+worker delivers it, DKIM-signed when signing is configured), ``https:`` URLs a POST
+(:func:`~mailstrom.tlsrpt.deliver.post_report`: through the same resolver as the TXT
+lookups, never to this host or a private network unless ``allow_loopback``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from mailstrom.routing import make_resolver
 from mailstrom.stores.base import Store
 
 if TYPE_CHECKING:
-    from mailstrom.tlsrpt.report import Report
+    import dns.asyncresolver
+
+    from mailstrom.tlsrpt.report import Report, Reporter
 
 # The report builder, its delivery and the client's prepare step are loaded by this
 # command when it runs, not by every command's start-up.
@@ -101,12 +105,13 @@ def _day(text: str | None) -> date:
         raise UsageError(f"--date: expected YYYY-MM-DD, got {text!r}") from None
 
 
-async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str | None]:
+async def _rua(
+    resolver: dns.asyncresolver.Resolver, domains: list[str]
+) -> dict[str, list[str] | str | None]:
     """Each domain's rua URIs, None without a record, or the problem as text."""
     from mailstrom.tlsrpt.report import ReportRecordError
     from mailstrom.tlsrpt.report import parse_tlsrpt_record as parse_record
 
-    resolver = make_resolver(config.dns)
     # Every recipient domain of the day may be here (no-policy-found sessions count too):
     # a bounded number of lookups at a time, not one burst of thousands.
     lookups = asyncio.Semaphore(MAX_LOOKUPS)
@@ -125,8 +130,21 @@ async def _rua(config: Config, domains: list[str]) -> dict[str, list[str] | str 
     return dict(zip(domains, found, strict=True))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Job:
+    """What one run reports, where it writes, and how it sends."""
+
+    config: Config
+    store: Store
+    day: date
+    reporter: Reporter
+    out: Path
+    send: bool
+    sender: str
+
+
 def tlsrpt_command(args: argparse.Namespace) -> int:
-    from mailstrom.tlsrpt.report import Reporter, build_report
+    from mailstrom.tlsrpt.report import Reporter
 
     settings = settings_from(args)
     config = settings.config
@@ -147,31 +165,17 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         require_httpx()
     store = open_store(settings.store_url, read_only=not args.send)
     try:
-        sessions = store.tls_sessions(day)
-        domains = sorted({s.policy_domain for s in sessions})
-        rua = asyncio.run(_rua(config, domains)) if domains else {}
-        results: list[DomainReport] = []
-        for domain in domains:
-            entry = DomainReport(domain=domain)
-            results.append(entry)
-            found = rua[domain]
-            if found is None:
-                entry.problem = "no _smtp._tls record: no report wanted"
-                continue
-            if isinstance(found, str):
-                entry.problem = found
-                continue
-            entry.rua = found
-            report = build_report(domain, day, sessions, reporter)
-            entry.report_id = report.report_id
-            path = out / report.filename(submitter)
-            _write(path, report.json())
-            entry.file = str(path)
-            if args.send:
-                entry.sent = [
-                    _send(config, store, report, uri, sender=sender, submitter=submitter)
-                    for uri in found
-                ]
+        job = _Job(
+            config=config,
+            store=store,
+            day=day,
+            reporter=reporter,
+            out=out,
+            send=args.send,
+            sender=sender,
+        )
+        # One event loop for the lookups and the POSTs, which share one resolver.
+        results = asyncio.run(_report_day(job))
     finally:
         store.close()
     if args.json:
@@ -183,6 +187,36 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
     return EX_TEMPFAIL if failed else EX_OK
 
 
+async def _report_day(job: _Job) -> list[DomainReport]:
+    from mailstrom.tlsrpt.report import build_report
+
+    submitter = job.reporter.submitter
+    sessions = job.store.tls_sessions(job.day)
+    domains = sorted({s.policy_domain for s in sessions})
+    resolver = make_resolver(job.config.dns)
+    rua = await _rua(resolver, domains) if domains else {}
+    results: list[DomainReport] = []
+    for domain in domains:
+        entry = DomainReport(domain=domain)
+        results.append(entry)
+        found = rua[domain]
+        if found is None:
+            entry.problem = "no _smtp._tls record: no report wanted"
+            continue
+        if isinstance(found, str):
+            entry.problem = found
+            continue
+        entry.rua = found
+        report = build_report(domain, job.day, sessions, job.reporter)
+        entry.report_id = report.report_id
+        path = job.out / report.filename(submitter)
+        _write(path, report.json())
+        entry.file = str(path)
+        if job.send:
+            entry.sent = [await _send(job, resolver, report, uri) for uri in found]
+    return results
+
+
 def _write(path: Path, data: bytes) -> None:
     # Written whole under a temporary name, then renamed: a reader never sees half a file.
     temporary = path.with_name(path.name + ".tmp")
@@ -190,23 +224,30 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _send(
-    config: Config, store: Store, report: Report, uri: str, *, sender: str, submitter: str
+async def _send(
+    job: _Job, resolver: dns.asyncresolver.Resolver, report: Report, uri: str
 ) -> Delivery:
     from mailstrom.client.common import prepare_for
     from mailstrom.tlsrpt.deliver import post_report, report_message
 
+    config = job.config
     if uri.lower().startswith("mailto:"):
         to = uri[len("mailto:") :].split("?", 1)[0]
         try:
-            msg = report_message(report, sender=sender, to=to, submitter=submitter)
+            msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
             now = utc_now()
             prepared = prepare_for(config, msg, envelope_from=None, envelope_to=None, now=now)
-            message_id = store.enqueue(prepared, now=now)
+            message_id = job.store.enqueue(prepared, now=now)
         except MailstromError as exc:
             return Delivery(uri=uri, ok=False, detail=str(exc))
         return Delivery(uri=uri, ok=True, detail=f"queued as {message_id}")
-    problem = post_report(report, uri, context=config.tls_context)
+    problem = await post_report(
+        report,
+        uri,
+        resolver=resolver,
+        allow_loopback=config.allow_loopback,
+        context=config.tls_context,
+    )
     if problem is not None:
         return Delivery(uri=uri, ok=False, detail=problem)
     return Delivery(uri=uri, ok=True, detail="posted")

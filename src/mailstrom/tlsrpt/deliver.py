@@ -1,20 +1,30 @@
 """Sending a TLS report where the policy domain asked (RFC 8460 §5): by mail, as a
 ``multipart/report`` message with the gzipped JSON attached (queued like any other mail,
 so it is retried and signed like the rest), or by an HTTPS POST of the gzipped JSON.
+
+A POST goes where the policy domain's DNS says, so it is made as the MTA-STS policy fetch
+is (:mod:`mailstrom.mtasts.https`): to an address mailstrom looked up and admits, never
+to this host, its link or a private network, and within one deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-from mailstrom._version import __version__
+import dns.asyncresolver
+
 from mailstrom.message.addrspec import validate_address
+from mailstrom.mtasts import https
+from mailstrom.mtasts.fetch import a_label
+from mailstrom.routing.policy import RoutePolicy
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
 POST_TIMEOUT = 30.0
-"""Seconds one POST may take."""
+"""Seconds one POST may take in all: the host's lookup, connecting, TLS, sending the
+report and the answer's head (its body is never read)."""
 
 
 def report_message(report: Report, *, sender: str, to: str, submitter: str) -> EmailMessage:
@@ -54,40 +64,98 @@ def report_message(report: Report, *, sender: str, to: str, submitter: str) -> E
     return msg
 
 
-def post_report(
+async def post_report(
     report: Report,
     url: str,
     *,
+    resolver: dns.asyncresolver.Resolver,
+    allow_loopback: bool = False,
     context: ssl.SSLContext | None = None,
     timeout: float = POST_TIMEOUT,
 ) -> str | None:
     """POST ``report`` (gzipped) to the https ``url``; None when the endpoint answered
     2xx, else why not. Redirects are not followed (RFC 8460 §5.4 asks for a 2xx), and the
-    answer's body is never read: only its status counts."""
+    answer's body is never read: only its status counts.
+
+    ``url`` comes from the policy domain's DNS, so it may point anywhere: the host's
+    addresses come from ``resolver``, and loopback, link-local and private ones (see
+    :data:`~mailstrom.routing.policy.PRIVATE_NETWORKS`) are refused unless
+    ``allow_loopback`` (for tests), multicast and reserved ones always. Looking up the
+    name, connecting, TLS, sending and the answer's head take ``timeout`` seconds in all.
+    The certificate is checked against ``context``, else the system's trust store.
+    """
     import httpx  # the mta-sts extra; checked by the caller
 
     try:
-        with (
-            httpx.Client(
-                verify=context if context is not None else True,
-                follow_redirects=False,
-                timeout=timeout,
-                trust_env=False,
-            ) as client,
-            client.stream(
-                "POST",
-                url,
-                content=report.gzipped(),
-                headers={"Content-Type": MEDIA_TYPE, "User-Agent": f"mailstrom/{__version__}"},
-            ) as response,
-        ):
-            status = response.status_code
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
-    except (httpx.InvalidURL, UnicodeError) as exc:
+        host, port, path = _target(url)
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
         # The URL comes from DNS: one httpx cannot parse ("https://xn--/") is the record's
         # problem, not a crash of the command.
-        return f"invalid URL: {type(exc).__name__}: {str(exc)[:200]}"
-    if 200 <= status < 300:
-        return None
-    return f"HTTP {status}"
+        return f"invalid URL: {type(exc).__name__}: {https.quoted(exc)}"
+    route_policy = RoutePolicy(allow_loopback=allow_loopback, refuse_private=True)
+    try:
+        async with asyncio.timeout(timeout):
+            addresses = await https.usable_addresses(resolver, host, route_policy)
+            return await _post_to_one_of(addresses, report, host, port, path, context, timeout)
+    except https.NoUsableAddress as exc:
+        return f"not posted: {exc}"
+    except TimeoutError:
+        return f"no answer within {timeout:g} s (lookup, connection, request and answer head)"
+
+
+def _target(url: str) -> tuple[str, int, str]:
+    """Host (ASCII, an address without brackets), port and path with query of an https
+    ``url``; raises what httpx raises for one it cannot parse, or ValueError."""
+    import httpx
+
+    parsed = httpx.URL(url)
+    if parsed.scheme != "https":
+        raise ValueError("not an https URL")
+    if not parsed.host:  # decoding the host checks its A-labels ("xn--" raises)
+        raise ValueError("no host")
+    host = parsed.raw_host.decode("ascii")
+    if not https.is_address(host) and a_label(host) is None:
+        raise ValueError(f"no valid host name: {host[:100]!r}")
+    port = parsed.port or 443
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port, parsed.raw_path.decode("ascii")
+
+
+async def _post_to_one_of(
+    addresses: list[str],
+    report: Report,
+    host: str,
+    port: int,
+    path: str,
+    context: ssl.SSLContext | None,
+    timeout: float,
+) -> str | None:
+    import httpx
+
+    failure = "no address"
+    for ip in addresses:
+        try:
+            async with (
+                https.client(context or https.default_context(), timeout) as http,
+                https.stream_at(
+                    http,
+                    "POST",
+                    host=host,
+                    ip=ip,
+                    port=port,
+                    path=path,
+                    headers={"Content-Type": MEDIA_TYPE},
+                    content=report.gzipped(),
+                ) as response,
+            ):
+                status = response.status_code
+        except httpx.ConnectError as exc:
+            # Nothing was sent: the next address may do. After that, a failure is the
+            # answer (trying again could post the report twice).
+            failure = f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
+            continue
+        except httpx.HTTPError as exc:
+            return f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
+        return None if 200 <= status < 300 else f"HTTP {status}"
+    return failure
