@@ -45,10 +45,26 @@ EX_CONFIG = 78
 """Bad configuration file, environment variable or store URL."""
 
 
+MAX_REASON = 500
+"""Characters of a reason the command itself gives, at most: it quotes what was typed (a
+value, a path, argparse's "invalid choice"), and a 10,000-character argument from a
+script gone wrong must not become a 10,000-character error line."""
+
+
+def _bounded(reason: str) -> str:
+    """``reason`` cut in the middle past :data:`MAX_REASON` (its start says what was
+    wrong, its end how it goes on: argparse puts the choices after the value)."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    half = MAX_REASON // 2
+    return f"{reason[:half]}…({len(reason) - MAX_REASON} more)…{reason[-half:]}"
+
+
 class CLIError(MailstromError):
     """A failure the command itself detects, with its exit code."""
 
     def __init__(self, reason: str, code: int) -> None:
+        reason = _bounded(reason)
         super().__init__(reason)
         self.reason = reason
         self.code = code
@@ -91,7 +107,9 @@ def reason_for(exc: BaseException) -> str:
     if isinstance(exc, AmbiguousMessageId):
         return str(exc)  # with the candidates
     if isinstance(exc, UnknownMessage):
-        return f"unknown message id: {exc.message_id}"
+        # The id is whatever was typed or piped in: quoted cut to 64 characters, with
+        # its control characters (a CR, an ESC) as escapes, like every other reason.
+        return f"unknown message id: {visible(exc.shown_id)}"
     if isinstance(exc, MailstromError):
         text = str(exc)
     else:
