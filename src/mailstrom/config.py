@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from mailstrom.bounds import (
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.domains import default_helo_name, domain_name, helo_name_problem, is_public_name
 from mailstrom.errors import ConfigError
+from mailstrom.message.chars import shorten
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
@@ -91,6 +93,19 @@ class DNSConfig:
     def __post_init__(self) -> None:
         check_port(self.port, "dns.port")
         check_seconds(self.timeout, "dns.timeout")
+        for server in self.nameservers:
+            check_nameserver(server)
+
+
+def check_nameserver(server: object) -> None:
+    """ConfigError unless ``server`` is an IP address: the resolver takes nothing else (a
+    host name, " ", would raise ValueError at the first lookup, in the worker)."""
+    try:
+        ipaddress.ip_address(server if isinstance(server, str) else "")
+    except ValueError:
+        raise ConfigError(
+            f"dns.nameservers: expected IP addresses, got {shorten(str(server))}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -46,6 +46,7 @@ from mailstrom.config import (
     RelayTLS,
     Timeouts,
     TLSPolicy,
+    check_nameserver,
 )
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.errors import ConfigError
@@ -528,6 +529,18 @@ MAX_CONFIG_FILE_SIZE = 1 << 20
 """Octets of a configuration file read at most (a full one is a few kilobytes)."""
 
 
+def _is_config_file(path: Path) -> bool:
+    """``path`` is a file; ConfigError when it cannot even be looked at. ``is_file``
+    answers False only for a path that does not exist: a name too long for the system,
+    or a directory on the way that we may not search, raises OSError."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {shorten(str(path))}: {exc.strerror or exc}"
+        ) from None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The file's settings by dotted key; ConfigError when it cannot be read, is larger
     than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 or not TOML, or has unknown keys."""
@@ -603,11 +616,11 @@ def load_settings(
     config_file: Path | None = None
     if named:
         config_file = Path(named)
-        if not config_file.is_file():
-            raise ConfigError(f"config file not found: {config_file}")
+        if not _is_config_file(config_file):
+            raise ConfigError(f"config file not found: {shorten(str(named))}")
     elif search:
         candidates = default_config_paths(env) if paths is None else paths
-        config_file = next((p for p in candidates if p.is_file()), None)
+        config_file = next((p for p in candidates if _is_config_file(p)), None)
 
     values: dict[str, Any] = {}
     warnings: list[str] = []
@@ -774,7 +787,13 @@ def parse_dns_servers(servers: list[str]) -> dict[str, Any]:
         elif server.count(":") == 1:
             host, _, port = server.partition(":")
         if not host:
-            raise ConfigError(f"--dns-server: expected HOST[:PORT], got {server!r}")
+            raise ConfigError(f"--dns-server: expected HOST[:PORT], got {shorten(server)}")
+        try:
+            check_nameserver(host)
+        except ConfigError:
+            raise ConfigError(
+                f"--dns-server: expected an IP address, got {shorten(server)}"
+            ) from None
         hosts.append(host)
         if port is not None:
             ports.add(_port("--dns-server", port))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mailstrom.cli.exits import EX_CANTCREAT, EX_OK, CLIError, UsageError
 from mailstrom.cli.output import print_json
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, path_arg
 from mailstrom.dkim.keys import (
     MAX_RSA_BITS,
     MIN_RSA_BITS,
@@ -68,6 +68,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     k.add_argument(
         "--out",
         metavar="PATH",
+        type=path_arg,
         help="private key file to create (default: DOMAIN.SELECTOR.pem here)",
     )
     k.add_argument("--json", action="store_true", help="print JSON")

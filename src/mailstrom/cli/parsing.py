@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 from mailstrom.cli.exits import UsageError
 from mailstrom.domains import helo_name_problem
 from mailstrom.errors import ConfigError, InvalidStoreURL
+from mailstrom.message.chars import shorten
 from mailstrom.settings import KEYS, MAX_INTEGER, parse_dns_servers, parse_duration
 
 if TYPE_CHECKING:
@@ -117,6 +118,16 @@ def dns_server_arg(text: str) -> str:
         parse_dns_servers([text])
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(_without_prefix(str(exc), "--dns-server")) from None
+    return text
+
+
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for a file path. No file name holds a NUL character (and with
+    one, ``open()`` raises ValueError rather than the OSError the commands report)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"a file name cannot hold a NUL character: {shorten(text)}"
+        )
     return text
 
 

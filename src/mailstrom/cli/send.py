@@ -21,7 +21,7 @@ from mailstrom.cli.exits import (
     UsageError,
 )
 from mailstrom.cli.output import cell, echo, print_json
-from mailstrom.cli.parsing import Subparsers, seconds_arg
+from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
 from mailstrom.cli.reading import FileBudget
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
@@ -73,11 +73,14 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     build.add_argument("--subject", default="", help="Subject header")
     body = build.add_mutually_exclusive_group()
     body.add_argument("--text", help="plain-text body")
-    body.add_argument("--text-file", metavar="PATH", help="plain-text body from a file (- stdin)")
-    build.add_argument("--html-file", metavar="PATH", help="HTML body from a file")
+    body.add_argument(
+        "--text-file", metavar="PATH", type=path_arg, help="plain-text body from a file (- stdin)"
+    )
+    build.add_argument("--html-file", metavar="PATH", type=path_arg, help="HTML body from a file")
     build.add_argument(
         "--attach",
         action="append",
+        type=path_arg,
         default=[],
         metavar="FILE",
         help="attach a file (repeatable; type guessed from its name)",
@@ -111,6 +114,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     raw.add_argument(
         "--file",
         metavar="PATH",
+        type=path_arg,
         help="raw RFC 5322 message (- for stdin); --from/--to/--cc/--bcc then set the envelope",
     )
     queueing = p.add_argument_group("queue attributes (kept with the message, never sent)")

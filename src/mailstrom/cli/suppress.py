@@ -10,7 +10,7 @@ from datetime import datetime
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError
 from mailstrom.cli.output import cell, echo, print_json, print_table
-from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg
+from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
     Suppression,
@@ -81,7 +81,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "import",
         "add the entries of a CSV file (all or none: the file is checked first)",
     )
-    imp.add_argument("file", nargs="?", default="-", help="CSV file, or - for stdin (default)")
+    imp.add_argument(
+        "file", nargs="?", default="-", type=path_arg, help="CSV file, or - for stdin (default)"
+    )
     imp.add_argument(
         "--source",
         choices=[s.value for s in SuppressionSource],
@@ -92,7 +94,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     imp.set_defaults(handler=import_command)
 
     exp = _action(actions, parents, "export", "write the list as CSV")
-    exp.add_argument("file", nargs="?", default="-", help="CSV file, or - for stdout (default)")
+    exp.add_argument(
+        "file", nargs="?", default="-", type=path_arg, help="CSV file, or - for stdout (default)"
+    )
     exp.add_argument("--all", action="store_true", help="include expired entries")
     exp.set_defaults(handler=export_command)
 

@@ -159,7 +159,11 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
     )
     sender = args.sender or values.get("tlsrpt.from") or contact
     out = Path(args.out)
-    if not out.is_dir():
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:  # is_dir answers False only for "no such file": not a long name
+        raise UsageError(f"--out: {exc.strerror or exc}: {args.out}") from None
+    if not is_dir:
         raise UsageError(f"--out: {out} is not a directory")
     if args.send:
         require_httpx()

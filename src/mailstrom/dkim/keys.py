@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from mailstrom import domains
 from mailstrom.dkim.signature import DKIMAlgorithm as DKIMAlgorithm  # re-exported
 from mailstrom.errors import ConfigError
+from mailstrom.message.chars import shorten
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -231,6 +232,9 @@ def read_key_file(
     also keeps a FIFO swapped in meanwhile from blocking), and looked at again, by its
     descriptor, before a single octet is read.
     """
+    name = os.fspath(path)
+    if "\0" in name:  # os.stat would raise ValueError, not OSError
+        raise ConfigError(f"cannot read {shorten(name)}: a file name cannot hold a NUL character")
     try:
         _check_regular(path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
+from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 
 _USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/?#\s]*@")
@@ -137,30 +138,32 @@ def parse_store_url(url: str) -> StoreURL:
     StoreURL(kind=<StoreKind.SQLITE: 'sqlite'>, target='/var/lib/mailstrom/queue.db')
     """
     text = url.strip()
+    if "\0" in text:  # no file name or connection string holds one (a TOML "\u0000")
+        raise InvalidStoreURL(f"store URL with a NUL character: {_shown(url)}")
     if text in ("memory:", "memory://"):
         return StoreURL(kind=StoreKind.MEMORY, target="")
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
-            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {redact_url(url)!r}")
+            raise InvalidStoreURL(f"PostgreSQL URL without host or database: {_shown(url)}")
         _check_url_syntax(text)
         return StoreURL(kind=StoreKind.POSTGRES, target=text)
     if sep and scheme == "sqlite":
         if not rest.startswith("/"):
             raise InvalidStoreURL(
                 f"SQLite URLs have no host: use sqlite:///relative.db or "
-                f"sqlite:////absolute/path.db, not {redact_url(url)!r}"
+                f"sqlite:////absolute/path.db, not {_shown(url)}"
             )
         # sqlite:///x → "x" (relative); sqlite:////x → "/x" (absolute).
         path = rest[1:]
         if not path or path.endswith("/") or path == ":memory:":
-            raise InvalidStoreURL(f"SQLite URL names no database file: {redact_url(url)!r}")
+            raise InvalidStoreURL(f"SQLite URL names no database file: {_shown(url)}")
         return StoreURL(kind=StoreKind.SQLITE, target=path)
     if not sep and ":" not in text.partition("/")[0] and text.lower().endswith(_SQLITE_SUFFIXES):
         return StoreURL(kind=StoreKind.SQLITE, target=text)
     raise InvalidStoreURL(
-        f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:///path.db, a *.db "
+        f"unknown store URL {_shown(url)}: expected memory:, sqlite:///path.db, a *.db "
         "file path, or postgresql://..."
     )
 
@@ -172,7 +175,13 @@ def _check_url_syntax(url: str) -> None:
     try:
         urlsplit(url)
     except ValueError as exc:
-        raise InvalidStoreURL(f"malformed store URL {redact_url(url)!r}: {exc}") from None
+        raise InvalidStoreURL(f"malformed store URL {_shown(url)}: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    """``url`` as errors quote it: password hidden, cut in the middle when long (it may
+    be 10,000 characters from a script gone wrong, and the error is one line)."""
+    return shorten(redact_url(url))
 
 
 def open_store(url: str, *, read_only: bool = False) -> Store:

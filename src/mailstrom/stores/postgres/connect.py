@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL
+from mailstrom.message.chars import shorten
 from mailstrom.stores.url import redact_url
 
 KEEPALIVE = {
@@ -86,7 +87,9 @@ def split_url(url: str) -> tuple[str, int | None]:
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed "[", a bracketed host that is no IP address
-        raise InvalidStoreURL(f"malformed PostgreSQL URL {redact_url(url)!r}: {exc}") from None
+        raise InvalidStoreURL(
+            f"malformed PostgreSQL URL {shorten(redact_url(url))}: {exc}"
+        ) from None
     pairs = parts.query.split("&") if parts.query else []
     ours = [p for p in pairs if p.partition("=")[0] == PREPARE_THRESHOLD]
     if not ours:
@@ -108,11 +111,30 @@ def check_conninfo(conninfo: str) -> None:
     not the StoreError (try again) that connecting with it would raise. libpq's reason is
     left out when the URL holds a password, which it may quote."""
     try:
-        conninfo_to_dict(conninfo)
+        params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
         shown = redact_url(conninfo)
         detail = "" if shown != conninfo else f": {str(exc).strip()}"
-        raise InvalidStoreURL(f"PostgreSQL URL libpq cannot parse {shown!r}{detail}") from None
+        raise InvalidStoreURL(
+            f"PostgreSQL URL libpq cannot parse {shorten(shown)}{detail}"
+        ) from None
+    for host in str(params.get("host") or "").split(","):
+        _check_host(host, conninfo)
+
+
+def _check_host(host: str, conninfo: str) -> None:
+    """InvalidStoreURL for a host that no DNS name can be: psycopg looks host names up
+    itself, and ``getaddrinfo`` raises UnicodeError (not an OSError, so no StoreError)
+    for a label over 63 octets, an empty one, or Unicode that IDNA refuses."""
+    if not host or host.startswith("/") or ":" in host:  # none, a socket dir, IPv6
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise InvalidStoreURL(
+            f"PostgreSQL URL with a host that is no DNS name, {shorten(host)}, in "
+            f"{shorten(redact_url(conninfo))}: {exc}"
+        ) from None
 
 
 def _configure(conn: psycopg.Connection[Any], *, prepare_threshold: int | None) -> None:
