@@ -53,6 +53,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage())
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # Python before 3.12.7 drops the "--" of "--limit=--" as if it ended the options
+        # and hands the option [] unconverted: a list where count_arg's int was expected
+        # (exit 70 further on). Written with "=", "--" is the option's value.
+        if action.option_strings and arg_strings == ["--"] and action.nargs in (None, "?"):
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 # --- option value types: a bad value is a usage error (64) with a plain reason ---------------
 
