@@ -979,3 +979,19 @@ def test_a_nameserver_that_is_no_ip_address_is_refused(tmp_path: Path) -> None:
         code, _, err = run(["check", "example.test"])
     assert code == EX_CONFIG
     assert "dns.nameservers: expected IP addresses" in one_line_error(err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bounce", "--max-size=--"], ["queue", "--limit=--"], ["events", "--interval=--"]],
+)
+def test_an_option_written_with_equals_dashes_gets_the_value_dashes(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    # Was: exit 70, "TypeError: '>=' not supported between instances of 'int' and
+    # 'list'": argparse (before 3.12.7) dropped the "--" and handed the option [].
+    code, _, err = run_in(tmp_path, *argv)
+    assert code == EX_USAGE
+    assert one_line_error(err).endswith("got '--'")
+    code, out, err = run_in(tmp_path, "queue", "--tag=--", "--json")
+    assert (code, out) == (EX_OK, "[]\n"), err
