@@ -995,3 +995,12 @@ def test_an_option_written_with_equals_dashes_gets_the_value_dashes(
     assert one_line_error(err).endswith("got '--'")
     code, out, err = run_in(tmp_path, "queue", "--tag=--", "--json")
     assert (code, out) == (EX_OK, "[]\n"), err
+
+
+@pytest.mark.parametrize("value", [HUGE, f"{HUGE}: a@b.test", f"a@b.test {HUGE}"])
+def test_a_malformed_address_is_quoted_cut(tmp_path: Path, value: str) -> None:
+    # Was: "From header is malformed ('xxx...' is not an address: ...)" quoting the
+    # token whole: a 10,000-character error line (the value itself was already cut).
+    code, _, err = run_in(tmp_path, "send", "--from", value, "--to", "b@example.test")
+    assert code == EX_DATAERR
+    one_line_error(err)

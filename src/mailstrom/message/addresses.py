@@ -218,7 +218,7 @@ class _Parser:
                 groups.append(Group(None, (self._mailbox(in_group=False),)))
             if self.pos < len(tokens):
                 if not self._is(self.pos, ","):
-                    raise self.fail(f"unexpected {tokens[self.pos].text!r} after an address")
+                    raise self.fail(f"unexpected {shorten(tokens[self.pos].text)} after an address")
                 self.pos += 1
         return tuple(groups)
 
@@ -236,7 +236,7 @@ class _Parser:
         members: list[Mailbox] = []
         while True:
             if self.pos >= len(self.tokens):
-                raise self.fail(f"the group {name!r} is not closed with ';'")
+                raise self.fail(f"the group {shorten(name)} is not closed with ';'")
             if self._is(self.pos, ";"):
                 self.pos += 1
                 return Group(name, tuple(members))
@@ -246,8 +246,8 @@ class _Parser:
             members.append(self._mailbox(in_group=True))
             if not self._is(self.pos, ",;"):
                 if self.pos >= len(self.tokens):
-                    raise self.fail(f"the group {name!r} is not closed with ';'")
-                raise self.fail(f"unexpected {self.tokens[self.pos].text!r} in a group")
+                    raise self.fail(f"the group {shorten(name)} is not closed with ';'")
+                raise self.fail(f"unexpected {shorten(self.tokens[self.pos].text)} in a group")
 
     def _mailbox(self, *, in_group: bool) -> Mailbox:
         start = self.pos
@@ -277,7 +277,7 @@ class _Parser:
         at = max((i for i, t in enumerate(tokens) if t.kind == "sp" and t.text == "@"), default=-1)
         if at == -1:
             shown = "".join(t.text for t in tokens)
-            raise self.fail(f"{shown!r} is not an address: it has no @-sign")
+            raise self.fail(f"{shorten(shown)} is not an address: it has no @-sign")
         if tokens[0].kind == "sp" and tokens[0].text == "@":
             raise self.fail("an address starts with '@' (source routes are not supported)")
         local = self._dot_atom(tokens[:at], "the part before the @-sign", quoted_ok=True)
@@ -313,7 +313,7 @@ class _Parser:
             elif token.kind == "sp" and token.text == ".":
                 text = "."  # obs-phrase: "John Q. Public" (RFC 5322 §4.1)
             else:
-                raise self.fail(f"unexpected {token.text!r} in a display name")
+                raise self.fail(f"unexpected {shorten(token.text)} in a display name")
             # White space between two encoded words is not part of the text (RFC 2047 §6.2).
             if words and token.space and not (encoded and previous_encoded):
                 words.append(token.space)
