@@ -931,17 +931,13 @@ def test_a_nul_in_a_config_file_path_is_a_config_error(tmp_path: Path) -> None:
         ["suppress", "import", "list\0.csv"],
         ["suppress", "export", "list\0.csv"],
         ["dkim", "keygen", "--domain", "example.test", "--selector", "s", "--out", "k\0"],
-        ["doctor", "--dkim", "example.test:s:key\0.pem", "--no-dnsbl", "example.test"],
         ["--store", "sqlite:///q\0.db", "hold", "0123"],
     ],
 )
 def test_a_nul_in_a_path_argument_is_a_usage_error(tmp_path: Path, argv: list[str]) -> None:
     # Was: exit 70, "ValueError: embedded null byte" (open() raises it, not OSError).
     # No shell passes a NUL, but main() takes any list of strings.
-    code, out, err = run_in(tmp_path, *argv)
-    if argv[0] == "doctor":  # its report says the key cannot be read
-        assert code in DOCTOR_CODES and "a file name cannot hold a NUL" in out, err
-        return
+    code, _, err = run_in(tmp_path, *argv)
     assert code == EX_USAGE
     assert "NUL character" in one_line_error(err)
 
