@@ -14,7 +14,7 @@ and recipient is :mod:`mailstrom.bounces.apply`'s job.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import email
 import email.parser
 import email.policy
@@ -263,8 +263,8 @@ def _blocks(part: Message) -> list[Message]:
     body = inner.get_payload(decode=True)  # its octets as they came, 8-bit ones too
     if not isinstance(body, bytes) or not body.strip():
         return blocks  # one block indeed (a feedback report)
-    if not inner.keys() and _field(part.get("Content-Transfer-Encoding")).lower() == "base64":
-        return _text_blocks(_decoded(body))
+    if not inner.keys() and _encoded(part):
+        return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"))
     return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"))]
 
 
@@ -277,16 +277,6 @@ def _text_blocks(text: str) -> list[Message]:
     ]
 
 
-def _decoded(base64_text: bytes) -> str:
-    """Base64 decoded, its octets as text the way the parser keeps them (8-bit ones
-    escaped; :func:`_field` reads them as UTF-8)."""
-    try:
-        data = base64.b64decode(b"".join(base64_text.split()), validate=False)
-    except ValueError:
-        return ""
-    return data.decode("utf-8", "surrogateescape")
-
-
 def _returned(parts: list[Message]) -> Message | None:
     """The returned message's headers (``message/rfc822``, ``text/rfc822-headers`` or
     their RFC 6532/6533 forms ``message/global``, ``message/global-headers``)."""
@@ -295,10 +285,11 @@ def _returned(parts: list[Message]) -> Message | None:
     )
     if part is None:
         return None
-    if _field(part.get("Content-Transfer-Encoding")).lower() in ("base64", "quoted-printable"):
+    if _encoded(part):
         # mailstrom's own notices encode a returned message/global(-headers) that holds
         # 8-bit octets; the parser took the encoded text for a message (or for text).
-        return _decoded_headers(part)
+        decoded = email.parser.BytesParser(policy=_POLICY)
+        return decoded.parsebytes(_decoded_body(part), headersonly=True)
     payload = part.get_payload()
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         return payload[0]
@@ -309,18 +300,22 @@ def _returned(parts: list[Message]) -> Message | None:
     return None
 
 
-def _decoded_headers(part: Message) -> Message:
-    """The header section of an encoded returned message (at most 200,000 octets read)."""
+def _encoded(part: Message) -> bool:
+    return _field(part.get("Content-Transfer-Encoding")).lower() in ("base64", "quoted-printable")
+
+
+def _decoded_body(part: Message) -> bytes:
+    """The octets of an encoded ``message/*`` part (at most 200,000 characters of it
+    read). The parser reads such a part as a message whatever its encoding, so the
+    encoded text is that message's body (or, left as text, the part's own)."""
     payload = part.get_payload()
     inner = payload[0] if isinstance(payload, list) and payload else None
     encoded = inner.get_payload() if isinstance(inner, Message) else payload
-    text = encoded[:200_000] if isinstance(encoded, str) else ""
     carrier = Message()
     carrier["Content-Transfer-Encoding"] = _field(part.get("Content-Transfer-Encoding"))
-    carrier.set_payload(text)
+    carrier.set_payload(encoded[:200_000] if isinstance(encoded, str) else "")
     data = carrier.get_payload(decode=True)
-    parser = email.parser.BytesParser(policy=_POLICY)
-    return parser.parsebytes(data if isinstance(data, bytes) else b"", headersonly=True)
+    return data if isinstance(data, bytes) else b""
 
 
 def _returned_message_id(parts: list[Message]) -> str | None:
@@ -378,9 +373,6 @@ def _without_comments(text: str) -> str:
     return "".join(kept)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _field(value: object) -> str:
     """A header value as one line of at most ``_MAX_FIELD`` characters, safe to store and
     show (:func:`~mailstrom.safetext.safe_text`). Every text taken from a report passes
@@ -393,10 +385,8 @@ def _field(value: object) -> str:
         # 8-bit octets come as lone surrogates (see _RawFields): UTF-8 ones (RFC 6532
         # header fields, a message/global-delivery-status part) are read as what they
         # are, others as U+FFFD.
-        try:
+        with contextlib.suppress(UnicodeError):  # a surrogate standing for no octet
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeError:  # a surrogate that stands for no octet
-            text = _SURROGATE.sub("\ufffd", text)
     # Folded whitespace becomes one space first; what is left unsafe becomes U+FFFD.
     return safe_text(" ".join(text.split())[:_MAX_FIELD])
 

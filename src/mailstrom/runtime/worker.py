@@ -409,9 +409,11 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 # stranded its recipients until the lease expired.
                 await asyncio.sleep(backoff.take())
                 found = await self._suppressed_in(lease)
-            if found is not None and self._verp_key is None and wants_verp_key(lease):
+            keyless = self._verp_key is None and wants_verp_key(lease)
+            if found is not None and keyless:
                 self._verp_key = await self._read_verp_key()
-            if found is None or (self._verp_key is None and wants_verp_key(lease)):
+                keyless = self._verp_key is None
+            if found is None or keyless:
                 with contextlib.suppress(StoreError):  # closing before the store answered
                     await self._store_call(self.store.release, lease)
                 continue

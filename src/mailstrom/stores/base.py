@@ -102,12 +102,13 @@ def bounded_attempt(attempt: Attempt) -> Attempt:
             short_reply = replace(reply, text=text)
     short_error = storable_text(error) if error is not None else None
     duration, port = attempt.duration, attempt.port
-    sane = math.isfinite(duration) and (port is None or 0 <= port <= 65535)
+    finite = math.isfinite(duration)
+    a_port = port is None or 0 <= port <= 65535
     a = attempt
     # The usual case in one check: short ASCII without NUL needs neither a cut nor a change.
     details = f"{a.mx_host}{a.ip}{a.tls_version}{a.tls_cipher}{a.tls_policy}"
     plain = len(details) <= MAX_ATTEMPT_DETAIL // 4 and details.isascii() and "\x00" not in details
-    if plain and sane and short_reply is reply and short_error is error:
+    if plain and finite and a_port and short_reply is reply and short_error is error:
         return attempt
     if not plain:
         a = replace(
@@ -122,8 +123,8 @@ def bounded_attempt(attempt: Attempt) -> Attempt:
         a,
         reply=short_reply,
         error=short_error,
-        duration=duration if math.isfinite(duration) else 0.0,
-        port=port if port is None or 0 <= port <= 65535 else None,
+        duration=duration if finite else 0.0,
+        port=port if a_port else None,
     )
 
 
