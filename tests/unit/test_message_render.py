@@ -9,6 +9,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailstrom.message import Attachment, Email, prepare
 from mailstrom.message.builder import check
@@ -43,6 +45,44 @@ def test_transfer_encoding_is_chosen_as_the_stdlib_does(text: str, cte: str) -> 
     message.set_content(text)
     if "\0" not in text:  # the stdlib would send a NUL as 7bit, which RFC 2045 forbids
         assert message["Content-Transfer-Encoding"] == cte
+
+
+# Characters around every rule of the choice: escapes, white space at line ends, long
+# lines (the 76/78 limits), every line break, NUL, multi-octet UTF-8.
+_TEXT_PIECES = st.sampled_from(
+    [*"ab =\t\r\n\0é\x85\x0b", "日本", "😀", "x" * 74, "y" * 79, " \n", "\t\r\n", "\n" * 11]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_TEXT_PIECES, max_size=60).map("".join) | st.text(max_size=300))
+def test_transfer_encoding_and_content_agree_with_the_stdlib(text: str) -> None:
+    """The choice (7bit, quoted-printable or base64) is the stdlib's for any text, however
+    it is reached; the body decodes to the text with CRLF line ends."""
+    cte, body = encode_text(text)
+    part = parsed(
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: {cte}"
+        "\r\n\r\n".encode()
+        + body
+    )
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    expected = "\r\n".join(lines[:-1] if lines[-1] == "" else lines) + "\r\n"
+    assert part.get_content() == expected
+    assert all(len(line) <= 76 for line in body.split(b"\r\n")) or cte == "7bit"
+    if "\0" not in text:  # the stdlib would send a NUL as 7bit, which RFC 2045 forbids
+        message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
+        message.set_content(text)
+        assert cte == message["Content-Transfer-Encoding"]
+
+
+def test_the_choice_is_the_stdlibs_where_the_two_encodings_are_close() -> None:
+    """Quoted-printable and base64 of equal length, or nearly, in short and long lines."""
+    for escaped, plain, width in itertools.product(range(0, 60, 3), range(0, 200, 7), (1, 5)):
+        line = "é" * escaped + "a" * plain
+        text = "\n".join([line] * width) + " \n"
+        message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
+        message.set_content(text)
+        assert encode_text(text)[0] == message["Content-Transfer-Encoding"], (escaped, plain)
 
 
 def test_only_cr_and_lf_end_lines_in_a_text_body() -> None:

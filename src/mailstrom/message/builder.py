@@ -312,7 +312,10 @@ def _header_items(headers: object) -> Iterable[tuple[str, str]]:
 def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
     if isinstance(value, str):
         values = [value]
-    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+    elif isinstance(value, list | tuple) or (
+        # The ABC check costs ~0.3 µs; lists and tuples are nearly all input.
+        isinstance(value, Sequence) and not isinstance(value, bytes | bytearray)
+    ):
         values = list(value)
     else:
         raise InvalidAddress(

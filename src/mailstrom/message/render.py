@@ -21,6 +21,7 @@ Rules for message/* attachments, which cannot simply be base64-encoded:
 from __future__ import annotations
 
 import binascii
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from mailstrom.message.addresses import format_address_field
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
-from mailstrom.message.headers import check_field_size
+from mailstrom.message.headers import MAX_FIELD, check_field_size
 from mailstrom.message.words import FOLD_AT, fold, parameter, unstructured_field
 
 _GLOBAL = frozenset(
@@ -89,11 +90,16 @@ def render(
     fields.append("MIME-Version: 1.0")
     top = _Builder(boundary or _random_boundary).tree(draft)
     fields.extend(top.fields)
+    head = ("\r\n".join(fields) + "\r\n\r\n").encode("utf-8" if utf8 else "ascii")
+    if len(head) > MAX_FIELD:  # only then can one field be too long
+        _check_sizes(fields)
+    return head + top.body
+
+
+def _check_sizes(fields: list[str]) -> None:
     for text in fields:
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
         check_field_size(text.partition(":")[0], size)
-    head = "\r\n".join(fields) + "\r\n\r\n"
-    return head.encode("utf-8" if utf8 else "ascii") + top.body
 
 
 _last_date: tuple[tuple[int, object], str] = ((0, None), "")
@@ -178,9 +184,7 @@ class _Builder:
         ]
         if part.content_id is not None:
             fields.append(f"Content-ID: {part.content_id}")
-        for text in fields:
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            check_field_size(text.partition(":")[0], size)
+        _check_sizes(fields)
         return _Node(fields, body)
 
 
@@ -215,19 +219,51 @@ def encode_text(text: str) -> tuple[str, bytes]:
     never sent raw: it is not allowed in 7bit data (RFC 2045 §2.7), so it forces
     quoted-printable or base64.
     """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
-    if data.isascii() and b"\0" not in data and max(map(len, lines), default=0) <= FOLD_AT:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    data = text.replace("\n", "\r\n").encode("utf-8")
+    if data.isascii() and b"\0" not in data and _LONG_LINE.search(text) is None:
         return "7bit", data
-    sniff = data if len(lines) <= 10 else ("\r\n".join(lines[:10]) + "\r\n").encode("utf-8")
+    end = -1
+    for _ in range(_SNIFF_LINES):
+        end = data.find(b"\n", end + 1)
+        if end == -1:
+            break
+    sniff = data if end == -1 else data[: end + 1]
+    if not _qp_may_be_longer(sniff):
+        return "quoted-printable", quoted_printable(data)
     # Measured exactly as the stdlib measures (LF line ends, 78-character lines), so the
     # choice is the same; the encoding itself has CRLF and 76-character lines.
     sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), FOLD_AT)
     if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
         return "base64", _base64(data)
     return "quoted-printable", quoted_printable(data)
+
+
+_LONG_LINE = re.compile(f"[^\n]{{{FOLD_AT + 1}}}")
+_SNIFF_LINES = 10
+"""Lines the stdlib's content manager encodes both ways to choose between them."""
+_QP_PLAIN = bytes(range(32, 127)).replace(b"=", b"") + b"\t\r\n"
+"""Octets that quoted-printable writes as themselves (line ends aside, as quoprimime)."""
+
+
+def _qp_may_be_longer(sniff: bytes) -> bool:
+    """False when quoted-printable of ``sniff`` (CRLF lines) surely is no longer than its
+    base64, so the stdlib would choose it; True when only encoding it can tell.
+
+    An upper bound on quoprimime's length at 78 characters a line: every octet it escapes
+    takes 3 characters; a line breaks softly ("=" and LF) at least every 75 characters,
+    once more at its end; white space ending a line costs at most 4 more; LF ends each
+    line. Plain text with long lines is far below base64's 4/3, and the bound skips
+    encoding the sniffed lines a second time.
+    """
+    lines = sniff.count(b"\n")
+    escaped = len(sniff.translate(None, _QP_PLAIN))
+    chars = len(sniff) - 2 * lines + 2 * escaped
+    bound = chars + 2 * (chars // (FOLD_AT - 3) + lines) + 5 * lines
+    return bound > 4 * ((len(sniff) + 2) // 3) + 1
 
 
 def _base64(data: bytes) -> bytes:
