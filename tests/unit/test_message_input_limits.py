@@ -14,14 +14,16 @@ import pytest
 
 from mailstrom.errors import (
     HeaderTooLong,
+    InvalidAddress,
     InvalidHeaderValue,
     InvalidMessage,
     TooManyHeaderFields,
     TooManyParts,
     TooManyRecipients,
 )
-from mailstrom.message import Email, envelope, prepare
+from mailstrom.message import Email, addrspec, envelope, prepare
 from mailstrom.message.addresses import CACHED_VALUE_LENGTH, parse_address_list
+from mailstrom.message.addrspec import validate
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_HEADER_SECTION, MAX_PARTS
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -226,3 +228,34 @@ def test_builder_message_id_is_checked_like_raw_input(message_id: str) -> None:
         prepare(Email(from_="a@example.com", to="b@example.org", message_id=message_id))
     ok = Email(from_="a@example.com", to="b@example.org", message_id="x.y@[192.0.2.1]")
     assert prepare(ok).header_message_id == "<x.y@[192.0.2.1]>"
+
+
+@pytest.mark.parametrize("domain", ["example.org", "bücher.example", "日本語.example"])
+def test_address_length_is_judged_as_email_validator_judges_it(domain: str) -> None:
+    """A dot-atom address skips email-validator, so its 254-octet bound must give the same
+    verdict in every form: as given, with the Unicode domain, with the A-label domain."""
+    from email_validator import EmailNotValidError
+
+    verdicts = set()
+    for extra in range(150, 185):
+        # Labels of at most 63 octets, so that length alone decides.
+        labels = ["a" * 60] * (extra // 61) + ["a" * (extra % 61 or 1)]
+        local = "b" * 63
+        host = ".".join([*labels, domain])
+        address = f"{local}@{host}"
+        try:
+            addrspec._validate_email(address)
+        except EmailNotValidError:
+            expected = False
+        else:
+            expected = True
+        validate.cache_clear()
+        try:
+            validate(local, host)
+        except InvalidAddress:
+            accepted = False
+        else:
+            accepted = True
+        assert accepted == expected, address
+        verdicts.add(accepted)
+    assert verdicts == {True, False}

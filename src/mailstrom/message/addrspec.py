@@ -95,11 +95,12 @@ def validate(local: str, domain: str) -> ValidAddress:
     try:
         if _DOT_ATOM.fullmatch(local):
             # What validate_email does for a dot-atom local part, without its domain cost.
-            ascii_domain, unicode_domain = _domain(domain)
-            normal = local.lower() if local.lower() in _role_names() else local
-            for form in (address, f"{normal}@{unicode_domain}", f"{normal}@{ascii_domain}"):
-                if len(form.encode("utf-8")) > MAX_ADDRESS:
-                    raise _invalid(address, f"it is longer than {MAX_ADDRESS} octets")
+            ascii_domain, longest = _domain(domain)
+            lower = local.lower()
+            normal = lower if lower in _role_names() else local
+            # The local part is ASCII here: its octets are its characters.
+            if len(local) + 1 + longest > MAX_ADDRESS:
+                raise _invalid(address, f"it is longer than {MAX_ADDRESS} octets")
         else:
             valid = _validate_email(address)
             normal, ascii_domain = valid.local_part, valid.ascii_domain
@@ -125,10 +126,12 @@ def validate(local: str, domain: str) -> ValidAddress:
 
 
 @functools.lru_cache(maxsize=8192)
-def _domain(domain: str) -> tuple[str, str]:
-    """(A-label form, normalised Unicode form) of a domain; EmailNotValidError if bad."""
+def _domain(domain: str) -> tuple[str, int]:
+    """(A-label form of a domain, octets of the longest of its forms: as given, normalised
+    Unicode, A-label); EmailNotValidError if bad."""
     valid = _validate_email(f"x@{domain}")
-    return valid.ascii_domain, valid.domain
+    forms = (domain, valid.domain, valid.ascii_domain)
+    return valid.ascii_domain, max(len(form.encode("utf-8")) for form in forms)
 
 
 def _validate_email(address: str) -> ValidatedEmail:
