@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
+from mailstrom.errors import StoreError
 from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.store import SUPPRESS_CHUNK
 from mailstrom.suppression import Suppression, SuppressionSource
+from tests.support.refusing import REASON as REFUSED
+from tests.support.refusing import refuse_suppression, stop_refusing
 
 from .support import NOW, lease_all, message
 
@@ -111,6 +117,43 @@ def test_many_targets_in_one_call(store: Store) -> None:
     assert store.suppress([entry(t) for t in targets]) == 1200
     assert len(store.suppressions_for([*targets, "example.org"], now=NOW)) == 1200
     assert store.unsuppress(targets[:700]) == 700
+
+
+WHOLE_FILE = SUPPRESS_CHUNK + 1
+"""Entries in one call, as ``mailstrom suppress import`` makes it: more than any store
+writes in one statement."""
+
+
+def test_a_whole_file_in_one_call_is_written_the_newest_duplicate_winning(store: Store) -> None:
+    entries = [entry(f"u{i:06d}@example.org") for i in range(WHOLE_FILE)]
+    newest = entry("u000000@example.org", reply="newest")  # written after the first chunk
+    assert store.suppress([*entries, newest]) == WHOLE_FILE + 1
+    listed = store.list_suppressions(limit=WHOLE_FILE + 1)
+    assert [e.target for e in listed] == [e.target for e in entries]
+    assert listed[0] == newest
+
+
+def test_a_write_that_fails_midway_leaves_the_list_as_it_was(store_backend: object) -> None:
+    """All or none: the store fails at the last entry, after whole statements' worth of
+    earlier ones (PostgreSQL's connections autocommit each statement unless told not to).
+    Trying again once the trouble has passed gives what one clean write gives."""
+    from .conftest import Backend
+
+    assert isinstance(store_backend, Backend)
+    if store_backend.name == "memory":
+        pytest.skip("a memory store has no disk, lock or server that could fail")
+    store = store_backend.open()
+    before = entry("u000000@example.org", reply="before")
+    store.suppress([before])
+    entries = [entry(f"u{i:06d}@example.org", reply="new") for i in range(WHOLE_FILE)]
+    refuse_suppression(store_backend.url, entries[-1].target)
+    with pytest.raises(StoreError, match=REFUSED):
+        store.suppress(entries)
+    assert store.list_suppressions(limit=WHOLE_FILE) == [before]
+
+    stop_refusing(store_backend.url)
+    assert store.suppress(entries) == WHOLE_FILE
+    assert store.list_suppressions(limit=WHOLE_FILE + 1) == entries
 
 
 def test_unicode_targets_round_trip(store: Store) -> None:

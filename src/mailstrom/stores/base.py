@@ -624,8 +624,9 @@ class Store(Protocol):
     # --- the suppression list (schema version 6) -------------------------------------------
 
     def suppress(self, entries: Sequence[Suppression]) -> int:
-        """Add ``entries`` in one transaction; an entry replaces the one its target had
-        (newest wins). Targets must be normalized
+        """Add ``entries`` in one transaction, all or none however many there are (``mailstrom
+        suppress import`` gives a whole file, up to a million); an entry replaces the one its
+        target had (newest wins, also within ``entries``). Targets must be normalized
         (:func:`~mailstrom.suppression.normalize_target`). Returns how many were written."""
         ...
 

@@ -37,13 +37,14 @@ def _entry(row: Any) -> Suppression:
 
 
 def insert_suppressions(conn: sqlite3.Connection, entries: Sequence[Suppression]) -> int:
-    """Add or replace ``entries``."""
+    """Add or replace ``entries`` (their rows made one at a time: an import hands a
+    million at once)."""
     conn.executemany(
         f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?,?,?,?,?,?)"
         " ON CONFLICT (target) DO UPDATE SET source = excluded.source,"
         " reply = excluded.reply, created_at = excluded.created_at,"
         " expires_at = excluded.expires_at, message_id = excluded.message_id",
-        [
+        (
             (
                 e.target,
                 e.source.value,
@@ -53,7 +54,7 @@ def insert_suppressions(conn: sqlite3.Connection, entries: Sequence[Suppression]
                 e.message_id,
             )
             for e in entries
-        ],
+        ),
     )
     return len(entries)
 

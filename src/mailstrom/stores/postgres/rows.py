@@ -241,6 +241,18 @@ def suppression_from_row(row: Sequence[Any]) -> Suppression:
     )
 
 
+def suppression_arrays(entries: Sequence[Suppression]) -> dict[str, list[Any]]:
+    """The parameters of the ``suppress`` query: ``entries`` as parallel arrays."""
+    return {
+        "targets": [e.target for e in entries],
+        "sources": [e.source.value for e in entries],
+        "replies": [e.reply for e in entries],
+        "created": [e.created_at for e in entries],
+        "expires": [e.expires_at for e in entries],
+        "message_ids": [e.message_id for e in entries],
+    }
+
+
 def _reply(code: int | None, enhanced: str | None, text: str | None) -> SMTPReply | None:
     if code is None:
         return None
