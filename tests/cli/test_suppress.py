@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import CLI, MailEnv
+from tests.support.refusing import REASON as REFUSED
+from tests.support.refusing import refuse_suppression, stop_refusing
 
 
 def test_add_list_remove(cli: CLI) -> None:
@@ -111,3 +115,33 @@ def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) ->
     )
     [received] = mx.messages
     assert list(received.rcpt_tos) == ["carol@example.test"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_an_import_the_store_fails_midway_writes_nothing_and_can_be_run_again(
+    cli: CLI, workdir: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """The import used to commit 1,000 entries a transaction: a store failing at entry
+    1,500 (a full disk, a restarted server) left the first 1,000 written and the operator
+    unable to tell which. Now it is one transaction: nothing is written, the store error's
+    exit code says try again, and running it again gives what one clean run gives."""
+    url = request.getfixturevalue("postgres_url") if kind == "postgres" else ""
+    url = url or f"sqlite:///{workdir / 'queue.db'}"
+    cli.env["MAILSTROM_STORE"] = url
+    cli.ok("suppress", "add", "u0000@example.test", "--reason", "before")
+    before = cli.ok("suppress", "export").out
+    rows = [f"u{i:04d}@example.test,manual,imported,2030-01-02T03:04:05+00:00" for i in range(2000)]
+    (workdir / "list.csv").write_text("\n".join(rows) + "\n")
+    refuse_suppression(url, "u1500@example.test")
+
+    failed = cli("suppress", "import", "list.csv")
+    assert failed.code == 75
+    assert cli.ok("suppress", "export").out == before
+    [line] = failed.err_lines
+    assert line.startswith("mailstrom: nothing was imported: ") and REFUSED in line
+    assert failed.out == ""
+
+    stop_refusing(url)
+    assert cli.ok("suppress", "import", "list.csv").out == "2000 entries imported\n"
+    header = "target,source,reply,created_at,expires_at,message_id\n"
+    assert cli.ok("suppress", "export").out == header + "".join(f"{r},,\n" for r in rows)

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError
+from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_code_for
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
+from mailstrom.errors import StoreError
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
     Suppression,
@@ -19,8 +20,6 @@ from mailstrom.suppression import (
     normalize_target,
 )
 
-_WRITE_BATCH = 1000
-"""Entries per store call when importing (one transaction each)."""
 _PAGE = 1000
 
 DESCRIPTION = """\
@@ -79,7 +78,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         actions,
         parents,
         "import",
-        "add the entries of a CSV file (all or none: the file is checked first)",
+        "add the entries of a CSV file (all or none: checked first, written in one transaction)",
     )
     imp.add_argument(
         "file", nargs="?", default="-", type=path_arg, help="CSV file, or - for stdin (default)"
@@ -197,9 +196,14 @@ def import_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}", EX_NOINPUT) from None
     entries = parse_csv(text, now=utc_now(), source=SuppressionSource(args.source))
-    with store_from(settings_from(args)) as store:
-        for start in range(0, len(entries), _WRITE_BATCH):
-            store.suppress(entries[start : start + _WRITE_BATCH])
+    del text  # the entries are all that is needed now (the file may be 64 MiB)
+    try:
+        with store_from(settings_from(args)) as store:
+            # One transaction, however long the file: a store failing midway (a full
+            # disk, a restarted server) must not leave an unknown part of it written.
+            store.suppress(entries)
+    except StoreError as exc:
+        raise CLIError(f"nothing was imported: {exc}", exit_code_for(exc)) from exc
     if args.json:
         print_json({"imported": len(entries)})
     else:
