@@ -13,14 +13,25 @@ import ipaddress
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``; False for every other address or name
-    (a wildcard address such as 0.0.0.0 listens on every interface)."""
+    """True for 127.0.0.0/8, ::1, their IPv4-mapped form ``::ffff:127.0.0.1`` and
+    ``localhost``; False for every other address or name (a wildcard address such as
+    0.0.0.0 listens on every interface).
+
+    Only the IPv4-mapped form of 127.0.0.0/8 is this host: a dual-stack socket bound to
+    it listens on 127.0.0.1, so a server there needs the same ``Host`` check. The other
+    IPv6 forms that carry an IPv4 address (NAT64, 6to4, Teredo) lead through a translator
+    or relay elsewhere, never to this host's loopback. (Python 3.11's ``is_loopback``
+    does not look inside an IPv4-mapped address.)
+    """
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def names_loopback(host_header: str | None) -> bool:

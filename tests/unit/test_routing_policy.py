@@ -141,3 +141,77 @@ def test_policy_defaults() -> None:
     assert policy.hosts_considered == 10
     assert RoutePolicy(mx_address_limit=20).hosts_considered == 40
     assert RoutePolicy(mx_host_limit=3).hosts_considered == 3
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 Well-Known Prefix, RFC 6052
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # 169.254.169.254, a cloud's metadata
+        ("2002:7f00:1::", "loopback"),  # 6to4, RFC 3056
+        ("2002:7f00:1:abcd::1", "loopback"),
+        ("2002:a9fe:a9fe::", "link-local"),
+        ("2002::1", "unspecified"),  # 6to4 of 0.0.0.0
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo client, inverted
+        ("2001:0:7f00:1::f7f7:f7f7", "loopback"),  # Teredo server 127.0.0.1, client 8.8.8.8
+        ("::7f00:1", "loopback"),  # IPv4-compatible, deprecated
+        ("::127.0.0.2", "loopback"),
+        ("::169.254.0.1", "link-local"),
+    ],
+)
+def test_ipv6_forms_carrying_an_ipv4_address_are_judged_by_it(address: str, kind: str) -> None:
+    """An AAAA record of 64:ff9b::7f00:1 or 2002:7f00:1:: led past the refusal of
+    loopback targets: only IPv4-mapped addresses were looked inside."""
+    assert target_kind(ipaddress.ip_address(address)) == kind
+    assert RoutePolicy().refused(address) == kind
+    assert RoutePolicy(refuse_private=True).refused(address) == kind
+    assert RoutePolicy(allow_loopback=True).refused(address) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("64:ff9b::e000:1", "multicast"),
+        ("64:ff9b::ffff:ffff", "reserved"),
+        ("2002:f000:1::", "reserved"),
+        ("2002:e000:1::", "multicast"),
+        ("::240.0.0.1", "reserved"),
+    ],
+)
+def test_ipv6_forms_carrying_no_server_address_are_refused_always(address: str, kind: str) -> None:
+    assert RoutePolicy(allow_loopback=True).refused(address) == kind
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::a00:5", "64:ff9b::c0a8:101", "2002:a00:5::", "2002:c0a8:101:1::1",
+     "::ffff:172.16.0.1", "2001:0:4136:e378:8000:63bf:f5ff:fffa", "::10.0.0.5",
+     "64:ff9b:1::808:808", "64:ff9b:1:ff::1", "64:ff9b:1::7f00:1", "64:ff9b:1:0:5d:b8d8:7f00:0"],
+)  # fmt: skip
+def test_ipv6_forms_carrying_a_private_ipv4_address_are_private(address: str) -> None:
+    """The TLS report POST and MTA-STS fetch guard (refuse_private) looks inside too. The
+    NAT64 local-use prefix is a translator on the sender's own network, whatever it
+    carries: its layout is the operator's, so 93.184.216.127 in a /64 one (the last
+    address) is not read as 127.0.0.0. Mail routes keep them, as they keep 10.0.0.5."""
+    assert RoutePolicy().refused(address) is None
+    assert RoutePolicy(refuse_private=True).refused(address) == "private"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::808:808", "64:ff9b::c000:201", "2002:808:808::1", "::8.8.8.8",
+     "2001:0:4136:e378:8000:63bf:f7f7:f7f7", "2001:db8::7f00:1", "2003::7f00:1",
+     "64:ff9b:2::7f00:1", "::2:0:7f00:1", "::ffff:0:7f00:1:0"],
+)  # fmt: skip
+def test_ipv6_forms_carrying_a_public_ipv4_address_are_kept(address: str) -> None:
+    """A host behind DNS64 reaches every IPv4-only MX through 64:ff9b::/96, so the
+    prefix itself is not refused; neither are addresses merely next to these prefixes."""
+    assert target_kind(ipaddress.ip_address(address)) is None
+    assert RoutePolicy(refuse_private=True).refused(address) is None
+
+
+def test_ipv6_unspecified_and_loopback_are_not_ipv4_compatible() -> None:
+    """:: and ::1 lie in ::/96 but are IPv6's own, not 0.0.0.0 and 0.0.0.1."""
+    assert target_kind(ipaddress.ip_address("::")) == "unspecified"
+    assert target_kind(ipaddress.ip_address("::1")) == "loopback"

@@ -25,6 +25,11 @@ NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
         ("127.8.9.10", True),
         ("::1", True),
         ("[::1]", True),
+        ("::ffff:127.0.0.1", True),  # a dual-stack socket on it listens on 127.0.0.1
+        ("[::ffff:127.1.2.3]", True),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::7f00:1", False),  # NAT64: 127.0.0.1 of a translator, not this host
+        ("2002:7f00:1::", False),  # 6to4: the same, through a relay
         ("localhost", True),
         ("0.0.0.0", False),
         ("::", False),

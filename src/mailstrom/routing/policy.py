@@ -41,6 +41,22 @@ MAX_DNS_QUERIES = 10
 """DNS queries one route lookup has in flight at once (A and AAAA of five hosts)."""
 
 
+NEVER_A_SERVER = frozenset({"multicast", "reserved"})
+"""Kinds of address that no mail server can have, refused even with ``allow_loopback``."""
+
+
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+"""The NAT64 Well-Known Prefix (RFC 6052 §2.1): the IPv4 address is the last 32 bits."""
+
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
+"""The NAT64 local-use prefix (RFC 8215), from which an operator picks its own
+translation prefix: for use inside one network, so one of the private ones."""
+
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+"""IPv4-compatible IPv6 addresses ``::a.b.c.d`` (deprecated, RFC 4291 §2.5.5.1), of which
+``::`` and ``::1`` are not: those are the unspecified and loopback addresses."""
+
+
 PRIVATE_NETWORKS = tuple(
     ipaddress.ip_network(n)
     for n in (
@@ -49,27 +65,75 @@ PRIVATE_NETWORKS = tuple(
         "192.168.0.0/16",
         "100.64.0.0/10",  # shared address space (carrier-grade NAT), RFC 6598
         "fc00::/7",  # unique local addresses, RFC 4193
+        str(NAT64_LOCAL_USE),  # a translator of the sender's own network, RFC 8215
     )
 )
 """Networks of private use, which :attr:`RoutePolicy.refuse_private` refuses."""
 
 
-NEVER_A_SERVER = frozenset({"multicast", "reserved"})
-"""Kinds of address that no mail server can have, refused even with ``allow_loopback``."""
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses a connection to ``ip`` may end up at, when ``ip`` is one of the
+    IPv6 forms that carry an IPv4 address; ``()`` for any other.
+
+    A hostile domain can give its MX (or its MTA-STS or TLS-RPT host) an AAAA record of
+    one of these forms to reach 127.0.0.1 or the sender's own network past a check that
+    looks only at the IPv6 address. Each form is judged by where its packets go:
+
+    - IPv4-mapped ``::ffff:a.b.c.d`` (RFC 4291 §2.5.5.2): this host's own stack connects
+      to ``a.b.c.d`` over IPv4.
+    - NAT64, Well-Known Prefix ``64:ff9b::a.b.c.d`` (RFC 6052): a translator on the
+      sender's network connects to ``a.b.c.d``. Not refused as such: on an IPv6-only host
+      behind DNS64 every IPv4-only MX has an address of this form.
+    - Not the NAT64 local-use prefix ``64:ff9b:1::/48`` (RFC 8215): where the IPv4 part
+      sits in it is the operator's choice (RFC 6052 §2.2 has six layouts; /64 and /96
+      ones are deployed), which the address does not tell, and any one reading refuses
+      valid addresses of another layout: ``x.y.z.127`` in a /64 layout reads as
+      ``127.0.0.0`` in the /96 one, and its mail would bounce. The prefix is for use
+      inside one network, so its addresses lead only where the sender's own translator
+      takes them, like an MX on 10.0.0.0/8: it is one of the :data:`PRIVATE_NETWORKS`.
+    - 6to4 ``2002:a.b.c.d::/48`` (RFC 3056): a 6to4 router or relay sends the packets,
+      in IPv4, to ``a.b.c.d``.
+    - Teredo ``2001::/32`` (RFC 4380 §4): a relay sends the packets over UDP to the
+      client's IPv4 address (stored inverted, which :attr:`~ipaddress.IPv6Address.teredo`
+      undoes), and its first bubbles through the client's Teredo server: both are judged.
+    - IPv4-compatible ``::a.b.c.d`` (RFC 4291 §2.5.5.1, deprecated): a stack that still
+      has automatic tunnels (Linux's ``sit0``) sends them to ``a.b.c.d`` in IPv4.
+    """
+    if ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        return (client, server)
+    if ip in NAT64_WELL_KNOWN or (ip in IPV4_COMPATIBLE and int(ip) > 1):
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF),)
+    return ()
+
+
+def target_kind(ip: Address) -> str | None:
     """``"loopback"``, ``"unspecified"`` or ``"link-local"`` for addresses that name this
     host or its own link rather than a mail server elsewhere; ``"multicast"`` (224.0.0.0/4,
     ff00::/8) or ``"reserved"`` (240.0.0.0/4 and the broadcast address 255.255.255.255),
     to which no TCP connection can be made; None for any other address.
 
-    IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) are judged by their IPv4 address:
-    a dual-stack socket connects to them as IPv4. (Python 3.11's ``is_loopback`` does not
-    look inside them.)
+    IPv6 addresses that carry an IPv4 address (``::ffff:127.0.0.1``, ``64:ff9b::7f00:1``,
+    ``2002:7f00:1::``, see :func:`embedded_ipv4`) are judged by that IPv4 address, the
+    first of them that is refused when there are two. (Python 3.11's ``is_loopback`` does
+    not look inside them.)
     """
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        inside = embedded_ipv4(ip)
+        if inside:
+            return next(filter(None, map(_own_kind, inside)), None)
+    return _own_kind(ip)
+
+
+def _own_kind(ip: Address) -> str | None:
+    """:func:`target_kind` of ``ip`` itself, not looking inside an IPv6 address."""
     if ip.is_loopback:
         return "loopback"  # 127.0.0.0/8, ::1
     # 0.0.0.0/8 is "this host on this network" (RFC 1122 §3.2.1.3): never a destination,
@@ -85,12 +149,13 @@ def target_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None
     return None
 
 
-def is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ``ip`` is in one of the :data:`PRIVATE_NETWORKS` (an IPv4-mapped IPv6
-    address judged by its IPv4 address, as in :func:`target_kind`)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in PRIVATE_NETWORKS)
+def is_private(ip: Address) -> bool:
+    """Whether ``ip`` is in one of the :data:`PRIVATE_NETWORKS`, or carries an IPv4
+    address that is (see :func:`embedded_ipv4`)."""
+    candidates: tuple[Address, ...] = (ip,)
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates += embedded_ipv4(ip)
+    return any(c in network for c in candidates for network in PRIVATE_NETWORKS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
