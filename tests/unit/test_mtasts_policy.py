@@ -202,3 +202,67 @@ def test_mta_sts_settings_are_checked() -> None:
         MTASTSConfig(recheck=-1)
     with pytest.raises(ConfigError, match="MTASTSConfig"):
         Config(mta_sts=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("line", "mode"),
+    [
+        ("mode: enforce", Mode.ENFORCE),
+        ("mode:testing", Mode.TESTING),
+        ("mode:\t none \t", Mode.NONE),  # sts-policy-field-delim = ":" *WSP, then *WSP
+    ],
+)
+def test_fields_spelled_as_the_grammar_has_them_are_read(line: str, mode: Mode) -> None:
+    body = f"version: STSv1\n{line}\nmx: a.example\nmax_age: 1\n"
+    assert parse_policy(body.encode()).mode is mode
+
+
+@pytest.mark.parametrize(
+    ("version", "mode", "reason"),
+    [
+        ("stsv1", "enforce", "version is 'stsv1'"),
+        ("STSV1", "enforce", "version"),
+        ("STSv1", "Enforce", "mode is 'Enforce'"),
+        ("STSv1", "TESTING", "mode"),
+        ("STSv1", "None", "mode"),
+    ],
+)
+def test_version_and_mode_values_are_case_sensitive(version: str, mode: str, reason: str) -> None:
+    """RFC 8461 §3.2 writes them %s"STSv1", %s"enforce" (RFC 7405): case-sensitive."""
+    body = f"version: {version}\nmode: {mode}\nmx: a.example\nmax_age: 1\n"
+    with pytest.raises(PolicyError, match=reason):
+        parse_policy(body.encode())
+
+
+def test_field_names_are_case_sensitive() -> None:
+    """%s"mode": ``Mode`` is an unknown extension field, ignored (§3.2), not the mode."""
+    with pytest.raises(PolicyError, match="mode is None"):
+        parse_policy(b"version: STSv1\nMode: enforce\nmx: a.example\nmax_age: 1\n")
+    with pytest.raises(PolicyError, match="version is None"):
+        parse_policy(b"Version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n")
+    policy = parse_policy(b"version: STSv1\nMode: none\nmode: testing\nmx: a.example\nmax_age: 1")
+    assert policy.mode is Mode.TESTING
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "mode: enforce\u00a0",  # a no-break space is no WSP: str.strip() took it
+        "mode:\u3000enforce",
+        "mode: \u2003enforce",
+    ],
+)
+def test_only_spaces_and_tabs_are_trimmed_from_a_value(line: str) -> None:
+    body = f"version: STSv1\n{line}\nmx: a.example\nmax_age: 1\n"
+    with pytest.raises(PolicyError, match="mode is"):
+        parse_policy(body.encode())
+
+
+@pytest.mark.parametrize(
+    "line", [" mode: enforce", "\tmode: enforce", "mode : enforce", "mode\t: enforce"]
+)
+def test_white_space_before_a_key_or_colon_breaks_the_policy(line: str) -> None:
+    """The grammar has a field begin its line and the colon follow its name at once."""
+    body = f"version: STSv1\n{line}\nmx: a.example\nmax_age: 1\n"
+    with pytest.raises(PolicyError, match="line 2 has white space before its key or colon"):
+        parse_policy(body.encode())

@@ -52,6 +52,9 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # the policy's text is stored, reported and shown as it came.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _MAX_AGE = re.compile(r"^[0-9]{1,10}$")
+_WSP = " \t"
+"""RFC 5234's WSP, the only white space the policy grammar has (``str.strip()`` would
+also take a no-break space, U+3000 and the like)."""
 
 
 class PolicyError(MailstromError, ValueError):
@@ -199,6 +202,16 @@ def parse_policy(body: bytes) -> Policy:
     """Validate a policy file (RFC 8461 §3.2) and return it; :class:`PolicyError` says what
     is wrong. Lines end with CRLF or LF; unknown keys are ignored (extensions); of a
     repeated key other than ``mx`` the first counts.
+
+    The grammar's literals are case-sensitive: it writes them ``%s"version"``,
+    ``%s"STSv1"``, ``%s"mode"``, ``%s"enforce"`` (RFC 7405), where a plain ``"..."`` would
+    match any case. So ``mode: Enforce`` is no mode, and ``Mode: enforce`` is an unknown
+    extension field, ignored: neither policy has a mode. A field is its key, the colon,
+    then spaces or tabs and the value, then spaces or tabs (``sts-policy-field-delim =
+    ":" *WSP``): white space before the key or the colon breaks the line, and no other
+    white space (a no-break space, say) is trimmed from a value. Blank lines, which the
+    grammar does not have, are skipped: a file ending in two line breaks is common and
+    harmless.
     """
     if len(body) > MAX_POLICY_SIZE:
         raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
@@ -217,11 +230,16 @@ def parse_policy(body: bytes) -> Policy:
     for number, raw in enumerate(text.split("\n"), start=1):
         if len(raw.encode()) > MAX_LINE:
             raise PolicyError(f"line {number} longer than {MAX_LINE} octets")
-        line = raw.strip()
+        line = raw.rstrip(_WSP)
         if not line:
             continue
         key, colon, value = line.partition(":")
-        key, value = key.strip(), value.strip()
+        value = value.lstrip(_WSP)
+        if colon and key != key.strip(_WSP) and _KEY.match(key.strip(_WSP)):
+            raise PolicyError(
+                f"line {number} has white space before its key or colon, which RFC 8461 "
+                f"§3.2 does not allow: {line[:60]!r}"
+            )
         if not colon or not _KEY.match(key):
             raise PolicyError(f"line {number} is not 'key: value': {line[:60]!r}")
         if key == "mx":
@@ -235,6 +253,7 @@ def parse_policy(body: bytes) -> Policy:
             patterns.append(pattern)
         else:
             fields.setdefault(key, value)
+    # Compared as they are, not folded: %s"STSv1" and %s"enforce" (see the docstring).
     version = fields.get("version")
     if version != "STSv1":
         raise PolicyError(f"version is {_quote(version)}, not 'STSv1'")
