@@ -232,6 +232,27 @@ def test_tlsrpt_mailto_without_an_address_fails_that_report_only(mail_env: MailE
     assert "mailto:tls@: FAILED: invalid address 'tls@'" in result.out
 
 
+def test_tlsrpt_mailto_is_percent_decoded(mail_env: MailEnv) -> None:
+    # RFC 8460 §3's mailto: is RFC 6068's: the report was queued to the undecoded
+    # "tls%2Breports@example.test"; a %0D%0A decoding to a header field is refused.
+    seed(mail_env.workdir)
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        "v=TLSRPTv1; rua=mailto:tls%2Breports@example.test?subject=x,"
+        "mailto:a@example.test%0D%0ABcc:c@example.test",
+    )
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
+    assert result.code == 75, result.err
+    assert "mailto:tls%2Breports@example.test?subject=x: ok: queued as" in result.out
+    assert "%0D%0ABcc:c@example.test: FAILED:" in result.out
+    assert "decodes to a control character" in result.out
+    mail_env.cli.ok("worker", "--once")
+    [received] = mail_env.mx.wait_for_messages(1)
+    parsed = message_from_bytes(received.content, policy=policy.default)
+    assert parsed["To"] == "tls+reports@example.test"
+    assert received.rcpt_tos == ("tls+reports@example.test",)
+
+
 def test_tlsrpt_without_sessions(mail_env: MailEnv) -> None:
     out = mail_env.cli.ok("tlsrpt", "--date", "2030-01-02").out
     assert "no TLS sessions counted" in out

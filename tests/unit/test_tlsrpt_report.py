@@ -21,6 +21,7 @@ from mailstrom.tlsrpt.report import (
     Reporter,
     ReportRecordError,
     build_report,
+    mailto_address,
     parse_tlsrpt_record,
 )
 
@@ -215,6 +216,59 @@ def test_report_mail_to_no_address_is_refused(to: str) -> None:
     # Found by tests/unit/test_mtasts_fuzz.py: "mailto:tls@" raised IndexError from the
     # email package, out of ``mailstrom tlsrpt --send`` (exit 70, no other report sent).
     report = build_report("example.org", DAY, sessions(), REPORTER)
+    with pytest.raises(InvalidAddress):
+        report_message(report, sender="tls@sender.test", to=to, submitter="mx.sender.test")
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"),
+    [
+        ("mailto:tls@example.org", "tls@example.org"),
+        ("MAILTO:tls@example.org", "tls@example.org"),
+        ("mailto:tls%2Breports@example.com", "tls+reports@example.com"),
+        ("mailto:tls%2breports@example.com", "tls+reports@example.com"),
+        ("mailto:%74ls@example.org", "tls@example.org"),
+        ("mailto:tls@b%C3%BCcher.example", "tls@bücher.example"),
+        ("mailto:tls@example.org?subject=hello&cc=c@example.org", "tls@example.org"),
+        ("mailto:tls@example.org?to=other@example.org", "tls@example.org"),
+    ],
+)
+def test_mailto_rua_addresses_are_percent_decoded(uri: str, address: str) -> None:
+    """RFC 8460 §3 takes a rua mailto: URI as RFC 6068 has it: percent-encoded. The
+    report went to the undecoded 'tls%2Breports@example.com'. Header fields are ignored."""
+    assert mailto_address(uri) == address
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("mailto:tls@example.org%0D%0ABcc:%20c@example.org", "control character"),
+        ("mailto:tls%0A@example.org", "control character"),
+        ("mailto:tls%00@example.org", "control character"),
+        ("mailto:tls%1B[2J@example.org", "control character"),
+        ("mailto:tls%E2%80%AE@example.org", "control character"),  # U+202E, a bidi override
+        ("mailto:tls%FF@example.org", "not UTF-8"),
+        ("mailto:tls%C3@example.org", "not UTF-8"),
+        ("mailto:tls%2@example.org", "two hex digits"),
+        ("mailto:tls%zz@example.org", "two hex digits"),
+        ("mailto:a@example.org%2Cb@example.org", "several addresses"),
+        ("mailto:", "no address"),
+        ("mailto:?to=tls@example.org", "no address"),
+        ("https://r.example/tls", "not a mailto"),
+    ],
+)
+def test_mailto_rua_uris_that_decode_to_no_usable_address_are_refused(
+    uri: str, reason: str
+) -> None:
+    with pytest.raises(ReportRecordError, match=reason) as info:
+        mailto_address(uri)
+    assert "\r" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_decoded_mailto_address_is_still_validated() -> None:
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    to = mailto_address("mailto:tls%20reports@example.org")
+    assert to == "tls reports@example.org"
     with pytest.raises(InvalidAddress):
         report_message(report, sender="tls@sender.test", to=to, submitter="mx.sender.test")
 

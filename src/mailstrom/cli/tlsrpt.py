@@ -233,11 +233,12 @@ async def _send(
 ) -> Delivery:
     from mailstrom.client.common import prepare_for
     from mailstrom.tlsrpt.deliver import post_report, report_message
+    from mailstrom.tlsrpt.report import mailto_address
 
     config = job.config
     if uri.lower().startswith("mailto:"):
-        to = uri[len("mailto:") :].split("?", 1)[0]
         try:
+            to = mailto_address(uri)
             msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
             now = utc_now()
             prepared = prepare_for(config, msg, envelope_from=None, envelope_to=None, now=now)

@@ -15,8 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 from mailstrom.errors import MailstromError
+from mailstrom.message.chars import shorten
+from mailstrom.safetext import is_safe
 from mailstrom.tlsrpt.sessions import PolicyType, TLSSessions
 
 MEDIA_TYPE = "application/tlsrpt+gzip"
@@ -27,6 +30,8 @@ _SCHEMES = ("mailto:", "https://")
 _URI = re.compile(r"[!-~]+")
 """What an RFC 3986 URI is made of: printable ASCII, no space. Anything else (a CR LF
 that would forge a header of the report mail, an ESC, 8-bit text) is no URI."""
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+"""A ``%`` that does not start a percent-encoded octet (RFC 3986 §2.1)."""
 
 
 class ReportRecordError(MailstromError, ValueError):
@@ -60,6 +65,55 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     if not kept:
         raise ReportRecordError(f"rua has no mailto: or https: URI: {rua[:100]!r}")
     return list(kept)[:MAX_RUA]
+
+
+def mailto_address(uri: str) -> str:
+    """The address a ``mailto:`` ``rua`` URI sends reports to, percent-decoded (RFC 8460
+    §3 takes the URI as RFC 6068 defines it): ``mailto:tls%2Breports@example.com`` is
+    ``tls+reports@example.com``. Raises :class:`ReportRecordError` for a URI that names
+    no usable address; whether the address is valid is the caller's to check.
+
+    What RFC 6068 allows beyond one address, and what is done with it:
+
+    - ``hfields`` (``?subject=...&cc=...&body=...``, ``?to=``) are ignored: RFC 8460 §5.3
+      sets the report mail's subject and fields, and a DNS record may not add recipients
+      or header fields to mail we sign and send.
+    - Several addresses: a literal ``,`` never reaches here, since it separates the
+      record's ``rua`` URIs (``rua=mailto:a@x,mailto:b@y`` is two URIs). A ``%2C`` that
+      decodes to one is refused rather than guessed at (RFC 6068 reads it as part of one
+      address, many mail programs as a separator); a domain lists each address as its
+      own URI.
+    - What decodes to a control character (``%0D%0A`` would start a header field of its
+      own, ``%00`` cannot be stored), a bidi control, or octets that are not UTF-8 (RFC
+      6068 §2 encodes text as UTF-8) is refused; so is a ``%`` not followed by two hex
+      digits.
+
+    >>> mailto_address("mailto:tls%2Breports@example.com?subject=ignored")
+    'tls+reports@example.com'
+    """
+    scheme, rest = uri[:7], uri[7:]
+    if scheme.lower() != "mailto:":
+        raise ReportRecordError(f"not a mailto: URI: {shorten(uri)}")
+    to = rest.partition("?")[0]
+    if _BAD_PERCENT.search(to):
+        raise ReportRecordError(
+            f"{shorten(uri)} has a % that is not followed by two hex digits (RFC 3986 §2.1)"
+        )
+    try:
+        address = unquote(to, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise ReportRecordError(
+            f"{shorten(uri)} has percent-encoded octets that are not UTF-8"
+        ) from None
+    if not address:
+        raise ReportRecordError(f"{shorten(uri)} names no address before any '?'")
+    if not is_safe(address):
+        raise ReportRecordError(f"{shorten(uri)} decodes to a control character")
+    if "," in address:
+        raise ReportRecordError(
+            f"{shorten(uri)} decodes to several addresses; give each its own rua URI"
+        )
+    return address
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
