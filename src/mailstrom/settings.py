@@ -100,7 +100,9 @@ class Settings:
 
 Parser = Callable[[str, Any], Any]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+# re.ASCII: \d would take any Unicode digit ("٣h", float() reads it as 3) and \s any
+# Unicode space. A setting, an option or a query string is written in ASCII digits.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -138,13 +140,25 @@ def _any_str(key: str, value: Any) -> str:
     return value
 
 
+def ascii_only(text: str) -> bool:
+    """Whether ``text`` may be given to ``int()`` or ``float()``: ASCII only. Both also read
+    other scripts' digits (``int("\\u0663")`` is 3, ``float("\\uff11.\\uff15")`` 1.5), so a
+    value that shows as something else would be taken as a number. Checked before
+    ``str.strip()``, which would also strip U+3000 and the like."""
+    return text.isascii()
+
+
 def _int(minimum: int, maximum: int | None = MAX_INTEGER) -> Parser:
     def parse(key: str, value: Any) -> int:
         if isinstance(value, str):
             try:
+                if not ascii_only(value):
+                    raise ValueError
                 value = int(value.strip())
             except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+                raise ConfigError(
+                    f"{key}: expected an integer in ASCII digits, got {shorten(value, 60)}"
+                ) from None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
         if maximum is not None and value > maximum:
@@ -166,9 +180,13 @@ def _float(minimum: float) -> Parser:
         given = value
         if isinstance(value, str):
             try:
+                if not ascii_only(value):
+                    raise ValueError
                 value = float(value.strip())
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(
+                    f"{key}: expected a number in ASCII digits, got {shorten(value, 60)}"
+                ) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
@@ -328,6 +346,8 @@ def _shaping_rule_entry(key: str, text: str) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"{key}: expected name=value after {pattern!r}, got {limit!r}")
         try:
+            if not ascii_only(number):
+                raise ValueError
             entry[name] = int(number) if number.strip().isdigit() else float(number)
         except ValueError:
             raise ConfigError(f"{key}: {name}: expected a number, got {number!r}") from None

@@ -27,7 +27,10 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         ([*SEND, "--wait", "--timeout", "-5"], "argument --timeout: expected a number"),
         ([*SEND, "--wait", "--timeout", "1e999"], "argument --timeout: expected a number"),
         (["worker", "--once", "--no-live", "--drain-timeout", "nan"], "--drain-timeout"),
-        (["--smtp-port", "x", "queue"], "argument --smtp-port: expected an integer, got 'x'"),
+        (
+            ["--smtp-port", "x", "queue"],
+            "argument --smtp-port: expected an integer in ASCII digits, got 'x'",
+        ),
         (["queue", "--smtp-port", "70000"], "argument --smtp-port: not a port number: 70000"),
         (["--dns-server", "127.0.0.1:99999", "queue"], "argument --dns-server: not a port"),
         (["--dns-server", "1.1.1.1:53", "--dns-server", "1.1.1.2:54", "queue"], "same port"),

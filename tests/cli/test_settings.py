@@ -238,6 +238,48 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
+NON_ASCII_NUMBERS = [
+    "\u0663",  # ARABIC-INDIC DIGIT THREE: int() and float() read it as 3
+    "\u0663\u0660",
+    "\u0967\u0968",  # Devanagari 12
+    "\uff13",  # FULLWIDTH DIGIT THREE
+    "\U0001d7d1",  # MATHEMATICAL BOLD DIGIT THREE
+    "3\u3000",  # an ideographic space, which str.strip() and the regex took
+    "\u00a03",
+]
+
+
+@pytest.mark.parametrize("text", [*NON_ASCII_NUMBERS, "\u0663h", "\u0661.\u0665m", "2\u3000h"])
+def test_parse_duration_takes_ascii_digits_only(text: str) -> None:
+    """The regex's \\d and float() took any script's digits: "\\u0663h" was three hours."""
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "key", ["smtp_port", "max_connections", "dns.timeout", "retry.multiplier",
+            "retry.max_attempts", "lease_for"],
+)  # fmt: skip
+@pytest.mark.parametrize("text", NON_ASCII_NUMBERS)
+def test_numbers_in_settings_take_ascii_digits_only(key: str, text: str) -> None:
+    """int() and float() took them: MAILSTROM_SMTP_PORT=\\u0663\\u0660 was port 30."""
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_settings(env={env_name(key): text}, search=False)
+
+
+@pytest.mark.parametrize("text", ["\u0663", "\u0661.\u0665"])
+def test_shaping_rule_limits_take_ascii_digits_only(text: str) -> None:
+    env = {"MAILSTROM_SHAPING_RULES": f"example.org max_connections={text}"}
+    with pytest.raises(ConfigError, match="max_connections: expected a number"):
+        load_settings(env=env, search=False)
+
+
+def test_ascii_numbers_with_spaces_around_them_still_load() -> None:
+    env = {"MAILSTROM_SMTP_PORT": " 2525 ", "MAILSTROM_DNS_TIMEOUT": "\t2.5\n"}
+    config = load_settings(env=env, search=False).config
+    assert (config.smtp_port, config.dns.timeout) == (2525, 2.5)
+
+
 def test_parse_dns_servers() -> None:
     assert parse_dns_servers(["127.0.0.1"]) == {"dns.nameservers": ["127.0.0.1"]}
     assert parse_dns_servers(["[::1]:5353", "127.0.0.1:5353"]) == {

@@ -74,7 +74,8 @@ def test_prepare_threshold_is_taken_out_of_the_url(
     assert split_url(url) == (libpq, threshold)
 
 
-@pytest.mark.parametrize("value", ["", "-1", "sometimes", "2.5"])
+# "%D9%A3" is ARABIC-INDIC DIGIT THREE: str.isdigit() took it, and int() read it as 3.
+@pytest.mark.parametrize("value", ["", "-1", "sometimes", "2.5", "%D9%A3", "\u0663", "%C2%B2"])
 def test_a_bad_prepare_threshold_is_an_invalid_store_url(value: str) -> None:
     with pytest.raises(InvalidStoreURL, match="prepare_threshold"):
         split_url(f"{URL}?prepare_threshold={value}")

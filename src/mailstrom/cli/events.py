@@ -76,7 +76,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _event_id(text: str) -> int:
-    if not text.strip().isdigit():
+    # isascii: isdigit() also takes "\u0663" (int() reads it as 3) and "²" (int() refuses).
+    if not (text.isascii() and text.strip().isdigit()):
         raise argparse.ArgumentTypeError(f"expected an event id (a whole number), got {text!r}")
     return int(text)
 

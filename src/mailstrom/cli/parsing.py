@@ -13,7 +13,13 @@ from mailstrom.cli.exits import UsageError
 from mailstrom.domains import helo_name_problem
 from mailstrom.errors import ConfigError, InvalidStoreURL
 from mailstrom.message.chars import shorten
-from mailstrom.settings import KEYS, MAX_INTEGER, parse_dns_servers, parse_duration
+from mailstrom.settings import (
+    KEYS,
+    MAX_INTEGER,
+    ascii_only,
+    parse_dns_servers,
+    parse_duration,
+)
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[Any]
@@ -78,7 +84,7 @@ def duration_arg(text: str) -> timedelta:
 def count_arg(text: str) -> int:
     """An argparse ``type`` for a count ≥ 1 that a store can take (a bigint)."""
     try:
-        value = int(text.strip())
+        value = int(text.strip()) if ascii_only(text) else 0
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_INTEGER:
@@ -91,7 +97,7 @@ def count_arg(text: str) -> int:
 def seconds_arg(text: str) -> float:
     """An argparse ``type`` for a number of seconds: finite and ≥ 0 (not nan or inf)."""
     try:
-        value = float(text.strip())
+        value = float(text.strip()) if ascii_only(text) else math.nan
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):

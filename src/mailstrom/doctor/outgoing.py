@@ -48,7 +48,8 @@ def split_probe(text: str, default_port: int) -> tuple[str, int]:
         raise ValueError(f"expected HOST[:PORT], got {text!r}")
     if not port:
         return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: isdigit() also takes "\u0669" (int() reads it as 9) and "²" (int() refuses).
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"not a port number: {port!r}")
     return host, int(port)
 

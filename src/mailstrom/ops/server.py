@@ -234,6 +234,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     >>> parse_listen("9466"), parse_listen("0.0.0.0:9466"), parse_listen("[::1]:9466")
     (('127.0.0.1', 9466), ('0.0.0.0', 9466), ('::1', 9466))
     """
+    if not text.isascii():  # an address or a name, and digits: int() takes "\u0669" as 9
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9466) in ASCII, got {text!r}")
     host, port = "127.0.0.1", text.strip()
     if port.startswith("["):
         host, _, rest = port[1:].partition("]")

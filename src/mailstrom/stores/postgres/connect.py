@@ -98,7 +98,7 @@ def split_url(url: str) -> tuple[str, int | None]:
     value = unquote(ours[-1].partition("=")[2]).strip().lower()
     if value in ("none", "off", "never"):
         threshold = None
-    elif value.isdigit():
+    elif value.isascii() and value.isdigit():  # isdigit() alone takes "\u0663" and "²"
         threshold = int(value)
     else:
         raise InvalidStoreURL(f"prepare_threshold must be a whole number or 'none', not {value!r}")
