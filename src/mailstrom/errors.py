@@ -199,6 +199,15 @@ class StoreRefusedData(StoreError):
     rather than retrying it for ever."""
 
 
+class StoreAccessDenied(StoreError):
+    """The database server answered and would not let this store in: a wrong password,
+    a role or database that does not exist, no ``pg_hba.conf`` entry, or a role that may
+    not create the tables this mailstrom needs. Trying again will not help until an
+    operator changes the configuration or the database, so a worker that is starting
+    fails on it (the command line exits 78) where it waits out a database that does not
+    answer at all."""
+
+
 class UnknownMessage(MailstromError, KeyError):
     """No message with this id is in the store."""
 

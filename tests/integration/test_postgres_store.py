@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
@@ -91,10 +91,12 @@ def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
 
 
 def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
+    """StoreCorrupt, as for SQLite: a worker starting over it must not wait (it was a
+    plain StoreError, and a worker process would have retried it for ever)."""
     migrate(postgres_url)
     with psycopg.connect(postgres_url) as conn:
         conn.execute("INSERT INTO schema_version (version, name) VALUES (99, 'future')")
-    with pytest.raises(StoreError, match="newer"):
+    with pytest.raises(StoreCorrupt, match="newer"):
         PostgresStore(postgres_url)
 
 

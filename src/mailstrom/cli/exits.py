@@ -16,6 +16,7 @@ from mailstrom.errors import (
     InvalidStoreURL,
     InvalidSuppression,
     MailstromError,
+    StoreAccessDenied,
     StoreCorrupt,
     StoreError,
     UnknownMessage,
@@ -42,7 +43,8 @@ deleted or replaced: trying again will not help, so a supervisor should not rest
 EX_TEMPFAIL = 75
 """Try again later: the store is unreachable, or (``send --wait``) mail is still pending."""
 EX_CONFIG = 78
-"""Bad configuration file, environment variable or store URL."""
+"""Bad configuration file, environment variable or store URL, or a database that refuses
+the store URL's role (wrong password, unknown role or database, no right to migrate)."""
 
 
 MAX_REASON = 500
@@ -85,7 +87,7 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code for an error that reached the top of a command."""
     if isinstance(exc, CLIError):
         return exc.code
-    if isinstance(exc, ConfigError | InvalidStoreURL):
+    if isinstance(exc, ConfigError | InvalidStoreURL | StoreAccessDenied):
         return EX_CONFIG
     if isinstance(exc, InvalidMessage | InvalidSuppression | InvalidReport):
         return EX_DATAERR

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -31,7 +32,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from mailstrom.errors import InvalidStoreURL
+from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
 from mailstrom.stores.url import redact_url
 
@@ -135,6 +136,47 @@ def _check_host(host: str, conninfo: str) -> None:
             f"PostgreSQL URL with a host that is no DNS name, {shorten(host)}, in "
             f"{shorten(redact_url(conninfo))}: {exc}"
         ) from None
+
+
+_ACCESS_DENIED = re.compile(
+    r"authentication failed for user"  # password, SCRAM, ident, peer, cert, LDAP...
+    r"|no password supplied"  # the server asks for one and the URL has none
+    r"|no pg_hba\.conf entry"
+    r"|(?:role|database) \"[^\"]*\" does not exist"
+    r"|is not permitted to log in"  # a NOLOGIN role
+    r"|permission denied for database"
+    r"|does not have CONNECT privilege"
+)
+"""What libpq says when a server answered and refused us. A failed connection carries no
+SQLSTATE in psycopg, so its text is all there is: these are PostgreSQL's own messages
+(``lc_messages`` other than English translates them, and such a refusal is then taken
+for a passing failure: waited out, and logged, rather than failed on)."""
+
+
+def refuses_access(message: str) -> bool:
+    """Whether a connection failure's ``message`` says the server refused us (see
+    :data:`_ACCESS_DENIED`), rather than that it was not there to ask.
+
+    >>> refuses_access('FATAL:  password authentication failed for user "mail"')
+    True
+    >>> refuses_access('connection to server at "db", port 5432 failed: Connection refused')
+    False
+    """
+    return _ACCESS_DENIED.search(message) is not None
+
+
+def connect(conninfo: str, *, connect_timeout: float) -> psycopg.Connection[Any]:
+    """One connection to ``conninfo``, bounded as :func:`bounded` says; StoreAccessDenied
+    when the server refuses it (a wrong password, an unknown role or database): retrying
+    cannot mend that, where a server that is down or starting up is worth waiting for."""
+    try:
+        return psycopg.connect(bounded(conninfo, connect_timeout=connect_timeout))
+    except psycopg.OperationalError as exc:
+        if refuses_access(str(exc)):
+            raise StoreAccessDenied(
+                f"PostgreSQL store: the server refused the connection: {exc}"
+            ) from exc
+        raise
 
 
 def _configure(conn: psycopg.Connection[Any], *, prepare_threshold: int | None) -> None:

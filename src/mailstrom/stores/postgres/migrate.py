@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from mailstrom.errors import StoreError
-from mailstrom.stores.postgres.connect import bounded, split_url
+from mailstrom.errors import StoreAccessDenied, StoreCorrupt
+from mailstrom.stores.postgres.connect import connect, split_url
 from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
 
 # An arbitrary constant naming mailstrom's migration lock (pg_advisory_xact_lock takes a
@@ -43,7 +43,8 @@ def _applied(conn: psycopg.Connection[Any]) -> set[int] | None:
 
 def _check_not_newer(current: int, latest: int) -> None:
     if current > latest:
-        raise StoreError(
+        # StoreCorrupt as for SQLite: no retry makes this mailstrom understand it.
+        raise StoreCorrupt(
             f"the database schema is at version {current}, newer than this mailstrom "
             f"knows ({latest}); upgrade mailstrom"
         )
@@ -65,7 +66,9 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
         return _migrate_locked(conn, known)
     except psycopg.errors.InsufficientPrivilege as exc:
         have = max(applied or (), default=0)
-        raise StoreError(
+        # Until the owner migrates, this mailstrom cannot use the tables: not worth waiting
+        # for, like any other refusal of this role (see StoreAccessDenied).
+        raise StoreAccessDenied(
             f"the database schema is at version {have} and needs version {latest}, which "
             f"this database role may not create ({exc.diag.message_primary or exc}): run "
             "`mailstrom db migrate` as the role that owns mailstrom's tables"
@@ -101,6 +104,6 @@ def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
     """
     with (
         translate_errors("migrating the schema"),
-        psycopg.connect(bounded(split_url(url)[0], connect_timeout=connect_timeout)) as conn,
+        connect(split_url(url)[0], connect_timeout=connect_timeout) as conn,
     ):
         return apply_migrations(conn)
