@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from mailstrom.cli.signals import run_until_signalled
 from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.metrics import QueueStatsCache
+from mailstrom.runtime.store_opening import StoreOpener
 from mailstrom.runtime.worker import Worker
 from mailstrom.settings import Settings
 from mailstrom.status import MetricsSnapshot
@@ -123,7 +125,10 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # Lines held in the buffer come out before anything the caller prints (an error).
         stack.callback(log_handler.flush)
-        store = open_store(settings.store_url)
+        store = _open_worker_store(settings.store_url, once=args.once)
+        if store is None:  # stopped while waiting for the store: nothing was leased
+            logging.getLogger("mailstrom.worker").info("worker stopped before its store opened")
+            return EX_OK
         stack.callback(store.close)
         recent: deque[RecipientResult] = deque(maxlen=12)
 
@@ -168,6 +173,26 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
             },
         )
     return EX_OK
+
+
+def _open_worker_store(url: str, *, once: bool) -> Store | None:
+    """The worker's store. One that does not answer yet (PostgreSQL restarting, or not up
+    at boot) is waited for, with backoff and a log line per try, until it opens or a
+    SIGTERM/SIGINT ends the wait (None). With ``--once`` (from cron, say) it is not: the
+    command exits 75 at once, and the next run tries again instead of runs piling up.
+    What waiting cannot mend exits at once either way (74 damaged, 78 refused)."""
+    if once:
+        return open_store(url)
+    opener = StoreOpener(lambda: open_store(url))
+    # Plain handlers, not the event loop's: no loop runs yet. stop() is reentrant.
+    previous = {
+        sig: signal.signal(sig, lambda *_: opener.stop()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return opener.open()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ops_server(listen: str, worker: Worker, store: Store) -> OpsServer:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -82,16 +83,23 @@ class WorkerProcess:
         self._status = WorkerStatus(running=False)
         self._counts = {state: 0 for state in RecipientState}
         self._error: str | None = None
+        self._cause: BaseException | None = None
+        """The child's own exception when it could not open its store."""
         self._fds: tuple[int, ...] = ()
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the child; return when it delivers, or raise :class:`WorkerError`."""
+        """Start the child; return when it delivers, or when it waits for a store that
+        does not answer yet (:attr:`status` then says so in ``store_error``, and delivery
+        begins by itself once the store opens). Raise :class:`WorkerError` when it cannot
+        start: from the store's error when waiting cannot mend it
+        (:class:`~mailstrom.errors.StoreCorrupt`,
+        :class:`~mailstrom.errors.StoreAccessDenied`)."""
         config = self.config
         spec = ChildSpec(
             config=replace(config, tls_context=None),
-            store=self._store,
+            store=pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
             tls=TLSContextSpec.of(config.tls_context) if config.tls_context else None,
             log_levels={
                 name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS
@@ -105,6 +113,7 @@ class WorkerProcess:
         self._stopped.clear()
         self._ready.clear()
         self._error = None
+        self._cause = None
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailstrom.runtime.child"],
             stdin=subprocess.PIPE,
@@ -125,7 +134,7 @@ class WorkerProcess:
         if not self._ready.wait(timeout) or self._error is not None:
             reason = self._error or f"no answer within {timeout:g} s"
             self._kill()
-            raise WorkerError(f"worker process failed to start: {reason}")
+            raise WorkerError(f"worker process failed to start: {reason}") from self._cause
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -251,4 +260,6 @@ class WorkerProcess:
             self._ready.set()
         elif kind == "error":
             self._error = str(payload)
+        elif kind == "cause":
+            self._cause = payload
         # "stopped" needs nothing: the end of the stream follows

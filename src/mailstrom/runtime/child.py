@@ -4,7 +4,15 @@ The parent starts ``python -m mailstrom.runtime.child`` and talks to it over its
 stdout in length-prefixed pickled frames (both ends are mailstrom; nothing else writes
 there). The parent sends a :class:`ChildSpec` first, then ``wake`` and ``stop`` frames;
 the child answers ``ready``, then ``results`` (batched per loop turn), ``log`` records at
-the levels the parent asked for, ``status`` snapshots, and ``stopped`` or ``error`` last.
+the levels the parent asked for, ``status`` snapshots, and ``stopped`` or ``error`` last
+(after ``cause``, the exception itself, when its store cannot be opened).
+
+The child opens its store itself. While the database does not answer it answers ``ready``
+all the same, with a status whose ``store_error`` says what it waits for, and keeps trying
+with backoff (:mod:`mailstrom.runtime.store_opening`): the parent's ``start()`` returns, and
+delivery begins by itself once the store opens. A ``stop`` frame ends the wait at once. A
+store that waiting cannot mend (damaged, a newer schema, the database refusing the role)
+ends the child with ``error`` instead.
 
 The child runs in a session of its own, so a Ctrl-C meant for the application does not
 cut its deliveries short: the parent stops it gracefully. If the parent dies, the child's
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -27,11 +36,22 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import IO, Any
 
+from mailstrom.config import Config
+from mailstrom.errors import MailstromError
 from mailstrom.runtime.loops import run as run_loop
-from mailstrom.runtime.pipes import ChildSpec, read_frame, result_to_wire, write_frame
+from mailstrom.runtime.pipes import (
+    ChildSpec,
+    open_store,
+    read_frame,
+    result_to_wire,
+    write_frame,
+)
+from mailstrom.runtime.store_opening import StoreOpener
 from mailstrom.runtime.worker import Worker
+from mailstrom.status import WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
 _STATUS_EVERY = 0.5
@@ -92,13 +112,48 @@ def _watch_parent(parent: int, stop: Callable[[], None]) -> None:
     stop()
 
 
+class _Control:
+    """What the parent (or a signal) asks: of the store opener while the store is not
+    open yet, of the worker once it exists. No locks: a signal handler calls :meth:`stop`,
+    and the two writes below are ordered so that a stop racing :meth:`attach` still
+    reaches the worker (each side writes its own attribute before reading the other's)."""
+
+    def __init__(self, opener: StoreOpener) -> None:
+        self._opener = opener
+        self._worker: Worker | None = None
+        self._stop_asked = False
+        self._drain_timeout: float | None = 0.0
+
+    def attach(self, worker: Worker) -> None:
+        self._worker = worker
+        if self._stop_asked:
+            worker.request_stop(drain_timeout=self._drain_timeout)
+
+    def wake(self) -> None:
+        if self._worker is not None:
+            self._worker.wake()  # before, the worker leases as soon as it starts anyway
+
+    def stop(self, drain_timeout: float | None) -> None:
+        self._drain_timeout = drain_timeout
+        self._stop_asked = True
+        worker = self._worker
+        if worker is not None:
+            worker.request_stop(drain_timeout=drain_timeout)
+        self._opener.stop()
+
+
+def _waiting_status(opener: StoreOpener, started_at: datetime) -> WorkerStatus:
+    """The status of a child still waiting for its store: running (it goes on by itself),
+    with the reason in ``store_error``."""
+    return WorkerStatus(running=True, started_at=started_at, store_error=opener.error)
+
+
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames may reach the parent's pipe
     parent = os.getppid()
     outbox = _Outbox(stdout)
     try:
-        # Unpickling the spec opens the store (a pickled store is the way to reopen it).
         frame = read_frame(stdin)
     except Exception as exc:
         outbox.send("error", f"{type(exc).__name__}: {exc}")
@@ -106,7 +161,6 @@ def main() -> int:
     if frame is None or frame[0] != "spec":
         return 2
     spec: ChildSpec = frame[1]
-    store: Store = spec.store
     config = spec.config
     if spec.tls is not None:
         config = replace(config, tls_context=spec.tls.build())
@@ -115,17 +169,62 @@ def main() -> int:
     package.propagate = False
     for name, level in spec.log_levels.items():
         logging.getLogger(name).setLevel(level)
-    worker = Worker(config, store, on_result=outbox.result if spec.forward_results else None)
 
-    def control() -> None:
+    started_at = datetime.now(UTC)
+
+    def waiting() -> None:
+        # The status first: the parent's start() returns at "ready" and must not see a
+        # worker running fine in between.
+        outbox.send("status", _waiting_status(opener, started_at))
+        if opener.error is not None:
+            outbox.send("ready")
+
+    opener = StoreOpener(functools.partial(open_store, spec), on_change=waiting)
+    control = _Control(opener)
+
+    def read_control() -> None:
         while (frame := read_frame(stdin)) is not None:
             kind, payload = frame
             if kind == "wake":
-                worker.wake()
+                control.wake()
             elif kind == "stop":
-                worker.request_stop(drain_timeout=payload)
+                control.stop(payload)
                 return
-        worker.request_stop(drain_timeout=0)  # the parent is gone
+        control.stop(0)  # the parent is gone
+
+    threading.Thread(target=read_control, name="mailstrom-child-control", daemon=True).start()
+    threading.Thread(
+        target=_watch_parent,
+        args=(parent, lambda: control.stop(0)),
+        name="mailstrom-child-parent",
+        daemon=True,
+    ).start()
+    # The parent stops us; a SIGTERM to our session drains quickly.
+    signal.signal(signal.SIGTERM, lambda *_: control.stop(5.0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        store = opener.open()
+    except Exception as exc:
+        if isinstance(exc, MailstromError):  # ours pickle: the parent raises from it
+            outbox.send("cause", exc)
+        outbox.send("error", "".join(traceback.format_exception_only(exc)).strip())
+        return 1
+    if store is None:  # stopped before the store opened: nothing was leased
+        outbox.send("status", WorkerStatus(running=False, started_at=started_at))
+        outbox.send("stopped")
+        return 0
+    try:
+        return _deliver(config, store, spec, outbox, control)
+    finally:
+        store.close()
+
+
+def _deliver(
+    config: Config, store: Store, spec: ChildSpec, outbox: _Outbox, control: _Control
+) -> int:
+    """Run the worker over the open ``store`` until it is stopped."""
+    worker = Worker(config, store, on_result=outbox.result if spec.forward_results else None)
+    control.attach(worker)
 
     async def run() -> None:
         async def report() -> None:
@@ -146,24 +245,12 @@ def main() -> int:
             if reporter is not None:
                 reporter.cancel()
 
-    threading.Thread(target=control, name="mailstrom-child-control", daemon=True).start()
-    threading.Thread(
-        target=_watch_parent,
-        args=(parent, lambda: worker.request_stop(drain_timeout=0)),
-        name="mailstrom-child-parent",
-        daemon=True,
-    ).start()
-    # The parent stops us; a SIGTERM to our session drains quickly.
-    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop(drain_timeout=5.0))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         run_loop(run(), config.event_loop)
     except BaseException as exc:
         outbox.send("status", worker.status)
         outbox.send("error", "".join(traceback.format_exception_only(exc)).strip())
         return 1
-    finally:
-        store.close()
     outbox.send("status", worker.status)
     outbox.send("stopped")
     return 0

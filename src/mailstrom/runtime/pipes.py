@@ -2,7 +2,9 @@
 
 Length-prefixed pickles over the child's stdin and stdout: both ends are mailstrom, started
 together, so pickle is safe here. A store pickles as the way to open it again (its
-``__reduce__``), so the spec hands the child the same store with the same options.
+``__reduce__``), so the spec hands the child the same store with the same options, pickled
+once more on its own: the child unpickles (opens) it when it chooses, again while the
+database does not answer (see :mod:`mailstrom.runtime.store_opening`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import IO, Any
 
 from mailstrom.config import Config
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
-from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.base import RecipientResult, Store
 
 _HEADER = struct.Struct("!I")
 
@@ -53,12 +55,18 @@ class ChildSpec:
     """Everything the child needs; ``config`` has no ``tls_context`` (see ``tls``)."""
 
     config: Config
-    store: Any
-    """The store, pickled as the instructions to open it again."""
+    store: bytes
+    """The store, pickled: unpickling it opens the store again (:func:`open_store`)."""
     tls: TLSContextSpec | None
     log_levels: dict[str, int]
     forward_results: bool
     """Whether the parent wants every result (it has an ``on_result`` callback)."""
+
+
+def open_store(spec: ChildSpec) -> Store:
+    """The store of ``spec``, opened (each call opens it anew)."""
+    store: Store = pickle.loads(spec.store)  # noqa: S301 - our own parent's spec
+    return store
 
 
 def write_frame(stream: IO[bytes], kind: str, payload: Any = None) -> None:

@@ -1,0 +1,84 @@
+"""``mailstrom worker`` started while PostgreSQL is down (issue #8): it waits for the
+server and delivers once it is up, stops at once on SIGTERM meanwhile, and exits 78 at
+once when the database refuses the role. ``--once`` does not wait (exit 75). The facade's
+worker process: tests/integration/test_postgres_down_at_start.py."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from tests.cli.conftest import CLI, MailEnv
+from tests.fixtures.postgres import ThrowawayPostgres
+
+pytestmark = pytest.mark.postgres
+
+
+def worker_waiting(cli: CLI, url: str) -> subprocess.Popen[bytes]:
+    """``mailstrom worker`` started while the store is down, once it said it waits."""
+    proc = cli.popen("worker", "--no-live", "--store", url)
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    assert "store cannot be opened (try 1; next in 0.05 s)" in line, line
+    return proc
+
+
+def stopped(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode()
+
+
+def test_the_worker_command_waits_for_postgresql(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    """It exited 75 at once; now it waits, and delivers what was queued once the server
+    is up."""
+    url = own_postgres.create_database()
+    mail_env.cli.ok(
+        "send", "--store", url, "--from", "a@client.test", "--to", "bob@example.test", "--text", "x"
+    )
+    own_postgres.take_down()
+    proc = worker_waiting(mail_env.cli, url)
+    own_postgres.bring_up()
+    mail_env.mx.wait_for_messages(1, timeout=8)
+    code, err = stopped(proc)
+    assert code == 0, err
+    assert "store open after" in err and "worker started" in err
+
+
+def test_the_worker_command_stops_while_waiting(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    url = own_postgres.create_database()
+    own_postgres.take_down()
+    proc = worker_waiting(mail_env.cli, url)
+    code, err = stopped(proc)
+    assert code == 0, err
+    assert "worker stopped before its store opened" in err
+
+
+def test_the_worker_command_once_does_not_wait(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    """--once (cron) exits 75 at once: the next run tries again."""
+    url = own_postgres.create_database()
+    own_postgres.take_down()
+    result = mail_env.cli("worker", "--once", "--no-live", "--store", url, timeout=20)
+    assert result.code == 75, result.err
+
+
+def test_the_worker_command_exits_78_when_refused(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    url = own_postgres.create_database().replace("postgres@", "nobody@")
+    result = mail_env.cli("worker", "--no-live", "--store", url, timeout=20)
+    assert result.code == 78, result.err
+    assert 'role "nobody" does not exist' in result.err
