@@ -160,6 +160,15 @@ def test_a_named_lane_taking_its_full_number_keeps_the_others_waiting(store: Sto
     assert _lanes_of(store, limit=10, lanes=[("bulk", 2)]) == ["bulk", ""]
 
 
+def test_a_lane_may_take_more_than_32_bits_count(store: Store) -> None:
+    """The worker's lane caps grow with max_connections (up to 2**63 - 1): PostgreSQL
+    refused the lease ("integer out of range", a DataError) on every try, and the worker,
+    taking it for a passing store error, never delivered again."""
+    store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
+    lanes = [("transactional", 3_000_000_000), ("bulk", 4 * (2**63 - 1))]
+    assert _lanes_of(store, limit=10, lanes=lanes) == ["bulk"]
+
+
 def test_the_pending_view_and_counts_filter_by_tag(store: Store) -> None:
     """The operator's default view (pending mail, answered from the pending index on
     SQLite) and its count honour the tag filter as the plain query does."""

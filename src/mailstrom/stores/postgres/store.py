@@ -249,7 +249,10 @@ class PostgresStore:
             found = rows.lease_rows(self._fetch("lease", params))
         else:
             params["lanes"] = [lane for lane, _ in lanes]
-            params["lane_limits"] = [max(0, most) for _, most in lanes]
+            # No lane takes more than the lease: a share of a huge max_connections (the
+            # worker's lane caps grow with it) must not overflow the query's bigint and
+            # fail every lease, retried for ever as a passing store error.
+            params["lane_limits"] = [min(max(0, most), limit) for _, most in lanes]
             found = rows.lease_rows(self._fetch("lease_lanes", params))
             taken = Counter(row.lane for row in found)
             exhausted = len(found) < limit and all(

@@ -87,7 +87,7 @@ WITH due AS MATERIALIZED (
 -- Rows locked here beyond that LIMIT stay unleased and are unlocked at commit.
 WITH picked AS MATERIALIZED (
     SELECT l.rank, d.*
-    FROM unnest(%(lanes)s::text[], %(lane_limits)s::integer[]) WITH ORDINALITY
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::bigint[]) WITH ORDINALITY
          AS l(lane, most, rank)
     CROSS JOIN LATERAL (
         SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
