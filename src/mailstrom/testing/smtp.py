@@ -46,6 +46,8 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     answering. Shorthands: ``drop_on_data`` (closes on the DATA command, before 354, so
     the client has sent no content) and ``drop_after_dot`` (takes the content, closes
     without the final reply: the client cannot know whether the message was accepted).
+    ``quit_delay``: seconds the server waits before it answers QUIT, a slow close (the
+    connection stays open, and counted in ``open_connections``, until then).
     Per recipient (lower-case addresses): ``stall_rcpts``, where the server stops
     answering at that RCPT, and ``drop_after_dot_rcpts``, where a transaction with one of
     them among its accepted recipients is closed after its content, without a reply.
@@ -180,6 +182,7 @@ class ReceivingServer:
         self.data_reply: Rule | None = None
         self.stall_on: str | None = None
         self.drop_on: str | None = None
+        self.quit_delay = 0.0
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
@@ -369,6 +372,12 @@ class _Handler:
             await _forever()
         assert reply is not None
         return reply
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        delay = self.fixture.quit_delay
+        if delay > 0:
+            await asyncio.sleep(delay)  # the scripted slow peer, not a wait of the test's
+        return "221 Bye"  # aiosmtpd's own reply
 
 
 _DSN_PARAMS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
