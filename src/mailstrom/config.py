@@ -341,7 +341,10 @@ class Config:
     for. The default is Postfix's ``smtpd_recipient_limit``; RFC 5321 §4.5.3.1.8 has
     servers accept at least 100 recipients a message."""
     max_connections: int = 100
-    """SMTP sessions open at once, over all destinations."""
+    """SMTP connections open at once, over all destinations: every socket counts, from
+    the moment it starts to open until it is closed (in use, kept idle for reuse, or
+    closing after QUIT); at the limit, idle ones are closed to make room. Also the most
+    SMTP sessions running at once."""
     max_per_destination: int = 10
     """SMTP sessions open at once to one destination (MX host set)."""
     max_messages_per_connection: int = 100

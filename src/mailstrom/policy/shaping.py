@@ -82,7 +82,8 @@ class DestinationRule:
     """``"example.org"``: that recipient domain or MX host; ``"*.google.com"``: any name
     below ``google.com``."""
     max_connections: int | None = None
-    """SMTP connections open at once to this destination (per worker)."""
+    """SMTP connections open at once to this destination (per worker), idle and closing
+    ones included."""
     messages_per_connection: int | None = None
     """Messages sent over one connection before it is closed and a new one opened."""
     messages_per_minute: float | None = None

@@ -7,6 +7,9 @@ address that answers (RFC 5321 §5.1: MX hosts in preference order, every addres
 and streams transactions over that connection, keeping three submitted so that one is
 on the wire while another is answered. A session does not hold anything but its own
 connection: a stalled server ties up its own sessions only, never the other destinations.
+``max_connections`` bounds the sockets as well as the sessions — idle and closing ones
+count, and a session at the limit waits for a slot while idle connections are closed to
+make room: see :mod:`mailstrom.runtime.opener` for the rule.
 
 Failures follow the delivery rules: a connection that cannot be made, or a refused greeting,
 moves on to the next address; a connection that breaks before a transaction's final dot
@@ -49,6 +52,7 @@ from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.shaper import Shape, Shaper
+from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
@@ -352,6 +356,8 @@ class Dispatcher:
         last_policy: str | None = None
         index = 0
         opener = self._opener
+        # The rule's own bound on sockets, besides the worker's (see runtime.opener).
+        budget = shape.sockets if shape is not None else None
         while dest.queue and index < len(targets):
             if shape is not None and not await self._may_go_on(dest, shape):
                 return
@@ -366,20 +372,22 @@ class Dispatcher:
                 last_policy = None
                 index += 1
                 continue
-            key = opener.key(host, ip, need)
+            key = opener.key(host, ip, need, budget=budget)
             conn = opener.idle(key)
             if conn is None and need.dane_next_hops:
                 # One whose DANE-TA certificate named only this recipient domain (or its
                 # CNAME expansion).
-                key = opener.key(host, ip, need, via_next_hop=True)
+                key = opener.key(host, ip, need, via_next_hop=True, budget=budget)
                 conn = opener.idle(key)
             reused = conn is not None
             if conn is None:
                 try:
                     if shape is not None and not await self._may_connect(dest, shape):
                         return
-                    conn, need = await self._open(dest, host, ip, need)
-                    key = opener.key(host, ip, need, via_next_hop=conn.dane_via_next_hop)
+                    conn, need = await self._open(dest, host, ip, need, budget)
+                    key = opener.key(
+                        host, ip, need, via_next_hop=conn.dane_via_next_hop, budget=budget
+                    )
                 except DeliveryError as exc:
                     exc.host = exc.host or host
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
@@ -397,7 +405,7 @@ class Dispatcher:
             except BaseException:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
-                conn.abandon()
+                opener.abandon(conn)
                 raise
             finally:
                 dest.connected -= 1
@@ -407,9 +415,9 @@ class Dispatcher:
             if broke is None:
                 cap = shape.messages_per_connection if shape is not None else None
                 if cap is not None and conn.messages_sent >= cap:
-                    # The rule's cap: closed before the next one opens, so that the two
-                    # never count twice against the rule's connections.
-                    await conn.close()
+                    # The rule's cap. Its slots come back once it is closed: the next
+                    # connection waits for them only when the limits are reached.
+                    opener.close_later(conn)
                 else:
                     opener.release(key, conn)
                 continue
@@ -438,14 +446,20 @@ class Dispatcher:
         self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
 
     async def _open(
-        self, dest: _Destination, host: str, ip: str, need: TLSRequirement
+        self,
+        dest: _Destination,
+        host: str,
+        ip: str,
+        need: TLSRequirement,
+        budget: SocketBudget | None,
     ) -> tuple[SMTPConnection, TLSRequirement]:
-        """A new connection under ``need``, and the requirement it was opened under: when
-        TLS fails and ``need`` has a fallback (MTA-STS testing), the connection made again
-        in the fallback mode. ``observe_tls`` hears how the first connection went."""
+        """A new connection under ``need`` (counted against ``budget`` too, a shaping
+        rule's), and the requirement it was opened under: when TLS fails and ``need`` has
+        a fallback (MTA-STS testing), the connection made again in the fallback mode.
+        ``observe_tls`` hears how the first connection went."""
         observe = self._observe_tls
         try:
-            conn = await self._opener.open(host, ip, need)
+            conn = await self._opener.open(host, ip, need, budget)
         except DeliveryError as exc:
             if observe is not None:
                 observe(dest.domain, need, host, ip, exc)
@@ -457,7 +471,7 @@ class Dispatcher:
                 fallback=None,
                 reason=f"{need.reason}; enforce would fail: {exc.text}",
             )
-            return await self._opener.open(host, ip, need), need
+            return await self._opener.open(host, ip, need, budget), need
         if observe is not None:
             observe(dest.domain, need, host, ip, conn)
         return conn, need

@@ -27,6 +27,7 @@ from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.policy.shaping import DestinationRule, RuleBook
 from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause
+from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import Store
 
@@ -56,6 +57,7 @@ class Shape:
         "message_buckets",
         "parked",
         "rule",
+        "sockets",
         "tokens",
         "want",
     )
@@ -65,6 +67,9 @@ class Shape:
         self.rule = rule
         self.connections = 0
         """Sessions of this worker holding a connection slot of this destination."""
+        self.sockets: SocketBudget | None = None
+        """With ``max_connections``: the sockets open to this destination, idle and
+        closing ones too (the opener counts them; ``connections`` counts sessions)."""
         self.parked: deque[Any] = deque()
         """Dispatcher destinations waiting for a free slot (the dispatcher's business)."""
         self.tokens = 0
@@ -76,6 +81,8 @@ class Shape:
         """The next free place in the rate's schedule for a message given back."""
         if rule is None:
             return
+        if rule.max_connections is not None:
+            self.sockets = SocketBudget(rule.max_connections)
         buckets = []
         if rule.messages_per_minute is not None:
             buckets.append(
