@@ -36,6 +36,13 @@ from mailstrom.status import DeliveryEvent
 SIGNATURE_HEADER = "Mailstrom-Signature"
 TOLERANCE = 300
 """Seconds a signature's timestamp may differ from the receiver's clock (replay window)."""
+_MAX_TIMESTAMP_DIGITS = 12
+"""Digits of a ``t=`` value read at most (Unix seconds have 10 until the year 2286): a
+longer one would only make ``int()`` (past 4,300 digits) or the clock comparison (past a
+float's range) raise instead of answering False."""
+_OWS = " \t"
+"""HTTP's optional white space (RFC 9110 §5.6.3); ``str.strip()`` would also take a
+no-break space, U+3000 and the like."""
 
 
 def event_json(event: DeliveryEvent) -> dict[str, Any]:
@@ -106,10 +113,12 @@ def verify_signature(
     timestamp: int | None = None
     signatures: list[str] = []
     for part in header.split(","):
-        key, _, value = part.strip().partition("=")
-        if key == "t" and value.isdigit():
+        key, _, value = part.strip(_OWS).partition("=")
+        if key == "t" and _is_timestamp(value):
             timestamp = int(value)
-        elif key == "v1":
+        elif key == "v1" and value.isascii():
+            # compare_digest() raises TypeError for str with other characters; a hex
+            # digest has none, so such a value signs nothing.
             signatures.append(value)
     if timestamp is None or not signatures:
         return False
@@ -118,3 +127,10 @@ def verify_signature(
         return False
     expected = _digest(secret, timestamp, body)
     return any(hmac.compare_digest(expected, s) for s in signatures)
+
+
+def _is_timestamp(value: str) -> bool:
+    """Whether a ``t=`` value is what :func:`sign` writes: ASCII digits, a few. The header
+    comes from whoever sent the request; ``str.isdigit()`` alone also takes "\u0663"
+    (``int()`` reads it as 3) and "²" (``int()`` raises ValueError)."""
+    return 0 < len(value) <= _MAX_TIMESTAMP_DIGITS and value.isascii() and value.isdigit()

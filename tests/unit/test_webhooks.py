@@ -1,0 +1,59 @@
+"""verify_signature() reads a header whoever sent the request wrote: it answers True or
+False, whatever the header holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailstrom.webhooks import _digest, sign, verify_signature
+
+SECRET = "whsec"
+BODY = b'{"events":[]}'
+NOW = 1_700_000_000
+
+
+def test_a_signature_made_by_sign_verifies() -> None:
+    assert verify_signature(SECRET, sign(SECRET, BODY, timestamp=NOW), BODY, now=NOW)
+    header = f"t={NOW}, \tv1={_digest(SECRET, NOW, BODY)}"  # HTTP's own white space
+    assert verify_signature(SECRET, header, BODY, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "\u00b2",  # SUPERSCRIPT TWO: isdigit(), yet int() raised ValueError
+        "1\u00b2",
+        "9" * 5000,  # past int()'s 4,300 digits: ValueError
+        "9" * 400,  # an int, but none a float can hold: OverflowError against the clock
+    ],
+)
+def test_a_timestamp_int_cannot_read_is_no_signature(timestamp: str) -> None:
+    header = f"t={timestamp},v1={_digest(SECRET, NOW, BODY)}"
+    # A float, as the clock gives it: float minus a 400-digit int overflows.
+    assert verify_signature(SECRET, header, BODY, now=float(NOW)) is False
+
+
+def _in_digits(number: int, zero: int) -> str:
+    """``number`` written in the digits of the script whose zero is code point ``zero``."""
+    return "".join(chr(zero + int(d)) for d in str(number))
+
+
+@pytest.mark.parametrize("zero", [0x0660, 0xFF10, 0x0966])  # Arabic-Indic, fullwidth, Devanagari
+def test_a_timestamp_in_other_digits_is_no_signature(zero: int) -> None:
+    """int() reads other scripts' digits: the signature over "1700000000" verified under a
+    t= that shows as something else."""
+    header = f"t={_in_digits(NOW, zero)},v1={_digest(SECRET, NOW, BODY)}"
+    assert verify_signature(SECRET, header, BODY, now=NOW) is False
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000"])
+def test_only_http_white_space_surrounds_a_part(space: str) -> None:
+    header = f"t={NOW},{space}v1={_digest(SECRET, NOW, BODY)}"
+    assert verify_signature(SECRET, header, BODY, now=NOW) is False
+
+
+def test_a_signature_that_is_not_ascii_is_no_signature() -> None:
+    """hmac.compare_digest() raised TypeError for a str with a non-ASCII character."""
+    header = f"t={NOW},v1=\u00e9,v1={_digest(SECRET, NOW, BODY)}"
+    assert verify_signature(SECRET, header, BODY, now=NOW) is True
+    assert verify_signature(SECRET, f"t={NOW},v1=\u00e9", BODY, now=NOW) is False
