@@ -56,6 +56,16 @@ def test_access_with_a_token() -> None:
     assert not access.token_matches("x" * 5000)
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u0085", "\u3000", "\x1f"])
+def test_a_bearer_token_is_trimmed_of_http_white_space_only(space: str) -> None:
+    """str.strip() also took a no-break space and NEXT LINE (a header value's obs-text
+    may carry both) and \\x1f: "Bearer s3cret<U+00A0>" was let in."""
+    access = Access("s3cret")
+    assert access.allows(cookie=None, authorization="Bearer \ts3cret ")
+    assert not access.allows(cookie=None, authorization=f"Bearer s3cret{space}")
+    assert not access.allows(cookie=None, authorization=f"Bearer {space}s3cret")
+
+
 def test_access_without_a_token_lets_everyone_in() -> None:
     assert Access(None).allows(cookie=None, authorization=None)
 

@@ -343,6 +343,27 @@ def test_the_notice_after_an_action_cannot_be_made_up(
         assert 'id="done"' not in page
 
 
+@pytest.mark.parametrize(
+    "made_up",
+    [
+        "Retry now: \u0663 recipients due now",  # ARABIC-INDIC THREE
+        "Retry now: \uff13\uff10 recipients due now",  # FULLWIDTH THIRTY
+        "Hold: held\n",
+    ],
+)
+def test_the_notice_after_an_action_has_ascii_digits(
+    client: TestClient, ids: dict[str, str], made_up: str
+) -> None:
+    """A str pattern's \\d took other scripts' digits (a link could show any number),
+    and its "$" a final line break."""
+    shown = client.get(
+        f"/message/{ids['queued']}", params={"done": "Retry now: 3 recipients due now"}
+    )
+    assert 'id="done">Retry now: 3 recipients due now<' in shown.text
+    page = client.get(f"/message/{ids['queued']}", params={"done": made_up})
+    assert 'id="done"' not in page.text
+
+
 def _suspend(client: TestClient, domain: str, duration: str) -> str:
     confirm = client.get(f"/action/suspend/{domain}")
     assert confirm.status_code == 200 and "Suspend delivery to" in confirm.text

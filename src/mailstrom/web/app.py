@@ -481,7 +481,9 @@ def _queue_query(params: Any) -> QueueQuery:
     )
 
 
-_OUTCOME = re.compile(r"^\d{0,9} ?[a-z0-9 ]{1,40}$")
+# What an action returns ("3 recipients due now", "suspended for 2h"). ASCII digits: a
+# str pattern's \d would take "\u0663" and the like, and a link could show any number.
+_OUTCOME = re.compile(r"[0-9]{0,9} ?[a-z0-9 ]{1,40}")  # fullmatch: "$" lets a "\n" in
 
 
 def _done_notice(text: str | None) -> str | None:
@@ -491,7 +493,7 @@ def _done_notice(text: str | None) -> str | None:
         return None
     label, sep, outcome = text.partition(": ")
     known = {a.label for a in ACTIONS.values()}
-    return text if sep and label in known and _OUTCOME.match(outcome) else None
+    return text if sep and label in known and _OUTCOME.fullmatch(outcome) else None
 
 
 def _applies(action: str, *, held: bool, pending: bool) -> bool:

@@ -61,7 +61,9 @@ class Access:
         if cookie is not None and _equal(cookie, self.session_value()):
             return True
         scheme, _, credentials = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and self.token_matches(credentials.strip())
+        # Only HTTP's white space (SP, HTAB) is trimmed: str.strip() also takes U+00A0 and
+        # U+0085, which a header value may carry (obs-text), and a token holds neither.
+        return scheme.lower() == "bearer" and self.token_matches(credentials.strip(" \t"))
 
 
 def new_csrf_token() -> str:
