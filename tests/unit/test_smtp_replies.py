@@ -127,10 +127,30 @@ def test_parse_ehlo_legacy_auth_form() -> None:
     assert parse_ehlo(SMTPReply(code=250, text="mx\nAUTH=PLAIN LOGIN")) == {"AUTH": "PLAIN LOGIN"}
 
 
+def test_an_enhanced_code_in_other_digits_is_text_in_a_multi_line_reply_too() -> None:
+    assert make_reply(550, [b"5.\xd9\xa1.1 no", b"5.\xd9\xa1.1 such user"]) == SMTPReply(
+        code=550, text="5.\u0661.1 no\n5.\u0661.1 such user"
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "SIZE 1000\u3000",  # str.strip() took the IDEOGRAPHIC SPACE: a limit of 1000
+        "\u00a0STARTTLS",
+        "\u017ftarttls",  # LATIN SMALL LETTER LONG S: str.upper() made it STARTTLS
+        "AUTH PLA\u0131N",  # DOTLESS I: str.upper() made it PLAIN
+    ],
+)
+def test_an_ehlo_line_that_is_not_ascii_announces_nothing(line: str) -> None:
+    extensions = parse_ehlo(SMTPReply(code=250, text=f"mx\nPIPELINING\n{line}"))
+    assert extensions == {"PIPELINING": ""}
+
+
 # --- the fast path agrees with the regex-only parser it replaced ----------------------
 
 _REF_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
-_REF_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+_REF_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
 
 
 _REF_INVISIBLE = set("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -241,9 +261,10 @@ def test_make_reply_agrees_with_the_regex_only_version(code: int, texts: list[st
         (b"250 2.1.5\tOK\r\n", SMTPReply(code=250, text="2.1.5\tOK")),
         (b"354 3.0.0 go\r\n", SMTPReply(code=354, text="3.0.0 go")),
         (b"451 5.1.1 odd\r\n", SMTPReply(code=451, text="5.1.1 odd")),
-        # \d in the RFC 3463 pattern is any Unicode decimal digit; kept as it was.
-        ("250 2.\u0661.5 x\r\n".encode(), SMTPReply(code=250, enhanced="2.\u0661.5", text="x")),
-        # ... but not any character str.isdigit() accepts, such as a superscript two.
+        # RFC 3463's digits are ASCII: not other scripts' (a str pattern's \d took them) ...
+        ("250 2.\u0661.5 x\r\n".encode(), SMTPReply(code=250, text="2.\u0661.5 x")),
+        ("550 5.1.\uff11 x\r\n".encode(), SMTPReply(code=550, text="5.1.\uff11 x")),
+        # ... nor any other character str.isdigit() accepts, such as a superscript two.
         ("250 2.\u00b2.5 x\r\n".encode(), SMTPReply(code=250, text="2.\u00b2.5 x")),
         (b"250 a\r\r\n", SMTPReply(code=250, text="a\ufffd")),
         (b"250 \xff\r\n", SMTPReply(code=250, text="\ufffd")),

@@ -22,8 +22,9 @@ MAX_REPLY = 1024 * 1024
 # Code: first digit 2-5, second 0-5 (RFC 5321 §4.2); then SP, "-" or nothing ("250\r\n" is
 # seen in the wild and harmless).
 _LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)
-# RFC 3463: class.subject.detail at the start of the text.
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+# RFC 3463: class.subject.detail at the start of the text. re.ASCII: the code is ASCII
+# digits; a str pattern's \d would take "5.\u0661.1", which a bounce notice cannot carry.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)", re.ASCII)
 # Reply classes that carry an enhanced code of the same class (RFC 3463: 2, 4 and 5).
 _CLASS = {2: "2", 4: "4", 5: "5"}
 # Single-line replies already parsed, by their raw line (CR LF included): servers repeat
@@ -176,8 +177,8 @@ def _split_enhanced(text: str, klass: str) -> tuple[str | None, str]:
     """(enhanced code, rest of the text) when ``text`` starts with an enhanced code of
     class ``klass``, else (None, text); exactly what :data:`_ENHANCED` would find.
 
-    The usual "2.1.5 OK" is taken apart with string methods; anything unusual that might
-    still match (non-ASCII digits, say) goes to the regex.
+    The usual "2.1.5 OK" is taken apart with string methods; anything unusual goes to the
+    regex, which agrees with them (ASCII digits only).
     """
     if text[:1] != klass or text[1:2] != ".":
         return None, text  # the regex cannot match, or matches another class
@@ -210,6 +211,11 @@ def parse_ehlo(reply: SMTPReply) -> dict[str, str]:
     extensions: dict[str, str] = {}
     legacy_auth: str | None = None
     for line in reply.text.split("\n")[1:]:
+        if not line.isascii():
+            # An ehlo-line is ASCII (RFC 5321 §4.1.1.1). Other text would be read as what
+            # it is not: str.strip() takes U+3000 ("SIZE 1000\u3000" was a limit),
+            # str.upper() makes "\u017ftarttls" STARTTLS and "PLA\u0131N" PLAIN.
+            continue
         keyword, _, params = line.strip().partition(" ")
         keyword = keyword.upper()
         if not keyword:
