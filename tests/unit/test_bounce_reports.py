@@ -120,6 +120,33 @@ def test_an_smtp_diagnostic_gives_its_code() -> None:
     assert (r.diagnostic_code, r.remote_mta) == (550, "mx2.receiver.test")
 
 
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("4\u00b20", "5.1.1"),  # SUPERSCRIPT TWO: str.isdigit(), but int() raised ValueError
+        ("5\u0665\u0660", "5.1.1"),  # ARABIC-INDIC 50: int() read 550
+        ("550", "5.\u0661.1"),  # ARABIC-INDIC ONE in the status
+        ("550", "5.\u00b2.1"),
+        ("550", "5.1.1111"),  # RFC 3463: 1 to 3 digits
+    ],
+)
+def test_codes_in_a_report_are_ascii_digits(code: str, status: str) -> None:
+    text = (
+        sample("postfix-dsn-headers.eml")
+        .replace(b"Status: 5.1.1", f"Status: {status}".encode())
+        .replace(
+            b'Diagnostic-Code: X-Postfix; unknown user: "nosuchuser"',
+            f"Diagnostic-Code: smtp; {code} no such user".encode(),
+        )
+    )
+    assert f"{code} no such user".encode() in text
+    report = parse_report(text)
+    assert report is not None
+    [r] = report.recipients
+    assert r.diagnostic_code == (550 if code == "550" else None)
+    assert r.status == (None if status != "5.1.1" else "5.1.1")
+
+
 def test_other_mail_is_no_report() -> None:
     assert parse_report(b"Subject: Out of office\r\n\r\nBack on Monday.\r\n") is None
     other = (

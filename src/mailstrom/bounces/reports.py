@@ -433,13 +433,22 @@ def _bare(value: object) -> str | None:
 
 
 def _status(value: object) -> str | None:
+    """RFC 3464's ``Status``: an RFC 3463 code, class.subject.detail in ASCII digits (1 to
+    3 each). str.isdigit() alone also takes other scripts' digits and "²"."""
     text = _field(value).split(" ")[0]
     parts = text.split(".")
-    if len(parts) == 3 and parts[0] in ("2", "4", "5") and all(p.isdigit() for p in parts):
+    if (
+        len(parts) == 3
+        and text.isascii()
+        and parts[0] in ("2", "4", "5")
+        and all(0 < len(p) <= 3 and p.isdigit() for p in parts)
+    ):
         return text
     return None
 
 
 def _smtp_code(diagnostic: str | None) -> int | None:
+    """The reply code a ``smtp;`` diagnostic starts with: three ASCII digits (``int()``
+    reads "4\u0665\u0660" as 450 and raises ValueError for "4\u00b20")."""
     head = (diagnostic or "")[:3]
-    return int(head) if head.isdigit() and head[0] in "45" else None
+    return int(head) if head.isascii() and head.isdigit() and head[0] in "45" else None
