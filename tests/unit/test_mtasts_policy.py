@@ -181,6 +181,18 @@ def test_bad_sts_records(records: list[str], reason: str) -> None:
         parse_sts_record(records)
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2003"])
+def test_sts_records_are_trimmed_of_wsp_only(space: str) -> None:
+    """RFC 8461 §3.1's delimiters are *WSP: str.strip() also took a no-break space, U+3000
+    or an EM SPACE, so "v=STSv1<U+3000>" was a record and "id=abc<U+00A0>" its id abc."""
+    assert parse_sts_record(["v=STSv1 ;\tid=abc ; "]) == "abc"
+    assert parse_sts_record([f"v=STSv1{space}; id=abc"]) is None
+    with pytest.raises(PolicyError, match="letters and digits"):
+        parse_sts_record([f"v=STSv1; id=abc{space}"])
+    with pytest.raises(PolicyError, match="no id"):
+        parse_sts_record([f"v=STSv1; {space}id=abc"])
+
+
 def test_cached_policy_lifetime_has_a_floor() -> None:
     now = datetime(2030, 1, 1, tzinfo=UTC)
     zero = parse_policy(b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 0\n")

@@ -328,6 +328,20 @@ def test_unusable_rua_records(records: list[str]) -> None:
         parse_tlsrpt_record(records)
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2003"])
+def test_rua_records_are_trimmed_of_wsp_only(space: str) -> None:
+    """RFC 8460 §3's delimiters are *WSP: str.strip() also took a no-break space, U+3000
+    or an EM SPACE, so "v=TLSRPTv1<U+3000>" was a record and "rua=<U+00A0>mailto:..."
+    its address."""
+    wsp = "v=TLSRPTv1 ;\trua= mailto:a@example.org\t, mailto:b@example.org ;"
+    assert parse_tlsrpt_record([wsp]) == ["mailto:a@example.org", "mailto:b@example.org"]
+    assert parse_tlsrpt_record([f"v=TLSRPTv1{space}; rua=mailto:a@example.org"]) is None
+    with pytest.raises(ReportRecordError, match="no mailto"):
+        parse_tlsrpt_record([f"v=TLSRPTv1; rua={space}mailto:a@example.org"])
+    with pytest.raises(ReportRecordError, match="without rua"):
+        parse_tlsrpt_record([f"v=TLSRPTv1; {space}rua=mailto:a@example.org"])
+
+
 def test_tlsa_policy_names_its_mx_host() -> None:
     records = "3 1 1 ab12"
     tlsa: dict[str, Any] = {

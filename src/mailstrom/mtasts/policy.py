@@ -44,7 +44,7 @@ publishing ``max_age: 0`` does not cost one HTTPS fetch per message."""
 REFRESH_AFTER = timedelta(days=1)
 """The longest a cached policy goes without a fetch while mail flows to its domain."""
 
-_RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_RECORD_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # fullmatch: "$" would let a final "\n" in
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # Control characters but TAB (WSP) and the LF lines end with, once CR LF is made LF; and
@@ -166,12 +166,13 @@ def parse_sts_record(records: list[str]) -> str | None:
     records are unusable: several STSv1 records, or one that breaks the grammar (RFC 8461
     §3.1 says to treat both as no policy; the caller decides what to keep).
     """
-    sts = [r for r in records if r.split(";", 1)[0].strip() == "v=STSv1"]
+    # sts-field-delim is *WSP ";" *WSP: only SP and HTAB are trimmed (see _WSP).
+    sts = [r for r in records if r.split(";", 1)[0].strip(_WSP) == "v=STSv1"]
     if not sts:
         return None
     if len(sts) > 1:
         raise PolicyError(f"{len(sts)} v=STSv1 TXT records (exactly one allowed)")
-    fields = [f.strip() for f in sts[0].split(";")]
+    fields = [f.strip(_WSP) for f in sts[0].split(";")]
     policy_id: str | None = None
     for field in fields[1:]:
         if not field:
@@ -179,11 +180,11 @@ def parse_sts_record(records: list[str]) -> str | None:
         key, eq, value = field.partition("=")
         if not eq:
             raise PolicyError(f"TXT record field without '=': {field[:40]!r}")
-        if key.strip() == "id" and policy_id is None:
-            policy_id = value.strip()
+        if key.strip(_WSP) == "id" and policy_id is None:
+            policy_id = value.strip(_WSP)
     if policy_id is None:
         raise PolicyError("TXT record has no id field")
-    if not _RECORD_ID.match(policy_id):
+    if not _RECORD_ID.fullmatch(policy_id):
         raise PolicyError(f"TXT record id {policy_id[:40]!r} is not 1-32 letters and digits")
     return policy_id
 

@@ -32,6 +32,10 @@ _URI = re.compile(r"[!-~]+")
 that would forge a header of the report mail, an ESC, 8-bit text) is no URI."""
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 """A ``%`` that does not start a percent-encoded octet (RFC 3986 §2.1)."""
+_WSP = " \t"
+"""RFC 5234's WSP, the only white space of RFC 8460 §3's record (``field-delim = *WSP ";"
+*WSP``, ``*WSP "," *WSP`` between URIs); ``str.strip()`` would also take a no-break
+space, U+3000 and the like."""
 
 
 class ReportRecordError(MailstromError, ValueError):
@@ -47,7 +51,7 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept, each once,
     and only those that are URIs (printable ASCII). Raises
     :class:`ReportRecordError` for several TLSRPTv1 records or one without ``rua``."""
-    found = [r for r in records if r.split(";", 1)[0].strip() == "v=TLSRPTv1"]
+    found = [r for r in records if r.split(";", 1)[0].strip(_WSP) == "v=TLSRPTv1"]
     if not found:
         return None
     if len(found) > 1:
@@ -55,11 +59,11 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     rua: str | None = None
     for field in found[0].split(";")[1:]:
         key, eq, value = field.partition("=")
-        if eq and key.strip() == "rua" and rua is None:
-            rua = value.strip()
+        if eq and key.strip(_WSP) == "rua" and rua is None:
+            rua = value.strip(_WSP)
     if not rua:
         raise ReportRecordError("v=TLSRPTv1 record without rua")
-    uris = [u.strip() for u in rua.split(",") if u.strip()]
+    uris = [u.strip(_WSP) for u in rua.split(",") if u.strip(_WSP)]
     # dict: each URI once (one report each), in the record's order.
     kept = {u: None for u in uris if u.lower().startswith(_SCHEMES) and _URI.fullmatch(u)}
     if not kept:
