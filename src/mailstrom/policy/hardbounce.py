@@ -20,7 +20,9 @@ from mailstrom.status import AttemptOutcome
 DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
 """The codes that suppress an address unless configured otherwise."""
 
-_CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$")
+# re.ASCII: a reply's codes are ASCII digits (smtp/replies.py), so "5.\u0661.1" (a str
+# pattern's \d takes it) would be a configured code that never matches anything.
+_CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$", re.ASCII)
 
 
 def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
