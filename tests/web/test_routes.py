@@ -260,6 +260,8 @@ def test_login_only_follows_paths_on_this_server(store: Store) -> None:
     [
         ("/queue?view=everything", 400),
         ("/queue?age=soon", 400),
+        ("/queue?age=%E3%80%802h", 400),  # U+3000, which str.strip() took, then 2h
+        ("/queue?age=2h%C2%A0", 400),  # a no-break space after it
         ("/queue?after=garbage", 400),
         ("/queue?limit=100000", 400),
         ("/message/" + "0" * 32, 404),

@@ -468,12 +468,13 @@ def _queue_query(params: Any) -> QueueQuery:
     domain = (params.get("domain") or "").strip().lower() or None
     if domain is not None and not _DOMAIN.match(domain):
         raise InvalidQuery("not a domain")
-    age_text = (params.get("age") or "").strip()
+    # parse_duration() trims ASCII white space; str.strip() here would take U+3000 too.
+    age_text = params.get("age") or ""
     after = params.get("after")
     return QueueQuery(
         view=view,
         domain=domain,
-        older_than=parse_duration(age_text) if age_text else None,
+        older_than=parse_duration(age_text) if age_text.strip(" \t") else None,
         search=Search.parse(params.get("q") or ""),
         order=order,
         after=PageCursor.decode(after) if after else None,
