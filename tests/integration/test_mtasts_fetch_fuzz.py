@@ -353,3 +353,29 @@ def test_a_long_bad_status_line_is_not_quoted_whole(
     assert isinstance(outcome, PolicyError)
     assert "illegal status line" in outcome.reason
     assert len(outcome.reason) < 400
+
+
+@pytest.mark.parametrize("space", [b"\xa0", b"\x85"])
+def test_a_media_type_is_trimmed_of_http_white_space_only(
+    zone: LoopbackDNS,
+    server_context: ssl.SSLContext,
+    client_tls_context: ssl.SSLContext,
+    space: bytes,
+) -> None:
+    """A Latin-1 NO-BREAK SPACE or NEXT LINE after text/plain was trimmed by str.strip(),
+    and the policy taken as served as text/plain."""
+    response = Response(
+        status=b"HTTP/1.1 200 OK",
+        content_type=b"text/plain" + space,
+        extra=(),
+        body=POLICY,
+        framing="length",
+        endless=False,
+        splits=1,
+        drip=False,
+        cut=None,
+        silent_after=None,
+    )
+    outcome, _ = asyncio.run(fetch(response, zone, server_context, client_tls_context))
+    assert isinstance(outcome, PolicyError)
+    assert "not text/plain" in outcome.reason

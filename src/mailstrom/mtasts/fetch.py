@@ -115,10 +115,12 @@ async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
             raise PolicyError(
                 f"https://{host}{WELL_KNOWN} answered HTTP {status}", result_type=FETCH_ERROR
             )
-        media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        # Trimmed of HTTP's white space only (SP, HTAB): str.strip() would also take the
+        # U+00A0 or U+0085 that a header's obs-text octets decode to.
+        media = response.headers.get("content-type", "").split(";")[0].strip(" \t").lower()
         if media != "text/plain":
             raise PolicyError(f"policy served as {media or 'no type'!r}, not text/plain")
-        encoding = response.headers.get("content-encoding", "").strip().lower()
+        encoding = response.headers.get("content-encoding", "").strip(" \t").lower()
         if encoding not in ("", "identity"):
             # We asked for identity. Decoding is what would make the size limit useless: a
             # few KB of "gzip, gzip" inflate to gigabytes in one step, before any check.
