@@ -197,9 +197,20 @@ def test_raw_message_id_must_be_a_msg_id() -> None:
         assert f"Message-ID: {value}".encode() in prepared.data
 
 
-BAD_DATES = ["", "yesterday", "2024-01-02T03:04:05Z", "Mon, 32 Jan 2024 00:00 +0000"]
+BAD_DATES = [
+    "",
+    "yesterday",
+    "2024-01-02T03:04:05Z",
+    "Mon, 32 Jan 2024 00:00 +0000",
+    # parsedate_tz() read other scripts' digits (ARABIC-INDIC, FULLWIDTH) and spaces.
+    "Tue, \u0660\u0662 Jan 2024 03:04:05 +0000",
+    "Tue, 02 Jan 2024 \uff10\uff13:04:05 +0000",
+    "Tue,\u300002 Jan 2024 03:04:05 +0000",
+    "Tue, 02\u00a0Jan 2024 03:04:05 +0000",
+]
 GOOD_DATES = [
     "Mon, 01 Jan 2024 00:00:00 +0000",
+    "Tue, 02 Jan 2024 03:04:05 +0100 (Mitteleurop\u00e4ische Zeit)",  # UTF-8 (RFC 6532)
     "1 Jan 2024 00:00 GMT",  # no day of week, obsolete zone name (RFC 5322 §4.3)
     "Mon, 01 Jan 24 00:00:00 EST",  # two-digit year
     "Tue, 02 Jan 2024 03:04:05 +0100 (CET)",  # a comment after it

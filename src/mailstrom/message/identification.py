@@ -22,6 +22,10 @@ _CFWS = r"[ \t]*(?:\((?:[^()\\]|\\.)*\)[ \t]*)*"
 _MSG_ID = re.compile(rf"{_CFWS}(<{_ID_LEFT}@{_ID_RIGHT}>){_CFWS}", re.DOTALL)
 """msg-id (RFC 5322 §3.6.4): id-left a dot-atom-text or (obs-id-left) a quoted string,
 id-right a dot-atom-text or a no-fold-literal, with comments and white space around."""
+_FOREIGN_DIGIT_OR_SPACE = re.compile(r"[^\D0-9]|[^\S\x00-\x7f]")
+"""A digit or white space that is not ASCII: parsedate_tz() reads the date with int() and
+str.split(), which take both ("\u0660\u0662 Jan" is the 2nd), yet a date-time has
+neither (RFC 5322 §3.3) and a reader could not tell the day."""
 
 
 def check_message_id(value: str, *, field: str = "Message-ID") -> str:
@@ -47,7 +51,10 @@ def check_date(value: str) -> None:
     Obsolete forms stay valid (RFC 5322 §4.3): two-digit years, zone names such as
     ``GMT`` or ``EST``, a trailing comment. A second of 60 is a leap second (§3.3).
     """
-    parts = parsedate_tz(value)
+    # isascii() first: one C-level pass, true for almost every Date. A comment may still
+    # hold UTF-8 (RFC 6532), so only the characters parsedate_tz() misreads are refused.
+    foreign = not value.isascii() and _FOREIGN_DIGIT_OR_SPACE.search(value) is not None
+    parts = None if foreign else parsedate_tz(value)
     try:
         if parts is None:
             raise ValueError("unreadable")
