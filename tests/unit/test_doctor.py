@@ -187,6 +187,20 @@ def test_spf_helo_identity() -> None:
     assert missing.fix == f'publish TXT at {HELO}: "v=spf1 a -all" (the host may send as itself)'
 
 
+def test_spf_helo_temporary_error_of_an_include_says_which() -> None:
+    # The HELO's record is read; the name it includes fails: no lookup error of its own.
+    resolver = FakeResolver(
+        {
+            (HELO, "TXT"): ["v=spf1 include:spf.example.net -all"],
+            ("spf.example.net", "TXT"): "servfail",
+        }
+    )
+    check = check_spf_helo(resolver, helo=HELO, ip=IP)
+    assert check.status is Status.UNKNOWN
+    assert "None" not in check.summary
+    assert "SERVFAIL" in check.summary
+
+
 # --- FCrDNS ------------------------------------------------------------------------------
 
 

@@ -178,7 +178,13 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     if result == "pass":
         status, summary, fix_or_none = Status.PASS, f"pass: {helo} authorizes {ip}", None
     elif result == "temperror" or error is not None:
-        status, summary, fix_or_none = Status.UNKNOWN, f"temporary error: {error}", None
+        # The HELO's own record may have been read fine and an include failed: then
+        # pyspf's explanation, not the (absent) lookup error, says what went wrong.
+        status, summary, fix_or_none = (
+            Status.UNKNOWN,
+            f"temporary error: {error or explanation}",
+            None,
+        )
     elif result == "none":
         status, summary, fix_or_none = Status.WARN, f"none: {helo} has no SPF record", fix
     else:
