@@ -230,6 +230,18 @@ def test_fcrdns_failures() -> None:
     assert "fully qualified" in short.summary
 
 
+def test_fcrdns_looks_up_at_most_ten_ptr_names() -> None:
+    # Whoever holds the address block may publish any number of PTR names, and each
+    # costs a lookup (a dropped one the whole DNS timeout).
+    names = [f"h{i}.example.net." for i in range(50)]
+    resolver = FakeResolver({("10.2.0.192.in-addr.arpa", "PTR"): names})
+    ptr, _ = check_fcrdns(resolver, ip=IP, helo=HELO)
+    forward = [name for name, rtype in resolver.asked if rtype == "A" and name != HELO]
+    assert len(forward) == 10
+    assert ptr.status is Status.FAIL
+    assert ptr.details[-1].endswith("40 more names, not looked at")
+
+
 def test_fcrdns_ipv6() -> None:
     ip = "2001:db8::25"
     reverse = "5.2.0.0." + "0." * 20 + "8.b.d.0.1.0.0.2.ip6.arpa"
