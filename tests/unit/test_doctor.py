@@ -39,6 +39,7 @@ from mailstrom.doctor.dkim import check_dkim, parse_tags, public_key, record_for
 from mailstrom.doctor.dmarc import aligned, check_dmarc, organizational_domain, parse_dmarc
 from mailstrom.doctor.dnsbl import check_dnsbl, query_name
 from mailstrom.doctor.fcrdns import check_fcrdns
+from mailstrom.doctor.lookup import normal_name
 from mailstrom.doctor.outgoing import (
     Target,
     check_outgoing,
@@ -240,6 +241,15 @@ def test_fcrdns_looks_up_at_most_ten_ptr_names() -> None:
     assert len(forward) == 10
     assert ptr.status is Status.FAIL
     assert ptr.details[-1].endswith("40 more names, not looked at")
+
+
+def test_names_keep_an_escaped_final_dot() -> None:
+    # A PTR name's text form escapes a dot inside a label; stripping it made another
+    # name (``mail\\`` is not even one), whose lookup failed as a "temporary" error.
+    assert normal_name("mail\\.") == "mail\\."
+    assert normal_name("a\\.b.Example.com.") == "a\\.b.example.com"
+    assert normal_name("mail\\\\.") == "mail\\\\"  # an escaped backslash, then the final dot
+    assert normal_name(" Example.COM.. ") == "example.com"
 
 
 def test_fcrdns_ipv6() -> None:

@@ -99,8 +99,24 @@ def reverse_name(ip: str) -> str:
 
 
 def normal_name(name: str) -> str:
-    """A DNS name compared the way DNS compares it: lower case, no final dot."""
-    return name.strip().rstrip(".").lower()
+    r"""A DNS name compared the way DNS compares it: lower case, no final dot.
+
+    The name is in DNS text form, as answers give it: a dot after an odd number of
+    backslashes is part of its label (``mail\.`` is one label, ``mail.``), and stays.
+
+    >>> normal_name("Mail.Example.COM."), normal_name("mail\\..")
+    ('mail.example.com', 'mail\\.')
+    """
+    name = name.strip().lower()
+    while name.endswith(".") and not _escaped_last(name):
+        name = name[:-1]
+    return name
+
+
+def _escaped_last(text: str) -> bool:
+    """Whether the last character of ``text`` is escaped (an odd run of backslashes)."""
+    body = text[:-1]
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 1
 
 
 def address_family(ip: str) -> str:
