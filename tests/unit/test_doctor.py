@@ -443,6 +443,21 @@ def test_dmarc_parse() -> None:
             parse_dmarc(text)
 
 
+@pytest.mark.parametrize(
+    "pct",
+    [
+        "\u0663\u0660",  # Arabic-Indic 30: str.isdigit() and int() take it, RFC 7489 does not
+        "\u00b2",  # a superscript two: isdigit(), but int() refuses it
+        "9" * 5000,  # past int()'s 4300 digits: its own error, quoting nothing useful
+        "0100",
+    ],
+)
+def test_dmarc_pct_is_one_to_three_ascii_digits(pct: str) -> None:
+    with pytest.raises(ValueError, match="is not a whole number from 0 to 100") as caught:
+        parse_dmarc(f"v=DMARC1; p=reject; pct={pct}")
+    assert len(str(caught.value)) < 200
+
+
 def test_organizational_domain_and_alignment() -> None:
     assert organizational_domain("mail.news.example.co.uk") == "example.co.uk"
     assert organizational_domain("Example.COM.") == "example.com"

@@ -18,9 +18,12 @@ from typing import Any
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
 from mailstrom.doctor.report import Check, Status
+from mailstrom.domains import shown
 
 _DMARC = re.compile(r"^v\s*=\s*DMARC1\s*(;|$)")
 _POLICIES = ("none", "quarantine", "reject")
+_PERCENT = re.compile(r"[0-9]{1,3}")
+"""RFC 7489 §6.4: ``pct`` is 1*3DIGIT, ASCII digits (``str.isdigit`` takes ``٣`` and ``²``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,8 +72,9 @@ def parse_dmarc(text: str) -> DMARCRecord:
         return value.lower()
 
     pct_text = tags.get("pct", "100")
-    if not pct_text.isdigit() or not 0 <= int(pct_text) <= 100:
-        raise ValueError(f"pct={pct_text} is not a whole number from 0 to 100")
+    if not _PERCENT.fullmatch(pct_text) or int(pct_text) > 100:
+        quoted = pct_text if len(pct_text) <= 20 else shown(pct_text, 20)
+        raise ValueError(f"pct={quoted} is not a whole number from 0 to 100")
     return DMARCRecord(
         p=choice("p", _POLICIES, None),
         sp=choice("sp", _POLICIES, None),
