@@ -458,6 +458,18 @@ def test_dmarc_pct_is_one_to_three_ascii_digits(pct: str) -> None:
     assert len(str(caught.value)) < 200
 
 
+def test_dmarc_errors_quote_a_short_piece_of_the_record() -> None:
+    for record in (
+        "v=DMARC1; p=reject; " + "x" * 5000,
+        "v=DMARC1; p=" + "x" * 5000,
+        "v=DMARC1; p=none; adkim=" + "s" * 5000,
+    ):
+        with pytest.raises(ValueError, match=r"…\(\d+ more\)…") as caught:
+            parse_dmarc(record)
+        assert len(str(caught.value)) < 200, str(caught.value)[:300]
+    assert parse_dmarc("v=DMARC1; p=reject; pct=007").pct == 7
+
+
 def test_organizational_domain_and_alignment() -> None:
     assert organizational_domain("mail.news.example.co.uk") == "example.co.uk"
     assert organizational_domain("Example.COM.") == "example.com"
@@ -654,6 +666,37 @@ def test_run_doctor_all_pass(rsa_key: Path) -> None:
     assert report.ip == IP
     assert network.probed == [("198.51.100.25", 25, None)]
     assert exit_code(report) == 0
+
+
+LONG = "x" * 5000
+"""Far more than a summary line should hold; a TXT record may hold 64 KiB."""
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        {(DOMAIN, "TXT"): [f"v=spf1 {LONG} -all"]},  # pyspf's permerror quotes the term
+        {(HELO, "TXT"): [f"v=spf1 {LONG} -all"]},
+        {(f"s1._domainkey.{DOMAIN}", "TXT"): [f"v=DKIM1; {LONG}; p=MII"]},
+        {(f"s1._domainkey.{DOMAIN}", "TXT"): [f"v={LONG}; p=MII"]},
+        {(f"s1._domainkey.{DOMAIN}", "TXT"): [f"v=DKIM1; h={LONG}; p=MII"]},
+        {(f"s1._domainkey.{DOMAIN}", "TXT"): [f"v=DKIM1; {i}; p=MII" for i in range(300)]},
+        {(f"_dmarc.{DOMAIN}", "TXT"): [f"v=DMARC1; p={LONG}"]},
+        {(f"_dmarc.{DOMAIN}", "TXT"): [f"v=DMARC1; p=none; {LONG}"]},
+        {
+            ("10.2.0.192.bl.example", "A"): ["127.0.0.2"],
+            ("10.2.0.192.bl.example", "TXT"): [LONG],
+        },
+        {("10.2.0.192.bl.example", "A"): [f"127.0.{i // 256}.{i % 256}" for i in range(1000)]},
+        {(HELO, "A"): [f"198.51.{i // 256}.{i % 256}" for i in range(1000)]},
+    ],
+)
+def test_summaries_quote_a_short_piece_of_what_dns_said(
+    rsa_key: Path, zone: dict[tuple[str, str], list[str]]
+) -> None:
+    report = run_doctor(setup(rsa_key), FakeResolver(zone), FakeNetwork())
+    longest = max(report.checks, key=lambda c: len(c.summary))
+    assert len(longest.summary) < 500, (longest.name, longest.summary[:300])
 
 
 def test_run_doctor_relay_mode(rsa_key: Path) -> None:

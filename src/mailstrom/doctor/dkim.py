@@ -18,7 +18,7 @@ from typing import Any
 from mailstrom.dkim.keys import read_key_file
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
-from mailstrom.doctor.report import Check, Status
+from mailstrom.doctor.report import Check, Status, listed, piece
 from mailstrom.errors import ConfigError
 
 MIN_RSA_BITS = 1024
@@ -61,9 +61,9 @@ def parse_tags(text: str) -> dict[str, str]:
         name, eq, value = part.partition("=")
         name = name.strip()
         if not eq or not name:
-            raise ValueError(f"not a tag=value pair: {part.strip()!r}")
+            raise ValueError(f"not a tag=value pair: {piece(part.strip())!r}")
         if name in tags:
-            raise ValueError(f"tag {name}= appears twice")
+            raise ValueError(f"tag {piece(name)}= appears twice")
         # Folding whitespace may split base64 anywhere (RFC 6376 §3.2); elsewhere it only
         # surrounds the value.
         tags[name] = "".join(value.split()) if name in ("p", "h") else value.strip()
@@ -238,7 +238,7 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
         return result(
             Status.PASS, f"published key matches {key.source} ({_size(ours)})", None, shown
         )
-    return result(Status.FAIL, "; ".join(problems), publish, shown)
+    return result(Status.FAIL, listed(problems, 3, "; "), publish, shown)
 
 
 def _size(key: PublicKey) -> str:
@@ -250,13 +250,13 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     if p is None:  # often a missing ";" that glued p= to the tag before it
         return "the record has no p= tag (is a ';' missing?)"
     if tags.get("v", "DKIM1") != "DKIM1":
-        return f"v={tags['v']} is not DKIM1"
+        return f"v={piece(tags['v'])} is not DKIM1"
     kind = tags.get("k", "rsa").lower()
     if kind != ours.kind:
-        return f"the record is for k={kind}, the key is {ours.kind}"
+        return f"the record is for k={piece(kind)}, the key is {ours.kind}"
     hashes = tags.get("h")
     if hashes is not None and "sha256" not in hashes.lower().split(":"):
-        return f"h={hashes} excludes sha256, which mailstrom signs with"
+        return f"h={piece(hashes)} excludes sha256, which mailstrom signs with"
     if p == "":
         return "p= is empty: the key is revoked"
     if not published_matches(kind, p, ours):

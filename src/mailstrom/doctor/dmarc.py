@@ -17,8 +17,7 @@ from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
-from mailstrom.doctor.report import Check, Status
-from mailstrom.domains import shown
+from mailstrom.doctor.report import Check, Status, piece
 
 _DMARC = re.compile(r"^v\s*=\s*DMARC1\s*(;|$)")
 _POLICIES = ("none", "quarantine", "reject")
@@ -58,7 +57,7 @@ def parse_dmarc(text: str) -> DMARCRecord:
             continue
         name, eq, value = part.partition("=")
         if not eq:
-            raise ValueError(f"not a tag=value pair: {part.strip()!r}")
+            raise ValueError(f"not a tag=value pair: {piece(part.strip())!r}")
         tags.setdefault(name.strip().lower(), value.strip())
     if "p" not in tags:
         raise ValueError("the required p= tag is missing")
@@ -68,13 +67,12 @@ def parse_dmarc(text: str) -> DMARCRecord:
         if value is None:
             return default
         if value.lower() not in allowed:
-            raise ValueError(f"{tag}={value} is not one of {', '.join(allowed)}")
+            raise ValueError(f"{tag}={piece(value)} is not one of {', '.join(allowed)}")
         return value.lower()
 
     pct_text = tags.get("pct", "100")
     if not _PERCENT.fullmatch(pct_text) or int(pct_text) > 100:
-        quoted = pct_text if len(pct_text) <= 20 else shown(pct_text, 20)
-        raise ValueError(f"pct={quoted} is not a whole number from 0 to 100")
+        raise ValueError(f"pct={piece(pct_text, 20)} is not a whole number from 0 to 100")
     return DMARCRecord(
         p=choice("p", _POLICIES, None),
         sp=choice("sp", _POLICIES, None),

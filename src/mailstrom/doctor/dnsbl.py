@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from mailstrom.doctor.lookup import Outcome, Resolver
-from mailstrom.doctor.report import Check, Status
+from mailstrom.doctor.report import Check, Status, listed, piece
 from mailstrom.safetext import safe_decode
 
 DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
@@ -43,12 +43,12 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
     if answer.outcome is Outcome.ERROR:
         return check(Status.UNKNOWN, f"could not query {zone}: {answer.error}")
     codes = list(answer.records)
-    shown = f"A {name}: {', '.join(codes)}"
+    shown = f"A {name}: {listed(codes, 20)}"
     loopback = [c for c in codes if _in_127(c)]
     if not loopback:
         return check(
             Status.WARN,
-            f"{zone} answered {', '.join(codes)}, which is no listing code: the resolver "
+            f"{zone} answered {listed(codes)}, which is no listing code: the resolver "
             "seems to rewrite unknown names",
             "use a resolver that returns NXDOMAIN unchanged for blocklist queries",
             shown,
@@ -56,7 +56,7 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
     if all(c.startswith("127.255.255.") for c in loopback):
         return check(
             Status.WARN,
-            f"{zone} refused the query ({', '.join(loopback)}): it does not answer queries "
+            f"{zone} refused the query ({listed(loopback)}): it does not answer queries "
             "relayed by public resolvers",
             "query from your own recursive resolver (not 8.8.8.8, 1.1.1.1 and the like), "
             f"or use the list's registered query service; then run the doctor again ({zone})",
@@ -69,7 +69,8 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
         if reasons.outcome is Outcome.ANSWER
         else ""
     )
-    summary = f"{ip} is LISTED ({', '.join(loopback)})" + (f": {reason}" if reason else "")
+    # A list's reason is a line with a URL; a longer one is cut (the whole is in DNS).
+    summary = f"{ip} is LISTED ({listed(loopback)})" + (f": {piece(reason, 300)}" if reason else "")
     return check(
         Status.FAIL,
         summary,

@@ -17,7 +17,7 @@ from mailstrom.doctor.lookup import (
     reverse_name,
     same_address,
 )
-from mailstrom.doctor.report import Check, Status
+from mailstrom.doctor.report import Check, Status, listed
 
 MAX_PTR_NAMES = 10
 """PTR names of the address forward-confirmed at most. Each costs a lookup (a dropped one
@@ -129,7 +129,7 @@ def _check_helo(resolver: Resolver, *, ip: str, helo: str, ptr_names: list[str])
     if answer.outcome is Outcome.ERROR:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     if not any(same_address(ip, r) for r in answer.records):
-        found = ", ".join(answer.records) or f"no {rtype} record"
+        found = listed(answer.records) or f"no {rtype} record"
         return check(
             Status.FAIL,
             f"{helo} does not resolve to {ip} ({found})",

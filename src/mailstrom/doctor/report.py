@@ -6,6 +6,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+QUOTED = 60
+"""Characters of a published record a summary quotes at most: a record is whatever its
+publisher wrote, up to 64 KiB, and a summary is one line."""
+
+
+def piece(text: str, limit: int = QUOTED) -> str:
+    """``text`` from a record for a summary: as it is when short, else cut in the middle,
+    saying how much was left out.
+
+    >>> piece("p=bogus"), piece("x" * 100, 10)
+    ('p=bogus', 'xxxxx…(90 more)…xxxxx')
+    """
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}…({len(text) - 2 * half} more)…{text[-half:]}"
+
+
+def listed(items: Sequence[str], most: int = 5, sep: str = ", ") -> str:
+    """The first ``most`` of ``items`` joined, and how many more there are: an RRset
+    holds as many records as its publisher likes.
+
+    >>> listed(["a", "b", "c"], 2)
+    'a, b and 1 more'
+    """
+    more = len(items) - most
+    return sep.join(items[:most]) + (f" and {more} more" if more > 0 else "")
+
 
 class Status(StrEnum):
     """The verdict of one check, from best to worst for the exit code's purposes."""

@@ -20,9 +20,12 @@ from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
-from mailstrom.doctor.report import Check, Status
+from mailstrom.doctor.report import Check, Status, piece
 
 _SPF = re.compile(r"^v=spf1(\s|$)", re.IGNORECASE)
+_EXPLAINED = 200
+"""Characters of pyspf's explanation a summary shows: it quotes the term it stopped at,
+which the record's publisher may have made as long as a TXT record holds."""
 _resolver: ContextVar[Resolver | None] = ContextVar("mailstrom_spf_resolver", default=None)
 
 
@@ -103,6 +106,7 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
     sender is the From address), sent by ``ip``. Returns the check and pyspf's result."""
     records, error = spf_records(resolver, domain)
     result, explanation = evaluate(resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
+    explanation = piece(explanation, _EXPLAINED)
     mechanism = mechanism_for(ip)
     shown = tuple(f"TXT {domain}: {r}" for r in records)
 
@@ -173,6 +177,7 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     envelope sender is empty. Worth a warning, not a failure: most mail has a sender."""
     records, error = spf_records(resolver, helo)
     result, explanation = evaluate(resolver, ip=ip, sender="", helo=helo)
+    explanation = piece(explanation, _EXPLAINED)
     shown = tuple(f"TXT {helo}: {r}" for r in records)
     fix = f'publish TXT at {helo}: "v=spf1 a -all" (the host may send as itself)'
     if result == "pass":
