@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from mailstrom.doctor.outgoing import (
     find_target,
     split_probe,
 )
-from mailstrom.doctor.spf import check_spf, check_spf_helo, with_mechanism
+from mailstrom.doctor.spf import TIME_LIMIT as SPF_TIME_LIMIT
+from mailstrom.doctor.spf import check_spf, check_spf_helo, evaluate, with_mechanism
 
 IP = "192.0.2.10"
 DOMAIN = "example.com"
@@ -168,6 +170,37 @@ def test_spf_failures_name_the_record(
         assert check.fix is None
     else:
         assert check.fix is not None and check.fix.startswith(fix)
+
+
+class SlowResolver(FakeResolver):
+    """Each answer takes ``delay`` seconds, as a distant or hostile server's may."""
+
+    def __init__(self, zone: Zone, delay: float) -> None:
+        super().__init__(zone)
+        self.delay = delay
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        time.sleep(self.delay)
+        return super().lookup(name, rdtype)
+
+
+def test_spf_evaluation_has_a_time_limit_in_all() -> None:
+    # Ten mx terms of ten hosts each: 111 lookups, each answered just in time.
+    zone: dict[tuple[str, str], list[str] | str] = {
+        (DOMAIN, "TXT"): ["v=spf1 " + " ".join(f"mx:m{i}.example.net" for i in range(10)) + " -all"]
+    }
+    for i in range(10):
+        zone[(f"m{i}.example.net", "MX")] = [f"10 h{i}-{j}.example.net" for j in range(10)]
+        zone.update({(f"h{i}-{j}.example.net", "A"): ["198.51.100.1"] for j in range(10)})
+    resolver = SlowResolver(zone, delay=0.01)
+    started = time.monotonic()
+    result, explanation = evaluate(
+        resolver, ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO, time_limit=0.1
+    )
+    assert time.monotonic() - started < 0.5
+    assert result == "temperror", explanation
+    assert len(resolver.asked) < 30
+    assert SPF_TIME_LIMIT == 20.0  # what RFC 7208 §4.6.4 lets receivers stop after
 
 
 def test_spf_ipv6_mechanism_goes_first() -> None:

@@ -26,6 +26,11 @@ _SPF = re.compile(r"^v=spf1(\s|$)", re.IGNORECASE)
 _EXPLAINED = 200
 """Characters of pyspf's explanation a summary shows: it quotes the term it stopped at,
 which the record's publisher may have made as long as a TXT record holds."""
+TIME_LIMIT = 20.0
+"""Seconds of DNS one SPF evaluation may take in all (RFC 7208 §4.6.4: receivers may stop
+after at least 20 s, and do). The record's publisher chooses how many lookups there
+are (up to about 110: 10 terms, 10 MX or PTR names each) and its servers how long each
+takes: without a bound, slow answers held the doctor for minutes."""
 _resolver: ContextVar[Resolver | None] = ContextVar("mailstrom_spf_resolver", default=None)
 
 
@@ -71,13 +76,22 @@ def _using(resolver: Resolver) -> Iterator[None]:
         _resolver.reset(token)
 
 
-def evaluate(resolver: Resolver, *, ip: str, sender: str, helo: str) -> tuple[str, str]:
+def evaluate(
+    resolver: Resolver,
+    *,
+    ip: str,
+    sender: str,
+    helo: str,
+    time_limit: float = TIME_LIMIT,
+) -> tuple[str, str]:
     """pyspf's verdict for mail from ``sender`` (``postmaster@HELO`` checks the HELO
     identity) sent by ``ip``: (result, explanation); result is one of pass, fail,
-    softfail, neutral, none, permerror, temperror."""
+    softfail, neutral, none, permerror, temperror (also when the lookups took longer
+    than ``time_limit`` seconds in all)."""
     spf = _pyspf()
+    query = spf.query(i=ip, s=sender, h=helo, querytime=time_limit)
     with _using(resolver):
-        result, _code, explanation = spf.query(i=ip, s=sender, h=helo).check()
+        result, _code, explanation = query.check()
     return str(result), str(explanation)
 
 
