@@ -240,6 +240,20 @@ class AmbiguousMessageId(UnknownMessage):
         return f"ambiguous message id {self.shown_id!r}: it starts {listed}"
 
 
+class InvalidArgument(MailstromError, ValueError):
+    """An argument of a queue call cannot be used: a
+    :class:`~mailstrom.stores.QueueFilter` field, a limit or cap, an age or duration, a
+    time, a destination domain or a timeout, of the wrong type or out of range.
+    ``argument`` names it (``"limit"``, ``"older_than"``, ``"timeout"``, ...). A
+    ValueError, whatever was wrong with it, so code that catches ValueError for bad
+    input keeps working."""
+
+    def __init__(self, reason: str, *, argument: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.argument = argument
+
+
 class InvalidStoreURL(MailstromError, ValueError):
     """A store URL names no known scheme or is malformed."""
 

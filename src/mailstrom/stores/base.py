@@ -17,11 +17,13 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from mailstrom.arguments import check_age, check_limit, shown
+from mailstrom.errors import InvalidArgument
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -322,6 +324,55 @@ class QueueFilter:
     states: frozenset[RecipientState] | None = None
     """Messages whose derived state is one of these (with ``state``, both must hold);
     :data:`~mailstrom.stores.operator.PENDING_STATES` is the queue's default view."""
+
+    def __post_init__(self) -> None:
+        """Refuse, with :class:`~mailstrom.errors.InvalidArgument`, what the stores would
+        each read their own way: a negative ``limit`` was no limit to SQLite and none to
+        the memory store, ``state="queued"`` matched every message in SQLite and none in
+        memory. States may be given by their values ("queued"); they are kept as
+        :class:`~mailstrom.status.RecipientState`."""
+        check_limit(self.limit, "limit")
+        if self.older_than is not None:
+            check_age(self.older_than, "older_than")
+        if self.held is not None and not isinstance(self.held, bool):
+            raise InvalidArgument(
+                f"held: expected True, False or None, got {shown(self.held)}", argument="held"
+            )
+        for name in ("domain", "tag"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgument(
+                    f"{name}: expected a string or None, got {shown(value)}", argument=name
+                )
+        if self.state is not None:
+            object.__setattr__(self, "state", _state(self.state, "state"))
+        if self.states is not None:
+            object.__setattr__(self, "states", _states(self.states))
+
+
+def _state(value: object, argument: str) -> RecipientState:
+    """``value`` as a recipient state (a state, or its value); InvalidArgument if none."""
+    if isinstance(value, RecipientState):
+        return value
+    if isinstance(value, str):
+        try:
+            return RecipientState(value)
+        except ValueError:
+            pass
+    known = ", ".join(s.value for s in RecipientState)
+    raise InvalidArgument(
+        f"{argument}: expected a RecipientState ({known}), got {shown(value)}",
+        argument=argument,
+    )
+
+
+def _states(value: object) -> frozenset[RecipientState]:
+    """``value`` (a collection of states) as a frozenset of states."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidArgument(
+            f"states: expected a set of RecipientState, got {shown(value)}", argument="states"
+        )
+    return frozenset(_state(s, "states") for s in value)
 
 
 @runtime_checkable

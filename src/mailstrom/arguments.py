@@ -1,0 +1,85 @@
+"""Checks of the arguments the facades' queue calls take (limits, ages, times, timeouts),
+raising :class:`~mailstrom.errors.InvalidArgument` where the value enters.
+
+Without them a wrong value reached the store and came back as whatever the store made of
+it: a negative ``limit`` was "no limit" to SQLite and "nothing" to the memory store, a
+``limit`` past a bigint a :class:`~mailstrom.errors.StoreRefusedData`, a naive
+datetime a ``TypeError`` raised later, by a worker. The same bounds as the configuration's
+(:mod:`mailstrom.bounds`). A leaf module: it imports nothing of mailstrom but those two.
+
+>>> check_limit(20, "limit")
+20
+>>> check_limit(-1, "limit")
+Traceback (most recent call last):
+...
+mailstrom.errors.InvalidArgument: limit: expected a whole number from 0 to \
+9223372036854775807, got -1
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from mailstrom.bounds import MAX_DURATION, MAX_INTEGER, MAX_SECONDS
+from mailstrom.errors import InvalidArgument
+
+
+def shown(value: object) -> str:
+    """``value`` as an error quotes it: a short repr, or only its type's name when its
+    repr is long or raises (an error message must not fail, nor echo megabytes)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_limit(value: object, argument: str) -> int:
+    """``value`` when it is an ``int`` (not a bool) from 0 to :data:`MAX_INTEGER`, the
+    largest number every store takes as a LIMIT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INTEGER:
+        raise InvalidArgument(
+            f"{argument}: expected a whole number from 0 to {MAX_INTEGER}, got {shown(value)}",
+            argument=argument,
+        )
+    return value
+
+
+def check_age(value: object, argument: str) -> timedelta:
+    """``value`` when it is a :class:`~datetime.timedelta` from zero to 100 years
+    (:data:`MAX_DURATION`): ages are subtracted from now, and longer ones overflow."""
+    if not isinstance(value, timedelta) or not timedelta(0) <= value <= MAX_DURATION:
+        raise InvalidArgument(
+            f"{argument}: expected a timedelta from 0 to {MAX_DURATION.days} days, "
+            f"got {shown(value)}",
+            argument=argument,
+        )
+    return value
+
+
+def check_time(value: object, argument: str) -> datetime:
+    """``value`` when it is a timezone-aware :class:`~datetime.datetime` (the queue
+    compares times in UTC; a naive one cannot be compared with them)."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidArgument(
+            f"{argument}: expected a timezone-aware datetime, got {shown(value)}",
+            argument=argument,
+        )
+    return value
+
+
+def check_timeout(value: object, argument: str = "timeout") -> float:
+    """``value`` as seconds to wait: a finite number (an int or a float, not a bool) of
+    at most 100 years; a negative one means not to wait."""
+    # NaN fails both comparisons; a huge int is compared exactly (float() would raise).
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not -MAX_SECONDS <= value <= MAX_SECONDS
+    ):
+        raise InvalidArgument(
+            f"{argument}: expected a finite number of seconds, at most {MAX_SECONDS:.15g}, "
+            f"got {shown(value)}",
+            argument=argument,
+        )
+    return max(float(value), 0.0)
