@@ -83,3 +83,28 @@ def check_timeout(value: object, argument: str = "timeout") -> float:
             argument=argument,
         )
     return max(float(value), 0.0)
+
+
+def check_key(value: object, argument: str, *, limit: int) -> str:
+    """``value`` when it is a string every store can compare with its keys: at most
+    ``limit`` octets of UTF-8, without NUL (PostgreSQL refuses it in text) or a lone
+    surrogate (it has no UTF-8 form: SQLite refused it as ``StoreRefusedData``)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f"{argument}: expected a string, got {shown(value)}", argument=argument
+        )
+    if len(value) > limit or "\x00" in value or _utf8_size(value) > limit:
+        raise InvalidArgument(
+            f"{argument}: expected at most {limit} octets of text without NUL or lone "
+            f"surrogates, got {shown(value)}",
+            argument=argument,
+        )
+    return value
+
+
+def _utf8_size(text: str) -> int:
+    """Octets of ``text`` in UTF-8; more than any limit for a lone surrogate."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return 2**63

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom import Config, Email, Mailstrom
+from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
 from mailstrom.errors import InvalidArgument
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -72,3 +72,67 @@ def test_states_given_by_value_match_the_same_messages_in_every_store(ms: Mailst
     assert len(ms.query(QueueFilter(state="queued"))) == 3  # type: ignore[arg-type]
     assert len(ms.query(QueueFilter(states=frozenset({"queued"})))) == 3  # type: ignore[arg-type]
     assert QueueFilter(state="failed").state is RecipientState.FAILED  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [-1, None, 2**63, 1.5])
+def test_query_recent_takes_a_limit_every_store_reads_alike(ms: Mailstrom, limit: object) -> None:
+    """``query_recent(-1)`` returned every message from SQLite (LIMIT -1) and all but the
+    last from memory; None, a float or a limit past a bigint were a TypeError in memory
+    and StoreRefusedData in SQLite."""
+    with pytest.raises(InvalidArgument) as raised:
+        ms.query_recent(limit)  # type: ignore[arg-type]
+    assert raised.value.argument == "limit"
+
+
+@pytest.mark.parametrize("cap", [-1, None, 2**63, 1.5])
+def test_count_takes_a_cap_every_store_reads_alike(ms: Mailstrom, cap: object) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        ms.count(cap=cap)  # type: ignore[arg-type]
+    assert raised.value.argument == "cap"
+
+
+@pytest.mark.parametrize("where", [5, "example.org", b"x", {"state": "queued"}])
+def test_query_and_count_take_a_filter_or_none(ms: Mailstrom, where: object) -> None:
+    for call in (ms.query, ms.count):
+        with pytest.raises(InvalidArgument) as raised:
+            call(where)  # type: ignore[operator]
+        assert raised.value.argument == "where"
+
+
+@pytest.mark.parametrize(
+    ("after", "limit", "argument"),
+    [
+        ("", -1, "limit"),
+        ("", None, "limit"),
+        ("", 2**63, "limit"),
+        (None, 10, "after"),
+        (5, 10, "after"),
+        (b"a", 10, "after"),
+        ("\ud800", 10, "after"),
+        ("a\x00", 10, "after"),
+        ("x" * 321, 10, "after"),
+    ],
+)
+def test_suppressions_pages_only_by_a_target_and_a_count(
+    ms: Mailstrom, after: object, limit: object, argument: str
+) -> None:
+    """A lone surrogate was StoreRefusedData in SQLite and a match in memory; None, an
+    int or bytes a TypeError in memory and a quiet comparison in SQLite."""
+    ms.suppress("x@y.example")
+    with pytest.raises(InvalidArgument) as raised:
+        ms.suppressions(after=after, limit=limit)  # type: ignore[arg-type]
+    assert raised.value.argument == argument
+    assert [e.target for e in ms.suppressions(after="\u00e9" * 100, limit=0)] == []
+
+
+async def test_the_async_facade_checks_the_same_limits(store: Store) -> None:
+
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    with pytest.raises(InvalidArgument):
+        await ams.query_recent(-1)
+    with pytest.raises(InvalidArgument):
+        await ams.count(cap=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        await ams.query(5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        await ams.suppressions(after="\ud800")

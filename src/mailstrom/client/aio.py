@@ -8,8 +8,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
+from mailstrom.arguments import check_limit
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
-from mailstrom.client.operations import AsyncQueueOperations, resolve
+from mailstrom.client.operations import (
+    AsyncQueueOperations,
+    checked_filter,
+    checked_page,
+    resolve,
+)
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
@@ -158,11 +164,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         return await asyncio.to_thread(self._metrics_snapshot)
 
     async def query_recent(self, limit: int = 20) -> list[MessageStatus]:
-        return await asyncio.to_thread(self.store.recent, limit)
+        """The ``limit`` (0 to 2**63-1) most recently queued messages, newest first."""
+        return await asyncio.to_thread(self.store.recent, check_limit(limit, "limit"))
 
     async def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where`` (state, domain, age, held, tag), newest first,
         without attempt history (see :meth:`Mailstrom.query`)."""
+        where = checked_filter(where)
         return await asyncio.to_thread(self.store.query, now=self._clock(), where=where)
 
     async def retry(self, message_id: str) -> int:
@@ -212,6 +220,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
         """Up to ``limit`` entries in force, in target order after ``after``."""
+        after, limit = checked_page(after, limit)
         return await asyncio.to_thread(
             self.store.list_suppressions, now=self._clock(), after=after, limit=limit
         )

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
+from mailstrom.arguments import check_key, check_limit, shown
+from mailstrom.errors import InvalidArgument
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
 from mailstrom.stores.operator import (
@@ -28,6 +30,7 @@ from mailstrom.stores.operator import (
     normalize_domain,
 )
 from mailstrom.stores.watchers import Watchers
+from mailstrom.suppression import MAX_TARGET
 
 Messages = str | Iterable[str] | QueueFilter
 """Which messages a bulk method acts on: one id, several ids (full or unique prefixes), or
@@ -62,6 +65,23 @@ def resolve(store: Store, message_id: str) -> str:
     if isinstance(message_id, str) and len(message_id) == ID_LENGTH:
         return message_id.lower()
     return store.resolve_id(message_id)
+
+
+def checked_filter(where: object) -> QueueFilter | None:
+    """``where`` when it is a :class:`QueueFilter` or None; InvalidArgument otherwise (a
+    store would fail on it with an AttributeError of its own)."""
+    if where is not None and not isinstance(where, QueueFilter):
+        raise InvalidArgument(
+            f"where: expected a QueueFilter or None, got {shown(where)}", argument="where"
+        )
+    return where
+
+
+def checked_page(after: object, limit: object) -> tuple[str, int]:
+    """The arguments of ``suppressions()``: ``after`` a target (or ""), ``limit`` a
+    count; InvalidArgument for anything else (a negative limit, None, a lone surrogate
+    SQLite could not compare)."""
+    return check_key(after, "after", limit=MAX_TARGET), check_limit(limit, "limit")
 
 
 def select(store: Store, messages: Messages, now: datetime) -> list[str]:
@@ -141,11 +161,12 @@ class QueueOperations(_Base):
     def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where`` (every message, newest first, by default), without
         attempt history."""
-        return self.store.query(now=self._clock(), where=where)
+        return self.store.query(now=self._clock(), where=checked_filter(where))
 
     def count(self, where: QueueFilter | None = None, *, cap: int = 1_000_000) -> int:
-        """How many messages match ``where``, counting at most ``cap``."""
-        return self.store.count(now=self._clock(), where=where or QueueFilter(), cap=cap)
+        """How many messages match ``where``, counting at most ``cap`` (0 to 2**63-1)."""
+        where = checked_filter(where) or QueueFilter()
+        return self.store.count(now=self._clock(), where=where, cap=check_limit(cap, "cap"))
 
     def stats(self) -> QueueStats:
         """Recipients by state, pending recipients by domain, messages and held ones."""

@@ -13,8 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
+from mailstrom.arguments import check_limit
 from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
-from mailstrom.client.operations import QueueOperations, resolve
+from mailstrom.client.operations import (
+    QueueOperations,
+    checked_filter,
+    checked_page,
+    resolve,
+)
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
@@ -207,8 +213,8 @@ class Mailstrom(FacadeBase, QueueOperations):
         return self._metrics_snapshot()
 
     def query_recent(self, limit: int = 20) -> list[MessageStatus]:
-        """The most recently queued messages, newest first."""
-        return self.store.recent(limit)
+        """The ``limit`` (0 to 2**63-1) most recently queued messages, newest first."""
+        return self.store.recent(check_limit(limit, "limit"))
 
     def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history.
@@ -216,7 +222,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         >>> ms.query(QueueFilter(tag="newsletter", state=RecipientState.DEFERRED))
         ... # doctest: +SKIP
         """
-        return self.store.query(now=self._clock(), where=where)
+        return self.store.query(now=self._clock(), where=checked_filter(where))
 
     def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now; returns how many."""
@@ -265,4 +271,5 @@ class Mailstrom(FacadeBase, QueueOperations):
     def suppressions(self, *, after: str = "", limit: int = 100) -> list[Suppression]:
         """Up to ``limit`` entries in force, in target order after ``after`` (pass the
         last target of a page to get the next)."""
+        after, limit = checked_page(after, limit)
         return self.store.list_suppressions(now=self._clock(), after=after, limit=limit)
