@@ -6,7 +6,7 @@ way on every store, and change nothing then. One test per bug that
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -136,3 +136,46 @@ async def test_the_async_facade_checks_the_same_limits(store: Store) -> None:
         await ams.query(5)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         await ams.suppressions(after="\ud800")
+
+
+def test_a_naive_suspension_end_is_refused_before_a_store_keeps_it(ms: Mailstrom) -> None:
+    """The memory store kept a naive ``until``; every look at the suspensions (each
+    lease, next_due, suspensions()) then failed comparing it with an aware time."""
+    with pytest.raises(InvalidArgument) as raised:
+        ms.suspend("example.org", until=datetime(2099, 1, 1))
+    assert raised.value.argument == "until"
+    assert ms.suspensions() == []
+    assert ms.store.next_due(now=datetime.now(UTC)) is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"until": 5}, "until"),
+        ({"until": "2099-01-01"}, "until"),
+        ({"for_": 5}, "for_"),
+        ({"for_": timedelta(days=999_999_999)}, "for_"),
+        ({"for_": timedelta(seconds=-1)}, "for_"),
+        ({"for_": timedelta(hours=1), "until": datetime(2099, 1, 1, tzinfo=UTC)}, "for_"),
+    ],
+)
+def test_a_suspension_takes_a_duration_or_an_aware_end(
+    ms: Mailstrom, kwargs: dict[str, object], argument: str
+) -> None:
+    """A huge ``for_`` was an OverflowError, an int a TypeError, and with both given
+    ``until`` was silently ignored."""
+    with pytest.raises(InvalidArgument) as raised:
+        ms.suspend("example.org", **kwargs)  # type: ignore[arg-type]
+    assert raised.value.argument == argument
+    assert ms.suspensions() == []
+
+
+@pytest.mark.parametrize("domain", [None, 5, b"example.org", ["example.org"], "", "a b", "x" * 300])
+def test_suspend_and_resume_take_a_domain(ms: Mailstrom, domain: object) -> None:
+    """Anything but a string was an AttributeError or TypeError; a bad string a plain
+    ValueError quoting all of it."""
+    for call in (ms.suspend, ms.resume):
+        with pytest.raises(InvalidArgument) as raised:
+            call(domain)  # type: ignore[operator]
+        assert raised.value.argument == "domain"
+        assert len(str(raised.value)) < 80

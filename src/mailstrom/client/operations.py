@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import check_key, check_limit, shown
+from mailstrom.arguments import check_age, check_key, check_limit, check_time, shown
 from mailstrom.errors import InvalidArgument
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
@@ -82,6 +82,20 @@ def checked_page(after: object, limit: object) -> tuple[str, int]:
     count; InvalidArgument for anything else (a negative limit, None, a lone surrogate
     SQLite could not compare)."""
     return check_key(after, "after", limit=MAX_TARGET), check_limit(limit, "limit")
+
+
+def suspension_end(now: datetime, for_: object, until: object) -> datetime | None:
+    """When a suspension asked for with ``for_`` or ``until`` (not both) ends; None for
+    no end. InvalidArgument for a naive ``until`` (the memory store kept it, and each
+    lease then failed comparing it with an aware time) or a ``for_`` that is no
+    duration of 0 to 100 years."""
+    if for_ is not None and until is not None:
+        raise InvalidArgument("give for_ or until, not both", argument="for_")
+    if for_ is not None:
+        return now + check_age(for_, "for_")
+    if until is not None:
+        return check_time(until, "until")
+    return None
 
 
 def select(store: Store, messages: Messages, now: datetime) -> list[str]:
@@ -184,12 +198,13 @@ class QueueOperations(_Base):
     def suspend(
         self, domain: str, *, for_: timedelta | None = None, until: datetime | None = None
     ) -> None:
-        """Stop delivery to ``domain`` for ``for_``, until ``until``, or until
-        :meth:`resume`; its messages stay queued and no attempt is counted. Every worker
-        of the store honours it."""
+        """Stop delivery to ``domain`` for ``for_`` (up to 100 years), until ``until`` (a
+        timezone-aware datetime), or until :meth:`resume`; its messages stay queued and
+        no attempt is counted. Every worker of the store honours it."""
         now = self._clock()
-        end = now + for_ if for_ is not None else until
-        self.store.suspend(normalize_domain(domain), now=now, until=end)
+        self.store.suspend(
+            normalize_domain(domain), now=now, until=suspension_end(now, for_, until)
+        )
 
     def resume(self, domain: str) -> bool:
         """Restart delivery to ``domain``; False when it was not suspended."""

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from mailstrom.errors import AmbiguousMessageId, UnknownMessage
+from mailstrom.arguments import shown
+from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
 from mailstrom.status import RecipientState
 
 ID_LENGTH = 32
@@ -75,13 +76,16 @@ def prefix_upper_bound(prefix: str) -> str:
 
 
 def normalize_domain(domain: str) -> str:
-    """A destination domain as stores key it: lower case, no trailing dot; ValueError
-    when empty, too long, or not a plain domain."""
+    """A destination domain as stores key it: lower case, no trailing dot;
+    :class:`~mailstrom.errors.InvalidArgument` (a ValueError) when it is no string, is
+    empty, too long, or not a plain domain."""
+    if not isinstance(domain, str):
+        raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     text = domain.strip().rstrip(".").lower()
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
-        raise ValueError(f"not a domain: {domain!r}")
+        raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
-        raise ValueError(f"not a domain: {domain!r}")
+        raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     return text
 
 
