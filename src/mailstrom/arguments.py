@@ -45,12 +45,14 @@ def check_limit(value: object, argument: str) -> int:
     return value
 
 
-def check_age(value: object, argument: str) -> timedelta:
-    """``value`` when it is a :class:`~datetime.timedelta` from zero to 100 years
-    (:data:`MAX_DURATION`): ages are subtracted from now, and longer ones overflow."""
-    if not isinstance(value, timedelta) or not timedelta(0) <= value <= MAX_DURATION:
+def check_age(value: object, argument: str, *, signed: bool = False) -> timedelta:
+    """``value`` when it is a :class:`~datetime.timedelta` from zero (from minus 100
+    years when ``signed``) to 100 years (:data:`MAX_DURATION`): ages are subtracted from
+    now, and longer ones overflow."""
+    low = -MAX_DURATION if signed else timedelta(0)
+    if not isinstance(value, timedelta) or not low <= value <= MAX_DURATION:
         raise InvalidArgument(
-            f"{argument}: expected a timedelta from 0 to {MAX_DURATION.days} days, "
+            f"{argument}: expected a timedelta from {low.days} to {MAX_DURATION.days} days, "
             f"got {shown(value)}",
             argument=argument,
         )

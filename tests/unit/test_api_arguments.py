@@ -179,3 +179,42 @@ def test_suspend_and_resume_take_a_domain(ms: Mailstrom, domain: object) -> None
             call(domain)  # type: ignore[operator]
         assert raised.value.argument == "domain"
         assert len(str(raised.value)) < 80
+
+
+def _with_a_failed_message(store: Store) -> Mailstrom:
+    """A facade whose clock stands still, holding one failed (cancelled) message."""
+    now = datetime(2030, 1, 2, tzinfo=UTC)
+    facade = Mailstrom(
+        Config(helo_name="mail.example.com"), store=store, worker=None, clock=lambda: now
+    )
+    facade.cancel(facade.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x")))
+    return facade
+
+
+@pytest.mark.parametrize(
+    "state", ["delivered", RecipientState.QUEUED, RecipientState.DEFERRED, "bogus", 5]
+)
+def test_purge_by_state_never_reads_another_state_as_failed(store: Store, state: object) -> None:
+    """SQLite read every state but DELIVERED as FAILED: ``purge(state="delivered")`` (a
+    string) or ``state=QUEUED`` deleted the failed messages; the memory store deleted
+    none."""
+    ms = _with_a_failed_message(store)
+    if state == "delivered":
+        assert ms.purge(timedelta(0), state=state) == 0  # type: ignore[arg-type]
+    else:
+        with pytest.raises(InvalidArgument) as raised:
+            ms.purge(timedelta(0), state=state)  # type: ignore[arg-type]
+        assert raised.value.argument == "state"
+    assert ms.stats().messages == 1
+
+
+@pytest.mark.parametrize(
+    "older_than", [None, 5, timedelta(days=-999_999_999), timedelta(days=999_999_999), "1d"]
+)
+def test_purge_takes_an_age_of_at_most_100_years(store: Store, older_than: object) -> None:
+    """A huge age was an OverflowError, anything but a timedelta a TypeError."""
+    ms = _with_a_failed_message(store)
+    with pytest.raises(InvalidArgument) as raised:
+        ms.purge(older_than)  # type: ignore[arg-type]
+    assert raised.value.argument == "older_than"
+    assert ms.stats().messages == 1

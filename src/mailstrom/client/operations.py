@@ -98,6 +98,26 @@ def suspension_end(now: datetime, for_: object, until: object) -> datetime | Non
     return None
 
 
+FINISHED_STATES = (RecipientState.DELIVERED, RecipientState.FAILED)
+"""The states ``purge(state=...)`` takes: only finished mail is deleted."""
+
+
+def purge_state(state: object) -> RecipientState | None:
+    """``state`` (None, a finished state or its value) as ``purge`` passes it to the
+    store; InvalidArgument for anything else. SQLite read every state but DELIVERED as
+    FAILED: ``state="delivered"`` (a string) or ``QUEUED`` deleted the failed messages."""
+    if state is None:
+        return None
+    for finished in FINISHED_STATES:
+        if isinstance(state, str) and state == finished.value:
+            return finished
+    raise InvalidArgument(
+        f"state: expected None, RecipientState.DELIVERED or RecipientState.FAILED, got "
+        f"{shown(state)}",
+        argument="state",
+    )
+
+
 def select(store: Store, messages: Messages, now: datetime) -> list[str]:
     """Full ids of ``messages`` (ids resolved in order, without repeats; a filter queried)."""
     if isinstance(messages, QueueFilter):
@@ -162,9 +182,11 @@ class QueueOperations(_Base):
         """Delete finished messages whose last recipient finished more than ``older_than``
         ago: only delivered ones (``state=DELIVERED``), only failed ones (``FAILED``), or
         both; ``messages`` limits it to those. Pending mail is never deleted. Returns how
-        many messages were deleted."""
+        many messages were deleted. ``older_than`` is at most 100 years (a negative one
+        takes in what finished up to that long from now)."""
         now = self._clock()
-        cutoff = now - older_than
+        cutoff = now - check_age(older_than, "older_than", signed=True)
+        state = purge_state(state)
         if messages is not None:
             ids = select(self.store, messages, now)
             return self.store.purge_many(ids, finished_before=cutoff)
