@@ -5,6 +5,7 @@ way on every store, and change nothing then. One test per bug that
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -218,3 +219,22 @@ def test_purge_takes_an_age_of_at_most_100_years(store: Store, older_than: objec
         ms.purge(older_than)  # type: ignore[arg-type]
     assert raised.value.argument == "older_than"
     assert ms.stats().messages == 1
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -math.inf, 2**80, None, "1", True])
+def test_wait_takes_a_finite_timeout(ms: Mailstrom, timeout: object) -> None:
+    """NaN was a ValueError, infinity or 2**80 an OverflowError and None a TypeError,
+    each from deep in the date arithmetic."""
+    mid = ms.query_recent(1)[0].id
+    with pytest.raises(InvalidArgument) as raised:
+        ms.wait(mid, timeout)  # type: ignore[arg-type]
+    assert raised.value.argument == "timeout"
+    assert ms.wait(mid, -5).id == mid  # a negative timeout looks once, as before
+
+
+async def test_the_async_wait_takes_a_finite_timeout(store: Store) -> None:
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    mid = await ams.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    with pytest.raises(InvalidArgument):
+        await ams.wait(mid, math.nan)
+    assert (await ams.wait(mid, 0)).id == mid

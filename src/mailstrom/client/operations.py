@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import check_age, check_key, check_limit, check_time, shown
+from mailstrom.arguments import check_age, check_key, check_limit, check_time, check_timeout, shown
 from mailstrom.errors import InvalidArgument
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
@@ -239,15 +239,17 @@ class QueueOperations(_Base):
     def wait(self, message_id: str, timeout: float) -> MessageStatus:
         """Wait until every recipient of the message is final, or until nothing can change
         before ``timeout`` seconds have passed (every pending recipient's next retry falls
-        later, or the message is held), or for ``timeout`` seconds; return its status.
+        later, or the message is held), or for ``timeout`` seconds (a finite number of
+        at most 100 years; 0 or less looks once); return its status.
 
         Woken by the store's watch (mail retried or released; one watch per facade,
         shared by every wait, until :meth:`stop`) and, with the worker in this process, by
         each result; otherwise it looks every :data:`WAIT_POLL` seconds.
         """
+        seconds = check_timeout(timeout)
         mid = resolve(self.store, message_id)
-        give_up = time.monotonic() + max(timeout, 0.0)
-        deadline = self._clock() + timedelta(seconds=max(timeout, 0.0))
+        give_up = time.monotonic() + seconds
+        deadline = self._clock() + timedelta(seconds=seconds)
         changed = threading.Event()
         self._watch_store_for_waiters()
         unlisten = self._results.add(changed.set)
@@ -345,9 +347,10 @@ class AsyncQueueOperations(_Base):
         """See :meth:`QueueOperations.wait`; waits on the running loop, woken from any
         thread, and can be cancelled."""
         loop = asyncio.get_running_loop()
+        seconds = check_timeout(timeout)
         mid = await asyncio.to_thread(resolve, self.store, message_id)
-        give_up = loop.time() + max(timeout, 0.0)
-        deadline = self._clock() + timedelta(seconds=max(timeout, 0.0))
+        give_up = loop.time() + seconds
+        deadline = self._clock() + timedelta(seconds=seconds)
         changed = asyncio.Event()
 
         def wake() -> None:
