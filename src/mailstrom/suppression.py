@@ -49,6 +49,8 @@ def check_reply(reply: str, *, what: str = "the reply", line: int | None = None)
     shown in status lines and bounce reasons, and a NUL cannot be stored in PostgreSQL;
     LF is how a multi-line SMTP reply is kept, so an exported entry imports again);
     :class:`~mailstrom.errors.InvalidSuppression` otherwise."""
+    if not isinstance(reply, str):
+        raise InvalidSuppression(f"{what} must be a string, not {type(reply).__name__}", line=line)
     if len(reply) > MAX_REPLY:
         raise InvalidSuppression(f"{what} is longer than {MAX_REPLY} characters", line=line)
     if not is_safe(reply.replace("\n", " ")):
@@ -66,6 +68,11 @@ def normalize_target(text: str) -> str:
     >>> normalize_target("example.org")
     'example.org'
     """
+    if not isinstance(text, str):
+        # None, bytes or a list name no address: say which type, never its repr.
+        raise InvalidSuppression(
+            f"an address or domain must be a string, not {type(text).__name__}"
+        )
     target = text.strip().lower()
     if target.startswith("<") and target.endswith(">"):
         target = target[1:-1].strip()

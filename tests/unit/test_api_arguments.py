@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
-from mailstrom.errors import InvalidArgument
+from mailstrom.errors import InvalidArgument, InvalidSuppression
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import QueueFilter, Store
@@ -238,3 +238,37 @@ async def test_the_async_wait_takes_a_finite_timeout(store: Store) -> None:
     with pytest.raises(InvalidArgument):
         await ams.wait(mid, math.nan)
     assert (await ams.wait(mid, 0)).id == mid
+
+
+@pytest.mark.parametrize("target", [None, 5, b"bob@example.org", ["bob@example.org"]])
+def test_suppression_calls_take_a_string_target(ms: Mailstrom, target: object) -> None:
+    """Anything but a string was an AttributeError (``.strip``) or, for bytes, a
+    TypeError from ``startswith``."""
+    for call in (ms.suppress, ms.unsuppress, ms.suppressed):
+        with pytest.raises(InvalidSuppression):
+            call(target)  # type: ignore[operator]
+    assert ms.suppressions() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"reply": None},
+        {"reply": b"550 no"},
+        {"reply": ["550"]},
+        {"source": "bogus"},
+        {"source": None},
+        {"source": 5},
+        {"expires_at": 5},
+        {"expires_at": "2099-01-01"},
+    ],
+)
+def test_suppress_takes_a_string_reply_a_known_source_and_a_datetime(
+    ms: Mailstrom, kwargs: dict[str, object]
+) -> None:
+    """A reply that is no string was a TypeError or AttributeError, an unknown source
+    the enum's plain ValueError, an expiry that is no datetime an AttributeError."""
+    with pytest.raises(InvalidSuppression):
+        ms.suppress("bob@example.org", **kwargs)  # type: ignore[arg-type]
+    assert ms.suppressions() == []
+    assert ms.suppress("bob@example.org", source="hard_bounce").source == "hard_bounce"  # type: ignore[arg-type]

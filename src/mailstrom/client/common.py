@@ -228,17 +228,30 @@ def suppression_entry(
     """The entry a facade's ``suppress`` writes; InvalidSuppression for a bad target, a
     naive or past expiry, or a reply :func:`~mailstrom.suppression.check_reply` refuses."""
     if expires_at is not None:
-        if expires_at.tzinfo is None:
+        if not isinstance(expires_at, datetime) or expires_at.utcoffset() is None:
             raise InvalidSuppression("expires_at must be a timezone-aware datetime")
         if expires_at <= now:
             raise InvalidSuppression(f"expires_at {expires_at.isoformat()} is not in the future")
     return Suppression(
         target=normalize_target(target),
-        source=SuppressionSource(source),
+        source=suppression_source(source),
         reply=check_reply(reply),
         created_at=now,
         expires_at=expires_at,
     )
+
+
+def suppression_source(source: object) -> SuppressionSource:
+    """``source`` as a :class:`SuppressionSource` (one, or its value);
+    InvalidSuppression for anything else, where the enum raised a plain ValueError."""
+    if isinstance(source, str):
+        try:
+            return SuppressionSource(source)
+        except ValueError:
+            pass
+    known = ", ".join(s.value for s in SuppressionSource)
+    got = repr(source[:40]) if isinstance(source, str) else type(source).__name__
+    raise InvalidSuppression(f"source must be a SuppressionSource ({known}), got {got}")
 
 
 def prepare_for(
