@@ -24,6 +24,13 @@ class InvalidMessage(MailstromError, ValueError):
         self.reason = reason
 
 
+class InvalidMessageType(InvalidMessage, TypeError):
+    """What was given as a message is none: not an :class:`~mailstrom.Email`, an
+    :class:`~email.message.EmailMessage` or bytes (a ``str`` neither: encode RFC 5322
+    text first), or ``send_emails`` was given one message or something else where it
+    takes a collection of them. A TypeError too, as it was before it was typed."""
+
+
 class MissingFrom(InvalidMessage):
     """The message has no From header (RFC 5322 §3.6 requires one)."""
 

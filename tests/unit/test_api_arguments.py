@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
-from mailstrom.errors import InvalidArgument, InvalidSuppression
+from mailstrom.errors import InvalidArgument, InvalidMessageType, InvalidSuppression
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import QueueFilter, Store
@@ -272,3 +272,38 @@ def test_suppress_takes_a_string_reply_a_known_source_and_a_datetime(
         ms.suppress("bob@example.org", **kwargs)  # type: ignore[arg-type]
     assert ms.suppressions() == []
     assert ms.suppress("bob@example.org", source="hard_bounce").source == "hard_bounce"  # type: ignore[arg-type]
+
+
+def _email(to: str = "b@example.org") -> Email:
+    return Email(from_="a@example.com", to=[to], text="x")
+
+
+@pytest.mark.parametrize("message", [None, 5, "From: a@example.com\r\n\r\nx", ["x"]])
+def test_send_email_refuses_what_is_no_message_with_a_typed_error(
+    ms: Mailstrom, message: object
+) -> None:
+    """A plain TypeError (no MailstromError) before; still a TypeError."""
+    with pytest.raises(InvalidMessageType) as raised:
+        ms.send_email(message)  # type: ignore[arg-type]
+    assert isinstance(raised.value, TypeError)
+    assert ms.stats().messages == 3
+
+
+@pytest.mark.parametrize(
+    "batch", [None, 5, b"From: a@example.com\r\n\r\nx", "abc", _email(), [_email(), None]]
+)
+def test_send_emails_refuses_a_batch_that_is_no_list_of_messages(
+    ms: Mailstrom, batch: object
+) -> None:
+    """``send_emails(email)`` or ``send_emails(raw_bytes)`` was a TypeError saying "not
+    iterable" or "not int" (bytes read as a sequence of ints); nothing is queued."""
+    with pytest.raises(InvalidMessageType):
+        ms.send_emails(batch)  # type: ignore[arg-type]
+    assert ms.stats().messages == 3
+
+
+async def test_the_async_send_emails_refuses_one_message_alone(store: Store) -> None:
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    with pytest.raises(InvalidMessageType):
+        await ams.send_emails(_email())  # type: ignore[arg-type]
+    assert await ams.send_emails(m for m in [_email(), _email("c@example.org")])

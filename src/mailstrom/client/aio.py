@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.arguments import check_limit
-from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
+from mailstrom.client.common import FacadeBase, MessageInput, batch_of, suppression_entry
 from mailstrom.client.operations import (
     AsyncQueueOperations,
     checked_filter,
@@ -152,7 +152,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
         """Queue a batch in one store transaction; all or nothing (see
         :meth:`Mailstrom.send_emails`)."""
-        prepared = [self._prepare(m, None, None) for m in messages]
+        prepared = [self._prepare(m, None, None) for m in batch_of(messages)]
         return await asyncio.to_thread(self.store.enqueue_many, prepared, now=self._clock())
 
     async def query_status(self, message_id: str) -> MessageStatus:

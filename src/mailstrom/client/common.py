@@ -14,7 +14,7 @@ from typing import Any, Literal
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
-from mailstrom.errors import InvalidMessage, InvalidSuppression, WorkerError
+from mailstrom.errors import InvalidMessage, InvalidMessageType, InvalidSuppression, WorkerError
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.message.attributes import queue_attributes
 from mailstrom.message.dsn import DSN
@@ -215,6 +215,19 @@ class FacadeBase:
             dsn=dsn,
             **attributes,
         )
+
+
+def batch_of(messages: object) -> list[MessageInput]:
+    """The messages of a ``send_emails`` batch, listed (a generator is read once);
+    InvalidMessageType for one message given alone (bytes would be read as a sequence
+    of ints), a string, or anything that is no collection."""
+    if isinstance(messages, Email | EmailMessage | bytes | bytearray | memoryview | str) or (
+        not isinstance(messages, Iterable)
+    ):
+        raise InvalidMessageType(
+            f"send_emails takes a list of messages, not {type(messages).__name__}"
+        )
+    return list(messages)
 
 
 def suppression_entry(

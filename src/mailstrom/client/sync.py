@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.arguments import check_limit
-from mailstrom.client.common import FacadeBase, MessageInput, suppression_entry
+from mailstrom.client.common import FacadeBase, MessageInput, batch_of, suppression_entry
 from mailstrom.client.operations import (
     QueueOperations,
     checked_filter,
@@ -188,7 +188,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         All or nothing: every message is validated first, and if one is invalid its
         :class:`~mailstrom.errors.InvalidMessage` is raised and none is queued.
         """
-        prepared = [self._prepare(m, None, None) for m in messages]
+        prepared = [self._prepare(m, None, None) for m in batch_of(messages)]
         return self.store.enqueue_many(prepared, now=self._clock())
 
     def query_status(self, message_id: str) -> MessageStatus:

@@ -33,6 +33,7 @@ from mailstrom.errors import (
     ForbiddenCharacter,
     HeaderInjection,
     InvalidMessage,
+    InvalidMessageType,
     MessageTooLarge,
     NoDKIMKey,
 )
@@ -128,7 +129,9 @@ def prepare(
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
-        raise TypeError(f"expected Email, EmailMessage or bytes, not {type(message).__name__}")
+        raise InvalidMessageType(
+            f"expected Email, EmailMessage or bytes, not {type(message).__name__}"
+        )
     prepared = _prepare_bytes(data, envelope_from, envelope_to, options, now, id_domain)
     return dataclasses.replace(prepared, require_tls=True) if require_tls else prepared
 
