@@ -55,7 +55,11 @@ def test_a_negative_filter_limit_is_refused_not_read_as_no_limit(ms: Mailstrom) 
         ("older_than", timedelta(days=999_999_999)),
         ("held", "no"),
         ("domain", b"example.org"),
+        ("domain", "\ud800.example"),
+        ("domain", "a\x00b"),
+        ("domain", "a" * 256),
         ("tag", 5),
+        ("tag", "\udfff"),
         ("state", "bogus"),
         ("states", "queued"),
         ("states", 5),
@@ -65,6 +69,16 @@ def test_a_filter_field_of_the_wrong_kind_is_refused(field: str, value: object) 
     with pytest.raises(InvalidArgument) as raised:
         QueueFilter(**{field: value})  # type: ignore[arg-type]
     assert raised.value.argument == field
+
+
+@pytest.mark.parametrize("field", ["domain", "tag"])
+def test_a_filter_with_a_lone_surrogate_is_refused_not_sent_to_the_store(
+    ms: Mailstrom, field: str
+) -> None:
+    """SQLite refused it with StoreRefusedData (as if the store were at fault); memory
+    matched nothing."""
+    with pytest.raises(InvalidArgument):
+        ms.query(QueueFilter(**{field: "\ud800"}))  # type: ignore[arg-type]
 
 
 def test_states_given_by_value_match_the_same_messages_in_every_store(ms: Mailstrom) -> None:

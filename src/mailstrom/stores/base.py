@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from mailstrom.arguments import check_age, check_limit, shown
+from mailstrom.arguments import check_age, check_key, check_limit, shown
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
@@ -307,6 +307,11 @@ class EventBatch:
     events: tuple[DeliveryEvent, ...]
 
 
+MAX_FILTER_TEXT = 255
+"""Octets of a filter's domain or tag: a domain is at most 255 (a tag 64), so a longer
+one could match nothing."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueFilter:
     """Which messages :meth:`Store.query` returns (all conditions must hold)."""
@@ -338,12 +343,12 @@ class QueueFilter:
             raise InvalidArgument(
                 f"held: expected True, False or None, got {shown(self.held)}", argument="held"
             )
-        for name in ("domain", "tag"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise InvalidArgument(
-                    f"{name}: expected a string or None, got {shown(value)}", argument=name
-                )
+        # Text a store compares with its own: no lone surrogate (SQLite refused it as
+        # StoreRefusedData) or NUL (PostgreSQL would), and no longer than any domain.
+        if self.domain is not None:
+            check_key(self.domain, "domain", limit=MAX_FILTER_TEXT)
+        if self.tag is not None:
+            check_key(self.tag, "tag", limit=MAX_FILTER_TEXT)
         if self.state is not None:
             object.__setattr__(self, "state", _state(self.state, "state"))
         if self.states is not None:
