@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
-from mailstrom.errors import InvalidArgument, InvalidMessageType, InvalidSuppression
+from mailstrom.errors import (
+    InvalidArgument,
+    InvalidMessageType,
+    InvalidQueueAttribute,
+    InvalidSuppression,
+)
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import QueueFilter, Store
@@ -321,3 +326,11 @@ async def test_the_async_send_emails_refuses_one_message_alone(store: Store) -> 
     with pytest.raises(InvalidMessageType):
         await ams.send_emails(_email())  # type: ignore[arg-type]
     assert await ams.send_emails(m for m in [_email(), _email("c@example.org")])
+
+
+@pytest.mark.parametrize("priority", ["a" * 100_000, "\ud800" * 253])
+def test_a_bad_priority_is_quoted_briefly(ms: Mailstrom, priority: str) -> None:
+    """The lane name was quoted whole: 100,000 characters came back in the error."""
+    with pytest.raises(InvalidQueueAttribute) as raised:
+        ms.send_email(_email(), priority=priority)
+    assert len(str(raised.value)) < 400

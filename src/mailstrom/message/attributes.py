@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
+from mailstrom.message.chars import shorten
 
 MAX_TAGS = 20
 """Tags one message may carry."""
@@ -150,9 +151,11 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 def check_lane_name(name: object, *, what: str = "priority") -> str:
     """A lane name: 1 to 32 lower-case letters, digits, ``_`` and ``-``."""
     if not isinstance(name, str) or len(name) > MAX_LANE_NAME or not _LANE.match(name):
+        # Quoted briefly: the name may be megabytes, or an object whose repr raises.
+        shown = shorten(name, 40) if isinstance(name, str) else type(name).__name__
         raise InvalidQueueAttribute(
             f"{what}: a lane name is 1 to {MAX_LANE_NAME} lower-case letters, digits, _ and -"
-            f" starting with a letter, got {name!r}",
+            f" starting with a letter, got {shown}",
             field="priority",
         )
     return name
