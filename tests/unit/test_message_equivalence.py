@@ -186,7 +186,13 @@ def display_names(data: bytes, field: str) -> list[str]:
 
 
 def same_or_stdlib_lost_a_space(stdlib: str, given: str) -> bool:
-    return stdlib == given or stdlib.replace(" ", "") == given.replace(" ", "")
+    if stdlib == given or stdlib.replace(" ", "") == given.replace(" ", ""):
+        return True
+    # The stdlib's folder sometimes splits an encoded word across lines, leaving it
+    # unterminated and undecodable ("Grüße €" became "=?utf-8?b?4oKs" CRLF "=?utf-8?b?...",
+    # read back with "=?utf-8?b?4oKs" in it; CPython issues 85725 and 89714 are of this
+    # kind). The oracle is wrong then, not the renderer, which the caller checks exactly.
+    return "=?" in stdlib and "=?" not in given
 
 
 def leaves(message: EmailMessage) -> list[tuple[str, str | None, bytes]]:
@@ -364,3 +370,12 @@ def test_groups_parse_back_without_defects(group: str, members: list[tuple[str, 
 def squeeze_all(name: str) -> str:
     # The stdlib parser's white space handling in encoded names (see display_names).
     return "".join(name.split())
+
+
+def test_a_subject_the_stdlib_folds_into_a_broken_word_is_rendered_whole() -> None:
+    """Found by the property above: the stdlib's rendering of this subject cannot be read
+    back (an encoded word split across lines), ours reads back as given."""
+    subject = "x" * 30 + " " + "x" * 30 + " Grüße Grüße € Grüße"
+    email = Email(from_="a@example.com", to="b@example.org", subject=subject, text="t")
+    assert text(parse(prepare(email, now=NOW).data)["Subject"]) == subject
+    assert "=?" in str(stdlib_rendering(email)["Subject"])
