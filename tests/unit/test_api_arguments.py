@@ -6,7 +6,7 @@ way on every store, and change nothing then. One test per bug that
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from mailstrom.errors import (
     InvalidMessageType,
     InvalidQueueAttribute,
     InvalidSuppression,
+    MailstromError,
 )
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -334,3 +335,42 @@ def test_a_bad_priority_is_quoted_briefly(ms: Mailstrom, priority: str) -> None:
     with pytest.raises(InvalidQueueAttribute) as raised:
         ms.send_email(_email(), priority=priority)
     assert len(str(raised.value)) < 400
+
+
+class _Unprintable:
+    """An argument whose repr raises: the error about it must still be the typed one."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ms: ms.send_email(Email(from_="a@example.com", to=[_Unprintable()], text="x")),  # type: ignore[list-item]
+        lambda ms: ms.send_email(Email(from_="a@example.com", to=_Unprintable(), text="x")),  # type: ignore[arg-type]
+        lambda ms: ms.send_email(
+            Email(from_="a@example.com", to="b@example.org", text="x"),
+            envelope_to=_Unprintable(),
+        ),
+        lambda ms: ms.send_email(
+            Email(from_="a@example.com", to="b@example.org", text="x"),
+            envelope_to=[_Unprintable()],
+        ),
+        lambda ms: ms.send_email(
+            Email(from_="a@example.com", to="b@example.org", text="x"),
+            envelope_from=_Unprintable(),
+        ),
+        lambda ms: ms.send_email(
+            Email(from_="a@example.com", to="b@example.org", text="x"), max_age=_Unprintable()
+        ),
+        lambda ms: ms.query_status(_Unprintable()),
+    ],
+)
+def test_an_argument_whose_repr_raises_gets_the_typed_error(
+    ms: Mailstrom, call: Callable[[Mailstrom], object]
+) -> None:
+    before = ms.stats()
+    with pytest.raises(MailstromError):
+        call(ms)
+    assert ms.stats() == before

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from mailstrom.arguments import shown
 from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
 from mailstrom.message.chars import shorten
 
@@ -256,7 +257,7 @@ def queue_attributes(
         if not isinstance(max_age, timedelta) or not timedelta(0) < max_age <= MAX_SCHEDULE:
             raise InvalidQueueAttribute(
                 f"max_age must be a positive timedelta of at most {_SCHEDULE_LIMIT}, "
-                f"got {max_age!r:.60}",
+                f"got {shown(max_age)}",
                 field="max_age",
             )
         until = (start or now) + max_age  # both bounded: no overflow before year 9799

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from mailstrom.arguments import shown
 from mailstrom.errors import (
     InvalidAddress,
     InvalidAttachment,
@@ -320,7 +321,7 @@ def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
     else:
         raise InvalidAddress(
             f"{name} must be a str or a sequence of str, not {type(value).__name__}",
-            address=repr(value),
+            address=shown(value),
         )
     if not values or values == [""]:
         return ()
@@ -329,7 +330,7 @@ def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
     for item in values:
         if not isinstance(item, str):
             raise InvalidAddress(
-                f"{name} addresses must be str, not {type(item).__name__}", address=repr(item)
+                f"{name} addresses must be str, not {type(item).__name__}", address=shown(item)
             )
         size += len(item) + 2
         # Bounded before parsing, so a huge list costs nothing; Bcc is never written but

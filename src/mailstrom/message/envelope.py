@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mailstrom.arguments import shown
 from mailstrom.errors import (
     InvalidAddress,
     InvalidMessage,
@@ -170,14 +171,14 @@ def _explicit(envelope_to: object) -> Sequence[str]:
     if isinstance(envelope_to, bytes | bytearray) or not isinstance(envelope_to, Iterable):
         raise InvalidAddress(
             f"envelope_to must be a str or a list of str, not {type(envelope_to).__name__}",
-            address=f"{envelope_to!r:.80}",
+            address=shown(envelope_to),
         )
     found = list(envelope_to)
     for item in found:
         if not isinstance(item, str):
             raise InvalidAddress(
                 f"envelope_to addresses must be str, not {type(item).__name__}",
-                address=f"{item!r:.80}",
+                address=shown(item),
             )
     return found
 
@@ -232,7 +233,7 @@ def decide(
     elif not isinstance(envelope_from, str):
         raise InvalidAddress(
             f"envelope_from must be a str, not {type(envelope_from).__name__}",
-            address=f"{envelope_from!r:.80}",
+            address=shown(envelope_from),
         )
     elif envelope_from in ("", "<>"):
         sender, sender_utf8 = "", False

@@ -49,7 +49,7 @@ def normalize_prefix(prefix: str) -> str:
     (not a string of 1 to 32 hex digits)."""
     if not isinstance(prefix, str):
         # None, 5 or b"..." name no message; say what was given, briefly.
-        raise UnknownMessage(f"<{type(prefix).__name__} {prefix!r:.40}>")
+        raise UnknownMessage(f"<{type(prefix).__name__} {shown(prefix)}>")
     text = prefix.strip().lower()
     if not _HEX.fullmatch(text):
         raise UnknownMessage(prefix)
