@@ -21,14 +21,17 @@ Send = Callable[[str], RecipientStatus]
 @pytest.fixture
 def dnssec_worker(dns_server: LoopbackDNS) -> Iterator[Callable[..., Send]]:
     """Start a worker that trusts the loopback DNS server's AD bit (DNSSEC, for DANE) and
-    delivers to port ``port`` (``overrides`` replace Config fields); the function it returns
-    sends one message to an address and returns that recipient's status once recorded, so
-    that messages go one after the other. Every worker is stopped when the test ends."""
+    delivers to port ``port`` (``overrides`` replace Config fields, ``dns_timeout`` the
+    DNS lifetime); the function it returns sends one message to an address and returns
+    that recipient's status once recorded, so that messages go one after the other. Every
+    worker is stopped when the test ends."""
     started: list[Mailstrom] = []
 
-    def start(port: int, **overrides: Any) -> Send:
+    def start(port: int, *, dns_timeout: float | None = None, **overrides: Any) -> Send:
         results = Results()
         dns = dataclasses.replace(dns_server.dns_config, dnssec=True)
+        if dns_timeout is not None:
+            dns = dataclasses.replace(dns, timeout=dns_timeout)
         config = loopback_config(dns_server, port, dns=dns, **overrides)
         ms = Mailstrom(config, store=MemoryStore(), clock=FakeClock(), on_result=results)
         ms.start()

@@ -221,3 +221,69 @@ def test_a_dane_only_table_entry_defers_a_host_without_tlsa(
     assert bob.state is RecipientState.DEFERRED
     assert "dane-only" in bob.reason and "*.org" in bob.reason
     assert mx.connections == 0
+
+
+# A SHA-256 "digest" of 31 octets: dnspython refuses it, and with it the whole answer.
+MALFORMED = (3, 1, 1, b"\x01" * 31)
+SHORT_DNS = 0.4
+"""DNS lifetime for these tests: the first try gives up after half of it, when dnspython
+waited in vain for an answer it could parse (then the lookup asks again)."""
+
+
+def test_a_malformed_tlsa_record_beside_a_good_one_is_ignored(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, MALFORMED, (3, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port, dns_timeout=SHORT_DNS)
+    # RFC 7672 §2.2: the malformed record is unusable; the good one is used.
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.tls and bob.history[-1].tls_policy == "dane"
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
+
+
+def test_a_malformed_tlsa_record_never_matches(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    # The good record is for another key; the malformed one is the first 31 octets of
+    # the right digest.
+    signed_zone(
+        dns_server, mx.host, (3, 1, 1, spki_sha256(cert)[:31]), (3, 1, 1, spki_sha256(other))
+    )
+    bob = deliver(mx.port, dns_timeout=SHORT_DNS)
+    assert bob.state is RecipientState.DEFERRED
+    assert "DANE" in bob.reason and bob.history[-1].tls_policy == "dane"
+    assert mx.messages == []
+
+
+def test_only_malformed_tlsa_records_mean_tls_required_unauthenticated(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, MALFORMED, (2, 0, 2, b"\x02" * 63))
+    bob = deliver(mx.port, dns_timeout=SHORT_DNS)
+    # RFC 7672 §2.2: a validated RRset with no usable record is not "no TLSA records":
+    # TLS is still mandatory, only not authenticated (as for PKIX-only records above).
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "required"
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
+
+
+def test_only_malformed_tlsa_records_never_allow_plaintext(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key), starttls=False)
+    signed_zone(dns_server, mx.host, MALFORMED)
+    bob = deliver(mx.port, dns_timeout=SHORT_DNS)
+    assert bob.state is RecipientState.DEFERRED
+    assert "STARTTLS" in bob.reason
+    assert bob.history[-1].tls_policy == "required"
+    assert mx.messages == []

@@ -9,6 +9,11 @@ TLSA is looked up:
   chain must match them (:class:`~mailstrom.tls.requirement.TLSMode` ``DANE``);
 * a validated answer with only unusable records → TLS is mandatory, unauthenticated
   (RFC 7672 §2.2: ``REQUIRED``);
+* malformed records (a SHA-256 or SHA-512 digest of the wrong length, which dnspython
+  refuses with the whole answer) are unusable too: the lookup asks again and reads the
+  answer without them (:mod:`mailstrom.tls.tlsa_lenient`), counting them in
+  :attr:`TLSALookup.malformed`; they are never matched, but they are published records,
+  so an RRset of nothing else means ``REQUIRED`` as above, not "no TLSA records";
 * NXDOMAIN or no records, or an answer without the AD bit → DANE does not apply (None);
 * any other failure (SERVFAIL, timeout) → :class:`~mailstrom.errors.TemporaryFailure`:
   the host is not used now, never reached in plaintext (RFC 7672 §2.2).
@@ -33,6 +38,8 @@ Answers are cached for their TTL (at most :data:`MAX_TTL`), failures are not.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +49,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -49,6 +58,9 @@ from mailstrom.config import Config
 from mailstrom.errors import ConfigError, TemporaryFailure
 from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
+from mailstrom.tls.tlsa_lenient import Malformed, ask_leniently
+
+log = logging.getLogger("mailstrom.tls")
 
 MAX_TTL = 3600.0
 """Longest time a TLSA answer is reused without asking again."""
@@ -73,11 +85,22 @@ class TLSALookup:
     """There was an answer with records (validated or not)."""
     ttl: float = NEGATIVE_TTL
     """Seconds the answer may be reused (its TTL, at most :data:`MAX_TTL`)."""
+    malformed: int = 0
+    """Records left out because their data does not fit their matching type: unusable
+    (RFC 7672 §2.2), never matched, but counted in :attr:`exists`."""
 
 
 def tlsa_name(host: str, port: int = 25) -> str:
     """The owner name of ``host``'s TLSA records for SMTP (RFC 7672 §2.2)."""
     return f"_{port}._tcp.{host.rstrip('.')}."
+
+
+def _failure(name: str, host: str, why: object, *, what: str = "TLSA") -> TemporaryFailure:
+    return TemporaryFailure(
+        f"DANE: {what} lookup of {name} failed: {why}; not delivering to {host} without it",
+        enhanced="4.7.5",
+        host=host,
+    )
 
 
 async def _ask(
@@ -90,12 +113,7 @@ async def _ask(
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return None
     except (dns.exception.DNSException, OSError) as exc:
-        what = dns.rdatatype.to_text(rdtype)
-        raise TemporaryFailure(
-            f"DANE: {what} lookup of {name} failed: {exc}; not delivering to {host} without it",
-            enhanced="4.7.5",
-            host=host,
-        ) from exc
+        raise _failure(name, host, exc, what=dns.rdatatype.to_text(rdtype)) from exc
 
 
 def _ttl(answer: dns.resolver.Answer) -> float:
@@ -107,12 +125,25 @@ def _validated(answer: dns.resolver.Answer) -> bool:
     return bool(answer.response.flags & dns.flags.AD)
 
 
-async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALookup:
-    """Look up ``host``'s TLSA records; raise TemporaryFailure for anything but an answer,
-    NXDOMAIN or NODATA (RFC 7672 §2.2: such a host is unusable, never plaintext)."""
-    answer = await _ask(resolver, tlsa_name(host), dns.rdatatype.TLSA, host)
-    if answer is None:
-        return TLSALookup(host=host)
+def _retry_reserve(resolver: dns.asyncresolver.Resolver) -> float:
+    """Seconds of the lookup's lifetime kept for asking again (:func:`lookup_tlsa`): one
+    query's worth (the resolver's per-server timeout), at most half of the lifetime."""
+    return min(float(resolver.timeout), float(resolver.lifetime) / 2)
+
+
+def _may_have_refused(exc: Exception) -> bool:
+    """Whether ``exc`` may be dnspython refusing an answer it cannot parse: over UDP it
+    drops the datagram and waits (a timeout); over TCP it gives up on the server, a
+    FormError among the errors of NoNameservers."""
+    if isinstance(exc, (dns.exception.Timeout, TimeoutError)):
+        return True
+    if isinstance(exc, dns.resolver.NoNameservers):
+        errors = exc.kwargs.get("errors") or ()
+        return any(isinstance(error[3], dns.exception.FormError) for error in errors)
+    return False
+
+
+def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSALookup:
     records = tuple(
         TLSARecord(
             usage=int(rdata.usage),
@@ -122,13 +153,75 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
         )
         for rdata in list(answer)[:MAX_RECORDS]
     )
+    ttl = _ttl(answer)
+    if malformed.ttl is not None:
+        ttl = min(malformed.ttl, ttl if answer.rrset is not None else MAX_TTL)
+    if malformed.count:
+        log.warning(
+            "DANE: %d malformed TLSA record(s) at %s ignored (unusable, RFC 7672 §2.2); "
+            "%d other record(s)",
+            malformed.count,
+            tlsa_name(host),
+            len(records),
+        )
     return TLSALookup(
         host=host,
         records=records,
         secure=_validated(answer),
-        exists=bool(records),
-        ttl=_ttl(answer),
+        exists=bool(records) or malformed.count > 0,
+        ttl=float(ttl),
+        malformed=malformed.count,
     )
+
+
+async def _ask_again(
+    resolver: dns.asyncresolver.Resolver, name: str, host: str, deadline: float
+) -> TLSALookup:
+    """The failure path of :func:`lookup_tlsa`: ask once more, reading the answer without
+    its malformed records, by ``deadline`` (the event loop's clock)."""
+    qname = dns.name.from_text(name)
+    try:
+        response, malformed = await ask_leniently(resolver, qname, deadline)
+    except (OSError, ValueError) as exc:
+        raise _failure(name, host, exc) from exc
+    rcode = response.rcode()
+    if rcode == dns.rcode.NXDOMAIN:
+        return TLSALookup(host=host)
+    if rcode != dns.rcode.NOERROR:
+        raise _failure(name, host, f"the resolver answered {dns.rcode.to_text(rcode)}")
+    try:
+        answer = dns.resolver.Answer(qname, dns.rdatatype.TLSA, dns.rdataclass.IN, response)
+    except dns.exception.DNSException as exc:
+        raise _failure(name, host, exc) from exc
+    if answer.rrset is None and not malformed.count:
+        return TLSALookup(host=host)  # NODATA
+    return _found(host, answer, malformed)
+
+
+async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALookup:
+    """Look up ``host``'s TLSA records; raise TemporaryFailure for anything but an answer,
+    NXDOMAIN or NODATA (RFC 7672 §2.2: such a host is unusable, never plaintext).
+
+    One deadline, the resolver's lifetime, bounds the whole lookup. The resolver asks
+    first, keeping :func:`_retry_reserve` of it: when it fails in a way that may hide an
+    answer dnspython refused (a malformed record), the rest goes to asking again and
+    reading that answer without its malformed records (:func:`_ask_again`)."""
+    name = tlsa_name(host)
+    deadline = asyncio.get_running_loop().time() + float(resolver.lifetime)
+    first_try = float(resolver.lifetime) - _retry_reserve(resolver)
+    try:
+        # dnspython's lifetime alone may overrun by its back-off between tries.
+        async with asyncio.timeout(first_try):
+            answer = await resolver.resolve(
+                name, dns.rdatatype.TLSA, search=False, lifetime=first_try
+            )
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return TLSALookup(host=host)
+    except (dns.exception.DNSException, OSError) as exc:
+        if not _may_have_refused(exc):
+            raise _failure(name, host, exc) from exc
+        return await _ask_again(resolver, name, host, deadline)
+    return _found(host, answer, Malformed())
 
 
 def tlsa_base_domains(
@@ -204,17 +297,21 @@ def requirement_for(
     if not lookup.secure or not lookup.exists:
         return None
     usable = tuple(r for r in lookup.records if r.usable)
+    malformed = f"; {lookup.malformed} malformed record(s) ignored" if lookup.malformed else ""
     if not usable:
+        # RFC 7672 §2.2: a validated RRset whose records are all unusable (unsupported
+        # parameters, or malformed data) still says the host does TLS: mandatory, but
+        # unauthenticated. Only NXDOMAIN or NODATA leave DANE out (None above).
         return TLSRequirement(
             mode=TLSMode.REQUIRED,
             source=PolicySource.DANE,
             reason=f"DANE: {lookup.host} has TLSA records but none usable for SMTP: TLS "
-            "required, unauthenticated (RFC 7672 §2.2)",
+            f"required, unauthenticated (RFC 7672 §2.2){malformed}",
         )
     return TLSRequirement(
         mode=TLSMode.DANE,
         source=PolicySource.DANE,
-        reason=f"DANE: {len(usable)} usable TLSA record(s) at {tlsa_name(lookup.host)}",
+        reason=f"DANE: {len(usable)} usable TLSA record(s) at {tlsa_name(lookup.host)}{malformed}",
         tlsa=usable,
         dane_names=names,
         dane_next_hops=tuple(name for name in next_hops if name not in names),
