@@ -547,9 +547,10 @@ def test_dmarc_records_parse_or_say_why_briefly(text: str) -> None:
         return
     assert record.p in ("none", "quarantine", "reject")
     assert 0 <= record.pct <= 100
-    pct = re.search(r"(?i)(?:^|;)\s*pct\s*=\s*([^;]*)", text)
+    # RFC 7489 §6.4: white space around "=" and ";" is WSP (SP or HTAB) only.
+    pct = re.search(r"(?i)(?:^|;)[ \t]*pct[ \t]*=[ \t]*([^;]*)", text)
     if pct is not None:  # RFC 7489 §6.4: pct = 1*3DIGIT, ASCII digits
-        assert re.fullmatch("[0-9]{1,3}", pct.group(1).strip()), pct.group(1)
+        assert re.fullmatch("[0-9]{1,3}", pct.group(1).strip(" \t")), pct.group(1)
 
 
 @settings(max_examples=EXAMPLES * 3, deadline=None)

@@ -37,7 +37,13 @@ from mailstrom.doctor import (
     run_doctor,
 )
 from mailstrom.doctor.dkim import check_dkim, parse_tags, public_key, record_for
-from mailstrom.doctor.dmarc import aligned, check_dmarc, organizational_domain, parse_dmarc
+from mailstrom.doctor.dmarc import (
+    aligned,
+    check_dmarc,
+    is_dmarc,
+    organizational_domain,
+    parse_dmarc,
+)
 from mailstrom.doctor.dnsbl import check_dnsbl, query_name
 from mailstrom.doctor.fcrdns import check_fcrdns
 from mailstrom.doctor.lookup import normal_name
@@ -49,7 +55,13 @@ from mailstrom.doctor.outgoing import (
     split_probe,
 )
 from mailstrom.doctor.spf import TIME_LIMIT as SPF_TIME_LIMIT
-from mailstrom.doctor.spf import check_spf, check_spf_helo, evaluate, with_mechanism
+from mailstrom.doctor.spf import (
+    check_spf,
+    check_spf_helo,
+    evaluate,
+    spf_records,
+    with_mechanism,
+)
 
 IP = "192.0.2.10"
 DOMAIN = "example.com"
@@ -211,6 +223,22 @@ def test_spf_ipv6_mechanism_goes_first() -> None:
     check, result = check_spf(resolver, domain=DOMAIN, ip="2001:db8::1", helo=HELO)
     assert result == "fail"
     assert check.fix is not None and '"v=spf1 ip6:2001:db8::1 -all"' in check.fix
+
+
+def test_spf_records_are_v_spf1_in_any_case_then_a_space_or_the_end() -> None:
+    # RFC 7208 §4.5/§12: "v=spf1" (an ABNF quoted string: any case), ended by SP or the
+    # end of the record; a tab, a newline or a no-break space is no SP.
+    published = ["V=SPF1 -all", "v=spf1", "v=Spf1 a", "v=spf1\t-all", "v=spf1\u00a0-all"]
+    published += ["v=spf1\n", "v=spf1\u2003a", "v=spf10 -all"]
+    records, error = spf_records(FakeResolver({(DOMAIN, "TXT"): published}), DOMAIN)
+    assert (records, error) == (["V=SPF1 -all", "v=spf1", "v=Spf1 a"], None)
+
+
+def test_spf_terms_are_separated_by_spaces_only() -> None:
+    # "a\u00a0mx" is one (invalid) term, not two: the fix keeps it as published.
+    assert with_mechanism("v=spf1  a\u00a0mx\t-all", "ip4:192.0.2.1") == (
+        "v=spf1 ip4:192.0.2.1 a\u00a0mx\t-all"
+    )
 
 
 def test_spf_helo_identity() -> None:
@@ -474,6 +502,45 @@ def test_dmarc_parse() -> None:
     ]:
         with pytest.raises(ValueError, match=reason):
             parse_dmarc(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["V=DMARC1; p=reject", "V = DMARC1 ;p=reject", "v\t=\tDMARC1\t;\tp\t=\treject\t;"],
+)
+def test_dmarc_version_tag_in_any_case_and_wsp(text: str) -> None:
+    # RFC 7489 §6.4: dmarc-version = "v" *WSP "=" *WSP "DMARC1" (in hex: exact case); a
+    # quoted ABNF string such as "v" is case-insensitive (RFC 5234 §2.3).
+    assert is_dmarc(text)
+    assert parse_dmarc(text).p == "reject"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "v=dmarc1; p=reject",
+        "v\u00a0=DMARC1; p=reject",
+        "v=DMARC1\u2003; p=reject",
+        "v=DMARC1\n; p=reject",
+        "v=DMARC1\n",
+        "\u00a0v=DMARC1; p=reject",
+    ],
+)
+def test_dmarc_version_is_exact_and_white_space_is_sp_or_htab(text: str) -> None:
+    assert not is_dmarc(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("v=DMARC1;\u00a0p=reject", "p= tag is missing"),  # the tag "\u00a0p"
+        ("v=DMARC1; p=reject\u3000", "is not one of"),
+        ("v=DMARC1; p=none; pct=\u200950", "is not a whole number"),
+    ],
+)
+def test_dmarc_tags_take_no_unicode_white_space(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_dmarc(text)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,14 @@ from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
 from mailstrom.doctor.report import Check, Status, piece
 
-_DMARC = re.compile(r"^v\s*=\s*DMARC1\s*(;|$)")
+_WSP = " \t"
+r"""The only white space RFC 7489's grammar allows (§6.4: ``*WSP`` around ``=``, ``;`` and
+``,``; RFC 5234's WSP is SP or HTAB): not ``\s`` or ``str.strip()``'s, which take
+newlines, NBSP and the rest of Unicode's."""
+# RFC 7489 §6.4: dmarc-version = "v" *WSP "=" *WSP %x44 %x4d %x41 %x52 %x43 %x31. A quoted
+# ABNF string is case-insensitive (RFC 5234 §2.3): "V=DMARC1" is a DMARC record. The
+# value is given in hex: exactly "DMARC1" (§6.3: "MUST match precisely").
+_DMARC = re.compile(r"^[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|\Z)")
 _POLICIES = ("none", "quarantine", "reject")
 _PERCENT = re.compile(r"[0-9]{1,3}")
 """RFC 7489 §6.4: ``pct`` is 1*3DIGIT, ASCII digits (``str.isdigit`` takes ``٣`` and ``²``)."""
@@ -53,12 +60,12 @@ def parse_dmarc(text: str) -> DMARCRecord:
         raise ValueError("the record does not start with v=DMARC1")
     tags: dict[str, str] = {}
     for part in text.split(";")[1:]:
-        if not part.strip():
+        if not part.strip(_WSP):
             continue
         name, eq, value = part.partition("=")
         if not eq:
-            raise ValueError(f"not a tag=value pair: {piece(part.strip())!r}")
-        tags.setdefault(name.strip().lower(), value.strip())
+            raise ValueError(f"not a tag=value pair: {piece(part.strip(_WSP))!r}")
+        tags.setdefault(name.strip(_WSP).lower(), value.strip(_WSP))
     if "p" not in tags:
         raise ValueError("the required p= tag is missing")
 
@@ -85,7 +92,7 @@ def parse_dmarc(text: str) -> DMARCRecord:
 
 
 def _uris(value: str | None) -> tuple[str, ...]:
-    return tuple(u.strip() for u in (value or "").split(",") if u.strip())
+    return tuple(u.strip(_WSP) for u in (value or "").split(",") if u.strip(_WSP))
 
 
 @functools.lru_cache(maxsize=1)
@@ -242,4 +249,4 @@ def check_dmarc(
 
 
 def _with_policy(record: str, policy: str) -> str:
-    return re.sub(r"(;\s*p\s*=\s*)none", lambda m: m.group(1) + policy, record, count=1)
+    return re.sub(r"(;[ \t]*p[ \t]*=[ \t]*)none", lambda m: m.group(1) + policy, record, count=1)

@@ -22,7 +22,11 @@ from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, piece
 
-_SPF = re.compile(r"^v=spf1(\s|$)", re.IGNORECASE)
+# RFC 7208 §4.5 and §12: record = version terms *SP, version = "v=spf1" (a quoted ABNF
+# string: any case), terms = *( 1*SP ( directive / modifier ) ). The version ends at an SP
+# or the end of the record: not at a tab, a newline or other Unicode white space (``\s``),
+# which pyspf, evaluating the record, does not take either.
+_SPF = re.compile(r"^v=spf1(?: |\Z)", re.IGNORECASE)
 _EXPLAINED = 200
 """Characters of pyspf's explanation a summary shows: it quotes the term it stopped at,
 which the record's publisher may have made as long as a TXT record holds."""
@@ -111,8 +115,13 @@ def mechanism_for(ip: str) -> str:
 def with_mechanism(record: str, mechanism: str) -> str:
     """``record`` with ``mechanism`` put first, before anything that could end the
     evaluation (``-all``, ``redirect=``): ``v=spf1 ip4:192.0.2.1 include:… -all``."""
-    terms = record.split()
+    terms = _terms(record)
     return " ".join([terms[0], mechanism, *terms[1:]])
+
+
+def _terms(record: str) -> list[str]:
+    """The version and terms of an SPF record: separated by SP only (RFC 7208 §12)."""
+    return [term for term in record.split(" ") if term]
 
 
 def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[Check, str]:
@@ -174,7 +183,7 @@ def _merged(records: list[str], mechanism: str) -> str:
     terms: list[str] = []
     tail: list[str] = []
     for record in records:
-        for term in record.split()[1:]:
+        for term in _terms(record)[1:]:
             lowered = term.lower()
             if lowered.lstrip("+-~?") == "all" or lowered.startswith("redirect="):
                 if not tail:
