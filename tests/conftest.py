@@ -10,6 +10,10 @@ or off and whether ``-p no:mailstrom`` or ``-p mailstrom`` is given; and it is i
 here, after coverage has started, not when pytest loads entry points.
 """
 
+import os
+
+from hypothesis import settings
+
 pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.smtp_server",
@@ -17,3 +21,14 @@ pytest_plugins = [
     "tests.fixtures.https_server",
     "mailstrom.testing.pytest_plugin",
 ]
+
+
+# `make test` and CI draw the same examples every run (derandomize seeds each property
+# from its own test), so a run fails for a change, never for the examples it happened to
+# draw: a flake in CI is a red main for nobody's change. To hunt for new failures, draw
+# fresh ones, as many as you like, e.g.
+#   MAILSTROM_HYPOTHESIS=explore MAILSTROM_FUZZ_EXAMPLES=5000 \
+#       .venv/bin/python -m pytest --timeout=0 tests/unit/test_api_fuzz.py
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("MAILSTROM_HYPOTHESIS", "repeatable"))
