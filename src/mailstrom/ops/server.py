@@ -19,11 +19,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from mailstrom.errors import ConfigError
 from mailstrom.loopback import is_loopback, names_loopback
+from mailstrom.ops.guarded_http import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    GuardedHTTPServer,
+    GuardedRequestHandler,
+)
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import Store
 
@@ -139,6 +144,11 @@ class OpsServer:
     loopback name or address (400 otherwise), as the dashboard does without a token: the
     metrics name the domains mailed most, and a page on another site must not read them
     by rebinding its own name to 127.0.0.1 (:mod:`mailstrom.loopback`).
+
+    It may listen on any address (Kubernetes scrapes a pod's address), so no client can
+    take more than ``max_connections`` threads, nor hold one longer than
+    ``request_timeout`` seconds to send its request (or to read the answer): see
+    :mod:`mailstrom.ops.guarded_http`.
     """
 
     def __init__(
@@ -148,6 +158,8 @@ class OpsServer:
         *,
         snapshot: Callable[[], MetricsSnapshot],
         health: Callable[[], Health],
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         try:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -170,7 +182,7 @@ class OpsServer:
         routes = {"/metrics": metrics, "/healthz": healthz}
         on_loopback = is_loopback(host)
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(GuardedRequestHandler):
             server_version = "mailstrom"
             sys_version = ""
 
@@ -200,8 +212,9 @@ class OpsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # a scrape every few seconds is not worth a log line
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = GuardedHTTPServer(
+            (host, port), Handler, max_connections=max_connections, request_timeout=request_timeout
+        )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="mailstrom-ops-http", daemon=True
         )

@@ -1,0 +1,209 @@
+"""An ``http.server`` that a worker can leave open to the network: a bounded number of
+handler threads, a deadline for each request to arrive, and a size limit on it.
+
+The stdlib's ``ThreadingHTTPServer`` starts a thread for every connection and reads with
+no timeout, so a client that connects and sends nothing (or one byte a minute) holds a
+thread for ever, and ten thousand of them make ten thousand threads in the process that
+delivers the mail. Here:
+
+- at most ``max_connections`` handler threads run at once. A connection past the limit
+  closes the one that has waited longest for its request to arrive (a client that is
+  slow to send it is a slowloris or a dead peer; a scraper sends its request in one
+  packet): a flood of idle connections cannot keep a scrape out, since the scrape's own
+  connection takes a slot at once. Only when every slot is answering a request is a new
+  connection closed unanswered.
+- a request's head has ``request_timeout`` seconds *in total* to arrive (a timeout on
+  each read alone lets a client reset it with every byte), and may be at most
+  :data:`MAX_REQUEST_HEAD` bytes (431 otherwise). Bodies are never read: the server
+  answers GET, and HTTP/1.0 closes the connection after one answer.
+- writing the answer has ``request_timeout`` seconds too: a client that does not read
+  it cannot hold its thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+log = logging.getLogger("mailstrom.ops")
+
+MAX_CONNECTIONS = 8
+"""Handler threads at once. Who asks: Prometheus (two replicas for high availability),
+the kubelet's liveness and readiness probes, an operator's curl: a handful at a time,
+each answered in milliseconds; 8 leaves room and costs the worker at most 8 threads."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a request has to arrive, and its answer to be written. A scraper sends its
+request in one packet within milliseconds; 10 s survives a congested link and still frees
+a slot a silent client holds before a scrape (every 15 s or more) comes again."""
+MAX_REQUEST_HEAD = 16 * 1024
+"""Bytes in a request line and headers together (h11's default, what the dashboard's
+server takes). A scrape's request is about 300 bytes; the stdlib alone accepts 100
+headers of 64 KiB each, 6.5 MB a thread."""
+EVICTION_WAIT = 1.0
+"""Seconds a new connection waits for the thread of the connection it displaced to end.
+A displaced thread's socket is shut down, so its read returns at once; this only bounds
+the wait should it not."""
+
+_TOO_LARGE = (
+    b"HTTP/1.0 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: text/plain\r\nConnection: close\r\n\r\n"
+    + f"the request line and headers are over {MAX_REQUEST_HEAD} bytes\n".encode()
+)
+
+
+class _HeadTooLarge(Exception):
+    """The request line and headers went past :data:`MAX_REQUEST_HEAD` bytes (answered
+    with a 431 by the handler; never leaves it)."""
+
+
+class GuardedHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with at most ``max_connections`` handler threads; a new
+    connection past the limit displaces the one waiting longest for its request (see the
+    module's docstring). Its handler must be a :class:`GuardedRequestHandler`."""
+
+    daemon_threads = True  # a handler stuck writing must not hold up the worker's exit
+    block_on_close = False  # close() does not wait for handlers (each ends by its deadline)
+    # The listen backlog: connections not accepted yet wait there, costing no thread. The
+    # stdlib's 5 drops a burst's connection attempts (retried by the client 1 s later).
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[GuardedRequestHandler],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self._slots = threading.Condition()
+        self._handlers = 0
+        # Connections whose request has not arrived yet, oldest first (dicts keep order).
+        self._waiting: dict[socket.socket, None] = {}
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._slots:
+            taken = self._take_slot(request)
+        if not taken:
+            # Every slot is answering a request: close this one unanswered (no thread).
+            log.debug("refused a connection from %s: all slots are answering", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._free_slot(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._free_slot(request)
+
+    def request_arrived(self, request: socket.socket) -> bool:
+        """Mark ``request`` as being answered, so that no newcomer displaces it; False if
+        it was already displaced (its socket is shut: do not answer)."""
+        with self._slots:
+            return self._waiting.pop(request, False) is None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stdlib prints a traceback on stderr for every client that hangs up early.
+        log.debug("a connection from %s ended in an error", client_address, exc_info=True)
+
+    def _take_slot(self, request: socket.socket) -> bool:
+        """Count ``request`` in (the lock held), displacing the longest-waiting connection
+        when all slots are taken; False when every slot is answering a request."""
+        if self._handlers >= self.max_connections:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None:
+                return False
+            del self._waiting[oldest]
+            _hang_up(oldest)
+            self._slots.wait_for(lambda: self._handlers < self.max_connections, EVICTION_WAIT)
+            if self._handlers >= self.max_connections:
+                return False
+        self._handlers += 1
+        self._waiting[request] = None
+        return True
+
+    def _free_slot(self, request: socket.socket) -> None:
+        with self._slots:
+            self._waiting.pop(request, None)
+            self._handlers -= 1
+            self._slots.notify()
+
+
+class GuardedRequestHandler(BaseHTTPRequestHandler):
+    """Reads a request within its server's ``request_timeout`` and
+    :data:`MAX_REQUEST_HEAD` bytes; answers nothing to a connection its server displaced."""
+
+    server: GuardedHTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stdlib's reader, replaced by one with a deadline
+        raw = _DeadlineReader(
+            self.connection, timeout=self.server.request_timeout, limit=MAX_REQUEST_HEAD
+        )
+        self.rfile = io.BufferedReader(raw)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _HeadTooLarge:
+            self.connection.settimeout(self.server.request_timeout)
+            self.wfile.write(_TOO_LARGE)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if not self.server.request_arrived(self.connection):
+            self.close_connection = True
+            return False
+        # From here the answer is written, with a deadline of its own.
+        self.connection.settimeout(self.server.request_timeout)
+        return True
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes, each read waiting only for what is left of one deadline, and at
+    most ``limit`` bytes in all (then :class:`_HeadTooLarge`)."""
+
+    def __init__(self, sock: socket.socket, *, timeout: float, limit: int) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        if self._left <= 0:
+            raise _HeadTooLarge(f"over {MAX_REQUEST_HEAD} bytes")
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the request did not arrive within {self._timeout:g} s")
+        self._sock.settimeout(remaining)
+        with memoryview(buffer) as view:
+            received = self._sock.recv_into(view[: self._left])
+        self._left -= received
+        return received
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Wake a thread blocked reading ``sock`` (its read returns end of file at once)."""
+    with contextlib.suppress(OSError):  # already gone
+        sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,135 @@
+"""The /metrics and /healthz server under a flood of silent or slow connections (it may
+listen on 0.0.0.0, in the process that delivers the mail): its threads stay bounded, a
+scrape still gets through, a slow client is cut off at the deadline, a huge request head
+is refused. Small limits through parameters keep each test well under a second."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from mailstrom.ops.guarded_http import MAX_REQUEST_HEAD
+from mailstrom.ops.server import Health, OpsServer
+from mailstrom.status import MetricsSnapshot, WorkerStatus
+
+LIMIT = 3
+
+
+def _serve(request_timeout: float) -> OpsServer:
+    server = OpsServer(
+        "127.0.0.1",
+        0,
+        snapshot=lambda: MetricsSnapshot(worker=WorkerStatus(running=True)),
+        health=lambda: Health(ok=True, details={"status": "ok"}),
+        max_connections=LIMIT,
+        request_timeout=request_timeout,
+    )
+    server.start()
+    return server
+
+
+@pytest.fixture
+def patient() -> Iterator[OpsServer]:
+    """A deadline far beyond each test's run: what they see is not the deadline's doing."""
+    server = _serve(request_timeout=30.0)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hasty() -> Iterator[OpsServer]:
+    server = _serve(request_timeout=0.3)
+    yield server
+    server.close()
+
+
+def _connect(server: OpsServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (waits up to the socket's timeout)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_flood_of_idle_connections_takes_few_threads_and_a_scrape_gets_through(
+    patient: OpsServer,
+) -> None:
+    before = threading.active_count()
+    clients: list[socket.socket] = []
+    most = 0
+    try:
+        for _ in range(20):
+            clients.append(_connect(patient))
+            most = max(most, threading.active_count() - before)
+        slow = _connect(patient)
+        clients.append(slow)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        # The oldest silent ones make room for the newer: they are hung up on.
+        displaced = clients[: len(clients) - LIMIT]
+        assert all(_hung_up(sock) for sock in displaced)
+        most = max(most, threading.active_count() - before)
+
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{patient.url}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+        assert time.monotonic() - started < 1.0  # long before any deadline (30 s)
+        most = max(most, threading.active_count() - before)
+    finally:
+        for sock in clients:
+            sock.close()
+    # A displaced connection's thread may be ending while its successor's starts.
+    assert most <= LIMIT + 1
+
+
+def test_a_client_sending_its_request_a_byte_at_a_time_is_cut_off_at_the_deadline(
+    hasty: OpsServer,
+) -> None:
+    """A byte every 50 ms would reset a timeout per read (0.3 s) for ever."""
+    with _connect(hasty) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        started = time.monotonic()
+        cut_off = None
+        while time.monotonic() - started < 3.0:
+            try:
+                sock.sendall(b"a")
+                if select.select([sock], [], [], 0.05)[0] and sock.recv(100) == b"":
+                    cut_off = time.monotonic() - started
+                    break
+            except (ConnectionResetError, BrokenPipeError):
+                cut_off = time.monotonic() - started
+                break
+    assert cut_off is not None, "still connected after 3 s"
+    assert 0.25 <= cut_off < 1.5
+
+
+def test_a_silent_client_is_cut_off_at_the_deadline(hasty: OpsServer) -> None:
+    with _connect(hasty) as sock:
+        started = time.monotonic()
+        assert _hung_up(sock)
+        assert 0.25 <= time.monotonic() - started < 1.5
+
+
+def test_a_request_head_past_the_limit_is_a_431(patient: OpsServer) -> None:
+    start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+    # Exactly the limit and not yet ended: the server reads all of it (nothing left
+    # unread to turn its close into a reset) and needs more.
+    head = start + b"a" * (MAX_REQUEST_HEAD - len(start))
+    with _connect(patient) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 431 "), answer[:100]
+    assert f"over {MAX_REQUEST_HEAD} bytes".encode() in answer
