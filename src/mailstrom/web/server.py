@@ -1,13 +1,48 @@
-"""Serving the dashboard with uvicorn on a socket the caller bound."""
+"""Serving the dashboard with uvicorn on a socket the caller bound.
+
+uvicorn alone bounds neither the number of connections nor the time a request takes to
+arrive: its keep-alive timer starts only after a first answer (a client that connects
+and sends nothing, or one header byte a minute, is kept for ever) and any byte received
+stops it. Its ``limit_concurrency`` does not help: it counts idle connections too and
+answers 503 to the request that comes next, so a flood of silent connections would shut
+the operator out rather than the flood. So the HTTP protocol here is uvicorn's h11 one
+(pinned: httptools, which ``auto`` picks when installed, has no header size limit), with
+what it lacks added:
+
+- at most ``max_connections`` connections; a new one past the limit closes the one that
+  has waited longest for its request (a slowloris or a browser's idle keep-alive
+  connection, which it reopens when needed), so a flood cannot keep an operator out;
+  only when all are being answered is the newcomer closed unanswered;
+- each request (headers and body) must have arrived within ``request_timeout`` seconds
+  of the connection starting to wait for it, on the first request and every kept-alive
+  one after it;
+- headers are at most :data:`MAX_REQUEST_HEAD` bytes (h11 answers 400 past it); bodies
+  are refused past 16 KiB by the app (``MAX_FORM_BYTES``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import signal
 import socket
 from types import FrameType
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+MAX_CONNECTIONS = 16
+"""Connections at once: a browser opens up to 6 to one server (Chromium's and Firefox's
+limit), so two or three operators' browsers fit; the dashboard is not a public site."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a request (headers and body, a few KiB at most) has to arrive once the
+connection waits for one. A browser sends it at once; 10 s survives a congested link,
+and a browser whose idle connection is closed opens another."""
+MAX_REQUEST_HEAD = 16 * 1024
+"""Bytes of request line and headers (h11's default, made explicit): a browser sends
+well under 2 KiB, cookies included."""
 
 
 class _Server(uvicorn.Server):
@@ -22,15 +57,99 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(app: Starlette, sock: socket.socket) -> None:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT. mailstrom's loggers say what
-    happens (actions, refusals); uvicorn's access log is off."""
+def server_for(
+    app: Starlette,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> uvicorn.Server:
+    """The uvicorn server :func:`serve` runs (``run(sockets=[sock])``; ``should_exit``
+    stops it). mailstrom's loggers say what happens (actions, refusals); uvicorn's access
+    log is off."""
     config = uvicorn.Config(
         app,
+        http=_guarded_h11(max_connections, request_timeout),
+        ws="none",  # no WebSocket here: an upgrade would leave the limits behind
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
         log_config=None,
         access_log=False,
         server_header=False,
         proxy_headers=False,
         lifespan="on",
     )
-    _Server(config).run(sockets=[sock])
+    return _Server(config)
+
+
+def serve(app: Starlette, sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT."""
+    server_for(app).run(sockets=[sock])
+
+
+def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a connection limit and a request deadline (a class per
+    pair of limits: uvicorn makes one protocol per connection from the class)."""
+
+    turns = itertools.count()  # the loop's clock may not tell apart connections made at once
+
+    class GuardedH11Protocol(H11Protocol):
+        waiting_since = 0
+        """When this connection began to wait for its next request, in turns: the lowest
+        has waited longest."""
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(  # type: ignore[override]  # as uvicorn's own
+            self, transport: asyncio.Transport
+        ) -> None:
+            if not self._room_for_one_more():
+                self.transport = transport  # connection_lost closes it
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._await_request()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_request()  # a kept-alive connection: the next request's deadline
+
+        @property
+        def waiting_for_request(self) -> bool:
+            """The request has not (all) arrived; none is being answered."""
+            return not self.transport.is_closing() and self.conn.their_state in (
+                h11.IDLE,
+                h11.SEND_BODY,
+            )
+
+        def _room_for_one_more(self) -> bool:
+            """Whether this connection may be served, closing the connection that has
+            waited longest for its request when all places are taken."""
+            peers = [
+                peer
+                for peer in self.connections
+                if isinstance(peer, GuardedH11Protocol) and not peer.transport.is_closing()
+            ]
+            if len(peers) < max_connections:
+                return True
+            waiting = [peer for peer in peers if peer.waiting_for_request]
+            if not waiting:
+                return False
+            min(waiting, key=lambda peer: peer.waiting_since).transport.close()
+            return True
+
+        def _await_request(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self.waiting_since = next(turns)
+            self._deadline = self.loop.call_later(request_timeout, self._request_overdue)
+
+        def _request_overdue(self) -> None:
+            self._deadline = None
+            if self.waiting_for_request:
+                self.transport.close()
+
+    return GuardedH11Protocol

@@ -1,0 +1,138 @@
+"""The dashboard's uvicorn server under a flood of silent or slow connections: the
+excess is hung up on, an operator's request still gets through, a slow client is cut off
+at the deadline, also on a kept-alive connection. uvicorn runs on a thread here with
+small limits passed as parameters, so that each test takes well under a second."""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from mailstrom.stores import SQLiteStore
+from mailstrom.web import create_app
+from mailstrom.web.server import server_for
+
+LIMIT = 3
+
+
+@contextmanager
+def _served(tmp_path: Path, request_timeout: float) -> Iterator[int]:
+    store = SQLiteStore(tmp_path / "queue.db")
+    server = server_for(create_app(store), max_connections=LIMIT, request_timeout=request_timeout)
+    sock = socket.create_server(("127.0.0.1", 0))  # listening: clients may connect at once
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        store.close()
+
+
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[int]:
+    """A deadline far beyond each test's run: what they see is not the deadline's doing."""
+    with _served(tmp_path, request_timeout=30.0) as port:
+        yield port
+
+
+@pytest.fixture
+def hasty(tmp_path: Path) -> Iterator[int]:
+    with _served(tmp_path, request_timeout=0.3) as port:
+        yield port
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (waits up to the socket's timeout)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _cut_off_after(sock: socket.socket, limit: float = 3.0) -> float | None:
+    """Send a header byte every 50 ms until the server hangs up: after how long (None
+    if it has not after ``limit`` seconds)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            sock.sendall(b"a")
+            if select.select([sock], [], [], 0.05)[0] and sock.recv(100) == b"":
+                return time.monotonic() - started
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    return None
+
+
+def test_a_flood_of_idle_connections_is_hung_up_on_and_an_operator_gets_through(
+    patient: int,
+) -> None:
+    clients = [_connect(patient) for _ in range(20)]
+    try:
+        slow = _connect(patient)
+        clients.append(slow)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+
+        started = time.monotonic()
+        operator = http.client.HTTPConnection("127.0.0.1", patient, timeout=5)
+        try:
+            operator.request("GET", "/", headers={"Host": f"127.0.0.1:{patient}"})
+            answer = operator.getresponse()
+            assert answer.status == 200 and b"<html" in answer.read()
+        finally:
+            operator.close()
+        assert time.monotonic() - started < 1.0  # long before any deadline (30 s)
+        # Only LIMIT were ever kept: the operator's made room by closing the oldest.
+        displaced = clients[: len(clients) + 1 - LIMIT]
+        assert all(_hung_up(sock) for sock in displaced)
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_a_client_sending_its_request_a_byte_at_a_time_is_cut_off_at_the_deadline(
+    hasty: int,
+) -> None:
+    with _connect(hasty) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        cut_off = _cut_off_after(sock)
+    assert cut_off is not None, "still connected after 3 s"
+    assert 0.25 <= cut_off < 1.5
+
+
+def test_a_silent_client_is_cut_off_at_the_deadline(hasty: int) -> None:
+    """uvicorn's keep-alive timer starts only after a first answer."""
+    with _connect(hasty) as sock:
+        started = time.monotonic()
+        assert _hung_up(sock)
+        assert 0.25 <= time.monotonic() - started < 1.5
+
+
+def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(hasty: int) -> None:
+    """Any byte received stops uvicorn's keep-alive timer, and nothing restarted it."""
+    with _connect(hasty) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{hasty}\r\n\r\n".encode())
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 200 and not answer.will_close
+        answer.read()
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+        cut_off = _cut_off_after(sock)
+    assert cut_off is not None, "still connected after 3 s"
+    assert cut_off < 1.5
