@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,8 +120,12 @@ class GuardedHTTPServer(ThreadingHTTPServer):
             return self._waiting.pop(request, False) is None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # The stdlib prints a traceback on stderr for every client that hangs up early.
-        log.debug("a connection from %s ended in an error", client_address, exc_info=True)
+        # The stdlib prints a traceback on stderr, also for every client that hangs up
+        # early (or is displaced) before its answer is written: that is no news.
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("the connection from %s broke", client_address, exc_info=True)
+        else:
+            log.exception("serving a request from %s failed", client_address)
 
     def _take_slot(self, request: socket.socket) -> bool:
         """Count ``request`` in (the lock held), displacing the longest-waiting connection
