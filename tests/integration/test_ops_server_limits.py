@@ -5,7 +5,6 @@ is refused. Small limits through parameters keep each test well under a second."
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from mailstrom.ops.guarded_http import MAX_REQUEST_HEAD
 from mailstrom.ops.server import Health, OpsServer
 from mailstrom.status import MetricsSnapshot, WorkerStatus
+from tests.support.slow_clients import connect, cut_off_after, hung_up
 
 LIMIT = 3
 
@@ -50,17 +50,7 @@ def hasty() -> Iterator[OpsServer]:
 
 
 def _connect(server: OpsServer) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=5)
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the server closed ``sock`` (waits up to the socket's timeout)."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+    return connect(server.port)
 
 
 def test_a_flood_of_idle_connections_takes_few_threads_and_a_scrape_gets_through(
@@ -78,7 +68,7 @@ def test_a_flood_of_idle_connections_takes_few_threads_and_a_scrape_gets_through
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         # The oldest silent ones make room for the newer: they are hung up on.
         displaced = clients[: len(clients) - LIMIT]
-        assert all(_hung_up(sock) for sock in displaced)
+        assert all(hung_up(sock) for sock in displaced)
         most = max(most, threading.active_count() - before)
 
         started = time.monotonic()
@@ -99,17 +89,7 @@ def test_a_client_sending_its_request_a_byte_at_a_time_is_cut_off_at_the_deadlin
     """A byte every 50 ms would reset a timeout per read (0.3 s) for ever."""
     with _connect(hasty) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-        started = time.monotonic()
-        cut_off = None
-        while time.monotonic() - started < 3.0:
-            try:
-                sock.sendall(b"a")
-                if select.select([sock], [], [], 0.05)[0] and sock.recv(100) == b"":
-                    cut_off = time.monotonic() - started
-                    break
-            except (ConnectionResetError, BrokenPipeError):
-                cut_off = time.monotonic() - started
-                break
+        cut_off = cut_off_after(sock)
     assert cut_off is not None, "still connected after 3 s"
     assert 0.25 <= cut_off < 1.5
 
@@ -117,7 +97,7 @@ def test_a_client_sending_its_request_a_byte_at_a_time_is_cut_off_at_the_deadlin
 def test_a_silent_client_is_cut_off_at_the_deadline(hasty: OpsServer) -> None:
     with _connect(hasty) as sock:
         started = time.monotonic()
-        assert _hung_up(sock)
+        assert hung_up(sock)
         assert 0.25 <= time.monotonic() - started < 1.5
 
 

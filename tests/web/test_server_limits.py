@@ -6,7 +6,6 @@ small limits passed as parameters, so that each test takes well under a second."
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ import pytest
 from mailstrom.stores import SQLiteStore
 from mailstrom.web import create_app
 from mailstrom.web.server import server_for
+from tests.support.slow_clients import connect, cut_off_after, hung_up
 
 LIMIT = 3
 
@@ -53,31 +53,7 @@ def hasty(tmp_path: Path) -> Iterator[int]:
 
 
 def _connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the server closed ``sock`` (waits up to the socket's timeout)."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
-def _cut_off_after(sock: socket.socket, limit: float = 3.0) -> float | None:
-    """Send a header byte every 50 ms until the server hangs up: after how long (None
-    if it has not after ``limit`` seconds)."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        try:
-            sock.sendall(b"a")
-            if select.select([sock], [], [], 0.05)[0] and sock.recv(100) == b"":
-                return time.monotonic() - started
-        except (ConnectionResetError, BrokenPipeError):
-            return time.monotonic() - started
-    return None
+    return connect(port)
 
 
 def test_a_flood_of_idle_connections_is_hung_up_on_and_an_operator_gets_through(
@@ -100,7 +76,7 @@ def test_a_flood_of_idle_connections_is_hung_up_on_and_an_operator_gets_through(
         assert time.monotonic() - started < 1.0  # long before any deadline (30 s)
         # Only LIMIT were ever kept: the operator's made room by closing the oldest.
         displaced = clients[: len(clients) + 1 - LIMIT]
-        assert all(_hung_up(sock) for sock in displaced)
+        assert all(hung_up(sock) for sock in displaced)
     finally:
         for sock in clients:
             sock.close()
@@ -111,7 +87,7 @@ def test_a_client_sending_its_request_a_byte_at_a_time_is_cut_off_at_the_deadlin
 ) -> None:
     with _connect(hasty) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-        cut_off = _cut_off_after(sock)
+        cut_off = cut_off_after(sock)
     assert cut_off is not None, "still connected after 3 s"
     assert 0.25 <= cut_off < 1.5
 
@@ -120,7 +96,7 @@ def test_a_silent_client_is_cut_off_at_the_deadline(hasty: int) -> None:
     """uvicorn's keep-alive timer starts only after a first answer."""
     with _connect(hasty) as sock:
         started = time.monotonic()
-        assert _hung_up(sock)
+        assert hung_up(sock)
         assert 0.25 <= time.monotonic() - started < 1.5
 
 
@@ -133,6 +109,6 @@ def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(hasty: i
         assert answer.status == 200 and not answer.will_close
         answer.read()
         sock.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
-        cut_off = _cut_off_after(sock)
+        cut_off = cut_off_after(sock)
     assert cut_off is not None, "still connected after 3 s"
     assert cut_off < 1.5
