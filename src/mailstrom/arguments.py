@@ -19,6 +19,8 @@ mailstrom.errors.InvalidArgument: limit: expected a whole number from 0 to \
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TypeVar
 
 from mailstrom.bounds import MAX_DURATION, MAX_INTEGER, MAX_SECONDS
 from mailstrom.errors import InvalidArgument
@@ -32,6 +34,25 @@ def shown(value: object) -> str:
     except Exception:
         return f"<{type(value).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+_Member = TypeVar("_Member", bound=StrEnum)
+
+
+def member_of(kind: type[_Member], value: object) -> _Member | None:
+    """``value`` as a member of the string enum ``kind``: a member, or a member's value
+    (``"delivered"``); None for anything else, for the caller to raise its own error.
+
+    >>> from mailstrom.status import RecipientState
+    >>> member_of(RecipientState, "failed"), member_of(RecipientState, 3)
+    (<RecipientState.FAILED: 'failed'>, None)
+    """
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return None
+    return None
 
 
 def check_limit(value: object, argument: str) -> int:

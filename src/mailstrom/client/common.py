@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Literal
 
+from mailstrom.arguments import member_of
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
@@ -257,11 +258,9 @@ def suppression_entry(
 def suppression_source(source: object) -> SuppressionSource:
     """``source`` as a :class:`SuppressionSource` (one, or its value);
     InvalidSuppression for anything else, where the enum raised a plain ValueError."""
-    if isinstance(source, str):
-        try:
-            return SuppressionSource(source)
-        except ValueError:
-            pass
+    found = member_of(SuppressionSource, source)
+    if found is not None:
+        return found
     known = ", ".join(s.value for s in SuppressionSource)
     got = repr(source[:40]) if isinstance(source, str) else type(source).__name__
     raise InvalidSuppression(f"source must be a SuppressionSource ({known}), got {got}")

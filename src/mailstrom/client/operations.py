@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import check_age, check_key, check_limit, check_time, check_timeout, shown
+from mailstrom.arguments import (
+    check_age,
+    check_key,
+    check_limit,
+    check_time,
+    check_timeout,
+    member_of,
+    shown,
+)
 from mailstrom.errors import InvalidArgument
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
@@ -108,9 +116,9 @@ def purge_state(state: object) -> RecipientState | None:
     FAILED: ``state="delivered"`` (a string) or ``QUEUED`` deleted the failed messages."""
     if state is None:
         return None
-    for finished in FINISHED_STATES:
-        if isinstance(state, str) and state == finished.value:
-            return finished
+    found = member_of(RecipientState, state)
+    if found in FINISHED_STATES:
+        return found
     raise InvalidArgument(
         f"state: expected None, RecipientState.DELIVERED or RecipientState.FAILED, got "
         f"{shown(state)}",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from mailstrom.arguments import check_age, check_key, check_limit, shown
+from mailstrom.arguments import check_age, check_key, check_limit, member_of, shown
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
@@ -357,13 +357,9 @@ class QueueFilter:
 
 def _state(value: object, argument: str) -> RecipientState:
     """``value`` as a recipient state (a state, or its value); InvalidArgument if none."""
-    if isinstance(value, RecipientState):
-        return value
-    if isinstance(value, str):
-        try:
-            return RecipientState(value)
-        except ValueError:
-            pass
+    found = member_of(RecipientState, value)
+    if found is not None:
+        return found
     known = ", ".join(s.value for s in RecipientState)
     raise InvalidArgument(
         f"{argument}: expected a RecipientState ({known}), got {shown(value)}",
