@@ -17,7 +17,6 @@ from tests.django_project import configure
 configure()
 
 from django.core import mail  # noqa: E402  (Django must be configured first)
-from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.utils.functional import lazy  # noqa: E402
 
@@ -28,10 +27,16 @@ from mailstrom import (  # noqa: E402
     RecipientState,
     UnencodableHeader,
 )
-from mailstrom.contrib.django import get_mailstrom  # noqa: E402
+from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
-from tests.support.django import loopback_mx, mailstrom_setting  # noqa: E402
+from tests.support.django import (  # noqa: E402
+    attach_mime_base,
+    django_smtp_backend,
+    loopback_mx,
+    mailstrom_setting,
+    silently,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 
@@ -57,7 +62,7 @@ def without_volatile_parts(content: bytes) -> bytes:
 def django_smtp_would_send(message: mail.EmailMessage, mx: ReceivingServer) -> ReceivedMessage:
     """What the server gets when Django's own SMTP backend sends ``message``."""
     before = len(mx.messages)
-    with DjangoSMTPBackend(host=mx.host, port=mx.port) as backend:
+    with django_smtp_backend(mx.host, mx.port) as backend:
         assert backend.send_messages([message]) == 1
     return mx.wait_for_messages(before + 1)[before]
 
@@ -78,7 +83,7 @@ def full_message() -> mail.EmailMultiAlternatives:
     logo = MIMEImage(PNG, "png")
     logo.add_header("Content-ID", "<logo@shop>")
     logo.add_header("Content-Disposition", "inline", filename="logo.png")
-    message.attach(logo)
+    attach_mime_base(message, logo)
     return message
 
 
@@ -162,7 +167,7 @@ def test_invalid_input_raises_mailstroms_typed_errors_and_queues_nothing(project
     good = mail.EmailMessage("ok", "x", to=["bob@example.org"])
     bad = mail.EmailMessage("bad", "x", to=["bob@"])
     with pytest.raises(InvalidAddress):
-        mail.get_connection().send_messages([good, bad])
+        EmailBackend().send_messages([good, bad])
     assert get_mailstrom().query_recent() == []
 
 
@@ -174,10 +179,10 @@ def test_fail_silently_leaves_out_and_does_not_count_invalid_messages(
         ("good", "x", None, ["bob@example.org"]),
         ("injected", "x", None, ["ann@example.org\nBcc: x@example.org"]),
     ]
-    assert mail.send_mass_mail(datatuples, fail_silently=True) == 1
+    assert mail.send_mass_mail(datatuples, **silently()) == 1
     [received] = mx.wait_for_messages(1)
     assert received.rcpt_tos == ("bob@example.org",)
-    assert mail.send_mail("x", "y", None, ["bob@"], fail_silently=True) == 0
+    assert mail.send_mail("x", "y", None, ["bob@"], **silently()) == 0
 
 
 def with_header_named(name: str) -> Callable[[], mail.EmailMessage]:
@@ -201,7 +206,7 @@ def with_mime_attachment_named(filename: str) -> mail.EmailMessage:
     part.set_payload(b"%PDF-")
     part.add_header("Content-Disposition", "attachment", filename=filename)
     message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
-    message.attach(part)
+    attach_mime_base(message, part)
     return message
 
 
@@ -276,26 +281,29 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
 }
 
 
-@pytest.mark.parametrize(("make", "error"), BAD_MESSAGES.values(), ids=BAD_MESSAGES.keys())
+BAD_MESSAGE_CASES = [
+    pytest.param(make, error, id=name) for name, (make, error) in BAD_MESSAGES.items()
+]
+
+
+@pytest.mark.parametrize(("make", "error"), BAD_MESSAGE_CASES)
 def test_a_message_django_cannot_serialise_safely_raises_a_typed_error(
     project: None, make: Callable[[], mail.EmailMessage], error: type[InvalidMessage]
 ) -> None:
     good = mail.EmailMessage("ok", "x", to=["carol@example.org"])
     with pytest.raises(error):
-        mail.get_connection().send_messages([good, make()])
+        EmailBackend().send_messages([good, make()])
     assert get_mailstrom().query_recent() == []
 
 
-@pytest.mark.parametrize(
-    "make", [make for make, _ in BAD_MESSAGES.values()], ids=BAD_MESSAGES.keys()
-)
+@pytest.mark.parametrize(("make", "error"), BAD_MESSAGE_CASES)
 def test_fail_silently_leaves_out_only_the_message_django_cannot_serialise(
-    project: None, make: Callable[[], mail.EmailMessage]
+    project: None, make: Callable[[], mail.EmailMessage], error: type[InvalidMessage]
 ) -> None:
     first = mail.EmailMessage("one", "x", to=["carol@example.org"])
     bad = make()
     last = mail.EmailMessage("two", "x", to=["dave@example.org"])
-    assert mail.get_connection(fail_silently=True).send_messages([first, bad, last]) == 2
+    assert EmailBackend(fail_silently=True).send_messages([first, bad, last]) == 2
     assert not hasattr(bad, "mailstrom_id")
     queued = {status.id for status in get_mailstrom().query_recent()}
     assert queued == {first.mailstrom_id, last.mailstrom_id}  # type: ignore[attr-defined]
@@ -316,7 +324,7 @@ def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: Receivi
 
 def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:
     assert mail.EmailMessage("Hi", "nobody to tell").send() == 0
-    assert mail.get_connection().send_messages([]) == 0
+    assert EmailBackend().send_messages([]) == 0
 
 
 def test_status_of_a_sent_message(project: None, mx: ReceivingServer) -> None:

@@ -36,13 +36,13 @@ from django.core import mail  # noqa: E402  (Django must be configured first)
 from django.test import override_settings  # noqa: E402
 from django.utils.functional import lazy  # noqa: E402
 
-from mailstrom.contrib.django import get_mailstrom  # noqa: E402
+from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
 from mailstrom.errors import MailstromError  # noqa: E402
+from tests.support.django import attach_mime_base  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "200"))
 INJECTED = "X-Injected: 1"
 _INJECTED_LINE = re.compile(rb"(?im)^x-injected:")
-BACKEND = "mailstrom.contrib.django.EmailBackend"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,7 +230,7 @@ def _attach(
                 part.add_header("Content-Disposition", "attachment", filename=str(filename))
             except (ValueError, TypeError):
                 return  # the standard library refused it to the application
-        message.attach(part)
+        attach_mime_base(message, part)
     else:
         # Django may refuse it to the application, before any send.
         with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -258,7 +258,7 @@ def test_send_messages_counts_what_it_queued_and_raises_only_typed_errors(
 ) -> None:
     for message in batch:
         note(repr(message.recipe))  # type: ignore[attr-defined]
-    backend = mail.get_connection(BACKEND, fail_silently=fail_silently)
+    backend = EmailBackend(fail_silently=fail_silently)
     refused: MailstromError | None = None
     try:
         sent = backend.send_messages(batch)
