@@ -48,6 +48,14 @@ class EmailBackend(BaseEmailBackend):
     ``get_mailstrom().query_status(message.mailstrom_id)``.
     """
 
+    def __init__(self, fail_silently: bool = False, **kwargs: Any) -> None:
+        # Django 6.1 deprecates BaseEmailBackend's own fail_silently (reading it warns): a
+        # backend that supports it keeps it itself, as Django's SMTP backend does. It comes
+        # from get_connection(fail_silently=...) or a MAILERS entry's OPTIONS; the rest
+        # (6.1's ``alias``) is the base class's.
+        super().__init__(**kwargs)
+        self.fail_silently = fail_silently
+
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         messages = [m for m in email_messages if m.recipients()]
         if not messages:
