@@ -24,7 +24,7 @@ from mailstrom import RecipientState  # noqa: E402
 from mailstrom.contrib.django import get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory  # noqa: E402
-from tests.support.django import loopback_mx, mailstrom_setting  # noqa: E402
+from tests.support.django import HAS_MAILERS, loopback_mx, mailstrom_setting  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 MANAGE = ROOT / "tests" / "django_project" / "manage.py"
@@ -128,6 +128,20 @@ def test_the_system_check_reports_a_bad_setting() -> None:
             [warning] = checks.run_checks(tags=["mailstrom"])
     assert warning.id == "mailstrom.W001"
     assert warning.msg.startswith("SERVER_EMAIL = 'root@localhost' is refused by mailstrom")
+
+
+@pytest.mark.skipif(not HAS_MAILERS, reason="settings.MAILERS came with Django 6.1")
+def test_the_system_check_finds_mailstrom_among_the_mailers() -> None:
+    """With MAILERS, EMAIL_BACKEND is not there to read (AttributeError): the check looks
+    for mailstrom's backend in every mailer, since all of them use the default senders."""
+    smtp = {"BACKEND": "django.core.mail.backends.smtp.EmailBackend", "OPTIONS": {"host": "x"}}
+    ours = {"BACKEND": "mailstrom.contrib.django.EmailBackend"}
+    with override_settings(MAILSTROM={"store": "memory:"}, SERVER_EMAIL="root@localhost"):
+        with override_settings(MAILERS={"default": smtp}):
+            assert checks.run_checks(tags=["mailstrom"]) == []
+        with override_settings(MAILERS={"default": smtp, "queued": ours}):
+            [warning] = checks.run_checks(tags=["mailstrom"])
+    assert warning.id == "mailstrom.W001"
 
 
 FORK_SCRIPT = textwrap.dedent(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import django
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
@@ -15,6 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 from mailstrom.contrib.django.conf import SETTING, load
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.addresses import parse_mailbox
+
+BACKEND = "mailstrom.contrib.django.EmailBackend"
 
 
 class MailstromConfig(AppConfig):
@@ -36,7 +39,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
         load(getattr(settings, SETTING, None))
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), hint="See docs/django.md.", id="mailstrom.E001")]
-    if settings.EMAIL_BACKEND != "mailstrom.contrib.django.EmailBackend":
+    if not _mailstrom_sends_mail():
         return []
     warnings = []
     for name, why in (
@@ -54,6 +57,19 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 )
             )
     return warnings
+
+
+def _mailstrom_sends_mail() -> bool:
+    """Whether the project sends its mail through mailstrom's backend: ``EMAIL_BACKEND``,
+    or from Django 6.1 the ``BACKEND`` of any ``MAILERS`` entry (a message without
+    ``from_email`` takes ``DEFAULT_FROM_EMAIL`` whichever mailer sends it)."""
+    if django.VERSION >= (6, 1) and hasattr(settings, "MAILERS"):
+        # With MAILERS, reading EMAIL_BACKEND raises AttributeError.
+        mailers: dict[str, dict[str, Any]] = settings.MAILERS
+        return any(config.get("BACKEND") == BACKEND for config in mailers.values())
+    # Only when the project set it: Django 6.1 warns when code outside Django reads it,
+    # and its default (the SMTP backend) is not ours anyway.
+    return settings.is_overridden("EMAIL_BACKEND") and bool(settings.EMAIL_BACKEND == BACKEND)
 
 
 def _refusal(address: str) -> InvalidMessage | None:
