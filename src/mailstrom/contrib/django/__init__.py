@@ -6,6 +6,8 @@
     # settings.py
     INSTALLED_APPS = [..., "mailstrom.contrib.django"]   # for mailstrom_worker and checks
     EMAIL_BACKEND = "mailstrom.contrib.django.EmailBackend"
+    # or, from Django 6.1 (which deprecates EMAIL_BACKEND):
+    # MAILERS = {"default": {"BACKEND": "mailstrom.contrib.django.EmailBackend"}}
     MAILSTROM = {
         "store": f"sqlite:///{BASE_DIR / 'mail.db'}",
         "helo_name": "mail.example.com",
