@@ -6,6 +6,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.contract.support import NOW, message
@@ -39,6 +40,28 @@ def test_a_file_that_is_no_database_is_corrupt(db: Path) -> None:
         SQLiteStore(db)
     with pytest.raises(StoreCorrupt):
         SQLiteStore(db, read_only=True)
+
+
+def test_a_file_that_is_no_database_leaves_no_connection_open(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection whose first pragma found no database was left to the garbage
+    collector, which Python 3.13 reports (ResourceWarning: unclosed database)."""
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def recording(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", recording)
+    db.write_text("not a database\n" * 200)
+    with pytest.raises(StoreCorrupt):
+        SQLiteStore(db)
+    assert opened
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
 
 
 def test_a_malformed_database_is_corrupt(db: Path) -> None:

@@ -414,9 +414,15 @@ class SQLiteStore:
             check_same_thread=False,  # pooled: used by one thread at a time, any thread
             uri=self._uri is not None,
         )
-        if not self._read_only:  # connection settings; nothing is written
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            if not self._read_only:  # connection settings; nothing is written
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            # A file that is no database fails here already ("file is not a database"):
+            # the caller never gets this connection to pool or close.
+            conn.close()
+            raise
         return conn
 
     @contextmanager
