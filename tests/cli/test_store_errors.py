@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_malformed_database_exits_74(cli: CLI) -> None:
 def test_newer_schema_exits_74(cli: CLI) -> None:
     """Hardening #18: a store written by a newer mailstrom exits 74 and says so."""
     send(cli)
-    with sqlite3.connect(cli.cwd / "queue.db") as conn:
+    with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn, conn:
         conn.execute("PRAGMA user_version = 9999")
     every_command_exits_74(cli, "newer")
 

@@ -6,6 +6,7 @@ and a database from before it existed (schema 3) upgrades with its old messages 
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_what_is_stored_is_bounded(store: Store) -> None:
 
 def test_sqlite_at_schema_3_upgrades_and_old_messages_read_none(tmp_path: Path) -> None:
     db = tmp_path / "queue.db"
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         for number, script in sqlite_migrations():
             if number <= 3:
                 for statement in _statements(script):
@@ -130,7 +131,7 @@ def test_sqlite_at_schema_3_upgrades_and_old_messages_read_none(tmp_path: Path) 
         assert store.purge(finished_before=NOW + timedelta(days=1)) == 2
     finally:
         store.close()
-    with sqlite3.connect(db) as check:
+    with closing(sqlite3.connect(db)) as check, check:
         assert check.execute("PRAGMA user_version").fetchone()[0] >= 4
         assert check.execute("SELECT count(*) FROM message_dkim").fetchone() == (0,)
     check.close()
@@ -187,7 +188,7 @@ def test_an_unreadable_stored_outcome_reads_as_unknown(tmp_path: Path, stored: s
     store = SQLiteStore(db)
     try:
         mid = store.enqueue(prepare(email("shop@sender.test"), now=NOW, dkim=DKIM), now=NOW)
-        with sqlite3.connect(db) as conn:
+        with closing(sqlite3.connect(db)) as conn, conn:
             conn.execute("UPDATE message_dkim SET dkim = ?", (stored,))
         conn.close()
         assert store.status(mid).dkim is None

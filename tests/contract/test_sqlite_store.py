@@ -6,7 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,7 @@ def db(tmp_path: Path) -> Path:
 def test_schema_version_is_recorded_and_migrations_run_once(db: Path) -> None:
     latest = migrations()[-1][0]
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (latest,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
@@ -43,7 +43,7 @@ def test_schema_version_is_recorded_and_migrations_run_once(db: Path) -> None:
 
 def test_a_newer_schema_is_refused(db: Path) -> None:
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("PRAGMA user_version = 9999")
     with pytest.raises(StoreError, match="newer"):
         SQLiteStore(db)
@@ -67,7 +67,7 @@ def test_lease_walks_the_due_index_without_sorting(
     db: Path, query: str, binds: list[object]
 ) -> None:
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, binds))
     assert "USING INDEX recipients_lane_due (lane=?" in plan
     assert "TEMP B-TREE" not in plan
@@ -75,7 +75,7 @@ def test_lease_walks_the_due_index_without_sorting(
 
 def test_several_lanes_merge_their_walks_and_sort_only_what_they_read(db: Path) -> None:
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         plan = [
             row[3]
             for row in conn.execute(
@@ -95,7 +95,7 @@ def test_pending_lanes_seek_from_lane_to_lane(db: Path) -> None:
             now=NOW,
         )
     store.close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + PENDING_LANES_SQL))
         assert "SEARCH r USING INDEX recipients_lane_due (lane>?)" in plan
         assert [lane for (lane,) in conn.execute(PENDING_LANES_SQL)] == [
@@ -249,7 +249,7 @@ def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) 
         )
     store.close()
     statements: list[str] = []
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn, conn:
         conn.set_trace_callback(statements.append)
         conn.execute("BEGIN IMMEDIATE")
         lease = lease_rows(

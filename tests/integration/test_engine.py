@@ -330,7 +330,7 @@ def test_stop_returns_while_the_store_blocks_the_worker_thread(
 def _refuse_attempts(path: Path, when: str) -> None:
     """Make the database itself refuse to record some attempts: a trigger, as an
     operator's own constraint or a value no column holds would."""
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(
             f"CREATE TRIGGER refuse BEFORE INSERT ON attempts WHEN {when}"
             " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def test_a_newer_schema_is_corrupt(db: Path) -> None:
     """Hardening #18: a schema newer than this mailstrom is StoreCorrupt (retrying cannot
     fix it); read-only opening checks it too."""
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("PRAGMA user_version = 9999")
     for read_only in (False, True):
         with pytest.raises(StoreCorrupt, match="newer"):
@@ -176,7 +177,7 @@ def test_read_only_does_not_create_or_migrate(db: Path) -> None:
     with pytest.raises(StoreError, match="db migrate") as info:
         SQLiteStore(db, read_only=True)
     assert not isinstance(info.value, StoreCorrupt)
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
 
@@ -201,7 +202,7 @@ def test_read_only_sees_what_an_open_writer_committed(db: Path) -> None:
 def test_schema_constants_are_what_the_store_writes(db: Path) -> None:
     # Guards the tests above: they assume the store writes the latest migration's version.
     SQLiteStore(db).close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (migrations()[-1][0],)
 
 
