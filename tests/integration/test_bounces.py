@@ -48,13 +48,12 @@ def mx(smtp_server: Any, dns_server: LoopbackDNS) -> Any:
 def ms(
     dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock, tmp_path: Path
 ) -> Iterator[Mailstrom]:
+    store = SQLiteStore(tmp_path / "q.db")
     with Mailstrom(
-        loopback_config(dns_server, mx.port),
-        store=SQLiteStore(tmp_path / "q.db"),
-        clock=clock,
-        on_result=results,
+        loopback_config(dns_server, mx.port), store=store, clock=clock, on_result=results
     ) as mailstrom:
         yield mailstrom
+    store.close()  # a store passed in is the caller's to close
 
 
 def hello(*to: str, message_id: str | None = None) -> Email:

@@ -168,9 +168,10 @@ def test_a_server_that_never_greets_delays_nobody_else(
     dns_server.a("mx.stalled.test", stalled.host)
     results = Results()
     slow_greeting = Timeouts(connect=5, greeting=300, command=30, data_init=30)
+    store = SQLiteStore(tmp_path / "q.db")
     with Mailstrom(
         config(dns_server, healthy.port, timeouts=slow_greeting, lease_batch=100),
-        store=SQLiteStore(tmp_path / "q.db"),
+        store=store,
         on_result=results,
     ) as ms:
         stuck = ms.send_email(hello("first@stalled.example"))
@@ -180,6 +181,7 @@ def test_a_server_that_never_greets_delays_nobody_else(
         assert not ms.query_status(stuck).is_final
         assert stalled.connections == 1
         ms.stop(timeout=0.5)
+    store.close()  # a store passed in is the caller's to close
 
 
 # --- a store that fails for a while -------------------------------------------------------------
@@ -280,6 +282,7 @@ def test_a_worker_starts_while_its_store_is_locked(
         key = store.verp_key()
     finally:
         ms.stop()
+        store.close()
     assert result.state is RecipientState.DELIVERED
     [received] = mx.messages
     assert received.mail_from == verp_address(

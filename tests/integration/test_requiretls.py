@@ -72,6 +72,7 @@ def mailstrom(
     yield make
     for ms in started:
         ms.stop(timeout=5)
+        ms.store.close()  # a store passed in is the caller's (the test's) to close
 
 
 def secured(to: str, **kwargs: Any) -> Email:

@@ -73,6 +73,7 @@ def mailstrom(
     yield make
     for ms in started:
         ms.stop(timeout=5)
+        ms.store.close()  # a store passed in is the caller's (the test's) to close
 
 
 def hello(*to: str) -> Email:
@@ -258,10 +259,12 @@ async def test_the_async_facade_has_the_same_api(
     dns_server: LoopbackDNS, mx: Any, tmp_path: Path
 ) -> None:
     config: Config = loopback_config(dns_server, mx.port)
-    async with AsyncMailstrom(config, store=SQLiteStore(tmp_path / "q.db"), worker=None) as ms:
+    store = SQLiteStore(tmp_path / "q.db")
+    async with AsyncMailstrom(config, store=store, worker=None) as ms:
         entry = await ms.suppress("bob@example.org", "by hand")
         assert entry.source is SuppressionSource.MANUAL
         assert await ms.suppressed("bob@example.org") == entry
         assert await ms.suppressions() == [entry]
         assert await ms.unsuppress("bob@example.org")
         assert await ms.suppressed("bob@example.org") is None
+    store.close()  # a store passed in is the caller's to close

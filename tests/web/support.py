@@ -53,7 +53,8 @@ def fill_queue(path: Path, mx: FakeMX) -> Scenario:
         results.wait_final(
             {"alice@example.org", "bob@example.net", "dave@slow.example", "nobody@example.org"}
         )
-    with Mailstrom(mx.config, store=SQLiteStore(path), worker=None) as ms:
+    second = SQLiteStore(path)  # a store given to Mailstrom is the caller's to close
+    with Mailstrom(mx.config, store=second, worker=None) as ms:
         queued = tuple(
             ms.send_email(
                 Email(
@@ -69,6 +70,7 @@ def fill_queue(path: Path, mx: FakeMX) -> Scenario:
             Email(from_="ops@example.com", to=["audit@example.net"], subject="Audit", text="x")
         )
         ms.store.set_held(held, True)
+    second.close()
     store.close()
     return Scenario(delivered=delivered, deferred=deferred, failed=failed, queued=queued, held=held)
 
