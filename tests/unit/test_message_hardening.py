@@ -11,7 +11,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
-from email.message import EmailMessage
+from email.header import Header
+from email.message import EmailMessage, Message
+from email.mime.base import MIMEBase
+from email.mime.message import MIMEMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.parser import BytesParser
 from typing import Any
 
@@ -28,6 +33,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidMessage,
     NestingTooDeep,
+    TooManyParts,
     TooManyRecipients,
 )
 from mailstrom.message import Attachment, Email, downgrade_to_7bit, prepare
@@ -736,3 +742,127 @@ def test_wrong_envelope_types_are_invalid_address(envelope: dict[str, Any]) -> N
             prepare_for(
                 config, message, now=NOW, **{"envelope_from": None, "envelope_to": None, **envelope}
             )
+
+
+def _with_part(part: Message) -> Message:
+    root = MIMEMultipart()
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    root.attach(MIMEText("hello"))
+    root.attach(part)
+    return root
+
+
+def _filename_part(filename: str) -> Message:
+    part = MIMEBase("application", "pdf")
+    part.set_payload(b"%PDF")
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
+
+
+def _raw_part_header(value: str | Header) -> Message:
+    part = MIMEText("x")
+    part["X-Note"] = value
+    return part
+
+
+def _header_object_part(value: str) -> Message:
+    # What a stdlib bug or a hand-made tree can leave behind: a policy header object
+    # whose value holds a line break (assignment would have refused the string).
+    part = EmailMessage()
+    part.set_content("x")
+    part._headers.append(("X-Note", policy.default.header_factory("X-Note", value)))  # type: ignore[attr-defined]
+    return part
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        _filename_part('a.pdf"\r\nX-Injected: 1'),
+        _filename_part("a.pdf\nX-Injected: 1"),
+        _filename_part("a.pdf\r\n\r\n--injected-boundary"),
+        _raw_part_header("v\r\nX-Injected: 1"),
+        _raw_part_header("v\rX-Injected: 1"),
+        _raw_part_header(Header("v\r\nX-Injected: 1")),
+        _header_object_part("v\nX-Injected: 1"),
+    ],
+    ids=[
+        "filename-crlf",
+        "filename-lf",
+        "filename-blank-line",
+        "raw",
+        "bare-cr",
+        "Header",
+        "object",
+    ],
+)
+def test_line_breaks_in_a_mime_part_header_are_injection(part: Message) -> None:
+    """A compat32 part stores what it is given, and Python 3.11.7's generator (no
+    ``verify_generated_headers``) wrote ``X-Injected: 1`` as a header line of that part:
+    every entity's fields are checked, not only the top level's."""
+    with pytest.raises(HeaderInjection) as caught:
+        prepare(_with_part(part), now=NOW)
+    assert caught.value.header in ("Content-Disposition", "X-Note")
+
+
+def test_folded_mime_part_headers_are_still_taken() -> None:
+    """Folding in a part's header (parsed source, or a compat32 value) is not injection."""
+    part = _raw_part_header("a long value\r\n folded onto a second line")
+    parsed = message_from_bytes(
+        b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain;\r\n charset=us-ascii\r\n"
+        b"X-Note: one\r\n\ttwo\r\n\r\nx\r\n--b--\r\n",
+        policy=policy.default,
+    )
+    for message in (_with_part(part), parsed):
+        data = prepare(message, now=NOW).data
+        assert b"X-Injected" not in data
+        assert b"X-Note:" in data
+
+
+def _nested_tree(levels: int, *, kind: str) -> Message:
+    """``levels`` entities nested in one another, built from the innermost out."""
+    inner: Message = MIMEText("x")
+    for _ in range(levels - 1):
+        if kind == "multipart":
+            outer: Message = MIMEMultipart()
+            outer.attach(inner)
+        else:
+            outer = MIMEMessage(inner)
+        inner = outer
+    inner["From"] = "a@example.com"
+    inner["To"] = "b@example.org"
+    return inner
+
+
+@pytest.mark.parametrize("kind", ["multipart", "message"])
+def test_a_deep_hand_made_tree_is_refused_before_the_stdlib_recurses(kind: str) -> None:
+    """3,000 nested parts raised RecursionError out of ``prepare()``; the tree is walked
+    without recursion and refused with the raw path's bound, at the same depth as its
+    serialised bytes are."""
+    with pytest.raises(NestingTooDeep):
+        prepare(_nested_tree(3000, kind=kind), now=NOW)
+    verdicts = set()
+    for levels in range(40, 110, 3):
+        tree = _nested_tree(levels, kind=kind)
+        try:
+            prepare(tree.as_bytes(), now=NOW)
+        except NestingTooDeep:
+            with pytest.raises(NestingTooDeep):
+                prepare(tree, now=NOW)
+            verdicts.add("refused")
+        else:
+            prepare(tree, now=NOW)
+            verdicts.add("taken")
+    assert verdicts == {"refused", "taken"}
+
+
+def test_a_wide_hand_made_tree_is_refused_by_the_part_count() -> None:
+    root = MIMEMultipart()
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    for _ in range(1200):
+        root.attach(MIMEText("x"))
+    with pytest.raises(TooManyParts):
+        prepare(root, now=NOW)

@@ -218,6 +218,15 @@ def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:
         yield part_start, item.end, default
 
 
+def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
+    """The error for a message whose entities nest deeper than ``limit``."""
+    return NestingTooDeep(
+        f"MIME parts are nested more than {limit} levels deep (multipart and "
+        "message/rfc822 levels); Postfix refuses such mail (mime_nesting_limit)",
+        limit=limit,
+    )
+
+
 def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> bool:
     """Walk every entity of ``data``; return True if a part's own header section (below
     the top level) holds 8-bit octets, which only RFC 6532 allows, so the message then
@@ -242,11 +251,7 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         if count > max_parts:
             raise too_many_parts(max_parts)
         if depth > limit:
-            raise NestingTooDeep(
-                f"MIME parts are nested more than {limit} levels deep (multipart and "
-                "message/rfc822 levels); Postfix refuses such mail (mime_nesting_limit)",
-                limit=limit,
-            )
+            raise nesting_too_deep(limit)
         start, end, default = span
         body = body_start(data, start, end)
         where = "the header section of a MIME part" if depth else "the header section"

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
+from typing import NoReturn
 
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.dkim.signing import DKIMSignature, sign
@@ -39,8 +40,9 @@ from mailstrom.errors import (
 )
 from mailstrom.message import builder, mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
+from mailstrom.message.bounds import MAX_PARTS, too_many_parts
 from mailstrom.message.builder import Email
-from mailstrom.message.chars import check_header_text
+from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
 from mailstrom.message.envelope import (
     DEFAULT_MAX_RECIPIENTS,
@@ -348,23 +350,32 @@ def _too_large(size: int, limit: int) -> None:
 def _serialise(message: Message) -> bytes:
     """Serialise a stdlib message once, refusing headers that would smuggle lines.
 
-    Only what decides *how* to serialise is looked at here; everything else is checked
-    on the bytes, by the same code as raw input.
+    Every entity's header fields are checked, not only the top level's: a compat32 part
+    (``MIMEBase.add_header(..., filename=...)``) stores whatever it is given, and the
+    stdlib writes a line break in it as header lines of that part on Pythons without
+    ``verify_generated_headers`` (before 3.11.10 and 3.12.5). Only what decides *how* to
+    serialise is looked at here; everything else is checked on the bytes, by the same
+    code as raw input.
     """
+    utf8 = False
     try:
-        items = message.raw_items()
-        utf8 = False
-        for name, raw_value in items:
-            check_field_name(name)
-            text = str(raw_value)
-            # Bounded before the stdlib folds it: its folder is quadratic in the length.
-            check_field_size(name, len(name) + 2 + len(text))
-            # Policy-made header objects were checked for CR/LF by the stdlib when set;
-            # raw strings (compat32, or parsed source) may only break lines to fold them.
-            if not hasattr(raw_value, "defects"):
-                _check_folding(name, text)
-            if name.lower() in ADDRESS_FIELDS:
-                utf8 = utf8 or _has_utf8_address(name, raw_value)
+        for part in _entities(message):
+            for name, raw_value in part.raw_items():
+                check_field_name(name)
+                text = str(raw_value)
+                # Bounded before the stdlib folds it: its folder is quadratic in the length.
+                check_field_size(name, len(name) + 2 + len(text))
+                if hasattr(raw_value, "defects"):
+                    # A policy-made header object was checked for CR/LF when it was set
+                    # from a string, and holds its value unfolded.
+                    if "\r" in text or "\n" in text:
+                        _injection(name, text)
+                else:
+                    # Raw strings (compat32, or parsed source) may only break lines to
+                    # fold them.
+                    _check_folding(name, text)
+                if part is message and name.lower() in ADDRESS_FIELDS:
+                    utf8 = utf8 or _has_utf8_address(name, raw_value)
     except InvalidMessage:
         raise
     except Exception as exc:  # a hand-made Message can hold anything
@@ -372,6 +383,28 @@ def _serialise(message: Message) -> bytes:
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     return serialise(message, utf8=utf8)
+
+
+def _entities(message: Message) -> Iterator[Message]:
+    """Every entity of ``message``, itself first, within the bounds raw input has
+    (:data:`~mailstrom.message.mime.MAX_DEPTH` levels, :data:`MAX_PARTS` entities).
+
+    The stdlib walks and writes a message recursively: a hand-made tree a few thousand
+    levels deep raised :class:`RecursionError` from ``prepare()``.
+    """
+    count = 0
+    pending: list[tuple[Message, int]] = [(message, 0)]
+    while pending:
+        part, depth = pending.pop()
+        count += 1
+        if count > MAX_PARTS:
+            raise too_many_parts()
+        if depth > mime.MAX_DEPTH:
+            raise mime.nesting_too_deep()
+        yield part
+        children = part.get_payload() if part.is_multipart() else None
+        if isinstance(children, list):
+            pending.extend((child, depth + 1) for child in reversed(children))
 
 
 def _has_utf8_address(name: str, value: object) -> bool:
@@ -387,12 +420,16 @@ def _check_folding(name: str, value: str) -> None:
     lines = value.replace("\r\n", "\n").split("\n")
     for line in lines[1:]:
         if not line.startswith((" ", "\t")) or "\r" in line:
-            raise HeaderInjection(
-                f"{name} header value contains a line break that is not folding: {value!r}",
-                header=name,
-            )
+            _injection(name, value)
     if "\r" in lines[0]:
         raise HeaderInjection(f"{name} header value contains a bare CR: {value!r}", header=name)
+
+
+def _injection(name: str, value: str) -> NoReturn:
+    raise HeaderInjection(
+        f"{name} header value contains a line break that is not folding: {shorten(value)}",
+        header=name,
+    )
 
 
 def _new_message_id(domain: str) -> str:
