@@ -31,7 +31,6 @@ from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
 from tests.support.django import (  # noqa: E402
-    MIME_PART_HEADERS_UNCHECKED,
     attach_mime_base,
     django_smtp_backend,
     loopback_mx,
@@ -252,9 +251,20 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
         lambda: with_alternative("text/html\r\nX-E: 1"),
         HeaderInjection,
     ),
+    # Refused by mailstrom on every Python: Django does not look into a MIMEBase part, the
+    # legacy Header class (Django 5.2) refuses only a line that looks like a header, and
+    # the BytesGenerator (Django 6) nothing before the fix of CVE-2026-1299.
     "MIME attachment filename with CRLF": (
         lambda: with_mime_attachment_named("a\r\nX-Evil: 1.txt"),
-        InvalidMessage,
+        HeaderInjection,
+    ),
+    "MIME attachment filename starting the part's body": (
+        lambda: with_mime_attachment_named('a.pdf"\r\n\r\n--forged-boundary'),
+        HeaderInjection,
+    ),
+    "MIME attachment filename with a line that is no header": (
+        lambda: with_mime_attachment_named("a.pdf\nforged"),
+        HeaderInjection,
     ),
     "alternative type without subtype": (lambda: with_alternative("nonsense"), InvalidMessage),
     "unknown encoding": (lambda: with_encoding("no-such-charset"), InvalidMessage),
@@ -282,17 +292,8 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
 }
 
 
-# Refused by the standard library's writer only, which some interpreters do not check.
-_UNCHECKED_HERE = pytest.mark.skipif(
-    MIME_PART_HEADERS_UNCHECKED,
-    reason="this Python's BytesGenerator writes a header with a line break in it as it is "
-    "(CVE-2026-1299, python/cpython#144125; fixed in 3.12.13, 3.14.3 and 3.13 of Feb 2026)",
-)
 BAD_MESSAGE_CASES = [
-    pytest.param(
-        make, error, id=name, marks=_UNCHECKED_HERE if name.startswith("MIME attachment") else ()
-    )
-    for name, (make, error) in BAD_MESSAGES.items()
+    pytest.param(make, error, id=name) for name, (make, error) in BAD_MESSAGES.items()
 ]
 
 

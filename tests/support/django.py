@@ -4,9 +4,6 @@ Django 6 on 3.12+). Import it after :func:`tests.django_project.configure`."""
 
 from __future__ import annotations
 
-import email.errors
-import email.message
-import email.policy
 import warnings
 from email.mime.base import MIMEBase
 from pathlib import Path
@@ -55,27 +52,6 @@ def attach_mime_base(message: mail.EmailMessage, part: MIMEBase) -> None:
             "ignore", "MIMEBase attachments are deprecated", PendingDeprecationWarning
         )
         message.attach(part)
-
-
-def _bytes_generator_writes_broken_headers() -> bool:
-    """Whether the standard library's ``BytesGenerator`` writes a header value with a line
-    break in it as it is, a header line of its own (CVE-2026-1299, python/cpython#144125,
-    fixed in 3.12.13, 3.14.3 and the 3.13 release of February 2026). Asked, not read off
-    the version: distributions backport the fix."""
-    part = email.message.Message()  # its policy (compat32) stores the value unchecked
-    part["X-Probe"] = "a\r\nX-Injected: 1"
-    try:
-        part.as_bytes(policy=email.policy.SMTP)
-    except email.errors.MessageError:  # HeaderWriteError
-        return False
-    return True
-
-
-# Django 6 serialises with BytesGenerator, which on such an interpreter writes a header of a
-# MIME part the application built with a line break in it (Django 5.2 wrote it with the
-# legacy Header class, which refuses it). The interpreter's bug: mailstrom relies on the
-# standard library's refusal there and does not work around it.
-MIME_PART_HEADERS_UNCHECKED = django.VERSION >= (6, 0) and _bytes_generator_writes_broken_headers()
 
 
 def loopback_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> ReceivingServer:

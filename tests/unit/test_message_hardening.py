@@ -866,3 +866,12 @@ def test_a_wide_hand_made_tree_is_refused_by_the_part_count() -> None:
         root.attach(MIMEText("x"))
     with pytest.raises(TooManyParts):
         prepare(root, now=NOW)
+
+
+def test_a_multipart_holding_no_message_is_invalid() -> None:
+    root = MIMEMultipart()
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    root.set_payload(["not a part"])
+    with pytest.raises(InvalidMessage, match="must be messages, not str"):
+        prepare(root, now=NOW)

@@ -348,14 +348,28 @@ def _too_large(size: int, limit: int) -> None:
 
 
 def _serialise(message: Message) -> bytes:
-    """Serialise a stdlib message once, refusing headers that would smuggle lines.
+    """Serialise a stdlib message once, after :func:`check_entity_headers`.
 
-    Every entity's header fields are checked, not only the top level's: a compat32 part
+    Only what decides *how* to serialise is looked at here; everything else is checked
+    on the bytes, by the same code as raw input.
+    """
+    utf8 = check_entity_headers(message)
+    # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
+    # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
+    return serialise(message, utf8=utf8)
+
+
+def check_entity_headers(message: Message) -> bool:
+    """Refuse header fields of a stdlib message that would smuggle lines when written;
+    return whether its own address fields hold a non-ASCII addr-spec.
+
+    Every entity's fields are checked, not only the top level's: a compat32 part
     (``MIMEBase.add_header(..., filename=...)``) stores whatever it is given, and the
-    stdlib writes a line break in it as header lines of that part on Pythons without
-    ``verify_generated_headers`` (before 3.11.10 and 3.12.5). Only what decides *how* to
-    serialise is looked at here; everything else is checked on the bytes, by the same
-    code as raw input.
+    stdlib writes a line break in it as header lines of that part (or as a blank line
+    and a forged body) on Pythons without ``verify_generated_headers`` (before 3.11.10
+    and 3.12.5), and with it on those before the fix of CVE-2026-1299. Raises
+    :class:`HeaderInjection`, the field name and size errors of raw input, or
+    :class:`InvalidMessage` for a tree that cannot be read.
     """
     utf8 = False
     try:
@@ -380,9 +394,7 @@ def _serialise(message: Message) -> bytes:
         raise
     except Exception as exc:  # a hand-made Message can hold anything
         raise InvalidMessage(f"the EmailMessage cannot be read: {exc!r}") from exc
-    # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
-    # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
-    return serialise(message, utf8=utf8)
+    return utf8
 
 
 def _entities(message: Message) -> Iterator[Message]:
@@ -403,8 +415,12 @@ def _entities(message: Message) -> Iterator[Message]:
             raise mime.nesting_too_deep()
         yield part
         children = part.get_payload() if part.is_multipart() else None
-        if isinstance(children, list):
-            pending.extend((child, depth + 1) for child in reversed(children))
+        for child in reversed(children) if isinstance(children, list) else ():
+            if not isinstance(child, Message):
+                raise InvalidMessage(
+                    f"a multipart's parts must be messages, not {type(child).__name__}"
+                )
+            pending.append((child, depth + 1))
 
 
 def _has_utf8_address(name: str, value: object) -> bool:

@@ -11,11 +11,13 @@ SMTP backend would have sent it.
 
 from __future__ import annotations
 
+import contextlib
 import email.errors
 import email.policy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from email.message import Message
+from typing import Any, cast
 
 import django
 from django.core.mail.backends.base import BaseEmailBackend
@@ -30,6 +32,7 @@ from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.headers import check_field_name
+from mailstrom.message.preparation import check_entity_headers
 
 
 class EmailBackend(BaseEmailBackend):
@@ -119,11 +122,25 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
 
 def _serialised(message: EmailMessage) -> bytes:
     """:func:`smtp_bytes`, with what Django and the standard library raise for input they
-    cannot serialise (an unknown charset, a lone surrogate, a MIME part's header with a
-    line break...) turned into :class:`InvalidMessage`, so that ``fail_silently`` leaves
-    out that message only. The checks above name the common cases more precisely."""
+    cannot serialise (an unknown charset, a lone surrogate...) turned into
+    :class:`InvalidMessage`, so that ``fail_silently`` leaves out that message only. The
+    checks above name the common cases more precisely.
+
+    Every MIME part's header fields are checked on the message Django built, before it is
+    written: a ``MIMEBase`` part the application attached holds what it was given, and
+    neither Django nor (on every Python) the standard library refuses a line break in it.
+    """
+    with _typed("Django cannot build the message"):
+        built = _built(message)
+    check_entity_headers(built)
+    with _typed("Django cannot serialise the message"):
+        return _as_bytes(built)
+
+
+@contextlib.contextmanager
+def _typed(what: str) -> Iterator[None]:
     try:
-        return smtp_bytes(message)
+        yield
     except (
         ValueError,
         LookupError,
@@ -135,18 +152,27 @@ def _serialised(message: EmailMessage) -> bytes:
         # unknown ``encoding``; MessageError the email package's HeaderParseError;
         # TypeError and AttributeError a value of a type Django does not write (an
         # attachment's content or type None, an alternative added as a plain tuple).
-        raise InvalidMessage(
-            f"Django cannot serialise the message: {type(exc).__name__}: {shorten(str(exc))}"
-        ) from exc
+        raise InvalidMessage(f"{what}: {type(exc).__name__}: {shorten(str(exc))}") from exc
 
 
 def smtp_bytes(message: EmailMessage) -> bytes:
     """The bytes Django's own SMTP backend would send for ``message`` (Date and
     Message-ID are made afresh at each call, MIME boundaries too)."""
+    return _as_bytes(_built(message))
+
+
+def _built(message: EmailMessage) -> Message:
     built: Any = message  # message()'s signature and result type changed in Django 6
     if django.VERSION >= (6, 0):
-        return bytes(built.message(policy=email.policy.SMTP).as_bytes())
-    return bytes(built.message().as_bytes(linesep="\r\n"))
+        return cast(Message, built.message(policy=email.policy.SMTP))
+    return cast(Message, built.message())
+
+
+def _as_bytes(built: Message) -> bytes:
+    if django.VERSION >= (6, 0):
+        return bytes(built.as_bytes())
+    safe: Any = built  # Django 5.2's SafeMIME classes take the line separator
+    return bytes(safe.as_bytes(linesep="\r\n"))
 
 
 def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str]]]:
