@@ -74,11 +74,16 @@ def check_header_section(data: bytes, start: int, end: int, *, where: str) -> No
     empty = data.count(b"\n\r\n", start, end) + data.count(b"\n\n", start, end)
     fields = lines - folded - empty
     if fields > MAX_HEADER_FIELDS:
-        raise TooManyHeaderFields(
-            f"{where} has {fields} fields; the limit is {MAX_HEADER_FIELDS}",
-            count=fields,
-            limit=MAX_HEADER_FIELDS,
-        )
+        raise too_many_fields(fields, where=where)
+
+
+def too_many_fields(fields: int, *, where: str) -> TooManyHeaderFields:
+    """The error for a header section (``where``) of ``fields`` fields, over the bound."""
+    return TooManyHeaderFields(
+        f"{where} has {fields} fields; the limit is {MAX_HEADER_FIELDS}",
+        count=fields,
+        limit=MAX_HEADER_FIELDS,
+    )
 
 
 def too_many_parts(limit: int = MAX_PARTS) -> TooManyParts:

@@ -40,7 +40,12 @@ from mailstrom.errors import (
 )
 from mailstrom.message import builder, mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
-from mailstrom.message.bounds import MAX_PARTS, too_many_parts
+from mailstrom.message.bounds import (
+    MAX_HEADER_FIELDS,
+    MAX_PARTS,
+    too_many_fields,
+    too_many_parts,
+)
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
@@ -374,6 +379,9 @@ def check_entity_headers(message: Message) -> bool:
     utf8 = False
     try:
         for part in _entities(message):
+            if len(part) > MAX_HEADER_FIELDS:  # before the stdlib folds each of them
+                where = "the header section" if part is message else "a MIME part's header"
+                raise too_many_fields(len(part), where=where)
             for name, raw_value in part.raw_items():
                 check_field_name(name)
                 text = str(raw_value)
