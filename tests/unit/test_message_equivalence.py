@@ -185,14 +185,22 @@ def display_names(data: bytes, field: str) -> list[str]:
     return names
 
 
-def same_or_stdlib_lost_a_space(stdlib: str, given: str) -> bool:
+def stdlib_agrees(theirs: EmailMessage, name: str, given: str) -> bool:
+    """Whether the stdlib's rendering of field ``name`` reads back as ``given``, allowing
+    for the ways its writer is known to lose text (the renderer is checked exactly)."""
+    stdlib = str(theirs[name] or "")
     if stdlib == given or stdlib.replace(" ", "") == given.replace(" ", ""):
         return True
     # The stdlib's folder sometimes splits an encoded word across lines, leaving it
     # unterminated and undecodable ("Grüße €" became "=?utf-8?b?4oKs" CRLF "=?utf-8?b?...",
     # read back with "=?utf-8?b?4oKs" in it; CPython issues 85725 and 89714 are of this
     # kind). The oracle is wrong then, not the renderer, which the caller checks exactly.
-    return "=?" in stdlib and "=?" not in given
+    if "=?" in stdlib and "=?" not in given:
+        return True
+    # And it reads RFC 2047 encoded words in the text it is given ("=??Q??=" is set as
+    # ""): its rendering is then of that reading, not of the text, which the renderer
+    # keeps as it is.
+    return "=?" in given and stdlib == str(policy.default.header_factory(name, given))
 
 
 def leaves(message: EmailMessage) -> list[tuple[str, str | None, bytes]]:
@@ -276,10 +284,10 @@ def test_direct_rendering_matches_the_stdlib(
     # loses the space between two words it encodes separately (RFC 2047 §6.2 drops white
     # space between encoded words), which the renderer avoids by encoding them together.
     assert text(ours["Subject"] or "") == subject
-    assert same_or_stdlib_lost_a_space(theirs["Subject"] or "", subject)
+    assert not subject or stdlib_agrees(theirs, "Subject", subject)
     for name, value in headers.items():
         assert text(ours[name]) == value
-        assert same_or_stdlib_lost_a_space(theirs[name], value)
+        assert stdlib_agrees(theirs, name, value)
     # Structure, bodies and attachments.
     assert [p.get_content_type() for p in ours.walk()] == [
         p.get_content_type() for p in theirs.walk()
