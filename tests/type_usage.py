@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 from mailstrom import (
     AmbiguousMessageId,
@@ -47,7 +48,8 @@ def sync_usage() -> None:
         retry=RetryPolicy(min_delay=timedelta(minutes=1)),
         dns=DNSConfig(nameservers=("127.0.0.1",), port=5353),
     )
-    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+    # A store URL (or a path object): the facade opens the store and closes it on exit.
+    with Mailstrom(config, store="mail.db") as ms:
         mid: str = ms.send_email(
             Email(
                 from_="App <app@example.com>",
@@ -164,7 +166,7 @@ def queue_attribute_usage() -> None:
         default_priority="transactional",
         idempotency_window=timedelta(hours=6),
     )
-    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+    with Mailstrom(config, store=Path("/var/lib/app/mail.db")) as ms:
         try:
             mid = ms.send_email(
                 Email(from_="a@example.com", to="b@example.org", text="x", tags=["receipt"]),
@@ -186,7 +188,7 @@ def queue_attribute_usage() -> None:
 
 
 async def async_usage() -> None:
-    async with AsyncMailstrom(Config(), store=open_store("memory:")) as ms:
+    async with AsyncMailstrom(Config(), store="memory:") as ms:
         mid = await ms.send_email(Email(from_="a@example.com", to="b@example.org", text="x"))
         status = await ms.query_status(mid)
         print(status.state.is_final, (await ms.metrics()).worker.transactions)
@@ -214,7 +216,7 @@ def shaping_usage() -> None:
         DestinationRule(match="mail.*.example", max_connections=0)
     except InvalidShapingRule as exc:
         print(exc.pattern, exc.field, exc.reason)
-    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+    with Mailstrom(config, store="mail.db") as ms:
         pauses: list[DestinationThrottle] = ms.throttled_destinations()
         for pause in pauses:
             print(pause.destination, pause.until.isoformat(), pause.strikes, pause.reply)
@@ -230,7 +232,7 @@ def suppression_and_bounce_usage() -> None:
     from mailstrom.bounces import apply_report, parse_report
 
     config = Config(helo_name="mail.example.com", suppress_for=timedelta(days=180))
-    with Mailstrom(config, store=SQLiteStore("mail.db")) as ms:
+    with Mailstrom(config, store="mail.db") as ms:
         try:
             entry: Suppression = ms.suppress("bob@example.org", "asked to stop")
         except InvalidSuppression as exc:

@@ -1,8 +1,7 @@
 """mailstrom: background email delivery straight to each recipient's MX servers.
 
 >>> from mailstrom import Mailstrom, Config, Email
->>> from mailstrom.stores import SQLiteStore
->>> with Mailstrom(Config(helo_name="mail.example.com"), store=SQLiteStore("mail.db")) as ms:
+>>> with Mailstrom(Config(helo_name="mail.example.com"), store="mail.db") as ms:
 ...     mid = ms.send_email(Email(from_="app@example.com", to=["bob@example.org"], text="Hi"))
 ...     print(ms.query_status(mid).state)  # doctest: +SKIP
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.open_files import open_files_under
 
 from mailstrom import AsyncMailstrom, Config, Mailstrom
 from mailstrom.errors import ConfigError
@@ -121,3 +122,13 @@ async def test_async_facade_without_a_store_uses_the_default_path(user_home: Pat
         assert Path(ms.store.path) == user_home / "mailstrom" / "queue.db"
     finally:
         await ms.stop()
+
+
+def test_the_default_store_is_closed_when_construction_fails(user_home: Path) -> None:
+    """The facade opened the default queue, then refused a bad ``worker``: its connection
+    stayed open, with no facade left to stop."""
+    with pytest.raises(ValueError, match="worker must be") as raised:
+        Mailstrom(Config(helo_name="client.test"), worker="lorry")  # type: ignore[arg-type]
+    assert (user_home / "mailstrom" / "queue.db").is_file()  # it was opened...
+    assert open_files_under(user_home) == []  # ...and closed
+    del raised  # its traceback held the half-built facade

@@ -31,14 +31,16 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """Queue mail and deliver it on the running event loop.
 
     >>> async with AsyncMailstrom(Config(helo_name="mail.example.com"),
-    ...                           store=SQLiteStore("mail.db")) as ms:  # doctest: +SKIP
+    ...                           store="mail.db") as ms:  # doctest: +SKIP
     ...     mid = await ms.send_email(Email(from_="app@example.com", to=["bob@example.org"],
     ...                                     subject="Hi", text="Hello"))
     ...     status = await ms.query_status(mid)
 
-    The store is closed by :meth:`stop` only when mailstrom created it (``store=None``: the
-    default queue, ``~/.local/state/mailstrom/queue.db`` or, for root,
-    ``/var/spool/mailstrom/queue.db``).
+    The store is closed by :meth:`stop` only when mailstrom opened it: from a store URL or
+    a path object (``store="mail.db"``, ``store=Path("/var/lib/app/mail.db")``), or
+    without one (``store=None``: the default queue, ``~/.local/state/mailstrom/queue.db``
+    or, for root, ``/var/spool/mailstrom/queue.db``). A store passed in stays its
+    caller's (see :class:`~mailstrom.Mailstrom`).
     """
 
     _task: asyncio.Task[None] | None = None

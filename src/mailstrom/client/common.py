@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,9 +16,16 @@ from mailstrom.arguments import member_of
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
-from mailstrom.errors import InvalidMessage, InvalidMessageType, InvalidSuppression, WorkerError
+from mailstrom.errors import (
+    InvalidMessage,
+    InvalidMessageType,
+    InvalidStoreURL,
+    InvalidSuppression,
+    WorkerError,
+)
 from mailstrom.message import Email, PreparedMessage, prepare
 from mailstrom.message.attributes import queue_attributes
+from mailstrom.message.chars import shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
@@ -51,6 +59,44 @@ def default_store() -> Store:
     return SQLiteStore(path)
 
 
+StoreArgument = Store | str | os.PathLike[str] | None
+"""What a facade's ``store`` accepts: a store, a store URL, a SQLite file's path, or
+nothing (the default queue)."""
+
+
+def facade_store(store: StoreArgument) -> tuple[Store, bool]:
+    """The store a facade works on, and whether the facade owns it (closes it on stop).
+
+    The facade owns what it opens: the default queue for ``None``, the store a URL names
+    (:func:`~mailstrom.stores.url.open_store`: ``"memory:"``, ``"mail.db"``,
+    ``"sqlite:////var/lib/app/mail.db"``, ``"postgresql://..."``), and the SQLite file
+    at an ``os.PathLike`` path (whatever its suffix: a path object cannot be a URL). A
+    :class:`Store` passed in stays its caller's, open after stop.
+    """
+    from mailstrom.stores.url import open_store
+
+    if store is None:
+        return default_store(), True
+    if isinstance(store, str):
+        return open_store(store), True
+    if isinstance(store, os.PathLike):
+        return open_store(sqlite_url(store)), True
+    return store, False
+
+
+def sqlite_url(path: os.PathLike[str]) -> str:
+    """The store URL of the SQLite file at ``path``: ``sqlite:///`` and the path, so an
+    absolute path gets the four slashes (``sqlite:////var/lib/app/mail.db``).
+
+    InvalidStoreURL for a path beginning or ending in whitespace, which a store URL
+    cannot keep (its surrounding whitespace is stripped): it would name another file.
+    """
+    text = os.fsdecode(path)
+    if text != text.strip():
+        raise InvalidStoreURL(f"SQLite path begins or ends with whitespace: {shorten(text)}")
+    return "sqlite:///" + text
+
+
 WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
 
@@ -80,7 +126,7 @@ class FacadeBase:
         self,
         config: Config | None = None,
         *,
-        store: Store | None = None,
+        store: StoreArgument = None,
         router: Router | None = None,
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
@@ -89,12 +135,33 @@ class FacadeBase:
     ) -> None:
         """``store=None`` opens the default SQLite queue (``~/.local/state/mailstrom/
         queue.db``, or ``/var/spool/mailstrom/queue.db`` for root; see
-        :func:`default_store`) and closes it on stop; a store passed in stays open for the
-        caller. ``on_result`` is called with each result once recorded: on the worker's
-        loop in this process, or on a reader thread for a worker process."""
+        :func:`default_store`); a store URL (``store="mail.db"``,
+        ``"sqlite:////var/lib/app/mail.db"``, ``"postgresql://mail@db/mail"``) or a path
+        object (``store=Path("mail.db")``, always a SQLite file) opens that store. The
+        facade closes a store it opened on stop, and when its construction fails; a
+        :class:`Store` passed in stays open for the caller (see :func:`facade_store`).
+        ``on_result`` is called with each result once recorded: on the worker's loop in
+        this process, or on a reader thread for a worker process."""
         self.config = config or Config()
-        self._owns_store = store is None
-        self.store = store if store is not None else default_store()
+        self.store, self._owns_store = facade_store(store)
+        try:
+            self._set_up(router=router, clock=clock, rng=rng, on_result=on_result, worker=worker)
+        except BaseException:
+            # Nobody gets this facade to stop: what it opened must not stay open.
+            if self._owns_store:
+                self.store.close()
+            raise
+
+    def _set_up(
+        self,
+        *,
+        router: Router | None,
+        clock: Callable[[], datetime],
+        rng: random.Random | None,
+        on_result: Callable[[RecipientResult], None] | None,
+        worker: WorkerMode,
+    ) -> None:
+        """Everything ``__init__`` does once the store is open: the worker, its mode."""
         self._clock = clock
         store_url: str | None = getattr(self.store, "url", None)
         custom = router is not None or clock is not utc_now or rng is not None

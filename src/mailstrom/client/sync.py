@@ -37,13 +37,26 @@ class Mailstrom(FacadeBase, QueueOperations):
     """Queue mail and deliver it in the background.
 
     >>> from mailstrom import Mailstrom, Config, Email
-    >>> from mailstrom.stores import SQLiteStore
     >>> with Mailstrom(Config(helo_name="mail.example.com"),
-    ...                store=SQLiteStore("mail.db")) as ms:  # doctest: +SKIP
+    ...                store="mail.db") as ms:  # doctest: +SKIP
     ...     mid = ms.send_email(Email(from_="App <app@example.com>", to=["bob@example.org"],
     ...                               subject="Hi", text="Hello"))
     ...     for r in ms.query_status(mid).recipients:
     ...         print(r.address, r.state, r.reason)
+
+    ``store`` is a store URL (``"mail.db"``, ``"sqlite:////var/lib/app/mail.db"``,
+    ``"postgresql://mail@db/mail"``, ``"memory:"``) or a path object (a SQLite file):
+    the facade opens it and closes it on :meth:`stop` (on leaving the ``with`` block).
+    Without one it opens the default queue the same way. A
+    :class:`~mailstrom.stores.base.Store` passed in stays open for its caller, who may
+    share it (e.g. with :func:`mailstrom.web.create_app`) and closes it:
+
+    >>> store = SQLiteStore("mail.db")  # doctest: +SKIP
+    >>> try:  # doctest: +SKIP
+    ...     with Mailstrom(config, store=store) as ms:
+    ...         ...
+    ... finally:
+    ...     store.close()
     """
 
     _thread: threading.Thread | None = None

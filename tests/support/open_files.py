@@ -1,0 +1,20 @@
+"""What files this process holds open: a store left open shows up here (Linux's /proc)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """The files this process holds open in ``directory`` or below (SQLite's database,
+    WAL, shared memory and lock files): what a store left open leaves there."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(f"{directory}{os.sep}"):
+            found.append(target)
+    return found
