@@ -31,7 +31,7 @@ from mailstrom import (
     RecipientState,
     Timeouts,
 )
-from mailstrom.errors import WorkerError
+from mailstrom.errors import StoreError, WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -78,6 +78,22 @@ def test_a_durable_store_gets_a_worker_process_by_default(
     # The child rebuilt the verifying TLS context from the CA certificates it was given.
     assert all(m.tls for m in mx.messages)
     store.close()
+
+
+def test_a_worker_process_delivers_from_the_store_a_relative_url_named(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child opens the facade's store by its absolute path: a relative URL names the
+    same file there, and the facade closes the store it opened when it stops."""
+    monkeypatch.chdir(tmp_path)
+    results = Results()
+    with Mailstrom(config(dns_server, mx.port), store="sqlite:///q.db", on_result=results) as ms:
+        assert ms.worker_mode == "process"
+        mid = ms.send_email(hello("bob@example.org"))
+        results.wait_count(1)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()
 
 
 def test_thread_mode_and_custom_clocks_stay_in_this_process(
