@@ -20,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mailstrom import Config, Email, InvalidMessage, Mailstrom, RecipientState, RetryPolicy
-from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import RecipientResult
 from mailstrom.testing import FakeMX
 
@@ -62,7 +61,6 @@ def deliver_through(mx: FakeMX) -> None:
         retry=RetryPolicy(min_delay=timedelta(minutes=5)),
     )
     workdir = Path(tempfile.mkdtemp(prefix="mailstrom-demo-"))
-    store = SQLiteStore(workdir / "queue.db")
 
     batch = [
         Email(
@@ -103,7 +101,8 @@ def deliver_through(mx: FakeMX) -> None:
         if len(seen) >= total:
             done.set()
 
-    with Mailstrom(config, store=store, on_result=on_result) as ms:
+    # A path (or a store URL): the facade opens the SQLite queue and closes it on exit.
+    with Mailstrom(config, store=workdir / "queue.db", on_result=on_result) as ms:
         try:
             ms.send_email(Email(from_="orders@shop.test", to=["not an address"], text="x"))
         except InvalidMessage as exc:
@@ -146,7 +145,6 @@ def deliver_through(mx: FakeMX) -> None:
         f"[bold]{summary}[/] in {elapsed:.2f} s; the receiver accepted "
         f"{len(receiver.messages)} SMTP transactions. Queue file: {workdir / 'queue.db'}"
     )
-    store.close()
 
 
 if __name__ == "__main__":
