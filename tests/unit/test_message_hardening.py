@@ -906,3 +906,59 @@ def test_too_many_fields_are_refused_before_the_stdlib_writes_them(
 
 def _must_not_serialise(message: Message, *, utf8: bool) -> bytes:
     raise AssertionError("serialised before its fields were counted")
+
+
+def _forwarding(inner: Message, how: str) -> Message:
+    if how == "add_attachment":
+        outer = EmailMessage()
+        outer.set_content("see attached")
+        outer.add_attachment(inner)
+    else:
+        outer = MIMEMultipart()
+        outer.attach(MIMEMessage(inner))
+    outer["From"] = "a@example.com"
+    outer["To"] = "b@example.org"
+    return outer
+
+
+@pytest.mark.parametrize("how", ["add_attachment", "MIMEMessage"])
+@pytest.mark.parametrize("kind", ["EmailMessage", "compat32"])
+def test_an_attached_message_keeps_its_utf8_address(kind: str, how: str) -> None:
+    """The stdlib wrote an attached message's ``jörg@exämple.org`` as encoded words inside
+    the addr-spec (``=?utf-8?q?j=C3=B6rg?=@...``, which RFC 2047 §5 forbids), or could not
+    write it at all; it is written as raw UTF-8 (RFC 6532), and the message needs
+    SMTPUTF8."""
+    inner = EmailMessage() if kind == "EmailMessage" else MIMEText("hallo")
+    if isinstance(inner, EmailMessage):
+        inner.set_content("hallo")
+    inner["From"] = "Jörg <jörg@exämple.org>"
+    inner["To"] = "b@example.org"
+    prepared = prepare(_forwarding(inner, how), now=NOW)
+    assert prepared.smtputf8
+    assert b"=?utf-8?q?j=C3=B6rg?=" not in prepared.data
+    attached = next(parsed(prepared.data).iter_attachments()).get_content()
+    written = attached["From"].addresses[0].addr_spec  # raw UTF-8: surrogate escapes
+    assert written.encode("utf-8", "surrogateescape").decode("utf-8") == "jörg@exämple.org"
+
+
+@pytest.mark.parametrize(
+    ("inner", "from_", "smtputf8"),
+    [
+        # An encoded word in the display name, as before.
+        (EmailMessage, "Jörg <j@example.org>", False),
+        (lambda: MIMEText("hallo"), "j@example.org", False),
+        # No address list: carried as it is, not refused, and not as an encoded word.
+        (lambda: MIMEText("hallo"), "not an address (ö) <<", True),
+    ],
+)
+def test_an_attached_message_without_utf8_address(
+    inner: Callable[[], Message], from_: str, smtputf8: bool
+) -> None:
+    """The attached message is only carried: its fields are not validated."""
+    attached = inner()
+    attached["From"] = from_
+    outer = MIMEMultipart()
+    outer["From"] = "a@example.com"
+    outer["To"] = "b@example.org"
+    outer.attach(MIMEMessage(attached))
+    assert prepare(outer, now=NOW).smtputf8 is smtputf8

@@ -396,8 +396,12 @@ def check_entity_headers(message: Message) -> bool:
                     # Raw strings (compat32, or parsed source) may only break lines to
                     # fold them.
                     _check_folding(name, text)
-                if part is message and name.lower() in ADDRESS_FIELDS:
-                    utf8 = utf8 or _has_utf8_address(name, raw_value)
+                if not utf8 and name.lower() in ADDRESS_FIELDS:
+                    utf8 = (
+                        _has_utf8_address(name, raw_value)
+                        if part is message
+                        else _may_hold_utf8_address(name, raw_value, text)
+                    )
     except InvalidMessage:
         raise
     except Exception as exc:  # a hand-made Message can hold anything
@@ -438,6 +442,18 @@ def _has_utf8_address(name: str, value: object) -> bool:
     return any(
         not box.address.written.isascii() for box in mailboxes(parse_address_list(name, text))
     )
+
+
+def _may_hold_utf8_address(name: str, value: object, text: str) -> bool:
+    """:func:`_has_utf8_address` for an attached message's field, which is only carried:
+    one that is no valid address list is not refused, and is written as raw UTF-8 when
+    it is not ASCII, rather than as encoded words the stdlib would put in an addr-spec."""
+    if text.isascii():
+        return False
+    try:
+        return _has_utf8_address(name, value)
+    except InvalidMessage:
+        return True
 
 
 def _check_folding(name: str, value: str) -> None:
