@@ -230,6 +230,16 @@ def _duration(key: str, value: Any) -> timedelta:
     raise ConfigError(f"{key}: expected a duration, got {value!r}")
 
 
+def _positive_duration(key: str, value: Any) -> timedelta:
+    """A duration as :func:`_duration` reads it, but more than none: a time limit of 0
+    would fail every attempt before it starts."""
+    duration = _duration(key, value)
+    if duration <= timedelta(0):
+        shown = shorten(value, 60) if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{key}: expected a duration > 0 (like 30s or 500ms), got {shown}")
+    return duration
+
+
 def _optional(parser: Parser) -> Parser:
     """``"none"``/``"off"``/``false`` (or 0 for numbers) turn a limit off."""
 
@@ -482,10 +492,12 @@ KEYS: dict[str, Parser] = {
     "mta_sts.timeout": _float(0.001),
     "mta_sts.recheck": _float(0),
     "mta_sts.report": _bool,
-    # Read by ``mailstrom tlsrpt`` only: who the reports say they come from.
+    # Read by ``mailstrom tlsrpt`` only: who the reports say they come from, and how long
+    # one POST of a report may take.
     "tlsrpt.organization": _str,
     "tlsrpt.contact": _str,
     "tlsrpt.from": _str,
+    "tlsrpt.post_timeout": _positive_duration,
     "web.listen": _listen,
     "web.token": _str,
     # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).

@@ -258,7 +258,7 @@ def test_parse_duration_takes_ascii_digits_only(text: str) -> None:
 
 @pytest.mark.parametrize(
     "key", ["smtp_port", "max_connections", "dns.timeout", "retry.multiplier",
-            "retry.max_attempts", "lease_for"],
+            "retry.max_attempts", "lease_for", "tlsrpt.post_timeout"],
 )  # fmt: skip
 @pytest.mark.parametrize("text", NON_ASCII_NUMBERS)
 def test_numbers_in_settings_take_ascii_digits_only(key: str, text: str) -> None:
@@ -272,6 +272,20 @@ def test_shaping_rule_limits_take_ascii_digits_only(text: str) -> None:
     env = {"MAILSTROM_SHAPING_RULES": f"example.org max_connections={text}"}
     with pytest.raises(ConfigError, match="max_connections: expected a number"):
         load_settings(env=env, search=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("10", 10), ("10s", 10), ("500ms", 0.5), ("2m", 120), (0.25, 0.25)]
+)
+def test_tlsrpt_post_timeout_is_a_duration(value: str | float, seconds: float) -> None:
+    assert KEYS["tlsrpt.post_timeout"]("tlsrpt.post_timeout", value) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("value", ["0", "0s", 0, 0.0, -1, "-1", "nan", "inf", "1e3", True])
+def test_tlsrpt_post_timeout_is_more_than_none(value: object) -> None:
+    # A time limit of 0 (or less) would fail every POST before it starts.
+    with pytest.raises(ConfigError, match=re.escape("tlsrpt.post_timeout: ")):
+        load_settings(env={}, overrides={"tlsrpt.post_timeout": value}, search=False)
 
 
 def test_ascii_numbers_with_spaces_around_them_still_load() -> None:
