@@ -542,6 +542,7 @@ def command_lines(draw: Any, ids: dict[str, str]) -> list[str]:
                     ("--organization", text_values(["Org"])),
                     ("--contact", text_values(["mailto:ops@example.test"])),
                     ("--from", addresses),
+                    ("--post-timeout", durations()),
                     ("--json", None),
                 ]
             )

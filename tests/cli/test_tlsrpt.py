@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailstrom.stores import SQLiteStore
 from mailstrom.testing.smtp import start_receiving_server
 from mailstrom.tlsrpt import PolicyType, TLSSessions
-from tests.cli.conftest import MailEnv
+from tests.cli.conftest import CLI, MailEnv
 from tests.fixtures.https_server import Answer, HTTPSFactory
 from tests.support.certs import self_signed, server_context, spki_sha256
 from tests.unit.test_tlsrpt_report import validate
@@ -251,6 +254,118 @@ def test_tlsrpt_mailto_is_percent_decoded(mail_env: MailEnv) -> None:
     parsed = message_from_bytes(received.content, policy=policy.default)
     assert parsed["To"] == "tls+reports@example.test"
     assert received.rcpt_tos == ("tls+reports@example.test",)
+
+
+def seed_domains(workdir: Path, domains: list[str]) -> None:
+    store = SQLiteStore(workdir / "queue.db")
+    try:
+        store.add_tls_sessions(
+            [
+                TLSSessions(day=DAY, policy_domain=d, policy_type=PolicyType.STS, count=1)
+                for d in domains
+            ]
+        )
+    finally:
+        store.close()
+
+
+def no_answer(seconds: str) -> str:
+    return f"no answer within {seconds} s (lookup, connection, request and answer head)"
+
+
+def test_tlsrpt_posts_at_once_each_within_post_timeout(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # The POSTs went one after another, each with 30 s that no option could shorten: 100
+    # policy domains whose collectors take the report and never answer held a daily run
+    # 50 minutes, into the next one.
+    domains = [f"d{i:02}.test" for i in range(16)]
+    seed_domains(mail_env.workdir, domains)
+    collector = https_server(names=("127.0.0.1",))
+    base = f"https://127.0.0.1:{collector.port}"
+    for domain in domains:
+        collector.routes[f"/{domain}"] = Answer(hang=True)
+        mail_env.dns.txt(f"_smtp._tls.{domain}", f"v=TLSRPTv1; rua={base}/{domain}")
+    timeout = 0.5
+    started = time.monotonic()
+    result = mail_env.cli(
+        "tlsrpt", "--date", DAY.isoformat(), "--send", "--post-timeout", f"{timeout}", "--json"
+    )
+    elapsed = time.monotonic() - started
+    assert result.code == 75, result.err
+    # Eight at a time: two deadlines and the command's start, not sixteen deadlines.
+    assert elapsed < len(domains) * timeout / 2, elapsed
+    reported = result.json()["domains"]
+    assert [r["domain"] for r in reported] == domains
+    for domain, entry in zip(domains, reported, strict=True):
+        assert entry["sent"] == [
+            {"uri": f"{base}/{domain}", "ok": False, "detail": no_answer(f"{timeout:g}")}
+        ]
+    assert sorted(r.path for r in collector.requests) == [f"/{d}" for d in domains]
+
+
+def test_tlsrpt_prints_the_results_in_the_records_order(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # The POSTs finish in any order (the silent one last); the lines keep the domains'
+    # order, each record's rua order, and the mailed copy's place among them.
+    seed_domains(mail_env.workdir, ["a.test", "b.test"])
+    collector = https_server(names=("127.0.0.1",))
+    base = f"https://127.0.0.1:{collector.port}"
+    collector.routes["/silent"] = Answer(hang=True)
+    collector.routes["/ok"] = Answer(status=202)
+    collector.routes["/broken"] = Answer(status=500)
+    mail_env.dns.txt(
+        "_smtp._tls.a.test", f"v=TLSRPTv1; rua={base}/silent,mailto:tls@example.test,{base}/ok"
+    )
+    mail_env.dns.txt("_smtp._tls.b.test", f"v=TLSRPTv1; rua={base}/broken")
+    # A second: the answering collector must answer within it, on a loaded machine too.
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--post-timeout", "1s")
+    assert result.code == 75, result.err
+    lines = result.out.splitlines()
+    assert [line.split(":")[0] for line in lines if not line.startswith(" ")] == [
+        "a.test",
+        "b.test",
+    ]
+    sent = [line.strip() for line in lines if line.startswith(" ")]
+    assert sent[0] == f"{base}/silent: FAILED: {no_answer('1')}"
+    assert sent[1].startswith("mailto:tls@example.test: ok: queued as ")
+    assert sent[2:] == [f"{base}/ok: ok: posted", f"{base}/broken: FAILED: HTTP 500"]
+
+
+def test_tlsrpt_post_timeout_setting_and_option(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    seed_domains(mail_env.workdir, ["a.test"])
+    collector = https_server(names=("127.0.0.1",))
+    collector.routes["/silent"] = Answer(hang=True)
+    url = f"https://127.0.0.1:{collector.port}/silent"
+    mail_env.dns.txt("_smtp._tls.a.test", f"v=TLSRPTv1; rua={url}")
+    mail_env.cli.env["MAILSTROM_TLSRPT_POST_TIMEOUT"] = "200ms"
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
+    assert result.code == 75, result.err
+    assert f"{url}: FAILED: {no_answer('0.2')}" in result.out
+    # The option wins over the setting.
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--post-timeout", "0.25")
+    assert f"{url}: FAILED: {no_answer('0.25')}" in result.out
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "0ms", "-1", "nan", "inf", "1e3", "\u0663", "", "5 x", "9" * 5000 + "x"]
+)
+def test_tlsrpt_bad_post_timeout_is_a_usage_error(cli: CLI, value: str) -> None:
+    result = cli("tlsrpt", "--date", "2030-01-02", f"--post-timeout={value}")
+    assert result.code == 64, result.err
+    [message] = [line for line in result.err_lines if line.startswith("mailstrom:")]
+    assert message.startswith("mailstrom: argument --post-timeout: "), message
+    assert len(message) < 200, message  # a long value is quoted in part
+
+
+def test_tlsrpt_bad_post_timeout_setting_is_a_config_error(cli: CLI) -> None:
+    cli.env["MAILSTROM_TLSRPT_POST_TIMEOUT"] = "0"
+    result = cli("tlsrpt", "--date", "2030-01-02")
+    assert result.code == 78, result.err
+    assert "tlsrpt.post_timeout: expected a duration > 0" in result.err
 
 
 def test_tlsrpt_without_sessions(mail_env: MailEnv) -> None:

@@ -4,8 +4,9 @@ For every policy domain with counted sessions on the day, the domain's ``_smtp._
 record is looked up; a domain that publishes one with a ``rua`` gets its report written as
 a JSON file and, with ``--send``, sent: ``mailto:`` addresses get a queued message (the
 worker delivers it, DKIM-signed when signing is configured), ``https:`` URLs a POST
-(:func:`~mailstrom.tlsrpt.deliver.post_report`: through the same resolver as the TXT
-lookups, never to this host or a private network unless ``allow_loopback``).
+(:func:`~mailstrom.tlsrpt.deliver.post_reports`: through the same resolver as the TXT
+lookups, never to this host or a private network unless ``allow_loopback``; eight at a
+time, each within ``--post-timeout``, after every report is written and mailed).
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.cli.context import open_store, settings_from, utc_now
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, UsageError
 from mailstrom.cli.output import echo, print_json
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, setting_arg
 from mailstrom.config import Config
 from mailstrom.errors import MailstromError
 from mailstrom.mtasts.fetch import DNSTrouble, require_httpx, txt_records
 from mailstrom.routing import make_resolver
+from mailstrom.settings import KEYS
 from mailstrom.stores.base import Store
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ examples:
   mailstrom tlsrpt                                   # yesterday's reports, into .
   mailstrom tlsrpt --date 2026-11-29 --out /var/lib/mailstrom/tlsrpt
   mailstrom tlsrpt --send --organization "Example Inc." --contact tls@example.com
+  mailstrom tlsrpt --send --post-timeout 10s         # give each POST 10 s, not 30
 
 exit code: 0 when every report was written (and sent, with --send), 64 for a bad
 option, 75 when a report could not be sent or a DNS lookup failed (run it again).
@@ -48,6 +52,8 @@ option, 75 when a report could not be sent or a DNS lookup failed (run it again)
 
 MAX_LOOKUPS = 32
 """``_smtp._tls`` TXT lookups in flight at once."""
+
+POST_TIMEOUT_KEY = "tlsrpt.post_timeout"
 
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -74,6 +80,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         dest="sender",
         metavar="ADDRESS",
         help="From of mailed reports (tlsrpt.from, else the contact)",
+    )
+    p.add_argument(
+        "--post-timeout",
+        metavar="SECONDS",
+        type=setting_arg(POST_TIMEOUT_KEY, "--post-timeout"),
+        help="time each https: POST may take in all, e.g. 10 or 10s or 500ms "
+        f"({POST_TIMEOUT_KEY}, else 30 s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=tlsrpt_command)
@@ -141,6 +154,19 @@ class _Job:
     out: Path
     send: bool
     sender: str
+    post_timeout: float
+
+
+def _post_timeout(given: str | None, values: Mapping[str, Any]) -> float:
+    """Seconds per POST: the option's (checked by argparse), else the setting's (checked
+    when the settings were loaded), else the default."""
+    from mailstrom.tlsrpt.deliver import POST_TIMEOUT
+
+    raw = given if given is not None else values.get(POST_TIMEOUT_KEY)
+    if raw is None:
+        return POST_TIMEOUT
+    duration: timedelta = KEYS[POST_TIMEOUT_KEY](POST_TIMEOUT_KEY, raw)
+    return duration.total_seconds()
 
 
 def tlsrpt_command(args: argparse.Namespace) -> int:
@@ -158,6 +184,7 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         submitter=submitter,
     )
     sender = args.sender or values.get("tlsrpt.from") or contact
+    post_timeout = _post_timeout(args.post_timeout, values)
     out = Path(args.out)
     try:
         is_dir = out.is_dir()
@@ -177,6 +204,7 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
             out=out,
             send=args.send,
             sender=sender,
+            post_timeout=post_timeout,
         )
         # One event loop for the lookups and the POSTs, which share one resolver.
         results = asyncio.run(_report_day(job))
@@ -200,6 +228,7 @@ async def _report_day(job: _Job) -> list[DomainReport]:
     resolver = make_resolver(job.config.dns)
     rua = await _rua(resolver, domains) if domains else {}
     results: list[DomainReport] = []
+    posts: list[_Post] = []
     for domain in domains:
         entry = DomainReport(domain=domain)
         results.append(entry)
@@ -217,7 +246,15 @@ async def _report_day(job: _Job) -> list[DomainReport]:
         _write(path, report.json())
         entry.file = str(path)
         if job.send:
-            entry.sent = [await _send(job, resolver, report, uri) for uri in found]
+            for uri in found:
+                if uri.lower().startswith("mailto:"):
+                    entry.sent.append(_queue(job, report, uri))
+                else:
+                    # Its place is kept; the POST is made below, with the day's others.
+                    posts.append(_Post(entry=entry, slot=len(entry.sent), report=report, uri=uri))
+                    entry.sent.append(Delivery(uri=uri, ok=False, detail="not posted"))
+    if posts:
+        await _post_all(job, resolver, posts)
     return results
 
 
@@ -228,34 +265,51 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-async def _send(
-    job: _Job, resolver: dns.asyncresolver.Resolver, report: Report, uri: str
-) -> Delivery:
+def _queue(job: _Job, report: Report, uri: str) -> Delivery:
+    """The report queued as mail to the address of the ``mailto:`` ``uri``."""
     from mailstrom.client.common import prepare_for
-    from mailstrom.tlsrpt.deliver import post_report, report_message
+    from mailstrom.tlsrpt.deliver import report_message
     from mailstrom.tlsrpt.report import mailto_address
 
-    config = job.config
-    if uri.lower().startswith("mailto:"):
-        try:
-            to = mailto_address(uri)
-            msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
-            now = utc_now()
-            prepared = prepare_for(config, msg, envelope_from=None, envelope_to=None, now=now)
-            message_id = job.store.enqueue(prepared, now=now)
-        except MailstromError as exc:
-            return Delivery(uri=uri, ok=False, detail=str(exc))
-        return Delivery(uri=uri, ok=True, detail=f"queued as {message_id}")
-    problem = await post_report(
-        report,
-        uri,
+    try:
+        to = mailto_address(uri)
+        msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
+        now = utc_now()
+        prepared = prepare_for(job.config, msg, envelope_from=None, envelope_to=None, now=now)
+        message_id = job.store.enqueue(prepared, now=now)
+    except MailstromError as exc:
+        return Delivery(uri=uri, ok=False, detail=str(exc))
+    return Delivery(uri=uri, ok=True, detail=f"queued as {message_id}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Post:
+    """An ``https:`` rua URI to POST ``report`` to, and where its Delivery goes."""
+
+    entry: DomainReport
+    slot: int
+    """Its index in ``entry.sent``: deliveries are shown in the record's rua order."""
+    report: Report
+    uri: str
+
+
+async def _post_all(job: _Job, resolver: dns.asyncresolver.Resolver, posts: list[_Post]) -> None:
+    """Every POST of the run, :data:`~mailstrom.tlsrpt.deliver.MAX_POSTS` at a time: the
+    URLs come from the policy domains' DNS, and each one that never answers costs its
+    whole deadline (one after another, 100 of them held a daily run 50 minutes)."""
+    from mailstrom.tlsrpt.deliver import post_reports
+
+    problems = await post_reports(
+        [(post.report, post.uri) for post in posts],
         resolver=resolver,
-        allow_loopback=config.allow_loopback,
-        context=config.tls_context,
+        allow_loopback=job.config.allow_loopback,
+        context=job.config.tls_context,
+        timeout=job.post_timeout,
     )
-    if problem is not None:
-        return Delivery(uri=uri, ok=False, detail=problem)
-    return Delivery(uri=uri, ok=True, detail="posted")
+    for post, problem in zip(posts, problems, strict=True):
+        ok = problem is None
+        detail = "posted" if problem is None else problem
+        post.entry.sent[post.slot] = Delivery(uri=post.uri, ok=ok, detail=detail)
 
 
 def _print(day: date, results: list[DomainReport]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -23,8 +24,15 @@ from mailstrom.routing.policy import RoutePolicy
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
 POST_TIMEOUT = 30.0
-"""Seconds one POST may take in all: the host's lookup, connecting, TLS, sending the
-report and the answer's head (its body is never read)."""
+"""Seconds one POST may take in all, by default: the host's lookup, connecting, TLS,
+sending the report and the answer's head (its body is never read)."""
+
+MAX_POSTS = 8
+"""POSTs :func:`post_reports` has in flight at once. Each collector is the policy domain's
+choice, and one that takes the connection and never answers costs its POST's whole
+deadline: N of them one after another held a daily run N times 30 s (100 domains, 50 minutes,
+into the next run). Eight at a time make that about N / 8 deadlines, while the run stays
+a handful of connections, nothing like a burst at anyone's network."""
 
 
 def report_message(report: Report, *, sender: str, to: str, submitter: str) -> EmailMessage:
@@ -101,6 +109,39 @@ async def post_report(
         return f"not posted: {exc}"
     except TimeoutError:
         return f"no answer within {timeout:g} s (lookup, connection, request and answer head)"
+
+
+async def post_reports(
+    posts: Sequence[tuple[Report, str]],
+    *,
+    resolver: dns.asyncresolver.Resolver,
+    allow_loopback: bool = False,
+    context: ssl.SSLContext | None = None,
+    timeout: float = POST_TIMEOUT,
+    at_once: int = MAX_POSTS,
+) -> list[str | None]:
+    """:func:`post_report` for each ``(report, url)`` of ``posts``, ``at_once`` of them at
+    a time; what each returned, in the order of ``posts`` (not the order they finished
+    in). Each POST has its own ``timeout`` from the moment it starts, so collectors that
+    never answer hold the caller about ``ceil(len(posts) / at_once) * timeout``."""
+    if at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
+    slots = asyncio.Semaphore(at_once)
+
+    async def one(report: Report, url: str) -> str | None:
+        async with slots:
+            return await post_report(
+                report,
+                url,
+                resolver=resolver,
+                allow_loopback=allow_loopback,
+                context=context,
+                timeout=timeout,
+            )
+
+    # gather keeps the order of its arguments, and lets an unexpected exception out as
+    # it is (as the POSTs made one by one did).
+    return list(await asyncio.gather(*(one(report, url) for report, url in posts)))
 
 
 def _target(url: str) -> tuple[str, int, str]:
