@@ -18,6 +18,7 @@ Every label has a bounded set of values (see ``docs/guide.md``, "Metrics and hea
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,6 +31,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from mailstrom._version import __version__
 from mailstrom.runtime.metrics import OTHER
 from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
+
+if TYPE_CHECKING:
+    from mailstrom.ops.sources import StoreWait
 
 TOP_DOMAINS = 10
 """Destination domains with the most pending recipients shown by name in
@@ -197,8 +201,36 @@ class MailstromCollector(Collector):
             )
 
 
-def registry_for(snapshot: Callable[[], MetricsSnapshot]) -> CollectorRegistry:
-    """A registry of its own holding one :class:`MailstromCollector`."""
+class StoreWaitCollector(Collector):
+    """Whether a worker still waits for its store to open, from ``store_wait()`` (what
+    ``mailstrom worker --metrics`` adds: it serves before its store opens)."""
+
+    def __init__(self, store_wait: Callable[[], StoreWait]) -> None:
+        self._store_wait = store_wait
+
+    def collect(self) -> Iterator[Metric]:
+        wait = self._store_wait()
+        yield GaugeMetricFamily(
+            "mailstrom_store_waiting",
+            "1 while the worker waits for its store to open (it delivers nothing meanwhile)",
+            value=int(wait.waiting),
+        )
+        yield CounterMetricFamily(
+            "mailstrom_store_open_failures",
+            "Failed tries to open the store as the worker started",
+            value=wait.failed_tries,
+        )
+
+
+def registry_for(
+    snapshot: Callable[[], MetricsSnapshot],
+    *,
+    store_wait: Callable[[], StoreWait] | None = None,
+) -> CollectorRegistry:
+    """A registry of its own holding one :class:`MailstromCollector` (and a
+    :class:`StoreWaitCollector` with ``store_wait``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MailstromCollector(snapshot))
+    if store_wait is not None:
+        registry.register(StoreWaitCollector(store_wait))
     return registry

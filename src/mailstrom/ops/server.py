@@ -8,7 +8,8 @@ say how much mail goes where, which is nobody else's business.
 
 ``/healthz`` answers 200 with ``{"status": "ok", ...}`` while the worker runs, its event loop
 answers within two seconds, and the store answers a cheap query; otherwise 503 with
-``"status": "fail"`` and what failed.
+``"status": "fail"`` and what failed. ``mailstrom worker`` serves before its store opens:
+while it waits for it, 503 with ``"status": "waiting"`` (:mod:`mailstrom.ops.sources`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.errors import ConfigError
 from mailstrom.loopback import is_loopback, names_loopback
@@ -31,6 +32,9 @@ from mailstrom.ops.guarded_http import (
 )
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import Store
+
+if TYPE_CHECKING:
+    from mailstrom.ops.sources import StoreWait
 
 log = logging.getLogger("mailstrom.ops")
 
@@ -137,6 +141,9 @@ class OpsServer:
     >>> server = OpsServer("127.0.0.1", 9466, snapshot=ms.metrics, health=check)  # doctest: +SKIP
     >>> server.start(); ...; server.close()  # doctest: +SKIP
 
+    ``store_wait`` adds ``mailstrom_store_waiting`` and ``mailstrom_store_open_failures``
+    (a worker that serves before its store opens: :mod:`mailstrom.ops.sources`).
+
     ``port=0`` takes a free port (see :attr:`port`). Without prometheus-client installed
     the constructor raises :class:`~mailstrom.errors.ConfigError` naming the extra.
 
@@ -158,6 +165,7 @@ class OpsServer:
         *,
         snapshot: Callable[[], MetricsSnapshot],
         health: Callable[[], Health],
+        store_wait: Callable[[], StoreWait] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
@@ -169,7 +177,7 @@ class OpsServer:
             raise ConfigError(
                 f"metrics need prometheus-client, which cannot be loaded ({exc}): {METRICS_EXTRA}"
             ) from None
-        registry = registry_for(snapshot)
+        registry = registry_for(snapshot, store_wait=store_wait)
 
         def metrics() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
