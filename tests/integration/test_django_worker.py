@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from django.test import override_settings  # noqa: E402
 from mailstrom import RecipientState  # noqa: E402
 from mailstrom.contrib.django import get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
+from tests.fixtures.postgres import _free_port  # noqa: E402
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory  # noqa: E402
 from tests.support.django import HAS_MAILERS, loopback_mx, mailstrom_setting  # noqa: E402
 
@@ -42,14 +44,16 @@ def project_env(setting: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def manage(setting: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+def manage(
+    setting: dict[str, Any], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(MANAGE), *args],
         env=project_env(setting),
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 
@@ -114,6 +118,20 @@ def test_mailstrom_worker_exits_as_the_cli_does(
     assert done.returncode == code, done.stderr
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_mailstrom_worker_listens_for_metrics_before_waiting_for_its_store() -> None:
+    """The shared run_worker: a metrics address it cannot listen on fails at once, while
+    the store (a loopback port nothing listens on) would be waited for."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        setting = {
+            "store": f"postgresql://mailstrom@127.0.0.1:{_free_port()}/mail",
+            "metrics": {"listen": f"127.0.0.1:{taken.getsockname()[1]}"},
+        }
+        done = manage(setting, "mailstrom_worker", "--no-live", timeout=15)
+    assert done.returncode == 78, done.stderr
+    assert "cannot listen" in done.stderr
+    assert "store cannot be opened" not in done.stderr
 
 
 def test_the_system_check_reports_a_bad_setting() -> None:

@@ -18,16 +18,15 @@ from mailstrom.cli.parsing import Subparsers, seconds_arg
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
-from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.store_opening import StoreOpener
 from mailstrom.runtime.worker import Worker
 from mailstrom.settings import Settings
-from mailstrom.status import MetricsSnapshot
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.url import redact_url
 
 if TYPE_CHECKING:
     from mailstrom.ops.server import OpsServer
+    from mailstrom.ops.sources import WorkerSources
 
 EPILOG = """\
 examples:
@@ -125,7 +124,15 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # Lines held in the buffer come out before anything the caller prints (an error).
         stack.callback(log_handler.flush)
-        store = _open_worker_store(settings.store_url, once=args.once)
+        opener = StoreOpener(lambda: open_store(settings.store_url))
+        ops = None
+        if settings.metrics_listen is not None:
+            # Before the store: while the worker waits for it, a probe or a scrape learns
+            # so (instead of "connection refused", as from a dead process), and a bad
+            # address fails now rather than once the database is up.
+            ops = _serve_ops(settings.metrics_listen, opener)
+            stack.callback(ops[0].close)
+        store = _open_worker_store(opener, settings.store_url, once=args.once)
         if store is None:  # stopped while waiting for the store: nothing was leased
             logging.getLogger("mailstrom.worker").info("worker stopped before its store opened")
             return EX_OK
@@ -133,8 +140,11 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
         recent: deque[RecipientResult] = deque(maxlen=12)
 
         worker = Worker(settings.config, store, on_result=recent.appendleft)
-        if settings.metrics_listen is not None:
-            server = _ops_server(settings.metrics_listen, worker, store)
+        if ops is not None:
+            server, sources = ops
+            sources.attach(worker, store)
+            # Closed (again: close() is idempotent) before the store, so that no scrape
+            # or health check reads a closed store.
             stack.callback(server.close)
 
         def on_started() -> None:
@@ -175,15 +185,14 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _open_worker_store(url: str, *, once: bool) -> Store | None:
+def _open_worker_store(opener: StoreOpener, url: str, *, once: bool) -> Store | None:
     """The worker's store. One that does not answer yet (PostgreSQL restarting, or not up
-    at boot) is waited for, with backoff and a log line per try, until it opens or a
-    SIGTERM/SIGINT ends the wait (None). With ``--once`` (from cron, say) it is not: the
-    command exits 75 at once, and the next run tries again instead of runs piling up.
-    What waiting cannot mend exits at once either way (74 damaged, 78 refused)."""
+    at boot) is waited for by ``opener``, with backoff and a log line per try, until it
+    opens or a SIGTERM/SIGINT ends the wait (None). With ``--once`` (from cron, say) it is
+    not: the command exits 75 at once, and the next run tries again instead of runs piling
+    up. What waiting cannot mend exits at once either way (74 damaged, 78 refused)."""
     if once:
         return open_store(url)
-    opener = StoreOpener(lambda: open_store(url))
     # Plain handlers, not the event loop's: no loop runs yet. stop() is reentrant.
     previous = {
         sig: signal.signal(sig, lambda *_: opener.stop()) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -195,24 +204,26 @@ def _open_worker_store(url: str, *, once: bool) -> Store | None:
             signal.signal(sig, handler)
 
 
-def _ops_server(listen: str, worker: Worker, store: Store) -> OpsServer:
-    """/metrics and /healthz for this worker, serving from a thread from now on."""
-    from mailstrom.ops.server import HealthCheck, OpsServer, parse_listen
+def _serve_ops(listen: str, opener: StoreOpener) -> tuple[OpsServer, WorkerSources]:
+    """/metrics and /healthz, serving from a thread from now on: a worker waiting for its
+    store (``opener``) until the sources are attached to the worker."""
+    from mailstrom.ops.server import OpsServer, parse_listen
+    from mailstrom.ops.sources import WorkerSources
 
     host, port = parse_listen(listen)
-    cache = QueueStatsCache(store)
-
-    def snapshot() -> MetricsSnapshot:
-        stats, read_at = cache.get()
-        return MetricsSnapshot(worker=worker.status, queue=stats, queue_read_at=read_at)
-
-    health = HealthCheck(status=lambda: worker.status, responsive=worker.responsive, store=store)
+    sources = WorkerSources(opener)
     try:
-        server = OpsServer(host, port, snapshot=snapshot, health=health)
+        server = OpsServer(
+            host,
+            port,
+            snapshot=sources.snapshot,
+            health=sources.health,
+            store_wait=sources.store_wait,
+        )
     except OSError as exc:
         raise ConfigError(f"--metrics {listen}: cannot listen: {exc.strerror or exc}") from None
     server.start()
     logging.getLogger("mailstrom.worker").info(
         "serving metrics", extra={"fields": {"url": f"{server.url}/metrics"}}
     )
-    return server
+    return server, sources
