@@ -12,15 +12,13 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import IO, Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cli.conftest import CLI
 from tests.fixtures.postgres import ThrowawayPostgres, _free_port
+from tests.support.ops_http import healthz, scrape
 
 PASSWORD = "s3cret-pw"
 
@@ -86,22 +84,11 @@ class WorkerProcess:
         self.url = found.group(1)
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read())
+        return healthz(self.url)
 
     def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return {
-            s.name: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if not s.labels
-        }
+        """The samples without labels, by name."""
+        return {name: sample for (name, labels), sample in scrape(self.url).items() if not labels}
 
     def stopped(self) -> tuple[int, str]:
         """SIGTERM; the exit code (within 5 s) and the whole of stderr."""

@@ -4,7 +4,6 @@ during real deliveries to a loopback receiver, and when the store goes away."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mailstrom import Config, Email, Mailstrom, RecipientState
 from mailstrom.ops.server import HealthCheck, OpsServer
@@ -28,31 +26,7 @@ from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def healthz(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+from tests.support.ops_http import healthz, scrape, value
 
 
 def hello(to: str, n: int = 0) -> Email:
