@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         TooManyRecipients,
         UnencodableHeader,
         UnknownMessage,
+        UnreadableRow,
         WorkerError,
     )
     from mailstrom.message import Attachment, Email, PreparedMessage, downgrade_to_7bit
@@ -168,6 +169,7 @@ __all__ = [
     "TooManyRecipients",
     "UnencodableHeader",
     "UnknownMessage",
+    "UnreadableRow",
     "WorkerError",
     "WorkerMetrics",
     "WorkerStatus",
@@ -250,6 +252,7 @@ __getattr__, __dir__ = lazy_exports(
             "TooManyRecipients",
             "UnencodableHeader",
             "UnknownMessage",
+            "UnreadableRow",
             "WorkerError",
             "InvalidMetadata",
             "InvalidQueueAttribute",

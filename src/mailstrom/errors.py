@@ -206,6 +206,15 @@ class StoreRefusedData(StoreError):
     rather than retrying it for ever."""
 
 
+class UnreadableRow(StoreError):
+    """A queue row the store cannot read back as mailstrom wrote it (changed by hand, by
+    a bug in another version sharing the database, by a partial restore or bit rot): a
+    column of the wrong type or out of range, bytes that are not the size stored, a
+    recipient whose message row is gone. Only that message is affected: the worker fails
+    its recipients as "queue row unreadable: ..." and lists of the queue leave it out
+    with a warning. Reading it again will not help (the command line exits 65)."""
+
+
 class StoreAccessDenied(StoreError):
     """The database server answered and would not let this store in: a wrong password,
     a role or database that does not exist, no ``pg_hba.conf`` entry, or a role that may

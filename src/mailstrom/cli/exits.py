@@ -20,6 +20,7 @@ from mailstrom.errors import (
     StoreCorrupt,
     StoreError,
     UnknownMessage,
+    UnreadableRow,
 )
 
 EX_OK = 0
@@ -89,7 +90,7 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.code
     if isinstance(exc, ConfigError | InvalidStoreURL | StoreAccessDenied):
         return EX_CONFIG
-    if isinstance(exc, InvalidMessage | InvalidSuppression | InvalidReport):
+    if isinstance(exc, InvalidMessage | InvalidSuppression | InvalidReport | UnreadableRow):
         return EX_DATAERR
     if isinstance(exc, UnknownMessage):
         return EX_NOINPUT

@@ -292,7 +292,9 @@ class SQLiteReadModel:
         if more:
             seq, created, _ = rows[-1]
             cursor = PageCursor(created_at=from_us(created), seq=seq)
-        return QueuePage(messages=tuple(found[mid] for _, _, mid in rows), next=cursor)
+        # A message whose rows cannot be read is left out (read_messages warns).
+        page = tuple(found[mid] for _, _, mid in rows if mid in found)
+        return QueuePage(messages=page, next=cursor)
 
     def _driver(self, conn: sqlite3.Connection, filters: list[_Filter]) -> _Filter | None:
         """The filter whose index gives the smallest set of messages, if small enough."""

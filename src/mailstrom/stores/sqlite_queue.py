@@ -7,14 +7,16 @@ microseconds since the epoch (:mod:`mailstrom.stores.sqlite_schema`).
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mailstrom.errors import UnreadableRow
 from mailstrom.message.dsn import DSN
-from mailstrom.status import Attempt, MessageStatus, derive_message_state
+from mailstrom.status import MessageStatus, derive_message_state
 from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
@@ -27,17 +29,27 @@ from mailstrom.stores.base import (
     new_message_id,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
+from mailstrom.stores.row_checks import (
+    UNREADABLE,
+    checked_attempts,
+    checked_data,
+    checked_dsn,
+    checked_text,
+    unreadable_error,
+)
 from mailstrom.stores.sqlite_schema import (
     attempt_from_row,
-    from_us,
-    opt_dt,
+    opt_time_at,
     opt_us,
     recipient_from_row,
+    time_at,
     to_us,
 )
 
 if TYPE_CHECKING:
     from mailstrom.message.prepared import PreparedMessage
+
+log = logging.getLogger(__name__)
 
 PENDING_SQL = "state IN ('queued', 'deferred')"
 # Must match the recipients_lane_due index expression exactly, or SQLite cannot use it; the
@@ -206,52 +218,132 @@ def lease_rows(
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
-    messages = {}
+    heads: dict[int, _Head | UnreadableRow] = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
             "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls,"
-            " expires_at, priority, dsn"
+            " expires_at, priority, dsn, size"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
-            messages[m[0]] = m
+            heads[m[0]] = _head(m)
     groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
+    unreadable: list[tuple[int, object, UnreadableRow]] = []
     for rid, seq, position, address, domain, attempts, first, last in rows:
-        groups.setdefault((seq, domain), []).append(
-            (
-                position,
-                LeasedRecipient(
-                    address=address,
-                    attempts=attempts,
-                    first_attempt_at=opt_dt(first),
-                    created_at=from_us(messages[seq][5]),
-                    ref=rid,
-                    last_attempt_at=opt_dt(last),
-                ),
+        head = heads.get(seq, _MISSING)
+        try:
+            if isinstance(head, UnreadableRow):
+                raise head
+            recipient = LeasedRecipient(
+                address=checked_text(address, "address"),
+                attempts=checked_attempts(attempts),
+                first_attempt_at=opt_time_at(first, "first_attempt_at"),
+                created_at=head.created_at,
+                ref=rid,
+                last_attempt_at=opt_time_at(last, "last_attempt_at"),
             )
-        )
+        except UnreadableRow as exc:
+            unreadable.append((rid, None if head is _MISSING else seq, exc))
+            continue
+        groups.setdefault((seq, domain), []).append((position, recipient))
+    if unreadable:
+        _fail_unreadable(conn, unreadable, now=marks[2])
     items = []
     for (seq, domain), leased in groups.items():
-        row = messages[seq]
-        _, mid, envelope_from, smtputf8, eightbit, _, data, require_tls, expires, lane, dsn = row
+        head = heads[seq]
+        assert not isinstance(head, UnreadableRow)
         leased.sort(key=lambda pair: pair[0])
         items.append(
             WorkItem(
-                message_id=mid,
+                message_id=head.id,
                 lease_token=token,
                 domain=domain,
-                envelope_from=envelope_from,
+                envelope_from=head.envelope_from,
                 recipients=tuple(r for _, r in leased),
-                data=bytes(data),
-                smtputf8=bool(smtputf8),
-                eightbit=bool(eightbit),
-                require_tls=bool(require_tls),
-                expires_at=opt_dt(expires),
-                priority=lane or "",
-                dsn=DSN.decode(dsn) if dsn else None,
+                data=head.data,
+                smtputf8=head.smtputf8,
+                eightbit=head.eightbit,
+                require_tls=head.require_tls,
+                expires_at=head.expires_at,
+                priority=head.priority,
+                dsn=head.dsn,
             )
         )
+    if not items:
+        return None
     return Lease(token=token, expires_at=expires_at, items=tuple(items))
+
+
+class _Head(NamedTuple):
+    """A leased message's row, decoded and checked (see :mod:`row_checks`)."""
+
+    id: str
+    envelope_from: str
+    smtputf8: bool
+    eightbit: bool
+    created_at: datetime
+    data: bytes
+    require_tls: bool
+    expires_at: datetime | None
+    priority: str
+    dsn: DSN | None
+
+
+_MISSING = UnreadableRow("its message row is missing")
+
+
+def _head(row: Any) -> _Head | UnreadableRow:
+    """The message row of a lease (seq, id, envelope_from, smtputf8, eightbit, created_at,
+    data, require_tls, expires_at, priority, dsn, size), or why it cannot be delivered."""
+    _, mid, envelope_from, smtputf8, eightbit, created_at, data, require_tls = row[:8]
+    expires_at, lane, dsn, size = row[8:]
+    try:
+        return _Head(
+            id=mid,
+            envelope_from=checked_text(envelope_from, "envelope_from"),
+            smtputf8=bool(smtputf8),
+            eightbit=bool(eightbit),
+            created_at=time_at(created_at, "created_at"),
+            data=checked_data(data, size),
+            require_tls=bool(require_tls),
+            expires_at=opt_time_at(expires_at, "expires_at"),
+            priority=lane if isinstance(lane, str) else "",
+            dsn=checked_dsn(dsn),
+        )
+    except UnreadableRow as exc:
+        return exc
+
+
+def _fail_unreadable(
+    conn: sqlite3.Connection,
+    unreadable: Sequence[tuple[int, object, UnreadableRow]],
+    *,
+    now: int,
+) -> None:
+    """Fail, for good, the leased recipients whose rows cannot be delivered (row id, the
+    message's seq or None when its row is missing, why), in the lease's own transaction:
+    leased again they would fail again, in a loop."""
+    conn.executemany(
+        "UPDATE recipients SET state = 'failed', error = ?, reason_class = 'other',"
+        " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL, uncertain = 0,"
+        " next_attempt_at = NULL, finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
+        " WHERE id = ?",
+        [(unreadable_error(exc), now, rid) for rid, _, exc in unreadable],
+    )
+    # One line per message (a bad message row fails all its leased recipients at once).
+    per_message: dict[object, tuple[int, UnreadableRow]] = {}
+    for _, seq, exc in unreadable:
+        count, _ = per_message.get(seq, (0, exc))
+        per_message[seq] = (count + 1, exc)
+    for seq, (count, exc) in per_message.items():
+        row = conn.execute("SELECT id FROM messages WHERE seq = ?", (seq,)).fetchone()
+        log.error(
+            "%d recipient(s) of message %s failed: %s: %s",
+            count,
+            row[0] if row is not None else "(row missing)",
+            UNREADABLE,
+            exc,
+        )
 
 
 # The lanes holding pending, unheld recipients, in name order: a walk of
@@ -444,7 +536,11 @@ def read_messages(
     limit: int,
     *,
     history: bool,
+    strict: bool = False,
 ) -> list[MessageStatus]:
+    """The statuses of the messages matching ``condition``, newest first. A message whose
+    rows cannot be read back (see :mod:`row_checks`) is left out with a warning, or with
+    ``strict`` (one message asked for by id) raises UnreadableRow."""
     # `condition` is built only from the constant fragments above; values are bound.
     messages = conn.execute(
         "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
@@ -456,7 +552,7 @@ def read_messages(
     ).fetchall()
     seqs = [row[0] for row in messages]
     recipients: dict[int, list[Any]] = {}
-    attempts: dict[int, list[Attempt]] = {}
+    attempts: dict[int, list[Any]] = {}
     for chunk in chunks(seqs):
         marks = qmarks(len(chunk))
         for row in conn.execute(
@@ -477,33 +573,46 @@ def read_messages(
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,
             ):
-                attempts.setdefault(row[0], []).append(attempt_from_row(row))
+                attempts.setdefault(row[0], []).append(row)
     result = []
     for row in messages:
-        seq, mid, envelope_from, created_at, size, header_id, subject, held = row[:8]
-        tags, metadata, priority, send_at, expires_at, key, dkim = row[8:]
-        statuses = tuple(
-            recipient_from_row(row, tuple(attempts.get(row[1], ())))
-            for row in recipients.get(seq, [])
-        )
-        result.append(
-            MessageStatus(
-                id=mid,
-                state=derive_message_state([r.state for r in statuses]),
-                envelope_from=envelope_from,
-                created_at=from_us(created_at),
-                size=size,
-                recipients=statuses,
-                header_message_id=header_id,
-                subject=subject,
-                held=bool(held),
-                dkim=dkim_from_column(dkim),
-                tags=tags_from(tags),
-                metadata=metadata_from(metadata),
-                priority=priority,
-                send_at=opt_dt(send_at),
-                expires_at=opt_dt(expires_at),
-                idempotency_key=key,
-            )
-        )
+        try:
+            result.append(_message_status(row, recipients, attempts))
+        except (UnreadableRow, ValueError, TypeError, OverflowError) as exc:
+            problem = exc if isinstance(exc, UnreadableRow) else UnreadableRow(str(exc))
+            if strict:
+                raise UnreadableRow(f"message {row[1]}: {UNREADABLE}: {problem}") from exc
+            log.warning("message %s left out: %s: %s", row[1], UNREADABLE, problem)
     return result
+
+
+def _message_status(
+    row: Any, recipients: dict[int, list[Any]], attempts: dict[int, list[Any]]
+) -> MessageStatus:
+    """One message's status from its row, its recipients' rows and their attempts' rows
+    (see :func:`read_messages`); UnreadableRow, ValueError, TypeError or OverflowError
+    when a row is not what mailstrom writes."""
+    seq, mid, envelope_from, created_at, size, header_id, subject, held = row[:8]
+    tags, metadata, priority, send_at, expires_at, key, dkim = row[8:]
+    statuses = tuple(
+        recipient_from_row(r, tuple(attempt_from_row(a) for a in attempts.get(r[1], ())))
+        for r in recipients.get(seq, [])
+    )
+    return MessageStatus(
+        id=mid,
+        state=derive_message_state([r.state for r in statuses]),
+        envelope_from=envelope_from,
+        created_at=time_at(created_at, "created_at"),
+        size=size,
+        recipients=statuses,
+        header_message_id=header_id,
+        subject=subject,
+        held=bool(held),
+        dkim=dkim_from_column(dkim),
+        tags=tags_from(tags),
+        metadata=metadata_from(metadata),
+        priority=priority if isinstance(priority, str) else None,
+        send_at=opt_time_at(send_at, "send_at"),
+        expires_at=opt_time_at(expires_at, "expires_at"),
+        idempotency_key=key,
+    )

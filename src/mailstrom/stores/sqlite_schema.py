@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
-from mailstrom.errors import StoreError
+from mailstrom.arguments import shown
+from mailstrom.errors import StoreError, UnreadableRow
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
@@ -39,6 +40,25 @@ def to_us(when: datetime) -> int:
 def from_us(us: int) -> datetime:
     """The aware UTC datetime ``us`` microseconds after the epoch."""
     return _EPOCH + timedelta(microseconds=us)
+
+
+_READABLE_FROM = to_us(datetime(1900, 1, 1, tzinfo=UTC))
+_READABLE_UNTIL = to_us(datetime(9000, 1, 1, tzinfo=UTC))
+"""The times a queue row is read back with: every time mailstrom writes, and room to add
+any duration it allows (100 years at most) without leaving ``datetime``'s range."""
+
+
+def time_at(us: object, column: str) -> datetime:
+    """:func:`from_us` of a time read back from a queue row (see
+    :mod:`mailstrom.stores.row_checks`); UnreadableRow for what is no such time."""
+    if type(us) is not int or not _READABLE_FROM <= us < _READABLE_UNTIL:
+        raise UnreadableRow(f"{column} is {shown(us)}, not a time in microseconds")
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def opt_time_at(us: object, column: str) -> datetime | None:
+    """:func:`time_at`, passing None through."""
+    return None if us is None else time_at(us, column)
 
 
 def opt_dt(us: int | None) -> datetime | None:
@@ -130,7 +150,7 @@ def attempt_from_row(row: Any) -> Attempt:
     code, enhanced, text, error, uncertain, reason_class = row[9:15]
     tls_policy = row[15] if len(row) > 15 else None
     return Attempt(
-        at=from_us(at),
+        at=time_at(at, "attempts.at"),
         outcome=AttemptOutcome(outcome),
         duration=duration,
         mx_host=mx_host,
@@ -161,8 +181,8 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         tls=bool(row[11]),
         uncertain=bool(row[12]),
         reason_class=reason_class_of(row[16]),
-        first_attempt_at=opt_dt(row[13]),
-        last_attempt_at=opt_dt(row[14]),
-        next_attempt_at=opt_dt(row[15]),
+        first_attempt_at=opt_time_at(row[13], "first_attempt_at"),
+        last_attempt_at=opt_time_at(row[14], "last_attempt_at"),
+        next_attempt_at=opt_time_at(row[15], "next_attempt_at"),
         history=history,
     )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import psycopg
+from psycopg.abc import Buffer
+from psycopg.types.datetime import TimestamptzLoader
+
+from mailstrom.errors import UnreadableRow
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
@@ -30,7 +36,15 @@ from mailstrom.stores.base import (
     reason_class_of,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
+from mailstrom.stores.row_checks import (
+    UNREADABLE,
+    checked_attempts,
+    checked_data,
+    checked_dsn,
+)
 from mailstrom.suppression import Suppression, SuppressionSource
+
+log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
@@ -119,7 +133,8 @@ class LeaseRow(NamedTuple):
     position: int
     attempts: int
     first_attempt_at: datetime | None
-    created_at: datetime
+    created_at: datetime | None
+    """None when out of range (see ``bad_times``)."""
     envelope_from: str
     smtputf8: bool
     eightbit: bool
@@ -141,6 +156,9 @@ class LeaseRow(NamedTuple):
     domain_created_at: datetime | None
     domain_expires_at: datetime | None
     domain_message_id: str | None
+    size: int
+    bad_times: str | None
+    """The times of this row that are out of range (sent as NULL), or None."""
 
     @property
     def lane(self) -> str:
@@ -153,34 +171,40 @@ def lease_rows(found: Iterable[tuple[Any, ...]]) -> list[LeaseRow]:
     return [LeaseRow._make(row) for row in found]
 
 
-def lease_from_rows(token: str, expires_at: datetime, found: Sequence[LeaseRow]) -> Lease:
+def lease_from_rows(
+    token: str, expires_at: datetime, found: Sequence[LeaseRow]
+) -> tuple[Lease | None, list[tuple[LeaseRow, UnreadableRow]]]:
     """Group leased recipient rows (ordered by due time) into work items, one per
     (message, domain), each listing its recipients in the message's order; with the
     suppression entries that apply to them, or None when an address is not ASCII (the
-    worker then looks them up with Python's case folding)."""
-    data: dict[str, bytes] = {}
+    worker then looks them up with Python's case folding). Also the rows that cannot be
+    delivered, and why (:mod:`~mailstrom.stores.row_checks`): the caller fails them. The
+    lease is None when no row can be delivered."""
+    heads: dict[str, _Head | UnreadableRow] = {}
+    for row in found:
+        if row.data is not None:  # the message's first row
+            heads[row.message_id] = _head(row)
     groups: dict[tuple[str, str], list[tuple[int, LeasedRecipient]]] = {}
-    heads: dict[tuple[str, str], LeaseRow] = {}
+    unreadable: list[tuple[LeaseRow, UnreadableRow]] = []
     suppressions: dict[str, Suppression] | None = {}
     for row in found:
-        if row.data is not None:
-            data[row.message_id] = row.data
-        key = (row.message_id, row.domain)
-        if key not in groups:
-            groups[key] = []
-            heads[key] = row
-        groups[key].append(
-            (
-                row.position,
-                LeasedRecipient(
-                    address=row.address,
-                    attempts=row.attempts,
-                    first_attempt_at=row.first_attempt_at,
-                    created_at=row.created_at,
-                    last_attempt_at=row.last_attempt_at,
-                ),
+        head = heads.get(row.message_id, _NO_DATA)
+        try:
+            if isinstance(head, UnreadableRow):
+                raise head
+            if row.bad_times is not None:
+                raise UnreadableRow(f"out of range: {row.bad_times}")
+            recipient = LeasedRecipient(
+                address=row.address,
+                attempts=checked_attempts(row.attempts),
+                first_attempt_at=row.first_attempt_at,
+                created_at=head.created_at,
+                last_attempt_at=row.last_attempt_at,
             )
-        )
+        except UnreadableRow as exc:
+            unreadable.append((row, exc))
+            continue
+        groups.setdefault((row.message_id, row.domain), []).append((row.position, recipient))
         if not row.address.isascii():
             # The entries were matched with SQL's ASCII-only case folding, which equals
             # Python's (suppression.lookup_targets) for ASCII addresses alone.
@@ -189,26 +213,69 @@ def lease_from_rows(token: str, expires_at: datetime, found: Sequence[LeaseRow])
             for entry in _entries_of(row):
                 suppressions[entry.target] = entry
     items = []
-    for key, members in groups.items():
-        head = heads[key]
+    for (message_id, domain), members in groups.items():
+        head = heads[message_id]
+        assert not isinstance(head, UnreadableRow)
         members.sort(key=lambda m: m[0])
         items.append(
             WorkItem(
-                message_id=head.message_id,
+                message_id=message_id,
                 lease_token=token,
-                domain=head.domain,
+                domain=domain,
                 envelope_from=head.envelope_from,
                 recipients=tuple(r for _, r in members),
-                data=data[head.message_id],
+                data=head.data,
                 smtputf8=head.smtputf8,
                 eightbit=head.eightbit,
                 require_tls=head.require_tls,
                 expires_at=head.expires_at,
-                priority=head.lane,
-                dsn=DSN.decode(head.dsn) if head.dsn else None,
+                priority=head.priority,
+                dsn=head.dsn,
             )
         )
-    return Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=suppressions)
+    if not items:
+        return None, unreadable
+    lease = Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=suppressions)
+    return lease, unreadable
+
+
+class _Head(NamedTuple):
+    """A leased message's columns, checked (see :mod:`~mailstrom.stores.row_checks`)."""
+
+    envelope_from: str
+    created_at: datetime
+    data: bytes
+    smtputf8: bool
+    eightbit: bool
+    require_tls: bool
+    expires_at: datetime | None
+    priority: str
+    dsn: DSN | None
+
+
+_NO_DATA = UnreadableRow("its message's row was not returned with it")
+
+
+def _head(row: LeaseRow) -> _Head | UnreadableRow:
+    """The message of ``row`` (its first row, carrying the bytes), or why it cannot be
+    delivered. PostgreSQL has checked every type; what is left is what a hand-made
+    ``UPDATE`` can still get wrong."""
+    try:
+        if row.created_at is None:  # out of range: named in bad_times
+            raise UnreadableRow(f"out of range: {row.bad_times}")
+        return _Head(
+            envelope_from=row.envelope_from,
+            created_at=row.created_at,
+            data=checked_data(row.data, row.size),
+            smtputf8=row.smtputf8,
+            eightbit=row.eightbit,
+            require_tls=row.require_tls,
+            expires_at=row.expires_at,
+            priority=row.lane,
+            dsn=checked_dsn(row.dsn),
+        )
+    except UnreadableRow as exc:
+        return exc
 
 
 def _entry_columns(first: str) -> slice:
@@ -296,48 +363,75 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
     )
 
 
-def messages_from_rows(rows: Sequence[Row]) -> list[MessageStatus]:
+class ReadableTimes(TimestamptzLoader):
+    """Loads a time the driver cannot hold (infinity, a year past 9999: a row changed by
+    hand) as None instead of failing the whole read; for the operator's views, where
+    :func:`messages_from_rows` then shows or leaves out that message alone."""
+
+    def load(self, data: Buffer) -> datetime | None:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return None
+
+
+def messages_from_rows(rows: Sequence[Row], *, strict: bool = False) -> list[MessageStatus]:
     """Build statuses from rows ordered by message, then recipient, then attempt. Rows
-    carrying ``a_*`` columns add each recipient's history (a NULL ``a_at`` means none)."""
+    carrying ``a_*`` columns add each recipient's history (a NULL ``a_at`` means none).
+    A message whose rows cannot be read back (its creation time out of range: see
+    :class:`ReadableTimes`) is left out with a warning, or with ``strict`` (one message
+    asked for by id) raises UnreadableRow."""
     out: list[MessageStatus] = []
     i = 0
     while i < len(rows):
         head = rows[i]
-        recipients: list[RecipientStatus] = []
-        while i < len(rows) and rows[i]["id"] == head["id"]:
-            first = rows[i]
-            history: list[Attempt] = []
-            while (
-                i < len(rows)
-                and rows[i]["id"] == head["id"]
-                and rows[i]["address"] == first["address"]
-            ):
-                if rows[i].get("a_at") is not None:
-                    history.append(_attempt(rows[i]))
-                i += 1
-            if first["address"] is not None:  # LEFT JOIN: a message without recipients
-                recipients.append(_recipient(first, tuple(history)))
-        out.append(
-            MessageStatus(
-                id=head["id"],
-                state=derive_message_state([r.state for r in recipients]),
-                envelope_from=head["envelope_from"],
-                created_at=head["created_at"],
-                size=head["size"],
-                recipients=tuple(recipients),
-                header_message_id=head["header_message_id"],
-                subject=head["subject"],
-                held=head["held"],
-                dkim=dkim_from_column(head["dkim"]),
-                tags=tags_from(head.get("tags")),
-                metadata=metadata_from(head.get("metadata")),
-                priority=head.get("priority"),
-                send_at=head.get("send_at"),
-                expires_at=head.get("expires_at"),
-                idempotency_key=head.get("idempotency_key"),
-            )
-        )
+        end = i
+        while end < len(rows) and rows[end]["id"] == head["id"]:
+            end += 1
+        try:
+            out.append(_message(rows[i:end]))
+        except (UnreadableRow, ValueError) as exc:
+            if strict:
+                raise UnreadableRow(f"message {head['id']}: {UNREADABLE}: {exc}") from exc
+            log.warning("message %s left out: %s: %s", head["id"], UNREADABLE, exc)
+        i = end
     return out
+
+
+def _message(rows: Sequence[Row]) -> MessageStatus:
+    """One message's status from its rows (see :func:`messages_from_rows`)."""
+    head = rows[0]
+    if head["created_at"] is None:
+        raise UnreadableRow("created_at is out of range")
+    recipients: list[RecipientStatus] = []
+    i = 0
+    while i < len(rows):
+        first = rows[i]
+        history: list[Attempt] = []
+        while i < len(rows) and rows[i]["address"] == first["address"]:
+            if rows[i].get("a_at") is not None:
+                history.append(_attempt(rows[i]))
+            i += 1
+        if first["address"] is not None:  # LEFT JOIN: a message without recipients
+            recipients.append(_recipient(first, tuple(history)))
+    return MessageStatus(
+        id=head["id"],
+        state=derive_message_state([r.state for r in recipients]),
+        envelope_from=head["envelope_from"],
+        created_at=head["created_at"],
+        size=head["size"],
+        recipients=tuple(recipients),
+        header_message_id=head["header_message_id"],
+        subject=head["subject"],
+        held=head["held"],
+        dkim=dkim_from_column(head["dkim"]),
+        tags=tags_from(head.get("tags")),
+        metadata=metadata_from(head.get("metadata")),
+        priority=head.get("priority"),
+        send_at=head.get("send_at"),
+        expires_at=head.get("expires_at"),
+        idempotency_key=head.get("idempotency_key"),
+    )
 
 
 def event_from_row(row: Sequence[Any]) -> DeliveryEvent:

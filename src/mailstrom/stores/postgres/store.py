@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
@@ -72,6 +72,7 @@ from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
+from mailstrom.stores.row_checks import UNREADABLE, unreadable_error
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -146,12 +147,20 @@ class PostgresStore:
         with translate_errors(name), self._pool.connection() as conn:
             return conn.execute(self._queries[name], params).fetchall()
 
+    def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
+        """Run a statement that returns no rows."""
+        with translate_errors(name), self._pool.connection() as conn:
+            conn.execute(self._queries[name], params)
+
     def _fetch_dicts(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of a query of the operator's views, by column name; a time the driver
+        cannot hold reads as None (rows.ReadableTimes), so one bad row does not fail it."""
         with (
             translate_errors(name),
             self._pool.connection() as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
+            cur.adapters.register_loader("timestamptz", rows.ReadableTimes)
             return cur.execute(self._queries[name], params).fetchall()
 
     # --- submission -------------------------------------------------------------------
@@ -263,7 +272,46 @@ class PostgresStore:
                 found += rows.lease_rows(self._fetch("lease_other_lanes", params))
         if not found:
             return None
-        return rows.lease_from_rows(token, expires_at, found)
+        lease, unreadable = rows.lease_from_rows(token, expires_at, found)
+        if unreadable:
+            self._fail_unreadable(token, unreadable, now=now)
+        return lease
+
+    def _fail_unreadable(
+        self,
+        token: str,
+        unreadable: Sequence[tuple[rows.LeaseRow, UnreadableRow]],
+        *,
+        now: datetime,
+    ) -> None:
+        """Fail, for good, the leased recipients whose rows cannot be delivered (see
+        :mod:`~mailstrom.stores.row_checks`). Should this fail, their lease expires and
+        the next lease fails them."""
+        try:
+            self._fetch_none(
+                "fail_unreadable",
+                {
+                    "token": token,
+                    "now": now,
+                    "message_ids": [row.message_id for row, _ in unreadable],
+                    "addresses": [row.address for row, _ in unreadable],
+                    "errors": [unreadable_error(exc) for _, exc in unreadable],
+                },
+            )
+        except StoreError as exc:
+            # The rest of the lease is good: it goes to the worker all the same.
+            log.warning("unreadable rows not failed yet (%s); tried again later", exc)
+        # One line per message (a bad message row fails all its leased recipients).
+        per_message = Counter(row.message_id for row, _ in unreadable)
+        reasons = {row.message_id: exc for row, exc in unreadable}
+        for message_id, count in per_message.items():
+            log.error(
+                "%d recipient(s) of message %s failed: %s: %s",
+                count,
+                message_id,
+                UNREADABLE,
+                reasons[message_id],
+            )
 
     def _gather_statistics(self) -> None:
         """Analyse the queue's tables if they have no planner statistics yet (a new
@@ -351,7 +399,9 @@ class PostgresStore:
 
     def status(self, message_id: str) -> MessageStatus:
         """The message's status with every recipient's history."""
-        found = rows.messages_from_rows(self._fetch_dicts("status", {"id": message_id}))
+        found = rows.messages_from_rows(
+            self._fetch_dicts("status", {"id": message_id}), strict=True
+        )
         if not found:
             raise UnknownMessage(message_id)
         paused = self._fetch("paused_recipients", {"id": message_id, "now": datetime.now(UTC)})

@@ -167,21 +167,65 @@ WITH due AS MATERIALIZED (
           AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s)
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
-           m.expires_at, m.priority, m.dsn
+           m.expires_at, m.priority, m.dsn, m.size
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
-SELECT l.message_id, l.domain, l.address, l.position, l.attempts, l.first_attempt_at,
-       m.created_at, m.envelope_from, m.smtputf8, m.eightbit,
+-- A time outside 1900..9000 (infinity, a year past 9999, changed by hand) cannot be read
+-- by the driver, and would fail the whole lease after it took every row: it is sent as
+-- NULL and named in bad_times instead, and that recipient alone is failed as unreadable
+-- (stores/row_checks.py).
+SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
+       CASE WHEN l.first_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.first_attempt_at END AS first_attempt_at,
+       CASE WHEN m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN m.created_at END AS created_at,
+       m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
-       m.require_tls, m.expires_at, m.priority, m.dsn, l.last_attempt_at,
+       m.require_tls,
+       CASE WHEN m.expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN m.expires_at END AS expires_at,
+       m.priority, m.dsn,
+       CASE WHEN l.last_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.last_attempt_at END AS last_attempt_at,
        l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at, l.a_message_id,
-       l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at, l.d_message_id
+       l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at, l.d_message_id,
+       m.size,
+       NULLIF(concat_ws(', ',
+           CASE WHEN NOT m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+                THEN 'created_at ' || m.created_at END,
+           CASE WHEN NOT m.expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+                THEN 'expires_at ' || m.expires_at END,
+           CASE WHEN NOT l.first_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+                THEN 'first_attempt_at ' || l.first_attempt_at END,
+           CASE WHEN NOT l.last_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+                THEN 'last_attempt_at ' || l.last_attempt_at END), '') AS bad_times
 FROM screened l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
 ORDER BY d.rank, d.due_at, l.seq, l.position;
+
+-- name: fail_unreadable
+-- Fail, for good, leased recipients whose rows cannot be delivered (stores/row_checks.py),
+-- one array element each, while the lease still holds them: leased again they would fail
+-- again, in a loop. As cancel, the last reply is cleared so the reason reads as the error.
+UPDATE recipients r
+SET state = 'failed',
+    error = u.error,
+    reply_code = NULL,
+    reply_enhanced = NULL,
+    reply_text = NULL,
+    reason_class = 'other',
+    uncertain = false,
+    next_attempt_at = NULL,
+    finished_at = %(now)s,
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(errors)s::text[])
+     AS u(message_id, address, error)
+WHERE r.message_id = u.message_id AND r.address = u.address
+  AND r.lease_token = %(token)s;
 
 -- name: record
 -- Results of any number of leases, one array element per result: a recipient is updated

@@ -1,0 +1,69 @@
+"""Reading back a queue row that may not be what mailstrom wrote.
+
+A row can go bad after it was written: an operator's ``UPDATE``, a bug in another version
+sharing the database, a partial restore, bit rot. The stores decode each leased message
+and recipient through these checks, inside one ``try`` per row, so that one bad row
+raises :class:`~mailstrom.errors.UnreadableRow` for itself alone: its recipients are
+failed as "queue row unreadable: ..." and every other row is delivered. A value that
+passes here is one the delivery path can use as it is (no type or range error later, no
+store refusing its next write). Each check is a type test and a comparison or two: the
+lease is a hot path.
+"""
+
+from __future__ import annotations
+
+from mailstrom.arguments import shown
+from mailstrom.errors import UnreadableRow
+from mailstrom.message.dsn import DSN
+from mailstrom.stores.base import storable_text
+
+UNREADABLE = "queue row unreadable"
+"""How the error of a recipient failed for an unreadable row begins."""
+
+MAX_ATTEMPTS = 2**31 - 2
+"""The largest attempt count read back: one more still fits PostgreSQL's ``integer``
+(recording an attempt adds one), far beyond any retry policy."""
+
+
+def unreadable_error(exc: UnreadableRow) -> str:
+    """The error recorded for a recipient failed because of ``exc``."""
+    return storable_text(f"{UNREADABLE}: {exc}")
+
+
+def checked_text(value: object, column: str) -> str:
+    """``value`` when it is text."""
+    if not isinstance(value, str):
+        raise UnreadableRow(f"{column} is {shown(value)}, not text")
+    return value
+
+
+def checked_attempts(value: object) -> int:
+    """``value`` when it is an attempt count: an integer from 0 to :data:`MAX_ATTEMPTS`
+    (a negative one breaks the retry policy's arithmetic, a larger one the next record)."""
+    if type(value) is not int or not 0 <= value <= MAX_ATTEMPTS:
+        raise UnreadableRow(f"attempts is {shown(value)}, not a count from 0 to {MAX_ATTEMPTS}")
+    return value
+
+
+def checked_data(value: object, size: object) -> bytes:
+    """``value`` when it is the ``size`` octets of the message stored: empty, truncated or
+    text-typed bytes would otherwise go out as the message."""
+    if not isinstance(value, bytes):
+        raise UnreadableRow(f"the message data is {type(value).__name__}, not bytes")
+    if len(value) != size or not value:
+        raise UnreadableRow(
+            f"the message data is {len(value)} octets, its stored size {shown(size)}"
+        )
+    return value
+
+
+def checked_dsn(value: object) -> DSN | None:
+    """The DSN request stored as ``value`` (None for none)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return DSN.decode(value)
+        except ValueError:
+            pass
+    raise UnreadableRow(f"dsn is {shown(value)}, not a DSN request")
