@@ -9,7 +9,10 @@ a well-known one; the advice is looked up when shown, never stored.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -288,9 +291,25 @@ def print_throttles(recipients: tuple[RecipientStatus, ...]) -> None:
 # --- queue -------------------------------------------------------------------------------
 
 
+@contextmanager
+def store_warnings() -> Iterator[None]:
+    """The store's warnings on stderr while a view reads (the library logs to no handler
+    of its own): a message left out of a list because its queue row cannot be read back
+    is named, not silently missing."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("mailstrom: warning: %(message)s"))
+    logger = logging.getLogger("mailstrom.stores")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def queue_command(args: argparse.Namespace) -> int:
     now = utc_now()
-    with store_from(settings_from(args), read_only=True) as store:
+    with store_warnings(), store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
             if args.json:
