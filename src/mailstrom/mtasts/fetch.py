@@ -87,7 +87,7 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     return records, float(answer.rrset.ttl if answer.rrset is not None else 0)
 
 
-async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
+async def _get(host: str, ip: str, config: MTASTSConfig, deadline: asyncio.Timeout) -> bytes:
     body = bytearray()
     async with (
         https.client(
@@ -101,6 +101,7 @@ async def _get(host: str, ip: str, config: MTASTSConfig) -> bytes:
             port=config.port,
             path=WELL_KNOWN,
             headers={"Accept-Encoding": "identity"},
+            deadline=deadline,
         ) as response,
     ):
         status = response.status_code
@@ -150,7 +151,7 @@ async def fetch_policy(
 
     host = f"mta-sts.{domain}"
     try:
-        async with asyncio.timeout(config.timeout):
+        async with asyncio.timeout(config.timeout) as deadline:
             last: str = "no address"
             try:
                 addresses = await https.usable_addresses(resolver, host, route_policy)
@@ -158,7 +159,12 @@ async def fetch_policy(
                 raise PolicyError(str(exc), result_type=FETCH_ERROR) from exc
             for ip in addresses:
                 try:
-                    return parse_policy(await _get(host, ip, config))
+                    return parse_policy(await _get(host, ip, config, deadline))
+                except httpx.TimeoutException:
+                    # httpx's timeouts end where the deadline does (connecting a little
+                    # before it, see https.CONNECT_SHARE): the deadline is reached, and
+                    # reported as such.
+                    raise TimeoutError from None
                 except httpx.ConnectError as exc:
                     verify = https.verify_error(exc)
                     if verify is not None:

@@ -11,12 +11,14 @@ it, 127.0.0.1 included, and resolving once to check and again to connect would l
 name change in between.
 
 The client follows no redirects, reads no proxy settings from the environment, and keeps
-no connection for another request. Its timeout is per operation; the callers bound the
-whole exchange with ``asyncio.timeout``.
+no connection for another request. The callers bound the whole exchange with
+``asyncio.timeout``; each request's own timeouts come from the time left to that deadline
+(:func:`timeouts_before`), so that connecting ends before the deadline does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import ssl
@@ -105,8 +107,35 @@ def default_context(ca_file: str | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_file)
 
 
+CONNECT_SHARE = 0.45
+"""Share of the time left to the caller's deadline that connecting (TCP) and the TLS
+handshake each get: httpcore gives each of the two the whole ``connect`` timeout, so
+together they end at most 90 % of the way to the deadline.
+
+They must end by httpx's own timeout, not by the deadline: the deadline cancels httpcore,
+and a handshake cancelled half-way (a host that takes the connection and never answers)
+leaves its socket open, in a reference cycle, until the cyclic garbage collector runs
+(httpcore 1.0.9 closes it on an ``Exception`` only). The tenth of the time left that
+remains is the room httpx's timeout needs to fire first on a busy event loop."""
+
+
+def timeouts_before(deadline: asyncio.Timeout) -> httpx.Timeout:
+    """The timeouts of a request that the caller bounds with ``deadline``: connecting and
+    the TLS handshake end before it (see :data:`CONNECT_SHARE`), by a ``ConnectTimeout``
+    that closes the connection; anything else (sending, the answer) may take all the time
+    left, and is cut by the deadline itself."""
+    import httpx
+
+    when = deadline.when()
+    if when is None:  # the caller set no deadline, so none here either
+        return httpx.Timeout(None)
+    left = max(when - asyncio.get_running_loop().time(), 0.0)
+    return httpx.Timeout(left, connect=left * CONNECT_SHARE)
+
+
 def client(verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
-    """A client for one request (see the module docstring)."""
+    """A client for one request (see the module docstring). ``timeout`` is per operation:
+    :func:`stream_at` replaces it with the timeouts its caller's deadline leaves."""
     import httpx
 
     return httpx.AsyncClient(
@@ -127,11 +156,15 @@ def stream_at(
     port: int,
     path: str,
     headers: dict[str, str],
+    deadline: asyncio.Timeout,
     content: bytes | None = None,
 ) -> AbstractAsyncContextManager[httpx.Response]:
     """``http.stream(method, ...)`` to ``https://host:port/path``, made to ``ip``: the
     name (when ``host`` is one) goes in SNI, the ``Host`` header and the certificate
-    check. ``path`` includes the query, if any."""
+    check. ``path`` includes the query, if any. ``deadline`` is the ``asyncio.timeout``
+    the caller bounds the exchange with: the request's timeouts come from the time left
+    (:func:`timeouts_before`), and a timeout it raises (``httpx.TimeoutException``) means
+    that deadline is (as good as) reached."""
     url_host = f"[{ip}]" if ":" in ip else ip
     named = host != ip
     host_header = host if named else url_host
@@ -142,6 +175,7 @@ def stream_at(
         f"https://{url_host}:{port}{path}",
         headers={"Host": host_header, "User-Agent": USER_AGENT, **headers},
         content=content,
+        timeout=timeouts_before(deadline),
         extensions={"sni_hostname": host} if named else {},
     )
 

@@ -102,9 +102,11 @@ async def post_report(
         return f"invalid URL: {type(exc).__name__}: {https.quoted(exc)}"
     route_policy = RoutePolicy(allow_loopback=allow_loopback, refuse_private=True)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as deadline:
             addresses = await https.usable_addresses(resolver, host, route_policy)
-            return await _post_to_one_of(addresses, report, host, port, path, context, timeout)
+            return await _post_to_one_of(
+                addresses, report, host, port, path, context, timeout, deadline
+            )
     except https.NoUsableAddress as exc:
         return f"not posted: {exc}"
     except TimeoutError:
@@ -171,6 +173,7 @@ async def _post_to_one_of(
     path: str,
     context: ssl.SSLContext | None,
     timeout: float,
+    deadline: asyncio.Timeout,
 ) -> str | None:
     import httpx
 
@@ -187,10 +190,15 @@ async def _post_to_one_of(
                     port=port,
                     path=path,
                     headers={"Content-Type": MEDIA_TYPE},
+                    deadline=deadline,
                     content=report.gzipped(),
                 ) as response,
             ):
                 status = response.status_code
+        except httpx.TimeoutException:
+            # httpx's timeouts end where the deadline does (connecting a little before
+            # it, see https.CONNECT_SHARE): the deadline is reached, and reported as such.
+            raise TimeoutError from None
         except httpx.ConnectError as exc:
             # Nothing was sent: the next address may do. After that, a failure is the
             # answer (trying again could post the report twice).
