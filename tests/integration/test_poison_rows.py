@@ -25,7 +25,7 @@ import pytest
 from mailstrom.errors import UnknownMessage, UnreadableRow
 from mailstrom.message.dsn import DSN, Notify
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.readmodel import QueueQuery, QueueView, open_read_model
+from mailstrom.readmodel import QueueQuery, QueueView, SortOrder, open_read_model
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MessageStatus
 from mailstrom.stores import SQLiteStore
@@ -376,3 +376,69 @@ def test_sqlite_dashboard_page_leaves_out_an_unreadable_message(sqlite_path: Pat
         assert [m.id for m in page.messages] == [good]
     finally:
         store.close()
+
+
+def walk_pages(store: Store, order: SortOrder) -> list[str]:
+    """Every message id of the dashboard's queue pages, one message a page (a bounded
+    walk: a cursor that does not move on fails the test instead of hanging it)."""
+    model = open_read_model(store, cache_seconds=0)
+    now = datetime.now(UTC)
+    seen: list[str] = []
+    after = None
+    try:
+        for _ in range(4 * GOOD):
+            page = model.queue_page(
+                QueueQuery(view=QueueView.ALL, order=order, limit=1, after=after), now=now
+            )
+            seen += [m.id for m in page.messages]
+            if page.next is None:
+                return seen
+            after = page.next
+    finally:
+        model.close()
+    raise AssertionError(f"the pages never end: {seen}")
+
+
+def fill_for_pages(store: Store) -> tuple[list[str], str]:
+    now = datetime.now(UTC)
+    good = [store.enqueue(message(f"good{i}@example.org"), now=now) for i in range(2)]
+    victim = store.enqueue(message(VICTIM), now=now)
+    good.append(store.enqueue(message("good2@example.org"), now=now))
+    return good, victim
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+@pytest.mark.parametrize(
+    "created_at", ["'2026-01-05 12:00:00'", "X'00'", "9000000000000000000", "-9000000000000000000"]
+)
+def test_sqlite_dashboard_pages_past_a_creation_time_that_is_no_time(
+    sqlite_path: Path, order: SortOrder, created_at: str
+) -> None:
+    """A page ending on a message whose creation time is text (or a number past any time)
+    raised building the next page's cursor; the walk now skips such messages (left out
+    as unreadable) and still lists every other one, once."""
+    store = SQLiteStore(sqlite_path)
+    try:
+        good, victim = fill_for_pages(store)
+        damage = Damage(f"UPDATE messages SET created_at = {created_at} WHERE id = ?", SET_ASIDE)
+        damage_sqlite(sqlite_path, damage, victim)
+        assert sorted(walk_pages(store, order)) == sorted(good)
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("order", list(SortOrder))
+@pytest.mark.parametrize("created_at", ["infinity", "-infinity", "10000-01-01 00:00+00"])
+def test_postgres_dashboard_leaves_out_a_creation_time_the_driver_cannot_hold(
+    postgres_url: str, pg_store: PostgresStore, order: SortOrder, created_at: str
+) -> None:
+    """The dashboard's queue page failed as a whole (StoreRefusedData) on one message whose
+    creation time is infinity or past year 9999; it now leaves that message out with a
+    warning, as the store's own lists do, and pages past it."""
+    good, victim = fill_for_pages(pg_store)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE messages SET created_at = %s::timestamptz WHERE id = %s", (created_at, victim)
+        )
+    assert sorted(walk_pages(pg_store, order)) == sorted(good)

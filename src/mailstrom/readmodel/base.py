@@ -87,6 +87,28 @@ class PageCursor:
         return cls(created_at=created, seq=int(found["seq"]))
 
 
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def cursor_after(
+    created_at: datetime | None, seq: int, *, late: bool, newest: bool
+) -> PageCursor | None:
+    """The cursor past a page's last row (``created_at``, ``seq``).
+
+    ``created_at`` is None for a creation time that is no time (a row changed by hand:
+    infinity, text, a year past 9999), which sorts after every time (``late``) or before.
+    Such a message is left out of the page as unreadable, and so is everything that sorts
+    beyond it: the cursor skips to the readable times, or the walk ends there."""
+    if created_at is not None:
+        return PageCursor(created_at=created_at, seq=seq)
+    if late != newest:  # the rest of the walk holds only times that are no time
+        return None
+    if newest:
+        return PageCursor(created_at=_LATEST, seq=MAX_SEQ)
+    return PageCursor(created_at=_EARLIEST, seq=0)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Search:
     """A search term, understood as what it looks like: an address (has an ``@``), the

@@ -21,11 +21,11 @@ from mailstrom.readmodel.base import (
     Destination,
     OldestPending,
     Overview,
-    PageCursor,
     QueuePage,
     QueueQuery,
     QueueView,
     SortOrder,
+    cursor_after,
     fill_buckets,
     id_range,
     throughput_window,
@@ -35,7 +35,7 @@ from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
 from mailstrom.stores.postgres.connect import connection_pool
-from mailstrom.stores.postgres.rows import messages_from_rows
+from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 
 _HAS_PENDING = (
@@ -245,18 +245,24 @@ class PostgresReadModel:
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            rows = conn.execute(
-                (
-                    f"SELECT m.id, m.seq, m.created_at FROM messages m"
-                    f" WHERE {' AND '.join(conditions)}"
-                    f" ORDER BY m.created_at {direction}, m.seq {direction} LIMIT %s"
-                ).encode(),
-                [*params, query.limit + 1],
-            ).fetchall()
+            # A creation time the driver cannot hold (infinity, a year past 9999: a row
+            # changed by hand) reads as None (ReadableTimes): its message is left out with
+            # a warning, and `late` tells the page cursor which end such a time sorts at.
+            with conn.cursor() as cur:
+                cur.adapters.register_loader("timestamptz", ReadableTimes)
+                rows = cur.execute(
+                    (
+                        f"SELECT m.id, m.seq, m.created_at, m.created_at > 'epoch' AS late"
+                        f" FROM messages m WHERE {' AND '.join(conditions)}"
+                        f" ORDER BY m.created_at {direction}, m.seq {direction} LIMIT %s"
+                    ).encode(),
+                    [*params, query.limit + 1],
+                ).fetchall()
             more = len(rows) > query.limit
             rows = rows[: query.limit]
             ids = [row[0] for row in rows]
             with conn.cursor(row_factory=dict_row) as cur:
+                cur.adapters.register_loader("timestamptz", ReadableTimes)
                 found = {
                     s.id: s
                     for s in messages_from_rows(
@@ -270,9 +276,10 @@ class PostgresReadModel:
                 }
         cursor = None
         if more:
-            _, seq, created = rows[-1]
-            cursor = PageCursor(created_at=created, seq=int(seq))
-        return QueuePage(messages=tuple(found[mid] for mid in ids), next=cursor)
+            _, seq, created, late = rows[-1]
+            cursor = cursor_after(created, int(seq), late=bool(late), newest=newest)
+        # A message whose rows cannot be read is left out (messages_from_rows warns).
+        return QueuePage(messages=tuple(found[mid] for mid in ids if mid in found), next=cursor)
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -26,11 +26,11 @@ from mailstrom.readmodel.base import (
     Destination,
     OldestPending,
     Overview,
-    PageCursor,
     QueuePage,
     QueueQuery,
     QueueView,
     SortOrder,
+    cursor_after,
     fill_buckets,
     id_range,
     throughput_window,
@@ -291,7 +291,8 @@ class SQLiteReadModel:
         cursor = None
         if more:
             seq, created, _ = rows[-1]
-            cursor = PageCursor(created_at=from_us(created), seq=seq)
+            created_at, late = _page_time(created)
+            cursor = cursor_after(created_at, seq, late=late, newest=newest)
         # A message whose rows cannot be read is left out (read_messages warns).
         page = tuple(found[mid] for _, _, mid in rows if mid in found)
         return QueuePage(messages=page, next=cursor)
@@ -383,3 +384,15 @@ def _filters(query: QueueQuery) -> list[_Filter]:
             )
         )
     return filters
+
+
+def _page_time(created: object) -> tuple[datetime | None, bool]:
+    """A page row's creation time; or None for one that is no time (a row changed by
+    hand), and whether SQLite sorts it after every time (text, a blob, a number past
+    ``datetime``'s range) or before (a number before it)."""
+    try:
+        return from_us(created), False  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None, isinstance(created, str | bytes) or (
+            isinstance(created, int | float) and created > 0
+        )
