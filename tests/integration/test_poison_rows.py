@@ -15,7 +15,7 @@ import asyncio
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ SET_ASIDE = "set aside"  # failed for good with the reason "queue row unreadable
 ATTEMPTED = "attempted"  # readable: handed to the server as it is
 REFUSED = "refused"  # failed by the delivery path's own checks (an address SMTP cannot carry)
 LEFT = "left"  # never due, so never leased: stays as it is
+# Without a due time: made due by the next next_due (the worker asks it when idle while
+# deliveries run, else the views below do), then attempted like any other.
+DATED = "dated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,7 @@ SQLITE: dict[str, Damage] = {
         SET_ASIDE,
     ),
     "next_attempt_at NULL": Damage(
-        f"UPDATE recipients SET next_attempt_at = NULL WHERE message_seq = {SEQ}", LEFT
+        f"UPDATE recipients SET next_attempt_at = NULL WHERE message_seq = {SEQ}", DATED
     ),
     "attempts negative": Damage(
         f"UPDATE recipients SET attempts = -5 WHERE message_seq = {SEQ}", SET_ASIDE
@@ -156,6 +159,9 @@ POSTGRES: dict[str, Damage] = {
     ),
     "first_attempt_at infinity": Damage(
         "UPDATE recipients SET first_attempt_at = 'infinity' WHERE message_id = %s", SET_ASIDE
+    ),
+    "next_attempt_at NULL": Damage(
+        "UPDATE recipients SET next_attempt_at = NULL WHERE message_id = %s", DATED
     ),
     "attempts negative": Damage(
         "UPDATE recipients SET attempts = -5 WHERE message_id = %s", SET_ASIDE
@@ -236,7 +242,7 @@ def check_delivery(mx: Any, then: str) -> None:
     assert good == sorted(f"good{i}@example.org" for i in range(GOOD))
     assert all(m.content.startswith(b"From: a@sender.test") for m in mx.messages)
     tried = [r for m in mx.received for r in m.rcpt_tos if not r.startswith("good")]
-    assert tried == [] or then == ATTEMPTED
+    assert tried == [] or then in (ATTEMPTED, DATED)
 
 
 # --- SQLite ---------------------------------------------------------------------------
@@ -330,6 +336,9 @@ def check_outcome(then: str, state: str, error: str | None, lease: str | None) -
         # Deferred by the 451, failed as too old (a creation time in 1969), delivered to
         # an address the 451 was not for.
         assert state in ("deferred", "failed", "delivered")
+        assert error is None or not error.startswith(UNREADABLE)
+    elif then == DATED:
+        assert state in ("queued", "deferred")
         assert error is None or not error.startswith(UNREADABLE)
     elif then == REFUSED:
         assert state == "failed"
@@ -442,3 +451,52 @@ def test_postgres_dashboard_leaves_out_a_creation_time_the_driver_cannot_hold(
             "UPDATE messages SET created_at = %s::timestamptz WHERE id = %s", (created_at, victim)
         )
     assert sorted(walk_pages(pg_store, order)) == sorted(good)
+
+
+def check_undated_made_due(store: Store, good: str, victim: str) -> None:
+    """The victim has no due time, the good message is due in an hour: next_due answers
+    now (it answered the hour, or on SQLite nothing at all, and the victim was never
+    leased), and the next lease takes the victim, whose recipient is valid otherwise."""
+    now = datetime.now(UTC)
+    assert store.next_due(now=now) == now
+    lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+    assert lease is not None
+    assert [r.address for item in lease.items for r in item.recipients] == [VICTIM]
+    # Now the victim's lease: its expiry comes before the good message's hour.
+    assert store.next_due(now=now) == lease.expires_at
+
+
+def test_sqlite_next_due_makes_a_recipient_without_a_due_time_due(sqlite_path: Path) -> None:
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        good = store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        damage_sqlite(sqlite_path, SQLITE["next_attempt_at NULL"], victim)
+        later = (
+            "UPDATE recipients SET next_attempt_at = next_attempt_at + 3600000000"
+            f" WHERE message_seq = {SEQ}"
+        )
+        damage_sqlite(sqlite_path, Damage(later, LEFT), good)
+        check_undated_made_due(store, good, victim)
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_next_due_makes_a_recipient_without_a_due_time_due(
+    postgres_url: str, pg_store: PostgresStore
+) -> None:
+    now = datetime.now(UTC)
+    good = pg_store.enqueue(message("good0@example.org"), now=now)
+    victim = pg_store.enqueue(message(VICTIM), now=now)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE recipients SET next_attempt_at = NULL WHERE message_id = %s", (victim,)
+        )
+        conn.execute(
+            "UPDATE recipients SET next_attempt_at = next_attempt_at + interval '1 hour'"
+            " WHERE message_id = %s",
+            (good,),
+        )
+    check_undated_made_due(pg_store, good, victim)

@@ -109,9 +109,10 @@ from mailstrom.stores.sqlite_operator import (
 from mailstrom.stores.sqlite_queue import (
     PENDING_SQL,
     chunks,
+    date_undated,
     insert_messages,
+    lane_due,
     lease_rows,
-    next_due_sql,
     pending_lanes,
     qmarks,
     read_messages,
@@ -824,23 +825,44 @@ class SQLiteStore:
             return read_messages(conn, "1", [], limit, history=False)
 
     def next_due(self, *, now: datetime) -> datetime | None:
-        """When the earliest pending, unheld recipient becomes due (from the due index)."""
+        """When the earliest pending, unheld recipient becomes due (from the due index).
+        Recipients without a due time (a row changed by hand) are made due now."""
         with self._connection() as conn:
             suspended = active_suspensions(conn, now)
             skip = [s.domain for s in suspended]
             where = f" AND domain NOT IN ({qmarks(len(skip))})" if skip else ""
             # Each lane's earliest, from the front of its range of the due index. A due
-            # time that is no time (NULL or text from a hand-made UPDATE; such a row is
-            # never leased) is passed over.
-            dues = [
-                row[0]
-                for lane in pending_lanes(conn)
-                if (row := conn.execute(next_due_sql(where), [lane, *skip]).fetchone()) is not None
-                and type(row[0]) is int
-            ]
-        due = _due_time(min(dues, default=None))
+            # time that is text (a hand-made UPDATE; such a row is never leased) is
+            # passed over.
+            dues: list[int] = []
+            undated: list[str] = []
+            for lane in pending_lanes(conn):
+                due, has_undated = lane_due(conn, lane, where, skip)
+                if type(due) is int:
+                    dues.append(due)
+                if has_undated:
+                    undated.append(lane)
+        if undated and self._date_undated(undated, now=now):
+            return now
         # A timed suspension's end may make its domain's work due.
-        return earliest(due, *(s.until for s in suspended))
+        return earliest(_due_time(min(dues, default=None)), *(s.until for s in suspended))
+
+    def _date_undated(self, lanes: Sequence[str], *, now: datetime) -> bool:
+        """Make the pending recipients of ``lanes`` without a due time due at ``now``
+        (:func:`date_undated`); whether there were any. A store that cannot write (opened
+        read-only) leaves them: the due times behind them count all the same."""
+        try:
+            with self._write(fsync=False) as conn:
+                changed = date_undated(conn, lanes, now=to_us(now))
+        except StoreError as exc:
+            log.warning("pending recipients without a due time not made due: %s", exc)
+            return False
+        if changed:
+            log.warning(
+                "%d pending recipient(s) had no due time (a row changed by hand): due now",
+                changed,
+            )
+        return changed > 0
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""

@@ -387,14 +387,45 @@ def lanes_walk_sql(lanes: int, skip: str = "") -> str:
     return f"SELECT id FROM ({' UNION ALL '.join([walk] * lanes)}) ORDER BY due, id LIMIT ?"
 
 
-def next_due_sql(skip: str) -> str:
+def next_due_sql(skip: str, *, dated: bool = False) -> str:
     """The earliest due time of one lane's pending, unheld recipients: the front of its
-    range of recipients_lane_due. Binds (lane, *skipped); ``skip`` is a constant fragment
-    starting with AND."""
+    range of recipients_lane_due; with ``dated``, past the recipients without one (see
+    :func:`lane_due`). Binds (lane, *skipped); ``skip`` is a constant fragment starting
+    with AND."""
+    past_nulls = f" AND {DUE_SQL} IS NOT NULL" if dated else ""
     return (
         f"SELECT {DUE_SQL} FROM recipients INDEXED BY recipients_lane_due"
-        f" WHERE lane = ? AND {PENDING_SQL} AND held = 0{skip} ORDER BY {DUE_SQL} LIMIT 1"
+        f" WHERE lane = ? AND {PENDING_SQL} AND held = 0{skip}{past_nulls}"
+        f" ORDER BY {DUE_SQL} LIMIT 1"
     )
+
+
+def lane_due(
+    conn: sqlite3.Connection, lane: str, skip: str, skipped: Sequence[str]
+) -> tuple[object, bool]:
+    """The earliest due time of one lane (None for none; what the row holds, which may be
+    no time at all), and whether the lane holds recipients without a due time (a NULL
+    ``next_attempt_at``: a row changed by hand). Those sort first in the index, so they
+    would hide the lane's real due times: only then, one more probe reads past them."""
+    row = conn.execute(next_due_sql(skip), [lane, *skipped]).fetchone()
+    if row is None or row[0] is not None:
+        return (None if row is None else row[0]), False
+    row = conn.execute(next_due_sql(skip, dated=True), [lane, *skipped]).fetchone()
+    return (None if row is None else row[0]), True
+
+
+def date_undated(conn: sqlite3.Connection, lanes: Sequence[str], *, now: int) -> int:
+    """Make the pending recipients of ``lanes`` that have no due time due at ``now``;
+    how many. No time is ever <= now, so they were never leased, while nothing else is
+    wrong with them: the next lease delivers them."""
+    changed = 0
+    for lane in lanes:
+        changed += conn.execute(
+            "UPDATE recipients INDEXED BY recipients_lane_due SET next_attempt_at = ?"
+            f" WHERE lane = ? AND {PENDING_SQL} AND held = 0 AND {DUE_SQL} IS NULL",
+            (now, lane),
+        ).rowcount
+    return changed
 
 
 def _mark_lanes(

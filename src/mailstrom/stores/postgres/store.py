@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.rows import dict_row
@@ -435,9 +435,29 @@ class PostgresStore:
         return rows.messages_from_rows(self._fetch_dicts("query", params))
 
     def next_due(self, *, now: datetime) -> datetime | None:
-        """When the earliest pending, unheld recipient becomes due (lease expiry counts)."""
-        found = self._fetch("next_due", {"now": now})
-        return found[0][0] if found else None
+        """When the earliest pending, unheld recipient becomes due (lease expiry counts).
+        Recipients without a due time (a row changed by hand) are made due now."""
+        due, undated = self._fetch("next_due", {"now": now})[0]
+        if undated and self._date_undated(now):
+            return now
+        return cast("datetime | None", due)
+
+    def _date_undated(self, now: datetime) -> bool:
+        """Make the pending recipients without a due time due at ``now``; whether there
+        were any. A role that may not write leaves them: the due times before them count
+        all the same."""
+        try:
+            with translate_errors("date_undated"), self._pool.connection() as conn:
+                changed = conn.execute(self._queries["date_undated"], {"now": now}).rowcount
+        except StoreError as exc:
+            log.warning("pending recipients without a due time not made due: %s", exc)
+            return False
+        if changed:
+            log.warning(
+                "%d pending recipient(s) had no due time (a row changed by hand): due now",
+                changed,
+            )
+        return changed > 0
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""

@@ -456,7 +456,10 @@ SELECT count(*) FROM purged;
 
 -- name: next_due
 -- Suspended destinations are left out; the end of a timed suspension counts as a due
--- time (LEAST ignores NULLs).
+-- time (LEAST ignores NULLs). A pending recipient without a due time (no next attempt
+-- and no lease: a row changed by hand) sorts last in recipients_due and is never leased:
+-- `undated` says there is one (a probe of the index's NULL entries), and the store makes
+-- it due (date_undated).
 SELECT LEAST(
     (SELECT GREATEST(r.next_attempt_at, r.lease_expires_at)
      FROM recipients r
@@ -467,7 +470,17 @@ SELECT LEAST(
                          AND (s.until IS NULL OR s.until > %(now)s))
      ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at)
      LIMIT 1),
-    (SELECT min(until) FROM suspensions WHERE until > %(now)s)) AS due_at;
+    (SELECT min(until) FROM suspensions WHERE until > %(now)s)) AS due_at,
+    EXISTS (SELECT 1 FROM recipients r
+            WHERE r.state IN ('queued', 'deferred')
+              AND GREATEST(r.next_attempt_at, r.lease_expires_at) IS NULL) AS undated;
+
+-- name: date_undated
+-- Pending recipients without a due time (see next_due) made due now: nothing else is
+-- wrong with them, and the next lease delivers them.
+UPDATE recipients SET next_attempt_at = %(now)s
+WHERE state IN ('queued', 'deferred')
+  AND GREATEST(next_attempt_at, lease_expires_at) IS NULL;
 
 -- name: stats
 SELECT 'state' AS kind, state AS key, count(*) AS n FROM recipients GROUP BY state
