@@ -27,9 +27,9 @@ from mailstrom.message.dsn import DSN, Notify
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView, SortOrder, open_read_model
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus
+from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores import SQLiteStore
-from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.base import QueueFilter, RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import loopback_config
@@ -212,14 +212,40 @@ def fill(store: Store) -> str:
     return victim
 
 
-def deliver_once(store: Store, dns: LoopbackDNS, mx: Any) -> None:
-    """Run a worker until nothing is due; a stall fails the test instead of hanging it."""
+def deliver_once(store: Store, dns: LoopbackDNS, mx: Any) -> list[RecipientResult]:
+    """Run a worker until nothing is due; a stall fails the test instead of hanging it.
+    The results its ``on_result`` heard of."""
+    heard: list[RecipientResult] = []
 
     async def run() -> None:
-        worker = Worker(loopback_config(dns, mx.port), store)
+        worker = Worker(loopback_config(dns, mx.port), store, on_result=heard.append)
         await asyncio.wait_for(worker.run(once=True), timeout=20)
 
+    store.enable_events()
     asyncio.run(run())
+    return heard
+
+
+def check_reported(
+    store: Store, victim: str, kind: str, then: str, heard: list[RecipientResult], status: Any
+) -> None:
+    """A recipient set aside is reported like any other final failure: once to
+    on_result, once in the event outbox (webhooks), and as an attempt in its history
+    (when its status can be read) - unless its message row is gone, with its id."""
+    mine = [r for r in heard if not r.address.startswith("good")]
+    events = [e for e in store.read_events(limit=100) if e.message_id == victim]
+    if then != SET_ASIDE:
+        assert all(not (r.attempt.error or "").startswith(UNREADABLE) for r in mine)
+        return
+    if kind == "message row missing":  # nothing left to name the recipient by
+        assert mine == events == []
+        return
+    assert [(r.message_id, r.state) for r in mine] == [(victim, RecipientState.FAILED)]
+    assert (mine[0].attempt.error or "").startswith(f"{UNREADABLE}: ")
+    assert [(e.state, e.error) for e in events] == [(RecipientState.FAILED, mine[0].attempt.error)]
+    if status is not None:
+        history = status.recipients[0].history
+        assert history and history[-1].error == mine[0].attempt.error
 
 
 def check_views(store: Store, victim: str) -> MessageStatus | None:
@@ -281,11 +307,12 @@ def test_sqlite_poison_row(kind: str, sqlite_path: Path, dns_server: LoopbackDNS
     try:
         victim = fill(store)
         damage_sqlite(sqlite_path, damage, victim)
-        deliver_once(store, dns_server, mx)
+        heard = deliver_once(store, dns_server, mx)
         check_delivery(mx, damage.then)
         state, error, lease = victim_row_sqlite(sqlite_path)
         check_outcome(damage.then, state, error, lease)
-        check_views(store, victim)
+        status = check_views(store, victim)
+        check_reported(store, victim, kind, damage.then, heard, status)
     finally:
         store.close()
 
@@ -321,11 +348,12 @@ def test_postgres_poison_row(
     victim = fill(pg_store)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(damage.sql.encode(), (victim,))
-    deliver_once(pg_store, dns_server, mx)
+    heard = deliver_once(pg_store, dns_server, mx)
     check_delivery(mx, damage.then)
     state, error, lease = victim_row_postgres(postgres_url)
     check_outcome(damage.then, state, error, lease)
-    check_views(pg_store, victim)
+    status = check_views(pg_store, victim)
+    check_reported(pg_store, victim, kind, damage.then, heard, status)
 
 
 def check_outcome(then: str, state: str, error: str | None, lease: str | None) -> None:
@@ -500,3 +528,21 @@ def test_postgres_next_due_makes_a_recipient_without_a_due_time_due(
             (good,),
         )
     check_undated_made_due(pg_store, good, victim)
+
+
+def test_a_lease_of_set_aside_recipients_alone_is_reported(
+    sqlite_path: Path, dns_server: LoopbackDNS, mx: Any
+) -> None:
+    """A lease whose every recipient is set aside holds no work, only Lease.failed: the
+    worker reports them and carries on (the store returned no lease, and the worker
+    heard nothing of them)."""
+    store = SQLiteStore(sqlite_path)
+    try:
+        victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
+        damage_sqlite(sqlite_path, SQLITE["data truncated"], victim)
+        heard = deliver_once(store, dns_server, mx)
+        assert [(r.message_id, r.state) for r in heard] == [(victim, RecipientState.FAILED)]
+        assert store.status(victim).recipients[0].state is RecipientState.FAILED
+        assert mx.received == []
+    finally:
+        store.close()

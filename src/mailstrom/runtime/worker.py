@@ -400,6 +400,10 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 # while the store looked was not seen, and its due time must still wake us.
                 self._empty_at = now
                 continue
+            if lease.failed:
+                self._report_set_aside(lease.failed)
+            if not lease.items:
+                continue  # only recipients set aside: lease again at once
             found = lease.suppressions
             if found is None:  # not read with the lease: ask
                 found = await self._suppressed_in(lease)
@@ -564,6 +568,18 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             self._hooks.wake()
         if notices:
             await self._send_notices(notices)
+
+    def _report_set_aside(self, failed: tuple[RecipientResult, ...]) -> None:
+        """Report the recipients the store set aside in the lease (:attr:`Lease.failed`:
+        their rows cannot be read back) like any other final failure: counted, logged,
+        handed to ``on_result``, and their outbox events (written with the lease) sent.
+        They are recorded already, and are no part of the lease's work. No bounce notice:
+        one quotes the message and answers its envelope sender and DSN request, read from
+        the work item, and the store hands out none for a recipient it cannot read."""
+        for result in failed:
+            self._count(result)
+        if self._hooks is not None:
+            self._hooks.wake()
 
     def _recorded(self, batch: list[RecipientResult], recorded: list[RecipientResult]) -> None:
         oldest = min(result.attempt.at for result in batch)

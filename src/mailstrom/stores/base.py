@@ -264,6 +264,12 @@ class Lease:
     """The suppression entries that apply to the lease's recipients (by target, as
     :meth:`Store.suppressions_for` returns them), when the store looked them up in the
     lease's own transaction; None when it did not, and the worker must ask."""
+    failed: tuple[RecipientResult, ...] = ()
+    """Recipients the lease took and the store set aside: failed for good, in the lease's
+    own transaction, because their rows cannot be read back
+    (:mod:`~mailstrom.stores.row_checks`), with their attempt history and outbox event
+    written. The worker reports them like any other final failure (metrics, the attempt
+    log, ``on_result``) and never records them again. A lease may hold only these."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,7 +420,8 @@ class Store(Protocol):
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
         items. Returns None when nothing is due. Two concurrent callers never receive the
-        same recipient while its lease is unexpired.
+        same recipient while its lease is unexpired. A recipient whose rows cannot be read
+        back is failed instead (:attr:`Lease.failed`; a lease may hold only those).
 
         ``lanes`` ((lane name, at most this many), highest first) leases each lane's due
         recipients before the next lane's, each lane up to its own number; recipients of a

@@ -663,7 +663,9 @@ class SQLiteStore:
         if limit <= 0:
             return None
         with self._write(fsync=False) as conn:
-            return _lease_in(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+            return _lease_in(
+                conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, events=self._events
+            )
 
     def record_and_lease(
         self,
@@ -682,7 +684,14 @@ class SQLiteStore:
                 sqlite_events.append_events(conn, recorded)
             lease = None
             if limit > 0:
-                lease = _lease_in(conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+                lease = _lease_in(
+                    conn,
+                    now=now,
+                    limit=limit,
+                    lease_for=lease_for,
+                    lanes=lanes,
+                    events=self._events,
+                )
         return recorded, lease
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -1212,16 +1221,20 @@ def _lease_in(
     limit: int,
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None,
+    events: bool,
 ) -> Lease | None:
     """Lease inside the caller's write transaction: suspended destinations skipped, and
     the suppression entries of what was leased read in the same snapshot (one store
-    call per lease, not two)."""
+    call per lease, not two). With ``events``, the outbox events of the recipients the
+    lease set aside (:attr:`Lease.failed`), in the same transaction."""
     skip = suspended_domains(conn, now)
     lease = lease_rows(
         conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
     )
     if lease is None:
         return None
+    if events and lease.failed:
+        sqlite_events.append_events(conn, lease.failed)
     return sqlite_suppressions.with_suppressions(conn, lease, now=now)
 
 

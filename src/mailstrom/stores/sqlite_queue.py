@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailstrom.errors import UnreadableRow
 from mailstrom.message.dsn import DSN
-from mailstrom.status import MessageStatus, derive_message_state
+from mailstrom.status import (
+    Attempt,
+    AttemptOutcome,
+    MessageStatus,
+    ReasonClass,
+    RecipientState,
+    derive_message_state,
+)
 from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
@@ -228,8 +235,9 @@ def lease_rows(
         ):
             heads[m[0]] = _head(m)
     groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
-    unreadable: list[tuple[int, object, UnreadableRow]] = []
-    for rid, seq, position, address, domain, attempts, first, last in rows:
+    unreadable: list[_SetAside] = []
+    for row in rows:
+        rid, seq, position, address, domain, attempts, first, last = row
         head = heads.get(seq, _MISSING)
         try:
             if isinstance(head, UnreadableRow):
@@ -243,11 +251,10 @@ def lease_rows(
                 last_attempt_at=opt_time_at(last, "last_attempt_at"),
             )
         except UnreadableRow as exc:
-            unreadable.append((rid, None if head is _MISSING else seq, exc))
+            unreadable.append(_SetAside(row, head, exc))
             continue
         groups.setdefault((seq, domain), []).append((position, recipient))
-    if unreadable:
-        _fail_unreadable(conn, unreadable, now=marks[2])
+    failed = _fail_unreadable(conn, token, unreadable, now=now) if unreadable else ()
     items = []
     for (seq, domain), leased in groups.items():
         head = heads[seq]
@@ -269,9 +276,9 @@ def lease_rows(
                 dsn=head.dsn,
             )
         )
-    if not items:
+    if not items and not failed:
         return None
-    return Lease(token=token, expires_at=expires_at, items=tuple(items))
+    return Lease(token=token, expires_at=expires_at, items=tuple(items), failed=failed)
 
 
 class _Head(NamedTuple):
@@ -314,36 +321,108 @@ def _head(row: Any) -> _Head | UnreadableRow:
         return exc
 
 
+class _SetAside(NamedTuple):
+    """A leased recipient that cannot be delivered: its row as leased (id, message seq,
+    position, address, domain, attempts, first and last attempt), its message's row as
+    decoded (or why not), and why."""
+
+    row: Any
+    head: _Head | UnreadableRow
+    problem: UnreadableRow
+
+
 def _fail_unreadable(
-    conn: sqlite3.Connection,
-    unreadable: Sequence[tuple[int, object, UnreadableRow]],
-    *,
-    now: int,
-) -> None:
-    """Fail, for good, the leased recipients whose rows cannot be delivered (row id, the
-    message's seq or None when its row is missing, why), in the lease's own transaction:
-    leased again they would fail again, in a loop."""
+    conn: sqlite3.Connection, token: str, unreadable: Sequence[_SetAside], *, now: datetime
+) -> tuple[RecipientResult, ...]:
+    """Fail, for good, the leased recipients whose rows cannot be delivered, in the lease's
+    own transaction (leased again they would fail again, in a loop), with an attempt in
+    their history; the results to report, for those whose message id and address are
+    known (the caller writes their outbox events). Their own columns that cannot be read
+    back are reset (the error names what they held), so that the row, its event and the
+    message's status read back from now on."""
+    at = to_us(now)
+    failures: list[tuple[object, ...]] = []
+    history: list[tuple[object, ...]] = []
+    results: list[RecipientResult] = []
+    # One line per message (a bad message row fails all its leased recipients at once).
+    per_message: dict[object, tuple[int, UnreadableRow]] = {}
+    ids = {u.row[1]: _message_id(conn, u.row[1]) for u in unreadable}
+    for (rid, seq, _, address, _, attempts, first, _), head, problem in unreadable:
+        error = unreadable_error(problem)
+        failures.append((error, at, at, _readable_attempts(attempts), _readable_time(first), rid))
+        history.append((rid, at, error))
+        count, _ = per_message.get(seq, (0, problem))
+        per_message[seq] = (count + 1, problem)
+        mid = ids[seq]
+        if mid is not None and isinstance(address, str):
+            attempt = Attempt(
+                at=now, outcome=AttemptOutcome.PERMANENT, error=error, reason_class=_OTHER
+            )
+            results.append(
+                RecipientResult(
+                    message_id=mid,
+                    address=address,
+                    state=RecipientState.FAILED,
+                    attempt=attempt,
+                    lease_token=token,
+                    ref=rid,
+                    queued_at=None if isinstance(head, UnreadableRow) else head.created_at,
+                    envelope_from=None if isinstance(head, UnreadableRow) else head.envelope_from,
+                )
+            )
     conn.executemany(
         "UPDATE recipients SET state = 'failed', error = ?, reason_class = 'other',"
         " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL, uncertain = 0,"
-        " next_attempt_at = NULL, finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
-        " WHERE id = ?",
-        [(unreadable_error(exc), now, rid) for rid, _, exc in unreadable],
+        " next_attempt_at = NULL, finished_at = ?, last_attempt_at = ?, attempts = ?,"
+        " first_attempt_at = ?, lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+        failures,
     )
-    # One line per message (a bad message row fails all its leased recipients at once).
-    per_message: dict[object, tuple[int, UnreadableRow]] = {}
-    for _, seq, exc in unreadable:
-        count, _ = per_message.get(seq, (0, exc))
-        per_message[seq] = (count + 1, exc)
-    for seq, (count, exc) in per_message.items():
-        row = conn.execute("SELECT id FROM messages WHERE seq = ?", (seq,)).fetchone()
+    # The history's bound (see record_rows): room for this attempt.
+    conn.executemany(
+        "DELETE FROM attempts WHERE recipient_id = ? AND id NOT IN (SELECT id FROM attempts"
+        " WHERE recipient_id = ? ORDER BY id DESC LIMIT ?)",
+        [(rid, rid, MAX_HISTORY - 1) for rid, _, _ in history],
+    )
+    conn.executemany(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration, error, uncertain,"
+        " reason_class) VALUES (?, ?, 'permanent', 0, ?, 0, 'other')",
+        history,
+    )
+    for seq, (count, problem) in per_message.items():
         log.error(
             "%d recipient(s) of message %s failed: %s: %s",
             count,
-            row[0] if row is not None else "(row missing)",
+            ids[seq] or "(row missing)",
             UNREADABLE,
-            exc,
+            problem,
         )
+    return tuple(results)
+
+
+_OTHER = ReasonClass.OTHER
+
+
+def _message_id(conn: sqlite3.Connection, seq: object) -> str | None:
+    """The id of message ``seq``; None when its row is gone (or its id is not text)."""
+    row = conn.execute("SELECT id FROM messages WHERE seq = ?", (seq,)).fetchone()
+    return row[0] if row is not None and isinstance(row[0], str) else None
+
+
+def _readable_attempts(value: object) -> int:
+    """``value`` when it is an attempt count, else 0 (see checked_attempts)."""
+    try:
+        return checked_attempts(value)
+    except UnreadableRow:
+        return 0
+
+
+def _readable_time(value: object) -> object:
+    """``value`` when it is a time (or None), else None (see opt_time_at)."""
+    try:
+        opt_time_at(value, "")
+    except UnreadableRow:
+        return None
+    return value
 
 
 # The lanes holding pending, unheld recipients, in name order: a walk of

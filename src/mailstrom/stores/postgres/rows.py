@@ -19,6 +19,7 @@ from mailstrom.status import (
     AttemptOutcome,
     DeliveryEvent,
     MessageStatus,
+    ReasonClass,
     RecipientState,
     RecipientStatus,
     SMTPReply,
@@ -41,6 +42,7 @@ from mailstrom.stores.row_checks import (
     checked_attempts,
     checked_data,
     checked_dsn,
+    unreadable_error,
 )
 from mailstrom.suppression import Suppression, SuppressionSource
 
@@ -237,6 +239,52 @@ def lease_from_rows(
         return None, unreadable
     lease = Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=suppressions)
     return lease, unreadable
+
+
+def fail_unreadable_params(
+    token: str, unreadable: Sequence[tuple[LeaseRow, UnreadableRow]], *, now: datetime
+) -> dict[str, Any]:
+    """The parameters of the ``fail_unreadable`` statement for the rows of lease
+    ``token`` that cannot be delivered (:func:`lease_from_rows`)."""
+    return {
+        "token": token,
+        "now": now,
+        "max_history": MAX_HISTORY,
+        "message_ids": [row.message_id for row, _ in unreadable],
+        "addresses": [row.address for row, _ in unreadable],
+        "errors": [unreadable_error(exc) for _, exc in unreadable],
+    }
+
+
+def set_aside_results(
+    token: str,
+    unreadable: Sequence[tuple[LeaseRow, UnreadableRow]],
+    failed: set[tuple[Any, ...]],
+    now: datetime,
+) -> tuple[RecipientResult, ...]:
+    """The results to report (:attr:`Lease.failed`) for the rows of ``unreadable`` that
+    the ``fail_unreadable`` statement failed (``failed``: its (message id, address)
+    pairs), as that statement recorded them."""
+    results = []
+    for row, exc in unreadable:
+        if (row.message_id, row.address) not in failed:
+            continue  # no longer under this lease
+        error = unreadable_error(exc)
+        attempt = Attempt(
+            at=now, outcome=AttemptOutcome.PERMANENT, error=error, reason_class=ReasonClass.OTHER
+        )
+        results.append(
+            RecipientResult(
+                message_id=row.message_id,
+                address=row.address,
+                state=RecipientState.FAILED,
+                attempt=attempt,
+                lease_token=token,
+                queued_at=row.created_at,
+                envelope_from=row.envelope_from,
+            )
+        )
+    return tuple(results)
 
 
 class _Head(NamedTuple):

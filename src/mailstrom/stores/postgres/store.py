@@ -6,6 +6,7 @@ transaction), so batches cost the same number of round trips as single items.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import secrets
@@ -72,7 +73,7 @@ from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
-from mailstrom.stores.row_checks import UNREADABLE, unreadable_error
+from mailstrom.stores.row_checks import UNREADABLE
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -273,9 +274,16 @@ class PostgresStore:
         if not found:
             return None
         lease, unreadable = rows.lease_from_rows(token, expires_at, found)
-        if unreadable:
-            self._fail_unreadable(token, unreadable, now=now)
-        return lease
+        if not unreadable:
+            return lease
+        failed = self._fail_unreadable(token, unreadable, now=now)
+        if not failed:
+            return lease
+        if lease is None:
+            return Lease(
+                token=token, expires_at=expires_at, items=(), suppressions={}, failed=failed
+            )
+        return dataclasses.replace(lease, failed=failed)
 
     def _fail_unreadable(
         self,
@@ -283,24 +291,34 @@ class PostgresStore:
         unreadable: Sequence[tuple[rows.LeaseRow, UnreadableRow]],
         *,
         now: datetime,
-    ) -> None:
+    ) -> tuple[RecipientResult, ...]:
         """Fail, for good, the leased recipients whose rows cannot be delivered (see
-        :mod:`~mailstrom.stores.row_checks`). Should this fail, their lease expires and
-        the next lease fails them."""
+        :mod:`~mailstrom.stores.row_checks`), with an attempt in their history and, with
+        events enabled, their outbox events, in one transaction; the results to report
+        (:attr:`Lease.failed`). Should this fail, their lease expires and the next lease
+        fails them."""
+        params = rows.fail_unreadable_params(token, unreadable, now=now)
+        failed: tuple[RecipientResult, ...] = ()
         try:
-            self._fetch_none(
-                "fail_unreadable",
-                {
-                    "token": token,
-                    "now": now,
-                    "message_ids": [row.message_id for row, _ in unreadable],
-                    "addresses": [row.address for row, _ in unreadable],
-                    "errors": [unreadable_error(exc) for _, exc in unreadable],
-                },
-            )
+            with (
+                translate_errors("fail_unreadable"),
+                self._pool.connection() as conn,
+                conn.transaction(),
+            ):
+                done = conn.execute(self._queries["fail_unreadable"], params).fetchall()
+                failed = rows.set_aside_results(token, unreadable, {tuple(r) for r in done}, now)
+                if self._events and failed:
+                    conn.execute(
+                        self._queries["append_events"],
+                        {
+                            "message_ids": [r.message_id for r in failed],
+                            "addresses": [r.address for r in failed],
+                        },
+                    )
         except StoreError as exc:
             # The rest of the lease is good: it goes to the worker all the same.
             log.warning("unreadable rows not failed yet (%s); tried again later", exc)
+            failed = ()
         # One line per message (a bad message row fails all its leased recipients).
         per_message = Counter(row.message_id for row, _ in unreadable)
         reasons = {row.message_id: exc for row, exc in unreadable}
@@ -312,6 +330,7 @@ class PostgresStore:
                 UNREADABLE,
                 reasons[message_id],
             )
+        return failed
 
     def _gather_statistics(self) -> None:
         """Analyse the queue's tables if they have no planner statistics yet (a new

@@ -209,23 +209,53 @@ ORDER BY d.rank, d.due_at, l.seq, l.position;
 -- name: fail_unreadable
 -- Fail, for good, leased recipients whose rows cannot be delivered (stores/row_checks.py),
 -- one array element each, while the lease still holds them: leased again they would fail
--- again, in a loop. As cancel, the last reply is cleared so the reason reads as the error.
-UPDATE recipients r
-SET state = 'failed',
-    error = u.error,
-    reply_code = NULL,
-    reply_enhanced = NULL,
-    reply_text = NULL,
-    reason_class = 'other',
-    uncertain = false,
-    next_attempt_at = NULL,
-    finished_at = %(now)s,
-    lease_token = NULL,
-    lease_expires_at = NULL
-FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(errors)s::text[])
-     AS u(message_id, address, error)
-WHERE r.message_id = u.message_id AND r.address = u.address
-  AND r.lease_token = %(token)s;
+-- again, in a loop. As cancel, the last reply is cleared so the reason reads as the error;
+-- an attempt count or first attempt that cannot be read back is reset (the error names
+-- it), so the row and its outbox event read back. The history gets the failure as an
+-- attempt (not counted as one, as fail_late). Returns the (message_id, address) failed.
+WITH u AS (
+    SELECT *
+    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(errors)s::text[])
+         AS u(message_id, address, error)
+), updated AS (
+    UPDATE recipients r
+    SET state = 'failed',
+        error = u.error,
+        reply_code = NULL,
+        reply_enhanced = NULL,
+        reply_text = NULL,
+        reason_class = 'other',
+        uncertain = false,
+        next_attempt_at = NULL,
+        finished_at = %(now)s,
+        last_attempt_at = %(now)s,
+        first_attempt_at = CASE WHEN r.first_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+                                THEN r.first_attempt_at END,
+        attempts = CASE WHEN r.attempts BETWEEN 0 AND 2147483646 THEN r.attempts ELSE 0 END,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM u
+    WHERE r.message_id = u.message_id AND r.address = u.address
+      AND r.lease_token = %(token)s
+    RETURNING r.message_id, r.address, u.error
+), history AS (
+    INSERT INTO attempts (message_id, address, at, outcome, duration, error, uncertain,
+                          reason_class)
+    SELECT message_id, address, %(now)s, 'permanent', 0, error, false, 'other'
+    FROM updated
+    RETURNING 1
+), trimmed AS (
+    -- Sees the history before this statement's insert: keeps one fewer than the bound.
+    DELETE FROM attempts a
+    USING updated u
+    WHERE a.message_id = u.message_id
+      AND a.address = u.address
+      AND a.id NOT IN (SELECT k.id FROM attempts k
+                       WHERE k.message_id = u.message_id AND k.address = u.address
+                       ORDER BY k.id DESC LIMIT %(max_history)s - 1)
+    RETURNING 1
+)
+SELECT message_id, address FROM updated;
 
 -- name: record
 -- Results of any number of leases, one array element per result: a recipient is updated
