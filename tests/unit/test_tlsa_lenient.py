@@ -6,6 +6,7 @@ import struct
 
 import dns.message
 import dns.rdatatype
+import dns.version
 import pytest
 
 from mailstrom.tls.tlsa_lenient import Malformed, malformed_tlsa
@@ -36,20 +37,29 @@ GOOD = [
     tlsa(3, 0, 0, b"\x30"),
     tlsa(3, 1, 7, b""),
 ]
-BAD = [tlsa(3, 1, 1, bytes(31)), tlsa(3, 1, 1, b""), tlsa(2, 1, 2, bytes(65)), (52, b"\x03\x01")]
+SHORT = [(52, b"\x03\x01"), (52, b"")]
+"""Shorter than the three fields: refused by every dnspython."""
+WRONG_SIZE = [tlsa(3, 1, 1, bytes(31)), tlsa(3, 1, 1, b""), tlsa(2, 1, 2, bytes(65))]
+"""A digest that does not fit its matching type: refused from dnspython 2.9.1 on (earlier
+versions read it, and the DANE lookup sets it aside)."""
+REFUSES_WRONG_SIZES = (dns.version.MAJOR, dns.version.MINOR, dns.version.MICRO) >= (2, 9, 1)
+BAD = SHORT + WRONG_SIZE
+REFUSED = SHORT + WRONG_SIZE if REFUSES_WRONG_SIZES else SHORT
 
 
-@pytest.mark.parametrize("records", [GOOD, BAD, GOOD + BAD, BAD[:1] + GOOD[:1]])
+@pytest.mark.parametrize(
+    "records", [GOOD, BAD, GOOD + BAD, WRONG_SIZE[:1] + GOOD[:1], SHORT[:1] + GOOD[:1]]
+)
 def test_the_count_is_what_dnspython_refuses(records: list[tuple[int, bytes]]) -> None:
     wire = answer_with(*records)
     refused = dns.message.from_wire(wire, continue_on_error=True).errors
     found = malformed_tlsa(wire)
-    assert found.count == len(refused) == sum(r in BAD for r in records)
+    assert found.count == len(refused) == sum(r in REFUSED for r in records)
     assert found.ttl == (300 if found.count else None)
 
 
 def test_the_smallest_ttl_of_the_malformed_records() -> None:
-    wire = answer_with(BAD[0], GOOD[0], BAD[1], ttls=(60, 10, 30))
+    wire = answer_with(SHORT[0], GOOD[0], SHORT[1], ttls=(60, 10, 30))
     assert malformed_tlsa(wire) == Malformed(count=2, ttl=30)
 
 

@@ -10,8 +10,9 @@ TLSA is looked up:
 * a validated answer with only unusable records → TLS is mandatory, unauthenticated
   (RFC 7672 §2.2: ``REQUIRED``);
 * malformed records (a SHA-256 or SHA-512 digest of the wrong length, which dnspython
-  refuses with the whole answer) are unusable too: the lookup asks again and reads the
-  answer without them (:mod:`mailstrom.tls.tlsa_lenient`), counting them in
+  2.9.1 and later refuse with the whole answer) are unusable too: the lookup asks again
+  and reads the answer without them (:mod:`mailstrom.tls.tlsa_lenient`; with an older
+  dnspython, which reads them, they are set aside from the answer), counting them in
   :attr:`TLSALookup.malformed`; they are never matched, but they are published records,
   so an RRset of nothing else means ``REQUIRED`` as above, not "no TLSA records";
 * NXDOMAIN or no records, or an answer without the AD bit → DANE does not apply (None);
@@ -144,7 +145,7 @@ def _may_have_refused(exc: Exception) -> bool:
 
 
 def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSALookup:
-    records = tuple(
+    read = [
         TLSARecord(
             usage=int(rdata.usage),
             selector=int(rdata.selector),
@@ -152,15 +153,19 @@ def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSA
             data=bytes(rdata.cert),
         )
         for rdata in list(answer)[:MAX_RECORDS]
-    )
+    ]
+    # dnspython before 2.9.1 reads a digest of the wrong size, which later versions refuse
+    # (ask_leniently then leaves it out): set it aside here just the same.
+    records = tuple(record for record in read if record.fits_matching_type)
+    left_out = malformed.count + len(read) - len(records)
     ttl = _ttl(answer)
     if malformed.ttl is not None:
         ttl = min(malformed.ttl, ttl if answer.rrset is not None else MAX_TTL)
-    if malformed.count:
+    if left_out:
         log.warning(
             "DANE: %d malformed TLSA record(s) at %s ignored (unusable, RFC 7672 §2.2); "
             "%d other record(s)",
-            malformed.count,
+            left_out,
             tlsa_name(host),
             len(records),
         )
@@ -168,9 +173,9 @@ def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSA
         host=host,
         records=records,
         secure=_validated(answer),
-        exists=bool(records) or malformed.count > 0,
+        exists=bool(records) or left_out > 0,
         ttl=float(ttl),
-        malformed=malformed.count,
+        malformed=left_out,
     )
 
 

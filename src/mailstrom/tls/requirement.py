@@ -52,6 +52,10 @@ class PolicySource(StrEnum):
     """The smarthost's settings (``Config.relay``)."""
 
 
+DIGEST_SIZES = {1: 32, 2: 64}
+"""Data octets of TLSA matching types 1 (SHA-256) and 2 (SHA-512): RFC 6698 §2.1.3."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSARecord:
     """One TLSA record (RFC 6698 §2.1): usage, selector, matching type and data.
@@ -64,6 +68,12 @@ class TLSARecord:
     selector: int
     matching: int
     data: bytes
+
+    @property
+    def fits_matching_type(self) -> bool:
+        """The data has the size its matching type gives a digest (RFC 6698 §2.1.3):
+        32 octets for SHA-256, 64 for SHA-512; any size for the full data (0)."""
+        return len(self.data) == DIGEST_SIZES.get(self.matching, len(self.data))
 
     @property
     def usable(self) -> bool:

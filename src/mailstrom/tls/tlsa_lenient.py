@@ -31,16 +31,14 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.wire
 
 __all__ = ["Malformed", "ask_leniently", "malformed_tlsa"]
 
-DIGEST_SIZES = {1: 32, 2: 64}
-"""Data octets of TLSA matching types 1 (SHA-256) and 2 (SHA-512): RFC 6698 §2.1.3."""
-_FIELDS = 3
-"""Usage, selector and matching type: the octets before a TLSA record's data."""
 _HEADER = 12
 
 
@@ -54,11 +52,22 @@ class Malformed:
 
 
 def _is_malformed(rdata: bytes) -> bool:
-    """What dnspython 2.9 refuses in a TLSA record (``dns.rdtypes.tlsabase``)."""
-    if len(rdata) < _FIELDS:
+    """Whether the installed dnspython refuses this TLSA record data, in its own words:
+    every version refuses data shorter than the three fields; from 2.9.1 on it also
+    refuses a digest whose size does not fit its matching type (RFC 6698 §2.1.3), which
+    earlier versions read (:func:`mailstrom.tls.dane.lookup_tlsa` sets those aside)."""
+    try:
+        dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.TLSA, rdata, 0, len(rdata))
+    except dns.exception.FormError:
         return True
-    expected = DIGEST_SIZES.get(rdata[2])
-    return expected is not None and len(rdata) - _FIELDS != expected
+    return False
+
+
+def _skip_name(parser: dns.wire.Parser) -> None:
+    """Read past one owner name, compression pointers followed. Not ``parser.get_name``:
+    before dnspython 2.9 it has no ``decompress`` argument, and from 2.9 on it refuses
+    pointers unless given ``decompress=True``; ``from_wire_parser`` follows them in both."""
+    dns.name.from_wire_parser(parser)
 
 
 def malformed_tlsa(wire: bytes) -> Malformed:
@@ -70,11 +79,11 @@ def malformed_tlsa(wire: bytes) -> Malformed:
     try:
         _id, _flags, questions, answers, _ns, _ar = parser.get_struct("!HHHHHH")
         for _ in range(questions):
-            parser.get_name(decompress=True)
+            _skip_name(parser)
             parser.get_struct("!HH")
         count, ttl = 0, None
         for _ in range(answers):
-            parser.get_name(decompress=True)
+            _skip_name(parser)
             rdtype, _rdclass, rr_ttl, rdlen = parser.get_struct("!HHIH")
             rdata = parser.get_bytes(rdlen)
             if rdtype == dns.rdatatype.TLSA and _is_malformed(rdata):
