@@ -115,7 +115,10 @@ def validate(local: str, domain: str) -> ValidAddress:
     if "<" in normal or ">" in normal:
         raise _invalid(address, "'<' and '>' cannot be sent in an SMTP path, even quoted")
     utf8 = not normal.isascii()
-    ascii_domain = ascii_domain.lower()
+    if not ascii_domain.startswith("["):
+        # An address literal comes normalised ([IPv6:2001:db8::1]) and keeps its tag's
+        # case: email-validator before 2.4 refuses [ipv6:...] when the address comes back.
+        ascii_domain = ascii_domain.lower()
     header_domain = domain if utf8 or domain.isascii() else ascii_domain
     return ValidAddress(
         envelope=f"{normal}@{ascii_domain}",
