@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint typecheck pytest system-deps clean bench
+.PHONY: demo test test-lowest lint typecheck pytest system-deps clean bench
 
 $(PY):
 	@scripts/ensure-system-deps venv
@@ -38,10 +38,29 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
+# The suite again, with every dependency at the lowest version pyproject.toml allows
+# (constraints/lowest.txt), in a venv of its own; not part of `make test`, which installs
+# the newest. Tooling only the suite uses may be newer; linters and type checkers are left out.
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed-$(shell cat pyproject.toml constraints/lowest.txt | sha1sum | cut -c1-12)
+LOWEST_EXTRAS := postgres-binary,metrics,fast,doctor,dkim,mta-sts,dane,web,django,testing
+LOWEST_TOOLS := dkimpy pynacl hypothesis pytest-asyncio pytest-timeout httpx2 selenium
+
+$(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
+	@scripts/ensure-system-deps venv
+	rm -rf $(LOWEST) && python3 -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -c constraints/lowest.txt \
+		-e '.[$(LOWEST_EXTRAS)]' $(LOWEST_TOOLS)
+	touch $@
+
+test-lowest: $(LOWEST_STAMP) system-deps
+	$(LOWEST)/bin/python -m pytest -p no:cacheprovider
+
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/enqueue.py
 	$(PY) benchmarks/deliver.py
 	$(PY) benchmarks/postgres.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache
