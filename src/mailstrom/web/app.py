@@ -350,7 +350,12 @@ def create_app(
     async def guard(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        path = request.url.path
+        try:
+            path = request.url.path
+        except ValueError:
+            # Starlette before 1.1 builds request.url from the Host header, and a malformed
+            # one ("[::1") fails to parse; later versions fall back to the socket's address.
+            return PlainTextResponse("malformed Host header", 400)
         host_header = request.headers.get("host")
         if not access.required and not names_loopback(host_header):
             # Without a token, being reachable only on loopback is the protection; a
