@@ -42,13 +42,15 @@ test: lint typecheck pytest
 # (constraints/lowest.txt), in a venv of its own; not part of `make test`, which installs
 # the newest. Tooling only the suite uses may be newer; linters and type checkers are left out.
 LOWEST := .venv-lowest
+# The pins are the lowest Python's (3.11): some have no wheels for later ones (uvloop 0.19).
+LOWEST_PYTHON ?= python3
 LOWEST_STAMP := $(LOWEST)/.installed-$(shell cat pyproject.toml constraints/lowest.txt | sha1sum | cut -c1-12)
 LOWEST_EXTRAS := postgres-binary,metrics,fast,doctor,dkim,mta-sts,dane,web,django,testing
 LOWEST_TOOLS := dkimpy pynacl hypothesis pytest-asyncio pytest-timeout httpx2 selenium
 
 $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 	@scripts/ensure-system-deps venv
-	rm -rf $(LOWEST) && python3 -m venv $(LOWEST)
+	rm -rf $(LOWEST) && $(LOWEST_PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q --upgrade pip
 	$(LOWEST)/bin/python -m pip install -q -c constraints/lowest.txt \
 		-e '.[$(LOWEST_EXTRAS)]' $(LOWEST_TOOLS)
