@@ -28,6 +28,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.wire import check_line_ends_and_lengths
 
 from mailstrom.message import Attachment, Email, prepare
 
@@ -219,10 +220,7 @@ BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 
 def check_wire_rules(data: bytes) -> None:
-    assert data.endswith(b"\r\n")
-    assert b"\r" not in data.replace(b"\r\n", b""), "bare CR"
-    assert b"\n" not in data.replace(b"\r\n", b""), "bare LF"
-    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    check_line_ends_and_lengths(data)
     # Every header section (top and parts): valid encoded words, none in an addr-spec.
     for section in re.findall(rb"(?:^|\r\n\r\n--[^\r\n]*\r\n)((?:[^\r\n]+\r\n)+)\r\n", data):
         unfolded = text(section.decode("ascii", "surrogateescape")).replace("\r\n ", " ")
