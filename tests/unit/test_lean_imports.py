@@ -64,6 +64,7 @@ WORKER_FEATURES = (
     "mailstrom.bounces.notice",
     "mailstrom.message.builder",
     "mailstrom.message.preparation",
+    "mailstrom.message.trees",
     "mailstrom.message.addresses",
     "mailstrom.message.envelope",
     "mailstrom.message.encoding",

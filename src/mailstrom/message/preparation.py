@@ -20,34 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.headerregistry import AddressHeader
 from email.message import Message
 from email.utils import format_datetime
-from typing import NoReturn
 
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.dkim.signing import DKIMSignature, sign
 from mailstrom.domains import domain_name, is_public_name
 from mailstrom.errors import (
     ForbiddenCharacter,
-    HeaderInjection,
     InvalidMessage,
     InvalidMessageType,
     MessageTooLarge,
     NoDKIMKey,
 )
 from mailstrom.message import builder, mime
-from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
-from mailstrom.message.bounds import (
-    MAX_HEADER_FIELDS,
-    MAX_PARTS,
-    too_many_fields,
-    too_many_parts,
-)
 from mailstrom.message.builder import Email
-from mailstrom.message.chars import check_header_text, shorten
+from mailstrom.message.chars import check_header_text
 from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
 from mailstrom.message.envelope import (
     DEFAULT_MAX_RECIPIENTS,
@@ -56,14 +46,13 @@ from mailstrom.message.envelope import (
     fields_from_section,
 )
 from mailstrom.message.headers import (
-    check_field_name,
-    check_field_size,
     decode_text,
     split_header_section,
 )
 from mailstrom.message.identification import check_date, check_message_id
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
+from mailstrom.message.trees import check_entity_headers
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
@@ -362,114 +351,6 @@ def _serialise(message: Message) -> bytes:
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     return serialise(message, utf8=utf8)
-
-
-def check_entity_headers(message: Message) -> bool:
-    """Refuse header fields of a stdlib message that would smuggle lines when written;
-    return whether its own address fields hold a non-ASCII addr-spec.
-
-    Every entity's fields are checked, not only the top level's: a compat32 part
-    (``MIMEBase.add_header(..., filename=...)``) stores whatever it is given, and the
-    stdlib writes a line break in it as header lines of that part (or as a blank line
-    and a forged body) on Pythons without ``verify_generated_headers`` (before 3.11.10
-    and 3.12.5), and with it on those before the fix of CVE-2026-1299. Raises
-    :class:`HeaderInjection`, the field name and size errors of raw input, or
-    :class:`InvalidMessage` for a tree that cannot be read.
-    """
-    utf8 = False
-    try:
-        for part in _entities(message):
-            if len(part) > MAX_HEADER_FIELDS:  # before the stdlib folds each of them
-                where = "the header section" if part is message else "a MIME part's header"
-                raise too_many_fields(len(part), where=where)
-            for name, raw_value in part.raw_items():
-                check_field_name(name)
-                text = str(raw_value)
-                # Bounded before the stdlib folds it: its folder is quadratic in the length.
-                check_field_size(name, len(name) + 2 + len(text))
-                if hasattr(raw_value, "defects"):
-                    # A policy-made header object was checked for CR/LF when it was set
-                    # from a string, and holds its value unfolded.
-                    if "\r" in text or "\n" in text:
-                        _injection(name, text)
-                else:
-                    # Raw strings (compat32, or parsed source) may only break lines to
-                    # fold them.
-                    _check_folding(name, text)
-                if not utf8 and name.lower() in ADDRESS_FIELDS:
-                    utf8 = (
-                        _has_utf8_address(name, raw_value)
-                        if part is message
-                        else _may_hold_utf8_address(name, raw_value, text)
-                    )
-    except InvalidMessage:
-        raise
-    except Exception as exc:  # a hand-made Message can hold anything
-        raise InvalidMessage(f"the EmailMessage cannot be read: {exc!r}") from exc
-    return utf8
-
-
-def _entities(message: Message) -> Iterator[Message]:
-    """Every entity of ``message``, itself first, within the bounds raw input has
-    (:data:`~mailstrom.message.mime.MAX_DEPTH` levels, :data:`MAX_PARTS` entities).
-
-    The stdlib walks and writes a message recursively: a hand-made tree a few thousand
-    levels deep raised :class:`RecursionError` from ``prepare()``.
-    """
-    count = 0
-    pending: list[tuple[Message, int]] = [(message, 0)]
-    while pending:
-        part, depth = pending.pop()
-        count += 1
-        if count > MAX_PARTS:
-            raise too_many_parts()
-        if depth > mime.MAX_DEPTH:
-            raise mime.nesting_too_deep()
-        yield part
-        children = part.get_payload() if part.is_multipart() else None
-        for child in reversed(children) if isinstance(children, list) else ():
-            if not isinstance(child, Message):
-                raise InvalidMessage(
-                    f"a multipart's parts must be messages, not {type(child).__name__}"
-                )
-            pending.append((child, depth + 1))
-
-
-def _has_utf8_address(name: str, value: object) -> bool:
-    if isinstance(value, AddressHeader):
-        return any(not address.addr_spec.isascii() for address in value.addresses)
-    text = str(value).replace("\r\n", "").replace("\n", "")
-    return any(
-        not box.address.written.isascii() for box in mailboxes(parse_address_list(name, text))
-    )
-
-
-def _may_hold_utf8_address(name: str, value: object, text: str) -> bool:
-    """:func:`_has_utf8_address` for an attached message's field, which is only carried:
-    one that is no valid address list is not refused, and is written as raw UTF-8 when
-    it is not ASCII, rather than as encoded words the stdlib would put in an addr-spec."""
-    if text.isascii():
-        return False
-    try:
-        return _has_utf8_address(name, value)
-    except InvalidMessage:
-        return True
-
-
-def _check_folding(name: str, value: str) -> None:
-    lines = value.replace("\r\n", "\n").split("\n")
-    for line in lines[1:]:
-        if not line.startswith((" ", "\t")) or "\r" in line:
-            _injection(name, value)
-    if "\r" in lines[0]:
-        raise HeaderInjection(f"{name} header value contains a bare CR: {value!r}", header=name)
-
-
-def _injection(name: str, value: str) -> NoReturn:
-    raise HeaderInjection(
-        f"{name} header value contains a line break that is not folding: {shorten(value)}",
-        header=name,
-    )
 
 
 def _new_message_id(domain: str) -> str:

@@ -32,7 +32,7 @@ from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.headers import check_field_name
-from mailstrom.message.preparation import check_entity_headers
+from mailstrom.message.trees import check_entity_headers
 
 
 class EmailBackend(BaseEmailBackend):
