@@ -962,3 +962,51 @@ def test_an_attached_message_without_utf8_address(
     outer["To"] = "b@example.org"
     outer.attach(MIMEMessage(attached))
     assert prepare(outer, now=NOW).smtputf8 is smtputf8
+
+
+# --- found by fuzzing stdlib trees (tests/unit/test_message_tree_fuzz.py) -----------------
+
+
+@pytest.mark.parametrize(
+    "char", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+@pytest.mark.parametrize("where", ["top", "part"])
+def test_a_raw_value_with_a_line_break_of_splitlines(char: str, where: str) -> None:
+    """A compat32 value (or a parsed one) ``"v\\x0bX-Injected: 1"`` passed the CR/LF check,
+    and the stdlib's writer, which splits a raw value with ``str.splitlines``, wrote
+    ``X-Injected: 1`` as a header field of its own, at the top level too."""
+    part = MIMEText("x")
+    root = _with_part(part)
+    (root if where == "top" else part)["X-Note"] = f"v{char}X-Injected: 1"
+    with pytest.raises(ForbiddenCharacter) as caught:
+        prepare(root, now=NOW)
+    assert caught.value.where == "X-Note"
+
+
+LINE_BREAK_WORD = "=?utf-8?q?=0D=0AX-Injected:_1?="
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Subject", f"{LINE_BREAK_WORD} " + "x" * 80),
+        ("Content-Disposition", f"{LINE_BREAK_WORD}=" + "x" * 80),
+        ("Content-Disposition", "a; filename*=utf-8''%0D%0AX-Injected%3A%201; x=" + "y" * 70),
+        ("Content-Type", f'multipart/mixed; boundary="{LINE_BREAK_WORD}"'),
+    ],
+    ids=["long subject", "long disposition", "long RFC 2231 filename", "boundary"],
+)
+@pytest.mark.parametrize("where", ["top", "part"])
+def test_a_raw_value_with_an_encoded_line_break(name: str, value: str, where: str) -> None:
+    """The stdlib's writer refolds a long raw value through ``policy.default``'s parser,
+    which decodes encoded words and RFC 2231 parameters, and wrote the CR LF they decode
+    to: a header field.
+    A boundary is read through that parser too, and its delimiter lines held CR LF."""
+    part = MIMEText("x")
+    root = _with_part(part)
+    target = root if where == "top" else part
+    del target[name]
+    target[name] = value
+    with pytest.raises(HeaderInjection) as caught:
+        prepare(root, now=NOW)
+    assert caught.value.header == name

@@ -23,6 +23,9 @@ _BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # The same for raw header octets (TAB allowed; CR and LF are handled by the line splitter).
 _BAD_OCTETS = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
+# What str.splitlines breaks lines at besides CR and LF.
+_OTHER_LINE_BREAKS = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
 _NAMES = {"\0": "NUL", "\x0b": "VT", "\x0c": "FF", "\x7f": "DEL", "\x85": "NEL"}
 
 
@@ -54,6 +57,25 @@ def check_header_text(where: str, value: str) -> None:
         f"{match.start()}; header values may not hold control characters other than TAB",
         where=where,
     )
+
+
+def check_other_line_breaks(where: str, value: str) -> None:
+    """Raise :class:`ForbiddenCharacter` if ``value``, a header value as a stdlib message
+    holds it (a raw string), has a character ``str.splitlines`` breaks lines at other
+    than CR and LF: VT, FF, FS, GS, RS, NEL, U+2028, U+2029.
+
+    The stdlib's writer splits such a value with ``splitlines`` and writes each piece as
+    a line of its own, so ``"v\\x0bX-Injected: 1"`` became a header field; the octets it
+    writes hold no trace of the character for the raw path's checks to see.
+    """
+    match = _OTHER_LINE_BREAKS.search(value)
+    if match is not None:
+        char = match.group()
+        raise ForbiddenCharacter(
+            f"the {where} header value contains {describe(char)}, which the standard "
+            f"library writes as a line break: {shorten(value)}",
+            where=where,
+        )
 
 
 def check_header_octets(where: str, line: bytes) -> None:

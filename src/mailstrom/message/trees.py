@@ -17,8 +17,12 @@ from mailstrom.errors import HeaderInjection, InvalidMessage
 from mailstrom.message import mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_PARTS, too_many_fields, too_many_parts
-from mailstrom.message.chars import shorten
+from mailstrom.message.chars import check_other_line_breaks, shorten
 from mailstrom.message.headers import check_field_name, check_field_size
+from mailstrom.message.policies import HEADER_FACTORY
+
+_PARAMETERISED = frozenset({"content-type", "content-disposition"})
+"""The fields whose values have MIME parameters (RFC 2045 §5.1, RFC 2183)."""
 
 
 def check_entity_headers(message: Message) -> bool:
@@ -53,6 +57,8 @@ def check_entity_headers(message: Message) -> bool:
                     # Raw strings (compat32, or parsed source) may only break lines to
                     # fold them.
                     _check_folding(name, text)
+                    check_other_line_breaks(name, text)
+                    _check_decoded(name, text)
                 if not utf8 and name.lower() in ADDRESS_FIELDS:
                     utf8 = (
                         _has_utf8_address(name, raw_value)
@@ -120,6 +126,30 @@ def _check_folding(name: str, value: str) -> None:
             _injection(name, value)
     if "\r" in lines[0]:
         raise HeaderInjection(f"{name} header value contains a bare CR: {value!r}", header=name)
+
+
+def _check_decoded(name: str, value: str) -> None:
+    """Refuse a raw value that decodes to CR or LF: an RFC 2047 word in it, or an RFC 2231
+    parameter (``filename*=utf-8''%0D%0AX-Injected%3A%201``).
+
+    The stdlib's writer refolds a raw value that is long (or not ASCII, with raw UTF-8
+    headers) by parsing it as ``policy.default`` does, which decodes both, even an encoded
+    word inside a parameter, and writes what they decode to: on 3.11.7 a long Subject
+    holding ``=?utf-8?q?=0D=0AX-Injected:_1?=`` became a header field. A header object set
+    from such a string holds its decoded value, and is checked on that.
+    """
+    if "=?" not in value and ("%" not in value or name.lower() not in _PARAMETERISED):
+        return
+    try:
+        decoded = str(HEADER_FACTORY(name, "".join(value.splitlines())))
+    except Exception:
+        return  # nor can the writer parse it: serialise() raises InvalidMessage
+    if "\r" in decoded or "\n" in decoded:
+        raise HeaderInjection(
+            f"{name} header value holds an encoded word or parameter that decodes to a "
+            f"line break: {shorten(value)}",
+            header=name,
+        )
 
 
 def _injection(name: str, value: str) -> NoReturn:
