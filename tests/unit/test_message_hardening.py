@@ -1010,3 +1010,40 @@ def test_a_raw_value_with_an_encoded_line_break(name: str, value: str, where: st
     with pytest.raises(HeaderInjection) as caught:
         prepare(root, now=NOW)
     assert caught.value.header == name
+
+
+def _with_boundary(boundary: str, *bodies: str, preamble: str | None = None) -> Message:
+    root = MIMEMultipart(boundary=boundary)
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    for body in bodies:
+        root.attach(MIMEText(body))
+    root.preamble = preamble
+    return root
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _with_boundary("B", "a\n--B\nX-Forged: 1\n\nforged\n", "b"),
+        _with_boundary("B", "a\n--B--\n", "lost"),
+        _with_boundary("B", "a", preamble="--B\nX-Forged: 1\n"),
+    ],
+    ids=["delimiter in a body", "close delimiter in a body", "delimiter in the preamble"],
+)
+def test_a_given_boundary_that_occurs_in_the_content(message: Message) -> None:
+    """A boundary the caller set is written as it is (the stdlib checks only those it
+    makes up): a part whose body holds its delimiter line was read as two parts, the
+    second with header fields of the sender's choosing, or hid the parts after it."""
+    with pytest.raises(InvalidMessage, match="boundary 'B'"):
+        prepare(message, now=NOW)
+
+
+def test_a_given_boundary_that_occurs_nowhere_else_is_taken() -> None:
+    for message in (
+        _with_boundary("B", "a --B", "--Bx\n", "b"),  # not delimiter lines
+        _with_boundary("B"),  # written with one empty part
+        _forwarding(_with_boundary("B", "inner"), "MIMEMessage"),
+    ):
+        written = parsed(prepare(message, now=NOW).data)
+        assert written.is_multipart()

@@ -170,9 +170,10 @@ def layout(item: Entity) -> Layout | None:
 _TRANSPORT_PADDING = re.compile(rb"[ \t]*(?:\r\n|\Z)")
 
 
-def _delimiters(item: Entity) -> Iterator[tuple[int, int, bool]]:
+def _delimiters(item: Entity, *, past_close: bool = False) -> Iterator[tuple[int, int, bool]]:
     """(where its line starts, where the next line starts, whether it closes) for each
-    delimiter line of a multipart body, in order, up to the close delimiter.
+    delimiter line of a multipart body, in order, up to the close delimiter (or to the
+    end of the body, ``past_close``).
 
     A delimiter line is ``--boundary``, ``--`` more for the close one, then white space
     (RFC 2046 §5.1.1), at the start of the body or after a CRLF. Found with
@@ -194,10 +195,23 @@ def _delimiters(item: Entity) -> Iterator[tuple[int, int, bool]]:
         padding = _TRANSPORT_PADDING.match(data, after + 2 if close else after, end)
         if padding is not None:
             yield found, padding.end(), close
-            if close:
+            if close and not past_close:
                 return
         found = data.find(needle, after, end)
         found = -1 if found == -1 else found + 2
+
+
+def delimiter_lines(item: Entity) -> tuple[int, int]:
+    """(delimiter lines, close delimiter lines) in the whole body of a multipart entity,
+    the epilogue included: a writer that chose its boundary well wrote one per part and
+    one close delimiter, and a boundary that also occurs in the content shows as more."""
+    opening = closing = 0
+    for _, _, close in _delimiters(item, past_close=True):
+        if close:
+            closing += 1
+        else:
+            opening += 1
+    return opening, closing
 
 
 def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:

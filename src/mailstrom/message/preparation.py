@@ -38,7 +38,12 @@ from mailstrom.errors import (
 from mailstrom.message import builder, mime
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text
-from mailstrom.message.encoding import check_line_lengths, downgrade_to_7bit, serialise
+from mailstrom.message.encoding import (
+    check_line_lengths,
+    downgrade_to_7bit,
+    serialise,
+    to_crlf,
+)
 from mailstrom.message.envelope import (
     DEFAULT_MAX_RECIPIENTS,
     Envelope,
@@ -52,7 +57,7 @@ from mailstrom.message.headers import (
 from mailstrom.message.identification import check_date, check_message_id
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
-from mailstrom.message.trees import check_entity_headers
+from mailstrom.message.trees import check_entity_headers, check_written_parts
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
@@ -345,12 +350,15 @@ def _serialise(message: Message) -> bytes:
     """Serialise a stdlib message once, after :func:`check_entity_headers`.
 
     Only what decides *how* to serialise is looked at here; everything else is checked
-    on the bytes, by the same code as raw input.
+    on the bytes, by the same code as raw input, once they are known to hold the parts
+    the tree does (:func:`~mailstrom.message.trees.check_written_parts`).
     """
     utf8 = check_entity_headers(message)
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
-    return serialise(message, utf8=utf8)
+    data = to_crlf(serialise(message, utf8=utf8))
+    check_written_parts(message, data)
+    return data
 
 
 def _new_message_id(domain: str) -> str:

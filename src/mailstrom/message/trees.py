@@ -1,9 +1,17 @@
 """A stdlib ``Message`` tree as ``prepare()`` takes it: its fields checked before the
-stdlib writes it.
+stdlib writes it, and the bytes it wrote checked to hold the parts the tree does.
 
-The stdlib stores what it is given and writes it as it is, on some Pythons whatever it
-holds (see :func:`check_entity_headers`), so every entity's fields are checked, within
-the bounds raw input has.
+Before: the stdlib stores what it is given and writes it as it is, on some Pythons
+whatever it holds (see :func:`check_entity_headers`), so every entity's fields are
+checked, within the bounds raw input has.
+
+After: the stdlib writes a multipart's boundary as it finds it. One the caller gave
+(``set_boundary()``, a Content-Type header, a parsed source) is not checked against the
+parts' content, as one the writer makes up is: a part body or a preamble holding a
+delimiter line of that boundary is read as more parts, or fewer, than the tree has —
+parts nobody built, with header fields of the sender's choosing. So the bytes are read
+back at the octet level (:mod:`~mailstrom.message.mime`, raw input's reader) along the
+tree (:func:`check_written_parts`).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from email.headerregistry import AddressHeader
 from email.message import Message
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from mailstrom.errors import HeaderInjection, InvalidMessage
 from mailstrom.message import mime
@@ -157,3 +165,47 @@ def _injection(name: str, value: str) -> NoReturn:
         f"{name} header value contains a line break that is not folding: {shorten(value)}",
         header=name,
     )
+
+
+def check_written_parts(message: Message, data: bytes) -> None:
+    """Raise :class:`InvalidMessage` if ``data`` (``message`` as the stdlib wrote it, CRLF
+    line ends) reads back with other parts than ``message`` holds.
+
+    ``message`` has been walked within the bounds already (:func:`check_entity_headers`):
+    every multipart's parts are messages, and the tree is at most
+    :data:`~mailstrom.message.mime.MAX_DEPTH` deep.
+    """
+    pending = [(message, mime.entity(data))]
+    while pending:
+        node, item = pending.pop()
+        if not node.is_multipart():
+            continue  # a leaf's body is checked as the parts around it are
+        # A list of messages: check_entity_headers refused anything else in one.
+        children = cast("list[Message]", node.get_payload())
+        if item.nested:
+            # The writer writes the first message of a message/rfc822 part only.
+            pending.append((children[0], mime.entity(data, item.body, item.end)))
+        elif item.maintype == "multipart":
+            default = "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
+            spans = _part_spans(item, len(children))
+            pending.extend(
+                (child, mime.entity(data, start, end, default=default))
+                for child, (start, end) in zip(children, spans, strict=False)
+            )
+
+
+def _part_spans(item: mime.Entity, parts: int) -> tuple[tuple[int, int], ...]:
+    """The spans of the ``parts`` parts of the multipart ``item``, read back."""
+    found = mime.layout(item)
+    opening, closing = mime.delimiter_lines(item)
+    # An empty multipart is written with one empty part: RFC 2046 §5.1.1 requires one.
+    if found is None or opening != max(parts, 1) or closing != 1:
+        shown = "(none)" if item.boundary is None else shorten(item.boundary.decode("ascii"))
+        raise InvalidMessage(
+            f"the boundary {shown} of a multipart holding {parts} part(s) was written in "
+            f"{opening} delimiter line(s) and {closing} close delimiter(s): it also occurs "
+            "in the parts' content (or reads back otherwise than the writer used it), so "
+            "receivers would read other parts; leave it unset for the stdlib to choose "
+            "one that occurs nowhere else"
+        )
+    return found.parts
