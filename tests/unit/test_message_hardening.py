@@ -21,6 +21,7 @@ from email.parser import BytesParser
 from typing import Any
 
 import pytest
+from tests.support.deadline import hang_guard
 
 from mailstrom import Config
 from mailstrom.client.common import prepare_for
@@ -31,6 +32,7 @@ from mailstrom.errors import (
     HeaderTooLong,
     InvalidAddress,
     InvalidAttachment,
+    InvalidHeaderValue,
     InvalidMessage,
     NestingTooDeep,
     TooManyHeaderFields,
@@ -1047,3 +1049,21 @@ def test_a_given_boundary_that_occurs_nowhere_else_is_taken() -> None:
     ):
         written = parsed(prepare(message, now=NOW).data)
         assert written.is_multipart()
+
+
+@pytest.mark.parametrize("kind", ["EmailMessage", "compat32"])
+def test_a_long_parameter_name_does_not_hang_the_writer(kind: str) -> None:
+    """A Content-Type parameter name of 70 characters made the stdlib's writer loop for
+    ever (its RFC 2231 splitting left no room for the value): prepare() never returned.
+    (On the old code this test fails by its guard, after 10 s.)"""
+    value = "text/plain; " + "n" * 70 + '="' + "v" * 100 + '"'
+    message: Message = EmailMessage() if kind == "EmailMessage" else Message()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_payload("x")
+    message["Content-Type"] = value
+    with hang_guard(10), pytest.raises(InvalidHeaderValue, match="the limit is 40"):
+        prepare(message, now=NOW)
+    del message["Content-Type"]
+    message["Content-Type"] = value.replace("n" * 70, "n" * 40)
+    prepare(message, now=NOW)

@@ -16,12 +16,13 @@ tree (:func:`check_written_parts`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from email.headerregistry import AddressHeader
 from email.message import Message
 from typing import NoReturn, cast
 
-from mailstrom.errors import HeaderInjection, InvalidMessage
+from mailstrom.errors import HeaderInjection, InvalidHeaderValue, InvalidMessage
 from mailstrom.message import mime
 from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_PARTS, too_many_fields, too_many_parts
@@ -67,6 +68,8 @@ def check_entity_headers(message: Message) -> bool:
                     _check_folding(name, text)
                     check_other_line_breaks(name, text)
                     _check_decoded(name, text)
+                if name.lower() in _PARAMETERISED:
+                    _check_parameter_names(name, raw_value, text)
                 if not utf8 and name.lower() in ADDRESS_FIELDS:
                     utf8 = (
                         _has_utf8_address(name, raw_value)
@@ -158,6 +161,39 @@ def _check_decoded(name: str, value: str) -> None:
             f"line break: {shorten(value)}",
             header=name,
         )
+
+
+MAX_PARAMETER_NAME = 40
+"""Longest MIME parameter name taken from a stdlib message (RFC 2045 §5.1 sets none).
+
+The stdlib's writer splits a long parameter into RFC 2231 sections of the line length
+less the name (``email._header_value_parser._fold_mime_parameters``); for a name of 60
+characters or so nothing of the value fits, and on 3.11.7 it loops for ever. Real names
+(``filename``, ``boundary``, ``creation-date``) are short."""
+
+# A run of characters long enough to hold a parameter name over the bound: only then is a
+# raw value parsed to find its names.
+_LONG_RUN = re.compile(rf"[^\s;=]{{{MAX_PARAMETER_NAME + 1},}}")
+
+
+def _check_parameter_names(name: str, value: object, text: str) -> None:
+    """Refuse a Content-Type or Content-Disposition value with a parameter name over
+    :data:`MAX_PARAMETER_NAME` characters, before the stdlib's writer hangs on it."""
+    params: Iterable[str] | None = getattr(value, "params", None)
+    if params is None:  # a raw string: parsed as the writer does when it refolds it
+        if _LONG_RUN.search(text) is None:
+            return
+        try:
+            params = getattr(HEADER_FACTORY(name, "".join(text.splitlines())), "params", ())
+        except Exception:
+            return  # nor can the writer parse it: serialise() raises InvalidMessage
+    for param in params:
+        if len(param) > MAX_PARAMETER_NAME:
+            raise InvalidHeaderValue(
+                f"the {name} header has a parameter name of {len(param)} characters, "
+                f"{shorten(param, 60)}; the limit is {MAX_PARAMETER_NAME}",
+                header=name,
+            )
 
 
 def _injection(name: str, value: str) -> NoReturn:
