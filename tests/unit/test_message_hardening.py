@@ -1067,3 +1067,24 @@ def test_a_long_parameter_name_does_not_hang_the_writer(kind: str) -> None:
     del message["Content-Type"]
     message["Content-Type"] = value.replace("n" * 70, "n" * 40)
     prepare(message, now=NOW)
+
+
+@pytest.mark.parametrize("kind", ["EmailMessage", "compat32"])
+def test_a_value_the_folder_breaks_without_white_space(kind: str) -> None:
+    """The stdlib's folder broke a long Content-Type before a comment with no white space
+    to make the rest a continuation: ``(X-Injected: 1)`` was written as a field of its
+    own, at the top level as in a part. The written fields are read back along the tree."""
+    subtype = "x" * 80 + "(X-Injected: 1)"
+    message: Message
+    if kind == "EmailMessage":
+        message = EmailMessage()
+        message.set_content("hi")
+        message.add_attachment(b"", "application", subtype)
+    else:
+        message = Message()
+        message["Content-Type"] = f"application/{subtype}"
+        message.set_payload("x")
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    with pytest.raises(HeaderInjection, match=r"Content-Type field .*'\(X-Injected: 1\)'"):
+        prepare(message, now=NOW)

@@ -57,7 +57,7 @@ from mailstrom.message.headers import (
 from mailstrom.message.identification import check_date, check_message_id
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
-from mailstrom.message.trees import check_entity_headers, check_written_parts
+from mailstrom.message.trees import check_entity_headers, check_written_tree
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
@@ -351,13 +351,13 @@ def _serialise(message: Message) -> bytes:
 
     Only what decides *how* to serialise is looked at here; everything else is checked
     on the bytes, by the same code as raw input, once they are known to hold the parts
-    the tree does (:func:`~mailstrom.message.trees.check_written_parts`).
+    the tree does (:func:`~mailstrom.message.trees.check_written_tree`).
     """
     utf8 = check_entity_headers(message)
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     data = to_crlf(serialise(message, utf8=utf8))
-    check_written_parts(message, data)
+    check_written_tree(message, data)
     return data
 
 

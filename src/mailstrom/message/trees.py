@@ -1,5 +1,6 @@
 """A stdlib ``Message`` tree as ``prepare()`` takes it: its fields checked before the
-stdlib writes it, and the bytes it wrote checked to hold the parts the tree does.
+stdlib writes it, and the bytes it wrote checked to hold the parts and fields the tree
+does.
 
 Before: the stdlib stores what it is given and writes it as it is, on some Pythons
 whatever it holds (see :func:`check_entity_headers`), so every entity's fields are
@@ -11,7 +12,8 @@ parts' content, as one the writer makes up is: a part body or a preamble holding
 delimiter line of that boundary is read as more parts, or fewer, than the tree has —
 parts nobody built, with header fields of the sender's choosing. So the bytes are read
 back at the octet level (:mod:`~mailstrom.message.mime`, raw input's reader) along the
-tree (:func:`check_written_parts`).
+tree (:func:`check_written_tree`), and so are their header fields: the stdlib's folder
+can break a line so that the rest reads as a field of its own.
 """
 
 from __future__ import annotations
@@ -203,31 +205,81 @@ def _injection(name: str, value: str) -> NoReturn:
     )
 
 
-def check_written_parts(message: Message, data: bytes) -> None:
+def check_written_tree(message: Message, data: bytes) -> None:
     """Raise :class:`InvalidMessage` if ``data`` (``message`` as the stdlib wrote it, CRLF
-    line ends) reads back with other parts than ``message`` holds.
+    line ends) reads back with other parts than ``message`` holds, or an entity with a
+    header line that is none of its fields (:class:`HeaderInjection`).
 
     ``message`` has been walked within the bounds already (:func:`check_entity_headers`):
     every multipart's parts are messages, and the tree is at most
     :data:`~mailstrom.message.mime.MAX_DEPTH` deep.
     """
-    pending = [(message, mime.entity(data))]
+    pending = [(message, 0, len(data), "text/plain")]
     while pending:
-        node, item = pending.pop()
+        node, start, end, default = pending.pop()
+        _check_written_fields(node, data[start : mime.body_start(data, start, end)])
         if not node.is_multipart():
             continue  # a leaf's body is checked as the parts around it are
         # A list of messages: check_entity_headers refused anything else in one.
         children = cast("list[Message]", node.get_payload())
-        if item.nested:
-            # The writer writes the first message of a message/rfc822 part only.
-            pending.append((children[0], mime.entity(data, item.body, item.end)))
+        item = mime.entity(data, start, end, default=default)
+        if item.maintype == "message" and children:
+            # The writer writes the first message of a message/* part only, and whatever
+            # its Content-Transfer-Encoding says, as the stdlib's reader reads it.
+            pending.append((children[0], item.body, item.end, "text/plain"))
         elif item.maintype == "multipart":
-            default = "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
+            untyped = "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
             spans = _part_spans(item, len(children))
             pending.extend(
-                (child, mime.entity(data, start, end, default=default))
-                for child, (start, end) in zip(children, spans, strict=False)
+                (child, part_start, part_end, untyped)
+                for child, (part_start, part_end) in zip(children, spans, strict=False)
             )
+
+
+WRITER_FIELDS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+"""Fields the stdlib's writer may add to an entity: Content-Type when it gives a multipart
+a boundary (``set_boundary``), and all three when it re-encodes a payload
+(``set_payload(payload, charset)``)."""
+
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def _check_written_fields(node: Message, head: bytes) -> None:
+    """Refuse a header line the writer wrote for ``node`` that is neither a field of it
+    nor a continuation line.
+
+    The stdlib's folder can break a line before a comment without the white space that
+    makes the rest a continuation: ``Content-Type: application/xxx…(X-Injected: 1)``
+    was written with ``(X-Injected: 1)`` as a field of its own.
+    """
+    written = (
+        head.count(b"\r\n")
+        - head.count(b"\r\n ")
+        - head.count(b"\r\n\t")
+        - head.endswith(b"\r\n\r\n")  # the empty line that ends the section
+    )
+    if written == len(node):
+        # As many lines start a field as the node has fields, and the writer writes
+        # each of them: no line was added (counted at C speed: most messages stop here).
+        return
+    names: set[str] | None = None
+    field = "(none)"
+    for line in head.split(b"\r\n"):
+        if not line or line[:1] in (b" ", b"\t"):
+            continue
+        match = _FIELD.match(line)
+        if match is not None:
+            if names is None:
+                names = {key.lower() for key in node} | WRITER_FIELDS
+            if match[1].decode("ascii").lower() in names:
+                field = match[1].decode("ascii")
+                continue
+        raise HeaderInjection(
+            f"the stdlib wrote the {field} field with a line that does not continue it: "
+            f"{shorten(line.decode('latin-1'))} (it could not fold the value; shorten or "
+            "change it)",
+            header=field,
+        )
 
 
 def _part_spans(item: mime.Entity, parts: int) -> tuple[tuple[int, int], ...]:
