@@ -12,10 +12,13 @@ lease is a hot path.
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import NamedTuple
+
 from mailstrom.arguments import shown
 from mailstrom.errors import UnreadableRow
 from mailstrom.message.dsn import DSN
-from mailstrom.stores.base import storable_text
+from mailstrom.stores.base import LeasedRecipient, WorkItem, storable_text
 
 UNREADABLE = "queue row unreadable"
 """How the error of a recipient failed for an unreadable row begins."""
@@ -67,3 +70,42 @@ def checked_dsn(value: object) -> DSN | None:
         except ValueError:
             pass
     raise UnreadableRow(f"dsn is {shown(value)}, not a DSN request")
+
+
+class MessageHead(NamedTuple):
+    """A leased message's columns, decoded and checked: what every work item of the
+    message carries (both stores read them into this, each from its own row shape)."""
+
+    envelope_from: str
+    created_at: datetime
+    data: bytes
+    smtputf8: bool
+    eightbit: bool
+    require_tls: bool
+    expires_at: datetime | None
+    priority: str
+    dsn: DSN | None
+
+    def work_item(
+        self,
+        *,
+        message_id: str,
+        lease_token: str,
+        domain: str,
+        recipients: tuple[LeasedRecipient, ...],
+    ) -> WorkItem:
+        """The work item of this message's ``recipients`` at ``domain``."""
+        return WorkItem(
+            message_id=message_id,
+            lease_token=lease_token,
+            domain=domain,
+            envelope_from=self.envelope_from,
+            recipients=recipients,
+            data=self.data,
+            smtputf8=self.smtputf8,
+            eightbit=self.eightbit,
+            require_tls=self.require_tls,
+            expires_at=self.expires_at,
+            priority=self.priority,
+            dsn=self.dsn,
+        )

@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailstrom.errors import UnreadableRow
-from mailstrom.message.dsn import DSN
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
@@ -30,7 +29,6 @@ from mailstrom.stores.base import (
     Lease,
     LeasedRecipient,
     RecipientResult,
-    WorkItem,
     bounded_attempt,
     domain_of,
     new_message_id,
@@ -38,6 +36,7 @@ from mailstrom.stores.base import (
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.row_checks import (
     UNREADABLE,
+    MessageHead,
     checked_attempts,
     checked_data,
     checked_dsn,
@@ -225,7 +224,8 @@ def lease_rows(
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
-    heads: dict[int, _Head | UnreadableRow] = {}
+    heads: dict[int, MessageHead | UnreadableRow] = {}
+    message_ids: dict[int, str] = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
             "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls,"
@@ -234,6 +234,7 @@ def lease_rows(
             chunk,
         ):
             heads[m[0]] = _head(m)
+            message_ids[m[0]] = m[1]
     groups: dict[tuple[int, str], list[tuple[int, LeasedRecipient]]] = {}
     unreadable: list[_SetAside] = []
     for row in rows:
@@ -261,19 +262,11 @@ def lease_rows(
         assert not isinstance(head, UnreadableRow)
         leased.sort(key=lambda pair: pair[0])
         items.append(
-            WorkItem(
-                message_id=head.id,
+            head.work_item(
+                message_id=message_ids[seq],
                 lease_token=token,
                 domain=domain,
-                envelope_from=head.envelope_from,
                 recipients=tuple(r for _, r in leased),
-                data=head.data,
-                smtputf8=head.smtputf8,
-                eightbit=head.eightbit,
-                require_tls=head.require_tls,
-                expires_at=head.expires_at,
-                priority=head.priority,
-                dsn=head.dsn,
             )
         )
     if not items and not failed:
@@ -281,32 +274,16 @@ def lease_rows(
     return Lease(token=token, expires_at=expires_at, items=tuple(items), failed=failed)
 
 
-class _Head(NamedTuple):
-    """A leased message's row, decoded and checked (see :mod:`row_checks`)."""
-
-    id: str
-    envelope_from: str
-    smtputf8: bool
-    eightbit: bool
-    created_at: datetime
-    data: bytes
-    require_tls: bool
-    expires_at: datetime | None
-    priority: str
-    dsn: DSN | None
-
-
 _MISSING = UnreadableRow("its message row is missing")
 
 
-def _head(row: Any) -> _Head | UnreadableRow:
+def _head(row: Any) -> MessageHead | UnreadableRow:
     """The message row of a lease (seq, id, envelope_from, smtputf8, eightbit, created_at,
     data, require_tls, expires_at, priority, dsn, size), or why it cannot be delivered."""
-    _, mid, envelope_from, smtputf8, eightbit, created_at, data, require_tls = row[:8]
+    envelope_from, smtputf8, eightbit, created_at, data, require_tls = row[2:8]
     expires_at, lane, dsn, size = row[8:]
     try:
-        return _Head(
-            id=mid,
+        return MessageHead(
             envelope_from=checked_text(envelope_from, "envelope_from"),
             smtputf8=bool(smtputf8),
             eightbit=bool(eightbit),
@@ -327,7 +304,7 @@ class _SetAside(NamedTuple):
     decoded (or why not), and why."""
 
     row: Any
-    head: _Head | UnreadableRow
+    head: MessageHead | UnreadableRow
     problem: UnreadableRow
 
 

@@ -12,7 +12,6 @@ from psycopg.abc import Buffer
 from psycopg.types.datetime import TimestamptzLoader
 
 from mailstrom.errors import UnreadableRow
-from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -31,7 +30,6 @@ from mailstrom.stores.base import (
     Lease,
     LeasedRecipient,
     RecipientResult,
-    WorkItem,
     bounded_attempt,
     domain_of,
     reason_class_of,
@@ -39,6 +37,7 @@ from mailstrom.stores.base import (
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.row_checks import (
     UNREADABLE,
+    MessageHead,
     checked_attempts,
     checked_data,
     checked_dsn,
@@ -182,7 +181,7 @@ def lease_from_rows(
     worker then looks them up with Python's case folding). Also the rows that cannot be
     delivered, and why (:mod:`~mailstrom.stores.row_checks`): the caller fails them. The
     lease is None when no row can be delivered."""
-    heads: dict[str, _Head | UnreadableRow] = {}
+    heads: dict[str, MessageHead | UnreadableRow] = {}
     for row in found:
         if row.data is not None:  # the message's first row
             heads[row.message_id] = _head(row)
@@ -220,19 +219,11 @@ def lease_from_rows(
         assert not isinstance(head, UnreadableRow)
         members.sort(key=lambda m: m[0])
         items.append(
-            WorkItem(
+            head.work_item(
                 message_id=message_id,
                 lease_token=token,
                 domain=domain,
-                envelope_from=head.envelope_from,
                 recipients=tuple(r for _, r in members),
-                data=head.data,
-                smtputf8=head.smtputf8,
-                eightbit=head.eightbit,
-                require_tls=head.require_tls,
-                expires_at=head.expires_at,
-                priority=head.priority,
-                dsn=head.dsn,
             )
         )
     if not items:
@@ -287,31 +278,17 @@ def set_aside_results(
     return tuple(results)
 
 
-class _Head(NamedTuple):
-    """A leased message's columns, checked (see :mod:`~mailstrom.stores.row_checks`)."""
-
-    envelope_from: str
-    created_at: datetime
-    data: bytes
-    smtputf8: bool
-    eightbit: bool
-    require_tls: bool
-    expires_at: datetime | None
-    priority: str
-    dsn: DSN | None
-
-
 _NO_DATA = UnreadableRow("its message's row was not returned with it")
 
 
-def _head(row: LeaseRow) -> _Head | UnreadableRow:
+def _head(row: LeaseRow) -> MessageHead | UnreadableRow:
     """The message of ``row`` (its first row, carrying the bytes), or why it cannot be
     delivered. PostgreSQL has checked every type; what is left is what a hand-made
     ``UPDATE`` can still get wrong."""
     try:
         if row.created_at is None:  # out of range: named in bad_times
             raise UnreadableRow(f"out of range: {row.bad_times}")
-        return _Head(
+        return MessageHead(
             envelope_from=row.envelope_from,
             created_at=row.created_at,
             data=checked_data(row.data, row.size),
