@@ -1088,3 +1088,20 @@ def test_a_value_the_folder_breaks_without_white_space(kind: str) -> None:
     message["To"] = "b@example.org"
     with pytest.raises(HeaderInjection, match=r"Content-Type field .*'\(X-Injected: 1\)'"):
         prepare(message, now=NOW)
+
+
+def test_compat32_header_values_are_written_as_their_encoded_words() -> None:
+    """``msg["Subject"] = Header("Grüße", "utf-8")`` on a ``MIMEText``, how Python's
+    documentation long taught non-ASCII headers (and what smtplib sends), raised
+    InvalidMessage ("'Header' object has no attribute 'splitlines'")."""
+    message = MIMEText("Grüße", "plain", "utf-8")
+    message["From"] = Header("Jörg Müller", "utf-8").encode() + " <joerg@example.com>"
+    message["To"] = "b@example.org"
+    subject = "Grüße aus Köln, " * 8
+    message["Subject"] = Header(subject, "utf-8")
+    prepared = prepare(message, now=NOW)
+    assert not prepared.smtputf8
+    read = parsed(prepared.data)
+    assert str(read["Subject"]) == subject
+    assert str(read["From"]) == "Jörg Müller <joerg@example.com>"
+    assert prepared.data.isascii()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import binascii
 import io
 import re
-from email import base64mime, policy, quoprimime
+from email import base64mime, quoprimime
 from email.generator import BytesGenerator
+from email.header import Header
 from email.message import Message
+from email.policy import EmailPolicy
 from typing import Any
 
 from mailstrom.errors import InvalidMessage, LineTooLong, UnencodableHeader
@@ -204,6 +206,29 @@ def _has_field(head: bytes, key: bytes) -> bool:
     )
 
 
+class _SMTPPolicy(EmailPolicy):
+    """``email.policy.SMTP`` that also writes a compat32 :class:`~email.header.Header`
+    value (``msg["Subject"] = Header("Grüße", "utf-8")``, how Python's documentation long
+    taught non-ASCII headers, and what ``smtplib`` sends) as the RFC 2047 words it encodes
+    to; the stock policy raises AttributeError on one."""
+
+    def fold(self, name: str, value: Any) -> str:
+        folded: str = super().fold(name, _encoded(value))
+        return folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        return super().fold_binary(name, _encoded(value))
+
+
+def _encoded(value: Any) -> Any:
+    # Folded between its words with LF; the policy writes its own line ends.
+    return value.encode() if isinstance(value, Header) else value
+
+
+_SMTP = _SMTPPolicy(linesep="\r\n")
+_SMTPUTF8 = _SMTPPolicy(linesep="\r\n", utf8=True)
+
+
 def serialise(message: Message, *, utf8: bool) -> bytes:
     """Serialise a stdlib message with CRLF line endings (``email.policy.SMTP``).
 
@@ -212,7 +237,7 @@ def serialise(message: Message, *, utf8: bool) -> bytes:
     """
     out = io.BytesIO()
     generator: BytesGenerator[Any] = BytesGenerator(
-        out, mangle_from_=False, policy=policy.SMTPUTF8 if utf8 else policy.SMTP
+        out, mangle_from_=False, policy=_SMTPUTF8 if utf8 else _SMTP
     )
     try:
         generator.flatten(message)
