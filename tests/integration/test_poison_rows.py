@@ -511,6 +511,35 @@ def test_sqlite_next_due_makes_a_recipient_without_a_due_time_due(sqlite_path: P
         store.close()
 
 
+def test_a_read_only_store_leaves_the_undated_recipient_and_still_sees_later_dues(
+    sqlite_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that cannot write (``mailstrom status`` and the dashboard open it
+    read-only) cannot make the recipient due: it says so, and its next_due is still the
+    good message's hour (on SQLite the undated row sorts first in its lane)."""
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        good = store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+    finally:
+        store.close()
+    damage_sqlite(sqlite_path, SQLITE["next_attempt_at NULL"], victim)
+    later = (
+        "UPDATE recipients SET next_attempt_at = next_attempt_at + 3600000000"
+        f" WHERE message_seq = {SEQ}"
+    )
+    damage_sqlite(sqlite_path, Damage(later, LEFT), good)
+    reader = SQLiteStore(sqlite_path, read_only=True)
+    try:
+        due = reader.next_due(now=now)
+        assert due is not None and timedelta(minutes=59) < due - now <= timedelta(hours=1)
+        assert "pending recipients without a due time not made due" in caplog.text
+        assert reader.status(victim).recipients[0].next_attempt_at is None
+    finally:
+        reader.close()
+
+
 @pytest.mark.postgres
 def test_postgres_next_due_makes_a_recipient_without_a_due_time_due(
     postgres_url: str, pg_store: PostgresStore

@@ -12,11 +12,13 @@ lease is a hot path.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import NamedTuple
 
 from mailstrom.arguments import shown
-from mailstrom.errors import UnreadableRow
+from mailstrom.errors import StoreError, UnreadableRow
 from mailstrom.message.dsn import DSN
 from mailstrom.stores.base import LeasedRecipient, WorkItem, storable_text
 
@@ -70,6 +72,23 @@ def checked_dsn(value: object) -> DSN | None:
         except ValueError:
             pass
     raise UnreadableRow(f"dsn is {shown(value)}, not a DSN request")
+
+
+def made_due(date_undated: Callable[[], int], log: logging.Logger) -> bool:
+    """Run ``date_undated`` (a store's statement making its pending recipients without a
+    due time due now; how many it changed) and say so; whether there were any. A store
+    that cannot write (read-only, a role without the right) leaves them: the due times
+    behind them count all the same."""
+    try:
+        changed = date_undated()
+    except StoreError as exc:
+        log.warning("pending recipients without a due time not made due: %s", exc)
+        return False
+    if changed:
+        log.warning(
+            "%d pending recipient(s) had no due time (a row changed by hand): due now", changed
+        )
+    return changed > 0
 
 
 class MessageHead(NamedTuple):

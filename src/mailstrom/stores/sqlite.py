@@ -90,6 +90,7 @@ from mailstrom.stores.operator import (
     normalize_prefix,
     pick_one,
 )
+from mailstrom.stores.row_checks import made_due
 from mailstrom.stores.sqlite_operator import (
     active_suspensions,
     cancel_seqs,
@@ -858,20 +859,13 @@ class SQLiteStore:
 
     def _date_undated(self, lanes: Sequence[str], *, now: datetime) -> bool:
         """Make the pending recipients of ``lanes`` without a due time due at ``now``
-        (:func:`date_undated`); whether there were any. A store that cannot write (opened
-        read-only) leaves them: the due times behind them count all the same."""
-        try:
+        (:func:`date_undated`, :func:`~mailstrom.stores.row_checks.made_due`)."""
+
+        def update() -> int:
             with self._write(fsync=False) as conn:
-                changed = date_undated(conn, lanes, now=to_us(now))
-        except StoreError as exc:
-            log.warning("pending recipients without a due time not made due: %s", exc)
-            return False
-        if changed:
-            log.warning(
-                "%d pending recipient(s) had no due time (a row changed by hand): due now",
-                changed,
-            )
-        return changed > 0
+                return date_undated(conn, lanes, now=to_us(now))
+
+        return made_due(update, log)
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""

@@ -73,7 +73,7 @@ from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
-from mailstrom.stores.row_checks import UNREADABLE
+from mailstrom.stores.row_checks import UNREADABLE, made_due
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -462,21 +462,15 @@ class PostgresStore:
         return cast("datetime | None", due)
 
     def _date_undated(self, now: datetime) -> bool:
-        """Make the pending recipients without a due time due at ``now``; whether there
-        were any. A role that may not write leaves them: the due times before them count
-        all the same."""
-        try:
+        """Make the pending recipients without a due time due at ``now``
+        (:func:`~mailstrom.stores.row_checks.made_due`)."""
+
+        def update() -> int:
             with translate_errors("date_undated"), self._pool.connection() as conn:
-                changed = conn.execute(self._queries["date_undated"], {"now": now}).rowcount
-        except StoreError as exc:
-            log.warning("pending recipients without a due time not made due: %s", exc)
-            return False
-        if changed:
-            log.warning(
-                "%d pending recipient(s) had no due time (a row changed by hand): due now",
-                changed,
-            )
-        return changed > 0
+                changed: int = conn.execute(self._queries["date_undated"], {"now": now}).rowcount
+            return changed
+
+        return made_due(update, log)
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""
