@@ -203,7 +203,8 @@ class OldestPending:
     """The message waiting longest: the first queued of those with a pending recipient."""
 
     id: str
-    created_at: datetime
+    created_at: datetime | None
+    """None when the stored time is no time (a row changed by hand): its age is unknown."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

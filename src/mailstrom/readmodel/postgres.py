@@ -8,6 +8,8 @@ pending recipients.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +79,15 @@ class PostgresReadModel:
         with translate_errors("connecting"):
             self._pool.open(wait=True, timeout=timeout)
 
+    @contextmanager
+    def _reading(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the pool for one view, in one transaction. A time the driver
+        cannot hold (infinity, a year past 9999: a row changed by hand) reads as None
+        (ReadableTimes), which the view shows as unknown, instead of failing it whole."""
+        with translate_errors(doing), self._pool.connection() as conn, conn.transaction():
+            conn.adapters.register_loader("timestamptz", ReadableTimes)
+            yield conn
+
     def close(self) -> None:
         """Close the pool. Idempotent."""
         self._pool.close()
@@ -85,11 +96,7 @@ class PostgresReadModel:
         """See :meth:`ReadModel.overview`."""
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
-        with (
-            translate_errors("overview"),
-            self._pool.connection() as conn,
-            conn.transaction(),
-        ):
+        with self._reading("overview") as conn:
             for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
                 by_state[RecipientState(state)] = int(n)
             row = conn.execute(
@@ -176,11 +183,7 @@ class PostgresReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
-        with (
-            translate_errors("destinations"),
-            self._pool.connection() as conn,
-            conn.transaction(),
-        ):
+        with self._reading("destinations") as conn:
             rows = conn.execute(
                 b"SELECT domain, count(*) FILTER (WHERE state = 'deferred'), count(*)"
                 b" FROM recipients WHERE state IN ('queued', 'deferred')"
@@ -202,7 +205,7 @@ class PostgresReadModel:
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
-        with translate_errors("suspensions"), self._pool.connection() as conn:
+        with self._reading("suspensions") as conn:
             return self._suspensions(conn, now)
 
     @staticmethod

@@ -42,7 +42,7 @@ from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
-from mailstrom.stores.sqlite_schema import from_us, opt_dt, reply_from, to_us
+from mailstrom.stores.sqlite_schema import from_us, reply_from, shown_time, to_us
 
 SET_LIMIT = 20_000
 """A filter matching at most this many recipients is applied through its index; a larger
@@ -154,7 +154,9 @@ class SQLiteReadModel:
                 "SELECT id, created_at FROM messages WHERE seq = (SELECT min(message_seq)"
                 f" FROM recipients INDEXED BY recipients_pending_message WHERE {_PENDING})"
             ).fetchone()
-            oldest = None if row is None else OldestPending(id=row[0], created_at=from_us(row[1]))
+            oldest = (
+                None if row is None else OldestPending(id=row[0], created_at=shown_time(row[1]))
+            )
             width = to_us(start + BUCKET) - to_us(start)
             counts = {
                 (int(i), outcome): n
@@ -208,7 +210,7 @@ class SQLiteReadModel:
             deferred=deferred,
             last_reply=str(reply) if reply is not None else last[3],
             reason_class=reason_class_of(last[4]),
-            last_attempt_at=opt_dt(last[5]),
+            last_attempt_at=shown_time(last[5]),
         )
 
     def destinations(

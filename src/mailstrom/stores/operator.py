@@ -99,7 +99,8 @@ class Suspension:
     """A destination no worker delivers to until ``until`` (None: until resumed)."""
 
     domain: str
-    suspended_at: datetime
+    suspended_at: datetime | None
+    """When it was suspended; None when the stored time is no time (a row changed by hand)."""
     until: datetime | None = None
 
     def active(self, now: datetime) -> bool:

@@ -26,7 +26,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.sqlite_queue import MESSAGE_STATE_SQL, PENDING_SQL, chunks, qmarks
-from mailstrom.stores.sqlite_schema import from_us, opt_dt, to_us
+from mailstrom.stores.sqlite_schema import shown_time, to_us
 
 # --- ids -----------------------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ def shape_rows_sql(
 
 def active_suspensions(conn: sqlite3.Connection, now: datetime) -> list[Suspension]:
     return [
-        Suspension(domain=domain, suspended_at=from_us(at), until=opt_dt(until))
+        Suspension(domain=domain, suspended_at=shown_time(at), until=shown_time(until))
         for domain, at, until in conn.execute(
             "SELECT domain, suspended_at, until FROM suspensions"
             " WHERE until IS NULL OR until > ? ORDER BY domain",

@@ -61,6 +61,15 @@ def opt_time_at(us: object, column: str) -> datetime | None:
     return None if us is None else time_at(us, column)
 
 
+def shown_time(us: object) -> datetime | None:
+    """A time an operator's view shows: :func:`time_at`, or None (unknown) for a value that
+    is no such time (a row changed by hand), so that one row does not fail the whole view."""
+    try:
+        return time_at(us, "")
+    except UnreadableRow:
+        return None
+
+
 def opt_dt(us: int | None) -> datetime | None:
     """:func:`from_us`, passing None through."""
     return None if us is None else from_us(us)

@@ -747,8 +747,8 @@ class PostgresStore:
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspensions in force at ``now``, by domain."""
         return [
-            Suspension(domain=domain, suspended_at=at, until=until)
-            for domain, at, until in self._fetch("suspensions", {"now": now})
+            Suspension(domain=row["domain"], suspended_at=row["suspended_at"], until=row["until"])
+            for row in self._fetch_dicts("suspensions", {"now": now})
         ]
 
     # --- traffic shaping --------------------------------------------------------------
