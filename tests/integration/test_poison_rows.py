@@ -366,7 +366,7 @@ def check_outcome(then: str, state: str, error: str | None, lease: str | None) -
         assert state in ("deferred", "failed", "delivered")
         assert error is None or not error.startswith(UNREADABLE)
     elif then == DATED:
-        assert state in ("queued", "deferred")
+        assert state == "deferred"  # made due, attempted: the 451
         assert error is None or not error.startswith(UNREADABLE)
     elif then == REFUSED:
         assert state == "failed"
@@ -557,6 +557,40 @@ def test_postgres_next_due_makes_a_recipient_without_a_due_time_due(
             (good,),
         )
     check_undated_made_due(pg_store, good, victim)
+
+
+def check_once_delivers_the_undated_alone(store: Store, dns: LoopbackDNS, mx: Any) -> None:
+    """A ``once`` run that finds only a recipient without a due time: its first lease
+    finds nothing due and nothing is in flight, so it ended without asking next_due, and
+    the recipient stayed queued at every ``mailstrom worker --once``. It is now made due
+    and attempted (the server's 451 defers it)."""
+    heard = deliver_once(store, dns, mx)
+    assert mx.commands.count("RCPT") == 1  # the victim's, answered 451
+    assert [(r.address, r.state) for r in heard] == [(VICTIM, RecipientState.DEFERRED)]
+
+
+def test_sqlite_a_once_run_delivers_a_recipient_without_a_due_time(
+    sqlite_path: Path, dns_server: LoopbackDNS, mx: Any
+) -> None:
+    store = SQLiteStore(sqlite_path)
+    try:
+        victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
+        damage_sqlite(sqlite_path, SQLITE["next_attempt_at NULL"], victim)
+        check_once_delivers_the_undated_alone(store, dns_server, mx)
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_a_once_run_delivers_a_recipient_without_a_due_time(
+    postgres_url: str, pg_store: PostgresStore, dns_server: LoopbackDNS, mx: Any
+) -> None:
+    victim = pg_store.enqueue(message(VICTIM), now=datetime.now(UTC))
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE recipients SET next_attempt_at = NULL WHERE message_id = %s", (victim,)
+        )
+    check_once_delivers_the_undated_alone(pg_store, dns_server, mx)
 
 
 def test_a_lease_of_set_aside_recipients_alone_is_reported(

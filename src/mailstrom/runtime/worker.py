@@ -136,6 +136,8 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._due_stale = True
         """Whether ``_due_at`` must be read again: after a lease found nothing due, and
         after a wake-up (new mail may be due earlier)."""
+        self._once_asked = False
+        """Whether a ``once`` run has asked ``next_due`` before ending (see _idle)."""
         self._lane_load: dict[str, int] = {}
         """Recipients leased and not yet delivered (or failed) per lane."""
         self._item_lanes: dict[tuple[str, str, str], str] = {}
@@ -456,7 +458,26 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         timeout = self.config.poll_interval
         waits_for: datetime | None = None
         if once and dispatcher.idle.is_set():
-            return True  # the last lease found nothing due, and nothing is in flight
+            # The last lease found nothing due, and nothing is in flight. Ask next_due once
+            # before ending: a pending recipient without a due time (a row changed by hand)
+            # is made due only there, and a run that never asked it would leave it queued
+            # at every `mailstrom worker --once`. Once only: work next_due calls due and no
+            # lease takes (a suspended destination) must not keep the run going.
+            if self._once_asked:
+                return True
+            self._once_asked = True
+            now = self._clock()
+            try:
+                due = await self._store_call(self.store.next_due, now=now)
+            except StoreCorrupt:
+                raise
+            except StoreError as exc:
+                self._store_trouble("next_due", exc)
+                return True
+            if due is None or due > now:
+                return True
+            self._lease_wanted = True
+            return False
         if not self._starved and not self._capped and not self._stopping:
             if self._due_stale or dispatcher.idle.is_set():
                 try:
