@@ -270,3 +270,25 @@ def test_postgres_suspensions_list_one_whose_times_the_driver_cannot_hold(
         assert by_domain[GOOD_DOMAIN].until is not None
     suspension = destinations[VICTIM_DOMAIN].suspension
     assert suspension is not None and suspension.until is None
+
+
+def test_sqlite_dashboard_message_page_says_an_unreadable_message_cannot_be_shown(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """It answered 503, "The queue cannot be read right now", which tells the operator to
+    try again later; the row stays as it is, so the page now says what is wrong (500) and
+    how to cancel the message, which works."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    victim, good = fill(sqlite_store)
+    damage_sqlite(sqlite_store, f"UPDATE messages SET created_at = 'junk' WHERE id = '{victim}'")
+    with TestClient(create_app(sqlite_store), base_url="http://127.0.0.1:8025") as client:
+        page = client.get(f"/message/{victim}")
+        fine = client.get(f"/message/{good}")
+    assert page.status_code == 500
+    assert "cannot be shown" in page.text and "right now" not in page.text
+    assert "queue row unreadable: created_at" in page.text
+    assert f"mailstrom cancel {victim}" in page.text
+    assert fine.status_code == 200

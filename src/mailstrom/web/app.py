@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from mailstrom.cli.output import age
-from mailstrom.errors import MailstromError, UnknownMessage
+from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
 from mailstrom.loopback import names_loopback
 from mailstrom.policy.reasons import advice_for
 from mailstrom.readmodel import (
@@ -188,6 +188,17 @@ def create_app(
             data = await run_in_threadpool(model.message_data, mid)
         except UnknownMessage:
             return problem(request, 404, f"no message {mid} in the queue")
+        except UnreadableRow as exc:
+            # Not "try again later" (the 503 of a store that cannot be reached): the row
+            # was changed outside mailstrom and stays so; the list pages leave it out.
+            log.warning("%s: %s", _shown(request.url.path), exc)
+            return problem(
+                request,
+                500,
+                f"This message cannot be shown: {exc}. Its pending recipients fail as"
+                f" unreadable when a worker leases them; `mailstrom cancel {mid}` cancels"
+                " them now.",
+            )
         body, cut = shown_body(data) if show_body else ("", False)
         pending = not status.is_final
         return render(
