@@ -19,6 +19,7 @@ name is ever reused for another.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
@@ -31,6 +32,9 @@ from mailstrom.errors import ConfigError
 from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
 from mailstrom.routing.policy import RoutePolicy
+
+if TYPE_CHECKING:
+    import httpx
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 FETCH_ERROR = "sts-policy-fetch-error"
@@ -87,7 +91,7 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     return records, float(answer.rrset.ttl if answer.rrset is not None else 0)
 
 
-async def _get(host: str, ip: str, config: MTASTSConfig, deadline: asyncio.Timeout) -> bytes:
+async def _get(host: str, ip: str, config: MTASTSConfig, timeouts: httpx.Timeout) -> bytes:
     body = bytearray()
     async with (
         https.client(
@@ -101,7 +105,7 @@ async def _get(host: str, ip: str, config: MTASTSConfig, deadline: asyncio.Timeo
             port=config.port,
             path=WELL_KNOWN,
             headers={"Accept-Encoding": "identity"},
-            deadline=deadline,
+            timeouts=timeouts,
         ) as response,
     ):
         status = response.status_code
@@ -158,12 +162,17 @@ async def fetch_policy(
             except https.NoUsableAddress as exc:
                 raise PolicyError(str(exc), result_type=FETCH_ERROR) from exc
             for ip in addresses:
+                timeouts = https.timeouts_before(deadline)  # what is left, for this one
                 try:
-                    return parse_policy(await _get(host, ip, config, deadline))
+                    return parse_policy(await _get(host, ip, config, timeouts))
+                except httpx.ConnectTimeout:
+                    # Connecting or the handshake stalled, and was ended well before the
+                    # deadline (https.CONNECT_SHARE): the next address gets the time left,
+                    # and the reason says what happened, not that the deadline passed.
+                    last = https.connect_timed_out(ip, timeouts)
                 except httpx.TimeoutException:
-                    # httpx's timeouts end where the deadline does (connecting a little
-                    # before it, see https.CONNECT_SHARE): the deadline is reached, and
-                    # reported as such.
+                    # Reading (or writing) may take all the time left: the deadline is
+                    # reached, and reported as such.
                     raise TimeoutError from None
                 except httpx.ConnectError as exc:
                     verify = https.verify_error(exc)

@@ -90,6 +90,9 @@ async def post_report(
     :data:`~mailstrom.routing.policy.PRIVATE_NETWORKS`) are refused unless
     ``allow_loopback`` (for tests), multicast and reserved ones always. Looking up the
     name, connecting, TLS, sending and the answer's head take ``timeout`` seconds in all.
+    An address where connecting or TLS stalls is given up before that (see
+    :data:`~mailstrom.mtasts.https.CONNECT_SHARE`) and the host's next one gets the time
+    left; once the report is sent, no other address is tried (it would count twice).
     The certificate is checked against ``context``, else the system's trust store.
     """
     import httpx  # the mta-sts extra; checked by the caller
@@ -179,6 +182,7 @@ async def _post_to_one_of(
 
     failure = "no address"
     for ip in addresses:
+        timeouts = https.timeouts_before(deadline)  # what is left, for this address
         try:
             async with (
                 https.client(context or https.default_context(), timeout) as http,
@@ -190,14 +194,20 @@ async def _post_to_one_of(
                     port=port,
                     path=path,
                     headers={"Content-Type": MEDIA_TYPE},
-                    deadline=deadline,
+                    timeouts=timeouts,
                     content=report.gzipped(),
                 ) as response,
             ):
                 status = response.status_code
+        except httpx.ConnectTimeout:
+            # Connecting or the handshake stalled, and was ended well before the deadline
+            # (https.CONNECT_SHARE). Nothing was sent: the next address gets the time left.
+            failure = https.connect_timed_out(ip, timeouts)
+            continue
         except httpx.TimeoutException:
-            # httpx's timeouts end where the deadline does (connecting a little before
-            # it, see https.CONNECT_SHARE): the deadline is reached, and reported as such.
+            # Any other: writing the report or waiting for the answer. It may have arrived,
+            # so no other address is tried (it could be posted twice). These timeouts end
+            # where the deadline does: it is reached, and reported as such.
             raise TimeoutError from None
         except httpx.ConnectError as exc:
             # Nothing was sent: the next address may do. After that, a failure is the
