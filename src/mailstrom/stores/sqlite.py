@@ -149,6 +149,10 @@ _CORRUPT = frozenset([sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB])
 is not a database")."""
 
 
+_LOW_SPACE = 1 << 20
+"""Bytes free on a disk below which an I/O error there is taken for a full disk."""
+
+
 def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
     """The store error for a SQLite error on ``path``: StoreCorrupt when it is permanent."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -156,7 +160,33 @@ def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
         return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
         return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
+    if _disk_full(code, path):
+        # SQLite's own words ("database or disk is full", "disk I/O error") leave an
+        # operator guessing which, and whether mail was lost: the failed transaction was
+        # rolled back, and the store works again once there is room.
+        return StoreError(
+            f"the disk holding {path} is full (SQLite: {exc}); free space on it and try"
+            " again (queued mail is kept)"
+        )
     return StoreError(f"SQLite error on {path}: {exc}")
+
+
+def _disk_full(code: object, path: str) -> bool:
+    """Whether SQLite's error ``code`` on ``path`` means its disk is full: SQLITE_FULL
+    (what a write that cannot grow the WAL or the file gets for ENOSPC), or an I/O error
+    on a disk with next to no space left (the ``-shm`` file SQLite needs to open a WAL
+    database cannot be made: SQLITE_IOERR_SHMSIZE, "disk I/O error")."""
+    if not isinstance(code, int):
+        return False
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    if code & 0xFF != sqlite3.SQLITE_IOERR:
+        return False
+    try:
+        disk = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return disk.f_bavail * disk.f_frsize < _LOW_SPACE
 
 
 def _is_cantopen(exc: sqlite3.Error) -> bool:
