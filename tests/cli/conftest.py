@@ -44,14 +44,16 @@ class Result:
 
 @dataclass
 class CLI:
-    """Runs ``python -m mailstrom`` in ``cwd`` with ``env``."""
+    """Runs ``python -m mailstrom`` (or ``python -m <module>``, a wrapper of the test's
+    taking the same arguments) in ``cwd`` with ``env``."""
 
     cwd: Path
     env: dict[str, str]
+    module: str = "mailstrom"
 
     def __call__(self, *args: str, stdin: bytes | None = None, timeout: float = 60) -> Result:
         proc = subprocess.run(
-            [sys.executable, "-m", "mailstrom", *args],
+            [sys.executable, "-m", self.module, *args],
             cwd=self.cwd,
             env=self.env,
             input=stdin if stdin is not None else b"",
@@ -69,7 +71,7 @@ class CLI:
 
     def popen(self, *args: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "mailstrom", *args],
+            [sys.executable, "-m", self.module, *args],
             cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,

@@ -36,7 +36,7 @@ from mailstrom.stores import SQLiteStore
 NO_LIMIT = 4294967294
 """SQLite's largest ``max_page_count`` (its default): no limit but the disk's."""
 
-MARKER_VARIABLE = "MAILSTROM_TEST_DISK_FULL"
+MARKER_VARIABLE = "TEST_DISK_FULL_MARKER"
 """In a process started with ``python -m tests.support.disk_full``: the file whose
 existence makes the disk full."""
 
@@ -92,7 +92,7 @@ class DiskFull:
 
 
 def main() -> int:
-    """``mailstrom`` with the disk full while the file named by $MAILSTROM_TEST_DISK_FULL
+    """``mailstrom`` with the disk full while the file named by $TEST_DISK_FULL_MARKER
     exists."""
     marker = Path(os.environ[MARKER_VARIABLE])
     DiskFull(is_full=marker.exists).install(setattr)

@@ -34,8 +34,9 @@ while the store has it open.
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
 exist (the last writer closed cleanly) cannot be opened ``mode=ro`` where SQLite may not
-create its ``-shm`` file; it is then opened ``immutable=1``, which is exact because without
-a ``-wal`` file the main file holds every committed transaction.
+create its ``-shm`` file, nor where a full disk has no room for it; it is then opened
+``immutable=1``, which is exact because without a ``-wal`` file (or with an empty one) the
+main file holds every committed transaction.
 """
 
 from __future__ import annotations
@@ -189,9 +190,23 @@ def _disk_full(code: object, path: str) -> bool:
     return disk.f_bavail * disk.f_frsize < _LOW_SPACE
 
 
-def _is_cantopen(exc: sqlite3.Error) -> bool:
+def _no_shm(exc: sqlite3.Error) -> bool:
+    """Whether opening failed for want of the ``-shm`` file: it cannot be created (a
+    read-only mount: SQLITE_CANTOPEN) or grown (a full disk: SQLITE_IOERR_SHMSIZE)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_CANTOPEN
+    if not isinstance(code, int):
+        return False
+    return code & 0xFF == sqlite3.SQLITE_CANTOPEN or code == sqlite3.SQLITE_IOERR_SHMSIZE
+
+
+def _wal_holds_frames(path: str) -> bool:
+    """Whether the ``-wal`` file of ``path`` exists and is not empty: it may then hold
+    committed transactions the main file does not have yet. (A failed open on a full
+    disk leaves an empty one behind.)"""
+    try:
+        return os.path.getsize(path + "-wal") > 0
+    except FileNotFoundError:
+        return False
 
 
 def _file_uri(path: str, query: str) -> str:
@@ -392,10 +407,10 @@ class SQLiteStore:
         try:
             version = self._probe()
         except sqlite3.Error as exc:
-            # A WAL database on read-only media whose -shm cannot be created; without a
-            # -wal file every committed transaction is in the main file, so reading it as
-            # immutable is exact.
-            if not _is_cantopen(exc) or os.path.exists(self._path + "-wal"):
+            # A WAL database on read-only media whose -shm cannot be created, or on a full
+            # disk with no room for it; without a -wal file (or with an empty one) every
+            # committed transaction is in the main file, so reading it as immutable is exact.
+            if not _no_shm(exc) or _wal_holds_frames(self._path):
                 raise _store_error(exc, self._path) from exc
             self._uri = _file_uri(self._path, "mode=ro&immutable=1")
             try:
