@@ -1110,3 +1110,58 @@ def test_compat32_header_values_are_written_as_their_encoded_words() -> None:
     assert str(read["Subject"]) == subject
     assert str(read["From"]) == "Jörg Müller <joerg@example.com>"
     assert prepared.data.isascii()
+
+
+def test_compat32_plain_non_ascii_header_strings_are_written_as_encoded_words() -> None:
+    """``msg["Subject"] = "Grüße"`` on a ``MIMEText`` (the common idiom, which smtplib
+    sends) raised UnencodableHeader ("'ascii' codec can't encode"): the SMTP policy writes
+    a short compat32 string as it is. Each field is now parsed as its type, so a display
+    name is encoded and its address stays readable (compat32's own ``as_bytes`` encodes
+    the address into the word as well), and a long text keeps every space (the stdlib's
+    folder dropped one between two encoded words)."""
+    message = MIMEText("Grüße", "plain", "utf-8")
+    message["From"] = "José Núñez <jose@example.com>"
+    message["To"] = "Zoë <zoe@example.org>, b@example.org"
+    message["Subject"] = "Café crème"
+    message["X-Note"] = "Köln, " * 20  # long: folded into several words
+    prepared = prepare(message, now=NOW)
+    assert not prepared.smtputf8
+    assert prepared.data.isascii()
+    assert b"<jose@example.com>" in prepared.data
+    assert prepared.recipients == ("zoe@example.org", "b@example.org")
+    read = parsed(prepared.data)
+    assert str(read["From"]) == "José Núñez <jose@example.com>"
+    assert str(read["To"]) == "Zoë <zoe@example.org>, b@example.org"
+    assert str(read["Subject"]) == "Café crème"
+    assert str(read["X-Note"]) == "Köln, " * 20
+    head = prepared.data.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert sum(line.startswith(b" ") for line in head) >= 2  # X-Note is folded
+
+
+def test_compat32_non_ascii_address_strings_go_as_smtputf8() -> None:
+    message = MIMEText("x", "plain", "utf-8")
+    message["From"] = "Jörg <jörg@example.com>"
+    message["To"] = "b@example.org"
+    message["Subject"] = "Grüße"
+    prepared = prepare(message, now=NOW)
+    assert prepared.smtputf8
+    assert prepared.envelope_from == "jörg@example.com"
+    assert "From: Jörg <jörg@example.com>".encode() in prepared.data
+
+
+@pytest.mark.parametrize("value", ["Köln, " * 20, "Grüße " + "aus Köln " * 12 + "und Bonn"])
+def test_a_long_non_ascii_text_of_an_email_message_keeps_its_spaces(value: str) -> None:
+    """The stdlib's folder dropped the space between two encoded words where it broke a
+    long Subject or X- field of an ``EmailMessage`` ("Köln, Köln" read back as
+    "Köln,Köln"); such text is now folded as the ``Email`` builder folds it."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Subject"] = value
+    message["X-Note"] = value
+    message.set_content("x")
+    prepared = prepare(message, now=NOW)
+    read = parsed(prepared.data)
+    assert str(read["Subject"]) == value
+    assert str(read["X-Note"]) == value
+    assert prepared.data.isascii()

@@ -8,12 +8,14 @@ import re
 from email import base64mime, quoprimime
 from email.generator import BytesGenerator
 from email.header import Header
+from email.headerregistry import UnstructuredHeader
 from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
 from mailstrom.errors import InvalidMessage, LineTooLong, UnencodableHeader
 from mailstrom.message import mime
+from mailstrom.message.words import unstructured_field
 
 MAX_LINE = 998
 """Longest line RFC 5322 §2.1.1 allows, in octets, not counting the CRLF."""
@@ -207,22 +209,62 @@ def _has_field(head: bytes, key: bytes) -> bool:
 
 
 class _SMTPPolicy(EmailPolicy):
-    """``email.policy.SMTP`` that also writes a compat32 :class:`~email.header.Header`
-    value (``msg["Subject"] = Header("Grüße", "utf-8")``, how Python's documentation long
-    taught non-ASCII headers, and what ``smtplib`` sends) as the RFC 2047 words it encodes
-    to; the stock policy raises AttributeError on one."""
+    """``email.policy.SMTP`` that also writes what a compat32 message (``MIMEText``,
+    ``Message()``) holds as a header value:
+
+    - a :class:`~email.header.Header` (``msg["Subject"] = Header("Grüße", "utf-8")``, how
+      Python's documentation long taught non-ASCII headers, and what ``smtplib`` sends)
+      as the RFC 2047 words it encodes to; the stock policy raises AttributeError on one;
+    - a plain string that is not ASCII (``msg["Subject"] = "Grüße"``, which ``smtplib``
+      sends as RFC 2047 words too) parsed as its field's type and folded as such, so that
+      a display name is encoded and its address left readable; the stock policy writes a
+      short one as it is and then cannot encode it ("'ascii' codec can't encode").
+
+    Non-ASCII text of an unstructured field (Subject, Comments, an ``X-`` field) is folded
+    by :func:`~mailstrom.message.words.unstructured_field`, as the ``Email`` builder's is:
+    the stdlib's folder drops the space between two encoded words where it breaks a long
+    one ("Köln, Köln" read back as "Köln,Köln").
+    """
 
     def fold(self, name: str, value: Any) -> str:
-        folded: str = super().fold(name, _encoded(value))
+        own = self._unstructured(name, value)
+        if own is not None:
+            return own
+        folded: str = super().fold(name, self._encoded(name, value))
         return folded
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        return super().fold_binary(name, _encoded(value))
+        own = self._unstructured(name, value)
+        if own is not None:
+            return own.encode("utf-8" if self.utf8 else "ascii")
+        return super().fold_binary(name, self._encoded(name, value))
 
+    def _unstructured(self, name: str, value: Any) -> str | None:
+        """The folded field (with its line end) when it is unstructured non-ASCII text
+        that UTF-8 can write; else None, for the stdlib's folder."""
+        if isinstance(value, Header):
+            return None
+        text = str(value)  # a header object: its decoded text
+        if text.isascii():
+            return None
+        factory = self.header_factory
+        kind = factory.registry.get(name.lower(), factory.default_class)  # type: ignore[attr-defined]
+        if not issubclass(kind, UnstructuredHeader):
+            return None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable octets (surrogates): the stdlib's way
+            return None
+        folded = unstructured_field(name, "".join(text.splitlines()), utf8=self.utf8)
+        return folded.replace("\r\n", self.linesep) + self.linesep
 
-def _encoded(value: Any) -> Any:
-    # Folded between its words with LF; the policy writes its own line ends.
-    return value.encode() if isinstance(value, Header) else value
+    def _encoded(self, name: str, value: Any) -> Any:
+        if isinstance(value, Header):
+            # Folded between its words with LF; the policy writes its own line ends.
+            return value.encode()
+        if isinstance(value, str) and not value.isascii() and not self.utf8:
+            return self.header_factory(name, "".join(value.splitlines()))
+        return value
 
 
 _SMTP = _SMTPPolicy(linesep="\r\n")
