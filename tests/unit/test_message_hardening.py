@@ -1146,7 +1146,7 @@ def test_compat32_non_ascii_address_strings_go_as_smtputf8() -> None:
     prepared = prepare(message, now=NOW)
     assert prepared.smtputf8
     assert prepared.envelope_from == "jörg@example.com"
-    assert "From: Jörg <jörg@example.com>".encode() in prepared.data
+    assert 'From: "Jörg" <jörg@example.com>'.encode() in prepared.data  # RFC 6532
 
 
 @pytest.mark.parametrize("value", ["Köln, " * 20, "Grüße " + "aus Köln " * 12 + "und Bonn"])
@@ -1165,3 +1165,21 @@ def test_a_long_non_ascii_text_of_an_email_message_keeps_its_spaces(value: str) 
     assert str(read["Subject"]) == value
     assert str(read["X-Note"]) == value
     assert prepared.data.isascii()
+
+
+@pytest.mark.parametrize("kind", ["EmailMessage", "MIMEText"])
+def test_a_long_list_of_non_ascii_names_keeps_every_name_whole(kind: str) -> None:
+    """The stdlib's folder split display names where it broke a long To of a stdlib
+    message ("Zoë Ünïcød é", "Kö ln" read back); the list is now folded as the ``Email``
+    builder folds it: at the spaces between words, each short name in one encoded word."""
+    names = [f"Zoë Ünïcødé Nummer {i} aus Köln" for i in range(8)]
+    message: Message = EmailMessage() if kind == "EmailMessage" else MIMEText("x")
+    if isinstance(message, EmailMessage):
+        message.set_content("x")
+    message["From"] = "a@example.com"
+    message["To"] = ", ".join(f'"{name}" <u{i}@example.org>' for i, name in enumerate(names))
+    prepared = prepare(message, now=NOW)
+    assert prepared.data.isascii()
+    assert prepared.recipients == tuple(f"u{i}@example.org" for i in range(8))
+    read = parsed(prepared.data)
+    assert [a.display_name for a in read["To"].addresses] == names

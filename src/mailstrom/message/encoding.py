@@ -8,13 +8,14 @@ import re
 from email import base64mime, quoprimime
 from email.generator import BytesGenerator
 from email.header import Header
-from email.headerregistry import UnstructuredHeader
+from email.headerregistry import AddressHeader, UnstructuredHeader
 from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
-from mailstrom.errors import InvalidMessage, LineTooLong, UnencodableHeader
+from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
 from mailstrom.message import mime
+from mailstrom.message.addresses import format_address_field, parse_address_list
 from mailstrom.message.words import unstructured_field
 
 MAX_LINE = 998
@@ -220,42 +221,53 @@ class _SMTPPolicy(EmailPolicy):
       a display name is encoded and its address left readable; the stock policy writes a
       short one as it is and then cannot encode it ("'ascii' codec can't encode").
 
-    Non-ASCII text of an unstructured field (Subject, Comments, an ``X-`` field) is folded
-    by :func:`~mailstrom.message.words.unstructured_field`, as the ``Email`` builder's is:
-    the stdlib's folder drops the space between two encoded words where it breaks a long
-    one ("Köln, Köln" read back as "Köln,Köln").
+    A non-ASCII field that is unstructured (Subject, Comments, an ``X-`` field) or an
+    address list (From, To, Reply-To...) is folded as the ``Email`` builder folds it
+    (:func:`~mailstrom.message.words.unstructured_field`,
+    :func:`~mailstrom.message.addresses.format_address_field`): where the stdlib's
+    folder breaks a long one, it drops the space between two encoded words ("Köln, Köln"
+    read back as "Köln,Köln") or splits a display name's word ("Groß britannien").
     """
 
     def fold(self, name: str, value: Any) -> str:
-        own = self._unstructured(name, value)
+        own = self._own_fold(name, value)
         if own is not None:
             return own
         folded: str = super().fold(name, self._encoded(name, value))
         return folded
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        own = self._unstructured(name, value)
+        own = self._own_fold(name, value)
         if own is not None:
             return own.encode("utf-8" if self.utf8 else "ascii")
         return super().fold_binary(name, self._encoded(name, value))
 
-    def _unstructured(self, name: str, value: Any) -> str | None:
-        """The folded field (with its line end) when it is unstructured non-ASCII text
-        that UTF-8 can write; else None, for the stdlib's folder."""
+    def _own_fold(self, name: str, value: Any) -> str | None:
+        """The folded field (with its line end) when it is non-ASCII unstructured text or
+        an address list that UTF-8 can write and our parser reads; else None, for the
+        stdlib's folder."""
         if isinstance(value, Header):
             return None
         text = str(value)  # a header object: its decoded text
         if text.isascii():
             return None
-        factory = self.header_factory
-        kind = factory.registry.get(name.lower(), factory.default_class)  # type: ignore[attr-defined]
-        if not issubclass(kind, UnstructuredHeader):
-            return None
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # undecodable octets (surrogates): the stdlib's way
             return None
-        folded = unstructured_field(name, "".join(text.splitlines()), utf8=self.utf8)
+        text = "".join(text.splitlines())
+        factory = self.header_factory
+        kind = factory.registry.get(name.lower(), factory.default_class)  # type: ignore[attr-defined]
+        if issubclass(kind, UnstructuredHeader):
+            folded = unstructured_field(name, text, utf8=self.utf8)
+        elif issubclass(kind, AddressHeader):
+            try:
+                groups = parse_address_list(name, text)
+            except MailstromError:  # what only the stdlib reads: its folder writes it
+                return None
+            folded = format_address_field(name, groups, utf8=self.utf8)
+        else:
+            return None
         return folded.replace("\r\n", self.linesep) + self.linesep
 
     def _encoded(self, name: str, value: Any) -> Any:
