@@ -213,7 +213,9 @@ class UnreadableRow(StoreError):
     column of the wrong type or out of range, bytes that are not the size stored, a
     recipient whose message row is gone. Only that message is affected: the worker fails
     its recipients as "queue row unreadable: ..." and lists of the queue leave it out
-    with a warning. Reading it again will not help (the command line exits 65)."""
+    with a warning. Reading it again will not help (the command line exits 65). A cached
+    MTA-STS policy's row raises it too (the policy is then fetched again: see
+    :mod:`~mailstrom.stores.side_rows`)."""
 
 
 class StoreAccessDenied(StoreError):

@@ -115,10 +115,12 @@ class Suppression:
 
     target: str
     """A lower-case address, or a domain (no "@") that covers every address there."""
-    source: SuppressionSource
+    source: SuppressionSource | None
+    """None: unknown (a stored entry whose source no version of mailstrom here knows)."""
     reply: str
     """The reply or report that put it there (or an operator's note); may be empty."""
-    created_at: datetime
+    created_at: datetime | None
+    """None: unknown (a stored entry whose time cannot be read: it still applies)."""
     expires_at: datetime | None = None
     """When the entry stops applying (None: never). Expired entries are ignored, and
     replaced by the next entry for the same target."""
@@ -133,8 +135,10 @@ class Suppression:
     @property
     def reason(self) -> str:
         """What a suppressed recipient's status says: ``suppressed since <date>: <reply>``."""
-        since = self.created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        head = f"suppressed since {since}"
+        if self.created_at is None:
+            head = "suppressed since an unknown time"
+        else:
+            head = f"suppressed since {self.created_at.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         return f"{head}: {self.reply}" if self.reply else head
 
     def active(self, now: datetime) -> bool:

@@ -169,9 +169,11 @@ def write_csv(entries: Iterable[Suppression], stream: TextIO) -> int:
         writer.writerow(
             (
                 e.target,
-                e.source.value,
+                # An unknown source or time (a stored row that cannot be read) is left
+                # empty: importing the file again fills it as for any entry without one.
+                e.source.value if e.source is not None else "",
                 e.reply,
-                e.created_at.isoformat(),
+                e.created_at.isoformat() if e.created_at is not None else "",
                 e.expires_at.isoformat() if e.expires_at is not None else "",
                 e.message_id or "",
             )

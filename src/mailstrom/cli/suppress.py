@@ -112,7 +112,7 @@ def _action(
 def _row(e: Suppression) -> dict[str, object]:
     return {
         "target": e.target,
-        "source": e.source.value,
+        "source": e.source.value if e.source is not None else None,
         "reply": e.reply,
         "created_at": e.created_at,
         "expires_at": e.expires_at,
@@ -134,8 +134,8 @@ def list_command(args: argparse.Namespace) -> int:
         [
             [
                 e.target,
-                e.source.value,
-                _time(e.created_at),
+                cell(e.source),  # "-": unknown (a row that cannot be read)
+                _time(e.created_at) or "-",
                 _time(e.expires_at) if e.expires_at else "never",
                 cell(e.reply),
             ]

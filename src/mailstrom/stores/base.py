@@ -523,7 +523,8 @@ class Store(Protocol):
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
         """Lease up to ``limit`` events not yet acknowledged and not under an unexpired
         lease, oldest first; None when there are none. Two senders never hold the same
-        event at once."""
+        event at once. An event whose row cannot be read is marked sent instead, with a
+        warning (:mod:`~mailstrom.stores.side_rows`), and the lease goes on past it."""
         ...
 
     def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
@@ -537,7 +538,7 @@ class Store(Protocol):
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Up to ``limit`` events with an id above ``after``, oldest first, sent or not
-        (for tailing)."""
+        (for tailing); one whose row cannot be read is left out with a warning."""
         ...
 
     def last_event_id(self) -> int:
@@ -559,7 +560,8 @@ class Store(Protocol):
 
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
         """Hosts whose TLS is remembered broken at ``now``, with until when (at most
-        ``limit``, those remembered longest first); expired entries are dropped."""
+        ``limit``, those remembered longest first); expired entries are dropped, and so are
+        entries whose end cannot be read (with a warning)."""
         ...
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -661,7 +663,8 @@ class Store(Protocol):
         ...
 
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
-        """The destinations paused at ``now``, soonest end first."""
+        """The destinations paused at ``now``, soonest end first; a pause whose row cannot
+        be read is over (left out with a warning; :mod:`~mailstrom.stores.side_rows`)."""
         ...
 
     def postpone(
@@ -678,7 +681,8 @@ class Store(Protocol):
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every one of ``buckets`` at once
         (:func:`~mailstrom.policy.throttle.take_tokens`) in one transaction: every worker
-        of the store draws from the same buckets."""
+        of the store draws from the same buckets. A bucket whose row cannot be read is
+        full (with a warning)."""
 
     # --- the suppression list (schema version 6) -------------------------------------------
 
@@ -695,7 +699,9 @@ class Store(Protocol):
 
     def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
         """The entries of ``targets`` (normalized addresses and domains) that apply at
-        ``now``, by target: one indexed lookup, made by the worker once per lease."""
+        ``now``, by target: one indexed lookup, made by the worker once per lease. An
+        entry whose row cannot be read still applies (:mod:`~mailstrom.stores.side_rows`):
+        what cannot be read is None, and an expiry that is no time does not expire."""
         ...
 
     def list_suppressions(
@@ -732,7 +738,9 @@ class Store(Protocol):
 
     def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
         """The MTA-STS policy cached for ``domain`` (lower-case A-label), expired or not,
-        or None. Every worker sharing the store sees the same cache."""
+        or None. Every worker sharing the store sees the same cache. Raises
+        :class:`~mailstrom.errors.UnreadableRow` for a cached row that cannot be read (the
+        MTA-STS source then fetches the policy again)."""
         ...
 
     def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
@@ -745,7 +753,8 @@ class Store(Protocol):
         ...
 
     def tls_sessions(self, day: date) -> list[TLSSessions]:
-        """Every session counter of the UTC day ``day`` (for TLS reports)."""
+        """Every session counter of the UTC day ``day`` (for TLS reports); one whose row
+        cannot be read is left out with a warning."""
         ...
 
     def prune_tls_sessions(self, *, before: date) -> int:

@@ -92,6 +92,7 @@ from mailstrom.stores.operator import (
     pick_one,
 )
 from mailstrom.stores.row_checks import made_due
+from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_operator import (
     active_suspensions,
     cancel_seqs,
@@ -122,11 +123,11 @@ from mailstrom.stores.sqlite_queue import (
     update_leased,
 )
 from mailstrom.stores.sqlite_schema import (
-    from_us,
     migrate,
     migrations,
     opt_time_at,
     opt_us,
+    shown_time,
     to_us,
 )
 from mailstrom.stores.wakeup import WakeupDirectory
@@ -994,7 +995,14 @@ class SQLiteStore:
                 "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
                 (at, limit),
             ).fetchall()
-        return {host: from_us(until) for host, until in rows}
+            known = {host: broken_until(host, shown_time(until)) for host, until in rows}
+            # An end that is no time (text and numbers past any time sort after every
+            # end) would never expire: forgotten (see side_rows.broken_until).
+            conn.executemany(
+                "DELETE FROM tls_broken WHERE host = ?",
+                [(host,) for host, until in known.items() if until is None],
+            )
+        return {host: until for host, until in known.items() if until is not None}
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from mailstrom.arguments import member_of, shown
+from mailstrom.errors import UnreadableRow
 from mailstrom.status import DeliveryEvent, RecipientState
 from mailstrom.stores.attributes import metadata_from, tags_from
 from mailstrom.stores.base import EventBatch, RecipientResult
-from mailstrom.stores.sqlite_schema import from_us, opt_dt, reply_from, to_us
+from mailstrom.stores.side_rows import EVENT_LEFT_OUT, EVENT_SKIPPED, readable_events
+from mailstrom.stores.sqlite_schema import reply_from, shown_time, time_at, to_us
 
 _CHUNK = 400
 """Recipients per INSERT (two bound values each)."""
@@ -59,16 +62,20 @@ def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult])
 
 
 def event_from_row(row: Any) -> DeliveryEvent:
-    """An event from a row of :data:`EVENT_COLUMNS`."""
+    """An event from a row of :data:`EVENT_COLUMNS`; UnreadableRow for one whose time or
+    state cannot be read (a next attempt that is no time is unknown: None)."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
     (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
     tags, metadata = row[16:18] if len(row) > 16 else (None, None)
+    known = member_of(RecipientState, state)
+    if known is None:
+        raise UnreadableRow(f"state is {shown(state)}")
     return DeliveryEvent(
         id=event_id,
-        at=from_us(at),
+        at=time_at(at, "at"),
         message_id=message_id,
         address=address,
-        state=RecipientState(state),
+        state=known,
         attempt=attempt,
         reply=reply_from(code, enhanced, text),
         error=error,
@@ -77,7 +84,7 @@ def event_from_row(row: Any) -> DeliveryEvent:
         ip=ip,
         tls=bool(tls),
         uncertain=bool(uncertain),
-        next_attempt_at=opt_dt(next_at),
+        next_attempt_at=None if next_at is None else shown_time(next_at),
         tags=tags_from(tags),
         metadata=metadata_from(metadata),
     )
@@ -86,20 +93,29 @@ def event_from_row(row: Any) -> DeliveryEvent:
 def lease_event_rows(
     conn: sqlite3.Connection, *, now: datetime, limit: int, lease_for: timedelta
 ) -> EventBatch | None:
-    """Lease up to ``limit`` unsent events not under an unexpired lease, oldest first."""
+    """Lease up to ``limit`` unsent events not under an unexpired lease, oldest first.
+    An event that cannot be read is marked sent, with a warning, so that the events after
+    it still go (see side_rows); the batch is leased again when it held only such."""
     token = os.urandom(16).hex()
     expires_at = now + lease_for
-    rows = conn.execute(
-        "UPDATE events SET lease_token = ?, lease_expires_at = ? WHERE id IN (SELECT id FROM"
-        " events INDEXED BY events_unsent WHERE sent_at IS NULL"
-        " AND coalesce(lease_expires_at, 0) <= ? ORDER BY id LIMIT ?)"
-        f" RETURNING {EVENT_COLUMNS}",
-        (token, to_us(expires_at), to_us(now), limit),
-    ).fetchall()
-    if not rows:
-        return None
-    events = sorted((event_from_row(row) for row in rows), key=lambda e: e.id)
-    return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
+    while True:
+        rows = conn.execute(
+            "UPDATE events SET lease_token = ?, lease_expires_at = ? WHERE id IN (SELECT id"
+            " FROM events INDEXED BY events_unsent WHERE sent_at IS NULL"
+            " AND coalesce(lease_expires_at, 0) <= ? ORDER BY id LIMIT ?)"
+            f" RETURNING {EVENT_COLUMNS}",
+            (token, to_us(expires_at), to_us(now), limit),
+        ).fetchall()
+        if not rows:
+            return None
+        events, unreadable = readable_events(rows, event_from_row, EVENT_SKIPPED)
+        conn.executemany(
+            "UPDATE events SET sent_at = ?, lease_token = NULL, lease_expires_at = NULL"
+            " WHERE id = ?",
+            [(to_us(now), event_id) for event_id in unreadable],
+        )
+        if events:
+            return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
 
 
 def ack_event_rows(conn: sqlite3.Connection, batch: EventBatch, *, now: datetime) -> int:
@@ -125,7 +141,7 @@ def read_event_rows(conn: sqlite3.Connection, *, after: int, limit: int) -> list
         f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
         (after, max(limit, 0)),
     ).fetchall()
-    return [event_from_row(row) for row in rows]
+    return readable_events(rows, event_from_row, EVENT_LEFT_OUT)[0]
 
 
 def prune_event_rows(conn: sqlite3.Connection, *, sent_before: datetime) -> int:

@@ -42,8 +42,8 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-_READABLE_FROM = to_us(datetime(1900, 1, 1, tzinfo=UTC))
-_READABLE_UNTIL = to_us(datetime(9000, 1, 1, tzinfo=UTC))
+READABLE_FROM = to_us(datetime(1900, 1, 1, tzinfo=UTC))
+READABLE_UNTIL = to_us(datetime(9000, 1, 1, tzinfo=UTC))
 """The times a queue row is read back with: every time mailstrom writes, and room to add
 any duration it allows (100 years at most) without leaving ``datetime``'s range."""
 
@@ -51,7 +51,7 @@ any duration it allows (100 years at most) without leaving ``datetime``'s range.
 def time_at(us: object, column: str) -> datetime:
     """:func:`from_us` of a time read back from a queue row (see
     :mod:`mailstrom.stores.row_checks`); UnreadableRow for what is no such time."""
-    if type(us) is not int or not _READABLE_FROM <= us < _READABLE_UNTIL:
+    if type(us) is not int or not READABLE_FROM <= us < READABLE_UNTIL:
         raise UnreadableRow(f"{column} is {shown(us)}, not a time in microseconds")
     return _EPOCH + timedelta(microseconds=us)
 

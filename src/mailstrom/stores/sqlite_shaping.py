@@ -8,24 +8,20 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from mailstrom.policy.throttle import BucketState, TokenBucket, TokenGrant, next_pause, take_tokens
+from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause, take_tokens
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import WorkItem
-from mailstrom.stores.sqlite_schema import from_us, to_us
+from mailstrom.stores.side_rows import bucket_state, pause_of
+from mailstrom.stores.sqlite_schema import shown_time, to_us
 
 _FORGET_AFTER = timedelta(days=1)
 """A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
 
 
-def _throttle_from_row(row: tuple[str, int, int, str, int]) -> DestinationThrottle:
+def _throttle_from_row(row: tuple[str, object, object, str, object]) -> DestinationThrottle | None:
+    """The pause of ``row``; None for one that cannot be read (see side_rows.pause_of)."""
     destination, until, strikes, reply, since = row
-    return DestinationThrottle(
-        destination=destination,
-        until=from_us(until),
-        strikes=strikes,
-        reply=reply,
-        since=from_us(since),
-    )
+    return pause_of(destination, shown_time(until), strikes, reply, shown_time(since))
 
 
 _COLUMNS = "destination, until, strikes, reply, since"
@@ -62,7 +58,7 @@ def throttles(conn: sqlite3.Connection, *, now: datetime) -> list[DestinationThr
         f"SELECT {_COLUMNS} FROM destination_throttles WHERE until > ? ORDER BY until, destination",
         (to_us(now),),
     ).fetchall()
-    return [_throttle_from_row(row) for row in rows]
+    return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
 
 
 def paused_recipients(
@@ -76,7 +72,7 @@ def paused_recipients(
         " AND r.state IN ('queued', 'deferred') AND t.until > ?",
         (message_id, to_us(now)),
     ).fetchall()
-    return {row[0]: _throttle_from_row(row[1:]) for row in rows}
+    return {row[0]: pause for row in rows if (pause := _throttle_from_row(row[1:])) is not None}
 
 
 def mark(conn: sqlite3.Connection, recipients: Sequence[tuple[str, str]], destination: str) -> None:
@@ -119,8 +115,9 @@ def take(
         row = conn.execute(
             "SELECT tokens, at FROM shaping_buckets WHERE key = ?", (bucket.key,)
         ).fetchone()
-        if row is not None:
-            states[bucket.key] = BucketState(tokens=row[0], at=from_us(row[1]))
+        state = None if row is None else bucket_state(bucket.key, row[0], shown_time(row[1]))
+        if state is not None:
+            states[bucket.key] = state
     grant, new = take_tokens(buckets, states, want=want, now=now)
     conn.executemany(
         "INSERT OR REPLACE INTO shaping_buckets (key, tokens, at) VALUES (?, ?, ?)",

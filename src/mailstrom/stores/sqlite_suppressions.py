@@ -13,25 +13,60 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from mailstrom.arguments import member_of
+from mailstrom.errors import UnreadableRow
 from mailstrom.status import Attempt
 from mailstrom.stores.base import MAX_HISTORY, VERP_KEY_SIZE, Lease, bounded_attempt
+from mailstrom.stores.side_rows import unreadable_side_row
 from mailstrom.stores.sqlite_queue import qmarks
-from mailstrom.stores.sqlite_schema import from_us, opt_dt, opt_us, to_us
+from mailstrom.stores.sqlite_schema import (
+    READABLE_FROM,
+    opt_time_at,
+    opt_us,
+    shown_time,
+    time_at,
+    to_us,
+)
 from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
 
 _IN_CHUNK = 500
 """Targets per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 _COLUMNS = "target, source, reply, created_at, expires_at, message_id"
+_IN_FORCE = "(expires_at IS NULL OR expires_at > ? OR expires_at < ?)"
+"""An entry in force at the first parameter (now), the second being READABLE_FROM: an
+expiry that is no time (text, a blob, a number past any time: these sort after every
+number; one before any time) does not expire (see side_rows)."""
 
 
 def _entry(row: Any) -> Suppression:
+    """The entry of ``row``; read inside every lease that holds a suppressed recipient,
+    so a good row costs no more than the checks of its times."""
     target, source, reply, created_at, expires_at, message_id = row
+    try:
+        return Suppression(
+            target=target,
+            source=SuppressionSource(source),
+            reply=reply,
+            created_at=time_at(created_at, "created_at"),
+            expires_at=opt_time_at(expires_at, "expires_at"),
+            message_id=message_id,
+        )
+    except (UnreadableRow, ValueError) as exc:
+        return _damaged_entry(row, exc)
+
+
+def _damaged_entry(row: Any, exc: Exception) -> Suppression:
+    """The entry of a row that cannot be read as written: it still suppresses (see
+    :mod:`~mailstrom.stores.side_rows`), with what cannot be read unknown. The query
+    matched it as in force, as an expiry that is no time does not expire."""
+    target, source, reply, created_at, expires_at, message_id = row
+    unreadable_side_row("suppressions", target, exc, "it still applies")
     return Suppression(
         target=target,
-        source=SuppressionSource(source),
+        source=member_of(SuppressionSource, source),
         reply=reply,
-        created_at=from_us(created_at),
-        expires_at=opt_dt(expires_at),
+        created_at=shown_time(created_at),
+        expires_at=None if expires_at is None else shown_time(expires_at),
         message_id=message_id,
     )
 
@@ -47,9 +82,11 @@ def insert_suppressions(conn: sqlite3.Connection, entries: Sequence[Suppression]
         (
             (
                 e.target,
-                e.source.value,
+                # NULL for an unknown source or time (an entry read back from a bad
+                # row): refused by the NOT NULL columns rather than made up.
+                None if e.source is None else e.source.value,
                 e.reply,
-                to_us(e.created_at),
+                opt_us(e.created_at),
                 opt_us(e.expires_at),
                 e.message_id,
             )
@@ -77,8 +114,8 @@ def find_suppressions(
     for chunk in _text_chunks(list(dict.fromkeys(targets))):
         for row in conn.execute(
             f"SELECT {_COLUMNS} FROM suppressions WHERE target IN ({qmarks(len(chunk))})"
-            " AND (expires_at IS NULL OR expires_at > ?)",
-            [*chunk, to_us(now)],
+            f" AND {_IN_FORCE}",
+            [*chunk, to_us(now), READABLE_FROM],
         ):
             found[row[0]] = _entry(row)
     return found
@@ -98,10 +135,10 @@ def page_suppressions(
     conn: sqlite3.Connection, *, now: datetime | None, after: str, limit: int
 ) -> list[Suppression]:
     """Entries after ``after`` in target order (only those active at ``now``, if given)."""
-    active = "" if now is None else " AND (expires_at IS NULL OR expires_at > ?)"
+    active = "" if now is None else f" AND {_IN_FORCE}"
     params: list[object] = [after]
     if now is not None:
-        params.append(to_us(now))
+        params += [to_us(now), READABLE_FROM]
     params.append(max(limit, 0))
     return [
         _entry(row)

@@ -58,7 +58,7 @@ def read_sessions(conn: sqlite3.Connection, day: date) -> list[TLSSessions]:
         "ORDER BY policy_domain, result_type, receiving_mx",
         (day.isoformat(),),
     ).fetchall()
-    return [session_from_row(row) for row in rows]
+    return [sessions for row in rows if (sessions := session_from_row(row)) is not None]
 
 
 def prune_sessions(conn: sqlite3.Connection, before: date) -> int:

@@ -11,6 +11,7 @@ import psycopg
 from psycopg.abc import Buffer
 from psycopg.types.datetime import TimestamptzLoader
 
+from mailstrom.arguments import member_of, shown
 from mailstrom.errors import UnreadableRow
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
@@ -43,6 +44,7 @@ from mailstrom.stores.row_checks import (
     checked_dsn,
     unreadable_error,
 )
+from mailstrom.stores.side_rows import unreadable_side_row
 from mailstrom.suppression import Suppression, SuppressionSource
 
 log = logging.getLogger(__name__)
@@ -321,11 +323,18 @@ def _entries_of(row: LeaseRow) -> Iterator[Suppression]:
 
 def suppression_from_row(row: Sequence[Any]) -> Suppression:
     """A suppression entry from (target, source, reply, created_at, expires_at,
-    message_id)."""
+    message_id), its times outside 1900..9000 read as NULL (the queries see to it). An
+    entry that cannot be read as written still suppresses (see
+    :mod:`~mailstrom.stores.side_rows`): an unknown source or creation time is None, and
+    an expiry out of range does not expire (the queries hold it in force)."""
     target, source, reply, created_at, expires_at, message_id = row
+    known = member_of(SuppressionSource, source)
+    if known is None or created_at is None:
+        why = f"source {shown(source)}" if known is None else "created_at is out of range"
+        unreadable_side_row("suppressions", target, why, "it still applies")
     return Suppression(
         target=target,
-        source=SuppressionSource(source),
+        source=known,
         reply=reply,
         created_at=created_at,
         expires_at=expires_at,
@@ -337,7 +346,9 @@ def suppression_arrays(entries: Sequence[Suppression]) -> dict[str, list[Any]]:
     """The parameters of the ``suppress`` query: ``entries`` as parallel arrays."""
     return {
         "targets": [e.target for e in entries],
-        "sources": [e.source.value for e in entries],
+        # NULL for an unknown source (an entry read back from a bad row): refused by
+        # the NOT NULL column rather than made up.
+        "sources": [None if e.source is None else e.source.value for e in entries],
         "replies": [e.reply for e in entries],
         "created": [e.created_at for e in entries],
         "expires": [e.expires_at for e in entries],
@@ -386,6 +397,14 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
         next_attempt_at=row["next_attempt_at"],
         history=history,
     )
+
+
+def readable_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+    """A cursor of ``conn`` that reads a time the driver cannot hold as None
+    (:class:`ReadableTimes`), leaving the pooled connection's own loaders as they are."""
+    cur = conn.cursor()
+    cur.adapters.register_loader("timestamptz", ReadableTimes)
+    return cur
 
 
 class ReadableTimes(TimestamptzLoader):
@@ -462,16 +481,22 @@ def _message(rows: Sequence[Row]) -> MessageStatus:
 def event_from_row(row: Sequence[Any]) -> DeliveryEvent:
     """An outbox event from (id, at, message_id, address, state, attempt, reply_code,
     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls, uncertain,
-    next_attempt_at)."""
+    next_attempt_at), its times read by :class:`ReadableTimes`; UnreadableRow for one
+    whose time or state cannot be read (a next attempt out of range is unknown: None)."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
     (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
     tags, metadata = row[16:18] if len(row) > 16 else (None, None)
+    known = member_of(RecipientState, state)
+    if known is None:
+        raise UnreadableRow(f"state is {shown(state)}")
+    if at is None:
+        raise UnreadableRow("at is out of range")
     return DeliveryEvent(
         id=int(event_id),
         at=at,
         message_id=message_id,
         address=address,
-        state=RecipientState(state),
+        state=known,
         attempt=attempt,
         reply=_reply(code, enhanced, text),
         error=error,

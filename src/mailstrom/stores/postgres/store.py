@@ -25,7 +25,6 @@ from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
-    BucketState,
     TokenBucket,
     TokenGrant,
     next_pause,
@@ -74,6 +73,14 @@ from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
 from mailstrom.stores.row_checks import UNREADABLE, made_due
+from mailstrom.stores.side_rows import (
+    EVENT_LEFT_OUT,
+    EVENT_SKIPPED,
+    broken_until,
+    bucket_state,
+    pause_of,
+    readable_events,
+)
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -147,6 +154,16 @@ class PostgresStore:
     def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with translate_errors(name), self._pool.connection() as conn:
             return conn.execute(self._queries[name], params).fetchall()
+
+    def _fetch_side(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of a query of a side table, a time the driver cannot hold read as None
+        (rows.ReadableTimes): the caller decides what such a row means (side_rows)."""
+        with (
+            translate_errors(name),
+            self._pool.connection() as conn,
+            rows.readable_cursor(conn) as cur,
+        ):
+            return cur.execute(self._queries[name], params).fetchall()
 
     def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
         """Run a statement that returns no rows."""
@@ -423,8 +440,11 @@ class PostgresStore:
         )
         if not found:
             raise UnknownMessage(message_id)
-        paused = self._fetch("paused_recipients", {"id": message_id, "now": datetime.now(UTC)})
-        return with_throttles(found[0], {row[0]: _throttle(row[1:]) for row in paused})
+        found_paused = self._fetch_side(
+            "paused_recipients", {"id": message_id, "now": datetime.now(UTC)}
+        )
+        paused = {row[0]: pause for row in found_paused if (pause := _throttle(row[1:]))}
+        return with_throttles(found[0], paused)
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
@@ -534,13 +554,17 @@ class PostgresStore:
             return None
         token = uuid.uuid4().hex
         expires_at = now + lease_for
-        found = self._fetch(
-            "lease_events", {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
-        )
-        if not found:
-            return None
-        events = sorted((rows.event_from_row(row) for row in found), key=lambda e: e.id)
-        return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
+        params = {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
+        while True:
+            found = self._fetch_side("lease_events", params)
+            if not found:
+                return None
+            events, unreadable = readable_events(found, rows.event_from_row, EVENT_SKIPPED)
+            if unreadable:
+                # Marked sent so that the events after them still go (see side_rows).
+                self._fetch("skip_events", {"ids": unreadable, "token": token, "now": now})
+            if events:
+                return EventBatch(token=token, expires_at=expires_at, events=tuple(events))
 
     def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
         """Mark the batch's events sent (those it still holds)."""
@@ -553,8 +577,8 @@ class PostgresStore:
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Events with an id above ``after``, oldest first."""
-        found = self._fetch("read_events", {"after": after, "limit": max(limit, 0)})
-        return [rows.event_from_row(row) for row in found]
+        found = self._fetch_side("read_events", {"after": after, "limit": max(limit, 0)})
+        return readable_events(found, rows.event_from_row, EVENT_LEFT_OUT)[0]
 
     def last_event_id(self) -> int:
         """The highest event id so far (0 when none)."""
@@ -570,7 +594,7 @@ class PostgresStore:
 
     def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
         """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
-        found = self._fetch("mta_sts_policy", {"domain": domain.lower()})
+        found = self._fetch_side("mta_sts_policy", {"domain": domain.lower()})
         return tls_rows.policy_from_row(found[0]) if found else None
 
     def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
@@ -606,7 +630,7 @@ class PostgresStore:
     def tls_sessions(self, day: date) -> list[TLSSessions]:
         """Every counter of ``day``."""
         found = self._fetch("tls_sessions", {"day": day})
-        return [tls_rows.session_from_row(row) for row in found]
+        return [s for row in found if (s := tls_rows.session_from_row(row)) is not None]
 
     def prune_tls_sessions(self, *, before: date) -> int:
         """Delete the counters of days before ``before``; returns how many."""
@@ -622,7 +646,9 @@ class PostgresStore:
 
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
         """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
-        return dict(self._fetch("tls_broken", {"now": now, "limit": limit}))
+        found = self._fetch("tls_broken", {"now": now, "limit": limit})
+        known = {host: broken_until(host, until) for host, until in found}
+        return {host: until for host, until in known.items() if until is not None}
 
     # --- wake-ups and lifetime --------------------------------------------------------
 
@@ -782,7 +808,8 @@ class PostgresStore:
                 )
             conn.execute(q["shaping_lock"], {"key": destination})
             conn.execute(q["forget_throttles"], {"before": now - _FORGET_THROTTLES})
-            row = conn.execute(q["get_throttle"], {"destination": destination}).fetchone()
+            with rows.readable_cursor(conn) as cur:
+                row = cur.execute(q["get_throttle"], {"destination": destination}).fetchone()
             previous = _throttle(row) if row is not None else None
             pause = next_pause(
                 previous,
@@ -807,7 +834,8 @@ class PostgresStore:
 
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
         """The destinations paused at ``now``, soonest end first."""
-        return [_throttle(row) for row in self._fetch("throttles", {"now": now})]
+        found = self._fetch_side("throttles", {"now": now})
+        return [pause for row in found if (pause := _throttle(row)) is not None]
 
     def postpone(
         self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
@@ -842,8 +870,13 @@ class PostgresStore:
         ):
             for key in keys:
                 conn.execute(q["shaping_lock"], {"key": key})
-            found = conn.execute(q["get_buckets"], {"keys": keys}).fetchall()
-            states = {key: BucketState(tokens=tokens, at=at) for key, tokens, at in found}
+            with rows.readable_cursor(conn) as cur:
+                found = cur.execute(q["get_buckets"], {"keys": keys}).fetchall()
+            states = {
+                key: state
+                for key, tokens, at in found
+                if (state := bucket_state(key, tokens, at)) is not None
+            }
             grant, new = take_tokens(buckets, states, want=want, now=now)
             conn.execute(
                 q["put_buckets"],
@@ -974,8 +1007,7 @@ _FORGET_THROTTLES = timedelta(days=1)
 """A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
 
 
-def _throttle(row: Sequence[Any]) -> DestinationThrottle:
+def _throttle(row: Sequence[Any]) -> DestinationThrottle | None:
+    """The pause of ``row``; None for one that cannot be read (see side_rows.pause_of)."""
     destination, until, strikes, reply, since = row
-    return DestinationThrottle(
-        destination=destination, until=until, strikes=strikes, reply=reply, since=since
-    )
+    return pause_of(destination, until, strikes, reply, since)

@@ -161,10 +161,12 @@ WITH due AS MATERIALIZED (
     FROM leased l
     LEFT JOIN suppressions sa
            ON sa.target = lower(l.address COLLATE "C")
-          AND (sa.expires_at IS NULL OR sa.expires_at > %(now)s)
+          AND (sa.expires_at IS NULL OR sa.expires_at > %(now)s
+               OR sa.expires_at < '1900-01-01Z')
     LEFT JOIN suppressions sd
            ON sd.target = lower(substring(l.address FROM '[^@]*$') COLLATE "C")
-          AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s)
+          AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s
+               OR sd.expires_at < '1900-01-01Z')
 ), leased_messages AS MATERIALIZED (
     SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
            m.expires_at, m.priority, m.dsn, m.size
@@ -189,8 +191,20 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
        m.priority, m.dsn,
        CASE WHEN l.last_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
             THEN l.last_attempt_at END AS last_attempt_at,
-       l.a_target, l.a_source, l.a_reply, l.a_created_at, l.a_expires_at, l.a_message_id,
-       l.d_target, l.d_source, l.d_reply, l.d_created_at, l.d_expires_at, l.d_message_id,
+       -- A suppression entry's time out of range is NULL too: unknown, and the entry
+       -- still applies (an expiry out of range does not expire: see the joins above).
+       l.a_target, l.a_source, l.a_reply,
+       CASE WHEN l.a_created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.a_created_at END AS a_created_at,
+       CASE WHEN l.a_expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.a_expires_at END AS a_expires_at,
+       l.a_message_id,
+       l.d_target, l.d_source, l.d_reply,
+       CASE WHEN l.d_created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.d_created_at END AS d_created_at,
+       CASE WHEN l.d_expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN l.d_expires_at END AS d_expires_at,
+       l.d_message_id,
        m.size,
        NULLIF(concat_ws(', ',
            CASE WHEN NOT m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
@@ -556,6 +570,16 @@ RETURNING e.id, e.at, e.message_id, e.address, e.state, e.attempt, e.reply_code,
           e.reply_enhanced, e.reply_text, e.error, e.reason_class, e.mx_host, e.ip, e.tls,
           e.uncertain, e.next_attempt_at, e.tags, e.metadata;
 
+-- name: skip_events
+-- Events of a lease that cannot be read, marked sent (side_rows.EVENT_SKIPPED).
+WITH skipped AS (
+    UPDATE events
+    SET sent_at = %(now)s, lease_token = NULL, lease_expires_at = NULL
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    RETURNING 1
+)
+SELECT count(*) FROM skipped;
+
 -- name: ack_events
 WITH acked AS (
     UPDATE events
@@ -842,10 +866,12 @@ ON CONFLICT (host) DO UPDATE
 RETURNING 1;
 
 -- name: tls_broken
+-- An end past 9000 (infinity, changed by hand) would never expire: it is forgotten here,
+-- and returned once as NULL for the store to say so (side_rows.broken_until).
 WITH expired AS (
-    DELETE FROM tls_broken WHERE until <= %(now)s RETURNING 1
+    DELETE FROM tls_broken WHERE until <= %(now)s OR until >= '9000-01-01Z' RETURNING 1
 )
-SELECT host, until FROM tls_broken
+SELECT host, CASE WHEN until < '9000-01-01Z' THEN until END FROM tls_broken
 WHERE until > %(now)s
 ORDER BY until DESC
 LIMIT %(limit)s;
@@ -870,16 +896,26 @@ WITH removed AS (
 SELECT count(*) FROM removed;
 
 -- name: suppressions_for
-SELECT target, source, reply, created_at, expires_at, message_id
+-- As in the lease queries, a time outside 1900..9000 (changed by hand) is NULL: unknown,
+-- and an expiry out of range does not expire (stores/side_rows.py).
+SELECT target, source, reply,
+       CASE WHEN created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z' THEN created_at END,
+       CASE WHEN expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z' THEN expires_at END,
+       message_id
 FROM suppressions
 WHERE target = ANY(%(targets)s::text[])
-  AND (expires_at IS NULL OR expires_at > %(now)s);
+  AND (expires_at IS NULL OR expires_at > %(now)s OR expires_at < '1900-01-01Z');
 
 -- name: list_suppressions
-SELECT target, source, reply, created_at, expires_at, message_id
+-- Times out of range as in suppressions_for.
+SELECT target, source, reply,
+       CASE WHEN created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z' THEN created_at END,
+       CASE WHEN expires_at BETWEEN '1900-01-01Z' AND '9000-01-01Z' THEN expires_at END,
+       message_id
 FROM suppressions
 WHERE target > %(after)s
-  AND (%(now)s::timestamptz IS NULL OR expires_at IS NULL OR expires_at > %(now)s)
+  AND (%(now)s::timestamptz IS NULL OR expires_at IS NULL OR expires_at > %(now)s
+       OR expires_at < '1900-01-01Z')
 ORDER BY target
 LIMIT %(limit)s;
 
