@@ -48,6 +48,8 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     without the final reply: the client cannot know whether the message was accepted).
     ``quit_delay``: seconds the server waits before it answers QUIT, a slow close (the
     connection stays open, and counted in ``open_connections``, until then).
+    ``data_delay``: seconds the server waits after the final dot before it replies, a slow
+    delivery (the message is in ``received``, and in ``messages`` when accepted, at once).
     Per recipient (lower-case addresses): ``stall_rcpts``, where the server stops
     answering at that RCPT, and ``drop_after_dot_rcpts``, where a transaction with one of
     them among its accepted recipients is closed after its content, without a reply.
@@ -183,6 +185,7 @@ class ReceivingServer:
         self.stall_on: str | None = None
         self.drop_on: str | None = None
         self.quit_delay = 0.0
+        self.data_delay = 0.0
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
@@ -371,6 +374,8 @@ class _Handler:
                 transport.close()
             await _forever()
         assert reply is not None
+        if fixture.data_delay > 0:
+            await asyncio.sleep(fixture.data_delay)  # the scripted slow peer
         return reply
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
