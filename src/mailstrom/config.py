@@ -355,7 +355,10 @@ class Config:
     """Retry an attempt whose connection was lost after the final dot (RFC 5321
     §4.5.3.2.6); False marks such recipients delivered-uncertain instead."""
     lease_for: timedelta = timedelta(minutes=15)
-    """How long a leased batch stays with one worker before another may take it."""
+    """How long a leased batch stays with one worker before another may take it. Workers
+    sharing a PostgreSQL store rely on their clocks agreeing to well within this: one
+    whose clock is more than a third of it from the server's takes no new work until it
+    is right (``WorkerStatus.paused``, docs/guide.md)."""
     lease_batch: int = 500
     """Recipients leased per store round trip."""
     poll_interval: float = 5.0

@@ -424,6 +424,16 @@ class WorkerStatus:
     """Work items (one SMTP transaction each) handed to delivery and not finished."""
     idle_connections: int = 0
     """Connections kept open for reuse."""
+    clock_skew: float | None = None
+    """Seconds the worker's clock is ahead of its store server's (negative: behind), as
+    last measured: workers on many hosts share a PostgreSQL store, and their leases rely
+    on their clocks agreeing. None for a store on the worker's own host (memory, SQLite),
+    and until the first measurement."""
+    paused: str | None = None
+    """Why the worker takes no new work although it runs, e.g. ``"clock: 45.0 s ahead of
+    PostgreSQL server db:5432 (± 0.001 s), beyond 300 s (a third of lease_for)"``. It
+    still delivers and records what it holds, and resumes by itself once the cause is
+    gone. None while it leases."""
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     """Counters and histograms since the worker started."""
 

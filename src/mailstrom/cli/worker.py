@@ -11,7 +11,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from mailstrom.cli.context import open_store, settings_from
-from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, CLIError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers, seconds_arg
@@ -182,6 +182,12 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
                 "fields": {"delivered": s.delivered, "deferred": s.deferred, "failed": s.failed}
             },
         )
+        if args.once and s.paused is not None:
+            # It ended because it may not lease, not because nothing is due: say so, and
+            # exit "try again later" so that cron or a script does not take it for done.
+            raise CLIError(
+                f"--once took no new work: {s.paused}; due mail stays queued", EX_TEMPFAIL
+            )
     return EX_OK
 
 

@@ -152,8 +152,20 @@ class MailstromCollector(Collector):
                 "1 while the worker's store calls succeed",
                 int(status.store_error is None),
             ),
+            (
+                "mailstrom_leasing_paused",
+                "1 while the running worker takes no new work (its clock is too far from the "
+                "store server's)",
+                int(status.paused is not None),
+            ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        if status.clock_skew is not None:
+            yield GaugeMetricFamily(
+                "mailstrom_clock_skew_seconds",
+                "Seconds the worker's clock is ahead of the store server's (negative: behind)",
+                value=status.clock_skew,
+            )
         for name, doc, count in (
             ("mailstrom_store_errors", "Store calls that failed and were retried", m.store_errors),
             (

@@ -88,6 +88,8 @@ class HealthCheck:
         }
         if status.error is not None:
             worker["error"] = status.error
+        if status.paused is not None:
+            worker["paused"] = status.paused  # alive and answering: not a failure of health
         store: dict[str, Any] = {"ok": store_error is None}
         if store_error is not None:
             store["error"] = store_error

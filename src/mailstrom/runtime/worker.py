@@ -44,12 +44,14 @@ from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.suppressing import screen
 from mailstrom.runtime.tls_reporting import tls_reporting
+from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, lease_margin
 from mailstrom.runtime.worker_destinations import WorkerDestinations
 from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_screening import WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.stores.clock import ClockReading
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -79,11 +81,14 @@ class _LeaseState:
     unrecorded: int
 
 
-class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStopping, WorkerStore):
+class Worker(
+    WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStopping, WorkerClock, WorkerStore
+):
     """Delivers everything due in ``store`` until stopped.
 
     Its parts beside the store loop live in ``worker_*.py``, mixed in over the state kept
-    here: reporting, suppression and bounces, destinations, stopping, store calls.
+    here: reporting, suppression and bounces, destinations, stopping, the clock check,
+    store calls.
 
     >>> worker = Worker(Config(), store)           # doctest: +SKIP
     >>> await worker.run()                         # doctest: +SKIP
@@ -156,6 +161,13 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         self._wakeups = 0
         """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
         may be for work that lease did not see, so it keeps the next lease wanted."""
+        self._clock_reading: ClockReading | None = None
+        """The latest comparison of our clock with the store server's (worker_clock.py);
+        None for a store that shares our clock, or before the first check answered."""
+        self._clock_verdict = ClockVerdict.FINE
+        """What that reading means: STOP pauses leasing."""
+        self._clock_checked: asyncio.Event | None = None
+        """Set once the first clock check has ended: the first lease waits for it."""
 
     # --- control, callable from any thread -------------------------------------------------
 
@@ -251,6 +263,8 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        self._clock_checked = asyncio.Event()
+        clock_check = asyncio.create_task(self._clock_loop(), name="mailstrom-clock")
         tls_memory = asyncio.create_task(
             self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
         )
@@ -294,9 +308,10 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
             raise
         finally:
             heartbeat.cancel()
+            clock_check.cancel()
             tls_memory.cancel()
             pauses.cancel()
-            await asyncio.gather(heartbeat, tls_memory, pauses, return_exceptions=True)
+            await asyncio.gather(heartbeat, clock_check, tls_memory, pauses, return_exceptions=True)
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -329,12 +344,16 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
         backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
+        if self._clock_checked is not None:
+            await self._clock_checked.wait()  # no lease before our clock is known to be fit
         while True:
             self._wake.clear()
             # Leased and not yet recorded: in flight, or delivered and waiting for the write.
             room = high_water - dispatcher.in_flight - len(self._pending)
             self._starved = room <= 0
-            leasing = self._lease_wanted and room > 0 and not self._stopping
+            leasing = (
+                self._lease_wanted and room > 0 and not self._stopping and not self._leasing_paused
+            )
             if leasing and loop.time() < not_before:
                 if not self._pending:
                     await self._sleep(not_before - loop.time())  # a record cuts it short
@@ -478,7 +497,14 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
                 return True
             self._lease_wanted = True
             return False
-        if not self._starved and not self._capped and not self._stopping:
+        # Paused (a wrong clock), no due time is worth waking up for: only the poll, a
+        # wake-up, a result or the clock check that ends the pause.
+        if (
+            not self._starved
+            and not self._capped
+            and not self._stopping
+            and not self._leasing_paused
+        ):
             if self._due_stale or dispatcher.idle.is_set():
                 try:
                     self._due_at = await self._store_call(self.store.next_due, now=self._clock())
@@ -629,7 +655,7 @@ class Worker(WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStoppin
         interval = lease_for.total_seconds() / 3
         while True:
             await asyncio.sleep(interval)  # a timer, not synchronisation
-            until = self._clock() + lease_for
+            until = self._clock() + lease_for + lease_margin(self._clock_reading)
             for state in list(self._leases.values()):
                 try:
                     await self._store_call(self.store.extend, state.lease, until=until)

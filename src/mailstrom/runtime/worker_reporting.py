@@ -31,6 +31,8 @@ class _Counters:
     store_error: str | None = None
     store_errors: int = 0
     record_lag: float = 0.0
+    clock_skew: float | None = None
+    paused: str | None = None
 
 
 class WorkerReporting:
@@ -63,6 +65,8 @@ class WorkerReporting:
             record_lag=c.record_lag,
             transactions=len(self._items),
             idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
+            clock_skew=c.clock_skew,
+            paused=c.paused,
             metrics=self.metrics.snapshot(),
         )
 

@@ -54,6 +54,7 @@ from mailstrom.stores.base import (
     storable_text,
     with_throttles,
 )
+from mailstrom.stores.clock import ClockReading, reading_between
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
@@ -430,6 +431,20 @@ class PostgresStore:
                 "addresses": [a for _, a in pairs],
             },
         )
+
+    def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
+        """How far ``clock`` is from the server's (see
+        :class:`~mailstrom.stores.clock.ServerClock`): read just before and just after one
+        round trip, on a connection already checked out, so that waiting for the pool is
+        not counted as skew."""
+        with translate_errors("server_clock"), self._pool.connection() as conn:
+            before = clock()
+            row = conn.execute(self._queries["server_clock"]).fetchone()
+            after = clock()
+            server = f"PostgreSQL server {conn.info.host}:{conn.info.port}"
+        if row is None or not isinstance(row[0], datetime):
+            raise StoreError(f"the {server} did not tell its time")
+        return reading_between(before, row[0], after, server=server)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -977,3 +977,9 @@ WITH made AS (
 SELECT key FROM made
 UNION ALL
 SELECT key FROM verp_key WHERE id = 1;
+
+-- name: server_clock
+-- The server's clock at this moment: clock_timestamp(), not now() (the start of the
+-- transaction), and schema-qualified, so that a function of the same name earlier in
+-- the search_path cannot stand in for it. See stores/clock.py.
+SELECT pg_catalog.clock_timestamp();

@@ -1,0 +1,82 @@
+"""How far a caller's clock is from its store's: the measurement a worker checks before
+it trusts its own clock with leases.
+
+Every lease decision uses the worker's clock (``now`` in :meth:`Store.lease`,
+:meth:`Store.extend`): a recipient is due, and a lease expired, when the worker's clock
+says so. Workers on one host (memory, SQLite) share that clock. Workers on many hosts
+sharing a PostgreSQL store do not, and one whose clock is off by more than a third of
+``lease_for`` takes over other workers' leases while they deliver (see
+:mod:`mailstrom.runtime.worker_clock`). A store whose workers may run on other hosts can
+say how far off a caller's clock is: it implements :class:`ServerClock`. The worker asks
+with ``isinstance(store, ServerClock)``, so the :class:`~mailstrom.stores.base.Store`
+protocol, which every store and every test double implements, does not grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClockReading:
+    """One comparison of the caller's clock with the store server's.
+
+    ``skew``: seconds the caller's clock is ahead of the server's (negative: behind).
+    ``uncertainty``: how far off ``skew`` may be, in seconds (half the round trip: the
+    server read its clock at some moment between the caller's two readings).
+    ``server``: which server was asked, for log lines (no password).
+    """
+
+    skew: float
+    uncertainty: float
+    server: str
+
+    @property
+    def certain_skew(self) -> float:
+        """The part of ``|skew|`` the measurement cannot explain (never negative): what
+        thresholds are compared with, so that a slow round trip alone never looks like
+        a wrong clock."""
+        return max(0.0, abs(self.skew) - self.uncertainty)
+
+    def describe(self) -> str:
+        """``"42.0 s ahead of PostgreSQL server db:5432 (± 0.001 s)"``."""
+        side = "ahead of" if self.skew >= 0 else "behind"
+        return f"{abs(self.skew):.1f} s {side} {self.server} (± {self.uncertainty:.3f} s)"
+
+
+def reading_between(
+    before: datetime, server_time: datetime, after: datetime, *, server: str
+) -> ClockReading:
+    """The reading when the caller's clock said ``before`` just before asking the server
+    and ``after`` just after its answer ``server_time``.
+
+    The server read its clock somewhere in between; taken at the midpoint, the round trip
+    is not counted as skew, and half of it is the uncertainty.
+
+    >>> from datetime import UTC, datetime, timedelta
+    >>> t = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    >>> r = reading_between(t, t - timedelta(seconds=59), t + timedelta(seconds=2), server="db")
+    >>> r.skew, r.uncertainty
+    (60.0, 1.0)
+    """
+    half_trip = (after - before) / 2
+    midpoint = before + half_trip
+    return ClockReading(
+        skew=(midpoint - server_time).total_seconds(),
+        uncertainty=abs(half_trip.total_seconds()),
+        server=server,
+    )
+
+
+@runtime_checkable
+class ServerClock(Protocol):
+    """A store that can compare a caller's clock with its server's (PostgreSQL)."""
+
+    def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
+        """Read ``clock`` just before and just after asking the server for its time (one
+        round trip); :class:`~mailstrom.errors.StoreError` when the server cannot be
+        asked."""
+        ...

@@ -1,0 +1,161 @@
+"""Clock skew between a worker and its store's server: the measurement's arithmetic, the
+thresholds, and the worker's reaction, against a memory store whose "server" clock is the
+real one (tests/support/skew.py; PostgreSQL: tests/integration/test_postgres_clock_skew.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from tests.support.skew import ClockedMemoryStore, SkewedClock, eventually
+
+from mailstrom import Config
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.runtime.worker import Worker
+from mailstrom.runtime.worker_clock import WARN_SKEW, ClockVerdict, lease_margin, verdict_for
+from mailstrom.status import RecipientState
+from mailstrom.stores import MemoryStore
+from mailstrom.stores.clock import ClockReading, ServerClock, reading_between
+
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+SHORT_LEASE = timedelta(seconds=30)
+"""A third of it, 10 s, is the skew from which a worker stops leasing."""
+
+
+def seconds(n: float) -> timedelta:
+    return timedelta(seconds=n)
+
+
+def test_the_round_trip_is_not_counted_as_skew() -> None:
+    # Asked at T0, answered 4 s later; the server read its clock at what was T0 + 2 s here.
+    reading = reading_between(T0, T0 + seconds(2), T0 + seconds(4), server="db")
+    assert (reading.skew, reading.uncertainty, reading.certain_skew) == (0.0, 2.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("server_at", "skew", "side"),
+    [(T0 - seconds(60), 61.0, "ahead of"), (T0 + seconds(62), -61.0, "behind")],
+)
+def test_the_skew_is_the_local_midpoint_less_the_server_time(
+    server_at: datetime, skew: float, side: str
+) -> None:
+    reading = reading_between(T0, server_at, T0 + seconds(2), server="db:5432")
+    assert (reading.skew, reading.uncertainty, reading.certain_skew) == (skew, 1.0, 60.0)
+    assert reading.describe() == f"61.0 s {side} db:5432 (± 1.000 s)"
+
+
+def reading(skew: float, uncertainty: float = 0.0) -> ClockReading:
+    return ClockReading(skew=skew, uncertainty=uncertainty, server="db")
+
+
+@pytest.mark.parametrize(
+    ("skew", "uncertainty", "lease_for", "verdict"),
+    [
+        (0.5, 0.0, timedelta(minutes=15), ClockVerdict.FINE),
+        (WARN_SKEW, 0.0, timedelta(minutes=15), ClockVerdict.FINE),
+        (-WARN_SKEW - 1, 0.0, timedelta(minutes=15), ClockVerdict.WARN),
+        (300.0, 0.0, timedelta(minutes=15), ClockVerdict.WARN),  # a third of 15 min: not beyond
+        (301.0, 0.0, timedelta(minutes=15), ClockVerdict.STOP),
+        (-301.0, 0.0, timedelta(minutes=15), ClockVerdict.STOP),
+        (11.0, 0.0, SHORT_LEASE, ClockVerdict.STOP),  # the danger is below the warning here
+        (12.0, 3.0, SHORT_LEASE, ClockVerdict.FINE),  # a slow round trip explains it away
+    ],
+)
+def test_verdicts(
+    skew: float, uncertainty: float, lease_for: timedelta, verdict: ClockVerdict
+) -> None:
+    assert verdict_for(reading(skew, uncertainty), lease_for) is verdict
+
+
+@pytest.mark.parametrize(("skew", "margin"), [(-45.0, 45.0), (45.0, 0.0), (0.0, 0.0)])
+def test_a_worker_behind_extends_its_leases_by_its_lag(skew: float, margin: float) -> None:
+    """Extended to its own ``now + lease_for``, a lease of a worker 45 s behind would look
+    45 s shorter to the others."""
+    assert lease_margin(reading(skew)) == seconds(margin)
+    assert lease_margin(None) == seconds(0)
+
+
+def test_only_stores_on_other_hosts_are_asked() -> None:
+    assert not isinstance(MemoryStore(), ServerClock)
+    assert isinstance(ClockedMemoryStore(), ServerClock)
+
+
+def message() -> PreparedMessage:
+    return PreparedMessage(
+        data=b"From: a@client.test\r\nTo: b@example.test\r\nSubject: x\r\n\r\nx\r\n",
+        envelope_from="a@client.test",
+        recipients=("b@example.test",),
+    )
+
+
+def worker_for(store: MemoryStore, clock: SkewedClock) -> Worker:
+    config = Config(helo_name="client.test", lease_for=SHORT_LEASE, poll_interval=0.01)
+    return Worker(config, store, clock=clock)
+
+
+def clock_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    """The lines about the worker's clock (not those about a failing store call)."""
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    return [(level, line) for level, line in lines if "this worker's clock" in line]
+
+
+async def test_a_worker_too_far_off_leases_nothing_and_once_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = ClockedMemoryStore()
+    mid = store.enqueue(message(), now=datetime.now(UTC))
+    worker = worker_for(store, SkewedClock(45.0))
+    await asyncio.wait_for(worker.run(once=True), timeout=5)
+    status = worker.status
+    assert status.paused is not None and status.paused.startswith("clock: 45.0 s ahead of")
+    assert status.clock_skew == pytest.approx(45.0, abs=0.5)
+    [recipient] = store.status(mid).recipients
+    assert (recipient.state, recipient.attempts) == (RecipientState.QUEUED, 0)
+    [(level, line)] = clock_lines(caplog)
+    assert level == logging.ERROR
+    assert "beyond 10 s (a third of lease_for)" in line and "takes no new work" in line
+
+
+async def test_each_change_is_logged_once_and_the_worker_resumes_by_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = ClockedMemoryStore()
+    clock = SkewedClock(-45.0)
+    worker = worker_for(store, clock)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: store.checks >= 5, "five checks")  # paused: one per poll
+        assert worker.status.paused is not None
+        clock.set(0.0)
+        await eventually(lambda: worker.status.paused is None, "the pause to end")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+    assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR, logging.WARNING]
+    assert "45.0 s behind the test server" in clock_lines(caplog)[0][1]
+    assert clock_lines(caplog)[1][1].endswith(": leasing again")
+    assert worker.status.clock_skew == pytest.approx(0.0, abs=0.5)
+
+
+async def test_a_failing_check_is_store_trouble_not_skew(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = ClockedMemoryStore()
+    store.failing = True
+    worker = worker_for(store, SkewedClock(45.0))
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: store.checks >= 3, "three checks")
+        status = worker.status
+        assert (status.paused, status.clock_skew) == (None, None)
+        assert status.metrics.store_errors >= 3  # counted as the store's, like any call
+        store.failing = False
+        await eventually(lambda: worker.status.paused is not None, "the check to answer")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+    assert "store failing (clock check): connection to the test server lost" in caplog.text
+    assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR]
