@@ -107,7 +107,10 @@ async def test_a_minute_ahead_warns_shows_the_skew_and_delivers(
     assert status.clock_skew == pytest.approx(60.0, abs=0.5)
     [(level, line)] = clock_lines(caplog)
     assert level == logging.WARNING
-    assert "60.0 s ahead of PostgreSQL server" in line and "stops leasing from 300 s" in line
+    assert (
+        "60.0 s ahead of PostgreSQL server" in line
+        and "past 300 s (a third of lease_for) it stops leasing" in line
+    )
     metrics = registry_for(lambda: MetricsSnapshot(worker=status))
     skew = metrics.get_sample_value("mailstrom_clock_skew_seconds")
     assert skew == pytest.approx(60.0, abs=0.5)

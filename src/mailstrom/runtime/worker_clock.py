@@ -163,14 +163,12 @@ class WorkerClock(WorkerStore):
             )
         elif verdict is ClockVerdict.WARN:
             log.warning(
-                "this worker's clock is %s; %s from %g s (a third of lease_for); fix "
-                "the time synchronisation (NTP, chrony) of this host or of the database "
-                "server",
+                "this worker's clock is %s; %s %g s (a third of lease_for)%s; fix the "
+                "time synchronisation (NTP, chrony) of this host or of the database server",
                 reading.describe(),
-                "leasing again, but it stops"
-                if previous is ClockVerdict.STOP
-                else "delivery goes on, but it stops leasing",
+                "within" if previous is ClockVerdict.STOP else "delivery goes on, but past",
                 limit,
+                " again: leasing again" if previous is ClockVerdict.STOP else " it stops leasing",
             )
         else:
             log.warning(
