@@ -213,6 +213,36 @@ def _bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
+def _seconds(minimum: float) -> Parser:
+    """A time in seconds: a number (``30``, ``0.5``, as TOML or an environment variable
+    gives it) or a duration (``30s``, ``500ms``, ``5m``) like ``lease_for`` and
+    ``tlsrpt.post_timeout`` take, so that every time setting reads the same."""
+    as_number = _float(minimum)
+
+    def parse(key: str, value: Any) -> float:
+        if isinstance(value, str) and ascii_only(value) and not _NUMBER.fullmatch(value):
+            try:
+                seconds = parse_duration(value).total_seconds()
+            except ValueError:
+                raise ConfigError(
+                    f"{key}: expected seconds or a duration (like 30s, 500ms, 5m),"
+                    f" got {shorten(value, 60)}"
+                ) from None
+            if seconds < minimum:
+                raise ConfigError(
+                    f"{key}: expected at least {minimum:g} s, got {shorten(value, 60)}"
+                )
+            return seconds
+        number: float = as_number(key, value)
+        return number
+
+    return parse
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
+"""A number as ``float()`` reads it (the old form of these settings), sign included."""
+
+
 def _duration(key: str, value: Any) -> timedelta:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration, got {value!r}")
@@ -432,21 +462,21 @@ KEYS: dict[str, Parser] = {
     "max_messages_per_connection": _int(1),
     "mx_address_limit": _int(1),
     "mx_session_limit": _int(1),
-    "connection_idle": _float(0),
+    "connection_idle": _seconds(0),
     "retry_uncertain": _bool,
     "event_loop": _choice(EventLoop),
     "lease_for": _duration,
     "lease_batch": _int(1),
-    "poll_interval": _float(0.001),
+    "poll_interval": _seconds(0.001),
     "dns.nameservers": _str_list,
     "dns.port": _port,
-    "dns.timeout": _float(0.001),
-    "timeouts.connect": _float(0.001),
-    "timeouts.greeting": _float(0.001),
-    "timeouts.command": _float(0.001),
-    "timeouts.data_init": _float(0.001),
-    "timeouts.data_block": _float(0.001),
-    "timeouts.data_end": _float(0.001),
+    "dns.timeout": _seconds(0.001),
+    "timeouts.connect": _seconds(0.001),
+    "timeouts.greeting": _seconds(0.001),
+    "timeouts.command": _seconds(0.001),
+    "timeouts.data_init": _seconds(0.001),
+    "timeouts.data_block": _seconds(0.001),
+    "timeouts.data_end": _seconds(0.001),
     "retry.min_delay": _duration,
     "retry.max_delay": _duration,
     "retry.multiplier": _float(1.0),
@@ -466,7 +496,7 @@ KEYS: dict[str, Parser] = {
     "events": _bool,
     "hook.url": _str,
     "hook.secret": _str,
-    "hook.timeout": _float(0.001),
+    "hook.timeout": _seconds(0.001),
     "hook.batch": _int(1),
     "metrics.listen": _listen,
     "metrics.domains": _str_list,
@@ -489,8 +519,8 @@ KEYS: dict[str, Parser] = {
     "mta_sts.enabled": _bool,
     "mta_sts.port": _port,
     "mta_sts.ca_file": _existing_file,
-    "mta_sts.timeout": _float(0.001),
-    "mta_sts.recheck": _float(0),
+    "mta_sts.timeout": _seconds(0.001),
+    "mta_sts.recheck": _seconds(0),
     "mta_sts.report": _bool,
     # Read by ``mailstrom tlsrpt`` only: who the reports say they come from, and how long
     # one POST of a report may take.

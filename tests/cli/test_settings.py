@@ -288,6 +288,46 @@ def test_tlsrpt_post_timeout_is_more_than_none(value: object) -> None:
         load_settings(env={}, overrides={"tlsrpt.post_timeout": value}, search=False)
 
 
+SECONDS_KEYS = [
+    "connection_idle", "poll_interval", "dns.timeout", "timeouts.connect",
+    "timeouts.greeting", "timeouts.command", "timeouts.data_init", "timeouts.data_block",
+    "timeouts.data_end", "hook.timeout", "mta_sts.timeout", "mta_sts.recheck",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SECONDS_KEYS)
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("10", 10), (" 2.5 ", 2.5), ("1e2", 100), ("10s", 10), ("500ms", 0.5), ("5m", 300), (3, 3)],
+)
+def test_settings_in_seconds_also_take_a_duration(key: str, value: object, seconds: float) -> None:
+    """Only lease_for, retry.*, shaping.* and tlsrpt.post_timeout took "30s" or "5m";
+    the timeouts wanted a bare number and refused them. Every time setting now reads
+    both, as a number of seconds."""
+    assert KEYS[key](key, value) == seconds
+    if isinstance(value, str):
+        load_settings(env={env_name(key): value}, search=False)  # and from the environment
+
+
+def test_a_timeout_given_as_a_duration_reaches_the_config() -> None:
+    env = {"MAILSTROM_TIMEOUTS_GREETING": "5m", "MAILSTROM_POLL_INTERVAL": "250ms"}
+    config = load_settings(env=env, search=False).config
+    assert (config.timeouts.greeting, config.poll_interval) == (300.0, 0.25)
+
+
+@pytest.mark.parametrize("key", ["timeouts.greeting", "mta_sts.recheck"])
+@pytest.mark.parametrize("value", ["5 minutes", "10x", "inf", "nan", "-1s", "s", "\u0663s"])
+def test_a_time_setting_refuses_what_is_no_time(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: ")):
+        load_settings(env={env_name(key): value}, search=False)
+
+
+def test_a_timeout_of_no_time_is_refused_in_either_form() -> None:
+    for value in ("0", "0s", "0ms"):
+        with pytest.raises(ConfigError, match=re.escape("timeouts.connect: expected")):
+            load_settings(env={"MAILSTROM_TIMEOUTS_CONNECT": value}, search=False)
+
+
 def test_ascii_numbers_with_spaces_around_them_still_load() -> None:
     env = {"MAILSTROM_SMTP_PORT": " 2525 ", "MAILSTROM_DNS_TIMEOUT": "\t2.5\n"}
     config = load_settings(env=env, search=False).config
