@@ -116,6 +116,26 @@ def test_encoded_words_never_split_a_character() -> None:
         assert word.startswith("=?utf-8?")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Jörg Müller-Lüdenscheidt von und zu Großbritannien",
+        "Zoë Ünïcødé Nummer 0 aus Köln am Rhein und noch mehr Text",
+    ],
+)
+def test_a_long_encoded_name_is_split_between_its_words(name: str) -> None:
+    """RFC 2047 decoders drop the space between two encoded words, but the stdlib's
+    reader of display names keeps it: a name split inside a word read as "Großbri
+    tannien". A word now ends after a space where it can, so such a reader shows at worst
+    two spaces; a decoder that follows RFC 2047 reads the name exactly either way."""
+    words = encoded_words(name)
+    assert len(words) > 1
+    assert all(word.endswith("_?=") for word in words[:-1])
+    data = prepare(Email(from_=f'"{name}" <a@example.com>', to="b@example.org")).data
+    shown = parsed(data)["From"].addresses[0].display_name
+    assert shown.split() == name.split()
+
+
 def test_long_non_ascii_filename_uses_rfc_2231_sections() -> None:
     name = "Résumé " * 20 + ".pdf"
     pieces = parameter("filename", name)

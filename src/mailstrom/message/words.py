@@ -47,6 +47,11 @@ def encoded_words(text: str) -> list[str]:
     Like the stdlib, "Q" is used unless "B" is at least five characters shorter. Whitespace
     between two encoded words is dropped by decoders (RFC 2047 §6.2), so the words may be
     joined with a space or a fold.
+
+    A word ends after a space of the text where one is in the second half of it, else
+    where it is full: a decoder that keeps the whitespace between two encoded words (the
+    stdlib's reader of display names does) then shows two spaces, not a space inside a
+    word ("Groß britannien").
     """
     data = text.encode("utf-8")
     q_length = len(data) + 2 * len(data.translate(None, _Q_SAFE))
@@ -57,6 +62,8 @@ def encoded_words(text: str) -> list[str]:
     start = 0  # octet offset of the current word
     cost = 0
     position = 0
+    after_space = 0  # octet offset just past the word's last space (0: none yet)
+    since_space = 0  # the cost of what follows that space
     for char in text:
         if char < "\x80":
             size = 1
@@ -66,10 +73,17 @@ def encoded_words(text: str) -> list[str]:
             # Every octet of a multi-octet UTF-8 character is above 127: "=XX" in Q.
             step = 3 * size if use_q else size
         if cost + step > budget and position > start:
-            words.append(_encode(data[start:position], use_q))
-            start, cost = position, 0
+            if after_space > start and 2 * since_space <= cost:
+                words.append(_encode(data[start:after_space], use_q))
+                start, cost = after_space, since_space
+            else:
+                words.append(_encode(data[start:position], use_q))
+                start, cost = position, 0
         cost += step
+        since_space += step
         position += size
+        if char == " ":
+            after_space, since_space = position, 0
     if position > start or not words:
         words.append(_encode(data[start:position], use_q))
     return words
