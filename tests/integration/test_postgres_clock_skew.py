@@ -82,12 +82,33 @@ async def test_in_step_nothing_is_logged_and_the_mail_goes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store.enqueue(message("bob"), now=datetime.now(UTC))
-    worker = Worker(loopback_config(dns_server, receiver.port), store, clock=SkewedClock(0.0))
+    worker = Worker(
+        loopback_config(dns_server, receiver.port), store, clock=SkewedClock(0.0), check_clock=True
+    )
     await asyncio.wait_for(worker.run(once=True), timeout=20)
     status = worker.status
     assert status.delivered == 1
     assert status.clock_skew is not None and abs(status.clock_skew) < 0.5
     assert status.paused is None
+    assert clock_lines(caplog) == []
+
+
+async def test_a_clock_passed_in_is_a_tests_and_is_not_checked(
+    store: PostgresStore,
+    receiver: ReceivingServer,
+    dns_server: LoopbackDNS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A test's fixed time, a year before the server's: its worker stopped leasing (the
+    suite's PostgreSQL tests with a fake clock delivered nothing). Only the host's own
+    clock is checked unless a caller asks (``check_clock=True``, as the tests above do)."""
+    then = datetime.now(UTC) - timedelta(days=365)
+    store.enqueue(message("bob"), now=then)
+    worker = Worker(loopback_config(dns_server, receiver.port), store, clock=lambda: then)
+    await asyncio.wait_for(worker.run(once=True), timeout=20)
+    status = worker.status
+    assert status.delivered == 1
+    assert status.clock_skew is None and status.paused is None
     assert clock_lines(caplog) == []
 
 
@@ -100,7 +121,7 @@ async def test_a_minute_ahead_warns_shows_the_skew_and_delivers(
     store.enqueue(message("bob"), now=datetime.now(UTC))
     config = loopback_config(dns_server, receiver.port)
     assert config.lease_for == timedelta(minutes=15)  # the default: 5 minutes is the danger
-    worker = Worker(config, store, clock=SkewedClock(60.0))
+    worker = Worker(config, store, clock=SkewedClock(60.0), check_clock=True)
     await asyncio.wait_for(worker.run(once=True), timeout=20)
     status = worker.status
     assert status.delivered == 1 and status.paused is None
@@ -136,6 +157,7 @@ async def test_a_worker_too_far_ahead_takes_nothing_over_and_resumes_once_right(
             ),
             store,
             clock=in_step,
+            check_clock=True,
             on_result=results_a,
         )
         b = Worker(
@@ -148,6 +170,7 @@ async def test_a_worker_too_far_ahead_takes_nothing_over_and_resumes_once_right(
             ),
             store_b,
             clock=ahead,
+            check_clock=True,
             on_result=results_b,
         )
         running_a = asyncio.create_task(a.run())

@@ -78,7 +78,7 @@ def main() -> int:
 
     clock = SkewedClock(float(os.environ[OFFSET_VARIABLE]))
     # Looked up when the command makes its worker: every worker it makes gets this clock.
-    mailstrom.cli.worker.Worker = functools.partial(Worker, clock=clock)
+    mailstrom.cli.worker.Worker = functools.partial(Worker, clock=clock, check_clock=True)
     return mailstrom_main(sys.argv[1:])
 
 

@@ -93,7 +93,7 @@ def message() -> PreparedMessage:
 
 def worker_for(store: MemoryStore, clock: SkewedClock) -> Worker:
     config = Config(helo_name="client.test", lease_for=SHORT_LEASE, poll_interval=0.01)
-    return Worker(config, store, clock=clock)
+    return Worker(config, store, clock=clock, check_clock=True)
 
 
 def clock_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:

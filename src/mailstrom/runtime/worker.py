@@ -103,12 +103,19 @@ class Worker(
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
         on_result: Callable[[RecipientResult], None] | None = None,
+        check_clock: bool | None = None,
     ) -> None:
         """``on_result`` is called (on the worker's loop) with each result once the store
-        has recorded it: a hook for metrics, logging or tests."""
+        has recorded it: a hook for metrics, logging or tests.
+
+        ``check_clock``: whether to compare ``clock`` with the store server's and stop
+        leasing when they are too far apart (worker_clock.py). By default only the host's
+        own clock is checked: a clock passed in is a test's (a fixed or moved time is the
+        point of it), and checking it against the server's would stop every lease."""
         self.config = config
         self.store = store
         self._clock = clock
+        self._checks_clock = clock is utc_now if check_clock is None else check_clock
         self._router = router or Router.for_config(config)
         self._inline = bool(getattr(store, "in_process", False))
         self._rng = rng or random.Random()

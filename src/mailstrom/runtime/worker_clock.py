@@ -87,6 +87,7 @@ class WorkerClock(WorkerStore):
 
     config: Config
     _clock: Callable[[], datetime]
+    _checks_clock: bool
     _clock_reading: ClockReading | None
     _clock_verdict: ClockVerdict
     _clock_checked: asyncio.Event | None
@@ -103,7 +104,7 @@ class WorkerClock(WorkerStore):
         then every :data:`CHECK_EVERY` seconds, or every ``poll_interval`` while paused or
         not yet measured."""
         try:
-            if not isinstance(self.store, ServerClock):
+            if not self._checks_clock or not isinstance(self.store, ServerClock):
                 return
             measure = self.store.measure_clock
             while True:
