@@ -207,6 +207,14 @@ class StoreRefusedData(StoreError):
     rather than retrying it for ever."""
 
 
+class StoreLocked(StoreError):
+    """The store waited its longest for a lock another session holds (PostgreSQL's
+    ``lock_timeout``: an operator's ``LOCK TABLE`` left open, a long ``ALTER TABLE`` or
+    ``CREATE INDEX``, a stuck migration) and gave up: nothing was written. A passing
+    trouble like any :class:`StoreError` (the command line exits 75, a worker keeps its
+    results and tries again); the message names the lock's holder when the server says."""
+
+
 class UnreadableRow(StoreError):
     """A queue row the store cannot read back as mailstrom wrote it (changed by hand, by
     a bug in another version sharing the database, by a partial restore or bit rot): a

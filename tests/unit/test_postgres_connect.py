@@ -1,14 +1,17 @@
 """What mailstrom makes of a PostgreSQL store URL (stores/postgres/connect.py): the
 parameters it adds so that a server that vanished is noticed within about a minute (the
-URL's own win), and ``prepare_threshold``, its own, taken out before libpq sees it."""
+URL's own win), and ``prepare_threshold`` and ``lock_timeout``, its own, taken out before
+libpq sees them."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from mailstrom.errors import InvalidStoreURL
+from mailstrom.cli.exits import EX_TEMPFAIL, exit_code_for
+from mailstrom.errors import InvalidStoreURL, StoreLocked
 from mailstrom.stores.postgres.connect import check_conninfo, connection_options, split_url
+from mailstrom.stores.postgres.locks import LockBound
 
 URL = "postgresql://mail@db.internal/mail"
 
@@ -71,7 +74,8 @@ def test_pgconnect_timeout_in_the_environment_wins(monkeypatch: pytest.MonkeyPat
 def test_prepare_threshold_is_taken_out_of_the_url(
     url: str, libpq: str, threshold: int | None
 ) -> None:
-    assert split_url(url) == (libpq, threshold)
+    conninfo, params = split_url(url)
+    assert (conninfo, params.prepare_threshold) == (libpq, threshold)
 
 
 # "%D9%A3" is ARABIC-INDIC DIGIT THREE: str.isdigit() took it, and int() read it as 3.
@@ -79,6 +83,43 @@ def test_prepare_threshold_is_taken_out_of_the_url(
 def test_a_bad_prepare_threshold_is_an_invalid_store_url(value: str) -> None:
     with pytest.raises(InvalidStoreURL, match="prepare_threshold"):
         split_url(f"{URL}?prepare_threshold={value}")
+
+
+@pytest.mark.parametrize(
+    ("query", "bound"),
+    [
+        ("", LockBound(ms=30_000, given=False)),  # mailstrom's default, where nobody set one
+        ("?lock_timeout=1s", LockBound(ms=1000, given=True)),
+        ("?lock_timeout=250ms", LockBound(ms=250, given=True)),
+        ("?lock_timeout=2", LockBound(ms=2000, given=True)),  # a bare number is seconds
+        ("?lock_timeout=0.5", LockBound(ms=500, given=True)),
+        ("?lock_timeout=%202m%20", LockBound(ms=120_000, given=True)),
+        ("?lock_timeout=1s&lock_timeout=3s", LockBound(ms=3000, given=True)),  # the last
+        ("?lock_timeout=0", None),  # mailstrom sets none: PostgreSQL's own setting stands
+        ("?lock_timeout=0s", None),
+    ],
+)
+def test_lock_timeout_is_taken_out_of_the_url(query: str, bound: LockBound | None) -> None:
+    conninfo, params = split_url(f"{URL}{query}{'&' if query else '?'}sslmode=require")
+    assert conninfo == f"{URL}?sslmode=require"
+    assert params.lock_bound == bound
+    assert params.prepare_threshold == 5
+
+
+# 25 days is past PostgreSQL's largest lock_timeout; 0.1ms rounds to 0, which would
+# silently mean "no bound"; "%D9%A3" is ARABIC-INDIC DIGIT THREE.
+@pytest.mark.parametrize(
+    "value", ["", "soon", "-1", "25d", "0.1ms", "1e3", "%D9%A3", "30 seconds", "x" * 300]
+)
+def test_a_bad_lock_timeout_is_an_invalid_store_url(value: str) -> None:
+    with pytest.raises(InvalidStoreURL, match=r"^lock_timeout in a PostgreSQL store URL") as info:
+        split_url(f"{URL}?lock_timeout={value}")
+    assert "from 1ms to 24 days" in str(info.value)
+    assert len(str(info.value)) < 200  # what was given is quoted cut short
+
+
+def test_a_lock_waited_for_in_vain_exits_75_like_other_passing_store_errors() -> None:
+    assert exit_code_for(StoreLocked("waited 1s for a lock")) == EX_TEMPFAIL
 
 
 def test_a_malformed_url_is_an_invalid_store_url() -> None:

@@ -37,6 +37,7 @@ from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
 from mailstrom.stores.postgres.connect import connection_pool
+from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 
@@ -76,6 +77,7 @@ class PostgresReadModel:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
             url, name="mailstrom-readmodel", min_size=1, max_size=max_size, timeout=timeout
         )
+        self._lock_wait = pool_lock_wait(self._pool)
         with translate_errors("connecting"):
             self._pool.open(wait=True, timeout=timeout)
 
@@ -84,7 +86,11 @@ class PostgresReadModel:
         """A connection of the pool for one view, in one transaction. A time the driver
         cannot hold (infinity, a year past 9999: a row changed by hand) reads as None
         (ReadableTimes), which the view shows as unknown, instead of failing it whole."""
-        with translate_errors(doing), self._pool.connection() as conn, conn.transaction():
+        with (
+            translate_errors(doing, diagnose=self._lock_wait),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
             conn.adapters.register_loader("timestamptz", ReadableTimes)
             yield conn
 

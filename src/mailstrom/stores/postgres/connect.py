@@ -1,6 +1,6 @@
-"""How mailstrom connects to PostgreSQL: bounded in time, in UTC, and with statements
-prepared on the server or not as the store URL's ``prepare_threshold`` says
-(:func:`split_url`).
+"""How mailstrom connects to PostgreSQL: bounded in time, in UTC, with statements
+prepared on the server or not as the store URL's ``prepare_threshold`` says, and waiting
+for another session's lock as its ``lock_timeout`` says (:func:`split_url`).
 
 libpq's defaults wait without end: no connect timeout, and TCP keepalive only after the
 kernel's idle time (two hours on Linux). A server that goes away without closing its
@@ -18,6 +18,12 @@ usual handling of a failing store (retry with backoff, reconnect) takes over:
 A slow query is not affected: the server's kernel acknowledges the query and answers the
 probes while the server works. A parameter given in the store's URL (or
 ``PGCONNECT_TIMEOUT`` in the environment) wins over these.
+
+Nor is a query waiting for a lock another session holds (an operator's ``LOCK TABLE``
+left open, a long ``ALTER TABLE``): the server is alive and answers. That wait is
+bounded by PostgreSQL's ``lock_timeout``, 30 s unless the store URL's ``lock_timeout``
+or the operator's own setting says otherwise, set per connection when it goes straight
+to the server and per transaction behind a pooler (:mod:`~.locks`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -34,6 +41,7 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
+from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
 from mailstrom.stores.url import redact_url
 
 KEEPALIVE = {
@@ -63,15 +71,29 @@ def bounded(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> str:
 
 
 PREPARE_THRESHOLD = "prepare_threshold"
-"""The one query parameter of a store URL that is mailstrom's, not libpq's."""
+"""A query parameter of a store URL that is mailstrom's, not libpq's: see :func:`split_url`."""
+LOCK_TIMEOUT = "lock_timeout"
+"""Another: how long a statement waits for a lock (see :mod:`.locks`)."""
+_OURS = (PREPARE_THRESHOLD, LOCK_TIMEOUT)
 DEFAULT_PREPARE_THRESHOLD = 5
 """psycopg's own default: a statement is prepared on the server at its 5th execution."""
+MAX_LOCK_TIMEOUT_MS = 2**31 - 1
+"""PostgreSQL's largest ``lock_timeout`` (an int of milliseconds, about 24 days)."""
 
 
-def split_url(url: str) -> tuple[str, int | None]:
-    """``url`` without ``prepare_threshold``, for libpq, and that parameter's value: an
-    integer, or None for ``none`` (never prepare on the server).
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreParams:
+    """mailstrom's own query parameters of a PostgreSQL store URL (see :func:`split_url`)."""
 
+    prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD
+    lock_bound: LockBound | None = DEFAULT_LOCK_BOUND
+    """The wait for a lock mailstrom sets; None (``lock_timeout=0``): it sets none."""
+
+
+def split_url(url: str) -> tuple[str, StoreParams]:
+    """``url`` without mailstrom's own query parameters, for libpq, and their values.
+
+    ``prepare_threshold``: an integer, or ``none`` (never prepare on the server).
     Prepared statements are named per client connection, so a proxy that hands one server
     connection to several clients in turn (PgBouncer before 1.21, or later without
     ``max_prepared_statements``, in transaction pooling) mixes them up: a statement
@@ -80,10 +102,18 @@ def split_url(url: str) -> tuple[str, int | None]:
     every time: in ``benchmarks/postgres.py``, 1,430 single enqueues a second instead
     of 2,470).
 
+    ``lock_timeout``: how long a statement waits for a lock another session holds before
+    it fails with :class:`~mailstrom.errors.StoreLocked` (``30s``, ``500ms``, ``2m``; a
+    bare number is seconds). Given, it wins over the role's, the database's or the
+    server's own ``lock_timeout``; not given, 30 s applies where none of them (nor the
+    URL's ``options``) set one; ``0`` leaves PostgreSQL's setting as it is (by default,
+    waiting without end). See :mod:`~mailstrom.stores.postgres.locks`.
+
     >>> split_url("postgresql://app@db/mail?sslmode=require&prepare_threshold=none")
-    ('postgresql://app@db/mail?sslmode=require', None)
-    >>> split_url("postgresql://app@db/mail")
-    ('postgresql://app@db/mail', 5)
+    ('postgresql://app@db/mail?sslmode=require', StoreParams(prepare_threshold=None, \
+lock_bound=LockBound(ms=30000, given=False)))
+    >>> split_url("postgresql://app@db/mail?lock_timeout=500ms")[1].lock_bound
+    LockBound(ms=500, given=True)
     """
     try:
         parts = urlsplit(url)
@@ -92,18 +122,52 @@ def split_url(url: str) -> tuple[str, int | None]:
             f"malformed PostgreSQL URL {shorten(redact_url(url))}: {exc}"
         ) from None
     pairs = parts.query.split("&") if parts.query else []
-    ours = [p for p in pairs if p.partition("=")[0] == PREPARE_THRESHOLD]
+    ours = {
+        name: unquote(value).strip()
+        for name, _, value in (p.partition("=") for p in pairs)
+        if name in _OURS
+    }  # the last of each wins
+    params = StoreParams(
+        prepare_threshold=_prepare_threshold(ours.get(PREPARE_THRESHOLD)),
+        lock_bound=_lock_bound(ours.get(LOCK_TIMEOUT)),
+    )
     if not ours:
-        return url, DEFAULT_PREPARE_THRESHOLD
-    rest = "&".join(p for p in pairs if p.partition("=")[0] != PREPARE_THRESHOLD)
-    value = unquote(ours[-1].partition("=")[2]).strip().lower()
+        return url, params
+    rest = "&".join(p for p in pairs if p.partition("=")[0] not in _OURS)
+    return urlunsplit(parts._replace(query=rest)), params
+
+
+def _prepare_threshold(text: str | None) -> int | None:
+    if text is None:
+        return DEFAULT_PREPARE_THRESHOLD
+    value = text.lower()
     if value in ("none", "off", "never"):
-        threshold = None
-    elif value.isascii() and value.isdigit():  # isdigit() alone takes "\u0663" and "²"
-        threshold = int(value)
-    else:
-        raise InvalidStoreURL(f"prepare_threshold must be a whole number or 'none', not {value!r}")
-    return urlunsplit(parts._replace(query=rest)), threshold
+        return None
+    if value.isascii() and value.isdigit():  # isdigit() alone takes "\u0663" and "²"
+        return int(value)
+    raise InvalidStoreURL(f"prepare_threshold must be a whole number or 'none', not {value!r}")
+
+
+def _lock_bound(text: str | None) -> LockBound | None:
+    if text is None:
+        return DEFAULT_LOCK_BOUND
+    from mailstrom.settings import parse_duration  # here: only when the URL gives one
+
+    try:
+        ms = round(parse_duration(text).total_seconds() * 1000)
+    except ValueError:
+        ms = -1
+    if not 0 <= ms <= MAX_LOCK_TIMEOUT_MS or (ms == 0 and not _zero(text)):
+        raise InvalidStoreURL(
+            "lock_timeout in a PostgreSQL store URL must be a duration from 1ms to 24 days "
+            f"(30s, 500ms, 2m; a bare number is seconds) or 0, not {shorten(text, 40)}"
+        )
+    return LockBound(ms=ms, given=True) if ms else None
+
+
+def _zero(text: str) -> bool:
+    """Whether ``text`` says 0 (rather than a time that rounds to 0 ms, like 0.1ms)."""
+    return text.rstrip("smhdw").strip(" .0") == ""
 
 
 def check_conninfo(conninfo: str) -> None:
@@ -179,25 +243,32 @@ def connect(conninfo: str, *, connect_timeout: float) -> psycopg.Connection[Any]
         raise
 
 
-def _configure(conn: psycopg.Connection[Any], *, prepare_threshold: int | None) -> None:
-    # Hand back UTC datetimes whatever the server's TimeZone, as the Store protocol says.
-    # (PgBouncer carries TimeZone over to whichever server connection a client gets.)
-    conn.execute("SET TimeZone TO 'UTC'")
-    conn.prepare_threshold = prepare_threshold
+_UTC = "SET TimeZone TO 'UTC'"
+# Hand back UTC datetimes whatever the server's TimeZone, as the Store protocol says.
+# (PgBouncer carries TimeZone over to whichever server connection a client gets.)
+
+
+def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
+    if params.lock_bound is None:
+        conn.execute(_UTC)
+    else:
+        bound_session(conn, params.lock_bound, _UTC)  # the same round trip
+    conn.prepare_threshold = params.prepare_threshold
 
 
 def connection_pool(
     url: str, *, name: str, min_size: int, max_size: int, timeout: float
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """A pool (not yet open) of autocommit connections to ``url``: bounded in time, UTC,
-    and preparing statements as the URL's ``prepare_threshold`` says."""
-    conninfo, prepare_threshold = split_url(url)
+    preparing statements as the URL's ``prepare_threshold`` says, and waiting for a lock
+    as its ``lock_timeout`` says (see :mod:`~mailstrom.stores.postgres.locks`)."""
+    conninfo, params = split_url(url)
     return ConnectionPool(
         bounded(conninfo),
         min_size=min_size,
         max_size=max_size,
         kwargs={"autocommit": True},
-        configure=functools.partial(_configure, prepare_threshold=prepare_threshold),
+        configure=functools.partial(_configure, params=params),
         timeout=timeout,
         open=False,
         name=name,

@@ -11,6 +11,8 @@ import psycopg
 from psycopg import sql
 
 from mailstrom.stores.postgres.connect import bounded
+from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
+from mailstrom.stores.postgres.notifier import notify_statement
 from mailstrom.stores.postgres.sql import CHANNEL, translate_errors
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,15 @@ class Listener:
     once (notifications may have been lost meanwhile).
     """
 
-    def __init__(self, url: str, callback: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        callback: Callable[[], None],
+        *,
+        lock_bound: LockBound | None = DEFAULT_LOCK_BOUND,
+    ) -> None:
         self._url = url
+        self._lock_bound = lock_bound
         self._callback = callback
         self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
         self._stopping = threading.Event()
@@ -53,8 +62,11 @@ class Listener:
         if self._thread.is_alive():
             try:
                 url = bounded(self._url, connect_timeout=2)
+                # Its NOTIFY waits for the lock another session's NOTIFY holds until
+                # that session commits: for lock_timeout at most, then the poll notices.
                 with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute(sql.SQL("NOTIFY {}").format(sql.Identifier(self._stop_channel)))
+                    bound = self._lock_bound.local() if self._lock_bound else None
+                    conn.execute(notify_statement(self._stop_channel, bound))
             except psycopg.Error:
                 log.debug("could not wake the listener; it notices within %ss", _STOP_POLL)
             if threading.current_thread() is not self._thread:  # stop() from the callback
@@ -68,6 +80,7 @@ class Listener:
         return self._thread.is_alive()
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+        # LISTEN, unlike NOTIFY, takes no lock another session can hold: no lock_timeout.
         conn = psycopg.connect(bounded(self._url), autocommit=True)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))

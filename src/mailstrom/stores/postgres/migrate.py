@@ -7,6 +7,12 @@ each migration exactly once and never see a half-built schema.
 A schema that is already current is only read: no lock, no DDL. So a role that may only
 read and write the tables (granted SELECT, INSERT, UPDATE, DELETE and the sequences'
 USAGE) opens the store once the tables' owner has run ``mailstrom db migrate``.
+
+Each transaction waits for a lock (the migration lock another process holds, a table
+another session locked) at most the store URL's ``lock_timeout`` (see
+:mod:`~mailstrom.stores.postgres.locks`), then fails with StoreLocked: a migration that
+waited in line for a table's ACCESS EXCLUSIVE lock would hold every enqueue and lease
+of that table behind it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import psycopg
 
 from mailstrom.errors import StoreAccessDenied, StoreCorrupt
 from mailstrom.stores.postgres.connect import connect, split_url
+from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
 
 # An arbitrary constant naming mailstrom's migration lock (pg_advisory_xact_lock takes a
@@ -32,9 +39,16 @@ CREATE TABLE IF NOT EXISTS schema_version (
 """
 
 
-def _applied(conn: psycopg.Connection[Any]) -> set[int] | None:
+def _bound(conn: psycopg.Connection[Any], lock_bound: LockBound | None) -> None:
+    """Bound the lock waits of the transaction just begun on ``conn``."""
+    if lock_bound is not None:
+        conn.execute(lock_bound.local())
+
+
+def _applied(conn: psycopg.Connection[Any], lock_bound: LockBound | None) -> set[int] | None:
     """The versions recorded, or None before the first migration."""
     with conn.transaction():
+        _bound(conn, lock_bound)
         found = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
         if not (found and found[0]):
             return None
@@ -50,20 +64,22 @@ def _check_not_newer(current: int, latest: int) -> None:
         )
 
 
-def apply_migrations(conn: psycopg.Connection[Any]) -> int:
+def apply_migrations(
+    conn: psycopg.Connection[Any], *, lock_bound: LockBound | None = DEFAULT_LOCK_BOUND
+) -> int:
     """Bring the schema on ``conn`` up to date; returns the schema version.
 
     ``conn`` must not be inside a transaction; the work is committed before returning.
     """
     known = migrations()
     latest = known[-1].version if known else 0
-    applied = _applied(conn)
+    applied = _applied(conn, lock_bound)
     if applied is not None and all(m.version in applied for m in known):
         current = max(applied, default=0)
         _check_not_newer(current, latest)
         return current
     try:
-        return _migrate_locked(conn, known)
+        return _migrate_locked(conn, known, lock_bound)
     except psycopg.errors.InsufficientPrivilege as exc:
         have = max(applied or (), default=0)
         # Until the owner migrates, this mailstrom cannot use the tables: not worth waiting
@@ -75,8 +91,11 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> int:
         ) from exc
 
 
-def _migrate_locked(conn: psycopg.Connection[Any], known: tuple[Migration, ...]) -> int:
+def _migrate_locked(
+    conn: psycopg.Connection[Any], known: tuple[Migration, ...], lock_bound: LockBound | None
+) -> int:
     with conn.transaction():
+        _bound(conn, lock_bound)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
         applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
@@ -102,8 +121,9 @@ def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
     >>> migrate("postgresql://mail@127.0.0.1/mail")  # doctest: +SKIP
     1
     """
+    conninfo, params = split_url(url)
     with (
         translate_errors("migrating the schema"),
-        connect(split_url(url)[0], connect_timeout=connect_timeout) as conn,
+        connect(conninfo, connect_timeout=connect_timeout) as conn,
     ):
-        return apply_migrations(conn)
+        return apply_migrations(conn, lock_bound=params.lock_bound)

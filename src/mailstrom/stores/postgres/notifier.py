@@ -27,6 +27,7 @@ import psycopg
 from psycopg import sql
 
 from mailstrom.stores.postgres.connect import bounded
+from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.sql import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,31 @@ transaction every 10 ms, not one per enqueue, and a worker hears of the burst's 
 at most 10 ms late (of the first at once). With 2 ms, single enqueues on the fixture's
 server ran 2-16 % below the in-statement NOTIFY they replaced; with 10 ms, 1.5-3.6 %."""
 
-# One round trip (no parameters: the simple query protocol takes several statements). A
-# wake-up needs no flush to disk, and SET LOCAL ends with the transaction, so nothing
-# outlives it on a connection a transaction-pooling proxy hands to another client next.
-_NOTIFY = sql.SQL("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY {}; COMMIT").format(
-    sql.Identifier(CHANNEL)
-)
+
+def notify_statement(channel: str, bound: sql.Composable | None) -> sql.Composed:
+    """One round trip (no parameters: the simple query protocol takes several statements).
+    A wake-up needs no flush to disk, and SET LOCAL ends with the transaction, so nothing
+    outlives it on a connection a transaction-pooling proxy hands to another client next.
+    The NOTIFY takes a lock at commit that every notifying session takes in turn: one
+    another session holds is waited for as long as ``bound`` (a statement from
+    :class:`~mailstrom.stores.postgres.locks.LockBound`) says."""
+    return sql.SQL("; ").join(
+        [
+            sql.SQL("BEGIN; SET LOCAL synchronous_commit TO off"),
+            *([] if bound is None else [bound]),
+            sql.SQL("NOTIFY {}; COMMIT").format(sql.Identifier(channel)),
+        ]
+    )
 
 
 class Notifier:
     """Sends ``NOTIFY mailstrom_work`` after :meth:`poke`, coalescing pokes that come
     while a NOTIFY is under way. The thread and its connection start at the first poke."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lock_bound: LockBound | None = DEFAULT_LOCK_BOUND) -> None:
         self._url = url
+        self._lock_bound = lock_bound
+        self._statement = notify_statement(CHANNEL, None)
         self._wanted = threading.Event()
         self._pending = False
         self._closed = False
@@ -108,7 +120,9 @@ class Notifier:
             try:
                 if self.connection is None:
                     self.connection = psycopg.connect(bounded(self._url), autocommit=True)
-                self.connection.execute(_NOTIFY)
+                    bound = self._lock_bound.local_on(self.connection) if self._lock_bound else None
+                    self._statement = notify_statement(CHANNEL, bound)
+                self.connection.execute(self._statement)
                 self.sent += 1
                 return
             except psycopg.Error as exc:

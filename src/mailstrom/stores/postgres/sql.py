@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -18,7 +18,8 @@ from importlib.resources.abc import Traversable
 
 import psycopg
 
-from mailstrom.errors import StoreError, StoreRefusedData
+from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData
+from mailstrom.stores.postgres.locks import LockWait, lock_wait_message
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 _QUERY_MARKER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -76,12 +77,19 @@ def queries() -> dict[str, str]:
 
 
 @contextmanager
-def translate_errors(doing: str) -> Iterator[None]:
+def translate_errors(
+    doing: str, *, diagnose: Callable[[], LockWait | None] | None = None
+) -> Iterator[None]:
     """Turn driver errors (psycopg and psycopg_pool's, which subclass them) into StoreError:
     StoreRefusedData for a value the server or the driver refused (SQLSTATE classes 22 and
-    23, text UTF-8 cannot encode), which trying again as it is cannot mend."""
+    23, text UTF-8 cannot encode), which trying again as it is cannot mend; StoreLocked
+    for a wait for a lock that outlasted ``lock_timeout`` (55P03), saying who holds it
+    when ``diagnose`` can tell (see :mod:`~mailstrom.stores.postgres.locks`)."""
     try:
         yield
+    except psycopg.errors.LockNotAvailable as exc:
+        wait = diagnose() if diagnose is not None else None
+        raise StoreLocked(lock_wait_message(doing, exc, wait)) from exc
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
         raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
     except psycopg.Error as exc:

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -69,6 +70,7 @@ from mailstrom.stores.operator import (
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
 from mailstrom.stores.postgres.listener import Listener
+from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import queries, translate_errors
@@ -113,8 +115,8 @@ class PostgresStore:
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
     ) -> None:
         self._url = url
-        # What libpq gets: the URL less mailstrom's own parameter (see connect.split_url).
-        self._conninfo, _ = split_url(url)
+        # What libpq gets: the URL less mailstrom's own parameters (see connect.split_url).
+        self._conninfo, params = split_url(url)
         check_conninfo(self._conninfo)
         self._sizes = (min_size, max_size)
         self._timeout = timeout
@@ -125,11 +127,13 @@ class PostgresStore:
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
         self._verp_key: bytes | None = None
-        self._notifier = Notifier(self._conninfo)
-        migrate(self._conninfo, connect_timeout=timeout)
+        self._lock_bound = params.lock_bound
+        self._notifier = Notifier(self._conninfo, lock_bound=params.lock_bound)
+        migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
             url, name="mailstrom", min_size=min_size, max_size=max_size, timeout=timeout
         )
+        self._lock_wait = pool_lock_wait(self._pool)
         try:
             with translate_errors("connecting"):
                 self._pool.open(wait=True, timeout=timeout)
@@ -152,15 +156,20 @@ class PostgresStore:
 
     # --- plumbing ---------------------------------------------------------------------
 
+    def _translating(self, doing: str) -> AbstractContextManager[None]:
+        """Driver errors as StoreError (see sql.translate_errors); a lock waited for in
+        vain names its holder."""
+        return translate_errors(doing, diagnose=self._lock_wait)
+
     def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        with translate_errors(name), self._pool.connection() as conn:
+        with self._translating(name), self._pool.connection() as conn:
             return conn.execute(self._queries[name], params).fetchall()
 
     def _fetch_side(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The rows of a query of a side table, a time the driver cannot hold read as None
         (rows.ReadableTimes): the caller decides what such a row means (side_rows)."""
         with (
-            translate_errors(name),
+            self._translating(name),
             self._pool.connection() as conn,
             rows.readable_cursor(conn) as cur,
         ):
@@ -168,14 +177,14 @@ class PostgresStore:
 
     def _fetch_none(self, name: str, params: dict[str, Any]) -> None:
         """Run a statement that returns no rows."""
-        with translate_errors(name), self._pool.connection() as conn:
+        with self._translating(name), self._pool.connection() as conn:
             conn.execute(self._queries[name], params)
 
     def _fetch_dicts(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The rows of a query of the operator's views, by column name; a time the driver
         cannot hold reads as None (rows.ReadableTimes), so one bad row does not fail it."""
         with (
-            translate_errors(name),
+            self._translating(name),
             self._pool.connection() as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
@@ -216,7 +225,7 @@ class PostgresStore:
         fresh: list[PreparedMessage] = []
         fresh_ids: list[str] = []
         with (
-            translate_errors("enqueue"),
+            self._translating("enqueue"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
@@ -319,7 +328,7 @@ class PostgresStore:
         failed: tuple[RecipientResult, ...] = ()
         try:
             with (
-                translate_errors("fail_unreadable"),
+                self._translating("fail_unreadable"),
                 self._pool.connection() as conn,
                 conn.transaction(),
             ):
@@ -373,7 +382,7 @@ class PostgresStore:
         """Record, then append the outbox rows of what was recorded, in one transaction
         (two round trips; only with events enabled)."""
         with (
-            translate_errors("record"),
+            self._translating("record"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
@@ -437,7 +446,7 @@ class PostgresStore:
         :class:`~mailstrom.stores.clock.ServerClock`): read just before and just after one
         round trip, on a connection already checked out, so that waiting for the pool is
         not counted as skew."""
-        with translate_errors("server_clock"), self._pool.connection() as conn:
+        with self._translating("server_clock"), self._pool.connection() as conn:
             before = clock()
             row = conn.execute(self._queries["server_clock"]).fetchone()
             after = clock()
@@ -501,7 +510,7 @@ class PostgresStore:
         (:func:`~mailstrom.stores.row_checks.made_due`)."""
 
         def update() -> int:
-            with translate_errors("date_undated"), self._pool.connection() as conn:
+            with self._translating("date_undated"), self._pool.connection() as conn:
                 changed: int = conn.execute(self._queries["date_undated"], {"now": now}).rowcount
             return changed
 
@@ -635,7 +644,7 @@ class PostgresStore:
             return
         params = [tls_rows.session_params(s) for s in sessions]
         with (
-            translate_errors("add_tls_sessions"),
+            self._translating("add_tls_sessions"),
             self._pool.connection() as conn,
             conn.transaction(),
             conn.cursor() as cur,
@@ -676,7 +685,7 @@ class PostgresStore:
         with self._lock:
             if self._closed:
                 raise StoreError("PostgreSQL store is closed")
-            listener = Listener(self._conninfo, callback)
+            listener = Listener(self._conninfo, callback, lock_bound=self._lock_bound)
             listener.start()
             self._listeners.add(listener)
 
@@ -808,7 +817,7 @@ class PostgresStore:
         lock on the destination, so workers reporting at once count one throttle."""
         q = self._queries
         with (
-            translate_errors("throttle"),
+            self._translating("throttle"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
@@ -879,7 +888,7 @@ class PostgresStore:
         q = self._queries
         keys = sorted({b.key for b in buckets})
         with (
-            translate_errors("take_tokens"),
+            self._translating("take_tokens"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
@@ -911,7 +920,7 @@ class PostgresStore:
         if not entries:
             return 0
         with (
-            translate_errors("suppress"),
+            self._translating("suppress"),
             self._pool.connection() as conn,
             conn.transaction(),  # the pool's connections autocommit each statement
         ):
@@ -967,7 +976,7 @@ class PostgresStore:
             "max_history": MAX_HISTORY,
         }
         with (
-            translate_errors("fail_late"),
+            self._translating("fail_late"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
