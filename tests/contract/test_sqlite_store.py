@@ -119,7 +119,7 @@ def test_group_commit_reports_a_failure_only_to_its_caller(db: Path) -> None:
     bad = _Enqueue(messages=[message("x@example.org", "x@example.org")], now=to_us(NOW), hold=False)
     good2 = _Enqueue(messages=[message("b@example.org")], now=to_us(NOW), hold=False)
     with store._write_lock:
-        store._commit_batch([good1, bad, good2])
+        store._commit_batch([good1, bad, good2], time.monotonic() + 30)
 
     assert all(r.done for r in (good1, bad, good2))
     assert isinstance(bad.error, StoreError)
@@ -191,9 +191,9 @@ class CommitCounting(SQLiteStore):
     commits = 0
     waits = 0
 
-    def _commit_requests(self, batch: list[Any]) -> None:
+    def _commit_requests(self, batch: list[Any], deadline: float) -> None:
         self.commits += 1
-        super()._commit_requests(batch)
+        super()._commit_requests(batch, deadline)
 
     def _gather(self, me: int, now: float) -> bool:
         waited = super()._gather(me, now)
@@ -279,12 +279,12 @@ class LockFailingOnce(SQLiteStore):
     failed = False
 
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self, deadline: float) -> Iterator[None]:
         if not self.failed:
             self.failed = True
             time.sleep(0.05)
             raise OSError("flock failed")
-        with super()._exclusive():
+        with super()._exclusive(deadline):
             yield
 
 

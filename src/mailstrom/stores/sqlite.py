@@ -26,10 +26,17 @@ Times are stored as integer microseconds since the Unix epoch; the API uses awar
 datetimes. The schema is versioned with ``PRAGMA user_version`` and migrated on open from
 ``stores/sql/sqlite/NNNN_name.sql``.
 
+Waiting: a write waits for the database's write lock (this process's mutex, the other
+processes' ``flock``, SQLite's own lock) ``busy_timeout`` at most in all, then fails with
+:class:`StoreLocked` and writes nothing. An enqueue waiting in a group commit counts from
+its own call: it leaves the queue when its time is up, or rides in a commit whose leader,
+having come first, gives up first (see :mod:`~mailstrom.stores.sqlite_lock` for the
+``flock``).
+
 Errors: SQLite errors become :class:`StoreError` (try again later), except those that
 retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
 database, a schema newer than this mailstrom knows, and a database file deleted or replaced
-while the store has it open.
+while the store has it open; "database is locked" is :class:`StoreLocked`.
 
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
@@ -41,7 +48,6 @@ main file holds every committed transaction.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -60,6 +66,7 @@ from mailstrom.arguments import member_of, shown
 from mailstrom.errors import (
     StoreCorrupt,
     StoreError,
+    StoreLocked,
     StoreRefusedData,
     UnknownMessage,
     UnreadableRow,
@@ -93,6 +100,7 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.row_checks import made_due
 from mailstrom.stores.side_rows import broken_until
+from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
     active_suspensions,
     cancel_seqs,
@@ -141,6 +149,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_BUSY_SLACK_MS = 5
+"""A wait for the write lock shorter than this leaves SQLite's busy timeout as it is."""
+
 _SIBLING_WINDOW = 0.005
 """A thread that enqueued within this many seconds counts as enqueueing concurrently."""
 
@@ -155,11 +166,14 @@ _LOW_SPACE = 1 << 20
 """Bytes free on a disk below which an I/O error there is taken for a full disk."""
 
 
-def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
-    """The store error for a SQLite error on ``path``: StoreCorrupt when it is permanent."""
+def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreError:
+    """The store error for a SQLite error on ``path``: StoreCorrupt when it is permanent,
+    StoreLocked when SQLite's wait for a lock (``busy_timeout``) ran out."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int) and code & 0xFF in _CORRUPT:
         return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
+    if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY:
+        return _locked(path, busy_timeout, sqlite_said=str(exc))
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
         return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
     if _disk_full(code, path):
@@ -171,6 +185,21 @@ def _store_error(exc: sqlite3.Error, path: str) -> StoreError:
             " again (queued mail is kept)"
         )
     return StoreError(f"SQLite error on {path}: {exc}")
+
+
+def _locked(path: str, busy_timeout: float, *, sqlite_said: str = "") -> StoreLocked:
+    """What a write says when it waited ``busy_timeout`` for the write lock in vain."""
+    said = f" (SQLite: {sqlite_said})" if sqlite_said else ""
+    return StoreLocked(
+        f"SQLite store {path}: waited {busy_timeout:g} s for the database's write lock, held"
+        f" all that time by another process or connection{said}; nothing was written, try"
+        " again (the store's busy_timeout sets the wait)"
+    )
+
+
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline`` (``time.monotonic()``), none when it has passed."""
+    return max(deadline - time.monotonic(), 0.0)
 
 
 def _disk_full(code: object, path: str) -> bool:
@@ -246,13 +275,18 @@ def _insert(conn: sqlite3.Connection, request: _Enqueue) -> list[str]:
 # --- the store -----------------------------------------------------------------------------
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(eq=False, slots=True, kw_only=True)
 class _Enqueue:
     """One caller's enqueue waiting for the group commit (private, mutable on purpose)."""
 
     messages: Sequence[PreparedMessage]
     now: int
     hold: bool
+    deadline: float = 0.0
+    """When its wait for the write lock runs out (``time.monotonic()``)."""
+    gave_up: bool = False
+    """Its caller's time ran out while a leader was committing it: if that commit finds
+    the database locked, it fails rather than waits for another."""
     ids: list[str] = field(default_factory=list)
     done: bool = False
     error: Exception | None = None
@@ -310,8 +344,10 @@ class SQLiteStore:
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
+        self._busy_ms = int(busy_timeout * 1000)
+        """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets)."""
         self._write_lock = threading.Lock()
-        self._lock_fd: int | None = None
+        self._process_lock: ProcessLock | None = None
         self._pending: list[_Enqueue] = []
         self._group = threading.Condition()
         self._leader = False
@@ -353,36 +389,57 @@ class SQLiteStore:
                 # must not wait for (nor fail behind) another process's long write.
                 migrate(conn)
         self._file = _identity(self._path)  # checked on every checkout from now on
-        self._lock_fd = self._open_lock_file()
+        self._process_lock = self._open_lock_file()
 
-    def _open_lock_file(self) -> int:
+    def _open_lock_file(self) -> ProcessLock:
         """The file every mailstrom writer of this database holds with ``flock`` while it
         writes. SQLite's own busy handler, when a write finds the database locked, sleeps
         1, 2, 5, 10... ms before it looks again; a writer blocked in ``flock`` is woken the
         moment the lock is free. With the worker of another process writing every few
-        milliseconds, that is the difference for ``send_email``'s latency."""
+        milliseconds, that is the difference for ``send_email``'s latency. (Waited for
+        ``busy_timeout`` at most: see :mod:`~mailstrom.stores.sqlite_lock`.)"""
         path = self._path + "-lock"
         mode = stat.S_IMODE(os.stat(self._path).st_mode) & 0o666
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
         except OSError as exc:
             raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
-        return fd
+        return ProcessLock(path, fd)
 
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self, deadline: float) -> Iterator[None]:
         """Hold the write lock: this process's threads queue on a mutex, processes on
-        ``flock`` (SQLite's BEGIN IMMEDIATE still guards against any other writer)."""
-        with self._write_lock:
-            fd = self._lock_fd
-            if fd is None:
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        ``flock`` (SQLite's BEGIN IMMEDIATE still guards against any other writer), both
+        until ``deadline`` at most. Past it the mutex wait fails with StoreLocked; the
+        ``flock`` wait goes on without it, leaving SQLite's lock to decide (see
+        :meth:`_busy_until`): a holder stopped outside its transaction stops nobody."""
+        if not self._write_lock.acquire(timeout=_left(deadline)):
+            raise _locked(self._path, self._busy_timeout)
+        try:
+            lock = self._process_lock
+            fd = None if lock is None else lock.acquire(deadline)
             try:
                 yield
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if fd is not None:
+                    assert lock is not None
+                    lock.release(fd)
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
+    def _busy_until(self, conn: sqlite3.Connection, deadline: float) -> Iterator[None]:
+        """Let SQLite's busy handler on ``conn`` wait only what is left until ``deadline``
+        (nothing, past it: one look) when the wait for the write lock took some of it."""
+        left = int(_left(deadline) * 1000)
+        if left >= self._busy_ms - _BUSY_SLACK_MS:
+            yield  # the uncontended path: no statement added
+            return
+        conn.execute(f"PRAGMA busy_timeout={left}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
 
     def _create_private(self) -> None:
         """Create a missing database file readable and writable by its owner only (0600).
@@ -412,12 +469,12 @@ class SQLiteStore:
             # disk with no room for it; without a -wal file (or with an empty one) every
             # committed transaction is in the main file, so reading it as immutable is exact.
             if not _no_shm(exc) or _wal_holds_frames(self._path):
-                raise _store_error(exc, self._path) from exc
+                raise _store_error(exc, self._path, self._busy_timeout) from exc
             self._uri = _file_uri(self._path, "mode=ro&immutable=1")
             try:
                 version = self._probe()
             except sqlite3.Error as again:
-                raise _store_error(again, self._path) from again
+                raise _store_error(again, self._path, self._busy_timeout) from again
         _check_schema(version, self._path, latest)
         if version < latest:
             raise StoreError(
@@ -495,7 +552,7 @@ class SQLiteStore:
                 conn = self._connect()
             yield conn
         except sqlite3.Error as exc:
-            raise _store_error(exc, self._path) from exc
+            raise _store_error(exc, self._path, self._busy_timeout) from exc
         except (UnicodeEncodeError, OverflowError) as exc:
             # Raised by the driver while binding a value (a lone surrogate, an integer
             # past 64 bits): the value is refused, the database is fine.
@@ -520,11 +577,13 @@ class SQLiteStore:
         or a checkpoint). Losing it to a power failure means a lease that expires again
         or a recipient delivered once more; never a lost message. Enqueues always fsync.
         """
-        with self._exclusive(), self._connection() as conn:
+        deadline = time.monotonic() + self._busy_timeout
+        with self._exclusive(deadline), self._connection() as conn:
             if not fsync:
                 conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                with self._busy_until(conn, deadline):
+                    conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -555,9 +614,9 @@ class SQLiteStore:
             conn.close()
         self._wakeups.close()
         with self._write_lock:
-            fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+            lock, self._process_lock = self._process_lock, None
+        if lock is not None:
+            lock.close()
 
     # --- enqueue ----------------------------------------------------------------------
 
@@ -582,6 +641,7 @@ class SQLiteStore:
             with self._group:
                 self._pending.append(request)
                 me, now = threading.get_ident(), time.monotonic()
+                request.deadline = now + self._busy_timeout
                 self._seen[me] = now
                 if self._leader:
                     # Another caller leads: ours goes into its commit or the next one.
@@ -591,16 +651,35 @@ class SQLiteStore:
                 else:
                     self._leader = True
             if request.turn is not None:
-                request.turn.acquire()  # our request is done, or we lead the next commit
+                self._await_turn(request)  # our request is done, or we lead the next commit
             if not request.done:
-                self._lead(me, now)
+                self._lead(request, me, now)
             if request.error is not None:
                 raise request.error
         if not request.hold:
             self._notify()
         return request.ids
 
-    def _lead(self, me: int, now: float) -> None:
+    def _await_turn(self, request: _Enqueue) -> None:
+        """Wait until ``request`` is done or its caller leads the next commit, until its
+        deadline. Then a request no leader has taken yet leaves the queue with
+        StoreLocked; one being committed waits for its leader, who came first and so
+        stops waiting for the lock first."""
+        assert request.turn is not None
+        if request.turn.acquire(timeout=_left(request.deadline)):
+            return
+        with self._group:
+            if request.turn.acquire(blocking=False):
+                return  # handed the lead just now (that happens under _group)
+            if request in self._pending:
+                self._pending.remove(request)
+                request.error = _locked(self._path, self._busy_timeout)
+                request.done = True
+                return
+            request.gave_up = True
+        request.turn.acquire()
+
+    def _lead(self, mine: _Enqueue, me: int, now: float) -> None:
         """Commit everything pending (ours first in line) after a moment for the other
         threads' enqueues; then wake the callers that were carried, and hand the lead to
         the first caller that came too late for this commit."""
@@ -611,8 +690,10 @@ class SQLiteStore:
                     self._gather(me, now)
                 finally:  # even when interrupted: what is pending now leaves with us
                     batch, self._pending = self._pending, []
-            with self._exclusive():
-                self._commit_batch(batch)
+            with self._exclusive(mine.deadline):
+                self._commit_batch(batch, mine.deadline)
+        except StoreLocked as exc:
+            self._requeue_or_fail(batch, mine, exc)
         except BaseException as exc:
             for request in batch:
                 if not request.done:  # interrupted before the commit: nothing was written
@@ -626,12 +707,26 @@ class SQLiteStore:
                 successor = self._pending[0] if self._pending else None
                 if successor is None:
                     self._leader = False
+                else:  # under _group, where a caller whose time is up looks (_await_turn)
+                    assert successor.turn is not None  # it came while we led
+                    successor.turn.release()
             for request in batch:
-                if request.turn is not None:
+                if request.done and request.turn is not None:
                     request.turn.release()
-            if successor is not None:
-                assert successor.turn is not None  # it came while we led
-                successor.turn.release()
+
+    def _requeue_or_fail(self, batch: list[_Enqueue], mine: _Enqueue, exc: StoreLocked) -> None:
+        """The lock stayed held until our deadline, nothing written: our request fails, and
+        so does every one whose time is up too; the others go back to the head of the
+        queue for the next leader, each still bounded by its own deadline."""
+        with self._group:
+            now = time.monotonic()
+            waiting = [r for r in batch if r is not mine and not r.gave_up and r.deadline > now]
+            for request in batch:
+                if not any(request is kept for kept in waiting):
+                    request.error = StoreLocked(str(exc))  # its own: callers raise it in turn
+                    request.error.__cause__ = exc.__cause__
+                    request.done = True
+            self._pending[:0] = waiting
 
     def _gather(self, me: int, now: float) -> bool:
         """Wait up to ``commit_delay`` for the enqueues of the other threads that have
@@ -654,10 +749,16 @@ class SQLiteStore:
         self._gathering = False
         return True
 
-    def _commit_batch(self, batch: list[_Enqueue]) -> None:
-        # Called with the write lock held; every request leaves done, with ids or an error.
+    def _commit_batch(self, batch: list[_Enqueue], deadline: float) -> None:
+        # Called with the write lock held; every request leaves done, with ids or an error,
+        # but for StoreLocked (SQLite's lock held past the deadline, nothing written),
+        # which the leader hands on (_requeue_or_fail).
+        locked = False
         try:
-            self._commit_requests(batch)
+            self._commit_requests(batch, deadline)
+        except StoreLocked:
+            locked = True  # not one by one: each would wait for the lock again
+            raise
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].error = exc
@@ -665,7 +766,7 @@ class SQLiteStore:
                 # Retry one by one so only the caller whose message fails gets the error.
                 for request in batch:
                     try:
-                        self._commit_requests([request])
+                        self._commit_requests([request], deadline)
                     except Exception as single:
                         request.error = single
         except BaseException:
@@ -674,12 +775,14 @@ class SQLiteStore:
                     request.error = StoreError("enqueue interrupted before it was committed")
             raise
         finally:
-            for request in batch:
-                request.done = True
+            if not locked:
+                for request in batch:
+                    request.done = True
 
-    def _commit_requests(self, batch: list[_Enqueue]) -> None:
+    def _commit_requests(self, batch: list[_Enqueue], deadline: float) -> None:
         with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            with self._busy_until(conn, deadline):
+                conn.execute("BEGIN IMMEDIATE")
             try:
                 for request in batch:
                     request.ids.clear()
