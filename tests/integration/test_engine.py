@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import pytest
 
 from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
 from mailstrom.bounces import verp_address
-from mailstrom.errors import SMTPTimeout, WorkerError
+from mailstrom.errors import SMTPTimeout, StoreLocked, WorkerError
 from mailstrom.message import prepare
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
@@ -250,6 +252,86 @@ def test_a_store_locked_by_another_process_is_ridden_out(
         assert _wait_until(lambda: ms.worker_status.unrecorded == 0, 10)
     statuses = [store.status(i).recipients[0] for i in ids]
     store.close()
+    assert [(s.state, s.attempts) for s in statuses] == [(RecipientState.DELIVERED, 1)] * count
+    assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
+        f"u{i}@example.org" for i in range(count)
+    )
+
+
+HOLD_FLOCK = textwrap.dedent(
+    """
+    import fcntl, os, sqlite3, sys
+    fd = os.open(sys.argv[1] + "-lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+@contextlib.contextmanager
+def stopped_writer(path: Path) -> Iterator[None]:
+    """Another mailstrom-like writer of ``path`` takes the ``flock`` and SQLite's write
+    lock, and is stopped (SIGSTOP) until the block ends."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_FLOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            os.kill(holder.pid, signal.SIGSTOP)
+            yield
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+
+
+def test_a_worker_thread_rides_out_a_stopped_writer_holding_the_flock(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A process stopped in the middle of a write (SIGSTOP, ``docker pause``) holds the
+    flock and SQLite's lock for 1.5 s while a worker thread delivers. Every lease and
+    record hung in ``flock`` for as long (and the worker's event loop with it, SQLite
+    calls run on it), ``send_email`` too. Now each fails after busy_timeout: the worker
+    keeps its results, says so, and finishes by itself once the writer goes, every
+    recipient delivered once and recorded once; ``send_email`` raises StoreLocked."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    results = Results()
+    count = 100
+    ids = [store.enqueue(_prepared(i), now=_now()) for i in range(count)]
+    with Mailstrom(
+        config(dns_server, mx.port, lease_batch=10, max_connections=2, max_per_destination=2),
+        store=store,
+        on_result=results,
+        worker="thread",
+    ) as ms:
+        mx.wait_for_messages(1, timeout=10)
+        with stopped_writer(path):
+            troubled = _wait_until(lambda: ms.worker_status.store_error is not None, 5)
+            assert troubled, "the worker never noticed the locked store"
+            began = time.monotonic()
+            with pytest.raises(StoreLocked, match="nothing was written, try again"):
+                ms.send_email(hello("late@example.org"))
+            assert time.monotonic() - began < 1.0
+            time.sleep(1.0)  # many busy timeouts
+            assert ms.worker_status.running
+        results.wait_count(count, timeout=60)
+        assert _wait_until(lambda: ms.worker_status.store_error is None, 10)
+        assert _wait_until(lambda: ms.worker_status.unrecorded == 0, 10)
+    statuses = [store.status(i).recipients[0] for i in ids]
+    queued = store.stats().messages
+    store.close()
+    assert queued == count
     assert [(s.state, s.attempts) for s in statuses] == [(RecipientState.DELIVERED, 1)] * count
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
         f"u{i}@example.org" for i in range(count)
