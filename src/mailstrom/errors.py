@@ -210,9 +210,11 @@ class StoreRefusedData(StoreError):
 class StoreLocked(StoreError):
     """The store waited its longest for a lock another session holds (PostgreSQL's
     ``lock_timeout``: an operator's ``LOCK TABLE`` left open, a long ``ALTER TABLE`` or
-    ``CREATE INDEX``, a stuck migration) and gave up: nothing was written. A passing
-    trouble like any :class:`StoreError` (the command line exits 75, a worker keeps its
-    results and tries again); the message names the lock's holder when the server says."""
+    ``CREATE INDEX``, a stuck migration; SQLite's ``busy_timeout``: another process or
+    connection holding the database's write lock, one stopped mid-write among them) and
+    gave up: nothing was written. A passing trouble like any :class:`StoreError` (the
+    command line exits 75, a worker keeps its results and tries again); the message names
+    the lock's holder when the server says."""
 
 
 class UnreadableRow(StoreError):
