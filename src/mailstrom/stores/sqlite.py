@@ -307,7 +307,9 @@ class SQLiteStore:
     >>> store = SQLiteStore("mail.db")  # doctest: +SKIP
     >>> mid = store.enqueue(prepared, now=datetime.now(UTC))  # doctest: +SKIP
 
-    ``busy_timeout`` is how many seconds a write waits for another process's transaction;
+    ``busy_timeout`` is how many seconds a write waits for the write lock in all (held by
+    other threads, other processes or other programs' connections), then fails with
+    :class:`StoreLocked`;
     ``group_commit=False`` commits every ``enqueue`` on its own (for comparison).
     ``commit_delay`` is how long the leader of a group commit waits for the enqueues of
     other threads that have been enqueueing too (never when one thread enqueues alone):
