@@ -414,8 +414,11 @@ class SQLiteStore:
         ``flock`` (SQLite's BEGIN IMMEDIATE still guards against any other writer), both
         until ``deadline`` at most. Past it the mutex wait fails with StoreLocked; the
         ``flock`` wait goes on without it, leaving SQLite's lock to decide (see
-        :meth:`_busy_until`): a holder stopped outside its transaction stops nobody."""
-        if not self._write_lock.acquire(timeout=_left(deadline)):
+        :meth:`_begin_immediate`): a holder stopped between its transactions delays the
+        others, no more."""
+        mutex = self._write_lock
+        # (Trying first without a timeout is the cheaper call on the uncontended path.)
+        if not mutex.acquire(blocking=False) and not mutex.acquire(timeout=_left(deadline)):
             raise _locked(self._path, self._busy_timeout)
         try:
             lock = self._process_lock
@@ -427,19 +430,18 @@ class SQLiteStore:
                     assert lock is not None
                     lock.release()
         finally:
-            self._write_lock.release()
+            mutex.release()
 
-    @contextmanager
-    def _busy_until(self, conn: sqlite3.Connection, deadline: float) -> Iterator[None]:
-        """Let SQLite's busy handler on ``conn`` wait only what is left until ``deadline``
-        (nothing, past it: one look) when the wait for the write lock took some of it."""
+    def _begin_immediate(self, conn: sqlite3.Connection, deadline: float) -> None:
+        """BEGIN IMMEDIATE, SQLite's busy handler waiting only what is left until
+        ``deadline`` (past it: one look) when the wait for the write lock took some."""
         left = int(_left(deadline) * 1000)
         if left >= self._busy_ms - _BUSY_SLACK_MS:
-            yield  # the uncontended path: no statement added
+            conn.execute("BEGIN IMMEDIATE")  # the uncontended path: no statement added
             return
         conn.execute(f"PRAGMA busy_timeout={left}")
         try:
-            yield
+            conn.execute("BEGIN IMMEDIATE")
         finally:
             conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
 
@@ -584,8 +586,7 @@ class SQLiteStore:
             if not fsync:
                 conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                with self._busy_until(conn, deadline):
-                    conn.execute("BEGIN IMMEDIATE")
+                self._begin_immediate(conn, deadline)
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -783,8 +784,7 @@ class SQLiteStore:
 
     def _commit_requests(self, batch: list[_Enqueue], deadline: float) -> None:
         with self._connection() as conn:
-            with self._busy_until(conn, deadline):
-                conn.execute("BEGIN IMMEDIATE")
+            self._begin_immediate(conn, deadline)
             try:
                 for request in batch:
                     request.ids.clear()
