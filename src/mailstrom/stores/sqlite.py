@@ -397,7 +397,7 @@ class SQLiteStore:
         """The file every mailstrom writer of this database holds with ``flock`` while it
         writes. SQLite's own busy handler, when a write finds the database locked, sleeps
         1, 2, 5, 10... ms before it looks again; a writer waiting for the ``flock`` looks
-        every 0.05 ms at first (and for ``busy_timeout`` at most: see
+        every 0.02 ms at first (and for ``busy_timeout`` at most: see
         :mod:`~mailstrom.stores.sqlite_lock`). With the worker of another process writing
         every few milliseconds, that is the difference for ``send_email``'s latency."""
         path = self._path + "-lock"
