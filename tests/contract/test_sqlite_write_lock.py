@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +20,7 @@ import pytest
 from mailstrom.errors import StoreLocked
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
+from tests.support.stopped_writer import stopped_writer
 
 from .support import LEASE_FOR, NOW, lease_all, message, results_for
 
@@ -38,42 +35,6 @@ def db(tmp_path: Path) -> Path:
     path = tmp_path / "queue.db"
     SQLiteStore(path).close()  # the file and its -lock file exist
     return path
-
-
-HOLDER = textwrap.dedent(
-    """
-    import fcntl, os, sqlite3, sys
-    fd = os.open(sys.argv[1] + "-lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    if sys.argv[2] == "in-transaction":
-        conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
-    print("locked", flush=True)
-    sys.stdin.readline()
-    """
-)
-
-
-@contextmanager
-def stopped_writer(path: Path, *, in_transaction: bool) -> Iterator[None]:
-    """Another process takes the ``flock`` (and, ``in_transaction``, SQLite's write lock
-    too, as a mailstrom writer does) and is stopped with SIGSTOP until the block ends."""
-    where = "in-transaction" if in_transaction else "between-transactions"
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path), where],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        assert holder.stdout is not None and holder.stdin is not None
-        try:
-            assert holder.stdout.readline() == "locked\n"
-            os.kill(holder.pid, signal.SIGSTOP)
-            yield
-        finally:
-            os.kill(holder.pid, signal.SIGCONT)
-            holder.stdin.write("\n")
-            holder.stdin.flush()
 
 
 def timed(call: Callable[[], Any], *, within: float) -> tuple[Any, float]:

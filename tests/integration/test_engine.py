@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
+from tests.support.stopped_writer import stopped_writer
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
@@ -256,40 +255,6 @@ def test_a_store_locked_by_another_process_is_ridden_out(
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(
         f"u{i}@example.org" for i in range(count)
     )
-
-
-HOLD_FLOCK = textwrap.dedent(
-    """
-    import fcntl, os, sqlite3, sys
-    fd = os.open(sys.argv[1] + "-lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")
-    print("locked", flush=True)
-    sys.stdin.readline()
-    """
-)
-
-
-@contextlib.contextmanager
-def stopped_writer(path: Path) -> Iterator[None]:
-    """Another mailstrom-like writer of ``path`` takes the ``flock`` and SQLite's write
-    lock, and is stopped (SIGSTOP) until the block ends."""
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_FLOCK, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        assert holder.stdout is not None and holder.stdin is not None
-        try:
-            assert holder.stdout.readline() == "locked\n"
-            os.kill(holder.pid, signal.SIGSTOP)
-            yield
-        finally:
-            os.kill(holder.pid, signal.SIGCONT)
-            holder.stdin.write("\n")
-            holder.stdin.flush()
 
 
 def test_a_worker_thread_rides_out_a_stopped_writer_holding_the_flock(

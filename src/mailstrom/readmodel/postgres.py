@@ -249,16 +249,10 @@ class PostgresReadModel:
             conditions.append("m.id BETWEEN %s AND %s")
             params += list(id_range(search.id_prefix))
         direction = "DESC" if newest else "ASC"
-        with (
-            translate_errors("queue page"),
-            self._pool.connection() as conn,
-            conn.transaction(),
-        ):
-            # A creation time the driver cannot hold (infinity, a year past 9999: a row
-            # changed by hand) reads as None (ReadableTimes): its message is left out with
-            # a warning, and `late` tells the page cursor which end such a time sorts at.
+        with self._reading("queue page") as conn:
+            # A creation time that reads as None (see _reading) leaves its message out
+            # with a warning, and `late` tells the page cursor which end it sorts at.
             with conn.cursor() as cur:
-                cur.adapters.register_loader("timestamptz", ReadableTimes)
                 rows = cur.execute(
                     (
                         f"SELECT m.id, m.seq, m.created_at, m.created_at > 'epoch' AS late"
@@ -271,7 +265,6 @@ class PostgresReadModel:
             rows = rows[: query.limit]
             ids = [row[0] for row in rows]
             with conn.cursor(row_factory=dict_row) as cur:
-                cur.adapters.register_loader("timestamptz", ReadableTimes)
                 found = {
                     s.id: s
                     for s in messages_from_rows(
@@ -292,7 +285,7 @@ class PostgresReadModel:
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""
-        with translate_errors("reading a message"), self._pool.connection() as conn:
+        with self._reading("reading a message") as conn:
             row = conn.execute(b"SELECT data FROM messages WHERE id = %s", (message_id,)).fetchone()
         if row is None:
             raise UnknownMessage(message_id)

@@ -399,10 +399,13 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
     )
 
 
-def readable_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
-    """A cursor of ``conn`` that reads a time the driver cannot hold as None
-    (:class:`ReadableTimes`), leaving the pooled connection's own loaders as they are."""
-    cur = conn.cursor()
+def readable_cursor(
+    conn: psycopg.Connection[Any], *, row_factory: Any = None
+) -> psycopg.Cursor[Any]:
+    """A cursor of ``conn`` (making rows with ``row_factory``, if given) that reads a time
+    the driver cannot hold as None (:class:`ReadableTimes`), leaving the pooled
+    connection's own loaders as they are."""
+    cur = conn.cursor() if row_factory is None else conn.cursor(row_factory=row_factory)
     cur.adapters.register_loader("timestamptz", ReadableTimes)
     return cur
 

@@ -186,9 +186,8 @@ class PostgresStore:
         with (
             self._translating(name),
             self._pool.connection() as conn,
-            conn.cursor(row_factory=dict_row) as cur,
+            rows.readable_cursor(conn, row_factory=dict_row) as cur,
         ):
-            cur.adapters.register_loader("timestamptz", rows.ReadableTimes)
             return cur.execute(self._queries[name], params).fetchall()
 
     # --- submission -------------------------------------------------------------------
