@@ -459,6 +459,25 @@ def test_an_event_that_cannot_be_read_is_skipped_and_the_rest_flow(
     assert [e.address for e in side.store.read_events()] == sent
 
 
+@pytest.mark.parametrize(("side", "damage"), EVENT_DAMAGES, indirect=["side"])
+def test_a_page_of_events_is_made_up_past_one_that_cannot_be_read(side: Side, damage: str) -> None:
+    """A reader pages through the outbox with the last id it got (``mailstrom events
+    --after``): a page that held only the bad event came back empty, which reads as the
+    end of the outbox although events follow it."""
+    addresses = fill_outbox(side.store)
+    side.run(f"UPDATE events SET {damage} WHERE address = '{VICTIM}'")
+    first = side.store.read_events(after=0, limit=1)
+    assert [e.address for e in first] == addresses[:1]
+    # The next page of one starts at the bad event: the one after it stands in.
+    [after_bad] = side.store.read_events(after=first[0].id, limit=1)
+    assert after_bad.address == addresses[2]
+    assert [e.address for e in side.store.read_events(after=0, limit=3)] == [
+        addresses[0],
+        *addresses[2:],
+    ]
+    assert side.store.read_events(after=after_bad.id + 1, limit=5) == []
+
+
 @pytest.mark.parametrize(("side", "bad"), cases(SQLITE_TIMES, POSTGRES_TIMES), indirect=["side"])
 def test_an_event_whose_next_attempt_cannot_be_read_goes_with_it_unknown(
     side: Side, bad: str

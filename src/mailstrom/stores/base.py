@@ -538,7 +538,8 @@ class Store(Protocol):
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Up to ``limit`` events with an id above ``after``, oldest first, sent or not
-        (for tailing); one whose row cannot be read is left out with a warning."""
+        (for tailing); one whose row cannot be read is left out with a warning, and the
+        events after it make up the page (an empty page means none are left)."""
         ...
 
     def last_event_id(self) -> int:

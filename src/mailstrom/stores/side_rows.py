@@ -127,3 +127,28 @@ def readable_events(
             unreadable.append(row[0])
     events.sort(key=lambda e: e.id)
     return events, unreadable
+
+
+def read_events_past_unreadable(
+    fetch: Callable[[int, int], Sequence[Sequence[Any]]],
+    decode: Callable[[Sequence[Any]], DeliveryEvent],
+    *,
+    after: int,
+    limit: int,
+) -> list[DeliveryEvent]:
+    """Up to ``limit`` readable events above ``after``, ``fetch(after, n)`` giving the next
+    ``n`` rows in id order. Unreadable rows are left out *and made up for*: a page that
+    held only such rows would otherwise come back empty, and a reader paging with the
+    last id it got would take it for the end of the outbox. Each round moves past every
+    row it read, so the loop ends (at the end of the table at the latest)."""
+    limit = max(limit, 0)
+    events: list[DeliveryEvent] = []
+    while len(events) < limit:
+        wanted = limit - len(events)
+        found = fetch(after, wanted)
+        readable, _ = readable_events(found, decode, EVENT_LEFT_OUT)
+        events += readable
+        if len(found) < wanted:
+            break
+        after = max(int(row[0]) for row in found)
+    return events

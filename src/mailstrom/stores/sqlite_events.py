@@ -19,7 +19,11 @@ from mailstrom.errors import UnreadableRow
 from mailstrom.status import DeliveryEvent, RecipientState
 from mailstrom.stores.attributes import metadata_from, tags_from
 from mailstrom.stores.base import EventBatch, RecipientResult
-from mailstrom.stores.side_rows import EVENT_LEFT_OUT, EVENT_SKIPPED, readable_events
+from mailstrom.stores.side_rows import (
+    EVENT_SKIPPED,
+    read_events_past_unreadable,
+    readable_events,
+)
 from mailstrom.stores.sqlite_schema import reply_from, shown_time, time_at, to_us
 
 _CHUNK = 400
@@ -137,11 +141,13 @@ def release_event_rows(conn: sqlite3.Connection, batch: EventBatch) -> None:
 
 
 def read_event_rows(conn: sqlite3.Connection, *, after: int, limit: int) -> list[DeliveryEvent]:
-    rows = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
-        (after, max(limit, 0)),
-    ).fetchall()
-    return readable_events(rows, event_from_row, EVENT_LEFT_OUT)[0]
+    def fetch(above: int, count: int) -> list[Any]:
+        return conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (above, count),
+        ).fetchall()
+
+    return read_events_past_unreadable(fetch, event_from_row, after=after, limit=limit)
 
 
 def prune_event_rows(conn: sqlite3.Connection, *, sent_before: datetime) -> int:

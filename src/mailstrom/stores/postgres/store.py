@@ -77,11 +77,11 @@ from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
 from mailstrom.stores.row_checks import UNREADABLE, made_due
 from mailstrom.stores.side_rows import (
-    EVENT_LEFT_OUT,
     EVENT_SKIPPED,
     broken_until,
     bucket_state,
     pause_of,
+    read_events_past_unreadable,
     readable_events,
 )
 from mailstrom.suppression import Suppression
@@ -600,8 +600,11 @@ class PostgresStore:
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Events with an id above ``after``, oldest first."""
-        found = self._fetch_side("read_events", {"after": after, "limit": max(limit, 0)})
-        return readable_events(found, rows.event_from_row, EVENT_LEFT_OUT)[0]
+
+        def fetch(above: int, count: int) -> list[tuple[Any, ...]]:
+            return self._fetch_side("read_events", {"after": above, "limit": count})
+
+        return read_events_past_unreadable(fetch, rows.event_from_row, after=after, limit=limit)
 
     def last_event_id(self) -> int:
         """The highest event id so far (0 when none)."""
