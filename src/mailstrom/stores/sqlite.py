@@ -725,7 +725,7 @@ class SQLiteStore:
             now = time.monotonic()
             waiting = [r for r in batch if r is not mine and not r.gave_up and r.deadline > now]
             for request in batch:
-                if not any(request is kept for kept in waiting):
+                if request not in waiting:  # by identity: _Enqueue has eq=False
                     request.error = StoreLocked(str(exc))  # its own: callers raise it in turn
                     request.error.__cause__ = exc.__cause__
                     request.done = True
