@@ -70,6 +70,32 @@ def test_verdicts(
     assert verdict_for(reading(skew, uncertainty), lease_for) is verdict
 
 
+@pytest.mark.parametrize(
+    ("previous", "skew", "verdict"),
+    [
+        # A paused worker (15 min leases: the danger is past 300 s) resumes under 270 s.
+        (ClockVerdict.STOP, 299.0, ClockVerdict.STOP),
+        (ClockVerdict.STOP, 271.0, ClockVerdict.STOP),
+        (ClockVerdict.STOP, -271.0, ClockVerdict.STOP),
+        (ClockVerdict.STOP, 269.0, ClockVerdict.WARN),
+        (ClockVerdict.STOP, 20.0, ClockVerdict.FINE),
+        # A warning (past 30 s) ends under 27 s; one not given yet starts past 30 s.
+        (ClockVerdict.WARN, 28.0, ClockVerdict.WARN),
+        (ClockVerdict.WARN, 26.0, ClockVerdict.FINE),
+        (ClockVerdict.FINE, 28.0, ClockVerdict.FINE),
+        (ClockVerdict.WARN, 299.0, ClockVerdict.WARN),  # a warning is no pause
+        (ClockVerdict.STOP, 28.0, ClockVerdict.WARN),
+    ],
+)
+def test_a_verdict_holds_until_the_skew_is_a_tenth_below_its_threshold(
+    previous: ClockVerdict, skew: float, verdict: ClockVerdict
+) -> None:
+    """NTP slews a clock back at half a millisecond a second: near a threshold for
+    minutes, where each reading's round trip tips it either way. Without a margin the
+    worker paused and resumed (a log line each) at many checks."""
+    assert verdict_for(reading(skew), timedelta(minutes=15), previous) is verdict
+
+
 @pytest.mark.parametrize(("skew", "margin"), [(-45.0, 45.0), (45.0, 0.0), (0.0, 0.0)])
 def test_a_worker_behind_extends_its_leases_by_its_lag(skew: float, margin: float) -> None:
     """Extended to its own ``now + lease_for``, a lease of a worker 45 s behind would look
@@ -138,6 +164,31 @@ async def test_each_change_is_logged_once_and_the_worker_resumes_by_itself(
     assert "45.0 s behind the test server" in clock_lines(caplog)[0][1]
     assert clock_lines(caplog)[1][1].endswith(": leasing again")
     assert worker.status.clock_skew == pytest.approx(0.0, abs=0.5)
+
+
+async def test_a_clock_hovering_at_the_threshold_pauses_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A clock slewed back slowly sits near the danger (10 s with these leases) while
+    the readings go a little either way: the worker pauses once and stays paused, and
+    resumes once the clock is a tenth inside."""
+    store = ClockedMemoryStore()
+    clock = SkewedClock(10.5)
+    worker = worker_for(store, clock)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: worker.status.paused is not None, "the pause")
+        for skew in (9.7, 10.2, 9.5, 10.1, 9.3):
+            checks = store.checks
+            clock.set(skew)
+            await eventually(lambda c=checks: store.checks >= c + 2, "two more checks")
+            assert worker.status.paused is not None, skew
+        clock.set(8.5)
+        await eventually(lambda: worker.status.paused is None, "the pause to end")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+    assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR, logging.WARNING]
 
 
 async def test_a_failing_check_is_store_trouble_not_skew(

@@ -10,7 +10,8 @@ are being delivered, and the mail goes out twice. If every worker keeps within
 ``lease_for / 3`` of the server's clock, any two differ by less than ``2/3 · lease_for``:
 that is the danger threshold. Beyond it the worker leases no new work (it finishes and
 records what it holds, keeps running, checks again every ``poll_interval`` and resumes
-by itself once its clock is right); from :data:`WARN_SKEW` it warns.
+by itself once its clock is a tenth inside the threshold: :data:`HYSTERESIS`);
+from :data:`WARN_SKEW` it warns.
 
 The check is one round trip (:meth:`ServerClock.measure_clock`) at start, before the first
 lease, and then every :data:`CHECK_EVERY` seconds (at most ``lease_for / 3``): nothing per
@@ -58,14 +59,30 @@ def danger_skew(lease_for: timedelta) -> float:
     return lease_for.total_seconds() / 3
 
 
-def verdict_for(reading: ClockReading, lease_for: timedelta) -> ClockVerdict:
-    """The verdict on ``reading`` for a worker leasing for ``lease_for``: the skew the
-    measurement cannot explain away (:attr:`ClockReading.certain_skew`) against the
-    thresholds, the danger first (it may be the lower one, with a short lease)."""
+HYSTERESIS = 0.1
+"""A verdict past a threshold holds until the skew is this fraction below it. A clock that
+NTP slews back does so at half a millisecond a second, so it stays near a threshold for a
+long time, where each reading's round trip moves it a little either way: without a
+margin the verdict would flip at many checks, each flip a log line, and a pause and a
+resume of leasing."""
+
+
+def verdict_for(
+    reading: ClockReading, lease_for: timedelta, previous: ClockVerdict = ClockVerdict.FINE
+) -> ClockVerdict:
+    """The verdict on ``reading`` for a worker leasing for ``lease_for`` whose last verdict
+    was ``previous``: the skew the measurement cannot explain away
+    (:attr:`ClockReading.certain_skew`) against the thresholds, the danger first (it may be
+    the lower one, with a short lease). A threshold already passed is left only
+    :data:`HYSTERESIS` below it."""
     skew = reading.certain_skew
-    if skew > danger_skew(lease_for):
+
+    def beyond(threshold: float, passed: bool) -> bool:
+        return skew > (threshold * (1 - HYSTERESIS) if passed else threshold)
+
+    if beyond(danger_skew(lease_for), previous is ClockVerdict.STOP):
         return ClockVerdict.STOP
-    if skew > WARN_SKEW:
+    if beyond(WARN_SKEW, previous is not ClockVerdict.FINE):
         return ClockVerdict.WARN
     return ClockVerdict.FINE
 
@@ -133,7 +150,7 @@ class WorkerClock(WorkerStore):
             return
         self._store_fine()
         self._clock_reading = reading
-        verdict = verdict_for(reading, self.config.lease_for)
+        verdict = verdict_for(reading, self.config.lease_for, self._clock_verdict)
         previous, self._clock_verdict = self._clock_verdict, verdict
         self._counters.clock_skew = reading.skew
         self._counters.paused = (
