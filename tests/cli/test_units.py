@@ -17,7 +17,14 @@ from mailstrom.cli.main import COMMAND_MODULES, _split_sendmail, build_parser, m
 from mailstrom.cli.output import age, print_table, to_jsonable
 from mailstrom.errors import HeaderTooLong, TooManyHeaderFields
 from mailstrom.runtime.attemptlog import attempt_fields
-from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
+from mailstrom.status import (
+    Attempt,
+    AttemptOutcome,
+    ReasonClass,
+    RecipientState,
+    SMTPReply,
+    WorkerStatus,
+)
 from mailstrom.stores.base import RecipientResult
 
 # --- sendmail ----------------------------------------------------------------------------
@@ -320,6 +327,78 @@ def test_live_view_frame() -> None:
     assert "TLSv1.3" in text
     assert "250 OK" in text
     assert " 7 " in text  # deferred count
+
+
+class _StatusOnly:
+    """What render() reads of a Worker: its status (rendering needs nothing else)."""
+
+    def __init__(self, status: WorkerStatus) -> None:
+        self.status = status
+
+
+def _frame_lines(status: WorkerStatus) -> list[str]:
+    from rich.console import Console
+
+    from mailstrom.cli.live import render
+
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(render(_StatusOnly(status), None, []))  # type: ignore[arg-type]
+    return console.export_text().splitlines()
+
+
+def test_live_view_head_of_a_healthy_worker_is_unchanged() -> None:
+    """A guard for the frame, not a fix: no problem line, the same head as before."""
+    lines = _frame_lines(
+        WorkerStatus(running=True, in_flight=2, delivered=5, deferred=1, clock_skew=29.0)
+    )
+    assert lines[0] == (
+        "mailstrom worker running   in flight: 2   delivered: 5   deferred: 1   failed: 0"
+    )
+    assert lines[1].startswith("Recent attempts")
+
+
+def test_live_view_says_the_store_is_failing_with_its_text_shown_literally() -> None:
+    lines = _frame_lines(
+        WorkerStatus(
+            running=True, store_error="record results: [red]x[/red] \x1b[2Jgone", unrecorded=3
+        )
+    )
+    assert lines[0].startswith("mailstrom worker store trouble   in flight: 0")
+    assert lines[1] == (
+        "  store failing, retrying: record results: [red]x[/red] \\x1b[2Jgone"
+        " (3 results not recorded yet)"
+    )
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_live_view_bounds_a_long_store_error_to_one_line() -> None:
+    lines = _frame_lines(WorkerStatus(running=True, store_error="x\n" * 5000))
+    assert lines[1].startswith("  store failing, retrying: x x x")
+    assert lines[1].endswith("…")
+    assert len(lines[1]) <= 120
+    assert lines[2].startswith("Recent attempts")
+
+
+def test_live_view_says_the_worker_is_paused_and_why() -> None:
+    reason = "clock: 450.0 s ahead of PostgreSQL server db:5432 (± 0.001 s), beyond 300 s"
+    lines = _frame_lines(WorkerStatus(running=True, paused=reason, clock_skew=450.0))
+    assert lines[0].startswith("mailstrom worker paused   in flight: 0")
+    assert lines[1] == f"  paused, takes no new work: {reason}"
+    # The pause's reason already gives the skew: no second line about the clock.
+    assert lines[2].startswith("Recent attempts")
+
+
+@pytest.mark.parametrize(("skew", "words"), [(45.0, "45.0 s ahead of"), (-45.0, "45.0 s behind")])
+def test_live_view_warns_of_a_clock_off_by_more_than_warn_skew(skew: float, words: str) -> None:
+    lines = _frame_lines(WorkerStatus(running=True, clock_skew=skew))
+    assert lines[0].startswith("mailstrom worker running   in flight: 0")
+    assert lines[1] == f"  clock {words} the store's server"
+
+
+def test_live_view_shows_the_error_a_worker_stopped_on() -> None:
+    lines = _frame_lines(WorkerStatus(running=False, error="StoreError: disk I/O error"))
+    assert lines[0].startswith("mailstrom worker stopped   in flight: 0")
+    assert lines[1] == "  error: StoreError: disk I/O error"
 
 
 def _commands(parser: argparse.ArgumentParser) -> list[str]:

@@ -1,5 +1,11 @@
 """The worker's live view on a terminal: totals, work in flight, queue counts, recent attempts.
 
+The head line's state word says how the worker is, not only whether it runs: "store
+trouble" while the store keeps failing, "paused" while it takes no new work; below it, one
+line per problem in the status's own words (the store's error, the pause's reason, a clock
+off by more than :data:`~mailstrom.runtime.worker_clock.WARN_SKEW`, the error it stopped
+on). A healthy worker's view has no such line.
+
 The view is redrawn on a timer; that timer only paints the screen; the worker itself never
 waits on it. While it draws, log lines meant for the terminal are printed through the view's
 console, above the view: written straight to the terminal they would land in the middle of
@@ -21,7 +27,8 @@ from rich.text import Text
 from mailstrom.cli.output import cell, is_tty
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import QueueStats, RecipientState
+from mailstrom.runtime.worker_clock import WARN_SKEW
+from mailstrom.status import QueueStats, RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
 REFRESH_SECONDS = 0.5
@@ -30,6 +37,46 @@ _STYLE = {
     RecipientState.DEFERRED: "yellow",
     RecipientState.FAILED: "red",
 }
+PROBLEM_CHARS = 300
+"""Characters of a problem's text kept before it is made printable: the text comes from
+exceptions and peers and may be long (a query, a reply); the line is cut to the terminal's
+width anyway, and the frame is redrawn twice a second."""
+
+
+def _state_word(s: WorkerStatus) -> tuple[str, str]:
+    """The head line's word for the worker's state, and its style: the worst first."""
+    if not s.running:
+        return "stopped", "red"
+    if s.store_error is not None:
+        return "store trouble", "red"
+    if s.paused is not None:
+        return "paused", "yellow"
+    return "running", "green"
+
+
+def _quoted(text: str) -> str:
+    """Text from an exception or a peer, bounded and on one printable line."""
+    if len(text) > PROBLEM_CHARS:
+        text = text[:PROBLEM_CHARS] + "…"
+    return cell(text)
+
+
+def _problems(s: WorkerStatus) -> list[tuple[str, str]]:
+    """One ``(line, style)`` per trouble the status reports; none when all is fine."""
+    lines: list[tuple[str, str]] = []
+    if s.store_error is not None:
+        noun = "result" if s.unrecorded == 1 else "results"
+        held = f" ({s.unrecorded} {noun} not recorded yet)" if s.unrecorded > 0 else ""
+        lines.append((f"store failing, retrying: {_quoted(s.store_error)}{held}", "red"))
+    if s.paused is not None:
+        lines.append((f"paused, takes no new work: {_quoted(s.paused)}", "yellow"))
+    # A pause is the clock's today and its reason already gives the skew: one line is enough.
+    elif s.clock_skew is not None and abs(s.clock_skew) > WARN_SKEW:
+        side = "ahead of" if s.clock_skew > 0 else "behind"
+        lines.append((f"clock {abs(s.clock_skew):.1f} s {side} the store's server", "yellow"))
+    if s.dead and s.error is not None:
+        lines.append((f"error: {_quoted(s.error)}", "red"))
+    return lines
 
 
 def render(worker: Worker, stats: QueueStats | None, recent: Sequence[RecipientResult]) -> Group:
@@ -37,11 +84,14 @@ def render(worker: Worker, stats: QueueStats | None, recent: Sequence[RecipientR
     s = worker.status
     head = Text.assemble(
         ("mailstrom worker ", "bold"),
-        ("running" if s.running else "stopped", "green" if s.running else "red"),
+        _state_word(s),
         f"   in flight: {s.in_flight}   delivered: {s.delivered}"
         f"   deferred: {s.deferred}   failed: {s.failed}",
     )
     parts: list[Table | Text] = [head]
+    for line, style in _problems(s):
+        # Text, not markup: the line quotes exceptions and peers. One screen line each.
+        parts.append(Text(f"  {line}", style=style, no_wrap=True, overflow="ellipsis"))
     if stats is not None:
         queue = Table(title="Queue (recipients)", title_justify="left", box=None)
         for state in RecipientState:
