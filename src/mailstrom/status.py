@@ -434,6 +434,10 @@ class WorkerStatus:
     PostgreSQL server db:5432 (± 0.001 s), beyond 300 s (a third of lease_for)"``. It
     still delivers and records what it holds, and resumes by itself once the cause is
     gone. None while it leases."""
+    restarts: int = 0
+    """Times the facade started its worker process again after it died (killed by a
+    signal, or gone without a word); always 0 for a worker thread, task or ``mailstrom
+    worker``."""
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     """Counters and histograms since the worker started."""
 

@@ -16,14 +16,17 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
 
+from mailstrom.client.supervision import ChildExit, RestartBackoff, describe_exit, judge_exit
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.pipes import (
@@ -57,10 +60,17 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class WorkerProcess:
-    """Start, wake, watch and stop one worker child process.
+    """Start, wake, watch and stop one worker child process; start it again when it dies.
 
     It offers what the facades use of a :class:`~mailstrom.runtime.worker.Worker`:
     :meth:`wake`, :attr:`status` and :meth:`wait_stopped`.
+
+    A child that ends without being asked and without saying why (killed by a signal
+    other than SIGTERM or SIGINT, a non-zero exit with no ``error`` frame) is started
+    again after a backoff (:mod:`mailstrom.client.supervision`); one that reported a
+    permanent error, or that someone else stopped on purpose, stays dead and
+    :attr:`status` says why. The restart waits on a thread of its own, which :meth:`stop`
+    cancels at once.
     """
 
     def __init__(
@@ -83,9 +93,28 @@ class WorkerProcess:
         self._status = WorkerStatus(running=False)
         self._counts = {state: 0 for state in RecipientState}
         self._error: str | None = None
+        self._reported_error = False
+        """Whether the current child sent an ``error`` frame (it ended for good)."""
+        self._stopped_by: str | None = None
+        """The signal the current child said it was stopped by, from its last frame."""
         self._cause: BaseException | None = None
         """The child's own exception when it could not open its store."""
         self._fds: tuple[int, ...] = ()
+        self._lock = threading.Lock()
+        """Orders spawning a child against :meth:`stop`: once ``_stopping`` is set under
+        it, no child is spawned, and one spawned before is the one :meth:`stop` sees."""
+        self._stopping = False
+        self._supervised = False
+        """True once :meth:`start` returned: a death before is start()'s failure."""
+        self._halt = threading.Event()
+        """Set by :meth:`stop`: ends a restart's backoff wait at once."""
+        self._supervisor: threading.Thread | None = None
+        self._backoff = RestartBackoff()
+        self._restarts = 0
+        self._death: str | None = None
+        """How the last child that is to be started again died."""
+        self._coming_back = False
+        """A restarted child has not answered ``ready`` yet (its return is logged)."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -96,6 +125,25 @@ class WorkerProcess:
         start: from the store's error when waiting cannot mend it
         (:class:`~mailstrom.errors.StoreCorrupt`,
         :class:`~mailstrom.errors.StoreAccessDenied`)."""
+        with self._lock:
+            if self._proc is not None or self._restart_pending():
+                raise WorkerError("already started")
+            self._stopping = False
+            self._supervised = False
+            self._halt.clear()
+            self._spawn()
+        if not self._ready.wait(timeout) or self._error is not None:
+            reason = self._error or f"no answer within {timeout:g} s"
+            self._kill()
+            raise WorkerError(f"worker process failed to start: {reason}") from self._cause
+        with self._lock:
+            self._supervised = True
+            if self._stopped.is_set() and not self._stopping:
+                # It died between its "ready" and now, unsupervised: judge it here.
+                self._judge(self._proc)
+
+    def _spawn(self) -> None:
+        """Start a child and hand it its spec, without waiting for it (``_lock`` held)."""
         config = self.config
         spec = ChildSpec(
             config=replace(config, tls_context=None),
@@ -110,10 +158,6 @@ class WorkerProcess:
         # The child must import this very mailstrom, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self._stopped.clear()
-        self._ready.clear()
-        self._error = None
-        self._cause = None
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailstrom.runtime.child"],
             stdin=subprocess.PIPE,
@@ -122,19 +166,25 @@ class WorkerProcess:
             start_new_session=True,  # the application's Ctrl-C is for the application
             close_fds=True,
         )
+        self._stopped.clear()
+        self._ready.clear()
+        self._error = None
+        self._reported_error = False
+        self._stopped_by = None
+        self._cause = None
+        self._status = WorkerStatus(running=False)  # not the last child's snapshot
         assert proc.stdin is not None and proc.stdout is not None
         self._proc, self._stdin = proc, proc.stdin
         self._fds = (proc.stdin.fileno(), proc.stdout.fileno())
         _LIVE.add(self)
         self._reader = threading.Thread(
-            target=self._read, args=(proc.stdout,), name="mailstrom-worker-reader", daemon=True
+            target=self._read,
+            args=(proc, proc.stdout),
+            name="mailstrom-worker-reader",
+            daemon=True,
         )
         self._reader.start()
         self._send("spec", spec)
-        if not self._ready.wait(timeout) or self._error is not None:
-            reason = self._error or f"no answer within {timeout:g} s"
-            self._kill()
-            raise WorkerError(f"worker process failed to start: {reason}") from self._cause
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -142,8 +192,16 @@ class WorkerProcess:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Let deliveries in flight finish within ``timeout`` seconds, give the rest back
-        to the store, and wait for the child to exit."""
-        proc = self._proc
+        to the store, and wait for the child to exit. A restart still waiting for its
+        backoff is cancelled; no child is started after this began."""
+        with self._lock:
+            self._stopping = True
+            self._halt.set()
+            proc, supervisor = self._proc, self._supervisor
+            if self._restart_pending() and self._death is not None:
+                self._error = f"{self._death}; not started again: stop() came first"
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join()  # its wait ends at _halt; a spawn under _lock is done
         if proc is None:
             return
         self._send("stop", timeout)
@@ -175,7 +233,12 @@ class WorkerProcess:
         # Only the descriptors are touched, never the file objects: the parent's reader
         # thread may have held a buffer's lock at the fork, and it does not exist here.
         # Pointing them at /dev/null releases this process's ends of the pipes while the
-        # descriptor numbers stay valid for whatever later closes the objects.
+        # descriptor numbers stay valid for whatever later closes the objects. The same
+        # goes for _lock, and no supervisor thread exists here to restart anything.
+        self._lock = threading.Lock()
+        self._stopping = True
+        self._halt.set()
+        self._supervisor = None
         self._proc, self._stdin = None, None
         if self._fds:
             null = os.open(os.devnull, os.O_RDWR)
@@ -189,6 +252,70 @@ class WorkerProcess:
         self._ready.clear()
         self._stopped.set()
 
+    # --- supervision ---------------------------------------------------------------------
+
+    def _restart_pending(self) -> bool:
+        supervisor = self._supervisor
+        return supervisor is not None and supervisor.is_alive()
+
+    def _judge(self, proc: subprocess.Popen[bytes] | None) -> None:
+        """Act on the end of ``proc``, the current child (``_lock`` held)."""
+        if proc is None or proc.returncode is None or not self._supervised:
+            return  # start() is still waiting: it reports the failure itself
+        verdict = judge_exit(
+            proc.returncode, reported_error=self._reported_error, asked=self._stopping
+        )
+        if verdict is ChildExit.DIED:
+            self._schedule_restart(f"worker process died ({describe_exit(proc.returncode)})")
+        elif verdict is ChildExit.STOPPED_OUTSIDE:
+            by = self._stopped_by
+            if proc.returncode < 0:
+                by = signal.Signals(-proc.returncode).name
+            self._error = (
+                f"worker process stopped by {by}, not by this program"
+                if by
+                else "worker process ended (status 0) without this program asking it to"
+            )
+            log.warning(
+                "%s; mail is queued but not delivered until it is started again", self._error
+            )
+
+    def _schedule_restart(self, death: str) -> None:
+        """Start another child after the backoff, on a thread of its own (``_lock``
+        held)."""
+        if self._stopping:
+            return
+        delay = self._backoff.next_delay(now=time.monotonic())
+        self._death = death
+        self._error = f"{death}; starting it again in {delay:g} s"
+        self._status = WorkerStatus(running=False)
+        with self._write_lock, contextlib.suppress(OSError):
+            if self._stdin is not None:
+                self._stdin.close()  # the dead child's pipe; its stdout closed with it
+        self._proc, self._stdin = None, None
+        log.error("%s", self._error)
+        self._supervisor = threading.Thread(
+            target=self._restart_after,
+            args=(delay,),
+            name="mailstrom-worker-supervisor",
+            daemon=True,
+        )
+        self._supervisor.start()
+
+    def _restart_after(self, delay: float) -> None:
+        if self._halt.wait(delay):
+            return  # stop() came first
+        with self._lock:
+            if self._stopping:
+                return
+            try:
+                self._spawn()
+            except OSError as exc:  # no fork: out of memory, out of processes
+                self._schedule_restart(f"worker process could not be started again ({exc})")
+                return
+            self._restarts += 1
+            self._coming_back = True
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -198,9 +325,13 @@ class WorkerProcess:
     @property
     def status(self) -> WorkerStatus:
         """The child's latest snapshot (twice a second); with ``on_result`` the counts are
-        those of the results already passed on, so they agree with the callback."""
+        those of the results already passed on, so they agree with the callback, and go
+        on across restarts. Between a child's death and its restart, ``running`` is False
+        and ``error`` says how it died and when the next one starts."""
         running = self._ready.is_set() and not self._stopped.is_set()
-        status = dataclasses.replace(self._status, running=running, error=self._error)
+        status = dataclasses.replace(
+            self._status, running=running, error=self._error, restarts=self._restarts
+        )
         if self._on_result is None:
             return status
         counts = self._counts
@@ -224,7 +355,7 @@ class WorkerProcess:
         with self._write_lock, contextlib.suppress(OSError, ValueError):
             write_frame(stream, kind, payload)
 
-    def _read(self, stream: IO[bytes]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], stream: IO[bytes]) -> None:
         try:
             while (frame := read_frame(stream)) is not None:
                 self._handle(*frame)
@@ -232,13 +363,15 @@ class WorkerProcess:
             log.exception("worker process: unreadable frame")
         finally:
             stream.close()
-            proc = self._proc
-            if proc is not None:
-                proc.wait()
-                if proc.returncode and self._error is None:
-                    self._error = f"worker process exited with status {proc.returncode}"
-            self._stopped.set()
-            self._ready.set()  # wake a start() still waiting: it sees the error
+            proc.wait()
+            with self._lock:
+                try:
+                    self._judge(proc)
+                finally:
+                    if proc.returncode and self._error is None:
+                        self._error = f"worker process exited with status {proc.returncode}"
+                    self._stopped.set()
+                    self._ready.set()  # wake a start() still waiting: it sees the error
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "results":
@@ -257,9 +390,24 @@ class WorkerProcess:
             record = logging.makeLogRecord(payload)
             logging.getLogger(record.name).handle(record)
         elif kind == "ready":
-            self._ready.set()
+            self._came_up()
         elif kind == "error":
             self._error = str(payload)
+            self._reported_error = True
         elif kind == "cause":
             self._cause = payload
-        # "stopped" needs nothing: the end of the stream follows
+        elif kind == "stopped":
+            # The end of the stream follows; a child stopped by a signal says which.
+            self._stopped_by = payload if isinstance(payload, str) else None
+
+    def _came_up(self) -> None:
+        self._backoff.child_ready(now=time.monotonic())
+        if self._coming_back:
+            self._coming_back = False
+            log.warning(
+                "worker process started again (pid %s; %d restart%s so far)",
+                self.pid,
+                self._restarts,
+                "" if self._restarts == 1 else "s",
+            )
+        self._ready.set()

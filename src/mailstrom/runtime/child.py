@@ -4,8 +4,9 @@ The parent starts ``python -m mailstrom.runtime.child`` and talks to it over its
 stdout in length-prefixed pickled frames (both ends are mailstrom; nothing else writes
 there). The parent sends a :class:`ChildSpec` first, then ``wake`` and ``stop`` frames;
 the child answers ``ready``, then ``results`` (batched per loop turn), ``log`` records at
-the levels the parent asked for, ``status`` snapshots, and ``stopped`` or ``error`` last
-(after ``cause``, the exception itself, when its store cannot be opened).
+the levels the parent asked for, ``status`` snapshots, and ``stopped`` (with the name of
+the signal that stopped it, if one did) or ``error`` last (after ``cause``, the exception
+itself, when its store cannot be opened).
 
 The child opens its store itself. While the database does not answer it answers ``ready``
 all the same, with a status whose ``store_error`` says what it waits for, and keeps trying
@@ -123,6 +124,9 @@ class _Control:
         self._worker: Worker | None = None
         self._stop_asked = False
         self._drain_timeout: float | None = 0.0
+        self.stopped_by: str | None = None
+        """The signal that stopped this child, told to the parent in ``stopped``: a
+        child stopped from outside is not started again."""
 
     def attach(self, worker: Worker) -> None:
         self._worker = worker
@@ -140,6 +144,11 @@ class _Control:
         if worker is not None:
             worker.request_stop(drain_timeout=drain_timeout)
         self._opener.stop()
+
+
+def _stop_by_signal(control: _Control) -> None:
+    control.stopped_by = "SIGTERM"
+    control.stop(5.0)
 
 
 def _waiting_status(opener: StoreOpener, started_at: datetime) -> WorkerStatus:
@@ -200,7 +209,7 @@ def main() -> int:
         daemon=True,
     ).start()
     # The parent stops us; a SIGTERM to our session drains quickly.
-    signal.signal(signal.SIGTERM, lambda *_: control.stop(5.0))
+    signal.signal(signal.SIGTERM, lambda *_: _stop_by_signal(control))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         store = opener.open()
@@ -211,7 +220,7 @@ def main() -> int:
         return 1
     if store is None:  # stopped before the store opened: nothing was leased
         outbox.send("status", WorkerStatus(running=False, started_at=started_at))
-        outbox.send("stopped")
+        outbox.send("stopped", control.stopped_by)
         return 0
     try:
         return _deliver(config, store, spec, outbox, control)
@@ -252,7 +261,7 @@ def _deliver(
         outbox.send("error", "".join(traceback.format_exception_only(exc)).strip())
         return 1
     outbox.send("status", worker.status)
-    outbox.send("stopped")
+    outbox.send("stopped", control.stopped_by)
     return 0
 
 

@@ -1,0 +1,175 @@
+"""A facade starts its worker process again when it dies without being asked
+(client/process.py, client/supervision.py).
+
+The killed child is a real one (SIGKILL as from the OOM killer); mail sent after its death
+reaches a real loopback SMTP server through the child started in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Mailstrom, RecipientState, WorkerStatus
+from mailstrom.client import supervision
+from mailstrom.client.process import WorkerProcess
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
+from tests.support.delivery import Results
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+def _child(ms: Mailstrom | AsyncMailstrom) -> WorkerProcess:
+    assert isinstance(ms.worker, WorkerProcess)
+    return ms.worker
+
+
+def _first_status(ms: Mailstrom | AsyncMailstrom, check: Any, timeout: float) -> WorkerStatus:
+    """The first worker status that passes ``check``, polled (a snapshot; nothing to wait
+    on): a restart gap lasts only a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ms.worker_status
+        if check(status):
+            return status
+        time.sleep(0.01)
+    raise AssertionError(f"no such status within {timeout} s; last: {ms.worker_status}")
+
+
+def _no_restart_pending() -> bool:
+    return not any(t.name == "mailstrom-worker-supervisor" for t in threading.enumerate())
+
+
+def _killed(status: WorkerStatus) -> bool:
+    return not status.running and "SIGKILL" in (status.error or "")
+
+
+def test_a_killed_worker_process_is_started_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        ms.send_email(hello("before@example.org"))
+        results.wait_count(1)
+        old = _child(ms).pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+
+        gap = _first_status(ms, _killed, 15)
+        assert gap.error == "worker process died (killed by SIGKILL); starting it again in 1 s"
+        assert gap.dead  # health checks see the gap
+        mid = ms.send_email(hello("after@example.org", 1))  # queued while none runs
+
+        back = _first_status(ms, lambda s: s.running, 30)
+        assert back.restarts == 1 and back.error is None
+        new = _child(ms).pid
+        assert new is not None and new != old
+        results.wait_count(2, timeout=30)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+        # The callback's counts go on across the restart: they are this process's.
+        assert ms.worker_status.delivered == 2
+    assert _wait_until(lambda: _gone(new), 15)
+    assert [m.mail_from for m in mx.messages] == ["app@sender.test"] * 2
+    died = [r for r in caplog.records if "died" in r.getMessage()]
+    assert died and died[0].levelno == logging.ERROR
+    assert any("started again" in r.getMessage() for r in caplog.records)
+    store.close()
+
+
+async def test_an_async_facade_starts_its_killed_worker_process_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    async with AsyncMailstrom(config(dns_server, mx.port), store=store) as ms:
+        old = _child(ms).pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        assert _wait_until(lambda: _child(ms).pid not in (None, old), 30)
+        mid = await ms.send_email(hello("after@example.org"))
+        assert (await ms.wait(mid, timeout=30)).state is RecipientState.DELIVERED
+        status = ms.worker_status
+        assert status.running and status.restarts == 1
+        new = _child(ms).pid
+    assert new is not None and _wait_until(lambda: _gone(new), 15)
+    store.close()
+
+
+def test_stop_during_the_backoff_cancels_the_restart(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() does not wait out the backoff (here 30 s), and nothing is started after."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 30.0)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    old = _child(ms).pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    _first_status(ms, lambda s: "starting it again in 30 s" in (s.error or ""), 15)
+    began = time.monotonic()
+    ms.stop()
+    assert time.monotonic() - began < 5
+    assert _no_restart_pending()
+    assert _child(ms).pid is None
+    assert _gone(old)
+    status = ms.worker_status
+    assert not status.running and status.restarts == 0
+    assert status.error == (
+        "worker process died (killed by SIGKILL); not started again: stop() came first"
+    )
+    store.close()
+
+
+def test_a_worker_process_stopped_by_sigterm_stays_stopped(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """An operator's SIGTERM is meant: no restart, but the status says nothing delivers."""
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        pid = _child(ms).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        status = _first_status(ms, lambda s: s.dead, 30)
+        assert status.error == "worker process stopped by SIGTERM, not by this program"
+        assert _wait_until(lambda: _gone(pid), 15)
+        assert _no_restart_pending()
+        assert ms.worker_status.restarts == 0 and not ms.worker_status.running
+    store.close()
+
+
+def test_a_worker_process_that_reported_a_permanent_error_is_not_started_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The database deleted under the child: it ends on StoreCorrupt and says so; a new
+    child would fail the same way."""
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        pid = _child(ms).pid
+        assert pid is not None
+        os.unlink(path)
+        ms.wake()  # the child's next store call finds the file gone
+        status = _first_status(ms, lambda s: s.dead, 30)
+        assert "StoreCorrupt" in (status.error or "")
+        assert "deleted" in (status.error or "")
+        assert _wait_until(lambda: _gone(pid), 15)
+        assert _no_restart_pending()
+        assert ms.worker_status.restarts == 0 and ms.worker_status.dead
+    store.close()
