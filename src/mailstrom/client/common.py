@@ -108,7 +108,8 @@ class FacadeBase:
 
     * ``"process"``: a child process of this one (:mod:`mailstrom.client.process`), with
       an interpreter of its own, so delivery and the application never wait for each
-      other's GIL; it opens the store by its URL and dies with its parent;
+      other's GIL; it opens the store by its URL, dies with its parent, and is started
+      again when it dies on its own (see :class:`WorkerProcess`);
     * ``"thread"`` (:class:`~mailstrom.Mailstrom`) or ``"task"``
       (:class:`~mailstrom.AsyncMailstrom`): in this process, on a background thread or
       as a task on the running loop;

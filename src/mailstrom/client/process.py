@@ -6,7 +6,9 @@ application. The child opens the same store from its URL and is woken across the
 boundary by the store itself (a datagram socket for SQLite, NOTIFY for PostgreSQL). Its
 results come back over a pipe and reach ``on_result`` on a reader thread of this process;
 its log records are re-emitted here at the levels the ``mailstrom`` loggers had when it
-started. See :mod:`mailstrom.runtime.child` for the other end.
+started. A child that dies without being asked or saying why is started again after a
+backoff (:mod:`mailstrom.client.supervision`). See :mod:`mailstrom.runtime.child` for the
+other end.
 """
 
 from __future__ import annotations
