@@ -202,6 +202,9 @@ class WorkerProcess:
             proc, supervisor = self._proc, self._supervisor
             if self._restart_pending() and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
+            elif self._coming_back:  # restarted, stopped before it answered: no trouble
+                self._coming_back = False
+                self._error = None
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()  # its wait ends at _halt; a spawn under _lock is done
         if proc is None:
@@ -317,6 +320,9 @@ class WorkerProcess:
                 return
             self._restarts += 1
             self._coming_back = True
+            # Until it answers: a child that hangs at start must not read as a healthy
+            # one on its way (running False and no error is no state a caller can act on).
+            self._error = f"{self._death}; started again, not answering yet"
 
     @property
     def pid(self) -> int | None:
@@ -403,9 +409,14 @@ class WorkerProcess:
             self._stopped_by = payload if isinstance(payload, str) else None
 
     def _came_up(self) -> None:
-        self._backoff.child_ready(now=time.monotonic())
-        if self._coming_back:
-            self._coming_back = False
+        # Under _lock: a restart sets _coming_back and its error after the spawn, and
+        # the new child's "ready" may arrive before that (the reader starts in _spawn).
+        with self._lock:
+            self._backoff.child_ready(now=time.monotonic())
+            back, self._coming_back = self._coming_back, False
+            if back:
+                self._error = None
+        if back:
             log.warning(
                 "worker process started again (pid %s; %d restart%s so far)",
                 self.pid,
