@@ -50,7 +50,14 @@ from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_screening import WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
-from mailstrom.stores.base import Lease, RecipientResult, Store, domain_of
+from mailstrom.stores.base import (
+    Lease,
+    RecipientResult,
+    Store,
+    check_holder,
+    domain_of,
+    new_holder,
+)
 from mailstrom.stores.clock import ClockReading
 from mailstrom.suppression import Suppression
 
@@ -104,9 +111,16 @@ class Worker(
         rng: random.Random | None = None,
         on_result: Callable[[RecipientResult], None] | None = None,
         check_clock: bool | None = None,
+        holder: str | None = None,
     ) -> None:
         """``on_result`` is called (on the worker's loop) with each result once the store
         has recorded it: a hook for metrics, logging or tests.
+
+        ``holder``: this worker's identity in its lease tokens (8 to 32 lower-case hex
+        digits; a fresh random one by default), by which
+        :meth:`~mailstrom.stores.Store.release_holder` gives back all it leased should it
+        die without giving them back itself: its parent process passes one it knows.
+        Raises :class:`~mailstrom.errors.InvalidArgument` (a ValueError) for another value.
 
         ``check_clock``: whether to compare ``clock`` with the store server's and stop
         leasing when they are too far apart (worker_clock.py). By default only the host's
@@ -114,6 +128,8 @@ class Worker(
         point of it), and checking it against the server's would stop every lease."""
         self.config = config
         self.store = store
+        self.holder = new_holder() if holder is None else check_holder(holder)
+        """The identity every lease of this worker carries (see ``holder`` above)."""
         self._clock = clock
         self._checks_clock = clock is utc_now if check_clock is None else check_clock
         self._router = router or Router.for_config(config)
@@ -394,6 +410,7 @@ class Worker(
                     limit=limit,
                     lease_for=config.lease_for,
                     lanes=lanes,
+                    holder=self.holder,
                 )
             except StoreCorrupt:
                 self._pending[:0] = batch

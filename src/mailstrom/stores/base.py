@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -180,11 +181,14 @@ def record_then_lease(
     limit: int,
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None = None,
+    holder: str | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
     """``Store.record_and_lease`` for a store that cannot do both in one transaction."""
     recorded = store.record(results) if results else []
     lease = (
-        store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes) if limit > 0 else None
+        store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder)
+        if limit > 0
+        else None
     )
     return recorded, lease
 
@@ -201,6 +205,39 @@ def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]
         for r in status.recipients
     )
     return replace(status, recipients=recipients)
+
+
+_HOLDER = re.compile(r"[0-9a-f]{8,32}")
+
+
+def new_holder() -> str:
+    """A fresh lease holder: 16 random hex digits (see :func:`check_holder`)."""
+    return secrets.token_hex(8)
+
+
+def check_holder(value: object) -> str:
+    """``value`` as a lease holder, the identity a worker's lease tokens start with
+    (``"<holder>.<random>"``), so that :meth:`Store.release_holder` can give back all of
+    them: 8 to 32 lower-case hex digits. Nothing else may appear in it, so that the
+    tokens of one holder form a range of their own (``.`` and ``/`` follow each other
+    and are no hex digit), found without LIKE and its escapes.
+
+    >>> check_holder("0123abcd")
+    '0123abcd'
+    """
+    if not isinstance(value, str) or not _HOLDER.fullmatch(value):
+        raise InvalidArgument(
+            f"holder: expected 8 to 32 lower-case hex digits, got {shown(value)}",
+            argument="holder",
+        )
+    return value
+
+
+def holder_range(holder: str) -> tuple[str, str]:
+    """The lease tokens of ``holder``: those ≥ the first and < the second of these (in
+    byte order: ``.`` is followed by ``/``). ``holder`` is checked first."""
+    holder = check_holder(holder)
+    return f"{holder}.", f"{holder}/"
 
 
 def new_message_id() -> str:
@@ -416,12 +453,17 @@ class Store(Protocol):
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
         items. Returns None when nothing is due. Two concurrent callers never receive the
         same recipient while its lease is unexpired. A recipient whose rows cannot be read
         back is failed instead (:attr:`Lease.failed`; a lease may hold only those).
+
+        ``holder`` (a checked :func:`check_holder` value, not checked again here: this is
+        the worker's hot path) makes the lease token ``"<holder>.<random>"``, so that
+        :meth:`release_holder` finds it; without it the token is random only.
 
         ``lanes`` ((lane name, at most this many), highest first) leases each lane's due
         recipients before the next lane's, each lane up to its own number; recipients of a
@@ -449,10 +491,11 @@ class Store(Protocol):
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
-        (none when ``limit`` is 0) of ``lanes``; in one transaction where the store can
-        (SQLite: one commit, one fsync, for the worker's whole turn)."""
+        (none when ``limit`` is 0) of ``lanes`` for ``holder``; in one transaction where
+        the store can (SQLite: one commit, one fsync, for the worker's whole turn)."""
         ...
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
@@ -464,6 +507,23 @@ class Store(Protocol):
     def release(self, lease: Lease) -> None:
         """Give back every recipient of ``lease`` not yet recorded, due at once, without
         counting an attempt (used by a graceful stop)."""
+        ...
+
+    def release_holder(self, holder: str) -> int:
+        """Give back every recipient still leased under a token of ``holder`` (see
+        :meth:`lease`), of any lease, due at once, without counting an attempt, and wake
+        the workers as :meth:`release` does; recorded recipients hold no lease any more
+        and are left alone (only pending ones are given back). Returns how many were
+        given back.
+
+        For a worker that cannot give back its own leases: a worker process that was
+        killed, whose parent knows the holder it gave it. Raises
+        :class:`~mailstrom.errors.InvalidArgument` (a ValueError) for a ``holder`` that
+        :func:`check_holder` refuses.
+
+        >>> store.release_holder("5f3a9c01d2e4b6a7")   # doctest: +SKIP
+        3
+        """
         ...
 
     def status(self, message_id: str) -> MessageStatus:

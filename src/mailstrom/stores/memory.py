@@ -27,6 +27,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     domain_of,
+    holder_range,
     new_message_id,
     record_then_lease,
     with_throttles,
@@ -160,12 +161,13 @@ class MemoryStore(
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, grouped per (message, domain); with
         ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
         if limit <= 0:
             return None
-        token = os.urandom(16).hex()
+        token = f"{holder}.{os.urandom(16).hex()}" if holder else os.urandom(16).hex()
         expires_at = now + lease_for
         with self._lock:
             suspended = self._suspended_domains(now)
@@ -274,10 +276,11 @@ class MemoryStore(
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
         return record_then_lease(
-            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
@@ -296,6 +299,22 @@ class MemoryStore(
                 r.lease_token = r.lease_expires_at = None
         if held:
             self._watchers.notify()
+
+    def release_holder(self, holder: str) -> int:
+        """Give back every recipient leased under a token of ``holder``, due at once."""
+        low, high = holder_range(holder)
+        with self._lock:
+            held = [
+                r
+                for m in self._messages.values()
+                for r in m.recipients.values()
+                if r.state in _PENDING and r.lease_token is not None and low <= r.lease_token < high
+            ]
+            for r in held:
+                r.lease_token = r.lease_expires_at = None
+        if held:
+            self._watchers.notify()
+        return len(held)
 
     def retry(self, message_id: str, *, now: datetime) -> int:
         """Make the message's pending recipients due at ``now``; returns how many."""

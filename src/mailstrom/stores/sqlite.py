@@ -128,6 +128,7 @@ from mailstrom.stores.sqlite_queue import (
     qmarks,
     read_messages,
     record_rows,
+    release_holder_rows,
     update_leased,
 )
 from mailstrom.stores.sqlite_schema import (
@@ -808,6 +809,7 @@ class SQLiteStore:
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, oldest due first (per lane, highest lane
         first, with ``lanes``), grouped per (message, domain); one transaction, walking
@@ -816,7 +818,13 @@ class SQLiteStore:
             return None
         with self._write(fsync=False) as conn:
             return _lease_in(
-                conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, events=self._events
+                conn,
+                now=now,
+                limit=limit,
+                lease_for=lease_for,
+                lanes=lanes,
+                events=self._events,
+                holder=holder,
             )
 
     def record_and_lease(
@@ -827,6 +835,7 @@ class SQLiteStore:
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         recorded: list[RecipientResult] = []
@@ -843,6 +852,7 @@ class SQLiteStore:
                     lease_for=lease_for,
                     lanes=lanes,
                     events=self._events,
+                    holder=holder,
                 )
         return recorded, lease
 
@@ -872,6 +882,15 @@ class SQLiteStore:
             released = update_leased(conn, lease, [], "lease_token = NULL, lease_expires_at = NULL")
         if released:
             self._notify()
+
+    def release_holder(self, holder: str) -> int:
+        """Give back every recipient leased under a token of ``holder``, due at once
+        (durable as :meth:`release`: they are due again after a crash anyway)."""
+        with self._write(fsync=False) as conn:
+            released = release_holder_rows(conn, holder)
+        if released:
+            self._notify()
+        return released
 
     # --- administration ---------------------------------------------------------------
 
@@ -1374,6 +1393,7 @@ def _lease_in(
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None,
     events: bool,
+    holder: str | None = None,
 ) -> Lease | None:
     """Lease inside the caller's write transaction: suspended destinations skipped, and
     the suppression entries of what was leased read in the same snapshot (one store
@@ -1381,7 +1401,13 @@ def _lease_in(
     lease set aside (:attr:`Lease.failed`), in the same transaction."""
     skip = suspended_domains(conn, now)
     lease = lease_rows(
-        conn, now=now, limit=limit, lease_for=lease_for, lanes=lanes, skip_domains=skip
+        conn,
+        now=now,
+        limit=limit,
+        lease_for=lease_for,
+        lanes=lanes,
+        skip_domains=skip,
+        holder=holder,
     )
     if lease is None:
         return None

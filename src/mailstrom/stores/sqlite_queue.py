@@ -31,6 +31,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     bounded_attempt,
     domain_of,
+    holder_range,
     new_message_id,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
@@ -191,15 +192,17 @@ def lease_rows(
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None = None,
     skip_domains: Sequence[str] = (),
+    holder: str | None = None,
 ) -> Lease | None:
-    """Lease up to ``limit`` due recipients inside the caller's write transaction.
+    """Lease up to ``limit`` due recipients inside the caller's write transaction, under a
+    token of ``holder`` when given (see ``Store.lease``).
 
     Without ``lanes``, the earliest due of every lane. With them ((name, at most), highest
     first), each lane's earliest due in turn, walking that lane's range of
     recipients_lane_due; then, when every lane had room left and nothing more due,
     recipients of lanes not named (queued before lanes existed, or in a lane since removed
     from the configuration). None at ``skip_domains`` (suspended destinations)."""
-    token = os.urandom(16).hex()
+    token = f"{holder}.{os.urandom(16).hex()}" if holder else os.urandom(16).hex()
     expires_at = now + lease_for
     marks = (token, to_us(expires_at), to_us(now))
     skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
@@ -524,6 +527,21 @@ def update_leased(
         [(*values, r.ref, lease.token) for item in lease.items for r in item.recipients],
     )
     return conn.total_changes - before
+
+
+def release_holder_rows(conn: sqlite3.Connection, holder: str) -> int:
+    """Give back, inside the caller's write transaction, every recipient leased under a
+    token of ``holder`` (a range: the column compares as bytes). Schema version 12 dropped
+    the index on lease_token (it cost every lease and record two index writes), so the
+    pending recipients are walked on the state index instead: only they can hold a lease
+    worth giving back, and they are what a queue holds, not its delivered past. Returns
+    how many."""
+    low, high = holder_range(holder)
+    return conn.execute(
+        "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL"
+        f" WHERE {PENDING_SQL} AND lease_token >= ? AND lease_token < ?",
+        (low, high),
+    ).rowcount
 
 
 def record_rows(

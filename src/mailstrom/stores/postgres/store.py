@@ -50,6 +50,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    holder_range,
     new_message_id,
     record_then_lease,
     storable_text,
@@ -264,6 +265,7 @@ class PostgresStore:
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients in one statement (see Store.lease), with
         the suppression entries that apply to them; with ``lanes``, one statement for the
@@ -273,7 +275,7 @@ class PostgresStore:
             return None
         if self._statistics.due():
             self._gather_statistics()
-        token = uuid.uuid4().hex
+        token = f"{holder}.{uuid.uuid4().hex}" if holder else uuid.uuid4().hex
         expires_at = now + lease_for
         params: dict[str, Any] = {
             "now": now,
@@ -404,10 +406,11 @@ class PostgresStore:
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
+        holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
         return record_then_lease(
-            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes
+            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
@@ -439,6 +442,13 @@ class PostgresStore:
                 "addresses": [a for _, a in pairs],
             },
         )
+
+    def release_holder(self, holder: str) -> int:
+        """Give back every recipient leased under a token of ``holder``, due at once:
+        one statement, which wakes the workers (NOTIFY) when it gave any back."""
+        low, high = holder_range(holder)
+        released, _ = self._fetch("release_holder", {"low": low, "high": high})[0]
+        return int(released)
 
     def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
         """How far ``clock`` is from the server's (see

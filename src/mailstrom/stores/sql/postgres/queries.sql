@@ -363,6 +363,25 @@ WITH released AS (
 )
 SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 
+-- name: release_holder
+-- Every recipient leased under a token of one holder (tokens "<holder>.<random>"): the
+-- tokens from "<holder>." up to "<holder>/", compared byte by byte. COLLATE "C", since a
+-- database's linguistic collation may order or ignore punctuation otherwise; the index
+-- (of the database's collation) then gives no range, but its partial WHERE makes it the
+-- rows under any lease, a few per worker, which the planner reads whole. Recorded
+-- recipients hold no token any more; only pending ones are given back (as by every store).
+WITH released AS (
+    UPDATE recipients
+    SET lease_token = NULL, lease_expires_at = NULL
+    WHERE lease_token COLLATE "C" >= %(low)s
+      AND lease_token COLLATE "C" < %(high)s
+      AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM released) AS released,
+       (SELECT pg_notify('mailstrom_work', '')
+        WHERE EXISTS (SELECT 1 FROM released))::text AS notified;
+
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
