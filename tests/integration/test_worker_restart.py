@@ -12,13 +12,14 @@ import os
 import signal
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Mailstrom, RecipientState, WorkerStatus
-from mailstrom.client import supervision
+from mailstrom import AsyncMailstrom, Mailstrom, RecipientState, Timeouts, WorkerStatus
+from mailstrom.client import process, supervision
 from mailstrom.client.process import WorkerProcess
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -172,4 +173,78 @@ def test_a_worker_process_that_reported_a_permanent_error_is_not_started_again(
         assert _wait_until(lambda: _gone(pid), 15)
         assert _no_restart_pending()
         assert ms.worker_status.restarts == 0 and ms.worker_status.dead
+    store.close()
+
+
+# --- what a killed child had leased ----------------------------------------------------------
+
+LONG_LEASE = timedelta(minutes=10)
+"""Far longer than any wait below: only a lease given back explains a prompt delivery."""
+PATIENT = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=120)
+"""The child waits for the final reply well past the test's own waits (FAST's 2 s would
+end the attempt, and record it, before the child is killed)."""
+
+
+@pytest.fixture
+def stalling_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    """A server that takes a message's content and then does not answer, until the client
+    hangs up (``stall_on = None`` lets the next attempt through)."""
+    server = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+def test_what_a_killed_worker_process_leased_is_delivered_by_the_next_one_at_once(
+    stalling_mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message in flight when the OOM killer struck: the restarted child delivers it
+    within seconds, not once the dead child's lease expires (lease_for, 10 minutes)."""
+    caplog.set_level(logging.INFO, "mailstrom.worker")
+    mx = stalling_mx
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, lease_for=LONG_LEASE, timeouts=PATIENT)
+    with Mailstrom(cfg, store=store) as ms:
+        mid = ms.send_email(hello("inflight@example.org"))
+        mx.wait_for_received(1, timeout=15)  # its content is in: the child holds the lease
+        old = _child(ms).pid
+        assert old is not None
+        mx.stall_on = None  # the next attempt is answered
+        os.kill(old, signal.SIGKILL)
+
+        assert _wait_until(lambda: ms.query_status(mid).state is RecipientState.DELIVERED, 15)
+        (recipient,) = ms.query_status(mid).recipients
+        assert recipient.attempts == 1  # the killed attempt recorded nothing, and counts none
+        assert ms.worker_status.restarts == 1
+    assert len(mx.received) == 2 and len(mx.messages) == 1
+    assert any(
+        "gave back 1 recipients the dead worker process had leased" in r.getMessage()
+        for r in caplog.records
+    )
+    store.close()
+
+
+def test_stop_gives_back_what_the_worker_process_it_killed_had_leased(
+    stalling_mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that does not stop within the grace is killed: what it leased is due again
+    as soon as stop() returns."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    mx = stalling_mx
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, lease_for=LONG_LEASE, timeouts=PATIENT)
+    ms = Mailstrom(cfg, store=store)
+    ms.start()
+    mid = ms.send_email(hello("inflight@example.org"))
+    mx.wait_for_received(1, timeout=15)
+    pid = _child(ms).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it cannot stop, nor give anything back, by itself
+    ms.stop(timeout=0.1)
+    assert _gone(pid)
+
+    lease = store.lease(now=datetime.now(UTC), limit=10, lease_for=LONG_LEASE)
+    assert lease is not None
+    assert [r.address for i in lease.items for r in i.recipients] == ["inflight@example.org"]
+    assert lease.items[0].message_id == mid and lease.items[0].recipients[0].attempts == 0
     store.close()

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from mailstrom.client.supervision import ChildExit, RestartBackoff, describe_exit, judge_exit
 from mailstrom.config import Config
-from mailstrom.errors import WorkerError
+from mailstrom.errors import StoreError, WorkerError
 from mailstrom.runtime.pipes import (
     ChildSpec,
     TLSContextSpec,
@@ -39,7 +39,7 @@ from mailstrom.runtime.pipes import (
     write_frame,
 )
 from mailstrom.status import RecipientState, WorkerStatus
-from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.stores.base import RecipientResult, Store, new_holder
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -102,6 +102,9 @@ class WorkerProcess:
         self._cause: BaseException | None = None
         """The child's own exception when it could not open its store."""
         self._fds: tuple[int, ...] = ()
+        self._holder: str | None = None
+        """The lease holder of the current child (fresh for each one): what it leased is
+        given back at once if it dies or has to be killed."""
         self._lock = threading.Lock()
         """Orders spawning a child against :meth:`stop`: once ``_stopping`` is set under
         it, no child is spawned, and one spawned before is the one :meth:`stop` sees."""
@@ -147,6 +150,7 @@ class WorkerProcess:
     def _spawn(self) -> None:
         """Start a child and hand it its spec, without waiting for it (``_lock`` held)."""
         config = self.config
+        holder = new_holder()
         spec = ChildSpec(
             config=replace(config, tls_context=None),
             store=pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
@@ -155,6 +159,7 @@ class WorkerProcess:
                 name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS
             },
             forward_results=self._on_result is not None,
+            holder=holder,
         )
         env = dict(os.environ)
         # The child must import this very mailstrom, wherever it was imported from.
@@ -177,6 +182,7 @@ class WorkerProcess:
         self._status = WorkerStatus(running=False)  # not the last child's snapshot
         assert proc.stdin is not None and proc.stdout is not None
         self._proc, self._stdin = proc, proc.stdin
+        self._holder = holder
         self._fds = (proc.stdin.fileno(), proc.stdout.fileno())
         _LIVE.add(self)
         self._reader = threading.Thread(
@@ -199,7 +205,7 @@ class WorkerProcess:
         with self._lock:
             self._stopping = True
             self._halt.set()
-            proc, supervisor = self._proc, self._supervisor
+            proc, supervisor, holder = self._proc, self._supervisor, self._holder
             if self._restart_pending() and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
             elif self._coming_back:  # restarted, stopped before it answered: no trouble
@@ -218,6 +224,8 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             log.error("worker process %d did not stop; killing it", proc.pid)
             self._kill()
+            if holder is not None:
+                self._give_back(holder)  # it had no time to give them back itself
         if self._reader is not None:
             self._reader.join(5.0)
         self._proc = None
@@ -271,7 +279,9 @@ class WorkerProcess:
             proc.returncode, reported_error=self._reported_error, asked=self._stopping
         )
         if verdict is ChildExit.DIED:
-            self._schedule_restart(f"worker process died ({describe_exit(proc.returncode)})")
+            self._schedule_restart(
+                f"worker process died ({describe_exit(proc.returncode)})", leased=self._holder
+            )
         elif verdict is ChildExit.STOPPED_OUTSIDE:
             by = self._stopped_by
             if proc.returncode < 0:
@@ -285,9 +295,10 @@ class WorkerProcess:
                 "%s; mail is queued but not delivered until it is started again", self._error
             )
 
-    def _schedule_restart(self, death: str) -> None:
+    def _schedule_restart(self, death: str, *, leased: str | None = None) -> None:
         """Start another child after the backoff, on a thread of its own (``_lock``
-        held)."""
+        held), first giving back what the dead child had leased under the holder
+        ``leased``."""
         if self._stopping:
             return
         delay = self._backoff.next_delay(now=time.monotonic())
@@ -301,13 +312,16 @@ class WorkerProcess:
         log.error("%s", self._error)
         self._supervisor = threading.Thread(
             target=self._restart_after,
-            args=(delay,),
+            args=(delay, leased),
             name="mailstrom-worker-supervisor",
             daemon=True,
         )
         self._supervisor.start()
 
-    def _restart_after(self, delay: float) -> None:
+    def _restart_after(self, delay: float, leased: str | None) -> None:
+        if leased is not None:
+            # Here, not under _lock nor on the reader thread: it waits for the store.
+            self._give_back(leased)
         if self._halt.wait(delay):
             return  # stop() came first
         with self._lock:
@@ -323,6 +337,33 @@ class WorkerProcess:
             # Until it answers: a child that hangs at start must not read as a healthy
             # one on its way (running False and no error is no state a caller can act on).
             self._error = f"{self._death}; started again, not answering yet"
+
+    def _give_back(self, holder: str) -> None:
+        """Give back what a dead child had leased under ``holder``: due again now, not
+        once its leases expire (``Config.lease_for``, a quarter of an hour by default).
+        The store's I/O: never called under ``_lock`` nor on the reader thread."""
+        try:
+            released = self._store.release_holder(holder)
+        except StoreError as exc:
+            log.warning(
+                "leases of the dead worker process were not given back (%s); "
+                "they are delivered once they expire",
+                exc,
+            )
+            return
+        except Exception:  # a store's bug must not cost the restart that follows
+            log.exception(
+                "leases of the dead worker process were not given back; "
+                "they are delivered once they expire"
+            )
+            return
+        if released:
+            log.warning(
+                "gave back %d recipients the dead worker process had leased: due again now",
+                released,
+            )
+        else:
+            log.info("the dead worker process had leased nothing")
 
     @property
     def pid(self) -> int | None:

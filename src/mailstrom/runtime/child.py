@@ -232,7 +232,12 @@ def _deliver(
     config: Config, store: Store, spec: ChildSpec, outbox: _Outbox, control: _Control
 ) -> int:
     """Run the worker over the open ``store`` until it is stopped."""
-    worker = Worker(config, store, on_result=outbox.result if spec.forward_results else None)
+    worker = Worker(
+        config,
+        store,
+        on_result=outbox.result if spec.forward_results else None,
+        holder=spec.holder,
+    )
     control.attach(worker)
 
     async def run() -> None:

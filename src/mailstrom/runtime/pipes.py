@@ -61,6 +61,10 @@ class ChildSpec:
     log_levels: dict[str, int]
     forward_results: bool
     """Whether the parent wants every result (it has an ``on_result`` callback)."""
+    holder: str
+    """The child's worker's lease holder (``Worker(holder=...)``), fresh for each child:
+    the parent gives back what a child it saw die had leased
+    (:meth:`~mailstrom.stores.Store.release_holder`)."""
 
 
 def open_store(spec: ChildSpec) -> Store:
