@@ -33,6 +33,12 @@ its own call: it leaves the queue when its time is up, or rides in a commit whos
 having come first, gives up first. (How the ``flock`` is waited for:
 :mod:`~mailstrom.stores.sqlite_lock`.)
 
+Dead workers: a store that leases for a holder locks a file for it beside the database
+while it is open, and :meth:`SQLiteStore.release_dead_holders` gives back the leases of
+every holder whose lock is free (its process died: SIGKILL, a crash), so that the next
+worker delivers them at once instead of after ``lease_for``
+(:mod:`~mailstrom.stores.sqlite_holders`).
+
 Errors: SQLite errors become :class:`StoreError` (try again later), except those that
 retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
 database, a schema newer than this mailstrom knows, and a database file deleted or replaced
@@ -100,6 +106,7 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.row_checks import made_due
 from mailstrom.stores.side_rows import broken_until
+from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
     active_suspensions,
@@ -359,6 +366,7 @@ class SQLiteStore:
         self._watchers = Watchers()
         self._verp_key: bytes | None = None
         self._wakeups = WakeupDirectory(self._path)
+        self._holders = HolderLocks(self._path)
         self._events = False
         try:
             self._open()
@@ -617,6 +625,7 @@ class SQLiteStore:
         for conn in idle:
             conn.close()
         self._wakeups.close()
+        self._holders.close()
         with self._write_lock:
             lock, self._process_lock = self._process_lock, None
         if lock is not None:
@@ -816,6 +825,8 @@ class SQLiteStore:
         the due index (a lane's range of it) with LIMIT."""
         if limit <= 0:
             return None
+        if holder is not None and holder not in self._holders.held:
+            self._holders.hold(holder)
         with self._write(fsync=False) as conn:
             return _lease_in(
                 conn,
@@ -838,6 +849,8 @@ class SQLiteStore:
         holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
+        if holder is not None and holder not in self._holders.held:
+            self._holders.hold(holder)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
             recorded = record_rows(conn, results)
@@ -891,6 +904,15 @@ class SQLiteStore:
         if released:
             self._notify()
         return released
+
+    def release_dead_holders(self) -> int:
+        """Give back what every lease holder whose process died still leases, due at once
+        (:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`): a holder is dead when
+        its lock file (``<database>-holders/<holder>.lock``, held by the store that leased
+        for it: :mod:`~mailstrom.stores.sqlite_holders`) can be locked. Each dead holder
+        is given back in a write transaction of its own, then its file is removed; this
+        store's own holders are never looked at. Returns how many recipients."""
+        return self._holders.reap(self.release_holder)
 
     # --- administration ---------------------------------------------------------------
 

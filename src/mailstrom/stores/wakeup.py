@@ -169,19 +169,10 @@ class WakeupDirectory:
         return stop
 
     def _mode(self) -> int:
-        try:
-            return stat.S_IMODE(os.stat(self.path.removesuffix("-wake")).st_mode)
-        except OSError:
-            return 0o600
+        return database_mode(self.path.removesuffix("-wake"))
 
     def _make_directory(self) -> None:
-        mode = self._mode() & 0o666
-        mode |= (mode & 0o444) >> 2  # search permission wherever there is read
-        try:
-            os.mkdir(self.path, mode)
-        except FileExistsError:
-            return
-        os.chmod(self.path, mode)  # mkdir's mode is filtered by the umask
+        make_directory_like(self.path, self._mode())
 
     def close(self) -> None:
         with self._lock:
@@ -192,3 +183,26 @@ class WakeupDirectory:
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
+
+
+def database_mode(database: str) -> int:
+    """The permission bits of the database file (0o600 when it cannot be read): what the
+    files a store keeps beside it get, so that whoever may write the queue may use them,
+    and nobody else."""
+    try:
+        return stat.S_IMODE(os.stat(database).st_mode)
+    except OSError:
+        return 0o600
+
+
+def make_directory_like(path: str, mode: int) -> None:
+    """Create the directory ``path`` with the read and write bits of ``mode`` (a database
+    file's), and search permission wherever there is read; an existing one is left as it
+    is. Raises OSError when it cannot be made."""
+    mode &= 0o666
+    mode |= (mode & 0o444) >> 2  # search permission wherever there is read
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)  # mkdir's mode is filtered by the umask

@@ -1,0 +1,223 @@
+"""SQLite: the leases of a process that died are given back by the next store that looks
+(``SQLiteStore.release_dead_holders``), told by the lock file each holder keeps locked.
+
+The processes are real: a child leases and sleeps, the test SIGKILLs it, and the kernel's
+release of its ``flock`` is what tells it died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.dead_holders import DeadHolderReaper
+from mailstrom.stores.memory import MemoryStore
+
+from .support import LEASE_FOR, NOW, leased_addresses, message
+
+SRC = Path(__file__).parents[2] / "src"
+X = "0123abcd0123abcd"
+Y = "89abcdef89abcdef"
+LEASE_AND_SLEEP = textwrap.dedent(
+    """
+    import sys, time
+    from datetime import datetime, timedelta
+    from mailstrom.stores import SQLiteStore
+
+    store = SQLiteStore(sys.argv[1])
+    lease = store.lease(
+        now=datetime.fromisoformat(sys.argv[2]), limit=int(sys.argv[4]),
+        lease_for=timedelta(minutes=10), holder=sys.argv[3],
+    )
+    print("leased", sum(len(i.recipients) for i in lease.items), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(db)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def _lease_in_child(
+    children: list[subprocess.Popen[str]], db: Path, holder: str, limit: int
+) -> subprocess.Popen[str]:
+    """A process that leases ``limit`` recipients under ``holder`` and then sleeps."""
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEASE_AND_SLEEP, str(db), NOW.isoformat(), holder, str(limit)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    children.append(child)
+    assert child.stdout is not None
+    assert child.stdout.readline().split() == ["leased", str(limit)]
+    return child
+
+
+def _kill(child: subprocess.Popen[str]) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+
+
+def _lock_file(db: Path, holder: str) -> Path:
+    return db.parent / f"{db.name}-holders" / f"{holder}.lock"
+
+
+def test_what_a_killed_process_leased_is_given_back_at_once(
+    db: Path,
+    store: SQLiteStore,
+    children: list[subprocess.Popen[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mid = store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
+    child = _lease_in_child(children, db, X, 2)
+    assert _lock_file(db, X).is_file()
+    assert store.release_dead_holders() == 0  # alive: nothing to give back
+    _kill(child)
+
+    with caplog.at_level(logging.WARNING):
+        assert store.release_dead_holders() == 2
+
+    # Due at once (the child's lease ran for 10 minutes), no attempt counted.
+    again = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert sorted(leased_addresses(again)) == ["a@example.org", "b@example.org", "c@example.org"]
+    assert [r.attempts for r in store.status(mid).recipients] == [0, 0, 0]
+    assert not _lock_file(db, X).exists()
+    assert [r.getMessage() for r in caplog.records if X in r.getMessage()] == [
+        f"gave back 2 recipients leased by lease holder {X}, whose worker process died"
+        f" (its lock file {_lock_file(db, X)} was no longer locked)"
+    ]
+    assert store.release_dead_holders() == 0  # once
+
+
+def test_a_holder_whose_process_lives_is_left_alone(
+    db: Path, store: SQLiteStore, children: list[subprocess.Popen[str]]
+) -> None:
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    dead = _lease_in_child(children, db, X, 1)
+    _lease_in_child(children, db, Y, 1)  # still sleeping
+    _kill(dead)
+
+    assert store.release_dead_holders() == 1
+    assert leased_addresses(store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)) == [
+        "a@example.org"
+    ]
+    assert _lock_file(db, Y).is_file()
+    assert not _lock_file(db, X).exists()
+
+
+def test_a_stores_own_holders_are_never_given_back(db: Path, store: SQLiteStore) -> None:
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    assert store.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+    _, lease = store.record_and_lease([], now=NOW, limit=1, lease_for=LEASE_FOR, holder=Y)
+    assert lease is not None
+    assert store.release_dead_holders() == 0
+    # Another store in this process sees them alive too: the lock is the open file's.
+    other = SQLiteStore(db)
+    try:
+        assert other.release_dead_holders() == 0
+        assert _lock_file(db, X).is_file() and _lock_file(db, Y).is_file()
+        assert other.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+    finally:
+        other.close()
+    store.close()  # closing removes them: a store closed gave back what it leased
+    assert not _lock_file(db, X).exists() and not _lock_file(db, Y).exists()
+
+
+def test_other_names_in_the_directory_are_ignored(db: Path, store: SQLiteStore) -> None:
+    store.enqueue(message("a@example.org"), now=NOW)
+    assert store.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+    holders = _lock_file(db, X).parent
+    strangers = ["notes.txt", "0123ABCD.lock", "0123abc.lock", ".lock", f".{Y}.ab12cd34.tmp"]
+    for name in strangers:
+        (holders / name).write_text("")
+    (holders / f"{Y}.lock").mkdir()  # a holder's name, but no file
+    os.mkfifo(holders / "fedcba9876543210.lock")  # opened, it must not hang the look
+    dead = holders / "00000000.lock"  # a holder that died holding nothing
+    dead.write_text("")
+
+    assert store.release_dead_holders() == 0
+    assert not dead.exists()
+    assert sorted(p.name for p in holders.iterdir()) == sorted(
+        [*strangers, f"{Y}.lock", "fedcba9876543210.lock", f"{X}.lock"]
+    )
+
+
+def test_lock_files_get_the_database_files_permissions(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    SQLiteStore(db).close()
+    os.chmod(db, 0o640)
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message("a@example.org"), now=NOW)
+        assert store.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+        assert _lock_file(db, X).stat().st_mode & 0o777 == 0o640
+        assert _lock_file(db, X).parent.stat().st_mode & 0o777 == 0o750
+    finally:
+        store.close()
+
+
+def _no_holder_directory(db: Path) -> None:
+    """Make ``<db>-holders`` impossible to use: read-only, or (for root, whom permissions
+    do not stop) a file in its place."""
+    holders = db.parent / f"{db.name}-holders"
+    if os.geteuid() == 0:
+        holders.write_text("")
+    else:
+        holders.mkdir(mode=0o500)
+
+
+def test_a_lock_file_that_cannot_be_made_costs_no_lease(
+    db: Path, store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    _no_holder_directory(db)
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    with caplog.at_level(logging.WARNING):
+        assert leased_addresses(store.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X)) == [
+            "a@example.org"
+        ]
+        _, lease = store.record_and_lease([], now=NOW, limit=1, lease_for=LEASE_FOR, holder=Y)
+        assert leased_addresses(lease) == ["b@example.org"]
+        assert store.release_dead_holders() == 0  # and looking raises nothing
+        assert store.release_dead_holders() == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # once for making, once for looking: not per call
+    assert "cannot make the lock file" in warnings[0] and X in warnings[0]
+    assert "wait for lease_for" in warnings[0]
+
+
+def test_only_sqlite_can_tell_dead_holders(store: SQLiteStore) -> None:
+    assert isinstance(store, DeadHolderReaper)
+    assert not isinstance(MemoryStore(), DeadHolderReaper)
