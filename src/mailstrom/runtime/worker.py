@@ -46,6 +46,7 @@ from mailstrom.runtime.suppressing import screen
 from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, lease_margin
 from mailstrom.runtime.worker_destinations import WorkerDestinations
+from mailstrom.runtime.worker_reaping import WorkerReaping
 from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_screening import WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
@@ -89,13 +90,19 @@ class _LeaseState:
 
 
 class Worker(
-    WorkerReporting, WorkerScreening, WorkerDestinations, WorkerStopping, WorkerClock, WorkerStore
+    WorkerReporting,
+    WorkerScreening,
+    WorkerDestinations,
+    WorkerStopping,
+    WorkerClock,
+    WorkerReaping,
+    WorkerStore,
 ):
     """Delivers everything due in ``store`` until stopped.
 
     Its parts beside the store loop live in ``worker_*.py``, mixed in over the state kept
     here: reporting, suppression and bounces, destinations, stopping, the clock check,
-    store calls.
+    the look for dead workers' leases, store calls.
 
     >>> worker = Worker(Config(), store)           # doctest: +SKIP
     >>> await worker.run()                         # doctest: +SKIP
@@ -288,6 +295,7 @@ class Worker(
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         self._clock_checked = asyncio.Event()
         clock_check = asyncio.create_task(self._clock_loop(), name="mailstrom-clock")
+        reaping = asyncio.create_task(self._reap_loop(), name="mailstrom-reaping")
         tls_memory = asyncio.create_task(
             self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
         )
@@ -332,9 +340,12 @@ class Worker(
         finally:
             heartbeat.cancel()
             clock_check.cancel()
+            reaping.cancel()
             tls_memory.cancel()
             pauses.cancel()
-            await asyncio.gather(heartbeat, clock_check, tls_memory, pauses, return_exceptions=True)
+            await asyncio.gather(
+                heartbeat, clock_check, reaping, tls_memory, pauses, return_exceptions=True
+            )
             if unwatch is not None:
                 unwatch()
             self._stopping = True
@@ -673,8 +684,8 @@ class Worker(
     async def _heartbeat_loop(self) -> None:
         """Keep extending the leases of work still in progress, so that a delivery that
         takes long (slow peers, several MX hosts timing out) is not taken over and sent
-        twice by another worker. A worker that dies stops extending, and its leases expire
-        as before."""
+        twice by another worker. A worker that dies stops extending, and its leases expire,
+        unless a store that can tell it died gives them back sooner (worker_reaping.py)."""
         lease_for = self.config.lease_for
         interval = lease_for.total_seconds() / 3
         while True:

@@ -1,0 +1,61 @@
+"""A worker's look for workers that died holding leases, and what they held given back.
+
+A ``mailstrom worker`` killed with SIGKILL, or that crashed, cannot give back what it
+leased; without this its recipients waited for ``Config.lease_for`` (15 minutes by
+default) although the next worker (systemd's restart, or a sibling on the host) could
+deliver them at once. A store that can tell which lease holders died
+(:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`: SQLite) is asked at start,
+before the first lease when its calls run on the worker's loop, and then every
+:data:`REAP_EVERY` seconds; what it gives back is leased again at once. Other stores
+(memory, PostgreSQL) are not asked: their leases expire as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from mailstrom.errors import StoreError
+from mailstrom.runtime.worker_store import WorkerStore
+from mailstrom.stores.dead_holders import DeadHolderReaper
+
+REAP_EVERY = 60.0
+"""Seconds between two looks: a worker that dies while its siblings run is found within a
+minute, at the cost of a directory listing a minute (no store call while nobody died)."""
+
+
+class WorkerReaping(WorkerStore):
+    """The reaping loop of :class:`~mailstrom.runtime.worker.Worker`, mixed in over its
+    state: the flags the store loop reads to lease again."""
+
+    _wake: asyncio.Event | None
+    _lease_wanted: bool
+    _due_stale: bool
+
+    async def _reap_loop(self) -> None:
+        """Look at once (a task started before the store loop: on the worker's loop, an
+        inline store's call ends before the first lease begins; nothing else is waited
+        for), then every :data:`REAP_EVERY` seconds."""
+        if not isinstance(self.store, DeadHolderReaper):
+            return
+        reap = self.store.release_dead_holders
+        while True:
+            await self._reap(reap)
+            await asyncio.sleep(REAP_EVERY)  # a timer
+
+    async def _reap(self, reap: Callable[[], int]) -> None:
+        try:
+            released = await self._store_call(reap)
+        except StoreError as exc:
+            # Handled like any other store call; the next look tries again. (No
+            # _store_fine on success: a look that found nobody dead asked the store
+            # nothing, and says nothing of it.)
+            self._store_trouble("giving back dead workers' leases", exc)
+            return
+        if released:
+            # The store wakes its watchers too, but the store loop may have gone idle
+            # after a lease that found nothing: what was given back is due now.
+            self._lease_wanted = True
+            self._due_stale = True
+            if self._wake is not None:
+                self._wake.set()

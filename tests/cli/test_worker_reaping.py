@@ -1,0 +1,54 @@
+"""A ``mailstrom worker`` killed mid-delivery (SIGKILL: the OOM killer, ``kill -9``): the
+next worker delivers what it held within seconds, not once its lease expires."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from tests.cli.conftest import MailEnv
+from tests.cli.test_delivery import send
+
+
+def _end(proc: subprocess.Popen[bytes], sig: signal.Signals) -> str:
+    """Send ``sig`` to a worker and return what it wrote to stderr."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return err.decode()
+
+
+def test_what_a_killed_worker_leased_is_delivered_by_the_next_one_at_once(
+    mail_env: MailEnv,
+) -> None:
+    cli, mx = mail_env.cli, mail_env.mx
+    cli.env.update(
+        # Only a lease given back explains a delivery within the test's waits.
+        MAILSTROM_LEASE_FOR="10m",
+        # The first worker waits for the reply to the dot far longer than the test does.
+        MAILSTROM_TIMEOUTS_DATA_END="120",
+    )
+    mx.stall_on = "dot"  # takes the content, then never answers
+    message_id = send(cli, "--text", "Hi Bob")
+    first = cli.popen("worker", "--no-live")
+    try:
+        mx.wait_for_received(1, timeout=30)  # in DATA: the first worker holds the lease
+        mx.stall_on = None  # the next attempt is answered
+    finally:
+        _end(first, signal.SIGKILL)
+
+    second = cli.popen("worker", "--no-live")
+    try:
+        [delivered] = mx.wait_for_messages(1, timeout=20)  # far below lease_for
+    finally:
+        err = _end(second, signal.SIGTERM)
+    assert delivered.rcpt_tos == ("bob@example.test",)
+    assert "gave back 1 recipients leased by lease holder" in err, err
+    status = cli.ok("status", "--json", message_id).json()
+    assert status["state"] == "delivered"
+    assert len(mx.received) == 2  # the killed attempt, and the one that delivered
