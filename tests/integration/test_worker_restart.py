@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from mailstrom import AsyncMailstrom, Mailstrom, RecipientState, Timeouts, WorkerStatus
 from mailstrom.client import process, supervision
 from mailstrom.client.process import WorkerProcess
+from mailstrom.ops.exporter import MailstromCollector
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -57,6 +59,13 @@ def _no_restart_pending() -> bool:
     return not any(t.name == "mailstrom-worker-supervisor" for t in threading.enumerate())
 
 
+def restarts_exported(ms: Mailstrom) -> float | None:
+    """``mailstrom_worker_restarts_total`` as Prometheus would scrape it from the facade."""
+    registry = CollectorRegistry()
+    registry.register(MailstromCollector(ms.metrics))
+    return registry.get_sample_value("mailstrom_worker_restarts_total")
+
+
 def _killed(status: WorkerStatus) -> bool:
     return not status.running and "SIGKILL" in (status.error or "")
 
@@ -80,6 +89,7 @@ def test_a_killed_worker_process_is_started_again(
 
         back = _first_status(ms, lambda s: s.running, 30)
         assert back.restarts == 1 and back.error is None
+        assert restarts_exported(ms) == 1
         new = _child(ms).pid
         assert new is not None and new != old
         results.wait_count(2, timeout=30)

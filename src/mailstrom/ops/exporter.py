@@ -175,6 +175,11 @@ class MailstromCollector(Collector):
             ),
             ("mailstrom_hook_events_sent", "Events the hook acknowledged", m.hook_events_sent),
             ("mailstrom_hook_failures", "Hook requests that failed", m.hook_failures),
+            (
+                "mailstrom_worker_restarts",
+                "Times the facade started its worker process again after it died",
+                status.restarts,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=count)
 
