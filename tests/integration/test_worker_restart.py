@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from mailstrom import AsyncMailstrom, Mailstrom, RecipientState, Timeouts, Worke
 from mailstrom.client import process, supervision
 from mailstrom.client.process import WorkerProcess
 from mailstrom.ops.exporter import MailstromCollector
-from mailstrom.stores import SQLiteStore
+from mailstrom.stores import SQLiteStore, Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
@@ -205,16 +206,31 @@ def stalling_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
     return server
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store | str]:
+    """The facade's store: an SQLiteStore, or a PostgreSQL URL the facade opens itself.
+    On PostgreSQL nothing but the parent gives a dead child's leases back (no lock files,
+    no reaper), so there only the parent's give-back explains a prompt delivery."""
+    if request.param == "postgres":
+        yield str(request.getfixturevalue("postgres_url"))
+        return
+    store = SQLiteStore(tmp_path / "q.db")
+    yield store
+    store.close()
+
+
 def test_what_a_killed_worker_process_leased_is_delivered_by_the_next_one_at_once(
-    stalling_mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stalling_mx: Any,
+    dns_server: LoopbackDNS,
+    durable_store: Store | str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A message in flight when the OOM killer struck: the restarted child delivers it
     within seconds, not once the dead child's lease expires (lease_for, 10 minutes)."""
     caplog.set_level(logging.INFO, "mailstrom.worker")
     mx = stalling_mx
-    store = SQLiteStore(tmp_path / "q.db")
     cfg = config(dns_server, mx.port, lease_for=LONG_LEASE, timeouts=PATIENT)
-    with Mailstrom(cfg, store=store) as ms:
+    with Mailstrom(cfg, store=durable_store, worker="process") as ms:
         mid = ms.send_email(hello("inflight@example.org"))
         mx.wait_for_received(1, timeout=15)  # its content is in: the child holds the lease
         old = _child(ms).pid
@@ -231,7 +247,6 @@ def test_what_a_killed_worker_process_leased_is_delivered_by_the_next_one_at_onc
         "gave back 1 recipients the dead worker process had leased" in r.getMessage()
         for r in caplog.records
     )
-    store.close()
 
 
 def test_stop_gives_back_what_the_worker_process_it_killed_had_leased(
