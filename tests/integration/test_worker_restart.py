@@ -27,16 +27,12 @@ from mailstrom.ops.exporter import MailstromCollector
 from mailstrom.stores import SQLiteStore, Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
+from tests.integration import test_worker_modes
 from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
 from tests.support.delivery import Results
 
-
-@pytest.fixture
-def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
-    server = smtp_server()
-    dns_server.mx("example.org", [(10, "mx.test")])
-    dns_server.a("mx.test", server.host)
-    return server
+mx = test_worker_modes.mx
+"""A server that answers everything (the same fixture: pytest finds it by this name)."""
 
 
 def _child(ms: Mailstrom | AsyncMailstrom) -> WorkerProcess:
