@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,6 +174,30 @@ def test_other_names_in_the_directory_are_ignored(db: Path, store: SQLiteStore) 
     assert sorted(p.name for p in holders.iterdir()) == sorted(
         [*strangers, f"{Y}.lock", "fedcba9876543210.lock", f"{X}.lock"]
     )
+
+
+def test_a_temporary_lock_file_left_by_a_process_that_died_making_it_goes(
+    db: Path, store: SQLiteStore
+) -> None:
+    """A process killed between making its temporary lock file and renaming it leaves
+    it; one older than an hour is removed by a look (a fresh one may be being made)."""
+    assert store.enqueue(message("a@example.org"), now=NOW)
+    assert store.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+    holders = _lock_file(db, X).parent
+    stale, fresh, other = (
+        holders / f".{Y}.ab12cd34.tmp",
+        holders / f".{Y}.0badf00d.tmp",
+        holders / ".notes.tmp",  # not ours: left alone, however old
+    )
+    for path in (stale, fresh, other):
+        path.write_text("")
+    two_hours_ago = time.time() - 7200
+    for path in (stale, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    assert store.release_dead_holders() == 0
+    assert not stale.exists()
+    assert fresh.exists() and other.exists() and _lock_file(db, X).exists()
 
 
 def test_lock_files_get_the_database_files_permissions(tmp_path: Path) -> None:

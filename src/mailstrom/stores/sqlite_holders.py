@@ -10,9 +10,10 @@ the lock knows the holder is dead, gives back what it leased
 (:meth:`~mailstrom.stores.sqlite.SQLiteStore.release_dead_holders`) and removes the file.
 
 The file is made under a temporary name, locked, then renamed into place, so nobody ever
-sees the final name unlocked while its holder lives. ``flock`` (not ``fcntl`` record
-locks) because its lock belongs to the open file: another process opening the file to
-try it, and closing it again, never drops the holder's lock.
+sees the final name unlocked while its holder lives; a temporary file left by a process
+that died in between is removed by a look once it is an hour old (:data:`STRAY_AFTER`).
+``flock`` (not ``fcntl`` record locks) because its lock belongs to the open file: another
+process opening the file to try it, and closing it again, never drops the holder's lock.
 
 None of this may cost a lease: a directory that cannot be made or written (a read-only
 mount, a file in its place, permissions) is logged once and the lease goes on; that
@@ -27,9 +28,11 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 from mailstrom.errors import InvalidArgument
@@ -42,6 +45,12 @@ SUFFIX = ".lock"
 LOOK_AT = 1000
 """Directory entries looked at per reaping at most: a directory filled with other files
 costs a bounded listing, not one that grows with it."""
+STRAY_AFTER = 3600.0
+"""Seconds after which a temporary lock file (``.<holder>.<8 hex digits>.tmp``) is
+removed by a look: a process lives through it for microseconds (made, locked, renamed),
+so one this old was left by a process that died in between. The age keeps a reaper from
+removing one that is being made right now."""
+_TEMPORARY = re.compile(r"\.([0-9a-f]{8,32})\.[0-9a-f]{8}\.tmp")
 
 
 class HolderLocks:
@@ -152,7 +161,22 @@ class HolderLocks:
             holder = _holder_of(name)
             if holder is not None and holder not in self.held:
                 holders.append(holder)
+            elif holder is None and _TEMPORARY.fullmatch(name):
+                self._remove_stray(name)
         return holders
+
+    def _remove_stray(self, name: str) -> None:
+        """Remove the temporary lock file ``name`` if a process died making it (see
+        :data:`STRAY_AFTER`)."""
+        path = os.path.join(self.path, name)
+        try:
+            found = os.stat(path, follow_symlinks=False)
+            if stat.S_ISREG(found.st_mode) and time.time() - found.st_mtime > STRAY_AFTER:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._trouble("reap", f"cannot remove {path}", exc)
 
     def _take_if_dead(self, holder: str) -> int | None:
         """A descriptor locking ``holder``'s file when its holder is dead, else None."""
