@@ -233,6 +233,14 @@ def check_holder(value: object) -> str:
     return value
 
 
+def lease_token(holder: str | None) -> str:
+    """A fresh lease token: 32 random hex digits, after ``"<holder>."`` when a holder is
+    given (checked by its worker, not again here: once per lease), so that
+    :func:`holder_range` finds it. Every store makes its tokens here."""
+    token = os.urandom(16).hex()
+    return f"{holder}.{token}" if holder else token
+
+
 def holder_range(holder: str) -> tuple[str, str]:
     """The lease tokens of ``holder``: those ≥ the first and < the second of these (in
     byte order: ``.`` is followed by ``/``). ``holder`` is checked first."""

@@ -8,7 +8,6 @@ contract suite in ``tests/contract`` runs unchanged against it), so code tested 
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from mailstrom.stores.base import (
     bounded_attempt,
     domain_of,
     holder_range,
+    lease_token,
     new_message_id,
     record_then_lease,
     with_throttles,
@@ -167,7 +167,7 @@ class MemoryStore(
         ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
         if limit <= 0:
             return None
-        token = f"{holder}.{os.urandom(16).hex()}" if holder else os.urandom(16).hex()
+        token = lease_token(holder)
         expires_at = now + lease_for
         with self._lock:
             suspended = self._suspended_domains(now)

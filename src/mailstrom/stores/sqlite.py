@@ -825,8 +825,7 @@ class SQLiteStore:
         the due index (a lane's range of it) with LIMIT."""
         if limit <= 0:
             return None
-        if holder is not None and holder not in self._holders.held:
-            self._holders.hold(holder)
+        self._holders.hold(holder)
         with self._write(fsync=False) as conn:
             return _lease_in(
                 conn,
@@ -849,8 +848,7 @@ class SQLiteStore:
         holder: str | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
-        if holder is not None and holder not in self._holders.held:
-            self._holders.hold(holder)
+        self._holders.hold(holder)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
             recorded = record_rows(conn, results)

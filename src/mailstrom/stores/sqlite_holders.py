@@ -76,9 +76,13 @@ class HolderLocks:
 
     # --- our own ---------------------------------------------------------------------
 
-    def hold(self, holder: str) -> None:
-        """Lock ``holder``'s file until :meth:`close` (the first time only); never raises:
-        a file that cannot be made is logged once, and leasing goes on without it."""
+    def hold(self, holder: str | None) -> None:
+        """Lock ``holder``'s file until :meth:`close` (the first time only; nothing for
+        None); never raises: a file that cannot be made is logged once, and leasing goes
+        on without it. Called before every lease: a holder already held costs one set
+        lookup, without the lock."""
+        if holder is None or holder in self.held:
+            return
         with self._lock:
             if holder in self.held or self._closed:
                 return

@@ -8,7 +8,6 @@ microseconds since the epoch (:mod:`mailstrom.stores.sqlite_schema`).
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -32,6 +31,7 @@ from mailstrom.stores.base import (
     bounded_attempt,
     domain_of,
     holder_range,
+    lease_token,
     new_message_id,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
@@ -202,7 +202,7 @@ def lease_rows(
     recipients_lane_due; then, when every lane had room left and nothing more due,
     recipients of lanes not named (queued before lanes existed, or in a lane since removed
     from the configuration). None at ``skip_domains`` (suspended destinations)."""
-    token = f"{holder}.{os.urandom(16).hex()}" if holder else os.urandom(16).hex()
+    token = lease_token(holder)
     expires_at = now + lease_for
     marks = (token, to_us(expires_at), to_us(now))
     skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""

@@ -51,6 +51,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     holder_range,
+    lease_token,
     new_message_id,
     record_then_lease,
     storable_text,
@@ -275,7 +276,7 @@ class PostgresStore:
             return None
         if self._statistics.due():
             self._gather_statistics()
-        token = f"{holder}.{uuid.uuid4().hex}" if holder else uuid.uuid4().hex
+        token = lease_token(holder)
         expires_at = now + lease_for
         params: dict[str, Any] = {
             "now": now,
