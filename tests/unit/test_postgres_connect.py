@@ -118,6 +118,31 @@ def test_a_bad_lock_timeout_is_an_invalid_store_url(value: str) -> None:
     assert len(str(info.value)) < 200  # what was given is quoted cut short
 
 
+@pytest.mark.parametrize(
+    ("query", "seconds"),
+    [
+        ("", 120.0),  # two minutes, where the URL says nothing
+        ("?dead_after=30s", 30.0),
+        ("?dead_after=5m", 300.0),
+        ("?dead_after=90", 90.0),  # a bare number is seconds
+        ("?dead_after=1s&dead_after=1d", 86400.0),  # the last
+        ("?dead_after=0", None),  # nobody is judged: leases expire
+    ],
+)
+def test_dead_after_is_taken_out_of_the_url(query: str, seconds: float | None) -> None:
+    conninfo, params = split_url(f"{URL}{query}{'&' if query else '?'}sslmode=require")
+    assert conninfo == f"{URL}?sslmode=require"
+    assert params.dead_after == seconds
+
+
+@pytest.mark.parametrize("value", ["", "soon", "-1", "0.5", "2d", "1e3", "%D9%A3", "x" * 300])
+def test_a_bad_dead_after_is_an_invalid_store_url(value: str) -> None:
+    with pytest.raises(InvalidStoreURL, match=r"^dead_after in a PostgreSQL store URL") as info:
+        split_url(f"{URL}?dead_after={value}")
+    assert "from 1s to 1 day" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
 def test_a_lock_waited_for_in_vain_exits_75_like_other_passing_store_errors() -> None:
     assert exit_code_for(StoreLocked("waited 1s for a lock")) == EX_TEMPFAIL
 

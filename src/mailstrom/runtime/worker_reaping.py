@@ -1,33 +1,32 @@
 """A worker's look for workers that died holding leases, and what they held given back.
 
-A ``mailstrom worker`` killed with SIGKILL, or that crashed, cannot give back what it
-leased; without this its recipients waited for ``Config.lease_for`` (15 minutes by
-default) although the next worker (systemd's restart, or a sibling on the host) could
-deliver them at once. A store that can tell which lease holders died
-(:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`: SQLite) is asked at start,
-before the first lease when its calls run on the worker's loop, and then every
-:data:`REAP_EVERY` seconds; what it gives back is leased again at once. Other stores
-(memory, PostgreSQL) are not asked: their leases expire as before.
+A ``mailstrom worker`` killed with SIGKILL, or that crashed, or whose host went down,
+cannot give back what it leased; without this its recipients waited for
+``Config.lease_for`` (15 minutes by default) although the next worker (systemd's restart,
+a sibling on the host or on another host) could deliver them. A store that can tell which
+lease holders died (:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`: SQLite,
+PostgreSQL) is asked at start, before the first lease when its calls run on the worker's
+loop, and then every ``reap_every`` seconds (the store's: a minute for SQLite, 15 s for
+PostgreSQL, whose looks also say that this worker lives); what it gives back is leased
+again at once. The memory store is not asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 
 from mailstrom.errors import StoreError
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.stores.dead_holders import DeadHolderReaper
 
-REAP_EVERY = 60.0
-"""Seconds between two looks: a worker that dies while its siblings run is found within a
-minute, at the cost of a directory listing a minute (no store call while nobody died)."""
-
 
 class WorkerReaping(WorkerStore):
     """The reaping loop of :class:`~mailstrom.runtime.worker.Worker`, mixed in over its
     state: the flags the store loop reads to lease again."""
 
+    holder: str
     _wake: asyncio.Event | None
     _lease_wanted: bool
     _due_stale: bool
@@ -35,13 +34,14 @@ class WorkerReaping(WorkerStore):
     async def _reap_loop(self) -> None:
         """Look at once (a task started before the store loop: on the worker's loop, an
         inline store's call ends before the first lease begins; nothing else is waited
-        for), then every :data:`REAP_EVERY` seconds."""
-        if not isinstance(self.store, DeadHolderReaper):
+        for), then every ``reap_every`` seconds of the store's."""
+        store = self.store
+        if not isinstance(store, DeadHolderReaper):
             return
-        reap = self.store.release_dead_holders
+        reap = functools.partial(store.release_dead_holders, self.holder)
         while True:
             await self._reap(reap)
-            await asyncio.sleep(REAP_EVERY)  # a timer
+            await asyncio.sleep(store.reap_every)  # a timer
 
     async def _reap(self, reap: Callable[[], int]) -> None:
         try:

@@ -903,14 +903,18 @@ class SQLiteStore:
             self._notify()
         return released
 
-    def release_dead_holders(self) -> int:
+    reap_every = 60.0
+    """Seconds between a worker's looks for dead holders: a directory listing a minute."""
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
         """Give back what every lease holder whose process died still leases, due at once
         (:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`): a holder is dead when
         its lock file (``<database>-holders/<holder>.lock``, held by the store that leased
         for it: :mod:`~mailstrom.stores.sqlite_holders`) can be locked. Each dead holder
         is given back in a write transaction of its own, then its file is removed; this
-        store's own holders are never looked at. Returns how many recipients."""
-        return self._holders.reap(self.release_holder)
+        store's own holders, and ``alive``, are never looked at (its lock file says it
+        lives). Returns how many recipients."""
+        return self._holders.reap(self.release_holder, alive=alive)
 
     # --- administration ---------------------------------------------------------------
 

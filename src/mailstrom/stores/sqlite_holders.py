@@ -124,12 +124,15 @@ class HolderLocks:
 
     # --- everyone else's -----------------------------------------------------------------
 
-    def reap(self, release: Callable[[str], int]) -> int:
-        """Call ``release(holder)`` for each dead holder but our own, then remove its file;
-        returns the sum of what ``release`` returned. Errors of ``release`` propagate (the
-        file stays, for the next look); file-system trouble is logged."""
+    def reap(self, release: Callable[[str], int], *, alive: str | None = None) -> int:
+        """Call ``release(holder)`` for each dead holder but our own and ``alive``, then
+        remove its file; returns the sum of what ``release`` returned. Errors of
+        ``release`` propagate (the file stays, for the next look); file-system trouble is
+        logged."""
         total = 0
         for holder in self._others():
+            if holder == alive:
+                continue
             fd = self._take_if_dead(holder)
             if fd is None:
                 continue

@@ -74,11 +74,17 @@ PREPARE_THRESHOLD = "prepare_threshold"
 """A query parameter of a store URL that is mailstrom's, not libpq's: see :func:`split_url`."""
 LOCK_TIMEOUT = "lock_timeout"
 """Another: how long a statement waits for a lock (see :mod:`.locks`)."""
-_OURS = (PREPARE_THRESHOLD, LOCK_TIMEOUT)
+DEAD_AFTER = "dead_after"
+"""Another: how long a worker goes unseen before others take it for dead (see :mod:`.holders`)."""
+_OURS = (PREPARE_THRESHOLD, LOCK_TIMEOUT, DEAD_AFTER)
 DEFAULT_PREPARE_THRESHOLD = 5
 """psycopg's own default: a statement is prepared on the server at its 5th execution."""
 MAX_LOCK_TIMEOUT_MS = 2**31 - 1
 """PostgreSQL's largest ``lock_timeout`` (an int of milliseconds, about 24 days)."""
+DEFAULT_DEAD_AFTER = 120.0
+"""Seconds a lease holder may go unseen before the others give back its leases."""
+DEAD_AFTER_RANGE = (1.0, 86400.0)
+"""The ``dead_after`` a URL may give, in seconds (or 0: never)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +94,9 @@ class StoreParams:
     prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD
     lock_bound: LockBound | None = DEFAULT_LOCK_BOUND
     """The wait for a lock mailstrom sets; None (``lock_timeout=0``): it sets none."""
+    dead_after: float | None = DEFAULT_DEAD_AFTER
+    """Seconds unseen after which a lease holder is taken for dead; None (``dead_after=0``):
+    never, its leases expire."""
 
 
 def split_url(url: str) -> tuple[str, StoreParams]:
@@ -109,9 +118,14 @@ def split_url(url: str) -> tuple[str, StoreParams]:
     URL's ``options``) set one; ``0`` leaves PostgreSQL's setting as it is (by default,
     waiting without end). See :mod:`~mailstrom.stores.postgres.locks`.
 
+    ``dead_after``: how long a worker that leased may go without saying it lives before
+    the other workers give back what it leased (``2m`` by default; from ``1s`` to a day;
+    ``0``: never, its leases wait until they expire). See
+    :mod:`~mailstrom.stores.postgres.holders`.
+
     >>> split_url("postgresql://app@db/mail?sslmode=require&prepare_threshold=none")
     ('postgresql://app@db/mail?sslmode=require', StoreParams(prepare_threshold=None, \
-lock_bound=LockBound(ms=30000, given=False)))
+lock_bound=LockBound(ms=30000, given=False), dead_after=120.0))
     >>> split_url("postgresql://app@db/mail?lock_timeout=500ms")[1].lock_bound
     LockBound(ms=500, given=True)
     """
@@ -130,6 +144,7 @@ lock_bound=LockBound(ms=30000, given=False)))
     params = StoreParams(
         prepare_threshold=_prepare_threshold(ours.get(PREPARE_THRESHOLD)),
         lock_bound=_lock_bound(ours.get(LOCK_TIMEOUT)),
+        dead_after=_dead_after(ours.get(DEAD_AFTER)),
     )
     if not ours:
         return url, params
@@ -163,6 +178,26 @@ def _lock_bound(text: str | None) -> LockBound | None:
             f"(30s, 500ms, 2m; a bare number is seconds) or 0, not {shorten(text, 40)}"
         )
     return LockBound(ms=ms, given=True) if ms else None
+
+
+def _dead_after(text: str | None) -> float | None:
+    if text is None:
+        return DEFAULT_DEAD_AFTER
+    from mailstrom.settings import parse_duration  # here: only when the URL gives one
+
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except ValueError:
+        seconds = -1.0
+    low, high = DEAD_AFTER_RANGE
+    if seconds == 0 and _zero(text):
+        return None
+    if not low <= seconds <= high:
+        raise InvalidStoreURL(
+            "dead_after in a PostgreSQL store URL must be a duration from 1s to 1 day "
+            f"(2m, 90s; a bare number is seconds) or 0, not {shorten(text, 40)}"
+        )
+    return seconds
 
 
 def _zero(text: str) -> bool:

@@ -71,6 +71,7 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
+from mailstrom.stores.postgres.holders import HolderBeats, log_reaped
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import migrate
@@ -130,6 +131,7 @@ class PostgresStore:
         self._statistics = PlannerStatistics()
         self._verp_key: bytes | None = None
         self._lock_bound = params.lock_bound
+        self._beats = HolderBeats(params.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=params.lock_bound)
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
@@ -450,6 +452,34 @@ class PostgresStore:
         low, high = holder_range(holder)
         released, _ = self._fetch("release_holder", {"low": low, "high": high})[0]
         return int(released)
+
+    @property
+    def reap_every(self) -> float:
+        """Seconds between a worker's looks for dead holders (a beat of its own each):
+        an eighth of the store URL's ``dead_after``."""
+        return self._beats.beat_every
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        """Say that ``alive`` (the caller's holder) lives, then give back, due at once,
+        what every holder not seen for the store URL's ``dead_after`` still leases
+        (:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`), once this store has
+        looked without a break for that long (see :mod:`.holders`). Each dead holder's row
+        goes with its leases, in one statement. Returns how many recipients."""
+        if alive is None:
+            [(server_now,)] = self._fetch("server_clock", {})
+        else:
+            [(server_now, made)] = self._fetch("beat_holder", self._beats.identity(alive))
+            self._beats.beaten(alive, made=bool(made))
+        since = self._beats.looked(server_now)
+        if since is None:
+            return 0
+        total = 0
+        for holder, host, pid, seen_at, released, _ in self._fetch(
+            "reap_holders", {"since": since, "own": alive}
+        ):
+            log_reaped(holder, host, pid, seen_at, int(released))
+            total += int(released)
+        return total
 
     def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
         """How far ``clock`` is from the server's (see

@@ -382,6 +382,55 @@ SELECT (SELECT count(*) FROM released) AS released,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE EXISTS (SELECT 1 FROM released))::text AS notified;
 
+-- name: beat_holder
+-- One lease holder says it lives: its row's seen_at becomes the server's clock (the row is
+-- made, with its host and process, when it has none: the first beat, or one after others
+-- took the holder for dead). Returns that time and whether the row was made.
+WITH seen AS (
+    UPDATE lease_holders
+    SET seen_at = pg_catalog.clock_timestamp()
+    WHERE holder = %(holder)s
+    RETURNING seen_at
+), made AS (
+    INSERT INTO lease_holders (holder, host, pid, started_at, seen_at)
+    SELECT %(holder)s, %(host)s, %(pid)s,
+           pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp()
+    WHERE NOT EXISTS (SELECT 1 FROM seen)
+    ON CONFLICT (holder) DO UPDATE SET seen_at = EXCLUDED.seen_at
+    RETURNING seen_at
+)
+SELECT seen_at, false FROM seen
+UNION ALL
+SELECT seen_at, true FROM made;
+
+-- name: reap_holders
+-- The holders not seen since %(since)s, other than the caller's own, are dead: their rows
+-- go, and every pending recipient one of them still leases is given back, due at once (the
+-- token range of release_holder, per holder). A concurrent reaper waits for the rows this
+-- one deletes and then finds them gone: each dead holder is reaped once. One row per dead
+-- holder: who it was, when it was last seen, and how many recipients it gave back.
+WITH dead AS (
+    DELETE FROM lease_holders
+    WHERE seen_at < %(since)s
+      AND holder IS DISTINCT FROM %(own)s
+    RETURNING holder, host, pid, seen_at
+), released AS (
+    UPDATE recipients r
+    SET lease_token = NULL, lease_expires_at = NULL
+    FROM dead
+    WHERE r.lease_token COLLATE "C" >= dead.holder || '.'
+      AND r.lease_token COLLATE "C" < dead.holder || '/'
+      AND r.state IN ('queued', 'deferred')
+    RETURNING dead.holder
+), notified AS (
+    SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released)
+)
+SELECT d.holder, d.host, d.pid, d.seen_at,
+       (SELECT count(*) FROM released x WHERE x.holder = d.holder) AS released,
+       (SELECT count(*) FROM notified) AS notified
+FROM dead d
+ORDER BY d.holder;
+
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,

@@ -1,0 +1,109 @@
+"""Which lease holders of a PostgreSQL queue are alive: a row per holder, seen by the server.
+
+Workers sharing a PostgreSQL queue may run on many hosts, so no lock file or process table
+tells one of them that another died: a worker killed with SIGKILL, or whose host went
+down, used to hold its leases until they expired (``Config.lease_for``, 15 minutes by
+default). So each worker says it lives: at every look for dead holders
+(:meth:`~mailstrom.stores.postgres.store.PostgresStore.release_dead_holders`, called by
+the worker every :attr:`HolderBeats.beat_every` seconds) its row in ``lease_holders``
+gets the server's clock as ``seen_at``. A holder whose row was not moved for
+``dead_after`` (the store URL's parameter, 2 minutes by default: eight beats) is taken
+for dead by the next look of another worker, which deletes the row and gives back every
+recipient the holder still leases, due at once, in one statement.
+
+Only the server's clock is compared with itself, so the hosts' clocks do not matter.
+And a worker judges only after it has itself looked without a break (each look within
+:attr:`HolderBeats.break_after` of the one before) for ``dead_after``, and only holders
+that were not seen since its unbroken run began. A server restart, a failover or a
+network cut that stopped everyone's beats breaks every judge's run as well, so nobody is
+taken for dead for the time the server could not be reached.
+
+What it costs to be wrong: a worker that lives but could not reach the server alone for
+``dead_after`` (or whose process was stopped that long) is taken for dead, and another
+worker may deliver what it still held a second time, as after an expired lease; its
+results for those recipients are then ignored when recorded. Its next beat finds its row
+gone, makes it again and logs an error that says so. ``dead_after=0`` in the URL turns
+the judging off (beats still run): leases then expire as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+log = logging.getLogger("mailstrom.stores.postgres")
+
+QUIET_EVERY = 60.0
+"""Seconds between two looks when judging is off (``dead_after=0``): the beats then only
+keep the rows current for whoever reads them."""
+
+
+class HolderBeats:
+    """One store's side of the holders' beats: the run of unbroken looks it judges by,
+    and the holders it has said live for (to notice when others took one for dead)."""
+
+    def __init__(
+        self, dead_after: float | None, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.dead_after = dead_after
+        self.beat_every = QUIET_EVERY if dead_after is None else dead_after / 8
+        """Seconds between two looks of a worker."""
+        self.break_after = 2 * self.beat_every
+        """A look this long after the last one starts a new run: one missed beat."""
+        self.host = socket.gethostname()[:255]
+        self._monotonic = monotonic
+        self._run_since: datetime | None = None
+        self._last_look: float | None = None
+        self._beaten: set[str] = set()
+
+    def identity(self, holder: str) -> dict[str, object]:
+        """The parameters of ``beat_holder`` for ``holder``."""
+        return {"holder": holder, "host": self.host, "pid": os.getpid()}
+
+    def beaten(self, holder: str, *, made: bool) -> None:
+        """Note a beat of ``holder``; ``made``: its row had to be made. Made again after
+        an earlier beat, it had been taken for dead, which is logged."""
+        if made and holder in self._beaten:
+            log.error(
+                "this worker (lease holder %s) was taken for dead by another worker, which "
+                "had not seen it alive for its store URL's dead_after: what it leased was "
+                "given back and may be delivered twice; its results for those recipients "
+                "are ignored",
+                holder,
+            )
+        self._beaten.add(holder)
+
+    def looked(self, server_now: datetime) -> datetime | None:
+        """Note a look that reached the server when its clock read ``server_now``.
+
+        Returns the time before which a holder not seen since is dead, or None while
+        this store may not judge: judging is off, or its looks have not run unbroken for
+        ``dead_after`` yet."""
+        now = self._monotonic()
+        if self._last_look is None or now - self._last_look > self.break_after:
+            self._run_since = server_now
+        self._last_look = now
+        since = self._run_since
+        if self.dead_after is None or since is None:
+            return None
+        if server_now - since < timedelta(seconds=self.dead_after):
+            return None
+        return since
+
+
+def log_reaped(holder: str, host: str, pid: int, seen_at: datetime, released: int) -> None:
+    """Say that a dead holder's leases were given back (nothing when it held none)."""
+    if released:
+        log.warning(
+            "gave back %d recipients leased by lease holder %s, whose worker (%s, pid %d) "
+            "was last seen at %s",
+            released,
+            holder,
+            host,
+            pid,
+            seen_at.isoformat(timespec="seconds"),
+        )

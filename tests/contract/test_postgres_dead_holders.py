@@ -1,0 +1,221 @@
+"""PostgreSQL: the leases of a worker that stopped saying it lives are given back by the
+others' looks (``PostgresStore.release_dead_holders``), judged by the server's clock.
+
+The store URLs give ``dead_after=2s`` (a look every 0.25 s), so that a test waits
+seconds, not the default two minutes. The killed holder is a real process: it beats,
+leases and sleeps until the test SIGKILLs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from mailstrom.status import RecipientState
+from mailstrom.stores.dead_holders import DeadHolderReaper
+from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.holders import QUIET_EVERY
+
+from .support import LEASE_FOR, NOW, leased_addresses, message, results_for
+
+SRC = Path(__file__).parents[2] / "src"
+X = "0123abcd0123abcd"
+Y = "89abcdef89abcdef"
+Z = "fedcba98fedcba98"
+DEAD_AFTER = 2.0
+BEAT_AND_LEASE = textwrap.dedent(
+    """
+    import sys, time
+    from datetime import datetime, timedelta
+    from mailstrom.stores.postgres import PostgresStore
+
+    store = PostgresStore(sys.argv[1])
+    store.release_dead_holders(sys.argv[3])  # says it lives: a row of its own
+    lease = store.lease(
+        now=datetime.fromisoformat(sys.argv[2]), limit=int(sys.argv[4]),
+        lease_for=timedelta(minutes=10), holder=sys.argv[3],
+    )
+    print("leased", sum(len(i.recipients) for i in lease.items), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.fixture
+def url(postgres_url: str) -> str:
+    return f"{postgres_url}?dead_after={DEAD_AFTER:g}s"
+
+
+@pytest.fixture
+def stores(url: str) -> Iterator[list[PostgresStore]]:
+    opened: list[PostgresStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def _open(stores: list[PostgresStore], url: str) -> PostgresStore:
+    store = PostgresStore(url, max_size=2)
+    stores.append(store)
+    return store
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def _lease_in_child(
+    children: list[subprocess.Popen[str]], url: str, holder: str, limit: int
+) -> subprocess.Popen[str]:
+    """A process that beats once, leases ``limit`` recipients under ``holder``, sleeps."""
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    child = subprocess.Popen(
+        [sys.executable, "-c", BEAT_AND_LEASE, url, NOW.isoformat(), holder, str(limit)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=path),
+    )
+    children.append(child)
+    assert child.stdout is not None
+    assert child.stdout.readline().split() == ["leased", str(limit)]
+    return child
+
+
+def _look_until_released(store: PostgresStore, alive: str, *, within: float) -> tuple[int, float]:
+    """Look as a worker does (every ``reap_every``) until a look gives something back;
+    returns what it gave back and the seconds from the first look to that one."""
+    start = time.monotonic()
+    while True:
+        released = store.release_dead_holders(alive)
+        elapsed = time.monotonic() - start
+        if released or elapsed > within:
+            return released, elapsed
+        time.sleep(store.reap_every)
+
+
+def _holders(postgres_url: str) -> list[str]:
+    with psycopg.connect(postgres_url) as conn:
+        return [h for (h,) in conn.execute("SELECT holder FROM lease_holders ORDER BY holder")]
+
+
+def test_what_a_killed_worker_leased_is_given_back_once_it_went_unseen(
+    url: str,
+    postgres_url: str,
+    stores: list[PostgresStore],
+    children: list[subprocess.Popen[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = _open(stores, url)
+    assert isinstance(store, DeadHolderReaper)
+    assert store.reap_every == DEAD_AFTER / 8
+    mid = store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
+    child = _lease_in_child(children, url, X, 2)
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+
+    with caplog.at_level(logging.WARNING):
+        released, after = _look_until_released(store, Y, within=4 * DEAD_AFTER)
+    assert released == 2
+    # Not before this store itself had looked, unbroken, for dead_after.
+    assert after >= DEAD_AFTER
+
+    # Due at once (the child's lease ran for 10 minutes), no attempt counted.
+    again = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y)
+    assert sorted(leased_addresses(again)) == ["a@example.org", "b@example.org", "c@example.org"]
+    assert [r.attempts for r in store.status(mid).recipients] == [0, 0, 0]
+    assert _holders(postgres_url) == [Y]  # the dead one's row went with its leases
+    [said] = [r.getMessage() for r in caplog.records if X in r.getMessage()]
+    assert said.startswith(f"gave back 2 recipients leased by lease holder {X}, whose worker (")
+    assert f"pid {child.pid}) was last seen at " in said
+    assert store.release_dead_holders(Y) == 0  # once
+
+
+def test_a_holder_that_keeps_beating_is_never_taken_for_dead(
+    url: str, stores: list[PostgresStore]
+) -> None:
+    alive, judge = _open(stores, url), _open(stores, url)
+    alive.enqueue(message("a@example.org"), now=NOW)
+    alive.release_dead_holders(X)
+    assert alive.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+    end = time.monotonic() + 2 * DEAD_AFTER
+    while time.monotonic() < end:
+        assert judge.release_dead_holders(Y) == 0
+        assert alive.release_dead_holders(X) == 0
+        time.sleep(judge.reap_every)
+    assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
+
+
+def test_a_break_in_the_judges_looks_starts_its_count_again(
+    url: str, stores: list[PostgresStore]
+) -> None:
+    """A server that nobody reached for a while (a restart, a network cut) stopped every
+    holder's beats: no holder is judged by that time."""
+    judge, gone = _open(stores, url), _open(stores, url)
+    gone.enqueue(message("a@example.org"), now=NOW)
+    gone.release_dead_holders(X)
+    assert gone.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+    assert judge.release_dead_holders(Y) == 0
+    time.sleep(DEAD_AFTER + 0.5)  # no look at all: longer than dead_after since X's beat
+
+    assert judge.release_dead_holders(Y) == 0  # a new run: X is not judged yet
+    released, after = _look_until_released(judge, Y, within=4 * DEAD_AFTER)
+    assert released == 1
+    assert after >= DEAD_AFTER - judge.reap_every  # the run began at the look above
+
+
+def test_a_holder_taken_for_dead_that_comes_back_says_so_and_its_results_are_ignored(
+    url: str,
+    postgres_url: str,
+    stores: list[PostgresStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    judge, stalled = _open(stores, url), _open(stores, url)
+    judge.enqueue(message("a@example.org"), now=NOW)
+    stalled.release_dead_holders(X)
+    lease = stalled.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X)
+    assert lease is not None
+    released, _ = _look_until_released(judge, Y, within=4 * DEAD_AFTER)
+    assert released == 1
+    again = judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y)
+    assert leased_addresses(again) == ["a@example.org"]
+
+    with caplog.at_level(logging.ERROR):
+        assert stalled.release_dead_holders(X) == 0
+    [said] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"this worker (lease holder {X}) was taken for dead by another worker" in said
+    assert "may be delivered twice" in said
+    assert _holders(postgres_url) == [X, Y]  # its row made again
+    # What it delivered meanwhile is not recorded: the recipient is another's now.
+    assert stalled.record(results_for(lease, RecipientState.DELIVERED)) == []
+
+
+def test_dead_after_0_judges_nobody(postgres_url: str, stores: list[PostgresStore]) -> None:
+    judge = _open(stores, f"{postgres_url}?dead_after=0")
+    assert judge.reap_every == QUIET_EVERY
+    gone = _open(stores, f"{postgres_url}?dead_after=1s")
+    gone.enqueue(message("a@example.org"), now=NOW)
+    gone.release_dead_holders(X)
+    assert gone.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        assert judge.release_dead_holders(Y) == 0
+        time.sleep(0.1)
+    assert _holders(postgres_url) == [X, Y]

@@ -1,0 +1,81 @@
+"""When a PostgreSQL store may judge other lease holders dead (stores/postgres/holders.py):
+only after its own looks ran unbroken for ``dead_after``, and only holders not seen since
+that run began."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailstrom.stores.postgres.holders import QUIET_EVERY, HolderBeats
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class Clock:
+    """The monotonic clock and the server's, moved together."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def server(self) -> datetime:
+        return T0 + timedelta(seconds=self.seconds)
+
+
+def test_looks_every_eighth_of_dead_after_and_a_missed_beat_is_a_break() -> None:
+    beats = HolderBeats(120.0)
+    assert beats.beat_every == 15.0
+    assert beats.break_after == 30.0
+
+
+def test_judges_only_after_an_unbroken_run_of_dead_after() -> None:
+    clock = Clock()
+    beats = HolderBeats(120.0, monotonic=clock.monotonic)
+    while clock.seconds < 120:
+        assert beats.looked(clock.server()) is None
+        clock.seconds += 15
+    assert clock.seconds == 120
+    assert beats.looked(clock.server()) == T0  # the run's first look: unseen since, dead
+
+
+def test_a_missed_beat_starts_the_run_again() -> None:
+    clock = Clock()
+    beats = HolderBeats(120.0, monotonic=clock.monotonic)
+    for _ in range(6):
+        beats.looked(clock.server())
+        clock.seconds += 15
+    clock.seconds += 31 - 15  # one look late by more than a beat: the server was away
+    restart = clock.server()
+    assert beats.looked(restart) is None
+    for _ in range(7):
+        clock.seconds += 15
+        assert beats.looked(clock.server()) is None
+    clock.seconds += 15
+    assert beats.looked(clock.server()) == restart
+
+
+def test_judging_off_never_judges() -> None:
+    clock = Clock()
+    beats = HolderBeats(None, monotonic=clock.monotonic)
+    assert beats.beat_every == QUIET_EVERY
+    for _ in range(100):
+        assert beats.looked(clock.server()) is None
+        clock.seconds += QUIET_EVERY
+
+
+def test_a_holder_whose_row_was_made_again_was_taken_for_dead(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    beats = HolderBeats(120.0)
+    with caplog.at_level(logging.ERROR):
+        beats.beaten("0123abcd", made=True)  # the first beat makes the row: nothing to say
+        beats.beaten("0123abcd", made=False)
+        assert not caplog.records
+        beats.beaten("0123abcd", made=True)
+    [record] = caplog.records
+    assert "lease holder 0123abcd) was taken for dead" in record.getMessage()
