@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -219,3 +220,26 @@ def test_dead_after_0_judges_nobody(postgres_url: str, stores: list[PostgresStor
         assert judge.release_dead_holders(Y) == 0
         time.sleep(0.1)
     assert _holders(postgres_url) == [X, Y]
+
+
+def test_live_holders_are_those_seen_within_dead_after(
+    url: str, stores: list[PostgresStore], children: list[subprocess.Popen[str]]
+) -> None:
+    store = _open(stores, url)
+    store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
+    assert store.live_holders() == []
+    child = _lease_in_child(children, url, X, 2)
+    store.release_dead_holders(Y)
+
+    [x, y] = store.live_holders()  # oldest first
+    assert (x.holder, x.pid, x.host, x.leased) == (X, child.pid, socket.gethostname(), 2)
+    assert x.started_at is not None and x.seen_at is not None and x.started_at <= x.seen_at
+    assert (y.holder, y.pid, y.leased) == (Y, os.getpid(), 0)
+    assert [h.leased for h in store.live_holders(leases=False)] == [0, 0]
+
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    time.sleep(DEAD_AFTER)  # X's last beat is now older than dead_after, and Y's
+    assert store.live_holders() == []
+    store.release_dead_holders(Y)  # Y beats again; X stays unseen
+    assert [h.holder for h in store.live_holders()] == [Y]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mailstrom.errors import StoreError
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.memory import MemoryStore
@@ -246,3 +248,46 @@ def test_a_lock_file_that_cannot_be_made_costs_no_lease(
 def test_only_sqlite_can_tell_dead_holders(store: SQLiteStore) -> None:
     assert isinstance(store, DeadHolderReaper)
     assert not isinstance(MemoryStore(), DeadHolderReaper)
+
+
+def test_live_holders_are_those_whose_lock_is_held_with_who_made_them(
+    db: Path, store: SQLiteStore, children: list[subprocess.Popen[str]]
+) -> None:
+    store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
+    child = _lease_in_child(children, db, X, 2)
+    assert store.release_dead_holders(Y) == 0  # a worker's first look: Y shows from now on
+
+    [x, y] = sorted(store.live_holders(), key=lambda h: h.holder)
+    assert (x.holder, x.pid, x.host, x.leased, x.seen_at) == (
+        X,
+        child.pid,
+        socket.gethostname(),
+        2,
+        None,  # alive at this moment: its lock is held
+    )
+    assert x.started_at is not None and x.started_at.tzinfo is not None
+    assert (y.holder, y.pid, y.leased) == (Y, os.getpid(), 0)
+    assert [h.leased for h in store.live_holders(leases=False)] == [0, 0]
+
+    _kill(child)
+    assert [h.holder for h in store.live_holders()] == [Y]  # its file stays until reaped
+    assert _lock_file(db, X).is_file()
+
+
+def test_a_lock_file_that_says_nothing_readable_still_counts_by_its_lock(
+    db: Path, store: SQLiteStore
+) -> None:
+    store.release_dead_holders(X)
+    _lock_file(db, X).write_bytes(b"\xff{" * 4000)  # not ours to trust: anyone may write it
+    [x] = store.live_holders()
+    assert (x.holder, x.host, x.pid, x.started_at) == (X, None, None, None)
+
+
+def test_who_runs_is_unknown_when_the_directory_cannot_be_read(db: Path) -> None:
+    store = SQLiteStore(db)
+    try:
+        db.parent.joinpath(f"{db.name}-holders").write_text("not a directory")
+        with pytest.raises(StoreError, match="which workers run is unknown: cannot list"):
+            store.live_holders()
+    finally:
+        store.close()

@@ -29,6 +29,7 @@ COMMAND_MODULES: dict[str, str] = {
     "cancel": "manage",
     "purge": "manage",
     "worker": "worker",
+    "workers": "workers",
     "check": "check",
     "doctor": "doctor",
     "db": "db",

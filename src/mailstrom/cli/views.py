@@ -31,6 +31,7 @@ from mailstrom.cli.output import (
 )
 from mailstrom.cli.parsing import Subparsers, count_arg
 from mailstrom.cli.selection import add_filter_options, queue_filter
+from mailstrom.errors import StoreError
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
@@ -40,6 +41,8 @@ from mailstrom.status import (
     RecipientState,
     RecipientStatus,
 )
+from mailstrom.stores.base import Store
+from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension
 
 STATUS_EPILOG = """\
@@ -328,11 +331,39 @@ def queue_command(args: argparse.Namespace) -> int:
         total = len(messages)
         if total >= args.limit:
             total = store.count(now=now, where=where, cap=COUNT_CAP)
+        # For people reading the table; scripts ask `mailstrom workers`.
+        nobody = not args.json and _waiting(messages) and _nobody_delivers(store)
+    if nobody:
+        print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     if args.json:
         print_json(messages)
         return EX_OK
     print_queue(messages, now, total=total)
     return EX_OK
+
+
+NOBODY = (
+    "no worker is running on this store: queued mail waits until one starts "
+    "(`mailstrom worker`, or an application's Mailstrom)"
+)
+"""What ``workers`` says, and ``queue`` notes, when no worker runs."""
+
+
+def _waiting(messages: list[MessageStatus]) -> bool:
+    """Whether any of ``messages`` waits for a worker (pending, not held)."""
+    pending = (RecipientState.QUEUED, RecipientState.DEFERRED)
+    return any(m.state in pending and not m.held for m in messages)
+
+
+def _nobody_delivers(store: Store) -> bool:
+    """Whether ``store`` can tell that no worker runs on it, and does (a note: when it
+    cannot tell, nothing is said)."""
+    if not isinstance(store, DeadHolderReaper):
+        return False
+    try:
+        return not store.live_holders(leases=False)
+    except StoreError:
+        return False
 
 
 COUNT_CAP = 1_000_000

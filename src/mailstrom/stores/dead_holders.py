@@ -25,12 +25,41 @@ implements, does not grow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HolderInfo:
+    """A lease holder that lives: a worker of the store (:meth:`DeadHolderReaper.live_holders`)."""
+
+    holder: str
+    host: str | None
+    """The host its process runs on (None where the store cannot tell)."""
+    pid: int | None
+    """Its process id on that host (None where the store cannot tell)."""
+    started_at: datetime | None
+    """When it first said it lives (None where the store cannot tell)."""
+    seen_at: datetime | None
+    """When it last said so (PostgreSQL: its last beat, by the server's clock); None where
+    being alive is seen at this moment (SQLite: its lock is held)."""
+    leased: int
+    """How many recipients it leases now."""
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def oldest_first(info: HolderInfo) -> tuple[datetime, str]:
+    """The order of :meth:`DeadHolderReaper.live_holders`: by start, unknown starts last."""
+    return (info.started_at or _NEVER, info.holder)
 
 
 @runtime_checkable
 class DeadHolderReaper(Protocol):
-    """A store that can tell which lease holders died (SQLite, PostgreSQL)."""
+    """A store that can tell which lease holders live and which died (SQLite,
+    PostgreSQL)."""
 
     @property
     def reap_every(self) -> float:
@@ -43,4 +72,13 @@ class DeadHolderReaper(Protocol):
         how many recipients. A store that judges by beats records that ``alive`` lives.
         Trouble with files that tell is logged, never raised;
         :class:`~mailstrom.errors.StoreError` when the store fails."""
+        ...
+
+    def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
+        """The lease holders that live now (its workers), oldest first: SQLite, those
+        whose lock file is locked; PostgreSQL, those seen within ``dead_after``. A worker
+        appears from its first look (at its start). ``leases=False`` leaves
+        :attr:`HolderInfo.leased` 0 and saves counting them (SQLite walks the pending
+        recipients). Reads only; :class:`~mailstrom.errors.StoreError` when the store
+        fails."""
         ...

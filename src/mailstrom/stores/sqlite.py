@@ -97,6 +97,7 @@ from mailstrom.stores.base import (
     storable_text,
     with_throttles,
 )
+from mailstrom.stores.dead_holders import HolderInfo, oldest_first
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
@@ -131,6 +132,7 @@ from mailstrom.stores.sqlite_queue import (
     insert_messages,
     lane_due,
     lease_rows,
+    leased_by_holder,
     pending_lanes,
     qmarks,
     read_messages,
@@ -914,7 +916,31 @@ class SQLiteStore:
         is given back in a write transaction of its own, then its file is removed; this
         store's own holders, and ``alive``, are never looked at (its lock file says it
         lives). Returns how many recipients."""
+        self._holders.hold(alive)  # from its first look on, it shows among the living
         return self._holders.reap(self.release_holder, alive=alive)
+
+    def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
+        """The holders whose lock file is locked, with what the file says of the process
+        that made it, and how many recipients each leases (one walk of the pending
+        recipients), oldest first (see
+        :meth:`~mailstrom.stores.dead_holders.DeadHolderReaper.live_holders`)."""
+        live = self._holders.live()
+        leased: dict[str, int] = {}
+        if leases and live:
+            with self._read() as conn:
+                leased = leased_by_holder(conn, [holder for holder, _ in live])
+        found = [
+            HolderInfo(
+                holder=holder,
+                host=made.host,
+                pid=made.pid,
+                started_at=made.started_at,
+                seen_at=None,
+                leased=leased.get(holder, 0),
+            )
+            for holder, made in live
+        ]
+        return sorted(found, key=oldest_first)
 
     # --- administration ---------------------------------------------------------------
 

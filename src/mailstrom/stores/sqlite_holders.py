@@ -9,9 +9,11 @@ lock when the process dies, however it dies; the file stays. Another worker that
 the lock knows the holder is dead, gives back what it leased
 (:meth:`~mailstrom.stores.sqlite.SQLiteStore.release_dead_holders`) and removes the file.
 
-The file is made under a temporary name, locked, then renamed into place, so nobody ever
-sees the final name unlocked while its holder lives; a temporary file left by a process
-that died in between is removed by a look once it is an hour old (:data:`STRAY_AFTER`).
+The file holds who made it (a line of JSON: host, pid, when), which ``mailstrom workers``
+shows (:meth:`HolderLocks.live`). It is made under a temporary name, locked, then renamed
+into place, so nobody ever sees the final name unlocked while its holder lives; a
+temporary file left by a process that died in between is removed by a look once it is an
+hour old (:data:`STRAY_AFTER`).
 ``flock`` (not ``fcntl`` record locks) because its lock belongs to the open file: another
 process opening the file to try it, and closing it again, never drops the holder's lock.
 
@@ -26,16 +28,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import re
 import secrets
+import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import NamedTuple
 
-from mailstrom.errors import InvalidArgument
+from mailstrom.errors import InvalidArgument, StoreError
 from mailstrom.stores.base import check_holder
 from mailstrom.stores.wakeup import database_mode, make_directory_like
 
@@ -50,6 +56,8 @@ STRAY_AFTER = 3600.0
 removed by a look: a process lives through it for microseconds (made, locked, renamed),
 so one this old was left by a process that died in between. The age keeps a reaper from
 removing one that is being made right now."""
+IDENTITY_MAX = 1024
+"""Octets of a lock file read for who made it: any file may be put there."""
 _TEMPORARY = re.compile(r"\.([0-9a-f]{8,32})\.[0-9a-f]{8}\.tmp")
 
 
@@ -101,6 +109,7 @@ class HolderLocks:
         try:
             os.fchmod(fd, mode)  # the mode given to open is filtered by the umask
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, _identity())
             os.rename(temporary, self.file(holder))
         except BaseException:
             os.close(fd)
@@ -151,6 +160,37 @@ class HolderLocks:
                 )
             total += released
         return total
+
+    def live(self) -> list[tuple[str, Made]]:
+        """The holders whose lock file is locked (among the first :data:`LOOK_AT`
+        entries), ours included, each with what its file says of who made it. A file
+        found unlocked is left for the reapers. :class:`~mailstrom.errors.StoreError`
+        when the directory or a file in it cannot be read: who runs is then unknown."""
+        found = []
+        try:
+            with os.scandir(self.path) as entries:
+                names = [entry.name for entry in itertools.islice(entries, LOOK_AT)]
+        except FileNotFoundError:
+            return []  # no holder ever locked here
+        except OSError as exc:
+            raise _unknown(f"cannot list {self.path}", exc) from None
+        for holder in filter(None, map(_holder_of, names)):
+            path = self.file(holder)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue  # removed meanwhile: its holder closed, or a worker reaped it
+            except OSError as exc:
+                raise _unknown(f"cannot open {path}", exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                found.append((holder, _read_identity(fd)))  # its holder lives
+            except OSError as exc:
+                raise _unknown(f"cannot lock {path}", exc) from None
+            finally:
+                os.close(fd)  # lets go of a lock taken on a dead holder's file
+        return found
 
     def _others(self) -> list[str]:
         """The holders with a lock file here (among the first :data:`LOOK_AT` entries),
@@ -234,6 +274,49 @@ class HolderLocks:
         else:
             self._warned.add(doing)
             log.warning("%s", text)
+
+
+def _unknown(what: str, exc: OSError) -> StoreError:
+    return StoreError(f"which workers run is unknown: {what}: {exc.strerror or exc}")
+
+
+def _identity() -> bytes:
+    """What a lock file says of the process that made it."""
+    made = {
+        "host": socket.gethostname()[:255],
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return json.dumps(made).encode() + b"\n"
+
+
+class Made(NamedTuple):
+    """What a lock file says of the process that made it; None for what it does not say
+    readably (any file may be put there)."""
+
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+
+
+def _read_identity(fd: int) -> Made:
+    """What the lock file open as ``fd`` says of who made it."""
+    try:
+        made = json.loads(os.pread(fd, IDENTITY_MAX, 0))
+    except (OSError, ValueError):
+        return Made()
+    if not isinstance(made, dict):
+        return Made()
+    host, pid, started = made.get("host"), made.get("pid"), made.get("started_at")
+    when = None
+    if isinstance(started, str) and len(started) <= 40:
+        with contextlib.suppress(ValueError):
+            when = datetime.fromisoformat(started)
+    return Made(
+        host=host if isinstance(host, str) and host.isprintable() and len(host) <= 255 else None,
+        pid=pid if type(pid) is int and 0 < pid < 2**31 else None,
+        started_at=when if when is not None and when.tzinfo is not None else None,
+    )
 
 
 def _holder_of(name: str) -> str | None:

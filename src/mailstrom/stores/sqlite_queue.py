@@ -544,6 +544,21 @@ def release_holder_rows(conn: sqlite3.Connection, holder: str) -> int:
     ).rowcount
 
 
+def leased_by_holder(conn: sqlite3.Connection, holders: Sequence[str]) -> dict[str, int]:
+    """How many pending recipients each of ``holders`` leases now: one walk of the pending
+    recipients (as :func:`release_holder_rows`), counted by the part of each token before
+    its first ``.`` (a holder's tokens are ``"<holder>.<random>"``)."""
+    if not holders:
+        return {}
+    wanted = set(holders)
+    rows = conn.execute(
+        "SELECT substr(lease_token, 1, instr(lease_token, '.') - 1) AS holder, count(*)"
+        f" FROM recipients WHERE {PENDING_SQL} AND instr(lease_token, '.') > 0"
+        " GROUP BY holder"
+    ).fetchall()
+    return {holder: int(n) for holder, n in rows if holder in wanted}
+
+
 def record_rows(
     conn: sqlite3.Connection, results: Sequence[RecipientResult]
 ) -> list[RecipientResult]:

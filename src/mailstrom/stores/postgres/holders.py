@@ -40,6 +40,9 @@ log = logging.getLogger("mailstrom.stores.postgres")
 QUIET_EVERY = 60.0
 """Seconds between two looks when judging is off (``dead_after=0``): the beats then only
 keep the rows current for whoever reads them."""
+LIST_AT_MOST = 1000
+"""Holders :meth:`~mailstrom.stores.postgres.store.PostgresStore.live_holders` lists at
+most."""
 
 
 class HolderBeats:
@@ -54,6 +57,8 @@ class HolderBeats:
         """Seconds between two looks of a worker."""
         self.break_after = 2 * self.beat_every
         """A look this long after the last one starts a new run: one missed beat."""
+        self.alive_within = dead_after if dead_after is not None else 4 * QUIET_EVERY
+        """Seconds since its last beat within which a holder counts among the living."""
         self.host = socket.gethostname()[:255]
         self._monotonic = monotonic
         self._run_since: datetime | None = None

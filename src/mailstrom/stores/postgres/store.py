@@ -58,6 +58,7 @@ from mailstrom.stores.base import (
     with_throttles,
 )
 from mailstrom.stores.clock import ClockReading, reading_between
+from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
@@ -71,7 +72,7 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
-from mailstrom.stores.postgres.holders import HolderBeats, log_reaped
+from mailstrom.stores.postgres.holders import LIST_AT_MOST, HolderBeats, log_reaped
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import migrate
@@ -480,6 +481,26 @@ class PostgresStore:
             log_reaped(holder, host, pid, seen_at, int(released))
             total += int(released)
         return total
+
+    def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
+        """The holders seen within the store URL's ``dead_after`` (four minutes when it is
+        0), oldest first, at most a thousand, with how many recipients each leases (see
+        :meth:`~mailstrom.stores.dead_holders.DeadHolderReaper.live_holders`)."""
+        found = self._fetch(
+            "live_holders",
+            {"within": self._beats.alive_within, "limit": LIST_AT_MOST, "leases": leases},
+        )
+        return [
+            HolderInfo(
+                holder=holder,
+                host=host,
+                pid=pid,
+                started_at=started_at,
+                seen_at=seen_at,
+                leased=int(leased),
+            )
+            for holder, host, pid, started_at, seen_at, leased in found
+        ]
 
     def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
         """How far ``clock`` is from the server's (see

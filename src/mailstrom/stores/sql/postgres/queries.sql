@@ -431,6 +431,22 @@ SELECT d.holder, d.host, d.pid, d.seen_at,
 FROM dead d
 ORDER BY d.holder;
 
+-- name: live_holders
+-- The holders seen within %(within)s seconds by the server's clock, oldest first, each
+-- with how many pending recipients it leases (the token range of release_holder), when
+-- %(leases)s asks (0 otherwise).
+SELECT h.holder, h.host, h.pid, h.started_at, h.seen_at,
+       CASE WHEN %(leases)s THEN
+           (SELECT count(*) FROM recipients r
+            WHERE r.lease_token COLLATE "C" >= h.holder || '.'
+              AND r.lease_token COLLATE "C" < h.holder || '/'
+              AND r.state IN ('queued', 'deferred'))
+       ELSE 0 END AS leased
+FROM lease_holders h
+WHERE h.seen_at >= pg_catalog.clock_timestamp() - make_interval(secs => %(within)s)
+ORDER BY h.started_at, h.holder
+LIMIT %(limit)s;
+
 -- name: status
 -- One statement, so the recipients and their history come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,

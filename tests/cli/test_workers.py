@@ -1,0 +1,78 @@
+"""``mailstrom workers`` lists the workers running on the store, and ``mailstrom queue``
+notes when queued mail has nobody to deliver it."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.cli.conftest import CLI, MailEnv
+from tests.cli.test_delivery import send
+
+NOBODY = "no worker is running on this store: queued mail waits until one starts"
+
+
+def _workers(cli: CLI) -> tuple[int, list[dict[str, Any]]]:
+    result = cli("workers", "--json")
+    return result.code, result.json()
+
+
+def _wait_for_workers(cli: CLI, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while True:
+        _, found = _workers(cli)
+        if len(found) == count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
+    mail_env: MailEnv, store: str, request: pytest.FixtureRequest
+) -> None:
+    cli = mail_env.cli
+    if store == "postgres":
+        cli.env["MAILSTROM_STORE"] = f"{request.getfixturevalue('postgres_url')}?dead_after=2s"
+    send(cli, "--text", "Later", "--at", "2099-01-01T00:00:00Z")  # waits, worker or not
+
+    nobody = cli("workers")
+    assert (nobody.code, nobody.out.strip()) == (
+        69,
+        f"{NOBODY} (`mailstrom worker`, or an application's Mailstrom)",
+    )
+    assert _workers(cli) == (69, [])
+    queue = cli.ok("queue")
+    assert f"mailstrom: note: {NOBODY}" in queue.err
+    assert "Later" not in queue.err  # the note is on stderr; the table on stdout
+
+    worker = cli.popen("worker", "--no-live")
+    try:
+        [found] = _wait_for_workers(cli, 1)
+        assert (found["pid"], found["host"], found["leased"]) == (
+            worker.pid,
+            socket.gethostname(),
+            0,
+        )
+        assert len(found["holder"]) == 16 and found["started_at"]
+        table = cli.ok("workers")
+        assert found["holder"] in table.out and str(worker.pid) in table.out
+        assert "note:" not in cli.ok("queue").err
+    finally:
+        _stop(worker)
+    if store == "sqlite":  # its lock file went with it; a PostgreSQL row stays dead_after
+        assert _workers(cli) == (69, [])
