@@ -4,7 +4,9 @@ shows, the action flow, CSRF and token checks, and bad input."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +16,7 @@ from starlette.testclient import TestClient
 
 from mailstrom.loopback import names_loopback
 from mailstrom.status import RecipientState
-from mailstrom.stores import MemoryStore, Store
+from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.web import create_app
 from tests.contract.support import NOW, lease_all, message, results_for
 
@@ -473,3 +475,27 @@ def test_domain_names_are_lower_cased_and_may_be_internationalised() -> None:
     assert destination_domain("bücher.example") == "bücher.example"
     with pytest.raises(InvalidTarget):
         destination_domain("bad label.example")
+
+
+def test_the_overview_says_which_workers_run_and_when_none_does(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        for client in _client(store):
+            page = client.get("/").text
+            assert 'id="no-workers"' in page and "No worker is running on this store" in page
+        store.release_dead_holders("0123abcd0123abcd")  # a worker's first look: it runs
+        for client in _client(store):
+            page = client.get("/").text
+            assert 'id="no-workers"' not in page
+            found = re.search(r'<p class="summary" id="workers">(.*?)</p>', page, re.S)
+            assert found is not None, page
+            assert "1 worker running:" in found.group(1)
+            assert f"{socket.gethostname()} pid {os.getpid()}" in found.group(1)
+            assert "lease holder 0123abcd0123abcd, since " in found.group(1)
+    finally:
+        store.close()
+
+
+def test_a_store_that_cannot_tell_shows_no_workers_line(client: TestClient) -> None:
+    page = client.get("/").text  # a memory store
+    assert 'id="workers"' not in page and 'id="no-workers"' not in page
