@@ -74,5 +74,5 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
         assert "note:" not in cli.ok("queue").err
     finally:
         _stop(worker)
-    if store == "sqlite":  # its lock file went with it; a PostgreSQL row stays dead_after
-        assert _workers(cli) == (69, [])
+    # Its lock file went with it (SQLite), its row was marked stopped (PostgreSQL).
+    assert _workers(cli) == (69, [])

@@ -243,3 +243,27 @@ def test_live_holders_are_those_seen_within_dead_after(
     assert store.live_holders() == []
     store.release_dead_holders(Y)  # Y beats again; X stays unseen
     assert [h.holder for h in store.live_holders()] == [Y]
+
+
+def test_a_closed_stores_holders_go_at_the_next_look_without_judging(
+    url: str,
+    postgres_url: str,
+    stores: list[PostgresStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that stops says so: its row goes at once (a cron `--once` worker leaves
+    none behind), and what a stop that ran out of time left leased comes back with it."""
+    leaving = PostgresStore(url, max_size=2)
+    leaving.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    leaving.release_dead_holders(X)
+    assert leaving.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+    leaving.close()
+
+    store = _open(stores, url)
+    assert store.live_holders() == []  # stopped: not among the living
+    with caplog.at_level(logging.WARNING):
+        assert store.release_dead_holders(Y) == 1  # its first look: no run needed for this
+    assert _holders(postgres_url) == [Y]
+    [said] = [r.getMessage() for r in caplog.records if X in r.getMessage()]
+    assert said.endswith("stopped without giving them back")
+    assert len(leased_addresses(store.lease(now=NOW, limit=10, lease_for=LEASE_FOR))) == 2

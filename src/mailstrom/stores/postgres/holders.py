@@ -24,6 +24,10 @@ worker may deliver what it still held a second time, as after an expired lease; 
 results for those recipients are then ignored when recorded. Its next beat finds its row
 gone, makes it again and logs an error that says so. ``dead_after=0`` in the URL turns
 the judging off (beats still run): leases then expire as before.
+
+A store that closes marks its holders stopped, and the next look of any worker (judging
+or not: a ``mailstrom worker --once`` from cron, say) removes their rows, giving back
+whatever they still leased, so the table holds the workers that run and the few that died.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ log = logging.getLogger("mailstrom.stores.postgres")
 QUIET_EVERY = 60.0
 """Seconds between two looks when judging is off (``dead_after=0``): the beats then only
 keep the rows current for whoever reads them."""
+STOP_WAIT = 2.0
+"""Seconds a closing store waits for a connection to mark its holders stopped."""
 LIST_AT_MOST = 1000
 """Holders :meth:`~mailstrom.stores.postgres.store.PostgresStore.live_holders` lists at
 most."""
@@ -82,6 +88,10 @@ class HolderBeats:
             )
         self._beaten.add(holder)
 
+    def own(self) -> list[str]:
+        """The holders this store has said live for."""
+        return sorted(self._beaten)
+
     def looked(self, server_now: datetime) -> datetime | None:
         """Note a look that reached the server when its clock read ``server_now``.
 
@@ -100,15 +110,22 @@ class HolderBeats:
         return since
 
 
-def log_reaped(holder: str, host: str, pid: int, seen_at: datetime, released: int) -> None:
-    """Say that a dead holder's leases were given back (nothing when it held none)."""
-    if released:
-        log.warning(
-            "gave back %d recipients leased by lease holder %s, whose worker (%s, pid %d) "
-            "was last seen at %s",
-            released,
-            holder,
-            host,
-            pid,
-            seen_at.isoformat(timespec="seconds"),
-        )
+def log_reaped(
+    holder: str, host: str, pid: int, seen_at: datetime, *, stopped: bool, released: int
+) -> None:
+    """Say that a dead (or stopped) holder's leases were given back (nothing when it held
+    none)."""
+    if not released:
+        return
+    if stopped:
+        why = "stopped without giving them back"
+    else:
+        why = f"was last seen at {seen_at.isoformat(timespec='seconds')}"
+    log.warning(
+        "gave back %d recipients leased by lease holder %s, whose worker (%s, pid %d) %s",
+        released,
+        holder,
+        host,
+        pid,
+        why,
+    )

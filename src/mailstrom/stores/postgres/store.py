@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.message.prepared import PreparedMessage
@@ -72,7 +72,12 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.postgres import rows
 from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
-from mailstrom.stores.postgres.holders import LIST_AT_MOST, HolderBeats, log_reaped
+from mailstrom.stores.postgres.holders import (
+    LIST_AT_MOST,
+    STOP_WAIT,
+    HolderBeats,
+    log_reaped,
+)
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import migrate
@@ -471,14 +476,12 @@ class PostgresStore:
         else:
             [(server_now, made)] = self._fetch("beat_holder", self._beats.identity(alive))
             self._beats.beaten(alive, made=bool(made))
-        since = self._beats.looked(server_now)
-        if since is None:
-            return 0
+        since = self._beats.looked(server_now)  # None: only stopped holders go
         total = 0
-        for holder, host, pid, seen_at, released, _ in self._fetch(
+        for holder, host, pid, seen_at, stopped, released, _ in self._fetch(
             "reap_holders", {"since": since, "own": alive}
         ):
-            log_reaped(holder, host, pid, seen_at, int(released))
+            log_reaped(holder, host, pid, seen_at, stopped=stopped, released=int(released))
             total += int(released)
         return total
 
@@ -771,7 +774,24 @@ class PostgresStore:
         for listener in listeners:
             listener.stop()
         self._notifier.close()
+        self._stop_holders()
         self._pool.close()
+
+    def _stop_holders(self) -> None:
+        """Mark this store's holders stopped (see :mod:`.holders`), best effort and
+        briefly: a server that cannot be reached must not hold up the close, and the
+        holders are then judged dead after ``dead_after`` instead."""
+        holders = self._beats.own()
+        if not holders:
+            return
+        try:
+            with (
+                self._translating("stop_holders"),
+                self._pool.connection(timeout=STOP_WAIT) as conn,
+            ):
+                conn.execute(self._queries["stop_holders"], {"holders": holders})
+        except (StoreError, psycopg.Error, PoolTimeout) as exc:
+            log.debug("could not mark lease holders %s stopped: %s", holders, exc)
 
     # --- operator tools (schema version 10) -------------------------------------------
 

@@ -388,7 +388,7 @@ SELECT (SELECT count(*) FROM released) AS released,
 -- took the holder for dead). Returns that time and whether the row was made.
 WITH seen AS (
     UPDATE lease_holders
-    SET seen_at = pg_catalog.clock_timestamp()
+    SET seen_at = pg_catalog.clock_timestamp(), stopped = false
     WHERE holder = %(holder)s
     RETURNING seen_at
 ), made AS (
@@ -396,7 +396,7 @@ WITH seen AS (
     SELECT %(holder)s, %(host)s, %(pid)s,
            pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp()
     WHERE NOT EXISTS (SELECT 1 FROM seen)
-    ON CONFLICT (holder) DO UPDATE SET seen_at = EXCLUDED.seen_at
+    ON CONFLICT (holder) DO UPDATE SET seen_at = EXCLUDED.seen_at, stopped = false
     RETURNING seen_at
 )
 SELECT seen_at, false FROM seen
@@ -404,16 +404,17 @@ UNION ALL
 SELECT seen_at, true FROM made;
 
 -- name: reap_holders
--- The holders not seen since %(since)s, other than the caller's own, are dead: their rows
--- go, and every pending recipient one of them still leases is given back, due at once (the
--- token range of release_holder, per holder). A concurrent reaper waits for the rows this
--- one deletes and then finds them gone: each dead holder is reaped once. One row per dead
--- holder: who it was, when it was last seen, and how many recipients it gave back.
+-- The holders that stopped, and (unless %(since)s is NULL) those not seen since it, other
+-- than the caller's own, are gone: their rows go, and every pending recipient one of them
+-- still leases is given back, due at once (the token range of release_holder, per holder).
+-- A concurrent reaper waits for the rows this one deletes and then finds them gone: each
+-- holder is reaped once. One row per holder: who it was, whether it had stopped, when it
+-- was last seen, and how many recipients it gave back.
 WITH dead AS (
     DELETE FROM lease_holders
-    WHERE seen_at < %(since)s
+    WHERE (stopped OR seen_at < %(since)s)
       AND holder IS DISTINCT FROM %(own)s
-    RETURNING holder, host, pid, seen_at
+    RETURNING holder, host, pid, seen_at, stopped
 ), released AS (
     UPDATE recipients r
     SET lease_token = NULL, lease_expires_at = NULL
@@ -425,11 +426,16 @@ WITH dead AS (
 ), notified AS (
     SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released)
 )
-SELECT d.holder, d.host, d.pid, d.seen_at,
+SELECT d.holder, d.host, d.pid, d.seen_at, d.stopped,
        (SELECT count(*) FROM released x WHERE x.holder = d.holder) AS released,
        (SELECT count(*) FROM notified) AS notified
 FROM dead d
 ORDER BY d.holder;
+
+-- name: stop_holders
+-- This store's holders closed it: the next look of any worker removes their rows, and gives
+-- back what they still lease (a stop that ran out of time), without judging them first.
+UPDATE lease_holders SET stopped = true WHERE holder = ANY(%(holders)s);
 
 -- name: live_holders
 -- The holders seen within %(within)s seconds by the server's clock, oldest first, each
@@ -443,7 +449,8 @@ SELECT h.holder, h.host, h.pid, h.started_at, h.seen_at,
               AND r.state IN ('queued', 'deferred'))
        ELSE 0 END AS leased
 FROM lease_holders h
-WHERE h.seen_at >= pg_catalog.clock_timestamp() - make_interval(secs => %(within)s)
+WHERE NOT h.stopped
+  AND h.seen_at >= pg_catalog.clock_timestamp() - make_interval(secs => %(within)s)
 ORDER BY h.started_at, h.holder
 LIMIT %(limit)s;
 
