@@ -7,6 +7,7 @@ process. Memory is not durable: tests that need durability or a second process s
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,3 +67,16 @@ def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
 def store(store_backend: Backend) -> Store:
     """A store object opened on the backend under test."""
     return store_backend.open()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts (children.lease_in_child), killed after it."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()

@@ -13,11 +13,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -27,29 +24,13 @@ from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.holders import QUIET_EVERY
 
+from .children import lease_in_child
 from .support import LEASE_FOR, NOW, leased_addresses, message, results_for
 
-SRC = Path(__file__).parents[2] / "src"
 X = "0123abcd0123abcd"
 Y = "89abcdef89abcdef"
 Z = "fedcba98fedcba98"
 DEAD_AFTER = 2.0
-BEAT_AND_LEASE = textwrap.dedent(
-    """
-    import sys, time
-    from datetime import datetime, timedelta
-    from mailstrom.stores.postgres import PostgresStore
-
-    store = PostgresStore(sys.argv[1])
-    store.release_dead_holders(sys.argv[3])  # says it lives: a row of its own
-    lease = store.lease(
-        now=datetime.fromisoformat(sys.argv[2]), limit=int(sys.argv[4]),
-        lease_for=timedelta(minutes=10), holder=sys.argv[3],
-    )
-    print("leased", sum(len(i.recipients) for i in lease.items), flush=True)
-    time.sleep(120)
-    """
-)
 
 
 @pytest.fixture
@@ -69,35 +50,6 @@ def _open(stores: list[PostgresStore], url: str) -> PostgresStore:
     store = PostgresStore(url, max_size=2)
     stores.append(store)
     return store
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-        child.wait(10)
-        if child.stdout is not None:
-            child.stdout.close()
-
-
-def _lease_in_child(
-    children: list[subprocess.Popen[str]], url: str, holder: str, limit: int
-) -> subprocess.Popen[str]:
-    """A process that beats once, leases ``limit`` recipients under ``holder``, sleeps."""
-    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-    child = subprocess.Popen(
-        [sys.executable, "-c", BEAT_AND_LEASE, url, NOW.isoformat(), holder, str(limit)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=path),
-    )
-    children.append(child)
-    assert child.stdout is not None
-    assert child.stdout.readline().split() == ["leased", str(limit)]
-    return child
 
 
 def _look_until_released(store: PostgresStore, alive: str, *, within: float) -> tuple[int, float]:
@@ -128,7 +80,7 @@ def test_what_a_killed_worker_leased_is_given_back_once_it_went_unseen(
     assert isinstance(store, DeadHolderReaper)
     assert store.reap_every == DEAD_AFTER / 8
     mid = store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
-    child = _lease_in_child(children, url, X, 2)
+    child = lease_in_child(children, url, X, 2, beat=True)
     child.send_signal(signal.SIGKILL)
     child.wait(10)
 
@@ -228,7 +180,7 @@ def test_live_holders_are_those_seen_within_dead_after(
     store = _open(stores, url)
     store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
     assert store.live_holders() == []
-    child = _lease_in_child(children, url, X, 2)
+    child = lease_in_child(children, url, X, 2, beat=True)
     store.release_dead_holders(Y)
 
     [x, y] = store.live_holders()  # oldest first

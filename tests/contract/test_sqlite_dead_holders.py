@@ -12,8 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,26 +23,11 @@ from mailstrom.stores import SQLiteStore
 from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.memory import MemoryStore
 
+from .children import lease_in_child
 from .support import LEASE_FOR, NOW, leased_addresses, message
 
-SRC = Path(__file__).parents[2] / "src"
 X = "0123abcd0123abcd"
 Y = "89abcdef89abcdef"
-LEASE_AND_SLEEP = textwrap.dedent(
-    """
-    import sys, time
-    from datetime import datetime, timedelta
-    from mailstrom.stores import SQLiteStore
-
-    store = SQLiteStore(sys.argv[1])
-    lease = store.lease(
-        now=datetime.fromisoformat(sys.argv[2]), limit=int(sys.argv[4]),
-        lease_for=timedelta(minutes=10), holder=sys.argv[3],
-    )
-    print("leased", sum(len(i.recipients) for i in lease.items), flush=True)
-    time.sleep(120)
-    """
-)
 
 
 @pytest.fixture
@@ -57,36 +40,6 @@ def store(db: Path) -> Iterator[SQLiteStore]:
     store = SQLiteStore(db)
     yield store
     store.close()
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-        child.wait(10)
-        if child.stdout is not None:
-            child.stdout.close()
-
-
-def _lease_in_child(
-    children: list[subprocess.Popen[str]], db: Path, holder: str, limit: int
-) -> subprocess.Popen[str]:
-    """A process that leases ``limit`` recipients under ``holder`` and then sleeps."""
-    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
-    child = subprocess.Popen(
-        [sys.executable, "-c", LEASE_AND_SLEEP, str(db), NOW.isoformat(), holder, str(limit)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    children.append(child)
-    assert child.stdout is not None
-    assert child.stdout.readline().split() == ["leased", str(limit)]
-    return child
 
 
 def _kill(child: subprocess.Popen[str]) -> None:
@@ -105,7 +58,7 @@ def test_what_a_killed_process_leased_is_given_back_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
-    child = _lease_in_child(children, db, X, 2)
+    child = lease_in_child(children, f"sqlite:///{db}", X, 2, beat=False)
     assert _lock_file(db, X).is_file()
     assert store.release_dead_holders() == 0  # alive: nothing to give back
     _kill(child)
@@ -129,8 +82,8 @@ def test_a_holder_whose_process_lives_is_left_alone(
     db: Path, store: SQLiteStore, children: list[subprocess.Popen[str]]
 ) -> None:
     store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
-    dead = _lease_in_child(children, db, X, 1)
-    _lease_in_child(children, db, Y, 1)  # still sleeping
+    dead = lease_in_child(children, f"sqlite:///{db}", X, 1, beat=False)
+    lease_in_child(children, f"sqlite:///{db}", Y, 1, beat=False)  # still sleeping
     _kill(dead)
 
     assert store.release_dead_holders() == 1
@@ -254,7 +207,7 @@ def test_live_holders_are_those_whose_lock_is_held_with_who_made_them(
     db: Path, store: SQLiteStore, children: list[subprocess.Popen[str]]
 ) -> None:
     store.enqueue(message("a@example.org", "b@example.org", "c@example.org"), now=NOW)
-    child = _lease_in_child(children, db, X, 2)
+    child = lease_in_child(children, f"sqlite:///{db}", X, 2, beat=False)
     assert store.release_dead_holders(Y) == 0  # a worker's first look: Y shows from now on
 
     [x, y] = sorted(store.live_holders(), key=lambda h: h.holder)

@@ -168,10 +168,7 @@ class HolderLocks:
         when the directory or a file in it cannot be read: who runs is then unknown."""
         found = []
         try:
-            with os.scandir(self.path) as entries:
-                names = [entry.name for entry in itertools.islice(entries, LOOK_AT)]
-        except FileNotFoundError:
-            return []  # no holder ever locked here
+            names = self._names()
         except OSError as exc:
             raise _unknown(f"cannot list {self.path}", exc) from None
         for holder in filter(None, map(_holder_of, names)):
@@ -192,14 +189,20 @@ class HolderLocks:
                 os.close(fd)  # lets go of a lock taken on a dead holder's file
         return found
 
+    def _names(self) -> list[str]:
+        """The first :data:`LOOK_AT` names in the directory; none when there is no
+        directory (no holder ever locked here). OSError when it cannot be listed."""
+        try:
+            with os.scandir(self.path) as entries:
+                return [entry.name for entry in itertools.islice(entries, LOOK_AT)]
+        except FileNotFoundError:
+            return []
+
     def _others(self) -> list[str]:
         """The holders with a lock file here (among the first :data:`LOOK_AT` entries),
         but for our own; other names are ignored."""
         try:
-            with os.scandir(self.path) as entries:
-                names = [entry.name for entry in itertools.islice(entries, LOOK_AT)]
-        except FileNotFoundError:
-            return []  # no holder ever locked here
+            names = self._names()
         except OSError as exc:
             self._trouble("list", f"cannot list lease holder lock files in {self.path}", exc)
             return []

@@ -489,21 +489,11 @@ class PostgresStore:
         """The holders seen within the store URL's ``dead_after`` (four minutes when it is
         0), oldest first, at most a thousand, with how many recipients each leases (see
         :meth:`~mailstrom.stores.dead_holders.DeadHolderReaper.live_holders`)."""
-        found = self._fetch(
+        found = self._fetch_dicts(
             "live_holders",
             {"within": self._beats.alive_within, "limit": LIST_AT_MOST, "leases": leases},
         )
-        return [
-            HolderInfo(
-                holder=holder,
-                host=host,
-                pid=pid,
-                started_at=started_at,
-                seen_at=seen_at,
-                leased=int(leased),
-            )
-            for holder, host, pid, started_at, seen_at, leased in found
-        ]
+        return [HolderInfo(**row) for row in found]
 
     def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
         """How far ``clock`` is from the server's (see
