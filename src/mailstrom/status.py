@@ -434,6 +434,9 @@ class WorkerStatus:
     PostgreSQL server db:5432 (± 0.001 s), beyond 300 s (a third of lease_for)"``. It
     still delivers and records what it holds, and resumes by itself once the cause is
     gone. None while it leases."""
+    holder: str | None = None
+    """The worker's lease holder: the start of its lease tokens, and its name in
+    ``mailstrom workers``. None until the worker is built (a worker process starting)."""
     restarts: int = 0
     """Times the facade started its worker process again after it died (killed by a
     signal, or gone without a word); always 0 for a worker thread, task or ``mailstrom

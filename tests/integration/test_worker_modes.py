@@ -430,3 +430,19 @@ def test_a_fork_of_the_application_does_not_keep_the_worker_alive(tmp_path: Path
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(forked, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_worker_status_names_the_holder_the_store_lists_among_the_living(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, worker: str
+) -> None:
+    """What ``mailstrom workers`` lists can be matched to an application's worker."""
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, worker=worker) as ms:
+        assert _wait_until(lambda: ms.worker_status.holder is not None, 20)
+        holder = ms.worker_status.holder
+        pid = os.getpid() if worker == "thread" else ms.worker.pid  # type: ignore[union-attr]
+        assert _wait_until(lambda: store.live_holders(), 20)  # from the worker's first look
+        [live] = store.live_holders()
+        assert (live.holder, live.pid) == (holder, pid)
+    store.close()

@@ -39,6 +39,7 @@ class WorkerReporting:
     """The counters and what is read from them; mixed into :class:`Worker`."""
 
     metrics: MetricsRecorder
+    holder: str
     _counters: _Counters
     _running: bool
     _dispatcher: Dispatcher | None
@@ -67,6 +68,7 @@ class WorkerReporting:
             idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
             clock_skew=c.clock_skew,
             paused=c.paused,
+            holder=self.holder,
             metrics=self.metrics.snapshot(),
         )
 
