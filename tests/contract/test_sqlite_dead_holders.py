@@ -198,7 +198,7 @@ def test_a_lock_file_that_cannot_be_made_costs_no_lease(
     assert "wait for lease_for" in warnings[0]
 
 
-def test_only_sqlite_can_tell_dead_holders(store: SQLiteStore) -> None:
+def test_a_memory_store_cannot_tell_dead_holders(store: SQLiteStore) -> None:
     assert isinstance(store, DeadHolderReaper)
     assert not isinstance(MemoryStore(), DeadHolderReaper)
 

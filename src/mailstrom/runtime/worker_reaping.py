@@ -18,7 +18,7 @@ import functools
 from collections.abc import Callable
 
 from mailstrom.errors import StoreError
-from mailstrom.runtime.worker_store import WorkerStore
+from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.dead_holders import DeadHolderReaper
 
 
@@ -39,11 +39,19 @@ class WorkerReaping(WorkerStore):
         if not isinstance(store, DeadHolderReaper):
             return
         reap = functools.partial(store.release_dead_holders, self.holder)
+        backoff = _Backoff()
         while True:
-            await self._reap(reap)
-            await asyncio.sleep(store.reap_every)  # a timer
+            if await self._reap(reap):
+                backoff.reset()
+                wait = store.reap_every
+            else:
+                # Soon, not after a whole interval: a PostgreSQL worker's look is also
+                # its beat, and a dead worker's mail waits for the next look.
+                wait = min(backoff.take(), store.reap_every)
+            await asyncio.sleep(wait)  # a timer
 
-    async def _reap(self, reap: Callable[[], int]) -> None:
+    async def _reap(self, reap: Callable[[], int]) -> bool:
+        """One look; False when the store failed it."""
         try:
             released = await self._store_call(reap)
         except StoreError as exc:
@@ -51,7 +59,7 @@ class WorkerReaping(WorkerStore):
             # _store_fine on success: a look that found nobody dead asked the store
             # nothing, and says nothing of it.)
             self._store_trouble("giving back dead workers' leases", exc)
-            return
+            return False
         if released:
             # The store wakes its watchers too, but the store loop may have gone idle
             # after a lease that found nothing: what was given back is due now.
@@ -59,3 +67,4 @@ class WorkerReaping(WorkerStore):
             self._due_stale = True
             if self._wake is not None:
                 self._wake.set()
+        return True
