@@ -461,6 +461,10 @@ class MetricsSnapshot:
     few seconds (counting a large queue is not free); None when the store did not answer."""
     queue_read_at: datetime | None = None
     """When ``queue`` was read."""
+    workers: int | None = None
+    """How many workers run on the store (``mailstrom workers``), read with ``queue``; None
+    when the store cannot tell (memory) or did not answer. 0 while mail is queued means
+    nobody delivers it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from mailstrom import Config, Email, Mailstrom, RecipientState
+from mailstrom.ops.exporter import MailstromCollector
 from mailstrom.ops.server import HealthCheck, OpsServer
-from mailstrom.runtime.metrics import QueueStatsCache
+from mailstrom.runtime.metrics import QueueStatsCache, live_workers
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import MetricsSnapshot
-from mailstrom.stores import SQLiteStore
+from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
+from tests.integration.test_worker_modes import _wait_until
 from tests.support.delivery import Results, loopback_config
 from tests.support.ops_http import healthz, scrape, value
 
@@ -305,3 +308,34 @@ def test_healthz_is_503_when_postgresql_stops(tmp_path: Path) -> None:
         if store is not None:
             store.close()
         server.stop()
+
+
+def _workers_exported(ms: Mailstrom) -> float | None:
+    registry = CollectorRegistry()
+    registry.register(MailstromCollector(ms.metrics))
+    return registry.get_sample_value("mailstrom_workers")
+
+
+def test_an_application_that_only_enqueues_sees_how_many_workers_deliver(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    config = loopback_config(dns_server, mx.port)
+    path = tmp_path / "q.db"
+    alone = Mailstrom(config, store=path, worker=None)
+    try:
+        alone.send_email(hello("bob@example.org"))
+        assert alone.metrics().workers == 0  # queued, and nobody to deliver it
+        assert _workers_exported(alone) == 0
+    finally:
+        alone.stop()
+    with Mailstrom(config, store=path, worker="thread"):
+        watching = Mailstrom(config, store=path, worker=None)
+        try:
+            assert _wait_until(lambda: live_workers(watching.store) == 1, 20)  # its first look
+            assert watching.metrics().workers == 1
+            assert _workers_exported(watching) == 1
+        finally:
+            watching.stop()
+    with Mailstrom(config, store=MemoryStore(), worker="thread") as memory:
+        assert memory.metrics().workers is None  # a memory store cannot tell
+        assert _workers_exported(memory) is None

@@ -254,7 +254,9 @@ class FacadeBase:
         if cache is None:
             cache = self._queue_stats = QueueStatsCache(self.store)
         stats, read_at = cache.get()
-        return MetricsSnapshot(worker=self.worker_status, queue=stats, queue_read_at=read_at)
+        return MetricsSnapshot(
+            worker=self.worker_status, queue=stats, queue_read_at=read_at, workers=cache.workers()
+        )
 
     def wake(self) -> None:
         """Look for due work now (e.g. after advancing an injected clock)."""

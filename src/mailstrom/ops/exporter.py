@@ -183,6 +183,12 @@ class MailstromCollector(Collector):
         ):
             yield CounterMetricFamily(name, doc, value=count)
 
+        if snap.workers is not None:
+            yield GaugeMetricFamily(
+                "mailstrom_workers",
+                "Workers running on the store, as mailstrom workers lists them",
+                value=snap.workers,
+            )
         yield from self._queue(snap)
 
     def _queue(self, snap: MetricsSnapshot) -> Iterator[Metric]:

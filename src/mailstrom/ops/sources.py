@@ -68,7 +68,9 @@ class WorkerSources:
 
         def snapshot() -> MetricsSnapshot:
             stats, read_at = cache.get()
-            return MetricsSnapshot(worker=worker.status, queue=stats, queue_read_at=read_at)
+            return MetricsSnapshot(
+                worker=worker.status, queue=stats, queue_read_at=read_at, workers=cache.workers()
+            )
 
         health = HealthCheck(
             status=lambda: worker.status, responsive=worker.responsive, store=store

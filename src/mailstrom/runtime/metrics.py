@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from mailstrom.errors import StoreError
 from mailstrom.status import AttemptOutcome, Histogram, QueueStats, RecipientState, WorkerMetrics
 from mailstrom.stores.base import RecipientResult, Store, domain_of
+from mailstrom.stores.dead_holders import DeadHolderReaper
 
 ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Bucket bounds of the attempt-duration histogram: a loopback delivery takes
@@ -139,19 +140,43 @@ class QueueStatsCache:
         self._lock = threading.Lock()
         self._stats: QueueStats | None = None
         self._read_at: datetime | None = None
+        self._workers: int | None = None
         self._read_mono = -math.inf
         self.error: str | None = None
 
     def get(self) -> tuple[QueueStats | None, datetime | None]:
         """The queue's counts and when they were read (None, None if never read)."""
         with self._lock:  # one reader at a time; the others use its result
-            if time.monotonic() - self._read_mono >= self._max_age:
-                self._read_mono = time.monotonic()
-                try:
-                    self._stats = self._store.stats()
-                    self._read_at = datetime.now(UTC)
-                    self.error = None
-                except StoreError as exc:
-                    self._stats, self._read_at = None, None
-                    self.error = str(exc)
+            self._refresh()
             return self._stats, self._read_at
+
+    def workers(self) -> int | None:
+        """How many workers run on the store, read with the counts (None when the store
+        cannot tell which run, or failed to)."""
+        with self._lock:
+            self._refresh()
+            return self._workers
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._read_mono < self._max_age:
+            return
+        self._read_mono = time.monotonic()
+        try:
+            self._stats = self._store.stats()
+            self._read_at = datetime.now(UTC)
+            self.error = None
+        except StoreError as exc:
+            self._stats, self._read_at = None, None
+            self.error = str(exc)
+        self._workers = live_workers(self._store)
+
+
+def live_workers(store: Store) -> int | None:
+    """How many workers run on ``store`` (:class:`DeadHolderReaper`'s ``live_holders``,
+    without counting their leases); None when it cannot tell, or failed to."""
+    if not isinstance(store, DeadHolderReaper):
+        return None
+    try:
+        return len(store.live_holders(leases=False))
+    except StoreError:
+        return None
