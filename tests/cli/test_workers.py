@@ -48,7 +48,7 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
     cli = mail_env.cli
     if store == "postgres":
         cli.env["MAILSTROM_STORE"] = f"{request.getfixturevalue('postgres_url')}?dead_after=2s"
-    send(cli, "--text", "Later", "--at", "2099-01-01T00:00:00Z")  # waits, worker or not
+    later = send(cli, "--text", "Later", "--at", "2099-01-01T00:00:00Z")  # waits anyway
 
     nobody = cli("workers")
     assert (nobody.code, nobody.out.strip()) == (
@@ -59,6 +59,8 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
     queue = cli.ok("queue")
     assert f"mailstrom: note: {NOBODY}" in queue.err
     assert "Later" not in queue.err  # the note is on stderr; the table on stdout
+    assert f"mailstrom: note: {NOBODY}" in cli.ok("status", later).err
+    assert cli.ok("queue", "--json").err == cli.ok("status", "--json", later).err == ""
 
     worker = cli.popen("worker", "--no-live")
     try:
@@ -72,6 +74,7 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
         table = cli.ok("workers")
         assert found["holder"] in table.out and str(worker.pid) in table.out
         assert "note:" not in cli.ok("queue").err
+        assert "note:" not in cli.ok("status", later).err
     finally:
         _stop(worker)
     # Its lock file went with it (SQLite), its row was marked stopped (PostgreSQL).

@@ -140,10 +140,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 def status_command(args: argparse.Namespace) -> int:
     with store_from(settings_from(args), read_only=True) as store:
         st = store.status(store.resolve_id(args.id))
+        nobody = not args.json and _waiting([st]) and _nobody_delivers(store)
     if args.json:
         print_json(status_json(st))
         return EX_OK
     print_message(st, utc_now(), history=args.history)
+    if nobody:
+        print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     return EX_OK
 
 
