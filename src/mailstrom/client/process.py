@@ -379,7 +379,11 @@ class WorkerProcess:
         and ``error`` says how it died and when the next one starts."""
         running = self._ready.is_set() and not self._stopped.is_set()
         status = dataclasses.replace(
-            self._status, running=running, error=self._error, restarts=self._restarts
+            self._status,
+            running=running,
+            error=self._error,
+            restarts=self._restarts,
+            holder=self._holder,  # known from the spawn on, before the child's first status
         )
         if self._on_result is None:
             return status
