@@ -8,11 +8,13 @@ leases and sleeps until the test SIGKILLs it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -219,3 +221,39 @@ def test_a_closed_stores_holders_go_at_the_next_look_without_judging(
     [said] = [r.getMessage() for r in caplog.records if X in r.getMessage()]
     assert said.endswith("stopped without giving them back")
     assert len(leased_addresses(store.lease(now=NOW, limit=10, lease_for=LEASE_FOR))) == 2
+
+
+def test_a_worker_that_dies_while_the_judge_has_long_been_looking_is_found(
+    url: str, stores: list[PostgresStore], children: list[subprocess.Popen[str]]
+) -> None:
+    """The usual case: a sibling that has run for hours, and a worker that dies now. The
+    judge looks from a thread of its own, without a break, as a worker does."""
+    judge = _open(stores, url)
+    judge.enqueue(message("a@example.org"), now=NOW)
+    released: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.is_set():
+            released.append((time.monotonic(), judge.release_dead_holders(Y)))
+            done.wait(judge.reap_every)
+
+    looking = threading.Thread(target=look)
+    looking.start()
+    try:
+        time.sleep(DEAD_AFTER + 0.5)  # the judge's run is longer than dead_after
+        child = lease_in_child(children, url, X, 1, beat=True)  # beats after it began
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        killed = time.monotonic()
+        deadline = killed + 4 * DEAD_AFTER
+        while not any(n for _, n in released) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        looking.join(10)
+    [(when, n)] = [(t, n) for t, n in released if n]
+    assert n == 1
+    assert when - killed < 2 * DEAD_AFTER  # once unseen for dead_after, not its lease_for
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(released)]
+    assert max(gaps) < judge.reap_every * 2  # never a break: one run all along

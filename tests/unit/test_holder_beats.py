@@ -79,3 +79,14 @@ def test_a_holder_whose_row_was_made_again_was_taken_for_dead(
         beats.beaten("0123abcd", made=True)
     [record] = caplog.records
     assert "lease holder 0123abcd) was taken for dead" in record.getMessage()
+
+
+def test_a_long_run_judges_by_the_last_dead_after_not_by_its_start() -> None:
+    """A worker that has looked for an hour must still find one that died a minute ago:
+    the threshold moves with the clock once the run is long enough."""
+    clock = Clock()
+    beats = HolderBeats(120.0, monotonic=clock.monotonic)
+    while clock.seconds < 3600:
+        beats.looked(clock.server())
+        clock.seconds += 15
+    assert beats.looked(clock.server()) == clock.server() - timedelta(seconds=120)

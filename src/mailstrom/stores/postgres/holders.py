@@ -12,11 +12,12 @@ for dead by the next look of another worker, which deletes the row and gives bac
 recipient the holder still leases, due at once, in one statement.
 
 Only the server's clock is compared with itself, so the hosts' clocks do not matter.
-And a worker judges only after it has itself looked without a break (each look within
-:attr:`HolderBeats.break_after` of the one before) for ``dead_after``, and only holders
-that were not seen since its unbroken run began. A server restart, a failover or a
-network cut that stopped everyone's beats breaks every judge's run as well, so nobody is
-taken for dead for the time the server could not be reached.
+And a worker judges only by a window its own looks covered without a break (each look
+within :attr:`HolderBeats.break_after` of the one before): a holder is dead when it was
+not seen for the last ``dead_after``, and the judge looked all through that time. A
+server restart, a failover or a network cut that stopped everyone's beats breaks every
+judge's run as well, so nobody is taken for dead for the time the server could not be
+reached: after one, a worker judges again once it has looked for ``dead_after``.
 
 What it costs to be wrong: a worker that lives but could not reach the server alone for
 ``dead_after`` (or whose process was stopped that long) is taken for dead, and another
@@ -95,19 +96,18 @@ class HolderBeats:
     def looked(self, server_now: datetime) -> datetime | None:
         """Note a look that reached the server when its clock read ``server_now``.
 
-        Returns the time before which a holder not seen since is dead, or None while
-        this store may not judge: judging is off, or its looks have not run unbroken for
-        ``dead_after`` yet."""
+        Returns the time before which a holder not seen since is dead: ``dead_after``
+        before ``server_now``, a window this store's unbroken run of looks covers whole
+        (so the server could be reached all along). None while this store may not judge:
+        judging is off, or its run is shorter than ``dead_after``."""
         now = self._monotonic()
         if self._last_look is None or now - self._last_look > self.break_after:
             self._run_since = server_now
         self._last_look = now
-        since = self._run_since
-        if self.dead_after is None or since is None:
+        if self.dead_after is None or self._run_since is None:
             return None
-        if server_now - since < timedelta(seconds=self.dead_after):
-            return None
-        return since
+        threshold = server_now - timedelta(seconds=self.dead_after)
+        return threshold if self._run_since <= threshold else None
 
 
 def log_reaped(
