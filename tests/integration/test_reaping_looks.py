@@ -4,16 +4,20 @@ worker's beat, and a dead worker's mail waits for the next look."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailstrom import Mailstrom
-from mailstrom.errors import StoreLocked
+from mailstrom.errors import StoreError, StoreLocked
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_worker_modes
-from tests.integration.test_worker_modes import _wait_until, config
+from tests.integration.test_worker_modes import _wait_until, config, hello
+from tests.support.delivery import Results
 
 mx = test_worker_modes.mx
 
@@ -41,5 +45,49 @@ def test_a_failed_look_is_tried_again_soon(
     with Mailstrom(config(dns_server, mx.port), store=store, worker="thread") as ms:
         assert _wait_until(lambda: len(store.looks) >= 2, 10)
         assert store.looks[1] - store.looks[0] < 5.0
-        assert ms.worker_status.metrics.store_errors == 1  # counted as any store failure
+        assert ms.worker_status.metrics.store_errors == 1  # counted as a store failure
+    store.close()
+
+
+class LooksFail(SQLiteStore):
+    """A SQLite store whose looks for dead holders fail while ``failing`` is set, and
+    whose every other call works: as a PostgreSQL role without grants on a table the
+    looks alone use."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failing = True
+        self.looks = 0
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        self.looks += 1
+        if self.failing:
+            raise StoreError("permission denied for table lease_holders")
+        return super().release_dead_holders(alive)
+
+
+def test_looks_that_keep_failing_while_deliveries_work_are_said_once(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LooksFail(tmp_path / "q.db")
+    results = Results()
+    with (
+        caplog.at_level(logging.WARNING, logger="mailstrom.worker"),
+        Mailstrom(
+            config(dns_server, mx.port), store=store, worker="thread", on_result=results
+        ) as ms,
+    ):
+        for i in range(3):
+            ms.send_email(hello(f"u{i}@example.org", i))
+            results.wait_count(i + 1)
+            assert _wait_until(lambda n=store.looks: store.looks > n, 10)  # a failed look
+        status = ms.worker_status
+        assert status.store_error is None  # deliveries and records work
+        assert status.metrics.store_errors >= 3
+        store.failing = False
+        assert _wait_until(lambda: "works again" in caplog.text, 20)
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if m.startswith("looking for dead workers failed")]) == 1
+    assert not [m for m in said if "store working again" in m or "store failing" in m]
+    assert said.count("looking for dead workers works again") == 1
     store.close()

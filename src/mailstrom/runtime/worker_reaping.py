@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 
 from mailstrom.errors import StoreError
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.dead_holders import DeadHolderReaper
+
+log = logging.getLogger("mailstrom.worker")
 
 
 class WorkerReaping(WorkerStore):
@@ -30,6 +33,7 @@ class WorkerReaping(WorkerStore):
     _wake: asyncio.Event | None
     _lease_wanted: bool
     _due_stale: bool
+    _look_failing = False
 
     async def _reap_loop(self) -> None:
         """Look at once (a task started before the store loop: on the worker's loop, an
@@ -55,11 +59,23 @@ class WorkerReaping(WorkerStore):
         try:
             released = await self._store_call(reap)
         except StoreError as exc:
-            # Handled like any other store call; the next look tries again. (No
-            # _store_fine on success: a look that found nobody dead asked the store
-            # nothing, and says nothing of it.)
-            self._store_trouble("giving back dead workers' leases", exc)
+            # Counted as a store error, but said apart from the store loop's account
+            # (worker_status.store_error): a look can fail while every lease and record
+            # works (no grant on PostgreSQL's lease_holders after an upgrade, a lock on
+            # it), and the two accounts would take turns saying "failing" and "working
+            # again" for ever. Said once, until a look works again.
+            self.metrics.store_errors += 1
+            if not self._look_failing:
+                self._look_failing = True
+                log.warning(
+                    "looking for dead workers failed: %s; trying again with backoff "
+                    "(deliveries go on; a dead worker's leases wait meanwhile)",
+                    exc,
+                )
             return False
+        if self._look_failing:
+            self._look_failing = False
+            log.warning("looking for dead workers works again")
         if released:
             # The store wakes its watchers too, but the store loop may have gone idle
             # after a lease that found nothing: what was given back is due now.
