@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -81,6 +82,25 @@ class CLI:
 
     def queue_ids(self) -> list[str]:
         return [m["id"] for m in self.ok("queue", "--json", "--state", "any").json()]
+
+
+def ended(
+    proc: subprocess.Popen[bytes],
+    sig: signal.Signals = signal.SIGTERM,
+    *,
+    timeout: float = 30,
+) -> tuple[int, str]:
+    """Send ``sig`` to a worker process still running, wait ``timeout`` seconds for it to
+    end (killed if it has not) and return its exit code and what it wrote to stderr."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err.decode()
 
 
 def clean_env(home: Path) -> dict[str, str]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import time
 
-from tests.cli.conftest import CLI, MailEnv
+from tests.cli.conftest import CLI, MailEnv, ended
 
 
 def send(cli: CLI, *extra: str, to: str = "bob@example.test") -> str:
@@ -240,14 +239,10 @@ def test_worker_stops_gracefully_on_sigterm(mail_env: MailEnv) -> None:
         assert proc.stderr is not None
         first = proc.stderr.readline().decode()  # written once the worker is set up
         assert "worker started" in first
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    assert "worker stopped" in err.decode()
+        code, err = ended(proc)
+    assert code == 0
+    assert "worker stopped" in err
 
 
 def test_sigterm_leaves_every_attempt_line_written(mail_env: MailEnv) -> None:
@@ -260,14 +255,10 @@ def test_sigterm_leaves_every_attempt_line_written(mail_env: MailEnv) -> None:
     proc = cli.popen("worker", "--no-live", "--log-format", "json")
     try:
         mx.wait_for_messages(len(rcpts), timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err.decode()
-    lines = [json.loads(line) for line in err.decode().splitlines()]
+        code, err = ended(proc)
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
     delivered = sorted(line["rcpt"] for line in lines if line["event"] == "attempt")
     assert delivered == rcpts
     events = [line["event"] for line in lines]

@@ -5,26 +5,12 @@ for the store URL's ``dead_after`` (PostgreSQL), not once its lease expires."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.cli.conftest import MailEnv
+from tests.cli.conftest import MailEnv, ended
 from tests.cli.test_delivery import send
-
-
-def _end(proc: subprocess.Popen[bytes], sig: signal.Signals) -> str:
-    """Send ``sig`` to a worker and return what it wrote to stderr."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return err.decode()
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
@@ -49,14 +35,14 @@ def test_what_a_killed_worker_leased_is_delivered_by_the_next_one(
         mx.wait_for_received(1, timeout=30)  # in DATA: the first worker holds the lease
         mx.stall_on = None  # the next attempt is answered
     finally:
-        _end(first, signal.SIGKILL)
+        ended(first, signal.SIGKILL)
 
     second = cli.popen("worker", "--no-live")
     started = time.monotonic()
     try:
         [delivered] = mx.wait_for_messages(1, timeout=20)  # far below lease_for
     finally:
-        err = _end(second, signal.SIGTERM)
+        _, err = ended(second)
     if store == "postgres":
         # Not before the second worker had looked, unbroken, for dead_after.
         assert time.monotonic() - started >= 2.0

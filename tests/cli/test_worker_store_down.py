@@ -5,12 +5,11 @@ worker process: tests/integration/test_postgres_down_at_start.py."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 
 import pytest
 
-from tests.cli.conftest import CLI, MailEnv
+from tests.cli.conftest import CLI, MailEnv, ended
 from tests.fixtures.postgres import ThrowawayPostgres
 
 pytestmark = pytest.mark.postgres
@@ -23,17 +22,6 @@ def worker_waiting(cli: CLI, url: str) -> subprocess.Popen[bytes]:
     line = proc.stderr.readline().decode()
     assert "store cannot be opened (try 1; next in 0.05 s)" in line, line
     return proc
-
-
-def stopped(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, err.decode()
 
 
 def test_the_worker_command_waits_for_postgresql(
@@ -49,7 +37,7 @@ def test_the_worker_command_waits_for_postgresql(
     proc = worker_waiting(mail_env.cli, url)
     own_postgres.bring_up()
     mail_env.mx.wait_for_messages(1, timeout=8)
-    code, err = stopped(proc)
+    code, err = ended(proc, timeout=5)
     assert code == 0, err
     assert "store open after" in err and "worker started" in err
 
@@ -60,7 +48,7 @@ def test_the_worker_command_stops_while_waiting(
     url = own_postgres.create_database()
     own_postgres.take_down()
     proc = worker_waiting(mail_env.cli, url)
-    code, err = stopped(proc)
+    code, err = ended(proc, timeout=5)
     assert code == 0, err
     assert "worker stopped before its store opened" in err
 

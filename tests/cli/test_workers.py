@@ -3,15 +3,13 @@ notes when queued mail has nobody to deliver it."""
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
 import time
 from typing import Any
 
 import pytest
 
-from tests.cli.conftest import CLI, MailEnv
+from tests.cli.conftest import CLI, MailEnv, ended
 from tests.cli.test_delivery import send
 
 NOBODY = "no worker is running on this store: queued mail waits until one starts"
@@ -29,16 +27,6 @@ def _wait_for_workers(cli: CLI, count: int) -> list[dict[str, Any]]:
         if len(found) == count or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
@@ -76,6 +64,6 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
         assert "note:" not in cli.ok("queue").err
         assert "note:" not in cli.ok("status", later).err
     finally:
-        _stop(worker)
+        ended(worker)
     # Its lock file went with it (SQLite), its row was marked stopped (PostgreSQL).
     assert _workers(cli) == (69, [])

@@ -31,7 +31,6 @@ from mailstrom.cli.output import (
 )
 from mailstrom.cli.parsing import Subparsers, count_arg
 from mailstrom.cli.selection import add_filter_options, queue_filter
-from mailstrom.errors import StoreError
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
@@ -42,7 +41,7 @@ from mailstrom.status import (
     RecipientStatus,
 )
 from mailstrom.stores.base import Store
-from mailstrom.stores.dead_holders import DeadHolderReaper
+from mailstrom.stores.dead_holders import live_workers
 from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension
 
 STATUS_EPILOG = """\
@@ -361,12 +360,7 @@ def _waiting(messages: list[MessageStatus]) -> bool:
 def _nobody_delivers(store: Store) -> bool:
     """Whether ``store`` can tell that no worker runs on it, and does (a note: when it
     cannot tell, nothing is said)."""
-    if not isinstance(store, DeadHolderReaper):
-        return False
-    try:
-        return not store.live_holders(leases=False)
-    except StoreError:
-        return False
+    return live_workers(store) == []
 
 
 COUNT_CAP = 1_000_000

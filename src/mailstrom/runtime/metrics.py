@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from mailstrom.errors import StoreError
 from mailstrom.status import AttemptOutcome, Histogram, QueueStats, RecipientState, WorkerMetrics
 from mailstrom.stores.base import RecipientResult, Store, domain_of
-from mailstrom.stores.dead_holders import DeadHolderReaper
+from mailstrom.stores.dead_holders import live_workers
 
 ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Bucket bounds of the attempt-duration histogram: a loopback delivery takes
@@ -168,15 +168,5 @@ class QueueStatsCache:
         except StoreError as exc:
             self._stats, self._read_at = None, None
             self.error = str(exc)
-        self._workers = live_workers(self._store)
-
-
-def live_workers(store: Store) -> int | None:
-    """How many workers run on ``store`` (:class:`DeadHolderReaper`'s ``live_holders``,
-    without counting their leases); None when it cannot tell, or failed to."""
-    if not isinstance(store, DeadHolderReaper):
-        return None
-    try:
-        return len(store.live_holders(leases=False))
-    except StoreError:
-        return None
+        live = live_workers(self._store)
+        self._workers = None if live is None else len(live)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
+from mailstrom.errors import StoreError
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HolderInfo:
@@ -82,3 +84,16 @@ class DeadHolderReaper(Protocol):
         recipients). Reads only; :class:`~mailstrom.errors.StoreError` when the store
         fails."""
         ...
+
+
+def live_workers(store: object) -> list[HolderInfo] | None:
+    """The workers running on ``store`` without their lease counts (cheap: see
+    :meth:`DeadHolderReaper.live_holders`), for whoever only asks who is there (the
+    metrics, the dashboard, the command line's notes); None when the store cannot tell
+    (memory) or failed to."""
+    if not isinstance(store, DeadHolderReaper):
+        return None
+    try:
+        return store.live_holders(leases=False)
+    except StoreError:
+        return None

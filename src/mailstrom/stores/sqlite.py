@@ -914,10 +914,10 @@ class SQLiteStore:
         its lock file (``<database>-holders/<holder>.lock``, held by the store that leased
         for it: :mod:`~mailstrom.stores.sqlite_holders`) can be locked. Each dead holder
         is given back in a write transaction of its own, then its file is removed; this
-        store's own holders, and ``alive``, are never looked at (its lock file says it
-        lives). Returns how many recipients."""
+        store's own holders, ``alive`` among them from here on, are never looked at.
+        Returns how many recipients."""
         self._holders.hold(alive)  # from its first look on, it shows among the living
-        return self._holders.reap(self.release_holder, alive=alive)
+        return self._holders.reap(self.release_holder)
 
     def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
         """The holders whose lock file is locked, with what the file says of the process

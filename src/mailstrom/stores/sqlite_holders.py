@@ -133,15 +133,12 @@ class HolderLocks:
 
     # --- everyone else's -----------------------------------------------------------------
 
-    def reap(self, release: Callable[[str], int], *, alive: str | None = None) -> int:
-        """Call ``release(holder)`` for each dead holder but our own and ``alive``, then
-        remove its file; returns the sum of what ``release`` returned. Errors of
-        ``release`` propagate (the file stays, for the next look); file-system trouble is
-        logged."""
+    def reap(self, release: Callable[[str], int]) -> int:
+        """Call ``release(holder)`` for each dead holder but our own, then remove its file;
+        returns the sum of what ``release`` returned. Errors of ``release`` propagate (the
+        file stays, for the next look); file-system trouble is logged."""
         total = 0
         for holder in self._others():
-            if holder == alive:
-                continue
             fd = self._take_if_dead(holder)
             if fd is None:
                 continue
@@ -174,17 +171,15 @@ class HolderLocks:
         for holder in filter(None, map(_holder_of, names)):
             path = self.file(holder)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except FileNotFoundError:
+                probe = _probe(path, fcntl.LOCK_SH)
+            except OSError as exc:
+                raise _unknown(f"cannot look at {path}", exc) from None
+            if probe is None:
                 continue  # removed meanwhile: its holder closed, or a worker reaped it
-            except OSError as exc:
-                raise _unknown(f"cannot open {path}", exc) from None
+            fd, free = probe
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                found.append((holder, _read_identity(fd)))  # its holder lives
-            except OSError as exc:
-                raise _unknown(f"cannot lock {path}", exc) from None
+                if not free:
+                    found.append((holder, _read_identity(fd)))  # its holder lives
             finally:
                 os.close(fd)  # lets go of a lock taken on a dead holder's file
         return found
@@ -232,27 +227,18 @@ class HolderLocks:
         """A descriptor locking ``holder``'s file when its holder is dead, else None."""
         path = self.file(holder)
         try:
-            # O_NONBLOCK: a FIFO put there under that name must not hang the worker.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+            probe = _probe(path, fcntl.LOCK_EX)
+        except OSError as exc:
+            self._trouble("reap", f"cannot look at {path}", exc)
+            return None
+        if probe is None:
             return None  # removed meanwhile: its holder closed, or another worker reaped
-        except OSError as exc:
-            self._trouble("reap", f"cannot open {path}", exc)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None  # its holder lives
-        except OSError as exc:
-            os.close(fd)
-            self._trouble("reap", f"cannot lock {path}", exc)
-            return None
+        fd, free = probe
         # Locked, but maybe a file removed since we opened it (another worker reaped it,
         # and the holder may have locked a new one under the same name since).
-        if not _still_named(fd, path):
+        if not free or not _still_named(fd, path):
             os.close(fd)
-            return None
+            return None  # its holder lives, or the file is another's now
         return fd
 
     def _remove(self, fd: int, holder: str) -> None:
@@ -277,6 +263,26 @@ class HolderLocks:
         else:
             self._warned.add(doing)
             log.warning("%s", text)
+
+
+def _probe(path: str, how: int) -> tuple[int, bool] | None:
+    """``path`` opened, and whether its lock could be taken (``how``: LOCK_SH or LOCK_EX)
+    without waiting: ``(fd, True)`` holds that lock, ``(fd, False)`` none, its holder
+    lives. None when the file is gone; OSError when it cannot be opened or locked. The
+    caller closes ``fd``."""
+    try:
+        # O_NONBLOCK: a FIFO put there under that name must not hang the worker.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, False
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, True
 
 
 def _unknown(what: str, exc: OSError) -> StoreError:

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from mailstrom.cli.output import age
-from mailstrom.errors import MailstromError, StoreError, UnknownMessage, UnreadableRow
+from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
 from mailstrom.loopback import names_loopback
 from mailstrom.policy.reasons import advice_for
 from mailstrom.readmodel import (
@@ -52,7 +52,7 @@ from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.settings import parse_duration
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
-from mailstrom.stores.dead_holders import DeadHolderReaper, HolderInfo
+from mailstrom.stores.dead_holders import HolderInfo, live_workers
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import header_fields, shown_body
@@ -82,18 +82,6 @@ Clock = Callable[[], datetime]
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _live_workers(store: Store) -> list[HolderInfo] | None:
-    """The workers running on ``store``, without their lease counts (a walk of the
-    pending recipients on SQLite); None when the store cannot tell, or failed to."""
-    if not isinstance(store, DeadHolderReaper):
-        return None
-    try:
-        return store.live_holders(leases=False)
-    except StoreError as exc:
-        log.warning("cannot tell which workers run: %s", exc)
-        return None
 
 
 def create_app(
@@ -149,7 +137,7 @@ def create_app(
             cache.get, "overview", lambda: model.overview(now=now)
         )
         workers: list[HolderInfo] | None = await run_in_threadpool(
-            cache.get, "workers", lambda: _live_workers(store)
+            cache.get, "workers", lambda: live_workers(store)
         )
         pending = view.by_state.get(RecipientState.QUEUED, 0) + view.by_state.get(
             RecipientState.DEFERRED, 0
