@@ -127,6 +127,23 @@ def test_concurrent_leasers_never_share_a_recipient(store_backend: Backend) -> N
     assert set(got[0]) | set(got[1]) == expected
 
 
+def test_items_come_in_due_order_not_queue_order(store: Store) -> None:
+    """A lease's items are in the order their recipients fell due, which is not the order
+    of the queue once a message was retried, deferred or its lease ran out; the worker
+    starts them in this order. (SQLite handed them out in the queue's order.)"""
+    ids = [store.enqueue(message(f"a{i}@example.org"), now=NOW) for i in range(4)]
+    store.retry(ids[0], now=NOW + 3 * SECOND)
+    store.retry(ids[1], now=NOW + 2 * SECOND)
+    taken = store.lease(now=NOW + SECOND, limit=1, lease_for=SECOND)  # ids[2], due at NOW
+    assert taken is not None
+    assert [i.message_id for i in taken.items] == [ids[2]]
+    # ids[2]'s lease ran out at NOW + 2 s, so it is due then, after ids[1] (same due
+    # time, earlier in the queue).
+    lease = store.lease(now=NOW + 10 * SECOND, limit=10, lease_for=LEASE_FOR)
+    assert lease is not None
+    assert [i.message_id for i in lease.items] == [ids[3], ids[1], ids[2], ids[0]]
+
+
 def test_expired_lease_makes_work_due_again(store: Store) -> None:
     store.enqueue(message("a@example.org"), now=NOW)
     first = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)

@@ -262,14 +262,19 @@ def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) 
         conn.execute("ROLLBACK")
         conn.set_trace_callback(None)
         assert lease is not None and len(lease.items) == 3
+        walks = [s for s in statements if s.startswith("SELECT id FROM")]
         marks = [s for s in statements if s.startswith("UPDATE recipients SET lease_token")]
-        assert len(marks) == 3  # two lanes, then the lanes not named
-        plans = [
-            " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
-            for statement in marks
-        ]
-    assert all("recipients_lane_due (lane=?" in plan for plan in plans), plans
-    assert not any("TEMP B-TREE" in plan for plan in plans), plans
+        assert len(walks) == len(marks) == 3  # two lanes, then the lanes not named
+
+        def plan(statement: str) -> str:
+            return " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
+
+        walk_plans = [plan(statement) for statement in walks]
+        mark_plans = [plan(statement) for statement in marks]
+    assert all("recipients_lane_due (lane=?" in p for p in walk_plans), walk_plans
+    assert not any("TEMP B-TREE" in p for p in walk_plans), walk_plans
+    # What a walk found is stamped by row id.
+    assert all("INTEGER PRIMARY KEY (rowid=?)" in p for p in mark_plans), mark_plans
 
 
 class LockFailingOnce(SQLiteStore):

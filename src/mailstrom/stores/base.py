@@ -465,7 +465,9 @@ class Store(Protocol):
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
-        items. Returns None when nothing is due. Two concurrent callers never receive the
+        items; the items come in the order their first recipient fell due (ties: the
+        queue's order; with ``lanes``, lane by lane), which is the order the worker starts
+        them in. Returns None when nothing is due. Two concurrent callers never receive the
         same recipient while its lease is unexpired. A recipient whose rows cannot be read
         back is failed instead (:attr:`Lease.failed`; a lease may hold only those).
 

@@ -7,6 +7,7 @@ microseconds since the epoch (:mod:`mailstrom.stores.sqlite_schema`).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -496,23 +497,34 @@ def _mark_lanes(
     skipped: Sequence[str],
 ) -> list[Any]:
     """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
-    ``marks``, earliest due first across them, and return them: one statement.
-    ``skip`` is a constant fragment ending in AND, ``skipped`` its values."""
+    ``marks``, earliest due first across them, and return them in that order.
+    ``skip`` is a constant fragment ending in AND, ``skipped`` its values.
+
+    Two statements: an UPDATE's RETURNING comes in the table's order, not its subquery's,
+    and after the update a row no longer shows the lease expiry it was due by, so the
+    walk is read first and the rows it found are then stamped by id."""
     if not lanes or limit <= 0:
         return []
     token, expires, now = marks
-    params: list[object] = [token, expires]
+    params: list[object] = []
     for lane in lanes:
         params += [*skipped, lane, now, limit]
     if len(lanes) > 1:
         params.append(limit)
-    return conn.execute(
+    order = {
+        rid: n for n, (rid,) in enumerate(conn.execute(lanes_walk_sql(len(lanes), skip), params))
+    }
+    if not order:
+        return []
+    rows = conn.execute(
         "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
-        f" WHERE id IN ({lanes_walk_sql(len(lanes), skip)})"
+        " WHERE id IN (SELECT value FROM json_each(?))"
         " RETURNING id, message_seq, position, address, domain, attempts,"
         " first_attempt_at, last_attempt_at",
-        params,
+        (token, expires, json.dumps(list(order))),
     ).fetchall()
+    rows.sort(key=lambda row: order[row[0]])
+    return rows
 
 
 def update_leased(
