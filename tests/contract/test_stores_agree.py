@@ -3,11 +3,13 @@
 A Hypothesis state machine runs the same operations (enqueue alone and in batches, with
 lanes, send times and idempotency keys; lease with lanes and holders; record,
 record-and-lease, extend, release, release a holder; retry, cancel, hold and purge, one
-message or several; late failures; suspensions and suppressions; the clock moving on)
-against the memory store, SQLite and PostgreSQL. After every step it compares what each
-one answered and what each one now says: every message's status and history, the stats,
-the next due time, queries and counts, the queue's shape, the suppression list and the
-event outbox. The stores share the contract but no code, so a difference is a bug in one
+message or several; late failures; suspensions, throttles, postponements and rate tokens;
+suppressions; leasing, acknowledging and pruning the event outbox; the clock moving on)
+against the memory store, SQLite and PostgreSQL, through one store object or a second one
+on the same storage. After every step it compares what each one answered and what each
+one now says: every message's status and history, the stats, the next due time, queries
+and counts, the queue's shape, pauses and suspensions, the suppression list and the event
+outbox. The stores share the contract but no code, so a difference is a bug in one
 of them: an application that moves from SQLite to PostgreSQL must see the same queue.
 
 Beside the agreement, the model checks what the contract promises whatever the store: no
@@ -42,6 +44,7 @@ from hypothesis.stateful import (
 from mailstrom.errors import UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.policy.throttle import TokenBucket
 from mailstrom.status import AttemptOutcome, MessageStatus, RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult, Store, open_store
 from mailstrom.stores.base import QueueFilter
@@ -91,14 +94,17 @@ class Opened:
     sqlite_dir: Path
     counter: Iterator[int]
 
-    def stores(self) -> dict[str, Store]:
+    def stores(self) -> tuple[dict[str, Store], dict[str, Store]]:
+        """Fresh stores, and a second store object on each durable one's storage (as a
+        second worker or process has)."""
         _empty_postgres(self.pg_url)
-        sqlite_path = self.sqlite_dir / f"queue-{next(self.counter)}.db"
-        return {
+        sqlite_url = f"sqlite:///{self.sqlite_dir / f'queue-{next(self.counter)}.db'}"
+        first = {
             "memory": MemoryStore(),
-            "sqlite": open_store(f"sqlite:///{sqlite_path}"),
+            "sqlite": open_store(sqlite_url),
             "postgres": open_store(self.pg_url),
         }
+        return first, {"sqlite": open_store(sqlite_url), "postgres": open_store(self.pg_url)}
 
 
 def _empty_postgres(url: str) -> None:
@@ -119,6 +125,10 @@ class StoresAgree(RuleBasedStateMachine):
         super().__init__()
         self.opened = opened
         self.stores: dict[str, Store] = {}
+        self.seconds: dict[str, Store] = {}
+        """A second store object on each durable store's storage."""
+        self.on_second = False
+        """Whether the calls go to the second objects now."""
         self.now = NOW
         self.ids: list[dict[str, str]] = []
         """Message index → each store's id for it."""
@@ -137,14 +147,17 @@ class StoresAgree(RuleBasedStateMachine):
     @initialize(messages=st.lists(MESSAGES, min_size=1, max_size=6))
     def open_stores(self, messages: list[dict[str, Any]]) -> None:
         """Fresh stores, with some mail in them: the operations mostly find work."""
-        self.stores = self.opened.stores()
+        self.stores, self.seconds = self.opened.stores()
         self.index = {name: {} for name in self.stores}
-        self.each(lambda s: s.enable_events())
+        # Writing the outbox is each store object's choice (its worker's configuration):
+        # both objects here write it, as two workers configured alike do.
+        for store in [*self.stores.values(), *self.seconds.values()]:
+            store.enable_events()
         for message in messages:
             self.enqueue(**message)
 
     def teardown(self) -> None:
-        for store in self.stores.values():
+        for store in [*self.stores.values(), *self.seconds.values()]:
             store.close()
 
     # --- helpers --------------------------------------------------------------------------
@@ -153,7 +166,8 @@ class StoresAgree(RuleBasedStateMachine):
         """``call`` on every store: the same answer (or the same error type) from each,
         returned once (an error is raised as the memory store raised it)."""
         answers: dict[str, tuple[str, Any]] = {}
-        for name, store in self.stores.items():
+        for name, first in self.stores.items():
+            store = self.seconds.get(name, first) if self.on_second else first
             try:
                 answers[name] = ("ok", call(store))
             except Exception as exc:  # compared across the stores below
@@ -520,6 +534,106 @@ class StoresAgree(RuleBasedStateMachine):
         ]
         self.agree(self.each(lambda s: s.suppress(rows)), "suppress")
 
+    @rule(
+        destination=st.sampled_from((*DOMAINS, "mx.example.org")),
+        which=st.integers(0, 50),
+        first=st.sampled_from((timedelta(minutes=1), timedelta(minutes=4))),
+    )
+    def throttle(self, destination: str, which: int, first: timedelta) -> None:
+        """A destination's throttling reply; the recipients it deferred are a lease's."""
+
+        def pairs(s: Store) -> list[tuple[str, str]]:
+            if not self.leases:
+                return []
+            lease = self.leases[which % len(self.leases)][self.name_of(s)]
+            return [(i.message_id, r.address) for i in lease.items for r in i.recipients]
+
+        self.agree(
+            self.each(
+                lambda s: s.throttle(
+                    destination,
+                    now=self.now,
+                    reply="421 4.7.0 slow down",
+                    first=first,
+                    maximum=timedelta(minutes=10),
+                    recipients=pairs(s),
+                )
+            ),
+            "throttle",
+        )
+
+    @precondition(lambda self: self.leases)
+    @rule(
+        which=st.integers(0, 50),
+        minutes=st.sampled_from((1, 30)),
+        destination=st.sampled_from((None, *DOMAINS)),
+    )
+    def postpone(self, which: int, minutes: int, destination: str | None) -> None:
+        n = which % len(self.leases)
+        until = self.now + timedelta(minutes=minutes)
+        given = self.agree(
+            self.each(
+                lambda s: s.postpone(
+                    self.leases[n][self.name_of(s)].items, until=until, destination=destination
+                )
+            ),
+            "postpone",
+        )
+        owned = self.owned_by(n)
+        assert given == len(owned), f"postpone: {given} given back, the model says {owned}"
+        for key in owned:
+            del self.owner[key]
+
+    @rule(
+        rates=st.lists(st.sampled_from((0.5, 2.0, 10.0)), min_size=1, max_size=2),
+        want=st.integers(1, 12),
+    )
+    def take_tokens(self, rates: list[float], want: int) -> None:
+        buckets = [TokenBucket.per_second(f"b{n}", rate) for n, rate in enumerate(rates)]
+        self.agree(
+            self.each(lambda s: s.take_tokens(buckets, want=want, now=self.now)), "take_tokens"
+        )
+
+    @rule(
+        limit=st.integers(1, 5),
+        seconds=st.sampled_from((1, 60)),
+        then=st.sampled_from(("ack", "release", "keep")),
+    )
+    def lease_events(self, limit: int, seconds: int, then: str) -> None:
+        batches = self.each(
+            lambda s: s.lease_events(
+                now=self.now, limit=limit, lease_for=timedelta(seconds=seconds)
+            )
+        )
+        self.agree(
+            {
+                n: None
+                if batch is None
+                else (
+                    batch.expires_at,
+                    [
+                        replace(e, id=0, message_id=str(self.index[n][e.message_id]))
+                        for e in batch.events
+                    ],
+                )
+                for n, batch in batches.items()
+            },
+            "lease_events",
+        )
+        if batches["memory"] is None or then == "keep":
+            return
+        if then == "ack":
+            self.agree(
+                self.each(lambda s: s.ack_events(batches[self.name_of(s)], now=self.now)),
+                "ack_events",
+            )
+        else:
+            self.each(lambda s: s.release_events(batches[self.name_of(s)]))
+
+    @rule(ago=st.sampled_from((timedelta(0), timedelta(minutes=5))))
+    def prune_events(self, ago: timedelta) -> None:
+        self.agree(self.each(lambda s: s.prune_events(sent_before=self.now - ago)), "prune_events")
+
     @rule()
     def retry_deferred(self) -> None:
         self.agree(self.each(lambda s: s.retry_deferred(now=self.now)), "retry_deferred")
@@ -564,10 +678,16 @@ class StoresAgree(RuleBasedStateMachine):
         return True
 
     def name_of(self, store: Store) -> str:
-        for name, s in self.stores.items():
-            if s is store:
-                return name
+        for stores in (self.stores, self.seconds):
+            for name, s in stores.items():
+                if s is store:
+                    return name
         raise AssertionError(store)
+
+    @rule(second=st.booleans())
+    def switch(self, second: bool) -> None:
+        """Go on through the other store objects: what one wrote, the other must see."""
+        self.on_second = second
 
     # --- what every store must agree on after each step -----------------------------------
 
@@ -608,6 +728,8 @@ class StoresAgree(RuleBasedStateMachine):
         targets = [*ADDRESSES, *DOMAINS]
         self.agree(self.each(lambda s: s.suppressions_for(targets, now=self.now)), "suppressions")
         self.agree(self.each(lambda s: s.list_suppressions(limit=50)), "suppression list")
+        self.agree(self.each(lambda s: s.throttles(now=self.now)), "throttles")
+        self.agree(self.each(lambda s: s.suspensions(now=self.now)), "suspensions")
         edges = (timedelta(minutes=1), timedelta(hours=1))
         self.agree(self.each(lambda s: s.shape(now=self.now, edges=edges)), "shape")
         events = self.each(lambda s: s.read_events(after=0, limit=1000))
