@@ -8,9 +8,11 @@ suppressions; leasing, acknowledging and pruning the event outbox; the clock mov
 against the memory store, SQLite and PostgreSQL, through one store object or a second one
 on the same storage. After every step it compares what each one answered and what each
 one now says: every message's status and history, the stats, the next due time, queries
-and counts, the queue's shape, pauses and suspensions, the suppression list and the event
-outbox. The stores share the contract but no code, so a difference is a bug in one
-of them: an application that moves from SQLite to PostgreSQL must see the same queue.
+and counts, the newest messages, the queue's shape, pauses and suspensions, the
+suppression list, the event outbox, and the dashboard's read model (its overview, every
+page of several views, the destinations). The stores share the contract but no code, so
+a difference is a bug in one of them: an application that moves from SQLite to
+PostgreSQL must see the same queue.
 
 Beside the agreement, the model checks what the contract promises whatever the store: no
 recipient is lost or invented, a recipient is never leased twice while its lease holds, a
@@ -45,6 +47,8 @@ from mailstrom.errors import UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import TokenBucket
+from mailstrom.readmodel import open_read_model
+from mailstrom.readmodel.base import QueueQuery, QueueView, ReadModel, Search, SortOrder
 from mailstrom.status import AttemptOutcome, MessageStatus, RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult, Store, open_store
 from mailstrom.stores.base import QueueFilter
@@ -124,6 +128,8 @@ class StoresAgree(RuleBasedStateMachine):
         self.seconds: dict[str, Store] = {}
         """A second store object on each durable store's storage."""
         self.on_second = False
+        self.read_models: dict[str, ReadModel] = {}
+        """The dashboard's read model of each store."""
         """Whether the calls go to the second objects now."""
         self.now = NOW
         self.ids: list[dict[str, str]] = []
@@ -144,6 +150,9 @@ class StoresAgree(RuleBasedStateMachine):
     def open_stores(self, messages: list[dict[str, Any]]) -> None:
         """Fresh stores, with some mail in them: the operations mostly find work."""
         self.stores, self.seconds = self.opened.stores()
+        self.read_models = {
+            name: open_read_model(store, cache_seconds=0) for name, store in self.stores.items()
+        }
         self.index = {name: {} for name in self.stores}
         # Writing the outbox is each store object's choice (its worker's configuration):
         # both objects here write it, as two workers configured alike do.
@@ -153,6 +162,8 @@ class StoresAgree(RuleBasedStateMachine):
             self.enqueue(**message)
 
     def teardown(self) -> None:
+        for model in self.read_models.values():
+            model.close()
         for store in [*self.stores.values(), *self.seconds.values()]:
             store.close()
 
@@ -700,6 +711,7 @@ class StoresAgree(RuleBasedStateMachine):
             QueueFilter(state=RecipientState.FAILED, limit=3),
             QueueFilter(domain="example.net", held=True),
             QueueFilter(tag="t"),
+            QueueFilter(older_than=timedelta(minutes=5), limit=4),
         ):
             found = self.each(lambda s, w=where: s.query(now=self.now, where=w))
             self.agree(
@@ -710,6 +722,13 @@ class StoresAgree(RuleBasedStateMachine):
                 self.each(lambda s, w=where: s.count(now=self.now, where=w, cap=5)),
                 f"count {where}",
             )
+        recent = self.each(lambda s: s.recent(limit=5))
+        self.agree({n: [self.index[n][m.id] for m in got] for n, got in recent.items()}, "recent")
+        by_header = self.each(lambda s: s.message_ids_for_header("<m@example.com>", limit=4))
+        self.agree(
+            {n: [self.index[n][mid] for mid in got] for n, got in by_header.items()},
+            "message_ids_for_header",
+        )
         targets = [*ADDRESSES, *DOMAINS]
         self.agree(self.each(lambda s: s.suppressions_for(targets, now=self.now)), "suppressions")
         self.agree(self.each(lambda s: s.list_suppressions(limit=50)), "suppression list")
@@ -740,3 +759,55 @@ def test_memory_sqlite_and_postgres_agree(postgres_url: str, tmp_path: Path) -> 
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+    @invariant()
+    def same_dashboard(self) -> None:
+        """The dashboard's read models: the overview, every page of a few views in both
+        orders (cursors followed per store: their numbers are each store's own), and the
+        destinations."""
+        if not self.read_models:
+            return
+        overviews = {
+            name: model.overview(now=self.now, top=5) for name, model in self.read_models.items()
+        }
+        self.agree(
+            {
+                n: replace(
+                    o,
+                    oldest_pending=None
+                    if o.oldest_pending is None
+                    else replace(o.oldest_pending, id=str(self.index[n][o.oldest_pending.id])),
+                )
+                for n, o in overviews.items()
+            },
+            "overview",
+        )
+        for view, order, search in (
+            (QueueView.PENDING, SortOrder.NEWEST, None),
+            (QueueView.ALL, SortOrder.OLDEST, None),
+            (QueueView.FAILED, SortOrder.NEWEST, None),
+            (QueueView.HELD, SortOrder.OLDEST, None),
+            (QueueView.ALL, SortOrder.NEWEST, Search.parse("ann@example.org")),
+            (QueueView.PENDING, SortOrder.OLDEST, Search.parse("example.net")),
+        ):
+            listed = {
+                name: self.all_pages(
+                    name, model, QueueQuery(view=view, order=order, search=search, limit=3)
+                )
+                for name, model in self.read_models.items()
+            }
+            self.agree(listed, f"queue pages {view} {order} {search}")
+        self.agree(
+            {n: m.destinations(now=self.now) for n, m in self.read_models.items()},
+            "destinations",
+        )
+
+    def all_pages(self, name: str, model: ReadModel, query: QueueQuery) -> list[MessageStatus]:
+        found: list[MessageStatus] = []
+        for _ in range(100):
+            page = model.queue_page(query, now=self.now)
+            found += [self.status_view(m, self.index[name][m.id]) for m in page.messages]
+            if page.next is None:
+                return found
+            query = replace(query, after=page.next)
+        raise AssertionError(f"{name}: more than 100 pages")
