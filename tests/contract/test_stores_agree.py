@@ -338,11 +338,11 @@ class StoresAgree(RuleBasedStateMachine):
         return [key for key, (owner, _) in self.owner.items() if owner == n]
 
     def results(
-        self, which: int, picks: list[bool], state: RecipientState, retry_in: timedelta
+        self, n: int, picks: list[bool], state: RecipientState, retry_in: timedelta
     ) -> dict[str, list[RecipientResult]]:
-        """Each store's results of ``state`` for the recipients of lease ``which`` that
+        """Each store's results of ``state`` for the recipients of lease ``n`` that
         ``picks`` chooses (cycled over its addresses, the same in every store)."""
-        leases = self.leases[which % len(self.leases)]
+        leases = self.leases[n]
         addresses = [r.address for item in leases["memory"].items for r in item.recipients]
         chosen = {a for a, pick in zip(addresses, itertools.cycle(picks), strict=False) if pick}
         later = self.now + retry_in if state is RecipientState.DEFERRED else None
@@ -364,10 +364,11 @@ class StoresAgree(RuleBasedStateMachine):
     def record(
         self, which: int, picks: list[bool], state: RecipientState, retry_in: timedelta
     ) -> None:
-        results = self.results(which, picks, state, retry_in)
+        n = which % len(self.leases)
+        results = self.results(n, picks, state, retry_in)
         recorded = self.each(lambda s: s.record(results[self.name_of(s)]))
-        self.agree({n: self.recorded_view(n, r) for n, r in recorded.items()}, "record")
-        self.ended(which % len(self.leases), recorded["memory"])
+        self.agree({name: self.recorded_view(name, r) for name, r in recorded.items()}, "record")
+        self.ended(n, recorded["memory"])
 
     def ended(self, n: int, recorded: list[RecipientResult]) -> None:
         """Results recorded under lease ``n``: only those it held, and they are its no more."""
@@ -395,7 +396,7 @@ class StoresAgree(RuleBasedStateMachine):
         holder: str | None,
     ) -> None:
         n = which % len(self.leases)
-        results = self.results(which, picks, state, timedelta(minutes=1))
+        results = self.results(n, picks, state, timedelta(minutes=1))
         answers = self.each(
             lambda s: s.record_and_lease(
                 results[self.name_of(s)],
