@@ -1,7 +1,8 @@
 """A PostgreSQL restart longer than ``dead_after`` stops every worker's beats: no worker
-may take another for dead by that time (stores/postgres/holders.py). The server is a
-real one, stopped and started again (``own_postgres``); two stores beat from threads of
-their own, as workers do, through the outage.
+may take another for dead by that time (stores/postgres/holders.py), nor soon after,
+because one was slower than another to reconnect. The server is a real one, stopped and
+started again (``own_postgres``); two stores beat from threads of their own, as workers
+do.
 """
 
 from __future__ import annotations
@@ -65,3 +66,41 @@ def test_a_restart_longer_than_dead_after_takes_no_live_worker_for_dead(
     finally:
         alive.close()
         judge.close()
+
+
+def test_a_worker_back_from_a_long_outage_beats_before_another_may_judge(
+    own_postgres: ThrowawayPostgres,
+) -> None:
+    # psycopg_pool on its own backs off (1 s, 2 s, 4 s, 8 s, ...): after this outage the
+    # first worker's next attempt would come some 5 s after the server is back, while a
+    # worker that reached it at once judges after DEAD_AFTER (stores/postgres/connect.py).
+    url = f"{own_postgres.create_database()}?dead_after={DEAD_AFTER:g}s"
+    alive = PostgresStore(url, timeout=2)
+    try:
+        alive.enqueue(message("a@example.org"), now=NOW)
+        alive.release_dead_holders(X)
+        assert alive.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+        given: list[int] = []
+        done = threading.Event()
+        threads = [threading.Thread(target=_beating, args=(alive, X, done, given))]
+        threads[0].start()
+        try:
+            own_postgres.restart(down_for=4 * DEAD_AFTER)
+            judge = PostgresStore(url, timeout=2)  # reached the server at once
+            try:
+                threads.append(threading.Thread(target=_beating, args=(judge, Y, done, given)))
+                threads[1].start()
+                time.sleep(DEAD_AFTER + 1.5)  # the judge judges for more than a second
+                done.set()
+                for thread in threads:
+                    thread.join(30)
+                assert given and sum(given) == 0  # X was never taken for dead
+                assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
+            finally:
+                judge.close()
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(30)
+    finally:
+        alive.close()

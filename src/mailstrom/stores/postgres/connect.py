@@ -28,6 +28,7 @@ to the server and per transaction behind a pooler (:mod:`~.locks`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -37,7 +38,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
@@ -52,6 +53,9 @@ KEEPALIVE = {
 }
 TCP_USER_TIMEOUT_MS = 60_000
 CONNECT_TIMEOUT = 10
+RECONNECT_WITHIN = 60.0
+"""Seconds a pool tries to reconnect, backing off, before it starts again from a short
+delay (see :func:`connection_pool`)."""
 
 
 def connection_options(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, str]:
@@ -292,11 +296,25 @@ def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
 
 
 def connection_pool(
-    url: str, *, name: str, min_size: int, max_size: int, timeout: float
+    url: str,
+    *,
+    name: str,
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    reconnect_within: float = RECONNECT_WITHIN,
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """A pool (not yet open) of autocommit connections to ``url``: bounded in time, UTC,
     preparing statements as the URL's ``prepare_threshold`` says, and waiting for a lock
-    as its ``lock_timeout`` says (see :mod:`~mailstrom.stores.postgres.locks`)."""
+    as its ``lock_timeout`` says (see :mod:`~mailstrom.stores.postgres.locks`).
+
+    After losing the server the pool reconnects soon after it comes back, whatever the
+    outage lasted: its attempts back off (1 s, 2 s, 4 s, ...) for ``reconnect_within``
+    seconds only, then start again from 1 s, so two attempts are never more than about
+    half of it apart. psycopg_pool's own would back off for five minutes, leaving a
+    worker without a connection for up to two and a half minutes after a long outage,
+    longer than another worker, back sooner, waits before it takes this one for dead
+    (:mod:`~mailstrom.stores.postgres.holders`)."""
     conninfo, params = split_url(url)
     return ConnectionPool(
         bounded(conninfo),
@@ -305,6 +323,16 @@ def connection_pool(
         kwargs={"autocommit": True},
         configure=functools.partial(_configure, params=params),
         timeout=timeout,
+        reconnect_timeout=reconnect_within,
+        reconnect_failed=_reconnect_again,
         open=False,
         name=name,
     )
+
+
+def _reconnect_again(pool: ConnectionPool[Any]) -> None:
+    """Start a new run of attempts once psycopg_pool gave one up: on its own it would
+    wait for the next client to ask, and a client already waiting does not ask again."""
+    if not pool.closed:
+        with contextlib.suppress(PoolClosed):  # closed meanwhile: nothing to reach
+            pool.check()

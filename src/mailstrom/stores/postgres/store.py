@@ -141,7 +141,13 @@ class PostgresStore:
         self._notifier = Notifier(self._conninfo, lock_bound=params.lock_bound)
         migrate(url, connect_timeout=timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
-            url, name="mailstrom", min_size=min_size, max_size=max_size, timeout=timeout
+            url,
+            name="mailstrom",
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            # Back within a beat: before another worker can take this one for dead.
+            reconnect_within=self._beats.beat_every,
         )
         self._lock_wait = pool_lock_wait(self._pool)
         try:
