@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from mailstrom.errors import StoreError
 from mailstrom.loopback import names_loopback
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
+from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
 from tests.contract.support import NOW, lease_all, message, results_for
 
@@ -499,3 +501,24 @@ def test_the_overview_says_which_workers_run_and_when_none_does(tmp_path: Path) 
 def test_a_store_that_cannot_tell_shows_no_workers_line(client: TestClient) -> None:
     page = client.get("/").text  # a memory store
     assert 'id="workers"' not in page and 'id="no-workers"' not in page
+
+
+def test_a_failed_look_for_the_workers_shows_no_workers_line_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing(SQLiteStore):
+        def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
+            raise StoreError("SQLite store: the holders directory is unreadable")
+
+    store = Failing(tmp_path / "queue.db")
+    try:
+        for client in _client(store):
+            with caplog.at_level(logging.WARNING, logger="mailstrom.web"):
+                page = client.get("/").text
+            assert 'id="workers"' not in page and 'id="no-workers"' not in page
+            assert (
+                "cannot tell which workers run: SQLite store: the holders directory is "
+                "unreadable" in caplog.messages
+            )
+    finally:
+        store.close()

@@ -25,6 +25,7 @@ implements, does not grow.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
@@ -86,14 +87,17 @@ class DeadHolderReaper(Protocol):
         ...
 
 
-def live_workers(store: object) -> list[HolderInfo] | None:
+def live_workers(store: object, *, log: logging.Logger | None = None) -> list[HolderInfo] | None:
     """The workers running on ``store`` without their lease counts (cheap: see
     :meth:`DeadHolderReaper.live_holders`), for whoever only asks who is there (the
     metrics, the dashboard, the command line's notes); None when the store cannot tell
-    (memory) or failed to."""
+    (memory) or failed to, which ``log`` is told as a warning (the metrics and the notes
+    have their own ways to say that the store fails)."""
     if not isinstance(store, DeadHolderReaper):
         return None
     try:
         return store.live_holders(leases=False)
-    except StoreError:
+    except StoreError as exc:
+        if log is not None:
+            log.warning("cannot tell which workers run: %s", exc)
         return None

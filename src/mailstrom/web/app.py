@@ -137,7 +137,7 @@ def create_app(
             cache.get, "overview", lambda: model.overview(now=now)
         )
         workers: list[HolderInfo] | None = await run_in_threadpool(
-            cache.get, "workers", lambda: live_workers(store)
+            cache.get, "workers", lambda: live_workers(store, log=log)
         )
         pending = view.by_state.get(RecipientState.QUEUED, 0) + view.by_state.get(
             RecipientState.DEFERRED, 0
