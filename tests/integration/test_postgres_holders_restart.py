@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,35 +35,56 @@ def _beating(store: PostgresStore, holder: str, done: threading.Event, given: li
         done.wait(store.reap_every)
 
 
+@contextlib.contextmanager
+def _beats(given: list[int]) -> Iterator[Callable[[PostgresStore, str], None]]:
+    """Start a thread beating for a store and holder at each call of what it yields,
+    each adding to ``given`` what its looks gave back; stopped on leaving."""
+    done = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def beat(store: PostgresStore, holder: str) -> None:
+        threads.append(threading.Thread(target=_beating, args=(store, holder, done, given)))
+        threads[-1].start()
+
+    try:
+        yield beat
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def _leased_by_x(url: str) -> PostgresStore:
+    """A store on ``url`` whose holder X lives and leases the one recipient queued."""
+    store = PostgresStore(url, timeout=2)
+    store.enqueue(message("a@example.org"), now=NOW)
+    store.release_dead_holders(X)
+    lease = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X)
+    assert leased_addresses(lease) == ["a@example.org"]
+    return store
+
+
+def _x_was_never_taken_for_dead(given: list[int], judge: PostgresStore) -> None:
+    assert given and sum(given) == 0
+    # X still holds its lease: nothing is due for anyone else.
+    assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
+
+
 def test_a_restart_longer_than_dead_after_takes_no_live_worker_for_dead(
     own_postgres: ThrowawayPostgres,
 ) -> None:
     url = f"{own_postgres.create_database()}?dead_after={DEAD_AFTER:g}s"
-    alive, judge = PostgresStore(url, timeout=2), PostgresStore(url, timeout=2)
+    alive = _leased_by_x(url)
+    judge = PostgresStore(url, timeout=2)
     try:
-        alive.enqueue(message("a@example.org"), now=NOW)
-        alive.release_dead_holders(X)
-        lease = alive.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X)
-        assert leased_addresses(lease) == ["a@example.org"]
         given: list[int] = []
-        done = threading.Event()
-        threads = [
-            threading.Thread(target=_beating, args=(store, holder, done, given))
-            for store, holder in ((alive, X), (judge, Y))
-        ]
-        for thread in threads:
-            thread.start()
-        try:
+        with _beats(given) as beat:
+            beat(alive, X)
+            beat(judge, Y)
             time.sleep(DEAD_AFTER + 0.5)  # both judge by now: their runs are long enough
             own_postgres.restart(down_for=DEAD_AFTER + 1)  # nobody beats for longer
             time.sleep(DEAD_AFTER + 1)  # both look again, longer than dead_after
-        finally:
-            done.set()
-            for thread in threads:
-                thread.join(30)
-        assert given and sum(given) == 0  # X was never taken for dead
-        # X still holds its lease: nothing is due for anyone else.
-        assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
+        _x_was_never_taken_for_dead(given, judge)
     finally:
         alive.close()
         judge.close()
@@ -75,32 +97,16 @@ def test_a_worker_back_from_a_long_outage_beats_before_another_may_judge(
     # first worker's next attempt would come some 5 s after the server is back, while a
     # worker that reached it at once judges after DEAD_AFTER (stores/postgres/connect.py).
     url = f"{own_postgres.create_database()}?dead_after={DEAD_AFTER:g}s"
-    alive = PostgresStore(url, timeout=2)
+    stores = [_leased_by_x(url)]
     try:
-        alive.enqueue(message("a@example.org"), now=NOW)
-        alive.release_dead_holders(X)
-        assert alive.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
         given: list[int] = []
-        done = threading.Event()
-        threads = [threading.Thread(target=_beating, args=(alive, X, done, given))]
-        threads[0].start()
-        try:
+        with _beats(given) as beat:
+            beat(stores[0], X)
             own_postgres.restart(down_for=4 * DEAD_AFTER)
-            judge = PostgresStore(url, timeout=2)  # reached the server at once
-            try:
-                threads.append(threading.Thread(target=_beating, args=(judge, Y, done, given)))
-                threads[1].start()
-                time.sleep(DEAD_AFTER + 1.5)  # the judge judges for more than a second
-                done.set()
-                for thread in threads:
-                    thread.join(30)
-                assert given and sum(given) == 0  # X was never taken for dead
-                assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
-            finally:
-                judge.close()
-        finally:
-            done.set()
-            for thread in threads:
-                thread.join(30)
+            stores.append(PostgresStore(url, timeout=2))  # the judge, back at once
+            beat(stores[1], Y)
+            time.sleep(DEAD_AFTER + 1.5)  # the judge judges for more than a second
+        _x_was_never_taken_for_dead(given, stores[1])
     finally:
-        alive.close()
+        for store in stores:
+            store.close()
