@@ -20,10 +20,10 @@ from mailstrom.status import DKIMStatus, RecipientState
 from mailstrom.stores import QueueFilter, SQLiteStore, Store
 from mailstrom.stores.dkim_column import MAX_DKIM_REASON, MAX_DKIM_SIGNATURES
 from mailstrom.stores.postgres import PostgresStore
-from mailstrom.stores.postgres.sql import migrations as postgres_migrations
 from mailstrom.stores.sqlite_schema import _statements, to_us
 from mailstrom.stores.sqlite_schema import migrations as sqlite_migrations
 from tests.support.dkim import dual
+from tests.support.pg_tables import schema_at
 
 from .support import NOW, lease_all, message, results_for
 
@@ -138,17 +138,8 @@ def test_sqlite_at_schema_3_upgrades_and_old_messages_read_none(tmp_path: Path) 
 
 
 def test_postgres_at_schema_3_upgrades_and_old_messages_read_none(postgres_url: str) -> None:
+    schema_at(postgres_url, 3)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE schema_version (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in postgres_migrations()[:3]:
-            conn.execute(migration.sql.encode())
-            conn.execute(
-                "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
-            )
         seq = conn.execute(
             "INSERT INTO messages (id, data, envelope_from, created_at, subject, size)"
             " VALUES ('old1', 'ABCD', 'a@sender.test', %s, 'Old', 4) RETURNING seq",

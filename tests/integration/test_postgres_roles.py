@@ -5,6 +5,7 @@ is skipped (analyse)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,8 +18,9 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import migrations
-from tests.support.pg_tables import analysed, small_message, without_autovacuum
+from tests.support.pg_tables import analysed, schema_at, small_message, without_autovacuum
 
 pytestmark = pytest.mark.postgres
 
@@ -37,16 +39,18 @@ def owner_url(postgres_url: str) -> str:
     return postgres_url
 
 
-@pytest.fixture
-def role_url(owner_url: str) -> Iterator[str]:
-    """The URL of a role granted what the docs ask for: the rows, not the schema."""
+@contextlib.contextmanager
+def role_on(owner_url: str, *, granted: bool = True) -> Iterator[str]:
+    """The URL of a new role on ``owner_url``'s database, granted what the docs ask for
+    (the rows, not the schema) or nothing; dropped on leaving."""
     role = f"mailer_{uuid.uuid4().hex[:12]}"  # roles belong to the whole cluster
     with psycopg.connect(owner_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
-        )
-        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        if granted:
+            conn.execute(
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+            )
+            conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
     rest = owner_url.partition("://")[2].partition("@")[2]
     try:
         yield f"postgresql://{role}@{rest}"
@@ -58,6 +62,17 @@ def role_url(owner_url: str) -> Iterator[str]:
             )
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def _role_of(url: str) -> str:
+    return url.partition("://")[2].partition("@")[0]
+
+
+@pytest.fixture
+def role_url(owner_url: str) -> Iterator[str]:
+    """The URL of a role granted what the docs ask for: the rows, not the schema."""
+    with role_on(owner_url) as url:
+        yield url
 
 
 def test_a_read_write_role_queues_leases_and_records(role_url: str) -> None:
@@ -103,3 +118,35 @@ def test_a_role_that_may_not_analyse_still_leases_from_a_new_backlog(
     assert first is not None and second is not None
     # The server skipped the tables, with a warning: only their owner may analyse them.
     assert analysed(owner_url) == {"recipients": False, "messages": False}
+
+
+def test_an_upgrade_that_adds_a_table_grants_it_to_whoever_may_use_the_queue(
+    postgres_url: str,
+) -> None:
+    # Version 13 added lease_holders, which a worker writes at every look: before, its
+    # beats failed with "permission denied" until the operator granted the table again.
+    schema_at(postgres_url, 12)
+    with (
+        role_on(postgres_url) as mailer_url,
+        role_on(postgres_url, granted=False) as stranger_url,
+        psycopg.connect(postgres_url, autocommit=True) as owner,
+    ):
+        mailer, stranger = (_role_of(url) for url in (mailer_url, stranger_url))
+        owner.execute(f"GRANT SELECT ON messages TO {mailer} WITH GRANT OPTION")
+        owner.execute("GRANT SELECT ON messages TO PUBLIC")
+        migrate(postgres_url)  # as the owner
+        with PostgresStore(mailer_url) as store:
+            assert store.release_dead_holders("0123abcd0123abcd") == 0
+            assert [h.holder for h in store.live_holders()] == ["0123abcd0123abcd"]
+
+        def may(role: str, privilege: str) -> bool:
+            row = owner.execute(
+                "SELECT has_table_privilege(%s, 'lease_holders', %s)", (role, privilege)
+            ).fetchone()
+            assert row is not None
+            return bool(row[0])
+
+        assert may(mailer, "SELECT WITH GRANT OPTION")
+        assert not may(mailer, "INSERT WITH GRANT OPTION") and may(mailer, "INSERT")
+        # Only what PUBLIC holds on messages: a role granted nothing may read, not write.
+        assert may(stranger, "SELECT") and not may(stranger, "INSERT")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.stores.postgres.sql import migrations
 
 QUEUE_TABLES = ("recipients", "messages")
 
@@ -36,3 +37,20 @@ def small_message(*recipients: str, body: bytes = b"hello") -> PreparedMessage:
         recipients=recipients,
         subject="hi",
     )
+
+
+def schema_at(url: str, version: int) -> None:
+    """Make the empty database at ``url`` what the migrations up to ``version`` made it,
+    as an older mailstrom left it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in migrations():
+            if migration.version <= version:
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )

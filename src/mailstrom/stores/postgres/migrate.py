@@ -6,7 +6,11 @@ each migration exactly once and never see a half-built schema.
 
 A schema that is already current is only read: no lock, no DDL. So a role that may only
 read and write the tables (granted SELECT, INSERT, UPDATE, DELETE and the sequences'
-USAGE) opens the store once the tables' owner has run ``mailstrom db migrate``.
+USAGE) opens the store once the tables' owner has run ``mailstrom db migrate``. An
+upgrade that adds tables grants on each what every role holds on ``messages``, in the
+same transaction: the roles the operator granted the tables keep working (a worker's
+beats in ``lease_holders`` failed with "permission denied" after the upgrade that added
+it), and a role granted nothing on the queue gets nothing.
 
 Each transaction waits for a lock (the migration lock another process holds, a table
 another session locked) at most the store URL's ``lock_timeout`` (see
@@ -17,14 +21,18 @@ of that table behind it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from mailstrom.errors import StoreAccessDenied, StoreCorrupt
 from mailstrom.stores.postgres.connect import connect, split_url
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
+
+log = logging.getLogger("mailstrom.stores.postgres")
 
 # An arbitrary constant naming mailstrom's migration lock (pg_advisory_xact_lock takes a
 # bigint); it only has to differ from the application's other advisory locks.
@@ -101,6 +109,7 @@ def _migrate_locked(
         applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
         current = max(applied, default=0)
         _check_not_newer(current, known[-1].version if known else 0)
+        tables_before = _tables(conn)
         # Every version not yet recorded, in order: one numbered below an applied one (a
         # feature merged after a later-numbered one was deployed) is applied too.
         for migration in known:
@@ -112,7 +121,58 @@ def _migrate_locked(
                 (migration.version, migration.name),
             )
             current = max(current, migration.version)
+        if tables_before:
+            _grant_as_on_messages(conn, sorted(_tables(conn) - tables_before))
     return current
+
+
+_TABLES = """
+SELECT c.relname FROM pg_class c
+ WHERE c.relkind IN ('r', 'p')
+   AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass('messages'))
+"""
+_GRANTS_ON_MESSAGES = """
+SELECT r.rolname, a.privilege_type, a.is_grantable
+  FROM pg_class c
+ CROSS JOIN LATERAL aclexplode(c.relacl) a
+  LEFT JOIN pg_roles r ON r.oid = a.grantee
+ WHERE c.oid = to_regclass('messages') AND a.grantee <> c.relowner
+ ORDER BY 1, 2
+"""
+_TABLE_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+)
+
+
+def _tables(conn: psycopg.Connection[Any]) -> set[str]:
+    """The tables beside ``messages`` (none before the first migration)."""
+    return {name for (name,) in conn.execute(_TABLES)}
+
+
+def _grant_as_on_messages(conn: psycopg.Connection[Any], tables: list[str]) -> None:
+    """Grant on ``tables`` what each role (PUBLIC too) holds on ``messages``, grant option
+    included, so that whoever the operator granted the queue may use what an upgrade
+    added; the owner needs none."""
+    grants: dict[tuple[str | None, bool], list[str]] = {}
+    for role, privilege, grantable in conn.execute(_GRANTS_ON_MESSAGES):
+        if privilege in _TABLE_PRIVILEGES:  # a newer server's may need more than a copy
+            grants.setdefault((role, bool(grantable)), []).append(privilege)
+    for table in tables:
+        for (role, grantable), privileges in grants.items():
+            conn.execute(
+                sql.SQL("GRANT {privileges} ON {table} TO {role}{option}").format(
+                    privileges=sql.SQL(", ").join(map(sql.SQL, privileges)),
+                    table=sql.Identifier(table),
+                    role=sql.SQL("PUBLIC") if role is None else sql.Identifier(role),
+                    option=sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+                )
+            )
+            log.info(
+                "granted %s on the new table %s to %s, as on messages",
+                ", ".join(privileges),
+                table,
+                role or "PUBLIC",
+            )
 
 
 def migrate(url: str, *, connect_timeout: float = 10.0) -> int:
