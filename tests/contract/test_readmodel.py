@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import pytest
 
 from mailstrom.errors import UnknownMessage
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.readmodel import (
     PageCursor,
     QueueQuery,
@@ -238,6 +239,23 @@ def test_message_data_is_the_stored_message(model: ReadModel, queue: Queue) -> N
     assert model.message_data(queue.deferred) == queue.data
     with pytest.raises(UnknownMessage):
         model.message_data("0" * 32)
+
+
+def test_a_page_lists_each_message_as_its_status_says_attributes_included(
+    store: Store, model: ReadModel
+) -> None:
+    attributes = QueueAttributes(
+        tags=("welcome", "eu"),
+        metadata={"user": "42"},
+        priority="high",
+        send_at=NOW - timedelta(minutes=1),
+        expires_at=NOW + timedelta(days=2),
+        idempotency_key="signup-42",
+        idempotency_until=NOW + timedelta(hours=1),
+    )
+    mid = store.enqueue(replace(message("ann@example.org"), attributes=attributes), now=NOW)
+    page = model.queue_page(QueueQuery(view=QueueView.ALL), now=NOW)
+    assert page.messages == (store.status(mid),)
 
 
 def test_the_read_model_sees_changes_made_through_the_store(

@@ -746,21 +746,6 @@ class StoresAgree(RuleBasedStateMachine):
             "events",
         )
 
-
-# Passing takes ~30 s; a failure is shrunk to its shortest steps, which can take minutes.
-@pytest.mark.timeout(900)
-def test_memory_sqlite_and_postgres_agree(postgres_url: str, tmp_path: Path) -> None:
-    opened = Opened(pg_url=postgres_url, sqlite_dir=tmp_path, counter=itertools.count())
-    run_state_machine_as_test(
-        lambda: StoresAgree(opened),
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
-
     @invariant()
     def same_dashboard(self) -> None:
         """The dashboard's read models: the overview, every page of a few views in both
@@ -812,3 +797,18 @@ def test_memory_sqlite_and_postgres_agree(postgres_url: str, tmp_path: Path) -> 
                 return found
             query = replace(query, after=page.next)
         raise AssertionError(f"{name}: more than 100 pages")
+
+
+# Passing takes ~30 s; a failure is shrunk to its shortest steps, which can take minutes.
+@pytest.mark.timeout(900)
+def test_memory_sqlite_and_postgres_agree(postgres_url: str, tmp_path: Path) -> None:
+    opened = Opened(pg_url=postgres_url, sqlite_dir=tmp_path, counter=itertools.count())
+    run_state_machine_as_test(
+        lambda: StoresAgree(opened),
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
