@@ -4,12 +4,13 @@ A Hypothesis state machine runs the same operations (enqueue alone and in batche
 lanes, send times and idempotency keys; lease with lanes and holders; record,
 record-and-lease, extend, release, release a holder; retry, cancel, hold and purge, one
 message or several; late failures; suspensions, throttles, postponements and rate tokens;
-suppressions; leasing, acknowledging and pruning the event outbox; the clock moving on)
-against the memory store, SQLite and PostgreSQL, through one store object or a second one
-on the same storage. After every step it compares what each one answered and what each
-one now says: every message's status and history, the stats, the next due time, queries
-and counts, the newest messages, the queue's shape, pauses and suspensions, the
-suppression list, the event outbox, and the dashboard's read model (its overview, every
+suppressions; leasing, acknowledging and pruning the event outbox; MX hosts with broken
+TLS, MTA-STS policies and TLS session counters; the clock moving on) against the memory
+store, SQLite and PostgreSQL, through one store object or a second one on the same
+storage. After every step it compares what each one answered and what each one now says:
+every message's status, history and data, the stats, the next due time, queries and
+counts, the newest messages, the queue's shape, pauses and suspensions, the suppression
+list, the event outbox, the TLS state, and the dashboard's read model (its overview, every
 page of several views, the destinations). The stores share the contract but no code, so
 a difference is a bug in one of them: an application that moves from SQLite to
 PostgreSQL must see the same queue.
@@ -46,6 +47,7 @@ from hypothesis.stateful import (
 from mailstrom.errors import UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts import CachedPolicy, Mode, Policy
 from mailstrom.policy.throttle import TokenBucket
 from mailstrom.readmodel import open_read_model
 from mailstrom.readmodel.base import QueueQuery, QueueView, ReadModel, Search, SortOrder
@@ -53,6 +55,7 @@ from mailstrom.status import AttemptOutcome, MessageStatus, RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult, Store, open_store
 from mailstrom.stores.base import QueueFilter
 from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
+from mailstrom.tlsrpt import PolicyType, TLSSessions
 
 from .support import NOW, attempt, results_for
 
@@ -69,6 +72,9 @@ STEPS = (
     timedelta(minutes=6),
     timedelta(hours=2),
 )
+MX_HOSTS = ("mx1.example.org", "mx2.example.org", "mx.xn--bcher-kva.example")
+POLICY_DOMAINS = ("example.org", "example.net", "xn--bcher-kva.example")
+"""Where the TLS state rules point: MX hosts and MTA-STS policy domains, as A-labels."""
 OUTCOMES = (RecipientState.DELIVERED, RecipientState.DEFERRED, RecipientState.FAILED)
 PENDING = {RecipientState.QUEUED, RecipientState.DEFERRED}
 FINAL = {RecipientState.DELIVERED, RecipientState.FAILED}
@@ -681,6 +687,58 @@ class StoresAgree(RuleBasedStateMachine):
                     return name
         raise AssertionError(store)
 
+    @rule(
+        host=st.sampled_from(MX_HOSTS),
+        minutes=st.sampled_from((1, 30)),
+        reason=st.sampled_from(("handshake failed", "x" * 600)),
+    )
+    def note_tls_broken(self, host: str, minutes: int, reason: str) -> None:
+        until = self.now + timedelta(minutes=minutes)
+        self.each(lambda s: s.note_tls_broken(host, until=until, reason=reason, now=self.now))
+
+    @rule(
+        domain=st.sampled_from(POLICY_DOMAINS),
+        policy_id=st.sampled_from(("20300101", "20300102")),
+        mode=st.sampled_from(tuple(Mode)),
+        max_age=st.sampled_from((0, 86400)),
+    )
+    def save_mta_sts_policy(self, domain: str, policy_id: str, mode: Mode, max_age: int) -> None:
+        mx = () if mode is Mode.NONE else ("mx1.example.org", "*.example.net")
+        text = f"version: STSv1\nmode: {mode.value}" + "".join(f"\nmx: {m}" for m in mx)
+        policy = Policy(mode=mode, mx=mx, max_age=max_age, text=text)
+        cached = CachedPolicy.of(domain, policy_id, policy, self.now)
+        self.each(lambda s: s.save_mta_sts_policy(cached))
+
+    @rule(
+        kinds=st.lists(
+            st.sampled_from(("", "certificate-expired", "starttls-not-supported")),
+            min_size=1,
+            max_size=3,
+        ),
+        yesterday=st.booleans(),
+        count=st.integers(1, 3),
+    )
+    def add_tls_sessions(self, kinds: list[str], yesterday: bool, count: int) -> None:
+        day = self.now.date() - timedelta(days=1 if yesterday else 0)
+        sessions = [
+            TLSSessions(
+                day=day,
+                policy_domain="example.org",
+                policy_type=PolicyType.STS,
+                policy_string="version: STSv1\nmode: enforce",
+                result_type=kind,
+                receiving_mx="mx1.example.org" if kind else "",
+                count=count,
+            )
+            for kind in kinds
+        ]
+        self.each(lambda s: s.add_tls_sessions(sessions))
+
+    @rule(days=st.integers(0, 1))
+    def prune_tls_sessions(self, days: int) -> None:
+        before = self.now.date() - timedelta(days=days)
+        self.agree(self.each(lambda s: s.prune_tls_sessions(before=before)), "prune_tls_sessions")
+
     @rule(second=st.booleans())
     def switch(self, second: bool) -> None:
         """Go on through the other store objects: what one wrote, the other must see."""
@@ -699,6 +757,10 @@ class StoresAgree(RuleBasedStateMachine):
             )
             addresses = [r.address for r in status.recipients]
             assert addresses == list(self.recipients[i]), "a recipient was lost or invented"
+            self.agree(
+                self.each(lambda s, i=i: s.message_data(self.ids[i][self.name_of(s)])),
+                f"message {i}'s data",
+            )
             self.last_seen[i] = status
 
     @invariant()
@@ -737,6 +799,18 @@ class StoresAgree(RuleBasedStateMachine):
         self.agree(self.each(lambda s: s.suspensions(now=self.now)), "suspensions")
         edges = (timedelta(minutes=1), timedelta(hours=1))
         self.agree(self.each(lambda s: s.shape(now=self.now, edges=edges)), "shape")
+        self.agree(self.each(lambda s: s.tls_broken(now=self.now)), "tls_broken")
+        for domain in POLICY_DOMAINS:
+            self.agree(self.each(lambda s, d=domain: s.mta_sts_policy(d)), f"policy of {domain}")
+        for back in (0, 1, 2):
+            day = self.now.date() - timedelta(days=back)
+            self.agree(
+                {
+                    n: sorted(got, key=TLSSessions.key)
+                    for n, got in self.each(lambda s, d=day: s.tls_sessions(d)).items()
+                },
+                f"TLS sessions of {day}",
+            )
         events = self.each(lambda s: s.read_events(after=0, limit=1000))
         self.agree(
             {
