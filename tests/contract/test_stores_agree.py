@@ -842,25 +842,36 @@ class StoresAgree(RuleBasedStateMachine):
             },
             "overview",
         )
-        for view, order, search in (
-            (QueueView.PENDING, SortOrder.NEWEST, None),
-            (QueueView.ALL, SortOrder.OLDEST, None),
-            (QueueView.FAILED, SortOrder.NEWEST, None),
-            (QueueView.HELD, SortOrder.OLDEST, None),
-            (QueueView.ALL, SortOrder.NEWEST, Search.parse("ann@example.org")),
-            (QueueView.PENDING, SortOrder.OLDEST, Search.parse("example.net")),
+        for query in (
+            QueueQuery(view=QueueView.PENDING, order=SortOrder.NEWEST),
+            QueueQuery(view=QueueView.ALL, order=SortOrder.OLDEST),
+            QueueQuery(view=QueueView.FAILED, order=SortOrder.NEWEST),
+            QueueQuery(view=QueueView.HELD, order=SortOrder.OLDEST),
+            QueueQuery(view=QueueView.ALL, search=Search.parse("ann@example.org")),
+            QueueQuery(
+                view=QueueView.PENDING, order=SortOrder.OLDEST, search=Search.parse("example.net")
+            ),
+            QueueQuery(view=QueueView.DEFERRED, domain="Example.ORG"),
+            QueueQuery(view=QueueView.ALL, older_than=timedelta(minutes=5), order=SortOrder.OLDEST),
         ):
             listed = {
-                name: self.all_pages(
-                    name, model, QueueQuery(view=view, order=order, search=search, limit=3)
-                )
+                name: self.all_pages(name, model, replace(query, limit=3))
                 for name, model in self.read_models.items()
             }
-            self.agree(listed, f"queue pages {view} {order} {search}")
+            self.agree(listed, f"queue pages {query}")
         self.agree(
             {n: m.destinations(now=self.now) for n, m in self.read_models.items()},
             "destinations",
         )
+        self.agree(
+            {n: m.suspensions(now=self.now) for n, m in self.read_models.items()},
+            "read model suspensions",
+        )
+        for i in self.live():
+            self.agree(
+                {n: m.message_data(self.ids[i][n]) for n, m in self.read_models.items()},
+                f"message {i}'s data in the read model",
+            )
 
     def all_pages(self, name: str, model: ReadModel, query: QueueQuery) -> list[MessageStatus]:
         found: list[MessageStatus] = []
