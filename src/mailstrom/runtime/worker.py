@@ -40,6 +40,7 @@ from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.routing import Router
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.runtime.outbox_others import warn_if_others_write_events
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.suppressing import screen
@@ -307,6 +308,10 @@ class Worker(
             if self.config.outbox:
                 # From here on every record also writes its events, in the same transaction.
                 self.store.enable_events()
+            else:
+                await warn_if_others_write_events(
+                    self.store, store_call=self._store_call, now=self._clock()
+                )
             if self.config.hook is not None:
                 # Loaded only here: HTTP (urllib, http.client) is for workers with a hook.
                 from mailstrom.runtime.hooks import HookSender
