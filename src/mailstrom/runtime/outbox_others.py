@@ -11,11 +11,10 @@ worker without an outbox looks once, at its start, for an event written within
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 from mailstrom.errors import StoreError
+from mailstrom.runtime.shaper import StoreCall
 from mailstrom.stores.base import Store
 
 log = logging.getLogger("mailstrom.worker")
@@ -24,23 +23,20 @@ RECENT = timedelta(days=1)
 """How new the newest event must be to count as written by a worker that runs: older
 ones may be left from a configuration given up since (they stay until pruned)."""
 
-StoreCall = Callable[..., Awaitable[Any]]
-
 
 async def warn_if_others_write_events(
     store: Store, *, store_call: StoreCall, now: datetime
-) -> bool:
-    """Warn when ``store``'s newest event was written within :data:`RECENT` of ``now``;
-    returns whether it did. A store that fails the look is not worth failing a start
-    for: nothing is said."""
+) -> None:
+    """Warn when ``store``'s newest event was written within :data:`RECENT` of ``now``. A
+    store that fails the look is not worth failing a start for: nothing is said."""
     try:
         last = await store_call(store.last_event_id)
         newest = await store_call(store.read_events, after=last - 1, limit=1) if last else []
     except StoreError as exc:
         log.debug("could not look at the event outbox: %s", exc)
-        return False
+        return
     if not newest or newest[0].at < now - RECENT:
-        return False
+        return
     log.warning(
         "the store's event outbox is written by another worker (its newest event is from "
         "%s), but this worker's configuration has neither a hook nor events: the results "
@@ -48,4 +44,3 @@ async def warn_if_others_write_events(
         "configure every worker alike",
         newest[0].at.isoformat(timespec="seconds"),
     )
-    return True

@@ -28,7 +28,6 @@ to the server and per transaction behind a pooler (:mod:`~.locks`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -38,7 +37,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import ConnectionPool, PoolClosed
+from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
@@ -333,6 +332,5 @@ def connection_pool(
 def _reconnect_again(pool: ConnectionPool[Any]) -> None:
     """Start a new run of attempts once psycopg_pool gave one up: on its own it would
     wait for the next client to ask, and a client already waiting does not ask again."""
-    if not pool.closed:
-        with contextlib.suppress(PoolClosed):  # closed meanwhile: nothing to reach
-            pool.check()
+    if not pool.closed:  # check() itself would queue work for workers that stopped
+        pool.check()
