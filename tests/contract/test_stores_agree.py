@@ -277,6 +277,10 @@ class StoresAgree(RuleBasedStateMachine):
                 self.each(lambda s, n=n: s.message_data(per_store[self.name_of(s)][n])),
                 f"message {len(self.ids) - 1}'s data",
             )
+            self.agree(
+                {m: model.message_data(per_store[m][n]) for m, model in self.read_models.items()},
+                f"message {len(self.ids) - 1}'s data in the read model",
+            )
 
     @rule(**MESSAGE)
     def enqueue(

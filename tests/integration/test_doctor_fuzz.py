@@ -636,9 +636,10 @@ def test_no_tlsa_records_make_dane_misbehave(
     server.tlsa(tlsa_name(host), *records)
     if secure:
         server.authenticated(everything=True)
-    # A malformed record costs the first try its whole share (dnspython waits for an
-    # answer it can parse), and the second try gets what is left: 0.5 s of a 1 s lifetime,
-    # which an event loop stalled by a busy machine or a collection does not eat up.
+    # The first try keeps half the lifetime back for asking again: a malformed record
+    # makes dnspython wait out its share, and so does an answer late from the loopback
+    # server (a thread of this process, stalled with it). With 0.2 s, a stall of 0.1 s
+    # left nothing to ask again with; 0.5 s of a 1 s lifetime is room for both.
     resolver = make_resolver(replace(server.dns_config, timeout=1.0))
     found = asyncio.run(lookup_tlsa(resolver, host))
     assert found.exists
