@@ -714,6 +714,33 @@ def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
     assert store.status(mid).recipient("slow@example.org").state is DEFERRED
 
 
+def test_work_of_a_lease_taken_over_is_not_sent_again(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # The worker's lease expires (its process or the store stalled) and another worker
+    # takes its recipients over: what it has not started yet is the other's to send.
+    # Before, its heartbeat learnt this and went on to deliver all of them, twice.
+    lease_for = timedelta(milliseconds=300)
+    mx.data_delay = 0.5  # three transactions pipelined, the rest queued behind them
+    store = MemoryStore()
+    queued = [f"queued{i}@example.org" for i in range(10)]
+    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    # The other worker, whose clock is past this worker's leases, takes every recipient.
+    other = store.lease(now=clock() + 10 * lease_for, limit=100, lease_for=timedelta(hours=1))
+    assert other is not None
+    assert sorted(r.address for item in other.items for r in item.recipients) == sorted(queued)
+    # Mail queued later is this worker's own, and goes out behind what it had started.
+    mid = ms.send_email(hello("later@example.org"))
+    results.wait_final({"later@example.org"})
+    received = [to for m in mx.received for to in m.rcpt_tos]
+    assert received[:-1] == queued[:3] and received[-1] == "later@example.org", received
+    assert store.status(mid).recipient("later@example.org").state is DELIVERED
+    # The other worker's lease still holds the rest: nothing was given back under it.
+    assert store.lease(now=clock() + 20 * lease_for, limit=100, lease_for=lease_for) is None
+
+
 class IdleSignallingStore(MemoryStore):
     """Counts lease calls and signals when the worker asks when work is next due, which it
     does right before it goes to sleep with nothing in flight."""

@@ -716,6 +716,32 @@ class Dispatcher:
             work = queue.popleft()
             self._done(self._outcomes.from_error(work.item, error, work.started or now, where))
 
+    def withdraw(self, lease_token: str) -> list[WorkItem]:
+        """Take the work of the lease ``lease_token`` that no session has started out of
+        the queues, and return its items: they are no longer in flight (nor reported
+        through ``on_done``). The worker does this when its lease was taken over, so that
+        what another worker now delivers is not sent twice."""
+        withdrawn: list[WorkItem] = []
+        for key, dest in list(self._destinations.items()):
+            if not any(work.item.lease_token == lease_token for work in dest.queue):
+                continue
+            kept = []
+            for work in dest.queue:
+                if work.item.lease_token == lease_token:
+                    withdrawn.append(work.item)
+                else:
+                    kept.append(work)
+            # In place: a running session reads the queue through its own reference.
+            dest.queue.clear()
+            dest.queue.extend(kept)
+            if not kept and dest.sessions == 0 and not dest.parked:
+                # A waiting one is skipped when its turn comes (its queue is empty).
+                del self._destinations[key]
+        self.in_flight -= sum(len(item.recipients) for item in withdrawn)
+        if self.in_flight <= 0:
+            self.idle.set()
+        return withdrawn
+
     # --- upkeep ------------------------------------------------------------------------
 
     def prune(self) -> None:

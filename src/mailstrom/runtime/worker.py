@@ -12,7 +12,9 @@ what arrived meanwhile. The worker never leases more than
 ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery and counts
 capacity per recipient: a stalled server holds only its own slots. A **heartbeat** extends
 the leases of work still in progress, so that a slow delivery is not taken over by
-another worker.
+another worker; when it finds that one was taken over all the same (this worker or its
+store stalled past the lease), the work of that lease not yet started goes back to the
+store instead of being sent twice.
 
 The store may fail for a while (a database restart, a write lock held by another process):
 the worker keeps every result in memory, retries with backoff and goes on by itself; it
@@ -698,6 +700,32 @@ class Worker(
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             for state in list(self._leases.values()):
                 try:
-                    await self._store_call(self.store.extend, state.lease, until=until)
+                    held = await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
+                    continue
+                if held < state.unrecorded:
+                    self._withdraw(state.lease, held)
+
+    def _withdraw(self, lease: Lease, held: int) -> None:
+        """The store holds fewer of ``lease``'s recipients for this worker than it has not
+        recorded: the lease expired (the store or this process stalled) and another worker
+        took some over, or their messages were cancelled. The lease's work no session has
+        started goes back to the store, which gives back only what this lease still holds
+        (due at once); what another worker took over is its to deliver, not sent twice.
+        Deliveries already under way go on: their results are ignored if taken over.
+
+        The count may also fall short because a write of results committed while this
+        worker had not yet counted it: then the work given back is merely leased again."""
+        if self._dispatcher is None or self._loop is None:
+            return
+        items = self._dispatcher.withdraw(lease.token)
+        if not items:
+            return
+        log.warning(
+            "lease %s: the store holds %d of its recipients; %d not yet started given back",
+            lease.token,
+            held,
+            sum(len(item.recipients) for item in items),
+        )
+        self._on_postpone(items, self._clock(), None)
