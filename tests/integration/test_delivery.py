@@ -741,6 +741,38 @@ def test_work_of_a_lease_taken_over_is_not_sent_again(
     assert store.lease(now=clock() + 20 * lease_for, limit=100, lease_for=lease_for) is None
 
 
+def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_breaks(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    mx: Any,
+    results: Results,
+    clock: FakeClock,
+) -> None:
+    # As above, and the connection then breaks under the transactions in flight: they
+    # would go to the next MX host, and out twice.
+    backup = smtp_server(host="127.0.0.2", port=mx.port)
+    dns_server.mx("example.org", [(10, "mx.test"), (20, "mx2.test")])
+    dns_server.a("mx2.test", backup.host)
+    lease_for = timedelta(milliseconds=300)
+    mx.data_delay = 0.5
+    queued = [f"queued{i}@example.org" for i in range(10)]
+    mx.drop_after_dot_rcpts = {queued[1]}
+    store = MemoryStore()
+    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    other = store.lease(now=clock() + 10 * lease_for, limit=100, lease_for=timedelta(hours=1))
+    assert other is not None
+    ms.send_email(hello("later@example.org"))
+    results.wait_final({"later@example.org"})
+    # queued0 answered, queued1 cut off after its content, queued2 not sent (no 354 came
+    # before the cut); only the mail queued later goes to the backup.
+    assert [to for m in mx.received for to in m.rcpt_tos] == queued[:2]
+    assert [to for m in backup.received for to in m.rcpt_tos] == ["later@example.org"]
+    assert results.all[-1].state is DELIVERED
+
+
 class IdleSignallingStore(MemoryStore):
     """Counts lease calls and signals when the worker asks when work is next due, which it
     does right before it goes to sleep with nothing in flight."""

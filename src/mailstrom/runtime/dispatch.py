@@ -63,6 +63,9 @@ from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
+_LOST_LEASES = 64
+"""Leases :meth:`Dispatcher.withdraw` remembers as lost, newest kept: a session that
+breaks later gives their work back instead of queueing it again."""
 _DEPTH = 3
 """Transactions kept submitted per connection: one being answered, the next on the wire,
 and one more waiting, so that the content of the next leaves with the envelope after it
@@ -125,6 +128,7 @@ class Dispatcher:
         self._shaper = shaper
         self._on_postpone = on_postpone
         self._spread: dict[datetime, list[WorkItem]] = {}
+        self._lost: dict[str, None] = {}  # withdrawn leases, oldest first (_LOST_LEASES)
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
@@ -545,6 +549,12 @@ class Dispatcher:
             if shape is not None:
                 results = await self._heed_throttle(shape, result, results)
             self._done(results)
+        lost = [work for work in retry if work.item.lease_token in self._lost]
+        if lost:
+            # Their lease was taken over while they were on the wire: the other worker
+            # delivers them; another session here would send them twice.
+            retry = [work for work in retry if work.item.lease_token not in self._lost]
+            self._give_back(lost)
         for work in reversed(retry):
             work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
@@ -636,12 +646,20 @@ class Dispatcher:
         return True
 
     def _postpone(self, works: list[_Work], pause: DestinationThrottle) -> None:
+        self._give_back(works, pause.until, pause.destination)
+
+    def _give_back(
+        self, works: list[_Work], until: datetime | None = None, destination: str | None = None
+    ) -> None:
+        """Out of flight, and back to the store through ``on_postpone``, due at ``until``
+        (at once when None)."""
         items = [work.item for work in works]
         self.in_flight -= sum(len(item.recipients) for item in items)
         if self.in_flight <= 0:
             self.idle.set()
         if items and self._on_postpone is not None:
-            self._on_postpone(items, pause.until, pause.destination)
+            when = until if until is not None else self._outcomes.now()
+            self._on_postpone(items, when, destination)
 
     def _postpone_later(self, work: _Work, until: datetime) -> None:
         """Give ``work`` back, due at ``until``; the items of one lease are gathered and
@@ -716,31 +734,30 @@ class Dispatcher:
             work = queue.popleft()
             self._done(self._outcomes.from_error(work.item, error, work.started or now, where))
 
-    def withdraw(self, lease_token: str) -> list[WorkItem]:
-        """Take the work of the lease ``lease_token`` that no session has started out of
-        the queues, and return its items: they are no longer in flight (nor reported
-        through ``on_done``). The worker does this when its lease was taken over, so that
-        what another worker now delivers is not sent twice."""
-        withdrawn: list[WorkItem] = []
+    def withdraw(self, lease_token: str) -> int:
+        """Give back, through ``on_postpone`` and due at once, the work of the lease
+        ``lease_token`` that no session has started, and from now on what of it a broken
+        session would queue again; returns how many recipients went back now. The worker
+        does this when its lease was taken over, so that what another worker now delivers
+        is not sent twice (the store gives back only what the lease still holds)."""
+        self._lost[lease_token] = None
+        if len(self._lost) > _LOST_LEASES:
+            del self._lost[next(iter(self._lost))]
+        withdrawn: list[_Work] = []
         for key, dest in list(self._destinations.items()):
             if not any(work.item.lease_token == lease_token for work in dest.queue):
                 continue
-            kept = []
+            kept: list[_Work] = []
             for work in dest.queue:
-                if work.item.lease_token == lease_token:
-                    withdrawn.append(work.item)
-                else:
-                    kept.append(work)
+                (withdrawn if work.item.lease_token == lease_token else kept).append(work)
             # In place: a running session reads the queue through its own reference.
             dest.queue.clear()
             dest.queue.extend(kept)
             if not kept and dest.sessions == 0 and not dest.parked:
                 # A waiting one is skipped when its turn comes (its queue is empty).
                 del self._destinations[key]
-        self.in_flight -= sum(len(item.recipients) for item in withdrawn)
-        if self.in_flight <= 0:
-            self.idle.set()
-        return withdrawn
+        self._give_back(withdrawn)
+        return sum(len(work.item.recipients) for work in withdrawn)
 
     # --- upkeep ------------------------------------------------------------------------
 

@@ -125,6 +125,10 @@ class Outcomes:
         self._rng = rng
         table()  # read the reply classes now, not at the first failure on the event loop
 
+    def now(self) -> datetime:
+        """The worker's clock: what results are stamped with."""
+        return self._clock()
+
     def from_transaction(
         self, item: WorkItem, result: TransactionResult, started: float, where: Where
     ) -> list[RecipientResult]:

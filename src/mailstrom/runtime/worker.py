@@ -713,19 +713,18 @@ class Worker(
         took some over, or their messages were cancelled. The lease's work no session has
         started goes back to the store, which gives back only what this lease still holds
         (due at once); what another worker took over is its to deliver, not sent twice.
-        Deliveries already under way go on: their results are ignored if taken over.
+        Deliveries already under way go on (their results are ignored if taken over); one
+        whose connection breaks is given back too, not tried again.
 
         The count may also fall short because a write of results committed while this
         worker had not yet counted it: then the work given back is merely leased again."""
-        if self._dispatcher is None or self._loop is None:
+        if self._dispatcher is None:
             return
-        items = self._dispatcher.withdraw(lease.token)
-        if not items:
-            return
-        log.warning(
-            "lease %s: the store holds %d of its recipients; %d not yet started given back",
-            lease.token,
-            held,
-            sum(len(item.recipients) for item in items),
-        )
-        self._on_postpone(items, self._clock(), None)
+        given = self._dispatcher.withdraw(lease.token)
+        if given:
+            log.warning(
+                "lease %s: the store holds %d of its recipients; %d not yet started given back",
+                lease.token,
+                held,
+                given,
+            )
