@@ -7,6 +7,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from mailstrom import (
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import RelayConfig, RelayTLS
-from mailstrom.errors import UnknownMessage, WorkerError
+from mailstrom.errors import StoreError, UnknownMessage, WorkerError
 from mailstrom.message import PreparedMessage, prepare
 from mailstrom.policy import advice_for
 from mailstrom.routing import Route, Router
@@ -771,6 +772,80 @@ def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_break
     assert [to for m in mx.received for to in m.rcpt_tos] == queued[:2]
     assert [to for m in backup.received for to in m.rcpt_tos] == ["later@example.org"]
     assert results.all[-1].state is DELIVERED
+
+
+class UnreachableStore(MemoryStore):
+    """A MemoryStore whose worker's writes fail while ``down`` is set, as a database the
+    worker cannot reach; counts the results it could not record meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.extends_failed = 0
+        self.unrecorded: set[str] = set()
+        self._seen = threading.Condition()
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreError("the database cannot be reached")
+
+    def wait(self, predicate: Callable[[], bool]) -> None:
+        with self._seen:
+            assert self._seen.wait_for(predicate, timeout=10)
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        if self.down:
+            with self._seen:
+                self.extends_failed += 1
+                self._seen.notify_all()
+        self._check()
+        return super().extend(lease, until=until)
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        if self.down:
+            with self._seen:
+                self.unrecorded.update(r.address for r in results)
+                self._seen.notify_all()
+        self._check()
+        return super().record_and_lease(results, **kwargs)
+
+    def record(self, results: Any) -> Any:
+        self._check()
+        return super().record(results)
+
+    def postpone(self, items: Any, **kwargs: Any) -> int:
+        self._check()
+        return super().postpone(items, **kwargs)
+
+
+def test_a_worker_that_cannot_extend_its_lease_starts_none_of_its_work(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # Cut off from its store for two thirds of lease_for, a worker's lease may be taken
+    # over by a worker whose clock is ahead: what it has not started must wait for the
+    # store, or it could go out twice. Before, it went on delivering all of it.
+    lease_for = timedelta(milliseconds=300)
+    mx.data_delay = 0.5
+    store = UnreachableStore()
+    queued = [f"queued{i}@example.org" for i in range(10)]
+    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    store.down = True
+    # Two failed beats, and nothing in flight any more: the three transactions under way
+    # done (their results held), the rest given back.
+    store.wait(lambda: store.extends_failed >= 2 and len(store.unrecorded) >= 3)
+    deadline = time.monotonic() + 10
+    while ms.worker_status.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ms.worker_status.in_flight == 0
+    assert [to for m in mx.received for to in m.rcpt_tos] == queued[:3]
+    store.down = False
+    mx.data_delay = 0
+    # Given back once the store answers, leased again, and each delivered once.
+    results.wait_final(set(queued))
+    assert sorted(to for m in mx.received for to in m.rcpt_tos) == sorted(queued)
+    assert {r.address for r in results.all if r.state is DELIVERED} == set(queued)
 
 
 class IdleSignallingStore(MemoryStore):

@@ -14,7 +14,8 @@ capacity per recipient: a stalled server holds only its own slots. A **heartbeat
 the leases of work still in progress, so that a slow delivery is not taken over by
 another worker; when it finds that one was taken over all the same (this worker or its
 store stalled past the lease), the work of that lease not yet started goes back to the
-store instead of being sent twice.
+store instead of being sent twice; and a lease it could not extend for two thirds of
+``lease_for`` (the store unreachable) starts none of its remaining work (fencing).
 
 The store may fail for a while (a database restart, a write lock held by another process):
 the worker keeps every result in memory, retries with backoff and goes on by itself; it
@@ -47,7 +48,7 @@ from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.suppressing import screen
 from mailstrom.runtime.tls_reporting import tls_reporting
-from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, lease_margin
+from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, danger_skew, lease_margin
 from mailstrom.runtime.worker_destinations import WorkerDestinations
 from mailstrom.runtime.worker_reaping import WorkerReaping
 from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
@@ -90,6 +91,11 @@ def utc_now() -> datetime:
 class _LeaseState:
     lease: Lease
     unrecorded: int
+    held_until: float
+    """Loop time at which the lease expires as far as this worker knows (moved by each
+    extension the store confirmed)."""
+    fenced: bool = False
+    """Its unstarted work was given back because it could not be extended in time."""
 
 
 class Worker(
@@ -585,7 +591,10 @@ class Worker(
         self, lease: Lease, dispatcher: Dispatcher, suppressed: Mapping[str, Suppression]
     ) -> int:
         count = sum(len(item.recipients) for item in lease.items)
-        self._leases[lease.token] = _LeaseState(lease=lease, unrecorded=count)
+        left = (lease.expires_at - self._clock()).total_seconds()
+        self._leases[lease.token] = _LeaseState(
+            lease=lease, unrecorded=count, held_until=asyncio.get_running_loop().time() + left
+        )
         items = self._items
         load = self._lane_load
         now = self._clock()
@@ -695,17 +704,43 @@ class Worker(
         unless a store that can tell it died gives them back sooner (worker_reaping.py)."""
         lease_for = self.config.lease_for
         interval = lease_for.total_seconds() / 3
+        # Another worker whose clock is ahead, by less than the skew that stops it
+        # leasing, takes an expired lease over this much early.
+        early = danger_skew(lease_for)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)  # a timer, not synchronisation
+            beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             for state in list(self._leases.values()):
                 try:
                     held = await self._store_call(self.store.extend, state.lease, until=until)
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
+                    if not state.fenced and loop.time() >= state.held_until - early:
+                        state.fenced = True
+                        self._fence(state.lease)
                     continue
+                state.held_until = beat + lease_for.total_seconds()
+                state.fenced = False
                 if held < state.unrecorded:
                     self._withdraw(state.lease, held)
+
+    def _fence(self, lease: Lease) -> None:
+        """``lease`` could not be extended and may expire (by other workers' clocks)
+        before the next beat: another worker may take it over, so its work no session has
+        started goes back to the store (once it can be written) instead of out now, where
+        it could go out twice. Deliveries already under way go on."""
+        if self._dispatcher is None:
+            return
+        given = self._dispatcher.withdraw(lease.token)
+        if given:
+            log.warning(
+                "lease %s could not be extended and may be taken over: "
+                "%d recipients not yet started given back",
+                lease.token,
+                given,
+            )
 
     def _withdraw(self, lease: Lease, held: int) -> None:
         """The store holds fewer of ``lease``'s recipients for this worker than it has not
