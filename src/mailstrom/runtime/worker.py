@@ -718,48 +718,30 @@ class Worker(
                 except StoreError as exc:  # a passing hiccup; the next beat tries again
                     self._store_trouble("extend", exc)
                     if not state.fenced and loop.time() >= state.held_until - early:
+                        # Fencing: the lease may expire (by others' clocks) before the
+                        # next beat, and be taken over; its work waits for the store.
                         state.fenced = True
-                        self._fence(state.lease)
+                        self._withdraw(state.lease, "could not be extended in time")
                     continue
                 state.held_until = beat + lease_for.total_seconds()
                 state.fenced = False
                 if held < state.unrecorded:
-                    self._withdraw(state.lease, held)
+                    # The lease expired (this process or the store stalled) and another
+                    # worker took some of it over, or messages were cancelled. Or a write
+                    # of results committed before this worker counted it (PostgreSQL's
+                    # threads): then what is given back is merely leased again.
+                    self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
 
-    def _fence(self, lease: Lease) -> None:
-        """``lease`` could not be extended and may expire (by other workers' clocks)
-        before the next beat: another worker may take it over, so its work no session has
-        started goes back to the store (once it can be written) instead of out now, where
-        it could go out twice. Deliveries already under way go on."""
+    def _withdraw(self, lease: Lease, why: str) -> None:
+        """Give the work of ``lease`` that no session has started back to the store, which
+        gives back only what the lease still holds (due at once): another worker took the
+        lease over, or may (``why`` says which). Deliveries already under way go on (their
+        results are ignored if taken over); one whose connection breaks is given back
+        too, not tried again."""
         if self._dispatcher is None:
             return
         given = self._dispatcher.withdraw(lease.token)
         if given:
             log.warning(
-                "lease %s could not be extended and may be taken over: "
-                "%d recipients not yet started given back",
-                lease.token,
-                given,
-            )
-
-    def _withdraw(self, lease: Lease, held: int) -> None:
-        """The store holds fewer of ``lease``'s recipients for this worker than it has not
-        recorded: the lease expired (the store or this process stalled) and another worker
-        took some over, or their messages were cancelled. The lease's work no session has
-        started goes back to the store, which gives back only what this lease still holds
-        (due at once); what another worker took over is its to deliver, not sent twice.
-        Deliveries already under way go on (their results are ignored if taken over); one
-        whose connection breaks is given back too, not tried again.
-
-        The count may also fall short because a write of results committed while this
-        worker had not yet counted it: then the work given back is merely leased again."""
-        if self._dispatcher is None:
-            return
-        given = self._dispatcher.withdraw(lease.token)
-        if given:
-            log.warning(
-                "lease %s: the store holds %d of its recipients; %d not yet started given back",
-                lease.token,
-                held,
-                given,
+                "lease %s %s: %d recipients not yet started given back", lease.token, why, given
             )
