@@ -821,7 +821,7 @@ class UnreachableStore(MemoryStore):
 def test_a_worker_that_cannot_extend_its_lease_starts_none_of_its_work(
     mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
 ) -> None:
-    # Cut off from its store for two thirds of lease_for, a worker's lease may be taken
+    # Cut off from its store for 7/12 of lease_for, a worker's lease may be taken
     # over by a worker whose clock is ahead: what it has not started must wait for the
     # store, or it could go out twice. Before, it went on delivering all of it.
     lease_for = timedelta(milliseconds=300)

@@ -14,7 +14,7 @@ capacity per recipient: a stalled server holds only its own slots. A **heartbeat
 the leases of work still in progress, so that a slow delivery is not taken over by
 another worker; when it finds that one was taken over all the same (this worker or its
 store stalled past the lease), the work of that lease not yet started goes back to the
-store instead of being sent twice; and a lease it could not extend for two thirds of
+store instead of being sent twice; and a lease it could not extend for 7/12 of
 ``lease_for`` (the store unreachable) starts none of its remaining work (fencing).
 
 The store may fail for a while (a database restart, a write lock held by another process):
@@ -94,6 +94,8 @@ class _LeaseState:
     held_until: float
     """Loop time at which the lease expires as far as this worker knows (moved by each
     extension the store confirmed)."""
+    extend_failed: bool = False
+    """The heartbeat's last try to extend it failed."""
     fenced: bool = False
     """Its unstarted work was given back because it could not be extended in time."""
 
@@ -166,6 +168,7 @@ class Worker(
         self._closing = False
         self._lease_wanted = True
         self._dispatcher: Dispatcher | None = None
+        self._beating = False  # the heartbeat is extending leases
         self._leases: dict[str, _LeaseState] = {}
         self._pending: list[RecipientResult] = []
         self._pending_since = 0.0
@@ -302,6 +305,7 @@ class Worker(
             reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        fencing = asyncio.create_task(self._fence_loop(), name="mailstrom-fencing")
         self._clock_checked = asyncio.Event()
         clock_check = asyncio.create_task(self._clock_loop(), name="mailstrom-clock")
         reaping = asyncio.create_task(self._reap_loop(), name="mailstrom-reaping")
@@ -352,12 +356,19 @@ class Worker(
             raise
         finally:
             heartbeat.cancel()
+            fencing.cancel()
             clock_check.cancel()
             reaping.cancel()
             tls_memory.cancel()
             pauses.cancel()
             await asyncio.gather(
-                heartbeat, clock_check, reaping, tls_memory, pauses, return_exceptions=True
+                heartbeat,
+                fencing,
+                clock_check,
+                reaping,
+                tls_memory,
+                pauses,
+                return_exceptions=True,
             )
             if unwatch is not None:
                 unwatch()
@@ -704,33 +715,58 @@ class Worker(
         unless a store that can tell it died gives them back sooner (worker_reaping.py)."""
         lease_for = self.config.lease_for
         interval = lease_for.total_seconds() / 3
-        # Another worker whose clock is ahead, by less than the skew that stops it
-        # leasing, takes an expired lease over this much early.
-        early = danger_skew(lease_for)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)  # a timer, not synchronisation
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
+            self._beating = True
+            try:
+                for state in list(self._leases.values()):
+                    try:
+                        held = await self._store_call(self.store.extend, state.lease, until=until)
+                    except StoreError as exc:  # a passing hiccup; the next beat tries again
+                        self._store_trouble("extend", exc)
+                        state.extend_failed = True
+                        continue
+                    state.held_until = beat + lease_for.total_seconds()
+                    state.extend_failed = state.fenced = False
+                    if held < state.unrecorded:
+                        # The lease expired (this process or the store stalled) and
+                        # another worker took some of it over, or messages were
+                        # cancelled. Or a write of results committed before this worker
+                        # counted it (PostgreSQL's threads): then what is given back is
+                        # merely leased again.
+                        self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
+            finally:
+                self._beating = False
+
+    async def _fence_loop(self) -> None:
+        """Fencing: a lease whose last confirmed extension is running out (the store could
+        not be reached, or each beat's calls took too long) may be taken over by another
+        worker whose clock is ahead, by less than the skew that stops it leasing, before
+        this one can extend it again. Its work not yet started then waits for the store
+        instead of going out, where it could go out twice. Judged apart from the
+        heartbeat, so that a store call that hangs does not delay it; only while the
+        heartbeat is failing or under way (a heartbeat merely late on a busy loop is no
+        sign that the store is out of reach)."""
+        lease_for = self.config.lease_for
+        check = lease_for.total_seconds() / 12
+        # A healthy lease is extended every lease_for / 3, to lease_for from the beat: it
+        # never comes this close to expiring.
+        early = danger_skew(lease_for) + check
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(check)  # a timer, not synchronisation
+            now = loop.time()
             for state in list(self._leases.values()):
-                try:
-                    held = await self._store_call(self.store.extend, state.lease, until=until)
-                except StoreError as exc:  # a passing hiccup; the next beat tries again
-                    self._store_trouble("extend", exc)
-                    if not state.fenced and loop.time() >= state.held_until - early:
-                        # Fencing: the lease may expire (by others' clocks) before the
-                        # next beat, and be taken over; its work waits for the store.
-                        state.fenced = True
-                        self._withdraw(state.lease, "could not be extended in time")
-                    continue
-                state.held_until = beat + lease_for.total_seconds()
-                state.fenced = False
-                if held < state.unrecorded:
-                    # The lease expired (this process or the store stalled) and another
-                    # worker took some of it over, or messages were cancelled. Or a write
-                    # of results committed before this worker counted it (PostgreSQL's
-                    # threads): then what is given back is merely leased again.
-                    self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
+                if (
+                    not state.fenced
+                    and now >= state.held_until - early
+                    and (state.extend_failed or self._beating)
+                ):
+                    state.fenced = True
+                    self._withdraw(state.lease, "could not be extended in time")
 
     def _withdraw(self, lease: Lease, why: str) -> None:
         """Give the work of ``lease`` that no session has started back to the store, which
