@@ -848,6 +848,57 @@ def test_a_worker_that_cannot_extend_its_lease_starts_none_of_its_work(
     assert {r.address for r in results.all if r.state is DELIVERED} == set(queued)
 
 
+class HangingStore(MemoryStore):
+    """A MemoryStore called in threads, as PostgreSQL is, whose worker's writes wait while
+    ``open`` is clear, as calls to a server that stopped answering."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+        self.open.set()
+
+    def _wait(self) -> None:
+        assert self.open.wait(20), "never opened"
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        self._wait()
+        return super().extend(lease, until=until)
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        self._wait()
+        return super().record_and_lease(results, **kwargs)
+
+    def postpone(self, items: Any, **kwargs: Any) -> int:
+        self._wait()
+        return super().postpone(items, **kwargs)
+
+
+def test_a_worker_whose_store_hangs_starts_none_of_its_leased_work(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # The same with calls that hang instead of failing: the heartbeat waits in its first
+    # extend, and the lease must be fenced all the same.
+    lease_for = timedelta(milliseconds=300)
+    mx.data_delay = 0.5
+    store = HangingStore()
+    queued = [f"queued{i}@example.org" for i in range(10)]
+    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    store.open.clear()
+    deadline = time.monotonic() + 10
+    while (ms.worker_status.in_flight or len(mx.messages) < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ms.worker_status.in_flight == 0
+    assert [to for m in mx.received for to in m.rcpt_tos] == queued[:3]
+    mx.data_delay = 0
+    store.open.set()
+    results.wait_final(set(queued))
+    assert sorted(to for m in mx.received for to in m.rcpt_tos) == sorted(queued)
+
+
 class IdleSignallingStore(MemoryStore):
     """Counts lease calls and signals when the worker asks when work is next due, which it
     does right before it goes to sleep with nothing in flight."""
