@@ -774,129 +774,71 @@ def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_break
     assert results.all[-1].state is DELIVERED
 
 
-class UnreachableStore(MemoryStore):
-    """A MemoryStore whose worker's writes fail while ``down`` is set, as a database the
-    worker cannot reach; counts the results it could not record meanwhile."""
+class CutOffStore(MemoryStore):
+    """A MemoryStore whose worker's writes fail (``hang=False``), or wait (``hang=True``,
+    called in threads as PostgreSQL is), while it is cut off: a database the worker
+    cannot reach, or that stopped answering."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hang: bool) -> None:
         super().__init__()
-        self.down = False
-        self.extends_failed = 0
-        self.unrecorded: set[str] = set()
-        self._seen = threading.Condition()
+        self.in_process = not hang
+        self._hang = hang
+        self.reachable = threading.Event()
+        self.reachable.set()
 
-    def _check(self) -> None:
-        if self.down:
+    def _through(self) -> None:
+        if self.reachable.is_set():
+            return
+        if not self._hang:
             raise StoreError("the database cannot be reached")
-
-    def wait(self, predicate: Callable[[], bool]) -> None:
-        with self._seen:
-            assert self._seen.wait_for(predicate, timeout=10)
+        assert self.reachable.wait(20), "never reachable again"
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
-        if self.down:
-            with self._seen:
-                self.extends_failed += 1
-                self._seen.notify_all()
-        self._check()
+        self._through()
         return super().extend(lease, until=until)
 
     def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
-        if self.down:
-            with self._seen:
-                self.unrecorded.update(r.address for r in results)
-                self._seen.notify_all()
-        self._check()
+        self._through()
         return super().record_and_lease(results, **kwargs)
 
     def record(self, results: Any) -> Any:
-        self._check()
+        self._through()
         return super().record(results)
 
     def postpone(self, items: Any, **kwargs: Any) -> int:
-        self._check()
+        self._through()
         return super().postpone(items, **kwargs)
 
 
-def test_a_worker_that_cannot_extend_its_lease_starts_none_of_its_work(
-    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+@pytest.mark.parametrize("hang", [False, True], ids=["failing", "hanging"])
+def test_a_worker_cut_off_from_its_store_starts_none_of_its_leased_work(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock, hang: bool
 ) -> None:
-    # Cut off from its store for 7/12 of lease_for, a worker's lease may be taken
+    # Cut off from its store for 7/12 of lease_for, a worker's lease may soon be taken
     # over by a worker whose clock is ahead: what it has not started must wait for the
-    # store, or it could go out twice. Before, it went on delivering all of it.
+    # store, or it could go out twice. Before, it went on delivering all of it; with calls
+    # that hang, the heartbeat waits in its first extend, and fencing must not wait too.
     lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5
-    store = UnreachableStore()
+    mx.data_delay = 0.5  # three transactions pipelined, the rest queued behind them
+    store = CutOffStore(hang=hang)
     queued = [f"queued{i}@example.org" for i in range(10)]
     store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
     ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
     mx.wait_for_received(1)
-    store.down = True
-    # Two failed beats, and nothing in flight any more: the three transactions under way
-    # done (their results held), the rest given back.
-    store.wait(lambda: store.extends_failed >= 2 and len(store.unrecorded) >= 3)
-    deadline = time.monotonic() + 10
-    while ms.worker_status.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ms.worker_status.in_flight == 0
-    assert [to for m in mx.received for to in m.rcpt_tos] == queued[:3]
-    store.down = False
-    mx.data_delay = 0
-    # Given back once the store answers, leased again, and each delivered once.
-    results.wait_final(set(queued))
-    assert sorted(to for m in mx.received for to in m.rcpt_tos) == sorted(queued)
-    assert {r.address for r in results.all if r.state is DELIVERED} == set(queued)
-
-
-class HangingStore(MemoryStore):
-    """A MemoryStore called in threads, as PostgreSQL is, whose worker's writes wait while
-    ``open`` is clear, as calls to a server that stopped answering."""
-
-    in_process = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = threading.Event()
-        self.open.set()
-
-    def _wait(self) -> None:
-        assert self.open.wait(20), "never opened"
-
-    def extend(self, lease: Lease, *, until: datetime) -> int:
-        self._wait()
-        return super().extend(lease, until=until)
-
-    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
-        self._wait()
-        return super().record_and_lease(results, **kwargs)
-
-    def postpone(self, items: Any, **kwargs: Any) -> int:
-        self._wait()
-        return super().postpone(items, **kwargs)
-
-
-def test_a_worker_whose_store_hangs_starts_none_of_its_leased_work(
-    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
-) -> None:
-    # The same with calls that hang instead of failing: the heartbeat waits in its first
-    # extend, and the lease must be fenced all the same.
-    lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5
-    store = HangingStore()
-    queued = [f"queued{i}@example.org" for i in range(10)]
-    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
-    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
-    mx.wait_for_received(1)
-    store.open.clear()
+    store.reachable.clear()
+    # Nothing in flight any more: the three transactions under way done (their results
+    # held in memory), the other seven given back.
     deadline = time.monotonic() + 10
     while (ms.worker_status.in_flight or len(mx.messages) < 3) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert ms.worker_status.in_flight == 0
     assert [to for m in mx.received for to in m.rcpt_tos] == queued[:3]
     mx.data_delay = 0
-    store.open.set()
+    store.reachable.set()
+    # Given back once the store answers, leased again, and each delivered once.
     results.wait_final(set(queued))
     assert sorted(to for m in mx.received for to in m.rcpt_tos) == sorted(queued)
+    assert {r.address for r in results.all if r.state is DELIVERED} == set(queued)
 
 
 class IdleSignallingStore(MemoryStore):
