@@ -774,6 +774,27 @@ def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_break
     assert results.all[-1].state is DELIVERED
 
 
+def test_a_message_cancelled_while_its_lease_waits_is_not_sent(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # Cancelling a leased message ends its lease in the store; the worker's next beat
+    # finds the lease short and gives back what it had not started: the cancelled
+    # message stays unsent, the others are leased again and go out once.
+    lease_for = timedelta(milliseconds=300)
+    mx.data_delay = 0.5
+    store = MemoryStore()
+    queued = [f"queued{i}@example.org" for i in range(10)]
+    ids = store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    assert ms.cancel(ids[8]) == 1
+    mx.data_delay = 0
+    rest = set(queued) - {queued[8]}
+    results.wait_final(rest)
+    assert sorted(to for m in mx.received for to in m.rcpt_tos) == sorted(rest)
+    assert store.status(ids[8]).recipient(queued[8]).state is FAILED
+
+
 class CutOffStore(MemoryStore):
     """A MemoryStore whose worker's writes fail (``hang=False``), or wait (``hang=True``,
     called in threads as PostgreSQL is), while it is cut off: a database the worker
