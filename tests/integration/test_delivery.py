@@ -715,21 +715,35 @@ def test_heartbeat_keeps_a_slow_delivery_from_being_taken_over(
     assert store.status(mid).recipient("slow@example.org").state is DEFERRED
 
 
+QUEUED = [f"queued{i}@example.org" for i in range(10)]
+SHORT_LEASE = timedelta(milliseconds=300)
+
+
+def slow_queue(
+    mailstrom: MakeMailstrom, mx: Any, clock: FakeClock, store: MemoryStore
+) -> tuple[Mailstrom, list[str]]:
+    """:data:`QUEUED` in ``store`` (their message ids returned), then a worker with a
+    :data:`SHORT_LEASE` leasing them all on one connection to ``mx``, answered 0.5 s after
+    each dot: three transactions pipelined, the other seven queued behind them. Returns
+    once the first one's content arrived."""
+    mx.data_delay = 0.5
+    ids = store.enqueue_many([prepare(hello(to)) for to in QUEUED], now=clock())
+    ms = mailstrom(store=store, lease_for=SHORT_LEASE, max_connections=1, max_per_destination=1)
+    mx.wait_for_received(1)
+    return ms, ids
+
+
 def test_work_of_a_lease_taken_over_is_not_sent_again(
     mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
 ) -> None:
     # The worker's lease expires (its process or the store stalled) and another worker
     # takes its recipients over: what it has not started yet is the other's to send.
-    # Before, its heartbeat learnt this and went on to deliver all of them, twice.
-    lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5  # three transactions pipelined, the rest queued behind them
+    # Before, extend told the heartbeat so and the worker went on to send them all, twice.
     store = MemoryStore()
-    queued = [f"queued{i}@example.org" for i in range(10)]
-    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
-    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
-    mx.wait_for_received(1)
+    ms, _ = slow_queue(mailstrom, mx, clock, store)
+    queued = QUEUED
     # The other worker, whose clock is past this worker's leases, takes every recipient.
-    other = store.lease(now=clock() + 10 * lease_for, limit=100, lease_for=timedelta(hours=1))
+    other = store.lease(now=clock() + 10 * SHORT_LEASE, limit=100, lease_for=timedelta(hours=1))
     assert other is not None
     assert sorted(r.address for item in other.items for r in item.recipients) == sorted(queued)
     # Mail queued later is this worker's own, and goes out behind what it had started.
@@ -739,7 +753,7 @@ def test_work_of_a_lease_taken_over_is_not_sent_again(
     assert received[:-1] == queued[:3] and received[-1] == "later@example.org", received
     assert store.status(mid).recipient("later@example.org").state is DELIVERED
     # The other worker's lease still holds the rest: nothing was given back under it.
-    assert store.lease(now=clock() + 20 * lease_for, limit=100, lease_for=lease_for) is None
+    assert store.lease(now=clock() + 20 * SHORT_LEASE, limit=100, lease_for=SHORT_LEASE) is None
 
 
 def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_breaks(
@@ -755,15 +769,11 @@ def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_break
     backup = smtp_server(host="127.0.0.2", port=mx.port)
     dns_server.mx("example.org", [(10, "mx.test"), (20, "mx2.test")])
     dns_server.a("mx2.test", backup.host)
-    lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5
-    queued = [f"queued{i}@example.org" for i in range(10)]
+    queued = QUEUED
     mx.drop_after_dot_rcpts = {queued[1]}
     store = MemoryStore()
-    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
-    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
-    mx.wait_for_received(1)
-    other = store.lease(now=clock() + 10 * lease_for, limit=100, lease_for=timedelta(hours=1))
+    ms, _ = slow_queue(mailstrom, mx, clock, store)
+    other = store.lease(now=clock() + 10 * SHORT_LEASE, limit=100, lease_for=timedelta(hours=1))
     assert other is not None
     ms.send_email(hello("later@example.org"))
     results.wait_final({"later@example.org"})
@@ -780,13 +790,9 @@ def test_a_message_cancelled_while_its_lease_waits_is_not_sent(
     # Cancelling a leased message ends its lease in the store; the worker's next beat
     # finds the lease short and gives back what it had not started: the cancelled
     # message stays unsent, the others are leased again and go out once.
-    lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5
     store = MemoryStore()
-    queued = [f"queued{i}@example.org" for i in range(10)]
-    ids = store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
-    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
-    mx.wait_for_received(1)
+    ms, ids = slow_queue(mailstrom, mx, clock, store)
+    queued = QUEUED
     assert ms.cancel(ids[8]) == 1
     mx.data_delay = 0
     rest = set(queued) - {queued[8]}
@@ -839,13 +845,9 @@ def test_a_worker_cut_off_from_its_store_starts_none_of_its_leased_work(
     # over by a worker whose clock is ahead: what it has not started must wait for the
     # store, or it could go out twice. Before, it went on delivering all of it; with calls
     # that hang, the heartbeat waits in its first extend, and fencing must not wait too.
-    lease_for = timedelta(milliseconds=300)
-    mx.data_delay = 0.5  # three transactions pipelined, the rest queued behind them
     store = CutOffStore(hang=hang)
-    queued = [f"queued{i}@example.org" for i in range(10)]
-    store.enqueue_many([prepare(hello(to)) for to in queued], now=clock())
-    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
-    mx.wait_for_received(1)
+    ms, _ = slow_queue(mailstrom, mx, clock, store)
+    queued = QUEUED
     store.reachable.clear()
     # Nothing in flight any more: the three transactions under way done (their results
     # held in memory), the other seven given back.

@@ -549,10 +549,10 @@ class Dispatcher:
             if shape is not None:
                 results = await self._heed_throttle(shape, result, results)
             self._done(results)
-        lost = [work for work in retry if work.item.lease_token in self._lost]
-        if lost:
-            # Their lease was taken over while they were on the wire: the other worker
-            # delivers them; another session here would send them twice.
+        if retry and self._lost:
+            # Work of a lease taken over while it was on the wire: the other worker
+            # delivers it; another session here would send it twice.
+            lost = [work for work in retry if work.item.lease_token in self._lost]
             retry = [work for work in retry if work.item.lease_token not in self._lost]
             self._give_back(lost)
         for work in reversed(retry):
