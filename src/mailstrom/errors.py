@@ -217,6 +217,15 @@ class StoreLocked(StoreError):
     the lock's holder when the server says."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's server could not be reached, or went away mid-call: a connection
+    refused, lost or timed out, a pool with no connection to give, a server shutting
+    down. A passing trouble like any :class:`StoreError`; told apart because a worker
+    that cannot reach a shared queue's server may be taken for dead by the workers that
+    can (see :mod:`mailstrom.stores.postgres.holders`), and so stops starting the work it
+    leased."""
+
+
 class UnreadableRow(StoreError):
     """A queue row the store cannot read back as mailstrom wrote it (changed by hand, by
     a bug in another version sharing the database, by a partial restore or bit rot): a

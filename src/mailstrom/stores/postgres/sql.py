@@ -18,7 +18,7 @@ from importlib.resources.abc import Traversable
 
 import psycopg
 
-from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData
+from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData, StoreUnreachable
 from mailstrom.stores.postgres.locks import LockWait, lock_wait_message
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
@@ -76,6 +76,21 @@ def queries() -> dict[str, str]:
     }
 
 
+_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+"""SQLSTATEs (or their class) of a server that cannot be reached or is going away:
+connection exceptions, an administrator's or a crash's shutdown, a server starting up,
+too many connections."""
+
+
+def unreachable(exc: psycopg.OperationalError) -> bool:
+    """Whether ``exc`` says the server could not be reached or went away mid-call: the
+    driver's own errors (no SQLSTATE: refused, lost, timed out, the pool's wait for a
+    connection) and the server's :data:`_UNREACHABLE_STATES`. Not a statement the server
+    refused (a grant, a lock, a resource), which other clients would meet too."""
+    state = exc.sqlstate
+    return state is None or state.startswith(_UNREACHABLE_STATES)
+
+
 @contextmanager
 def translate_errors(
     doing: str, *, diagnose: Callable[[], LockWait | None] | None = None
@@ -84,7 +99,9 @@ def translate_errors(
     StoreRefusedData for a value the server or the driver refused (SQLSTATE classes 22 and
     23, text UTF-8 cannot encode), which trying again as it is cannot mend; StoreLocked
     for a wait for a lock that outlasted ``lock_timeout`` (55P03), saying who holds it
-    when ``diagnose`` can tell (see :mod:`~mailstrom.stores.postgres.locks`)."""
+    when ``diagnose`` can tell (see :mod:`~mailstrom.stores.postgres.locks`);
+    StoreUnreachable when the server could not be reached or went away
+    (:func:`unreachable`)."""
     try:
         yield
     except psycopg.errors.LockNotAvailable as exc:
@@ -92,5 +109,8 @@ def translate_errors(
         raise StoreLocked(lock_wait_message(doing, exc, wait)) from exc
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
         raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        kind = StoreUnreachable if unreachable(exc) else StoreError
+        raise kind(f"PostgreSQL store: {doing} failed: {exc}") from exc
     except psycopg.Error as exc:
         raise StoreError(f"PostgreSQL store: {doing} failed: {exc}") from exc
