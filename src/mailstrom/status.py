@@ -433,7 +433,9 @@ class WorkerStatus:
     """Why the worker takes no new work although it runs, e.g. ``"clock: 45.0 s ahead of
     PostgreSQL server db:5432 (± 0.001 s), beyond 300 s (a third of lease_for)"``. It
     still delivers and records what it holds, and resumes by itself once the cause is
-    gone. None while it leases."""
+    gone; but a worker cut off from a PostgreSQL store that other workers share
+    (``"store: not reached for ..."``) gives back what it has not started, which they may
+    deliver. None while it leases."""
     holder: str | None = None
     """The worker's lease holder: the start of its lease tokens, and its name in
     ``mailstrom workers``. None until the worker is built (a worker process starting)."""

@@ -211,6 +211,13 @@ class Worker(
         self._clock_checked: asyncio.Event | None = None
         """Set once the first clock check has ended: the first lease waits for it."""
 
+    @property
+    def _leasing_paused(self) -> bool:
+        """The store loop leases nothing: our clock is too far from the store server's
+        (worker_clock.py), or we are cut off from a store whose other workers may take us
+        for dead (worker_reaping.py)."""
+        return self._clock_stops_leasing or self._cut_off is not None
+
     # --- control, callable from any thread -------------------------------------------------
 
     def wake(self) -> None:
@@ -621,6 +628,9 @@ class Worker(
                 # A VERP message is one transaction per recipient (its own envelope sender).
                 for part in per_recipient(rest, key=self._verp_key or b""):
                     dispatcher.submit(part)
+        if self._cut_off:  # leased by a call that began before: no session has it yet
+            self._leases[lease.token].fenced = True
+            self._withdraw(lease, "may be taken over: its worker is cut off")
         return count
 
     def _on_done(self, results: list[RecipientResult]) -> None:
@@ -749,22 +759,29 @@ class Worker(
         instead of going out, where it could go out twice. Judged apart from the
         heartbeat, so that a store call that hangs does not delay it; only while the
         heartbeat is failing or under way (a heartbeat merely late on a busy loop is no
-        sign that the store is out of reach)."""
+        sign that the store is out of reach). Every lease is fenced so while the worker
+        is cut off from a store whose other workers may take it for dead
+        (worker_reaping.py), which comes much sooner on PostgreSQL (``dead_after``)."""
         lease_for = self.config.lease_for
         check = lease_for.total_seconds() / 12
         # A healthy lease is extended every lease_for / 3, to lease_for from the beat: it
         # never comes this close to expiring.
         early = danger_skew(lease_for) + check
+        dead_after = self._dead_after
+        if dead_after is not None:
+            check = min(check, dead_after / 16)  # see _cut_off_now
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(check)  # a timer, not synchronisation
             now = loop.time()
+            cut_off = self._cut_off_now(now)
             for state in list(self._leases.values()):
-                if (
-                    not state.fenced
-                    and now >= state.held_until - early
-                    and (state.extend_failed or self._beating)
-                ):
+                if state.fenced:
+                    continue
+                if cut_off:
+                    state.fenced = True
+                    self._withdraw(state.lease, "may be taken over: its worker is cut off")
+                elif now >= state.held_until - early and (state.extend_failed or self._beating):
                     state.fenced = True
                     self._withdraw(state.lease, "could not be extended in time")
 

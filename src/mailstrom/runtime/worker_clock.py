@@ -99,7 +99,7 @@ def lease_margin(reading: ClockReading | None) -> timedelta:
 
 class WorkerClock(WorkerStore):
     """The clock check of :class:`Worker`, mixed in over its state; its result is what
-    the store loop reads (:attr:`_leasing_paused`) and what the heartbeat corrects by
+    the store loop reads (:attr:`_clock_stops_leasing`) and what the heartbeat corrects by
     (:func:`lease_margin`)."""
 
     config: Config
@@ -113,7 +113,7 @@ class WorkerClock(WorkerStore):
     _due_stale: bool
 
     @property
-    def _leasing_paused(self) -> bool:
+    def _clock_stops_leasing(self) -> bool:
         return self._clock_verdict is ClockVerdict.STOP
 
     async def _clock_loop(self) -> None:
@@ -136,7 +136,7 @@ class WorkerClock(WorkerStore):
                 self._clock_checked.set()
 
     def _clock_check_interval(self) -> float:
-        if self._clock_reading is None or self._leasing_paused:
+        if self._clock_reading is None or self._clock_stops_leasing:
             return self.config.poll_interval
         return min(CHECK_EVERY, danger_skew(self.config.lease_for))
 

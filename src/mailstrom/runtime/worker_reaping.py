@@ -9,6 +9,16 @@ PostgreSQL) is asked at start, before the first lease when its calls run on the 
 loop, and then every ``reap_every`` seconds (the store's: a minute for SQLite, 15 s for
 PostgreSQL, whose looks also say that this worker lives); what it gives back is leased
 again at once. The memory store is not asked.
+
+The other side of a look that is also a beat: a PostgreSQL worker that cannot reach the
+server for the store URL's ``dead_after`` is taken for dead by the workers that can, and
+they deliver what it leased. So a worker whose looks have failed for lack of a server
+(:class:`~mailstrom.errors.StoreUnreachable`), or hung, for three quarters of
+``dead_after`` counts itself cut off (:meth:`WorkerReaping._cut_off_now`): it stops
+leasing, and the worker gives back the work it leased and has not started (see the
+fencing in worker.py), which would otherwise go out twice. A look that fails because the
+server refused it (no grant on ``lease_holders``) fails every worker's look alike, so
+nobody is taken for dead: it cuts nothing off. The first look that works ends it.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import functools
 import logging
 from collections.abc import Callable
 
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreError, StoreUnreachable
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.dead_holders import DeadHolderReaper
 
@@ -34,6 +44,18 @@ class WorkerReaping(WorkerStore):
     _lease_wanted: bool
     _due_stale: bool
     _look_failing = False
+    _beat_until: float | None = None
+    """Loop time from which other workers may take this one for dead: the start of its
+    last look that worked plus the store's ``dead_after``. None while that cannot happen
+    (a store that does not judge by beats, judging off, or no look has worked yet: this
+    worker has no row to be judged by)."""
+    _beat_unreachable = False
+    """The last look failed because the store could not be reached."""
+    _looking_since: float | None = None
+    """Loop time at which the look under way began; None between looks."""
+    _cut_off: str | None = None
+    """Why this worker may be taken for dead (see the module docstring), while it may: it
+    then leases nothing, and gives back what it has not started."""
 
     async def _reap_loop(self) -> None:
         """Look at once (a task started before the store loop: on the worker's loop, an
@@ -56,9 +78,12 @@ class WorkerReaping(WorkerStore):
 
     async def _reap(self, reap: Callable[[], int]) -> bool:
         """One look; False when the store failed it."""
+        loop = asyncio.get_running_loop()
+        started = self._looking_since = loop.time()
         try:
             released = await self._store_call(reap)
         except StoreError as exc:
+            self._beat_unreachable = isinstance(exc, StoreUnreachable)
             # Counted as a store error, but said apart from the store loop's account
             # (worker_status.store_error): a look can fail while every lease and record
             # works (no grant on PostgreSQL's lease_holders after an upgrade, a lock on
@@ -73,6 +98,17 @@ class WorkerReaping(WorkerStore):
                     exc,
                 )
             return False
+        finally:
+            self._looking_since = None
+        dead_after = self._dead_after
+        self._beat_until = None if dead_after is None else started + dead_after
+        self._beat_unreachable = False
+        if self._cut_off:
+            self._cut_off = None
+            self._lease_wanted = True
+            if self._wake is not None:
+                self._wake.set()
+            log.warning("this worker reaches its store again: leasing again")
         if self._look_failing:
             self._look_failing = False
             log.warning("looking for dead workers works again")
@@ -84,3 +120,34 @@ class WorkerReaping(WorkerStore):
             if self._wake is not None:
                 self._wake.set()
         return True
+
+    @property
+    def _dead_after(self) -> float | None:
+        """The store's ``dead_after``: None when a live worker of it is never taken for
+        dead."""
+        store = self.store
+        return store.dead_after if isinstance(store, DeadHolderReaper) else None
+
+    def _cut_off_now(self, now: float) -> bool:
+        """Whether this worker is cut off at loop time ``now`` (see the module docstring);
+        says so once when it becomes so. Asked every sixteenth of ``dead_after``.
+
+        Three quarters of ``dead_after`` after the last look that worked began: a healthy
+        worker's began at most an eighth of it ago (the looks' interval) plus the look's
+        own time, and the quarter left covers the next check and a late event loop before
+        another worker's look may judge."""
+        until, dead_after = self._beat_until, self._dead_after
+        if self._cut_off or until is None or dead_after is None:
+            return self._cut_off is not None
+        failing = self._beat_unreachable or self._looking_since is not None
+        if failing and now >= until - dead_after / 4:
+            self._cut_off = (
+                f"store: not reached for {now - (until - dead_after):.1f} s; other workers "
+                f"may take this one for dead after {dead_after:g} s (the store's dead_after)"
+            )
+            log.warning(
+                "%s and deliver what it leased: it gives back the work it has not started "
+                "and leases nothing until the store answers",
+                self._cut_off,
+            )
+        return self._cut_off is not None

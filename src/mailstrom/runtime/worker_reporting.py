@@ -46,6 +46,7 @@ class WorkerReporting:
     _pending: list[RecipientResult]
     _items: dict[tuple[str, str, str], int]
     _on_result: Callable[[RecipientResult], None] | None
+    _cut_off: str | None
 
     @property
     def status(self) -> WorkerStatus:
@@ -67,7 +68,7 @@ class WorkerReporting:
             transactions=len(self._items),
             idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
             clock_skew=c.clock_skew,
-            paused=c.paused,
+            paused=c.paused or self._cut_off,
             holder=self.holder,
             metrics=self.metrics.snapshot(),
         )

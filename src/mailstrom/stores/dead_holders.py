@@ -69,6 +69,14 @@ class DeadHolderReaper(Protocol):
         """Seconds between two looks of a worker."""
         ...
 
+    @property
+    def dead_after(self) -> float | None:
+        """Seconds after the start of a holder's last look that worked (its beat) from
+        which other workers may take it for dead, though it lives but cannot reach the
+        store; None where a live holder is never taken for dead (SQLite: its lock is
+        held while its process lives) or judging is off."""
+        ...
+
     def release_dead_holders(self, alive: str | None = None) -> int:
         """Give back, due at once and without counting an attempt, what every dead holder
         (other than ``alive``, the caller's own, and this store's) still leases; returns

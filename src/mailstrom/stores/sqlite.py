@@ -907,6 +907,8 @@ class SQLiteStore:
 
     reap_every = 60.0
     """Seconds between a worker's looks for dead holders: a directory listing a minute."""
+    dead_after = None
+    """A holder whose process lives holds its lock file: it is never taken for dead."""
 
     def release_dead_holders(self, alive: str | None = None) -> int:
         """Give back what every lease holder whose process died still leases, due at once

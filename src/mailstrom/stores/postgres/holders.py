@@ -21,9 +21,11 @@ reached: after one, a worker judges again once it has looked for ``dead_after``.
 
 What it costs to be wrong: a worker that lives but could not reach the server alone for
 ``dead_after`` (or whose process was stopped that long) is taken for dead, and another
-worker may deliver what it still held a second time, as after an expired lease; its
-results for those recipients are then ignored when recorded. Its next beat finds its row
-gone, makes it again and logs an error that says so. ``dead_after=0`` in the URL turns
+worker delivers what it still held; its results for those recipients are then ignored
+when recorded. So a worker cut off for three quarters of ``dead_after`` starts none of
+its leased work (runtime/worker_reaping.py): only what it had under way, or delivered
+without recording, goes out twice. Its next beat finds its row gone, makes it again and
+logs an error that says so. ``dead_after=0`` in the URL turns
 the judging off (beats still run): leases then expire as before.
 
 A store that closes marks its holders stopped, and the next look of any worker (judging

@@ -471,6 +471,12 @@ class PostgresStore:
         an eighth of the store URL's ``dead_after``."""
         return self._beats.beat_every
 
+    @property
+    def dead_after(self) -> float | None:
+        """The store URL's ``dead_after`` (None when it is 0): how long after its last beat
+        a holder may be taken for dead by the other workers' looks."""
+        return self._beats.dead_after
+
     def release_dead_holders(self, alive: str | None = None) -> int:
         """Say that ``alive`` (the caller's holder) lives, then give back, due at once,
         what every holder not seen for the store URL's ``dead_after`` still leases
