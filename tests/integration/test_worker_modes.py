@@ -193,6 +193,31 @@ async def test_stop_closes_connections_with_deliveries_in_flight(
     assert "never retrieved" not in caplog.text
 
 
+async def test_stop_opens_no_connection_for_the_work_queued_behind(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """A session cancelled by the stop used to start the next one for the work queued
+    behind it as it ended: a connection opened after the idle ones were closed, and was
+    left open for good (a flaky test above found it)."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    cfg = config(dns_server, mx.port, timeouts=FAST, max_connections=1, max_per_destination=1)
+    ms = AsyncMailstrom(cfg, store=MemoryStore())
+    await ms.start()
+    for i in range(8):  # more than one session pipelines
+        await ms.send_email(hello(f"u{i}@example.org", i))
+    for _ in range(500):
+        if mx.received:
+            break
+        await asyncio.sleep(0.01)
+    assert mx.received and mx.connections == 1
+    await ms.stop(timeout=0.2)
+    await asyncio.sleep(0.5)  # a session started by the stop would have connected by now
+    assert mx.connections == 1
+    assert mx.open_connections == 0
+
+
 def test_without_a_worker_a_separate_worker_process_delivers(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

@@ -139,6 +139,8 @@ class Dispatcher:
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        """Set by :meth:`close`: no session starts from then on."""
         self._relay_route: Route | None = None
         if config.relay is not None:
             host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
@@ -246,8 +248,8 @@ class Dispatcher:
         return _Work(item=replace(item, recipients=rest))
 
     def _start_sessions(self, dest: _Destination) -> None:
-        if dest.parked:
-            return  # started again when its shaping rule frees a connection slot
+        if dest.parked or self._closing:
+            return  # parked: started again when its shaping rule frees a connection slot
         max_connections = self._config.max_connections
         while (
             dest.queue
@@ -767,6 +769,10 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop every session (their unfinished items get no result) and close connections."""
+        # A cancelled session's end would start the next one for the work queued behind
+        # it, which nobody would wait for: it opened a connection after the idle ones were
+        # closed, and left it open.
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
