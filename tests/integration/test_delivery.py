@@ -801,6 +801,55 @@ def test_a_message_cancelled_while_its_lease_waits_is_not_sent(
     assert store.status(ids[8]).recipient(queued[8]).state is FAILED
 
 
+class CommitsBeforeCounted(MemoryStore):
+    """A MemoryStore called in threads, as PostgreSQL is, whose first write of results
+    returns only after an extend has read the lease it committed to: the worker then
+    learns of the commit after its heartbeat did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_process = False
+        self.extended = threading.Event()
+        self.held: list[int] = []
+        self._waited = False
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        out = super().record_and_lease(results, **kwargs)
+        if results and not self._waited:
+            self._waited = True
+            self.extended.clear()
+            assert self.extended.wait(10), "no extend while the write was under way"
+        return out
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        held = super().extend(lease, until=until)
+        self.held.append(held)
+        self.extended.set()
+        return held
+
+
+def test_a_write_the_heartbeat_sees_first_is_no_lease_taken_over(
+    mailstrom: MakeMailstrom,
+    mx: Any,
+    results: Results,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first result is committed, and the beat reads the lease one short before the
+    # worker has counted that result: nothing was taken over, and nothing may be given
+    # back (before, the seven recipients not yet started were, and leased again).
+    store = CommitsBeforeCounted()
+    with caplog.at_level(logging.WARNING, logger="mailstrom.worker"):
+        ms, _ = slow_queue(mailstrom, mx, clock, store)
+        results.wait_count(1)
+        assert len(QUEUED) - 1 in store.held
+        mx.data_delay = 0
+        results.wait_final(set(QUEUED))
+    assert [to for m in mx.received for to in m.rcpt_tos] == QUEUED
+    assert not [r.message for r in caplog.records if "given back" in r.message]
+    assert ms.worker_status.metrics.ignored_results == 0
+
+
 class CutOffStore(MemoryStore):
     """A MemoryStore whose worker's writes fail (``hang=False``), or wait (``hang=True``,
     called in threads as PostgreSQL is), while it is cut off: a database the worker

@@ -96,6 +96,9 @@ class _LeaseState:
     extension the store confirmed)."""
     extend_failed: bool = False
     """The heartbeat's last try to extend it failed."""
+    writing: int = 0
+    """Its recipients in a write under way (results, or a postponement): the store may
+    have committed them before ``unrecorded`` says so."""
     fenced: bool = False
     """Its unstarted work was given back because it could not be extended in time."""
 
@@ -444,6 +447,7 @@ class Worker(
             lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
             now = self._clock()
             wakeups = self._wakeups
+            self._writing(batch, 1)
             try:
                 recorded, lease = await self._store_call(
                     self.store.record_and_lease,
@@ -455,7 +459,7 @@ class Worker(
                     holder=self.holder,
                 )
             except StoreCorrupt:
-                self._pending[:0] = batch
+                self._unwritten(batch)
                 raise
             except StoreError as exc:
                 if batch and isinstance(exc, StoreRefusedData):
@@ -466,12 +470,12 @@ class Worker(
                         continue
                     exc = trouble
                 else:
-                    self._pending[:0] = batch
+                    self._unwritten(batch)
                 self._store_trouble("record" if batch else "lease", exc)
                 await self._sleep(backoff.take())
                 continue
             except BaseException:
-                self._pending[:0] = batch
+                self._unwritten(batch)
                 raise
             backoff.reset()
             self._store_fine()
@@ -660,7 +664,7 @@ class Worker(
         :meth:`_record_apart`); what is not written waits for the next write. Returns the
         passing error that stopped the writing, if one did."""
         done, recorded, trouble = await self._record_apart(batch)
-        self._pending[:0] = batch[done:]
+        self._unwritten(batch[done:])
         await self._after_record(batch[:done], recorded)
         if isinstance(trouble, StoreCorrupt):
             raise trouble
@@ -700,6 +704,20 @@ class Worker(
         if self._hooks is not None:
             self._hooks.wake()
 
+    def _writing(self, batch: list[RecipientResult], delta: int) -> None:
+        """Count ``batch``'s recipients into (1) or out of (-1) the writes under way of
+        their leases (see :attr:`_LeaseState.writing`)."""
+        leases = self._leases
+        for result in batch:
+            state = leases.get(result.lease_token)
+            if state is not None:
+                state.writing += delta
+
+    def _unwritten(self, batch: list[RecipientResult]) -> None:
+        """``batch`` was not written: it waits for the next write, first in line."""
+        self._writing(batch, -1)
+        self._pending[:0] = batch
+
     def _recorded(self, batch: list[RecipientResult], recorded: list[RecipientResult]) -> None:
         oldest = min(result.attempt.at for result in batch)
         self._counters.record_lag = max(0.0, (self._clock() - oldest).total_seconds())
@@ -708,6 +726,7 @@ class Worker(
             state = self._leases.get(result.lease_token)
             if state is not None:
                 state.unrecorded -= 1
+                state.writing -= 1
                 if state.unrecorded <= 0:
                     del self._leases[result.lease_token]
         if ignored:
@@ -741,12 +760,11 @@ class Worker(
                         continue
                     state.held_until = beat + lease_for.total_seconds()
                     state.extend_failed = state.fenced = False
-                    if held < state.unrecorded:
+                    if held < state.unrecorded - state.writing:
                         # The lease expired (this process or the store stalled) and
                         # another worker took some of it over, or messages were
-                        # cancelled. Or a write of results committed before this worker
-                        # counted it (PostgreSQL's threads): then what is given back is
-                        # merely leased again.
+                        # cancelled. (A write under way may have committed some of
+                        # it before this worker counted them: those are not missing.)
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
             finally:
                 self._beating = False

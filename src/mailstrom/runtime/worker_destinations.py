@@ -65,6 +65,9 @@ class WorkerDestinations(WorkerStore):
         # lanes' load end here, whether or not the store write below succeeds.
         for item in items:
             count = len(item.recipients)
+            state = self._leases.get(item.lease_token)
+            if state is not None:
+                state.writing += count  # until the postponement below is written
             key = (item.lease_token, item.message_id, item.domain)
             left = self._items.get(key)
             if left is None:
@@ -84,26 +87,32 @@ class WorkerDestinations(WorkerStore):
         self, items: list[WorkItem], until: datetime, destination: str | None
     ) -> None:
         backoff = _Backoff()
-        while True:
-            try:
-                await self._store_call(
-                    self.store.postpone, items, until=until, destination=destination
-                )
-                break
-            except StoreCorrupt:
-                return  # the store loop stops the worker; the leases expire
-            except StoreError as exc:
-                self._store_trouble("postpone", exc)
-                if self._stopping:
-                    return  # released with the rest of the lease (due at once)
-                await asyncio.sleep(backoff.take())
+        written = False
+        try:
+            while True:
+                try:
+                    await self._store_call(
+                        self.store.postpone, items, until=until, destination=destination
+                    )
+                    written = True
+                    break
+                except StoreCorrupt:
+                    return  # the store loop stops the worker; the leases expire
+                except StoreError as exc:
+                    self._store_trouble("postpone", exc)
+                    if self._stopping:
+                        return  # released with the rest of the lease (due at once)
+                    await asyncio.sleep(backoff.take())
+        finally:
+            for item in items:
+                state = self._leases.get(item.lease_token)
+                if state is not None:
+                    state.writing -= len(item.recipients)
+                    if written:
+                        state.unrecorded -= len(item.recipients)
+                        if state.unrecorded <= 0:
+                            del self._leases[item.lease_token]
         self._store_fine()
-        for item in items:
-            state = self._leases.get(item.lease_token)
-            if state is not None:
-                state.unrecorded -= len(item.recipients)
-                if state.unrecorded <= 0:
-                    del self._leases[item.lease_token]
         if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
             if self._wake is not None:
