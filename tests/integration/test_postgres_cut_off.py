@@ -13,6 +13,7 @@ worker's alike, so nobody is taken for dead: they cut nothing off.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ def mx(smtp_server: Callable[..., Any], dns_server: LoopbackDNS) -> Any:
 
 @pytest.fixture
 def proxy(postgres_server: ThrowawayPostgres) -> Iterator[TCPProxy]:
-    with TCPProxy(("127.0.0.1", postgres_server.port)) as proxy:
+    with contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy:
         yield proxy
 
 
