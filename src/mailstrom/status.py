@@ -429,6 +429,11 @@ class WorkerStatus:
     last measured: workers on many hosts share a PostgreSQL store, and their leases rely
     on their clocks agreeing. None for a store on the worker's own host (memory, SQLite),
     and until the first measurement."""
+    clock_warning: bool = False
+    """Whether the worker judges its clock off from the store server's by more than
+    ``WARN_SKEW`` (30 s), beyond what the measurement's round trip can explain, as its log
+    says: the verdict :attr:`clock_skew` alone cannot give (a slow round trip makes a
+    reading uncertain; a verdict holds until the skew is a tenth below its threshold)."""
     paused: str | None = None
     """Why the worker takes no new work although it runs, e.g. ``"clock: 45.0 s ahead of
     PostgreSQL server db:5432 (± 0.001 s), beyond 300 s (a third of lease_for)"``. It

@@ -389,10 +389,17 @@ def test_live_view_says_the_worker_is_paused_and_why() -> None:
 
 
 @pytest.mark.parametrize(("skew", "words"), [(45.0, "45.0 s ahead of"), (-45.0, "45.0 s behind")])
-def test_live_view_warns_of_a_clock_off_by_more_than_warn_skew(skew: float, words: str) -> None:
-    lines = _frame_lines(WorkerStatus(running=True, clock_skew=skew))
+def test_live_view_warns_of_a_clock_the_worker_judges_off(skew: float, words: str) -> None:
+    lines = _frame_lines(WorkerStatus(running=True, clock_skew=skew, clock_warning=True))
     assert lines[0].startswith("mailstrom worker running   in flight: 0")
     assert lines[1] == f"  clock {words} the store's server"
+
+
+def test_live_view_says_nothing_of_a_skew_the_worker_does_not_judge_off() -> None:
+    # 45 s read over a slow round trip: the measurement may explain it, and the worker's
+    # log says nothing of it; the view used to warn by the raw figure.
+    lines = _frame_lines(WorkerStatus(running=True, clock_skew=45.0, clock_warning=False))
+    assert lines[1].startswith("Recent attempts")
 
 
 def test_live_view_shows_the_error_a_worker_stopped_on() -> None:

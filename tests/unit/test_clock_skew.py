@@ -137,7 +137,7 @@ async def test_a_worker_too_far_off_leases_nothing_and_once_ends(
     await asyncio.wait_for(worker.run(once=True), timeout=5)
     status = worker.status
     assert status.paused is not None and status.paused.startswith("clock: 45.0 s ahead of")
-    assert status.clock_skew == pytest.approx(45.0, abs=0.5)
+    assert status.clock_skew == pytest.approx(45.0, abs=0.5) and status.clock_warning
     [recipient] = store.status(mid).recipients
     assert (recipient.state, recipient.attempts) == (RecipientState.QUEUED, 0)
     [(level, line)] = clock_lines(caplog)
@@ -164,6 +164,7 @@ async def test_each_change_is_logged_once_and_the_worker_resumes_by_itself(
     assert "45.0 s behind the test server" in clock_lines(caplog)[0][1]
     assert clock_lines(caplog)[1][1].endswith(": leasing again")
     assert worker.status.clock_skew == pytest.approx(0.0, abs=0.5)
+    assert not worker.status.clock_warning
 
 
 async def test_a_clock_hovering_at_the_threshold_pauses_once(

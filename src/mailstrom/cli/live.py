@@ -3,8 +3,8 @@
 The head line's state word says how the worker is, not only whether it runs: "store
 trouble" while the store keeps failing, "paused" while it takes no new work; below it, one
 line per problem in the status's own words (the store's error, the pause's reason, a clock
-off by more than :data:`~mailstrom.runtime.worker_clock.WARN_SKEW`, the error it stopped
-on). A healthy worker's view has no such line.
+the worker judges off by more than :data:`~mailstrom.runtime.worker_clock.WARN_SKEW`, the
+error it stopped on). A healthy worker's view has no such line.
 
 The view is redrawn on a timer; that timer only paints the screen; the worker itself never
 waits on it. While it draws, log lines meant for the terminal are printed through the view's
@@ -27,7 +27,6 @@ from rich.text import Text
 from mailstrom.cli.output import cell, is_tty
 from mailstrom.cli.signals import run_until_signalled
 from mailstrom.runtime.worker import Worker
-from mailstrom.runtime.worker_clock import WARN_SKEW
 from mailstrom.status import QueueStats, RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -70,8 +69,9 @@ def _problems(s: WorkerStatus) -> list[tuple[str, str]]:
         lines.append((f"store failing, retrying: {_quoted(s.store_error)}{held}", "red"))
     if s.paused is not None:
         lines.append((f"paused, takes no new work: {_quoted(s.paused)}", "yellow"))
-    # A pause is the clock's today and its reason already gives the skew: one line is enough.
-    elif s.clock_skew is not None and abs(s.clock_skew) > WARN_SKEW:
+    # A pause's reason already gives the skew: one line is enough. The worker's verdict,
+    # not the raw skew: a reading a slow round trip leaves uncertain warns of nothing.
+    elif s.clock_warning and s.clock_skew is not None:
         side = "ahead of" if s.clock_skew > 0 else "behind"
         lines.append((f"clock {abs(s.clock_skew):.1f} s {side} the store's server", "yellow"))
     if s.dead and s.error is not None:

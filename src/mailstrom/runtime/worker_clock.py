@@ -153,6 +153,7 @@ class WorkerClock(WorkerStore):
         verdict = verdict_for(reading, self.config.lease_for, self._clock_verdict)
         previous, self._clock_verdict = self._clock_verdict, verdict
         self._counters.clock_skew = reading.skew
+        self._counters.clock_warning = verdict is not ClockVerdict.FINE
         self._counters.paused = (
             self._pause_reason(reading) if verdict is ClockVerdict.STOP else None
         )

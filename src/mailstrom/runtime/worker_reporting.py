@@ -32,6 +32,7 @@ class _Counters:
     store_errors: int = 0
     record_lag: float = 0.0
     clock_skew: float | None = None
+    clock_warning: bool = False
     paused: str | None = None
 
 
@@ -68,6 +69,7 @@ class WorkerReporting:
             transactions=len(self._items),
             idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
             clock_skew=c.clock_skew,
+            clock_warning=c.clock_warning,
             paused=c.paused or self._cut_off,
             holder=self.holder,
             metrics=self.metrics.snapshot(),
