@@ -5,6 +5,7 @@ worker's beat, and a dead worker's mail waits for the next look."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from mailstrom import Mailstrom
-from mailstrom.errors import StoreError, StoreLocked
+from mailstrom.errors import StoreError, StoreLocked, StoreUnreachable
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_worker_modes
@@ -90,4 +91,54 @@ def test_looks_that_keep_failing_while_deliveries_work_are_said_once(
     assert len([m for m in said if m.startswith("looking for dead workers failed")]) == 1
     assert not [m for m in said if "store working again" in m or "store failing" in m]
     assert said.count("looking for dead workers works again") == 1
+    store.close()
+
+
+class LooksUnreachable(SQLiteStore):
+    """A SQLite store judged by beats as PostgreSQL's is (``dead_after``, a look each
+    eighth of it), whose looks fail as an unreachable server's while ``cut`` is set and
+    whose every other call works: the look's own connection broken, a flapping network.
+    Counts the leases that hand out work while cut."""
+
+    dead_after = 1.0
+    reap_every = 0.125
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.cut = threading.Event()
+        self.leased_while_cut = 0
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        if self.cut.is_set():
+            raise StoreUnreachable("PostgreSQL store: beat_holder failed: connection lost")
+        return super().release_dead_holders(alive)
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        recorded, lease = super().record_and_lease(results, **kwargs)
+        if lease is not None and lease.items and self.cut.is_set():
+            self.leased_while_cut += 1
+        return recorded, lease
+
+
+def test_a_worker_cut_off_leases_nothing_until_a_look_works(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # Other workers may take it for dead: work it leased now could go out twice, and
+    # leasing to give it back at once would only churn. Mail waits for a look that works.
+    store = LooksUnreachable(tmp_path / "q.db")
+    results = Results()
+    with Mailstrom(
+        config(dns_server, mx.port), store=store, worker="thread", on_result=results
+    ) as ms:
+        ms.send_email(hello("before@example.org"))
+        results.wait_count(1)
+        store.cut.set()
+        assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 10)
+        mid = ms.send_email(hello("during@example.org", 1))
+        time.sleep(1.0)  # ample for a worker that leases to deliver it on loopback
+        assert len(results.all) == 1 and store.leased_while_cut == 0
+        assert store.status(mid).recipient("during@example.org").state.value == "queued"
+        store.cut.clear()
+        results.wait_count(2)
+        assert ms.worker_status.paused is None
     store.close()

@@ -83,6 +83,10 @@ At full speed a write then carries ~43 results instead of ~24: a worker process 
 server's reply (p99 8.7 ms), the bound on what a crash can make us send twice."""
 
 
+_CUT_OFF = "may be taken over: its worker is cut off"
+"""Why a lease is fenced while its worker is cut off (worker_reaping.py)."""
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -614,7 +618,7 @@ class Worker(
     ) -> int:
         count = sum(len(item.recipients) for item in lease.items)
         left = (lease.expires_at - self._clock()).total_seconds()
-        self._leases[lease.token] = _LeaseState(
+        state = self._leases[lease.token] = _LeaseState(
             lease=lease, unrecorded=count, held_until=asyncio.get_running_loop().time() + left
         )
         items = self._items
@@ -633,8 +637,7 @@ class Worker(
                 for part in per_recipient(rest, key=self._verp_key or b""):
                     dispatcher.submit(part)
         if self._cut_off:  # leased by a call that began before: no session has it yet
-            self._leases[lease.token].fenced = True
-            self._withdraw(lease, "may be taken over: its worker is cut off")
+            self._fence(state, _CUT_OFF)
         return count
 
     def _on_done(self, results: list[RecipientResult]) -> None:
@@ -797,11 +800,15 @@ class Worker(
                 if state.fenced:
                     continue
                 if cut_off:
-                    state.fenced = True
-                    self._withdraw(state.lease, "may be taken over: its worker is cut off")
+                    self._fence(state, _CUT_OFF)
                 elif now >= state.held_until - early and (state.extend_failed or self._beating):
-                    state.fenced = True
-                    self._withdraw(state.lease, "could not be extended in time")
+                    self._fence(state, "could not be extended in time")
+
+    def _fence(self, state: _LeaseState, why: str) -> None:
+        """Give back the unstarted work of a lease that may be taken over (``why``), once:
+        until an extension confirms it again."""
+        state.fenced = True
+        self._withdraw(state.lease, why)
 
     def _withdraw(self, lease: Lease, why: str) -> None:
         """Give the work of ``lease`` that no session has started back to the store, which

@@ -86,23 +86,9 @@ class WorkerDestinations(WorkerStore):
     async def _postpone(
         self, items: list[WorkItem], until: datetime, destination: str | None
     ) -> None:
-        backoff = _Backoff()
         written = False
         try:
-            while True:
-                try:
-                    await self._store_call(
-                        self.store.postpone, items, until=until, destination=destination
-                    )
-                    written = True
-                    break
-                except StoreCorrupt:
-                    return  # the store loop stops the worker; the leases expire
-                except StoreError as exc:
-                    self._store_trouble("postpone", exc)
-                    if self._stopping:
-                        return  # released with the rest of the lease (due at once)
-                    await asyncio.sleep(backoff.take())
+            written = await self._write_postponement(items, until, destination)
         finally:
             for item in items:
                 state = self._leases.get(item.lease_token)
@@ -112,11 +98,33 @@ class WorkerDestinations(WorkerStore):
                         state.unrecorded -= len(item.recipients)
                         if state.unrecorded <= 0:
                             del self._leases[item.lease_token]
+        if not written:
+            return
         self._store_fine()
         if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
             if self._wake is not None:
                 self._wake.set()
+
+    async def _write_postponement(
+        self, items: list[WorkItem], until: datetime, destination: str | None
+    ) -> bool:
+        """Write ``items`` back to the store, trying again with backoff while it fails;
+        False when given up (a corrupt store, or the worker stopping)."""
+        backoff = _Backoff()
+        while True:
+            try:
+                await self._store_call(
+                    self.store.postpone, items, until=until, destination=destination
+                )
+                return True
+            except StoreCorrupt:
+                return False  # the store loop stops the worker; the leases expire
+            except StoreError as exc:
+                self._store_trouble("postpone", exc)
+                if self._stopping:
+                    return False  # released with the rest of the lease (due at once)
+                await asyncio.sleep(backoff.take())
 
     # --- the TLS decision and its shared memory ------------------------------------------
 

@@ -136,11 +136,12 @@ class WorkerReaping(WorkerStore):
         worker's began at most an eighth of it ago (the looks' interval) plus the look's
         own time, and the quarter left covers the next check and a late event loop before
         another worker's look may judge."""
-        until, dead_after = self._beat_until, self._dead_after
-        if self._cut_off or until is None or dead_after is None:
+        until = self._beat_until  # None unless the store has a dead_after
+        if self._cut_off is not None or until is None:
             return self._cut_off is not None
         failing = self._beat_unreachable or self._looking_since is not None
-        if failing and now >= until - dead_after / 4:
+        dead_after = self._dead_after
+        if failing and dead_after is not None and now >= until - dead_after / 4:
             self._cut_off = (
                 f"store: not reached for {now - (until - dead_after):.1f} s; other workers "
                 f"may take this one for dead after {dead_after:g} s (the store's dead_after)"
