@@ -142,3 +142,75 @@ def test_a_worker_cut_off_leases_nothing_until_a_look_works(
         results.wait_count(2)
         assert ms.worker_status.paused is None
     store.close()
+
+
+class LooksRefusedInThreads(LooksUnreachable):
+    """As :class:`LooksUnreachable`, with calls run in threads as PostgreSQL's are (so the
+    worker's loop goes on during a look), and looks that the server refuses while
+    ``refused`` is set: a role without grants on ``lease_holders``. A refused look takes
+    a while, as a round trip to a loaded server does."""
+
+    in_process = False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.refused = threading.Event()
+        self.refusals = 0
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        if self.refused.is_set():
+            time.sleep(0.05)
+            self.refusals += 1
+            raise StoreError("PostgreSQL store: beat_holder failed: permission denied")
+        return super().release_dead_holders(alive)
+
+
+def test_a_refused_look_under_way_is_no_hung_one(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # Refused looks fail every worker's alike: nobody can be taken for dead, so nothing is
+    # cut off, even when the worker's fencing check comes while a look is under way.
+    store = LooksRefusedInThreads(tmp_path / "q.db")
+    results = Results()
+    with Mailstrom(
+        config(dns_server, mx.port), store=store, worker="thread", on_result=results
+    ) as ms:
+        ms.send_email(hello("first@example.org"))
+        results.wait_count(1)
+        store.refused.set()
+        # Two dead_afters of refused looks (a look under way about a third of the time,
+        # checked every sixteenth of dead_after): mail goes on, the worker never pauses.
+        deadline = time.monotonic() + 2 * store.dead_after
+        sent = 1
+        while time.monotonic() < deadline:
+            ms.send_email(hello(f"r{sent}@example.org", sent))
+            sent += 1
+            results.wait_count(sent)
+            assert ms.worker_status.paused is None
+            time.sleep(0.05)
+        assert store.refusals > 8
+    store.close()
+
+
+def test_a_look_the_server_refuses_ends_a_cut_off(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # Cut off (looks unreachable), then the server is back but refuses the looks (say it
+    # came back without the grant): it answers, and it judges nobody dead, so the worker
+    # leases again rather than waiting for a look that works.
+    store = LooksRefusedInThreads(tmp_path / "q.db")
+    results = Results()
+    with Mailstrom(
+        config(dns_server, mx.port), store=store, worker="thread", on_result=results
+    ) as ms:
+        ms.send_email(hello("before@example.org"))
+        results.wait_count(1)
+        store.cut.set()
+        assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 10)
+        queued = ms.send_email(hello("during@example.org", 1))
+        store.refused.set()
+        store.cut.clear()
+        results.wait_count(2)
+        assert ms.worker_status.paused is None
+        assert store.status(queued).recipient("during@example.org").state.value == "delivered"
+    store.close()

@@ -13,12 +13,14 @@ again at once. The memory store is not asked.
 The other side of a look that is also a beat: a PostgreSQL worker that cannot reach the
 server for the store URL's ``dead_after`` is taken for dead by the workers that can, and
 they deliver what it leased. So a worker whose looks have failed for lack of a server
-(:class:`~mailstrom.errors.StoreUnreachable`), or hung, for three quarters of
-``dead_after`` counts itself cut off (:meth:`WorkerReaping._cut_off_now`): it stops
-leasing, and the worker gives back the work it leased and has not started (see the
-fencing in worker.py), which would otherwise go out twice. A look that fails because the
-server refused it (no grant on ``lease_holders``) fails every worker's look alike, so
-nobody is taken for dead: it cuts nothing off. The first look that works ends it.
+(:class:`~mailstrom.errors.StoreUnreachable`), or hung (under way for a quarter of
+``dead_after``), for three quarters of ``dead_after`` counts itself cut off
+(:meth:`WorkerReaping._cut_off_now`): it stops leasing, and the worker gives back the
+work it leased and has not started (see the fencing in worker.py), which would otherwise
+go out twice. A look that fails because the server refused it (no grant on
+``lease_holders``) fails every worker's look alike, so nobody is taken for dead: it cuts
+nothing off, and a look under way (which may yet be refused) is no hung one. The first
+look that reaches the server, working or refused, ends it.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class WorkerReaping(WorkerStore):
             released = await self._store_call(reap)
         except StoreError as exc:
             self._beat_unreachable = isinstance(exc, StoreUnreachable)
+            if not self._beat_unreachable:
+                # The server answered: it refuses every worker's look alike, so nobody
+                # is judged by beats meanwhile (see the module docstring).
+                self._reached()
             # Counted as a store error, but said apart from the store loop's account
             # (worker_status.store_error): a look can fail while every lease and record
             # works (no grant on PostgreSQL's lease_holders after an upgrade, a lock on
@@ -103,12 +109,7 @@ class WorkerReaping(WorkerStore):
         dead_after = self._dead_after
         self._beat_until = None if dead_after is None else started + dead_after
         self._beat_unreachable = False
-        if self._cut_off:
-            self._cut_off = None
-            self._lease_wanted = True
-            if self._wake is not None:
-                self._wake.set()
-            log.warning("this worker reaches its store again: leasing again")
+        self._reached()
         if self._look_failing:
             self._look_failing = False
             log.warning("looking for dead workers works again")
@@ -120,6 +121,15 @@ class WorkerReaping(WorkerStore):
             if self._wake is not None:
                 self._wake.set()
         return True
+
+    def _reached(self) -> None:
+        """A look reached the store: a worker cut off is no longer."""
+        if self._cut_off:
+            self._cut_off = None
+            self._lease_wanted = True
+            if self._wake is not None:
+                self._wake.set()
+            log.warning("this worker reaches its store again: leasing again")
 
     @property
     def _dead_after(self) -> float | None:
@@ -139,9 +149,14 @@ class WorkerReaping(WorkerStore):
         until = self._beat_until  # None unless the store has a dead_after
         if self._cut_off is not None or until is None:
             return self._cut_off is not None
-        failing = self._beat_unreachable or self._looking_since is not None
         dead_after = self._dead_after
-        if failing and dead_after is not None and now >= until - dead_after / 4:
+        if dead_after is None or now < until - dead_after / 4:
+            return False
+        # A look under way hangs once it has taken a quarter of dead_after; until then it
+        # is just a look, and may yet land a beat (or be refused: no cut then either).
+        looking = self._looking_since
+        hung = looking is not None and now - looking >= dead_after / 4
+        if self._beat_unreachable or hung:
             self._cut_off = (
                 f"store: not reached for {now - (until - dead_after):.1f} s; other workers "
                 f"may take this one for dead after {dead_after:g} s (the store's dead_after)"
