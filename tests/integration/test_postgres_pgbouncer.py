@@ -5,6 +5,8 @@ unprepared (stores/postgres/connect.py); the URL is otherwise the pooler's own."
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.pgbouncer import ThrowawayPgBouncer
 from tests.fixtures.postgres import ThrowawayPostgres
+from tests.fixtures.tcp_proxy import TCPProxy
 from tests.support.pg_tables import small_message
 
 pytestmark = pytest.mark.postgres
@@ -82,3 +85,44 @@ def test_clients_taking_turns_through_pgbouncer_queue_lease_and_record(bouncer: 
         assert len(set(ids)) == 120
         status = store.status(ids[0])
         assert status.recipients[0].state is RecipientState.QUEUED
+
+
+_UNTYPED = {80877103, 80877104}
+"""SSLRequest and GSSENCRequest: a client's first message may be one of these, then the
+startup message; all three carry no type byte."""
+
+
+def frontend_messages(sent: bytes) -> list[str]:
+    """The types of the typed messages a PostgreSQL client sent (protocol 3), in order."""
+    pos, types = 0, []
+    while pos + 8 <= len(sent):  # the untyped ones: length, then a code or the version
+        length, code = struct.unpack_from("!ii", sent, pos)
+        pos += length
+        if code not in _UNTYPED:
+            break  # that was the startup message
+    while pos + 5 <= len(sent):
+        types.append(chr(sent[pos]))
+        pos += 1 + struct.unpack_from("!i", sent, pos + 1)[0]
+    return types
+
+
+def test_behind_pgbouncer_no_transaction_ends_on_a_flush(
+    bouncer: str,
+) -> None:
+    # PgBouncer before 1.21 keeps a client's server connection when a Flush arrives with
+    # the server's ReadyForQuery, and waits for the client's next message: a store
+    # connection idle in the pool then held one of the pooler's few server connections,
+    # and every other client queued for it up to query_wait_timeout (two minutes). That
+    # is how psycopg's pipelines end (Sync, then Flush), so nothing here may use one.
+    host, port = bouncer.split("@", 1)[1].split("/", 1)[0].split(":")
+    with contextlib.closing(TCPProxy((host, int(port)), record=True)) as proxy:
+        url = bouncer.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+        with PostgresStore(url + "?prepare_threshold=none", max_size=1) as store:
+            mid = store.enqueue(small_message("r@example.org"), now=T0)
+            lease = store.lease(now=T0, limit=3, lease_for=LEASE)
+            assert lease is not None and len(lease.items) == 1
+            store.stats()
+            assert store.status(mid).recipients[0].state is RecipientState.QUEUED
+        sent = [frontend_messages(bytes(data)) for data in proxy.upstream]
+    assert any("S" in types for types in sent)  # the calls went through the proxy
+    assert all("H" not in types for types in sent), sent

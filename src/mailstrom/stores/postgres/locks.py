@@ -17,9 +17,16 @@ Where it is set, and why there:
 * Behind a pooler (PgBouncer and the like hand out a cancel key of their own, so the
   ids differ): a session setting would land on whichever server connection ran it, be
   lost for this client's next transaction and leak to another client's. So each
-  statement goes in one pipeline after ``set_config(..., true)``, which lasts until
-  the end of the transaction the two share: no round trip added, one small statement
-  more for the server (see :data:`LOCAL_BOUND`). A startup ``options=-c lock_timeout``
+  statement runs in a transaction of its own that begins with ``set_config(..., true)``
+  (which lasts until the transaction ends): ``BEGIN`` and the setting in one round trip,
+  the statement, ``COMMIT`` (see :data:`LOCAL_BOUND`). Not in one pipeline, which
+  would save two round trips: psycopg ends a pipeline with a Sync and then a Flush, and
+  PgBouncer before 1.21 keeps the server connection of a client whose Flush came in
+  with the ReadyForQuery (it waits for the client's next message), so that client,
+  back idle in our pool, holds one of PgBouncer's few server connections until it is
+  used again while the other clients queue for up to ``query_wait_timeout`` (two
+  minutes). The explicit transaction's last message, ``COMMIT``, is always answered
+  by a ReadyForQuery. A startup ``options=-c lock_timeout``
   would cost nothing at all, but PgBouncer refuses it ("unsupported startup
   parameter") or drops it (``ignore_startup_parameters``), and
   ``set_config`` inside the statement itself comes too late: the statement's table
@@ -35,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
@@ -123,14 +130,14 @@ def bound_session(conn: psycopg.Connection[Any], bound: LockBound, setup: str) -
 
 
 LOCAL_BOUND = "SELECT set_config('lock_timeout', '{ms}', true)"
-"""Sent before each statement behind a pooler, in the same pipeline (so in the same
-implicit transaction, or in the caller's), which it outlives by nothing."""
+"""Sent before each statement behind a pooler, in the statement's transaction (its own,
+or the caller's), which it outlives by nothing."""
 
 
 @functools.cache
 def locally_bounded_cursor(ms: int) -> type[psycopg.Cursor[Any]]:
     """The cursor class of a pooled connection behind a pooler: each ``execute`` and
-    ``executemany`` is preceded by :data:`LOCAL_BOUND` in one pipeline."""
+    ``executemany`` runs in a transaction that :data:`LOCAL_BOUND` begins."""
     statement = LOCAL_BOUND.format(ms=ms).encode()
 
     class LocallyBoundedCursor(psycopg.Cursor[Any]):
@@ -157,18 +164,23 @@ def locally_bounded_cursor(ms: int) -> type[psycopg.Cursor[Any]]:
 
 @contextmanager
 def _bounded(conn: psycopg.Connection[Any], statement: bytes) -> Iterator[None]:
-    """Send ``statement`` and what the block sends in one transaction: a pipeline (one
-    round trip, one implicit transaction until its sync), or with a libpq older than 14
-    (no pipelines) an explicit transaction, unless one is open already."""
-    if psycopg.Pipeline.is_supported():
-        with conn.pipeline():
-            psycopg.Cursor(conn).execute(statement)
-            yield
-        return
-    idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-    with conn.transaction() if idle else nullcontext():
+    """Run ``statement`` and then what the block sends in one transaction: the caller's
+    if one is open, else one of their own, begun in the same round trip as ``statement``
+    (the simple protocol runs both) and committed after the block (see the module
+    docstring for why not in a pipeline)."""
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
         psycopg.Cursor(conn).execute(statement)
         yield
+        return
+    psycopg.Cursor(conn).execute(b"BEGIN; " + statement)
+    try:
+        yield
+    except BaseException:
+        if not conn.closed:
+            with suppress(psycopg.Error):  # the error that brought us here is the one to tell
+                conn.rollback()
+        raise
+    conn.commit()
 
 
 # --- when the timeout fires -------------------------------------------------------------
