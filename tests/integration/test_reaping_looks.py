@@ -120,6 +120,19 @@ class LooksUnreachable(SQLiteStore):
         return recorded, lease
 
 
+def _worker(store: SQLiteStore, mx: Any, dns: LoopbackDNS, results: Results) -> Mailstrom:
+    return Mailstrom(config(dns, mx.port), store=store, worker="thread", on_result=results)
+
+
+def _cut_off_after_one(ms: Mailstrom, store: LooksUnreachable, results: Results) -> None:
+    """One message delivered, then looks that fail for lack of a server until the worker
+    says it is cut off."""
+    ms.send_email(hello("before@example.org"))
+    results.wait_count(1)
+    store.cut.set()
+    assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 10)
+
+
 def test_a_worker_cut_off_leases_nothing_until_a_look_works(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:
@@ -127,13 +140,8 @@ def test_a_worker_cut_off_leases_nothing_until_a_look_works(
     # leasing to give it back at once would only churn. Mail waits for a look that works.
     store = LooksUnreachable(tmp_path / "q.db")
     results = Results()
-    with Mailstrom(
-        config(dns_server, mx.port), store=store, worker="thread", on_result=results
-    ) as ms:
-        ms.send_email(hello("before@example.org"))
-        results.wait_count(1)
-        store.cut.set()
-        assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 10)
+    with _worker(store, mx, dns_server, results) as ms:
+        _cut_off_after_one(ms, store, results)
         mid = ms.send_email(hello("during@example.org", 1))
         time.sleep(1.0)  # ample for a worker that leases to deliver it on loopback
         assert len(results.all) == 1 and store.leased_while_cut == 0
@@ -172,9 +180,7 @@ def test_a_refused_look_under_way_is_no_hung_one(
     # cut off, even when the worker's fencing check comes while a look is under way.
     store = LooksRefusedInThreads(tmp_path / "q.db")
     results = Results()
-    with Mailstrom(
-        config(dns_server, mx.port), store=store, worker="thread", on_result=results
-    ) as ms:
+    with _worker(store, mx, dns_server, results) as ms:
         ms.send_email(hello("first@example.org"))
         results.wait_count(1)
         store.refused.set()
@@ -200,13 +206,8 @@ def test_a_look_the_server_refuses_ends_a_cut_off(
     # leases again rather than waiting for a look that works.
     store = LooksRefusedInThreads(tmp_path / "q.db")
     results = Results()
-    with Mailstrom(
-        config(dns_server, mx.port), store=store, worker="thread", on_result=results
-    ) as ms:
-        ms.send_email(hello("before@example.org"))
-        results.wait_count(1)
-        store.cut.set()
-        assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 10)
+    with _worker(store, mx, dns_server, results) as ms:
+        _cut_off_after_one(ms, store, results)
         queued = ms.send_email(hello("during@example.org", 1))
         store.refused.set()
         store.cut.clear()
