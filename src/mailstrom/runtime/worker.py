@@ -58,6 +58,7 @@ from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.base import (
     Lease,
     RecipientResult,
+    RecordedNotLeased,
     Store,
     check_holder,
     domain_of,
@@ -462,6 +463,15 @@ class Worker(
                     lanes=lanes,
                     holder=self.holder,
                 )
+            except RecordedNotLeased as exc:
+                # Written: the lease alone failed. Writing the batch again would find it
+                # recorded and read it as taken over (no on_result, no notices).
+                await self._after_record(batch, exc.recorded)
+                if isinstance(exc.cause, StoreCorrupt):
+                    raise exc.cause from exc
+                self._store_trouble("lease", exc.cause)
+                await self._sleep(backoff.take())
+                continue
             except StoreCorrupt:
                 self._unwritten(batch)
                 raise

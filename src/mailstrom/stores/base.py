@@ -24,7 +24,7 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, shown
-from mailstrom.errors import InvalidArgument
+from mailstrom.errors import InvalidArgument, StoreError
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -173,6 +173,17 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+class RecordedNotLeased(StoreError):
+    """``record_and_lease`` recorded its results, then its lease failed with ``cause``
+    (a store that does the two in transactions of their own). The results are written:
+    ``recorded`` is what the record returned, as a call that worked would."""
+
+    def __init__(self, recorded: list[RecipientResult], cause: StoreError) -> None:
+        super().__init__(str(cause))
+        self.recorded = recorded
+        self.cause = cause
+
+
 def record_then_lease(
     store: Store,
     results: Sequence[RecipientResult],
@@ -183,13 +194,18 @@ def record_then_lease(
     lanes: Sequence[tuple[str, int]] | None = None,
     holder: str | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
-    """``Store.record_and_lease`` for a store that cannot do both in one transaction."""
+    """``Store.record_and_lease`` for a store that cannot do both in one transaction. A
+    lease that fails once the record is committed raises :class:`RecordedNotLeased`: the
+    caller must not write those results again (they would read as taken over)."""
     recorded = store.record(results) if results else []
-    lease = (
-        store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder)
-        if limit > 0
-        else None
-    )
+    if limit <= 0:
+        return recorded, None
+    try:
+        lease = store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder)
+    except StoreError as exc:
+        if not results:
+            raise
+        raise RecordedNotLeased(recorded, exc) from exc
     return recorded, lease
 
 
