@@ -215,3 +215,42 @@ def test_a_look_the_server_refuses_ends_a_cut_off(
         assert ms.worker_status.paused is None
         assert store.status(queued).recipient("during@example.org").state.value == "delivered"
     store.close()
+
+
+class LooksHang(LooksRefusedInThreads):
+    """As :class:`LooksRefusedInThreads`, with looks that hang while ``hang`` is set (a
+    network that drops the packets without a word) until ``unhang`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.hang = threading.Event()
+        self.unhang = threading.Event()
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        if self.hang.is_set():
+            self.unhang.wait(10)
+        return super().release_dead_holders(alive)
+
+
+def test_a_look_that_hangs_cuts_the_worker_off_until_it_ends(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # No error ever comes back, so only the look's own age tells: under way for a quarter
+    # of dead_after, three quarters after the last look that worked, it is cut off.
+    store = LooksHang(tmp_path / "q.db")
+    results = Results()
+    try:
+        with _worker(store, mx, dns_server, results) as ms:
+            ms.send_email(hello("before@example.org"))
+            results.wait_count(1)
+            store.hang.set()
+            assert _wait_until(lambda: (ms.worker_status.paused or "").startswith("store: "), 5)
+            queued = ms.send_email(hello("during@example.org", 1))
+            store.hang.clear()
+            store.unhang.set()  # the look comes back, and worked
+            results.wait_count(2)
+            assert ms.worker_status.paused is None
+            assert store.status(queued).recipient("during@example.org").state.value == "delivered"
+    finally:
+        store.unhang.set()
+        store.close()

@@ -463,20 +463,19 @@ class Worker(
                     lanes=lanes,
                     holder=self.holder,
                 )
-            except RecordedNotLeased as exc:
-                # Written: the lease alone failed. Writing the batch again would find it
-                # recorded and read it as taken over (no on_result, no notices).
-                await self._after_record(batch, exc.recorded)
-                if isinstance(exc.cause, StoreCorrupt):
-                    raise exc.cause from exc
-                self._store_trouble("lease", exc.cause)
-                await self._sleep(backoff.take())
-                continue
             except StoreCorrupt:
                 self._unwritten(batch)
                 raise
             except StoreError as exc:
-                if batch and isinstance(exc, StoreRefusedData):
+                doing = "record" if batch else "lease"
+                if isinstance(exc, RecordedNotLeased):
+                    # Written: the lease alone failed. Writing the batch again would find
+                    # it recorded and read it as taken over (no on_result, no notices).
+                    await self._after_record(batch, exc.recorded)
+                    exc, doing = exc.cause, "lease"
+                    if isinstance(exc, StoreCorrupt):
+                        raise exc from None
+                elif batch and isinstance(exc, StoreRefusedData):
                     trouble = await self._record_refused(batch)
                     if trouble is None:  # all written; lease on the next turn
                         backoff.reset()
@@ -485,7 +484,7 @@ class Worker(
                     exc = trouble
                 else:
                     self._unwritten(batch)
-                self._store_trouble("record" if batch else "lease", exc)
+                self._store_trouble(doing, exc)
                 await self._sleep(backoff.take())
                 continue
             except BaseException:
