@@ -68,6 +68,9 @@ _ENCODING_DER = 2
 _QUIT_TIMEOUT = 5.0
 """Longest wait for the reply to QUIT: politeness must not hold up a worker."""
 _CLOSE_TIMEOUT = 2.0
+_DOT_CHECK = 0.005
+"""Seconds between looks at a final dot still in the write buffer: a connection lost
+after it left is uncertain, one lost before it left has delivered nothing."""
 
 
 class StartTLS(StrEnum):
@@ -187,6 +190,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_mark = 0
+        # Octets handed to the transport, and the plaintext transport under TLS: together
+        # they tell whether a final dot has left this process (see _sent_upto).
+        self._written = 0
+        self._raw_transport: asyncio.Transport | None = None
+        self._dot_timer: asyncio.TimerHandle | None = None
         # True while data_received hands replies out: the deadline is then moved once, when
         # they are all handled, not after each command the handlers write.
         self._receiving = False
@@ -403,6 +411,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 f"{self.host} closed the connection during the TLS handshake", host=self.host
             )
         self._transport = tls_transport
+        self._raw_transport = transport
         if mode is StartTLS.DANE:
             self._check_dane(tlsa)
         self._record_tls()
@@ -561,6 +570,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             self._progress()
 
     def eof_received(self) -> bool:
+        # The transport still knows here what it sent: a peer that read a final dot and
+        # then closed got it from the kernel, so the dot has left our buffers.
+        self._check_dots()
         return False  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -570,6 +582,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._dot_timer is not None:
+            self._dot_timer.cancel()
+            self._dot_timer = None
         if self._handlers or self._queued or self._active:
             what = self._deadline_what or "the reply"
             error = SMTPConnectError(
@@ -590,7 +605,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._check_dots()
+        self._watch_dots()
         self._arm_next()
 
     # --- writing, deadlines and failure ---------------------------------------------------
@@ -600,16 +615,58 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if transport is None or self._lost or transport.is_closing():
             raise SMTPConnectError(f"connection to {self.host} is closed", host=self.host)
         transport.write(data)
+        self._written += len(data)
 
-    def _flushed(self, tail: int) -> bool:
-        """True when at most ``tail`` octets of what was written wait in our buffers."""
+    def _written_total(self) -> int:
+        return self._written
+
+    def _sent_upto(self) -> int:
+        """How many of the octets written have surely left this process; -1 when the
+        transports cannot tell.
+
+        A transport that failed a write empties its buffer and closes, so an empty buffer
+        means "sent" only on a transport that is not closing. Under TLS the plaintext
+        transport below holds ciphertext the TLS layer does not count; ciphertext is longer
+        than the plaintext it carries, so adding both errs towards "not yet sent".
+        """
         transport = self._transport
-        return transport is not None and transport.get_write_buffer_size() <= tail
+        if transport is None or transport.is_closing():
+            return -1
+        buffered = transport.get_write_buffer_size()
+        raw = self._raw_transport
+        if raw is not None:
+            if raw.is_closing():
+                return -1
+            buffered += raw.get_write_buffer_size()
+        return self._written - buffered
 
-    def _check_dots(self) -> None:
-        if self._flushed(0):
-            for txn in self._active:
-                txn.dot_pending = False
+    def _check_dots(self) -> bool:
+        """Mark the final dots that have left this process; True if one has not yet."""
+        sent = self._sent_upto()
+        waiting = False
+        for txn in self._active:
+            if txn.dot_pending:
+                if txn.dot_end <= sent:
+                    txn.dot_pending = False
+                else:
+                    waiting = True
+        return waiting
+
+    def _watch_dots(self) -> None:
+        """Check the final dots now, and again while one waits in a buffer: the transport
+        says when its buffer falls below the low-water mark, never when it is empty."""
+        if self._dot_timer is None and not self._lost and self._check_dots():
+            self._dot_timer = self._loop.call_later(_DOT_CHECK, self._on_dot_check)
+
+    def _on_dot_check(self) -> None:
+        self._dot_timer = None
+        self._watch_dots()
+
+    def _arm_if_idle(self) -> None:
+        """Arm the deadline for new commands unless a reply is already due: the reply
+        due first keeps its own deadline when commands are queued behind it."""
+        if self._deadline == math.inf:
+            self._arm_next()
 
     def _arm_next(self) -> None:
         """Move the deadline to the reply now due (RFC 5321 §4.5.3.2 per command)."""

@@ -78,6 +78,7 @@ class Txn:
     __slots__ = (
         "data",
         "data_reply",
+        "dot_end",
         "dot_pending",
         "dsn_mail",
         "dsn_rcpt",
@@ -125,6 +126,7 @@ class Txn:
         self.next_rcpt = 0  # stepwise: the next recipient to send RCPT for
         self.written = False  # some command of this transaction is on the wire
         self.dot_pending = False  # content written but not yet handed to the kernel
+        self.dot_end = 0  # octets written on the connection up to the final dot
 
     def result(
         self, *, uncertain: bool = False, cause: DeliveryError | None = None
@@ -185,10 +187,16 @@ class TransactionsMixin:
     def _arm_next(self) -> None:
         raise NotImplementedError
 
+    def _arm_if_idle(self) -> None:
+        raise NotImplementedError
+
     def _disarm(self) -> None:
         raise NotImplementedError
 
-    def _flushed(self, tail: int) -> bool:
+    def _written_total(self) -> int:
+        raise NotImplementedError
+
+    def _watch_dots(self) -> None:
         raise NotImplementedError
 
     def _abort(self, error: DeliveryError | None) -> None:
@@ -337,7 +345,7 @@ class TransactionsMixin:
             on_rcpt = functools.partial(self._on_rcpt, txn)
             handlers.extend(on_rcpt for _ in txn.recipients)
             handlers.append(functools.partial(self._on_data, txn))
-            self._arm_next()
+            self._arm_if_idle()
             return batch
         # Stepwise: one command, then the next once its reply is in.
         if session.outstanding or not session.can_send(Command.RSET if txn.reset else Command.MAIL):
@@ -348,7 +356,7 @@ class TransactionsMixin:
             line = session.rset()
         else:
             line = self._mail_line(txn)
-        self._arm_next()
+        self._arm_if_idle()
         return line
 
     def _take(self, txn: Txn) -> None:
@@ -433,6 +441,13 @@ class TransactionsMixin:
             self._finish(txn)
             if reply.code == 421:
                 self._abort(None)
+            elif reply.code < 400:
+                # Another 3xx leaves the server in the data state, perhaps waiting for
+                # content: no next transaction can follow on this session.
+                quoted = str(reply)[:200]
+                self._abort(
+                    SMTPProtocolError(f"{self.host} answered DATA with {quoted}", host=self.host)
+                )
             else:
                 self._continue()
             return
@@ -447,10 +462,10 @@ class TransactionsMixin:
         self._handlers.append(functools.partial(self._on_body, txn))
         body = self._session.body(txn.data)
         txn.dot_pending = True
+        txn.dot_end = self._written_total() + len(body)
         following = self._start_queued()
         self._write(body + following if following else body)
-        if txn.dot_pending and self._flushed(len(following)):
-            txn.dot_pending = False
+        self._watch_dots()
         self._arm_next()
 
     def _on_body(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
