@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import pickle
@@ -101,7 +102,9 @@ class WorkerProcess:
         """The signal the current child said it was stopped by, from its last frame."""
         self._cause: BaseException | None = None
         """The child's own exception when it could not open its store."""
-        self._fds: tuple[int, ...] = ()
+        self._spec_sent = False
+        """Whether the current child's spec is through the pipe: no other frame may go
+        before it, and a child still without it has nothing to finish (:meth:`stop`)."""
         self._holder: str | None = None
         """The lease holder of the current child (fresh for each one): what it leased is
         given back at once if it dies or has to be killed."""
@@ -129,17 +132,40 @@ class WorkerProcess:
         begins by itself once the store opens). Raise :class:`WorkerError` when it cannot
         start: from the store's error when waiting cannot mend it
         (:class:`~mailstrom.errors.StoreCorrupt`,
-        :class:`~mailstrom.errors.StoreAccessDenied`)."""
+        :class:`~mailstrom.errors.StoreAccessDenied`). After such a failure, after
+        :meth:`stop`, or once a child ended for good, it can be called again."""
         with self._lock:
-            if self._proc is not None or self._restart_pending():
+            if self.pid is not None or self._restart_pending():
                 raise WorkerError("already started")
+            last = self._reader
+        if last is not None:
+            if last is threading.current_thread():
+                raise WorkerError(
+                    "start() from on_result: this thread is still passing on the results "
+                    "of the last worker process"
+                )
+            # Its child has exited and only what it left in the pipe remains: passed on
+            # before the next child, whose state its end must not be judged against.
+            last.join()
+        with self._lock:
+            if self._reader is not last or self.pid is not None or self._restart_pending():
+                raise WorkerError("already started")  # another start() came first
             self._stopping = False
             self._supervised = False
+            self._coming_back = False
             self._halt.clear()
             self._spawn()
+            proc, reader = self._proc, self._reader
+            assert proc is not None and reader is not None
         if not self._ready.wait(timeout) or self._error is not None:
             reason = self._error or f"no answer within {timeout:g} s"
-            self._kill()
+            self._kill(proc)
+            reader.join()  # the child is dead: the rest of its pipe, then its end
+            with self._lock:
+                # Nothing of it stays: pid is None and the next start() begins afresh.
+                if self._proc is proc:
+                    self._proc, self._stdin = None, None
+                self._error = reason
             raise WorkerError(f"worker process failed to start: {reason}") from self._cause
         with self._lock:
             self._supervised = True
@@ -148,7 +174,8 @@ class WorkerProcess:
                 self._judge(self._proc)
 
     def _spawn(self) -> None:
-        """Start a child and hand it its spec, without waiting for it (``_lock`` held)."""
+        """Start a child, whose reader hands it its spec; wait for neither (``_lock``
+        held)."""
         config = self.config
         holder = new_holder()
         spec = ChildSpec(
@@ -161,6 +188,9 @@ class WorkerProcess:
             forward_results=self._on_result is not None,
             holder=holder,
         )
+        # Pickled here, before any child exists: a failure is start()'s to raise.
+        frame = io.BytesIO()
+        write_frame(frame, "spec", spec)
         env = dict(os.environ)
         # The child must import this very mailstrom, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -180,19 +210,17 @@ class WorkerProcess:
         self._stopped_by = None
         self._cause = None
         self._status = WorkerStatus(running=False)  # not the last child's snapshot
-        assert proc.stdin is not None and proc.stdout is not None
+        self._spec_sent = False  # before _stdin: a _send seeing the new pipe must wait
         self._proc, self._stdin = proc, proc.stdin
         self._holder = holder
-        self._fds = (proc.stdin.fileno(), proc.stdout.fileno())
         _LIVE.add(self)
         self._reader = threading.Thread(
             target=self._read,
-            args=(proc, proc.stdout),
+            args=(proc, frame.getvalue()),
             name="mailstrom-worker-reader",
             daemon=True,
         )
         self._reader.start()
-        self._send("spec", spec)
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -200,68 +228,92 @@ class WorkerProcess:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Let deliveries in flight finish within ``timeout`` seconds, give the rest back
-        to the store, and wait for the child to exit. A restart still waiting for its
-        backoff is cancelled; no child is started after this began."""
+        to the store, and wait for the child to exit (killed :data:`STOP_GRACE` seconds
+        past ``timeout``). A restart still waiting for its backoff is cancelled; no child
+        is started after this began.
+
+        It returns once every result the child sent has reached ``on_result``, however
+        long the callback takes over them: none is passed on after stop() returned.
+        Called from ``on_result`` itself, it returns once the child has exited, and the
+        results still in the pipe follow on that thread after the callback returns (a
+        child with more to send than the pipe holds cannot exit meanwhile: it is killed
+        past the grace)."""
         with self._lock:
             self._stopping = True
             self._halt.set()
             proc, supervisor, holder = self._proc, self._supervisor, self._holder
+            reader = self._reader
             if self._restart_pending() and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
-            elif self._coming_back:  # restarted, stopped before it answered: no trouble
+            elif self._coming_back and not self._reported_error:
+                # Restarted, stopped before it answered: no trouble. One that said why
+                # it cannot run (its error frame came first) keeps saying it.
                 self._coming_back = False
                 self._error = None
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()  # its wait ends at _halt; a spawn under _lock is done
         if proc is None:
             return
-        self._send("stop", timeout)
-        with contextlib.suppress(OSError):
-            assert self._stdin is not None
-            self._stdin.close()
-        try:
-            proc.wait(None if timeout is None else timeout + STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            log.error("worker process %d did not stop; killing it", proc.pid)
-            self._kill()
+        if not self._spec_sent:
+            # Still waiting for its spec (a child that hangs at start, its spec larger
+            # than the pipe): it cannot read a stop frame, and has opened no store.
+            self._kill(proc)
             if holder is not None:
-                self._give_back(holder)  # it had no time to give them back itself
-        if self._reader is not None:
-            self._reader.join(5.0)
-        self._proc = None
+                self._give_back(holder)  # in case its spec went through just now
+        else:
+            self._send("stop", timeout)
+            with self._write_lock, contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            try:
+                proc.wait(None if timeout is None else timeout + STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                log.error("worker process %d did not stop; killing it", proc.pid)
+                self._kill(proc)
+                if holder is not None:
+                    self._give_back(holder)  # it had no time to give them back itself
+        if reader is not None and reader is not threading.current_thread():
+            # Unbounded: the child has exited, so only the frames it left in the pipe
+            # remain, and each result among them reaches on_result before we return.
+            reader.join()
+        with self._lock:
+            if self._proc is proc:
+                self._proc, self._stdin = None, None
+            self._stopped.set()
 
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    with contextlib.suppress(OSError):
-                        stream.close()
-        self._stopped.set()
+    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill ``proc`` and wait for it. Its pipes are its reader's to close, once it
+        has passed on what the child left there; the spec it may still be writing fails
+        at once."""
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
 
     def _forget(self) -> None:
-        # Only the descriptors are touched, never the file objects: the parent's reader
-        # thread may have held a buffer's lock at the fork, and it does not exist here.
-        # Pointing them at /dev/null releases this process's ends of the pipes while the
-        # descriptor numbers stay valid for whatever later closes the objects. The same
-        # goes for _lock, and no supervisor thread exists here to restart anything.
+        # Only the descriptors are touched, never reading or writing the file objects:
+        # the parent's reader thread may have held a buffer's lock at the fork, and it
+        # does not exist here (``closed`` and ``fileno()`` take no lock). Pointing them at
+        # /dev/null releases this process's ends of the pipes while the descriptor
+        # numbers stay valid for whatever later closes the objects. Only the current
+        # child's streams still open count: the number of one closed before the fork may
+        # be the application's file or pipe now (a stream reads as closed before its
+        # number is freed). The same goes for _lock, and no supervisor thread exists here
+        # to restart anything.
         self._lock = threading.Lock()
         self._stopping = True
         self._halt.set()
         self._supervisor = None
-        self._proc, self._stdin = None, None
-        if self._fds:
+        proc, self._proc, self._stdin = self._proc, None, None
+        streams = () if proc is None else (proc.stdin, proc.stdout)
+        fds = [s.fileno() for s in streams if s is not None and not s.closed]
+        if fds:
             null = os.open(os.devnull, os.O_RDWR)
             try:
-                for fd in self._fds:
+                for fd in fds:
                     with contextlib.suppress(OSError):
                         os.dup2(null, fd)
             finally:
                 os.close(null)
-            self._fds = ()
         self._ready.clear()
         self._stopped.set()
 
@@ -305,10 +357,7 @@ class WorkerProcess:
         self._death = death
         self._error = f"{death}; starting it again in {delay:g} s"
         self._status = WorkerStatus(running=False)
-        with self._write_lock, contextlib.suppress(OSError):
-            if self._stdin is not None:
-                self._stdin.close()  # the dead child's pipe; its stdout closed with it
-        self._proc, self._stdin = None, None
+        self._proc, self._stdin = None, None  # its reader closed its pipes
         log.error("%s", self._error)
         self._supervisor = threading.Thread(
             target=self._restart_after,
@@ -367,7 +416,10 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The child's process id while it runs; None before, between restarts, and
+        once it has exited (a failed start, a child that ended for good)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     # --- what the facade asks ----------------------------------------------------------------
 
@@ -403,28 +455,67 @@ class WorkerProcess:
 
     def _send(self, kind: str, payload: Any = None) -> None:
         stream = self._stdin
-        if stream is None:
+        if stream is None or not self._spec_sent:
+            # Before its spec the child reads nothing else: a wake is moot (it looks for
+            # work at once), and the application's send_email must not wait behind a
+            # spec the child is slow to read. stop() sees to its stop itself.
             return
         with self._write_lock, contextlib.suppress(OSError, ValueError):
             write_frame(stream, kind, payload)
 
-    def _read(self, proc: subprocess.Popen[bytes], stream: IO[bytes]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], spec: bytes) -> None:
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None
+        followed = False
         try:
-            while (frame := read_frame(stream)) is not None:
-                self._handle(*frame)
+            try:
+                # Here, not in _spawn under _lock: a spec larger than the pipe (a TLS
+                # context's CA certificates) waits for the child to read it, which
+                # start()'s timeout must bound; killing the child ends the write.
+                stdin.write(spec)
+                stdin.flush()
+            except (OSError, ValueError):
+                pass  # it is gone already: its end is read below
+            else:
+                if proc is self._proc:
+                    self._spec_sent = True
+            while (frame := read_frame(stdout)) is not None:
+                kind, payload = frame
+                try:
+                    self._handle(kind, payload)
+                except Exception:
+                    # A forwarded record the application's logging raises on (a filter,
+                    # a handler): one frame is lost, not every later result and status.
+                    log.exception("worker process: a %r frame could not be handled", kind)
+            followed = True
         except Exception:
             log.exception("worker process: unreadable frame")
         finally:
-            stream.close()
+            if not followed:
+                # Nothing reads its pipe any more: left running, it would deliver
+                # unseen while its status says running. Killed, its death is judged.
+                log.error("worker process %d can no longer be followed; killing it", proc.pid)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            stdout.close()
             proc.wait()
+            with self._write_lock, contextlib.suppress(OSError):
+                stdin.close()  # of no use now; and a fork must not take its number for ours
             with self._lock:
-                try:
-                    self._judge(proc)
-                finally:
-                    if proc.returncode and self._error is None:
-                        self._error = f"worker process exited with status {proc.returncode}"
-                    self._stopped.set()
-                    self._ready.set()  # wake a start() still waiting: it sees the error
+                if proc is self._proc:  # not a child stop() or start() has let go of
+                    self._end_of(proc)
+
+    def _end_of(self, proc: subprocess.Popen[bytes]) -> None:
+        """The current child's stream has ended and it has exited (``_lock`` held)."""
+        try:
+            self._judge(proc)
+        finally:
+            self._coming_back = False  # it came back, or its end is what status says now
+            if proc.returncode and self._error is None and not self._stopping:
+                # An intended stop that had to kill it is no death.
+                self._error = f"worker process exited with status {proc.returncode}"
+            self._stopped.set()
+            self._ready.set()  # wake a start() still waiting: it sees the error
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "results":

@@ -1,0 +1,426 @@
+"""The life of a worker process seen from its facade (client/process.py): a start that
+fails, a stop() that comes while results are still being passed on, from ``on_result``
+or while a child hangs before reading its spec, and a fork of the application after
+stop(). Each child is a real one, delivering to a loopback SMTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailstrom import Mailstrom, RecipientState
+from mailstrom.client import process, supervision
+from mailstrom.client.process import WorkerProcess
+from mailstrom.errors import WorkerError
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration import test_worker_modes
+from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
+from tests.support.delivery import Results
+
+mx = test_worker_modes.mx
+"""A server that answers everything (the same fixture: pytest finds it by this name)."""
+
+STALL = "MAILSTROM_TEST_CHILD_STALL"
+PIPE_SIZE = 65536
+"""What a Linux pipe holds by default."""
+
+
+def _worker(ms: Mailstrom) -> WorkerProcess:
+    assert isinstance(ms.worker, WorkerProcess)
+    return ms.worker
+
+
+@pytest.fixture
+def stall_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``stall_child(seconds)``: worker children started from now on hang that long
+    before reading their spec (swapping, a stuck import); ``stall_child(0)`` ends it. A
+    child inherits the environment, and this ``sitecustomize`` on its PYTHONPATH."""
+    site = tmp_path / "stall"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys, time
+            if "mailstrom.runtime.child" in sys.orig_argv:
+                time.sleep(float(os.environ.get({STALL!r}, "0")))  # killed before it ends
+            """
+        )
+    )
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+
+    def stall(seconds: float) -> None:
+        monkeypatch.setenv(STALL, str(seconds))
+
+    return stall
+
+
+def _pipes() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
+                fds.add(int(name))
+        except FileNotFoundError:  # the listing's own descriptor
+            pass
+    return fds
+
+
+def test_a_fork_after_stop_leaves_the_descriptors_the_application_reused_alone(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The numbers of the worker's pipes are free again after stop(); the application's
+    next files take them. A fork then (multiprocessing, a pre-forking server) pointed
+    them at /dev/null in the forked process: a SimpleQueue's result was silently lost."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    before = _pipes()
+    ms.start()
+    numbers = _pipes() - before  # the worker's stdin and stdout
+    assert len(numbers) == 2
+    ms.stop()
+    data = tmp_path / "data.txt"
+    data.write_text("the application's\n")
+    opened = [os.open(data, os.O_RDONLY) for _ in range(64)]  # the lowest free numbers
+    try:
+        assert numbers <= set(opened)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the forked process
+            kept = all(os.readlink(f"/proc/self/fd/{fd}") == str(data) for fd in numbers)
+            os._exit(0 if kept else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the fork lost the application's files"
+        assert all(os.pread(fd, 100, 0) == b"the application's\n" for fd in numbers)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    store.close()
+
+
+def test_a_start_that_failed_can_be_tried_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, stall_child: Any
+) -> None:
+    """A cold start on a busy machine missed start()'s timeout: its child is killed, and
+    the next start() starts another (it said "already started", forever)."""
+    stall_child(30)
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results)
+    with pytest.raises(WorkerError, match=r"failed to start: no answer within 0\.5 s"):
+        ms.start(timeout=0.5)
+    assert ms.worker.pid is None  # type: ignore[union-attr]
+    status = ms.worker_status
+    assert not status.running and status.error == "no answer within 0.5 s"
+
+    stall_child(0)
+    ms.start()
+    try:
+        assert ms.worker_status.running and ms.worker_status.error is None
+        mid = ms.send_email(hello("retried@example.org"))
+        results.wait_count(1, timeout=30)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+    store.close()
+
+
+def test_stop_returns_after_the_last_result_and_the_next_child_is_not_judged_by_it(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """An on_result busy (a webhook, say) after its child exited: stop() gave up on it
+    after 5 s, so on_result went on after stop() returned, and that reader's end later
+    marked the next, healthy child stopped."""
+    busy = threading.Event()
+    carry_on = threading.Event()
+    done = threading.Event()
+    stop_returned = threading.Event()
+    next_child = threading.Event()  # from then on, results are the next child's
+    after_stop: list[str] = []
+    results = Results()
+
+    def on_result(result: Any) -> None:
+        if not busy.is_set():
+            busy.set()
+            carry_on.wait(30)
+        if stop_returned.is_set() and not next_child.is_set():
+            after_stop.append(result.address)
+        results(result)
+        done.set()
+
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    ms.send_email(hello("slow@example.org"))
+    assert busy.wait(30)
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+
+    def stop() -> None:
+        ms.stop()
+        stop_returned.set()
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    assert _wait_until(lambda: _gone(pid), 30)  # nothing but the callback is left
+    # Longer than the 5 s stop() used to give the reader once the child had exited.
+    stop_returned.wait(5.5)
+    carry_on.set()
+    assert done.wait(30)
+    stopper.join(30)
+    assert stop_returned.is_set()
+    assert after_stop == [], "on_result was called after stop() returned"
+
+    next_child.set()
+    ms.start()
+    try:
+        new = ms.worker.pid  # type: ignore[union-attr]
+        assert new is not None and new != pid
+        mid = ms.send_email(hello("next@example.org", 1))
+        results.wait_count(2, timeout=30)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+        status = ms.worker_status
+        assert status.running and status.error is None
+        assert ms.worker.pid == new  # type: ignore[union-attr]
+    finally:
+        ms.stop()
+    store.close()
+
+
+def _many_cas_context(n: int = 300) -> ssl.SSLContext:
+    """A verifying context trusting ``n`` CAs: its spec is larger than a pipe holds."""
+    pem = "".join(trustme.CA().cert_pem.bytes().decode() for _ in range(n))
+    context = ssl.create_default_context(cadata=pem)
+    assert sum(map(len, context.get_ca_certs(binary_form=True))) > 2 * PIPE_SIZE
+    return context
+
+
+def test_start_is_bounded_by_its_timeout_when_the_spec_is_larger_than_the_pipe(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, stall_child: Any
+) -> None:
+    """A child that hangs before reading its spec: start(timeout=1) waited for it to
+    read the spec (here 10 s, or forever) before its timeout even began."""
+    stall_child(10)
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, tls_context=_many_cas_context())
+    ms = Mailstrom(cfg, store=store)
+    began = time.monotonic()
+    with pytest.raises(WorkerError, match=r"no answer within 1 s"):
+        ms.start(timeout=1)
+    assert time.monotonic() - began < 8
+    assert ms.worker.pid is None  # type: ignore[union-attr]
+
+    stall_child(0)  # the spec itself goes through to a child that reads it
+    ms.start()
+    try:
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+    store.close()
+
+
+def test_stop_is_prompt_while_a_restarted_child_hangs_before_reading_its_spec(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    stall_child: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restart wrote the spec under the lock stop() takes: stop() (and every wake
+    of send_email) waited for the hung child to read it."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 0.1)
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, tls_context=_many_cas_context())
+    ms = Mailstrom(cfg, store=store)
+    ms.start()
+    old = ms.worker.pid  # type: ignore[union-attr]
+    assert old is not None
+    stall_child(10)
+    os.kill(old, signal.SIGKILL)
+    assert _wait_until(lambda: ms.worker.pid not in (None, old), 30)  # type: ignore[union-attr]
+    new = ms.worker.pid  # type: ignore[union-attr]
+    assert new is not None
+    began = time.monotonic()
+    ms.send_email(hello("queued@example.org"))
+    ms.stop()
+    assert time.monotonic() - began < 5
+    assert _gone(new)
+    status = ms.worker_status
+    assert not status.running and status.error is None  # stopped before it answered
+    store.close()
+
+
+def test_stop_from_on_result_stops_and_start_works_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """stop() called from the callback joined its own thread: RuntimeError, and the
+    facade stayed "already started"."""
+    outcome: list[str] = []
+    stopped = threading.Event()
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+
+    def on_result(result: Any) -> None:
+        results(result)
+        if not outcome:
+            try:
+                ms.stop()
+                outcome.append("returned")
+            except BaseException as exc:  # reported to the test
+                outcome.append(repr(exc))
+            stopped.set()
+
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+    ms.send_email(hello("first@example.org"))
+    assert stopped.wait(30)
+    assert outcome == ["returned"]
+    assert _gone(pid)
+    assert ms.worker.pid is None  # type: ignore[union-attr]
+    status = ms.worker_status
+    assert not status.running and status.error is None
+
+    ms.start()
+    try:
+        mid = ms.send_email(hello("second@example.org", 1))
+        results.wait_count(2, timeout=30)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+    store.close()
+
+
+class _BuggyFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        raise RuntimeError("a bug in the application's logging")
+
+
+def test_a_forwarded_record_the_application_cannot_log_costs_no_result(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reader ended on it: the child delivered on, unseen (no more on_result, a
+    status frozen at running)."""
+    caplog.set_level(logging.INFO, "mailstrom")
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    attempts = logging.getLogger("mailstrom.attempts")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results)
+    ms.start()
+    attempts.addFilter(buggy := _BuggyFilter())
+    try:
+        pid = ms.worker.pid  # type: ignore[union-attr]
+        for i in range(3):
+            ms.send_email(hello(f"u{i}@example.org", i))
+            results.wait_count(i + 1, timeout=30)
+        assert ms.worker.pid == pid  # type: ignore[union-attr]
+        assert ms.worker_status.delivered == 3
+    finally:
+        attempts.removeFilter(buggy)
+        ms.stop()
+    assert any("frame could not be handled" in r.getMessage() for r in caplog.records)
+    store.close()
+
+
+class _Abort(BaseException):
+    """Not an Exception: nothing on the way catches it."""
+
+
+def test_a_reader_ended_by_a_base_exception_does_not_leave_its_child_unseen(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A BaseException from on_result ends the reader; its child, nobody reading its
+    pipe, is killed and started again (it delivered on unseen, status saying running)."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 0.1)
+    escaped: list[type[BaseException]] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    results = Results()
+
+    def on_result(result: Any) -> None:
+        results(result)
+        if len(results.all) == 1:
+            raise _Abort
+
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    try:
+        old = ms.worker.pid  # type: ignore[union-attr]
+        ms.send_email(hello("first@example.org"))
+        results.wait_count(1, timeout=30)
+        assert _wait_until(lambda: ms.worker_status.restarts == 1, 30)
+        assert _gone(old)  # type: ignore[arg-type]
+        ms.send_email(hello("second@example.org", 1))
+        results.wait_count(2, timeout=30)
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+    assert escaped == [_Abort]  # it still ends the thread it was raised on
+    store.close()
+
+
+def test_a_permanent_error_of_a_restarted_child_outlives_stop(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restarted child that failed for good before its first "ready": stop() took it
+    for one still on its way and cleared the error that says why nothing delivers."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 0.1)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    old = ms.worker.pid  # type: ignore[union-attr]
+    assert old is not None
+    store.close()
+    for name in ("q.db-wal", "q.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    path.write_bytes(b"not a database " * 1000)  # what the next child opens
+    os.kill(old, signal.SIGKILL)
+
+    def failed_for_good() -> bool:
+        status = ms.worker_status
+        return status.dead and "again" not in (status.error or "")
+
+    assert _wait_until(failed_for_good, 30)
+    assert _worker(ms).wait_stopped(30)  # its end has been judged too
+    error = ms.worker_status.error
+    assert error is not None and "StoreCorrupt" in error
+    ms.stop()
+    assert ms.worker_status.error == error
+
+
+def test_a_child_stop_had_to_kill_does_not_read_as_dead(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed past the grace by stop() itself: it read as "exited with status -9"."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it cannot stop by itself
+    ms.stop(timeout=0.1)
+    assert _gone(pid)
+    status = ms.worker_status
+    assert not status.running and status.error is None and not status.dead
+    store.close()
