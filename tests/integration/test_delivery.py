@@ -778,9 +778,10 @@ def test_work_of_a_lease_taken_over_is_not_tried_again_when_its_connection_break
     ms.send_email(hello("later@example.org"))
     results.wait_final({"later@example.org"})
     # queued0 answered, queued1 cut off after its content, queued2 not sent (no 354 came
-    # before the cut); only the mail queued later goes to the backup.
-    assert [to for m in mx.received for to in m.rcpt_tos] == queued[:2]
-    assert [to for m in backup.received for to in m.rcpt_tos] == ["later@example.org"]
+    # before the cut) on either host. The connection had taken a message before it broke,
+    # so the mail queued later goes on a new connection to the same host.
+    assert [to for m in mx.received for to in m.rcpt_tos] == [*queued[:2], "later@example.org"]
+    assert backup.received == []
     assert results.all[-1].state is DELIVERED
 
 

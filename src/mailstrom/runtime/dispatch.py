@@ -407,7 +407,7 @@ class Dispatcher:
                     continue
             dest.connected += 1
             try:
-                broke = await self._stream(dest, conn, reused, need, shape)
+                broke, answered = await self._stream(dest, conn, reused, need, shape)
             except BaseException:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
@@ -429,7 +429,11 @@ class Dispatcher:
                 continue
             opener.close_later(conn)
             last_error = broke
-            if not reused:  # a stale idle connection is no reason to give up the host
+            # A connection that took messages before it ended (a server's limit of
+            # messages per connection) says nothing against this address: the rest goes on
+            # a new one. Each such round finishes an item, so the loop ends. Nor is a stale
+            # idle connection a reason to give up the host.
+            if not reused and not answered:
                 index += 1
         if not dest.queue:
             return
@@ -502,10 +506,11 @@ class Dispatcher:
         reused: bool,
         need: TLSRequirement,
         shape: Shape | None = None,
-    ) -> DeliveryError | None:
+    ) -> tuple[DeliveryError | None, bool]:
         """Send the destination's items over ``conn`` until none is left, the connection
-        reaches its message cap, or it breaks (returning the error). With a ``shape``, also
-        until its rate allows no more now or it is paused."""
+        reaches its message cap, or it breaks. With a ``shape``, also until its rate allows
+        no more now or it is paused. Returns the error it broke with (None if it did not),
+        and whether any transaction on it got a reply to its content."""
         cap = self._config.max_messages_per_connection
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
@@ -514,6 +519,7 @@ class Dispatcher:
         inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
+        answered = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
         while True:
             while (
@@ -547,6 +553,7 @@ class Dispatcher:
                 error = error or exc
                 retry.append(work)
                 continue
+            answered = answered or result.final is not None
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
             if shape is not None:
                 results = await self._heed_throttle(shape, result, results)
@@ -568,7 +575,7 @@ class Dispatcher:
             error = conn.error or SMTPConnectError(
                 f"the connection to {conn.host} ended", host=conn.host
             )
-        return error
+        return error, answered
 
     def _submit(
         self, conn: SMTPConnection, work: _Work, reset: bool, where: Where

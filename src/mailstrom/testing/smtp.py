@@ -46,6 +46,10 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     answering. Shorthands: ``drop_on_data`` (closes on the DATA command, before 354, so
     the client has sent no content) and ``drop_after_dot`` (takes the content, closes
     without the final reply: the client cannot know whether the message was accepted).
+    ``messages_per_connection``: how many MAIL commands one connection may give (None:
+    no limit); the next gets ``over_limit_reply`` (``"421 4.7.0 Message limit of this
+    connection reached, closing"``; None: no reply) and the connection is closed, as a
+    server with Exim's ``smtp_accept_max_per_connection`` does.
     ``quit_delay``: seconds the server waits before it answers QUIT, a slow close (the
     connection stays open, and counted in ``open_connections``, until then).
     ``data_delay``: seconds the server waits after the final dot before it replies, a slow
@@ -186,6 +190,10 @@ class ReceivingServer:
         self.drop_on: str | None = None
         self.quit_delay = 0.0
         self.data_delay = 0.0
+        self.messages_per_connection: int | None = None
+        self.over_limit_reply: str | None = (
+            "421 4.7.0 Message limit of this connection reached, closing"
+        )
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
@@ -396,6 +404,7 @@ class _SMTP(SMTP):
         self._fixture = fixture
         self._greeted = False
         self._counted_in: int | None = None
+        self._mails = 0  # MAIL commands this connection has given
         self._smtp_methods = {
             name: self._wrap(name, method) for name, method in self._smtp_methods.items()
         }
@@ -450,6 +459,15 @@ class _SMTP(SMTP):
         await super().push(status)
 
     async def smtp_MAIL(self, arg: str) -> None:
+        fixture = self._fixture
+        limit = fixture.messages_per_connection
+        if limit is not None and self._mails >= limit:
+            if fixture.over_limit_reply is not None:
+                await self.push(fixture.over_limit_reply)
+            if self.transport is not None:
+                self.transport.close()
+            await _forever()
+        self._mails += 1
         # REQUIRETLS is a parameter aiosmtpd does not know: take it off and note it.
         requiretls = False
         if self._fixture.requiretls and self._tls_protocol is not None and arg:
