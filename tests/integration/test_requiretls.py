@@ -131,6 +131,28 @@ def test_requiretls_not_offered_fails_with_5_7_30(
     assert list(received.rcpt_tos) == ["ann@example.org"]
 
 
+def test_requiretls_not_offered_by_the_first_mx_goes_to_the_next(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    """RFC 8689 §4.2.1: a host without REQUIRETLS is passed over, not the message failed;
+    it fails with 5.7.30 only when no MX host offers it (the test above)."""
+    primary = smtp_server()  # TLS with a valid certificate, but no REQUIRETLS
+    backup = smtp_server(host="127.0.0.2", port=primary.port, requiretls=True)
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", primary.host)
+    dns_server.a("mx2.test", backup.host)
+    ms = mailstrom(primary.port)
+    mid = ms.send_email(secured("bob@example.org"))
+    plain = ms.send_email(Email(from_="a@sender.test", to=["ann@example.org"], text="x"))
+    results.wait_final({"bob@example.org", "ann@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DELIVERED, bob
+    [received] = backup.wait_for_messages(1)
+    assert received.tls and "REQUIRETLS" in received.mail_options
+    assert ms.query_status(plain).recipient("ann@example.org").state is RecipientState.DELIVERED
+    assert [list(m.rcpt_tos) for m in primary.messages] == [["ann@example.org"]]
+
+
 def test_requiretls_to_a_domain_whose_policy_is_none_fails_with_5_7_30(
     smtp_server: Any, route: Any, mailstrom: MakeMailstrom, results: Results
 ) -> None:

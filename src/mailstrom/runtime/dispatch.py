@@ -405,6 +405,19 @@ class Dispatcher:
                         return
                     index += 1
                     continue
+            if dest.require_tls and "REQUIRETLS" not in conn.extensions:
+                # RFC 8689 §4.2.1: this host cannot take these messages; another MX host
+                # may. They fail (5.7.30) only when none can.
+                last_error = RequireTLSFailure(
+                    f"message requires TLS (REQUIRETLS), which {host} does not support",
+                    code=550,
+                    enhanced="5.7.30",
+                    host=host,
+                )
+                last_policy = need.label
+                opener.release(key, conn)  # sound, and of use to other mail
+                index += 1
+                continue
             dest.connected += 1
             try:
                 broke, answered = await self._stream(dest, conn, reused, need, shape)
