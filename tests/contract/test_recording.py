@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
+import pytest
+
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores import RecipientResult, Store
 from mailstrom.stores.base import MAX_HISTORY, MAX_REPLY_TEXT
 
-from .support import NOW, SECOND, attempt, lease_all, message, results_for
+from .support import LEASE_FOR, NOW, SECOND, attempt, lease_all, message, results_for
 
 
 def test_record_delivered_round_trips_the_attempt_exactly(store: Store) -> None:
@@ -222,6 +224,27 @@ def test_one_call_records_the_results_of_several_leases(store: Store) -> None:
     assert store.record(results) == results
     assert store.status(one).state is RecipientState.DELIVERED
     assert store.status(two).state is RecipientState.FAILED
+
+
+@pytest.mark.parametrize("stale_first", [True, False], ids=["stale first", "current first"])
+def test_a_stale_result_beside_the_current_one_does_not_hide_it(
+    store: Store, stale_first: bool
+) -> None:
+    """One call holds a result of a lease since taken over and the result of the lease
+    that holds the recipient now: the current one is recorded, in whatever order; the
+    stale one is not, nor a repeat of the current one."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    old = lease_all(store)
+    later = NOW + LEASE_FOR + SECOND
+    new = lease_all(store, now=later)  # the first lease expired: taken over
+    assert new.token != old.token
+    stale = results_for(old, RecipientState.FAILED, at=later)
+    current = results_for(new, RecipientState.DELIVERED, at=later)
+    batch = [*stale, *current, *current] if stale_first else [*current, *stale, *current]
+    assert store.record(batch) == current
+    recipient = store.status(mid).recipients[0]
+    assert recipient.state is RecipientState.DELIVERED
+    assert recipient.attempts == 1 and len(recipient.history) == 1
 
 
 def test_reply_text_kept_is_bounded(store: Store) -> None:

@@ -588,10 +588,7 @@ def _record_chunk(
 ) -> list[RecipientResult]:
     by_rid: dict[int, tuple[RecipientResult, tuple[object, ...]]] = {}
     values: list[object] = []
-    for result in results:
-        rid = result.ref if result.ref is not None else _rid(conn, result)
-        if rid is None or rid in by_rid:
-            continue  # unknown, or a repeat in one batch (the first one wins)
+    for rid, result in _one_per_row(conn, results):
         a = bounded_attempt(result.attempt)
         reply = a.reply
         at = to_us(a.at)
@@ -646,6 +643,35 @@ def _record_chunk(
         [value for _, history in kept for value in history],
     )
     return [result for result, _ in kept]
+
+
+def _one_per_row(
+    conn: sqlite3.Connection, results: Sequence[RecipientResult]
+) -> list[tuple[int, RecipientResult]]:
+    """One result per recipient row, with its row id; rows unknown are left out. Of
+    several for one row, the one of the lease holding it now (a batch may carry a result
+    of a lease since taken over beside the current lease's), else the first."""
+    by_rid: dict[int, list[RecipientResult]] = {}
+    for result in results:
+        rid = result.ref if result.ref is not None else _rid(conn, result)
+        if rid is not None:
+            by_rid.setdefault(rid, []).append(result)
+    contested = [
+        rid for rid, rs in by_rid.items() if len(rs) > 1 and len({r.lease_token for r in rs}) > 1
+    ]
+    holding: dict[int, str | None] = {}
+    for part in chunks(contested):
+        holding.update(
+            conn.execute(
+                f"SELECT id, lease_token FROM recipients WHERE id IN ({qmarks(len(part))})",
+                part,
+            ).fetchall()
+        )
+    chosen: list[tuple[int, RecipientResult]] = []
+    for rid, rs in by_rid.items():
+        token = holding.get(rid)
+        chosen.append((rid, next((r for r in rs if r.lease_token == token), rs[0])))
+    return chosen
 
 
 def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:

@@ -93,11 +93,19 @@ def enqueue_params(
     }
 
 
-def record_params(results: Iterable[RecipientResult]) -> dict[str, Any]:
-    """Parallel arrays for the ``record`` query; a repeated recipient keeps its last
-    result. Reply texts and errors are cut to the stored bound."""
-    latest = {(r.message_id, r.address): r for r in results}
-    rs = list(latest.values())
+def once_per_lease(results: Iterable[RecipientResult]) -> list[RecipientResult]:
+    """The first result for each recipient under each lease: a repeat is dropped, while a
+    result of a lease since taken over stays beside the current lease's (the query
+    records only the one whose lease holds the recipient)."""
+    first: dict[tuple[str, str, str], RecipientResult] = {}
+    for r in results:
+        first.setdefault((r.message_id, r.address, r.lease_token), r)
+    return list(first.values())
+
+
+def record_params(rs: Sequence[RecipientResult]) -> dict[str, Any]:
+    """Parallel arrays for the ``record`` query, from :func:`once_per_lease`'s results.
+    Reply texts and errors are cut to the stored bound."""
     attempts = [bounded_attempt(r.attempt) for r in rs]
     replies = [a.reply for a in attempts]
     return {

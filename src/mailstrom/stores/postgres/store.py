@@ -391,8 +391,9 @@ class PostgresStore:
             return []
         if self._events:
             return self._record_with_events(results)
-        done = {tuple(row) for row in self._fetch("record", rows.record_params(results))}
-        return [r for r in results if (r.message_id, r.address) in done]
+        once = rows.once_per_lease(results)
+        done = {tuple(row) for row in self._fetch("record", rows.record_params(once))}
+        return [r for r in once if (r.message_id, r.address, r.lease_token) in done]
 
     def _record_with_events(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record, then append the outbox rows of what was recorded, in one transaction
@@ -402,9 +403,10 @@ class PostgresStore:
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            found = conn.execute(self._queries["record"], rows.record_params(results))
+            once = rows.once_per_lease(results)
+            found = conn.execute(self._queries["record"], rows.record_params(once))
             done = {tuple(row) for row in found.fetchall()}
-            recorded = [r for r in results if (r.message_id, r.address) in done]
+            recorded = [r for r in once if (r.message_id, r.address, r.lease_token) in done]
             pairs = list(dict.fromkeys((r.message_id, r.address) for r in recorded))
             if pairs:
                 conn.execute(

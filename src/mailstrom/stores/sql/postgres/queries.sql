@@ -276,7 +276,9 @@ SELECT message_id, address FROM updated;
 -- only while the lease named in its own element still holds it, and the attempt history
 -- gets a row for exactly those. A recipient past the history bound loses its oldest
 -- attempts (the DELETE sees the history before this statement's insert, so it keeps one
--- fewer than the bound). Returns the recorded (message_id, address) pairs.
+-- fewer than the bound). Returns the recorded (message_id, address, token) triples: the
+-- results may hold one recipient twice, under a lease taken over and under the lease
+-- holding it now, and only the latter is recorded.
 WITH res AS (
     SELECT *
     FROM unnest(%(tokens)s::text[], %(message_ids)s::text[], %(addresses)s::text[],
@@ -315,7 +317,7 @@ WITH res AS (
     WHERE r.message_id = res.message_id
       AND r.address = res.address
       AND r.lease_token = res.token
-    RETURNING r.message_id, r.address, r.attempts
+    RETURNING r.message_id, r.address, res.token, r.attempts
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
@@ -324,7 +326,7 @@ WITH res AS (
            res.port, res.tls_version, res.tls_cipher, res.reply_code, res.reply_enhanced,
            res.reply_text, res.error, res.uncertain, res.reason_class, res.tls_policy
     FROM res
-    JOIN updated USING (message_id, address)
+    JOIN updated USING (message_id, address, token)
     RETURNING 1
 ), trimmed AS (
     DELETE FROM attempts a
@@ -337,7 +339,7 @@ WITH res AS (
                        ORDER BY k.id DESC LIMIT %(max_history)s - 1)
     RETURNING 1
 )
-SELECT message_id, address FROM updated;
+SELECT message_id, address, token FROM updated;
 
 -- name: extend
 WITH extended AS (
