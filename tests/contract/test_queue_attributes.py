@@ -184,3 +184,26 @@ def test_the_pending_view_and_counts_filter_by_tag(store: Store) -> None:
     assert store.count(now=NOW, where=QueueFilter(tag="nothing"), cap=100) == 0
     failed = QueueFilter(states=frozenset({RecipientState.FAILED}), tag="receipt")
     assert store.count(now=NOW, where=failed, cap=100) == 0
+
+
+def test_a_lease_walks_any_number_of_lanes_in_due_order(store: Store) -> None:
+    """More lanes with pending mail than one statement can walk (SQLite allows 500 terms
+    in a compound SELECT): a lease still takes the earliest due across all of them, with
+    lanes named or not."""
+    lanes = 501
+    for i in range(lanes):
+        # The earliest due are in the last lanes, which a store walks last.
+        store.enqueue(
+            with_attributes(message(f"u{i}@example.org"), priority=f"lane{i}"),
+            now=NOW + (lanes - i) * SECOND,
+        )
+    later = NOW + (lanes + 1) * SECOND
+    lease = store.lease(now=later, limit=10, lease_for=LEASE_FOR)
+    assert lease is not None
+    taken = sorted(r.address for item in lease.items for r in item.recipients)
+    assert taken == sorted(f"u{i}@example.org" for i in range(lanes - 10, lanes))
+    # Lanes named first, then the rest: the same earliest due among those not named.
+    named = store.lease(now=later, limit=5, lease_for=LEASE_FOR, lanes=[("lane0", 5)])
+    assert named is not None
+    taken = sorted(r.address for item in named.items for r in item.recipients)
+    assert taken == sorted(["u0@example.org", *(f"u{i}@example.org" for i in range(487, 491))])

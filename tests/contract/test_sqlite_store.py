@@ -270,7 +270,7 @@ def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) 
         conn.execute("ROLLBACK")
         conn.set_trace_callback(None)
         assert lease is not None and len(lease.items) == 3
-        walks = [s for s in statements if s.startswith("SELECT id FROM")]
+        walks = [s for s in statements if s.startswith("SELECT id, due FROM")]
         marks = [s for s in statements if s.startswith("UPDATE recipients SET lease_token")]
         assert len(walks) == len(marks) == 3  # two lanes, then the lanes not named
 

@@ -79,6 +79,9 @@ _RECORD_CHUNK = 1000
 _ROW15 = "(" + ",".join("?" * 15) + ")"
 _ROW16 = "(" + ",".join("?" * 16) + ")"
 _IN_CHUNK = 500
+_LANES_PER_WALK = 100
+"""Lanes walked by one statement: SQLite allows 500 terms in a compound SELECT, and each
+lane binds its skipped domains again."""
 """Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
 
@@ -438,13 +441,13 @@ def lane_walk_sql(skip: str = "") -> str:
 
 
 def lanes_walk_sql(lanes: int, skip: str = "") -> str:
-    """The ids of the earliest due recipients of ``lanes`` lanes, up to a limit: each
-    lane's walk (lane_walk_sql, its own limit) merged in due order. Binds each lane's
-    values in turn, then the limit."""
+    """The ids and due times of the earliest due recipients of ``lanes`` lanes (at most
+    :data:`_LANES_PER_WALK`), up to a limit: each lane's walk (lane_walk_sql, its own
+    limit) merged in due order. Binds each lane's values in turn, then the limit."""
     if lanes == 1:
-        return f"SELECT id FROM ({lane_walk_sql(skip)})"
+        return f"SELECT id, due FROM ({lane_walk_sql(skip)})"
     walk = f"SELECT * FROM ({lane_walk_sql(skip)})"
-    return f"SELECT id FROM ({' UNION ALL '.join([walk] * lanes)}) ORDER BY due, id LIMIT ?"
+    return f"SELECT id, due FROM ({' UNION ALL '.join([walk] * lanes)}) ORDER BY due, id LIMIT ?"
 
 
 def next_due_sql(skip: str, *, dated: bool = False) -> str:
@@ -506,14 +509,18 @@ def _mark_lanes(
     if not lanes or limit <= 0:
         return []
     token, expires, now = marks
-    params: list[object] = []
-    for lane in lanes:
-        params += [*skipped, lane, now, limit]
-    if len(lanes) > 1:
-        params.append(limit)
-    order = {
-        rid: n for n, (rid,) in enumerate(conn.execute(lanes_walk_sql(len(lanes), skip), params))
-    }
+    found: list[tuple[int, int]] = []
+    for start in range(0, len(lanes), _LANES_PER_WALK):
+        group = lanes[start : start + _LANES_PER_WALK]
+        params: list[object] = []
+        for lane in group:
+            params += [*skipped, lane, now, limit]
+        if len(group) > 1:
+            params.append(limit)
+        found += [(due, rid) for rid, due in conn.execute(lanes_walk_sql(len(group), skip), params)]
+    if len(lanes) > _LANES_PER_WALK:
+        found = sorted(found)[:limit]  # the groups' walks merged in due order
+    order = {rid: n for n, (_, rid) in enumerate(found)}
     if not order:
         return []
     rows = conn.execute(
