@@ -32,7 +32,7 @@ import os
 import re
 from datetime import UTC, date, datetime
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from mailstrom.client.common import prepare_for
@@ -367,6 +367,8 @@ CONFIG = Config(helo_name="sender.test")
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(records=rua_records())
+# Characters whose repr is ten times longer: the reason quotes the record, bounded.
+@example(records=["v=TLSRPTv1;rua=https://a b/," + "\U000101fe" * 200])
 def test_rua_records_give_uris_none_or_a_reason(records: list[str]) -> None:
     try:
         uris = parse_tlsrpt_record(records)

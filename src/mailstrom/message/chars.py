@@ -106,8 +106,10 @@ def check_encodable(where: str, text: str) -> None:
 
 
 def shorten(value: str | bytes, limit: int = 120) -> str:
-    """``repr(value)``, cut in the middle when long, for error messages."""
-    if len(value) <= limit:
-        return repr(value)
+    """``repr(value)``, cut in the middle when longer than ``limit``, for error messages.
+    The repr is what is bounded: escapes make it up to ten times the value's length."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
     half = limit // 2
-    return f"{value[:half]!r}…({len(value) - limit} more)…{value[-half:]!r}"
+    return f"{text[:half]}…({len(text) - limit} more)…{text[-half:]}"

@@ -29,6 +29,7 @@ import dns.resolver
 
 from mailstrom.config import MTASTSConfig
 from mailstrom.errors import ConfigError
+from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
 from mailstrom.routing.policy import RoutePolicy
@@ -130,7 +131,7 @@ async def _get(host: str, ip: str, config: MTASTSConfig, timeouts: httpx.Timeout
             # We asked for identity. Decoding is what would make the size limit useless: a
             # few KB of "gzip, gzip" inflate to gigabytes in one step, before any check.
             raise PolicyError(
-                f"policy served with Content-Encoding {encoding[:40]!r} (identity asked)",
+                f"policy served with Content-Encoding {shorten(encoding, 40)} (identity asked)",
                 result_type=FETCH_ERROR,
             )
         async for chunk in response.aiter_raw():

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from mailstrom.errors import MailstromError
+from mailstrom.message.chars import shorten
 
 MAX_POLICY_SIZE = 64 * 1024
 """Octets of a policy file read at most (RFC 8461 §3.3 lets senders bound it; 64 KiB is the
@@ -179,13 +180,13 @@ def parse_sts_record(records: list[str]) -> str | None:
             continue
         key, eq, value = field.partition("=")
         if not eq:
-            raise PolicyError(f"TXT record field without '=': {field[:40]!r}")
+            raise PolicyError(f"TXT record field without '=': {shorten(field, 40)}")
         if key.strip(_WSP) == "id" and policy_id is None:
             policy_id = value.strip(_WSP)
     if policy_id is None:
         raise PolicyError("TXT record has no id field")
     if not _RECORD_ID.fullmatch(policy_id):
-        raise PolicyError(f"TXT record id {policy_id[:40]!r} is not 1-32 letters and digits")
+        raise PolicyError(f"TXT record id {shorten(policy_id, 40)} is not 1-32 letters and digits")
     return policy_id
 
 
@@ -239,10 +240,10 @@ def parse_policy(body: bytes) -> Policy:
         if colon and key != key.strip(_WSP) and _KEY.match(key.strip(_WSP)):
             raise PolicyError(
                 f"line {number} has white space before its key or colon, which RFC 8461 "
-                f"§3.2 does not allow: {line[:60]!r}"
+                f"§3.2 does not allow: {shorten(line, 60)}"
             )
         if not colon or not _KEY.match(key):
-            raise PolicyError(f"line {number} is not 'key: value': {line[:60]!r}")
+            raise PolicyError(f"line {number} is not 'key: value': {shorten(line, 60)}")
         if key == "mx":
             if len(patterns) >= MAX_MX_PATTERNS:
                 raise PolicyError(f"more than {MAX_MX_PATTERNS} mx lines")
@@ -250,7 +251,7 @@ def parse_policy(body: bytes) -> Policy:
             # ASCII before lower-casing: the KELVIN SIGN lower-cases to "k", and a pattern
             # is the name the text shows (RFC 8461 §3.2: a Domain, LDH labels).
             if not value.isascii() or not _valid_pattern(pattern):
-                raise PolicyError(f"mx pattern {value[:60]!r} is not a host name or *.name")
+                raise PolicyError(f"mx pattern {shorten(value, 60)} is not a host name or *.name")
             patterns.append(pattern)
         else:
             fields.setdefault(key, value)

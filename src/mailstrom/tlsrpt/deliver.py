@@ -18,6 +18,7 @@ from email.utils import formatdate, make_msgid
 import dns.asyncresolver
 
 from mailstrom.message.addrspec import validate_address
+from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
 from mailstrom.mtasts.fetch import a_label
 from mailstrom.routing.policy import RoutePolicy
@@ -161,7 +162,7 @@ def _target(url: str) -> tuple[str, int, str]:
         raise ValueError("no host")
     host = parsed.raw_host.decode("ascii")
     if not https.is_address(host) and a_label(host) is None:
-        raise ValueError(f"no valid host name: {host[:100]!r}")
+        raise ValueError(f"no valid host name: {shorten(host, 100)}")
     port = parsed.port or 443
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")

@@ -67,7 +67,7 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     # dict: each URI once (one report each), in the record's order.
     kept = {u: None for u in uris if u.lower().startswith(_SCHEMES) and _URI.fullmatch(u)}
     if not kept:
-        raise ReportRecordError(f"rua has no mailto: or https: URI: {rua[:100]!r}")
+        raise ReportRecordError(f"rua has no mailto: or https: URI: {shorten(rua, 100)}")
     return list(kept)[:MAX_RUA]
 
 
