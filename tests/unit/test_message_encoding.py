@@ -112,3 +112,36 @@ def test_downgrade_of_prepared_raw_message_round_trips() -> None:
     assert body_of(out).isascii()
     assert leaves(out) == leaves(prepared.data)
     check_line_lengths(out)
+
+
+# An 8-bit line whose quoted-printable form breaks exactly before "--BOUND": "=C3=A9" and
+# 69 letters fill the 75 octets before a soft line break.
+_FORGING_LINE = "é" + "a" * 69 + "--BOUND"
+
+
+def _forging_message(text: str = _FORGING_LINE) -> bytes:
+    return (
+        "From: x@example.com\r\nTo: y@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="BOUND"\r\n\r\n'
+        "--BOUND\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        f"{text}\r\nContent-Type: text/html\r\n\r\n<b>forged part</b>\r\n--BOUND--\r\n"
+    ).encode()
+
+
+def _parts(data: bytes) -> list[tuple[str, str]]:
+    parsed = message_from_bytes(data, policy=policy.default)
+    return [(p.get_content_type(), p.get_content()) for p in parsed.iter_parts()]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("padding", range(0, 80, 7))
+def test_downgrade_never_breaks_a_line_into_a_delimiter(padding: int) -> None:
+    """A soft line break may fall right before text that reads as an enclosing
+    multipart's delimiter: the part must keep its text whole, and no part appear that
+    the message did not have."""
+    text = "é" + "a" * padding + "--BOUND" if padding else _FORGING_LINE
+    original = _forging_message(text)
+    assert [t for t, _ in _parts(original)] == ["text/plain"]
+    downgraded = downgrade_to_7bit(original)
+    assert downgraded.isascii()
+    assert _parts(downgraded) == _parts(original)

@@ -124,11 +124,13 @@ def _downgrade(item: mime.Entity, *, depth: int) -> tuple[bytes, bytes]:
             head = _with_field(head, "Content-Transfer-Encoding", "7bit")
         return head, out
     raw = _decoded(item.cte, body)
-    if item.maintype == "text":
-        encoded, cte = quoted_printable(raw), "quoted-printable"
-    else:
-        encoded, cte = base64_lines(raw), "base64"
-    return _with_field(head, "Content-Transfer-Encoding", cte), encoded
+    encoded = quoted_printable(raw) if item.maintype == "text" else None
+    if encoded is not None and b"=\r\n--" not in encoded:
+        return _with_field(head, "Content-Transfer-Encoding", "quoted-printable"), encoded
+    # Not text; or a soft line break put "--" at the start of a line, where it could be a
+    # delimiter of an enclosing multipart (the text chose where the break falls), ending
+    # this part early and making the rest a part of the sender's making. Base64 has no "-".
+    return _with_field(head, "Content-Transfer-Encoding", "base64"), base64_lines(raw)
 
 
 def _downgrade_parts(item: mime.Entity, found: mime.Layout, depth: int) -> bytes:
