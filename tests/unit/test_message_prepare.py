@@ -119,6 +119,15 @@ def test_bcc_removed_from_raw_bytes_including_folded_lines() -> None:
     assert p.data.startswith(b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\n")
 
 
+def test_a_utf8_name_in_a_dropped_bcc_needs_no_smtputf8() -> None:
+    # What is sent decides: the field is gone, and the address itself is ASCII. With a
+    # UTF-8 address, the envelope needs SMTPUTF8 all the same.
+    p = prepare(raw("From: a@example.com", "To: b@example.org", "Bcc: Jürgen <j@example.net>"))
+    assert p.data.isascii() and not p.smtputf8
+    utf8 = prepare(raw("From: a@example.com", "To: b@example.org", "Bcc: Jürgen <jü@example.net>"))
+    assert utf8.data.isascii() and utf8.smtputf8
+
+
 def test_no_recipients() -> None:
     with pytest.raises(NoRecipients, match="To, Cc or Bcc names no address"):
         prepare(Email(from_="a@example.com"))

@@ -235,10 +235,14 @@ def _prepare_bytes(
             where="body",
         )
     part_utf8 = mime.check_structure(out)
+    # Read from what is sent: a UTF-8 name in a Bcc field that was dropped needs no
+    # SMTPUTF8 (its address, if UTF-8, makes the envelope need it).
+    end = out.find(b"\r\n\r\n")
+    head_utf8 = section.utf8 and not (out if end < 0 else out[:end]).isascii()
     return _finish(
         out,
         envelope,
-        utf8_headers=section.utf8 or part_utf8,
+        utf8_headers=head_utf8 or part_utf8,
         options=options,
         now=now,
         message_id=message_id,
