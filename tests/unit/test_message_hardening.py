@@ -1183,3 +1183,21 @@ def test_a_long_list_of_non_ascii_names_keeps_every_name_whole(kind: str) -> Non
     assert prepared.recipients == tuple(f"u{i}@example.org" for i in range(8))
     read = parsed(prepared.data)
     assert [a.display_name for a in read["To"].addresses] == names
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "image/png; name*=utf-8''evil%0D%0AX-Injected%3A%201",
+        "image/png; name*0*=utf-8''a%0A; name*1=b",
+        "image/png; name*0=a; name*1=b",
+    ],
+)
+def test_an_attachment_type_with_rfc2231_parameters_is_refused(content_type: str) -> None:
+    # Percent-encoded values would be sent as given, and decode to CR LF or anything
+    # else; a plain value is encoded by the builder itself.
+    attachment = Attachment(filename="f.png", content=b"\x89PNG", content_type=content_type)
+    with pytest.raises(InvalidAttachment, match="RFC 2231"):
+        prepare(
+            Email(from_="a@example.com", to="b@example.org", text="x", attachments=[attachment])
+        )

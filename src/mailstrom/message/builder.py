@@ -404,4 +404,8 @@ def _content_type(value: object, filename: str) -> tuple[str, tuple[tuple[str, s
         (p[1].lower(), p[2] if p[2] is not None else re.sub(r"\\(.)", r"\1", p[3]))
         for p in _PARAMETER.finditer(match[3])
     )
+    if any("*" in name for name, _ in params):
+        # RFC 2231 extended or continued parameters are percent-encoded: sent as given, a
+        # value could decode to CR LF or anything else. Plain values are encoded here.
+        raise invalid("parameter names with '*' (RFC 2231) are not taken; give the plain value")
     return content_type, params
