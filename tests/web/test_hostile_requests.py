@@ -121,6 +121,56 @@ def test_log_lines_quote_what_the_client_sent(
     assert all("\n" not in line and len(line) < 300 for line in lines), lines
 
 
+def _post_login(app: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> list[dict[str, Any]]:
+    """One POST /login through the ASGI interface with these headers; what was sent back."""
+    sent: list[dict[str, Any]] = []
+    received: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(len(body))
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), *headers],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert not received, "the body was read"
+    return sent
+
+
+@pytest.mark.parametrize("encoding", [b"chunked", b"gzip, chunked"])
+def test_a_body_framed_by_transfer_encoding_is_refused_whatever_its_length_says(
+    store: Store, encoding: bytes
+) -> None:
+    """With Transfer-Encoding the server frames the body by it and ignores Content-Length
+    (RFC 9112 §6.1): a short length would let any size through to the login form."""
+    app = create_app(store, token="t", clock=lambda: NOW)
+    sent = _post_login(
+        app, [(b"content-length", b"10"), (b"transfer-encoding", encoding)], b"x" * 100_000
+    )
+    assert sent[0]["status"] == 413
+
+
+def test_an_empty_token_is_refused(store: Store) -> None:
+    # Required, it would be matched by an empty one: "Authorization: Bearer " let in.
+    with pytest.raises(ValueError, match="empty"):
+        create_app(store, token="")
+
+
 def test_a_content_length_that_is_not_ascii_digits_is_refused(store: Store) -> None:
     """A server passes on any Content-Length it is given (uvicorn checks it; others may
     not): "²" is a digit to str.isdigit, and int() raised ValueError (a 500)."""

@@ -105,6 +105,9 @@ def create_app(
         if read_model is not None
         else open_read_model(store, cache_seconds=cache_seconds)
     )
+    if token is not None and not token:
+        # An empty token would be "required" and matched by an empty one.
+        raise ValueError("token must not be empty (None lets everyone in)")
     owns_model = read_model is None
     access = Access(token)
     cache: TTLCache[Any] = TTLCache(cache_seconds)
@@ -386,8 +389,13 @@ def create_app(
             )
         fresh = request.cookies.get(CSRF_COOKIE) is None
         request.state.csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
-        if request.method == "POST" and not _small_body(request.headers.get("content-length")):
-            # Every form here is a few short fields; the login form is open to anyone.
+        if request.method == "POST" and (
+            "transfer-encoding" in request.headers
+            or not _small_body(request.headers.get("content-length"))
+        ):
+            # Every form here is a few short fields; the login form is open to anyone. A
+            # Transfer-Encoding beside the length wins over it (h11 reads the body chunked,
+            # as RFC 9112 §6.1 says), so the length would bound nothing.
             return PlainTextResponse("request body missing its length or too large", 413)
         if request.method == "POST" and not same_origin(
             request.headers.get("origin"), request.headers.get("host"), request.url.scheme
