@@ -10,12 +10,17 @@ the operator out rather than the flood. So the HTTP protocol here is uvicorn's h
 what it lacks added:
 
 - at most ``max_connections`` connections; a new one past the limit closes the one that
-  has waited longest for its request (a slowloris or a browser's idle keep-alive
-  connection, which it reopens when needed), so a flood cannot keep an operator out;
-  only when all are being answered is the newcomer closed unanswered;
+  has been stalled longest: waiting for its request (a slowloris or a browser's idle
+  keep-alive connection, which it reopens when needed) or with its answer stuck because
+  the client does not read it; so a flood cannot keep an operator out; only when all
+  are being answered is the newcomer closed unanswered;
 - each request (headers and body) must have arrived within ``request_timeout`` seconds
   of the connection starting to wait for it, on the first request and every kept-alive
   one after it;
+- an answer may stay blocked on a client that does not read it (uvicorn's writing
+  paused: its buffer is full) for ``request_timeout`` seconds at a time; then the
+  connection is dropped. Without this, a client pipelining requests and reading
+  nothing would keep its connection, and the app's ``send()``, for ever;
 - headers are at most :data:`MAX_REQUEST_HEAD` bytes (h11 answers 400 past it); bodies
   are refused past 16 KiB by the app (``MAX_FORM_BYTES``).
 """
@@ -39,7 +44,8 @@ limit), so two or three operators' browsers fit; the dashboard is not a public s
 REQUEST_TIMEOUT = 10.0
 """Seconds a request (headers and body, a few KiB at most) has to arrive once the
 connection waits for one. A browser sends it at once; 10 s survives a congested link,
-and a browser whose idle connection is closed opens another."""
+and a browser whose idle connection is closed opens another. Also how long an answer may
+wait for its client to read on (a browser reads at once)."""
 MAX_REQUEST_HEAD = 16 * 1024
 """Bytes of request line and headers (h11's default, made explicit): a browser sends
 well under 2 KiB, cookies included."""
@@ -95,7 +101,10 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         waiting_since = 0
         """When this connection began to wait for its next request, in turns: the lowest
         has waited longest."""
+        paused_since = 0
+        """When its writing was last paused (the client stopped reading), in turns."""
         _deadline: asyncio.TimerHandle | None = None
+        _write_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(  # type: ignore[override]  # as uvicorn's own
             self, transport: asyncio.Transport
@@ -110,7 +119,24 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         def connection_lost(self, exc: Exception | None) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            # The app's send() now waits for the client to read; nothing else would end
+            # that wait. The timer restarts at each pause, so a slow reader that makes
+            # progress keeps its connection.
+            self.paused_since = next(turns)
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(request_timeout, self._drop)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -125,9 +151,24 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
                 h11.SEND_BODY,
             )
 
+        @property
+        def writing_paused(self) -> bool:
+            """An answer is stuck: the client is not reading it."""
+            return self.flow.write_paused
+
+        @property
+        def stalled_since(self) -> int | None:
+            """Since when (in turns) this connection has waited for its request or for
+            its client to read; None while it is being answered."""
+            turns_stalled = [
+                *([self.waiting_since] if self.waiting_for_request else []),
+                *([self.paused_since] if self.writing_paused else []),
+            ]
+            return min(turns_stalled, default=None)
+
         def _room_for_one_more(self) -> bool:
             """Whether this connection may be served, closing the connection that has
-            waited longest for its request when all places are taken."""
+            been stalled longest when all places are taken."""
             peers = [
                 peer
                 for peer in self.connections
@@ -135,11 +176,23 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
             ]
             if len(peers) < max_connections:
                 return True
-            waiting = [peer for peer in peers if peer.waiting_for_request]
-            if not waiting:
+            stalled = [(since, peer) for peer in peers if (since := peer.stalled_since) is not None]
+            if not stalled:
                 return False
-            min(waiting, key=lambda peer: peer.waiting_since).transport.close()
+            min(stalled, key=lambda pair: pair[0])[1]._drop()
             return True
+
+        def _drop(self) -> None:
+            """Hang up now. close() would first flush the write buffer, which a client
+            that does not read never lets happen: the socket, and the app's send()
+            waiting on it, would stay; abort() discards the buffer."""
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
+            if self.writing_paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
         def _await_request(self) -> None:
             if self._deadline is not None:
@@ -150,6 +203,6 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         def _request_overdue(self) -> None:
             self._deadline = None
             if self.waiting_for_request:
-                self.transport.close()
+                self._drop()
 
     return GuardedH11Protocol
