@@ -21,6 +21,7 @@ working directory.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import pwd
@@ -84,6 +85,9 @@ class Settings:
     """``HOST:PORT`` where ``mailstrom web`` serves the dashboard (default 127.0.0.1:8025)."""
     web_token: str | None = dataclasses.field(default=None, repr=False)
     """The token (a password) every dashboard page requires; required off loopback."""
+    web_public_url: str | None = None
+    """The dashboard's address as browsers reach it through a proxy, as an origin
+    (``https://dash.example.org``, see :func:`parse_origin`)."""
 
     def __repr__(self) -> str:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
@@ -302,6 +306,51 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     return tuple(value)
+
+
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://"
+    r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9-]+(?:\.[a-z0-9-]+)*)"
+    r"(?::(?P<port>[0-9]{1,5}))?/?",
+    re.ASCII | re.IGNORECASE,
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_origin(text: str) -> str:
+    """A site's address as a browser writes it in a request's ``Origin`` header:
+    ``scheme://host[:port]`` in lower case, without its scheme's default port or a final
+    ``/`` (ValueError for anything else: a path, a query, a user, a name in Unicode).
+
+    >>> parse_origin("HTTPS://Dash.Example.org:443/")
+    'https://dash.example.org'
+    """
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            "expected scheme://host[:port] with no path, such as https://dash.example.org "
+            f"(a Unicode name in its xn-- form): {shorten(text, 60)}"
+        )
+    scheme, host, port = match["scheme"].lower(), match["host"].lower(), match["port"]
+    if host.startswith("["):
+        try:
+            # As browsers write it: compressed ([::1], not [0:0::1]).
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {shorten(host, 60)}") from None
+    if port is not None:
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be 1 to 65535: {port}")
+        if int(port) != _DEFAULT_PORTS[scheme]:
+            host = f"{host}:{int(port)}"
+    return f"{scheme}://{host}"
+
+
+def _origin(key: str, value: Any) -> str:
+    try:
+        return parse_origin(_str(key, value))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _listen(key: str, value: Any) -> str:
@@ -530,6 +579,7 @@ KEYS: dict[str, Parser] = {
     "tlsrpt.post_timeout": _positive_duration,
     "web.listen": _listen,
     "web.token": _str,
+    "web.public_url": _origin,
     # Read by workers: count TLS sessions for the reports (Config.tlsrpt_record).
     "tlsrpt.record": _bool,
     "lanes": _lanes,
@@ -706,6 +756,7 @@ def load_settings(
         metrics_listen=parsed.get("metrics.listen"),
         web_listen=parsed.get("web.listen"),
         web_token=parsed.get("web.token"),
+        web_public_url=parsed.get("web.public_url"),
     )
 
 

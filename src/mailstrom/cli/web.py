@@ -23,9 +23,11 @@ examples:
 
 On loopback anyone on this host may use the dashboard (as anyone who can read the queue
 can run `mailstrom queue`). Any other address needs the setting web.token (or
-MAILSTROM_WEB_TOKEN); every page then asks for it. Actions (retry, hold, release, cancel
-a message; suspend, resume a destination) are confirmed, POSTed with a CSRF token, and
-logged on stderr.
+MAILSTROM_WEB_TOKEN); every page then asks for it. Behind a proxy that terminates TLS,
+set web.public_url (MAILSTROM_WEB_PUBLIC_URL) to the address browsers use, such as
+https://dash.example.org: forms posted from there are accepted and cookies are Secure.
+Actions (retry, hold, release, cancel a message; suspend, resume a destination) are
+confirmed, POSTed with a CSRF token, and logged on stderr.
 """
 
 
@@ -63,7 +65,7 @@ def web_command(args: argparse.Namespace) -> int:
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise UsageError(f"--listen: {exc}") from None
-    check_access(host, settings.web_token)
+    check_access(host, settings.web_token, public_url=settings.web_public_url)
     try:
         from mailstrom.web import create_app
         from mailstrom.web.server import serve
@@ -76,7 +78,7 @@ def web_command(args: argparse.Namespace) -> int:
     sock = _bind(host, port)
     store = open_store(settings.store_url)
     try:
-        app = create_app(store, token=settings.web_token)
+        app = create_app(store, token=settings.web_token, public_origin=settings.web_public_url)
         bound = sock.getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         # The first line on stdout: scripts (and the tests) read the address from it.
@@ -88,13 +90,20 @@ def web_command(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def check_access(host: str, token: str | None) -> None:
-    """Refuse (ConfigError) to serve anything but loopback without a token."""
+def check_access(host: str, token: str | None, *, public_url: str | None = None) -> None:
+    """Refuse (ConfigError) to serve anything but loopback without a token, or to be
+    reached through a proxy (``web.public_url``) without one."""
     from mailstrom.loopback import is_loopback
 
     if token is None and not is_loopback(host):
         raise ConfigError(
             f"listening on {host} (not loopback) needs a token: set web.token in the "
+            "configuration file or MAILSTROM_WEB_TOKEN; every page then asks for it"
+        )
+    if token is None and public_url is not None:
+        # A proxy makes a loopback listener reachable from everywhere.
+        raise ConfigError(
+            f"web.public_url ({public_url}) needs a token: set web.token in the "
             "configuration file or MAILSTROM_WEB_TOKEN; every page then asks for it"
         )
 

@@ -49,7 +49,7 @@ from mailstrom.readmodel import (
     open_read_model,
 )
 from mailstrom.readmodel.ttl import TTLCache
-from mailstrom.settings import parse_duration
+from mailstrom.settings import parse_duration, parse_origin
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
@@ -92,22 +92,35 @@ def create_app(
     cache_seconds: float = 5.0,
     clock: Clock = _utc_now,
     secure_cookies: bool = False,
+    public_origin: str | None = None,
 ) -> Starlette:
     """The dashboard over ``store`` (the caller keeps ownership of ``store``; the read model
     made here, if none is given, is closed with the application).
 
     ``token`` makes every page require it (see :mod:`mailstrom.web.security`);
     ``cache_seconds`` is how old the overview's and destinations' numbers may be;
-    ``secure_cookies`` marks cookies ``Secure`` (behind an HTTPS proxy).
+    ``secure_cookies`` marks cookies ``Secure`` (behind an HTTPS proxy);
+    ``public_origin`` is the dashboard's address as browsers reach it through a proxy
+    (``"https://dash.example.org"``): forms posted from there are accepted (with their
+    CSRF token, as always); it needs a token, and an ``https`` one makes cookies
+    ``Secure``. A malformed ``public_origin`` or an empty ``token`` is a ValueError.
     """
+    if token is not None and not token:
+        # An empty token would be "required" and matched by an empty one.
+        raise ValueError("token must not be empty (None lets everyone in)")
+    if public_origin is not None:
+        if token is None:
+            # Reached through a proxy, the dashboard is not on loopback any more; without
+            # a token it would take anyone's forms from the public address.
+            raise ValueError("a public origin needs a token")
+        public_origin = parse_origin(public_origin)
+        # Browsers keep a Secure cookie only over HTTPS, which is what they use here.
+        secure_cookies = secure_cookies or public_origin.startswith("https://")
     model = (
         read_model
         if read_model is not None
         else open_read_model(store, cache_seconds=cache_seconds)
     )
-    if token is not None and not token:
-        # An empty token would be "required" and matched by an empty one.
-        raise ValueError("token must not be empty (None lets everyone in)")
     owns_model = read_model is None
     access = Access(token)
     cache: TTLCache[Any] = TTLCache(cache_seconds)
@@ -398,7 +411,10 @@ def create_app(
             # as RFC 9112 §6.1 says), so the length would bound nothing.
             return PlainTextResponse("request body missing its length or too large", 413)
         if request.method == "POST" and not same_origin(
-            request.headers.get("origin"), request.headers.get("host"), request.url.scheme
+            request.headers.get("origin"),
+            request.headers.get("host"),
+            request.url.scheme,
+            public=public_origin,
         ):
             origin = request.headers.get("origin")
             log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))

@@ -14,7 +14,9 @@ on another site cannot reach it by rebinding its own name to 127.0.0.1
 
 CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
 cross-site request never carries it) and every form repeats it in a hidden field; a POST
-whose field and cookie differ, or whose ``Origin`` names another site, is refused.
+whose field and cookie differ, or whose ``Origin`` names another site, is refused. The
+dashboard's own site is the request's scheme and ``Host``, or its public address behind
+a proxy (``web.public_url``).
 """
 
 from __future__ import annotations
@@ -86,8 +88,15 @@ def _equal(given: str, expected: str) -> bool:
     )
 
 
-def same_origin(origin: str | None, host: str | None, scheme: str) -> bool:
-    """A POST's ``Origin`` header (when the browser sent one) must be this server."""
+def same_origin(
+    origin: str | None, host: str | None, scheme: str, *, public: str | None = None
+) -> bool:
+    """A POST's ``Origin`` header (when the browser sent one) must be this server: as the
+    request itself names it, or ``public``, its address behind a proxy (normalised by
+    :func:`mailstrom.settings.parse_origin`). A proxy that terminates TLS makes the
+    browser's ``https://`` an ``http`` request here, and may rewrite ``Host`` too."""
     if origin is None:
         return True  # older browsers and non-browser clients; the CSRF token still holds
+    if public is not None and origin == public:
+        return True
     return host is not None and origin == f"{scheme}://{host}"
