@@ -102,14 +102,17 @@ def _check_sizes(fields: list[str]) -> None:
         check_field_size(text.partition(":")[0], size)
 
 
-_last_date: tuple[tuple[int, object], str] = ((0, None), "")
+_last_date: tuple[tuple[datetime | None, object], str] = ((None, None), "")
 
 
 def _date(when: datetime) -> str:
     """``format_datetime`` of ``when``, remembered for the last second asked: messages
     submitted in a burst share it, and formatting costs more than the rest of a header."""
     global _last_date
-    key = (int(when.timestamp()), when.utcoffset())
+    # The second itself, not int(timestamp()): that truncates toward zero, so 1969-12-31
+    # 23:59:59.5 and the epoch shared a key. With the offset, equal keys format alike
+    # (aware datetimes compare as instants, naive ones as wall times).
+    key = (when.replace(microsecond=0), when.utcoffset())
     if _last_date[0] != key:
         _last_date = (key, format_datetime(when))
     return _last_date[1]

@@ -36,6 +36,9 @@ _WORDS = re.compile(r"[ \t]+|[^ \t]+")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")
 _PRINTABLE = re.compile(r"[ -~]*")
+_ATOM_MAX = MAX_LINE - FOLD_AT
+"""Longest atom a display name keeps: the rest of its line (field name, ", ", ":;") fits
+in 78."""
 
 
 def encoded_words(text: str) -> list[str]:
@@ -111,15 +114,22 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
         return f"{name}: {value}"
     longest = MAX_LINE - len(name) - 2
+    tokens = _WORDS.findall(value)
+    trailing = tokens[-1] if tokens and tokens[-1][0] in " \t" else ""
+    # Whitespace after the last word may not fold away from it (RFC 5322 §3.2.5: the
+    # field ends in *WSP), so a short run counts against the word's line: "x" * 989 + " "
+    # would make a 999-octet line. A long run is split by fold() instead.
+    last = len(tokens) - (2 if trailing else 1)
     pieces: list[tuple[str, str]] = []  # (whitespace before, text)
     run: list[str] = []  # words (and inner whitespace) waiting to be encoded together
     run_space = ""
     space = ""
-    for token in _WORDS.findall(value):
+    for index, token in enumerate(tokens):
         if token[0] in " \t":
             space = token
             continue
-        if _needs_encoding(token, utf8, longest):
+        limit = longest - len(trailing) if index == last and len(trailing) <= FOLD_AT else longest
+        if _needs_encoding(token, utf8, limit):
             if run:
                 run.append(space)
             else:
@@ -133,7 +143,9 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
         space = ""
     if run:
         _flush(pieces, run_space, run)
-    return fold(f"{name}:", pieces, trailing=space)
+    # With no word the whole value is leading whitespace, which readers drop (the
+    # stdlib strips it from the first line) and fold() drops before a first word.
+    return fold(f"{name}:", pieces, trailing=trailing if pieces else "")
 
 
 def _needs_encoding(word: str, utf8: bool, longest: int) -> bool:
@@ -152,19 +164,62 @@ def _flush(pieces: list[tuple[str, str]], space: str, run: list[str]) -> None:
 def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> str:
     """Join ``pieces`` after ``start``, breaking the line before a piece's whitespace when
     the line would pass 78 characters. The first piece always gets one space after
-    ``start``; a piece given no whitespace is glued to the one before."""
+    ``start``; a piece given no whitespace is glued to the one before.
+
+    No line passes 998 octets (RFC 5322 §2.1.1) as long as each piece's text fits a line
+    after one space (after ``start`` for the first): whitespace too long to go with its
+    piece onto the next line is split, the line before keeping the part the next cannot
+    hold. Unfolding (RFC 5322 §2.2.3) gives back every whitespace character. Only a run
+    longer than both lines can take gets lines of its own (obs-FWS, RFC 5322 §4.2).
+    """
+    if trailing and pieces:
+        # It stays on the last piece's line where it fits: it cannot precede a fold.
+        pieces = [*pieces[:-1], (pieces[-1][0], pieces[-1][1] + trailing)]
+        trailing = ""
     lines: list[str] = []
     line = start
     for index, (space, text) in enumerate(pieces):
         if index == 0:
             space = " "
         elif space and len(line) + len(space) + len(text) > FOLD_AT:
+            excess = len(space) + _octets(text) - MAX_LINE
+            if excess > 0:
+                line, space = _split_space(lines, line, space, excess)
             lines.append(line)
             line = space + text
             continue
         line += space + text
-    lines.append(line + trailing)
+    line += trailing
+    excess = _octets(line) - MAX_LINE
+    if excess > 0:
+        # Only whitespace ending the field can be past 998 (the text fits): it goes onto
+        # lines of its own, as it may not be folded before a word.
+        end = len(line.rstrip(" \t"))
+        rest = line[max(end, len(line) - excess) :]
+        line = line[: len(line) - len(rest)]
+        for at in range(0, len(rest), MAX_LINE):
+            lines.append(line)
+            line = rest[at : at + MAX_LINE]
+    lines.append(line)
     return "\r\n".join(lines)
+
+
+def _octets(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _split_space(lines: list[str], line: str, space: str, excess: int) -> tuple[str, str]:
+    """Move ``excess`` characters of whitespace ``space`` (at most all but its last, which
+    must start the next line) onto ``line`` and, past 998, onto lines of their own;
+    returns the line to append and what is left of ``space``."""
+    excess = min(excess, len(space) - 1)
+    take = min(excess, max(0, MAX_LINE - _octets(line)))
+    line += space[:take]
+    while take < excess:
+        lines.append(line)
+        line = space[take : min(excess, take + MAX_LINE)]
+        take += len(line)
+    return line, space[take:]
 
 
 def phrase(text: str, *, utf8: bool) -> list[str]:
@@ -175,7 +230,14 @@ def phrase(text: str, *, utf8: bool) -> list[str]:
     that decoders would misread) becomes encoded words.
     """
     if _PLAIN_PHRASE.fullmatch(text) and "=?" not in text:
-        return [text]
+        if len(text) <= FOLD_AT:
+            return [text]
+        # A long name must fold between its atoms (rejoined with one space each, as the
+        # pattern allows only those, the words are the name). An atom too long for a line
+        # with the field's name and punctuation cannot fold: encoded words can.
+        atoms = text.split(" ")
+        if max(map(len, atoms)) <= _ATOM_MAX:
+            return atoms
     short = "=?" not in text and len(text) < FOLD_AT - 10
     if short and (_PRINTABLE.fullmatch(text) or (utf8 and text.isprintable())):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
