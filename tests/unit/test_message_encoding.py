@@ -145,3 +145,15 @@ def test_downgrade_never_breaks_a_line_into_a_delimiter(padding: int) -> None:
     downgraded = downgrade_to_7bit(original)
     assert downgraded.isascii()
     assert _parts(downgraded) == _parts(original)
+
+
+def test_a_long_header_line_names_its_field_not_the_body() -> None:
+    data = b"From: a@example.com\r\nX-Long: " + b"x" * 1000 + b"\r\n\r\nbody\r\n"
+    with pytest.raises(LineTooLong, match=r"in the header field b'X-Long'; fold it") as caught:
+        check_line_lengths(data)
+    assert "body" not in str(caught.value)
+    folded = b"From: a@example.com\r\nX-Long: a\r\n " + b"x" * 1000 + b"\r\n\r\nbody\r\n"
+    with pytest.raises(LineTooLong, match=r"line 3 .* header field b'X-Long'"):
+        check_line_lengths(folded)
+    with pytest.raises(LineTooLong, match="encode the body"):
+        check_line_lengths(b"From: a@example.com\r\n\r\n" + b"x" * 1000 + b"\r\n")

@@ -16,6 +16,7 @@ from typing import Any
 from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
 from mailstrom.message import mime
 from mailstrom.message.addresses import format_address_field, parse_address_list
+from mailstrom.message.chars import shorten
 from mailstrom.message.words import unstructured_field
 
 MAX_LINE = 998
@@ -44,11 +45,20 @@ def check_line_lengths(data: bytes) -> None:
     lines = data.split(b"\r\n")
     if max(map(len, lines)) <= MAX_LINE:
         return
+    blank = lines.index(b"") if b"" in lines else len(lines)
     for number, line in enumerate(lines, start=1):
         if len(line) > MAX_LINE:
+            if number <= blank:
+                # In the header section: which field it belongs to, not body advice.
+                field = next(
+                    (f for f in reversed(lines[:number]) if f[:1] not in (b" ", b"\t")), line
+                )
+                advice = f"in the header field {shorten(field.partition(b':')[0], 40)}; fold it"
+            else:
+                advice = "encode the body as quoted-printable or base64"
             raise LineTooLong(
                 f"line {number} is {len(line)} octets long; RFC 5322 §2.1.1 allows at most "
-                f"{MAX_LINE} (encode the body as quoted-printable or base64)"
+                f"{MAX_LINE} ({advice})"
             )
 
 
