@@ -175,27 +175,5 @@ def test_a_content_length_that_is_not_ascii_digits_is_refused(store: Store) -> N
     """A server passes on any Content-Length it is given (uvicorn checks it; others may
     not): "²" is a digit to str.isdigit, and int() raised ValueError (a 500)."""
     app = create_app(store, clock=lambda: NOW)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"csrf=x", "more_body": False}
-
-    async def send(event: dict[str, Any]) -> None:
-        sent.append(event)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/login",
-        "raw_path": b"/login",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"\xb2")],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
+    sent = _post_login(app, [(b"content-length", b"\xb2")], b"csrf=x")
     assert sent[0]["status"] == 413

@@ -7,49 +7,27 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from mailstrom.stores import SQLiteStore
-from mailstrom.web import create_app
-from mailstrom.web.server import server_for
 from tests.support.slow_clients import connect, cut_off_after, hung_up
-
-LIMIT = 3
-
-
-@contextmanager
-def _served(tmp_path: Path, request_timeout: float) -> Iterator[int]:
-    store = SQLiteStore(tmp_path / "queue.db")
-    server = server_for(create_app(store), max_connections=LIMIT, request_timeout=request_timeout)
-    sock = socket.create_server(("127.0.0.1", 0))  # listening: clients may connect at once
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        store.close()
+from tests.web.test_slow_readers import LIMIT, served
 
 
 @pytest.fixture
 def patient(tmp_path: Path) -> Iterator[int]:
     """A deadline far beyond each test's run: what they see is not the deadline's doing."""
-    with _served(tmp_path, request_timeout=30.0) as port:
-        yield port
+    with served(tmp_path, request_timeout=30.0) as server:
+        yield server.port
 
 
 @pytest.fixture
 def hasty(tmp_path: Path) -> Iterator[int]:
-    with _served(tmp_path, request_timeout=0.3) as port:
-        yield port
+    with served(tmp_path, request_timeout=0.3) as server:
+        yield server.port
 
 
 def _connect(port: int) -> socket.socket:

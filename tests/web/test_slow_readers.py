@@ -66,7 +66,9 @@ class Served:
 
 
 @contextmanager
-def _served(tmp_path: Path, request_timeout: float) -> Iterator[Served]:
+def served(tmp_path: Path, request_timeout: float) -> Iterator[Served]:
+    """A dashboard on 127.0.0.1 (at most :data:`LIMIT` connections) served on a loop of
+    its own, on a thread; stopped, with its store closed, at the end."""
     store = SQLiteStore(tmp_path / "queue.db")
     server = server_for(create_app(store), max_connections=LIMIT, request_timeout=request_timeout)
     sock = socket.create_server(("127.0.0.1", 0))  # listening: clients may connect at once
@@ -130,14 +132,14 @@ def _operator_page(port: int) -> int:
 @pytest.fixture
 def patient(tmp_path: Path) -> Iterator[Served]:
     """A deadline far beyond each test's run: what they see is not the deadline's doing."""
-    with _served(tmp_path, request_timeout=30.0) as served:
-        yield served
+    with served(tmp_path, request_timeout=30.0) as server:
+        yield server
 
 
 @pytest.fixture
 def hasty(tmp_path: Path) -> Iterator[Served]:
-    with _served(tmp_path, request_timeout=2.0) as served:
-        yield served
+    with served(tmp_path, request_timeout=2.0) as server:
+        yield server
 
 
 def test_an_operator_displaces_connections_whose_answers_are_not_read(patient: Served) -> None:
