@@ -3,12 +3,16 @@ of enqueues costs the listener one callback per burst, never a lost last wake-up
 
 from __future__ import annotations
 
+import errno
 import gc
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from mailstrom.stores.wakeup import WakeupDirectory
 
@@ -98,3 +102,30 @@ def test_a_directory_dropped_without_close_closes_its_socket(tmp_path: Path) -> 
         assert sock.fileno() == -1
     finally:
         stop()
+
+
+def test_a_wake_up_without_a_socket_to_send_from_does_not_fail_the_enqueue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """notify() runs after the enqueue committed: an error from it would make a caller
+    that retries queue the message twice. Out of descriptors, it sends nothing."""
+    from mailstrom.stores import SQLiteStore, wakeup
+    from tests.contract.support import NOW, message
+
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        listener = WakeupDirectory(str(tmp_path / "queue.db"))
+        directory = Path(listener.path)
+        directory.mkdir(exist_ok=True)
+        (directory / "999999-other.sock").touch()  # another process's, to be woken
+
+        def no_socket(*args: object, **kwargs: object) -> socket.socket:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(wakeup.socket, "socket", no_socket)
+        mid = store.enqueue(message("a@example.org"), now=NOW)
+        monkeypatch.undo()
+        assert store.status(mid).recipients[0].address == "a@example.org"
+        assert len(store.recent(limit=10)) == 1
+    finally:
+        store.close()

@@ -63,7 +63,14 @@ class WakeupDirectory:
             return  # no directory: nobody listens
         if not targets:
             return
-        sock = self._sending_socket()
+        try:
+            sock = self._sending_socket()
+        except OSError as exc:
+            # Out of descriptors or buffers: the message is committed already, and an
+            # error here would make a caller that retries queue it twice. The worker
+            # still finds it at its next poll.
+            log.debug("no socket for wake-ups: %s", exc)
+            return
         if sock is None:
             return  # closed
         for name in targets:
