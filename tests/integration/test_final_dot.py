@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -309,10 +310,7 @@ def test_a_new_transaction_does_not_extend_the_wait_for_the_last_reply(
     server = peer(script)
 
     async def client() -> None:
-        timeouts = Timeouts(
-            connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=data_end
-        )
-        conn = await open_to(server.port, timeouts=timeouts)
+        conn = await open_to(server.port, timeouts=replace(TIMEOUTS, data_end=data_end))
         started = time.monotonic()
         first = asyncio.ensure_future(submit(conn))
         await asyncio.sleep(data_end * 0.6)

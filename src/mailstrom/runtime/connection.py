@@ -617,9 +617,6 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         transport.write(data)
         self._written += len(data)
 
-    def _written_total(self) -> int:
-        return self._written
-
     def _sent_upto(self) -> int:
         """How many of the octets written have surely left this process; -1 when the
         transports cannot tell.

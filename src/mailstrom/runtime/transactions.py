@@ -156,6 +156,7 @@ class TransactionsMixin:
     """The transaction machine of an SMTP connection (see the module docstring)."""
 
     # Supplied by the connection:
+    _written: int  # octets handed to the transport so far
     host: str
     _loop: asyncio.AbstractEventLoop
     _session: ClientSession
@@ -191,9 +192,6 @@ class TransactionsMixin:
         raise NotImplementedError
 
     def _disarm(self) -> None:
-        raise NotImplementedError
-
-    def _written_total(self) -> int:
         raise NotImplementedError
 
     def _watch_dots(self) -> None:
@@ -462,7 +460,7 @@ class TransactionsMixin:
         self._handlers.append(functools.partial(self._on_body, txn))
         body = self._session.body(txn.data)
         txn.dot_pending = True
-        txn.dot_end = self._written_total() + len(body)
+        txn.dot_end = self._written + len(body)
         following = self._start_queued()
         self._write(body + following if following else body)
         self._watch_dots()
