@@ -383,6 +383,13 @@ class Config:
     """SMTP sessions (connections that got a greeting) one delivery attempt may open
     before it gives up until the next retry (Postfix's ``smtp_mx_session_limit``). Enforced
     by the delivery code; connections that fail before the greeting do not count."""
+    remember_unreachable: timedelta = timedelta(minutes=5)
+    """How long an address that could not be reached (connection refused or timed out,
+    no greeting or no answer to EHLO in time) goes after the other addresses of its
+    route, so that each new session does not wait out its timeout again before trying
+    the next MX host (Exim keeps a retry time per host for the same reason). It is still
+    tried when the others fail, and a session it sets up ends its wait. Remembered per
+    worker; zero turns the memory off."""
     metrics_domains: tuple[str, ...] = ()
     """Destination domains counted under their own name in the per-domain metrics; every
     other domain counts as ``other``, so the number of series stays bounded."""
@@ -532,6 +539,7 @@ class Config:
         check_duration(self.lease_for, "lease_for")
         check_duration(self.idempotency_window, "idempotency_window")
         check_duration(self.tls_remember_broken, "tls_remember_broken", positive=False)
+        check_duration(self.remember_unreachable, "remember_unreachable", positive=False)
         for name in ("suppress_for", "delay_warning"):
             if getattr(self, name) is not None:  # None: no expiry, no warnings
                 check_duration(getattr(self, name), name)

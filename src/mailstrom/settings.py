@@ -511,6 +511,7 @@ KEYS: dict[str, Parser] = {
     "max_messages_per_connection": _int(1),
     "mx_address_limit": _int(1),
     "mx_session_limit": _int(1),
+    "remember_unreachable": _duration,
     "connection_idle": _seconds(0),
     "retry_uncertain": _bool,
     "event_loop": _choice(EventLoop),

@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,32 @@ def test_first_mx_down_backup_used(
     assert carol.state is DELIVERED
     assert carol.mx_host == "mx2.test" and carol.ip == "127.0.0.3"
     assert len(backup.wait_for_messages(1)) == 1
+
+
+@pytest.mark.parametrize("remember", [timedelta(minutes=5), timedelta(0)])
+def test_a_first_mx_that_never_greets_is_waited_for_once(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    mx: Any,
+    remember: timedelta,
+) -> None:
+    # Each message after the first starts a new session. Without the memory each one
+    # waits out the first host's greeting timeout again before the backup gets it.
+    silent = smtp_server(host="127.0.0.2", port=mx.port, stall_on="greeting")
+    backup = smtp_server(host="127.0.0.3", port=mx.port)
+    dns_server.mx("backup.test", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", silent.host)
+    dns_server.a("mx2.test", backup.host)
+    ms = mailstrom(
+        timeouts=replace(FAST, greeting=0.5), connection_idle=0, remember_unreachable=remember
+    )
+    for n in range(3):
+        ms.send_email(hello(f"u{n}@backup.test"))
+        results.wait_final({f"u{n}@backup.test"})
+    assert len(backup.wait_for_messages(3)) == 3
+    assert silent.connections == (1 if remember else 3)
 
 
 def test_implicit_mx(

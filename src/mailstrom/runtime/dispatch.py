@@ -18,6 +18,8 @@ item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the 
 deferred with the last error — unless other sessions of the destination are still
 connected, in which case the destination just runs with fewer sessions (Postfix's
 concurrency feedback).
+An address that could not be reached goes after the others for a while
+(:mod:`mailstrom.runtime.unreachable`).
 
 Traffic shaping (``runtime.shaper``) hooks in at four points: a destination whose rule
 allows fewer connections runs fewer sessions (and one whose slots are all taken by other
@@ -43,6 +45,7 @@ from mailstrom.errors import (
     PermanentFailure,
     RequireTLSFailure,
     SMTPConnectError,
+    SMTPTimeout,
     TemporaryFailure,
     TLSRequiredError,
 )
@@ -54,6 +57,7 @@ from mailstrom.runtime.outcomes import Outcomes, Where
 from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.runtime.transactions import TransactionResult
+from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
@@ -135,6 +139,7 @@ class Dispatcher:
         self._tls = tls if tls is not None else TLSDecider.for_config(config)
         self._observe_tls = observe_tls
         self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
+        self._unreachable = UnreachableAddresses(config.remember_unreachable.total_seconds())
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -354,6 +359,8 @@ class Dispatcher:
 
     async def _deliver(self, dest: _Destination, route: Route, shape: Shape | None) -> None:
         targets = [(host, ip) for host in route.hosts for ip in host.addresses]
+        unreachable = self._unreachable
+        unreachable.demote(targets)
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
@@ -394,8 +401,14 @@ class Dispatcher:
                     key = opener.key(
                         host, ip, need, via_next_hop=conn.dane_via_next_hop, budget=budget
                     )
+                    unreachable.clear(ip)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, SMTPConnectError | SMTPTimeout):
+                        # No session at all (no reply to go by): the next sessions try
+                        # this address after the others (runtime.unreachable).
+                        unreachable.note(ip)
+                        unreachable.demote(targets, index + 1)
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
                         # Say which policy refused, not just what the peer did.
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
