@@ -44,6 +44,27 @@ def domain_name(value: object) -> str:
     return name.lower()
 
 
+def a_label(name: str) -> str:
+    """``name`` in lower case with its U-labels as A-labels: ``"Straße.de"`` →
+    ``"xn--strae-oqa.de"``; an ASCII name is only lowered, a final dot kept off if absent.
+
+    IDNA 2008 with the UTS #46 mapping, as email-validator spells a recipient's domain
+    and dnspython the names routing looks up. Not the standard library's ``"idna"``
+    codec: that is IDNA 2003, which maps ``ß`` to ``ss`` and so names another domain.
+    Raises :class:`ValueError` for a name that has no A-label form.
+
+    >>> a_label("Straße.DE"), a_label("Example.COM")
+    ('xn--strae-oqa.de', 'example.com')
+    """
+    if name.isascii():
+        return name.lower()
+    try:
+        text: str = dns.name.from_text(name, origin=None).to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError) as exc:
+        raise ValueError(f"no A-label form for {shown(name)} ({exc})") from None
+    return text.lower()
+
+
 def ldh_domain_name(value: object) -> str:
     """``value`` as :func:`domain_name` gives it, but only if it is an RFC 5321 §4.1.2
     ``Domain``: labels of letters, digits and inner hyphens, at most :data:`MAX_DOMAIN`
@@ -108,9 +129,8 @@ def helo_name_problem(value: object) -> str | None:
     name = value
     if not name.isascii():
         try:
-            # What smtp/session.py sends for a U-label name.
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
+            name = a_label(name)  # what smtp/session.py sends for a U-label name
+        except ValueError:
             return "not a valid internationalized domain name"
     return _name_problem(name)
 

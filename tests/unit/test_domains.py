@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailstrom.domains import MAX_DOMAIN, domain_name, ldh_domain_name
+from mailstrom.domains import MAX_DOMAIN, a_label, domain_name, helo_name_problem, ldh_domain_name
 
 # Names DNS can hold but no RFC 5321 Domain is (RFC 6376 §3.5's d= is one).
 NOT_LDH = [
@@ -55,3 +55,11 @@ def test_huge_input_is_not_echoed() -> None:
     with pytest.raises(ValueError, match=r"…\(9926 more\)…") as caught:
         ldh_domain_name("=" * 10_000 + ".com")
     assert len(str(caught.value)) < 300
+
+
+def test_a_labels_are_idna_2008_as_email_validator_and_dnspython_make_them() -> None:
+    assert a_label("Straße.DE") == "xn--strae-oqa.de"  # IDNA 2003 would say strasse.de
+    assert a_label("mail.Example.COM") == "mail.example.com"
+    assert helo_name_problem("mail.straße.de") is None
+    with pytest.raises(ValueError, match="no A-label form"):
+        a_label("a\u200db.de")  # a joiner where IDNA 2008 allows none

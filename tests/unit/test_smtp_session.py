@@ -391,6 +391,12 @@ def test_byte_by_byte_conversation() -> None:
     assert session.state is State.DATA
 
 
+def test_an_internationalised_helo_name_goes_out_in_its_idna_2008_form() -> None:
+    session = ClientSession(helo_name="mail.straße.de")
+    feed(session, b"220 mx.test\r\n")
+    assert session.ehlo() == b"EHLO mail.xn--strae-oqa.de\r\n"  # not mail.strasse.de
+
+
 def test_invalid_helo_name() -> None:
     with pytest.raises(ValueError, match="HELO"):
         ClientSession(helo_name="bad name\r\n")

@@ -39,6 +39,16 @@ def test_unicode_names_are_matched_as_a_labels() -> None:
     assert table.match("BÜCHER.example") is not None
 
 
+def test_unicode_names_are_read_by_idna_2008_as_recipient_domains_are() -> None:
+    # IDNA 2003 (Python's "idna" codec) maps ß to ss: the entry would miss the domain
+    # mail is addressed to (xn--strae-oqa.de) and apply to another one (strasse.de).
+    table = PolicyTable.parse({"straße.de": "verify", "*.faß.de": "none"})
+    assert table.match("xn--strae-oqa.de") == ("xn--strae-oqa.de", TLSPolicy.VERIFY)
+    assert table.match("Straße.de") == ("xn--strae-oqa.de", TLSPolicy.VERIFY)
+    assert table.match("strasse.de") is None
+    assert table.match("mx.xn--fa-hia.de") == ("*.xn--fa-hia.de", TLSPolicy.NONE)
+
+
 @pytest.mark.parametrize(
     "entries",
     [

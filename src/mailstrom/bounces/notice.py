@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
+from mailstrom.domains import a_label
 from mailstrom.errors import InvalidAddress
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.dsn import DSN, Notify, Return, xtext
@@ -223,8 +224,8 @@ def _host_name(name: str) -> str:
     that has none, cut to printable ASCII like peer text)."""
     if not name.isascii():
         try:
-            return name.encode("idna").decode("ascii")
-        except UnicodeError:
+            return a_label(name)
+        except ValueError:
             pass
     return _line(name)
 

@@ -30,6 +30,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import NoReturn
 
+from mailstrom.domains import a_label
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
 from mailstrom.smtp.replies import ReplyParser, parse_ehlo
@@ -149,7 +150,8 @@ class ClientSession:
             raise ValueError(f"invalid HELO name: {helo_name!r}")
         self.helo_name = helo_name
         # An internationalised name goes out as A-labels (RFC 5321 §4.1.1.1 wants a domain).
-        self._helo = helo_name.encode("ascii") if helo_name.isascii() else helo_name.encode("idna")
+        helo = helo_name if helo_name.isascii() else a_label(helo_name)
+        self._helo = helo.encode("ascii")
         self._state = State.GREETING
         self._parser = ReplyParser()
         self._pending: deque[tuple[Command, str | None]] = deque()

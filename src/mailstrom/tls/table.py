@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from mailstrom.domains import a_label
 from mailstrom.errors import ConfigError
 from mailstrom.tls.levels import TLSPolicy
 
@@ -35,8 +36,8 @@ def _pattern(text: str) -> str:
     wildcard = name.startswith("*.")
     bare = name[2:] if wildcard else name
     try:
-        ascii_name = bare.encode("idna").decode("ascii") if bare else ""
-    except UnicodeError:
+        ascii_name = a_label(bare) if bare else ""
+    except ValueError:
         ascii_name = ""
     labels = ascii_name.split(".")
     if (
@@ -92,8 +93,8 @@ class PolicyTable:
         if not self.entries:
             return None
         name = domain.strip().lower().rstrip(".")
-        with contextlib.suppress(UnicodeError):  # an odd name keeps its own spelling
-            name = name.encode("idna").decode("ascii")
+        with contextlib.suppress(ValueError):  # an odd name keeps its own spelling
+            name = a_label(name)
         level = self.entries.get(name)
         if level is not None:
             return name, level

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from mailstrom.domains import a_label
 from mailstrom.errors import MailstromError
 from mailstrom.stores.base import Store
 from mailstrom.stores.operator import normalize_domain
@@ -63,8 +64,8 @@ def destination_domain(text: str) -> str:
     checked in its IDNA form and kept as written). :class:`InvalidTarget` otherwise."""
     try:
         domain = normalize_domain(text[:300])
-        ascii_form = domain if domain.isascii() else domain.encode("idna").decode("ascii")
-    except (ValueError, UnicodeError):
+        ascii_form = a_label(domain)
+    except ValueError:
         raise InvalidTarget(f"not a domain name: {text[:80]!r}") from None
     if len(ascii_form) > 253 or not all(_LABEL.match(x) for x in ascii_form.split(".")):
         raise InvalidTarget(f"not a domain name: {text[:80]!r}")
