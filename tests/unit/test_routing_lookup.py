@@ -3,13 +3,16 @@ cost and how the address limit meets the equal-preference shuffle (hardening fin
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import dns.name
 import pytest
 from tests.support.resolver import ScriptedResolver, hosts_in, make_router
 
+from mailstrom.config import DNSConfig
 from mailstrom.errors import TemporaryFailure
+from mailstrom.routing import Router
 from mailstrom.routing.lookup import lookup_route
 from mailstrom.routing.policy import RoutePolicy
 
@@ -87,6 +90,24 @@ async def test_all_queries_of_a_route_share_one_deadline() -> None:
     assert all(q.at + (q.lifetime or 0) <= start + 10.0 for q in resolver.queries)
     # The MX query, then one batch of 5 hosts; the budget is gone before a second batch.
     assert len(resolver.looked_up()) == 5
+
+
+class _Unanswered:
+    """A resolver that looks at its lifetime only when it is too late, as dnspython does
+    after its pause between rounds (up to 2 s): here, never."""
+
+    lifetime = 0.2
+
+    async def resolve(self, *args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_deadline_holds_even_when_the_resolver_overruns_its_lifetime() -> None:
+    router = Router(DNSConfig(), resolver=_Unanswered())  # type: ignore[arg-type]
+    async with asyncio.timeout(10):  # a hang fails the test instead of holding it
+        with pytest.raises(TemporaryFailure, match="timed out") as info:
+            await router.route("example.test")
+    assert info.value.enhanced == "4.4.3"
 
 
 async def test_a_route_cut_by_the_deadline_is_used_but_not_cached() -> None:

@@ -239,7 +239,12 @@ class _Resolution:
         if remaining <= 0:
             raise self.timed_out(f"{name} {rdtype.name}")
         try:
-            return await self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
+            # dnspython looks at lifetime only between its rounds of queries, after a
+            # pause of up to 2 s: the route's budget would be overrun by that much.
+            async with asyncio.timeout(remaining):
+                return await self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
+        except TimeoutError as exc:
+            raise self.timed_out(f"{name} {rdtype.name}") from exc
         except dns.resolver.NXDOMAIN:
             return _Missing.NXDOMAIN
         except dns.resolver.NoAnswer:
