@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Email, RecipientState
+from mailstrom import Email, RecipientState, RetryPolicy
 from mailstrom.client import Mailstrom
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -66,3 +66,50 @@ def test_the_queue_goes_on_after_a_server_ends_a_connection_at_its_limit(
         # The 421 to MAIL defers its own message (a reply after the transaction began).
         assert delivered == COUNT - COUNT // (LIMIT + 1), states
         assert mx.connections == COUNT // (LIMIT + 1)
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_recipients_over_a_servers_limit_go_in_later_transactions_uncounted(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # RFC 5321 §4.5.3.1.10: a server with a recipient limit answers 452 beyond it, and the
+    # client sends the rest in a later transaction. They were not tried: no attempt is
+    # counted, or max_attempts would fail them although nothing refused them.
+    mx = smtp_server(pipelining=pipelining)
+    mx.rcpt_limit = 4
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, retry=RetryPolicy(max_attempts=1), max_per_destination=1
+    )
+    to = [f"u{i}@example.org" for i in range(10)]
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="a@sender.test", to=to, subject="Hi", text="Hi"))
+        results.wait_final(set(to))
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED, status
+    assert all(r.attempts == 1 for r in status.recipients)
+    assert [len(m.rcpt_tos) for m in mx.messages] == [4, 4, 2]
+    assert sorted(a for m in mx.messages for a in m.rcpt_tos) == sorted(to)
+    assert mx.connections == 1  # the next transactions went on the same connection
+
+
+def test_a_452_to_every_recipient_is_an_ordinary_refusal(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # Nothing accepted: no later transaction would do better, so it counts as a try.
+    mx = smtp_server()
+    mx.rcpt_limit = 0
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port, retry=RetryPolicy(max_attempts=1))
+    to = ["a@example.org", "b@example.org"]
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="a@sender.test", to=to, subject="Hi", text="Hi"))
+        results.wait_final(set(to))
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.FAILED
+    assert {r.reply.enhanced for r in status.recipients if r.reply} == {"4.5.3"}
+    assert mx.messages == []

@@ -21,7 +21,7 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
-from mailstrom.runtime.outcomes import Outcomes, Where, error_reason
+from mailstrom.runtime.outcomes import Outcomes, Where, error_reason, over_recipient_limit
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, WorkItem
@@ -161,3 +161,36 @@ def test_failures_without_a_transaction(
     [r] = outcomes.from_error(item("a@example.org"), error, time.monotonic(), Where())
     assert r.attempt.reason_class is expected
     assert error_reason(error, r.attempt.reply) is expected
+
+
+def _rcpts(*replies: SMTPReply) -> TransactionResult:
+    return TransactionResult(
+        mail=OK,
+        rcpt=tuple((f"u{i}@example.org", r) for i, r in enumerate(replies)),
+        data=None,
+        final=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("refusal", "split"),
+    [
+        (SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients"), True),
+        (SMTPReply(code=452, text="Too many recipients"), True),  # no enhanced code
+        (SMTPReply(code=552, enhanced="5.5.3", text="Too many recipients"), True),  # older
+        (SMTPReply(code=452, enhanced="4.2.2", text="Mailbox full"), False),
+        (SMTPReply(code=452, enhanced="4.3.1", text="Out of memory"), False),
+        (SMTPReply(code=450, enhanced="4.1.5", text="Try later"), False),
+    ],
+)
+def test_only_a_refusal_for_the_recipient_limit_goes_in_a_later_transaction(
+    refusal: SMTPReply, split: bool
+) -> None:
+    over = over_recipient_limit(_rcpts(OK, refusal, refusal))
+    assert over == ({"u1@example.org", "u2@example.org"} if split else set())
+
+
+def test_a_limit_refusal_with_nothing_accepted_is_an_ordinary_refusal() -> None:
+    limit = SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients")
+    assert over_recipient_limit(_rcpts(limit, limit)) == set()
+    assert over_recipient_limit(_rcpts(limit)) == set()

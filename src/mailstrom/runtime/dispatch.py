@@ -53,7 +53,7 @@ from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
-from mailstrom.runtime.outcomes import Outcomes, Where
+from mailstrom.runtime.outcomes import Outcomes, Where, over_recipient_limit
 from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.runtime.transactions import TransactionResult
@@ -580,6 +580,9 @@ class Dispatcher:
                 retry.append(work)
                 continue
             answered = answered or result.final is not None
+            over = over_recipient_limit(result)
+            if over:
+                work, result = _later_transaction(queue, work, result, over)
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
             if shape is not None:
                 results = await self._heed_throttle(shape, result, results)
@@ -845,6 +848,21 @@ def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
         return b"", ()
     return dsn.mail_params(item.message_id), tuple(
         dsn.rcpt_params(r.address) for r in item.recipients
+    )
+
+
+def _later_transaction(
+    queue: deque[_Work], work: _Work, result: TransactionResult, over: frozenset[str]
+) -> tuple[_Work, TransactionResult]:
+    """Put the recipients ``over`` the server's limit at the head of ``queue``, for the
+    next transaction, and return ``work`` and ``result`` without them."""
+    item = work.item
+    later = tuple(r for r in item.recipients if r.address in over)
+    sent = tuple(r for r in item.recipients if r.address not in over)
+    queue.appendleft(replace(work, item=replace(item, recipients=later)))
+    return (
+        replace(work, item=replace(item, recipients=sent)),
+        replace(result, rcpt=tuple((a, reply) for a, reply in result.rcpt if a not in over)),
     )
 
 

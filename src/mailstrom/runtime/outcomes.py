@@ -64,6 +64,34 @@ _MAX_QUOTED = 200
 """Most characters of a peer's bad reply quoted in a reason."""
 
 
+def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
+    """The recipients ``result``'s server refused only because the transaction had reached
+    its limit of recipients, when it accepted some others: they were not tried, and go in a
+    later transaction without an attempt counted (RFC 5321 §4.5.3.1.10: the server "MUST"
+    answer 452, the client "SHOULD then send the message to the remaining recipients in a
+    later transaction"; older servers answer 552, so an X.5.3 enhanced code, "Too many
+    recipients" in RFC 3463, counts whatever the reply code).
+
+    Empty when the server accepted none of them: a 452 is then an ordinary temporary
+    refusal, so that every later transaction delivers at least one recipient and the
+    splitting ends.
+    """
+    rcpt = result.rcpt
+    if len(rcpt) < 2:
+        return frozenset()  # one recipient: nothing to split
+    over = frozenset(address for address, reply in rcpt if _limit_reached(reply))
+    if not over or len(over) == len(rcpt) or not result.accepted:
+        return frozenset()
+    return over
+
+
+def _limit_reached(reply: SMTPReply) -> bool:
+    enhanced = reply.enhanced
+    if enhanced is None:
+        return reply.code == 452
+    return reply.code >= 400 and enhanced.endswith(".5.3") and enhanced.count(".") == 2
+
+
 def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
     """The reason of a delivery left uncertain by ``cause``: a reply that broke the
     protocol is named (what the peer sent is worth knowing), anything else is a lost

@@ -50,6 +50,9 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     no limit); the next gets ``over_limit_reply`` (``"421 4.7.0 Message limit of this
     connection reached, closing"``; None: no reply) and the connection is closed, as a
     server with Exim's ``smtp_accept_max_per_connection`` does.
+    ``rcpt_limit``: how many recipients one transaction may have (None: no limit); each
+    RCPT beyond it gets ``452 4.5.3 Too many recipients``, as RFC 5321 §4.5.3.1.10 has a
+    server with such a limit answer (Postfix's ``smtpd_recipient_limit``).
     ``quit_delay``: seconds the server waits before it answers QUIT, a slow close (the
     connection stays open, and counted in ``open_connections``, until then).
     ``data_delay``: seconds the server waits after the final dot before it replies, a slow
@@ -191,6 +194,7 @@ class ReceivingServer:
         self.quit_delay = 0.0
         self.data_delay = 0.0
         self.messages_per_connection: int | None = None
+        self.rcpt_limit: int | None = None
         self.over_limit_reply: str | None = (
             "421 4.7.0 Message limit of this connection reached, closing"
         )
@@ -346,6 +350,9 @@ class _Handler:
     ) -> str:
         if address.lower() in self.fixture.stall_rcpts:
             await _forever()
+        limit = self.fixture.rcpt_limit
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
         reply = self.fixture.rcpt_rule(address) or "250 2.1.5 OK"
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
