@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mailstrom.arguments import shown
+from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
 from mailstrom.status import RecipientState
 
@@ -76,9 +77,10 @@ def prefix_upper_bound(prefix: str) -> str:
 
 
 def normalize_domain(domain: str) -> str:
-    """A destination domain as stores key it: lower case, no trailing dot;
-    :class:`~mailstrom.errors.InvalidArgument` (a ValueError) when it is no string, is
-    empty, too long, or not a plain domain."""
+    """A destination domain as stores key it: lower case, no trailing dot, U-labels as
+    A-labels (recipients' domains are stored so: ``bücher.example`` is
+    ``xn--bcher-kva.example``); :class:`~mailstrom.errors.InvalidArgument` (a ValueError)
+    when it is no string, is empty, too long, or not a plain domain."""
     if not isinstance(domain, str):
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     text = domain.strip().rstrip(".").lower()
@@ -86,7 +88,10 @@ def normalize_domain(domain: str) -> str:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
-    return text
+    try:
+        return a_label(text)
+    except ValueError:
+        raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain") from None
 
 
 def earliest(*times: datetime | None) -> datetime | None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from mailstrom.domains import a_label
 from mailstrom.errors import MailstromError
 from mailstrom.stores.base import Store
 from mailstrom.stores.operator import normalize_domain
@@ -60,14 +59,13 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 def destination_domain(text: str) -> str:
     """``text`` as the domain a destination action applies to: lower case, no trailing
-    dot, at most 253 octets, letter-digit-hyphen labels (an internationalised name is
-    checked in its IDNA form and kept as written). :class:`InvalidTarget` otherwise."""
+    dot, at most 253 octets, letter-digit-hyphen labels (an internationalised name in its
+    A-label form, as recipients' domains are stored). :class:`InvalidTarget` otherwise."""
     try:
         domain = normalize_domain(text[:300])
-        ascii_form = a_label(domain)
     except ValueError:
         raise InvalidTarget(f"not a domain name: {text[:80]!r}") from None
-    if len(ascii_form) > 253 or not all(_LABEL.match(x) for x in ascii_form.split(".")):
+    if len(domain) > 253 or not all(_LABEL.match(x) for x in domain.split(".")):
         raise InvalidTarget(f"not a domain name: {text[:80]!r}")
     return domain
 

@@ -34,6 +34,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from mailstrom.cli.output import age
+from mailstrom.domains import a_label
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
 from mailstrom.loopback import names_loopback
 from mailstrom.policy.reasons import advice_for
@@ -75,6 +76,21 @@ _DIGITS = re.compile(r"[0-9]{1,12}")
 """A number as a query string or header gives it (not str.isdigit, which takes "²")."""
 _MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" in
 _DOMAIN = re.compile(r"^[^\s/]{1,253}$")
+
+
+def _domain_filter(text: str | None) -> str | None:
+    """A ``domain`` query parameter as recipients' domains are stored: lower case,
+    U-labels as A-labels (``bücher.example`` finds ``xn--bcher-kva.example``). A name with
+    no A-label form is kept as given: it finds nothing, or fails ``_DOMAIN``."""
+    domain = (text or "").strip().lower()
+    if not domain:
+        return None
+    try:
+        return a_label(domain)
+    except ValueError:
+        return domain
+
+
 _PUBLIC_PATHS = ("/login", "/static/")
 
 Clock = Callable[[], datetime]
@@ -241,7 +257,7 @@ def create_app(
 
     async def destinations(request: Request) -> Response:
         params = request.query_params
-        domain = params.get("domain", "").strip().lower() or None
+        domain = _domain_filter(params.get("domain"))
         offset_text = params.get("offset") or "0"
         if not _DIGITS.fullmatch(offset_text) or int(offset_text) > MAX_OFFSET:
             return problem(request, 400, f"offset must be a number from 0 to {MAX_OFFSET:,}")
@@ -510,7 +526,7 @@ def _queue_query(params: Any) -> QueueQuery:
     limit_text = params.get("limit") or "50"
     if not _DIGITS.fullmatch(limit_text) or int(limit_text) not in PAGE_SIZES:
         raise InvalidQuery(f"page size must be one of {', '.join(map(str, PAGE_SIZES))}")
-    domain = (params.get("domain") or "").strip().lower() or None
+    domain = _domain_filter(params.get("domain"))
     if domain is not None and not _DOMAIN.match(domain):
         raise InvalidQuery("not a domain")
     # parse_duration() trims ASCII white space; str.strip() here would take U+3000 too.
