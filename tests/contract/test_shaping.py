@@ -51,6 +51,18 @@ def test_repeats_double_the_pause_up_to_the_maximum_and_a_quiet_spell_resets(
     assert (fresh.strikes, fresh.until) == (1, later + MINUTE)
 
 
+def test_a_destination_throttled_without_end_stays_paused_for_the_maximum(
+    store: Store,
+) -> None:
+    # 5 min * 2 ** 39 overflowed a timedelta: from the 40th throttle on, none paused.
+    at = NOW
+    for strikes in range(1, 46):
+        pause = store.throttle("example.org", now=at, reply=REPLY, first=5 * MINUTE, maximum=HOUR)
+        assert pause.strikes == strikes
+        at = pause.until + SECOND
+    assert pause.until - pause.since == HOUR
+
+
 def test_destinations_are_paused_apart(store: Store) -> None:
     _throttle(store, NOW, "*.google.com")
     _throttle(store, NOW + 10 * SECOND, "example.org")

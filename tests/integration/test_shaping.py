@@ -175,6 +175,34 @@ def test_a_rate_limit_reply_in_a_transaction_pauses_the_queue_behind_it(
     assert all(t >= pause.until.timestamp() for t in late)
 
 
+def test_results_are_recorded_when_the_pause_cannot_be_made(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # A pause that raises (as next_pause's overflow did) once lost the transaction's
+    # results and those pipelined behind it: left leased, they were sent again later.
+    class BrokenPauses(ObservedStore):
+        def throttle(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in the pause")
+
+    mx = smtp_server(host="127.0.0.28")
+    mx.mail_reply = ["451 4.7.650 The mail server has been temporarily rate limited", "250 OK"]
+    dns_server.mx("broken.test", [(10, "mx.broken.test")])
+    dns_server.a("mx.broken.test", mx.host)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(), max_per_destination=1)
+    store = BrokenPauses()
+    ms = start(config, store, Results())
+    try:
+        ids = ms.send_emails([hello(f"r{i}@broken.test") for i in range(6)])
+        store.wait_settled(6)
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+        states = Counter(r.state for r in statuses)
+        assert states == {DELIVERED: 5, DEFERRED: 1}
+        assert ms.throttled_destinations() == []  # not paused: the store could not
+    finally:
+        ms.stop(timeout=5)
+    assert len(mx.messages) == 5  # each once
+
+
 def test_mail_a_rate_would_hold_for_long_goes_back_to_the_store(
     smtp_server: Any, dns_server: LoopbackDNS
 ) -> None:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mailstrom.bounds import MAX_DURATION
 from mailstrom.policy.throttle import (
     BucketState,
     TokenBucket,
@@ -13,7 +14,7 @@ from mailstrom.policy.throttle import (
     next_pause,
     take_tokens,
 )
-from mailstrom.status import SMTPReply
+from mailstrom.status import DestinationThrottle, SMTPReply
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -77,6 +78,26 @@ def test_pauses_double_up_to_the_maximum() -> None:
     )
     assert huge.until - at == 5 * MINUTE  # no overflow however many strikes
     assert len(huge.reply) == 512  # a hostile reply is bounded
+
+
+@pytest.mark.parametrize(
+    ("first", "maximum"),
+    [
+        (timedelta(minutes=5), timedelta(hours=1)),  # the defaults
+        (timedelta(seconds=1), MAX_DURATION),  # the longest maximum the settings allow
+        (MAX_DURATION, MAX_DURATION),
+        (timedelta(minutes=59), timedelta(hours=1)),
+    ],
+)
+@pytest.mark.parametrize("strikes", [39, 40, 41, 10_000, 2**63 - 1])
+def test_repeats_stay_at_the_maximum_for_any_settings(
+    first: timedelta, maximum: timedelta, strikes: int
+) -> None:
+    # A destination throttled without end: 5 min * 2 ** 39 overflowed a timedelta, and
+    # every throttle from the 40th on raised instead of pausing.
+    last = DestinationThrottle(destination="d", until=NOW, strikes=strikes - 1, reply="", since=NOW)
+    pause = next_pause(last, destination="d", now=NOW, first=first, maximum=maximum, reply="421")
+    assert (pause.until - NOW, pause.strikes) == (maximum, strikes)
 
 
 def test_bucket_refill_is_bounded_and_a_clock_behind_adds_nothing() -> None:

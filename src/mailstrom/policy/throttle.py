@@ -65,8 +65,15 @@ def next_pause(
     strikes = 1
     if previous is not None and now - previous.until < maximum:
         strikes = previous.strikes + 1
-    # 2 ** strikes overflows a timedelta long before strikes is large: cap the exponent.
-    delay = min(maximum, first * (2 ** min(strikes - 1, 40)))
+    # Doubled one strike at a time, and never past ``maximum``: a power of two of the
+    # strikes overflows a timedelta (5 min * 2 ** 39 already does), and the loop ends
+    # once the maximum is reached (about 50 doublings from 1 us to 100 years).
+    delay = first
+    for _ in range(strikes - 1):
+        if delay >= maximum or delay <= timedelta(0):
+            break
+        delay = maximum if delay > maximum / 2 else delay * 2
+    delay = min(maximum, delay)
     return DestinationThrottle(
         destination=destination,
         until=now + delay,

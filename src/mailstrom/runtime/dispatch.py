@@ -762,7 +762,15 @@ class Dispatcher:
         deferred = [
             (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
         ]
-        pause = await self._shaper.throttled(shape, str(throttling), deferred)
+        try:
+            pause = await self._shaper.throttled(shape, str(throttling), deferred)
+        except Exception:
+            # The transaction's results must be reported whatever the pause does: lost,
+            # they would leave the item leased, and its delivered recipients would be
+            # sent again once the lease ran out. Unpaused, the deferred ones keep their
+            # own backoff.
+            log.exception("could not pause %s after a throttling reply", shape.key)
+            return results
         return _until_pause(results, pause)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
