@@ -162,3 +162,14 @@ def test_workers_share_one_bucket_and_never_take_more_than_it_holds(
     with ThreadPoolExecutor(6) as pool:
         granted = sum(pool.map(take, range(6)))
     assert granted == 20
+
+
+def test_a_clock_behind_takes_nothing_and_leaves_the_bucket_as_it_was(store: Store) -> None:
+    # Moved back by a worker whose clock is behind, the stamp let a worker whose clock
+    # is ahead refill for the whole skew on its next take.
+    bucket = TokenBucket(key="example.org messages/minute", rate=0.1, capacity=1.0)
+    ahead = NOW + MINUTE
+    assert store.take_tokens([bucket], want=1, now=ahead).granted == 1
+    assert store.take_tokens([bucket], want=1, now=NOW).granted == 0
+    assert store.take_tokens([bucket], want=1, now=ahead + SECOND).granted == 0
+    assert store.take_tokens([bucket], want=1, now=ahead + 10 * SECOND).granted == 1

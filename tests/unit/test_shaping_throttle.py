@@ -111,3 +111,19 @@ def test_bucket_refill_is_bounded_and_a_clock_behind_adds_nothing() -> None:
     assert grant.granted == 2
     grant, new = take_tokens([bucket], {}, want=0, now=NOW)
     assert (grant.granted, grant.wait) == (0, 0.0) and new["k"].tokens == 2.0
+
+
+def test_a_clock_behind_never_moves_the_stamp_back() -> None:
+    # Two workers 60 s apart polling every second: the one behind moved the stamp back
+    # by the skew, and the one ahead refilled for it each time (10x a 6/min rate).
+    bucket = TokenBucket.per_second("k", 0.1)
+    states: dict[str, BucketState] = {}
+    granted = 0
+    for second in range(600):
+        for skew in (60, 0):
+            at = NOW + timedelta(seconds=second + skew)
+            grant, new = take_tokens([bucket], states, want=1, now=at)
+            granted += grant.granted
+            states = {**states, **new}
+    assert granted <= 61  # 10 minutes at 6/min, and the new bucket full
+    assert states["k"].at == NOW + timedelta(seconds=659)  # the clock ahead's

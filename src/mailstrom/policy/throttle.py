@@ -16,8 +16,9 @@ worker's pause was known) neither lengthens it nor counts as a repeat.
 
 **Token buckets** refill at ``rate`` tokens a second up to ``capacity``; a new bucket is
 full. Taking from several buckets at once (per minute and per hour) grants what all of
-them allow. Stores keep the buckets' state so that every worker of one store draws from
-the same buckets (see docs/guide.md, "Traffic shaping").
+them allow. A clock behind a bucket's stamp (another worker's host) refills nothing and
+never moves the stamp back. Stores keep the buckets' state so that every worker of one
+store draws from the same buckets (see docs/guide.md, "Traffic shaping").
 """
 
 from __future__ import annotations
@@ -122,15 +123,19 @@ def take_tokens(
     """Take up to ``want`` tokens from every bucket of ``buckets`` (their saved
     ``states``; a missing one is full); returns the grant and the buckets' new states."""
     levels: dict[str, float] = {}
+    stamps: dict[str, datetime] = {}
     for bucket in buckets:
         state = states.get(bucket.key)
         if state is None:
-            level = bucket.capacity
+            level, at = bucket.capacity, now
         else:
-            # A clock behind the one that saved the state (another host) adds nothing.
+            # A clock behind the one that saved the state (another host) adds nothing,
+            # and leaves the stamp where it was: moved back, the next worker with a clock
+            # ahead would refill for the skew again, every time.
             elapsed = max(0.0, (now - state.at).total_seconds())
             level = min(bucket.capacity, state.tokens + elapsed * bucket.rate)
-        levels[bucket.key] = level
+            at = max(state.at, now)
+        levels[bucket.key], stamps[bucket.key] = level, at
     granted = max(0, min([want, *(math.floor(level + 1e-9) for level in levels.values())]))
     wait = 0.0
     if granted == 0 and want > 0:
@@ -139,6 +144,7 @@ def take_tokens(
             default=0.0,
         )
     new = {
-        bucket.key: BucketState(tokens=levels[bucket.key] - granted, at=now) for bucket in buckets
+        bucket.key: BucketState(tokens=levels[bucket.key] - granted, at=stamps[bucket.key])
+        for bucket in buckets
     }
     return TokenGrant(granted=granted, wait=wait), new
