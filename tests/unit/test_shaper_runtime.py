@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailstrom import Config, DestinationRule, ShapingConfig, StoreError
+from mailstrom.bounds import MAX_DURATION
+from mailstrom.policy.throttle import TokenBucket
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.stores import MemoryStore
 
@@ -100,3 +102,17 @@ def test_mail_beyond_the_horizon_is_scheduled_at_the_rate() -> None:
     assert dues == [NOW + timedelta(seconds=s) for s in (11, 12, 13, 14, 15)]
     unlimited = shaper.for_route("other.test", [])
     assert shaper.spread(unlimited, 10_000) is None
+
+
+def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:
+    # 1e-12 an hour (refused by the rule now) overflowed a timedelta in spread; the
+    # slowest rate a rule takes, one a day, did too behind a long enough queue.
+    slowest = DestinationRule(match="example.org", messages_per_hour=1 / 24)
+    shaper, _ = make(slowest)
+    shape = shaper.for_route("example.org", [])
+    end = NOW + MAX_DURATION + timedelta(seconds=1)
+    assert shaper.spread(shape, 1) == NOW + timedelta(days=1, seconds=1)
+    assert all(shaper.spread(shape, 10**9) == end for _ in range(3))
+    tiny = shaper.for_route("other.test", [])
+    tiny.message_buckets = (TokenBucket(key="tiny", rate=1e-16, capacity=1.0),)
+    assert shaper.spread(tiny, 1) == end

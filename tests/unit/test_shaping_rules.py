@@ -81,6 +81,11 @@ def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them()
         ({"match": "x.org", "messages_per_hour": float("nan")}, "messages_per_hour"),
         ({"match": "x.org", "connections_per_minute": -1}, "connections_per_minute"),
         ({"match": "x.org", "messages_per_minute": "10"}, "messages_per_minute"),
+        # Below one a day: a typo or a wrong unit (1e-12 an hour overflowed the schedule).
+        ({"match": "x.org", "messages_per_hour": 1e-12}, "messages_per_hour"),
+        ({"match": "x.org", "messages_per_hour": 0.04}, "messages_per_hour"),
+        ({"match": "x.org", "messages_per_minute": 0.0006}, "messages_per_minute"),
+        ({"match": "x.org", "connections_per_minute": 1e-300}, "connections_per_minute"),
     ],
 )
 def test_bad_rules_raise_a_typed_error_naming_the_field(fields: dict, bad: str) -> None:
@@ -88,6 +93,18 @@ def test_bad_rules_raise_a_typed_error_naming_the_field(fields: dict, bad: str) 
         DestinationRule(**fields)
     assert caught.value.field == bad
     assert isinstance(caught.value, ConfigError)
+
+
+def test_the_lowest_rate_is_one_a_day() -> None:
+    rule = DestinationRule(
+        match="x.org",
+        messages_per_minute=1 / 1440,
+        messages_per_hour=1 / 24,
+        connections_per_minute=1 / 1440,
+    )
+    assert rule.messages_per_hour == 1 / 24
+    with pytest.raises(InvalidShapingRule, match=r"from 1/24 \(one a day\)"):
+        DestinationRule(match="x.org", messages_per_hour=1e-12)
 
 
 def test_shaping_config_is_validated() -> None:

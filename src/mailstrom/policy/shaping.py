@@ -41,6 +41,10 @@ MAX_RULES = 1000
 """Most rules one configuration may hold (every name is compared with each wildcard)."""
 MAX_RATE = 1_000_000.0
 """Highest rate accepted (messages or connections per minute or hour)."""
+_PER_DAY = {"messages_per_minute": 1440, "messages_per_hour": 24, "connections_per_minute": 1440}
+"""Each rate's units in a day: the lowest rate accepted is one a day (1/1440 a minute,
+1/24 an hour). Providers state their limits a minute, an hour or a day, so a lower rate
+is a wrong unit or a typo; a far lower one put the next message past any date."""
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
@@ -105,7 +109,7 @@ class DestinationRule:
                     pattern=self.match,
                     field=name,
                 )
-        for name in ("messages_per_minute", "messages_per_hour", "connections_per_minute"):
+        for name, per_day in _PER_DAY.items():
             value = getattr(self, name)
             if value is None:
                 continue
@@ -113,10 +117,11 @@ class DestinationRule:
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)
-                or not 0 < value <= MAX_RATE
+                or not 1 / per_day <= value <= MAX_RATE
             ):
                 raise InvalidShapingRule(
-                    f"{name}: expected a number above 0 and at most {MAX_RATE:g}, got {value!r}",
+                    f"{name}: expected a number from 1/{per_day} (one a day) to"
+                    f" {MAX_RATE:g}, got {value!r}",
                     pattern=self.match,
                     field=name,
                 )

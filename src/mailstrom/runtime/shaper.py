@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from mailstrom.bounds import MAX_DURATION, MAX_SECONDS
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.policy.shaping import DestinationRule, RuleBook
@@ -265,11 +266,15 @@ class Shaper:
         if waiting < max(shape.want, math.ceil(rate * _HORIZON)):
             return None
         # Each message given back books the next place in the rate's schedule, after
-        # those queued here and those given back before it.
-        due = self._clock() + timedelta(seconds=waiting / rate)
+        # those queued here and those given back before it. However slow the rate and
+        # long the queue, the schedule ends within the longest duration the queue takes
+        # (100 years): a timedelta past it overflows instead of waiting.
+        now = self._clock()
+        end = now + MAX_DURATION
+        due = now + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
         if shape.booked is not None and shape.booked > due:
-            due = shape.booked
-        shape.booked = due + timedelta(seconds=1 / rate)
+            due = min(shape.booked, end)
+        shape.booked = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
         # Whole seconds, so that one lease's overflow is given back in a few writes.
         return due.replace(microsecond=0) + timedelta(seconds=1)
 
