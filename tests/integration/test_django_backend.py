@@ -152,6 +152,22 @@ def test_the_envelope_follows_django_not_the_headers(project: None, mx: Receivin
     assert b"\r\nFrom: Shop <shop@sender.test>\r\n" in received.content
 
 
+def test_empty_addresses_are_left_out_as_django_leaves_them_out(
+    project: None, mx: ReceivingServer
+) -> None:
+    # A blank User.email, or a setting that turns a copy off: recipients() skips "" and
+    # Django's SMTP backend delivers to the rest. The whole message was refused
+    # (InvalidAddress), and with fail_silently it was lost.
+    message = mail.EmailMessage(
+        "Hi", "Hello", to=["bob@example.org", ""], cc=[""], bcc=[""], reply_to=[""]
+    )
+    assert EmailBackend(fail_silently=True).send_messages([message]) == 1
+    [ours] = mx.wait_for_messages(1)
+    theirs = django_smtp_would_send(message, mx)
+    assert ours.rcpt_tos == theirs.rcpt_tos == ("bob@example.org",)
+    assert without_volatile_parts(ours.content) == without_volatile_parts(theirs.content)
+
+
 def test_invalid_input_raises_mailstroms_typed_errors_and_queues_nothing(project: None) -> None:
     with pytest.raises(InvalidAddress) as info:
         mail.send_mail("Hi", "Hello", None, ["bob@example.org", "not an address"])

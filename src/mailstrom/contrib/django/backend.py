@@ -104,6 +104,11 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
     # attribute it is in) rather than the whole header Django joins them into.
     for role, addresses in _addresses(message):
         for address in addresses:
+            if role != "from_email" and address == "":
+                # recipients() leaves out an empty entry (a blank User.email, a setting
+                # that turns a copy off) and Django's SMTP backend delivers to the rest;
+                # the header Django writes with it (``To: bob@example.org, ``) is valid.
+                continue
             parse_mailbox(role, str(address))
     if not isinstance(message.body, str | Promise):
         # Django writes the body with str methods: bytes raised AttributeError.
