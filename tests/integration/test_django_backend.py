@@ -305,6 +305,15 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
         lambda: with_appended("attachments", ("a.txt", None, "text/plain")),
         InvalidMessage,
     ),
+    # Unpacked by the backend's own checks: a bare ValueError, past fail_silently.
+    "attachment appended with four items": (
+        lambda: with_appended("attachments", ("a.txt", "x", "text/plain", "extra")),
+        InvalidMessage,
+    ),
+    "alternative appended with one item": (
+        lambda: with_appended("alternatives", ("<p>x</p>",)),
+        InvalidMessage,
+    ),
 }
 
 

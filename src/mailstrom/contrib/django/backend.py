@@ -203,12 +203,17 @@ def _mime_header_texts(message: EmailMessage) -> Iterable[tuple[str, str]]:
     """Attachment filenames and content types, which Django writes into MIME part headers:
     a line break in a filename added header lines to its part (and the standard library
     raised ``HeaderParseError`` for a CRLF), one in a type raised ``BadHeaderError``."""
+    # An entry of another shape (appended to the list by hand) is left to Django, whose
+    # error _serialised() turns into InvalidMessage: unpacked here, its bare ValueError
+    # went past fail_silently.
     for attachment in message.attachments:
-        if isinstance(attachment, tuple):  # (filename, content, mimetype); not a MIME part
+        # (filename, content, mimetype); not a MIME part
+        if isinstance(attachment, tuple) and len(attachment) == 3:
             filename, _, mimetype = attachment
             if filename:
                 yield "attachment filename", str(filename)
             if mimetype:
                 yield "attachment content type", str(mimetype)
-    for _, mimetype in getattr(message, "alternatives", ()):
-        yield "alternative content type", str(mimetype)
+    for alternative in getattr(message, "alternatives", ()):
+        if isinstance(alternative, tuple | list) and len(alternative) == 2:  # (content, mimetype)
+            yield "alternative content type", str(alternative[1])
