@@ -112,3 +112,14 @@ def test_a_secret_is_not_shown_in_the_error() -> None:
 
 def test_flatten_keeps_values_as_given() -> None:
     assert flatten({"dns": {"port": 53}, "tls": "verify"}) == {"dns.port": 53, "tls": "verify"}
+
+
+def test_a_table_valued_setting_given_flat_is_the_nested_one() -> None:
+    # "tls.domains" holds a table: the flat form was split once more and refused
+    # ("unknown setting 'tls.domains.example.com'").
+    domains = {"example.com": "verify"}
+    flat = load({"store": "memory:", "tls.domains": domains})
+    nested = load({"store": "memory:", "tls": {"domains": domains}})
+    assert flat.settings.config == nested.settings.config
+    assert flat.settings.config.tls_domains.entries == {"example.com": TLSPolicy.VERIFY}
+    assert flatten({"tls.domains": domains}) == {"tls.domains": domains}

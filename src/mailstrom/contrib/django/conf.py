@@ -105,7 +105,9 @@ def flatten(value: Mapping[Any, Any]) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str):
             raise ConfigError(f"keys must be strings, got {key!r}")
-        if isinstance(item, Mapping):
+        # Only a section's name ("dns") holds a table of keys. A dotted key names one
+        # setting, whose value may itself be a table ("tls.domains": {...}) and is kept.
+        if isinstance(item, Mapping) and "." not in key:
             for sub, subitem in item.items():
                 if not isinstance(sub, str):
                     raise ConfigError(f"{key}: keys must be strings, got {sub!r}")
