@@ -288,8 +288,14 @@ class MessageStatus:
         return self.state.is_final
 
     def recipient(self, address: str) -> RecipientStatus:
-        """The status of ``address`` (domain compared case-insensitively)."""
+        """The status of ``address`` (domain compared case-insensitively; a U-label
+        domain, ``bob@bücher.example``, finds the A-label form the envelope holds)."""
         local, _, domain = address.rpartition("@")
+        if not domain.isascii():
+            # Imported here: this module needs only the standard library to load.
+            from mailstrom.message.addrspec import a_label
+
+            domain = a_label(domain) or domain
         for r in self.recipients:
             r_local, _, r_domain = r.address.rpartition("@")
             if r_local == local and r_domain.lower() == domain.lower():

@@ -1,4 +1,9 @@
-from mailstrom.status import RecipientState, derive_message_state
+from datetime import UTC, datetime
+
+import pytest
+
+from mailstrom import Config, Email, Mailstrom
+from mailstrom.status import MessageStatus, RecipientState, RecipientStatus, derive_message_state
 
 Q, D, OK, F = (
     RecipientState.QUEUED,
@@ -20,3 +25,37 @@ def test_all_final() -> None:
 
 def test_states_are_stored_strings() -> None:
     assert [s.value for s in RecipientState] == ["queued", "deferred", "delivered", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("bob@Exämple.org", "bob@xn--exmple-cua.org"),
+        ("bob@straße.example", "bob@xn--strae-oqa.example"),
+    ],
+)
+def test_a_recipient_is_found_by_the_domain_it_was_sent_to(written: str, stored: str) -> None:
+    # The envelope holds the domain as an A-label: looking up the address the message was
+    # sent to raised KeyError.
+    with Mailstrom(Config(helo_name="mail.example.com"), store="memory:", worker=None) as ms:
+        email = Email(from_="app@example.com", to=[written], subject="Hi", text="x")
+        status = ms.query_status(ms.send_email(email))
+    assert [r.address for r in status.recipients] == [stored]
+    assert status.recipient(written) is status.recipient(stored) is status.recipients[0]
+
+
+def test_idna_2008_is_how_a_looked_up_domain_is_converted() -> None:
+    # Python's "idna" codec (IDNA 2003) maps ß to ss: another domain, not this recipient.
+    status = MessageStatus(
+        id="m1",
+        state=Q,
+        envelope_from="app@example.com",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        size=1,
+        recipients=(RecipientStatus(address="bob@xn--strae-oqa.example", state=Q),),
+    )
+    assert status.recipient("bob@STRAßE.example") is status.recipients[0]
+    with pytest.raises(KeyError):
+        status.recipient("bob@strasse.example")
+    with pytest.raises(KeyError):
+        status.recipient("bob@exa mple.örg")  # no domain at all: compared as written
