@@ -19,14 +19,21 @@ from tests.django_project import configure
 configure()
 
 from django.core import checks, mail  # noqa: E402  (Django must be configured first)
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.test import override_settings  # noqa: E402
 
 from mailstrom import RecipientState  # noqa: E402
-from mailstrom.contrib.django import get_mailstrom  # noqa: E402
+from mailstrom.contrib.django import get_mailstrom, shared  # noqa: E402
+from mailstrom.errors import ConfigError  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.postgres import _free_port  # noqa: E402
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory  # noqa: E402
-from tests.support.django import HAS_MAILERS, loopback_mx, mailstrom_setting  # noqa: E402
+from tests.support.django import (  # noqa: E402
+    HAS_MAILERS,
+    loopback_mx,
+    mailstrom_setting,
+    silently,
+)
 
 ROOT = Path(__file__).parents[2]
 MANAGE = ROOT / "tests" / "django_project" / "manage.py"
@@ -146,6 +153,37 @@ def test_the_system_check_reports_a_bad_setting() -> None:
             [warning] = checks.run_checks(tags=["mailstrom"])
     assert warning.id == "mailstrom.W001"
     assert warning.msg.startswith("SERVER_EMAIL = 'root@localhost' is refused by mailstrom")
+
+
+@pytest.mark.parametrize("parameter", ["dead_after=zz", "lock_timeout=-1", "bogus=1"])
+def test_a_store_url_parameter_the_store_refuses_is_a_bad_setting(parameter: str) -> None:
+    # It passed the check, and the first send raised InvalidStoreURL, which fail_silently
+    # swallowed: every message lost (mail_admins sends that way). Nothing connects here.
+    url = f"postgresql://mail:s3cret@127.0.0.1:{_free_port()}/mail?{parameter}"
+    with override_settings(MAILSTROM={"store": url, "worker": None}):
+        [error] = checks.run_checks(tags=["mailstrom"])
+        with pytest.raises(ImproperlyConfigured) as info:
+            mail.send_mail("Hi", "x", None, ["bob@example.org"], **silently())
+    assert error.id == "mailstrom.E001"
+    assert parameter.partition("=")[0] in error.msg or "libpq cannot parse" in error.msg
+    assert "s3cret" not in error.msg and "s3cret" not in str(info.value)
+
+
+def test_a_store_that_refuses_its_url_when_opened_is_improperly_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What load() cannot see still must not become a MailstromError at the send, which
+    # fail_silently would swallow.
+    def refuse(url: str) -> None:
+        raise ConfigError("PostgreSQL stores need the psycopg driver, which cannot be loaded")
+
+    monkeypatch.setattr(shared, "open_store", refuse)
+    with (
+        override_settings(MAILSTROM={"store": "memory:", "worker": None}),
+        pytest.raises(ImproperlyConfigured, match="psycopg") as info,
+    ):
+        mail.send_mail("Hi", "x", None, ["bob@example.org"], **silently())
+    assert isinstance(info.value.__cause__, ConfigError)
 
 
 @pytest.mark.skipif(not HAS_MAILERS, reason="settings.MAILERS came with Django 6.1")

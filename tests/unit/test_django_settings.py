@@ -92,6 +92,9 @@ def test_environment_variables_take_no_part(monkeypatch: pytest.MonkeyPatch) -> 
         ({"retry.max_age": None}, "retry.max_age: None is not a value"),
         ({"worker": "task"}, "worker: expected 'process', 'thread' or None"),
         ({"store": "mysql://db/mail"}, "unknown store URL"),
+        # The store's own checks of its URL, which ran only at the first send.
+        ({"store": "postgresql://app@db/mail?dead_after=zz"}, "dead_after in a PostgreSQL"),
+        ({"store": "postgresql://app@db/mail?bogus=1"}, "libpq cannot parse"),
         ({"store": "memory:", "worker": "process"}, "worker: 'process' needs a store"),
         ({"relay.password": "x"}, "relay.host: required"),
         ("sqlite:///mail.db", "expected a dict"),

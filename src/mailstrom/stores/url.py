@@ -168,6 +168,23 @@ def parse_store_url(url: str) -> StoreURL:
     )
 
 
+def check_store_url(url: str) -> StoreURL:
+    """:func:`parse_store_url`, and for PostgreSQL also every parameter of the URL the
+    store would refuse when opened (``dead_after``, ``lock_timeout``, an unknown libpq
+    parameter), still without opening anything: what a configuration check can find.
+
+    Raises :class:`InvalidStoreURL`, or :class:`ConfigError` when a PostgreSQL URL is
+    given and psycopg cannot be loaded.
+    """
+    parsed = parse_store_url(url)
+    if parsed.kind is StoreKind.POSTGRES:
+        postgres_module()  # ConfigError naming the extra when psycopg is missing
+        from mailstrom.stores.postgres.connect import check_url
+
+        check_url(parsed.target)
+    return parsed
+
+
 def _check_url_syntax(url: str) -> None:
     """InvalidStoreURL when ``url`` is no URL at all (an unclosed ``[`` of an IPv6 address,
     a bracketed host that is no IP address): the PostgreSQL store splits its URL with

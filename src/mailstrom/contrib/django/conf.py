@@ -30,7 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from mailstrom.errors import ConfigError, InvalidStoreURL
 from mailstrom.settings import ENV_PREFIX, Settings, load_settings
-from mailstrom.stores.url import StoreKind, parse_store_url
+from mailstrom.stores.url import StoreKind, check_store_url
 
 SETTING = "MAILSTROM"
 """The name of the Django setting."""
@@ -72,8 +72,9 @@ def _load(value: object) -> DjangoSettings:
     # XDG_STATE_HOME); MAILSTROM_* variables do not take part.
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     settings = load_settings(env=env, overrides=flat, search=False)
-    # A bad URL is a configuration error, found here rather than at the first send.
-    store = parse_store_url(settings.store_url)
+    # A bad URL is a configuration error, found here rather than at the first send
+    # (where fail_silently would swallow it): its parameters too, without connecting.
+    store = check_store_url(settings.store_url)
     if worker == "process" and store.kind is StoreKind.MEMORY:
         raise ConfigError(
             "worker: 'process' needs a store another process can open (SQLite or "

@@ -29,10 +29,12 @@ import threading
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
 from mailstrom.client import Mailstrom
 from mailstrom.contrib.django.conf import SETTING, DjangoSettings, load
+from mailstrom.errors import ConfigError, InvalidStoreURL
 from mailstrom.stores.url import open_store
 
 log = logging.getLogger("mailstrom.django")
@@ -46,7 +48,12 @@ class _Running:
     """A started facade and its store."""
 
     def __init__(self, conf: DjangoSettings) -> None:
-        self.store = open_store(conf.settings.store_url)
+        try:
+            self.store = open_store(conf.settings.store_url)
+        except (ConfigError, InvalidStoreURL) as exc:
+            # A configuration error that load() could not see: it must not be a
+            # MailstromError, which fail_silently swallows (every message lost).
+            raise ImproperlyConfigured(f"{SETTING}: store: {exc}") from exc
         try:
             self.ms = Mailstrom(conf.settings.config, store=self.store, worker=conf.worker)
         except BaseException:
@@ -87,8 +94,9 @@ def get_mailstrom() -> Mailstrom:
         status = get_mailstrom().query_status(message.mailstrom_id)
 
     Raises :class:`~django.core.exceptions.ImproperlyConfigured` for a bad
-    ``settings.MAILSTROM``, and mailstrom's errors when the store cannot be opened or the
-    worker does not start (nothing is kept then; the next call tries again).
+    ``settings.MAILSTROM`` (a store URL the store refuses included), and mailstrom's
+    errors when the store cannot be opened or the worker does not start (nothing is kept
+    then; the next call tries again).
     """
     global _running
     with _lock:

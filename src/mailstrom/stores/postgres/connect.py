@@ -208,6 +208,15 @@ def _zero(text: str) -> bool:
     return text.rstrip("smhdw").strip(" .0") == ""
 
 
+def check_url(url: str) -> None:
+    """What :class:`~mailstrom.stores.postgres.PostgresStore` refuses in ``url`` before it
+    connects (mailstrom's own parameters, then what libpq cannot parse), found without
+    connecting: InvalidStoreURL. For a configuration check, so that a bad parameter is
+    reported there rather than by the first store call."""
+    conninfo, _ = split_url(url)
+    check_conninfo(conninfo)
+
+
 def check_conninfo(conninfo: str) -> None:
     """InvalidStoreURL when libpq cannot parse ``conninfo`` (an unknown query parameter, a
     bad percent-escape): a mistake in the configuration that retrying will not mend, so
