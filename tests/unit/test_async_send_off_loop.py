@@ -1,0 +1,52 @@
+"""``AsyncMailstrom.send_email``/``send_emails`` do their work (validation, encoding, DKIM,
+the store write) in a thread: on the loop, a 20 MiB message held every other coroutine
+for half a second. Checked by where the work runs, not by timing it."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Config, Email, InvalidAddress
+from mailstrom.errors import InvalidMessageType
+from mailstrom.stores import MemoryStore
+
+
+def hello(to: str) -> Email:
+    return Email(from_="app@example.com", to=[to], subject="Hi", text="x")
+
+
+async def test_sending_prepares_and_queues_on_a_thread_other_than_the_loops() -> None:
+    # The injected clock is read where the message is prepared (its Date, its schedule)
+    # and where it is queued: each reading says on which thread that ran.
+    readers: list[int] = []
+
+    def clock() -> datetime:
+        readers.append(threading.get_ident())
+        return datetime(2026, 1, 1, tzinfo=UTC)
+
+    store = MemoryStore()
+    ams = AsyncMailstrom(
+        Config(helo_name="mail.example.com"), store=store, clock=clock, worker=None
+    )
+    try:
+        loop_thread = threading.get_ident()
+        one = await ams.send_email(hello("bob@example.org"))
+        sent_alone = len(readers)
+        two, three = await ams.send_emails([hello("ann@example.org"), hello("eve@example.org")])
+        assert sent_alone >= 2 and len(readers) > sent_alone
+        assert loop_thread not in readers
+        assert [s.id for s in await ams.query_recent()] == [three, two, one]
+        # The errors are the same, typed, and nothing is queued by them.
+        with pytest.raises(InvalidAddress):
+            await ams.send_email(hello("bob@"))
+        with pytest.raises(InvalidAddress):
+            await ams.send_emails([hello("ann@example.org"), hello("bob@")])
+        with pytest.raises(InvalidMessageType):
+            await ams.send_emails(hello("ann@example.org"))  # type: ignore[arg-type]
+        assert len(await ams.query_recent()) == 3
+    finally:
+        await ams.stop()
+        store.close()
