@@ -163,6 +163,75 @@ async def test_an_on_result_that_raises_stops_no_delivery_in_a_task(
     assert len(calls) == 3
 
 
+def test_a_worker_thread_started_again_after_stop_delivers(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    # The facade started the stopped Worker again, which kept the last stop()'s request:
+    # start() returned as if it ran, the thread ended at once, and mail stayed queued.
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
+    try:
+        for n in range(3):
+            ms.start()
+            mid = ms.send_email(hello("bob@example.org", n))
+            assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
+            assert ms.worker_status.running
+            ms.stop()
+            assert not ms.worker_status.running
+    finally:
+        ms.stop()
+        store.close()
+
+
+async def test_a_worker_task_started_again_after_stop_delivers(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    store = MemoryStore()
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="task")
+    try:
+        for n in range(3):
+            await ms.start()
+            mid = await ms.send_email(hello("bob@example.org", n))
+            assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+            assert ms.worker_status.running
+            await ms.stop()
+    finally:
+        await ms.stop()
+        store.close()
+
+
+@pytest.mark.parametrize(("store", "worker"), [("memory:", "thread"), ("q.db", "process")])
+def test_a_facade_that_closed_the_store_it_opened_does_not_start_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, store: str, worker: Any
+) -> None:
+    # start() "succeeded" on the closed store: a thread worker on a closed memory store,
+    # a worker process while send_email raised StoreError. Reopening is no answer either:
+    # memory: would be a new, empty queue.
+    url = store if store == "memory:" else str(tmp_path / store)
+    ms = Mailstrom(config(dns_server, mx.port), store=url, worker=worker)
+    ms.start()
+    ms.stop()
+    try:
+        with pytest.raises(WorkerError, match="closed the store it opened"):
+            ms.start()
+        assert not ms.worker_status.running
+    finally:
+        ms.stop()
+
+
+async def test_an_async_facade_that_closed_the_store_it_opened_does_not_start_again(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    ms = AsyncMailstrom(config(dns_server, mx.port), store="memory:", worker="task")
+    await ms.start()
+    await ms.stop()
+    try:
+        with pytest.raises(WorkerError, match="closed the store it opened"):
+            await ms.start()
+    finally:
+        await ms.stop()
+
+
 async def test_stop_closes_connections_with_deliveries_in_flight(
     smtp_server: ServerFactory, dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture
 ) -> None:

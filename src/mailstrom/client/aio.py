@@ -48,7 +48,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def start(self) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
-        :class:`~mailstrom.errors.WorkerError` if the worker cannot start."""
+        :class:`~mailstrom.errors.WorkerError` if the worker cannot start. After
+        :meth:`stop` this starts a new worker, unless the facade opened its store itself
+        (``stop()`` closed it): WorkerError then."""
+        self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
             if worker.pid is not None:
@@ -59,6 +62,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             return
         if self._task is not None:
             raise WorkerError("already started")
+        worker = self._worker_to_start(worker)
         ready = asyncio.Event()
         self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
         waiter = asyncio.create_task(ready.wait())
@@ -92,8 +96,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                         task.cancel()
         finally:
             self._unwatch_store()
-            if self._owns_store:
-                self.store.close()
+            self._close_owned_store()
 
     async def __aenter__(self) -> AsyncMailstrom:
         await self.start()

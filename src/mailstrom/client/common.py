@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -178,7 +179,8 @@ class FacadeBase:
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:
-            self.worker = Worker(
+            self._make_worker = functools.partial(
+                Worker,
                 self.config,
                 self.store,
                 router=router,
@@ -186,6 +188,41 @@ class FacadeBase:
                 rng=rng,
                 on_result=self._result_hook(on_result),
             )
+            self.worker = self._make_worker()
+
+    _make_worker: Callable[[], Worker] | None = None
+    """Makes the in-process worker ("thread"/"task" mode): one for each start."""
+    _worker_ran = False
+    """Whether the in-process worker in :attr:`worker` has been started."""
+    _store_closed = False
+    """Whether :meth:`stop` closed the store this facade opened itself."""
+
+    def _check_startable(self) -> None:
+        """WorkerError when this facade cannot start again: :meth:`stop` closed the store
+        it had opened. Opening it afresh would give ``memory:`` a new, empty queue, and
+        the store object callers already hold (``ms.store``) would stay closed."""
+        if self._store_closed:
+            raise WorkerError(
+                "this facade closed the store it opened when it stopped; make a new "
+                "facade to start again (or pass a Store you close yourself)"
+            )
+
+    def _worker_to_start(self, worker: Worker) -> Worker:
+        """``worker``, or a fresh one in its place once it has run: a :class:`Worker`
+        runs once (the last ``stop()``'s request stays with it, and the next run would
+        end at once), so each start after a stop gets a new one, as a worker process is
+        a new child each time."""
+        if self._worker_ran and self._make_worker is not None:
+            worker = self._make_worker()
+            self.worker = worker
+        self._worker_ran = True
+        return worker
+
+    def _close_owned_store(self) -> None:
+        """Close the store if this facade opened it (at the end of ``stop()``)."""
+        if self._owns_store:
+            self.store.close()
+            self._store_closed = True
 
     def _result_hook(
         self, on_result: Callable[[RecipientResult], None] | None

@@ -67,7 +67,12 @@ class Mailstrom(FacadeBase, QueueOperations):
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the worker; return when it runs, or raise what stopped it."""
+        """Start the worker; return when it runs, or raise what stopped it.
+
+        After :meth:`stop` this starts a new worker. A facade that opened its store
+        itself closed it in ``stop()`` and raises :class:`~mailstrom.errors.WorkerError`.
+        """
+        self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
             if worker.pid is not None:
@@ -80,6 +85,7 @@ class Mailstrom(FacadeBase, QueueOperations):
             raise WorkerError("already started")
         if self._stuck is not None and self._stuck.is_alive():
             raise WorkerError("the worker thread of the last stop() has not ended yet")
+        worker = self._worker_to_start(worker)
         self._ready = threading.Event()
         self._start_error = None
         self._thread = threading.Thread(
@@ -130,8 +136,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                         log.error("the worker thread did not stop within %g s", limit)
         finally:
             self._unwatch_store()
-            if self._owns_store:
-                self.store.close()
+            self._close_owned_store()
 
     def __enter__(self) -> Mailstrom:
         self.start()
