@@ -6,6 +6,7 @@ are the strings the stores write, so they must never change.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -293,9 +294,10 @@ class MessageStatus:
         local, _, domain = address.rpartition("@")
         if not domain.isascii():
             # Imported here: this module needs only the standard library to load.
-            from mailstrom.message.addrspec import a_label
+            from mailstrom.domains import a_label
 
-            domain = a_label(domain) or domain
+            with contextlib.suppress(ValueError):  # no A-label form: compared as given
+                domain = a_label(domain)
         for r in self.recipients:
             r_local, _, r_domain = r.address.rpartition("@")
             if r_local == local and r_domain.lower() == domain.lower():

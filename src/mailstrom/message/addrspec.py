@@ -137,23 +137,6 @@ def _domain(domain: str) -> tuple[str, int]:
     return valid.ascii_domain, max(len(form.encode("utf-8")) for form in forms)
 
 
-def a_label(domain: str) -> str | None:
-    """``domain`` as an envelope holds it: the lower-case A-label, converted as addresses
-    are validated (IDNA 2008 with UTS-46, not Python's IDNA 2003 ``idna`` codec, which
-    maps ß to ss); None when it is no valid domain.
-
-    >>> a_label("Bücher.Example")
-    'xn--bcher-kva.example'
-    """
-    from email_validator import EmailNotValidError
-
-    try:
-        ascii_domain, _ = _domain(domain)
-    except EmailNotValidError:
-        return None
-    return ascii_domain if ascii_domain.startswith("[") else ascii_domain.lower()
-
-
 def _validate_email(address: str) -> ValidatedEmail:
     from email_validator import validate_email
 
