@@ -13,6 +13,8 @@ from email.message import EmailMessage
 import pytest
 from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 
+from mailstrom.client.common import prepare_for
+from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
@@ -76,6 +78,20 @@ def test_expiry() -> None:
     assert int(tags["x"]) - int(tags["t"]) == 7 * 86400
     with pytest.raises(ConfigError, match="positive"):
         dual("example.com", expire=timedelta(0))
+
+
+def test_expiry_counts_from_send_at() -> None:
+    """A scheduled message is signed when queued and first sent at send_at, as signed:
+    x= counted from queueing would have passed before then (RFC 6376 §3.5)."""
+    config = Config(dkim=dual("example.com", expire=timedelta(days=1)))
+    later = NOW + timedelta(days=3)
+    for send_at, start in ((later, later), (NOW - timedelta(hours=1), NOW), (None, NOW)):
+        p = prepare_for(
+            config, email(), envelope_from=None, envelope_to=None, now=NOW, send_at=send_at
+        )
+        [tags, _] = signature_tags(p.data)
+        assert tags["t"] == str(int(NOW.timestamp()))  # the signing time stays the time
+        assert int(tags["x"]) == int((start + timedelta(days=1)).timestamp()), send_at
 
 
 def test_headers_for_providers_are_signed_and_an_absent_subject_is_signed_as_absent() -> None:

@@ -429,6 +429,7 @@ def prepare_for(
         id_domain=config.message_id_domain,
         fallback_id_domain=config.helo_name,
         dkim=config.dkim,
+        send_at=attributes.send_at,
     )
     if config.dkim is not None and not prepared.dkim:
         log_unsigned(prepared)

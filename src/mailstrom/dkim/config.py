@@ -41,8 +41,10 @@ class DKIMConfig:
     """Refuse (``NoDKIMKey``) a message that no key can sign, instead of sending it
     unsigned."""
     expire: timedelta | None = None
-    """Signatures carry ``x=`` this long after their ``t=``; receivers treat a signature
-    past it as invalid (RFC 6376 §3.5). ``None``: no expiry."""
+    """Signatures carry ``x=`` this long after the message may first be sent (its ``t=``,
+    or its ``send_at`` when later); receivers treat a signature past it as invalid (RFC
+    6376 §3.5). Retries send the same signed bytes, so keep it longer than
+    ``retry.max_age``. ``None``: no expiry."""
     _by_domain: dict[str, tuple[DKIMKey, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )

@@ -2,7 +2,9 @@
 
 :func:`sign` makes one ``DKIM-Signature`` field per key, over the message as it will be
 sent: ``c=relaxed/relaxed``, no ``l=`` (a body length would let anyone append content),
-``t=`` always and ``x=`` when :attr:`DKIMConfig.expire` is set. The signed header fields
+``t=`` always and ``x=`` when :attr:`DKIMConfig.expire` is set, counted from when the
+message may first be sent (a message queued with ``send_at`` is signed at once but
+delivered later). The signed header fields
 are those of :data:`SIGNED_HEADERS` that the message has, each listed once per occurrence;
 From and Subject are listed once more than they occur ("over-signed", RFC 6376 §8.15), so
 that a second From or Subject added on the way breaks the signature instead of being shown
@@ -55,9 +57,13 @@ def sign(
     *,
     now: datetime,
     expire: timedelta | None = None,
+    send_at: datetime | None = None,
 ) -> tuple[bytes, tuple[DKIMSignature, ...]]:
     """``data`` (a prepared message: CRLF line ends, a header section) with one
     ``DKIM-Signature`` field per key put in front, and what was signed.
+
+    ``now`` is the signing time (``t=``); ``x=`` is ``expire`` after ``now`` or after
+    ``send_at``, whichever is later.
 
     The same bytes must reach the receiver: sign last, after every change to the message.
     """
@@ -71,7 +77,10 @@ def sign(
     timestamp = int(now.timestamp())
     tags = [f"t={timestamp}"]
     if expire is not None:
-        tags.append(f"x={timestamp + max(1, int(expire.total_seconds()))}")
+        # A scheduled message leaves at send_at with these very bytes: an x= counted from
+        # queueing would expire before its first attempt (RFC 6376 §3.5).
+        first = timestamp if send_at is None else max(timestamp, int(send_at.timestamp()))
+        tags.append(f"x={first + max(1, int(expire.total_seconds()))}")
     fields: list[bytes] = []
     for key in keys:
         start = [

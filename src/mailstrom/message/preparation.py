@@ -77,6 +77,7 @@ def prepare(
     fallback_id_domain: str | None = None,
     dkim: DKIMConfig | None = None,
     require_tls: bool = False,
+    send_at: datetime | None = None,
 ) -> PreparedMessage:
     """Validate ``message`` and serialise it once into a :class:`PreparedMessage`.
 
@@ -98,7 +99,8 @@ def prepare(
     ``dkim`` signs the message with the keys aligned with its From domain (see
     :class:`~mailstrom.dkim.DKIMConfig`); the signatures made are in the result's
     ``dkim``. A message no key aligns with is left unsigned, or refused with
-    :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``.
+    :class:`~mailstrom.errors.NoDKIMKey` when ``dkim.required``. ``send_at`` is when the
+    message may first be sent, if later than ``now``: ``dkim.expire`` counts from it.
 
     ``require_tls`` (or ``Email.require_tls``) marks the message for REQUIRETLS (RFC 8689).
 
@@ -110,6 +112,8 @@ def prepare(
         now = datetime.now(UTC)
     elif now.tzinfo is None:
         now = now.replace(tzinfo=UTC)  # a naive time is taken as UTC, like Email.date
+    if send_at is not None and send_at.tzinfo is None:
+        send_at = send_at.replace(tzinfo=UTC)
     if id_domain is not None:
         check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
@@ -119,6 +123,7 @@ def prepare(
         max_recipients=max_recipients,
         fallback_id_domain=fallback_id_domain,
         dkim=dkim,
+        send_at=send_at,
     )
     if isinstance(message, Email):
         prepared = _prepare_email(message, envelope_from, envelope_to, options, now, id_domain)
@@ -139,9 +144,9 @@ def prepare(
 
 class _Options:
     """What the caller asked of this call beyond the message: limits, the Message-ID
-    fallback, DKIM."""
+    fallback, DKIM and when the message may first be sent."""
 
-    __slots__ = ("dkim", "fallback_id_domain", "max_recipients", "max_size")
+    __slots__ = ("dkim", "fallback_id_domain", "max_recipients", "max_size", "send_at")
 
     def __init__(
         self,
@@ -150,11 +155,13 @@ class _Options:
         max_recipients: int,
         fallback_id_domain: str | None,
         dkim: DKIMConfig | None,
+        send_at: datetime | None,
     ) -> None:
         self.max_size = max_size
         self.max_recipients = max_recipients
         self.fallback_id_domain = fallback_id_domain
         self.dkim = dkim
+        self.send_at = send_at
 
 
 def _prepare_email(
@@ -268,7 +275,7 @@ def _finish(
     signatures: tuple[DKIMSignature, ...] = ()
     unsigned: str | None = None
     if options.dkim is not None:
-        data, body, signatures = _sign(data, body, envelope, options.dkim, now)
+        data, body, signatures = _sign(data, body, envelope, options.dkim, now, options.send_at)
         if len(data) > max_size:
             _too_large(len(data), max_size)
         if not signatures:
@@ -287,7 +294,12 @@ def _finish(
 
 
 def _sign(
-    data: bytes, body: bytes, envelope: Envelope, dkim: DKIMConfig, now: datetime
+    data: bytes,
+    body: bytes,
+    envelope: Envelope,
+    dkim: DKIMConfig,
+    now: datetime,
+    send_at: datetime | None,
 ) -> tuple[bytes, bytes, tuple[DKIMSignature, ...]]:
     """(signed data, its body, the signatures) — or the data as it was when no key aligns.
 
@@ -311,7 +323,7 @@ def _sign(
     if not body.isascii():
         data = downgrade_to_7bit(data)
         body = data[data.find(b"\r\n\r\n") :]
-    signed, signatures = sign(data, keys, now=now, expire=dkim.expire)
+    signed, signatures = sign(data, keys, now=now, expire=dkim.expire, send_at=send_at)
     return signed, body, signatures
 
 
