@@ -403,6 +403,40 @@ def test_dmarc_policy_and_alignment(mail_env: MailEnv, keys: dict[str, tuple[Pat
     assert "p=block is not one of none, quarantine, reject" in dmarc["summary"]
 
 
+def test_dmarc_counts_only_the_keys_that_sign_mail_from_the_domain(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    """Mail From a domain is signed by the keys of the most specific key domain aligned
+    with it (DKIMConfig.keys_for), and no others: a published key of a sibling or of the
+    parent, though its d= would align, signs none of it."""
+    good_env(mail_env, keys)
+    dns = mail_env.dns
+    shop, other, news = f"shop.{GOOD}", f"other.{GOOD}", f"news.{GOOD}"
+    dns.txt(f"s1._domainkey.{other}", keys["good"][1])
+    # shop has no SPF record: only DKIM could pass DMARC for it.
+    code, report = doctor(mail_env, "--dkim", f"{other}:s1:{keys['good'][0]}", shop)
+    checks = by_name(report)
+    [dmarc] = checks["dmarc"]
+    assert (code, dmarc["status"]) == (2, "fail"), dmarc
+    assert "would fail DMARC (p=reject)" in dmarc["summary"]
+    assert [c["status"] for c in checks["dkim"]] == ["pass", "warn"]
+    assert f"no configured DKIM key signs mail From {shop}" in checks["dkim"][1]["summary"]
+
+    # With keys for the parent (published) and for news (not), news mail is signed by the
+    # news key only, which no receiver can verify.
+    code, report = doctor(
+        mail_env,
+        "--dkim",
+        f"{GOOD}:s1:{keys['good'][0]}",
+        "--dkim",
+        f"{news}:s1:{keys['other'][0]}",
+        news,
+    )
+    checks = by_name(report)
+    assert [c["status"] for c in checks["dkim"]] == ["pass", "fail"]
+    assert (code, checks["dmarc"][0]["status"]) == (2, "fail")
+
+
 def test_records_that_are_not_utf8_leave_the_output_utf8(
     mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
 ) -> None:

@@ -7,7 +7,7 @@ signer; ``cryptography`` is still imported only when a key is loaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -73,14 +73,24 @@ class DKIMConfig:
         addresses' domains), without repeats; empty when none aligns."""
         found: list[DKIMKey] = []
         for domain in domains:
-            name = domain
-            while True:
-                keys = self._by_domain.get(name)
-                if keys is not None:
-                    found.extend(k for k in keys if k not in found)
-                    break
-                dot = name.find(".")
-                if dot == -1:
-                    break
-                name = name[dot + 1 :]
+            name = signing_domain_for(domain, self._by_domain)
+            if name is not None:
+                found.extend(k for k in self._by_domain[name] if k not in found)
         return tuple(found)
+
+
+def signing_domain_for(domain: str, key_domains: Container[str]) -> str | None:
+    """The one of ``key_domains`` whose keys sign mail from ``domain``: the most specific
+    that equals it or is a parent of it (DMARC relaxed alignment); None when none is.
+    ``mailstrom doctor`` asks it too, so that it judges the keys the signer would use.
+
+    >>> signing_domain_for("a.news.example.com", {"example.com", "news.example.com"})
+    'news.example.com'
+    """
+    name = domain
+    while name not in key_domains:
+        dot = name.find(".")
+        if dot == -1:
+            return None
+        name = name[dot + 1 :]
+    return name

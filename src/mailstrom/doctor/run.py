@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailstrom.config import Config
-from mailstrom.dkim.config import DKIMConfig
+from mailstrom.dkim.config import DKIMConfig, signing_domain_for
 from mailstrom.doctor import extras
 from mailstrom.doctor.dkim import DKIMKey, check_dkim
 from mailstrom.doctor.dmarc import check_dmarc
@@ -24,7 +24,7 @@ from mailstrom.doctor.outgoing import (
     check_port25,
     find_target,
 )
-from mailstrom.doctor.report import Check, DoctorReport, Status
+from mailstrom.doctor.report import Check, DoctorReport, Status, listed
 from mailstrom.doctor.spf import check_spf, check_spf_helo
 from mailstrom.domains import ldh_domain_name
 
@@ -107,12 +107,29 @@ def run_doctor(
         report.add(spf)
         report.add(check_spf_helo(resolver, helo=setup.helo_name, ip=ip))
 
+    # Mail From the domain is signed by the keys of one key domain only, as the signer
+    # picks them (DKIMConfig.keys_for): a verifying key of any other domain signs none of
+    # it, and counting it would pass DMARC for mail that goes out unsigned.
+    signer = signing_domain_for(setup.domain, {key.domain for key in setup.dkim_keys})
     signing: list[str] = []
     for key in setup.dkim_keys:
         check, verifies = check_dkim(resolver, key)
         report.add(check)
-        if verifies:
+        if verifies and key.domain == signer:
             signing.append(key.domain)
+    if setup.dkim_keys and signer is None:
+        domains = sorted({key.domain for key in setup.dkim_keys})
+        report.add(
+            Check(
+                name="dkim",
+                subject=setup.domain,
+                status=Status.WARN,
+                summary=f"no configured DKIM key signs mail From {setup.domain}: the keys "
+                f"are for {listed(domains)}",
+                fix=f"configure a DKIM key for d={setup.domain} (or a parent domain) and "
+                "publish its record",
+            )
+        )
     if not setup.dkim_keys:
         report.add(
             Check(
