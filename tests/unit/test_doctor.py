@@ -393,6 +393,21 @@ def test_dkim_record_problems(rsa_key: Path, record: str, status: Status, words:
     assert words in check.summary
 
 
+def test_dkim_several_records_at_the_selector_fail(rsa_key: Path, tmp_path: Path) -> None:
+    """RFC 6376 §3.6.2.2: a selector's TXT records must be unique, else the result is
+    undefined; verifiers use one (dkimpy and Mail::DKIM the first, as DNS orders them),
+    so the key left beside the current one after a rotation fails some of the mail."""
+    ours = record_for(public_key(rsa_key.read_bytes()))
+    old = record_for(public_key(rsa_pem(tmp_path, name="old.pem").read_bytes()))
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    for records in ([old, ours], [ours, old], [ours, "v=spf1 -all"]):
+        check, verifies = check_dkim(FakeResolver({(key.record_name, "TXT"): records}), key)
+        assert (check.status, verifies) == (Status.FAIL, False), records
+        assert f"2 TXT records at {key.record_name}" in check.summary
+        assert check.fix == f'keep one TXT record at {key.record_name}: "{ours}"; remove the others'
+        assert len(check.details) == 2
+
+
 def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
     missing = DKIMKey(domain=DOMAIN, selector="s", private_key=str(tmp_path / "none.pem"))
     assert "cannot read" in check_dkim(FakeResolver({}), missing)[0].summary

@@ -204,6 +204,18 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     shown = tuple(f"TXT {name}: {r}" for r in candidates)
     if not candidates:
         return result(Status.FAIL, f"no DKIM key published at {name}", publish)
+    if len(answer.records) > 1:
+        # "TXT RRs MUST be unique for a particular selector name ... if there are multiple
+        # records in an RRset, the results are undefined" (RFC 6376 §3.6.2.2): verifiers
+        # take one (dkimpy and Mail::DKIM the first, in an order DNS servers rotate), so a
+        # stale key left beside the current one fails a share of the mail.
+        return result(
+            Status.FAIL,
+            f"{len(answer.records)} TXT records at {name}: receivers use one of them "
+            "at random (RFC 6376 §3.6.2.2)",
+            f'keep one TXT record at {name}: "{record_for(ours)}"; remove the others',
+            tuple(f"TXT {name}: {r}" for r in answer.records),
+        )
     problems: list[str] = []
     for text in candidates:
         try:
