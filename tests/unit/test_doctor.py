@@ -379,6 +379,11 @@ def test_dkim_ed25519(tmp_path: Path) -> None:
     [
         ("v=DKIM1; k=rsa; t=y; p={p}", Status.WARN, "testing"),
         ("v=DKIM1; k=rsa; h=sha1; p={p}", Status.FAIL, "excludes sha256"),
+        # RFC 6376 §3.6.1: mail verifiers ignore a record whose s= lists neither.
+        ("v=DKIM1; k=rsa; s=tlsrpt; p={p}", Status.FAIL, "s=tlsrpt excludes email"),
+        ("v=DKIM1; k=rsa; s=Email; p={p}", Status.FAIL, "s=Email excludes email"),
+        ("v=DKIM1; k=rsa; s=tlsrpt:email; p={p}", Status.PASS, "published key matches"),
+        ("v=DKIM1; k=rsa; s=*; p={p}", Status.PASS, "published key matches"),
         ("v=DKIM1; k=ed25519; p={p}", Status.FAIL, "k=ed25519"),
         ("v=DKIM1; k=rsa; p=", Status.FAIL, "revoked"),
         ("v=DKIM1; k=rsa p={p}", Status.FAIL, "no p= tag (is a ';' missing?)"),

@@ -269,6 +269,11 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     hashes = tags.get("h")
     if hashes is not None and "sha256" not in hashes.lower().split(":"):
         return f"h={piece(hashes)} excludes sha256, which mailstrom signs with"
+    services = tags.get("s")
+    # Verifiers "MUST ignore this record" unless s= lists email or * (RFC 6376 §3.6.1;
+    # TLSRPT report keys carry s=tlsrpt, RFC 8460 §3). Values are case-sensitive (§3.2).
+    if services is not None and not {"*", "email"} & {s.strip() for s in services.split(":")}:
+        return f"s={piece(services)} excludes email: verifiers of mail ignore the record"
     if p == "":
         return "p= is empty: the key is revoked"
     if not published_matches(kind, p, ours):
