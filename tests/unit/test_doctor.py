@@ -676,6 +676,13 @@ def test_dnsbl_names() -> None:
             "LISTED (127.0.0.2): Listed \ufffd]0;owned\ufffd \ufffd see",
         ),
         ({("10.2.0.192.bl.example", "A"): ["127.255.255.254"]}, Status.WARN, "refused"),
+        # A refused or failed query at lists such as URIBL, never a listing.
+        ({("10.2.0.192.bl.example", "A"): ["127.0.0.1"]}, Status.WARN, "no listing code"),
+        (
+            {("10.2.0.192.bl.example", "A"): ["127.0.0.1", "127.0.0.4"]},
+            Status.FAIL,
+            "LISTED (127.0.0.4)",
+        ),
         ({("10.2.0.192.bl.example", "A"): ["203.0.113.80"]}, Status.WARN, "rewrite"),
         ({("10.2.0.192.bl.example", "A"): "servfail"}, Status.UNKNOWN, "could not query"),
     ],

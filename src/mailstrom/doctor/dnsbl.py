@@ -4,7 +4,10 @@ An IPv4 address ``192.0.2.99`` is looked up as ``99.2.0.192.<zone>`` (IPv6: its 
 nibbles reversed); an A record in 127.0.0.0/8 means listed, NXDOMAIN means not listed,
 and the TXT record at the same name usually says why and where to ask for removal.
 Spamhaus answers 127.255.255.x instead when it refuses the query (typically because it
-came through a large public resolver), which says nothing about the address.
+came through a large public resolver), which says nothing about the address; others
+(URIBL, whose refusals SpamAssassin reports as URIBL_BLOCKED) answer 127.0.0.1 instead,
+an address that is never a listing code (the conventional listing is 127.0.0.2, and
+RFC 5782 §5 keeps 127.0.0.1 itself out of every list as its "not listed" test entry).
 """
 
 from __future__ import annotations
@@ -53,13 +56,23 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
             "use a resolver that returns NXDOMAIN unchanged for blocklist queries",
             shown,
         )
-    if all(c.startswith("127.255.255.") for c in loopback):
+    listings = [c for c in loopback if not _no_listing(c)]
+    if not listings and any(c.startswith("127.255.255.") for c in loopback):
         return check(
             Status.WARN,
             f"{zone} refused the query ({listed(loopback)}): it does not answer queries "
             "relayed by public resolvers",
             "query from your own recursive resolver (not 8.8.8.8, 1.1.1.1 and the like), "
             f"or use the list's registered query service; then run the doctor again ({zone})",
+            shown,
+        )
+    if not listings:
+        return check(
+            Status.WARN,
+            f"{zone} answered 127.0.0.1, which is no listing code: lists answer it to "
+            "queries they refuse or cannot serve",
+            f"check that {zone} is still in service and takes your queries (its web site "
+            "says how), then run the doctor again",
             shown,
         )
     reasons = resolver.lookup(name, "TXT")
@@ -70,7 +83,7 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
         else ""
     )
     # A list's reason is a line with a URL; a longer one is cut (the whole is in DNS).
-    summary = f"{ip} is LISTED ({listed(loopback)})" + (f": {piece(reason, 300)}" if reason else "")
+    summary = f"{ip} is LISTED ({listed(listings)})" + (f": {piece(reason, 300)}" if reason else "")
     return check(
         Status.FAIL,
         summary,
@@ -80,6 +93,12 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
         + "; until then send through a relay",
         shown,
     )
+
+
+def _no_listing(code: str) -> bool:
+    """Whether ``code`` (in 127/8) is an answer lists give for something else than a
+    listing: a refused or failed query (127.0.0.1, Spamhaus's 127.255.255.x)."""
+    return code == "127.0.0.1" or code.startswith("127.255.255.")
 
 
 def _in_127(text: str) -> bool:
