@@ -62,6 +62,7 @@ from mailstrom.doctor.spf import (
     spf_records,
     with_mechanism,
 )
+from mailstrom.errors import ConfigError
 
 IP = "192.0.2.10"
 DOMAIN = "example.com"
@@ -411,6 +412,21 @@ def test_dkim_several_records_at_the_selector_fail(rsa_key: Path, tmp_path: Path
         assert f"2 TXT records at {key.record_name}" in check.summary
         assert check.fix == f'keep one TXT record at {key.record_name}: "{ours}"; remove the others'
         assert len(check.details) == 2
+
+
+def test_dkim_key_the_signer_refuses_as_too_large_fails(
+    rsa_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor applies the signer's bound on RSA keys (RFC 8301 §3.2): a key it
+    passed would then fail to load as a configured key. A 4097-bit key takes seconds to
+    make, so the bound is lowered below the test key, for the signer and doctor alike."""
+    monkeypatch.setattr("mailstrom.dkim.keys.MAX_RSA_BITS", 1024)
+    with pytest.raises(ConfigError, match="receivers need not verify keys over 1024"):
+        SigningKey(domain=DOMAIN, selector="s1", private_key=rsa_key.read_bytes())
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    check, verifies = check_dkim(FakeResolver(good_zone(rsa_key)), key)
+    assert (check.status, verifies) == (Status.FAIL, False)
+    assert "RSA key of 2048 bits: mailstrom signs with keys of at most 1024" in check.summary
 
 
 def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ For a key with selector ``s`` and domain ``d`` the record is the TXT at
 derived from the private key file with ``cryptography``; for RSA ``p=`` holds the DER
 SubjectPublicKeyInfo (RFC 6376 §3.6.1; a bare PKCS#1 RSAPublicKey is accepted too), for
 Ed25519 the 32 raw octets (RFC 8463). RFC 8301: keys under 1024 bits must not be
-trusted, 2048 is what to use.
+trusted, 2048 is what to use, and verifiers need not check keys over 4096 bits, which the
+signer refuses (:data:`mailstrom.dkim.keys.MAX_RSA_BITS`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailstrom.dkim import keys as signer_keys
 from mailstrom.dkim.keys import read_key_file
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
@@ -196,6 +198,15 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             Status.FAIL,
             f"the key is {ours.kind} but the algorithm is {key.algorithm}",
             f"set the algorithm to {ours.kind}-sha256, or use a {wanted} key",
+        )
+    # The signer's own bound (read when asked, not copied): a key that passed here would
+    # then fail to load as a configured key (RFC 8301 §3.2).
+    if ours.kind == "rsa" and ours.bits > signer_keys.MAX_RSA_BITS:
+        return result(
+            Status.FAIL,
+            f"RSA key of {ours.bits} bits: mailstrom signs with keys of at most "
+            f"{signer_keys.MAX_RSA_BITS} bits, the largest receivers must verify (RFC 8301)",
+            f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector",
         )
     answer = resolver.lookup(name, "TXT")
     if answer.outcome is Outcome.ERROR:
