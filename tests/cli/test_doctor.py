@@ -480,6 +480,22 @@ def test_usage_errors(cli: CLI) -> None:
     assert "doctor.probe" in bad.err
 
 
+@pytest.mark.parametrize("zone", ["zen..spamhaus.org", "zen spamhaus.org", "bl.test;x"])
+def test_a_blocklist_zone_that_is_no_domain_name_is_refused(mail_env: MailEnv, zone: str) -> None:
+    """Such a zone was queried: a lookup error ("temporary", exit 75, again on every run)
+    or, with a space, a query for a name no list serves, which passed."""
+    closed = free_loopback_port("127.0.0.1")
+    args = ["--ip", "127.0.0.1", "--probe", f"127.0.0.1:{closed}", "example.com"]
+    cli = mail_env.cli
+    bad = cli("doctor", "--dnsbl", zone, *args)
+    assert (bad.code, bad.out) == (64, ""), bad.out  # refused before any check
+    assert "not a letter-digit-hyphen domain name" in bad.err
+    cli.env["MAILSTROM_DOCTOR_DNSBLS"] = f"bl.test,{zone}"
+    bad = cli("doctor", *args)
+    assert (bad.code, bad.out) == (78, ""), bad.out
+    assert "doctor.dnsbls: not a letter-digit-hyphen domain name" in bad.err
+
+
 @pytest.mark.parametrize(
     ("domain", "words"),
     [

@@ -667,6 +667,10 @@ def test_dnsbl_names() -> None:
     assert query_name("2001:db8::1", "bl.example.") == (
         "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.example"
     )
+    # Such a name could only fail every lookup, each seen as a temporary DNS error.
+    for zone in ("zen..spamhaus.org", "zen spamhaus.org", "a" * 64 + ".example"):
+        with pytest.raises(ValueError, match="not a letter-digit-hyphen domain name"):
+            query_name("192.0.2.10", zone)
 
 
 @pytest.mark.parametrize(

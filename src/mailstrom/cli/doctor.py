@@ -97,6 +97,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "--dnsbl",
         metavar="ZONE",
         action="append",
+        type=_zone_arg,
         help="query this blocklist instead of the configured ones (repeatable; default: "
         f"doctor.dnsbls, else {', '.join(DEFAULT_DNSBLS)})",
     )
@@ -120,6 +121,16 @@ def _domain_arg(text: str) -> str:
     except ValueError as exc:
         where = f" (the domain of {shown(text)})" if "@" in text else ""
         raise argparse.ArgumentTypeError(f"{exc}{where}") from None
+
+
+def _zone_arg(text: str) -> str:
+    """A blocklist zone, as a lower-case A-label. A malformed one (``zen..spamhaus.org``,
+    a space) could never be queried: each lookup failed as a "temporary" DNS error (exit
+    75, however often the doctor ran again), or went out with the space escaped."""
+    try:
+        return ldh_domain_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ip_arg(text: str) -> str:
@@ -173,7 +184,13 @@ def doctor_command(args: argparse.Namespace) -> int:
             split_probe(probe, config.smtp_port)
         except ValueError as exc:
             raise ConfigError(f"doctor.probe: {exc}") from None
-    dnsbls = args.dnsbl or _setting(settings.values, "doctor.dnsbls")
+    dnsbls = args.dnsbl
+    if dnsbls is None and not args.no_dnsbl:
+        dnsbls = _setting(settings.values, "doctor.dnsbls")
+        try:  # as --dnsbl is checked, with the setting named
+            dnsbls = None if dnsbls is None else [_zone_arg(zone) for zone in dnsbls]
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"doctor.dnsbls: {exc}") from None
     setup = SenderSetup.from_config(
         config,
         domain=args.domain,

@@ -16,6 +16,7 @@ import ipaddress
 
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, listed, piece
+from mailstrom.domains import ldh_domain_name
 from mailstrom.safetext import safe_decode
 
 DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
@@ -23,13 +24,15 @@ DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org"
 
 
 def query_name(ip: str, zone: str) -> str:
-    """The name to look up for ``ip`` in ``zone``."""
+    """The name to look up for ``ip`` in ``zone``; :class:`ValueError` for an ``ip`` that
+    is no address or a ``zone`` that is no letter-digit-hyphen domain name (a lookup of
+    ``zen..spamhaus.org`` could only fail, and look like a temporary DNS error)."""
     address = ipaddress.ip_address(ip)
     if address.version == 4:
         labels = str(address).split(".")
     else:
         labels = list(address.exploded.replace(":", ""))
-    return ".".join([*reversed(labels), zone.strip().rstrip(".")])
+    return ".".join([*reversed(labels), ldh_domain_name(zone)])
 
 
 def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
