@@ -11,7 +11,9 @@ complaints read by ``mailstrom bounce``, and from operators (``mailstrom suppres
 A target is a whole address (``bob@example.org``) or a domain (``example.org``: every
 address there). Both are kept lower-cased: local parts are case-sensitive in theory, but
 no large mailbox provider treats them so, and a list that missed ``Bob@`` after a bounce
-for ``bob@`` would be no list at all.
+for ``bob@`` would be no list at all. A domain is kept as its A-labels
+(``xn--bcher-kva.example`` for ``bücher.example``), the form ``prepare()`` stores
+recipients in, since the lookup compares strings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from mailstrom.domains import a_label
 from mailstrom.errors import InvalidSuppression
 from mailstrom.safetext import is_safe
 
@@ -59,7 +62,8 @@ def check_reply(reply: str, *, what: str = "the reply", line: int | None = None)
 
 
 def normalize_target(text: str) -> str:
-    """``text`` as a suppression target: an address or a domain, stripped and lower-cased.
+    """``text`` as a suppression target: an address or a domain, stripped and lower-cased,
+    the domain as A-labels (IDNA 2008, :func:`~mailstrom.domains.a_label`).
 
     Raises :class:`~mailstrom.errors.InvalidSuppression` for anything else.
 
@@ -67,6 +71,8 @@ def normalize_target(text: str) -> str:
     'bob@example.org'
     >>> normalize_target("example.org")
     'example.org'
+    >>> normalize_target("Jörg@Bücher.example")
+    'jörg@xn--bcher-kva.example'
     """
     if not isinstance(text, str):
         # None, bytes or a list name no address: say which type, never its repr.
@@ -93,12 +99,58 @@ def normalize_target(text: str) -> str:
         raise InvalidSuppression(f"not an address or a domain: {target!r}")
     if "@" in local:
         raise InvalidSuppression(f"more than one @: {target!r}")
+    if not domain.isascii():
+        # Recipients are stored with A-label domains (prepare() writes
+        # bob@xn--bcher-kva.example for bob@bücher.example) and entries are found by
+        # string: an entry kept as typed would be listed but never apply.
+        try:
+            domain = a_label(domain)
+        except ValueError:
+            raise InvalidSuppression(f"not a valid domain name: {domain!r}") from None
+        target = f"{local}{at}{domain}"
+        if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
+            raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
     return target
 
 
+def stored_forms(text: str) -> list[str]:
+    """The targets that taking ``text`` off the list deletes: :func:`normalize_target`'s
+    form and, when that changed a U-label domain, the lower-cased form as given, which
+    earlier builds stored (such an entry never applied; this way it can be removed).
+
+    >>> stored_forms("bob@Bücher.example")
+    ['bob@xn--bcher-kva.example', 'bob@bücher.example']
+    """
+    target = normalize_target(text)
+    typed = text.strip().lower()
+    if typed.startswith("<") and typed.endswith(">"):
+        typed = typed[1:-1].strip()
+    return [target] if typed == target else [target, typed]
+
+
 def domain_of_target(address: str) -> str:
-    """The domain an address's domain entry would be filed under."""
-    return address.rpartition("@")[2].lower()
+    """The domain an address's domain entry would be filed under (as A-labels)."""
+    return _domain_key(address.rpartition("@")[2])
+
+
+def address_key(address: str) -> str:
+    """``address`` as entries and stored recipients spell it: lower-cased, its domain
+    as A-labels (a domain that has none stays as it is, lower-cased: it matches nothing).
+
+    >>> address_key("Bob@Bücher.example")
+    'bob@xn--bcher-kva.example'
+    """
+    if address.isascii():
+        return address.lower()
+    local, at, domain = address.rpartition("@")
+    return f"{local.lower()}{at}{_domain_key(domain)}"
+
+
+def _domain_key(domain: str) -> str:
+    try:
+        return a_label(domain)
+    except ValueError:
+        return domain.lower()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +202,7 @@ def lookup_targets(addresses: Iterable[str]) -> list[str]:
     """The targets to look up for ``addresses``: each address and each domain, once."""
     seen: dict[str, None] = {}
     for address in addresses:
-        seen.setdefault(address.lower(), None)
+        seen.setdefault(address_key(address), None)
         seen.setdefault(domain_of_target(address), None)
     return list(seen)
 
@@ -158,4 +210,4 @@ def lookup_targets(addresses: Iterable[str]) -> list[str]:
 def match(address: str, found: Mapping[str, Suppression]) -> Suppression | None:
     """The entry that suppresses ``address`` among ``found`` (an address entry before
     its domain's), or None."""
-    return found.get(address.lower()) or found.get(domain_of_target(address))
+    return found.get(address_key(address)) or found.get(domain_of_target(address))

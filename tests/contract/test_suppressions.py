@@ -6,11 +6,19 @@ from datetime import timedelta
 
 import pytest
 
+from mailstrom import Email
 from mailstrom.errors import StoreError
+from mailstrom.message.preparation import prepare
+from mailstrom.runtime.suppressing import lease_targets
 from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.store import SUPPRESS_CHUNK
-from mailstrom.suppression import Suppression, SuppressionSource
+from mailstrom.suppression import (
+    Suppression,
+    SuppressionSource,
+    match,
+    normalize_target,
+)
 from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
 
@@ -228,3 +236,36 @@ def test_a_lease_of_a_non_ascii_address_carries_the_entries_or_leaves_them_to_th
         assert lease.suppressions is not None
         assert sorted(lease.suppressions) == ["ünal@example.org"]
     assert sorted(store.suppressions_for(["ünal@example.org"], now=NOW)) == ["ünal@example.org"]
+
+
+def test_an_entry_given_with_a_u_label_domain_screens_the_recipients_prepare_stored(
+    store: Store,
+) -> None:
+    """prepare() stores bob@bücher.example as bob@xn--bcher-kva.example: an entry typed
+    with the U-label must be kept in that form, or the lookup never finds it."""
+    prepared = prepare(
+        Email(
+            from_="app@example.com",
+            to=["bob@bücher.example", "ñoño@bücher.example", "ann@example.org"],
+            subject="s",
+            text="t",
+        )
+    )
+    store.enqueue(prepared, now=NOW)
+    store.suppress(
+        [
+            entry(normalize_target("Bücher.example"), source=SuppressionSource.MANUAL),
+            entry(normalize_target("ñoño@bücher.example"), reply="own entry"),
+        ]
+    )
+    lease = lease_all(store)
+    found = lease.suppressions
+    if found is None:  # PostgreSQL leaves a non-ASCII address to the worker
+        found = store.suppressions_for(lease_targets(lease), now=NOW)
+    screened = {r.address: match(r.address, found) for item in lease.items for r in item.recipients}
+    assert {a: e and e.target for a, e in screened.items()} == {
+        "bob@xn--bcher-kva.example": "xn--bcher-kva.example",
+        "ñoño@xn--bcher-kva.example": "ñoño@xn--bcher-kva.example",
+        "ann@example.org": None,
+    }
+    assert store.unsuppress([normalize_target("BÜCHER.example")]) == 1

@@ -287,3 +287,29 @@ def test_a_recipient_cannot_forge_a_bounce_about_a_co_recipient_of_verp_mail(
     assert ms.suppressed("carol@example.org") is None
     # Bob's own token speaks for Bob (his bounce is his to forge).
     assert outcomes["bob@example.org"].action is BounceAction.FAILED
+
+
+def test_a_dsn_naming_the_recipient_by_its_u_label_domain_matches(
+    ms: Mailstrom, dns_server: LoopbackDNS, results: Results, clock: FakeClock
+) -> None:
+    """An SMTPUTF8 server names the recipient as it knows it (RFC 6533 ``utf-8``
+    address); the recipient is stored with its domain's A-label."""
+    dns_server.mx("xn--bcher-kva.example", [(10, "mx.test")])
+    mid = ms.send_email(hello("bob@bücher.example", message_id="<idn-1@sender.test>"))
+    results.wait_count(1)
+    data = (
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/global-delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.test\r\n\r\nFinal-Recipient: utf-8; Bob@Bücher.example\r\n"
+        "Action: failed\r\nStatus: 5.1.1\r\n\r\n"
+        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        "Message-ID: <idn-1@sender.test>\r\n\r\n--b--\r\n"
+    ).encode()
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.message_id, outcome.address) == (
+        BounceAction.FAILED,
+        mid,
+        "bob@xn--bcher-kva.example",
+    )
+    assert outcome.suppressed is not None
+    assert outcome.suppressed.target == "bob@xn--bcher-kva.example"

@@ -19,6 +19,7 @@ from mailstrom.suppression import (
     lookup_targets,
     match,
     normalize_target,
+    stored_forms,
 )
 from mailstrom.suppression_csv import parse_csv, read_limited, write_csv
 
@@ -41,7 +42,11 @@ def entry(target: str, **kw: object) -> Suppression:
         (" Bob@Example.ORG ", "bob@example.org"),
         ("<bob@example.org>", "bob@example.org"),
         ("EXAMPLE.org", "example.org"),
-        ("jörg@bücher.example", "jörg@bücher.example"),
+        # The domain as A-labels, as prepare() stores recipients; IDNA 2008 (ß stays ß).
+        ("Jörg@Bücher.example", "jörg@xn--bcher-kva.example"),
+        ("<bücher.example>", "xn--bcher-kva.example"),
+        ("Straße.DE", "xn--strae-oqa.de"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
     ],
 )
 def test_targets_are_normalized(text: str, target: str) -> None:
@@ -64,6 +69,8 @@ def test_targets_are_normalized(text: str, target: str) -> None:
         "a,b@example.org",
         '"a@b"@example.org',
         "x" * 321,
+        "bob@bü_cher.example",  # no A-label form
+        "bob@" + "ü" * 70 + ".example",  # a label over 63 octets once encoded
     ],
 )
 def test_bad_targets_are_refused(text: str) -> None:
@@ -84,6 +91,28 @@ def test_an_address_entry_wins_over_its_domain() -> None:
     assert match("BOB@example.org", found) is found["bob@example.org"]
     assert match("ann@EXAMPLE.org", found) is found["example.org"]
     assert match("ann@example.net", found) is None
+
+
+def test_an_entry_for_a_u_label_domain_applies_to_recipients_stored_as_a_labels() -> None:
+    domain = entry(normalize_target("bücher.example"))
+    own = entry(normalize_target("ñoño@Bücher.example"))
+    found = {e.target: e for e in (domain, own)}
+    # prepare() stores these recipients as A-labels; a U-label one is keyed the same.
+    assert lookup_targets(["bob@xn--bcher-kva.example"]) == [
+        "bob@xn--bcher-kva.example",
+        "xn--bcher-kva.example",
+    ]
+    assert match("bob@xn--bcher-kva.example", found) is domain
+    assert match("ñoño@xn--bcher-kva.example", found) is own
+    assert match("ÑOÑO@bücher.example", found) is own
+
+
+def test_removing_a_u_label_target_reaches_the_form_earlier_builds_stored() -> None:
+    assert stored_forms("<Bob@Bücher.example>") == [
+        "bob@xn--bcher-kva.example",
+        "bob@bücher.example",
+    ]
+    assert stored_forms("Bob@example.org") == ["bob@example.org"]
 
 
 def test_reason_and_activity() -> None:

@@ -12,9 +12,9 @@ A report is matched, for each recipient it names, in this order:
 3. the returned message's ``Message-ID`` header;
 
 with the recipient chosen by ``Original-Recipient`` (the ORCPT the message carried), then
-``Final-Recipient`` (ARF: ``Original-Rcpt-To``), compared without regard to case. A
-complaint that names no recipient (providers often redact it) matches a message with one
-recipient only.
+``Final-Recipient`` (ARF: ``Original-Rcpt-To``), compared without regard to case and with
+the domain as A-labels (:func:`~mailstrom.suppression.address_key`). A complaint that
+names no recipient (providers often redact it) matches a message with one recipient only.
 
 Ways 2 and 3 trust whoever sent the report: every recipient of a message sees its
 Message-ID header (which holds the message id too) and the recipients in To and Cc, and
@@ -50,7 +50,13 @@ from mailstrom.status import (
     SMTPReply,
 )
 from mailstrom.stores.base import Store, storable_text
-from mailstrom.suppression import MAX_REPLY, Suppression, SuppressionSource, normalize_target
+from mailstrom.suppression import (
+    MAX_REPLY,
+    Suppression,
+    SuppressionSource,
+    address_key,
+    normalize_target,
+)
 
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CANDIDATES = 10
@@ -139,16 +145,19 @@ class _Matcher:
         self.candidates.append(message)
 
     def find(self, reported: ReportedRecipient) -> tuple[MessageStatus, RecipientStatus] | None:
-        wanted = [a.lower() for a in (reported.original_recipient, reported.final_recipient) if a]
+        # Keyed as the suppression list keys them: an SMTPUTF8 server names the recipient
+        # with its U-label domain (bob@bücher.example), which is stored as A-labels.
+        reported_as = (reported.original_recipient, reported.final_recipient)
+        wanted = [address_key(a) for a in reported_as if a]
         for message, recipient in self.tokens:
-            if recipient.address.lower() in wanted:
+            if address_key(recipient.address) in wanted:
                 return message, recipient
         if len(self.report.recipients) <= 1 and len(self.tokens) == 1:
             return self.tokens[0]  # the token names the recipient, whatever the report says
         for address in wanted:  # Original-Recipient first
             for message in self.candidates:
                 for recipient in message.recipients:
-                    if recipient.address.lower() == address:
+                    if address_key(recipient.address) == address:
                         return message, recipient
         if not wanted and len(self.candidates) == 1 and len(self.candidates[0].recipients) == 1:
             return self.candidates[0], self.candidates[0].recipients[0]

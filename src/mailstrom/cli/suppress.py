@@ -18,6 +18,7 @@ from mailstrom.suppression import (
     SuppressionSource,
     check_reply,
     normalize_target,
+    stored_forms,
 )
 
 _PAGE = 1000
@@ -174,9 +175,10 @@ def add_command(args: argparse.Namespace) -> int:
 
 
 def remove_command(args: argparse.Namespace) -> int:
-    targets = [normalize_target(t) for t in args.targets]
+    forms = [stored_forms(t) for t in args.targets]
+    targets = [f[0] for f in forms]
     with store_from(settings_from(args)) as store:
-        removed = store.unsuppress(targets)
+        removed = store.unsuppress([t for f in forms for t in f])
     if args.json:
         print_json({"removed": removed})
     else:

@@ -22,7 +22,7 @@ from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
-from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
+from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
 log = logging.getLogger("mailstrom")
 
@@ -229,7 +229,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def unsuppress(self, target: str) -> bool:
         """Take an address or domain off the list; False when it was not on it."""
-        removed = await asyncio.to_thread(self.store.unsuppress, [normalize_target(target)])
+        removed = await asyncio.to_thread(self.store.unsuppress, stored_forms(target))
         return removed > 0
 
     async def suppressed(self, address: str) -> Suppression | None:

@@ -28,7 +28,7 @@ from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
 from mailstrom.stores.base import QueueFilter
-from mailstrom.suppression import Suppression, SuppressionSource, normalize_target
+from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
 log = logging.getLogger("mailstrom")
 
@@ -279,7 +279,7 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     def unsuppress(self, target: str) -> bool:
         """Take an address or domain off the list; False when it was not on it."""
-        return self.store.unsuppress([normalize_target(target)]) > 0
+        return self.store.unsuppress(stored_forms(target)) > 0
 
     def suppressed(self, address: str) -> Suppression | None:
         """The entry that keeps mail from ``address`` now (the address's own, else its
