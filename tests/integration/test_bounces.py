@@ -313,3 +313,35 @@ def test_a_dsn_naming_the_recipient_by_its_u_label_domain_matches(
     )
     assert outcome.suppressed is not None
     assert outcome.suppressed.target == "bob@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    ("feedback_type", "suppresses"),
+    [
+        ("fraud", True),
+        ("virus", True),
+        ("not-spam", False),  # RFC 6430: the user says it is not spam
+        ("auth-failure", False),  # RFC 6591: an SPF/DKIM result, nothing the user did
+        ("other", False),
+    ],
+)
+def test_only_a_feedback_report_that_complains_suppresses(
+    ms: Mailstrom, results: Results, clock: FakeClock, feedback_type: str, suppresses: bool
+) -> None:
+    mid = ms.send_email(hello("carol@mailbox.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "arf-complaint.eml", mid, "carol@mailbox.test").replace(
+        b"Feedback-Type: abuse", b"Feedback-Type: " + feedback_type.encode()
+    )
+    [outcome] = apply(ms, data, clock)
+    assert outcome.message_id == mid
+    assert ms.query_status(mid).recipient("carol@mailbox.test").state is RecipientState.DELIVERED
+    if suppresses:
+        assert outcome.action is BounceAction.COMPLAINT
+        assert ms.suppressed("carol@mailbox.test") is not None
+    else:
+        assert outcome.action is BounceAction.IGNORED
+        assert outcome.reason == (
+            f"feedback type {feedback_type} reported by fbl.mailbox.test: not a complaint"
+        )
+        assert ms.suppressions() == []

@@ -61,6 +61,12 @@ from mailstrom.suppression import (
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAX_CANDIDATES = 10
 """Messages looked at per report (a Message-ID header shared by many messages)."""
+_COMPLAINTS = frozenset({"abuse", "fraud", "virus"})
+"""Feedback types (RFC 5965 §7.3) that say the recipient did not want the mail. Not
+``not-spam`` (RFC 6430: the user says it is *not* spam), ``auth-failure`` (RFC 6591: an
+SPF or DKIM result, nothing the recipient did), nor ``other`` (RFC 5965: whatever fits no
+type, so it says nothing of the recipient) or a type unknown here. A report without the
+field (RFC 5965 §3.1 requires it) is read as ``abuse``, what feedback loops send."""
 _REPORTABLE = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
 """The states a report may concern: accepted by a server (and perhaps failed late since),
 or failed already (the report then changes at most the suppression list)."""
@@ -76,7 +82,8 @@ class BounceAction(StrEnum):
     COMPLAINT = "complaint"
     """A complaint: the address was suppressed; its delivery state stays."""
     IGNORED = "ignored"
-    """The report says nothing final (``delayed``, ``delivered``, ``relayed``)."""
+    """The report says nothing final (``delayed``, ``delivered``, ``relayed``), or is a
+    feedback report that is no complaint (``not-spam``, ``auth-failure``, ``other``)."""
     UNMATCHED = "unmatched"
     """No queued message and recipient fit the report, or the recipient it names has not
     been accepted by any server (the reason says which)."""
@@ -177,7 +184,8 @@ def apply_report(
     ``envelope_recipient`` is the address the report was delivered to, when the MTA that
     runs ``mailstrom bounce`` passes it (it may hold the VERP token). A failed recipient is
     suppressed when its status is a hard one (:func:`is_late_hard_bounce` with
-    ``suppress_on``); a complaint always suppresses.
+    ``suppress_on``); a complaint (feedback type ``abuse``, ``fraud`` or ``virus``, or
+    none) always suppresses, and other feedback reports change nothing.
     """
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
@@ -240,6 +248,13 @@ def _apply_one(
     where = report.reporting_mta or "the receiving system"
     if report.kind is ReportKind.COMPLAINT:
         kind = report.feedback_type or "abuse"
+        if kind not in _COMPLAINTS:
+            return BounceOutcome(
+                action=BounceAction.IGNORED,
+                address=recipient.address,
+                message_id=message.id,
+                reason=f"feedback type {kind} reported by {where}: not a complaint",
+            )
         reason = f"{kind} complaint reported by {where}"
         entry_ = _suppress(
             store, recipient.address, SuppressionSource.COMPLAINT, reason, message, now
