@@ -345,3 +345,18 @@ def test_only_a_feedback_report_that_complains_suppresses(
             f"feedback type {feedback_type} reported by fbl.mailbox.test: not a complaint"
         )
         assert ms.suppressions() == []
+
+
+def test_an_exim_bounce_relaying_a_full_mailbox_does_not_suppress(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """Exim's Status is 5.0.0 for every failure; the relayed reply says what it was."""
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "exim-dsn.eml", mid, "nosuchuser@receiver.test").replace(
+        b"Status: 5.0.0\r\n", b"Status: 5.0.0\r\nDiagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n"
+    )
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.status) == (BounceAction.FAILED, "5.0.0")
+    assert outcome.suppressed is None
+    assert ms.suppressions() == []

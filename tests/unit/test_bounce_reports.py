@@ -261,6 +261,38 @@ def test_late_hard_bounces() -> None:
     assert not is_late_hard_bounce("4.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
 
 
+@pytest.mark.parametrize(
+    ("diagnostic", "suppresses"),
+    [
+        ("smtp; 552 5.2.2 Mailbox full", False),
+        ("smtp; 550-5.7.1 Message rejected as spam", False),
+        ("smtp; 550 Message rejected", False),  # a bare 550 is no address's fault either
+        ("smtp; 550 5.1.1 No such user", True),
+        ("smtp; 556 Domain does not accept mail", True),
+        ("smtp; 550 4.2.2 class mismatch", False),  # RFC 2034 §4: not this reply's code
+        ("X-Exim; unrouteable address", True),  # no reply: the detail-less 5.0.0 itself
+    ],
+)
+def test_exims_5_0_0_is_judged_by_the_reply_it_relays(diagnostic: str, suppresses: bool) -> None:
+    """Exim writes Status: 5.0.0 for every failed address and the remote reply in the
+    Diagnostic-Code."""
+    text = sample("exim-dsn.eml").replace(
+        b"Status: 5.0.0\r\n", f"Status: 5.0.0\r\nDiagnostic-Code: {diagnostic}\r\n".encode()
+    )
+    assert diagnostic.encode() in text
+    report = parse_report(text)
+    assert report is not None
+    [r] = report.recipients
+    assert r.status == "5.0.0"
+    hard = is_late_hard_bounce(
+        r.status,
+        code=r.diagnostic_code,
+        diagnostic_status=r.diagnostic_status,
+        codes=DEFAULT_SUPPRESS_ON,
+    )
+    assert hard is suppresses
+
+
 # --- VERP ---------------------------------------------------------------------------
 
 

@@ -286,7 +286,10 @@ def _apply_one(
     changed = store.fail_late(message.id, recipient.address, attempt)
     suppressed = None
     if entry.status is not None and is_late_hard_bounce(
-        entry.status, code=entry.diagnostic_code, codes=suppress_on
+        entry.status,
+        code=entry.diagnostic_code,
+        diagnostic_status=entry.diagnostic_status,
+        codes=suppress_on,
     ):
         suppressed = _suppress(
             store, recipient.address, SuppressionSource.ASYNC_BOUNCE, reason, message, now

@@ -79,6 +79,9 @@ class ReportedRecipient:
     without its type)."""
     diagnostic_code: int | None = None
     """The SMTP reply code at the start of an ``smtp;`` diagnostic, if any."""
+    diagnostic_status: str | None = None
+    """The RFC 3463 code after that reply code (``550 5.2.2 full`` → ``5.2.2``), if any
+    and of the reply's class (RFC 2034 §4)."""
     remote_mta: str | None = None
 
 
@@ -194,6 +197,7 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
         if final is None and block.get("Action") is None:
             continue  # not a recipient block (a stray blank line in the message block)
         diagnostic_type, diagnostic = _typed(block.get("Diagnostic-Code"))
+        code = _smtp_code(diagnostic) if diagnostic_type == "smtp" else None
         recipients.append(
             ReportedRecipient(
                 final_recipient=final,
@@ -201,7 +205,8 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
                 action=_field(block.get("Action")).lower(),
                 status=_status(block.get("Status")),
                 diagnostic=diagnostic,
-                diagnostic_code=_smtp_code(diagnostic) if diagnostic_type == "smtp" else None,
+                diagnostic_code=code,
+                diagnostic_status=_smtp_status(diagnostic, code),
                 remote_mta=_typed(block.get("Remote-MTA"))[1],
             )
         )
@@ -452,3 +457,12 @@ def _smtp_code(diagnostic: str | None) -> int | None:
     reads "4\u0665\u0660" as 450 and raises ValueError for "4\u00b20")."""
     head = (diagnostic or "")[:3]
     return int(head) if head.isascii() and head.isdigit() and head[0] in "45" else None
+
+
+def _smtp_status(diagnostic: str | None, code: int | None) -> str | None:
+    """The enhanced code after ``code`` in a ``smtp;`` diagnostic (``550 5.1.1 ...``, or
+    ``550-5.1.1 ...`` for a multi-line reply), when it is of the same class."""
+    if diagnostic is None or code is None or diagnostic[3:4] not in (" ", "-"):
+        return None
+    status = _status(diagnostic[4:].lstrip())
+    return status if status is not None and status[0] == diagnostic[0] else None

@@ -55,19 +55,36 @@ def is_hard_bounce(
     )
 
 
-def is_late_hard_bounce(status: str, *, code: int | None, codes: Iterable[str]) -> bool:
-    """Whether a delivery status notification's ``Status`` (and the SMTP code of its
-    diagnostic, if any) suppresses the address: a permanent status among ``codes``, or
-    ``5.0.0``, the status without detail that several MTAs (Exim among them) give an
-    unknown address found after the mail was accepted.
+def is_late_hard_bounce(
+    status: str,
+    *,
+    code: int | None,
+    codes: Iterable[str],
+    diagnostic_status: str | None = None,
+) -> bool:
+    """Whether a delivery status notification's ``Status`` (and the SMTP codes of its
+    diagnostic, if any: ``code``, ``diagnostic_status``) suppresses the address: a
+    permanent status among ``codes``, or ``5.0.0``, the status without detail, when the
+    diagnostic gives no code of its own.
 
     >>> is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
     True
+    >>> is_late_hard_bounce("5.0.0", code=552, diagnostic_status="5.2.2",
+    ...                     codes=DEFAULT_SUPPRESS_ON)
+    False
     >>> is_late_hard_bounce("5.7.1", code=550, codes=DEFAULT_SUPPRESS_ON)
     False
     """
     if not status.startswith("5."):
         return False
-    return status == "5.0.0" or is_hard_bounce(
-        AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes
-    )
+    if status == "5.0.0":
+        # Exim writes 5.0.0 for every failed address (deliver.c) and the remote reply in
+        # an smtp; Diagnostic-Code: a full mailbox (552 5.2.2) or a spam refusal (550
+        # 5.7.1) relayed so is judged by that reply's codes. Only a 5.0.0 without one
+        # (Exim's unrouteable address, an unknown local user) suppresses as such.
+        if code is None and diagnostic_status is None:
+            return True
+        return is_hard_bounce(
+            AttemptOutcome.PERMANENT, code=code, enhanced=diagnostic_status, codes=codes
+        )
+    return is_hard_bounce(AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes)
