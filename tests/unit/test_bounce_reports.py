@@ -331,9 +331,22 @@ def test_no_token_is_made_with_an_empty_key() -> None:
 
 def test_templates_are_checked() -> None:
     check_verp_template("bounces+{token}@sender.test")
+    check_verp_template("{token}@sender.test")
+    check_verp_template("bounces-{token}-x@sender.test")
     for bad in ("bounces@{token}.test", "{token}{token}@x.test", "b" * 30 + "+{token}@x.test"):
         with pytest.raises(InvalidAddress):
             check_verp_template(bad)
+
+
+@pytest.mark.parametrize(
+    "template", ["bounce{token}@sender.test", "{token}a@sender.test", "B9{token}+x@sender.test"]
+)
+def test_a_template_with_a_hex_digit_next_to_its_token_is_refused(template: str) -> None:
+    """find_tokens() reads no token that a hex digit touches, so no bounce would match."""
+    address = verp_address(template, MID, "bob@example.org", key=KEY)
+    assert list(find_tokens([address])) == []
+    with pytest.raises(InvalidAddress, match="other than a hex digit"):
+        check_verp_template(template)
 
 
 def test_a_verp_item_becomes_one_transaction_per_recipient() -> None:

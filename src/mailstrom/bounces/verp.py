@@ -1,13 +1,15 @@
 """VERP: an envelope sender per recipient, so a bounce names what bounced.
 
-An ``envelope_from`` holding ``{token}`` in its local part (``bounces+{token}@example.com``)
-is a template: each recipient gets its own envelope sender with ``{token}`` replaced by
-``<message id>-<digest>``, the message's 32-hex-digit id and ten hex digits of a BLAKE2s
-digest of the recipient's lower-cased address, keyed with the store's secret
-(:meth:`~mailstrom.stores.base.Store.verp_key`). A bounce sent to that address (or an ARF
-report quoting it as ``Original-Mail-From``) then says which message and which recipient
-failed, however the receiving system rewrote the recipient's address. The token is 43
-characters: with ``bounces+`` and the local part stays within RFC 5321's 64 octets.
+An ``envelope_from`` holding ``{token}`` in its local part
+(``bounces+{token}@example.com``; no hex digit next to it, see
+:func:`check_verp_template`) is a template: each recipient gets its own envelope sender
+with ``{token}`` replaced by ``<message id>-<digest>``, the message's 32-hex-digit id and
+ten hex digits of a BLAKE2s digest of the recipient's lower-cased address, keyed with the
+store's secret (:meth:`~mailstrom.stores.base.Store.verp_key`). A bounce sent to that
+address (or an ARF report quoting it as ``Original-Mail-From``) then says which message
+and which recipient failed, however the receiving system rewrote the recipient's address.
+The token is 43 characters: with ``bounces+`` and the local part stays within RFC 5321's
+64 octets.
 
 The key is what makes a token evidence: every recipient sees their own envelope sender
 (``Return-Path``) and the message id in it (it is in the Message-ID header too), and the
@@ -33,6 +35,9 @@ from mailstrom.stores.base import Lease, WorkItem
 TOKEN_FIELD = "{token}"  # noqa: S105 (a placeholder, not a secret)
 _TOKEN_LENGTH = 43
 _TOKEN = re.compile(r"(?<![0-9a-f])([0-9a-f]{32})-([0-9a-f]{10})(?![0-9a-f])")
+# What _TOKEN must not see next to a token (texts are lower-cased before it reads them).
+_HEX_END = re.compile(r"[0-9a-fA-F]\Z")
+_HEX_START = re.compile(r"[0-9a-fA-F]")
 
 
 def is_verp_template(envelope_from: str) -> bool:
@@ -42,13 +47,22 @@ def is_verp_template(envelope_from: str) -> bool:
 
 def check_verp_template(envelope_from: str) -> None:
     """Raise :class:`~mailstrom.errors.InvalidAddress` unless ``envelope_from`` holds
-    ``{token}`` once, in its local part, and that local part stays within 64 octets once
-    the token is in."""
+    ``{token}`` once, in its local part, not next to a hex digit, and that local part
+    stays within 64 octets once the token is in."""
     local, at, _ = envelope_from.rpartition("@")
     if not at or envelope_from.count(TOKEN_FIELD) != 1 or TOKEN_FIELD not in local:
         raise InvalidAddress(
             "a VERP envelope sender needs {token} once, in its local part "
             "(bounces+{token}@example.com)",
+            address=envelope_from,
+        )
+    before, _, after = local.partition(TOKEN_FIELD)
+    if _HEX_END.search(before) or _HEX_START.match(after):
+        # find_tokens() reads a token only where no hex digit touches it (so that it is
+        # not read out of a longer hex string): the bounces would never match.
+        raise InvalidAddress(
+            "a VERP envelope sender needs a character other than a hex digit (0-9, a-f) "
+            "on each side of {token} (bounces+{token}@example.com)",
             address=envelope_from,
         )
     size = len(local.encode("utf-8")) - len(TOKEN_FIELD) + _TOKEN_LENGTH
