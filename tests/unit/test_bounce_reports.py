@@ -244,6 +244,39 @@ def test_nesting_is_bounded(level: str) -> None:
             parse_report(nested_report(levels, level))
 
 
+def nested_blocks(levels: int) -> str:
+    """Header sections each saying multipart: a non-header line ends each, so no blank
+    line (which would end the block) is needed."""
+    return "".join(f"Content-Type: multipart/mixed; boundary=b{i}\n--b{i}\n" for i in range(levels))
+
+
+@pytest.mark.parametrize("where", ["global", "base64", "feedback"])
+def test_nesting_inside_a_status_or_feedback_block_is_bounded(where: str) -> None:
+    """The blocks of a message/global-delivery-status, an encoded message/delivery-status
+    and a message/feedback-report with a body are parsed apart from the report."""
+    block = (
+        "Reporting-MTA: dns; x\n\nFinal-Recipient: rfc822; a@x.test\nAction: failed\n"
+        f"Status: 5.1.1\n{nested_blocks(3000)}"
+    )
+    report_type = "feedback-report" if where == "feedback" else "delivery-status"
+    head = (
+        f"Content-Type: multipart/report; report-type={report_type}; boundary=ZZ\n\n"
+        "--ZZ\nContent-Type: text/plain\n\nhi\n--ZZ\n"
+    )
+    if where == "global":
+        part = f"Content-Type: message/global-delivery-status\n\n{block}"
+    elif where == "base64":
+        encoded = base64.encodebytes(block.encode()).decode()
+        part = (
+            f"Content-Type: message/delivery-status\nContent-Transfer-Encoding: base64\n\n{encoded}"
+        )
+    else:
+        body = f"Feedback-Type: abuse\n\n{nested_blocks(3000)}"
+        part = f"Content-Type: message/feedback-report\n\n{body}"
+    with pytest.raises(InvalidReport, match=f"nested more than {MAX_DEPTH} levels deep"):
+        parse_report(f"{head}{part}\n--ZZ--\n".encode())
+
+
 def test_returned_headers_are_read_as_headers_only() -> None:
     nested = nested_report(5_000, "multipart/mixed").replace(
         b"Content-Type: message/rfc822\r\n\r\n",

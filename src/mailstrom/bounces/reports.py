@@ -276,10 +276,12 @@ def _blocks(part: Message) -> list[Message]:
 def _text_blocks(text: str) -> list[Message]:
     """Header blocks separated by empty lines, each read as a message of headers."""
     text = text.replace("\r\n", "\n")
-    return [
-        email.message_from_string(b, policy=_POLICY)
-        for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]
-    ]
+    # Read with the depth guard (_Part): a block that says it is multipart is parsed as
+    # MIME, one recursion per level, and a few thousand levels (no blank line needed
+    # between them) exhausted the stack (RecursionError, exit 70) where the report's own
+    # parts are refused at MAX_DEPTH (InvalidReport).
+    parser = email.parser.Parser(_class=_Part, policy=_POLICY)
+    return [parser.parsestr(b) for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]]
 
 
 def _returned(parts: list[Message]) -> Message | None:
