@@ -156,3 +156,15 @@ def test_a_report_nested_thousands_deep_is_invalid_not_an_internal_error(cli: CL
     assert result.err_lines == [
         "mailstrom: MIME parts nested more than 102 levels deep (multipart and message levels)"
     ]
+
+
+def test_a_report_with_an_overlong_content_type_is_invalid(cli: CLI) -> None:
+    """One field the standard library would spend minutes on (its parameters are read in
+    quadratic time): refused by its length, at once, though the report is otherwise one
+    (without the bound it reads, and is unmatched: exit 66)."""
+    field = b"Content-Type: multipart/report; report-type=delivery-status;"
+    data = (SAMPLES / "postfix-dsn-headers.eml").read_bytes()
+    assert field in data
+    result = cli("bounce", stdin=data.replace(field, field + b" a=b;" * 1200))
+    assert result.code == 65
+    assert result.err_lines == ["mailstrom: a Content-Type field of 6113 characters; at most 4096"]

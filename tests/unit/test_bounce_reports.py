@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom.bounces import ReportKind, parse_report
-from mailstrom.bounces.reports import MAX_DEPTH
+from mailstrom.bounces.reports import MAX_CONTENT_TYPE, MAX_DEPTH
 from mailstrom.bounces.verp import (
     check_verp_template,
     find_tokens,
@@ -275,6 +275,35 @@ def test_nesting_inside_a_status_or_feedback_block_is_bounded(where: str) -> Non
         part = f"Content-Type: message/feedback-report\n\n{body}"
     with pytest.raises(InvalidReport, match=f"nested more than {MAX_DEPTH} levels deep"):
         parse_report(f"{head}{part}\n--ZZ--\n".encode())
+
+
+def report_with_content_type(octets: int, where: str) -> bytes:
+    """A DSN with one Content-Type field of ``octets`` (folded lines and all): its own,
+    or that of the returned message."""
+    own = "Content-Type: multipart/report; report-type=delivery-status; boundary=b"
+    returned = "Content-Type: text/plain"
+    base = returned if where == "returned part" else own
+    fold = "\r\n " if where == "folded" else ""
+    field = base + fold + ";" * (octets - len(base) - len(fold))
+    assert len(field) == octets
+    return (
+        f"{field if base == own else own}\r\n\r\n--b\r\n"
+        "Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; m\r\n\r\n"
+        "Final-Recipient: rfc822; a@x.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        f"--b\r\nContent-Type: message/rfc822\r\n\r\n{field if base == returned else ''}\r\n"
+        "Subject: x\r\n\r\nx\r\n--b--\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("where", ["report", "folded", "returned part"])
+def test_a_content_type_field_is_bounded(where: str) -> None:
+    """The standard library reads a Content-Type's parameters in time quadratic in its
+    length (minutes for one field of ten megabytes): one longer than the bound is
+    refused before it is parsed, wherever it is."""
+    report = parse_report(report_with_content_type(MAX_CONTENT_TYPE, where))
+    assert report is not None and report.recipients[0].status == "5.1.1"
+    with pytest.raises(InvalidReport, match=f"at most {MAX_CONTENT_TYPE}"):
+        parse_report(report_with_content_type(MAX_CONTENT_TYPE + 1, where))
 
 
 def test_returned_headers_are_read_as_headers_only() -> None:

@@ -4,9 +4,9 @@ Parsed with the standard library's ``email`` package, leniently (``compat32``): 
 come from every kind of MTA, and a report whose returned message is cut short or malformed
 still says what failed, since its ``message/delivery-status`` part comes before the
 returned message. Everything is bounded: the octets read (:data:`MAX_REPORT`, by the
-caller), the lines parsed (:data:`MAX_LINES`), how deep its MIME parts nest
-(:data:`MAX_DEPTH`), the recipients taken from one report and the length of every field
-kept.
+caller), the lines parsed (:data:`MAX_LINES`), the length of a Content-Type field
+(:data:`MAX_CONTENT_TYPE`), how deep its MIME parts nest (:data:`MAX_DEPTH`), the
+recipients taken from one report and the length of every field kept.
 
 What a report says is gathered into a :class:`Report`; matching it to a queued message
 and recipient is :mod:`mailstrom.bounces.apply`'s job.
@@ -20,6 +20,7 @@ import email.parser
 import email.policy
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
@@ -38,6 +39,12 @@ or empty parts would take a gigabyte and a quarter of a minute. A report's own p
 text, its status or feedback part, the returned message's header) come first and take a
 few thousand lines even for :data:`MAX_RECIPIENTS` recipients; what is cut is the
 returned message's body."""
+MAX_CONTENT_TYPE = 4096
+"""Characters of a Content-Type field, its folded lines included; a report holding a
+longer one is refused. The standard library reads such a field's parameters (the parser
+its boundary, :func:`parse_report` the report type) in time quadratic in its length,
+however few lines it takes: one field of ten megabytes took minutes. A real one, RFC 2231
+parameters of a long file name included, takes a few hundred."""
 MAX_DEPTH = MAX_MESSAGE_DEPTH + 2
 """Deepest MIME nesting read: a returned message may nest as deep as any mail sent
 (:data:`mailstrom.message.mime.MAX_DEPTH`) below the report's own two levels
@@ -108,8 +115,11 @@ def parse_report(data: bytes) -> Report | None:
     """The report in ``data``, or None when ``data`` is no report (an ordinary message,
     an auto-reply). Raises :class:`~mailstrom.errors.InvalidReport` for a
     ``multipart/report`` without the part its report type needs, or one nested deeper
-    than :data:`MAX_DEPTH`."""
-    message = _parse(_first_lines(data))
+    than :data:`MAX_DEPTH` or with a Content-Type field longer than
+    :data:`MAX_CONTENT_TYPE`."""
+    data = _first_lines(data)
+    _check_content_types(_CONTENT_TYPE_BYTES.finditer(data))
+    message = _parse(data)
     if message.get_content_type() != "multipart/report":
         return None
     report_type = str(message.get_param("report-type", "") or "").lower()
@@ -161,6 +171,26 @@ def _first_lines(data: bytes) -> bytes:
         return data  # no more line ends than that, however they pair (one C-level pass)
     last = next(itertools.islice(_LINE_END.finditer(data), MAX_LINES - 1, None), None)
     return data if last is None else data[: last.end()]
+
+
+# A Content-Type field wherever the parser may meet one (a report's headers, a returned
+# message's parts): the field line and its continuation lines (RFC 5322 §2.2.3).
+_CONTENT_TYPE_BYTES = re.compile(
+    rb"^content-type:[^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
+)
+_CONTENT_TYPE_TEXT = re.compile(
+    r"^content-type:[^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
+)
+
+
+def _check_content_types(fields: Iterator[re.Match[bytes]] | Iterator[re.Match[str]]) -> None:
+    """InvalidReport for the first of ``fields`` over :data:`MAX_CONTENT_TYPE`."""
+    for field in fields:
+        if field.end() - field.start() > MAX_CONTENT_TYPE:
+            raise InvalidReport(
+                f"a Content-Type field of {field.end() - field.start()} characters; "
+                f"at most {MAX_CONTENT_TYPE}"
+            )
 
 
 def _parse(data: bytes) -> Message:
@@ -276,6 +306,7 @@ def _blocks(part: Message) -> list[Message]:
 def _text_blocks(text: str) -> list[Message]:
     """Header blocks separated by empty lines, each read as a message of headers."""
     text = text.replace("\r\n", "\n")
+    _check_content_types(_CONTENT_TYPE_TEXT.finditer(text))  # a decoded part is new text
     # Read with the depth guard (_Part): a block that says it is multipart is parsed as
     # MIME, one recursion per level, and a few thousand levels (no blank line needed
     # between them) exhausted the stack (RecursionError, exit 70) where the report's own
