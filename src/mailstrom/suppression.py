@@ -97,6 +97,10 @@ def normalize_target(text: str) -> str:
         raise InvalidSuppression(f"an address without a local part: {target!r}")
     if not domain or domain.startswith(".") or domain.endswith(".") or ".." in domain:
         raise InvalidSuppression(f"not an address or a domain: {target!r}")
+    if "#" in domain:
+        # No domain name holds one (RFC 1035 §2.3.1), and a CSV row whose first cell
+        # starts with "#" and is no target is a comment (suppression_csv): "###" is one.
+        raise InvalidSuppression(f"not an address or a domain: {target!r}")
     if "@" in local:
         raise InvalidSuppression(f"more than one @: {target!r}")
     if not domain.isascii():

@@ -4,6 +4,9 @@ The columns are ``target,source,reply,created_at,expires_at,message_id`` (times 
 with a zone, ``2026-11-30T09:00:00+00:00``, kept in UTC); an export starts with that
 header. An import may leave out the header (the columns are then taken in that order) and
 any column after ``target``: a file of one address or domain a line is a valid import.
+A row whose first cell starts with ``#`` and is no target (``# note``, ``#note``, ``###``)
+is a comment; ``#team@example.org`` is an address (``#`` is atext, RFC 5322 §3.2.3), so
+every target an export writes imports again.
 Input is hostile: its size, its number of rows and every field are bounded, and the first
 bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression` naming its
 line, before anything is written.
@@ -76,7 +79,7 @@ def parse_csv(
         for row in _rows(reader):
             line = reader.line_num
             cells = [c.strip() for c in row]
-            if not any(cells) or cells[0].startswith("#"):
+            if not any(cells) or _is_comment(cells[0]):
                 continue
             if not entries and columns is COLUMNS and "target" in (c.lower() for c in cells):
                 columns = _header(cells, line)
@@ -92,6 +95,18 @@ def parse_csv(
     finally:
         csv.field_size_limit(previous)
     return entries
+
+
+def _is_comment(cell: str) -> bool:
+    """Whether a row whose first cell is ``cell`` is a comment: it starts with ``#`` and
+    is no address or domain (a domain never holds ``#``: :func:`normalize_target`)."""
+    if not cell.startswith("#"):
+        return False
+    try:
+        normalize_target(cell)
+    except InvalidSuppression:
+        return True
+    return False
 
 
 def _rows(reader: Iterator[list[str]]) -> Iterator[list[str]]:

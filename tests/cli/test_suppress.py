@@ -51,19 +51,20 @@ def test_export_import_round_trip(cli: CLI, workdir: Path, tmp_path: Path) -> No
         "--reason",
         'a "quoted", reply',
     )
-    cli.ok("suppress", "add", "example.org")
+    cli.ok("suppress", "add", "example.org", "#team@example.org")  # "#" is atext
     exported = cli.ok("suppress", "export").out
     assert exported.splitlines()[0] == "target,source,reply,created_at,expires_at,message_id"
     (workdir / "list.csv").write_text(exported)
 
     other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
-    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 2}
+    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 3}
     assert other.ok("suppress", "export").out == exported
     # From stdin, a bare list of addresses.
     out = other.ok("suppress", "import", "--source", "async_bounce", stdin=b"ann@example.test\n")
     assert out.out.strip() == "1 entries imported"
     sources = {r["target"]: r["source"] for r in other.ok("suppress", "list", "--json").json()}
     assert sources == {
+        "#team@example.org": "manual",
         "ann@example.test": "async_bounce",
         "bob@example.test": "complaint",
         "example.org": "manual",

@@ -193,6 +193,26 @@ def test_import_without_header_or_optional_columns() -> None:
     ]
 
 
+def test_a_target_starting_with_a_hash_is_exported_and_imported_again() -> None:
+    """``#`` is atext (RFC 5322 §3.2.3): ``#team@example.org`` is an address, not a
+    comment, and no row an export writes reads as one."""
+    entries = [entry("#team@example.org"), entry("#x@example.org", reply="# not a comment")]
+    out = io.StringIO()
+    write_csv(entries, out)
+    assert parse_csv(out.getvalue(), now=NOW) == entries
+    got = parse_csv(
+        "# note\n#note\n###,x\n#\n#team@example.org\n  # indented note, with cells\n",
+        now=NOW,
+    )
+    assert [e.target for e in got] == ["#team@example.org"]
+
+
+@pytest.mark.parametrize("text", ["#", "###", "#note", "bob@#example.org", "bob@exa#mple.org"])
+def test_no_domain_holds_a_hash(text: str) -> None:
+    with pytest.raises(InvalidSuppression):
+        normalize_target(text)
+
+
 def test_import_with_a_header_in_another_order() -> None:
     [e] = parse_csv("reply,target\nby hand,bob@example.org\n", now=NOW)
     assert (e.target, e.reply) == ("bob@example.org", "by hand")
