@@ -252,7 +252,8 @@ def build(
     # The header parsers below take the whole section: bounded first, as prepare() does.
     check_header_section(data, 0, section_end(data), where="the header section")
     if not has_from(data):
-        address = qualify(args.sender or getpass.getuser(), default_domain)
+        named = args.sender if envelope_sender(args.sender, default_domain) else None
+        address = qualify(named or getpass.getuser(), default_domain)
         line = "From: " + from_field(args.full_name or "", address)
         newline = b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
         data = line.encode("utf-8", "surrogateescape") + newline + data
@@ -271,6 +272,19 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def envelope_sender(sender: str | None, origin: str) -> str | None:
+    """The envelope sender ``-f`` asks for: None without ``-f`` (prepare() takes the
+    Sender/From), ``""`` for ``-f ''`` or ``-f '<>'``, the null reverse-path, as Sendmail
+    and Postfix read them (vacation programs and bounce generators send with it, so
+    that nothing answers them: an address there would get the auto-replies back), else
+    the address with a bare name given the origin."""
+    if sender is None:
+        return None
+    if sender.strip() in ("", "<>"):
+        return ""
+    return qualify(sender, origin)
 
 
 def from_field(full_name: str, address: str) -> str:
@@ -340,7 +354,7 @@ def _enqueue(args: SendmailArgs) -> int:
         aliases=read_aliases(path) if path else None,
     )
     now = utc_now()
-    sender = qualify(args.sender, origin) if args.sender else None
+    sender = envelope_sender(args.sender, origin)
     prepared = prepare_for(
         settings.config,
         data,
