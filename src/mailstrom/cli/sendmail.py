@@ -20,8 +20,6 @@ import getpass
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 
 from mailstrom.cli.context import report, store_from, utc_now
@@ -46,9 +44,9 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
 from mailstrom.errors import InvalidMessage
-from mailstrom.message.bounds import check_header_section, section_end
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
+from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
 HELP = """\
@@ -209,31 +207,20 @@ def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> byte
 _RESENT_RECIPIENTS = ("resent-to", "resent-cc", "resent-bcc")
 
 
-def header_recipients(data: bytes) -> list[str]:
+def header_recipients(section: HeaderSection) -> list[str]:
     """Addresses in the To, Cc and Bcc headers (for -t); in the Resent-To, Resent-Cc and
     Resent-Bcc headers instead when the message has any, as Postfix does and ``prepare``
     does for a message without envelope recipients: a resent message goes to its new
-    recipients, not again to its first ones (RFC 5322 §3.6.6)."""
-    fields = [
-        (name.lower(), _utf8(value))
-        for name, value in BytesHeaderParser(policy=compat32).parsebytes(data).raw_items()
-    ]
-    resent = any(name in _RESENT_RECIPIENTS for name, _ in fields)
+    recipients, not again to its first ones (RFC 5322 §3.6.6).
+
+    ``section`` is read by prepare()'s own parser, so that -t sees the fields prepare()
+    sees: the stdlib's ended the header section at an obsolete ``Bcc : x`` (white space
+    before the colon, RFC 5322 §4.5.3), which prepare() then dropped from the message
+    without its address ever becoming a recipient."""
+    resent = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
     names = _RESENT_RECIPIENTS if resent else ("to", "cc", "bcc")
-    values = [value for name, value in fields if name in names]
+    values = [value for name in names for value in section.values(name)]
     return [addr for _, addr in getaddresses(values) if addr]
-
-
-def _utf8(value: str) -> str:
-    """A raw header value as the parser keeps it (octets as ASCII and surrogate escapes)
-    decoded as UTF-8 (RFC 6532). Its fetched form would put U+FFFD in place of every
-    octet past ASCII: ``ñoño@example.org`` became ``��o��o@example.org``, and mail went
-    there. Octets that are not UTF-8 stay surrogates, which prepare() refuses."""
-    return value.encode("ascii", "surrogateescape").decode("utf-8", "surrogateescape")
-
-
-def has_from(data: bytes) -> bool:
-    return BytesHeaderParser(policy=compat32).parsebytes(data)["From"] is not None
 
 
 def build(
@@ -249,9 +236,9 @@ def build(
     :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
-    # The header parsers below take the whole section: bounded first, as prepare() does.
-    check_header_section(data, 0, section_end(data), where="the header section")
-    if not has_from(data):
+    # prepare()'s parser (which bounds the section first): what it reads, -t reads.
+    section = split_header_section(data)
+    if not section.values("from"):
         named = args.sender if envelope_sender(args.sender, default_domain) else None
         address = qualify(named or getpass.getuser(), default_domain)
         line = "From: " + from_field(args.full_name or "", address)
@@ -259,7 +246,7 @@ def build(
         data = line.encode("utf-8", "surrogateescape") + newline + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text)]
     if args.extract:
-        recipients = header_recipients(data) + recipients
+        recipients = header_recipients(section) + recipients
     recipients = list(
         dict.fromkeys(r for a in recipients for r in expand(a, aliases or {}, default_domain))
     )
