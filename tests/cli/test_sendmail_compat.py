@@ -76,3 +76,46 @@ def test_fields_after_an_obsolete_one_are_still_seen(cli: CLI) -> None:
         "c@other.test",
     ]
     assert {m["envelope_from"] for m in queued} == {"a@example.test"}
+
+
+@pytest.mark.parametrize(
+    ("message", "subject", "body"),
+    [
+        (b"disk /var is 95% full\n", None, "disk /var is 95% full"),
+        (b"Subject: backup failed\nsee /var/log/backup.log\n", "backup failed", "see /var/"),
+        (b"Subject: x\r\n folded\r\nError on line 3: y\r\n", "x folded", "Error on line 3: y"),
+        (b" indented first line\n", None, " indented first line"),
+    ],
+)
+def test_the_body_starts_at_the_first_line_that_is_no_header_field(
+    cli: CLI, message: bytes, subject: str | None, body: str
+) -> None:
+    """``echo text | sendmail root``: Sendmail and Postfix start the body at the first
+    line that is not a header field; mailstrom refused it (65), so the mail was lost."""
+    _origin(cli)
+    cli.ok("sendmail", "bob@example.test", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", queued["id"]).out.replace("\r\n", "\n")
+    head, _, text = raw.partition("\n\n")
+    assert text.startswith(body)
+    fields = head.replace("\n ", " ").splitlines()
+    assert f"From: {getpass.getuser()}@host.example.test" in fields
+    assert any(field.startswith("Message-ID: ") for field in fields)
+    assert [f for f in fields if f.startswith("Subject:")] == (
+        [] if subject is None else [f"Subject: {subject}"]
+    )
+
+
+def test_a_line_that_looks_like_a_field_is_one(cli: CLI) -> None:
+    """As to Postfix's is_header(): a name and a colon make a header field, so a first
+    line ``Note: disk full`` is a field (and the message has an empty body)."""
+    _origin(cli)
+    cli.ok("sendmail", "bob@example.test", stdin=b"Note: disk full\n")
+    [queued] = cli.ok("queue", "--json").json()
+    assert "Note: disk full" in cli.ok("show", "--headers", queued["id"]).out
+
+
+def test_send_file_stays_strict(cli: CLI) -> None:
+    result = cli("send", "--file", "-", "--to", "bob@example.test", stdin=b"Subject: x\nbody\n")
+    assert result.code == 65
+    assert cli.queue_ids() == []

@@ -255,6 +255,25 @@ def normalized_body(data: bytes) -> bytes:
     return data.partition(b"\r\n\r\n")[2]
 
 
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+def input_body(stdin: bytes) -> bytes:
+    """The body of ``stdin`` as Sendmail and Postfix read it, every line end as CRLF:
+    after the first empty line, or from the first line that is neither a header field (a
+    name and a colon) nor a continuation, when that comes first; an mbox ``From `` line
+    is dropped first."""
+    if stdin.startswith(b"From "):
+        stdin = stdin.partition(b"\n")[2]
+    lines = re.sub(rb"\r\n|\r|\n", b"\r\n", stdin).split(b"\r\n")
+    for at, line in enumerate(lines):
+        if not line:
+            return b"\r\n".join(lines[at + 1 :])
+        if not (_FIELD.match(line) or (at and line[:1] in b" \t")):
+            return b"\r\n".join(lines[at:])
+    return b""
+
+
 def check_queued(argv: list[str], stdin: bytes, data: bytes, recipients: list[str]) -> None:
     """What a queued message must be: no Bcc, the body it was given, and no recipient
     that appears neither in the arguments nor in the message."""
@@ -265,7 +284,7 @@ def check_queued(argv: list[str], stdin: bytes, data: bytes, recipients: list[st
         local = address.rpartition("@")[0].strip('"').lower().encode()
         assert local.split(b" ")[0] in given.lower(), f"{address} was not given"
     # The body as read: to the end, or (without -i) to a lone dot line.
-    expected, got = normalized_body(stdin), normalized_body(data)
+    expected, got = input_body(stdin), normalized_body(data)
     if expected and got != expected:
         # Without -i a lone dot ends the message: then the body is a prefix.
         assert expected.startswith(got.rstrip(b"\r\n")), "body changed"

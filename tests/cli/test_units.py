@@ -128,6 +128,17 @@ def test_build_bounds_the_header_section_before_parsing_it() -> None:
         sendmail.build(huge + b"\nhi\n", sendmail.parse_args(["-t"]), default_domain="h.test")
 
 
+def test_build_ends_the_header_section_within_its_bounds() -> None:
+    """The body starts at the first line that is no header field, looked for only as far
+    as a header section may reach: fields past that are refused, not taken for a body."""
+    args = sendmail.parse_args(["a@x.test"])
+    data, _ = sendmail.build(b"Subject: x\nno field\n", args, default_domain="h.test")
+    assert data.endswith(b"Subject: x\n\nno field\n")
+    fields = b"X-A: v\n" * 200_000  # 1.4 MB
+    with pytest.raises(HeaderTooLong):
+        sendmail.build(fields + b"no field\n", args, default_domain="h.test")
+
+
 # --- argument parsing --------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
 from mailstrom.errors import InvalidMessage
+from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
 from mailstrom.message.headers import HeaderSection, split_header_section
@@ -207,6 +209,47 @@ def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> byte
 _RESENT_RECIPIENTS = ("resent-to", "resent-cc", "resent-bcc")
 
 
+# A header field's first line as Postfix's is_header() knows it (a name of printable
+# ASCII but the colon, white space, a colon: RFC 5322 §3.6.8 and §4.5.3), and a line end
+# followed by a line that is neither that nor a continuation (an empty line included).
+# Possessive: a long line without a colon is not tried again one octet shorter each time.
+_FIELD = re.compile(rb"[!-9;-~]++[ \t]*+:")
+_NOT_A_FIELD = re.compile(rb"\n(?![ \t]|[!-9;-~]++[ \t]*+:)")
+
+
+def end_header_section(data: bytes) -> bytes:
+    """``data`` with the empty line that ends its header section inserted where the
+    section ends without one: before the first line that is neither a header field nor a
+    continuation of one (at the start when the first line is none).
+
+    Sendmail and Postfix (cleanup) start the body at such a line, so ``echo text |
+    sendmail root`` and ``Subject: x`` followed straight by the text are mail there;
+    prepare() refuses both as a line break inside a header. A first line that merely
+    looks like a field is one (``Note: disk full``), as it is to Postfix.
+    """
+    if not _FIELD.match(data):
+        end = 0
+    else:
+        # Looked for within the longest section the bounds allow (to the end of the line
+        # there, so that each line looked at is seen whole): past it the section is
+        # refused as too long whatever ends it, and 35 MB of fields cost nothing.
+        window = data.find(b"\n", MAX_HEADER_SECTION)
+        found = _NOT_A_FIELD.search(data, 0, len(data) if window < 0 else window + 1)
+        if found is None or found.start() >= MAX_HEADER_SECTION:
+            return data
+        end = found.start() + 1
+    # An empty line ends it already; a line starting with a bare CR is left as it was,
+    # for prepare() to refuse (a line break inside a header, to it).
+    if end == len(data) or data.startswith((b"\n", b"\r"), end):
+        return data
+    return data[:end] + _newline(data) + data[end:]
+
+
+def _newline(data: bytes) -> bytes:
+    """The line ending of the first line of ``data``, for a line put into it."""
+    return b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
+
+
 def header_recipients(section: HeaderSection) -> list[str]:
     """Addresses in the To, Cc and Bcc headers (for -t); in the Resent-To, Resent-Cc and
     Resent-Bcc headers instead when the message has any, as Postfix does and ``prepare``
@@ -236,14 +279,14 @@ def build(
     :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
+    data = end_header_section(data)
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
     if not section.values("from"):
         named = args.sender if envelope_sender(args.sender, default_domain) else None
         address = qualify(named or getpass.getuser(), default_domain)
         line = "From: " + from_field(args.full_name or "", address)
-        newline = b"\r\n" if b"\r\n" in data.partition(b"\n")[0] + b"\n" else b"\n"
-        data = line.encode("utf-8", "surrogateescape") + newline + data
+        data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text)]
     if args.extract:
         recipients = header_recipients(section) + recipients
