@@ -38,6 +38,14 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         (["--helo-name", "mail@evil.com", "queue"], "argument --helo-name: expected a host"),
         (["--store", "mysql://x/y", "queue"], "argument --store: unknown store URL"),
         (["--tls-ca", "/no/such/ca.pem", "queue"], "argument --tls-ca: no such file"),
+        # An empty filter ("$D" unset) was no filter: cancel and purge acted on everything.
+        (["cancel", "--domain", "", "--older-than", "0s"], "argument --domain: expected a"),
+        (["purge", "--domain", " ", "--finished-before", "0s"], "argument --domain: expected"),
+        (["purge", "--tag", "", "--finished-before", "0s"], "argument --tag: expected a tag"),
+        # What the store refuses to compare was an internal error (70).
+        (["queue", "--domain", "a" * 300], "argument --domain: expected a domain of at most"),
+        (["cancel", "--domain", "ex\udcffample.org"], "argument --domain: expected a domain"),
+        (["retry", "--tag", "t" * 300], "argument --tag: expected a tag of at most 255"),
     ],
 )
 def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: str) -> None:

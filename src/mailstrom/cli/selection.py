@@ -14,10 +14,13 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import BinaryIO
 
+from mailstrom.arguments import check_key
 from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
 from mailstrom.cli.parsing import duration_arg
+from mailstrom.errors import InvalidArgument
+from mailstrom.message.chars import shorten
 from mailstrom.status import RecipientState
-from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.base import MAX_FILTER_TEXT, QueueFilter, Store
 from mailstrom.stores.operator import PENDING_STATES
 
 MAX_BULK = 100_000
@@ -54,14 +57,43 @@ def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -
         "pending = queued or deferred; finished = delivered or failed; any = all "
         f"(default {default_state})",
     )
-    parser.add_argument("--domain", help="messages with a recipient at this domain")
+    parser.add_argument(
+        "--domain", type=_domain_arg, help="messages with a recipient at this domain"
+    )
     parser.add_argument(
         "--older-than",
         metavar="AGE",
         type=duration_arg,
         help="messages queued more than AGE ago (30s, 15m, 2h, 3d)",
     )
-    parser.add_argument("--tag", metavar="TAG", help="messages carrying this tag (exact)")
+    parser.add_argument(
+        "--tag", metavar="TAG", type=_tag_arg, help="messages carrying this tag (exact)"
+    )
+
+
+# A filter's value is checked here, so that a bad one is a usage error (64) naming the
+# option. An empty one (``--domain "$D"`` with D unset) would otherwise be no filter at
+# all, and cancel or purge would act on every message the other filters select.
+
+
+def _domain_arg(text: str) -> str:
+    return _filter_text("a domain", text.strip().lower(), text)
+
+
+def _tag_arg(text: str) -> str:
+    return _filter_text("a tag", text, text)
+
+
+def _filter_text(what: str, value: str, text: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    try:
+        check_key(value, what, limit=MAX_FILTER_TEXT)
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(
+            f"expected {what} of at most {MAX_FILTER_TEXT} octets of text, got {shorten(text)}"
+        ) from None
+    return value
 
 
 def queue_filter(
@@ -80,7 +112,7 @@ def queue_filter(
         states = frozenset({RecipientState(state)})
     return QueueFilter(
         states=states,
-        domain=args.domain.strip().lower() if args.domain else None,
+        domain=args.domain,
         older_than=args.older_than,
         held=held,
         limit=limit,
@@ -89,7 +121,8 @@ def queue_filter(
 
 
 def has_filters(args: argparse.Namespace) -> bool:
-    return bool(args.state or args.domain or args.tag or args.older_than is not None)
+    given = (args.state, args.domain, args.tag, args.older_than)
+    return any(value is not None for value in given)
 
 
 def read_ids(stream: BinaryIO) -> list[str]:
