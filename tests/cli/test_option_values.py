@@ -46,6 +46,10 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         (["queue", "--domain", "a" * 300], "argument --domain: expected a domain of at most"),
         (["cancel", "--domain", "ex\udcffample.org"], "argument --domain: expected a domain"),
         (["retry", "--tag", "t" * 300], "argument --tag: expected a tag of at most 255"),
+        # Numbers that overflowed where used: after queueing (70), in sleep (70), in SQLite (75).
+        ([*SEND, "--wait", "--timeout", "1e20"], "argument --timeout: expected a number"),
+        (["events", "--follow", "--interval", "1e10"], "argument --interval: expected a num"),
+        (["events", "--after", "99999999999999999999"], "argument --after: expected an event"),
     ],
 )
 def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: str) -> None:

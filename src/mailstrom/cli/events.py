@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK
 from mailstrom.cli.output import visible
@@ -77,8 +78,12 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 def _event_id(text: str) -> int:
     # isascii: isdigit() also takes "\u0663" (int() reads it as 3) and "²" (int() refuses).
-    if not (text.isascii() and text.strip().isdigit()):
-        raise argparse.ArgumentTypeError(f"expected an event id (a whole number), got {text!r}")
+    # At most a bigint: a larger id reached the store, which refused it as "unavailable,
+    # try again" (75), which can never succeed.
+    if not (text.isascii() and text.strip().isdigit() and int(text) <= MAX_INTEGER):
+        raise argparse.ArgumentTypeError(
+            f"expected an event id (a whole number up to {MAX_INTEGER}), got {text!r}"
+        )
     return int(text)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
+from mailstrom.bounds import MAX_SECONDS
 from mailstrom.cli.exits import UsageError
 from mailstrom.domains import helo_name_problem
 from mailstrom.errors import ConfigError, InvalidStoreURL
@@ -95,13 +96,18 @@ def count_arg(text: str) -> int:
 
 
 def seconds_arg(text: str) -> float:
-    """An argparse ``type`` for a number of seconds: finite and ≥ 0 (not nan or inf)."""
+    """An argparse ``type`` for a number of seconds: from 0 to 100 years (not nan or inf).
+    Longer ones overflowed where they are used, after the command had acted: ``send --wait
+    --timeout 1e20`` queued the message and then exited 70 (``now + timedelta``), ``events
+    --follow --interval 1e10`` too (``time.sleep``)."""
     try:
         value = float(text.strip()) if ascii_only(text) else math.nan
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
+    if not 0 <= value <= MAX_SECONDS:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds from 0 to {MAX_SECONDS:.0f}, got {text!r}"
+        )
     return value
 
 
