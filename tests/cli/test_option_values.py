@@ -50,6 +50,7 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         ([*SEND, "--wait", "--timeout", "1e20"], "argument --timeout: expected a number"),
         (["events", "--follow", "--interval", "1e10"], "argument --interval: expected a num"),
         (["events", "--after", "99999999999999999999"], "argument --after: expected an event"),
+        (["--store", "postgresql://u@db:99999/mail", "queue"], "argument --store: malformed"),
     ],
 )
 def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: str) -> None:
@@ -91,6 +92,14 @@ def test_out_of_range_environment_value_exits_78(cli: CLI) -> None:
     """Hardening #12: through the command, such a value is one line and exit 78."""
     cli.env["MAILSTROM_RETRY_MAX_AGE"] = "99999999999d"
     assert_one_line_error(cli("queue"), 78, "retry.max_age")
+
+
+def test_a_store_url_with_a_bad_port_exits_78(cli: CLI) -> None:
+    """libpq refused the port only when connecting: exit 75, and a worker waited for a
+    store that could never open."""
+    cli.env["MAILSTROM_STORE"] = "postgresql://u@db:5432x/mail"
+    assert_one_line_error(cli("queue"), 78, "malformed store URL")
+    assert_one_line_error(cli("worker", "--no-live"), 78, "malformed store URL")
 
 
 def test_a_config_file_that_is_no_toml_exits_78(cli: CLI) -> None:

@@ -30,6 +30,8 @@ from mailstrom.stores.url import StoreKind, StoreURL
             "postgresql://u@127.0.0.1:5432/mail",
         ),
         ("postgres://127.0.0.1/mail", StoreKind.POSTGRES, "postgres://127.0.0.1/mail"),
+        ("postgresql://db1:5432,db2/m", StoreKind.POSTGRES, "postgresql://db1:5432,db2/m"),
+        ("postgresql://[::1]:5433/m", StoreKind.POSTGRES, "postgresql://[::1]:5433/m"),
     ],
 )
 def test_parse(url: str, kind: StoreKind, target: str) -> None:
@@ -52,6 +54,12 @@ def test_parse(url: str, kind: StoreKind, target: str) -> None:
         "http://example.com/q.db",
         "postgresql://[::1",  # an unclosed IPv6 address
         "postgres://u@[db.internal]/mail",  # brackets hold an IP address only
+        # A port libpq refuses only when connecting: a store "down" for ever (75).
+        "postgresql://u@db:99999/mail",
+        "postgresql://u@db:5432x/mail",
+        "postgresql://u@db:0/mail",
+        "postgresql://u@db1:5432,db2:54x/mail",  # each host of libpq's multi-host form
+        "postgresql://[::1]:70000/mail",
     ],
 )
 def test_bad_urls_raise_invalid_store_url(url: str) -> None:

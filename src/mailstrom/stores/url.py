@@ -188,11 +188,18 @@ def check_store_url(url: str) -> StoreURL:
 def _check_url_syntax(url: str) -> None:
     """InvalidStoreURL when ``url`` is no URL at all (an unclosed ``[`` of an IPv6 address,
     a bracketed host that is no IP address): the PostgreSQL store splits its URL with
-    :func:`urllib.parse.urlsplit`, which raises a bare ValueError on these."""
+    :func:`urllib.parse.urlsplit`, which raises a bare ValueError on these.
+
+    Also for a port that is no port (``:99999``, ``:5432x``, ``:0``), of each host of
+    libpq's ``host1:port1,host2:port2`` form: libpq refuses it only when connecting,
+    which looked like a store that is down (exit 75, a worker waiting for ever)."""
     try:
-        urlsplit(url)
+        hosts = urlsplit(url).netloc.rpartition("@")[2]
+        ports = [urlsplit(f"//{host}").port for host in hosts.split(",")]
     except ValueError as exc:
         raise InvalidStoreURL(f"malformed store URL {_shown(url)}: {exc}") from None
+    if 0 in ports:
+        raise InvalidStoreURL(f"malformed store URL {_shown(url)}: port 0")
 
 
 def _shown(url: str) -> str:
