@@ -174,3 +174,35 @@ def test_sendmail_symlink_dispatch(cli: CLI) -> None:
     assert proc.returncode == 0, proc.stderr
     [message] = cli.ok("queue", "--json").json()
     assert message["subject"] == "via link"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sendmail", "-i", "bob@example.test"],
+        ["send", "--file", "-", "--to", "bob@example.test"],
+        ["send", "--from", "a@client.test", "--to", "b@example.test", "--text-file", "-"],
+        ["cancel", "-"],
+        ["suppress", "import", "-"],
+        ["bounce"],
+    ],
+)
+def test_closed_standard_input_is_no_input(cli: CLI, args: list[str]) -> None:
+    """With fd 0 closed (``<&-``) Python's sys.stdin is None: reading it was an
+    AttributeError, exit 70 "internal error", where sendmail's 66 (no input) is meant."""
+    import subprocess
+    import sys
+
+    from tests.cli.conftest import Result
+
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-m", "mailstrom", *args],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    result = Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    assert_one_line_error(result, 66, "no standard input")
+    assert cli.queue_ids() == []

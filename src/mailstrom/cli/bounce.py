@@ -13,6 +13,7 @@ from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_NOINPUT, EX_OK
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, count_arg
+from mailstrom.cli.reading import stdin_buffer
 
 if TYPE_CHECKING:
     from mailstrom.bounces.apply import BounceOutcome
@@ -70,7 +71,7 @@ def bounce_command(args: argparse.Namespace) -> int:
     from mailstrom.bounces import apply_report, parse_report
     from mailstrom.bounces.apply import BounceAction
 
-    stdin = sys.stdin.buffer
+    stdin = stdin_buffer()
     data = stdin.read(args.max_size)
     _drain(stdin)
     report = parse_report(data)

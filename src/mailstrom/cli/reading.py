@@ -9,8 +9,10 @@ the error (and exit code 65) of any message over the limit.
 
 from __future__ import annotations
 
-from typing import Protocol
+import sys
+from typing import BinaryIO, Protocol
 
+from mailstrom.cli.exits import EX_NOINPUT, CLIError
 from mailstrom.errors import MessageTooLarge
 
 
@@ -22,6 +24,15 @@ class Readable(Protocol):
 
 class LineReadable(Readable, Protocol):
     def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def stdin_buffer() -> BinaryIO:
+    """Standard input, binary; CLIError with EX_NOINPUT (66, no input) when it is closed
+    (``<&-``): Python then sets ``sys.stdin`` to None, and ``.buffer`` was an
+    AttributeError, an "internal error" (70)."""
+    if sys.stdin is None:
+        raise CLIError("no standard input (it is closed)", EX_NOINPUT)
+    return sys.stdin.buffer
 
 
 def too_large(source: str, limit: int) -> MessageTooLarge:

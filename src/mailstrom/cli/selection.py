@@ -9,7 +9,6 @@ and then work for every one of those commands.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import BinaryIO
@@ -17,6 +16,7 @@ from typing import BinaryIO
 from mailstrom.arguments import check_key
 from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
 from mailstrom.cli.parsing import duration_arg
+from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.chars import shorten
 from mailstrom.status import RecipientState
@@ -146,7 +146,7 @@ def given_ids(args: argparse.Namespace) -> list[str]:
     ids: list[str] = []
     for arg in args.ids:
         if arg == "-":
-            ids.extend(read_ids(sys.stdin.buffer))
+            ids.extend(read_ids(stdin_buffer()))
         else:
             ids.append(arg)
     return ids

@@ -22,7 +22,7 @@ from mailstrom.cli.exits import (
 )
 from mailstrom.cli.output import cell, echo, print_json
 from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
-from mailstrom.cli.reading import FileBudget
+from mailstrom.cli.reading import FileBudget, stdin_buffer
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.message import Attachment, Email
@@ -251,7 +251,7 @@ def read_bytes(path: str, budget: FileBudget) -> bytes:
     """A file's bytes (``-`` is stdin), charged to ``budget``: MessageTooLarge past it (the
     rest is not read); unreadable → EX_NOINPUT."""
     if path == "-":
-        return budget.read(sys.stdin.buffer, source="standard input")
+        return budget.read(stdin_buffer(), source="standard input")
     try:
         with open(path, "rb") as stream:
             return budget.read(stream, source=path)

@@ -43,7 +43,7 @@ from mailstrom.cli.localnames import (
     read_aliases,
 )
 from mailstrom.cli.parsing import Subparsers
-from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot
+from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
@@ -375,7 +375,7 @@ def _enqueue(args: SendmailArgs) -> int:
     origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
     path = aliases_path(settings.values.get("sendmail.aliases"))
     message = read_message(
-        sys.stdin.buffer, ignore_dots=args.ignore_dots, limit=settings.config.max_message_size
+        stdin_buffer(), ignore_dots=args.ignore_dots, limit=settings.config.max_message_size
     )
     data, recipients = build(
         message,

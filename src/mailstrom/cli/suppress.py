@@ -11,6 +11,7 @@ from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_code_for
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
+from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import StoreError
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
@@ -190,7 +191,7 @@ def import_command(args: argparse.Namespace) -> int:
     from mailstrom.suppression_csv import parse_csv, read_limited
 
     if args.file == "-":
-        text = read_limited(sys.stdin.buffer)
+        text = read_limited(stdin_buffer())
     else:
         try:
             with open(args.file, "rb") as stream:
