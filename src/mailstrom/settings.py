@@ -898,6 +898,8 @@ def parse_dns_servers(servers: list[str]) -> dict[str, Any]:
             host, _, rest = server[1:].partition("]")
             if rest.startswith(":"):
                 port = rest[1:]
+            elif rest:  # "[::1]5353": the port, colon forgotten, was dropped (port 53)
+                raise ConfigError(f"--dns-server: expected [HOST]:PORT, got {shorten(server)}")
         elif server.count(":") == 1:
             host, _, port = server.partition(":")
         if not host:

@@ -51,6 +51,11 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         (["events", "--follow", "--interval", "1e10"], "argument --interval: expected a num"),
         (["events", "--after", "99999999999999999999"], "argument --after: expected an event"),
         (["--store", "postgresql://u@db:99999/mail", "queue"], "argument --store: malformed"),
+        # "--config $CFG" with CFG unset read ~/.config/mailstrom/config.toml instead.
+        (["--config", "", "queue"], "argument --config: expected a configuration file"),
+        # "[::1]5353": the port was dropped, and port 53 queried.
+        (["--dns-server", "[::1]5353", "queue"], "argument --dns-server: expected [HOST]:PORT"),
+        (["queue", "--dns-server", "[::1]x"], "argument --dns-server: expected [HOST]:PORT"),
     ],
 )
 def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: str) -> None:

@@ -27,11 +27,19 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     Defaults are SUPPRESS so that a value given before the subcommand is not overwritten
     by the subparser's default when it is not repeated after it.
     """
-    from mailstrom.cli.parsing import dns_server_arg, helo_arg, setting_arg, store_arg
+    from mailstrom.cli.parsing import (
+        config_arg,
+        dns_server_arg,
+        helo_arg,
+        setting_arg,
+        store_arg,
+    )
 
     s = argparse.SUPPRESS
     g = parser.add_argument_group("configuration (override the file and MAILSTROM_* variables)")
-    g.add_argument("--config", metavar="PATH", default=s, help="TOML configuration file")
+    g.add_argument(
+        "--config", metavar="PATH", type=config_arg, default=s, help="TOML configuration file"
+    )
     g.add_argument("--store", metavar="URL", type=store_arg, default=s, help=_store_help())
     g.add_argument(
         "--helo-name", metavar="NAME", type=helo_arg, default=s, help="name sent in EHLO"

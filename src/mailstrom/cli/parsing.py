@@ -153,6 +153,14 @@ def path_arg(text: str) -> str:
     return text
 
 
+def config_arg(text: str) -> str:
+    """An argparse ``type`` for ``--config``: a file path, not empty. An empty one
+    (``--config "$CFG"`` with CFG unset) read the default files instead, silently."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a configuration file, got ''")
+    return path_arg(text)
+
+
 def store_arg(text: str) -> str:
     """An argparse ``type`` for a store URL (checked, not opened)."""
     from mailstrom.stores.url import parse_store_url
