@@ -454,7 +454,12 @@ def _tls_domains(key: str, value: Any) -> PolicyTable:
             name, sep, level = part.partition("=")
             if not sep or not name.strip() or not level.strip():
                 raise ConfigError(f"{key}: expected domain=level pairs, got {part.strip()!r}")
-            entries[name.strip()] = level.strip()
+            name, level = name.strip(), level.strip()
+            # A dict would keep the last silently ("verify" undone by a later "none");
+            # the table refuses names given twice with different levels, so must this.
+            if entries.get(name, level).lower() != level.lower():
+                raise ConfigError(f"{key}: {name!r} given twice with different levels")
+            entries[name] = level
         value = entries
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a table of domain = level, got {value!r}")

@@ -56,6 +56,8 @@ def test_a_plain_tls_setting_still_works() -> None:
         ({"MAILSTROM_TLS_DOMAINS": "example.com"}, "domain=level"),
         ({"MAILSTROM_TLS_DOMAINS": "example.com=often"}, "expected one of"),
         ({"MAILSTROM_TLS_DOMAINS": "x.example=dane"}, "dnssec"),
+        ({"MAILSTROM_TLS_DOMAINS": "a.example=verify,a.example=none"}, "given twice"),
+        ({"MAILSTROM_TLS_DOMAINS": "a.example=verify,A.example=none"}, "given twice"),
         ({"MAILSTROM_DNS_DNSSEC": "perhaps"}, "true or false"),
     ],
 )
