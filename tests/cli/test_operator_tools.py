@@ -107,6 +107,20 @@ def test_purge_flags_say_what_they_purge(mail_env: MailEnv) -> None:
     assert cli("purge").code == 64
 
 
+def test_purge_flags_say_what_they_purge_of_ids_too(cli: CLI) -> None:
+    """--delivered-before with ids deleted a failed (cancelled) message: of ids as of
+    filters, the flag deletes only messages in its state."""
+    failed = send(cli, "gone@example.test")
+    cli.ok("cancel", failed)
+    assert cli.ok("purge", failed, "--delivered-before", "0s", "--dry-run").out.strip() == (
+        "would purge 0 messages (dry run: nothing changed)"
+    )
+    assert cli.ok("purge", failed, "--delivered-before", "0s").out.strip() == ("0 messages purged")
+    assert cli.queue_ids() == [failed]
+    assert cli.ok("purge", failed, "--failed-before", "0s").out.strip() == "1 message purged"
+    assert cli.queue_ids() == []
+
+
 # --- queue ---------------------------------------------------------------------------------
 
 

@@ -249,6 +249,10 @@ def purge_command(args: argparse.Namespace) -> int:
             ids = resolve_all(store, given_ids(args))
             if has_filters(args) or args.all:
                 raise UsageError("give message ids or filters (--state, --domain, ...), not both")
+            if state is not None:
+                # The flag says what it deletes, of ids as of filters: --delivered-before
+                # also deleted the failed (cancelled) messages named by id.
+                ids = [mid for mid in ids if store.status(mid).state is state]
         else:
             default = "finished" if state is None else state.value
             where = queue_filter(args, default_state=default, limit=MAX_BULK)
