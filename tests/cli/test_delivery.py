@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 
 from tests.cli.conftest import CLI, MailEnv, ended
@@ -242,6 +243,21 @@ def test_worker_stops_gracefully_on_sigterm(mail_env: MailEnv) -> None:
     finally:
         code, err = ended(proc)
     assert code == 0
+    assert "worker stopped" in err
+
+
+def test_sighup_stops_the_worker_as_sigterm_does(mail_env: MailEnv) -> None:
+    """A closed terminal or ssh session (SIGHUP) killed the worker outright, mid-delivery:
+    leases kept, last log lines lost. It drains and stops instead."""
+    cli, mx = mail_env.cli, mail_env.mx
+    send(cli, "--text", "Hi", to="bob@example.test")
+    proc = cli.popen("worker", "--no-live")
+    try:
+        mx.wait_for_messages(1, timeout=30)
+    finally:
+        code, err = ended(proc, signal.SIGHUP)
+    assert code == 0, err
+    assert "stopping" in err
     assert "worker stopped" in err
 
 

@@ -1,4 +1,5 @@
-"""Running a worker until SIGTERM/SIGINT: the first signal drains, a second stops at once."""
+"""Running a worker until SIGTERM/SIGINT/SIGHUP: the first signal drains, a second stops
+at once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from collections.abc import Callable
 
 from mailstrom.runtime.worker import Worker
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops a worker gracefully. SIGHUP too: a worker has no configuration to reload,
+and by default SIGHUP (a closed terminal or ssh session, ``kill -HUP``) killed it in the
+middle of a delivery, its leases kept and its last log lines lost."""
+
 
 async def run_until_signalled(
     worker: Worker, *, once: bool, drain: float, on_started: Callable[[], None] | None = None
 ) -> None:
-    """Run ``worker``; the first SIGTERM/SIGINT stops it gracefully, a second at once."""
+    """Run ``worker``; the first of :data:`STOP_SIGNALS` stops it gracefully, a second at
+    once."""
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -28,7 +35,7 @@ async def run_until_signalled(
         else:
             task.cancel()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     task = asyncio.create_task(worker.run(once=once, on_started=on_started))
     try:
@@ -37,5 +44,5 @@ async def run_until_signalled(
         if signals < 2:
             raise
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)

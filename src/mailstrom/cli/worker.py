@@ -15,7 +15,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, CLIError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers, seconds_arg
-from mailstrom.cli.signals import run_until_signalled
+from mailstrom.cli.signals import STOP_SIGNALS, run_until_signalled
 from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.store_opening import StoreOpener
@@ -37,7 +37,7 @@ examples:
   mailstrom worker --metrics 127.0.0.1:9466         # Prometheus /metrics and /healthz
   MAILSTROM_HOOK_SECRET=... mailstrom worker --hook https://app.example/mail-events
 
-On SIGTERM or SIGINT the worker stops leasing, lets deliveries in flight finish for up to
+On SIGTERM, SIGINT or SIGHUP the worker stops leasing, lets deliveries in flight finish for up to
 --drain-timeout seconds, and gives the rest back to the queue, due at once. A second signal
 stops at once (unfinished work is still given back).
 """
@@ -194,15 +194,13 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
 def _open_worker_store(opener: StoreOpener, url: str, *, once: bool) -> Store | None:
     """The worker's store. One that does not answer yet (PostgreSQL restarting, or not up
     at boot) is waited for by ``opener``, with backoff and a log line per try, until it
-    opens or a SIGTERM/SIGINT ends the wait (None). With ``--once`` (from cron, say) it is
+    opens or a SIGTERM/SIGINT/SIGHUP ends the wait (None). With ``--once`` (from cron, say) it is
     not: the command exits 75 at once, and the next run tries again instead of runs piling
     up. What waiting cannot mend exits at once either way (74 damaged, 78 refused)."""
     if once:
         return open_store(url)
     # Plain handlers, not the event loop's: no loop runs yet. stop() is reentrant.
-    previous = {
-        sig: signal.signal(sig, lambda *_: opener.stop()) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    previous = {sig: signal.signal(sig, lambda *_: opener.stop()) for sig in STOP_SIGNALS}
     try:
         return opener.open()
     finally:
