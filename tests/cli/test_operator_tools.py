@@ -86,6 +86,14 @@ def test_bulk_commands_take_many_ids_stdin_and_filters(cli: CLI) -> None:
     assert too_long.code == 65
 
 
+def test_a_domain_filter_given_with_u_labels_finds_the_stored_a_labels(cli: CLI) -> None:
+    # Recipients' domains are stored as A-labels (bücher.test is xn--bcher-kva.test).
+    mid = send(cli, "a@bücher.test")
+    send(cli, "b@other.test")
+    assert ids_of(cli.ok("queue", "--json", "--domain", "Bücher.test").json()) == [mid]
+    assert cli.ok("hold", "--domain", "bücher.test").out.strip() == "1 message held"
+
+
 def test_purge_flags_say_what_they_purge(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     mx.rcpt_replies["gone@example.test"] = ["550 5.1.1 No such user"]

@@ -9,6 +9,7 @@ and then work for every one of those commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import BinaryIO
@@ -17,6 +18,7 @@ from mailstrom.arguments import check_key
 from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
 from mailstrom.cli.parsing import duration_arg
 from mailstrom.cli.reading import stdin_buffer
+from mailstrom.domains import a_label
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.chars import shorten
 from mailstrom.status import RecipientState
@@ -77,7 +79,12 @@ def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -
 
 
 def _domain_arg(text: str) -> str:
-    return _filter_text("a domain", text.strip().lower(), text)
+    value = text.strip().lower()
+    # Recipients' domains are stored as A-labels: bücher.example finds
+    # xn--bcher-kva.example (a name with none is kept, and finds nothing).
+    with contextlib.suppress(ValueError):
+        value = a_label(value)
+    return _filter_text("a domain", value, text)
 
 
 def _tag_arg(text: str) -> str:
