@@ -144,23 +144,20 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         # Validation, encoding and DKIM signing go to the thread with the store write: on
         # the loop they held every other coroutine (the "task" worker's deliveries too)
         # for as long as a large message takes, half a second for 20 MiB.
-        def queue() -> str:
-            prepared = self._prepare(
-                message,
-                envelope_from,
-                envelope_to,
-                dsn,
-                tags=tags,
-                metadata=metadata,
-                priority=priority,
-                send_at=send_at,
-                expires_at=expires_at,
-                max_age=max_age,
-                idempotency_key=idempotency_key,
-            )
-            return self.store.enqueue(prepared, now=self._clock())
-
-        return await asyncio.to_thread(queue)
+        return await asyncio.to_thread(
+            self._queue,
+            message,
+            envelope_from,
+            envelope_to,
+            dsn,
+            tags=tags,
+            metadata=metadata,
+            priority=priority,
+            send_at=send_at,
+            expires_at=expires_at,
+            max_age=max_age,
+            idempotency_key=idempotency_key,
+        )
 
     async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
         """Queue a batch in one store transaction; all or nothing (see

@@ -324,6 +324,19 @@ class FacadeBase:
             **attributes,
         )
 
+    def _queue(
+        self,
+        message: MessageInput,
+        envelope_from: str | None,
+        envelope_to: Sequence[str] | None,
+        dsn: DSN | None = None,
+        **attributes: Any,
+    ) -> str:
+        """Prepare ``message`` and queue it durably: the whole of ``send_email``, which
+        the async facade runs in a thread."""
+        prepared = self._prepare(message, envelope_from, envelope_to, dsn, **attributes)
+        return self.store.enqueue(prepared, now=self._clock())
+
 
 def batch_of(messages: object) -> list[MessageInput]:
     """The messages of a ``send_emails`` batch, listed (a generator is read once);

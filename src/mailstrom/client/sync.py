@@ -185,7 +185,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         local part gives each recipient its own VERP envelope sender (see docs/guide.md,
         "Bounces").
         """
-        prepared = self._prepare(
+        return self._queue(
             message,
             envelope_from,
             envelope_to,
@@ -198,7 +198,6 @@ class Mailstrom(FacadeBase, QueueOperations):
             max_age=max_age,
             idempotency_key=idempotency_key,
         )
-        return self.store.enqueue(prepared, now=self._clock())
 
     def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
         """Queue a batch in one store transaction (one fsync); ids in the same order.
