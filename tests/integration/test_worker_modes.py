@@ -541,3 +541,48 @@ def test_worker_status_names_the_holder_the_store_lists_among_the_living(
         [live] = store.live_holders()
         assert (live.holder, live.pid) == (holder, pid)
     store.close()
+
+
+def test_stop_from_on_result_in_a_thread_lets_the_deliveries_in_flight_be_recorded(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """stop() from the callback joined its own thread (RuntimeError), and the store the
+    facade had opened was closed under the worker: the delivery still in flight was
+    never recorded, and sent again once its lease ran out."""
+    fast = smtp_server()
+    slow = smtp_server(host="127.0.0.2", port=fast.port)
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", fast.host)
+    dns_server.mx("slow.example", [(10, "mx.slow.test")])
+    dns_server.a("mx.slow.test", slow.host)
+    slow.data_delay = 1.0
+    outcome: list[str] = []
+
+    def on_result(result: Any) -> None:
+        if result.address == "first@example.org":
+            try:
+                ms.stop()
+                outcome.append("returned")
+            except BaseException as exc:  # reported to the test
+                outcome.append(repr(exc))
+
+    path = tmp_path / "q.db"
+    ms = Mailstrom(config(dns_server, fast.port), store=path, on_result=on_result, worker="thread")
+    ms.start()
+    thread = ms._thread
+    ms.send_email(hello("later@slow.example"))
+    assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight, its reply delayed
+    ms.send_email(hello("first@example.org"))
+    assert thread is not None
+    thread.join(30)
+    assert outcome == ["returned"] and not thread.is_alive()
+    with pytest.raises(WorkerError, match="closed the store it opened"):
+        ms.start()  # closed once the worker had ended
+    store = SQLiteStore(path)
+    try:
+        states = {
+            r.address: (r.state, r.attempts) for m in store.recent(limit=10) for r in m.recipients
+        }
+    finally:
+        store.close()
+    assert states["later@slow.example"] == (RecipientState.DELIVERED, 1)

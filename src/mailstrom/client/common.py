@@ -219,10 +219,14 @@ class FacadeBase:
         return worker
 
     def _close_owned_store(self) -> None:
-        """Close the store if this facade opened it (at the end of ``stop()``)."""
-        if self._owns_store:
+        """Close the store if this facade opened it (at the end of ``stop()``), once:
+        a worker thread stopped from its own on_result closes it as it ends, and a
+        stop() from the application may come meanwhile."""
+        with self._store_watch_lock:
+            closing = self._owns_store and not self._store_closed
+            self._store_closed = self._store_closed or closing
+        if closing:
             self.store.close()
-            self._store_closed = True
 
     def _result_hook(
         self, on_result: Callable[[RecipientResult], None] | None

@@ -62,6 +62,9 @@ class Mailstrom(FacadeBase, QueueOperations):
     _thread: threading.Thread | None = None
     _start_error: BaseException | None = None
     _stuck: threading.Thread | None = None
+    _stopped_from_within = False
+    """stop() was called on the worker's thread (from on_result): the thread closes what
+    stop() would have closed as it ends."""
     """A worker thread that did not end within ``stop()``'s bound, while it lives."""
 
     # --- lifecycle -------------------------------------------------------------------
@@ -86,6 +89,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         if self._stuck is not None and self._stuck.is_alive():
             raise WorkerError("the worker thread of the last stop() has not ended yet")
         worker = self._worker_to_start(worker)
+        self._stopped_from_within = False
         self._ready = threading.Event()
         self._start_error = None
         self._thread = threading.Thread(
@@ -111,6 +115,11 @@ class Mailstrom(FacadeBase, QueueOperations):
             else:
                 # The worker is dead; worker_status reports it, the log says why.
                 log.exception("mailstrom worker died")
+        finally:
+            if self._stopped_from_within:
+                # stop() came from on_result (see stop()): what it could not do there.
+                self._unwatch_store()
+                self._close_owned_store()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds, give
@@ -118,14 +127,28 @@ class Mailstrom(FacadeBase, QueueOperations):
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``. A worker
         process still running then is killed; a worker thread is left to end by itself
         (logged). Either way what it had not recorded is tried again once its leases
-        expire."""
+        expire. Called from ``on_result`` in a worker thread (which cannot wait for
+        itself) it returns at once; the worker ends, and closes the store this facade
+        opened, once the deliveries in flight are recorded."""
         worker = self.worker
+        within = False
         try:
             if isinstance(worker, WorkerProcess):
                 worker.stop(timeout)
             elif isinstance(worker, Worker):
                 thread, self._thread = self._thread, None
-                if thread is not None:
+                if thread is None and self._stuck is not None and self._stuck.is_alive():
+                    thread = self._stuck  # still ending since a stop(): wait for it again
+                within = thread is threading.current_thread()
+                if within:
+                    # Called from on_result, on the worker's own thread, which cannot wait
+                    # for itself: the worker drains and ends once the callback returns,
+                    # and the store this facade opened is closed then (_run), not under
+                    # deliveries still to be recorded.
+                    worker.request_stop(drain_timeout=timeout)
+                    self._stopped_from_within = True
+                    self._stuck = thread
+                elif thread is not None:
                     worker.request_stop(drain_timeout=timeout)
                     limit = None if timeout is None else timeout + STOP_GRACE
                     thread.join(limit)
@@ -135,8 +158,9 @@ class Mailstrom(FacadeBase, QueueOperations):
                         self._stuck = thread
                         log.error("the worker thread did not stop within %g s", limit)
         finally:
-            self._unwatch_store()
-            self._close_owned_store()
+            if not within:
+                self._unwatch_store()
+                self._close_owned_store()
 
     def __enter__(self) -> Mailstrom:
         self.start()
