@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -187,6 +188,15 @@ retry_min=1.0, retry_max=300.0)
         scheme, sep, rest = self.url.partition("://")
         if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
             raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
+        try:
+            # What the sender's urllib reads (an IPv6 literal without its "]", a port
+            # that is no port): refused here rather than by every request.
+            parts = urllib.parse.urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ConfigError(f"hook.url: {exc}: {self.url!r}") from None
+        if not parts.hostname or any(c.isspace() or not c.isprintable() for c in self.url):
+            raise ConfigError(f"hook.url: expected a host and no white space: {self.url!r}")
         if not self.secret:
             raise ConfigError("hook.secret: required with hook.url (receivers check signatures)")
         check_seconds(self.timeout, "hook.timeout", maximum=300)

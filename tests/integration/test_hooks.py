@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from mailstrom import Config, Email, HookConfig, Mailstrom, QueueFilter
+from mailstrom.errors import ConfigError
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.hook_post import BODY_READ_LIMIT
 from mailstrom.runtime.hooks import post
@@ -462,3 +463,51 @@ def test_a_worker_stops_promptly_while_its_endpoint_drips_and_loses_no_event(
     with Mailstrom(config, store=store, worker="thread"):
         endpoint.wait_for(lambda _: endpoint.acked_ids() == [events[0].id])
     store.close()
+
+
+class _AckFailsOnce(SQLiteStore):
+    """A store whose first acknowledgement of sent events fails with a bug, not a
+    StoreError."""
+
+    failed = False
+
+    def ack_events(self, *args: Any, **kwargs: Any) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug below the hook sender")
+        return super().ack_events(*args, **kwargs)
+
+
+def test_an_unexpected_error_while_sending_does_not_end_the_sender(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    endpoint: Endpoint,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The sender task ended on it, unwatched, and said nothing: events piled up unsent
+    # while delivery went on.
+    store = _AckFailsOnce(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url, timeout=1.0)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("u0@example.org"))
+        results.wait_count(1)
+        endpoint.wait_for(lambda requests: len(requests) >= 1)
+        ms.send_email(hello("u1@example.org", 1))
+        results.wait_count(2)
+        # The first batch again once its lease ran out (it was never marked sent).
+        endpoint.wait_for(lambda _: len(set(endpoint.acked_ids())) >= 2)
+        failures = ms.metrics().worker.metrics.hook_failures
+    store.close()
+    assert store.failed and failures == 1
+    assert any(r.getMessage() == "hook: sending a batch failed" for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1/hook", "http://h.test:99999/x", "http://h.test:port/x", "http://a b/x"]
+)
+def test_hook_urls_urllib_cannot_read_are_refused_at_configuration(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"hook\.url"):
+        HookConfig(url=url, secret=SECRET)
+    assert post(url, b"{}", {}, 1.0) is not None  # and a request fails, it does not raise

@@ -164,8 +164,11 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str 
     name lookup, which nothing can interrupt); an answer not complete by then is a failure.
     At most :data:`BODY_READ_LIMIT` bytes of the answer's body are read.
     """
-    # HookConfig admits only http:// and https:// URLs.
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        # HookConfig admits only http:// and https:// URLs.
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    except ValueError as exc:  # a URL urllib cannot read: a failed request, as any
+        return f"ValueError: {exc}"
     with _Deadline(timeout) as deadline:
         opener = urllib.request.build_opener(
             _NoRedirects(), _HTTPHandler(deadline), _HTTPSHandler(deadline)

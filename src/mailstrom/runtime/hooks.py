@@ -154,7 +154,15 @@ class HookSender:
                 await self._prune()
                 await self._sleep(self._poll, self._wake)
                 continue
-            if await self._send(batch):
+            try:
+                sent = await self._send(batch)
+            except Exception:
+                # Whatever a bug does here, the sender goes on (with backoff): ended, it
+                # would leave events piling up unsent with nothing said.
+                log.exception("hook: sending a batch failed")
+                self._metrics.hook_failures += 1
+                sent = False
+            if sent:
                 wait = self._hook.retry_min
                 continue
             if self._stopping:
