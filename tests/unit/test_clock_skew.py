@@ -13,6 +13,7 @@ import pytest
 from tests.support.skew import ClockedMemoryStore, SkewedClock, eventually
 
 from mailstrom import Config
+from mailstrom.errors import StoreError, StoreLocked
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.worker import Worker
 from mailstrom.runtime.worker_clock import WARN_SKEW, ClockVerdict, lease_margin, verdict_for
@@ -211,3 +212,18 @@ async def test_a_failing_check_is_store_trouble_not_skew(
         await asyncio.wait_for(task, timeout=5)
     assert "store failing (clock check): connection to the test server lost" in caplog.text
     assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR]
+
+
+def test_a_clock_check_that_answers_does_not_clear_a_failing_write() -> None:
+    # store_error read None (and the log said "store working again") at every clock
+    # check that answered, while results still waited for a store refusing their writes
+    # (a lock held elsewhere, a full disk).
+    worker = worker_for(ClockedMemoryStore(), SkewedClock(0.0))
+    worker._store_trouble("record", StoreLocked("a lock held by another session"))
+    worker._store_fine("clock check")
+    assert worker.status.store_error == "record: a lock held by another session"
+    worker._store_fine()  # the results written: fine again
+    assert worker.status.store_error is None
+    worker._store_trouble("clock check", StoreError("connection lost"))
+    worker._store_fine("clock check")
+    assert worker.status.store_error is None

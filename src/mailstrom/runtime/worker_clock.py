@@ -148,7 +148,7 @@ class WorkerClock(WorkerStore):
             # (shown in store_error; the verdict stays what it was; asked again soon).
             self._store_trouble("clock check", exc)
             return
-        self._store_fine()
+        self._store_fine("clock check")
         self._clock_reading = reading
         verdict = verdict_for(reading, self.config.lease_for, self._clock_verdict)
         previous, self._clock_verdict = self._clock_verdict, verdict

@@ -100,7 +100,7 @@ class WorkerDestinations(WorkerStore):
                             del self._leases[item.lease_token]
         if not written:
             return
-        self._store_fine()
+        self._store_fine("postpone")
         if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
             if self._wake is not None:

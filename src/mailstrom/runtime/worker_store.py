@@ -68,9 +68,13 @@ class WorkerStore:
         if first:
             log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
 
-    def _store_fine(self) -> None:
+    def _store_fine(self, doing: str | None = None) -> None:
+        """A store call worked: the store is fine again. A call of another kind than the
+        main loop's (``doing``: a clock check, a postponement) says so only of a failure
+        of its own kind: a database can answer those while every write of results still
+        fails (a lock held elsewhere, a full disk), and ``store_error`` is what tells."""
         c = self._counters
-        if c.store_error is not None:
+        if c.store_error is not None and (doing is None or c.store_error.startswith(f"{doing}: ")):
             log.warning("store working again after %d failed calls", c.store_errors)
             c.store_error = None
             c.store_errors = 0
