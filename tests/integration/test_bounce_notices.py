@@ -200,3 +200,21 @@ def test_one_delay_warning_once_retries_pass_the_threshold(
         results.wait_count(4)  # deferred again: no second warning
     assert [m.id for m in ms.query_recent()][-1] == mid
     assert len(ms.query_recent()) == 2 and len(mx.messages) == 1
+
+
+def test_the_notice_names_the_original_recipient_and_envelope_id_decoded(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    # xtext is how the SMTP parameters carry them (no+2Bbody@...); a DSN holds the values
+    # themselves (RFC 3461 §4.2 and §4.4, RFC 3464 §2.2.1 and §2.3.1).
+    mx.rcpt_replies["no+body@example.org"] = NO_SUCH_USER
+    ms = mailstrom()
+    dsn = DSN(notify=(Notify.FAILURE,), envid="order+42=x")
+    ms.send_email(hello("no+body@example.org", dsn=dsn))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert b"Original-Recipient: rfc822;no+body@example.org\r\n" in notice.content
+    assert b"Original-Envelope-Id: order+42=x\r\n" in notice.content
+    report = parse_report(notice.content)
+    assert report is not None and report.envelope_id == "order+42=x"
+    assert report.recipients[0].original_recipient == "no+body@example.org"

@@ -157,3 +157,19 @@ def test_not_started() -> None:
     with pytest.raises(RuntimeError, match="not started"):
         _ = mx.config
     mx.stop()  # harmless
+
+
+def test_starting_twice_is_starting_once() -> None:
+    # Started again by ``with``, the servers ran twice: the first pair was left running,
+    # and stop() waited for ever for the threads of the DNS server nobody stopped.
+    with FakeMX().start() as mx:
+        port = mx.dns.port
+        assert mx.start() is mx and mx.dns.start() is mx.dns and mx.dns.port == port
+    assert mx.dns.port == port  # stopped: nothing left to wait for
+
+
+def test_a_null_sender_is_an_empty_envelope_from(fake_mx: FakeMX) -> None:
+    with Mailstrom(fake_mx.config, store=MemoryStore()) as ms:
+        ms.send_email(mail("bob@example.org"), envelope_from="")
+        [got] = fake_mx.wait_for(1)
+    assert got.envelope_from == ""  # as its docstring says, not aiosmtpd's "<>"

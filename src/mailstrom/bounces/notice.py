@@ -27,7 +27,7 @@ from email.utils import format_datetime
 from mailstrom.domains import a_label
 from mailstrom.errors import InvalidAddress
 from mailstrom.message.addrspec import validate_address
-from mailstrom.message.dsn import DSN, Notify, Return, xtext
+from mailstrom.message.dsn import DSN, Notify, Return
 from mailstrom.status import AttemptOutcome
 
 MAX_RETURNED = 1024 * 1024
@@ -160,9 +160,9 @@ def render_notice(
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Mailstrom-Queue-ID: {message_id}",
         *(
-            [f"Original-Envelope-Id: {xtext(dsn.envid or message_id).decode()}"]
-            if dsn is not None
-            else []
+            # Decoded: xtext is the SMTP parameter's encoding, and RFC 3461 §4.4 limits the
+            # value "prior to encoding as xtext" to printable ASCII so that a DSN can hold it.
+            [f"Original-Envelope-Id: {_line(dsn.envid or message_id)}"] if dsn is not None else []
         ),
         f"Arrival-Date: {format_datetime(arrival)}",
     ]
@@ -170,7 +170,9 @@ def render_notice(
         lines += [
             "",
             *(
-                [f"Original-Recipient: rfc822;{xtext(r.address).decode()[:_MAX_LINE]}"]
+                # As the ORCPT parameter named it, decoded (RFC 3461 §4.2, RFC 3464
+                # §2.3.1): bob+news@…, not the parameter's bob+2Bnews@….
+                [f"Original-Recipient: rfc822;{_line(r.address)}"]
                 if dsn is not None and dsn.orcpt and r.address.isascii()
                 else []
             ),

@@ -236,7 +236,12 @@ class LoopbackDNS:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> LoopbackDNS:
-        """Bind UDP and TCP on the same free port and serve in background threads."""
+        """Bind UDP and TCP on the same free port and serve in background threads;
+        returns self. Started already (``with LoopbackDNS().start() as dns``), it just
+        returns self: servers started twice left the first ones running, and ``stop()``
+        waiting for their threads for ever."""
+        if self._servers:
+            return self
         udp, tcp = self._bind()
         self._servers = [udp, tcp]
         self.port = udp.server.server_address[1]

@@ -75,7 +75,10 @@ class FakeMX:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> FakeMX:
-        """Start the DNS and SMTP servers; returns self."""
+        """Start the DNS and SMTP servers; returns self (at once when started already,
+        as in ``with FakeMX().start() as mx``)."""
+        if self._server is not None:
+            return self
         server_context, client_context = _tls()
         self.dns.start()
         try:

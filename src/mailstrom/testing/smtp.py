@@ -136,8 +136,9 @@ class ReceivedMessage:
 
     @property
     def envelope_from(self) -> str:
-        """The MAIL FROM address (``""`` for the null reverse-path)."""
-        return self.mail_from
+        """The MAIL FROM address (``""`` for the null reverse-path, which ``mail_from``
+        holds as aiosmtpd gives it, ``"<>"``)."""
+        return "" if self.mail_from == "<>" else self.mail_from
 
     @property
     def envelope_to(self) -> list[str]:
