@@ -100,18 +100,23 @@ def events_command(args: argparse.Namespace) -> int:
             limit = max(args.limit, 0)
         else:
             after, limit = args.after, max(args.limit, 0)
+        floor, printed = after, set()
         for event in store.read_events(after=after, limit=limit):
             after = max(after, event.id)
             _print(event, as_json=args.json)
+            printed.add(event.id)
         if args.follow:
-            _follow(store, after, as_json=args.json, interval=args.interval)
+            _follow(store, floor, after, printed, as_json=args.json, interval=args.interval)
     return EX_OK
 
 
-def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None:
-    """Print events as they appear until interrupted (Ctrl-C ends the command)."""
-    floor = high = after  # nothing at or below the starting point is printed again
-    printed: set[int] = set()
+def _follow(
+    store: Store, floor: int, high: int, printed: set[int], *, as_json: bool, interval: float
+) -> None:
+    """Print events as they appear until interrupted (Ctrl-C ends the command): none at
+    or below ``floor``, none in ``printed``; those up to :data:`LOOKBACK` below ``high``
+    (the highest printed) are looked for again, the first read's included: an event
+    with a lower id may commit after it."""
     while True:
         # Polling: events come from other processes, and a SQLite reader has nothing to
         # wait on. Each look is one indexed range read of the ids near the top.
