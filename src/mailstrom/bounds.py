@@ -20,7 +20,7 @@ mailstrom.errors.ConfigError: max_recipients: expected an integer from 1 to \
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from mailstrom.errors import ConfigError
 
@@ -30,6 +30,11 @@ MAX_DURATION = timedelta(days=36525)
 """The longest duration accepted (100 years): longer ones overflow date arithmetic."""
 MAX_SECONDS = MAX_DURATION.total_seconds()
 """The largest number of seconds accepted, for the same reason."""
+EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+"""Times a store gives back (from EARLIEST_TIME, before LATEST_TIME): every time mailstrom
+writes, and room to add any duration it allows without leaving ``datetime``'s range. A
+time given from outside (an imported suppression's) must lie between them."""
 
 
 def _shown(value: object) -> str:

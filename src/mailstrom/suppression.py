@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
 from mailstrom.domains import a_label
 from mailstrom.errors import InvalidSuppression
 from mailstrom.safetext import is_safe
@@ -59,6 +60,20 @@ def check_reply(reply: str, *, what: str = "the reply", line: int | None = None)
     if not is_safe(reply.replace("\n", " ")):
         raise InvalidSuppression(f"{what} holds control characters: {reply[:60]!r}", line=line)
     return reply
+
+
+def check_entry_time(when: datetime, *, what: str, line: int | None = None) -> datetime:
+    """``when`` (timezone-aware) when a store gives it back as it was: from 1900 to before
+    9000 (:data:`~mailstrom.bounds.LATEST_TIME`); an entry kept with an ``expires_at`` of
+    9999-12-31 (another system's "never") read back as unreadable, its time lost.
+    :class:`~mailstrom.errors.InvalidSuppression` otherwise."""
+    if not EARLIEST_TIME <= when < LATEST_TIME:
+        raise InvalidSuppression(
+            f"{what} {when.isoformat()} is outside the times kept "
+            f"({EARLIEST_TIME.year} to {LATEST_TIME.year - 1}; no time means never)",
+            line=line,
+        )
+    return when
 
 
 def normalize_target(text: str) -> str:

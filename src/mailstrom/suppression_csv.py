@@ -25,6 +25,7 @@ from mailstrom.suppression import (
     MAX_REPLY,
     Suppression,
     SuppressionSource,
+    check_entry_time,
     check_reply,
     normalize_target,
 )
@@ -152,13 +153,13 @@ def _entry(
         target=target,
         source=chosen,
         reply=reply,
-        created_at=_time(fields.get("created_at"), line) or now,
-        expires_at=_time(fields.get("expires_at"), line),
+        created_at=_time(fields.get("created_at"), line, "created_at") or now,
+        expires_at=_time(fields.get("expires_at"), line, "expires_at"),
         message_id=message_id,
     )
 
 
-def _time(text: str | None, line: int) -> datetime | None:
+def _time(text: str | None, line: int, what: str) -> datetime | None:
     if not text:
         return None
     try:
@@ -170,9 +171,10 @@ def _time(text: str | None, line: int) -> datetime | None:
     try:
         # In UTC, as the stores keep it: 0001-01-01T00:00+01:00 is before the first time
         # Python can hold there, and an entry stored with it could not be read back.
-        return when.astimezone(UTC)
+        when = when.astimezone(UTC)
     except OverflowError:
         raise InvalidSuppression(f"a time out of range: {text!r}", line=line) from None
+    return check_entry_time(when, what=what, line=line)
 
 
 def write_csv(entries: Iterable[Suppression], stream: TextIO) -> int:

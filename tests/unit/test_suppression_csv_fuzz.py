@@ -25,11 +25,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from mailstrom.client.common import suppression_entry
 from mailstrom.errors import InvalidSuppression
 from mailstrom.safetext import is_safe
 from mailstrom.stores import open_store
 from mailstrom.stores.base import Store
-from mailstrom.suppression import Suppression, check_reply, normalize_target
+from mailstrom.suppression import Suppression, SuppressionSource, check_reply, normalize_target
 from mailstrom.suppression_csv import COLUMNS, parse_csv, read_limited, write_csv
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "200"))
@@ -242,6 +243,30 @@ def test_a_time_past_the_range_of_utc_is_refused_with_its_line(row: str) -> None
     with pytest.raises(InvalidSuppression, match="out of range") as info:
         parse_csv(f"example.net\n{row}\n", now=NOW)
     assert info.value.line == 2
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        "bob@example.org,,,,9999-12-31T23:59:59+00:00",  # another system's "never"
+        "bob@example.org,,,9000-01-01T00:00:00Z",
+        "bob@example.org,,,1899-12-31T23:59:59Z",
+    ],
+)
+def test_a_time_a_store_cannot_give_back_is_refused_with_its_line(row: str) -> None:
+    # Was: imported; the SQLite store then read the entry back as unreadable, its time
+    # lost (the memory store kept it): the stores disagreed about the same entry.
+    with pytest.raises(InvalidSuppression, match="outside the times kept") as info:
+        parse_csv(f"example.net\n{row}\n", now=NOW)
+    assert info.value.line == 2
+
+
+def test_a_suppression_expiring_after_the_times_kept_is_refused() -> None:
+    never = datetime(9999, 12, 31, tzinfo=UTC)
+    with pytest.raises(InvalidSuppression, match="outside the times kept"):
+        suppression_entry(
+            "bob@example.org", "", source=SuppressionSource.MANUAL, expires_at=never, now=NOW
+        )
 
 
 def test_times_are_kept_in_utc() -> None:

@@ -37,6 +37,7 @@ from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import (
     Suppression,
     SuppressionSource,
+    check_entry_time,
     check_reply,
     lookup_targets,
     match,
@@ -370,6 +371,7 @@ def suppression_entry(
             raise InvalidSuppression("expires_at must be a timezone-aware datetime")
         if expires_at <= now:
             raise InvalidSuppression(f"expires_at {expires_at.isoformat()} is not in the future")
+        check_entry_time(expires_at, what="expires_at")
     return Suppression(
         target=normalize_target(target),
         source=suppression_source(source),

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from mailstrom.arguments import shown
+from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
 from mailstrom.errors import StoreError, UnreadableRow
 from mailstrom.status import (
     Attempt,
@@ -42,10 +43,9 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-READABLE_FROM = to_us(datetime(1900, 1, 1, tzinfo=UTC))
-READABLE_UNTIL = to_us(datetime(9000, 1, 1, tzinfo=UTC))
-"""The times a queue row is read back with: every time mailstrom writes, and room to add
-any duration it allows (100 years at most) without leaving ``datetime``'s range."""
+READABLE_FROM = to_us(EARLIEST_TIME)
+READABLE_UNTIL = to_us(LATEST_TIME)
+"""The times a queue row is read back with (:data:`mailstrom.bounds.LATEST_TIME`)."""
 
 
 def time_at(us: object, column: str) -> datetime:
