@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,3 +174,22 @@ def test_a_null_sender_is_an_empty_envelope_from(fake_mx: FakeMX) -> None:
         ms.send_email(mail("bob@example.org"), envelope_from="")
         [got] = fake_mx.wait_for(1)
     assert got.envelope_from == ""  # as its docstring says, not aiosmtpd's "<>"
+
+
+def test_a_wait_on_a_stopped_server_ends_at_once() -> None:
+    # A cancelled wait_for_async left its thread waiting out its timeout after the test
+    # (and the loop's shutdown with it); nothing can arrive at a stopped server.
+    outcome: list[str] = []
+
+    def wait(mx: FakeMX) -> None:
+        try:
+            mx.wait_for(1, timeout=600)
+        except AssertionError as exc:
+            outcome.append(str(exc))
+
+    with FakeMX() as mx:
+        waiter = threading.Thread(target=wait, args=(mx,))
+        waiter.start()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and "before it was stopped" in outcome[0]

@@ -23,9 +23,10 @@ from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, listed, piece
 from mailstrom.errors import ConfigError
 
-MIN_RSA_BITS = 1024
-"""Below this verifiers must treat the signature as failed (RFC 8301 §3.2)."""
-GOOD_RSA_BITS = 2048
+# The signer's bounds (RFC 8301 §3.2), not copies: below the least verifiers must treat
+# the signature as failed; the recommended size is what signers should use.
+MIN_RSA_BITS = signer_keys.MIN_RSA_BITS
+GOOD_RSA_BITS = signer_keys.RECOMMENDED_RSA_BITS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

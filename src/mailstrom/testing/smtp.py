@@ -212,6 +212,7 @@ class ReceivingServer:
         self._messages: list[ReceivedMessage] = []
         self._received: list[ReceivedMessage] = []
         self._condition = threading.Condition()
+        self._stopped = False
         self._controller: _Controller | None = None
 
     # --- rules ---------------------------------------------------------------------------
@@ -280,10 +281,13 @@ class ReceivingServer:
         self, items: list[ReceivedMessage], count: int, timeout: float, what: str
     ) -> list[ReceivedMessage]:
         with self._condition:
-            if not self._condition.wait_for(lambda: len(items) >= count, timeout):
+            # A stopped server takes no more: a wait for more fails at once rather than
+            # at its timeout (a cancelled await_messages left its thread waiting on).
+            done = self._condition.wait_for(lambda: len(items) >= count or self._stopped, timeout)
+            if not done or len(items) < count:
                 raise AssertionError(
-                    f"{self.host}:{self.port} {what} {len(items)} messages, "
-                    f"expected {count} within {timeout}s"
+                    f"{self.host}:{self.port} {what} {len(items)} messages, expected {count}"
+                    + (" before it was stopped" if self._stopped else f" within {timeout}s")
                 )
             return list(items)
 
@@ -297,6 +301,9 @@ class ReceivingServer:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+        with self._condition:
+            self._stopped = True
+            self._condition.notify_all()
 
     def __repr__(self) -> str:
         return f"<ReceivingServer {self.host}:{self.port}>"
