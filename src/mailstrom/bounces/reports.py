@@ -178,9 +178,7 @@ def _first_lines(data: bytes) -> bytes:
 _CONTENT_TYPE_BYTES = re.compile(
     rb"^content-type:[^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
 )
-_CONTENT_TYPE_TEXT = re.compile(
-    r"^content-type:[^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
-)
+_CONTENT_TYPE_TEXT = re.compile(_CONTENT_TYPE_BYTES.pattern.decode(), _CONTENT_TYPE_BYTES.flags)
 
 
 def _check_content_types(fields: Iterator[re.Match[bytes]] | Iterator[re.Match[str]]) -> None:

@@ -9,7 +9,6 @@ and then work for every one of those commands.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import BinaryIO
@@ -18,12 +17,11 @@ from mailstrom.arguments import check_key
 from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
 from mailstrom.cli.parsing import duration_arg
 from mailstrom.cli.reading import stdin_buffer
-from mailstrom.domains import a_label
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.chars import shorten
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import MAX_FILTER_TEXT, QueueFilter, Store
-from mailstrom.stores.operator import PENDING_STATES
+from mailstrom.stores.operator import PENDING_STATES, filter_domain
 
 MAX_BULK = 100_000
 """Messages one bulk command changes at most (and ids read from standard input): the ids
@@ -79,12 +77,7 @@ def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -
 
 
 def _domain_arg(text: str) -> str:
-    value = text.strip().lower()
-    # Recipients' domains are stored as A-labels: bücher.example finds
-    # xn--bcher-kva.example (a name with none is kept, and finds nothing).
-    with contextlib.suppress(ValueError):
-        value = a_label(value)
-    return _filter_text("a domain", value, text)
+    return _filter_text("a domain", filter_domain(text), text)
 
 
 def _tag_arg(text: str) -> str:

@@ -94,6 +94,18 @@ def normalize_domain(domain: str) -> str:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain") from None
 
 
+def filter_domain(text: str) -> str:
+    """A domain typed into a filter (``--domain``, the dashboard's) as recipients' domains
+    are stored: stripped, lower case, U-labels as A-labels (``bücher.example`` finds
+    ``xn--bcher-kva.example``). A name with no A-label form is kept as given: it finds
+    nothing, or the caller's own check refuses it."""
+    value = text.strip().lower()
+    try:
+        return a_label(value)
+    except ValueError:
+        return value
+
+
 def earliest(*times: datetime | None) -> datetime | None:
     """The earliest of ``times`` that is not None (None when all are)."""
     return min((t for t in times if t is not None), default=None)

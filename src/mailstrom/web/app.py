@@ -34,7 +34,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from mailstrom.cli.output import age
-from mailstrom.domains import a_label
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
 from mailstrom.loopback import names_loopback
 from mailstrom.policy.reasons import advice_for
@@ -54,6 +53,7 @@ from mailstrom.settings import parse_duration, parse_origin
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
+from mailstrom.stores.operator import filter_domain
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import header_fields, shown_body
@@ -79,16 +79,8 @@ _DOMAIN = re.compile(r"^[^\s/]{1,253}$")
 
 
 def _domain_filter(text: str | None) -> str | None:
-    """A ``domain`` query parameter as recipients' domains are stored: lower case,
-    U-labels as A-labels (``bücher.example`` finds ``xn--bcher-kva.example``). A name with
-    no A-label form is kept as given: it finds nothing, or fails ``_DOMAIN``."""
-    domain = (text or "").strip().lower()
-    if not domain:
-        return None
-    try:
-        return a_label(domain)
-    except ValueError:
-        return domain
+    """A ``domain`` query parameter (:func:`filter_domain`), None when empty."""
+    return filter_domain(text or "") or None
 
 
 _PUBLIC_PATHS = ("/login", "/static/")
