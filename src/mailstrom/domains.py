@@ -149,16 +149,30 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _literal_problem(text: str) -> str | None:
-    inner = text[1:-1] if text.endswith("]") else ""
+def literal_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an RFC 5321 §4.1.3 address literal names, or None when ``text`` is none:
+    ``[192.0.2.1]`` is IPv4, ``[IPv6:2001:db8::1]`` (tag in any case) IPv6. An untagged
+    IPv6 address, a tagged IPv4 one or a zone index (which means nothing to another host)
+    is no literal.
+
+    >>> literal_address("[IPv6:::1]"), literal_address("[IPv6:192.0.2.1]")
+    (IPv6Address('::1'), None)
+    """
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
     try:
         if inner[:5].lower() == "ipv6:":
-            if "%" in inner:  # a zone index means nothing to the server
-                raise ValueError(inner)
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
+            if "%" in inner:
+                return None
+            return ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
     except ValueError:
+        return None
+
+
+def _literal_problem(text: str) -> str | None:
+    if literal_address(text) is None:
         return "not an address literal like [192.0.2.1] or [IPv6:2001:db8::1]"
     return None
 

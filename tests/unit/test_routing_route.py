@@ -95,6 +95,16 @@ def test_address_literals_route_to_themselves() -> None:
         bad.unwrap()
 
 
+@pytest.mark.parametrize("literal", ["[IPv6:127.0.0.1]", "[::1]", "[IPv6:fe80::1%eth0]", "[]"])
+def test_address_literals_need_the_right_tag(literal: str) -> None:
+    """RFC 5321 §4.1.3: IPv6 needs its tag and IPv4 has none; a zone index names nothing
+    to another host. Each is refused rather than read as some other address."""
+    lookup = literal_lookup(literal, RoutePolicy(allow_loopback=True))
+    assert lookup is not None
+    with pytest.raises(PermanentFailure, match="invalid address literal"):
+        lookup.unwrap()
+
+
 def test_nothing_to_shuffle_has_no_spans() -> None:
     assert equal_preference_spans([host("a", 10)]) == ()
     assert equal_preference_spans([host("a", 10), host("b", 20), host("c", 30)]) == ()

@@ -17,7 +17,6 @@ at most ``max_dns_queries`` queries are in flight.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
+from mailstrom.domains import literal_address
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.routing.route import MXHost, Route
@@ -132,14 +132,11 @@ def literal_lookup(domain: str, policy: RoutePolicy) -> Lookup | None:
     None for an ordinary domain. Nothing here depends on DNS, so it never expires."""
     if not is_literal(domain):
         return None
-    inner = domain[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-    try:
-        address = str(ipaddress.ip_address(inner))
-    except ValueError:
+    ip = literal_address(domain)
+    if ip is None:
         refusal = Refusal(text=f"invalid address literal {domain!r}", enhanced="5.1.2")
         return Lookup(refusal=refusal, ttl=FOREVER)
+    address = str(ip)
     kind = policy.refused(address)
     if kind is not None:
         return Lookup(refusal=_refused(domain, [(None, address, kind)]), ttl=FOREVER)
