@@ -379,6 +379,10 @@ def test_dkim_ed25519(tmp_path: Path) -> None:
     ("record", "status", "words"),
     [
         ("v=DKIM1; k=rsa; t=y; p={p}", Status.WARN, "testing"),
+        ("v=DKIM1; k=rsa; t=s : y; p={p}", Status.WARN, "testing"),  # FWS around ':'
+        # Values are case-sensitive (§3.2): dkimpy fails k=RSA as an unknown algorithm.
+        ("v=DKIM1; k=RSA; p={p}", Status.FAIL, "the record is for k=RSA"),
+        ("v=DKIM1; k=rsa; s=tlsrpt : email; p={p}", Status.PASS, "published key matches"),
         ("v=DKIM1; k=rsa; h=sha1; p={p}", Status.FAIL, "excludes sha256"),
         # RFC 6376 §3.6.1: mail verifiers ignore a record whose s= lists neither.
         ("v=DKIM1; k=rsa; s=tlsrpt; p={p}", Status.FAIL, "s=tlsrpt excludes email"),

@@ -67,9 +67,10 @@ def parse_tags(text: str) -> dict[str, str]:
             raise ValueError(f"not a tag=value pair: {piece(part.strip())!r}")
         if name in tags:
             raise ValueError(f"tag {piece(name)}= appears twice")
-        # Folding whitespace may split base64 anywhere (RFC 6376 §3.2); elsewhere it only
-        # surrounds the value.
-        tags[name] = "".join(value.split()) if name in ("p", "h") else value.strip()
+        # Folding whitespace may split base64 anywhere (RFC 6376 §3.2) and surround the
+        # colons of a list (§3.6.1's h=, s=, t=); elsewhere it only surrounds the value.
+        folded = name in ("p", "h", "s", "t")
+        tags[name] = "".join(value.split()) if folded else value.strip()
     return tags
 
 
@@ -275,7 +276,9 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
         return "the record has no p= tag (is a ';' missing?)"
     if tags.get("v", "DKIM1") != "DKIM1":
         return f"v={piece(tags['v'])} is not DKIM1"
-    kind = tags.get("k", "rsa").lower()
+    # Case-sensitive, as tag values are unless their tag says otherwise (§3.2): dkimpy
+    # refuses k=RSA as an unknown algorithm, so the signatures would not verify.
+    kind = tags.get("k", "rsa")
     if kind != ours.kind:
         return f"the record is for k={piece(kind)}, the key is {ours.kind}"
     hashes = tags.get("h")
@@ -284,7 +287,7 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     services = tags.get("s")
     # Verifiers "MUST ignore this record" unless s= lists email or * (RFC 6376 §3.6.1;
     # TLSRPT report keys carry s=tlsrpt, RFC 8460 §3). Values are case-sensitive (§3.2).
-    if services is not None and not {"*", "email"} & {s.strip() for s in services.split(":")}:
+    if services is not None and not {"*", "email"} & set(services.split(":")):
         return f"s={piece(services)} excludes email: verifiers of mail ignore the record"
     if p == "":
         return "p= is empty: the key is revoked"
