@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from mailstrom.bounces import recipient_token, verp_address
@@ -65,6 +66,28 @@ def test_an_exim_bounce_found_by_message_id(mail_env: MailEnv) -> None:
     assert recipient(cli, mid)["state"] == "failed"
     [entry] = cli.ok("suppress", "list", "--json").json()
     assert (entry["target"], entry["source"]) == ("nosuchuser@receiver.test", "async_bounce")
+
+
+def test_suppress_for_ends_an_async_bounce_entry_not_a_complaint(mail_env: MailEnv) -> None:
+    """``suppress_for`` covers hard bounces whether the worker saw the refusal or a DSN
+    reported it later; a complaint is the recipient's word and keeps no end."""
+    cli = mail_env.cli
+    cli.env["MAILSTROM_SUPPRESS_FOR"] = "180d"
+    deliver(
+        mail_env,
+        *("--file", "-", "--from", "app@sender.test", "--to", "nosuchuser@receiver.test"),
+        stdin=RAW,
+    )
+    cli.ok("bounce", stdin=(SAMPLES / "exim-dsn.eml").read_bytes())
+    mail_env.dns.mx("mailbox.test", [(10, "mx.test")])
+    mid = deliver(mail_env, *("--from", VERP, "--to", "carol@mailbox.test", "--text", "x"))
+    token = recipient_token(mid, "carol@mailbox.test", key=verp_key(mail_env)).encode()
+    cli.ok("bounce", stdin=(SAMPLES / "arf-complaint.eml").read_bytes().replace(PLACEHOLDER, token))
+    entries = {e["target"]: e for e in cli.ok("suppress", "list", "--json").json()}
+    bounced, complained = entries["nosuchuser@receiver.test"], entries["carol@mailbox.test"]
+    created = datetime.fromisoformat(bounced["created_at"])
+    assert datetime.fromisoformat(bounced["expires_at"]) - created == timedelta(days=180)
+    assert complained["expires_at"] is None
 
 
 def test_a_postfix_bounce_found_by_the_verp_recipient(mail_env: MailEnv) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hmac
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from mailstrom.bounces.reports import Report, ReportedRecipient, ReportKind
@@ -178,14 +178,17 @@ def apply_report(
     now: datetime,
     envelope_recipient: str | None = None,
     suppress_on: tuple[str, ...] = DEFAULT_SUPPRESS_ON,
+    suppress_for: timedelta | None = None,
 ) -> list[BounceOutcome]:
     """Apply ``report`` to ``store``; one outcome per recipient the report names.
 
     ``envelope_recipient`` is the address the report was delivered to, when the MTA that
     runs ``mailstrom bounce`` passes it (it may hold the VERP token). A failed recipient is
     suppressed when its status is a hard one (:func:`is_late_hard_bounce` with
-    ``suppress_on``); a complaint (feedback type ``abuse``, ``fraud`` or ``virus``, or
-    none) always suppresses, and other feedback reports change nothing.
+    ``suppress_on``), for ``suppress_for`` if given (``Config.suppress_for``, as the
+    worker's own hard bounces); a complaint (feedback type ``abuse``, ``fraud`` or
+    ``virus``, or none) always suppresses, with no end, and other feedback reports change
+    nothing.
     """
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
@@ -217,7 +220,9 @@ def apply_report(
         if recipient.state not in _REPORTABLE:
             outcomes.append(_not_accepted(entry, message, recipient))
             continue
-        outcomes.append(_apply_one(store, report, entry, message, recipient, now, suppress_on))
+        outcomes.append(
+            _apply_one(store, report, entry, message, recipient, now, suppress_on, suppress_for)
+        )
     return outcomes
 
 
@@ -244,6 +249,7 @@ def _apply_one(
     recipient: RecipientStatus,
     now: datetime,
     suppress_on: tuple[str, ...],
+    suppress_for: timedelta | None,
 ) -> BounceOutcome:
     where = report.reporting_mta or "the receiving system"
     if report.kind is ReportKind.COMPLAINT:
@@ -292,7 +298,13 @@ def _apply_one(
         codes=suppress_on,
     ):
         suppressed = _suppress(
-            store, recipient.address, SuppressionSource.ASYNC_BOUNCE, reason, message, now
+            store,
+            recipient.address,
+            SuppressionSource.ASYNC_BOUNCE,
+            reason,
+            message,
+            now,
+            expires_at=None if suppress_for is None else now + suppress_for,
         )
     return BounceOutcome(
         action=BounceAction.FAILED if changed else BounceAction.ALREADY_FAILED,
@@ -316,13 +328,19 @@ def _suppress(
     reason: str,
     message: MessageStatus,
     now: datetime,
+    expires_at: datetime | None = None,
 ) -> Suppression | None:
     try:
         target = normalize_target(address)
     except InvalidSuppression:
         return None
     entry = Suppression(
-        target=target, source=source, reply=reason, created_at=now, message_id=message.id
+        target=target,
+        source=source,
+        reply=reason,
+        created_at=now,
+        expires_at=expires_at,
+        message_id=message.id,
     )
     store.suppress([entry])
     return entry

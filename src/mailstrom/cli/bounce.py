@@ -95,6 +95,7 @@ def bounce_command(args: argparse.Namespace) -> int:
             now=utc_now(),
             envelope_recipient=recipient,
             suppress_on=settings.config.suppress_on,
+            suppress_for=settings.config.suppress_for,
         )
     if args.json:
         print_json({"kind": report.kind.value, "outcomes": [_row(o) for o in outcomes]})
