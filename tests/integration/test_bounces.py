@@ -360,3 +360,20 @@ def test_an_exim_bounce_relaying_a_full_mailbox_does_not_suppress(
     assert (outcome.action, outcome.status) == (BounceAction.FAILED, "5.0.0")
     assert outcome.suppressed is None
     assert ms.suppressions() == []
+
+
+def test_an_exim_bounce_is_classed_by_the_relayed_reply(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """The reason class of a 5.0.0 comes from the relayed reply's own enhanced code: a
+    DMARC refusal (5.7.26) is an authentication failure, not a mailbox one."""
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "exim-dsn.eml", mid, "nosuchuser@receiver.test").replace(
+        b"Status: 5.0.0\r\n",
+        b"Status: 5.0.0\r\nDiagnostic-Code: smtp; 550 5.7.26 unauthenticated mail\r\n",
+    )
+    [outcome] = apply(ms, data, clock)
+    assert outcome.action is BounceAction.FAILED
+    [recipient] = ms.query_status(mid).recipients
+    assert recipient.reason_class == "authentication"

@@ -318,7 +318,12 @@ def _apply_one(
 
 def _reason_class(entry: ReportedRecipient) -> ReasonClass:
     code = entry.diagnostic_code or (550 if (entry.status or "5").startswith("5") else 450)
-    return classify_reply(SMTPReply(code=code, enhanced=entry.status, text=entry.diagnostic or ""))
+    enhanced = entry.status
+    if enhanced is not None and enhanced.endswith(".0.0") and entry.diagnostic_status:
+        # A status without detail (Exim's 5.0.0 for every failure) says less than the
+        # relayed reply's own code, as is_late_hard_bounce judges it.
+        enhanced = entry.diagnostic_status
+    return classify_reply(SMTPReply(code=code, enhanced=enhanced, text=entry.diagnostic or ""))
 
 
 def _suppress(
