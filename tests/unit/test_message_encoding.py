@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from email import message_from_bytes, policy
 
 import pytest
@@ -141,6 +142,32 @@ def test_downgrade_never_breaks_a_line_into_a_delimiter(padding: int) -> None:
     the message did not have."""
     text = "é" + "a" * padding + "--BOUND" if padding else _FORGING_LINE
     original = _forging_message(text)
+    assert [t for t, _ in _parts(original)] == ["text/plain"]
+    downgraded = downgrade_to_7bit(original)
+    assert downgraded.isascii()
+    assert _parts(downgraded) == _parts(original)
+
+
+_FORGED = b"\r\n--BOUND\r\nContent-Type: text/html\r\n\r\n<b>forged part</b>"
+
+
+@pytest.mark.parametrize(
+    ("cte", "body"),
+    [
+        ("quoted-printable", b"caf\xc3\xa9" + _FORGED.replace(b"\n--", b"\n=2D-")),
+        ("base64", base64.b64encode(b"caf\xc3\xa9" + _FORGED) + b"\xc3\xa9"),
+    ],
+)
+def test_downgrade_never_decodes_a_line_into_a_delimiter(cte: str, body: bytes) -> None:
+    """A part labelled quoted-printable or base64 that holds raw 8-bit octets is decoded
+    and encoded again: its text may then hold a line of an enclosing multipart's
+    delimiter (encoded as ``=2D-BOUND``, or in base64), which must stay inside it."""
+    original = (
+        b"From: x@example.com\r\nTo: y@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="BOUND"\r\n\r\n'
+        b"--BOUND\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n\r\n" + body + b"\r\n--BOUND--\r\n"
+    )
     assert [t for t, _ in _parts(original)] == ["text/plain"]
     downgraded = downgrade_to_7bit(original)
     assert downgraded.isascii()

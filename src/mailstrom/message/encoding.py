@@ -85,9 +85,11 @@ def downgrade_to_7bit(data: bytes) -> bytes:
     8BITMIME (RFC 6531 §3.1), so such a message is never downgraded. In the body:
 
     - a leaf part holding octets above 127 is re-encoded: quoted-printable for ``text/*``,
-      base64 otherwise. That includes parts *labelled* quoted-printable or base64 that
-      nevertheless hold raw 8-bit octets: they are decoded as a lenient reader would
-      (RFC 2045 §6.7, §6.8) and encoded again. Their decoded content is unchanged.
+      base64 otherwise, and for text whose quoted-printable would start a line with
+      "--" that no line started before (it could read as a delimiter). That includes
+      parts *labelled* quoted-printable or base64 that nevertheless hold raw 8-bit
+      octets: they are decoded as a lenient reader would (RFC 2045 §6.7, §6.8) and
+      encoded again. Their decoded content is unchanged.
     - multipart and message/rfc822 parts are walked into; a ``8bit``/``binary`` label on
       them becomes ``7bit`` (RFC 2045 §6.4 allows no other encoding on them).
     - a message/rfc822 part whose own headers are 8-bit cannot be made 7-bit as
@@ -135,12 +137,22 @@ def _downgrade(item: mime.Entity, *, depth: int) -> tuple[bytes, bytes]:
         return head, out
     raw = _decoded(item.cte, body)
     encoded = quoted_printable(raw) if item.maintype == "text" else None
-    if encoded is not None and b"=\r\n--" not in encoded:
+    if encoded is not None and not _new_dash_lines(encoded, decoded=item.cte in _DECODED):
         return _with_field(head, "Content-Transfer-Encoding", "quoted-printable"), encoded
-    # Not text; or a soft line break put "--" at the start of a line, where it could be a
-    # delimiter of an enclosing multipart (the text chose where the break falls), ending
-    # this part early and making the rest a part of the sender's making. Base64 has no "-".
+    # Not text; or "--" would start a line it did not start before, where it could be a
+    # delimiter of an enclosing multipart, ending this part early and making the rest a
+    # part of the sender's making. Base64 has no "-".
     return _with_field(head, "Content-Transfer-Encoding", "base64"), base64_lines(raw)
+
+
+def _new_dash_lines(encoded: bytes, *, decoded: bool) -> bool:
+    """Whether a line of ``encoded`` (quoted-printable) may start with "--" where the body
+    it replaces had none: after a soft line break (the text chose where it falls), or
+    anywhere when the body was decoded first (``=2D-BOUND`` or base64 became "--BOUND").
+    The lines of a body sent as it came are its own: those it had were no delimiters."""
+    if b"=\r\n--" in encoded:
+        return True
+    return decoded and (encoded.startswith(b"--") or b"\n--" in encoded)
 
 
 def _downgrade_parts(item: mime.Entity, found: mime.Layout, depth: int) -> bytes:
@@ -164,6 +176,10 @@ def _downgrade_parts(item: mime.Entity, found: mime.Layout, depth: int) -> bytes
         if data[start:end].isascii():
             pieces.append(data[start:end])
     return b"".join(pieces)
+
+
+_DECODED = ("quoted-printable", "base64")
+"""The encodings :func:`_decoded` undoes."""
 
 
 def _decoded(cte: str, body: bytes) -> bytes:
