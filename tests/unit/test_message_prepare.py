@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
 
@@ -246,6 +246,24 @@ def test_builder_date_and_message_id_fields() -> None:
     message = parsed(p.data)
     assert message["Date"].datetime == datetime(2020, 1, 1, 12, 0, tzinfo=UTC)
     assert message["Message-ID"] == "<custom@example.com>" == p.header_message_id
+
+
+# Amsterdam's mean time until 1937 (zoneinfo's offset for it), and a made-up one.
+_SECOND_OFFSETS = [timedelta(minutes=19, seconds=32), -timedelta(seconds=30)]
+
+
+@pytest.mark.parametrize("offset", _SECOND_OFFSETS)
+@pytest.mark.parametrize("kind", ["builder", "raw"])
+def test_a_date_whose_offset_has_seconds_is_written_in_utc(kind: str, offset: timedelta) -> None:
+    """A zone is four digits (RFC 5322 §3.3); ``format_datetime`` wrote six (+001932)."""
+    when = datetime(1930, 1, 2, 3, 4, 5, tzinfo=timezone(offset))
+    if kind == "builder":
+        p = prepare(Email(from_="a@example.com", to="b@example.org", date=when))
+    else:
+        p = prepare(raw("From: a@example.com", "To: b@example.org"), now=when)
+    [date] = re.findall(rb"^Date: (.*)\r$", p.data, re.M)
+    assert re.fullmatch(rb"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}", date)
+    assert parsed(p.data)["Date"].datetime == when
 
 
 def test_subject_is_decoded_for_display() -> None:

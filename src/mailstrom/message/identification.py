@@ -8,8 +8,8 @@ mail without a valid Message-ID; both are refused at submission rather than sent
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_tz
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime, parsedate_tz
 
 from mailstrom.errors import InvalidHeaderValue
 from mailstrom.message.chars import shorten
@@ -43,6 +43,22 @@ def check_message_id(value: str, *, field: str = "Message-ID") -> str:
             header=field,
         )
     return match[1]
+
+
+def format_date(when: datetime) -> str:
+    """``when`` (timezone-aware) as an RFC 5322 date-time, for a Date field.
+
+    >>> format_date(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC))
+    'Tue, 02 Jan 2024 03:04:05 +0000'
+
+    A zone has hours and minutes only (RFC 5322 §3.3): ``format_datetime`` writes an
+    offset with seconds as six digits (``+000030``), which no reader takes, so such a
+    time (a local mean time of ``zoneinfo`` before standard time) is written in UTC.
+    """
+    offset = when.utcoffset()
+    if offset is not None and offset % timedelta(minutes=1):
+        when = when.astimezone(UTC)
+    return format_datetime(when)
 
 
 def check_date(value: str) -> None:

@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.message import Message
-from email.utils import format_datetime
 
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.dkim.signing import DKIMSignature, sign
@@ -54,7 +53,7 @@ from mailstrom.message.headers import (
     decode_text,
     split_header_section,
 )
-from mailstrom.message.identification import check_date, check_message_id
+from mailstrom.message.identification import check_date, check_message_id, format_date
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 from mailstrom.message.trees import check_entity_headers, check_written_tree
@@ -221,7 +220,7 @@ def _prepare_bytes(
     add: list[tuple[str, str]] = []
     date = section.value("Date")
     if date is None:
-        add.append(("Date", format_datetime(now)))
+        add.append(("Date", format_date(now)))
     else:
         check_date(date)
     given_id = section.value("Message-ID")

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import quoprimime
-from email.utils import format_datetime
 
 from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
 from mailstrom.message import mime
@@ -36,6 +35,7 @@ from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
 from mailstrom.message.headers import MAX_FIELD, check_field_size
+from mailstrom.message.identification import format_date
 from mailstrom.message.words import FOLD_AT, fold, parameter, unstructured_field
 
 _GLOBAL = frozenset(
@@ -106,15 +106,16 @@ _last_date: tuple[tuple[datetime | None, object], str] = ((None, None), "")
 
 
 def _date(when: datetime) -> str:
-    """``format_datetime`` of ``when``, remembered for the last second asked: messages
-    submitted in a burst share it, and formatting costs more than the rest of a header."""
+    """:func:`~mailstrom.message.identification.format_date` of ``when``, remembered for
+    the last second asked: messages submitted in a burst share it, and formatting costs
+    more than the rest of a header."""
     global _last_date
     # The second itself, not int(timestamp()): that truncates toward zero, so 1969-12-31
     # 23:59:59.5 and the epoch shared a key. With the offset, equal keys format alike
     # (aware datetimes compare as instants, naive ones as wall times).
     key = (when.replace(microsecond=0), when.utcoffset())
     if _last_date[0] != key:
-        _last_date = (key, format_datetime(when))
+        _last_date = (key, format_date(when))
     return _last_date[1]
 
 
