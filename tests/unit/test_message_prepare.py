@@ -216,10 +216,19 @@ def test_message_id_domain_can_be_chosen_and_ids_differ() -> None:
     assert first.header_message_id != second.header_message_id
 
 
-@pytest.mark.parametrize("domain", ["bücher.example", "", "a b", "x@y"])
+@pytest.mark.parametrize(
+    "domain", ["bücher.example", "", "a b", "x@y", "a,b", "a(b", "a..b", "a.", "[x", "a]"]
+)
 def test_bad_id_domain(domain: str) -> None:
     with pytest.raises(InvalidMessage, match="id_domain"):
         prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)
+
+
+@pytest.mark.parametrize("domain", ["mail.example.net", "x", "[192.0.2.1]"])
+def test_good_id_domain_makes_a_valid_message_id(domain: str) -> None:
+    p = prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)
+    assert (p.header_message_id or "").endswith(f"@{domain}>")
+    assert not parsed(p.data)["Message-ID"].defects
 
 
 def test_existing_date_and_message_id_are_kept() -> None:

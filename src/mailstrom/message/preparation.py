@@ -19,6 +19,7 @@ after their body has been made 7-bit, so that nothing on the way changes them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -59,6 +60,9 @@ from mailstrom.message.render import render
 from mailstrom.message.trees import check_entity_headers, check_written_tree
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_ID_RIGHT = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*|\[[!-Z^-~]*\]")
+"""A msg-id's id-right in ASCII: dot-atom-text or no-fold-literal (RFC 5322 §3.6.4)."""
 LAST_RESORT_ID_DOMAIN = "mailstrom.invalid"
 """Message-ID domain when neither the From domain nor the host's name is a public name:
 ``.invalid`` (RFC 6761 §6.4) can never be anyone's real domain, and no local name leaks."""
@@ -115,7 +119,9 @@ def prepare(
         send_at = send_at.replace(tzinfo=UTC)
     if id_domain is not None:
         check_header_text("id_domain", id_domain)
-        if not id_domain.isascii() or not id_domain or any(c in id_domain for c in " \t<>@"):
+        if not id_domain.isascii() or not _ID_RIGHT.fullmatch(id_domain):
+            # What the new Message-ID's id-right may be (RFC 5322 §3.6.4): "a,b" or "a..b"
+            # made one that readers cannot parse.
             raise InvalidMessage(f"id_domain {id_domain!r} is not an ASCII domain name")
     options = _Options(
         max_size=max_size,
