@@ -21,7 +21,7 @@ from mailstrom.errors import (
     TooManyParts,
     TooManyRecipients,
 )
-from mailstrom.message import Email, addrspec, envelope, prepare
+from mailstrom.message import Attachment, Email, addrspec, envelope, prepare
 from mailstrom.message.addresses import CACHED_VALUE_LENGTH, parse_address_list
 from mailstrom.message.addrspec import validate
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_HEADER_SECTION, MAX_PARTS
@@ -142,6 +142,37 @@ def test_mime_parts_are_bounded() -> None:
     assert prepare(multipart(*[part] * (MAX_PARTS - 1)), now=NOW)
     with pytest.raises(TooManyParts) as caught:
         prepare(multipart(*[part] * MAX_PARTS), now=NOW)
+    assert caught.value.limit == MAX_PARTS
+
+
+@pytest.mark.parametrize(
+    ("parts", "inline", "extra"),
+    [
+        ({"text": "t"}, False, 2),  # mixed, text
+        ({"text": "t"}, True, 2),  # inline without HTML: the same
+        ({"text": "t", "html": "<p>h</p>"}, False, 4),  # mixed, alternative, text, html
+        ({"text": "t", "html": "<p>h</p>"}, True, 4),  # alternative, text, related, html
+        ({}, False, 1),  # mixed
+    ],
+)
+def test_a_built_message_has_the_part_bound_of_raw_input(
+    parts: dict[str, str], inline: bool, extra: int
+) -> None:
+    """An Email with thousands of attachments was rendered whole, though prepare() refuses
+    the bytes it made (and so a bounce notice returning it: no notice was sent). The
+    bound is the same, counted on the entities the renderer makes."""
+
+    def email(count: int) -> Email:
+        attachments = [
+            Attachment(filename=f"{i}.txt", content=b"", inline=inline, content_id=f"<{i}@x>")
+            for i in range(count)
+        ]
+        return Email(from_="a@example.com", to="b@example.org", attachments=attachments, **parts)
+
+    p = prepare(email(MAX_PARTS - extra), now=NOW)
+    assert prepare(p.data, now=NOW)  # its bytes are within the bound too
+    with pytest.raises(TooManyParts) as caught:
+        prepare(email(MAX_PARTS - extra + 1), now=NOW)
     assert caught.value.limit == MAX_PARTS
 
 

@@ -31,6 +31,7 @@ from email import quoprimime
 from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
 from mailstrom.message import mime
 from mailstrom.message.addresses import format_address_field
+from mailstrom.message.bounds import MAX_PARTS, too_many_parts
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
@@ -135,6 +136,19 @@ class _Builder:
         html = None if draft.html is None else _text_part("html", draft.html)
         related = [a for a in draft.attachments if a.inline and html is not None]
         others = [a for a in draft.attachments if not (a.inline and html is not None)]
+        # Every entity counts against the bound raw input has, the multiparts and the
+        # top one included: the leaves, related, alternative, mixed, or an empty text.
+        entities = (
+            len(draft.attachments)
+            + (text is not None)
+            + (html is not None)
+            + bool(html is not None and related)
+            + (text is not None and html is not None)
+            + bool(others)
+            + (text is None and html is None and not others)
+        )
+        if entities > MAX_PARTS:
+            raise too_many_parts()
         if html is not None and related:
             parts = [html, *(self._attachment(a) for a in related)]
             html = self._multipart("related", parts, extra=(("type", "text/html"),))
