@@ -176,6 +176,27 @@ def test_a_built_message_has_the_part_bound_of_raw_input(
     assert caught.value.limit == MAX_PARTS
 
 
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({f"X-H{i}": "v" for i in range(MAX_HEADER_FIELDS)}, TooManyHeaderFields),
+        ({f"X-H{i}": "word " * 12_000 for i in range(20)}, HeaderTooLong),
+    ],
+    ids=["fields", "octets"],
+)
+def test_a_built_message_has_the_header_section_bounds_of_raw_input(
+    headers: dict[str, str], error: type[Exception]
+) -> None:
+    """An Email's headers made a header section of any number of fields and octets,
+    each field within its own bound, which prepare() refuses as raw input."""
+    email = Email(from_="a@example.com", to="b@example.org", text="t", headers=headers)
+    with pytest.raises(error, match="the header section"):
+        prepare(email, now=NOW)
+    fewer = dict(list(headers.items())[: len(headers) // 2])
+    p = prepare(Email(from_="a@example.com", to="b@example.org", headers=fewer), now=NOW)
+    assert prepare(p.data, now=NOW)
+
+
 def test_mime_part_header_sections_are_bounded() -> None:
     """Input audit #3: a part's header section had no bound (4 million fields: 2.3 s,
     accepted); it has the same bounds as the message's."""

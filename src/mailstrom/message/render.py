@@ -31,7 +31,7 @@ from email import quoprimime
 from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
 from mailstrom.message import mime
 from mailstrom.message.addresses import format_address_field
-from mailstrom.message.bounds import MAX_PARTS, too_many_parts
+from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
@@ -94,6 +94,8 @@ def render(
     head = ("\r\n".join(fields) + "\r\n\r\n").encode("utf-8" if utf8 else "ascii")
     if len(head) > MAX_FIELD:  # only then can one field be too long
         _check_sizes(fields)
+    # The bounds of raw input's header section (fields, octets): counted at C speed.
+    check_header_section(head, 0, len(head) - 2, where="the header section")
     return head + top.body
 
 
