@@ -133,6 +133,23 @@ def test_the_message_dsn_request_decides(mailstrom: Make, mx: Any, results: Resu
     assert report is not None and report.recipients[0].original_recipient == "nobody@example.org"
 
 
+def test_a_message_too_big_to_return_whole_gets_a_notice_with_its_headers(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    """RET=FULL of a message just within the 1,000-part bound: returned whole, the notice
+    would pass it (its own parts come on top), and no notice at all was sent."""
+    from mailstrom import Attachment
+
+    files = [Attachment(filename=f"f{i}.txt", content=b"x") for i in range(996)]
+    ms = mailstrom()
+    dsn = DSN(notify=(Notify.FAILURE,), ret=Return.FULL)
+    ms.send_email(hello("nobody@example.org", dsn=dsn, attachments=files))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert b"Content-Type: text/rfc822-headers" in notice.content
+    assert b"Subject: Quarterly" in notice.content and b"f995.txt" not in notice.content
+
+
 def test_never_when_notify_never_or_for_the_null_sender(
     mailstrom: Make, mx: Any, results: Results
 ) -> None:

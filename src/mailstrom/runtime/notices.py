@@ -20,6 +20,7 @@ from mailstrom.bounces.verp import is_verp_template, verp_address
 from mailstrom.config import Config
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.dsn import DSN, Return
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
@@ -67,44 +68,22 @@ def notices_for(
         groups.setdefault(key, (item, arrival, []))[2].append(entry)
     if not groups:
         return []
-    # Loaded at the first notice: a worker that never bounces needs no message builder.
-    from mailstrom.message.preparation import prepare
-
     notices = []
     # In the default lane like the application's own mail (a message without a lane would
     # wait until every configured lane had nothing due).
     attributes = QueueAttributes(priority=config.default_priority)
     for (message_id, sender, delayed), (item, arrival, entries) in groups.items():
-        max_age = config.retry.max_age
-        raw = render_notice(
-            reporting_mta=config.helo_name,
-            sender=sender,
-            message_id=message_id,
-            original=item.data,
-            arrival=arrival,
-            failed=entries,
-            dsn=item.dsn,
-            now=now,
-            delayed=delayed,
-            retry_until=arrival + max_age if delayed and max_age is not None else None,
-            # The sender's own domain last: its MTA is the one reporting.
-            from_domain=mailer_daemon_domain(
-                (config.helo_name, config.message_id_domain, domain_of(sender))
-            ),
-        )
+        notice = _Notice(config, now, message_id, sender, delayed, item, arrival, entries)
         try:
-            prepared = prepare(
-                raw,
-                envelope_from="",
-                envelope_to=[sender],
-                # The returned message may be in base64 (an 8-bit one): 4/3 of its size.
-                max_size=config.max_message_size * 4 // 3 + 64 * 1024,
-                max_recipients=1,
-                now=now,
-                id_domain=config.message_id_domain,
-                fallback_id_domain=config.helo_name,
-                dkim=config.dkim,
-            )
+            try:
+                prepared = notice.prepared(item.dsn)
+            except InvalidMessage:
+                if item.dsn is None or item.dsn.ret is not Return.FULL:
+                    raise
+                # The message returned whole took the notice past a bound the original
+                # was just within (its parts and the notice's own four): return its
+                # headers, as for a message over MAX_RETURNED, rather than no notice.
+                prepared = notice.prepared(dataclasses.replace(item.dsn, ret=Return.HEADERS))
             notices.append(dataclasses.replace(prepared, attributes=attributes))
         except InvalidMessage as exc:
             log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
@@ -124,3 +103,54 @@ def _crosses_delay(
     leased = next((r for r in item.recipients if r.address == result.address), None)
     previous = leased.last_attempt_at if leased is not None else None
     return previous is None or previous < threshold
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Notice:
+    """One notice to make: to ``sender`` about ``entries`` of message ``message_id``."""
+
+    config: Config
+    now: datetime
+    message_id: str
+    sender: str
+    delayed: bool
+    item: WorkItem
+    arrival: datetime
+    entries: list[FailedRecipient]
+
+    def prepared(self, dsn: DSN | None) -> PreparedMessage:
+        """The notice rendered as ``dsn`` asks (RET=FULL: the message whole) and prepared
+        for the queue; InvalidMessage if it breaks a bound of ``prepare()``."""
+        # Loaded at the first notice: a worker that never bounces needs no message builder.
+        from mailstrom.message.preparation import prepare
+
+        config, max_age = self.config, self.config.retry.max_age
+        delayed = self.delayed
+        raw = render_notice(
+            reporting_mta=config.helo_name,
+            sender=self.sender,
+            message_id=self.message_id,
+            original=self.item.data,
+            arrival=self.arrival,
+            failed=self.entries,
+            dsn=dsn,
+            now=self.now,
+            delayed=delayed,
+            retry_until=self.arrival + max_age if delayed and max_age is not None else None,
+            # The sender's own domain last: its MTA is the one reporting.
+            from_domain=mailer_daemon_domain(
+                (config.helo_name, config.message_id_domain, domain_of(self.sender))
+            ),
+        )
+        return prepare(
+            raw,
+            envelope_from="",
+            envelope_to=[self.sender],
+            # The returned message may be in base64 (an 8-bit one): 4/3 of its size.
+            max_size=config.max_message_size * 4 // 3 + 64 * 1024,
+            max_recipients=1,
+            now=self.now,
+            id_domain=config.message_id_domain,
+            fallback_id_domain=config.helo_name,
+            dkim=config.dkim,
+        )
