@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mailstrom import Config, Email, Mailstrom, RecipientState
 from mailstrom.ops.exporter import MailstromCollector
@@ -342,3 +343,29 @@ def test_an_application_that_only_enqueues_sees_how_many_workers_deliver(
     with Mailstrom(config, store=MemoryStore(), worker="thread") as memory:
         assert memory.metrics().workers is None  # a memory store cannot tell
         assert _workers_exported(memory) is None
+
+
+def test_a_domain_named_other_counts_with_the_rest_not_as_a_second_series(
+    dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """An address such as user@other has the domain "other", the label of the rest: it
+    was named among the busiest domains as well, two series with one label set (Prometheus
+    keeps one and drops the other)."""
+    config = loopback_config(dns_server, 25)
+    with Mailstrom(config, store=tmp_path / "q.db", worker=None) as ms:
+        for i in range(12):  # two past the ten named: the rest has 2
+            ms.send_email(hello(f"user@d{i:02}.example"))
+        for i in range(3):
+            ms.send_email(hello(f"user{i}@other"))
+        registry = CollectorRegistry()
+        registry.register(MailstromCollector(ms.metrics))
+        text = generate_latest(registry).decode()
+        rest = registry.get_sample_value("mailstrom_queue_pending_recipients", {"domain": "other"})
+    samples = [
+        sample.labels["domain"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "mailstrom_queue_pending_recipients"
+        for sample in family.samples
+    ]
+    assert len(samples) == len(set(samples)) == 11, samples
+    assert rest == 2 + 3  # d10, d11 and the three at "other"

@@ -207,10 +207,17 @@ class MailstromCollector(Collector):
             "(the rest: other)",
             labels=["domain"],
         )
-        ranked = sorted(queue.pending_by_domain.items(), key=lambda kv: (-kv[1], kv[0]))
+        # A recipient's domain may be "other" itself (a single label, as an address such as
+        # user@other has): it counts with the rest, so that "other" is one series that
+        # always means the rest, never a second one beside it (Prometheus keeps one sample
+        # of a duplicated series and drops the other).
+        ranked = sorted(
+            ((d, n) for d, n in queue.pending_by_domain.items() if d != OTHER),
+            key=lambda kv: (-kv[1], kv[0]),
+        )
         for domain, n in ranked[: self._top]:
             pending.add_metric([domain], n)
-        rest = sum(n for _, n in ranked[self._top :])
+        rest = sum(n for _, n in ranked[self._top :]) + queue.pending_by_domain.get(OTHER, 0)
         if rest:
             pending.add_metric([OTHER], rest)
         yield pending
