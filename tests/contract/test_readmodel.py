@@ -193,6 +193,24 @@ def test_queue_search_by_address_id_or_domain(model: ReadModel, queue: Queue) ->
     assert found("one.example") == [queue.delivered, queue.deferred]
 
 
+def test_queue_search_takes_a_domain_as_typed(model: ReadModel, store: Store) -> None:
+    """Recipients' domains are stored in lower case, U-labels as A-labels (as prepare()
+    writes them); the domain filter found them typed either way, the search did not."""
+    stored = store.enqueue(message("Bob@xn--bcher-kva.example"), now=START)
+
+    def found(term: str) -> list[str]:
+        return _ids(model, view=QueueView.ALL, search=Search.parse(term))
+
+    for term in (
+        "bücher.example",
+        "BÜCHER.Example",
+        "Bob@Bücher.Example",
+        "Bob@XN--BCHER-KVA.example",
+    ):
+        assert found(term) == [stored], term
+    assert found("bob@bücher.example") == []  # a local part is what it was typed as
+
+
 def test_destinations_list_pending_mail_per_domain(model: ReadModel, queue: Queue) -> None:
     found = model.destinations()
     assert [(d.domain, d.pending, d.deferred) for d in found] == [

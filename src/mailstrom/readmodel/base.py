@@ -19,7 +19,7 @@ from typing import Protocol
 
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
-from mailstrom.stores.operator import Suspension
+from mailstrom.stores.operator import Suspension, filter_domain
 
 MAX_PAGE = 500
 """The most messages one page may hold."""
@@ -112,7 +112,9 @@ def cursor_after(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Search:
     """A search term, understood as what it looks like: an address (has an ``@``), the
-    beginning of a message id (hex digits), otherwise a destination domain."""
+    beginning of a message id (hex digits), otherwise a destination domain. A domain, and
+    an address's domain, are looked for as recipients' are stored: in lower case, U-labels
+    as A-labels (:func:`~mailstrom.stores.operator.filter_domain`)."""
 
     address: str | None = None
     id_prefix: str | None = None
@@ -125,10 +127,12 @@ class Search:
         if not term:
             return None
         if "@" in term:
-            return cls(address=term)
+            # The local part as typed: only a domain is the same in any case.
+            local, _, domain = term.rpartition("@")
+            return cls(address=f"{local}@{filter_domain(domain)}")
         if _HEX.match(term.lower()):
             return cls(id_prefix=term.lower())
-        return cls(domain=term.lower())
+        return cls(domain=filter_domain(term))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
