@@ -3,6 +3,7 @@ during real deliveries to a loopback receiver, and when the store goes away."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +371,37 @@ def test_a_domain_named_other_counts_with_the_rest_not_as_a_second_series(
     ]
     assert len(samples) == len(set(samples)) == 11, samples
     assert rest == 2 + 3  # d10, d11 and the three at "other"
+
+
+class _DistantStore(SQLiteStore):
+    """A store whose database takes a while to answer (PostgreSQL across a network)."""
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        time.sleep(0.5)
+        return super().next_due(now=now)
+
+
+def test_health_checks_at_the_same_time_share_the_store_check(
+    dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A liveness and a readiness probe arriving together: the second one failed at once,
+    "a store check has not answered for over 3 s", while the first one's check, started a
+    moment before, was still on its way."""
+    config = loopback_config(dns_server, 25)
+    path = tmp_path / "q.db"
+    with Mailstrom(config, store=path, worker="thread") as ms:
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        distant = _DistantStore(path)
+        health = HealthCheck(
+            status=lambda: ms.worker_status, responsive=worker.responsive, store=distant
+        )
+        server = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        server.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: healthz(server.url), range(4)))
+        finally:
+            server.close()
+            distant.close()
+    assert [code for code, _ in answers] == [200] * 4, answers

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,15 +109,18 @@ class HealthCheck:
 
     def _ping_store(self) -> str | None:
         with self._lock:
-            if self._ping is not None and not self._ping.done.is_set():
-                # The last ping still hangs: fail now rather than pile up threads.
-                return f"a store check has not answered for over {STORE_TIMEOUT:g} s"
-            ping = self._ping = _Ping()
-        # A daemon thread: a ping hanging on a dead database must not hold up exit.
-        threading.Thread(
-            target=ping.run, args=(self._store,), name="mailstrom-health", daemon=True
-        ).start()
-        if not ping.done.wait(STORE_TIMEOUT):
+            ping = self._ping
+            if ping is None or ping.done.is_set():
+                ping = self._ping = _Ping()
+                # A daemon thread: a ping hanging on a dead database must not hold up exit.
+                threading.Thread(
+                    target=ping.run, args=(self._store,), name="mailstrom-health", daemon=True
+                ).start()
+        # A check made while another one's ping runs shares it (two probes at once are
+        # usual: a liveness and a readiness probe), waiting for what is left of its time;
+        # one that hangs past it fails every check at once rather than pile up threads.
+        left = ping.started + STORE_TIMEOUT - time.monotonic()
+        if left <= 0 or not ping.done.wait(left):
             return f"the store did not answer within {STORE_TIMEOUT:g} s"
         return ping.error
 
@@ -125,6 +129,7 @@ class _Ping:
     """One store check on a thread of its own."""
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.done = threading.Event()
         self.error: str | None = None
 
