@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mailstrom import Config, Email, Mailstrom, RecipientState
 from mailstrom.ops.exporter import MailstromCollector
-from mailstrom.ops.server import HealthCheck, OpsServer
+from mailstrom.ops.server import Health, HealthCheck, OpsServer
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MetricsSnapshot
+from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.dead_holders import live_workers
 from tests.fixtures.dns_server import LoopbackDNS
@@ -405,3 +405,27 @@ def test_health_checks_at_the_same_time_share_the_store_check(
             server.close()
             distant.close()
     assert [code for code, _ in answers] == [200] * 4, answers
+
+
+def test_it_serves_on_an_ipv6_loopback_address() -> None:
+    """parse_listen takes "[::1]:9466", but the server was the stdlib's IPv4 one: it could
+    not bind ("Address family for hostname not supported"), and `worker --metrics` exited 78."""
+    server = OpsServer(
+        "::1",
+        0,
+        snapshot=lambda: MetricsSnapshot(worker=WorkerStatus(running=True)),
+        health=lambda: Health(ok=True, details={"status": "ok"}),
+    )
+    server.start()
+    try:
+        assert server.url == f"http://[::1]:{server.port}"
+        assert healthz(server.url) == (200, {"status": "ok"})
+        # Still a loopback server: a rebound name is refused.
+        conn = http.client.HTTPConnection("::1", server.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz", headers={"Host": "rebound.example"})
+            assert conn.getresponse().status == 400
+        finally:
+            conn.close()
+    finally:
+        server.close()

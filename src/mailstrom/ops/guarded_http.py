@@ -85,6 +85,10 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
+        # The stdlib's servers are IPv4 (a class attribute): "::1" or "::" would fail to
+        # bind ("Address family for hostname not supported").
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.max_connections = max_connections
         self.request_timeout = request_timeout
