@@ -5,6 +5,7 @@ error page quoting all of it."""
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +178,22 @@ def test_a_content_length_that_is_not_ascii_digits_is_refused(store: Store) -> N
     app = create_app(store, clock=lambda: NOW)
     sent = _post_login(app, [(b"content-length", b"\xb2")], b"csrf=x")
     assert sent[0]["status"] == 413
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"X-Campaign: =?utf-8?b?A?=",  # base64 that does not decode: HeaderParseError
+        "X-Campaign: =?x\u00e9?q?abc?=".encode(),  # a charset name not in ASCII: CharsetError
+    ],
+)
+def test_a_header_field_with_a_broken_encoded_word_is_shown_as_written(
+    store: Store, client: TestClient, field: bytes
+) -> None:
+    """The message's page decodes encoded-words for display; the stdlib's own errors for a
+    malformed one (no ValueError) made the page a 500."""
+    data = b"Subject: Hello\r\n" + field + b"\r\n\r\nHi there.\r\n"
+    mid = store.enqueue(message("a@one.example", data=data), now=NOW)
+    page = client.get(f"/message/{mid}")
+    assert page.status_code == 200
+    assert html.escape(field.decode().partition(": ")[2], quote=False) in page.text

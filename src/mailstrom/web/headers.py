@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from email.errors import MessageError
 from email.header import decode_header, make_header
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -32,7 +33,9 @@ def _decoded(value: str) -> str:
         return value
     try:
         return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):
+        # MessageError: base64 that does not decode (HeaderParseError), a charset name
+        # that is not ASCII (CharsetError); the stdlib raises them for what a sender wrote.
         return value
 
 
