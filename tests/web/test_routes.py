@@ -333,6 +333,25 @@ def test_every_store_serves_every_page_and_action(any_store: Store) -> None:
     assert any_store.status(mid).state is RecipientState.FAILED
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/queue?q=one%00.example",
+        "/queue?q=b%00@two.example",
+        "/queue?q=ab%00",
+        "/queue?domain=two%00.example",
+        "/destinations?domain=two%00.example",
+    ],
+)
+def test_a_nul_in_a_filter_is_a_400_on_every_store(any_store: Store, path: str) -> None:
+    """PostgreSQL refuses a NUL in any text: the page was a 503, "the queue cannot be read
+    right now", where the other stores found nothing."""
+    for client in _client(any_store):
+        page = client.get(path)
+        assert page.status_code == 400, page.text
+        assert 'id="problem"' in page.text
+
+
 def test_a_large_form_is_refused_before_it_is_read(store: Store) -> None:
     for client in _client(store, token="t"):
         login = client.get("/login")

@@ -32,6 +32,7 @@ MAX_SEARCH = 320
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
 _CURSOR = re.compile(r"(?P<us>-?[0-9]{1,20})\.(?P<seq>[0-9]{1,19})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_SEQ = 2**63 - 1
 """The largest insertion number a store keeps (SQLite's and PostgreSQL's bigint)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -153,6 +154,12 @@ class QueueQuery:
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= MAX_PAGE:
             raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit}")
+        search = self.search or Search()
+        for text in (self.domain, search.address, search.domain, search.id_prefix):
+            # No stored domain, address or id holds one, and PostgreSQL refuses a NUL in
+            # any text it is given (a "refused value" error, where the others find nothing).
+            if text is not None and _CONTROL.search(text):
+                raise InvalidQuery(f"a control character in {text[:40]!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -75,7 +75,7 @@ MAX_OFFSET = 10**9
 _DIGITS = re.compile(r"[0-9]{1,12}")
 """A number as a query string or header gives it (not str.isdigit, which takes "²")."""
 _MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" in
-_DOMAIN = re.compile(r"^[^\s/]{1,253}$")
+_DOMAIN = re.compile(r"^[^\s/\x00-\x1f\x7f]{1,253}$")  # NUL: PostgreSQL refuses it
 
 
 def _domain_filter(text: str | None) -> str | None:
