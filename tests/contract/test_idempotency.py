@@ -98,6 +98,37 @@ def test_eight_threads_racing_on_one_key_queue_one_message(store_backend: Backen
     assert [m.id for m in stores[0].recent()] == ids[:1]
 
 
+def test_batches_sharing_keys_in_opposite_orders_both_go_in(store_backend: Backend) -> None:
+    """Each batch waits for the other's claim of a shared key: claimed in the callers'
+    orders, the two waited for each other and PostgreSQL failed one (a deadlock)."""
+    stores = [store_backend.open() for _ in range(2)]
+    keys = [f"order-{n:04d}" for n in range(1000)]
+    start = threading.Barrier(2)
+    ids: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def submit(store: Store, order: list[str]) -> None:
+        try:
+            start.wait(timeout=30)
+            found = store.enqueue_many([keyed(k) for k in order], now=NOW)
+            for key, mid in zip(order, found, strict=True):
+                assert ids.setdefault(key, mid) == mid  # both batches: one id per key
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=submit, args=(stores[0], keys)),
+        threading.Thread(target=submit, args=(stores[1], keys[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(ids) == len(set(ids.values())) == len(keys)
+    assert len(stores[0].recent(limit=2000)) == len(keys)
+
+
 RACER = textwrap.dedent(
     """
     import json, sys

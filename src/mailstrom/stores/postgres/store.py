@@ -236,34 +236,41 @@ class PostgresStore:
         self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
     ) -> list[str]:
         """Claim each idempotency key, then insert the messages that got theirs, in one
-        transaction; a message whose key another one holds gets that one's id instead."""
-        fresh: list[PreparedMessage] = []
-        fresh_ids: list[str] = []
+        transaction; a message whose key another one holds gets that one's id instead.
+
+        The keys are claimed in key order (the caller's among equal keys, so the first of
+        them wins): a claim waits for a concurrent batch that claimed the same key to end,
+        and two batches claiming shared keys in opposite orders deadlocked, one of them
+        failing."""
+        keyed = sorted(
+            (key, i)
+            for i, message in enumerate(messages)
+            if (key := message.attributes.idempotency_key) is not None
+        )
+        taken: set[int] = set()
         with (
             self._translating("enqueue"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            for i, message in enumerate(messages):
-                key = message.attributes.idempotency_key
-                if key is not None:
-                    claimed = conn.execute(
-                        self._queries["claim_key"],
-                        {
-                            "key": key,
-                            "id": ids[i],
-                            "until": message.attributes.idempotency_until or now,
-                            "now": now,
-                        },
-                    ).fetchone()
-                    if claimed is None:
-                        holder = conn.execute(self._queries["key_holder"], {"key": key}).fetchone()
-                        if holder is None:  # cannot happen: the conflict was on this row
-                            raise StoreError(f"idempotency key {key!r} vanished while claimed")
-                        ids[i] = holder[0]
-                        continue
-                fresh.append(message)
-                fresh_ids.append(ids[i])
+            for key, i in keyed:
+                claimed = conn.execute(
+                    self._queries["claim_key"],
+                    {
+                        "key": key,
+                        "id": ids[i],
+                        "until": messages[i].attributes.idempotency_until or now,
+                        "now": now,
+                    },
+                ).fetchone()
+                if claimed is None:
+                    holder = conn.execute(self._queries["key_holder"], {"key": key}).fetchone()
+                    if holder is None:  # cannot happen: the conflict was on this row
+                        raise StoreError(f"idempotency key {key!r} vanished while claimed")
+                    ids[i] = holder[0]
+                    taken.add(i)
+            fresh = [m for i, m in enumerate(messages) if i not in taken]
+            fresh_ids = [mid for i, mid in enumerate(ids) if i not in taken]
             if fresh:
                 conn.execute(
                     self._queries["enqueue"],
