@@ -3,6 +3,7 @@ their Message-ID header, and the key VERP tokens are made with."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from datetime import timedelta
 
@@ -115,6 +116,18 @@ def test_messages_by_header_message_id(store: Store) -> None:
     assert store.message_ids_for_header("<m1@example.com>") == [second, first]
     assert store.message_ids_for_header("<m1@example.com>", limit=1) == [second]
     assert store.message_ids_for_header("<none@example.com>") == []
+
+
+def test_a_message_id_of_many_folded_lines_is_kept_and_found(store: Store) -> None:
+    """A quoted id-left may be folded over many lines (RFC 5322 §3.6.4, obs-id-left):
+    PostgreSQL's B-tree index could not hold such a Message-ID, and its message could
+    not be queued."""
+    quoted = " ".join(f"{n:04d}{os.urandom(24).hex()}" for n in range(80))  # 4 KB, random
+    header_id = f'<"{quoted}"@example.com>'
+    mid = store.enqueue(replace(message("a@example.org"), header_message_id=header_id), now=NOW)
+    assert store.status(mid).header_message_id == header_id
+    assert store.message_ids_for_header(header_id) == [mid]
+    assert store.message_ids_for_header(header_id[:-2] + "x>") == []
 
 
 def test_the_verp_key_is_made_once_and_shared(store_backend: Backend) -> None:
