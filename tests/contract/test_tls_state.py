@@ -112,6 +112,37 @@ def test_concurrent_adds_lose_nothing(store_backend: Backend) -> None:
     assert row.count == 80
 
 
+def test_concurrent_batches_in_other_orders_both_add(store_backend: Backend) -> None:
+    """Two workers write the same counters, each in the order it met them: a counter's
+    row waits for the other batch to commit, and in opposite orders PostgreSQL failed
+    one batch (a deadlock)."""
+    stores = [store_backend.open() for _ in range(2)]
+    batch = [
+        TLSSessions(day=DAY, policy_domain=f"d{n:04d}.example", policy_type=PolicyType.STS)
+        for n in range(1000)
+    ]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def add(store: Store, sessions: list[TLSSessions]) -> None:
+        try:
+            start.wait(timeout=30)
+            store.add_tls_sessions(sessions)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=add, args=(stores[0], batch)),
+        threading.Thread(target=add, args=(stores[1], batch[::-1])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted({s.count for s in stores[0].tls_sessions(DAY)}) == [2]
+
+
 def test_pruning_drops_old_days_only(store: Store) -> None:
     store.add_tls_sessions([success(day=DAY - timedelta(days=40)), success()])
     assert store.prune_tls_sessions(before=DAY - timedelta(days=30)) == 1

@@ -717,10 +717,12 @@ class PostgresStore:
         )
 
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
-        """Add ``sessions`` to the day's counters, in one transaction."""
+        """Add ``sessions`` to the day's counters, in one transaction, in key order: a
+        counter's row waits for a concurrent add of it to commit, and two workers adding
+        the same counters in the orders they met them deadlocked."""
         if not sessions:
             return
-        params = [tls_rows.session_params(s) for s in sessions]
+        params = [tls_rows.session_params(s) for s in sorted(sessions, key=TLSSessions.key)]
         with (
             self._translating("add_tls_sessions"),
             self._pool.connection() as conn,
