@@ -10,7 +10,12 @@ import pytest
 
 from mailstrom.cli.exits import EX_TEMPFAIL, exit_code_for
 from mailstrom.errors import InvalidStoreURL, StoreLocked
-from mailstrom.stores.postgres.connect import check_conninfo, connection_options, split_url
+from mailstrom.stores.postgres.connect import (
+    check_conninfo,
+    check_url,
+    connection_options,
+    split_url,
+)
 from mailstrom.stores.postgres.locks import LockBound
 
 URL = "postgresql://mail@db.internal/mail"
@@ -159,6 +164,17 @@ def test_what_libpq_cannot_parse_is_an_invalid_store_url() -> None:
     with pytest.raises(InvalidStoreURL, match=r'invalid URI query parameter: "bogus"$'):
         check_conninfo(f"{URL}?bogus=1")
     check_conninfo(f"{URL}?sslmode=require")
+
+
+@pytest.mark.parametrize("scheme", ["PostgreSQL", "POSTGRES"])
+def test_a_scheme_in_capitals_is_the_scheme(scheme: str) -> None:
+    """A URL's scheme is case-insensitive (RFC 3986 §3.1), and mailstrom takes
+    ``PostgreSQL://`` for a PostgreSQL store; libpq knows the lower-case spellings only,
+    and refused it unless a parameter of mailstrom's had the URL written anew."""
+    url = f"{scheme}://mail@db.internal/mail?sslmode=require"
+    check_url(url)
+    assert split_url(url)[0] == f"{scheme.lower()}://mail@db.internal/mail?sslmode=require"
+    assert split_url(f"{url}&dead_after=1m")[0] == split_url(url)[0]
 
 
 def test_libpq_s_reason_is_left_out_when_the_url_holds_a_password() -> None:

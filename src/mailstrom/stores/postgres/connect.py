@@ -138,6 +138,10 @@ lock_bound=LockBound(ms=30000, given=False), dead_after=120.0))
         raise InvalidStoreURL(
             f"malformed PostgreSQL URL {shorten(redact_url(url))}: {exc}"
         ) from None
+    given = url[: len(parts.scheme)]
+    if given != parts.scheme and given.lower() == parts.scheme:
+        # "PostgreSQL://": a scheme is case-insensitive, libpq's are lower-case.
+        url = parts.scheme + url[len(parts.scheme) :]
     pairs = parts.query.split("&") if parts.query else []
     ours = {
         name: unquote(value).strip()
