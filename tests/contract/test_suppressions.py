@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -22,6 +23,7 @@ from mailstrom.suppression import (
 from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
 
+from .conftest import Backend
 from .support import NOW, lease_all, message
 
 DAY = timedelta(days=1)
@@ -162,6 +164,36 @@ def test_a_write_that_fails_midway_leaves_the_list_as_it_was(store_backend: obje
     stop_refusing(store_backend.url)
     assert store.suppress(entries) == WHOLE_FILE
     assert store.list_suppressions(limit=WHOLE_FILE + 1) == entries
+
+
+def test_two_whole_files_written_at_once_in_other_orders_both_go_in(
+    store_backend: Backend,
+) -> None:
+    """Each write waits for the other's entries it shares to commit: written a statement
+    at a time in the files' orders, the second statements of two imports waited for each
+    other and PostgreSQL failed one import (a deadlock)."""
+    stores = [store_backend.open() for _ in range(2)]
+    entries = [entry(f"u{i:06d}@example.org") for i in range(2 * SUPPRESS_CHUNK)]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def write(store: Store, chosen: list[Suppression]) -> None:
+        try:
+            start.wait(timeout=30)
+            store.suppress(chosen)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=write, args=(stores[0], entries)),
+        threading.Thread(target=write, args=(stores[1], entries[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    assert len(stores[0].list_suppressions(limit=3 * SUPPRESS_CHUNK)) == len(entries)
 
 
 def test_unicode_targets_round_trip(store: Store) -> None:

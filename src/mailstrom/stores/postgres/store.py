@@ -1013,9 +1013,15 @@ class PostgresStore:
 
     def suppress(self, entries: Sequence[Suppression]) -> int:
         """Add or replace entries in one transaction, one statement per
-        :data:`SUPPRESS_CHUNK` of them; returns how many were given."""
+        :data:`SUPPRESS_CHUNK` of them, in target order; returns how many were given.
+
+        An entry's row waits for a concurrent write of its target to commit: written in
+        the callers' orders, two imports sharing targets locked them in different orders,
+        statement by statement, and deadlocked. Sorted (stably: the newest of duplicates
+        still comes last, and wins), every write locks in the order of the primary key."""
         if not entries:
             return 0
+        entries = sorted(entries, key=lambda e: e.target)
         with (
             self._translating("suppress"),
             self._pool.connection() as conn,
