@@ -23,6 +23,20 @@ _UNSAFE = re.compile(
 )
 
 
+def escaped_json(text: str) -> str:
+    """``text``, JSON written with ``ensure_ascii=False``, with each unsafe character that
+    JSON leaves as it is (DEL, C1 controls such as U+009B, a CSI to some terminals, the
+    line separators, the bidirectional ones, lone surrogates) as a ``\\uXXXX`` escape:
+    the same JSON value, shown as written.
+
+    >>> escaped_json('"a\u202eb"')
+    '"a\\\\u202eb"'
+    """
+    if text.isprintable():
+        return text
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
 def safe_text(text: str) -> str:
     """``text`` with every unsafe character (see the module) replaced by U+FFFD."""
     # isprintable() is one C-level pass, true for almost every text met; it is false for

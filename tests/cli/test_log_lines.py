@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.runtime.attemptlog import ATTEMPT_LOGGER, AttemptText, attempt_fields
+from mailstrom.safetext import escaped_json
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 
@@ -287,7 +288,7 @@ def _generic_line(fields: dict[str, Any]) -> str:
         if isinstance(value, str) and (
             value == "" or not value.isprintable() or any(c in value for c in ' "=\\')
         ):
-            parts.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
+            parts.append(f"{key}={escaped_json(json.dumps(value, ensure_ascii=False))}")
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
@@ -319,3 +320,17 @@ def test_values_remembered_as_plain_stay_bounded() -> None:
     line = formatter.format(_record(logging.INFO, "m", fields={"v": long_value}))
     assert line.endswith(f" v={long_value}")
     assert long_value not in formatter._plain
+
+
+@pytest.mark.parametrize("formatter", [KeyValueFormatter(), JSONFormatter()])
+def test_text_that_would_rewrite_a_terminal_is_escaped(formatter: logging.Formatter) -> None:
+    """JSON leaves C1 controls (U+009B is a CSI to terminals that take 8-bit controls),
+    DEL and the bidirectional overrides as they are: written raw, a reply or a name
+    could recolour or reorder what the operator reads. They are \\u escapes, the same
+    JSON value."""
+    hostile = "ok\u009b31m \u202edelivered\x7f \u2066x"
+    line = formatter.format(_record(logging.INFO, "m", fields={"reason": hostile}))
+    assert line.isprintable()
+    assert "\\u009b31m \\u202edelivered\\u007f \\u2066x" in line
+    if isinstance(formatter, JSONFormatter):
+        assert json.loads(line)["reason"] == hostile

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mailstrom.cli.logbuffer import BufferedStreamHandler
+from mailstrom.safetext import escaped_json
 from mailstrom.stores.url import redact_url
 
 
@@ -57,7 +58,7 @@ def _logfmt_value(value: Any) -> str:
     if isinstance(value, str):
         if value and value.isprintable() and _NEEDS_QUOTES(value) is None:
             return value
-        return _json_text(value)
+        return escaped_json(_json_text(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -173,7 +174,7 @@ class JSONFormatter(logging.Formatter):
             obj.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             obj["exc"] = redact_url(self.formatException(record.exc_info))
-        return _json_line(obj)
+        return escaped_json(_json_line(obj))
 
 
 def configure_logging(
