@@ -24,6 +24,7 @@ from mailstrom.stores.url import StoreKind, StoreURL
         ("mail.db", StoreKind.SQLITE, "mail.db"),
         ("./data/mail.sqlite3", StoreKind.SQLITE, "./data/mail.sqlite3"),
         ("/abs/queue.SQLITE", StoreKind.SQLITE, "/abs/queue.SQLITE"),
+        ("sqlite:///./file:q.db", StoreKind.SQLITE, "./file:q.db"),
         (
             "postgresql://u@127.0.0.1:5432/mail",
             StoreKind.POSTGRES,
@@ -49,6 +50,9 @@ def test_parse(url: str, kind: StoreKind, target: str) -> None:
         "sqlite://host/q.db",  # a host is meaningless for a file
         "sqlite:///",
         "sqlite:///:memory:",
+        # A SQLite URI, which SQLiteStore refuses: a ValueError when opened (exit 70).
+        "sqlite:///file:q.db",
+        "sqlite:///file:/var/q.db?mode=ro",
         "sqlite:///dir/",
         "postgresql://",
         "http://example.com/q.db",

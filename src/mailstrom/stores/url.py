@@ -159,6 +159,13 @@ def parse_store_url(url: str) -> StoreURL:
         path = rest[1:]
         if not path or path.endswith("/") or path == ":memory:":
             raise InvalidStoreURL(f"SQLite URL names no database file: {_shown(url)}")
+        if path.startswith("file:"):
+            # What SQLiteStore refuses (a SQLite URI is no file path): refused here, with
+            # the file name's other spelling, not as a ValueError when the store opens.
+            raise InvalidStoreURL(
+                f"SQLite URL names a SQLite URI, not a file: {_shown(url)} (a file whose"
+                f" name begins with file: is sqlite:///./{shorten(path)})"
+            )
         return StoreURL(kind=StoreKind.SQLITE, target=path)
     if not sep and ":" not in text.partition("/")[0] and text.lower().endswith(_SQLITE_SUFFIXES):
         return StoreURL(kind=StoreKind.SQLITE, target=text)
