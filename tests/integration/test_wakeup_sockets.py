@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import socket
 import subprocess
 import sys
@@ -67,7 +68,6 @@ def test_one_sending_socket_serves_every_wake_up(tmp_path: Path) -> None:
     woken = threading.Event()
     stop = listener.listen(woken.set)
     sender = WakeupDirectory(str(database))
-    sender._own = "another-process-"  # the listener is in this process
     try:
         sender.notify()
         first = sender._sender
@@ -93,7 +93,6 @@ def test_a_directory_dropped_without_close_closes_its_socket(tmp_path: Path) -> 
     stop = listener.listen(lambda: None)
     try:
         sender = WakeupDirectory(str(database))
-        sender._own = "another-process-"
         sender.notify()
         sock = sender._sender
         assert sock is not None
@@ -129,3 +128,77 @@ def test_a_wake_up_without_a_socket_to_send_from_does_not_fail_the_enqueue(
         assert len(store.recent(limit=10)) == 1
     finally:
         store.close()
+
+
+def test_a_store_wakes_the_watcher_of_another_store_object_in_its_process(
+    tmp_path: Path,
+) -> None:
+    """Two store objects on one file in one process (a facade's worker thread, and code
+    that opened the store again to queue): each is the other's listener. The wake-ups
+    skipped every socket named with this process's id, so the worker waited for its next
+    poll (5 s by default); its own store's watchers still get one callback, not two."""
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import NOW, message
+
+    worker_store = SQLiteStore(tmp_path / "queue.db")
+    sender = SQLiteStore(tmp_path / "queue.db")
+    calls: list[str] = []
+    woken = threading.Event()
+
+    def woke(who: str) -> None:
+        calls.append(who)
+        woken.set()
+
+    unwatch = worker_store.watch(lambda: woke("worker"))
+    try:
+        sender.enqueue(message("a@example.org"), now=NOW)
+        assert woken.wait(5), "the other store's watcher was never woken"
+        woken.clear()
+        worker_store.enqueue(message("b@example.org"), now=NOW)
+        assert woken.wait(5)
+        time.sleep(0.1)  # a second callback, if its own socket were sent one too
+        assert calls == ["worker", "worker"]
+    finally:
+        unwatch()
+        sender.close()
+        worker_store.close()
+
+
+LISTEN_AS = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind(sys.argv[1])
+print("ready", flush=True)
+sock.settimeout(10)
+try:
+    sock.recv(64)
+    print("woken", flush=True)
+except TimeoutError:
+    print("never woken", flush=True)
+"""
+
+
+def test_a_listener_whose_pid_is_ours_in_another_pid_namespace_is_woken(
+    tmp_path: Path,
+) -> None:
+    """A worker in a container of its own and the application in another, on one
+    volume: both are often pid 1 (or 7...). The worker's socket, named with its pid, was
+    taken for the sender's own and never sent a wake-up. Another process here binds the
+    name such a worker would."""
+    database = tmp_path / "q.db"
+    database.touch()
+    sender = WakeupDirectory(str(database))
+    directory = Path(sender.path)
+    directory.mkdir()
+    name = directory / f"{os.getpid()}-0badcafe.sock"
+    with subprocess.Popen(
+        [sys.executable, "-c", LISTEN_AS, str(name)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            sender.notify()
+            assert child.stdout.readline().strip() == "woken"
+        finally:
+            sender.close()
+            child.kill()

@@ -1,9 +1,9 @@
 """Waking workers in other processes when SQLite work becomes due: Unix datagram sockets.
 
-SQLite cannot tell one process that another committed. So each process that watches a
+SQLite cannot tell one process that another committed. So each store that watches a
 queue binds a datagram socket in a directory next to the database (``queue.db-wake/``),
-and whoever enqueues sends every socket there one byte after its COMMIT: best effort,
-non-blocking, a few microseconds. A worker in another process hears of new mail at once
+and whoever enqueues sends every socket there but its own one byte after its COMMIT: best
+effort, non-blocking, a few microseconds. A worker in another process hears of new mail at once
 instead of at its next poll (PostgreSQL keeps LISTEN/NOTIFY; polling stays as the
 fallback for both).
 
@@ -47,7 +47,11 @@ class WakeupDirectory:
         self._listing_mtime = -1
         self._listing: list[str] = []
         self._dir_fd: int | None = None
-        self._own = f"{os.getpid()}-"
+        self._own: set[str] = set()
+        """The sockets this object listens on: their watchers are the store's own, called
+        without a datagram. Every other socket is another listener, whatever its name:
+        another store object of this process, or a process whose pid is ours in another
+        pid namespace (a worker's container and the application's, both pid 1)."""
         self._sender: socket.socket | None = None
         """One unbound datagram socket for every wake-up this process sends (made on first
         use: a socket per call cost more than the send itself)."""
@@ -56,7 +60,7 @@ class WakeupDirectory:
     # --- the sending side --------------------------------------------------------------
 
     def notify(self) -> None:
-        """Send one byte to every listening process but this one; never raises."""
+        """Send one byte to every listening socket but this object's own; never raises."""
         try:
             targets = self._targets()
         except OSError:
@@ -100,13 +104,11 @@ class WakeupDirectory:
         mtime = os.stat(self.path).st_mtime_ns  # binding or removing a socket changes it
         with self._lock:
             if mtime != self._listing_mtime:
-                self._listing = [
-                    name
-                    for name in os.listdir(self.path)
-                    if name.endswith(".sock") and not name.startswith(self._own)
-                ]
+                self._listing = [name for name in os.listdir(self.path) if name.endswith(".sock")]
                 self._listing_mtime = mtime
-            return self._listing
+            if not self._own:
+                return self._listing
+            return [name for name in self._listing if name not in self._own]
 
     def _address(self, name: str) -> str:
         full = os.path.join(self.path, name)
@@ -134,6 +136,8 @@ class WakeupDirectory:
         except BaseException:
             sock.close()
             raise
+        with self._lock:
+            self._own.add(name)
         stopping = threading.Event()
 
         def run() -> None:
@@ -172,6 +176,8 @@ class WakeupDirectory:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.path, name))
+            with self._lock:
+                self._own.discard(name)
 
         return stop
 
