@@ -257,6 +257,11 @@ def check_views(store: Store, victim: str) -> MessageStatus | None:
         assert len(good) == GOOD
     store.stats()
     store.next_due(now=now)
+    model = open_read_model(store)  # the dashboard's front page
+    try:
+        model.overview(now=now)
+    finally:
+        model.close()
     try:
         return store.status(victim)
     except (UnreadableRow, UnknownMessage):

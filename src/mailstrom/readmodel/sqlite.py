@@ -11,6 +11,7 @@ The indexes used are created by migration 0011.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import urllib.parse
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from os.path import abspath
 
+from mailstrom.arguments import member_of, shown
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.readmodel.base import (
     BUCKET,
@@ -43,6 +45,8 @@ from mailstrom.stores.operator import Suspension
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import from_us, reply_from, shown_time, to_us
+
+log = logging.getLogger(__name__)
 
 SET_LIMIT = 20_000
 """A filter matching at most this many recipients is applied through its index; a larger
@@ -145,7 +149,11 @@ class SQLiteReadModel:
         start, starts = throughput_window(now)
         with self._read() as conn:
             for state, n in conn.execute("SELECT state, count(*) FROM recipients GROUP BY state"):
-                by_state[RecipientState(state)] = n
+                known = member_of(RecipientState, state)
+                if known is None:  # a row changed by hand (the CHECK constraint was off)
+                    log.warning("%d recipients in the unknown state %s left out", n, shown(state))
+                    continue
+                by_state[known] = n
             (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             (held,) = conn.execute("SELECT count(*) FROM messages WHERE held = 1").fetchone()
             # Named: left to itself the planner reads every pending row of the state
