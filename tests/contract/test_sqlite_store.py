@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sqlite3
 import threading
 import time
@@ -178,6 +179,31 @@ def test_closed_store_refuses_work(db: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.enqueue(message(), now=NOW)
+
+
+def test_a_relative_path_keeps_naming_its_file_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store opened by a relative path, then the process changes directory (a daemon's
+    chdir("/")): the store took its file for deleted (StoreCorrupt, a worker's exit 74),
+    and a worker process it was handed to (pickled) opened a new, empty queue there."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+    store = SQLiteStore("queue.db")
+    try:
+        first = store.enqueue(message("a@example.org"), now=NOW)
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        second = store.enqueue(message("b@example.org"), now=NOW)
+        assert store.path == str(tmp_path / "app" / "queue.db")
+        reopened = pickle.loads(pickle.dumps(store))
+        try:
+            assert {m.id for m in reopened.recent(10)} == {first, second}
+        finally:
+            reopened.close()
+        assert not (tmp_path / "elsewhere" / "queue.db").exists()
+    finally:
+        store.close()
 
 
 def test_memory_paths_are_refused() -> None:

@@ -342,9 +342,13 @@ class SQLiteStore:
         commit_delay: float = 0.001,
         read_only: bool = False,
     ) -> None:
-        self._path = os.fspath(path)
-        if self._path == ":memory:" or self._path.startswith("file:"):
+        given = os.fspath(path)
+        if given == ":memory:" or given.startswith("file:"):
             raise ValueError("SQLiteStore needs a file path; use MemoryStore for memory")
+        # Absolute once and for all: a relative path would name another file after the
+        # process changes its working directory (a daemon's chdir("/")), and the store
+        # would take its file for deleted, or a worker process open another queue.
+        self._path = os.path.abspath(given)
         self._busy_timeout = busy_timeout
         self._commit_delay = commit_delay
         self._group_commit = group_commit
@@ -511,7 +515,7 @@ class SQLiteStore:
 
     @property
     def path(self) -> str:
-        """The database file."""
+        """The database file (its absolute path)."""
         return self._path
 
     @property
