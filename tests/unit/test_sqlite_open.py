@@ -255,3 +255,40 @@ def test_a_dangling_symlink_is_not_followed_to_create_a_file(db: Path, tmp_path:
     with pytest.raises(StoreError):
         SQLiteStore(db)
     assert not target.exists()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_write_lock_file_gets_the_mode_of_the_database(db: Path) -> None:
+    """The guide's shared queue: ``db migrate`` by the worker's user makes the store
+    (0600), the administrator opens it to the group (0660). The ``-lock`` file made by
+    that first open stayed 0600 (and one made under umask 022 was 0640): every other
+    member of the group failed to open the store ("cannot open queue.db-lock:
+    Permission denied", sendmail's exit 75). Its owner now gives it the database's mode
+    at its next open, whatever the umask."""
+    SQLiteStore(db).close()
+    lock = Path(f"{db}-lock")
+    assert mode(lock) == 0o600
+    db.chmod(0o660)
+    SQLiteStore(db).close()
+    assert mode(lock) == 0o660
+    lock.unlink()
+    SQLiteStore(db).close()
+    assert mode(lock) == 0o660
+
+
+def test_a_write_lock_file_that_cannot_be_opened_costs_no_write(
+    db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``-lock`` file only makes writers of several processes find the lock sooner;
+    SQLite's lock keeps them apart. A store that cannot open it (another user's file it
+    may not read; here a symlink, never followed) writes all the same, and says why."""
+    Path(f"{db}-lock").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING"):
+        store = SQLiteStore(db)
+    try:
+        mid = store.enqueue(message(), now=NOW)
+        assert store.status(mid).id == mid
+    finally:
+        store.close()
+    assert any("-lock" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "elsewhere").exists()

@@ -408,19 +408,40 @@ class SQLiteStore:
         self._file = _identity(self._path)  # checked on every checkout from now on
         self._process_lock = self._open_lock_file()
 
-    def _open_lock_file(self) -> ProcessLock:
+    def _open_lock_file(self) -> ProcessLock | None:
         """The file every mailstrom writer of this database holds with ``flock`` while it
         writes. SQLite's own busy handler, when a write finds the database locked, sleeps
         1, 2, 5, 10... ms before it looks again; a writer waiting for the ``flock`` looks
         every 0.02 ms at first (and for ``busy_timeout`` at most: see
         :mod:`~mailstrom.stores.sqlite_lock`). With the worker of another process writing
-        every few milliseconds, that is the difference for ``send_email``'s latency."""
+        every few milliseconds, that is the difference for ``send_email``'s latency.
+
+        It gets the database file's mode, as SQLite's ``-wal`` and ``-shm`` do, and is
+        opened for reading only (``flock`` needs no more): whoever may write the queue
+        may take it. Made before the database was opened to a group (0600 then), its
+        owner gives it the database's mode at its next open. A store that still cannot
+        open it writes without it, under SQLite's lock alone: the lock is a latency
+        device, and a store that may write the database must not fail for want of it."""
         path = self._path + "-lock"
         mode = stat.S_IMODE(os.stat(self._path).st_mode) & 0o666
+        # O_NONBLOCK: a FIFO put there under that name must not hang the open.
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            fd = os.open(path, flags, mode)
         except OSError as exc:
-            raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
+            log.warning(
+                "cannot open %s (%s): this store's writes wait for other processes' in"
+                " SQLite's busy handler, as other programs' do",
+                path,
+                exc.strerror or exc,
+            )
+            return None
+        try:
+            found = os.fstat(fd)
+            if found.st_uid == os.geteuid() and stat.S_IMODE(found.st_mode) != mode:
+                os.fchmod(fd, mode)  # the mode given to open is filtered by the umask
+        except OSError:
+            pass  # a mode that cannot be changed costs the others the flock, no more
         return ProcessLock(fd)
 
     @contextmanager
