@@ -6,6 +6,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,39 @@ def test_a_write_lock_file_that_cannot_be_opened_costs_no_write(
         store.close()
     assert any("-lock" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def _another_group() -> int | None:
+    """A group this process may give its files that is not its own (root: any)."""
+    if os.geteuid() == 0:
+        return 65534
+    return next((g for g in os.getgroups() if g != os.getegid()), None)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_directories_beside_a_shared_queue_keep_its_group(tmp_path: Path) -> None:
+    """The guide's spool directory is setgid, so that every file made there belongs to the
+    queue's group. The wake-up and holder directories dropped the setgid bit they
+    inherited (chmod to the database's mode), so the sockets and lock files made in them
+    belonged to each maker's own group: a worker of another user of the group could not
+    wake or see them."""
+    group = _another_group()
+    if group is None:
+        pytest.skip("no second group to give the spool directory")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chown(spool, -1, group)
+    spool.chmod(0o2770)
+    db = spool / "queue.db"
+    SQLiteStore(db).close()
+    db.chmod(0o660)
+    store = SQLiteStore(db)
+    unwatch = store.watch(lambda: None)
+    try:
+        store.lease(now=NOW, limit=1, lease_for=timedelta(minutes=1), holder="a1b2c3d4")
+        for made in (Path(f"{db}-wake"), Path(f"{db}-holders")):
+            assert made.stat().st_mode & 0o7777 == 0o2770, made
+            assert {f.stat().st_gid for f in made.iterdir()} == {group}, made
+    finally:
+        unwatch()
+        store.close()

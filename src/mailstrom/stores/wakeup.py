@@ -211,11 +211,17 @@ def database_mode(database: str) -> int:
 def make_directory_like(path: str, mode: int) -> None:
     """Create the directory ``path`` with the read and write bits of ``mode`` (a database
     file's), and search permission wherever there is read; an existing one is left as it
-    is. Raises OSError when it cannot be made."""
+    is. Raises OSError when it cannot be made.
+
+    The setgid bit it inherits from a setgid parent (the guide's shared spool directory)
+    is kept, so that the files made in it belong to the queue's group, as the database's
+    do: without it, a socket or lock file made by a member whose own group is another
+    could not be reached by the rest."""
     mode &= 0o666
     mode |= (mode & 0o444) >> 2  # search permission wherever there is read
     try:
         os.mkdir(path, mode)
     except FileExistsError:
         return
-    os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+    inherited = os.stat(path).st_mode & stat.S_ISGID
+    os.chmod(path, mode | inherited)  # mkdir's mode is filtered by the umask
