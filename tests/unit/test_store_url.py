@@ -53,6 +53,9 @@ def test_parse(url: str, kind: StoreKind, target: str) -> None:
         # A SQLite URI, which SQLiteStore refuses: a ValueError when opened (exit 70).
         "sqlite:///file:q.db",
         "sqlite:///file:/var/q.db?mode=ro",
+        # Parameters would be part of the file name: another queue than the worker's.
+        "sqlite:////var/q.db?mode=ro",
+        "sqlite:///q.db?timeout=5",
         "sqlite:///dir/",
         "postgresql://",
         "http://example.com/q.db",

@@ -166,6 +166,13 @@ def parse_store_url(url: str) -> StoreURL:
                 f"SQLite URL names a SQLite URI, not a file: {_shown(url)} (a file whose"
                 f" name begins with file: is sqlite:///./{shorten(path)})"
             )
+        if "?" in path:
+            # SQLAlchemy-style parameters (?mode=ro, ?timeout=5) would be part of the file
+            # name: mail queued in "q.db?mode=ro", beside the q.db the worker reads.
+            raise InvalidStoreURL(
+                f"SQLite URLs take no parameters: {_shown(url)} (the options of SQLiteStore"
+                " are given in code; a file whose name holds '?' is a plain path)"
+            )
         return StoreURL(kind=StoreKind.SQLITE, target=path)
     if not sep and ":" not in text.partition("/")[0] and text.lower().endswith(_SQLITE_SUFFIXES):
         return StoreURL(kind=StoreKind.SQLITE, target=text)
