@@ -280,9 +280,10 @@ class ClientSession:
         self._extensions_view = MappingProxyType(extensions)
         self._pipelining = "PIPELINING" in extensions
         value = extensions.get("SIZE", "")
-        # RFC 1870: the value is ASCII digits; str.isdigit() alone also takes "²" or "٣",
-        # which int() refuses or reads. Anything else (or 0) announces no limit.
-        valid = value.isascii() and value.isdigit()
+        # RFC 1870: the value is 1 to 20 ASCII digits; str.isdigit() alone also takes "²"
+        # or "٣", which int() refuses or reads, and int() refuses more than 4300 digits.
+        # Anything else (or 0) announces no limit.
+        valid = len(value) <= 20 and value.isascii() and value.isdigit()
         self._max_size = int(value) if valid and int(value) > 0 else None
 
     def _push(self, command: Command, argument: str | None) -> None:
