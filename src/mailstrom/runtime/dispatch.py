@@ -582,7 +582,13 @@ class Dispatcher:
             answered = answered or result.final is not None
             over = over_recipient_limit(result)
             if over:
-                work, result = _later_transaction(queue, work, result, over)
+                later, work, result = _split_off(work, result, over)
+                if work.item.lease_token in self._lost:
+                    # Taken over while on the wire: a new transaction here would send
+                    # them twice, as the worker holding the lease now sends them too.
+                    self._give_back([later])
+                else:
+                    queue.appendleft(later)
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
             if shape is not None:
                 results = await self._heed_throttle(shape, result, results)
@@ -783,9 +789,10 @@ class Dispatcher:
     def withdraw(self, lease_token: str) -> int:
         """Give back, through ``on_postpone`` and due at once, the work of the lease
         ``lease_token`` that no session has started, and from now on what of it a broken
-        session would queue again; returns how many recipients went back now. The worker
-        does this when its lease was taken over, so that what another worker now delivers
-        is not sent twice (the store gives back only what the lease still holds)."""
+        session, or a server's limit of recipients per transaction, would queue again;
+        returns how many recipients went back now. The worker does this when its lease
+        was taken over, so that what another worker now delivers is not sent twice (the
+        store gives back only what the lease still holds)."""
         self._lost[lease_token] = None
         if len(self._lost) > _LOST_LEASES:
             del self._lost[next(iter(self._lost))]
@@ -859,16 +866,16 @@ def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
     )
 
 
-def _later_transaction(
-    queue: deque[_Work], work: _Work, result: TransactionResult, over: frozenset[str]
-) -> tuple[_Work, TransactionResult]:
-    """Put the recipients ``over`` the server's limit at the head of ``queue``, for the
-    next transaction, and return ``work`` and ``result`` without them."""
+def _split_off(
+    work: _Work, result: TransactionResult, over: frozenset[str]
+) -> tuple[_Work, _Work, TransactionResult]:
+    """The recipients ``over`` the server's limit, as work for a next transaction, and
+    ``work`` and ``result`` without them."""
     item = work.item
     later = tuple(r for r in item.recipients if r.address in over)
     sent = tuple(r for r in item.recipients if r.address not in over)
-    queue.appendleft(replace(work, item=replace(item, recipients=later)))
     return (
+        replace(work, item=replace(item, recipients=later)),
         replace(work, item=replace(item, recipients=sent)),
         replace(result, rcpt=tuple((a, reply) for a, reply in result.rcpt if a not in over)),
     )
