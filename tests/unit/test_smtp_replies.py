@@ -283,6 +283,28 @@ def test_single_line_fast_path_still_checks_the_multi_line_code() -> None:
         parser.next_reply()
 
 
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["whole", "LF apart", "CR LF apart"])
+def test_a_line_of_exactly_max_line_octets_is_taken_however_it_is_split(split: int) -> None:
+    """The bound counts the line without its CR LF: a line of MAX_LINE octets whose LF
+    came in a later read than its CR was refused, the same bytes in one read taken."""
+    wire = b"250 " + b"x" * (MAX_LINE - 4) + b"\r\n"
+    parser = ReplyParser()
+    parser.feed(wire[: len(wire) - split])
+    if split:
+        assert parser.next_reply() is None
+        parser.feed(wire[len(wire) - split :])
+    reply = parser.next_reply()
+    assert reply is not None and reply.code == 250 and len(reply.text) == MAX_LINE - 4
+
+
+def test_a_cr_after_max_line_octets_that_does_not_end_the_line_is_refused() -> None:
+    parser = ReplyParser()
+    parser.feed(b"250 " + b"x" * (MAX_LINE - 4) + b"\r")  # the line may end here
+    assert parser.next_reply() is None
+    with pytest.raises(SMTPProtocolError, match="longer"):
+        parser.feed(b"x")  # it does not
+
+
 def test_over_long_complete_line_is_a_protocol_error() -> None:
     with pytest.raises(SMTPProtocolError, match="longer"):
         parse_all(b"250 " + b"x" * MAX_LINE + b"\r\n")

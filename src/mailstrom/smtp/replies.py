@@ -73,7 +73,7 @@ class ReplyParser:
     def feed(self, data: bytes) -> None:
         """Add received bytes; raises :class:`SMTPProtocolError` on an over-long line."""
         self._buffer += data
-        if len(self._buffer) > MAX_LINE and self._buffer.find(b"\n", self._scanned) < 0:
+        if _too_long(self._buffer) and self._buffer.find(b"\n", self._scanned) < 0:
             raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
 
     def next_reply(self) -> SMTPReply | None:
@@ -82,7 +82,7 @@ class ReplyParser:
         while True:
             end = buffer.find(b"\n", self._scanned)
             if end < 0:
-                if len(buffer) > MAX_LINE:
+                if _too_long(buffer):
                     raise SMTPProtocolError(f"reply line longer than {MAX_LINE} octets")
                 self._scanned = len(buffer)
                 return None
@@ -141,6 +141,14 @@ class ReplyParser:
             return None
         lines, self._lines, self._code, self._size = self._lines, [], None, 0
         return make_reply(int(code), lines)
+
+
+def _too_long(partial: bytearray) -> bool:
+    """Whether ``partial``, a line whose LF has not come yet, is longer than
+    :data:`MAX_LINE` already. Its last octet may be the CR of its CR LF, which the bound
+    does not count: whether a line is refused must not depend on where the bytes split."""
+    size = len(partial)
+    return size > MAX_LINE and (size > MAX_LINE + 1 or partial[-1] != 13)
 
 
 def make_reply(code: int, lines: list[bytes]) -> SMTPReply:
