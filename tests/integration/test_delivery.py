@@ -1003,6 +1003,35 @@ def test_relay_with_starttls_verified_and_auth(
     assert received.tls
 
 
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no verify"])
+def test_relay_with_implicit_tls_heeds_verify(
+    smtp_server: Any,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    verify: bool,
+) -> None:
+    """``relay.verify = false`` leaves the certificate unchecked on port 465 as it does
+    with STARTTLS: the implicit relay's certificate was checked whatever it said, so a
+    relay with a private CA could not be used at all. ``verify = true`` still checks it."""
+    # The system's CAs only (no tls_context): the test CA's certificate does not verify.
+    relay = smtp_server(host="127.0.0.1", implicit_tls=True, starttls=False)
+    ms = mailstrom(
+        relay=RelayConfig(host="127.0.0.1", port=relay.port, tls=RelayTLS.IMPLICIT, verify=verify)
+    )
+    mid = ms.send_email(hello("someone@far-away.test"))
+    results.wait_count(1)
+    r = ms.query_status(mid).recipient("someone@far-away.test")
+    if verify:
+        assert r.state is DEFERRED
+        assert r.reason_class is ReasonClass.TLS
+        assert relay.messages == []
+    else:
+        assert r.state is DELIVERED
+        assert r.tls
+        [received] = relay.wait_for_messages(1)
+        assert received.tls
+
+
 def test_relay_with_wrong_password_defers(
     smtp_server: Any, mailstrom: MakeMailstrom, results: Results
 ) -> None:

@@ -209,7 +209,8 @@ class Opener:
             del self._idle[key]
 
     async def _connect(self, host: str, ip: str, requirement: TLSRequirement) -> SMTPConnection:
-        mode = StartTLS.NEVER if self._implicit else STARTTLS_FOR_MODE[requirement.mode]
+        # With implicit TLS the mode says only whether the certificate is verified.
+        mode = STARTTLS_FOR_MODE[requirement.mode]
         try:
             return await self._open(
                 host,

@@ -180,8 +180,8 @@ class TLSDecider:
             mode = {
                 RelayTLS.NONE: TLSMode.NONE,
                 RelayTLS.STARTTLS: TLSMode.VERIFY if relay.verify else TLSMode.REQUIRED,
-                # Implicit TLS wraps the connection itself, verified (see the opener).
-                RelayTLS.IMPLICIT: TLSMode.VERIFY,
+                # Implicit TLS wraps the connection itself (see the opener), as checked.
+                RelayTLS.IMPLICIT: TLSMode.VERIFY if relay.verify else TLSMode.REQUIRED,
             }[relay.tls]
             self._relay = TLSRequirement(
                 mode=mode, source=PolicySource.RELAY, reason=f"relay.tls = {relay.tls.value}"
