@@ -149,6 +149,8 @@ class Opener:
         now = time.monotonic()
         while idle:
             since, conn = idle.pop()
+            if not idle:
+                del self._idle[key]  # else a key of every host ever reused stays behind
             del self._idle_keys[conn]
             if conn.usable and now - since < self._config.connection_idle:
                 return conn
