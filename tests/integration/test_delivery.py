@@ -1073,6 +1073,8 @@ def test_refusing_greetings_move_on_then_defer(
     assert ann.state is DEFERRED  # every host refused: try again later, not a bounce
     assert ann.reply is not None
     assert ann.reply.code == 421
+    # Where the last attempt went: the address too, not only the host's name.
+    assert (ann.mx_host, ann.ip) == ("mx2.refusing.test", "127.0.0.12")
     bea = status.recipient("bea@partly.test")
     assert bea.state is DELIVERED  # the 554 greeting moved on to the next host
     assert bea.mx_host == "mx.test"
@@ -1080,3 +1082,4 @@ def test_refusing_greetings_move_on_then_defer(
     assert cat.state is DEFERRED  # a refused connection never bounces the recipient
     assert cat.reply is not None
     assert cat.reply.code == 554
+    assert (cat.mx_host, cat.ip) == ("mx1.refusing.test", "127.0.0.11")

@@ -366,7 +366,8 @@ class Dispatcher:
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
-        last_policy: str | None = None
+        # Where the attempt that ended in last_error went, for the recipients' history.
+        last_where = Where(host=last_error.host)
         index = 0
         opener = self._opener
         # The rule's own bound on sockets, besides the worker's (see runtime.opener).
@@ -382,7 +383,7 @@ class Dispatcher:
                 # This host must not be used now (TLSA lookup failed, a policy refuses it).
                 exc.host = exc.host or host
                 last_error = exc
-                last_policy = None
+                last_where = Where(host=exc.host)  # no connection was made
                 index += 1
                 continue
             key = opener.key(host, ip, need, budget=budget)
@@ -413,8 +414,10 @@ class Dispatcher:
                         # Say which policy refused, not just what the peer did.
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
-                    last_policy = need.label
-                    if shape is not None and await self._throttled_connecting(dest, shape, exc):
+                    last_where = Where(exc.host, ip, opener.port, tls_policy=need.label)
+                    if shape is not None and await self._throttled_connecting(
+                        dest, shape, exc, last_where
+                    ):
                         return
                     index += 1
                     continue
@@ -427,7 +430,7 @@ class Dispatcher:
                     enhanced="5.7.30",
                     host=host,
                 )
-                last_policy = need.label
+                last_where = Where.of(conn, need)
                 opener.release(key, conn)  # sound, and of use to other mail
                 index += 1
                 continue
@@ -455,6 +458,7 @@ class Dispatcher:
                 continue
             opener.close_later(conn)
             last_error = broke
+            last_where = Where.of(conn, need)
             # A connection that took messages before it ended (a server's limit of
             # messages per connection) says nothing against this address: the rest goes on
             # a new one. Each such round finishes an item, so the loop ends. Nor is a stale
@@ -479,7 +483,7 @@ class Dispatcher:
                 enhanced=last_error.enhanced,
                 host=last_error.host,
             )
-        self._fail_queue(dest, last_error, Where(host=last_error.host, tls_policy=last_policy))
+        self._fail_queue(dest, last_error, last_where)
 
     async def _open(
         self,
@@ -734,11 +738,11 @@ class Dispatcher:
                 del self._destinations[dest.key]
 
     async def _throttled_connecting(
-        self, dest: _Destination, shape: Shape, exc: DeliveryError
+        self, dest: _Destination, shape: Shape, exc: DeliveryError, where: Where
     ) -> bool:
         """A 421 to the greeting or EHLO pauses the destination (its other hosts too: they
-        share the limit). The items this session held were attempted: they are deferred
-        with that reply, due at the end of the pause."""
+        share the limit). The items this session held were attempted (at ``where``): they
+        are deferred with that reply, due at the end of the pause."""
         assert self._shaper is not None
         if exc.code is None:
             return False
@@ -748,7 +752,6 @@ class Dispatcher:
         held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]
         pause = await self._shaper.throttled(shape, exc.text, held)
         now = time.monotonic()
-        where = Where(host=exc.host)
         while dest.queue:
             work = dest.queue.popleft()
             results = self._outcomes.from_error(work.item, exc, work.started or now, where)
