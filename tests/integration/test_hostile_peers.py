@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
-from mailstrom.errors import SMTPProtocolError, SMTPTimeout
+from mailstrom.errors import SMTPConnectError, SMTPProtocolError, SMTPTimeout
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.runtime.outcomes import _uncertain_reason
@@ -421,3 +421,25 @@ async def test_a_server_that_asks_on_after_auth_was_cancelled_is_a_protocol_erro
             await open_to(port, starttls=StartTLS.NEVER, auth=("user", "secret"))
         assert time.monotonic() - started < WITHIN
     assert [x.split()[0] for x in lines[1:3]] == [b"AUTH", b"*"]
+
+
+async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words() -> None:
+    """The reason reads "closed the connection (waiting for it to reply to DATA)": it read
+    "before replying to reply to DATA" once the deadline's own words were put in."""
+
+    async def hang_up_at_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line[:4].upper() == b"DATA":
+                return  # the peer's close() hangs up without a word
+            writer.write(
+                b"250-hostile.test\r\n250 8BITMIME\r\n" if line[:4] == b"EHLO" else b"250 ok\r\n"
+            )
+            await writer.drain()
+
+    async with peer(hang_up_at_data) as port:
+        conn = await open_to(port)
+        with pytest.raises(SMTPConnectError) as info:
+            await send(conn)
+        await conn.close()
+    assert str(info.value) == "hostile.test closed the connection (waiting for it to reply to DATA)"

@@ -586,11 +586,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             self._dot_timer.cancel()
             self._dot_timer = None
         if self._handlers or self._queued or self._active:
-            what = self._deadline_what or "the reply"
+            # _deadline_what is what the peer was to do ("reply to DATA", "take the message").
+            what = self._deadline_what or "reply"
             error = SMTPConnectError(
-                f"{self.host} closed the connection before replying to {what}"
+                f"{self.host} closed the connection (waiting for it to {what})"
                 if exc is None
-                else f"connection to {self.host} lost waiting for {what}: {exc}",
+                else f"connection to {self.host} lost (waiting for it to {what}): {exc}",
                 host=self.host,
             )
             self._abort(error)
@@ -727,8 +728,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             raise self._error
         if self._lost or self._transport is None:
             raise SMTPConnectError(
-                f"{self.host} closed the connection before replying to "
-                f"{self._deadline_what or 'the greeting'}",
+                f"{self.host} closed the connection (waiting for it to "
+                f"{self._deadline_what or 'reply to the greeting'})",
                 host=self.host,
             )
 
@@ -745,7 +746,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._healthy = False
         if error is None:
             error = SMTPConnectError(
-                f"{self.host} is closing the connection ({self._deadline_what or 'no reply'})",
+                f"{self.host} is closing the connection"
+                + (f" (waiting for it to {self._deadline_what})" if self._deadline_what else ""),
                 host=self.host,
             )
         self._error = error
