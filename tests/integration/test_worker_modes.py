@@ -586,3 +586,107 @@ def test_stop_from_on_result_in_a_thread_lets_the_deliveries_in_flight_be_record
     finally:
         store.close()
     assert states["later@slow.example"] == (RecipientState.DELIVERED, 1)
+
+
+class _Abort(BaseException):
+    """What an application may raise to get out of everything (not an Exception)."""
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, _Abort])
+def test_an_on_result_that_raises_a_base_exception_stops_no_delivery(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    worker: str,
+    raised: type[BaseException],
+) -> None:
+    """Raised on a thread of mailstrom's, where no signal lands, a BaseException can only
+    be the callback's own: logged like any other bug of it. It ended the worker thread
+    (send_email went on returning ids for mail nobody delivered, worker_status giving
+    "CancelledError" as the reason); a worker process was killed and started again, the
+    rest of its results never passed on."""
+    calls: list[str] = []
+
+    def buggy(result: Any) -> None:
+        calls.append(result.address)
+        raise raised("out of here")
+
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=buggy, worker=worker) as ms:
+        for i in range(3):
+            ms.send_email(hello(f"u{i}@example.org", i))
+            assert _wait_until(lambda: len(calls) == i + 1, 10)  # noqa: B023
+        assert ms.worker_status.running
+        assert ms.worker_status.restarts == 0
+        assert ms.worker_status.error is None
+    store.close()
+    assert len(mx.messages) == 3
+    failed = [r for r in caplog.records if r.getMessage() == "on_result callback failed"]
+    assert len(failed) == 3 and all(r.exc_info for r in failed)
+
+
+async def test_an_on_result_that_raises_a_base_exception_stops_no_task_off_the_main_thread(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """A task worker on a loop of another thread: the same as a worker thread."""
+    calls: list[str] = []
+
+    def buggy(result: Any) -> None:
+        calls.append(result.address)
+        raise _Abort("out of here")
+
+    async def main() -> bool:
+        async with AsyncMailstrom(
+            config(dns_server, mx.port), store=MemoryStore(), on_result=buggy
+        ) as ms:
+            for i in range(3):
+                mid = await ms.send_email(hello(f"u{i}@example.org", i))
+                assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+            return ms.worker_status.running
+
+    assert await asyncio.to_thread(asyncio.run, main())
+    assert len(calls) == 3
+
+
+async def test_an_on_result_that_raises_a_base_exception_stops_no_task_on_the_main_thread(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    calls: list[str] = []
+
+    def buggy(result: Any) -> None:
+        calls.append(result.address)
+        raise _Abort("out of here")
+
+    async with AsyncMailstrom(
+        config(dns_server, mx.port), store=MemoryStore(), on_result=buggy
+    ) as ms:
+        for i in range(3):
+            mid = await ms.send_email(hello(f"u{i}@example.org", i))
+            assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+        assert ms.worker_status.running
+    assert len(calls) == 3
+
+
+def test_a_keyboard_interrupt_in_on_result_on_the_main_thread_still_ends_the_loop(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """On the main thread a KeyboardInterrupt may be the user's Ctrl-C, landed in the
+    callback of a worker task: it ends the loop, as asyncio has it, and is not logged
+    away."""
+
+    def on_result(result: Any) -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with AsyncMailstrom(
+            config(dns_server, mx.port), store=MemoryStore(), on_result=on_result
+        ) as ms:
+            await ms.send_email(hello("bob@example.org"))
+            await asyncio.sleep(30)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert time.monotonic() - started < 20

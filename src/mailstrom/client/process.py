@@ -39,6 +39,7 @@ from mailstrom.runtime.pipes import (
     result_from_wire,
     write_frame,
 )
+from mailstrom.runtime.worker_reporting import ends_the_program
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store, new_holder
 
@@ -526,7 +527,9 @@ class WorkerProcess:
                 if on_result is not None:
                     try:
                         on_result(result)
-                    except Exception:
+                    except BaseException as exc:  # on a thread of ours: see the function
+                        if ends_the_program(exc):
+                            raise
                         log.exception("on_result callback failed")
         elif kind == "status":
             self._status = payload

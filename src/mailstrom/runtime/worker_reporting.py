@@ -4,6 +4,7 @@ counted (metrics, the attempt log, ``on_result``)."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,7 +90,22 @@ class WorkerReporting:
         if self._on_result is not None:
             try:
                 self._on_result(result)
-            except Exception:
+            except BaseException as exc:
                 # The application's callback: a bug in it must not stop every delivery
                 # (a worker process logs it the same way, in the application).
+                if ends_the_program(exc):
+                    raise
                 log.exception("on_result callback failed")
+
+
+def ends_the_program(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by the application's ``on_result``, must leave it rather
+    than be logged: a KeyboardInterrupt or SystemExit on the main thread, where a Ctrl-C
+    lands wherever the code is (in the callback of a worker task, say) and asyncio itself
+    lets both end the loop. On any other thread no signal lands, so they can only be the
+    callback's own raise, a bug of it like any other: swallowing none of them ended the
+    worker thread (or a worker process's reader), and mail was queued that nobody
+    delivered."""
+    return isinstance(exc, KeyboardInterrupt | SystemExit) and (
+        threading.current_thread() is threading.main_thread()
+    )
