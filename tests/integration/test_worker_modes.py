@@ -690,3 +690,126 @@ def test_a_keyboard_interrupt_in_on_result_on_the_main_thread_still_ends_the_loo
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(main())
     assert time.monotonic() - started < 20
+
+
+def test_start_from_two_threads_at_once_starts_one_worker(
+    mx: Any, dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both passed the "already started" check before either had a thread: two workers
+    ran, the first one no longer known to the facade (stop() stopped the other)."""
+    to_start = Mailstrom._worker_to_start
+
+    def slowly(self: Mailstrom, worker: Any) -> Any:
+        time.sleep(0.2)  # widens the window between the check and the start
+        return to_start(self, worker)
+
+    monkeypatch.setattr(Mailstrom, "_worker_to_start", slowly)
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
+    gate = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def start() -> None:
+        gate.wait()
+        try:
+            ms.start()
+            outcomes.append("started")
+        except WorkerError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["already started", "started"]
+        workers = [t for t in threading.enumerate() if t.name == "mailstrom-worker"]
+        assert len(workers) == 1
+    finally:
+        ms.stop()
+    assert not any(t.name == "mailstrom-worker" for t in threading.enumerate())
+    store.close()
+
+
+def test_stop_from_two_threads_at_once_returns_once_the_worker_has_ended(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The second stop() found no thread to wait for and closed the store this facade had
+    opened at once, under the worker still draining: the delivery in flight was never
+    recorded (sent again once its lease ran out), and that stop() returned with the
+    worker still running."""
+    slow = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", slow.host)
+    slow.data_delay = 1.0
+    path = tmp_path / "q.db"
+    ms = Mailstrom(config(dns_server, slow.port), store=path, worker="thread")
+    ms.start()
+    thread = ms._thread
+    assert thread is not None
+    ms.send_email(hello("bob@example.org"))
+    assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight, its reply delayed
+    gate = threading.Barrier(2)
+    worker_alive_after: list[bool] = []
+
+    def stop() -> None:
+        gate.wait()
+        ms.stop(timeout=5)
+        worker_alive_after.append(thread.is_alive())
+
+    stoppers = [threading.Thread(target=stop) for _ in range(2)]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(30)
+    assert worker_alive_after == [False, False]
+    store = SQLiteStore(path)
+    try:
+        [message] = store.recent()
+    finally:
+        store.close()
+    assert (message.recipients[0].state, message.recipients[0].attempts) == (
+        RecipientState.DELIVERED,
+        1,
+    )
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_stop_from_on_result_while_another_thread_stops_waits_for_neither(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, worker: str
+) -> None:
+    """A stop() from the callback while the application's own stop() waits for the
+    worker: neither may wait for the other (the callback's stop() returns at once, the
+    other once the worker has ended), and the facade can start again."""
+    entered = threading.Event()
+    outcome: list[str] = []
+
+    def on_result(result: Any) -> None:
+        if not outcome:
+            assert entered.wait(10)
+            time.sleep(0.3)  # the other stop() is waiting for this thread by now
+            started = time.monotonic()
+            ms.stop()
+            outcome.append(f"{time.monotonic() - started:.0f}")
+
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result, worker=worker)
+    ms.start()
+    ms.send_email(hello("bob@example.org"))
+    # The callback runs on the worker's thread; this test's thread is the application's.
+    assert _wait_until(lambda: len(mx.messages) == 1, 10)
+    entered.set()
+    started = time.monotonic()
+    ms.stop()
+    assert time.monotonic() - started < 10
+    assert _wait_until(lambda: bool(outcome), 10)
+    assert outcome == ["0"]
+    assert not ms.worker_status.running
+    ms.start()
+    try:
+        mid = ms.send_email(hello("again@example.org", 1))
+        assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+    store.close()

@@ -177,6 +177,10 @@ class FacadeBase:
         it) of the store's wake-ups: ``wait`` listens."""
         self._store_watch: Callable[[], None] | None = None
         self._store_watch_lock = threading.Lock()
+        self._lifecycle = threading.Lock()
+        """Held by a facade's start() and stop() (but one called from on_result): one at
+        a time, so that two starts do not start two workers, nor a stop() close the store
+        under the worker another one is still waiting for."""
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:

@@ -415,6 +415,11 @@ class WorkerProcess:
         else:
             log.info("the dead worker process had leased nothing")
 
+    def reading_on(self, thread: threading.Thread) -> bool:
+        """Whether ``thread`` is the one passing on the current child's results (where
+        ``on_result`` runs)."""
+        return thread is self._reader
+
     @property
     def pid(self) -> int | None:
         """The child's process id while it runs; None before, between restarts, and

@@ -60,6 +60,9 @@ class Mailstrom(FacadeBase, QueueOperations):
     """
 
     _thread: threading.Thread | None = None
+    _worker_thread: threading.Thread | None = None
+    """The thread of the last worker started, kept once a stop() let go of it: the
+    thread on_result runs on."""
     _start_error: BaseException | None = None
     _stuck: threading.Thread | None = None
     _stopped_from_within = False
@@ -74,7 +77,15 @@ class Mailstrom(FacadeBase, QueueOperations):
 
         After :meth:`stop` this starts a new worker. A facade that opened its store
         itself closed it in ``stop()`` and raises :class:`~mailstrom.errors.WorkerError`.
+        Safe to call from several threads: one worker starts, the others are told
+        "already started"; one that comes while a ``stop()`` runs waits for it.
         """
+        if self._on_worker_thread():
+            raise WorkerError("start() from on_result: the worker it runs on has not ended")
+        with self._lifecycle:
+            self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
         self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
@@ -92,7 +103,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         self._stopped_from_within = False
         self._ready = threading.Event()
         self._start_error = None
-        self._thread = threading.Thread(
+        self._thread = self._worker_thread = threading.Thread(
             target=self._run, args=(worker,), name="mailstrom-worker", daemon=True
         )
         self._thread.start()
@@ -104,6 +115,15 @@ class Mailstrom(FacadeBase, QueueOperations):
             raise WorkerError(f"worker failed to start: {self._start_error}") from (
                 self._start_error
             )
+
+    def _on_worker_thread(self) -> bool:
+        """Whether this is the thread the worker hands its results on (``on_result``):
+        the worker thread, or a worker process's reader. It cannot wait for itself, nor
+        for a :meth:`stop` from elsewhere that waits for it."""
+        worker, here = self.worker, threading.current_thread()
+        if isinstance(worker, WorkerProcess):
+            return worker.reading_on(here)
+        return here is self._worker_thread
 
     def _run(self, worker: Worker) -> None:
         try:
@@ -129,7 +149,15 @@ class Mailstrom(FacadeBase, QueueOperations):
         (logged). Either way what it had not recorded is tried again once its leases
         expire. Called from ``on_result`` in a worker thread (which cannot wait for
         itself) it returns at once; the worker ends, and closes the store this facade
-        opened, once the deliveries in flight are recorded."""
+        opened, once the deliveries in flight are recorded. Called from several threads
+        at once, each returns once the worker has ended (or the bound has passed)."""
+        if self._on_worker_thread():
+            self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
+            return
+        with self._lifecycle:
+            self._stop(timeout)
+
+    def _stop(self, timeout: float | None) -> None:
         worker = self.worker
         within = False
         try:
@@ -139,7 +167,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                 thread, self._thread = self._thread, None
                 if thread is None and self._stuck is not None and self._stuck.is_alive():
                     thread = self._stuck  # still ending since a stop(): wait for it again
-                within = thread is threading.current_thread()
+                within = self._on_worker_thread()  # a stop() elsewhere may have its thread
                 if within:
                     # Called from on_result, on the worker's own thread, which cannot wait
                     # for itself: the worker drains and ends once the callback returns,
@@ -147,7 +175,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                     # deliveries still to be recorded.
                     worker.request_stop(drain_timeout=timeout)
                     self._stopped_from_within = True
-                    self._stuck = thread
+                    self._stuck = self._worker_thread
                 elif thread is not None:
                     worker.request_stop(drain_timeout=timeout)
                     limit = None if timeout is None else timeout + STOP_GRACE
