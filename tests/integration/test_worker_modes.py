@@ -813,3 +813,64 @@ def test_stop_from_on_result_while_another_thread_stops_waits_for_neither(
     finally:
         ms.stop()
     store.close()
+
+
+def _slow_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    slow = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", slow.host)
+    slow.data_delay = 1.0
+    return slow
+
+
+def _recorded_once(path: Path) -> bool:
+    store = SQLiteStore(path)
+    try:
+        [message] = store.recent()
+    finally:
+        store.close()
+    recipient = message.recipients[0]
+    return (recipient.state, recipient.attempts) == (RecipientState.DELIVERED, 1)
+
+
+async def test_stop_from_two_tasks_at_once_returns_once_the_worker_has_ended(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """As with threads: the second stop() closed the store under the draining worker."""
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="task")
+    await ms.start()
+    worker = ms.worker
+    assert worker is not None
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    await asyncio.gather(ms.stop(timeout=5), ms.stop(timeout=5))
+    assert not worker.status.running
+    assert _recorded_once(path)
+
+
+async def test_a_stop_that_is_cancelled_leaves_the_store_to_the_worker_until_it_ends(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A cancelled stop() (a shutdown given up, a timeout around the ``async with``)
+    closed the store the facade had opened at once, under the worker still draining: the
+    delivery in flight was never recorded, and went out again once its lease ran out.
+    The worker goes on stopping, as asked, and the store is closed once it has ended."""
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="task")
+    await ms.start()
+    worker = ms.worker
+    assert worker is not None
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await ms.stop(timeout=5)
+    assert await asyncio.to_thread(worker.wait_stopped, 10)
+    assert _recorded_once(path)
+    # Closed as the worker's task ends.
+    assert await asyncio.to_thread(_wait_until, lambda: ms._store_closed, 5)
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()

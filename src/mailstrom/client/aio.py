@@ -45,12 +45,32 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     _task: asyncio.Task[None] | None = None
     _LOCAL = "task"
+    _lifecycle_lock: asyncio.Lock | None = None
+    _ending: asyncio.Future[None] | None = None
+    """What a cancelled :meth:`stop` left ending (the worker's task, or a worker process's
+    stop in a thread): the next stop() waits for it, start() waits for its end, and the
+    store this facade opened is closed once it has ended, not under it."""
+
+    def _lifecycle_async(self) -> asyncio.Lock:
+        """Held by start() and stop(): one at a time (made here, on the loop: an asyncio
+        lock made in ``__init__`` could be made where no loop runs yet)."""
+        if self._lifecycle_lock is None:
+            self._lifecycle_lock = asyncio.Lock()
+        return self._lifecycle_lock
 
     async def start(self) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
         :class:`~mailstrom.errors.WorkerError` if the worker cannot start. After
         :meth:`stop` this starts a new worker, unless the facade opened its store itself
         (``stop()`` closed it): WorkerError then."""
+        async with self._lifecycle_async():
+            await self._start()
+
+    async def _start(self) -> None:
+        if self._ending is not None and not self._ending.done():
+            raise WorkerError(
+                "the worker of the last stop(), which was cancelled, has not ended yet"
+            )
         self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
@@ -77,14 +97,28 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
         give the rest back to the store, due at once; wait for the worker at most
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``, then kill a
-        worker process or cancel the worker task (logged)."""
+        worker process or cancel the worker task (logged). Several at once each return
+        once the worker has ended. Cancelled, it leaves the worker stopping, and the
+        store this facade opened is closed once the worker has ended."""
+        async with self._lifecycle_async():
+            await self._stop(timeout)
+
+    async def _stop(self, timeout: float | None) -> None:
         worker = self.worker
+        ending = self._ending if self._ending is not None and not self._ending.done() else None
+        deferred = False
         try:
             if isinstance(worker, WorkerProcess):
-                await asyncio.to_thread(worker.stop, timeout)
+                if ending is None:
+                    ending = asyncio.ensure_future(asyncio.to_thread(worker.stop, timeout))
+                await asyncio.shield(ending)
             elif isinstance(worker, Worker):
-                task, self._task = self._task, None
+                task: asyncio.Future[None] | None = self._task
+                self._task = None
+                if task is None and ending is not None:
+                    task = ending  # a worker task still ending since a cancelled stop()
                 if task is not None:
+                    ending = task
                     worker.request_stop(drain_timeout=timeout)
                     limit = None if timeout is None else timeout + STOP_GRACE
                     try:
@@ -94,9 +128,27 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                             raise  # the worker's own TimeoutError
                         log.error("the worker task did not stop within %g s", limit)
                         task.cancel()
+        except asyncio.CancelledError:
+            if ending is not None and not ending.done():
+                # Not under the worker still stopping: the store goes once it has ended.
+                deferred = True
+                if self._ending is not ending:
+                    self._ending = ending
+                    ending.add_done_callback(self._ended)
+            raise
         finally:
-            self._unwatch_store()
-            self._close_owned_store()
+            if not deferred:
+                self._release_store()
+
+    def _ended(self, ending: asyncio.Future[None]) -> None:
+        """What a cancelled stop() left ending has ended: the store may go."""
+        if not ending.cancelled() and ending.exception() is not None:
+            log.error("the worker ended on %r after its stop() was cancelled", ending.exception())
+        self._release_store()
+
+    def _release_store(self) -> None:
+        self._unwatch_store()
+        self._close_owned_store()
 
     async def __aenter__(self) -> AsyncMailstrom:
         await self.start()
