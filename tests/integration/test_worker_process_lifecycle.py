@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import trustme
 
-from mailstrom import Mailstrom, RecipientState
+from mailstrom import AsyncMailstrom, Mailstrom, RecipientState
 from mailstrom.client import process, supervision
 from mailstrom.client.process import WorkerProcess
-from mailstrom.errors import WorkerError
+from mailstrom.errors import StoreError, WorkerError
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_worker_modes
@@ -437,4 +437,78 @@ def test_a_child_stop_had_to_kill_does_not_read_as_dead(
     assert _gone(pid)
     status = ms.worker_status
     assert not status.running and status.error is None and not status.dead
+    store.close()
+
+
+@pytest.fixture
+def failing_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker children started from now on exit at once (status 3), saying nothing."""
+    site = tmp_path / "failing"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            if "mailstrom.runtime.child" in sys.orig_argv:
+                os._exit(3)
+            """
+        )
+    )
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+
+
+def test_a_with_block_whose_start_fails_closes_the_store_it_opened(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, failing_child: None
+) -> None:
+    """__enter__ raised and nobody had the facade to stop: the store it had opened (a
+    SQLite connection; a PostgreSQL pool) stayed open, as a failing __init__ no longer
+    leaves it."""
+    facades: list[Mailstrom] = []
+
+    class Kept(Mailstrom):
+        def start(self, timeout: float = 30.0) -> None:
+            facades.append(self)
+            super().start(timeout)
+
+    with (
+        pytest.raises(WorkerError, match="failed to start"),
+        Kept(config(dns_server, mx.port), store=tmp_path / "q.db") as ms,
+    ):
+        ms.send_email(hello("never@example.org"))  # pragma: no cover - not reached
+    [ms] = facades
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()
+
+
+async def test_an_async_with_block_whose_start_fails_closes_the_store_it_opened(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, failing_child: None
+) -> None:
+    facades: list[AsyncMailstrom] = []
+
+    class Kept(AsyncMailstrom):
+        async def start(self) -> None:
+            facades.append(self)
+            await super().start()
+
+    with pytest.raises(WorkerError, match="failed to start"):
+        async with Kept(config(dns_server, mx.port), store=tmp_path / "q.db") as ms:
+            await ms.send_email(hello("never@example.org"))  # pragma: no cover
+    [ms] = facades
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()
+
+
+def test_a_with_block_on_a_started_facade_leaves_its_worker_running(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    try:
+        with pytest.raises(WorkerError, match="already started"), ms:
+            pass  # pragma: no cover - not reached
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
     store.close()

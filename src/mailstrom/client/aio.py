@@ -151,7 +151,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._close_owned_store()
 
     async def __aenter__(self) -> AsyncMailstrom:
-        await self.start()
+        started = self._task is not None or self._has_worker_process()
+        try:
+            await self.start()
+        except BaseException:
+            if not started:  # ("already started" leaves the worker to its starter)
+                # No with block to leave: what stop() would close must not stay open.
+                await self.stop()
+            raise
         return self
 
     async def __aexit__(

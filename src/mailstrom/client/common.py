@@ -212,6 +212,13 @@ class FacadeBase:
                 "facade to start again (or pass a Store you close yourself)"
             )
 
+    def _has_worker_process(self) -> bool:
+        """Whether a worker process runs, or is to be started again after a death."""
+        worker = self.worker
+        return isinstance(worker, WorkerProcess) and (
+            worker.pid is not None or worker.restart_pending()
+        )
+
     def _worker_to_start(self, worker: Worker) -> Worker:
         """``worker``, or a fresh one in its place once it has run: a :class:`Worker`
         runs once (the last ``stop()``'s request stays with it, and the next run would

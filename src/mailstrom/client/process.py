@@ -136,7 +136,7 @@ class WorkerProcess:
         :class:`~mailstrom.errors.StoreAccessDenied`). After such a failure, after
         :meth:`stop`, or once a child ended for good, it can be called again."""
         with self._lock:
-            if self.pid is not None or self._restart_pending():
+            if self.pid is not None or self.restart_pending():
                 raise WorkerError("already started")
             last = self._reader
         if last is not None:
@@ -149,7 +149,7 @@ class WorkerProcess:
             # before the next child, whose state its end must not be judged against.
             last.join()
         with self._lock:
-            if self._reader is not last or self.pid is not None or self._restart_pending():
+            if self._reader is not last or self.pid is not None or self.restart_pending():
                 raise WorkerError("already started")  # another start() came first
             self._stopping = False
             self._supervised = False
@@ -244,7 +244,7 @@ class WorkerProcess:
             self._halt.set()
             proc, supervisor, holder = self._proc, self._supervisor, self._holder
             reader = self._reader
-            if self._restart_pending() and self._death is not None:
+            if self.restart_pending() and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
             elif self._coming_back and not self._reported_error:
                 # Restarted, stopped before it answered: no trouble. One that said why
@@ -320,7 +320,8 @@ class WorkerProcess:
 
     # --- supervision ---------------------------------------------------------------------
 
-    def _restart_pending(self) -> bool:
+    def restart_pending(self) -> bool:
+        """Whether a child that died is to be started again (its backoff not over)."""
         supervisor = self._supervisor
         return supervisor is not None and supervisor.is_alive()
 

@@ -191,7 +191,14 @@ class Mailstrom(FacadeBase, QueueOperations):
                 self._close_owned_store()
 
     def __enter__(self) -> Mailstrom:
-        self.start()
+        started = self._thread is not None or self._has_worker_process()
+        try:
+            self.start()
+        except BaseException:
+            if not started:  # ("already started" leaves the worker to its starter)
+                # No with block to leave: what stop() would close must not stay open.
+                self.stop()
+            raise
         return self
 
     def __exit__(
