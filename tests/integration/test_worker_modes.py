@@ -31,7 +31,7 @@ from mailstrom import (
     RecipientState,
     Timeouts,
 )
-from mailstrom.errors import StoreError, WorkerError
+from mailstrom.errors import InvalidArgument, StoreError, WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -874,3 +874,37 @@ async def test_a_stop_that_is_cancelled_leaves_the_store_to_the_worker_until_it_
     assert await asyncio.to_thread(_wait_until, lambda: ms._store_closed, 5)
     with pytest.raises(StoreError, match="closed"):
         ms.store.recent()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 1e10, float("nan"), "5", True])
+def test_stop_with_a_timeout_it_cannot_wait_refuses_it_before_anything(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, bad: Any
+) -> None:
+    """stop(timeout=math.inf) asked the worker to stop, then failed to wait for it
+    (OverflowError from Thread.join) and closed the store this facade had opened under
+    the worker still draining: the delivery in flight was never recorded. A string
+    reached the worker's drain as a TypeError."""
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = Mailstrom(config(dns_server, slow.port), store=path, worker="thread")
+    ms.start()
+    try:
+        ms.send_email(hello("bob@example.org"))
+        assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight
+        with pytest.raises(InvalidArgument, match="timeout"):
+            ms.stop(timeout=bad)
+        with pytest.raises(InvalidArgument, match="timeout"):
+            ms.start(timeout=bad)
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+    assert _recorded_once(path)
+
+
+async def test_an_async_stop_with_a_timeout_it_cannot_wait_refuses_it(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    async with AsyncMailstrom(config(dns_server, mx.port), store=MemoryStore()) as ms:
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await ms.stop(timeout="5")  # type: ignore[arg-type]
+        assert ms.worker_status.running

@@ -9,7 +9,13 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from mailstrom.arguments import check_limit
-from mailstrom.client.common import FacadeBase, MessageInput, batch_of, suppression_entry
+from mailstrom.client.common import (
+    FacadeBase,
+    MessageInput,
+    batch_of,
+    stop_timeout,
+    suppression_entry,
+)
 from mailstrom.client.operations import (
     AsyncQueueOperations,
     checked_filter,
@@ -100,6 +106,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         worker process or cancel the worker task (logged). Several at once each return
         once the worker has ended. Cancelled, it leaves the worker stopping, and the
         store this facade opened is closed once the worker has ended."""
+        timeout = stop_timeout(timeout)
         async with self._lifecycle_async():
             await self._stop(timeout)
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Literal
 
-from mailstrom.arguments import member_of
+from mailstrom.arguments import check_timeout, member_of
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess
 from mailstrom.config import Config
@@ -352,6 +352,15 @@ class FacadeBase:
         the async facade runs in a thread."""
         prepared = self._prepare(message, envelope_from, envelope_to, dsn, **attributes)
         return self.store.enqueue(prepared, now=self._clock())
+
+
+def stop_timeout(timeout: object) -> float | None:
+    """``stop()``'s timeout: None (as long as the deliveries take) or a finite number of
+    seconds, at most 100 years (a negative one: none); InvalidArgument for anything else,
+    before anything is stopped. Infinity made the wait for the worker raise OverflowError
+    after the worker was asked to stop, and the store was closed under it; a string
+    reached the worker's drain."""
+    return None if timeout is None else check_timeout(timeout)
 
 
 def batch_of(messages: object) -> list[MessageInput]:

@@ -13,8 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from mailstrom.arguments import check_limit
-from mailstrom.client.common import FacadeBase, MessageInput, batch_of, suppression_entry
+from mailstrom.arguments import check_limit, check_timeout
+from mailstrom.client.common import (
+    FacadeBase,
+    MessageInput,
+    batch_of,
+    stop_timeout,
+    suppression_entry,
+)
 from mailstrom.client.operations import (
     QueueOperations,
     checked_filter,
@@ -80,6 +86,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         Safe to call from several threads: one worker starts, the others are told
         "already started"; one that comes while a ``stop()`` runs waits for it.
         """
+        timeout = check_timeout(timeout)
         if self._on_worker_thread():
             raise WorkerError("start() from on_result: the worker it runs on has not ended")
         with self._lifecycle:
@@ -151,6 +158,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         itself) it returns at once; the worker ends, and closes the store this facade
         opened, once the deliveries in flight are recorded. Called from several threads
         at once, each returns once the worker has ended (or the bound has passed)."""
+        timeout = stop_timeout(timeout)
         if self._on_worker_thread():
             self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
             return
