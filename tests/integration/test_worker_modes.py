@@ -908,3 +908,27 @@ async def test_an_async_stop_with_a_timeout_it_cannot_wait_refuses_it(
         with pytest.raises(InvalidArgument, match="timeout"):
             await ms.stop(timeout="5")  # type: ignore[arg-type]
         assert ms.worker_status.running
+
+
+def test_a_worker_thread_that_missed_starts_timeout_does_not_run_on(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """start() raised "did not start within" and the worker came up all the same: it
+    delivered behind a start() that had said it failed, worker_status said running, and
+    start() again said "already started". A worker process is killed in that case; a
+    worker thread is now asked to stop, and the next start() begins afresh."""
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
+    try:
+        with pytest.raises(WorkerError, match="did not start within 0 s"):
+            ms.start(timeout=0)
+        assert _wait_until(
+            lambda: not any(t.name == "mailstrom-worker" for t in threading.enumerate()), 10
+        )
+        assert not ms.worker_status.running
+        ms.start()
+        mid = ms.send_email(hello("bob@example.org"))
+        assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+    store.close()

@@ -115,7 +115,11 @@ class Mailstrom(FacadeBase, QueueOperations):
         )
         self._thread.start()
         if not self._ready.wait(timeout):
-            raise WorkerError(f"worker did not start within {timeout} s")
+            # Not left to come up behind a start() that said it failed (a worker
+            # process is killed here): it ends as soon as it can, as after stop().
+            worker.request_stop(drain_timeout=0)
+            self._stuck, self._thread = self._thread, None
+            raise WorkerError(f"worker did not start within {timeout:g} s")
         if self._start_error is not None:
             self._thread.join()
             self._thread = None
