@@ -932,3 +932,35 @@ def test_a_worker_thread_that_missed_starts_timeout_does_not_run_on(
     finally:
         ms.stop()
     store.close()
+
+
+async def test_no_task_is_started_while_the_one_stop_gave_up_on_lives(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guide: a worker task stop() gave up on is left to end by itself, "and the
+    facade will not start another while it lives". start() started one at once."""
+    from mailstrom.client import aio
+
+    monkeypatch.setattr(aio, "STOP_GRACE", 0.0)
+    slow = _slow_mx(smtp_server, dns_server)
+    store = MemoryStore()
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="task")
+    await ms.start()
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    worker = ms.worker
+    assert worker is not None
+    await ms.stop(timeout=0)  # gives up at once, the delivery's reply still to come
+    assert worker.status.running
+    with pytest.raises(WorkerError, match="has not ended yet"):
+        await ms.start()
+    assert await asyncio.to_thread(worker.wait_stopped, 10)
+    for _ in range(100):  # the task ends just after its worker
+        if ms._ending is None or ms._ending.done():
+            break
+        await asyncio.sleep(0.01)
+    await ms.start()
+    await ms.stop()
+    store.close()

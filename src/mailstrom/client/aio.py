@@ -53,9 +53,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     _LOCAL = "task"
     _lifecycle_lock: asyncio.Lock | None = None
     _ending: asyncio.Future[None] | None = None
-    """What a cancelled :meth:`stop` left ending (the worker's task, or a worker process's
-    stop in a thread): the next stop() waits for it, start() waits for its end, and the
-    store this facade opened is closed once it has ended, not under it."""
+    """What a :meth:`stop` left ending: the worker's task it gave up on (cancelled), or,
+    when it was cancelled itself, the task or a worker process's stop in a thread. The
+    next stop() waits for it, start() refuses until it has ended, and the store this
+    facade opened is closed once a cancelled stop()'s has ended, not under it."""
 
     def _lifecycle_async(self) -> asyncio.Lock:
         """Held by start() and stop(): one at a time (made here, on the loop: an asyncio
@@ -135,6 +136,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                             raise  # the worker's own TimeoutError
                         log.error("the worker task did not stop within %g s", limit)
                         task.cancel()
+                        self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:
             if ending is not None and not ending.done():
                 # Not under the worker still stopping: the store goes once it has ended.
