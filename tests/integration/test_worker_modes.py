@@ -964,3 +964,34 @@ async def test_no_task_is_started_while_the_one_stop_gave_up_on_lives(
     await ms.start()
     await ms.stop()
     store.close()
+
+
+def test_a_fork_while_another_thread_stops_the_facade_can_stop_it_too(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """start() and stop() hold a lock; a fork (a pre-forking server, multiprocessing)
+    while another thread held it must not leave it held for ever in the child, whose own
+    stop() (at exit, say) would never return."""
+    slow = _slow_mx(smtp_server, dns_server)
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, slow.port), store=store, worker="thread")
+    ms.start()
+    ms.send_email(hello("bob@example.org"))
+    assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight: stop() waits
+    stopping = threading.Thread(target=ms.stop)
+    stopping.start()
+    assert _wait_until(lambda: ms._lifecycle.locked(), 10)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the forked process
+        ms.stop(timeout=0)
+        os._exit(0)
+    try:
+        assert _wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 10), (
+            "the fork's stop() waited for a lock nobody there will release"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    stopping.join(30)
+    store.close()

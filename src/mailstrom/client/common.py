@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -99,6 +100,19 @@ def sqlite_url(path: os.PathLike[str]) -> str:
     return "sqlite:///" + text
 
 
+def _new_locks_after_fork() -> None:
+    """In a process forked from this one: locks of the facades that another thread of
+    the parent held at the fork (a stop() waiting for its worker) would never be released
+    there, and the fork's own stop() would wait for ever."""
+    for facade in list(_FACADES):
+        facade._lifecycle = threading.Lock()
+        facade._store_watch_lock = threading.Lock()
+
+
+_FACADES: weakref.WeakSet[FacadeBase] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_new_locks_after_fork)
+
+
 WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
 
@@ -180,7 +194,9 @@ class FacadeBase:
         self._lifecycle = threading.Lock()
         """Held by a facade's start() and stop() (but one called from on_result): one at
         a time, so that two starts do not start two workers, nor a stop() close the store
-        under the worker another one is still waiting for."""
+        under the worker another one is still waiting for. New in a fork (see
+        :func:`_new_locks_after_fork`)."""
+        _FACADES.add(self)
         if mode == "process":
             self.worker = WorkerProcess(self.config, self.store, on_result=on_result)
         elif mode is not None:
