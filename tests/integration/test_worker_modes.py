@@ -917,14 +917,25 @@ def test_a_worker_thread_that_missed_starts_timeout_does_not_run_on(
     delivered behind a start() that had said it failed, worker_status said running, and
     start() again said "already started". A worker process is killed in that case; a
     worker thread is now asked to stop, and the next start() begins afresh."""
-    store = MemoryStore()
+    slow = threading.Event()
+    slow.set()
+
+    class SlowToStart(MemoryStore):
+        def watch(self, callback: Any) -> Any:
+            if slow.is_set():
+                time.sleep(1)  # a store slow to answer as the worker starts
+            return super().watch(callback)
+
+    store = SlowToStart()
     ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
     try:
-        with pytest.raises(WorkerError, match="did not start within 0 s"):
-            ms.start(timeout=0)
-        assert _wait_until(
-            lambda: not any(t.name == "mailstrom-worker" for t in threading.enumerate()), 10
-        )
+        before = set(threading.enumerate())
+        with pytest.raises(WorkerError, match=r"did not start within 0\.2 s"):
+            ms.start(timeout=0.2)
+        slow.clear()
+        [thread] = [t for t in set(threading.enumerate()) - before if t.name == "mailstrom-worker"]
+        thread.join(10)
+        assert not thread.is_alive()
         assert not ms.worker_status.running
         ms.start()
         mid = ms.send_email(hello("bob@example.org"))
