@@ -129,6 +129,34 @@ def test_purge_flags_say_what_they_purge_of_ids_too(cli: CLI) -> None:
     assert cli.queue_ids() == []
 
 
+def test_purge_flags_say_what_they_purge_of_any_state_filter(cli: CLI) -> None:
+    """--delivered-before with --state any (or failed) deleted failed messages: the flag
+    limits filters to its state too."""
+    failed = send(cli, "gone@example.test")
+    cli.ok("cancel", failed)
+    for state in ("any", "finished", "failed"):
+        flags = ("--state", state, "--delivered-before", "0s")
+        assert cli.ok("purge", *flags, "--dry-run").out.strip() == (
+            "would purge 0 messages (dry run: nothing changed)"
+        )
+        assert cli.ok("purge", *flags).out.strip() == "0 messages purged"
+    assert cli.queue_ids() == [failed]
+
+
+def test_a_dry_run_purge_of_ids_lists_only_what_purge_deletes(cli: CLI) -> None:
+    """A dry run given ids listed pending messages too, which purge never deletes."""
+    pending = send(cli, "bob@example.test")
+    cancelled = send(cli, "gone@example.test")
+    cli.ok("cancel", cancelled)
+    for flags in ((), ("--finished-before", "0s"), ("--failed-before", "0s")):
+        dry = cli.ok("purge", pending, cancelled, *flags, "--dry-run").out.splitlines()
+        assert dry == [cancelled, "would purge 1 message (dry run: nothing changed)"], flags
+    dry = cli.ok("purge", pending, cancelled, "--delivered-before", "0s", "--dry-run").out
+    assert dry.strip() == "would purge 0 messages (dry run: nothing changed)"
+    assert cli.ok("purge", pending, cancelled).out.strip() == "1 message purged"
+    assert cli.queue_ids() == [pending]
+
+
 # --- queue ---------------------------------------------------------------------------------
 
 

@@ -133,6 +133,24 @@ def test_purge_listed_and_by_state(store: Store) -> None:
     assert store.purge_many([again, pending]) == 1
 
 
+def test_purge_listed_in_a_state(store: Store) -> None:
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    failed = store.enqueue(message("b@example.org"), now=NOW)
+    mixed = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(
+        results_for(lease, RecipientState.DELIVERED, only=["a@example.org", "c@example.org"])
+    )
+    store.record(results_for(lease, RecipientState.FAILED, only=["b@example.org", "d@example.org"]))
+    later = NOW + HOUR
+    every = [delivered, failed, mixed]
+    assert store.purge_many(every, finished_before=NOW, state=RecipientState.FAILED) == 0
+    assert store.purge_many(every, finished_before=later, state=RecipientState.DELIVERED) == 1
+    assert store.purge_many(every, state=RecipientState.DELIVERED) == 0
+    assert store.status(failed).state is RecipientState.FAILED
+    assert store.purge_many(every, state=RecipientState.FAILED) == 2
+
+
 # --- the shape -----------------------------------------------------------------------------
 
 

@@ -486,7 +486,9 @@ class StoresAgree(RuleBasedStateMachine):
     @precondition(lambda self: self.ids)
     @rule(
         picks=st.lists(st.integers(0, 50), min_size=1, max_size=4),
-        action=st.sampled_from(("retry", "cancel", "hold", "unhold", "purge")),
+        action=st.sampled_from(
+            ("retry", "cancel", "hold", "unhold", "purge", "purge delivered", "purge failed")
+        ),
         ago=st.sampled_from((None, timedelta(0), timedelta(minutes=5))),
     )
     def operate_many(self, picks: list[int], action: str, ago: timedelta | None) -> None:
@@ -498,8 +500,10 @@ class StoresAgree(RuleBasedStateMachine):
                 return s.retry_many(ids, now=self.now)
             if action == "cancel":
                 return s.cancel_many(ids, now=self.now)
-            if action == "purge":
-                return s.purge_many(ids, finished_before=None if ago is None else self.now - ago)
+            if action.startswith("purge"):
+                state = RecipientState(action[6:]) if action != "purge" else None
+                before = None if ago is None else self.now - ago
+                return s.purge_many(ids, finished_before=before, state=state)
             return s.hold_many(ids, action == "hold")
 
         self.agree(self.each(call), f"{action}_many")
@@ -507,7 +511,7 @@ class StoresAgree(RuleBasedStateMachine):
             for i in chosen:
                 for address in self.recipients[i]:
                     self.owner.pop((i, address), None)
-        if action == "purge":
+        if action.startswith("purge"):
             self.note_purged(chosen)
 
     @precondition(lambda self: self.ids)

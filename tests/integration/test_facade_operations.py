@@ -120,6 +120,20 @@ def test_operator_methods_on_the_sync_facade() -> None:
         assert ms.stats().messages == 0
 
 
+def test_purge_of_listed_messages_heeds_the_state() -> None:
+    """purge(messages=..., state=DELIVERED) deleted failed messages too: the state was
+    heeded only without ``messages``."""
+    with Mailstrom(Config(helo_name="client.test"), store=MemoryStore(), worker=None) as ms:
+        cancelled = ms.send_email(hello("a@example.org"))
+        ms.cancel_many(cancelled)
+        everything = QueueFilter(states=None)
+        ago = timedelta(seconds=-1)
+        for messages in ([cancelled], everything):
+            assert ms.purge(ago, state=RecipientState.DELIVERED, messages=messages) == 0
+        assert ms.query_status(cancelled).state is RecipientState.FAILED
+        assert ms.purge(ago, state=RecipientState.FAILED, messages=everything) == 1
+
+
 async def test_operator_methods_on_the_async_facade() -> None:
     ms = AsyncMailstrom(Config(helo_name="client.test"), store=MemoryStore(), worker=None)
     async with ms:

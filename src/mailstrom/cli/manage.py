@@ -30,7 +30,7 @@ from mailstrom.cli.selection import (
     resolve_all,
     select,
 )
-from mailstrom.status import RecipientState
+from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores.base import Store
 
 BULK_EPILOG = """\
@@ -249,22 +249,26 @@ def purge_command(args: argparse.Namespace) -> int:
             ids = resolve_all(store, given_ids(args))
             if has_filters(args) or args.all:
                 raise UsageError("give message ids or filters (--state, --domain, ...), not both")
-            if state is not None:
-                # The flag says what it deletes, of ids as of filters: --delivered-before
-                # also deleted the failed (cancelled) messages named by id.
-                ids = [mid for mid in ids if store.status(mid).state is state]
+            if args.dry_run:
+                ids = [mid for mid in ids if _purgeable(store.status(mid), state, cutoff)]
         else:
             default = "finished" if state is None else state.value
             where = queue_filter(args, default_state=default, limit=MAX_BULK)
-            ids = [
-                m.id
-                for m in store.query(now=now, where=where)
-                if m.state.is_final and (cutoff is None or _finished_before(m.recipients, cutoff))
-            ]
+            ids = [m.id for m in store.query(now=now, where=where) if _purgeable(m, state, cutoff)]
         if args.dry_run:
             return _dry_run(args, "purge", ids)
-        n = store.purge_many(ids, finished_before=cutoff) if ids else 0
+        # The flag says what it deletes, of ids as of filters (--state any included):
+        # --delivered-before deleted failed (cancelled) messages too.
+        n = store.purge_many(ids, finished_before=cutoff, state=state) if ids else 0
     return _purged(args, n)
+
+
+def _purgeable(m: MessageStatus, state: RecipientState | None, cutoff: datetime | None) -> bool:
+    """Whether purge_many would delete ``m``: finished, in ``state`` (when given), and
+    (the dry run's estimate) finished before ``cutoff``."""
+    if not m.state.is_final or (state is not None and m.state is not state):
+        return False
+    return cutoff is None or _finished_before(m.recipients, cutoff)
 
 
 def _finished_before(recipients: tuple[object, ...], cutoff: datetime) -> bool:

@@ -197,7 +197,7 @@ class QueueOperations(_Base):
         state = purge_state(state)
         if messages is not None:
             ids = select(self.store, messages, now)
-            return self.store.purge_many(ids, finished_before=cutoff)
+            return self.store.purge_many(ids, finished_before=cutoff, state=state)
         if state is None:
             return self.store.purge(finished_before=cutoff)
         return self.store.purge_state(finished_before=cutoff, state=state)

@@ -691,11 +691,16 @@ class Store(Protocol):
         ...
 
     def purge_many(
-        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+        self,
+        message_ids: Sequence[str],
+        *,
+        finished_before: datetime | None = None,
+        state: RecipientState | None = None,
     ) -> int:
         """Delete the listed messages all of whose recipients are final (and, with
-        ``finished_before``, whose last recipient finished before it); pending messages
-        are never deleted. Returns how many were deleted."""
+        ``finished_before``, whose last recipient finished before it; with ``state``,
+        whose derived state it is, as for :meth:`purge_state`); pending messages are
+        never deleted. Returns how many were deleted."""
         ...
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:

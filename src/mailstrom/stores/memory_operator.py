@@ -144,15 +144,20 @@ class MemoryOperatorMixin:
         return changed
 
     def purge_many(
-        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+        self,
+        message_ids: Sequence[str],
+        *,
+        finished_before: datetime | None = None,
+        state: RecipientState | None = None,
     ) -> int:
-        """Delete the listed messages that are final (finished before the cutoff)."""
+        """Delete the listed messages that are final (finished before the cutoff, in
+        ``state``)."""
         with self._lock:
             doomed = [
                 mid
                 for mid in dict.fromkeys(message_ids)
                 if mid in self._messages
-                and self._finished(self._messages[mid], finished_before, None)
+                and self._finished(self._messages[mid], finished_before, state)
             ]
             for mid in doomed:
                 del self._messages[mid]

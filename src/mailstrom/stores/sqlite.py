@@ -1266,11 +1266,16 @@ class SQLiteStore:
         return changed
 
     def purge_many(
-        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+        self,
+        message_ids: Sequence[str],
+        *,
+        finished_before: datetime | None = None,
+        state: RecipientState | None = None,
     ) -> int:
-        """Delete the listed messages that are final (finished before the cutoff)."""
+        """Delete the listed messages that are final (finished before the cutoff, in
+        ``state``)."""
         with self._write() as conn:
-            return purge_seqs(conn, seqs_of(conn, message_ids), finished_before)
+            return purge_seqs(conn, seqs_of(conn, message_ids), finished_before, state)
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""

@@ -251,18 +251,25 @@ def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
     return changed
 
 
-def purge_seqs(conn: sqlite3.Connection, seqs: Sequence[int], before: datetime | None) -> int:
+def purge_seqs(
+    conn: sqlite3.Connection,
+    seqs: Sequence[int],
+    before: datetime | None,
+    state: RecipientState | None = None,
+) -> int:
     """Delete the listed messages whose recipients are all final (finished before
-    ``before``, when given)."""
+    ``before``, when given; in ``state``, delivered or failed, when given)."""
     cutoff = to_us(before) if before is not None else None
+    delivered = None if state is None else state is RecipientState.DELIVERED
     deleted = 0
     for chunk in chunks(seqs):
         deleted += conn.execute(
             f"DELETE FROM messages WHERE seq IN ({qmarks(len(chunk))}) AND seq IN ("
             "SELECT message_seq FROM recipients"
             f" WHERE message_seq IN ({qmarks(len(chunk))}) GROUP BY message_seq"
-            " HAVING count(finished_at) = count(*) AND (? IS NULL OR max(finished_at) < ?))",
-            [*chunk, *chunk, cutoff, cutoff],
+            " HAVING count(finished_at) = count(*) AND (? IS NULL OR max(finished_at) < ?)"
+            " AND (? IS NULL OR (sum(state = 'delivered') = count(*)) = ?))",
+            [*chunk, *chunk, cutoff, cutoff, delivered, delivered],
         ).rowcount
     return deleted
 

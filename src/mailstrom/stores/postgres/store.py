@@ -854,12 +854,20 @@ class PostgresStore:
         return int(changed)
 
     def purge_many(
-        self, message_ids: Sequence[str], *, finished_before: datetime | None = None
+        self,
+        message_ids: Sequence[str],
+        *,
+        finished_before: datetime | None = None,
+        state: RecipientState | None = None,
     ) -> int:
-        """Delete the listed messages that are final (finished before the cutoff)."""
-        [(n,)] = self._fetch(
-            "purge_many", {"ids": list(message_ids), "finished_before": finished_before}
-        )
+        """Delete the listed messages that are final (finished before the cutoff, in
+        ``state``)."""
+        params = {
+            "ids": list(message_ids),
+            "finished_before": finished_before,
+            "state": None if state is None else state.value,
+        }
+        [(n,)] = self._fetch("purge_many", params)
         return int(n)
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:

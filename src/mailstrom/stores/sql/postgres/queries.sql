@@ -784,7 +784,7 @@ SELECT (SELECT count(*) FROM changed) AS changed,
 
 -- name: purge_many
 -- The listed messages none of whose recipients is pending or (with a cutoff) finished
--- at or after it.
+-- at or after it; with a state, only those in it (as purge_state).
 WITH purged AS (
     DELETE FROM messages m
     WHERE m.id = ANY (%(ids)s::text[])
@@ -795,6 +795,8 @@ WITH purged AS (
                OR r.finished_at IS NULL
                OR (%(finished_before)s::timestamptz IS NOT NULL
                    AND r.finished_at >= %(finished_before)s::timestamptz)))
+      AND (%(state)s::text IS NULL OR (%(state)s::text = 'delivered') = NOT EXISTS (
+        SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed'))
     RETURNING 1
 )
 SELECT count(*) FROM purged;
