@@ -3,7 +3,12 @@ view, --shape, show, suspend/resume (issue 14 §1)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+from mailstrom.cli.selection import MAX_BULK
+from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
+from tests.contract.support import message
 
 
 def send(cli: CLI, to: str, *extra: str) -> str:
@@ -155,6 +160,27 @@ def test_a_dry_run_purge_of_ids_lists_only_what_purge_deletes(cli: CLI) -> None:
     assert dry.strip() == "would purge 0 messages (dry run: nothing changed)"
     assert cli.ok("purge", pending, cancelled).out.strip() == "1 message purged"
     assert cli.queue_ids() == [pending]
+
+
+def test_purge_by_age_reaches_old_mail_behind_more_than_a_run_of_recent_mail(cli: CLI) -> None:
+    """A filter with an age flag selected the newest MAX_BULK finished messages and then
+    kept those finished long enough ago: behind that many recent ones, an old message
+    was never purged, however often purge ran."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        old = store.enqueue(message("a@example.test"), now=now - timedelta(days=2))
+        store.cancel_many([old], now=now - timedelta(days=2))
+        recent: list[str] = []
+        while len(recent) < MAX_BULK:
+            recent += store.enqueue_many([message("b@example.test")] * 10_000, now=now)
+        store.cancel_many(recent, now=now)
+    finally:
+        store.close()
+    flags = ("--domain", "example.test", "--finished-before", "1d")
+    dry = cli.ok("purge", *flags, "--dry-run", "--json").json()
+    assert (dry["selected"], dry["ids"]) == (1, [old])
+    assert cli.ok("purge", *flags, "--json").json() == {"purged": 1}
 
 
 # --- queue ---------------------------------------------------------------------------------
