@@ -7,7 +7,7 @@ retry falls after the timeout; a real worker delivers to a loopback receiver.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -132,6 +132,24 @@ def test_purge_of_listed_messages_heeds_the_state() -> None:
             assert ms.purge(ago, state=RecipientState.DELIVERED, messages=messages) == 0
         assert ms.query_status(cancelled).state is RecipientState.FAILED
         assert ms.purge(ago, state=RecipientState.FAILED, messages=everything) == 1
+
+
+def test_purge_by_a_filter_reaches_past_its_limit_of_mail_it_cannot_delete() -> None:
+    """A filter's newest ``limit`` messages were selected, then those purge could delete
+    kept: newer pending mail, or mail finished too recently, hid the older mail."""
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    store = MemoryStore()
+    with Mailstrom(Config(helo_name="client.test"), store=store, clock=lambda: now[0]) as ms:
+        old = ms.send_email(hello("a@example.org"))
+        ms.cancel_many(old)
+        now[0] += timedelta(days=2)
+        recent = ms.send_email(hello("b@example.org"))
+        ms.cancel_many(recent)
+        ms.send_email(hello("c@example.org"))  # pending
+        newest = QueueFilter(limit=1)
+        assert ms.purge(timedelta(days=1), messages=newest) == 1
+        assert [m.id for m in ms.query(QueueFilter(states=None))][1:] == [recent]
+        assert ms.purge(timedelta(seconds=-1), state=RecipientState.FAILED, messages=newest) == 1
 
 
 async def test_operator_methods_on_the_async_facade() -> None:

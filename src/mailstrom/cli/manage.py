@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
@@ -32,6 +32,7 @@ from mailstrom.cli.selection import (
 )
 from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores.base import Store
+from mailstrom.stores.operator import purge_candidates
 
 BULK_EPILOG = """\
 examples:
@@ -254,11 +255,9 @@ def purge_command(args: argparse.Namespace) -> int:
         else:
             default = "finished" if state is None else state.value
             where = queue_filter(args, default_state=default, limit=MAX_BULK)
-            if before is not None:
-                # Only mail queued before the cutoff can have finished before it. Without
-                # this, the newest MAX_BULK finished messages, too recent to purge, filled
-                # the selection, and older ones were never purged however often it ran.
-                where = replace(where, older_than=max(where.older_than or before, before))
+            # Only what purge can delete: the newest MAX_BULK finished messages, too
+            # recent to purge, filled the selection, and older ones were never purged.
+            where = purge_candidates(where, before, state)
             ids = [m.id for m in store.query(now=now, where=where) if _purgeable(m, state, cutoff)]
         if args.dry_run:
             return _dry_run(args, "purge", ids)

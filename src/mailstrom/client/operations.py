@@ -36,6 +36,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     normalize_domain,
+    purge_candidates,
 )
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import MAX_TARGET
@@ -189,13 +190,17 @@ class QueueOperations(_Base):
     ) -> int:
         """Delete finished messages whose last recipient finished more than ``older_than``
         ago: only delivered ones (``state=DELIVERED``), only failed ones (``FAILED``), or
-        both; ``messages`` limits it to those. Pending mail is never deleted. Returns how
-        many messages were deleted. ``older_than`` is at most 100 years (a negative one
-        takes in what finished up to that long from now)."""
+        both; ``messages`` limits it to those (a filter's ``limit`` counts only messages
+        it can delete: finished, queued before the cutoff). Pending mail is never
+        deleted. Returns how many messages were deleted. ``older_than`` is at most 100
+        years (a negative one takes in what finished up to that long from now)."""
         now = self._clock()
-        cutoff = now - check_age(older_than, "older_than", signed=True)
+        age = check_age(older_than, "older_than", signed=True)
+        cutoff = now - age
         state = purge_state(state)
         if messages is not None:
+            if isinstance(messages, QueueFilter):
+                messages = purge_candidates(messages, age, state)
             ids = select(self.store, messages, now)
             return self.store.purge_many(ids, finished_before=cutoff, state=state)
         if state is None:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from mailstrom.arguments import shown
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
 from mailstrom.status import RecipientState
+
+if TYPE_CHECKING:  # base imports this module
+    from mailstrom.stores.base import QueueFilter
 
 ID_LENGTH = 32
 """Hex digits in a full message id (see :func:`~mailstrom.stores.base.new_message_id`)."""
@@ -26,6 +30,8 @@ _HEX = re.compile(r"[0-9a-f]{1,32}")
 
 PENDING_STATES = frozenset({RecipientState.QUEUED, RecipientState.DEFERRED})
 """The derived states of messages still to be delivered (the queue's default view)."""
+FINISHED_STATES = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
+"""The derived states of messages a purge may delete."""
 
 AGE_EDGES: tuple[timedelta, ...] = tuple(timedelta(minutes=m) for m in (5, 10, 20, 40, 80, 160))
 """Where the age buckets of :meth:`Store.shape` split: 0-5m, 5-10m, ... 80-160m, 160m+
@@ -43,6 +49,22 @@ def effective_states(
     if state is None:
         return states
     return frozenset({state}) if states is None else states & {state}
+
+
+def purge_candidates(
+    where: QueueFilter, older_than: timedelta | None, state: RecipientState | None
+) -> QueueFilter:
+    """``where`` narrowed to messages a purge of those finished more than ``older_than``
+    ago (in ``state``, when given) can delete: finished ones (in ``state``), queued more
+    than ``older_than`` ago (finished before the cutoff, a message was queued before it).
+    A query returns the newest ``limit`` matches: left wide, they were pending or recent
+    mail the purge leaves alone, and older mail behind them was never reached."""
+    finished = FINISHED_STATES if state is None else frozenset({state})
+    states = finished if where.states is None else where.states & finished
+    age = where.older_than
+    if older_than is not None and older_than > timedelta(0):
+        age = older_than if age is None else max(age, older_than)
+    return replace(where, states=states, older_than=age)
 
 
 def normalize_prefix(prefix: str) -> str:
