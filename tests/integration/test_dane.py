@@ -223,6 +223,19 @@ def test_a_dane_only_table_entry_defers_a_host_without_tlsa(
     assert mx.connections == 0
 
 
+def test_a_dane_only_table_entry_defers_a_host_with_only_unusable_tlsa_records(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    # PKIX-EE (1) is unusable for SMTP (RFC 7672 §3.1.3): dane-only wants usable records.
+    signed_zone(dns_server, mx.host, (1, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port, tls_domains={"*.org": "dane-only"})
+    assert bob.state is RecipientState.DEFERRED
+    assert "dane-only" in bob.reason and "none usable" in bob.reason
+    assert mx.connections == 0 and mx.messages == []
+
+
 # A SHA-256 "digest" of 31 octets: dnspython refuses it, and with it the whole answer.
 MALFORMED = (3, 1, 1, b"\x01" * 31)
 SHORT_DNS = 0.4

@@ -280,16 +280,22 @@ class TLSDecider:
         answer = None
         if self._dane is not None:
             answer = await self._dane.requirement(destination, chosen)
-        if answer is not None:
+        if level is not TLSPolicy.DANE_ONLY:
+            return chosen if answer is None else answer
+        if answer is not None and answer.mode is TLSMode.DANE:
             return answer
-        if level is TLSPolicy.DANE_ONLY:
-            raise TemporaryFailure(
-                f"TLS policy dane-only ({chosen.reason}): {destination.mx_host} has no "
-                "usable DNSSEC-validated TLSA records",
-                enhanced="4.7.5",  # RFC 7672 §2.2 / RFC 3463: cryptographic failure
-                host=destination.mx_host,
-            )
-        return chosen
+        # Validated TLSA records that are all unusable make DANE ask for unauthenticated
+        # TLS (RFC 7672 §2.2), which dane-only does not take, as Postfix's does not.
+        what = (
+            "has TLSA records but none usable for SMTP"
+            if answer is not None
+            else "has no usable DNSSEC-validated TLSA records"
+        )
+        raise TemporaryFailure(
+            f"TLS policy dane-only ({chosen.reason}): {destination.mx_host} {what}",
+            enhanced="4.7.5",  # RFC 7672 §2.2 / RFC 3463: cryptographic failure
+            host=destination.mx_host,
+        )
 
     def _remembered(self, destination: Destination, chosen: TLSRequirement) -> TLSRequirement:
         if chosen.mode is TLSMode.OPPORTUNISTIC and self.broken.broken(destination.mx_host):
