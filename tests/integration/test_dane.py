@@ -300,3 +300,23 @@ def test_only_malformed_tlsa_records_never_allow_plaintext(
     assert "STARTTLS" in bob.reason
     assert bob.history[-1].tls_policy == "required"
     assert mx.messages == []
+
+
+def test_dane_ta_for_a_host_name_the_chain_check_cannot_take_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # An underscore is no host name character (RFC 5321 §4.1.2), yet DNS serves such a
+    # name and a wildcard certificate covers it: the chain check refuses it, with a reason.
+    ca = trustme.CA()
+    chain, key = chain_with_anchor(ca, "*.test")
+    mx = receivers(server_context(tmp_path, chain, key))
+    dns_server.mx("example.org", [(10, "mx_1.test")])
+    dns_server.a("mx_1.test", mx.host)
+    anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+    dns_server.tlsa("_25._tcp.mx_1.test", (2, 0, 1, anchor))
+    dns_server.authenticated("example.org", "mx_1.test", "_25._tcp.mx_1.test")
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert "DANE" in bob.reason and "internal error" not in bob.reason
+    assert mx.messages == []

@@ -49,6 +49,15 @@ def test_dane_ta_needs_the_name_and_the_chain() -> None:
         check_chain([forged, anchor], tlsa, host="mx.test")
 
 
+def test_dane_ta_for_a_name_that_is_no_host_name_is_a_mismatch_not_a_crash() -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    leaf = der(ca.issue_cert("*.test").cert_chain_pems[0].bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    with pytest.raises(DaneMismatch, match=r"cannot check a certificate chain for mx_1\.test"):
+        check_chain([leaf, anchor], tlsa, host="mx_1.test")
+
+
 def test_no_certificate_matches_nothing() -> None:
     with pytest.raises(DaneMismatch, match="no certificate"):
         check_chain([], [record(3, 1, 1, b"x" * 32)], host="mx.test")

@@ -211,7 +211,12 @@ def _verify_to_anchor(
             ),
         )
     )
-    verifier = builder.build_server_verifier(x509.DNSName(host))
+    try:
+        # cryptography takes host names only (letters, digits, hyphens): DNS serves others
+        # (an underscore), which a wildcard or a certificate's own name may match above.
+        verifier = builder.build_server_verifier(x509.DNSName(host))
+    except ValueError as exc:
+        raise DaneMismatch(f"cannot check a certificate chain for {host}: {exc}") from None
     try:
         verifier.verify(leaf, certs[1:anchor])
     except (VerificationError, ValueError) as exc:
