@@ -320,3 +320,21 @@ def test_dane_ta_for_a_host_name_the_chain_check_cannot_take_defers(
     assert bob.reason_class is ReasonClass.TLS
     assert "DANE" in bob.reason and "internal error" not in bob.reason
     assert mx.messages == []
+
+
+def test_dane_ta_chain_sent_in_another_order_delivers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # TLS 1.3 lets a server send the certificates after the leaf in any order (RFC 8446
+    # §4.4.2): here the anchor (the root) before the intermediate CA that issued the leaf.
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf = intermediate.issue_cert("mx.test")
+    leaf_pem, intermediate_pem = (blob.bytes() for blob in leaf.cert_chain_pems)
+    chain = leaf_pem + root.cert_pem.bytes() + intermediate_pem
+    mx = receivers(server_context(tmp_path, chain, leaf.private_key_pem.bytes()))
+    anchor = hashlib.sha256(der(root.cert_pem.bytes())).digest()
+    signed_zone(dns_server, mx.host, (2, 0, 1, anchor))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "dane"

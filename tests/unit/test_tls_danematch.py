@@ -58,6 +58,17 @@ def test_dane_ta_for_a_name_that_is_no_host_name_is_a_mismatch_not_a_crash() -> 
         check_chain([leaf, anchor], tlsa, host="mx_1.test")
 
 
+def test_dane_ta_finds_the_path_whatever_the_order_of_the_chain() -> None:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    issued = intermediate.issue_cert("mx.test")
+    leaf, issuer = (der(blob.bytes()) for blob in issued.cert_chain_pems)
+    anchor = der(root.cert_pem.bytes())
+    tlsa = [record(2, 1, 1, spki_sha256(root.cert_pem.bytes()))]
+    assert check_chain([leaf, issuer, anchor], tlsa, host="mx.test") == "DANE-TA 1 1"
+    assert check_chain([leaf, anchor, issuer], tlsa, host="mx.test") == "DANE-TA 1 1"
+
+
 def test_no_certificate_matches_nothing() -> None:
     with pytest.raises(DaneMismatch, match="no certificate"):
         check_chain([], [record(3, 1, 1, b"x" * 32)], host="mx.test")

@@ -9,8 +9,8 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
   the MX host or another reference identifier the caller gives (RFC 7672 §3.2.2: the
   TLSA base domain, which may be the MX host's CNAME expansion, and the next-hop domain
   whose validated MX records named the host), as if that certificate
-  were the only trusted root. The chain check is ``cryptography``'s X.509 path
-  validation.
+  were the only trusted root, built from the other certificates sent, in whatever order
+  (RFC 8446 §4.4.2). The chain check is ``cryptography``'s X.509 path validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
 
 Selectors: 0 full certificate, 1 SubjectPublicKeyInfo; matching types: 0 exact, 1
@@ -217,8 +217,11 @@ def _verify_to_anchor(
         verifier = builder.build_server_verifier(x509.DNSName(host))
     except ValueError as exc:
         raise DaneMismatch(f"cannot check a certificate chain for {host}: {exc}") from None
+    # The other certificates sent, before the anchor and after it: TLS 1.3 lets a server
+    # send them in any order (RFC 8446 §4.4.2), and the path is built from them.
+    intermediates = certs[1:anchor] + certs[anchor + 1 :]
     try:
-        verifier.verify(leaf, certs[1:anchor])
+        verifier.verify(leaf, intermediates)
     except (VerificationError, ValueError) as exc:
         raise DaneMismatch(f"chain to the TLSA trust anchor does not verify: {exc}") from None
     return host
