@@ -18,7 +18,14 @@ from mailstrom import RecipientState
 from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
+from tests.support.certs import (
+    SM2_CERTIFICATE,
+    chain_with_anchor,
+    der,
+    self_signed,
+    server_context,
+    spki_sha256,
+)
 
 TLSA_OWNER = "_25._tcp.mx.test"
 TO = "bob@example.org"
@@ -338,3 +345,20 @@ def test_dane_ta_chain_sent_in_another_order_delivers(
     bob = deliver(mx.port)
     assert bob.state is RecipientState.DELIVERED
     assert bob.history[-1].tls_policy == "dane"
+
+
+def test_dane_ta_a_chain_with_a_key_cryptography_cannot_read_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # Certificates after the leaf are not checked by the handshake: a hostile server (or
+    # one in the middle) may send one whose key cannot be read. It matches no record.
+    ca = trustme.CA()
+    leaf = ca.issue_cert("mx.test")
+    chain = leaf.cert_chain_pems[0].bytes() + SM2_CERTIFICATE
+    mx = receivers(server_context(tmp_path, chain, leaf.private_key_pem.bytes()))
+    signed_zone(dns_server, mx.host, (2, 1, 1, spki_sha256(ca.cert_pem.bytes())))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert "DANE" in bob.reason and "internal error" not in bob.reason
+    assert mx.messages == []

@@ -1,5 +1,5 @@
 """Certificates for DANE tests, made with ``cryptography``: self-signed ones (expired or
-not) and TLSA record data for any certificate."""
+not), ones ``cryptography`` cannot read, and TLSA record data for any certificate."""
 
 from __future__ import annotations
 
@@ -13,6 +13,33 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+# A self-signed certificate for a key on the SM2 curve, which OpenSSL reads and
+# cryptography does not ("Curve 1.2.156.10197.1.301 is not supported"); it expires in 2126.
+SM2_CERTIFICATE = b"""-----BEGIN CERTIFICATE-----
+MIIBdDCCARmgAwIBAgIUHqFSw9N4ocBAH5DGrSP4Aj5A+XEwCgYIKoEcz1UBg3Uw
+DjEMMAoGA1UEAwwDc20yMCAXDTI2MTIwMzE2MzIxNloYDzIxMjYxMTA5MTYzMjE2
+WjAOMQwwCgYDVQQDDANzbTIwWTATBgcqhkjOPQIBBggqgRzPVQGCLQNCAARSlZlS
+P3gxHqgVs6gBaoxPRzEDss2DQ2cuDR85KPWKpH598b5DwEiPk30kWn4hgqJjTM7s
+0VQYIaI6Yc8At1q7o1MwUTAdBgNVHQ4EFgQUlDqlE75Z56MIWseVhZW8xaAefhEw
+HwYDVR0jBBgwFoAUlDqlE75Z56MIWseVhZW8xaAefhEwDwYDVR0TAQH/BAUwAwEB
+/zAKBggqgRzPVQGDdQNJADBGAiEA3BulOvnT48U6w8AvonYqbIOdRkIzbX+E5+Qc
++NZnLy8CIQDNHTtlpQVbQNKWJT7m/ya/wpWECcR6Bq0IbeR5cj1YkA==
+-----END CERTIFICATE-----
+"""
+
+
+def unreadable_variants(leaf: bytes) -> dict[str, bytes]:
+    """DER certificate ``leaf`` spoiled in ways ``cryptography`` refuses to read, as a
+    hostile peer may send it (OpenSSL itself refuses to serve them): its key usage
+    extension made a second basic constraints one, or its version 4."""
+    key_usage, basic_constraints = bytes.fromhex("0603551d0f"), bytes.fromhex("0603551d13")
+    version_3 = bytes.fromhex("a003020102")
+    assert leaf.count(key_usage) == 1 and leaf.count(version_3) == 1
+    return {
+        "extension twice": leaf.replace(key_usage, basic_constraints),
+        "version 4": leaf.replace(version_3, bytes.fromhex("a003020103")),
+    }
 
 
 def self_signed(name: str, *, expired: bool = False) -> tuple[bytes, bytes]:

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 import trustme
-from tests.support.certs import der, self_signed, spki_sha256
+from tests.support.certs import SM2_CERTIFICATE, der, self_signed, spki_sha256, unreadable_variants
 
 from mailstrom.tls.danematch import DaneMismatch, check_chain, record_matches
 from mailstrom.tls.requirement import TLSARecord
@@ -67,6 +67,28 @@ def test_dane_ta_finds_the_path_whatever_the_order_of_the_chain() -> None:
     tlsa = [record(2, 1, 1, spki_sha256(root.cert_pem.bytes()))]
     assert check_chain([leaf, issuer, anchor], tlsa, host="mx.test") == "DANE-TA 1 1"
     assert check_chain([leaf, anchor, issuer], tlsa, host="mx.test") == "DANE-TA 1 1"
+
+
+def test_a_key_cryptography_cannot_read_matches_nothing() -> None:
+    ca = trustme.CA()
+    anchor, sm2 = der(ca.cert_pem.bytes()), der(SM2_CERTIFICATE)
+    leaf = der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    tlsa = [record(2, 1, 1, spki_sha256(ca.cert_pem.bytes()))]
+    assert not record_matches(tlsa[0], sm2)
+    with pytest.raises(DaneMismatch, match=r"matches none"):
+        check_chain([leaf, sm2], tlsa, host="mx.test")
+    # Among other certificates, it is only one that does not serve the path.
+    assert check_chain([leaf, sm2, anchor], tlsa, host="mx.test") == "DANE-TA 1 1"
+
+
+@pytest.mark.parametrize("spoiled", ["extension twice", "version 4"])
+def test_a_leaf_cryptography_cannot_read_is_a_mismatch_not_a_crash(spoiled: str) -> None:
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    leaf = unreadable_variants(der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes()))[spoiled]
+    tlsa = [record(2, 1, 1, spki_sha256(ca.cert_pem.bytes())), record(3, 1, 1, b"x" * 32)]
+    with pytest.raises(DaneMismatch, match=r"matches none"):
+        check_chain([leaf, anchor], tlsa, host="mx.test")
 
 
 def test_no_certificate_matches_nothing() -> None:

@@ -51,6 +51,24 @@ def _require_cryptography() -> None:
         raise DaneMismatch("DANE needs the cryptography package: pip install 'mailstrom[dane]'")
 
 
+def _unreadable() -> tuple[type[Exception], ...]:
+    """What ``cryptography`` raises for a certificate it cannot read, which a server may
+    send (the handshake checks nothing of the certificates after the leaf, nor the
+    leaf's extensions): malformed DER (ValueError), a version it does not know, a key of
+    an algorithm or curve it does not know (SM2), an extension given twice, a kind of
+    name it does not know."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    return (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    )
+
+
 def _selected(der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
@@ -75,8 +93,8 @@ def record_matches(record: TLSARecord, der: bytes) -> bool:
     _require_cryptography()
     try:
         selected = _selected(der, record.selector)
-    except ValueError:
-        return False  # a certificate cryptography cannot parse matches nothing
+    except _unreadable():
+        return False  # a certificate cryptography cannot read matches nothing
     return _digest(selected, record.matching) == record.data
 
 
@@ -179,9 +197,10 @@ def _verify_to_anchor(
         VerificationError,
     )
 
+    unreadable = _unreadable()
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
-    except ValueError as exc:
+    except unreadable as exc:
         raise DaneMismatch(f"unparsable certificate: {exc}") from None
     leaf = certs[0]
     try:
@@ -189,6 +208,8 @@ def _verify_to_anchor(
         dns_names = names.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns_names = []
+    except unreadable as exc:
+        raise DaneMismatch(f"the certificate's names cannot be read: {exc}") from None
     host = next((name for name in reference if _name_matches(name, dns_names)), None)
     if host is None:
         raise DaneMismatch(
@@ -220,9 +241,10 @@ def _verify_to_anchor(
     # The other certificates sent, before the anchor and after it: TLS 1.3 lets a server
     # send them in any order (RFC 8446 §4.4.2), and the path is built from them.
     intermediates = certs[1:anchor] + certs[anchor + 1 :]
+    refused: tuple[type[Exception], ...] = (VerificationError, *unreadable)
     try:
         verifier.verify(leaf, intermediates)
-    except (VerificationError, ValueError) as exc:
+    except refused as exc:
         raise DaneMismatch(f"chain to the TLSA trust anchor does not verify: {exc}") from None
     return host
 
