@@ -96,3 +96,20 @@ def test_check_reports_tlsa_without_applying_it_when_dnssec_is_not_trusted(
     [host] = report["hosts"]
     assert host["tlsa"] and host["tls_policy"] == "opportunistic"
     assert "not used: dns.dnssec is off" in mail_env.cli("check", "example.test").out
+
+
+def test_check_counts_malformed_tlsa_records_instead_of_reporting_none(
+    mail_env: MailEnv, dane_mx: tuple[ReceivingServer, bytes]
+) -> None:
+    # A SHA-256 "digest" of 31 octets: unusable, but published (RFC 7672 §2.2), so
+    # delivery requires TLS; "TLSA: none" would say the opposite.
+    mail_env.dns.tlsa("_25._tcp.mx.test", (3, 1, 1, b"\x01" * 31))
+    mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+    result = mail_env.cli("check", "--json", "example.test")
+    assert result.code == 0, result.err
+    [host] = result.json()["hosts"]
+    assert host["tlsa"] == [] and host["tlsa_malformed"] == 1 and host["tlsa_dnssec"] is True
+    assert host["tls_policy"] == "required"
+    text = mail_env.cli("check", "example.test").out
+    assert "TLSA:        none" not in text
+    assert "TLSA:        validated (AD); 1 malformed record(s) ignored" in text

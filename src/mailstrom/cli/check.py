@@ -99,6 +99,9 @@ class HostReport:
     """The host's address records were DNSSEC-validated (the resolver's AD bit)."""
     tlsa: list[str] = field(default_factory=list)
     """Its TLSA records at _25._tcp.<host>, as "usage selector matching data"."""
+    tlsa_malformed: int = 0
+    """TLSA records left out of :attr:`tlsa` for a digest of the wrong size: unusable,
+    but published (RFC 7672 §2.2: TLS is required all the same)."""
     tlsa_dnssec: bool = False
     tlsa_error: str | None = None
     tls_policy: str | None = None
@@ -368,6 +371,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                 if host.canonical is not None:
                     host_report.tlsa_at = tlsa_name(found.host)
                 host_report.tlsa = [str(r) for r in found.records]
+                host_report.tlsa_malformed = found.malformed
                 host_report.tlsa_dnssec = found.secure
             except DeliveryError as exc:
                 host_report.tlsa_error = exc.text
@@ -443,9 +447,12 @@ def print_report(r: CheckReport) -> None:
         at = f" at {h.tlsa_at}" if h.tlsa_at else ""
         if h.tlsa_error:
             echo(f"  TLSA:        lookup failed: {h.tlsa_error}")
-        elif h.tlsa:
+        elif h.tlsa or h.tlsa_malformed:
             state = "validated (AD)" if h.tlsa_dnssec else "NOT validated"
-            echo(f"  TLSA:        {state}{at}")
+            malformed = (
+                f"; {h.tlsa_malformed} malformed record(s) ignored" if h.tlsa_malformed else ""
+            )
+            echo(f"  TLSA:        {state}{at}{malformed}")
             for record in h.tlsa:
                 echo(f"               {record}")
         else:
