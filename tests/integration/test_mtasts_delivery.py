@@ -19,6 +19,7 @@ from mailstrom.client import Mailstrom
 from mailstrom.config import MTASTSConfig
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tlsrpt import PolicyType
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
@@ -331,3 +332,30 @@ def test_dane_sessions_are_counted_for_tls_reports(
     assert counter.policy_string.startswith("3 1 1 ")
     assert counter.receiving_mx == "mx.test"
     assert counter.result_type == ("" if match else "validation-failure")
+
+
+@pytest.mark.parametrize(
+    ("tls", "starttls", "state"),
+    [
+        (TLSPolicy.VERIFY, True, RecipientState.DELIVERED),
+        (TLSPolicy.REQUIRED, False, RecipientState.DEFERRED),
+    ],
+)
+def test_testing_mode_counts_an_unlisted_mx_once(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+    tls: TLSPolicy,
+    starttls: bool,
+    state: RecipientState,
+) -> None:
+    # The connection to an MX host the testing policy does not list is one session: its
+    # failure (mx not listed) is counted, not also a success for the TLS it then had, nor
+    # a second failure for what the global policy then met.
+    https.policy(policy("testing", "mx.other.example"))
+    mx = smtp_server(name="mx1.test", starttls=starttls)
+    status, store = send(zone, https, mx.port, client_tls_context, tls=tls)
+    assert status.state is state
+    assert failures(store) == {"validation-failure": 1}
+    assert successes(store) == 0

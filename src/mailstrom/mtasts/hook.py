@@ -133,6 +133,11 @@ class MTASTSHook:
         cached = self._applied.get(domain)
         if self._recorder is None or cached is None or requirement.source is not Source.MTA_STS:
             return
+        if not cached.policy.allows(host):
+            # Testing mode, a host the policy does not list: this session's failure was
+            # counted when it was decided (:meth:`requirement`); how TLS went then, under
+            # the default's mode, is no second session.
+            return
         if error is None:
             if requirement.mode is TLSMode.VERIFY:
                 self._recorder.success(cached.domain, PolicyType.STS, cached.policy.text)
