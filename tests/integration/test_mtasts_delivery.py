@@ -21,6 +21,8 @@ from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tlsrpt import PolicyType
+from mailstrom.tlsrpt.deliver import report_message
+from mailstrom.tlsrpt.report import Reporter, build_report
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
 from tests.support.delivery import Results, loopback_config
@@ -359,3 +361,31 @@ def test_testing_mode_counts_an_unlisted_mx_once(
     assert status.state is state
     assert failures(store) == {"validation-failure": 1}
     assert successes(store) == 0
+
+
+def test_a_tls_report_goes_despite_the_rua_domains_failing_policy(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    # RFC 8460 §3: reports sent by mail MUST be delivered despite any TLS-related failure
+    # (they are how the domain learns of it). Its enforce policy fails here, as in
+    # test_enforce_certificate_for_another_name_defers; the report still goes.
+    zone.mx("example.org", [(10, "mail.example.net")])
+    zone.a("mail.example.net", "127.0.0.1")
+    https.policy(policy("enforce", "mail.example.net"))
+    mx = smtp_server()  # its certificate does not name mail.example.net
+    reporter = Reporter(organization="Sender", contact="tls@sender.test", submitter="sender.test")
+    report = build_report("example.org", datetime.now(UTC).date(), [], reporter)
+    message = report_message(report, sender="tls@sender.test", to=BOB, submitter="sender.test")
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        mid = ms.send_email(message)
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    assert status.state is RecipientState.DELIVERED
+    assert len(mx.wait_for_messages(1)) == 1

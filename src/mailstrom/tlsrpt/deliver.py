@@ -39,8 +39,9 @@ a handful of connections, nothing like a burst at anyone's network."""
 def report_message(report: Report, *, sender: str, to: str, submitter: str) -> EmailMessage:
     """The mail carrying ``report`` to ``to`` (RFC 8460 §5.3: subject, the
     ``TLS-Report-Domain``/``TLS-Report-Submitter`` fields, ``multipart/report`` with
-    ``report-type="tlsrpt"``). ``to`` comes from the policy domain's DNS: one that is no
-    addr-spec raises :class:`~mailstrom.errors.InvalidAddress`."""
+    ``report-type="tlsrpt"``; and ``TLS-Required: No``, RFC 8460 §3). ``to`` comes from
+    the policy domain's DNS: one that is no addr-spec raises
+    :class:`~mailstrom.errors.InvalidAddress`."""
     # Checked before the email package sees it, which raises IndexError for "a@" and
     # ValueError for a CR LF.
     recipient = validate_address(to).header
@@ -56,6 +57,10 @@ def report_message(report: Report, *, sender: str, to: str, submitter: str) -> E
     msg["TLS-Report-Domain"] = report.policy_domain
     msg["TLS-Report-Submitter"] = submitter
     msg["Auto-Submitted"] = "auto-generated"
+    # RFC 8460 §3: a mailed report MUST be delivered despite any TLS-related failure (it
+    # is how the domain learns of one), in the clear if need be. RFC 8689 §5's field has
+    # the worker skip the domain's MTA-STS and DANE policies for it.
+    msg["TLS-Required"] = "No"
     msg.set_content(
         f"This is an aggregate TLS report from {submitter} for {report.policy_domain} "
         f"covering {report.day.isoformat()} (UTC), as RFC 8460 describes.\n"
