@@ -389,3 +389,55 @@ def test_a_tls_report_goes_despite_the_rua_domains_failing_policy(
         status = ms.query_status(mid).recipient(BOB)
     assert status.state is RecipientState.DELIVERED
     assert len(mx.wait_for_messages(1)) == 1
+
+
+def test_testing_mode_counts_an_unlisted_mx_per_connection_not_per_message(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    # Two messages, one after the other, over one connection kept idle in between: one
+    # session, so one failure (mx not listed), as a listed host's would be one success.
+    https.policy(policy("testing", "mx.other.example"))
+    mx = smtp_server(name="mx1.test")
+    store = MemoryStore()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        connection_idle=30.0,
+    )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
+        for n in range(2):
+            ms.send_email(Email(from_="app@sender.test", to=[BOB], subject=f"{n}", text="Hi"))
+            results.wait_count(n + 1)
+    assert mx.connections == 1
+    assert failures(store) == {"validation-failure": 1}
+
+
+def test_testing_mode_counts_an_unlisted_mx_remembered_broken_as_the_policys_failure(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    # Two sessions: the handshake fails (plaintext again), then plaintext at once, the
+    # host's TLS remembered broken. Each is the policy's failure, never no-policy-found.
+    https.policy(policy("testing", "mx.other.example"))
+    mx = smtp_server(name="mx1.test", tls_broken=True)
+    store = MemoryStore()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        max_messages_per_connection=1,
+    )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
+        for n in range(2):
+            ms.send_email(Email(from_="app@sender.test", to=[BOB], subject=f"{n}", text="Hi"))
+            mx.wait_for_messages(n + 1)
+    assert mx.connections == 3
+    counters = store.tls_sessions(datetime.now(UTC).date())
+    assert {(c.policy_type, c.result_type, c.failure_code) for c in counters} == {
+        (PolicyType.STS, "validation-failure", "mx-not-listed-in-policy")
+    }
+    assert failures(store) == {"validation-failure": 2}

@@ -83,8 +83,10 @@ class MTASTSHook:
         pattern = next((p for p in policy.mx if mx_matches(p, host)), None)
         about = f"MTA-STS policy of {destination.domain} ({policy.mode}, id {cached.policy_id})"
         if pattern is None:
-            self._count_failure(cached, host, "", ResultType.VALIDATION_FAILURE, _NOT_LISTED)
             if policy.mode is Mode.ENFORCE:
+                # No connection is made: the refusal is this session. (In testing mode
+                # one is, or an idle one reused: observe() counts the new ones.)
+                self._count_failure(cached, host, "", ResultType.VALIDATION_FAILURE, _NOT_LISTED)
                 raise TemporaryFailure(
                     f"{about} does not list MX host {host} (mx: {', '.join(policy.mx)})",
                     enhanced=_ENHANCED,
@@ -129,14 +131,20 @@ class MTASTSHook:
     ) -> None:
         """How a connection opened under an MTA-STS ``requirement`` went (None: it
         succeeded). :class:`~mailstrom.tlsrpt.observer.SessionObserver` calls it for those
-        connections; it counts the others (DANE, no policy)."""
+        connections, and for those to a host a testing policy does not list that went in
+        plaintext for remembered broken TLS; it counts the others (DANE, no policy)."""
         cached = self._applied.get(domain)
-        if self._recorder is None or cached is None or requirement.source is not Source.MTA_STS:
+        if self._recorder is None or cached is None:
             return
         if not cached.policy.allows(host):
-            # Testing mode, a host the policy does not list: this session's failure was
-            # counted when it was decided (:meth:`requirement`); how TLS went then, under
-            # the default's mode, is no second session.
+            # Testing mode, a host the policy does not list: the session is that failure,
+            # however TLS then went under the default's mode (or in plaintext, the host's
+            # TLS remembered broken). Counted per new connection, as every session is:
+            # not when an idle one is reused, nor when none was made (refused...).
+            if error is None or classify(error) is not None:
+                self._count_failure(cached, host, ip, ResultType.VALIDATION_FAILURE, _NOT_LISTED)
+            return
+        if requirement.source is not Source.MTA_STS:
             return
         if error is None:
             if requirement.mode is TLSMode.VERIFY:

@@ -80,8 +80,10 @@ class SessionObserver:
         elif requirement.mode is TLSMode.NONE and source is not PolicySource.REMEMBERED:
             return  # plaintext by the operator's choice: no TLS was attempted
         elif self._mta_sts is not None and self._mta_sts.applies_to(domain):
-            # MTA-STS testing with an unlisted MX whose TLS is remembered broken: the
-            # policy failure was counted when the decision was made.
+            if source is PolicySource.REMEMBERED:
+                # MTA-STS testing with an unlisted MX whose TLS is remembered broken: a
+                # session with the policy's failure, which the MTA-STS source counts.
+                self._mta_sts.observe(domain, requirement, host, ip, error)
             return
         else:
             policy_type, policy = PolicyType.NO_POLICY, ""
