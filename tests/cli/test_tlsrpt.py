@@ -436,3 +436,14 @@ def test_tlsrpt_reports_dane_sessions_without_mta_sts(mail_env: MailEnv, tmp_pat
         "total-successful-session-count": 1,
         "total-failure-session-count": 0,
     }
+
+
+def test_tlsrpt_from_without_an_address_fails_the_mailed_copies(mail_env: MailEnv) -> None:
+    # "--from tls@" (or tlsrpt.from) raised IndexError out of the email package: exit 70,
+    # with the reports of the other domains neither written nor sent.
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--from", "tls@")
+    assert result.code == 75, result.err
+    assert "mailto:tls@example.test: FAILED: " in result.out
+    assert "tls@" in result.out.partition("FAILED: ")[2]

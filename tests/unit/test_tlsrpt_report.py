@@ -13,7 +13,7 @@ from typing import Any
 import dns.asyncresolver
 import pytest
 
-from mailstrom.errors import InvalidAddress
+from mailstrom.errors import InvalidAddress, MailstromError
 from mailstrom.tlsrpt import PolicyType, ResultType, TLSSessions
 from mailstrom.tlsrpt.deliver import post_report, report_message
 from mailstrom.tlsrpt.report import (
@@ -218,6 +218,24 @@ def test_report_mail_to_no_address_is_refused(to: str) -> None:
     report = build_report("example.org", DAY, sessions(), REPORTER)
     with pytest.raises(InvalidAddress):
         report_message(report, sender="tls@sender.test", to=to, submitter="mx.sender.test")
+
+
+@pytest.mark.parametrize("sender", ["tls@", "=@", "tls@sender.test\r\nBcc: c@example.org"])
+def test_report_mail_from_no_address_is_refused(sender: str) -> None:
+    # The sender is tlsrpt.from (--from), else tlsrpt.contact: "tls@" raised IndexError
+    # from the email package, a CR LF ValueError, out of ``mailstrom tlsrpt --send``
+    # (exit 70, no other report sent).
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    with pytest.raises(MailstromError):
+        report_message(report, sender=sender, to="tlsrpt@example.org", submitter="mx.sender.test")
+
+
+def test_report_mail_from_may_have_a_display_name() -> None:
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    msg = report_message(
+        report, sender="TLS <tls@sender.test>", to="tlsrpt@example.org", submitter="s.test"
+    )
+    assert msg["From"] == "TLS <tls@sender.test>"
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from email.utils import formatdate, make_msgid
 
 import dns.asyncresolver
 
+from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
@@ -41,10 +42,13 @@ def report_message(report: Report, *, sender: str, to: str, submitter: str) -> E
     ``TLS-Report-Domain``/``TLS-Report-Submitter`` fields, ``multipart/report`` with
     ``report-type="tlsrpt"``; and ``TLS-Required: No``, RFC 8460 §3). ``to`` comes from
     the policy domain's DNS: one that is no addr-spec raises
-    :class:`~mailstrom.errors.InvalidAddress`."""
-    # Checked before the email package sees it, which raises IndexError for "a@" and
+    :class:`~mailstrom.errors.InvalidAddress`; so does a ``sender`` (the operator's
+    ``tlsrpt.from``, else ``tlsrpt.contact``) that is no mailbox, and one with a control
+    character raises its :class:`~mailstrom.errors.InvalidMessage`."""
+    # Checked before the email package sees them, which raises IndexError for "a@" and
     # ValueError for a CR LF.
     recipient = validate_address(to).header
+    parse_mailbox("From", sender)
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = recipient
