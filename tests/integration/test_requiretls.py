@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Config, Email, RecipientState
+from mailstrom import DSN, Config, Email, RecipientState, Return
 from mailstrom.client import Mailstrom
 from mailstrom.status import ReasonClass
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -212,3 +212,23 @@ def test_tls_required_no_delivers_where_dane_would_defer(
     assert ann.state is RecipientState.DEFERRED and ann.history[-1].tls_policy == "dane"
     [received] = mx.wait_for_messages(1)
     assert list(received.rcpt_tos) == ["bob@example.org"]
+
+
+def test_the_bounce_of_a_requiretls_message_requires_tls_and_returns_headers_only(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    """RFC 8689 §5: a notice about a REQUIRETLS message carries its headers, so it is
+    sent with REQUIRETLS as well, and as if RET=HDRS was asked for even with RET=FULL."""
+    mx = smtp_server(requiretls=True)
+    mx.rcpt_replies["nobody@example.org"] = "550 5.1.1 No such user"
+    dns_server.a("mx.test", mx.host)
+    for domain in ("example.org", "sender.test"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    ms = mailstrom(mx.port)
+    ms.send_email(secured("nobody@example.org", dsn=DSN(ret=Return.FULL)))
+    results.wait_final({"nobody@example.org", "a@sender.test"})
+    [notice] = mx.wait_for_messages(1)
+    assert notice.mail_from == "<>" and list(notice.rcpt_tos) == ["a@sender.test"]
+    assert notice.tls and "REQUIRETLS" in notice.mail_options
+    assert b"text/rfc822-headers" in notice.content
+    assert b"Hello" not in notice.content  # the body stays out

@@ -74,17 +74,25 @@ def notices_for(
     attributes = QueueAttributes(priority=config.default_priority)
     for (message_id, sender, delayed), (item, arrival, entries) in groups.items():
         notice = _Notice(config, now, message_id, sender, delayed, item, arrival, entries)
+        dsn = item.dsn
+        if item.require_tls and dsn is not None and dsn.ret is Return.FULL:
+            # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was asked for.
+            dsn = dataclasses.replace(dsn, ret=Return.HEADERS)
         try:
             try:
-                prepared = notice.prepared(item.dsn)
+                prepared = notice.prepared(dsn)
             except InvalidMessage:
-                if item.dsn is None or item.dsn.ret is not Return.FULL:
+                if dsn is None or dsn.ret is not Return.FULL:
                     raise
                 # The message returned whole took the notice past a bound the original
                 # was just within (its parts and the notice's own four): return its
                 # headers, as for a message over MAX_RETURNED, rather than no notice.
-                prepared = notice.prepared(dataclasses.replace(item.dsn, ret=Return.HEADERS))
-            notices.append(dataclasses.replace(prepared, attributes=attributes))
+                prepared = notice.prepared(dataclasses.replace(dsn, ret=Return.HEADERS))
+            # RFC 8689 §5: the notice about a REQUIRETLS message carries its headers and
+            # is protected as it was: it goes with REQUIRETLS too.
+            notices.append(
+                dataclasses.replace(prepared, attributes=attributes, require_tls=item.require_tls)
+            )
         except InvalidMessage as exc:
             log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
     return notices
