@@ -439,6 +439,35 @@ def test_smtputf8_needed_but_not_offered_fails(
     assert "SMTPUTF8" in r.reason
 
 
+def test_smtputf8_only_for_the_transactions_that_need_it(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """A UTF-8 address in Bcc (or an explicit envelope) makes only its own transaction
+    need SMTPUTF8 (RFC 6531 §3.4): the message itself is ASCII, so the other recipients
+    go to a server without SMTPUTF8 as usual."""
+    ascii_mx = smtp_server(host="127.0.0.7", port=mx.port, smtputf8=False)
+    for domain in ("ascii.test", "other.test"):
+        dns_server.mx(domain, [(10, "mx.ascii.test")])
+    dns_server.a("mx.ascii.test", "127.0.0.7")
+    ms = mailstrom()
+    mid = ms.send_email(
+        Email(
+            from_="app@sender.test",
+            to=["ann@ascii.test"],
+            bcc=["jos\u00e9@other.test"],
+            subject="Hi",
+            text="Hello",
+        )
+    )
+    results.wait_final({"ann@ascii.test", "jos\u00e9@other.test"})
+    status = ms.query_status(mid)
+    assert status.recipient("ann@ascii.test").state is DELIVERED
+    assert status.recipient("jos\u00e9@other.test").state is FAILED
+    [received] = ascii_mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@ascii.test"]
+    assert "SMTPUTF8" not in received.mail_options
+
+
 def test_message_over_server_size_fails_without_sending(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

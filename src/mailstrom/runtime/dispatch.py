@@ -637,7 +637,7 @@ class Dispatcher:
                 envelope_from=item.envelope_from,
                 recipients=[r.address for r in item.recipients],
                 data=data,
-                smtputf8=item.smtputf8,
+                smtputf8=item.smtputf8 and needs_smtputf8(item),
                 eightbit=eightbit,
                 reset=reset,
                 dsn_mail=dsn_mail,
@@ -856,6 +856,19 @@ def _replies(result: TransactionResult) -> Iterator[SMTPReply | None]:
         yield reply
     yield result.data
     yield result.final
+
+
+def needs_smtputf8(item: WorkItem) -> bool:
+    """Whether the transaction of ``item``, a message marked SMTPUTF8, needs it (RFC 6531
+    §3.4): an address of another transaction (a UTF-8 Bcc recipient, or one of an
+    explicit envelope) marks the whole message, but this one's envelope and an ASCII
+    content go as any other mail. Content with 8-bit octets anywhere keeps the mark: a
+    UTF-8 header field of a MIME part looks like an 8-bit body from here."""
+    return (
+        not item.envelope_from.isascii()
+        or any(not r.address.isascii() for r in item.recipients)
+        or not item.data.isascii()
+    )
 
 
 def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
