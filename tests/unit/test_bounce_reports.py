@@ -478,3 +478,37 @@ def test_a_notice_keeps_peer_text_to_one_printable_line() -> None:
     assert not wants_notice("a@x.test", DSN(notify=(Notify.DELAY,)), default=True)
     assert wants_notice("a@x.test", DSN(), default=False)
     assert wants_notice("a@x.test", None, default=True)
+
+
+def test_a_notice_names_a_quoted_local_part_as_it_is() -> None:
+    """A run of spaces in a quoted local part is part of the address: the notice's To
+    field and each recipient field keep it (one space would name another mailbox)."""
+    from mailstrom.bounces.notice import FailedRecipient, render_notice
+    from mailstrom.message import prepare
+    from mailstrom.message.dsn import DSN
+
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    sender, recipient = '"ann  smith"@sender.test', '"john   doe"@example.org'
+    raw = render_notice(
+        reporting_mta="mx.client.test",
+        sender=sender,
+        message_id=MID,
+        original=b"Subject: hi\r\n\r\nbody\r\n",
+        arrival=now,
+        failed=[
+            FailedRecipient(
+                address=recipient,
+                status="5.1.1",
+                diagnostic="550 5.1.1 no",
+                remote_mta=None,
+                at=now,
+            )
+        ],
+        dsn=DSN(),
+        now=now,
+    )
+    assert f"To: <{sender}>".encode() in raw
+    assert f"Original-Recipient: rfc822;{recipient}".encode() in raw
+    assert f"Final-Recipient: rfc822; {recipient}".encode() in raw
+    assert parse_report(raw) is not None
+    assert prepare(raw, envelope_from="", envelope_to=[sender]).recipients == (sender,)

@@ -120,7 +120,7 @@ def render_notice(
         f"From: Mail Delivery System <MAILER-DAEMON@{from_domain}>",
         # A UTF-8 local part stays UTF-8 (RFC 6532): the notice needs SMTPUTF8 to reach
         # that address anyway, and any ASCII stand-in would be some other address.
-        f"To: <{_line(sender, unicode=True)}>",
+        f"To: <{_verbatim(sender, unicode=True)}>",
         "Subject: "
         + (
             "Delayed Mail (still being retried)"
@@ -172,7 +172,7 @@ def render_notice(
             *(
                 # As the ORCPT parameter named it, decoded (RFC 3461 §4.2, RFC 3464
                 # §2.3.1): bob+news@…, not the parameter's bob+2Bnews@….
-                [f"Original-Recipient: rfc822;{_line(r.address)}"]
+                [f"Original-Recipient: rfc822;{_verbatim(r.address)}"]
                 if dsn is not None and dsn.orcpt and r.address.isascii()
                 else []
             ),
@@ -244,10 +244,20 @@ def _address(address: str) -> str:
     printable ASCII, and ``+``, ``=`` and ``\\``, written ``\\x{HEX}``: the field stays
     ASCII and still names the address (``?`` for each letter would name another one)."""
     if address.isascii():
-        return _line(address)
+        return _verbatim(address)
     return "".join(
         c if 33 <= ord(c) < 127 and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
     )[:_MAX_LINE]
+
+
+def _verbatim(address: str, *, unicode: bool = False) -> str:
+    """``address`` as it is when it is one line of printable ASCII (``unicode``: printable
+    characters), as every address the queue holds is; else as :func:`_line` makes it. Not
+    :func:`_line` alone: a quoted local part's run of spaces (``"john  doe"@...``) is part
+    of the address, and one space would name another mailbox."""
+    if all(32 <= ord(c) < 127 or (unicode and c.isprintable()) for c in address):
+        return address[:_MAX_LINE]
+    return _line(address, unicode=unicode)
 
 
 def _line(text: str, *, unicode: bool = False) -> str:
