@@ -60,6 +60,14 @@ def test_strings_are_taken_for_the_enums_and_bad_values_refused() -> None:
         {"envid": ""},
         {"envid": "x" * 101},
         {"envid": "ünicode"},
+        # Wrong types: refused where they enter, not when a store writes the request
+        # (SQLite raised ValueError for orcpt="no"; orcpt=2 read back as False).
+        {"orcpt": "no"},
+        {"orcpt": 2},
+        {"envid": 42},
+        {"envid": b"order-42"},
+        {"notify": None},
+        {"notify": "failure"},
     ):
         with pytest.raises(InvalidMessage, match="dsn"):
             DSN(**bad)  # type: ignore[arg-type]

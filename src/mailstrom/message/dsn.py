@@ -10,9 +10,11 @@ b' NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@example.org'
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from mailstrom.arguments import shown
 from mailstrom.errors import InvalidMessage
 
 MAX_ENVID = 100
@@ -67,6 +69,16 @@ class DSN:
     orcpt: bool = True
 
     def __post_init__(self) -> None:
+        # Checked here, where the values enter: a stored request is written and read back
+        # (``encode``), and orcpt="no" or 2 would fail there or read back as another one.
+        if isinstance(self.notify, str | bytes) or not isinstance(self.notify, Iterable):
+            raise InvalidMessage(
+                f"dsn: notify must be a tuple of Notify values, not {shown(self.notify)}"
+            )
+        if not isinstance(self.orcpt, bool):
+            raise InvalidMessage(f"dsn: orcpt must be True or False, not {shown(self.orcpt)}")
+        if self.envid is not None and not isinstance(self.envid, str):
+            raise InvalidMessage(f"dsn: envid must be a str, not {shown(self.envid)}")
         try:
             notify = tuple(dict.fromkeys(Notify(str(n).upper()) for n in self.notify))
             ret = None if self.ret is None else Return(str(self.ret).upper())
