@@ -510,5 +510,8 @@ def test_a_notice_names_a_quoted_local_part_as_it_is() -> None:
     assert f"To: <{sender}>".encode() in raw
     assert f"Original-Recipient: rfc822;{recipient}".encode() in raw
     assert f"Final-Recipient: rfc822; {recipient}".encode() in raw
-    assert parse_report(raw) is not None
+    report = parse_report(raw)
+    assert report is not None
+    [entry] = report.recipients
+    assert (entry.final_recipient, entry.original_recipient) == (recipient, recipient)
     assert prepare(raw, envelope_from="", envelope_to=[sender]).recipients == (sender,)

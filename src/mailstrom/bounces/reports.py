@@ -409,11 +409,12 @@ def _without_comments(text: str) -> str:
     return "".join(kept)
 
 
-def _field(value: object) -> str:
+def _field(value: object, *, spaces: bool = False) -> str:
     """A header value as one line of at most ``_MAX_FIELD`` characters, safe to store and
     show (:func:`~mailstrom.safetext.safe_text`). Every text taken from a report passes
     here: whoever sends a report chooses its words, and they reach the store, the
-    suppression list and the operator's terminal."""
+    suppression list and the operator's terminal. ``spaces``: unfolded only (RFC 5322
+    §2.2.3), its runs of spaces kept, as an address's quoted local part needs."""
     if value is None:
         return ""
     text = str(value)
@@ -424,12 +425,18 @@ def _field(value: object) -> str:
         with contextlib.suppress(UnicodeError):  # a surrogate standing for no octet
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     # Folded whitespace becomes one space first; what is left unsafe becomes U+FFFD.
+    if spaces:
+        return safe_text(_FOLD.sub("", text).strip()[:_MAX_FIELD])
     return safe_text(" ".join(text.split())[:_MAX_FIELD])
 
 
-def _typed(value: object) -> tuple[str | None, str | None]:
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+"""A fold: the line break before the whitespace that continues a field."""
+
+
+def _typed(value: object, *, spaces: bool = False) -> tuple[str | None, str | None]:
     """``type; value`` fields (``rfc822; bob@x``, ``smtp; 550 ...``) → (type, value)."""
-    text = _field(value)
+    text = _field(value, spaces=spaces)
     if not text:
         return None, None
     kind, sep, rest = text.partition(";")
@@ -439,7 +446,8 @@ def _typed(value: object) -> tuple[str | None, str | None]:
 
 
 def _typed_address(value: object) -> str | None:
-    kind, address = _typed(value)
+    # Spaces kept: "john  doe"@example.org is another mailbox than "john doe"@...
+    kind, address = _typed(value, spaces=True)
     if kind == "utf-8" and address is not None:
         address = _unescape_utf8(address)
     return _bare(address)
@@ -462,7 +470,7 @@ def _unescape_utf8(address: str) -> str:
 
 def _bare(value: object) -> str | None:
     """An address without angle brackets or surrounding space; None when empty."""
-    text = _field(value).strip()
+    text = _field(value, spaces=True)
     if text.startswith("<") and ">" in text:
         text = text[1 : text.index(">")]
     return text.strip() or None
