@@ -247,6 +247,8 @@ def test_tlsrpt_mailto_is_percent_decoded(mail_env: MailEnv) -> None:
     result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
     assert result.code == 75, result.err
     assert "mailto:tls%2Breports@example.test?subject=x: ok: queued as" in result.out
+    # No dkim.keys here: the report goes, but its receiver will ignore it (RFC 8460 §3).
+    assert "(NOT DKIM-signed: receivers ignore unsigned reports; see dkim.keys)" in result.out
     assert "%0D%0ABcc:c@example.test: FAILED:" in result.out
     assert "decodes to a control character" in result.out
     mail_env.cli.ok("worker", "--once")
@@ -447,3 +449,32 @@ def test_tlsrpt_from_without_an_address_fails_the_mailed_copies(mail_env: MailEn
     assert result.code == 75, result.err
     assert "mailto:tls@example.test: FAILED: " in result.out
     assert "tls@" in result.out.partition("FAILED: ")[2]
+
+
+def test_a_report_signed_by_a_dkim_key_of_its_domain_carries_no_warning(mail_env: MailEnv) -> None:
+    """With a key for the From domain the report is signed, and "ok" says all there is."""
+    from tests.support.dkim import ED25519, pem
+
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    key = mail_env.workdir / "k.pem"
+    key.write_bytes(pem(ED25519))
+    key.chmod(0o600)
+    config = mail_env.workdir / "dkim.toml"
+    config.write_text(
+        f'[[dkim.keys]]\ndomain = "client.test"\nselector = "s1"\nprivate_key = "{key}"\n'
+        'algorithm = "ed25519-sha256"\n'
+    )
+    result = mail_env.cli(
+        "--config",
+        str(config),
+        "tlsrpt",
+        "--date",
+        DAY.isoformat(),
+        "--send",
+        "--from",
+        "tls-reports@client.test",
+    )
+    assert result.code == 0, result.err
+    assert "mailto:tls@example.test: ok: queued as " in result.out
+    assert "NOT DKIM-signed" not in result.out

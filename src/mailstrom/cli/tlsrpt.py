@@ -279,7 +279,13 @@ def _queue(job: _Job, report: Report, uri: str) -> Delivery:
         message_id = job.store.enqueue(prepared, now=now)
     except MailstromError as exc:
         return Delivery(uri=uri, ok=False, detail=str(exc))
-    return Delivery(uri=uri, ok=True, detail=f"queued as {message_id}")
+    detail = f"queued as {message_id}"
+    if not prepared.dkim:
+        # RFC 8460 §3: a report by mail without a valid DKIM signature of the reporting
+        # domain is ignored by its receiver. Queued all the same (the keys may be
+        # added before it goes), but said, rather than an "ok" that means nothing.
+        detail += " (NOT DKIM-signed: receivers ignore unsigned reports; see dkim.keys)"
+    return Delivery(uri=uri, ok=True, detail=detail)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
