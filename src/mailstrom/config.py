@@ -137,6 +137,13 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
     password."""
 
     def __post_init__(self) -> None:
+        try:
+            # A plain string ("implicit") is taken for the member it names, as Config's
+            # tls is: the checks below and the worker compare members.
+            object.__setattr__(self, "tls", RelayTLS(self.tls))
+        except ValueError:
+            choices = ", ".join(t.value for t in RelayTLS)
+            raise ConfigError(f"relay.tls must be one of {choices}, got {self.tls!r}") from None
         check_port(self.port, "relay.port")
         if (
             self.username is not None

@@ -228,3 +228,28 @@ def test_default_helo_name_falls_back_when_the_host_name_is_not_a_domain(
     assert Config().helo_name == "localhost"
     monkeypatch.setattr(socket, "getfqdn", lambda: "mail.example.com")
     assert Config().helo_name == "mail.example.com"
+
+
+@pytest.mark.parametrize("tls", ["none", "starttls", "implicit"])
+def test_relay_tls_given_as_a_string_is_its_member(tls: str) -> None:
+    """relay.tls given as the member's value ("none", as Config's tls may be) was kept as a
+    string: the check that AUTH needs TLS compared it with RelayTLS.NONE by identity and
+    let a username over "none" through, the opener took "implicit" for STARTTLS, and the
+    TLS decision raised AttributeError in the worker."""
+    from mailstrom import RelayConfig, RelayTLS
+    from mailstrom.tls.decide import TLSDecider
+
+    relay = RelayConfig(host="smtp.example.net", tls=tls)  # type: ignore[arg-type]
+    assert relay.tls is RelayTLS(tls)
+    TLSDecider.for_config(Config(helo_name="mail.example.com", relay=relay))
+    if tls == "none":
+        with pytest.raises(ConfigError, match="allow_plaintext_auth"):
+            RelayConfig(host="smtp.example.net", tls=tls, username="app", password="p")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tls", ["tls", "", 1, None])
+def test_relay_tls_must_name_a_mode(tls: object) -> None:
+    from mailstrom import RelayConfig
+
+    with pytest.raises(ConfigError, match=r"relay\.tls must be one of"):
+        RelayConfig(host="smtp.example.net", tls=tls)  # type: ignore[arg-type]
