@@ -53,6 +53,14 @@ def check_int(value: object, where: str, *, minimum: int = 1, maximum: int = MAX
     return value
 
 
+def check_bool(value: object, where: str) -> bool:
+    """``value`` when it is ``True`` or ``False``: a switch given as anything else (the
+    string ``"false"``, which is true, or ``0``) is refused rather than read for its truth."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected True or False, got {_shown(value)}")
+    return value
+
+
 def check_port(value: object, where: str) -> int:
     """A TCP port number, 1 to 65535."""
     return check_int(value, where, minimum=1, maximum=65535)

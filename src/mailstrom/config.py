@@ -12,6 +12,7 @@ from datetime import timedelta
 from enum import StrEnum
 
 from mailstrom.bounds import (
+    check_bool,
     check_duration,
     check_int,
     check_number,
@@ -94,6 +95,7 @@ class DNSConfig:
     def __post_init__(self) -> None:
         check_port(self.port, "dns.port")
         check_seconds(self.timeout, "dns.timeout")
+        check_bool(self.dnssec, "dns.dnssec")
         for server in self.nameservers:
             check_nameserver(server)
 
@@ -145,6 +147,8 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
             choices = ", ".join(t.value for t in RelayTLS)
             raise ConfigError(f"relay.tls must be one of {choices}, got {self.tls!r}") from None
         check_port(self.port, "relay.port")
+        check_bool(self.verify, "relay.verify")
+        check_bool(self.allow_plaintext_auth, "relay.allow_plaintext_auth")
         if (
             self.username is not None
             and self.tls is RelayTLS.NONE
@@ -254,6 +258,7 @@ class MTASTSConfig:
         check_port(self.port, "mta_sts.port")
         check_seconds(self.timeout, "mta_sts.timeout", maximum=300)
         check_seconds(self.recheck, "mta_sts.recheck", positive=False, maximum=86400)
+        check_bool(self.report, "mta_sts.report")
 
     def __reduce__(self) -> tuple[object, ...]:
         # An SSLContext cannot cross to a worker process: its CA certificates do, and the
@@ -313,6 +318,14 @@ _COUNT_FIELDS = (
     "mx_session_limit",
 )
 """The integer limits of :class:`Config`, each at least 1."""
+_SWITCH_FIELDS = (
+    "retry_uncertain",
+    "allow_loopback",
+    "events",
+    "tlsrpt_record",
+    "bounce_notices",
+)
+"""The switches of :class:`Config`: ``True`` or ``False``, nothing read for its truth."""
 _NESTED: tuple[tuple[str, type], ...] = (
     ("dns", DNSConfig),
     ("timeouts", Timeouts),
@@ -551,6 +564,8 @@ class Config:
         check_port(self.smtp_port, "smtp_port")
         for name in _COUNT_FIELDS:
             check_int(getattr(self, name), name)
+        for name in _SWITCH_FIELDS:
+            check_bool(getattr(self, name), name)
         check_seconds(self.connection_idle, "connection_idle", positive=False)
         check_seconds(self.poll_interval, "poll_interval")
         check_duration(self.lease_for, "lease_for")

@@ -172,6 +172,45 @@ def test_nested_configs_refuse_bad_numbers(
         kind(**options)
 
 
+def _switches() -> list[tuple[Callable[..., object], dict[str, object], str]]:
+    from mailstrom import DNSConfig, MTASTSConfig, RelayConfig
+    from mailstrom.dkim import DKIMConfig
+    from mailstrom.policy.shaping import ShapingConfig
+
+    relay = {"host": "r.example"}
+    kinds: list[tuple[Callable[..., object], dict[str, object], str]] = [
+        (Config, {"helo_name": "mail.example.com"}, name)
+        for name in (
+            "allow_loopback",
+            "retry_uncertain",
+            "events",
+            "tlsrpt_record",
+            "bounce_notices",
+        )
+    ]
+    kinds += [
+        (DNSConfig, {}, "dnssec"),
+        (RelayConfig, relay, "verify"),
+        (RelayConfig, relay, "allow_plaintext_auth"),
+        (MTASTSConfig, {}, "report"),
+        (ShapingConfig, {}, "provider_defaults"),
+        (DKIMConfig, {}, "required"),
+    ]
+    return kinds
+
+
+@pytest.mark.parametrize(("kind", "options", "name"), _switches())
+@pytest.mark.parametrize("value", ["false", "no", "", 0, 1, None])
+def test_switches_must_be_true_or_false(
+    kind: Callable[..., object], options: dict[str, object], name: str, value: object
+) -> None:
+    """A switch was read for its truth: allow_loopback="false" delivered to loopback,
+    dnssec="false" believed the resolver's AD bit, allow_plaintext_auth="no" sent the
+    relay password in cleartext. Anything but a bool is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=name):
+        kind(**options, **{name: value})
+
+
 def test_nested_configs_must_be_their_dataclasses() -> None:
     with pytest.raises(ConfigError, match="timeouts must be a Timeouts, not dict"):
         Config(helo_name="mail.example.com", timeouts={"connect": 1})  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from mailstrom.bounds import check_duration
+from mailstrom.bounds import check_bool, check_duration
 from mailstrom.dkim.keys import DKIMKey
 from mailstrom.errors import ConfigError
 
@@ -65,6 +65,7 @@ class DKIMConfig:
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         if self.expire is not None:
             check_duration(self.expire, "dkim.expire")
+        check_bool(self.required, "dkim.required")
         if self.required and not keys:
             raise ConfigError("dkim.required is set but no dkim.keys are configured")
 

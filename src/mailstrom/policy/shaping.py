@@ -33,7 +33,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any
 
-from mailstrom.bounds import check_duration, check_seconds
+from mailstrom.bounds import check_bool, check_duration, check_seconds
 from mailstrom.errors import ConfigError, InvalidShapingRule
 
 DATA_FILE = "destinations.toml"
@@ -240,6 +240,10 @@ class ShapingConfig:
         _setting("pause_first", lambda: check_duration(self.pause_first, "shaping.pause_first"))
         _setting("pause_max", lambda: check_duration(self.pause_max, "shaping.pause_max"))
         _setting("refresh", lambda: check_seconds(self.refresh, "shaping.refresh", maximum=3600))
+        _setting(
+            "provider_defaults",
+            lambda: check_bool(self.provider_defaults, "shaping.provider_defaults"),
+        )
         if self.pause_first > self.pause_max:
             raise InvalidShapingRule(
                 "shaping: expected 0 < pause_first <= pause_max", pattern="", field="pause_first"
