@@ -6,7 +6,7 @@ import importlib.util
 import ipaddress
 import ssl
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
@@ -530,7 +530,16 @@ class Config:
         self._check_numbers()
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
-        domains = tuple(d.strip().lower() for d in self.metrics_domains)
+        given = self.metrics_domains
+        # A string is a sequence too, of one-letter "domains": refused, not split.
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise ConfigError(
+                f"metrics_domains: expected a sequence of domain names, got {shorten(str(given))}"
+            )
+        names = tuple(given)
+        if not all(isinstance(d, str) for d in names):
+            raise ConfigError(f"metrics_domains: expected domain names, got {shorten(str(names))}")
+        domains = tuple(d.strip().lower() for d in names)
         if any(not d or any(c.isspace() for c in d) for d in domains):
             raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
         object.__setattr__(self, "metrics_domains", domains)

@@ -292,3 +292,16 @@ def test_relay_tls_must_name_a_mode(tls: object) -> None:
 
     with pytest.raises(ConfigError, match=r"relay\.tls must be one of"):
         RelayConfig(host="smtp.example.net", tls=tls)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["gmail.com", b"gmail.com", 5, (1,), ("gmail.com", None)])
+def test_metrics_domains_must_be_domain_names(value: object) -> None:
+    """A string was split into one-letter "domains" (metrics_domains="gmail.com" counted
+    g, m, a...), and a sequence holding something else raised AttributeError."""
+    with pytest.raises(ConfigError, match="metrics_domains"):
+        Config(helo_name="mail.example.com", metrics_domains=value)  # type: ignore[arg-type]
+
+
+def test_metrics_domains_takes_any_sequence_of_names() -> None:
+    config = Config(helo_name="mail.example.com", metrics_domains=[" Gmail.com", "yahoo.com"])  # type: ignore[arg-type]
+    assert config.metrics_domains == ("gmail.com", "yahoo.com")
