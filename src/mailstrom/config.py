@@ -146,6 +146,17 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
         except ValueError:
             choices = ", ".join(t.value for t in RelayTLS)
             raise ConfigError(f"relay.tls must be one of {choices}, got {self.tls!r}") from None
+        if (
+            not isinstance(self.host, str)
+            or not self.host
+            or any(c.isspace() or not c.isprintable() for c in self.host)
+        ):
+            # Each delivery would look the name up and fail: every message deferred.
+            raise ConfigError(f"relay.host: expected a host name or address, got {self.host!r:.80}")
+        for name in ("username", "password"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"relay.{name}: expected a string, not {type(value).__name__}")
         check_port(self.port, "relay.port")
         check_bool(self.verify, "relay.verify")
         check_bool(self.allow_plaintext_auth, "relay.allow_plaintext_auth")
@@ -196,6 +207,8 @@ retry_min=1.0, retry_max=300.0)
     up to ``retry_max`` while the endpoint keeps failing."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise ConfigError(f"hook.url: expected a string, not {type(self.url).__name__}")
         scheme, sep, rest = self.url.partition("://")
         if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
             raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
@@ -208,8 +221,12 @@ retry_min=1.0, retry_max=300.0)
             raise ConfigError(f"hook.url: {exc}: {self.url!r}") from None
         if not parts.hostname or any(c.isspace() or not c.isprintable() for c in self.url):
             raise ConfigError(f"hook.url: expected a host and no white space: {self.url!r}")
-        if not self.secret:
-            raise ConfigError("hook.secret: required with hook.url (receivers check signatures)")
+        if not isinstance(self.secret, str) or not self.secret:
+            # Never shown: a secret.
+            raise ConfigError(
+                "hook.secret: required with hook.url, a non-empty string (receivers check "
+                "signatures)"
+            )
         check_seconds(self.timeout, "hook.timeout", maximum=300)
         check_int(self.batch, "hook.batch", maximum=10_000)
         check_seconds(self.retry_min, "hook.retry_min")

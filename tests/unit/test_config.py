@@ -305,3 +305,46 @@ def test_metrics_domains_must_be_domain_names(value: object) -> None:
 def test_metrics_domains_takes_any_sequence_of_names() -> None:
     config = Config(helo_name="mail.example.com", metrics_domains=[" Gmail.com", "yahoo.com"])  # type: ignore[arg-type]
     assert config.metrics_domains == ("gmail.com", "yahoo.com")
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"host": ""}, "relay.host"),
+        ({"host": " "}, "relay.host"),
+        ({"host": "smtp.example.net "}, "relay.host"),
+        ({"host": "smtp.example.net\n"}, "relay.host"),
+        ({"host": None}, "relay.host"),
+        ({"host": 25}, "relay.host"),
+        ({"host": "smtp.example.net", "username": 5}, "relay.username"),
+        ({"host": "smtp.example.net", "username": "app", "password": b"p"}, "relay.password"),
+    ],
+)
+def test_relay_names_must_be_strings(options: dict[str, object], named: str) -> None:
+    """A relay host that is no name (empty, with a space, not a string) was kept: every
+    delivery then failed its lookup and every message was deferred; a username or
+    password that is no string failed at AUTH, in the worker."""
+    from mailstrom import RelayConfig
+
+    with pytest.raises(ConfigError, match=named):
+        RelayConfig(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"url": 5, "secret": "s"}, "hook.url"),
+        ({"url": None, "secret": "s"}, "hook.url"),
+        ({"url": b"https://app.example/h", "secret": "s"}, "hook.url"),
+        ({"url": "https://app.example/h", "secret": 5}, "hook.secret"),
+        ({"url": "https://app.example/h", "secret": b"whsec"}, "hook.secret"),
+    ],
+)
+def test_hook_url_and_secret_must_be_strings(options: dict[str, object], named: str) -> None:
+    """A URL that is no string raised AttributeError; a secret that is no string was
+    kept, and signing each request failed in the worker."""
+    from mailstrom import HookConfig
+
+    with pytest.raises(ConfigError, match=named) as caught:
+        HookConfig(**options)  # type: ignore[arg-type]
+    assert "whsec" not in str(caught.value)
