@@ -664,12 +664,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
     than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 or not TOML, or has unknown keys."""
     document = _parse_toml(_read_config_text(path), path)
     flat: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        # TOML refuses a key given twice, but not a quoted "dns.port" beside [dns]'s
+        # port: two keys to TOML, one setting here, whose first value would be lost.
+        if key in flat:
+            raise ConfigError(f"{path}: setting {key!r} given twice")
+        flat[key] = value
+
     for name, value in document.items():
         if name in _SECTIONS and isinstance(value, dict):
             for sub, subvalue in value.items():
-                flat[f"{name}.{sub}"] = subvalue
+                put(f"{name}.{sub}", subvalue)
         else:
-            flat[name] = value
+            put(name, value)
     for key in flat:
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown setting {key!r}")

@@ -134,6 +134,9 @@ def test_named_file_must_exist(tmp_path: Path) -> None:
         ("tls_ca = '/no/such/ca.pem'\n", "tls_ca"),
         ("retry_uncertain = 'maybe'\n", "retry_uncertain"),
         ("smtp_port = \n", "invalid TOML"),
+        # A quoted dotted key beside its table's key: one setting given twice, the first
+        # value silently lost.
+        ('"dns.port" = 5353\n[dns]\nport = 53\n', "'dns.port' given twice"),
     ],
 )
 def test_bad_file_values_name_the_key(tmp_path: Path, text: str, named: str) -> None:
