@@ -111,6 +111,19 @@ def check_nameserver(server: object) -> None:
         ) from None
 
 
+def check_source_address(address: object) -> None:
+    """ConfigError unless ``address`` is an IP address. Anything else (a typo such as
+    10.0.0.300, a host name) failed at every connection, and the error blamed the MX
+    host ("cannot connect to 192.0.2.1 port 25: Name or service not known"), which was
+    then remembered as unreachable; TLS reports need the address as ``sending-mta-ip``."""
+    try:
+        ipaddress.ip_address(address if isinstance(address, str) else "")
+    except ValueError:
+        raise ConfigError(
+            f"source_address: expected an IP address, got {shorten(str(address))}"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
     """Send everything through one smarthost instead of MX lookup.
@@ -411,7 +424,7 @@ class Config:
     poll_interval: float = 5.0
     """Longest idle sleep between store checks when no wake-up arrives."""
     source_address: str | None = None
-    """Local address to bind outgoing connections to."""
+    """Local IP address to bind outgoing connections to."""
     allow_loopback: bool = False
     """Deliver to loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0/8, ::) and link-local
     (169.254.0.0/16, fe80::/10) addresses, IPv4-mapped IPv6 forms included, when MX or
@@ -545,6 +558,8 @@ class Config:
                 "mail.example.com or an address literal like [192.0.2.1])"
             )
         self._check_numbers()
+        if self.source_address is not None:
+            check_source_address(self.source_address)
         if self.retry.min_delay > self.retry.max_delay:
             raise ConfigError("retry.min_delay must not exceed retry.max_delay")
         given = self.metrics_domains

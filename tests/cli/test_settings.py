@@ -133,6 +133,7 @@ def test_named_file_must_exist(tmp_path: Path) -> None:
         ("[relay]\nport = 25\n", "relay.host"),
         ("tls_ca = '/no/such/ca.pem'\n", "tls_ca"),
         ("retry_uncertain = 'maybe'\n", "retry_uncertain"),
+        ("source_address = '10.0.0.300'\n", "source_address"),
         ("smtp_port = \n", "invalid TOML"),
         # A quoted dotted key beside its table's key: one setting given twice, the first
         # value silently lost.

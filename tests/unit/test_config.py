@@ -348,3 +348,16 @@ def test_hook_url_and_secret_must_be_strings(options: dict[str, object], named: 
     with pytest.raises(ConfigError, match=named) as caught:
         HookConfig(**options)  # type: ignore[arg-type]
     assert "whsec" not in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.300", "", " 192.0.2.10", "mail.example.com", 5])
+def test_source_address_must_be_an_ip_address(address: object) -> None:
+    """Anything else failed at every connection, and the error blamed the MX host
+    ("cannot connect to 192.0.2.1 port 25: Name or service not known")."""
+    with pytest.raises(ConfigError, match="source_address"):
+        Config(helo_name="mail.example.com", source_address=address)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("address", ["192.0.2.10", "2001:db8::10", "127.0.0.1"])
+def test_source_address_takes_ip_addresses(address: str) -> None:
+    assert Config(helo_name="mail.example.com", source_address=address).source_address == address
