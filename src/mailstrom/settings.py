@@ -493,6 +493,15 @@ def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
     return tuple(lanes)
 
 
+def _path_or_none(key: str, value: Any) -> str:
+    """A file's path, or ``""`` for none. No path holds a NUL character: ``open()`` raises
+    ValueError for one, not the OSError its reader reports as a ConfigError."""
+    path = _any_str(key, value)
+    if "\0" in path:
+        raise ConfigError(f"{key}: a file name cannot hold a NUL character: {shorten(path)}")
+    return path
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -562,7 +571,7 @@ KEYS: dict[str, Parser] = {
     # Read by the sendmail personality only (cli/localnames.py): the domain bare local
     # names get, and the aliases file ("" for none).
     "sendmail.origin": _str,
-    "sendmail.aliases": _any_str,
+    "sendmail.aliases": _path_or_none,
     "shaping.rules": _shaping_rules,
     "shaping.provider_defaults": _bool,
     "shaping.pause_first": _duration,

@@ -103,3 +103,16 @@ def run(link: Path, cli: CLI, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
     )
+
+
+def test_an_aliases_path_with_a_nul_is_a_configuration_error(cli: CLI) -> None:
+    """A TOML string may hold \\u0000; open() then raised ValueError: exit 70, "internal
+    error"."""
+    config = cli.cwd / "config.toml"
+    config.write_text(
+        '[sendmail]\norigin = "host.example.test"\naliases = "/etc/aliases\\u0000x"\n'
+    )
+    cli.env["MAILSTROM_CONFIG"] = str(config)
+    result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
+    assert result.code == 78, result.err
+    assert "sendmail.aliases" in result.err
