@@ -50,6 +50,7 @@ from mailstrom.config import (
     check_nameserver,
 )
 from mailstrom.dkim.config import DKIMConfig
+from mailstrom.domains import helo_name_problem
 from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.policy.retry import RetryPolicy
@@ -502,6 +503,21 @@ def _path_or_none(key: str, value: Any) -> str:
     return path
 
 
+def _mail_domain(key: str, value: Any) -> str:
+    """The domain of addresses made from bare names (``root@`` it): a fully qualified
+    name (U-labels allowed) or an address literal. Anything else made every such address
+    invalid, each message then refused as malformed (exit 65) instead of the setting."""
+    text = _str(key, value)
+    problem = helo_name_problem(text)
+    if problem is None and "." not in text and not text.startswith("["):
+        problem = "a single label, not a fully qualified name"
+    if problem is not None:
+        raise ConfigError(
+            f"{key}: {problem}: {shorten(text, 80)} (expected a domain like example.com)"
+        )
+    return text
+
+
 def _existing_file(key: str, value: Any) -> str:
     path = _str(key, value)
     if not os.path.isfile(path):
@@ -570,7 +586,7 @@ KEYS: dict[str, Parser] = {
     "dkim.expire": _optional(_duration),
     # Read by the sendmail personality only (cli/localnames.py): the domain bare local
     # names get, and the aliases file ("" for none).
-    "sendmail.origin": _str,
+    "sendmail.origin": _mail_domain,
     "sendmail.aliases": _path_or_none,
     "shaping.rules": _shaping_rules,
     "shaping.provider_defaults": _bool,

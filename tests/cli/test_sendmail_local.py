@@ -116,3 +116,15 @@ def test_an_aliases_path_with_a_nul_is_a_configuration_error(cli: CLI) -> None:
     result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
     assert result.code == 78, result.err
     assert "sendmail.aliases" in result.err
+
+
+def test_an_origin_that_is_no_domain_is_a_configuration_error(cli: CLI) -> None:
+    """Every bare name then made an invalid address, and each message was refused as
+    malformed (exit 65, "From header is malformed"), blaming the message."""
+    cli.env["MAILSTROM_SENDMAIL_ORIGIN"] = "host example.test"
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
+    assert result.code == 78, result.err
+    assert "sendmail.origin" in result.err
+    del cli.env["MAILSTROM_SENDMAIL_ORIGIN"]  # every command reads it
+    assert cli.queue_ids() == []
