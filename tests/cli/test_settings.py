@@ -228,6 +228,15 @@ def test_every_key_is_documented() -> None:
     assert missing == []
 
 
+def test_the_settings_table_names_each_key_with_its_variable() -> None:
+    """Each row of docs/cli.md's settings table pairs a key with the variable that sets
+    it, and the table lists exactly the keys the loader takes."""
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `(MAILSTROM_[A-Z_]+)` \|", doc, re.MULTILINE)
+    assert sorted(key for key, _ in rows) == sorted(KEYS)
+    assert [(key, name) for key, name in rows if env_name(key) != name] == []
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("90", 90), ("30s", 30), ("15m", 900), ("2h", 7200), ("3d", 259200), ("1w", 604800)],
