@@ -1112,3 +1112,35 @@ def test_refusing_greetings_move_on_then_defer(
     assert cat.reply is not None
     assert cat.reply.code == 554
     assert (cat.mx_host, cat.ip) == ("mx1.refusing.test", "127.0.0.11")
+
+
+def test_work_of_a_lease_taken_over_while_the_worker_stalled_is_not_sent(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # The worker stalls past its lease (a stopped process, a blocked loop: here a sleep on
+    # its loop), and another worker takes the lease over meanwhile. When it resumes, the
+    # replies that came in the stall let its session start the next transaction before
+    # the heartbeat (a timer, run after them) finds the lease taken: it went out twice.
+    store = MemoryStore()
+    ms, _ = slow_queue(mailstrom, mx, clock, store)
+    loop = ms.worker._loop
+    assert loop is not None
+    stalled = threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        time.sleep(10 * SHORT_LEASE.total_seconds())  # blocks the worker's loop
+
+    loop.call_soon_threadsafe(stall)
+    assert stalled.wait(5)
+    other = store.lease(now=clock() + 10 * SHORT_LEASE, limit=100, lease_for=timedelta(hours=1))
+    assert other is not None
+    taken = {r.address for item in other.items for r in item.recipients}
+    assert taken == set(QUEUED)
+    mid = ms.send_email(hello("later@example.org"))
+    results.wait_final({"later@example.org"})
+    received = [to for m in mx.received for to in m.rcpt_tos]
+    # The three transactions on the wire before the stall, then only the later mail.
+    assert received[:-1] == QUEUED[:3] and received[-1] == "later@example.org", received
+    assert store.status(mid).recipient("later@example.org").state is DELIVERED
+    assert store.lease(now=clock() + 20 * SHORT_LEASE, limit=100, lease_for=SHORT_LEASE) is None

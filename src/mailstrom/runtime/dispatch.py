@@ -78,6 +78,9 @@ even when the replies of both arrive in one segment."""
 Done = Callable[[list[RecipientResult]], None]
 Postpone = Callable[[list[WorkItem], datetime, str | None], None]
 """Give items back to the store, due at a time, naming the paused destination (or None)."""
+MayStart = Callable[[str], bool]
+"""Whether work of the lease with this token may start a transaction now; before it says
+no, it gives that lease's unstarted work back (:meth:`Dispatcher.withdraw`)."""
 TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | SMTPConnection], None]
 """Told (domain, requirement, MX host, address, the error or the opened connection) after
 each connection attempt, for TLS reports (``observe_tls``)."""
@@ -125,12 +128,15 @@ class Dispatcher:
         on_postpone: Postpone | None = None,
         tls: TLSDecider | None = None,
         observe_tls: TLSObserver | None = None,
+        may_start: MayStart | None = None,
     ) -> None:
         """``tls`` decides each connection's TLS requirement (default: the one ``config``
-        asks for, without a store to share remembered broken TLS)."""
+        asks for, without a store to share remembered broken TLS). ``may_start`` is asked
+        before each transaction whether its lease still holds (default: always)."""
         self._config = config
         self._shaper = shaper
         self._on_postpone = on_postpone
+        self._may_start = may_start
         self._spread: dict[datetime, list[WorkItem]] = {}
         self._lost: dict[str, None] = {}  # withdrawn leases, oldest first (_LOST_LEASES)
         self._router = router
@@ -559,6 +565,13 @@ class Dispatcher:
                 and conn.usable
                 and conn.messages_sent < cap
             ):
+                token = queue[0].item.lease_token
+                if self._may_start is not None and not self._may_start(token):
+                    # Its lease may be another worker's now: its work went back to the
+                    # store (withdraw took it out of this queue too).
+                    if token not in self._lost:
+                        self.withdraw(token)
+                    continue
                 if shape is not None and not self._may_send(shape):
                     break
                 work = queue.popleft()

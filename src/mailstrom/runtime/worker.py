@@ -314,6 +314,7 @@ class Worker(
             observe_tls=observe_tls,
             shaper=shaper,
             on_postpone=self._on_postpone,
+            may_start=self._may_start,
         )
         reporting = None
         if tls_sessions is not None:
@@ -812,6 +813,22 @@ class Worker(
                     self._fence(state, _CUT_OFF)
                 elif now >= state.held_until - early and (state.extend_failed or self._beating):
                     self._fence(state, "could not be extended in time")
+
+    def _may_start(self, token: str) -> bool:
+        """Whether work of the lease ``token`` may start a transaction now: not once the
+        lease has outlived the last extension the store confirmed, when another worker
+        may have taken it over. That happens when this worker stalled (its process
+        stopped, its loop blocked) past the lease: when it resumes, a session that reads
+        the replies that came meanwhile would start the next transaction before the
+        heartbeat (a timer, run after them) finds the lease taken. The lease's unstarted
+        work is then given back, as fencing does; a later extension lets the rest go on."""
+        state = self._leases.get(token)
+        if state is None or state.fenced:
+            return True
+        if asyncio.get_running_loop().time() < state.held_until:
+            return True
+        self._fence(state, "outlived its last extension (this worker stalled)")
+        return False
 
     def _fence(self, state: _LeaseState, why: str) -> None:
         """Give back the unstarted work of a lease that may be taken over (``why``), once:
