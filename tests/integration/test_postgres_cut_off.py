@@ -14,6 +14,7 @@ worker's alike, so nobody is taken for dead: they cut nothing off.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -180,3 +181,55 @@ def test_looks_the_server_refuses_cut_nothing_off(
     finally:
         ms.stop(timeout=10)
         store.close()
+
+
+def test_a_worker_frozen_past_dead_after_sends_none_of_what_was_taken_from_it(
+    postgres_url: str, mx: Any, dns_server: LoopbackDNS
+) -> None:
+    # Its process frozen (SIGSTOP, a VM paused; here its loop blocked) for longer than
+    # dead_after, a worker is taken for dead and another delivers what it leased. It could
+    # not see that coming: when it resumed, nothing stopped it sending all that too (its
+    # heartbeat comes every lease_for / 3, minutes away), and every recipient of its lease
+    # went out twice, not just the transactions under way.
+    url = f"{postgres_url}?dead_after={DEAD_AFTER:g}s"
+    _queue(url)
+    mx.data_delay = 0.5
+    frozen = _worker(dns_server, mx, CUT, PostgresStore(url))
+    other: Mailstrom | None = None
+    try:
+        frozen.start()
+        mx.wait_for_received(1)  # it leased all twenty
+        other = _worker(dns_server, mx, OTHER, PostgresStore(url))
+        other.start()
+        loop = frozen.worker._loop
+        assert loop is not None
+        stalled = threading.Event()
+
+        def freeze() -> None:
+            stalled.set()
+            time.sleep(3 * DEAD_AFTER)
+
+        loop.call_soon_threadsafe(freeze)
+        assert stalled.wait(5)
+        before = _sent_by(mx, CUT)
+        mx.data_delay = 0
+        # The other worker takes it for dead and delivers everything not yet recorded.
+        _until(lambda: set(_sent_by(mx, OTHER)) | set(before) >= set(QUEUED), DEADLINE, "all")
+        with PostgresStore(url) as store:
+            _until(
+                lambda: store.stats().by_state[RecipientState.DELIVERED] == len(QUEUED),
+                DEADLINE,
+                "all recorded delivered",
+            )
+        _until(lambda: frozen.worker_status.in_flight == 0, DEADLINE, "nothing in flight")
+        # Once thawed, only what it had on the wire at the freeze goes out from it.
+        sent = _sent_by(mx, CUT)
+        assert len(sent) <= len(before) + 3, (before, sent)
+        copies = Counter(to for m in mx.messages for to in m.rcpt_tos)
+        assert set(copies) == set(QUEUED)
+        assert max(copies.values()) <= 2
+    finally:
+        for ms in (frozen, other):
+            if ms is not None:
+                ms.stop(timeout=10)
+                ms.store.close()

@@ -816,19 +816,24 @@ class Worker(
 
     def _may_start(self, token: str) -> bool:
         """Whether work of the lease ``token`` may start a transaction now: not once the
-        lease has outlived the last extension the store confirmed, when another worker
-        may have taken it over. That happens when this worker stalled (its process
-        stopped, its loop blocked) past the lease: when it resumes, a session that reads
-        the replies that came meanwhile would start the next transaction before the
-        heartbeat (a timer, run after them) finds the lease taken. The lease's unstarted
-        work is then given back, as fencing does; a later extension lets the rest go on."""
+        lease has outlived the last extension the store confirmed, nor once this worker's
+        last beat is older than the store's ``dead_after`` (worker_reaping.py), when
+        another worker may have taken the lease over. Both happen when this worker stalls
+        (its process stopped, its loop blocked): when it resumes, a session that reads the
+        replies that came meanwhile would start the next transaction before the heartbeat
+        or the next look (timers, run after them) could tell. The lease's unstarted work
+        is then given back, as fencing does; a later extension lets the rest go on."""
         state = self._leases.get(token)
         if state is None or state.fenced:
             return True
-        if asyncio.get_running_loop().time() < state.held_until:
-            return True
-        self._fence(state, "outlived its last extension (this worker stalled)")
-        return False
+        now = asyncio.get_running_loop().time()
+        if now >= state.held_until:
+            self._fence(state, "outlived its last extension (this worker stalled)")
+            return False
+        if self._may_be_taken_for_dead(now):
+            self._fence(state, "may be given back: this worker was not seen for dead_after")
+            return False
+        return True
 
     def _fence(self, state: _LeaseState, why: str) -> None:
         """Give back the unstarted work of a lease that may be taken over (``why``), once:

@@ -138,6 +138,15 @@ class WorkerReaping(WorkerStore):
         store = self.store
         return store.dead_after if isinstance(store, DeadHolderReaper) else None
 
+    def _may_be_taken_for_dead(self, now: float) -> bool:
+        """Whether other workers may take this one for dead at loop time ``now``: its
+        last beat is ``dead_after`` old (a stall: its process stopped, its loop blocked;
+        or looks that failed), unless its looks since were refused by the server, which
+        refuses every worker's alike (see the module docstring)."""
+        until = self._beat_until
+        refused = self._look_failing and not self._beat_unreachable
+        return until is not None and now >= until and not refused
+
     def _cut_off_now(self, now: float) -> bool:
         """Whether this worker is cut off at loop time ``now`` (see the module docstring);
         says so once when it becomes so. Asked every sixteenth of ``dead_after``.
