@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -29,6 +30,22 @@ def test_delay_doubles_up_to_the_maximum(attempts: int, minutes: int) -> None:
 def test_huge_attempt_counts_do_not_overflow() -> None:
     policy = RetryPolicy(multiplier=10.0, jitter=0.0)
     assert backoff_delay(attempts=100_000, rng=random.Random(), policy=policy) == timedelta(hours=1)
+
+
+def test_an_integer_multiplier_costs_what_a_float_one_does() -> None:
+    # RetryPolicy(multiplier=3) made 3 ** (attempts - 1) an exact integer power: for a
+    # recipient attempted millions of times (a row's count may be up to 2^31 - 2) that
+    # took megabytes and seconds, hours near the top, on the worker's event loop, where a
+    # float power overflows at once to the cap.
+    policy = RetryPolicy(multiplier=3, jitter=0.0)
+    tracemalloc.start()
+    try:
+        delay = backoff_delay(attempts=5_000_000, rng=random.Random(), policy=policy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert delay == timedelta(hours=1)
+    assert peak < 64 * 1024
 
 
 def test_attempts_below_one_are_rejected() -> None:

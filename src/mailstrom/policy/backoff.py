@@ -28,7 +28,9 @@ def backoff_delay(*, attempts: int, rng: random.Random, policy: RetryPolicy) -> 
     low = policy.min_delay.total_seconds()
     high = policy.max_delay.total_seconds()
     try:
-        base = low * policy.multiplier ** (attempts - 1)
+        # A float power: an int multiplier would make an exact integer of it, whose size
+        # and time grow with the attempts (hours, for a count near its 2^31 bound).
+        base = low * float(policy.multiplier) ** (attempts - 1)
     except OverflowError:
         # A recipient retried thousands of times has long since reached the cap.
         base = high
