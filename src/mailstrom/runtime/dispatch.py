@@ -571,6 +571,10 @@ class Dispatcher:
                     # store (withdraw took it out of this queue too).
                     if token not in self._lost:
                         self.withdraw(token)
+                    if queue and queue[0].item.lease_token == token:
+                        # A queue withdraw did not reach: given back here, so that the
+                        # loop always moves on.
+                        self._give_back([queue.popleft()])
                     continue
                 if shape is not None and not self._may_send(shape):
                     break
