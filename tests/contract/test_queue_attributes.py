@@ -103,6 +103,21 @@ def test_send_at_holds_recipients_back_until_then(store: Store) -> None:
     assert item.priority == ""  # a message stored without a lane
 
 
+def test_a_scheduled_messages_retry_window_starts_at_its_send_at(store: Store) -> None:
+    """A lease names when the message could first go: its send_at when later than its
+    queueing. The retry policy's max_age counts from there, so a message scheduled a week
+    ahead is not given up at its first temporary failure."""
+    at = NOW + 7 * 86400 * SECOND
+    store.enqueue(with_attributes(message(), send_at=at), now=NOW)
+    store.enqueue(with_attributes(message("carol@example.net"), send_at=NOW - SECOND), now=NOW)
+    early = lease_all(store)
+    [item] = early.items
+    assert [r.created_at for r in item.recipients] == [NOW]  # a past send_at: queued
+    store.record(results_for(early, RecipientState.DELIVERED))
+    [later] = lease_all(store, now=at).items
+    assert {r.created_at for r in later.recipients} == {at}
+
+
 def test_the_lane_comes_back_on_the_work_item(store: Store) -> None:
     store.enqueue(with_attributes(message(), priority="bulk"), now=NOW)
     [item] = lease_all(store).items

@@ -191,3 +191,36 @@ def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
     assert due <= result.attempt.at < due + timedelta(seconds=1)
     assert "stuck@slow.example" not in stuck  # it was still hanging then
     assert len(leases) < 20, f"{len(leases)} lease attempts: the worker spun"
+
+
+def test_a_message_scheduled_past_the_retry_window_is_retried_after_its_time(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """The retry policy's max_age (5 days) counts from when the message could first go:
+    one scheduled 6 days ahead and greylisted at its time is deferred, not failed for
+    good at its first attempt."""
+    mx = smtp_server()
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted, try again later"
+    for domain in ("example.org", "sender.test"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    clock = FakeClock()
+    results = Results()
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        poll_interval=60.0,
+        delay_warning=timedelta(hours=4),
+        bounce_notices=True,
+    )
+    ms = Mailstrom(config, store=MemoryStore(), worker="thread", clock=clock, on_result=results)
+    mid = ms.send_email(hello("grey@example.org"), send_at=clock() + timedelta(days=6))
+    clock.advance(timedelta(days=6))
+    with ms:
+        [result] = results.wait_count(1)
+        queued = ms.query_recent()
+    assert result.message_id == mid
+    assert result.state is RecipientState.DEFERRED
+    assert result.next_attempt_at is not None
+    # Nor is a delay warning due (4 hours): the message has waited minutes, not 6 days.
+    assert [m.id for m in queued] == [mid]

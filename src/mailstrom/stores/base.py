@@ -279,7 +279,9 @@ class LeasedRecipient:
     """Attempts recorded before this lease."""
     first_attempt_at: datetime | None
     created_at: datetime
-    """When its message was enqueued (the retry policy's maximum age counts from here)."""
+    """When its message could first be sent: when it was enqueued, or its ``send_at`` when
+    that is later. The retry policy's ``max_age`` and the delay warning count from here
+    (a message scheduled a week ahead has its whole retry window after its time)."""
     ref: int | None = None
     """The store's own handle on this recipient (a row id), handed back in the result so
     recording needs no lookup; None for stores that do not use one."""

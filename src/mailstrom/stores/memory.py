@@ -203,7 +203,7 @@ class MemoryStore(
                                 address=r.address,
                                 attempts=r.attempts,
                                 first_attempt_at=r.first_attempt_at,
-                                created_at=m.created_at,
+                                created_at=_first_due(m),
                                 last_attempt_at=r.last_attempt_at,
                             )
                             for r in recipients
@@ -440,3 +440,10 @@ class MemoryStore(
 
     def _newest_first(self) -> list[_Message]:
         return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)
+
+
+def _first_due(m: _Message) -> datetime:
+    """When ``m`` could first go: queued, or its ``send_at`` when later (the retry policy's
+    max_age and the delay warning count from there, as a lease says)."""
+    send_at = m.prepared.attributes.send_at
+    return m.created_at if send_at is None or send_at <= m.created_at else send_at

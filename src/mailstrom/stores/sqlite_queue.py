@@ -235,7 +235,11 @@ def lease_rows(
     message_ids: dict[int, str] = {}
     for chunk in chunks(seqs):
         for m in conn.execute(
-            "SELECT seq, id, envelope_from, smtputf8, eightbit, created_at, data, require_tls,"
+            # created_at: when the message could first go, queued or its send_at when
+            # later (the retry policy's max_age and the delay warning count from there).
+            "SELECT seq, id, envelope_from, smtputf8, eightbit,"
+            " CASE WHEN typeof(send_at) = 'integer' AND send_at > created_at THEN send_at"
+            " ELSE created_at END, data, require_tls,"
             " expires_at, priority, dsn, size"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,

@@ -168,8 +168,8 @@ WITH due AS MATERIALIZED (
           AND (sd.expires_at IS NULL OR sd.expires_at > %(now)s
                OR sd.expires_at < '1900-01-01Z')
 ), leased_messages AS MATERIALIZED (
-    SELECT m.id, m.created_at, m.envelope_from, m.smtputf8, m.eightbit, m.data, m.require_tls,
-           m.expires_at, m.priority, m.dsn, m.size
+    SELECT m.id, m.created_at, m.send_at, m.envelope_from, m.smtputf8, m.eightbit, m.data,
+           m.require_tls, m.expires_at, m.priority, m.dsn, m.size
     FROM messages m
     WHERE m.id = ANY (ARRAY(SELECT DISTINCT message_id FROM leased))
 )
@@ -180,7 +180,11 @@ WITH due AS MATERIALIZED (
 SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
        CASE WHEN l.first_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
             THEN l.first_attempt_at END AS first_attempt_at,
-       CASE WHEN m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+       -- When the message could first go: queued, or its send_at when later (the retry
+       -- policy's max_age and the delay warning count from there).
+       CASE WHEN m.send_at > m.created_at AND m.send_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN m.send_at
+            WHEN m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
             THEN m.created_at END AS created_at,
        m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
