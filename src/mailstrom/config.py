@@ -103,12 +103,7 @@ class DNSConfig:
 def check_nameserver(server: object) -> None:
     """ConfigError unless ``server`` is an IP address: the resolver takes nothing else (a
     host name, " ", would raise ValueError at the first lookup, in the worker)."""
-    try:
-        ipaddress.ip_address(server if isinstance(server, str) else "")
-    except ValueError:
-        raise ConfigError(
-            f"dns.nameservers: expected IP addresses, got {shorten(str(server))}"
-        ) from None
+    _check_ip_address(server, "dns.nameservers: expected IP addresses")
 
 
 def check_source_address(address: object) -> None:
@@ -116,12 +111,14 @@ def check_source_address(address: object) -> None:
     10.0.0.300, a host name) failed at every connection, and the error blamed the MX
     host ("cannot connect to 192.0.2.1 port 25: Name or service not known"), which was
     then remembered as unreachable; TLS reports need the address as ``sending-mta-ip``."""
+    _check_ip_address(address, "source_address: expected an IP address")
+
+
+def _check_ip_address(value: object, what: str) -> None:
     try:
-        ipaddress.ip_address(address if isinstance(address, str) else "")
+        ipaddress.ip_address(value if isinstance(value, str) else "")
     except ValueError:
-        raise ConfigError(
-            f"source_address: expected an IP address, got {shorten(str(address))}"
-        ) from None
+        raise ConfigError(f"{what}, got {shorten(str(value))}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
