@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.message.prepared import PreparedMessage
@@ -123,3 +124,26 @@ def lease_all(store: Store, *, now: datetime = NOW) -> Lease:
     lease = store.lease(now=now, limit=1000, lease_for=LEASE_FOR)
     assert lease is not None, "expected due work"
     return lease
+
+
+def at_once(*calls: Callable[[], object], timeout: float = 60) -> None:
+    """Run each of ``calls`` on a thread of its own, all released together (the writes
+    of two workers or imports meeting in the store); re-raise the first error one raised."""
+    start = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            start.wait(timeout=30)
+            call()
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "still running"
+    if errors:
+        raise errors[0]

@@ -18,7 +18,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 
 from .conftest import Backend
-from .support import NOW, SECOND, lease_all, message, results_for
+from .support import NOW, SECOND, at_once, lease_all, message, results_for
 
 DAY = timedelta(days=1)
 
@@ -103,28 +103,14 @@ def test_batches_sharing_keys_in_opposite_orders_both_go_in(store_backend: Backe
     orders, the two waited for each other and PostgreSQL failed one (a deadlock)."""
     stores = [store_backend.open() for _ in range(2)]
     keys = [f"order-{n:04d}" for n in range(1000)]
-    start = threading.Barrier(2)
     ids: dict[str, str] = {}
-    errors: list[BaseException] = []
 
     def submit(store: Store, order: list[str]) -> None:
-        try:
-            start.wait(timeout=30)
-            found = store.enqueue_many([keyed(k) for k in order], now=NOW)
-            for key, mid in zip(order, found, strict=True):
-                assert ids.setdefault(key, mid) == mid  # both batches: one id per key
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
+        found = store.enqueue_many([keyed(k) for k in order], now=NOW)
+        for key, mid in zip(order, found, strict=True):
+            assert ids.setdefault(key, mid) == mid  # both batches: one id per key
 
-    threads = [
-        threading.Thread(target=submit, args=(stores[0], keys)),
-        threading.Thread(target=submit, args=(stores[1], keys[::-1])),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    at_once(lambda: submit(stores[0], keys), lambda: submit(stores[1], keys[::-1]))
     assert len(ids) == len(set(ids.values())) == len(keys)
     assert len(stores[0].recent(limit=2000)) == len(keys)
 

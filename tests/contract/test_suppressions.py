@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -24,7 +23,7 @@ from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
 
 from .conftest import Backend
-from .support import NOW, lease_all, message
+from .support import NOW, at_once, lease_all, message
 
 DAY = timedelta(days=1)
 
@@ -174,25 +173,11 @@ def test_two_whole_files_written_at_once_in_other_orders_both_go_in(
     other and PostgreSQL failed one import (a deadlock)."""
     stores = [store_backend.open() for _ in range(2)]
     entries = [entry(f"u{i:06d}@example.org") for i in range(2 * SUPPRESS_CHUNK)]
-    start = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def write(store: Store, chosen: list[Suppression]) -> None:
-        try:
-            start.wait(timeout=30)
-            store.suppress(chosen)
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=write, args=(stores[0], entries)),
-        threading.Thread(target=write, args=(stores[1], entries[::-1])),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors
+    at_once(
+        lambda: stores[0].suppress(entries),
+        lambda: stores[1].suppress(entries[::-1]),
+        timeout=120,
+    )
     assert len(stores[0].list_suppressions(limit=3 * SUPPRESS_CHUNK)) == len(entries)
 
 

@@ -11,7 +11,7 @@ from mailstrom.mtasts import CachedPolicy, Mode, Policy
 from mailstrom.stores import Store
 from mailstrom.tlsrpt import PolicyType, TLSSessions
 from tests.contract.conftest import Backend
-from tests.contract.support import NOW
+from tests.contract.support import NOW, at_once
 
 DAY = date(2030, 1, 2)
 TEXT = "version: STSv1\nmode: enforce\nmx: mx1.example.org\nmx: *.example.net\nmax_age: 86400"
@@ -121,25 +121,10 @@ def test_concurrent_batches_in_other_orders_both_add(store_backend: Backend) -> 
         TLSSessions(day=DAY, policy_domain=f"d{n:04d}.example", policy_type=PolicyType.STS)
         for n in range(1000)
     ]
-    start = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def add(store: Store, sessions: list[TLSSessions]) -> None:
-        try:
-            start.wait(timeout=30)
-            store.add_tls_sessions(sessions)
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=add, args=(stores[0], batch)),
-        threading.Thread(target=add, args=(stores[1], batch[::-1])),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    at_once(
+        lambda: stores[0].add_tls_sessions(batch),
+        lambda: stores[1].add_tls_sessions(batch[::-1]),
+    )
     assert sorted({s.count for s in stores[0].tls_sessions(DAY)}) == [2]
 
 
