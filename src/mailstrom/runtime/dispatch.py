@@ -98,6 +98,14 @@ class _Work:
 
 
 @dataclass(slots=True, eq=False)
+class _Lane:
+    """The lane a session counts against (private, mutable): the one of the work it was
+    started for, and a lower one from when it carries that lane's work."""
+
+    rank: int
+
+
+@dataclass(slots=True, eq=False)
 class _Destination:
     key: str
     domain: str
@@ -295,8 +303,9 @@ class Dispatcher:
     # --- one session -------------------------------------------------------------------
 
     async def _session(self, dest: _Destination, rank: int) -> None:
+        lane = _Lane(rank)
         try:
-            await self._run(dest)
+            await self._run(dest, lane)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -308,7 +317,7 @@ class Dispatcher:
         finally:
             dest.sessions -= 1
             self._sessions -= 1
-            self._lane_sessions[rank] -= 1
+            self._lane_sessions[lane.rank] -= 1
             if dest.queue:
                 self._start_sessions(dest)
             elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
@@ -335,14 +344,29 @@ class Dispatcher:
             route = await self._router.route(dest.domain)
         return route
 
-    async def _run(self, dest: _Destination) -> None:
+    def _may_carry(self, work: _Work, lane: _Lane) -> bool:
+        """Whether a session counted against ``lane`` may take ``work``. Work of a lower
+        lane moves the session to that lane, if the lane has a session to spare: a
+        session started for a password reset must not carry on with a bulk backlog past
+        bulk's share, keeping every other domain's transactional mail waiting."""
+        if work.rank <= lane.rank:
+            return True
+        if self._lane_sessions[work.rank] >= self._lane_caps[work.rank]:
+            return False
+        self._lane_sessions[lane.rank] -= 1
+        self._lane_sessions[work.rank] += 1
+        lane.rank = work.rank
+        self._start_waiting()  # the lane it left may have room for one waiting
+        return True
+
+    async def _run(self, dest: _Destination, lane: _Lane) -> None:
         try:
             route = await self._route(dest)
         except DeliveryError as exc:
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
         if self._shaper is None:
-            await self._deliver(dest, route, None)
+            await self._deliver(dest, route, None, lane)
             return
         name = self._relay_route.domain if self._relay_route is not None else dest.domain
         shape = self._shaper.for_route(name, [host.name for host in route.hosts])
@@ -358,12 +382,14 @@ class Dispatcher:
                 return
         shape.connections += 1
         try:
-            await self._deliver(dest, route, shape)
+            await self._deliver(dest, route, shape, lane)
         finally:
             shape.connections -= 1
             self._unpark(shape)
 
-    async def _deliver(self, dest: _Destination, route: Route, shape: Shape | None) -> None:
+    async def _deliver(
+        self, dest: _Destination, route: Route, shape: Shape | None, lane: _Lane
+    ) -> None:
         targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         unreachable = self._unreachable
         unreachable.demote(targets)
@@ -379,6 +405,8 @@ class Dispatcher:
         # The rule's own bound on sockets, besides the worker's (see runtime.opener).
         budget = shape.sockets if shape is not None else None
         while dest.queue and index < len(targets):
+            if not self._may_carry(dest.queue[0], lane):
+                return  # the session's end lets the queue wait for a session of its lane
             if shape is not None and not await self._may_go_on(dest, shape):
                 return
             mx, ip = targets[index]
@@ -442,7 +470,7 @@ class Dispatcher:
                 continue
             dest.connected += 1
             try:
-                broke, answered = await self._stream(dest, conn, reused, need, shape)
+                broke, answered = await self._stream(dest, conn, reused, need, lane, shape)
             except BaseException:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
@@ -541,12 +569,14 @@ class Dispatcher:
         conn: SMTPConnection,
         reused: bool,
         need: TLSRequirement,
+        lane: _Lane,
         shape: Shape | None = None,
     ) -> tuple[DeliveryError | None, bool]:
         """Send the destination's items over ``conn`` until none is left, the connection
-        reaches its message cap, or it breaks. With a ``shape``, also until its rate allows
-        no more now or it is paused. Returns the error it broke with (None if it did not),
-        and whether any transaction on it got a reply to its content."""
+        reaches its message cap, it breaks, or the next item is of a lower lane that has
+        no session to spare for it (:meth:`_may_carry`). With a ``shape``, also until its
+        rate allows no more now or it is paused. Returns the error it broke with (None if
+        it did not), and whether any transaction on it got a reply to its content."""
         cap = self._config.max_messages_per_connection
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
@@ -576,6 +606,8 @@ class Dispatcher:
                         # loop always moves on.
                         self._give_back([queue.popleft()])
                     continue
+                if not self._may_carry(queue[0], lane):
+                    break
                 if shape is not None and not self._may_send(shape):
                     break
                 work = queue.popleft()
