@@ -315,3 +315,32 @@ def test_a_rate_holds_within_ten_percent_over_a_minute_across_two_workers(
     assert 108 <= in_a_minute <= 132, in_a_minute
     delivered = [sum(r.state is DELIVERED for r in rs.all) for rs in results]
     assert all(n > 10 for n in delivered), delivered  # both workers took part
+
+
+def test_the_rate_horizon_counts_every_domain_of_a_rule(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Four domains behind one rule's MX host share its rate, so the worker keeps 10 s of
+    that rate over all of them, not 10 s for each: the rest goes back to the store."""
+    mx = smtp_server(host="127.0.0.30")
+    domains = [f"d{i}.test" for i in range(4)]
+    for domain in domains:
+        dns_server.mx(domain, [(10, "mx.sharedrate.test")])
+    dns_server.a("mx.sharedrate.test", mx.host)
+    rule = DestinationRule(match="*.sharedrate.test", messages_per_minute=120)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(rule))
+    store = ObservedStore()
+    results = Results()
+    ms = start(config, store, results)
+    try:
+        # The rule is found through the MX host: once each domain's route is known.
+        ms.send_emails([hello(f"first@{d}") for d in domains])
+        results.wait_final({f"first@{d}" for d in domains})
+        ms.send_emails([hello(f"r{i}@{d}") for d in domains for i in range(30)])
+        store.wait_settled(4 + 60)
+        time.sleep(1.0)  # every lease of them submitted
+        kept = 120 - store.postponed
+    finally:
+        ms.stop(timeout=5)
+    # 10 s of the rate is 20 messages (and a second's worth of tokens besides).
+    assert kept <= 30, f"{kept} messages held in memory for a rate of 2 a second"

@@ -201,6 +201,7 @@ class Dispatcher:
         checked.rank = self._ranks.get(item.priority, len(self._ranks))
         key = self._config.relay.host if self._config.relay is not None else item.domain
         shaping_key = key  # before the TLS split below: one destination for shaping
+        shape: Shape | None = None
         if self._shaper is not None:
             shape = self._shaper.known(shaping_key)
             pause = self._shaper.pause_of(shape) if shape is not None else None
@@ -208,8 +209,7 @@ class Dispatcher:
                 self._postpone([checked], pause)  # paused: back to the store at once
                 return
             if shape is not None and shape.message_buckets:
-                queued = self._destinations.get(key)
-                later = self._shaper.spread(shape, len(queued.queue) if queued else 0)
+                later = self._shaper.spread(shape, _queued(shape))
                 if later is not None:
                     self._postpone_later(checked, later)  # the rate would keep it waiting
                     return
@@ -230,6 +230,8 @@ class Dispatcher:
                 require_tls=require_tls,
                 tls_optional=tls_optional,
             )
+        if shape is not None and shape.message_buckets:
+            shape.queues[key] = dest.queue
         _enqueue_by_rank(dest.queue, checked)
         self._start_sessions(dest)
 
@@ -370,6 +372,8 @@ class Dispatcher:
             return
         name = self._relay_route.domain if self._relay_route is not None else dest.domain
         shape = self._shaper.for_route(name, [host.name for host in route.hosts])
+        if shape.message_buckets:
+            shape.queues[dest.key] = dest.queue  # a rule found through the MX hosts
         if self._held_back(dest, shape):
             return
         limit = shape.max_connections
@@ -885,6 +889,15 @@ class Dispatcher:
         self._destinations.clear()
         self._waiting.clear()
         await self._opener.close()
+
+
+def _queued(shape: Shape) -> int:
+    """Items queued for ``shape``, over every domain of its rule: they share its rates.
+    (A queue left empty is forgotten; its destination's next item puts it back.)"""
+    queues = shape.queues
+    for key in [key for key, queue in queues.items() if not queue]:
+        del queues[key]
+    return sum(len(queue) for queue in queues.values())
 
 
 def _until_pause(

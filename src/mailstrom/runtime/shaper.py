@@ -57,6 +57,7 @@ class Shape:
         "key",
         "message_buckets",
         "parked",
+        "queues",
         "rule",
         "sockets",
         "tokens",
@@ -73,6 +74,9 @@ class Shape:
         closing ones too (the opener counts them; ``connections`` counts sessions)."""
         self.parked: deque[Any] = deque()
         """Dispatcher destinations waiting for a free slot (the dispatcher's business)."""
+        self.queues: dict[str, deque[Any]] = {}
+        """The queues of the dispatcher's destinations under this shape's message rate, by
+        destination (the dispatcher's business): what is queued counts over all of them."""
         self.tokens = 0
         """Messages this worker may still send under the destination's rates."""
         self.message_buckets: tuple[TokenBucket, ...] = ()
