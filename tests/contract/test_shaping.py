@@ -173,3 +173,25 @@ def test_a_clock_behind_takes_nothing_and_leaves_the_bucket_as_it_was(store: Sto
     assert store.take_tokens([bucket], want=1, now=NOW).granted == 0
     assert store.take_tokens([bucket], want=1, now=ahead + SECOND).granted == 0
     assert store.take_tokens([bucket], want=1, now=ahead + 10 * SECOND).granted == 1
+
+
+def test_a_recipient_deferred_on_its_own_since_a_pause_does_not_show_the_next(
+    store: Store,
+) -> None:
+    # Held back by a pause once, then tried and deferred for a reason of its own (due in
+    # three hours): a later pause of its destination, over in one, does not hold it back.
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@example.org"), now=now - 2 * HOUR)
+    lease = lease_all(store, now=now - 2 * HOUR)
+    ended = store.throttle(
+        "example.org", now=now - 2 * HOUR, reply=REPLY, first=MINUTE, maximum=HOUR
+    )
+    store.postpone(lease.items, until=ended.until, destination="example.org")
+    lease = lease_all(store, now=ended.until)
+    own = now + 3 * HOUR
+    store.record(results_for(lease, RecipientState.DEFERRED, at=now, next_attempt_at=own))
+    pause = store.throttle("example.org", now=now, reply=REPLY, first=HOUR, maximum=HOUR)
+    assert pause.until < own
+    a = store.status(mid).recipient("a@example.org")
+    assert (a.state, a.next_attempt_at) == (RecipientState.DEFERRED, own)
+    assert a.throttle is None, a.throttle_note

@@ -211,12 +211,17 @@ def record_then_lease(
 
 def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]) -> MessageStatus:
     """``status`` with each pending recipient named in ``paused`` (address → the pause of
-    its destination) carrying that pause (:attr:`RecipientStatus.throttle`)."""
+    its destination) carrying that pause (:attr:`RecipientStatus.throttle`) while it waits
+    for it: not one due after the pause ends. (The store remembers which pause held a
+    recipient back; one tried since and deferred for a reason of its own is due at its own
+    time, which a later pause of its destination may not reach.)"""
     if not paused:
         return status
     recipients = tuple(
-        replace(r, throttle=paused[r.address])
-        if r.address in paused and not r.state.is_final
+        replace(r, throttle=pause)
+        if (pause := paused.get(r.address)) is not None
+        and not r.state.is_final
+        and (r.next_attempt_at is None or r.next_attempt_at <= pause.until)
         else r
         for r in status.recipients
     )
