@@ -224,3 +224,30 @@ def test_a_message_scheduled_past_the_retry_window_is_retried_after_its_time(
     assert result.next_attempt_at is not None
     # Nor is a delay warning due (4 hours): the message has waited minutes, not 6 days.
     assert [m.id for m in queued] == [mid]
+
+
+def test_a_message_that_expires_while_queued_behind_others_is_not_sent(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    # One session to a slow server: the last of six messages waits in the worker about
+    # 1.5 s for its turn, and expires after 0.6 s. It fails as expired, and is not sent.
+    mx = smtp_server()
+    mx.data_delay = 0.3
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, max_per_destination=1)
+    with Mailstrom(config, store=MemoryStore(), worker=None) as queue_only:
+        store = queue_only.store
+        for i in range(5):
+            queue_only.send_email(hello(f"u{i}@example.org"))
+        late = queue_only.send_email(hello("late@example.org"), max_age=timedelta(seconds=0.6))
+        with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+            results.wait_count(6)
+            status = ms.query_status(late)
+    assert "late@example.org" not in {a for m in mx.received for a in m.rcpt_tos}
+    recipient = status.recipients[0]
+    assert (recipient.state, recipient.reason_class) == (
+        RecipientState.FAILED,
+        ReasonClass.EXPIRED,
+    )

@@ -610,6 +610,13 @@ class Dispatcher:
                         # loop always moves on.
                         self._give_back([queue.popleft()])
                     continue
+                head = queue[0].item
+                if head.expires_at is not None and self._outcomes.is_expired(head):
+                    # It expired while it waited its turn here (behind a slow queue, a
+                    # rate, a busy lane): failed as expired, not sent late.
+                    queue.popleft()
+                    self._done(self._outcomes.expired(head))
+                    continue
                 if not self._may_carry(queue[0], lane):
                     break
                 if shape is not None and not self._may_send(shape):
