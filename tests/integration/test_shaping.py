@@ -344,3 +344,38 @@ def test_the_rate_horizon_counts_every_domain_of_a_rule(
         ms.stop(timeout=5)
     # 10 s of the rate is 20 messages (and a second's worth of tokens besides).
     assert kept <= 30, f"{kept} messages held in memory for a rate of 2 a second"
+
+
+def test_a_pause_does_not_hold_a_message_past_its_expiry(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """A pause longer than a message's life: the deferred recipient and those given back
+    come back at their expiry (and fail as expired then), not at the end of the pause."""
+    mx = smtp_server(host="127.0.0.31")
+    mx.mail_reply = "451 4.7.650 The mail server has been temporarily rate limited."
+    dns_server.mx("brief.test", [(10, "mx.brief.test")])
+    dns_server.a("mx.brief.test", mx.host)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        shaping=shaping(pause=timedelta(minutes=10)),
+        max_per_destination=1,
+    )
+    results = Results()
+    store = ObservedStore()
+    ms = start(config, store, results)
+    try:
+        ids = [
+            ms.send_email(hello(f"r{i}@brief.test"), max_age=timedelta(seconds=30 + i))
+            for i in range(4)
+        ]
+        store.wait_settled(4)  # each recorded (attempted) or postponed
+        [pause] = ms.throttled_destinations()
+        statuses = [ms.query_status(i) for i in ids]
+    finally:
+        ms.stop(timeout=5)
+    assert all(s.expires_at is not None and s.expires_at < pause.until for s in statuses)
+    for status in statuses:
+        [r] = status.recipients
+        assert r.state in (DEFERRED, RecipientState.QUEUED)
+        assert r.next_attempt_at == status.expires_at, (r.address, r.next_attempt_at)

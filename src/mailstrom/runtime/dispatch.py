@@ -655,7 +655,7 @@ class Dispatcher:
                     queue.appendleft(later)
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
             if shape is not None:
-                results = await self._heed_throttle(shape, result, results)
+                results = await self._heed_throttle(shape, work.item, result, results)
             self._done(results)
         if retry and self._lost:
             # Work of a lease taken over while it was on the wire: the other worker
@@ -767,7 +767,14 @@ class Dispatcher:
             self.idle.set()
         if items and self._on_postpone is not None:
             when = until if until is not None else self._outcomes.now()
-            self._on_postpone(items, when, destination)
+            expiring = [i for i in items if i.expires_at is not None and i.expires_at < when]
+            if expiring:
+                # Each comes back at its expiry (and fails as expired then), not later.
+                items = [i for i in items if i.expires_at is None or i.expires_at >= when]
+                for item in expiring:
+                    self._on_postpone([item], _not_past_expiry(when, item), destination)
+            if items:
+                self._on_postpone(items, when, destination)
 
     def _postpone_later(self, work: _Work, until: datetime) -> None:
         """Give ``work`` back, due at ``until``; the items of one lease are gathered and
@@ -777,7 +784,7 @@ class Dispatcher:
             self.idle.set()
         if not self._spread:
             asyncio.get_running_loop().call_soon(self._flush_spread)
-        self._spread.setdefault(until, []).append(work.item)
+        self._spread.setdefault(_not_past_expiry(until, work.item), []).append(work.item)
 
     def _flush_spread(self) -> None:
         spread, self._spread = self._spread, {}
@@ -815,11 +822,15 @@ class Dispatcher:
         while dest.queue:
             work = dest.queue.popleft()
             results = self._outcomes.from_error(work.item, exc, work.started or now, where)
-            self._done(_until_pause(results, pause))
+            self._done(_until_pause(results, pause, work.item))
         return True
 
     async def _heed_throttle(
-        self, shape: Shape, result: TransactionResult, results: list[RecipientResult]
+        self,
+        shape: Shape,
+        item: WorkItem,
+        result: TransactionResult,
+        results: list[RecipientResult],
     ) -> list[RecipientResult]:
         """A throttling reply in ``result`` pauses the destination; its deferred
         recipients then come back at the end of the pause, not after a backoff of their
@@ -840,7 +851,7 @@ class Dispatcher:
             # own backoff.
             log.exception("could not pause %s after a throttling reply", shape.key)
             return results
-        return _until_pause(results, pause)
+        return _until_pause(results, pause, item)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()
@@ -908,14 +919,23 @@ def _queued(shape: Shape) -> int:
 
 
 def _until_pause(
-    results: list[RecipientResult], pause: DestinationThrottle
+    results: list[RecipientResult], pause: DestinationThrottle, item: WorkItem
 ) -> list[RecipientResult]:
-    """``results`` with every deferred recipient due at the end of ``pause`` (all of the
-    destination's recipients come back together, not each after a backoff of its own)."""
+    """``results`` (of ``item``) with every deferred recipient due at the end of ``pause``
+    (all of the destination's recipients come back together, not each after a backoff of
+    its own), or at the message's expiry when that comes first (as any retry would)."""
+    until = _not_past_expiry(pause.until, item)
     return [
-        replace(r, next_attempt_at=pause.until) if r.state is RecipientState.DEFERRED else r
+        replace(r, next_attempt_at=until) if r.state is RecipientState.DEFERRED else r
         for r in results
     ]
+
+
+def _not_past_expiry(until: datetime, item: WorkItem) -> datetime:
+    """``until``, or ``item``'s expiry when that comes first: a message is not held back
+    past it, but comes back then to fail as expired."""
+    expires_at = item.expires_at
+    return until if expires_at is None or expires_at >= until else expires_at
 
 
 def _replies(result: TransactionResult) -> Iterator[SMTPReply | None]:
