@@ -403,7 +403,9 @@ class Config:
     closing after QUIT); at the limit, idle ones are closed to make room. Also the most
     SMTP sessions running at once."""
     max_per_destination: int = 10
-    """SMTP sessions open at once to one destination (MX host set)."""
+    """SMTP sessions open at once to one destination: a recipient domain (or the relay),
+    per worker. Two domains served by the same MX hosts are two destinations, each with
+    this many; a shaping rule's ``max_connections`` caps what its domains open together."""
     max_messages_per_connection: int = 100
     """Messages sent over one connection before it is closed."""
     connection_idle: float = 5.0
