@@ -28,6 +28,7 @@ from mailstrom.stores import SQLiteStore, Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration import test_worker_modes
+from tests.integration.test_engine import write_lock_held
 from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
 from tests.support.delivery import Results
 
@@ -269,3 +270,32 @@ def test_stop_gives_back_what_the_worker_process_it_killed_had_leased(
     assert [r.address for i in lease.items for r in i.recipients] == ["inflight@example.org"]
     assert lease.items[0].message_id == mid and lease.items[0].recipients[0].attempts == 0
     store.close()
+
+
+def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
+    dns_server: LoopbackDNS, mx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child died while another process held the SQLite write lock: the give-back of
+    what it leased waits for the store (busy_timeout, 30 s by default). stop() joined
+    that wait unbounded, well past its documented bound (timeout + STOP_GRACE); it still
+    starts no child once stop() came, whenever the give-back ends."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=4)
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    ms.start()
+    try:
+        pid = _child(ms).pid
+        assert pid is not None
+        with write_lock_held(path):
+            os.kill(pid, signal.SIGKILL)
+            assert _wait_until(lambda: _child(ms).restart_pending(), 5)
+            time.sleep(0.2)  # the supervisor waits for the lock to give back
+            began = time.monotonic()
+            ms.stop(timeout=0.1)
+            took = time.monotonic() - began
+        assert took < 2.0, took
+        assert _wait_until(_no_restart_pending, 10)
+        assert _child(ms).pid is None  # no child started after stop()
+    finally:
+        store.close()

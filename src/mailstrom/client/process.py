@@ -252,7 +252,11 @@ class WorkerProcess:
                 self._coming_back = False
                 self._error = None
         if supervisor is not None and supervisor is not threading.current_thread():
-            supervisor.join()  # its wait ends at _halt; a spawn under _lock is done
+            # Its wait ends at _halt, and a spawn under _lock is done; what may take long
+            # is its give-back of the dead child's leases, a store call (a write lock held
+            # elsewhere waits for busy_timeout): bounded as the rest of stop() is. It
+            # starts no child after that (_stopping), whenever it returns.
+            supervisor.join(None if timeout is None else timeout + STOP_GRACE)
         if proc is None:
             return
         if not self._spec_sent:
