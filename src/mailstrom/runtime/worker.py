@@ -816,21 +816,19 @@ class Worker(
 
     def _may_start(self, token: str) -> bool:
         """Whether work of the lease ``token`` may start a transaction now: not once the
-        lease is within the tolerated clock skew (``danger_skew``, as fencing allows for)
-        of running out by the last extension the store confirmed, nor once this worker's
+        lease has outlived the last extension the store confirmed, nor once this worker's
         last beat is older than the store's ``dead_after`` (worker_reaping.py), when
         another worker may have taken the lease over. Both happen when this worker stalls
         (its process stopped, its loop blocked): when it resumes, a session that reads the
         replies that came meanwhile would start the next transaction before the heartbeat
         or the next look (timers, run after them) could tell. The lease's unstarted work
-        is then given back, as fencing does; a later extension lets the rest go on. A
-        healthy lease never comes that close: each beat extends it to ``lease_for``."""
+        is then given back, as fencing does; a later extension lets the rest go on."""
         state = self._leases.get(token)
         if state is None or state.fenced:
             return True
         now = asyncio.get_running_loop().time()
-        if now >= state.held_until - danger_skew(self.config.lease_for):
-            self._fence(state, "all but outlived its last extension (this worker stalled)")
+        if now >= state.held_until:
+            self._fence(state, "outlived its last extension (this worker stalled)")
             return False
         if self._may_be_taken_for_dead(now):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
