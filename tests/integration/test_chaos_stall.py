@@ -110,38 +110,3 @@ def test_workers_cut_off_by_a_long_postgres_restart_lose_and_repeat_nothing(
             assert max(counts.values()) == 1, [r for r, n in counts.items() if n > 1]
         finally:
             store.close()
-
-
-@pytest.mark.postgres
-def test_a_postgres_worker_frozen_past_dead_after_sends_only_what_it_had_started(
-    receiver: ReceivingServer,  # noqa: F811
-    fleet_for: Any,  # noqa: F811
-    postgres_url: str,
-) -> None:
-    """Leases far longer than the test: only dead_after lets the other worker take the
-    frozen one's work, which it must not send too once thawed."""
-    url = postgres_url + "?dead_after=2s"
-    store = open_store(url)
-    fleet: Fleet = fleet_for(url)
-    receiver.data_delay = 0.02
-    try:
-        ids = store.enqueue_many([prepared(i) for i in range(MESSAGES)], now=datetime.now(UTC))
-        frozen, other = fleet.start(2)  # long leases: only dead_after lets work move
-        fleet.wait_until(
-            lambda: sum(m.helo == frozen.helo for m in receiver.messages) >= 40,
-            DEADLINE,
-            "the first worker delivering",
-        )
-        frozen.proc.send_signal(signal.SIGSTOP)
-        time.sleep(4.0)
-        frozen.proc.send_signal(signal.SIGCONT)
-        fleet.wait_until(lambda: all_delivered(store), DEADLINE, "all recorded delivered")
-        time.sleep(1.0)
-        stop_gracefully([frozen, other])
-        counts = copies(receiver.messages)
-        assert set(counts) == {recipient(i) for i in range(MESSAGES)}
-        assert_settled(store, ids)
-        duplicated = {rcpt for rcpt, n in counts.items() if n > 1}
-        assert len(duplicated) <= IN_FLIGHT, len(duplicated)
-    finally:
-        store.close()
