@@ -104,11 +104,16 @@ class WakeupDirectory:
         mtime = os.stat(self.path).st_mtime_ns  # binding or removing a socket changes it
         with self._lock:
             if mtime != self._listing_mtime:
-                self._listing = [name for name in os.listdir(self.path) if name.endswith(".sock")]
+                # Our own sockets left out here, once per change of the directory, not on
+                # every notify (one per enqueue); a change of _own forgets the listing.
+                own = self._own
+                self._listing = [
+                    name
+                    for name in os.listdir(self.path)
+                    if name.endswith(".sock") and name not in own
+                ]
                 self._listing_mtime = mtime
-            if not self._own:
-                return self._listing
-            return [name for name in self._listing if name not in self._own]
+            return self._listing
 
     def _address(self, name: str) -> str:
         full = os.path.join(self.path, name)
@@ -138,6 +143,7 @@ class WakeupDirectory:
             raise
         with self._lock:
             self._own.add(name)
+            self._listing_mtime = -1
         stopping = threading.Event()
 
         def run() -> None:
@@ -178,6 +184,7 @@ class WakeupDirectory:
                 os.unlink(os.path.join(self.path, name))
             with self._lock:
                 self._own.discard(name)
+                self._listing_mtime = -1
 
         return stop
 
