@@ -212,6 +212,44 @@ def test_store_types_names_the_users_own_store_classes() -> None:
     assert "enqueue" in WrappingStore.__dict__
 
 
+class EnqueueOnlyStore:
+    """A store of the user's own defining ``enqueue`` and handing the rest, batches
+    included, to a shipped store."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        return self.inner._add([message], now=now, hold=hold)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_store_type_without_enqueue_many_is_captured() -> None:
+    # Entering raised AttributeError, having patched the shipped stores and registered
+    # the outbox for good: every later message of the process was held.
+    store = EnqueueOnlyStore()
+    with capture(store_types=[EnqueueOnlyStore]) as outbox:
+        mid = store.enqueue(prepared("a@x.test"), now=NOW)
+        ids = store.enqueue_many([prepared("b@x.test")], now=NOW)
+    assert [m.message_id for m in outbox] == [mid, *ids]
+    assert all(store.status(i).held for i in [mid, *ids])
+    assert not capture_active()
+    assert "enqueue_many" not in EnqueueOnlyStore.__dict__
+
+
+@pytest.mark.parametrize("wrong", ["MemoryStore", MemoryStore(), object, int])
+def test_a_capture_that_cannot_start_leaves_nothing_behind(wrong: object) -> None:
+    with pytest.raises(TypeError, match="store_types"), capture(store_types=[wrong]):
+        pass  # pragma: no cover
+    assert not capture_active()
+    store = MemoryStore()
+    mid = store.enqueue(prepared("a@x.test"), now=NOW)
+    assert not store.status(mid).held  # the next message is queued, not held
+    assert SQLiteStore.enqueue.__qualname__ == "SQLiteStore.enqueue"
+
+
 def test_the_outbox_reads_like_a_list() -> None:
     with capture() as outbox:
         store = MemoryStore()

@@ -157,38 +157,64 @@ class _Interceptor:
         self._patched: dict[type, tuple[int, dict[str, Any]]] = {}
         self._local = threading.local()
 
-    def open(self, outbox: Outbox, classes: Iterable[type]) -> None:
+    def open(self, outbox: Outbox, classes: Sequence[type]) -> None:
+        for cls in classes:
+            if not isinstance(cls, type) or not callable(getattr(cls, "enqueue", None)):
+                raise TypeError(f"capture(store_types=...) takes Store classes, not {cls!r}")
         with self._lock:
+            done: list[type] = []
+            try:
+                for cls in classes:
+                    count, saved = self._patched.get(cls, (0, {}))
+                    if count == 0:
+                        saved = self._patch(cls)
+                    self._patched[cls] = (count + 1, saved)
+                    done.append(cls)
+            except BaseException:
+                # Nothing of a capture that did not start may stay: a class left patched
+                # would hold every message the process queues from then on.
+                self._unpatch(done)
+                raise
             self._outboxes.append(outbox)
-            for cls in classes:
-                count, saved = self._patched.get(cls, (0, {}))
-                if count == 0:
-                    saved = self._patch(cls)
-                self._patched[cls] = (count + 1, saved)
 
     @property
     def active(self) -> bool:
         with self._lock:
             return bool(self._outboxes)
 
-    def close(self, outbox: Outbox, classes: Iterable[type]) -> None:
+    def close(self, outbox: Outbox, classes: Sequence[type]) -> None:
         with self._lock:
             self._outboxes.remove(outbox)
-            for cls in classes:
-                count, saved = self._patched.pop(cls)
-                if count > 1:
-                    self._patched[cls] = (count - 1, saved)
-                    continue
-                for name, original in saved.items():
-                    if original is None:
-                        delattr(cls, name)  # it was inherited
-                    else:
-                        setattr(cls, name, original)
+            self._unpatch(classes)
+
+    def _unpatch(self, classes: Iterable[type]) -> None:
+        """Undo one capture's patching of ``classes`` (call under the lock)."""
+        for cls in classes:
+            count, saved = self._patched.pop(cls)
+            if count > 1:
+                self._patched[cls] = (count - 1, saved)
+                continue
+            _restore(cls, saved)
 
     def _patch(self, cls: type) -> dict[str, Any]:
-        saved = {name: cls.__dict__.get(name) for name in ("enqueue", "enqueue_many")}
-        cls.enqueue = self._enqueue(cls.enqueue)  # type: ignore[attr-defined]
-        cls.enqueue_many = self._enqueue_many(cls.enqueue_many)  # type: ignore[attr-defined]
+        """Replace the class's ``enqueue`` and, where it has one, ``enqueue_many`` (a
+        store of the user's own may hand batches to another store); what to restore."""
+        saved: dict[str, Any] = {}
+        wrappers: dict[str, Callable[[Any], Any]] = {
+            "enqueue": self._enqueue,
+            "enqueue_many": self._enqueue_many,
+        }
+        try:
+            for name, wrap in wrappers.items():
+                original = getattr(cls, name, None)
+                if original is None:
+                    continue
+                was = cls.__dict__.get(name)
+                setattr(cls, name, wrap(original))
+                saved[name] = was
+        except BaseException:
+            _restore(cls, saved)
+            raise
         return saved
 
     @contextlib.contextmanager
@@ -240,6 +266,15 @@ class _Interceptor:
             outbox._add(messages)
 
 
+def _restore(cls: type, saved: dict[str, Any]) -> None:
+    """Put back the methods :meth:`_Interceptor._patch` replaced."""
+    for name, original in saved.items():
+        if original is None:
+            delattr(cls, name)  # it was inherited
+        else:
+            setattr(cls, name, original)
+
+
 _interceptor = _Interceptor()
 
 
@@ -280,7 +315,8 @@ def capture(*, store_types: Iterable[type] = ()) -> Iterator[Outbox]:
 
     Covers :class:`~mailstrom.stores.MemoryStore`, :class:`~mailstrom.stores.SQLiteStore`
     and ``PostgresStore`` (and their subclasses); name your own :class:`Store`
-    implementations in ``store_types``. Captures may be nested or open in several
+    implementations in ``store_types`` (classes with an ``enqueue`` method; anything else
+    raises TypeError, and leaves no capture open). Captures may be nested or open in several
     threads at once: each collects everything queued while it is open. Mail queued
     inside is held in its store (see the module docstring), so ``mailstrom send --wait``
     waits out its ``--timeout`` and reports it pending.
