@@ -51,6 +51,22 @@ def test_repeats_double_the_pause_up_to_the_maximum_and_a_quiet_spell_resets(
     assert (fresh.strikes, fresh.until) == (1, later + MINUTE)
 
 
+def test_a_quiet_spell_shorter_than_a_maximum_above_a_day_keeps_the_strikes(
+    store: Store,
+) -> None:
+    # The durable stores deleted every pause that ended a day ago, whatever the maximum:
+    # with pause_max above a day the next pause started over at the first delay. The
+    # memory store kept every pause it ever made, a destination each, for good.
+    day, most = 24 * HOUR, 3 * 24 * HOUR
+    first = store.throttle("example.org", now=NOW, reply=REPLY, first=HOUR, maximum=most)
+    at = first.until + 2 * day  # quiet for less than the maximum: not a fresh start
+    again = store.throttle("example.org", now=at, reply=REPLY, first=HOUR, maximum=most)
+    assert (again.strikes, again.until) == (2, at + 2 * HOUR)
+    later = again.until + most  # quiet for the maximum: a fresh start
+    fresh = store.throttle("example.org", now=later, reply=REPLY, first=HOUR, maximum=most)
+    assert (fresh.strikes, fresh.until) == (1, later + HOUR)
+
+
 def test_a_destination_throttled_without_end_stays_paused_for_the_maximum(
     store: Store,
 ) -> None:

@@ -51,6 +51,14 @@ def is_throttling(reply: SMTPReply | None, *, connecting: bool = False) -> bool:
     return classify_reply(reply) is ReasonClass.RATE_LIMITED
 
 
+def forget_before(now: datetime, maximum: timedelta, kept: timedelta) -> datetime:
+    """A pause that ended before this can be deleted at ``now``: it ended ``kept`` ago
+    (a store's own margin) and longer ago than ``maximum``, after which :func:`next_pause`
+    starts over at the first delay as if it never was. Deleted after ``kept`` alone, a
+    pause of a ``maximum`` above it was forgotten while it still counted."""
+    return now - max(maximum, kept)
+
+
 def next_pause(
     previous: DestinationThrottle | None,
     *,

@@ -11,12 +11,16 @@ from mailstrom.policy.throttle import (
     BucketState,
     TokenBucket,
     TokenGrant,
+    forget_before,
     next_pause,
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import WorkItem
 from mailstrom.stores.memory_records import _Message
+
+_FORGET_AFTER = timedelta(days=1)
+"""As the durable stores: a pause over this long, and longer than the maximum, is deleted."""
 
 
 class MemoryShapingMixin:
@@ -54,6 +58,11 @@ class MemoryShapingMixin:
                 r = m.recipients.get(address) if m is not None else None
                 if r is not None:
                     r.throttled_by = destination
+            # Pauses over for longer than the maximum count no more: kept, one per
+            # destination ever throttled, they were never let go.
+            before = forget_before(now, maximum, _FORGET_AFTER)
+            for ended in [d for d, t in self._throttles.items() if t.until < before]:
+                del self._throttles[ended]
             pause = next_pause(
                 self._throttles.get(destination),
                 destination=destination,

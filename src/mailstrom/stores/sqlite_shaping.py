@@ -8,14 +8,21 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause, take_tokens
+from mailstrom.policy.throttle import (
+    TokenBucket,
+    TokenGrant,
+    forget_before,
+    next_pause,
+    take_tokens,
+)
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import WorkItem
 from mailstrom.stores.side_rows import bucket_state, pause_of
 from mailstrom.stores.sqlite_schema import shown_time, to_us
 
 _FORGET_AFTER = timedelta(days=1)
-"""A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
+"""A pause that ended this long ago, and longer ago than the maximum pause, is deleted
+(it no longer makes the next one longer: :func:`~mailstrom.policy.throttle.forget_before`)."""
 
 
 def _throttle_from_row(row: tuple[str, object, object, str, object]) -> DestinationThrottle | None:
@@ -37,7 +44,8 @@ def throttle(
     maximum: timedelta,
 ) -> DestinationThrottle:
     """Start (or find) ``destination``'s pause; call inside a write transaction."""
-    conn.execute("DELETE FROM destination_throttles WHERE until < ?", (to_us(now - _FORGET_AFTER),))
+    before = forget_before(now, maximum, _FORGET_AFTER)
+    conn.execute("DELETE FROM destination_throttles WHERE until < ?", (to_us(before),))
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM destination_throttles WHERE destination = ?", (destination,)
     ).fetchone()

@@ -28,6 +28,7 @@ from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
     TokenBucket,
     TokenGrant,
+    forget_before,
     next_pause,
     take_tokens,
 )
@@ -936,7 +937,8 @@ class PostgresStore:
                     },
                 )
             conn.execute(q["shaping_lock"], {"key": destination})
-            conn.execute(q["forget_throttles"], {"before": now - _FORGET_THROTTLES})
+            before = forget_before(now, maximum, _FORGET_THROTTLES)
+            conn.execute(q["forget_throttles"], {"before": before})
             with rows.readable_cursor(conn) as cur:
                 row = cur.execute(q["get_throttle"], {"destination": destination}).fetchone()
             previous = _throttle(row) if row is not None else None
@@ -1139,7 +1141,8 @@ arrays, about 200 MB, in this process; in chunks, a few MB, and no slower (a lat
 replaces an entry of an earlier one, so the newest still wins)."""
 
 _FORGET_THROTTLES = timedelta(days=1)
-"""A pause that ended this long ago is deleted (it no longer makes the next one longer)."""
+"""A pause that ended this long ago, and longer ago than the maximum pause, is deleted
+(it no longer makes the next one longer: :func:`~mailstrom.policy.throttle.forget_before`)."""
 
 
 def _throttle(row: Sequence[Any]) -> DestinationThrottle | None:
