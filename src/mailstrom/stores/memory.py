@@ -379,8 +379,7 @@ class MemoryStore(
                     for r in m.recipients.values()
                 )
             ]
-            for mid in doomed:
-                del self._messages[mid]
+            self._delete(doomed)
         return len(doomed)
 
     # --- reading ----------------------------------------------------------------------
@@ -431,6 +430,15 @@ class MemoryStore(
 
     def close(self) -> None:
         """Nothing to release; kept for the protocol."""
+
+    def _delete(self, message_ids: Sequence[str]) -> None:
+        """Delete these messages, and the idempotency keys that name them, as the durable
+        stores' foreign keys do (call under the lock): a key left behind was kept for
+        good, one per keyed message ever purged."""
+        for mid in message_ids:
+            key = self._messages.pop(mid).prepared.attributes.idempotency_key
+            if key is not None and self._keys.get(key, ("",))[0] == mid:
+                del self._keys[key]
 
     def _get(self, message_id: str) -> _Message:
         try:

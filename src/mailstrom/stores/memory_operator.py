@@ -42,6 +42,8 @@ class MemoryOperatorMixin:
 
         def _newest_first(self) -> list[_Message]: ...
 
+        def _delete(self, message_ids: Sequence[str]) -> None: ...
+
         def cancel(self, message_id: str, *, now: datetime) -> int: ...
 
     # --- views of the queue ------------------------------------------------------------
@@ -159,8 +161,7 @@ class MemoryOperatorMixin:
                 if mid in self._messages
                 and self._finished(self._messages[mid], finished_before, state)
             ]
-            for mid in doomed:
-                del self._messages[mid]
+            self._delete(doomed)
         return len(doomed)
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
@@ -169,8 +170,7 @@ class MemoryOperatorMixin:
             doomed = [
                 m.id for m in self._messages.values() if self._finished(m, finished_before, state)
             ]
-            for mid in doomed:
-                del self._messages[mid]
+            self._delete(doomed)
         return len(doomed)
 
     @staticmethod
