@@ -118,3 +118,51 @@ def test_random_messages_verify(dns: LoopbackDNS, data: bytes) -> None:
     p = prepare(data, now=NOW, dkim=DKIM)
     verdicts = verify_dkimpy(p.data, dns)
     assert [v.result for v in verdicts] == ["pass", "pass"], (p.data, verdicts)
+
+
+# --- fields added on the way -------------------------------------------------------------
+
+ADDED_FIELDS = [
+    b"Reply-To: thief@attacker.example\r\n",  # the answers would go to the attacker
+    b"To: victim@example.org\r\n",
+    b"Cc: victim@example.org\r\n",
+    b"From: ceo@example.com\r\n",
+    b"Subject: Urgent: pay this invoice\r\n",
+    b"Date: Mon, 1 Jan 2035 00:00:00 +0000\r\n",
+    b"Message-ID: <other@example.com>\r\n",
+    b"Content-Type: text/html\r\n",  # above the signed one: readers take the first
+    b"MIME-Version: 1.0\r\n",
+]
+LIST_FIELDS = [
+    b"List-Id: <shop.lists.example.org>\r\n",
+    b"List-Unsubscribe: <mailto:leave@lists.example.org>\r\n",
+    b"Sender: shop-bounces@lists.example.org\r\n",
+    b"Precedence: list\r\n",
+]
+
+
+def add_field(data: bytes, field: bytes, where: str) -> bytes:
+    at = data.index(b"\r\nFrom:") + 2 if where == "above" else data.index(b"\r\n\r\n") + 2
+    return data[:at] + field + data[at:]
+
+
+@pytest.mark.parametrize("field", ADDED_FIELDS, ids=lambda f: f.split(b":")[0].decode())
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_a_field_added_after_signing_breaks_the_signatures(
+    dns: LoopbackDNS, field: bytes, where: str
+) -> None:
+    """Whoever holds one signed message must not be able to add a field that changes
+    what the reader sees or where the answer goes, a Reply-To, a second To or
+    Content-Type, and keep a valid signature: these are listed in h= once more than they
+    occur (RFC 6376 §8.15), so an added one breaks the signature wherever it is put."""
+    data = prepare(FIXED["text"], now=NOW, dkim=DKIM).data  # type: ignore[arg-type]
+    assert_all_fail(add_field(data, field, where), dns)
+
+
+def test_what_a_mailing_list_adds_keeps_the_signatures(dns: LoopbackDNS) -> None:
+    """A list that passes a message on unchanged adds List-* fields and often a Sender:
+    the signature must survive them."""
+    data = prepare(FIXED["text"], now=NOW, dkim=DKIM).data  # type: ignore[arg-type]
+    for field in LIST_FIELDS:
+        data = add_field(data, field, "above")
+    assert_all_pass(data, dns)

@@ -5,10 +5,13 @@ sent: ``c=relaxed/relaxed``, no ``l=`` (a body length would let anyone append co
 ``t=`` always and ``x=`` when :attr:`DKIMConfig.expire` is set, counted from when the
 message may first be sent (a message queued with ``send_at`` is signed at once but
 delivered later). The signed header fields
-are those of :data:`SIGNED_HEADERS` that the message has, each listed once per occurrence;
-From and Subject are listed once more than they occur ("over-signed", RFC 6376 §8.15), so
-that a second From or Subject added on the way breaks the signature instead of being shown
-to the reader as the real one.
+are those of :data:`SIGNED_HEADERS` that the message has. Most are listed once more than
+they occur ("over-signed", RFC 6376 §8.15), so that a second one added on the way (a
+second From, To or Date) breaks the signature instead of being shown to the reader as the
+real one; From, To, Cc, Subject and Reply-To are listed even when absent
+(:data:`ALWAYS_OVERSIGNED`), so that nobody holding a signed message can add a Reply-To
+that takes the answers, or recipients the reader sees. What mailing lists add to mail
+they pass on unchanged (List-* fields, a Sender) may be added without breaking it.
 
 The caller (``prepare``) makes the body 7-bit first, so no server along the way has a
 reason to re-encode it; the signature then holds whether or not the receiver offers
@@ -29,12 +32,15 @@ from mailstrom.dkim.signature import DKIMSignature as DKIMSignature  # re-export
 
 SIGNED_HEADERS = (
     "from",
+    "sender",
     "to",
     "cc",
     "subject",
     "date",
     "message-id",
     "reply-to",
+    "in-reply-to",
+    "references",
     "mime-version",
     "content-type",
     "content-transfer-encoding",
@@ -42,11 +48,25 @@ SIGNED_HEADERS = (
     "list-unsubscribe-post",
     "feedback-id",
 )
-"""Header fields signed when present, in the order of the ``h=`` tag."""
-OVERSIGNED = frozenset({"from", "subject"})
-"""Listed in ``h=`` once more than they occur (RFC 6376 §8.15)."""
+"""Header fields signed when present, in the order of the ``h=`` tag: those of RFC 6376
+§5.4.1 that mailstrom's messages carry, and those providers read (RFC 8058, Feedback-ID)."""
+ALWAYS_OVERSIGNED = frozenset({"from", "to", "cc", "subject", "reply-to"})
+"""Listed in ``h=`` once more than they occur, even when absent (RFC 6376 §8.15): none can
+be added to the signed message."""
+NOT_OVERSIGNED = frozenset({"list-unsubscribe", "list-unsubscribe-post", "feedback-id"})
+"""Listed as often as they occur; every other field of :data:`SIGNED_HEADERS` that the
+message has is listed once more. A mailing list that passes the message on adds its own
+List-Unsubscribe (RFC 2369), which should not break the signature."""
 
-_SIGNED = tuple((name, name.encode("ascii"), name in OVERSIGNED) for name in SIGNED_HEADERS)
+_SIGNED = tuple(
+    (
+        name,
+        name.encode("ascii"),
+        name in ALWAYS_OVERSIGNED,
+        0 if name in NOT_OVERSIGNED else 1,
+    )
+    for name in SIGNED_HEADERS
+)
 _FOLD_AT = 78
 _B64_LINE = 72
 
@@ -114,15 +134,18 @@ def _signed_headers(head: bytes) -> tuple[list[str], bytes]:
             found.append(raw)
     names: list[str] = []
     signed: list[bytes] = []
-    for name, key, oversigned in _SIGNED:
+    for name, key, always, extra in _SIGNED:
         present = by_name.get(key)
         if present is None:
-            if oversigned:
+            if always:
+                # Absent, listed once: a field of this name added later, anywhere, is
+                # selected by it and breaks the signature (RFC 6376 §8.15).
                 names.append(name)
             continue
-        names.extend([name] * (len(present) + oversigned))
         # Several fields of one name are taken from the bottom up (RFC 6376 §5.4.2); the
-        # over-signed listing beyond them selects nothing.
+        # over-signed listing beyond them selects nothing here, and selects any field of
+        # that name added later, so that the signature no longer verifies.
+        names.extend([name] * (len(present) + extra))
         signed.extend(relaxed_header(raw) for raw in reversed(present))
     return names, b"".join(signed)
 
