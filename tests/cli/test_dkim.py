@@ -4,7 +4,10 @@ the headers providers require — through the real command in a subprocess."""
 from __future__ import annotations
 
 import stat
+import tomllib
 from pathlib import Path
+
+import pytest
 
 from mailstrom.dkim import DKIMKey
 from tests.cli.conftest import CLI, MailEnv
@@ -26,6 +29,18 @@ def test_keygen_writes_a_private_key_and_prints_the_record(cli: CLI) -> None:
     assert len(strings) == 2 and len(strings[0].strip('"')) == 255  # RSA-2048: two strings
     assert 's2026._domainkey.client.test. IN TXT ( "v=DKIM1; k=rsa; p=' in out
     assert f'private_key = "{path}"' in out and 'algorithm = "rsa-sha256"' in out
+
+
+@pytest.mark.parametrize("name", ['a"b.pem', "a\\tb.pem", "dkim-é.pem", "a'b.pem"])
+def test_keygen_prints_a_table_toml_reads_as_the_key_file(cli: CLI, name: str) -> None:
+    """The printed [[dkim.keys]] table is TOML that names the file written, whatever its
+    name: a quote in it made the table unreadable, and a backslash an escape ("\\t" read
+    as a tab) that named another file."""
+    out = keygen(cli, "--selector", "s1", "--algorithm", "ed25519", "--out", name)
+    table = out[out.index("[[dkim.keys]]") :]
+    [entry] = tomllib.loads(table)["dkim"]["keys"]
+    assert entry["private_key"] == str((cli.cwd / name).resolve())
+    assert entry["domain"] == "client.test" and entry["selector"] == "s1"
 
 
 def test_keygen_never_overwrites(cli: CLI) -> None:

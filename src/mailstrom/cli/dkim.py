@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -128,8 +129,15 @@ def keygen_command(args: argparse.Namespace) -> int:
     out.write(f"  {record.zone_line()}\n\n")
     out.write("then add to the configuration:\n\n")
     out.write("  [[dkim.keys]]\n")
-    out.write(f'  domain = "{key.domain}"\n')
-    out.write(f'  selector = "{key.selector}"\n')
-    out.write(f'  private_key = "{path.resolve()}"\n')
-    out.write(f'  algorithm = "{key.algorithm.value}"\n')
+    out.write(f"  domain = {toml_string(key.domain)}\n")
+    out.write(f"  selector = {toml_string(key.selector)}\n")
+    out.write(f"  private_key = {toml_string(str(path.resolve()))}\n")
+    out.write(f"  algorithm = {toml_string(key.algorithm.value)}\n")
     return EX_OK
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: a file name may hold a quote, which would end the
+    string, or a backslash, which TOML reads as an escape (``\\t`` as a tab)."""
+    # JSON's escapes are TOML's, except that TOML wants DEL escaped too (TOML 1.0 §String).
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
