@@ -198,6 +198,14 @@ def test_required_needs_keys() -> None:
         DKIMConfig(keys=(key("example.com", "s"), key("example.com", "s", ED25519)))
 
 
+def test_a_selector_in_other_case_is_the_same_selector() -> None:
+    """DNS names are compared without regard to case (RFC 4343): S1._domainkey and
+    s1._domainkey are one record, which can publish one of the two keys, so the other's
+    signature would fail on every message."""
+    with pytest.raises(ConfigError, match="configured twice"):
+        DKIMConfig(keys=(key("example.com", "S1"), key("example.com", "s1", ED25519)))
+
+
 EIGHT_BIT = (
     "From: shop@example.com\r\nTo: bob@example.org\r\nSubject: 8bit\r\n"
     "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"

@@ -56,12 +56,14 @@ class DKIMConfig:
         for key in keys:
             if not isinstance(key, DKIMKey):
                 raise ConfigError(f"dkim.keys must be DKIMKey values, not {type(key).__name__}")
-            if (key.domain, key.selector) in seen:
+            # DNS names ignore case (RFC 4343): S1 and s1 name one record, one key.
+            name = (key.domain, key.selector.lower())
+            if name in seen:
                 raise ConfigError(
                     f"dkim key {key.domain}/{key.selector} is configured twice; a selector "
-                    "names one key"
+                    "names one key (in any case: DNS names ignore it)"
                 )
-            seen.add((key.domain, key.selector))
+            seen.add(name)
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         if self.expire is not None:
             check_duration(self.expire, "dkim.expire")
