@@ -3,7 +3,10 @@ the headers providers require — through the real command in a subprocess."""
 
 from __future__ import annotations
 
+import resource
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -50,6 +53,30 @@ def test_keygen_never_overwrites(cli: CLI) -> None:
     again = cli("dkim", "keygen", "--domain", "client.test", "--selector", "s1")
     assert again.code == 73 and "exists" in again.err
     assert path.read_bytes() == before
+
+
+def test_keygen_leaves_no_partial_key_file_when_the_write_fails(cli: CLI) -> None:
+    """A key file that could not be written whole (a full disk; here a file size limit)
+    is removed: a truncated key left behind was no key, yet blocked the next keygen
+    ("exists; mailstrom never replaces a key file")."""
+
+    def small_files() -> None:  # in the child: files may not grow past 100 octets
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    args = ("dkim", "keygen", "--domain", "client.test", "--selector", "s1")
+    failed = subprocess.run(
+        [sys.executable, "-m", "mailstrom", *args, "--bits", "1024"],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        preexec_fn=small_files,
+    )
+    assert failed.returncode == 73, failed.stderr
+    assert b"cannot create client.test.s1.pem" in failed.stderr
+    assert not (cli.cwd / "client.test.s1.pem").exists()
+    cli.ok(*args)  # once there is room, the same command makes the key
 
 
 def test_keygen_json_and_bad_options(cli: CLI) -> None:

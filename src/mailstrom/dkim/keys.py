@@ -18,6 +18,7 @@ when a key is loaded or made, so mail without DKIM never pays for it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -378,10 +379,17 @@ def generate_private_key(
 
 def write_private_file(path: Path, pem: bytes) -> None:
     """Write ``pem`` to a new file of mode 0600; an existing file is never replaced
-    (:class:`FileExistsError`)."""
+    (:class:`FileExistsError`). A file that cannot be written whole (a full disk) is
+    removed again: a truncated key is no key, and would block writing the next one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        f.write(pem)
-        f.flush()
-        os.fsync(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            f.write(pem)
+            f.flush()
+            os.fsync(fd)
+    except BaseException:
+        # The file is ours: O_EXCL made it just now.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
