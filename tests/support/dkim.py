@@ -26,6 +26,8 @@ from typing import TypeVar
 import dkim as dkimpy
 import dns.resolver
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailstrom.dkim import DKIMAlgorithm, DKIMConfig, DKIMKey, generate_private_key
 from tests.fixtures.dns_server import LoopbackDNS
@@ -60,6 +62,23 @@ MTinV22jDYqNTT3T0djGQcWYO/HkfvTuThrLAyf9bq0U0mn6ETo=
 UNSUPPORTED_CURVE_PEMS = (EC_SECP112R1, EC_BRAINPOOLP160R1)
 # The SubjectPublicKeyInfo of a (dummy) secp112r1 point: what a p= tag could hold.
 EC_SECP112R1_SPKI = bytes.fromhex("3032301006072a8648ce3d020106052b81040006031e0004" + "00" * 28)
+
+
+def unchecked_rsa_pem(bits: int) -> bytes:
+    """An RSA private key of ``bits`` bits made at once, of random odd "primes": a
+    structurally sound PEM that is no valid key."""
+    half = bits // 2
+    p, q = (int.from_bytes(os.urandom(half // 8), "big") | (3 << (half - 2)) | 1 for _ in "pq")
+    e, d = 65537, 3
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), 1, rsa.RSAPublicNumbers(e, p * q)
+    )
+    key = numbers.private_key(unsafe_skip_rsa_key_validation=True)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 T = TypeVar("T")

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from tests.support.dkim import ED25519, RSA, UNSUPPORTED_CURVE_PEMS, pem, read_from_fifo
+from tests.support.dkim import (
+    ED25519,
+    RSA,
+    UNSUPPORTED_CURVE_PEMS,
+    pem,
+    read_from_fifo,
+    unchecked_rsa_pem,
+)
 
 from mailstrom.dkim import keys as keys_module
 from mailstrom.dkim.keys import (
@@ -127,6 +134,17 @@ def test_large_rsa_keys_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keys_module, "MAX_RSA_BITS", 1024)
     with pytest.raises(ConfigError, match="2048 bits; receivers need not verify"):
         DKIMKey(domain="example.com", selector="s", private_key=pem(RSA))
+
+
+def test_an_oversized_rsa_key_is_refused_by_its_size_before_it_is_checked() -> None:
+    """Checking an RSA key tests its primes, in time that grows with the cube of their
+    size: a 64 KiB file holds a key of some 60,000 bits, whose check takes many minutes
+    (an 8192-bit one already seconds). Its size, read first, refuses it at once; a key
+    within the bounds is still checked."""
+    with pytest.raises(ConfigError, match="8192 bits; receivers need not verify"):
+        DKIMKey(domain="example.com", selector="s", private_key=unchecked_rsa_pem(8192))
+    with pytest.raises(ConfigError, match="not a valid RSA private key"):
+        DKIMKey(domain="example.com", selector="s", private_key=unchecked_rsa_pem(2048))
 
 
 def test_key_type_must_match_the_algorithm() -> None:

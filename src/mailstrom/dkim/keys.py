@@ -288,8 +288,18 @@ def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
         raise ConfigError(
             f"{label}: DKIM signing needs the cryptography package: pip install 'mailstrom[dkim]'"
         ) from None
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     try:
-        return load_pem_private_key(pem, password=None)
+        # Checking an RSA key tests its primes, in time growing with the cube of their
+        # size: a 64 KiB file holds a key of some 60,000 bits, which would take many
+        # minutes. So the key is read unchecked first, and checked only if _check()
+        # will take it by its size; a larger one is refused by its size, unchecked.
+        key = load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+        if not isinstance(key, rsa.RSAPrivateKey) or not (
+            MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS
+        ):
+            return key
     except TypeError:
         raise ConfigError(f"{label}: the private key is encrypted; give it unencrypted") from None
     except (ValueError, UnicodeError) as exc:
@@ -300,6 +310,10 @@ def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
         raise ConfigError(
             f"{label}: unsupported kind of private key ({exc}); use an RSA or Ed25519 key"
         ) from None
+    try:
+        return load_pem_private_key(pem, password=None)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: not a valid RSA private key ({exc})") from None
 
 
 def _check(
