@@ -219,6 +219,14 @@ retry_min=1.0, retry_max=300.0)
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
             raise ConfigError(f"hook.url: expected a string, not {type(self.url).__name__}")
+        shown = _without_userinfo(self.url)
+        if shown != self.url:
+            # urllib sends no credentials from a URL: it took "user:password@host" for
+            # the host's name, every request failed, and the warning showed the password.
+            raise ConfigError(
+                f"hook.url: credentials in the URL are not sent (requests are signed with "
+                f"hook.secret instead): {shown!r}"
+            )
         scheme, sep, rest = self.url.partition("://")
         if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
             raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
@@ -249,6 +257,19 @@ retry_min=1.0, retry_max=300.0)
             f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` with the user information of its authority (``user:password@``, RFC 3986
+    §3.2.1) replaced by ``***@``; unchanged when it has none."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    if "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{path}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -511,3 +511,14 @@ def test_hook_urls_urllib_cannot_read_are_refused_at_configuration(url: str) -> 
     with pytest.raises(ConfigError, match=r"hook\.url"):
         HookConfig(url=url, secret=SECRET)
     assert post(url, b"{}", {}, 1.0) is not None  # and a request fails, it does not raise
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:s3cret@h.test/x", "https://s3cret@h.test/x", "ftp://u:s3cret@h.test/"]
+)
+def test_a_hook_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    # urllib sends no credentials from a URL: it looked up "user:s3cret@h.test" as the host,
+    # so every request failed, and the warning about it logged the password.
+    with pytest.raises(ConfigError, match=r"hook\.url") as refused:
+        HookConfig(url=url, secret=SECRET)
+    assert "s3cret" not in str(refused.value)
