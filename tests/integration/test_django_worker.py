@@ -20,10 +20,11 @@ configure()
 
 from django.core import checks, mail  # noqa: E402  (Django must be configured first)
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.core.mail.backends.base import BaseEmailBackend  # noqa: E402
 from django.test import override_settings  # noqa: E402
 
 from mailstrom import RecipientState  # noqa: E402
-from mailstrom.contrib.django import get_mailstrom, shared  # noqa: E402
+from mailstrom.contrib.django import EmailBackend, get_mailstrom, shared  # noqa: E402
 from mailstrom.errors import ConfigError  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.postgres import _free_port  # noqa: E402
@@ -155,6 +156,37 @@ def test_the_system_check_reports_a_bad_setting() -> None:
     assert warning.msg.startswith("SERVER_EMAIL = 'root@localhost' is refused by mailstrom")
 
 
+class _ProjectBackend(BaseEmailBackend):
+    """Not mailstrom's: the check has nothing to say about its senders."""
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        # The class where it is defined, and a project's subclass: mailstrom sends the mail
+        # all the same, and the check said nothing about DEFAULT_FROM_EMAIL at localhost.
+        "mailstrom.contrib.django.backend.EmailBackend",
+        f"{__name__}._ProjectEmailBackend",
+    ],
+)
+def test_the_system_check_knows_mailstroms_backend_by_any_path(backend: str) -> None:
+    if HAS_MAILERS:
+        names = {"MAILERS": {"default": {"BACKEND": backend}}}
+    else:
+        names = {"EMAIL_BACKEND": backend}
+    with override_settings(MAILSTROM={"store": "memory:"}, SERVER_EMAIL="root@localhost"):
+        with override_settings(**names):
+            [warning] = checks.run_checks(tags=["mailstrom"])
+        other = f"{__name__}._ProjectBackend"
+        unknown = "no.such.module.EmailBackend"
+        broken = "tests.django_project.broken_backend.EmailBackend"
+        for elsewhere in (other, unknown, broken):
+            mailers = {"MAILERS": {"default": {"BACKEND": elsewhere}}}
+            with override_settings(**(mailers if HAS_MAILERS else {"EMAIL_BACKEND": elsewhere})):
+                assert checks.run_checks(tags=["mailstrom"]) == []
+    assert warning.id == "mailstrom.W001"
+
+
 @pytest.mark.parametrize("parameter", ["dead_after=zz", "lock_timeout=-1", "bogus=1"])
 def test_a_store_url_parameter_the_store_refuses_is_a_bad_setting(parameter: str) -> None:
     # It passed the check, and the first send raised InvalidStoreURL, which fail_silently
@@ -268,3 +300,7 @@ def test_a_forked_child_gets_its_own_worker_and_exits_without_stopping_the_paren
         for pid in pids.values():
             with pytest.raises(ProcessLookupError):
                 os.kill(int(pid), 0)
+
+
+class _ProjectEmailBackend(EmailBackend):
+    """A project's own subclass of mailstrom's backend (for the system check's test)."""

@@ -12,6 +12,7 @@ from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from mailstrom.contrib.django.conf import SETTING, load
 from mailstrom.errors import InvalidMessage
@@ -66,10 +67,30 @@ def _mailstrom_sends_mail() -> bool:
     if django.VERSION >= (6, 1) and hasattr(settings, "MAILERS"):
         # With MAILERS, reading EMAIL_BACKEND raises AttributeError.
         mailers: dict[str, dict[str, Any]] = settings.MAILERS
-        return any(config.get("BACKEND") == BACKEND for config in mailers.values())
+        return any(_is_ours(config.get("BACKEND")) for config in mailers.values())
     # Only when the project set it: Django 6.1 warns when code outside Django reads it,
     # and its default (the SMTP backend) is not ours anyway.
-    return settings.is_overridden("EMAIL_BACKEND") and bool(settings.EMAIL_BACKEND == BACKEND)
+    return settings.is_overridden("EMAIL_BACKEND") and _is_ours(settings.EMAIL_BACKEND)
+
+
+def _is_ours(path: object) -> bool:
+    """Whether the backend at ``path`` sends through mailstrom: ours under any of its
+    names (``mailstrom.contrib.django.backend.EmailBackend`` too), or a project's
+    subclass of it. One that cannot be imported is Django's to report when it sends, not
+    this check's (whatever its module raises: a check must not stop ``runserver``)."""
+    if path == BACKEND:
+        return True
+    if not isinstance(path, str):
+        return False
+    # Here, not at the top: the app is loaded by django.setup() in every process, and the
+    # backend brings in the facade.
+    from mailstrom.contrib.django.backend import EmailBackend
+
+    try:
+        backend = import_string(path)
+    except Exception:
+        return False
+    return isinstance(backend, type) and issubclass(backend, EmailBackend)
 
 
 def _refusal(address: str) -> InvalidMessage | None:
