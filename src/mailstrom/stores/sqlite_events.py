@@ -67,13 +67,31 @@ def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult])
 
 def event_from_row(row: Any) -> DeliveryEvent:
     """An event from a row of :data:`EVENT_COLUMNS`; UnreadableRow for one whose time or
-    state cannot be read (a next attempt that is no time is unknown: None)."""
+    state cannot be read, or with a value of another type than its column's (a next
+    attempt that is no time is unknown: None)."""
     (event_id, at, message_id, address, state, attempt, code, enhanced, text) = row[:9]
     (error, reason_class, mx_host, ip, tls, uncertain, next_at) = row[9:16]
     tags, metadata = row[16:18] if len(row) > 16 else (None, None)
     known = member_of(RecipientState, state)
     if known is None:
         raise UnreadableRow(f"state is {shown(state)}")
+    # SQLite keeps a value of any type in any column: a blob in a text column could not be
+    # written into a hook's body (so the sender retried that batch forever), and a text
+    # in a count column went to receivers as a string.
+    _check_types(
+        (str, ("message_id", message_id), ("address", address)),
+        (int, ("attempt", attempt)),
+        (int | None, ("reply_code", code)),
+        (
+            str | None,
+            ("reply_enhanced", enhanced),
+            ("reply_text", text),
+            ("error", error),
+            ("reason_class", reason_class),
+            ("mx_host", mx_host),
+            ("ip", ip),
+        ),
+    )
     return DeliveryEvent(
         id=event_id,
         at=time_at(at, "at"),
@@ -92,6 +110,15 @@ def event_from_row(row: Any) -> DeliveryEvent:
         tags=tags_from(tags),
         metadata=metadata_from(metadata),
     )
+
+
+def _check_types(*groups: tuple[Any, ...]) -> None:
+    """UnreadableRow for the first ``(name, value)`` of a group ``(type, *pairs)`` whose
+    value is not of that type (a bool is no count)."""
+    for kind, *pairs in groups:
+        for name, value in pairs:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise UnreadableRow(f"{name} is {shown(value)}")
 
 
 def lease_event_rows(
