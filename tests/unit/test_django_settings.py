@@ -98,6 +98,10 @@ def test_environment_variables_take_no_part(monkeypatch: pytest.MonkeyPatch) -> 
         ({"store": "memory:", "worker": "process"}, "worker: 'process' needs a store"),
         ({"relay.password": "x"}, "relay.host: required"),
         ("sqlite:///mail.db", "expected a dict"),
+        # Past TOML's 64-bit integers: the error about it raised ValueError (an int of
+        # more than 4,300 digits cannot be written as text), a traceback from the check.
+        ({"smtp_port": 10**5000}, "smtp_port: an integer past TOML's 64 bits"),
+        ({"lanes": [{"name": "bulk", "share": -(10**5000)}]}, "lanes: an integer past"),
     ],
 )
 def test_mistakes_are_improperly_configured_naming_the_key(value: object, says: str) -> None:

@@ -101,7 +101,7 @@ def flatten(value: Mapping[Any, Any]) -> dict[str, Any]:
                 f"{key}: None is not a value; leave the key out for the default "
                 "(False, 0 or 'none' turn a limit off)"
             )
-        flat[key] = _as_toml(item)
+        flat[key] = _as_toml(key, item)
 
     for key, item in value.items():
         if not isinstance(key, str):
@@ -118,11 +118,24 @@ def flatten(value: Mapping[Any, Any]) -> dict[str, Any]:
     return flat
 
 
-def _as_toml(item: Any) -> Any:
+_TOML_INTEGERS = range(-(2**63), 2**63)
+"""The integers a TOML file can hold (TOML 1.0: 64-bit signed)."""
+
+
+def _as_toml(key: str, item: Any) -> Any:
     """Python values TOML has no word for, as the TOML file would write them: a tuple as
-    a list, a timedelta as its seconds."""
+    a list, a timedelta as its seconds. An integer no TOML file holds is refused (in a
+    list or table too): past 4,300 digits, even the error quoting it raised ValueError."""
+    if isinstance(item, int) and not isinstance(item, bool) and item not in _TOML_INTEGERS:
+        raise ConfigError(
+            f"{key}: an integer past TOML's 64 bits ({item.bit_length()} bits), not a value"
+        )
     if isinstance(item, tuple):
-        return list(item)
+        return [_as_toml(key, entry) for entry in item]
+    if isinstance(item, list):
+        return [_as_toml(key, entry) for entry in item]
+    if isinstance(item, Mapping):
+        return {name: _as_toml(key, entry) for name, entry in item.items()}
     if isinstance(item, timedelta):
         return item.total_seconds()
     return item
