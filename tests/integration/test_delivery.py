@@ -32,6 +32,7 @@ from mailstrom.errors import StoreError, UnknownMessage, WorkerError
 from mailstrom.message import PreparedMessage, prepare
 from mailstrom.policy import advice_for
 from mailstrom.routing import Route, Router
+from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
@@ -1144,3 +1145,52 @@ def test_work_of_a_lease_taken_over_while_the_worker_stalled_is_not_sent(
     assert received[:-1] == QUEUED[:3] and received[-1] == "later@example.org", received
     assert store.status(mid).recipient("later@example.org").state is DELIVERED
     assert store.lease(now=clock() + 20 * SHORT_LEASE, limit=100, lease_for=SHORT_LEASE) is None
+
+
+def test_a_stall_short_of_the_lease_starts_nothing_a_worker_ahead_may_have_taken(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    # Another worker whose clock is ahead of this one's, by less than the skew that stops
+    # it leasing (lease_for / 3), takes a lease over that much before this worker's own
+    # account of it runs out: fencing allows for that, the check after a stall did not.
+    # A worker that stalled into that margin resumed and started the lease's next
+    # transactions from the replies that came meanwhile: they went out twice.
+    lease_for = timedelta(milliseconds=600)
+    ahead = 0.7 * lease_for.total_seconds() / 3  # within the tolerated skew
+    store = MemoryStore()
+    store.enqueue_many([prepare(hello(to)) for to in QUEUED], now=clock())
+    mx.data_delay = 0.15  # the first reply comes in during the stall
+    ms = mailstrom(store=store, lease_for=lease_for, max_connections=1, max_per_destination=1)
+    worker = ms.worker
+    assert isinstance(worker, Worker)
+    loop = worker._loop
+    assert loop is not None
+    resumed = threading.Event()
+    taken: set[str] = set()
+
+    def stall() -> None:
+        [state] = worker._leases.values()
+        expires = state.held_until  # loop time, by its last confirmed extension
+        time.sleep(max(0.0, expires - ahead - loop.time()))
+        # The other worker's clock reads past the lease now: it takes it over.
+        other = store.lease(
+            now=clock() + lease_for + timedelta(milliseconds=1),
+            limit=100,
+            lease_for=timedelta(hours=1),
+        )
+        assert other is not None
+        taken.update(r.address for item in other.items for r in item.recipients)
+        time.sleep(max(0.0, expires - 0.02 - loop.time()))  # resumes short of it
+        resumed.set()
+
+    mx.wait_for_received(1)
+    loop.call_soon_threadsafe(stall)
+    assert resumed.wait(5)
+    assert taken and taken <= set(QUEUED)
+    mid = ms.send_email(hello("later@example.org"))
+    results.wait_final({"later@example.org"})
+    received = [to for m in mx.received for to in m.rcpt_tos]
+    # What was on the wire at the stall, then only the later mail.
+    assert received[-1] == "later@example.org"
+    assert not set(received[3:-1]) & taken, received
+    assert store.status(mid).recipient("later@example.org").state is DELIVERED

@@ -78,9 +78,10 @@ even when the replies of both arrive in one segment."""
 Done = Callable[[list[RecipientResult]], None]
 Postpone = Callable[[list[WorkItem], datetime, str | None], None]
 """Give items back to the store, due at a time, naming the paused destination (or None)."""
-MayStart = Callable[[str], bool]
+MayStart = Callable[[str], "bool | asyncio.Future[None]"]
 """Whether work of the lease with this token may start a transaction now; before it says
-no, it gives that lease's unstarted work back (:meth:`Dispatcher.withdraw`)."""
+no, it gives that lease's unstarted work back (:meth:`Dispatcher.withdraw`). A future
+means not yet: the lease is being confirmed, ask again once the future is done."""
 TLSObserver = Callable[[str, TLSRequirement, str, str, DeliveryError | SMTPConnection], None]
 """Told (domain, requirement, MX host, address, the error or the opened connection) after
 each connection attempt, for TLS reports (``observe_tls``)."""
@@ -600,7 +601,13 @@ class Dispatcher:
                 and conn.messages_sent < cap
             ):
                 token = queue[0].item.lease_token
-                if self._may_start is not None and not self._may_start(token):
+                verdict = True if self._may_start is None else self._may_start(token)
+                if verdict is not True and verdict is not False:
+                    if inflight:
+                        break  # read the replies meanwhile, then ask again
+                    await asyncio.wait([verdict])  # not cancelled with this session
+                    continue
+                if not verdict:
                     # Its lease may be another worker's now: its work went back to the
                     # store (withdraw took it out of this queue too).
                     if token not in self._lost:

@@ -177,6 +177,8 @@ class Worker(
         self._lease_wanted = True
         self._dispatcher: Dispatcher | None = None
         self._beating = False  # the heartbeat is extending leases
+        self._beat_now = asyncio.Event()  # asks the heartbeat for a beat at once
+        self._confirming: asyncio.Future[None] | None = None  # see _may_start
         self._leases: dict[str, _LeaseState] = {}
         self._pending: list[RecipientResult] = []
         self._pending_since = 0.0
@@ -290,6 +292,8 @@ class Worker(
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
+        self._beat_now = asyncio.Event()
+        self._confirming = None
         if self._stopping:
             self._stop_event.set()
         self._running = True
@@ -759,7 +763,10 @@ class Worker(
         interval = lease_for.total_seconds() / 3
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)  # a timer, not synchronisation
+            # A timer, or _may_start asking for a beat now.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+            self._beat_now.clear()
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             self._beating = True
@@ -781,6 +788,7 @@ class Worker(
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
             finally:
                 self._beating = False
+                self._confirmed()
 
     async def _fence_loop(self) -> None:
         """Fencing: a lease whose last confirmed extension is running out (the store could
@@ -813,8 +821,9 @@ class Worker(
                     self._fence(state, _CUT_OFF)
                 elif now >= state.held_until - early and (state.extend_failed or self._beating):
                     self._fence(state, "could not be extended in time")
+            self._confirmed()  # sessions waiting in _may_start ask again
 
-    def _may_start(self, token: str) -> bool:
+    def _may_start(self, token: str) -> bool | asyncio.Future[None]:
         """Whether work of the lease ``token`` may start a transaction now: not once the
         lease has outlived the last extension the store confirmed, nor once this worker's
         last beat is older than the store's ``dead_after`` (worker_reaping.py), when
@@ -822,7 +831,15 @@ class Worker(
         (its process stopped, its loop blocked): when it resumes, a session that reads the
         replies that came meanwhile would start the next transaction before the heartbeat
         or the next look (timers, run after them) could tell. The lease's unstarted work
-        is then given back, as fencing does; a later extension lets the rest go on."""
+        is then given back, as fencing does; a later extension lets the rest go on.
+
+        Within ``danger_skew`` of that end, a worker whose clock is ahead by less than the
+        skew that stops it leasing may have taken the lease over already. A healthy lease
+        never comes that close (each beat extends it to ``lease_for``), but a beat late on
+        a busy loop does as surely as a stall: so the answer is then a future, done after
+        a beat asked for at once (or the fencing's next look), and the session asks again.
+        Giving the work back instead would send a busy worker's leases round the store
+        while they were still its own."""
         state = self._leases.get(token)
         if state is None or state.fenced:
             return True
@@ -833,7 +850,19 @@ class Worker(
         if self._may_be_taken_for_dead(now):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
             return False
-        return True
+        if now < state.held_until - danger_skew(self.config.lease_for):
+            return True
+        self._beat_now.set()
+        if self._confirming is None:
+            self._confirming = asyncio.get_running_loop().create_future()
+        return self._confirming
+
+    def _confirmed(self) -> None:
+        """Let the sessions waiting for a lease's confirmation (_may_start) ask again."""
+        if self._confirming is not None:
+            if not self._confirming.done():
+                self._confirming.set_result(None)
+            self._confirming = None
 
     def _fence(self, state: _LeaseState, why: str) -> None:
         """Give back the unstarted work of a lease that may be taken over (``why``), once:
