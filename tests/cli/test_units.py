@@ -49,6 +49,26 @@ def test_sendmail_clustered_and_valued_ignored_options() -> None:
     assert a.recipients == ["a@x", "b@x"]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-tif", "s@x.test", "a@x"],
+        ["-tifs@x.test", "a@x"],
+        ["-it", "-f", "s@x.test", "a@x"],
+        ["-ti", "-e", "m", "-f", "s@x.test", "a@x"],
+        ["-ti", "-d", "0.1", "-A", "c", "-fs@x.test", "a@x"],
+        ["-t", "-o", "i", "-b", "m", "-rs@x.test", "a@x"],
+    ],
+)
+def test_sendmail_options_as_getopt_reads_them(argv: list[str]) -> None:
+    """Sendmail and Postfix read their options with getopt: a cluster may end with an
+    option that takes a value (``-tif ADDR`` was "unknown option", 64), and -d, -A and -e
+    take a value that may be the next argument (``-e m`` queued mail for ``m@origin``)."""
+    a = sendmail.parse_args(argv)
+    assert (a.extract, a.ignore_dots, a.sender) == (True, True, "s@x.test")
+    assert a.recipients == ["a@x"]
+
+
 def test_sendmail_options_stop_at_first_recipient() -> None:
     a = sendmail.parse_args(["a@x.test", "-t"])
     assert a.extract is False
@@ -67,6 +87,11 @@ def test_sendmail_long_options() -> None:
     ("argv", "reason"),
     [
         (["-bs"], "-bs is not supported"),
+        (["-tbs"], "-bs is not supported"),
+        (["-b", "s"], "-bs is not supported"),
+        (["-tq"], "-q is not supported"),
+        (["-tZ"], "unknown option -tZ"),
+        (["-tif"], "-f requires an argument"),
         (["-q1h"], "-q1h is not supported"),
         (["-f"], "-f requires an argument"),
         (["-Z"], "unknown option -Z"),

@@ -19,7 +19,7 @@ import argparse
 import getpass
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
@@ -80,8 +80,9 @@ Configuration comes only from $MAILSTROM_CONFIG or /etc/mailstrom/config.toml an
 MAILSTROM_* environment variables; mailstrom's own options (--store, --config, ...) are
 refused here, before or after "sendmail".
 
+Options may be clustered as getopt reads them: -ti, -tif ADDR (the last may take a value).
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
--m -Am -Ac -d*, and -B -C -X -L -O -h -p with their value.
+-m, and -A -B -C -d -e -X -L -O -h -p with their value (-Am, -d0.1, -e m).
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
@@ -90,8 +91,11 @@ exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 
 _FLAGS = frozenset("timnvUG")
 """Single-letter flags without a value (may be clustered: ``-ti``)."""
-_IGNORED_WITH_VALUE = frozenset("BCXLOhp")
-"""Options whose value is accepted (attached or next argument) and ignored."""
+_IGNORED_WITH_VALUE = frozenset("BCXLOhpdAe")
+"""Options whose value is accepted (attached or next argument) and ignored: as getopt
+reads Sendmail's and Postfix's option strings, ``-d``, ``-A`` and ``-e`` take one too."""
+_WITH_VALUE = frozenset("frFNRVob") | _IGNORED_WITH_VALUE
+"""Every option letter that takes a value: the rest of its argument, else the next one."""
 _UNSUPPORTED_MODES = {
     "bs": "SMTP on stdin is not supported",
     "bd": "run `mailstrom worker` instead",
@@ -130,10 +134,12 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
     args = SendmailArgs()
     i = 0
 
-    def value(arg: str, letter: str) -> str:
-        # "-fADDR" or "-f ADDR".
+    def value(arg: str, at: int) -> str:
+        # "-fADDR" or "-f ADDR", also at the end of a cluster ("-tif ADDR"): the value of
+        # the option letter at ``at`` is the rest of ``arg``, else the next argument.
         nonlocal i
-        attached = arg[1 + len(letter) :]
+        letter = arg[at]
+        attached = arg[at + 1 :]
         if attached:
             return attached
         i += 1
@@ -154,38 +160,47 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
         elif not arg.startswith("-") or arg == "-":
             break
         else:
-            letter = arg[1]
-            mode = arg[1:3] if letter == "b" else letter
-            if mode in _UNSUPPORTED_MODES:
-                raise UsageError(f"-{arg[1:]} is not supported: {_UNSUPPORTED_MODES[mode]}")
-            if mode == "bp":
-                args.list_queue = True
-            elif letter in ("f", "r"):
-                args.sender = value(arg, letter)
-            elif letter == "F":
-                args.full_name = value(arg, letter)
-            elif letter == "N":
-                args.notify = value(arg, letter)
-            elif letter == "R":
-                args.ret = value(arg, letter)
-            elif letter == "V":
-                args.envid = value(arg, letter)
-            elif letter == "o":
-                # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
-                if arg[2:3] == "i":
-                    args.ignore_dots = arg[3:].lower() not in ("false", "f", "0")
-            elif letter in _IGNORED_WITH_VALUE:
-                value(arg, letter)
-            elif letter in ("b", "d", "A", "e"):
-                pass  # -bm (the default mode), -d debug, -Am/-Ac, -e error mode
-            elif all(c in _FLAGS for c in arg[1:]):
-                args.extract = args.extract or "t" in arg
-                args.ignore_dots = args.ignore_dots or "i" in arg
-            else:
-                raise UsageError(f"unknown option {arg}")
+            _cluster(args, arg, value)
         i += 1
     args.recipients.extend(argv[i:])
     return args
+
+
+def _cluster(args: SendmailArgs, arg: str, value: Callable[[str, int], str]) -> None:
+    """One option argument: flags clustered as getopt reads them (``-ti``, ``-tif ADDR``,
+    ``-oi``), the last one of which may take a value."""
+    for at in range(1, len(arg)):
+        letter = arg[at]
+        if letter in _FLAGS:
+            args.extract = args.extract or letter == "t"
+            args.ignore_dots = args.ignore_dots or letter == "i"
+            continue
+        if letter == "q":
+            raise UsageError(f"-{arg[at:]} is not supported: {_UNSUPPORTED_MODES['q']}")
+        if letter not in _WITH_VALUE:
+            raise UsageError(f"unknown option {arg}")
+        text = value(arg, at)
+        mode = f"b{text[:1]}"
+        if letter == "b" and mode in _UNSUPPORTED_MODES:
+            raise UsageError(f"-{mode} is not supported: {_UNSUPPORTED_MODES[mode]}")
+        if letter == "b" and mode == "bp":
+            args.list_queue = True
+        elif letter in ("f", "r"):
+            args.sender = text
+        elif letter == "F":
+            args.full_name = text
+        elif letter == "N":
+            args.notify = text
+        elif letter == "R":
+            args.ret = text
+        elif letter == "V":
+            args.envid = text
+        elif letter == "o" and text[:1] == "i":
+            # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
+            args.ignore_dots = text[1:].lower() not in ("false", "f", "0")
+        # Anything else: -bm (the default mode), -d debug, -Am/-Ac, -e error mode, -o
+        # options of sendmail.cf and the values of _IGNORED_WITH_VALUE.
+        return
 
 
 def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> bytes:
