@@ -128,3 +128,18 @@ def test_an_origin_that_is_no_domain_is_a_configuration_error(cli: CLI) -> None:
     assert "sendmail.origin" in result.err
     del cli.env["MAILSTROM_SENDMAIL_ORIGIN"]  # every command reads it
     assert cli.queue_ids() == []
+
+
+def test_a_long_folded_field_with_a_bare_name_stays_folded(cli: CLI) -> None:
+    """Giving ``root`` the origin rewrote the whole To field on one line: 80 addresses
+    folded one a line became a line of 1,700 octets, and the message was refused as
+    over RFC 5322's 998 (exit 65)."""
+    local_names(cli, None)
+    many = b",\n ".join([b"root"] + [b"user%d@example.test" % i for i in range(80)])
+    cli.ok("sendmail", "-t", "-i", stdin=b"From: a@example.test\nTo: " + many + b"\n\nhi\n")
+    [message] = cli.ok("queue", "--json").json()
+    assert len(message["recipients"]) == 81
+    raw = cli.ok("show", "--raw", message["id"]).out
+    head = raw.partition("\r\n\r\n")[0] if "\r\n\r\n" in raw else raw.partition("\n\n")[0]
+    assert "root@host.example.test, user0@example.test" in head
+    assert max(len(line) for line in head.splitlines()) <= 78

@@ -128,12 +128,40 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
             text = value.decode("utf-8", "surrogateescape")
             pairs = getaddresses([" ".join(text.split())])
             if any(is_bare(addr) for _, addr in pairs):
-                rendered = ", ".join(format_address(n, qualify(a, origin)) for n, a in pairs if a)
-                out.append(name + b": " + rendered.encode("utf-8", "surrogateescape") + newline)
+                rendered = [
+                    format_address(n, qualify(a, origin)).encode("utf-8", "surrogateescape")
+                    for n, a in pairs
+                    if a
+                ]
+                out.append(_folded(name + b": ", rendered, newline) + newline)
                 changed = True
                 continue
         out.append(raw)
     return b"".join(out) + body if changed else data
+
+
+FOLD_AT = 78
+"""Octets a rewritten field's line holds at most, unless one address is longer
+(RFC 5322 §2.1.1's "SHOULD" limit)."""
+
+
+def _folded(start: bytes, addresses: list[bytes], newline: bytes) -> bytes:
+    """``start`` and the comma-separated ``addresses``, folded before an address that
+    would take the line past :data:`FOLD_AT`: written on one line, a field whose many
+    addresses had been folded could pass the 998 octets that prepare() refuses."""
+    out = bytearray(start)
+    line = len(start)
+    for i, address in enumerate(addresses):
+        if i:
+            if line + 2 + len(address) > FOLD_AT:
+                out += b"," + newline + b" "
+                line = 1
+            else:
+                out += b", "
+                line += 2
+        out += address
+        line += len(address)
+    return bytes(out)
 
 
 def format_address(name: str, address: str) -> str:
