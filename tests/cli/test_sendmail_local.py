@@ -143,3 +143,26 @@ def test_a_long_folded_field_with_a_bare_name_stays_folded(cli: CLI) -> None:
     head = raw.partition("\r\n\r\n")[0] if "\r\n\r\n" in raw else raw.partition("\n\n")[0]
     assert "root@host.example.test, user0@example.test" in head
     assert max(len(line) for line in head.splitlines()) <= 78
+
+
+def test_a_name_of_several_words_is_refused_not_cut_to_its_first(cli: CLI) -> None:
+    """The stdlib parser reads ``Bob Smith`` as the mailbox ``Bob``: ``To: Bob Smith``
+    with -t, or the argument ``Bob Smith``, queued mail for ``Bob@`` the origin (another
+    user), the To field rewritten to it. Such text is no address: exit 65, nothing queued."""
+    local_names(cli, None)
+    message = b"From: a@example.test\nTo: Bob Smith\nSubject: x\n\nhi\n"
+    refused = cli("sendmail", "-t", "-i", stdin=message)
+    assert refused.code == 65, refused.err
+    assert "Bob Smith" in refused.err
+    refused = cli("sendmail", "-i", "Bob Smith", stdin=b"Subject: x\n\nhi\n")
+    assert refused.code == 65, refused.err
+    assert cli.ok("queue", "--json").json() == []
+    # A bare name in a display-name form, or in a group, is still a local name.
+    message = b'From: root (Cron Daemon)\nTo: "Doe, J" <www-data>, ops: root;\n\nhi\n'
+    cli.ok("sendmail", "-t", "-i", "Kim <kim>", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in queued["recipients"]] == [
+        "www-data@host.example.test",
+        "root@host.example.test",
+        "kim@host.example.test",
+    ]

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from email.utils import formataddr, getaddresses, quote
 
 from mailstrom.errors import ConfigError
+from mailstrom.message.addresses import parse_local_address_list
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAX_ALIASES_SIZE = 1 << 20
@@ -126,8 +127,13 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
         name, colon, value = raw.partition(b":")
         if colon and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
             text = value.decode("utf-8", "surrogateescape")
-            pairs = getaddresses([" ".join(text.split())])
+            unfolded = " ".join(text.split())
+            pairs = getaddresses([unfolded])
             if any(is_bare(addr) for _, addr in pairs):
+                # getaddresses() keeps only the first word of "Bob Smith": refused here
+                # (InvalidAddress, exit 65) rather than rewritten to another mailbox.
+                field = name.strip().decode("ascii", "replace")
+                parse_local_address_list(field, unfolded, origin)
                 rendered = [
                     format_address(n, qualify(a, origin)).encode("utf-8", "surrogateescape")
                     for n, a in pairs

@@ -38,6 +38,7 @@ from mailstrom.cli.localnames import (
     default_origin,
     expand,
     format_address,
+    is_bare,
     qualify,
     qualify_headers,
     read_aliases,
@@ -45,6 +46,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
+from mailstrom.message.addresses import parse_local_address_list
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
@@ -302,7 +304,7 @@ def build(
         address = qualify(named or getpass.getuser(), default_domain)
         line = "From: " + from_field(args.full_name or "", address)
         data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
-    recipients = [a for text in args.recipients for a in _argument_addresses(text)]
+    recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
     recipients = list(
@@ -341,14 +343,20 @@ def from_field(full_name: str, address: str) -> str:
     return format_address(full_name, address)
 
 
-def _argument_addresses(text: str) -> list[str]:
+def _argument_addresses(text: str, origin: str) -> list[str]:
     """A recipient argument may hold several addresses, with display names, as sendmail
     allows ("bob@example.org, Carol <carol@example.org>"); unparsable text is kept as-is for
-    prepare() to reject with a precise reason."""
+    prepare() to reject with a precise reason. So is text with a bare name that is no
+    local part: getaddresses() reads ``Bob Smith`` as ``Bob``, another mailbox."""
     pairs = getaddresses([text])
-    if pairs and all(addr for _, addr in pairs):
-        return [addr for _, addr in pairs]
-    return [text]
+    if not pairs or not all(addr for _, addr in pairs):
+        return [text]
+    if any(is_bare(addr) for _, addr in pairs):
+        try:
+            parse_local_address_list("recipient", text, origin)
+        except InvalidMessage:
+            return [text]
+    return [addr for _, addr in pairs]
 
 
 def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:

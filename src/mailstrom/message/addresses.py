@@ -114,6 +114,16 @@ def _parse_address_list(field: str, value: str) -> tuple[Group, ...]:
 _parse_cached = functools.lru_cache(maxsize=4096)(_parse_address_list)
 
 
+def parse_local_address_list(field: str, value: str, origin: str) -> tuple[Group, ...]:
+    """:func:`parse_address_list`, but an addr-spec without a domain (a bare local name
+    such as ``root``, as local programs write them) gets ``origin`` as its domain. The
+    sendmail personality checks its fields with this: the stdlib parser it qualifies
+    them with keeps only the first word of ``To: Bob Smith`` (``Bob``), another mailbox.
+    """
+    check_header_text(field, value)
+    return _Parser(field, value, origin=origin).address_list()
+
+
 def parse_mailbox(role: str, value: str) -> Mailbox:
     """Exactly one mailbox (``addr`` or ``Name <addr>``), e.g. an explicit envelope address."""
     groups = parse_address_list(role, value)
@@ -142,9 +152,11 @@ def _validate(field: str, value: str, local: str, domain: str) -> ValidAddress:
 class _Parser:
     """One pass over the tokens of an address list (RFC 5322 §3.4, obs-addr-list)."""
 
-    def __init__(self, field: str, value: str) -> None:
+    def __init__(self, field: str, value: str, *, origin: str | None = None) -> None:
         self.field = field
         self.value = value
+        self.origin = origin
+        """The domain of an addr-spec without one; None: such an addr-spec is refused."""
         self.tokens = self._tokenize()
         self.pos = 0
 
@@ -275,6 +287,9 @@ class _Parser:
         if not tokens:
             raise self.fail("an empty address")
         at = max((i for i, t in enumerate(tokens) if t.kind == "sp" and t.text == "@"), default=-1)
+        if at == -1 and self.origin is not None:
+            local = self._dot_atom(tokens, "a local name", quoted_ok=True)
+            return _validate(self.field, self.value, local, self.origin)
         if at == -1:
             shown = "".join(t.text for t in tokens)
             raise self.fail(f"{shorten(shown)} is not an address: it has no @-sign")
