@@ -119,6 +119,17 @@ def test_read_message_drops_mbox_separator() -> None:
     assert sendmail.read_message(stream, ignore_dots=True, limit=1000) == b"Subject: x\n\nb\n"
 
 
+@pytest.mark.parametrize(
+    "line", [b"From : Alice <a@x.test>", b"From\t: a@x.test", b"From :a@x.test"]
+)
+def test_read_message_keeps_a_from_field_written_the_obsolete_way(line: bytes) -> None:
+    """``From : x`` (white space before the colon, RFC 5322 §4.5.3) is the From field, not
+    an mbox separator: it was dropped, and the message went out from ``$USER@`` the
+    origin instead of its author."""
+    data = line + b"\nTo: b@x.test\n\nb\n"
+    assert sendmail.read_message(io.BytesIO(data), ignore_dots=True, limit=1000) == data
+
+
 def test_build_adds_from_and_collects_recipients() -> None:
     args = sendmail.parse_args(["-t", "-F", "Zoë", "-f", "me@x.test", "extra@x.test"])
     data, rcpts = sendmail.build(

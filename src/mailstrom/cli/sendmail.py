@@ -217,8 +217,9 @@ def read_message(stream: LineReadable, *, ignore_dots: bool, limit: int) -> byte
         data = read_limited(stream, limit, source=source)
     else:
         data = read_until_dot(stream, limit, source=source)
-    # An mbox "From " separator line (not a header) is dropped, as sendmail does.
-    if data.startswith(b"From "):
+    # An mbox "From " separator line is dropped, as sendmail does; not "From : x", the
+    # From field written the obsolete way (RFC 5322 §4.5.3), which prepare() reads.
+    if data.startswith(b"From ") and not _FIELD.match(data):
         data = data.partition(b"\n")[2]
     return data
 
