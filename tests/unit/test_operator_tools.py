@@ -182,6 +182,16 @@ def test_aliases_expand_recursively_with_loops_and_programs_stopped() -> None:
     assert expand("bob@example.org", aliases, "o.test") == ["bob@example.org"]
 
 
+def test_a_backslash_name_is_the_name_itself_not_aliased_again() -> None:
+    """``root: \\root, ops@example.org`` (aliases(5) of Sendmail and Postfix: a name after
+    a backslash is not aliased) keeps a copy for root: ``\\root@`` the origin was made of
+    it, no address, and the whole message was refused (exit 65)."""
+    aliases = {"root": ["\\root", "ops@example.org"], "kim": ["\\Kim"]}
+    assert expand("root", aliases, "o.test") == ["root@o.test", "ops@example.org"]
+    assert expand("kim", aliases, "o.test") == ["Kim@o.test"]
+    assert expand("\\root", aliases, "o.test") == ["root@o.test"]
+
+
 def test_reading_an_aliases_file(tmp_path: Path) -> None:
     path = tmp_path / "aliases"
     path.write_text(

@@ -7,8 +7,9 @@ same, so their mail reaches a real mailbox instead of being refused.
 ``sendmail.origin`` names the domain (default: the host's fully qualified name, else
 ``helo_name``); ``sendmail.aliases`` the aliases file (default ``/etc/aliases`` when it
 exists; an empty value turns aliases off). Aliases map bare names only, recursively
-(a bounded depth, loops stopped); targets that are programs, files or includes
-(``|cmd``, ``/path``, ``:include:``) are skipped: mailstrom delivers no local mail.
+(a bounded depth, loops stopped; a name after a backslash, ``\\root``, is not aliased
+again); targets that are programs, files or includes (``|cmd``, ``/path``,
+``:include:``) are skipped: mailstrom delivers no local mail.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> l
     seen: set[str] = set()
 
     def walk(name: str, depth: int) -> None:
+        if name.startswith("\\") and is_bare(name[1:]):
+            # \root: root itself, not aliased again (aliases(5) of Sendmail and Postfix;
+            # "root: \root, ops@..." keeps a copy for root).
+            found.append(qualify(name[1:], origin))
+            return
         key = name.lower()
         targets = aliases.get(key) if is_bare(name) else None
         if targets is None or depth >= MAX_DEPTH or key in seen:
