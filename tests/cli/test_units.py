@@ -69,6 +69,17 @@ def test_sendmail_options_as_getopt_reads_them(argv: list[str]) -> None:
     assert a.recipients == ["a@x"]
 
 
+@pytest.mark.parametrize(
+    "argument", ["a@x.test, b@x.test, ", "a@x.test,,b@x.test", ", a@x.test, (c) b@x.test"]
+)
+def test_sendmail_recipient_argument_with_empty_elements(argument: str) -> None:
+    """An address list may have empty elements (RFC 5322 §4.4), as a list joined with a
+    trailing ", " has: such an argument was one malformed address (exit 65)."""
+    args = sendmail.parse_args([argument])
+    _, recipients = sendmail.build(b"Subject: x\n\nhi\n", args, default_domain="h.test")
+    assert recipients == ["a@x.test", "b@x.test"]
+
+
 def test_sendmail_options_stop_at_first_recipient() -> None:
     a = sendmail.parse_args(["a@x.test", "-t"])
     assert a.extract is False

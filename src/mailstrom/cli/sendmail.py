@@ -38,7 +38,6 @@ from mailstrom.cli.localnames import (
     default_origin,
     expand,
     format_address,
-    is_bare,
     qualify,
     qualify_headers,
     read_aliases,
@@ -346,17 +345,18 @@ def from_field(full_name: str, address: str) -> str:
 
 def _argument_addresses(text: str, origin: str) -> list[str]:
     """A recipient argument may hold several addresses, with display names, as sendmail
-    allows ("bob@example.org, Carol <carol@example.org>"); unparsable text is kept as-is for
-    prepare() to reject with a precise reason. So is text with a bare name that is no
-    local part: getaddresses() reads ``Bob Smith`` as ``Bob``, another mailbox."""
-    pairs = getaddresses([text])
-    if not pairs or not all(addr for _, addr in pairs):
+    allows ("bob@example.org, Carol <carol@example.org>", empty elements too: "bob@example.org,
+    "); text that is no address list is kept as-is for prepare() to reject with a precise
+    reason. The list is checked with mailstrom's parser (a bare name there taking the
+    origin), since getaddresses() guesses: it reads ``Bob Smith`` as ``Bob``, another
+    mailbox."""
+    pairs = [pair for pair in getaddresses([text]) if pair != ("", "")]
+    try:
+        groups = parse_local_address_list("recipient", text, origin)
+    except InvalidMessage:
         return [text]
-    if any(is_bare(addr) for _, addr in pairs):
-        try:
-            parse_local_address_list("recipient", text, origin)
-        except InvalidMessage:
-            return [text]
+    if not pairs or len(pairs) != sum(len(g.mailboxes) for g in groups):
+        return [text]
     return [addr for _, addr in pairs]
 
 
