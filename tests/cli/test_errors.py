@@ -55,6 +55,18 @@ def test_send_usage_errors(cli: CLI) -> None:
     assert cli.queue_ids() == []
 
 
+def test_send_header_given_twice_is_a_usage_error(cli: CLI) -> None:
+    """``--header "X-Tag: one" --header "X-Tag: two"`` queued the message with only
+    ``X-Tag: two``: the first value was dropped without a word."""
+    twice = cli(
+        "send", "--from", "a@client.test", "--to", "b@x.test", "--text", "x",
+        "--header", "X-Tag: one", "--header", "X-Tag : two",
+    )  # fmt: skip
+    assert twice.code == 64
+    assert twice.err_lines[-1] == "mailstrom: --header X-Tag given twice"
+    assert cli.queue_ids() == []
+
+
 def test_send_without_recipients(cli: CLI) -> None:
     assert_one_line_error(cli("send", "--from", "app@client.test", "--text", "x"), 65)
     assert cli.queue_ids() == []

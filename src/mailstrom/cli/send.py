@@ -283,6 +283,10 @@ def headers(values: list[str]) -> dict[str, str]:
         name, colon, text = value.partition(":")
         if not colon or not name.strip():
             raise UsageError(f"--header expects 'Name: value', got {value!r}")
+        if name.strip() in out:
+            # A message carries one value per name here (Email.headers is a mapping): the
+            # first one was dropped without a word.
+            raise UsageError(f"--header {name.strip()} given twice")
         out[name.strip()] = text.strip()
     return out
 
