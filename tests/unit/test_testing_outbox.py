@@ -274,3 +274,27 @@ def test_the_docstring_example_runs() -> None:
     results = doctest.testmod(mailstrom.testing.outbox, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-clock", "clock"])
+def test_a_send_the_idempotency_key_turns_away_is_not_captured(frozen: bool) -> None:
+    # A send whose idempotency key was used before returns the earlier message's id and
+    # queues nothing: it was captured anyway, once per send (a test proving "a retried
+    # request sends one email" saw two), and one queued before the capture showed up as
+    # a captured message that is not even held.
+    store = MemoryStore()
+    ticks = iter(range(100))
+    ms = Mailstrom(
+        CONFIG,
+        store=store,
+        worker=None,
+        clock=(lambda: NOW) if frozen else (lambda: NOW.replace(second=next(ticks))),
+    )
+    before = ms.send_email(welcome(), idempotency_key="before")
+    with capture() as outbox:
+        assert ms.send_email(welcome(), idempotency_key="before") == before
+        first = ms.send_email(welcome("c@example.org"), idempotency_key="once")
+        assert ms.send_email(welcome("c@example.org"), idempotency_key="once") == first
+    assert [m.message_id for m in outbox] == [first]
+    assert all(m.status().held for m in outbox)
+    assert not store.status(before).held

@@ -93,6 +93,7 @@ class Outbox(Sequence[CapturedMessage]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._messages: list[CapturedMessage] = []
+        self._ids: set[str] = set()
 
     @overload
     def __getitem__(self, index: int) -> CapturedMessage: ...
@@ -122,7 +123,12 @@ class Outbox(Sequence[CapturedMessage]):
 
     def _add(self, messages: Sequence[CapturedMessage]) -> None:
         with self._lock:
-            self._messages.extend(messages)
+            for message in messages:
+                # A second send with an idempotency key at the same time (a test's frozen
+                # clock) returns the first one's id: it is one message, captured once.
+                if message.message_id not in self._ids:
+                    self._ids.add(message.message_id)
+                    self._messages.append(message)
 
 
 def parse_message(data: bytes) -> EmailMessage:
@@ -130,6 +136,17 @@ def parse_message(data: bytes) -> EmailMessage:
     line ends made LF first, as a reader shows them: ``get_content()`` of a text part
     then equals the text that was sent."""
     return email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+
+
+def _queued_now(store: Store, message_id: str, prepared: PreparedMessage, now: datetime) -> bool:
+    """Whether the store queued ``prepared`` as a new message. With an idempotency key it
+    may instead return the id of the message queued before under that key (before the
+    capture, when it is not even held, or earlier in it): nothing was queued, and a test
+    that sends twice to prove that one mail goes out must see one."""
+    if prepared.attributes.idempotency_key is None:
+        return True
+    status = store.status(message_id)
+    return status.held and status.created_at == now
 
 
 def _captured(store: Store, message_id: str, prepared: PreparedMessage) -> CapturedMessage:
@@ -237,7 +254,8 @@ class _Interceptor:
                 return original(store, message, now=now, hold=hold)
             with self._inside():
                 message_id = original(store, message, now=now, hold=True)
-            self._deliver([_captured(store, message_id, message)])
+            if _queued_now(store, message_id, message, now):
+                self._deliver([_captured(store, message_id, message)])
             return message_id
 
         return enqueue
@@ -254,7 +272,13 @@ class _Interceptor:
             # can leave part of a batch queued.
             with self._inside():
                 ids = [store.enqueue(m, now=now, hold=True) for m in messages]
-            self._deliver([_captured(store, i, m) for i, m in zip(ids, messages, strict=True)])
+            self._deliver(
+                [
+                    _captured(store, i, m)
+                    for i, m in zip(ids, messages, strict=True)
+                    if _queued_now(store, i, m, now)
+                ]
+            )
             return ids
 
         return enqueue_many
