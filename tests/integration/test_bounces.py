@@ -377,3 +377,34 @@ def test_an_exim_bounce_is_classed_by_the_relayed_reply(
     assert outcome.action is BounceAction.FAILED
     [recipient] = ms.query_status(mid).recipients
     assert recipient.reason_class == "authentication"
+
+
+def test_a_late_bounce_does_not_shorten_a_suppression_in_force(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """A complaint suppresses with no end; a bounce for an earlier message that comes
+    after it (suppress_for set) must not turn that into an entry that expires."""
+    first = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    second = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(2)
+    complaint = report_for(ms, "arf-complaint.eml", first, "nosuchuser@receiver.test")
+    assert [o.action for o in apply(ms, complaint, clock)] == [BounceAction.COMPLAINT]
+    bounce = report_for(ms, "postfix-dsn-full.eml", second, "nosuchuser@receiver.test")
+    [outcome] = apply(ms, bounce, clock, suppress_for=timedelta(days=30))
+    assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, second)
+    entry = ms.suppressed("nosuchuser@receiver.test")
+    assert entry is not None
+    assert (entry.source, entry.expires_at, entry.message_id) == (
+        SuppressionSource.COMPLAINT,
+        None,
+        first,
+    )
+    assert outcome.suppressed == entry
+    # One that lasts longer than the entry in force does replace it.
+    ms.unsuppress("nosuchuser@receiver.test")
+    ms.suppress("nosuchuser@receiver.test", "for a week", expires_at=clock() + timedelta(days=7))
+    [again] = apply(ms, bounce, clock, suppress_for=timedelta(days=30))
+    assert again.action is BounceAction.ALREADY_FAILED
+    entry = ms.suppressed("nosuchuser@receiver.test")
+    assert entry is not None and entry.source is SuppressionSource.ASYNC_BOUNCE
+    assert entry.expires_at == clock() + timedelta(days=30)

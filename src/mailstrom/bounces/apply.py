@@ -188,7 +188,8 @@ def apply_report(
     ``suppress_on``), for ``suppress_for`` if given (``Config.suppress_for``, as the
     worker's own hard bounces); a complaint (feedback type ``abuse``, ``fraud`` or
     ``virus``, or none) always suppresses, with no end, and other feedback reports change
-    nothing.
+    nothing. An entry in force for the address that lasts at least as long (a complaint's,
+    an operator's) is kept as it is: a report never shortens a suppression.
     """
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
@@ -339,6 +340,12 @@ def _suppress(
         target = normalize_target(address)
     except InvalidSuppression:
         return None
+    # A bounce or complaint never shortens an entry in force: a complaint's (no end) or
+    # an operator's would otherwise give way to a bounce's suppress_for, for a message
+    # sent before it, and the address would get mail again when that ran out.
+    current = store.suppressions_for([target], now=now).get(target)
+    if current is not None and _lasts(current.expires_at, at_least=expires_at):
+        return current
     entry = Suppression(
         target=target,
         source=source,
@@ -349,6 +356,14 @@ def _suppress(
     )
     store.suppress([entry])
     return entry
+
+
+def _lasts(expires_at: datetime | None, *, at_least: datetime | None) -> bool:
+    """Whether an entry expiring at ``expires_at`` (None: never) lasts as long as one
+    expiring at ``at_least``."""
+    if expires_at is None:
+        return True
+    return at_least is not None and expires_at >= at_least
 
 
 def _angle(message_id: str) -> str:
