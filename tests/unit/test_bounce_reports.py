@@ -120,6 +120,42 @@ def test_an_smtp_diagnostic_gives_its_code() -> None:
     assert (r.diagnostic_code, r.remote_mta) == (550, "mx2.receiver.test")
 
 
+def test_comments_in_report_fields_are_not_their_contents() -> None:
+    """RFC 3464 §2.1.1: text in parentheses is a comment, "not part of the contents" of a
+    DSN field (RFC 5965's fields allow CFWS too). ``Action: failed (permanent)`` read as
+    an action other than failed (the bounce ignored), an address with a comment matched
+    no recipient, and ``Feedback-Type: abuse (spam)`` was no complaint."""
+    dsn = (
+        sample("postfix-dsn-headers.eml")
+        .replace(
+            b"Final-Recipient: rfc822; nosuchuser@receiver.test",
+            b"Final-Recipient: rfc822 (type); nosuchuser@receiver.test (the user)",
+        )
+        .replace(b"Original-Recipient: rfc822;", b'Original-Recipient: rfc822;"a (b)"@x.test ')
+        .replace(b"NoSuchUser@receiver.test", b"(was)")
+        .replace(b"Action: failed", b"Action: failed (bad destination)")
+        .replace(
+            b"Status: 5.1.1", b"Status: 5.1.1(no such user)\r\nRemote-MTA: dns; mx.test (1.2.3.4)"
+        )
+    )
+    report = parse_report(dsn)
+    assert report is not None
+    [r] = report.recipients
+    assert (r.final_recipient, r.original_recipient) == (
+        "nosuchuser@receiver.test",
+        '"a (b)"@x.test',  # a quoted local part's parentheses are no comment
+    )
+    assert (r.action, r.status, r.remote_mta) == ("failed", "5.1.1", "mx.test")
+    arf = (
+        sample("arf-complaint.eml")
+        .replace(b"Feedback-Type: abuse", b"Feedback-Type: abuse (spam button)")
+        .replace(b"Original-Rcpt-To: ", b"Original-Rcpt-To: (rcpt) ")
+    )
+    complaint = parse_report(arf)
+    assert complaint is not None and complaint.feedback_type == "abuse"
+    assert [r.final_recipient for r in complaint.recipients] == ["carol@mailbox.test"]
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [

@@ -224,13 +224,13 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
         final = _typed_address(block.get("Final-Recipient"))
         if final is None and block.get("Action") is None:
             continue  # not a recipient block (a stray blank line in the message block)
-        diagnostic_type, diagnostic = _typed(block.get("Diagnostic-Code"))
+        diagnostic_type, diagnostic = _typed(block.get("Diagnostic-Code"), comments=True)
         code = _smtp_code(diagnostic) if diagnostic_type == "smtp" else None
         recipients.append(
             ReportedRecipient(
                 final_recipient=final,
                 original_recipient=_typed_address(block.get("Original-Recipient")),
-                action=_field(block.get("Action")).lower(),
+                action=_plain(block.get("Action")).lower(),
                 status=_status(block.get("Status")),
                 diagnostic=diagnostic,
                 diagnostic_code=code,
@@ -270,7 +270,7 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
         recipients=tuple(recipients),
         reporting_mta=_typed(fields.get("Reporting-MTA"))[1],
         original_message_id=_returned_message_id(parts),
-        feedback_type=_field(fields.get("Feedback-Type")).lower() or None,
+        feedback_type=_plain(fields.get("Feedback-Type")).lower() or None,
         envelope_senders=tuple(
             [*senders, *([mail_from] if mail_from else []), *_returned_paths(parts)]
         ),
@@ -434,9 +434,22 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 """A fold: the line break before the whitespace that continues a field."""
 
 
-def _typed(value: object, *, spaces: bool = False) -> tuple[str | None, str | None]:
-    """``type; value`` fields (``rfc822; bob@x``, ``smtp; 550 ...``) → (type, value)."""
-    text = _field(value, spaces=spaces)
+def _plain(value: object, *, spaces: bool = False) -> str:
+    """A field as :func:`_field` makes it, without its comments: "text that appears in
+    parentheses is considered a comment and not part of the contents" of a DSN field
+    (RFC 3464 §2.1.1; RFC 5965's fields allow them too, as CFWS), so ``Action: failed
+    (bad destination)`` says ``failed``. A quoted string's parentheses stay."""
+    text = _without_comments(_field(value, spaces=spaces)).strip()
+    return text if spaces else " ".join(text.split())
+
+
+def _typed(
+    value: object, *, spaces: bool = False, comments: bool = False
+) -> tuple[str | None, str | None]:
+    """``type; value`` fields (``rfc822; bob@x``, ``smtp; 550 ...``) → (type, value),
+    without comments (:func:`_plain`) unless ``comments``: a diagnostic's text is the
+    reply as the server wrote it, parentheses included."""
+    text = _field(value, spaces=spaces) if comments else _plain(value, spaces=spaces)
     if not text:
         return None, None
     kind, sep, rest = text.partition(";")
@@ -469,8 +482,8 @@ def _unescape_utf8(address: str) -> str:
 
 
 def _bare(value: object) -> str | None:
-    """An address without angle brackets or surrounding space; None when empty."""
-    text = _field(value, spaces=True)
+    """An address without angle brackets, comments or surrounding space; None when empty."""
+    text = _plain(value, spaces=True)
     if text.startswith("<") and ">" in text:
         text = text[1 : text.index(">")]
     return text.strip() or None
@@ -479,7 +492,7 @@ def _bare(value: object) -> str | None:
 def _status(value: object) -> str | None:
     """RFC 3464's ``Status``: an RFC 3463 code, class.subject.detail in ASCII digits (1 to
     3 each). str.isdigit() alone also takes other scripts' digits and "²"."""
-    text = _field(value).split(" ")[0]
+    text = _plain(value).split(" ")[0]
     parts = text.split(".")
     if (
         len(parts) == 3
