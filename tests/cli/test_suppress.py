@@ -71,6 +71,25 @@ def test_export_import_round_trip(cli: CLI, workdir: Path, tmp_path: Path) -> No
     }
 
 
+def test_an_export_to_stdout_is_utf_8_whatever_the_locale(cli: CLI, workdir: Path) -> None:
+    """Import reads UTF-8 only; an export to standard output under a Latin-1 locale was
+    written in Latin-1 (jörg@ would not import again) and stopped with an internal error
+    (exit 70, half the list written) at a target Latin-1 has no letters for."""
+    cli.ok("suppress", "add", "jörg@example.test", "用户@example.test", "ann@example.test")
+    latin1 = CLI(cwd=workdir, env=cli.env | {"PYTHONIOENCODING": "latin-1"})
+    result = latin1("suppress", "export")
+    assert result.code == 0, result.err
+    assert result.out == cli.ok("suppress", "export").out
+    (workdir / "list.csv").write_text(result.out, encoding="utf-8")
+    other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
+    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 3}
+    assert [r["target"] for r in other.ok("suppress", "list", "--json").json()] == [
+        "ann@example.test",
+        "jörg@example.test",
+        "用户@example.test",
+    ]
+
+
 def test_errors_are_typed_and_nothing_is_half_imported(cli: CLI, workdir: Path) -> None:
     bad = cli("suppress", "add", "not an address")
     assert bad.code == 65

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -227,7 +228,7 @@ def export_command(args: argparse.Namespace) -> int:
     now = None if args.all else utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         if args.file == "-":
-            write_csv(_every(store, now=now), sys.stdout)
+            _export_to_stdout(_every(store, now=now))
         else:
             try:
                 with open(args.file, "w", encoding="utf-8", newline="") as stream:
@@ -237,3 +238,22 @@ def export_command(args: argparse.Namespace) -> int:
                     f"cannot write {args.file}: {exc.strerror or exc}", EX_CANTCREAT
                 ) from None
     return EX_OK
+
+
+def _export_to_stdout(entries: Iterator[Suppression]) -> None:
+    """The CSV on standard output in UTF-8, as import reads it and as a file is written,
+    whatever the locale makes ``sys.stdout`` (Latin-1 under a Latin-1 locale, where a
+    target it has no letters for stopped the export halfway)."""
+    from mailstrom.suppression_csv import write_csv
+
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:  # replaced by a text stream without one: it takes str
+        write_csv(entries, sys.stdout)
+        return
+    sys.stdout.flush()
+    stream = io.TextIOWrapper(binary, encoding="utf-8", newline="", write_through=True)
+    try:
+        write_csv(entries, stream)
+        stream.flush()
+    finally:
+        stream.detach()  # sys.stdout keeps its buffer open
