@@ -11,13 +11,15 @@ complaints read by ``mailstrom bounce``, and from operators (``mailstrom suppres
 A target is a whole address (``bob@example.org``) or a domain (``example.org``: every
 address there). Both are kept lower-cased: local parts are case-sensitive in theory, but
 no large mailbox provider treats them so, and a list that missed ``Bob@`` after a bounce
-for ``bob@`` would be no list at all. A domain is kept as its A-labels
+for ``bob@`` would be no list at all. A UTF-8 local part is kept in NFC, as ``prepare()``
+stores it. A domain is kept as its A-labels
 (``xn--bcher-kva.example`` for ``bücher.example``), the form ``prepare()`` stores
 recipients in, since the lookup compares strings.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,7 +96,7 @@ def normalize_target(text: str) -> str:
         raise InvalidSuppression(
             f"an address or domain must be a string, not {type(text).__name__}"
         )
-    target = text.strip().lower()
+    target = _folded(text.strip())
     if target.startswith("<") and target.endswith(">"):
         target = target[1:-1].strip()
     if not target:
@@ -162,7 +164,15 @@ def address_key(address: str) -> str:
     if address.isascii():
         return address.lower()
     local, at, domain = address.rpartition("@")
-    return f"{local.lower()}{at}{_domain_key(domain)}"
+    return f"{_folded(local)}{at}{_domain_key(domain)}"
+
+
+def _folded(text: str) -> str:
+    """``text`` lower-cased and, when it is not ASCII, in NFC: ``prepare()`` stores a
+    UTF-8 local part so (email_validator), and "jo\u0308rg" (o and a combining
+    diaeresis, as macOS input writes it) is the mailbox it stores as "j\u00f6rg"."""
+    text = text.lower()
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 def _domain_key(domain: str) -> str:

@@ -10,11 +10,13 @@ import pytest
 from mailstrom.client.common import suppression_entry
 from mailstrom.config import Config
 from mailstrom.errors import ConfigError, InvalidSuppression
+from mailstrom.message.addrspec import validate_address
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_hard_bounce
 from mailstrom.status import AttemptOutcome
 from mailstrom.suppression import (
     Suppression,
     SuppressionSource,
+    address_key,
     check_reply,
     lookup_targets,
     match,
@@ -105,6 +107,21 @@ def test_an_entry_for_a_u_label_domain_applies_to_recipients_stored_as_a_labels(
     assert match("bob@xn--bcher-kva.example", found) is domain
     assert match("ñoño@xn--bcher-kva.example", found) is own
     assert match("ÑOÑO@bücher.example", found) is own
+
+
+def test_an_entry_typed_decomposed_applies_to_the_recipient_prepare_stores() -> None:
+    """prepare() stores a UTF-8 local part in NFC (email_validator): "jo\u0308rg" (o and
+    a combining diaeresis, as macOS input and many files write it) is queued as
+    "j\u00f6rg". An entry kept as typed was listed but never applied, and a report naming
+    the recipient decomposed matched nobody."""
+    decomposed = "Jo\u0308rg@example.org"
+    stored = validate_address(decomposed).envelope
+    assert stored == "J\u00f6rg@example.org"
+    own = entry(normalize_target(decomposed))
+    assert own.target == "j\u00f6rg@example.org"
+    assert match(stored, {own.target: own}) is own
+    assert address_key(decomposed) == address_key(stored)
+    assert stored_forms(decomposed) == ["j\u00f6rg@example.org", "jo\u0308rg@example.org"]
 
 
 def test_removing_a_u_label_target_reaches_the_form_earlier_builds_stored() -> None:
