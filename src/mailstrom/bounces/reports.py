@@ -22,6 +22,7 @@ import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from email.utils import getaddresses
 from enum import StrEnum
@@ -281,8 +282,12 @@ def _blocks(part: Message) -> list[Message]:
     """The header blocks of a ``message/delivery-status``, ``message/global-delivery-status``
     or ``message/feedback-report`` part (the parser reads each block of the first as a
     message of headers)."""
+    if _encoded(part):
+        # In base64 or quoted-printable (how the 8-bit message/global-delivery-status
+        # crosses a 7-bit hop): what the parser read is the encoded text, decoded whole.
+        return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"))
     payload = part.get_payload()
-    if isinstance(payload, str):  # an encoded part the parser left as text
+    if isinstance(payload, str):
         return _text_blocks(payload)
     if not isinstance(payload, list):
         return []
@@ -291,13 +296,11 @@ def _blocks(part: Message) -> list[Message]:
         return blocks
     # message/global-delivery-status (RFC 6533, from SMTPUTF8 servers) is not a type the
     # parser splits: it reads the part as one message, the per-message block as its
-    # header and the recipient blocks as its body (or, in base64, all of it as the body).
+    # header and the recipient blocks as its body.
     inner = blocks[0]
     body = inner.get_payload(decode=True)  # its octets as they came, 8-bit ones too
     if not isinstance(body, bytes) or not body.strip():
         return blocks  # one block indeed (a feedback report)
-    if not inner.keys() and _encoded(part):
-        return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"))
     return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"))]
 
 
@@ -310,7 +313,12 @@ def _text_blocks(text: str) -> list[Message]:
     # between them) exhausted the stack (RecursionError, exit 70) where the report's own
     # parts are refused at MAX_DEPTH (InvalidReport).
     parser = email.parser.Parser(_class=_Part, policy=_POLICY)
-    return [parser.parsestr(b) for b in text.split("\n\n")[: MAX_RECIPIENTS + 1]]
+    blocks = _BLANK_LINES.split(text, maxsplit=MAX_RECIPIENTS + 1)[: MAX_RECIPIENTS + 1]
+    return [parser.parsestr(b) for b in blocks]
+
+
+_BLANK_LINES = re.compile(r"\n\n+")
+"""What ends a block: one empty line or more (as the parser splits message/delivery-status)."""
 
 
 def _returned(parts: list[Message]) -> Message | None:
@@ -340,18 +348,48 @@ def _encoded(part: Message) -> bool:
     return _field(part.get("Content-Transfer-Encoding")).lower() in ("base64", "quoted-printable")
 
 
+_MAX_ENCODED = 200_000
+"""Characters of an encoded part's text decoded."""
+
+
 def _decoded_body(part: Message) -> bytes:
-    """The octets of an encoded ``message/*`` part (at most 200,000 characters of it
-    read). The parser reads such a part as a message whatever its encoding, so the
-    encoded text is that message's body (or, left as text, the part's own)."""
+    """The octets of an encoded ``message/*`` part (at most :data:`_MAX_ENCODED`
+    characters of it read). The parser reads such a part as a message (a delivery-status
+    one as a list of them) whatever its encoding: the encoded lines that look like header
+    fields became that message's fields, the rest its body. In base64 no line does; in
+    quoted-printable every ASCII one does, and a soft line break ends them early. The
+    text is put back together (:func:`_as_read`) before it is decoded."""
     payload = part.get_payload()
-    inner = payload[0] if isinstance(payload, list) and payload else None
-    encoded = inner.get_payload() if isinstance(inner, Message) else payload
+    if isinstance(payload, str):
+        encoded = payload[:_MAX_ENCODED]
+    else:
+        pieces: list[str] = []
+        size = 0
+        for inner in payload if isinstance(payload, list) else []:
+            if size > _MAX_ENCODED:
+                break
+            if isinstance(inner, Message):
+                pieces.append(_as_read(inner))
+                size += len(pieces[-1]) + 1
+        # The empty line between the blocks of a delivery-status part (the parser split
+        # them there); where there are two, _text_blocks still sees one block end.
+        encoded = "\n".join(pieces)[:_MAX_ENCODED]
     carrier = Message()
     carrier["Content-Transfer-Encoding"] = _field(part.get("Content-Transfer-Encoding"))
-    carrier.set_payload(encoded[:200_000] if isinstance(encoded, str) else "")
+    carrier.set_payload(encoded)
     data = carrier.get_payload(decode=True)
     return data if isinstance(data, bytes) else b""
+
+
+def _as_read(message: Message) -> str:
+    """The text the parser made ``message`` of: its fields as they came (a folded one
+    with its line breaks), the empty line that ended them when one did, and its body
+    (none when it was read as MIME parts: only headers are wanted of such a message)."""
+    head = "".join(f"{name}: {value}\n" for name, value in message.items())
+    if head and not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in message.defects):
+        head += "\n"
+    body = message.get_payload()
+    return head + (body if isinstance(body, str) else "")
 
 
 def _returned_message_id(parts: list[Message]) -> str | None:
