@@ -408,3 +408,28 @@ def test_a_late_bounce_does_not_shorten_a_suppression_in_force(
     entry = ms.suppressed("nosuchuser@receiver.test")
     assert entry is not None and entry.source is SuppressionSource.ASYNC_BOUNCE
     assert entry.expires_at == clock() + timedelta(days=30)
+
+
+def test_our_own_notice_of_a_local_failure_suppresses_nothing(
+    dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A VERP sender gets the worker's notices at the recipient's own address, which is
+    delivered to `mailstrom bounce`. A failure of the worker's own (here: a suppression
+    for a week) is reported as Status 5.0.0 with an X-Mailstrom diagnostic; read as
+    Exim's 5.0.0 without detail it suppressed the address for good."""
+    dns_server.mx("sender.test", [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "n.db")
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        ms.suppress("carol@mailbox.test", "a week off", expires_at=clock() + timedelta(days=7))
+        mid = ms.send_email(hello("carol@mailbox.test"), envelope_from=VERP)
+        results.wait_count(2)  # carol failed (suppressed), the notice delivered
+        [notice] = mx.wait_for_messages(1)
+        assert notice.rcpt_tos[0].startswith("bounces+")
+        [outcome] = apply(ms, notice.content, clock)
+        assert (outcome.action, outcome.message_id) == (BounceAction.ALREADY_FAILED, mid)
+        assert outcome.suppressed is None
+        entry = ms.suppressed("carol@mailbox.test")
+        assert entry is not None and entry.source is SuppressionSource.MANUAL
+        assert entry.expires_at == clock() + timedelta(days=7)
+    store.close()

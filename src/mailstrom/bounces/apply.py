@@ -67,6 +67,8 @@ _COMPLAINTS = frozenset({"abuse", "fraud", "virus"})
 SPF or DKIM result, nothing the recipient did), nor ``other`` (RFC 5965: whatever fits no
 type, so it says nothing of the recipient) or a type unknown here. A report without the
 field (RFC 5965 §3.1 requires it) is read as ``abuse``, what feedback loops send."""
+_OWN_DIAGNOSTIC = "x-mailstrom"
+"""The Diagnostic-Code type of a reason of mailstrom's own (bounces.notice)."""
 _REPORTABLE = frozenset({RecipientState.DELIVERED, RecipientState.FAILED})
 """The states a report may concern: accepted by a server (and perhaps failed late since),
 or failed already (the report then changes at most the suppression list)."""
@@ -189,7 +191,9 @@ def apply_report(
     worker's own hard bounces); a complaint (feedback type ``abuse``, ``fraud`` or
     ``virus``, or none) always suppresses, with no end, and other feedback reports change
     nothing. An entry in force for the address that lasts at least as long (a complaint's,
-    an operator's) is kept as it is: a report never shortens a suppression.
+    an operator's) is kept as it is: a report never shortens a suppression. A failure a
+    mailstrom worker reports for a reason of its own (an ``X-Mailstrom`` diagnostic) does
+    not suppress: that worker applied ``suppress_on`` to it already.
     """
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
@@ -292,11 +296,21 @@ def _apply_one(
     )
     changed = store.fail_late(message.id, recipient.address, attempt)
     suppressed = None
-    if entry.status is not None and is_late_hard_bounce(
-        entry.status,
-        code=entry.diagnostic_code,
-        diagnostic_status=entry.diagnostic_status,
-        codes=suppress_on,
+    # A failure a mailstrom worker decided itself (its notices, which a VERP sender gets
+    # at this very address, give the reason as an X-Mailstrom diagnostic with Status
+    # 5.0.0) was judged against suppress_on by that worker, which suppressed the address
+    # if it was one to suppress: that 5.0.0 is not Exim's "no detail" (a suppression of a
+    # week, a local size or TLS refusal would otherwise suppress the address for good).
+    own = entry.diagnostic_type == _OWN_DIAGNOSTIC
+    if (
+        entry.status is not None
+        and not own
+        and is_late_hard_bounce(
+            entry.status,
+            code=entry.diagnostic_code,
+            diagnostic_status=entry.diagnostic_status,
+            codes=suppress_on,
+        )
     ):
         suppressed = _suppress(
             store,

@@ -85,6 +85,9 @@ class ReportedRecipient:
     diagnostic: str | None = None
     """The remote MTA's reply or the reporting MTA's reason (``Diagnostic-Code``,
     without its type)."""
+    diagnostic_type: str | None = None
+    """The ``Diagnostic-Code``'s type, lower case: ``smtp`` for a server's reply, else
+    the reporting MTA's own (``x-postfix``; ``x-mailstrom`` in mailstrom's notices)."""
     diagnostic_code: int | None = None
     """The SMTP reply code at the start of an ``smtp;`` diagnostic, if any."""
     diagnostic_status: str | None = None
@@ -234,6 +237,7 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
                 action=_plain(block.get("Action")).lower(),
                 status=_status(block.get("Status")),
                 diagnostic=diagnostic,
+                diagnostic_type=diagnostic_type,
                 diagnostic_code=code,
                 diagnostic_status=_smtp_status(diagnostic, code),
                 remote_mta=_typed(block.get("Remote-MTA"))[1],
