@@ -2,7 +2,8 @@
 
 The columns are ``target,source,reply,created_at,expires_at,message_id`` (times in ISO 8601
 with a zone, ``2026-11-30T09:00:00+00:00``, kept in UTC); an export starts with that
-header. An import may leave out the header (the columns are then taken in that order) and
+header. An import may leave out the header (the columns are then taken in that order; a first
+row is the header when its first cell names a column and one cell is ``target``) and
 any column after ``target``: a file of one address or domain a line is a valid import.
 A row whose first cell starts with ``#`` and is no target (``# note``, ``#note``, ``###``)
 is a comment; ``#team@example.org`` is an address (``#`` is atext, RFC 5322 §3.2.3), so
@@ -82,7 +83,7 @@ def parse_csv(
             cells = [c.strip() for c in row]
             if not any(cells) or _is_comment(cells[0]):
                 continue
-            if not entries and columns is COLUMNS and "target" in (c.lower() for c in cells):
+            if not entries and columns is COLUMNS and _is_header(cells):
                 columns = _header(cells, line)
                 continue
             if len(entries) >= max_rows:
@@ -108,6 +109,14 @@ def _is_comment(cell: str) -> bool:
     except InvalidSuppression:
         return True
     return False
+
+
+def _is_header(cells: list[str]) -> bool:
+    """Whether a first row is the header: its first cell names a column (an entry's is
+    its target) and one cell is ``target``. A reply or message id that says "target" in
+    an entry's row does not make it one."""
+    names = [c.lower() for c in cells]
+    return names[0] in COLUMNS and "target" in names
 
 
 def _rows(reader: Iterator[list[str]]) -> Iterator[list[str]]:

@@ -235,6 +235,21 @@ def test_import_with_a_header_in_another_order() -> None:
     assert (e.target, e.reply) == ("bob@example.org", "by hand")
 
 
+def test_a_first_row_whose_reply_says_target_is_no_header() -> None:
+    """A row is the header when its first cell names a column: a file without one whose
+    first entry's reply (or message id) was the word "target" was refused as a header
+    with an unknown column (the entry's address)."""
+    text = "bob@example.org,manual,Target\nann@example.org,complaint,,,,target\n"
+    got = parse_csv(text, now=NOW)
+    assert [(e.target, e.reply, e.message_id) for e in got] == [
+        ("bob@example.org", "Target", None),
+        ("ann@example.org", "", "target"),
+    ]
+    out = io.StringIO()
+    write_csv(got, out)
+    assert parse_csv(out.getvalue(), now=NOW) == got
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
