@@ -109,6 +109,22 @@ def test_errors_are_typed_and_nothing_is_half_imported(cli: CLI, workdir: Path) 
     assert cli("suppress").code == 64
 
 
+def test_an_entry_that_expires_at_once_is_refused(cli: CLI) -> None:
+    """``--expires 0s`` said "suppressed until <now>", wrote an entry that never applied
+    and, in its place, dropped the entry the address had: the library refuses an expiry
+    that is not in the future, and so does the command."""
+    cli.ok("suppress", "add", "bob@example.test", "--reason", "asked to stop")
+    result = cli("suppress", "add", "bob@example.test", "--expires", "0s")
+    assert result.code == 64, result.out
+    assert "--expires" in result.err
+    [row] = cli.ok("suppress", "list", "--json").json()
+    assert (row["target"], row["reply"], row["expires_at"]) == (
+        "bob@example.test",
+        "asked to stop",
+        None,
+    )
+
+
 def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     cli.ok("suppress", "add", "bob@example.test", "--reason", "550 5.1.1 gone")

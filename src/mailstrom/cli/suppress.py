@@ -6,7 +6,7 @@ import argparse
 import io
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_code_for
@@ -61,7 +61,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     add.add_argument("targets", nargs="+", metavar="TARGET", help="an address or a domain")
     add.add_argument("--reason", default="", help="a note shown as the reply (optional)")
     add.add_argument(
-        "--expires", type=duration_arg, metavar="AGE", help="remove it after AGE (e.g. 90d)"
+        "--expires", type=_expiry_arg, metavar="AGE", help="remove it after AGE (e.g. 90d)"
     )
     add.add_argument(
         "--source",
@@ -101,6 +101,16 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     exp.add_argument("--all", action="store_true", help="include expired entries")
     exp.set_defaults(handler=export_command)
+
+
+def _expiry_arg(text: str) -> timedelta:
+    """``--expires``: a duration longer than 0. An entry that expires as it is written
+    never applies, and it would take the place of the entry the address had (the library
+    refuses an ``expires_at`` that is not in the future the same way)."""
+    age = duration_arg(text)
+    if age <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"an entry must last longer than 0: {text!r}")
+    return age
 
 
 def _action(
