@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from mailstrom.bounces import recipient_token, verp_address
 from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
@@ -137,6 +139,19 @@ def test_what_is_no_report_is_ignored_and_errors_are_typed(cli: CLI) -> None:
     # Larger than --max-size: the rest is read and dropped, the head still parsed.
     big = (SAMPLES / "postfix-dsn-full.eml").read_bytes() + b"x" * 3_000_000
     assert cli("bounce", "--max-size", "2000", stdin=big).code == 66
+
+
+@pytest.mark.parametrize("size", ["1000000000000", str(2**63 - 1)])
+def test_a_max_size_past_memory_reads_what_comes(cli: CLI, size: str) -> None:
+    """--max-size is a bound, not an amount to set aside: standard input was read with
+    one read(max_size), which allocates that much first (MemoryError, or OverflowError at
+    the largest count the option takes: "internal error", exit 70, for a 30-octet
+    auto-reply)."""
+    ignored = cli("bounce", "--max-size", size, stdin=b"Subject: Away\r\n\r\nAway.\r\n")
+    assert (ignored.code, ignored.err_lines) == (
+        0,
+        ["mailstrom: ignored: not a delivery status notification or feedback report"],
+    )
 
 
 def test_escape_sequences_in_a_report_reach_neither_the_terminal_nor_the_store(

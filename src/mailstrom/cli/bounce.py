@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from mailstrom.bounces.reports import MAX_REPORT
 from mailstrom.cli.context import settings_from, store_from, utc_now
@@ -72,7 +72,7 @@ def bounce_command(args: argparse.Namespace) -> int:
     from mailstrom.bounces.apply import BounceAction
 
     stdin = stdin_buffer()
-    data = stdin.read(args.max_size)
+    data = _read_at_most(stdin, args.max_size)
     _drain(stdin)
     report = parse_report(data)
     if report is None:
@@ -105,6 +105,25 @@ def bounce_command(args: argparse.Namespace) -> int:
     if any(o.action is BounceAction.UNMATCHED for o in outcomes):
         return EX_NOINPUT
     return EX_OK
+
+
+_CHUNK = 1 << 20
+
+
+def _read_at_most(stream: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` octets of ``stream``, read a MiB at a time: one ``read(limit)``
+    sets ``limit`` octets aside first, and a large ``--max-size`` (a terabyte, or the
+    largest count the option takes) raised MemoryError or OverflowError before anything
+    was read."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = stream.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _drain(stream: object) -> None:
