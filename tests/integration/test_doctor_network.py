@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -41,3 +42,38 @@ def test_probe_silence_and_refusal(silent: int) -> None:
     refused = SocketNetwork().probe("127.0.0.1", free_loopback_port(), None, 2)
     assert not refused.connected and not refused.timed_out
     assert refused.error
+
+
+@pytest.fixture
+def dripping() -> Iterator[int]:
+    """A port whose server sends its greeting one octet at a time, each well within the
+    probe's timeout (as an SMTP tarpit, OpenBSD's spamd for one, stutters), for 20 s."""
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                for octet in b"220 " + b"x" * 96 + b"\r\n":
+                    if stop.wait(0.2):
+                        return
+                    try:
+                        conn.sendall(bytes([octet]))
+                    except OSError:
+                        return
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        stop.set()
+        thread.join()
+
+
+def test_probe_waits_for_the_greeting_timeout_in_all(dripping: int) -> None:
+    # Each octet comes within the timeout, the greeting line not: the timeout bounds the
+    # wait for the greeting, not each read of it (4096 reads of up to the timeout each).
+    slow = SocketNetwork().probe("127.0.0.1", dripping, None, 1)
+    assert slow.connected and slow.timed_out and slow.greeting is None
+    assert "no greeting within 1 s" in (slow.error or "")

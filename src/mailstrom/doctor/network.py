@@ -92,10 +92,16 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def _first_line(sock: socket.socket, timeout: float) -> str:
-    """The greeting's first line (a multi-line greeting's rest is of no interest)."""
-    sock.settimeout(timeout)
+    """The greeting's first line (a multi-line greeting's rest is of no interest), within
+    ``timeout`` seconds in all: a server that sends it an octet at a time (a tarpit)
+    would otherwise hold the probe for up to 4096 timeouts."""
+    deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data and len(data) < 4096:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         chunk = sock.recv(1024)
         if not chunk:
             break
