@@ -677,6 +677,29 @@ def test_dmarc_subdomain_uses_the_organizational_record() -> None:
     assert resolver.asked == [("_dmarc.news.example.com", "TXT"), ("_dmarc.example.com", "TXT")]
 
 
+@pytest.mark.parametrize(
+    ("domain", "record", "tag", "fixed"),
+    [
+        # Tag names and policy values are in any case (RFC 7489 §6.4: ABNF strings).
+        (DOMAIN, "v=DMARC1; P = None; rua=mailto:d@example.com", "p", "v=DMARC1; P = quarantine;"),
+        # A subdomain under the organizational record: sp= is the policy to change.
+        ("news.example.com", "v=DMARC1; p=reject; sp=none", "sp", "p=reject; sp=quarantine"),
+        ("news.example.com", "v=DMARC1; p=none; sp=NONE", "sp", "p=none; sp=quarantine"),
+        ("news.example.com", "v=DMARC1; p=none", "p", "v=DMARC1; p=quarantine"),
+    ],
+)
+def test_dmarc_bulk_fix_changes_the_policy_in_effect(
+    domain: str, record: str, tag: str, fixed: str
+) -> None:
+    resolver = FakeResolver({("_dmarc.example.com", "TXT"): [record]})
+    check = check_dmarc(
+        resolver, domain=domain, spf_result="pass", dkim_domains=[DOMAIN], bulk=True
+    )
+    assert check.status is Status.WARN
+    assert f"{tag}=none asks receivers" in check.summary
+    assert fixed in (check.fix or ""), check.fix
+
+
 # --- blocklists --------------------------------------------------------------------------
 
 

@@ -235,10 +235,11 @@ def check_dmarc(
         problems.append("passes by SPF alone, which forwarding breaks")
         fixes.append(f"sign with a DKIM key for d={domain} and publish it (see the dkim check)")
     if policy == "none" and bulk:
-        problems.append("p=none asks receivers to do nothing with mail that fails")
+        tag = "sp" if at_org and record.sp else "p"
+        problems.append(f"{tag}=none asks receivers to do nothing with mail that fails")
         fixes.append(
             f"once the reports show your mail passes, publish at {found.name}: "
-            f'"{_with_policy(found.records[0], "quarantine")}"'
+            f'"{_with_policy(found.records[0], tag, "quarantine")}"'
         )
     verdict = f"mail From {domain} would pass DMARC (p={policy})"
     if problems:
@@ -248,5 +249,13 @@ def check_dmarc(
     return check(Status.PASS, verdict, None, details)
 
 
-def _with_policy(record: str, policy: str) -> str:
-    return re.sub(r"(;[ \t]*p[ \t]*=[ \t]*)none", lambda m: m.group(1) + policy, record, count=1)
+def _with_policy(record: str, tag: str, policy: str) -> str:
+    """``record`` with its ``tag`` (``p`` or ``sp``) of ``none`` set to ``policy``: the
+    first such tag, the one :func:`parse_dmarc` reads, its name and value in any case."""
+    return re.sub(
+        rf"(;[ \t]*{tag}[ \t]*=[ \t]*)none(?=[ \t]*(?:;|\Z))",
+        lambda m: m.group(1) + policy,
+        record,
+        count=1,
+        flags=re.IGNORECASE,
+    )
