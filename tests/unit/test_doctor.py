@@ -905,6 +905,20 @@ def test_run_doctor_relay_mode(rsa_key: Path) -> None:
     assert report.find("dnsbl") == []
 
 
+@pytest.mark.parametrize("domain", ["Example.COM", "example.com.", "EXAMPLE.com."])
+def test_run_doctor_takes_the_domain_in_any_case_and_with_a_final_dot(
+    rsa_key: Path, domain: str
+) -> None:
+    # The subdomain policy differs, so taking the domain for a subdomain shows.
+    zone = good_zone(rsa_key)
+    zone[(f"_dmarc.{DOMAIN}", "TXT")] = ["v=DMARC1; p=reject; sp=none"]
+    report = run_doctor(setup(rsa_key, domain=domain), FakeResolver(zone), FakeNetwork())
+    assert report.domain == DOMAIN
+    assert report.worst is Status.PASS, [c for c in report.checks if c.status != "pass"]
+    [dmarc] = report.find("dmarc")
+    assert "(p=reject)" in dmarc.summary
+
+
 def test_setup_from_config() -> None:
     config = Config(helo_name=HELO, source_address="192.0.2.10", dns=DNSConfig())
     s = SenderSetup.from_config(config, domain="Example.COM.", ip=None, bulk=True)
@@ -921,6 +935,8 @@ def test_setup_from_config() -> None:
 def test_setup_refuses_what_is_no_sending_domain(domain: str) -> None:
     with pytest.raises(ValueError, match="domain name"):
         SenderSetup.from_config(Config(helo_name=HELO), domain=domain)
+    with pytest.raises(ValueError, match="domain name"):
+        SenderSetup(domain=domain, helo_name=HELO)
 
 
 def test_exit_codes() -> None:

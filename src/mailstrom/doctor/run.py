@@ -34,7 +34,9 @@ class SenderSetup:
     """What the doctor judges: the sending domain and how this machine sends for it."""
 
     domain: str
-    """The From domain (and, as mailstrom sends by default, the envelope sender's)."""
+    """The From domain (and, as mailstrom sends by default, the envelope sender's), taken
+    as a lower-case A-label; :class:`ValueError` when it is no domain name of
+    letter-digit-hyphen labels (RFC 5321 §4.1.2), which no sending domain can be."""
     helo_name: str
     ip: str | None = None
     """The address receivers see, if known (``--ip``); else it is found by routing."""
@@ -53,12 +55,17 @@ class SenderSetup:
     """``host:port`` of the configured relay: then the relay, not this machine, talks to
     receivers, and the IP checks judge an address only when one is given."""
 
+    def __post_init__(self) -> None:
+        # The checks compare the domain with names from DNS and the keys' domains, which
+        # are lower-case A-labels without the final dot: "Example.COM." judged as it was
+        # written found no DKIM key for it, and took its own DMARC record for its
+        # organizational domain's (with the sp= policy).
+        object.__setattr__(self, "domain", ldh_domain_name(self.domain))
+
     @classmethod
     def from_config(cls, config: Config, *, domain: str, **given: Any) -> SenderSetup:
         """The setup ``config`` describes, overridden by ``given`` (None values ignored).
-        DKIM keys come from ``config.dkim``. ``domain`` is taken as a lower-case A-label;
-        :class:`ValueError` when it is no domain name of letter-digit-hyphen labels
-        (RFC 5321 §4.1.2), which no sending domain can be."""
+        DKIM keys come from ``config.dkim``."""
         values: dict[str, Any] = {
             "helo_name": config.helo_name,
             "source_address": config.source_address,
@@ -68,7 +75,7 @@ class SenderSetup:
             "relay": f"{config.relay.host}:{config.relay.port}" if config.relay else None,
         }
         values.update({k: v for k, v in given.items() if v is not None})
-        return cls(domain=ldh_domain_name(domain), **values)
+        return cls(domain=domain, **values)
 
 
 def dkim_keys(setting: DKIMConfig | None) -> tuple[DKIMKey, ...]:
