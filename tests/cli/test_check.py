@@ -94,3 +94,17 @@ def test_check_null_mx_and_unreachable(mail_env: MailEnv) -> None:
     [address] = down.json()["hosts"][0]["addresses"]
     assert address["connected"] is False
     assert address["error"]
+
+
+def test_check_helo_name_with_a_u_label_is_forward_confirmed_by_its_a_label(
+    mail_env: MailEnv,
+) -> None:
+    # EHLO sends the A-label, which is also all a PTR record can name.
+    cli = mail_env.cli
+    cli.env["MAILSTROM_HELO_NAME"] = "clïent.test"
+    mail_env.dns.a("xn--clent-dta.test", "127.0.0.1")
+    mail_env.dns.ptr("127.0.0.1", "xn--clent-dta.test")
+    helo = cli.ok("check", "--json", "example.test").json()["helo"]
+    assert helo["addresses"] == ["127.0.0.1"]
+    assert helo["ptr"] == {"127.0.0.1": ["xn--clent-dta.test"]}
+    assert helo["forward_confirmed"] is True

@@ -128,6 +128,23 @@ def test_well_configured_domain_passes_every_check(
     assert "Verdict: every check passed" in text.out
 
 
+def test_an_internationalized_helo_name_is_judged_as_ehlo_sends_it(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    # EHLO sends a U-label HELO name as its A-label, and a PTR record can only hold that.
+    good_env(mail_env, keys)
+    helo, sent = "clïent.test", "xn--clent-dta.test"
+    mail_env.cli.env["MAILSTROM_HELO_NAME"] = helo
+    mail_env.dns.ptr("127.0.0.1", sent)
+    mail_env.dns.a(sent, "127.0.0.1")
+    mail_env.dns.txt(sent, "v=spf1 a -all")
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{keys['good'][0]}", GOOD)
+    [helo_check] = by_name(report)["helo"]
+    assert helo_check["status"] == "pass", helo_check
+    assert helo_check["subject"] == sent
+    assert code == 0, report
+
+
 def test_misconfigured_domain_names_the_records_to_publish(
     mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
 ) -> None:

@@ -31,6 +31,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.config import Config, TLSPolicy
+from mailstrom.domains import a_label
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
@@ -309,7 +310,8 @@ async def check_helo(config: Config) -> HeloReport:
             report.error = f"{rdtype} lookup failed: {exc}"
     if not report.addresses and report.error is None:
         report.error = f"{config.helo_name} has no A or AAAA record"
-    wanted = config.helo_name.lower().rstrip(".")
+    # PTR records name the A-label, which is what EHLO sends for a U-label HELO name.
+    wanted = a_label(config.helo_name).rstrip(".")
     for ip in report.addresses:
         try:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")

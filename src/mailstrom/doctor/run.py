@@ -26,7 +26,7 @@ from mailstrom.doctor.outgoing import (
 )
 from mailstrom.doctor.report import Check, DoctorReport, Status, listed
 from mailstrom.doctor.spf import check_spf, check_spf_helo
-from mailstrom.domains import ldh_domain_name
+from mailstrom.domains import a_label, ldh_domain_name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,6 +38,7 @@ class SenderSetup:
     as a lower-case A-label; :class:`ValueError` when it is no domain name of
     letter-digit-hyphen labels (RFC 5321 §4.1.2), which no sending domain can be."""
     helo_name: str
+    """The name sent in EHLO; a U-label is taken as its A-label, as EHLO sends it."""
     ip: str | None = None
     """The address receivers see, if known (``--ip``); else it is found by routing."""
     source_address: str | None = None
@@ -61,6 +62,10 @@ class SenderSetup:
         # written found no DKIM key for it, and took its own DMARC record for its
         # organizational domain's (with the sp= policy).
         object.__setattr__(self, "domain", ldh_domain_name(self.domain))
+        # Judged as EHLO sends it (smtp.session): a U-label as its A-label, the only form
+        # a PTR record can name and receivers see.
+        if not self.helo_name.isascii():
+            object.__setattr__(self, "helo_name", a_label(self.helo_name))
 
     @classmethod
     def from_config(cls, config: Config, *, domain: str, **given: Any) -> SenderSetup:
