@@ -298,6 +298,37 @@ def test_fcrdns_failures() -> None:
     assert "fully qualified" in short.summary
 
 
+@pytest.mark.parametrize(
+    ("helo", "status"),
+    [
+        (f"[{IP}]", Status.WARN),
+        ("[198.51.100.7]", Status.FAIL),
+        ("[IPv6:2001:db8::1]", Status.FAIL),
+    ],
+)
+def test_helo_name_that_is_an_address_literal(helo: str, status: Status) -> None:
+    # RFC 5321 §4.1.3 allows a literal in EHLO (and helo_name takes one), but it is no DNS
+    # name: nothing can be published at it, and no SPF check is made of it (RFC 7208 §2.3).
+    zone: Zone = {("10.2.0.192.in-addr.arpa", "PTR"): [HELO + "."], (HELO, "A"): [IP]}
+    resolver = FakeResolver(zone)
+    ptr, helo_check = check_fcrdns(resolver, ip=IP, helo=helo)
+    assert ptr.status is Status.PASS
+    assert helo_check.status is status, helo_check
+    assert "address literal" in helo_check.summary
+    assert helo_check.fix is not None and f'set helo_name = "{HELO}"' in helo_check.fix
+    spf = check_spf_helo(resolver, helo=helo, ip=IP)
+    assert spf.status is Status.WARN
+    assert "address literal" in spf.summary
+    assert [n for n, _ in resolver.asked if n.startswith("[")] == []
+    for check in (helo_check, spf):
+        assert "at [" not in (check.fix or "") and "record [" not in (check.fix or "")
+
+    # Without a PTR name to offer, the fix asks for one naming a host, not the literal.
+    ptr, helo_check = check_fcrdns(FakeResolver({}), ip=IP, helo=helo)
+    assert ptr.fix is not None and ptr.fix.endswith(f"→ a host name that resolves to {IP}")
+    assert helo_check.fix is not None and "[" not in helo_check.fix
+
+
 def test_fcrdns_looks_up_at_most_ten_ptr_names() -> None:
     # Whoever holds the address block may publish any number of PTR names, and each
     # costs a lookup (a dropped one the whole DNS timeout).

@@ -18,6 +18,7 @@ from mailstrom.doctor.lookup import (
     same_address,
 )
 from mailstrom.doctor.report import Check, Status, listed
+from mailstrom.domains import literal_address
 
 MAX_PTR_NAMES = 10
 """PTR names of the address forward-confirmed at most. Each costs a lookup (a dropped one
@@ -58,6 +59,8 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
     helo = normal_name(helo)
     rtype = address_family(ip)
     rname = reverse_name(ip)
+    # The name a PTR record should give: the HELO name, unless that is an address literal.
+    ptr_target = helo if literal_address(helo) is None else f"a host name that resolves to {ip}"
     ptr = resolver.lookup(rname, "PTR")
     names = [normal_name(n) for n in ptr.records[:MAX_PTR_NAMES]]
     forward = _forward(resolver, ip, names)
@@ -79,7 +82,7 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
             subject=ip,
             status=Status.FAIL,
             summary=f"{ip} has no PTR record (Gmail rejects mail from such addresses)",
-            fix=f"{_PTR_OWNER}: ask for PTR {rname} → {helo}",
+            fix=f"{_PTR_OWNER}: ask for PTR {rname} → {ptr_target}",
         )
     elif forward.confirmed:
         ptr_check = Check(
@@ -117,6 +120,21 @@ def _check_helo(resolver: Resolver, *, ip: str, helo: str, ptr_names: list[str])
             name="helo", subject=helo, status=status, summary=summary, details=details, fix=fix
         )
 
+    literal = literal_address(helo)
+    if literal is not None:
+        # RFC 5321 §4.1.3 allows it, but it is no name: nothing can be published at it,
+        # and spam filters (rspamd's HFILTER_HELO_BAREIP) score a bare address in EHLO.
+        matches = same_address(ip, str(literal))
+        return check(
+            Status.WARN if matches else Status.FAIL,
+            f"{helo} is an address literal"
+            + ("" if matches else f" of another address than {ip}")
+            + ": receivers expect a host name that resolves to the address and is its PTR name",
+            f'set helo_name = "{ptr_names[0]}"'
+            if ptr_names
+            else f"set helo_name to a host name that resolves to {ip}, and {_PTR_OWNER}: "
+            f"ask for PTR {reverse_name(ip)} → that name",
+        )
     if "." not in helo:
         return check(
             Status.FAIL,

@@ -21,6 +21,7 @@ from typing import Any
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, piece
+from mailstrom.domains import literal_address
 
 # RFC 7208 §4.5 and §12: record = version terms *SP, version = "v=spf1" (a quoted ABNF
 # string: any case), terms = *( 1*SP ( directive / modifier ) ). The version ends at an SP
@@ -198,6 +199,17 @@ def _merged(records: list[str], mechanism: str) -> str:
 def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     """SPF of the HELO identity (RFC 7208 §2.3): what receivers check for bounces, whose
     envelope sender is empty. Worth a warning, not a failure: most mail has a sender."""
+    if literal_address(helo) is not None:
+        # "This SPF check can only be performed when the HELO identity is a valid domain
+        # name" (RFC 7208 §2.3): a literal has no record, and none can be published at it.
+        return Check(
+            name="spf-helo",
+            subject=helo,
+            status=Status.WARN,
+            summary=f"none: {helo} is an address literal, which has no SPF record (RFC 7208 §2.3)",
+            fix="set helo_name to a host name that resolves to the address, and publish TXT "
+            'at it: "v=spf1 a -all" (the host may send as itself)',
+        )
     records, error = spf_records(resolver, helo)
     result, explanation = evaluate(resolver, ip=ip, sender="", helo=helo)
     explanation = piece(explanation, _EXPLAINED)
