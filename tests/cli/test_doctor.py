@@ -489,6 +489,10 @@ def test_blocklists_listed_refused_and_configured(
 
 def test_usage_errors(cli: CLI) -> None:
     assert cli("doctor", "--ip", "not-an-ip", "example.com").code == 64
+    # A zone index names an interface of this host: no address receivers could see.
+    zoned = cli("doctor", "--ip", "fe80::1%eth0", "example.com")
+    assert (zoned.code, zoned.out) == (64, ""), zoned.err
+    assert "zone index" in zoned.err
     assert cli("doctor", "--probe", "host:99999", "example.com").code == 64
     assert cli("doctor", "--dkim", "example.com:s1", "example.com").code == 64
     cli.env["MAILSTROM_DOCTOR_PROBE"] = "host:port"

@@ -811,6 +811,17 @@ def test_probe_target_is_the_best_mx() -> None:
     assert isinstance(missing, Check) and missing.status is Status.FAIL
 
 
+def test_a_routed_address_is_judged_without_its_zone_index() -> None:
+    # getsockname() gives a link-local address with its zone, which has no reverse name.
+    network = FakeNetwork(local="fe80::1%eth0")
+    setup = SenderSetup(domain=DOMAIN, helo_name=HELO, probe="[fe80::2%eth0]:25", dnsbls=())
+    report = run_doctor(setup, FakeResolver({}), network)
+    assert report.ip == "fe80::1"
+    [outgoing] = report.find("outgoing-ip")
+    assert outgoing.status is Status.WARN
+    assert [c.status for c in report.find("ptr")] == [Status.FAIL]
+
+
 def test_outgoing_address() -> None:
     target = Target(name="mx", address="198.51.100.25", port=25)
     check, ip = check_outgoing(FakeNetwork(), target, given=None, source=None)
@@ -968,6 +979,12 @@ def test_setup_refuses_what_is_no_sending_domain(domain: str) -> None:
         SenderSetup.from_config(Config(helo_name=HELO), domain=domain)
     with pytest.raises(ValueError, match="domain name"):
         SenderSetup(domain=domain, helo_name=HELO)
+
+
+@pytest.mark.parametrize("ip", ["fe80::1%eth0", "192.0.2.300", "example.com"])
+def test_setup_refuses_what_is_no_address_receivers_see(ip: str) -> None:
+    with pytest.raises(ValueError, match="address"):
+        SenderSetup(domain=DOMAIN, helo_name=HELO, ip=ip)
 
 
 def test_exit_codes() -> None:

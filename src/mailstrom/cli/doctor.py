@@ -15,7 +15,6 @@ not installed, 64 usage, 78 configuration.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, CLIError
 from mailstrom.cli.output import echo, print_json, print_table, to_jsonable
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
+from mailstrom.doctor.lookup import public_form
 from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
 from mailstrom.doctor.report import Status
 from mailstrom.domains import ldh_domain_name, shown
@@ -135,9 +135,9 @@ def _zone_arg(text: str) -> str:
 
 def _ip_arg(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+        return public_form(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _probe_arg(text: str) -> str:

@@ -124,6 +124,23 @@ def address_family(ip: str) -> str:
     return "A" if ipaddress.ip_address(ip).version == 4 else "AAAA"
 
 
+def public_form(ip: str) -> str:
+    """``ip`` as receivers would see it, in its normal text form; :class:`ValueError` for
+    text that is no IP address, or one with a zone index (``fe80::1%eth0``), which names
+    an interface of this host and means nothing to another (and has no reverse name).
+
+    >>> public_form(" 2001:DB8::1 ")
+    '2001:db8::1'
+    """
+    try:
+        address = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r:.80}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ValueError(f"an address with a zone index is seen by no receiver: {ip!r:.80}")
+    return str(address)
+
+
 def same_address(a: str, b: str) -> bool:
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)

@@ -111,6 +111,9 @@ def check_outgoing(
             summary=f"no route towards {target.name} ({target.address}): {exc.strerror or exc}",
             fix="check this machine's network, or give the address with --ip ADDRESS",
         ), None
+    # A link-local address comes with its zone index (fe80::1%eth0), which names an
+    # interface of this host: the address is judged without it, as others see it.
+    ip = ip.partition("%")[0]
     how = (
         f"the source_address setting, towards {target.name}"
         if source

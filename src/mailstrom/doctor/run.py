@@ -15,7 +15,7 @@ from mailstrom.doctor.dkim import DKIMKey, check_dkim
 from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
-from mailstrom.doctor.lookup import Resolver
+from mailstrom.doctor.lookup import Resolver, public_form
 from mailstrom.doctor.network import Network, SocketNetwork
 from mailstrom.doctor.outgoing import (
     DEFAULT_PROBE,
@@ -40,7 +40,8 @@ class SenderSetup:
     helo_name: str
     """The name sent in EHLO; a U-label is taken as its A-label, as EHLO sends it."""
     ip: str | None = None
-    """The address receivers see, if known (``--ip``); else it is found by routing."""
+    """The address receivers see, if known (``--ip``); else it is found by routing.
+    :class:`ValueError` when it is no IP address, or has a zone index."""
     source_address: str | None = None
     probe: str = DEFAULT_PROBE
     """Where to test outbound SMTP: ``HOST[:PORT]``, an address, or a mail domain."""
@@ -62,6 +63,8 @@ class SenderSetup:
         # written found no DKIM key for it, and took its own DMARC record for its
         # organizational domain's (with the sp= policy).
         object.__setattr__(self, "domain", ldh_domain_name(self.domain))
+        if self.ip is not None:
+            object.__setattr__(self, "ip", public_form(self.ip))
         # Judged as EHLO sends it (smtp.session): a U-label as its A-label, the only form
         # a PTR record can name and receivers see.
         if not self.helo_name.isascii():
