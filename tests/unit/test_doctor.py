@@ -796,6 +796,11 @@ def test_split_probe() -> None:
     for bad in ("host:0", "host:x", ":25"):
         with pytest.raises(ValueError, match=r"port|HOST"):
             split_probe(bad, 25)
+    # What follows the bracket is ":PORT" or nothing: a mistyped port is not dropped (the
+    # probe went to the default port), nor a missing bracket overlooked.
+    for bad in ("[::1]2525", "[::1]:", "[::1", "[::1]x:25", "host:"):
+        with pytest.raises(ValueError, match=r"port|HOST"):
+            split_probe(bad, 25)
 
 
 def test_probe_target_is_the_best_mx() -> None:

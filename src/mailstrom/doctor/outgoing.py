@@ -38,15 +38,17 @@ class Target:
 def split_probe(text: str, default_port: int) -> tuple[str, int]:
     """``HOST[:PORT]`` (IPv6 with a port as ``[::1]:25``) → (host, port); ValueError if
     the port is no port."""
-    host, port = text.strip(), ""
+    host, port = text.strip(), None
     if host.startswith("["):
-        host, _, rest = host[1:].partition("]")
-        port = rest.removeprefix(":") if rest.startswith(":") else ""
+        host, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [HOST] or [HOST]:PORT, got {text!r}")
+        port = rest.removeprefix(":") if rest else None
     elif host.count(":") == 1:
         host, _, port = host.partition(":")
     if not host:
         raise ValueError(f"expected HOST[:PORT], got {text!r}")
-    if not port:
+    if port is None:
         return host, default_port
     # isascii: isdigit() also takes "\u0669" (int() reads it as 9) and "²" (int() refuses).
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
