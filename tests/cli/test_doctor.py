@@ -569,3 +569,19 @@ def test_missing_extra_says_how_to_install(
 
 
 _ = Callable, ReceivingServer  # imported for the fixtures' types
+
+
+def test_a_name_too_long_to_exist_is_no_record_not_a_temporary_error(mail_env: MailEnv) -> None:
+    # A domain of 253 characters is a domain; "_dmarc." before it, or an address's labels
+    # before a blocklist zone, make a name DNS cannot hold: no record can be there, now or
+    # later, so neither is a lookup that failed "for now" (exit 75, run again later).
+    long = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 56, "test"])
+    assert len(long) == 253
+    closed = free_loopback_port("127.0.0.1")
+    args = ["--ip", "127.0.0.1", "--probe", f"127.0.0.1:{closed}"]
+    result = mail_env.cli("doctor", "--json", *args, "--dnsbl", long[4:], long)
+    checks = by_name(result.json())
+    assert [c["status"] for c in checks["dmarc"]] == ["warn"], checks["dmarc"]
+    assert "no DMARC record" in checks["dmarc"][0]["summary"]
+    assert [c["status"] for c in checks["dnsbl"]] == ["pass"], checks["dnsbl"]
+    assert result.code == 2  # the closed probe port and the rest fail: a verdict, not 75

@@ -74,6 +74,11 @@ class DNSResolver:
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.NXDOMAIN)
         except dns.resolver.NoAnswer:
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.NODATA)
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
+            # A name DNS cannot hold (``_dmarc.`` before a 253-character domain, an
+            # address's labels before a long blocklist zone): nothing is there, now or
+            # later, and no receiver finds more; not a lookup that failed for now.
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.NXDOMAIN)
         except (dns.exception.DNSException, OSError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error=reason)
