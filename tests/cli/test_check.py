@@ -108,3 +108,21 @@ def test_check_helo_name_with_a_u_label_is_forward_confirmed_by_its_a_label(
     assert helo["addresses"] == ["127.0.0.1"]
     assert helo["ptr"] == {"127.0.0.1": ["xn--clent-dta.test"]}
     assert helo["forward_confirmed"] is True
+
+
+def test_check_helo_ptr_lookup_failure_is_reported_not_taken_for_no_ptr(
+    mail_env: MailEnv,
+) -> None:
+    mail_env.dns.a("client.test", "127.0.0.1")
+    mail_env.dns.servfail("1.0.0.127.in-addr.arpa")
+    cli = mail_env.cli
+    helo = cli.ok("check", "--json", "example.test").json()["helo"]
+    assert helo["forward_confirmed"] is False
+    assert helo["ptr"] == {}  # not known: no empty list, which says there is no PTR
+    assert "PTR lookup for 127.0.0.1 failed" in (helo["error"] or ""), helo
+
+    text = cli.ok("check", "example.test").out
+    assert "PTR 127.0.0.1" not in text
+    assert "problem:     PTR lookup for 127.0.0.1 failed" in text
+    assert "do not match" not in text
+    assert "could not be checked" in text

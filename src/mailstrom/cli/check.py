@@ -120,7 +120,11 @@ class HeloReport:
     addresses: list[str] = field(default_factory=list)
     error: str | None = None
     ptr: dict[str, list[str]] = field(default_factory=dict)
+    """Each address's PTR names; an address whose PTR lookup failed is left out."""
     forward_confirmed: bool = False
+    lookup_failed: bool = False
+    """A lookup failed (SERVFAIL, timeout): unless confirmed, whether forward and reverse
+    DNS match is not known."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -300,6 +304,7 @@ async def check_helo(config: Config) -> HeloReport:
     """Forward-confirmed reverse DNS of the HELO name (FCrDNS)."""
     report = HeloReport(name=config.helo_name)
     resolver = make_resolver(config.dns)
+    problems: list[str] = []
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(config.helo_name, rdtype)
@@ -307,20 +312,27 @@ async def check_helo(config: Config) -> HeloReport:
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
             continue
         except dns.exception.DNSException as exc:
-            report.error = f"{rdtype} lookup failed: {exc}"
-    if not report.addresses and report.error is None:
-        report.error = f"{config.helo_name} has no A or AAAA record"
+            problems.append(f"{rdtype} lookup failed: {exc}")
+            report.lookup_failed = True
+    if not report.addresses and not problems:
+        problems.append(f"{config.helo_name} has no A or AAAA record")
     # PTR records name the A-label, which is what EHLO sends for a U-label HELO name.
     wanted = a_label(config.helo_name).rstrip(".")
     for ip in report.addresses:
         try:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
             names = [r.to_text().rstrip(".").lower() for r in answer]
-        except dns.exception.DNSException:
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
             names = []
+        except dns.exception.DNSException as exc:
+            # Not "no PTR record": whether there is one is not known.
+            problems.append(f"PTR lookup for {ip} failed: {exc}")
+            report.lookup_failed = True
+            continue
         report.ptr[ip] = names
         if wanted in names:
             report.forward_confirmed = True
+    report.error = "; ".join(problems) or None
     return report
 
 
@@ -502,11 +514,14 @@ def print_report(r: CheckReport) -> None:
             echo(f"  PTR {ip}: {', '.join(names) or '(none)'}")
         if h2.error:
             echo(f"  problem:     {h2.error}")
-        verdict = (
-            "forward and reverse DNS match"
-            if h2.forward_confirmed
-            else ("forward and reverse DNS do not match; some receivers will refuse or score mail")
-        )
+        if h2.forward_confirmed:
+            verdict = "forward and reverse DNS match"
+        elif h2.lookup_failed:
+            verdict = "could not be checked: a lookup failed; run again later"
+        else:
+            verdict = (
+                "forward and reverse DNS do not match; some receivers will refuse or score mail"
+            )
         echo(f"  verdict:     {verdict}")
 
 
