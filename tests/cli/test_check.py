@@ -126,3 +126,16 @@ def test_check_helo_ptr_lookup_failure_is_reported_not_taken_for_no_ptr(
     assert "problem:     PTR lookup for 127.0.0.1 failed" in text
     assert "do not match" not in text
     assert "could not be checked" in text
+
+
+def test_check_helo_looks_up_the_ptr_of_ten_addresses_at_most(mail_env: MailEnv) -> None:
+    # The HELO name's RRsets hold as many addresses as DNS gives (thousands over TCP), and
+    # each PTR lookup may cost the whole DNS timeout.
+    addresses = [f"127.0.1.{i}" for i in range(1, 41)]
+    mail_env.dns.a("client.test", *addresses)
+    mail_env.dns.reset_counts()
+    helo = mail_env.cli.ok("check", "--json", "example.test").json()["helo"]
+    asked = [name for name, rtype in mail_env.dns.query_counts() if rtype == "PTR"]
+    assert len(asked) == 10, asked
+    assert len(helo["ptr"]) == 10
+    assert len(helo["addresses"]) == 40

@@ -300,6 +300,12 @@ def _verdict(policy: TLSPolicy, r: AddressReport) -> tuple[str, bool]:
     return "would deliver in plaintext (no STARTTLS)", True
 
 
+MAX_HELO_PTR_LOOKUPS = 10
+"""Addresses of the HELO name whose PTR names are looked up at most: its RRsets hold as
+many as DNS carries, and each lookup may cost the whole DNS timeout. The doctor's PTR
+names and SPF's ``ptr`` mechanism (RFC 7208 §4.6.4) are bounded the same way."""
+
+
 async def check_helo(config: Config) -> HeloReport:
     """Forward-confirmed reverse DNS of the HELO name (FCrDNS)."""
     report = HeloReport(name=config.helo_name)
@@ -318,7 +324,7 @@ async def check_helo(config: Config) -> HeloReport:
         problems.append(f"{config.helo_name} has no A or AAAA record")
     # PTR records name the A-label, which is what EHLO sends for a U-label HELO name.
     wanted = a_label(config.helo_name).rstrip(".")
-    for ip in report.addresses:
+    for ip in report.addresses[:MAX_HELO_PTR_LOOKUPS]:
         try:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
             names = [r.to_text().rstrip(".").lower() for r in answer]
@@ -512,6 +518,9 @@ def print_report(r: CheckReport) -> None:
         echo(f"  A/AAAA:      {', '.join(h2.addresses) or '-'}")
         for ip, names in h2.ptr.items():
             echo(f"  PTR {ip}: {', '.join(names) or '(none)'}")
+        if len(h2.addresses) > MAX_HELO_PTR_LOOKUPS:
+            more = len(h2.addresses) - MAX_HELO_PTR_LOOKUPS
+            echo(f"  PTR:         not looked up for the {more} other addresses")
         if h2.error:
             echo(f"  problem:     {h2.error}")
         if h2.forward_confirmed:
