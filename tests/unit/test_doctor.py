@@ -429,6 +429,15 @@ def test_dkim_ed25519(tmp_path: Path) -> None:
         ("v=DKIM1; k=rsa; p=", Status.FAIL, "revoked"),
         ("v=DKIM1; k=rsa p={p}", Status.FAIL, "no p= tag (is a ';' missing?)"),
         ("v=DKIM1; k=rsa; p={p}; p={p}", Status.FAIL, "malformed record: tag p= appears twice"),
+        # FWS is SP, HTAB and CRLF (RFC 6376 §2.8), all verifiers strip: an NBSP stays in
+        # the value (dkimpy fails k=rsa<NBSP> as an unknown algorithm) or the name.
+        ("v=DKIM1; k=rsa\u00a0; p={p}", Status.FAIL, "the record is for k=rsa\u00a0"),
+        ("v=DKIM1;\u00a0k=rsa; p={p}", Status.FAIL, "malformed record: tag name"),
+        ("v=DKIM1; k=rsa;\r\n\tp={p}", Status.PASS, "published key matches"),
+        # tag-name = ALPHA *ALNUMPUNC (§3.2): a record with another is invalid (dkimpy).
+        ("v=DKIM1; 1x=y; k=rsa; p={p}", Status.FAIL, "malformed record: tag name '1x'"),
+        ("v=DKIM1; x-y=z; k=rsa; p={p}", Status.FAIL, "malformed record: tag name 'x-y'"),
+        ("v=DKIM1; x_1=z; k=rsa; p={p}", Status.PASS, "published key matches"),
     ],
 )
 def test_dkim_record_problems(rsa_key: Path, record: str, status: Status, words: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,24 +54,34 @@ class DKIMKey:
         return self.private_key
 
 
+_FWS = " \t\r\n"
+"""Folding white space (RFC 6376 §2.8: WSP and CRLF), what verifiers strip around names
+and values: not ``str.strip()``'s, which takes NBSP and the rest of Unicode's too."""
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+"""RFC 6376 §3.2: tag-name = ALPHA *ALNUMPUNC, ALNUMPUNC = ALPHA / DIGIT / "_"."""
+
+
 def parse_tags(text: str) -> dict[str, str]:
     """A DKIM tag-list (RFC 6376 §3.2): ``v=DKIM1; k=rsa; p=MII…`` → {"v": "DKIM1", …}.
     Whitespace inside values (folded base64) is dropped; raises ValueError on a tag
-    without ``=`` or a tag given twice."""
+    without ``=``, a tag name of other characters than the grammar's, or a tag given
+    twice."""
     tags: dict[str, str] = {}
     for part in text.split(";"):
-        if not part.strip():
+        if not part.strip(_FWS):
             continue
         name, eq, value = part.partition("=")
-        name = name.strip()
+        name = name.strip(_FWS)
         if not eq or not name:
-            raise ValueError(f"not a tag=value pair: {piece(part.strip())!r}")
+            raise ValueError(f"not a tag=value pair: {piece(part.strip(_FWS))!r}")
+        if not _TAG_NAME.fullmatch(name):
+            raise ValueError(f"tag name {piece(name)!r} is not a letter, then letters, digits, _")
         if name in tags:
             raise ValueError(f"tag {piece(name)}= appears twice")
         # Folding whitespace may split base64 anywhere (RFC 6376 §3.2) and surround the
         # colons of a list (§3.6.1's h=, s=, t=); elsewhere it only surrounds the value.
         folded = name in ("p", "h", "s", "t")
-        tags[name] = "".join(value.split()) if folded else value.strip()
+        tags[name] = "".join(value.split()) if folded else value.strip(_FWS)
     return tags
 
 
