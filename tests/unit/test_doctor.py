@@ -825,6 +825,19 @@ def test_probe_target_is_the_best_mx() -> None:
     assert isinstance(missing, Check) and missing.status is Status.FAIL
 
 
+def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
+    # "::ffff:192.0.2.10" is how a dual-stack socket shows an IPv4 peer; on the wire, and
+    # to receivers, it is 192.0.2.10: its PTR, A record and blocklist entries are IPv4's.
+    zone = good_zone(rsa_key)
+    zone[("10.2.0.192.bl.example", "A")] = ["127.0.0.2"]
+    for given, local in (("::ffff:192.0.2.10", IP), (None, "::ffff:192.0.2.10")):
+        report = run_doctor(setup(rsa_key, ip=given), FakeResolver(zone), FakeNetwork(local=local))
+        assert report.ip == IP
+        status = {c.name: c.status for c in report.checks}
+        assert status["ptr"] is status["helo"] is Status.PASS, report.checks
+        assert status["dnsbl"] is Status.FAIL  # listed as 192.0.2.10
+
+
 def test_a_routed_address_is_judged_without_its_zone_index() -> None:
     # getsockname() gives a link-local address with its zone, which has no reverse name.
     network = FakeNetwork(local="fe80::1%eth0")

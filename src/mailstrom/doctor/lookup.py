@@ -130,19 +130,24 @@ def address_family(ip: str) -> str:
 
 
 def public_form(ip: str) -> str:
-    """``ip`` as receivers would see it, in its normal text form; :class:`ValueError` for
-    text that is no IP address, or one with a zone index (``fe80::1%eth0``), which names
-    an interface of this host and means nothing to another (and has no reverse name).
+    """``ip`` as receivers would see it, in its normal text form: an IPv4-mapped address
+    (``::ffff:192.0.2.1``, how a dual-stack socket shows an IPv4 one) is the IPv4 address
+    it maps, which is what goes on the wire. :class:`ValueError` for text that is no IP
+    address, or one with a zone index (``fe80::1%eth0``), which names an interface of this
+    host and means nothing to another (and has no reverse name).
 
-    >>> public_form(" 2001:DB8::1 ")
-    '2001:db8::1'
+    >>> public_form(" 2001:DB8::1 "), public_form("::ffff:c000:20a")
+    ('2001:db8::1', '192.0.2.10')
     """
     try:
         address = ipaddress.ip_address(ip.strip())
     except ValueError:
         raise ValueError(f"not an IP address: {ip!r:.80}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        raise ValueError(f"an address with a zone index is seen by no receiver: {ip!r:.80}")
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            raise ValueError(f"an address with a zone index is seen by no receiver: {ip!r:.80}")
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
     return str(address)
 
 

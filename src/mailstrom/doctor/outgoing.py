@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
+from mailstrom.doctor.lookup import Outcome, Resolver, normal_name, public_form
 from mailstrom.doctor.network import Network
 from mailstrom.doctor.report import Check, Status
 
@@ -114,8 +114,9 @@ def check_outgoing(
             fix="check this machine's network, or give the address with --ip ADDRESS",
         ), None
     # A link-local address comes with its zone index (fe80::1%eth0), which names an
-    # interface of this host: the address is judged without it, as others see it.
-    ip = ip.partition("%")[0]
+    # interface of this host, and an IPv4 one of a dual-stack socket IPv4-mapped: the
+    # address is judged as others see it.
+    ip = public_form(ip.partition("%")[0])
     how = (
         f"the source_address setting, towards {target.name}"
         if source
