@@ -988,6 +988,18 @@ def test_run_doctor_takes_the_domain_in_any_case_and_with_a_final_dot(
     assert "(p=reject)" in dmarc.summary
 
 
+def test_run_doctor_takes_a_dkim_key_domain_in_any_case(rsa_key: Path) -> None:
+    # The signer takes d= as a lower-case A-label; so must the doctor, or the key counts
+    # for no From domain (and DMARC passes "by SPF alone").
+    key = DKIMKey(domain="Example.COM.", selector="s1", private_key=str(rsa_key))
+    assert key.domain == DOMAIN
+    assert key.record_name == f"s1._domainkey.{DOMAIN}"
+    report = run_doctor(
+        setup(rsa_key, dkim_keys=(key,)), FakeResolver(good_zone(rsa_key)), FakeNetwork()
+    )
+    assert report.worst is Status.PASS, [c for c in report.checks if c.status != "pass"]
+
+
 def test_setup_from_config() -> None:
     config = Config(helo_name=HELO, source_address="192.0.2.10", dns=DNSConfig())
     s = SenderSetup.from_config(config, domain="Example.COM.", ip=None, bulk=True)

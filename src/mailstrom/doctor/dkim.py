@@ -22,6 +22,7 @@ from mailstrom.dkim.keys import read_key_file
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, listed, piece
+from mailstrom.domains import ldh_domain_name
 from mailstrom.errors import ConfigError
 
 # The signer's bounds (RFC 8301 §3.2), not copies: below the least verifiers must treat
@@ -35,12 +36,19 @@ class DKIMKey:
     """One signing key as the doctor needs it (the shape of a ``Config.dkim`` entry)."""
 
     domain: str
-    """The ``d=`` of signatures made with it."""
+    """The ``d=`` of signatures made with it, taken as a lower-case A-label as the signer
+    takes it; :class:`ValueError` when it is no letter-digit-hyphen domain name."""
     selector: str
     private_key: str | bytes = field(repr=False)
     """Path of the PEM private key file, or the PEM itself."""
     algorithm: str = "rsa-sha256"
     """``rsa-sha256`` or ``ed25519-sha256`` (``rsa`` and ``ed25519`` are accepted)."""
+
+    def __post_init__(self) -> None:
+        # Compared with the From domain (which key signs it) as the signer compares them:
+        # "Example.COM" or "example.com." signed nothing for example.com, and DMARC then
+        # passed "by SPF alone".
+        object.__setattr__(self, "domain", ldh_domain_name(self.domain))
 
     @property
     def record_name(self) -> str:
