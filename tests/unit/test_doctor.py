@@ -825,6 +825,19 @@ def test_probe_target_is_the_best_mx() -> None:
     assert isinstance(missing, Check) and missing.status is Status.FAIL
 
 
+@pytest.mark.parametrize("null", ["0 .", "0 "])
+def test_probe_domain_with_a_null_mx_is_no_target(null: str) -> None:
+    # RFC 7505: the domain takes no mail; its address (a web server, say) is no SMTP
+    # server, and a refused probe there would blame this machine's port 25.
+    resolver = FakeResolver(
+        {("nomail.example", "MX"): [null], ("nomail.example", "A"): ["198.51.100.80"]}
+    )
+    found = find_target(resolver, "nomail.example", 25)
+    assert isinstance(found, Check), found
+    assert found.status is Status.FAIL
+    assert "null MX" in found.summary
+
+
 def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
     # "::ffff:192.0.2.10" is how a dual-stack socket shows an IPv4 peer; on the wire, and
     # to receivers, it is 192.0.2.10: its PTR, A record and blocklist entries are IPv4's.

@@ -67,7 +67,18 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
     mx = resolver.lookup(name, "MX")
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
-        if ranked and ranked[0][1] not in (".", ""):
+        if ranked and ranked[0][1] in (".", ""):
+            # RFC 7505: the domain takes no mail, and its own address is no SMTP server
+            # (implicit MX is for a domain without MX records): a probe there would be
+            # refused, and blamed on this machine's port 25.
+            return Check(
+                name="port-25",
+                subject=spec,
+                status=Status.FAIL,
+                summary=f"cannot probe {spec}: {name} accepts no mail (null MX, RFC 7505)",
+                fix="name a reachable SMTP server with --probe HOST[:PORT]",
+            )
+        if ranked:
             name = normal_name(ranked[0][1])
     for rtype in ("A", "AAAA"):
         answer = resolver.lookup(name, rtype)
