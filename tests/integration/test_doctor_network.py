@@ -77,3 +77,27 @@ def test_probe_waits_for_the_greeting_timeout_in_all(dripping: int) -> None:
     slow = SocketNetwork().probe("127.0.0.1", dripping, None, 1)
     assert slow.connected and slow.timed_out and slow.greeting is None
     assert "no greeting within 1 s" in (slow.error or "")
+
+
+@pytest.fixture
+def hanging_up() -> Iterator[int]:
+    """A port whose server closes each connection at once, without a word (as some
+    networks that intercept port 25 do)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        thread.join()
+
+
+def test_probe_closed_without_a_greeting_is_no_greeting(hanging_up: int) -> None:
+    probe = SocketNetwork().probe("127.0.0.1", hanging_up, None, 5)
+    assert probe.connected and probe.greeting is None and not probe.timed_out
+    assert "closed" in (probe.error or "")

@@ -892,6 +892,8 @@ def test_outgoing_address() -> None:
             "intercepts",
         ),
         (Probe(connected=True, greeting="554 5.7.1 blocked"), Status.WARN, "refuses"),
+        # Nothing but a line break before the close is no greeting either.
+        (Probe(connected=True, greeting=""), Status.FAIL, "no SMTP greeting came"),
     ],
 )
 def test_port25(probe: Probe, status: Status, words: str) -> None:

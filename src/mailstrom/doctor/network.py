@@ -81,6 +81,12 @@ class SocketNetwork:
                 )
             except OSError as exc:
                 return Probe(connected=True, error=exc.strerror or str(exc), seconds=took())
+            if not greeting:  # closed (or a bare line break) before a word was said
+                return Probe(
+                    connected=True,
+                    error="the connection was closed without a greeting",
+                    seconds=took(),
+                )
             # The answer is already known; a close without QUIT would change nothing.
             with contextlib.suppress(OSError):
                 sock.sendall(b"QUIT\r\n")

@@ -178,7 +178,7 @@ def check_port25(network: Network, target: Target, *, source: str | None, timeou
             f"outbound SMTP {blocked}: {probe.error}",
             RELAY_FIX,
         )
-    if probe.greeting is None:
+    if not probe.greeting:
         return check(
             Status.FAIL,
             f"the connection opened but no SMTP greeting came ({probe.error}): something "
