@@ -825,6 +825,23 @@ def test_probe_target_is_the_best_mx() -> None:
     assert isinstance(missing, Check) and missing.status is Status.FAIL
 
 
+def test_probe_domain_whose_mx_lookup_failed_is_not_probed_at_its_address() -> None:
+    # Only a domain without MX records has its own address stand in (RFC 5321 §5.1); one
+    # whose MX lookup failed has an MX host, unknown for now: gmail.com's web server is
+    # no SMTP server, and probing it would blame this machine's port 25.
+    resolver = FakeResolver({("gmail.com", "MX"): "servfail", ("gmail.com", "A"): ["192.0.2.80"]})
+    found = find_target(resolver, "gmail.com", 25)
+    assert isinstance(found, Check), found
+    assert found.status is Status.UNKNOWN
+    assert "SERVFAIL" in found.summary
+    # Nor is a failed address lookup of the MX host "no MX or address record".
+    resolver = FakeResolver(
+        {("gmail.com", "MX"): ["5 mx.example"], ("mx.example", "A"): "servfail"}
+    )
+    found = find_target(resolver, "gmail.com", 25)
+    assert isinstance(found, Check) and found.status is Status.UNKNOWN, found
+
+
 @pytest.mark.parametrize("null", ["0 .", "0 "])
 def test_probe_domain_with_a_null_mx_is_no_target(null: str) -> None:
     # RFC 7505: the domain takes no mail; its address (a web server, say) is no SMTP

@@ -65,6 +65,17 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
         pass
     name = normal_name(host)
     mx = resolver.lookup(name, "MX")
+    if mx.failed:
+        # Its MX host is unknown for now: the domain's own address stands in only when it
+        # has no MX records (RFC 5321 §5.1), and is no SMTP server otherwise (gmail.com's
+        # is a web server), where a refused probe would blame this machine's port 25.
+        return Check(
+            name="port-25",
+            subject=spec,
+            status=Status.UNKNOWN,
+            summary=f"cannot find the probe target {spec}: {mx.error}",
+            fix="name a reachable SMTP server with --probe HOST[:PORT]",
+        )
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
         if ranked and ranked[0][1] in (".", ""):
@@ -80,16 +91,17 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
             )
         if ranked:
             name = normal_name(ranked[0][1])
+    failed: str | None = None
     for rtype in ("A", "AAAA"):
         answer = resolver.lookup(name, rtype)
         if answer.records:
             return Target(name=name, address=answer.records[0], port=port)
-    reason = mx.error or "no MX or address record"
+        failed = failed or answer.error
     return Check(
         name="port-25",
         subject=spec,
-        status=Status.UNKNOWN if mx.failed else Status.FAIL,
-        summary=f"cannot find the probe target {spec}: {reason}",
+        status=Status.FAIL if failed is None else Status.UNKNOWN,
+        summary=f"cannot find the probe target {spec}: {failed or 'no MX or address record'}",
         fix="name a reachable SMTP server with --probe HOST[:PORT]",
     )
 
