@@ -842,6 +842,21 @@ def test_probe_domain_whose_mx_lookup_failed_is_not_probed_at_its_address() -> N
     assert isinstance(found, Check) and found.status is Status.UNKNOWN, found
 
 
+def test_a_probe_target_unknown_for_now_leaves_the_outgoing_address_unknown(
+    rsa_key: Path,
+) -> None:
+    # Without --ip the address is found by routing towards the probe target: when the
+    # target's lookup failed for now, so did finding the address; nothing failed outright
+    # (exit 75, run again later), and the checks of the address are skipped.
+    zone = good_zone(rsa_key)
+    zone[("gmail.com", "MX")] = "servfail"
+    report = run_doctor(setup(rsa_key, probe="gmail.com"), FakeResolver(zone), FakeNetwork())
+    status = {c.name: c.status for c in report.checks}
+    assert status["outgoing-ip"] is status["port-25"] is Status.UNKNOWN, report.checks
+    assert report.worst is Status.UNKNOWN
+    assert exit_code(report) == 75
+
+
 @pytest.mark.parametrize("null", ["0 .", "0 "])
 def test_probe_domain_with_a_null_mx_is_no_target(null: str) -> None:
     # RFC 7505: the domain takes no mail; its address (a web server, say) is no SMTP

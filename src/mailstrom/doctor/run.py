@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mailstrom.config import Config
@@ -200,6 +200,15 @@ def _outgoing(
     found = find_target(resolver, setup.probe, setup.smtp_port)
     target = found if isinstance(found, Target) else None
     check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
+    if ip is None and isinstance(found, Check) and found.status is Status.UNKNOWN:
+        # The address is found by routing towards the target, whose lookup failed for
+        # now: so did finding the address, which is no failure of the setup (exit 75).
+        check = replace(
+            check,
+            status=Status.UNKNOWN,
+            summary=f"{check.summary}: its lookup failed for now",
+            fix=None,
+        )
     report.add(check)
     if isinstance(found, Check):
         report.add(found)
