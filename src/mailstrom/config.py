@@ -51,6 +51,13 @@ class RelayTLS(StrEnum):
     IMPLICIT = "implicit"
 
 
+MIN_LEASE_FOR = timedelta(milliseconds=100)
+"""The shortest ``Config.lease_for``. The heartbeat extends leases every third of it and
+fencing looks every twelfth: below this those timers crowd the loop, and a lease runs out
+within one store round trip and one SMTP reply, so every transaction risked being taken
+over by another worker while on the wire, and sent twice."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
     """Seconds to wait, per RFC 5321 §4.5.3.2 unless noted.
@@ -438,7 +445,8 @@ class Config:
     """How long a leased batch stays with one worker before another may take it. Workers
     sharing a PostgreSQL store rely on their clocks agreeing to well within this: one
     whose clock is more than a third of it from the server's takes no new work until it
-    is right (``WorkerStatus.paused``, docs/guide.md)."""
+    is right (``WorkerStatus.paused``, docs/guide.md). At least 100 ms
+    (:data:`MIN_LEASE_FOR`)."""
     lease_batch: int = 500
     """Recipients leased per store round trip."""
     poll_interval: float = 5.0
@@ -630,6 +638,11 @@ class Config:
         check_seconds(self.connection_idle, "connection_idle", positive=False)
         check_seconds(self.poll_interval, "poll_interval")
         check_duration(self.lease_for, "lease_for")
+        if self.lease_for < MIN_LEASE_FOR:
+            raise ConfigError(
+                f"lease_for: at least {MIN_LEASE_FOR.total_seconds() * 1000:.0f} ms (minutes "
+                f"in production), got {self.lease_for.total_seconds() * 1000:g} ms"
+            )
         check_duration(self.idempotency_window, "idempotency_window")
         check_duration(self.tls_remember_broken, "tls_remember_broken", positive=False)
         check_duration(self.remember_unreachable, "remember_unreachable", positive=False)

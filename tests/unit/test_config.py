@@ -26,6 +26,8 @@ def test_defaults_follow_rfc_5321() -> None:
         {"max_connections": 0},
         {"lease_batch": 0},
         {"lease_for": timedelta(0)},
+        {"lease_for": timedelta(milliseconds=1)},
+        {"lease_for": timedelta(milliseconds=99)},
         {"retry": RetryPolicy(min_delay=timedelta(hours=2), max_delay=timedelta(hours=1))},
     ],
 )
