@@ -21,6 +21,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
+from mailstrom.web.security import GUESS_WINDOW, MAX_GUESSES, Guesses
 from tests.contract.support import LEASE_FOR, NOW, lease_all, message, results_for
 
 DATA = (
@@ -556,3 +557,42 @@ def test_a_failed_look_for_the_workers_shows_no_workers_line_and_is_logged(
             )
     finally:
         store.close()
+
+
+def test_wrong_tokens_from_one_address_are_refused_for_a_while(store: Store) -> None:
+    # Nothing bounded the tries at the token: a short one on a public address could be
+    # guessed at the speed of the network, through the form or as a bearer token.
+    for client in _client(store, token="s3cret-token"):
+        login = client.get("/login")
+        csrf = _csrf(login.text)
+        for n in range(MAX_GUESSES // 2):
+            wrong = client.post("/login", data={"csrf": csrf, "token": f"guess{n}"})
+            assert wrong.status_code == 401
+            bearer = client.get(
+                "/", headers={"Authorization": f"Bearer try{n}"}, follow_redirects=False
+            )
+            assert bearer.status_code == 303
+        # Even the right token now waits, by either way.
+        blocked = client.post("/login", data={"csrf": csrf, "token": "s3cret-token"})
+        assert blocked.status_code == 429
+        assert 0 < int(blocked.headers["retry-after"]) <= GUESS_WINDOW
+        bearer = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
+        assert bearer.status_code == 429
+
+
+def test_failed_tries_are_forgotten_after_the_window() -> None:
+    now = [0.0]
+    guesses = Guesses(limit=3, window=60.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert guesses.wait("192.0.2.1") == 0
+        guesses.failed("192.0.2.1")
+        now[0] += 1
+    assert guesses.wait("192.0.2.1") == pytest.approx(57.0)
+    assert guesses.wait("192.0.2.2") == 0  # another address may still try
+    now[0] = 60.5  # the first try is over a minute old: one more may come
+    assert guesses.wait("192.0.2.1") == 0
+    guesses.failed("192.0.2.1")
+    assert guesses.wait("192.0.2.1") == pytest.approx(0.5)  # until the second is old
+    now[0] = 1000
+    assert guesses.wait("192.0.2.1") == 0
+    assert not guesses._failed  # nothing kept of an address whose tries are all old

@@ -35,6 +35,7 @@ from mailstrom.message import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.web import create_app
+from mailstrom.web.security import Guesses
 from tests.contract.support import NOW, lease_all, message, results_for
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "150"))
@@ -115,6 +116,8 @@ def clients(queue: Queue) -> Iterator[dict[bool, TestClient]]:
             clock=lambda: NOW + timedelta(minutes=1),
             token=TOKEN if with_token else None,
             cache_seconds=0,
+            # Every example may guess at the token: none is refused for the ones before.
+            guesses=Guesses(limit=10**9),
         )
         made[with_token] = TestClient(app, base_url=f"http://{LOOPBACK}")
         made[with_token].__enter__()

@@ -62,6 +62,7 @@ from mailstrom.web.security import (
     CSRF_FIELD,
     SESSION_COOKIE,
     Access,
+    Guesses,
     csrf_matches,
     new_csrf_token,
     same_origin,
@@ -101,6 +102,7 @@ def create_app(
     clock: Clock = _utc_now,
     secure_cookies: bool = False,
     public_origin: str | None = None,
+    guesses: Guesses | None = None,
 ) -> Starlette:
     """The dashboard over ``store`` (the caller keeps ownership of ``store``; the read model
     made here, if none is given, is closed with the application).
@@ -112,6 +114,8 @@ def create_app(
     (``"https://dash.example.org"``): forms posted from there are accepted (with their
     CSRF token, as always); it needs a token, and an ``https`` one makes cookies
     ``Secure``. A malformed ``public_origin`` or an empty ``token`` is a ValueError.
+    ``guesses`` bounds the failed tries at the token per client address (default:
+    ``Guesses()``, 10 in 10 minutes; see :mod:`mailstrom.web.security`).
     """
     if token is not None and not token:
         # An empty token would be "required" and matched by an empty one.
@@ -131,6 +135,7 @@ def create_app(
     )
     owns_model = read_model is None
     access = Access(token)
+    guesses = Guesses() if guesses is None else guesses
     cache: TTLCache[Any] = TTLCache(cache_seconds)
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mailstrom.web", "templates"),
@@ -363,8 +368,12 @@ def create_app(
         following = _safe_next(_str(form.get("next")))
         if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
             return problem(request, 403, "The login form expired; reload it and try again.")
+        client = _client(request)
+        if guesses.wait(client):
+            return _too_many_guesses(guesses, client)
         if not access.token_matches(_str(form.get("token"))):
-            log.warning("failed login from %s", _client(request))
+            guesses.failed(client)
+            log.warning("failed login from %s", client)
             return render(request, "login.html", status_code=401, next=following, failed=True)
         log.info("login from %s", _client(request))
         response = RedirectResponse(following, 303)
@@ -427,13 +436,18 @@ def create_app(
             origin = request.headers.get("origin")
             log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))
             return PlainTextResponse("cross-site request refused", 403)
-        if not path.startswith(_PUBLIC_PATHS) and not access.allows(
-            cookie=request.cookies.get(SESSION_COOKIE),
-            authorization=request.headers.get("authorization"),
+        authorization = request.headers.get("authorization")
+        response: Response
+        if authorization is not None and access.required and guesses.wait(_client(request)):
+            response = _too_many_guesses(guesses, _client(request))
+        elif not path.startswith(_PUBLIC_PATHS) and not access.allows(
+            cookie=request.cookies.get(SESSION_COOKIE), authorization=authorization
         ):
+            if authorization is not None:
+                guesses.failed(_client(request))  # a wrong bearer token is a guess too
             if request.method == "GET":
                 target = path + (f"?{request.url.query}" if request.url.query else "")
-                response: Response = RedirectResponse(
+                response = RedirectResponse(
                     "/login?" + urllib.parse.urlencode({"next": target}), 303
                 )
             else:
@@ -587,6 +601,16 @@ def _small_body(length: str | None) -> bool:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _too_many_guesses(guesses: Guesses, client: str) -> Response:
+    wait = guesses.wait(client)
+    log.warning("refused a try at the token from %s: too many failed", client)
+    return PlainTextResponse(
+        "too many wrong tokens from this address; try again later",
+        429,
+        headers={"Retry-After": str(max(1, round(wait)))},
+    )
 
 
 def _client(request: Request) -> str:

@@ -12,6 +12,11 @@ address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so th
 on another site cannot reach it by rebinding its own name to 127.0.0.1
 (:mod:`mailstrom.loopback`).
 
+Guesses: a client (by its address) whose tries at the token, through the login form or
+as a bearer token, failed :data:`MAX_GUESSES` times within :data:`GUESS_WINDOW` is
+refused further tries (429) until the oldest of them is that old: a short token put on a
+public address could otherwise be guessed at the speed of the network.
+
 CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
 cross-site request never carries it) and every form repeats it in a hidden field; a POST
 whose field and cookie differ, or whose ``Origin`` names another site, is refused. The
@@ -24,6 +29,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SESSION_COOKIE = "mailstrom_session"
@@ -100,3 +108,50 @@ def same_origin(
     if public is not None and origin == public:
         return True
     return host is not None and origin == f"{scheme}://{host}"
+
+
+MAX_GUESSES = 10
+"""Failed tries at the token one client address may make within :data:`GUESS_WINDOW`."""
+GUESS_WINDOW = 600.0
+"""Seconds over which failed tries are counted."""
+MAX_GUESSERS = 10_000
+"""Client addresses whose failed tries are remembered at most (the oldest go first)."""
+
+
+@dataclass(slots=True)
+class Guesses:
+    """Failed tries at the token, per client address (see the module's docstring)."""
+
+    limit: int = MAX_GUESSES
+    window: float = GUESS_WINDOW
+    clock: Callable[[], float] = time.monotonic
+    _failed: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
+
+    def wait(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0: now)."""
+        tries = self._recent(client)
+        if tries is None or len(tries) < self.limit:
+            return 0.0
+        return max(0.0, tries[0] + self.window - self.clock())
+
+    def failed(self, client: str) -> None:
+        """Count a failed try of ``client``."""
+        tries = self._recent(client)
+        if tries is None:
+            tries = self._failed[client] = deque(maxlen=self.limit)
+            while len(self._failed) > MAX_GUESSERS:
+                self._failed.popitem(last=False)
+        self._failed.move_to_end(client)
+        tries.append(self.clock())
+
+    def _recent(self, client: str) -> deque[float] | None:
+        tries = self._failed.get(client)
+        if tries is None:
+            return None
+        since = self.clock() - self.window
+        while tries and tries[0] <= since:
+            tries.popleft()
+        if not tries:
+            del self._failed[client]
+            return None
+        return tries
