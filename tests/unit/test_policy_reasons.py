@@ -186,6 +186,23 @@ def test_text_is_compared_case_insensitively_and_across_lines() -> None:
     assert advice(ReasonClass.TLS, gmail).provider == "Google"
 
 
+def test_a_wrapped_reply_s_spacing_does_not_hide_a_phrase() -> None:
+    # Was: only line breaks became spaces, while the rules' phrases are stored with their
+    # whitespace collapsed; a line that ends in a space (servers that wrap at a fixed
+    # width leave one), a tab or a run of spaces kept the phrase from matching, and
+    # Gmail's TLS refusal read as a vague policy one.
+    for wire in (
+        "421-4.7.0 TLS \n421 4.7.0 required for RCPT domain, closing connection. - gsmtp",
+        "421 4.7.0 TLS\trequired for RCPT domain, closing connection. - gsmtp",
+        "421 4.7.0 TLS  required for RCPT domain, closing connection. - gsmtp",
+    ):
+        reply = parse(wire)
+        assert classify_reply(reply) is ReasonClass.TLS, wire
+        assert advice(ReasonClass.TLS, reply).provider == "Google", wire
+    wrapped = parse("421-4.7.0 Temporary System \n421 4.7.0 Problem. Try again later. - gsmtp")
+    assert classify_reply(wrapped) is ReasonClass.SYSTEM
+
+
 def test_a_provider_rule_needs_the_providers_marker() -> None:
     gmail = parse("550 5.7.26 Unauthenticated sender. a1si2 - gsmtp")
     other = parse("550 5.7.26 Unauthenticated sender")

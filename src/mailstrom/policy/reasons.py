@@ -185,8 +185,10 @@ class ReasonTable:
 
 
 def _normalise(text: str) -> str:
-    """Lower case, lines joined by one space: how rules see a reply's text."""
-    return text.lower().replace("\n", " ")
+    """Lower case, every run of whitespace (line breaks too) one space: how rules see a
+    reply's text, as their phrases are stored. A wrapped line that ends in a space, a tab
+    or a doubled space must not keep a phrase from matching."""
+    return " ".join(text.lower().split())
 
 
 def _detail(enhanced: str) -> str:
