@@ -235,3 +235,33 @@ def test_the_notice_names_the_original_recipient_and_envelope_id_decoded(
     report = parse_report(notice.content)
     assert report is not None and report.envelope_id == "order+42=x"
     assert report.recipients[0].original_recipient == "no+body@example.org"
+
+
+def test_a_delay_warning_promises_retries_only_until_the_message_expires(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """Was: Will-Retry-Until (and "until ... at the latest") said the retry policy's
+    max_age, five days on, of a message that expires in three hours and is given up on
+    then."""
+    from datetime import timedelta
+    from email.utils import format_datetime
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    mx.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy"
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1)
+    )
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@example.org"), max_age=timedelta(hours=3))
+        expires_at = ms.query_status(mid).expires_at
+        assert expires_at is not None
+        results.wait_count(1)
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # deferred past the hour, and the warning delivered
+        [warning] = mx.wait_for_messages(1)
+    until = format_datetime(expires_at).encode()
+    assert b"\r\nWill-Retry-Until: " + until + b"\r\n" in warning.content
+    assert b"until " + until + b" at the latest." in warning.content

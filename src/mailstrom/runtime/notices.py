@@ -134,6 +134,14 @@ class _Notice:
 
         config, max_age = self.config, self.config.retry.max_age
         delayed = self.delayed
+        retry_until = None
+        if delayed:
+            # Whichever ends the retries first: the retry policy's max_age, or the expiry
+            # the message's sender set (past it the recipient fails as "expired").
+            ends = [self.arrival + max_age] if max_age is not None else []
+            if self.item.expires_at is not None:
+                ends.append(self.item.expires_at)
+            retry_until = min(ends, default=None)
         raw = render_notice(
             reporting_mta=config.helo_name,
             sender=self.sender,
@@ -144,7 +152,7 @@ class _Notice:
             dsn=dsn,
             now=self.now,
             delayed=delayed,
-            retry_until=self.arrival + max_age if delayed and max_age is not None else None,
+            retry_until=retry_until,
             # The sender's own domain last: its MTA is the one reporting.
             from_domain=mailer_daemon_domain(
                 (config.helo_name, config.message_id_domain, domain_of(self.sender))
