@@ -8,6 +8,11 @@ later) and :class:`PermanentFailure` (give up now).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailstrom.status import SMTPReply
+
 
 class MailstromError(Exception):
     """Base class of every error raised by mailstrom."""
@@ -311,7 +316,12 @@ class WorkerError(MailstromError, RuntimeError):
 
 
 class DeliveryError(MailstromError):
-    """A delivery attempt failed; carries what the peer said and where."""
+    """A delivery attempt failed; carries what the peer said and where.
+
+    ``text`` says what happened in mailstrom's words; ``reply``, when a server's reply
+    ended the attempt, is that reply as the server sent it (``code`` and ``enhanced`` are
+    its codes), which is what the recipients' status records.
+    """
 
     def __init__(
         self,
@@ -321,6 +331,7 @@ class DeliveryError(MailstromError):
         enhanced: str | None = None,
         host: str | None = None,
         recipient: str | None = None,
+        reply: SMTPReply | None = None,
     ) -> None:
         super().__init__(text)
         self.text = text
@@ -328,6 +339,7 @@ class DeliveryError(MailstromError):
         self.enhanced = enhanced
         self.host = host
         self.recipient = recipient
+        self.reply = reply
 
 
 class TemporaryFailure(DeliveryError):

@@ -33,6 +33,7 @@ from mailstrom.message import PreparedMessage, prepare
 from mailstrom.policy import advice_for
 from mailstrom.routing import Route, Router
 from mailstrom.runtime.worker import Worker
+from mailstrom.status import SMTPReply
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
@@ -1113,6 +1114,33 @@ def test_refusing_greetings_move_on_then_defer(
     assert cat.reply is not None
     assert cat.reply.code == 554
     assert (cat.mx_host, cat.ip) == ("mx1.refusing.test", "127.0.0.11")
+
+
+def test_a_refusal_is_recorded_as_the_server_s_reply(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """Was: a refusal that ends the session (a greeting, a 421 to RCPT) was recorded as a
+    reply whose text was mailstrom's own sentence around the server's reply: "mx.test
+    refused RCPT TO:<bea@...>: 421 4.7.0 ...", in the status of every recipient (naming
+    another one) and as the Diagnostic-Code of bounces; and the reply classes read the
+    host's name as the server's words (a Barracuda-hosted MX made a busy greeting a
+    block-list refusal)."""
+    smtp_server(host="127.0.0.13", port=mx.port, greeting="421 Too busy")
+    dns_server.mx("hosted.test", [(10, "d1.ess.barracudanetworks.test")])
+    dns_server.a("d1.ess.barracudanetworks.test", "127.0.0.13")
+    mx.rcpt_replies["bea@example.org"] = "421 4.7.0 Too many errors, closing"
+    ms = mailstrom()
+    busy = ms.send_email(hello("ann@hosted.test"))
+    closing = ms.send_email(hello("abe@example.org", "bea@example.org"))
+    results.wait_count(3)
+    ann = ms.query_status(busy).recipient("ann@hosted.test")
+    assert ann.state is DEFERRED
+    assert ann.reply == SMTPReply(code=421, text="Too busy")
+    assert ann.reason_class is ReasonClass.SYSTEM
+    for r in ms.query_status(closing).recipients:
+        assert r.state is DEFERRED
+        assert r.reply == SMTPReply(code=421, enhanced="4.7.0", text="Too many errors, closing")
+        assert r.mx_host == "mx.test"
 
 
 def test_work_of_a_lease_taken_over_while_the_worker_stalled_is_not_sent(

@@ -489,6 +489,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 code=reply.reply.code,
                 enhanced=reply.reply.enhanced,
                 host=self.host,
+                reply=reply.reply,
             )
 
     async def _request(

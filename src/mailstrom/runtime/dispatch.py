@@ -521,6 +521,7 @@ class Dispatcher:
                 code=last_error.code,
                 enhanced=last_error.enhanced,
                 host=last_error.host,
+                reply=last_error.reply,
             )
         self._fail_queue(dest, last_error, last_where)
 
@@ -820,7 +821,7 @@ class Dispatcher:
         assert self._shaper is not None
         if exc.code is None:
             return False
-        reply = SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
+        reply = exc.reply or SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         if not is_throttling(reply, connecting=True):
             return False
         held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]

@@ -248,11 +248,13 @@ class Outcomes:
             if isinstance(exc, PermanentFailure)
             else AttemptOutcome.TEMPORARY
         )
-        reply = (
-            SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
-            if exc.code is not None
-            else None
-        )
+        # The server's reply as it sent it, not the error's sentence around it (which
+        # names the host, already recorded, and the command: perhaps another recipient's
+        # RCPT). A code without a reply is mailstrom's own (a SIZE or SMTPUTF8 refusal
+        # made before anything was sent, a null MX): its text is all there is.
+        reply = exc.reply
+        if reply is None and exc.code is not None:
+            reply = SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         error = None if reply is not None else exc.text
         reason = error_reason(exc, reply)
         hard = self._hard(outcome, exc.code, exc.enhanced)

@@ -64,7 +64,11 @@ def failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
     """A Temporary/PermanentFailure carrying ``reply``, by its class (5xx permanent)."""
     cls = PermanentFailure if reply.code >= 500 else TemporaryFailure
     return cls(
-        f"{host} refused {what}: {reply}", code=reply.code, enhanced=reply.enhanced, host=host
+        f"{host} refused {what}: {reply}",
+        code=reply.code,
+        enhanced=reply.enhanced,
+        host=host,
+        reply=reply,
     )
 
 
