@@ -177,6 +177,15 @@ def test_suppress_on_is_checked_by_config() -> None:
         Config(helo_name="h.test", suppress_for=timedelta(0))
 
 
+def test_suppress_on_of_the_wrong_type_is_a_config_error() -> None:
+    # Was: AttributeError ('int' object has no attribute 'strip') for a basic code given
+    # as a number, TypeError for None or a number alone, and for a string alone a
+    # complaint about its first character.
+    for bad in ([550], ["5.1.1", None], None, 550, b"5.1.1", "5.1.1"):
+        with pytest.raises(ConfigError, match="suppress_on"):
+            Config(helo_name="h.test", suppress_on=bad)  # type: ignore[arg-type]
+
+
 # --- CSV -------------------------------------------------------------------------------
 
 

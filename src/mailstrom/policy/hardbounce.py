@@ -27,12 +27,16 @@ _CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$", re.ASCII)
 
 def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
     """``codes`` as a tuple, each a permanent enhanced code (``5.1.1``) or basic code
-    (``556``); raises ValueError naming the first that is neither."""
-    result = tuple(c.strip() for c in codes)
-    for code in result:
-        if not _CODE.match(code):
+    (``556``) as a string; raises ValueError naming the first that is neither, or when
+    ``codes`` is no collection of them (a string alone, a number, None)."""
+    if isinstance(codes, str | bytes) or not isinstance(codes, Iterable):
+        raise ValueError(f"expected a list of status codes like 5.1.1 or 556, got {codes!r}")
+    result = []
+    for code in codes:
+        if not isinstance(code, str) or not _CODE.match(code.strip()):
             raise ValueError(f"expected permanent status codes like 5.1.1 or 556, got {code!r}")
-    return result
+        result.append(code.strip())
+    return tuple(result)
 
 
 def is_hard_bounce(
