@@ -1143,6 +1143,31 @@ def test_a_refusal_is_recorded_as_the_server_s_reply(
         assert r.mx_host == "mx.test"
 
 
+def test_recipients_answered_before_a_421_to_rcpt_keep_their_answers(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """Was: a 421 to one RCPT ("closing") deferred every recipient of the transaction with
+    it, those the server had already refused too: abe's 550 5.1.1 was lost, so he was
+    retried for days instead of failing at once and being suppressed. The recipients not
+    answered yet still go on to the next host at once."""
+    backup = smtp_server(host="127.0.0.14", port=mx.port)
+    dns_server.mx("cut.test", [(10, "mx.test"), (20, "mx2.cut.test")])
+    dns_server.a("mx2.cut.test", backup.host)
+    mx.rcpt_replies["abe@cut.test"] = "550 5.1.1 No such user"
+    mx.rcpt_replies["bea@cut.test"] = "421 4.7.0 Too many errors, closing"
+    ms = mailstrom()
+    mid = ms.send_email(hello("abe@cut.test", "bea@cut.test", "cal@cut.test"))
+    results.wait_count(3)
+    status = ms.query_status(mid)
+    abe = status.recipient("abe@cut.test")
+    assert abe.state is FAILED
+    assert abe.reply == SMTPReply(code=550, enhanced="5.1.1", text="No such user")
+    assert ms.suppressed("abe@cut.test") is not None
+    assert {status.recipient(a).state for a in ("bea@cut.test", "cal@cut.test")} == {DELIVERED}
+    [message] = backup.wait_for_messages(1)
+    assert message.rcpt_tos == ("bea@cut.test", "cal@cut.test")
+
+
 def test_work_of_a_lease_taken_over_while_the_worker_stalled_is_not_sent(
     mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
 ) -> None:

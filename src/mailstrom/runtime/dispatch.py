@@ -53,10 +53,15 @@ from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
-from mailstrom.runtime.outcomes import Outcomes, Where, over_recipient_limit
+from mailstrom.runtime.outcomes import (
+    Outcomes,
+    Where,
+    over_recipient_limit,
+    refused_before_cut,
+)
 from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
-from mailstrom.runtime.transactions import TransactionResult
+from mailstrom.runtime.transactions import EnvelopeCut, TransactionResult
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
@@ -649,7 +654,13 @@ class Dispatcher:
             except DeliveryError as exc:
                 exc.host = exc.host or conn.host
                 error = error or exc
-                retry.append(work)
+                rest = (
+                    self._decide_refused(work, exc.answered, where)
+                    if isinstance(exc, EnvelopeCut)
+                    else work
+                )
+                if rest is not None:
+                    retry.append(rest)
                 continue
             answered = answered or result.final is not None
             over = over_recipient_limit(result)
@@ -683,6 +694,20 @@ class Dispatcher:
                 f"the connection to {conn.host} ended", host=conn.host
             )
         return error, answered
+
+    def _decide_refused(
+        self, work: _Work, answered: TransactionResult, where: Where
+    ) -> _Work | None:
+        """The recipients of ``work`` the server refused before a ``421`` to RCPT cut the
+        transaction short get their results now, from their own replies; what is left to
+        try again (None when nothing is)."""
+        refused = refused_before_cut(answered)
+        if not refused:
+            return work
+        rest = frozenset(r.address for r in work.item.recipients) - refused
+        later, decided, result = _split_off(work, answered, rest)
+        self._done(self._outcomes.from_transaction(decided.item, result, work.started, where))
+        return later if later.item.recipients else None
 
     def _submit(
         self, conn: SMTPConnection, work: _Work, reset: bool, where: Where

@@ -85,6 +85,21 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
     return over
 
 
+def refused_before_cut(result: TransactionResult) -> frozenset[str]:
+    """The recipients of a transaction a ``421`` to RCPT cut short (``result``: the replies
+    that came before it) whose own reply refused them: they are decided by it, as in any
+    transaction. Not one refused only for the server's limit of recipients (they were not
+    tried), and none when MAIL was not accepted (a pipelined RCPT is then refused for
+    that alone)."""
+    if result.mail is None or not is_positive(result.mail, stage=Stage.MAIL):
+        return frozenset()
+    return frozenset(
+        address
+        for address, reply in result.rcpt
+        if not is_positive(reply, stage=Stage.RCPT) and not _limit_reached(reply)
+    )
+
+
 def _limit_reached(reply: SMTPReply) -> bool:
     enhanced = reply.enhanced
     if enhanced is None:

@@ -60,6 +60,23 @@ class TransactionResult:
         return tuple(address for address, reply in self.rcpt if 200 <= reply.code < 300)
 
 
+class EnvelopeCut(TemporaryFailure):
+    """A ``421`` to RCPT ended the session inside the envelope: like any broken session
+    it fails the transaction, but ``answered`` keeps the replies that came before it, so
+    that a recipient the server refused already is decided by its own reply (RFC 5321
+    §3.8: the server closes; what it said before still stands)."""
+
+    def __init__(self, reply: SMTPReply, *, host: str, what: str, answered: TransactionResult):
+        super().__init__(
+            f"{host} refused {what}: {reply}",
+            code=reply.code,
+            enhanced=reply.enhanced,
+            host=host,
+            reply=reply,
+        )
+        self.answered = answered
+
+
 def failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
     """A Temporary/PermanentFailure carrying ``reply``, by its class (5xx permanent)."""
     cls = PermanentFailure if reply.code >= 500 else TemporaryFailure
@@ -421,8 +438,11 @@ class TransactionsMixin:
     def _on_rcpt(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         address = txn.recipients[len(txn.rcpt)]
         if reply.code == 421:
-            # The replies for the remaining recipients (and the rest) will never come.
-            self._abort(failure(reply, host=self.host, what=f"RCPT TO:<{address}>"))
+            # The replies for the remaining recipients (and the rest) will never come; those
+            # that came stay with this transaction's error (the others' is shared).
+            what = f"RCPT TO:<{address}>"
+            txn.settle(EnvelopeCut(reply, host=self.host, what=what, answered=txn.result()))
+            self._abort(failure(reply, host=self.host, what=what))
             return
         txn.rcpt.append((address, reply))
         if self._session.pipelining:
