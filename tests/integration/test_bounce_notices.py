@@ -265,3 +265,31 @@ def test_a_delay_warning_promises_retries_only_until_the_message_expires(
     until = format_datetime(expires_at).encode()
     assert b"\r\nWill-Retry-Until: " + until + b"\r\n" in warning.content
     assert b"until " + until + b" at the latest." in warning.content
+
+
+def test_a_message_past_its_expiry_is_reported_as_delivery_time_expired(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """Was: Status 5.0.0, a permanent failure without detail, which bounce processors
+    read as a hard bounce (Exim writes it for an unknown user): a one-time code that
+    expired behind a greylisting server could get its recipient suppressed by the
+    sender. RFC 3463's X.4.7 is "delivery time expired", as when the retries run out."""
+    from datetime import timedelta
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    mx.rcpt_replies["slow@example.org"] = "451 4.7.1 Greylisted, try again later"
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        ms.send_email(hello("slow@example.org"), max_age=timedelta(minutes=10))
+        results.wait_count(1)  # greylisted: deferred
+        clock.advance(timedelta(hours=1))
+        ms.wake()
+        results.wait_count(3)  # failed as expired, and the notice delivered
+        [notice] = mx.wait_for_messages(1)
+    report = parse_report(notice.content)
+    assert report is not None
+    [r] = report.recipients
+    assert (r.final_recipient, r.action, r.status) == ("slow@example.org", "failed", "4.4.7")
+    assert r.diagnostic == "expired"

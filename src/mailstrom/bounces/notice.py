@@ -41,7 +41,7 @@ class FailedRecipient:
 
     address: str
     status: str
-    """RFC 3463 code: the reply's enhanced code, else 5.0.0 (4.0.0 for an expiry)."""
+    """RFC 3463 code (see :func:`status_of`)."""
     diagnostic: str
     """The reply (``550 5.1.1 ...``) or the local reason."""
     remote_mta: str | None
@@ -60,12 +60,21 @@ def wants_notice(
     return not dsn.notify or (Notify.DELAY if delay else Notify.FAILURE) in dsn.notify
 
 
-def status_of(outcome: AttemptOutcome, enhanced: str | None, *, delayed: bool = False) -> str:
+def status_of(
+    outcome: AttemptOutcome,
+    enhanced: str | None,
+    *,
+    delayed: bool = False,
+    expired: bool = False,
+) -> str:
     """The DSN ``Status`` of a failure: the enhanced code when it is a permanent one,
-    else 5.0.0 (a refusal without one) or 4.4.7 (retries ran out: "delivery time
-    expired", RFC 3463); of a delay, the temporary enhanced code or 4.0.0."""
+    else 5.0.0 (a refusal without one) or 4.4.7 (retries ran out, or ``expired``: the
+    message passed the expiry its sender set; both "delivery time expired", RFC 3463);
+    of a delay, the temporary enhanced code or 4.0.0."""
     if delayed:
         return enhanced if enhanced and enhanced.startswith("4.") else "4.0.0"
+    if expired:
+        return "4.4.7"
     if enhanced and enhanced.startswith("5."):
         return enhanced
     return "5.0.0" if outcome is AttemptOutcome.PERMANENT else "4.4.7"

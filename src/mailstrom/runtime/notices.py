@@ -22,7 +22,7 @@ from mailstrom.errors import InvalidMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.dsn import DSN, Return
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.status import RecipientState
+from mailstrom.status import ReasonClass, RecipientState
 from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
 
 log = logging.getLogger("mailstrom.worker")
@@ -59,7 +59,12 @@ def notices_for(
         reply = attempt.reply
         entry = FailedRecipient(
             address=result.address,
-            status=status_of(attempt.outcome, reply.enhanced if reply else None, delayed=delayed),
+            status=status_of(
+                attempt.outcome,
+                reply.enhanced if reply else None,
+                delayed=delayed,
+                expired=attempt.reason_class is ReasonClass.EXPIRED,
+            ),
             diagnostic=attempt.reason,
             remote_mta=attempt.mx_host,
             at=attempt.at,
