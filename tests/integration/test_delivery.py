@@ -991,6 +991,26 @@ class IdleSignallingStore(MemoryStore):
         return due
 
 
+def test_a_clock_that_lags_does_not_stop_the_poll(
+    mailstrom: MakeMailstrom, mx: Any, clock: FakeClock, results: Results
+) -> None:
+    # The worker sleeps until the next due time it read, at most poll_interval, and slept
+    # on while the clock had not reached that time (meant for timers that fire a
+    # millisecond early). A clock that lags the loop's (stepped back; a test's frozen
+    # one) kept it asleep past every poll, and work given back meanwhile without a
+    # wake-up waited: with the frozen clock, for ever.
+    store = IdleSignallingStore()
+    store.enqueue(prepare(hello("given@example.org")), now=clock())
+    # Another worker holds it for 200 ms by the clock, which stands still.
+    other = store.lease(now=clock(), limit=10, lease_for=timedelta(milliseconds=200))
+    assert other is not None
+    mailstrom(store=store, poll_interval=0.5)
+    assert store.idle.wait(5)  # it read the lease's expiry as the next due time
+    time.sleep(0.3)
+    store.postpone(list(other.items), until=clock())  # given back, due now, no wake-up
+    results.wait_final({"given@example.org"}, timeout=5)
+
+
 def test_new_mail_wakes_an_idle_worker_without_polling(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:

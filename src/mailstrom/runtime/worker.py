@@ -76,6 +76,8 @@ _COALESCE = 0.005
 """Seconds to let work accumulate before the next lease, after a small one."""
 _SMALL_LEASE = 32
 """A lease of fewer recipients than this is small."""
+_TIMER_ROUNDING = 0.002
+"""Seconds a timer may fire early (uvloop rounds them to the millisecond)."""
 _RECORD_AFTER = 0.004
 _RECORD_MANY = 128
 """Results wait at most this long (seconds), or until this many gather, for their write.
@@ -620,8 +622,11 @@ class Worker(
                 if waits_for is not None:
                     # uvloop rounds its timers to the millisecond, so the timer may fire
                     # before the due time: sleep the rest (a lease would find nothing).
+                    # Only such a rest: a clock that lags the loop's (stepped back, or a
+                    # test's that stands still) would otherwise be waited for past every
+                    # poll, and work given back meanwhile would wait for a wake-up.
                     timeout = (waits_for - self._clock()).total_seconds()
-                    if timeout > 0:
+                    if 0 < timeout <= _TIMER_ROUNDING:
                         continue
                 self._lease_wanted = True  # the poll, or the due time came
                 self._due_stale = True
