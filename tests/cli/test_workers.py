@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +68,19 @@ def test_workers_lists_a_running_worker_and_queue_notes_when_none_runs(
         ended(worker)
     # Its lock file went with it (SQLite), its row was marked stopped (PostgreSQL).
     assert _workers(cli) == (69, [])
+
+
+def test_workers_on_a_queue_not_created_yet_says_nobody_runs(cli: CLI, workdir: Path) -> None:
+    """A store file nothing has opened yet (a fresh host, the worker not started): nobody
+    delivers from it, which is exit 69 as the docs say, not a usage error about a memory
+    store the user never named."""
+    nobody = cli("workers")
+    assert (nobody.code, nobody.out.strip(), nobody.err) == (
+        69,
+        f"{NOBODY} (`mailstrom worker`, or an application's Mailstrom)",
+        "",
+    )
+    assert _workers(cli) == (69, [])
+    assert not (workdir / "queue.db").exists()
+    memory = cli("--store", "memory:", "workers")
+    assert memory.code == 64 and "memory store" in memory.err

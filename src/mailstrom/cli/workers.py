@@ -37,13 +37,18 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def workers_command(args: argparse.Namespace) -> int:
-    with store_warnings(), store_from(settings_from(args), read_only=True) as store:
-        if not isinstance(store, DeadHolderReaper):
-            raise UsageError(
-                "this store cannot tell which workers run: a memory store lives and dies "
-                "with the process that made it"
-            )
-        live = store.live_holders()
+    from mailstrom.stores.url import StoreKind, parse_store_url
+
+    settings = settings_from(args)
+    if parse_store_url(settings.store_url).kind is StoreKind.MEMORY:
+        raise UsageError(
+            "this store cannot tell which workers run: a memory store lives and dies "
+            "with the process that made it"
+        )
+    with store_warnings(), store_from(settings, read_only=True) as store:
+        # An SQLite file that does not exist yet is read as an empty memory store: no
+        # worker has opened it (a worker creates it), so nobody delivers from it.
+        live = store.live_holders() if isinstance(store, DeadHolderReaper) else []
     if args.json:
         print_json(live)
     elif live:
