@@ -8,13 +8,17 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
+import mailstrom
+
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# Indented blocks too (an example inside a list item), dedented.
+BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.DOTALL | re.MULTILINE)
 
 
 def examples() -> list[tuple[str, str]]:
@@ -23,7 +27,8 @@ def examples() -> list[tuple[str, str]]:
         text = doc.read_text()
         for block in BLOCK.finditer(text):
             line = text.count("\n", 0, block.start()) + 2  # the code's first line
-            found.append((f"{doc.relative_to(ROOT)}:{line}", block.group(1)))
+            code = textwrap.dedent(block.group(2))
+            found.append((f"{doc.relative_to(ROOT)}:{line}", code))
     return found
 
 
@@ -50,3 +55,23 @@ def test_an_example_compiles_and_its_mailstrom_imports_exist(where: str, code: s
                 if not hasattr(module, alias.name):
                     # A submodule not imported by its package yet.
                     importlib.import_module(f"{node.module}.{alias.name}")
+
+
+# Examples that need nothing but mailstrom (no store, network, key file or name defined
+# elsewhere) are run, each known by a line of it: a Config they build that the library
+# refuses would teach a configuration that cannot start.
+SELF_CONTAINED = [
+    ("README.md", "timeouts=Timeouts(connect=30, greeting=300, command=300, data_end=600),"),
+    ("docs/guide.md", 'unsubscribe_url="https://example.com/unsubscribe?u=42&t=4f9c",'),
+    ("docs/guide.md", "shaping=ShapingConfig("),
+    ("docs/guide.md", 'Config(tls="opportunistic"'),
+    ("docs/guide.md", 'config = Config(helo_name="mail.example.com", mta_sts=MTASTSConfig())'),
+]
+
+
+@pytest.mark.parametrize(("doc", "line"), SELF_CONTAINED, ids=[line for _, line in SELF_CONTAINED])
+def test_a_self_contained_example_runs(doc: str, line: str) -> None:
+    [code] = [code for where, code in EXAMPLES if where.startswith(f"{doc}:") and line in code]
+    # A snippet may leave out its imports: the names it uses are mailstrom's.
+    namespace = {name: getattr(mailstrom, name) for name in mailstrom.__all__}
+    exec(compile(code, doc, "exec"), namespace)
