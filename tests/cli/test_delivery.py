@@ -196,6 +196,23 @@ def test_send_wait_returns_once_the_next_retry_is_past_the_timeout(mail_env: Mai
     )
 
 
+def test_send_wait_returns_at_once_for_a_message_scheduled_past_the_timeout(
+    mail_env: MailEnv,
+) -> None:
+    """No worker tries a message before its --at time: waiting an hour for one due in
+    2099 changes nothing, so --wait returns what is known now (it sat out the whole
+    timeout; the call below gives up after 60 s)."""
+    cli = mail_env.cli
+    pending = cli(
+        "send", "--from", "a@client.test", "--to", "bob@example.test", "--text", "x",
+        "--at", "2099-01-01T00:00Z", "--wait", "--timeout", "3600", "--json",
+    )  # fmt: skip
+    assert pending.code == 75, pending.err
+    [recipient] = pending.json()["recipients"]
+    assert (recipient["state"], recipient["attempts"]) == ("queued", 0)
+    assert mail_env.mx.connections == 0
+
+
 def test_send_attachment_html_and_header(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     (mail_env.workdir / "report.csv").write_text("a,b\n1,2\n")

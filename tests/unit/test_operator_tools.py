@@ -150,6 +150,9 @@ def test_a_wait_is_over_when_nothing_can_change_before_its_end() -> None:
     assert not settled(status((RecipientState.DEFERRED, NOW + MINUTE / 2)), end)
     assert settled(status((RecipientState.DEFERRED, NOW + 2 * MINUTE), final), end)
     assert settled(status((RecipientState.QUEUED, NOW), held=True), end)
+    # A message scheduled (send_at) after the end: no worker tries it before then.
+    assert settled(status((RecipientState.QUEUED, NOW + 2 * MINUTE), final), end)
+    assert not settled(status((RecipientState.QUEUED, NOW + MINUTE / 2)), end)
 
 
 # --- local names and aliases ---------------------------------------------------------------

@@ -421,12 +421,16 @@ def print_deferred(status: MessageStatus) -> None:
 async def deliver_and_wait(
     config: Config, store: Store, message_id: str, *, wait_for: float
 ) -> None:
-    """Run a worker until every recipient of ``message_id`` is final or deferred past the
-    end of the wait (its next retry falls after ``wait_for`` seconds), or for ``wait_for``
-    seconds."""
+    """Run a worker until every recipient of ``message_id`` is final or due only after
+    the end of the wait (its next retry, or the message's ``--at`` time, falls after
+    ``wait_for`` seconds), or for ``wait_for`` seconds."""
     deadline = utc_now() + timedelta(seconds=wait_for)
     status = store.status(message_id)
-    pending = {r.address for r in status.recipients if not r.state.is_final}
+    pending = {
+        r.address
+        for r in status.recipients
+        if not r.state.is_final and (r.next_attempt_at is None or r.next_attempt_at <= deadline)
+    }
     finished = asyncio.Event()
     if not pending or status.held:
         finished.set()

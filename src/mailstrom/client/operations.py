@@ -54,13 +54,15 @@ in this process (``worker="thread"``/``"task"``) every result wakes the waiter a
 def settled(status: MessageStatus, deadline: datetime) -> bool:
     """Whether waiting for ``status`` until ``deadline`` is over: every recipient is final,
     or the message is held, or every pending recipient's next attempt falls after the
-    deadline (nothing can change before then)."""
+    deadline (nothing can change before then): a deferred recipient's retry, or a queued
+    one's ``send_at`` (a lease leaves ``next_attempt_at`` alone, so one in flight is due).
+    Mail retried or released meanwhile wakes the waiter through the store's watch."""
     if status.held:
         return True
     for r in status.recipients:
         if r.state.is_final:
             continue
-        if r.state is RecipientState.QUEUED or r.next_attempt_at is None:
+        if r.next_attempt_at is None:
             return False
         if r.next_attempt_at <= deadline:
             return False
@@ -251,7 +253,7 @@ class QueueOperations(_Base):
 
     def wait(self, message_id: str, timeout: float) -> MessageStatus:
         """Wait until every recipient of the message is final, or until nothing can change
-        before ``timeout`` seconds have passed (every pending recipient's next retry falls
+        before ``timeout`` seconds have passed (every pending recipient's next attempt falls
         later, or the message is held), or for ``timeout`` seconds (a finite number of
         at most 100 years; 0 or less looks once); return its status.
 
