@@ -76,6 +76,19 @@ def test_send_file_unreadable(cli: CLI) -> None:
     assert_one_line_error(cli("send", "--file", "no-such.eml"), 66, "no-such.eml")
 
 
+def test_send_file_with_no_message_is_no_input(cli: CLI) -> None:
+    """An empty stdin (a producer that failed and wrote nothing) or an empty file is no
+    message: exit 66 as for sendmail (docs/cli.md, "no message on stdin"), not 65 with a
+    complaint about a missing From header that was never sent."""
+    empty = cli("send", "--file", "-", "--to", "bob@example.test", stdin=b"")
+    assert_one_line_error(empty, 66, "no message on standard input")
+    blank = cli("send", "--file", "-", "--to", "bob@example.test", stdin=b"\r\n \n")
+    assert_one_line_error(blank, 66, "no message on standard input")
+    (cli.cwd / "empty.eml").write_bytes(b"")
+    assert_one_line_error(cli("send", "--file", "empty.eml"), 66, "no message in empty.eml")
+    assert cli.queue_ids() == []
+
+
 @pytest.mark.parametrize("command", ["status", "hold", "release", "retry", "cancel"])
 def test_unknown_id(cli: CLI, command: str) -> None:
     result = cli(command, "0123456789abcdef0123456789abcdef")

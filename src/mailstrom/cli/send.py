@@ -259,6 +259,17 @@ def read_bytes(path: str, budget: FileBudget) -> bytes:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}", EX_NOINPUT) from None
 
 
+def read_message(path: str, budget: FileBudget) -> bytes:
+    """The message ``--file`` names: :func:`read_bytes`, and EX_NOINPUT when it holds
+    nothing but white space (an empty pipe is no input, as for ``sendmail``; not a
+    message to refuse for its missing From)."""
+    data = read_bytes(path, budget)
+    if not data.strip():
+        where = "on standard input" if path == "-" else f"in {path}"
+        raise CLIError(f"no message {where}", EX_NOINPUT)
+    return data
+
+
 def read_text(path: str, budget: FileBudget) -> str:
     try:
         return read_bytes(path, budget).decode("utf-8")
@@ -350,7 +361,7 @@ def send_command(args: argparse.Namespace) -> int:
         envelope_to = [*args.to, *args.cc, *args.bcc] or None
         prepared = prepare_for(
             settings.config,
-            read_bytes(args.file, FileBudget(settings.config.max_message_size)),
+            read_message(args.file, FileBudget(settings.config.max_message_size)),
             envelope_from=args.from_,
             envelope_to=envelope_to,
             now=now,
