@@ -231,3 +231,34 @@ def test_closed_standard_input_is_no_input(cli: CLI, args: list[str]) -> None:
     result = Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     assert_one_line_error(result, 66, "no standard input")
     assert cli.queue_ids() == []
+
+
+@pytest.mark.parametrize(
+    "args", [["queue"], ["sendmail", "-bp"], ["sendmail", "--help"], ["--help"]]
+)
+def test_a_reader_that_went_away_is_no_internal_error(cli: CLI, args: list[str]) -> None:
+    """``mailq | head -1``: the reader closes the pipe before the listing is written.
+    That is no bug to report (exit 70, "internal error: BrokenPipeError"), which the
+    sendmail personality's ``-bp`` said; every listing ends quietly with 0."""
+    import os
+    import subprocess
+    import sys
+
+    cli.ok("send", "--from", "a@client.test", "--to", "b@example.test", "--text", "x")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before a byte is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", *args],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert (proc.returncode, "error" in err, "Traceback" in err) == (0, False, False), err

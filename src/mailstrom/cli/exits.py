@@ -6,6 +6,7 @@ the code below — never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mailstrom.errors import (
@@ -124,3 +125,11 @@ def fail(exc: BaseException, prog: str = "mailstrom") -> int:
     """Print ``prog: reason`` on stderr and return the exit code."""
     sys.stderr.write(f"{prog}: {reason_for(exc)}\n")
     return exit_code_for(exc)
+
+
+def reader_gone() -> int:
+    """The reader of standard output went away (``mailq | head -1``, a closed ``less``):
+    no error worth a message, nor a bug to report. Standard output is pointed at
+    /dev/null, so that the interpreter's last flush does not fail again; EX_OK."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EX_OK

@@ -14,7 +14,15 @@ from collections.abc import Callable
 
 from mailstrom._version import __version__
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
-from mailstrom.cli.exits import EX_OK, EX_SOFTWARE, EX_USAGE, UsageError, fail, reason_for
+from mailstrom.cli.exits import (
+    EX_OK,
+    EX_SOFTWARE,
+    EX_USAGE,
+    UsageError,
+    fail,
+    reader_gone,
+    reason_for,
+)
 from mailstrom.cli.parsing import ArgumentParser
 
 COMMAND_MODULES: dict[str, str] = {
@@ -154,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader (head, less) went away; that is not an error worth a message.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EX_OK
+        return reader_gone()
     except Exception as exc:
         code = fail(exc)
         if code == EX_SOFTWARE and getattr(args, "traceback", False):

@@ -31,6 +31,7 @@ from mailstrom.cli.exits import (
     CLIError,
     UsageError,
     fail,
+    reader_gone,
     reason_for,
 )
 from mailstrom.cli.localnames import (
@@ -382,6 +383,8 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
     except UsageError as exc:
         sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
+    except BrokenPipeError:  # -bp or --help read by `head`, which went away
+        return reader_gone()
     except Exception as exc:
         return fail(exc)
 
