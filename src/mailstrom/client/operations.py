@@ -210,8 +210,9 @@ class QueueOperations(_Base):
         return self.store.purge_state(finished_before=cutoff, state=state)
 
     def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
-        """Messages matching ``where`` (every message, newest first, by default), without
-        attempt history."""
+        """Messages matching ``where`` (by default any message), newest first, without
+        attempt history: at most ``where.limit``, which is 100 unless given
+        (``QueueFilter(limit=10_000)``); :meth:`count` says how many match in all."""
         return self.store.query(now=self._clock(), where=checked_filter(where))
 
     def count(self, where: QueueFilter | None = None, *, cap: int = 1_000_000) -> int:

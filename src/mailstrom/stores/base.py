@@ -564,7 +564,8 @@ class Store(Protocol):
         ...
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
-        """Messages matching ``where``, newest first, without attempt history."""
+        """Messages matching ``where`` (None: ``QueueFilter()``), newest first, at most
+        its ``limit``, without attempt history."""
         ...
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
