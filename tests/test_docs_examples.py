@@ -75,3 +75,21 @@ def test_a_self_contained_example_runs(doc: str, line: str) -> None:
     # A snippet may leave out its imports: the names it uses are mailstrom's.
     namespace = {name: getattr(mailstrom, name) for name in mailstrom.__all__}
     exec(compile(code, doc, "exec"), namespace)
+
+
+def test_the_bounce_example_runs_on_mail_that_is_no_report() -> None:
+    """The guide's parse_report/apply_report example says parse_report() answers None for
+    mail that is no report (an auto-reply); the lines after it must cope with that."""
+    from types import SimpleNamespace
+
+    from mailstrom.stores import MemoryStore
+
+    line = "report = parse_report(raw_bytes)"
+    [code] = [
+        code for where, code in EXAMPLES if where.startswith("docs/guide.md") and line in code
+    ]
+    store = MemoryStore()
+    auto_reply = b"From: bob@example.org\r\nSubject: Out of office\r\n\r\nAway.\r\n"
+    names = {"raw_bytes": auto_reply, "ms": SimpleNamespace(store=store)}
+    exec(compile(code, "docs/guide.md", "exec"), names)
+    store.close()
