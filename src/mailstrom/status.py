@@ -290,10 +290,18 @@ class MessageStatus:
 
     def recipient(self, address: str) -> RecipientStatus:
         """The status of ``address`` (domain compared case-insensitively; a U-label
-        domain, ``bob@bücher.example``, finds the A-label form the envelope holds)."""
+        domain, ``bob@bücher.example``, finds the A-label form the envelope holds, and a
+        local part is taken as the envelope writes it: in Unicode NFC, a role name such as
+        ``Postmaster`` in lower case, needless quotes dropped)."""
+        # Imported here: this module needs only the standard library to load.
+        from mailstrom.errors import InvalidAddress
+        from mailstrom.message.addrspec import validate_address
+
+        # Not an address a message could be sent to: compared as given.
+        with contextlib.suppress(InvalidAddress):
+            address = validate_address(address).envelope
         local, _, domain = address.rpartition("@")
         if not domain.isascii():
-            # Imported here: this module needs only the standard library to load.
             from mailstrom.domains import a_label
 
             with contextlib.suppress(ValueError):  # no A-label form: compared as given

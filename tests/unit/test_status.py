@@ -59,3 +59,21 @@ def test_idna_2008_is_how_a_looked_up_domain_is_converted() -> None:
         status.recipient("bob@strasse.example")
     with pytest.raises(KeyError):
         status.recipient("bob@exa mple.örg")  # no domain at all: compared as written
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("Jo\u0308rg@bücher.example", "J\u00f6rg@xn--bcher-kva.example"),  # decomposed: NFC
+        ("Postmaster@example.org", "postmaster@example.org"),  # a role name: lower case
+        ('"jörg"@example.org', "jörg@example.org"),  # needless quotes: dropped
+    ],
+)
+def test_a_recipient_is_found_by_the_local_part_it_was_sent_to(written: str, stored: str) -> None:
+    # The envelope holds the local part as validation normalises it (NFC, a role name in
+    # lower case, quotes dropped); looking up the address as sent raised KeyError.
+    with Mailstrom(Config(helo_name="mail.example.com"), store="memory:", worker=None) as ms:
+        email = Email(from_="app@example.com", to=[written], subject="Hi", text="x")
+        status = ms.query_status(ms.send_email(email))
+    assert [r.address for r in status.recipients] == [stored]
+    assert status.recipient(written) is status.recipient(stored) is status.recipients[0]
