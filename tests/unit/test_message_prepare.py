@@ -474,6 +474,30 @@ def test_utf8_local_part_needs_smtputf8() -> None:
     assert p.eightbit is False
 
 
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "bücher\u3002example",  # an ideographic full stop between the labels
+        "\uff22ücher.example",  # a full-width B
+        "BÜCHER.example",  # a U-label in upper case
+        "bu\u0308cher.example",  # ü decomposed (u and a combining diaeresis)
+    ],
+)
+def test_a_utf8_address_has_its_domain_as_a_u_label_in_the_header(domain: str) -> None:
+    # With a UTF-8 local part the header kept the domain as typed, which is no U-label
+    # (IDNA 2008 maps none of these): a reader saw one label "bücher。example", and a
+    # From domain so written fails DMARC's lookup though the envelope went to the right one.
+    p = prepare(Email(from_=f"jörg@{domain}", to=f"Jörg <jörg@{domain}>"), now=NOW)
+    assert p.recipients == ("jörg@xn--bcher-kva.example",)
+    assert "From: jörg@bücher.example\r\n".encode() in p.data
+    assert 'To: "Jörg" <jörg@bücher.example>\r\n'.encode() in p.data
+
+
+def test_a_utf8_address_keeps_an_ascii_domain_as_written() -> None:
+    p = prepare(Email(from_="a@example.com", to="jörg@XN--Bcher-kva.Example"), now=NOW)
+    assert "To: jörg@XN--Bcher-kva.Example\r\n".encode() in p.data
+
+
 def test_utf8_envelope_only_needs_smtputf8() -> None:
     email = Email(from_="a@example.com", to="b@example.org")
     assert prepare(email, envelope_to=["ñ@example.org"]).smtputf8 is True

@@ -62,7 +62,9 @@ class ValidAddress:
     header: str
     """The addr-spec as a generated header writes it: with an ASCII local part the domain
     is an A-label (an RFC 2047 word is not allowed in an addr-spec, RFC 2047 §5); with a
-    UTF-8 local part the message needs SMTPUTF8 anyway and the domain stays as given."""
+    UTF-8 local part the message needs SMTPUTF8 anyway and a Unicode domain is its U-labels
+    (NFC, lower case, dots for ``。``: what IDNA 2008 maps it to; as typed, a reader would
+    see another domain, or none). An ASCII domain stays as given."""
     smtputf8: bool
     """The local part is not ASCII (RFC 6531 §3.3)."""
     written: str
@@ -92,6 +94,7 @@ def validate(local: str, domain: str) -> ValidAddress:
         raise _invalid(address, "an RFC 2047 encoded word may not appear in an addr-spec")
     if local.startswith('"'):
         _check_quoted_pairs(address, local)
+    unicode_domain = domain  # only used when the local part is UTF-8: set below then
     try:
         if _DOT_ATOM.fullmatch(local):
             # What validate_email does for a dot-atom local part, without its domain cost.
@@ -104,6 +107,7 @@ def validate(local: str, domain: str) -> ValidAddress:
         else:
             valid = _validate_email(address)
             normal, ascii_domain = valid.local_part, valid.ascii_domain
+            unicode_domain = valid.domain
     except EmailNotValidError as exc:
         raise _invalid(address, str(exc)) from None
     if len(normal.encode("utf-8")) > MAX_LOCAL_PART:
@@ -119,7 +123,7 @@ def validate(local: str, domain: str) -> ValidAddress:
         # An address literal comes normalised ([IPv6:2001:db8::1]) and keeps its tag's
         # case: email-validator before 2.4 refuses [ipv6:...] when the address comes back.
         ascii_domain = ascii_domain.lower()
-    header_domain = domain if utf8 or domain.isascii() else ascii_domain
+    header_domain = domain if domain.isascii() else unicode_domain if utf8 else ascii_domain
     return ValidAddress(
         envelope=f"{normal}@{ascii_domain}",
         header=f"{normal}@{header_domain}",
