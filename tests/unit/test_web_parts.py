@@ -97,6 +97,13 @@ def test_search_terms_are_read_by_their_shape() -> None:
     assert Search.parse("Bob@Bücher.Example") == Search(address="Bob@xn--bcher-kva.example")
     assert Search.parse("01A2b3") == Search(id_prefix="01a2b3")
     assert Search.parse("Example.ORG") == Search(domain="example.org")
+    # A local part as the envelope holds it: prepare() stores a role name in lower case,
+    # a UTF-8 one in NFC, without needless quotes; typed as sent, it found nothing.
+    assert Search.parse("Postmaster@Example.org") == Search(address="postmaster@example.org")
+    assert Search.parse("Jo\u0308rg@bücher.example") == Search(
+        address="J\u00f6rg@xn--bcher-kva.example"
+    )
+    assert Search.parse('"bob"@example.org') == Search(address="bob@example.org")
     assert id_range("ab") == ("ab" + "0" * 30, "ab" + "f" * 30)
 
 

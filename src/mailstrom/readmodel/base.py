@@ -10,6 +10,7 @@ contract suite (``tests/contract/test_readmodel.py``) runs over all three.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -128,7 +129,14 @@ class Search:
         if not term:
             return None
         if "@" in term:
-            # The local part as typed: only a domain is the same in any case.
+            # An address as prepare() stored it (a UTF-8 local part in NFC, a role name in
+            # lower case, needless quotes dropped); else the local part as typed: only a
+            # domain is the same in any case.
+            from mailstrom.errors import InvalidAddress
+            from mailstrom.message.addrspec import validate_address
+
+            with contextlib.suppress(InvalidAddress):
+                return cls(address=validate_address(term).envelope)
             local, _, domain = term.rpartition("@")
             return cls(address=f"{local}@{filter_domain(domain)}")
         if _HEX.match(term.lower()):
