@@ -59,6 +59,17 @@ def test_send_email_is_captured_with_its_envelope_and_parsed_message() -> None:
     assert b"Bcc" not in mail.data
 
 
+@pytest.mark.parametrize("text", ["Grüße", "日本語のテキスト\n二行目"])
+def test_a_text_sent_in_base64_reads_back_with_lf_line_ends(text: str) -> None:
+    # Non-ASCII text often goes in base64, whose decoded content keeps the CRLF of the
+    # canonical form: mail.text was "Grüße\r\n" where "Hello" gave "Hello\n".
+    with capture() as outbox, Mailstrom(CONFIG, store=MemoryStore()) as ms:
+        ms.send_email(Email(from_="a@shop.test", to="b@example.org", text=text, html=text))
+    [mail] = outbox
+    assert b"base64" in mail.data
+    assert mail.text == mail.html == text + "\n"
+
+
 def test_captured_mail_is_queued_and_held_and_the_worker_leaves_it_alone() -> None:
     store = MemoryStore()
     with capture() as outbox, Mailstrom(CONFIG, store=store) as ms:

@@ -79,7 +79,9 @@ class CapturedMessage:
         part = self.message.get_body(preferencelist=(subtype,))
         if part is None:
             return None
-        return cast(str, part.get_content())
+        # A part in base64 (as non-ASCII text often is) decodes to its canonical CRLF
+        # line ends: LF, as for any other part.
+        return cast(str, part.get_content()).replace("\r\n", "\n")
 
     def status(self) -> MessageStatus:
         """Its status read from the store now: ``queued`` and ``held`` unless the test
@@ -134,7 +136,9 @@ class Outbox(Sequence[CapturedMessage]):
 def parse_message(data: bytes) -> EmailMessage:
     """Message bytes as an :class:`~email.message.EmailMessage` (``email.policy.default``),
     line ends made LF first, as a reader shows them: ``get_content()`` of a text part
-    then equals the text that was sent."""
+    then equals the text that was sent (but for a part in base64, whose decoded content
+    keeps the CRLF of its canonical form; ``CapturedMessage.text`` and ``html`` make
+    those LF too)."""
     return email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
 
 
