@@ -70,6 +70,25 @@ def test_a_text_sent_in_base64_reads_back_with_lf_line_ends(text: str) -> None:
     assert mail.text == mail.html == text + "\n"
 
 
+def test_utf8_header_fields_are_parsed_as_utf8() -> None:
+    # An address with a UTF-8 local part makes the header fields raw UTF-8 (RFC 6532);
+    # parsed as bytes, their addresses came out as surrogate escapes ("j\udcc3\udcb6rg").
+    with capture() as outbox, Mailstrom(CONFIG, store=MemoryStore()) as ms:
+        ms.send_email(
+            Email(
+                from_="Jörg Müller <jörg@shop.test>",
+                to=["Ann <ann@example.org>", "zoë@example.org"],
+            )
+        )
+    [mail] = outbox
+    [sender] = mail.message["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == ("Jörg Müller", "jörg@shop.test")
+    assert [a.addr_spec for a in mail.message["To"].addresses] == [
+        "ann@example.org",
+        "zoë@example.org",
+    ]
+
+
 def test_captured_mail_is_queued_and_held_and_the_worker_leaves_it_alone() -> None:
     store = MemoryStore()
     with capture() as outbox, Mailstrom(CONFIG, store=store) as ms:

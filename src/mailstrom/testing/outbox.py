@@ -133,13 +133,31 @@ class Outbox(Sequence[CapturedMessage]):
                     self._messages.append(message)
 
 
+class _UTF8HeaderPolicy(email.policy.EmailPolicy):
+    """``email.policy.default``, but a header field holding UTF-8 (RFC 6532, as a message
+    to or from a UTF-8 address has) is read as UTF-8: the bytes parser hands its octets on
+    as surrogate escapes, and the address parser took them for undecodable octets
+    (``"j\\udcc3\\udcb6rg@..."``). Octets that are no UTF-8 stay escaped, as before."""
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if isinstance(value, str) and not value.isascii():
+            with contextlib.suppress(UnicodeError):  # set as text, or not UTF-8
+                value = value.encode("ascii", "surrogateescape").decode("utf-8")
+        return super().header_fetch_parse(name, value)
+
+
+_POLICY = _UTF8HeaderPolicy()
+
+
 def parse_message(data: bytes) -> EmailMessage:
-    """Message bytes as an :class:`~email.message.EmailMessage` (``email.policy.default``),
+    """Message bytes as an :class:`~email.message.EmailMessage` (``email.policy.default``;
+    UTF-8 header fields, RFC 6532, read as UTF-8),
     line ends made LF first, as a reader shows them: ``get_content()`` of a text part
     then equals the text that was sent (but for a part in base64, whose decoded content
     keeps the CRLF of its canonical form; ``CapturedMessage.text`` and ``html`` make
     those LF too)."""
-    return email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+    message = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=_POLICY)
+    return cast(EmailMessage, message)
 
 
 def _queued_now(store: Store, message_id: str, prepared: PreparedMessage, now: datetime) -> bool:
