@@ -470,6 +470,34 @@ def test_smtputf8_only_for_the_transactions_that_need_it(
     assert "SMTPUTF8" not in received.mail_options
 
 
+def test_a_utf8_bcc_does_not_make_an_8bit_body_need_smtputf8(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """An 8-bit body needs 8BITMIME, not SMTPUTF8: with a UTF-8 Bcc address marking the
+    message, the other transactions failed at a server without SMTPUTF8 ("message needs
+    SMTPUTF8") though their envelope and header fields are ASCII."""
+    ascii_mx = smtp_server(host="127.0.0.7", port=mx.port, smtputf8=False)
+    for domain in ("ascii.test", "other.test"):
+        dns_server.mx(domain, [(10, "mx.ascii.test")])
+    dns_server.a("mx.ascii.test", "127.0.0.7")
+    ms = mailstrom()
+    raw = (
+        "From: app@sender.test\r\nTo: ann@ascii.test\r\nBcc: jos\u00e9@other.test\r\n"
+        "Subject: Hi\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGr\u00fc\u00dfe\r\n"
+    ).encode()
+    mid = ms.send_email(raw)
+    results.wait_final({"ann@ascii.test", "jos\u00e9@other.test"})
+    status = ms.query_status(mid)
+    assert status.recipient("jos\u00e9@other.test").state is FAILED
+    ann = status.recipient("ann@ascii.test")
+    assert ann.state is DELIVERED, ann.reason
+    [received] = ascii_mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@ascii.test"]
+    assert "SMTPUTF8" not in received.mail_options
+    assert "Gr\u00fc\u00dfe".encode() in received.content
+
+
 def test_message_over_server_size_fails_without_sending(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

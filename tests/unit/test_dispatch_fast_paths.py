@@ -3,13 +3,18 @@ order they came."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mailstrom.policy.throttle import is_throttling
-from mailstrom.runtime.dispatch import _replies
+from mailstrom.runtime.dispatch import _replies, needs_smtputf8
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import SMTPReply
+from mailstrom.stores.base import LeasedRecipient, WorkItem
+
+NOW = datetime(2026, 1, 5, tzinfo=UTC)
 
 _REPLIES = st.builds(
     SMTPReply,
@@ -38,3 +43,39 @@ def test_every_reply_is_looked_at_in_order(
     assert any(is_throttling(r) for r in _replies(result)) == any(
         r is not None and r.code in (421, 451) and is_throttling(r) for r in replies
     )
+
+
+def _marked(data: bytes, *, sender: str = "app@example.com") -> WorkItem:
+    """A transaction to an ASCII recipient of a message marked SMTPUTF8 by another's."""
+    recipient = LeasedRecipient(
+        address="ann@example.org", attempts=0, first_attempt_at=None, created_at=NOW
+    )
+    return WorkItem(
+        message_id="m1",
+        lease_token="t1",
+        domain="example.org",
+        envelope_from=sender,
+        recipients=(recipient,),
+        data=data,
+        smtputf8=True,
+        eightbit=not data.isascii(),
+    )
+
+
+_HEAD = b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+
+
+def test_an_8bit_body_alone_does_not_need_smtputf8() -> None:
+    # It needs 8BITMIME (or the 7-bit downgrade); with a UTF-8 address in another
+    # transaction, these recipients failed at a server without SMTPUTF8.
+    body = _HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    assert needs_smtputf8(_marked(body)) is False
+    assert needs_smtputf8(_marked(b"Subject: x\r\n\r\nx\r\n")) is False
+
+
+def test_utf8_header_fields_or_addresses_need_smtputf8() -> None:
+    assert needs_smtputf8(_marked(_HEAD + "Subject: Grüße\r\n\r\nx\r\n".encode())) is True
+    part = "--b\r\nContent-Type: text/plain; name=Grüße.txt\r\n\r\nx\r\n--b--\r\n".encode()
+    multipart = _HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + part
+    assert needs_smtputf8(_marked(multipart)) is True
+    assert needs_smtputf8(_marked(b"Subject: x\r\n\r\nx\r\n", sender="jos\u00e9@example.com"))

@@ -42,6 +42,7 @@ from datetime import datetime
 from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
+    MailstromError,
     PermanentFailure,
     RequireTLSFailure,
     SMTPConnectError,
@@ -983,14 +984,25 @@ def _replies(result: TransactionResult) -> Iterator[SMTPReply | None]:
 def needs_smtputf8(item: WorkItem) -> bool:
     """Whether the transaction of ``item``, a message marked SMTPUTF8, needs it (RFC 6531
     §3.4): an address of another transaction (a UTF-8 Bcc recipient, or one of an
-    explicit envelope) marks the whole message, but this one's envelope and an ASCII
-    content go as any other mail. Content with 8-bit octets anywhere keeps the mark: a
-    UTF-8 header field of a MIME part looks like an 8-bit body from here."""
-    return (
-        not item.envelope_from.isascii()
-        or any(not r.address.isascii() for r in item.recipients)
-        or not item.data.isascii()
-    )
+    explicit envelope) marks the whole message, but this one's envelope and header
+    fields, when ASCII, go as any other mail's. An 8-bit body needs 8BITMIME, not
+    SMTPUTF8: the header sections of the MIME parts are then read for 8-bit octets."""
+    if not item.envelope_from.isascii() or any(not r.address.isascii() for r in item.recipients):
+        return True
+    data = item.data
+    if data.isascii():
+        return False
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or not data[:end].isascii():
+        return True
+    # Loaded here, as the 7-bit downgrade is: only such a message (a UTF-8 address in
+    # another transaction, an 8-bit body) is walked.
+    from mailstrom.message.mime import check_structure
+
+    try:
+        return check_structure(data)
+    except MailstromError:  # prepare() walked it already; keep the mark if it cannot be
+        return True
 
 
 def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
