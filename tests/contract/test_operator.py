@@ -154,6 +154,18 @@ def test_purge_listed_in_a_state(store: Store) -> None:
 # --- the shape -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("domain", ["bücher.example", "Bücher.Example", "XN--BCHER-KVA.example"])
+def test_a_filter_domain_finds_recipients_however_the_domain_is_written(
+    store: Store, domain: str
+) -> None:
+    # Recipients' domains are stored as A-labels: QueueFilter(domain="bücher.example")
+    # found nothing, so a release, retry or cancel by domain silently did nothing.
+    mid = store.enqueue(message("bob@xn--bcher-kva.example"), now=NOW)
+    where = QueueFilter(domain=domain)
+    assert [m.id for m in store.query(now=NOW, where=where)] == [mid]
+    assert store.count(now=NOW, where=where, cap=100) == 1
+
+
 def test_shape_counts_pending_recipients_by_domain_and_age(store: Store) -> None:
     now = NOW + 200 * MINUTE
     store.enqueue(message("a@example.org", "b@example.org", "c@other.org"), now=NOW)

@@ -36,7 +36,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
-from mailstrom.stores.operator import ShapeRow, Suspension
+from mailstrom.stores.operator import ShapeRow, Suspension, filter_domain
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -393,7 +393,8 @@ class QueueFilter:
     state: RecipientState | None = None
     """Messages whose derived state is this."""
     domain: str | None = None
-    """Messages with at least one recipient at this domain (case-insensitive)."""
+    """Messages with at least one recipient at this domain (case-insensitive; a U-label
+    domain is kept as its A-labels, as recipients' are stored)."""
     older_than: timedelta | None = None
     """Messages enqueued more than this long before ``now``."""
     held: bool | None = None
@@ -421,6 +422,9 @@ class QueueFilter:
         # StoreRefusedData) or NUL (PostgreSQL would), and no longer than any domain.
         if self.domain is not None:
             check_key(self.domain, "domain", limit=MAX_FILTER_TEXT)
+            # As recipients' domains are stored: U-labels as A-labels (bücher.example is
+            # xn--bcher-kva.example), as the command line's and the dashboard's filters.
+            object.__setattr__(self, "domain", filter_domain(self.domain))
         if self.tag is not None:
             check_key(self.tag, "tag", limit=MAX_FILTER_TEXT)
         if self.state is not None:
