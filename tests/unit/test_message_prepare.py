@@ -511,6 +511,24 @@ def test_raw_utf8_header_needs_smtputf8() -> None:
     assert (p.smtputf8, p.eightbit, p.subject) == (True, False, "héllo")
 
 
+@pytest.mark.parametrize("compat32", [False, True])
+def test_email_message_to_an_idn_domain_needs_no_smtputf8(compat32: bool) -> None:
+    # Its domain goes as an A-label, as the Email builder writes it; the message was
+    # written with raw UTF-8 headers instead, so a non-ASCII Subject or display name made
+    # it need SMTPUTF8 and fail at every server without it.
+    message: Message = Message() if compat32 else EmailMessage()
+    message["From"] = "Jörg <a@bücher.example>"
+    message["To"] = "bob@Straße.de"
+    message["Subject"] = "Grüße"
+    message.set_payload("x")
+    p = prepare(message)
+    assert p.recipients == ("bob@xn--strae-oqa.de",)
+    assert p.smtputf8 is False
+    assert p.data.isascii()
+    assert parsed(p.data)["Subject"] == "Grüße"
+    assert b"To: bob@xn--strae-oqa.de\r\n" in p.data
+
+
 def test_email_message_with_utf8_local_part_is_written_raw() -> None:
     message = EmailMessage()
     message["From"] = "a@example.com"

@@ -112,12 +112,13 @@ def _entities(message: Message) -> Iterator[Message]:
 
 
 def _has_utf8_address(name: str, value: object) -> bool:
+    """Whether an address of the field has a UTF-8 local part. A U-label domain alone
+    does not count: it is written as its A-label (RFC 2047 words may not stand in an
+    addr-spec, but an A-label may), so the message needs no SMTPUTF8 for it."""
     if isinstance(value, AddressHeader):
-        return any(not address.addr_spec.isascii() for address in value.addresses)
+        return any(not address.username.isascii() for address in value.addresses)
     text = str(value).replace("\r\n", "").replace("\n", "")
-    return any(
-        not box.address.written.isascii() for box in mailboxes(parse_address_list(name, text))
-    )
+    return any(box.address.smtputf8 for box in mailboxes(parse_address_list(name, text)))
 
 
 def _may_hold_utf8_address(name: str, value: object, text: str) -> bool:
