@@ -529,6 +529,25 @@ def test_email_message_to_an_idn_domain_needs_no_smtputf8(compat32: bool) -> Non
     assert b"To: bob@xn--strae-oqa.de\r\n" in p.data
 
 
+@pytest.mark.parametrize("name", ["In-Reply-To", "References"])
+def test_a_non_ascii_msg_id_in_an_ascii_message_is_refused(name: str) -> None:
+    # RFC 2047 words may not stand in a msg-id (RFC 2047 §5): the field was written as
+    # one (=?utf-8?b?PMO8QHg+?=), which no reader takes for the message it replies to.
+    value = "<a@example.org> <jörg@bücher.example>"
+    with pytest.raises(UnencodableHeader, match=name):
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={name: value}))
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message[name] = value
+    message.set_content("x")
+    with pytest.raises(UnencodableHeader, match=name):
+        prepare(message)
+    # With UTF-8 header fields (RFC 6532) it is written as it is.
+    p = prepare(Email(from_="a@example.com", to="jörg@example.org", headers={name: value}))
+    assert f"{name}: {value}\r\n".encode() in p.data
+
+
 def test_email_message_with_utf8_local_part_is_written_raw() -> None:
     message = EmailMessage()
     message["From"] = "a@example.com"

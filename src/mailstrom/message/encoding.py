@@ -325,6 +325,8 @@ def serialise(message: Message, *, utf8: bool) -> bytes:
         generator.flatten(message)
     except UnicodeEncodeError as exc:
         raise UnencodableHeader(f"the message cannot be encoded: {exc}") from exc
+    except InvalidMessage:  # ours (a ValueError), from a field folded as the builder does
+        raise
     except (LookupError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise InvalidMessage(f"the EmailMessage cannot be serialised: {exc!r}") from exc
     return out.getvalue()

@@ -13,6 +13,11 @@ import re
 from email import base64mime, quoprimime
 from email.utils import encode_rfc2231
 
+from mailstrom.errors import UnencodableHeader
+
+MSG_ID_FIELDS = frozenset({"in-reply-to", "references"})
+"""Fields of msg-ids (RFC 5322 §3.6.4), lower-case: never RFC 2047 encoded."""
+
 FOLD_AT = 78
 """Preferred line length (RFC 5322 §2.1.1 SHOULD)."""
 
@@ -110,7 +115,17 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     A long plain word (a URL in List-Unsubscribe, say) stays as it is, on a line of its
     own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
     only what RFC 5322 §2.1.1 prefers.
+
+    In-Reply-To and References hold msg-ids, where RFC 2047 words may not stand (RFC 2047
+    §5): a non-ASCII one raises :class:`~mailstrom.errors.UnencodableHeader` unless
+    ``utf8``, as no reader would take the encoded word for the message it names.
     """
+    if not utf8 and not value.isascii() and name.lower() in MSG_ID_FIELDS:
+        raise UnencodableHeader(
+            f"{name} holds a non-ASCII msg-id, which cannot be RFC 2047 encoded (RFC 2047 "
+            "§5); an internationalised one needs UTF-8 header fields (an address with a "
+            "UTF-8 local part, or a raw message)"
+        )
     if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
         return f"{name}: {value}"
     longest = MAX_LINE - len(name) - 2
