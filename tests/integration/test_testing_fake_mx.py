@@ -44,6 +44,22 @@ def test_the_sketch_from_the_issue(fake_mx: FakeMX) -> None:
     assert nobody.mx_host == MX_HOST
 
 
+def test_a_script_names_an_address_as_it_was_sent_to(fake_mx: FakeMX) -> None:
+    # The RCPT carries the envelope form (bob@xn--bcher-kva.example, a role name in lower
+    # case, a UTF-8 local part in NFC): a script for the address as the test wrote it
+    # never applied, and the recipient was delivered.
+    sent = ["bob@Bücher.example", "Postmaster@c.test", "Jo\u0308rg@d.test"]
+    for address in sent:
+        fake_mx.reject(address)
+    stored = {"bob@xn--bcher-kva.example", "postmaster@c.test", "J\u00f6rg@d.test"}
+    results = Results()
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        for address in sent:
+            ms.send_email(mail(address))
+        results.wait_final(stored)
+    assert results.states() == dict.fromkeys(stored, FAILED)
+
+
 def test_every_script_per_address(fake_mx: FakeMX) -> None:
     fake_mx.defer("busy@a.test", "451 4.2.1 Mailbox busy")
     fake_mx.reject("gone@b.test")

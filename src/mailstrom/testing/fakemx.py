@@ -6,7 +6,9 @@ listens on an ephemeral port, offering STARTTLS with a certificate from a throwa
 :attr:`FakeMX.config` is a :class:`~mailstrom.Config` delivering there, with short
 timeouts. Needs the ``testing`` extra (``pip install 'mailstrom[testing]'``).
 
-Recipients are accepted unless scripted otherwise, per address (case-insensitive)::
+Recipients are accepted unless scripted otherwise, per address (case-insensitive; as
+``send_email`` was given it, ``bob@bücher.example`` scripting what arrives as
+``bob@xn--bcher-kva.example``)::
 
     with FakeMX() as mx:                     # or the ``fake_mx`` pytest fixture
         mx.defer("busy@example.org", "451 4.2.1 Mailbox busy")
@@ -29,6 +31,8 @@ import functools
 import ssl
 
 from mailstrom.config import Config, Timeouts
+from mailstrom.errors import InvalidAddress
+from mailstrom.message.addrspec import validate_address
 from mailstrom.testing.dns import LoopbackDNS
 from mailstrom.testing.outbox import capture_active
 from mailstrom.testing.smtp import (
@@ -59,6 +63,16 @@ def _check(reply: str, first: str, what: str) -> str:
     if not (code.isdigit() and code[0] == first and reply[3:4] in ("", " ")):
         raise ValueError(f"{what} needs a {first}xx reply line, got {reply!r}")
     return reply
+
+
+def _key(address: str) -> str:
+    """``address`` as the server's rules are keyed: in the form RCPT TO carries it (the
+    domain as A-labels, a UTF-8 local part in NFC, a role name in lower case: what
+    ``send_email`` made of it), in lower case. One that is no valid address: lower case."""
+    try:
+        return validate_address(address).envelope.lower()
+    except InvalidAddress:
+        return address.lower()
 
 
 class FakeMX:
@@ -133,7 +147,7 @@ class FakeMX:
 
     def accept(self, address: str) -> None:
         """Accept ``address`` (the default): forget what was scripted for it."""
-        key = address.lower()
+        key = _key(address)
         server = self.server
         server.rcpt_replies.pop(key, None)
         server.stall_rcpts.discard(key)
@@ -151,27 +165,27 @@ class FakeMX:
         _check(reply, "4", "defer")
         self.accept(address)
         if times is None:
-            self.server.rcpt_replies[address.lower()] = reply
+            self.server.rcpt_replies[_key(address)] = reply
         else:
-            self.server.rcpt_replies[address.lower()] = [reply] * times + ["250 2.1.5 OK"]
+            self.server.rcpt_replies[_key(address)] = [reply] * times + ["250 2.1.5 OK"]
 
     def reject(self, address: str, reply: str = "550 5.1.1 No such user here") -> None:
         """Answer RCPT TO for ``address`` with the 5xx ``reply``."""
         _check(reply, "5", "reject")
         self.accept(address)
-        self.server.rcpt_replies[address.lower()] = reply
+        self.server.rcpt_replies[_key(address)] = reply
 
     def drop_after_dot(self, address: str) -> None:
         """Take the content of a transaction that includes ``address``, then close the
         connection without a reply: the client cannot know whether it was accepted."""
         self.accept(address)
-        self.server.drop_after_dot_rcpts.add(address.lower())
+        self.server.drop_after_dot_rcpts.add(_key(address))
 
     def stall(self, address: str) -> None:
         """Stop answering at RCPT TO for ``address``: the client's command timeout (2 s
         in :attr:`config`) decides the whole transaction."""
         self.accept(address)
-        self.server.stall_rcpts.add(address.lower())
+        self.server.stall_rcpts.add(_key(address))
 
     # --- what arrived ----------------------------------------------------------------------
 
