@@ -21,6 +21,7 @@ from mailstrom.errors import (
     UnencodableHeader,
 )
 from mailstrom.message import Email, prepare
+from mailstrom.message.addresses import mailboxes, parse_address_list
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -546,6 +547,39 @@ def test_a_non_ascii_msg_id_in_an_ascii_message_is_refused(name: str) -> None:
     # With UTF-8 header fields (RFC 6532) it is written as it is.
     p = prepare(Email(from_="a@example.com", to="jörg@example.org", headers={name: value}))
     assert f"{name}: {value}\r\n".encode() in p.data
+
+
+@pytest.mark.parametrize("stdlib", [False, True])
+def test_an_added_address_field_is_written_as_addresses(stdlib: bool) -> None:
+    # Encoded as text, the whole value became one RFC 2047 word, which names no address
+    # (RFC 2047 §5): a read receipt could not be sent anywhere.
+    name, value = "Disposition-Notification-To", "Jörg <bob@bücher.example>, ann@example.org"
+
+    def prepared(to: str, value: str) -> bytes:
+        if not stdlib:
+            return prepare(Email(from_="a@example.com", to=to, headers={name: value})).data
+        message = EmailMessage()
+        message["From"] = "a@example.com"
+        message["To"] = to
+        message[name] = value
+        message.set_content("x")
+        return prepare(message).data
+
+    data = prepared("b@example.org", value)
+    assert data.isascii()
+    # Read as an address list: RFC 2047 words only in display names.
+    head = data.split(b"\r\n\r\n")[0].decode().replace("\r\n ", " ")
+    [line] = [x for x in head.split("\r\n") if x.startswith(f"{name}:")]
+    boxes = mailboxes(parse_address_list(name, line.partition(":")[2]))
+    assert [(b.name, b.address.written) for b in boxes] == [
+        ("Jörg", "bob@xn--bcher-kva.example"),
+        ("", "ann@example.org"),
+    ]
+    with pytest.raises(UnencodableHeader, match=name):
+        prepared("b@example.org", "jörg@example.org")
+    assert f"{name}: jörg@example.org\r\n".encode() in prepared(
+        "jörg@example.org", "jörg@example.org"
+    )
 
 
 def test_email_message_with_utf8_local_part_is_written_raw() -> None:

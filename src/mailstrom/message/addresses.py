@@ -20,13 +20,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.header import decode_header
 
-from mailstrom.errors import InvalidAddress
+from mailstrom.errors import InvalidAddress, UnencodableHeader
 from mailstrom.message.addrspec import ValidAddress, validate
 from mailstrom.message.chars import check_header_text, shorten
-from mailstrom.message.words import fold, phrase
+from mailstrom.message.words import fold, phrase, unstructured_field
 
 ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 """Header fields whose values are address lists (lower-case)."""
+EXTRA_ADDRESS_FIELDS = frozenset(
+    {
+        "disposition-notification-to",  # RFC 8098 §2.1
+        "mail-followup-to",
+        "mail-reply-to",
+        "return-receipt-to",
+        "errors-to",
+    }
+)
+"""Address-list fields a sender may add (lower-case): written as addresses, never as one
+RFC 2047 word, when they are not ASCII."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +391,27 @@ def format_address_field(name: str, groups: Sequence[Group], *, utf8: bool) -> s
                 words[-1] += ";"
             pieces.extend((separator if i == 0 else " ", w) for i, w in enumerate(words))
     return _fold_list(f"{name}:", pieces)
+
+
+def extra_field(name: str, value: str, *, utf8: bool) -> str:
+    """An added header field, as :func:`~mailstrom.message.words.unstructured_field`
+    writes it, except a non-ASCII one of :data:`EXTRA_ADDRESS_FIELDS`: that is an address
+    list, written as :func:`format_address_field` does (names encoded, a U-label domain
+    as its A-label). RFC 2047 words may not stand in an addr-spec (RFC 2047 §5): encoded
+    as text, ``Disposition-Notification-To: Jörg <bob@bücher.example>`` became one word
+    that names no address. A UTF-8 local part needs UTF-8 header fields (``utf8``); else
+    :class:`~mailstrom.errors.UnencodableHeader`; a bad address :class:`InvalidAddress`.
+    """
+    if value.isascii() or name.lower() not in EXTRA_ADDRESS_FIELDS:
+        return unstructured_field(name, value, utf8=utf8)
+    groups = parse_address_list(name, value)
+    if not utf8 and any(box.address.smtputf8 for box in mailboxes(groups)):
+        raise UnencodableHeader(
+            f"{name} holds an address with a UTF-8 local part, which cannot be RFC 2047 "
+            "encoded (RFC 2047 §5); it needs UTF-8 header fields (an address with a UTF-8 "
+            "local part in From, To or Cc, or a raw message)"
+        )
+    return format_address_field(name, groups, utf8=utf8)
 
 
 def _fold_list(start: str, pieces: list[tuple[str, str]]) -> str:

@@ -15,7 +15,12 @@ from typing import Any
 
 from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
 from mailstrom.message import mime
-from mailstrom.message.addresses import format_address_field, parse_address_list
+from mailstrom.message.addresses import (
+    EXTRA_ADDRESS_FIELDS,
+    extra_field,
+    format_address_field,
+    parse_address_list,
+)
 from mailstrom.message.chars import shorten
 from mailstrom.message.words import unstructured_field
 
@@ -286,7 +291,9 @@ class _SMTPPolicy(EmailPolicy):
         text = "".join(text.splitlines())
         factory = self.header_factory
         kind = factory.registry.get(name.lower(), factory.default_class)  # type: ignore[attr-defined]
-        if issubclass(kind, UnstructuredHeader):
+        if name.lower() in EXTRA_ADDRESS_FIELDS:
+            folded = extra_field(name, text, utf8=self.utf8)
+        elif issubclass(kind, UnstructuredHeader):
             folded = unstructured_field(name, text, utf8=self.utf8)
         elif issubclass(kind, AddressHeader):
             try:

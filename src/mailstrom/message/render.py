@@ -30,7 +30,7 @@ from email import quoprimime
 
 from mailstrom.errors import ForbiddenCharacter, InvalidAttachment
 from mailstrom.message import mime
-from mailstrom.message.addresses import format_address_field
+from mailstrom.message.addresses import extra_field, format_address_field
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
@@ -85,7 +85,7 @@ def render(
         fields.append(unstructured_field("Subject", draft.subject, utf8=utf8))
     fields.append(f"Message-ID: {message_id}")
     for name, value in draft.headers:
-        fields.append(unstructured_field(name, value, utf8=utf8))
+        fields.append(extra_field(name, value, utf8=utf8))
     if draft.provided:
         fields.extend(draft.provided)
     fields.append("MIME-Version: 1.0")
