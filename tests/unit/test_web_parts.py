@@ -150,6 +150,20 @@ def test_header_fields_are_unfolded_and_decoded() -> None:
     ]
 
 
+def test_encoded_words_beside_raw_utf8_are_decoded() -> None:
+    # A message with UTF-8 header fields (RFC 6532) still has encoded words where its
+    # writer chose them (mailstrom does for a display name of 68 characters or more):
+    # the stdlib read the raw UTF-8 as ASCII and gave up, so the page showed the words.
+    data = (
+        "From: =?utf-8?q?J=C3=B6rg?= =?utf-8?q?_M=C3=BCller?= <jörg@example.org>\r\n"
+        "Subject: Grüße =?utf-8?b?YXVz?= K\\u00f6ln =?bogus?q?x?=\r\n\r\n"
+    ).encode()
+    assert header_fields(data) == [
+        ("From", "Jörg Müller <jörg@example.org>"),
+        ("Subject", "Grüße aus K\\u00f6ln =?bogus?q?x?="),
+    ]
+
+
 def test_a_huge_message_is_shown_cut() -> None:
     text, cut = shown_body(b"x" * (MAX_BODY_BYTES + 10))
     assert cut and len(text) == MAX_BODY_BYTES

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from email.errors import MessageError
 from email.header import decode_header, make_header
 
@@ -28,9 +29,27 @@ def header_fields(data: bytes) -> list[tuple[str, str]]:
     return [(name, _decoded(value)) for name, value in fields]
 
 
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
 def _decoded(value: str) -> str:
     if "=?" not in value:
         return value
+    if not value.isascii():
+        # Raw UTF-8 (RFC 6532) beside encoded words: the stdlib reads the raw text as
+        # ASCII and gives up, so each word is decoded where it stands; the white space
+        # between two of them is no part of the text (RFC 2047 §6.2).
+        pieces: list[str] = []
+        end = 0
+        after_word = False  # the last piece is a decoded word
+        for match in _ENCODED_WORD.finditer(value):
+            gap, word = value[end : match.start()], match.group()
+            text = _decoded(word)
+            if not (after_word and text != word and not gap.strip(" \t")):
+                pieces.append(gap)
+            pieces.append(text)
+            after_word, end = text != word, match.end()
+        return "".join(pieces) + value[end:]
     try:
         return str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError, MessageError):
