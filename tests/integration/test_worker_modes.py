@@ -501,9 +501,9 @@ FORKER = textwrap.dedent(
 
 
 def test_a_fork_of_the_application_does_not_keep_the_worker_alive(tmp_path: Path) -> None:
-    """A process forked from the application inherits the pipe to the worker's stdin.
+    """A process forked from the application inherits the worker's control pipe.
     It lets go of it at the fork, so when the application dies the worker still sees its
-    stdin close and exits, even while the forked process lives on."""
+    control pipe close and exits, even while the forked process lives on."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     with subprocess.Popen(
         [sys.executable, "-c", FORKER, str(tmp_path / "q.db")],

@@ -512,3 +512,83 @@ def test_a_with_block_on_a_started_facade_leaves_its_worker_running(
     finally:
         ms.stop()
     store.close()
+
+
+@pytest.fixture
+def noisy_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Worker children started from now on print a banner on their standard output as
+    they start (a ``sitecustomize``, a ``.pth`` file, a library's import), start a
+    process that inherits it and writes there later, and another that reads its
+    standard input; the file returned exists once the late write is done."""
+    site = tmp_path / "noisy"
+    site.mkdir()
+    written = tmp_path / "written"
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import subprocess, sys
+            if "mailstrom.runtime.child" in sys.orig_argv:
+                print("banner of a library")
+                subprocess.Popen(["sh", "-c", "sleep 0.2; echo late; touch {written}"])
+                subprocess.Popen(["sh", "-c", "head -c 1 >/dev/null"])
+            """
+        )
+    )
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+    return written
+
+
+def test_what_a_child_or_its_own_children_write_to_stdout_or_read_costs_no_frame(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, noisy_child: Path
+) -> None:
+    """The frames went over the child's standard output and input: a banner printed as
+    it started, or a line a process it started wrote there, was read as a frame's length
+    (a read of 1.7 GB that swallowed every later frame: start() timed out, on_result
+    never ran), and a process reading its stdin took a byte of the spec."""
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        assert ms.worker_status.running
+        assert _wait_until(noisy_child.exists, 30)
+        ms.send_email(hello("bob@example.org"))
+        results.wait_final({"bob@example.org"})
+        assert results.states() == {"bob@example.org": RecipientState.DELIVERED}
+        assert ms.worker_status.delivered == 1
+    store.close()
+
+
+def test_stop_returns_while_a_process_the_child_started_lives_on(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process the child started (and that outlives it) inherited the child's end of
+    the frame pipe: its parent's reader never saw the end of it, and stop() waited for
+    that reader for ever."""
+    site = tmp_path / "lingering"
+    site.mkdir()
+    pid_file = tmp_path / "lingering.pid"
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import subprocess, sys
+            if "mailstrom.runtime.child" in sys.orig_argv:
+                p = subprocess.Popen(["sleep", "600"], stderr=subprocess.DEVNULL)
+                open({str(pid_file)!r}, "w").write(str(p.pid))
+            """
+        )
+    )
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    lingering = int(pid_file.read_text())
+    try:
+        stopping = threading.Thread(target=ms.stop, daemon=True)
+        stopping.start()
+        stopping.join(60)
+        assert not stopping.is_alive(), "stop() still waits for the reader"
+        assert not _gone(lingering)  # it did outlive the child
+    finally:
+        os.kill(lingering, signal.SIGKILL)
+    store.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import logging
 import os
@@ -54,13 +55,66 @@ then killed, a worker thread or task left to end by itself."""
 def _forget_after_fork() -> None:
     """In a process forked from this one (a pre-forking web server, say): let go of the
     parent's worker processes without touching them, so that each worker still sees its
-    stdin close when its real parent dies."""
+    control pipe close when its real parent dies."""
     for worker in list(_LIVE):
         worker._forget()
 
 
 _LIVE: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``python -m mailstrom.runtime.child``, its frames on two pipes of their own,
+    set as the returned ``Popen``'s ``stdin`` and ``stdout`` (the ends that are ours).
+
+    Not over its standard input and output: whatever else the child runs writes there
+    and reads there too (a banner printed by a ``sitecustomize`` or a ``.pth`` file as
+    the interpreter starts, a library's C code, a process it starts that inherits them),
+    and one stray line was read as a frame's length, swallowing every later frame. Its
+    standard output is this process's standard error (where its own diagnostics go), its
+    standard input is empty."""
+    out: int = subprocess.DEVNULL
+    with contextlib.suppress(OSError):
+        os.fstat(2)  # before the pipes: one of them may take a closed standard descriptor
+        out = 2
+    fds: list[int] = []
+    try:
+        for _ in range(2):
+            # Neither inheritable but by pass_fds; none of 0-2 (an application that
+            # closed its standard descriptors), which the child's own would replace.
+            fds.extend(_above_standard(fd) for fd in os.pipe())
+        (to_child, ours_in), (ours_out, from_child) = fds[:2], fds[2:]
+        theirs = (to_child, from_child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailstrom.runtime.child", *map(str, theirs)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            env=env,
+            start_new_session=True,  # the application's Ctrl-C is for the application
+            close_fds=True,
+            pass_fds=theirs,
+        )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for fd in theirs:
+        os.close(fd)
+    proc.stdin = open(ours_in, "wb")  # noqa: SIM115 - closed by the reader, as Popen's
+    proc.stdout = open(ours_out, "rb")  # noqa: SIM115
+    return proc
+
+
+def _above_standard(fd: int) -> int:
+    """``fd``, moved past the standard descriptors if it is one of them (not
+    inheritable)."""
+    if fd > 2:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 class WorkerProcess:
@@ -196,14 +250,7 @@ class WorkerProcess:
         # The child must import this very mailstrom, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mailstrom.runtime.child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # the application's Ctrl-C is for the application
-            close_fds=True,
-        )
+        proc = _popen_child(env)
         self._stopped.clear()
         self._ready.clear()
         self._error = None

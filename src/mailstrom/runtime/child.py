@@ -1,12 +1,14 @@
 """A worker in a child process of the application (``Mailstrom(worker="process")``).
 
-The parent starts ``python -m mailstrom.runtime.child`` and talks to it over its stdin and
-stdout in length-prefixed pickled frames (both ends are mailstrom; nothing else writes
-there). The parent sends a :class:`ChildSpec` first, then ``wake`` and ``stop`` frames;
-the child answers ``ready``, then ``results`` (batched per loop turn), ``log`` records at
-the levels the parent asked for, ``status`` snapshots, and ``stopped`` (with the name of
-the signal that stopped it, if one did) or ``error`` last (after ``cause``, the exception
-itself, when its store cannot be opened).
+The parent starts ``python -m mailstrom.runtime.child IN OUT`` and talks to it over the
+two pipes whose descriptors these are, in length-prefixed pickled frames (both ends are
+mailstrom; nothing else writes there: not its standard output, where an interpreter's
+start-up, a library or a process it starts may write too). The parent sends a
+:class:`ChildSpec` first, then ``wake`` and ``stop`` frames; the child answers ``ready``,
+then ``results`` (batched per loop turn), ``log`` records at the levels the parent asked
+for, ``status`` snapshots, and ``stopped`` (with the name of the signal that stopped it,
+if one did) or ``error`` last (after ``cause``, the exception itself, when its store
+cannot be opened).
 
 The child opens its store itself. While the database does not answer it answers ``ready``
 all the same, with a status whose ``store_error`` says what it waits for, and keeps trying
@@ -17,7 +19,7 @@ ends the child with ``error`` instead.
 
 The child runs in a session of its own, so a Ctrl-C meant for the application does not
 cut its deliveries short: the parent stops it gracefully. If the parent dies, the child's
-stdin reaches its end (or, should a process forked from the parent still hold that pipe,
+control pipe reaches its end (or, should a process forked from the parent still hold that pipe,
 the child sees itself adopted by another parent) and it stops as if asked, giving back
 what it did not deliver. ``PR_SET_PDEATHSIG`` is not used: Linux sends it when the *thread*
 that started the child ends, and a facade may well be started from a short-lived thread.
@@ -158,8 +160,12 @@ def _waiting_status(opener: StoreOpener, started_at: datetime) -> WorkerStatus:
 
 
 def main() -> int:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing but frames may reach the parent's pipe
+    control_fd, frames_fd = (int(arg) for arg in sys.argv[1:3])
+    for fd in (control_fd, frames_fd):
+        # The parent's alone: a process started from here must not keep them open (the
+        # parent would not see this child's end, nor this child its parent's).
+        os.set_inheritable(fd, False)
+    stdin, stdout = open(control_fd, "rb"), open(frames_fd, "wb")  # noqa: SIM115
     parent = os.getppid()
     outbox = _Outbox(stdout)
     try:

@@ -1,6 +1,7 @@
 """The frames a worker process and its parent exchange (see :mod:`mailstrom.runtime.child`).
 
-Length-prefixed pickles over the child's stdin and stdout: both ends are mailstrom, started
+Length-prefixed pickles over two pipes of their own (not the child's standard input and
+output, which others may use): both ends are mailstrom, started
 together, so pickle is safe here. A store pickles as the way to open it again (its
 ``__reduce__``), so the spec hands the child the same store with the same options, pickled
 once more on its own: the child unpickles (opens) it when it chooses, again while the
