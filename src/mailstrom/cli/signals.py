@@ -32,7 +32,9 @@ async def run_until_signalled(
                 "stopping", extra={"fields": {"drain_timeout": drain}}
             )
             worker.request_stop(drain_timeout=drain)
-        else:
+        elif signals == 2:
+            # Once: a further cancel would cut short the give-back the worker still
+            # does after this one (what it leased and never attempted).
             task.cancel()
 
     for sig in STOP_SIGNALS:

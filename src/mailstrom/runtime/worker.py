@@ -383,32 +383,42 @@ class Worker(
             reaping.cancel()
             tls_memory.cancel()
             pauses.cancel()
-            await asyncio.gather(
-                heartbeat,
-                fencing,
-                clock_check,
-                reaping,
-                tls_memory,
-                pauses,
-                return_exceptions=True,
-            )
-            if unwatch is not None:
-                unwatch()
             self._stopping = True
-            await dispatcher.close()
-            if store_loop is not None:
-                await self._finish_recording(store_loop)
-            if hooks is not None:
-                await self._stop_hooks(hooks, flush=not failed)
-            if self._postponing:
-                await asyncio.gather(*self._postponing, return_exceptions=True)
-            await self._release_unfinished()
-            if reporting is not None and tls_sessions is not None:
-                reporting.cancel()
-                await asyncio.gather(reporting, return_exceptions=True)
-                await tls_sessions.flush()
-            self._running = False
-            self._stopped.set()
+            try:
+                await asyncio.gather(
+                    heartbeat,
+                    fencing,
+                    clock_check,
+                    reaping,
+                    tls_memory,
+                    pauses,
+                    return_exceptions=True,
+                )
+                if unwatch is not None:
+                    unwatch()
+                await dispatcher.close()
+                if store_loop is not None:
+                    await self._finish_recording(store_loop)
+                if hooks is not None:
+                    await self._stop_hooks(hooks, flush=not failed)
+                if self._postponing:
+                    await asyncio.gather(*self._postponing, return_exceptions=True)
+            finally:
+                # Also when a step above was cancelled (``mailstrom worker``'s second
+                # signal: stop at once): what was leased and never attempted goes back,
+                # due at once, rather than wait for its lease to expire.
+                try:
+                    if store_loop is not None and not store_loop.done():
+                        store_loop.cancel()  # it leases nothing behind the give-back
+                        await asyncio.gather(store_loop, return_exceptions=True)
+                    await self._release_unfinished()
+                    if reporting is not None and tls_sessions is not None:
+                        reporting.cancel()
+                        await asyncio.gather(reporting, return_exceptions=True)
+                        await tls_sessions.flush()
+                finally:
+                    self._running = False
+                    self._stopped.set()
 
     async def _store_loop(self, dispatcher: Dispatcher, *, once: bool) -> None:
         """Every write the worker makes: record what finished, and lease what is due, in

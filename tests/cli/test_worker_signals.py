@@ -1,0 +1,55 @@
+"""``mailstrom worker`` and its stop signals: the first drains, a second stops at once,
+and what was leased and never attempted is given back either way."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+from tests.cli.conftest import MailEnv, ended
+from tests.cli.test_delivery import send
+
+
+def _until(predicate: Any, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)  # polling a server's command log; nothing to wait on
+    return bool(predicate())
+
+
+def test_a_second_signal_during_the_clean_up_still_gives_back_the_work_not_attempted(
+    mail_env: MailEnv, smtp_server: Any
+) -> None:
+    """The second signal cancelled the worker's task wherever it was: once the drain was
+    over, in the middle of the clean-up (here: the QUIT of an idle connection, which a
+    server may take 5 s to answer), it skipped giving back what was leased and never
+    attempted, which then waited for its lease to expire (15 minutes)."""
+    cli, dns, quitting = mail_env.cli, mail_env.dns, mail_env.mx
+    quitting.stall_on = "quit"
+    silent = smtp_server(host="127.0.0.2", port=quitting.port, stall_on="greeting")
+    dns.mx("other.test", [(10, "mx2.test")])
+    dns.a("mx2.test", "127.0.0.2")
+    delivered = send(cli, "--text", "Hi", to="bob@example.test")
+    stuck = send(cli, "--text", "Hi", to="carol@other.test")
+    proc = cli.popen("worker", "--no-live", "--drain-timeout", "0")
+    try:
+        quitting.wait_for_messages(1, timeout=30)
+        assert _until(lambda: silent.connections >= 1)  # carol's delivery waits for a greeting
+        assert _until(lambda: cli.ok("status", "--json", delivered).json()["state"] == "delivered")
+        proc.send_signal(signal.SIGTERM)
+        assert _until(lambda: "QUIT" in quitting.commands)  # the clean-up has begun
+    finally:
+        code, err = ended(proc)
+    assert code == 0, err
+    [carol] = cli.ok("status", "--json", stuck).json()["recipients"]
+    assert carol["state"] == "queued" and carol["attempts"] == 0, carol
+    # Given back, due at once: the next worker delivers it now, not in 15 minutes.
+    silent.stall_on = None
+    once = cli("worker", "--once", "--no-live", "--log-format", "json")
+    assert once.code == 0, once.err
+    events = [json.loads(line) for line in once.err.splitlines()]
+    assert [e["rcpt"] for e in events if e["event"] == "attempt"] == ["carol@other.test"]
