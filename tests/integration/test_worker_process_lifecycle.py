@@ -592,3 +592,32 @@ def test_stop_returns_while_a_process_the_child_started_lives_on(
     finally:
         os.kill(lingering, signal.SIGKILL)
     store.close()
+
+
+def test_start_after_stop_gives_a_worker_process_fresh_counters(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With on_result, worker_status counted the results passed on by every child this
+    facade ever started: after stop() and start() it still said delivered=1 (and the
+    restarts of the last run) where the guide promises fresh counters."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 0.1)
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results)
+    ms.start()
+    ms.send_email(hello("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    old = ms.worker.pid  # type: ignore[union-attr]
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    assert _wait_until(lambda: ms.worker_status.running and ms.worker_status.restarts == 1, 30)
+    ms.stop()
+    assert ms.worker_status.delivered == 1
+    ms.start()
+    try:
+        status = ms.worker_status
+        assert (status.delivered, status.deferred, status.failed) == (0, 0, 0)
+        assert status.restarts == 0
+    finally:
+        ms.stop()
+    store.close()

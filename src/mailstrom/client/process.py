@@ -209,6 +209,11 @@ class WorkerProcess:
             self._supervised = False
             self._coming_back = False
             self._halt.clear()
+            # A new worker, with fresh counters (a restart's child goes on with them):
+            # the last one's reader, joined above, passes on nothing more.
+            self._counts = {state: 0 for state in RecipientState}
+            self._restarts = 0
+            self._backoff = RestartBackoff()
             self._spawn()
             proc, reader = self._proc, self._reader
             assert proc is not None and reader is not None
