@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import textwrap
 import threading
 import time
@@ -618,6 +619,33 @@ def test_start_after_stop_gives_a_worker_process_fresh_counters(
         status = ms.worker_status
         assert (status.delivered, status.deferred, status.failed) == (0, 0, 0)
         assert status.restarts == 0
+    finally:
+        ms.stop()
+    store.close()
+
+
+def test_a_child_that_cannot_be_started_fails_start_with_a_worker_error(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No process could be started (here: the interpreter's file is gone, as when a
+    deploy rebuilt the virtualenv; or no fork, no descriptor left): start() raised the
+    bare OSError, where it promises a WorkerError, and a with block's caller catching
+    that saw a FileNotFoundError about a path it never gave."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    real = sys.executable
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "gone" / "python3"))
+    refused = r"failed to start: no process could be started .*No such file"
+    with pytest.raises(WorkerError, match=refused) as raised:
+        ms.start()
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+    status = ms.worker_status
+    assert not status.running and status.error is not None
+    assert "No such file" in status.error
+    monkeypatch.setattr(sys, "executable", real)
+    ms.start()  # the next start() starts one
+    try:
+        assert ms.worker_status.running and ms.worker_status.error is None
     finally:
         ms.stop()
     store.close()

@@ -187,7 +187,8 @@ class WorkerProcess:
         begins by itself once the store opens). Raise :class:`WorkerError` when it cannot
         start: from the store's error when waiting cannot mend it
         (:class:`~mailstrom.errors.StoreCorrupt`,
-        :class:`~mailstrom.errors.StoreAccessDenied`). After such a failure, after
+        :class:`~mailstrom.errors.StoreAccessDenied`), from the ``OSError`` when no process
+        can be started (no fork, no descriptor left). After such a failure, after
         :meth:`stop`, or once a child ended for good, it can be called again."""
         with self._lock:
             if self.pid is not None or self.restart_pending():
@@ -214,7 +215,11 @@ class WorkerProcess:
             self._counts = {state: 0 for state in RecipientState}
             self._restarts = 0
             self._backoff = RestartBackoff()
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:  # no fork, no descriptor left, no interpreter file
+                self._error = f"no process could be started ({exc})"
+                raise WorkerError(f"worker process failed to start: {self._error}") from exc
             proc, reader = self._proc, self._reader
             assert proc is not None and reader is not None
         if not self._ready.wait(timeout) or self._error is not None:
