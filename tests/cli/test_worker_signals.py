@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import threading
 import time
 from typing import Any
 
@@ -53,3 +55,28 @@ def test_a_second_signal_during_the_clean_up_still_gives_back_the_work_not_attem
     assert once.code == 0, once.err
     events = [json.loads(line) for line in once.err.splitlines()]
     assert [e["rcpt"] for e in events if e["event"] == "attempt"] == ["carol@other.test"]
+
+
+def test_a_worker_started_from_a_thread_blocking_sigterm_still_stops_on_it(
+    mail_env: MailEnv,
+) -> None:
+    """A process inherits the signal mask of the thread that starts it (a supervisor
+    written in Python, leaving signals to its main thread): with SIGTERM blocked, the
+    worker never saw it and ran on until SIGKILL."""
+    cli = mail_env.cli
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        started.append(cli.popen("worker", "--no-live"))
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    starter.join()
+    [proc] = started
+    assert proc.stderr is not None
+    while b"worker started" not in (line := proc.stderr.readline()):
+        assert line, "the worker ended before it started"
+    code, err = ended(proc)
+    assert code == 0, err
+    assert "worker stopped" in err

@@ -163,6 +163,33 @@ def test_a_worker_process_stopped_by_sigterm_stays_stopped(
     store.close()
 
 
+def test_a_worker_process_started_from_a_thread_blocking_sigterm_still_stops_on_it(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A child inherits the signal mask of the thread that starts it (a server's thread
+    that leaves signals to its main thread): with SIGTERM blocked it never saw the
+    operator's SIGTERM, and went on delivering until someone sent SIGKILL."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+
+    def start() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        ms.start()
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    starter.join()
+    try:
+        pid = _child(ms).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        status = _first_status(ms, lambda s: s.dead, 30)
+        assert status.error == "worker process stopped by SIGTERM, not by this program"
+    finally:
+        ms.stop()
+    store.close()
+
+
 def test_a_worker_process_that_reported_a_permanent_error_is_not_started_again(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

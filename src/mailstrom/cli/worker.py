@@ -113,6 +113,10 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Deliver with ``settings`` as the options in ``args`` (:func:`add_worker_options`)
     say; the command line's settings come from its file, environment and options, the
     Django command's from ``settings.MAILSTROM``."""
+    # A process starts with the signal mask of the thread that started it: one blocking
+    # SIGTERM (a supervisor written in Python, leaving signals to its main thread) left
+    # the worker deaf to every stop signal, running until SIGKILL.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     live = args.live and is_tty()
     level = getattr(logging, args.log_level.upper())
     # Under the live view the attempts are on screen; the log shows only trouble.

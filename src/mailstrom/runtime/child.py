@@ -160,6 +160,10 @@ def _waiting_status(opener: StoreOpener, started_at: datetime) -> WorkerStatus:
 
 
 def main() -> int:
+    # A process starts with the signal mask of the thread that started it: a server's
+    # thread blocking SIGTERM (leaving signals to its main thread) would leave this child
+    # deaf to the operator's SIGTERM. Before the threads below, which inherit ours.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     control_fd, frames_fd = (int(arg) for arg in sys.argv[1:3])
     for fd in (control_fd, frames_fd):
         # The parent's alone: a process started from here must not keep them open (the
