@@ -163,6 +163,29 @@ def test_a_worker_process_stopped_by_sigterm_stays_stopped(
     store.close()
 
 
+def test_a_killed_worker_process_is_started_again_where_sigchld_is_ignored(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """An application that ignores SIGCHLD (so that the kernel reaps its children) gets
+    no exit status: waitpid() fails and Popen reports 0. A child killed by SIGKILL read
+    as one that ended by itself, "without this program asking it to", and was not
+    started again. A child that ends by itself says so first (its ``stopped`` frame)."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        store = SQLiteStore(tmp_path / "q.db")
+        with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+            old = _child(ms).pid
+            assert old is not None
+            os.kill(old, signal.SIGKILL)
+            gap = _first_status(ms, lambda s: not s.running and s.error is not None, 15)
+            assert gap.error is not None and gap.error.startswith("worker process died")
+            back = _first_status(ms, lambda s: s.running, 30)
+            assert back.restarts == 1 and back.error is None
+        store.close()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 def test_a_worker_process_started_from_a_thread_blocking_sigterm_still_stops_on_it(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

@@ -44,6 +44,12 @@ def test_judge_exit(returncode: int, reported_error: bool, asked: bool, verdict:
     assert judge_exit(returncode, reported_error=reported_error, asked=asked) is verdict
 
 
+def test_a_status_0_without_a_stopped_frame_is_a_death() -> None:
+    # SIGCHLD ignored: the kernel reaped the child and Popen says 0, whatever killed it.
+    assert judge_exit(0, reported_error=False, asked=False, said_stopped=False) is (ChildExit.DIED)
+    assert judge_exit(0, reported_error=False, asked=True, said_stopped=False) is (ChildExit.ASKED)
+
+
 def test_describe_exit_names_the_signal() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"

@@ -155,6 +155,8 @@ class WorkerProcess:
         """Whether the current child sent an ``error`` frame (it ended for good)."""
         self._stopped_by: str | None = None
         """The signal the current child said it was stopped by, from its last frame."""
+        self._said_stopped = False
+        """Whether the current child sent its ``stopped`` frame (a clean end)."""
         self._cause: BaseException | None = None
         """The child's own exception when it could not open its store."""
         self._spec_sent = False
@@ -266,6 +268,7 @@ class WorkerProcess:
         self._error = None
         self._reported_error = False
         self._stopped_by = None
+        self._said_stopped = False
         self._cause = None
         self._status = WorkerStatus(running=False)  # not the last child's snapshot
         self._spec_sent = False  # before _stdin: a _send seeing the new pipe must wait
@@ -391,12 +394,16 @@ class WorkerProcess:
         if proc is None or proc.returncode is None or not self._supervised:
             return  # start() is still waiting: it reports the failure itself
         verdict = judge_exit(
-            proc.returncode, reported_error=self._reported_error, asked=self._stopping
+            proc.returncode,
+            reported_error=self._reported_error,
+            asked=self._stopping,
+            said_stopped=self._said_stopped,
         )
         if verdict is ChildExit.DIED:
-            self._schedule_restart(
-                f"worker process died ({describe_exit(proc.returncode)})", leased=self._holder
-            )
+            how = describe_exit(proc.returncode)
+            if proc.returncode == 0:
+                how = "gone without a word, its exit status unknown"
+            self._schedule_restart(f"worker process died ({how})", leased=self._holder)
         elif verdict is ChildExit.STOPPED_OUTSIDE:
             by = self._stopped_by
             if proc.returncode < 0:
@@ -613,6 +620,7 @@ class WorkerProcess:
         elif kind == "stopped":
             # The end of the stream follows; a child stopped by a signal says which.
             self._stopped_by = payload if isinstance(payload, str) else None
+            self._said_stopped = True
 
     def _came_up(self) -> None:
         # Under _lock: a restart sets _coming_back and its error after the spawn, and

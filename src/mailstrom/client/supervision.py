@@ -41,10 +41,13 @@ class ChildExit(StrEnum):
     """Killed by another signal, or a non-zero exit without a word: start it again."""
 
 
-def judge_exit(returncode: int, *, reported_error: bool, asked: bool) -> ChildExit:
+def judge_exit(
+    returncode: int, *, reported_error: bool, asked: bool, said_stopped: bool = True
+) -> ChildExit:
     """What a child's end means, from its ``returncode`` (negative: the signal that
-    killed it), whether it sent an ``error`` frame, and whether this program asked it to
-    stop.
+    killed it), whether it sent an ``error`` frame, whether this program asked it to
+    stop, and whether it said it stopped (its ``stopped`` frame, which every clean end
+    sends last).
 
     >>> judge_exit(-9, reported_error=False, asked=False)
     <ChildExit.DIED: 'died'>
@@ -55,6 +58,10 @@ def judge_exit(returncode: int, *, reported_error: bool, asked: bool) -> ChildEx
         return ChildExit.ASKED
     if reported_error:
         return ChildExit.FAILED
+    if returncode == 0 and not said_stopped:
+        # No clean end (that says so first): a status nobody could read. Where SIGCHLD
+        # is ignored the kernel reaps the child, waitpid() fails and Popen says 0.
+        return ChildExit.DIED
     if returncode == 0 or -returncode in _OPERATOR_SIGNALS:
         return ChildExit.STOPPED_OUTSIDE
     return ChildExit.DIED
