@@ -76,8 +76,6 @@ _COALESCE = 0.005
 """Seconds to let work accumulate before the next lease, after a small one."""
 _SMALL_LEASE = 32
 """A lease of fewer recipients than this is small."""
-_TIMER_ROUNDING = 0.002
-"""Seconds a timer may fire early (uvloop rounds them to the millisecond)."""
 _RECORD_AFTER = 0.004
 _RECORD_MANY = 128
 """Results wait at most this long (seconds), or until this many gather, for their write.
@@ -624,19 +622,24 @@ class Worker(
                 self._due_stale = True
                 return False
         assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        poll_at = loop.time() + self.config.poll_interval
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                 return False
             except TimeoutError:
                 if waits_for is not None:
-                    # uvloop rounds its timers to the millisecond, so the timer may fire
-                    # before the due time: sleep the rest (a lease would find nothing).
-                    # Only such a rest: a clock that lags the loop's (stepped back, or a
-                    # test's that stands still) would otherwise be waited for past every
-                    # poll, and work given back meanwhile would wait for a wake-up.
-                    timeout = (waits_for - self._clock()).total_seconds()
-                    if 0 < timeout <= _TIMER_ROUNDING:
+                    # The timer may fire before the due time by the clock (uvloop rounds
+                    # timers to the millisecond; the clock may run slow): sleep the rest,
+                    # as a lease would find nothing, but not past the poll. A clock that
+                    # lags the loop's (stepped back, or a test's that stands still) was
+                    # otherwise waited for past every poll, and work given back meanwhile
+                    # without a wake-up waited with it.
+                    timeout = min(
+                        (waits_for - self._clock()).total_seconds(), poll_at - loop.time()
+                    )
+                    if timeout > 0:
                         continue
                 self._lease_wanted = True  # the poll, or the due time came
                 self._due_stale = True
