@@ -185,6 +185,9 @@ def test_a_content_length_that_is_not_ascii_digits_is_refused(store: Store) -> N
     [
         b"X-Campaign: =?utf-8?b?A?=",  # base64 that does not decode: HeaderParseError
         "X-Campaign: =?x\u00e9?q?abc?=".encode(),  # a charset name not in ASCII: CharsetError
+        # Raw UTF-8 beside it: each word is decoded where it stands, and this one is none
+        # (it recursed without end: a RecursionError, a 500).
+        "X-Campaign: caf\u00e9 =?x\u00e9?q?abc?= =?utf-8?b?A?=".encode(),
     ],
 )
 def test_a_header_field_with_a_broken_encoded_word_is_shown_as_written(

@@ -44,7 +44,8 @@ def _decoded(value: str) -> str:
         after_word = False  # the last piece is a decoded word
         for match in _ENCODED_WORD.finditer(value):
             gap, word = value[end : match.start()], match.group()
-            text = _decoded(word)
+            # A word that is not ASCII (its charset name) is no encoded word: as written.
+            text = _decoded(word) if word.isascii() else word
             if not (after_word and text != word and not gap.strip(" \t")):
                 pieces.append(gap)
             pieces.append(text)
