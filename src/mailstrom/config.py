@@ -268,15 +268,14 @@ retry_min=1.0, retry_max=300.0)
 
 def _without_userinfo(url: str) -> str:
     """``url`` with the user information of its authority (``user:password@``, RFC 3986
-    §3.2.1) replaced by ``***@``; unchanged when it has none."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    §3.2.1) replaced by ``***@``; unchanged when it has none (or is no URL)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a malformed [IPv6] host: the URL check that follows says so
         return url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    authority, path = rest[:end], rest[end:]
-    if "@" not in authority:
+    if "@" not in parts.netloc:
         return url
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{path}"
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

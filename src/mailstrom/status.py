@@ -6,7 +6,6 @@ are the strings the stores write, so they must never change.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -294,21 +293,12 @@ class MessageStatus:
         local part is taken as the envelope writes it: in Unicode NFC, a role name such as
         ``Postmaster`` in lower case, needless quotes dropped)."""
         # Imported here: this module needs only the standard library to load.
-        from mailstrom.errors import InvalidAddress
-        from mailstrom.message.addrspec import validate_address
+        from mailstrom.stores.operator import filter_address
 
-        # Not an address a message could be sent to: compared as given.
-        with contextlib.suppress(InvalidAddress):
-            address = validate_address(address).envelope
-        local, _, domain = address.rpartition("@")
-        if not domain.isascii():
-            from mailstrom.domains import a_label
-
-            with contextlib.suppress(ValueError):  # no A-label form: compared as given
-                domain = a_label(domain)
+        local, _, domain = filter_address(address).rpartition("@")
         for r in self.recipients:
             r_local, _, r_domain = r.address.rpartition("@")
-            if r_local == local and r_domain.lower() == domain.lower():
+            if r_local == local and r_domain.lower() == domain:
                 return r
         raise KeyError(address)
 

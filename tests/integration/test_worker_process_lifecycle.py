@@ -43,24 +43,34 @@ def _worker(ms: Mailstrom) -> WorkerProcess:
     return ms.worker
 
 
+def _in_each_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, code: str) -> None:
+    """Run ``code`` at the start of every worker child started from now on: a child
+    inherits the environment, and a ``sitecustomize`` on its PYTHONPATH runs ``code``
+    (indented under the test that it is a worker child; ``sys`` is imported)."""
+    site = tmp_path / name
+    site.mkdir()
+    body = textwrap.indent(textwrap.dedent(code).strip(), "    ")
+    (site / "sitecustomize.py").write_text(
+        f'import sys\nif "mailstrom.runtime.child" in sys.orig_argv:\n{body}\n'
+    )
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+
+
 @pytest.fixture
 def stall_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``stall_child(seconds)``: worker children started from now on hang that long
     before reading their spec (swapping, a stuck import); ``stall_child(0)`` ends it. A
     child inherits the environment, and this ``sitecustomize`` on its PYTHONPATH."""
-    site = tmp_path / "stall"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            f"""
-            import os, sys, time
-            if "mailstrom.runtime.child" in sys.orig_argv:
-                time.sleep(float(os.environ.get({STALL!r}, "0")))  # killed before it ends
-            """
-        )
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "stall",
+        f"""
+        import os, time
+        time.sleep(float(os.environ.get({STALL!r}, "0")))  # killed before it ends
+        """,
     )
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
 
     def stall(seconds: float) -> None:
         monkeypatch.setenv(STALL, str(seconds))
@@ -444,19 +454,7 @@ def test_a_child_stop_had_to_kill_does_not_read_as_dead(
 @pytest.fixture
 def failing_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker children started from now on exit at once (status 3), saying nothing."""
-    site = tmp_path / "failing"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            """
-            import os, sys
-            if "mailstrom.runtime.child" in sys.orig_argv:
-                os._exit(3)
-            """
-        )
-    )
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
+    _in_each_child(tmp_path, monkeypatch, "failing", "import os; os._exit(3)")
 
 
 def test_a_with_block_whose_start_fails_closes_the_store_it_opened(
@@ -521,22 +519,18 @@ def noisy_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     they start (a ``sitecustomize``, a ``.pth`` file, a library's import), start a
     process that inherits it and writes there later, and another that reads its
     standard input; the file returned exists once the late write is done."""
-    site = tmp_path / "noisy"
-    site.mkdir()
     written = tmp_path / "written"
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            f"""
-            import subprocess, sys
-            if "mailstrom.runtime.child" in sys.orig_argv:
-                print("banner of a library")
-                subprocess.Popen(["sh", "-c", "sleep 0.2; echo late; touch {written}"])
-                subprocess.Popen(["sh", "-c", "head -c 1 >/dev/null"])
-            """
-        )
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "noisy",
+        f"""
+        import subprocess
+        print("banner of a library")
+        subprocess.Popen(["sh", "-c", "sleep 0.2; echo late; touch {written}"])
+        subprocess.Popen(["sh", "-c", "head -c 1 >/dev/null"])
+        """,
     )
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
     return written
 
 
@@ -565,21 +559,17 @@ def test_stop_returns_while_a_process_the_child_started_lives_on(
     """A process the child started (and that outlives it) inherited the child's end of
     the frame pipe: its parent's reader never saw the end of it, and stop() waited for
     that reader for ever."""
-    site = tmp_path / "lingering"
-    site.mkdir()
     pid_file = tmp_path / "lingering.pid"
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            f"""
-            import subprocess, sys
-            if "mailstrom.runtime.child" in sys.orig_argv:
-                p = subprocess.Popen(["sleep", "600"], stderr=subprocess.DEVNULL)
-                open({str(pid_file)!r}, "w").write(str(p.pid))
-            """
-        )
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "lingering",
+        f"""
+        import subprocess
+        p = subprocess.Popen(["sleep", "600"], stderr=subprocess.DEVNULL)
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        """,
     )
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
     store = SQLiteStore(tmp_path / "q.db")
     ms = Mailstrom(config(dns_server, mx.port), store=store)
     ms.start()

@@ -25,6 +25,8 @@ RELAY_FIX = (
     "clouds block it by default), or send through a relay (smarthost) on port 587: set "
     'relay.host = "smtp.example.net", relay.username and relay.password (MAILSTROM_RELAY_*)'
 )
+_NAME_A_PROBE = "name a reachable SMTP server with --probe HOST[:PORT]"
+"""The fix when the probe target cannot be found or takes no mail."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,7 +76,7 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
             subject=spec,
             status=Status.UNKNOWN,
             summary=f"cannot find the probe target {spec}: {mx.error}",
-            fix="name a reachable SMTP server with --probe HOST[:PORT]",
+            fix=_NAME_A_PROBE,
         )
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
@@ -87,7 +89,7 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
                 subject=spec,
                 status=Status.FAIL,
                 summary=f"cannot probe {spec}: {name} accepts no mail (null MX, RFC 7505)",
-                fix="name a reachable SMTP server with --probe HOST[:PORT]",
+                fix=_NAME_A_PROBE,
             )
         if ranked:
             name = normal_name(ranked[0][1])
@@ -102,7 +104,7 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
         subject=spec,
         status=Status.FAIL if failed is None else Status.UNKNOWN,
         summary=f"cannot find the probe target {spec}: {failed or 'no MX or address record'}",
-        fix="name a reachable SMTP server with --probe HOST[:PORT]",
+        fix=_NAME_A_PROBE,
     )
 
 

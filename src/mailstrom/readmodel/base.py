@@ -10,7 +10,6 @@ contract suite (``tests/contract/test_readmodel.py``) runs over all three.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from typing import Protocol
 
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
-from mailstrom.stores.operator import Suspension, filter_domain
+from mailstrom.stores.operator import Suspension, filter_address, filter_domain
 
 MAX_PAGE = 500
 """The most messages one page may hold."""
@@ -129,16 +128,7 @@ class Search:
         if not term:
             return None
         if "@" in term:
-            # An address as prepare() stored it (a UTF-8 local part in NFC, a role name in
-            # lower case, needless quotes dropped); else the local part as typed: only a
-            # domain is the same in any case.
-            from mailstrom.errors import InvalidAddress
-            from mailstrom.message.addrspec import validate_address
-
-            with contextlib.suppress(InvalidAddress):
-                return cls(address=validate_address(term).envelope)
-            local, _, domain = term.rpartition("@")
-            return cls(address=f"{local}@{filter_domain(domain)}")
+            return cls(address=filter_address(term))
         if _HEX.match(term.lower()):
             return cls(id_prefix=term.lower())
         return cls(domain=filter_domain(term))

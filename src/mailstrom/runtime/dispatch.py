@@ -609,7 +609,7 @@ class Dispatcher:
             ):
                 token = queue[0].item.lease_token
                 verdict = True if self._may_start is None else self._may_start(token)
-                if verdict is not True and verdict is not False:
+                if isinstance(verdict, asyncio.Future):
                     if inflight:
                         break  # read the replies meanwhile, then ask again
                     await asyncio.wait([verdict])  # not cancelled with this session

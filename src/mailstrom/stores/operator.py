@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.arguments import shown
 from mailstrom.domains import a_label
-from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
+from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
 from mailstrom.status import RecipientState
 
 if TYPE_CHECKING:  # base imports this module
@@ -126,6 +126,21 @@ def filter_domain(text: str) -> str:
         return a_label(value)
     except ValueError:
         return value
+
+
+def filter_address(text: str) -> str:
+    """An address typed into a lookup or a filter as recipients are stored (what prepare()
+    put into the envelope): a UTF-8 local part in NFC, a role name such as ``Postmaster``
+    in lower case, needless quotes dropped, the domain in lower-case A-labels. Text that is
+    no valid address keeps its local part as typed, its domain as :func:`filter_domain`
+    makes it: it finds nothing, or what was stored as written."""
+    from mailstrom.message.addrspec import validate_address
+
+    try:
+        return validate_address(text).envelope
+    except InvalidAddress:
+        local, _, domain = text.rpartition("@")
+        return f"{local}@{filter_domain(domain)}"
 
 
 def earliest(*times: datetime | None) -> datetime | None:

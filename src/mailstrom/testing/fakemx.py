@@ -31,8 +31,7 @@ import functools
 import ssl
 
 from mailstrom.config import Config, Timeouts
-from mailstrom.errors import InvalidAddress
-from mailstrom.message.addrspec import validate_address
+from mailstrom.stores.operator import filter_address
 from mailstrom.testing.dns import LoopbackDNS
 from mailstrom.testing.outbox import capture_active
 from mailstrom.testing.smtp import (
@@ -66,13 +65,10 @@ def _check(reply: str, first: str, what: str) -> str:
 
 
 def _key(address: str) -> str:
-    """``address`` as the server's rules are keyed: in the form RCPT TO carries it (the
-    domain as A-labels, a UTF-8 local part in NFC, a role name in lower case: what
-    ``send_email`` made of it), in lower case. One that is no valid address: lower case."""
-    try:
-        return validate_address(address).envelope.lower()
-    except InvalidAddress:
-        return address.lower()
+    """``address`` as the server's rules are keyed: in the form RCPT TO carries it (what
+    ``send_email`` made of it, :func:`~mailstrom.stores.operator.filter_address`), in
+    lower case."""
+    return filter_address(address).lower()
 
 
 class FakeMX:

@@ -369,13 +369,13 @@ def create_app(
         if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
             return problem(request, 403, "The login form expired; reload it and try again.")
         client = _client(request)
-        if guesses.wait(client):
-            return _too_many_guesses(guesses, client)
+        if wait := guesses.wait(client):
+            return _too_many_guesses(client, wait)
         if not access.token_matches(_str(form.get("token"))):
             guesses.failed(client)
             log.warning("failed login from %s", client)
             return render(request, "login.html", status_code=401, next=following, failed=True)
-        log.info("login from %s", _client(request))
+        log.info("login from %s", client)
         response = RedirectResponse(following, 303)
         response.set_cookie(
             SESSION_COOKIE,
@@ -437,13 +437,14 @@ def create_app(
             log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))
             return PlainTextResponse("cross-site request refused", 403)
         authorization = request.headers.get("authorization")
+        guessing = authorization is not None and access.required
         response: Response
-        if authorization is not None and access.required and guesses.wait(_client(request)):
-            response = _too_many_guesses(guesses, _client(request))
+        if guessing and (wait := guesses.wait(_client(request))):
+            response = _too_many_guesses(_client(request), wait)
         elif not path.startswith(_PUBLIC_PATHS) and not access.allows(
             cookie=request.cookies.get(SESSION_COOKIE), authorization=authorization
         ):
-            if authorization is not None:
+            if guessing:
                 guesses.failed(_client(request))  # a wrong bearer token is a guess too
             if request.method == "GET":
                 target = path + (f"?{request.url.query}" if request.url.query else "")
@@ -603,8 +604,7 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _too_many_guesses(guesses: Guesses, client: str) -> Response:
-    wait = guesses.wait(client)
+def _too_many_guesses(client: str, wait: float) -> Response:
     log.warning("refused a try at the token from %s: too many failed", client)
     return PlainTextResponse(
         "too many wrong tokens from this address; try again later",
