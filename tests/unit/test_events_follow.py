@@ -1,6 +1,7 @@
-"""``mailstrom events --follow`` (cli/events.py): an event that commits after one with a
-higher id (PostgreSQL: ids come from a sequence at INSERT, and transactions end in any
-order) is printed once it appears, even when the first read already went past it."""
+"""``mailstrom events --follow`` (cli/events.py): each look carries on after the highest id
+printed, so every event is printed once, in id order, as the store makes it visible (every
+store does so in id order; PostgreSQL's is tested in
+tests/integration/test_events_order_postgres.py)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ class _Stop(Exception):
     pass
 
 
-class _LateCommit:
-    """A reader's view: 1-99 and 101 committed, 100 commits after the first read."""
+class _Growing:
+    """A store whose outbox gains two events between looks."""
 
     def __init__(self) -> None:
-        self.visible = {*range(1, 100), 101}
-        self.reads = 0
+        self.top = 5
+        self.afters: list[int] = []
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
-        self.reads += 1
-        if self.reads > 3:
+        self.afters.append(after)
+        if len(self.afters) > 3:
             raise _Stop  # as Ctrl-C ends the command
-        self.visible.add(100)
-        return [_event(i) for i in sorted(self.visible) if i > after][:limit]
+        self.top += 2
+        return [_event(i) for i in range(after + 1, self.top + 1)][:limit]
 
 
 def _event(i: int) -> DeliveryEvent:
@@ -42,10 +43,12 @@ def _event(i: int) -> DeliveryEvent:
     )
 
 
-def test_an_event_committed_after_the_first_read_below_its_end_is_printed_once() -> None:
-    store = _LateCommit()
-    first = {*range(82, 100), 101}  # the first read (the last 20) printed these
+def test_each_look_prints_the_new_events_once_in_order() -> None:
+    store = _Growing()
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(_Stop):
-        _follow(store, 81, 101, first, as_json=False, interval=0)  # type: ignore[arg-type]
-    assert [line.split()[1] for line in out.getvalue().splitlines()] == ["#100"]
+        _follow(store, 5, as_json=False, interval=0)  # type: ignore[arg-type]
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == [
+        f"#{i}" for i in range(6, 12)
+    ]
+    assert store.afters == [5, 7, 9, 11]

@@ -32,11 +32,6 @@ Events are written while a worker runs with a hook (--hook, hook.url) or with th
 setting (MAILSTROM_EVENTS=1); each is one recorded attempt's result.
 """
 
-LOOKBACK = 200
-"""Ids below the highest printed that --follow looks at again: with several PostgreSQL
-workers an event with a lower id can commit after one with a higher id (SQLite commits in
-id order)."""
-
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -100,34 +95,26 @@ def events_command(args: argparse.Namespace) -> int:
             limit = max(args.limit, 0)
         else:
             after, limit = args.after, max(args.limit, 0)
-        floor, printed = after, set()
         for event in store.read_events(after=after, limit=limit):
-            after = max(after, event.id)
+            after = event.id
             _print(event, as_json=args.json)
-            printed.add(event.id)
         if args.follow:
-            _follow(store, floor, after, printed, as_json=args.json, interval=args.interval)
+            _follow(store, after, as_json=args.json, interval=args.interval)
     return EX_OK
 
 
-def _follow(
-    store: Store, floor: int, high: int, printed: set[int], *, as_json: bool, interval: float
-) -> None:
-    """Print events as they appear until interrupted (Ctrl-C ends the command): none at
-    or below ``floor``, none in ``printed``; those up to :data:`LOOKBACK` below ``high``
-    (the highest printed) are looked for again, the first read's included: an event
-    with a lower id may commit after it."""
+def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None:
+    """Print the events after ``after`` as they appear until interrupted (Ctrl-C ends the
+    command). Every store makes its events visible in id order (PostgreSQL draws their
+    ids under a lock, see its ``append_events``), so the highest id printed is the place
+    to go on from."""
     while True:
         # Polling: events come from other processes, and a SQLite reader has nothing to
-        # wait on. Each look is one indexed range read of the ids near the top.
+        # wait on. Each look is one indexed range read of the ids above the last.
         time.sleep(interval)
-        for event in store.read_events(after=max(floor, high - LOOKBACK), limit=10_000):
-            if event.id in printed:
-                continue
+        for event in store.read_events(after=after, limit=10_000):
             _print(event, as_json=as_json)
-            printed.add(event.id)
-            high = max(high, event.id)
-        printed = {i for i in printed if i > high - LOOKBACK}
+            after = event.id
 
 
 def _print(event: DeliveryEvent, *, as_json: bool) -> None:

@@ -637,7 +637,11 @@ class Store(Protocol):
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Up to ``limit`` events with an id above ``after``, oldest first, sent or not
         (for tailing); one whose row cannot be read is left out with a warning, and the
-        events after it make up the page (an empty page means none are left)."""
+        events after it make up the page (an empty page means none are left).
+
+        Events become visible in id order: one with a lower id than any a reader has seen
+        never appears later, so a reader carrying on after the highest id it saw misses
+        none."""
         ...
 
     def last_event_id(self) -> int:

@@ -636,13 +636,23 @@ SELECT 'held', NULL, count(*) FROM messages WHERE held;
 -- name: append_events
 -- The outbox rows of results just recorded, copied from the recipients' rows, in the
 -- order of the arrays. Runs in the record statement's transaction (see PostgresStore.record).
+--
+-- Event ids must become visible in id order: a reader pages with read_events(after=) and
+-- would never see an id below one it already had. Ids come from a sequence when a row is
+-- inserted and transactions commit in any order, so the ids are drawn under a
+-- transaction-level advisory lock, taken here before the first row (and its id) is made
+-- and held until this transaction has committed or rolled back: the event-writing
+-- transactions of all workers commit one after the other. The lock is taken last in its
+-- transaction and nothing is waited for while it is held, so it cannot deadlock.
+WITH turn AS MATERIALIZED (SELECT pg_advisory_xact_lock(x'6d73746d6576656e'::bigint))
 INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
                     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
                     uncertain, tags, metadata)
 SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
        r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
        r.ip, r.tls, r.uncertain, m.tags, m.metadata
-FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
+FROM turn,
+     unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
      AS t(message_id, address, n)
 JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
 JOIN messages m ON m.id = r.message_id
