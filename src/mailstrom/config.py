@@ -121,6 +121,16 @@ def check_source_address(address: object) -> None:
     _check_ip_address(address, "source_address: expected an IP address")
 
 
+def check_tls_context(value: object, where: str) -> None:
+    """ConfigError unless ``value`` is None or an :class:`ssl.SSLContext`. Anything else (a
+    CA file's name, say) was kept, and failed with AttributeError in the worker: at every
+    TLS connection, or when it started its process."""
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise ConfigError(
+            f"{where}: expected an ssl.SSLContext or None, not {type(value).__name__}"
+        )
+
+
 def _check_ip_address(value: object, what: str) -> None:
     try:
         ipaddress.ip_address(value if isinstance(value, str) else "")
@@ -310,6 +320,7 @@ class MTASTSConfig:
 
     def __post_init__(self) -> None:
         check_port(self.port, "mta_sts.port")
+        check_tls_context(self.tls_context, "mta_sts.tls_context")
         check_seconds(self.timeout, "mta_sts.timeout", maximum=300)
         check_seconds(self.recheck, "mta_sts.recheck", positive=False, maximum=86400)
         check_bool(self.report, "mta_sts.report")
@@ -585,6 +596,7 @@ class Config:
                 "mail.example.com or an address literal like [192.0.2.1])"
             )
         self._check_numbers()
+        check_tls_context(self.tls_context, "tls_context")
         if self.source_address is not None:
             check_source_address(self.source_address)
         if self.retry.min_delay > self.retry.max_delay:

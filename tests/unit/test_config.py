@@ -1,3 +1,4 @@
+import ssl
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -363,3 +364,38 @@ def test_source_address_must_be_an_ip_address(address: object) -> None:
 @pytest.mark.parametrize("address", ["192.0.2.10", "2001:db8::10", "127.0.0.1"])
 def test_source_address_takes_ip_addresses(address: str) -> None:
     assert Config(helo_name="mail.example.com", source_address=address).source_address == address
+
+
+# --- TLS contexts and CA files: checked where they are given --------------------------
+
+
+def _contexts() -> list[tuple[Callable[..., object], dict[str, object], str]]:
+    from mailstrom import MTASTSConfig
+
+    cases: list[tuple[Callable[..., object], dict[str, object], str]] = []
+    for value in ("/etc/ssl/certs/ca.pem", True, 5, {"cafile": "ca.pem"}, ssl):
+        cases.append(
+            (Config, {"helo_name": "mail.example.com", "tls_context": value}, "tls_context")
+        )
+        cases.append((MTASTSConfig, {"tls_context": value}, r"mta_sts\.tls_context"))
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "options", "named"), _contexts())
+def test_tls_contexts_must_be_ssl_contexts(
+    kind: Callable[..., object], options: dict[str, object], named: str
+) -> None:
+    """A tls_context that is no SSLContext (a CA file's name, say) was kept: the worker
+    then failed with AttributeError at every TLS connection (or when it started its
+    process), far from the setting. A ConfigError naming it now."""
+    with pytest.raises(ConfigError, match=named):
+        kind(**options)
+
+
+def test_tls_contexts_take_ssl_contexts_and_none() -> None:
+    from mailstrom import MTASTSConfig
+
+    context = ssl.create_default_context()
+    assert Config(helo_name="mail.example.com", tls_context=context).tls_context is context
+    assert MTASTSConfig(tls_context=context).tls_context is context
+    assert Config(helo_name="mail.example.com", tls_context=None).tls_context is None
