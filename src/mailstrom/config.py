@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import os
 import ssl
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -129,6 +130,24 @@ def check_tls_context(value: object, where: str) -> None:
         raise ConfigError(
             f"{where}: expected an ssl.SSLContext or None, not {type(value).__name__}"
         )
+
+
+def check_ca_file(value: object, where: str) -> None:
+    """ConfigError unless ``value`` names a file of PEM CA certificates that OpenSSL loads.
+    Anything else was kept, and every use of it failed later, in the worker (a missing
+    file, one that holds no certificate, a name that is no string)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        shown = shorten(value) if isinstance(value, str | bytes) else type(value).__name__
+        raise ConfigError(f"{where}: expected the name of a PEM file, got {shown}")
+    # Not a FIFO or a device: OpenSSL would wait on one, or read it for ever.
+    try:
+        regular = os.path.isfile(value)
+        if regular:
+            ssl.create_default_context(cafile=value)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot load {shorten(value)}: {exc}") from None
+    if not regular:
+        raise ConfigError(f"{where}: no such file: {shorten(value)}")
 
 
 def _check_ip_address(value: object, what: str) -> None:
@@ -321,6 +340,8 @@ class MTASTSConfig:
     def __post_init__(self) -> None:
         check_port(self.port, "mta_sts.port")
         check_tls_context(self.tls_context, "mta_sts.tls_context")
+        if self.ca_file is not None:
+            check_ca_file(self.ca_file, "mta_sts.ca_file")
         check_seconds(self.timeout, "mta_sts.timeout", maximum=300)
         check_seconds(self.recheck, "mta_sts.recheck", positive=False, maximum=86400)
         check_bool(self.report, "mta_sts.report")

@@ -380,3 +380,16 @@ def test_lanes_default_priority_and_idempotency_window_load(tmp_path: Path) -> N
             _ = load_settings(env={"MAILSTROM_LANES": bad}, search=False).config
     with pytest.raises(ConfigError):
         _ = load_settings(env={"MAILSTROM_DEFAULT_PRIORITY": "urgent"}, search=False).config
+
+
+def test_mta_sts_ca_file_must_hold_certificates(tmp_path: Path) -> None:
+    """A file that is no PEM bundle was taken (only its existence was checked): every
+    MTA-STS policy fetch of the worker then failed with an SSLError."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^mta_sts\.ca_file: cannot load"):
+        load_settings(env={"MAILSTROM_MTA_STS_CA_FILE": str(not_pem)}, search=False)
+    trustme.CA().cert_pem.write_to_path(str(not_pem))
+    loaded = load_settings(env={"MAILSTROM_MTA_STS_CA_FILE": str(not_pem)}, search=False)
+    assert loaded.config.mta_sts is not None
+    assert loaded.config.mta_sts.ca_file == str(not_pem)

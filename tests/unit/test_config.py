@@ -1,6 +1,7 @@
 import ssl
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -399,3 +400,40 @@ def test_tls_contexts_take_ssl_contexts_and_none() -> None:
     assert Config(helo_name="mail.example.com", tls_context=context).tls_context is context
     assert MTASTSConfig(tls_context=context).tls_context is context
     assert Config(helo_name="mail.example.com", tls_context=None).tls_context is None
+
+
+def _ca_files(tmp: Path) -> list[object]:
+    (tmp / "empty.pem").write_bytes(b"")
+    (tmp / "text.pem").write_text("not a certificate\n")
+    return [
+        str(tmp / "missing.pem"),
+        str(tmp / "empty.pem"),
+        str(tmp / "text.pem"),
+        str(tmp),
+        "ca\0.pem",
+        "",
+        5,
+        b"/etc/ssl/certs/ca-certificates.crt",
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_mta_sts_ca_file_must_be_a_pem_bundle(tmp_path: Path, index: int) -> None:
+    """A CA file that did not exist, was no PEM bundle or no file name was kept, and every
+    MTA-STS policy fetch then failed (FileNotFoundError, SSLError or TypeError from the
+    context it was loaded into), in the worker, each a fetch error of the recipient's
+    domain. A ConfigError naming mta_sts.ca_file now, when the config is made."""
+    from mailstrom import MTASTSConfig
+
+    with pytest.raises(ConfigError, match=r"mta_sts\.ca_file"):
+        MTASTSConfig(ca_file=_ca_files(tmp_path)[index])  # type: ignore[arg-type]
+
+
+def test_mta_sts_ca_file_takes_a_pem_bundle(tmp_path: Path) -> None:
+    import trustme
+
+    from mailstrom import MTASTSConfig
+
+    pem = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(pem))
+    assert MTASTSConfig(ca_file=str(pem)).ca_file == str(pem)
