@@ -290,6 +290,22 @@ def _optional(parser: Parser) -> Parser:
     return parse
 
 
+def _max_age(key: str, value: Any) -> timedelta | None:
+    """``retry.max_age``: a duration above zero, or ``"none"``/``"off"``/``false`` for
+    retrying without an age limit. Zero is refused in every form: ``0`` read as "none"
+    (never give up), ``"0s"`` as a limit that gives up at the first temporary failure,
+    and Postfix's ``maximal_queue_lifetime = 0`` means a single attempt."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    age = _duration(key, value)
+    if age <= timedelta(0):
+        raise ConfigError(
+            f'{key}: 0 is ambiguous; write "none" to retry without an age limit, or '
+            "retry.max_attempts = 1 to give up at the first temporary failure"
+        )
+    return age
+
+
 def _choice(enum: type[TLSPolicy] | type[RelayTLS] | type[EventLoop]) -> Parser:
     def parse(key: str, value: Any) -> Any:
         try:
@@ -561,7 +577,7 @@ KEYS: dict[str, Parser] = {
     "retry.max_delay": _duration,
     "retry.multiplier": _float(1.0),
     "retry.jitter": _float(0.0),
-    "retry.max_age": _optional(_duration),
+    "retry.max_age": _max_age,
     "retry.max_attempts": _optional(_int(1)),
     "relay.host": _str,
     "relay.port": _port,

@@ -393,3 +393,23 @@ def test_mta_sts_ca_file_must_hold_certificates(tmp_path: Path) -> None:
     loaded = load_settings(env={"MAILSTROM_MTA_STS_CA_FILE": str(not_pem)}, search=False)
     assert loaded.config.mta_sts is not None
     assert loaded.config.mta_sts.ca_file == str(not_pem)
+
+
+@pytest.mark.parametrize(
+    "text", ["max_age = 0", 'max_age = "0"', 'max_age = "0s"', "max_age = 0.0"]
+)
+def test_retry_max_age_of_zero_is_refused(tmp_path: Path, text: str) -> None:
+    """``retry.max_age = 0`` meant "never give up" (as "none" does), while ``"0s"`` gave
+    up at the first temporary failure, and Postfix's ``maximal_queue_lifetime = 0`` means
+    one attempt without retries: an operator could get either. Every zero is refused."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"[retry]\n{text}\n")
+    with pytest.raises(ConfigError, match=r"^retry\.max_age: .*none.*max_attempts = 1"):
+        load_settings(config_path=path, env={})
+
+
+@pytest.mark.parametrize("text", ['"none"', '"off"', "false", '""'])
+def test_retry_max_age_off(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[retry]\nmax_age = {text}\n")
+    assert load_settings(config_path=path, env={}).config.retry.max_age is None

@@ -39,7 +39,7 @@ VALID: dict[str, list[str]] = {
     "max_message_size": ["10485760", '"1000"'],
     "connection_idle": ["2.5", '"0"'],
     "lease_for": ['"5m"', "300", "0.5", '"1.5h"'],
-    "retry.max_age": ['"5d"', '"off"', "false", "0"],
+    "retry.max_age": ['"5d"', '"off"', "false", '"none"'],
     "retry.max_attempts": ["3", '"none"'],
     "dns.nameservers": ['["127.0.0.1"]', '"127.0.0.1, ::1"'],
     "lanes": ['[{name = "a"}, {name = "b", share = 0.5}]'],

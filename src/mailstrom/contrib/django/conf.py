@@ -88,8 +88,8 @@ def flatten(value: Mapping[Any, Any]) -> dict[str, Any]:
 
     A key given twice (``"dns.port"`` and ``{"dns": {"port": ...}}``) and ``None`` as a
     value are refused: ``None`` is not a TOML value, and reading it as "the default" or
-    as "off" would each surprise someone (leave the key out for the default; ``False``,
-    ``0`` or ``"none"`` turn a limit such as ``retry.max_age`` off).
+    as "off" would each surprise someone (leave the key out for the default; ``False``
+    or ``"none"`` turn a limit such as ``retry.max_age`` off).
     """
     flat: dict[str, Any] = {}
 
