@@ -104,8 +104,17 @@ class DNSConfig:
         check_port(self.port, "dns.port")
         check_seconds(self.timeout, "dns.timeout")
         check_bool(self.dnssec, "dns.dnssec")
-        for server in self.nameservers:
+        given = self.nameservers
+        # A string is a sequence too, of one-letter "addresses": refused, not split. An
+        # iterator is kept as the tuple it gives, not used up by the check below.
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise ConfigError(
+                f"dns.nameservers: expected a sequence of IP addresses, got {shorten(str(given))}"
+            )
+        servers = tuple(given)
+        for server in servers:
             check_nameserver(server)
+        object.__setattr__(self, "nameservers", servers)
 
 
 def check_nameserver(server: object) -> None:

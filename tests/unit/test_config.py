@@ -437,3 +437,26 @@ def test_mta_sts_ca_file_takes_a_pem_bundle(tmp_path: Path) -> None:
     pem = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(pem))
     assert MTASTSConfig(ca_file=str(pem)).ca_file == str(pem)
+
+
+def test_dns_nameservers_given_as_an_iterator_are_kept() -> None:
+    """An iterator (a generator, map()) was used up by the check of its addresses and
+    kept, empty: the resolver then had no nameserver and every lookup failed, every
+    message deferred. The addresses are kept as a tuple."""
+    from mailstrom import DNSConfig
+    from mailstrom.routing.router import make_resolver
+
+    dns = DNSConfig(nameservers=(s for s in ["192.0.2.53", "2001:db8::53"]), port=5353)  # type: ignore[arg-type]
+    assert dns.nameservers == ("192.0.2.53", "2001:db8::53")
+    assert [str(ns) for ns in make_resolver(dns).nameservers] == ["192.0.2.53", "2001:db8::53"]
+    assert DNSConfig(nameservers=["192.0.2.53"]).nameservers == ("192.0.2.53",)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["192.0.2.53", "", b"192.0.2.53", 5, None])
+def test_dns_nameservers_must_be_a_sequence_of_addresses(value: object) -> None:
+    """A string was taken for a sequence of one-letter "addresses" ("" for none at all,
+    so the system's resolver was used without a word); a number raised TypeError."""
+    from mailstrom import DNSConfig
+
+    with pytest.raises(ConfigError, match=r"dns\.nameservers"):
+        DNSConfig(nameservers=value)  # type: ignore[arg-type]
