@@ -78,6 +78,19 @@ def test_events_prune_keeps_unsent(mail_env: MailEnv) -> None:
     assert len(cli.ok("events").out.splitlines()) == 1
 
 
+def test_events_prune_unsent_removes_what_no_hook_sends(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"
+    send(mail_env, "bob@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    assert cli.ok("events", "--prune", "1h", "--unsent", "--json").json() == {"pruned": 0}
+    assert cli.ok("events", "--prune", "0s", "--unsent", "--json").json() == {"pruned": 1}
+    assert cli.ok("events").out == ""
+    refused = cli("events", "--unsent")
+    assert refused.code == 64
+    assert "--unsent goes with --prune" in refused.err
+
+
 def test_events_on_an_empty_store(cli: object) -> None:
     from tests.cli.conftest import CLI
 

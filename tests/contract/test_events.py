@@ -131,6 +131,33 @@ def test_prune_removes_only_old_acknowledged_events(store: Store) -> None:
     assert store.last_event_id() > last
 
 
+def test_prune_of_unsent_events_goes_by_their_attempt_time(store: Store) -> None:
+    # Events on without a hook: nothing acknowledges them, so only this removes them.
+    store.enable_events()
+    later = NOW + 10 * SECOND
+    store.enqueue(message("acked@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    batch = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert batch is not None
+    assert store.ack_events(batch, now=later) == 1
+    store.enqueue(message("old@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    store.enqueue(message("new@example.org"), now=NOW)
+    store.record(results_for(lease_all(store, now=later), RecipientState.DELIVERED, at=later))
+    # Without unsent_before the unsent ones stay, however old.
+    assert store.prune_events(sent_before=NOW) == 0
+    assert store.prune_events(sent_before=NOW, unsent_before=later) == 1
+    assert sorted(e.address for e in store.read_events()) == [
+        "acked@example.org",
+        "new@example.org",
+    ]
+    # The sent one goes by its sent time, the unsent by its attempt's.
+    assert store.prune_events(sent_before=later + SECOND, unsent_before=later) == 1
+    assert [e.address for e in store.read_events()] == ["new@example.org"]
+    assert store.prune_events(sent_before=NOW, unsent_before=later + SECOND) == 1
+    assert store.read_events() == []
+
+
 def test_events_survive_reopening(store_backend: Backend) -> None:
     store_backend.require_durable()
     store = store_backend.open()

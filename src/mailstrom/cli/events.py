@@ -14,7 +14,7 @@ import time
 
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
 from mailstrom.status import DeliveryEvent
@@ -27,6 +27,7 @@ examples:
   mailstrom events --follow --json | jq 'select(.type == "failed")'
   mailstrom events --after 1200 --limit 500
   mailstrom events --prune 7d             # delete events sent over a week ago
+  mailstrom events --prune 7d --unsent    # and those no hook sent (events on, no hook)
 
 Events are written while a worker runs with a hook (--hook, hook.url) or with the events
 setting (MAILSTROM_EVENTS=1); each is one recorded attempt's result.
@@ -68,6 +69,12 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         metavar="AGE",
         help="delete events sent (acknowledged by the hook) more than AGE ago, and exit",
     )
+    p.add_argument(
+        "--unsent",
+        action="store_true",
+        help="with --prune: also delete events no hook has sent whose attempt is over AGE "
+        "old (events on without a hook: nothing else ever deletes them)",
+    )
     p.set_defaults(handler=events_command)
 
 
@@ -84,9 +91,14 @@ def _event_id(text: str) -> int:
 
 def events_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if args.unsent and args.prune is None:
+        raise UsageError("--unsent goes with --prune AGE")
     if args.prune is not None:
+        before = utc_now() - args.prune
         with store_from(settings) as store:
-            pruned = store.prune_events(sent_before=utc_now() - args.prune)
+            pruned = store.prune_events(
+                sent_before=before, unsent_before=before if args.unsent else None
+            )
         print(json.dumps({"pruned": pruned}) if args.json else f"pruned {pruned} events")
         return EX_OK
     with store_from(settings, read_only=True) as store:

@@ -648,9 +648,11 @@ class Store(Protocol):
         """The highest event id so far (0 when there are none)."""
         ...
 
-    def prune_events(self, *, sent_before: datetime) -> int:
+    def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before``; returns how many. Events not
-        yet acknowledged are kept, however old."""
+        yet acknowledged are kept, however old, unless ``unsent_before`` is given: then
+        those whose attempt was made before it go too (for a store whose events no hook
+        sends, ``events`` on alone, where nothing else ever removes them)."""
         ...
 
     # --- remembered broken TLS (schema version 8) -----------------------------------------

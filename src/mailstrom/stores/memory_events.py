@@ -99,13 +99,15 @@ class MemoryEventsMixin:
         with self._lock:
             return max(self._events, default=0)
 
-    def prune_events(self, *, sent_before: datetime) -> int:
-        """Delete events acknowledged before ``sent_before``."""
+    def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
+        """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
+        unacknowledged ones attempted before it)."""
         with self._lock:
             doomed = [
                 i
                 for i, e in self._events.items()
-                if e.sent_at is not None and e.sent_at < sent_before
+                if (e.sent_at is not None and e.sent_at < sent_before)
+                or (e.sent_at is None and unsent_before is not None and e.event.at < unsent_before)
             ]
             for i in doomed:
                 del self._events[i]

@@ -1170,10 +1170,13 @@ class SQLiteStore:
             (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
         return int(last)
 
-    def prune_events(self, *, sent_before: datetime) -> int:
-        """Delete events acknowledged before ``sent_before``."""
+    def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
+        """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
+        unacknowledged ones attempted before it)."""
         with self._write(fsync=False) as conn:
-            return sqlite_events.prune_event_rows(conn, sent_before=sent_before)
+            return sqlite_events.prune_event_rows(
+                conn, sent_before=sent_before, unsent_before=unsent_before
+            )
 
     # --- remembered broken TLS ----------------------------------------------------------
 

@@ -177,10 +177,14 @@ def read_event_rows(conn: sqlite3.Connection, *, after: int, limit: int) -> list
     return read_events_past_unreadable(fetch, event_from_row, after=after, limit=limit)
 
 
-def prune_event_rows(conn: sqlite3.Connection, *, sent_before: datetime) -> int:
-    return int(
-        conn.execute(
-            "DELETE FROM events WHERE sent_at IS NOT NULL AND sent_at < ?",
-            (to_us(sent_before),),
+def prune_event_rows(
+    conn: sqlite3.Connection, *, sent_before: datetime, unsent_before: datetime | None
+) -> int:
+    pruned = conn.execute(
+        "DELETE FROM events WHERE sent_at IS NOT NULL AND sent_at < ?", (to_us(sent_before),)
+    ).rowcount
+    if unsent_before is not None:
+        pruned += conn.execute(
+            "DELETE FROM events WHERE sent_at IS NULL AND at < ?", (to_us(unsent_before),)
         ).rowcount
-    )
+    return int(pruned)

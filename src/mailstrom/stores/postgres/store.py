@@ -688,9 +688,11 @@ class PostgresStore:
         [(last,)] = self._fetch("last_event_id", {})
         return int(last)
 
-    def prune_events(self, *, sent_before: datetime) -> int:
-        """Delete events acknowledged before ``sent_before``."""
-        [(count,)] = self._fetch("prune_events", {"sent_before": sent_before})
+    def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
+        """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
+        unacknowledged ones attempted before it)."""
+        params = {"sent_before": sent_before, "unsent_before": unsent_before}
+        [(count,)] = self._fetch("prune_events", params)
         return int(count)
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------

@@ -717,7 +717,10 @@ SELECT coalesce(max(id), 0) FROM events;
 
 -- name: prune_events
 WITH pruned AS (
-    DELETE FROM events WHERE sent_at < %(sent_before)s RETURNING 1
+    DELETE FROM events
+    WHERE sent_at < %(sent_before)s
+       OR (sent_at IS NULL AND at < %(unsent_before)s::timestamptz)
+    RETURNING 1
 )
 SELECT count(*) FROM pruned;
 
