@@ -58,6 +58,7 @@ class Damage:
 
 
 SEQ = "(SELECT seq FROM messages WHERE id = ?)"
+NOT_UTF8 = "CAST(X'ff' AS TEXT)"
 
 SQLITE: dict[str, Damage] = {
     "metadata not JSON": Damage("UPDATE messages SET metadata = '{oops' WHERE id = ?", ATTEMPTED),
@@ -132,6 +133,42 @@ SQLITE: dict[str, Damage] = {
     ),
     "data a number": Damage("UPDATE messages SET data = 5 WHERE id = ?", SET_ASIDE),
     "message row missing": Damage("DELETE FROM messages WHERE id = ?", SET_ASIDE),
+    # Text that is not UTF-8 (another tool, an older version, bit rot): SQLite stores the
+    # octets as they are; reading one such value failed every read of its table.
+    "address not UTF-8": Damage(
+        f"UPDATE recipients SET address = {NOT_UTF8} || address WHERE message_seq = {SEQ}",
+        SET_ASIDE,
+    ),
+    "domain not UTF-8": Damage(
+        f"UPDATE recipients SET domain = {NOT_UTF8} || domain WHERE message_seq = {SEQ}",
+        SET_ASIDE,
+    ),
+    "lane not UTF-8": Damage(
+        f"UPDATE recipients SET lane = {NOT_UTF8} WHERE message_seq = {SEQ}", ATTEMPTED
+    ),
+    "error not UTF-8": Damage(
+        f"UPDATE recipients SET error = {NOT_UTF8} WHERE message_seq = {SEQ}", ATTEMPTED
+    ),
+    "envelope_from not UTF-8": Damage(
+        f"UPDATE messages SET envelope_from = {NOT_UTF8} || envelope_from WHERE id = ?", SET_ASIDE
+    ),
+    "subject not UTF-8": Damage(
+        f"UPDATE messages SET subject = {NOT_UTF8} WHERE id = ?", ATTEMPTED
+    ),
+    "priority not UTF-8": Damage(
+        f"UPDATE messages SET priority = {NOT_UTF8} WHERE id = ?", ATTEMPTED
+    ),
+    "tags not UTF-8": Damage(
+        f"UPDATE messages SET tags = '[\"' || {NOT_UTF8} || '\"]' WHERE id = ?", ATTEMPTED
+    ),
+    "dsn not UTF-8": Damage(
+        f"UPDATE messages SET dsn = 'notify=failure;envid=' || {NOT_UTF8} WHERE id = ?",
+        SET_ASIDE,
+    ),
+    "data text not UTF-8": Damage(
+        "UPDATE messages SET data = CAST(data || X'ff' AS TEXT), size = size + 1 WHERE id = ?",
+        SET_ASIDE,
+    ),
 }
 
 POSTGRES: dict[str, Damage] = {

@@ -44,7 +44,7 @@ from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
-from mailstrom.stores.sqlite_schema import from_us, reply_from, shown_time, to_us
+from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class SQLiteReadModel:
                 conn = sqlite3.connect(
                     self._uri, uri=True, isolation_level=None, check_same_thread=False
                 )
+                conn.text_factory = decode_text
             # One snapshot per request: the page and its recipients agree.
             conn.execute("BEGIN")
             try:

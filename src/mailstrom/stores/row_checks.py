@@ -13,6 +13,7 @@ lease is a hot path.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import NamedTuple
@@ -25,6 +26,8 @@ from mailstrom.stores.base import LeasedRecipient, WorkItem, storable_text
 UNREADABLE = "queue row unreadable"
 """How the error of a recipient failed for an unreadable row begins."""
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 MAX_ATTEMPTS = 2**31 - 2
 """The largest attempt count read back: one more still fits PostgreSQL's ``integer``
 (recording an attempt adds one), far beyond any retry policy."""
@@ -36,10 +39,20 @@ def unreadable_error(exc: UnreadableRow) -> str:
 
 
 def checked_text(value: object, column: str) -> str:
-    """``value`` when it is text."""
+    """``value`` when it is text, and text that was UTF-8 in the database: a lone
+    surrogate stands for an octet that was not (SQLite's ``decode_text``), and no SMTP
+    command, DNS name or store can carry it."""
     if not isinstance(value, str):
         raise UnreadableRow(f"{column} is {shown(value)}, not text")
+    if not_utf8(value):
+        raise UnreadableRow(f"{column} is {shown(value)}, not UTF-8")
     return value
+
+
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` read from SQLite held octets that are not UTF-8 (lone surrogates,
+    see ``sqlite_schema.decode_text``)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def checked_attempts(value: object) -> int:
@@ -66,7 +79,7 @@ def checked_dsn(value: object) -> DSN | None:
     """The DSN request stored as ``value`` (None for none)."""
     if value is None or value == "":
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and not not_utf8(value):
         try:
             return DSN.decode(value)
         except ValueError:

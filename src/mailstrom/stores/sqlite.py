@@ -141,6 +141,7 @@ from mailstrom.stores.sqlite_queue import (
     update_leased,
 )
 from mailstrom.stores.sqlite_schema import (
+    decode_text,
     migrate,
     migrations,
     opt_time_at,
@@ -566,6 +567,7 @@ class SQLiteStore:
             check_same_thread=False,  # pooled: used by one thread at a time, any thread
             uri=self._uri is not None,
         )
+        conn.text_factory = decode_text
         try:
             if not self._read_only:  # connection settings; nothing is written
                 conn.execute("PRAGMA synchronous=FULL")

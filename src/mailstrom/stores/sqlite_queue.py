@@ -43,6 +43,7 @@ from mailstrom.stores.row_checks import (
     checked_data,
     checked_dsn,
     checked_text,
+    not_utf8,
     unreadable_error,
 )
 from mailstrom.stores.sqlite_schema import (
@@ -212,7 +213,7 @@ def lease_rows(
     skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
     skipped = list(skip_domains)
     if lanes is None:
-        rows = _mark_lanes(conn, marks, limit, pending_lanes(conn), skip, skipped)
+        rows = _mark_lanes(conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped)
     else:
         rows = []
         exhausted = True
@@ -226,7 +227,7 @@ def lease_rows(
             rows += found
         if exhausted and len(rows) < limit:
             named = {lane for lane, _ in lanes}
-            others = [lane for lane in pending_lanes(conn) if lane not in named]
+            others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
             rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped)
     if not rows:
         return None
@@ -254,6 +255,7 @@ def lease_rows(
         try:
             if isinstance(head, UnreadableRow):
                 raise head
+            domain = checked_text(domain, "domain")
             recipient = LeasedRecipient(
                 address=checked_text(address, "address"),
                 attempts=checked_attempts(attempts),
@@ -428,9 +430,28 @@ PENDING_LANES_SQL = (
 )
 
 
-def pending_lanes(conn: sqlite3.Connection) -> list[str]:
-    """The lanes that hold pending, unheld recipients (see PENDING_LANES_SQL)."""
-    return [lane for (lane,) in conn.execute(PENDING_LANES_SQL)]
+def pending_lanes(conn: sqlite3.Connection, *, rename: bool = False) -> list[str]:
+    """The lanes that hold pending, unheld recipients (see PENDING_LANES_SQL).
+
+    A lane whose name is not UTF-8 (a row written by another tool: lone surrogates once
+    read, see ``decode_text``) cannot be bound back to walk it. With ``rename`` (inside a
+    write transaction) its rows move to the name read with U+FFFD for those octets, with a
+    warning, and are walked under it from then on; without, it is passed over."""
+    lanes: dict[str, None] = {}
+    for (lane,) in conn.execute(PENDING_LANES_SQL):
+        if isinstance(lane, str) and not_utf8(lane):
+            if not rename:
+                continue
+            raw = lane.encode("utf-8", "surrogateescape")
+            lane = raw.decode("utf-8", "replace")
+            changed = conn.execute(
+                "UPDATE recipients SET lane = ? WHERE lane = CAST(? AS TEXT)", (lane, raw)
+            ).rowcount
+            log.warning(
+                "%d recipient(s) in a lane named %r, not UTF-8: moved to %r", changed, raw, lane
+            )
+        lanes[lane] = None
+    return list(lanes)
 
 
 def lane_walk_sql(skip: str = "") -> str:

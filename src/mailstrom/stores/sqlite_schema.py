@@ -8,6 +8,7 @@ exactly; the API uses aware UTC datetimes.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -26,6 +27,15 @@ from mailstrom.status import (
     SMTPReply,
 )
 from mailstrom.stores.base import reason_class_of
+
+decode_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+"""How every SQLite connection of mailstrom reads TEXT (its ``text_factory``): UTF-8, and
+an octet that is not (a value written by another tool or version, bit rot) as a lone
+surrogate, as ``os.fsdecode`` keeps it. The default decoder raised for one such value and
+failed the whole statement: one bad row stopped every lease, listing and view of its
+table. Nothing mailstrom writes holds a lone surrogate (the driver refuses to bind one),
+so a row holding one is known for unreadable (:func:`~mailstrom.stores.row_checks.checked_text`)
+and written back as it is it is refused, never stored changed."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
