@@ -63,7 +63,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -601,13 +601,16 @@ class SQLiteStore:
             raise StoreRefusedData(f"SQLite store {self._path} refused a value: {exc}") from exc
         finally:
             if conn is not None:
-                if conn.in_transaction:  # a failed COMMIT; never pool a dirty connection
-                    conn.rollback()
+                # Still in a transaction: a COMMIT and its ROLLBACK failed. Never pooled
+                # (it may also still commit without fsync, see _write): closing it rolls
+                # the transaction back, and the next checkout makes a new one.
                 with self._pool_lock:
-                    if self._closed:
-                        conn.close()
-                    else:
+                    pooled = not (self._closed or conn.in_transaction)
+                    if pooled:
                         self._idle.append(conn)
+                if not pooled:
+                    with suppress(sqlite3.Error):
+                        conn.close()
 
     @contextmanager
     def _write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
@@ -630,10 +633,15 @@ class SQLiteStore:
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                        # The first failure is the one to report; a connection whose
+                        # ROLLBACK failed too is not pooled (_connection).
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
                     raise
             finally:
-                if not fsync:
+                # Inside a transaction SQLite refuses to change the setting ("Safety
+                # level may not be changed"), which hid the failure being raised.
+                if not fsync and not conn.in_transaction:
                     conn.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
@@ -832,8 +840,9 @@ class SQLiteStore:
                     )
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                if conn.in_transaction:  # as in _write
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 for request in batch:
                     request.ids.clear()  # rolled back: these ids do not exist
                 raise
