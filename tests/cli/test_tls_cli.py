@@ -15,6 +15,8 @@ from tests.support.certs import self_signed, server_context, spki_sha256
 
 def test_send_require_tls_fails_with_5_7_30_without_requiretls(mail_env: MailEnv) -> None:
     cli = mail_env.cli
+    cli.env["MAILSTROM_DNS_DNSSEC"] = "true"  # the MX host is vouched for: validated
+    mail_env.dns.authenticated(everything=True)
     result = cli(
         "send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x",
         "--require-tls", "--wait", "--json",
@@ -22,6 +24,7 @@ def test_send_require_tls_fails_with_5_7_30_without_requiretls(mail_env: MailEnv
     assert result.code == 69, result.err
     [bob] = result.json()["recipients"]
     assert bob["state"] == "failed" and bob["reply"]["enhanced"] == "5.7.30"
+    assert "does not support" in bob["reply"]["text"]
     assert mail_env.mx.messages == []
 
 
@@ -30,6 +33,9 @@ def test_send_require_tls_is_honoured_by_a_server_offering_it(
 ) -> None:
     mx = smtp_server(requiretls=True)
     mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+    # REQUIRETLS takes only an MX host that DNSSEC (or MTA-STS) vouches for.
+    mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+    mail_env.dns.authenticated(everything=True)
     result = mail_env.cli(
         "send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x",
         "--require-tls", "--wait", "--json",
@@ -39,6 +45,24 @@ def test_send_require_tls_is_honoured_by_a_server_offering_it(
     assert "REQUIRETLS" in received.mail_options and received.tls
     [bob] = result.json()["recipients"]
     assert bob["history"][-1]["tls_policy"] == "verify"
+
+
+def test_send_require_tls_refuses_an_mx_host_dnssec_does_not_vouch_for(
+    mail_env: MailEnv, smtp_server: Any
+) -> None:
+    """RFC 8689 §4.2.1: without validated MX records (nor DANE, nor MTA-STS) the MX host
+    may be an attacker's, whatever certificate it shows: 5.7.30, nothing sent."""
+    mx = smtp_server(requiretls=True)
+    mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+    result = mail_env.cli(
+        "send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x",
+        "--require-tls", "--wait", "--json",
+    )  # fmt: skip
+    assert result.code == 69, result.err
+    [bob] = result.json()["recipients"]
+    assert bob["state"] == "failed" and bob["reply"]["enhanced"] == "5.7.30"
+    assert "DNSSEC" in bob["reply"]["text"]
+    assert mx.connections == 0
 
 
 @pytest.fixture

@@ -53,7 +53,9 @@ def mailstrom(
         options: dict[str, Any] = {
             "helo_name": "client.test",
             "smtp_port": port,
-            "dns": dns_server.dns_config,
+            # Trusted to validate: REQUIRETLS takes only an MX host that DNSSEC (or
+            # MTA-STS) vouches for (RFC 8689 §4.2.1).
+            "dns": dataclasses.replace(dns_server.dns_config, dnssec=True),
             "allow_loopback": True,
             "timeouts": FAST,
             "poll_interval": 0.5,
@@ -86,6 +88,7 @@ def route(dns_server: LoopbackDNS) -> Callable[[str], None]:
     def set_route(ip: str) -> None:
         dns_server.mx("example.org", [(10, "mx.test")])
         dns_server.a("mx.test", ip)
+        dns_server.authenticated(everything=True)
 
     return set_route
 
@@ -141,6 +144,7 @@ def test_requiretls_not_offered_by_the_first_mx_goes_to_the_next(
     dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
     dns_server.a("mx1.test", primary.host)
     dns_server.a("mx2.test", backup.host)
+    dns_server.authenticated(everything=True)
     ms = mailstrom(primary.port)
     mid = ms.send_email(secured("bob@example.org"))
     plain = ms.send_email(Email(from_="a@sender.test", to=["ann@example.org"], text="x"))
@@ -194,7 +198,7 @@ def test_tls_required_no_delivers_where_dane_would_defer(
     dns_server.a("mx.test", mx.host)
     dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(other)))  # no match
     dns_server.authenticated(everything=True)
-    ms = mailstrom(mx.port, dns=dataclasses.replace(dns_server.dns_config, dnssec=True))
+    ms = mailstrom(mx.port)
     relaxed = ms.send_email(
         Email(
             from_="a@sender.test",
@@ -224,6 +228,7 @@ def test_the_bounce_of_a_requiretls_message_requires_tls_and_returns_headers_onl
     dns_server.a("mx.test", mx.host)
     for domain in ("example.org", "sender.test"):
         dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.authenticated(everything=True)
     ms = mailstrom(mx.port)
     ms.send_email(secured("nobody@example.org", dsn=DSN(ret=Return.FULL)))
     results.wait_final({"nobody@example.org", "a@sender.test"})

@@ -33,7 +33,9 @@ DANE = TLSRequirement(
     source=PolicySource.DANE,
     tlsa=(TLSARecord(usage=3, selector=1, matching=1, data=b"x" * 32),),
 )
-STS = TLSRequirement(mode=TLSMode.VERIFY, source=PolicySource.MTA_STS, detail="enforce")
+STS = TLSRequirement(
+    mode=TLSMode.VERIFY, source=PolicySource.MTA_STS, detail="enforce", mx_listed=True
+)
 
 
 def config(**kwargs: object) -> Config:
@@ -122,10 +124,68 @@ async def test_a_relay_decides_alone() -> None:
 
 
 async def test_requiretls_upgrades_an_unauthenticated_policy_to_verify() -> None:
-    need = await TLSDecider(config()).requirement(
-        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    cfg = config(dns=DNSConfig(dnssec=True))
+    need = await TLSDecider(cfg, sources=[Source("dane", None)]).requirement(
+        Destination(
+            domain="example.org", mx_host="mx.example.org", mx_secure=True, require_tls=True
+        )
     )
     assert need.mode is TLSMode.VERIFY and "REQUIRETLS" in need.reason
+
+
+@pytest.mark.parametrize(
+    ("cfg", "mx_secure"),
+    [
+        (config(), False),
+        (config(tls=TLSPolicy.VERIFY), False),
+        (config(tls_domains={"example.org": "verify"}), False),
+        # The AD bit of a resolver not trusted to validate proves nothing.
+        (config(), True),
+    ],
+)
+async def test_requiretls_refuses_an_mx_host_neither_dnssec_nor_mta_sts_vouches_for(
+    cfg: Config, mx_secure: bool
+) -> None:
+    """RFC 8689 §4.2.1: the MX host must come from DNSSEC-validated records or be listed
+    by an MTA-STS policy; a certificate valid for a name an attacker put in the MX
+    answer proves nothing."""
+    with pytest.raises(RequireTLSFailure) as caught:
+        await TLSDecider(cfg).requirement(
+            Destination(
+                domain="example.org",
+                mx_host="mx.example.org",
+                mx_secure=mx_secure,
+                require_tls=True,
+            )
+        )
+    assert caught.value.enhanced == "5.7.30" and "DNSSEC" in caught.value.text
+
+
+async def test_requiretls_takes_an_mx_host_an_mta_sts_enforce_policy_lists() -> None:
+    decider = TLSDecider(config(), sources=[Source("mta-sts", STS)])
+    need = await decider.requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    )
+    assert need is STS
+
+
+async def test_requiretls_refuses_an_mx_host_a_testing_policy_does_not_list() -> None:
+    unlisted = TLSRequirement(
+        mode=TLSMode.VERIFY, source=PolicySource.MTA_STS, detail="testing"
+    )  # what the hook answers under tls = "verify" for a host matching no pattern
+    decider = TLSDecider(config(tls=TLSPolicy.VERIFY), sources=[Source("mta-sts", unlisted)])
+    with pytest.raises(RequireTLSFailure):
+        await decider.requirement(
+            Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+        )
+
+
+async def test_requiretls_through_a_relay_verifies_the_relay() -> None:
+    cfg = config(relay=RelayConfig(host="smtp.example.net", verify=False))
+    need = await TLSDecider(cfg).requirement(
+        Destination(domain="example.org", mx_host="smtp.example.net", require_tls=True)
+    )
+    assert need.mode is TLSMode.VERIFY and need.source is PolicySource.RELAY
 
 
 async def test_requiretls_keeps_dane_and_ignores_tls_required_no() -> None:
@@ -153,8 +213,11 @@ async def test_requiretls_to_a_none_domain_fails_permanently() -> None:
 async def test_requiretls_is_never_sent_in_plaintext_for_remembered_broken_tls() -> None:
     broken = BrokenTLS(60.0)
     broken.note("mx.example.org", "handshake failed")
-    need = await TLSDecider(config(), broken=broken).requirement(
-        Destination(domain="example.org", mx_host="mx.example.org", require_tls=True)
+    cfg = config(dns=DNSConfig(dnssec=True))
+    need = await TLSDecider(cfg, sources=[Source("dane", None)], broken=broken).requirement(
+        Destination(
+            domain="example.org", mx_host="mx.example.org", mx_secure=True, require_tls=True
+        )
     )
     assert need.mode is TLSMode.VERIFY
 

@@ -122,9 +122,10 @@ class Email:
     notification; robots then know not to reply."""
     require_tls: bool = False
     """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
-    MTA-STS (enforce) or certificate verification, with ``REQUIRETLS`` on MAIL FROM; a
-    server that does not offer REQUIRETLS, or a destination whose policy allows no
-    authentication, fails the recipient with 5.7.30."""
+    MTA-STS (enforce) or certificate verification, with ``REQUIRETLS`` on MAIL FROM, to
+    an MX host that DANE, MTA-STS or DNSSEC-validated MX records vouch for (RFC 8689
+    §4.2.1); a server that does not offer REQUIRETLS, an MX host nothing vouches for, or a
+    destination whose policy allows no authentication, fails the recipient with 5.7.30."""
     tags: Sequence[str] = ()
     """Labels the queue keeps with the message (never sent): shown by ``mailstrom status``,
     copied into delivery events, filterable (``mailstrom queue --tag``). At most 20, each

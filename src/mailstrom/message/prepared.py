@@ -40,7 +40,8 @@ class PreparedMessage:
     domain); None when it is signed or DKIM is not configured."""
     require_tls: bool = False
     """REQUIRETLS (RFC 8689): deliver only over TLS to a server authenticated by DANE,
-    MTA-STS or certificate verification that offers REQUIRETLS; otherwise fail (5.7.30)."""
+    MTA-STS or certificate verification that offers REQUIRETLS, at an MX host DANE, MTA-STS
+    or DNSSEC-validated MX records vouch for; otherwise fail (5.7.30)."""
     attributes: QueueAttributes = NO_ATTRIBUTES
     """Tags, metadata, priority lane, schedule, expiry and idempotency key: what the queue
     keeps beside the bytes (see :mod:`mailstrom.message.attributes`)."""

@@ -105,6 +105,7 @@ class MTASTSHook:
                 source=Source.MTA_STS,
                 detail=policy.mode.value,
                 reason=reason,
+                mx_listed=True,
             )
         # Testing: try what enforce would ask, and deliver as before when it fails —
         # except a REQUIRETLS message, which never goes without verified TLS (RFC 8689).
@@ -113,6 +114,7 @@ class MTASTSHook:
             source=Source.MTA_STS,
             detail="testing",
             reason=reason,
+            mx_listed=True,
             fallback=None if destination.require_tls else default.mode,
         )
 

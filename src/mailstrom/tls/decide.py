@@ -220,14 +220,18 @@ class TLSDecider:
         refusal), and :class:`~mailstrom.errors.RequireTLSFailure` (5.7.30) for a
         REQUIRETLS message to a destination whose policy is ``none``.
 
-        For REQUIRETLS (RFC 8689 §4.2.1) a requirement that does not authenticate the
-        server (opportunistic, required) becomes ``verify``: the certificate must be valid
-        for the MX host name when neither DANE nor MTA-STS says more; remembered broken
-        TLS never turns it into plaintext."""
+        For REQUIRETLS (RFC 8689 §4.2.1) the MX host itself must be vouched for: by DANE,
+        by the domain's MTA-STS policy listing it, or by MX records (an implicit MX's
+        address records) that DNSSEC validated (``dns.dnssec``); a relay is the
+        operator's own choice. Otherwise a certificate valid for the MX host name proves
+        nothing (whoever forged the MX answer named a host of theirs) and the message fails
+        with 5.7.30. Then a requirement that does not authenticate the server
+        (opportunistic, required) becomes ``verify``: the certificate must be valid for the
+        MX host name; remembered broken TLS never turns it into plaintext."""
         chosen = await self._decide(destination)
         if not destination.require_tls:
             return self._remembered(destination, chosen)
-        if chosen.authenticated:
+        if chosen.mode is TLSMode.DANE:
             return chosen
         if chosen.mode is TLSMode.NONE:
             raise RequireTLSFailure(
@@ -237,6 +241,18 @@ class TLSDecider:
                 enhanced="5.7.30",
                 host=destination.mx_host,
             )
+        if not self._mx_vouched_for(destination, chosen):
+            raise RequireTLSFailure(
+                f"REQUIRETLS: MX host {destination.mx_host} of {destination.domain} comes "
+                "from DNS records that DNSSEC did not validate, and neither DANE nor an "
+                "MTA-STS policy vouches for it (RFC 8689 §4.2.1); the message must not "
+                "go to a host an attacker could have named",
+                code=550,
+                enhanced="5.7.30",
+                host=destination.mx_host,
+            )
+        if chosen.authenticated:
+            return chosen
         return TLSRequirement(
             mode=TLSMode.VERIFY,
             source=chosen.source,
@@ -244,6 +260,16 @@ class TLSDecider:
             f"(instead of {chosen.label}: {chosen.reason})",
             detail=chosen.detail,
         )
+
+    def _mx_vouched_for(self, destination: Destination, chosen: TLSRequirement) -> bool:
+        """Whether the MX host is known to be the domain's, not only what a DNS answer
+        said (RFC 8689 §4.2.1): DNSSEC-validated MX records from a resolver trusted to
+        validate, the domain's MTA-STS policy listing it, or the relay."""
+        if chosen.source is PolicySource.RELAY:
+            return True
+        if chosen.source is PolicySource.MTA_STS and chosen.mx_listed:
+            return True
+        return self._config.dns.dnssec and destination.mx_secure
 
     async def _decide(self, destination: Destination) -> TLSRequirement:
         if self._relay is not None:

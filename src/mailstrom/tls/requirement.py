@@ -103,6 +103,9 @@ class TLSRequirement:
     reason: str = ""
     tlsa: tuple[TLSARecord, ...] = ()
     detail: str = ""
+    mx_listed: bool = False
+    """The domain's MTA-STS policy (fetched over authenticated HTTPS) lists the MX host: the
+    host is the domain's own, not only what a DNS answer said (RFC 8689 §4.2.1)."""
     fallback: TLSMode | None = None
     """The mode to connect in again, on a new connection, when a connection in ``mode``
     fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
