@@ -237,3 +237,22 @@ def test_the_bounce_of_a_requiretls_message_requires_tls_and_returns_headers_onl
     assert notice.tls and "REQUIRETLS" in notice.mail_options
     assert b"text/rfc822-headers" in notice.content
     assert b"Hello" not in notice.content  # the body stays out
+
+
+def test_requiretls_is_deferred_when_an_mx_host_that_may_offer_it_was_unreachable(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    """RFC 8689 §4.2.1: the message fails with 5.7.30 when no MX host offers REQUIRETLS.
+    A primary that could not be reached this time said nothing about it: the recipient
+    waits for it, however the last host tried answered."""
+    backup = smtp_server()  # TLS with a valid certificate, but no REQUIRETLS
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", "127.0.0.3")  # nobody listens there: connection refused
+    dns_server.a("mx2.test", backup.host)
+    dns_server.authenticated(everything=True)
+    ms = mailstrom(backup.port)
+    mid = ms.send_email(secured("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert backup.messages == []

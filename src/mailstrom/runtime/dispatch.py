@@ -411,6 +411,9 @@ class Dispatcher:
         )
         # Where the attempt that ended in last_error went, for the recipients' history.
         last_where = Where(host=last_error.host)
+        # The last failure that says nothing about REQUIRETLS (a host not reached, a
+        # session that broke...): such a host may offer it (RFC 8689 §4.2.1).
+        unasked: tuple[DeliveryError, Where] | None = None
         index = 0
         opener = self._opener
         # The rule's own bound on sockets, besides the worker's (see runtime.opener).
@@ -429,6 +432,8 @@ class Dispatcher:
                 exc.host = exc.host or host
                 last_error = exc
                 last_where = Where(host=exc.host)  # no connection was made
+                if not isinstance(exc, RequireTLSFailure):
+                    unasked = (last_error, last_where)
                 index += 1
                 continue
             key = opener.key(host, ip, need, budget=budget)
@@ -460,6 +465,7 @@ class Dispatcher:
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     last_error = exc
                     last_where = Where(exc.host, ip, opener.port, tls_policy=need.label)
+                    unasked = (last_error, last_where)
                     if shape is not None and await self._throttled_connecting(
                         dest, shape, exc, last_where
                     ):
@@ -504,6 +510,8 @@ class Dispatcher:
             opener.close_later(conn)
             last_error = broke
             last_where = Where.of(conn, need)
+            if not isinstance(broke, RequireTLSFailure):
+                unasked = (last_error, last_where)
             # A connection that took messages before it ended (a server's limit of
             # messages per connection) says nothing against this address: the rest goes on
             # a new one. Each such round finishes an item, so the loop ends. Nor is a stale
@@ -517,6 +525,10 @@ class Dispatcher:
             # run with fewer sessions from now on.
             dest.limit = max(1, dest.sessions - 1)
             return
+        if isinstance(last_error, RequireTLSFailure) and unasked is not None:
+            # 5.7.30 only when no MX host offers REQUIRETLS: one that could not be asked
+            # this time may, so the recipients wait for it (RFC 8689 §4.2.1).
+            last_error, last_where = unasked
         if isinstance(last_error, PermanentFailure) and not isinstance(
             last_error, RequireTLSFailure
         ):
