@@ -184,12 +184,14 @@ def test_requiretls_with_an_unverifiable_certificate_is_not_sent(
     assert mx.messages == []
 
 
+@pytest.mark.parametrize("level", ["opportunistic", "dane"])
 def test_tls_required_no_delivers_where_dane_would_defer(
     dns_server: LoopbackDNS,
     receivers: Any,
     mailstrom: MakeMailstrom,
     results: Results,
     tmp_path: Path,
+    level: str,
 ) -> None:
     cert, key = self_signed("mx.test")
     other, _ = self_signed("mx.test")
@@ -198,7 +200,7 @@ def test_tls_required_no_delivers_where_dane_would_defer(
     dns_server.a("mx.test", mx.host)
     dns_server.tlsa("_25._tcp.mx.test", (3, 1, 1, spki_sha256(other)))  # no match
     dns_server.authenticated(everything=True)
-    ms = mailstrom(mx.port)
+    ms = mailstrom(mx.port, tls=level)
     relaxed = ms.send_email(
         Email(
             from_="a@sender.test",

@@ -90,6 +90,19 @@ async def test_tls_required_no_skips_the_sources() -> None:
     assert dane.calls == []
 
 
+async def test_tls_required_no_skips_dane_under_the_global_dane_level() -> None:
+    """``tls = "dane"`` is DANE where the recipient publishes it, as ``dns.dnssec`` alone
+    is: ``TLS-Required: No`` (RFC 8689 §5) ignores it alike (TLS reports rely on it)."""
+    dane = Source("dane", DANE)
+    decider = TLSDecider(config(tls=TLSPolicy.DANE, dns=DNSConfig(dnssec=True)), sources=[dane])
+    need = await decider.requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", tls_optional=True)
+    )
+    assert need.mode is TLSMode.OPPORTUNISTIC
+    assert need.source is PolicySource.TLS_REQUIRED_NO
+    assert dane.calls == []
+
+
 async def test_dane_only_without_tlsa_refuses_the_host() -> None:
     cfg = config(dns=DNSConfig(dnssec=True), tls_domains={"*.example": "dane-only"})
     decider = TLSDecider(cfg, sources=[Source("dane", None)])

@@ -14,7 +14,9 @@ opener. The decision, in order:
    decides: DANE first (RFC 7672 §1.3: DANE wins over MTA-STS for a host that has TLSA
    records), then MTA-STS, then any other source given. A message carrying
    ``TLS-Required: No`` (RFC 8689 §4) skips them.
-4. Otherwise the global ``Config.tls`` applies.
+4. Otherwise the global ``Config.tls`` applies. Its levels ``dane`` and ``dane-only`` ask
+   the DANE source first; ``TLS-Required: No`` skips that for ``dane`` (then
+   opportunistic), not for ``dane-only`` (the operator's own demand).
 
 An opportunistic answer becomes plaintext when the host's TLS handshake failed recently
 (:class:`BrokenTLS`, shared through the store); no other mode ever does.
@@ -282,11 +284,16 @@ class TLSDecider:
                 chosen = await self._dane_level(destination, chosen, level)
             return chosen
         default = self._default
-        if self._config.tls in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
-            default = await self._dane_level(destination, default, self._config.tls)
+        tls_optional = destination.tls_optional and not destination.require_tls
+        # TLS-Required: No ignores the recipient's DANE records under the global "dane"
+        # level as it does when DANE is a source; "dane-only" is the operator's own
+        # demand, like a global "verify".
+        level = self._config.tls
+        if level is TLSPolicy.DANE_ONLY or (level is TLSPolicy.DANE and not tls_optional):
+            default = await self._dane_level(destination, default, level)
             if default.source is PolicySource.DANE:
                 return default
-        if destination.tls_optional and not destination.require_tls:
+        if tls_optional:
             if self._sources:
                 return TLSRequirement(
                     mode=default.mode,
