@@ -441,3 +441,29 @@ def test_testing_mode_counts_an_unlisted_mx_remembered_broken_as_the_policys_fai
         (PolicyType.STS, "validation-failure", "mx-not-listed-in-policy")
     }
     assert failures(store) == {"validation-failure": 2}
+
+
+def test_enforce_still_applies_when_the_tlsa_records_are_all_unusable(
+    dns_server: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[ReceivingServer],
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    """Validated TLSA records of PKIX usages only (unusable for SMTP) make TLS mandatory
+    but authenticate nothing: the domain's enforce policy still wants a certificate valid
+    for the MX host, and a self-signed one is not (RFC 8461 §2, RFC 7672 §2.2)."""
+    from tests.support.certs import self_signed, server_context, spki_sha256
+
+    cert, key = self_signed("mx1.test")
+    mx = serve(servers, server_context(tmp_path, cert, key), name="mx1.test")
+    dns_server.mx("example.org", [(10, "mx1.test")])
+    dns_server.a("mx1.test", "127.0.0.1")
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.1")
+    dns_server.tlsa("_25._tcp.mx1.test", (1, 1, 1, spki_sha256(cert)))  # PKIX-EE
+    dns_server.authenticated("example.org", "mx1.test", "_25._tcp.mx1.test")
+    status, _ = send(dns_server, https, mx.port, client_tls_context, dnssec=True)
+    assert status.state is RecipientState.DEFERRED, status
+    assert status.history[-1].tls_policy == "mta-sts enforce"
+    assert mx.received == []

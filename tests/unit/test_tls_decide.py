@@ -73,6 +73,30 @@ async def test_mta_sts_decides_when_dane_has_nothing_to_say() -> None:
     assert sts.calls[0][1].mode is TLSMode.OPPORTUNISTIC
 
 
+UNUSABLE = TLSRequirement(mode=TLSMode.REQUIRED, source=PolicySource.DANE)
+"""What DANE says of a host whose validated TLSA records are all unusable (PKIX usages
+0 and 1, a common mistake): TLS, unauthenticated (RFC 7672 §2.2)."""
+
+
+@pytest.mark.parametrize("level", [TLSPolicy.OPPORTUNISTIC, TLSPolicy.DANE])
+async def test_dane_without_usable_records_leaves_mta_sts_enforce_in_force(
+    level: TLSPolicy,
+) -> None:
+    """No DANE validation took place, so none fails that MTA-STS could override (RFC
+    8461 §2): the domain's enforce policy still wants a verified certificate (and a
+    listed MX host), with TLS required by DANE as the floor the policy is told of."""
+    dane, sts = Source("dane", UNUSABLE), Source("mta-sts", STS)
+    decider = TLSDecider(config(tls=level, dns=DNSConfig(dnssec=True)), sources=[dane, sts])
+    need = await decider.requirement(DEST)
+    assert need is STS
+    assert sts.calls[0][1] is UNUSABLE
+
+
+async def test_dane_without_usable_records_decides_when_mta_sts_has_nothing_to_say() -> None:
+    decider = TLSDecider(config(), sources=[Source("dane", UNUSABLE), Source("mta-sts", None)])
+    assert await decider.requirement(DEST) is UNUSABLE
+
+
 async def test_for_config_puts_the_mta_sts_hook_after_dane() -> None:
     sts = Source("mta-sts", STS)
     decider = TLSDecider.for_config(config(), mta_sts=sts, dane=Source("dane", None))

@@ -12,8 +12,10 @@ opener. The decision, in order:
    TLSA records).
 3. Otherwise the **policy sources** are asked in order, and the first that answers
    decides: DANE first (RFC 7672 §1.3: DANE wins over MTA-STS for a host that has TLSA
-   records), then MTA-STS, then any other source given. A message carrying
-   ``TLS-Required: No`` (RFC 8689 §4) skips them.
+   records), then MTA-STS, then any other source given. DANE's answer for a host whose
+   TLSA records are all unusable (TLS required, unauthenticated) does not end the
+   search: it is the default the later sources are given, and MTA-STS still applies.
+   A message carrying ``TLS-Required: No`` (RFC 8689 §4) skips them.
 4. Otherwise the global ``Config.tls`` applies. Its levels ``dane`` and ``dane-only`` ask
    the DANE source first; ``TLS-Required: No`` skips that for ``dane`` (then
    opportunistic), not for ``dane-only`` (the operator's own demand).
@@ -291,7 +293,7 @@ class TLSDecider:
         level = self._config.tls
         if level is TLSPolicy.DANE_ONLY or (level is TLSPolicy.DANE and not tls_optional):
             default = await self._dane_level(destination, default, level)
-            if default.source is PolicySource.DANE:
+            if default.mode is TLSMode.DANE:
                 return default
         if tls_optional:
             if self._sources:
@@ -303,8 +305,14 @@ class TLSDecider:
             return default
         for source in self._sources:
             answer = await source.requirement(destination, default)
-            if answer is not None:
+            if answer is None:
+                continue
+            if answer.source is not PolicySource.DANE or answer.mode is TLSMode.DANE:
                 return answer
+            # DANE without usable records: TLS is required but nothing authenticated, so
+            # no DANE validation fails that MTA-STS could override (RFC 8461 §2). The
+            # sources after it still apply, with this as the floor they are told of.
+            default = answer
         return default
 
     async def _dane_level(
