@@ -268,6 +268,10 @@ async def test_requiretls_is_never_sent_in_plaintext_for_remembered_broken_tls()
         (b"Subject: x\r\nX-TLS-Required: No\r\n\r\nbody\r\n", False),
         (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),
         (b"Subject: TLS-Required: No\r\n\r\n", False),
+        # RFC 8689 §5: "TLS-Required:" [FWS] "No" CRLF; FWS may fold the line.
+        (b"Subject: x\r\nTLS-Required:\r\n No\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nTLS-Required: \r\n\tNo\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nTLS-Required:\r\nNo: x\r\n\r\nbody\r\n", False),
     ],
 )
 def test_tls_required_no_is_read_from_the_header_only(data: bytes, expected: bool) -> None:

@@ -8,7 +8,9 @@ MAX_HEADER_SCAN = 256 * 1024
 """Octets of a message looked at for its header block; a header field further down is
 not honoured (the limit only bounds the work a huge header could cause)."""
 
-_TLS_REQUIRED_NO = re.compile(rb"(?im)^tls-required:[ \t]*no[ \t]*\r?$")
+# RFC 8689 §5: "TLS-Required:" [FWS] "No" CRLF, where FWS may fold the line (RFC 5322
+# §3.2.2: white space, a line break, then white space again).
+_TLS_REQUIRED_NO = re.compile(rb"(?im)^tls-required:[ \t]*(?:\r\n[ \t]+)?no[ \t]*\r?$")
 
 
 def tls_required_no(data: bytes) -> bool:
