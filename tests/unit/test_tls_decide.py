@@ -127,6 +127,19 @@ async def test_tls_required_no_skips_dane_under_the_global_dane_level() -> None:
     assert dane.calls == []
 
 
+async def test_tls_required_no_skips_dane_under_a_dane_table_entry() -> None:
+    """A ``tls.domains`` entry ``dane`` asks for the recipient's DANE just as the global
+    level does: ``TLS-Required: No`` ignores it alike."""
+    dane = Source("dane", DANE)
+    cfg = config(dns=DNSConfig(dnssec=True), tls_domains={"example.org": "dane"})
+    need = await TLSDecider(cfg, sources=[dane]).requirement(
+        Destination(domain="example.org", mx_host="mx.example.org", tls_optional=True)
+    )
+    assert need.mode is TLSMode.OPPORTUNISTIC
+    assert need.source is PolicySource.TLS_REQUIRED_NO and "example.org = dane" in need.reason
+    assert dane.calls == []
+
+
 async def test_dane_only_without_tlsa_refuses_the_host() -> None:
     cfg = config(dns=DNSConfig(dnssec=True), tls_domains={"*.example": "dane-only"})
     decider = TLSDecider(cfg, sources=[Source("dane", None)])

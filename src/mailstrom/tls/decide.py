@@ -9,7 +9,7 @@ opener. The decision, in order:
 2. An entry of the per-domain table (``Config.tls_domains``) is the operator's word:
    ``none``, ``opportunistic``, ``required`` and ``verify`` apply as they are; ``dane``
    and ``dane-only`` ask the DANE source (``dane-only`` refuses a host without usable
-   TLSA records).
+   TLSA records; ``TLS-Required: No`` skips DANE under ``dane``, then opportunistic).
 3. Otherwise the **policy sources** are asked in order, and the first that answers
    decides: DANE first (RFC 7672 §1.3: DANE wins over MTA-STS for a host that has TLSA
    records), then MTA-STS, then any other source given. DANE's answer for a host whose
@@ -278,18 +278,24 @@ class TLSDecider:
     async def _decide(self, destination: Destination) -> TLSRequirement:
         if self._relay is not None:
             return self._relay
+        tls_optional = destination.tls_optional and not destination.require_tls
+        # TLS-Required: No ignores the recipient's DANE records under the level "dane"
+        # (an entry of the table, or the global one) as it does when DANE is a source;
+        # "dane-only" is the operator's own demand, like "verify".
         entry = self._table.match(destination.domain)
         if entry is not None:
             pattern, level = entry
             chosen = self._level(level, PolicySource.TABLE, f"tls.domains: {pattern} = {level}")
+            if level is TLSPolicy.DANE and tls_optional:
+                return TLSRequirement(
+                    mode=chosen.mode,
+                    source=PolicySource.TLS_REQUIRED_NO,
+                    reason=f"TLS-Required: No (RFC 8689 §4): DANE not applied ({chosen.reason})",
+                )
             if level in (TLSPolicy.DANE, TLSPolicy.DANE_ONLY):
                 chosen = await self._dane_level(destination, chosen, level)
             return chosen
         default = self._default
-        tls_optional = destination.tls_optional and not destination.require_tls
-        # TLS-Required: No ignores the recipient's DANE records under the global "dane"
-        # level as it does when DANE is a source; "dane-only" is the operator's own
-        # demand, like a global "verify".
         level = self._config.tls
         if level is TLSPolicy.DANE_ONLY or (level is TLSPolicy.DANE and not tls_optional):
             default = await self._dane_level(destination, default, level)
