@@ -293,3 +293,23 @@ def test_a_message_past_its_expiry_is_reported_as_delivery_time_expired(
     [r] = report.recipients
     assert (r.final_recipient, r.action, r.status) == ("slow@example.org", "failed", "4.4.7")
     assert r.diagnostic == "expired"
+
+
+def test_a_refusal_of_mailstroms_own_is_no_smtp_diagnostic(
+    mailstrom: Make, mx: Any, results: Results, dns_server: LoopbackDNS
+) -> None:
+    """Was: ``Diagnostic-Code: smtp; 556 5.1.10 ... (null MX)``, though no SMTP server
+    said it: the worker decided it from DNS (as it decides SIZE, SMTPUTF8 and REQUIRETLS
+    refusals with a code). RFC 3464 §2.3.6: the type names the kind of diagnostic; an
+    ``smtp`` one is a server's reply, and readers take its code as one."""
+    dns_server.null_mx("nomail.test")
+    ms = mailstrom(bounce_notices=True)
+    ms.send_email(hello("eve@nomail.test"))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert b"\r\nDiagnostic-Code: X-Mailstrom; 556 5.1.10 domain nomail.test" in notice.content
+    assert b"Remote-MTA" not in notice.content
+    report = parse_report(notice.content)
+    assert report is not None
+    [r] = report.recipients
+    assert (r.status, r.diagnostic_type, r.diagnostic_code) == ("5.1.10", "x-mailstrom", None)

@@ -44,6 +44,9 @@ class FailedRecipient:
     """RFC 3463 code (see :func:`status_of`)."""
     diagnostic: str
     """The reply (``550 5.1.1 ...``) or the local reason."""
+    own: bool = False
+    """``diagnostic`` is mailstrom's own even if it looks like a reply (a refusal it made
+    with a code: SIZE, SMTPUTF8, null MX), not a server's."""
     remote_mta: str | None
     at: datetime
 
@@ -189,7 +192,7 @@ def render_notice(
             f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {_line(r.status)}",
             *([f"Remote-MTA: dns; {_line(r.remote_mta)}"] if r.remote_mta else []),
-            f"Diagnostic-Code: {_diagnostic(r.diagnostic)}",
+            f"Diagnostic-Code: {_diagnostic(r.diagnostic, own=r.own)}",
             f"Last-Attempt-Date: {format_datetime(r.at)}",
             *([f"Will-Retry-Until: {format_datetime(retry_until)}"] if retry_until else []),
         ]
@@ -224,9 +227,11 @@ def _returned_type(returned: bytes, *, full: bool) -> list[str]:
     ]
 
 
-def _diagnostic(text: str) -> str:
-    """``smtp; <reply>`` for a server's reply, ``X-Mailstrom; <reason>`` for ours."""
-    reply = text[:3].isdigit() and text[3:4] in (" ", "-", "")
+def _diagnostic(text: str, *, own: bool = False) -> str:
+    """``smtp; <reply>`` for a server's reply, ``X-Mailstrom; <reason>`` for ours (``own``:
+    a refusal of ours written as a reply; ``smtp`` says a server sent it, RFC 3464
+    §2.3.6)."""
+    reply = not own and text[:3].isdigit() and text[3:4] in (" ", "-", "")
     return f"{'smtp' if reply else 'X-Mailstrom'}; {_line(text)}"
 
 

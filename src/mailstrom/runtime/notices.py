@@ -66,6 +66,7 @@ def notices_for(
                 expired=attempt.reason_class is ReasonClass.EXPIRED,
             ),
             diagnostic=attempt.reason,
+            own=result.own_reply,
             remote_mta=attempt.mx_host,
             at=attempt.at,
         )

@@ -273,9 +273,19 @@ class Outcomes:
         error = None if reply is not None else exc.text
         reason = error_reason(exc, reply)
         hard = self._hard(outcome, exc.code, exc.enhanced)
+        own = reply is not None and exc.reply is None
         return [
             self._result(
-                item, r, outcome, started, where, reply=reply, error=error, reason=reason, hard=hard
+                item,
+                r,
+                outcome,
+                started,
+                where,
+                reply=reply,
+                error=error,
+                reason=reason,
+                hard=hard,
+                own_reply=own,
             )
             for r in (item.recipients if recipients is None else recipients)
         ]
@@ -326,6 +336,7 @@ class Outcomes:
         uncertain: bool = False,
         reason: ReasonClass | None = None,
         hard: bool = False,
+        own_reply: bool = False,
     ) -> RecipientResult:
         now = self._clock()
         attempt = Attempt(
@@ -360,6 +371,7 @@ class Outcomes:
             size=len(item.data),
             envelope_from=item.envelope_from,
             hard_bounce=hard and state is RecipientState.FAILED,
+            own_reply=own_reply,
         )
 
     def _decide(

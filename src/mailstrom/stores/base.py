@@ -365,6 +365,11 @@ class RecipientResult:
     """The message's size in octets as stored, for the attempt log. Stores do not read it."""
     envelope_from: str | None = None
     """The message's envelope sender, for the attempt log. Stores do not read it."""
+    own_reply: bool = False
+    """The attempt's reply is one mailstrom made itself, not a server's: a refusal with a
+    code decided before or without any server's word (SIZE, SMTPUTF8, REQUIRETLS, null
+    MX). A notice gives it as an ``X-Mailstrom`` diagnostic, not an ``smtp`` one (RFC 3464
+    §2.3.6). Stores do not read it."""
     hard_bounce: bool = False
     """The failure puts the address on the suppression list (a permanent refusal of a
     class in ``Config.suppress_on``); the worker adds it once the result is recorded.
