@@ -116,6 +116,7 @@ def test_a_scheduled_messages_retry_window_starts_at_its_send_at(store: Store) -
     store.record(results_for(early, RecipientState.DELIVERED))
     [later] = lease_all(store, now=at).items
     assert {r.created_at for r in later.recipients} == {at}
+    assert later.queued_at == NOW  # when it arrived: the Arrival-Date of its notices
 
 
 def test_the_lane_comes_back_on_the_work_item(store: Store) -> None:

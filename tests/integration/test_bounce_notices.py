@@ -313,3 +313,25 @@ def test_a_refusal_of_mailstroms_own_is_no_smtp_diagnostic(
     assert report is not None
     [r] = report.recipients
     assert (r.status, r.diagnostic_type, r.diagnostic_code) == ("5.1.10", "x-mailstrom", None)
+
+
+def test_the_arrival_date_of_a_scheduled_message_is_when_it_was_queued(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """Was: the message's send_at, a day after it arrived. RFC 3464 §2.2.5: the
+    Arrival-Date is when the message arrived at the reporting MTA."""
+    from datetime import timedelta
+    from email.utils import format_datetime
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    queued = clock()
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        ms.send_email(hello("nobody@example.org"), send_at=queued + timedelta(days=1))
+        clock.advance(timedelta(days=1, minutes=1))
+        ms.wake()
+        results.wait_count(2)  # nobody failed, the notice delivered
+        [notice] = mx.wait_for_messages(1)
+    assert b"\r\nArrival-Date: " + format_datetime(queued).encode() + b"\r\n" in notice.content

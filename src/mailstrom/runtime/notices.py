@@ -47,8 +47,10 @@ def notices_for(
         item = items.get((result.message_id, domain_of(result.address)))
         if item is None:
             continue
-        arrival = result.queued_at or now
-        if delayed and not _crosses_delay(result, item, arrival, config.delay_warning):
+        # When the message could first go (its send_at when later): the delay warning
+        # and the retry policy's max_age count from there.
+        due = result.queued_at or now
+        if delayed and not _crosses_delay(result, item, due, config.delay_warning):
             continue
         sender = result.envelope_from or item.envelope_from
         if is_verp_template(sender):
@@ -71,15 +73,15 @@ def notices_for(
             at=attempt.at,
         )
         key = (result.message_id, sender, delayed)
-        groups.setdefault(key, (item, arrival, []))[2].append(entry)
+        groups.setdefault(key, (item, due, []))[2].append(entry)
     if not groups:
         return []
     notices = []
     # In the default lane like the application's own mail (a message without a lane would
     # wait until every configured lane had nothing due).
     attributes = QueueAttributes(priority=config.default_priority)
-    for (message_id, sender, delayed), (item, arrival, entries) in groups.items():
-        notice = _Notice(config, now, message_id, sender, delayed, item, arrival, entries)
+    for (message_id, sender, delayed), (item, due, entries) in groups.items():
+        notice = _Notice(config, now, message_id, sender, delayed, item, due, entries)
         dsn = item.dsn
         if item.require_tls and dsn is not None and dsn.ret is Return.FULL:
             # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was asked for.
@@ -129,7 +131,8 @@ class _Notice:
     sender: str
     delayed: bool
     item: WorkItem
-    arrival: datetime
+    due: datetime
+    """When the message could first go: queued, or its send_at when later."""
     entries: list[FailedRecipient]
 
     def prepared(self, dsn: DSN | None) -> PreparedMessage:
@@ -144,7 +147,7 @@ class _Notice:
         if delayed:
             # Whichever ends the retries first: the retry policy's max_age, or the expiry
             # the message's sender set (past it the recipient fails as "expired").
-            ends = [self.arrival + max_age] if max_age is not None else []
+            ends = [self.due + max_age] if max_age is not None else []
             if self.item.expires_at is not None:
                 ends.append(self.item.expires_at)
             retry_until = min(ends, default=None)
@@ -153,7 +156,8 @@ class _Notice:
             sender=self.sender,
             message_id=self.message_id,
             original=self.item.data,
-            arrival=self.arrival,
+            # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
+            arrival=self.item.queued_at or self.due,
             failed=self.entries,
             dsn=dsn,
             now=self.now,

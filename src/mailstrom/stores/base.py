@@ -319,6 +319,10 @@ class WorkItem:
     a connection, and a retry is never scheduled past it."""
     priority: str = ""
     """The message's lane ("" when queued before lanes existed)."""
+    queued_at: datetime | None = None
+    """When the message was enqueued, even if its ``send_at`` is later (the recipients'
+    ``created_at`` is when it could first go): the ``Arrival-Date`` of its notices (RFC
+    3464 §2.2.5). None from a store that does not say."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

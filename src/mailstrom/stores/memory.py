@@ -215,6 +215,7 @@ class MemoryStore(
                         expires_at=m.prepared.attributes.expires_at,
                         priority=m.prepared.attributes.priority or "",
                         dsn=m.prepared.dsn,
+                        queued_at=m.created_at,
                     )
                 )
             if not items:

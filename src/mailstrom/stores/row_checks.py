@@ -117,6 +117,8 @@ class MessageHead(NamedTuple):
     expires_at: datetime | None
     priority: str
     dsn: DSN | None
+    queued_at: datetime
+    """When the message was enqueued (``created_at``: when it could first go)."""
 
     def work_item(
         self,
@@ -140,4 +142,5 @@ class MessageHead(NamedTuple):
             expires_at=self.expires_at,
             priority=self.priority,
             dsn=self.dsn,
+            queued_at=self.queued_at,
         )

@@ -241,7 +241,7 @@ def lease_rows(
             "SELECT seq, id, envelope_from, smtputf8, eightbit,"
             " CASE WHEN typeof(send_at) = 'integer' AND send_at > created_at THEN send_at"
             " ELSE created_at END, data, require_tls,"
-            " expires_at, priority, dsn, size"
+            " expires_at, priority, dsn, size, created_at"
             f" FROM messages WHERE seq IN ({qmarks(len(chunk))})",
             chunk,
         ):
@@ -292,9 +292,10 @@ _MISSING = UnreadableRow("its message row is missing")
 
 def _head(row: Any) -> MessageHead | UnreadableRow:
     """The message row of a lease (seq, id, envelope_from, smtputf8, eightbit, created_at,
-    data, require_tls, expires_at, priority, dsn, size), or why it cannot be delivered."""
+    data, require_tls, expires_at, priority, dsn, size, queued_at), or why it cannot be
+    delivered."""
     envelope_from, smtputf8, eightbit, created_at, data, require_tls = row[2:8]
-    expires_at, lane, dsn, size = row[8:]
+    expires_at, lane, dsn, size, queued_at = row[8:]
     try:
         return MessageHead(
             envelope_from=checked_text(envelope_from, "envelope_from"),
@@ -306,6 +307,7 @@ def _head(row: Any) -> MessageHead | UnreadableRow:
             expires_at=opt_time_at(expires_at, "expires_at"),
             priority=lane if isinstance(lane, str) else "",
             dsn=checked_dsn(dsn),
+            queued_at=time_at(queued_at, "created_at"),
         )
     except UnreadableRow as exc:
         return exc

@@ -146,6 +146,8 @@ class LeaseRow(NamedTuple):
     first_attempt_at: datetime | None
     created_at: datetime | None
     """None when out of range (see ``bad_times``)."""
+    queued_at: datetime | None
+    """None when out of range (see ``bad_times``)."""
     envelope_from: str
     smtputf8: bool
     eightbit: bool
@@ -296,7 +298,7 @@ def _head(row: LeaseRow) -> MessageHead | UnreadableRow:
     delivered. PostgreSQL has checked every type; what is left is what a hand-made
     ``UPDATE`` can still get wrong."""
     try:
-        if row.created_at is None:  # out of range: named in bad_times
+        if row.created_at is None or row.queued_at is None:  # out of range: in bad_times
             raise UnreadableRow(f"out of range: {row.bad_times}")
         return MessageHead(
             envelope_from=row.envelope_from,
@@ -308,6 +310,7 @@ def _head(row: LeaseRow) -> MessageHead | UnreadableRow:
             expires_at=row.expires_at,
             priority=row.lane,
             dsn=checked_dsn(row.dsn),
+            queued_at=row.queued_at,
         )
     except UnreadableRow as exc:
         return exc

@@ -186,6 +186,9 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
             THEN m.send_at
             WHEN m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
             THEN m.created_at END AS created_at,
+       -- When the message was queued: the Arrival-Date of its notices.
+       CASE WHEN m.created_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
+            THEN m.created_at END AS queued_at,
        m.envelope_from, m.smtputf8, m.eightbit,
        CASE WHEN row_number() OVER (PARTITION BY l.message_id ORDER BY l.position) = 1
             THEN m.data END AS data,
