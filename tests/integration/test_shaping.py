@@ -379,3 +379,36 @@ def test_a_pause_does_not_hold_a_message_past_its_expiry(
         [r] = status.recipients
         assert r.state in (DEFERRED, RecipientState.QUEUED)
         assert r.next_attempt_at == status.expires_at, (r.address, r.next_attempt_at)
+
+
+def test_a_pause_does_not_keep_a_recipient_past_the_retry_max_age(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: deferred until the end of a ten-minute pause, though the retry policy gives
+    up on it a minute after it was queued (its own backoff of a second was within that),
+    and attempted once more then. A retry that would fall past ``retry.max_age`` gives
+    up now, with the last reason, whatever put it there."""
+    from mailstrom import RetryPolicy
+
+    mx = smtp_server(host="127.0.0.32")
+    mx.mail_reply = "451 4.7.650 The mail server has been temporarily rate limited."
+    dns_server.mx("aged.test", [(10, "mx.aged.test")])
+    dns_server.a("mx.aged.test", mx.host)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        shaping=shaping(pause=timedelta(minutes=10)),
+        retry=RetryPolicy(min_delay=timedelta(seconds=1), jitter=0, max_age=timedelta(minutes=1)),
+    )
+    results = Results()
+    ms = start(config, MemoryStore(), results)
+    try:
+        mid = ms.send_email(hello("r@aged.test"))
+        results.wait_count(1)
+        [pause] = ms.throttled_destinations()
+        [r] = ms.query_status(mid).recipients
+    finally:
+        ms.stop(timeout=5)
+    assert pause.until > r.first_attempt_at + timedelta(minutes=1)  # type: ignore[operator]
+    assert (r.state, r.next_attempt_at) == (RecipientState.FAILED, None)
+    assert "4.7.650" in r.reason

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from mailstrom.config import Config
 from mailstrom.errors import (
@@ -868,7 +868,7 @@ class Dispatcher:
         while dest.queue:
             work = dest.queue.popleft()
             results = self._outcomes.from_error(work.item, exc, work.started or now, where)
-            self._done(_until_pause(results, pause, work.item))
+            self._done(_until_pause(results, pause, work.item, self._config.retry.max_age))
         return True
 
     async def _heed_throttle(
@@ -897,7 +897,7 @@ class Dispatcher:
             # own backoff.
             log.exception("could not pause %s after a throttling reply", shape.key)
             return results
-        return _until_pause(results, pause, item)
+        return _until_pause(results, pause, item, self._config.retry.max_age)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()
@@ -965,16 +965,27 @@ def _queued(shape: Shape) -> int:
 
 
 def _until_pause(
-    results: list[RecipientResult], pause: DestinationThrottle, item: WorkItem
+    results: list[RecipientResult],
+    pause: DestinationThrottle,
+    item: WorkItem,
+    max_age: timedelta | None,
 ) -> list[RecipientResult]:
     """``results`` (of ``item``) with every deferred recipient due at the end of ``pause``
     (all of the destination's recipients come back together, not each after a backoff of
-    its own), or at the message's expiry when that comes first (as any retry would)."""
+    its own), or at the message's expiry when that comes first (as any retry would). One
+    whose retries would then fall past the retry policy's ``max_age`` fails now with its
+    last reason, as :func:`~mailstrom.policy.backoff.next_attempt` decides for a backoff."""
     until = _not_past_expiry(pause.until, item)
-    return [
-        replace(r, next_attempt_at=until) if r.state is RecipientState.DEFERRED else r
-        for r in results
-    ]
+    out = []
+    for r in results:
+        if r.state is RecipientState.DEFERRED:
+            last = None if max_age is None or r.queued_at is None else r.queued_at + max_age
+            if last is not None and until > last:
+                r = replace(r, state=RecipientState.FAILED, next_attempt_at=None)
+            else:
+                r = replace(r, next_attempt_at=until)
+        out.append(r)
+    return out
 
 
 def _not_past_expiry(until: datetime, item: WorkItem) -> datetime:
