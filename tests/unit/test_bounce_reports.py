@@ -570,3 +570,35 @@ def test_a_notice_names_a_quoted_local_part_as_it_is() -> None:
     [entry] = report.recipients
     assert (entry.final_recipient, entry.original_recipient) == (recipient, recipient)
     assert prepare(raw, envelope_from="", envelope_to=[sender]).recipients == (sender,)
+
+
+@pytest.mark.parametrize("blank", [b" ", b"\t", b" \t "])
+@pytest.mark.parametrize("kind", ["delivery-status", "global", "base64"])
+def test_a_line_of_only_spaces_ends_a_dsn_block(blank: bytes, kind: str) -> None:
+    """RFC 3464 §2.1: the blocks of a delivery-status part are separated by blank lines;
+    one of only spaces or tabs (an MTA that indents, a hop that pads) is taken as one, as
+    robust readers do. It was read as the fold of the field above it: the next
+    recipient's fields joined the block before (the second recipient was lost, and
+    after the per-message block every recipient)."""
+    block = sample("postfix-dsn-full.eml").split(b"\r\n\r\nFinal-Recipient: ", 1)[1]
+    block = b"Final-Recipient: " + block[: block.index(b"\r\n\r\n")] + b"\r\n"
+    other = block.replace(b"nosuchuser", b"other")
+    data = sample("postfix-dsn-full.eml").replace(
+        b"\r\n\r\n" + block, b"\r\n" + blank + b"\r\n" + block + blank + b"\r\n" + other
+    )
+    if kind != "delivery-status":
+        data = data.replace(b"message/delivery-status", b"message/global-delivery-status")
+    if kind == "base64":
+        head = b"Content-Type: message/global-delivery-status\r\n\r\n"
+        start = data.index(head) + len(head)
+        end = data.index(b"\r\n--", start)
+        encoded = base64.encodebytes(data[start:end]).replace(b"\n", b"\r\n")
+        data = (
+            data[: start - 2] + b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + data[end:]
+        )
+    report = parse_report(data)
+    assert report is not None and report.reporting_mta == "mx.receiver.test"
+    assert [(r.final_recipient, r.original_recipient, r.status) for r in report.recipients] == [
+        ("nosuchuser@receiver.test", "nosuchuser@receiver.test", "5.1.1"),
+        ("other@receiver.test", "other@receiver.test", "5.1.1"),
+    ]

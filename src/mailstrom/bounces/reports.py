@@ -219,7 +219,7 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
     status = _part(parts, "message/delivery-status", "message/global-delivery-status")
     if status is None:
         raise InvalidReport("a delivery-status report without a message/delivery-status part")
-    blocks = _blocks(status)
+    blocks = _blocks(status, white=True)
     if not blocks:
         raise InvalidReport("an empty message/delivery-status part")
     per_message, per_recipient = blocks[0], blocks[1:]
@@ -260,7 +260,7 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
     feedback = _part(parts, "message/feedback-report")
     if feedback is None:
         raise InvalidReport("a feedback-report without a message/feedback-report part")
-    blocks = _blocks(feedback)
+    blocks = _blocks(feedback, white=False)
     if not blocks:
         raise InvalidReport("an empty message/feedback-report part")
     fields = blocks[0]
@@ -282,20 +282,25 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
     )
 
 
-def _blocks(part: Message) -> list[Message]:
+def _blocks(part: Message, *, white: bool) -> list[Message]:
     """The header blocks of a ``message/delivery-status``, ``message/global-delivery-status``
     or ``message/feedback-report`` part (the parser reads each block of the first as a
-    message of headers)."""
+    message of headers); ``white``: a line of only spaces and tabs ends a block too (a
+    DSN's, RFC 3464 §2.1; a feedback report is one block, RFC 5965 §3.1)."""
     if _encoded(part):
         # In base64 or quoted-printable (how the 8-bit message/global-delivery-status
         # crosses a 7-bit hop): what the parser read is the encoded text, decoded whole.
-        return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"))
+        return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"), white)
     payload = part.get_payload()
     if isinstance(payload, str):
-        return _text_blocks(payload)
+        return _text_blocks(payload, white)
     if not isinstance(payload, list):
         return []
     blocks = [b for b in payload[: MAX_RECIPIENTS + 1] if isinstance(b, Message)]
+    if white and any(_WHITE_LINE.search(value) for b in blocks for value in b.values()):
+        # A line of only spaces or tabs ends a block (see _BLANK_LINES), but the parser
+        # read it as the fold of the field above: the blocks it joined are split again.
+        return _text_blocks("".join(_as_read(b) for b in blocks), white)
     if len(blocks) != 1:
         return blocks
     # message/global-delivery-status (RFC 6533, from SMTPUTF8 servers) is not a type the
@@ -305,11 +310,12 @@ def _blocks(part: Message) -> list[Message]:
     body = inner.get_payload(decode=True)  # its octets as they came, 8-bit ones too
     if not isinstance(body, bytes) or not body.strip():
         return blocks  # one block indeed (a feedback report)
-    return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"))]
+    return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"), white)]
 
 
-def _text_blocks(text: str) -> list[Message]:
-    """Header blocks separated by empty lines, each read as a message of headers."""
+def _text_blocks(text: str, white: bool) -> list[Message]:
+    """Header blocks separated by empty lines (``white``: or lines of only spaces and
+    tabs), each read as a message of headers."""
     text = text.replace("\r\n", "\n")
     _check_content_types(_CONTENT_TYPE_TEXT.finditer(text))  # a decoded part is new text
     # Read with the depth guard (_Part): a block that says it is multipart is parsed as
@@ -317,12 +323,19 @@ def _text_blocks(text: str) -> list[Message]:
     # between them) exhausted the stack (RecursionError, exit 70) where the report's own
     # parts are refused at MAX_DEPTH (InvalidReport).
     parser = email.parser.Parser(_class=_Part, policy=_POLICY)
-    blocks = _BLANK_LINES.split(text, maxsplit=MAX_RECIPIENTS + 1)[: MAX_RECIPIENTS + 1]
+    blank = _BLANK_OR_WHITE_LINES if white else _BLANK_LINES
+    blocks = blank.split(text, maxsplit=MAX_RECIPIENTS + 1)[: MAX_RECIPIENTS + 1]
     return [parser.parsestr(b) for b in blocks]
 
 
 _BLANK_LINES = re.compile(r"\n\n+")
 """What ends a block: one empty line or more (as the parser splits message/delivery-status)."""
+_BLANK_OR_WHITE_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+"""What ends a DSN's block: also a line of only spaces and tabs. RFC 3464 §2.1 separates
+the blocks with blank lines, and such a line looks like one (a fold must carry text,
+RFC 5322 §3.2.2)."""
+_WHITE_LINE = re.compile(r"(?:\r\n?|\n)[ \t]*(?:\r\n?|\n|$)")
+"""A line of only spaces and tabs in a field as the parser read it (a fold to nothing)."""
 
 
 def _returned(parts: list[Message]) -> Message | None:
