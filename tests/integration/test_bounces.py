@@ -433,3 +433,38 @@ def test_our_own_notice_of_a_local_failure_suppresses_nothing(
         assert entry is not None and entry.source is SuppressionSource.MANUAL
         assert entry.expires_at == clock() + timedelta(days=7)
     store.close()
+
+
+@pytest.mark.parametrize("redacted", [b"<xxxxxxxxxx@mailbox.test>", b"redacted"])
+def test_a_redacted_complaint_about_a_one_recipient_message_matches_it(
+    ms: Mailstrom, results: Results, clock: FakeClock, redacted: bytes
+) -> None:
+    """RFC 6590: a feedback loop may redact the recipient's local part (Original-Rcpt-To
+    and the returned To alike). A complaint that named no recipient matched the one
+    recipient of the message its Message-ID named; one naming a redacted address
+    matched nothing and was left unmatched, so the complainer got the next mailing."""
+    mid = ms.send_email(hello("carol@mailbox.test", message_id="<sample-4@sender.test>"))
+    results.wait_count(1)
+    data = (SAMPLES / "arf-complaint.eml").read_bytes().replace(b"<carol@mailbox.test>", redacted)
+    data = data.replace(b"To: carol@mailbox.test", b"To: " + redacted)
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.message_id, outcome.address) == (
+        BounceAction.COMPLAINT,
+        mid,
+        "carol@mailbox.test",
+    )
+    assert ms.suppressed("carol@mailbox.test") is not None
+
+
+def test_a_redacted_complaint_names_no_recipient_of_another_domain(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """A redacted address still names its domain (RFC 6590 §3 redacts the local part):
+    a report about someone at another domain is not about this message's recipient."""
+    ms.send_email(hello("carol@mailbox.test", message_id="<sample-4@sender.test>"))
+    results.wait_count(1)
+    data = (SAMPLES / "arf-complaint.eml").read_bytes()
+    data = data.replace(b"<carol@mailbox.test>", b"<xxxxxxxxxx@elsewhere.test>")
+    [outcome] = apply(ms, data, clock)
+    assert outcome.action is BounceAction.UNMATCHED
+    assert ms.suppressed("carol@mailbox.test") is None

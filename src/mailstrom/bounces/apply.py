@@ -14,7 +14,9 @@ A report is matched, for each recipient it names, in this order:
 with the recipient chosen by ``Original-Recipient`` (the ORCPT the message carried), then
 ``Final-Recipient`` (ARF: ``Original-Rcpt-To``), compared without regard to case and with
 the domain as A-labels (:func:`~mailstrom.suppression.address_key`). A complaint that
-names no recipient (providers often redact it) matches a message with one recipient only.
+names no recipient (providers often redact it), or names one whose local part is redacted
+(RFC 6590: another at the recipient's domain, or none), matches a message with one
+recipient only.
 
 Ways 2 and 3 trust whoever sent the report: every recipient of a message sees its
 Message-ID header (which holds the message id too) and the recipients in To and Cc, and
@@ -168,9 +170,23 @@ class _Matcher:
                 for recipient in message.recipients:
                     if address_key(recipient.address) == address:
                         return message, recipient
-        if not wanted and len(self.candidates) == 1 and len(self.candidates[0].recipients) == 1:
-            return self.candidates[0], self.candidates[0].recipients[0]
+        if len(self.candidates) == 1 and len(self.candidates[0].recipients) == 1:
+            message = self.candidates[0]
+            only = message.recipients[0]
+            if not wanted or (
+                self.report.kind is ReportKind.COMPLAINT
+                and all(_redacted(address, only.address) for address in wanted)
+            ):
+                return message, only
         return None
+
+
+def _redacted(reported: str, address: str) -> bool:
+    """Whether ``reported`` (keyed) may be ``address`` with its local part redacted (RFC
+    6590 §3: a feedback loop may hide it; the domain stays): of the same domain, or no
+    address at all (nothing of it is left)."""
+    _, at, domain = reported.rpartition("@")
+    return not at or domain == address_key(address).rpartition("@")[2]
 
 
 def apply_report(
