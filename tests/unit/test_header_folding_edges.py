@@ -145,3 +145,27 @@ def test_every_display_name_line_fits_and_reads_back(words: list[str], group: bo
         message["To"].groups[0].display_name if group else message["To"].addresses[0].display_name
     )
     check_display_name(data, "To", read, name)
+
+
+def test_lines_with_encoded_words_end_by_76_characters() -> None:
+    """RFC 2047 §2: a full 75-character word after "Subject: " made an 84-character line;
+    the first word is now cut to the room left, and every word still reads back."""
+    subject = ("Grüße aus Köln und überall, wo die Sonne scheint " * 4).strip()
+    name = "Jürgen Übermütig-Schönfeld von und zu Österreich-Ungarn, Großherzog"
+    data = prepare(
+        Email(
+            from_="app@example.org",
+            to=[f'"{name}" <j@example.org>'],
+            subject=subject,
+            text="hi",
+            headers={"X-Long-Field-Name-That-Eats-The-Line": ("Ärger " * 20).strip()},
+        )
+    ).data
+    lines = [line for line in header_lines(data) if b"=?" in line]
+    assert lines and max(map(len, lines)) <= 76, lines
+    message = parsed(data)
+    assert message["Subject"] == subject
+    # The stdlib's reader of display names keeps the space between two encoded words
+    # (RFC 2047 §6.2 drops it), so a space of the name ending a word reads back doubled.
+    assert " ".join(message["To"].addresses[0].display_name.split()) == name
+    assert message["X-Long-Field-Name-That-Eats-The-Line"] == ("Ärger " * 20).strip()

@@ -5,7 +5,7 @@ For generated ``Email`` values, the bytes ``prepare()`` renders, parsed back wit
 attachments as the stdlib rendering of the same parts (the path through
 ``EmailMessage`` that the renderer replaced), and obey the wire rules: CRLF only, lines of
 at most 998 octets, valid RFC 2047 words and none inside an addr-spec, boundaries that
-occur nowhere but as delimiters.
+occur nowhere but as delimiters, lines that hold an encoded word of at most 76 characters.
 
 Where the stdlib is wrong the test compares with the input instead, and says so:
 address headers (Python 3.11's folder can drop the comma between two encoded display
@@ -223,6 +223,10 @@ def check_wire_rules(data: bytes) -> None:
     check_line_ends_and_lengths(data)
     # Every header section (top and parts): valid encoded words, none in an addr-spec.
     for section in re.findall(rb"(?:^|\r\n\r\n--[^\r\n]*\r\n)((?:[^\r\n]+\r\n)+)\r\n", data):
+        # A line holding an encoded word ends by 76 characters (RFC 2047 §2; characters,
+        # not octets, in a UTF-8 header section).
+        for line in section.decode("utf-8", "surrogateescape").split("\r\n"):
+            assert "=?" not in line or len(line) <= 76, line
         unfolded = text(section.decode("ascii", "surrogateescape")).replace("\r\n ", " ")
         for field in unfolded.split("\r\n"):
             name, _, value = field.partition(":")

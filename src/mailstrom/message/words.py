@@ -9,6 +9,7 @@ quadratic, which made a 1 MB subject take 44 s).
 
 from __future__ import annotations
 
+import base64
 import re
 from email import base64mime, quoprimime
 from email.utils import encode_rfc2231
@@ -23,6 +24,11 @@ FOLD_AT = 78
 
 _WORD_MAX = 75
 """Longest encoded word (RFC 2047 §2)."""
+_WORD_LINE = 76
+"""Longest line that holds an encoded word (RFC 2047 §2)."""
+_WORD_MIN = len("=?utf-8?q??=") + 12
+"""Room for an encoded word of one character, whatever it is (four octets as Q)."""
+_OUR_WORD = re.compile(r"=\?utf-8\?([qb])\?([^?]*)\?=")
 _CHROME = len("=?utf-8?q??=")
 _Q_BUDGET = _WORD_MAX - _CHROME
 _B_BUDGET = (_WORD_MAX - _CHROME) // 4 * 3
@@ -46,8 +52,9 @@ _ATOM_MAX = MAX_LINE - FOLD_AT
 in 78."""
 
 
-def encoded_words(text: str) -> list[str]:
-    """``text`` as UTF-8 encoded words of at most 75 characters, never splitting a character.
+def encoded_words(text: str, *, first: int = _WORD_MAX) -> list[str]:
+    """``text`` as UTF-8 encoded words of at most 75 characters (the first at most
+    ``first``), never splitting a character.
 
     >>> encoded_words("Grüße")
     ['=?utf-8?q?Gr=C3=BC=C3=9Fe?=']
@@ -65,7 +72,8 @@ def encoded_words(text: str) -> list[str]:
     q_length = len(data) + 2 * len(data.translate(None, _Q_SAFE))
     b_length = (len(data) + 2) // 3 * 4
     use_q = q_length - b_length < 5
-    budget = _Q_BUDGET if use_q else _B_BUDGET
+    full = _Q_BUDGET if use_q else _B_BUDGET
+    budget = min(full, first - _CHROME if use_q else (first - _CHROME) // 4 * 3)
     words: list[str] = []
     start = 0  # octet offset of the current word
     cost = 0
@@ -87,6 +95,7 @@ def encoded_words(text: str) -> list[str]:
             else:
                 words.append(_encode(data[start:position], use_q))
                 start, cost = position, 0
+            budget = full
         cost += step
         since_space += step
         position += size
@@ -186,6 +195,10 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
     piece onto the next line is split, the line before keeping the part the next cannot
     hold. Unfolding (RFC 5322 §2.2.3) gives back every whitespace character. Only a run
     longer than both lines can take gets lines of its own (obs-FWS, RFC 5322 §4.2).
+
+    A line that holds an encoded word ends by 76 characters (RFC 2047 §2): one too long
+    for the room left on its line (the first line's, after the field's name) is split in
+    two words, which decoders join again (RFC 2047 §6.2).
     """
     if trailing and pieces:
         # It stays on the last piece's line where it fits: it cannot precede a fold.
@@ -193,17 +206,33 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
         trailing = ""
     lines: list[str] = []
     line = start
-    for index, (space, text) in enumerate(pieces):
+    worded = False  # the line holds an encoded word
+    index = 0
+    while index < len(pieces):
+        space, text = pieces[index]
+        word = "=?" in text
         if index == 0:
             space = " "
-        elif space and len(line) + len(space) + len(text) > FOLD_AT:
+        elif space and len(line) + len(space) + len(text) > (
+            _WORD_LINE if word or worded else FOLD_AT
+        ):
             excess = len(space) + _octets(text) - MAX_LINE
             if excess > 0:
                 line, space = _split_space(lines, line, space, excess)
             lines.append(line)
-            line = space + text
-            continue
+            line, worded = "", False
+        if word and len(line) + len(space) + len(text) > _WORD_LINE:
+            split = _split_word(text, _WORD_LINE - len(line) - len(space))
+            if split is not None:
+                text = split[0]
+                pieces = [
+                    *pieces[: index + 1],
+                    *((" ", w) for w in split[1:]),
+                    *pieces[index + 1 :],
+                ]
         line += space + text
+        worded = worded or word
+        index += 1
     line += trailing
     excess = _octets(line) - MAX_LINE
     if excess > 0:
@@ -217,6 +246,28 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
             line = rest[at : at + MAX_LINE]
     lines.append(line)
     return "\r\n".join(lines)
+
+
+def _split_word(text: str, room: int) -> list[str] | None:
+    """``text``, an encoded word of ours (and what is glued after it: ",", " :"...),
+    re-encoded as words whose first fits in ``room`` characters and the others each on a
+    line of their own; None when it is no word of ours or no word fits."""
+    match = _OUR_WORD.match(text)
+    if match is None or room < _WORD_MIN:
+        return None
+    kind, payload = match.groups()
+    if kind == "q":
+        source = quoprimime.header_decode(payload).encode("latin-1").decode("utf-8")
+    else:
+        source = base64.b64decode(payload).decode("utf-8")
+    glued = text[match.end() :]
+    words = encoded_words(source, first=room)
+    if len(words) == 1:  # what is glued after it made it too long
+        words = encoded_words(source, first=max(_WORD_MIN, room - len(glued)))
+        if len(words) == 1:
+            return None
+    words[-1] += glued
+    return words
 
 
 def _octets(text: str) -> int:
