@@ -429,3 +429,28 @@ def test_it_serves_on_an_ipv6_loopback_address() -> None:
             conn.close()
     finally:
         server.close()
+
+
+def test_a_name_that_resolves_to_loopback_is_a_loopback_server() -> None:
+    """The Host check was decided by the text of the address, so "LOCALHOST" (or the
+    machine's own name, which Debian maps to 127.0.1.1) listened on loopback without it,
+    and a page that rebinds its name to 127.0.0.1 read the metrics."""
+    server = OpsServer(
+        "LOCALHOST",
+        0,
+        snapshot=lambda: MetricsSnapshot(worker=WorkerStatus(running=True)),
+        health=lambda: Health(ok=True, details={"status": "ok"}),
+    )
+    server.start()
+    try:
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics", headers={"Host": "rebound.example"})
+            refused = conn.getresponse()
+            assert refused.status == 400, refused.read()
+        finally:
+            conn.close()
+        assert healthz(server.url) == (200, {"status": "ok"})
+    finally:
+        server.close()

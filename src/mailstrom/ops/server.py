@@ -195,14 +195,14 @@ class OpsServer:
             return (200 if result.ok else 503), "application/json", body
 
         routes = {"/metrics": metrics, "/healthz": healthz}
-        on_loopback = is_loopback(host)
 
         class Handler(GuardedRequestHandler):
             server_version = "mailstrom"
             sys_version = ""
+            on_loopback = True  # set from the address bound, below
 
             def do_GET(self) -> None:
-                if on_loopback and not names_loopback(self.headers.get("Host")):
+                if self.on_loopback and not names_loopback(self.headers.get("Host")):
                     self._send(400, "text/plain", b"ask by a loopback name: Host: 127.0.0.1\n")
                     return
                 route = routes.get(self.path.partition("?")[0])
@@ -230,6 +230,9 @@ class OpsServer:
         self._httpd = GuardedHTTPServer(
             (host, port), Handler, max_connections=max_connections, request_timeout=request_timeout
         )
+        # The address bound, not the one named: a name ("LOCALHOST", the machine's own
+        # name, which Debian maps to 127.0.1.1) may resolve to loopback too.
+        Handler.on_loopback = is_loopback(str(self._httpd.server_address[0]))
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="mailstrom-ops-http", daemon=True
         )
