@@ -349,3 +349,47 @@ def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
         assert _child(ms).pid is None  # no child started after stop()
     finally:
         store.close()
+
+
+def _exported(ms: Mailstrom) -> dict[str, float]:
+    """The counters a scrape of the facade's own registry reads."""
+    registry = CollectorRegistry()
+    registry.register(MailstromCollector(ms.metrics))
+    delivered = {"outcome": "delivered", "reason_class": "none"}
+    return {
+        "attempts": registry.get_sample_value("mailstrom_attempts_total", delivered) or 0.0,
+        "results": registry.get_sample_value("mailstrom_results_total", {"state": "delivered"})
+        or 0.0,
+        "delay": registry.get_sample_value("mailstrom_queue_delay_seconds_count") or 0.0,
+    }
+
+
+def test_counters_go_on_across_a_restart_of_the_worker_process(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A restarted child counts from 0, and the facade exported its numbers as they were:
+    every counter of the process fell to 0 at the death, then started over, as if the
+    application had restarted (and what the dead child counted was lost to Prometheus)."""
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        first = ms.send_email(hello("before@example.org"))
+        assert ms.wait(first, timeout=30).state is RecipientState.DELIVERED
+        one = {"attempts": 1.0, "results": 1.0, "delay": 1.0}
+        # The child reports twice a second: poll its reports, no event announces them.
+        assert _wait_until(lambda: _exported(ms) == one, 15), _exported(ms)
+        old = _child(ms).pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+
+        _first_status(ms, _killed, 15)
+        assert _exported(ms) == one  # in the gap
+        _first_status(ms, lambda s: s.running, 30)
+        assert _exported(ms) == one  # the new child has counted nothing yet
+        second = ms.send_email(hello("after@example.org", 1))
+        assert ms.wait(second, timeout=30).state is RecipientState.DELIVERED
+        two = {"attempts": 2.0, "results": 2.0, "delay": 2.0}
+        assert _wait_until(lambda: _exported(ms) == two, 15), _exported(ms)
+        assert ms.worker_status.delivered == 2
+        new = _child(ms).pid
+    assert new is not None and _wait_until(lambda: _gone(new), 15)
+    store.close()

@@ -33,6 +33,7 @@ from typing import IO, Any
 from mailstrom.client.supervision import ChildExit, RestartBackoff, describe_exit, judge_exit
 from mailstrom.config import Config
 from mailstrom.errors import StoreError, WorkerError
+from mailstrom.runtime.metrics import add_metrics
 from mailstrom.runtime.pipes import (
     ChildSpec,
     TLSContextSpec,
@@ -117,6 +118,10 @@ def _above_standard(fd: int) -> int:
         os.close(fd)
 
 
+_NOTHING_CARRIED = WorkerStatus(running=False)
+"""What a worker process's first child carries over: nothing."""
+
+
 class WorkerProcess:
     """Start, wake, watch and stop one worker child process; start it again when it dies.
 
@@ -148,7 +153,11 @@ class WorkerProcess:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._status = WorkerStatus(running=False)
+        self._runs = (_NOTHING_CARRIED, WorkerStatus(running=False))
+        """What the children before the current one counted (added up, at their deaths),
+        and the current one's latest snapshot: one attribute, so that a reader on another
+        thread never sees a dead child's numbers both carried and still current, or in
+        neither place (counters that would jump, or fall)."""
         self._counts = {state: 0 for state in RecipientState}
         self._error: str | None = None
         self._reported_error = False
@@ -215,6 +224,7 @@ class WorkerProcess:
             # A new worker, with fresh counters (a restart's child goes on with them):
             # the last one's reader, joined above, passes on nothing more.
             self._counts = {state: 0 for state in RecipientState}
+            self._runs = (_NOTHING_CARRIED, WorkerStatus(running=False))
             self._restarts = 0
             self._backoff = RestartBackoff()
             try:
@@ -270,7 +280,7 @@ class WorkerProcess:
         self._stopped_by = None
         self._said_stopped = False
         self._cause = None
-        self._status = WorkerStatus(running=False)  # not the last child's snapshot
+        self._runs = (self._runs[0], WorkerStatus(running=False))  # not the last child's
         self._spec_sent = False  # before _stdin: a _send seeing the new pipe must wait
         self._proc, self._stdin = proc, proc.stdin
         self._holder = holder
@@ -426,7 +436,11 @@ class WorkerProcess:
         delay = self._backoff.next_delay(now=time.monotonic())
         self._death = death
         self._error = f"{death}; starting it again in {delay:g} s"
-        self._status = WorkerStatus(running=False)
+        # Its numbers go on in the next child's, as counters must within this process
+        # (Prometheus scrapes them from it): what it counted after its last snapshot, half
+        # a second at most, is lost with it.
+        carried, last = self._runs
+        self._runs = (_added(carried, last), WorkerStatus(running=False))
         self._proc, self._stdin = None, None  # its reader closed its pipes
         log.error("%s", self._error)
         self._supervisor = threading.Thread(
@@ -500,13 +514,16 @@ class WorkerProcess:
 
     @property
     def status(self) -> WorkerStatus:
-        """The child's latest snapshot (twice a second); with ``on_result`` the counts are
-        those of the results already passed on, so they agree with the callback, and go
-        on across restarts. Between a child's death and its restart, ``running`` is False
-        and ``error`` says how it died and when the next one starts."""
+        """The child's latest snapshot (twice a second), its counts and metrics added to
+        those of the children before it since :meth:`start` (they go on across restarts,
+        as counters must); with ``on_result`` the counts are those of the results already
+        passed on, so they agree with the callback. Between a child's death and its
+        restart, ``running`` is False and ``error`` says how it died and when the next one
+        starts."""
         running = self._ready.is_set() and not self._stopped.is_set()
+        carried, current = self._runs
         status = dataclasses.replace(
-            self._status,
+            _added(carried, current),
             running=running,
             error=self._error,
             restarts=self._restarts,
@@ -606,7 +623,7 @@ class WorkerProcess:
                             raise
                         log.exception("on_result callback failed")
         elif kind == "status":
-            self._status = payload
+            self._runs = (self._runs[0], payload)
         elif kind == "log":
             record = logging.makeLogRecord(payload)
             logging.getLogger(record.name).handle(record)
@@ -638,3 +655,16 @@ class WorkerProcess:
                 "" if self._restarts == 1 else "s",
             )
         self._ready.set()
+
+
+def _added(carried: WorkerStatus, current: WorkerStatus) -> WorkerStatus:
+    """``current`` with the counts of ``carried`` (earlier children's) added to its own."""
+    if carried is _NOTHING_CARRIED:
+        return current
+    return replace(
+        current,
+        delivered=carried.delivered + current.delivered,
+        deferred=carried.deferred + current.deferred,
+        failed=carried.failed + current.failed,
+        metrics=add_metrics(carried.metrics, current.metrics),
+    )

@@ -14,8 +14,9 @@ import re
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from mailstrom.errors import StoreError
 from mailstrom.status import AttemptOutcome, Histogram, QueueStats, RecipientState, WorkerMetrics
@@ -38,6 +39,7 @@ _REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # Label values by member: a dict lookup, not the enum's ``value`` property, per result.
 _OUTCOME_LABELS = {outcome: outcome.value for outcome in AttemptOutcome}
 _STATE_LABELS = {state: state.value for state in RecipientState}
+K = TypeVar("K")
 
 
 class _Buckets:
@@ -170,3 +172,38 @@ class QueueStatsCache:
             self.error = str(exc)
         live = live_workers(self._store)
         self._workers = None if live is None else len(live)
+
+
+def add_metrics(a: WorkerMetrics, b: WorkerMetrics) -> WorkerMetrics:
+    """The numbers of ``a`` and ``b`` added up: what a facade reports for the worker
+    processes it started one after another (each counts from 0)."""
+    durations = dict(a.attempt_duration)
+    for outcome, h in b.attempt_duration.items():
+        durations[outcome] = _add_histograms(durations.get(outcome), h)
+    queue_delay = a.queue_delay
+    if b.queue_delay is not None:
+        queue_delay = _add_histograms(queue_delay, b.queue_delay)
+    return WorkerMetrics(
+        attempts=_add_counts(a.attempts, b.attempts),
+        domain_results=_add_counts(a.domain_results, b.domain_results),
+        attempt_duration=durations,
+        queue_delay=queue_delay,
+        store_errors=a.store_errors + b.store_errors,
+        ignored_results=a.ignored_results + b.ignored_results,
+        hook_events_sent=a.hook_events_sent + b.hook_events_sent,
+        hook_failures=a.hook_failures + b.hook_failures,
+    )
+
+
+def _add_counts(a: Mapping[K, int], b: Mapping[K, int]) -> dict[K, int]:
+    total = dict(a)
+    for key, n in b.items():
+        total[key] = total.get(key, 0) + n
+    return total
+
+
+def _add_histograms(a: Histogram | None, b: Histogram) -> Histogram:
+    if a is None or a.bounds != b.bounds:  # the bounds are constants: equal in one version
+        return b
+    counts = tuple(x + y for x, y in zip(a.counts, b.counts, strict=True))
+    return Histogram(bounds=b.bounds, counts=counts, sum=a.sum + b.sum)
