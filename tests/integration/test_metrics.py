@@ -7,6 +7,7 @@ import concurrent.futures
 import http.client
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -454,3 +455,23 @@ def test_a_name_that_resolves_to_loopback_is_a_loopback_server() -> None:
         assert healthz(server.url) == (200, {"status": "ok"})
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Host: 127.0.0.1\r\nHost: rebound.example\r\n",  # two: which one names the server?
+        b"",  # HTTP/1.1 without a Host
+    ],
+)
+def test_a_request_without_exactly_one_host_is_a_400(served: Served, head: bytes) -> None:
+    """RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host, and
+    to any request with more than one. The loopback check read the first Host only (and a
+    proxy in front may route by another), so two of them were answered with the metrics."""
+    with socket.create_connection(("127.0.0.1", served.server.port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n" + head + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+    assert b"example.org" not in answer

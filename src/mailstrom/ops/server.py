@@ -202,7 +202,13 @@ class OpsServer:
             on_loopback = True  # set from the address bound, below
 
             def do_GET(self) -> None:
-                if self.on_loopback and not names_loopback(self.headers.get("Host")):
+                hosts = self.headers.get_all("Host") or []
+                if len(hosts) > 1 or (not hosts and self.request_version >= "HTTP/1.1"):
+                    # RFC 9112 §3.2: 400, not a guess at which one (a proxy may take
+                    # another than the check below would).
+                    self._send(400, "text/plain", b"a request needs one Host header\n")
+                    return
+                if self.on_loopback and not names_loopback(hosts[0] if hosts else None):
                     self._send(400, "text/plain", b"ask by a loopback name: Host: 127.0.0.1\n")
                     return
                 route = routes.get(self.path.partition("?")[0])
