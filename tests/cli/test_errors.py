@@ -174,6 +174,8 @@ def test_sendmail_errors(cli: CLI) -> None:
     assert_one_line_error(cli("sendmail", "bad address@", stdin=message), 65)
     assert_one_line_error(cli("sendmail", "bob@example.test", stdin=b""), 66, "no message")
     assert cli("sendmail", "-bs").code == 64
+    # Address test mode: a user checking how root is rewritten must not send mail.
+    assert_one_line_error(cli("sendmail", "-bt", "root", stdin=message), 64, "-bt")
     assert cli("sendmail", "-Z", "bob@example.test", stdin=message).code == 64
     assert cli.queue_ids() == []
 

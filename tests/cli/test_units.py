@@ -100,6 +100,13 @@ def test_sendmail_long_options() -> None:
         (["-bs"], "-bs is not supported"),
         (["-tbs"], "-bs is not supported"),
         (["-b", "s"], "-bs is not supported"),
+        # Address test mode (and every other mode but -bm and -bp) was taken as -bm:
+        # a user testing how an address is rewritten queued the message.
+        (["-bt"], "-bt is not supported"),
+        (["-b", "t"], "-bt is not supported"),
+        (["-bh"], "-bh is not supported"),
+        (["-bP"], "-bP is not supported"),
+        (["-b", ""], "-b is not supported"),
         (["-tq"], "-q is not supported"),
         (["-tZ"], "unknown option -tZ"),
         (["-tif"], "-f requires an argument"),

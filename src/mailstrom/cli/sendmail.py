@@ -83,6 +83,7 @@ MAILSTROM_* environment variables; mailstrom's own options (--store, --config, .
 refused here, before or after "sendmail".
 
 Options may be clustered as getopt reads them: -ti, -tif ADDR (the last may take a value).
+Other modes (-bs, -bd, -bi, -bt, -bv, -q...) are refused.
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
 -m, and -A -B -C -d -e -X -L -O -h -p with their value (-Am, -d0.1, -e m).
 
@@ -105,7 +106,12 @@ _UNSUPPORTED_MODES = {
     "bi": "aliases are read as they are; there is no database to build",
     "bv": "use `mailstrom check DOMAIN`",
     "q": "run `mailstrom worker --once`",
+    "bt": "there is no address test mode; `mailstrom check DOMAIN` tests a domain",
 }
+_MODES = frozenset({"bm", "bp"})
+"""The ``-b`` modes run: deliver (queue) the message, and list the queue. Any other
+(``-bt`` address test mode, ``-bv``, ``-bh``, ``-bP``...) is refused, never taken as
+``-bm``."""
 
 
 @dataclass(slots=True)
@@ -183,8 +189,11 @@ def _cluster(args: SendmailArgs, arg: str, value: Callable[[str, int], str]) -> 
             raise UsageError(f"unknown option {arg}")
         text = value(arg, at)
         mode = f"b{text[:1]}"
-        if letter == "b" and mode in _UNSUPPORTED_MODES:
-            raise UsageError(f"-{mode} is not supported: {_UNSUPPORTED_MODES[mode]}")
+        if letter == "b" and mode not in _MODES:
+            # Every mode but delivery and the queue listing: -bt (address test mode),
+            # -bv, -bh... must never queue the message they were given as a test.
+            why = _UNSUPPORTED_MODES.get(mode, "only -bm (the default) and -bp are")
+            raise UsageError(f"-{mode} is not supported: {why}")
         if letter == "b" and mode == "bp":
             args.list_queue = True
         elif letter in ("f", "r"):
