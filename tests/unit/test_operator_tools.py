@@ -178,6 +178,21 @@ def test_headers_get_the_origin_and_nothing_else_changes() -> None:
     assert qualify_headers(untouched, "host.example.org") is untouched
 
 
+def test_a_group_keeps_its_name_when_a_bare_member_gets_the_origin() -> None:
+    """``To: Friends: root, bob@example.org;`` was rewritten as ``To: root@..., bob@...``:
+    the group's name, and an empty group beside it (``undisclosed-recipients:;``), were
+    dropped from the message, which its recipients then read differently."""
+    data = (
+        b"To: Friends: root, Bob <bob@example.org>;, undisclosed-recipients:;, kim\n"
+        b'Cc: "Ops, night": root;\n\nbody\n'
+    )
+    assert qualify_headers(data, "o.test") == (
+        b"To: Friends: root@o.test, Bob <bob@example.org>;, undisclosed-recipients:;,\n"
+        b" kim@o.test\n"
+        b'Cc: "Ops, night": root@o.test;\n\nbody\n'
+    )
+
+
 def test_aliases_expand_recursively_with_loops_and_programs_stopped() -> None:
     aliases = {"root": ["admin", "ops@example.org"], "admin": ["root", "|/bin/x", "kim"]}
     assert expand("root", aliases, "o.test") == ["root@o.test", "kim@o.test", "ops@example.org"]

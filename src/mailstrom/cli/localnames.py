@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from email.utils import formataddr, getaddresses, quote
 
 from mailstrom.errors import ConfigError
-from mailstrom.message.addresses import parse_local_address_list
+from mailstrom.message.addresses import Group, parse_local_address_list
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAX_ALIASES_SIZE = 1 << 20
@@ -139,17 +139,51 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
                 # getaddresses() keeps only the first word of "Bob Smith": refused here
                 # (InvalidAddress, exit 65) rather than rewritten to another mailbox.
                 field = name.strip().decode("ascii", "replace")
-                parse_local_address_list(field, unfolded, origin)
+                groups = parse_local_address_list(field, unfolded, origin)
                 rendered = [
-                    format_address(n, qualify(a, origin)).encode("utf-8", "surrogateescape")
-                    for n, a in pairs
-                    if a
+                    item.encode("utf-8", "surrogateescape")
+                    for item in _list_items(groups, [p for p in pairs if p[1]], origin)
                 ]
                 out.append(_folded(name + b": ", rendered, newline) + newline)
                 changed = True
                 continue
         out.append(raw)
     return b"".join(out) + body if changed else data
+
+
+def _list_items(
+    groups: Sequence[Group], pairs: Sequence[tuple[str, str]], origin: str
+) -> list[str]:
+    """The items of a rewritten address list: each mailbox of ``pairs`` (getaddresses'
+    reading, which keeps ``root (Cron Daemon)``'s comment as the name) with bare names
+    given the origin, inside the groups of ``groups`` (mailstrom's parser: getaddresses
+    drops group names) as ``Name: first``, ``last;`` items (an empty one ``Name:;``), so
+    that a group keeps its name and folds between its members."""
+    items = [format_address(n, qualify(a, origin)) for n, a in pairs]
+    if len(items) != sum(len(group.mailboxes) for group in groups):
+        return items  # the two parsers disagree: no group to put them in
+    out: list[str] = []
+    at = 0
+    for group in groups:
+        members = items[at : at + len(group.mailboxes)]
+        at += len(group.mailboxes)
+        if group.name is None:
+            out += members
+            continue
+        start = f"{_phrase(group.name)}:"
+        if not members:
+            out.append(start + ";")
+            continue
+        members[0] = f"{start} {members[0]}"
+        members[-1] += ";"
+        out += members
+    return out
+
+
+def _phrase(name: str) -> str:
+    """A group's display name as a header writes it (quoted or encoded as needed)."""
+    placeholder = "<x@x>"
+    return format_address(name, placeholder[1:-1]).removesuffix(" " + placeholder)
 
 
 FOLD_AT = 78
