@@ -219,6 +219,13 @@ def test_reading_an_aliases_file(tmp_path: Path) -> None:
         "postmaster": ["root"],
         "root": ["ops@example.org", "backup"],
     }
+    # A comma inside quotes is part of its target, as newaliases reads it: it split
+    # '"|/usr/bin/notify ops, dev"' into two targets, the second 'dev"' a local name.
+    path.write_text('pager: "|/usr/bin/notify ops, dev", kim\nodd: "a, b"@example.org\n')
+    assert read_aliases(str(path)) == {
+        "pager": ["|/usr/bin/notify ops, dev", "kim"],
+        "odd": ['"a, b"@example.org'],
+    }
     path.write_bytes(b"a: b\n" * (MAX_ALIASES_SIZE // 5 + 1))
     with pytest.raises(ConfigError, match="larger than"):
         read_aliases(str(path))

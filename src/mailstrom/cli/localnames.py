@@ -80,9 +80,38 @@ def read_aliases(path: str) -> dict[str, list[str]]:
         name, colon, rest = entry.partition(":")
         if not colon or not name.strip():
             continue  # not an alias line; sendmail's newaliases would complain, we skip it
-        targets = [t.strip().strip('"') for t in rest.split(",") if t.strip()]
+        targets = [_unquoted(t.strip()) for t in _split_targets(rest) if t.strip()]
         aliases[name.strip().lower()] = targets
     return aliases
+
+
+def _split_targets(text: str) -> list[str]:
+    """The comma-separated targets of an alias, a comma inside double quotes (a program's
+    arguments, ``"|notify ops, dev"``, or a quoted local part) being part of its target,
+    as newaliases reads them: split there, a program's second argument became a name."""
+    targets: list[str] = []
+    start = 0
+    quoted = escaped = False
+    for at, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            targets.append(text[start:at])
+            start = at + 1
+    targets.append(text[start:])
+    return targets
+
+
+def _unquoted(target: str) -> str:
+    """``target`` without the double quotes around it (``"|cmd arg"``, ``"backup"``); a
+    quoted local part (``"a b"@example.org``) keeps its quotes."""
+    if len(target) >= 2 and target[0] == target[-1] == '"':
+        return target[1:-1]
+    return target
 
 
 def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> list[str]:
