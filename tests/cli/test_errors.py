@@ -128,6 +128,11 @@ def test_malformed_postgresql_url_is_a_bad_store_url(cli: CLI) -> None:
 def test_usage_errors_exit_64(cli: CLI) -> None:
     assert cli("frobnicate").code == 64
     assert cli("queue", "--older-than", "soon").code == 64
+    # One line, as every error (docs/cli.md): argparse's usage lines came first, a dozen
+    # of them for `send`, pushing the reason to the end of a screenful.
+    assert_one_line_error(cli("queue", "--older-than", "soon"), 64, "--older-than")
+    assert_one_line_error(cli("send", "--limit", "1"), 64, "--limit")
+    assert_one_line_error(cli("frobnicate"), 64, "frobnicate")
     result = cli("retry")
     assert result.code == 64
     assert result.err_lines[-1].startswith("mailstrom: ")

@@ -80,9 +80,8 @@ class CLIError(MailstromError):
 class UsageError(CLIError):
     """The command line is wrong (raised by our ArgumentParser instead of exiting)."""
 
-    def __init__(self, reason: str, usage: str = "") -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason, EX_USAGE)
-        self.usage = usage
 
 
 def exit_code_for(exc: BaseException) -> int:

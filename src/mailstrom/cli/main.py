@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         at = _command_index(argv)
         args = build_parser(None if at is None else argv[at]).parse_args(argv)
     except UsageError as exc:
-        sys.stderr.write(exc.usage)
         sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
         return EX_USAGE
     except SystemExit as exc:  # --help

@@ -58,7 +58,9 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message, self.format_usage())
+        # The reason alone, as every error is one line (docs/cli.md); argparse's usage
+        # lines (a dozen for `send`) are what `COMMAND --help` shows.
+        raise UsageError(message)
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         # Python before 3.12.7 drops the "--" of "--limit=--" as if it ended the options
