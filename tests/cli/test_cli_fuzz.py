@@ -473,7 +473,8 @@ def command_lines(draw: Any, ids: dict[str, str]) -> list[str]:
             options([("--history", None), ("--json", None)]), id_values(ids).map(lambda i: [i])
         ),
         "show": st.tuples(
-            options([("--raw", None), ("--headers", None)]), id_values(ids).map(lambda i: [i])
+            options([("--raw", None), ("--headers", None), ("--json", None)]),
+            id_values(ids).map(lambda i: [i]),
         ),
         "queue": st.tuples(
             options(

@@ -255,6 +255,22 @@ def test_show_prints_the_stored_message_with_recipients_on_top(cli: CLI) -> None
     assert cli("show", "--raw", "--headers", mid).code == 64
 
 
+def test_show_json_has_the_status_and_the_message(cli: CLI) -> None:
+    """Every view that prints data takes --json (docs/cli.md); `show --json` was a usage
+    error (exit 64), so a script had to parse postcat's text for the envelope."""
+    mid = cli.ok(
+        "send", "--from", "app@client.test", "--to", "bob@example.test", "--subject",
+        "Report", "--text", "line one\nline two",
+    ).out.strip()  # fmt: skip
+    shown = cli.ok("show", "--json", mid[:12]).json()
+    assert shown["id"] == mid
+    assert [r["address"] for r in shown["recipients"]] == ["bob@example.test"]
+    assert shown["message"] == cli.ok("show", "--raw", mid).out
+    headers = cli.ok("show", "--json", "--headers", mid).json()
+    assert "Subject: Report" in headers["message"] and "line two" not in headers["message"]
+    assert cli("show", "--json", "--raw", mid).code == 64
+
+
 # --- destinations --------------------------------------------------------------------------
 
 

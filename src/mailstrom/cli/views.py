@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK
+from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import (
     age,
     cell,
@@ -124,12 +124,18 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "the envelope, each recipient's state and last reason, then the message. "
         "--headers stops after the header section; --raw prints only the stored bytes.",
         epilog="examples:\n  mailstrom show 0190f3a2\n  mailstrom show --headers 0190f3a2\n"
-        "  mailstrom show --raw 0190f3a2 > message.eml\n",
+        "  mailstrom show --raw 0190f3a2 > message.eml\n"
+        "  mailstrom show --json 0190f3a2 | jq -r .message\n",
     )
     show.add_argument("id", help="message id, or any unique prefix of one")
     part = show.add_mutually_exclusive_group()
     part.add_argument("--raw", action="store_true", help="only the stored bytes, unchanged")
     part.add_argument("--headers", action="store_true", help="the header section only")
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="the status (as status --json) with the message as text in 'message'",
+    )
     show.set_defaults(handler=show_command)
 
 
@@ -461,10 +467,19 @@ def print_counts(stats: QueueStats) -> None:
 
 
 def show_command(args: argparse.Namespace) -> int:
+    if args.json and args.raw:
+        # --raw is the stored bytes exactly; JSON can only hold them as text.
+        raise UsageError("argument --json: not allowed with argument --raw")
     with store_from(settings_from(args), read_only=True) as store:
         mid = store.resolve_id(args.id)
         data = store.message_data(mid)
         st = None if args.raw else store.status(mid)
+    if args.json:
+        assert st is not None
+        shown = header_section(data) if args.headers else data
+        # Octets that are not UTF-8 (a stored 8-bit message) as U+FFFD: JSON is UTF-8.
+        print_json({**status_json(st), "message": shown.decode("utf-8", "replace")})
+        return EX_OK
     out = sys.stdout.buffer
     if st is not None:
         sys.stdout.write(envelope_text(st, utc_now()))
