@@ -204,6 +204,28 @@ def test_global_options_before_or_after_the_command() -> None:
     assert parser.parse_args(["--store", "memory:", "queue", "--limit", "3"]).store == "memory:"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["send", "--from", "a@x.test", "--from", "b@x.test", "--to", "c@x.test"],
+        ["send", "--subject", "one", "--to", "c@x.test", "--subj", "two"],
+        ["queue", "--limit", "5", "--limit=6"],
+        ["queue", "--store", "memory:", "--store", "sqlite:///other.db"],
+        ["--store", "memory:", "--store", "sqlite:///other.db", "queue"],
+        ["purge", "--delivered-before", "30d", "--delivered-before", "1s"],
+    ],
+)
+def test_a_single_value_option_given_twice_is_a_usage_error(argv: list[str]) -> None:
+    """The first value was dropped without a word: ``send --from a --from b`` sent as b,
+    ``purge --delivered-before 30d --delivered-before 1s`` purged what finished a second
+    ago. Options that collect values (``--to``, ``--dns-server``) still repeat."""
+    with pytest.raises(UsageError, match="given twice"):
+        build_parser(argv[0] if argv[0] != "--store" else "queue").parse_args(argv)
+    repeated = ["--dns-server", "127.0.0.1", "--dns-server", "127.0.0.2", "send"]
+    args = build_parser("send").parse_args([*repeated, "--to", "a@x.test", "--to", "b@x.test"])
+    assert args.dns_server == ["127.0.0.1", "127.0.0.2"]
+
+
 def test_split_sendmail() -> None:
     assert _split_sendmail(["sendmail", "-t"]) == ([], ["-t"])
     assert _split_sendmail(["--store", "memory:", "sendmail", "-oi", "a@x"]) == (

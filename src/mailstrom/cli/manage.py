@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import print_json
-from mailstrom.cli.parsing import Subparsers, duration_arg
+from mailstrom.cli.parsing import Subparsers, duration_arg, once
 from mailstrom.cli.selection import (
     MAX_BULK,
     add_filter_options,
@@ -177,6 +177,7 @@ class _StoreAge(argparse.Action):
         values: object,
         option_string: str | None = None,
     ) -> None:
+        once(self, parser)
         setattr(namespace, self.dest, values)
         namespace.purge_state = self.purge_state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
@@ -56,6 +56,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        for name in (None, "store"):  # None: add_argument without an action
+            self.register("action", name, StoreOnce)
+        self.given: set[str] = set()
+        """The single-value options given so far in this parse (see :class:`StoreOnce`)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.given = set()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # The reason alone, as every error is one line (docs/cli.md); argparse's usage
@@ -71,6 +81,33 @@ class ArgumentParser(argparse.ArgumentParser):
             self._check_value(action, value)
             return value
         return super()._get_values(action, arg_strings)
+
+
+def once(action: argparse.Action, parser: argparse.ArgumentParser) -> None:
+    """Refuse a second value for ``action``'s option in one parse: argparse keeps the
+    last without a word, so ``send --from a --from b`` sent as b and ``purge
+    --delivered-before 30d --delivered-before 1s`` purged mail finished a second ago.
+    Options that collect values (``--to``, ``--dns-server``) take ``append`` instead."""
+    given = getattr(parser, "given", None)
+    if not isinstance(given, set) or not action.option_strings:
+        return  # a positional argument, or a parser of argparse's own
+    if action.dest in given:
+        raise argparse.ArgumentError(action, "given twice")
+    given.add(action.dest)
+
+
+class StoreOnce(argparse._StoreAction):
+    """argparse's ``store`` that refuses a second value (see :func:`once`)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        once(self, parser)
+        super().__call__(parser, namespace, values, option_string)
 
 
 # --- option value types: a bad value is a usage error (64) with a plain reason ---------------
