@@ -74,6 +74,18 @@ def test_json_output_is_utf8_whatever_the_strings_hold() -> None:
     }
 
 
+def test_json_output_escapes_what_a_terminal_would_obey() -> None:
+    """json escapes C0 controls only: with ensure_ascii=False an 8-bit CSI (U+009B), a
+    line separator or a right-to-left override in a stored Subject (decoded from an
+    encoded word) or metadata value reached the terminal of `status --json` raw. Written
+    as JSON escapes they are the same value to a parser."""
+    out = io.StringIO()
+    print_json({"subject": HOSTILE, "list": [HOSTILE], "fine": "é 😀"}, out)
+    assert_harmless(out.getvalue())
+    assert "\x7f" not in out.getvalue() and "é 😀" in out.getvalue()
+    assert json.loads(out.getvalue()) == {"subject": HOSTILE, "list": [HOSTILE], "fine": "é 😀"}
+
+
 def test_a_cell_is_one_line_without_controls() -> None:
     assert cell(HOSTILE) == r"hi FAKE LINE\x1b[31mRED\x9b2J x\u202eevil\x07"
 

@@ -8,8 +8,9 @@ bounce report, DNS records. Such text reaches the terminal only through :func:`v
 (:func:`cell`, :func:`echo`, :func:`print_table`, :func:`print_fields` apply it), which
 shows control characters as escapes: an ESC from a crafted Subject must not recolour or
 rewrite the operator's terminal, nor a CR or line separator forge a line of output.
-JSON output needs none of this: the json module escapes what a parser would misread, and
-scripts get the text as it is.
+JSON output keeps the text as it is: the json module escapes C0 controls, and
+:func:`print_json` the others a terminal would obey or reorder, as ``\\uXXXX`` escapes
+that mean the same text to a parser.
 
 Both must still be UTF-8 (RFC 8259 §8.1 for JSON). Text read with ``surrogateescape``
 (a DNS record's octets, which the doctor keeps so that SPF sees them as published)
@@ -37,6 +38,8 @@ _UNICODE_CONTROLS = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066
 _SURROGATES = r"\ud800-\udfff"
 _CONTROL = re.compile(rf"[\x00-\x1f{_UNICODE_CONTROLS}{_SURROGATES}]")
 _SURROGATE = re.compile(f"[{_SURROGATES}]")
+# What json.dumps(ensure_ascii=False) writes raw of _CONTROL (it escapes C0 itself).
+_JSON_UNESCAPED = re.compile(f"[{_UNICODE_CONTROLS}]")
 # The same but for tab, LF, and CR before LF: the layout of a message's lines.
 _CONTROL_BUT_LAYOUT = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_UNICODE_CONTROLS}]")
 
@@ -102,10 +105,16 @@ def to_jsonable(value: Any) -> Any:
 
 def print_json(value: Any, stream: TextIO | None = None) -> None:
     """``value`` as indented JSON, in UTF-8 whatever its strings hold: a lone surrogate
-    (an undecodable octet kept by ``surrogateescape``) becomes U+FFFD."""
+    (an undecodable octet kept by ``surrogateescape``) becomes U+FFFD. The controls json
+    leaves as they are (DEL, C1 such as the 8-bit CSI U+009B, the line separators, the
+    bidirectional controls) are written as ``\\uXXXX`` escapes: the same value to a
+    parser, and nothing a terminal would obey or reorder."""
     stream = sys.stdout if stream is None else stream
     text = json.dumps(to_jsonable(value), indent=2, ensure_ascii=False)
-    stream.write(_SURROGATE.sub("\ufffd", text) + "\n")
+    text = _SURROGATE.sub("\ufffd", text)
+    # These occur only inside strings (the rest is ASCII syntax), where escapes mean them.
+    text = _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    stream.write(text + "\n")
 
 
 def cell(value: Any) -> str:
