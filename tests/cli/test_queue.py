@@ -23,6 +23,7 @@ def test_queue_filters_and_counts(cli: CLI) -> None:
     assert ids() == [third, second, first]  # newest first
     assert ids("--domain", "other.test") == [third, second]
     assert ids("--domain", "OTHER.test") == [third, second]
+    assert ids("--domain", "other.test.") == [third, second]
     assert ids("--held") == [second]
     assert ids("--not-held") == [third, first]
     assert ids("--state", "queued", "--limit", "1") == [third]

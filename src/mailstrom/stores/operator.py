@@ -118,10 +118,11 @@ def normalize_domain(domain: str) -> str:
 
 def filter_domain(text: str) -> str:
     """A domain typed into a filter (``--domain``, the dashboard's) as recipients' domains
-    are stored: stripped, lower case, U-labels as A-labels (``bücher.example`` finds
-    ``xn--bcher-kva.example``). A name with no A-label form is kept as given: it finds
-    nothing, or the caller's own check refuses it."""
-    value = text.strip().lower()
+    are stored: stripped, lower case, without a trailing dot (``example.org.``, the
+    absolute form, as :func:`normalize_domain` and ``suspend`` take it), U-labels as
+    A-labels (``bücher.example`` finds ``xn--bcher-kva.example``). A name with no A-label
+    form is kept as given: it finds nothing, or the caller's own check refuses it."""
+    value = text.strip().rstrip(".").lower()
     try:
         return a_label(value)
     except ValueError:
