@@ -43,6 +43,17 @@ def test_queue_filters_and_counts(cli: CLI) -> None:
     assert [line.split()[0] for line in plain[1:]] == [third, second, first]
     assert "other.test" in cli.ok("queue", "--counts").out
 
+    # The summaries cover the whole queue: a filter given with them was dropped without a
+    # word, so `--counts --domain example.test` showed other.test's mail as its own.
+    for view in ("--counts", "--shape", "--suspended"):
+        for extra in (
+            ["--domain", "example.test"], ["--state", "failed"], ["--older-than", "1h"],
+            ["--tag", "t"], ["--held"], ["--not-held"], ["--limit", "5"],
+        ):  # fmt: skip
+            refused = cli("queue", view, *extra)
+            assert refused.code == 64, (view, extra, refused.out)
+            assert refused.err == f"mailstrom: {view} takes no filters or --limit\n"
+
 
 def test_hold_release_and_delivery(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx

@@ -30,7 +30,7 @@ from mailstrom.cli.output import (
     visible_lines,
 )
 from mailstrom.cli.parsing import Subparsers, count_arg
-from mailstrom.cli.selection import add_filter_options, queue_filter
+from mailstrom.cli.selection import add_filter_options, has_filters, queue_filter
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
@@ -100,7 +100,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     held.add_argument(
         "--not-held", dest="held", action="store_const", const=False, help="only unheld ones"
     )
-    q.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
+    q.add_argument(
+        "--limit", type=count_arg, default=None, help=f"at most this many (default {LIMIT})"
+    )
     view = q.add_mutually_exclusive_group()
     view.add_argument(
         "--counts", action="store_true", help="recipients by state and pending ones by domain"
@@ -318,8 +320,17 @@ def store_warnings() -> Iterator[None]:
         logger.removeHandler(handler)
 
 
+LIMIT = 100
+"""Messages ``queue`` lists without ``--limit``."""
+
+
 def queue_command(args: argparse.Namespace) -> int:
     now = utc_now()
+    summary = next((f"--{v}" for v in ("counts", "shape", "suspended") if getattr(args, v)), None)
+    if summary and (has_filters(args) or args.held is not None or args.limit is not None):
+        # They cover the whole queue: a filter would be dropped without a word.
+        raise UsageError(f"{summary} takes no filters or --limit")
+    limit: int = args.limit or LIMIT
     with store_warnings(), store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
@@ -334,10 +345,10 @@ def queue_command(args: argparse.Namespace) -> int:
         if args.suspended:
             print_suspensions(store.suspensions(now=now), now, json=args.json)
             return EX_OK
-        where = queue_filter(args, default_state="pending", limit=args.limit, held=args.held)
+        where = queue_filter(args, default_state="pending", limit=limit, held=args.held)
         messages = store.query(now=now, where=where)
         total = len(messages)
-        if total >= args.limit:
+        if total >= limit:
             total = store.count(now=now, where=where, cap=COUNT_CAP)
         # For people reading the table; scripts ask `mailstrom workers`.
         nobody = not args.json and _waiting(messages) and _nobody_delivers(store)
