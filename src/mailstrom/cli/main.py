@@ -181,13 +181,31 @@ def _split_sendmail(argv: list[str]) -> tuple[list[str], list[str]] | None:
     return argv[:at], argv[at + 1 :]
 
 
+def _takes_value(arg: str) -> bool:
+    """Whether ``arg`` is a global option that takes the next argument as its value:
+    written out, or abbreviated as argparse allows (``--sto`` for ``--store``). Read as
+    a flag, an abbreviation made its value the command's name, and ``mailstrom --sto X
+    sendmail`` reached argparse's stand-in for sendmail (a traceback) instead of the
+    refusal of mailstrom options."""
+    if arg in GLOBAL_VALUE_OPTIONS:
+        return True
+    if not arg.startswith("--") or "=" in arg:
+        return False
+    matches = [o for o in (*GLOBAL_VALUE_OPTIONS, *GLOBAL_FLAGS) if o.startswith(arg)]
+    return bool(matches) and all(o in GLOBAL_VALUE_OPTIONS for o in matches)
+
+
+GLOBAL_FLAGS = ("--traceback", "--version", "--help")
+"""The global options that take no value (for abbreviations: see :func:`_takes_value`)."""
+
+
 def _command_index(argv: list[str]) -> int | None:
     """Where the command's name is in ``argv``: the first word after the global options
     (skipping the values of those that take one), or None."""
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in GLOBAL_VALUE_OPTIONS:
+        if _takes_value(arg):
             i += 2
         elif arg.startswith("--"):
             i += 1

@@ -463,8 +463,15 @@ def sendmail_settings() -> Settings:
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     """Listed in ``mailstrom --help``; ``main`` dispatches to :func:`main` before argparse."""
-    sub.add_parser(
+    parser = sub.add_parser(
         "sendmail",
         add_help=False,
         help="drop-in for /usr/sbin/sendmail: queue a message read on stdin",
     )
+    parser.set_defaults(handler=_options_before)
+
+
+def _options_before(args: argparse.Namespace) -> int:
+    """argparse reaches ``sendmail`` only when mailstrom options came before it in a
+    form :func:`~mailstrom.cli.main.main` did not split off: refused, as those are."""
+    raise UsageError(f"sendmail takes no mailstrom options; set them in {SYSTEM_CONFIG_PATH}")
