@@ -58,13 +58,16 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         for name in (None, "store"):  # None: add_argument without an action
             self.register("action", name, StoreOnce)
+        self.register("action", "parsers", _Commands)
         self.given: set[str] = set()
         """The single-value options given so far in this parse (see :class:`StoreOnce`)."""
+        self.given_before: frozenset[str] = frozenset()
+        """Those given before this (sub)command's name, by the parser that chose it."""
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        self.given = set()
+        self.given, self.given_before = set(self.given_before), frozenset()
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
@@ -107,6 +110,24 @@ class StoreOnce(argparse._StoreAction):
         option_string: str | None = None,
     ) -> None:
         once(self, parser)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """argparse's subcommands, telling the chosen command's parser which single-value
+    options came before its name: a global option given before and after it
+    (``--store a queue --store b``) is given twice too."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        chosen = self._name_parser_map.get(values[0]) if values else None
+        if isinstance(chosen, ArgumentParser) and isinstance(parser, ArgumentParser):
+            chosen.given_before = frozenset(parser.given)
         super().__call__(parser, namespace, values, option_string)
 
 
