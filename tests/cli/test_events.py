@@ -91,6 +91,27 @@ def test_events_prune_unsent_removes_what_no_hook_sends(mail_env: MailEnv) -> No
     assert "--unsent goes with --prune" in refused.err
 
 
+def test_events_json_escapes_what_a_terminal_would_obey(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"
+    value = "abc\u202edef"  # a bidi override: the line shown reversed
+    cli.ok(
+        "send",
+        "--from",
+        "app@client.test",
+        "--to",
+        "bob@example.test",
+        "--text",
+        "Hi",
+        "--meta",
+        f"note={value}",
+    )
+    cli.ok("worker", "--once", "--no-live")
+    out = cli.ok("events", "--json").out
+    assert "\u202e" not in out
+    assert json.loads(out)["metadata"] == {"note": value}
+
+
 def test_events_on_an_empty_store(cli: object) -> None:
     from tests.cli.conftest import CLI
 

@@ -17,6 +17,7 @@ from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
+from mailstrom.safetext import escaped_json
 from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import Store
 from mailstrom.webhooks import event_json
@@ -131,7 +132,9 @@ def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None
 
 def _print(event: DeliveryEvent, *, as_json: bool) -> None:
     if as_json:
-        line = json.dumps(event_json(event), ensure_ascii=False)
+        # Escaped as the other --json views are: a stored reply or metadata value could
+        # hold controls a terminal obeys (U+009B) or bidi overrides that reorder the line.
+        line = escaped_json(json.dumps(event_json(event), ensure_ascii=False))
     else:
         parts = [
             event.at.isoformat(timespec="seconds"),
