@@ -13,9 +13,10 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from mailstrom.config import Timeouts
-from mailstrom.errors import DeliveryError
+from mailstrom.errors import DeliveryError, SMTPProtocolError
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 
 FAST = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=5)
@@ -151,3 +152,59 @@ async def open_and_send(port: int, mode: StartTLS, context: ssl.SSLContext) -> N
     finally:
         await conn.close()
     pytest.fail(f"the connection went on after an injected reply: {result}")
+
+
+async def handshake_then_talk(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext
+) -> None:
+    """The server's side of a TLS handshake over memory BIOs, with ``250 early`` sent
+    over TLS in the same segment as the handshake's last flight: before any EHLO."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = tls.wrap_bio(incoming, outgoing, server_side=True)
+    while True:
+        try:
+            tls_object.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            await writer.drain()
+            data = await reader.read(65536)
+            if not data:
+                return
+            incoming.write(data)
+    tls_object.write(b"250 early\r\n")
+    writer.write(outgoing.read())
+    await writer.drain()
+    await reader.read(65536)
+
+
+async def test_a_reply_over_tls_before_ehlo_is_a_protocol_error(
+    tls_ca: trustme.CA, client_tls_context: ssl.SSLContext
+) -> None:
+    """A reply that comes with the server's last TLS handshake flight (TLS 1.2, where the
+    server finishes the handshake) reaches the session before ``start_tls`` returns: it
+    answers no command, and is a protocol error like any unsolicited line, not a local
+    error of a session that was closed under the client's feet."""
+    tls12 = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_ca.issue_cert("mx.test").configure_cert(tls12)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mx.evil ESMTP\r\n")
+            await reader.readline()  # EHLO
+            writer.write(b"250-mx.evil\r\n250 STARTTLS\r\n")
+            await reader.readline()  # STARTTLS
+            writer.write(b"220 go ahead\r\n")
+            await handshake_then_talk(reader, writer, tls12)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        for mode in (StartTLS.VERIFY, StartTLS.OPPORTUNISTIC):
+            with pytest.raises(SMTPProtocolError, match="unsolicited reply: 250 early"):
+                await open_and_send(port, mode, client_tls_context)

@@ -412,6 +412,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             )
         self._transport = tls_transport
         self._raw_transport = transport
+        # Octets that came with the server's last handshake flight were handed to the
+        # session before start_tls returned: a reply to no command (EHLO is not sent yet)
+        # broke the session, and is raised as itself.
+        self._check_open()
         if mode is StartTLS.DANE:
             self._check_dane(tlsa)
         self._record_tls()
