@@ -323,6 +323,54 @@ async def test_an_early_talker_alone_is_deferred_naming_the_protocol_error(
     assert "unsolicited reply" in status.reason
 
 
+# --- replies to commands not yet sent ----------------------------------------------------
+
+
+def answering_twice(first: bytes) -> Handler:
+    """A peer without PIPELINING that answers the command starting with ``first`` twice
+    (the second time before the next command is sent), every other once: RCPT for
+    ``bob`` is accepted, RCPT for ``nobody`` refused."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                reply = b"250-hostile.test\r\n250 8BITMIME\r\n"
+            elif line.startswith(b"RCPT"):
+                reply = b"550 5.1.1 no such user\r\n" if b"nobody" in line else b"250 ok\r\n"
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                reply = b"250 2.0.0 queued\r\n"
+            elif line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                reply = b"250 ok\r\n"
+            writer.write(reply * 2 if line.startswith(first) else reply)
+            await writer.drain()
+
+    return handle
+
+
+async def test_a_reply_that_came_before_its_command_was_sent_is_a_protocol_error() -> None:
+    """Octets read before a command was written cannot answer it: the second reply to MAIL
+    would be taken for bob's, bob's for nobody's, and nobody's refusal for the reply to
+    DATA, refusing both (bob at DATA, though the server accepted him)."""
+    async with peer(answering_twice(b"MAIL")) as port:
+        conn = await open_to(port)
+        with pytest.raises(SMTPProtocolError, match="before its command was sent"):
+            await conn.send(
+                envelope_from="a@a.test",
+                recipients=["bob@b.test", "nobody@b.test"],
+                data=b"Subject: hi\r\n\r\nhello\r\n",
+                smtputf8=False,
+                eightbit=False,
+            )
+        await conn.close()
+
+
 # --- EHLO SIZE ---------------------------------------------------------------------------
 
 

@@ -547,6 +547,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         session = self._session
         handlers = self._handlers
         answered = False
+        # These octets were all read before any command the handlers below write, so
+        # they can answer only the commands already on the wire: a reply beyond those
+        # (a server answering one command twice) would be paired with a command the
+        # server has not seen, and every reply after it with the wrong command.
+        answerable = len(handlers)
         self._receiving = True
         try:
             session.receive_data(data)
@@ -555,6 +560,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 command, reply, _ = answer
                 if not handlers:
                     raise SMTPProtocolError(f"unsolicited reply: {reply}")
+                if not answerable:
+                    quoted = str(reply)[:200]
+                    raise SMTPProtocolError(
+                        f"reply before its command was sent ({command.value}): {quoted}"
+                    )
+                answerable -= 1
                 handlers.popleft()(command, reply)
                 if self._aborted:
                     return
