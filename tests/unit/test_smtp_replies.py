@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tracemalloc
 import unicodedata
 
 import pytest
@@ -308,6 +310,33 @@ def test_a_cr_after_max_line_octets_that_does_not_end_the_line_is_refused() -> N
 def test_over_long_complete_line_is_a_protocol_error() -> None:
     with pytest.raises(SMTPProtocolError, match="longer"):
         parse_all(b"250 " + b"x" * MAX_LINE + b"\r\n")
+
+
+def test_a_reply_of_many_short_lines_holds_memory_in_proportion_to_its_octets() -> None:
+    """MAX_REPLY bounds the octets of a reply; each line costs objects besides (its bytes,
+    its text), so a hostile peer's reply of tiny lines under that bound held twelve times
+    its size, per connection."""
+    wire = b"250-abc\r\n" * (replies.MAX_REPLY // 7 - 10) + b"250 end\r\n"
+    size = len(wire)
+    parser = ReplyParser()
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(SMTPProtocolError):
+            for start in range(0, len(wire), 65536):
+                parser.feed(wire[start : start + 65536])
+                parser.next_reply()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * size
+
+
+def test_a_reply_of_many_lines_within_the_bound_is_taken() -> None:
+    wire = b"250-line\r\n" * (replies.MAX_LINES - 1) + b"250 end\r\n"
+    [reply] = parse_all(wire)
+    assert reply.text.count("\n") == replies.MAX_LINES - 1
+    with pytest.raises(SMTPProtocolError, match="lines"):
+        parse_all(b"250-line\r\n" * replies.MAX_LINES + b"250 end\r\n")
 
 
 # --- the memory of single-line replies already parsed ------------------------------------

@@ -3,7 +3,8 @@
 A reply is one or more lines ``DDD-text`` ending with one ``DDD text`` (RFC 5321 §4.2.1).
 The parser accepts bytes split anywhere, byte by byte included, and refuses what would make
 a client hang or grow without bound: a malformed line, a code that changes inside one
-multi-line reply, a line longer than :data:`MAX_LINE` octets.
+multi-line reply, a line longer than :data:`MAX_LINE` octets, a reply longer than
+:data:`MAX_REPLY` octets or of more than :data:`MAX_LINES` lines.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ MAX_LINE = 64 * 1024
 """Longest reply line accepted (RFC 5321 §4.5.3.1.5 asks for 512; servers exceed it)."""
 MAX_REPLY = 1024 * 1024
 """Largest multi-line reply accepted, in octets."""
+MAX_LINES = 4096
+"""Most lines in one reply. Each line costs objects besides its octets (its bytes, then its
+text): without this bound, a reply of tiny lines under :data:`MAX_REPLY` held a dozen
+times its size."""
 
 # Code: first digit 2-5, second 0-5 (RFC 5321 §4.2); then SP, "-" or nothing ("250\r\n" is
 # seen in the wild and harmless).
@@ -137,6 +142,8 @@ class ReplyParser:
         self._size += len(line)
         if self._size > MAX_REPLY:
             raise SMTPProtocolError(f"reply longer than {MAX_REPLY} octets")
+        if len(self._lines) > MAX_LINES:
+            raise SMTPProtocolError(f"reply of more than {MAX_LINES} lines")
         if separator == b"-":
             return None
         lines, self._lines, self._code, self._size = self._lines, [], None, 0
