@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -45,7 +46,9 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @contextlib.asynccontextmanager
-async def peer(handle: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+async def peer(
+    handle: Handler, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+) -> AsyncIterator[int]:
     """Run ``handle`` for every connection to ``host``; yields the port. Handlers still
     running (a peer dripping forever) are cancelled at the end."""
     tasks: set[asyncio.Task[None]] = set()
@@ -61,7 +64,10 @@ async def peer(handle: Handler, host: str = "127.0.0.1", port: int = 0) -> Async
         finally:
             writer.close()
 
-    server = await asyncio.start_server(run, host, port)
+    if sock is None:
+        server = await asyncio.start_server(run, host, port)
+    else:
+        server = await asyncio.start_server(run, sock=sock)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -368,6 +374,62 @@ async def test_a_reply_that_came_before_its_command_was_sent_is_a_protocol_error
                 smtputf8=False,
                 eightbit=False,
             )
+        await conn.close()
+
+
+async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() -> None:
+    """A server that refuses the content before its end and then reads the rest as commands
+    (RFC 5321 §4.1.1.4: the reply comes after the final dot): its refusal stands, but the
+    session cannot go on, or the next transaction's envelope gets the replies to lines of
+    the content, and its recipients fail on a "500" to MAIL that never answered it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-hostile.test\r\n250 PIPELINING\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                await reader.readline()
+                writer.write(b"552 5.3.4 too big\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the client reads the refusal meanwhile
+                while line := await reader.readline():
+                    writer.write(b"500 5.5.2 what?\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    listener.bind(("127.0.0.1", 0))
+    async with peer(handle, sock=listener) as port:
+        conn = await open_to(port)
+        # Small kernel buffers on both sides: most of the content stays in the transport's.
+        assert conn._transport is not None
+        conn._transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        content = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20_000
+        first = conn.submit(
+            envelope_from="a@a.test",
+            recipients=["b@b.test"],
+            data=content,
+            smtputf8=False,
+            eightbit=False,
+        )
+        second = conn.submit(
+            envelope_from="a@a.test",
+            recipients=["c@b.test"],
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            smtputf8=False,
+            eightbit=False,
+        )
+        result = await first
+        assert result.final is not None and result.final.code == 552
+        with pytest.raises(SMTPProtocolError, match="before the end of the message"):
+            await second
         await conn.close()
 
 

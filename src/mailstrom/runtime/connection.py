@@ -654,6 +654,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             buffered += raw.get_write_buffer_size()
         return self._written - buffered
 
+    def _unsent(self, end: int) -> bool:
+        """Whether the octets written up to ``end`` are surely still in this process: in
+        the buffer of the transport written to (under TLS, plaintext not yet encrypted,
+        not the ciphertext below, whose length says nothing exact)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        return self._written - transport.get_write_buffer_size() < end
+
     def _check_dots(self) -> bool:
         """Mark the final dots that have left this process; True if one has not yet."""
         sent = self._sent_upto()

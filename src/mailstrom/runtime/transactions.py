@@ -218,6 +218,9 @@ class TransactionsMixin:
     def _watch_dots(self) -> None:
         raise NotImplementedError
 
+    def _unsent(self, end: int) -> bool:
+        raise NotImplementedError
+
     def _abort(self, error: DeliveryError | None) -> None:
         raise NotImplementedError
 
@@ -491,11 +494,24 @@ class TransactionsMixin:
         self._arm_next()
 
     def _on_body(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
+        # A reply while the final dot is still in this process's buffers came before the
+        # end of the content (RFC 5321 §4.1.1.4 wants it after): it stands for this
+        # transaction, but the server reads what is left of the content as commands, so
+        # nothing more may go on this session.
+        early = self._unsent(txn.dot_end)
         txn.dot_pending = False
         txn.final = reply
         self._finish(txn)
         if reply.code == 421:
             self._abort(None)
+        elif early:
+            quoted = str(reply)[:200]
+            self._abort(
+                SMTPProtocolError(
+                    f"{self.host} answered before the end of the message: {quoted}",
+                    host=self.host,
+                )
+            )
         else:
             self._continue()
 
