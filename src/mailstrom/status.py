@@ -169,6 +169,9 @@ class RecipientStatus:
     first_attempt_at: datetime | None = None
     last_attempt_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    """When the recipient became final: its last attempt, or when it was cancelled (None
+    while pending). Purges choose by it."""
     history: tuple[Attempt, ...] = ()
     throttle: DestinationThrottle | None = None
     """The pause of this recipient's destination, while one holds it back (see

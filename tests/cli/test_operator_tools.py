@@ -183,6 +183,26 @@ def test_purge_by_age_reaches_old_mail_behind_more_than_a_run_of_recent_mail(cli
     assert cli.ok("purge", *flags, "--json").json() == {"purged": 1}
 
 
+def test_a_dry_run_purge_by_age_judges_a_cancelled_message_by_when_it_was_cancelled(
+    cli: CLI,
+) -> None:
+    """The dry run judged a message's age by its recipients' last attempts, purge by when
+    they finished: mail queued long ago and cancelled just now (never attempted) was
+    listed as purgeable, and purge then left it alone."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        old = store.enqueue(message("a@example.test"), now=now - timedelta(days=2))
+        store.cancel_many([old], now=now)
+    finally:
+        store.close()
+    for flags in ((), ("--all",), (old,)):
+        dry = cli.ok("purge", *flags, "--finished-before", "1d", "--dry-run", "--json")
+        assert dry.json()["ids"] == [], flags
+    assert cli.ok("purge", "--finished-before", "1d", "--json").json() == {"purged": 0}
+    assert cli.queue_ids() == [old]
+
+
 # --- queue ---------------------------------------------------------------------------------
 
 

@@ -133,6 +133,23 @@ def test_purge_listed_and_by_state(store: Store) -> None:
     assert store.purge_many([again, pending]) == 1
 
 
+def test_a_status_says_when_each_recipient_became_final(store: Store) -> None:
+    """A purge chooses by when recipients became final, which a status did not say: a
+    dry run judged by the last attempt, and listed mail queued long ago and cancelled just
+    now, which purge then left alone."""
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    cancelled = store.enqueue(message("b@example.org"), now=NOW)
+    pending = store.enqueue(message("c@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    store.release(lease)
+    assert store.cancel_many([cancelled], now=NOW + HOUR) == 1
+    finished = {m.id: [r.finished_at for r in m.recipients] for m in store.query(now=NOW)}
+    assert finished == {delivered: [NOW], cancelled: [NOW + HOUR], pending: [None]}
+    assert store.status(cancelled).recipients[0].finished_at == NOW + HOUR
+    assert store.status(cancelled).recipients[0].last_attempt_at is None
+
+
 def test_purge_listed_in_a_state(store: Store) -> None:
     delivered = store.enqueue(message("a@example.org"), now=NOW)
     failed = store.enqueue(message("b@example.org"), now=NOW)

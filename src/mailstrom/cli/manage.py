@@ -30,7 +30,7 @@ from mailstrom.cli.selection import (
     resolve_all,
     select,
 )
-from mailstrom.status import MessageStatus, RecipientState
+from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
 from mailstrom.stores.base import Store
 from mailstrom.stores.operator import purge_candidates
 
@@ -276,12 +276,13 @@ def _purgeable(m: MessageStatus, state: RecipientState | None, cutoff: datetime 
     return cutoff is None or _finished_before(m.recipients, cutoff)
 
 
-def _finished_before(recipients: tuple[object, ...], cutoff: datetime) -> bool:
-    """Whether every recipient's last attempt (or cancellation) came before ``cutoff``;
-    the dry run's estimate of what purge_many checks on the stored finishing times."""
+def _finished_before(recipients: tuple[RecipientStatus, ...], cutoff: datetime) -> bool:
+    """Whether every recipient became final (its last attempt, or its cancellation) before
+    ``cutoff``, as purge_many checks: judged by the last attempt alone, mail queued long
+    ago and cancelled just now was listed, and purge then left it alone."""
     for r in recipients:
-        last = getattr(r, "last_attempt_at", None)
-        if last is not None and last >= cutoff:
+        finished = r.finished_at or r.last_attempt_at
+        if finished is None or finished >= cutoff:
             return False
     return True
 

@@ -100,6 +100,7 @@ class _Recipient:
             first_attempt_at=self.first_attempt_at,
             last_attempt_at=self.last_attempt_at,
             next_attempt_at=self.next_attempt_at,
+            finished_at=self.finished_at,
             history=tuple(self.history) if with_history else (),
         )
 

@@ -750,7 +750,7 @@ def read_messages(
         for row in conn.execute(
             "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
             " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-            " last_attempt_at, next_attempt_at, reason_class FROM recipients"
+            " last_attempt_at, next_attempt_at, reason_class, finished_at FROM recipients"
             f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
             chunk,
         ):

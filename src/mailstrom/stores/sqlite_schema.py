@@ -188,7 +188,7 @@ def attempt_from_row(row: Any) -> Attempt:
 def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatus:
     """A recipient status from (message_seq, id, address, state, attempts, reply_code,
     reply_enhanced, reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,
-    last_attempt_at, next_attempt_at, reason_class)."""
+    last_attempt_at, next_attempt_at, reason_class[, finished_at])."""
     return RecipientStatus(
         address=row[2],
         state=RecipientState(row[3]),
@@ -203,5 +203,6 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         first_attempt_at=opt_time_at(row[13], "first_attempt_at"),
         last_attempt_at=opt_time_at(row[14], "last_attempt_at"),
         next_attempt_at=opt_time_at(row[15], "next_attempt_at"),
+        finished_at=opt_time_at(row[17], "finished_at") if len(row) > 17 else None,
         history=history,
     )

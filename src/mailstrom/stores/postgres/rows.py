@@ -406,6 +406,7 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
         first_attempt_at=row["first_attempt_at"],
         last_attempt_at=row["last_attempt_at"],
         next_attempt_at=row["next_attempt_at"],
+        finished_at=row.get("finished_at"),
         history=history,
     )
 
