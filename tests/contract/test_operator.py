@@ -88,6 +88,27 @@ def test_pending_view_and_count(store: Store) -> None:
     assert row.recipients[0].reply is not None and row.recipients[0].reply.code == 451
 
 
+def test_the_pending_view_picks_the_newest_as_every_view_does(store: Store) -> None:
+    """The SQLite pending view chose its ``limit`` messages by enqueue order, every other
+    view (and store) by enqueue time: after the clock was stepped back, a message queued
+    earlier but stamped later was left out of the pending view's newest, not of the
+    others."""
+    stamped_later = store.enqueue(message("a@example.org"), now=NOW + HOUR)
+    stepped_back = store.enqueue(message("b@example.org"), now=NOW)
+    newest = store.enqueue(message("c@example.org"), now=NOW + 2 * HOUR)
+    later = NOW + 3 * HOUR
+    for where in (
+        QueueFilter(limit=2),
+        QueueFilter(states=PENDING_STATES, limit=2),
+        QueueFilter(state=RecipientState.QUEUED, limit=2),
+        QueueFilter(states=PENDING_STATES, domain="example.org", limit=2),
+        QueueFilter(states=PENDING_STATES, held=False, limit=2),
+    ):
+        assert [m.id for m in store.query(now=later, where=where)] == [newest, stamped_later]
+    every = [m.id for m in store.query(now=later, where=PENDING)]
+    assert every == [newest, stamped_later, stepped_back]
+
+
 # --- bulk changes --------------------------------------------------------------------------
 
 

@@ -142,10 +142,19 @@ def _pending_walk(now: datetime, where: QueueFilter) -> tuple[str, list[object]]
 def pending_seqs(
     conn: sqlite3.Connection, now: datetime, where: QueueFilter, limit: int
 ) -> list[int]:
-    """The newest ``limit`` pending messages matching ``where``, walking the pending index
-    from the newest message down and stopping at the limit."""
+    """The newest ``limit`` pending messages matching ``where``, newest first as every
+    view orders them (by enqueue time, then row number): the ``messages_newest`` index is
+    walked from the newest message down, each message looked up in the pending index,
+    stopping at the limit; no message row is read. (Ordered by row number alone, a
+    message stamped later than the ones queued after it, the clock stepped back, was
+    left out of the newest ``limit``, not of the other views.)"""
     sql, params = _pending_walk(now, where)
-    rows = conn.execute(f"{sql} ORDER BY r.message_seq DESC LIMIT ?", [*params, limit])
+    rows = conn.execute(
+        "SELECT n.seq FROM messages n INDEXED BY messages_newest"
+        f" WHERE EXISTS ({sql} AND r.message_seq = n.seq)"
+        " ORDER BY n.created_at DESC, n.seq DESC LIMIT ?",
+        [*params, limit],
+    )
     return [row[0] for row in rows]
 
 
