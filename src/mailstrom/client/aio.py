@@ -266,9 +266,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         now = self._clock()
-        return await asyncio.to_thread(
+        changed = await asyncio.to_thread(
             lambda: self.store.cancel(resolve(self.store, message_id), now=now)
         )
+        if changed:
+            self._cancelled()
+        return changed
 
     async def throttled_destinations(self) -> list[DestinationThrottle]:
         """The destinations paused now (see :meth:`Mailstrom.throttled_destinations`)."""

@@ -234,6 +234,13 @@ class Worker(
         """Look for due work now (thread-safe)."""
         self._call_soon(self._poke)
 
+    def check_leases(self) -> None:
+        """Extend the leases now, as the heartbeat does (thread-safe): work of them that
+        was cancelled meanwhile is then given back, not started. Called after a cancel
+        through the facade that runs this worker; unasked, the heartbeat found it only
+        at its next beat (every third of ``lease_for``), and the work went out before."""
+        self._call_soon(self._beat_now.set)
+
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Stop leasing (thread-safe). In-flight deliveries get ``drain_timeout`` seconds
         to finish (None: as long as they take); what is unfinished then is given back to

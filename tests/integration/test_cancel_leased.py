@@ -1,0 +1,88 @@
+"""Cancelling a message its worker has leased but not started sending: the cancel must
+stop it, not only the status (a real worker delivering to a scripted loopback peer)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
+from mailstrom.stores import MemoryStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_hostile_peers import peer
+from tests.support.delivery import loopback_config
+
+SLOW = Timeouts(connect=30, greeting=30, command=30, data_init=30, data_block=30, data_end=30)
+
+
+def hello(to: str) -> Email:
+    return Email(from_="App <app@sender.test>", to=[to], subject="Hi", text="Hello")
+
+
+@pytest.mark.parametrize("method", ["cancel", "cancel_many"])
+async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
+    dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    """Two messages to two destinations, one connection at a time: the first is on the
+    wire (the server holds its envelope's replies), the second waits for its turn, leased.
+    Cancelling the second said "cancelled" at once, but the worker learnt it only at its
+    next heartbeat (lease_for / 3, five minutes by default): it sent the message once
+    the first was done, and its result was ignored, so the status said
+    cancelled of mail that went out after the cancel."""
+    envelope_in = asyncio.Event()
+    go_on = asyncio.Event()
+    mails: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-slow.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                mails.append(line)
+                while (line := await reader.readline())[:4].upper() == b"RCPT":
+                    pass
+                envelope_in.set()
+                await go_on.wait()
+                writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    for n, host in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
+        dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
+        dns_server.a(f"mx.{n}.test", host)
+    caplog.set_level(logging.WARNING, logger="mailstrom")
+    async with peer(handle) as port, peer(handle, "127.0.0.2", port):
+        config = loopback_config(
+            dns_server, port, timeouts=SLOW, max_connections=1, poll_interval=30
+        )
+        ms = AsyncMailstrom(config, store=MemoryStore(), worker=None)
+        first = await ms.send_email(hello("a@one.example"))
+        second = await ms.send_email(hello("b@two.example"))
+        async with AsyncMailstrom(config, store=ms.store) as running:
+            await asyncio.wait_for(envelope_in.wait(), 20)
+            assert await getattr(running, method)(second) == 1
+            # The worker gives back what it had leased of the message and not started.
+            for _ in range(500):
+                if "not yet started given back" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+            go_on.set()
+            status = await running.wait(first, timeout=20)
+            assert status.state is RecipientState.DELIVERED
+        cancelled = ms.store.status(second)
+    assert len(mails) == 1, mails
+    assert cancelled.recipients[0].state is RecipientState.FAILED
+    assert cancelled.recipients[0].error == "cancelled"
+    assert cancelled.recipients[0].attempts == 0
