@@ -203,6 +203,34 @@ def test_a_dry_run_purge_by_age_judges_a_cancelled_message_by_when_it_was_cancel
     assert cli.queue_ids() == [old]
 
 
+def test_a_dry_run_purge_by_age_alone_says_when_purge_deletes_more_than_it_lists(
+    cli: CLI,
+) -> None:
+    """Purge by age alone deletes every message old enough, however many; its dry run
+    lists at most MAX_BULK of them, and said "would purge 100,000 messages" of a queue
+    where purge then deleted more."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        old: list[str] = []
+        while len(old) <= MAX_BULK:
+            old += store.enqueue_many(
+                [message("a@example.test")] * 10_000, now=now - timedelta(days=3)
+            )
+        store.cancel_many(old, now=now - timedelta(days=2))
+    finally:
+        store.close()
+    dry = cli.ok("purge", "--finished-before", "1d", "--dry-run", "--json").json()
+    assert (dry["selected"], len(dry["ids"])) == (MAX_BULK, MAX_BULK)
+    assert dry["more"] is True
+    text = cli.ok("purge", "--finished-before", "1d", "--dry-run").out.splitlines()[-1]
+    assert text == (
+        f"would purge at least {MAX_BULK:,} messages, the {MAX_BULK:,} listed and more"
+        " (dry run: nothing changed)"
+    )
+    assert cli.ok("purge", "--finished-before", "1d", "--json").json() == {"purged": len(old)}
+
+
 # --- queue ---------------------------------------------------------------------------------
 
 

@@ -219,12 +219,22 @@ def bulk_command(args: argparse.Namespace) -> int:
     return _report(args, data, text)
 
 
-def _dry_run(args: argparse.Namespace, name: str, ids: list[str]) -> int:
+def _dry_run(args: argparse.Namespace, name: str, ids: list[str], *, more: bool = False) -> int:
+    """List ``ids``; ``more``: the command would change more than those (a purge by age
+    alone deletes every message old enough, the dry run lists at most MAX_BULK)."""
     if args.json:
-        print_json({"action": name, "dry_run": True, "selected": len(ids), "ids": ids})
+        data = {"action": name, "dry_run": True, "selected": len(ids), "ids": ids, "more": more}
+        print_json(data)
         return EX_OK
     print_ids(ids)
-    print(f"would {name} {plural(len(ids), 'message')} (dry run: nothing changed)")
+    if more:
+        n = len(ids)
+        print(
+            f"would {name} at least {plural(n, 'message')}, the {n:,} listed and more"
+            " (dry run: nothing changed)"
+        )
+    else:
+        print(f"would {name} {plural(len(ids), 'message')} (dry run: nothing changed)")
     return EX_OK
 
 
@@ -247,6 +257,7 @@ def purge_command(args: argparse.Namespace) -> int:
                     else store.purge_state(finished_before=cutoff, state=state)
                 )
                 return _purged(args, n)
+        more = False
         if args.ids:
             ids = resolve_all(store, given_ids(args))
             if has_filters(args) or args.all:
@@ -259,9 +270,12 @@ def purge_command(args: argparse.Namespace) -> int:
             # Only what purge can delete: the newest MAX_BULK finished messages, too
             # recent to purge, filled the selection, and older ones were never purged.
             where = purge_candidates(where, before, state)
-            ids = [m.id for m in store.query(now=now, where=where) if _purgeable(m, state, cutoff)]
+            found = store.query(now=now, where=where)
+            ids = [m.id for m in found if _purgeable(m, state, cutoff)]
+            # By age alone, purge deletes every message old enough, not only those listed.
+            more = len(found) >= MAX_BULK and not has_filters(args) and not args.all
         if args.dry_run:
-            return _dry_run(args, "purge", ids)
+            return _dry_run(args, "purge", ids, more=more)
         # The flag says what it deletes, of ids as of filters (--state any included):
         # --delivered-before deleted failed (cancelled) messages too.
         n = store.purge_many(ids, finished_before=cutoff, state=state) if ids else 0
