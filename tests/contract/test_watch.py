@@ -7,6 +7,7 @@ import threading
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 
+from .conftest import Backend
 from .support import NOW, lease_all, message, results_for
 
 WAIT = 10.0
@@ -53,3 +54,29 @@ def test_watch_fires_on_enqueue_and_retry_and_stops_after_unsubscribe(store: Sto
         assert watched.calls == seen
     finally:
         stop_witness()
+
+
+def test_watch_cancels_fires_when_leased_mail_is_cancelled_by_any_store_object(
+    store_backend: Backend,
+) -> None:
+    """A worker learnt that mail it had leased was cancelled only at its next heartbeat
+    (every third of ``lease_for``), and sent it meanwhile if it had not started yet: the
+    store now tells ``watch_cancels`` callbacks, also those of another store object
+    (another process: SQLite's wake-up sockets, PostgreSQL's NOTIFY)."""
+    here = store_backend.open()
+    other = store_backend.open() if store_backend.durable else here
+    told = Counter()
+    stop = here.watch_cancels(told)
+    try:
+        idle = here.enqueue(message("a@example.org"), now=NOW)
+        assert other.cancel(idle, now=NOW) == 1  # not leased: no worker to tell
+        first = here.enqueue(message("b@example.org"), now=NOW)
+        second = here.enqueue(message("c@example.org"), now=NOW)
+        assert lease_all(here) is not None
+        assert other.cancel(first, now=NOW) == 1
+        assert told.wait_for(1)
+        assert other.cancel_many([second], now=NOW) == 1
+        assert told.wait_for(2)
+    finally:
+        stop()
+    assert told.calls == 2

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
-from mailstrom.stores import MemoryStore
+from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import peer
 from tests.support.delivery import loopback_config
@@ -21,16 +23,24 @@ def hello(to: str) -> Email:
     return Email(from_="App <app@sender.test>", to=[to], subject="Hi", text="Hello")
 
 
-@pytest.mark.parametrize("method", ["cancel", "cancel_many"])
+@pytest.mark.parametrize(
+    ("method", "elsewhere"),
+    [("cancel", False), ("cancel_many", False), ("cancel", True), ("cancel_many", True)],
+)
 async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
-    dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture, method: str
+    dns_server: LoopbackDNS,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    method: str,
+    elsewhere: bool,
 ) -> None:
     """Two messages to two destinations, one connection at a time: the first is on the
     wire (the server holds its envelope's replies), the second waits for its turn, leased.
-    Cancelling the second said "cancelled" at once, but the worker learnt it only at its
-    next heartbeat (lease_for / 3, five minutes by default): it sent the message once
-    the first was done, and its result was ignored, so the status said
-    cancelled of mail that went out after the cancel."""
+    Cancelling the second (through the worker's facade, or ``elsewhere``: another store
+    object, as ``mailstrom cancel`` in another process) said "cancelled" at once, but the
+    worker learnt it only at its next heartbeat (lease_for / 3, five minutes by default):
+    it sent the message once the first was done, and its result was ignored, so the
+    status said cancelled of mail that went out after the cancel."""
     envelope_in = asyncio.Event()
     go_on = asyncio.Event()
     mails: list[bytes] = []
@@ -67,12 +77,18 @@ async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
         config = loopback_config(
             dns_server, port, timeouts=SLOW, max_connections=1, poll_interval=30
         )
-        ms = AsyncMailstrom(config, store=MemoryStore(), worker=None)
+        ms = AsyncMailstrom(config, store=SQLiteStore(tmp_path / "queue.db"), worker=None)
+        other = SQLiteStore(tmp_path / "queue.db")
         first = await ms.send_email(hello("a@one.example"))
         second = await ms.send_email(hello("b@two.example"))
         async with AsyncMailstrom(config, store=ms.store) as running:
             await asyncio.wait_for(envelope_in.wait(), 20)
-            assert await getattr(running, method)(second) == 1
+            if not elsewhere:
+                assert await getattr(running, method)(second) == 1
+            elif method == "cancel":
+                assert other.cancel(second, now=datetime.now(UTC)) == 1
+            else:
+                assert other.cancel_many([second], now=datetime.now(UTC)) == 1
             # The worker gives back what it had leased of the message and not started.
             for _ in range(500):
                 if "not yet started given back" in caplog.text:
@@ -82,6 +98,8 @@ async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
             status = await running.wait(first, timeout=20)
             assert status.state is RecipientState.DELIVERED
         cancelled = ms.store.status(second)
+        other.close()
+        ms.store.close()
     assert len(mails) == 1, mails
     assert cancelled.recipients[0].state is RecipientState.FAILED
     assert cancelled.recipients[0].error == "cancelled"

@@ -266,12 +266,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         now = self._clock()
-        changed = await asyncio.to_thread(
+        return await asyncio.to_thread(
             lambda: self.store.cancel(resolve(self.store, message_id), now=now)
         )
-        if changed:
-            self._cancelled()
-        return changed
 
     async def throttled_destinations(self) -> list[DestinationThrottle]:
         """The destinations paused now (see :meth:`Mailstrom.throttled_destinations`)."""

@@ -235,14 +235,6 @@ class FacadeBase:
             worker.pid is not None or worker.restart_pending()
         )
 
-    def _cancelled(self) -> None:
-        """Mail was cancelled through this facade: its worker, when it runs in this
-        process, checks its leases at once, so that what it leased of that mail and has
-        not started sending is given back, not sent (see :meth:`Worker.check_leases`)."""
-        worker = self.worker
-        if isinstance(worker, Worker):
-            worker.check_leases()
-
     def _worker_to_start(self, worker: Worker) -> Worker:
         """``worker``, or a fresh one in its place once it has run: a :class:`Worker`
         runs once (the last ``stop()``'s request stays with it, and the next run would

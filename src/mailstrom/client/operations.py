@@ -148,9 +148,6 @@ class _Base:
     def _watch_store_for_waiters(self) -> None:
         raise NotImplementedError  # the facade's (FacadeBase)
 
-    def _cancelled(self) -> None:
-        """Tell this facade's worker, if it runs here, that mail was cancelled."""
-
 
 class QueueOperations(_Base):
     """The blocking operator methods of :class:`~mailstrom.Mailstrom`.
@@ -184,10 +181,7 @@ class QueueOperations(_Base):
     def cancel_many(self, messages: Messages) -> int:
         """Fail the pending recipients of messages as "cancelled"; returns how many."""
         now = self._clock()
-        changed = self.store.cancel_many(select(self.store, messages, now), now=now)
-        if changed:
-            self._cancelled()
-        return changed
+        return self.store.cancel_many(select(self.store, messages, now), now=now)
 
     def purge(
         self,
@@ -294,7 +288,6 @@ class AsyncQueueOperations(_Base):
     def _sync(self) -> QueueOperations:
         ops = QueueOperations()
         ops.store, ops._clock, ops._results = self.store, self._clock, self._results
-        ops._cancelled = self._cancelled  # type: ignore[method-assign]
         return ops
 
     async def resolve_id(self, prefix: str) -> str:

@@ -318,10 +318,7 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        changed = self.store.cancel(resolve(self.store, message_id), now=self._clock())
-        if changed:
-            self._cancelled()
-        return changed
+        return self.store.cancel(resolve(self.store, message_id), now=self._clock())
 
     def throttled_destinations(self) -> list[DestinationThrottle]:
         """The destinations paused now after a throttling reply, soonest end first (every

@@ -236,10 +236,24 @@ class Worker(
 
     def check_leases(self) -> None:
         """Extend the leases now, as the heartbeat does (thread-safe): work of them that
-        was cancelled meanwhile is then given back, not started. Called after a cancel
-        through the facade that runs this worker; unasked, the heartbeat found it only
-        at its next beat (every third of ``lease_for``), and the work went out before."""
+        was cancelled meanwhile is then given back, not started. Called when the store
+        says leased recipients were cancelled (``Store.watch_cancels``), by any process;
+        unasked, the heartbeat found it only at its next beat (every third of
+        ``lease_for``), and the work went out before."""
         self._call_soon(self._beat_now.set)
+
+    def _watch_cancels(self) -> Callable[[], None] | None:
+        """Have the store call :meth:`check_leases` when leased mail is cancelled; None
+        when it cannot (the heartbeat still finds the cancel, later)."""
+        watch = getattr(self.store, "watch_cancels", None)
+        if watch is None:  # a store of its own kind, older than the method
+            return None
+        try:
+            stop: Callable[[], None] = watch(self.check_leases)
+        except StoreError as exc:
+            log.warning("not told of cancelled mail at once: %s", exc)
+            return None
+        return stop
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Stop leasing (thread-safe). In-flight deliveries get ``drain_timeout`` seconds
@@ -331,6 +345,7 @@ class Worker(
         if tls_sessions is not None:
             reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
         unwatch: Callable[[], None] | None = None
+        unwatch_cancels: Callable[[], None] | None = None
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         fencing = asyncio.create_task(self._fence_loop(), name="mailstrom-fencing")
         self._clock_checked = asyncio.Event()
@@ -366,6 +381,7 @@ class Worker(
                 )
                 hooks = asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
             unwatch = self.store.watch(self.wake)
+            unwatch_cancels = self._watch_cancels()
             store_loop = asyncio.create_task(
                 self._store_loop(dispatcher, once=once), name="mailstrom-store"
             )
@@ -401,6 +417,8 @@ class Worker(
                 )
                 if unwatch is not None:
                     unwatch()
+                if unwatch_cancels is not None:
+                    unwatch_cancels()
                 await dispatcher.close()
                 if store_loop is not None:
                     await self._finish_recording(store_loop)

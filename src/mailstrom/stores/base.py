@@ -684,6 +684,14 @@ class Store(Protocol):
         tell (PostgreSQL's LISTEN/NOTIFY). Returns a function that stops watching."""
         ...
 
+    def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) when recipients under a lease were
+        cancelled: through this store object, or through any process for stores that can
+        tell (SQLite's wake-up sockets, PostgreSQL's NOTIFY). A worker then checks its
+        leases at once and gives back the cancelled work it has not started sending.
+        Returns a function that stops watching."""
+        ...
+
     def close(self) -> None:
         """Release connections and threads. Idempotent."""
         ...

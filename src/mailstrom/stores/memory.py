@@ -93,6 +93,7 @@ class MemoryStore(
         self._messages: dict[str, _Message] = {}
         self._seq = itertools.count()
         self._watchers = Watchers()
+        self._cancel_watchers = Watchers()
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._event_ids = itertools.count(1)
@@ -345,11 +346,13 @@ class MemoryStore(
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients (leased ones too) as "cancelled"."""
+        leased = False
         with self._lock:
             m = self._get(message_id)
             changed = 0
             for r in m.recipients.values():
                 if r.state in _PENDING:
+                    leased = leased or r.lease_token is not None
                     r.state = RecipientState.FAILED
                     r.error = "cancelled"
                     # The reason must read "cancelled"; the history keeps earlier replies.
@@ -360,6 +363,8 @@ class MemoryStore(
                     r.finished_at = now
                     r.lease_token = r.lease_expires_at = None
                     changed += 1
+        if leased:
+            self._cancel_watchers.notify()
         return changed
 
     def set_held(self, message_id: str, held: bool) -> None:
@@ -428,6 +433,10 @@ class MemoryStore(
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""
         return self._watchers.add(callback)
+
+    def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when leased recipients are cancelled through this object."""
+        return self._cancel_watchers.add(callback)
 
     def close(self) -> None:
         """Nothing to release; kept for the protocol."""

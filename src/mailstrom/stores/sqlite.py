@@ -116,6 +116,7 @@ from mailstrom.stores.sqlite_operator import (
     filter_sql,
     hold_seqs,
     ids_with_prefix,
+    leased_pending,
     pending_only,
     pending_seqs,
     purge_in_state,
@@ -149,7 +150,7 @@ from mailstrom.stores.sqlite_schema import (
     shown_time,
     to_us,
 )
-from mailstrom.stores.wakeup import WakeupDirectory
+from mailstrom.stores.wakeup import CANCELLED, WakeupDirectory
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
 
@@ -371,6 +372,7 @@ class SQLiteStore:
         self._gathering = False
         self._seen: dict[int, float] = {}
         self._watchers = Watchers()
+        self._cancel_watchers = Watchers()
         self._verp_key: bytes | None = None
         self._wakeups = WakeupDirectory(self._path)
         self._holders = HolderLocks(self._path)
@@ -1010,9 +1012,10 @@ class SQLiteStore:
         """Fail the pending recipients (leased ones too) with the reason "cancelled"."""
         with self._write() as conn:
             seq = self._seq(conn, message_id)
+            leased = leased_pending(conn, [seq])
             # The last reply is cleared so the reason reads "cancelled"; the history keeps
             # it. Clearing the lease makes a later record for these recipients a no-op.
-            return int(
+            changed = int(
                 conn.execute(
                     "UPDATE recipients SET state = 'failed', error = 'cancelled',"
                     " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
@@ -1023,6 +1026,9 @@ class SQLiteStore:
                     (to_us(now), seq),
                 ).rowcount
             )
+        if leased:
+            self._notify_cancelled()
+        return changed
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (never leased) or release a message."""
@@ -1242,6 +1248,27 @@ class SQLiteStore:
         self._watchers.notify()
         self._wakeups.notify()
 
+    def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when leased recipients are cancelled, through this object or
+        by another process (a :data:`~mailstrom.stores.wakeup.CANCELLED` datagram)."""
+        unwatch = self._cancel_watchers.add(callback)
+        try:
+            unlisten = self._wakeups.listen(callback, only=CANCELLED)
+        except OSError as exc:
+            log.warning("no cancel wake-ups from other processes for %s: %s", self._path, exc)
+            return unwatch
+
+        def stop() -> None:
+            unwatch()
+            unlisten()
+
+        return stop
+
+    def _notify_cancelled(self) -> None:
+        """Leased recipients were cancelled: tell watchers here and in other processes."""
+        self._cancel_watchers.notify()
+        self._wakeups.notify(CANCELLED)
+
     # --- operator tools (schema version 10) -------------------------------------------
 
     def resolve_id(self, prefix: str) -> str:
@@ -1269,7 +1296,12 @@ class SQLiteStore:
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled"."""
         with self._write() as conn:
-            return cancel_seqs(conn, seqs_of(conn, message_ids), now)
+            seqs = seqs_of(conn, message_ids)
+            leased = leased_pending(conn, seqs)
+            changed = cancel_seqs(conn, seqs, now)
+        if leased:
+            self._notify_cancelled()
+        return changed
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""

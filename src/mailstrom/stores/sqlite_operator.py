@@ -246,6 +246,20 @@ def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) ->
     return changed
 
 
+def leased_pending(conn: sqlite3.Connection, seqs: Sequence[int]) -> bool:
+    """Whether a pending recipient of the listed messages is under a lease (a worker may
+    hold it, to be told when it is cancelled)."""
+    for chunk in chunks(seqs):
+        row = conn.execute(
+            f"SELECT 1 FROM recipients WHERE message_seq IN ({qmarks(len(chunk))})"
+            f" AND {PENDING_SQL} AND lease_token IS NOT NULL LIMIT 1",
+            list(chunk),
+        ).fetchone()
+        if row is not None:
+            return True
+    return False
+
+
 def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
     changed = 0
     for chunk in chunks(seqs):

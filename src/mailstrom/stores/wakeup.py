@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 _MAX_PATH = 100
 """Longest socket path used as is (sun_path holds 108 octets with the NUL)."""
 _STOP = b"stop"
+CANCELLED = b"c"
+"""The datagram that says leased recipients were cancelled (any other says work)."""
 _GATHER = 0.002
 """Seconds a listener waits after answering a wake-up, so that the wake-ups of a burst of
 enqueues (one per ``send_email``) are answered together: one callback per burst instead
@@ -59,8 +61,9 @@ class WakeupDirectory:
 
     # --- the sending side --------------------------------------------------------------
 
-    def notify(self) -> None:
-        """Send one byte to every listening socket but this object's own; never raises."""
+    def notify(self, payload: bytes = b"!") -> None:
+        """Send ``payload`` (one byte: work, or :data:`CANCELLED`) to every listening
+        socket but this object's own; never raises."""
         try:
             targets = self._targets()
         except OSError:
@@ -79,7 +82,7 @@ class WakeupDirectory:
             return  # closed
         for name in targets:
             try:
-                sock.sendto(b"!", self._address(name))
+                sock.sendto(payload, self._address(name))
             except BlockingIOError:
                 pass  # its queue is full of wake-ups already
             except OSError as exc:
@@ -128,9 +131,12 @@ class WakeupDirectory:
 
     # --- the listening side --------------------------------------------------------------
 
-    def listen(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def listen(
+        self, callback: Callable[[], None], *, only: bytes | None = None
+    ) -> Callable[[], None]:
         """Call ``callback`` (from a thread of its own) whenever another process sends a
-        wake-up; returns a function that stops listening (idempotent)."""
+        wake-up (with ``only``, one of that payload); returns a function that stops
+        listening (idempotent)."""
         self._make_directory()
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         address = self._address(name)
@@ -158,6 +164,8 @@ class WakeupDirectory:
                     return
                 if stopping.is_set() and _STOP in received:
                     return
+                if only is not None and only not in received:
+                    continue
                 try:
                     callback()
                 except Exception:

@@ -39,8 +39,11 @@ class Listener:
         callback: Callable[[], None],
         *,
         lock_bound: LockBound | None = DEFAULT_LOCK_BOUND,
+        payload: str | None = None,
     ) -> None:
         self._url = url
+        self._payload = payload
+        """Only notifications with this payload call back (None: every one)."""
         self._lock_bound = lock_bound
         self._callback = callback
         self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
@@ -108,7 +111,7 @@ class Listener:
                     for note in self._conn.notifies(timeout=_STOP_POLL):
                         if self._stopping.is_set():
                             break
-                        if note.channel == CHANNEL:
+                        if note.channel == CHANNEL and self._payload in (None, note.payload):
                             self._notify()
                 except psycopg.Error as exc:
                     log.warning("LISTEN connection lost: %s", exc)

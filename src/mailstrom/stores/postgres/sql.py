@@ -27,6 +27,8 @@ _INCLUDE_MARKER = re.compile(r"^-- include: (\w+)[ \t]*$", re.MULTILINE)
 
 CHANNEL = "mailstrom_work"
 """The NOTIFY channel on which work that may have become due is announced."""
+CANCELLED = "cancelled"
+"""The payload of a NOTIFY on :data:`CHANNEL` that says leased recipients were cancelled."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

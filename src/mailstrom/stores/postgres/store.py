@@ -83,7 +83,7 @@ from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.notifier import Notifier
-from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.stores.postgres.sql import CANCELLED, queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
 from mailstrom.stores.row_checks import UNREADABLE, made_due
 from mailstrom.stores.side_rows import (
@@ -626,7 +626,7 @@ class PostgresStore:
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        found, changed = self._fetch("cancel", {"id": message_id, "now": now})[0]
+        found, changed, _ = self._fetch("cancel", {"id": message_id, "now": now})[0]
         if not found:
             raise UnknownMessage(message_id)
         return int(changed)
@@ -779,6 +779,25 @@ class PostgresStore:
 
         return unwatch
 
+    def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` from a listener thread when leased recipients are cancelled
+        by any process (a NOTIFY whose payload is ``cancelled``)."""
+        with self._lock:
+            if self._closed:
+                raise StoreError("PostgreSQL store is closed")
+            listener = Listener(
+                self._conninfo, callback, lock_bound=self._lock_bound, payload=CANCELLED
+            )
+            listener.start()
+            self._listeners.add(listener)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._listeners.discard(listener)
+            listener.stop()
+
+        return unwatch
+
     def close(self) -> None:
         """Stop every watcher thread and close the pool. Idempotent."""
         with self._lock:
@@ -848,7 +867,7 @@ class PostgresStore:
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled"."""
-        [(changed,)] = self._fetch("cancel_many", {"ids": list(message_ids), "now": now})
+        changed, _ = self._fetch("cancel_many", {"ids": list(message_ids), "now": now})[0]
         return int(changed)
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:

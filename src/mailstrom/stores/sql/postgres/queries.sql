@@ -557,6 +557,11 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 -- the history keeps every earlier reply.
 WITH found AS (
     SELECT 1 FROM messages WHERE id = %(id)s
+), leased AS (
+    -- Before the update (one snapshot): a worker may hold some of them; it is told.
+    SELECT 1 FROM recipients
+    WHERE message_id = %(id)s AND state IN ('queued', 'deferred') AND lease_token IS NOT NULL
+    LIMIT 1
 ), cancelled AS (
     UPDATE recipients
     SET state = 'failed',
@@ -574,7 +579,10 @@ WITH found AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM found) AS found,
-       (SELECT count(*) FROM cancelled) AS changed;
+       (SELECT count(*) FROM cancelled) AS changed,
+       (SELECT pg_notify('mailstrom_work', 'cancelled')
+        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM cancelled))::text
+           AS notified;
 
 -- name: set_held
 WITH changed AS (
@@ -773,8 +781,13 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: cancel_many
--- As cancel: the lease and the last reply are cleared.
-WITH cancelled AS (
+-- As cancel: the lease and the last reply are cleared, and workers told of leased ones.
+WITH leased AS (
+    SELECT 1 FROM recipients
+    WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
+      AND lease_token IS NOT NULL
+    LIMIT 1
+), cancelled AS (
     UPDATE recipients
     SET state = 'failed',
         error = 'cancelled',
@@ -790,7 +803,10 @@ WITH cancelled AS (
     WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
     RETURNING 1
 )
-SELECT count(*) FROM cancelled;
+SELECT (SELECT count(*) FROM cancelled) AS changed,
+       (SELECT pg_notify('mailstrom_work', 'cancelled')
+        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM cancelled))::text
+           AS notified;
 
 -- name: hold_many
 WITH changed AS (
