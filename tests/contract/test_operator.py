@@ -321,3 +321,15 @@ def test_counts_by_every_state(store: Store) -> None:
         half
     ]
     assert delivered != half
+
+
+def test_bulk_changes_skip_ids_no_store_can_hold(store: Store) -> None:
+    """An id with a NUL or a lone surrogate raised StoreRefusedData from SQLite and
+    PostgreSQL, where the memory store skipped it as the unknown id it is."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    bad = ["\x00", "\ud800", mid + "\x00", "0" * 32]
+    assert store.hold_many([*bad, mid], True) == 1
+    assert store.hold_many(bad, False) == 0
+    assert store.retry_many([*bad, mid], now=NOW) == 1
+    assert store.cancel_many([*bad, mid], now=NOW) == 1
+    assert store.purge_many([*bad, mid]) == 1

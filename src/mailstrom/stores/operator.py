@@ -79,6 +79,22 @@ def normalize_prefix(prefix: str) -> str:
     return text
 
 
+def listed_ids(message_ids: Sequence[str]) -> list[str]:
+    """The listed ids that could name a stored message, once each, in order: text without
+    NUL or a lone surrogate, which SQLite and PostgreSQL cannot compare (they raised
+    StoreRefusedData where the memory store skipped them, as unknown ids are)."""
+    found: list[str] = []
+    for mid in dict.fromkeys(m for m in message_ids if isinstance(m, str)):
+        if "\x00" in mid:
+            continue
+        try:
+            mid.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        found.append(mid)
+    return found
+
+
 def pick_one(prefix: str, found: Sequence[str]) -> str:
     """The one id ``found`` for ``prefix``; UnknownMessage for none, AmbiguousMessageId
     (listing up to :data:`MAX_CANDIDATES`) for several."""

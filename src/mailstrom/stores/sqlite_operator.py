@@ -22,6 +22,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     effective_states,
+    listed_ids,
     prefix_upper_bound,
     shape_rows,
 )
@@ -43,7 +44,7 @@ def ids_with_prefix(conn: sqlite3.Connection, prefix: str) -> list[str]:
 def seqs_of(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[int]:
     """The row numbers of the listed messages that exist (by the id index)."""
     seqs: list[int] = []
-    unique = list(dict.fromkeys(message_ids))
+    unique = listed_ids(message_ids)
     for start in range(0, len(unique), 500):
         chunk = unique[start : start + 500]
         seqs += [

@@ -66,6 +66,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     effective_states,
+    listed_ids,
     normalize_prefix,
     pick_one,
     prefix_upper_bound,
@@ -862,17 +863,17 @@ class PostgresStore:
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Make the listed messages' pending recipients due at ``now``."""
-        changed, _ = self._fetch("retry_many", {"ids": list(message_ids), "now": now})[0]
+        changed, _ = self._fetch("retry_many", {"ids": listed_ids(message_ids), "now": now})[0]
         return int(changed)
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled"."""
-        changed, _ = self._fetch("cancel_many", {"ids": list(message_ids), "now": now})[0]
+        changed, _ = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[0]
         return int(changed)
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
-        changed, _ = self._fetch("hold_many", {"ids": list(message_ids), "held": held})[0]
+        changed, _ = self._fetch("hold_many", {"ids": listed_ids(message_ids), "held": held})[0]
         return int(changed)
 
     def purge_many(
@@ -885,7 +886,7 @@ class PostgresStore:
         """Delete the listed messages that are final (finished before the cutoff, in
         ``state``)."""
         params = {
-            "ids": list(message_ids),
+            "ids": listed_ids(message_ids),
             "finished_before": finished_before,
             "state": None if state is None else state.value,
         }
