@@ -766,28 +766,19 @@ class PostgresStore:
         LISTEN is in place when this returns, so work committed afterwards is never
         missed. Returns a function that stops this watcher (idempotent).
         """
-        with self._lock:
-            if self._closed:
-                raise StoreError("PostgreSQL store is closed")
-            listener = Listener(self._conninfo, callback, lock_bound=self._lock_bound)
-            listener.start()
-            self._listeners.add(listener)
-
-        def unwatch() -> None:
-            with self._lock:
-                self._listeners.discard(listener)
-            listener.stop()
-
-        return unwatch
+        return self._listen(callback, payload=None)
 
     def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` from a listener thread when leased recipients are cancelled
         by any process (a NOTIFY whose payload is ``cancelled``)."""
+        return self._listen(callback, payload=CANCELLED)
+
+    def _listen(self, callback: Callable[[], None], *, payload: str | None) -> Callable[[], None]:
         with self._lock:
             if self._closed:
                 raise StoreError("PostgreSQL store is closed")
             listener = Listener(
-                self._conninfo, callback, lock_bound=self._lock_bound, payload=CANCELLED
+                self._conninfo, callback, lock_bound=self._lock_bound, payload=payload
             )
             listener.start()
             self._listeners.add(listener)
