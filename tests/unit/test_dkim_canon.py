@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailstrom.dkim.canon import relaxed_body, relaxed_header, split_fields
 
@@ -57,4 +59,22 @@ def test_split_fields_keeps_folding_and_lower_cases_names() -> None:
         (b"from", b"From: a@example.com\r\n"),
         (b"to", b"To: b@example.org,\r\n\tc@example.org\r\n"),
         (b"x-a", b"X-A : 1\r\n"),
+    ]
+
+
+_NAME = st.from_regex(rb"\A[A-Za-z][A-Za-z0-9-]{0,20}\Z")
+_TEXT = st.from_regex(rb"\A[ -~]{0,30}\Z").map(lambda text: text.replace(b":", b""))
+_CONTINUATION = st.tuples(st.sampled_from([b" ", b"\t"]), _TEXT).map(b"".join)
+
+
+@given(st.lists(st.tuples(_NAME, _TEXT, st.lists(_CONTINUATION, max_size=5)), max_size=8))
+def test_split_fields_gives_each_field_back_whole(
+    fields: list[tuple[bytes, bytes, list[bytes]]],
+) -> None:
+    raws = [
+        b"\r\n".join([name + b":" + value, *continuations]) + b"\r\n"
+        for name, value, continuations in fields
+    ]
+    assert split_fields(b"".join(raws)) == [
+        (name.lower(), raw) for (name, _, _), raw in zip(fields, raws, strict=True)
     ]

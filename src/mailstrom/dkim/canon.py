@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 _WSP_RUN = re.compile(rb"[ \t]+")
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")
 
 
 def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -18,19 +19,18 @@ def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     ``head`` is the header section up to and including the CRLF of its last field (not
     the empty line); each raw field keeps its folding and its final CRLF.
     """
-    fields: list[tuple[bytes, bytes]] = []
-    lines = head.split(b"\r\n")
-    if lines[-1] == b"":
-        lines.pop()
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            # A folded continuation belongs to the field before it.
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line + b"\r\n")
-        else:
-            name = line.partition(b":")[0].rstrip(b" \t").lower()
-            fields.append((name, line + b"\r\n"))
-    return fields
+    if head.endswith(b"\r\n"):
+        head = head[:-2]
+    if not head:
+        return []
+    # A field ends at a line end not followed by WSP (a folded continuation belongs to the
+    # field before it). One split at C speed: adding each continuation line to its field's
+    # bytes copied a long folded field once per line (0.4 s for a 1 MiB header section of
+    # one-word lines).
+    return [
+        (raw.partition(b":")[0].rstrip(b" \t").lower(), raw + b"\r\n")
+        for raw in _FIELD_END.split(head)
+    ]
 
 
 def relaxed_header(raw: bytes) -> bytes:
