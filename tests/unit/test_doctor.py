@@ -1091,3 +1091,47 @@ def test_missing_extra(monkeypatch: pytest.MonkeyPatch, rsa_key: Path) -> None:
     assert extras.missing() == ["publicsuffixlist"]
     with pytest.raises(extras.MissingExtra, match=r"pip install 'mailstrom\[doctor\]'"):
         run_doctor(setup(rsa_key), FakeResolver({}), FakeNetwork())
+
+
+@pytest.mark.parametrize(
+    ("zone", "fix"),
+    [
+        (
+            {(DOMAIN, "TXT"): ["v=spf1 mx +all"]},
+            'replace TXT at example.com "v=spf1 mx +all" by "v=spf1 ip4:192.0.2.10 mx ~all"',
+        ),
+        (
+            {(DOMAIN, "TXT"): ["v=spf1 ip4:192.0.2.10 all"]},
+            'replace TXT at example.com "v=spf1 ip4:192.0.2.10 all" by '
+            '"v=spf1 ip4:192.0.2.10 ~all"',
+        ),
+        (
+            {
+                (DOMAIN, "TXT"): ["v=spf1 include:_spf.example.net -all"],
+                ("_spf.example.net", "TXT"): ["v=spf1 +all"],
+            },
+            "remove from TXT at example.com the term that matches every address",
+        ),
+        (
+            {(DOMAIN, "TXT"): ["v=spf1 ip4:0.0.0.0/0 -all"]},
+            "remove from TXT at example.com the term that matches every address",
+        ),
+    ],
+)
+def test_spf_that_passes_every_address_is_a_warning(
+    zone: dict[tuple[str, str], list[str] | str], fix: str
+) -> None:
+    check, result = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    # pyspf's verdict stays pass (DMARC is judged on it), the check says what it means.
+    assert result == "pass"
+    assert check.status is Status.WARN
+    assert "authorizes every address" in check.summary
+    assert check.fix is not None and check.fix.startswith(fix)
+
+
+def test_spf_that_names_its_senders_is_no_warning(rsa_key: Path) -> None:
+    check, _ = check_spf(FakeResolver(good_zone(rsa_key)), domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.status is Status.PASS
+    ipv6 = {(DOMAIN, "TXT"): ["v=spf1 ip6:2001:db8::/32 -all"]}
+    check, _ = check_spf(FakeResolver(ipv6), domain=DOMAIN, ip="2001:db8::1", helo=HELO)
+    assert check.status is Status.PASS

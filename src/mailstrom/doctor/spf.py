@@ -148,6 +148,13 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
         )
 
     if result == "pass":
+        if _passes_anyone(resolver, domain=domain, ip=ip, helo=helo):
+            return check(
+                Status.WARN,
+                f"pass, but {domain}'s SPF record authorizes every address: anyone can send "
+                f"mail as {domain} and pass SPF",
+                _narrowing_fix(domain, records, mechanism),
+            )
         return check(Status.PASS, f"pass: {domain}'s SPF record authorizes {ip}")
     if result == "temperror" or error is not None:
         return check(Status.UNKNOWN, f"temporary error: {error or explanation}")
@@ -177,6 +184,34 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
         Status.FAIL,
         f"{result}: {domain}'s SPF record does not authorize {ip}",
         f'replace TXT at {domain} "{records[0]}" by "{with_mechanism(records[0], mechanism)}"',
+    )
+
+
+_NOBODY = {4: "240.0.0.1", 6: "100::1"}
+"""An address no record names on purpose (IPv4's reserved 240.0.0.0/4, IPv6's discard
+prefix 100::/64, RFC 6666): a record that authorizes it authorizes every address."""
+
+
+def _passes_anyone(resolver: Resolver, *, domain: str, ip: str, helo: str) -> bool:
+    """Whether the record passes any sender at all: ``+all`` (also in an ``include:``d
+    record) or ``ip4:0.0.0.0/0``. Such a record lets anyone with an envelope sender in the
+    domain pass SPF, and with it DMARC (its alignment is on that domain)."""
+    nobody = _NOBODY[ipaddress.ip_address(ip).version]
+    result, _ = evaluate(resolver, ip=nobody, sender=f"postmaster@{domain}", helo=helo)
+    return result == "pass"
+
+
+def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
+    terms = _terms(records[0]) if records else []
+    if any(term.lower() in ("all", "+all") for term in terms):
+        narrowed = ["~all" if term.lower() in ("all", "+all") else term for term in terms]
+        if mechanism not in narrowed:
+            narrowed.insert(1, mechanism)
+        return f'replace TXT at {domain} "{records[0]}" by "{" ".join(narrowed)}"'
+    return (
+        f"remove from TXT at {domain} the term that matches every address (an ip4: or ip6: "
+        "range such as 0.0.0.0/0, or an include: of a record ending in +all), and name "
+        f"your senders instead ({mechanism})"
     )
 
 
