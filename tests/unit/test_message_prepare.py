@@ -549,6 +549,37 @@ def test_a_non_ascii_msg_id_in_an_ascii_message_is_refused(name: str) -> None:
     assert f"{name}: {value}\r\n".encode() in p.data
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("List-Unsubscribe", "<https://exämple.com/u?list=1>"),
+        ("List-Help", "<mailto:help@bücher.example>"),
+        ("Archived-At", "<https://example.com/archiv/grüße>"),
+        ("Content-ID", "<bild@bücher.example>"),
+    ],
+)
+def test_a_non_ascii_uri_or_msg_id_field_in_an_ascii_message_is_refused(
+    name: str, value: str
+) -> None:
+    # Written as an RFC 2047 word (List-Unsubscribe: =?utf-8?q?=3Chttps=3A//ex=C3=A4...),
+    # which is no URI: no client found the unsubscribe link (RFC 2369 §2).
+    with pytest.raises(UnencodableHeader, match=name):
+        prepare(Email(from_="a@example.com", to="b@example.org", headers={name: value}))
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_content("x")  # after it: set_content() drops Content-ID
+    message[name] = value
+    with pytest.raises(UnencodableHeader, match=name):
+        prepare(message)
+    # With UTF-8 header fields (RFC 6532) it is written as it is; ASCII always is.
+    p = prepare(Email(from_="a@example.com", to="jörg@example.org", headers={name: value}))
+    assert f"{name}: {value}\r\n".encode() in p.data
+    ascii_value = value.encode("ascii", "backslashreplace").decode().replace("\\", "%")
+    p = prepare(Email(from_="a@example.com", to="b@example.org", headers={name: ascii_value}))
+    assert f"{name}: {ascii_value}\r\n".encode() in p.data
+
+
 @pytest.mark.parametrize("stdlib", [False, True])
 def test_an_added_address_field_is_written_as_addresses(stdlib: bool) -> None:
     # Encoded as text, the whole value became one RFC 2047 word, which names no address

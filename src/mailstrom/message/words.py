@@ -16,8 +16,23 @@ from email.utils import encode_rfc2231
 
 from mailstrom.errors import UnencodableHeader
 
-MSG_ID_FIELDS = frozenset({"in-reply-to", "references"})
-"""Fields of msg-ids (RFC 5322 §3.6.4), lower-case: never RFC 2047 encoded."""
+MSG_ID_FIELDS = frozenset({"in-reply-to", "references", "content-id", "resent-message-id"})
+"""Fields of msg-ids (RFC 5322 §3.6.4, RFC 2045 §7), lower-case: never RFC 2047 encoded."""
+
+URI_FIELDS = frozenset(
+    {
+        "list-help",  # RFC 2369 §3
+        "list-unsubscribe",
+        "list-subscribe",
+        "list-post",
+        "list-owner",
+        "list-archive",
+        "list-unsubscribe-post",  # RFC 8058 §3.1: List-Unsubscribe=One-Click
+        "archived-at",  # RFC 5064 §2
+    }
+)
+"""Fields of URIs in angle brackets, lower-case: an RFC 2047 word is no URI, so a client
+would find no unsubscribe link (RFC 2369 §2: a URI's non-ASCII is percent-encoded)."""
 
 FOLD_AT = 78
 """Preferred line length (RFC 5322 §2.1.1 SHOULD)."""
@@ -125,16 +140,27 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
     only what RFC 5322 §2.1.1 prefers.
 
-    In-Reply-To and References hold msg-ids, where RFC 2047 words may not stand (RFC 2047
-    §5): a non-ASCII one raises :class:`~mailstrom.errors.UnencodableHeader` unless
-    ``utf8``, as no reader would take the encoded word for the message it names.
+    In-Reply-To, References and the other :data:`MSG_ID_FIELDS` hold msg-ids, where RFC
+    2047 words may not stand (RFC 2047 §5): a non-ASCII one raises
+    :class:`~mailstrom.errors.UnencodableHeader` unless ``utf8``, as no reader would take
+    the encoded word for the message it names. So does a non-ASCII List-Unsubscribe or
+    other field of :data:`URI_FIELDS`: an encoded word in place of a URI is a link no
+    client follows (with ``utf8`` it is written as the IRI it is, RFC 6532).
     """
-    if not utf8 and not value.isascii() and name.lower() in MSG_ID_FIELDS:
-        raise UnencodableHeader(
-            f"{name} holds a non-ASCII msg-id, which cannot be RFC 2047 encoded (RFC 2047 "
-            "§5); an internationalised one needs UTF-8 header fields (an address with a "
-            "UTF-8 local part, or a raw message)"
-        )
+    if not utf8 and not value.isascii():
+        key = name.lower()
+        if key in URI_FIELDS:
+            raise UnencodableHeader(
+                f"{name} holds non-ASCII characters, but its URIs must be ASCII (RFC 2369 §2, "
+                "RFC 3986 §2.1): percent-encode them, and write a domain as its A-label "
+                "(xn--...)"
+            )
+        if key in MSG_ID_FIELDS:
+            raise UnencodableHeader(
+                f"{name} holds a non-ASCII msg-id, which cannot be RFC 2047 encoded (RFC "
+                "2047 §5); an internationalised one needs UTF-8 header fields (an address "
+                "with a UTF-8 local part, or a raw message)"
+            )
     if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
         return f"{name}: {value}"
     longest = MAX_LINE - len(name) - 2
