@@ -177,6 +177,23 @@ def test_a_post_from_another_origin_is_refused(
     assert store.status(mid).state is RecipientState.QUEUED
 
 
+@pytest.mark.parametrize("cookie", ["", "x" * 2000])
+def test_a_csrf_cookie_not_made_here_is_replaced_not_kept_for_ever(
+    client: TestClient, store: Store, ids: dict[str, str], cookie: str
+) -> None:
+    """A cookie the dashboard did not make (empty, past the length a form's token may
+    have, another app's on the same host: cookies ignore the port) was put in every form
+    and never replaced, so each form failed as expired however often it was reloaded."""
+    mid = ids["queued"]
+    client.cookies.set("mailstrom_csrf", cookie)
+    confirm = client.get(f"/action/hold/{mid}")
+    token = _csrf(confirm.text)
+    assert token != cookie and re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
+    done = client.post(f"/action/hold/{mid}", data={"csrf": token}, follow_redirects=False)
+    assert done.status_code == 303
+    assert store.status(mid).held
+
+
 def test_without_a_token_a_rebound_name_gets_nothing(store: Store, ids: dict[str, str]) -> None:
     """DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1, and its
     requests reach the dashboard as same-origin ones (Host: evil.example:8025), able to

@@ -64,6 +64,7 @@ from mailstrom.web.security import (
     Access,
     Guesses,
     csrf_matches,
+    made_here,
     new_csrf_token,
     same_origin,
 )
@@ -417,8 +418,8 @@ def create_app(
                 "a token (web.token).",
                 400,
             )
-        fresh = request.cookies.get(CSRF_COOKIE) is None
-        request.state.csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
+        fresh = not made_here(request.cookies.get(CSRF_COOKIE))
+        request.state.csrf = new_csrf_token() if fresh else request.cookies[CSRF_COOKIE]
         if request.method == "POST" and (
             "transfer-encoding" in request.headers
             or not _small_body(request.headers.get("content-length"))

@@ -18,16 +18,17 @@ refused further tries (429) until the oldest of them is that old: a short token 
 public address could otherwise be guessed at the speed of the network.
 
 CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
-cross-site request never carries it) and every form repeats it in a hidden field; a POST
-whose field and cookie differ, or whose ``Origin`` names another site, is refused. The
-dashboard's own site is the request's scheme and ``Host``, or its public address behind
-a proxy (``web.public_url``).
+cross-site request never carries it; one the dashboard did not make is replaced) and
+every form repeats it in a hidden field; a POST whose field and cookie differ, or whose
+``Origin`` names another site, is refused. The dashboard's own site is the request's
+scheme and ``Host``, or its public address behind a proxy (``web.public_url``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -78,6 +79,17 @@ class Access:
 
 def new_csrf_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+_CSRF_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+"""What :func:`new_csrf_token` makes (32 octets in unpadded base64url)."""
+
+
+def made_here(csrf_cookie: str | None) -> bool:
+    """Whether a CSRF cookie is one :func:`new_csrf_token` could have made. Any other
+    (empty, longer than a form's token may be, another application's on this host:
+    cookies ignore the port) is replaced: kept, it would fail every form for good."""
+    return csrf_cookie is not None and _CSRF_TOKEN.fullmatch(csrf_cookie) is not None
 
 
 def csrf_matches(cookie: str | None, submitted: str | None) -> bool:
