@@ -613,3 +613,28 @@ def test_failed_tries_are_forgotten_after_the_window() -> None:
     now[0] = 1000
     assert guesses.wait("192.0.2.1") == 0
     assert not guesses._failed  # nothing kept of an address whose tries are all old
+
+
+def test_failed_tries_from_one_ipv6_network_count_together() -> None:
+    """An IPv6 client holds a /64 at least (a home line, a cloud host): counted by full
+    address, it took 10 tries at the token from each of 2**64 addresses, and the 10,000
+    remembered made room for them. Its /64 is one client, as its IPv4-mapped form is
+    the IPv4 address."""
+    guesses = Guesses(limit=3, window=60.0, clock=lambda: 0.0)
+    for client in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"):
+        guesses.failed(client)
+    assert guesses.wait("2001:db8:1:2::99") > 0
+    assert guesses.wait("2001:db8:1:3::1") == 0  # another /64 may still try
+    for _ in range(3):
+        guesses.failed("::ffff:192.0.2.7")
+    assert guesses.wait("192.0.2.7") > 0
+
+
+def test_the_login_form_counts_an_ipv6_network_as_one_client(store: Store) -> None:
+    app = create_app(store, token="s3cret-token")
+    for n in range(MAX_GUESSES + 1):
+        peer = (f"2001:db8::{n + 1:x}", 50000)
+        with TestClient(app, base_url="http://127.0.0.1:8025", client=peer) as client:
+            login = client.get("/login")
+            tried = client.post("/login", data={"csrf": _csrf(login.text), "token": f"g{n}"})
+            assert tried.status_code == (401 if n < MAX_GUESSES else 429)

@@ -12,10 +12,11 @@ address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so th
 on another site cannot reach it by rebinding its own name to 127.0.0.1
 (:mod:`mailstrom.loopback`).
 
-Guesses: a client (by its address) whose tries at the token, through the login form or
-as a bearer token, failed :data:`MAX_GUESSES` times within :data:`GUESS_WINDOW` is
-refused further tries (429) until the oldest of them is that old: a short token put on a
-public address could otherwise be guessed at the speed of the network.
+Guesses: a client (by its address; an IPv6 one by its /64) whose tries at the token,
+through the login form or as a bearer token, failed :data:`MAX_GUESSES` times within
+:data:`GUESS_WINDOW` is refused further tries (429) until the oldest of them is that old:
+a short token put on a public address could otherwise be guessed at the speed of the
+network.
 
 CSRF: every browser gets a random ``mailstrom_csrf`` cookie (``SameSite=Strict``, so a
 cross-site request never carries it; one the dashboard did not make is replaced) and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 import time
@@ -141,13 +143,14 @@ class Guesses:
 
     def wait(self, client: str) -> float:
         """Seconds until ``client`` may try again (0: now)."""
-        tries = self._recent(client)
+        tries = self._recent(_guesser(client))
         if tries is None or len(tries) < self.limit:
             return 0.0
         return max(0.0, tries[0] + self.window - self.clock())
 
     def failed(self, client: str) -> None:
         """Count a failed try of ``client``."""
+        client = _guesser(client)
         tries = self._recent(client)
         if tries is None:
             tries = self._failed[client] = deque(maxlen=self.limit)
@@ -167,3 +170,18 @@ class Guesses:
             del self._failed[client]
             return None
         return tries
+
+
+def _guesser(client: str) -> str:
+    """Whose tries a client address counts as: an IPv6 address's /64, since one client
+    holds a /64 at least (a home line, a cloud host) and could take each of its 2**64
+    addresses in turn; an IPv4-mapped address's IPv4 one; any other address as it is."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client  # not an address ("unknown", a Unix socket's path)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"  # drops a %scope too
+    return client
