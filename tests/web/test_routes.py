@@ -638,3 +638,39 @@ def test_the_login_form_counts_an_ipv6_network_as_one_client(store: Store) -> No
             login = client.get("/login")
             tried = client.post("/login", data={"csrf": _csrf(login.text), "token": f"g{n}"})
             assert tried.status_code == (401 if n < MAX_GUESSES else 429)
+
+
+def test_a_proxys_basic_credentials_are_no_try_at_the_token(store: Store) -> None:
+    """A proxy asking for HTTP Basic credentials passes them on with every request. They
+    counted as a wrong token: a few pages opened before logging in locked the login out
+    for everyone behind the proxy, and once it was, every page of a browser logged in was
+    429 too, though a browser logged in keeps its session."""
+    basic = {"Authorization": "Basic b3BzOnMzY3JldA=="}  # ops:s3cret, the proxy's
+    for client in _client(store, token="s3cret-token"):
+        for _ in range(MAX_GUESSES + 1):
+            page = client.get("/queue", headers=basic, follow_redirects=False)
+            assert page.status_code == 303 and page.headers["location"].startswith("/login")
+        login = client.get("/login", headers=basic)
+        done = client.post(
+            "/login",
+            data={"csrf": _csrf(login.text), "token": "s3cret-token"},
+            headers=basic,
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert client.get("/queue", headers=basic).status_code == 200
+
+
+def test_a_browser_logged_in_keeps_its_session_while_its_address_guesses(
+    store: Store,
+) -> None:
+    """Behind a proxy every client has its address: another's wrong bearer tokens made
+    the pages of a browser logged in 429 whenever it sent any Authorization header."""
+    for client in _client(store, token="s3cret-token"):
+        login = client.get("/login")
+        client.post("/login", data={"csrf": _csrf(login.text), "token": "s3cret-token"})
+        other = TestClient(client.app, base_url="http://127.0.0.1:8025")  # no session
+        for n in range(MAX_GUESSES):
+            other.get("/", headers={"Authorization": f"Bearer try{n}"}, follow_redirects=False)
+        assert other.get("/", headers={"Authorization": "Bearer try"}).status_code == 429
+        assert client.get("/", headers={"Authorization": "Bearer try"}).status_code == 200

@@ -64,6 +64,7 @@ from mailstrom.web.security import (
     Access,
     Guesses,
     csrf_matches,
+    is_bearer,
     made_here,
     new_csrf_token,
     same_origin,
@@ -438,12 +439,20 @@ def create_app(
             log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))
             return PlainTextResponse("cross-site request refused", 403)
         authorization = request.headers.get("authorization")
-        guessing = authorization is not None and access.required
+        session = request.cookies.get(SESSION_COOKIE)
+        # A try at the token is a bearer token, unless a session lets the request in: a
+        # proxy's Basic credentials are none, and a browser logged in keeps its session
+        # while its address (a proxy's, shared by all) may not try.
+        guessing = (
+            access.required
+            and is_bearer(authorization)
+            and not access.allows(cookie=session, authorization=None)
+        )
         response: Response
         if guessing and (wait := guesses.wait(_client(request))):
             response = _too_many_guesses(_client(request), wait)
         elif not path.startswith(_PUBLIC_PATHS) and not access.allows(
-            cookie=request.cookies.get(SESSION_COOKIE), authorization=authorization
+            cookie=session, authorization=authorization
         ):
             if guessing:
                 guesses.failed(_client(request))  # a wrong bearer token is a guess too

@@ -73,10 +73,17 @@ class Access:
             return True
         if cookie is not None and _equal(cookie, self.session_value()):
             return True
-        scheme, _, credentials = (authorization or "").partition(" ")
+        credentials = (authorization or "").partition(" ")[2]
         # Only HTTP's white space (SP, HTAB) is trimmed: str.strip() also takes U+00A0 and
         # U+0085, which a header value may carry (obs-text), and a token holds neither.
-        return scheme.lower() == "bearer" and self.token_matches(credentials.strip(" \t"))
+        return is_bearer(authorization) and self.token_matches(credentials.strip(" \t"))
+
+
+def is_bearer(authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header gives a bearer token: a try at the token.
+    Another scheme is not (a proxy in front may ask for Basic credentials and pass them
+    on with every request)."""
+    return (authorization or "").partition(" ")[0].lower() == "bearer"
 
 
 def new_csrf_token() -> str:
