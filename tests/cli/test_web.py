@@ -54,3 +54,13 @@ def test_web_settings_come_from_file_and_environment(tmp_path: Path) -> None:
     assert settings.web_listen == "127.0.0.1:9000"
     assert settings.web_token == "from env"
     assert "from env" not in repr(settings) and "from the file" not in repr(settings)
+
+
+def test_a_token_longer_than_a_request_may_give_is_refused_at_start(cli: CLI) -> None:
+    """Tries at the token are read up to 1024 characters (a longer one is refused
+    unread), so a longer web.token could never be given: every login failed as a wrong
+    token, and counted as a guess, while the command said it was serving."""
+    cli.env["MAILSTROM_WEB_TOKEN"] = "x" * 1025
+    result = cli("web", "--listen", "127.0.0.1:0", timeout=20)
+    assert result.code == 78
+    assert "web.token" in result.err and "1024" in result.err

@@ -674,3 +674,14 @@ def test_a_browser_logged_in_keeps_its_session_while_its_address_guesses(
             other.get("/", headers={"Authorization": f"Bearer try{n}"}, follow_redirects=False)
         assert other.get("/", headers={"Authorization": "Bearer try"}).status_code == 429
         assert client.get("/", headers={"Authorization": "Bearer try"}).status_code == 200
+
+
+def test_a_token_longer_than_a_request_may_give_is_a_value_error(store: Store) -> None:
+    with pytest.raises(ValueError, match="1024"):
+        create_app(store, token="x" * 1025)
+    for client in _client(store, token="x" * 1024):  # the longest: it can log in
+        login = client.get("/login")
+        done = client.post(
+            "/login", data={"csrf": _csrf(login.text), "token": "x" * 1024}, follow_redirects=False
+        )
+        assert done.status_code == 303

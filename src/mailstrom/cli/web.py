@@ -68,12 +68,19 @@ def web_command(args: argparse.Namespace) -> int:
     check_access(host, settings.web_token, public_url=settings.web_public_url)
     try:
         from mailstrom.web import create_app
+        from mailstrom.web.security import MAX_TOKEN
         from mailstrom.web.server import serve
     except ImportError as exc:
         raise ConfigError(
             f"mailstrom web needs the web extra ({exc.name} is missing): "
             "pip install 'mailstrom[web]'"
         ) from None
+    if settings.web_token is not None and len(settings.web_token) > MAX_TOKEN:
+        # Tries at the token are read up to MAX_TOKEN characters: every login would fail.
+        raise ConfigError(
+            f"web.token is {len(settings.web_token)} characters long; the dashboard takes "
+            f"at most {MAX_TOKEN}: set a shorter one"
+        )
     configure_logging(args.log_format, level=logging.INFO)
     sock = _bind(host, port)
     store = open_store(settings.store_url)

@@ -60,6 +60,7 @@ from mailstrom.web.headers import header_fields, shown_body
 from mailstrom.web.security import (
     CSRF_COOKIE,
     CSRF_FIELD,
+    MAX_TOKEN,
     SESSION_COOKIE,
     Access,
     Guesses,
@@ -115,13 +116,17 @@ def create_app(
     ``public_origin`` is the dashboard's address as browsers reach it through a proxy
     (``"https://dash.example.org"``): forms posted from there are accepted (with their
     CSRF token, as always); it needs a token, and an ``https`` one makes cookies
-    ``Secure``. A malformed ``public_origin`` or an empty ``token`` is a ValueError.
+    ``Secure``. A malformed ``public_origin``, or a ``token`` empty or over
+    :data:`~mailstrom.web.security.MAX_TOKEN` characters, is a ValueError.
     ``guesses`` bounds the failed tries at the token per client address (default:
     ``Guesses()``, 10 in 10 minutes; see :mod:`mailstrom.web.security`).
     """
     if token is not None and not token:
         # An empty token would be "required" and matched by an empty one.
         raise ValueError("token must not be empty (None lets everyone in)")
+    if token is not None and len(token) > MAX_TOKEN:
+        # Tries are read up to MAX_TOKEN (longer ones refused unread): none would match.
+        raise ValueError(f"token must be at most {MAX_TOKEN} characters")
     if public_origin is not None:
         if token is None:
             # Reached through a proxy, the dashboard is not on loopback any more; without
