@@ -467,3 +467,40 @@ def test_enforce_still_applies_when_the_tlsa_records_are_all_unusable(
     assert status.state is RecipientState.DEFERRED, status
     assert status.history[-1].tls_policy == "mta-sts enforce"
     assert mx.received == []
+
+
+def test_a_tls_required_no_session_counts_as_no_policy_found_beside_the_policys(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    # The domain's enforce policy applies to the first message; the second carries
+    # TLS-Required: No (RFC 8689 §5), so the policy is not applied to its session, which
+    # counts as no-policy-found (docs/guide.md, "TLS reports"). It was not counted at all
+    # once the policy had applied to an earlier message of the domain.
+    mx = smtp_server(name="mx1.test")
+    store = MemoryStore()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        max_messages_per_connection=1,
+    )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
+        for address, headers in (("a@example.org", {}), ("b@example.org", {"TLS-Required": "No"})):
+            ms.send_email(
+                Email(
+                    from_="app@sender.test",
+                    to=[address],
+                    subject="Hi",
+                    text="Hello",
+                    headers=headers,
+                )
+            )
+            results.wait_final({address})  # one after the other: a new connection each
+    assert set(results.states().values()) == {RecipientState.DELIVERED}
+    counted = {
+        (s.policy_type.value, s.result_type or "ok"): s.count
+        for s in store.tls_sessions(datetime.now(UTC).date())
+    }
+    assert counted == {("sts", "ok"): 1, ("no-policy-found", "ok"): 1}

@@ -79,11 +79,16 @@ class SessionObserver:
             policy = "\n".join(str(r) for r in requirement.tlsa)
         elif requirement.mode is TLSMode.NONE and source is not PolicySource.REMEMBERED:
             return  # plaintext by the operator's choice: no TLS was attempted
-        elif self._mta_sts is not None and self._mta_sts.applies_to(domain):
-            if source is PolicySource.REMEMBERED:
-                # MTA-STS testing with an unlisted MX whose TLS is remembered broken: a
-                # session with the policy's failure, which the MTA-STS source counts.
-                self._mta_sts.observe(domain, requirement, host, ip, error)
+        elif (
+            source is PolicySource.REMEMBERED
+            and self._mta_sts is not None
+            and self._mta_sts.applies_to(domain)
+        ):
+            # MTA-STS testing with an unlisted MX whose TLS is remembered broken: a
+            # session with the policy's failure, which the MTA-STS source counts. Only
+            # that one: a session the policy was not applied to (TLS-Required: No skips
+            # it) is no-policy-found below, however earlier mail to the domain went.
+            self._mta_sts.observe(domain, requirement, host, ip, error)
             return
         else:
             policy_type, policy = PolicyType.NO_POLICY, ""
