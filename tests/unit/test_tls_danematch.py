@@ -119,3 +119,16 @@ def test_dane_ta_full_certificate_record_needs_no_anchor_in_the_chain() -> None:
 def test_a_digest_must_have_its_matching_types_size(matching: int, size: int, fits: bool) -> None:
     # dnspython before 2.9.1 hands such records over; the DANE lookup sets them aside.
     assert record(3, 1, matching, bytes(size)).fits_matching_type is fits
+
+
+def test_dane_ta_never_takes_the_servers_own_certificate_for_its_trust_anchor() -> None:
+    # A DANE-TA(2) record names an issuer, and the chain from the leaf to it must verify,
+    # validity included (RFC 7672 §3.1.2; OpenSSL matches usage 2 above depth 0 only). A
+    # record that matched the leaf itself accepted it expired, nothing but its name looked at.
+    expired, _ = self_signed("mx.test", expired=True)
+    with pytest.raises(DaneMismatch):
+        check_chain([der(expired)], [record(2, 1, 1, spki_sha256(expired))], host="mx.test")
+    with pytest.raises(DaneMismatch):
+        check_chain([der(expired)], [record(2, 0, 0, der(expired))], host="mx.test")
+    # DANE-EE(3) is the usage that matches the server's own certificate, expiry unchecked.
+    assert check_chain([der(expired)], [record(3, 1, 1, spki_sha256(expired))], host="mx.test")

@@ -3,12 +3,12 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
 
 * DANE-EE (usage 3): the leaf certificate, or its SubjectPublicKeyInfo, matches; names,
   expiry and issuer are not checked (RFC 7672 §3.1.1).
-* DANE-TA (usage 2): a certificate of the chain the server sent (RFC 7671 §5.2.2: it must
-  send the trust anchor, unless the record is ``2 0 0``, which holds the anchor itself)
-  matches; the chain from the leaf to it must then verify, with the leaf's name matching
-  the MX host or another reference identifier the caller gives (RFC 7672 §3.2.2: the
-  TLSA base domain, which may be the MX host's CNAME expansion, and the next-hop domain
-  whose validated MX records named the host), as if that certificate
+* DANE-TA (usage 2): a certificate of the chain the server sent, above the leaf (RFC 7671
+  §5.2.2: it must send the trust anchor, unless the record is ``2 0 0``, which holds the
+  anchor itself) matches; the chain from the leaf to it must then verify, with the leaf's
+  name matching the MX host or another reference identifier the caller gives (RFC 7672
+  §3.2.2: the TLSA base domain, which may be the MX host's CNAME expansion, and the
+  next-hop domain whose validated MX records named the host), as if that certificate
   were the only trusted root, built from the other certificates sent, in whatever order
   (RFC 8446 §4.4.2). The chain check is ``cryptography``'s X.509 path validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
@@ -155,7 +155,11 @@ def match_chain(
         if record.usage != 2:
             continue
         matched = False
-        for index, der in enumerate(chain):
+        # A trust anchor is an issuer of the leaf, never the leaf itself (as in OpenSSL,
+        # which matches DANE-TA only above depth 0): taken for its own anchor, the server's
+        # certificate went through no path validation, so an expired one was accepted as
+        # if the record were DANE-EE. A "2 0 0" naming it still gets a checked path below.
+        for index, der in enumerate(chain[1:], start=1):
             if not record_matches(record, der):
                 continue
             matched = True
@@ -216,8 +220,6 @@ def _verify_to_anchor(
             f"the certificate is not valid for {' or '.join(reference)} "
             f"(names: {', '.join(dns_names[:5])})"
         )
-    if anchor == 0:
-        return host  # the leaf itself is the trust anchor
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
     # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow
     # it); its name was checked above against its DNS names, as RFC 7672 §3.2.2 asks.
