@@ -14,10 +14,15 @@ import pytest
 
 from mailstrom import Config, Email, RecipientState, TLSPolicy
 from mailstrom.client import Mailstrom
+from mailstrom.runtime.connection import TLSVerifyError
+from mailstrom.safetext import is_safe
 from mailstrom.stores import MemoryStore
+from mailstrom.stores.postgres import PostgresStore
 from mailstrom.testing.smtp import start_receiving_server
+from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 from mailstrom.tlsrpt import PolicyType, TLSSessions
-from mailstrom.tlsrpt.observer import REMEMBERED_CODE
+from mailstrom.tlsrpt.observer import REMEMBERED_CODE, SessionObserver
+from mailstrom.tlsrpt.recorder import SessionRecorder
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import self_signed, server_context, spki_sha256
 from tests.support.delivery import FAST, FakeClock, Results
@@ -153,3 +158,25 @@ def test_nothing_is_counted_when_off_or_without_tls(
     mx = smtp_server()
     route(dns_server, mx.host, "example.org")
     assert run(mx.port, ["a@example.org"], **overrides) == []
+
+
+@pytest.mark.postgres
+async def test_a_peers_control_characters_keep_no_counter_from_postgresql(
+    postgres_url: str,
+) -> None:
+    # A DANE failure reason quotes the names of the peer's certificate, NUL included:
+    # PostgreSQL refused that counter, and with it the whole batch, again at every flush.
+    reason = "DANE: the certificate is not valid for mx.test (names: evil\x00\x1b[2J.test)"
+    tlsa = (TLSARecord(usage=2, selector=1, matching=1, data=b"\x01" * 32),)
+    need = TLSRequirement(mode=TLSMode.DANE, source=PolicySource.DANE, tlsa=tlsa)
+    with PostgresStore(postgres_url) as store:
+        recorder = SessionRecorder(store, clock=CLOCK)
+        observe = SessionObserver(recorder)
+        observe("example.org", need, "mx.test", "192.0.2.7", TLSVerifyError(reason, host="mx"))
+        recorder.success("example.org", PolicyType.NO_POLICY, "")
+        await recorder.flush()
+        assert recorder.pending == 0
+        counters = store.tls_sessions(DAY)
+    assert len(counters) == 2
+    [failed] = [c for c in counters if c.result_type]
+    assert is_safe(failed.failure_code) and "evil" in failed.failure_code

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tests.support.certs import SM2_CERTIFICATE, der, self_signed, spki_sha256, unreadable_variants
 
+from mailstrom.safetext import is_safe
 from mailstrom.tls.danematch import DaneMismatch, check_chain, record_matches
 from mailstrom.tls.requirement import TLSARecord
 
@@ -132,3 +137,31 @@ def test_dane_ta_never_takes_the_servers_own_certificate_for_its_trust_anchor() 
         check_chain([der(expired)], [record(2, 0, 0, der(expired))], host="mx.test")
     # DANE-EE(3) is the usage that matches the server's own certificate, expiry unchecked.
     assert check_chain([der(expired)], [record(3, 1, 1, spki_sha256(expired))], host="mx.test")
+
+
+def test_a_certificates_names_are_quoted_as_safe_text() -> None:
+    # The names come from the peer's certificate; the reason goes to logs, the recipient's
+    # status and TLS reports (where PostgreSQL refused a NUL: see test_tls_sessions).
+    ca = trustme.CA()
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("evil\x00\x1b[2J.test")]), False)
+        .sign(ca_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    with pytest.raises(DaneMismatch, match=r"not valid for mx\.test") as caught:
+        check_chain([leaf, anchor], tlsa, host="mx.test")
+    assert is_safe(str(caught.value)) and "evil" in str(caught.value)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from mailstrom.safetext import safe_text
 from mailstrom.tls.requirement import TLSARecord
 
 # cryptography is imported by the checks themselves, not with this module: its X.509
@@ -216,9 +217,11 @@ def _verify_to_anchor(
         raise DaneMismatch(f"the certificate's names cannot be read: {exc}") from None
     host = next((name for name in reference if _name_matches(name, dns_names)), None)
     if host is None:
+        # The names are the peer's: control characters (a NUL, an ESC) made safe, since the
+        # reason goes to logs, the recipient's status and TLS reports.
+        names_shown = ", ".join(safe_text(name[:100]) for name in dns_names[:5])
         raise DaneMismatch(
-            f"the certificate is not valid for {' or '.join(reference)} "
-            f"(names: {', '.join(dns_names[:5])})"
+            f"the certificate is not valid for {' or '.join(reference)} (names: {names_shown})"
         )
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
     # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow

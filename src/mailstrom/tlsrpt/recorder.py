@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.errors import DeliveryError, StoreError, TLSRequiredError
+from mailstrom.safetext import safe_text
 from mailstrom.stores.base import Store
 from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType, TLSSessions
 
@@ -101,7 +102,7 @@ class SessionRecorder:
                 policy_domain=domain,
                 policy_type=policy_type,
                 policy_string=policy_string,
-                receiving_mx=mx[:MAX_FIELD],
+                receiving_mx=safe_text(mx[:MAX_FIELD]),
             )
         )
 
@@ -117,6 +118,10 @@ class SessionRecorder:
         code: str = "",
     ) -> None:
         """One failed session (or policy failure) of ``result_type``."""
+        # The host, address and reason come from peers (a certificate's names are quoted
+        # in a DANE reason): made safe text before they are kept, since PostgreSQL refuses
+        # a NUL, and one counter it refuses keeps the whole batch from being written, again
+        # at every try; a report and `mailstrom tlsrpt` show them too.
         self._add(
             TLSSessions(
                 day=self._clock().date(),
@@ -125,9 +130,9 @@ class SessionRecorder:
                 policy_string=policy_string,
                 result_type=result_type.value,
                 sending_ip=self._sending_ip,
-                receiving_mx=mx[:MAX_FIELD],
-                receiving_ip=ip[:MAX_FIELD],
-                failure_code=code[:MAX_FIELD],
+                receiving_mx=safe_text(mx[:MAX_FIELD]),
+                receiving_ip=safe_text(ip[:MAX_FIELD]),
+                failure_code=safe_text(code[:MAX_FIELD]),
             )
         )
 
