@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import ipaddress
 import os
@@ -139,6 +140,41 @@ def check_tls_context(value: object, where: str) -> None:
         raise ConfigError(
             f"{where}: expected an ssl.SSLContext or None, not {type(value).__name__}"
         )
+
+
+def portable_trust(context: ssl.SSLContext) -> tuple[bool, tuple[bytes, ...]]:
+    """What a worker process needs to trust what ``context`` trusts (an SSLContext cannot
+    be pickled): whether it trusts the system's CAs, and the DER certificates of the other
+    CAs it holds. :func:`trusting` builds the context again.
+
+    A context holding every CA the system's default context loads trusts the system's;
+    one made from a CA file of its own (``create_default_context(cafile=...)``) trusts
+    that file's alone, and so does the one rebuilt from it. Where the system's CAs are
+    loaded only when a lookup needs them (a CA directory alone), none is held up front
+    and the system's are trusted as well, as they cannot be told apart."""
+    held = tuple(c for c in context.get_ca_certs(binary_form=True) if isinstance(c, bytes))
+    system = _system_cas()
+    return system.issubset(held), tuple(c for c in held if c not in system)
+
+
+def trusting(system: bool, cas: tuple[bytes, ...]) -> ssl.SSLContext:
+    """A verifying context trusting ``cas`` (DER), and the system's CAs if ``system``."""
+    if system:
+        context = ssl.create_default_context()
+        if cas:
+            context.load_verify_locations(cadata=b"".join(cas))
+        return context
+    if cas:
+        return ssl.create_default_context(cadata=b"".join(cas))
+    # create_default_context() loads the system's CAs when given none: a context trusting
+    # nothing stays one.
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+@functools.cache
+def _system_cas() -> frozenset[bytes]:
+    found = ssl.create_default_context().get_ca_certs(binary_form=True)
+    return frozenset(c for c in found if isinstance(c, bytes))
 
 
 def check_ca_file(value: object, where: str) -> None:
@@ -356,22 +392,17 @@ class MTASTSConfig:
         check_bool(self.report, "mta_sts.report")
 
     def __reduce__(self) -> tuple[object, ...]:
-        # An SSLContext cannot cross to a worker process: its CA certificates do, and the
-        # other side builds a context trusting them (besides the system's).
+        # An SSLContext cannot cross to a worker process: what it trusts does, and the
+        # other side builds a context trusting that (portable_trust).
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tls_context"}
-        cas: tuple[bytes, ...] | None = None
-        if self.tls_context is not None:
-            found = self.tls_context.get_ca_certs(binary_form=True)
-            cas = tuple(c for c in found if isinstance(c, bytes))
-        return (_rebuild_mta_sts, (options, cas))
+        trust = None if self.tls_context is None else portable_trust(self.tls_context)
+        return (_rebuild_mta_sts, (options, trust))
 
 
-def _rebuild_mta_sts(options: dict[str, object], cas: tuple[bytes, ...] | None) -> MTASTSConfig:
-    context = None
-    if cas is not None:
-        context = ssl.create_default_context()
-        for der in cas:
-            context.load_verify_locations(cadata=der)
+def _rebuild_mta_sts(
+    options: dict[str, object], trust: tuple[bool, tuple[bytes, ...]] | None
+) -> MTASTSConfig:
+    context = None if trust is None else trusting(*trust)
     return MTASTSConfig(tls_context=context, **options)  # type: ignore[arg-type]
 
 

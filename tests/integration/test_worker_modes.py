@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from mailstrom import (
     AsyncMailstrom,
@@ -77,6 +79,33 @@ def test_a_durable_store_gets_a_worker_process_by_default(
     assert _gone(pid)
     # The child rebuilt the verifying TLS context from the CA certificates it was given.
     assert all(m.tls for m in mx.messages)
+    store.close()
+
+
+def test_a_worker_process_trusts_no_more_cas_than_the_context_it_was_given(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    tls_ca: trustme.CA,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The child rebuilt the context as the system's CAs plus the given ones: a context
+    trusting a private CA alone let the worker process accept any certificate a system
+    CA signed. The "system" store here is the test CA's file (SSL_CERT_FILE, which the
+    child inherits); the context given trusts another CA only, so TLS must not verify."""
+    system_file = tmp_path / "system.pem"
+    tls_ca.cert_pem.write_to_path(str(system_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_file))
+    private = ssl.create_default_context(cadata=trustme.CA().cert_pem.bytes().decode())
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, tls="verify", tls_context=private)
+    with Mailstrom(cfg, store=store, on_result=results, worker="process") as ms:
+        message_id = ms.send_email(hello("u@example.org"))
+        results.wait_count(1)
+        state = ms.query_status(message_id).state
+    assert state is RecipientState.DEFERRED
+    assert mx.messages == []
     store.close()
 
 

@@ -460,3 +460,32 @@ def test_dns_nameservers_must_be_a_sequence_of_addresses(value: object) -> None:
 
     with pytest.raises(ConfigError, match=r"dns\.nameservers"):
         DNSConfig(nameservers=value)  # type: ignore[arg-type]
+
+
+def test_what_a_tls_context_trusts_crosses_to_a_worker_process_as_it_is() -> None:
+    import pickle
+
+    import trustme
+
+    from mailstrom.config import MTASTSConfig, portable_trust, trusting
+
+    system = ssl.create_default_context()
+    assert portable_trust(system) == (True, ())
+    rebuilt = trusting(*portable_trust(system))
+    assert rebuilt.get_ca_certs(binary_form=True) == system.get_ca_certs(binary_form=True)
+
+    ca = trustme.CA()
+    private = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    own = tuple(private.get_ca_certs(binary_form=True))
+    widened = ssl.create_default_context()
+    widened.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
+    if system.get_ca_certs():  # the system's CAs are loaded up front (a CA file)
+        # A private CA alone was trusted beside the system's CAs in a worker process.
+        assert portable_trust(private) == (False, own)
+        assert portable_trust(widened) == (True, own)
+    assert tuple(trusting(*portable_trust(private)).get_ca_certs(binary_form=True)) == own
+    assert trusting(False, ()).get_ca_certs() == []
+
+    sts = pickle.loads(pickle.dumps(MTASTSConfig(tls_context=private)))
+    assert sts.tls_context is not None
+    assert tuple(sts.tls_context.get_ca_certs(binary_form=True)) == own

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import IO, Any
 
-from mailstrom.config import Config
+from mailstrom.config import Config, portable_trust, trusting
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -26,26 +26,27 @@ _HEADER = struct.Struct("!I")
 @dataclass(frozen=True, slots=True)
 class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context``: an :class:`ssl.SSLContext`
-    cannot cross a process boundary, so its CA certificates and checks are sent instead
-    (the child's context trusts these on top of the system's)."""
+    cannot cross a process boundary, so what it trusts and its checks are sent instead
+    (:func:`~mailstrom.config.portable_trust`): the child trusts the system's CAs only
+    if the parent's context does."""
 
+    system: bool
     ca_der: tuple[bytes, ...]
     check_hostname: bool
     verify_mode: int
 
     @classmethod
     def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
-        certs = context.get_ca_certs(binary_form=True)
+        system, cas = portable_trust(context)
         return cls(
-            ca_der=tuple(c for c in certs if isinstance(c, bytes)),
+            system=system,
+            ca_der=cas,
             check_hostname=context.check_hostname,
             verify_mode=int(context.verify_mode),
         )
 
     def build(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        for der in self.ca_der:
-            context.load_verify_locations(cadata=der)
+        context = trusting(self.system, self.ca_der)
         context.check_hostname = self.check_hostname
         context.verify_mode = ssl.VerifyMode(self.verify_mode)
         return context
