@@ -335,3 +335,42 @@ def test_the_arrival_date_of_a_scheduled_message_is_when_it_was_queued(
         results.wait_count(2)  # nobody failed, the notice delivered
         [notice] = mx.wait_for_messages(1)
     assert b"\r\nArrival-Date: " + format_datetime(queued).encode() + b"\r\n" in notice.content
+
+
+def test_a_recipient_never_tried_has_no_last_attempt_date(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    """Was: ``Last-Attempt-Date`` the time of the notice, for a recipient refused from the
+    suppression list without any attempt. RFC 3464 §2.3.7: the field is the date of the
+    last attempt to deliver; with none it is left out (it is optional)."""
+    ms = mailstrom(bounce_notices=True)
+    ms.suppress("gone@example.org", "550 5.1.1 earlier")
+    ms.send_email(hello("gone@example.org"))
+    results.wait_count(2)
+    [notice] = mx.wait_for_messages(1)
+    assert b"Final-Recipient: rfc822; gone@example.org\r\n" in notice.content
+    assert b"Last-Attempt-Date" not in notice.content
+
+
+def test_the_last_attempt_date_of_an_expired_recipient_is_its_last_attempt(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """Was: the time the worker found the message expired, when no attempt was made (no
+    connection is made past the expiry); the last attempt was the greylisted one."""
+    from datetime import timedelta
+    from email.utils import format_datetime
+
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    tried = clock()
+    mx.rcpt_replies["slow@example.org"] = "451 4.7.1 Greylisted, try again later"
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        ms.send_email(hello("slow@example.org"), max_age=timedelta(minutes=10))
+        results.wait_count(1)  # greylisted: deferred
+        clock.advance(timedelta(hours=1))
+        ms.wake()
+        results.wait_count(3)  # failed as expired, and the notice delivered
+        [notice] = mx.wait_for_messages(1)
+    assert b"\r\nLast-Attempt-Date: " + format_datetime(tried).encode() + b"\r\n" in notice.content

@@ -48,7 +48,10 @@ class FailedRecipient:
     """``diagnostic`` is mailstrom's own even if it looks like a reply (a refusal it made
     with a code: SIZE, SMTPUTF8, null MX), not a server's."""
     remote_mta: str | None
-    at: datetime
+    at: datetime | None
+    """When delivery to it was last attempted; None when it never was (refused from the
+    suppression list, or expired before any attempt): ``Last-Attempt-Date`` is left out
+    (RFC 3464 §2.3.7: the date of the last attempt, an optional field)."""
 
 
 def wants_notice(
@@ -193,7 +196,7 @@ def render_notice(
             f"Status: {_line(r.status)}",
             *([f"Remote-MTA: dns; {_line(r.remote_mta)}"] if r.remote_mta else []),
             f"Diagnostic-Code: {_diagnostic(r.diagnostic, own=r.own)}",
-            f"Last-Attempt-Date: {format_datetime(r.at)}",
+            *([f"Last-Attempt-Date: {format_datetime(r.at)}"] if r.at is not None else []),
             *([f"Will-Retry-Until: {format_datetime(retry_until)}"] if retry_until else []),
         ]
     returned = original if full else head

@@ -70,7 +70,7 @@ def notices_for(
             diagnostic=attempt.reason,
             own=result.own_reply,
             remote_mta=attempt.mx_host,
-            at=attempt.at,
+            at=_last_attempt(result, item),
         )
         key = (result.message_id, sender, delayed)
         groups.setdefault(key, (item, due, []))[2].append(entry)
@@ -104,6 +104,21 @@ def notices_for(
         except InvalidMessage as exc:
             log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
     return notices
+
+
+_NOT_TRIED = (ReasonClass.SUPPRESSED, ReasonClass.EXPIRED)
+"""Failures decided before any attempt to deliver: no DNS lookup, no connection."""
+
+
+def _last_attempt(result: RecipientResult, item: WorkItem) -> datetime | None:
+    """When delivery to the recipient was last attempted (RFC 3464 §2.3.7's
+    ``Last-Attempt-Date``): this result's attempt, or for a failure decided without one
+    (:data:`_NOT_TRIED`) the attempt before it, None when there was none. The notice's
+    own time would claim an attempt that was never made."""
+    if result.attempt.reason_class not in _NOT_TRIED:
+        return result.attempt.at
+    leased = next((r for r in item.recipients if r.address == result.address), None)
+    return leased.last_attempt_at if leased is not None else None
 
 
 def _crosses_delay(
