@@ -22,7 +22,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
@@ -219,7 +219,12 @@ class Suppression:
         if self.created_at is None:
             head = "suppressed since an unknown time"
         else:
-            head = f"suppressed since {self.created_at.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            # In UTC, as the "Z" says: an entry may carry any offset (a clock or a store
+            # that keeps the one it was given). A naive time is taken as UTC, as before.
+            when = self.created_at
+            if when.tzinfo is not None:
+                when = when.astimezone(UTC)
+            head = f"suppressed since {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         return f"{head}: {self.reply}" if self.reply else head
 
     def active(self, now: datetime) -> bool:

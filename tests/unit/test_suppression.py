@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -138,6 +138,14 @@ def test_reason_and_activity() -> None:
     assert entry("bob@example.org").reason == "suppressed since 2026-11-30T09:00:00Z"
     assert e.active(NOW) and not e.active(NOW + timedelta(days=1))
     assert entry("example.org").is_domain and not e.is_domain
+
+
+def test_the_reason_gives_the_time_in_utc_whatever_its_offset() -> None:
+    """Was: ``2026-11-30T11:00:00Z`` for 11:00 at +02:00, two hours off, and only from
+    stores that keep the offset (MemoryStore; SQLite gives the time back in UTC)."""
+    at = datetime(2026, 11, 30, 11, 0, tzinfo=timezone(timedelta(hours=2)))
+    e = Suppression(target="bob@example.org", source=None, reply="", created_at=at)
+    assert e.reason == "suppressed since 2026-11-30T09:00:00Z"
 
 
 @pytest.mark.parametrize(
