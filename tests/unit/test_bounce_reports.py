@@ -602,3 +602,46 @@ def test_a_line_of_only_spaces_ends_a_dsn_block(blank: bytes, kind: str) -> None
         ("nosuchuser@receiver.test", "nosuchuser@receiver.test", "5.1.1"),
         ("other@receiver.test", "other@receiver.test", "5.1.1"),
     ]
+
+
+def test_an_encoded_status_part_with_raw_8bit_octets_is_read() -> None:
+    """Was: UnicodeEncodeError (exit 70 from ``mailstrom bounce``). An 8-bit octet left
+    raw in a quoted-printable part was turned into U+FFFD by ``get_payload()`` before the
+    part was decoded, and decoding wants ASCII or the octets themselves."""
+    data = global_dsn(utf8=False, qp_body=True).replace(b"unknown user", "unknown é user".encode())
+    report = parse_report(data)
+    assert report is not None
+    [r] = report.recipients
+    assert r.final_recipient == "nosuchuser@receiver.test"
+    assert r.diagnostic == 'unknown é user: "nosuchuser"'
+
+
+@pytest.mark.parametrize("charset", ["charset*=utf-8''x", "charset=idna"])
+def test_a_charset_parameter_of_the_senders_choice_breaks_nothing(charset: str) -> None:
+    """Was: TypeError (an RFC 2231 parameter, which ``get_param`` gives as a tuple) or
+    UnicodeError (a codec that cannot replace what it cannot decode): ``get_payload()``
+    decodes a text part's 8-bit octets by its charset parameter, and the report's sender
+    writes it. The returned headers are read as they came."""
+    data = (
+        sample("postfix-dsn-full.eml")
+        .replace(
+            b"Content-Type: message/rfc822",
+            f"Content-Type: text/rfc822-headers; {charset}".encode(),
+        )
+        .replace(b"Subject: sample 2", "Subject: sample é".encode())
+    )
+    report = parse_report(data)
+    assert report is not None
+    assert report.original_message_id == "<sample-2@sender.test>"
+    assert report.recipients[0].status == "5.1.1"
+
+
+def test_a_report_without_parts_and_with_8bit_octets_is_refused() -> None:
+    """Was: TypeError for a multipart/report without a boundary (so its body is one text)
+    whose 8-bit octets get_payload() decoded by an RFC 2231 charset parameter."""
+    data = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
+        b" charset*=utf-8''x\r\n\r\nno parts \xc3\xa9\r\n"
+    )
+    with pytest.raises(InvalidReport, match="without parts"):
+        parse_report(data)

@@ -202,7 +202,7 @@ def _parse(data: bytes) -> Message:
 
 def _parts(message: Message) -> list[Message]:
     """The top-level parts of a multipart message (bounded)."""
-    payload = message.get_payload()
+    payload = message.get_payload() if message.is_multipart() else None
     if not isinstance(payload, list):
         raise InvalidReport("a multipart/report without parts")
     return [p for p in payload[:20] if isinstance(p, Message)]
@@ -291,9 +291,9 @@ def _blocks(part: Message, *, white: bool) -> list[Message]:
         # In base64 or quoted-printable (how the 8-bit message/global-delivery-status
         # crosses a 7-bit hop): what the parser read is the encoded text, decoded whole.
         return _text_blocks(_decoded_body(part).decode("utf-8", "surrogateescape"), white)
+    if not part.is_multipart():
+        return _text_blocks(_text(part), white)
     payload = part.get_payload()
-    if isinstance(payload, str):
-        return _text_blocks(payload, white)
     if not isinstance(payload, list):
         return []
     blocks = [b for b in payload[: MAX_RECIPIENTS + 1] if isinstance(b, Message)]
@@ -351,14 +351,26 @@ def _returned(parts: list[Message]) -> Message | None:
         # 8-bit octets; the parser took the encoded text for a message (or for text).
         decoded = email.parser.BytesParser(policy=_POLICY)
         return decoded.parsebytes(_decoded_body(part), headersonly=True)
+    if not part.is_multipart():
+        # Only its headers are read: a body here would be parsed (and nested) for nothing.
+        parser = email.parser.Parser(policy=_POLICY)
+        return parser.parsestr(_text(part)[:200_000], headersonly=True)
     payload = part.get_payload()
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         return payload[0]
-    if isinstance(payload, str):
-        # Only its headers are read: a body here would be parsed (and nested) for nothing.
-        parser = email.parser.Parser(policy=_POLICY)
-        return parser.parsestr(payload[:200_000], headersonly=True)
     return None
+
+
+def _text(part: Message) -> str:
+    """The text of a part that is no multipart as the parser read it, each 8-bit octet a
+    lone surrogate (as in the fields, see :class:`_RawFields`). Not ``get_payload()``: it
+    decodes those octets by the part's ``charset`` parameter, which whoever sent the
+    report writes, with U+FFFD for each that charset lacks (an encoded part holding one
+    then failed to decode), TypeError for an RFC 2231 one (``charset*=``), and
+    UnicodeError for a codec that cannot replace (``charset=idna``). With ``decode``
+    it gives the octets as they came (decoded, for a base64 or quoted-printable part)."""
+    data = part.get_payload(decode=True)
+    return data.decode("ascii", "surrogateescape") if isinstance(data, bytes) else ""
 
 
 def _encoded(part: Message) -> bool:
@@ -370,27 +382,29 @@ _MAX_ENCODED = 200_000
 
 
 def _decoded_body(part: Message) -> bytes:
-    """The octets of an encoded ``message/*`` part (at most :data:`_MAX_ENCODED`
-    characters of it read). The parser reads such a part as a message (a delivery-status
-    one as a list of them) whatever its encoding: the encoded lines that look like header
-    fields became that message's fields, the rest its body. In base64 no line does; in
+    """The octets of an encoded ``message/*`` part (at most :data:`_MAX_ENCODED` of
+    them, or characters of its text put back together). The parser reads such a part as
+    a message (a delivery-status one as a list of them) whatever its encoding: the
+    encoded lines that look like header fields became that message's fields, the rest
+    its body. In base64 no line does; in
     quoted-printable every ASCII one does, and a soft line break ends them early. The
     text is put back together (:func:`_as_read`) before it is decoded."""
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        encoded = payload[:_MAX_ENCODED]
-    else:
-        pieces: list[str] = []
-        size = 0
-        for inner in payload if isinstance(payload, list) else []:
-            if size > _MAX_ENCODED:
-                break
-            if isinstance(inner, Message):
-                pieces.append(_as_read(inner))
-                size += len(pieces[-1]) + 1
-        # The empty line between the blocks of a delivery-status part (the parser split
-        # them there); where there are two, _text_blocks still sees one block end.
-        encoded = "\n".join(pieces)[:_MAX_ENCODED]
+    if not part.is_multipart():
+        # Decoded whole (in C): read as text first, its 8-bit octets went by the part's
+        # charset parameter (see _text), and the decoder wants them as they came.
+        data = part.get_payload(decode=True)
+        return data[:_MAX_ENCODED] if isinstance(data, bytes) else b""
+    pieces: list[str] = []
+    size = 0
+    for inner in part.get_payload():
+        if size > _MAX_ENCODED:
+            break
+        if isinstance(inner, Message):
+            pieces.append(_as_read(inner))
+            size += len(pieces[-1]) + 1
+    # The empty line between the blocks of a delivery-status part (the parser split
+    # them there); where there are two, _text_blocks still sees one block end.
+    encoded = "\n".join(pieces)[:_MAX_ENCODED]
     carrier = Message()
     carrier["Content-Transfer-Encoding"] = _field(part.get("Content-Transfer-Encoding"))
     carrier.set_payload(encoded)
@@ -405,8 +419,7 @@ def _as_read(message: Message) -> str:
     head = "".join(f"{name}: {value}\n" for name, value in message.items())
     if head and not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in message.defects):
         head += "\n"
-    body = message.get_payload()
-    return head + (body if isinstance(body, str) else "")
+    return head + ("" if message.is_multipart() else _text(message))
 
 
 def _returned_message_id(parts: list[Message]) -> str | None:
