@@ -504,3 +504,52 @@ def test_a_tls_required_no_session_counts_as_no_policy_found_beside_the_policys(
         for s in store.tls_sessions(datetime.now(UTC).date())
     }
     assert counted == {("sts", "ok"): 1, ("no-policy-found", "ok"): 1}
+
+
+def test_a_requiretls_message_waits_for_a_policy_that_could_not_be_fetched(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    """The MX records are not DNSSEC-validated, so only the MTA-STS policy can vouch for
+    mx1.test (RFC 8689 §4.2.1). Its HTTPS server being down failed the message for good
+    (5.7.30), as if the domain had no policy; it is deferred now, and goes once the
+    policy is fetched."""
+    mx = smtp_server(name="mx1.test", requiretls=True)
+
+    def send_requiretls(https: HTTPSServer) -> Any:
+        config = loopback_config(
+            zone,
+            mx.port,
+            tls_context=client_tls_context,
+            mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        )
+        results = Results()
+        with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+            mid = ms.send_email(
+                Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hi", require_tls=True)
+            )
+            results.wait_final({BOB})
+            return ms.query_status(mid).recipient(BOB)
+
+    down = https_server()
+    down.policy(policy("enforce", "mx1.test"))
+    down.stop()
+    status = send_requiretls(down)
+    assert status.state is RecipientState.DEFERRED
+    assert "was not fetched" in status.reason
+    assert mx.received == []
+
+    zone.servfail("_mta-sts.example.org", "TXT")  # nor is its record to be had
+    status = send_requiretls(down)
+    assert status.state is RecipientState.DEFERRED
+    assert "_mta-sts record was not looked up" in status.reason
+    zone.delete("_mta-sts.example.org")
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+
+    up = https_server()
+    up.policy(policy("enforce", "mx1.test"))
+    status = send_requiretls(up)
+    assert status.state is RecipientState.DELIVERED
+    assert len(mx.wait_for_messages(1)) == 1

@@ -118,6 +118,12 @@ class MTASTSHook:
             fallback=None if destination.require_tls else default.mode,
         )
 
+    def policy_unknown(self, domain: str) -> str | None:
+        """Why ``domain``'s policy is not known now, when a lookup or fetch failed (see
+        :meth:`PolicySource.unknown`): the decider then defers a REQUIRETLS message that
+        nothing else vouches for, rather than failing it for good."""
+        return self._source.unknown(domain)
+
     def applies_to(self, domain: str) -> bool:
         """Whether the last decision for ``domain`` applied its policy (its sessions are
         counted here, never as ``no-policy-found``)."""

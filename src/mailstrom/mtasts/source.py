@@ -75,7 +75,8 @@ class PolicySource:
         self._monotonic = monotonic
         self._on_failure = on_failure
         self._route_policy = RoutePolicy(allow_loopback=config.allow_loopback)
-        self._known: dict[str, tuple[float, CachedPolicy | None]] = {}
+        # domain -> (until, policy, why none is known: a failed lookup or fetch, or None)
+        self._known: dict[str, tuple[float, CachedPolicy | None, str | None]] = {}
         self._flights: dict[str, asyncio.Task[CachedPolicy | None]] = {}
 
     def known(self, domain: str) -> tuple[bool, CachedPolicy | None]:
@@ -85,6 +86,17 @@ class PolicySource:
         if entry is not None and self._monotonic() < entry[0]:
             return True, entry[1]
         return False, None
+
+    def unknown(self, domain: str) -> str | None:
+        """Why no policy of ``domain`` is known, when that is because the ``_mta-sts``
+        record could not be looked up or the policy it announces could not be fetched
+        (and none cached is fresh); None when it was looked up (with or without a
+        policy), or not yet. Such a domain may have a policy that vouches for its MX
+        hosts, which a REQUIRETLS message must wait for (RFC 8689 §4.2.1). The last
+        answer counts even when it is due to be looked up again (``recheck = 0`` makes it
+        so at once): the decision asking has just made it."""
+        entry = self._known.get(domain)
+        return None if entry is None else entry[2]
 
     async def policy(self, domain: str) -> CachedPolicy | None:
         """The policy to apply to mail for ``domain`` (lower-case A-label), or None.
@@ -113,11 +125,18 @@ class PolicySource:
             flight.add_done_callback(lambda _: self._flights.pop(domain, None))
         return await asyncio.shield(flight)
 
-    def _remember(self, domain: str, value: CachedPolicy | None, seconds: float) -> None:
+    def _remember(
+        self,
+        domain: str,
+        value: CachedPolicy | None,
+        seconds: float,
+        unknown: str | None = None,
+    ) -> None:
         if len(self._known) >= MAX_REMEMBERED:
             for key in list(self._known)[: MAX_REMEMBERED // 10]:
                 del self._known[key]
-        self._known[domain] = (self._monotonic() + max(seconds, 0.0), value)
+        why = unknown if value is None else None
+        self._known[domain] = (self._monotonic() + max(seconds, 0.0), value, why)
 
     def _failed(self, domain: str, error: PolicyError, applied: CachedPolicy | None) -> None:
         kept = f"; the cached policy (id {applied.policy_id}) still applies" if applied else ""
@@ -142,7 +161,12 @@ class PolicySource:
             log.info("MTA-STS record of %s not looked up: %s", domain, exc)
             cached = await self._cached(domain)
             fresh = cached if cached is not None and cached.fresh(self._clock()) else None
-            self._remember(domain, fresh, min(recheck, _FAILURE_RECHECK))
+            self._remember(
+                domain,
+                fresh,
+                min(recheck, _FAILURE_RECHECK),
+                unknown=f"its _mta-sts record was not looked up: {exc}",
+            )
             return fresh
         except PolicyError as exc:
             cached = await self._cached(domain)
@@ -167,7 +191,12 @@ class PolicySource:
         except PolicyError as exc:
             self._failed(domain, exc, fresh)
             # A refresh ahead of time is in no hurry: try again after ``recheck``.
-            self._remember(domain, fresh, recheck if same else min(recheck, _FAILURE_RECHECK))
+            self._remember(
+                domain,
+                fresh,
+                recheck if same else min(recheck, _FAILURE_RECHECK),
+                unknown=f"the policy its _mta-sts record announces was not fetched: {exc.reason}",
+            )
             return fresh
         new = CachedPolicy.of(domain, policy_id, policy, self._clock())
         try:

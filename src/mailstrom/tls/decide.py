@@ -246,6 +246,7 @@ class TLSDecider:
                 host=destination.mx_host,
             )
         if not self._mx_vouched_for(destination, chosen):
+            self._defer_while_unknown(destination)
             raise RequireTLSFailure(
                 f"REQUIRETLS: MX host {destination.mx_host} of {destination.domain} comes "
                 "from DNS records that DNSSEC did not validate, and neither DANE nor an "
@@ -264,6 +265,22 @@ class TLSDecider:
             f"(instead of {chosen.label}: {chosen.reason})",
             detail=chosen.detail,
         )
+
+    def _defer_while_unknown(self, destination: Destination) -> None:
+        """TemporaryFailure when a source could not learn whether it vouches for the MX
+        host (an MTA-STS record or policy that a DNS or HTTPS failure kept from us): the
+        policy may well list the host, and a REQUIRETLS message failed for good then
+        would have been delivered a minute later."""
+        for source in self._sources:
+            unknown: Callable[[str], str | None] | None = getattr(source, "policy_unknown", None)
+            why = unknown(destination.domain) if unknown is not None else None
+            if why is not None:
+                raise TemporaryFailure(
+                    f"REQUIRETLS: nothing vouches for MX host {destination.mx_host} of "
+                    f"{destination.domain} yet: {why} (RFC 8689 §4.2.1); tried again later",
+                    enhanced="4.4.3",  # RFC 3463: directory server failure
+                    host=destination.mx_host,
+                )
 
     def _mx_vouched_for(self, destination: Destination, chosen: TLSRequirement) -> bool:
         """Whether the MX host is known to be the domain's, not only what a DNS answer
