@@ -73,9 +73,6 @@ from mailstrom.tls.requirement import TLSRequirement
 
 log = logging.getLogger("mailstrom.delivery")
 
-_LOST_LEASES = 64
-"""Leases :meth:`Dispatcher.withdraw` remembers as lost, newest kept: a session that
-breaks later gives their work back instead of queueing it again."""
 _DEPTH = 3
 """Transactions kept submitted per connection: one being answered, the next on the wire,
 and one more waiting, so that the content of the next leaves with the envelope after it
@@ -153,7 +150,15 @@ class Dispatcher:
         self._on_postpone = on_postpone
         self._may_start = may_start
         self._spread: dict[datetime, list[WorkItem]] = {}
-        self._lost: dict[str, None] = {}  # withdrawn leases, oldest first (_LOST_LEASES)
+        self._lost: set[str] = set()
+        """Withdrawn leases with work still here (on the wire): a session that breaks, or
+        a server's recipient limit, gives that work back instead of queueing it again.
+        Each is forgotten once nothing of it is left (see _held), not after a count of
+        newer ones: a worker cut off from its store withdraws every lease it holds at
+        once, and a forgotten one's work went out twice."""
+        self._held: dict[str, int] = {}
+        """Recipients handed to :meth:`submit` per lease token, not yet reported or given
+        back."""
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
@@ -197,6 +202,7 @@ class Dispatcher:
     def submit(self, item: WorkItem) -> None:
         """Deliver ``item`` (results arrive through ``on_done``)."""
         self.in_flight += len(item.recipients)
+        self._held[item.lease_token] = self._held.get(item.lease_token, 0) + len(item.recipients)
         self.idle.clear()
         if item.expires_at is not None and self._outcomes.is_expired(item):
             self._done(self._outcomes.expired(item))
@@ -307,7 +313,18 @@ class Dispatcher:
         self.in_flight -= len(results)
         if self.in_flight <= 0:
             self.idle.set()
+        if results:  # all of one item, so of one lease
+            self._let_go(results[0].lease_token, len(results))
         self._on_done(results)
+
+    def _let_go(self, lease_token: str, count: int) -> None:
+        """``count`` recipients of the lease ``lease_token`` are out of this dispatcher."""
+        left = self._held.get(lease_token, 0) - count
+        if left > 0:
+            self._held[lease_token] = left
+        else:
+            self._held.pop(lease_token, None)
+            self._lost.discard(lease_token)  # nothing of it is left to give back
 
     # --- one session -------------------------------------------------------------------
 
@@ -811,6 +828,8 @@ class Dispatcher:
         self.in_flight -= sum(len(item.recipients) for item in items)
         if self.in_flight <= 0:
             self.idle.set()
+        for item in items:
+            self._let_go(item.lease_token, len(item.recipients))
         if items and self._on_postpone is not None:
             when = until if until is not None else self._outcomes.now()
             expiring = [i for i in items if i.expires_at is not None and i.expires_at < when]
@@ -828,6 +847,7 @@ class Dispatcher:
         self.in_flight -= len(work.item.recipients)
         if self.in_flight <= 0:
             self.idle.set()
+        self._let_go(work.item.lease_token, len(work.item.recipients))
         if not self._spread:
             asyncio.get_running_loop().call_soon(self._flush_spread)
         self._spread.setdefault(_not_past_expiry(until, work.item), []).append(work.item)
@@ -913,9 +933,6 @@ class Dispatcher:
         returns how many recipients went back now. The worker does this when its lease
         was taken over, so that what another worker now delivers is not sent twice (the
         store gives back only what the lease still holds)."""
-        self._lost[lease_token] = None
-        if len(self._lost) > _LOST_LEASES:
-            del self._lost[next(iter(self._lost))]
         withdrawn: list[_Work] = []
         for key, dest in list(self._destinations.items()):
             if not any(work.item.lease_token == lease_token for work in dest.queue):
@@ -930,6 +947,8 @@ class Dispatcher:
                 # A waiting one is skipped when its turn comes (its queue is empty).
                 del self._destinations[key]
         self._give_back(withdrawn)
+        if lease_token in self._held:  # some of it is on the wire
+            self._lost.add(lease_token)
         return sum(len(work.item.recipients) for work in withdrawn)
 
     # --- upkeep ------------------------------------------------------------------------
