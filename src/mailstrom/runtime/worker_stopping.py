@@ -85,15 +85,22 @@ class WorkerStopping(WorkerStore):
     async def _release_unfinished(self) -> None:
         """Give back, due at once, what was leased and never attempted. A lease holding
         results that could not be recorded is kept: releasing it would resend at once
-        what may have been delivered; it expires instead."""
+        what may have been delivered; it expires instead. Once a give-back fails the rest
+        are left to expire too: each would fail as surely after as long a wait (a write
+        lock held elsewhere costs the whole busy timeout), and the stop took that wait
+        once per lease."""
         unrecorded = {result.lease_token for result in self._pending}
-        for state in list(self._leases.values()):
-            if state.lease.token in unrecorded:
-                continue
+        left = [s for s in self._leases.values() if s.lease.token not in unrecorded]
+        for done, state in enumerate(left):
             try:
                 await self._store_call(self.store.release, state.lease)
             except StoreError as exc:
-                log.warning("could not give back lease %s: %s", state.lease.token, exc)
+                log.warning(
+                    "could not give back %d leases (%s); they are tried again when they expire",
+                    len(left) - done,
+                    exc,
+                )
+                break
         self._leases.clear()
         self._items.clear()
         self._item_lanes.clear()

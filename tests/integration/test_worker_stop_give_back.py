@@ -1,0 +1,76 @@
+"""What a stopping worker gives back (worker_stopping.py), against a real SQLite store
+whose write lock another process holds, and a loopback SMTP server that stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailstrom.message import prepare
+from mailstrom.runtime.worker import Worker
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.integration.test_engine import FAST, hello, write_lock_held
+from tests.support.delivery import loopback_config
+
+LEASES = 5
+BUSY = 1.0
+"""The store's busy timeout: how long each write waits for the lock held elsewhere."""
+
+
+async def _until(check: object, timeout: float) -> bool:
+    """Poll ``check`` (a snapshot of the store: nothing to wait on) until it holds."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_stop_gives_up_giving_back_once_the_store_fails(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker holds five leases (one recipient each) on a server that stalls when it
+    stops: another process holds the database's write lock. Each give-back waited the
+    whole busy timeout and failed, one lease after the other, so stopping took five busy
+    timeouts (a minute per lease with the default 30 s under ``mailstrom worker``'s
+    SIGTERM). Once one fails the worker gives up the rest, which its leases bring back
+    when they expire, as for a worker that died: the stop takes one busy timeout."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=BUSY)
+    try:
+        now = datetime.now(UTC)
+        for i in range(LEASES):
+            store.enqueue(prepare(hello(f"u{i}@example.org", i)), now=now)
+        config = loopback_config(dns_server, mx.port, timeouts=FAST, lease_batch=1)
+        worker = Worker(config, store)
+        run = asyncio.create_task(worker.run())
+
+        def leased() -> int:
+            return sum(holder.leased for holder in store.live_holders())
+
+        assert await _until(lambda: leased() == LEASES and mx.received, 10), leased()
+        with write_lock_held(path):
+            began = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="mailstrom.worker"):
+                worker.request_stop(drain_timeout=0.1)
+                await asyncio.wait_for(run, 60)
+            took = time.monotonic() - began
+    finally:
+        store.close()
+    assert took < 2.5 * BUSY, took
+    assert "could not give back" in caplog.text
