@@ -99,6 +99,10 @@ class _LeaseState:
     held_until: float
     """Loop time at which the lease expires as far as this worker knows (moved by each
     extension the store confirmed)."""
+    expires_at: datetime
+    """When it expires by this worker's clock (the store's view). The loop's clock is
+    monotonic, which stops while the host is suspended: after a resume only this one
+    tells that the lease ran out meanwhile."""
     extend_failed: bool = False
     """The heartbeat's last try to extend it failed."""
     writing: int = 0
@@ -676,7 +680,10 @@ class Worker(
         count = sum(len(item.recipients) for item in lease.items)
         left = (lease.expires_at - self._clock()).total_seconds()
         state = self._leases[lease.token] = _LeaseState(
-            lease=lease, unrecorded=count, held_until=asyncio.get_running_loop().time() + left
+            lease=lease,
+            unrecorded=count,
+            held_until=asyncio.get_running_loop().time() + left,
+            expires_at=lease.expires_at,
         )
         items = self._items
         load = self._lane_load
@@ -822,6 +829,7 @@ class Worker(
                         state.extend_failed = True
                         continue
                     state.held_until = beat + lease_for.total_seconds()
+                    state.expires_at = until
                     state.extend_failed = state.fenced = False
                     if held < state.unrecorded - state.writing:
                         # The lease expired (this process or the store stalled) and
@@ -868,12 +876,14 @@ class Worker(
 
     def _may_start(self, token: str) -> bool | asyncio.Future[None]:
         """Whether work of the lease ``token`` may start a transaction now: not once the
-        lease has outlived the last extension the store confirmed, nor once this worker's
-        last beat is older than the store's ``dead_after`` (worker_reaping.py), when
-        another worker may have taken the lease over. Both happen when this worker stalls
-        (its process stopped, its loop blocked): when it resumes, a session that reads the
-        replies that came meanwhile would start the next transaction before the heartbeat
-        or the next look (timers, run after them) could tell. The lease's unstarted work
+        lease has outlived the last extension the store confirmed (by the loop's clock,
+        or by the worker's own clock, which alone goes on while the host is suspended),
+        nor once this worker's last beat is older than the store's ``dead_after``
+        (worker_reaping.py), when another worker may have taken the lease over. Both
+        happen when this worker stalls (its process stopped, its loop blocked, its host
+        suspended): when it resumes, a session that reads the replies that came meanwhile
+        would start the next transaction before the heartbeat or the next look (timers,
+        run after them) could tell. The lease's unstarted work
         is then given back, as fencing does; a later extension lets the rest go on.
 
         Within ``danger_skew`` of that end, a worker whose clock is ahead by less than the
@@ -889,6 +899,11 @@ class Worker(
         now = asyncio.get_running_loop().time()
         if now >= state.held_until:
             self._fence(state, "outlived its last extension (this worker stalled)")
+            return False
+        if self._clock() >= state.expires_at:
+            # The loop's clock stood still while the wall clock went on: the host was
+            # suspended (or the clock stepped), and other workers see the lease expired.
+            self._fence(state, "expired by the clock (this host was suspended)")
             return False
         if self._may_be_taken_for_dead(now):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
