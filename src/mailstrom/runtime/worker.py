@@ -900,12 +900,13 @@ class Worker(
         if now >= state.held_until:
             self._fence(state, "outlived its last extension (this worker stalled)")
             return False
-        if self._clock() >= state.expires_at:
+        wall = self._clock()
+        if wall >= state.expires_at:
             # The loop's clock stood still while the wall clock went on: the host was
             # suspended (or the clock stepped), and other workers see the lease expired.
             self._fence(state, "expired by the clock (this host was suspended)")
             return False
-        if self._may_be_taken_for_dead(now):
+        if self._may_be_taken_for_dead(now, wall):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
             return False
         if now < state.held_until - danger_skew(self.config.lease_for):

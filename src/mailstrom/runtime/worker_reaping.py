@@ -29,6 +29,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from mailstrom.errors import StoreError, StoreUnreachable
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
@@ -42,6 +43,7 @@ class WorkerReaping(WorkerStore):
     state: the flags the store loop reads to lease again."""
 
     holder: str
+    _clock: Callable[[], datetime]
     _wake: asyncio.Event | None
     _lease_wanted: bool
     _due_stale: bool
@@ -51,6 +53,9 @@ class WorkerReaping(WorkerStore):
     last look that worked plus the store's ``dead_after``. None while that cannot happen
     (a store that does not judge by beats, judging off, or no look has worked yet: this
     worker has no row to be judged by)."""
+    _beat_wall_until: datetime | None = None
+    """The same by this worker's clock: the loop's stops while the host is suspended, and
+    other workers' looks go on meanwhile."""
     _beat_unreachable = False
     """The last look failed because the store could not be reached."""
     _looking_since: float | None = None
@@ -82,6 +87,7 @@ class WorkerReaping(WorkerStore):
         """One look; False when the store failed it."""
         loop = asyncio.get_running_loop()
         started = self._looking_since = loop.time()
+        started_wall = self._clock()
         try:
             released = await self._store_call(reap)
         except StoreError as exc:
@@ -108,6 +114,9 @@ class WorkerReaping(WorkerStore):
             self._looking_since = None
         dead_after = self._dead_after
         self._beat_until = None if dead_after is None else started + dead_after
+        self._beat_wall_until = (
+            None if dead_after is None else started_wall + timedelta(seconds=dead_after)
+        )
         self._beat_unreachable = False
         self._reached()
         if self._look_failing:
@@ -138,14 +147,18 @@ class WorkerReaping(WorkerStore):
         store = self.store
         return store.dead_after if isinstance(store, DeadHolderReaper) else None
 
-    def _may_be_taken_for_dead(self, now: float) -> bool:
-        """Whether other workers may take this one for dead at loop time ``now``: its
-        last beat is ``dead_after`` old (a stall: its process stopped, its loop blocked;
-        or looks that failed), unless its looks since were refused by the server, which
-        refuses every worker's alike (see the module docstring)."""
-        until = self._beat_until
-        refused = self._look_failing and not self._beat_unreachable
-        return until is not None and now >= until and not refused
+    def _may_be_taken_for_dead(self, now: float, wall: datetime) -> bool:
+        """Whether other workers may take this one for dead at loop time ``now`` (and
+        ``wall`` by this worker's clock): its last beat is ``dead_after`` old (a stall:
+        its process stopped, its loop blocked, its host suspended; or looks that failed),
+        unless its looks since were refused by the server, which refuses every worker's
+        alike (see the module docstring). Both clocks are asked: only the worker's own
+        goes on while the host is suspended, and only the loop's is immune to a clock
+        stepped back."""
+        until, wall_until = self._beat_until, self._beat_wall_until
+        if until is None or (self._look_failing and not self._beat_unreachable):
+            return False
+        return now >= until or (wall_until is not None and wall >= wall_until)
 
     def _cut_off_now(self, now: float) -> bool:
         """Whether this worker is cut off at loop time ``now`` (see the module docstring);
