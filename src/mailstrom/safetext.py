@@ -3,10 +3,12 @@ made safe to store, log and show.
 
 Such text must not carry control characters but TAB: NUL cannot be stored in a
 PostgreSQL text column, and ESC sequences rewrite the terminal of whoever reads the text.
-Unicode's line and paragraph separators and the bidirectional overrides and isolates,
-which reorder what a reader sees, go too, and so do lone surrogates (an undecodable octet
-kept with ``errors="surrogateescape"``), which no terminal or database can encode. Each
-becomes U+FFFD, as undecodable octets do when bytes are decoded with ``errors="replace"``.
+Unicode's line and paragraph separators and its bidirectional controls (Bidi_Control: the
+embeddings, overrides and isolates, and the marks LRM, RLM and ALM, which reorder the
+digits and punctuation around them), which change what a reader sees, go too, and so do
+lone surrogates (an undecodable octet kept with ``errors="surrogateescape"``), which no
+terminal or database can encode. Each becomes U+FFFD, as undecodable octets do when bytes
+are decoded with ``errors="replace"``.
 
 >>> safe_text("queued as \\x00abc \\x1b[31mred")
 'queued as \\ufffdabc \\ufffd[31mred'
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import re
 
+# The bidirectional controls are Unicode's Bidi_Control property (PropList.txt) whole, as
+# cli.output shows them escaped: U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069.
 _UNSAFE = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+    "\u2066-\u2069\ud800-\udfff]"
 )
 
 

@@ -9,9 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mailstrom.safetext
-from mailstrom.safetext import safe_decode, safe_text
+from mailstrom.cli.output import visible
+from mailstrom.safetext import escaped_json, is_safe, safe_decode, safe_text
 
-_INVISIBLE = set("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The line separators, and Unicode's Bidi_Control property (PropList.txt): ALM, LRM, RLM,
+# the embeddings and overrides, the isolates.
+_BIDI_CONTROL = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_INVISIBLE = {"\u2028", "\u2029", *_BIDI_CONTROL}
 
 
 def unsafe(c: str) -> bool:
@@ -33,3 +37,22 @@ def test_every_unsafe_character_and_nothing_else_is_replaced(text: str) -> None:
 @given(st.binary())
 def test_any_bytes_decode_to_safe_text(raw: bytes) -> None:
     assert not any(unsafe(c) for c in safe_decode(raw))
+
+
+def test_the_bidi_marks_are_replaced() -> None:
+    """RLM, LRM and ALM are strong directional characters: "1 2 3" between two RLMs shows
+    as "3 2 1", so a reply or report holding them reads in another order than it is; they
+    were kept while the overrides went."""
+    for mark in "\u061c\u200e\u200f":
+        assert safe_text(f"550 {mark}1 2{mark}") == "550 \ufffd1 2\ufffd"
+        assert not is_safe(f"bob{mark}@example.org")
+        assert escaped_json(f'"a{mark}b"') == f'"a\\u{ord(mark):04x}b"'
+
+
+def test_the_same_characters_as_the_cli_shows_as_escapes() -> None:
+    """What is kept out of stored text and log lines is what the CLI's views escape (TAB
+    aside, which stored text keeps): one set, not two that drift apart."""
+    for code in range(0x110000):
+        c = chr(code)
+        if c != "\t":
+            assert (safe_text(c) != c) == (visible(c) != c), f"U+{code:04X}"
