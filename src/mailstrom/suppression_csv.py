@@ -8,6 +8,11 @@ any column after ``target``: a file of one address or domain a line is a valid i
 A row whose first cell starts with ``#`` and is no target (``# note``, ``#note``, ``###``)
 is a comment; ``#team@example.org`` is an address (``#`` is atext, RFC 5322 §3.2.3), so
 every target an export writes imports again.
+A cell an export writes that starts with ``=``, ``+``, ``-``, ``@``, TAB, CR or NUL (after
+any ``'``) gets a ``'`` in front, and an import takes one such ``'`` off again: a
+spreadsheet opening the file shows ``=cmd|'/c'!a0@example.org`` (a valid address) or a
+reply as text, instead of running it as a formula (OWASP's "CSV injection"), and the file
+still imports as it was exported.
 Input is hostile: its size, its number of rows and every field are bounded, and the first
 bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression` naming its
 line, before anything is written.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Protocol, TextIO
@@ -40,6 +46,10 @@ PostgreSQL, for a million; see docs/cli.md)."""
 _MAX_FIELD = MAX_REPLY * 4 + 2
 """The csv module's own limit per field: past it a row is refused while being read."""
 _MAX_MESSAGE_ID = 128
+# What makes a spreadsheet read a cell as a formula (OWASP, CSV injection; ASVS 5.0 1.2.10),
+# after the quotes an export adds: "'=x" is written "''=x", so that taking one quote off
+# gives back any cell, one that started with quotes included.
+_FORMULA = re.compile("'*[=+\\-@\t\r\0]")
 
 
 class Readable(Protocol):
@@ -80,7 +90,7 @@ def parse_csv(
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         for row in _rows(reader):
             line = reader.line_num
-            cells = [c.strip() for c in row]
+            cells = [_unquoted(c.strip()) for c in row]
             if not any(cells) or _is_comment(cells[0]):
                 continue
             if not entries and columns is COLUMNS and _is_header(cells):
@@ -97,6 +107,17 @@ def parse_csv(
     finally:
         csv.field_size_limit(previous)
     return entries
+
+
+def _quoted(cell: str) -> str:
+    """``cell`` as an export writes it: with a ``'`` in front when a spreadsheet would
+    take it for a formula."""
+    return "'" + cell if _FORMULA.match(cell) else cell
+
+
+def _unquoted(cell: str) -> str:
+    """``cell`` as :func:`_quoted` was given it."""
+    return cell[1:] if cell.startswith("'") and _FORMULA.match(cell, 1) else cell
 
 
 def _is_comment(cell: str) -> bool:
@@ -192,17 +213,16 @@ def write_csv(entries: Iterable[Suppression], stream: TextIO) -> int:
     writer.writerow(COLUMNS)
     count = 0
     for e in entries:
-        writer.writerow(
-            (
-                e.target,
-                # An unknown source or time (a stored row that cannot be read) is left
-                # empty: importing the file again fills it as for any entry without one.
-                e.source.value if e.source is not None else "",
-                e.reply,
-                e.created_at.isoformat() if e.created_at is not None else "",
-                e.expires_at.isoformat() if e.expires_at is not None else "",
-                e.message_id or "",
-            )
+        row = (
+            e.target,
+            # An unknown source or time (a stored row that cannot be read) is left
+            # empty: importing the file again fills it as for any entry without one.
+            e.source.value if e.source is not None else "",
+            e.reply,
+            e.created_at.isoformat() if e.created_at is not None else "",
+            e.expires_at.isoformat() if e.expires_at is not None else "",
+            e.message_id or "",
         )
+        writer.writerow([_quoted(c) for c in row])
         count += 1
     return count

