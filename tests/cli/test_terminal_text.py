@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from datetime import UTC, datetime
 
 import pytest
@@ -151,3 +152,33 @@ def test_status_shows_a_subject_s_escape_as_text(cli: CLI) -> None:
     # JSON is for programs: the Subject as decoded, escaped by json only.
     document = cli.ok("status", "--json", message_id).json()
     assert document["subject"] == f"hi\r\nFAKE LINE{ESC}[31mRED"
+
+
+def test_a_metadata_key_read_from_the_store_is_shown_escaped(cli: CLI) -> None:
+    """`status` shows each metadata key in its label ("Meta KEY:"), and print_fields wrote
+    labels as they were: a key validated when queued, but read back from a store changed
+    by hand or by another writer, reached the terminal with its ESC and CR."""
+    message_id = cli.ok(
+        "send",
+        "--from",
+        "a@client.test",
+        "--to",
+        "b@example.test",
+        "--text",
+        "x",
+        "--meta",
+        "order=42",
+    ).out.strip()
+    conn = sqlite3.connect(cli.cwd / "queue.db", isolation_level=None)
+    conn.execute(
+        "UPDATE messages SET metadata = ? WHERE id = ?",
+        (json.dumps({HOSTILE: "v"}, ensure_ascii=False), message_id),
+    )
+    conn.close()
+    out = cli.ok("status", message_id).out
+    assert_harmless(out)
+    assert r"Meta hi\x0d\x0aFAKE LINE\x1b[31mRED" in out
+    out = io.StringIO()
+    print_fields([(f"Meta {HOSTILE}", "v")], stream=out)
+    assert_harmless(out.getvalue())
+    assert out.getvalue().count("\n") == 1

@@ -178,6 +178,8 @@ def print_table(
 def print_fields(pairs: Sequence[tuple[str, Any]], stream: TextIO | None = None) -> None:
     """``Label:  value`` lines, labels aligned."""
     stream = sys.stdout if stream is None else stream
-    width = max(len(label) for label, _ in pairs) + 1
-    for label, value in pairs:
+    # Labels too can quote others ("Meta KEY", a key as a store gives it back).
+    shown = [(visible(label), value) for label, value in pairs]
+    width = max(len(label) for label, _ in shown) + 1
+    for label, value in shown:
         stream.write(f"{label + ':':<{width}}  {cell(value)}\n")
