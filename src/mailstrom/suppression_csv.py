@@ -13,9 +13,9 @@ any ``'``) gets a ``'`` in front, and an import takes one such ``'`` off again: 
 spreadsheet opening the file shows ``=cmd|'/c'!a0@example.org`` (a valid address) or a
 reply as text, instead of running it as a formula (OWASP's "CSV injection"), and the file
 still imports as it was exported.
-Input is hostile: its size, its number of rows and every field are bounded, and the first
-bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression` naming its
-line, before anything is written.
+Input is hostile: its size, its number of rows, every line and every field are bounded,
+and the first bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression`
+naming its line, before anything is written.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ PostgreSQL, for a million; see docs/cli.md)."""
 _MAX_FIELD = MAX_REPLY * 4 + 2
 """The csv module's own limit per field: past it a row is refused while being read."""
 _MAX_MESSAGE_ID = 128
+_MAX_LINE = 2 * len(COLUMNS) * _MAX_FIELD
+"""Characters of one line: room for a row of fields of the largest size, every character a
+doubled quote. A row of millions of cells ("a,a,a,...", 64 MiB) is refused before the csv
+module makes its list of cells, which took up to 3.5 GB with their copies."""
 # What makes a spreadsheet read a cell as a formula (OWASP, CSV injection; ASVS 5.0 1.2.10),
 # after the quotes an export adds: "'=x" is written "''=x", so that taking one quote off
 # gives back any cell, one that started with quotes included.
@@ -87,10 +91,10 @@ def parse_csv(
     columns: tuple[str, ...] = COLUMNS
     previous = csv.field_size_limit(_MAX_FIELD)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        reader = csv.reader(_lines(text), strict=True)
         for row in _rows(reader):
             line = reader.line_num
-            cells = [_unquoted(c.strip()) for c in row]
+            cells = [c.strip() for c in row]
             if not any(cells) or _is_comment(cells[0]):
                 continue
             if not entries and columns is COLUMNS and _is_header(cells):
@@ -102,7 +106,9 @@ def parse_csv(
                 raise InvalidSuppression(
                     f"{len(cells)} columns, expected at most {len(columns)}", line=line
                 )
-            fields = dict(zip(columns, cells, strict=False))
+            # Unquoted here, in at most six cells: a quote never makes a row blank, a
+            # comment or a header.
+            fields = dict(zip(columns, map(_unquoted, cells), strict=False))
             entries.append(_entry(fields, line=line, now=now, source=source))
     finally:
         csv.field_size_limit(previous)
@@ -118,6 +124,15 @@ def _quoted(cell: str) -> str:
 def _unquoted(cell: str) -> str:
     """``cell`` as :func:`_quoted` was given it."""
     return cell[1:] if cell.startswith("'") and _FORMULA.match(cell, 1) else cell
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` as the csv module reads them, each at most :data:`_MAX_LINE`
+    characters long; InvalidSuppression naming the first one that is longer."""
+    for number, line in enumerate(io.StringIO(text, newline=""), 1):
+        if len(line) > _MAX_LINE:
+            raise InvalidSuppression(f"a line longer than {_MAX_LINE} characters", line=number)
+        yield line
 
 
 def _is_comment(cell: str) -> bool:

@@ -18,6 +18,7 @@ import csv
 import io
 import os
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,13 @@ from mailstrom.errors import InvalidSuppression
 from mailstrom.safetext import is_safe
 from mailstrom.stores import open_store
 from mailstrom.stores.base import Store
-from mailstrom.suppression import Suppression, SuppressionSource, check_reply, normalize_target
+from mailstrom.suppression import (
+    MAX_REPLY,
+    Suppression,
+    SuppressionSource,
+    check_reply,
+    normalize_target,
+)
 from mailstrom.suppression_csv import COLUMNS, parse_csv, read_limited, write_csv
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "200"))
@@ -342,3 +349,48 @@ def test_an_export_holds_no_formula_and_imports_as_it_was(
     if not reply.lstrip("'").startswith(("=", "+", "-", "@", "\t")):
         assert reply in exported.getvalue()  # nothing added where no formula is
     assert parse_csv(exported.getvalue(), now=NOW) == [entry]
+
+
+@pytest.mark.parametrize("cell", ["a", "", "ab", "target"])
+def test_a_row_of_a_million_cells_is_refused_before_the_csv_module_lists_them(
+    cell: str,
+) -> None:
+    """The csv module makes a list of a row's cells before the row can be refused for
+    having more than six, and every cell was then stripped and lower-cased: a 64 MiB row
+    "ab,ab,ab,..." took 3.5 GB. A line longer than any row of the largest fields is
+    refused as it is read."""
+    text = "bob@example.org\n" + (cell + ",") * 1_000_000 + "x\n"
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidSuppression) as info:
+            parse_csv(text, now=NOW)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The text as the StringIO holds it (4 octets a character) and the line read from it;
+    # the list of a million cells alone is 8 MB, and each cell's copy 50 octets more.
+    assert peak < 5 * len(text) + 1_000_000, peak
+    assert info.value.line == 2
+    assert "a line longer than" in str(info.value)
+
+
+def test_the_longest_rows_are_read() -> None:
+    reply = '"' * MAX_REPLY
+    entry = Suppression(
+        target="x" * 64 + "@" + "d" * 180 + ".example",
+        source=SuppressionSource.MANUAL,
+        reply=reply,
+        created_at=NOW,
+        expires_at=NOW,
+        message_id="m" * 128,
+    )
+    exported = io.StringIO()
+    write_csv([entry], exported)
+    assert parse_csv(exported.getvalue(), now=NOW) == [entry]
+
+
+def test_a_blank_row_of_many_commas_is_skipped_and_one_with_a_late_cell_refused() -> None:
+    assert parse_csv("," * 100 + "\nbob@example.org\n", now=NOW)[0].target == "bob@example.org"
+    with pytest.raises(InvalidSuppression, match="101 columns") as info:
+        parse_csv("bob@example.org\n" + "," * 100 + "x\n", now=NOW)
+    assert info.value.line == 2
