@@ -182,3 +182,23 @@ def test_a_metadata_key_read_from_the_store_is_shown_escaped(cli: CLI) -> None:
     print_fields([(f"Meta {HOSTILE}", "v")], stream=out)
     assert_harmless(out.getvalue())
     assert out.getvalue().count("\n") == 1
+
+
+def test_an_ambiguous_id_s_candidates_are_shown_escaped(cli: CLI) -> None:
+    """The candidates of an ambiguous prefix are the store's ids, shown as they were
+    read: one changed by hand reached the terminal with its ESC, the only error line
+    written without the escapes every other reason gets."""
+    args = ("send", "--from", "a@client.test", "--to", "b@example.test", "--text", "x")
+    first = cli.ok(*args).out.strip()
+    second = cli.ok(*args).out.strip()
+    conn = sqlite3.connect(cli.cwd / "queue.db", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute(
+        "UPDATE messages SET id = ? WHERE id = ?", (first[:8] + f"{ESC}[2J" + first[8:], second)
+    )
+    conn.close()
+    result = cli("status", first[:8])
+    assert result.code == 66, result.err
+    assert "ambiguous message id" in result.err
+    assert_harmless(result.err)
+    assert r"\x1b[2J" in result.err

@@ -108,7 +108,8 @@ def reason_for(exc: BaseException) -> str:
     from mailstrom.stores.url import redact_url
 
     if isinstance(exc, AmbiguousMessageId):
-        return str(exc)  # with the candidates
+        # With the candidates: ids as the store gives them back, escaped like the rest.
+        return visible(str(exc))
     if isinstance(exc, UnknownMessage):
         # The id is whatever was typed or piped in: quoted cut to 64 characters, with
         # its control characters (a CR, an ESC) as escapes, like every other reason.
