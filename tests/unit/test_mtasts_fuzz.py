@@ -83,6 +83,7 @@ ODD = st.sampled_from(
         "\u2029",
         "\u202e",
         "\u2066",
+        "\u200f",
         "\ufeff",
         "\u00a0",
         "\u3000",

@@ -79,6 +79,9 @@ def test_mode_none_needs_no_mx() -> None:
         # letter made an mx pattern of another name than the text shows.
         ("version: STSv1\nmode: none\nmax_age: 1\nx: \u202eevil\n".encode(), "U\\+202E"),
         ("version: STSv1\nmode: none\nmax_age: 1\nx: a\u2028b\n".encode(), "U\\+2028"),
+        # The bidi marks too, as safetext has them (one RLM on each side reverses "1 2 3").
+        ("version: STSv1\nmode: none\nmax_age: 1\nx: \u200f1 2 3\u200f\n".encode(), "U\\+200F"),
+        ("version: STSv1\nmode: none\nmax_age: 1\nx: \u061cb\n".encode(), "U\\+061C"),
         ("version: STSv1\nmode: none\u2029\nmax_age: 1\n".encode(), "U\\+2029"),
         ("version: STSv1\nmode: enforce\nmx: \u212aelvin.example\nmax_age: 1\n".encode(), "mx"),
     ],

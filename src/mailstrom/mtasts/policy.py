@@ -51,7 +51,9 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # Control characters but TAB (WSP) and the LF lines end with, once CR LF is made LF; and
 # what safetext calls unsafe beyond them (line and paragraph separators, bidi controls):
 # the policy's text is stored, reported and shown as it came.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 _MAX_AGE = re.compile(r"^[0-9]{1,10}$")
 _WSP = " \t"
 """RFC 5234's WSP, the only white space the policy grammar has (``str.strip()`` would
