@@ -20,12 +20,26 @@ from __future__ import annotations
 
 import re
 
-# The bidirectional controls are Unicode's Bidi_Control property (PropList.txt) whole, as
-# cli.output shows them escaped: U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069.
-_UNSAFE = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-    "\u2066-\u2069\ud800-\udfff]"
-)
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+"""Unicode's Bidi_Control property (PropList.txt) whole, as a regular expression's
+character class body: U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069 (cli.output
+shows them escaped)."""
+
+_UNSAFE = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}\ud800-\udfff]")
+_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
+
+
+def bidi_escaped(text: str) -> str:
+    r"""``text`` with each bidirectional control as a ``\uXXXX`` escape: for a page,
+    where they would show the text around them in another order than it reads
+    (CVE-2021-42574), while other control characters change nothing a reader sees.
+
+    >>> bidi_escaped("invoice\u202efdp.exe")
+    'invoice\\u202efdp.exe'
+    """
+    if text.isprintable():
+        return text
+    return _BIDI.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
 def escaped_json(text: str) -> str:

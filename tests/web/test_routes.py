@@ -135,6 +135,26 @@ def test_message_page_shows_recipients_attempts_and_headers_not_the_body(
     assert "The secret body" in shown
 
 
+def test_bidi_controls_a_message_holds_are_shown_as_escapes(store: Store) -> None:
+    # U+202E made "invoice\u202efdp.exe" read "invoiceexe.pdf" in the page (CVE-2021-42574)
+    # as it does in a terminal, where every view escapes it.
+    data = (
+        "From: App <app@example.com>\r\nTo: a@one.example\r\n"
+        "Subject: invoice\u202efdp.exe \u2067x\u2069\r\n\r\nbody \u200fz\r\n"
+    ).encode()
+    subject = "invoice\u202efdp.exe \u2067x\u2069"
+    mid = store.enqueue(message("a@one.example", data=data, subject=subject), now=NOW)
+    for client in _client(store):
+        page = client.get(f"/message/{mid}").text
+        raw = client.get(f"/message/{mid}", params={"body": "1"}).text
+        queue = client.get("/queue").text
+    for shown in (page, raw):
+        assert "invoice\\u202efdp.exe \\u2067x\\u2069" in shown
+        assert not any(c in shown for c in "\u202e\u2067\u2069\u200f")
+    assert "body \\u200fz" in raw
+    assert "invoice\\u202efdp.exe" in queue and "\u202e" not in queue
+
+
 def test_an_action_is_confirmed_then_posted_then_logged(
     client: TestClient, store: Store, ids: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

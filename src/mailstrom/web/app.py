@@ -49,6 +49,7 @@ from mailstrom.readmodel import (
     open_read_model,
 )
 from mailstrom.readmodel.ttl import TTLCache
+from mailstrom.safetext import bidi_escaped
 from mailstrom.settings import parse_duration, parse_origin
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
@@ -148,6 +149,7 @@ def create_app(
         loader=jinja2.PackageLoader("mailstrom.web", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        finalize=_shown_in_order,
     )
     templates = Jinja2Templates(env=env)
 
@@ -603,6 +605,16 @@ def _safe_next(value: str | None) -> str:
 
 MAX_FORM_BYTES = 16 * 1024
 """The largest form body accepted (the forms hold a token, a path and a CSRF token)."""
+
+
+def _shown_in_order(value: Any) -> Any:
+    """Every value a page shows, with its bidirectional controls as escapes: a subject,
+    an address, a reply or a tag (what applications and servers wrote) holding U+202E
+    showed the text after it reversed, ``invoice\u202efdp.exe`` as ``invoiceexe.pdf``.
+    Markup the app built itself (the chart; it has ``__html__``) is left as it is."""
+    if isinstance(value, str) and not hasattr(value, "__html__"):
+        return bidi_escaped(value)
+    return value
 
 
 def _shown(text: str | None) -> str:
