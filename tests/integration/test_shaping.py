@@ -412,3 +412,41 @@ def test_a_pause_does_not_keep_a_recipient_past_the_retry_max_age(
     assert pause.until > r.first_attempt_at + timedelta(minutes=1)  # type: ignore[operator]
     assert (r.state, r.next_attempt_at) == (RecipientState.FAILED, None)
     assert "4.7.650" in r.reason
+
+
+def test_a_pause_fails_unattempted_work_the_retry_policy_gives_up_on_before_it_ends(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: the recipients queued behind the throttled one went back to the store until
+    the end of the ten-minute pause, though the retry policy gives up on them a minute
+    after they were queued, and were attempted then. Like the throttled recipient
+    itself, they fail now (class ``expired``), without another attempt."""
+    from mailstrom import RetryPolicy
+    from mailstrom.status import ReasonClass
+
+    mx = smtp_server(host="127.0.0.33")
+    mx.mail_reply = "451 4.7.650 The mail server has been temporarily rate limited."
+    dns_server.mx("aged2.test", [(10, "mx.aged2.test")])
+    dns_server.a("mx.aged2.test", mx.host)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        shaping=shaping(pause=timedelta(minutes=10)),
+        retry=RetryPolicy(min_delay=timedelta(seconds=1), jitter=0, max_age=timedelta(minutes=1)),
+        max_per_destination=1,
+    )
+    results = Results()
+    store = ObservedStore()
+    ms = start(config, store, results)
+    try:
+        ids = ms.send_emails([hello(f"r{i}@aged2.test") for i in range(8)])
+        store.wait_settled(8)
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    finally:
+        ms.stop(timeout=5)
+    assert store.postponed == 0
+    assert [r.state for r in statuses] == [RecipientState.FAILED] * 8
+    unattempted = [r for r in statuses if r.history[-1].reason_class is ReasonClass.EXPIRED]
+    assert len(unattempted) >= 4  # behind the three the session had pipelined
+    assert all("retry.max_age" in r.reason for r in unattempted)
+    assert len(mx.received) == 0

@@ -823,7 +823,18 @@ class Dispatcher:
         self, works: list[_Work], until: datetime | None = None, destination: str | None = None
     ) -> None:
         """Out of flight, and back to the store through ``on_postpone``, due at ``until``
-        (at once when None)."""
+        (at once when None). Work that the retry policy gives up on before ``until``
+        (``retry.max_age`` from when it was queued) fails now instead, as a recipient
+        deferred into a pause does (:func:`_until_pause`): postponed, it came back after
+        its retries had ended and was attempted once more."""
+        if until is not None and (max_age := self._config.retry.max_age) is not None:
+            # Counted from when the recipients could first go, as next_attempt counts it.
+            last = until - max_age
+            late = [w for w in works if _first_due(w.item) < last]
+            if late:
+                works = [w for w in works if _first_due(w.item) >= last]
+                for work in late:
+                    self._done(self._outcomes.expired(work.item, why=_past_max_age(max_age)))
         items = [work.item for work in works]
         self.in_flight -= sum(len(item.recipients) for item in items)
         if self.in_flight <= 0:
@@ -1005,6 +1016,17 @@ def _until_pause(
                 r = replace(r, next_attempt_at=until)
         out.append(r)
     return out
+
+
+def _first_due(item: WorkItem) -> datetime:
+    return min(r.created_at for r in item.recipients)
+
+
+def _past_max_age(max_age: timedelta) -> str:
+    return (
+        f"retry.max_age ({max_age}) would pass before the destination's pause ends: "
+        "given up without another attempt"
+    )
 
 
 def _not_past_expiry(until: datetime, item: WorkItem) -> datetime:

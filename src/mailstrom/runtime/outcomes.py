@@ -298,14 +298,15 @@ class Outcomes:
         """Whether ``item``'s message is past the expiry its sender set."""
         return item.expires_at is not None and self._clock() >= item.expires_at
 
-    def expired(self, item: WorkItem) -> list[RecipientResult]:
-        """Every recipient of ``item`` failed with the reason ``expired``: no connection is
-        made for a message past its expiry."""
+    def expired(self, item: WorkItem, *, why: str = "expired") -> list[RecipientResult]:
+        """Every recipient of ``item`` failed with the reason class ``expired`` (``why``
+        its text): no connection is made for a message past its expiry, nor for one the
+        retry policy gives up on before it could be attempted again."""
         now = self._clock()
         attempt = Attempt(
             at=now,
             outcome=AttemptOutcome.PERMANENT,
-            error="expired",
+            error=why,
             reason_class=ReasonClass.EXPIRED,
         )
         return [
