@@ -50,8 +50,8 @@ def test_pooled_connections_notice_a_dead_server_within_a_minute(store: Postgres
 def test_the_listen_connection_too(store: PostgresStore) -> None:
     unwatch = store.watch(lambda: None)
     try:
-        [listener] = store._listeners
-        assert listener._conn is not None
+        listener = store._listener  # one for every watcher of the store
+        assert listener is not None and listener._conn is not None
         assert tcp_options(listener._conn) == BOUNDED
     finally:
         unwatch()

@@ -5,6 +5,7 @@ errors, and the listener thread's lifetime."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -215,12 +216,14 @@ def test_notify_from_one_store_object_wakes_a_watcher_on_another(
 
 
 def test_watcher_thread_stops_on_unwatch_and_close(postgres_url: str) -> None:
+    """Every watcher of a store object shares one listener thread; it ends with the last
+    watcher and at close."""
     before = set(listener_threads())
     s = PostgresStore(postgres_url, max_size=1)
     stop_one = s.watch(lambda: None)
     s.watch(lambda: None)
     ours = set(listener_threads()) - before
-    assert len(ours) == 2
+    assert len(ours) == 1
     assert all(t.daemon for t in ours)
     stop_one()
     stop_one()  # idempotent
@@ -230,6 +233,80 @@ def test_watcher_thread_stops_on_unwatch_and_close(postgres_url: str) -> None:
     assert not set(listener_threads()) & ours
     with pytest.raises(StoreError):
         s.watch(lambda: None)
+
+
+def listening_backends(url: str) -> int:
+    """Sessions of the database whose last statement was a LISTEN: the listeners'."""
+    dbname = url.rsplit("/", 1)[1]
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE 'LISTEN %%'",
+            (dbname,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_watch_and_watch_cancels_share_one_listen_connection(postgres_url: str) -> None:
+    """A worker watches for new mail and for cancels: each opened a LISTEN connection of
+    its own, two of the server's max_connections per worker where one serves both. One
+    connection now tells each its own notices, and goes with the last watcher."""
+    s = PostgresStore(postgres_url, max_size=1)
+    work, cancels = threading.Event(), threading.Event()
+    try:
+        stop_work = s.watch(work.set)
+        stop_cancels = s.watch_cancels(cancels.set)
+        assert listening_backends(postgres_url) == 1
+        with PostgresStore(postgres_url, max_size=1) as other:
+            mid = other.enqueue(message("a@example.org"), now=T0)
+            assert work.wait(10)
+            assert not cancels.wait(0.5)  # new mail is no cancel
+            assert s.lease(now=T0, limit=10, lease_for=LEASE) is not None
+            work.clear()
+            assert other.cancel(mid, now=T0) == 1
+            assert cancels.wait(10)
+            assert work.wait(10)  # watch hears every notice, as it always did
+        stop_work()
+        assert listening_backends(postgres_url) == 1  # still watching cancels
+        stop_cancels()
+        deadline = time.monotonic() + 10
+        while listening_backends(postgres_url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listening_backends(postgres_url) == 0
+    finally:
+        s.close()
+
+
+def test_the_shared_listener_tells_both_after_a_server_restart() -> None:
+    """After the LISTEN connection is lost, notices may have been missed: the listener
+    reconnects and tells both kinds of watcher, then carries cancels again."""
+    with ThrowawayPostgres() as server:
+        url = server.create_database()
+        with PostgresStore(url) as s, PostgresStore(url) as other:
+            work, cancels = threading.Event(), threading.Event()
+            stop_work = s.watch(work.set)
+            stop_cancels = s.watch_cancels(cancels.set)
+            try:
+                mid = other.enqueue(message("a@example.org"), now=T0)
+                assert work.wait(10)
+                assert s.lease(now=T0, limit=10, lease_for=LEASE) is not None
+                work.clear()
+                server.restart(down_for=0.5)
+                assert work.wait(30) and cancels.wait(30)  # the reconnect's call
+                cancels.clear()
+                deadline = time.monotonic() + 20
+                while True:  # the pool reconnects on its own, maybe after a failure
+                    try:
+                        assert other.cancel(mid, now=T0) == 1
+                        break
+                    except StoreError:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.2)
+                assert cancels.wait(10)
+                assert listening_backends(url) == 1
+            finally:
+                stop_work()
+                stop_cancels()
 
 
 def test_failing_callback_does_not_end_wakeups(store: PostgresStore) -> None:

@@ -24,26 +24,23 @@ _RECONNECT_MAX = 30.0
 
 
 class Listener:
-    """Calls ``callback`` whenever a NOTIFY arrives on the work channel.
+    """Calls ``callback`` with the payload whenever a NOTIFY arrives on the work channel.
 
     The connection is opened and LISTEN issued before :meth:`start` returns, so nothing
     committed afterwards is missed. :meth:`stop` wakes the thread with a NOTIFY on a
     channel private to this listener, rather than waiting out a poll timeout.
     If the connection breaks, the thread reconnects with backoff and calls ``callback``
-    once (notifications may have been lost meanwhile).
+    once with None (notifications of any payload may have been lost meanwhile).
     """
 
     def __init__(
         self,
         url: str,
-        callback: Callable[[], None],
+        callback: Callable[[str | None], None],
         *,
         lock_bound: LockBound | None = DEFAULT_LOCK_BOUND,
-        payload: str | None = None,
     ) -> None:
         self._url = url
-        self._payload = payload
-        """Only notifications with this payload call back (None: every one)."""
         self._lock_bound = lock_bound
         self._callback = callback
         self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
@@ -106,13 +103,13 @@ class Listener:
                         backoff = min(backoff * 2, _RECONNECT_MAX)
                         continue
                     backoff = 0.5
-                    self._notify()  # whatever was announced while we were away
+                    self._notify(None)  # whatever was announced while we were away
                 try:
                     for note in self._conn.notifies(timeout=_STOP_POLL):
                         if self._stopping.is_set():
                             break
-                        if note.channel == CHANNEL and self._payload in (None, note.payload):
-                            self._notify()
+                        if note.channel == CHANNEL:
+                            self._notify(note.payload)
                 except psycopg.Error as exc:
                     log.warning("LISTEN connection lost: %s", exc)
                     self._conn.close()
@@ -122,9 +119,9 @@ class Listener:
                 self._conn.close()
                 self._conn = None
 
-    def _notify(self) -> None:
+    def _notify(self, payload: str | None) -> None:
         try:
-            self._callback()
+            self._callback(payload)
         except Exception:
             # A failing callback must not end the wake-ups; the worker's poll still runs.
             log.exception("mailstrom watch callback failed")

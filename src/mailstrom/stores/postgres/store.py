@@ -95,6 +95,7 @@ from mailstrom.stores.side_rows import (
     read_events_past_unreadable,
     readable_events,
 )
+from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -133,7 +134,14 @@ class PostgresStore:
         self._timeout = timeout
         self._closed = False
         self._lock = threading.Lock()
-        self._listeners: set[Listener] = set()
+        # One LISTEN connection for every watch and watch_cancels of this store object,
+        # opened by the first and closed with the last: a connection each cost a worker
+        # two of the server's max_connections, and each reconnected on its own.
+        self._listener: Listener | None = None
+        self._watchers = Watchers()
+        self._cancel_watchers = Watchers()
+        self._watching = 0
+        """Callbacks registered in both sets, under ``_lock``."""
         self._events = False
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
@@ -766,29 +774,51 @@ class PostgresStore:
         LISTEN is in place when this returns, so work committed afterwards is never
         missed. Returns a function that stops this watcher (idempotent).
         """
-        return self._listen(callback, payload=None)
+        return self._listen(callback, cancels=False)
 
     def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` from a listener thread when leased recipients are cancelled
         by any process (a NOTIFY whose payload is ``cancelled``)."""
-        return self._listen(callback, payload=CANCELLED)
+        return self._listen(callback, cancels=True)
 
-    def _listen(self, callback: Callable[[], None], *, payload: str | None) -> Callable[[], None]:
+    def _listen(self, callback: Callable[[], None], *, cancels: bool) -> Callable[[], None]:
+        watchers = self._cancel_watchers if cancels else self._watchers
         with self._lock:
             if self._closed:
                 raise StoreError("PostgreSQL store is closed")
-            listener = Listener(
-                self._conninfo, callback, lock_bound=self._lock_bound, payload=payload
-            )
-            listener.start()
-            self._listeners.add(listener)
+            if self._listener is None:
+                listener = Listener(self._conninfo, self._heard, lock_bound=self._lock_bound)
+                listener.start()  # LISTEN in place (or StoreError) before we return
+                self._listener = listener
+            remove = watchers.add(callback)
+            self._watching += 1
+        removed = False
 
         def unwatch() -> None:
+            nonlocal removed
             with self._lock:
-                self._listeners.discard(listener)
-            listener.stop()
+                if removed:
+                    return
+                removed = True
+                remove()
+                self._watching -= 1
+                idle = self._listener if self._watching == 0 else None
+                if idle is not None:
+                    self._listener = None
+            if idle is not None:
+                # Outside the lock: stop() waits for the thread, whose callback may be
+                # calling watch().
+                idle.stop()
 
         return unwatch
+
+    def _heard(self, payload: str | None) -> None:
+        """A NOTIFY on the work channel (None: the listener reconnected, and any may have
+        been lost). Every one may mean work for ``watch``, as it always did; a cancel's,
+        or a reconnect, is for ``watch_cancels`` too."""
+        self._watchers.notify()
+        if payload is None or payload == CANCELLED:
+            self._cancel_watchers.notify()
 
     def close(self) -> None:
         """Stop every watcher thread and close the pool. Idempotent."""
@@ -796,9 +826,8 @@ class PostgresStore:
             if self._closed:
                 return
             self._closed = True
-            listeners = list(self._listeners)
-            self._listeners.clear()
-        for listener in listeners:
+            listener, self._listener = self._listener, None
+        if listener is not None:
             listener.stop()
         self._notifier.close()
         self._stop_holders()
