@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,95 @@ def test_a_group_commit_enqueue_waits_its_own_busy_timeout(db: Path) -> None:
     assert [m.address for m in store.status(third).recipients] == ["t2@example.org"]
     assert store.stats().messages == 1
     store.close()
+
+
+def copies_of_a_finished_message(path: Path, count: int, *, state: RecipientState) -> None:
+    """``count`` messages in ``path`` whose one recipient is final in ``state`` (copies of
+    one made through the store: thousands through the API take too long)."""
+    store = SQLiteStore(path)
+    try:
+        first = store.enqueue(message("a@example.org"), now=NOW)
+        store.record(results_for(lease_all(store), state))
+    finally:
+        store.close()
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            " INSERT INTO messages (id, envelope_from, created_at, size, data)"
+            " SELECT printf('%s-%07d', ?, i), envelope_from, created_at, size, data"
+            " FROM n, messages WHERE id = ?",
+            (count - 1, state.value, first),
+        )
+        conn.execute(
+            "INSERT INTO recipients (message_seq, position, address, domain, state, attempts,"
+            " last_attempt_at, finished_at) SELECT m.seq, r.position, r.address, r.domain,"
+            " r.state, r.attempts, r.last_attempt_at, r.finished_at FROM messages m"
+            " JOIN recipients r ON r.message_seq = (SELECT seq FROM messages WHERE id = ?)"
+            " WHERE m.id LIKE ? || '-%'",
+            (first, state.value),
+        )
+
+
+def write_lock_held(path: Path) -> bool:
+    with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as conn:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        conn.execute("ROLLBACK")
+        return False
+
+
+def test_a_large_purge_lets_other_writers_in_between_its_batches(db: Path) -> None:
+    """A purge deleted every old message in one transaction: 100,000 held the write lock
+    12 s, and every send_email (and the worker's writes) waited behind it, or failed with
+    StoreLocked past busy_timeout. It now deletes in batches, and an enqueue made while
+    it runs gets in after one batch, not after the whole purge."""
+    count = 30_000
+    copies_of_a_finished_message(db, count, state=RecipientState.DELIVERED)
+    purging, other = SQLiteStore(db), SQLiteStore(db)  # two processes, as it were
+    ended: dict[str, float] = {}
+    purged: list[int] = []
+
+    def purge() -> None:
+        purged.append(purging.purge(finished_before=NOW + timedelta(days=1)))
+        ended["purge"] = time.monotonic()
+
+    thread = threading.Thread(target=purge)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not write_lock_held(db):
+            assert thread.is_alive() and time.monotonic() < deadline, "the purge never wrote"
+        kept = other.enqueue(message("z@example.org"), now=NOW)
+        ended["enqueue"] = time.monotonic()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert ended["enqueue"] < ended["purge"], "the enqueue waited for the whole purge"
+        assert purged == [count]  # the same result as one transaction
+        assert other.status(kept).state is RecipientState.QUEUED
+        assert other.stats().messages == 1
+    finally:
+        thread.join(60)
+        purging.close()
+        other.close()
+
+
+def test_a_purge_in_batches_deletes_what_one_transaction_did(db: Path) -> None:
+    """More than a batch of delivered and of failed messages, and a pending one: a purge
+    by state takes exactly its state's, across batch boundaries, and purge the rest."""
+    copies_of_a_finished_message(db, 700, state=RecipientState.DELIVERED)
+    copies_of_a_finished_message(db, 900, state=RecipientState.FAILED)
+    store = SQLiteStore(db)
+    try:
+        pending = store.enqueue(message("p@example.org"), now=NOW)
+        later = NOW + timedelta(days=1)
+        assert store.purge_state(finished_before=NOW, state=RecipientState.FAILED) == 0
+        assert store.purge_state(finished_before=later, state=RecipientState.FAILED) == 900
+        assert store.stats().messages == 701
+        assert store.purge(finished_before=later) == 700
+        assert store.purge(finished_before=later) == 0
+        assert store.stats().messages == 1
+        assert store.status(pending).state is RecipientState.QUEUED
+    finally:
+        store.close()

@@ -110,6 +110,7 @@ from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
+    PURGE_BATCH,
     active_suspensions,
     cancel_seqs,
     count_matching,
@@ -119,8 +120,8 @@ from mailstrom.stores.sqlite_operator import (
     leased_pending,
     pending_only,
     pending_seqs,
-    purge_in_state,
     purge_seqs,
+    purgeable_seqs,
     retry_seqs,
     seqs_of,
     shape_rows_sql,
@@ -166,6 +167,10 @@ _BUSY_SLACK_MS = 5
 
 _SIBLING_WINDOW = 0.005
 """A thread that enqueued within this many seconds counts as enqueueing concurrently."""
+
+_PURGE_PAUSE = 0.01
+"""Seconds a purge leaves the write lock free between two batches: twice the longest
+sleep of a process waiting for it (``sqlite_lock``), so that a waiter gets in."""
 
 # --- opening -------------------------------------------------------------------------------
 
@@ -1041,15 +1046,27 @@ class SQLiteStore:
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""
-        with self._write() as conn:
-            return int(
-                conn.execute(
-                    "DELETE FROM messages WHERE seq IN (SELECT message_seq FROM recipients"
-                    " GROUP BY message_seq HAVING count(finished_at) = count(*)"
-                    " AND max(finished_at) < ?)",
-                    (to_us(finished_before),),
-                ).rowcount
-            )
+        return self._purge_in_batches(finished_before, None)
+
+    def _purge_in_batches(self, before: datetime, state: RecipientState | None) -> int:
+        """Delete what :meth:`purge` or :meth:`purge_state` deletes, :data:`PURGE_BATCH`
+        messages per write transaction: one transaction for a large queue held the write
+        lock for many seconds, and every enqueue and worker write waited behind it or
+        failed with StoreLocked. Each batch is found without the write lock and checked
+        again as it is deleted; between batches the lock is left free long enough for a
+        waiter (another process looks every 5 ms at most) to take it."""
+        deleted, after = 0, -(2**63)
+        while True:
+            with self._read() as conn:
+                seqs = purgeable_seqs(conn, after, before, state)
+            if not seqs:
+                return deleted
+            with self._write() as conn:
+                deleted += purge_seqs(conn, seqs, before, state)
+            if len(seqs) < PURGE_BATCH:
+                return deleted
+            after = seqs[-1]
+            time.sleep(_PURGE_PAUSE)
 
     @staticmethod
     def _seq(conn: sqlite3.Connection, message_id: str) -> int:
@@ -1325,8 +1342,7 @@ class SQLiteStore:
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""
-        with self._write() as conn:
-            return purge_in_state(conn, finished_before, state)
+        return self._purge_in_batches(finished_before, state)
 
     def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
         """Pending recipients per domain and message age (see
