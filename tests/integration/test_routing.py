@@ -324,6 +324,23 @@ async def test_a_cancelled_caller_does_not_cancel_the_others(
     assert dns_server.queries("example.org", "MX") == 1
 
 
+async def test_a_caller_arriving_as_the_last_one_quits_starts_a_new_lookup(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    # The last waiter's cancellation cancels the shared lookup, which ends only a loop
+    # turn later: a caller arriving in between must not join it and inherit its
+    # CancelledError (a cancellation it never asked for).
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1")
+    quitter = asyncio.ensure_future(router.route("example.org"))
+    await asyncio.sleep(0)  # the quitter starts the lookup and awaits it
+    quitter.cancel()
+    newcomer = asyncio.ensure_future(router.route("example.org"))
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    assert (await newcomer).addresses == ("127.0.0.1",)
+
+
 async def test_address_literal_needs_no_dns(dns_server: LoopbackDNS, router: Router) -> None:
     route = await router.route("[127.0.0.1]")
     assert route.addresses == ("127.0.0.1",)

@@ -257,6 +257,11 @@ class Router:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
                 flight.task.cancel()  # nobody wants it any more
+                # Forgotten now, not when it lands: it ends (cancelled) only a loop turn
+                # later, and a caller arriving in between must start a lookup of its own
+                # rather than join this one and get its CancelledError.
+                if self._inflight.get(canonical) is flight:
+                    del self._inflight[canonical]
         if key != canonical and entry.expires > self._clock():
             self._remember(key, entry)
         return entry
