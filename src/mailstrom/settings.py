@@ -138,6 +138,18 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _store(key: str, value: Any) -> str:
+    """The store: a URL or a file's path. A URL may hold a password, so a value of the wrong
+    type (a ``[store]`` table holding the URL, a list) is named by its type alone; a string
+    is checked, and quoted with its password as ``***``, where the store is opened."""
+    if not isinstance(value, str) or not value:
+        shown = repr(value) if isinstance(value, str) else type(value).__name__
+        raise ConfigError(
+            f"{key}: expected a store URL or file path as a non-empty string, got {shown}"
+        )
+    return value
+
+
 def _any_str(key: str, value: Any) -> str:
     """A string, possibly empty (empty turns the feature off)."""
     if not isinstance(value, str):
@@ -543,7 +555,7 @@ def _existing_file(key: str, value: Any) -> str:
 
 # Every key, with its parser. The order is the order of docs/cli.md.
 KEYS: dict[str, Parser] = {
-    "store": _str,
+    "store": _store,
     "helo_name": _str,
     "smtp_port": _port,
     "source_address": _str,
