@@ -213,6 +213,24 @@ async def test_idn_domain_is_queried_as_a_label(dns_server: LoopbackDNS, router:
     assert dns_server.queries("xn--bcher-kva.example", "MX") == 1
 
 
+async def test_unicode_spellings_that_lower_alike_are_not_one_cache_entry(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    # str.lower() writes a capital sigma before a digit as the final sigma ("\u039b\u03a31"
+    # becomes "\u03bb\u03c21"), but IDNA maps it to the plain sigma ("\u03bb\u03c31"):
+    # another domain than the "\u03bb\u03c21" a user may write.
+    upper, sigma, final = "\u039b\u03a31.example", "\u03bb\u03c31.example", "\u03bb\u03c21.example"
+    assert upper.lower() == final
+    dns_server.mx(sigma, [(10, "mx.sigma.example")])
+    dns_server.a("mx.sigma.example", "127.0.0.1")
+    dns_server.mx(final, [(10, "mx.final-sigma.example")])
+    dns_server.a("mx.final-sigma.example", "127.0.0.2")
+    assert names(await router.route(upper)) == ["mx.sigma.example"]
+    assert names(await router.route(final)) == ["mx.final-sigma.example"]
+    cached = router.cached(upper)
+    assert cached is not None and names(cached) == ["mx.sigma.example"]
+
+
 async def test_mx_pointing_at_a_cname_is_followed(dns_server: LoopbackDNS, router: Router) -> None:
     dns_server.mx("example.org", [(10, "alias.example.org")])
     dns_server.cname("alias.example.org", "real.example.net")

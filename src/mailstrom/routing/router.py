@@ -31,6 +31,18 @@ MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
 
 
+def cache_key(domain: str) -> str:
+    """The key ``domain`` is cached under: lower-cased when ASCII, as given otherwise.
+
+    ``str.lower()`` is no IDNA mapping: it turns a capital sigma into the final sigma
+    (U+03C2) where a label ends or a digit or hyphen follows, but IDNA maps it to the plain
+    sigma (U+03C3), and IDNA keeps a final sigma as written: lambda, capital sigma, "1" is
+    xn--1-jmby, but lambda, final sigma, "1" (its ``lower()``) is xn--1-jmbv, another
+    domain. Each Unicode spelling is parsed once and remembered on its own.
+    """
+    return domain.lower() if domain.isascii() else domain
+
+
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver as ``config`` says: its nameservers and port, or the
     system's (resolv.conf) when it names none. ``config.timeout`` becomes its ``lifetime``,
@@ -123,10 +135,10 @@ class Router:
     Routes and permanent failures (NXDOMAIN, null MX, refused targets) are cached for the
     smallest TTL of the answers used, one day at most (``lookup.MAX_TTL``: a hostile zone's
     TTL of 2**31-1 s must not pin its route), measured with ``clock``, by the domain string as
-    given (lower-cased) so that a cached route costs one dict lookup; temporary failures
-    are not cached. Concurrent calls for one domain share one lookup. Hosts of equal MX
-    preference are shuffled with ``rng`` on every call, so load spreads over them even
-    while the route is cached.
+    given (lower-cased if ASCII, see :func:`cache_key`) so that a cached route costs one
+    dict lookup; temporary failures are not cached. Concurrent calls for one domain share
+    one lookup. Hosts of equal MX preference are shuffled with ``rng`` on every call, so
+    load spreads over them even while the route is cached.
 
     Every route holds at most ``mx_address_limit`` addresses (Postfix's
     ``smtp_mx_address_limit``) and no loopback, unspecified or link-local address unless
@@ -190,7 +202,7 @@ class Router:
         known to take no mail. Address literals are always known. The delivery engine
         calls this first and awaits :meth:`route` only on None.
         """
-        key = domain.lower()
+        key = cache_key(domain)
         entry = self._cache.get(key)
         if entry is None:
             if not is_literal(key):
@@ -209,7 +221,7 @@ class Router:
         it cannot go there now (DNS server failure or timeout 4.4.3, MX hosts without
         addresses 4.4.4).
         """
-        key = domain.lower()
+        key = cache_key(domain)
         entry = self._cache.get(key)
         if entry is None or entry.expires <= self._clock():
             entry = await self._resolve(domain, key)
@@ -220,7 +232,7 @@ class Router:
         if domain is None:
             self._cache.clear()
             return
-        key = domain.lower()
+        key = cache_key(domain)
         canonical = key if is_literal(key) else to_qname(domain).to_text(omit_final_dot=True)
         for stale in [k for k, e in self._cache.items() if e.canonical == canonical]:
             del self._cache[stale]
@@ -233,7 +245,7 @@ class Router:
         return entry
 
     async def _resolve(self, domain: str, key: str) -> _Entry:
-        """The slow path: ``key`` (``domain`` lower-cased) is not cached or is stale."""
+        """The slow path: ``key`` (:func:`cache_key` of ``domain``) is not cached or is stale."""
         if is_literal(key):
             return self._literal(key)
         self._cache.pop(key, None)
