@@ -132,9 +132,20 @@ def _bounded(seconds: float, given: object) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _quoted(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut in the middle to about ``limit``
+    characters: a TOML array, table or key can be as large as the file (1 MiB), and the
+    error would print it all."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}…({len(text) - limit} more)…{text[-half:]}"
+
+
 def _str(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string, got {_quoted(value)}")
     return value
 
 
@@ -153,7 +164,7 @@ def _store(key: str, value: Any) -> str:
 def _any_str(key: str, value: Any) -> str:
     """A string, possibly empty (empty turns the feature off)."""
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_quoted(value)}")
     return value
 
 
@@ -177,9 +188,9 @@ def _int(minimum: int, maximum: int | None = MAX_INTEGER) -> Parser:
                     f"{key}: expected an integer in ASCII digits, got {shorten(value, 60)}"
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {_quoted(value)}")
         if maximum is not None and value > maximum:
-            raise ConfigError(f"{key}: expected an integer ≤ {maximum}, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer ≤ {maximum}, got {_quoted(value)}")
         return value
 
     return parse
@@ -205,14 +216,14 @@ def _float(minimum: float) -> Parser:
                     f"{key}: expected a number in ASCII digits, got {shorten(value, 60)}"
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_quoted(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond any float
             number = math.inf
         # NaN and infinity would pass a comparison check and break timers later.
         if not math.isfinite(number) or number < minimum:
-            raise ConfigError(f"{key}: expected a finite number ≥ {minimum}, got {given!r}")
+            raise ConfigError(f"{key}: expected a finite number ≥ {minimum}, got {_quoted(given)}")
         return number
 
     return parse
@@ -227,7 +238,7 @@ def _bool(key: str, value: Any) -> bool:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    raise ConfigError(f"{key}: expected true or false, got {_quoted(value)}")
 
 
 def _seconds(minimum: float) -> Parser:
@@ -262,11 +273,11 @@ _NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
 
 def _duration(key: str, value: Any) -> timedelta:
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+        raise ConfigError(f"{key}: expected a duration, got {_quoted(value)}")
     try:
         if isinstance(value, int | float):
             if value < 0:
-                raise ConfigError(f"{key}: expected a duration ≥ 0, got {value!r}")
+                raise ConfigError(f"{key}: expected a duration ≥ 0, got {_quoted(value)}")
             return _bounded(value, value)
         if isinstance(value, str):
             return parse_duration(value)
@@ -274,7 +285,7 @@ def _duration(key: str, value: Any) -> timedelta:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{key}: {exc}") from None
-    raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    raise ConfigError(f"{key}: expected a duration, got {_quoted(value)}")
 
 
 def _positive_duration(key: str, value: Any) -> timedelta:
@@ -324,7 +335,7 @@ def _choice(enum: type[TLSPolicy] | type[RelayTLS] | type[EventLoop]) -> Parser:
             return enum(str(value).strip().lower())
         except ValueError:
             choices = ", ".join(e.value for e in enum)
-            raise ConfigError(f"{key}: expected one of {choices}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected one of {choices}, got {_quoted(value)}") from None
 
     return parse
 
@@ -333,7 +344,7 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v for v in (part.strip() for part in value.split(",")) if v]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        raise ConfigError(f"{key}: expected a list of strings, got {_quoted(value)}")
     return tuple(value)
 
 
@@ -404,7 +415,7 @@ def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
     if isinstance(value, str):
         value = [_dkim_key_entry(key, entry) for entry in value.split(",") if entry.strip()]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected [[dkim.keys]] tables, got {value!r}")
+        raise ConfigError(f"{key}: expected [[dkim.keys]] tables, got {_quoted(value)}")
     keys: list[DKIMKey] = []
     for index, entry in enumerate(value):
         where = f"{key}[{index}]"
@@ -412,7 +423,7 @@ def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
             raise ConfigError(f"{where}: expected a table with domain, selector, private_key")
         unknown = sorted(set(entry) - set(_DKIM_KEY_FIELDS))
         if unknown:
-            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+            raise ConfigError(f"{where}: unknown setting {_quoted(unknown[0])}")
         missing = [name for name in _DKIM_KEY_FIELDS[:3] if name not in entry]
         if missing:
             raise ConfigError(f"{where}: {missing[0]} is required")
@@ -437,7 +448,7 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     if len(parts) not in (3, 4) or not all(parts):
         raise ConfigError(
             f"{key}: expected domain:selector:path[:algorithm] entries separated by commas, "
-            f"got {text.strip()!r}"
+            f"got {_quoted(text.strip())}"
         )
     return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
 
@@ -449,7 +460,7 @@ def _shaping_rules(key: str, value: Any) -> tuple[DestinationRule, ...]:
     if isinstance(value, str):
         value = [_shaping_rule_entry(key, entry) for entry in value.split(";") if entry.strip()]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected [[shaping.rules]] tables, got {value!r}")
+        raise ConfigError(f"{key}: expected [[shaping.rules]] tables, got {_quoted(value)}")
     return tuple(
         DestinationRule.from_mapping(entry, where=f"{key}[{index}]")
         for index, entry in enumerate(value)
@@ -462,13 +473,15 @@ def _shaping_rule_entry(key: str, text: str) -> dict[str, Any]:
     for limit in limits:
         name, sep, number = limit.partition("=")
         if not sep:
-            raise ConfigError(f"{key}: expected name=value after {pattern!r}, got {limit!r}")
+            raise ConfigError(
+                f"{key}: expected name=value after {_quoted(pattern)}, got {_quoted(limit)}"
+            )
         try:
             if not ascii_only(number):
                 raise ValueError
             entry[name] = int(number) if number.strip().isdigit() else float(number)
         except ValueError:
-            raise ConfigError(f"{key}: {name}: expected a number, got {number!r}") from None
+            raise ConfigError(f"{key}: {name}: expected a number, got {_quoted(number)}") from None
     return entry
 
 
@@ -482,16 +495,18 @@ def _tls_domains(key: str, value: Any) -> PolicyTable:
                 continue
             name, sep, level = part.partition("=")
             if not sep or not name.strip() or not level.strip():
-                raise ConfigError(f"{key}: expected domain=level pairs, got {part.strip()!r}")
+                raise ConfigError(
+                    f"{key}: expected domain=level pairs, got {_quoted(part.strip())}"
+                )
             name, level = name.strip(), level.strip()
             # A dict would keep the last silently ("verify" undone by a later "none");
             # the table refuses names given twice with different levels, so must this.
             if entries.get(name, level).lower() != level.lower():
-                raise ConfigError(f"{key}: {name!r} given twice with different levels")
+                raise ConfigError(f"{key}: {_quoted(name)} given twice with different levels")
             entries[name] = level
         value = entries
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a table of domain = level, got {value!r}")
+        raise ConfigError(f"{key}: expected a table of domain = level, got {_quoted(value)}")
     return PolicyTable.parse(value)
 
 
@@ -513,7 +528,7 @@ def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
             raise ConfigError(f"{where}: expected a table with a name (and a share)")
         unknown = sorted(set(entry) - {"name", "share"})
         if unknown:
-            raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+            raise ConfigError(f"{where}: unknown setting {_quoted(unknown[0])}")
         share = _float(0.0)(f"{where}.share", entry.get("share", 1.0))
         try:
             lanes.append(Lane(name=_str(f"{where}.name", entry["name"]), share=share))
@@ -722,7 +737,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         # TOML refuses a key given twice, but not a quoted "dns.port" beside [dns]'s
         # port: two keys to TOML, one setting here, whose first value would be lost.
         if key in flat:
-            raise ConfigError(f"{path}: setting {key!r} given twice")
+            raise ConfigError(f"{path}: setting {_quoted(key)} given twice")
         flat[key] = value
 
     for name, value in document.items():
@@ -733,7 +748,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             put(name, value)
     for key in flat:
         if key not in KEYS:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            raise ConfigError(f"{path}: unknown setting {_quoted(key)}")
     return flat
 
 
@@ -810,7 +825,7 @@ def load_settings(
     values.update(read_env(env))
     for key, value in (overrides or {}).items():
         if key not in KEYS:
-            raise ConfigError(f"unknown setting {key!r}")
+            raise ConfigError(f"unknown setting {_quoted(key)}")
         if value is not None:
             values[key] = value
     parsed = {key: _parse(key, value) for key, value in values.items()}

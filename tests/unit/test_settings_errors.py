@@ -1,0 +1,53 @@
+"""Errors of the settings loader: what they show of a bad value (hardening #14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailstrom.errors import ConfigError
+from mailstrom.settings import load_settings
+
+SECRET = "s3cr3t-pw"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The likely mistake: the URL put in a [store] table, as [dns] holds dns.port.
+        f'[store]\nurl = "postgresql://app:{SECRET}@db.internal/mail"\n',
+        f'store = ["postgresql://app:{SECRET}@db.internal/mail"]\n',
+    ],
+)
+def test_a_store_of_the_wrong_type_is_not_echoed(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_path=config, env={})
+    assert str(raised.value).startswith("store: ")
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "allow_loopback = [" + ", ".join(["1"] * 50_000) + "]\n",  # a bool
+        "store = [" + ", ".join(['"x"'] * 50_000) + "]\n",
+        "[dns]\nnameservers = [" + ", ".join(["1"] * 50_000) + "]\n",
+        "[dns]\ntimeout = [" + ", ".join(["1"] * 50_000) + "]\n",
+        "[retry]\nmax_attempts = [" + ", ".join(["1"] * 50_000) + "]\n",
+        "tls = [" + ", ".join(["1"] * 50_000) + "]\n",
+        "lease_for = [" + ", ".join(["1"] * 50_000) + "]\n",
+        "[dkim]\nkeys = {" + ", ".join(f"k{i} = 1" for i in range(50_000)) + "}\n",
+        "x" * 100_000 + " = 1\n",  # an unknown setting
+        "[dns]\n" + "x" * 100_000 + " = 1\n",
+    ],
+)
+def test_a_huge_bad_value_is_quoted_in_a_few_lines(tmp_path: Path, text: str) -> None:
+    """A TOML value or key can be as large as the file (1 MiB): the error quotes a piece."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_path=config, env={})
+    assert len(str(raised.value)) < 300 + len(str(config))
