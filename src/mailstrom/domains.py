@@ -28,7 +28,8 @@ def domain_name(value: object) -> str:
     final dot: ``"Bücher.Example."`` → ``"xn--bcher-kva.example"``.
 
     Raises :class:`ValueError` saying why for anything else (an address literal, a name
-    with an empty or over-long label, a single label, white space).
+    with an empty or over-long label, a single label, white space, a character no
+    Message-ID's domain can hold such as ``,`` or ``:``).
     """
     if not isinstance(value, str):
         raise ValueError(f"expected a domain name, got {type(value).__name__}")
@@ -39,7 +40,9 @@ def domain_name(value: object) -> str:
         name: str = dns.name.from_text(text).to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
         raise ValueError(f"not a domain name: {shown(value)} ({exc})") from None
-    if any(c in name for c in " \t\\@<>") or "." not in name:
+    # RFC 5322 specials (§3.2.3) that dnspython does not escape with a backslash: none can
+    # be in a Message-ID's id-right (§3.6.4), which prepare() refuses ("a,b.example").
+    if any(c in name for c in " \t\\@<>,:[]") or "." not in name:
         raise ValueError(f"not a fully qualified domain name: {shown(value)}")
     return name.lower()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from mailstrom.config import Config
 from mailstrom.domains import MAX_DOMAIN, a_label, domain_name, helo_name_problem, ldh_domain_name
+from mailstrom.errors import ConfigError
 
 # Names DNS can hold but no RFC 5321 Domain is (RFC 6376 §3.5's d= is one).
 NOT_LDH = [
     "ex=ample.com",
-    "ex,ample.com",
-    "ex:ample.com",
     "ex{ample}.com",
     "ex/ample.com",
     "ex*ample.com",
@@ -27,6 +27,17 @@ def test_names_dns_can_hold_but_smtp_cannot_are_refused(name: str) -> None:
     domain_name(name)  # the lenient form takes them (a Message-ID's domain may be so)
     with pytest.raises(ValueError, match="not a letter-digit-hyphen domain name"):
         ldh_domain_name(name)
+
+
+@pytest.mark.parametrize("name", ["ex,ample.com", "ex:ample.com", "ex[ample].com", "a]b.com"])
+def test_names_no_message_id_can_hold_are_refused(name: str) -> None:
+    # RFC 5322 specials (§3.2.3) cannot be in a Message-ID's id-right (§3.6.4), which
+    # prepare() checks: a message_id_domain like these was taken by Config, and then every
+    # message was refused ("id_domain ... is not an ASCII domain name").
+    with pytest.raises(ValueError, match="not a fully qualified domain name"):
+        domain_name(name)
+    with pytest.raises(ConfigError, match="message_id_domain"):
+        Config(message_id_domain=name)
 
 
 @pytest.mark.parametrize(
