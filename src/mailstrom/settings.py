@@ -966,13 +966,15 @@ def parse_dns_servers(servers: list[str]) -> dict[str, Any]:
     """``--dns-server HOST[:PORT]`` values → ``dns.nameservers`` and ``dns.port`` overrides.
 
     IPv6 addresses with a port are bracketed: ``[::1]:5353``. All servers share one port
-    (DNSConfig has one), so differing ports raise ConfigError.
+    (DNSConfig has one), so differing ports raise ConfigError, as does a port given to some
+    servers but not to others.
 
     >>> parse_dns_servers(["127.0.0.1:5353"])
     {'dns.nameservers': ['127.0.0.1'], 'dns.port': 5353}
     """
     hosts: list[str] = []
     ports: set[int] = set()
+    portless = 0
     for server in servers:
         host, port = server, None
         if server.startswith("["):
@@ -994,8 +996,12 @@ def parse_dns_servers(servers: list[str]) -> dict[str, Any]:
         hosts.append(host)
         if port is not None:
             ports.add(_port("--dns-server", port))
-    if len(ports) > 1:
-        raise ConfigError("--dns-server: all servers must use the same port")
+        else:
+            portless += 1
+    # A server given without a port means port 53 (or dns.port), which the others' port
+    # would silently replace: "127.0.0.1" beside "[::1]:5353" was asked on 5353.
+    if len(ports) > 1 or (ports and portless):
+        raise ConfigError("--dns-server: all servers must use the same port (give it to each)")
     result: dict[str, Any] = {"dns.nameservers": hosts}
     if ports:
         result["dns.port"] = ports.pop()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom.errors import ConfigError
-from mailstrom.settings import load_settings
+from mailstrom.settings import load_settings, parse_dns_servers
 
 SECRET = "s3cr3t-pw"
 
@@ -51,3 +51,13 @@ def test_a_huge_bad_value_is_quoted_in_a_few_lines(tmp_path: Path, text: str) ->
     with pytest.raises(ConfigError) as raised:
         load_settings(config_path=config, env={})
     assert len(str(raised.value)) < 300 + len(str(config))
+
+
+@pytest.mark.parametrize(
+    "servers", [["127.0.0.1", "[::1]:5353"], ["[::1]:5353", "127.0.0.1"], ["127.0.0.2:5353", "::1"]]
+)
+def test_dns_servers_with_and_without_a_port_are_refused(servers: list[str]) -> None:
+    """DNSConfig has one port for all servers: a server given without one (port 53) beside
+    one with :5353 was queried on 5353, a port it was not given."""
+    with pytest.raises(ConfigError, match="same port"):
+        parse_dns_servers(servers)
