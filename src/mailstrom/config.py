@@ -92,6 +92,7 @@ class DNSConfig:
 
     nameservers: tuple[str, ...] = ()
     port: int = 53
+    """Port of the nameservers: those named, or resolv.conf's."""
     timeout: float = 10.0
     """Total seconds for one domain's route: its MX query and every address query
     together (dnspython's lifetime, shared by all the queries of one lookup)."""

@@ -489,3 +489,14 @@ def test_what_a_tls_context_trusts_crosses_to_a_worker_process_as_it_is() -> Non
     sts = pickle.loads(pickle.dumps(MTASTSConfig(tls_context=private)))
     assert sts.tls_context is not None
     assert tuple(sts.tls_context.get_ca_certs(binary_form=True)) == own
+
+
+def test_dns_port_applies_to_the_system_nameservers_too() -> None:
+    # Set without nameservers, the port was ignored: resolv.conf's servers were asked on 53.
+    from mailstrom.config import DNSConfig
+    from mailstrom.routing import make_resolver
+
+    assert make_resolver(DNSConfig(port=5353)).port == 5353
+    named = make_resolver(DNSConfig(nameservers=("127.0.0.1",), port=5354))
+    assert (named.port, named.nameservers) == (5354, ["127.0.0.1"])
+    assert make_resolver(DNSConfig()).port == 53

@@ -44,8 +44,8 @@ def cache_key(domain: str) -> str:
 
 
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
-    """A dnspython async resolver as ``config`` says: its nameservers and port, or the
-    system's (resolv.conf) when it names none. ``config.timeout`` becomes its ``lifetime``,
+    """A dnspython async resolver as ``config`` says: its nameservers, or the system's
+    (resolv.conf) when it names none, on its port. ``config.timeout`` becomes its ``lifetime``,
     which the router spends on each route as a whole (every query of one lookup)."""
     try:
         resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
@@ -53,8 +53,9 @@ def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
         # No resolv.conf: start anyway; every lookup then fails temporarily ("no
         # nameservers"), which is visible in each recipient's status and retried.
         resolver = dns.asyncresolver.Resolver(configure=False)
+    # The port applies to resolv.conf's servers too: set alone, it was silently ignored.
+    resolver.port = config.port
     if config.nameservers:
-        resolver.port = config.port
         resolver.nameservers = list(config.nameservers)
     resolver.lifetime = config.timeout
     if config.dnssec:
