@@ -500,3 +500,6 @@ def test_dns_port_applies_to_the_system_nameservers_too() -> None:
     named = make_resolver(DNSConfig(nameservers=("127.0.0.1",), port=5354))
     assert (named.port, named.nameservers) == (5354, ["127.0.0.1"])
     assert make_resolver(DNSConfig()).port == 53
+    from mailstrom.doctor.lookup import DNSResolver
+
+    assert DNSResolver(DNSConfig(port=5353))._resolver.port == 5353

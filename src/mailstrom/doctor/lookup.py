@@ -62,9 +62,9 @@ class DNSResolver:
             self._resolver = dns.resolver.Resolver(configure=not config.nameservers)
         except dns.resolver.NoResolverConfiguration:
             self._resolver = dns.resolver.Resolver(configure=False)
+        self._resolver.port = config.port  # resolv.conf's servers' too, as delivery's
         if config.nameservers:
             self._resolver.nameservers = list(config.nameservers)
-            self._resolver.port = config.port
         self._resolver.lifetime = config.timeout
 
     def lookup(self, name: str, rdtype: str) -> Answer:
