@@ -208,6 +208,41 @@ def test_mime_part_header_sections_are_bounded() -> None:
     assert prepare(multipart(fields[8:] + b"\r\nx"), now=NOW)
 
 
+MULTIPART = "Content-Type: multipart/mixed; boundary=c"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (MULTIPART, "Content-Type: text/plain"),
+        ("Content-Type: text/plain", MULTIPART),
+        ("Content-Transfer-Encoding: 7bit", "Content-Transfer-Encoding: base64"),
+    ],
+)
+@pytest.mark.parametrize("where", ["message", "part"])
+def test_an_entity_with_two_structural_fields_is_refused(
+    first: str, second: str, where: str
+) -> None:
+    """Input audit #3: of two Content-Type fields the MIME reader took the last and the
+    stdlib (and receivers like it) the first, so 3,000 parts under ``multipart/mixed``
+    then ``text/plain`` passed the 1,000-part bound as one text part, and the 8-bit
+    downgrade quoted-printable encoded a whole multipart as text (``charset=3Dutf-8``).
+    An entity naming its type or encoding twice is now refused."""
+
+    def message(*fields: str, parts: int) -> bytes:
+        head = "".join(f"{field}\r\n" for field in fields).encode()
+        entity = head + b"\r\n" + b"--c\r\n\r\nx\r\n" * parts + b"--c--\r\n"
+        if where == "part":
+            return multipart(entity)
+        return b"From: a@example.com\r\nTo: b@example.org\r\n" + entity
+
+    with pytest.raises(InvalidMessage, match="more than one Content-") as caught:
+        prepare(message(first, second, parts=3000), now=NOW)
+    assert type(caught.value) is InvalidMessage
+    assert prepare(message(first, parts=10), now=NOW)
+    assert prepare(message(second, parts=10), now=NOW)
+
+
 def calls_made(function: Callable[[], object]) -> int:
     """How many Python-level and C function calls running ``function`` makes: a measure
     of work that does not depend on the machine's speed."""

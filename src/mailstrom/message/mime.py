@@ -8,7 +8,7 @@ walking a nested message costs no memory per level. Input is CRLF-normalised.
 Everything here is tolerant: a missing or malformed Content-Type reads as text/plain
 (RFC 2045 §5.2), a multipart without a usable boundary as a single opaque body. Only
 :func:`check_structure` raises, when a bound on nesting, parts or header sections is
-passed.
+passed, or an entity's structure is ambiguous.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mailstrom.errors import NestingTooDeep
+from mailstrom.errors import InvalidMessage, NestingTooDeep
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 
 MAX_DEPTH = 100
@@ -50,6 +50,9 @@ class Entity:
     boundary: bytes | None
     cte: str
     """Content-Transfer-Encoding, lower-case; ``7bit`` when absent."""
+    repeated: str | None = None
+    """``Content-Type`` or ``Content-Transfer-Encoding`` when the header section has that
+    field more than once (the last one is what ``content_type`` or ``cte`` reads)."""
 
     @property
     def maintype(self) -> str:
@@ -91,7 +94,13 @@ def body_start(data: bytes, start: int, end: int) -> int:
 
 def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> Entity:
     content_type, boundary, cte = default, None, "7bit"
+    seen: set[bytes] = set()
+    repeated = None
     for name, value in _fields(data, start, body):
+        if name in _STRUCTURAL:
+            if name in seen:
+                repeated = _STRUCTURAL[name]
+            seen.add(name)
         if name == b"content-type":
             match = _TYPE.match(value)
             if match is not None:
@@ -113,7 +122,15 @@ def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> En
         content_type=content_type,
         boundary=boundary or None,
         cte=cte,
+        repeated=repeated,
     )
+
+
+_STRUCTURAL = {
+    b"content-type": "Content-Type",
+    b"content-transfer-encoding": "Content-Transfer-Encoding",
+}
+"""The fields that decide how an entity is read, lower-case, with their names as shown."""
 
 
 def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, bytes]]:
@@ -262,8 +279,9 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     Raises :class:`NestingTooDeep` if entities nest deeper than ``limit``,
     :class:`TooManyParts` past ``max_parts`` entities, and :class:`TooManyHeaderFields` or
     :class:`HeaderTooLong` for a header section over the bounds of
-    :mod:`~mailstrom.message.bounds`. Entities are read one at a time, each bound checked
-    before the next is, so refusing costs no more than the limits allow.
+    :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
+    Content-Type or Content-Transfer-Encoding fields. Entities are read one at a time,
+    each bound checked before the next is, so refusing costs no more than the limits allow.
     """
     utf8 = False
     count = 0
@@ -284,6 +302,15 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         where = "the header section of a MIME part" if depth else "the header section"
         check_header_section(data, start, body, where=where)
         item = _entity(data, start, body, end, default=default)
+        if item.repeated is not None:
+            # Readers differ on which one counts (the stdlib reads the first, this module
+            # the last), so the parts counted here, and those the downgrade re-encodes,
+            # would not be the parts a receiver reads: 3,000 parts passed the bound as
+            # text/plain, and a multipart was quoted-printable encoded as text.
+            raise InvalidMessage(
+                f"{where} has more than one {item.repeated} field; readers differ on which "
+                "one counts, so the MIME structure is ambiguous"
+            )
         if depth and not utf8:
             utf8 = not item.head.isascii()
         if item.maintype in ("multipart", "message"):
