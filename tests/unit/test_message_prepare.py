@@ -129,6 +129,38 @@ def test_a_utf8_name_in_a_dropped_bcc_needs_no_smtputf8() -> None:
     assert utf8.data.isascii() and utf8.smtputf8
 
 
+@pytest.mark.parametrize("kind", [EmailMessage, Message])
+def test_a_utf8_bcc_address_of_a_stdlib_message_leaves_the_sent_fields_ascii(
+    kind: type[Message],
+) -> None:
+    """A UTF-8 address in the Bcc of an EmailMessage (or compat32 Message) made the
+    stdlib write every field as raw UTF-8 (``Subject: Grüße``), so the message needed
+    SMTPUTF8 in every transaction and its To recipients failed at servers without it,
+    where the same Email, whose Subject is RFC 2047 encoded, is delivered. Only the
+    envelope of the Bcc recipient's transaction needs SMTPUTF8."""
+    message = kind()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Bcc"] = "Jörg <jörg@example.net>, c@example.org"
+    message["Subject"] = "Grüße"
+    message.set_payload("hi\n")
+    p = prepare(message, now=NOW)
+    assert p.recipients == ("b@example.org", "jörg@example.net", "c@example.org")
+    assert p.data.isascii() and p.smtputf8
+    assert parsed(p.data)["Subject"] == "Grüße"
+    built = prepare(
+        Email(
+            from_="a@example.com",
+            to="b@example.org",
+            bcc=["Jörg <jörg@example.net>", "c@example.org"],
+            subject="Grüße",
+            text="hi",
+        ),
+        now=NOW,
+    )
+    assert built.data.isascii() and built.smtputf8
+
+
 def test_no_recipients() -> None:
     with pytest.raises(NoRecipients, match="To, Cc or Bcc names no address"):
         prepare(Email(from_="a@example.com"))

@@ -272,7 +272,11 @@ class _SMTPPolicy(EmailPolicy):
     def fold_binary(self, name: str, value: Any) -> bytes:
         own = self._own_fold(name, value)
         if own is not None:
-            return own.encode("utf-8" if self.utf8 else "ascii")
+            # Bcc is read back for the envelope and then dropped, never sent: a UTF-8
+            # address in it is written as it is, so that it needs no raw UTF-8 in the
+            # fields that are sent (see check_entity_headers).
+            utf8 = self.utf8 or name.lower() == "bcc"
+            return own.encode("utf-8" if utf8 else "ascii")
         return super().fold_binary(name, self._encoded(name, value))
 
     def _own_fold(self, name: str, value: Any) -> str | None:

@@ -73,11 +73,16 @@ def check_entity_headers(message: Message) -> bool:
                 if name.lower() in _PARAMETERISED:
                     _check_parameter_names(name, raw_value, text)
                 if not utf8 and name.lower() in ADDRESS_FIELDS:
-                    utf8 = (
+                    if part is not message:
+                        utf8 = _may_hold_utf8_address(name, raw_value, text)
+                    elif name.lower() == "bcc":
+                        # Never sent (prepare() drops it): a UTF-8 address there needs
+                        # SMTPUTF8 in its own transaction's envelope only, and made
+                        # every other field raw UTF-8, so that the To and Cc recipients
+                        # failed at servers without SMTPUTF8 (5.6.7).
                         _has_utf8_address(name, raw_value)
-                        if part is message
-                        else _may_hold_utf8_address(name, raw_value, text)
-                    )
+                    else:
+                        utf8 = _has_utf8_address(name, raw_value)
     except InvalidMessage:
         raise
     except Exception as exc:  # a hand-made Message can hold anything
