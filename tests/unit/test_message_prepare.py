@@ -161,6 +161,27 @@ def test_a_utf8_bcc_address_of_a_stdlib_message_leaves_the_sent_fields_ascii(
     assert built.data.isascii() and built.smtputf8
 
 
+@pytest.mark.parametrize("field", ["Resent-To", "Resent-Cc", "Resent-Bcc"])
+def test_a_utf8_resent_address_of_a_stdlib_message_is_taken_as_raw_input_is(
+    field: str,
+) -> None:
+    """A UTF-8 address in a Resent- field of an EmailMessage raised UnencodableHeader
+    ("'ascii' codec can't encode"): only From, Sender, Reply-To, To, Cc and Bcc were
+    looked at to choose raw UTF-8 fields (RFC 6532), though the same message as bytes
+    is resent to that address. Resent-Bcc is dropped, so it needs no raw UTF-8 fields."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message[field] = "Jörg <jörg@example.net>"
+    message["Subject"] = "Grüße"
+    message.set_content("hi")
+    p = prepare(message, now=NOW)
+    assert p.recipients == ("jörg@example.net",) and p.smtputf8
+    assert p.data.isascii() == (field == "Resent-Bcc")
+    source = message.as_bytes(policy=policy.SMTPUTF8)
+    assert prepare(source, now=NOW).recipients == p.recipients
+
+
 def test_no_recipients() -> None:
     with pytest.raises(NoRecipients, match="To, Cc or Bcc names no address"):
         prepare(Email(from_="a@example.com"))

@@ -25,8 +25,14 @@ from mailstrom.message.addrspec import ValidAddress, validate
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.words import fold, phrase, unstructured_field
 
-ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
-"""Header fields whose values are address lists (lower-case)."""
+ADDRESS_FIELDS = (
+    *("from", "sender", "reply-to", "to", "cc", "bcc"),
+    *("resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"),
+)
+"""Header fields whose values are address lists (lower-case), the resent ones (RFC 5322
+§3.6.6) included."""
+DROPPED_FIELDS = frozenset({"bcc", "resent-bcc"})
+"""Address fields ``prepare()`` reads for the envelope and then removes, never sent."""
 EXTRA_ADDRESS_FIELDS = frozenset(
     {
         "disposition-notification-to",  # RFC 8098 §2.1

@@ -16,6 +16,7 @@ from typing import Any
 from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
 from mailstrom.message import mime
 from mailstrom.message.addresses import (
+    DROPPED_FIELDS,
     EXTRA_ADDRESS_FIELDS,
     extra_field,
     format_address_field,
@@ -272,10 +273,10 @@ class _SMTPPolicy(EmailPolicy):
     def fold_binary(self, name: str, value: Any) -> bytes:
         own = self._own_fold(name, value)
         if own is not None:
-            # Bcc is read back for the envelope and then dropped, never sent: a UTF-8
-            # address in it is written as it is, so that it needs no raw UTF-8 in the
-            # fields that are sent (see check_entity_headers).
-            utf8 = self.utf8 or name.lower() == "bcc"
+            # Bcc and Resent-Bcc are read back for the envelope and then dropped, never
+            # sent: a UTF-8 address in them is written as it is, so that it needs no raw
+            # UTF-8 in the fields that are sent (see check_entity_headers).
+            utf8 = self.utf8 or name.lower() in DROPPED_FIELDS
             return own.encode("utf-8" if utf8 else "ascii")
         return super().fold_binary(name, self._encoded(name, value))
 

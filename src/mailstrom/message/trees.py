@@ -26,7 +26,12 @@ from typing import NoReturn, cast
 
 from mailstrom.errors import HeaderInjection, InvalidHeaderValue, InvalidMessage
 from mailstrom.message import mime
-from mailstrom.message.addresses import ADDRESS_FIELDS, mailboxes, parse_address_list
+from mailstrom.message.addresses import (
+    ADDRESS_FIELDS,
+    DROPPED_FIELDS,
+    mailboxes,
+    parse_address_list,
+)
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_PARTS, too_many_fields, too_many_parts
 from mailstrom.message.chars import check_other_line_breaks, shorten
 from mailstrom.message.headers import check_field_name, check_field_size
@@ -75,7 +80,7 @@ def check_entity_headers(message: Message) -> bool:
                 if not utf8 and name.lower() in ADDRESS_FIELDS:
                     if part is not message:
                         utf8 = _may_hold_utf8_address(name, raw_value, text)
-                    elif name.lower() == "bcc":
+                    elif name.lower() in DROPPED_FIELDS:
                         # Never sent (prepare() drops it): a UTF-8 address there needs
                         # SMTPUTF8 in its own transaction's envelope only, and made
                         # every other field raw UTF-8, so that the To and Cc recipients
