@@ -609,6 +609,26 @@ def test_resent_bcc_cannot_be_smuggled_through_builder_headers() -> None:
         prepare(email(headers={"Resent-Bcc": "x@example.net"}), now=NOW)
 
 
+@pytest.mark.parametrize("kind", ["raw", "EmailMessage"])
+def test_return_path_is_not_transmitted(kind: str) -> None:
+    """Return-Path is the delivering server's to add, from the envelope sender: "a
+    message-originating SMTP system SHOULD NOT send a message that already contains a
+    Return-path header field" (RFC 5321 §4.4). One given was sent as it came, so the
+    mailbox showed a return path the message never had (Postfix's cleanup removes it)."""
+    data = raw(
+        "Return-Path: <forged@example.net>",
+        "From: a@example.com",
+        "To: b@example.org",
+        "RETURN-path: <other@example.net>",
+    )
+    prepared = prepare(parsed(data) if kind == "EmailMessage" else data, now=NOW)
+    assert b"return-path" not in prepared.data.lower()
+    assert b"example.net" not in prepared.data
+    assert prepared.envelope_from == "a@example.com"
+    with pytest.raises(InvalidMessage, match=r"Return-Path.*envelope_from"):
+        prepare(email(headers={"Return-Path": "<x@example.net>"}), now=NOW)
+
+
 # --- #15 encoded-word filenames -----------------------------------------------------------
 
 

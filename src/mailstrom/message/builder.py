@@ -292,6 +292,11 @@ def _header(name: object, value: object) -> tuple[str, str]:
         raise InvalidMessage(
             f"header {name!r} is set by the Email field {_OWNED[key]!r}, not through headers"
         )
+    if key == "return-path":
+        raise InvalidMessage(
+            "header 'Return-Path' cannot be set: the server that delivers the message adds "
+            "it from the envelope sender (RFC 5321 §4.4); give envelope_from instead"
+        )
     if key in _RESENT_ADDRESSES:
         raise InvalidMessage(
             f"header {name!r} cannot be set through headers: resending is for raw messages, "

@@ -7,7 +7,7 @@ Three inputs, one pipeline, each stage handing the next a value:
   to bytes (:func:`render.render`);
 - raw bytes are split into header fields (``HeaderSection``), their address headers
   parsed and validated, the envelope decided, and the header section rewritten at the
-  octet level (Bcc and Resent-Bcc removed, Date and Message-ID added). The body is
+  octet level (Bcc, Resent-Bcc and Return-Path removed, Date and Message-ID added). The body is
   never decoded or re-encoded, only given CRLF line ends;
 - an ``EmailMessage`` is serialised once by the stdlib and then taken as raw bytes, so
   the envelope is read from exactly the header text that will be sent.
@@ -107,8 +107,9 @@ def prepare(
 
     ``require_tls`` (or ``Email.require_tls``) marks the message for REQUIRETLS (RFC 8689).
 
-    The result has CRLF line endings, no Bcc or Resent-Bcc header, lines of at most 998
-    octets and header fields of at most 64 KiB. Raises a subclass of
+    The result has CRLF line endings, no Bcc, Resent-Bcc or Return-Path header (the
+    delivering server adds Return-Path from the envelope, RFC 5321 §4.4), lines of at
+    most 998 octets and header fields of at most 64 KiB. Raises a subclass of
     :class:`~mailstrom.errors.InvalidMessage` saying what is wrong.
     """
     if now is None:
@@ -236,7 +237,10 @@ def _prepare_bytes(
         message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
         add.append(("Message-ID", message_id))
     subjects = section.values("Subject")
-    out = section.rewrite(drop={"bcc", "resent-bcc"}, add=add)
+    # Return-Path is the final delivery server's to add, from the envelope sender: "a
+    # message-originating SMTP system SHOULD NOT send a message that already contains"
+    # one (RFC 5321 §4.4), and Postfix's cleanup removes it as it removes Bcc.
+    out = section.rewrite(drop={"bcc", "resent-bcc", "return-path"}, add=add)
     if b"\0" in section.body:
         # A NUL can only be sent in binary data, which needs BINARYMIME (RFC 3030); in
         # 7bit and 8bit data it is forbidden (RFC 2045 §2.7, §2.8), and encoded parts
