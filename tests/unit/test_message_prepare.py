@@ -20,7 +20,7 @@ from mailstrom.errors import (
     NoRecipients,
     UnencodableHeader,
 )
-from mailstrom.message import Email, prepare
+from mailstrom.message import Attachment, Email, preparation, prepare
 from mailstrom.message.addresses import mailboxes, parse_address_list
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -488,6 +488,25 @@ def test_message_too_large() -> None:
         prepare(email, max_size=size - 1, now=NOW)
     assert (info.value.size, info.value.limit) == (size, size - 1)
     assert str(size) in info.value.reason
+
+
+def test_a_built_message_surely_too_large_is_refused_before_it_is_rendered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An Email with a 300 MB attachment was base64-encoded whole (1.8 GB of memory, 3 s)
+    before it was found over the 35 MiB limit; raw input is refused before it is parsed.
+    The attachment's base64 size alone (4 characters for 3 octets) now refuses it."""
+    attachment = Attachment(filename="a.bin", content=bytes(3000))
+    email = Email(from_="a@example.com", to="b@example.org", text="hi", attachments=[attachment])
+    assert prepare(email, now=NOW).size > 4002
+
+    def render(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a message known to be too large was rendered")
+
+    monkeypatch.setattr(preparation, "render", render)
+    with pytest.raises(MessageTooLarge, match="at least 4002 octets") as info:
+        prepare(email, max_size=4001, now=NOW)
+    assert (info.value.size, info.value.limit) == (4002, 4001)
 
 
 # --- addresses: validation, IDN, SMTPUTF8 ------------------------------------------------

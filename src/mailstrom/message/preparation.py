@@ -179,6 +179,15 @@ def _prepare_email(
     id_domain: str | None,
 ) -> PreparedMessage:
     draft = builder.check(email)
+    least = _least_size(draft)
+    if least > options.max_size:
+        # Refused before rendering, as raw input is before it is parsed: a 300 MB
+        # attachment was base64-encoded (1.8 GB of memory, 3 s) only to be refused.
+        raise MessageTooLarge(
+            f"the encoded message is at least {least} octets; the limit is {options.max_size}",
+            size=least,
+            limit=options.max_size,
+        )
     envelope = decide(
         draft.fields,
         envelope_from=envelope_from,
@@ -363,6 +372,18 @@ def _id_domain(envelope: Envelope, fallback: str | None) -> str:
     if fallback is not None and is_public_name(fallback):
         return domain_name(fallback)
     return LAST_RESORT_ID_DOMAIN
+
+
+def _least_size(draft: builder.Draft) -> int:
+    """A lower bound on the size of ``draft`` rendered, found without encoding anything:
+    base64 writes 4 characters for every 3 octets of an attachment (message/* ones, sent
+    7bit or base64, count for nothing here), and a text part holds at least one octet a
+    character."""
+    size = len(draft.text or "") + len(draft.html or "")
+    for part in draft.attachments:
+        if part.maintype != "message":
+            size += (len(part.content) + 2) // 3 * 4
+    return size
 
 
 def _too_large(size: int, limit: int) -> None:
