@@ -652,6 +652,29 @@ def test_a_non_ascii_uri_or_msg_id_field_in_an_ascii_message_is_refused(
     assert f"{name}: {ascii_value}\r\n".encode() in p.data
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("List-Unsubscribe", "<https://example.com/u?r=?a?b?c?=>"),
+        ("In-Reply-To", "<=?utf-8?q?x?=@example.com>"),
+        ("List-Unsubscribe", "<https://example.com/" + "a" * 1000 + ">"),
+        ("References", "<a@example.com> <" + "b" * 1000 + "@example.com>"),
+    ],
+)
+def test_a_uri_or_msg_id_field_is_never_encoded(name: str, value: str) -> None:
+    """An ASCII URI or msg-id that looks like an encoded word, or is too long for a
+    998-octet line, was written as RFC 2047 words (``List-Unsubscribe:
+    =?utf-8?q?=3Chttps=3A//...``), which may not stand there (RFC 2047 §5): no client
+    followed the link or threaded by the msg-id. One is written as it is, the other
+    refused."""
+    email = Email(from_="a@example.com", to="b@example.org", headers={name: value})
+    if len(value) < 998:
+        assert f"{name}: {value}\r\n".encode() in prepare(email, now=NOW).data
+    else:
+        with pytest.raises(LineTooLong, match=f"the {name} header holds a word of 10"):
+            prepare(email, now=NOW)
+
+
 @pytest.mark.parametrize("stdlib", [False, True])
 def test_an_added_address_field_is_written_as_addresses(stdlib: bool) -> None:
     # Encoded as text, the whole value became one RFC 2047 word, which names no address

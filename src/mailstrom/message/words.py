@@ -14,7 +14,8 @@ import re
 from email import base64mime, quoprimime
 from email.utils import encode_rfc2231
 
-from mailstrom.errors import UnencodableHeader
+from mailstrom.errors import LineTooLong, UnencodableHeader
+from mailstrom.message.chars import shorten
 
 MSG_ID_FIELDS = frozenset({"in-reply-to", "references", "content-id", "resent-message-id"})
 """Fields of msg-ids (RFC 5322 §3.6.4, RFC 2045 §7), lower-case: never RFC 2047 encoded."""
@@ -145,10 +146,14 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     :class:`~mailstrom.errors.UnencodableHeader` unless ``utf8``, as no reader would take
     the encoded word for the message it names. So does a non-ASCII List-Unsubscribe or
     other field of :data:`URI_FIELDS`: an encoded word in place of a URI is a link no
-    client follows (with ``utf8`` it is written as the IRI it is, RFC 6532).
+    client follows (with ``utf8`` it is written as the IRI it is, RFC 6532). No word of
+    these fields is ever encoded, not even one that looks like an encoded word; one too
+    long for a 998-octet line raises :class:`~mailstrom.errors.LineTooLong`.
     """
+    key = name.lower()
+    # Their URIs and msg-ids are no text: an encoded word in place of one names nothing.
+    literal = key in URI_FIELDS or key in MSG_ID_FIELDS
     if not utf8 and not value.isascii():
-        key = name.lower()
         if key in URI_FIELDS:
             raise UnencodableHeader(
                 f"{name} holds non-ASCII characters, but its URIs must be ASCII (RFC 2369 §2, "
@@ -179,7 +184,16 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
             space = token
             continue
         limit = longest - len(trailing) if index == last and len(trailing) <= FOLD_AT else longest
-        if _needs_encoding(token, utf8, limit):
+        if literal and _octets(token) > limit:
+            # Never encoded (RFC 2047 §5): a URI or msg-id too long for a line was made
+            # RFC 2047 words, which no client follows or threads by.
+            raise LineTooLong(
+                f"the {name} header holds a word of {_octets(token)} octets, "
+                f"{shorten(token, 60)}, which can be neither folded nor encoded; with the "
+                f"field's name a line holds at most {MAX_LINE} octets (RFC 5322 §2.1.1)"
+            )
+        # Nor one that looks like an encoded word: readers do not decode one here.
+        if not literal and _needs_encoding(token, utf8, limit):
             if run:
                 run.append(space)
             else:
