@@ -84,7 +84,8 @@ def check_entity_headers(message: Message) -> bool:
                         # Never sent (prepare() drops it): a UTF-8 address there needs
                         # SMTPUTF8 in its own transaction's envelope only, and made
                         # every other field raw UTF-8, so that the To and Cc recipients
-                        # failed at servers without SMTPUTF8 (5.6.7).
+                        # failed at servers without SMTPUTF8 (5.6.7). Still parsed, for
+                        # the InvalidAddress a bad one raises.
                         _has_utf8_address(name, raw_value)
                     else:
                         utf8 = _has_utf8_address(name, raw_value)
