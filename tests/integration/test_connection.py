@@ -608,3 +608,44 @@ async def test_wait_for_messages_from_a_thread(smtp_server: ServerFactory) -> No
     assert len(await mx.await_messages(1, within=5)) == 1
     with pytest.raises(AssertionError, match="expected 2"):
         mx.wait_for_messages(2, timeout=0.05)
+
+
+@pytest.mark.parametrize(
+    ("literal", "ip"),
+    [
+        ("[127.0.0.1]", "127.0.0.1"),
+        pytest.param(
+            "[IPv6:::1]",
+            "::1",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback"),
+        ),
+    ],
+)
+async def test_an_address_literal_is_verified_against_its_address(
+    smtp_server: ServerFactory, client_tls_context: ssl.SSLContext, literal: str, ip: str
+) -> None:
+    # Mail to user@[127.0.0.1] has the literal for its MX host name. The certificate names
+    # the address; "[127.0.0.1]" is no name any certificate can hold.
+    mx = smtp_server(host=ip)
+    conn = await connect(mx, StartTLS.VERIFY, host=literal, tls_context=client_tls_context)
+    try:
+        assert conn.tls_version is not None
+        await send(conn)
+    finally:
+        await conn.close()
+    assert mx.messages[0].tls
+
+
+async def test_an_address_literal_is_not_sent_as_sni(cert_receiver: Any) -> None:
+    # RFC 6066 §3: SNI carries a DNS host name; a literal IPv4 or IPv6 address is not
+    # permitted there, let alone in brackets (a strict TLS server refuses it).
+    from tests.support.certs import self_signed  # cryptography: only when used
+
+    names: list[str | None] = []
+    mx = cert_receiver(*self_signed("mx.test"), sni=names)
+    conn = await connect(mx, StartTLS.OPPORTUNISTIC, host="[127.0.0.1]")
+    try:
+        assert conn.tls_version is not None
+    finally:
+        await conn.close()
+    assert names == [None]

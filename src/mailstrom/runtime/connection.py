@@ -47,6 +47,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 from mailstrom.config import Timeouts
+from mailstrom.domains import literal_address
 from mailstrom.errors import (
     DeliveryError,
     SMTPConnectError,
@@ -121,6 +122,16 @@ def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLC
     if mode is StartTLS.VERIFY:
         return verify_with or _default_verify_context()
     return _unverified_context()
+
+
+def _tls_name(host: str) -> str:
+    """The name TLS sends as SNI and checks the certificate against: ``host``, but for an
+    address literal (mail to ``user@[192.0.2.1]`` has ``[192.0.2.1]`` for its MX host) its
+    address. Python's ssl matches an address against the certificate's IP addresses and
+    leaves it out of SNI (RFC 6066 §3 permits no address there); the bracketed literal is
+    no name any certificate can hold, and a strict TLS server refuses it as SNI."""
+    address = literal_address(host)
+    return host if address is None else str(address)
 
 
 def _reply_deadlines(timeouts: Timeouts) -> dict[Command, tuple[float, str]]:
@@ -311,7 +322,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                     ip,
                     port,
                     ssl=context,
-                    server_hostname=host if context is not None else None,
+                    server_hostname=_tls_name(host) if context is not None else None,
                     ssl_handshake_timeout=seconds if context is not None else None,
                     local_addr=(source_address, 0) if source_address else None,
                 )
@@ -378,8 +389,13 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         context = _tls_context(mode, verify_with)
         timeout = self._timeouts.command
         # SNI names the TLSA base domain under DANE (RFC 7672 §8.1), which is the MX host's
-        # CNAME expansion when its records were found there; else the MX host name.
-        sni = self._dane_names[0] if mode is StartTLS.DANE and self._dane_names else self.host
+        # CNAME expansion when its records were found there; else the MX host name (an
+        # address literal's address: see _tls_name).
+        sni = (
+            self._dane_names[0]
+            if mode is StartTLS.DANE and self._dane_names
+            else _tls_name(self.host)
+        )
         try:
             async with asyncio.timeout(timeout):
                 tls_transport = await self._loop.start_tls(
