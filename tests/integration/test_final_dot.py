@@ -226,6 +226,44 @@ def test_under_tls_content_the_peer_never_read_was_not_sent(
     run(loop, client)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_under_implicit_tls_content_the_peer_never_read_was_not_sent(
+    loop: str,
+    peer: Callable[[Script], ThreadPeer],
+    server_tls_context: ssl.SSLContext,
+) -> None:
+    """The same with TLS from the first octet (RFC 8314, a relay on port 465): the
+    ciphertext below the TLS layer was taken for sent, so a message the peer never read
+    was "maybe delivered" (delivered, with ``retry_uncertain=False``)."""
+
+    def script(p: Peer) -> None:
+        p.sock = server_tls_context.wrap_socket(p.sock, server_side=True)
+        p.sock.settimeout(WAIT)
+        p.hello()
+        p.envelope()
+        time.sleep(0.5)  # the client writes what the buffers take, and waits
+        p.reset()
+
+    server = peer(script)
+
+    async def client() -> None:
+        conn = await SMTPConnection.open(
+            host="peer.test",
+            ip="127.0.0.1",
+            port=server.port,
+            helo_name="client.test",
+            timeouts=TIMEOUTS,
+            starttls=StartTLS.OPPORTUNISTIC,
+            implicit_tls=True,
+        )
+        assert conn.tls_version is not None
+        with pytest.raises(SMTPConnectError):
+            await submit(conn, BIG)
+        await conn.close()
+
+    run(loop, client)
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_peer_that_read_the_whole_content_and_hung_up_leaves_it_uncertain(

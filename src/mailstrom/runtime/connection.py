@@ -145,6 +145,15 @@ def _reply_deadlines(timeouts: Timeouts) -> dict[Command, tuple[float, str]]:
     return deadlines
 
 
+class _BeforeTLS(asyncio.Protocol):
+    """A connection's protocol until its implicit TLS starts: it reads nothing, so that
+    every octet the server sends goes to the TLS handshake (a plaintext greeting fails
+    it, as it would with the TLS transport from the start), never lost or read as SMTP."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).pause_reading()
+
+
 # Session states in which transactions can be submitted (some may be on the wire).
 _TRANSACTING = frozenset({State.READY, State.MAIL, State.DATA})
 
@@ -315,17 +324,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     async def _connect(self, context: ssl.SSLContext | None, source_address: str | None) -> None:
         seconds = self._timeouts.connect
         host, ip, port = self.host, self.ip, self.port
+        local_addr = (source_address, 0) if source_address else None
         try:
             async with asyncio.timeout(seconds):
-                await self._loop.create_connection(
-                    lambda: self,
-                    ip,
-                    port,
-                    ssl=context,
-                    server_hostname=_tls_name(host) if context is not None else None,
-                    ssl_handshake_timeout=seconds if context is not None else None,
-                    local_addr=(source_address, 0) if source_address else None,
-                )
+                if context is None:
+                    await self._loop.create_connection(
+                        lambda: self, ip, port, local_addr=local_addr
+                    )
+                else:
+                    await self._connect_tls(context, local_addr)
         except ssl.SSLCertVerificationError as exc:
             raise TLSVerifyError(
                 f"certificate of {host} not accepted: {exc.verify_message or exc}", host=host
@@ -340,6 +347,34 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             raise SMTPConnectError(
                 f"cannot connect to {ip} port {port}: {exc.strerror or exc}", host=host
             ) from exc
+
+    async def _connect_tls(
+        self, context: ssl.SSLContext, local_addr: tuple[str, int] | None
+    ) -> None:
+        """TLS from the first octet (RFC 8314), started on a plain connection as STARTTLS
+        is: the connection then knows the transport below TLS, whose buffer holds the
+        ciphertext a final dot may still wait in (see _sent_upto). With the TLS transport
+        alone, a dot there was taken for sent, and a message never sent for "maybe
+        delivered"."""
+        raw, _ = await self._loop.create_connection(
+            _BeforeTLS, self.ip, self.port, local_addr=local_addr
+        )
+        try:
+            tls = await self._loop.start_tls(
+                raw,
+                self,
+                context,
+                server_hostname=_tls_name(self.host),
+                ssl_handshake_timeout=self._timeouts.connect,
+            )
+        except BaseException:
+            raw.abort()
+            raise
+        if tls is None:  # the peer went away during the handshake
+            raw.abort()
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self._transport = tls
+        self._raw_transport = raw
 
     async def _greet(self) -> None:
         greeting = await self._wait(self._timeouts.greeting, "the greeting")
