@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import socket
 import ssl
 import time
@@ -649,3 +652,18 @@ async def test_an_address_literal_is_not_sent_as_sni(cert_receiver: Any) -> None
     finally:
         await conn.close()
     assert names == [None]
+
+
+async def test_a_failed_implicit_tls_handshake_leaves_no_error_unretrieved(
+    smtp_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The handshake failed, and the connection was also told it was lost: the error it
+    # set on the greeting, which nobody would wait for now, was logged by asyncio as
+    # "Future exception was never retrieved".
+    mx = smtp_server(starttls=False)  # a plaintext server: it greets in the clear
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(TLSHandshakeError):
+            await connect(mx, StartTLS.REQUIRED, implicit_tls=True)
+        await asyncio.sleep(0.1)  # the transports' last callbacks let go of the connection
+        gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -846,6 +846,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
+            # Read here, as Txn.settle does: a connection that failed to open (its TLS
+            # handshake failed, then it was told it was lost) has nobody waiting for the
+            # greeting, and asyncio would log the error as never retrieved.
+            waiter.exception()
         self._disarm()
         self._drop()
 
