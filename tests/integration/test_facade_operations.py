@@ -187,3 +187,24 @@ def test_waits_share_one_store_watch_until_stop(tmp_path: Any) -> None:
         assert len(list(wake_dir.glob("*.sock"))) == 1  # one listener, not one per wait
     assert list(wake_dir.glob("*.sock")) == []
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres"])
+def test_an_id_of_full_length_that_is_no_id_is_an_unknown_message(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """A 32-character string skipped the check a prefix gets: one with a lone surrogate
+    (or a NUL, on PostgreSQL) reached the store's query, and SQLite and PostgreSQL raised
+    StoreRefusedData where the memory store said UnknownMessage."""
+    url = {"memory": "memory:", "sqlite": f"sqlite:///{tmp_path / 'q.db'}"}.get(backend)
+    store = url or request.getfixturevalue("postgres_url")
+    bad_ids = ("0" * 31 + "\ud800", "\x00" * 32, "g" * 32, "İ" * 32)
+    with Mailstrom(Config(helo_name="client.test"), store=store, worker=None) as ms:
+        mid = ms.send_email(hello("a@example.org"))
+        assert ms.query_status(mid.upper()).id == mid  # a full id, in any case
+        for bad in bad_ids:
+            for call in (ms.query_status, ms.retry, ms.cancel, ms.message_data, ms.hold):
+                with pytest.raises(UnknownMessage):
+                    call(bad)
+            with pytest.raises(UnknownMessage):
+                ms.wait(bad, timeout=0)

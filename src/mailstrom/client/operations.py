@@ -36,6 +36,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     normalize_domain,
+    normalize_prefix,
     purge_candidates,
 )
 from mailstrom.stores.watchers import Watchers
@@ -72,9 +73,13 @@ def settled(status: MessageStatus, deadline: datetime) -> bool:
 def resolve(store: Store, message_id: str) -> str:
     """``message_id`` as a full id: a full id lower-cased (no extra look-up; ids are
     stored in lower case and taken in any case), a prefix resolved. Anything but a string
-    is no id: :class:`~mailstrom.errors.UnknownMessage`, from the store's check."""
+    of hex digits is no id: :class:`~mailstrom.errors.UnknownMessage`, from the check a
+    prefix gets. A 32-character string skipped that check, and one with a lone surrogate
+    (or a NUL, on PostgreSQL) reached the store's query, which raised StoreRefusedData."""
     if isinstance(message_id, str) and len(message_id) == ID_LENGTH:
-        return message_id.lower()
+        text = normalize_prefix(message_id)
+        if len(text) == ID_LENGTH:
+            return text
     return store.resolve_id(message_id)
 
 
