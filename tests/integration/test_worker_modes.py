@@ -406,6 +406,48 @@ def test_a_worker_process_forwards_its_log_records(
     store.close()
 
 
+def test_a_worker_process_log_record_keeps_the_time_it_was_made(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forwarded record carries the child's time in every field a formatter shows:
+    ``msecs`` and ``relativeCreated`` were this process's, of when the frame was handled,
+    so ``%(asctime)s`` showed the child's second with this process's milliseconds."""
+    mx.rcpt_replies["grey1@example.org"] = "451 4.7.1 Greylisted"
+    mx.rcpt_replies["grey2@example.org"] = "451 4.7.1 Greylisted"
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+
+    def on_result(result: Any) -> None:
+        results(result)
+        if result.address == "grey1@example.org":
+            # The second record is made meanwhile, and handled here half a second late.
+            ms.send_email(hello("grey2@example.org"))
+            time.sleep(0.5)
+
+    with (
+        caplog.at_level(logging.INFO, logger="mailstrom"),
+        Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result) as ms,
+    ):
+        ms.send_email(hello("grey1@example.org"))
+        results.wait_count(2)
+        assert _wait_until(lambda: any("grey2" in r.getMessage() for r in caplog.records), 10)
+    [record] = [
+        r for r in caplog.records if "Greylisted" in r.getMessage() and "grey2" in r.getMessage()
+    ]
+    fresh = logging.LogRecord("x", logging.INFO, "", 0, "", (), None)
+
+    def apart(a: float, b: float) -> float:  # milliseconds, on the clock's face
+        return min(abs(a - b), 1000 - abs(a - b))
+
+    assert apart(record.msecs, record.created % 1 * 1000) < 2
+    stamp = logging.Formatter("%(asctime)s").format(record)
+    assert apart(int(stamp[-3:]), record.created % 1 * 1000) < 2
+    # relativeCreated: milliseconds since logging was loaded in this process.
+    loaded = fresh.created - fresh.relativeCreated / 1000
+    assert record.relativeCreated == pytest.approx((record.created - loaded) * 1000, abs=5.0)
+    store.close()
+
+
 PARENT = textwrap.dedent(
     """
     import sys

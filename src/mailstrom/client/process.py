@@ -625,7 +625,12 @@ class WorkerProcess:
         elif kind == "status":
             self._runs = (self._runs[0], payload)
         elif kind == "log":
-            record = logging.makeLogRecord(payload)
+            record = logging.makeLogRecord({})
+            handled_at = record.created
+            record.__dict__.update(payload)
+            # Since logging was loaded here, as every record of this process counts it,
+            # from the child's time: not from when this frame came through the pipe.
+            record.relativeCreated += (record.created - handled_at) * 1000
             logging.getLogger(record.name).handle(record)
         elif kind == "ready":
             self._came_up()

@@ -100,6 +100,9 @@ class _ForwardLogs(logging.Handler):
             "levelname": record.levelname,
             "msg": record.getMessage(),
             "created": record.created,
+            # Made from ``created`` as the record was: the parent's record would have its
+            # own, of when it got the frame (a formatter's %(asctime)s shows msecs).
+            "msecs": record.msecs,
             "exc_text": self.format(record).partition("\n")[2] if record.exc_info else None,
         }
         for extra in ("fields", "event"):
