@@ -27,10 +27,12 @@ import trustme
 from mailstrom import (
     AsyncMailstrom,
     Config,
+    DestinationRule,
     Email,
     Mailstrom,
     ReasonClass,
     RecipientState,
+    ShapingConfig,
     Timeouts,
 )
 from mailstrom.errors import InvalidArgument, StoreError, WorkerError
@@ -446,6 +448,51 @@ def test_a_worker_process_log_record_keeps_the_time_it_was_made(
     loaded = fresh.created - fresh.relativeCreated / 1000
     assert record.relativeCreated == pytest.approx((record.created - loaded) * 1000, abs=5.0)
     store.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize(
+    ("package", "shaping_level", "seen"),
+    [(logging.INFO, logging.ERROR, False), (logging.ERROR, logging.WARNING, True)],
+    ids=["silenced", "raised"],
+)
+def test_a_worker_process_heeds_the_level_of_every_mailstrom_logger(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    package: int,
+    shaping_level: int,
+    seen: bool,
+) -> None:
+    """The level the application gave a logger of mailstrom decides whether its records
+    are seen, in a worker process as in a thread. Only four loggers' levels reached the
+    child: one silenced on its own (``mailstrom.shaping`` at ERROR) still spoke there, at
+    the package's level, and one let through on its own stayed silent."""
+    slow = smtp_server(greeting="421 4.7.28 Too much mail from you - gsmtp")
+    dns_server.mx("slow.test", [(10, "mx1.slow.test")])
+    dns_server.a("mx1.slow.test", slow.host)
+    shaping = ShapingConfig(rules=(DestinationRule(match="*.slow.test"),), provider_defaults=False)
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    loggers = [logging.getLogger("mailstrom"), logging.getLogger("mailstrom.shaping")]
+    before = [logger.level for logger in loggers]
+    loggers[0].setLevel(package)
+    loggers[1].setLevel(shaping_level)
+    try:
+        cfg = config(dns_server, slow.port, shaping=shaping)
+        with Mailstrom(cfg, store=store, on_result=results, worker=mode) as ms:  # type: ignore[arg-type]
+            assert ms.worker_mode == mode
+            ms.send_email(hello("a@slow.test"))
+            results.wait_count(1)
+            time.sleep(0.5)  # what the child logged is in the pipe behind its result
+    finally:
+        for logger, level in zip(loggers, before, strict=True):
+            logger.setLevel(level)
+        store.close()
+    throttled = [r for r in caplog.records if "throttled until" in r.getMessage()]
+    assert [r.name for r in throttled] == (["mailstrom.shaping"] if seen else [])
 
 
 PARENT = textwrap.dedent(

@@ -118,6 +118,22 @@ def _above_standard(fd: int) -> int:
         os.close(fd)
 
 
+def _log_levels() -> dict[str, int]:
+    """The effective level of each logger of mailstrom here, for the child to log at.
+
+    Every one this process has, not only the main ones: the child's others (``mailstrom.tls``,
+    ``mailstrom.shaping``...) took the level of ``mailstrom``, so one the application had
+    silenced on its own spoke all the same (a forwarded record is handled here without a
+    look at the level), and one it had let through on its own stayed silent."""
+    known = list(logging.root.manager.loggerDict.items())  # a copy: others may add some
+    names = {name for name, logger in known if isinstance(logger, logging.Logger)}
+    names = {name for name in names if name.startswith("mailstrom.")}
+    return {
+        name: logging.getLogger(name).getEffectiveLevel()
+        for name in sorted({*_FORWARDED_LOGGERS, *names})
+    }
+
+
 _NOTHING_CARRIED = WorkerStatus(running=False)
 """What a worker process's first child carries over: nothing."""
 
@@ -259,9 +275,7 @@ class WorkerProcess:
             config=replace(config, tls_context=None),
             store=pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
             tls=TLSContextSpec.of(config.tls_context) if config.tls_context else None,
-            log_levels={
-                name: logging.getLogger(name).getEffectiveLevel() for name in _FORWARDED_LOGGERS
-            },
+            log_levels=_log_levels(),
             forward_results=self._on_result is not None,
             holder=holder,
         )
