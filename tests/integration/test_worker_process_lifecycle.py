@@ -639,3 +639,30 @@ def test_a_child_that_cannot_be_started_fails_start_with_a_worker_error(
     finally:
         ms.stop()
     store.close()
+
+
+@pytest.mark.parametrize("executable", [None, ""])
+def test_a_program_without_an_interpreter_file_gets_a_worker_thread_or_a_worker_error(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    executable: str | None,
+) -> None:
+    """A program embedding Python may have no interpreter file to start (sys.executable
+    None or empty): the default mode chose a worker process all the same, whose start()
+    raised a TypeError (None) or failed; it delivers in a thread now, and a worker
+    process asked for by name fails start() with a WorkerError that says why."""
+    monkeypatch.setattr(sys, "executable", executable)
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        assert ms.worker_mode == "thread"
+        ms.send_email(hello("bob@example.org"))
+        results.wait_final({"bob@example.org"})
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    with pytest.raises(WorkerError, match="no Python interpreter to start"):
+        ms.start()
+    assert "sys.executable" in (ms.worker_status.error or "")
+    ms.stop()
+    store.close()

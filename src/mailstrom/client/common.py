@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import random
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -133,7 +134,8 @@ class FacadeBase:
       delivers;
     * ``"auto"`` (the default): a process for a store another process can open (SQLite,
       PostgreSQL), in this process otherwise (the memory store), or when a custom
-      ``router``, ``clock`` or ``rng`` is given, since those cannot cross to a child.
+      ``router``, ``clock`` or ``rng`` is given, since those cannot cross to a child, or
+      when there is no interpreter to start (``sys.executable`` empty or None).
     """
 
     _LOCAL = "thread"
@@ -291,7 +293,10 @@ class FacadeBase:
         if worker is None or worker == self._LOCAL:
             return worker
         if worker == "auto":
-            return "process" if store_url is not None and not custom else self._LOCAL
+            # A program embedding Python without an interpreter file to start (an empty
+            # sys.executable) keeps delivery in this process, as for the memory store.
+            child = store_url is not None and not custom and bool(sys.executable)
+            return "process" if child else self._LOCAL
         if worker != "process":
             raise ValueError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
         if store_url is None:

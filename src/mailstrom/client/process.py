@@ -75,6 +75,13 @@ def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
     and one stray line was read as a frame's length, swallowing every later frame. Its
     standard output is this process's standard error (where its own diagnostics go), its
     standard input is empty."""
+    if not sys.executable:
+        # An embedding program may have no interpreter file (None or "", as Python's own
+        # docs allow): Popen raised a TypeError for None, where start() promises a
+        # WorkerError. An OSError is what start() and a restart report as no process.
+        raise FileNotFoundError(
+            f"no Python interpreter to start: sys.executable is {sys.executable!r}"
+        )
     out: int = subprocess.DEVNULL
     with contextlib.suppress(OSError):
         os.fstat(2)  # before the pipes: one of them may take a closed standard descriptor
