@@ -666,3 +666,21 @@ def test_a_program_without_an_interpreter_file_gets_a_worker_thread_or_a_worker_
     assert "sys.executable" in (ms.worker_status.error or "")
     ms.stop()
     store.close()
+
+
+def test_a_child_that_ends_without_a_word_before_it_is_ready_fails_start(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that exits with status 0 before its "ready", saying nothing (a program
+    that is no Python interpreter, or a start-up hook that ends it), made start() return
+    as if it delivered, and the facade then started such a child again and again; one
+    that exits with status 1 fails start(), and so does this one now."""
+    _in_each_child(tmp_path, monkeypatch, "quit", "import os; os._exit(0)")
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    with pytest.raises(WorkerError, match=r"failed to start: .*before it was ready"):
+        ms.start()
+    status = ms.worker_status
+    assert not status.running and not ms.worker.restart_pending()  # type: ignore[union-attr]
+    ms.stop()
+    store.close()

@@ -627,6 +627,12 @@ class WorkerProcess:
             if proc.returncode and self._error is None and not self._stopping:
                 # An intended stop that had to kill it is no death.
                 self._error = f"worker process exited with status {proc.returncode}"
+            elif self._error is None and not self._stopping and not self._ready.is_set():
+                # Status 0 before its "ready", with start() still waiting (a restarted
+                # one was judged above): no start either. It let start() return as if
+                # it delivered, and such a child was started again and again.
+                by = f", stopped by {self._stopped_by}" if self._stopped_by else ""
+                self._error = f"worker process ended (status 0) before it was ready{by}"
             self._stopped.set()
             self._ready.set()  # wake a start() still waiting: it sees the error
 
