@@ -6,6 +6,7 @@ stop(). Each child is a real one, delivering to a loopback SMTP server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -684,3 +685,46 @@ def test_a_child_that_ends_without_a_word_before_it_is_ready_fails_start(
     assert not status.running and not ms.worker.restart_pending()  # type: ignore[union-attr]
     ms.stop()
     store.close()
+
+
+def test_a_fork_while_another_thread_writes_to_the_child_can_stop_its_own(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The lock over the pipe to the child is taken by each wake() and stop(): a fork
+    (a pre-forking server, multiprocessing) while another thread held it left it held for
+    ever in the forked process, whose own worker process then never stopped: its stop()
+    waited for the lock before it could say "stop"."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    ms.start()
+    held, release = threading.Event(), threading.Event()
+
+    def writing() -> None:  # a thread inside a write to the child at the fork
+        with _worker(ms)._write_lock:
+            held.set()
+            release.wait(30)
+
+    writer = threading.Thread(target=writing)
+    writer.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the forked process
+            try:
+                ms.start()  # a worker process of its own
+                ms.stop(timeout=0)
+            finally:
+                os._exit(0)
+        try:
+            assert _wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 30), (
+                "the fork's stop() waited for a lock nobody there will release"
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    finally:
+        release.set()
+        writer.join(30)
+        ms.stop()
+        store.close()

@@ -394,8 +394,11 @@ class WorkerProcess:
         # child's streams still open count: the number of one closed before the fork may
         # be the application's file or pipe now (a stream reads as closed before its
         # number is freed). The same goes for _lock, and no supervisor thread exists here
-        # to restart anything.
+        # to restart anything. So for _write_lock, which a wake() or stop() of another
+        # thread may have held at the fork: this process's own stop() could not send its
+        # child "stop" (nor any wake() reach it), and waited for ever.
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._stopping = True
         self._halt.set()
         self._supervisor = None
