@@ -394,9 +394,10 @@ def test_a_worker_process_forwards_its_log_records(
         caplog.at_level(logging.INFO, logger="mailstrom"),
         Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms,
     ):
-        ms.send_email(hello("grey@example.org"))
+        mid = ms.send_email(hello("grey@example.org"))
         results.wait_count(1)
         assert _wait_until(lambda: any("Greylisted" in r.getMessage() for r in caplog.records), 10)
+        [recorded] = ms.query_status(mid).recipient("grey@example.org").history
     [record] = [r for r in caplog.records if "Greylisted" in r.getMessage()]
     assert record.name == "mailstrom.attempts"
     assert record.levelno == logging.WARNING
@@ -405,6 +406,9 @@ def test_a_worker_process_forwards_its_log_records(
     # The result crossed the pipe as a tuple, its class with it.
     [result] = results.all
     assert result.attempt.reason_class is ReasonClass.GREYLISTED
+    # Every field crossed, the attempt's TLS policy among them (it was left behind).
+    assert recorded.tls_policy is not None
+    assert result.attempt.tls_policy == recorded.tls_policy
     store.close()
 
 

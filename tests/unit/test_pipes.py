@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from datetime import UTC, datetime
@@ -70,6 +71,49 @@ def test_a_result_crosses_the_pipe_unchanged(result: RecipientResult) -> None:
     stream.seek(0)
     kind, payload = read_frame(stream) or ("", None)
     assert kind == "results"
+    assert [result_from_wire(w) for w in payload] == [result]
+
+
+def test_every_field_of_a_result_crosses_the_pipe() -> None:
+    """Each field, none at its default: on_result of a worker process got the attempt's
+    tls_policy and the result's own_reply and hard_bounce at their defaults, where a
+    worker thread's had them (and a field added later fails here until it crosses)."""
+    result = RecipientResult(
+        message_id="m4",
+        address="dave@example.org",
+        state=RecipientState.FAILED,
+        lease_token="t4",
+        next_attempt_at=AT,
+        ref=7,
+        queued_at=AT,
+        size=99,
+        envelope_from="app@example.com",
+        own_reply=True,
+        hard_bounce=True,
+        attempt=Attempt(
+            at=AT,
+            outcome=AttemptOutcome.PERMANENT,
+            duration=1.5,
+            mx_host="mx.example.org",
+            ip="2001:db8::1",
+            port=2525,
+            tls_version="TLSv1.2",
+            tls_cipher="ECDHE-RSA-AES128-GCM-SHA256",
+            reply=SMTPReply(code=550, enhanced="5.1.1", text="no such user"),
+            error="refused",
+            uncertain=True,
+            reason_class=ReasonClass.MAILBOX,
+            tls_policy="dane",
+        ),
+    )
+    for part in (result, result.attempt):
+        for field in dataclasses.fields(part):
+            if field.default is not dataclasses.MISSING:
+                assert getattr(part, field.name) != field.default, field.name
+    stream = io.BytesIO()
+    write_frame(stream, "results", [result_to_wire(result)])
+    stream.seek(0)
+    _, payload = read_frame(stream) or ("", None)
     assert [result_from_wire(w) for w in payload] == [result]
 
 

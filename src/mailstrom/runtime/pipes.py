@@ -95,7 +95,10 @@ def read_frame(stream: IO[bytes]) -> tuple[str, Any] | None:
 
 
 # Results cross as plain tuples: unpickling three dataclasses per result costs the
-# application's process about 60 us (dataclass __setstate__), building them 5.
+# application's process about 60 us (dataclass __setstate__), building them 5. Every
+# field crosses (tests/unit/test_pipes.py checks each one): on_result of a worker process
+# got the attempt's tls_policy, and the result's own_reply and hard_bounce, at their
+# defaults, where a worker thread's had them.
 
 ResultWire = tuple[Any, ...]
 
@@ -109,6 +112,7 @@ def result_to_wire(r: RecipientResult) -> ResultWire:
         *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
         *(a.tls_cipher, reply, a.error, a.uncertain, reason),
         *(r.queued_at, r.size, r.envelope_from),
+        *(a.tls_policy, r.own_reply, r.hard_bounce),
     )
 
 
@@ -116,6 +120,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
     (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
     (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:18]
     (queued_at, size, envelope_from) = w[18:21]
+    (tls_policy, own_reply, hard_bounce) = w[21:24]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -129,6 +134,8 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
         queued_at=queued_at,
         size=size,
         envelope_from=envelope_from,
+        own_reply=own_reply,
+        hard_bounce=hard_bounce,
         attempt=Attempt(
             at=at,
             outcome=AttemptOutcome(outcome),
@@ -142,5 +149,6 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
             error=error,
             uncertain=uncertain,
             reason_class=None if reason is None else ReasonClass(reason),
+            tls_policy=tls_policy,
         ),
     )
