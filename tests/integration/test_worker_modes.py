@@ -398,8 +398,17 @@ def test_a_worker_process_forwards_its_log_records(
         results.wait_count(1)
         assert _wait_until(lambda: any("Greylisted" in r.getMessage() for r in caplog.records), 10)
         [recorded] = ms.query_status(mid).recipient("grey@example.org").history
+        child = ms.worker.pid  # type: ignore[union-attr]
     [record] = [r for r in caplog.records if "Greylisted" in r.getMessage()]
     assert record.name == "mailstrom.attempts"
+    # Made in the child, where it says (not in this process, at no line of no file).
+    assert (record.process, record.processName) == (child, "MainProcess")
+    assert (record.module, record.funcName, record.filename) == (
+        "attemptlog",
+        "log_attempt",
+        "attemptlog.py",
+    )
+    assert record.lineno > 0
     assert record.levelno == logging.WARNING
     assert record.fields["rcpt"] == "grey@example.org"  # type: ignore[attr-defined]
     assert record.fields["reason_class"] == "greylisted"  # type: ignore[attr-defined]

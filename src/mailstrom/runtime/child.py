@@ -88,6 +88,13 @@ class _Outbox:
             self.send("results", [result_to_wire(r) for r in batch])
 
 
+_ORIGIN = (
+    *("pathname", "filename", "module", "lineno", "funcName", "stack_info"),
+    *("process", "processName", "thread", "threadName"),
+)
+"""A log record's attributes saying where it was made."""
+
+
 class _ForwardLogs(logging.Handler):
     def __init__(self, outbox: _Outbox) -> None:
         super().__init__()
@@ -105,7 +112,9 @@ class _ForwardLogs(logging.Handler):
             "msecs": record.msecs,
             "exc_text": self.format(record).partition("\n")[2] if record.exc_info else None,
         }
-        for extra in ("fields", "event"):
+        # Where it was made: the parent's record would say its own process (a formatter's
+        # %(process)d named the application), and no file, line or function at all.
+        for extra in (*_ORIGIN, "fields", "event"):
             if hasattr(record, extra):
                 fields[extra] = getattr(record, extra)
         self._outbox.send("log", fields)
