@@ -669,6 +669,34 @@ def test_a_program_without_an_interpreter_file_gets_a_worker_thread_or_a_worker_
     store.close()
 
 
+def test_a_frozen_program_gets_a_worker_thread_or_a_worker_error(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen program (PyInstaller, cx_Freeze) is its own sys.executable: the default
+    mode started it again as the worker child, with the child's arguments, and it ran the
+    whole application a second time (here: a program that leaves a mark), which never
+    answered as a child. It delivers in a thread now, and a worker process asked for by
+    name fails start() with a WorkerError, starting nothing."""
+    mark = tmp_path / "ran again"
+    program = tmp_path / "app"
+    program.write_text(f"#!/bin/sh\ntouch '{mark}'\n")
+    program.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(program))
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        assert ms.worker_mode == "thread"
+        ms.send_email(hello("bob@example.org"))
+        results.wait_final({"bob@example.org"})
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    with pytest.raises(WorkerError, match=r"no Python interpreter to start: .*frozen"):
+        ms.start()
+    ms.stop()
+    store.close()
+    assert not mark.exists()
+
+
 def test_a_child_that_ends_without_a_word_before_it_is_ready_fails_start(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

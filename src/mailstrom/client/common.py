@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import random
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 from mailstrom.arguments import check_timeout, member_of
 from mailstrom.bounces.verp import check_verp_template, is_verp_template
-from mailstrom.client.process import WorkerProcess
+from mailstrom.client.process import WorkerProcess, no_interpreter
 from mailstrom.config import Config
 from mailstrom.errors import (
     InvalidMessage,
@@ -135,7 +134,8 @@ class FacadeBase:
     * ``"auto"`` (the default): a process for a store another process can open (SQLite,
       PostgreSQL), in this process otherwise (the memory store), or when a custom
       ``router``, ``clock`` or ``rng`` is given, since those cannot cross to a child, or
-      when there is no interpreter to start (``sys.executable`` empty or None).
+      when there is no interpreter to start (``sys.executable`` empty or None, a frozen
+      program: see :func:`~mailstrom.client.process.no_interpreter`).
     """
 
     _LOCAL = "thread"
@@ -293,9 +293,9 @@ class FacadeBase:
         if worker is None or worker == self._LOCAL:
             return worker
         if worker == "auto":
-            # A program embedding Python without an interpreter file to start (an empty
-            # sys.executable) keeps delivery in this process, as for the memory store.
-            child = store_url is not None and not custom and bool(sys.executable)
+            # A program without an interpreter to start (an empty sys.executable, a
+            # frozen program) keeps delivery in this process, as for the memory store.
+            child = store_url is not None and not custom and no_interpreter() is None
             return "process" if child else self._LOCAL
         if worker != "process":
             raise ValueError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")

@@ -75,13 +75,11 @@ def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
     and one stray line was read as a frame's length, swallowing every later frame. Its
     standard output is this process's standard error (where its own diagnostics go), its
     standard input is empty."""
-    if not sys.executable:
-        # An embedding program may have no interpreter file (None or "", as Python's own
-        # docs allow): Popen raised a TypeError for None, where start() promises a
-        # WorkerError. An OSError is what start() and a restart report as no process.
-        raise FileNotFoundError(
-            f"no Python interpreter to start: sys.executable is {sys.executable!r}"
-        )
+    executable = sys.executable
+    missing = no_interpreter()
+    if missing is not None:
+        # An OSError is what start() and a restart report as no process.
+        raise FileNotFoundError(f"no Python interpreter to start: {missing}")
     out: int = subprocess.DEVNULL
     with contextlib.suppress(OSError):
         os.fstat(2)  # before the pipes: one of them may take a closed standard descriptor
@@ -95,7 +93,7 @@ def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
         (to_child, ours_in), (ours_out, from_child) = fds[:2], fds[2:]
         theirs = (to_child, from_child)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mailstrom.runtime.child", *map(str, theirs)],
+            [executable, "-m", "mailstrom.runtime.child", *map(str, theirs)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             env=env,
@@ -112,6 +110,21 @@ def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
     proc.stdin = open(ours_in, "wb")  # noqa: SIM115 - closed by the reader, as Popen's
     proc.stdout = open(ours_out, "rb")  # noqa: SIM115
     return proc
+
+
+def no_interpreter() -> str | None:
+    """Why this program has no Python interpreter to start a worker child with, or None
+    when ``sys.executable`` is one.
+
+    A program embedding Python may have no interpreter file (``sys.executable`` None or
+    "", as Python's docs allow: Popen raised a TypeError for None, where start() promises
+    a WorkerError); a frozen one (PyInstaller, cx_Freeze: ``sys.frozen``) has only
+    itself, which ran the whole application again with the child's arguments."""
+    if getattr(sys, "frozen", False):
+        return f"sys.executable ({sys.executable}) is this frozen program's own"
+    if not sys.executable:
+        return f"sys.executable is {sys.executable!r}"
+    return None
 
 
 def _above_standard(fd: int) -> int:
