@@ -756,3 +756,33 @@ def test_a_fork_while_another_thread_writes_to_the_child_can_stop_its_own(
         writer.join(30)
         ms.stop()
         store.close()
+
+
+def test_wake_and_stop_do_not_wait_for_a_child_that_reads_nothing(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that reads nothing (stopped by SIGSTOP, frozen with its cgroup): wake()
+    filled the pipe to it and then blocked the application for ever, and stop() waited
+    behind it past its bound (STOP_GRACE past the timeout, then the child is killed)."""
+    monkeypatch.setattr(process, "STOP_GRACE", 1.0)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    ms.start()
+    pid = _worker(ms).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wakes = PIPE_SIZE // 8  # more than the pipe holds
+        waking = threading.Thread(target=lambda: [ms.wake() for _ in range(wakes)], daemon=True)
+        waking.start()
+        waking.join(10)
+        assert not waking.is_alive(), "wake() waited for a child that reads nothing"
+        stopping = threading.Thread(target=ms.stop, kwargs={"timeout": 0}, daemon=True)
+        stopping.start()
+        stopping.join(10)
+        assert not stopping.is_alive(), "stop() waited past its bound"
+        assert _gone(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    store.close()

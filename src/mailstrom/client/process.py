@@ -589,8 +589,15 @@ class WorkerProcess:
             # work at once), and the application's send_email must not wait behind a
             # spec the child is slow to read. stop() sees to its stop itself.
             return
+        frame = io.BytesIO()
+        write_frame(frame, kind, payload)
+        # One write, never waiting: the pipe is non-blocking once the spec went through
+        # (see _read), and a frame this small goes in whole or not at all. A child that
+        # reads nothing (stopped by SIGSTOP, frozen) had wake() block the application for
+        # ever once the pipe was full, and stop() behind it, past every bound it has: a
+        # wake it cannot read is moot, and stop() kills what does not end.
         with self._write_lock, contextlib.suppress(OSError, ValueError):
-            write_frame(stream, kind, payload)
+            os.write(stream.fileno(), frame.getvalue())
 
     def _read(self, proc: subprocess.Popen[bytes], spec: bytes) -> None:
         stdin, stdout = proc.stdin, proc.stdout
@@ -603,6 +610,7 @@ class WorkerProcess:
                 # start()'s timeout must bound; killing the child ends the write.
                 stdin.write(spec)
                 stdin.flush()
+                os.set_blocking(stdin.fileno(), False)  # for _send's frames from now on
             except (OSError, ValueError):
                 pass  # it is gone already: its end is read below
             else:
