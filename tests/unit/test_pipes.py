@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import pickle
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -121,3 +123,42 @@ def test_a_cut_frame_reads_as_the_end() -> None:
     data = pickle.dumps(("status", None))
     stream = io.BytesIO(len(data).to_bytes(4, "big") + data[:-1])
     assert read_frame(stream) is None
+
+
+def _forwarded(record: logging.LogRecord) -> list[tuple[str, object]]:
+    from mailstrom.runtime.child import _ForwardLogs, _Outbox
+
+    stream = io.BytesIO()
+    _ForwardLogs(_Outbox(stream)).emit(record)
+    stream.seek(0)
+    frames = []
+    while (frame := read_frame(stream)) is not None:
+        frames.append(frame)
+    return frames
+
+
+def test_a_forwarded_record_carries_its_traceback_alone() -> None:
+    # Cut from the formatted record at its first line end, the traceback began with the
+    # second line of a message of several.
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("mailstrom.x", logging.ERROR, "f.py", 1, "one\ntwo", (), exc_info)
+    [(kind, fields)] = _forwarded(record)
+    assert kind == "log" and isinstance(fields, dict)
+    assert fields["msg"] == "one\ntwo"
+    assert fields["exc_text"].startswith("Traceback")
+    assert fields["exc_text"].endswith("ValueError: boom")
+
+
+def test_a_record_that_cannot_be_sent_is_loggings_error_not_the_callers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An extra that does not pickle raised into the worker code that logged it.
+    record = logging.LogRecord("mailstrom.x", logging.INFO, "f.py", 1, "hi %s", (), None)
+    record.fields = {"hook": lambda: None}
+    assert _forwarded(record) == []
+    bad_args = logging.LogRecord("mailstrom.x", logging.INFO, "f.py", 1, "%d", ("x",), None)
+    assert _forwarded(bad_args) == []
+    assert capsys.readouterr().err.count("--- Logging error ---") == 2

@@ -101,23 +101,37 @@ class _ForwardLogs(logging.Handler):
         self._outbox = outbox
 
     def emit(self, record: logging.LogRecord) -> None:
-        fields = {
-            "name": record.name,
-            "levelno": record.levelno,
-            "levelname": record.levelname,
-            "msg": record.getMessage(),
-            "created": record.created,
-            # Made from ``created`` as the record was: the parent's record would have its
-            # own, of when it got the frame (a formatter's %(asctime)s shows msecs).
-            "msecs": record.msecs,
-            "exc_text": self.format(record).partition("\n")[2] if record.exc_info else None,
-        }
-        # Where it was made: the parent's record would say its own process (a formatter's
-        # %(process)d named the application), and no file, line or function at all.
-        for extra in (*_ORIGIN, "fields", "event"):
-            if hasattr(record, extra):
-                fields[extra] = getattr(record, extra)
-        self._outbox.send("log", fields)
+        # As every handler does: a record that cannot be formatted or sent (bad % args, an
+        # extra that does not pickle) is logging's error to report, never an exception
+        # raised into the worker code that logged it.
+        try:
+            fields = {
+                "name": record.name,
+                "levelno": record.levelno,
+                "levelname": record.levelname,
+                "msg": record.getMessage(),
+                "created": record.created,
+                # Made from ``created`` as the record was: the parent's record would have
+                # its own, of when it got the frame (a formatter's %(asctime)s shows msecs).
+                "msecs": record.msecs,
+                # The traceback alone: cut from the formatted record at its first line
+                # end, it began with the rest of a message of several lines.
+                "exc_text": _TRACEBACK.formatException(record.exc_info)
+                if record.exc_info
+                else None,
+            }
+            # Where it was made: the parent's record would say its own process (a
+            # formatter's %(process)d named the application), and no file, line or
+            # function at all.
+            for extra in (*_ORIGIN, "fields", "event"):
+                if hasattr(record, extra):
+                    fields[extra] = getattr(record, extra)
+            self._outbox.send("log", fields)
+        except Exception:
+            self.handleError(record)
+
+
+_TRACEBACK = logging.Formatter()
 
 
 def _watch_parent(parent: int, stop: Callable[[], None]) -> None:
