@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -40,6 +41,7 @@ _MAX_TIMESTAMP_DIGITS = 12
 """Digits of a ``t=`` value read at most (Unix seconds have 10 until the year 2286): a
 longer one would only make ``int()`` (past 4,300 digits) or the clock comparison (past a
 float's range) raise instead of answering False."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OWS = " \t"
 """HTTP's optional white space (RFC 9110 §5.6.3); ``str.strip()`` would also take a
 no-break space, U+3000 and the like."""
@@ -73,7 +75,13 @@ def event_json(event: DeliveryEvent) -> dict[str, Any]:
 def encode_events(events: Iterable[DeliveryEvent]) -> bytes:
     """The body of one hook request."""
     payload = {"events": [event_json(e) for e in events]}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate (SQLite's reading of an octet that is not UTF-8, in a row another
+    # tool wrote) cannot be encoded: the batch holding it would never be sent, nor any
+    # event after it. It becomes U+FFFD, as an undecodable octet does when decoded.
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)
+    return text.encode()
 
 
 def _digest(secret: str, timestamp: int, body: bytes) -> str:

@@ -3,9 +3,18 @@ False, whatever the header holds."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import pytest
 
-from mailstrom.webhooks import _digest, sign, verify_signature
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.base import RecipientResult
+from mailstrom.webhooks import _digest, encode_events, sign, verify_signature
 
 SECRET = "whsec"
 BODY = b'{"events":[]}'
@@ -57,3 +66,54 @@ def test_a_signature_that_is_not_ascii_is_no_signature() -> None:
     header = f"t={NOW},v1=\u00e9,v1={_digest(SECRET, NOW, BODY)}"
     assert verify_signature(SECRET, header, BODY, now=NOW) is True
     assert verify_signature(SECRET, f"t={NOW},v1=\u00e9", BODY, now=NOW) is False
+
+
+def test_an_event_whose_text_is_not_utf8_still_makes_a_body(tmp_path: Path) -> None:
+    """SQLite reads text that is not UTF-8 (a row written by another tool) with a lone
+    surrogate per octet, which passed the store's type checks: encoding the hook body
+    then raised UnicodeEncodeError, the batch stayed leased, and as the outbox goes
+    oldest first no later event was ever sent. The octet is U+FFFD in the body now."""
+    path = tmp_path / "queue.db"
+    store = SQLiteStore(path)
+    try:
+        store.enable_events()
+        now = datetime.now(UTC)
+        store.enqueue(
+            PreparedMessage(
+                data=b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
+                envelope_from="a@example.com",
+                recipients=("bob@example.org",),
+            ),
+            now=now,
+        )
+        lease = store.lease(now=now, limit=1, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        [item] = lease.items
+        [recipient] = item.recipients
+        attempt = Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="try later")
+        store.record(
+            [
+                RecipientResult(
+                    message_id=item.message_id,
+                    address=recipient.address,
+                    state=RecipientState.DEFERRED,
+                    attempt=attempt,
+                    lease_token=item.lease_token,
+                    ref=recipient.ref,
+                    next_attempt_at=now + timedelta(minutes=10),
+                )
+            ]
+        )
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("UPDATE events SET error = CAST(X'6f6bff21' AS TEXT)")
+        finally:
+            conn.close()
+        batch = store.lease_events(now=now, limit=10, lease_for=timedelta(minutes=1))
+        assert batch is not None
+    finally:
+        store.close()
+    body = encode_events(batch.events)
+    [event] = json.loads(body.decode("utf-8"))["events"]
+    assert event["error"] == "ok\ufffd!"
+    assert event["recipient"] == "bob@example.org"
