@@ -4,6 +4,7 @@ was never acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,8 +26,11 @@ from mailstrom import Config, Email, HookConfig, Mailstrom, QueueFilter
 from mailstrom.errors import ConfigError
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.hook_post import BODY_READ_LIMIT
-from mailstrom.runtime.hooks import post
+from mailstrom.runtime.hooks import HookSender, post
+from mailstrom.runtime.metrics import MetricsRecorder
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState
 from mailstrom.stores import SQLiteStore
+from mailstrom.stores.base import RecipientResult
 from mailstrom.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -522,3 +526,70 @@ def test_a_hook_url_with_credentials_is_refused_without_showing_them(url: str) -
     with pytest.raises(ConfigError, match=r"hook\.url") as refused:
         HookConfig(url=url, secret=SECRET)
     assert "s3cret" not in str(refused.value)
+
+
+def test_sent_events_are_pruned_while_the_outbox_never_empties(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """Pruning ran only on a turn that found the outbox empty: with an endpoint failing
+    (or events coming faster than they go) every turn found a batch, so events sent long
+    ago were never deleted however long that lasted."""
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    for n in range(2):
+        store.enqueue(
+            PreparedMessage(
+                data=f"From: a@sender.test\r\nSubject: n{n}\r\n\r\nhi\r\n".encode(),
+                envelope_from="a@sender.test",
+                recipients=(f"u{n}@example.org",),
+            ),
+            now=long_ago,
+        )
+    lease = store.lease(now=long_ago, limit=2, lease_for=timedelta(minutes=5))
+    assert lease is not None
+    attempt = Attempt(at=long_ago, outcome=AttemptOutcome.TEMPORARY, error="try later")
+    store.record(
+        [
+            RecipientResult(
+                message_id=item.message_id,
+                address=r.address,
+                state=RecipientState.DEFERRED,
+                attempt=attempt,
+                lease_token=item.lease_token,
+                ref=r.ref,
+                next_attempt_at=long_ago + timedelta(minutes=10),
+            )
+            for item in lease.items
+            for r in item.recipients
+        ]
+    )
+    # The first event went out long ago; the second never does: the endpoint fails.
+    first = store.lease_events(now=long_ago, limit=1, lease_for=timedelta(minutes=1))
+    assert first is not None
+    assert store.ack_events(first, now=long_ago) == 1
+    endpoint.answer = lambda n: 500
+    hook = HookConfig(url=endpoint.url, secret=SECRET, retry_min=0.05, retry_max=0.1)
+
+    async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    async def run() -> None:
+        sender = HookSender(
+            hook,
+            store,
+            store_call=call,
+            clock=lambda: datetime.now(UTC),
+            metrics=MetricsRecorder(),
+            poll_interval=0.05,
+        )
+        task = asyncio.create_task(sender.run())
+        await asyncio.to_thread(endpoint.wait_for, lambda requests: len(requests) >= 3)
+        sender.stop(0)
+        await asyncio.wait_for(task, 10)
+
+    try:
+        asyncio.run(run())
+        assert [e.address for e in store.read_events()] == ["u1@example.org"]
+    finally:
+        store.close()

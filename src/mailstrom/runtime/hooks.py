@@ -133,6 +133,9 @@ class HookSender:
         while True:
             if self._stopping and (self._failing or time.monotonic() >= self._deadline):
                 return
+            # Every turn, not only when the outbox is empty: with an endpoint failing, or
+            # events coming faster than they go, it may never be (at most every PRUNE_EVERY).
+            await self._prune()
             self._wake.clear()  # a record from now on wakes the idle wait below
             try:
                 batch = await self._store_call(
@@ -151,7 +154,6 @@ class HookSender:
             if batch is None:
                 if self._stopping:
                     return
-                await self._prune()
                 await self._sleep(self._poll, self._wake)
                 continue
             try:
