@@ -386,3 +386,12 @@ def test_tlsa_policy_names_its_mx_host() -> None:
         "total-successful-session-count": 9,
         "total-failure-session-count": 1,
     }
+
+
+def test_file_name_unique_id_survives_an_underscore_in_the_submitter() -> None:
+    # The default report-id ends in "_<random>@<submitter>"; a submitter with a "_" (as
+    # a host name may have in DNS) must not cut the file name's unique-id out of it.
+    reporter = Reporter(organization="S", contact="tls@s.test", submitter="mx_1.s.test")
+    report = build_report("example.org", DAY, sessions(), reporter)
+    unique = report.filename("mx_1.s.test").split("!")[-1].removesuffix(".json")
+    assert re.fullmatch(r"[0-9a-f]{12}", unique), unique

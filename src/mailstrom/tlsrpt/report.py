@@ -150,7 +150,10 @@ class Report:
     def filename(self, submitter: str, *, gz: bool = False) -> str:
         """RFC 8460 §5.3: ``sender!policy-domain!begin!end!unique-id.json[.gz]``."""
         begin, end = _range(self.day)
-        unique = self.report_id.rsplit("_", 1)[-1].partition("@")[0]
+        # The id's own part: after its last "_", before the "@submitter" that follows
+        # it (cut first, since a submitter's name may have a "_" of its own).
+        local = self.report_id.rpartition("@")[0] or self.report_id
+        unique = local.rsplit("_", 1)[-1]
         name = (
             f"{submitter}!{self.policy_domain}!{int(begin.timestamp())}!"
             f"{int(end.timestamp())}!{unique}.json"
