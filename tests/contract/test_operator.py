@@ -12,7 +12,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter, Store
 from mailstrom.stores.operator import AGE_EDGES, PENDING_STATES
 
-from .support import LEASE_FOR, NOW, lease_all, leased_addresses, message, results_for
+from .support import LEASE_FOR, NOW, attempt, lease_all, leased_addresses, message, results_for
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -333,3 +333,28 @@ def test_bulk_changes_skip_ids_no_store_can_hold(store: Store) -> None:
     assert store.retry_many([*bad, mid], now=NOW) == 1
     assert store.cancel_many([*bad, mid], now=NOW) == 1
     assert store.purge_many([*bad, mid]) == 1
+
+
+def test_lookups_of_a_nul_find_nothing(store: Store) -> None:
+    """An id, address, Message-ID or domain with a NUL names nothing any store holds:
+    PostgreSQL raised StoreRefusedData for it where memory and SQLite said unknown (or
+    found nothing)."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    for bad in ("\x00", mid + "\x00"):
+        for call in (
+            lambda b=bad: store.status(b),
+            lambda b=bad: store.retry(b, now=NOW),
+            lambda b=bad: store.cancel(b, now=NOW),
+            lambda b=bad: store.set_held(b, True),
+            lambda b=bad: store.message_data(b),
+            lambda b=bad: store.fail_late(b, "a@example.org", attempt()),
+        ):
+            with pytest.raises(UnknownMessage):
+                call()
+    assert store.fail_late(mid, "a@example.org\x00", attempt()) is False
+    assert store.message_ids_for_header("<m1@example.com>\x00") == []
+    assert store.suppressions_for(["a@example.org\x00"], now=NOW) == {}
+    assert store.unsuppress(["a@example.org\x00"]) == 0
+    assert store.resume("example.org\x00") is False
+    assert store.mta_sts_policy("example.org\x00") is None
+    assert store.status(mid).id == mid
