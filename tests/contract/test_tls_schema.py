@@ -38,6 +38,16 @@ def test_the_limit_keeps_the_longest_remembered(store: Store) -> None:
     assert set(store.tls_broken(now=NOW, limit=2)) == {"mx4.test", "mx3.test"}
 
 
+def test_a_negative_limit_is_none(store: Store) -> None:
+    """The memory store dropped the last entry for limit -1, SQLite kept every one and
+    PostgreSQL raised StoreRefusedData; a negative limit is none, as query()'s."""
+    for i in range(3):
+        store.note_tls_broken(f"mx{i}.test", until=NOW + (i + 1) * MINUTE, reason="x", now=NOW)
+    assert store.tls_broken(now=NOW, limit=-1) == {}
+    assert store.tls_broken(now=NOW, limit=0) == {}
+    assert len(store.tls_broken(now=NOW)) == 3
+
+
 def test_a_huge_reason_is_bounded(store: Store) -> None:
     store.note_tls_broken("mx.test", until=NOW + MINUTE, reason="x" * 100_000, now=NOW)
     assert "mx.test" in store.tls_broken(now=NOW)

@@ -428,7 +428,8 @@ class MemoryStore(
             for host in [h for h, until in self._tls_broken.items() if until <= now]:
                 del self._tls_broken[host]
             longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
-        return dict(longest[:limit])
+        # A negative limit is none, as in every store (a slice's -1 dropped the last).
+        return dict(longest[: max(limit, 0)])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""

@@ -1231,7 +1231,7 @@ class SQLiteStore:
             conn.execute("DELETE FROM tls_broken WHERE until <= ?", (at,))
             rows = conn.execute(
                 "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
-                (at, limit),
+                (at, max(limit, 0)),  # SQLite's LIMIT -1 is no limit at all
             ).fetchall()
             known = {host: broken_until(host, shown_time(until)) for host, until in rows}
             # An end that is no time (text and numbers past any time sort after every

@@ -786,7 +786,8 @@ class PostgresStore:
 
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
         """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
-        found = self._fetch("tls_broken", {"now": now, "limit": limit})
+        # A negative limit is none, as in every store (LIMIT -1 is an error here).
+        found = self._fetch("tls_broken", {"now": now, "limit": max(limit, 0)})
         known = {host: broken_until(host, until) for host, until in found}
         return {host: until for host, until in known.items() if until is not None}
 
