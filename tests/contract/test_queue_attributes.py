@@ -149,6 +149,18 @@ def test_higher_lanes_are_leased_first_each_up_to_its_number(store: Store) -> No
     assert _lanes_of(store, limit=10, lanes=LANES) == ["bulk", "bulk"]
 
 
+def test_a_lane_named_twice_counts_once_with_its_first_number(store: Store) -> None:
+    """PostgreSQL leased a lane's recipients once per mention, the same recipient twice in
+    one lease (sent twice), and SQLite leased up to the two numbers added up."""
+    for i in range(3):
+        store.enqueue(with_attributes(message(f"b{i}@example.org"), priority="bulk"), now=NOW)
+    found = store.lease(
+        now=NOW, limit=10, lease_for=LEASE_FOR, lanes=[("bulk", 1), ("tx", 5), ("bulk", 5)]
+    )
+    assert found is not None
+    assert [r.address for i in found.items for r in i.recipients] == ["b0@example.org"]
+
+
 def test_without_lanes_every_lane_is_leased_by_due_time(store: Store) -> None:
     store.enqueue(with_attributes(message(), priority="bulk"), now=NOW - SECOND)
     store.enqueue(with_attributes(message(), priority="transactional"), now=NOW)

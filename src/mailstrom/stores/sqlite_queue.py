@@ -217,7 +217,11 @@ def lease_rows(
     else:
         rows = []
         exhausted = True
+        seen: set[str] = set()
         for lane, most in lanes:
+            if lane in seen:
+                continue  # a lane named twice counts once, with its first number
+            seen.add(lane)
             take = min(most, limit - len(rows))
             if take <= 0:
                 exhausted = False

@@ -332,6 +332,13 @@ class PostgresStore:
         if lanes is None:
             found = rows.lease_rows(self._fetch("lease", params))
         else:
+            # A lane named twice counts once, with its first number, as in the memory
+            # store: the query's lateral read of each array element leased the same rows
+            # once per mention (our own row locks skip nothing), one recipient twice over.
+            first: dict[str, int] = {}
+            for lane, most in lanes:
+                first.setdefault(lane, most)
+            lanes = list(first.items())
             params["lanes"] = [lane for lane, _ in lanes]
             # No lane takes more than the lease: a share of a huge max_connections (the
             # worker's lane caps grow with it) must not overflow the query's bigint and
