@@ -4,6 +4,7 @@ for half a second. Checked by where the work runs, not by timing it."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from datetime import UTC, datetime
 
@@ -48,5 +49,40 @@ async def test_sending_prepares_and_queues_on_a_thread_other_than_the_loops() ->
             await ams.send_emails(hello("ann@example.org"))  # type: ignore[arg-type]
         assert len(await ams.query_recent()) == 3
     finally:
+        await ams.stop()
+        store.close()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_cancelled_send_raises_once_its_store_write_has_ended(batch: bool) -> None:
+    # The thread cannot be stopped: a CancelledError raised at once left it queuing the
+    # message behind the caller's back (and the async with exit closing the store under
+    # it). The cancel now takes effect once the write has ended, so the caller who sees it
+    # finds the queue as it will stay.
+    entered, release = threading.Event(), threading.Event()
+
+    def clock() -> datetime:  # read in the thread, before the store write
+        entered.set()
+        release.wait(10)
+        return datetime(2026, 1, 1, tzinfo=UTC)
+
+    store = MemoryStore()
+    ams = AsyncMailstrom(
+        Config(helo_name="mail.example.com"), store=store, clock=clock, worker=None
+    )
+    try:
+        message = hello("bob@example.org")
+        sending = asyncio.ensure_future(
+            ams.send_emails([message]) if batch else ams.send_email(message)
+        )
+        assert await asyncio.to_thread(entered.wait, 10)
+        sending.cancel()
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert release.is_set()
+        assert len(store.recent(10)) == 1
+    finally:
+        release.set()
         await ams.stop()
         store.close()

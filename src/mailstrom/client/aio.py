@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
+from typing import Any, TypeVar
 
 from mailstrom.arguments import check_limit
 from mailstrom.client.common import (
@@ -31,6 +32,30 @@ from mailstrom.stores.base import QueueFilter
 from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
 log = logging.getLogger("mailstrom")
+
+_T = TypeVar("_T")
+
+
+async def _write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``asyncio.to_thread(func, ...)`` for a store write: cancelled, it still waits for
+    the thread (which cannot be stopped) before raising CancelledError. Raised at once, it
+    left the write going on behind the caller's back: a message queued after the caller was
+    told it was cancelled, under an id nobody got, and perhaps written into a store that
+    ``stop()`` (the ``async with`` exit) had closed meanwhile."""
+    future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue  # a second cancel: still the same write to wait for
+            except Exception:
+                break
+        if not future.cancelled():
+            future.exception()  # retrieved: the caller's outcome is the cancellation
+        raise
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -207,12 +232,16 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         With ``idempotency_key``, a second submission with the same key within
         ``Config.idempotency_window`` returns the first message's id and queues nothing.
         ``dsn`` and a VERP ``envelope_from`` as for :meth:`Mailstrom.send_email`.
+
+        Cancelled while the thread writes, it raises CancelledError once the write has
+        ended: the message may then be queued (under an id the caller did not get); send
+        it again with the same ``idempotency_key`` to learn its id without a second copy.
         """
 
         # Validation, encoding and DKIM signing go to the thread with the store write: on
         # the loop they held every other coroutine (the "task" worker's deliveries too)
         # for as long as a large message takes, half a second for 20 MiB.
-        return await asyncio.to_thread(
+        return await _write_in_thread(
             self._queue,
             message,
             envelope_from,
@@ -236,7 +265,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             prepared = [self._prepare(m, None, None) for m in batch]
             return self.store.enqueue_many(prepared, now=self._clock())
 
-        return await asyncio.to_thread(queue)
+        return await _write_in_thread(queue)
 
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""
