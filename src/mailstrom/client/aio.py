@@ -150,7 +150,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 self._task = None
                 if task is None and ending is not None:
                     task = ending  # a worker task still ending since a cancelled stop()
-                if task is not None:
+                if task is not None and task.done():
+                    # Ended already: typically cancelled by the loop that ran it as that
+                    # loop closed (asyncio.run), and stop() now runs on another loop,
+                    # where waiting on the task raised ValueError ("belongs to a
+                    # different loop"). Its own error is raised as waiting raised it.
+                    if not task.cancelled():
+                        task.result()
+                elif task is not None:
                     ending = task
                     worker.request_stop(drain_timeout=timeout)
                     limit = None if timeout is None else timeout + STOP_GRACE

@@ -1,0 +1,31 @@
+"""``AsyncMailstrom`` used from one event loop after another (``asyncio.run`` per step, a
+test framework's loop per test): the loop that ran the worker task cancels it as it
+closes, and the next loop stops and starts the facade."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mailstrom import AsyncMailstrom, Config, Email
+from mailstrom.stores import MemoryStore
+
+
+def test_stop_on_another_loop_after_the_workers_loop_closed() -> None:
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        asyncio.run(ams.start())  # the loop closes, cancelling the worker task
+        # Waiting on that task from this loop raised ValueError ("The future belongs to
+        # a different loop"): stop() must see that it has ended.
+        asyncio.run(ams.stop())
+
+        async def send_again() -> str:
+            async with ams:
+                return await ams.send_email(
+                    Email(from_="app@example.com", to=["bob@example.org"], text="x")
+                )
+
+        message_id = asyncio.run(send_again())
+        assert [s.id for s in store.recent(10)] == [message_id]
+    finally:
+        store.close()
