@@ -29,3 +29,23 @@ def test_stop_on_another_loop_after_the_workers_loop_closed() -> None:
         assert [s.id for s in store.recent(10)] == [message_id]
     finally:
         store.close()
+
+
+def test_start_on_another_loop_after_the_workers_loop_closed() -> None:
+    # Without a stop() in between: the worker task the closed loop cancelled is no
+    # running worker, and `async with` on the next loop must not say "already started".
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        asyncio.run(ams.start())
+
+        async def send_again() -> str:
+            async with ams:
+                return await ams.send_email(
+                    Email(from_="app@example.com", to=["bob@example.org"], text="x")
+                )
+
+        message_id = asyncio.run(send_again())
+        assert [s.id for s in store.recent(10)] == [message_id]
+    finally:
+        store.close()

@@ -112,7 +112,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             return
         if worker is None:
             return
-        if self._task is not None:
+        if self._task is not None and not self._task.cancelled():
             raise WorkerError("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
@@ -192,7 +192,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._close_owned_store()
 
     async def __aenter__(self) -> AsyncMailstrom:
-        started = self._task is not None or self._has_worker_process()
+        # A cancelled task (its loop closed: asyncio.run) runs no worker any more.
+        started = (
+            self._task is not None and not self._task.cancelled()
+        ) or self._has_worker_process()
         try:
             await self.start()
         except BaseException:
