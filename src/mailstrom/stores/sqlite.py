@@ -98,6 +98,7 @@ from mailstrom.stores.base import (
     with_throttles,
 )
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
+from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
@@ -318,6 +319,11 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
+FORK_WAIT = 2.0
+"""Seconds a fork of the process waits for the statements under way on a store to end
+(see :meth:`SQLiteStore._before_fork`)."""
+
+
 class SQLiteStore:
     """A :class:`~mailstrom.stores.base.Store` in one SQLite file (created if missing).
 
@@ -366,7 +372,11 @@ class SQLiteStore:
         """(device, inode) of the database file opened, to notice it being replaced."""
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
+        self._out = 0
+        """Connections checked out (under ``_pool_lock``): statements under way."""
+        self._held_for_fork = False
         self._closed = False
+        self._closed_why = "the store is closed"
         self._busy_ms = int(busy_timeout * 1000)
         """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets)."""
         self._write_lock = threading.Lock()
@@ -387,6 +397,7 @@ class SQLiteStore:
         except BaseException:
             self.close()
             raise
+        renew_after_fork(self)
 
     def _open(self) -> None:
         latest = _latest_schema()
@@ -590,8 +601,9 @@ class SQLiteStore:
     def _connection(self) -> Iterator[sqlite3.Connection]:
         with self._pool_lock:
             if self._closed:
-                raise StoreError("the store is closed")
+                raise StoreError(self._closed_why)
             conn = self._idle.pop() if self._idle else None
+            self._out += 1
         try:
             # One stat per checkout: a deleted or replaced file is a permanent failure,
             # not one to retry on the old inode forever.
@@ -607,17 +619,18 @@ class SQLiteStore:
             # past 64 bits): the value is refused, the database is fine.
             raise StoreRefusedData(f"SQLite store {self._path} refused a value: {exc}") from exc
         finally:
-            if conn is not None:
-                # Still in a transaction: a COMMIT and its ROLLBACK failed. Never pooled
-                # (it may also still commit without fsync, see _write): closing it rolls
-                # the transaction back, and the next checkout makes a new one.
-                with self._pool_lock:
-                    pooled = not (self._closed or conn.in_transaction)
-                    if pooled:
-                        self._idle.append(conn)
-                if not pooled:
-                    with suppress(sqlite3.Error):
-                        conn.close()
+            # Still in a transaction: a COMMIT and its ROLLBACK failed. Never pooled (it
+            # may also still commit without fsync, see _write): closing it rolls the
+            # transaction back, and the next checkout makes a new one.
+            pooled = False
+            with self._pool_lock:
+                self._out -= 1
+                if conn is not None and not (self._closed or conn.in_transaction):
+                    self._idle.append(conn)
+                    pooled = True
+            if conn is not None and not pooled:
+                with suppress(sqlite3.Error):
+                    conn.close()
 
     @contextmanager
     def _write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
@@ -674,6 +687,60 @@ class SQLiteStore:
             lock, self._process_lock = self._process_lock, None
         if lock is not None:
             lock.close()
+
+    def _before_fork(self) -> None:
+        """Before this process forks: wait (``FORK_WAIT`` at most) for the statements
+        under way to end, and keep new ones from starting until the fork is done. SQLite
+        keeps the locks of all a process's connections to a file in one place per
+        process, which the child inherits: a write under way at the fork left the child
+        believing another of its connections held the write lock, for good."""
+        deadline = time.monotonic() + FORK_WAIT
+        while True:
+            self._pool_lock.acquire()
+            if self._out == 0 or self._closed or time.monotonic() >= deadline:
+                self._held_for_fork = True
+                return
+            self._pool_lock.release()
+            time.sleep(0.001)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._pool_lock.release()
+
+    def _after_fork(self) -> None:
+        """In a process forked from this one: nothing of the parent's connections, locks
+        or pending group commit is used here (see :mod:`~mailstrom.stores.forks`)."""
+        busy, self._out, self._held_for_fork = self._out, 0, False
+        self._pool_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._group = threading.Condition()
+        # Requests of the parent's threads: committed (or not) there, by them.
+        self._pending, self._leader, self._gathering, self._seen = [], False, False, {}
+        keep(self._idle)
+        self._idle = []
+        # Callbacks of the parent's workers, whose threads are not here: a worker of this
+        # process is reached like any other process's (the wake-up sockets).
+        self._watchers, self._cancel_watchers = Watchers(), Watchers()
+        self._wakeups.after_fork()
+        self._holders.after_fork()
+        lock, self._process_lock = self._process_lock, None
+        if lock is not None:
+            # Its copy would share the parent's flock: taken here while the parent holds
+            # it, released under the parent's feet, and held on after the parent's death.
+            with suppress(OSError):
+                lock.close()
+        if busy and not self._closed:
+            # Still in use by another thread at the fork (see _before_fork): SQLite's
+            # state in this process names locks no connection here will ever release.
+            self._closed = True
+            self._closed_why = (
+                f"this process was forked while another thread of its parent used the"
+                f" SQLite store {self._path}: open the store again in this process"
+            )
+        if not self._closed:
+            with suppress(OSError):
+                self._process_lock = self._open_lock_file()
 
     # --- enqueue ----------------------------------------------------------------------
 

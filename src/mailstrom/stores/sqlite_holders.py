@@ -131,6 +131,19 @@ class HolderLocks:
                     os.unlink(self.file(holder))  # before the lock goes: never seen unlocked
             os.close(fd)
 
+    def after_fork(self) -> None:
+        """In a process forked from this one: the parent's holders are not ours. Our
+        copies of their descriptors are closed (the files stay, and their locks with the
+        parent), or a holder would look alive for as long as this process lives on."""
+        self._lock = threading.Lock()
+        files, self._files = self._files, {}
+        self.held = set()
+        self._warned = set()
+        self._pid = os.getpid()
+        for fd in files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     # --- everyone else's -----------------------------------------------------------------
 
     def reap(self, release: Callable[[str], int]) -> int:

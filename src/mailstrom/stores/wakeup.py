@@ -59,6 +59,13 @@ class WakeupDirectory:
         use: a socket per call cost more than the send itself)."""
         self._closed = False
 
+    def after_fork(self) -> None:
+        """In a process forked from this one: the sockets the parent listens on are
+        another process's now, woken with a datagram like any other."""
+        self._lock = threading.Lock()
+        self._own = set()
+        self._listing_mtime = -1
+
     # --- the sending side --------------------------------------------------------------
 
     def notify(self, payload: bytes = b"!") -> None:

@@ -41,6 +41,7 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
+from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
 from mailstrom.stores.url import redact_url
 
@@ -300,6 +301,7 @@ _UTC = "SET TimeZone TO 'UTC'"
 
 
 def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
+    not_shared(conn)
     if params.lock_bound is None:
         conn.execute(_UTC)
     else:

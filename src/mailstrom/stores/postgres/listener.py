@@ -10,6 +10,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.notifier import notify_statement
@@ -82,6 +83,7 @@ class Listener:
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
         # LISTEN, unlike NOTIFY, takes no lock another session can hold: no lock_timeout.
         conn = psycopg.connect(bounded(self._url), autocommit=True)
+        not_shared(conn)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._stop_channel)))

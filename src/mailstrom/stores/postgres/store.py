@@ -60,6 +60,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import ClockReading, reading_between
 from mailstrom.stores.dead_holders import HolderInfo
+from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
@@ -164,22 +165,67 @@ class PostgresStore:
         self._beats = HolderBeats(params.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=params.lock_bound)
         migrate(url, connect_timeout=timeout)
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
-            url,
+        self._own_pool = self._new_pool()
+        self._lock_wait = pool_lock_wait(self._own_pool)
+        self._forked = False
+        """In a forked process, until the first call opens its own pool."""
+        try:
+            with translate_errors("connecting"):
+                self._own_pool.open(wait=True, timeout=timeout)
+        except BaseException:
+            self._own_pool.close()
+            raise
+        renew_after_fork(self)
+
+    def _new_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        min_size, max_size = self._sizes
+        return connection_pool(
+            self._url,
             name="mailstrom",
             min_size=min_size,
             max_size=max_size,
-            timeout=timeout,
+            timeout=self._timeout,
             # Back within a beat: before another worker can take this one for dead.
             reconnect_within=self._beats.beat_every,
         )
-        self._lock_wait = pool_lock_wait(self._pool)
-        try:
-            with translate_errors("connecting"):
-                self._pool.open(wait=True, timeout=timeout)
-        except BaseException:
-            self._pool.close()
-            raise
+
+    @property
+    def _pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        if self._forked:
+            self._open_after_fork()
+        return self._own_pool
+
+    def _open_after_fork(self) -> None:
+        # Opened on first use, not in the fork handler: a fork that runs no Python of
+        # ours (a subprocess's preexec_fn) must not start threads and connections.
+        with self._lock:
+            if self._forked:
+                self._forked = False
+                if not self._closed:
+                    self._own_pool.open(wait=False)
+
+    def _before_fork(self) -> None:
+        pass  # the parent's connections are of no use in the fork, under way or not
+
+    def _after_fork_in_parent(self) -> None:
+        pass
+
+    def _after_fork(self) -> None:
+        """In a process forked from this one (see :mod:`~mailstrom.stores.forks`): the
+        parent's connections are never used here (their sockets point at /dev/null), nor
+        its listener and notifier threads, which do not exist here. Nor its holders: a
+        close() here would have said the parent's workers stopped, and their leases
+        would have been taken from them while they delivered."""
+        self._lock = threading.Lock()
+        keep(self._own_pool, self._listener, self._notifier)
+        self._listener = None
+        self._watchers, self._cancel_watchers, self._watching = Watchers(), Watchers(), 0
+        self._statistics = PlannerStatistics()
+        self._beats = HolderBeats(self._beats.dead_after)
+        self._notifier = Notifier(self._conninfo, lock_bound=self._lock_bound)
+        self._own_pool = self._new_pool()
+        self._lock_wait = pool_lock_wait(self._own_pool)
+        self._forked = True
 
     @property
     def url(self) -> str:
@@ -863,7 +909,7 @@ class PostgresStore:
             listener.stop()
         self._notifier.close()
         self._stop_holders()
-        self._pool.close()
+        self._own_pool.close()
 
     def _stop_holders(self) -> None:
         """Mark this store's holders stopped (see :mod:`.holders`), best effort and
