@@ -105,8 +105,7 @@ def _new_locks_after_fork() -> None:
     the parent held at the fork (a stop() waiting for its worker) would never be released
     there, and the fork's own stop() would wait for ever."""
     for facade in list(_FACADES):
-        facade._lifecycle = threading.Lock()
-        facade._store_watch_lock = threading.Lock()
+        facade._after_fork()
 
 
 _FACADES: weakref.WeakSet[FacadeBase] = weakref.WeakSet()
@@ -213,17 +212,30 @@ class FacadeBase:
             )
             self.worker = self._make_worker()
 
+    def _after_fork(self) -> None:
+        """In a process forked from this one (see :func:`_new_locks_after_fork`)."""
+        self._lifecycle = threading.Lock()
+        self._store_watch_lock = threading.Lock()
+
     _make_worker: Callable[[], Worker] | None = None
     """Makes the in-process worker ("thread"/"task" mode): one for each start."""
     _worker_ran = False
     """Whether the in-process worker in :attr:`worker` has been started."""
     _store_closed = False
+    _copied_queue = False
+    """Whether this is a fork's copy of a queue in memory that the parent's worker
+    delivers (see :meth:`Mailstrom._after_fork`)."""
     """Whether :meth:`stop` closed the store this facade opened itself."""
 
     def _check_startable(self) -> None:
         """WorkerError when this facade cannot start again: :meth:`stop` closed the store
         it had opened. Opening it afresh would give ``memory:`` a new, empty queue, and
         the store object callers already hold (``ms.store``) would stay closed."""
+        if self._copied_queue:
+            raise WorkerError(
+                "this process was forked from the one whose worker delivers this facade's"
+                " queue in memory: a worker here would send its copy of that mail again"
+            )
         if self._store_closed:
             raise WorkerError(
                 "this facade closed the store it opened when it stopped; make a new "

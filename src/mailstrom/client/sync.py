@@ -76,6 +76,21 @@ class Mailstrom(FacadeBase, QueueOperations):
     stop() would have closed as it ends."""
     """A worker thread that did not end within ``stop()``'s bound, while it lives."""
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return  # none started, or the fork came from the worker's own thread
+        # The parent's worker thread does not exist here: a fork reported its worker
+        # running while nothing delivered, and could not start one ("already started").
+        # As a worker process's fork does, it lets go of it; its start() starts its own.
+        self._thread = self._worker_thread = self._stuck = None
+        if self._make_worker is not None:
+            self.worker = self._make_worker()
+            self._worker_ran = False
+        # A queue in memory is the parent's copy here: a worker of ours would send it again.
+        self._copied_queue = getattr(self.store, "url", None) is None
+
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
