@@ -312,3 +312,13 @@ async def test_post_reports_wants_at_least_one_at_once(
 ) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         await post_reports([], resolver=resolver, at_once=0)
+
+
+async def test_a_url_with_port_0_is_refused_not_posted_to_443(
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    # "https://host:0/" read as "no port": the report went to port 443 of the host.
+    problem = await post_report(
+        REPORT, "https://127.0.0.1:0/tlsrpt", resolver=resolver, allow_loopback=True
+    )
+    assert problem == "invalid URL: ValueError: port 0 out of range"

@@ -172,7 +172,7 @@ def _target(url: str) -> tuple[str, int, str]:
     host = parsed.raw_host.decode("ascii")
     if not https.is_address(host) and a_label(host) is None:
         raise ValueError(f"no valid host name: {shorten(host, 100)}")
-    port = parsed.port or 443
+    port = 443 if parsed.port is None else parsed.port  # port 0 is no port: refused
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     return host, port, parsed.raw_path.decode("ascii")
