@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -84,5 +86,66 @@ async def test_a_cancelled_send_raises_once_its_store_write_has_ended(batch: boo
         assert len(store.recent(10)) == 1
     finally:
         release.set()
+        await ams.stop()
+        store.close()
+
+
+class _GatedStore(MemoryStore):
+    """A memory store whose next public method call, once armed, waits to be let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        if not object.__getattribute__(self, "armed"):
+            return attr
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(10)
+            return attr(*args, **kwargs)
+
+        return gated
+
+
+WRITES: dict[str, Callable[[AsyncMailstrom, str], Awaitable[object]]] = {
+    "hold": lambda ams, mid: ams.hold([mid]),
+    "release": lambda ams, mid: ams.release([mid]),
+    "retry_many": lambda ams, mid: ams.retry_many([mid]),
+    "cancel_many": lambda ams, mid: ams.cancel_many([mid]),
+    "retry": lambda ams, mid: ams.retry(mid),
+    "cancel": lambda ams, mid: ams.cancel(mid),
+    "purge": lambda ams, mid: ams.purge(timedelta(0), messages=[mid]),
+    "suspend": lambda ams, mid: ams.suspend("example.org", for_=timedelta(hours=1)),
+    "resume": lambda ams, mid: ams.resume("example.org"),
+    "suppress": lambda ams, mid: ams.suppress("bob@example.org"),
+    "unsuppress": lambda ams, mid: ams.unsuppress("bob@example.org"),
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+async def test_a_cancelled_write_raises_once_the_write_has_ended(write: str) -> None:
+    # As for send_email: the CancelledError came at once while the thread went on
+    # writing (the async with exit could close the store under it).
+    store = _GatedStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    try:
+        mid = await ams.send_email(hello("bob@example.org"))
+        store.armed = True
+        writing = asyncio.ensure_future(WRITES[write](ams, mid))
+        assert await asyncio.to_thread(store.entered.wait, 10)
+        writing.cancel()
+        asyncio.get_running_loop().call_later(0.3, store.release.set)
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        assert store.release.is_set()
+    finally:
+        store.release.set()
         await ams.stop()
         store.close()

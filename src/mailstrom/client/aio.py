@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from mailstrom.arguments import check_limit
 from mailstrom.client.common import (
@@ -22,6 +22,7 @@ from mailstrom.client.operations import (
     checked_filter,
     checked_page,
     resolve,
+    write_in_thread,
 )
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.errors import WorkerError
@@ -34,28 +35,6 @@ from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 log = logging.getLogger("mailstrom")
 
 _T = TypeVar("_T")
-
-
-async def _write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """``asyncio.to_thread(func, ...)`` for a store write: cancelled, it still waits for
-    the thread (which cannot be stopped) before raising CancelledError. Raised at once, it
-    left the write going on behind the caller's back: a message queued after the caller was
-    told it was cancelled, under an id nobody got, and perhaps written into a store that
-    ``stop()`` (the ``async with`` exit) had closed meanwhile."""
-    future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        while not future.done():
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                continue  # a second cancel: still the same write to wait for
-            except Exception:
-                break
-        if not future.cancelled():
-            future.exception()  # retrieved: the caller's outcome is the cancellation
-        raise
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -251,7 +230,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         # Validation, encoding and DKIM signing go to the thread with the store write: on
         # the loop they held every other coroutine (the "task" worker's deliveries too)
         # for as long as a large message takes, half a second for 20 MiB.
-        return await _write_in_thread(
+        return await write_in_thread(
             self._queue,
             message,
             envelope_from,
@@ -275,7 +254,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             prepared = [self._prepare(m, None, None) for m in batch]
             return self.store.enqueue_many(prepared, now=self._clock())
 
-        return await _write_in_thread(queue)
+        return await write_in_thread(queue)
 
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""
@@ -298,14 +277,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def retry(self, message_id: str) -> int:
         """Make the message's pending recipients due now."""
         now = self._clock()
-        return await asyncio.to_thread(
+        return await write_in_thread(
             lambda: self.store.retry(resolve(self.store, message_id), now=now)
         )
 
     async def cancel(self, message_id: str) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
         now = self._clock()
-        return await asyncio.to_thread(
+        return await write_in_thread(
             lambda: self.store.cancel(resolve(self.store, message_id), now=now)
         )
 
@@ -328,12 +307,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         entry = suppression_entry(
             target, reply, source=source, expires_at=expires_at, now=self._clock()
         )
-        await asyncio.to_thread(self.store.suppress, [entry])
+        await write_in_thread(self.store.suppress, [entry])
         return entry
 
     async def unsuppress(self, target: str) -> bool:
         """Take an address or domain off the list; False when it was not on it."""
-        removed = await asyncio.to_thread(self.store.unsuppress, stored_forms(target))
+        removed = await write_in_thread(self.store.unsuppress, stored_forms(target))
         return removed > 0
 
     async def suppressed(self, address: str) -> Suppression | None:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from mailstrom.arguments import (
     check_age,
@@ -286,6 +287,31 @@ class QueueOperations(_Base):
             unlisten()
 
 
+_T = TypeVar("_T")
+
+
+async def write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``asyncio.to_thread(func, ...)`` for a store write: cancelled, it still waits for
+    the thread (which cannot be stopped) before raising CancelledError. Raised at once, it
+    left the write going on behind the caller's back: a message queued (or held, purged,
+    cancelled...) after the caller was told it was cancelled, and perhaps written into a
+    store that ``stop()`` (the ``async with`` exit) had closed meanwhile."""
+    future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue  # a second cancel: still the same write to wait for
+            except Exception:
+                break
+        if not future.cancelled():
+            future.exception()  # retrieved: the caller's outcome is the cancellation
+        raise
+
+
 class AsyncQueueOperations(_Base):
     """The operator methods of :class:`~mailstrom.AsyncMailstrom`: those of
     :class:`QueueOperations`, awaited (each store call runs in a thread)."""
@@ -301,19 +327,19 @@ class AsyncQueueOperations(_Base):
 
     async def hold(self, messages: Messages) -> int:
         """See :meth:`QueueOperations.hold`."""
-        return await asyncio.to_thread(self._sync().hold, messages)
+        return await write_in_thread(self._sync().hold, messages)
 
     async def release(self, messages: Messages) -> int:
         """See :meth:`QueueOperations.release`."""
-        return await asyncio.to_thread(self._sync().release, messages)
+        return await write_in_thread(self._sync().release, messages)
 
     async def retry_many(self, messages: Messages) -> int:
         """See :meth:`QueueOperations.retry_many`."""
-        return await asyncio.to_thread(self._sync().retry_many, messages)
+        return await write_in_thread(self._sync().retry_many, messages)
 
     async def cancel_many(self, messages: Messages) -> int:
         """See :meth:`QueueOperations.cancel_many`."""
-        return await asyncio.to_thread(self._sync().cancel_many, messages)
+        return await write_in_thread(self._sync().cancel_many, messages)
 
     async def purge(
         self,
@@ -324,9 +350,7 @@ class AsyncQueueOperations(_Base):
     ) -> int:
         """See :meth:`QueueOperations.purge`."""
         ops = self._sync()
-        return await asyncio.to_thread(
-            lambda: ops.purge(older_than, state=state, messages=messages)
-        )
+        return await write_in_thread(lambda: ops.purge(older_than, state=state, messages=messages))
 
     async def query(self, where: QueueFilter | None = None) -> list[MessageStatus]:
         """See :meth:`QueueOperations.query`."""
@@ -354,11 +378,11 @@ class AsyncQueueOperations(_Base):
     ) -> None:
         """See :meth:`QueueOperations.suspend`."""
         ops = self._sync()
-        await asyncio.to_thread(lambda: ops.suspend(domain, for_=for_, until=until))
+        await write_in_thread(lambda: ops.suspend(domain, for_=for_, until=until))
 
     async def resume(self, domain: str) -> bool:
         """See :meth:`QueueOperations.resume`."""
-        return await asyncio.to_thread(self._sync().resume, domain)
+        return await write_in_thread(self._sync().resume, domain)
 
     async def suspensions(self) -> list[Suspension]:
         """See :meth:`QueueOperations.suspensions`."""
