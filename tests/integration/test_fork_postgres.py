@@ -12,7 +12,9 @@ import pytest
 
 from mailstrom import Email, RecipientState
 from mailstrom.message import prepare
+from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.stores.postgres import PostgresStore
+from tests.support.forking import in_fork
 
 pytestmark = pytest.mark.postgres
 
@@ -81,4 +83,20 @@ def test_a_fork_that_closes_the_store_leaves_its_parents_workers_alive(
         os._exit(0)
     os.waitpid(pid, 0)
     assert HOLDER in {h.holder for h in store.live_holders()}
+    store.close()
+
+
+def test_a_fork_reads_the_dashboards_views_over_sessions_of_its_own(postgres_url: str) -> None:
+    """The dashboard's read model in a forked server process (gunicorn --preload)."""
+    store = PostgresStore(postgres_url)
+    _queue(store, 0, 3)
+    views = PostgresReadModel(postgres_url)
+    assert views.overview(now=datetime.now(UTC)).messages == 3
+
+    def child() -> str:
+        return str(views.overview(now=datetime.now(UTC)).messages)
+
+    assert in_fork(child) == "3"
+    assert views.overview(now=datetime.now(UTC)).messages == 3  # the parent's sessions
+    views.close()
     store.close()

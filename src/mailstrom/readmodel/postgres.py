@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import UnknownMessage
 from mailstrom.readmodel.base import (
@@ -36,7 +35,7 @@ from mailstrom.readmodel.base import (
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension
-from mailstrom.stores.postgres.connect import connection_pool
+from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
@@ -75,12 +74,14 @@ class PostgresReadModel:
     """A :class:`~mailstrom.readmodel.base.ReadModel` over the database at ``url``."""
 
     def __init__(self, url: str, *, max_size: int = 4, timeout: float = 30.0) -> None:
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = connection_pool(
-            url, name="mailstrom-readmodel", min_size=1, max_size=max_size, timeout=timeout
+        self._pools = ProcessPool(
+            lambda: connection_pool(
+                url, name="mailstrom-readmodel", min_size=1, max_size=max_size, timeout=timeout
+            )
         )
-        self._lock_wait = pool_lock_wait(self._pool)
+        self._lock_wait = pool_lock_wait(lambda: self._pools.pool)
         with translate_errors("connecting"):
-            self._pool.open(wait=True, timeout=timeout)
+            self._pools.pool.open(wait=True, timeout=timeout)
 
     @contextmanager
     def _reading(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
@@ -89,7 +90,7 @@ class PostgresReadModel:
         (ReadableTimes), which the view shows as unknown, instead of failing it whole."""
         with (
             translate_errors(doing, diagnose=self._lock_wait),
-            self._pool.connection() as conn,
+            self._pools.pool.connection() as conn,
             conn.transaction(),
         ):
             conn.adapters.register_loader("timestamptz", ReadableTimes)
@@ -97,7 +98,7 @@ class PostgresReadModel:
 
     def close(self) -> None:
         """Close the pool. Idempotent."""
-        self._pool.close()
+        self._pools.close()
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""

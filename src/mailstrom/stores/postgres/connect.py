@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -41,7 +43,7 @@ from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
-from mailstrom.stores.forks import not_shared
+from mailstrom.stores.forks import keep, not_shared, renew_after_fork
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
 from mailstrom.stores.url import redact_url
 
@@ -342,6 +344,49 @@ def connection_pool(
         open=False,
         name=name,
     )
+
+
+class ProcessPool:
+    """The connection pool of this process: a process forked from this one makes its own
+    (by ``make``) and opens it at its first use, never using the parent's (see
+    :mod:`~mailstrom.stores.forks`). Opened on first use, not in the fork handler: a
+    fork that runs no code of ours (a subprocess's ``preexec_fn``) must not start
+    threads and connections."""
+
+    def __init__(self, make: Callable[[], ConnectionPool[psycopg.Connection[Any]]]) -> None:
+        self._make = make
+        self._pool = make()
+        self._lock = threading.Lock()
+        self._forked = False
+        self._closed = False
+        renew_after_fork(self)
+
+    @property
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        """This process's pool."""
+        if self._forked:
+            with self._lock:
+                if self._forked:
+                    self._forked = False
+                    if not self._closed:
+                        self._pool.open(wait=False)
+        return self._pool
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.close()
+
+    def _before_fork(self) -> None:
+        pass  # the parent's connections are of no use in the fork, in use or not
+
+    def _after_fork_in_parent(self) -> None:
+        pass
+
+    def _after_fork(self) -> None:
+        keep(self._pool)
+        self._lock = threading.Lock()
+        self._pool = self._make()
+        self._forked = True
 
 
 def _reconnect_again(pool: ConnectionPool[Any]) -> None:

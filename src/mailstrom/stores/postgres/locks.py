@@ -224,12 +224,14 @@ def lock_wait(conn: psycopg.Connection[Any]) -> LockWait | None:
     return None if row is None else LockWait(timeout=str(row[0]), holders=row[1])
 
 
-def pool_lock_wait(pool: ConnectionPool[psycopg.Connection[Any]]) -> Callable[[], LockWait | None]:
-    """A :func:`lock_wait` on a connection of ``pool`` (waiting for one 2 s at most)."""
+def pool_lock_wait(
+    pool: Callable[[], ConnectionPool[psycopg.Connection[Any]]],
+) -> Callable[[], LockWait | None]:
+    """A :func:`lock_wait` on a connection of ``pool()`` (waiting for one 2 s at most)."""
 
     def diagnose() -> LockWait | None:
         try:
-            with pool.connection(timeout=2.0) as conn:
+            with pool().connection(timeout=2.0) as conn:
                 return lock_wait(conn)
         except psycopg.Error:  # psycopg_pool's PoolTimeout among them
             return None

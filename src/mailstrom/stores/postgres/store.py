@@ -74,7 +74,12 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.postgres import rows
-from mailstrom.stores.postgres.connect import check_conninfo, connection_pool, split_url
+from mailstrom.stores.postgres.connect import (
+    ProcessPool,
+    check_conninfo,
+    connection_pool,
+    split_url,
+)
 from mailstrom.stores.postgres.holders import (
     LIST_AT_MOST,
     STOP_WAIT,
@@ -165,15 +170,13 @@ class PostgresStore:
         self._beats = HolderBeats(params.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=params.lock_bound)
         migrate(url, connect_timeout=timeout)
-        self._own_pool = self._new_pool()
-        self._lock_wait = pool_lock_wait(self._own_pool)
-        self._forked = False
-        """In a forked process, until the first call opens its own pool."""
+        self._pools = ProcessPool(self._new_pool)
+        self._lock_wait = pool_lock_wait(lambda: self._pool)
         try:
             with translate_errors("connecting"):
-                self._own_pool.open(wait=True, timeout=timeout)
+                self._pool.open(wait=True, timeout=timeout)
         except BaseException:
-            self._own_pool.close()
+            self._pools.close()
             raise
         renew_after_fork(self)
 
@@ -191,41 +194,27 @@ class PostgresStore:
 
     @property
     def _pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
-        if self._forked:
-            self._open_after_fork()
-        return self._own_pool
-
-    def _open_after_fork(self) -> None:
-        # Opened on first use, not in the fork handler: a fork that runs no Python of
-        # ours (a subprocess's preexec_fn) must not start threads and connections.
-        with self._lock:
-            if self._forked:
-                self._forked = False
-                if not self._closed:
-                    self._own_pool.open(wait=False)
+        return self._pools.pool
 
     def _before_fork(self) -> None:
-        pass  # the parent's connections are of no use in the fork, under way or not
+        pass  # the connections are ProcessPool's, and the threads' locks are not held
 
     def _after_fork_in_parent(self) -> None:
         pass
 
     def _after_fork(self) -> None:
-        """In a process forked from this one (see :mod:`~mailstrom.stores.forks`): the
-        parent's connections are never used here (their sockets point at /dev/null), nor
-        its listener and notifier threads, which do not exist here. Nor its holders: a
-        close() here would have said the parent's workers stopped, and their leases
-        would have been taken from them while they delivered."""
+        """In a process forked from this one (see :mod:`~mailstrom.stores.forks`): its
+        pool is a new one (:class:`~.connect.ProcessPool`), and the parent's listener and
+        notifier threads do not exist here. Nor are the parent's holders ours: a close()
+        here would have said the parent's workers stopped, and their leases would have
+        been taken from them while they delivered."""
         self._lock = threading.Lock()
-        keep(self._own_pool, self._listener, self._notifier)
+        keep(self._listener, self._notifier)
         self._listener = None
         self._watchers, self._cancel_watchers, self._watching = Watchers(), Watchers(), 0
         self._statistics = PlannerStatistics()
         self._beats = HolderBeats(self._beats.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=self._lock_bound)
-        self._own_pool = self._new_pool()
-        self._lock_wait = pool_lock_wait(self._own_pool)
-        self._forked = True
 
     @property
     def url(self) -> str:
@@ -909,7 +898,7 @@ class PostgresStore:
             listener.stop()
         self._notifier.close()
         self._stop_holders()
-        self._own_pool.close()
+        self._pools.close()
 
     def _stop_holders(self) -> None:
         """Mark this store's holders stopped (see :mod:`.holders`), best effort and
