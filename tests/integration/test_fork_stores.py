@@ -24,8 +24,8 @@ import pytest
 from mailstrom import Email, Mailstrom, RecipientState
 from mailstrom.errors import StoreError
 from mailstrom.message import prepare
-from mailstrom.stores import SQLiteStore
-from mailstrom.stores import sqlite as sqlite_store
+from mailstrom.readmodel.sqlite import SQLiteReadModel
+from mailstrom.stores import SQLiteStore, forks
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import loopback_config
@@ -154,7 +154,7 @@ def test_a_fork_taken_while_a_write_goes_on_and_on_says_why_it_cannot_write(
     """The fork waits FORK_WAIT at most for the statements under way. Past it, the store
     is of no use in the fork (SQLite's state there names a lock for good): it says so at
     once, where it waited busy_timeout and failed with StoreLocked at every call."""
-    monkeypatch.setattr(sqlite_store, "FORK_WAIT", 0.1)
+    monkeypatch.setattr(forks, "FORK_WAIT", 0.1)
     store = SQLiteStore(tmp_path / "q.db", busy_timeout=30)
     inside, leave = threading.Event(), threading.Event()
 
@@ -183,4 +183,23 @@ def test_a_fork_taken_while_a_write_goes_on_and_on_says_why_it_cannot_write(
     waited, why = said.split(" ", 1)
     assert "forked while another thread" in why
     assert float(waited) < 5  # not busy_timeout (30 s)
+    store.close()
+
+
+def test_the_dashboards_views_in_a_fork_use_none_of_its_parents_connections(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enqueue(_message(), now=datetime.now(UTC))
+    views = SQLiteReadModel(str(tmp_path / "q.db"))
+    assert views.overview(now=datetime.now(UTC)).messages == 1
+    inherited = {id(conn) for conn in views._idle}
+    assert inherited
+
+    def child() -> str:
+        messages = views.overview(now=datetime.now(UTC)).messages
+        return f"{messages} {sorted({id(conn) for conn in views._idle} & inherited)}"
+
+    assert in_fork(child) == "1 []"
+    views.close()
     store.close()

@@ -41,6 +41,7 @@ from mailstrom.readmodel.base import (
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
@@ -94,8 +95,24 @@ class SQLiteReadModel:
         self._path = path
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
+        self._out = 0
+        """Connections in use (under ``_lock``)."""
         self._closed = False
         self._counts: TTLCache[int] = TTLCache(cache_seconds)
+        renew_after_fork(self)
+
+    def _before_fork(self) -> None:
+        hold_when_idle(self._lock, lambda: self._out > 0)
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork(self) -> None:
+        """In a process forked from this one: the parent's connections are never used
+        here (see :mod:`~mailstrom.stores.forks`)."""
+        self._lock = threading.Lock()
+        keep(self._idle)
+        self._idle, self._out = [], 0
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -103,6 +120,7 @@ class SQLiteReadModel:
             if self._closed:
                 raise StoreError("read model is closed")
             conn = self._idle.pop() if self._idle else None
+            self._out += 1
         try:
             if conn is None:
                 conn = sqlite3.connect(
@@ -116,12 +134,15 @@ class SQLiteReadModel:
             finally:
                 conn.execute("COMMIT")
         except BaseException as exc:
+            with self._lock:
+                self._out -= 1
             if conn is not None:
                 conn.close()  # in an unknown state: never pooled again
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
             raise
         with self._lock:
+            self._out -= 1
             if self._closed:
                 conn.close()
             else:

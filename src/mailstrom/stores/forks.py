@@ -19,7 +19,10 @@ fork for the statements under way to end (``_before_fork``).
 from __future__ import annotations
 
 import os
+import threading
+import time
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -80,6 +83,27 @@ def _fileno(connection: _Socket) -> int | None:
         return connection.fileno()
     except Exception:  # closed already: nothing of it is left to share
         return None
+
+
+FORK_WAIT = 2.0
+"""Seconds a fork of the process waits for the SQLite statements under way to end (see
+:func:`hold_when_idle`)."""
+
+
+def hold_when_idle(lock: threading.Lock, busy: Callable[[], bool]) -> None:
+    """Take ``lock`` once ``busy()``, asked under it, says no statement is under way, or
+    after :data:`FORK_WAIT` seconds whatever it says. SQLite keeps the locks of all a
+    process's connections to a file in one place per process, which a fork inherits: a
+    statement under way at the fork leaves the child believing another of its
+    connections holds a lock, for good. The lock, held through the fork, keeps new ones
+    from starting."""
+    deadline = time.monotonic() + FORK_WAIT
+    while True:
+        lock.acquire()
+        if not busy() or time.monotonic() >= deadline:
+            return
+        lock.release()
+        time.sleep(0.001)
 
 
 _FORKING: list[_Renewable] = []

@@ -98,7 +98,7 @@ from mailstrom.stores.base import (
     with_throttles,
 )
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
-from mailstrom.stores.forks import keep, renew_after_fork
+from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
@@ -317,11 +317,6 @@ def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
     return lock
-
-
-FORK_WAIT = 2.0
-"""Seconds a fork of the process waits for the statements under way on a store to end
-(see :meth:`SQLiteStore._before_fork`)."""
 
 
 class SQLiteStore:
@@ -689,19 +684,10 @@ class SQLiteStore:
             lock.close()
 
     def _before_fork(self) -> None:
-        """Before this process forks: wait (``FORK_WAIT`` at most) for the statements
-        under way to end, and keep new ones from starting until the fork is done. SQLite
-        keeps the locks of all a process's connections to a file in one place per
-        process, which the child inherits: a write under way at the fork left the child
-        believing another of its connections held the write lock, for good."""
-        deadline = time.monotonic() + FORK_WAIT
-        while True:
-            self._pool_lock.acquire()
-            if self._out == 0 or self._closed or time.monotonic() >= deadline:
-                self._held_for_fork = True
-                return
-            self._pool_lock.release()
-            time.sleep(0.001)
+        """Before this process forks: wait for the statements under way to end (see
+        :func:`~mailstrom.stores.forks.hold_when_idle`)."""
+        hold_when_idle(self._pool_lock, lambda: self._out > 0 and not self._closed)
+        self._held_for_fork = True
 
     def _after_fork_in_parent(self) -> None:
         if self._held_for_fork:
