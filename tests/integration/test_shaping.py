@@ -450,3 +450,34 @@ def test_a_pause_fails_unattempted_work_the_retry_policy_gives_up_on_before_it_e
     assert len(unattempted) >= 4  # behind the three the session had pipelined
     assert all("retry.max_age" in r.reason for r in unattempted)
     assert len(mx.received) == 0
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_a_throttling_421_to_rcpt_pauses_the_destination(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    """Was: Gmail's ``421 4.7.28 ... gsmtp`` to RCPT (it closes the connection there) cut
+    the transaction like any broken session: the destination was not paused, and the
+    recipient came back after a backoff of its own, while the rest of the destination's
+    queue went on to the server that had just said to slow down. A throttling reply pauses
+    the destination wherever in the transaction it comes."""
+    mx = smtp_server(host="127.0.0.34", pipelining=pipelining)
+    mx.rcpt_replies["r@cut.test"] = "421 4.7.28 Too much mail from you, closing. - gsmtp"
+    dns_server.mx("cut.test", [(10, "mx.cut.test")])
+    dns_server.a("mx.cut.test", mx.host)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(pause=timedelta(minutes=10)))
+    results = Results()
+    ms = start(config, MemoryStore(), results)
+    try:
+        mid = ms.send_email(hello("r@cut.test"))
+        results.wait_count(1)
+        paused = ms.throttled_destinations()
+        r = ms.query_status(mid).recipient("r@cut.test")
+    finally:
+        ms.stop(timeout=5)
+    assert [p.destination for p in paused] == ["cut.test"], paused
+    assert "4.7.28" in paused[0].reply
+    assert (r.state, r.attempts) == (DEFERRED, 1)
+    assert r.reply is not None and r.reply.code == 421
+    assert r.next_attempt_at == paused[0].until  # the pause, not a backoff of its own
+    assert mx.connections == 1

@@ -689,8 +689,15 @@ class Dispatcher:
                     if isinstance(exc, EnvelopeCut)
                     else work
                 )
-                if rest is not None:
-                    retry.append(rest)
+                if rest is None:
+                    continue
+                if (
+                    shape is not None
+                    and isinstance(exc, EnvelopeCut)
+                    and await self._throttled_cut(shape, rest, exc, where)
+                ):
+                    continue
+                retry.append(rest)
                 continue
             answered = answered or result.final is not None
             over = over_recipient_limit(result)
@@ -929,6 +936,30 @@ class Dispatcher:
             log.exception("could not pause %s after a throttling reply", shape.key)
             return results
         return _until_pause(results, pause, item, self._config.retry.max_age)
+
+    async def _throttled_cut(
+        self, shape: Shape, work: _Work, exc: EnvelopeCut, where: Where
+    ) -> bool:
+        """A throttling ``421`` to RCPT (Gmail's 4.7.28, Yahoo's TSS04: the server closes
+        there) pauses the destination as one to MAIL or to the final dot does, rather than
+        send ``work`` again at once on a new session. Its recipients were attempted: they
+        are deferred with that reply, due at the end of the pause. False (``work`` then goes
+        on as after any broken session) for another 421, or when no pause could be made."""
+        assert self._shaper is not None
+        reply = exc.reply
+        if reply is None or not is_throttling(reply):
+            return False
+        results = self._outcomes.from_error(work.item, exc, work.started, where)
+        deferred = [
+            (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
+        ]
+        try:
+            pause = await self._shaper.throttled(shape, str(reply), deferred)
+        except Exception:
+            log.exception("could not pause %s after a throttling reply", shape.key)
+            return False
+        self._done(_until_pause(results, pause, work.item, self._config.retry.max_age))
+        return True
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()
