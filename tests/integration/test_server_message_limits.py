@@ -113,3 +113,27 @@ def test_a_452_to_every_recipient_is_an_ordinary_refusal(
     assert status.state is RecipientState.FAILED
     assert {r.reply.enhanced for r in status.recipients if r.reply} == {"4.5.3"}
     assert mx.messages == []
+
+
+def test_a_bare_552_to_rcpt_is_the_recipient_limit_of_an_older_server(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # RFC 5321 §4.5.3.1.10: RFC 821 listed 552 for "too many recipients", and a server
+    # without enhanced codes says no more. Was: the recipient was deferred with an attempt
+    # counted, so max_attempts=1 failed it although it was never tried.
+    mx = smtp_server(enhancedstatuscodes=False)
+    mx.rcpt_replies["c@example.org"] = ["552 Too many recipients", "250 OK"]
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port, retry=RetryPolicy(max_attempts=1))
+    to = ["a@example.org", "b@example.org", "c@example.org"]
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="a@sender.test", to=to, subject="Hi", text="Hi"))
+        results.wait_final(set(to))
+        status = ms.query_status(mid)
+    assert [r.state for r in status.recipients] == [RecipientState.DELIVERED] * 3, status
+    assert [m.rcpt_tos for m in mx.messages] == [
+        ("a@example.org", "b@example.org"),
+        ("c@example.org",),
+    ]

@@ -178,6 +178,9 @@ def _rcpts(*replies: SMTPReply) -> TransactionResult:
         (SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients"), True),
         (SMTPReply(code=452, text="Too many recipients"), True),  # no enhanced code
         (SMTPReply(code=552, enhanced="5.5.3", text="Too many recipients"), True),  # older
+        # RFC 5321 §4.5.3.1.10: RFC 821 listed 552 for it, and a server without enhanced
+        # codes says no more; a 552 to RCPT is then read as 452.
+        (SMTPReply(code=552, text="Too many recipients"), True),
         (SMTPReply(code=452, enhanced="4.2.2", text="Mailbox full"), False),
         (SMTPReply(code=452, enhanced="4.3.1", text="Out of memory"), False),
         (SMTPReply(code=450, enhanced="4.1.5", text="Try later"), False),

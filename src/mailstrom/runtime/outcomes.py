@@ -69,8 +69,9 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
     its limit of recipients, when it accepted some others: they were not tried, and go in a
     later transaction without an attempt counted (RFC 5321 §4.5.3.1.10: the server "MUST"
     answer 452, the client "SHOULD then send the message to the remaining recipients in a
-    later transaction"; older servers answer 552, so an X.5.3 enhanced code, "Too many
-    recipients" in RFC 3463, counts whatever the reply code).
+    later transaction"; older servers answer 552, so a 552 without an enhanced code counts
+    as a 452, and an X.5.3 enhanced code, "Too many recipients" in RFC 3463, counts
+    whatever the reply code).
 
     Empty when the server accepted none of them: a 452 is then an ordinary temporary
     refusal, so that every later transaction delivers at least one recipient and the
@@ -103,7 +104,10 @@ def refused_before_cut(result: TransactionResult) -> frozenset[str]:
 def _limit_reached(reply: SMTPReply) -> bool:
     enhanced = reply.enhanced
     if enhanced is None:
-        return reply.code == 452
+        # A 552 to RCPT is read as 452 (RFC 5321 §4.5.3.1.10: RFC 821 listed 552 for
+        # "too many recipients"). Were it a full mailbox, the next transaction, with the
+        # recipient refused again and none accepted, decides it as such.
+        return reply.code in (452, 552)
     return reply.code >= 400 and enhanced.endswith(".5.3") and enhanced.count(".") == 2
 
 
