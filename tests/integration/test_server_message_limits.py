@@ -137,3 +137,34 @@ def test_a_bare_552_to_rcpt_is_the_recipient_limit_of_an_older_server(
         ("a@example.org", "b@example.org"),
         ("c@example.org",),
     ]
+
+
+def test_exims_message_limit_reply_does_not_pause_the_destination(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # Exim answers MAIL past smtp_accept_max_per_connection with "421 too many messages in
+    # this connection" (SES and others say the same). Was: the text heuristics classed it
+    # rate_limited, so it paused the whole destination for shaping.pause_first (doubling
+    # on each repeat) and the queue behind it went back to the store, instead of going on
+    # over a new connection.
+    mx = smtp_server()
+    mx.messages_per_connection = LIMIT
+    mx.over_limit_reply = "421 too many messages in this connection"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port, max_per_destination=1)
+    store = MemoryStore()
+    results = Results()
+    with Mailstrom(config, store=store, worker=None) as queue_only:
+        queue_only.send_emails(
+            [
+                Email(from_="a@sender.test", to=[f"u{i}@example.org"], subject="Hi", text="Hi")
+                for i in range(COUNT)
+            ]
+        )
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(COUNT)
+        paused = ms.throttled_destinations()
+    assert paused == []
+    assert len(mx.messages) == COUNT - COUNT // (LIMIT + 1)
+    assert mx.connections == COUNT // (LIMIT + 1)

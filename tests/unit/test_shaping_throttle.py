@@ -44,6 +44,10 @@ def test_provider_rate_limit_replies_throttle_the_destination(r: SMTPReply) -> N
         reply(450, "4.2.1", "The recipient is getting mail too fast; try later. - gsmtp"),
         reply(451, "4.3.0", "Temporary local problem"),
         reply(421, "4.3.2", "Service shutting down"),
+        # A limit of messages per connection (Exim's smtp_accept_max_per_connection, SES):
+        # the next connection takes mail at once, the destination is not asking to slow.
+        reply(421, None, "too many messages in this connection"),
+        reply(421, "4.7.0", "Too many messages in this session, closing connection"),
         reply(550, "5.7.28", "rate limited for good"),
         reply(250, "2.0.0", "OK"),
     ],
