@@ -600,7 +600,7 @@ KEYS: dict[str, Parser] = {
     "timeouts.data_init": _seconds(0.001),
     "timeouts.data_block": _seconds(0.001),
     "timeouts.data_end": _seconds(0.001),
-    "retry.min_delay": _duration,
+    "retry.min_delay": _positive_duration,
     "retry.max_delay": _duration,
     "retry.multiplier": _float(1.0),
     "retry.jitter": _float(0.0),

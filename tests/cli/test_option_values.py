@@ -76,6 +76,7 @@ def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: s
     [
         ('[retry]\nmax_age = "99999999999d"\n', "retry.max_age"),
         ("[retry]\nmin_delay = inf\n", "retry.min_delay"),
+        ('[retry]\nmin_delay = "0s"\n', "retry.min_delay"),  # no delay ever grows from 0
         ("[retry]\nmax_delay = 1e300\n", "retry.max_delay"),
         ("[timeouts]\nconnect = nan\n", "timeouts.connect"),
         ('[timeouts]\ncommand = "inf"\n', "timeouts.command"),

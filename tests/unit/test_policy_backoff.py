@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailstrom.errors import ConfigError
 from mailstrom.policy import RetryPolicy, backoff_delay, next_attempt
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -46,6 +47,16 @@ def test_an_integer_multiplier_costs_what_a_float_one_does() -> None:
         tracemalloc.stop()
     assert delay == timedelta(hours=1)
     assert peak < 64 * 1024
+
+
+def test_a_zero_min_delay_is_refused() -> None:
+    # The delays grow from min_delay (min_delay * multiplier ** n): from zero every one
+    # was zero whatever max_delay said, so a greylisted recipient was retried as fast as
+    # the worker could lease it, thousands of sessions a minute, until max_age (5 days).
+    with pytest.raises(ConfigError, match=r"retry\.min_delay"):
+        RetryPolicy(min_delay=timedelta(0))
+    with pytest.raises(ConfigError, match=r"retry\.min_delay"):
+        RetryPolicy(min_delay=timedelta(0), max_delay=timedelta(0))
 
 
 def test_attempts_below_one_are_rejected() -> None:

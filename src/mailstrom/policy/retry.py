@@ -35,7 +35,9 @@ class RetryPolicy:
     """Give up after this many attempts (None: only ``max_age`` limits)."""
 
     def __post_init__(self) -> None:
-        check_duration(self.min_delay, "retry.min_delay", positive=False)
+        # Above zero: the delays grow from it (min_delay * multiplier ** n), and from zero
+        # every retry would come at once, as fast as a worker can lease, until max_age.
+        check_duration(self.min_delay, "retry.min_delay")
         check_duration(self.max_delay, "retry.max_delay", positive=False)
         # Below 1 the delays would shrink with every attempt.
         check_number(self.multiplier, "retry.multiplier", minimum=1, inclusive=True)
