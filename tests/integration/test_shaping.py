@@ -481,3 +481,64 @@ def test_a_throttling_421_to_rcpt_pauses_the_destination(
     assert r.reply is not None and r.reply.code == 421
     assert r.next_attempt_at == paused[0].until  # the pause, not a backoff of its own
     assert mx.connections == 1
+
+
+def test_a_higher_lane_message_is_not_held_behind_a_lower_lanes_rate_backlog(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: a transactional message to a rate-limited destination that the worker held
+    10 s of bulk mail for went back to the store due after the whole bulk backlog's
+    schedule (40 s here, hours with a real backlog), though in the worker's queue it goes
+    ahead of every bulk message: the lane promise ("goes out next") broke under a rate.
+    Only the mail that would go before it counts against it."""
+
+    class Seen(ObservedStore):
+        """Which messages were postponed, and which recorded."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.postponed_ids: set[str] = set()
+            self.recorded_ids: set[str] = set()
+
+        def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+            self.recorded_ids.update(r.message_id for r in results)
+            return super().record(results)
+
+        def postpone(
+            self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+        ) -> int:
+            self.postponed_ids.update(i.message_id for i in items)
+            return super().postpone(items, until=until, destination=destination)
+
+    mx = smtp_server(host="127.0.0.35")
+    dns_server.mx("lanes.test", [(10, "mx.lanes.test")])
+    dns_server.a("mx.lanes.test", mx.host)
+    rule = DestinationRule(match="lanes.test", messages_per_minute=60)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(rule))
+    store = Seen()
+    results = Results()
+    ms = start(config, store, results)
+    try:
+        bulk = [
+            Email(
+                from_="App <app@sender.test>",
+                to=[f"n{i}@lanes.test"],
+                subject="News",
+                text="Hello",
+                priority="bulk",
+            )
+            for i in range(40)
+        ]
+        ms.send_emails(bulk)
+        store.wait_settled(25)  # the bulk mail past the worker's 10 s went back
+        reset = ms.send_email(hello("reset@lanes.test"))
+        with store.changed:  # sent, or given back to the store: whichever comes first
+            assert store.changed.wait_for(
+                lambda: reset in store.recorded_ids | store.postponed_ids, 15
+            )
+        postponed = reset in store.postponed_ids
+        status = ms.query_status(reset)
+    finally:
+        ms.stop(timeout=5)
+    assert not postponed, status
+    assert status.state is DELIVERED

@@ -104,6 +104,18 @@ def test_mail_beyond_the_horizon_is_scheduled_at_the_rate() -> None:
     assert shaper.spread(unlimited, 10_000) is None
 
 
+def test_a_higher_lane_books_ahead_of_a_lower_lanes_schedule() -> None:
+    rule = DestinationRule(match="example.org", messages_per_minute=60)
+    shaper, _ = make(rule)
+    shape = shaper.for_route("example.org", [])
+    bulk = [shaper.spread(shape, 10, rank=1) for _ in range(30)]
+    assert bulk[-1] == NOW + timedelta(seconds=40)
+    # Ten of its own lane ahead of it: its place in the rate, not after the bulk backlog.
+    assert shaper.spread(shape, 10, rank=0) == NOW + timedelta(seconds=11)
+    assert shaper.spread(shape, 10, rank=0) == NOW + timedelta(seconds=12)
+    assert shaper.spread(shape, 10, rank=1) == NOW + timedelta(seconds=41)
+
+
 def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:
     # 1e-12 an hour (refused by the rule now) overflowed a timedelta in spread; the
     # slowest rate a rule takes, one a day, did too behind a long enough queue.

@@ -32,6 +32,7 @@ pauses the destination: its queue is given back to the store due at the end of t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -222,7 +223,8 @@ class Dispatcher:
                 self._postpone([checked], pause)  # paused: back to the store at once
                 return
             if shape is not None and shape.message_buckets:
-                later = self._shaper.spread(shape, _queued(shape))
+                ahead = _queued(shape, checked.rank)
+                later = self._shaper.spread(shape, ahead, checked.rank)
                 if later is not None:
                     self._postpone_later(checked, later)  # the rate would keep it waiting
                     return
@@ -1016,13 +1018,22 @@ class Dispatcher:
         await self._opener.close()
 
 
-def _queued(shape: Shape) -> int:
-    """Items queued for ``shape``, over every domain of its rule: they share its rates.
-    (A queue left empty is forgotten; its destination's next item puts it back.)"""
+def _queued(shape: Shape, rank: int) -> int:
+    """Items queued for ``shape`` that go before an item of lane ``rank``: those of its
+    lane and the higher ones, over every domain of its rule (they share its rates). A
+    lower lane's backlog, which the item goes ahead of, does not hold it back. (A queue
+    left empty is forgotten; its destination's next item puts it back.)"""
     queues = shape.queues
     for key in [key for key, queue in queues.items() if not queue]:
         del queues[key]
-    return sum(len(queue) for queue in queues.values())
+    count = 0
+    for queue in queues.values():
+        if queue[-1].rank <= rank:
+            count += len(queue)  # the common case, at no cost per item
+        else:
+            # A queue keeps higher lanes first (_enqueue_by_rank): only its front is read.
+            count += sum(1 for _ in itertools.takewhile(lambda w: w.rank <= rank, queue))
+    return count
 
 
 def _until_pause(

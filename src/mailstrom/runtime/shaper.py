@@ -82,8 +82,10 @@ class Shape:
         self.message_buckets: tuple[TokenBucket, ...] = ()
         self.connect_buckets: tuple[TokenBucket, ...] = ()
         self.want = 1
-        self.booked: datetime | None = None
-        """The next free place in the rate's schedule for a message given back."""
+        self.booked: dict[int, datetime] = {}
+        """By lane rank (0 the highest): the next free place in the rate's schedule for a
+        message of that lane given back. A message books after its own lane's and the
+        higher lanes' places, never behind a lower lane's backlog."""
         if rule is None:
             return
         if rule.max_connections is not None:
@@ -261,9 +263,10 @@ class Shaper:
 
     # --- rates ----------------------------------------------------------------------------
 
-    def spread(self, shape: Shape, waiting: int) -> datetime | None:
-        """When a message that finds ``waiting`` others queued for ``shape`` should come
-        back from the store, if its rate leaves it waiting past the horizon; else None."""
+    def spread(self, shape: Shape, waiting: int, rank: int = 0) -> datetime | None:
+        """When a message of lane ``rank`` (0 the highest) that finds ``waiting`` others
+        queued ahead of it for ``shape`` should come back from the store, if its rate
+        leaves it waiting past the horizon; else None."""
         if not shape.message_buckets:
             return None
         rate = min(bucket.rate for bucket in shape.message_buckets)
@@ -276,9 +279,10 @@ class Shaper:
         now = self._clock()
         end = now + MAX_DURATION
         due = now + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
-        if shape.booked is not None and shape.booked > due:
-            due = min(shape.booked, end)
-        shape.booked = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
+        booked = max((at for lane, at in shape.booked.items() if lane <= rank), default=None)
+        if booked is not None and booked > due:
+            due = min(booked, end)
+        shape.booked[rank] = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
         # Whole seconds, so that one lease's overflow is given back in a few writes.
         return due.replace(microsecond=0) + timedelta(seconds=1)
 
