@@ -1221,3 +1221,31 @@ def test_an_attachment_type_with_rfc2231_parameters_is_refused(content_type: str
         prepare(
             Email(from_="a@example.com", to="b@example.org", text="x", attachments=[attachment])
         )
+
+
+def test_a_non_ascii_header_object_is_written_as_it_holds_its_value() -> None:
+    """A non-ASCII header object of an ``EmailMessage`` (a Content-Disposition with a
+    UTF-8 filename) was turned back into text and parsed again before it was written,
+    which decoded its values a second time: ``add_attachment(filename="=?utf-8?q?a?=é")``
+    arrived as ``aé``, and a Content-Disposition copied from a parsed message, whose
+    RFC 2231 filename held an encoded word of CR LF CR LF, was written with a blank line
+    in it and a body of the sender's making after it."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_content("x")
+    message.add_attachment(b"a", "application", "octet-stream", filename="=?utf-8?q?a?=é")
+    message.add_attachment(b"b", "application", "pdf", filename="b.pdf")
+    copied = message_from_bytes(
+        b"Content-Disposition: attachment; x*=utf-8''%C3%A9; filename*=utf-8''"
+        b"%3D%3Futf-8%3Fq%3F%3D0D%3D0A%3D0D%3D0Aforged%3F%3D\r\n\r\n",
+        policy=policy.default,
+    )["Content-Disposition"]
+    second = message.get_payload()[2]
+    del second["Content-Disposition"]
+    second["Content-Disposition"] = copied
+    prepared = prepare(message, now=NOW)
+    parts = list(parsed(prepared.data).iter_attachments())
+    assert parts[0].get_filename() == "=?utf-8?q?a?=é"
+    assert parts[1].get_content() == b"b"
+    assert b"\r\n\r\nforged" not in prepared.data

@@ -8,7 +8,7 @@ import re
 from email import base64mime, quoprimime
 from email.generator import BytesGenerator
 from email.header import Header
-from email.headerregistry import AddressHeader, UnstructuredHeader
+from email.headerregistry import AddressHeader, BaseHeader, UnstructuredHeader
 from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
@@ -353,7 +353,14 @@ class _SMTPPolicy(EmailPolicy):
         if isinstance(value, Header):
             # Folded between its words with LF; the policy writes its own line ends.
             return value.encode()
-        if isinstance(value, str) and not value.isascii() and not self.utf8:
+        # A header object is a str too, but its text is decoded: parsed again, its
+        # values were decoded twice (a filename "=?utf-8?q?=0D=0A?=é" became CR LF).
+        if (
+            isinstance(value, str)
+            and not isinstance(value, BaseHeader)
+            and not value.isascii()
+            and not self.utf8
+        ):
             return self.header_factory(name, "".join(value.splitlines()))
         return value
 
