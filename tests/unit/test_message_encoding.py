@@ -184,3 +184,27 @@ def test_a_long_header_line_names_its_field_not_the_body() -> None:
         check_line_lengths(folded)
     with pytest.raises(LineTooLong, match="encode the body"):
         check_line_lengths(b"From: a@example.com\r\n\r\n" + b"x" * 1000 + b"\r\n")
+
+
+def _part_without_header_section(text: str) -> bytes:
+    return (
+        b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        + text.encode()
+        + b"\r\n--B--\r\n"
+    )
+
+
+def test_a_part_whose_first_line_is_no_field_has_no_header_section() -> None:
+    """A part starting with text, not a field, has no header section (RFC 2046 §5.1.1);
+    readers (the stdlib, Postfix) read all of it as body. Its first paragraph was taken
+    for one when an empty line followed: the downgrade wrote its Content-Transfer-
+    Encoding into the text ("Hello,\\r\\nContent-Transfer-Encoding: ...") and left that
+    part raw, and a non-ASCII first paragraph made the message need SMTPUTF8."""
+    data = _part_without_header_section("Hello,\r\n\r\nGrüße")
+    out = downgrade_to_7bit(data)
+    assert body_of(out).isascii()
+    assert leaves(out) == leaves(data) == [("text/plain", "Hello,\r\n\r\nGrüße".encode())]
+    prepared = prepare(_part_without_header_section("Hallo Jürgen,\r\n\r\nwie geht's?"))
+    assert prepared.eightbit
+    assert not prepared.smtputf8

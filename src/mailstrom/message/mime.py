@@ -81,15 +81,19 @@ def entity(
 
 def body_start(data: bytes, start: int, end: int) -> int:
     """Where the body of the entity at ``data[start:end]`` starts: after the empty line that
-    ends its header section (``end`` when it has only headers, ``start`` when none)."""
+    ends its header section (``end`` when it has only headers, ``start`` when none).
+
+    An entity whose first line is no field has no header section, an empty line further
+    on or not: readers (the stdlib, Postfix) take all of it as body, and so its first
+    paragraph is no header section here either."""
     if data.startswith(b"\r\n", start) or start >= end:
         return min(start + 2, end)
+    if not _FIELD.match(data, start, end):
+        return start  # no header section at all
     blank = data.find(b"\r\n\r\n", start, end)
     if blank != -1:
         return blank + 4
-    if _FIELD.match(data, start, end):
-        return end  # headers only
-    return start  # no header section at all
+    return end  # headers only
 
 
 def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> Entity:
