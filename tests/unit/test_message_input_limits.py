@@ -23,7 +23,7 @@ from mailstrom.errors import (
     TooManyParts,
     TooManyRecipients,
 )
-from mailstrom.message import Attachment, Email, addrspec, envelope, prepare
+from mailstrom.message import Attachment, Email, addrspec, downgrade_to_7bit, envelope, prepare
 from mailstrom.message.addresses import CACHED_VALUE_LENGTH, parse_address_list
 from mailstrom.message.addrspec import validate
 from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_HEADER_SECTION, MAX_PARTS
@@ -241,6 +241,39 @@ def test_an_entity_with_two_structural_fields_is_refused(
     assert type(caught.value) is InvalidMessage
     assert prepare(message(first, parts=10), now=NOW)
     assert prepare(message(second, parts=10), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "error"),
+    [
+        # The first "boundary=" is inside another parameter's quoted value.
+        ('x="; boundary=b"; boundary=c', TooManyParts),
+        ("(a comment) boundary=c", InvalidMessage),
+        ("boundary*=us-ascii''c", InvalidMessage),  # RFC 2231
+        ("boundary*0=c", InvalidMessage),
+    ],
+)
+def test_a_boundary_is_read_as_readers_read_it_or_refused(
+    parameters: str, error: type[InvalidMessage]
+) -> None:
+    """The boundary was the first ``boundary=`` found anywhere in a Content-Type, even
+    inside another parameter's quoted value, and was missed after a comment or in RFC
+    2231 form, where the stdlib (and receivers like it) read ``c``: 3,000 parts passed
+    the 1,000-part bound as one opaque part, and the 8-bit downgrade (DKIM signing, a
+    server without 8BITMIME) sent the whole multipart as one application/octet-stream
+    attachment. A boundary is now read past quoted values, and one given where readers
+    differ on it is refused."""
+
+    def message(parts: int) -> bytes:
+        head = f"Content-Type: multipart/mixed; {parameters}\r\n\r\n".encode()
+        body = b"--c\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xc3\xa9\r\n" * parts
+        return b"From: a@example.com\r\nTo: b@example.org\r\n" + head + body + b"--c--\r\n"
+
+    with pytest.raises(error, match="boundary" if error is InvalidMessage else "parts"):
+        prepare(message(3000), now=NOW)
+    if error is TooManyParts:
+        sent = downgrade_to_7bit(prepare(message(2), now=NOW).data)
+        assert sent.count(b"Content-Transfer-Encoding: quoted-printable") == 2
 
 
 def calls_made(function: Callable[[], object]) -> int:

@@ -31,7 +31,13 @@ keeps every walk over a message, ours and the receivers', within a recursion bud
 _TOKEN = rb"[!#$%&'*+\-.0-9A-Z^-~]+"
 """RFC 2045 §5.1 token: printable ASCII but tspecials (and A-Z, ^-~ cover the letters)."""
 _TYPE = re.compile(rb"\s*(" + _TOKEN + rb")/(" + _TOKEN + rb")\s*(?:;|$)")
-_BOUNDARY = re.compile(rb';\s*boundary\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]+))', re.I)
+_BOUNDARY_VALUE = rb'boundary\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]+))'
+_BOUNDARY = re.compile(rb";\s*" + _BOUNDARY_VALUE, re.I)
+_OTHER_PARAMETER = rb'\s*(?:[^\s;="()]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^\s;"]*))?)?\s*;'
+"""A parameter (or an empty one) and the ``;`` after it: a quoted value is taken whole."""
+_FIRST_BOUNDARY = re.compile(rb"(?:" + _OTHER_PARAMETER + rb")*?\s*" + _BOUNDARY_VALUE, re.I)
+"""The first boundary parameter, read from the first parameter on, one parameter at a
+time: a ``; boundary=`` inside another parameter's quoted value is no boundary."""
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
 
@@ -53,6 +59,9 @@ class Entity:
     repeated: str | None = None
     """``Content-Type`` or ``Content-Transfer-Encoding`` when the header section has that
     field more than once (the last one is what ``content_type`` or ``cte`` reads)."""
+    unread_boundary: bool = False
+    """A multipart whose Content-Type names a boundary where it is not read (after a
+    comment or a malformed parameter, or in RFC 2231 form), as readers may."""
 
     @property
     def maintype(self) -> str:
@@ -100,6 +109,7 @@ def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> En
     content_type, boundary, cte = default, None, "7bit"
     seen: set[bytes] = set()
     repeated = None
+    unread = False
     for name, value in _fields(data, start, body):
         if name in _STRUCTURAL:
             if name in seen:
@@ -109,15 +119,13 @@ def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> En
             match = _TYPE.match(value)
             if match is not None:
                 content_type = (match[1] + b"/" + match[2]).decode("ascii").lower()
-                found = _BOUNDARY.search(value)
-                if found is not None:
-                    boundary = found[2] or re.sub(rb"\\(.)", rb"\1", found[1] or b"")
-                    if not boundary.isascii():
-                        boundary = None  # RFC 2046 §5.1.1 bchars are ASCII
+                boundary, unread = None, False
+                if match[1].lower() == b"multipart":
+                    boundary, unread = _boundary(value, match.end())
         elif name == b"content-transfer-encoding":
             cte = value.strip().decode("latin-1").lower() or "7bit"
     if not content_type.startswith("multipart/"):
-        boundary = None
+        boundary, unread = None, False
     return Entity(
         data=data,
         start=start,
@@ -127,7 +135,29 @@ def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> En
         boundary=boundary or None,
         cte=cte,
         repeated=repeated,
+        unread_boundary=unread,
     )
+
+
+def _boundary(value: bytes, parameters: int) -> tuple[bytes | None, bool]:
+    """(the boundary, whether one is named where it is not read) of a multipart's
+    Content-Type ``value``, whose parameters start at offset ``parameters``."""
+    found = _BOUNDARY.search(value)
+    if found is None:
+        # Past a comment, in RFC 2231 form (boundary*=, boundary*0=): readers that decode
+        # those (the stdlib) and readers that do not would see other parts.
+        return None, b"boundary" in value[parameters:].lower()
+    before = value[parameters : found.start()]
+    if b'"' in before or b"(" in before:
+        # It may be inside a quoted value or a comment: read parameter by parameter (at
+        # C speed still, but slower than the search most values need alone).
+        found = _FIRST_BOUNDARY.match(value, parameters)
+        if found is None:
+            return None, True
+    boundary = found[2] or re.sub(rb"\\(.)", rb"\1", found[1] or b"")
+    if not boundary.isascii():
+        return None, False  # RFC 2046 §5.1.1 bchars are ASCII
+    return boundary, False
 
 
 _STRUCTURAL = {
@@ -284,7 +314,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :class:`TooManyParts` past ``max_parts`` entities, and :class:`TooManyHeaderFields` or
     :class:`HeaderTooLong` for a header section over the bounds of
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
-    Content-Type or Content-Transfer-Encoding fields. Entities are read one at a time,
+    Content-Type or Content-Transfer-Encoding fields, or a multipart boundary named where
+    readers differ on it (after a comment, in RFC 2231 form). Entities are read one at a time,
     each bound checked before the next is, so refusing costs no more than the limits allow.
     """
     utf8 = False
@@ -306,6 +337,12 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         where = "the header section of a MIME part" if depth else "the header section"
         check_header_section(data, start, body, where=where)
         item = _entity(data, start, body, end, default=default)
+        if item.unread_boundary:
+            raise InvalidMessage(
+                f"{where} names a multipart boundary after a comment or a malformed "
+                "parameter, or in RFC 2231 form; readers differ on such a boundary, so the "
+                'MIME structure is ambiguous: give it as boundary="..."'
+            )
         if item.repeated is not None:
             # Readers differ on which one counts (the stdlib reads the first, this module
             # the last), so the parts counted here, and those the downgrade re-encodes,
