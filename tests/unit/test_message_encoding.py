@@ -186,7 +186,7 @@ def test_a_long_header_line_names_its_field_not_the_body() -> None:
         check_line_lengths(b"From: a@example.com\r\n\r\n" + b"x" * 1000 + b"\r\n")
 
 
-def _part_without_header_section(text: str) -> bytes:
+def _one_part(text: str) -> bytes:
     return (
         b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
         b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
@@ -201,10 +201,25 @@ def test_a_part_whose_first_line_is_no_field_has_no_header_section() -> None:
     for one when an empty line followed: the downgrade wrote its Content-Transfer-
     Encoding into the text ("Hello,\\r\\nContent-Transfer-Encoding: ...") and left that
     part raw, and a non-ASCII first paragraph made the message need SMTPUTF8."""
-    data = _part_without_header_section("Hello,\r\n\r\nGrüße")
+    data = _one_part("Hello,\r\n\r\nGrüße")
     out = downgrade_to_7bit(data)
     assert body_of(out).isascii()
     assert leaves(out) == leaves(data) == [("text/plain", "Hello,\r\n\r\nGrüße".encode())]
-    prepared = prepare(_part_without_header_section("Hallo Jürgen,\r\n\r\nwie geht's?"))
+    prepared = prepare(_one_part("Hallo Jürgen,\r\n\r\nwie geht's?"))
+    assert prepared.eightbit
+    assert not prepared.smtputf8
+
+
+def test_a_part_header_section_ends_at_a_line_that_is_no_field() -> None:
+    """A line in a part's header section that is neither a field nor a continuation ends
+    the section there for readers (the stdlib, Postfix): it and what follows are body.
+    The part's header section ran on to the empty line instead, so the downgrade wrote
+    its Content-Transfer-Encoding after that line, into what readers show as text, and a
+    non-ASCII line there made the message need SMTPUTF8."""
+    data = _one_part("Content-Type: text/plain\r\nHello,\r\n\r\nGrüße")
+    out = downgrade_to_7bit(data)
+    assert body_of(out).isascii()
+    assert leaves(out) == leaves(data) == [("text/plain", "Hello,\r\n\r\nGrüße".encode())]
+    prepared = prepare(_one_part("Content-Type: text/plain\r\nJürgen,\r\n\r\nwie geht's?"))
     assert prepared.eightbit
     assert not prepared.smtputf8

@@ -39,6 +39,9 @@ _FIRST_BOUNDARY = re.compile(rb"(?:" + _OTHER_PARAMETER + rb")*?\s*" + _BOUNDARY
 """The first boundary parameter, read from the first parameter on, one parameter at a
 time: a ``; boundary=`` inside another parameter's quoted value is no boundary."""
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_HEADER_LINES = re.compile(rb"(?:[!-9;-~]++[ \t]*+:[^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+(?:\r\n|\Z))*+")
+"""Field lines, each with its continuation lines, as many as follow one another
+(possessive: a long line that is no field is given up at once, not octet by octet)."""
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
 
 
@@ -92,17 +95,17 @@ def body_start(data: bytes, start: int, end: int) -> int:
     """Where the body of the entity at ``data[start:end]`` starts: after the empty line that
     ends its header section (``end`` when it has only headers, ``start`` when none).
 
-    An entity whose first line is no field has no header section, an empty line further
-    on or not: readers (the stdlib, Postfix) take all of it as body, and so its first
-    paragraph is no header section here either."""
+    A line that is neither a field nor a continuation ends the header section as readers
+    (the stdlib, Postfix) end it: the body starts with that line, an empty line further
+    on or not. An entity whose first line is no field so has no header section."""
     if data.startswith(b"\r\n", start) or start >= end:
         return min(start + 2, end)
-    if not _FIELD.match(data, start, end):
-        return start  # no header section at all
-    blank = data.find(b"\r\n\r\n", start, end)
-    if blank != -1:
-        return blank + 4
-    return end  # headers only
+    fields = _HEADER_LINES.match(data, start, end)
+    assert fields is not None  # it matches the empty string
+    stop = fields.end()
+    if data.startswith(b"\r\n", stop, end):
+        return stop + 2  # the empty line
+    return stop  # headers only (end), or a line that is no field starts the body
 
 
 def _entity(data: bytes, start: int, body: int, end: int, *, default: str) -> Entity:

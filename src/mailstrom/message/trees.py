@@ -229,7 +229,7 @@ def check_written_tree(message: Message, data: bytes) -> None:
     pending = [(message, 0, len(data), "text/plain")]
     while pending:
         node, start, end, default = pending.pop()
-        _check_written_fields(node, data[start : mime.body_start(data, start, end)])
+        _check_written_fields(node, data[start : _written_head_end(data, start, end)])
         if not node.is_multipart():
             continue  # a leaf's body is checked as the parts around it are
         # A list of messages: check_entity_headers refused anything else in one.
@@ -246,6 +246,19 @@ def check_written_tree(message: Message, data: bytes) -> None:
                 (child, part_start, part_end, untyped)
                 for child, (part_start, part_end) in zip(children, spans, strict=False)
             )
+
+
+def _written_head_end(data: bytes, start: int, end: int) -> int:
+    """Where the header section the writer wrote at ``data[start:end]`` ends: after its
+    empty line, whatever comes before it. A reader ends it at a line that is no field
+    (:func:`~mailstrom.message.mime.body_start`); here such a line is checked, and
+    refused, rather than taken for the start of the body."""
+    if data.startswith(b"\r\n", start) or start >= end:
+        return min(start + 2, end)
+    blank = data.find(b"\r\n\r\n", start, end)
+    if blank != -1:
+        return blank + 4
+    return end if _FIELD.match(data, start, end) else start
 
 
 WRITER_FIELDS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
