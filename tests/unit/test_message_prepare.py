@@ -12,6 +12,7 @@ import pytest
 from mailstrom.errors import (
     HeaderInjection,
     InvalidAddress,
+    InvalidHeaderValue,
     InvalidMessage,
     LineTooLong,
     MessageTooLarge,
@@ -327,6 +328,25 @@ def test_a_date_whose_offset_has_seconds_is_written_in_utc(kind: str, offset: ti
     [date] = re.findall(rb"^Date: (.*)\r$", p.data, re.M)
     assert re.fullmatch(rb"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}", date)
     assert parsed(p.data)["Date"].datetime == when
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(1, 1, 1, tzinfo=UTC),  # written "0001", read back as 2001
+        datetime(1899, 12, 31, 23, 59, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 10, tzinfo=timezone(timedelta(seconds=30))),  # OverflowError
+        datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=1, seconds=30))),
+    ],
+)
+def test_a_builder_date_outside_what_rfc_5322_writes_is_refused(when: datetime) -> None:
+    """RFC 5322 §3.3 dates have a year of 1900 or later, in four digits. Year 1 was
+    written as ``0001``, which readers (the stdlib's ``parsedate``) take for 2001, and a
+    time whose zone is written in UTC (seconds in its offset) raised OverflowError when
+    that fell outside ``datetime``'s range."""
+    with pytest.raises(InvalidHeaderValue, match="Date"):
+        prepare(Email(from_="a@example.com", to="b@example.org", date=when), now=NOW)
+    assert prepare(Email(from_="a@example.com", to="b@example.org", date=datetime(1900, 1, 1)))
 
 
 def test_subject_is_decoded_for_display() -> None:

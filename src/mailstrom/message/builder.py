@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mailstrom.arguments import shown
 from mailstrom.errors import (
@@ -203,12 +203,7 @@ def check(email: Email) -> Draft:
             if not isinstance(body, str):
                 raise InvalidMessage(f"{where} must be a str, not {type(body).__name__}")
             check_encodable(where, body)
-    date = email.date
-    if date is not None:
-        if not isinstance(date, datetime):
-            raise InvalidMessage(f"date must be a datetime, not {type(date).__name__}")
-        if date.tzinfo is None:
-            date = date.replace(tzinfo=UTC)
+    date = None if email.date is None else _date(email.date)
     message_id = None if email.message_id is None else normalise_message_id(email.message_id)
     provided: tuple[str, ...] = ()
     if (
@@ -260,6 +255,28 @@ def normalise_message_id(value: object) -> str:
             header="Message-ID",
         )
     return check_message_id(f"<{inner}>")
+
+
+def _date(value: object) -> datetime:
+    """``value`` as an aware datetime (a naive one is UTC) that a Date field can hold:
+    RFC 5322 §3.3 years are 1900 or later, in four digits (readers take ``0001`` for
+    2001), as written: in UTC when its zone's offset has seconds (see
+    :func:`~mailstrom.message.identification.format_date`)."""
+    if not isinstance(value, datetime):
+        raise InvalidMessage(f"date must be a datetime, not {type(value).__name__}")
+    date = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    offset = date.utcoffset()
+    try:
+        written = date.astimezone(UTC) if offset and offset % timedelta(minutes=1) else date
+    except OverflowError:  # outside datetime's years once in UTC
+        written = None
+    if written is None or written.year < 1900:
+        raise InvalidHeaderValue(
+            f"date {date.isoformat()} cannot be written in a Date field: RFC 5322 §3.3 "
+            "years are 1900 or later, in four digits",
+            header="Date",
+        )
+    return date
 
 
 def _bracketed(field: str, value: object) -> str:
