@@ -59,12 +59,7 @@ def check_header_section(data: bytes, start: int, end: int, *, where: str) -> No
     """
     size = end - start
     if size > MAX_HEADER_SECTION:
-        raise HeaderTooLong(
-            f"{where} is {size} octets long; the limit is {MAX_HEADER_SECTION}",
-            header="header section",
-            size=size,
-            limit=MAX_HEADER_SECTION,
-        )
+        raise section_too_long(size, where=where)
     if size <= MAX_HEADER_FIELDS * 3:
         return  # the shortest field line is "a:" and LF: too short to hold too many
     # A field starts each line that is not a continuation (RFC 5322 §2.2.3); the final
@@ -83,6 +78,16 @@ def too_many_fields(fields: int, *, where: str) -> TooManyHeaderFields:
         f"{where} has {fields} fields; the limit is {MAX_HEADER_FIELDS}",
         count=fields,
         limit=MAX_HEADER_FIELDS,
+    )
+
+
+def section_too_long(size: int, *, where: str) -> HeaderTooLong:
+    """The error for a header section (``where``) of ``size`` octets, over the bound."""
+    return HeaderTooLong(
+        f"{where} is {size} octets long; the limit is {MAX_HEADER_SECTION}",
+        header="header section",
+        size=size,
+        limit=MAX_HEADER_SECTION,
     )
 
 

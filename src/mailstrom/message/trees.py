@@ -32,7 +32,14 @@ from mailstrom.message.addresses import (
     mailboxes,
     parse_address_list,
 )
-from mailstrom.message.bounds import MAX_HEADER_FIELDS, MAX_PARTS, too_many_fields, too_many_parts
+from mailstrom.message.bounds import (
+    MAX_HEADER_FIELDS,
+    MAX_HEADER_SECTION,
+    MAX_PARTS,
+    section_too_long,
+    too_many_fields,
+    too_many_parts,
+)
 from mailstrom.message.chars import check_other_line_breaks, shorten
 from mailstrom.message.headers import check_field_name, check_field_size
 from mailstrom.message.policies import HEADER_FACTORY
@@ -56,14 +63,20 @@ def check_entity_headers(message: Message) -> bool:
     utf8 = False
     try:
         for part in _entities(message):
+            where = "the header section" if part is message else "a MIME part's header"
             if len(part) > MAX_HEADER_FIELDS:  # before the stdlib folds each of them
-                where = "the header section" if part is message else "a MIME part's header"
                 raise too_many_fields(len(part), where=where)
+            section = 2  # the empty line that ends it
             for name, raw_value in part.raw_items():
                 check_field_name(name)
                 text = str(raw_value)
                 # Bounded before the stdlib folds it: its folder is quadratic in the length.
                 check_field_size(name, len(name) + 2 + len(text))
+                # And so is their sum, as raw input's is: each field within its bound
+                # still made a section of 64 MiB for the stdlib to fold first.
+                section += len(name) + 4 + len(text)
+                if section > MAX_HEADER_SECTION:
+                    raise section_too_long(section, where=where)
                 if hasattr(raw_value, "defects"):
                     # A policy-made header object was checked for CR/LF when it was set
                     # from a string, and holds its value unfolded.
