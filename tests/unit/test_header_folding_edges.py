@@ -169,3 +169,15 @@ def test_lines_with_encoded_words_end_by_76_characters() -> None:
     # (RFC 2047 §6.2 drops it), so a space of the name ending a word reads back doubled.
     assert " ".join(message["To"].addresses[0].display_name.split()) == name
     assert message["X-Long-Field-Name-That-Eats-The-Line"] == ("Ärger " * 20).strip()
+
+
+def test_a_word_that_fits_once_re_encoded_is_not_left_too_long() -> None:
+    """A 75-character Q word after white space that starts a folded line was left as it
+    was (a line of 77 characters and more, past RFC 2047 §2's 76) when the room left
+    took it re-encoded as one B word: one word was taken for "no split possible"."""
+    for spaces in (2, 10):
+        subject = "=?" + " " * spaces + "<_日本=<)é_??" + "z" * 300
+        data = prepare(Email(from_="a@example.org", to="b@example.org", subject=subject)).data
+        lines = [line for line in header_lines(data) if b"=?utf-8?" in line]
+        assert lines and max(map(len, lines)) <= 76, lines
+        assert parsed(data)["Subject"] == subject

@@ -302,9 +302,11 @@ def _split_word(text: str, room: int) -> list[str] | None:
         source = base64.b64decode(payload).decode("utf-8")
     glued = text[match.end() :]
     words = encoded_words(source, first=room)
-    if len(words) == 1:  # what is glued after it made it too long
+    # One word can fit: re-encoded, a Q word may be a shorter B one. It fails only when
+    # what is glued after it makes it too long.
+    if len(words) == 1 and len(words[0]) + len(glued) > room:
         words = encoded_words(source, first=max(_WORD_MIN, room - len(glued)))
-        if len(words) == 1:
+        if len(words) == 1 and len(words[0]) + len(glued) > room:
             return None
     words[-1] += glued
     return words
