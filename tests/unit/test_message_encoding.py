@@ -223,3 +223,20 @@ def test_a_part_header_section_ends_at_a_line_that_is_no_field() -> None:
     prepared = prepare(_one_part("Content-Type: text/plain\r\nJürgen,\r\n\r\nwie geht's?"))
     assert prepared.eightbit
     assert not prepared.smtputf8
+
+
+def test_a_delimiter_line_right_after_another_is_kept_as_it_was() -> None:
+    """Two delimiter lines in a row hold no part between them (RFC 2046 §5.1.1 wants a
+    CRLF of the part's own before the second). The downgrade wrote the CRLF that ends the
+    first one twice, so readers (the stdlib) found an empty part that was not there."""
+    data = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n--B\r\n'
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + "Grüße".encode()
+        + b"\r\n--B--\r\n"
+    )
+    out = downgrade_to_7bit(data)
+    assert body_of(out).isascii()
+    assert b"--B\r\n--B\r\n" in out
+    assert leaves(out) == leaves(data) == [("text/plain", "Grüße".encode())]

@@ -210,6 +210,10 @@ def _downgrade_parts(
     pieces.append(b"" if not data[start:end].isascii() else data[start:end])
     position = end
     for start, end in found.parts:
+        if start > end:
+            # No part between two delimiter lines in a row: the CRLF ending the first
+            # also begins the second, and is written once.
+            continue
         pieces.append(data[position:start])  # the delimiter line
         part = mime.entity(data, start, end, default=default)
         _downgrade(part, depth=depth + 1, out=pieces, ascii=ascii)
