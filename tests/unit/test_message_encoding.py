@@ -240,3 +240,20 @@ def test_a_delimiter_line_right_after_another_is_kept_as_it_was() -> None:
     assert body_of(out).isascii()
     assert b"--B\r\n--B\r\n" in out
     assert leaves(out) == leaves(data) == [("text/plain", "Grüße".encode())]
+
+
+def test_an_attached_message_saved_from_a_mailbox_keeps_its_header_section() -> None:
+    """An mbox ``From`` line (``From sender date``) starting an attached message is part of
+    its header section for readers (the stdlib); read as a line that is no field, it made
+    the whole message body, which the downgrade then quoted-printable encoded."""
+    data = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: message/rfc822\r\n\r\n"
+        b"From a@example.com Mon Jan  1 00:00:00 2024\r\nFrom: a@example.com\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + "Grüße".encode()
+        + b"\r\n"
+    )
+    out = downgrade_to_7bit(data)
+    assert body_of(out).isascii()
+    assert leaves(out) == leaves(data) == [("text/plain", "Grüße\r\n".encode())]

@@ -39,9 +39,13 @@ _FIRST_BOUNDARY = re.compile(rb"(?:" + _OTHER_PARAMETER + rb")*?\s*" + _BOUNDARY
 """The first boundary parameter, read from the first parameter on, one parameter at a
 time: a ``; boundary=`` inside another parameter's quoted value is no boundary."""
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
-_HEADER_LINES = re.compile(rb"(?:[!-9;-~]++[ \t]*+:[^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+(?:\r\n|\Z))*+")
+_HEADER_LINES = re.compile(
+    rb"(?:(?:From |[!-9;-~]++[ \t]*+:)[^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+(?:\r\n|\Z))*+"
+)
 """Field lines, each with its continuation lines, as many as follow one another
-(possessive: a long line that is no field is given up at once, not octet by octet)."""
+(possessive: a long line that is no field is given up at once, not octet by octet). An
+mbox ``From`` line (``From sender date``, which starts an attached message saved from a
+mailbox) counts as one, as readers (the stdlib) take it."""
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
 
 
