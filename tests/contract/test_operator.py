@@ -335,12 +335,14 @@ def test_bulk_changes_skip_ids_no_store_can_hold(store: Store) -> None:
     assert store.purge_many([*bad, mid]) == 1
 
 
-def test_lookups_of_a_nul_find_nothing(store: Store) -> None:
-    """An id, address, Message-ID or domain with a NUL names nothing any store holds:
-    PostgreSQL raised StoreRefusedData for it where memory and SQLite said unknown (or
+@pytest.mark.parametrize("odd", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+def test_lookups_of_text_no_store_can_hold_find_nothing(store: Store, odd: str) -> None:
+    """An id, address, Message-ID or domain with a NUL or a lone surrogate names nothing
+    any store holds: PostgreSQL raised StoreRefusedData for a NUL, SQLite for a lone
+    surrogate (which its driver cannot encode), where the memory store said unknown (or
     found nothing)."""
     mid = store.enqueue(message("a@example.org"), now=NOW)
-    for bad in ("\x00", mid + "\x00"):
+    for bad in (odd, mid + odd):
         for call in (
             lambda b=bad: store.status(b),
             lambda b=bad: store.retry(b, now=NOW),
@@ -351,10 +353,10 @@ def test_lookups_of_a_nul_find_nothing(store: Store) -> None:
         ):
             with pytest.raises(UnknownMessage):
                 call()
-    assert store.fail_late(mid, "a@example.org\x00", attempt()) is False
-    assert store.message_ids_for_header("<m1@example.com>\x00") == []
-    assert store.suppressions_for(["a@example.org\x00"], now=NOW) == {}
-    assert store.unsuppress(["a@example.org\x00"]) == 0
-    assert store.resume("example.org\x00") is False
-    assert store.mta_sts_policy("example.org\x00") is None
+    assert store.fail_late(mid, "a@example.org" + odd, attempt()) is False
+    assert store.message_ids_for_header("<m1@example.com>" + odd) == []
+    assert store.suppressions_for(["a@example.org" + odd], now=NOW) == {}
+    assert store.unsuppress(["a@example.org" + odd]) == 0
+    assert store.resume("example.org" + odd) is False
+    assert store.mta_sts_policy("example.org" + odd) is None
     assert store.status(mid).id == mid

@@ -79,20 +79,26 @@ def normalize_prefix(prefix: str) -> str:
     return text
 
 
+def comparable(text: str) -> bool:
+    """Whether SQLite and PostgreSQL can compare ``text`` with what they hold: text with a
+    NUL (PostgreSQL refuses it) or a lone surrogate (no driver can encode it) names nothing
+    stored. A lookup of one finds nothing, as in the memory store, instead of raising
+    StoreRefusedData."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def listed_ids(message_ids: Sequence[str]) -> list[str]:
     """The listed ids that could name a stored message, once each, in order: text without
     NUL or a lone surrogate, which SQLite and PostgreSQL cannot compare (they raised
     StoreRefusedData where the memory store skipped them, as unknown ids are)."""
-    found: list[str] = []
-    for mid in dict.fromkeys(m for m in message_ids if isinstance(m, str)):
-        if "\x00" in mid:
-            continue
-        try:
-            mid.encode("utf-8")
-        except UnicodeEncodeError:
-            continue
-        found.append(mid)
-    return found
+    named = dict.fromkeys(m for m in message_ids if isinstance(m, str))
+    return [mid for mid in named if comparable(mid)]
 
 
 def pick_one(prefix: str, found: Sequence[str]) -> str:

@@ -102,6 +102,7 @@ from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
+    comparable,
     earliest,
     normalize_prefix,
     pick_one,
@@ -1123,6 +1124,8 @@ class SQLiteStore:
 
     @staticmethod
     def _seq(conn: sqlite3.Connection, message_id: str) -> int:
+        if not comparable(message_id):
+            raise UnknownMessage(message_id)
         row = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise UnknownMessage(message_id)
@@ -1132,6 +1135,8 @@ class SQLiteStore:
 
     def status(self, message_id: str) -> MessageStatus:
         """The message's status with every recipient's history."""
+        if not comparable(message_id):
+            raise UnknownMessage(message_id)
         with self._read() as conn:
             found = read_messages(conn, "m.id = ?", [message_id], 1, history=True, strict=True)
             paused = sqlite_shaping.paused_recipients(conn, message_id, now=datetime.now(UTC))
@@ -1405,6 +1410,8 @@ class SQLiteStore:
 
     def message_data(self, message_id: str) -> bytes:
         """The message as stored."""
+        if not comparable(message_id):
+            raise UnknownMessage(message_id)
         with self._read() as conn:
             row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
@@ -1423,6 +1430,8 @@ class SQLiteStore:
 
     def resume(self, domain: str) -> bool:
         """End the suspension of ``domain``; wakes workers."""
+        if not comparable(domain):
+            return False
         with self._write() as conn:
             found = conn.execute("DELETE FROM suspensions WHERE domain = ?", (domain,)).rowcount
         if found:
@@ -1483,6 +1492,8 @@ class SQLiteStore:
         """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
         from mailstrom.stores import sqlite_tls
 
+        if not comparable(domain):
+            return None
         with self._read() as conn:
             return sqlite_tls.read_policy(conn, domain)
 
@@ -1529,6 +1540,7 @@ class SQLiteStore:
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""
+        targets = [t for t in targets if comparable(t)]
         if not targets:
             return 0
         with self._write() as conn:
@@ -1536,6 +1548,7 @@ class SQLiteStore:
 
     def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
         """The entries of ``targets`` that apply at ``now`` (primary-key lookups)."""
+        targets = [t for t in targets if comparable(t)]
         if not targets:
             return {}
         with self._read() as conn:
@@ -1552,6 +1565,8 @@ class SQLiteStore:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction."""
         with self._write() as conn:
             seq = self._seq(conn, message_id)
+            if not comparable(address):
+                return False
             rid = sqlite_suppressions.fail_recipient(conn, seq, address, attempt)
             if rid is not None and self._events:
                 sqlite_events.append_events(conn, [_late_result(message_id, address, attempt, rid)])
@@ -1571,6 +1586,8 @@ class SQLiteStore:
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""
+        if not comparable(header_message_id):
+            return []
         with self._read() as conn:
             return [
                 row[0]
