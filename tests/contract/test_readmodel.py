@@ -11,6 +11,7 @@ import pytest
 from mailstrom.errors import UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.readmodel import (
+    InvalidQuery,
     PageCursor,
     QueueQuery,
     QueueView,
@@ -257,6 +258,27 @@ def test_message_data_is_the_stored_message(model: ReadModel, queue: Queue) -> N
     assert model.message_data(queue.deferred) == queue.data
     with pytest.raises(UnknownMessage):
         model.message_data("0" * 32)
+
+
+@pytest.mark.parametrize("odd", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+def test_text_no_store_can_hold_finds_nothing(model: ReadModel, queue: Queue, odd: str) -> None:
+    """An id or domain with a NUL or a lone surrogate names nothing any store holds: the
+    memory store said so, PostgreSQL raised StoreRefusedData and SQLite a bare
+    UnicodeEncodeError (no StoreError at all). A search for one is refused, as a control
+    character already was."""
+    for bad in (odd, queue.deferred + odd):
+        with pytest.raises(UnknownMessage):
+            model.message_data(bad)
+    assert model.destinations(domain="two.example" + odd) == []
+    assert model.destinations(domain="two.example" + odd, now=NOW) == []
+    for fields in (
+        {"domain": "two.example" + odd},
+        {"search": Search(domain="two.example" + odd)},
+        {"search": Search(address="b@two.example" + odd)},
+        {"search": Search(id_prefix=queue.deferred[:8] + odd)},
+    ):
+        with pytest.raises(InvalidQuery):
+            model.queue_page(QueueQuery(view=QueueView.ALL, **fields), now=NOW)  # type: ignore[arg-type]
 
 
 def test_a_page_lists_each_message_as_its_status_says_attributes_included(

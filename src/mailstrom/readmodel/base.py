@@ -19,7 +19,7 @@ from typing import Protocol
 
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
-from mailstrom.stores.operator import Suspension, filter_address, filter_domain
+from mailstrom.stores.operator import Suspension, comparable, filter_address, filter_domain
 
 MAX_PAGE = 500
 """The most messages one page may hold."""
@@ -158,6 +158,10 @@ class QueueQuery:
             # any text it is given (a "refused value" error, where the others find nothing).
             if text is not None and _CONTROL.search(text):
                 raise InvalidQuery(f"a control character in {text[:40]!r}")
+            # Nor a lone surrogate, which no driver can encode (SQLite raised a bare
+            # UnicodeEncodeError, PostgreSQL a "refused value" error).
+            if text is not None and not comparable(text):
+                raise InvalidQuery(f"not UTF-8 text: {text[:40]!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

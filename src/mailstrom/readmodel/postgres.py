@@ -34,7 +34,7 @@ from mailstrom.readmodel.base import (
 )
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
-from mailstrom.stores.operator import Suspension
+from mailstrom.stores.operator import Suspension, comparable
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
@@ -191,6 +191,8 @@ class PostgresReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
+        if domain is not None and not comparable(domain):
+            return []  # no stored domain holds a NUL or a lone surrogate
         with self._reading("destinations") as conn:
             rows = conn.execute(
                 b"SELECT domain, count(*) FILTER (WHERE state = 'deferred'), count(*)"
@@ -287,6 +289,8 @@ class PostgresReadModel:
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
         with self._reading("reading a message") as conn:
             row = conn.execute(b"SELECT data FROM messages WHERE id = %s", (message_id,)).fetchone()
         if row is None:

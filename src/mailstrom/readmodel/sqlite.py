@@ -42,7 +42,7 @@ from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
-from mailstrom.stores.operator import Suspension
+from mailstrom.stores.operator import Suspension, comparable
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
@@ -252,6 +252,8 @@ class SQLiteReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
+        if domain is not None and not comparable(domain):
+            return []  # no stored domain holds a NUL or a lone surrogate
         where, params = _PENDING, list[object]()
         if domain is not None:
             where += " AND domain = ?"
@@ -342,6 +344,8 @@ class SQLiteReadModel:
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
         with self._read() as conn:
             row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
