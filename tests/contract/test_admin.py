@@ -169,6 +169,16 @@ def test_recent_is_newest_first_and_without_history(store: Store) -> None:
     assert oldest.recipients[0].history == ()
 
 
+def test_recent_with_a_negative_limit_is_none_on_every_store(store: Store) -> None:
+    """The memory store sliced [:-1] (all but the oldest), SQLite's LIMIT -1 is no
+    limit, PostgreSQL took it as none: three answers to one contract call."""
+    for i in range(3):
+        store.enqueue(message("a@example.org"), now=NOW + i * SECOND)
+    assert store.recent(limit=-1) == []
+    assert store.recent(limit=0) == []
+    assert len(store.recent(limit=3)) == 3
+
+
 def test_query_filters(store: Store) -> None:
     delivered = store.enqueue(message("a@one.example"), now=NOW)
     lease = lease_all(store)

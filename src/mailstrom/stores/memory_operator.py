@@ -75,8 +75,10 @@ class MemoryOperatorMixin:
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
+        # A negative limit is none, as in every store (a slice's -1 dropped the oldest).
         with self._lock:
-            return [m.snapshot(with_history=False) for m in self._newest_first()[:limit]]
+            newest = self._newest_first()[: max(limit, 0)]
+            return [m.snapshot(with_history=False) for m in newest]
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""

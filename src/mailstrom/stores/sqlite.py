@@ -1171,7 +1171,8 @@ class SQLiteStore:
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         with self._read() as conn:
-            return read_messages(conn, "1", [], limit, history=False)
+            # A negative limit is none, as in every store (SQLite's LIMIT -1 is no limit).
+            return read_messages(conn, "1", [], max(limit, 0), history=False)
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (from the due index).
