@@ -20,6 +20,7 @@ from mailstrom.readmodel import (
     SortOrder,
     open_read_model,
 )
+from mailstrom.readmodel.base import MAX_SEQ
 from mailstrom.status import ReasonClass, RecipientState
 from mailstrom.stores import Store
 
@@ -279,6 +280,25 @@ def test_text_no_store_can_hold_finds_nothing(model: ReadModel, queue: Queue, od
     ):
         with pytest.raises(InvalidQuery):
             model.queue_page(QueueQuery(view=QueueView.ALL, **fields), now=NOW)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("number", [-1, MAX_SEQ + 1], ids=["negative", "past-bigint"])
+def test_counts_no_store_can_take_are_refused(model: ReadModel, queue: Queue, number: int) -> None:
+    """destinations(limit=-1) listed all but the last destination on the memory store,
+    every one on SQLite, and raised StoreRefusedData on PostgreSQL (an offset of -1 and
+    overview(top=-1) as well); past a bigint, SQLite raised a bare OverflowError. Each is
+    an InvalidQuery now, as a QueueQuery's bad limit is."""
+    for call in (
+        lambda: model.destinations(limit=number),
+        lambda: model.destinations(offset=number),
+        lambda: model.overview(now=NOW, top=number),
+    ):
+        with pytest.raises(InvalidQuery):
+            call()
+    assert model.destinations(limit=0) == []
+    assert model.overview(now=NOW, top=0).top_deferred == ()
+    assert model.destinations(offset=MAX_SEQ) == []
+    assert [d.domain for d in model.overview(now=NOW, top=MAX_SEQ).top_deferred] == ["two.example"]
 
 
 def test_a_page_lists_each_message_as_its_status_says_attributes_included(

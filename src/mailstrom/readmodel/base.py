@@ -88,6 +88,16 @@ class PageCursor:
         return cls(created_at=created, seq=int(found["seq"]))
 
 
+def check_count(value: int, name: str) -> int:
+    """``value`` when a store can take it as a LIMIT or an OFFSET: 0 to :data:`MAX_SEQ`.
+    :class:`InvalidQuery` otherwise: a negative one was all but the last to the memory
+    store's slice, no limit to SQLite and refused by PostgreSQL, and one past a bigint
+    overflowed SQLite's driver."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise InvalidQuery(f"{name} must be 0 to {MAX_SEQ}, got {value!r}"[:120])
+    return value
+
+
 _LATEST = datetime.max.replace(tzinfo=UTC)
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
@@ -241,8 +251,9 @@ class Overview:
 class ReadModel(Protocol):
     """The dashboard's queries over one store. Safe to share between threads.
 
-    Raises :class:`~mailstrom.errors.UnknownMessage` for an id that is not stored and
-    :class:`~mailstrom.errors.StoreError` for driver failures.
+    Raises :class:`~mailstrom.errors.UnknownMessage` for an id that is not stored,
+    :class:`InvalidQuery` for a ``limit``, ``offset`` or ``top`` outside 0 to
+    :data:`MAX_SEQ` and :class:`~mailstrom.errors.StoreError` for driver failures.
     """
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:

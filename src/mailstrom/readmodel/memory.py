@@ -19,6 +19,7 @@ from mailstrom.readmodel.base import (
     QueueQuery,
     QueueView,
     SortOrder,
+    check_count,
     fill_buckets,
     id_range,
     throughput_window,
@@ -47,6 +48,7 @@ class MemoryReadModel:
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
+        check_count(top, "top")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         end = starts[-1] + BUCKET
@@ -119,6 +121,8 @@ class MemoryReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
+        check_count(limit, "limit")
+        check_count(offset, "offset")
         with self._store._lock:
             messages = self._messages()
             names = {

@@ -26,6 +26,7 @@ from mailstrom.readmodel.base import (
     QueueQuery,
     QueueView,
     SortOrder,
+    check_count,
     cursor_after,
     fill_buckets,
     id_range,
@@ -102,6 +103,7 @@ class PostgresReadModel:
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
+        check_count(top, "top")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         with self._reading("overview") as conn:
@@ -191,6 +193,8 @@ class PostgresReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
+        check_count(limit, "limit")
+        check_count(offset, "offset")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
         with self._reading("destinations") as conn:

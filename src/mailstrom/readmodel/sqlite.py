@@ -32,6 +32,7 @@ from mailstrom.readmodel.base import (
     QueueQuery,
     QueueView,
     SortOrder,
+    check_count,
     cursor_after,
     fill_buckets,
     id_range,
@@ -167,6 +168,7 @@ class SQLiteReadModel:
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
+        check_count(top, "top")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         with self._read() as conn:
@@ -252,6 +254,8 @@ class SQLiteReadModel:
         now: datetime | None = None,
     ) -> list[Destination]:
         """See :meth:`ReadModel.destinations`."""
+        check_count(limit, "limit")
+        check_count(offset, "offset")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
         where, params = _PENDING, list[object]()
