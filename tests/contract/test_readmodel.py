@@ -301,6 +301,21 @@ def test_counts_no_store_can_take_are_refused(model: ReadModel, queue: Queue, nu
     assert [d.domain for d in model.overview(now=NOW, top=MAX_SEQ).top_deferred] == ["two.example"]
 
 
+@pytest.mark.parametrize(
+    "age", [timedelta(days=10**6), timedelta.max, -SECOND], ids=["huge", "max", "negative"]
+)
+def test_an_age_no_clock_can_reach_is_refused(
+    model: ReadModel, queue: Queue, age: timedelta
+) -> None:
+    """A page older than a million days raised a bare OverflowError from ``now -
+    older_than`` on every store; a negative age (queued in the future) was taken. Each is
+    an InvalidQuery, as QueueFilter refuses it for the command line's queue."""
+    with pytest.raises(InvalidQuery):
+        model.queue_page(QueueQuery(view=QueueView.ALL, older_than=age), now=NOW)
+    assert _ids(model, view=QueueView.ALL, older_than=timedelta(days=36525)) == []
+    assert len(_ids(model, view=QueueView.ALL, older_than=timedelta(0))) == 5
+
+
 def test_a_page_lists_each_message_as_its_status_says_attributes_included(
     store: Store, model: ReadModel
 ) -> None:

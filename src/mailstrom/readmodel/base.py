@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
 from mailstrom.stores.operator import Suspension, comparable, filter_address, filter_domain
@@ -162,6 +163,12 @@ class QueueQuery:
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= MAX_PAGE:
             raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit}")
+        # Subtracted from now: a longer age overflowed (a bare OverflowError on every
+        # store), and a negative one reached into the future.
+        if self.older_than is not None and not timedelta(0) <= self.older_than <= MAX_DURATION:
+            raise InvalidQuery(
+                f"older_than must be 0 to {MAX_DURATION.days} days, got {self.older_than}"
+            )
         search = self.search or Search()
         for text in (self.domain, search.address, search.domain, search.id_prefix):
             # No stored domain, address or id holds one, and PostgreSQL refuses a NUL in
