@@ -259,6 +259,43 @@ def test_queue_shows_pending_mail_with_reason_next_attempt_and_footer(mail_env: 
     )
 
 
+def _column(lines: list[str], row_start: str, name: str) -> str:
+    """The cell under the header ``name`` in the row starting with ``row_start``."""
+    header = next(line for line in lines if name in line)
+    start = header.index(name)
+    rest = header[start + len(name) :]
+    end = start + len(name) + len(rest) - len(rest.lstrip()) if rest.strip() else None
+    row = next(line for line in lines if line.startswith(row_start))
+    return row[start:end].strip()
+
+
+def test_a_held_message_shows_no_next_attempt(mail_env: MailEnv) -> None:
+    """A held message is never leased, but the queue said its next attempt was "now" (or
+    "in 4m"), status showed the deferred recipient's retry time and show its next=, as if
+    it would go then."""
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted, come back later"]
+    deferred = send(cli, "grey@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    queued = send(cli, "q@other.test", "--hold")
+    lines = cli.ok("queue").out.splitlines()
+    assert _column(lines, queued, "NEXT ATTEMPT") == "-"
+    assert _column(lines, deferred, "NEXT ATTEMPT").startswith("in ")  # not held: it shows
+
+    cli.ok("hold", deferred)
+    lines = cli.ok("queue").out.splitlines()
+    assert _column(lines, deferred, "NEXT ATTEMPT") == "-"
+    status = cli.ok("status", deferred).out.splitlines()
+    assert _column(status, "grey@example.test", "NEXT RETRY") == "-"
+    show = cli.ok("show", deferred).out
+    assert "next=" not in show
+    assert cli.ok("status", "--json", deferred).json()["recipients"][0]["next_attempt_at"]
+
+    cli.ok("release", deferred)
+    status = cli.ok("status", deferred).out.splitlines()
+    assert _column(status, "grey@example.test", "NEXT RETRY") != "-"
+
+
 def test_queue_shape_counts_pending_recipients_by_domain_and_age(cli: CLI) -> None:
     send(cli, "a@example.test")
     send(cli, "b@other.test")

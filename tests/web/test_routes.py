@@ -135,6 +135,19 @@ def test_message_page_shows_recipients_attempts_and_headers_not_the_body(
     assert "The secret body" in shown
 
 
+def test_a_held_message_page_shows_no_next_attempt(
+    store: Store, client: TestClient, ids: dict[str, str]
+) -> None:
+    """No worker leases a held message, but its page showed the deferred recipient's next
+    attempt, as the command line's views did."""
+    due = (NOW + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    assert due in client.get(f"/message/{ids['deferred']}").text
+    store.set_held(ids["deferred"], True)
+    assert due not in client.get(f"/message/{ids['deferred']}").text
+    store.set_held(ids["deferred"], False)
+    assert due in client.get(f"/message/{ids['deferred']}").text
+
+
 def test_bidi_controls_a_message_holds_are_shown_as_escapes(store: Store) -> None:
     # U+202E made "invoice\u202efdp.exe" read "invoiceexe.pdf" in the page (CVE-2021-42574)
     # as it does in a terminal, where every view escapes it.

@@ -202,9 +202,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                 r.mx_host,
                 r.ip,
                 r.tls if r.attempts else None,
-                r.next_attempt_at
-                if r.state is RecipientState.DEFERRED or r.throttle is not None
-                else None,
+                _next_retry(st, r),
                 r.reason_class,
                 r.reason,
             ]
@@ -239,6 +237,14 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
             ],
             title=f"Attempts for {r.address}",
         )
+
+
+def _next_retry(st: MessageStatus, r: RecipientStatus) -> datetime | None:
+    """When ``r`` is tried again: a deferred or throttled recipient's next attempt; none
+    while its message is held, which no worker leases until it is released."""
+    if st.held or not (r.state is RecipientState.DEFERRED or r.throttle is not None):
+        return None
+    return r.next_attempt_at
 
 
 def dkim_text(dkim: DKIMStatus | None) -> str:
@@ -408,6 +414,8 @@ def print_queue(messages: list[MessageStatus], now: datetime, *, total: int) -> 
 
 
 def _next_attempt(m: MessageStatus, now: datetime) -> str | None:
+    if m.held:
+        return None  # never leased while held: no attempt is due, now or later
     due = [r.next_attempt_at for r in m.recipients if not r.state.is_final and r.next_attempt_at]
     if not due:
         return None
@@ -518,7 +526,7 @@ def envelope_text(st: MessageStatus, now: datetime) -> str:
     ]
     for r in st.recipients:
         line = f"recipient: {cell(r.address)}  {r.state.value}  attempts={r.attempts}"
-        if not r.state.is_final and r.next_attempt_at is not None:
+        if not r.state.is_final and r.next_attempt_at is not None and not st.held:
             line += f"  next={r.next_attempt_at:%Y-%m-%d %H:%M:%S}"
         if r.reason:
             line += "  reason=" + cell(r.reason)
