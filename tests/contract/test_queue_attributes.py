@@ -72,6 +72,21 @@ def test_events_carry_tags_and_metadata(store: Store) -> None:
     assert {e.address: e.tags for e in batch.events}["bob@example.org"] == ("receipt",)
 
 
+def test_metadata_keys_come_back_in_the_order_they_were_given(store: Store) -> None:
+    """Metadata is kept with its keys sorted, and the memory store and SQLite return it so;
+    PostgreSQL's jsonb returned shorter keys first ("note" before "empty"), so a status,
+    its `Meta` lines and a hook's event listed them in another order on that store."""
+    store.enable_events()
+    metadata = {"empty": "", "note": "n", "order": "42", "zz": "z"}
+    mid = store.enqueue(with_attributes(message(), metadata=metadata), now=NOW)
+    assert list(store.status(mid).metadata) == ["empty", "note", "order", "zz"]
+    assert list(store.query(now=NOW)[0].metadata) == ["empty", "note", "order", "zz"]
+    assert list(store.recent()[0].metadata) == ["empty", "note", "order", "zz"]
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    for event in store.read_events():
+        assert list(event.metadata) == ["empty", "note", "order", "zz"]
+
+
 def test_attributes_survive_reopening(store_backend: Backend) -> None:
     store_backend.require_durable()
     store = store_backend.open()

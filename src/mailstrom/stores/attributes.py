@@ -43,7 +43,10 @@ def metadata_from(value: Any) -> dict[str, str]:
         value = _loads(value)
     if not isinstance(value, dict):
         return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+    # Keys sorted, as they were given (check_metadata) and as the JSON text keeps them:
+    # jsonb hands them back shorter ones first.
+    kept = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+    return dict(sorted(kept.items()))
 
 
 def _loads(text: str) -> Any:
