@@ -213,6 +213,20 @@ def test_queue_search_takes_a_domain_as_typed(model: ReadModel, store: Store) ->
     assert found("bob@bücher.example") == []  # a local part is what it was typed as
 
 
+def test_the_domain_filters_take_a_domain_as_typed(model: ReadModel, store: Store) -> None:
+    """Search.parse() and the store's QueueFilter look for a domain as recipients' are
+    stored (lower case, U-labels as A-labels, no trailing dot), but QueueQuery(domain=),
+    destinations(domain=) and a Search made directly only lower-cased it: a page of
+    "bücher.example" was empty although the queue held its mail."""
+    stored = store.enqueue(message("Bob@xn--bcher-kva.example"), now=START)
+    for term in ("bücher.example", "BÜCHER.Example", "xn--bcher-kva.example."):
+        assert _ids(model, view=QueueView.ALL, domain=term) == [stored], term
+        assert _ids(model, view=QueueView.ALL, search=Search(domain=term)) == [stored], term
+        address = Search(address="Bob@" + term)
+        assert _ids(model, view=QueueView.ALL, search=address) == [stored], term
+        assert [d.domain for d in model.destinations(domain=term)] == ["xn--bcher-kva.example"]
+
+
 def test_destinations_list_pending_mail_per_domain(model: ReadModel, queue: Queue) -> None:
     found = model.destinations()
     assert [(d.domain, d.pending, d.deferred) for d in found] == [

@@ -132,6 +132,16 @@ class Search:
     id_prefix: str | None = None
     domain: str | None = None
 
+    def __post_init__(self) -> None:
+        # As parse() makes them, for a Search made directly too: "Bücher.example" only
+        # lower-cased found nothing of the xn--bcher-kva.example mail the queue held.
+        if self.address is not None:
+            object.__setattr__(self, "address", filter_address(self.address))
+        if self.domain:
+            object.__setattr__(self, "domain", filter_domain(self.domain) or self.domain)
+        if self.id_prefix is not None:
+            object.__setattr__(self, "id_prefix", self.id_prefix.lower())
+
     @classmethod
     def parse(cls, text: str) -> Search | None:
         """None for an empty term."""
@@ -161,6 +171,10 @@ class QueueQuery:
     limit: int = 50
 
     def __post_init__(self) -> None:
+        if self.domain:
+            # As recipients' domains are stored (and QueueFilter.domain is taken): lower
+            # case, U-labels as A-labels, no trailing dot.
+            object.__setattr__(self, "domain", filter_domain(self.domain) or self.domain)
         if not 1 <= self.limit <= MAX_PAGE:
             raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit}")
         # Subtracted from now: a longer age overflowed (a bare OverflowError on every

@@ -28,7 +28,7 @@ from mailstrom.readmodel.base import (
 from mailstrom.status import RecipientState
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message, _Recipient
-from mailstrom.stores.operator import Suspension
+from mailstrom.stores.operator import Suspension, filter_domain
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -123,13 +123,14 @@ class MemoryReadModel:
         """See :meth:`ReadModel.destinations`."""
         check_count(limit, "limit")
         check_count(offset, "offset")
+        wanted = None if domain is None else filter_domain(domain)
         with self._store._lock:
             messages = self._messages()
             names = {
                 r.domain
                 for m in messages
                 for r in m.recipients.values()
-                if r.state in _PENDING and (domain is None or r.domain == domain.lower())
+                if r.state in _PENDING and (wanted is None or r.domain == wanted)
             }
             found = [self._destination(d, messages) for d in names]
         found.sort(key=lambda d: (-d.pending, d.domain))

@@ -35,7 +35,7 @@ from mailstrom.readmodel.base import (
 )
 from mailstrom.status import RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
-from mailstrom.stores.operator import Suspension, comparable
+from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
@@ -204,7 +204,7 @@ class PostgresReadModel:
                 b" AND (%(domain)s::text IS NULL OR domain = %(domain)s::text)"
                 b" GROUP BY domain ORDER BY 3 DESC, 1 LIMIT %(limit)s OFFSET %(offset)s",
                 {
-                    "domain": None if domain is None else domain.lower(),
+                    "domain": None if domain is None else filter_domain(domain),
                     "limit": limit,
                     "offset": offset,
                 },

@@ -43,7 +43,7 @@ from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
-from mailstrom.stores.operator import Suspension, comparable
+from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
@@ -261,7 +261,7 @@ class SQLiteReadModel:
         where, params = _PENDING, list[object]()
         if domain is not None:
             where += " AND domain = ?"
-            params.append(domain.lower())
+            params.append(filter_domain(domain))
         params += [limit, offset]
         with self._read() as conn:
             rows = conn.execute(
