@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -15,6 +17,7 @@ import pytest
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.readmodel import open_read_model
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore, migrate
@@ -190,6 +193,52 @@ def test_times_are_utc_whatever_the_server_timezone(postgres_url: str) -> None:
         created = s.status(s.enqueue(message("r@example.org"), now=T0)).created_at
     assert created == T0
     assert created.utcoffset() == timedelta(0)
+
+
+def test_domains_are_listed_in_code_point_order_whatever_the_collation(
+    postgres_server: ThrowawayPostgres,
+) -> None:
+    """A database whose collation ignores punctuation (as glibc's en_US.UTF-8 does; an ICU
+    locale with alternate=shifted here, since the test machine has only the C locales)
+    listed suspended, throttled and most deferred destinations as mail-relay after
+    mailgun, where the memory store and SQLite list them by code point."""
+    name = f"icu_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 LOCALE 'C.utf8'"
+            " LOCALE_PROVIDER icu ICU_LOCALE 'en-US-u-ka-shifted'"
+        )
+    domains = ["a-c.example", "ab.example", "mail-relay.example", "mailgun.example"]
+    try:
+        with PostgresStore(postgres_server.url(name)) as s:
+            s.enqueue(message(*(f"x@{d}" for d in reversed(domains))), now=T0)
+            lease = s.lease(now=T0, limit=10, lease_for=LEASE)
+            assert lease is not None
+            s.record(
+                [
+                    replace(
+                        delivered(item.message_id, r.address, T0, lease.token),
+                        state=RecipientState.DEFERRED,
+                        next_attempt_at=T0 + LEASE,
+                    )
+                    for item in lease.items
+                    for r in item.recipients
+                ]
+            )
+            for d in reversed(domains):
+                s.suspend(d, now=T0)
+                s.throttle(d, now=T0, reply="421", first=LEASE, maximum=LEASE)
+            assert [x.domain for x in s.suspensions(now=T0)] == domains
+            assert [t.destination for t in s.throttles(now=T0)] == domains
+            model = open_read_model(s, cache_seconds=0)
+            try:
+                assert [d.domain for d in model.destinations()] == domains
+                assert [d.domain for d in model.overview(now=T0).top_deferred] == domains
+                assert [x.domain for x in model.suspensions(now=T0)] == domains
+            finally:
+                model.close()
+    finally:
+        postgres_server.drop_database(name)
 
 
 # --- LISTEN/NOTIFY -------------------------------------------------------------------

@@ -134,7 +134,8 @@ class PostgresReadModel:
             }
             busiest = conn.execute(
                 b"SELECT domain, count(*) FROM recipients WHERE state = 'deferred'"
-                b" GROUP BY domain ORDER BY 2 DESC, 1 LIMIT %s",
+                # Names by code point, whatever the database's collation (see suspensions).
+                b' GROUP BY domain ORDER BY 2 DESC, domain COLLATE "C" LIMIT %s',
                 (top,),
             ).fetchall()
             top_deferred = tuple(
@@ -202,7 +203,8 @@ class PostgresReadModel:
                 b"SELECT domain, count(*) FILTER (WHERE state = 'deferred'), count(*)"
                 b" FROM recipients WHERE state IN ('queued', 'deferred')"
                 b" AND (%(domain)s::text IS NULL OR domain = %(domain)s::text)"
-                b" GROUP BY domain ORDER BY 3 DESC, 1 LIMIT %(limit)s OFFSET %(offset)s",
+                b' GROUP BY domain ORDER BY 3 DESC, domain COLLATE "C"'
+                b" LIMIT %(limit)s OFFSET %(offset)s",
                 {
                     "domain": None if domain is None else filter_domain(domain),
                     "limit": limit,

@@ -886,9 +886,11 @@ SELECT (SELECT count(*) FROM resumed) AS found,
         WHERE EXISTS (SELECT 1 FROM resumed))::text AS notified;
 
 -- name: suspensions
+-- By code point, as the other stores list them, whatever the database's collation (one
+-- that ignores punctuation put mail-relay.example after mailgun.example).
 SELECT domain, suspended_at, until FROM suspensions
 WHERE until IS NULL OR until > %(now)s
-ORDER BY domain;
+ORDER BY domain COLLATE "C";
 
 -- name: shaping_lock
 -- Serialises the workers updating one pause or bucket (a row that may not exist yet cannot
@@ -914,7 +916,7 @@ SET until = EXCLUDED.until, strikes = EXCLUDED.strikes, reply = EXCLUDED.reply,
 SELECT destination, until, strikes, reply, since
 FROM destination_throttles
 WHERE until > %(now)s
-ORDER BY until, destination;
+ORDER BY until, destination COLLATE "C";
 
 -- name: paused_recipients
 SELECT r.address, t.destination, t.until, t.strikes, t.reply, t.since
