@@ -296,6 +296,43 @@ def test_a_held_message_shows_no_next_attempt(mail_env: MailEnv) -> None:
     assert _column(status, "grey@example.test", "NEXT RETRY") != "-"
 
 
+def test_a_suspended_destination_shows_no_next_attempt_before_its_end(
+    mail_env: MailEnv,
+) -> None:
+    """No worker attempts a recipient at a suspended domain, but the queue said its next
+    attempt was "now" (or "in 4m") and status showed the deferred recipient's retry time:
+    they now say none while the suspension has no end, and its end when it has one."""
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["grey@example.test"] = ["451 4.7.1 Greylisted, come back later"]
+    deferred = send(cli, "grey@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    queued = send(cli, "bob@example.test")
+    other = send(cli, "carol@other.test")
+    retry_at = cli.ok("status", "--json", deferred).json()["recipients"][0]["next_attempt_at"]
+    retry_shown = datetime.fromisoformat(retry_at).strftime("%Y-%m-%d %H:%M:%S")
+
+    cli.ok("suspend", "example.test")
+    lines = cli.ok("queue").out.splitlines()
+    assert _column(lines, queued, "NEXT ATTEMPT") == "-"
+    assert _column(lines, deferred, "NEXT ATTEMPT") == "-"
+    assert _column(lines, other, "NEXT ATTEMPT") == "now"  # another domain goes on
+    status = cli.ok("status", deferred).out.splitlines()
+    assert _column(status, "grey@example.test", "NEXT RETRY") == "-"
+
+    cli.ok("suspend", "example.test", "--for", "3h")
+    lines = cli.ok("queue").out.splitlines()
+    assert _column(lines, queued, "NEXT ATTEMPT") == "in 2h"  # the end of the suspension
+    assert _column(lines, deferred, "NEXT ATTEMPT") == "in 2h"
+    status = cli.ok("status", deferred).out.splitlines()
+    assert _column(status, "grey@example.test", "NEXT RETRY") > retry_shown
+
+    cli.ok("resume", "example.test")
+    lines = cli.ok("queue").out.splitlines()
+    assert _column(lines, queued, "NEXT ATTEMPT") == "now"
+    status = cli.ok("status", deferred).out.splitlines()
+    assert _column(status, "grey@example.test", "NEXT RETRY") == retry_shown
+
+
 def test_queue_shape_counts_pending_recipients_by_domain_and_age(cli: CLI) -> None:
     send(cli, "a@example.test")
     send(cli, "b@other.test")

@@ -148,6 +148,22 @@ def test_a_held_message_page_shows_no_next_attempt(
     assert due in client.get(f"/message/{ids['deferred']}").text
 
 
+def test_a_message_page_shows_a_suspended_destinations_end_as_its_next_attempt(
+    store: Store, client: TestClient, ids: dict[str, str]
+) -> None:
+    """No worker attempts a recipient at a suspended domain before the suspension ends,
+    but the page showed its own retry time."""
+    due = (NOW + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    end = (NOW + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S")
+    store.suspend("two.example", now=NOW)
+    page = client.get(f"/message/{ids['deferred']}").text
+    assert due not in page and end not in page
+    store.suspend("two.example", now=NOW, until=NOW + timedelta(hours=3))
+    with TestClient(create_app(store, clock=lambda: NOW), base_url="http://127.0.0.1:8025") as c:
+        page = c.get(f"/message/{ids['deferred']}").text  # a fresh app: nothing cached
+    assert end in page and due not in page
+
+
 def test_bidi_controls_a_message_holds_are_shown_as_escapes(store: Store) -> None:
     # U+202E made "invoice\u202efdp.exe" read "invoiceexe.pdf" in the page (CVE-2021-42574)
     # as it does in a terminal, where every view escapes it.

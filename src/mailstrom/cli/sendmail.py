@@ -436,7 +436,7 @@ def _enqueue(args: SendmailArgs) -> int:
 
 def _list_queue() -> int:
     """-bp: the pending queue, as ``mailq`` (``mailstrom queue``) prints it."""
-    from mailstrom.cli.views import COUNT_CAP, print_queue
+    from mailstrom.cli.views import COUNT_CAP, print_queue, suspended_domains
     from mailstrom.stores.base import QueueFilter
     from mailstrom.stores.operator import PENDING_STATES
 
@@ -447,7 +447,8 @@ def _list_queue() -> int:
         total = len(messages)
         if total >= _MAILQ_LIMIT:
             total = store.count(now=now, where=where, cap=COUNT_CAP)
-    print_queue(messages, now, total=total)
+        suspended = suspended_domains(store, now)
+    print_queue(messages, now, total=total, suspended=suspended)
     return EX_OK
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,7 +42,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import live_workers
-from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension
+from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension, next_due
 
 STATUS_EPILOG = """\
 examples:
@@ -145,13 +145,15 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def status_command(args: argparse.Namespace) -> int:
+    now = utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         st = store.status(store.resolve_id(args.id))
         nobody = not args.json and _waiting([st]) and _nobody_delivers(store)
+        suspended = {} if args.json else suspended_domains(store, now)
     if args.json:
         print_json(status_json(st))
         return EX_OK
-    print_message(st, utc_now(), history=args.history)
+    print_message(st, now, history=args.history, suspended=suspended)
     if nobody:
         print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     return EX_OK
@@ -176,7 +178,19 @@ def _advice_json(subject: Attempt | RecipientStatus) -> dict[str, Any] | None:
     return None if found is None else to_jsonable(found)
 
 
-def print_message(st: MessageStatus, now: datetime, *, history: bool = False) -> None:
+def suspended_domains(store: Store, now: datetime) -> dict[str, Suspension]:
+    """The destinations suspended at ``now``, by domain (a short list): no worker
+    attempts their recipients before a suspension ends."""
+    return {s.domain: s for s in store.suspensions(now=now)}
+
+
+def print_message(
+    st: MessageStatus,
+    now: datetime,
+    *,
+    history: bool = False,
+    suspended: Mapping[str, Suspension] | None = None,
+) -> None:
     print_fields(
         [
             ("Message", st.id),
@@ -202,7 +216,7 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
                 r.mx_host,
                 r.ip,
                 r.tls if r.attempts else None,
-                _next_retry(st, r),
+                _next_retry(st, r, suspended or {}),
                 r.reason_class,
                 r.reason,
             ]
@@ -239,12 +253,15 @@ def print_message(st: MessageStatus, now: datetime, *, history: bool = False) ->
         )
 
 
-def _next_retry(st: MessageStatus, r: RecipientStatus) -> datetime | None:
-    """When ``r`` is tried again: a deferred or throttled recipient's next attempt; none
-    while its message is held, which no worker leases until it is released."""
+def _next_retry(
+    st: MessageStatus, r: RecipientStatus, suspended: Mapping[str, Suspension]
+) -> datetime | None:
+    """When ``r`` is tried again: a deferred or throttled recipient's next attempt (or its
+    suspended destination's end); none while its message is held, which no worker leases
+    until it is released."""
     if st.held or not (r.state is RecipientState.DEFERRED or r.throttle is not None):
         return None
-    return r.next_attempt_at
+    return next_due(r, suspended)
 
 
 def dkim_text(dkim: DKIMStatus | None) -> str:
@@ -358,12 +375,13 @@ def queue_command(args: argparse.Namespace) -> int:
             total = store.count(now=now, where=where, cap=COUNT_CAP)
         # For people reading the table; scripts ask `mailstrom workers`.
         nobody = not args.json and _waiting(messages) and _nobody_delivers(store)
+        suspended = {} if args.json else suspended_domains(store, now)
     if nobody:
         print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     if args.json:
         print_json(messages)
         return EX_OK
-    print_queue(messages, now, total=total)
+    print_queue(messages, now, total=total, suspended=suspended)
     return EX_OK
 
 
@@ -390,8 +408,15 @@ COUNT_CAP = 1_000_000
 """Messages the queue view's footer counts at most ("showing 100 of 1,000,000+")."""
 
 
-def print_queue(messages: list[MessageStatus], now: datetime, *, total: int) -> None:
-    """The queue table, and a footer when ``total`` says there are more."""
+def print_queue(
+    messages: list[MessageStatus],
+    now: datetime,
+    *,
+    total: int,
+    suspended: Mapping[str, Suspension] | None = None,
+) -> None:
+    """The queue table, and a footer when ``total`` says there are more; the next attempt
+    heeds the ``suspended`` destinations (:func:`suspended_domains`)."""
     print_table(
         ["ID", "STATE", "AGE", "SIZE", "FROM", "RCPTS", "NEXT ATTEMPT", "LAST REASON"],
         [
@@ -402,7 +427,7 @@ def print_queue(messages: list[MessageStatus], now: datetime, *, total: int) -> 
                 m.size,
                 m.envelope_from or "<>",
                 _recipient_summary(m),
-                _next_attempt(m, now),
+                _next_attempt(m, now, suspended or {}),
                 _last_reason(m),
             ]
             for m in messages
@@ -413,10 +438,13 @@ def print_queue(messages: list[MessageStatus], now: datetime, *, total: int) -> 
         print(f"\nshowing {len(messages):,} of {more} (use --limit)")
 
 
-def _next_attempt(m: MessageStatus, now: datetime) -> str | None:
+def _next_attempt(
+    m: MessageStatus, now: datetime, suspended: Mapping[str, Suspension]
+) -> str | None:
     if m.held:
         return None  # never leased while held: no attempt is due, now or later
-    due = [r.next_attempt_at for r in m.recipients if not r.state.is_final and r.next_attempt_at]
+    pending = (next_due(r, suspended) for r in m.recipients if not r.state.is_final)
+    due = [when for when in pending if when is not None]
     if not due:
         return None
     first = min(due)
@@ -493,6 +521,8 @@ def show_command(args: argparse.Namespace) -> int:
         mid = store.resolve_id(args.id)
         data = store.message_data(mid)
         st = None if args.raw else store.status(mid)
+        now = utc_now()
+        suspended = {} if st is None or args.json else suspended_domains(store, now)
     if args.json:
         assert st is not None
         shown = header_section(data) if args.headers else data
@@ -501,7 +531,7 @@ def show_command(args: argparse.Namespace) -> int:
         return EX_OK
     out = sys.stdout.buffer
     if st is not None:
-        sys.stdout.write(envelope_text(st, utc_now()))
+        sys.stdout.write(envelope_text(st, now, suspended=suspended))
         sys.stdout.flush()
     if args.headers:
         data = header_section(data)
@@ -513,7 +543,9 @@ def show_command(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def envelope_text(st: MessageStatus, now: datetime) -> str:
+def envelope_text(
+    st: MessageStatus, now: datetime, *, suspended: Mapping[str, Suspension] | None = None
+) -> str:
     """postcat's envelope part: who, when, and each recipient's state, then a line that
     says where the message starts."""
     lines = [
@@ -526,8 +558,9 @@ def envelope_text(st: MessageStatus, now: datetime) -> str:
     ]
     for r in st.recipients:
         line = f"recipient: {cell(r.address)}  {r.state.value}  attempts={r.attempts}"
-        if not r.state.is_final and r.next_attempt_at is not None and not st.held:
-            line += f"  next={r.next_attempt_at:%Y-%m-%d %H:%M:%S}"
+        due = None if r.state.is_final or st.held else next_due(r, suspended or {})
+        if due is not None:
+            line += f"  next={due:%Y-%m-%d %H:%M:%S}"
         if r.reason:
             line += "  reason=" + cell(r.reason)
         lines.append(line)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import shown
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
-from mailstrom.status import RecipientState
+from mailstrom.status import RecipientState, RecipientStatus
 
 if TYPE_CHECKING:  # base imports this module
     from mailstrom.stores.base import QueueFilter
@@ -183,6 +183,17 @@ class Suspension:
     def active(self, now: datetime) -> bool:
         """Whether the suspension is in force at ``now``."""
         return self.until is None or self.until > now
+
+
+def next_due(r: RecipientStatus, suspended: Mapping[str, Suspension]) -> datetime | None:
+    """When pending ``r`` can next be attempted, as the views say it: its next attempt,
+    or the end of its destination's suspension (``suspended``: by domain) when that is
+    later; None while suspended without an end."""
+    due = r.next_attempt_at
+    pause = suspended.get(r.domain)
+    if pause is None or due is None:
+        return due
+    return None if pause.until is None else max(due, pause.until)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -54,7 +54,7 @@ from mailstrom.settings import parse_duration, parse_origin
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
-from mailstrom.stores.operator import filter_domain
+from mailstrom.stores.operator import Suspension, filter_domain, next_due
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import header_fields, shown_body
@@ -242,6 +242,11 @@ def create_app(
                 f" unreadable when a worker leases them; `mailstrom cancel {mid}` cancels"
                 " them now.",
             )
+        now = clock()
+        found: list[Suspension] = await run_in_threadpool(
+            cache.get, "suspensions", lambda: model.suspensions(now=now)
+        )
+        suspended = {s.domain: s for s in found}
         body, cut = shown_body(data) if show_body else ("", False)
         pending = not status.is_final
         return render(
@@ -252,6 +257,11 @@ def create_app(
             body=body if show_body else None,
             cut=cut,
             advice={r.address: advice_for(r) for r in status.recipients},
+            # No attempt while held; at a suspended destination, not before its end.
+            due={
+                r.address: None if status.held else next_due(r, suspended)
+                for r in status.recipients
+            },
             actions=[
                 a
                 for a in ACTIONS.values()
