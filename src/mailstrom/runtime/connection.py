@@ -124,14 +124,38 @@ def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLC
     return _unverified_context()
 
 
-def _tls_name(host: str) -> str:
+_MAX_HOST_NAME = 253
+"""Characters in the longest host name (RFC 1035 §2.3.4's 255 octets, as text)."""
+
+
+def _tls_name(host: str) -> str | None:
     """The name TLS sends as SNI and checks the certificate against: ``host``, but for an
     address literal (mail to ``user@[192.0.2.1]`` has ``[192.0.2.1]`` for its MX host) its
     address. Python's ssl matches an address against the certificate's IP addresses and
     leaves it out of SNI (RFC 6066 §3 permits no address there); the bracketed literal is
-    no name any certificate can hold, and a strict TLS server refuses it as SNI."""
+    no name any certificate can hold, and a strict TLS server refuses it as SNI.
+
+    None for a name DNS allows but that is no host name: a label may hold any octet, and
+    sixteen NULs are 64 characters once written as text ("\\000" each), which ssl's IDNA
+    encoding refuses with a UnicodeError (and OpenSSL refuses SNI over 255 octets). Such
+    a name cannot be sent as SNI nor found in a certificate."""
     address = literal_address(host)
-    return host if address is None else str(address)
+    if address is not None:
+        return str(address)
+    try:
+        encoded = host.encode("idna")  # what ssl does with server_hostname
+    except UnicodeError:
+        return None
+    return host if len(encoded) <= _MAX_HOST_NAME else None
+
+
+def _unnamed(host: str) -> TLSVerifyError:
+    """The failure of a TLS connection that must check a certificate against ``host``,
+    whose name no certificate can hold (see :func:`_tls_name`)."""
+    return TLSVerifyError(
+        f"the certificate of {host[:100]} cannot be checked: its name is no host name",
+        host=host,
+    )
 
 
 def _reply_deadlines(timeouts: Timeouts) -> dict[Command, tuple[float, str]]:
@@ -356,6 +380,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         ciphertext a final dot may still wait in (see _sent_upto). With the TLS transport
         alone, a dot there was taken for sent, and a message never sent for "maybe
         delivered"."""
+        name = _tls_name(self.host)
+        if name is None and context.check_hostname:
+            raise _unnamed(self.host)
         raw, _ = await self._loop.create_connection(
             _BeforeTLS, self.ip, self.port, local_addr=local_addr
         )
@@ -364,7 +391,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 raw,
                 self,
                 context,
-                server_hostname=_tls_name(self.host),
+                server_hostname=name,
                 ssl_handshake_timeout=self._timeouts.connect,
             )
         except BaseException:
@@ -404,6 +431,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if mode is StartTLS.OPPORTUNISTIC:
                 return
             raise TLSRequiredError(f"{self.host} does not offer STARTTLS", host=self.host)
+        context = _tls_context(mode, verify_with)
+        # SNI names the TLSA base domain under DANE (RFC 7672 §8.1), which is the MX host's
+        # CNAME expansion when its records were found there; else the MX host name (an
+        # address literal's address: see _tls_name). None: no SNI, as the name cannot be.
+        sni = _tls_name(
+            self._dane_names[0] if mode is StartTLS.DANE and self._dane_names else self.host
+        )
+        if sni is None and context.check_hostname:
+            raise _unnamed(self.host)  # before STARTTLS: the session may still QUIT
         reply = await self._request(self._session.starttls, "STARTTLS")
         if not reply.ok:
             if reply.closing:
@@ -421,16 +457,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         # reply can be taken for TLS-protected data (RFC 3207 §4.2, CVE-2011-0411).
         transport = self._transport
         assert transport is not None
-        context = _tls_context(mode, verify_with)
         timeout = self._timeouts.command
-        # SNI names the TLSA base domain under DANE (RFC 7672 §8.1), which is the MX host's
-        # CNAME expansion when its records were found there; else the MX host name (an
-        # address literal's address: see _tls_name).
-        sni = (
-            self._dane_names[0]
-            if mode is StartTLS.DANE and self._dane_names
-            else _tls_name(self.host)
-        )
         try:
             async with asyncio.timeout(timeout):
                 tls_transport = await self._loop.start_tls(
