@@ -470,6 +470,41 @@ def test_smtputf8_only_for_the_transactions_that_need_it(
     assert "SMTPUTF8" not in received.mail_options
 
 
+def test_a_utf8_bcc_does_not_fail_its_ascii_co_recipients_of_one_domain(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """The UTF-8 Bcc address in the same domain as the others shares their transaction:
+    at a server without SMTPUTF8 it alone needs it, and alone fails (553 5.6.7). The
+    others' envelope and header fields are ASCII: they go without SMTPUTF8 (before, all
+    of them failed for good with "message needs SMTPUTF8")."""
+    ascii_mx = smtp_server(host="127.0.0.7", port=mx.port, smtputf8=False)
+    dns_server.mx("ascii.test", [(10, "mx.ascii.test")])
+    dns_server.a("mx.ascii.test", "127.0.0.7")
+    ms = mailstrom()
+    mid = ms.send_email(
+        Email(
+            from_="app@sender.test",
+            to=["ann@ascii.test", "bea@ascii.test"],
+            bcc=["jos\u00e9@ascii.test"],
+            subject="Hi",
+            text="Hello",
+        )
+    )
+    everyone = {"ann@ascii.test", "bea@ascii.test", "jos\u00e9@ascii.test"}
+    results.wait_final(everyone)
+    status = ms.query_status(mid)
+    assert {r.address: r.state for r in status.recipients} == {
+        "ann@ascii.test": DELIVERED,
+        "bea@ascii.test": DELIVERED,
+        "jos\u00e9@ascii.test": FAILED,
+    }
+    jose = status.recipient("jos\u00e9@ascii.test")
+    assert jose.reply is not None and jose.reply.enhanced == "5.6.7"
+    [received] = ascii_mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@ascii.test", "bea@ascii.test"]
+    assert "SMTPUTF8" not in received.mail_options
+
+
 def test_a_utf8_bcc_does_not_make_an_8bit_body_need_smtputf8(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

@@ -752,6 +752,8 @@ class Dispatcher:
         self, conn: SMTPConnection, work: _Work, reset: bool, where: Where
     ) -> asyncio.Future[TransactionResult] | None:
         """Hand ``work`` to ``conn``; None when it was decided without the wire."""
+        if work.item.smtputf8 and "SMTPUTF8" not in conn.extensions:
+            self._fail_utf8_recipients(conn, work, where)
         item = work.item
         data, eightbit = item.data, item.eightbit
         try:
@@ -789,6 +791,29 @@ class Dispatcher:
             error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
             self._done(self._outcomes.from_error(item, error, work.started, where))
             return None
+
+    def _fail_utf8_recipients(self, conn: SMTPConnection, work: _Work, where: Where) -> None:
+        """At ``conn``, a server without SMTPUTF8, fail the recipients of ``work`` whose own
+        address alone needs it (553 5.6.7), and keep the others in ``work`` when the rest of
+        their transaction (sender, header fields) is ASCII. A UTF-8 Bcc address in the
+        domain of the other recipients shares their transaction: it alone cannot go, and
+        failing the whole transaction for it (as :meth:`SMTPConnection.submit` must) failed
+        every one of them for good, as hardening #5 keeps one bad address from doing."""
+        item = work.item
+        utf8 = [r for r in item.recipients if not r.address.isascii()]
+        if not utf8 or len(utf8) == len(item.recipients):
+            return  # nobody to keep apart: submit decides for the whole transaction
+        rest = replace(item, recipients=tuple(r for r in item.recipients if r.address.isascii()))
+        if needs_smtputf8(rest):
+            return  # the sender or the header fields need it: every recipient fails
+        error = PermanentFailure(
+            f"recipient address needs SMTPUTF8, which {conn.host} does not support",
+            code=553,
+            enhanced="5.6.7",
+            host=conn.host,
+        )
+        self._done(self._outcomes.from_error(item, error, work.started, where, recipients=utf8))
+        work.item = rest
 
     # --- traffic shaping -----------------------------------------------------------------
 
