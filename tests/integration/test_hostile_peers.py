@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
+from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts
 from mailstrom.errors import SMTPConnectError, SMTPProtocolError, SMTPTimeout
 from mailstrom.runtime import connection
-from mailstrom.runtime.connection import SMTPConnection, StartTLS
-from mailstrom.runtime.outcomes import _uncertain_reason
+from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
+from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
 from mailstrom.status import ReasonClass
 from mailstrom.stores import MemoryStore
+from mailstrom.stores.base import LeasedRecipient, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
@@ -41,6 +44,7 @@ QUICK = Timeouts(
 WITHIN = TIMEOUT + 0.6
 GIVE_UP = 10.0
 GAP = 0.05  # between two dripped octets: ten of them inside one timeout
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -377,11 +381,9 @@ async def test_a_reply_that_came_before_its_command_was_sent_is_a_protocol_error
         await conn.close()
 
 
-async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() -> None:
-    """A server that refuses the content before its end and then reads the rest as commands
-    (RFC 5321 §4.1.1.4: the reply comes after the final dot): its refusal stands, but the
-    session cannot go on, or the next transaction's envelope gets the replies to lines of
-    the content, and its recipients fail on a "500" to MAIL that never answered it."""
+def answering_early(reply: bytes) -> Handler:
+    """A peer with PIPELINING that answers the first line of the content with ``reply``, as
+    if it were the final dot, then reads the rest as commands (and refuses them)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 hostile.test ESMTP\r\n")
@@ -391,9 +393,9 @@ async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() ->
             elif line.startswith(b"DATA"):
                 writer.write(b"354 go\r\n")
                 await reader.readline()
-                writer.write(b"552 5.3.4 too big\r\n")
+                writer.write(reply)
                 await writer.drain()
-                await asyncio.sleep(0.2)  # the client reads the refusal meanwhile
+                await asyncio.sleep(0.2)  # the client reads the reply meanwhile
                 while line := await reader.readline():
                     writer.write(b"500 5.5.2 what?\r\n")
                 return
@@ -401,10 +403,17 @@ async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() ->
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
+    return handle
+
+
+async def answered_early(reply: bytes) -> tuple[TransactionResult, BaseException | None]:
+    """The result of a big message whose content ``answering_early(reply)`` answers before
+    its end (slow readers on both sides: most of it stays in the transport's buffer), and
+    what became of a second transaction submitted behind it."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
     listener.bind(("127.0.0.1", 0))
-    async with peer(handle, sock=listener) as port:
+    async with peer(answering_early(reply), sock=listener) as port:
         conn = await open_to(port)
         # Small kernel buffers on both sides: most of the content stays in the transport's.
         assert conn._transport is not None
@@ -427,10 +436,50 @@ async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() ->
             eightbit=False,
         )
         result = await first
-        assert result.final is not None and result.final.code == 552
-        with pytest.raises(SMTPProtocolError, match="before the end of the message"):
-            await second
+        [outcome] = await asyncio.gather(second, return_exceptions=True)
         await conn.close()
+    return result, outcome if isinstance(outcome, BaseException) else None
+
+
+async def test_a_reply_to_the_final_dot_before_it_was_sent_ends_the_session() -> None:
+    """A server that refuses the content before its end and then reads the rest as commands
+    (RFC 5321 §4.1.1.4: the reply comes after the final dot): its refusal stands, but the
+    session cannot go on, or the next transaction's envelope gets the replies to lines of
+    the content, and its recipients fail on a "500" to MAIL that never answered it."""
+    result, second = await answered_early(b"552 5.3.4 too big\r\n")
+    assert result.final is not None and result.final.code == 552
+    assert not result.uncertain
+    assert isinstance(second, SMTPProtocolError)
+    assert "before the end of the message" in str(second)
+
+
+async def test_a_2xx_before_the_final_dot_was_sent_delivers_nothing_known() -> None:
+    """A 250 while the final dot is still in this process accepts no message the client
+    sent (the server has not read its end): not a delivery, but an uncertain one, retried
+    as one whose reply to the dot was lost (RFC 5321 §4.5.3.2.6). Before, the recipient
+    was DELIVERED on it."""
+    result, second = await answered_early(b"250 2.0.0 queued early\r\n")
+    assert result.final is None
+    assert result.uncertain
+    assert isinstance(result.cause, SMTPProtocolError)
+    assert "before the end of the message" in result.cause.text
+    assert isinstance(second, SMTPProtocolError)
+    item = WorkItem(
+        message_id="m1",
+        lease_token="lease",
+        domain="b.test",
+        envelope_from="a@a.test",
+        recipients=(
+            LeasedRecipient(address="b@b.test", attempts=0, first_attempt_at=None, created_at=NOW),
+        ),
+        data=b"x",
+        smtputf8=False,
+        eightbit=False,
+    )
+    outcomes = Outcomes(Config(helo_name="client.test"), clock=lambda: NOW, rng=random.Random(1))
+    [decided] = outcomes.from_transaction(item, result, 0.0, Where(host="hostile.test"))
+    assert decided.state is RecipientState.DEFERRED
+    assert decided.attempt.uncertain
 
 
 # --- EHLO SIZE ---------------------------------------------------------------------------

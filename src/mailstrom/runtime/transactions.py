@@ -495,33 +495,46 @@ class TransactionsMixin:
 
     def _on_body(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         # A reply while the final dot is still in this process's buffers came before the
-        # end of the content (RFC 5321 §4.1.1.4 wants it after): it stands for this
-        # transaction, but the server reads what is left of the content as commands, so
-        # nothing more may go on this session.
+        # end of the content (RFC 5321 §4.1.1.4 wants it after): a refusal stands for this
+        # transaction (an acceptance does not, see below), but the server reads what is
+        # left of the content as commands, so nothing more may go on this session.
         early = self._unsent(txn.dot_end)
         txn.dot_pending = False
+        if early and 200 <= reply.code < 300:
+            # An acceptance of content the server has not read to its end accepts no
+            # message we sent: not a delivery, an uncertain one (as a reply to the dot
+            # lost on the way), whatever the server makes of what it has.
+            error = self._early_reply(reply)
+            self._finish(txn, error)
+            self._abort(error)
+            return
         txn.final = reply
         self._finish(txn)
         if reply.code == 421:
             self._abort(None)
         elif early:
-            quoted = str(reply)[:200]
-            self._abort(
-                SMTPProtocolError(
-                    f"{self.host} answered before the end of the message: {quoted}",
-                    host=self.host,
-                )
-            )
+            self._abort(self._early_reply(reply))
         else:
             self._continue()
 
-    def _finish(self, txn: Txn) -> None:
+    def _early_reply(self, reply: SMTPReply) -> SMTPProtocolError:
+        quoted = str(reply)[:200]
+        return SMTPProtocolError(
+            f"{self.host} answered before the end of the message: {quoted}", host=self.host
+        )
+
+    def _finish(self, txn: Txn, uncertain: DeliveryError | None = None) -> None:
+        """``txn`` is over: settled with its replies (``uncertain``: what left its outcome
+        unknown after its content was sent)."""
         active = self._active
         if active and active[0] is txn:
             active.popleft()  # transactions finish in the order they started, but for bugs
         else:
             with contextlib.suppress(ValueError):
                 active.remove(txn)
+        if uncertain is not None:
+            txn.settle(txn.result(uncertain=True, cause=uncertain))
+            return
         if txn.final is None and _is_2xx(txn.mail):
             self._needs_reset = True
         txn.settle(txn.result())
