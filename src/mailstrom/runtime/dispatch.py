@@ -722,7 +722,12 @@ class Dispatcher:
             retry = [work for work in retry if work.item.lease_token not in self._lost]
             self._give_back(lost)
         for work in reversed(retry):
-            work.broken_sessions += 1
+            # mx_session_limit bounds the sessions an attempt opens: a connection from the
+            # idle cache was opened for earlier mail, and one the server dropped while it
+            # sat there (its idle timeout, a restart) must not use up the item's sessions
+            # before a new connection was even tried. The cache is finite: this ends.
+            if not reused:
+                work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
                 assert error is not None
                 self._done(self._outcomes.from_error(work.item, error, work.started, where))

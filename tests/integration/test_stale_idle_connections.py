@@ -1,0 +1,104 @@
+"""Idle connections kept for reuse that the server has given up on meanwhile.
+
+``Config.mx_session_limit`` bounds the SMTP sessions one delivery attempt *opens*
+(Postfix's ``smtp_mx_session_limit``). A connection taken from the idle cache was opened
+for earlier mail; when the server has dropped it (its own idle timeout, a restart, a
+middlebox forgetting the flow) the item it was to carry is tried again on a new one. The
+peer is a raw asyncio server on 127.0.0.1; the dispatcher is the worker's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+
+from mailstrom.routing import Router
+from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.outcomes import Outcomes
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_hostile_peers import peer
+from tests.support.delivery import loopback_config
+
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+def item(n: int) -> WorkItem:
+    return WorkItem(
+        message_id=f"m{n}",
+        lease_token=f"lease-{n}",
+        domain="stale.example",
+        envelope_from="a@sender.test",
+        recipients=(
+            LeasedRecipient(
+                address=f"r{n}@stale.example", attempts=0, first_attempt_at=None, created_at=NOW
+            ),
+        ),
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        smtputf8=False,
+        eightbit=False,
+    )
+
+
+async def test_stale_idle_connections_do_not_use_up_the_session_limit(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Two sessions deliver a burst and leave two idle connections; then the server drops
+    every connection that comes back from idle (it hangs up on the RSET that reuse
+    starts with). The next message still goes, on a new connection. Before, each dropped
+    idle connection counted as one of its two sessions: it was deferred without a new
+    connection ever being tried."""
+    stale = asyncio.Event()
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b"220 stale.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"RSET" and stale.is_set():
+                return  # this connection was forgotten while it sat idle
+            if verb == b"EHLO":
+                writer.write(b"250-stale.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("stale.example", [(10, "mx.stale.test")])
+    dns_server.a("mx.stale.test", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, mx_session_limit=2, connection_idle=60.0)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=lambda: NOW, rng=random.Random(1)),
+            on_done=done.extend,
+        )
+        try:
+            for n in range(8):  # enough queued for a second session to start
+                dispatcher.submit(item(n))
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+            assert [r.state for r in done] == [RecipientState.DELIVERED] * 8
+            assert dispatcher.idle_connections >= 2
+            before = connections
+            stale.set()
+            dispatcher.submit(item(8))
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    last = done[-1]
+    assert last.address == "r8@stale.example"
+    assert last.state is RecipientState.DELIVERED
+    assert connections - before == 1  # one new connection, after the stale ones
