@@ -602,3 +602,46 @@ async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words
             await send(conn)
         await conn.close()
     assert str(info.value) == "hostile.test closed the connection (waiting for it to reply to DATA)"
+
+
+# --- a reply of the wrong class ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "wrong"), [(b"DATA", b"250 2.0.0 ok"), (b"RCPT", b"354 go ahead")]
+)
+async def test_a_reply_of_a_class_the_command_cannot_get_is_not_recorded_as_a_reply(
+    dns_server: LoopbackDNS, command: bytes, wrong: bytes
+) -> None:
+    """A 250 to DATA or a 354 to RCPT breaks the protocol: the recipient is deferred with
+    the protocol error in mailstrom's words, not with a reply of that code as if the
+    server had sent it for the recipient (a "250" on a deferred recipient, quoting its
+    own sentence as the server's text)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250 hostile.test\r\n")
+            elif line.startswith(command):
+                writer.write(wrong + b"\r\n")
+            elif line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(hello("bob@hostile.example"))
+            await asyncio.to_thread(results.wait_count, 1)
+            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    assert status.state is RecipientState.DEFERRED
+    assert status.reason_class is ReasonClass.PROTOCOL
+    assert status.reply is None, status.reply
+    assert status.error is not None and wrong.decode() in status.error

@@ -238,8 +238,11 @@ class ClientSession:
             reply = self._parser.next_reply()
             if reply is None:
                 return None
+            # The errors below carry no code: the reply answered nothing we asked, and a
+            # code would be recorded as the server's reply to the recipients it fails (a
+            # "250" on a deferred recipient). Their text quotes it.
             if not self._pending:
-                raise SMTPProtocolError(f"unsolicited reply: {reply}", code=reply.code)
+                raise SMTPProtocolError(f"unsolicited reply: {reply}")
             command, argument = self._pending.popleft()
             ungroupable, changing = _COUNTS[command]
             if ungroupable:
@@ -250,7 +253,7 @@ class ClientSession:
             code = reply.code
             digit = code // 100
             if digit not in after:
-                raise SMTPProtocolError(f"unexpected reply to {command}: {reply}", code=code)
+                raise SMTPProtocolError(f"unexpected reply to {command}: {reply}")
             if code == 421:
                 # The server is going away: the replies still owed will never come.
                 self._state = State.CLOSED
