@@ -35,7 +35,7 @@ from mailstrom.policy.reasons import classify_local, classify_reply, table
 from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
-from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem, bounded_text
 from mailstrom.tls.requirement import TLSRequirement
 
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
@@ -344,6 +344,14 @@ class Outcomes:
         own_reply: bool = False,
     ) -> RecipientResult:
         now = self._clock()
+        # A peer's reply may be a megabyte (and a protocol error quotes one): cut here as
+        # the store cuts it, so that the attempt log and on_result get what is recorded.
+        if reply is not None:
+            text = bounded_text(reply.text)
+            if text is not reply.text:
+                reply = SMTPReply(code=reply.code, enhanced=reply.enhanced, text=text)
+        if error is not None:
+            error = bounded_text(error)
         attempt = Attempt(
             at=now,
             outcome=outcome,
