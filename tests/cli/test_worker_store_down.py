@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 
+import psycopg
 import pytest
 
 from tests.cli.conftest import CLI, MailEnv, ended
@@ -70,3 +71,19 @@ def test_the_worker_command_exits_78_when_refused(
     result = mail_env.cli("worker", "--no-live", "--store", url, timeout=20)
     assert result.code == 78, result.err
     assert 'role "nobody" does not exist' in result.err
+
+
+def test_the_worker_command_exits_78_for_a_role_granted_nothing(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    """The server let the role in, and its first read was refused ("permission denied for
+    table schema_version"): the worker waited for a grant for ever."""
+    url = own_postgres.create_database()
+    assert mail_env.cli("db", "migrate", "--store", url, timeout=20).code == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE ungranted LOGIN")
+    result = mail_env.cli(
+        "worker", "--no-live", "--store", url.replace("postgres@", "ungranted@"), timeout=20
+    )
+    assert result.code == 78, result.err
+    assert "permission denied for table schema_version" in result.err

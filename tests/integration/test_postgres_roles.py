@@ -15,6 +15,7 @@ import pytest
 
 from mailstrom.errors import StoreAccessDenied
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.runtime.store_opening import worth_waiting
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.postgres import PostgresStore
@@ -104,6 +105,26 @@ def test_a_schema_behind_is_a_clear_error_for_a_role_that_cannot_migrate(
     with pytest.raises(StoreAccessDenied, match=r"mailstrom db migrate.* owns") as raised:
         PostgresStore(role_url)
     assert f"needs version {latest.version}" in str(raised.value)
+
+
+def test_a_role_granted_nothing_is_refused_not_waited_for(owner_url: str) -> None:
+    # Its first statement (reading schema_version) got "permission denied": a plain
+    # StoreError, so a starting worker waited for it for ever instead of exiting 78.
+    with role_on(owner_url, granted=False) as url:
+        with pytest.raises(StoreAccessDenied, match="permission denied") as raised:
+            PostgresStore(url, timeout=5)
+        assert not worth_waiting(raised.value)
+        assert "GRANT" in str(raised.value)
+
+
+def test_a_role_that_may_only_read_is_refused_its_writes(owner_url: str) -> None:
+    with role_on(owner_url, granted=False) as url:
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {_role_of(url)}")
+        with PostgresStore(url, timeout=5) as store:
+            assert store.stats().messages == 0
+            with pytest.raises(StoreAccessDenied, match="permission denied"):
+                store.enqueue(message(0), now=T0)
 
 
 def test_a_role_that_may_not_analyse_still_leases_from_a_new_backlog(

@@ -8,7 +8,13 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData, StoreUnreachable
+from mailstrom.errors import (
+    StoreAccessDenied,
+    StoreError,
+    StoreLocked,
+    StoreRefusedData,
+    StoreUnreachable,
+)
 from mailstrom.stores.postgres.sql import translate_errors
 
 
@@ -39,7 +45,10 @@ def test_a_server_out_of_reach_is_unreachable(exc: Exception) -> None:
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [
-        (psycopg.errors.InsufficientPrivilege("permission denied for table x"), StoreError),
+        (
+            psycopg.errors.InsufficientPrivilege("permission denied for table x"),
+            StoreAccessDenied,
+        ),
         (psycopg.errors.UndefinedTable('relation "lease_holders" does not exist'), StoreError),
         (psycopg.errors.DiskFull("could not extend file"), StoreError),
         (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), StoreLocked),

@@ -18,7 +18,13 @@ from importlib.resources.abc import Traversable
 
 import psycopg
 
-from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData, StoreUnreachable
+from mailstrom.errors import (
+    StoreAccessDenied,
+    StoreError,
+    StoreLocked,
+    StoreRefusedData,
+    StoreUnreachable,
+)
 from mailstrom.stores.postgres.locks import LockWait, lock_wait_message
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
@@ -84,6 +90,13 @@ connection exceptions, an administrator's or a crash's shutdown, a server starti
 too many connections."""
 
 
+_GRANTS = (
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO the role, and"
+    " USAGE ON ALL SEQUENCES IN SCHEMA public"
+)
+"""What a role needs on a current schema (docs/guide.md, "PostgreSQL: roles and statistics")."""
+
+
 def unreachable(exc: psycopg.OperationalError) -> bool:
     """Whether ``exc`` says the server could not be reached or went away mid-call: the
     driver's own errors (no SQLSTATE: refused, lost, timed out, the pool's wait for a
@@ -103,12 +116,20 @@ def translate_errors(
     for a wait for a lock that outlasted ``lock_timeout`` (55P03), saying who holds it
     when ``diagnose`` can tell (see :mod:`~mailstrom.stores.postgres.locks`);
     StoreUnreachable when the server could not be reached or went away
-    (:func:`unreachable`)."""
+    (:func:`unreachable`); StoreAccessDenied when this role lacks a privilege on the
+    tables (42501), which no retry mends until an operator grants it."""
     try:
         yield
     except psycopg.errors.LockNotAvailable as exc:
         wait = diagnose() if diagnose is not None else None
         raise StoreLocked(lock_wait_message(doing, exc, wait)) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # A role granted nothing failed its very first read (schema_version) with a plain
+        # StoreError, and a starting worker waited for a grant for ever.
+        raise StoreAccessDenied(
+            f"PostgreSQL store: {doing} failed: {exc}; this database role lacks a"
+            f" privilege on mailstrom's tables ({_GRANTS})"
+        ) from exc
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
         raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
     except psycopg.OperationalError as exc:
