@@ -421,6 +421,38 @@ def test_server_going_away_is_a_store_error(postgres_server: ThrowawayPostgres) 
         s.close()
 
 
+def _backends_of_others(conn: psycopg.Connection[tuple[object, ...]]) -> set[object]:
+    query = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    return {pid for (pid,) in conn.execute(query)}
+
+
+def test_pooled_connections_the_server_closed_are_not_handed_to_a_call(
+    postgres_url: str,
+) -> None:
+    """The server closed the pool's idle connections (a restart or failover, an operator's
+    pg_terminate_backend, idle_session_timeout): the next calls failed with
+    StoreUnreachable, one per dead connection, although the server answered, and an
+    application's send_email raised for mail it could have queued."""
+    with PostgresStore(postgres_url, min_size=3, max_size=3, timeout=5) as store:
+        with ThreadPoolExecutor(3) as pool:  # three connections in use, then idle
+            list(pool.map(lambda _: store.stats(), range(9)))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            pids = _backends_of_others(admin)
+            assert len(pids) >= 3
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (list(pids),)
+            )
+            for _ in range(1000):  # until they have gone (each said why before it went)
+                if not pids & _backends_of_others(admin):
+                    break
+                admin.execute("SELECT pg_sleep(0.01)")
+        mids = [store.enqueue(message(f"r{i}@example.org"), now=T0) for i in range(4)]
+        assert [store.status(mid).id for mid in mids] == mids
+
+
 def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> None:
     """EXPLAIN of the statement a lease by lanes runs: each lane's rows come from
     recipients_lane_due (sequential scans are priced out, as on a large table)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -311,6 +312,43 @@ def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     conn.prepare_threshold = params.prepare_threshold
 
 
+class LivePool(ConnectionPool[psycopg.Connection[Any]]):
+    """A pool that never hands out a connection the server closed while it sat idle in
+    the pool: a server restarted or failed over, an operator's ``pg_terminate_backend``,
+    ``idle_session_timeout``. psycopg_pool finds such a connection broken only when the
+    call using it fails, so every pooled connection cost a call, a ``send_email``
+    among them, a StoreUnreachable from a server that answered. (psycopg_pool's own
+    ``check`` would cost every call a round trip, and waits a second or more after each
+    connection found dead.)"""
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        for _ in range(self.max_size):  # at most every pooled connection is dead
+            conn = super().getconn(timeout)
+            if not closed_by_server(conn):
+                return conn
+            self.putconn(conn)  # broken: the pool drops it and makes another
+        return super().getconn(timeout)
+
+
+def closed_by_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server closed ``conn``, an idle connection: then it said why (an
+    ErrorResponse, "terminating connection due to administrator command") and closed its
+    end, and the socket has something to read, which an idle connection otherwise only
+    has rarely (a ParameterStatus the server sends unasked). Something to read costs a
+    round trip to tell which; nothing costs one ``poll``, no round trip."""
+    if conn.closed:
+        return True
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        ConnectionPool.check_connection(conn)
+    except psycopg.Error:
+        return True
+    return False
+
+
 def connection_pool(
     url: str,
     *,
@@ -321,8 +359,9 @@ def connection_pool(
     reconnect_within: float = RECONNECT_WITHIN,
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """A pool (not yet open) of autocommit connections to ``url``: bounded in time, UTC,
-    preparing statements as the URL's ``prepare_threshold`` says, and waiting for a lock
-    as its ``lock_timeout`` says (see :mod:`~mailstrom.stores.postgres.locks`).
+    preparing statements as the URL's ``prepare_threshold`` says, waiting for a lock
+    as its ``lock_timeout`` says (see :mod:`~mailstrom.stores.postgres.locks`), and
+    handing out none the server closed meanwhile (:class:`LivePool`).
 
     After losing the server the pool reconnects soon after it comes back, whatever the
     outage lasted: its attempts back off (1 s, 2 s, 4 s, ...) for ``reconnect_within``
@@ -332,7 +371,7 @@ def connection_pool(
     longer than another worker, back sooner, waits before it takes this one for dead
     (:mod:`~mailstrom.stores.postgres.holders`)."""
     conninfo, params = split_url(url)
-    return ConnectionPool(
+    return LivePool(
         bounded(conninfo),
         min_size=min_size,
         max_size=max_size,
