@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -43,6 +44,18 @@ def test_not_a_database_exits_74(cli: CLI) -> None:
     supervisor does not restart-loop on it."""
     (cli.cwd / "queue.db").write_text("this is not a queue\n" * 100)
     every_command_exits_74(cli, "not a mailstrom database")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_store_path_that_is_no_file_exits_74(cli: CLI, kind: str) -> None:
+    """A directory where the queue's file should be exited 75 ("disk I/O error": try
+    again, for ever); a FIFO hung every view in opening it for reading."""
+    path = cli.cwd / "queue.db"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    every_command_exits_74(cli, "not a regular file")
 
 
 def test_malformed_database_exits_74(cli: CLI) -> None:

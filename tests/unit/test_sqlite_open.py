@@ -97,6 +97,20 @@ def test_a_newer_schema_is_corrupt(db: Path) -> None:
             SQLiteStore(db, read_only=read_only)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_path_that_is_no_regular_file_is_corrupt(db: Path, kind: str) -> None:
+    """A directory was a passing StoreError ("disk I/O error"), retried for ever; a FIFO
+    hung a read-only open (SQLite waits in open() for a writer to come)."""
+    if kind == "directory":
+        db.mkdir()
+    else:
+        os.mkfifo(db)
+    for read_only in (False, True):
+        with pytest.raises(StoreCorrupt, match="not a regular file"):
+            SQLiteStore(db, read_only=read_only)
+
+
 def test_a_deleted_database_file_is_corrupt(db: Path) -> None:
     """Hardening #18: the file deleted under an open store is StoreCorrupt; no new empty
     database is created in its place."""

@@ -274,6 +274,29 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _check_regular(path: str) -> None:
+    """StoreCorrupt when ``path`` (followed through symlinks) is there but no regular
+    file: SQLite failed on a directory with "disk I/O error", which reads as worth
+    retrying, and opening a FIFO for reading waited in ``open()`` for a writer, for
+    ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: opening it says what is wrong
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise StoreCorrupt(f"{path} is not a regular file ({kind}): not a mailstrom database")
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
 def _latest_schema() -> int:
     available = migrations()
     return available[-1][0] if available else 0
@@ -401,6 +424,7 @@ class SQLiteStore:
             self._open_read_only(latest)
             return
         self._create_private()
+        _check_regular(self._path)
         # The file exists now: SQLite must never create one (mode=rw), not in place of a
         # store deleted later, nor with its default 0644 at the end of a dangling symlink.
         self._uri = _file_uri(self._path, "mode=rw")
@@ -515,6 +539,7 @@ class SQLiteStore:
     def _open_read_only(self, latest: int) -> None:
         if not os.path.exists(self._path):
             raise StoreError(f"no mailstrom queue at {self._path}")
+        _check_regular(self._path)
         self._file = _identity(self._path)
         self._uri = _file_uri(self._path, "mode=ro")
         try:
