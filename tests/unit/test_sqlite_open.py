@@ -14,6 +14,7 @@ import pytest
 from tests.contract.support import NOW, message
 
 from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.runtime.store_opening import worth_waiting
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite_schema import migrations
 
@@ -95,6 +96,29 @@ def test_a_newer_schema_is_corrupt(db: Path) -> None:
     for read_only in (False, True):
         with pytest.raises(StoreCorrupt, match="newer"):
             SQLiteStore(db, read_only=read_only)
+
+
+def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two versions starting on an older store at once (a rolling upgrade): the newer
+    one took the write lock first and migrated past this mailstrom. What this one's
+    migration then read under the lock was a plain StoreError, so a starting worker
+    waited for ever for a schema it can never understand, and no path was named."""
+    import mailstrom.stores.sqlite as sqlite_module
+
+    migrate = sqlite_module.migrate
+
+    def newer_first(conn: sqlite3.Connection) -> int:
+        with closing(sqlite3.connect(db)) as other, other:
+            other.execute("PRAGMA user_version = 9999")  # the other process won the lock
+        return migrate(conn)
+
+    monkeypatch.setattr(sqlite_module, "migrate", newer_first)
+    with pytest.raises(StoreCorrupt, match="newer") as raised:
+        SQLiteStore(db)
+    assert str(db) in str(raised.value)
+    assert not worth_waiting(raised.value)
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from typing import Any
 
 from mailstrom.arguments import shown
 from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
-from mailstrom.errors import StoreError, UnreadableRow
+from mailstrom.errors import StoreCorrupt, StoreError, UnreadableRow
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
@@ -140,8 +140,11 @@ def migrate(conn: sqlite3.Connection) -> int:
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > latest:
-            raise StoreError(
-                f"database schema version {version} is newer than this mailstrom "
+            # Another process migrated past us since the caller read the version (a newer
+            # mailstrom starting beside this one): as permanent as when read at open.
+            (_, _, path) = conn.execute("PRAGMA database_list").fetchone()
+            raise StoreCorrupt(
+                f"{path}: database schema version {version} is newer than this mailstrom "
                 f"understands ({latest}); upgrade mailstrom"
             )
         for number, script in available:
