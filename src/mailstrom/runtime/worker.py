@@ -828,6 +828,9 @@ class Worker(
                         self._store_trouble("extend", exc)
                         state.extend_failed = True
                         continue
+                    # The store answers again: while a delivery takes long, no write of
+                    # results comes to say so, and the failure stayed in store_error.
+                    self._store_fine("extend")
                     state.held_until = beat + lease_for.total_seconds()
                     state.expires_at = until
                     state.extend_failed = state.fenced = False

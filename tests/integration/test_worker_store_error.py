@@ -1,0 +1,64 @@
+"""``worker_status.store_error`` says the store fails while it fails, and no longer once it
+answers again: also for the calls the worker makes beside its writes of results (the
+heartbeat's extensions of its leases), which alone run while a delivery takes long."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from mailstrom import Mailstrom, Timeouts
+from mailstrom.errors import StoreLocked
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.base import Lease
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.integration.test_worker_modes import _wait_until, config, hello
+
+PATIENT = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=120)
+"""The worker waits for the final reply well past the test's own waits."""
+
+
+class ExtendFailsOnce(SQLiteStore):
+    """A SQLite store whose first extension of a lease fails as a write lock held
+    elsewhere past busy_timeout makes it fail; counts the extensions that worked after."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failed = threading.Event()
+        self.extended_after = 0
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        if not self.failed.is_set():
+            self.failed.set()
+            raise StoreLocked("database is locked (another process holds its write lock)")
+        held = super().extend(lease, until=until)
+        self.extended_after += 1
+        return held
+
+
+def test_an_extension_that_works_again_clears_the_store_error(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The heartbeat set store_error when an extension failed and never cleared it:
+    while a delivery took long (no result to write) the status said the store failed,
+    for as long as the delivery lasted, although every extension since had worked."""
+    mx = smtp_server(stall_on="dot")  # takes the message, then does not answer
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = ExtendFailsOnce(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, timeouts=PATIENT, lease_for=timedelta(seconds=1.5))
+    ms = Mailstrom(cfg, store=store, worker="thread")
+    ms.start()
+    try:
+        ms.send_email(hello("u@example.org"))
+        assert _wait_until(lambda: len(mx.received) >= 1, 10)  # in flight from now on
+        assert store.failed.wait(10)
+        assert _wait_until(lambda: store.extended_after >= 2, 10)
+        status = ms.worker_status
+        assert status.running and status.unrecorded == 0
+        assert status.store_error is None, status.store_error
+    finally:
+        ms.stop(timeout=0)
+        store.close()
