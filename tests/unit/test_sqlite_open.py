@@ -121,6 +121,24 @@ def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
     assert not worth_waiting(raised.value)
 
 
+@pytest.mark.parametrize("table", ["users", "messages"])
+def test_another_programs_database_is_not_a_mailstrom_database(db: Path, table: str) -> None:
+    """A store URL naming another program's SQLite file (an application's db.sqlite3):
+    mailstrom added its tables to it (and made it WAL), or, where a name was taken,
+    failed with a passing StoreError ("table messages already exists") retried for ever;
+    a view told the user to run `mailstrom db migrate` on it."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+    before = db.read_bytes()
+    for read_only in (True, False):
+        with pytest.raises(StoreCorrupt, match="not a mailstrom database") as raised:
+            SQLiteStore(db, read_only=read_only)
+        assert not worth_waiting(raised.value)
+    assert db.read_bytes() == before
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [(table,)]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_a_path_that_is_no_regular_file_is_corrupt(db: Path, kind: str) -> None:

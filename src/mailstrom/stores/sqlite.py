@@ -150,6 +150,7 @@ from mailstrom.stores.sqlite_schema import (
     migrations,
     opt_time_at,
     opt_us,
+    schema_version,
     shown_time,
     to_us,
 )
@@ -429,7 +430,7 @@ class SQLiteStore:
         # store deleted later, nor with its default 0644 at the end of a dangling symlink.
         self._uri = _file_uri(self._path, "mode=rw")
         with self._connection() as conn:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            version = schema_version(conn, self._path)
             _check_schema(version, self._path, latest)
             # Only takes effect on a new, empty file. Every commit writes each page it
             # touched to the WAL (an enqueue touches one of each table and index it adds
@@ -566,7 +567,7 @@ class SQLiteStore:
         """The schema version, read on a connection that is then pooled."""
         conn = self._connect()
         try:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            version = schema_version(conn, self._path)
         except BaseException:
             conn.close()
             raise

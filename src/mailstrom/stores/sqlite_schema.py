@@ -8,6 +8,7 @@ exactly; the API uses aware UTC datetimes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sqlite3
@@ -126,6 +127,36 @@ def _statements(script: str) -> Iterator[str]:
         ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()
     ):
         raise StoreError(f"incomplete SQL statement in migration: {buffer[:80]!r}")
+
+
+def schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """The schema version of the database on ``conn`` (which must be outside a
+    transaction); StoreCorrupt when it is another program's database.
+
+    A mailstrom database never holds anything at version 0: each migration commits its
+    tables with its version. So a file at version 0 that holds tables, indexes or views
+    is another program's (a store URL naming an application's own SQLite file):
+    migrating it would add mailstrom's tables to it and make it WAL. Both are read in
+    one snapshot, so a new file another process migrates meanwhile is not taken for one.
+    """
+    conn.execute("BEGIN")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        foreign = version == 0 and conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+    except BaseException:
+        # The failure is what the caller must see (a -shm that cannot be made, say), not
+        # a COMMIT of a transaction SQLite may have rolled back already.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    if foreign:
+        raise StoreCorrupt(
+            f"{path} holds another program's tables and no mailstrom schema version:"
+            " not a mailstrom database"
+        )
+    return int(version)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
