@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from tests.contract.support import NOW, message
 
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import InvalidArgument, StoreCorrupt, StoreError
 from mailstrom.runtime.store_opening import worth_waiting
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite_schema import migrations
@@ -137,6 +137,22 @@ def test_another_programs_database_is_not_a_mailstrom_database(db: Path, table: 
     assert db.read_bytes() == before
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [(table,)]
+
+
+def test_a_busy_timeout_past_sqlites_range_still_waits(db: Path) -> None:
+    """SQLite takes its busy timeout as a C int of milliseconds: 25 days or more wrapped
+    to 0, so a store told to wait long did not wait at all for another program's lock;
+    an infinite one raised OverflowError, NaN ValueError."""
+    store = SQLiteStore(db, busy_timeout=40 * 86400)
+    try:
+        with store._read() as conn:
+            (waits,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        assert waits == 2**31 - 1
+    finally:
+        store.close()
+    for wrong in (float("inf"), float("nan"), "5"):
+        with pytest.raises(InvalidArgument, match="busy_timeout"):
+            SQLiteStore(db, busy_timeout=wrong)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(60)

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.arguments import member_of, shown
+from mailstrom.arguments import check_timeout, member_of, shown
 from mailstrom.errors import (
     StoreCorrupt,
     StoreError,
@@ -167,6 +167,10 @@ log = logging.getLogger(__name__)
 
 _BUSY_SLACK_MS = 5
 """A wait for the write lock shorter than this leaves SQLite's busy timeout as it is."""
+
+_MAX_BUSY_MS = 2**31 - 1
+"""SQLite's longest busy timeout (a C int of milliseconds, about 24.8 days): a longer one
+wraps, to no wait at all."""
 
 _SIBLING_WINDOW = 0.005
 """A thread that enqueued within this many seconds counts as enqueueing concurrently."""
@@ -352,7 +356,8 @@ class SQLiteStore:
 
     ``busy_timeout`` is how many seconds a write waits for the write lock in all (held by
     other threads, other processes or other programs' connections), then fails with
-    :class:`StoreLocked`;
+    :class:`StoreLocked` (a finite number, else :class:`~mailstrom.errors.InvalidArgument`;
+    SQLite's own wait stops at its longest, about 24.8 days);
     ``group_commit=False`` commits every ``enqueue`` on its own (for comparison).
     ``commit_delay`` is how long the leader of a group commit waits for the enqueues of
     other threads that have been enqueueing too (never when one thread enqueues alone):
@@ -382,6 +387,7 @@ class SQLiteStore:
         # process changes its working directory (a daemon's chdir("/")), and the store
         # would take its file for deleted, or a worker process open another queue.
         self._path = os.path.abspath(given)
+        busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         self._busy_timeout = busy_timeout
         self._commit_delay = commit_delay
         self._group_commit = group_commit
@@ -397,8 +403,9 @@ class SQLiteStore:
         self._held_for_fork = False
         self._closed = False
         self._closed_why = "the store is closed"
-        self._busy_ms = int(busy_timeout * 1000)
-        """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets)."""
+        self._busy_ms = min(int(busy_timeout * 1000), _MAX_BUSY_MS)
+        """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets), within the
+        range it takes: a longer wait is SQLite's longest, not none."""
         self._write_lock = threading.Lock()
         self._process_lock: ProcessLock | None = None
         self._pending: list[_Enqueue] = []
@@ -511,7 +518,7 @@ class SQLiteStore:
     def _begin_immediate(self, conn: sqlite3.Connection, deadline: float) -> None:
         """BEGIN IMMEDIATE, SQLite's busy handler waiting only what is left until
         ``deadline`` (past it: one look) when the wait for the write lock took some."""
-        left = int(_left(deadline) * 1000)
+        left = min(int(_left(deadline) * 1000), self._busy_ms)
         if left >= self._busy_ms - _BUSY_SLACK_MS:
             conn.execute("BEGIN IMMEDIATE")  # the uncontended path: no statement added
             return
@@ -602,7 +609,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self._uri or self._path,
-            timeout=self._busy_timeout,
+            timeout=self._busy_ms / 1000,
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,  # pooled: used by one thread at a time, any thread
             uri=self._uri is not None,
