@@ -183,3 +183,15 @@ def test_libpq_s_reason_is_left_out_when_the_url_holds_a_password() -> None:
         check_conninfo("postgresql://mail:%zzsecret@db.internal/mail")
     assert "secret" not in str(info.value)
     assert "mail:***@db.internal" in str(info.value)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e12, 0, -1, "30"])
+def test_a_timeout_that_is_no_wait_is_an_invalid_argument(timeout: object) -> None:
+    """inf raised OverflowError, NaN ValueError, 1e12 OverflowError ("timestamp out of
+    range"); 0 or a negative one a StoreUnreachable ("pool initialization incomplete
+    after 0 sec") that blamed a server nobody had asked. Refused before connecting."""
+    from mailstrom.errors import InvalidArgument
+    from mailstrom.stores.postgres import PostgresStore
+
+    with pytest.raises(InvalidArgument, match="timeout"):
+        PostgresStore("postgresql://mail@127.0.0.1:1/mail", timeout=timeout)  # type: ignore[arg-type]

@@ -22,7 +22,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
+from mailstrom.arguments import check_timeout, shown
+from mailstrom.errors import InvalidArgument, StoreError, UnknownMessage, UnreadableRow
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
@@ -122,6 +123,20 @@ def _holdable(text: str) -> bool:
     return True
 
 
+def _wait(timeout: object) -> float:
+    """The store's ``timeout``, checked before it reaches the pool: a value no wait can
+    be (inf, NaN, a hundred years past) raised OverflowError or ValueError there, and 0
+    or less a StoreUnreachable ("pool initialization incomplete after 0 sec") that
+    blamed a server nobody had asked."""
+    seconds = check_timeout(timeout, "timeout")
+    if seconds <= 0:
+        raise InvalidArgument(
+            f"timeout: expected a positive number of seconds, got {shown(timeout)}",
+            argument="timeout",
+        )
+    return seconds
+
+
 def _state_values(where: QueueFilter) -> list[str] | None:
     """The ``states`` filter as the text array the queries take."""
     return None if where.states is None else sorted(s.value for s in where.states)
@@ -146,6 +161,7 @@ class PostgresStore:
     def __init__(
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
     ) -> None:
+        timeout = _wait(timeout)
         self._url = url
         # What libpq gets: the URL less mailstrom's own parameters (see connect.split_url).
         self._conninfo, params = split_url(url)
