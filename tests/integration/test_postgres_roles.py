@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from mailstrom import Email, Mailstrom
 from mailstrom.errors import StoreAccessDenied
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.store_opening import worth_waiting
@@ -21,6 +22,9 @@ from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.migrate import migrate
 from mailstrom.stores.postgres.sql import migrations
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results, loopback_config
 from tests.support.pg_tables import analysed, schema_at, small_message, without_autovacuum
 
 pytestmark = pytest.mark.postgres
@@ -171,3 +175,31 @@ def test_an_upgrade_that_adds_a_table_grants_it_to_whoever_may_use_the_queue(
         assert not may(mailer, "INSERT WITH GRANT OPTION") and may(mailer, "INSERT")
         # Only what PUBLIC holds on messages: a role granted nothing may read, not write.
         assert may(stranger, "SELECT") and not may(stranger, "INSERT")
+
+
+def test_a_worker_starts_and_polls_when_no_listen_connection_can_be_had(
+    owner_url: str, smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Connections exhausted (the role's CONNECTION LIMIT, max_connections): the pool
+    had its connection, and the worker's LISTEN connection could not be made. The
+    StoreUnreachable this raised failed the worker's start (WorkerError), where the
+    store works and LISTEN is only the fast way to hear of mail: polling finds it."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    with role_on(owner_url) as url:
+        store = PostgresStore(url, min_size=1, max_size=1, timeout=5)
+        try:
+            with psycopg.connect(owner_url, autocommit=True) as conn:
+                conn.execute(f"ALTER ROLE {_role_of(url)} CONNECTION LIMIT 1")
+            results = Results()
+            cfg = loopback_config(dns_server, mx.port, poll_interval=0.2)
+            with Mailstrom(cfg, store=store, worker="thread", on_result=results) as ms:
+                mid = ms.send_email(
+                    Email(from_="a@sender.test", to=["bob@example.org"], subject="x", text="y")
+                )
+                (result,) = results.wait_count(1)
+                assert result.state is RecipientState.DELIVERED
+                assert ms.query_status(mid).state is RecipientState.DELIVERED
+        finally:
+            store.close()

@@ -246,6 +246,23 @@ class Worker(
         ``lease_for``), and the work went out before."""
         self._call_soon(self._beat_now.set)
 
+    def _watch(self) -> Callable[[], None] | None:
+        """Have the store call :meth:`wake` when mail is queued; None when it cannot now
+        (PostgreSQL's LISTEN connection refused: connections exhausted, a server going
+        away). The poll finds the mail then, as it is there for: failing the worker's
+        start for it stopped delivery from a store that answered every other call."""
+        try:
+            return self.store.watch(self.wake)
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            log.warning(
+                "not woken when mail is queued (looking every %g s instead): %s",
+                self.config.poll_interval,
+                exc,
+            )
+            return None
+
     def _watch_cancels(self) -> Callable[[], None] | None:
         """Have the store call :meth:`check_leases` when leased mail is cancelled; None
         when it cannot (the heartbeat still finds the cancel, later)."""
@@ -384,7 +401,7 @@ class Worker(
                     rng=self._rng,
                 )
                 hooks = asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
-            unwatch = self.store.watch(self.wake)
+            unwatch = self._watch()
             unwatch_cancels = self._watch_cancels()
             store_loop = asyncio.create_task(
                 self._store_loop(dispatcher, once=once), name="mailstrom-store"
