@@ -453,6 +453,29 @@ def test_pooled_connections_the_server_closed_are_not_handed_to_a_call(
         assert [store.status(mid).id for mid in mids] == mids
 
 
+def test_an_enqueue_committed_is_never_an_error_for_want_of_a_notify_thread(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NOTIFY after an enqueue starts its thread at the first one: where no thread
+    could be started (a container's pids.max reached: "can't start new thread"), the
+    RuntimeError reached send_email after the COMMIT, and a caller that tried again
+    queued the message twice. Workers find it at their next poll instead."""
+    start = threading.Thread.start
+
+    def no_notify_thread(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-pg-notify":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with PostgresStore(postgres_url, max_size=2) as store:
+        monkeypatch.setattr(threading.Thread, "start", no_notify_thread)
+        mid = store.enqueue(message("a@example.org"), now=T0)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        other = store.enqueue(message("b@example.org"), now=T0)  # the thread starts now
+        assert store.stats().messages == 2
+        assert {store.status(mid).id, store.status(other).id} == {mid, other}
+
+
 def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> None:
     """EXPLAIN of the statement a lease by lanes runs: each lane's rows come from
     recipients_lane_due (sequential scans are priced out, as on a large table)."""

@@ -80,13 +80,24 @@ class Notifier:
             with self._lock:
                 if self._closed:
                     return
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="mailstrom-pg-notify", daemon=True
-                    )
-                    self._thread.start()
+                if self._thread is None and not self._start():
+                    return
         self._pending = True
         self._wanted.set()
+
+    def _start(self) -> bool:
+        """Start the thread (under ``_lock``); False when none can be started (a
+        container's pids.max reached). The mail is committed already: an error here
+        would make a caller that tries again queue it twice. Workers find it at their
+        next poll, and the next poke tries again."""
+        thread = threading.Thread(target=self._run, name="mailstrom-pg-notify", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            log.warning("no NOTIFY after an enqueue (%s): workers find it at their next poll", exc)
+            return False
+        self._thread = thread
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what was asked for, then stop the thread. Idempotent."""
