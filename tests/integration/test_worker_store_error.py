@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from mailstrom import Mailstrom, Timeouts
-from mailstrom.errors import StoreLocked
+from mailstrom.errors import StoreError, StoreLocked
+from mailstrom.policy.shaping import ShapingConfig
+from mailstrom.status import DestinationThrottle
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import Lease
 from tests.fixtures.dns_server import LoopbackDNS
@@ -58,6 +60,50 @@ def test_an_extension_that_works_again_clears_the_store_error(
         assert _wait_until(lambda: store.extended_after >= 2, 10)
         status = ms.worker_status
         assert status.running and status.unrecorded == 0
+        assert status.store_error is None, status.store_error
+    finally:
+        ms.stop(timeout=0)
+        store.close()
+
+
+class ThrottlesFailOnce(SQLiteStore):
+    """A SQLite store whose fifth read of the destination pauses fails (a read the
+    database refused for a moment), well after the worker's first lease; counts the
+    reads that worked after it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads = 0
+        self.failed = threading.Event()
+        self.read_after = 0
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        self.reads += 1
+        if self.reads == 5:
+            self.failed.set()
+            raise StoreError("disk I/O error")
+        found = super().throttles(now=now)
+        if self.failed.is_set():
+            self.read_after += 1
+        return found
+
+
+def test_a_read_of_pauses_that_works_again_clears_the_store_error(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The pauses loop set store_error when its read failed and never cleared it: an
+    idle worker said the store failed until its next poll, a busy one until its next
+    write of results, although every read since had worked."""
+    mx = smtp_server()
+    store = ThrottlesFailOnce(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, poll_interval=120, shaping=ShapingConfig(refresh=0.05))
+    ms = Mailstrom(cfg, store=store, worker="thread")
+    ms.start()
+    try:
+        assert store.failed.wait(10)
+        assert _wait_until(lambda: store.read_after >= 2, 10)
+        status = ms.worker_status
+        assert status.running
         assert status.store_error is None, status.store_error
     finally:
         ms.stop(timeout=0)

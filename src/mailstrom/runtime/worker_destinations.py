@@ -55,6 +55,10 @@ class WorkerDestinations(WorkerStore):
                 await shaper.refresh()
             except StoreError as exc:  # a passing hiccup; the next read tries again
                 self._store_trouble("throttles", exc)
+            else:
+                # Read again: no other call may come to say so before the next poll (an
+                # idle worker) or write of results (one whose deliveries take long).
+                self._store_fine("throttles")
             await asyncio.sleep(interval)  # a timer, not synchronisation
 
     def _on_postpone(self, items: list[WorkItem], until: datetime, destination: str | None) -> None:
