@@ -8,12 +8,15 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from mailstrom import Mailstrom, Timeouts
 from mailstrom.errors import StoreError, StoreLocked
 from mailstrom.policy.shaping import ShapingConfig
+from mailstrom.runtime import worker_destinations
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores import SQLiteStore
-from mailstrom.stores.base import Lease
+from mailstrom.stores.base import MAX_TLS_BROKEN, Lease
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_worker_modes import _wait_until, config, hello
@@ -98,6 +101,51 @@ def test_a_read_of_pauses_that_works_again_clears_the_store_error(
     store = ThrottlesFailOnce(tmp_path / "q.db")
     cfg = config(dns_server, mx.port, poll_interval=120, shaping=ShapingConfig(refresh=0.05))
     ms = Mailstrom(cfg, store=store, worker="thread")
+    ms.start()
+    try:
+        assert store.failed.wait(10)
+        assert _wait_until(lambda: store.read_after >= 2, 10)
+        status = ms.worker_status
+        assert status.running
+        assert status.store_error is None, status.store_error
+    finally:
+        ms.stop(timeout=0)
+        store.close()
+
+
+class TLSMemoryFailsOnce(SQLiteStore):
+    """A SQLite store whose third read of the hosts with broken TLS fails; counts the
+    reads that worked after it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads = 0
+        self.failed = threading.Event()
+        self.read_after = 0
+
+    def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
+        self.reads += 1
+        if self.reads == 3:
+            self.failed.set()
+            raise StoreError("disk I/O error")
+        found = super().tls_broken(now=now, limit=limit)
+        if self.failed.is_set():
+            self.read_after += 1
+        return found
+
+
+def test_a_read_of_broken_tls_hosts_that_works_again_clears_the_store_error(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As for the pauses: the read of the hosts every worker found with broken TLS
+    (each minute) set store_error and never cleared it."""
+    monkeypatch.setattr(worker_destinations, "_TLS_REFRESH", 0.05)
+    mx = smtp_server()
+    store = TLSMemoryFailsOnce(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port, poll_interval=120), store=store, worker="thread")
     ms.start()
     try:
         assert store.failed.wait(10)

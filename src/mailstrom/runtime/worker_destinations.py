@@ -177,4 +177,6 @@ class WorkerDestinations(WorkerStore):
                 broken.load({h: (until - now).total_seconds() for h, until in known.items()})
             except StoreError as exc:
                 self._store_trouble("tls_broken", exc)
+            else:
+                self._store_fine("tls_broken")  # as for the pauses (_pauses_loop)
             await asyncio.sleep(_TLS_REFRESH)  # a timer, not synchronisation
