@@ -12,6 +12,7 @@ import pytest
 from mailstrom import DSN, Email, Notify, RecipientState, Return
 from mailstrom.bounces import parse_report, verp_address
 from mailstrom.client import Mailstrom
+from mailstrom.errors import StoreLocked
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import Results, loopback_config
@@ -374,3 +375,37 @@ def test_the_last_attempt_date_of_an_expired_recipient_is_its_last_attempt(
         results.wait_count(3)  # failed as expired, and the notice delivered
         [notice] = mx.wait_for_messages(1)
     assert b"\r\nLast-Attempt-Date: " + format_datetime(tried).encode() + b"\r\n" in notice.content
+
+
+def test_a_notice_the_store_could_not_take_is_queued_at_the_next_write(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """The store failed for a moment just as the notices were queued (a lock held past
+    busy_timeout, a full disk that had room for the results only): the notices were
+    logged and dropped, and the sender never heard that the mail failed. They wait in
+    memory as results do, and go with the next write that works."""
+
+    class NoticesFailOnce(MemoryStore):
+        failed = False
+
+        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
+            if not self.failed:
+                self.failed = True
+                raise StoreLocked("database is locked (another process holds its write lock)")
+            return super().enqueue_many(messages, now=now)
+
+    store = NoticesFailOnce()
+    ms = Mailstrom(
+        loopback_config(dns_server, mx.port, bounce_notices=True, poll_interval=0.2),
+        store=store,
+        on_result=results,
+    )
+    with ms:
+        ms.send_email(hello("nobody@example.org"))
+        results.wait_count(2)  # nobody failed, then the notice delivered
+    assert store.failed
+    by_address = {r.address: r.state for r in results.all}
+    assert by_address == {
+        "nobody@example.org": RecipientState.FAILED,
+        "app@sender.test": RecipientState.DELIVERED,
+    }

@@ -68,6 +68,7 @@ from mailstrom.stores.clock import ClockReading
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
+    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.runtime.hooks import HookSender
 
 log = logging.getLogger("mailstrom.worker")
@@ -211,6 +212,8 @@ class Worker(
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
         self._verp_key: bytes | None = None
+        self._unsent_notices: list[PreparedMessage] = []
+        """Bounce messages a store failure left unqueued: queued with the next write."""
         """The store's VERP key: the tokens of VERP envelope senders are made with it.
         Read when the first VERP message is leased, so that a store failing while the
         worker starts does not stop it, and a worker without VERP mail never asks."""
@@ -554,6 +557,8 @@ class Worker(
             backoff.reset()
             self._store_fine()
             await self._after_record(batch, recorded)
+            if self._unsent_notices:  # the store answers again: what it could not take
+                await self._send_notices([])
             if not leasing:
                 continue
             self._capped = any(most == 0 for _, most in lanes)

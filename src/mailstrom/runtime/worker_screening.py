@@ -32,6 +32,7 @@ class WorkerScreening(WorkerStore):
     _leases: dict[str, _LeaseState]
     _lease_wanted: bool
     _verp_key: bytes | None
+    _unsent_notices: list[PreparedMessage]
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
@@ -78,15 +79,24 @@ class WorkerScreening(WorkerStore):
 
     async def _send_notices(self, notices: list[PreparedMessage]) -> None:
         """Queue bounce messages like any other mail (they go out with the null sender,
-        so they are never bounced themselves). A store failure here loses them (logged)."""
+        so they are never bounced themselves), with those a store failure left unqueued
+        before. Those a store failure leaves unqueued now wait in memory, as results do,
+        for the next write that works (the store loop asks again): dropped, the sender
+        never heard that the mail failed, since nothing makes a notice again."""
+        waiting = self._unsent_notices + notices
+        if not waiting:
+            return
         try:
-            await self._store_call(self.store.enqueue_many, notices, now=self._clock())
+            await self._store_call(self.store.enqueue_many, waiting, now=self._clock())
         except StoreCorrupt:
             raise
         except StoreError as exc:
             self._store_trouble("bounce notices", exc)
-            log.warning("%d bounce messages not queued: %s", len(notices), exc)
+            if not self._unsent_notices:
+                log.warning("%d bounce messages not queued yet: %s", len(waiting), exc)
+            self._unsent_notices = waiting
         else:
+            self._unsent_notices = []
             self._lease_wanted = True
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
