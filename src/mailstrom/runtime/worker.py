@@ -211,9 +211,9 @@ class Worker(
         self._capped = False
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
-        self._verp_key: bytes | None = None
         self._unsent_notices: list[PreparedMessage] = []
         """Bounce messages a store failure left unqueued: queued with the next write."""
+        self._verp_key: bytes | None = None
         """The store's VERP key: the tokens of VERP envelope senders are made with it.
         Read when the first VERP message is leased, so that a store failing while the
         worker starts does not stop it, and a worker without VERP mail never asks."""
