@@ -67,6 +67,7 @@ from mailstrom.stores.operator import (
     PENDING_STATES,
     ShapeRow,
     Suspension,
+    comparable,
     effective_states,
     listed_ids,
     normalize_prefix,
@@ -107,20 +108,6 @@ from mailstrom.suppression import Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
-
-
-def _holdable(text: str) -> bool:
-    """Whether a PostgreSQL text column could hold ``text``: one with a NUL or a lone
-    surrogate cannot, so no stored id, address or name equals it. Lookups answer "not
-    found" for it, as the memory store does, where sending it raised StoreRefusedData:
-    an application that moves between stores must get the same answer."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _wait(timeout: object) -> float:
@@ -616,7 +603,7 @@ class PostgresStore:
 
     def status(self, message_id: str) -> MessageStatus:
         """The message's status with every recipient's history."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
         found = rows.messages_from_rows(
             self._fetch_dicts("status", {"id": message_id}), strict=True
@@ -697,7 +684,7 @@ class PostgresStore:
 
     def retry(self, message_id: str, *, now: datetime) -> int:
         """Make the message's pending recipients due at ``now``; returns how many."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
         found, changed, _ = self._fetch("retry", {"id": message_id, "now": now})[0]
         if not found:
@@ -711,7 +698,7 @@ class PostgresStore:
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
         found, changed, _ = self._fetch("cancel", {"id": message_id, "now": now})[0]
         if not found:
@@ -720,7 +707,7 @@ class PostgresStore:
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (not leased) or release a message."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
         found, _ = self._fetch("set_held", {"id": message_id, "held": held})[0]
         if not found:
@@ -788,7 +775,7 @@ class PostgresStore:
 
     def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
         """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
-        if not _holdable(domain):
+        if not comparable(domain):
             return None
         found = self._fetch_side("mta_sts_policy", {"domain": domain.lower()})
         return tls_rows.policy_from_row(found[0]) if found else None
@@ -1011,7 +998,7 @@ class PostgresStore:
 
     def message_data(self, message_id: str) -> bytes:
         """The message as stored."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
         found = self._fetch("message_data", {"id": message_id})
         if not found:
@@ -1024,7 +1011,7 @@ class PostgresStore:
 
     def resume(self, domain: str) -> bool:
         """End the suspension of ``domain``; wakes workers (NOTIFY)."""
-        if not _holdable(domain):
+        if not comparable(domain):
             return False
         found, _ = self._fetch("resume", {"domain": domain})[0]
         return bool(found)
@@ -1173,7 +1160,7 @@ class PostgresStore:
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""
-        targets = [t for t in targets if _holdable(t)]
+        targets = [t for t in targets if comparable(t)]
         if not targets:
             return 0
         [(count,)] = self._fetch("unsuppress", {"targets": list(set(targets))})
@@ -1181,7 +1168,7 @@ class PostgresStore:
 
     def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
         """The entries of ``targets`` that apply at ``now`` (one primary-key lookup)."""
-        targets = [t for t in targets if _holdable(t)]
+        targets = [t for t in targets if comparable(t)]
         if not targets:
             return {}
         found = self._fetch("suppressions_for", {"targets": list(targets), "now": now})
@@ -1199,9 +1186,9 @@ class PostgresStore:
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
         (two statements with events enabled)."""
-        if not _holdable(message_id):
+        if not comparable(message_id):
             raise UnknownMessage(message_id)
-        if not _holdable(address):
+        if not comparable(address):
             self.status(message_id)  # UnknownMessage for an unknown message
             return False  # a known message has no such recipient
         a = bounded_attempt(attempt)
@@ -1257,7 +1244,7 @@ class PostgresStore:
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""
-        if not _holdable(header_message_id):
+        if not comparable(header_message_id):
             return []
         found = self._fetch(
             "message_ids_for_header",
