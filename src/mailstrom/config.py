@@ -534,8 +534,9 @@ class Config:
     a receiver on 127.0.0.1 turn it on."""
     mx_address_limit: int = 5
     """Addresses one delivery attempt may try for a domain, over all its MX hosts, in
-    order (Postfix's ``smtp_mx_address_limit``). Bounds the DNS work per route too: only
-    as many MX hosts are looked up as the limit can use."""
+    order (Postfix's ``smtp_mx_address_limit``); an address several hosts share counts
+    once. Bounds the DNS work per route too: only as many MX hosts are looked up as the
+    limit can use."""
     event_loop: EventLoop = EventLoop.AUTO
     """The loop a worker started by mailstrom runs on: uvloop when installed (several
     times faster per message), or asyncio's own."""

@@ -295,6 +295,46 @@ def test_a_first_mx_that_never_greets_is_waited_for_once(
     assert silent.connections == (1 if remember else 3)
 
 
+def test_an_address_two_mx_hosts_share_is_tried_once_and_counted_once(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    # mx1 and mx2 are one machine that never greets: waiting for it under a second name
+    # costs a second timeout, and counting it twice toward mx_address_limit (2) left the
+    # backup, mx3, out of the route.
+    silent = smtp_server(host="127.0.0.2", port=mx.port, stall_on="greeting")
+    backup = smtp_server(host="127.0.0.3", port=mx.port)
+    dns_server.mx("shared.test", [(10, "mx1.test"), (20, "mx2.test"), (30, "mx3.test")])
+    dns_server.a("mx1.test", silent.host)
+    dns_server.a("mx2.test", silent.host)
+    dns_server.a("mx3.test", backup.host)
+    ms = mailstrom(timeouts=replace(FAST, greeting=0.5), mx_address_limit=2)
+    mid = ms.send_email(hello("dave@shared.test"))
+    results.wait_final({"dave@shared.test"})
+    dave = ms.query_status(mid).recipient("dave@shared.test")
+    assert (dave.state, dave.mx_host) == (DELIVERED, "mx3.test")
+    assert silent.connections == 1
+
+
+@pytest.mark.parametrize("remember", [timedelta(minutes=5), timedelta(0)])
+def test_an_unreachable_address_is_not_tried_again_under_another_mx_name(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    mx: Any,
+    remember: timedelta,
+) -> None:
+    silent = smtp_server(host="127.0.0.2", port=mx.port, stall_on="greeting")
+    dns_server.mx("shared.test", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", silent.host)
+    dns_server.a("mx2.test", silent.host)
+    ms = mailstrom(timeouts=replace(FAST, greeting=0.5), remember_unreachable=remember)
+    mid = ms.send_email(hello("erin@shared.test"))
+    results.wait_final({"erin@shared.test"})
+    assert ms.query_status(mid).recipient("erin@shared.test").state is DEFERRED
+    assert silent.connections == 1
+
+
 def test_implicit_mx(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

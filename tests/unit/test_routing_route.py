@@ -128,6 +128,17 @@ def test_limit_addresses_keeps_the_first_in_order() -> None:
     assert limit_addresses(hosts, 1)[0].addresses == ("192.0.2.1",)
 
 
+def test_limit_addresses_counts_an_address_hosts_share_once() -> None:
+    hosts = (
+        MXHost(name="a", preference=1, addresses=("192.0.2.1",)),
+        MXHost(name="b", preference=2, addresses=("192.0.2.1", "192.0.2.2")),
+        MXHost(name="c", preference=3, addresses=("192.0.2.3", "192.0.2.1")),
+    )
+    kept = limit_addresses(hosts, 2)
+    assert [h.addresses for h in kept] == [("192.0.2.1",), ("192.0.2.1", "192.0.2.2")]
+    assert limit_addresses(hosts, 3) == hosts
+
+
 def test_next_hops_are_the_domain_and_its_expansion_unless_the_mx_is_implicit() -> None:
     host = MXHost(name="mx.example.org", preference=10, addresses=("192.0.2.1",))
     plain = Route(domain="example.org", hosts=(host,), implicit=False)

@@ -389,16 +389,16 @@ async def _mx_route(
     ttls = [mx_ttl]
     refused: list[tuple[str | None, str, str]] = []
     temporary: TemporaryFailure | None = None
-    found = 0
+    found: set[str] = set()  # distinct: an address two hosts share fills one place
     next_host = 0
     # Each host that has a usable address fills at least one place, so a batch never needs
     # more hosts than places are left; later batches look further only when hosts had
-    # none (no records, refused, or a failed lookup).
-    while next_host < len(candidates) and found < policy.mx_address_limit:
+    # none (no records, refused, a failed lookup, or only addresses another host has).
+    while next_host < len(candidates) and len(found) < policy.mx_address_limit:
         if resolution.spent:
             temporary = resolution.timed_out(f"the MX hosts of {domain}")
             break
-        size = min(policy.mx_address_limit - found, policy.max_dns_queries // 2)
+        size = min(policy.mx_address_limit - len(found), policy.max_dns_queries // 2)
         batch = candidates[next_host : next_host + size]
         next_host += len(batch)
         results = await asyncio.gather(*(resolution.addresses(name) for name, _ in batch))
@@ -419,7 +419,7 @@ async def _mx_route(
                     canonical=result.canonical,
                 )
             )
-            found += len(result.addresses)
+            found.update(result.addresses)
     if not hosts:
         if temporary is not None:
             raise temporary

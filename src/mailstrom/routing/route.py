@@ -102,17 +102,27 @@ def shuffle_spans(
 
 
 def limit_addresses(hosts: Iterable[MXHost], limit: int) -> tuple[MXHost, ...]:
-    """The first ``limit`` addresses of ``hosts``, in order, still grouped by host: later
-    hosts are dropped and the last one kept may lose its later addresses."""
+    """The first ``limit`` distinct addresses of ``hosts``, in order, still grouped by
+    host: later hosts are dropped and the last one kept may lose its later addresses.
+
+    An address several hosts share counts once: it is one machine, and counted under each
+    name it pushed other machines (a backup MX host) out of the route. It stays under
+    each name, as TLS may go differently by name (SNI, certificate, TLSA records)."""
     kept: list[MXHost] = []
-    left = limit
+    seen: set[str] = set()
     for host in hosts:
-        if left <= 0:
+        if len(seen) >= limit:
             break
-        if len(host.addresses) > left:
-            host = replace(host, addresses=host.addresses[:left])
+        addresses: list[str] = []
+        for address in host.addresses:
+            if address not in seen:
+                if len(seen) >= limit:
+                    break
+                seen.add(address)
+            addresses.append(address)
+        if len(addresses) < len(host.addresses):
+            host = replace(host, addresses=tuple(addresses))
         kept.append(host)
-        left -= len(host.addresses)
     return tuple(kept)
 
 

@@ -437,7 +437,13 @@ class Dispatcher:
         opener = self._opener
         # The rule's own bound on sockets, besides the worker's (see runtime.opener).
         budget = shape.sockets if shape is not None else None
+        # Addresses that could not be reached in this attempt: another MX host name of the
+        # same machine would cost the same timeout again (a name matters only to TLS).
+        unreached: set[str] = set()
         while dest.queue and index < len(targets):
+            if targets[index][1] in unreached:
+                index += 1
+                continue
             if not self._may_carry(dest.queue[0], lane):
                 return  # the session's end lets the queue wait for a session of its lane
             if shape is not None and not await self._may_go_on(dest, shape):
@@ -479,6 +485,7 @@ class Dispatcher:
                         # this address after the others (runtime.unreachable).
                         unreachable.note(ip)
                         unreachable.demote(targets, index + 1)
+                        unreached.add(ip)
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
                         # Say which policy refused, not just what the peer did.
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
