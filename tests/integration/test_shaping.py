@@ -136,6 +136,55 @@ def test_a_throttling_greeting_pauses_the_destination_and_not_the_others(
     assert backup.connections == 0
 
 
+def test_a_421_to_starttls_moves_on_to_the_next_host_without_a_pause(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """A 421 to STARTTLS (not a rate limit) ends that session, as any failed TLS
+    negotiation does: the next MX host gets the mail. Only a 421 to the greeting or EHLO
+    (or one classed as a rate limit) pauses the whole destination."""
+    closing = smtp_server(host="127.0.0.25")
+    closing.starttls_reply = "421 4.3.2 Service shutting down"
+    backup = smtp_server(host="127.0.0.26", port=closing.port)
+    dns_server.mx("tls421.test", [(10, "mx1.tls421.test"), (20, "mx2.tls421.test")])
+    dns_server.a("mx1.tls421.test", closing.host)
+    dns_server.a("mx2.tls421.test", backup.host)
+    config = loopback_config(dns_server, closing.port, shaping=shaping())
+    results = Results()
+    ms = start(config, MemoryStore(), results)
+    try:
+        mid = ms.send_email(hello("a@tls421.test"))
+        results.wait_final({"a@tls421.test"})
+        a = ms.query_status(mid).recipient("a@tls421.test")
+        assert (a.state, a.mx_host) == (DELIVERED, "mx2.tls421.test")
+        assert ms.throttled_destinations() == []
+        assert closing.commands.count("STARTTLS") == 1
+    finally:
+        ms.stop(timeout=5)
+
+
+def test_a_421_to_ehlo_still_pauses_the_destination(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    busy = smtp_server(host="127.0.0.27", ehlo_reply="421 4.3.2 Too busy, try later")
+    backup = smtp_server(host="127.0.0.28", port=busy.port)
+    dns_server.mx("ehlo421.test", [(10, "mx1.ehlo421.test"), (20, "mx2.ehlo421.test")])
+    dns_server.a("mx1.ehlo421.test", busy.host)
+    dns_server.a("mx2.ehlo421.test", backup.host)
+    config = loopback_config(dns_server, busy.port, shaping=shaping())
+    results = Results()
+    ms = start(config, MemoryStore(), results)
+    try:
+        mid = ms.send_email(hello("a@ehlo421.test"))
+        results.wait_final({"a@ehlo421.test"})
+        a = ms.query_status(mid).recipient("a@ehlo421.test")
+        assert a.state is DEFERRED and a.reply is not None and a.reply.code == 421
+        [pause] = ms.throttled_destinations()
+        assert pause.destination == "ehlo421.test"
+        assert backup.connections == 0
+    finally:
+        ms.stop(timeout=5)
+
+
 def test_a_rate_limit_reply_in_a_transaction_pauses_the_queue_behind_it(
     smtp_server: Any, dns_server: LoopbackDNS
 ) -> None:

@@ -102,6 +102,26 @@ class TLSVerifyError(TLSHandshakeError):
     """The peer's certificate is not valid for the host name: never fall back to plaintext."""
 
 
+class ServiceClosing(TemporaryFailure):
+    """The server answered the greeting, EHLO or HELO with ``421``: it is closing the
+    channel before any session could start (RFC 5321 §3.8), which says it takes no more
+    connections now: a throttle of the whole destination (:mod:`mailstrom.policy.throttle`).
+    A ``421`` later in the set-up (to STARTTLS, AUTH) ends that session alone."""
+
+
+def _refused_setup(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
+    """The failure of a greeting, EHLO or HELO answered with ``reply``."""
+    if reply.code != 421:
+        return failure(reply, host=host, what=what)
+    return ServiceClosing(
+        f"{host} refused {what}: {reply}",
+        code=reply.code,
+        enhanced=reply.enhanced,
+        host=host,
+        reply=reply,
+    )
+
+
 @functools.cache
 def _unverified_context() -> ssl.SSLContext:
     # Opportunistic TLS protects against passive eavesdropping only; MX certificates are
@@ -406,7 +426,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     async def _greet(self) -> None:
         greeting = await self._wait(self._timeouts.greeting, "the greeting")
         if not greeting.ok:
-            raise failure(greeting.reply, host=self.host, what="the connection")
+            raise _refused_setup(greeting.reply, host=self.host, what="the connection")
         await self._hello()
 
     async def _hello(self) -> None:
@@ -418,8 +438,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             helo = await self._request(self._session.helo, "HELO")
             if helo.ok:
                 return
-            raise failure(helo.reply, host=self.host, what="HELO")
-        raise failure(ehlo.reply, host=self.host, what="EHLO")
+            raise _refused_setup(helo.reply, host=self.host, what="HELO")
+        raise _refused_setup(ehlo.reply, host=self.host, what="EHLO")
 
     async def _starttls(
         self,

@@ -53,7 +53,7 @@ from mailstrom.errors import (
 )
 from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
-from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
+from mailstrom.runtime.connection import ServiceClosing, SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import (
     Outcomes,
@@ -931,13 +931,15 @@ class Dispatcher:
         self, dest: _Destination, shape: Shape, exc: DeliveryError, where: Where
     ) -> bool:
         """A 421 to the greeting or EHLO pauses the destination (its other hosts too: they
-        share the limit). The items this session held were attempted (at ``where``): they
-        are deferred with that reply, due at the end of the pause."""
+        share the limit), as does a rate-limit reply anywhere in the set-up. The items this
+        session held were attempted (at ``where``): they are deferred with that reply, due
+        at the end of the pause. Another 421 (to STARTTLS, AUTH) ends that session alone:
+        the next address is tried, as after a failed TLS negotiation."""
         assert self._shaper is not None
         if exc.code is None:
             return False
         reply = exc.reply or SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
-        if not is_throttling(reply, connecting=True):
+        if not is_throttling(reply, connecting=isinstance(exc, ServiceClosing)):
             return False
         held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]
         pause = await self._shaper.throttled(shape, exc.text, held)

@@ -39,6 +39,8 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     ``rcpt_replies[address]``, ``mail_reply``, ``data_reply``: a reply line such as
     ``"451 4.7.1 Try later"``, or a list of them used one per command, the last one
     repeating (greylisting: ``["451 ...", "250 ..."]``). A 2xx rule accepts.
+    ``starttls_reply``: a reply line to STARTTLS instead of going ahead (None: go ahead);
+    after a ``421`` the server closes the connection.
     ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
     ``"rcpt"``, ``"data"``, ``"rset"``, ``"quit"``) or ``"dot"`` (after the content): the
     server stops answering there, to test client timeouts. Stalls end when the client
@@ -190,6 +192,7 @@ class ReceivingServer:
         self.rcpt_replies: dict[str, Rule] = {}
         self.mail_reply: Rule | None = None
         self.data_reply: Rule | None = None
+        self.starttls_reply: str | None = None
         self.stall_on: str | None = None
         self.drop_on: str | None = None
         self.quit_delay = 0.0
@@ -511,6 +514,12 @@ class _SMTP(SMTP):
         return " ".join([path, *(p for p in params if p not in dsn)])
 
     async def smtp_STARTTLS(self, arg: str) -> None:
+        reply = self._fixture.starttls_reply
+        if reply is not None:
+            await self.push(reply)
+            if reply.startswith("421") and self.transport is not None:
+                self.transport.close()
+            return
         if not self._fixture.tls_broken:
             await super().smtp_STARTTLS(arg)
             return
