@@ -166,5 +166,39 @@ def test_exims_message_limit_reply_does_not_pause_the_destination(
         results.wait_count(COUNT)
         paused = ms.throttled_destinations()
     assert paused == []
-    assert len(mx.messages) == COUNT - COUNT // (LIMIT + 1)
-    assert mx.connections == COUNT // (LIMIT + 1)
+    assert len(mx.messages) == COUNT
+    assert mx.connections == COUNT // LIMIT
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_a_message_refused_at_the_servers_limit_goes_on_the_next_connection_uncounted(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # Was: the message whose MAIL got Exim's "421 too many messages in this connection"
+    # was deferred with an attempt counted (a backoff of 5 minutes; with max_attempts=1
+    # it failed, never tried), where one the server closed on without a word went on the
+    # next connection. The reply asks for a new connection, nothing more (reasons.toml).
+    mx = smtp_server(pipelining=pipelining)
+    mx.messages_per_connection = LIMIT
+    mx.over_limit_reply = "421 too many messages in this connection"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, retry=RetryPolicy(max_attempts=1), max_per_destination=1
+    )
+    store = MemoryStore()
+    results = Results()
+    with Mailstrom(config, store=store, worker=None) as queue_only:
+        ids = queue_only.send_emails(
+            [
+                Email(from_="a@sender.test", to=[f"u{i}@example.org"], subject="Hi", text="Hi")
+                for i in range(COUNT)
+            ]
+        )
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(COUNT)
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    assert Counter(s.state for s in statuses) == {RecipientState.DELIVERED: COUNT}
+    assert all(s.attempts == 1 for s in statuses)
+    assert len(mx.messages) == COUNT
+    assert mx.connections == COUNT // LIMIT

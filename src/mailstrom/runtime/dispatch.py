@@ -58,12 +58,13 @@ from mailstrom.runtime.opener import Opener
 from mailstrom.runtime.outcomes import (
     Outcomes,
     Where,
+    at_connection_limit,
     over_recipient_limit,
     refused_before_cut,
 )
 from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
-from mailstrom.runtime.transactions import EnvelopeCut, TransactionResult
+from mailstrom.runtime.transactions import EnvelopeCut, TransactionResult, failure
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
@@ -707,6 +708,13 @@ class Dispatcher:
                 ):
                     continue
                 retry.append(rest)
+                continue
+            if at_connection_limit(result):
+                # Not tried: first on the next connection (see _deliver), and the session
+                # ends here, as the server closes.
+                assert result.mail is not None
+                error = error or failure(result.mail, host=conn.host, what="MAIL")
+                retry.append(work)
                 continue
             answered = answered or result.final is not None
             over = over_recipient_limit(result)

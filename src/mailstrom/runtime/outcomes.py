@@ -86,6 +86,15 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
     return over
 
 
+def at_connection_limit(result: TransactionResult) -> bool:
+    """Whether the server refused ``result``'s MAIL with a ``421`` for its limit of messages
+    per connection (class ``connection`` in reasons.toml: Exim's "421 too many messages in
+    this connection"). The message was not tried: it goes on the next connection without
+    an attempt counted, as one whose MAIL the server closed on without a word does."""
+    mail = result.mail
+    return mail is not None and mail.code == 421 and classify_reply(mail) is ReasonClass.CONNECTION
+
+
 def refused_before_cut(result: TransactionResult) -> frozenset[str]:
     """The recipients of a transaction a ``421`` to RCPT cut short (``result``: the replies
     that came before it) whose own reply refused them: they are decided by it, as in any
