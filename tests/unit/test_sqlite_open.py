@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -365,6 +367,32 @@ def test_a_write_lock_file_that_cannot_be_opened_costs_no_write(
         store.close()
     assert any("-lock" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_write_lock_the_file_system_refuses_costs_no_write(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file system that opens the ``-lock`` file but refuses ``flock`` on it (ENOLCK
+    on an NFS mount without lockd, EOPNOTSUPP on some network and FUSE file systems)
+    failed every write with a bare OSError. The lock is a latency device: the store
+    writes under SQLite's lock alone, says so once, and asks the file system no more."""
+    store = SQLiteStore(db)
+    calls: list[int] = []
+
+    def refused(fd: int, operation: int) -> None:
+        calls.append(operation)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    try:
+        with caplog.at_level("WARNING"):
+            first = store.enqueue(message(), now=NOW)
+            second = store.enqueue(message(), now=NOW)
+        assert {store.status(first).id, store.status(second).id} == {first, second}
+    finally:
+        store.close()
+    assert len(calls) == 1
+    assert [r for r in caplog.records if "-lock" in r.getMessage()]
 
 
 def _another_group() -> int | None:

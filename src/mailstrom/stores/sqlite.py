@@ -489,7 +489,7 @@ class SQLiteStore:
                 os.fchmod(fd, mode)  # the mode given to open is filtered by the umask
         except OSError:
             pass  # a mode that cannot be changed costs the others the flock, no more
-        return ProcessLock(fd)
+        return ProcessLock(fd, path)
 
     @contextmanager
     def _exclusive(self, deadline: float) -> Iterator[None]:

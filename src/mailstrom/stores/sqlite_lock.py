@@ -27,12 +27,15 @@ two hand-offs per contended wait: 15-20 % fewer messages a second.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+log = logging.getLogger("mailstrom.stores.sqlite")
 
 _FIRST_SLEEP = 0.00002
 """Seconds between the first looks: a holder's write takes a fraction of a millisecond
@@ -94,12 +97,34 @@ class ProcessLock:
     """``flock`` on the file open as ``fd`` (which this object closes), bounded in time.
     Used by one thread at a time (the store's in-process mutex is held around it)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
+        self._path = path
+        self._refused = False
+        """The file system refused ``flock`` on the file: never asked again."""
 
     def acquire(self, deadline: float) -> bool:
         """Take the lock; False when another process still held it at ``deadline``
-        (``time.monotonic()``): the caller then relies on SQLite's own locking alone."""
+        (``time.monotonic()``), or when the file system refuses ``flock`` (ENOLCK on an
+        NFS mount without its lock daemon, EOPNOTSUPP on some network and FUSE file
+        systems): the caller then relies on SQLite's own locking alone. The lock is a
+        latency device, so a refusal must fail no write; it is said once, and the file
+        system is not asked again."""
+        if self._refused:
+            return False
+        try:
+            return self._wait(deadline)
+        except OSError as exc:
+            self._refused = True
+            log.warning(
+                "cannot flock %s (%s): this store's writes wait for other processes' in"
+                " SQLite's busy handler, as other programs' do",
+                self._path,
+                exc.strerror or exc,
+            )
+            return False
+
+    def _wait(self, deadline: float) -> bool:
         if _try_lock(self._fd):
             return True
         with _PRECISE.held():
@@ -121,6 +146,8 @@ class ProcessLock:
 
 
 def _try_lock(fd: int) -> bool:
+    """Whether ``fd`` is now locked; False when another holds it. Any other refusal is
+    raised (an OSError)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
