@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from mailstrom.stores.wakeup import WakeupDirectory
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import Results, loopback_config
 
 SEND = """
 import sys
@@ -202,3 +205,37 @@ def test_a_listener_whose_pid_is_ours_in_another_pid_namespace_is_woken(
         finally:
             sender.close()
             child.kill()
+
+
+def test_a_worker_starts_and_polls_when_no_wake_up_thread_can_be_started(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+) -> None:
+    """The thread that hears other processes' wake-ups could not be started (a
+    container's pids.max reached: "can't start new thread"): the RuntimeError failed the
+    worker's start (WorkerError), where a socket that cannot be made is a logged fallback
+    to polling. The worker polls and delivers, and no socket is left behind unheard."""
+    from mailstrom import Email, Mailstrom
+    from mailstrom.status import RecipientState
+
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    start = threading.Thread.start
+
+    def no_wake_thread(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-sqlite-wake":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_wake_thread)
+    database = tmp_path / "queue.db"
+    results = Results()
+    config = loopback_config(dns_server, mx.port, poll_interval=0.2)
+    with Mailstrom(config, store=database, worker="thread", on_result=results) as ms:
+        ms.send_email(Email(from_="a@sender.test", to=["bob@example.org"], subject="x", text="y"))
+        [result] = results.wait_count(1)
+        assert result.state is RecipientState.DELIVERED
+        assert not list(Path(f"{database}-wake").glob("*.sock"))

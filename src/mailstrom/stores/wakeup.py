@@ -143,7 +143,8 @@ class WakeupDirectory:
     ) -> Callable[[], None]:
         """Call ``callback`` (from a thread of its own) whenever another process sends a
         wake-up (with ``only``, one of that payload); returns a function that stops
-        listening (idempotent)."""
+        listening (idempotent). Raises OSError when the socket or its thread cannot be
+        had."""
         self._make_directory()
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         address = self._address(name)
@@ -180,8 +181,23 @@ class WakeupDirectory:
                 if not stopping.is_set():
                     time.sleep(_GATHER)
 
+        def unbind() -> None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.path, name))
+            with self._lock:
+                self._own.discard(name)
+                self._listing_mtime = -1
+
         thread = threading.Thread(target=run, name="mailstrom-sqlite-wake", daemon=True)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            # "can't start new thread" (a container's pids.max, ulimit -u): like a socket
+            # that cannot be made, no reason to fail the caller, whom polling serves. A
+            # socket nobody reads would only fill up with others' wake-ups.
+            unbind()
+            raise OSError(f"cannot start the thread that hears them: {exc}") from exc
 
         def stop() -> None:
             if stopping.is_set():
@@ -194,12 +210,7 @@ class WakeupDirectory:
                 poke.sendto(_STOP, address)
             if threading.current_thread() is not thread:
                 thread.join(5.0)
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.path, name))
-            with self._lock:
-                self._own.discard(name)
-                self._listing_mtime = -1
+            unbind()
 
         return stop
 
