@@ -6,6 +6,7 @@ is skipped (analyse)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -201,5 +202,48 @@ def test_a_worker_starts_and_polls_when_no_listen_connection_can_be_had(
                 (result,) = results.wait_count(1)
                 assert result.state is RecipientState.DELIVERED
                 assert ms.query_status(mid).state is RecipientState.DELIVERED
+        finally:
+            store.close()
+
+
+def test_a_worker_starts_and_polls_when_no_listen_thread_can_be_started(
+    owner_url: str,
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The LISTEN connection was made but its thread could not be started (a
+    container's pids.max reached: "can't start new thread"): the RuntimeError failed the
+    worker's start (WorkerError), where a LISTEN connection that cannot be had is a
+    logged fallback to polling, and the connection stayed open, held by nobody."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    start = threading.Thread.start
+
+    def no_listen_thread(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-pg-listen":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with role_on(owner_url) as url:
+        store = PostgresStore(url, min_size=1, max_size=1, timeout=5)
+        try:
+            monkeypatch.setattr(threading.Thread, "start", no_listen_thread)
+            results = Results()
+            cfg = loopback_config(dns_server, mx.port, poll_interval=0.2)
+            with Mailstrom(cfg, store=store, worker="thread", on_result=results) as ms:
+                ms.send_email(
+                    Email(from_="a@sender.test", to=["bob@example.org"], subject="x", text="y")
+                )
+                (result,) = results.wait_count(1)
+                assert result.state is RecipientState.DELIVERED
+                with psycopg.connect(owner_url, autocommit=True) as admin:
+                    listening = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE usename = %s AND query LIKE 'LISTEN%%'",
+                        (_role_of(url),),
+                    ).fetchone()
+                assert listening == (0,)
         finally:
             store.close()

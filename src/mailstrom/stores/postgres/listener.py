@@ -10,6 +10,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from mailstrom.errors import StoreError
 from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
@@ -50,10 +51,19 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="mailstrom-pg-listen", daemon=True)
 
     def start(self) -> None:
-        """Connect, LISTEN, and start the thread. Raises StoreError if it cannot connect."""
+        """Connect, LISTEN, and start the thread. Raises StoreError if it cannot connect,
+        or cannot start the thread."""
         with translate_errors("LISTEN"):
             self._conn = self._connect()
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:
+            # "can't start new thread" (a container's pids.max, ulimit -u): a StoreError
+            # like a connection that cannot be had, which callers fall back from to
+            # polling; the connection would otherwise stay open, LISTENing for nobody.
+            self._conn.close()
+            self._conn = None
+            raise StoreError(f"PostgreSQL store: cannot start the LISTEN thread: {exc}") from exc
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread and close its connection; waits up to ``timeout`` s. Idempotent."""
