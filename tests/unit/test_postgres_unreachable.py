@@ -43,6 +43,25 @@ def test_a_server_out_of_reach_is_unreachable(exc: Exception) -> None:
 
 
 @pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.errors.IdleSessionTimeout("terminating connection due to idle-session timeout"),
+        psycopg.errors.IdleInTransactionSessionTimeout(
+            "terminating connection due to idle-in-transaction timeout"
+        ),
+    ],
+    ids=type,
+)
+def test_a_session_the_server_ended_for_idling_is_unreachable(exc: Exception) -> None:
+    """The server closed the connection (``idle_session_timeout``, or
+    ``idle_in_transaction_session_timeout`` while this process was stopped or starved
+    mid-transaction), as with ``pg_terminate_backend`` (57P01): it went away mid-call,
+    which the server did not refuse every worker alike. Both were a plain StoreError, the
+    second (class 25, an InternalError to psycopg) by way of the catch-all."""
+    assert isinstance(_raised(exc), StoreUnreachable)
+
+
+@pytest.mark.parametrize(
     ("exc", "kind"),
     [
         (

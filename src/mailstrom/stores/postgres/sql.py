@@ -84,10 +84,11 @@ def queries() -> dict[str, str]:
     }
 
 
-_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "57P05", "25P03", "53300")
 """SQLSTATEs (or their class) of a server that cannot be reached or is going away:
 connection exceptions, an administrator's or a crash's shutdown, a server starting up,
-too many connections."""
+a session the server ended for idling (``idle_session_timeout``,
+``idle_in_transaction_session_timeout``), too many connections."""
 
 
 _GRANTS = (
@@ -97,7 +98,7 @@ _GRANTS = (
 """What a role needs on a current schema (docs/guide.md, "PostgreSQL: roles and statistics")."""
 
 
-def unreachable(exc: psycopg.OperationalError) -> bool:
+def unreachable(exc: psycopg.Error) -> bool:
     """Whether ``exc`` says the server could not be reached or went away mid-call: the
     driver's own errors (no SQLSTATE: refused, lost, timed out, the pool's wait for a
     connection) and the server's :data:`_UNREACHABLE_STATES`. Not a statement the server
@@ -132,7 +133,8 @@ def translate_errors(
         ) from exc
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
         raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
+        # The latter is class 25 (an InternalError to psycopg), though it ends the session.
         kind = StoreUnreachable if unreachable(exc) else StoreError
         raise kind(f"PostgreSQL store: {doing} failed: {exc}") from exc
     except psycopg.Error as exc:
