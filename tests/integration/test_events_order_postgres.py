@@ -47,7 +47,8 @@ def test_a_reader_past_a_committed_event_never_misses_one_committing_later(
     worker_a = psycopg.connect(postgres_url)
     try:
         recorded = results_for(lease, RecipientState.DELIVERED, only=["early@example.org"])
-        worker_a.execute(queries()["record"].encode(), rows.record_params(recorded))
+        params = rows.record_params(recorded, [False] * len(recorded))
+        worker_a.execute(queries()["record"].encode(), params)
         worker_a.execute(
             queries()["append_events"].encode(),
             {"message_ids": [early], "addresses": ["early@example.org"]},

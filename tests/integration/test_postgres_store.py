@@ -4,6 +4,7 @@ errors, and the listener thread's lifetime."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
+from mailstrom.errors import StoreCorrupt, StoreError, StoreUnreachable, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import open_read_model
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
@@ -23,6 +24,7 @@ from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore, migrate
 from mailstrom.stores.postgres.sql import migrations
 from tests.fixtures.postgres import ThrowawayPostgres, _free_port
+from tests.fixtures.tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -504,3 +506,47 @@ def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> Non
             row[0] for row in conn.execute(b"EXPLAIN " + queries()["lease_lanes"].encode(), params)
         )
     assert "recipients_lane_due" in plan, plan
+
+
+@pytest.mark.parametrize(
+    ("events", "marker"), [(False, b"SET state = res.state"), (True, b"COMMIT")], ids=str
+)
+def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_written_again(
+    postgres_server: ThrowawayPostgres, postgres_url: str, events: bool, marker: bytes
+) -> None:
+    """The connection broke after the server committed a record and before its answer
+    came back (a network cut, a failover): the record raised StoreUnreachable, and the
+    worker wrote the batch again, as it must. The store found those recipients recorded,
+    under no lease, and read the results as taken over: no on_result, no bounce notice,
+    "2 of 2 results ignored". Written again after a call that failed, a result the store
+    already holds to the attempt counts as recorded, written once, its outbox event too."""
+    direct = f"127.0.0.1:{postgres_server.port}/"
+    assert direct in postgres_url
+    with contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy:
+        url = postgres_url.replace(direct, f"127.0.0.1:{proxy.port}/")
+        with PostgresStore(url, timeout=5) as store:
+            if events:
+                store.enable_events()
+            mid = store.enqueue(message("a@example.org", "b@example.org"), now=T0)
+            lease = store.lease(now=T0, limit=10, lease_for=LEASE)
+            assert lease is not None
+            at = T0 + timedelta(seconds=1)
+            results = [
+                delivered(item.message_id, r.address, at, lease.token)
+                for item in lease.items
+                for r in item.recipients
+            ]
+            proxy.lose_reply_to(marker)
+            with pytest.raises(StoreUnreachable):
+                store.record(results)
+            assert store.record(results) == results
+            recipients = store.status(mid).recipients
+            assert [(r.state, r.attempts) for r in recipients] == [
+                (RecipientState.DELIVERED, 1),
+                (RecipientState.DELIVERED, 1),
+            ]
+    with psycopg.connect(postgres_url) as conn:
+        (attempts,) = conn.execute("SELECT count(*) FROM attempts").fetchone() or (None,)
+        (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
+    assert attempts == 2
+    assert outbox == (2 if events else 0)

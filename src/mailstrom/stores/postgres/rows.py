@@ -103,8 +103,9 @@ def once_per_lease(results: Iterable[RecipientResult]) -> list[RecipientResult]:
     return list(first.values())
 
 
-def record_params(rs: Sequence[RecipientResult]) -> dict[str, Any]:
-    """Parallel arrays for the ``record`` query, from :func:`once_per_lease`'s results.
+def record_params(rs: Sequence[RecipientResult], unanswered: Sequence[bool]) -> dict[str, Any]:
+    """Parallel arrays for the ``record`` query, from :func:`once_per_lease`'s results and
+    whether a call that failed wrote each (see :mod:`~mailstrom.stores.postgres.unanswered`).
     Reply texts and errors are cut to the stored bound."""
     attempts = [bounded_attempt(r.attempt) for r in rs]
     replies = [a.reply for a in attempts]
@@ -130,6 +131,7 @@ def record_params(rs: Sequence[RecipientResult]) -> dict[str, Any]:
         "uncertain": [a.uncertain for a in attempts],
         "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
         "tls_policies": [a.tls_policy for a in attempts],
+        "unanswered": list(unanswered),
     }
 
 

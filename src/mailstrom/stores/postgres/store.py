@@ -75,7 +75,7 @@ from mailstrom.stores.operator import (
     prefix_upper_bound,
     shape_rows,
 )
-from mailstrom.stores.postgres import rows
+from mailstrom.stores.postgres import rows, unanswered
 from mailstrom.stores.postgres.connect import (
     ProcessPool,
     check_conninfo,
@@ -166,6 +166,7 @@ class PostgresStore:
         self._watching = 0
         """Callbacks registered in both sets, under ``_lock``."""
         self._events = False
+        self._unanswered = unanswered.UnansweredRecords()
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
         self._verp_key: bytes | None = None
@@ -462,34 +463,47 @@ class PostgresStore:
             log.debug("planner statistics: %s", exc)
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
-        """Record results of any leases in one statement; returns those recorded."""
+        """Record results of any leases in one statement; returns those recorded. Results
+        a failed call of this object wrote, written again, count as recorded when the store
+        holds their very attempt already: that call may have committed, its answer lost
+        (see :mod:`~mailstrom.stores.postgres.unanswered`)."""
         if not results:
             return []
-        if self._events:
-            return self._record_with_events(results)
         once = rows.once_per_lease(results)
-        done = {tuple(row) for row in self._fetch("record", rows.record_params(once))}
-        return [r for r in once if (r.message_id, r.address, r.lease_token) in done]
+        keys = [(r.message_id, r.address, r.lease_token) for r in once]
+        params = rows.record_params(once, self._unanswered.marks(keys))
+        try:
+            if self._events:
+                replayed = self._record_with_events(params, keys)
+            else:
+                replayed = {(m, a, t): again for m, a, t, again in self._fetch("record", params)}
+        except BaseException:
+            self._unanswered.failed(keys)
+            raise
+        self._unanswered.answered(keys)
+        return [r for r, key in zip(once, keys, strict=True) if key in replayed]
 
-    def _record_with_events(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+    def _record_with_events(
+        self, params: dict[str, Any], keys: list[unanswered.Key]
+    ) -> dict[unanswered.Key, bool]:
         """Record, then append the outbox rows of what was recorded, in one transaction
-        (two round trips; only with events enabled)."""
+        (two round trips; only with events enabled). Returns the recorded keys, each with
+        whether it was recorded already (its outbox row was written with it)."""
         with (
             self._translating("record"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            once = rows.once_per_lease(results)
-            found = conn.execute(self._queries["record"], rows.record_params(once))
-            done = {tuple(row) for row in found.fetchall()}
-            recorded = [r for r in once if (r.message_id, r.address, r.lease_token) in done]
-            pairs = list(dict.fromkeys((r.message_id, r.address) for r in recorded))
+            found = conn.execute(self._queries["record"], params)
+            replayed = {(m, a, t): again for m, a, t, again in found.fetchall()}
+            written = [key for key in keys if replayed.get(key) is False]
+            pairs = list(dict.fromkeys((m, a) for m, a, _ in written))
             if pairs:
                 conn.execute(
                     self._queries["append_events"],
                     {"message_ids": [m for m, _ in pairs], "addresses": [a for _, a in pairs]},
                 )
-        return recorded
+        return replayed
 
     def record_and_lease(
         self,

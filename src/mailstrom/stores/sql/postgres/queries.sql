@@ -283,9 +283,13 @@ SELECT message_id, address FROM updated;
 -- only while the lease named in its own element still holds it, and the attempt history
 -- gets a row for exactly those. A recipient past the history bound loses its oldest
 -- attempts (the DELETE sees the history before this statement's insert, so it keeps one
--- fewer than the bound). Returns the recorded (message_id, address, token) triples: the
--- results may hold one recipient twice, under a lease taken over and under the lease
--- holding it now, and only the latter is recorded.
+-- fewer than the bound). Returns the recorded (message_id, address, token, replayed)
+-- rows: the results may hold one recipient twice, under a lease taken over and under the
+-- lease holding it now, and only the latter is recorded. A result marked unanswered (a
+-- call of this store object that wrote it failed: see postgres/unanswered.py) and found
+-- recorded already, to the attempt (its state, its attempt's time and outcome), is
+-- returned with replayed true and written nothing: the answer to the statement that
+-- recorded it was lost after its COMMIT (a network cut, a failover).
 WITH res AS (
     SELECT *
     FROM unnest(%(tokens)s::text[], %(message_ids)s::text[], %(addresses)s::text[],
@@ -296,10 +300,11 @@ WITH res AS (
                 %(tls_versions)s::text[], %(tls_ciphers)s::text[],
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
-                %(reason_classes)s::text[], %(tls_policies)s::text[])
+                %(reason_classes)s::text[], %(tls_policies)s::text[],
+                %(unanswered)s::boolean[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class, tls_policy)
+              reply_text, error, uncertain, reason_class, tls_policy, unanswered)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -345,8 +350,23 @@ WITH res AS (
                        WHERE k.message_id = u.message_id AND k.address = u.address
                        ORDER BY k.id DESC LIMIT %(max_history)s - 1)
     RETURNING 1
+), replayed AS (
+    -- The recipients as they were before this statement: one it updates is held by the
+    -- result's lease, so none is both.
+    SELECT res.message_id, res.address, res.token
+    FROM res
+    JOIN recipients r ON r.message_id = res.message_id AND r.address = res.address
+    WHERE res.unanswered
+      AND r.lease_token IS DISTINCT FROM res.token
+      AND r.state = res.state
+      AND r.last_attempt_at = res.at
+      AND EXISTS (SELECT 1 FROM attempts a
+                  WHERE a.message_id = res.message_id AND a.address = res.address
+                    AND a.at = res.at AND a.outcome = res.outcome)
 )
-SELECT message_id, address, token FROM updated;
+SELECT message_id, address, token, false FROM updated
+UNION ALL
+SELECT message_id, address, token, true FROM replayed;
 
 -- name: extend
 WITH extended AS (

@@ -1,0 +1,54 @@
+"""The results of records whose answer never came: written again, the store may find them
+recorded already.
+
+A record's COMMIT can happen while its answer is lost (a network cut, a failover, the
+server's restart right after it): the call fails (``StoreUnreachable``), and the caller
+keeps its results and writes them again, as it must. The ``record`` statement changes a
+recipient only under the lease that holds it, and the first write has cleared that lease:
+so the second found nothing to record and the caller read its results as taken over (no
+``on_result``, no bounce notice). A result this store object wrote in a call that failed
+is therefore marked when written again, and the statement then also counts it recorded if
+the recipient holds that very attempt already (see ``record`` in ``queries.sql``).
+
+Only those: a result recorded once and written again after a call that worked stays
+ignored, as every store ignores it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+Key = tuple[str, str, str]
+"""A result's (message_id, address, lease_token)."""
+
+KEEP_AT_MOST = 100_000
+"""Keys kept at most (the oldest are forgotten first): a caller that never writes its
+results again must not grow this for ever."""
+
+
+class UnansweredRecords:
+    """The keys of results written in record calls that failed, until written again."""
+
+    def __init__(self) -> None:
+        self._keys: dict[Key, None] = {}
+        self._lock = threading.Lock()
+
+    def marks(self, keys: Iterable[Key]) -> list[bool]:
+        """For each key, whether a failed call wrote it."""
+        with self._lock:
+            return [key in self._keys for key in keys]
+
+    def failed(self, keys: Iterable[Key]) -> None:
+        """A call writing ``keys`` failed: it may have committed them all the same."""
+        with self._lock:
+            for key in keys:
+                self._keys[key] = None
+            while len(self._keys) > KEEP_AT_MOST:
+                del self._keys[next(iter(self._keys))]
+
+    def answered(self, keys: Iterable[Key]) -> None:
+        """A call writing ``keys`` worked: what it said of them is the last word."""
+        with self._lock:
+            for key in keys:
+                self._keys.pop(key, None)
