@@ -550,3 +550,26 @@ def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_writte
         (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
     assert attempts == 2
     assert outbox == (2 if events else 0)
+
+
+def test_a_lease_whose_answer_was_lost_is_given_back_by_the_next_lease(
+    postgres_server: ThrowawayPostgres, postgres_url: str
+) -> None:
+    """The connection broke after the server committed a lease and before its answer
+    came back: the lease raised StoreUnreachable, and its recipients stayed leased under
+    a token nobody knew, waiting out lease_for (15 minutes by default) while the worker
+    that leased them lived on (the holder's look gives back only a dead worker's). The
+    next lease gives them back first, and leases them."""
+    direct = f"127.0.0.1:{postgres_server.port}/"
+    assert direct in postgres_url
+    with contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy:
+        url = postgres_url.replace(direct, f"127.0.0.1:{proxy.port}/")
+        with PostgresStore(url, timeout=5) as store:
+            store.enqueue(message("a@example.org", "b@example.org"), now=T0)
+            proxy.lose_reply_to(b"WITH due AS MATERIALIZED")
+            with pytest.raises(StoreUnreachable):
+                store.lease(now=T0, limit=10, lease_for=LEASE, holder="0123abcd5e")
+            lease = store.lease(now=T0, limit=10, lease_for=LEASE, holder="0123abcd5e")
+            assert lease is not None
+            leased = sorted(r.address for item in lease.items for r in item.recipients)
+            assert leased == ["a@example.org", "b@example.org"]

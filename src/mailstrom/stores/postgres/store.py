@@ -167,6 +167,7 @@ class PostgresStore:
         """Callbacks registered in both sets, under ``_lock``."""
         self._events = False
         self._unanswered = unanswered.UnansweredRecords()
+        self._unanswered_leases = unanswered.UnansweredLeases()
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
         self._verp_key: bytes | None = None
@@ -360,7 +361,33 @@ class PostgresStore:
             return None
         if self._statistics.due():
             self._gather_statistics()
+        self._give_back_unanswered_leases()
         token = lease_token(holder)
+        try:
+            return self._lease(token, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+        except BaseException:
+            # It may have committed, its answer lost (or a second statement failed after
+            # the first leased): the next lease gives back what it holds.
+            self._unanswered_leases.failed(token)
+            raise
+
+    def _give_back_unanswered_leases(self) -> None:
+        """Give back, due at once, what leases whose call failed may still hold (see
+        :mod:`~mailstrom.stores.postgres.unanswered`)."""
+        tokens = self._unanswered_leases.pending()
+        if tokens:
+            self._fetch("release_tokens", {"tokens": tokens})
+            self._unanswered_leases.given_back(tokens)
+
+    def _lease(
+        self,
+        token: str,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None,
+    ) -> Lease | None:
         expires_at = now + lease_for
         params: dict[str, Any] = {
             "now": now,

@@ -12,6 +12,11 @@ the recipient holds that very attempt already (see ``record`` in ``queries.sql``
 
 Only those: a result recorded once and written again after a call that worked stays
 ignored, as every store ignores it.
+
+A lease's answer can be lost the same way, its recipients then leased under a token
+nobody knows until ``lease_for`` runs out (the look for dead holders gives back only a
+dead worker's). The tokens of leases that failed are kept, and the next lease of this
+store object gives their recipients back first.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ Key = tuple[str, str, str]
 """A result's (message_id, address, lease_token)."""
 
 KEEP_AT_MOST = 100_000
-"""Keys kept at most (the oldest are forgotten first): a caller that never writes its
-results again must not grow this for ever."""
+"""Keys (and lease tokens) kept at most, the oldest forgotten first: a caller that never
+writes its results again, or a server down for days, must not grow them for ever. (A
+lease token forgotten costs its recipients no more than ``lease_for``.)"""
 
 
 class UnansweredRecords:
@@ -52,3 +58,28 @@ class UnansweredRecords:
         with self._lock:
             for key in keys:
                 self._keys.pop(key, None)
+
+
+class UnansweredLeases:
+    """The tokens of leases whose call failed: their recipients may be leased all the
+    same, under a token no caller knows."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, token: str) -> None:
+        with self._lock:
+            self._tokens[token] = None
+            while len(self._tokens) > KEEP_AT_MOST:
+                del self._tokens[next(iter(self._tokens))]
+
+    def pending(self) -> list[str]:
+        """The tokens to give back."""
+        with self._lock:
+            return list(self._tokens)
+
+    def given_back(self, tokens: Iterable[str]) -> None:
+        with self._lock:
+            for token in tokens:
+                self._tokens.pop(token, None)

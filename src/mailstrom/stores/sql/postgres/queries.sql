@@ -392,6 +392,19 @@ WITH released AS (
 )
 SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 
+-- name: release_tokens
+-- Every pending recipient still leased under one of the tokens of leases whose answer
+-- never came (see postgres/unanswered.py): given back, due at once (recipients_lease
+-- finds them). Returns how many.
+WITH released AS (
+    UPDATE recipients
+    SET lease_token = NULL, lease_expires_at = NULL
+    WHERE lease_token = ANY(%(tokens)s::text[])
+      AND state IN ('queued', 'deferred')
+    RETURNING 1
+)
+SELECT count(*) FROM released;
+
 -- name: release_holder
 -- Every recipient leased under a token of one holder (tokens "<holder>.<random>"): the
 -- tokens from "<holder>." up to "<holder>/", compared byte by byte. COLLATE "C", since a
