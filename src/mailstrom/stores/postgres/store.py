@@ -220,6 +220,9 @@ class PostgresStore:
         self._statistics = PlannerStatistics()
         self._beats = HolderBeats(self._beats.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=self._lock_bound)
+        # The parent's writes whose answers were lost are the parent's to write again.
+        self._unanswered = unanswered.UnansweredRecords()
+        self._unanswered_leases = unanswered.UnansweredLeases()
 
     @property
     def url(self) -> str:
