@@ -7,7 +7,7 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from mailstrom.errors import LineTooLong
+from mailstrom.errors import InvalidMessage, LineTooLong
 from mailstrom.message import downgrade_to_7bit, prepare
 from mailstrom.message.encoding import check_line_lengths, to_crlf
 
@@ -223,6 +223,28 @@ def test_a_part_header_section_ends_at_a_line_that_is_no_field() -> None:
     prepared = prepare(_one_part("Content-Type: text/plain\r\nJürgen,\r\n\r\nwie geht's?"))
     assert prepared.eightbit
     assert not prepared.smtputf8
+
+
+@pytest.mark.parametrize("indent", [" ", "\t"])
+def test_a_part_starting_with_a_continuation_line_is_refused(indent: str) -> None:
+    """A part whose first line is a continuation (it starts with white space) is a
+    header line for the stdlib, which drops it and reads the fields below, but starts
+    the body for Postfix and for this module: readers see different parts. It was
+    accepted, and the downgrade then put the part's Content-Type into its text, so a
+    receiver showed "Content-Type: text/html" above the markup. It is now refused, as a
+    message starting with a continuation line is."""
+    data = _one_part(f"{indent}x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Grüße</p>")
+    assert leaves(data) == [("text/html", "<p>Grüße</p>".encode())]  # the stdlib's reading
+    with pytest.raises(InvalidMessage, match="continuation line") as caught:
+        prepare(data)
+    assert type(caught.value) is InvalidMessage
+    nested = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nContent-Type: message/rfc822\r\n\r\n"
+        + indent.encode()
+        + b"x\r\nFrom: c@example.com\r\n\r\nhi\r\n"
+    )
+    with pytest.raises(InvalidMessage, match="continuation line"):
+        prepare(nested)
 
 
 def test_a_delimiter_line_right_after_another_is_kept_as_it_was() -> None:

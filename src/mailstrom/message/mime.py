@@ -321,9 +321,10 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :class:`TooManyParts` past ``max_parts`` entities, and :class:`TooManyHeaderFields` or
     :class:`HeaderTooLong` for a header section over the bounds of
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
-    Content-Type or Content-Transfer-Encoding fields, or a multipart boundary named where
-    readers differ on it (after a comment, in RFC 2231 form). Entities are read one at a time,
-    each bound checked before the next is, so refusing costs no more than the limits allow.
+    Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
+    readers differ on it (after a comment, in RFC 2231 form), or a continuation line first.
+    Entities are read one at a time, each bound checked before the next is, so refusing
+    costs no more than the limits allow.
     """
     utf8 = False
     count = 0
@@ -340,8 +341,16 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         if depth > limit:
             raise nesting_too_deep(limit)
         start, end, default = span
-        body = body_start(data, start, end)
         where = "the header section of a MIME part" if depth else "the header section"
+        if data.startswith((b" ", b"\t"), start, end):
+            # The stdlib reads such a line as a header line (and drops it, with the fields
+            # below it as the part's); Postfix and body_start read it as the first body
+            # line: the part would be text/plain here and text/html for a receiver.
+            raise InvalidMessage(
+                f"{where} starts with a continuation line (white space first); readers "
+                "differ on whether it starts the body, so the MIME structure is ambiguous"
+            )
+        body = body_start(data, start, end)
         check_header_section(data, start, body, where=where)
         item = _entity(data, start, body, end, default=default)
         if item.unread_boundary:
