@@ -186,6 +186,31 @@ def test_a_long_header_line_names_its_field_not_the_body() -> None:
         check_line_lengths(b"From: a@example.com\r\n\r\n" + b"x" * 1000 + b"\r\n")
 
 
+def test_a_long_line_in_a_part_header_section_names_its_field_not_the_body() -> None:
+    """A 2,000-character Content-ID in a MIME part's header section was met with "encode
+    the body as quoted-printable or base64", which cannot shorten a header line; a line
+    of the part's body still gets that advice."""
+    head = (
+        b"From: a@example.com\r\nTo: b@example.org\r\n"
+        b"Content-Type: multipart/related; boundary=B\r\n\r\npreamble\r\n--B\r\n"
+        b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n"
+    )
+    long_id = b"Content-ID:\r\n <" + b"x" * 1000 + b"@example.com>\r\n"
+    with pytest.raises(
+        LineTooLong, match=r"line 12 .* header field b'Content-ID' of a MIME part; fold it"
+    ) as caught:
+        prepare(head + long_id + b"\r\nAAAA\r\n--B--\r\n")
+    assert "body" not in str(caught.value)
+    with pytest.raises(LineTooLong, match="encode the body"):
+        prepare(head + b"\r\n" + b"A" * 1000 + b"\r\n--B--\r\n")
+    with pytest.raises(LineTooLong, match="encode the body"):  # a part with no header section
+        prepare(
+            head.replace(b"Content-Type: image", b"Content-Type image")
+            + b"x" * 999
+            + b"\r\n--B--\r\n"
+        )
+
+
 def _one_part(text: str) -> bytes:
     return (
         b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"

@@ -52,20 +52,23 @@ def check_line_lengths(data: bytes) -> None:
     if max(map(len, lines)) <= MAX_LINE:
         return
     blank = lines.index(b"") if b"" in lines else len(lines)
+    offset = 0
     for number, line in enumerate(lines, start=1):
         if len(line) > MAX_LINE:
+            # In a header section: which field it belongs to, not body advice.
+            field = next((f for f in reversed(lines[:number]) if f[:1] not in (b" ", b"\t")), line)
+            name = shorten(field.partition(b":")[0], 40)
             if number <= blank:
-                # In the header section: which field it belongs to, not body advice.
-                field = next(
-                    (f for f in reversed(lines[:number]) if f[:1] not in (b" ", b"\t")), line
-                )
-                advice = f"in the header field {shorten(field.partition(b':')[0], 40)}; fold it"
+                advice = f"in the header field {name}; fold it"
+            elif mime.in_part_header_section(data, offset):
+                advice = f"in the header field {name} of a MIME part; fold it"
             else:
                 advice = "encode the body as quoted-printable or base64"
             raise LineTooLong(
                 f"line {number} is {len(line)} octets long; RFC 5322 §2.1.1 allows at most "
                 f"{MAX_LINE} ({advice})"
             )
+        offset += len(line) + 2
 
 
 def quoted_printable(data: bytes) -> bytes:

@@ -303,6 +303,23 @@ def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:
         yield part_start, item.end, default
 
 
+def in_part_header_section(data: bytes, offset: int) -> bool:
+    """Whether ``data[offset]`` is in the header section of an entity below the top level
+    (a MIME part, an attached message): only the entities around it are read."""
+    item = entity(data)
+    for _ in range(MAX_DEPTH + 1):  # check_structure has bounded the nesting
+        if item.maintype not in ("multipart", "message"):
+            return False
+        span = next((s for s in _child_spans(item) if s[0] <= offset < s[1]), None)
+        if span is None:
+            return False  # a preamble, an epilogue or a delimiter line
+        start, end, default = span
+        item = entity(data, start, end, default=default)
+        if offset < item.body:
+            return True
+    return False
+
+
 def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
     """The error for a message whose entities nest deeper than ``limit``."""
     return NestingTooDeep(
