@@ -7,7 +7,7 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from mailstrom.errors import InvalidMessage, LineTooLong
+from mailstrom.errors import InvalidHeaderValue, InvalidMessage, LineTooLong
 from mailstrom.message import downgrade_to_7bit, prepare
 from mailstrom.message.encoding import check_line_lengths, to_crlf
 
@@ -270,6 +270,28 @@ def test_a_part_starting_with_a_continuation_line_is_refused(indent: str) -> Non
     )
     with pytest.raises(InvalidMessage, match="continuation line"):
         prepare(nested)
+
+
+@pytest.mark.parametrize("spacing", [" ", "\t", "  "])
+def test_white_space_before_a_field_colon_is_not_sent(spacing: str) -> None:
+    """``Subject : Hi`` is RFC 5322 §4.5 obsolete syntax, which §4 says must not be
+    generated. This module and Postfix read it as a field, the stdlib as the end of the
+    header section: such a raw message was sent as it came, and stdlib readers found no
+    To, Date or Message-ID (all below it) but a body that started with them. The field
+    is now sent without the white space. In a MIME part, whose header section is sent as
+    it came, an HTML part was plain text showing its Content-Type: refused."""
+    top = f"From: a@example.com\r\nSubject{spacing}: Hi\r\nTo: b@example.org\r\n\r\nhi\r\n"
+    assert message_from_bytes(top.encode(), policy=policy.default)["To"] is None
+    prepared = prepare(top.encode())
+    assert prepared.subject == "Hi"
+    sent = message_from_bytes(prepared.data, policy=policy.default)
+    assert (sent["Subject"], sent["To"], sent.get_content()) == ("Hi", "b@example.org", "hi\r\n")
+    assert sent["Message-ID"] == prepared.header_message_id
+    part = _one_part(f"Content-Type{spacing}: text/html; charset=utf-8\r\n\r\n<p>Grüße</p>")
+    assert leaves(part)[0][0] == "text/plain"  # the stdlib's reading
+    with pytest.raises(InvalidHeaderValue, match="'Content-Type' and its colon") as caught:
+        prepare(part)
+    assert caught.value.header == "Content-Type"
 
 
 def test_a_delimiter_line_right_after_another_is_kept_as_it_was() -> None:

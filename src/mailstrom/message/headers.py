@@ -146,6 +146,12 @@ def split_header_section(data: bytes) -> HeaderSection:
         else:
             match = _FIELD_LINE.match(line)
             assert match is not None
+            if match.end() - 1 > match.end(1):
+                # "Subject : Hi", RFC 5322 §4.5 obsolete syntax, which §4 says must not be
+                # generated: the stdlib (and programs reading mail with it) ends the header
+                # section there, so every field below it, the Date and Message-ID added
+                # here too, would be body text. The same field without the white space.
+                line = match.group(1) + line[match.end() - 1 :]
             fields.append((match.group(1).decode("ascii").lower(), [line]))
         pos = next_pos
     head_end = pos

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mailstrom.errors import InvalidMessage, NestingTooDeep
+from mailstrom.errors import InvalidHeaderValue, InvalidMessage, NestingTooDeep
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 
 MAX_DEPTH = 100
@@ -46,6 +46,9 @@ _HEADER_LINES = re.compile(
 (possessive: a long line that is no field is given up at once, not octet by octet). An
 mbox ``From`` line (``From sender date``, which starts an attached message saved from a
 mailbox) counts as one, as readers (the stdlib) take it."""
+_SPACED_FIELD_NAME = re.compile(rb"(?<![^\n])([!-9;-~]+)[ \t]+:")
+"""A field line with white space before its colon, at a line start (an entity starts at
+one: after a CRLF, or at the start of the message)."""
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
 
 
@@ -320,6 +323,19 @@ def in_part_header_section(data: bytes, offset: int) -> bool:
     return False
 
 
+def _spaced_field_name(name: str, where: str) -> InvalidHeaderValue:
+    """The error for a field of ``where`` with white space between its name and colon."""
+    # RFC 5322 §4.5 obsolete syntax, which §4 says must not be generated. Postfix and
+    # this module read such a line as a field, the stdlib as the end of the header
+    # section: "Content-Type : text/html" made a part text/plain showing that line.
+    return InvalidHeaderValue(
+        f"{where} has white space between the field name {name!r} and its colon, obsolete "
+        "syntax (RFC 5322 §4.5) that the stdlib takes for the end of the header section: "
+        f"write {name + ':'!r}",
+        header=name,
+    )
+
+
 def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
     """The error for a message whose entities nest deeper than ``limit``."""
     return NestingTooDeep(
@@ -339,7 +355,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :class:`HeaderTooLong` for a header section over the bounds of
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
     Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
-    readers differ on it (after a comment, in RFC 2231 form), or a continuation line first.
+    readers differ on it (after a comment, in RFC 2231 form), or a continuation line first;
+    :class:`InvalidHeaderValue` for a field with white space before its colon.
     Entities are read one at a time, each bound checked before the next is, so refusing
     costs no more than the limits allow.
     """
@@ -369,6 +386,9 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
             )
         body = body_start(data, start, end)
         check_header_section(data, start, body, where=where)
+        spaced = _SPACED_FIELD_NAME.search(data, start, body)
+        if spaced is not None:
+            raise _spaced_field_name(spaced[1].decode("ascii"), where)
         item = _entity(data, start, body, end, default=default)
         if item.unread_boundary:
             raise InvalidMessage(
