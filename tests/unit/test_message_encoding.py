@@ -294,6 +294,24 @@ def test_white_space_before_a_field_colon_is_not_sent(spacing: str) -> None:
     assert caught.value.header == "Content-Type"
 
 
+@pytest.mark.parametrize("last", [True, False])
+def test_a_from_line_below_the_first_header_line_is_refused(last: bool) -> None:
+    """A line starting with ``From `` counts as a header line here wherever it is, as an
+    mbox line starting an attached message does; the stdlib takes one only as the first
+    line: below it, one is dropped, and the last header line becomes the first body line.
+    The downgrade then wrote Content-Transfer-Encoding below it, and stdlib readers lost
+    "From the desk of Jo" from the text. Such a part is now refused."""
+    fields = ["Content-Type: text/plain; charset=utf-8", "From the desk of Jo"]
+    if not last:
+        fields.append("Content-Transfer-Encoding: 8bit")
+    data = _one_part("\r\n".join(fields) + "\r\n\r\nGrüße")
+    if last:
+        assert leaves(data) == [("text/plain", "From the desk of Jo\r\nGrüße".encode())]
+    with pytest.raises(InvalidMessage, match="'From ' after its first line") as caught:
+        prepare(data)
+    assert type(caught.value) is InvalidMessage
+
+
 def test_a_delimiter_line_right_after_another_is_kept_as_it_was() -> None:
     """Two delimiter lines in a row hold no part between them (RFC 2046 §5.1.1 wants a
     CRLF of the part's own before the second). The downgrade wrote the CRLF that ends the

@@ -355,7 +355,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :class:`HeaderTooLong` for a header section over the bounds of
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
     Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
-    readers differ on it (after a comment, in RFC 2231 form), or a continuation line first;
+    readers differ on it (after a comment, in RFC 2231 form), a continuation line first, or
+    an mbox ``From`` line after the first;
     :class:`InvalidHeaderValue` for a field with white space before its colon.
     Entities are read one at a time, each bound checked before the next is, so refusing
     costs no more than the limits allow.
@@ -389,6 +390,14 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         spaced = _SPACED_FIELD_NAME.search(data, start, body)
         if spaced is not None:
             raise _spaced_field_name(spaced[1].decode("ascii"), where)
+        if data.find(b"\r\nFrom ", start, body) >= 0:
+            # Only a first line is an mbox From line to the stdlib: it drops one further
+            # down, or (the last header line) takes it for the first body line; Postfix
+            # ends the header section there. The downgrade lost "From the desk of ...".
+            raise InvalidMessage(
+                f"{where} holds a line starting with 'From ' after its first line; readers "
+                "differ on whether it is a header or body line, so the part is ambiguous"
+            )
         item = _entity(data, start, body, end, default=default)
         if item.unread_boundary:
             raise InvalidMessage(
