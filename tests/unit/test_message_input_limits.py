@@ -347,6 +347,27 @@ def test_a_second_date_or_message_id_is_refused(fields: tuple[str, str]) -> None
         prepare(raw(*TOP, *fields), now=NOW)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("Subject: Your order", "Subject: Your order has shipped"),
+        ("In-Reply-To: <a@example.com>", "In-Reply-To: <b@example.com>"),
+        ("References: <a@example.com>", "References: <b@example.com>"),
+    ],
+    ids=["Subject", "In-Reply-To", "References"],
+)
+def test_a_second_subject_or_thread_field_is_refused(fields: tuple[str, str]) -> None:
+    """Input audit #4: a raw message with two Subject (In-Reply-To, References) fields
+    was queued and sent, though RFC 5322 §3.6 allows one of each: Gmail refuses it at the
+    end of DATA ("550 5.7.1 ... not RFC 5322 compliant: duplicate headers"), so it failed
+    later, per recipient, and status showed the first Subject while readers may show the
+    last. It is refused now, as a second From, Date or Message-ID is."""
+    name = fields[0].partition(":")[0]
+    with pytest.raises(InvalidMessage, match=f"2 {name} header fields; RFC 5322 §3.6 allows one"):
+        prepare(raw(*TOP, *fields), now=NOW)
+    assert prepare(raw(*TOP, fields[1]), now=NOW)
+
+
 BAD_MESSAGE_IDS = ["", "garbage here", "abc", "<abc>", "<a@b", "<a@b> <c@d>"]
 GOOD_MESSAGE_IDS = {
     "<a.b@example.com>": "<a.b@example.com>",

@@ -210,6 +210,11 @@ def _prepare_email(
     )
 
 
+_ONCE_UNREAD = ("In-Reply-To", "References")
+"""Fields RFC 5322 §3.6 allows once that nothing here reads but for that count: Gmail
+refuses a message with two ("not RFC 5322 compliant: duplicate headers")."""
+
+
 def _prepare_bytes(
     data: bytes,
     envelope_from: str | None,
@@ -245,7 +250,9 @@ def _prepare_bytes(
     else:
         message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
         add.append(("Message-ID", message_id))
-    subjects = section.values("Subject")
+    subject = section.value("Subject")
+    for name in _ONCE_UNREAD:
+        section.value(name)  # refuses a second one
     # Return-Path is the final delivery server's to add, from the envelope sender: "a
     # message-originating SMTP system SHOULD NOT send a message that already contains"
     # one (RFC 5321 §4.4), and Postfix's cleanup removes it as it removes Bcc.
@@ -271,7 +278,7 @@ def _prepare_bytes(
         options=options,
         now=now,
         message_id=message_id,
-        subject=decode_text(subjects[0]) if subjects else None,
+        subject=None if subject is None else decode_text(subject),
     )
 
 
