@@ -191,7 +191,8 @@ def test_send_wait_returns_once_the_next_retry_is_past_the_timeout(mail_env: Mai
     assert pending.code == 75, pending.err
     [line] = [ln for ln in pending.out.splitlines() if "deferred until" in ln]
     assert re.fullmatch(
-        r"later@example\.test: deferred until \d\d:\d\d UTC \(451 4\.7\.1 Try again later\)",
+        r"later@example\.test: deferred until \d{4}-\d\d-\d\d \d\d:\d\d UTC"
+        r" \(451 4\.7\.1 Try again later\)",
         line,
     )
 

@@ -416,9 +416,10 @@ def send_command(args: argparse.Namespace) -> int:
 
 
 def print_deferred(status: MessageStatus) -> None:
-    """One line per recipient still deferred: when the next attempt comes (UTC)."""
+    """One line per recipient still deferred: when the next attempt comes (UTC), with its
+    date: a retry after a long backoff or a destination's pause may be another day's."""
     lines = [
-        f"{r.address}: deferred until {r.next_attempt_at:%H:%M} UTC"
+        f"{r.address}: deferred until {r.next_attempt_at:%Y-%m-%d %H:%M} UTC"
         + (f" ({cell(r.reason)})" if r.reason else "")
         for r in status.recipients
         if r.state is RecipientState.DEFERRED and r.next_attempt_at is not None
