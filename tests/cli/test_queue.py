@@ -111,6 +111,24 @@ def test_retry_one_message(mail_env: MailEnv) -> None:
     assert len(mx.messages) == 1
 
 
+def test_retrying_held_messages_says_they_wait_to_be_released(cli: CLI) -> None:
+    """Was "2 recipients due now (2 messages)" with one of them held: no worker leases it
+    until it is released."""
+    free = send(cli, "bob@example.test")
+    held = send(cli, "carol@example.test", "--hold")
+    assert cli.ok("retry", free, held).out.strip() == (
+        "1 recipient due now (1 message); 1 recipient due once released (1 held message)"
+    )
+    assert cli.ok("retry", "--json", held).json() == {
+        "action": "retry",
+        "selected": 1,
+        "changed": 1,
+        "held": 1,
+    }
+    assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
+    assert cli.ok("status", "--json", held).json()["held"] is True
+
+
 def test_cancel(cli: CLI) -> None:
     message_id = send(cli, "bob@example.test")
     cancelled = cli.ok("cancel", "--json", message_id).json()

@@ -734,3 +734,16 @@ def test_a_token_longer_than_a_request_may_give_is_a_value_error(store: Store) -
             "/login", data={"csrf": _csrf(login.text), "token": "x" * 1024}, follow_redirects=False
         )
         assert done.status_code == 303
+
+
+def test_retrying_a_held_message_says_it_waits_to_be_released(
+    client: TestClient, store: Store, ids: dict[str, str]
+) -> None:
+    """Was "Retry now: 1 recipient due now" for a held message, which no worker leases
+    until it is released."""
+    mid = ids["deferred"]
+    store.set_held(mid, True)
+    token = _csrf(client.get(f"/action/retry/{mid}").text)
+    done = client.post(f"/action/retry/{mid}", data={"csrf": token})
+    assert 'id="done">Retry now: 1 recipient due once released<' in done.text
+    assert store.status(mid).held

@@ -31,8 +31,8 @@ from mailstrom.cli.selection import (
     select,
 )
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
-from mailstrom.stores.base import Store
-from mailstrom.stores.operator import purge_candidates
+from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.operator import PENDING_STATES, purge_candidates
 
 BULK_EPILOG = """\
 examples:
@@ -86,7 +86,8 @@ _ACTIONS = (
         "make pending recipients due now",
         "Make the queued and deferred recipients of messages due at once. A running "
         "worker picks them up at once (SQLite and PostgreSQL wake it), or within "
-        "poll_interval. Filters select pending messages.",
+        "poll_interval; those of a held message once it is released. Filters select "
+        "pending messages.",
         "recipient",
         "due now",
         None,
@@ -208,6 +209,8 @@ def bulk_command(args: argparse.Namespace) -> int:
         ids = select(store, args, now=now, default_state="pending", held=action.held)
         if args.dry_run:
             return _dry_run(args, action.name, ids)
+        if action.name == "retry":
+            return _retry(args, store, ids, now)
         changed = action.apply(store, ids, now) if ids else 0
     data: dict[str, object] = {"action": action.name, "selected": len(ids), "changed": changed}
     if action.unit == "recipient":
@@ -217,6 +220,35 @@ def bulk_command(args: argparse.Namespace) -> int:
         if changed != len(ids):
             text += f" ({len(ids) - changed:,} already so)"
     return _report(args, data, text)
+
+
+def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime) -> int:
+    """Retry ``ids``, and say which recipients are due now: those of a held message are
+    made due too, but no worker leases them until it is released."""
+    held = _held_among(store, ids, now)
+    free = [mid for mid in ids if mid not in held]
+    due = store.retry_many(free, now=now) if free else 0
+    waiting = store.retry_many(sorted(held), now=now) if held else 0
+    data = {"action": "retry", "selected": len(ids), "changed": due + waiting, "held": waiting}
+    parts = []
+    if free or not held:
+        parts.append(f"{plural(due, 'recipient')} due now ({plural(len(free), 'message')})")
+    if held:
+        parts.append(
+            f"{plural(waiting, 'recipient')} due once released"
+            f" ({plural(len(held), 'held message')})"
+        )
+    return _report(args, data, "; ".join(parts))
+
+
+def _held_among(store: Store, ids: list[str], now: datetime) -> set[str]:
+    """Which of ``ids`` are held pending messages: one query over the held ones (a queue
+    holds few; past :data:`MAX_BULK` of them the rest count as not held)."""
+    if not ids:
+        return set()
+    where = QueueFilter(states=PENDING_STATES, held=True, limit=MAX_BULK)
+    wanted = set(ids)
+    return {m.id for m in store.query(now=now, where=where) if m.id in wanted}
 
 
 def _dry_run(args: argparse.Namespace, name: str, ids: list[str], *, more: bool = False) -> int:

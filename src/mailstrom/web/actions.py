@@ -72,7 +72,9 @@ def destination_domain(text: str) -> str:
 
 def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     n = store.retry(message_id, now=now)
-    return f"{n} recipient{'' if n == 1 else 's'} due now"
+    # No worker leases a held message: its recipients go once it is released, not now.
+    when = "due once released" if store.status(message_id).held else "due now"
+    return f"{n} recipient{'' if n == 1 else 's'} {when}"
 
 
 def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
