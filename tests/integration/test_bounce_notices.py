@@ -268,6 +268,37 @@ def test_a_delay_warning_promises_retries_only_until_the_message_expires(
     assert b"until " + until + b" at the latest." in warning.content
 
 
+def test_a_delay_warning_promises_retries_only_until_the_last_attempt_allowed(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """Was: Will-Retry-Until said the retry policy's max_age, five days on, though
+    ``retry.max_attempts = 3`` gives up at the third attempt, minutes after the warning."""
+    from datetime import timedelta
+    from email.utils import format_datetime
+
+    from mailstrom.policy.retry import RetryPolicy
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    mx.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy"
+    retry = RetryPolicy(min_delay=timedelta(minutes=5), jitter=0.0, max_attempts=3)
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1), retry=retry
+    )
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@example.org"))
+        results.wait_count(1)
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # the second attempt deferred past the hour, and the warning
+        [warning] = mx.wait_for_messages(1)
+        [busy] = ms.query_status(mid).recipients
+    # The third attempt, ten minutes on, is the last: it fails the recipient if deferred.
+    assert busy.attempts == 2 and busy.next_attempt_at == clock() + timedelta(minutes=10)
+    until = format_datetime(busy.next_attempt_at).encode()
+    assert b"\r\nWill-Retry-Until: " + until + b"\r\n" in warning.content
+
+
 def test_a_message_past_its_expiry_is_reported_as_delivery_time_expired(
     dns_server: LoopbackDNS, mx: Any, results: Results
 ) -> None:

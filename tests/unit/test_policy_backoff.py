@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mailstrom.errors import ConfigError
 from mailstrom.policy import RetryPolicy, backoff_delay, next_attempt
+from mailstrom.policy.backoff import last_attempt_by
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 NO_JITTER = RetryPolicy(
@@ -156,3 +157,16 @@ def test_deterministic_for_a_seeded_rng(policy: RetryPolicy, attempts: int, seed
         )
 
     assert run() == run()
+
+
+def test_the_last_attempt_allowed_is_each_backoff_at_its_longest() -> None:
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    policy = RetryPolicy(min_delay=timedelta(minutes=5), jitter=0.5, max_attempts=5)
+    # After the 3rd (due at t) come the 4th (20 min, 30 with jitter) and the 5th (40 min,
+    # 60 with jitter: the cap).
+    assert last_attempt_by(attempts=2, next_at=t, policy=policy) == t + timedelta(minutes=90)
+    assert last_attempt_by(attempts=4, next_at=t, policy=policy) == t
+    assert last_attempt_by(attempts=4, next_at=t, policy=RetryPolicy()) is None
+    # Billions of attempts: the rest count as max_delay each, past the last datetime.
+    many = RetryPolicy(max_attempts=2**31 - 1, multiplier=1.0)
+    assert last_attempt_by(attempts=1, next_at=t, policy=many) is None

@@ -25,6 +25,13 @@ def backoff_delay(*, attempts: int, rng: random.Random, policy: RetryPolicy) -> 
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, not {attempts}")
+    base = _base_seconds(attempts, policy)
+    spread = rng.uniform(-policy.jitter, policy.jitter)
+    return timedelta(seconds=_jittered(base, spread, policy))
+
+
+def _base_seconds(attempts: int, policy: RetryPolicy) -> float:
+    """The delay after ``attempts`` attempts before jitter, capped at ``max_delay``."""
     low = policy.min_delay.total_seconds()
     high = policy.max_delay.total_seconds()
     try:
@@ -34,9 +41,46 @@ def backoff_delay(*, attempts: int, rng: random.Random, policy: RetryPolicy) -> 
     except OverflowError:
         # A recipient retried thousands of times has long since reached the cap.
         base = high
-    base = min(base, high)
-    jittered = base * (1.0 + rng.uniform(-policy.jitter, policy.jitter))
-    return timedelta(seconds=min(max(jittered, low), high))
+    return min(base, high)
+
+
+def _jittered(base: float, spread: float, policy: RetryPolicy) -> float:
+    """``base`` moved by ``spread`` of itself, clamped into ``[min_delay, max_delay]``."""
+    low = policy.min_delay.total_seconds()
+    high = policy.max_delay.total_seconds()
+    return min(max(base * (1.0 + spread), low), high)
+
+
+_SUMMED = 1000
+"""Delays :func:`last_attempt_by` adds one by one; the rest count as ``max_delay`` each."""
+
+
+def last_attempt_by(*, attempts: int, next_at: datetime, policy: RetryPolicy) -> datetime | None:
+    """The latest the last attempt ``policy.max_attempts`` allows can be due, for a
+    recipient deferred after ``attempts`` attempts and due again at ``next_at``: each
+    backoff after that one at its longest (jitter up). None when ``max_attempts`` sets
+    no end, or the end lies past the last date a datetime holds.
+
+    >>> from datetime import UTC
+    >>> t = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> last_attempt_by(attempts=1, next_at=t, policy=RetryPolicy(jitter=0.0, max_attempts=3))
+    datetime.datetime(2024, 1, 1, 0, 10, tzinfo=datetime.timezone.utc)
+    """
+    if policy.max_attempts is None:
+        return None
+    high = policy.max_delay.total_seconds()
+    later = 0.0
+    # Attempt ``n + 1`` comes a backoff after attempt ``n``; attempt ``attempts + 1`` is
+    # the one due at ``next_at``, the last is attempt ``max_attempts``.
+    first, last = attempts + 1, policy.max_attempts
+    for n in range(first, min(last, first + _SUMMED)):
+        later += _jittered(_base_seconds(n, policy), policy.jitter, policy)
+    # Past the delays added up (a count of thousands), each is at most max_delay.
+    later += high * max(0, last - (first + _SUMMED))
+    try:
+        return next_at + timedelta(seconds=later)
+    except OverflowError:
+        return None
 
 
 def next_attempt(

@@ -22,6 +22,7 @@ from mailstrom.errors import InvalidMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.dsn import DSN, Return
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.policy.backoff import last_attempt_by
 from mailstrom.status import ReasonClass, RecipientState
 from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
 
@@ -40,6 +41,9 @@ def notices_for(
     and the deferrals that cross ``Config.delay_warning``, among ``results`` whose
     message asks for one; ``items`` are the leased work items by (message id, domain)."""
     groups: dict[tuple[str, str, bool], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
+    # Per delay warning: when the last attempt retry.max_attempts allows may come, the
+    # latest of its recipients' (None: no end by count for one of them).
+    last_attempts: dict[tuple[str, str, bool], datetime | None] = {}
     for result in results:
         delayed = result.state is RecipientState.DEFERRED
         if not delayed and result.state is not RecipientState.FAILED:
@@ -74,6 +78,10 @@ def notices_for(
         )
         key = (result.message_id, sender, delayed)
         groups.setdefault(key, (item, due, []))[2].append(entry)
+        if delayed:
+            last = _last_attempt_allowed(result, item, config)
+            known = last_attempts.get(key, last)
+            last_attempts[key] = None if last is None or known is None else max(known, last)
     if not groups:
         return []
     notices = []
@@ -81,7 +89,8 @@ def notices_for(
     # wait until every configured lane had nothing due).
     attributes = QueueAttributes(priority=config.default_priority)
     for (message_id, sender, delayed), (item, due, entries) in groups.items():
-        notice = _Notice(config, now, message_id, sender, delayed, item, due, entries)
+        last = last_attempts.get((message_id, sender, delayed))
+        notice = _Notice(config, now, message_id, sender, delayed, item, due, entries, last)
         dsn = item.dsn
         if item.require_tls and dsn is not None and dsn.ret is Return.FULL:
             # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was asked for.
@@ -121,6 +130,19 @@ def _last_attempt(result: RecipientResult, item: WorkItem) -> datetime | None:
     return leased.last_attempt_at if leased is not None else None
 
 
+def _last_attempt_allowed(
+    result: RecipientResult, item: WorkItem, config: Config
+) -> datetime | None:
+    """When the last attempt ``retry.max_attempts`` allows may come for this deferred
+    recipient (:func:`~mailstrom.policy.backoff.last_attempt_by`), or None."""
+    leased = next((r for r in item.recipients if r.address == result.address), None)
+    if leased is None or result.next_attempt_at is None:
+        return None
+    return last_attempt_by(
+        attempts=leased.attempts + 1, next_at=result.next_attempt_at, policy=config.retry
+    )
+
+
 def _crosses_delay(
     result: RecipientResult, item: WorkItem, arrival: datetime, delay: timedelta | None
 ) -> bool:
@@ -149,6 +171,9 @@ class _Notice:
     due: datetime
     """When the message could first go: queued, or its send_at when later."""
     entries: list[FailedRecipient]
+    last_attempt: datetime | None = None
+    """When the last attempt ``retry.max_attempts`` allows may come (a delay warning's),
+    or None when it sets no end."""
 
     def prepared(self, dsn: DSN | None) -> PreparedMessage:
         """The notice rendered as ``dsn`` asks (RET=FULL: the message whole) and prepared
@@ -160,11 +185,14 @@ class _Notice:
         delayed = self.delayed
         retry_until = None
         if delayed:
-            # Whichever ends the retries first: the retry policy's max_age, or the expiry
-            # the message's sender set (past it the recipient fails as "expired").
+            # Whichever ends the retries first: the retry policy's max_age, its
+            # max_attempts, or the expiry the message's sender set (past it the recipient
+            # fails as "expired").
             ends = [self.due + max_age] if max_age is not None else []
             if self.item.expires_at is not None:
                 ends.append(self.item.expires_at)
+            if self.last_attempt is not None:
+                ends.append(self.last_attempt)
             retry_until = min(ends, default=None)
         raw = render_notice(
             reporting_mta=config.helo_name,
