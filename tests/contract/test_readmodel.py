@@ -394,3 +394,23 @@ def test_pages_split_a_batch_queued_at_one_instant(
             break
         after = page.next
     assert seen == (ids[::-1] if order is SortOrder.NEWEST else ids)
+
+
+def test_a_page_shows_the_destination_pause_as_status_does(store: Store, model: ReadModel) -> None:
+    """Was: the dashboard's queue page gave ``throttle=None`` for a recipient a
+    destination's pause held back, which the store's status showed."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@gmail.com", "b@example.org"), now=now)
+    lease = lease_all(store, now=now)
+    hour = timedelta(hours=1)
+    pause = store.throttle(
+        "*.google.com", now=now, reply="421 4.7.28 slow", first=hour, maximum=hour
+    )
+    gmail = [i for i in lease.items if i.domain == "gmail.com"]
+    store.postpone(gmail, until=pause.until, destination="*.google.com")
+    assert store.status(mid).recipient("a@gmail.com").throttle == pause
+    [shown] = model.queue_page(QueueQuery(view=QueueView.ALL), now=now).messages
+    assert shown.recipient("a@gmail.com").throttle == pause
+    assert shown.recipient("b@example.org").throttle is None

@@ -119,6 +119,26 @@ def test_postponed_recipients_wait_without_an_attempt_and_show_the_pause(store: 
     ]
 
 
+def test_the_queue_lists_show_the_pause_as_status_does(store: Store) -> None:
+    """Was: query() and recent() (``mailstrom queue --json``, ``query_recent()``) gave
+    ``throttle=None`` for recipients a destination's pause held back, which status()
+    showed."""
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@gmail.com", "b@example.org"), now=now)
+    other = store.enqueue(message("c@example.org"), now=now)
+    lease = lease_all(store, now=now)
+    pause = store.throttle("*.google.com", now=now, reply=REPLY, first=HOUR, maximum=HOUR)
+    gmail = [i for i in lease.items if i.domain == "gmail.com"]
+    store.postpone(gmail, until=pause.until, destination="*.google.com")
+    expected = store.status(mid)
+    assert expected.recipient("a@gmail.com").throttle == pause
+    for listed in (store.query(now=now), store.recent()):
+        by_id = {m.id: m for m in listed}
+        assert by_id[mid].recipient("a@gmail.com").throttle == pause
+        assert by_id[mid].recipient("b@example.org").throttle is None
+        assert all(r.throttle is None for r in by_id[other].recipients)
+
+
 def test_status_shows_no_pause_once_it_ended_or_the_recipient_is_final(store: Store) -> None:
     now = datetime.now(UTC)
     mid = store.enqueue(message("a@example.org", "b@example.org"), now=now - HOUR)

@@ -159,7 +159,8 @@ class MemoryReadModel:
             ]
             chosen.sort(key=lambda m: (m.created_at, m.seq), reverse=newest)
             page = chosen[: query.limit]
-            statuses = tuple(m.snapshot(with_history=False) for m in page)
+            # As the store's lists show them: with the pauses their status shows.
+            statuses = tuple(self._store._listed(m) for m in page)
         cursor = None
         if len(chosen) > query.limit:
             last = page[-1]

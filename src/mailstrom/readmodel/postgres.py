@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -34,12 +34,13 @@ from mailstrom.readmodel.base import (
     with_suspensions,
 )
 from mailstrom.status import RecipientState, SMTPReply
-from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
+from mailstrom.stores.postgres.store import pauses_by_message
 
 _HAS_PENDING = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
@@ -69,6 +70,7 @@ _STATUS_COLUMNS = (
 
 # The store's own query (the list is short: no paging).
 _SUSPENSIONS = queries()["suspensions"].encode()
+_PAUSED_IN = queries()["paused_in"].encode()
 
 
 class PostgresReadModel:
@@ -286,12 +288,22 @@ class PostgresReadModel:
                         ).fetchall()
                     )
                 }
+            # With the destination pauses the store's status shows (the clock's now).
+            pending = [
+                s.id for s in found.values() if any(not r.state.is_final for r in s.recipients)
+            ]
+            paused = pauses_by_message(
+                conn.execute(_PAUSED_IN, {"ids": pending, "now": datetime.now(UTC)}).fetchall()
+                if pending
+                else []
+            )
         cursor = None
         if more:
             _, seq, created, late = rows[-1]
             cursor = cursor_after(created, int(seq), late=bool(late), newest=newest)
         # A message whose rows cannot be read is left out (messages_from_rows warns).
-        return QueuePage(messages=tuple(found[mid] for mid in ids if mid in found), next=cursor)
+        page = with_pauses([found[mid] for mid in ids if mid in found], paused)
+        return QueuePage(messages=tuple(page), next=cursor)
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""

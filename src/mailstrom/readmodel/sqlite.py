@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from os.path import abspath
 
 from mailstrom.arguments import member_of, shown
@@ -41,12 +41,13 @@ from mailstrom.readmodel.base import (
 )
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import RecipientState
-from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
+from mailstrom.stores.sqlite_shaping import paused_in
 
 log = logging.getLogger(__name__)
 
@@ -326,14 +327,16 @@ class SQLiteReadModel:
                     conn, f"m.seq IN ({marks})", list(seqs), len(seqs), history=False
                 )
             }
+            # With the destination pauses the store's status shows (the clock's now).
+            paused = paused_in(conn, list(found), now=datetime.now(UTC))
         cursor = None
         if more:
             seq, created, _ = rows[-1]
             created_at, late = _page_time(created)
             cursor = cursor_after(created_at, seq, late=late, newest=newest)
         # A message whose rows cannot be read is left out (read_messages warns).
-        page = tuple(found[mid] for _, _, mid in rows if mid in found)
-        return QueuePage(messages=page, next=cursor)
+        page = with_pauses([found[mid] for _, _, mid in rows if mid in found], paused)
+        return QueuePage(messages=tuple(page), next=cursor)
 
     def _driver(self, conn: sqlite3.Connection, filters: list[_Filter]) -> _Filter | None:
         """The filter whose index gives the smallest set of messages, if small enough."""

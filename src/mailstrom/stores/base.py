@@ -228,6 +228,16 @@ def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]
     return replace(status, recipients=recipients)
 
 
+def with_pauses(
+    found: list[MessageStatus], paused: Mapping[str, dict[str, DestinationThrottle]]
+) -> list[MessageStatus]:
+    """:func:`with_throttles` for each message of a list, as its status shows it:
+    ``paused`` maps a message id to its paused recipients (address → pause)."""
+    if not paused:
+        return found
+    return [with_throttles(m, paused[m.id]) if m.id in paused else m for m in found]
+
+
 _HOLDER = re.compile(r"[0-9a-f]{8,32}")
 
 

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.errors import UnknownMessage
-from mailstrom.status import MessageStatus, QueueStats, RecipientState
-from mailstrom.stores.base import QueueFilter
+from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
+from mailstrom.stores.base import QueueFilter, with_throttles
 from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -41,6 +41,8 @@ class MemoryOperatorMixin:
         def _get(self, message_id: str) -> _Message: ...
 
         def _newest_first(self) -> list[_Message]: ...
+
+        def _paused_in(self, m: _Message) -> dict[str, DestinationThrottle]: ...
 
         def _delete(self, message_ids: Sequence[str]) -> None: ...
 
@@ -70,7 +72,7 @@ class MemoryOperatorMixin:
                     continue
                 if where.states is not None and m.state() not in where.states:
                     continue
-                found.append(m.snapshot(with_history=False))
+                found.append(self._listed(m))
         return found
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
@@ -78,7 +80,11 @@ class MemoryOperatorMixin:
         # A negative limit is none, as in every store (a slice's -1 dropped the oldest).
         with self._lock:
             newest = self._newest_first()[: max(limit, 0)]
-            return [m.snapshot(with_history=False) for m in newest]
+            return [self._listed(m) for m in newest]
+
+    def _listed(self, m: _Message) -> MessageStatus:
+        """``m`` as a list shows it: without history, with the pauses its status shows."""
+        return with_throttles(m.snapshot(with_history=False), self._paused_in(m))
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""

@@ -95,6 +95,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     storable_text,
+    with_pauses,
     with_throttles,
 )
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
@@ -1185,7 +1186,7 @@ class SQLiteStore:
             if pending_only(where):
                 # Newest first, in chunks that keep the bound parameters few.
                 seqs = pending_seqs(conn, now, where, where.limit)
-                return [
+                listed = [
                     message
                     for chunk in chunks(seqs)
                     for message in read_messages(
@@ -1196,16 +1197,27 @@ class SQLiteStore:
                         history=False,
                     )
                 ]
-            found, values = filter_sql(now, where)
-            return read_messages(
-                conn, " AND ".join(found) or "1", values, where.limit, history=False
-            )
+            else:
+                found, values = filter_sql(now, where)
+                listed = read_messages(
+                    conn, " AND ".join(found) or "1", values, where.limit, history=False
+                )
+            return self._with_pauses(conn, listed)
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         with self._read() as conn:
             # A negative limit is none, as in every store (SQLite's LIMIT -1 is no limit).
-            return read_messages(conn, "1", [], max(limit, 0), history=False)
+            listed = read_messages(conn, "1", [], max(limit, 0), history=False)
+            return self._with_pauses(conn, listed)
+
+    @staticmethod
+    def _with_pauses(conn: sqlite3.Connection, listed: list[MessageStatus]) -> list[MessageStatus]:
+        """``listed`` with the destination pauses their status shows (the clock's now, as
+        :meth:`status` reads them)."""
+        ids = [m.id for m in listed if any(not r.state.is_final for r in m.recipients)]
+        paused = sqlite_shaping.paused_in(conn, ids, now=datetime.now(UTC))
+        return with_pauses(listed, paused)
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (from the due index).

@@ -73,14 +73,34 @@ def paused_recipients(
     conn: sqlite3.Connection, message_id: str, *, now: datetime
 ) -> dict[str, DestinationThrottle]:
     """Address → pause, for the message's pending recipients held back by a running pause."""
-    rows = conn.execute(
-        f"SELECT r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
-        " FROM recipients r JOIN destination_throttles t ON t.destination = r.throttled_by"
-        " WHERE r.message_seq = (SELECT seq FROM messages WHERE id = ?)"
-        " AND r.state IN ('queued', 'deferred') AND t.until > ?",
-        (message_id, to_us(now)),
-    ).fetchall()
-    return {row[0]: pause for row in rows if (pause := _throttle_from_row(row[1:])) is not None}
+    return paused_in(conn, [message_id], now=now).get(message_id, {})
+
+
+def paused_in(
+    conn: sqlite3.Connection, message_ids: Sequence[str], *, now: datetime
+) -> dict[str, dict[str, DestinationThrottle]]:
+    """Message id → address → pause, for the pending recipients of ``message_ids`` held
+    back by a running pause (messages without one are left out); a list's messages are
+    looked up in chunks that keep the bound parameters few."""
+    found: dict[str, dict[str, DestinationThrottle]] = {}
+    for start in range(0, len(message_ids), _IDS_PER_QUERY):
+        chunk = message_ids[start : start + _IDS_PER_QUERY]
+        rows = conn.execute(
+            f"SELECT m.id, r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
+            " FROM messages m JOIN recipients r ON r.message_seq = m.seq"
+            " JOIN destination_throttles t ON t.destination = r.throttled_by"
+            f" WHERE m.id IN ({','.join('?' * len(chunk))})"
+            " AND r.state IN ('queued', 'deferred') AND t.until > ?",
+            (*chunk, to_us(now)),
+        ).fetchall()
+        for row in rows:
+            if (pause := _throttle_from_row(row[2:])) is not None:
+                found.setdefault(row[0], {})[row[1]] = pause
+    return found
+
+
+_IDS_PER_QUERY = 500
+"""Message ids bound in one query of :func:`paused_in` (SQLite allows 32,766 parameters)."""
 
 
 def mark(conn: sqlite3.Connection, recipients: Sequence[tuple[str, str]], destination: str) -> None:

@@ -57,6 +57,7 @@ from mailstrom.stores.base import (
     new_message_id,
     record_then_lease,
     storable_text,
+    with_pauses,
     with_throttles,
 )
 from mailstrom.stores.clock import ClockReading, reading_between
@@ -672,7 +673,7 @@ class PostgresStore:
             "tag": where.tag,
             "states": _state_values(where),
         }
-        return rows.messages_from_rows(self._fetch_dicts("query", params))
+        return self._with_pauses(rows.messages_from_rows(self._fetch_dicts("query", params)))
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
@@ -685,7 +686,16 @@ class PostgresStore:
             "tag": None,
             "states": None,
         }
-        return rows.messages_from_rows(self._fetch_dicts("query", params))
+        return self._with_pauses(rows.messages_from_rows(self._fetch_dicts("query", params)))
+
+    def _with_pauses(self, listed: list[MessageStatus]) -> list[MessageStatus]:
+        """``listed`` with the destination pauses their status shows (the clock's now, as
+        :meth:`status` reads them)."""
+        ids = [m.id for m in listed if any(not r.state.is_final for r in m.recipients)]
+        if not ids:
+            return listed
+        found = self._fetch_side("paused_in", {"ids": ids, "now": datetime.now(UTC)})
+        return with_pauses(listed, pauses_by_message(found))
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (lease expiry counts).
@@ -1312,6 +1322,15 @@ replaces an entry of an earlier one, so the newest still wins)."""
 _FORGET_THROTTLES = timedelta(days=1)
 """A pause that ended this long ago, and longer ago than the maximum pause, is deleted
 (it no longer makes the next one longer: :func:`~mailstrom.policy.throttle.forget_before`)."""
+
+
+def pauses_by_message(found: Sequence[Sequence[Any]]) -> dict[str, dict[str, DestinationThrottle]]:
+    """Message id → address → pause, from the rows of the ``paused_in`` query."""
+    paused: dict[str, dict[str, DestinationThrottle]] = {}
+    for row in found:
+        if (pause := _throttle(row[2:])) is not None:
+            paused.setdefault(row[0], {})[row[1]] = pause
+    return paused
 
 
 def _throttle(row: Sequence[Any]) -> DestinationThrottle | None:

@@ -959,6 +959,14 @@ WHERE r.message_id = %(id)s
   AND r.state IN ('queued', 'deferred')
   AND t.until > %(now)s;
 
+-- name: paused_in
+SELECT r.message_id, r.address, t.destination, t.until, t.strikes, t.reply, t.since
+FROM recipients r
+JOIN destination_throttles t ON t.destination = r.throttled_by
+WHERE r.message_id = ANY(%(ids)s::text[])
+  AND r.state IN ('queued', 'deferred')
+  AND t.until > %(now)s;
+
 -- name: postpone
 WITH postponed AS (
     UPDATE recipients r
