@@ -25,6 +25,7 @@ from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
 from mailstrom.cli.reading import FileBudget, stdin_buffer
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
+from mailstrom.errors import StoreError
 from mailstrom.message import Attachment, Email
 from mailstrom.message.dsn import DSN
 from mailstrom.runtime.worker import Worker
@@ -432,10 +433,14 @@ def print_deferred(status: MessageStatus) -> None:
 
 async def deliver_and_wait(
     config: Config, store: Store, message_id: str, *, wait_for: float
-) -> None:
+) -> bool:
     """Run a worker until every recipient of ``message_id`` is final or due only after
-    the end of the wait (its next retry, or the message's ``--at`` time, falls after
-    ``wait_for`` seconds), or for ``wait_for`` seconds."""
+    the end of the wait (its next retry, its destination's pause, or the message's
+    ``--at`` time, falls after ``wait_for`` seconds), or for ``wait_for`` seconds.
+    Whether the wait ended before its time (False: it ran out)."""
+    # Loaded here, as prepare_for is: the facade's module is for this command only.
+    from mailstrom.client.operations import WAIT_POLL, settled
+
     deadline = utc_now() + timedelta(seconds=wait_for)
     status = store.status(message_id)
     pending = {
@@ -456,14 +461,37 @@ async def deliver_and_wait(
             if not pending:
                 finished.set()
 
+    over = asyncio.Event()
+
+    async def look_at_the_store() -> None:
+        # A recipient the worker postpones for its destination's pause gets no result:
+        # only the store tells that its next attempt falls after the wait (as
+        # Mailstrom.wait looks).
+        while not finished.is_set():
+            try:
+                await asyncio.wait_for(over.wait(), WAIT_POLL)
+                return
+            except TimeoutError:
+                pass
+            try:
+                status = await asyncio.to_thread(store.status, message_id)
+            except StoreError:
+                continue  # the worker says so and tries again; so does the next look
+            if settled(status, deadline):
+                finished.set()
+
     worker = Worker(config, store, on_result=on_result)
     running = asyncio.create_task(worker.run())
     waiting = asyncio.create_task(finished.wait())
+    looking = asyncio.create_task(look_at_the_store())
     await asyncio.wait({running, waiting}, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
+    over.set()
+    await looking  # a read of the store in its thread ends before the store is closed
     # Done: let other in-flight work finish briefly. Timed out: give it back now.
     worker.request_stop(drain_timeout=5.0 if finished.is_set() else 0.0)
     await running  # re-raises a worker crash; results are recorded before it returns
+    return finished.is_set()
 
 
 def wait_exit_code(status: MessageStatus) -> int:
