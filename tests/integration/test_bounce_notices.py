@@ -4,6 +4,7 @@ sender, and the notice reads back with mailstrom's own DSN parser."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from mailstrom import DSN, Email, Notify, RecipientState, Return
 from mailstrom.bounces import parse_report, verp_address
 from mailstrom.client import Mailstrom
-from mailstrom.errors import StoreLocked
+from mailstrom.errors import StoreLocked, StoreRefusedData
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import Results, loopback_config
@@ -440,3 +441,42 @@ def test_a_notice_the_store_could_not_take_is_queued_at_the_next_write(
         "nobody@example.org": RecipientState.FAILED,
         "app@sender.test": RecipientState.DELIVERED,
     }
+
+
+def test_a_notice_the_store_refuses_for_good_does_not_hold_the_others(
+    dns_server: LoopbackDNS, mx: Any, results: Results, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Notices a store failure left unqueued are asked for again with the next ones: one
+    holding a value the store cannot take (StoreRefusedData: asking again cannot help)
+    made the store refuse every later batch too, and no notice went out again."""
+
+    class RefusesOneNotice(MemoryStore):
+        refused = 0
+
+        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
+            if any(b"Subject: poison" in m.data for m in messages):
+                self.refused += 1
+                raise StoreRefusedData("a value the store cannot hold")
+            return super().enqueue_many(messages, now=now)
+
+    store = RefusesOneNotice()
+    config = loopback_config(dns_server, mx.port, bounce_notices=True, poll_interval=0.2)
+    with (
+        caplog.at_level(logging.ERROR, logger="mailstrom"),
+        Mailstrom(config, store=store, on_result=results) as ms,
+    ):
+        ms.send_email(
+            Email(from_="app@sender.test", to=["nobody@example.org"], subject="poison", text="x")
+        )
+        results.wait_count(1)
+        ms.send_email(
+            Email(from_="app@sender.test", to=["nobody@example.org"], subject="fine", text="x")
+        )
+        results.wait_count(3)  # two failures, and the notice of the second
+    states = sorted((r.address, r.state.value) for r in results.all)
+    assert states == [
+        ("app@sender.test", "delivered"),
+        ("nobody@example.org", "failed"),
+        ("nobody@example.org", "failed"),
+    ]
+    assert any("bounce message to app@sender.test dropped" in r.message for r in caplog.records)

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.status import RecipientState
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from mailstrom.runtime.worker import _LeaseState
 
 log = logging.getLogger("mailstrom.worker")
+
+
+MAX_UNSENT_NOTICES = 10_000
+"""Bounce messages a worker keeps in memory at most while the store takes none."""
 
 
 class WorkerScreening(WorkerStore):
@@ -90,14 +94,45 @@ class WorkerScreening(WorkerStore):
             await self._store_call(self.store.enqueue_many, waiting, now=self._clock())
         except StoreCorrupt:
             raise
+        except StoreRefusedData:
+            # A value of one the store cannot hold: asked again with it, the store would
+            # refuse them all for ever (and say it troubles the worker all that time).
+            await self._send_notices_one_by_one(waiting)
         except StoreError as exc:
             self._store_trouble("bounce notices", exc)
             if not self._unsent_notices:
                 log.warning("%d bounce messages not queued yet: %s", len(waiting), exc)
-            self._unsent_notices = waiting
+            self._keep_unsent(waiting)
         else:
             self._unsent_notices = []
             self._lease_wanted = True
+
+    async def _send_notices_one_by_one(self, waiting: list[PreparedMessage]) -> None:
+        """Queue each of ``waiting`` on its own; one the store refuses is dropped (logged),
+        and on another store failure the rest wait for the next write."""
+        for index, notice in enumerate(waiting):
+            try:
+                await self._store_call(self.store.enqueue_many, [notice], now=self._clock())
+            except StoreCorrupt:
+                raise
+            except StoreRefusedData as exc:
+                log.error("a bounce message to %s dropped: %s", ", ".join(notice.recipients), exc)
+            except StoreError as exc:
+                self._store_trouble("bounce notices", exc)
+                self._keep_unsent(waiting[index:])
+                return
+            else:
+                self._lease_wanted = True
+        self._unsent_notices = []
+
+    def _keep_unsent(self, waiting: list[PreparedMessage]) -> None:
+        """Keep ``waiting`` for the next write, :data:`MAX_UNSENT_NOTICES` at most (the
+        newest): a store that refuses for days must not take the worker's memory."""
+        dropped = len(waiting) - MAX_UNSENT_NOTICES
+        if dropped > 0:
+            log.error("%d bounce messages dropped: the store has taken none for too long", dropped)
+            waiting = waiting[dropped:]
+        self._unsent_notices = waiting
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
         """Put the addresses of recorded hard bounces on the suppression list. If the store
