@@ -972,18 +972,27 @@ class Dispatcher:
         throttling = next((r for r in _replies(result) if is_throttling(r)), None)
         if throttling is None:
             return results
+        # The transaction's results must be reported whatever the pause does: lost, they
+        # would leave the item leased, and its delivered recipients would be sent again
+        # once the lease ran out. Unpaused, the deferred ones keep their own backoff.
+        paused = await self._pause_deferred(shape, str(throttling), results, item)
+        return results if paused is None else paused
+
+    async def _pause_deferred(
+        self, shape: Shape, reply: str, results: list[RecipientResult], item: WorkItem
+    ) -> list[RecipientResult] | None:
+        """Pause ``shape`` after the throttling ``reply``: ``results`` with their deferred
+        recipients due at the end of the pause, or None when no pause could be made
+        (logged)."""
+        assert self._shaper is not None
         deferred = [
             (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
         ]
         try:
-            pause = await self._shaper.throttled(shape, str(throttling), deferred)
+            pause = await self._shaper.throttled(shape, reply, deferred)
         except Exception:
-            # The transaction's results must be reported whatever the pause does: lost,
-            # they would leave the item leased, and its delivered recipients would be
-            # sent again once the lease ran out. Unpaused, the deferred ones keep their
-            # own backoff.
             log.exception("could not pause %s after a throttling reply", shape.key)
-            return results
+            return None
         return _until_pause(results, pause, item, self._config.retry.max_age)
 
     async def _throttled_cut(
@@ -999,15 +1008,10 @@ class Dispatcher:
         if reply is None or not is_throttling(reply):
             return False
         results = self._outcomes.from_error(work.item, exc, work.started, where)
-        deferred = [
-            (r.message_id, r.address) for r in results if r.state is RecipientState.DEFERRED
-        ]
-        try:
-            pause = await self._shaper.throttled(shape, str(reply), deferred)
-        except Exception:
-            log.exception("could not pause %s after a throttling reply", shape.key)
+        paused = await self._pause_deferred(shape, str(reply), results, work.item)
+        if paused is None:
             return False
-        self._done(_until_pause(results, pause, work.item, self._config.retry.max_age))
+        self._done(paused)
         return True
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
