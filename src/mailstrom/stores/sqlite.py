@@ -401,7 +401,6 @@ class SQLiteStore:
         self._idle: list[sqlite3.Connection] = []
         self._out = 0
         """Connections checked out (under ``_pool_lock``): statements under way."""
-        self._held_for_fork = False
         self._closed = False
         self._closed_why = "the store is closed"
         self._busy_ms = min(int(busy_timeout * 1000), _MAX_BUSY_MS)
@@ -722,17 +721,14 @@ class SQLiteStore:
         """Before this process forks: wait for the statements under way to end (see
         :func:`~mailstrom.stores.forks.hold_when_idle`)."""
         hold_when_idle(self._pool_lock, lambda: self._out > 0 and not self._closed)
-        self._held_for_fork = True
 
     def _after_fork_in_parent(self) -> None:
-        if self._held_for_fork:
-            self._held_for_fork = False
-            self._pool_lock.release()
+        self._pool_lock.release()
 
     def _after_fork(self) -> None:
         """In a process forked from this one: nothing of the parent's connections, locks
         or pending group commit is used here (see :mod:`~mailstrom.stores.forks`)."""
-        busy, self._out, self._held_for_fork = self._out, 0, False
+        busy, self._out = self._out, 0
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._group = threading.Condition()
