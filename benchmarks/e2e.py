@@ -30,6 +30,7 @@ Throughput rows run ``--repeat`` times (3); the median is reported with min and 
     .venv/bin/python benchmarks/e2e.py -n 500 --repeat 1    # a quick check
     .venv/bin/python benchmarks/e2e.py --rows deliver-thread,wakeup
     .venv/bin/python benchmarks/e2e.py --profile            # cProfile deliver thread
+    .venv/bin/python benchmarks/e2e.py --split              # send_email, stage by stage
 """
 
 from __future__ import annotations
@@ -776,6 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="instead of the table: cProfile one `deliver thread` run (every thread)",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="instead of the table: where the app thread's send_email time goes in one "
+        "`e2e 1 thread` run per worker mode (µs per message per stage)",
+    )
     args = parser.parse_args(argv)
     rows = parse_rows(args.rows)
     console = Console(width=160)
@@ -842,7 +849,7 @@ def run_all(console: Console, bench: Bench, args: argparse.Namespace, rows: list
         f"mailstrom end to end vs Postfix smtp-source → smtp-sink (pid {bench.sink.pid}, "
         f"{bench.sink.host}:{bench.sink.port}); N={n}, {octets} octets per message, "
         f"1 recipient, {SESSIONS} sessions, "
-        + ("one profiled run" if args.profile else f"{args.repeat} runs per row")
+        + ("one instrumented run" if args.profile or args.split else f"{args.repeat} runs per row")
         + "; worker modes "
         f"{', '.join(mode_label(m) for m in modes)}; {os.cpu_count()} CPUs, load average "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -853,6 +860,8 @@ def run_all(console: Console, bench: Bench, args: argparse.Namespace, rows: list
 
     if args.profile:
         return profile(console, bench, emails)
+    if args.split:
+        return split(console, bench, emails, modes)
 
     results: list[Row] = []
     reference = Row("reference", f"smtp-source -d -s {SESSIONS} -l {SIZE}")
@@ -943,6 +952,45 @@ def profile(console: Console, bench: Bench, emails: Sequence[Email]) -> int:
         "not absolute times)"
     )
     print_profile(console, profiler, wall={"worker (event loop thread)": run.seconds})
+    return 0
+
+
+def split(
+    console: Console, bench: Bench, emails: Sequence[Email], modes: Sequence[str | None]
+) -> int:
+    from benchmarks.send_split import STAGES, instrumented
+
+    table = Table(
+        title="one app thread's send_email, µs per message (wall clock, app thread only)",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("stage", no_wrap=True)
+    for mode in modes:
+        table.add_column(f"worker={mode_label(mode)}", justify="right", no_wrap=True)
+    columns: list[dict[str, str]] = []
+    for mode in modes:
+        with instrumented() as times:
+            run = run_e2e(bench, emails, threads=1, worker_mode=mode)
+        print_notes(console, f"e2e 1 thread, worker={mode_label(mode)}", [run])
+        per = times.per_message()
+        cells = {}
+        for stage in STAGES:
+            cell = f"{per[stage]:,.0f}"
+            directly = {"COMMIT (WAL write + fsync)": "transaction"}.get(stage, stage)
+            found = times.quantiles(directly) if stage != "other" else None
+            if found is not None:
+                cell += f" (p50 {found[0]:,.0f}, p90 {found[1]:,.0f})"
+            cells[stage] = cell
+        cells["send_email"] = f"{sum(per.values()):,.0f}"
+        cells["msg/s"] = f"{run.rate:,.0f}"
+        columns.append(cells)
+    for stage in (*STAGES, "send_email", "msg/s"):
+        table.add_row(stage, *(cells[stage] for cells in columns))
+    console.print(table)
+    console.print(
+        "COMMIT's p50/p90 are of the whole transaction (BEGIN, INSERT and COMMIT); "
+        "other = send_email minus the stages above (group commit bookkeeping, calls)."
+    )
     return 0
 
 

@@ -101,3 +101,10 @@ def test_e2e_benchmark_runs() -> None:
         "e2e", ["-n", "200", "--repeat", "1", "--rows", "deliver-thread", "--wakeups", "2"]
     )
     assert "deliver only" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_tools()), reason="Postfix's smtp-sink/smtp-source missing")
+def test_e2e_split_runs() -> None:
+    out = run_benchmark("e2e", ["-n", "100", "--split"])
+    assert "write lock wait" in out
