@@ -504,7 +504,8 @@ class Config:
     SMTP sessions running at once."""
     max_per_destination: int = 10
     """SMTP sessions open at once to one destination: a recipient domain (or the relay),
-    per worker. Two domains served by the same MX hosts are two destinations, each with
+    per worker, its mail that asks for REQUIRETLS or carries ``TLS-Required: No``
+    included. Two domains served by the same MX hosts are two destinations, each with
     this many; a shaping rule's ``max_connections`` caps what its domains open together."""
     max_messages_per_connection: int = 100
     """Messages sent over one connection before it is closed."""

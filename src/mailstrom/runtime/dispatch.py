@@ -1,11 +1,14 @@
 """From work items to SMTP sessions: a queue per destination, a few sessions each.
 
 A destination is a recipient domain (or the relay, when one is configured). Its work items
-wait in one queue; up to ``max_per_destination`` session tasks (``max_connections`` over
-all destinations) take them in turn. A session resolves the route, connects to the first
-address that answers (RFC 5321 §5.1: MX hosts in preference order, every address of each)
-and streams transactions over that connection, keeping three submitted so that one is
-on the wire while another is answered. A session does not hold anything but its own
+wait in one queue — its mail that asks for REQUIRETLS, or carries ``TLS-Required: No``, in
+one of its own, as such mail may need other connections — and up to
+``max_per_destination`` session tasks over all its queues (``max_connections`` over all
+destinations) take them in turn: a server counts a client's connections whatever TLS
+they carry. A session resolves the route, connects to the first address that answers
+(RFC 5321 §5.1: MX hosts in preference order, every address of each) and streams
+transactions over that connection, keeping three submitted so that one is on the wire
+while another is answered. A session does not hold anything but its own
 connection: a stalled server ties up its own sessions only, never the other destinations.
 ``max_connections`` bounds the sockets as well as the sessions — idle and closing ones
 count, and a session at the limit waits for a slot while idle connections are closed to
@@ -37,7 +40,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from mailstrom.config import Config
@@ -112,20 +115,41 @@ class _Lane:
 
 
 @dataclass(slots=True, eq=False)
+class _Sessions:
+    """The sessions of one destination over all its queues (private, mutable):
+    ``max_per_destination`` bounds them together."""
+
+    running: int = 0
+    held: deque[_Destination] = field(default_factory=deque)
+    """Its queues that wanted a session while the bound was reached, in turn."""
+
+
+@dataclass(slots=True, eq=False)
 class _Destination:
+    """One queue of a destination, and the sessions taking from it."""
+
     key: str
     domain: str
     limit: int
     queue: deque[_Work]
+    shared: _Sessions
+    """The destination's sessions, which its other queues count against too."""
     sessions: int = 0
     connected: int = 0
     waiting: bool = False
+    held: bool = False
+    """In ``shared.held``: the destination's other queues have all its sessions."""
     parked: bool = False
     """Waiting for a connection slot of its shaping rule (shared with other domains)."""
     require_tls: bool = False
-    """Its messages ask for REQUIRETLS (they get a destination of their own)."""
+    """Its messages ask for REQUIRETLS (they get a queue of their own)."""
     tls_optional: bool = False
-    """Its messages carry ``TLS-Required: No`` (they get a destination of their own)."""
+    """Its messages carry ``TLS-Required: No`` (they get a queue of their own)."""
+
+
+_REQUIRE_TLS = "\0requiretls"
+_TLS_OPTIONAL = "\0tls-optional"
+"""Suffixes of the queue keys of a destination's mail that changes the TLS decision."""
 
 
 class Dispatcher:
@@ -233,9 +257,9 @@ class Dispatcher:
         require_tls = checked.item.require_tls
         tls_optional = not require_tls and tls_required_no(checked.item.data)
         if require_tls:
-            key += "\0requiretls"
+            key += _REQUIRE_TLS
         elif tls_optional:
-            key += "\0tls-optional"
+            key += _TLS_OPTIONAL
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(
@@ -243,6 +267,7 @@ class Dispatcher:
                 domain=item.domain,
                 limit=self._config.max_per_destination,
                 queue=deque(),
+                shared=self._sessions_of(shaping_key),
                 require_tls=require_tls,
                 tls_optional=tls_optional,
             )
@@ -250,6 +275,16 @@ class Dispatcher:
             shape.queues[key] = dest.queue
         _enqueue_by_rank(dest.queue, checked)
         self._start_sessions(dest)
+
+    def _sessions_of(self, destination: str) -> _Sessions:
+        """The session count of ``destination`` (a domain, or the relay), shared by its
+        queues: a queue with sessions running is never forgotten, so the count is found
+        through any of them."""
+        for key in (destination, destination + _REQUIRE_TLS, destination + _TLS_OPTIONAL):
+            dest = self._destinations.get(key)
+            if dest is not None:
+                return dest.shared
+        return _Sessions()
 
     def _check_paths(self, work: _Work) -> _Work | None:
         """Fail, alone and for good, each recipient SMTP cannot carry (hardening #5): one
@@ -288,11 +323,18 @@ class Dispatcher:
         if dest.parked or self._closing:
             return  # parked: started again when its shaping rule frees a connection slot
         max_connections = self._config.max_connections
+        shared = dest.shared
         while (
             dest.queue
             and dest.sessions < dest.limit
             and (dest.sessions == 0 or len(dest.queue) > dest.sessions * _DEPTH)
         ):
+            if shared.running >= self._config.max_per_destination:
+                # The destination's other queues have its sessions: started when one ends.
+                if not dest.held:
+                    dest.held = True
+                    shared.held.append(dest)
+                return
             # A session counts against the lane of the work at the head of the queue
             # (the highest lane waiting there): a lane past its share waits for one of
             # its own sessions to end, while higher lanes still get connections.
@@ -306,6 +348,7 @@ class Dispatcher:
                     self._waiting.append(dest)
                 return
             dest.sessions += 1
+            shared.running += 1
             self._sessions += 1
             self._lane_sessions[rank] += 1
             task = asyncio.get_running_loop().create_task(self._session(dest, rank))
@@ -345,13 +388,26 @@ class Dispatcher:
             self._fail_queue(dest, error, Where())
         finally:
             dest.sessions -= 1
+            dest.shared.running -= 1
             self._sessions -= 1
             self._lane_sessions[lane.rank] -= 1
+            self._start_held(dest.shared)
             if dest.queue:
                 self._start_sessions(dest)
             elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
                 del self._destinations[dest.key]
             self._start_waiting()
+
+    def _start_held(self, shared: _Sessions) -> None:
+        """Give the destination's free sessions to its queues held back for them, in
+        turn (one session of the queue that just had one could keep the others waiting
+        while its own mail keeps coming)."""
+        held = shared.held
+        while held and shared.running < self._config.max_per_destination:
+            dest = held.popleft()
+            dest.held = False
+            if dest.queue:
+                self._start_sessions(dest)
 
     def _start_waiting(self) -> None:
         """Give free connections to waiting destinations, highest lane first; one whose
@@ -364,6 +420,14 @@ class Dispatcher:
             dest.waiting = False
             if dest.queue:
                 self._start_sessions(dest)
+
+    @staticmethod
+    def _others_wait(dest: _Destination) -> bool:
+        """Whether another queue of ``dest``'s destination waits for one of its sessions:
+        a session then ends once its connection is done (at most
+        ``max_messages_per_connection`` messages), rather than carry a backlog to its end
+        while a REQUIRETLS password reset waits behind it."""
+        return any(other.queue for other in dest.shared.held if other is not dest)
 
     async def _route(self, dest: _Destination) -> Route:
         if self._relay_route is not None:
@@ -533,6 +597,8 @@ class Dispatcher:
                     opener.close_later(conn)
                 else:
                     opener.release(key, conn)
+                if self._others_wait(dest):
+                    return  # the session's end gives it to them; this queue waits its turn
                 continue
             opener.close_later(conn)
             last_error = broke
