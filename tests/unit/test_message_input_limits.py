@@ -502,7 +502,7 @@ def test_the_subject_is_decoded_in_bounded_pieces(
     assert max(handed, default=0) <= 4_000  # headers.LONGEST_DECODED_RUN
     assert sum(handed) <= len(subject)
     if len(unit) > 20:  # cut into pieces: read as the stdlib reads it whole
-        assert max(handed) <= 1_000  # headers.DECODED_PIECE
+        assert max(handed) <= 1_000  # unstructured.DECODED_PIECE
         assert shown == str(parse("subject", subject))
         assert shown.startswith("Grüße aus Berlin éGrüße")  # white space between words dropped
 
@@ -527,3 +527,171 @@ def test_decoding_in_pieces_reads_as_the_stdlib_reads_the_whole() -> None:
         pieces = headers._pieces(value)
         if max(end - start for start, end in pieces) <= headers.LONGEST_DECODED_RUN:
             assert headers.decode_text(value) == whole, value
+
+
+# --- #6 unstructured text of a stdlib message is parsed in linear work -------------------
+
+# Shapes of text that make the stdlib's unstructured parser take many small steps.
+UNSTRUCTURED_UNITS = [
+    "a =?",  # encoded-word starts that never end
+    "=?x?q? ",  # encoded-word fragments
+    "=?utf-8?q?ab?= x ",  # valid encoded words between plain words
+    "=?utf-8?q?a?=\t =? x ?= \t",  # mixed white space
+    "a ",  # plain words
+    "=?utf-8?q?ab?=",  # valid encoded words back to back: nowhere to cut
+    "=?utf-8?q?ab?= ",  # and with white space between them: nowhere to cut either
+]
+
+
+def _parser_work(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Characters handed to the steps of the stdlib's unstructured parser, summed into the
+    one item of the list returned. Each step gets the rest of the value (and copies it):
+    the sum is the parser's work, which grows with the square of a value handed whole."""
+    import email._header_value_parser as parser
+
+    work = [0]
+
+    def counted(step: Callable[..., object]) -> Callable[..., object]:
+        def step_counted(value: str, *args: object) -> object:
+            work[0] += len(value)
+            return step(value, *args)
+
+        return step_counted
+
+    for name in ("get_fws", "get_encoded_word", "_wsp_splitter"):
+        monkeypatch.setattr(parser, name, counted(getattr(parser, name)))
+    return work
+
+
+def _compat32_message(field: str, value: str) -> object:
+    from email.mime.text import MIMEText
+
+    message = MIMEText("body")
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message[field] = value
+    return message
+
+
+@pytest.mark.parametrize("field", ["Subject", "X-Note"])
+@pytest.mark.parametrize("unit", UNSTRUCTURED_UNITS)
+def test_a_stdlib_message_field_is_parsed_in_work_linear_in_its_length(
+    field: str, unit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input audit #6: a compat32 message's raw unstructured value (``MIMEText``'s
+    Subject) was parsed whole by the stdlib, whose parser copies the rest of the value at
+    every word: once to check what it decodes to and once more by the writer to refold it.
+    60 KB of ``a =?`` cost 1.4 s of CPU per prepare(). Doubling the value now at most
+    doubles the parser's work (plus a piece's worth)."""
+    work = _parser_work(monkeypatch)
+    done = []
+    for size in (8_000, 16_000):
+        text = unit * (size // len(unit))
+        lines = [text[at : at + 500] for at in range(0, len(text), 500)]  # folded
+        work[0] = 0
+        prepared = prepare(_compat32_message(field, "\r\n ".join(lines)), now=NOW)  # type: ignore[arg-type]
+        assert prepared.data.count(b"\r\n\r\n") == 1
+        done.append(work[0])
+    small, large = done
+    # Plus the parse of a stretch with nowhere to cut, at most headers.LONGEST_DECODED_RUN
+    # long: the pieces fall differently in the two values.
+    assert large <= 2 * small + 4_000**2 // 4, done
+
+
+def _folded(header: BaseHeader) -> list[str]:
+    """The header as ``policy.SMTP`` and ``SMTPUTF8`` fold it, or the error the stdlib's
+    folder raises."""
+    from email import policy
+
+    folded = []
+    for each in (policy.SMTP, policy.SMTPUTF8):
+        try:
+            folded.append(header.fold(policy=each))
+        except Exception as exc:  # e.g. a non-ASCII space it cannot encode
+            folded.append(repr(exc))
+    return folded
+
+
+@pytest.mark.parametrize("group", [7, 256])  # 256: unstructured.FOLDED_GROUP
+def test_parsing_in_pieces_makes_the_tree_the_stdlib_makes_of_the_whole(
+    group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input audit #6: the parse tree joined from the pieces, its words in groups, reads
+    and folds as the stdlib's for the whole value: the writer folds it, and the check of
+    what it decodes to reads it."""
+    from email._header_value_parser import get_unstructured
+    from email.headerregistry import HeaderRegistry
+
+    from mailstrom.message import headers, unstructured
+
+    monkeypatch.setattr(unstructured, "FOLDED_GROUP", group)
+    atoms = [
+        "=?utf-8?q?a_b?=", "=?utf-8?b?w6k=?=", "=?", "?=", " ", "  ", "\t", "a", "=41",
+        "=?utf-8?q?", "?q?", "=?utf-8?q?=41", "\u2003", "=?iso-8859-1?q?=E9?=", "b?", "=",
+        "=?bad?x?y?=", "\u2003 ", "=?utf-8?q?\u00e9?=", "é", "a" * 90,
+    ]  # fmt: skip
+    stdlib = HeaderRegistry()
+    generator = random.Random(6)
+    for _ in range(30):
+        value = "".join(generator.choices(atoms, k=generator.randint(250, 600)))
+        assert len(headers._pieces(value)) > 1  # pieces, each parsed alone
+        for name in ("Subject", "X-Note"):
+            whole, joined = stdlib(name, value), headers.HEADER_FACTORY(name, value)
+            assert str(joined) == str(whole), value
+            assert _folded(joined) == _folded(whole), value
+        joined_defects = unstructured.parse_unstructured(value).all_defects
+        whole_defects = get_unstructured(value).all_defects
+        assert [str(d) for d in joined_defects] == [str(d) for d in whole_defects], value
+
+
+@pytest.mark.parametrize("unit", UNSTRUCTURED_UNITS)
+def test_a_long_value_is_folded_from_short_lists_of_words(unit: str) -> None:
+    """Input audit #6: the stdlib's folder takes the parts of a list off its front one at
+    a time (``list.pop(0)``), moving all the rest each time: a 60 KB value parsed into one
+    list of 60,000 words and spaces cost it work growing with their number squared. The
+    writer's parse tree now holds them in lists of at most 256 (whatever the length
+    within MAX_FIELD), which the folder folds as it folds one list."""
+    from mailstrom.message import headers
+
+    value = unit * (60_000 // len(unit))
+    header = headers.HEADER_FACTORY("subject", value)
+    pending: list[object] = [header._parse_tree]  # type: ignore[attr-defined]
+    longest = 0
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            longest = max(longest, len(node))
+            pending.extend(node)
+    assert longest <= 256
+
+
+@pytest.mark.parametrize("encoding", ["b", "q", "mixed"])
+def test_a_long_subject_of_encoded_words_only_reads_as_the_stdlib_reads_it(
+    encoding: str,
+) -> None:
+    """Input audit #6: encoded words back to back (a long Subject as ``email.header.Header``
+    writes it) leave nowhere to cut. Such a stretch is taken word by word, each encoded
+    word decoded as the parser decodes it: the writer folds it as the stdlib folds the
+    whole, and status shows the text (it showed the encoded words)."""
+    from email import charset
+    from email.header import Header
+    from email.headerregistry import HeaderRegistry
+
+    from mailstrom.message import headers
+
+    text = ("Grüße aus Köln, " * 300).strip()
+    if encoding == "mixed":  # one no encoded word: the white space beside it is kept
+        written = ("=?utf-8?q?a?= =?bad?x?y?=  =?utf-8?q?=C3=A9_x?=\t" * 300).strip()
+        text = "a =?bad?x?y?=  é x" * 300
+    else:
+        utf8 = charset.Charset("utf-8")
+        utf8.header_encoding = charset.QP if encoding == "q" else charset.BASE64
+        written = Header(text, utf8).encode()
+    value = "".join(written.splitlines())  # as unfolded
+    assert headers._pieces(value) == [(0, len(value))]  # nowhere to cut
+    assert len(value) > 4_000  # headers.LONGEST_DECODED_RUN
+    whole, joined = HeaderRegistry()("subject", value), headers.HEADER_FACTORY("subject", value)
+    assert str(joined) == str(whole) == text
+    assert _folded(joined) == _folded(whole)
+    prepared = prepare(_compat32_message("Subject", written), now=NOW)  # type: ignore[arg-type]
+    assert prepared.subject == text

@@ -23,6 +23,7 @@ from mailstrom.message.addresses import (
     parse_address_list,
 )
 from mailstrom.message.chars import shorten
+from mailstrom.message.policies import HEADER_FACTORY
 from mailstrom.message.words import unstructured_field
 
 MAX_LINE = 998
@@ -372,8 +373,11 @@ class _SMTPPolicy(EmailPolicy):
         return value
 
 
-_SMTP = _SMTPPolicy(linesep="\r\n")
-_SMTPUTF8 = _SMTPPolicy(linesep="\r\n", utf8=True)
+# The writer parses a long raw value (a compat32 message's) with its header factory to
+# refold it: the stdlib's own registry parses unstructured text in work quadratic in its
+# length (see mailstrom.message.unstructured).
+_SMTP = _SMTPPolicy(linesep="\r\n", header_factory=HEADER_FACTORY)
+_SMTPUTF8 = _SMTPPolicy(linesep="\r\n", utf8=True, header_factory=HEADER_FACTORY)
 
 
 def serialise(message: Message, *, utf8: bool) -> bytes:

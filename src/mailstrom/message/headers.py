@@ -7,9 +7,7 @@ body is kept exactly as it came, bar line endings. Nothing is re-encoded.
 
 from __future__ import annotations
 
-import bisect
 import re
-import string
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +16,8 @@ from mailstrom.message.bounds import check_header_section, section_end
 from mailstrom.message.chars import check_header_octets, check_header_text, shorten
 from mailstrom.message.encoding import to_crlf
 from mailstrom.message.policies import HEADER_FACTORY
+from mailstrom.message.unstructured import LONGEST_DECODED_RUN, parse_unstructured
+from mailstrom.message.unstructured import pieces as _pieces
 
 MAX_FIELD = 64 * 1024
 """Longest header field accepted, in octets as written (name, value and folding).
@@ -210,22 +210,6 @@ def _check_utf8(fields: list[tuple[str, list[bytes]]]) -> None:
             check_header_text(name, text)
 
 
-DECODED_PIECE = 1000
-"""Most characters of a header value handed to the stdlib's parser at once.
-
-Its unstructured parser copies (and regex-searches) the rest of the value at every word,
-so its cost grows with the square of the length: a 64 KB Subject of ``=?a?q?b?=x``
-repeated took 2.7 s of CPU per ``prepare()``. A value is decoded in pieces this long,
-cut where the parser's reading does not change (see :func:`_cuts`)."""
-
-LONGEST_DECODED_RUN = 4000
-"""A stretch longer than this with nowhere to cut it (encoded words back to back, or no
-white space) is shown as written: real encoded words are 75 characters at most."""
-
-_WORD_GAP = re.compile(r"(?<=\S)[ \t]")
-"""White space (as the parser starts a run of it) right after a character that is not."""
-
-
 def decode_text(value: str) -> str:
     """Decode RFC 2047 words in an unstructured header value (for display only), as the
     stdlib's ``policy.default`` does, piece by piece so that the work stays linear."""
@@ -238,57 +222,8 @@ def decode_text(value: str) -> str:
 
 
 def _decode_piece(piece: str) -> str:
-    if "=?" not in piece or len(piece) > LONGEST_DECODED_RUN:
+    if "=?" not in piece:
         return piece
+    if len(piece) > LONGEST_DECODED_RUN:  # nowhere to cut: word by word
+        return str(parse_unstructured(piece))
     return str(HEADER_FACTORY("subject", piece))
-
-
-def _pieces(value: str) -> list[tuple[int, int]]:
-    """Spans of ``value`` that decode alone as they decode within it, each at most
-    :data:`DECODED_PIECE` long unless there was nowhere to cut it."""
-    spans: list[tuple[int, int]] = []
-    start = last = 0
-    for cut in _cuts(value):
-        if cut - start > DECODED_PIECE and last > start:
-            spans.append((start, last))
-            start = last
-        last = cut
-    if len(value) - start > DECODED_PIECE and last > start:
-        spans.append((start, last))
-        start = last
-    spans.append((start, len(value)))
-    return spans
-
-
-def _cuts(value: str) -> list[int]:
-    """Where ``value`` may be cut without changing what the stdlib reads in it: where a
-    run of white space starts after a word that is no encoded word (so the white space is
-    kept whatever follows, RFC 2047 §6.2), and no encoded word can span it."""
-    opens = [match.start() for match in re.finditer(r"=\?", value)]
-    closes = [match.start() for match in re.finditer(r"\?=", value)]
-    cuts = []
-    for gap in _WORD_GAP.finditer(value):
-        at = gap.start()
-        if not value.endswith("?=", 0, at) and _all_words_end_by(value, at, opens, closes):
-            cuts.append(at)
-    return cuts
-
-
-def _all_words_end_by(value: str, at: int, opens: list[int], closes: list[int]) -> bool:
-    """Whether every encoded word the parser may read before ``at`` ends by ``at``.
-
-    The parser takes an encoded word from a ``=?`` to the first ``?=`` after it, white
-    space inside included, or to the second when two hex digits follow the first (an
-    ``=XX`` of quoted-printable). A word starting at or before the last ``=?`` so ends by
-    the second ``?=`` after that ``=?``, by the first when no hex digits follow it; one
-    with no ``?=`` after it is no encoded word."""
-    last_open = bisect.bisect_left(opens, at - 1) - 1  # the last "=?" wholly before at
-    if last_open < 0:
-        return True
-    first = bisect.bisect_left(closes, opens[last_open] + 2)
-    if first == len(closes):
-        return True
-    end = closes[first] + 2
-    if all(char in string.hexdigits for char in value[end : end + 2]) and end + 2 <= len(value):
-        end = closes[first + 1] + 2 if first + 1 < len(closes) else len(value) + 1
-    return end <= at

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from email.headerregistry import BaseHeader, HeaderRegistry
 
+from mailstrom.message.unstructured import (
+    LinearUnstructuredHeader,
+    UniqueLinearUnstructuredHeader,
+)
+
 
 class CachingHeaderRegistry(HeaderRegistry):
     """A :class:`~email.headerregistry.HeaderRegistry` that builds each header class once.
@@ -11,10 +16,15 @@ class CachingHeaderRegistry(HeaderRegistry):
     The stock registry creates a new class with ``type()`` on every header it parses,
     which costs more than parsing a simple header; caching halves the cost of building a
     message. Concurrent first use at worst builds a class twice, which is harmless.
+
+    Unstructured fields (Subject, and every field the registry does not know) are parsed
+    by :func:`~mailstrom.message.unstructured.parse_unstructured`, as the stdlib parses
+    them but in work that grows with the length, not its square.
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(default_class=LinearUnstructuredHeader)
+        self.registry["subject"] = UniqueLinearUnstructuredHeader
         self._classes: dict[str, type[BaseHeader]] = {}
 
     def __getitem__(self, name: str) -> type[BaseHeader]:
