@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import CLI, Result
+from mailstrom import Config, Email, Mailstrom
+from mailstrom.stores import SQLiteStore
+from tests.cli.conftest import CLI, MailEnv, Result
+from tests.cli.test_delivery import send as send_to_bob
 from tests.cli.test_errors import assert_one_line_error
 from tests.unit.test_sqlite_open import corrupt
 
@@ -212,3 +215,40 @@ def test_a_running_worker_stops_loudly_when_its_database_goes(
             worker.stderr.close()
     assert code == 74, err
     assert "queue.db" in err and ("deleted" in err or "replaced" in err), err
+
+
+# --- a newer mailstrom migrating the store under a running worker ---------------------------
+
+
+def test_a_running_worker_exits_74_once_a_newer_mailstrom_migrated_its_store(
+    mail_env: MailEnv,
+) -> None:
+    """Issue #8: ``mailstrom worker`` went on leasing and delivering with this mailstrom's
+    statements on a schema it does not know, for ever; it ends as on a newer schema found
+    at open (74: a supervisor does not restart it into the same failure), delivering
+    nothing more, and what was queued meanwhile stays queued for the newer worker."""
+    cli, mx = mail_env.cli, mail_env.mx
+    send_to_bob(cli, "--text", "Hi")
+    proc = cli.popen("worker", "--no-live")
+    try:
+        mx.wait_for_messages(1, timeout=30)
+        # An application of this mailstrom that opened the queue before the migration
+        # queues one more: its enqueue wakes the worker, whose next lease looks.
+        store = SQLiteStore(cli.cwd / "queue.db")
+        with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn, conn:
+            conn.execute("PRAGMA user_version = 9999")
+        with Mailstrom(Config(), store=store, worker=None) as ms:
+            ms.send_email(Email(from_="a@client.test", to=["carol@example.test"], text="x"))
+        store.close()
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err_bytes = proc.communicate()
+    err = err_bytes.decode()
+    assert code == 74, err
+    assert "schema version 9999 is newer than this mailstrom" in err, err
+    assert [list(m.rcpt_tos) for m in mx.messages] == [["bob@example.test"]]
+    with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn:
+        waiting = conn.execute("SELECT address, state, lease_token FROM recipients WHERE id > 1")
+        assert waiting.fetchall() == [("carol@example.test", "queued", None)]

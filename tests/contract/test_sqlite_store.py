@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 import mailstrom.stores.sqlite as sqlite_module
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite import _Enqueue
 from mailstrom.stores.sqlite_queue import PENDING_LANES_SQL, lanes_walk_sql, next_due_sql
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 
-from .support import NOW, lease_all, message
+from .support import LEASE_FOR, NOW, lease_all, message
 
 
 @pytest.fixture
@@ -49,6 +49,71 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
         conn.execute("PRAGMA user_version = 9999")
     with pytest.raises(StoreError, match="newer"):
         SQLiteStore(db)
+
+
+def migrated_by_a_newer_mailstrom(db: Path, *statements: str) -> None:
+    """What a newer mailstrom's migration does, from another connection: ``statements``,
+    then a schema version this one does not know."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 9999")
+
+
+def test_a_lease_refuses_a_schema_a_newer_mailstrom_migrated_to_meanwhile(db: Path) -> None:
+    """A store open before the migration leased (and recorded) on with statements written
+    for the schema it knows; now its lease fails for good, leasing nothing, and so does
+    every later call: the leases a stopping worker would give back are left to expire."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message("a@example.org"), now=NOW)
+        held = lease_all(store)
+        store.enqueue(message("b@example.org"), now=NOW)
+        migrated_by_a_newer_mailstrom(db)
+        with pytest.raises(StoreCorrupt, match="newer than this mailstrom understands"):
+            store.record_and_lease([], now=NOW, limit=10, lease_for=LEASE_FOR)
+        with pytest.raises(StoreCorrupt, match="migrated it while this one had it open"):
+            store.release(held)
+        with pytest.raises(StoreCorrupt, match="newer"):
+            store.enqueue(message("c@example.org"), now=NOW)
+    finally:
+        store.close()
+    with closing(sqlite3.connect(db)) as conn:
+        leases = conn.execute("SELECT address, lease_token IS NOT NULL FROM recipients")
+        assert sorted(leases) == [("a@example.org", 1), ("b@example.org", 0)]
+
+
+def test_a_schema_changed_under_the_store_is_no_passing_trouble(db: Path) -> None:
+    """A call other than a lease (a view, the heartbeat's) whose statement a newer
+    mailstrom's change of the schema broke failed with StoreError "no such column", a
+    passing trouble retried for ever; it is StoreCorrupt, as the newer schema is."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message("a@example.org"), now=NOW)
+        migrated_by_a_newer_mailstrom(
+            db, "ALTER TABLE recipients RENAME COLUMN next_attempt_at TO due_at"
+        )
+        with pytest.raises(StoreCorrupt, match="schema version 9999 is newer"):
+            store.next_due(now=NOW)
+        with pytest.raises(StoreCorrupt, match="newer"):
+            store.stats()
+    finally:
+        store.close()
+
+
+def test_a_broken_statement_on_a_known_schema_stays_a_passing_trouble(db: Path) -> None:
+    """Only a newer schema makes "no such column" permanent (a column an operator renamed
+    by hand fails as before)."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message("a@example.org"), now=NOW)
+        with closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("ALTER TABLE recipients RENAME COLUMN next_attempt_at TO due_at")
+        with pytest.raises(StoreError, match="no such column") as raised:
+            store.next_due(now=NOW)
+        assert not isinstance(raised.value, StoreCorrupt)
+    finally:
+        store.close()
 
 
 def test_migrations_are_packaged_and_numbered_from_one() -> None:

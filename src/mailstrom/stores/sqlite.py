@@ -41,8 +41,10 @@ worker delivers them at once instead of after ``lease_for``
 
 Errors: SQLite errors become :class:`StoreError` (try again later), except those that
 retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
-database, a schema newer than this mailstrom knows, and a database file deleted or replaced
-while the store has it open; "database is locked" is :class:`StoreLocked`.
+database, a schema newer than this mailstrom knows (found at open, or by the worker's next
+lease or record once a newer mailstrom migrated the database meanwhile: every call fails
+from then on), and a database file deleted or replaced while the store has it open;
+"database is locked" is :class:`StoreLocked`.
 
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
@@ -310,10 +312,16 @@ def _latest_schema() -> int:
 
 def _check_schema(version: int, path: str, latest: int) -> None:
     if version > latest:
-        raise StoreCorrupt(
-            f"{path}: database schema version {version} is newer than this mailstrom "
-            f"understands ({latest}); upgrade mailstrom"
-        )
+        raise StoreCorrupt(_newer_schema(version, path, latest))
+
+
+def _newer_schema(version: int, path: str, latest: int, *, while_open: bool = False) -> str:
+    """Why a store refuses a database whose schema is newer than this mailstrom knows."""
+    since = " (a newer mailstrom migrated it while this one had it open)" if while_open else ""
+    return (
+        f"{path}: database schema version {version} is newer than this mailstrom "
+        f"understands ({latest}){since}; upgrade mailstrom"
+    )
 
 
 def _insert(conn: sqlite3.Connection, request: _Enqueue) -> list[str]:
@@ -403,6 +411,11 @@ class SQLiteStore:
         """Connections checked out (under ``_pool_lock``): statements under way."""
         self._closed = False
         self._closed_why = "the store is closed"
+        self._latest = _latest_schema()
+        """The schema version this mailstrom knows, and the database's once opened."""
+        self._newer: str | None = None
+        """Why every call fails, once a newer mailstrom migrated the database under this
+        store (see :meth:`_refuse_newer_schema`)."""
         self._busy_ms = min(int(busy_timeout * 1000), _MAX_BUSY_MS)
         """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets), within the
         range it takes: a longer wait is SQLite's longest, not none."""
@@ -427,7 +440,7 @@ class SQLiteStore:
         renew_after_fork(self)
 
     def _open(self) -> None:
-        latest = _latest_schema()
+        latest = self._latest
         if self._read_only:
             self._open_read_only(latest)
             return
@@ -631,6 +644,8 @@ class SQLiteStore:
         with self._pool_lock:
             if self._closed:
                 raise StoreError(self._closed_why)
+            if self._newer is not None:
+                raise StoreCorrupt(self._newer)
             conn = self._idle.pop() if self._idle else None
             self._out += 1
         try:
@@ -642,7 +657,8 @@ class SQLiteStore:
                 conn = self._connect()
             yield conn
         except sqlite3.Error as exc:
-            raise _store_error(exc, self._path, self._busy_timeout) from exc
+            newer = self._newer_schema_behind(exc, conn)
+            raise newer or _store_error(exc, self._path, self._busy_timeout) from exc
         except (UnicodeEncodeError, OverflowError) as exc:
             # Raised by the driver while binding a value (a lone surrogate, an integer
             # past 64 bits): the value is refused, the database is fine.
@@ -660,6 +676,46 @@ class SQLiteStore:
             if conn is not None and not pooled:
                 with suppress(sqlite3.Error):
                     conn.close()
+
+    def _refuse_newer_schema(self, conn: sqlite3.Connection) -> None:
+        """StoreCorrupt, and for every call from now on, when a newer mailstrom migrated
+        the database since this store opened it. This mailstrom's statements are written
+        for the schema it knows: a worker that went on leasing and recording with them
+        could mis-record mail, where the schema a newer mailstrom finds at open stops it.
+
+        Called at the start of the worker's lease and record transactions, not per
+        message: the PRAGMA reads the header page the transaction has read already
+        (about a microsecond)."""
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > self._latest:
+            raise self._schema_moved_on(version)
+
+    def _newer_schema_behind(
+        self, exc: sqlite3.Error, conn: sqlite3.Connection | None
+    ) -> StoreCorrupt | None:
+        """StoreCorrupt when ``exc`` is SQLite missing a table or column a statement of
+        this mailstrom names ("no such column") because a newer mailstrom changed the
+        schema since this store opened it: a call other than a lease or record (the
+        heartbeat's, a view's) finds it so, where it read as a passing trouble, retried
+        for ever. Only read on such an error."""
+        if conn is None or not isinstance(exc, sqlite3.OperationalError):
+            return None
+        if not str(exc).startswith("no such "):
+            return None
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.Error:
+            return None
+        return self._schema_moved_on(version) if version > self._latest else None
+
+    def _schema_moved_on(self, version: int) -> StoreCorrupt:
+        """The error of a store whose database a newer mailstrom migrated (``version``),
+        remembered: nothing more is read or written with statements for the old schema,
+        neither the leases a stopping worker would give back nor its results (they are
+        delivered again once their leases expire: never lost, nor mis-recorded)."""
+        why = _newer_schema(version, self._path, self._latest, while_open=True)
+        self._newer = why
+        return StoreCorrupt(why)
 
     @contextmanager
     def _write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
@@ -956,6 +1012,7 @@ class SQLiteStore:
             return None
         self._holders.hold(holder)
         with self._write(fsync=False) as conn:
+            self._refuse_newer_schema(conn)
             return _lease_in(
                 conn,
                 now=now,
@@ -980,6 +1037,7 @@ class SQLiteStore:
         self._holders.hold(holder)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
+            self._refuse_newer_schema(conn)
             recorded = record_rows(conn, results)
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
@@ -1005,6 +1063,7 @@ class SQLiteStore:
             return []
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
+            self._refuse_newer_schema(conn)
             recorded = record_rows(conn, results)
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
