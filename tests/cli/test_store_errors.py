@@ -10,6 +10,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from mailstrom import Config, Email, Mailstrom
@@ -252,3 +253,26 @@ def test_a_running_worker_exits_74_once_a_newer_mailstrom_migrated_its_store(
     with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn:
         waiting = conn.execute("SELECT address, state, lease_token FROM recipients WHERE id > 1")
         assert waiting.fetchall() == [("carol@example.test", "queued", None)]
+
+
+@pytest.mark.postgres
+def test_a_running_worker_exits_74_once_a_newer_mailstrom_migrated_its_postgres_store(
+    mail_env: MailEnv, postgres_url: str
+) -> None:
+    """The same on PostgreSQL, where the worker's beat reads the schema version."""
+    cli, mx = mail_env.cli, mail_env.mx
+    url = f"{postgres_url}?dead_after=4s"  # a beat every half second
+    send_to_bob(cli, "--store", url, "--text", "Hi")
+    proc = cli.popen("worker", "--no-live", "--store", url)
+    try:
+        mx.wait_for_messages(1, timeout=30)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO schema_version (version, name) VALUES (9999, 'newer')")
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err_bytes = proc.communicate()
+    err = err_bytes.decode()
+    assert code == 74, err
+    assert "at version 9999, newer than this mailstrom knows" in err, err

@@ -106,6 +106,62 @@ def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
         PostgresStore(postgres_url)
 
 
+def migrated_by_a_newer_mailstrom(url: str, *statements: str) -> None:
+    """What a newer mailstrom's migration does, from another session: ``statements``, then
+    its version row."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        for statement in statements:
+            conn.execute(statement.encode())
+        conn.execute("INSERT INTO schema_version (version, name) VALUES (9999, 'newer')")
+
+
+def test_a_beat_finds_a_schema_a_newer_mailstrom_migrated_to_meanwhile(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    """A store open before the migration went on with statements written for the schema
+    it knows; a holder's beat now reads the version, and every later call fails for good
+    before it sends anything."""
+    store.enqueue(message("a@example.org"), now=T0)
+    held = store.lease(now=T0, limit=10, lease_for=LEASE)
+    assert held is not None
+    migrated_by_a_newer_mailstrom(postgres_url)
+    with pytest.raises(StoreCorrupt, match="at version 9999, newer than this mailstrom knows"):
+        store.release_dead_holders("h1")
+    with pytest.raises(StoreCorrupt, match="migrated it while this one had it open"):
+        store.release(held)
+    with pytest.raises(StoreCorrupt, match="newer"):
+        store.enqueue(message("b@example.org"), now=T0)
+    with psycopg.connect(postgres_url) as conn:
+        rows = conn.execute("SELECT address, lease_token IS NOT NULL FROM recipients")
+        assert rows.fetchall() == [("a@example.org", True)]  # left to the newer workers
+
+
+def test_a_statement_a_newer_schema_broke_is_no_passing_trouble(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    """ "column s.until does not exist" read as a passing StoreError, retried for ever."""
+    store.enqueue(message("a@example.org"), now=T0)
+    migrated_by_a_newer_mailstrom(
+        postgres_url, "ALTER TABLE suspensions RENAME COLUMN until TO ends_at"
+    )
+    with pytest.raises(StoreCorrupt, match="at version 9999, newer"):
+        store.lease(now=T0, limit=10, lease_for=LEASE)
+    with pytest.raises(StoreCorrupt, match="newer"):
+        store.stats()
+
+
+def test_a_broken_statement_on_a_known_schema_stays_a_passing_trouble(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    """Only a newer schema makes a missing column permanent."""
+    store.enqueue(message("a@example.org"), now=T0)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE suspensions RENAME COLUMN until TO ends_at")
+    with pytest.raises(StoreError, match="does not exist") as raised:
+        store.lease(now=T0, limit=10, lease_for=LEASE)
+    assert not isinstance(raised.value, StoreCorrupt)
+
+
 # --- leasing -------------------------------------------------------------------------
 
 

@@ -344,6 +344,7 @@ class Worker(
         self._running = True
         self._closing = False
         self._lease_wanted = True
+        self._unusable = None
         self._stopped.clear()
         self._counters.started_at = self._clock()
         outcomes = Outcomes(self.config, clock=self._clock, rng=self._rng)
@@ -484,6 +485,8 @@ class Worker(
         if self._clock_checked is not None:
             await self._clock_checked.wait()  # no lease before our clock is known to be fit
         while True:
+            if self._unusable is not None:
+                raise self._unusable  # found by another call (see _store_unusable)
             self._wake.clear()
             # Leased and not yet recorded: in flight, or delivered and waiting for the write.
             room = high_water - dispatcher.in_flight - len(self._pending)

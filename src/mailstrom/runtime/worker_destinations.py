@@ -122,8 +122,9 @@ class WorkerDestinations(WorkerStore):
                     self.store.postpone, items, until=until, destination=destination
                 )
                 return True
-            except StoreCorrupt:
-                return False  # the store loop stops the worker; the leases expire
+            except StoreCorrupt as exc:
+                self._store_unusable(exc)  # the store loop stops the worker; leases expire
+                return False
             except StoreError as exc:
                 self._store_trouble("postpone", exc)
                 if self._stopping:

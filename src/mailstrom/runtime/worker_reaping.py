@@ -91,6 +91,7 @@ class WorkerReaping(WorkerStore):
         try:
             released = await self._store_call(reap)
         except StoreError as exc:
+            self._store_unusable(exc)
             self._beat_unreachable = isinstance(exc, StoreUnreachable)
             if not self._beat_unreachable:
                 # The server answered: it refuses every worker's look alike, so nobody

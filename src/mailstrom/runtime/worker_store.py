@@ -50,6 +50,12 @@ class WorkerStore:
     metrics: MetricsRecorder
     _inline: bool
     _counters: _Counters
+    _wake: asyncio.Event | None
+    _unusable: StoreCorrupt | None = None
+    """What a call beside the store loop's (a beat, an extension, a read of pauses) found:
+    the store cannot be used and trying again will not help (a newer mailstrom migrated
+    PostgreSQL's database, which a beat finds first). The store loop ends the worker on
+    it at once, as on one of its own calls' (see :meth:`_store_unusable`)."""
 
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the store: on this loop when its calls are short local work (memory,
@@ -59,7 +65,17 @@ class WorkerStore:
             return method(*args, **kwargs)
         return await asyncio.to_thread(method, *args, **kwargs)
 
+    def _store_unusable(self, exc: StoreError) -> None:
+        """Have the store loop end the worker on ``exc`` when it is permanent
+        (StoreCorrupt), at once: idle, it would otherwise take it for a passing trouble
+        of another call until its own next call, as late as the next poll."""
+        if isinstance(exc, StoreCorrupt) and self._unusable is None:
+            self._unusable = exc
+            if self._wake is not None:
+                self._wake.set()
+
     def _store_trouble(self, doing: str, exc: StoreError) -> None:
+        self._store_unusable(exc)
         c = self._counters
         first = c.store_error is None
         c.store_error = f"{doing}: {exc}"

@@ -66,10 +66,33 @@ def _applied(conn: psycopg.Connection[Any], lock_bound: LockBound | None) -> set
 def _check_not_newer(current: int, latest: int) -> None:
     if current > latest:
         # StoreCorrupt as for SQLite: no retry makes this mailstrom understand it.
-        raise StoreCorrupt(
-            f"the database schema is at version {current}, newer than this mailstrom "
-            f"knows ({latest}); upgrade mailstrom"
-        )
+        raise StoreCorrupt(newer_schema(current, latest))
+
+
+def newer_schema(current: int, latest: int, *, while_open: bool = False) -> str:
+    """Why a store refuses a database whose schema is newer than this mailstrom knows."""
+    since = " (a newer mailstrom migrated it while this one had it open)" if while_open else ""
+    return (
+        f"the database schema is at version {current}, newer than this mailstrom "
+        f"knows ({latest}){since}; upgrade mailstrom"
+    )
+
+
+def latest_known() -> int:
+    """The schema version this mailstrom's migrations bring a database to."""
+    known = migrations()
+    return known[-1].version if known else 0
+
+
+SCHEMA_MISSES = (
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+)
+"""What a statement of this mailstrom gets when the schema it was written for changed
+under it (a column renamed or dropped by a newer mailstrom's migration)."""
+
+CURRENT_VERSION = "SELECT max(version) FROM schema_version"
 
 
 def apply_migrations(

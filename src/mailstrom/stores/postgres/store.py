@@ -13,8 +13,8 @@ import secrets
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -23,7 +23,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailstrom.arguments import check_timeout, shown
-from mailstrom.errors import InvalidArgument, StoreError, UnknownMessage, UnreadableRow
+from mailstrom.errors import (
+    InvalidArgument,
+    StoreCorrupt,
+    StoreError,
+    UnknownMessage,
+    UnreadableRow,
+)
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
@@ -91,7 +97,13 @@ from mailstrom.stores.postgres.holders import (
 )
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
-from mailstrom.stores.postgres.migrate import migrate
+from mailstrom.stores.postgres.migrate import (
+    CURRENT_VERSION,
+    SCHEMA_MISSES,
+    latest_known,
+    migrate,
+    newer_schema,
+)
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import CANCELLED, queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
@@ -157,6 +169,11 @@ class PostgresStore:
         self._sizes = (min_size, max_size)
         self._timeout = timeout
         self._closed = False
+        self._known = latest_known()
+        """The schema version this mailstrom knows (the database's once opened)."""
+        self._newer: str | None = None
+        """Why every call fails, once a newer mailstrom migrated the database under this
+        store (see :meth:`_schema_moved_on`)."""
         self._lock = threading.Lock()
         # One LISTEN connection for every watch and watch_cancels of this store object,
         # opened by the first and closed with the last: a connection each cost a worker
@@ -240,10 +257,55 @@ class PostgresStore:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _translating(self, doing: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def _translating(self, doing: str) -> Iterator[None]:
         """Driver errors as StoreError (see sql.translate_errors); a lock waited for in
-        vain names its holder."""
-        return translate_errors(doing, diagnose=self._lock_wait)
+        vain names its holder. StoreCorrupt, before anything is sent, once a newer
+        mailstrom migrated the database (see :meth:`_schema_moved_on`); and for a
+        statement that misses a table or column because it did ("column ... does not
+        exist", which read as a passing trouble, retried for ever)."""
+        if self._newer is not None:
+            raise StoreCorrupt(self._newer)
+        try:
+            with translate_errors(doing, diagnose=self._lock_wait):
+                yield
+        except StoreError as exc:
+            newer = self._newer_schema_behind(exc)
+            if newer is None:
+                raise
+            raise newer from exc
+
+    def _newer_schema_behind(self, exc: StoreError) -> StoreCorrupt | None:
+        """StoreCorrupt when ``exc`` is a statement of this mailstrom missing a table or
+        column and the schema is newer than this mailstrom knows (read only then, on a
+        connection of its own: the failed one may be in an aborted transaction)."""
+        if not isinstance(exc.__cause__, SCHEMA_MISSES):
+            return None
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute(CURRENT_VERSION).fetchone()
+        except (psycopg.Error, PoolTimeout):
+            return None
+        version = row[0] if row is not None else None
+        if not isinstance(version, int) or version <= self._known:
+            return None
+        return self._schema_moved_on(version)
+
+    def _refuse_newer_schema(self, version: object) -> None:
+        """StoreCorrupt when ``version`` (the schema's, read with a holder's beat) is
+        newer than this mailstrom knows."""
+        if isinstance(version, int) and version > self._known:
+            raise self._schema_moved_on(version)
+
+    def _schema_moved_on(self, version: int) -> StoreCorrupt:
+        """The error of a store whose database a newer mailstrom migrated (``version``),
+        remembered: every later call fails so before it sends a statement written for
+        the old schema. A worker leasing and recording on with them could mis-record
+        mail; it stops instead, and leaves what it leased to the newer workers (its holder
+        is taken for dead after ``dead_after``, and its leases given back)."""
+        why = newer_schema(version, self._known, while_open=True)
+        self._newer = why
+        return StoreCorrupt(why)
 
     def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with self._translating(name), self._pool.connection() as conn:
@@ -609,8 +671,12 @@ class PostgresStore:
         if alive is None:
             [(server_now,)] = self._fetch("server_clock", {})
         else:
-            [(server_now, made)] = self._fetch("beat_holder", self._beats.identity(alive))
+            [(server_now, made, version)] = self._fetch("beat_holder", self._beats.identity(alive))
             self._beats.beaten(alive, made=bool(made))
+            # A worker's one regular call beside its leases and records: where it learns,
+            # within a beat, that a newer mailstrom migrated the database (a lease or
+            # record of its own would cost a round trip more).
+            self._refuse_newer_schema(version)
         since = self._beats.looked(server_now)  # None: only stopped holders go
         total = 0
         for holder, host, pid, seen_at, stopped, released, _ in self._fetch(
