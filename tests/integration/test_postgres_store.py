@@ -592,6 +592,12 @@ def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_writte
                 for item in lease.items
                 for r in item.recipients
             ]
+            # The enqueue's NOTIFY ("...; COMMIT") goes from a thread of its own: sent
+            # after the marker is set, its answer was the one lost, not the record's.
+            deadline = time.monotonic() + 10
+            while store._notifier.sent < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert store._notifier.sent == 1
             proxy.lose_reply_to(marker)
             with pytest.raises(StoreUnreachable):
                 store.record(results)
