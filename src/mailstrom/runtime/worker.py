@@ -6,7 +6,9 @@ last write ran: group commit) and, when work may be due and there is room, lease
 both in one transaction (``Store.record_and_lease``: one fsync on SQLite). So a result
 waits at most about one write for its record (the window in which a crash would make a
 delivered recipient be sent again), a lease never delays a record, and one ``send_email``
-does not turn into separate lease and record transactions. After a small lease, while
+does not turn into separate lease and record transactions. A store called in a thread
+(PostgreSQL) records and leases in transactions of their own anyway: there a lease runs
+beside the records, which go on while it waits for its answer. After a small lease, while
 deliveries are in flight, leasing pauses a few milliseconds so that the next one collects
 what arrived meanwhile. The worker never leases more than
 ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery and counts
@@ -91,6 +93,17 @@ _CUT_OFF = "may be taken over: its worker is cut off"
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(slots=True, eq=False)
+class _LeaseCall:
+    """What a lease of the store loop asked for, and what it knew when it asked."""
+
+    limit: int
+    lanes: list[tuple[str, int]]
+    now: datetime
+    wakeups: int
+    """:attr:`Worker._wakeups` when it asked: one since may be for work it did not see."""
 
 
 @dataclass(slots=True, eq=False)
@@ -470,7 +483,9 @@ class Worker(
 
     async def _store_loop(self, dispatcher: Dispatcher, *, once: bool) -> None:
         """Every write the worker makes: record what finished, and lease what is due, in
-        one transaction when both are wanted (see the module docstring)."""
+        one transaction when both are wanted (see the module docstring). A store called in
+        a thread (PostgreSQL) makes them transactions of their own anyway: there the lease
+        runs beside the records, so that results coming back meanwhile do not wait for it."""
         assert self._wake is not None and self._loop is not None
         config = self.config
         loop = self._loop
@@ -481,122 +496,192 @@ class Worker(
         # worker and leave no room for transactional mail leased after it).
         lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
         backoff = _Backoff()
+        lease_backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
+        # A lease running beside the records, and what it asked for.
+        beside: tuple[asyncio.Future[Lease | None], _LeaseCall] | None = None
         if self._clock_checked is not None:
             await self._clock_checked.wait()  # no lease before our clock is known to be fit
-        while True:
-            if self._unusable is not None:
-                raise self._unusable  # found by another call (see _store_unusable)
-            self._wake.clear()
-            # Leased and not yet recorded: in flight, or delivered and waiting for the write.
-            room = high_water - dispatcher.in_flight - len(self._pending)
-            self._starved = room <= 0
-            leasing = (
-                self._lease_wanted and room > 0 and not self._stopping and not self._leasing_paused
-            )
-            if leasing and loop.time() < not_before:
-                if not self._pending:
-                    await self._sleep(not_before - loop.time())  # a record cuts it short
-                    continue
-                leasing = False  # results never wait for the batch to gather
-            if self._pending and not leasing and not self._closing and dispatcher.in_flight:
-                # Gather results for a moment (bounded: the duplicate window after a crash
-                # is this plus one write) so that each write records a batch. With nothing
-                # in flight no result is coming to join them: they are written at once.
-                wait = self._pending_since + _RECORD_AFTER - loop.time()
-                if wait > 0 and len(self._pending) < _RECORD_MANY:
-                    await self._sleep(wait)
-                    continue
-            if not self._pending and not leasing:
-                if self._closing or (self._stopping and dispatcher.idle.is_set()):
-                    return
-                if await self._idle(dispatcher, once=once):
-                    return
-                continue
-            batch, self._pending = self._pending, []
-            limit = min(room, config.lease_batch) if leasing else 0
-            load = self._lane_load
-            lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
-            now = self._clock()
-            wakeups = self._wakeups
-            self._writing(batch, 1)
-            try:
-                recorded, lease = await self._store_call(
-                    self.store.record_and_lease,
-                    batch,
-                    now=now,
-                    limit=limit,
-                    lease_for=config.lease_for,
-                    lanes=lanes,
-                    holder=self.holder,
-                )
-            except StoreCorrupt:
-                self._unwritten(batch)
-                raise
-            except StoreError as exc:
-                doing = "record" if batch else "lease"
-                if isinstance(exc, RecordedNotLeased):
-                    # Written: the lease alone failed. Writing the batch again would find
-                    # it recorded and read it as taken over (no on_result, no notices).
-                    await self._after_record(batch, exc.recorded)
-                    exc, doing = exc.cause, "lease"
-                    if isinstance(exc, StoreCorrupt):
-                        raise exc from None
-                elif batch and isinstance(exc, StoreRefusedData):
-                    trouble = await self._record_refused(batch)
-                    if trouble is None:  # all written; lease on the next turn
-                        backoff.reset()
-                        self._store_fine()
+        try:
+            while True:
+                if self._unusable is not None:
+                    raise self._unusable  # found by another call (see _store_unusable)
+                self._wake.clear()
+                if beside is not None and beside[0].done():
+                    (task, call), beside = beside, None
+                    try:
+                        lease = task.result()
+                    except StoreCorrupt:
+                        raise
+                    except StoreError as exc:
+                        self._store_trouble("lease", exc)
+                        not_before = loop.time() + lease_backoff.take()
                         continue
-                    exc = trouble
-                else:
+                    lease_backoff.reset()
+                    self._store_fine(but="record")
+                    if await self._took(lease, call, dispatcher, backoff):
+                        not_before = loop.time() + _COALESCE
+                    continue
+                # Leased and not yet recorded: in flight, or delivered and waiting for the
+                # write (or being leased beside the records).
+                room = high_water - dispatcher.in_flight - len(self._pending)
+                if beside is not None:
+                    room -= beside[1].limit
+                self._starved = room <= 0
+                leasing = (
+                    self._lease_wanted
+                    and room > 0
+                    and beside is None
+                    and not self._stopping
+                    and not self._leasing_paused
+                )
+                if leasing and loop.time() < not_before:
+                    if not self._pending:
+                        await self._sleep(not_before - loop.time())  # a record cuts it short
+                        continue
+                    leasing = False  # results never wait for the batch to gather
+                if self._pending and not leasing and not self._closing and dispatcher.in_flight:
+                    # Gather results for a moment (bounded: the duplicate window after a
+                    # crash is this plus one write) so that each write records a batch.
+                    # With nothing in flight no result is coming to join them: they are
+                    # written at once.
+                    wait = self._pending_since + _RECORD_AFTER - loop.time()
+                    if wait > 0 and len(self._pending) < _RECORD_MANY:
+                        await self._sleep(wait)
+                        continue
+                if not self._pending and not leasing:
+                    if beside is not None:
+                        await self._sleep(config.poll_interval)  # its end wakes us
+                        continue
+                    if self._closing or (self._stopping and dispatcher.idle.is_set()):
+                        return
+                    if await self._idle(dispatcher, once=once):
+                        return
+                    continue
+                batch, self._pending = self._pending, []
+                limit = min(room, config.lease_batch) if leasing else 0
+                load = self._lane_load
+                lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
+                call = _LeaseCall(
+                    limit=limit, lanes=lanes, now=self._clock(), wakeups=self._wakeups
+                )
+                if leasing and not self._inline:
+                    beside = (self._lease_beside(call), call)
+                    leasing, limit = False, 0
+                    if not batch:
+                        continue
+                self._writing(batch, 1)
+                try:
+                    recorded, lease = await self._store_call(
+                        self.store.record_and_lease,
+                        batch,
+                        now=call.now,
+                        limit=limit,
+                        lease_for=config.lease_for,
+                        lanes=lanes,
+                        holder=self.holder,
+                    )
+                except StoreCorrupt:
                     self._unwritten(batch)
-                self._store_trouble(doing, exc)
-                await self._sleep(backoff.take())
-                continue
-            except BaseException:
-                self._unwritten(batch)
-                raise
-            backoff.reset()
-            self._store_fine()
-            await self._after_record(batch, recorded)
-            if self._unsent_notices:  # the store answers again: what it could not take
-                await self._send_notices([])
-            if not leasing:
-                continue
-            self._capped = any(most == 0 for _, most in lanes)
-            if lease is None:
-                if self._wakeups == wakeups:  # else lease again: new work may have come
-                    self._lease_wanted = False  # nothing due: wait for a wake-up or due time
-                self._due_stale = True
-                # The time the lease looked at, not the clock after it: work that came due
-                # while the store looked was not seen, and its due time must still wake us.
-                self._empty_at = now
-                continue
-            if lease.failed:
-                self._report_set_aside(lease.failed)
-            if not lease.items:
-                continue  # only recipients set aside: lease again at once
-            found = lease.suppressions
-            if found is None:  # not read with the lease: ask
-                found = await self._suppressed_in(lease)
-            while found is None and not self._closing:
-                # The lease stays ours (it is long, and giving it back needs the very store
-                # that just failed): ask again once the store answers. Dropping it instead
-                # stranded its recipients until the lease expired.
-                await asyncio.sleep(backoff.take())
-                found = await self._suppressed_in(lease)
-            keyless = self._verp_key is None and wants_verp_key(lease)
-            if found is not None and keyless:
-                self._verp_key = await self._read_verp_key()
-                keyless = self._verp_key is None
-            if found is None or keyless:
-                with contextlib.suppress(StoreError):  # closing before the store answered
-                    await self._store_call(self.store.release, lease)
-                continue
-            backoff.reset()
-            if self._start(lease, dispatcher, found) < _SMALL_LEASE and dispatcher.in_flight:
-                not_before = loop.time() + _COALESCE
+                    raise
+                except StoreError as exc:
+                    doing = "record" if batch else "lease"
+                    if isinstance(exc, RecordedNotLeased):
+                        # Written: the lease alone failed. Writing the batch again would
+                        # find it recorded and read it as taken over (no on_result, no
+                        # notices).
+                        await self._after_record(batch, exc.recorded)
+                        exc, doing = exc.cause, "lease"
+                        if isinstance(exc, StoreCorrupt):
+                            raise exc from None
+                    elif batch and isinstance(exc, StoreRefusedData):
+                        trouble = await self._record_refused(batch)
+                        if trouble is None:  # all written; lease on the next turn
+                            backoff.reset()
+                            self._store_fine()
+                            continue
+                        exc = trouble
+                    else:
+                        self._unwritten(batch)
+                    self._store_trouble(doing, exc)
+                    await self._sleep(backoff.take())
+                    continue
+                except BaseException:
+                    self._unwritten(batch)
+                    raise
+                backoff.reset()
+                self._store_fine(but=None if self._inline else "lease")
+                await self._after_record(batch, recorded)
+                if self._unsent_notices:  # the store answers again: what it could not take
+                    await self._send_notices([])
+                if leasing and await self._took(lease, call, dispatcher, backoff):
+                    not_before = loop.time() + _COALESCE
+        finally:
+            # Stopped at once, or failed: a lease running is dropped, its recipients
+            # waiting for its expiry (as when the loop stopped in a call with a lease).
+            if beside is not None and not beside[0].cancel() and not beside[0].cancelled():
+                beside[0].exception()  # ended meanwhile: its outcome goes with it
+
+    def _lease_beside(self, call: _LeaseCall) -> asyncio.Future[Lease | None]:
+        """Start ``call``'s lease in a task of its own; its end wakes the store loop."""
+        task = asyncio.ensure_future(self._lease_alone(call))
+        wake = self._wake
+        assert wake is not None
+        task.add_done_callback(lambda _: wake.set())
+        return task
+
+    async def _lease_alone(self, call: _LeaseCall) -> Lease | None:
+        """``call``'s lease: a ``record_and_lease`` with nothing to record, the one store
+        call of the loop, as a lease with results."""
+        _, lease = await self._store_call(
+            self.store.record_and_lease,
+            [],
+            now=call.now,
+            limit=call.limit,
+            lease_for=self.config.lease_for,
+            lanes=call.lanes,
+            holder=self.holder,
+        )
+        return lease
+
+    async def _took(
+        self, lease: Lease | None, call: _LeaseCall, dispatcher: Dispatcher, backoff: _Backoff
+    ) -> bool:
+        """Start the work of a lease ``call`` made (None: it found nothing due). True when
+        it was small while deliveries are in flight: the next lease waits a moment for
+        more work to come due."""
+        self._capped = any(most == 0 for _, most in call.lanes)
+        if lease is None:
+            if self._wakeups == call.wakeups:  # else lease again: new work may have come
+                self._lease_wanted = False  # nothing due: wait for a wake-up or due time
+            self._due_stale = True
+            # The time the lease looked at, not the clock after it: work that came due
+            # while the store looked was not seen, and its due time must still wake us.
+            self._empty_at = call.now
+            return False
+        if lease.failed:
+            self._report_set_aside(lease.failed)
+        if not lease.items:
+            return False  # only recipients set aside: lease again at once
+        found = lease.suppressions
+        if found is None:  # not read with the lease: ask
+            found = await self._suppressed_in(lease)
+        while found is None and not self._closing:
+            # The lease stays ours (it is long, and giving it back needs the very store
+            # that just failed): ask again once the store answers. Dropping it instead
+            # stranded its recipients until the lease expired.
+            await asyncio.sleep(backoff.take())
+            found = await self._suppressed_in(lease)
+        keyless = self._verp_key is None and wants_verp_key(lease)
+        if found is not None and keyless:
+            self._verp_key = await self._read_verp_key()
+            keyless = self._verp_key is None
+        if found is None or keyless:
+            with contextlib.suppress(StoreError):  # closing before the store answered
+                await self._store_call(self.store.release, lease)
+            return False
+        backoff.reset()
+        return self._start(lease, dispatcher, found) < _SMALL_LEASE and bool(dispatcher.in_flight)
 
     async def _read_verp_key(self) -> bytes | None:
         """The store's VERP key, asked again with backoff while the store fails (the

@@ -84,13 +84,20 @@ class WorkerStore:
         if first:
             log.warning("store failing (%s): %s; retrying with backoff", doing, exc)
 
-    def _store_fine(self, doing: str | None = None) -> None:
+    def _store_fine(self, doing: str | None = None, *, but: str | None = None) -> None:
         """A store call worked: the store is fine again. A call of another kind than the
         main loop's (``doing``: a clock check, a postponement) says so only of a failure
         of its own kind: a database can answer those while every write of results still
-        fails (a lock held elsewhere, a full disk), and ``store_error`` is what tells."""
+        fails (a lock held elsewhere, a full disk), and ``store_error`` is what tells. A
+        record or a lease made apart (see ``Worker._store_loop``) says nothing of a
+        failure of the other kind (``but``)."""
         c = self._counters
-        if c.store_error is not None and (doing is None or c.store_error.startswith(f"{doing}: ")):
+        error = c.store_error
+        if (
+            error is not None
+            and (doing is None or error.startswith(f"{doing}: "))
+            and (but is None or not error.startswith(f"{but}: "))
+        ):
             log.warning("store working again after %d failed calls", c.store_errors)
             c.store_error = None
             c.store_errors = 0
