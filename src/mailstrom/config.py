@@ -441,6 +441,7 @@ _COUNT_FIELDS = (
     "max_per_destination",
     "max_messages_per_connection",
     "lease_batch",
+    "max_leased_bytes",
     "mx_address_limit",
     "mx_session_limit",
 )
@@ -522,6 +523,13 @@ class Config:
     (:data:`MIN_LEASE_FOR`)."""
     lease_batch: int = 500
     """Recipients leased per store round trip."""
+    max_leased_bytes: int = 256 * 1024 * 1024
+    """Octets of message data one worker holds at most: what its leases read from the
+    store (each message's stored size, once per lease), until their recipients are
+    recorded. At the limit it leases nothing more until some are; a message larger than
+    the limit is still leased, alone, so the most held is this plus one message. Without
+    it a queue of large messages made one worker hold up to ``lease_batch`` of them in
+    memory (500 of 35 MiB each), and more while slow deliveries kept leases open."""
     poll_interval: float = 5.0
     """Longest idle sleep between store checks when no wake-up arrives."""
     source_address: str | None = None

@@ -590,6 +590,7 @@ KEYS: dict[str, Parser] = {
     "event_loop": _choice(EventLoop),
     "lease_for": _duration,
     "lease_batch": _int(1),
+    "max_leased_bytes": _int(1),
     "poll_interval": _seconds(0.001),
     "dns.nameservers": _str_list,
     "dns.port": _port,

@@ -433,6 +433,11 @@ class WorkerStatus:
     """Work items (one SMTP transaction each) handed to delivery and not finished."""
     idle_connections: int = 0
     """Connections kept open for reuse."""
+    leased_bytes: int = 0
+    """Octets of message data the worker's leases hold now (bounded by
+    ``Config.max_leased_bytes``, plus one message larger than it)."""
+    leased_bytes_peak: int = 0
+    """The most :attr:`leased_bytes` has been since the worker started."""
     clock_skew: float | None = None
     """Seconds the worker's clock is ahead of its store server's (negative: behind), as
     last measured: workers on many hosts share a PostgreSQL store, and their leases rely

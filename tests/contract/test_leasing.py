@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 
@@ -252,3 +255,68 @@ def test_extend_leaves_recorded_and_taken_over_recipients_alone(store: Store) ->
     assert store.extend(lease, until=NOW + 10 * LEASE_FOR) == 0
     assert taken_over is not None
     assert store.next_due(now=NOW) == taken_over.expires_at
+
+
+def _sized(size: int, *recipients: str) -> PreparedMessage:
+    """A message of exactly ``size`` octets."""
+    head = b"Subject: Hello\r\n\r\n"
+    return message(*recipients, data=head + b"x" * (size - len(head) - 2) + b"\r\n")
+
+
+def test_max_bytes_leases_the_messages_whose_data_fits(store: Store) -> None:
+    """A lease reads at most max_bytes of message data: the messages in due order up to
+    where the next would go past it (each counted once, whatever its recipients); the
+    others stay due, unleased. Without it a lease read ``limit`` messages whatever their
+    size: a queue of large ones put gigabytes into one worker."""
+    ids = [
+        store.enqueue(_sized(1000, f"a{i}@example.org", f"b{i}@other.net"), now=NOW + i * SECOND)
+        for i in range(5)
+    ]
+    now = NOW + 10 * SECOND
+    lease = store.lease(now=now, limit=100, lease_for=LEASE_FOR, max_bytes=2999)
+    assert lease is not None
+    assert sorted({item.message_id for item in lease.items}) == sorted(ids[:2])
+    assert len(leased_addresses(lease)) == 4
+    rest = store.lease(now=now, limit=100, lease_for=LEASE_FOR, max_bytes=3000)
+    assert rest is not None
+    assert sorted({item.message_id for item in rest.items}) == sorted(ids[2:])
+    assert store.lease(now=now, limit=100, lease_for=LEASE_FOR) is None
+
+
+def test_max_bytes_still_leases_one_message_larger_than_it(store: Store) -> None:
+    """The first message goes alone when it alone is larger: a message over the budget is
+    still delivered, not left queued for ever."""
+    big = store.enqueue(_sized(5000, "big@example.org"), now=NOW)
+    store.enqueue(_sized(100, "small@example.org"), now=NOW + SECOND)
+    now = NOW + 10 * SECOND
+    lease = store.lease(now=now, limit=100, lease_for=LEASE_FOR, max_bytes=1000)
+    assert lease is not None
+    assert [item.message_id for item in lease.items] == [big]
+    assert leased_addresses(store.lease(now=now, limit=100, lease_for=LEASE_FOR, max_bytes=1))
+    assert store.lease(now=now, limit=100, lease_for=LEASE_FOR) is None
+
+
+def test_max_bytes_applies_across_lanes(store: Store) -> None:
+    """With lanes, the budget is spent lane by lane in the lease's order: what is left
+    out of a higher lane is not passed over for a lower one's."""
+    high = [
+        store.enqueue(
+            dataclasses.replace(
+                _sized(1000, f"h{i}@example.org"),
+                attributes=QueueAttributes(priority="high"),
+            ),
+            now=NOW + i * SECOND,
+        )
+        for i in range(3)
+    ]
+    store.enqueue(_sized(100, "unnamed@example.org"), now=NOW)  # a lane not named
+    now = NOW + 10 * SECOND
+    lease = store.lease(
+        now=now,
+        limit=100,
+        lease_for=LEASE_FOR,
+        lanes=[("high", 10), ("normal", 10)],
+        max_bytes=2500,
+    )
+    assert lease is not None
+    assert [item.message_id for item in lease.items] == high[:2]

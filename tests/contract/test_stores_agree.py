@@ -64,6 +64,8 @@ DOMAINS = ("example.org", "example.net", "bücher.example")
 ADDRESSES = tuple(f"{u}@{d}" for d in DOMAINS for u in USERS)
 LANES = ("high", "normal")
 HOLDERS = (None, "0123abcd", "fedc9876")
+MAX_BYTES = st.sampled_from((None, None, 1, 60, 150))
+"""A lease's budget of message data: none, one message alone, or a few."""
 STEPS = (
     timedelta(microseconds=1),
     timedelta(milliseconds=1),
@@ -252,7 +254,8 @@ class StoresAgree(RuleBasedStateMachine):
             tags=("t",) if lane == "high" else (),
         )
         return PreparedMessage(
-            data=b"Subject: Hi\r\n\r\nHello.\r\n",
+            # Sizes differ with the recipients (24 to 66 octets), for the leases' max_bytes.
+            data=b"Subject: Hi\r\n\r\nHello." + b"." * (7 * len(recipients)) + b"\r\n",
             envelope_from="sender@example.com",
             recipients=tuple(recipients),
             header_message_id="<m@example.com>",
@@ -312,6 +315,7 @@ class StoresAgree(RuleBasedStateMachine):
         lease_minutes=st.sampled_from((1, 5)),
         lanes=st.sampled_from((None, (("high", 2), ("normal", 3)), (("normal", 1),))),
         holder=st.sampled_from(HOLDERS),
+        max_bytes=MAX_BYTES,
     )
     def lease(
         self,
@@ -319,6 +323,7 @@ class StoresAgree(RuleBasedStateMachine):
         lease_minutes: int,
         lanes: tuple[tuple[str, int], ...] | None,
         holder: str | None,
+        max_bytes: int | None,
     ) -> None:
         leases = self.each(
             lambda s: s.lease(
@@ -327,6 +332,7 @@ class StoresAgree(RuleBasedStateMachine):
                 lease_for=timedelta(minutes=lease_minutes),
                 lanes=lanes,
                 holder=holder,
+                max_bytes=max_bytes,
             )
         )
         self.took(leases, holder)
@@ -404,6 +410,7 @@ class StoresAgree(RuleBasedStateMachine):
         state=st.sampled_from(OUTCOMES),
         limit=st.integers(0, 4),
         holder=st.sampled_from(HOLDERS),
+        max_bytes=MAX_BYTES,
     )
     def record_and_lease(
         self,
@@ -412,6 +419,7 @@ class StoresAgree(RuleBasedStateMachine):
         state: RecipientState,
         limit: int,
         holder: str | None,
+        max_bytes: int | None,
     ) -> None:
         n = which % len(self.leases)
         results = self.results(n, picks, state, timedelta(minutes=1))
@@ -422,6 +430,7 @@ class StoresAgree(RuleBasedStateMachine):
                 limit=limit,
                 lease_for=timedelta(minutes=5),
                 holder=holder,
+                max_bytes=max_bytes,
             )
         )
         self.agree(

@@ -555,6 +555,8 @@ def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> Non
         "expires_at": T0 + LEASE,
         "lanes": ["transactional", "bulk"],
         "lane_limits": [10, 10],
+        "max_bytes": 256 * 1024 * 1024,
+        "first_always": True,
     }
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("SET enable_seqscan = off")

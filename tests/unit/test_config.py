@@ -27,6 +27,8 @@ def test_defaults_follow_rfc_5321() -> None:
         {"smtp_port": 70000},
         {"max_connections": 0},
         {"lease_batch": 0},
+        {"max_leased_bytes": 0},
+        {"max_leased_bytes": -1},
         {"lease_for": timedelta(0)},
         {"lease_for": timedelta(milliseconds=1)},
         {"lease_for": timedelta(milliseconds=99)},
@@ -92,6 +94,7 @@ INT_FIELDS = (
     "max_per_destination",
     "max_messages_per_connection",
     "lease_batch",
+    "max_leased_bytes",
     "mx_address_limit",
     "mx_session_limit",
 )

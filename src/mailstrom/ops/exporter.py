@@ -148,6 +148,11 @@ class MailstromCollector(Collector):
                 status.record_lag,
             ),
             (
+                "mailstrom_leased_bytes",
+                "Octets of message data the worker's leases hold (Config.max_leased_bytes)",
+                status.leased_bytes,
+            ),
+            (
                 "mailstrom_store_up",
                 "1 while the worker's store calls succeed",
                 int(status.store_error is None),

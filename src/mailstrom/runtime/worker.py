@@ -12,7 +12,10 @@ beside the records, which go on while it waits for its answer. After a small lea
 deliveries are in flight, leasing pauses a few milliseconds so that the next one collects
 what arrived meanwhile. The worker never leases more than
 ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery and counts
-capacity per recipient: a stalled server holds only its own slots. A **heartbeat** extends
+capacity per recipient: a stalled server holds only its own slots. Nor does it hold more
+than ``max_leased_bytes`` of message data (and one message larger than what is left): the
+store leases no more, and each message's data is let go once its recipients are
+recorded, so a stalled server holds only its own messages. A **heartbeat** extends
 the leases of work still in progress, so that a slow delivery is not taken over by
 another worker; when it finds that one was taken over all the same (this worker or its
 store stalled past the lease), the work of that lease not yet started goes back to the
@@ -35,7 +38,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -62,6 +65,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     RecordedNotLeased,
     Store,
+    WorkItem,
     check_holder,
     domain_of,
     new_holder,
@@ -104,11 +108,40 @@ class _LeaseCall:
     now: datetime
     wakeups: int
     """:attr:`Worker._wakeups` when it asked: one since may be for work it did not see."""
+    max_bytes: int
+    """The message data it may read (``Config.max_leased_bytes`` less what is held)."""
+
+
+@dataclass(slots=True, eq=False)
+class _HeldBytes:
+    """The bytes of message data a worker's leases hold (see :class:`_HeldMessage`)."""
+
+    now: int = 0
+    peak: int = 0
+    """The most they held at once since the worker was made."""
+
+    def add(self, size: int) -> None:
+        self.now += size
+        self.peak = max(self.peak, self.now)
+
+
+@dataclass(slots=True, eq=False)
+class _HeldMessage:
+    """A message of a lease with recipients not yet recorded: its work items (one per
+    destination domain, sharing the message's data) and how many recipients are left.
+    Its data stays in memory until then (a bounce notice quotes it), and counts against
+    ``Config.max_leased_bytes``."""
+
+    items: list[WorkItem]
+    left: int
+    size: int
 
 
 @dataclass(slots=True, eq=False)
 class _LeaseState:
-    lease: Lease
+    token: str
+    held_bytes: _HeldBytes
+    """The worker's count, which this lease's messages are in while it holds them."""
     unrecorded: int
     held_until: float
     """Loop time at which the lease expires as far as this worker knows (moved by each
@@ -124,6 +157,49 @@ class _LeaseState:
     have committed them before ``unrecorded`` says so."""
     fenced: bool = False
     """Its unstarted work was given back because it could not be extended in time."""
+    messages: dict[str, _HeldMessage] = field(default_factory=dict)
+    """Its messages with recipients not yet recorded, by id: once a message's are, its
+    items are let go, and its data with them, while the rest of the lease goes on (a
+    lease of hundreds of messages kept them all in memory for one slow recipient)."""
+
+    @property
+    def lease(self) -> Lease:
+        """What the lease still holds: the items of :attr:`messages` (for the store's
+        ``extend`` and ``release``, which look at no other)."""
+        items = tuple(item for held in self.messages.values() for item in held.items)
+        return Lease(token=self.token, expires_at=self.expires_at, items=items)
+
+    def hold(self, items: tuple[WorkItem, ...]) -> None:
+        """Keep ``items`` (the lease's, as leased), their data counted."""
+        messages = self.messages
+        total = 0
+        for item in items:
+            held = messages.get(item.message_id)
+            if held is None:
+                size = len(item.data)
+                messages[item.message_id] = _HeldMessage([item], len(item.recipients), size)
+                total += size
+            else:
+                held.items.append(item)
+                held.left += len(item.recipients)
+        self.held_bytes.add(total)
+
+    def let_go(self, message_id: str, count: int) -> None:
+        """``count`` recipients of ``message_id`` are recorded (or given back): once none
+        is left, its items and their data go."""
+        held = self.messages.get(message_id)
+        if held is None:
+            return
+        held.left -= count
+        if held.left <= 0:
+            del self.messages[message_id]
+            self.held_bytes.now -= held.size
+
+    def end(self) -> None:
+        """The lease is over (nothing left to record, or the worker stops): let go of
+        what it still holds."""
+        self.held_bytes.now -= sum(held.size for held in self.messages.values())
+        self.messages.clear()
 
 
 class Worker(
@@ -198,6 +274,7 @@ class Worker(
         self._beat_now = asyncio.Event()  # asks the heartbeat for a beat at once
         self._confirming: asyncio.Future[None] | None = None  # see _may_start
         self._leases: dict[str, _LeaseState] = {}
+        self._held_bytes = _HeldBytes()
         self._pending: list[RecipientResult] = []
         self._pending_since = 0.0
         self._starved = False
@@ -492,6 +569,9 @@ class Worker(
         # Keep enough work in flight to fill every session, but no more: work leased and
         # waiting in memory is work no other worker can take.
         high_water = max(config.max_connections * 4, config.lease_batch)
+        # And no more message data than max_leased_bytes (a queue of large messages made
+        # a lease hold hundreds of them: gigabytes, and the OOM killer stopped delivery).
+        byte_budget = config.max_leased_bytes
         # Each lane may hold its share of the recipients in flight (bulk cannot fill the
         # worker and leave no room for transactional mail leased after it).
         lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
@@ -527,10 +607,11 @@ class Worker(
                 room = high_water - dispatcher.in_flight - len(self._pending)
                 if beside is not None:
                     room -= beside[1].limit
-                self._starved = room <= 0
+                byte_room = byte_budget - self._held_bytes.now
+                self._starved = room <= 0 or byte_room <= 0
                 leasing = (
                     self._lease_wanted
-                    and room > 0
+                    and not self._starved
                     and beside is None
                     and not self._stopping
                     and not self._leasing_paused
@@ -563,7 +644,11 @@ class Worker(
                 load = self._lane_load
                 lanes = [(name, max(0, cap - load.get(name, 0))) for name, cap in lane_caps]
                 call = _LeaseCall(
-                    limit=limit, lanes=lanes, now=self._clock(), wakeups=self._wakeups
+                    limit=limit,
+                    lanes=lanes,
+                    now=self._clock(),
+                    wakeups=self._wakeups,
+                    max_bytes=byte_room,
                 )
                 if leasing and not self._inline:
                     beside = (self._lease_beside(call), call)
@@ -580,6 +665,7 @@ class Worker(
                         lease_for=config.lease_for,
                         lanes=lanes,
                         holder=self.holder,
+                        max_bytes=call.max_bytes,
                     )
                 except StoreCorrupt:
                     self._unwritten(batch)
@@ -641,6 +727,7 @@ class Worker(
             lease_for=self.config.lease_for,
             lanes=call.lanes,
             holder=self.holder,
+            max_bytes=call.max_bytes,
         )
         return lease
 
@@ -790,11 +877,13 @@ class Worker(
         count = sum(len(item.recipients) for item in lease.items)
         left = (lease.expires_at - self._clock()).total_seconds()
         state = self._leases[lease.token] = _LeaseState(
-            lease=lease,
+            token=lease.token,
+            held_bytes=self._held_bytes,
             unrecorded=count,
             held_until=asyncio.get_running_loop().time() + left,
             expires_at=lease.expires_at,
         )
+        state.hold(lease.items)
         items = self._items
         load = self._lane_load
         now = self._clock()
@@ -904,7 +993,9 @@ class Worker(
             if state is not None:
                 state.unrecorded -= 1
                 state.writing -= 1
+                state.let_go(result.message_id, 1)
                 if state.unrecorded <= 0:
+                    state.end()
                     del self._leases[result.lease_token]
         if ignored:
             self.metrics.ignored_results += ignored

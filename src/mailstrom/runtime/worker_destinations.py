@@ -100,7 +100,9 @@ class WorkerDestinations(WorkerStore):
                     state.writing -= len(item.recipients)
                     if written:
                         state.unrecorded -= len(item.recipients)
+                        state.let_go(item.message_id, len(item.recipients))
                         if state.unrecorded <= 0:
+                            state.end()
                             del self._leases[item.lease_token]
         if not written:
             return

@@ -17,6 +17,7 @@ from mailstrom.stores.base import RecipientResult
 
 if TYPE_CHECKING:
     from mailstrom.runtime.dispatch import Dispatcher
+    from mailstrom.runtime.worker import _HeldBytes
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -47,6 +48,7 @@ class WorkerReporting:
     _dispatcher: Dispatcher | None
     _pending: list[RecipientResult]
     _items: dict[tuple[str, str, str], int]
+    _held_bytes: _HeldBytes
     _on_result: Callable[[RecipientResult], None] | None
     _cut_off: str | None
 
@@ -69,6 +71,8 @@ class WorkerReporting:
             record_lag=c.record_lag,
             transactions=len(self._items),
             idle_connections=dispatcher.idle_connections if dispatcher is not None else 0,
+            leased_bytes=self._held_bytes.now,
+            leased_bytes_peak=self._held_bytes.peak,
             clock_skew=c.clock_skew,
             clock_warning=c.clock_warning,
             paused=c.paused or self._cut_off,

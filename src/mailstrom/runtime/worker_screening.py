@@ -67,7 +67,8 @@ class WorkerScreening(WorkerStore):
             (item.message_id, item.domain): item
             for token in {r.lease_token for r in failed}
             if (state := self._leases.get(token)) is not None
-            for item in state.lease.items
+            for held in state.messages.values()
+            for item in held.items
         }
         # Loaded at the first failure: the notices' renderer and the message model.
         from mailstrom.runtime.notices import notices_for

@@ -101,6 +101,8 @@ class WorkerStopping(WorkerStore):
                     exc,
                 )
                 break
+        for state in self._leases.values():
+            state.end()
         self._leases.clear()
         self._items.clear()
         self._item_lanes.clear()

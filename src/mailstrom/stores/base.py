@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, shown
 from mailstrom.errors import InvalidArgument, StoreError
@@ -193,6 +193,7 @@ def record_then_lease(
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None = None,
     holder: str | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
     """``Store.record_and_lease`` for a store that cannot do both in one transaction. A
     lease that fails once the record is committed raises :class:`RecordedNotLeased`: the
@@ -201,12 +202,37 @@ def record_then_lease(
     if limit <= 0:
         return recorded, None
     try:
-        lease = store.lease(now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder)
+        lease = store.lease(
+            now=now,
+            limit=limit,
+            lease_for=lease_for,
+            lanes=lanes,
+            holder=holder,
+            max_bytes=max_bytes,
+        )
     except StoreError as exc:
         if not results:
             raise
         raise RecordedNotLeased(recorded, exc) from exc
     return recorded, lease
+
+
+K = TypeVar("K")
+
+
+def messages_within(sizes: Iterable[tuple[K, int]], max_bytes: int) -> list[K]:
+    """The messages a lease of ``max_bytes`` keeps (see :meth:`Store.lease`), of
+    ``sizes``: (message, its stored size) in the lease's order, each message once. The
+    longest run from the first whose sizes add up to at most ``max_bytes``; the first
+    message always, however large."""
+    kept: list[K] = []
+    total = 0
+    for message, size in sizes:
+        total += size
+        if kept and total > max_bytes:
+            break
+        kept.append(message)
+    return kept
 
 
 def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]) -> MessageStatus:
@@ -508,6 +534,7 @@ class Store(Protocol):
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
@@ -525,7 +552,14 @@ class Store(Protocol):
         recipients before the next lane's, each lane up to its own number; recipients of a
         lane not named are leased only when every named lane had room left and nothing
         more due. Each lane is read from an index of its own, so a lane with a deep
-        backlog costs the others nothing."""
+        backlog costs the others nothing.
+
+        ``max_bytes`` bounds the message data the lease reads (each message's stored
+        size, once however many of its recipients it holds): its messages are the
+        longest run, in the lease's order, whose sizes add up to at most ``max_bytes``,
+        but never none: the first comes alone when larger. The recipients of the messages
+        left out stay due, unleased. The data of those is not read at all, so that a
+        queue of large messages cannot make one lease hold ``limit`` of them in memory."""
         ...
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -548,9 +582,11 @@ class Store(Protocol):
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
-        (none when ``limit`` is 0) of ``lanes`` for ``holder``; in one transaction where
+        (none when ``limit`` is 0) of ``lanes`` for ``holder``, up to ``max_bytes`` of
+        message data; in one transaction where
         the store can (SQLite: one commit, one fsync, for the worker's whole turn)."""
         ...
 

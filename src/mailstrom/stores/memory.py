@@ -28,6 +28,7 @@ from mailstrom.stores.base import (
     domain_of,
     holder_range,
     lease_token,
+    messages_within,
     new_message_id,
     record_then_lease,
     with_throttles,
@@ -163,9 +164,11 @@ class MemoryStore(
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, grouped per (message, domain); with
-        ``lanes``, each lane's in turn (see :meth:`Store.lease`)."""
+        ``lanes``, each lane's in turn; up to ``max_bytes`` of message data (see
+        :meth:`Store.lease`)."""
         if limit <= 0:
             return None
         token = lease_token(holder)
@@ -182,9 +185,14 @@ class MemoryStore(
             due.sort(key=lambda t: t[:3])
             if lanes is not None:
                 due = _by_lanes(due, lanes, limit)
+            due = due[:limit]
+            if max_bytes is not None:
+                sizes = {t[3].id: t[3].prepared.size for t in due}
+                kept = set(messages_within(sizes.items(), max_bytes))
+                due = [t for t in due if t[3].id in kept]
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
-            for _, _, _, m, r in due[:limit]:
+            for _, _, _, m, r in due:
                 r.lease_token = token
                 r.lease_expires_at = expires_at
                 groups.setdefault((m.id, r.domain), []).append(r)
@@ -279,10 +287,18 @@ class MemoryStore(
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
         return record_then_lease(
-            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder
+            self,
+            results,
+            now=now,
+            limit=limit,
+            lease_for=lease_for,
+            lanes=lanes,
+            holder=holder,
+            max_bytes=max_bytes,
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

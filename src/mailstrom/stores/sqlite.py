@@ -1004,10 +1004,12 @@ class SQLiteStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, oldest due first (per lane, highest lane
-        first, with ``lanes``), grouped per (message, domain); one transaction, walking
-        the due index (a lane's range of it) with LIMIT."""
+        first, with ``lanes``), grouped per (message, domain), up to ``max_bytes`` of
+        message data; one transaction, walking the due index (a lane's range of it) with
+        LIMIT."""
         if limit <= 0:
             return None
         self._holders.hold(holder)
@@ -1021,6 +1023,7 @@ class SQLiteStore:
                 lanes=lanes,
                 events=self._events,
                 holder=holder,
+                max_bytes=max_bytes,
             )
 
     def record_and_lease(
@@ -1032,6 +1035,7 @@ class SQLiteStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         self._holders.hold(holder)
@@ -1051,6 +1055,7 @@ class SQLiteStore:
                     lanes=lanes,
                     events=self._events,
                     holder=holder,
+                    max_bytes=max_bytes,
                 )
         return recorded, lease
 
@@ -1709,6 +1714,7 @@ def _lease_in(
     lanes: Sequence[tuple[str, int]] | None,
     events: bool,
     holder: str | None = None,
+    max_bytes: int | None = None,
 ) -> Lease | None:
     """Lease inside the caller's write transaction: suspended destinations skipped, and
     the suppression entries of what was leased read in the same snapshot (one store
@@ -1723,6 +1729,7 @@ def _lease_in(
         lanes=lanes,
         skip_domains=skip,
         holder=holder,
+        max_bytes=max_bytes,
     )
     if lease is None:
         return None

@@ -33,6 +33,7 @@ from mailstrom.stores.base import (
     domain_of,
     holder_range,
     lease_token,
+    messages_within,
     new_message_id,
 )
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
@@ -198,6 +199,7 @@ def lease_rows(
     lanes: Sequence[tuple[str, int]] | None = None,
     skip_domains: Sequence[str] = (),
     holder: str | None = None,
+    max_bytes: int | None = None,
 ) -> Lease | None:
     """Lease up to ``limit`` due recipients inside the caller's write transaction, under a
     token of ``holder`` when given (see ``Store.lease``).
@@ -206,7 +208,8 @@ def lease_rows(
     first), each lane's earliest due in turn, walking that lane's range of
     recipients_lane_due; then, when every lane had room left and nothing more due,
     recipients of lanes not named (queued before lanes existed, or in a lane since removed
-    from the configuration). None at ``skip_domains`` (suspended destinations)."""
+    from the configuration). None at ``skip_domains`` (suspended destinations). Up to
+    ``max_bytes`` of message data (see ``Store.lease``)."""
     token = lease_token(holder)
     expires_at = now + lease_for
     marks = (token, to_us(expires_at), to_us(now))
@@ -233,6 +236,8 @@ def lease_rows(
             named = {lane for lane, _ in lanes}
             others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
             rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped)
+    if rows and max_bytes is not None:
+        rows = _within_bytes(conn, rows, max_bytes)
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
@@ -292,6 +297,31 @@ def lease_rows(
 
 
 _MISSING = UnreadableRow("its message row is missing")
+
+
+def _within_bytes(conn: sqlite3.Connection, rows: list[Any], max_bytes: int) -> list[Any]:
+    """The leased ``rows`` (in the lease's order) of the messages whose data fits in
+    ``max_bytes`` (``messages_within``); the rest are unmarked again, due as they were
+    (a lease they carried had expired, or they were not due), and their data never
+    read. Sizes are read first, apart from the data: one more statement per lease."""
+    order = list(dict.fromkeys(row[1] for row in rows))
+    sizes: dict[int, int] = {}
+    for chunk in chunks(order):
+        found = conn.execute(
+            f"SELECT seq, size FROM messages WHERE seq IN ({qmarks(len(chunk))})", chunk
+        )
+        # A size that is not a count (a row changed by hand) counts as nothing here:
+        # the lease sets such a message aside as unreadable (checked_data).
+        sizes.update((seq, size) for seq, size in found if type(size) is int and size > 0)
+    kept = set(messages_within(((seq, sizes.get(seq, 0)) for seq in order), max_bytes))
+    if len(kept) == len(order):
+        return rows
+    conn.execute(
+        "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL"
+        " WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps([row[0] for row in rows if row[1] not in kept]),),
+    )
+    return [row for row in rows if row[1] in kept]
 
 
 def _head(row: Any) -> MessageHead | UnreadableRow:

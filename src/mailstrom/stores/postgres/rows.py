@@ -174,6 +174,8 @@ class LeaseRow(NamedTuple):
     size: int
     bad_times: str | None
     """The times of this row that are out of range (sent as NULL), or None."""
+    cut: bool
+    """Whether the lease's ``max_bytes`` left due rows out of it (the same on every row)."""
 
     @property
     def lane(self) -> str:

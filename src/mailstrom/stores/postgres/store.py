@@ -418,6 +418,7 @@ class PostgresStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients in one statement (see Store.lease), with
         the suppression entries that apply to them; with ``lanes``, one statement for the
@@ -430,7 +431,14 @@ class PostgresStore:
         self._give_back_unanswered_leases()
         token = lease_token(holder)
         try:
-            return self._lease(token, now=now, limit=limit, lease_for=lease_for, lanes=lanes)
+            return self._lease(
+                token,
+                now=now,
+                limit=limit,
+                lease_for=lease_for,
+                lanes=lanes,
+                max_bytes=max_bytes,
+            )
         except BaseException:
             # It may have committed, its answer lost (or a second statement failed after
             # the first leased): the next lease gives back what it holds.
@@ -453,6 +461,7 @@ class PostgresStore:
         limit: int,
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None,
+        max_bytes: int | None,
     ) -> Lease | None:
         expires_at = now + lease_for
         params: dict[str, Any] = {
@@ -460,6 +469,8 @@ class PostgresStore:
             "limit": limit,
             "token": token,
             "expires_at": expires_at,
+            "max_bytes": max_bytes,
+            "first_always": True,
         }
         if lanes is None:
             found = rows.lease_rows(self._fetch("lease", params))
@@ -481,8 +492,13 @@ class PostgresStore:
             exhausted = len(found) < limit and all(
                 most > 0 and taken[lane] < most for lane, most in lanes
             )
-            if exhausted:
+            if exhausted and not (found and found[0].cut):
                 params["limit"] = limit - len(found)
+                if max_bytes is not None and found:
+                    # The bytes left, for messages after those (none of them first).
+                    sizes = {row.message_id: row.size for row in found}
+                    params["max_bytes"] = max_bytes - sum(sizes.values())
+                    params["first_always"] = False
                 found += rows.lease_rows(self._fetch("lease_other_lanes", params))
         if not found:
             return None
@@ -607,10 +623,18 @@ class PostgresStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
         return record_then_lease(
-            self, results, now=now, limit=limit, lease_for=lease_for, lanes=lanes, holder=holder
+            self,
+            results,
+            now=now,
+            limit=limit,
+            lease_for=lease_for,
+            lanes=lanes,
+            holder=holder,
+            max_bytes=max_bytes,
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

@@ -65,7 +65,7 @@ SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 -- (plus any of held messages) and sorts nothing once the table has statistics.
 WITH due AS MATERIALIZED (
     SELECT r.ctid AS row_id, r.message_id, r.address, 0 AS rank,
-           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
     FROM recipients r
     JOIN messages m ON m.id = r.message_id
     WHERE r.state IN ('queued', 'deferred')
@@ -105,7 +105,7 @@ WITH picked AS MATERIALIZED (
         FOR UPDATE OF r SKIP LOCKED
     ) d
 ), due AS MATERIALIZED (
-    SELECT row_id, message_id, address, rank, due_at
+    SELECT row_id, message_id, address, rank, due_at, seq, position
     FROM picked
     ORDER BY rank, due_at, seq, position
     LIMIT %(limit)s
@@ -118,7 +118,7 @@ WITH picked AS MATERIALIZED (
 -- nothing more due, so walking recipients_due meets few rows of the named lanes.
 WITH due AS MATERIALIZED (
     SELECT r.ctid AS row_id, r.message_id, r.address, 0 AS rank,
-           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
     FROM recipients r
     JOIN messages m ON m.id = r.message_id
     WHERE r.state IN ('queued', 'deferred')
@@ -135,7 +135,10 @@ WITH due AS MATERIALIZED (
 
 -- name: _lease_rest
 -- The rest of every lease query, after its `due` CTE (row_id, message_id, address,
--- rank, due_at; the rows locked). Stamp those rows with our token, found again by ctid (a
+-- rank, due_at, seq, position; the rows locked). With max_bytes, only the rows of the
+-- messages whose sizes add up to at most max_bytes, in the lease's order (the first
+-- message always, however large, when first_always: stores.base.messages_within); the
+-- others are left unleased, and their data unread. Stamp those rows with our token, found again by ctid (a
 -- TID scan, whatever the table's size), and return them in due order (rank first) with
 -- their message, fetched by primary key: the bytes of each message on its first row
 -- only, not once per recipient. Each row also carries the suppression entries in force
@@ -144,10 +147,24 @@ WITH due AS MATERIALIZED (
 -- ASCII addresses it is used for; a lease with another address is looked up by the
 -- worker. The entries are joined in a CTE of their own: joined in the final SELECT, they
 -- made the planner nest a loop over leased_messages.
-, leased AS (
+, firsts AS MATERIALIZED (
+    SELECT DISTINCT ON (message_id) message_id, rank, due_at, seq, position
+    FROM due
+    ORDER BY message_id, rank, due_at, seq, position
+), sized AS MATERIALIZED (
+    SELECT f.message_id, sum(m.size) OVER w AS upto, row_number() OVER w AS n
+    FROM firsts f
+    JOIN messages m ON m.id = f.message_id
+    WINDOW w AS (ORDER BY f.rank, f.due_at, f.seq, f.position)
+), leased AS (
     UPDATE recipients r
     SET lease_token = %(token)s, lease_expires_at = %(expires_at)s
-    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM due))
+    WHERE r.ctid = ANY (ARRAY(
+        SELECT row_id FROM due
+        WHERE %(max_bytes)s::bigint IS NULL
+           OR message_id IN (SELECT message_id FROM sized
+                             WHERE upto <= %(max_bytes)s::bigint
+                                OR (n = 1 AND %(first_always)s::boolean))))
     RETURNING r.message_id, r.seq, r.address, r.position, r.domain, r.attempts,
               r.first_attempt_at, r.last_attempt_at
 ), screened AS MATERIALIZED (
@@ -221,7 +238,9 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
            CASE WHEN NOT l.first_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
                 THEN 'first_attempt_at ' || l.first_attempt_at END,
            CASE WHEN NOT l.last_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
-                THEN 'last_attempt_at ' || l.last_attempt_at END), '') AS bad_times
+                THEN 'last_attempt_at ' || l.last_attempt_at END), '') AS bad_times,
+       -- Whether max_bytes left rows out: then nothing more is leased after these.
+       (SELECT count(*) FROM due) > (SELECT count(*) FROM leased) AS cut
 FROM screened l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
