@@ -51,6 +51,22 @@ def leases_held(url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
         holder.close()
 
 
+def settled(url: str) -> None:
+    """Wait until no other session runs a statement: the worker's look for more work
+    after a@'s lease has ended, and nothing else wakes it before b@ is queued."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + 10
+        while True:
+            (busy,) = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND pid <> pg_backend_pid() AND datname = current_database()"
+            ).fetchone() or (0,)
+            if not busy:
+                return
+            assert time.monotonic() < deadline, f"{busy} statements still running"
+            time.sleep(0.01)  # polling the server's view; nothing to wait on
+
+
 LEASES = ("-- Lock due recipients", "-- The lease of")
 """How the lease statements begin (stores/sql/postgres/queries.sql): the server shows
 only their first kilobyte."""
@@ -79,9 +95,12 @@ def test_a_result_is_recorded_while_a_lease_waits(
     results = Results()
     with PostgresStore(postgres_url + "?lock_timeout=60s") as store:
         first = store.enqueue(small_message("a@example.org"), now=datetime.now(UTC))
-        config = loopback_config(dns_server, mx.port)
+        # No poll: after one, the worker's empty lease is followed by a look at the next
+        # due time, which reads suspensions too, and locked there it holds up the loop.
+        config = loopback_config(dns_server, mx.port, poll_interval=60.0)
         with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
             mx.wait_for_received(1)  # a@ is on the wire: its content sent, no reply yet
+            settled(postgres_url)
             with leases_held(postgres_url) as watcher:
                 store.enqueue(small_message("b@example.org"), now=datetime.now(UTC))
                 deadline = time.monotonic() + 10
