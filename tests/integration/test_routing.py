@@ -486,3 +486,25 @@ async def test_address_literal_to_loopback_fails_permanently(
     assert dns_server.queries(literal, "MX") == 0
     allowed = await Router(dns_server.dns_config, allow_loopback=True).route(literal)
     assert len(allowed.addresses) == 1
+
+
+async def test_an_mx_naming_an_ip_address_is_used_as_that_address(
+    dns_server: LoopbackDNS,
+) -> None:
+    """RFC 5321 §5.1 wants a name there, but zones with "MX 10 192.0.2.25" exist and
+    Postfix delivers to them (it warns "numeric domain name in resource data of MX
+    record" and uses the address). Looked up as a name instead, the host had no address
+    and the domain's mail was deferred until max_age; the address obeys the policy all
+    the same, without a DNS query."""
+    dns_server.mx("numeric.test", [(10, "127.0.0.5"), (20, "mx2.numeric.test")])
+    dns_server.a("mx2.numeric.test", "127.0.0.6")
+    route = await Router(dns_server.dns_config, allow_loopback=True).route("numeric.test")
+    assert route.addresses == ("127.0.0.5", "127.0.0.6")
+    assert route.hosts[0].name == "127.0.0.5"
+    assert dns_server.queries("127.0.0.5", "A") == 0
+    assert dns_server.queries("127.0.0.5", "AAAA") == 0
+    dns_server.mx("numeric-loop.test", [(10, "127.0.0.7")])
+    with pytest.raises(PermanentFailure) as info:
+        await Router(dns_server.dns_config).route("numeric-loop.test")
+    assert info.value.enhanced == "5.4.4"
+    assert "127.0.0.7 (loopback, MX 127.0.0.7)" in info.value.text

@@ -17,6 +17,7 @@ at most ``max_dns_queries`` queries are in flight.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import time
 from collections.abc import Callable
@@ -201,6 +202,23 @@ def expanded_name(answers: list[dns.resolver.Answer]) -> str | None:
     return name.to_text(omit_final_dot=True)
 
 
+def numeric_exchange(name: dns.name.Name) -> str | None:
+    """The address an MX record's exchange spells, when it is an IP address rather than a
+    host name (``MX 10 192.0.2.25``); None for a name.
+
+    RFC 5321 §5.1 wants a name there, but such zones exist, and Postfix uses the address
+    (with the warning "numeric domain name in resource data of MX record"). Looked up as a
+    name, it has no address records, and its domain's mail would wait until max_age.
+    """
+    text = name.to_text(omit_final_dot=True)
+    if "%" in text:  # a zone index means nothing to another host
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
 class _Resolution:
     """The queries of one route lookup: one deadline for all of them, one policy."""
 
@@ -253,6 +271,18 @@ class _Resolution:
             raise TemporaryFailure(
                 f"DNS lookup of {name} {rdtype.name} failed: {exc}", enhanced=_TEMPORARY_DNS
             ) from exc
+
+    async def exchange_addresses(self, name: dns.name.Name) -> _Addresses:
+        """The addresses of MX host ``name``: the one it spells when it is an IP address
+        (:func:`numeric_exchange`, no query, judged by the policy all the same), else
+        :meth:`addresses`."""
+        address = numeric_exchange(name)
+        if address is None:
+            return await self.addresses(name)
+        kind = self.policy.refused(address)
+        if kind is not None:
+            return _Addresses(addresses=(), refused=((address, kind),))
+        return _Addresses(addresses=(address,))
 
     async def addresses(self, name: dns.name.Name) -> _Addresses:
         """IPv4 then IPv6 addresses of ``name``, looked up concurrently.
@@ -401,7 +431,7 @@ async def _mx_route(
         size = min(policy.mx_address_limit - len(found), policy.max_dns_queries // 2)
         batch = candidates[next_host : next_host + size]
         next_host += len(batch)
-        results = await asyncio.gather(*(resolution.addresses(name) for name, _ in batch))
+        results = await asyncio.gather(*(resolution.exchange_addresses(name) for name, _ in batch))
         for (name, preference), result in zip(batch, results, strict=True):
             host_name = name.to_text(omit_final_dot=True)
             temporary = temporary or result.temporary
