@@ -77,6 +77,31 @@ async def test_equal_preferences_are_shuffled_with_the_rng(dns_server: LoopbackD
     assert await orders(42) == seen
 
 
+async def test_a_hosts_addresses_are_shuffled_on_every_use(dns_server: LoopbackDNS) -> None:
+    """The addresses of one host are as equal as hosts of one preference (RFC 5321 §5.1
+    wants load spread over them; Postfix's smtp_randomize_addresses shuffles them). They
+    kept the order of the one DNS answer the cached route came from, so every new
+    connection for up to a day went to the same first address of a single-MX domain.
+    IPv4 still comes before IPv6, and an implicit MX is shuffled the same way."""
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1", "127.0.0.2", "127.0.0.3")
+    dns_server.aaaa("mx.example.org", "::1", "::2")
+    dns_server.a("direct.example.org", "127.0.0.4", "127.0.0.5")
+    router = Router(dns_server.dns_config, allow_loopback=True, rng=random.Random(7))
+    routes = [await router.route("example.org") for _ in range(30)]
+    assert dns_server.queries("example.org", "MX") == 1
+    assert {r.addresses[0] for r in routes} == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
+    assert {r.addresses[3] for r in routes} == {"::1", "::2"}
+    assert {frozenset(r.addresses[:3]) for r in routes} == {
+        frozenset({"127.0.0.1", "127.0.0.2", "127.0.0.3"})
+    }
+    implicit = [await router.route("direct.example.org") for _ in range(30)]
+    assert {r.addresses for r in implicit} == {
+        ("127.0.0.4", "127.0.0.5"),
+        ("127.0.0.5", "127.0.0.4"),
+    }
+
+
 async def test_hosts_without_addresses_are_skipped_for_backups(
     dns_server: LoopbackDNS, router: Router
 ) -> None:
@@ -400,7 +425,7 @@ async def test_a_domain_with_100_mx_hosts_yields_at_most_5_addresses(
     route = await Router(dns_server.dns_config).route("many.test")
     assert len(route.addresses) == 5
     [host] = route.hosts  # the first host in line has 10 addresses: it fills the limit
-    assert host.addresses == tuple(f"10.{hosts.index(host.name)}.0.{j}" for j in range(1, 6))
+    assert sorted(host.addresses) == [f"10.{hosts.index(host.name)}.0.{j}" for j in range(1, 6)]
     asked = [h for h in hosts if dns_server.queries(h, "A") or dns_server.queries(h, "AAAA")]
     assert 1 <= len(asked) <= 5
     assert host.name in asked

@@ -1,7 +1,8 @@
 """Planning where mail goes: MX lookup (RFC 5321 §5.1) and recipient grouping.
 
 * :class:`Router` resolves a domain to a :class:`Route`: its MX hosts sorted by
-  preference, equal preferences shuffled, each with its addresses (IPv4 first, then IPv6);
+  preference, equal preferences shuffled, each with its addresses (IPv4 first, then IPv6,
+  each family shuffled on every use);
   no MX records → the domain's own addresses (``implicit=True``); null MX, NXDOMAIN or no
   address at all → :class:`~mailstrom.errors.PermanentFailure`; SERVFAIL, timeouts and MX
   hosts without addresses → :class:`~mailstrom.errors.TemporaryFailure`.

@@ -101,6 +101,43 @@ def shuffle_spans(
         hosts[start:stop] = part
 
 
+def address_spans(hosts: Sequence[MXHost]) -> tuple[tuple[int, int, int], ...]:
+    """``(host, start, stop)`` of every run of two or more addresses of one family
+    (IPv4, then IPv6) in a host's addresses: what :func:`shuffle_addresses` must shuffle.
+    Empty when no host has two addresses of one family.
+
+    >>> address_spans([MXHost(name="a", preference=0, addresses=("192.0.2.1",)),
+    ...                MXHost(name="b", preference=0,
+    ...                       addresses=("192.0.2.2", "192.0.2.3", "2001:db8::1"))])
+    ((1, 0, 2),)
+    """
+    spans: list[tuple[int, int, int]] = []
+    for index, host in enumerate(hosts):
+        start = 0
+        for _, same in groupby(host.addresses, key=lambda address: ":" in address):
+            stop = start + sum(1 for _ in same)
+            if stop - start > 1:
+                spans.append((index, start, stop))
+            start = stop
+    return tuple(spans)
+
+
+def shuffle_addresses(
+    hosts: list[MXHost], spans: Iterable[tuple[int, int, int]], rng: random.Random
+) -> None:
+    """Shuffle each host's addresses within each family in place (``spans`` come from
+    :func:`address_spans`): they are equal destinations as much as hosts of one
+    preference are, and RFC 5321 §5.1 wants load spread over those (Postfix's
+    ``smtp_randomize_addresses``). IPv4 stays before IPv6."""
+    for index, start, stop in spans:
+        host = hosts[index]
+        addresses = list(host.addresses)
+        part = addresses[start:stop]
+        rng.shuffle(part)
+        addresses[start:stop] = part
+        hosts[index] = replace(host, addresses=tuple(addresses))
+
+
 def limit_addresses(hosts: Iterable[MXHost], limit: int) -> tuple[MXHost, ...]:
     """The first ``limit`` distinct addresses of ``hosts``, in order, still grouped by
     host: later hosts are dropped and the last one kept may lose its later addresses.

@@ -25,7 +25,14 @@ from mailstrom.routing.lookup import (
     to_qname,
 )
 from mailstrom.routing.policy import MAX_DNS_QUERIES, MX_ADDRESS_LIMIT, RoutePolicy
-from mailstrom.routing.route import Route, equal_preference_spans, limit_addresses, shuffle_spans
+from mailstrom.routing.route import (
+    Route,
+    address_spans,
+    equal_preference_spans,
+    limit_addresses,
+    shuffle_addresses,
+    shuffle_spans,
+)
 
 MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
@@ -80,6 +87,8 @@ class _Entry:
     template: Route | None = None
     """Otherwise: the hosts to shuffle within ``spans`` and then cut to ``limit``."""
     spans: tuple[tuple[int, int], ...] = ()
+    address_spans: tuple[tuple[int, int, int], ...] = ()
+    """(host, start, stop) of the addresses of one family to shuffle within a host."""
     limit: int | None = None
     """Address limit to apply after shuffling; None when the hosts are within it."""
 
@@ -91,6 +100,8 @@ class _Entry:
             raise self.refusal.error()
         assert self.template is not None
         hosts = list(self.template.hosts)
+        # Addresses first: their spans index the hosts in the template's order.
+        shuffle_addresses(hosts, self.address_spans, rng)
         shuffle_spans(hosts, self.spans, rng)
         template = self.template
         # Only the hosts change. Built field by field, not with dataclasses.replace (0.65
@@ -110,8 +121,9 @@ def _prepare(lookup: Lookup, *, canonical: str, expires: float, limit: int) -> _
         return _Entry(canonical=canonical, expires=expires, refusal=lookup.refusal)
     route = lookup.unwrap()
     spans = equal_preference_spans(route.hosts)
+    addresses = address_spans(route.hosts)
     over = sum(len(h.addresses) for h in route.hosts) > limit
-    if not spans:
+    if not spans and not addresses:
         hosts = limit_addresses(route.hosts, limit) if over else route.hosts
         ready = replace(route, hosts=hosts)
         return _Entry(canonical=canonical, expires=expires, ready=ready)
@@ -120,6 +132,7 @@ def _prepare(lookup: Lookup, *, canonical: str, expires: float, limit: int) -> _
         expires=expires,
         template=route,
         spans=spans,
+        address_spans=addresses,
         limit=limit if over else None,
     )
 
@@ -138,8 +151,9 @@ class Router:
     TTL of 2**31-1 s must not pin its route), measured with ``clock``, by the domain string as
     given (lower-cased if ASCII, see :func:`cache_key`) so that a cached route costs one
     dict lookup; temporary failures are not cached. Concurrent calls for one domain share
-    one lookup. Hosts of equal MX preference are shuffled with ``rng`` on every call, so
-    load spreads over them even while the route is cached.
+    one lookup. Hosts of equal MX preference, and each host's addresses of one family, are
+    shuffled with ``rng`` on every call, so load spreads over them even while the route is
+    cached.
 
     Every route holds at most ``mx_address_limit`` addresses (Postfix's
     ``smtp_mx_address_limit``) and no loopback, unspecified or link-local address unless
