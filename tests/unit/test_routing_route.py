@@ -22,6 +22,17 @@ def test_group_by_domain_lowercases_domains_and_keeps_order() -> None:
     assert list(groups) == ["example.org", "x.net"]
 
 
+def test_group_by_domain_keys_name_the_domain_the_address_names() -> None:
+    """str.lower() turns a capital sigma before a digit, a hyphen or a label's end into a
+    final sigma, which IDNA keeps as written: "λΣ1.example" is xn--1-jmby.example, but
+    its lower() "λς1.example" is xn--1-jmbv.example, another domain. A key made that way
+    and handed to Router.route sent the group's mail to the other domain's MX hosts."""
+    domain = "λΣ1.example"
+    [key] = group_by_domain([f"a@{domain}", f"b@{domain}"])
+    assert to_qname(key) == to_qname(domain)
+    assert to_qname(domain).to_text() == "xn--1-jmby.example."
+
+
 def host(name: str, preference: int) -> MXHost:
     return MXHost(name=name, preference=preference, addresses=("127.0.0.1",))
 

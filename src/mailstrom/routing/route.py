@@ -163,8 +163,22 @@ def limit_addresses(hosts: Iterable[MXHost], limit: int) -> tuple[MXHost, ...]:
     return tuple(kept)
 
 
+def cache_key(domain: str) -> str:
+    """The key ``domain`` is cached and grouped under: lower-cased when ASCII, as given
+    otherwise.
+
+    ``str.lower()`` is no IDNA mapping: it turns a capital sigma into the final sigma
+    (U+03C2) where a label ends or a digit or hyphen follows, but IDNA maps it to the plain
+    sigma (U+03C3), and IDNA keeps a final sigma as written: lambda, capital sigma, "1" is
+    xn--1-jmby, but lambda, final sigma, "1" (its ``lower()``) is xn--1-jmbv, another
+    domain. Each Unicode spelling is parsed once and remembered on its own.
+    """
+    return domain.lower() if domain.isascii() else domain
+
+
 def group_by_domain(addresses: Iterable[str]) -> dict[str, list[str]]:
-    """Group addr-specs by their lower-cased domain (the part after the last ``@``).
+    """Group addr-specs by their domain (the part after the last ``@``), lower-cased when
+    ASCII (:func:`cache_key`: a Unicode domain's ``lower()`` may name another domain).
 
     Addresses keep their own spelling and first-seen order inside each group.
 
@@ -173,6 +187,6 @@ def group_by_domain(addresses: Iterable[str]) -> dict[str, list[str]]:
     """
     groups: dict[str, list[str]] = {}
     for address in addresses:
-        domain = address.rpartition("@")[2].lower()
+        domain = cache_key(address.rpartition("@")[2])
         groups.setdefault(domain, []).append(address)
     return groups

@@ -28,6 +28,7 @@ from mailstrom.routing.policy import MAX_DNS_QUERIES, MX_ADDRESS_LIMIT, RoutePol
 from mailstrom.routing.route import (
     Route,
     address_spans,
+    cache_key,
     equal_preference_spans,
     limit_addresses,
     shuffle_addresses,
@@ -36,18 +37,6 @@ from mailstrom.routing.route import (
 
 MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
-
-
-def cache_key(domain: str) -> str:
-    """The key ``domain`` is cached under: lower-cased when ASCII, as given otherwise.
-
-    ``str.lower()`` is no IDNA mapping: it turns a capital sigma into the final sigma
-    (U+03C2) where a label ends or a digit or hyphen follows, but IDNA maps it to the plain
-    sigma (U+03C3), and IDNA keeps a final sigma as written: lambda, capital sigma, "1" is
-    xn--1-jmby, but lambda, final sigma, "1" (its ``lower()``) is xn--1-jmbv, another
-    domain. Each Unicode spelling is parsed once and remembered on its own.
-    """
-    return domain.lower() if domain.isascii() else domain
 
 
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
