@@ -455,8 +455,9 @@ async def _mx_route(
             raise temporary
         if refused:
             return Lookup(refusal=_refused(domain, refused), ttl=min([NEGATIVE_TTL, *ttls]))
-        # Like Postfix, MX hosts without addresses are a temporary failure: it is usually
-        # a DNS change in progress, and the retry policy's max_age bounds the wait.
+        # MX hosts without addresses are a temporary failure: it is usually a DNS change
+        # in progress, and the retry policy's max_age bounds the wait. (Postfix bounces
+        # here by default; this is its smtp_defer_if_no_mx_address_found = yes.)
         raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
     route = Route(
         domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure, canonical=canonical
