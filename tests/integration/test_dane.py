@@ -179,6 +179,21 @@ def test_pkix_usages_alone_mean_tls_required_unauthenticated(
     assert bob.history[-1].tls_policy == "required"
 
 
+def test_unusable_tlsa_records_never_lower_a_global_verify_policy(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # Records that are all unusable make DANE ask for TLS without authentication (RFC
+    # 7672 §2.2): a floor, which must not lower the operator's own tls = "verify" to it.
+    cert, key = self_signed("mx.test")  # trusted by no CA
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host, (1, 1, 1, spki_sha256(cert)))
+    bob = deliver(mx.port, tls="verify")
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert bob.history[-1].tls_policy == "verify"
+    assert mx.messages == []
+
+
 def test_dane_ta_trust_anchor_in_the_chain_delivers(
     dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
 ) -> None:

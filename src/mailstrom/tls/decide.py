@@ -14,7 +14,8 @@ opener. The decision, in order:
    decides: DANE first (RFC 7672 §1.3: DANE wins over MTA-STS for a host that has TLSA
    records), then MTA-STS, then any other source given. DANE's answer for a host whose
    TLSA records are all unusable (TLS required, unauthenticated) does not end the
-   search: it is the default the later sources are given, and MTA-STS still applies.
+   search: it is the default the later sources are given, and MTA-STS still applies
+   (a global ``verify``, which authenticates, stays the default instead).
    A message carrying ``TLS-Required: No`` (RFC 8689 §4) skips them.
 4. Otherwise the global ``Config.tls`` applies. Its levels ``dane`` and ``dane-only`` ask
    the DANE source first; ``TLS-Required: No`` skips that for ``dane`` (then
@@ -334,8 +335,11 @@ class TLSDecider:
                 return answer
             # DANE without usable records: TLS is required but nothing authenticated, so
             # no DANE validation fails that MTA-STS could override (RFC 8461 §2). The
-            # sources after it still apply, with this as the floor they are told of.
-            default = answer
+            # sources after it still apply, with this as the floor they are told of; a
+            # default that authenticates the server already (tls = "verify") is above that
+            # floor, and stays.
+            if not default.authenticated:
+                default = answer
         return default
 
     async def _dane_level(
