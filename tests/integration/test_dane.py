@@ -19,6 +19,9 @@ from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import (
+    COMPRESSED_POINT_CERTIFICATE,
+    COMPRESSED_POINT_KEY,
+    COMPRESSED_POINT_SPKI,
     SM2_CERTIFICATE,
     chain_with_anchor,
     der,
@@ -100,6 +103,24 @@ def test_dane_ee_every_selector_and_matching_type(
         data = hashlib.sha512(data).digest()
     signed_zone(dns_server, mx.host, (3, selector, matching, data))
     assert deliver(mx.port).state is RecipientState.DELIVERED
+
+
+@pytest.mark.parametrize("usage", [3, 2])
+def test_spki_records_match_the_key_as_the_certificate_encodes_it(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path, usage: int
+) -> None:
+    # RFC 6698 §2.1.2: selector 1 is the certificate's own SubjectPublicKeyInfo, which is
+    # what other tools hash (OpenSSL, Postfix, hash-slinger); a key written another way
+    # than cryptography writes it (here a compressed EC point) must match as sent.
+    certificate = COMPRESSED_POINT_CERTIFICATE
+    assert COMPRESSED_POINT_SPKI in der(certificate)
+    if usage == 2:  # the same self-signed certificate sent again above the leaf
+        certificate += COMPRESSED_POINT_CERTIFICATE
+    mx = receivers(server_context(tmp_path, certificate, COMPRESSED_POINT_KEY))
+    signed_zone(dns_server, mx.host, (usage, 1, 1, hashlib.sha256(COMPRESSED_POINT_SPKI).digest()))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED, bob.reason
+    assert bob.history[-1].tls_policy == "dane"
 
 
 def test_dane_mismatch_defers_and_sends_nothing(

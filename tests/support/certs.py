@@ -29,6 +29,35 @@ HwYDVR0jBBgwFoAUlDqlE75Z56MIWseVhZW8xaAefhEwDwYDVR0TAQH/BAUwAwEB
 """
 
 
+# A self-signed certificate for mx.test whose P-256 key is written as a compressed point
+# (X9.62 form 02/03, which OpenSSL writes with "ec -conv_form compressed"), and that key;
+# it expires in 2126. ``cryptography`` re-encodes such a key uncompressed (91 octets, not
+# 59): its SubjectPublicKeyInfo as the certificate holds it is COMPRESSED_POINT_SPKI.
+COMPRESSED_POINT_CERTIFICATE = b"""-----BEGIN CERTIFICATE-----
+MIIBcDCCARWgAwIBAgIUYj9P5/SH8nkAcFySEKPttUVfbCQwCgYIKoZIzj0EAwIw
+EjEQMA4GA1UEAwwHbXgudGVzdDAgFw0yNjEyMDQxNzI3NDRaGA8yMTI2MTExMDE3
+Mjc0NFowEjEQMA4GA1UEAwwHbXgudGVzdDA5MBMGByqGSM49AgEGCCqGSM49AwEH
+AyIAAoExpne6RbKd2Dd6uFsxjDzgSqX+x23RUSMH2w7EP2wfo2cwZTAdBgNVHQ4E
+FgQUyDsjv9SAF1bPymzI6K7SBaHenm4wHwYDVR0jBBgwFoAUyDsjv9SAF1bPymzI
+6K7SBaHenm4wDwYDVR0TAQH/BAUwAwEB/zASBgNVHREECzAJggdteC50ZXN0MAoG
+CCqGSM49BAMCA0kAMEYCIQDiYxjdG21LvnJIzfniPaqjZyvaexFGnKR/H5nW6G7f
+dQIhAPOwJUayibwD2D0YCwgpoDN+Cy5nJJrQ92EKieCrs/4Z
+-----END CERTIFICATE-----
+"""
+COMPRESSED_POINT_KEY = b"""-----BEGIN PRIVATE KEY-----
+MGcCAQAwEwYHKoZIzj0CAQYIKoZIzj0DAQcETTBLAgEBBCBMsqRLhXBbubsBbpQR
+0Ya/mHXKaZsMdmb4g3u3fgLNXKEkAyIAAoExpne6RbKd2Dd6uFsxjDzgSqX+x23R
+USMH2w7EP2wf
+-----END PRIVATE KEY-----
+"""
+COMPRESSED_POINT_SPKI = bytes.fromhex(
+    "3039301306072a8648ce3d020106082a8648ce3d030107032200028131a677ba45b29dd8377ab85b31"
+    "8c3ce04aa5fec76dd1512307db0ec43f6c1f"
+)
+"""What ``openssl x509 -pubkey -noout | openssl pkey -pubin -outform DER`` gives for
+COMPRESSED_POINT_CERTIFICATE: the octets of its SubjectPublicKeyInfo."""
+
+
 def unreadable_variants(leaf: bytes) -> dict[str, bytes]:
     """DER certificate ``leaf`` spoiled in ways ``cryptography`` refuses to read, as a
     hostile peer may send it (OpenSSL itself refuses to serve them): its key usage

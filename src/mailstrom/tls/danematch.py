@@ -13,8 +13,8 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
   (RFC 8446 §4.4.2). The chain check is ``cryptography``'s X.509 path validation.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
 
-Selectors: 0 full certificate, 1 SubjectPublicKeyInfo; matching types: 0 exact, 1
-SHA-256, 2 SHA-512.
+Selectors: 0 full certificate, 1 SubjectPublicKeyInfo (as the certificate holds it);
+matching types: 0 exact, 1 SHA-256, 2 SHA-512.
 """
 
 from __future__ import annotations
@@ -74,10 +74,50 @@ def _selected(der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    cert = x509.load_der_x509_certificate(der)
-    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    # Read by cryptography first: a certificate it cannot read matches nothing. The key
+    # is then taken as the certificate holds it (RFC 6698 §2.1.2), never written anew:
+    # cryptography writes an EC point uncompressed whatever the certificate has, and the
+    # record, made by any other tool from the certificate, would not match that.
+    tbs = x509.load_der_x509_certificate(der).tbs_certificate_bytes
+    return _subject_public_key_info(tbs)
+
+
+_TBS_FIELDS_BEFORE_SPKI = 5
+"""serialNumber, signature, issuer, validity and subject (RFC 5280 §4.1)."""
+
+
+def _subject_public_key_info(tbs: bytes) -> bytes:
+    """The DER octets of the subjectPublicKeyInfo of ``tbs``, a TBSCertificate: after the
+    optional ``[0]`` version and five other fields (RFC 5280 §4.1)."""
+    offset, _ = _der_element(tbs, 0)
+    if tbs[offset : offset + 1] == b"\xa0":  # [0] EXPLICIT version
+        offset = _der_element(tbs, offset)[1]
+    for _ in range(_TBS_FIELDS_BEFORE_SPKI):
+        offset = _der_element(tbs, offset)[1]
+    if tbs[offset : offset + 1] != b"\x30":
+        raise ValueError("no SubjectPublicKeyInfo where RFC 5280 puts it")
+    return tbs[offset : _der_element(tbs, offset)[1]]
+
+
+def _der_element(data: bytes, offset: int) -> tuple[int, int]:
+    """Where the content of the DER element at ``offset`` (a one-octet tag, as all of a
+    TBSCertificate's are) starts, and where the element ends; ValueError when it does
+    not fit in ``data``."""
+    start = offset + 2
+    if start > len(data):
+        raise ValueError("DER element cut short")
+    length = data[offset + 1]
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or start + count > len(data):
+            raise ValueError("DER length unreadable")
+        length = int.from_bytes(data[start : start + count], "big")
+        start += count
+    end = start + length
+    if end > len(data):
+        raise ValueError("DER element cut short")
+    return start, end
 
 
 def _digest(data: bytes, matching: int) -> bytes:
