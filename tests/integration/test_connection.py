@@ -667,3 +667,49 @@ async def test_a_failed_implicit_tls_handshake_leaves_no_error_unretrieved(
         await asyncio.sleep(0.1)  # the transports' last callbacks let go of the connection
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("mode", [StartTLS.OPPORTUNISTIC, StartTLS.REQUIRED, StartTLS.VERIFY])
+async def test_the_mx_host_name_is_sent_as_sni(cert_receiver: Any, mode: StartTLS) -> None:
+    # SNI carries the MX host name, never the address connected to (RFC 6066 §3); under
+    # verify it is sent before the certificate (self-signed here) is refused.
+    from tests.support.certs import self_signed  # cryptography: only when used
+
+    names: list[str | None] = []
+    mx = cert_receiver(*self_signed("mx.test"), sni=names)
+    if mode is StartTLS.VERIFY:
+        with pytest.raises(TLSVerifyError):
+            await connect(mx, mode)
+    else:
+        conn = await connect(mx, mode)
+        await conn.close()
+    assert names == ["mx.test"]
+
+
+@pytest.mark.parametrize(
+    ("host", "accepted"),
+    [("a.example.test", True), ("a.b.example.test", False), ("example.test", False)],
+)
+async def test_verify_takes_a_wildcard_for_one_label_only(
+    cert_receiver: Any, host: str, accepted: bool
+) -> None:
+    # RFC 6125 §6.4.3: "*.example.test" names a.example.test, neither a name two labels
+    # down nor example.test itself.
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("*.example.test")
+    mx = cert_receiver(issued.cert_chain_pems[0].bytes(), issued.private_key_pem.bytes())
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    if not accepted:
+        with pytest.raises(TLSVerifyError, match="mismatch"):
+            await connect(mx, StartTLS.VERIFY, host=host, tls_context=trusting)
+        assert mx.messages == []
+        return
+    conn = await connect(mx, StartTLS.VERIFY, host=host, tls_context=trusting)
+    try:
+        await send(conn)
+    finally:
+        await conn.close()
+    assert mx.messages[0].tls

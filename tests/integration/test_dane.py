@@ -150,6 +150,21 @@ def test_tlsa_present_and_starttls_not_offered_defers(
     assert mx.messages == []
 
 
+def test_tlsa_present_and_a_failing_handshake_never_falls_back_to_plaintext(
+    dns_server: LoopbackDNS, receivers: Any, dnssec_worker: Any, tmp_path: Path
+) -> None:
+    # RFC 7672 §2.2: STARTTLS offered, then the handshake breaks: the host is not used,
+    # never retried in plaintext on a new connection (the opportunistic fallback).
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key), tls_broken=True)
+    signed_zone(dns_server, mx.host, (3, 1, 1, spki_sha256(cert)))
+    bob = dnssec_worker(mx.port)(TO)
+    assert bob.state is RecipientState.DEFERRED
+    assert bob.reason_class is ReasonClass.TLS
+    assert bob.history[-1].tls_policy == "dane"
+    assert mx.connections == 1 and mx.messages == []
+
+
 def test_without_the_ad_bit_dane_is_not_applied(
     dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
 ) -> None:
@@ -213,6 +228,22 @@ def test_unusable_tlsa_records_never_lower_a_global_verify_policy(
     assert bob.reason_class is ReasonClass.TLS
     assert bob.history[-1].tls_policy == "verify"
     assert mx.messages == []
+
+
+def test_tlsa_records_of_unknown_parameters_alone_mean_tls_required(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # An unknown usage, selector or matching type makes a record unusable (RFC 7672
+    # §2.2); an RRset of nothing else asks for TLS, unauthenticated, never plaintext.
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    digest = spki_sha256(cert)
+    signed_zone(dns_server, mx.host, (4, 1, 1, digest), (3, 2, 1, digest), (3, 1, 3, digest))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED
+    assert bob.history[-1].tls_policy == "required"
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
 
 
 def test_dane_ta_trust_anchor_in_the_chain_delivers(

@@ -165,3 +165,37 @@ def test_a_certificates_names_are_quoted_as_safe_text() -> None:
     with pytest.raises(DaneMismatch, match=r"not valid for mx\.test") as caught:
         check_chain([leaf, anchor], tlsa, host="mx.test")
     assert is_safe(str(caught.value)) and "evil" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "accepted"),
+    [("a.example.test", True), ("a.b.example.test", False), ("example.test", False)],
+)
+def test_dane_ta_takes_a_wildcard_for_one_label_only(host: str, accepted: bool) -> None:
+    # RFC 7672 §3.2.3 (RFC 6125 §6.4.3): "*.example.test" names one label under it.
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    leaf = der(ca.issue_cert("*.example.test").cert_chain_pems[0].bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    if accepted:
+        assert check_chain([leaf, anchor], tlsa, host=host) == "DANE-TA 0 1"
+    else:
+        with pytest.raises(DaneMismatch, match="not valid for"):
+            check_chain([leaf, anchor], tlsa, host=host)
+
+
+@pytest.mark.parametrize(
+    ("usage", "selector", "matching"), [(4, 1, 1), (255, 1, 1), (3, 2, 1), (3, 1, 3), (2, 1, 255)]
+)
+def test_records_of_unknown_parameters_are_never_used(
+    usage: int, selector: int, matching: int
+) -> None:
+    # RFC 7672 §2.2 / RFC 6698 §4.1: a record of a usage, selector or matching type this
+    # client does not know is unusable, even when its data is the certificate's digest.
+    cert, _ = self_signed("mx.test")
+    unknown = record(usage, selector, matching, spki_sha256(cert))
+    assert not unknown.usable
+    with pytest.raises(DaneMismatch, match="no usable"):
+        check_chain([der(cert)], [unknown], host="mx.test")
+    good = record(3, 1, 1, spki_sha256(cert))
+    assert check_chain([der(cert)], [unknown, good], host="mx.test") == "DANE-EE 1 1"
