@@ -134,12 +134,21 @@ def check_source_address(address: object) -> None:
 
 
 def check_tls_context(value: object, where: str) -> None:
-    """ConfigError unless ``value`` is None or an :class:`ssl.SSLContext`. Anything else (a
-    CA file's name, say) was kept, and failed with AttributeError in the worker: at every
-    TLS connection, or when it started its process."""
+    """ConfigError unless ``value`` is None or an :class:`ssl.SSLContext` that checks the
+    peer's host name. Anything else (a CA file's name, say) was kept, and failed with
+    AttributeError in the worker: at every TLS connection, or when it started its
+    process."""
     if value is not None and not isinstance(value, ssl.SSLContext):
         raise ConfigError(
             f"{where}: expected an ssl.SSLContext or None, not {type(value).__name__}"
+        )
+    # The context is what checks a certificate (tls = "verify", MTA-STS, a verified
+    # relay): one that does not check its name (check_hostname off, or a server-side
+    # context, which checks no certificate at all) would take any peer's, silently.
+    if value is not None and not value.check_hostname:
+        raise ConfigError(
+            f"{where}: the context does not check the certificate's host name "
+            "(check_hostname is off); use ssl.create_default_context() and add your CAs"
         )
 
 
@@ -489,7 +498,8 @@ class Config:
     tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
     tls_context: ssl.SSLContext | None = None
     """Context for VERIFY (and relay) verification; default: the system trust store.
-    Tests pass one trusting their own CA."""
+    Tests pass one trusting their own CA. It must check host names (``check_hostname``),
+    else ConfigError."""
     relay: RelayConfig | None = None
     max_message_size: int = 35 * 1024 * 1024
     """Largest encoded message ``send_email`` accepts, in octets."""

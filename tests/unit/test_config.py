@@ -396,6 +396,31 @@ def test_tls_contexts_must_be_ssl_contexts(
         kind(**options)
 
 
+def _unchecking_contexts() -> list[ssl.SSLContext]:
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # checks nothing
+    nameless = ssl.create_default_context()
+    nameless.check_hostname = False  # the chain, whatever name it is for
+    return [server_side, nameless]
+
+
+@pytest.mark.parametrize("context", _unchecking_contexts())
+@pytest.mark.parametrize("where", ["tls_context", "mta_sts.tls_context"])
+def test_tls_contexts_must_check_the_host_name(context: ssl.SSLContext, where: str) -> None:
+    """A context that does not check the certificate's name (a server-side one, which
+    checks no certificate at all, or check_hostname off) was taken: tls = "verify" and
+    MTA-STS enforce then delivered to a certificate for any name, MTA-STS policies came
+    from any HTTPS server. A ConfigError naming it now."""
+    from mailstrom import MTASTSConfig
+
+    make: Callable[[], object] = (
+        (lambda: Config(helo_name="mail.example.com", tls_context=context))
+        if where == "tls_context"
+        else (lambda: MTASTSConfig(tls_context=context))
+    )
+    with pytest.raises(ConfigError, match=rf"{where}: .*host name"):
+        make()
+
+
 def test_tls_contexts_take_ssl_contexts_and_none() -> None:
     from mailstrom import MTASTSConfig
 
