@@ -152,8 +152,10 @@ class InvalidHeaderValue(InvalidMessage):
     is not https or mailto, an Auto-Submitted keyword RFC 3834 does not define, a
     Feedback-ID with spaces), a Message-ID that is not ``<id-left@id-right>`` (RFC 5322
     §3.6.4), a raw message's Date that cannot be read, an ``Email.date`` before 1900
-    (RFC 5322 §3.3), or a stdlib message's MIME parameter name too long for the stdlib
-    to write. ``header`` names the field."""
+    (RFC 5322 §3.3), a stdlib message's MIME parameter name too long for the stdlib
+    to write, or a stdlib message's structured field of more tokens than the stdlib
+    parses in bounded work (``message.bounds.MAX_STRUCTURED_TOKENS``). ``header`` names
+    the field."""
 
     def __init__(self, reason: str, *, header: str) -> None:
         super().__init__(reason)

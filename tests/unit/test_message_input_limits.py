@@ -695,3 +695,191 @@ def test_a_long_subject_of_encoded_words_only_reads_as_the_stdlib_reads_it(
     assert _folded(joined) == _folded(whole)
     prepared = prepare(_compat32_message("Subject", written), now=NOW)  # type: ignore[arg-type]
     assert prepared.subject == text
+
+
+# --- #7 structured fields of a stdlib message are parsed in bounded work ------------------
+
+# (field, unit, what ends the value, the error prepare() raises or None)
+STRUCTURED_SHAPES = [
+    ("To", "a =?", "", InvalidAddress),  # encoded-word starts that never end
+    ("To", "=?x?q? ", "", InvalidAddress),  # encoded-word fragments
+    ("Cc", "(a) ", "b@example.org", None),  # comments around a valid address
+    ("To", "=?utf-8?q?a?= <x@example.org>, ", "b@example.org", None),  # a real long list
+    ("Content-Type", "a; ", "", InvalidHeaderValue),  # empty parameters
+    ("Content-Type", "a =?", "", InvalidHeaderValue),
+    ("Content-Disposition", "a; ", "", InvalidHeaderValue),
+    ("Content-Disposition", "a =?", "", InvalidHeaderValue),
+    ("Content-Transfer-Encoding", "a =?", "", InvalidHeaderValue),
+    ("MIME-Version", "(a) ", "1.0", InvalidHeaderValue),
+    ("Message-ID", "a =?", "", InvalidHeaderValue),  # as the raw input's check says
+]
+
+
+def _compat32_part_message(field: str, value: str) -> object:
+    """A multipart whose one part holds the field: an attached entity's fields are
+    carried, not read as the message's own."""
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
+    message = MIMEMultipart()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    part = MIMEText("body")
+    if field.lower() in part:
+        del part[field]
+    part[field] = value
+    message.attach(part)
+    return message
+
+
+def _structured_message(field: str, value: str, *, in_part: bool) -> object:
+    if in_part:
+        return _compat32_part_message(field, value)
+    message = _compat32_message(field, value)
+    if field.lower() in ("content-type", "content-transfer-encoding", "mime-version"):
+        # MIMEText has its own: the one given replaces it.
+        del message[field]  # type: ignore[attr-defined]
+        message[field] = value  # type: ignore[index]
+    return message
+
+
+@pytest.mark.parametrize("in_part", [False, True], ids=["message", "part"])
+@pytest.mark.parametrize(("field", "unit", "end", "error"), STRUCTURED_SHAPES)
+def test_a_stdlib_message_structured_field_is_parsed_in_work_linear_in_its_length(
+    field: str,
+    unit: str,
+    end: str,
+    error: type[InvalidMessage] | None,
+    in_part: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Input audit #7: a compat32 message's raw structured value (an address list,
+    Content-Type, Content-Disposition, Message-ID) was parsed whole by the stdlib's
+    structured parsers, which copy the rest of the value at every token: to check what it
+    decodes to, and again by the writer to refold it (and by ``get_content_type()``).
+    60 KB cost 1.5 to 5 s of CPU per prepare(). Address lists and a Message-ID are now
+    read by our linear parsers first; a field only the stdlib reads is refused past
+    MAX_STRUCTURED_TOKENS. Doubling the value now at most doubles the parser's work."""
+    if in_part and field in ("To", "Cc"):
+        # An attached entity's address field is carried: one we cannot read is bounded.
+        error = None if end else InvalidHeaderValue
+    work = _parser_work(monkeypatch)
+    done = []
+    per_line = max(1, 500 // len(unit))
+    for size in (8_000, 16_000):
+        # Folded between units, as a writer folds: white space inside an addr-spec is not.
+        units = size // len(unit)
+        lines = [unit * min(per_line, units - at) for at in range(0, units, per_line)]
+        work[0] = 0
+        message = _structured_message(field, "\r\n ".join(lines) + end, in_part=in_part)
+        raised: InvalidMessage | None = None
+        try:
+            prepare(message, now=NOW)  # type: ignore[arg-type]
+        except InvalidMessage as exc:
+            raised = exc
+        done.append(work[0])
+    small, large = done
+    assert large <= 2 * small + 1_000_000, done
+    # For the larger one; the smaller is alike.
+    assert (raised is None) if error is None else (type(raised) is error), raised
+    if isinstance(raised, InvalidHeaderValue):
+        assert raised.header == field
+
+
+def test_a_large_address_list_reads_as_the_stdlib_reads_it() -> None:
+    """Input audit #7: a Cc of 1,000 RFC 2047 display names (~50 KB), past the bound on
+    what the stdlib parses, is read by our parser and written by our folder: every
+    recipient is kept, and the written field reads as the stdlib reads the given one."""
+    import email
+    from email import policy
+    from email.header import Header
+
+    names = ", ".join(
+        f"{Header(f'Grüße Nr. {i}', 'utf-8').encode()} <u{i}@example.org>" for i in range(1000)
+    )
+    message = _compat32_message("Cc", names)
+    del message["To"]  # type: ignore[attr-defined]
+    prepared = prepare(message, now=NOW)  # type: ignore[arg-type]
+    assert len(prepared.recipients) == 1000
+    written = email.message_from_bytes(prepared.data, policy=policy.default)["Cc"]
+    given = email.message_from_string(f"Cc: {names}\n\n", policy=policy.default)["Cc"]
+    assert [str(a) for a in written.addresses] == [str(a) for a in given.addresses]
+    assert written.addresses[7].display_name == "Grüße Nr. 7"
+
+
+def test_a_structured_field_past_the_token_bound_is_refused_by_name() -> None:
+    """Input audit #7: a Content-Type only the stdlib reads, of more tokens than
+    MAX_STRUCTURED_TOKENS (1,000: RFC 2045 sets no bound on parameters, real values have a
+    few dozen), is InvalidHeaderValue naming the field; one within it is written."""
+    import email
+
+    from mailstrom.message.bounds import MAX_STRUCTURED_TOKENS
+
+    def message(parameters: int) -> object:
+        # "text/plain" is 3 tokens, each "; pN=v" 5 more.
+        value = "text/plain" + "".join(f"; p{n}=v" for n in range(parameters))
+        return _structured_message("Content-Type", value, in_part=False)
+
+    within = (MAX_STRUCTURED_TOKENS - 3) // 5
+    written = prepare(message(within), now=NOW).data  # type: ignore[arg-type]
+    assert email.message_from_bytes(written).get_param(f"p{within - 1}") == "v"
+    refused = "Content-Type header has more than 1000 tokens"
+    with pytest.raises(InvalidHeaderValue, match=refused) as caught:
+        prepare(message(within + 1), now=NOW)  # type: ignore[arg-type]
+    assert caught.value.header == "Content-Type"
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        "=?utf-8?q?=0D=0AX-Injected=3A_1?=",
+        "=?utf-8?b?DQpYLUluamVjdGVkOiAx?=",
+        "=?utf-7?q?+AA0ACg-?=",  # a charset that writes CR LF without their octets
+    ],
+)
+@pytest.mark.parametrize("where", ["display name", "quoted string"])
+def test_a_long_address_list_with_a_word_decoding_to_a_line_break_is_refused(
+    word: str, where: str
+) -> None:
+    """Input audit #7: past the token bound an address list is not handed to the
+    stdlib's parser to see what it decodes to; every encoded word the stdlib could read
+    in it is decoded on its own, and one that decodes to CR or LF is refused as
+    before (the stdlib decodes one inside a quoted string too)."""
+    from mailstrom.errors import HeaderInjection
+
+    name = word if where == "display name" else f'"x {word} y"'
+    boxes = [f"u{n} <u{n}@example.org>" for n in range(300)]
+    boxes.insert(150, f"{name} <v@example.org>")
+    with pytest.raises(HeaderInjection):
+        prepare(_compat32_message("To", ", ".join(boxes)), now=NOW)  # type: ignore[arg-type]
+
+
+def test_encoded_words_are_found_wherever_the_stdlib_decodes_them() -> None:
+    """Input audit #7: the linear search for encoded words that decode to a line break
+    (what an address list past the token bound is checked with) finds one in every value
+    whose reading by the stdlib's parser holds CR or LF: in a display name, a quoted
+    string, with white space inside, or ended by a second "?=" after "=XX"."""
+    from email.headerregistry import HeaderRegistry
+
+    from mailstrom.errors import HeaderInjection
+    from mailstrom.message import trees
+
+    atoms = [
+        "=?utf-8?q?=0A?=", "=?utf-8?q?a=0D?=", "=?utf-8?b?Cg==?=", "=?utf-8?q?", "=0A",
+        "?=", "=?", "?", "=", '"', " ", "a", "<b@example.org>", ",", "(", ")", "\\",
+        "=?utf-8?q?=0", "A?=", "@", "=?x?q?=0A?=", "q?", "=?utf-7?q?+AAo-?=", ":", ";",
+    ]  # fmt: skip
+    stdlib = HeaderRegistry()
+    generator = random.Random(7)
+    found = 0
+    for _ in range(3000):
+        value = "".join(generator.choices(atoms, k=generator.randint(1, 12)))
+        try:
+            decoded = str(stdlib("To", value))
+        except Exception:
+            continue
+        if "\r" in decoded or "\n" in decoded:
+            found += 1
+            with pytest.raises(HeaderInjection):
+                trees._check_encoded_words("To", value)
+    assert found > 20  # the values did hold such words

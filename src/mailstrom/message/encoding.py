@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import io
 import re
+import sys
 from email import base64mime, quoprimime
 from email.generator import BytesGenerator
 from email.header import Header
@@ -16,12 +17,14 @@ from typing import Any
 from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
 from mailstrom.message import mime
 from mailstrom.message.addresses import (
+    ADDRESS_FIELDS,
     DROPPED_FIELDS,
     EXTRA_ADDRESS_FIELDS,
     extra_field,
     format_address_field,
     parse_address_list,
 )
+from mailstrom.message.bounds import structured_tokens
 from mailstrom.message.chars import shorten
 from mailstrom.message.policies import HEADER_FACTORY
 from mailstrom.message.words import unstructured_field
@@ -335,7 +338,7 @@ class _SMTPPolicy(EmailPolicy):
             return None
         text = str(value)  # a header object: its decoded text
         if text.isascii():
-            return None
+            return self._long_address_list(name, value)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # undecodable octets (surrogates): the stdlib's way
@@ -356,6 +359,32 @@ class _SMTPPolicy(EmailPolicy):
         else:
             return None
         return folded.replace("\r\n", self.linesep) + self.linesep
+
+    def _long_address_list(self, name: str, value: Any) -> str | None:
+        """An ASCII raw address list the stdlib would refold (a line over the length)
+        folded as the builder folds it, when it has more tokens than the stdlib parses in
+        bounded work (:data:`~mailstrom.message.bounds.MAX_STRUCTURED_TOKENS`) and our
+        parser reads it; else None. ``check_entity_headers`` refused any other such field
+        but an attached message's address field our parser cannot read."""
+        if isinstance(value, BaseHeader) or name.lower() not in ADDRESS_FIELDS:
+            return None
+        lines = str(value).splitlines()
+        if not self._refolds(name, lines) or structured_tokens(str(value)) is None:
+            return None
+        try:
+            groups = parse_address_list(name, "".join(lines))
+        except MailstromError:
+            return None
+        folded = format_address_field(name, groups, utf8=self.utf8)
+        return folded.replace("\r\n", self.linesep) + self.linesep
+
+    def _refolds(self, name: str, lines: list[str]) -> bool:
+        """Whether the stdlib's policy refolds a raw value of these lines
+        (``EmailPolicy._fold`` with ``refold_source="long"``)."""
+        limit = self.max_line_length or sys.maxsize
+        return bool(lines) and (
+            len(lines[0]) + len(name) + 2 > limit or any(len(line) > limit for line in lines[1:])
+        )
 
     def _encoded(self, name: str, value: Any) -> Any:
         if isinstance(value, Header):

@@ -18,9 +18,13 @@ can break a line so that the rest reads as a field of its own.
 
 from __future__ import annotations
 
+import bisect
 import re
+import string
 from collections.abc import Iterable, Iterator
-from email.headerregistry import AddressHeader
+from email._header_value_parser import get_encoded_word
+from email.errors import HeaderParseError
+from email.headerregistry import AddressHeader, DateHeader, UnstructuredHeader
 from email.message import Message
 from typing import NoReturn, cast
 
@@ -36,12 +40,15 @@ from mailstrom.message.bounds import (
     MAX_HEADER_FIELDS,
     MAX_HEADER_SECTION,
     MAX_PARTS,
+    MAX_STRUCTURED_TOKENS,
     section_too_long,
+    structured_tokens,
     too_many_fields,
     too_many_parts,
 )
 from mailstrom.message.chars import check_other_line_breaks, shorten
 from mailstrom.message.headers import check_field_name, check_field_size
+from mailstrom.message.identification import check_message_id
 from mailstrom.message.policies import HEADER_FACTORY
 
 _PARAMETERISED = frozenset({"content-type", "content-disposition"})
@@ -87,6 +94,7 @@ def check_entity_headers(message: Message) -> bool:
                     # fold them.
                     _check_folding(name, text)
                     check_other_line_breaks(name, text)
+                    _check_structured(name, text, top=part is message)
                     _check_decoded(name, text)
                 if name.lower() in _PARAMETERISED:
                     _check_parameter_names(name, raw_value, text)
@@ -166,6 +174,51 @@ def _check_folding(name: str, value: str) -> None:
         raise HeaderInjection(f"{name} header value contains a bare CR: {value!r}", header=name)
 
 
+def _check_structured(name: str, value: str, *, top: bool) -> None:
+    """Refuse a raw structured value of over :data:`MAX_STRUCTURED_TOKENS` tokens that the
+    stdlib would parse, in work growing with their number times the length, and ours
+    cannot read: an address list is read by our linear parser instead
+    (:func:`_own_reading`), and refused as it refuses it."""
+    if not _parsed_as_structured(name):
+        return
+    count = structured_tokens(value)
+    if count is None or _own_reading(name, value, top=top):
+        return
+    raise InvalidHeaderValue(
+        f"the {name} header has more than {MAX_STRUCTURED_TOKENS} tokens (words, special "
+        f"characters, runs of white space); real ones have a few dozen: {shorten(value)}",
+        header=name,
+    )
+
+
+def _parsed_as_structured(name: str) -> bool:
+    """Whether the stdlib's parser reads the field ``name`` as structured: unstructured
+    text (mailstrom.message.unstructured) and dates (``parsedate_tz``) are read in linear
+    work."""
+    return not issubclass(HEADER_FACTORY[name], (UnstructuredHeader, DateHeader))
+
+
+def _own_reading(name: str, value: str, *, top: bool) -> bool:
+    """Whether our linear parser reads ``value``, an address list (the writer then folds
+    it as the builder does, see ``encoding._SMTPPolicy``). At the top level a value it
+    cannot read is refused as it refuses it, and so is a Message-ID that is no msg-id:
+    the message would be refused for them after the writer anyway."""
+    key = name.lower()
+    if key in ADDRESS_FIELDS:
+        try:
+            parse_address_list(name, "".join(value.splitlines()))
+        except InvalidMessage:
+            if top:
+                raise
+            return False  # an attached message's field is carried, not read
+        return True
+    if key == "message-id" and top:
+        # Refused as raw input's check refuses it; a valid one is still bounded: the
+        # stdlib's writer parses it (real ones are a few dozen tokens).
+        check_message_id("".join(value.splitlines()))
+    return False
+
+
 def _check_decoded(name: str, value: str) -> None:
     """Refuse a raw value that decodes to CR or LF: an RFC 2047 word in it, or an RFC 2231
     parameter (``filename*=utf-8''%0D%0AX-Injected%3A%201``).
@@ -178,6 +231,10 @@ def _check_decoded(name: str, value: str) -> None:
     """
     if "=?" not in value and ("%" not in value or name.lower() not in _PARAMETERISED):
         return
+    if _parsed_as_structured(name) and structured_tokens(value) is not None:
+        # Read by our own parser (_check_structured), not to be handed to the stdlib's.
+        _check_encoded_words(name, "".join(value.splitlines()))
+        return
     try:
         decoded = str(HEADER_FACTORY(name, "".join(value.splitlines())))
     except Exception:
@@ -188,6 +245,48 @@ def _check_decoded(name: str, value: str) -> None:
             f"line break: {shorten(value)}",
             header=name,
         )
+
+
+def _check_encoded_words(name: str, value: str) -> None:
+    """Refuse ``value`` if any encoded word the stdlib's parser could read in it decodes to
+    CR or LF, wherever it stands, in work linear in the length.
+
+    The parser takes an encoded word at a "=?" as ``get_encoded_word`` does: to the first
+    "?=" after it, or to the second when two hex digits follow the first and the word had
+    fewer than two "?"; only a word with exactly two "?" inside decodes. The "?" of each
+    "=?" inside one counts among them: at most two others start within it, so each
+    character is decoded a few times at most."""
+    opens = [match.start() for match in re.finditer(r"=\?", value)]
+    if not opens:
+        return
+    closes = [match.start() for match in re.finditer(r"\?=", value)]
+    marks = [match.start() for match in re.finditer(r"\?", value)]
+    for start in opens:
+        body = start + 2
+        first = bisect.bisect_left(closes, body)
+        if first == len(closes):
+            return  # nor after any later "=?"
+        end = closes[first]
+        after = value[end + 2 : end + 4]
+        questions = bisect.bisect_left(marks, end) - bisect.bisect_left(marks, body)
+        if len(after) == 2 and all(c in string.hexdigits for c in after) and questions < 2:
+            second = bisect.bisect_left(closes, end + 2)
+            end = closes[second] if second < len(closes) else len(value)
+            questions = bisect.bisect_left(marks, end) - bisect.bisect_left(marks, body)
+        if questions != 2:
+            continue  # _ew.decode() cannot split it: no encoded word
+        try:
+            # Read alone, the word ends at the same "?=": no other is inside it but one
+            # followed by hex digits, which the parser reads past as it did.
+            text = str(get_encoded_word(f"=?{value[body:end]}?=")[0])
+        except HeaderParseError:
+            continue  # nor can the parser decode it
+        if "\r" in text or "\n" in text:
+            raise HeaderInjection(
+                f"{name} header value holds an encoded word that decodes to a line "
+                f"break: {shorten(value)}",
+                header=name,
+            )
 
 
 MAX_PARAMETER_NAME = 40
