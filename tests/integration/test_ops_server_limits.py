@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -113,3 +113,36 @@ def test_a_request_head_past_the_limit_is_a_431(patient: OpsServer) -> None:
             answer += chunk
     assert answer.startswith(b"HTTP/1.0 431 "), answer[:100]
     assert f"over {MAX_REQUEST_HEAD} bytes".encode() in answer
+
+
+def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> None:
+    """A worker stopping (or a test ending) closes its server: a client half-way through
+    its request must not keep a connection and a thread of a closed server until the
+    request deadline (30 s here)."""
+    server = _serve(request_timeout=30.0)
+    before = set(threading.enumerate())
+
+    def handlers() -> set[threading.Thread]:
+        # The stdlib names each "Thread-N (process_request_thread)".
+        new = set(threading.enumerate()) - before
+        return {thread for thread in new if "process_request_thread" in thread.name}
+
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        # Accepted, with a thread of its own (not left in the listen backlog, which the
+        # listening socket's close would reset anyway).
+        assert _wait_for(lambda: len(handlers()) == 1)
+        handler = handlers().pop()
+        server.close()
+        assert hung_up(sock)
+    handler.join(5)  # ends at once; otherwise it would wait out the 30 s deadline
+    assert not handler.is_alive()
+
+
+def _wait_for(condition: Callable[[], bool], limit: float = 5.0) -> bool:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

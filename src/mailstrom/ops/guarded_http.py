@@ -72,7 +72,9 @@ class GuardedHTTPServer(ThreadingHTTPServer):
     module's docstring). Its handler must be a :class:`GuardedRequestHandler`."""
 
     daemon_threads = True  # a handler stuck writing must not hold up the worker's exit
-    block_on_close = False  # close() does not wait for handlers (each ends by its deadline)
+    # server_close() hangs up on the handlers' connections and waits for them itself,
+    # boundedly: the stdlib's join would wait out each one's request deadline.
+    block_on_close = False
     # The listen backlog: connections not accepted yet wait there, costing no thread. The
     # stdlib's 5 drops a burst's connection attempts (retried by the client 1 s later).
     request_queue_size = 128
@@ -89,13 +91,16 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         # bind ("Address family for hostname not supported").
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self._slots = threading.Condition()
         self._handlers = 0
         # Connections whose request has not arrived yet, oldest first (dicts keep order).
         self._waiting: dict[socket.socket, None] = {}
+        # Every connection a handler thread serves, for server_close() to hang up on.
+        self._open: set[socket.socket] = set()
+        # Last: it calls server_close() when it cannot bind.
+        super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._slots:
@@ -123,6 +128,16 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         with self._slots:
             return self._waiting.pop(request, False) is None
 
+    def server_close(self) -> None:
+        """Close the listening socket, hang up on every connection still served and wait
+        (at most :data:`EVICTION_WAIT`) for their threads to end: a closed server keeps
+        no client connected nor a thread of its own until the request deadline."""
+        super().server_close()
+        with self._slots:
+            for sock in self._open:
+                _hang_up(sock)
+            self._slots.wait_for(lambda: self._handlers == 0, EVICTION_WAIT)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The stdlib prints a traceback on stderr, also for every client that hangs up
         # early (or is displaced) before its answer is written: that is no news.
@@ -145,13 +160,15 @@ class GuardedHTTPServer(ThreadingHTTPServer):
                 return False
         self._handlers += 1
         self._waiting[request] = None
+        self._open.add(request)
         return True
 
     def _free_slot(self, request: socket.socket) -> None:
         with self._slots:
             self._waiting.pop(request, None)
+            self._open.discard(request)
             self._handlers -= 1
-            self._slots.notify()
+            self._slots.notify_all()  # a newcomer waiting for a slot, or server_close()
 
 
 class GuardedRequestHandler(BaseHTTPRequestHandler):

@@ -257,7 +257,8 @@ class OpsServer:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
+        """Stop serving, close the socket and hang up on connections still open, whose
+        threads end with them (idempotent)."""
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._thread.join(5.0)
