@@ -143,7 +143,8 @@ class _Ping:
 
 
 class OpsServer:
-    """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a thread.
+    """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a thread,
+    to GET and HEAD.
 
     >>> server = OpsServer("127.0.0.1", 9466, snapshot=ms.metrics, health=check)  # doctest: +SKIP
     >>> server.start(); ...; server.close()  # doctest: +SKIP
@@ -202,6 +203,14 @@ class OpsServer:
             on_loopback = True  # set from the address bound, below
 
             def do_GET(self) -> None:
+                self._answer()
+
+            def do_HEAD(self) -> None:
+                # What GET would answer, its health check and Content-Length included,
+                # without the body (RFC 9110 §9.3.2): probes and checkers use HEAD.
+                self._answer()
+
+            def _answer(self) -> None:
                 hosts = self.headers.get_all("Host") or []
                 if len(hosts) > 1 or (not hosts and self.request_version >= "HTTP/1.1"):
                     # RFC 9112 §3.2: 400, not a guess at which one (a proxy may take
@@ -228,7 +237,8 @@ class OpsServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # a scrape every few seconds is not worth a log line

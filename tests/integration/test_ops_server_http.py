@@ -1,0 +1,53 @@
+"""The /metrics and /healthz server as HTTP: the methods it answers, and how (RFC 9110),
+asked over raw sockets on loopback as a probe, a load balancer or a scraper would."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from mailstrom.ops.server import Health, OpsServer
+from mailstrom.status import MetricsSnapshot, WorkerStatus
+
+
+@pytest.fixture
+def server() -> Iterator[OpsServer]:
+    served = OpsServer(
+        "127.0.0.1",
+        0,
+        snapshot=lambda: MetricsSnapshot(worker=WorkerStatus(running=True)),
+        health=lambda: Health(ok=False, details={"status": "fail"}),
+    )
+    served.start()
+    yield served
+    served.close()
+
+
+def _ask(server: OpsServer, method: str, path: str) -> tuple[bytes, dict[str, str], bytes]:
+    """The status line, headers (lower-case names) and body of one request."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz"])
+def test_head_answers_as_get_does_without_the_body(server: OpsServer, path: str) -> None:
+    """RFC 9110 §9.1: every general-purpose server supports GET and HEAD (uptime checkers
+    and load balancers probe with HEAD)."""
+    get_status, get_headers, get_body = _ask(server, "GET", path)
+    head_status, head_headers, head_body = _ask(server, "HEAD", path)
+    assert head_status == get_status
+    assert head_headers["content-type"] == get_headers["content-type"]
+    assert head_headers["content-length"] == str(len(get_body))
+    assert head_body == b""
