@@ -15,7 +15,10 @@ import pytest
 
 from mailstrom.ops.guarded_http import MAX_REQUEST_HEAD
 from mailstrom.ops.server import Health, OpsServer
-from mailstrom.status import MetricsSnapshot, WorkerStatus
+from mailstrom.runtime.metrics import QueueStatsCache
+from mailstrom.status import MetricsSnapshot, QueueStats, WorkerStatus
+from mailstrom.stores import MemoryStore
+from tests.support.ops_http import healthz, scrape
 from tests.support.slow_clients import connect, cut_off_after, hung_up
 
 LIMIT = 3
@@ -137,6 +140,61 @@ def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> No
         assert hung_up(sock)
     handler.join(5)  # ends at once; otherwise it would wait out the 30 s deadline
     assert not handler.is_alive()
+
+
+class _StuckStore(MemoryStore):
+    """A store whose queue count does not answer until released (a PostgreSQL server
+    cut off by the network: the read waits up to TCP's own timeout, a minute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = threading.Event()
+        self.released = threading.Event()
+
+    def stats(self) -> QueueStats:
+        self.counting.set()
+        self.released.wait(60)
+        return super().stats()
+
+
+def test_a_store_stuck_counting_the_queue_holds_one_scrape_not_every_slot() -> None:
+    """Every scrape waited for the one stuck reading the queue's counts: a few scrapes
+    (Prometheus retries every 15 s) took every slot, and /healthz, which bounds its own
+    store check to 3 s, was refused with them."""
+    store = _StuckStore()
+    cache = QueueStatsCache(store, max_age=0)
+
+    def snapshot() -> MetricsSnapshot:
+        stats, read_at = cache.get()
+        return MetricsSnapshot(
+            worker=WorkerStatus(running=True),
+            queue=stats,
+            queue_read_at=read_at,
+            workers=cache.workers(),
+        )
+
+    server = OpsServer(
+        "127.0.0.1",
+        0,
+        snapshot=snapshot,
+        health=lambda: Health(ok=True, details={"status": "ok"}),
+        max_connections=LIMIT,
+        request_timeout=30.0,
+    )
+    server.start()
+    stuck = threading.Thread(target=scrape, args=(server.url,))
+    try:
+        stuck.start()
+        assert store.counting.wait(5)
+        for _ in range(LIMIT):
+            samples = scrape(server.url)  # without the queue's families: not read yet
+            assert ("mailstrom_worker_up", ()) in samples
+            assert not any(name.startswith("mailstrom_queue_") for name, _ in samples)
+        assert healthz(server.url) == (200, {"status": "ok"})
+    finally:
+        store.released.set()
+        stuck.join(10)
+        server.close()
 
 
 def _wait_for(condition: Callable[[], bool], limit: float = 5.0) -> bool:

@@ -134,41 +134,54 @@ class QueueStatsCache:
     index scan on SQLite, see benchmarks/README.md), so scrapes and ``metrics()`` callers
     share one reading. A failing store gives None (and its error in :attr:`error`) rather
     than an exception: a metrics scrape should report the trouble, not fail with it.
+
+    One caller reads at a time; a caller that comes while another reads takes the last
+    reading (None before the first) at once rather than wait for it: a store that does
+    not answer (a PostgreSQL server cut off by the network holds a read up to TCP's
+    timeout, a minute) then holds the one reader, not every scrape behind it, which
+    took every thread of the metrics server and refused ``/healthz`` with them.
     """
 
     def __init__(self, store: Store, *, max_age: float = 5.0) -> None:
         self._store = store
         self._max_age = max_age
         self._lock = threading.Lock()
-        self._stats: QueueStats | None = None
-        self._read_at: datetime | None = None
+        # The counts with their time, one value: a caller that does not wait for the
+        # reader sees the last reading or the new one, never half of each.
+        self._reading: tuple[QueueStats | None, datetime | None] = (None, None)
         self._workers: int | None = None
         self._read_mono = -math.inf
         self.error: str | None = None
 
     def get(self) -> tuple[QueueStats | None, datetime | None]:
         """The queue's counts and when they were read (None, None if never read)."""
-        with self._lock:  # one reader at a time; the others use its result
-            self._refresh()
-            return self._stats, self._read_at
+        self._refresh()
+        return self._reading
 
     def workers(self) -> int | None:
         """How many workers run on the store, read with the counts (None when the store
         cannot tell which run, or failed to)."""
-        with self._lock:
-            self._refresh()
-            return self._workers
+        self._refresh()
+        return self._workers
 
     def _refresh(self) -> None:
         if time.monotonic() - self._read_mono < self._max_age:
             return
+        if not self._lock.acquire(blocking=False):
+            return  # another caller reads: take the last reading
+        try:
+            if time.monotonic() - self._read_mono >= self._max_age:  # not read meanwhile
+                self._read()
+        finally:
+            self._lock.release()
+
+    def _read(self) -> None:
         self._read_mono = time.monotonic()
         try:
-            self._stats = self._store.stats()
-            self._read_at = datetime.now(UTC)
+            self._reading = (self._store.stats(), datetime.now(UTC))
             self.error = None
         except StoreError as exc:
-            self._stats, self._read_at = None, None
+            self._reading = (None, None)
             self.error = str(exc)
         live = live_workers(self._store)
         self._workers = None if live is None else len(live)
