@@ -51,3 +51,19 @@ def test_head_answers_as_get_does_without_the_body(server: OpsServer, path: str)
     assert head_headers["content-type"] == get_headers["content-type"]
     assert head_headers["content-length"] == str(len(get_body))
     assert head_body == b""
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_a_method_it_knows_but_does_not_serve_is_a_405_naming_get_and_head(
+    server: OpsServer, method: str
+) -> None:
+    """RFC 9110 §15.5.6: a method the server knows but the resource does not take is a
+    405 with an Allow header, not a 501 (which says the server knows no such method)."""
+    status, headers, _ = _ask(server, method, "/metrics")
+    assert status.startswith(b"HTTP/1.0 405 "), status
+    assert headers["allow"] == "GET, HEAD"
+
+
+def test_an_unknown_method_is_a_501(server: OpsServer) -> None:
+    status, _, _ = _ask(server, "BREW", "/metrics")
+    assert status.startswith(b"HTTP/1.0 501 "), status

@@ -210,6 +210,14 @@ class OpsServer:
                 # without the body (RFC 9110 §9.3.2): probes and checkers use HEAD.
                 self._answer()
 
+            def _not_allowed(self) -> None:
+                # A method HTTP defines but these pages do not take: 405 and what they
+                # take (RFC 9110 §15.5.6), not the stdlib's 501 "no such method".
+                self._send(405, "text/plain", b"only GET and HEAD\n", allow="GET, HEAD")
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
+            do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
             def _answer(self) -> None:
                 hosts = self.headers.get_all("Host") or []
                 if len(hosts) > 1 or (not hosts and self.request_version >= "HTTP/1.1"):
@@ -231,8 +239,12 @@ class OpsServer:
                     code, content_type, body = 500, "text/plain", b"internal error\n"
                 self._send(code, content_type, body)
 
-            def _send(self, code: int, content_type: str, body: bytes) -> None:
+            def _send(
+                self, code: int, content_type: str, body: bytes, allow: str | None = None
+            ) -> None:
                 self.send_response(code)
+                if allow is not None:
+                    self.send_header("Allow", allow)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
