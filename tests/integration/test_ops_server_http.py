@@ -67,3 +67,26 @@ def test_a_method_it_knows_but_does_not_serve_is_a_405_naming_get_and_head(
 def test_an_unknown_method_is_a_501(server: OpsServer) -> None:
     status, _, _ = _ask(server, "BREW", "/metrics")
     assert status.startswith(b"HTTP/1.0 501 "), status
+
+
+def test_an_absolute_form_target_is_answered_as_its_path(server: OpsServer) -> None:
+    """RFC 9112 §3.2.2: a server MUST accept ``GET http://host:port/path`` (what a client
+    sends when it takes the server for a proxy); it was a 404."""
+    origin_form, _, _ = _ask(server, "GET", "/healthz")
+    absolute_form, _, _ = _ask(server, "GET", f"http://127.0.0.1:{server.port}/healthz?x=1")
+    assert absolute_form == origin_form == b"HTTP/1.0 503 Service Unavailable"
+
+
+def test_an_absolute_form_target_naming_another_host_is_refused_on_loopback(
+    server: OpsServer,
+) -> None:
+    """The target's host is the one the request names (RFC 9112 §3.2.2: the server
+    ignores Host then), so the loopback check reads it."""
+    status, _, body = _ask(server, "GET", "http://rebound.example/healthz")
+    assert status.startswith(b"HTTP/1.0 400 "), status
+    assert b"loopback" in body
+
+
+def test_a_malformed_absolute_form_target_is_a_404(server: OpsServer) -> None:
+    status, _, _ = _ask(server, "GET", "http://[::1/healthz")
+    assert status.startswith(b"HTTP/1.0 404 "), status

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mailstrom.errors import ConfigError
 from mailstrom.loopback import is_loopback, names_loopback
@@ -225,10 +226,12 @@ class OpsServer:
                     # another than the check below would).
                     self._send(400, "text/plain", b"a request needs one Host header\n")
                     return
-                if self.on_loopback and not names_loopback(hosts[0] if hosts else None):
+                authority, path = split_target(self.path)
+                named = authority if authority is not None else hosts[0] if hosts else None
+                if self.on_loopback and not names_loopback(named):
                     self._send(400, "text/plain", b"ask by a loopback name: Host: 127.0.0.1\n")
                     return
-                route = routes.get(self.path.partition("?")[0])
+                route = routes.get(path)
                 if route is None:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
                     return
@@ -285,6 +288,26 @@ class OpsServer:
             self._httpd.shutdown()
             self._thread.join(5.0)
         self._httpd.server_close()
+
+
+def split_target(target: str) -> tuple[str | None, str]:
+    """A request-target's authority (None in the usual origin-form, ``/path?query``) and
+    path. RFC 9112 §3.2.2 has a server accept the absolute-form too,
+    ``http://host:port/path`` (a client that takes it for a proxy sends it), and take the
+    host from there, not from ``Host``.
+
+    >>> split_target("/metrics?x=1"), split_target("http://127.0.0.1:9466/healthz")
+    ((None, '/metrics'), ('127.0.0.1:9466', '/healthz'))
+    """
+    if target.startswith("/"):
+        return None, target.partition("?")[0]
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "http://[::1/": an unclosed IPv6 address
+        return None, target
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None, target  # "*" or a stranger form: no such page
+    return parts.netloc, parts.path or "/"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
