@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -69,6 +72,35 @@ def test_counts_and_histograms() -> None:
     assert delivered.cumulative()[-1] == (float("inf"), 2)
     assert snap.queue_delay is not None
     assert (snap.queue_delay.count, snap.queue_delay.sum) == (2, 180.0)
+
+
+def test_a_snapshot_taken_while_the_loop_counts_a_new_outcome_does_not_fail() -> None:
+    """The worker's loop counts results while a scrape's thread takes a snapshot: the
+    loop's first result of an outcome adds a histogram, and a snapshot iterating the
+    histograms at that moment failed ("dictionary changed size during iteration"),
+    failing the scrape (500) or the application's ``ms.metrics()``.
+
+    The interleaving is made exact: a trace function runs the loop's ``observe`` in the
+    middle of the snapshot, where a thread switch can put it."""
+    m = MetricsRecorder()
+    m.observe(result())
+    injected = False
+
+    def loop_runs_now(frame: FrameType, event: str, arg: object) -> Any:
+        # At the first histogram's freeze(): half-way through the histograms.
+        nonlocal injected
+        if event == "call" and frame.f_code.co_name == "freeze" and not injected:
+            injected = True
+            m.observe(result(state=RecipientState.DEFERRED))
+        return None
+
+    sys.settrace(loop_runs_now)
+    try:
+        snap = m.snapshot()
+    finally:
+        sys.settrace(None)
+    assert injected
+    assert "delivered" in snap.attempt_duration
 
 
 def test_reason_class_labels_are_bounded() -> None:

@@ -118,7 +118,9 @@ class MetricsRecorder:
         return WorkerMetrics(
             attempts=dict(self._attempts),
             domain_results=dict(self._domain_results),
-            attempt_duration={k: b.freeze() for k, b in self._durations.items()},
+            # list(): one step (no Python code runs in it, so no thread switch), where
+            # iterating the dict itself fails when the loop adds an outcome meanwhile.
+            attempt_duration={k: b.freeze() for k, b in list(self._durations.items())},
             queue_delay=self._queue_delay.freeze(),
             store_errors=self.store_errors,
             ignored_results=self.ignored_results,
