@@ -300,3 +300,14 @@ def test_private_files_are_0600_and_never_replaced(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_private_file(link, b"other")
     assert not (tmp_path / "elsewhere.pem").exists()
+
+
+def test_pem_text_given_as_a_path_is_refused_without_showing_it() -> None:
+    """A PEM pasted as text (a TOML ``private_key = \"\"\"-----BEGIN ...\"\"\"``, an
+    environment variable read in Python) is a str, so a path: the error said the file
+    could not be read, naming the "file" - the whole private key, into logs and terminals."""
+    text = pem(RSA).decode("ascii")
+    with pytest.raises(ConfigError, match="PEM text") as caught:
+        DKIMKey(domain="example.com", selector="s", private_key=text)
+    body = text.splitlines()[1]
+    assert body not in str(caught.value) and "PRIVATE KEY" not in str(caught.value)

@@ -85,7 +85,8 @@ class DKIMKey:
 
     ``private_key`` is the path of a PEM file (PKCS#8 or the traditional RSA form, not
     encrypted) that only its owner may access, or the PEM itself as ``bytes`` (from a
-    secret store, say). The key is loaded and checked here: a missing or unreadable
+    secret store, say); PEM text as a ``str`` is refused, without being shown, as no
+    path. The key is loaded and checked here: a missing or unreadable
     file, a file others can access, a key of the wrong type for ``algorithm``, or an RSA
     key under 1024 or over 4096 bits raises :class:`ConfigError`. The domain is kept as a
     lower-case A-label. ``repr`` never shows key material.
@@ -116,6 +117,7 @@ class DKIMKey:
         if isinstance(self.private_key, bytes | bytearray):
             pem = bytes(self.private_key)
         elif isinstance(self.private_key, str | os.PathLike):
+            _refuse_pem_text(self.private_key, label)
             pem = read_private_file(Path(self.private_key), what=label)
         else:
             raise ConfigError(
@@ -168,6 +170,17 @@ class _Signer:
 
     def __repr__(self) -> str:
         return "<DKIM private key>"
+
+
+def _refuse_pem_text(path: str | os.PathLike[str], label: str) -> None:
+    """Refuse a key pasted as text where a path belongs (a TOML string, an environment
+    variable read in Python): the error for the "file" it names would show the whole
+    private key, in logs and on terminals."""
+    if isinstance(path, str) and "-----BEGIN" in path:
+        raise ConfigError(
+            f"{label}: private_key holds PEM text, not a file path; put the key in a file "
+            "only its owner can read and give its path (from Python, PEM bytes also do)"
+        )
 
 
 def _in_label(value: object) -> str:
