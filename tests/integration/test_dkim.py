@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from mailstrom import Attachment, Email
 from mailstrom.message import prepare
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.dkim import assert_all_fail, assert_all_pass, dual, publish, verify_dkimpy
+from tests.support.dkim import (
+    assert_all_fail,
+    assert_all_pass,
+    dual,
+    publish,
+    signature_tags,
+    verify_dkimpy,
+)
 
 DKIM = dual("example.com", expire=timedelta(days=3))
 NOW = datetime.now(UTC)  # x= must lie ahead of the verifiers' clock
@@ -165,4 +172,26 @@ def test_what_a_mailing_list_adds_keeps_the_signatures(dns: LoopbackDNS) -> None
     data = prepare(FIXED["text"], now=NOW, dkim=DKIM).data  # type: ignore[arg-type]
     for field in LIST_FIELDS:
         data = add_field(data, field, "above")
+    assert_all_pass(data, dns)
+
+
+def test_what_relays_add_keeps_the_signatures(dns: LoopbackDNS) -> None:
+    """Every relay on the way puts a Received field on top, the final one a Return-Path
+    (RFC 5321 §4.4): neither may be signed, even when the input already had some."""
+    raw = (
+        b"Received: from app.example.com by mx.example.com; Mon, 1 Jan 2035 00:00:00 +0000\r\n"
+        b"Return-Path: <old@example.com>\r\n"
+        b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+    )
+    data = prepare(raw, now=NOW, dkim=DKIM).data
+    assert all(
+        name not in tags["h"].split(":")
+        for tags in signature_tags(data)
+        for name in ("received", "return-path")
+    )
+    for field in (
+        b"Received: from mx.example.com by mx.example.org; Mon, 1 Jan 2035 00:00:01 +0000\r\n",
+        b"Return-Path: <bounces@example.com>\r\n",
+    ):
+        data = field + data
     assert_all_pass(data, dns)

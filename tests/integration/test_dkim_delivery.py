@@ -86,11 +86,28 @@ def raw_eight_bit(to: str) -> bytes:
     ).encode()
 
 
+def raw_dot_lines(to: str) -> bytes:
+    # Lines the SMTP session dot-stuffs (RFC 5321 §4.5.2), one a lone dot, and a last line
+    # without a line end, which the session ends: the receiver undoes the one and keeps
+    # the other, and neither may change what was signed.
+    return (
+        "From: Shop <shop@sender.test>\r\n"
+        f"To: {to}\r\n"
+        "Subject: dots\r\n"
+        "\r\n"
+        ".\r\n"
+        "..two dots\r\n"
+        ".leading dot\r\n"
+        "last line"
+    ).encode()
+
+
 MESSAGES: dict[str, Callable[[str], Email | bytes]] = {
     "text": text_message,
     "html+attachments": html_with_attachments,
     "smtputf8": utf8_message,
     "raw 8-bit body": raw_eight_bit,
+    "dot lines, no final line end": raw_dot_lines,
 }
 
 
@@ -137,6 +154,8 @@ def test_signatures_verify_as_received(
         assert "BODY=8BITMIME" not in received.mail_options
     body = received.content[received.content.find(b"\r\n\r\n") :]
     assert body.isascii()  # signed bodies are 7-bit, so no server re-encodes them
+    if shape == "dot lines, no final line end":  # un-stuffed as sent, the line ended
+        assert body == b"\r\n\r\n.\r\n..two dots\r\n.leading dot\r\nlast line\r\n"
     assert_all_pass(received.content, dns_server)
 
 
