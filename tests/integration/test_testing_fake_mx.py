@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import socket
+import sys
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolic
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import FakeMX, capture
 from mailstrom.testing.fakemx import MX_HOST
+from mailstrom.testing.smtp import start_receiving_server, tls_contexts
 from tests.support.delivery import Results
 
 DELIVERED = RecipientState.DELIVERED
@@ -209,3 +214,24 @@ def test_a_wait_on_a_stopped_server_ends_at_once() -> None:
     waiter.join(30)
     assert not waiter.is_alive()
     assert len(outcome) == 1 and "before it was stopped" in outcome[0]
+
+
+def test_a_server_that_cannot_start_leaves_no_loop_thread_or_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiosmtpd left the event loop of a start that failed (here: the port is taken) open,
+    # with its self-pipe sockets: "unclosed event loop" surfaced later, under warnings as
+    # errors, in whichever test the garbage collector happened to run.
+    server_context, _ = tls_contexts("mx.test")
+    unraisable: list[object] = []
+    threads = set(threading.enumerate())
+    with socket.socket() as taken, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ResourceWarning in __del__ becomes unraisable
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+        with pytest.raises(OSError, match="address already in use"):
+            start_receiving_server(server_context, port=taken.getsockname()[1])
+        gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []  # type: ignore[attr-defined]
+    assert set(threading.enumerate()) <= threads

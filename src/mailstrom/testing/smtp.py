@@ -547,6 +547,27 @@ class _Controller(Controller):
         self._live.add(smtp)
         return smtp
 
+    def start(self) -> None:
+        try:
+            super().start()
+        except BaseException:
+            self._clean_up_failed_start()
+            raise
+
+    def _clean_up_failed_start(self) -> None:
+        """End what aiosmtpd leaves of a start that raised: its event loop open (and its
+        self-pipe sockets) when the bind failed, its thread serving when a later step did.
+        Left to the garbage collector, they fail some later test that runs with warnings
+        as errors ("unclosed event loop")."""
+        thread = self._thread
+        if thread is not None:
+            if thread.is_alive():
+                self.loop.call_soon_threadsafe(self.cancel_tasks)  # its thread closes the loop
+            thread.join()
+            self._thread = None
+        if not self.loop.is_closed():
+            self.loop.close()
+
     def _trigger_server(self) -> None:
         server = cast(asyncio.Server, self.server)
         self.port = server.sockets[0].getsockname()[1]
