@@ -203,6 +203,24 @@ def test_lazy_names_match_the_type_checking_imports(package: str) -> None:
         assert value is getattr(importlib.import_module(where), name), name
 
 
+def test_the_test_kit_loads_no_server_library_until_one_is_used() -> None:
+    # capture() must work without the ``testing`` extra: its servers' libraries wait.
+    modules = loaded_after("import mailstrom.testing\nfrom mailstrom.testing import capture")
+    assert heavy_in(modules) == []
+    assert "trustme" not in modules
+
+
+def test_the_test_kit_lists_every_public_name() -> None:
+    # Its lazily imported servers were missing from dir(mailstrom.testing) (and so from
+    # completion in a shell or an editor) until something had used them.
+    code = (
+        "import mailstrom.testing as p\n"
+        "assert set(p.__all__) <= set(dir(p)), sorted(set(p.__all__) - set(dir(p)))\n"
+        "assert 'aiosmtpd' not in __import__('sys').modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_prepare_is_the_function_whatever_was_imported_first() -> None:
     # The function's module has its own name (`preparation`), so importing it first, or
     # any other submodule of the lazy package, cannot put a module where `prepare` is.

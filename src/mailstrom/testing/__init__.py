@@ -21,9 +21,9 @@ are importable too, for tests that need more than :class:`FakeMX` scripts.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mailstrom._lazy import lazy_exports
 from mailstrom.testing.outbox import CapturedMessage, Outbox, capture
 
 if TYPE_CHECKING:
@@ -43,17 +43,11 @@ __all__ = [
 ]
 
 # Imported on first use: they need the ``testing`` extra, and capture() must work without.
-_NEEDS_EXTRA = {
-    "FakeMX": "mailstrom.testing.fakemx",
-    "LoopbackDNS": "mailstrom.testing.dns",
-    "ReceivedMessage": "mailstrom.testing.smtp",
-    "ReceivingServer": "mailstrom.testing.smtp",
-    "start_receiving_server": "mailstrom.testing.smtp",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _NEEDS_EXTRA.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "mailstrom.testing.fakemx": ("FakeMX",),
+        "mailstrom.testing.dns": ("LoopbackDNS",),
+        "mailstrom.testing.smtp": ("ReceivedMessage", "ReceivingServer", "start_receiving_server"),
+    },
+)
