@@ -235,3 +235,16 @@ def test_a_server_that_cannot_start_leaves_no_loop_thread_or_socket(
         gc.collect()
     assert [str(u.exc_value) for u in unraisable] == []  # type: ignore[attr-defined]
     assert set(threading.enumerate()) <= threads
+
+
+def test_what_arrived_can_be_read_after_the_with_block() -> None:
+    # Leaving ``with FakeMX()`` threw the server away: reading what had arrived, the
+    # natural next line of a test, raised RuntimeError("FakeMX is not started").
+    with FakeMX() as mx, Mailstrom(mx.config, store=MemoryStore()) as ms:
+        ms.send_email(mail("bob@example.org"))
+        mx.wait_for(1)
+    [got] = mx.received
+    assert got.envelope_to == ["bob@example.org"]
+    assert mx.server.messages == [got]
+    with pytest.raises(AssertionError, match="before it was stopped"):
+        mx.wait_for(2)  # nothing more can arrive: at once, not after the timeout

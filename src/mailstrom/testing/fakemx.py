@@ -80,6 +80,8 @@ class FakeMX:
         self.dns = LoopbackDNS()
         """The DNS server; edit its zone to give a domain other records."""
         self._server: ReceivingServer | None = None
+        """The last server started: after :meth:`stop`, still there to read what arrived."""
+        self._running = False
         self._config: Config | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -87,7 +89,7 @@ class FakeMX:
     def start(self) -> FakeMX:
         """Start the DNS and SMTP servers; returns self (at once when started already,
         as in ``with FakeMX().start() as mx``)."""
-        if self._server is not None:
+        if self._running:
             return self
         server_context, client_context = _tls()
         self.dns.start()
@@ -96,6 +98,7 @@ class FakeMX:
         except BaseException:
             self.dns.stop()
             raise
+        self._running = True
         self.dns.wildcard_mx([(10, MX_HOST)])
         self.dns.a(MX_HOST, "127.0.0.1")
         self._config = Config(
@@ -109,10 +112,11 @@ class FakeMX:
         return self
 
     def stop(self) -> None:
-        """Stop both servers. Idempotent."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        """Stop both servers. Idempotent. What arrived stays readable (:attr:`received`,
+        :attr:`server`), as a test reads it after its ``with`` block."""
+        if self._running:
+            self.server.stop()
+            self._running = False
         self.dns.stop()
 
     def __enter__(self) -> FakeMX:
@@ -123,7 +127,8 @@ class FakeMX:
 
     @property
     def server(self) -> ReceivingServer:
-        """The SMTP server (its rules apply to every connection)."""
+        """The SMTP server (its rules apply to every connection); once stopped, the
+        stopped server, with what it recorded."""
         if self._server is None:
             raise RuntimeError("FakeMX is not started")
         return self._server
