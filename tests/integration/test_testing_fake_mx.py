@@ -248,3 +248,23 @@ def test_what_arrived_can_be_read_after_the_with_block() -> None:
     assert mx.server.messages == [got]
     with pytest.raises(AssertionError, match="before it was stopped"):
         mx.wait_for(2)  # nothing more can arrive: at once, not after the timeout
+
+
+def test_a_receiving_server_stops_when_its_with_block_fails() -> None:
+    # A ReceivingServer was no context manager, unlike FakeMX and LoopbackDNS: a test
+    # that failed before its own stop() left the thread, loop and listening socket.
+    server_context, _ = tls_contexts("mx.test")
+    threads = set(threading.enumerate())
+    ports: list[int] = []
+
+    def failing_test() -> None:
+        with start_receiving_server(server_context) as mx:
+            ports.append(mx.port)
+            raise LookupError("the test failed here")
+
+    with pytest.raises(LookupError, match="failed here"):
+        failing_test()
+    [port] = ports
+    assert set(threading.enumerate()) <= threads
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -13,6 +13,9 @@ own event loop on a thread, so tests of sync and async code alike can use it::
     assert msg.content == b"...\\r\\n" and msg.tls
     mx.stop(), mx2.stop()
 
+A server is also a context manager that stops it, when the block fails too
+(``with start_receiving_server(server_context) as mx: ...``).
+
 :class:`~mailstrom.testing.FakeMX` wraps one with a DNS zone; mailstrom's own test suite
 has this as the ``smtp_server`` fixture (a factory whose servers stop after the test).
 
@@ -307,6 +310,12 @@ class ReceivingServer:
         with self._condition:
             self._stopped = True
             self._condition.notify_all()
+
+    def __enter__(self) -> ReceivingServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()  # also when the test failed inside the block
 
     def __repr__(self) -> str:
         return f"<ReceivingServer {self.host}:{self.port}>"
@@ -638,7 +647,7 @@ def start_receiving_server(
     requiretls: bool = False,
 ) -> ReceivingServer:
     """Start one receiving server (see the module docstring for the options); the caller
-    stops it."""
+    stops it, or uses it as a context manager."""
     for what in (stall_on, drop_on):
         if what is not None and what not in _STALL_NAMES:
             raise ValueError(f"unknown stall/drop point {what!r}")
