@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import sys
 import threading
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,6 +160,10 @@ async def test_async_facade_and_wait_for_async(fake_mx: FakeMX) -> None:
         await ms.send_email(mail("bob@example.org"))
         [got] = await fake_mx.wait_for_async(1)
     assert got.envelope_to == ["bob@example.org"]
+    with pytest.raises(AssertionError, match=r"received 1 messages, expected 2 within 0\.05s"):
+        await fake_mx.wait_for_async(2, timeout=0.05)
+    with capture(), pytest.raises(AssertionError, match="capture"):
+        await fake_mx.wait_for_async(2, timeout=0.05)
 
 
 def test_captured_mail_never_reaches_the_fake_until_released(fake_mx: FakeMX) -> None:
@@ -268,3 +274,35 @@ def test_a_receiving_server_stops_when_its_with_block_fails() -> None:
     assert set(threading.enumerate()) <= threads
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("waiting", ["wait_for_async", "await_messages"])
+def test_a_cancelled_async_wait_leaves_nothing_waiting(loop: str, waiting: str) -> None:
+    # The async waits blocked a thread of the loop's default executor: cancelled (an
+    # asyncio.timeout, a TaskGroup whose other task failed), that thread waited out the
+    # wait's whole timeout, and closing the event loop waited for it, before a fixture's
+    # teardown could stop the server (pytest-asyncio: 10 s per such test, by default).
+    uvloop = pytest.importorskip("uvloop") if loop == "uvloop" else None
+
+    def wait(mx: FakeMX) -> Callable[[], Awaitable[object]]:
+        if waiting == "wait_for_async":
+            return lambda: mx.wait_for_async(1, timeout=600)
+        return lambda: mx.server.await_messages(1, within=600)
+
+    async def cancelled(mx: FakeMX) -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await wait(mx)()
+
+    def run(mx: FakeMX) -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as r:
+            r.run(cancelled(mx))
+
+    with FakeMX() as mx:
+        runner = threading.Thread(target=run, args=(mx,))
+        runner.start()
+        runner.join(60)  # the loop closes at once; before, only after the 600 s
+        closed_while_running = not runner.is_alive()
+    runner.join()
+    assert closed_while_running

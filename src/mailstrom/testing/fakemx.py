@@ -26,7 +26,6 @@ greeting, a stall at DATA for everyone) is set on :attr:`FakeMX.server`.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ssl
 
@@ -202,13 +201,21 @@ class FakeMX:
         try:
             return self.server.wait_for_received(count, timeout)
         except AssertionError as exc:
-            if capture_active():
-                raise AssertionError(
-                    f"{exc}; a mailstrom capture (mailstrom_outbox) is open, which holds "
-                    "every queued message, so none reaches the fake MX"
-                ) from None
-            raise
+            raise _explained(exc) from None
 
     async def wait_for_async(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
         """:meth:`wait_for` without blocking the event loop (where the worker may run)."""
-        return await asyncio.to_thread(self.wait_for, count, timeout)
+        try:
+            return await self.server.await_received(count, timeout)
+        except AssertionError as exc:
+            raise _explained(exc) from None
+
+
+def _explained(failed_wait: AssertionError) -> AssertionError:
+    """A failed wait's error, saying why nothing arrives where a capture is open."""
+    if not capture_active():
+        return failed_wait
+    return AssertionError(
+        f"{failed_wait}; a mailstrom capture (mailstrom_outbox) is open, which holds "
+        "every queued message, so none reaches the fake MX"
+    )

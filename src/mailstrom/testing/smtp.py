@@ -77,7 +77,8 @@ What a server records
     once; ``arrivals``: the wall-clock time of each ``received`` message's final dot.
     ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
     (raises AssertionError on timeout); ``await_messages(n, within)`` is its asyncio form;
-    ``wait_for_received(n, timeout)`` waits on ``received`` instead.
+    ``wait_for_received(n, timeout)`` and ``await_received(n, within)`` wait on
+    ``received`` instead.
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ class ReceivingServer:
         self._messages: list[ReceivedMessage] = []
         self._received: list[ReceivedMessage] = []
         self._condition = threading.Condition()
+        self._awaiting: list[Callable[[], None]] = []  # wakes each async wait, on its loop
         self._stopped = False
         self._controller: _Controller | None = None
 
@@ -272,7 +274,7 @@ class ReceivingServer:
             self.arrivals.append(time.time())
             if accepted:
                 self._messages.append(message)
-            self._condition.notify_all()
+            self._notify_waits()
 
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Block until ``count`` messages were accepted; AssertionError after ``timeout``."""
@@ -283,23 +285,73 @@ class ReceivingServer:
         AssertionError after ``timeout``."""
         return self._wait(self._received, count, timeout, "received")
 
+    async def await_messages(self, count: int, within: float = 10.0) -> list[ReceivedMessage]:
+        """:meth:`wait_for_messages` without blocking the event loop."""
+        return await self._await(self._messages, count, within, "accepted")
+
+    async def await_received(self, count: int, within: float = 10.0) -> list[ReceivedMessage]:
+        """:meth:`wait_for_received` without blocking the event loop."""
+        return await self._await(self._received, count, within, "received")
+
     def _wait(
         self, items: list[ReceivedMessage], count: int, timeout: float, what: str
     ) -> list[ReceivedMessage]:
         with self._condition:
-            # A stopped server takes no more: a wait for more fails at once rather than
-            # at its timeout (a cancelled await_messages left its thread waiting on).
-            done = self._condition.wait_for(lambda: len(items) >= count or self._stopped, timeout)
-            if not done or len(items) < count:
-                raise AssertionError(
-                    f"{self.host}:{self.port} {what} {len(items)} messages, expected {count}"
-                    + (" before it was stopped" if self._stopped else f" within {timeout}s")
-                )
-            return list(items)
+            self._condition.wait_for(lambda: self._waited(items, count), timeout)
+            return self._outcome(items, count, timeout, what)
 
-    async def await_messages(self, count: int, within: float = 10.0) -> list[ReceivedMessage]:
-        """:meth:`wait_for_messages` without blocking the event loop."""
-        return await asyncio.to_thread(self.wait_for_messages, count, within)
+    async def _await(
+        self, items: list[ReceivedMessage], count: int, timeout: float, what: str
+    ) -> list[ReceivedMessage]:
+        """:meth:`_wait` on the running loop. No thread blocks for it (one did, in the
+        loop's executor: cancelled, it waited out the timeout, and so did closing the
+        loop), so a cancelled wait leaves nothing behind."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                loop.call_soon_threadsafe(changed.set)
+
+        with self._condition:
+            self._awaiting.append(wake)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while not self._is_waited(items, count):
+                        await changed.wait()
+                        changed.clear()
+        finally:
+            with self._condition:
+                self._awaiting.remove(wake)
+        with self._condition:
+            return self._outcome(items, count, timeout, what)
+
+    def _is_waited(self, items: list[ReceivedMessage], count: int) -> bool:
+        with self._condition:
+            return self._waited(items, count)
+
+    def _waited(self, items: list[ReceivedMessage], count: int) -> bool:
+        """Whether a wait for ``count`` ``items`` is over (call under the condition). A
+        stopped server takes no more: a wait for more fails at once, not at its timeout."""
+        return len(items) >= count or self._stopped
+
+    def _outcome(
+        self, items: list[ReceivedMessage], count: int, timeout: float, what: str
+    ) -> list[ReceivedMessage]:
+        """What a finished wait returns, or raises (call under the condition)."""
+        if len(items) < count:
+            raise AssertionError(
+                f"{self.host}:{self.port} {what} {len(items)} messages, expected {count}"
+                + (" before it was stopped" if self._stopped else f" within {timeout}s")
+            )
+        return list(items)
+
+    def _notify_waits(self) -> None:
+        """Wake every wait, blocking and async (call under the condition)."""
+        self._condition.notify_all()
+        for wake in self._awaiting:
+            wake()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -309,7 +361,7 @@ class ReceivingServer:
             self._controller = None
         with self._condition:
             self._stopped = True
-            self._condition.notify_all()
+            self._notify_waits()
 
     def __enter__(self) -> ReceivingServer:
         return self
