@@ -414,3 +414,12 @@ def test_a_page_shows_the_destination_pause_as_status_does(store: Store, model: 
     [shown] = model.queue_page(QueueQuery(view=QueueView.ALL), now=now).messages
     assert shown.recipient("a@gmail.com").throttle == pause
     assert shown.recipient("b@example.org").throttle is None
+
+
+@pytest.mark.parametrize("term", [".", "..", " . "])
+def test_a_search_for_no_domain_finds_nothing(model: ReadModel, queue: Queue, term: str) -> None:
+    """Was: a search for "." was a domain search for "" (what is left of "." once the
+    trailing dot goes), which no store applied: the search listed the whole queue."""
+    search = Search.parse(term)
+    assert search is not None
+    assert _ids(model, view=QueueView.ALL, search=search) == []

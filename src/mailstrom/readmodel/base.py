@@ -152,7 +152,9 @@ class Search:
             return cls(address=filter_address(term))
         if _HEX.match(term.lower()):
             return cls(id_prefix=term.lower())
-        return cls(domain=filter_domain(term))
+        # Normalised as a Search made directly is: a term with no domain left ("." less
+        # its trailing dot) is kept as typed and finds nothing, where "" was no filter.
+        return cls(domain=term)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
