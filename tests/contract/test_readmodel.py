@@ -423,3 +423,22 @@ def test_a_search_for_no_domain_finds_nothing(model: ReadModel, queue: Queue, te
     search = Search.parse(term)
     assert search is not None
     assert _ids(model, view=QueueView.ALL, search=search) == []
+
+
+@pytest.mark.parametrize("limit", [2.5, True], ids=["fraction", "bool"])
+def test_a_page_size_that_is_no_whole_number_is_refused(limit: object) -> None:
+    """Was: QueueQuery(limit=2.5) was taken, and the stores then failed each its own way
+    (a bare TypeError slicing the memory store's rows, "datatype mismatch" from SQLite);
+    True was a page of one. check_count() already refused both for destinations()."""
+    with pytest.raises(InvalidQuery):
+        QueueQuery(limit=limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seq", [-1, MAX_SEQ + 1], ids=["negative", "past-bigint"])
+def test_a_cursor_no_store_can_compare_is_refused(model: ReadModel, queue: Queue, seq: int) -> None:
+    """Was: a PageCursor made directly (decode() checks its text) with a seq past a
+    bigint raised a bare OverflowError on SQLite; a negative one was taken everywhere."""
+    with pytest.raises(InvalidQuery):
+        model.queue_page(
+            QueueQuery(view=QueueView.ALL, after=PageCursor(created_at=NOW, seq=seq)), now=NOW
+        )

@@ -71,6 +71,11 @@ class PageCursor:
     created_at: datetime
     seq: int
 
+    def __post_init__(self) -> None:
+        # As decode() takes one: a seq past a bigint overflowed SQLite's driver (a bare
+        # OverflowError), and a negative one is no insertion number.
+        check_count(self.seq, "a page cursor's seq")
+
     def encode(self) -> str:
         """The cursor as it travels in a URL: ``<microseconds>.<seq>``."""
         return f"{(self.created_at - _EPOCH) // timedelta(microseconds=1)}.{self.seq}"
@@ -177,8 +182,14 @@ class QueueQuery:
             # As recipients' domains are stored (and QueueFilter.domain is taken): lower
             # case, U-labels as A-labels, no trailing dot.
             object.__setattr__(self, "domain", filter_domain(self.domain) or self.domain)
-        if not 1 <= self.limit <= MAX_PAGE:
-            raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit}")
+        # A whole number, as check_count() takes one: 2.5 reached the stores (a bare
+        # TypeError slicing the memory store's rows, "datatype mismatch" from SQLite).
+        if (
+            isinstance(self.limit, bool)
+            or not isinstance(self.limit, int)
+            or not 1 <= self.limit <= MAX_PAGE
+        ):
+            raise InvalidQuery(f"page size must be 1 to {MAX_PAGE}, got {self.limit!r}"[:120])
         # Subtracted from now: a longer age overflowed (a bare OverflowError on every
         # store), and a negative one reached into the future.
         if self.older_than is not None and not timedelta(0) <= self.older_than <= MAX_DURATION:
