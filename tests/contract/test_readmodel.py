@@ -442,3 +442,20 @@ def test_a_cursor_no_store_can_compare_is_refused(model: ReadModel, queue: Queue
         model.queue_page(
             QueueQuery(view=QueueView.ALL, after=PageCursor(created_at=NOW, seq=seq)), now=NOW
         )
+
+
+def test_a_naive_time_is_refused(model: ReadModel, queue: Queue) -> None:
+    """Was: a naive ``now`` (or cursor time) raised a bare ValueError on SQLite and a
+    TypeError on the memory store, and PostgreSQL read it in the session's time zone."""
+    naive = NOW.replace(tzinfo=None)
+    for call in (
+        lambda: model.overview(now=naive),
+        lambda: model.queue_page(QueueQuery(view=QueueView.ALL, older_than=SECOND), now=naive),
+        lambda: model.destinations(now=naive),
+        lambda: model.suspensions(now=naive),
+        lambda: model.queue_page(
+            QueueQuery(view=QueueView.ALL, after=PageCursor(created_at=naive, seq=1)), now=NOW
+        ),
+    ):
+        with pytest.raises(InvalidQuery):
+            call()

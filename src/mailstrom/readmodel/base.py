@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from mailstrom.arguments import shown
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
 from mailstrom.status import MessageStatus, ReasonClass, RecipientState
@@ -75,6 +76,7 @@ class PageCursor:
         # As decode() takes one: a seq past a bigint overflowed SQLite's driver (a bare
         # OverflowError), and a negative one is no insertion number.
         check_count(self.seq, "a page cursor's seq")
+        check_aware(self.created_at, "a page cursor's time")
 
     def encode(self) -> str:
         """The cursor as it travels in a URL: ``<microseconds>.<seq>``."""
@@ -101,6 +103,15 @@ def check_count(value: int, name: str) -> int:
     overflowed SQLite's driver."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise InvalidQuery(f"{name} must be 0 to {MAX_SEQ}, got {value!r}"[:120])
+    return value
+
+
+def check_aware(value: datetime, name: str) -> datetime:
+    """``value`` when it is a timezone-aware datetime. :class:`InvalidQuery` otherwise: a
+    naive one was a bare ValueError on SQLite, a TypeError on the memory store (where it
+    met a stored time) and read in the session's time zone by PostgreSQL."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidQuery(f"{name} must be a timezone-aware datetime, got {shown(value)}")
     return value
 
 
@@ -287,7 +298,8 @@ class ReadModel(Protocol):
 
     Raises :class:`~mailstrom.errors.UnknownMessage` for an id that is not stored,
     :class:`InvalidQuery` for a ``limit``, ``offset`` or ``top`` outside 0 to
-    :data:`MAX_SEQ` and :class:`~mailstrom.errors.StoreError` for driver failures.
+    :data:`MAX_SEQ` or a naive ``now``, and :class:`~mailstrom.errors.StoreError` for
+    driver failures.
     """
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:

@@ -26,6 +26,7 @@ from mailstrom.readmodel.base import (
     QueueQuery,
     QueueView,
     SortOrder,
+    check_aware,
     check_count,
     cursor_after,
     fill_buckets,
@@ -106,6 +107,7 @@ class PostgresReadModel:
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
         check_count(top, "top")
+        check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         with self._reading("overview") as conn:
@@ -198,6 +200,8 @@ class PostgresReadModel:
         """See :meth:`ReadModel.destinations`."""
         check_count(limit, "limit")
         check_count(offset, "offset")
+        if now is not None:
+            check_aware(now, "now")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
         with self._reading("destinations") as conn:
@@ -223,6 +227,7 @@ class PostgresReadModel:
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
+        check_aware(now, "now")
         with self._reading("suspensions") as conn:
             return self._suspensions(conn, now)
 
@@ -235,6 +240,7 @@ class PostgresReadModel:
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
+        check_aware(now, "now")
         conditions = [_VIEWS[query.view]]
         params: list[Any] = []
         if query.older_than is not None:
