@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from os.path import abspath
 
 from mailstrom.arguments import member_of, shown
 from mailstrom.errors import StoreError, UnknownMessage
@@ -45,6 +43,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
+from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
@@ -94,7 +93,7 @@ class SQLiteReadModel:
     """
 
     def __init__(self, path: str, *, cache_seconds: float = 5.0) -> None:
-        self._uri = f"file:{urllib.parse.quote(abspath(path))}?mode=ro"
+        self._uri = _file_uri(path, "mode=ro")
         self._path = path
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
@@ -124,12 +123,10 @@ class SQLiteReadModel:
                 raise StoreError("read model is closed")
             conn = self._idle.pop() if self._idle else None
             self._out += 1
+        pool = True
         try:
             if conn is None:
-                conn = sqlite3.connect(
-                    self._uri, uri=True, isolation_level=None, check_same_thread=False
-                )
-                conn.text_factory = decode_text
+                conn, pool = self._connect()
             # One snapshot per request: the page and its recipients agree.
             conn.execute("BEGIN")
             try:
@@ -146,10 +143,37 @@ class SQLiteReadModel:
             raise
         with self._lock:
             self._out -= 1
-            if self._closed:
+            if self._closed or not pool:
                 conn.close()
             else:
                 self._idle.append(conn)
+
+    def _connect(self) -> tuple[sqlite3.Connection, bool]:
+        """A new connection, tried on the schema, and whether it may be pooled.
+
+        A WAL database last closed cleanly (no ``-wal`` file, or an empty one) on a
+        read-only mount or a full disk, where SQLite cannot make its ``-shm`` file, is
+        read as immutable, as the read-only store reads it (see
+        :mod:`mailstrom.stores.sqlite`): exact, since the file holds every commit then.
+        ``mode=ro`` alone failed every view with "unable to open database file". Such a
+        connection serves one request only: a writer elsewhere (the mount is read-only
+        only here) may change the file, and an immutable connection never looks again.
+        """
+        conn = self._open(self._uri)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            conn.close()
+            if not _no_shm(exc) or _wal_holds_frames(self._path):
+                raise
+            return self._open(_file_uri(self._path, "mode=ro&immutable=1")), False
+        return conn, True
+
+    @staticmethod
+    def _open(uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.text_factory = decode_text
+        return conn
 
     def close(self) -> None:
         """Close every idle connection. Idempotent."""
