@@ -459,3 +459,29 @@ def test_a_naive_time_is_refused(model: ReadModel, queue: Queue) -> None:
     ):
         with pytest.raises(InvalidQuery):
             call()
+
+
+def test_a_search_takes_sql_pattern_characters_as_themselves(
+    model: ReadModel, store: Store, queue: Queue
+) -> None:
+    """A search compares whole values (no LIKE): ``%``, ``_`` and a backslash are
+    characters like any other on every store, and a local part's case counts."""
+    odd = store.enqueue(message("b%_\\@t_o.example"), now=NOW)
+    for term in (
+        "%",
+        "_",
+        "\\",
+        "%@two.example",
+        "_@two.example",
+        "b%@two.example",
+        "b\\@two.example",
+        "tw_.example",
+        "%.example",
+        "B@two.example",
+        "B%_\\@t_o.example",
+    ):
+        search = Search.parse(term)
+        assert search is not None
+        assert _ids(model, view=QueueView.ALL, search=search) == [], term
+    for term in ("b%_\\@T_O.example", "T_O.example"):
+        assert _ids(model, view=QueueView.ALL, search=Search.parse(term)) == [odd], term
