@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -485,3 +486,37 @@ def test_a_search_takes_sql_pattern_characters_as_themselves(
         assert _ids(model, view=QueueView.ALL, search=search) == [], term
     for term in ("b%_\\@T_O.example", "T_O.example"):
         assert _ids(model, view=QueueView.ALL, search=Search.parse(term)) == [odd], term
+
+
+def test_times_in_a_zone_with_summer_time_are_reckoned_in_utc(
+    model: ReadModel, store: Store
+) -> None:
+    """Was: ``now`` in a zone with summer time (``ZoneInfo``) had ages and the chart's
+    minutes subtracted on its wall clock. An hour after clocks went forward, "older than
+    1h" was older than nothing (03:10 CEST less an hour is 02:10, which does not exist
+    and reads as 01:10 UTC: now itself), and the chart's hour began after it ended."""
+    from zoneinfo import ZoneInfo
+
+    now = datetime(2026, 3, 29, 3, 10, tzinfo=ZoneInfo("Europe/Berlin"))  # 01:10 UTC
+    queued = now.astimezone(UTC) - timedelta(minutes=30)
+    mid = store.enqueue(message("a@one.example"), now=queued)
+    lease = lease_all(store, now=queued)
+    store.record(results_for(lease, RecipientState.DELIVERED, at=queued + SECOND))
+    assert _ids_at(model, now, view=QueueView.ALL, older_than=timedelta(hours=1)) == []
+    assert _ids_at(model, now, view=QueueView.ALL, older_than=timedelta(minutes=20)) == [mid]
+    throughput = model.overview(now=now).throughput
+    assert sum(b.delivered for b in throughput) == 1
+    starts = [b.start.astimezone(UTC) for b in throughput]
+    assert starts[0] == datetime(2026, 3, 29, 0, 11, tzinfo=UTC)
+    assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(starts))
+    # Nor is a time with no UTC equivalent a bare OverflowError.
+    east = timezone(timedelta(hours=14))
+    with pytest.raises(InvalidQuery):
+        model.overview(now=datetime.min.replace(tzinfo=east))
+    with pytest.raises(InvalidQuery):
+        PageCursor(created_at=datetime.min.replace(tzinfo=east), seq=1)
+
+
+def _ids_at(model: ReadModel, now: datetime, **query: object) -> list[str]:
+    page = model.queue_page(QueueQuery(**query), now=now)  # type: ignore[arg-type]
+    return [m.id for m in page.messages]

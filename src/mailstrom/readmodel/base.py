@@ -76,7 +76,7 @@ class PageCursor:
         # As decode() takes one: a seq past a bigint overflowed SQLite's driver (a bare
         # OverflowError), and a negative one is no insertion number.
         check_count(self.seq, "a page cursor's seq")
-        check_aware(self.created_at, "a page cursor's time")
+        object.__setattr__(self, "created_at", check_aware(self.created_at, "a cursor's time"))
 
     def encode(self) -> str:
         """The cursor as it travels in a URL: ``<microseconds>.<seq>``."""
@@ -107,12 +107,19 @@ def check_count(value: int, name: str) -> int:
 
 
 def check_aware(value: datetime, name: str) -> datetime:
-    """``value`` when it is a timezone-aware datetime. :class:`InvalidQuery` otherwise: a
-    naive one was a bare ValueError on SQLite, a TypeError on the memory store (where it
-    met a stored time) and read in the session's time zone by PostgreSQL."""
+    """``value`` in UTC when it is a timezone-aware datetime. :class:`InvalidQuery`
+    otherwise: a naive one was a bare ValueError on SQLite, a TypeError on the memory
+    store (where it met a stored time) and read in the session's time zone by PostgreSQL.
+
+    In UTC because ages and the chart's minutes are subtracted from it, and Python
+    subtracts on the wall clock of a ``ZoneInfo`` time: across a change to summer time an
+    hour before 03:10 was 02:10, which does not exist and reads as 01:10 UTC, now itself."""
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise InvalidQuery(f"{name} must be a timezone-aware datetime, got {shown(value)}")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it
+        raise InvalidQuery(f"{name} has no time in UTC: {shown(value)}") from None
 
 
 _LATEST = datetime.max.replace(tzinfo=UTC)

@@ -50,7 +50,7 @@ class MemoryReadModel:
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
         check_count(top, "top")
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         end = starts[-1] + BUCKET
@@ -126,7 +126,7 @@ class MemoryReadModel:
         check_count(limit, "limit")
         check_count(offset, "offset")
         if now is not None:
-            check_aware(now, "now")
+            now = check_aware(now, "now")
         wanted = None if domain is None else filter_domain(domain)
         with self._store._lock:
             messages = self._messages()
@@ -143,12 +143,12 @@ class MemoryReadModel:
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         return self._store.suspensions(now=now)
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         newest = query.order is SortOrder.NEWEST
         cutoff = None if query.older_than is None else now - query.older_than
         after = None if query.after is None else (query.after.created_at, query.after.seq)

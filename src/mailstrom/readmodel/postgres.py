@@ -107,7 +107,7 @@ class PostgresReadModel:
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
         check_count(top, "top")
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         with self._reading("overview") as conn:
@@ -201,7 +201,7 @@ class PostgresReadModel:
         check_count(limit, "limit")
         check_count(offset, "offset")
         if now is not None:
-            check_aware(now, "now")
+            now = check_aware(now, "now")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
         with self._reading("destinations") as conn:
@@ -227,7 +227,7 @@ class PostgresReadModel:
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         with self._reading("suspensions") as conn:
             return self._suspensions(conn, now)
 
@@ -240,7 +240,7 @@ class PostgresReadModel:
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         conditions = [_VIEWS[query.view]]
         params: list[Any] = []
         if query.older_than is not None:

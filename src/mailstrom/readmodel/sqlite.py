@@ -195,7 +195,7 @@ class SQLiteReadModel:
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
         check_count(top, "top")
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         with self._read() as conn:
@@ -284,7 +284,7 @@ class SQLiteReadModel:
         check_count(limit, "limit")
         check_count(offset, "offset")
         if now is not None:
-            check_aware(now, "now")
+            now = check_aware(now, "now")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
         where, params = _PENDING, list[object]()
@@ -308,7 +308,7 @@ class SQLiteReadModel:
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         with self._read() as conn:
             return active_suspensions(conn, now)
 
@@ -316,7 +316,7 @@ class SQLiteReadModel:
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
-        check_aware(now, "now")
+        now = check_aware(now, "now")
         filters = _filters(query)
         conditions: list[str] = []
         params: list[object] = []
