@@ -475,3 +475,25 @@ def test_a_request_without_exactly_one_host_is_a_400(served: Served, head: bytes
             answer += chunk
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
     assert b"example.org" not in answer
+
+
+def test_workers_are_left_out_with_the_queue_counts_when_the_store_does_not_answer(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # The worker count is read with the queue counts: once the SQLite file is gone the
+    # counts fail, and a 0 beside them would tell an alert that no worker runs.
+    path = tmp_path / "q.db"
+    ms = Mailstrom(loopback_config(dns_server, mx.port), store=path, worker=None)
+    try:
+        ms.send_email(hello("bob@example.org"))
+        os.unlink(path)  # the store is gone: its reads fail from now on
+        registry = CollectorRegistry()
+        registry.register(MailstromCollector(ms.metrics))
+        families = {
+            f.name for f in text_string_to_metric_families(generate_latest(registry).decode())
+        }
+        assert "mailstrom_queue_recipients" not in families  # the store did not answer
+        assert "mailstrom_workers" not in families
+        assert "mailstrom_worker_up" in families  # the scrape itself answered
+    finally:
+        ms.stop()

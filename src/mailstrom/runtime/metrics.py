@@ -162,7 +162,7 @@ class QueueStatsCache:
 
     def workers(self) -> int | None:
         """How many workers run on the store, read with the counts (None when the store
-        cannot tell which run, or failed to)."""
+        cannot tell which run, or failed to, or did not give the counts)."""
         self._refresh()
         return self._workers
 
@@ -184,7 +184,12 @@ class QueueStatsCache:
             self.error = None
         except StoreError as exc:
             self._reading = (None, None)
+            self._workers = None
             self.error = str(exc)
+            return
+        # Only beside counts the store gave: SQLite finds its workers by their lock
+        # files, which answer (none) even once the database file is gone, and a 0 there
+        # would tell an alert that no worker runs when the store only did not answer.
         live = live_workers(self._store)
         self._workers = None if live is None else len(live)
 
