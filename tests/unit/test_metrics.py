@@ -167,3 +167,20 @@ def test_hook_needs_a_secret_and_a_web_url() -> None:
         HookConfig(url="ftp://app.example/h", secret="x")
     assert not Config().outbox
     assert Config(events=True).outbox
+
+
+@pytest.mark.parametrize("top_domains", [-1, 2.5, "10", True, None])
+def test_the_exporter_refuses_a_top_domains_that_is_not_a_count(top_domains: Any) -> None:
+    # Before, these were kept and sliced with at scrape time: -1 named every domain but
+    # the last, 2.5 failed each scrape with a TypeError.
+    from mailstrom.errors import InvalidArgument
+    from mailstrom.ops.exporter import MailstromCollector
+    from mailstrom.status import MetricsSnapshot, WorkerStatus
+
+    def snapshot() -> MetricsSnapshot:
+        return MetricsSnapshot(worker=WorkerStatus(running=False))
+
+    with pytest.raises(InvalidArgument, match="top_domains") as raised:
+        MailstromCollector(snapshot, top_domains=top_domains)
+    assert raised.value.argument == "top_domains"
+    assert MailstromCollector(snapshot, top_domains=0) is not None  # a count: all are other

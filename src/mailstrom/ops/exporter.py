@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from mailstrom._version import __version__
+from mailstrom.arguments import check_limit
 from mailstrom.runtime.metrics import OTHER
 from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
 
@@ -48,14 +49,18 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -
 class MailstromCollector(Collector):
     """Metric families from ``snapshot()``, called once per scrape.
 
-    ``top_domains``: how many destination domains the pending-queue gauge names.
+    ``top_domains``: how many destination domains the pending-queue gauge names (an
+    ``int`` from 0; :class:`~mailstrom.errors.InvalidArgument` otherwise).
     """
 
     def __init__(
         self, snapshot: Callable[[], MetricsSnapshot], *, top_domains: int = TOP_DOMAINS
     ) -> None:
         self._snapshot = snapshot
-        self._top = top_domains
+        # Checked here, where the value enters: it is only sliced with at scrape time,
+        # where a negative one quietly named the wrong domains and a float failed every
+        # scrape.
+        self._top = check_limit(top_domains, "top_domains")
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
