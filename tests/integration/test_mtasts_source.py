@@ -260,6 +260,22 @@ async def test_domains_without_a_record_are_remembered_for_recheck(
     assert dns_server.queries("_mta-sts.example.org", "TXT") == 1
 
 
+async def test_a_domain_too_long_for_an_mta_sts_record_has_none(
+    dns_server: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext
+) -> None:
+    """A 247-character domain is a name (it has MX records), but "_mta-sts." before it
+    makes one over 255 octets: no record can exist. That was a failed lookup, so a
+    REQUIRETLS message to the domain waited for a policy that cannot be."""
+    domain = ".".join(["a" * 60] * 4)[:243] + ".org"
+    assert len(domain) == 247
+    source = make_source(
+        dns_server, https, client_tls_context, Clock(), MemoryStore(), recheck_seconds=300
+    )
+    assert await source.policy(domain) is None
+    assert source.unknown(domain) is None
+    assert https.count() == 0
+
+
 async def test_policy_is_refreshed_before_it_expires(
     zone: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
 ) -> None:

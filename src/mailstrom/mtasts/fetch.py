@@ -79,7 +79,14 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     records → ``([], NO_RECORD_TTL)``. Raises :class:`DNSTrouble` for SERVFAIL, timeouts
     and the like."""
     try:
-        answer = await resolver.resolve(dns.name.from_text(name), dns.rdatatype.TXT, search=False)
+        qname = dns.name.from_text(name)
+    except dns.name.NameTooLong:
+        # "_mta-sts." (or "_smtp._tls.") before a long domain (245 characters or more)
+        # makes a name over 255 octets: no such record can exist, and calling it a
+        # failed lookup would have a REQUIRETLS message wait for one.
+        return [], NO_RECORD_TTL
+    try:
+        answer = await resolver.resolve(qname, dns.rdatatype.TXT, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return [], NO_RECORD_TTL
     except (dns.exception.DNSException, OSError) as exc:
