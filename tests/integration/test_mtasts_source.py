@@ -276,6 +276,29 @@ async def test_a_domain_too_long_for_an_mta_sts_record_has_none(
     assert https.count() == 0
 
 
+async def test_a_remembered_policy_is_not_applied_past_its_max_age(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """A worker remembers its answer for ``recheck`` seconds; a policy whose max_age is
+    shorter was applied for all of them, after it had expired and with no fetch since."""
+    https.policy(POLICY.replace("max_age: 86400", "max_age: 600"))
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=one;", ttl=86400)
+    settings = MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=3600)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
+    source = PolicySource(
+        config,
+        MemoryStore(),
+        resolver=make_resolver(config.dns),
+        clock=clock,
+        monotonic=lambda: clock.now.timestamp(),  # one clock for both
+    )
+    cached = await source.policy("example.org")
+    assert cached is not None and cached.expires_at == clock.now + timedelta(seconds=600)
+    https.stop()
+    clock.now += timedelta(seconds=601)
+    assert await source.policy("example.org") is None  # expired, and no fetch works
+
+
 async def test_policy_is_refreshed_before_it_expires(
     zone: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
 ) -> None:

@@ -124,8 +124,17 @@ class CachedPolicy:
         lifetime (at most a day) has passed. RFC 8461 §10.2 asks senders to refresh before
         expiry, so that an attacker must block the fetch for the rest of the lifetime
         (not just at the moment it runs out) to make a sender forget the policy."""
+        return now >= self._refresh_at()
+
+    def look_again_at(self, now: datetime) -> datetime:
+        """When a worker that remembers this policy must look at the domain again: when a
+        refresh is due or, once that has passed (the refresh failed), when it expires."""
+        refresh = self._refresh_at()
+        return refresh if now < refresh else self.expires_at
+
+    def _refresh_at(self) -> datetime:
         lifetime = self.expires_at - self.fetched_at
-        return now >= self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
+        return self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
 
     @classmethod
     def of(cls, domain: str, policy_id: str, policy: Policy, now: datetime) -> CachedPolicy:

@@ -136,6 +136,11 @@ class PolicySource:
             for key in list(self._known)[: MAX_REMEMBERED // 10]:
                 del self._known[key]
         why = unknown if value is None else None
+        if value is not None:
+            # Never past the policy's own clock: a max_age shorter than ``recheck`` must
+            # not keep an expired policy applying, nor skip its refresh.
+            now = self._clock()
+            seconds = min(seconds, (value.look_again_at(now) - now).total_seconds())
         self._known[domain] = (self._monotonic() + max(seconds, 0.0), value, why)
 
     def _failed(self, domain: str, error: PolicyError, applied: CachedPolicy | None) -> None:
