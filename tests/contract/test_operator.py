@@ -3,7 +3,7 @@ its count, bulk changes, purge by state, the queue's shape, suspended destinatio
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -360,3 +360,29 @@ def test_lookups_of_text_no_store_can_hold_find_nothing(store: Store, odd: str) 
     assert store.resume("example.org" + odd) is False
     assert store.mta_sts_policy("example.org" + odd) is None
     assert store.status(mid).id == mid
+
+
+def test_ages_from_a_now_in_a_zone_with_summer_time_are_reckoned_in_utc(store: Store) -> None:
+    """Was: ``now`` in a zone with summer time (``ZoneInfo``) had ``older_than`` and the
+    shape's age edges subtracted on its wall clock. An hour after clocks went forward,
+    03:10 CEST less an hour is 02:10, which does not exist and reads as 01:10 UTC: now
+    itself, so "older than 1h" took in a message queued 30 minutes before."""
+    from zoneinfo import ZoneInfo
+
+    now = datetime(2026, 3, 29, 3, 10, tzinfo=ZoneInfo("Europe/Berlin"))  # 01:10 UTC
+    utc_now = now.astimezone(UTC)
+    mid = store.enqueue(message("a@example.org"), now=utc_now - 30 * MINUTE)
+    for where in (
+        QueueFilter(older_than=HOUR),
+        QueueFilter(states=PENDING_STATES, older_than=HOUR),
+    ):
+        assert store.query(now=now, where=where) == [], where
+        assert store.count(now=now, where=where, cap=100) == 0, where
+    younger = QueueFilter(states=PENDING_STATES, older_than=20 * MINUTE)
+    assert [m.id for m in store.query(now=now, where=younger)] == [mid]
+    edges = (20 * MINUTE, HOUR)
+    assert (
+        store.shape(now=now, edges=edges)[0].counts
+        == store.shape(now=utc_now, edges=edges)[0].counts
+        == (0, 1, 0)
+    )

@@ -18,6 +18,7 @@ from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
+    before,
     bucket_of,
     earliest,
     normalize_prefix,
@@ -54,7 +55,7 @@ class MemoryOperatorMixin:
         """Messages matching ``where``, newest first, without history."""
         where = where or QueueFilter()
         domain = where.domain.lower() if where.domain is not None else None
-        cutoff = now - where.older_than if where.older_than is not None else None
+        cutoff = before(now, where.older_than) if where.older_than is not None else None
         found: list[MessageStatus] = []
         with self._lock:
             for m in self._newest_first():

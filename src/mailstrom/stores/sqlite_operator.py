@@ -21,6 +21,7 @@ from mailstrom.stores.operator import (
     PENDING_STATES,
     ShapeRow,
     Suspension,
+    before,
     effective_states,
     listed_ids,
     prefix_upper_bound,
@@ -72,7 +73,7 @@ def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[objec
         params.append(where.held)
     if where.older_than is not None:
         conditions.append("m.created_at < ?")
-        params.append(to_us(now - where.older_than))
+        params.append(to_us(before(now, where.older_than)))
     if where.domain is not None:
         conditions.append(
             "EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = m.seq AND r.domain = ?)"
@@ -128,7 +129,7 @@ def _pending_walk(now: datetime, where: QueueFilter) -> tuple[str, list[object]]
     if where.older_than is not None:
         joined = " JOIN messages m ON m.seq = r.message_seq"
         conditions.append("m.created_at < ?")
-        params.append(to_us(now - where.older_than))
+        params.append(to_us(before(now, where.older_than)))
     if where.tag is not None:
         joined = " JOIN messages m ON m.seq = r.message_seq"
         conditions.append(_TAG_SQL)
@@ -348,7 +349,7 @@ def shape_rows_sql(
         row = conn.execute(
             "SELECT seq FROM messages INDEXED BY messages_newest WHERE created_at <= ?"
             " ORDER BY created_at DESC, seq DESC LIMIT 1",
-            (to_us(now - edge),),
+            (to_us(before(now, edge)),),
         ).fetchone()
         bounds.append(row[0] if row else -1)
     cases = " ".join(f"WHEN message_seq > ? THEN {i}" for i in range(len(bounds)))

@@ -74,6 +74,7 @@ from mailstrom.stores.operator import (
     PENDING_STATES,
     ShapeRow,
     Suspension,
+    before,
     comparable,
     effective_states,
     listed_ids,
@@ -756,7 +757,7 @@ class PostgresStore:
         where = where or QueueFilter()
         params = {
             "held": where.held,
-            "created_before": None if where.older_than is None else now - where.older_than,
+            "created_before": None if where.older_than is None else before(now, where.older_than),
             "domain": None if where.domain is None else where.domain.lower(),
             "state": None if where.state is None else where.state.value,
             "limit": max(where.limit, 0),
@@ -1085,7 +1086,7 @@ class PostgresStore:
         pending = states == PENDING_STATES
         params = {
             "held": where.held,
-            "created_before": None if where.older_than is None else now - where.older_than,
+            "created_before": None if where.older_than is None else before(now, where.older_than),
             "domain": None if where.domain is None else where.domain.lower(),
             "pending": pending,
             "states": None if states is None or pending else sorted(s.value for s in states),
