@@ -208,3 +208,23 @@ def test_an_id_of_full_length_that_is_no_id_is_an_unknown_message(
                     call(bad)
             with pytest.raises(UnknownMessage):
                 ms.wait(bad, timeout=0)
+
+
+def test_purge_with_a_clock_in_a_zone_with_summer_time_reckons_in_utc() -> None:
+    """Was: a clock in a zone with summer time (``ZoneInfo``) had purge's age subtracted
+    on its wall clock. An hour after clocks went forward, 03:10 CEST less an hour is
+    02:10, which does not exist and reads as 01:10 UTC (now itself), so "finished more
+    than an hour ago" deleted mail cancelled 30 minutes before."""
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    now = [datetime(2026, 3, 29, 1, 40, tzinfo=berlin)]  # 00:40 UTC
+    store = MemoryStore()
+    with Mailstrom(Config(helo_name="client.test"), store=store, clock=lambda: now[0]) as ms:
+        cancelled = ms.send_email(hello("a@example.org"))
+        ms.cancel_many(cancelled)
+        now[0] = datetime(2026, 3, 29, 3, 10, tzinfo=berlin)  # 01:10 UTC, 30 minutes on
+        assert ms.purge(timedelta(hours=1)) == 0
+        assert ms.purge(timedelta(hours=1), messages=QueueFilter(states=None)) == 0
+        assert ms.query_status(cancelled).state is RecipientState.FAILED
+        assert ms.purge(timedelta(minutes=20)) == 1

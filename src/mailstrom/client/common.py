@@ -10,7 +10,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Literal
 
@@ -116,6 +116,24 @@ WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
 
 
+def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
+    """``clock`` with its aware readings in UTC. The facades add and subtract ages on
+    their clock's time (purge's cutoff, a suspension's end, a wait's deadline), and Python
+    does that on the wall clock of a ``ZoneInfo`` time: the hour after a change to summer
+    time, 03:10 CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC,
+    now itself. A naive reading is left for the store to refuse."""
+    if clock is utc_now:
+        return clock
+
+    def reading() -> datetime:
+        now = clock()
+        if isinstance(now, datetime) and now.utcoffset() is not None:
+            return now.astimezone(UTC)
+        return now
+
+    return reading
+
+
 class FacadeBase:
     """The parts both facades share: configuration, the store, the worker, the clock.
 
@@ -180,7 +198,7 @@ class FacadeBase:
         worker: WorkerMode,
     ) -> None:
         """Everything ``__init__`` does once the store is open: the worker, its mode."""
-        self._clock = clock
+        self._clock = in_utc(clock)
         store_url: str | None = getattr(self.store, "url", None)
         custom = router is not None or clock is not utc_now or rng is not None
         mode = self._mode(worker, store_url=store_url, custom=custom)
