@@ -251,3 +251,26 @@ def test_a_message_that_expires_while_queued_behind_others_is_not_sent(
         RecipientState.FAILED,
         ReasonClass.EXPIRED,
     )
+
+
+def test_a_retry_across_a_change_to_summer_time_is_due_after_its_backoff(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Was: a worker's clock in a zone with summer time (``ZoneInfo``) had the backoff
+    added on its wall clock: 01:50 CET plus two hours is 03:50 CEST, one hour on, so a
+    recipient deferred for two hours was due again after one."""
+    from zoneinfo import ZoneInfo
+
+    mx = smtp_server()
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted, try again later"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    clock = FakeClock(datetime(2026, 3, 29, 1, 50, tzinfo=ZoneInfo("Europe/Berlin")))
+    retry = RetryPolicy(min_delay=timedelta(hours=2), max_delay=timedelta(hours=4), jitter=0.0)
+    config = loopback_config(dns_server, mx.port, retry=retry, poll_interval=60.0)
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        ms.send_email(hello("grey@example.org"))
+        [deferred] = results.wait_count(1)
+    assert deferred.state is RecipientState.DEFERRED
+    assert deferred.next_attempt_at == datetime(2026, 3, 29, 2, 50, tzinfo=UTC)

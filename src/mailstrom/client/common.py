@@ -10,7 +10,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from mailstrom.message.chars import shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
-from mailstrom.runtime.worker import Worker, utc_now
+from mailstrom.runtime.worker import Worker, in_utc, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.watchers import Watchers
@@ -114,24 +114,6 @@ os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
-
-
-def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
-    """``clock`` with its aware readings in UTC. The facades add and subtract ages on
-    their clock's time (purge's cutoff, a suspension's end, a wait's deadline), and Python
-    does that on the wall clock of a ``ZoneInfo`` time: the hour after a change to summer
-    time, 03:10 CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC,
-    now itself. A naive reading is left for the store to refuse."""
-    if clock is utc_now:
-        return clock
-
-    def reading() -> datetime:
-        now = clock()
-        if isinstance(now, datetime) and now.utcoffset() is not None:
-            return now.astimezone(UTC)
-        return now
-
-    return reading
 
 
 class FacadeBase:

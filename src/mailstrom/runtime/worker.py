@@ -99,6 +99,25 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
+    """``clock`` with its aware readings in UTC. The worker and the facades add and
+    subtract ages on their clock's time (a backoff, a lease's end, purge's cutoff), and
+    Python does that on the wall clock of a ``ZoneInfo`` time: 01:50 CET plus two hours
+    was 03:50 CEST, one hour on, and 03:10 CEST less an hour was 02:10, which does not
+    exist and reads as 01:10 UTC, now itself. A naive reading is left for the store to
+    refuse."""
+    if clock is utc_now:
+        return clock
+
+    def reading() -> datetime:
+        now = clock()
+        if isinstance(now, datetime) and now.utcoffset() is not None:
+            return now.astimezone(UTC)
+        return now
+
+    return reading
+
+
 @dataclass(slots=True, eq=False)
 class _LeaseCall:
     """What a lease of the store loop asked for, and what it knew when it asked."""
@@ -250,7 +269,7 @@ class Worker(
         self.store = store
         self.holder = new_holder() if holder is None else check_holder(holder)
         """The identity every lease of this worker carries (see ``holder`` above)."""
-        self._clock = clock
+        self._clock = in_utc(clock)
         self._checks_clock = clock is utc_now if check_clock is None else check_clock
         self._router = router or Router.for_config(config)
         self._inline = bool(getattr(store, "in_process", False))
