@@ -747,3 +747,21 @@ def test_retrying_a_held_message_says_it_waits_to_be_released(
     done = client.post(f"/action/retry/{mid}", data={"csrf": token})
     assert 'id="done">Retry now: 1 recipient due once released<' in done.text
     assert store.status(mid).held
+
+
+def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(
+    store: MemoryStore,
+) -> None:
+    """Was: the dashboard's clock in a zone with summer time (``ZoneInfo``) had a
+    suspension's length added on its wall clock: 01:50 CET plus two hours is 03:50 CEST,
+    one hour on, so a destination suspended for 2h was delivered to again after one."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    store.enqueue(message("b@two.example"), now=NOW)
+    now = datetime(2026, 3, 29, 1, 50, tzinfo=ZoneInfo("Europe/Berlin"))  # 00:50 UTC
+    app = create_app(store, clock=lambda: now)
+    with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+        client.get(_suspend(client, "two.example", "2h"))
+    [suspension] = store.suspensions(now=now)
+    assert suspension.until == datetime(2026, 3, 29, 2, 50, tzinfo=UTC)

@@ -31,9 +31,10 @@ from mailstrom.message.chars import shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.metrics import QueueStatsCache
-from mailstrom.runtime.worker import Worker, in_utc, utc_now
+from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.stores.clock import in_utc
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import (
     Suppression,

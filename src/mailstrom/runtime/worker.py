@@ -70,7 +70,7 @@ from mailstrom.stores.base import (
     domain_of,
     new_holder,
 )
-from mailstrom.stores.clock import ClockReading
+from mailstrom.stores.clock import ClockReading, in_utc
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -97,25 +97,6 @@ _CUT_OFF = "may be taken over: its worker is cut off"
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
-    """``clock`` with its aware readings in UTC. The worker and the facades add and
-    subtract ages on their clock's time (a backoff, a lease's end, purge's cutoff), and
-    Python does that on the wall clock of a ``ZoneInfo`` time: 01:50 CET plus two hours
-    was 03:50 CEST, one hour on, and 03:10 CEST less an hour was 02:10, which does not
-    exist and reads as 01:10 UTC, now itself. A naive reading is left for the store to
-    refuse."""
-    if clock is utc_now:
-        return clock
-
-    def reading() -> datetime:
-        now = clock()
-        if isinstance(now, datetime) and now.utcoffset() is not None:
-            return now.astimezone(UTC)
-        return now
-
-    return reading
 
 
 @dataclass(slots=True, eq=False)

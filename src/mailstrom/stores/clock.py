@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 
@@ -80,3 +80,20 @@ class ServerClock(Protocol):
         round trip); :class:`~mailstrom.errors.StoreError` when the server cannot be
         asked."""
         ...
+
+
+def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
+    """``clock`` with its aware readings in UTC. The worker, the facades and the
+    dashboard add and subtract ages on their clock's time (a backoff, a lease's end,
+    purge's cutoff, a suspension's end), and Python does that on the wall clock of a
+    ``ZoneInfo`` time: 01:50 CET plus two hours was 03:50 CEST, one hour on, and 03:10
+    CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC, now
+    itself. A naive reading is left for the store to refuse."""
+
+    def reading() -> datetime:
+        now = clock()
+        if isinstance(now, datetime) and now.utcoffset() is not None:
+            return now.astimezone(UTC)
+        return now
+
+    return reading

@@ -53,6 +53,7 @@ from mailstrom.safetext import bidi_escaped
 from mailstrom.settings import parse_duration, parse_origin
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
+from mailstrom.stores.clock import in_utc
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
 from mailstrom.stores.operator import Suspension, filter_domain, next_due
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
@@ -122,6 +123,7 @@ def create_app(
     ``guesses`` bounds the failed tries at the token per client address (default:
     ``Guesses()``, 10 in 10 minutes; see :mod:`mailstrom.web.security`).
     """
+    clock = in_utc(clock)  # a suspension's end is reckoned from it
     if token is not None and not token:
         # An empty token would be "required" and matched by an empty one.
         raise ValueError("token must not be empty (None lets everyone in)")
