@@ -320,3 +320,25 @@ def test_max_bytes_applies_across_lanes(store: Store) -> None:
     )
     assert lease is not None
     assert [item.message_id for item in lease.items] == high[:2]
+
+
+def test_a_lease_taken_in_a_zone_with_summer_time_lasts_its_length(store: Store) -> None:
+    """Was: a ``now`` in a zone with summer time (``ZoneInfo``) had ``lease_for`` added on
+    its wall clock: 01:50 CET plus two hours is 03:50 CEST, one hour on, so a lease (of
+    mail or of events) taken for two hours was taken again by another worker after one."""
+    from datetime import UTC, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    now = datetime(2026, 3, 29, 1, 50, tzinfo=ZoneInfo("Europe/Berlin"))  # 00:50 UTC
+    later = datetime(2026, 3, 29, 2, 0, tzinfo=UTC)  # 70 minutes on
+    two_hours = timedelta(hours=2)
+    store.enable_events()
+    store.enqueue(message("a@example.org"), now=now)
+    lease = store.lease(now=now, limit=10, lease_for=two_hours)
+    assert lease is not None
+    assert lease.expires_at == datetime(2026, 3, 29, 2, 50, tzinfo=UTC)
+    assert store.lease(now=later, limit=10, lease_for=LEASE_FOR) is None
+    store.record(results_for(lease, RecipientState.DELIVERED, at=now))
+    events = store.lease_events(now=now, limit=10, lease_for=two_hours)
+    assert events is not None and events.expires_at == datetime(2026, 3, 29, 2, 50, tzinfo=UTC)
+    assert store.lease_events(now=later, limit=10, lease_for=LEASE_FOR) is None

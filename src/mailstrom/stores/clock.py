@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 
@@ -97,3 +97,10 @@ def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
         return now
 
     return reading
+
+
+def after(now: datetime, span: timedelta) -> datetime:
+    """The time ``span`` after ``now``, reckoned in UTC (see :func:`in_utc`): a lease
+    taken at 01:50 CET for two hours ended at 03:50 CEST, one hour on, when added on a
+    ``ZoneInfo`` time's wall clock."""
+    return now.astimezone(UTC) + span

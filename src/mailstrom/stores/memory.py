@@ -33,6 +33,7 @@ from mailstrom.stores.base import (
     record_then_lease,
     with_throttles,
 )
+from mailstrom.stores.clock import after
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
@@ -172,7 +173,7 @@ class MemoryStore(
         if limit <= 0:
             return None
         token = lease_token(holder)
-        expires_at = now + lease_for
+        expires_at = after(now, lease_for)
         with self._lock:
             suspended = self._suspended_domains(now)
             due = [

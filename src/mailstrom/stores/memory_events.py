@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from mailstrom.status import Attempt, DeliveryEvent
 from mailstrom.stores.base import EventBatch
+from mailstrom.stores.clock import after
 from mailstrom.stores.memory_records import _Event, _Message, _Recipient
 
 
@@ -56,7 +57,7 @@ class MemoryEventsMixin:
         if limit <= 0:
             return None
         token = os.urandom(16).hex()
-        expires_at = now + lease_for
+        expires_at = after(now, lease_for)
         taken: list[DeliveryEvent] = []
         with self._lock:
             for e in self._events.values():  # insertion order is id order

@@ -19,6 +19,7 @@ from mailstrom.errors import UnreadableRow
 from mailstrom.status import DeliveryEvent, RecipientState
 from mailstrom.stores.attributes import metadata_from, tags_from
 from mailstrom.stores.base import EventBatch, RecipientResult
+from mailstrom.stores.clock import after
 from mailstrom.stores.side_rows import (
     EVENT_SKIPPED,
     read_events_past_unreadable,
@@ -128,7 +129,7 @@ def lease_event_rows(
     An event that cannot be read is marked sent, with a warning, so that the events after
     it still go (see side_rows); the batch is leased again when it held only such."""
     token = os.urandom(16).hex()
-    expires_at = now + lease_for
+    expires_at = after(now, lease_for)
     while True:
         rows = conn.execute(
             "UPDATE events SET lease_token = ?, lease_expires_at = ? WHERE id IN (SELECT id"

@@ -36,6 +36,7 @@ from mailstrom.stores.base import (
     messages_within,
     new_message_id,
 )
+from mailstrom.stores.clock import after
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.row_checks import (
     UNREADABLE,
@@ -211,7 +212,7 @@ def lease_rows(
     from the configuration). None at ``skip_domains`` (suspended destinations). Up to
     ``max_bytes`` of message data (see ``Store.lease``)."""
     token = lease_token(holder)
-    expires_at = now + lease_for
+    expires_at = after(now, lease_for)
     marks = (token, to_us(expires_at), to_us(now))
     skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
     skipped = list(skip_domains)

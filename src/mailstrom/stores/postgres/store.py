@@ -66,7 +66,7 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import ClockReading, reading_between
+from mailstrom.stores.clock import ClockReading, after, reading_between
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -464,7 +464,7 @@ class PostgresStore:
         lanes: Sequence[tuple[str, int]] | None,
         max_bytes: int | None,
     ) -> Lease | None:
-        expires_at = now + lease_for
+        expires_at = after(now, lease_for)
         params: dict[str, Any] = {
             "now": now,
             "limit": limit,
@@ -874,7 +874,7 @@ class PostgresStore:
         if limit <= 0:
             return None
         token = uuid.uuid4().hex
-        expires_at = now + lease_for
+        expires_at = after(now, lease_for)
         params = {"now": now, "limit": limit, "token": token, "expires_at": expires_at}
         while True:
             found = self._fetch_side("lease_events", params)
