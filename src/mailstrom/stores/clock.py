@@ -99,6 +99,14 @@ def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
     return reading
 
 
+def before(now: datetime, age: timedelta) -> datetime:
+    """The time ``age`` before ``now``, reckoned in UTC. Python subtracts a timedelta from
+    a ``ZoneInfo`` time on its wall clock: the hour after a change to summer time, 03:10
+    CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC (now itself),
+    so "older than an hour" took in mail queued minutes before."""
+    return now.astimezone(UTC) - age
+
+
 def after(now: datetime, span: timedelta) -> datetime:
     """The time ``span`` after ``now``, reckoned in UTC (see :func:`in_utc`): a lease
     taken at 01:50 CET for two hours ended at 03:50 CEST, one hour on, when added on a

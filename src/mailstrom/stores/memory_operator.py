@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, with_throttles
+from mailstrom.stores.clock import before
 from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
-    before,
     bucket_of,
     earliest,
     normalize_prefix,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.arguments import shown
@@ -207,14 +207,6 @@ class ShapeRow:
     @property
     def total(self) -> int:
         return sum(self.counts)
-
-
-def before(now: datetime, age: timedelta) -> datetime:
-    """The time ``age`` before ``now``, reckoned in UTC. Python subtracts a timedelta from
-    a ``ZoneInfo`` time on its wall clock: the hour after a change to summer time, 03:10
-    CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC (now itself),
-    so "older than an hour" took in mail queued minutes before."""
-    return now.astimezone(UTC) - age
 
 
 def bucket_of(age: timedelta, edges: Sequence[timedelta] = AGE_EDGES) -> int:

@@ -16,12 +16,12 @@ from datetime import datetime, timedelta
 
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.clock import before
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
     ShapeRow,
     Suspension,
-    before,
     effective_states,
     listed_ids,
     prefix_upper_bound,

@@ -66,7 +66,7 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import ClockReading, after, reading_between
+from mailstrom.stores.clock import ClockReading, after, before, reading_between
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -74,7 +74,6 @@ from mailstrom.stores.operator import (
     PENDING_STATES,
     ShapeRow,
     Suspension,
-    before,
     comparable,
     effective_states,
     listed_ids,
