@@ -306,6 +306,8 @@ def _within_bytes(conn: sqlite3.Connection, rows: list[Any], max_bytes: int) -> 
     (a lease they carried had expired, or they were not due), and their data never
     read. Sizes are read first, apart from the data: one more statement per lease."""
     order = list(dict.fromkeys(row[1] for row in rows))
+    if len(order) == 1:
+        return rows  # the first message is kept however large: nothing to read
     sizes: dict[int, int] = {}
     for chunk in chunks(order):
         found = conn.execute(
