@@ -86,6 +86,8 @@ def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them()
         ({"match": "x.org", "messages_per_hour": 0.04}, "messages_per_hour"),
         ({"match": "x.org", "messages_per_minute": 0.0006}, "messages_per_minute"),
         ({"match": "x.org", "connections_per_minute": 1e-300}, "connections_per_minute"),
+        # An integer past any float (TOML and the environment read integers of any size).
+        ({"match": "x.org", "messages_per_minute": 10**400}, "messages_per_minute"),
     ],
 )
 def test_bad_rules_raise_a_typed_error_naming_the_field(fields: dict, bad: str) -> None:
@@ -176,3 +178,15 @@ def test_rules_from_the_environment() -> None:
         load_settings(env={"MAILSTROM_SHAPING_RULES": "x.org 5"}, search=False)
     with pytest.raises(ConfigError, match="expected a number"):
         load_settings(env={"MAILSTROM_SHAPING_RULES": "x.org max_connections=a"}, search=False)
+
+
+def test_a_rate_too_large_for_a_float_is_a_configuration_error(tmp_path: Path) -> None:
+    huge = "1" + "0" * 400
+    with pytest.raises(InvalidShapingRule, match="messages_per_minute"):
+        load_settings(
+            env={"MAILSTROM_SHAPING_RULES": f"x.org messages_per_minute={huge}"}, search=False
+        )
+    path = tmp_path / "config.toml"
+    path.write_text(f'[[shaping.rules]]\nmatch = "x.org"\nmessages_per_hour = {huge}\n')
+    with pytest.raises(InvalidShapingRule, match="messages_per_hour"):
+        load_settings(config_path=path, env={})

@@ -24,7 +24,6 @@ replace a default of the same pattern and otherwise sit beside the defaults.
 from __future__ import annotations
 
 import functools
-import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -113,10 +112,12 @@ class DestinationRule:
             value = getattr(self, name)
             if value is None:
                 continue
+            # The range alone: it refuses NaN and infinity too, and compares an int of any
+            # size exactly, where math.isfinite() raised OverflowError for one past a float
+            # (TOML and the environment read integers of any size).
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or not math.isfinite(value)
                 or not 1 / per_day <= value <= MAX_RATE
             ):
                 raise InvalidShapingRule(
