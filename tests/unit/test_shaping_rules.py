@@ -74,6 +74,9 @@ def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them()
         ({"match": "exa mple.org"}, "match"),
         ({"match": "mail.*.example.org"}, "match"),
         ({"match": "*"}, "match"),
+        # A line break ends no label: "$" let one through before the end of a label.
+        ({"match": "example\n.org"}, "match"),
+        ({"match": "*.example\n.org"}, "match"),
         ({"match": "x.org", "max_connections": 0}, "max_connections"),
         ({"match": "x.org", "max_connections": True}, "max_connections"),
         ({"match": "x.org", "messages_per_connection": 1.5}, "messages_per_connection"),

@@ -44,7 +44,9 @@ _PER_DAY = {"messages_per_minute": 1440, "messages_per_hour": 24, "connections_p
 """Each rate's units in a day: the lowest rate accepted is one a day (1/1440 a minute,
 1/24 an hour). Providers state their limits a minute, an hour or a day, so a lower rate
 is a wrong unit or a typo; a far lower one put the next message past any date."""
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+"""One label of a pattern, matched whole: with ``match`` and "$", which also matches
+before a final line break, a label ending in one passed, and the rule matched no name."""
 
 
 def normalise_name(name: str) -> str:
@@ -62,7 +64,7 @@ def _check_pattern(pattern: Any) -> str:
     text = normalise_name(pattern)
     wildcard = text.startswith("*.")
     labels = (text[2:] if wildcard else text).split(".")
-    if len(text) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidShapingRule(
             f"match: not a domain name or '*.suffix' pattern: {pattern!r} (a '*' may only "
             "stand first, as '*.example.com'; internationalised names are given as A-labels)",
