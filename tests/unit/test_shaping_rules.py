@@ -124,6 +124,14 @@ def test_shaping_config_is_validated() -> None:
         Config(helo_name="mail.example.com", shaping={"rules": []})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("rules", [None, 5, DestinationRule(match="x.org", max_connections=1)])
+def test_rules_that_are_no_collection_raise_a_typed_error(rules: object) -> None:
+    # One rule given alone, not in a tuple, is the likely slip.
+    with pytest.raises(InvalidShapingRule, match=r"shaping\.rules: expected a tuple") as caught:
+        ShapingConfig(rules=rules)  # type: ignore[arg-type]
+    assert caught.value.field == "rules"
+
+
 def test_rules_from_the_toml_file(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(

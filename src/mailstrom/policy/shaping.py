@@ -217,6 +217,16 @@ class ShapingConfig:
     """Seconds between a worker's reads of the pauses other workers recorded."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.rules, DestinationRule | str | bytes) or not isinstance(
+            self.rules, Iterable
+        ):
+            # tuple() would raise a bare TypeError for one rule given alone or None.
+            raise InvalidShapingRule(
+                "shaping.rules: expected a tuple of DestinationRule values, got "
+                f"{type(self.rules).__name__}",
+                pattern="",
+                field="rules",
+            )
         rules = tuple(self.rules)
         if len(rules) > MAX_RULES:
             raise InvalidShapingRule(
