@@ -201,3 +201,12 @@ def test_a_rate_too_large_for_a_float_is_a_configuration_error(tmp_path: Path) -
     path.write_text(f'[[shaping.rules]]\nmatch = "x.org"\nmessages_per_hour = {huge}\n')
     with pytest.raises(InvalidShapingRule, match="messages_per_hour"):
         load_settings(config_path=path, env={})
+
+
+def test_a_rule_with_keys_of_several_types_names_one_it_does_not_know() -> None:
+    # A Python dict (Django's MAILSTROM setting, load_settings overrides) may hold keys
+    # that are no strings; sorting them together for the message raised TypeError.
+    rules = [{"match": "x.org", 1: 2, "colour": "red"}]
+    with pytest.raises(InvalidShapingRule, match="unknown setting") as caught:
+        load_settings(overrides={"shaping.rules": rules}, env={}, search=False)
+    assert caught.value.field == "1"

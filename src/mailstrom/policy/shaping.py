@@ -155,7 +155,9 @@ class DestinationRule:
             )
         known = {f.name for f in fields(cls)}
         pattern = str(entry.get("match", ""))
-        unknown = sorted(set(entry) - known)
+        # As strings: a Python mapping (Django's settings) may hold keys of other types,
+        # which sorted() cannot compare with one another.
+        unknown = sorted(str(key) for key in set(entry) - known)
         if unknown:
             raise InvalidShapingRule(
                 f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})",
