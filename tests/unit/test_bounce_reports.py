@@ -645,3 +645,58 @@ def test_a_report_without_parts_and_with_8bit_octets_is_refused() -> None:
     )
     with pytest.raises(InvalidReport, match="without parts"):
         parse_report(data)
+
+
+def _encoded_part(data: bytes, part_type: bytes, line_end: bytes) -> bytes:
+    """``data`` with the body of its ``part_type`` part in base64."""
+    head = b"Content-Type: " + part_type + line_end * 2
+    start = data.index(head) + len(head)
+    end = data.index(line_end + b"--", start)
+    encoded = base64.encodebytes(data[start:end]).replace(b"\n", line_end)
+    return (
+        data[: start - len(line_end)]
+        + b"Content-Transfer-Encoding: base64"
+        + line_end * 2
+        + encoded
+        + data[end:]
+    )
+
+
+@pytest.mark.parametrize("blank", [b"", b" \t"])
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_blank_line_before_the_first_dsn_block_loses_nothing(blank: bytes, encoded: bool) -> None:
+    """A blank line at the start of the message/delivery-status part (one more after the
+    part's header) started an empty per-message block: the real one was read as a
+    recipient block and skipped, and with it Reporting-MTA and the Original-Envelope-Id
+    that matches mail sent without VERP."""
+    head = b"Content-Type: message/delivery-status\r\n\r\n"
+    data = sample("postfix-dsn-headers.eml").replace(head, head + blank + b"\r\n")
+    if encoded:
+        data = _encoded_part(data, b"message/delivery-status", b"\r\n")
+    report = parse_report(data)
+    assert report is not None
+    assert (report.reporting_mta, report.envelope_id) == ("mx.receiver.test", MID)
+    assert [(r.final_recipient, r.status) for r in report.recipients] == [
+        ("nosuchuser@receiver.test", "5.1.1")
+    ]
+
+
+@pytest.mark.parametrize("blank", [b"", b" \t"])
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_blank_line_before_the_feedback_fields_loses_nothing(blank: bytes, encoded: bool) -> None:
+    """The same at the start of a message/feedback-report part: every field was lost, so
+    a not-spam report (RFC 6430) read as one without a Feedback-Type, which is taken for
+    an abuse complaint, and it named no recipient nor its Original-Mail-From."""
+    head = b"Content-Type: message/feedback-report\n\n"
+    data = (
+        sample("arf-complaint.eml")
+        .replace(head, head + blank + b"\n")
+        .replace(b"Feedback-Type: abuse", b"Feedback-Type: not-spam")
+    )
+    if encoded:
+        data = _encoded_part(data, b"message/feedback-report", b"\n")
+    report = parse_report(data)
+    assert report is not None and report.feedback_type == "not-spam"
+    assert report.reporting_mta == "fbl.mailbox.test"
+    assert [r.final_recipient for r in report.recipients] == ["carol@mailbox.test"]
+    assert f"bounces+{MID}-5d41402abc@sender.test" in report.envelope_senders

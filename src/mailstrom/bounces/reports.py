@@ -286,7 +286,17 @@ def _blocks(part: Message, *, white: bool) -> list[Message]:
     """The header blocks of a ``message/delivery-status``, ``message/global-delivery-status``
     or ``message/feedback-report`` part (the parser reads each block of the first as a
     message of headers); ``white``: a line of only spaces and tabs ends a block too (a
-    DSN's, RFC 3464 §2.1; a feedback report is one block, RFC 5965 §3.1)."""
+    DSN's, RFC 3464 §2.1; a feedback report is one block, RFC 5965 §3.1).
+
+    Blank lines before the first block (one more after the part's header) start no block:
+    the parser reads them as blocks without fields, and the first block, the per-message
+    fields or a feedback report's only one, was then taken for an empty one."""
+    blocks = _all_blocks(part, white=white)
+    return list(itertools.dropwhile(lambda block: not block.keys(), blocks))
+
+
+def _all_blocks(part: Message, *, white: bool) -> list[Message]:
+    """The blocks as the parser reads them (see :func:`_blocks`)."""
     if _encoded(part):
         # In base64 or quoted-printable (how the 8-bit message/global-delivery-status
         # crosses a 7-bit hop): what the parser read is the encoded text, decoded whole.
@@ -316,7 +326,9 @@ def _blocks(part: Message, *, white: bool) -> list[Message]:
 def _text_blocks(text: str, white: bool) -> list[Message]:
     """Header blocks separated by empty lines (``white``: or lines of only spaces and
     tabs), each read as a message of headers."""
-    text = text.replace("\r\n", "\n")
+    # Blank lines first would make the first block one without fields (see _blocks),
+    # the fields that follow them its body.
+    text = _LEADING_BLANK_LINES.sub("", text.replace("\r\n", "\n"))
     _check_content_types(_CONTENT_TYPE_TEXT.finditer(text))  # a decoded part is new text
     # Read with the depth guard (_Part): a block that says it is multipart is parsed as
     # MIME, one recursion per level, and a few thousand levels (no blank line needed
@@ -328,6 +340,8 @@ def _text_blocks(text: str, white: bool) -> list[Message]:
     return [parser.parsestr(b) for b in blocks]
 
 
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
+"""Empty lines, or lines of only spaces and tabs, at the start of a text."""
 _BLANK_LINES = re.compile(r"\n\n+")
 """What ends a block: one empty line or more (as the parser splits message/delivery-status)."""
 _BLANK_OR_WHITE_LINES = re.compile(r"\n(?:[ \t]*\n)+")
