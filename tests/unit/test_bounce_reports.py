@@ -700,3 +700,28 @@ def test_a_blank_line_before_the_feedback_fields_loses_nothing(blank: bytes, enc
     assert report.reporting_mta == "fbl.mailbox.test"
     assert [r.final_recipient for r in report.recipients] == ["carol@mailbox.test"]
     assert f"bounces+{MID}-5d41402abc@sender.test" in report.envelope_senders
+
+
+@pytest.mark.parametrize("per_message", ["left out", "run into the first recipient's"])
+def test_a_recipient_in_the_first_dsn_block_is_read(per_message: str) -> None:
+    """RFC 3464 §2.1 puts the per-message fields first, in a block of their own; an MTA
+    that leaves them out, or writes no blank line between them and the first recipient's
+    fields, makes that recipient's fields the first block. It was read as the per-message
+    block only: the recipient was lost (with one, the report named none, and a failure
+    it reported was ignored as "action missing")."""
+    block = b"Final-Recipient: rfc822; other@receiver.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+    data = sample("postfix-dsn-headers.eml").replace(
+        b"\r\n\r\nFinal-Recipient:", b"\r\nFinal-Recipient:"
+    )
+    data = data.replace(b"Status: 5.1.1\r\n", b"Status: 5.1.1\r\n\r\n" + block)
+    if per_message == "left out":
+        start = data.index(b"Reporting-MTA:")
+        data = data[:start] + data[data.index(b"Final-Recipient:") :]
+    report = parse_report(data)
+    assert report is not None
+    assert [(r.final_recipient, r.action, r.status) for r in report.recipients] == [
+        ("nosuchuser@receiver.test", "failed", "5.1.1"),
+        ("other@receiver.test", "failed", "5.1.1"),
+    ]
+    if per_message != "left out":
+        assert (report.reporting_mta, report.envelope_id) == ("mx.receiver.test", MID)

@@ -222,12 +222,16 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
     blocks = _blocks(status, white=True)
     if not blocks:
         raise InvalidReport("an empty message/delivery-status part")
-    per_message, per_recipient = blocks[0], blocks[1:]
-    recipients = []
-    for block in per_recipient[:MAX_RECIPIENTS]:
+    per_message = blocks[0]
+    recipients: list[ReportedRecipient] = []
+    # The per-message block included: an MTA that leaves it out, or writes no blank line
+    # between it and the first recipient's fields, puts that recipient's fields there.
+    for block in blocks:
         final = _typed_address(block.get("Final-Recipient"))
         if final is None and block.get("Action") is None:
             continue  # not a recipient block (a stray blank line in the message block)
+        if len(recipients) == MAX_RECIPIENTS:
+            break
         diagnostic_type, diagnostic = _typed(block.get("Diagnostic-Code"), comments=True)
         code = _smtp_code(diagnostic) if diagnostic_type == "smtp" else None
         recipients.append(
