@@ -725,3 +725,28 @@ def test_a_recipient_in_the_first_dsn_block_is_read(per_message: str) -> None:
     ]
     if per_message != "left out":
         assert (report.reporting_mta, report.envelope_id) == ("mx.receiver.test", MID)
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        # Unquoted and unescaped, this is bounce{token}@...: a hex digit touches the token.
+        ('"bounce\\{token}"@sender.test', "other than a hex digit"),
+        # NFC writes U+0958 as two code points, 3 octets as 6: 80 octets with the token.
+        ("\u0958" * 6 + "+{token}@sender.test", "at most 64"),
+    ],
+)
+def test_a_template_is_checked_as_it_is_sent(template: str, why: str) -> None:
+    """The template was checked as given, then normalized for sending (a quoted local
+    part unquoted, a UTF-8 one in NFC): the envelope sender it queued could have a hex
+    digit next to its token, so that no bounce to it ever matched, or a local part past
+    RFC 5321's 64 octets."""
+    from mailstrom import Config, Email, Mailstrom
+    from mailstrom.stores import MemoryStore
+
+    email = Email(from_="app@sender.test", to=["bob@example.org"], subject="Hi", text="Hello")
+    store = MemoryStore()
+    with Mailstrom(Config(helo_name="mail.sender.test"), store=store, worker=None) as ms:
+        with pytest.raises(InvalidAddress, match=why):
+            ms.send_email(email, envelope_from=template)
+        assert ms.query_recent() == []

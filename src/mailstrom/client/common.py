@@ -504,6 +504,11 @@ def prepare_for(
         dkim=config.dkim,
         send_at=attributes.send_at,
     )
+    if is_verp_template(prepared.envelope_from):
+        # Again as it is sent: prepare() unquotes a local part that needs no quotes and
+        # puts a UTF-8 one in NFC, which can put a hex digit next to {token} (no bounce
+        # would match), make a template of "\{token\}", or take it past 64 octets.
+        check_verp_template(prepared.envelope_from)
     if config.dkim is not None and not prepared.dkim:
         log_unsigned(prepared)
     if dsn is None and isinstance(message, Email):
