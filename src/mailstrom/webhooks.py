@@ -110,7 +110,8 @@ def verify_signature(
     """Whether ``header`` (the ``Mailstrom-Signature`` value) signs ``body`` under
     ``secret`` with a timestamp within ``tolerance`` seconds of ``now`` (default: the
     clock). Several ``v1=`` values are accepted (one may match), so a secret can be
-    rotated by signing with both for a while.
+    rotated by signing with both for a while. Raises ValueError for an empty ``secret``
+    (``HookConfig`` refuses one): anybody can sign with the empty key.
 
     >>> body = b'{"events":[]}'
     >>> verify_signature("whsec", sign("whsec", body), body)
@@ -118,6 +119,10 @@ def verify_signature(
     >>> verify_signature("other", sign("whsec", body), body)
     False
     """
+    if not secret:
+        # No worker signs with it, so it would verify only forgeries: a receiver that
+        # read its secret from an unset variable ("") accepted every one.
+        raise ValueError("verify_signature needs the hook's secret, not an empty one")
     timestamp: int | None = None
     signatures: list[str] = []
     for part in header.split(","):

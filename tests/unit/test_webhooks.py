@@ -117,3 +117,12 @@ def test_an_event_whose_text_is_not_utf8_still_makes_a_body(tmp_path: Path) -> N
     [event] = json.loads(body.decode("utf-8"))["events"]
     assert event["error"] == "ok\ufffd!"
     assert event["recipient"] == "bob@example.org"
+
+
+def test_an_empty_secret_verifies_nothing() -> None:
+    """HookConfig refuses an empty secret, so no worker signs with one: a receiver whose
+    secret is empty (an unset environment variable read as "") accepted any request
+    signed with the empty key, which anybody can compute."""
+    forged = sign("", BODY, timestamp=NOW)
+    with pytest.raises(ValueError, match="secret"):
+        verify_signature("", forged, BODY, now=NOW)
