@@ -750,3 +750,36 @@ def test_a_template_is_checked_as_it_is_sent(template: str, why: str) -> None:
         with pytest.raises(InvalidAddress, match=why):
             ms.send_email(email, envelope_from=template)
         assert ms.query_recent() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "part_type"),
+    [
+        ("postfix-dsn-headers.eml", b"text/rfc822-headers"),
+        ("postfix-dsn-full.eml", b"message/rfc822"),
+        ("arf-complaint.eml", b"text/rfc822-headers"),
+    ],
+)
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_blank_line_before_the_returned_headers_loses_nothing(
+    name: str, part_type: bytes, encoded: bool
+) -> None:
+    """A blank line at the start of the returned message's part ended its header
+    section before it began: its Message-ID (what matches mail sent without VERP when
+    the report has no Original-Envelope-Id) and its Return-Path (where a VERP token is
+    looked for) were read as its body."""
+    data = sample(name).replace(b"Content-Transfer-Encoding: 8bit", b"X-Encoding: none")
+    nl = b"\r\n" if b"\r\n" in data else b"\n"
+    body_start = data.index(nl * 2, data.index(b"Content-Type: " + part_type)) + 2 * len(nl)
+    body_end = data.index(nl + b"--", body_start)
+    head, body, tail = data[: body_start - len(nl)], data[body_start:body_end], data[body_end:]
+
+    def report_with(body: bytes) -> bytes:
+        if not encoded:
+            return head + nl + body + tail
+        encoding = b"Content-Transfer-Encoding: base64" + nl * 2
+        return head + encoding + base64.encodebytes(body).replace(b"\n", nl) + tail
+
+    report = parse_report(report_with(body))
+    assert report is not None and report.original_message_id is not None
+    assert parse_report(report_with(nl + body)) == report

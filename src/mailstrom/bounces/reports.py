@@ -344,7 +344,7 @@ def _text_blocks(text: str, white: bool) -> list[Message]:
     return [parser.parsestr(b) for b in blocks]
 
 
-_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\r?\n)+")
 """Empty lines, or lines of only spaces and tabs, at the start of a text."""
 _BLANK_LINES = re.compile(r"\n\n+")
 """What ends a block: one empty line or more (as the parser splits message/delivery-status)."""
@@ -367,16 +367,26 @@ def _returned(parts: list[Message]) -> Message | None:
     if _encoded(part):
         # mailstrom's own notices encode a returned message/global(-headers) that holds
         # 8-bit octets; the parser took the encoded text for a message (or for text).
-        decoded = email.parser.BytesParser(policy=_POLICY)
-        return decoded.parsebytes(_decoded_body(part), headersonly=True)
+        # Its octets read as the parser reads bytes: 8-bit ones as lone surrogates.
+        return _headers(_decoded_body(part).decode("ascii", "surrogateescape"))
     if not part.is_multipart():
-        # Only its headers are read: a body here would be parsed (and nested) for nothing.
-        parser = email.parser.Parser(policy=_POLICY)
-        return parser.parsestr(_text(part)[:200_000], headersonly=True)
+        return _headers(_text(part))
     payload = part.get_payload()
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-        return payload[0]
+        returned = payload[0]
+        if returned.keys() or returned.is_multipart():
+            return returned
+        # No fields: a blank line came first, and the parser read the fields as the body.
+        return _headers(_text(returned))
     return None
+
+
+def _headers(text: str) -> Message:
+    """The header fields at the start of ``text`` (only those: a body here would be
+    parsed, and nested, for nothing), after any blank lines: one first would end the
+    header section before it began, and the fields would be read as the body."""
+    parser = email.parser.Parser(policy=_POLICY)
+    return parser.parsestr(_LEADING_BLANK_LINES.sub("", text[:200_000]), headersonly=True)
 
 
 def _text(part: Message) -> str:
