@@ -478,3 +478,41 @@ def test_a_report_signed_by_a_dkim_key_of_its_domain_carries_no_warning(mail_env
     assert result.code == 0, result.err
     assert "mailto:tls@example.test: ok: queued as " in result.out
     assert "NOT DKIM-signed" not in result.out
+
+
+@pytest.mark.parametrize(
+    ("records", "problem"),
+    [
+        (
+            ("v=TLSRPTv1; rua=mailto:a@example.test", "v=TLSRPTv1; rua=mailto:b@example.test"),
+            "2 v=TLSRPTv1 records (exactly one allowed)",
+        ),
+        (("v=TLSRPTv1; ruf=mailto:a@example.test",), "v=TLSRPTv1 record without rua"),
+        (("v=TLSRPTv1; rua=ftp://example.test/",), "rua has no mailto: or https: URI"),
+    ],
+    ids=["two records", "no rua", "no usable uri"],
+)
+def test_tlsrpt_unusable_record_is_no_report_wanted_not_a_failure(
+    mail_env: MailEnv, records: tuple[str, ...], problem: str
+) -> None:
+    # RFC 8460 §3: with other than one TLSRPTv1 record, the domain is taken not to do
+    # TLSRPT. Such a record (the policy domain's own DNS, which running again does not
+    # change) exited 75, "run it again", at every daily run.
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", *records)
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--json")
+    assert result.code == 0, result.err
+    mine, other = result.json()["domains"]
+    assert mine["problem"].startswith("_smtp._tls record unusable: " + problem), mine
+    assert (mine["file"], mine["sent"]) == (None, [])
+    assert other["problem"] == "no _smtp._tls record: no report wanted"
+
+
+def test_tlsrpt_failed_record_lookup_exits_75(mail_env: MailEnv) -> None:
+    # Unlike an unusable record, a lookup that failed may work the next time.
+    seed(mail_env.workdir)
+    mail_env.dns.servfail("_smtp._tls.example.test")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--json")
+    assert result.code == 75, result.err
+    mine, _ = result.json()["domains"]
+    assert "TXT lookup of _smtp._tls.example.test failed" in mine["problem"]

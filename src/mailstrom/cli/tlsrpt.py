@@ -47,7 +47,9 @@ examples:
   mailstrom tlsrpt --send --post-timeout 10s         # give each POST 10 s, not 30
 
 exit code: 0 when every report was written (and sent, with --send), 64 for a bad
-option, 75 when a report could not be sent or a DNS lookup failed (run it again).
+option, 75 when a report could not be sent or a DNS lookup failed (run it again). A
+domain whose _smtp._tls record is unusable (two TLSRPTv1 records, no rua) gets no
+report, as one without a record: no failure of the run (RFC 8460 section 3).
 """
 
 MAX_LOOKUPS = 32
@@ -118,10 +120,20 @@ def _day(text: str | None) -> date:
         raise UsageError(f"--date: expected YYYY-MM-DD, got {text!r}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _LookupFailed:
+    """A ``_smtp._tls`` lookup that failed (SERVFAIL, a timeout): the run fails, since the
+    next one may get an answer. An unusable record is no failure of the run: it is the
+    policy domain's to change, and until then it wants no report (RFC 8460 §3)."""
+
+    problem: str
+
+
 async def _rua(
     resolver: dns.asyncresolver.Resolver, domains: list[str]
-) -> dict[str, list[str] | str | None]:
-    """Each domain's rua URIs, None without a record, or the problem as text."""
+) -> dict[str, list[str] | str | _LookupFailed | None]:
+    """Each domain's rua URIs, None without a record, why its record is unusable (text),
+    or why the lookup failed."""
     from mailstrom.tlsrpt.report import ReportRecordError
     from mailstrom.tlsrpt.report import parse_tlsrpt_record as parse_record
 
@@ -129,13 +141,13 @@ async def _rua(
     # a bounded number of lookups at a time, not one burst of thousands.
     lookups = asyncio.Semaphore(MAX_LOOKUPS)
 
-    async def one(domain: str) -> list[str] | str | None:
+    async def one(domain: str) -> list[str] | str | _LookupFailed | None:
         try:
             async with lookups:
                 records, _ = await txt_records(resolver, f"_smtp._tls.{domain}")
             return parse_record(records)
         except DNSTrouble as exc:
-            return str(exc)
+            return _LookupFailed(str(exc))
         except ReportRecordError as exc:
             return f"_smtp._tls record unusable: {exc.reason}"
 
@@ -207,19 +219,19 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
             post_timeout=post_timeout,
         )
         # One event loop for the lookups and the POSTs, which share one resolver.
-        results = asyncio.run(_report_day(job))
+        results, lookups_failed = asyncio.run(_report_day(job))
     finally:
         store.close()
     if args.json:
         print_json({"date": day.isoformat(), "domains": results})
     else:
         _print(day, results)
-    failed = any(r.problem and not r.problem.startswith("no _smtp") for r in results)
-    failed = failed or any(not d.ok for r in results for d in r.sent)
+    failed = lookups_failed or any(not d.ok for r in results for d in r.sent)
     return EX_TEMPFAIL if failed else EX_OK
 
 
-async def _report_day(job: _Job) -> list[DomainReport]:
+async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
+    """Each domain's report, and whether a ``_smtp._tls`` lookup failed."""
     from mailstrom.tlsrpt.report import build_report
 
     submitter = job.reporter.submitter
@@ -235,6 +247,9 @@ async def _report_day(job: _Job) -> list[DomainReport]:
         found = rua[domain]
         if found is None:
             entry.problem = "no _smtp._tls record: no report wanted"
+            continue
+        if isinstance(found, _LookupFailed):
+            entry.problem = found.problem
             continue
         if isinstance(found, str):
             entry.problem = found
@@ -255,7 +270,8 @@ async def _report_day(job: _Job) -> list[DomainReport]:
                     entry.sent.append(Delivery(uri=uri, ok=False, detail="not posted"))
     if posts:
         await _post_all(job, resolver, posts)
-    return results
+    lookups_failed = any(isinstance(found, _LookupFailed) for found in rua.values())
+    return results, lookups_failed
 
 
 def _write(path: Path, data: bytes) -> None:
