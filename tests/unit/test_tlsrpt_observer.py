@@ -14,6 +14,7 @@ from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequ
 from mailstrom.tlsrpt import PolicyType
 from mailstrom.tlsrpt.observer import SessionObserver
 from mailstrom.tlsrpt.recorder import SessionRecorder
+from mailstrom.tlsrpt.report import Reporter, build_report
 
 NOW = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
 TLSA = TLSARecord(usage=3, selector=1, matching=1, data=b"\xab\x12")
@@ -68,3 +69,25 @@ async def test_under_dane_a_failure_counts_with_the_tlsa_records() -> None:
 )
 async def test_not_counted(source: PolicySource, error: DeliveryError, domain: str) -> None:
     assert await counted(source, error, domain=domain) == []
+
+
+async def test_a_tlsa_rrset_is_one_policy_in_whatever_order_dns_gives_it() -> None:
+    # Resolvers rotate an RRset's order (BIND, Unbound's rrset-roundrobin): a host with
+    # two TLSA records (a key rollover) was two policies in the day's report, its
+    # sessions split between them by the order each lookup happened to give.
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    observe = SessionObserver(recorder)
+    other = TLSARecord(usage=2, selector=0, matching=2, data=b"\xcd" * 64)
+    error = TLSVerifyError("DANE: no TLSA record matches", host="mx.example.org")
+    for records in ((TLSA, other), (other, TLSA), (TLSA, other)):
+        requirement = TLSRequirement(mode=TLSMode.DANE, source=PolicySource.DANE, tlsa=records)
+        observe("example.org", requirement, "mx.example.org", "192.0.2.7", error)
+    await recorder.flush()
+    reporter = Reporter(organization="Sender", contact="tls@sender.test", submitter="sender.test")
+    report = build_report("example.org", NOW.date(), store.tls_sessions(NOW.date()), reporter)
+    [entry] = report.document["policies"]
+    assert entry["policy"]["policy-string"] == sorted([str(TLSA), str(other)])
+    assert entry["summary"]["total-failure-session-count"] == 3
+    [detail] = entry["failure-details"]
+    assert detail["failed-session-count"] == 3

@@ -76,7 +76,9 @@ class SessionObserver:
             return
         if source is PolicySource.DANE:
             policy_type = PolicyType.TLSA
-            policy = "\n".join(str(r) for r in requirement.tlsa)
+            # Sorted: resolvers rotate an RRset's order, and the same records in another
+            # order would be another policy (its own counters, its own report entry).
+            policy = "\n".join(sorted(str(r) for r in requirement.tlsa))
         elif requirement.mode is TLSMode.NONE and source is not PolicySource.REMEMBERED:
             return  # plaintext by the operator's choice: no TLS was attempted
         elif (
