@@ -571,6 +571,21 @@ def test_an_internationalised_name_finds_and_suspends_its_destination(store: Sto
     assert store.lease(now=NOW + timedelta(minutes=1), limit=10, lease_for=LEASE_FOR) is None
 
 
+def test_every_action_the_destinations_page_offers_can_be_confirmed(store: Store) -> None:
+    # Mail to an address literal is a destination of its own, which nothing can suspend
+    # (suspensions are by domain name): its Suspend button led to a 400 "not a domain
+    # name: '[192.0.2.1]'" page every time.
+    store.enqueue(message("b@[192.0.2.1]"), now=NOW)
+    store.enqueue(message("c@three.example"), now=NOW)
+    for client in _client(store):
+        page = client.get("/destinations").text
+        assert "[192.0.2.1]" in page and "three.example" in page
+        offered = re.findall(r'href="(/action/[^"]+)"', page)
+        assert offered == ["/action/suspend/three.example"]
+        for link in offered:
+            assert client.get(link).status_code == 200, link
+
+
 def test_domain_names_are_lower_cased_and_may_be_internationalised() -> None:
     from mailstrom.web.actions import InvalidTarget, destination_domain
 

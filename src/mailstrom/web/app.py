@@ -301,6 +301,7 @@ def create_app(
             request,
             "destinations.html",
             destinations=found[:size],
+            suspendable={d.domain for d in found[:size] if _suspendable(d.domain)},
             domain=domain or "",
             actionable=actionable,
             suspensions=suspended,
@@ -592,6 +593,16 @@ def _done_notice(text: str | None) -> str | None:
     label, sep, outcome = text.partition(": ")
     known = {a.label for a in ACTIONS.values()}
     return text if sep and label in known and _OUTCOME.fullmatch(outcome) else None
+
+
+def _suspendable(domain: str) -> bool:
+    """Whether a destination can be suspended: a domain name, not the address literal
+    (``[192.0.2.1]``) of mail to an address, which no suspension names."""
+    try:
+        destination_domain(domain)
+    except InvalidTarget:
+        return False
+    return True
 
 
 def _applies(action: str, *, held: bool, pending: bool) -> bool:
