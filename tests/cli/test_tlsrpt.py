@@ -516,3 +516,35 @@ def test_tlsrpt_failed_record_lookup_exits_75(mail_env: MailEnv) -> None:
     assert result.code == 75, result.err
     mine, _ = result.json()["domains"]
     assert "TXT lookup of _smtp._tls.example.test failed" in mine["problem"]
+
+
+def test_a_long_policy_domain_gets_its_report_under_a_file_name_that_fits(
+    mail_env: MailEnv,
+) -> None:
+    # The RFC 8460 §5.3 name is the submitter, the domain, two times and an id: for a
+    # policy domain over about 200 octets (names may have 253) it passed the 255 octets
+    # a file name may have, and the run stopped with a traceback at that domain (exit
+    # 70): the reports of the domains after it were never written, nor any https: one
+    # of the run posted.
+    long_domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "long.test"])
+    seed_domains(mail_env.workdir, [long_domain, "other.test"])
+    for domain in (long_domain, "other.test"):
+        mail_env.dns.txt(f"_smtp._tls.{domain}", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    result = mail_env.cli(
+        "tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send", "--json"
+    )
+    assert result.code == 0, result.err
+    reported = result.json()["domains"]
+    assert [r["domain"] for r in reported] == [long_domain, "other.test"]
+    assert [[d["ok"] for d in r["sent"]] for r in reported] == [[True], [True]]
+    written = sorted(out.iterdir())
+    assert sorted(str(path) for path in written) == sorted(r["file"] for r in reported)
+    for path in written:
+        assert len(path.name.encode()) <= 255
+        assert path.name.startswith("client.test!") and path.name.endswith(".json")
+    by_domain = {
+        json.loads(p.read_bytes())["policies"][0]["policy"]["policy-domain"] for p in written
+    }
+    assert by_domain == {long_domain, "other.test"}

@@ -257,7 +257,7 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
         entry.rua = found
         report = build_report(domain, job.day, sessions, job.reporter)
         entry.report_id = report.report_id
-        path = job.out / report.filename(submitter)
+        path = job.out / _fitting(report.filename(submitter))
         _write(path, report.json())
         entry.file = str(path)
         if job.send:
@@ -272,6 +272,24 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
         await _post_all(job, resolver, posts)
     lookups_failed = any(isinstance(found, _LookupFailed) for found in rua.values())
     return results, lookups_failed
+
+
+MAX_FILE_NAME = 255 - len(".tmp")
+"""Octets of a report's file name at most: what file systems allow (NAME_MAX), less the
+suffix of the temporary name it is written under first."""
+
+
+def _fitting(name: str) -> str:
+    """``name`` (RFC 8460 §5.3: ``sender!policy-domain!begin!end!id.json``) cut to
+    :data:`MAX_FILE_NAME` octets where it is longer: a domain may have 253 octets, and
+    with the sender's name and the rest the name would be no file's. What is cut is the
+    end of ``sender!policy-domain``: the times and the unique id stay whole."""
+    if len(name.encode()) <= MAX_FILE_NAME:
+        return name
+    names, *times_and_id = name.rsplit("!", 3)
+    tail = "!" + "!".join(times_and_id)
+    room = max(MAX_FILE_NAME - len(tail.encode()), 0)
+    return names.encode()[:room].decode("utf-8", "ignore") + tail
 
 
 def _write(path: Path, data: bytes) -> None:
