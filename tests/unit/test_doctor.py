@@ -857,6 +857,31 @@ def test_a_probe_target_unknown_for_now_leaves_the_outgoing_address_unknown(
     assert exit_code(report) == 75
 
 
+@pytest.mark.parametrize(
+    ("given", "exit_status"),
+    [
+        # Relay mode without --ip: the relay's address, which SPF judges, is not known.
+        ({"relay": "smtp.example.net:587"}, 1),
+        # The outgoing address is unknown for now: so is SPF's verdict (exit 75).
+        ({"probe": "gmail.com"}, 75),
+    ],
+)
+def test_dmarc_without_an_spf_verdict_is_not_a_failure(
+    rsa_key: Path, given: dict[str, object], exit_status: int
+) -> None:
+    # Without a DKIM key, DMARC passes or fails by SPF alone; with no address to judge,
+    # SPF was skipped, and "would fail DMARC" (exit 2) claimed what nobody checked.
+    zone = good_zone(rsa_key)
+    zone[("gmail.com", "MX")] = "servfail"
+    report = run_doctor(setup(rsa_key, dkim_keys=(), **given), FakeResolver(zone), FakeNetwork())
+    assert report.ip is None
+    [dmarc] = report.find("dmarc")
+    assert dmarc.status is Status.WARN, dmarc
+    assert "not checked" in dmarc.summary
+    assert "SPF: not checked (no outgoing address to judge)" in dmarc.details
+    assert exit_code(report) == exit_status
+
+
 @pytest.mark.parametrize("null", ["0 .", "0 "])
 def test_probe_domain_with_a_null_mx_is_no_target(null: str) -> None:
     # RFC 7505: the domain takes no mail; its address (a web server, say) is no SMTP

@@ -148,14 +148,15 @@ def check_dmarc(
     resolver: Resolver,
     *,
     domain: str,
-    spf_result: str,
+    spf_result: str | None,
     dkim_domains: Sequence[str],
     bulk: bool = False,
     envelope_domain: str | None = None,
 ) -> Check:
     """The policy, and whether mail From ``domain`` would pass it, given the SPF result
-    for ``envelope_domain`` (default: ``domain``, mailstrom's default envelope sender)
-    and the ``d=`` domains of the configured keys whose DKIM check passed."""
+    for ``envelope_domain`` (default: ``domain``, mailstrom's default envelope sender;
+    None when SPF was not judged, for want of an outgoing address) and the ``d=``
+    domains of the configured keys whose DKIM check passed."""
     envelope_domain = envelope_domain or domain
     found = discover(resolver, domain)
     starter = f'publish TXT at _dmarc.{domain}: "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
@@ -203,7 +204,9 @@ def check_dmarc(
         f"policy for {domain}: p={policy}"
         + (f" (sp= of {found.name})" if at_org and record.sp else "")
         + f", adkim={record.adkim}, aspf={record.aspf}, pct={record.pct}",
-        f"SPF: {spf_result}, " + ("aligned" if spf_ok else "does not count for DMARC"),
+        "SPF: not checked (no outgoing address to judge)"
+        if spf_result is None
+        else f"SPF: {spf_result}, " + ("aligned" if spf_ok else "does not count for DMARC"),
         "DKIM: "
         + (
             f"aligned signature by d={', '.join(dkim_ok)}"
@@ -216,6 +219,17 @@ def check_dmarc(
     if record.pct < 100:
         details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
 
+    if not dkim_ok and spf_result is None:
+        # DMARC then passes or fails by SPF alone, for an address not known here (a
+        # relay's, or one that routing could not find for now): no verdict either way.
+        return check(
+            Status.WARN,
+            f"mail From {domain} passes DMARC (p={policy}) only if SPF passes for the "
+            "address receivers see, which was not checked: no aligned DKIM signature",
+            "give the address receivers see with --ip to check SPF for it, and sign with "
+            f"a DKIM key for d={domain} (see the dkim checks)",
+            details,
+        )
     if not spf_ok and not dkim_ok:
         return check(
             Status.FAIL,

@@ -113,7 +113,7 @@ def run_doctor(
 
     ip = _outgoing(setup, resolver, network, report)
     report.ip = ip
-    spf_result = "none"
+    spf_result: str | None = None  # not judged: no outgoing address
     if ip is None:
         report.add(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")))
     else:
