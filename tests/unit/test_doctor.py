@@ -434,6 +434,10 @@ def test_dkim_ed25519(tmp_path: Path) -> None:
         ("v=DKIM1; k=rsa\u00a0; p={p}", Status.FAIL, "the record is for k=rsa\u00a0"),
         ("v=DKIM1;\u00a0k=rsa; p={p}", Status.FAIL, "malformed record: tag name"),
         ("v=DKIM1; k=rsa;\r\n\tp={p}", Status.PASS, "published key matches"),
+        # FWS may also stand before the '=' (§3.2: tag-spec = [FWS] tag-name [FWS] "="):
+        # dkimpy and Mail::DKIM verify with these records.
+        ("v=DKIM1; k=rsa; p\t={p}", Status.PASS, "published key matches"),
+        ("v=DKIM1; k=rsa; p\r\n\t= {p}", Status.PASS, "published key matches"),
         # tag-name = ALPHA *ALNUMPUNC (§3.2): a record with another is invalid (dkimpy).
         ("v=DKIM1; 1x=y; k=rsa; p={p}", Status.FAIL, "malformed record: tag name '1x'"),
         ("v=DKIM1; x-y=z; k=rsa; p={p}", Status.FAIL, "malformed record: tag name 'x-y'"),

@@ -67,6 +67,10 @@ _FWS = " \t\r\n"
 and values: not ``str.strip()``'s, which takes NBSP and the rest of Unicode's too."""
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 """RFC 6376 §3.2: tag-name = ALPHA *ALNUMPUNC, ALNUMPUNC = ALPHA / DIGIT / "_"."""
+_P_TAG = re.compile(r"p[ \t\r\n]*=")
+"""What makes a TXT record look like a key record: a ``p`` and its ``=``, with any folding
+white space between them that RFC 6376 §3.2 allows (a tab too: verifiers take it), not
+spaces only."""
 
 
 def parse_tags(text: str) -> dict[str, str]:
@@ -239,7 +243,7 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     answer = resolver.lookup(name, "TXT")
     if answer.outcome is Outcome.ERROR:
         return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
-    candidates = [r for r in answer.records if "p=" in r.replace(" ", "")]
+    candidates = [r for r in answer.records if _P_TAG.search(r)]
     shown = tuple(f"TXT {name}: {r}" for r in candidates)
     if not candidates:
         return result(Status.FAIL, f"no DKIM key published at {name}", publish)
