@@ -190,6 +190,32 @@ def test_spf_failures_name_the_record(
         assert check.fix is not None and check.fix.startswith(fix)
 
 
+@pytest.mark.parametrize(
+    "records",
+    [
+        # RFC 7208 §6: exp= and redirect= may each appear once in a record.
+        ["v=spf1 mx exp=why.example.com -all", "v=spf1 a exp=other.example.com ~all"],
+        ["v=spf1 redirect=_spf.example.net", "v=spf1 exp=why.example.com redirect=x.example"],
+        ["v=spf1 a -all", "v=spf1 mx exp=why.example.com -all", "v=spf1 exp=b.example -all"],
+    ],
+)
+def test_spf_merged_record_of_several_is_one_receivers_take(records: list[str]) -> None:
+    # The fix for several SPF records is the one record to publish instead: published,
+    # it must pass for the address, not be a permerror of its own.
+    zone: dict[tuple[str, str], list[str] | str] = {
+        (DOMAIN, "TXT"): records,
+        (DOMAIN, "MX"): ["10 mx.example.com"],
+        ("_spf.example.net", "TXT"): ["v=spf1 -all"],
+        ("x.example", "TXT"): ["v=spf1 -all"],
+    }
+    check, _ = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.fix is not None and "merge their mechanisms" in check.fix
+    merged = check.fix.split('"')[1]
+    zone[(DOMAIN, "TXT")] = [merged]
+    check, result = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.PASS, "pass"), (merged, check.summary)
+
+
 class SlowResolver(FakeResolver):
     """Each answer takes ``delay`` seconds, as a distant or hostile server's may."""
 

@@ -216,19 +216,26 @@ def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
 
 
 def _merged(records: list[str], mechanism: str) -> str:
+    """One record with the terms of ``records``: each mechanism once, the first ``all``
+    or ``redirect=`` last, and the first ``exp=`` only (RFC 7208 §6: a record with two
+    ``redirect=`` or two ``exp=`` is itself a permerror)."""
     terms: list[str] = []
     tail: list[str] = []
+    explanation: list[str] = []
     for record in records:
         for term in _terms(record)[1:]:
             lowered = term.lower()
             if lowered.lstrip("+-~?") == "all" or lowered.startswith("redirect="):
                 if not tail:
                     tail.append(term)
+            elif lowered.startswith("exp="):
+                if not explanation:
+                    explanation.append(term)
             elif term not in terms:
                 terms.append(term)
     if mechanism not in terms:
         terms.insert(0, mechanism)
-    return " ".join(["v=spf1", *terms, *(tail or ["~all"])])
+    return " ".join(["v=spf1", *terms, *(tail or ["~all"]), *explanation])
 
 
 def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
