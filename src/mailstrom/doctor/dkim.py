@@ -312,7 +312,9 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     if kind != ours.kind:
         return f"the record is for k={piece(kind)}, the key is {ours.kind}"
     hashes = tags.get("h")
-    if hashes is not None and "sha256" not in hashes.lower().split(":"):
+    # Case-sensitive as well: Mail::DKIM (SpamAssassin's verifier) finds a record with
+    # h=SHA256 invalid for an rsa-sha256 signature ("does not support hash algorithm").
+    if hashes is not None and "sha256" not in hashes.split(":"):
         return f"h={piece(hashes)} excludes sha256, which mailstrom signs with"
     services = tags.get("s")
     # Verifiers "MUST ignore this record" unless s= lists email or * (RFC 6376 §3.6.1;
