@@ -281,6 +281,24 @@ def test_spf_helo_identity() -> None:
     assert missing.fix == f'publish TXT at {HELO}: "v=spf1 a -all" (the host may send as itself)'
 
 
+@pytest.mark.parametrize(
+    ("records", "replaced"),
+    [
+        (["v=spf1 a -all", "v=spf1 mx -all"], "the 2 SPF records at mail.example.com"),
+        (["v=spf1 a:%{x}.example -all"], 'TXT at mail.example.com "v=spf1 a:%{x}.example -all"'),
+    ],
+)
+def test_spf_helo_permerror_fix_replaces_the_records_there(
+    records: list[str], replaced: str
+) -> None:
+    # Publishing one more record beside those there (the fix for a name without one)
+    # leaves a permerror: several v=spf1 records are one (RFC 7208 §4.5).
+    resolver = FakeResolver({(HELO, "TXT"): records, (HELO, "A"): [IP]})
+    check = check_spf_helo(resolver, helo=HELO, ip=IP)
+    assert check.summary.startswith("permerror"), check.summary
+    assert check.fix == f'replace {replaced} by "v=spf1 a -all" (the host may send as itself)'
+
+
 def test_spf_helo_temporary_error_of_an_include_says_which() -> None:
     # The HELO's record is read; the name it includes fails: no lookup error of its own.
     resolver = FakeResolver(

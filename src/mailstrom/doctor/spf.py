@@ -256,7 +256,8 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     result, explanation = evaluate(resolver, ip=ip, sender="", helo=helo)
     explanation = piece(explanation, _EXPLAINED)
     shown = tuple(f"TXT {helo}: {r}" for r in records)
-    fix = f'publish TXT at {helo}: "v=spf1 a -all" (the host may send as itself)'
+    own = '"v=spf1 a -all" (the host may send as itself)'
+    fix = f"publish TXT at {helo}: {own}"
     if result == "pass":
         status, summary, fix_or_none = Status.PASS, f"pass: {helo} authorizes {ip}", None
     elif result == "temperror" or error is not None:
@@ -272,12 +273,22 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     else:
         why = explanation if result == "permerror" else f"{helo} does not authorize {ip}"
         status, summary = Status.WARN, f"{result}: {why}"
-        fix_or_none = (
-            f'replace TXT at {helo} "{records[0]}" by '
-            f'"{with_mechanism(records[0], mechanism_for(ip))}"'
-            if records and result != "permerror"
-            else fix
-        )
+        if not records:
+            fix_or_none = fix
+        elif result == "permerror":
+            # One more record beside those there would be one more reason for a
+            # permerror (several v=spf1 records are one): they are to be replaced.
+            there = (
+                f'TXT at {helo} "{records[0]}"'
+                if len(records) == 1
+                else f"the {len(records)} SPF records at {helo}"
+            )
+            fix_or_none = f"replace {there} by {own}"
+        else:
+            fix_or_none = (
+                f'replace TXT at {helo} "{records[0]}" by '
+                f'"{with_mechanism(records[0], mechanism_for(ip))}"'
+            )
     return Check(
         name="spf-helo",
         subject=helo,
