@@ -759,6 +759,31 @@ def test_dmarc_pass_warn_fail(rsa_key: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=DMARC1; p=rejekt; rua=mailto:d@example.com",
+        "v=DMARC1; rua=mailto:d@example.com",
+        "v=DMARC1; p=reject; pct=abc",
+    ],
+)
+def test_dmarc_invalid_record_fix_replaces_it(record: str) -> None:
+    # One more record beside the invalid one makes two, and receivers apply neither
+    # (RFC 7489 §6.6.3): following the fix must leave one valid record.
+    zone: dict[tuple[str, str], list[str] | str] = {(f"_dmarc.{DOMAIN}", "TXT"): [record]}
+    check = check_dmarc(FakeResolver(zone), domain=DOMAIN, spf_result="pass", dkim_domains=[])
+    assert check.summary.startswith("invalid DMARC record"), check.summary
+    assert check.fix == (
+        f"replace the TXT record at _dmarc.{DOMAIN} that starts with v=DMARC1 by a valid "
+        f'one, e.g. "v=DMARC1; p=none; rua=mailto:dmarc@{DOMAIN}"'
+    )
+    # A subdomain's own record, beside the organizational domain's invalid one, is new.
+    check = check_dmarc(
+        FakeResolver(zone), domain=f"news.{DOMAIN}", spf_result="pass", dkim_domains=[]
+    )
+    assert (check.fix or "").startswith(f'publish TXT at _dmarc.news.{DOMAIN}: "v=DMARC1;')
+
+
 def test_dmarc_subdomain_uses_the_organizational_record() -> None:
     resolver = FakeResolver({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject; sp=quarantine"]})
     check = check_dmarc(

@@ -159,7 +159,8 @@ def check_dmarc(
     domains of the configured keys whose DKIM check passed."""
     envelope_domain = envelope_domain or domain
     found = discover(resolver, domain)
-    starter = f'publish TXT at _dmarc.{domain}: "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
+    first_record = f'"v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
+    starter = f"publish TXT at _dmarc.{domain}: {first_record}"
 
     def check(status: Status, summary: str, fix: str | None, details: Sequence[str]) -> Check:
         return Check(
@@ -193,7 +194,15 @@ def check_dmarc(
     try:
         record = parse_dmarc(found.records[0])
     except ValueError as exc:
-        return check(Status.FAIL, f"invalid DMARC record: {exc}", starter, shown)
+        fix = starter
+        if found.name == f"_dmarc.{normal_name(domain)}":
+            # Published beside the invalid record, a valid one would make two, and
+            # receivers apply neither (RFC 7489 §6.6.3): it takes the invalid one's place.
+            fix = (
+                f"replace the TXT record at {found.name} that starts with v=DMARC1 by a "
+                f"valid one, e.g. {first_record}"
+            )
+        return check(Status.FAIL, f"invalid DMARC record: {exc}", fix, shown)
 
     at_org = found.name != f"_dmarc.{normal_name(domain)}"
     policy = (record.sp or record.p) if at_org else record.p
