@@ -500,6 +500,31 @@ def test_dkim_record_problems(rsa_key: Path, record: str, status: Status, words:
     assert words in check.summary
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u2003", "\x0b", "\x0c", "\x85"])
+def test_dkim_key_split_by_other_white_space_than_fws_fails(rsa_key: Path, space: str) -> None:
+    # RFC 6376 §3.2: base64 in p= may be folded with FWS (SP, HTAB, CRLF) only. Mail::DKIM
+    # finds a record whose key holds a no-break space (pasted from a web page) invalid,
+    # as it does a list such as h= with one beside its colon.
+    p = public_key(rsa_key.read_bytes()).p
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    for record in (
+        f"v=DKIM1; k=rsa; p={p[:40]}{space}{p[40:]}",
+        f"v=DKIM1; k=rsa; h=sha1:{space}sha256; p={p}",
+    ):
+        zone = {(key.record_name, "TXT"): [record]}
+        check, verifies = check_dkim(FakeResolver(zone), key)
+        assert (check.status, verifies) == (Status.FAIL, False), (record, check.summary)
+    assert (
+        f"p= holds {space!r}, which is no base64"
+        in check_dkim(
+            FakeResolver({(key.record_name, "TXT"): [f"p={p[:40]}{space}{p[40:]}"]}), key
+        )[0].summary
+    )
+    for fws in (" ", "\t", "\r\n "):
+        zone = {(key.record_name, "TXT"): [f"v=DKIM1; k=rsa; p={p[:40]}{fws}{p[40:]}"]}
+        assert check_dkim(FakeResolver(zone), key)[0].status is Status.PASS
+
+
 def test_dkim_several_records_at_the_selector_fail(rsa_key: Path, tmp_path: Path) -> None:
     """RFC 6376 §3.6.2.2: a selector's TXT records must be unique, else the result is
     undefined; verifiers use one (dkimpy and Mail::DKIM the first, as DNS orders them),

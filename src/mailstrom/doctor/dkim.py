@@ -67,6 +67,9 @@ _FWS = " \t\r\n"
 and values: not ``str.strip()``'s, which takes NBSP and the rest of Unicode's too."""
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 """RFC 6376 §3.2: tag-name = ALPHA *ALNUMPUNC, ALNUMPUNC = ALPHA / DIGIT / "_"."""
+_FWS_RUN = re.compile(r"[ \t\r\n]+")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+"""A character p= may not hold once its FWS is gone (RFC 6376 §3.6.1: base64string)."""
 _P_TAG = re.compile(r"p[ \t\r\n]*=")
 """What makes a TXT record look like a key record: a ``p`` and its ``=``, with any folding
 white space between them that RFC 6376 §3.2 allows (a tab too: verifiers take it), not
@@ -92,8 +95,10 @@ def parse_tags(text: str) -> dict[str, str]:
             raise ValueError(f"tag {piece(name)}= appears twice")
         # Folding whitespace may split base64 anywhere (RFC 6376 §3.2) and surround the
         # colons of a list (§3.6.1's h=, s=, t=); elsewhere it only surrounds the value.
+        # Only FWS goes: str.split() also took NBSP and the rest of Unicode's white space,
+        # which Mail::DKIM keeps (and then finds the key, or the list, invalid).
         folded = name in ("p", "h", "s", "t")
-        tags[name] = "".join(value.split()) if folded else value.strip(_FWS)
+        tags[name] = _FWS_RUN.sub("", value) if folded else value.strip(_FWS)
     return tags
 
 
@@ -323,6 +328,12 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
         return f"s={piece(services)} excludes email: verifiers of mail ignore the record"
     if p == "":
         return "p= is empty: the key is revoked"
+    odd = _NOT_BASE64.search(p)
+    if odd is not None:
+        return (
+            f"p= holds {odd[0]!r}, which is no base64 (RFC 6376 §3.6.1): Mail::DKIM "
+            "finds the key invalid"
+        )
     if not published_matches(kind, p, ours):
         return "the published key is not the public half of the configured private key"
     return None
