@@ -7,6 +7,7 @@ import copy
 import os
 import pickle
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,46 @@ def test_pem_text_given_as_a_path_is_refused_without_showing_it() -> None:
         DKIMKey(domain="example.com", selector="s", private_key=text)
     body = text.splitlines()[1]
     assert body not in str(caught.value) and "PRIVATE KEY" not in str(caught.value)
+
+
+def _secret_pieces(text: str) -> list[str]:
+    """Every 16 characters of a PEM's base64, its line breaks gone: none may be shown."""
+    body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
+    return [body[i : i + 16] for i in range(0, len(body) - 15, 8)]
+
+
+@pytest.mark.parametrize("algorithm", [RSA, ED25519])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # The base64 of the DER key, one line: how secret stores and environment
+        # variables often hold a key.
+        lambda text: "".join(text.splitlines()[1:-1]),
+        # The PEM's lines without the BEGIN line (a copy that missed the first line).
+        lambda text: "\n".join(text.splitlines()[1:]),
+    ],
+    ids=["base64", "pem-without-begin"],
+)
+def test_key_material_given_as_a_path_is_refused_without_showing_it(
+    algorithm: DKIMAlgorithm, shape: Callable[[str], str]
+) -> None:
+    # Such text is no path either: the error said the file could not be read, naming
+    # the "file" - the private key, into logs and terminals.
+    text = pem(algorithm).decode("ascii")
+    given = shape(text)
+    with pytest.raises(ConfigError, match="not a file path") as caught:
+        DKIMKey(domain="example.com", selector="s", private_key=given, algorithm=algorithm)
+    shown = str(caught.value)
+    assert not [piece for piece in _secret_pieces(text) if piece in shown], shown
+    # The doctor reads a key file through the same reader.
+    with pytest.raises(ConfigError, match="not a file path") as caught:
+        keys_module.read_key_file(given, owner_only=False)
+    assert not [piece for piece in _secret_pieces(text) if piece in str(caught.value)]
+
+
+def test_a_path_that_is_no_key_is_named_in_the_error(tmp_path: Path) -> None:
+    # Paths of base64 characters that decode to no key are named as they are.
+    for name in ("MIIEvQIBADANBgkqhkiG", "keys/M2026/dkimkeyfile1"):
+        path = tmp_path / name
+        with pytest.raises(ConfigError, match=f"cannot read {path}"):
+            DKIMKey(domain="example.com", selector="s", private_key=str(path))

@@ -85,8 +85,8 @@ class DKIMKey:
 
     ``private_key`` is the path of a PEM file (PKCS#8 or the traditional RSA form, not
     encrypted) that only its owner may access, or the PEM itself as ``bytes`` (from a
-    secret store, say); PEM text as a ``str`` is refused, without being shown, as no
-    path. The key is loaded and checked here: a missing or unreadable
+    secret store, say); PEM text or a key's base64 as a ``str`` is refused, without
+    being shown, as no path. The key is loaded and checked here: a missing or unreadable
     file, a file others can access, a key of the wrong type for ``algorithm``, or an RSA
     key under 1024 or over 4096 bits raises :class:`ConfigError`. The domain is kept as a
     lower-case A-label. ``repr`` never shows key material.
@@ -176,11 +176,51 @@ def _refuse_pem_text(path: str | os.PathLike[str], label: str) -> None:
     """Refuse a key pasted as text where a path belongs (a TOML string, an environment
     variable read in Python): the error for the "file" it names would show the whole
     private key, in logs and on terminals."""
-    if isinstance(path, str) and "-----BEGIN" in path:
+    kind = _key_text(os.fspath(path))
+    if kind is not None:
         raise ConfigError(
-            f"{label}: private_key holds PEM text, not a file path; put the key in a file "
+            f"{label}: private_key holds {kind}, not a file path; put the key in a file "
             "only its owner can read and give its path (from Python, PEM bytes also do)"
         )
+
+
+_MIN_KEY_BASE64 = 64
+"""Characters of base64 the smallest DKIM private key takes in DER: an Ed25519 key's
+48 octets (PKCS#8). An RSA key takes 800 and more."""
+
+
+def _key_text(name: str) -> str | None:
+    """What private key ``name`` holds instead of naming a file: ``"PEM text"`` (also
+    with its first line missing), ``"a key in base64"`` (its DER: how secret stores and
+    environment variables often hold one), or None. Such a name must never be shown."""
+    if "-----BEGIN" in name or "PRIVATE KEY-----" in name:
+        return "PEM text"
+    compact = "".join(name.split())
+    if len(compact) < _MIN_KEY_BASE64:
+        return None
+    try:
+        der = base64.b64decode(compact, validate=True)
+    except ValueError:  # binascii.Error: "/etc/dkim/key.pem" is no base64
+        return None
+    return "a key in base64" if _is_private_der(der) else None
+
+
+def _is_private_der(der: bytes) -> bool:
+    """Whether ``der`` is a private key in DER (PKCS#8 or the traditional form)."""
+    try:
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.serialization import load_der_private_key
+    except ImportError:  # pragma: no cover - depends on the installation
+        return der[:1] == b"\x30"  # an ASN.1 SEQUENCE, as every key is: keep it unseen
+    try:
+        load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+    except TypeError:  # encrypted, but a key
+        return True
+    except UnsupportedAlgorithm:  # a key OpenSSL cannot load (EC on secp112r1), still one
+        return True
+    except ValueError:
+        return False
+    return True
 
 
 def _in_label(value: object) -> str:
@@ -247,6 +287,12 @@ def read_key_file(
     descriptor, before a single octet is read.
     """
     name = os.fspath(path)
+    kind = _key_text(name)
+    if kind is not None:  # its own errors would show it
+        raise ConfigError(
+            f"the key file's name holds {kind}, not a file path; put the key in a file "
+            "and give its path"
+        )
     if "\0" in name:  # os.stat would raise ValueError, not OSError
         raise ConfigError(f"cannot read {shorten(name)}: a file name cannot hold a NUL character")
     try:
