@@ -284,3 +284,44 @@ def test_advice_for_an_attempt_or_recipient() -> None:
     found = advice_for(failed)
     assert found is not None
     assert found.help == "https://support.google.com/mail/?p=NoSuchUser"
+
+
+# --- families of replies any server sends -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # Exim's smtp_accept_max and smtp_accept_max_per_host; Amazon SES.
+        "421 mx.example.org: Too many concurrent SMTP connections; please try again later.",
+        "421 Too many concurrent SMTP connections from this IP address; please try again later.",
+        "421 Too many concurrent SMTP connections",
+        # Postfix anvil: connection count and rate, message rate, recipient rate.
+        "421 4.7.0 mx.example.org Error: too many connections from 192.0.2.1",
+        "450 4.7.1 Error: too much mail from 192.0.2.1",
+        "450 4.7.1 Error: too many recipients from 192.0.2.1",
+        "421 4.7.0 Connection rate limit exceeded",
+        # Exchange Server's per-source limit, with X.3.2 ("not accepting network messages").
+        "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit,"
+        " closing transmission channel",
+        "421 4.7.0 Too many concurrent SMTP connections",
+        "421 4.3.2 Too many connections, try again later",
+    ],
+)
+def test_too_many_connections_or_too_much_mail_is_rate_limited(wire: str) -> None:
+    # Was: a 421 without an enhanced code was "system" (the basic code), a 4.7.x one
+    # "policy" (the subject) unless its words were exactly "too many connections".
+    assert classify_reply(parse(wire)) is ReasonClass.RATE_LIMITED
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ("421 too many messages in this connection", "connection"),
+        ("452 4.5.3 Too many recipients", "protocol"),
+        ("421 4.3.2 Service not available, closing transmission channel", "system"),
+        ("451 4.3.2 Please try again later", "system"),
+    ],
+)
+def test_the_limits_that_are_not_rates_keep_their_class(wire: str, expected: str) -> None:
+    assert classify_reply(parse(wire)) is ReasonClass(expected)
