@@ -325,3 +325,57 @@ def test_too_many_connections_or_too_much_mail_is_rate_limited(wire: str) -> Non
 )
 def test_the_limits_that_are_not_rates_keep_their_class(wire: str, expected: str) -> None:
     assert classify_reply(parse(wire)) is ReasonClass(expected)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # Postfix: an access map's REJECT, as smtpd words it for the RCPT stage.
+        "554 5.7.1 <bob@example.org>: Recipient address rejected: Access denied",
+        "550 5.7.1 <bob@example.org>: Recipient address rejected: Access denied",
+        "554 <bob@example.org>: Recipient address rejected: Access denied",
+        # Exim: an ACL's deny without a message of its own.
+        "550 Administrative prohibition",
+    ],
+)
+def test_an_access_rule_s_refusal_is_policy(wire: str) -> None:
+    # Was "mailbox": "Recipient address rejected" names the stage of a Postfix refusal, not
+    # its reason, and the mailbox heuristic took it for one; Exim's words matched nothing
+    # and the basic code 550 said mailbox. Users were told to drop a working address.
+    assert classify_reply(parse(wire)) is ReasonClass.POLICY
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        (
+            "550 5.1.1 <bob@example.org>: Recipient address rejected: User unknown in virtual"
+            " mailbox table",
+            "mailbox",
+        ),
+        (
+            "550 <bob@example.org>: Recipient address rejected: User unknown in local recipient"
+            " table",
+            "mailbox",
+        ),
+        (
+            "550 5.1.0 <bob@example.org>: Recipient address rejected: undeliverable address:"
+            " No such user here.",
+            "mailbox",
+        ),
+        ("450 4.1.2 <bob@example.org>: Recipient address rejected: Domain not found", "routing"),
+        (
+            "450 4.2.0 <bob@example.org>: Recipient address rejected: Greylisted, see"
+            " http://postgrey.schweikert.ch/help/example.org.html",
+            "greylisted",
+        ),
+        # Microsoft's directory-based edge blocking: no such recipient, in Postfix's words.
+        (
+            "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+            " [DB5EUR03FT012.eop-EUR03.prod.protection.outlook.com]",
+            "mailbox",
+        ),
+    ],
+)
+def test_a_recipient_refusal_keeps_the_class_of_its_reason(wire: str, expected: str) -> None:
+    assert classify_reply(parse(wire)) is ReasonClass(expected)
