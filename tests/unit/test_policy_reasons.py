@@ -379,3 +379,24 @@ def test_an_access_rule_s_refusal_is_policy(wire: str) -> None:
 )
 def test_a_recipient_refusal_keeps_the_class_of_its_reason(wire: str, expected: str) -> None:
     assert classify_reply(parse(wire)) is ReasonClass(expected)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # qmail (its code in words only; the "(#5.7.1)" is no RFC 2034 enhanced code).
+        "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)",
+        # vpopmail's chkuser, with a code of its own.
+        "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.5.3 - chkuser)",
+        "550 we do not relay",
+        "550 5.7.1 Sender is not allowed to relay",
+        "554 5.7.1 <bob@example.org>: Relay access denied",
+        "550 relay not permitted",
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+    ],
+)
+def test_a_refusal_to_relay_is_policy(wire: str) -> None:
+    # Was "mailbox" for the first three: the relaying heuristic knew neither qmail's
+    # words nor "do not relay", and the basic code 553 or 550 decided.
+    assert classify_reply(parse(wire)) is ReasonClass.POLICY
+    assert "MX records" in advice(ReasonClass.POLICY, parse(wire)).action
