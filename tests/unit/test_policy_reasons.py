@@ -400,3 +400,49 @@ def test_a_refusal_to_relay_is_policy(wire: str) -> None:
     # words nor "do not relay", and the basic code 553 or 550 decided.
     assert classify_reply(parse(wire)) is ReasonClass.POLICY
     assert "MX records" in advice(ReasonClass.POLICY, parse(wire)).action
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "550 5.7.1 Sender address does not exist",
+        "550 Sender verify failed",
+        # Exim: the sender's domain routes nowhere, or its server refused the callout (whose
+        # answer, quoted, speaks of an unknown user: the sender, not the recipient).
+        "550-Verification failed for <app@example.com>\n550-Unrouteable address\n"
+        "550 Sender verify failed",
+        "550-Verification failed for <app@example.com>\n550-Called:   192.0.2.1\n"
+        "550-Sent:     RCPT TO:<app@example.com>\n"
+        "550-Response: 550 5.1.1 <app@example.com>: Recipient address rejected: User unknown"
+        " in local recipient table\n550 Sender verify failed",
+        "451 Could not complete sender verify callout",
+        # Postfix: reject_unverified_sender (X.1.7, "bad sender's mailbox address"), and
+        # reject_unlisted_sender.
+        "450 4.1.7 <app@example.com>: Sender address rejected: unverified address: connect to"
+        " mail.example.com[192.0.2.1]:25: Connection refused",
+        "550 5.1.0 <app@example.com>: Sender address rejected: User unknown in virtual mailbox"
+        " table",
+        # Gmail, and Sendmail without an enhanced code.
+        "553-5.1.7 The sender address <app@example> is not a valid\n"
+        "553 5.1.7 RFC-5321 address. - gsmtp",
+        "553 <app@example.com>... Domain of sender address app@example.com does not exist",
+    ],
+)
+def test_a_failure_of_the_sender_address_is_not_the_recipient_s(wire: str) -> None:
+    # Was "mailbox", whose advice is to remove the recipient's address: the sender's
+    # address is what the receiver could not verify.
+    reply = parse(wire)
+    assert classify_reply(reply) is ReasonClass.AUTHENTICATION
+    assert "sender" in advice(ReasonClass.AUTHENTICATION, reply).action
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ("550 5.7.1 <app@example.com>: Sender address rejected: Access denied", "policy"),
+        ("450 4.1.8 <app@example.com>: Sender address rejected: Domain not found", "dns"),
+        ("550 5.7.1 Sender is not allowed to relay", "policy"),
+    ],
+)
+def test_other_refusals_naming_the_sender_keep_their_class(wire: str, expected: str) -> None:
+    assert classify_reply(parse(wire)) is ReasonClass(expected)
