@@ -37,9 +37,15 @@ writes, and room to add any duration it allows without leaving ``datetime``'s ra
 time given from outside (an imported suppression's) must lie between them."""
 
 
-def _shown(value: object) -> str:
-    # The value is quoted in the error, never at any length.
-    text = repr(value)
+def shown(value: object) -> str:
+    """``repr(value)`` for a configuration error, cut to 40 characters: the value is quoted,
+    never at any length."""
+    try:
+        text = repr(value)
+    except ValueError:
+        # An int past sys.get_int_max_str_digits() (4,300 digits) has no repr, alone or
+        # inside a container: say what it is rather than fail to write the error.
+        return f"<{type(value).__name__} too large to show>"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -48,7 +54,7 @@ def check_int(value: object, where: str, *, minimum: int = 1, maximum: int = MAX
     ``maximum``; :class:`ConfigError` naming ``where`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise ConfigError(
-            f"{where}: expected an integer from {minimum} to {maximum}, got {_shown(value)}"
+            f"{where}: expected an integer from {minimum} to {maximum}, got {shown(value)}"
         )
     return value
 
@@ -57,7 +63,7 @@ def check_bool(value: object, where: str) -> bool:
     """``value`` when it is ``True`` or ``False``: a switch given as anything else (the
     string ``"false"``, which is true, or ``0``) is refused rather than read for its truth."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected True or False, got {_shown(value)}")
+        raise ConfigError(f"{where}: expected True or False, got {shown(value)}")
     return value
 
 
@@ -88,7 +94,7 @@ def check_number(
     ):
         low = f"{'at least' if inclusive else 'above'} {minimum:.15g}"
         raise ConfigError(
-            f"{where}: expected {what} {low} and at most {maximum:.15g}, got {_shown(value)}"
+            f"{where}: expected {what} {low} and at most {maximum:.15g}, got {shown(value)}"
         )
     return float(value)
 
@@ -114,6 +120,6 @@ def check_duration(
     ):
         kind = "a positive timedelta" if positive else "a timedelta of zero or more"
         raise ConfigError(
-            f"{where}: expected {kind} of at most {maximum.days} days, got {_shown(value)}"
+            f"{where}: expected {kind} of at most {maximum.days} days, got {shown(value)}"
         )
     return value

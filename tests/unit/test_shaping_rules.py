@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,3 +211,59 @@ def test_a_rule_with_keys_of_several_types_names_one_it_does_not_know() -> None:
     with pytest.raises(InvalidShapingRule, match="unknown setting") as caught:
         load_settings(overrides={"shaping.rules": rules}, env={}, search=False)
     assert caught.value.field == "1"
+
+
+HUGE = 10**3999
+"""An integer TOML cannot hold but a Python setting can: 4,000 digits."""
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        pytest.param(
+            lambda: DestinationRule(match="x.org", max_connections=HUGE),
+            "max_connections",
+            id="huge-count",
+        ),
+        pytest.param(
+            lambda: DestinationRule(match="x.org", messages_per_minute=HUGE),
+            "messages_per_minute",
+            id="huge-rate",
+        ),
+        pytest.param(
+            lambda: DestinationRule(match="x.org", max_connections="9" * 5000),  # type: ignore[arg-type]
+            "max_connections",
+            id="long-string",
+        ),
+        pytest.param(lambda: DestinationRule(match="a" * 5000 + ".org"), "match", id="long-match"),
+        pytest.param(
+            lambda: DestinationRule(match=["x.org"] * 2000),  # type: ignore[arg-type]
+            "match",
+            id="list-match",
+        ),
+        pytest.param(
+            lambda: DestinationRule.from_mapping(["x.org"] * 2000, where="rule 1"),  # type: ignore[arg-type]
+            "",
+            id="list-entry",
+        ),
+        pytest.param(
+            lambda: DestinationRule.from_mapping({"match": "x.org", "k" * 5000: 1}, where="r"),
+            "k" * 5000,
+            id="long-key",
+        ),
+        # Past Python's 4,300 digits an int has no repr at all: writing the error raised a
+        # bare ValueError ("Exceeds the limit ... for integer string conversion").
+        pytest.param(
+            lambda: DestinationRule(match="x.org", max_connections=10**5000),
+            "max_connections",
+            id="int-without-repr",
+        ),
+    ],
+)
+def test_a_bad_value_is_quoted_in_a_few_characters(build: Any, field: str) -> None:
+    # Was: the value in full (a 4,000-digit integer, a list of 2,000 names), where every
+    # other configuration error quotes a value in at most 40 characters.
+    with pytest.raises(InvalidShapingRule) as caught:
+        build()
+    assert len(str(caught.value)) < 200, str(caught.value)[:300]
+    assert caught.value.field == field

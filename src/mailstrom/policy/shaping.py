@@ -32,7 +32,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any
 
-from mailstrom.bounds import check_bool, check_duration, check_seconds
+from mailstrom.bounds import check_bool, check_duration, check_seconds, shown
 from mailstrom.errors import ConfigError, InvalidShapingRule
 
 DATA_FILE = "destinations.toml"
@@ -54,11 +54,18 @@ def normalise_name(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+def _name(value: object) -> str:
+    """``value`` as the text an :class:`InvalidShapingRule` names it by (its ``pattern``
+    or ``field``): a string as it is, anything else by its repr (cut to 40 characters:
+    ``str()`` of an int past 4,300 digits raises ValueError)."""
+    return value if isinstance(value, str) else shown(value)
+
+
 def _check_pattern(pattern: Any) -> str:
     if not isinstance(pattern, str) or not pattern.strip():
         raise InvalidShapingRule(
-            f"match: expected a domain or '*.suffix' pattern, got {pattern!r}",
-            pattern=str(pattern),
+            f"match: expected a domain or '*.suffix' pattern, got {shown(pattern)}",
+            pattern=_name(pattern),
             field="match",
         )
     text = normalise_name(pattern)
@@ -66,7 +73,7 @@ def _check_pattern(pattern: Any) -> str:
     labels = (text[2:] if wildcard else text).split(".")
     if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidShapingRule(
-            f"match: not a domain name or '*.suffix' pattern: {pattern!r} (a '*' may only "
+            f"match: not a domain name or '*.suffix' pattern: {shown(pattern)} (a '*' may only "
             "stand first, as '*.example.com'; internationalised names are given as A-labels)",
             pattern=str(pattern),
             field="match",
@@ -106,7 +113,7 @@ class DestinationRule:
                 isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000
             ):
                 raise InvalidShapingRule(
-                    f"{name}: expected an integer from 1 to 100000, got {value!r}",
+                    f"{name}: expected an integer from 1 to 100000, got {shown(value)}",
                     pattern=self.match,
                     field=name,
                 )
@@ -124,7 +131,7 @@ class DestinationRule:
             ):
                 raise InvalidShapingRule(
                     f"{name}: expected a number from 1/{per_day} (one a day) to"
-                    f" {MAX_RATE:g}, got {value!r}",
+                    f" {MAX_RATE:g}, got {shown(value)}",
                     pattern=self.match,
                     field=name,
                 )
@@ -149,18 +156,18 @@ class DestinationRule:
         """A rule from a TOML table (``where`` names it in errors)."""
         if not isinstance(entry, Mapping):
             raise InvalidShapingRule(
-                f"{where}: expected a table with match and limits, got {entry!r}",
+                f"{where}: expected a table with match and limits, got {shown(entry)}",
                 pattern="",
                 field="",
             )
         known = {f.name for f in fields(cls)}
-        pattern = str(entry.get("match", ""))
+        pattern = _name(entry.get("match", ""))
         # As strings: a Python mapping (Django's settings) may hold keys of other types,
         # which sorted() cannot compare with one another.
-        unknown = sorted(str(key) for key in set(entry) - known)
+        unknown = sorted(_name(key) for key in set(entry) - known)
         if unknown:
             raise InvalidShapingRule(
-                f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})",
+                f"{where}: unknown setting {shown(unknown[0])} (known: {', '.join(sorted(known))})",
                 pattern=pattern,
                 field=unknown[0],
             )
