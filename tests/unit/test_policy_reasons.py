@@ -446,3 +446,26 @@ def test_a_failure_of_the_sender_address_is_not_the_recipient_s(wire: str) -> No
 )
 def test_other_refusals_naming_the_sender_keep_their_class(wire: str, expected: str) -> None:
     assert classify_reply(parse(wire)) is ReasonClass(expected)
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        # qmail-smtpd gives its status code in words, at the end: no RFC 2034 code.
+        ("552 sorry, that message size exceeds my databytes limit (#5.3.4)", "content"),
+        ("553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)", "policy"),
+        ("554 too many hops, this message is looping (#5.4.6)", "routing"),
+        ("451 qq temporary problem (#4.3.0)", "system"),
+        ("550 sorry, no mailbox here by that name. (#5.1.1)", "mailbox"),
+        ("553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)", "policy"),
+        # A code of another class than the reply's is no status of it.
+        ("550 sorry, that message size exceeds my databytes limit (#4.3.4)", "mailbox"),
+        # A real enhanced code wins over anything in the text.
+        ("552 5.2.2 over quota (#5.3.4)", "mailbox"),
+    ],
+)
+def test_qmail_s_status_code_at_the_end_of_its_reply_counts(wire: str, expected: str) -> None:
+    # Was: the code in parentheses was ignored and the basic code decided: "552 ...
+    # databytes limit" (a message too big) was mailbox, a badmailfrom refusal mailbox,
+    # a mail loop "other".
+    assert classify_reply(parse(wire)) is ReasonClass(expected)

@@ -39,6 +39,8 @@ _RULE_KEYS = frozenset(
 )
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _ENHANCED_RANGE = re.compile(r"([245]\.\d{1,3})\.(\d{1,3})-(\d{1,3})")
+_QMAIL_STATUS = re.compile(r"\(#([245]\.\d{1,3}\.\d{1,3})\)\s*\Z")
+"""qmail's status code, "(#5.7.1)" ending its reply: qmail-smtpd sends no RFC 2034 code."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +134,9 @@ class ReasonTable:
 
     def match(self, reply: SMTPReply) -> ReplyRule | None:
         """The first rule that takes ``reply`` (steps 1 and 3 of the lookup), or None."""
-        enhanced = reply.enhanced
+        return self._match(reply, _status_code(reply))
+
+    def _match(self, reply: SMTPReply, enhanced: str | None) -> ReplyRule | None:
         normalised: str | None = None
         if enhanced is not None:
             candidates = self.by_key.get((reply.code, enhanced))
@@ -154,10 +158,11 @@ class ReasonTable:
 
     def classify(self, reply: SMTPReply) -> ReasonClass:
         """The class of a failed ``reply`` (see the module docstring)."""
-        rule = self.match(reply)
+        enhanced = _status_code(reply)
+        rule = self._match(reply, enhanced)
         if rule is not None:
             return rule.reason_class
-        return self._by_codes(reply.enhanced, reply.code)
+        return self._by_codes(enhanced, reply.code)
 
     def classify_local(self, enhanced: str | None) -> ReasonClass:
         """The class of a failure without a reply that carries ``enhanced`` (or nothing)."""
@@ -182,6 +187,18 @@ class ReasonTable:
             return found
         # A code outside 4yz/5yz where a failure was decided is a protocol violation.
         return ReasonClass.OTHER if 400 <= code < 600 else ReasonClass.PROTOCOL
+
+
+def _status_code(reply: SMTPReply) -> str | None:
+    """The enhanced status code ``reply`` is classified by: its own, or for a reply
+    without one the "(#5.7.1)" qmail ends its replies with, when its class is the reply
+    code's (a 4.x.x in a 5yz reply is no status of it)."""
+    if reply.enhanced is not None:
+        return reply.enhanced
+    found = _QMAIL_STATUS.search(reply.text)
+    if found is None or found.group(1)[0] != str(reply.code)[0]:
+        return None
+    return found.group(1)
 
 
 def _normalise(text: str) -> str:
