@@ -84,11 +84,12 @@ def check_number(
     """``value`` when it is a finite number (an int or a float, not a bool) above
     ``minimum`` (or equal to it when ``inclusive``) and at most ``maximum``;
     :class:`ConfigError` otherwise. NaN and infinity fail every comparison or pass it, so
-    they are refused first."""
+    they are refused first; an int is compared as it is (exactly, at any size), where
+    math.isfinite() raised OverflowError for one past a float."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
+        or (isinstance(value, float) and not math.isfinite(value))
         or not (value >= minimum if inclusive else value > minimum)
         or value > maximum
     ):

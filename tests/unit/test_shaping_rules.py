@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mailstrom.config import Config
+from mailstrom.config import Config, Timeouts
 from mailstrom.errors import ConfigError, InvalidShapingRule
 from mailstrom.policy.shaping import DestinationRule, RuleBook, ShapingConfig, provider_rules
 from mailstrom.settings import load_settings
@@ -267,3 +267,13 @@ def test_a_bad_value_is_quoted_in_a_few_characters(build: Any, field: str) -> No
         build()
     assert len(str(caught.value)) < 200, str(caught.value)[:300]
     assert caught.value.field == field
+
+
+def test_a_number_of_seconds_too_large_for_a_float_is_a_configuration_error() -> None:
+    # Was OverflowError ("int too large to convert to float") from math.isfinite(), for
+    # ShapingConfig.refresh and every number of seconds of the configuration alike.
+    with pytest.raises(InvalidShapingRule, match="refresh") as caught:
+        ShapingConfig(refresh=10**400)
+    assert caught.value.field == "refresh"
+    with pytest.raises(ConfigError, match=r"timeouts\.connect"):
+        Timeouts(connect=10**400)
