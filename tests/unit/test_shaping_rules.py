@@ -3,6 +3,7 @@ the TOML and environment settings, and typed errors for bad input."""
 
 from __future__ import annotations
 
+import doctest
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from mailstrom.config import Config, Timeouts
 from mailstrom.errors import ConfigError, InvalidShapingRule
+from mailstrom.policy import shaping
 from mailstrom.policy.shaping import DestinationRule, RuleBook, ShapingConfig, provider_rules
 from mailstrom.settings import load_settings
 
@@ -277,3 +279,9 @@ def test_a_number_of_seconds_too_large_for_a_float_is_a_configuration_error() ->
     assert caught.value.field == "refresh"
     with pytest.raises(ConfigError, match=r"timeouts\.connect"):
         Timeouts(connect=10**400)
+
+
+def test_the_module_s_examples_hold() -> None:
+    # Was: the example matched a rule for "example.org" by an MX host "mx.example.org",
+    # which an exact pattern never matches (it names one domain or host, as said above it).
+    assert doctest.testmod(shaping).failed == 0

@@ -14,11 +14,11 @@ and are left for the user to set). :class:`ShapingConfig` holds the user's rules
 replace a default of the same pattern and otherwise sit beside the defaults.
 
 >>> book = RuleBook.of(ShapingConfig(rules=(DestinationRule(match="example.org",
-...     max_connections=2),), provider_defaults=False))
+...     max_connections=2), DestinationRule(match="*.example.org")), provider_defaults=False))
 >>> book.match("example.org", ()).max_connections
 2
 >>> book.match("example.net", ("mx.example.org",)).match
-'example.org'
+'*.example.org'
 """
 
 from __future__ import annotations
