@@ -136,7 +136,12 @@ def _quoted(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error message, cut in the middle to about ``limit``
     characters: a TOML array, table or key can be as large as the file (1 MiB), and the
     error would print it all."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:
+        # An int past sys.get_int_max_str_digits() (4,300 digits) has no repr, alone or in
+        # a container: the error says what it is rather than fail to be written.
+        return f"<{type(value).__name__} too large to show>"
     if len(text) <= limit:
         return text
     half = limit // 2
@@ -777,6 +782,10 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
         # tomllib parses nested arrays and inline tables recursively: thousands of "[[[…"
         # exhaust Python's stack rather than raise TOMLDecodeError.
         raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError:
+        # tomllib converts an integer with int(), which refuses one of more than 4,300
+        # digits with a ValueError of its own, not TOMLDecodeError.
+        raise ConfigError(f"{path}: invalid TOML: an integer too long to read") from None
 
 
 def read_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -61,3 +61,23 @@ def test_dns_servers_with_and_without_a_port_are_refused(servers: list[str]) -> 
     one with :5353 was queried on 5353, a port it was not given."""
     with pytest.raises(ConfigError, match="same port"):
         parse_dns_servers(servers)
+
+
+def test_an_integer_too_long_to_read_in_a_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """tomllib reads an integer with int(), which refuses one of more than 4,300 digits with
+    a ValueError that is no TOMLDecodeError: every command ended as an internal error."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"max_recipients = {'1' * 5000}\n")
+    with pytest.raises(ConfigError, match="integer too long"):
+        load_settings(config_path=config, env={})
+
+
+@pytest.mark.parametrize(
+    "value", [10**5000, [10**5000], {"x": 10**5000}], ids=["int", "list", "dict"]
+)
+def test_an_integer_too_long_to_show_is_named_in_the_error(value: object) -> None:
+    """Python has no repr for an int of more than 4,300 digits: the error about one given
+    from Python (Django's MAILSTROM setting) failed to be written, a bare ValueError."""
+    with pytest.raises(ConfigError, match="max_recipients") as raised:
+        load_settings(overrides={"max_recipients": value}, env={})
+    assert len(str(raised.value)) < 300
