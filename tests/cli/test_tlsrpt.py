@@ -3,8 +3,10 @@ daily TLS reports, against loopback DNS, HTTPS and SMTP servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import os
 import time
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
@@ -19,8 +21,10 @@ from mailstrom.tlsrpt import PolicyType, TLSSessions
 from tests.cli.conftest import CLI, MailEnv
 from tests.fixtures.https_server import Answer, HTTPSFactory
 from tests.support.certs import self_signed, server_context, spki_sha256
+from tests.support.report_rows import COUNT_VARIABLE
 from tests.unit.test_tlsrpt_report import validate
 
+ROOT = Path(__file__).parents[2]
 POLICY = "version: STSv1\nmode: enforce\nmx: {mx}\nmax_age: 86400\n"
 DAY = date(2030, 1, 2)
 
@@ -548,3 +552,24 @@ def test_a_long_policy_domain_gets_its_report_under_a_file_name_that_fits(
         json.loads(p.read_bytes())["policies"][0]["policy"]["policy-domain"] for p in written
     }
     assert by_domain == {long_domain, "other.test"}
+
+
+def test_each_report_is_built_from_its_own_domains_sessions_only(mail_env: MailEnv) -> None:
+    # Every policy domain's report was built from the whole day's counters, each time
+    # skipping the other domains' rows: the work grew as domains times rows (4,000
+    # reporting domains took 0.7 s; a large sender's tens of thousands, minutes).
+    domains = [f"d{i}.test" for i in range(20)]
+    seed_domains(mail_env.workdir, domains)
+    for domain in domains:
+        mail_env.dns.txt(f"_smtp._tls.{domain}", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    counts = mail_env.workdir / "rows"
+    env = dict(mail_env.cli.env)
+    env[COUNT_VARIABLE] = str(counts)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    cli = dataclasses.replace(mail_env.cli, env=env, module="tests.support.report_rows")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    cli.ok("tlsrpt", "--date", DAY.isoformat(), "--out", str(out))
+    # One row per domain was stored: each report is handed its one row.
+    assert counts.read_text().split() == ["1"] * len(domains)
+    assert len(list(out.iterdir())) == len(domains)

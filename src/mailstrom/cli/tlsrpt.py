@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import dns.asyncresolver
 
     from mailstrom.tlsrpt.report import Report, Reporter
+    from mailstrom.tlsrpt.sessions import TLSSessions
 
 # The report builder, its delivery and the client's prepare step are loaded by this
 # command when it runs, not by every command's start-up.
@@ -235,8 +236,12 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
     from mailstrom.tlsrpt.report import build_report
 
     submitter = job.reporter.submitter
-    sessions = job.store.tls_sessions(job.day)
-    domains = sorted({s.policy_domain for s in sessions})
+    # Grouped once: each report is built from its own domain's counters, not from the
+    # whole day's (which made the run domains times counters, minutes for a large sender).
+    by_domain: dict[str, list[TLSSessions]] = {}
+    for session in job.store.tls_sessions(job.day):
+        by_domain.setdefault(session.policy_domain, []).append(session)
+    domains = sorted(by_domain)
     resolver = make_resolver(job.config.dns)
     rua = await _rua(resolver, domains) if domains else {}
     results: list[DomainReport] = []
@@ -255,7 +260,7 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
             entry.problem = found
             continue
         entry.rua = found
-        report = build_report(domain, job.day, sessions, job.reporter)
+        report = build_report(domain, job.day, by_domain[domain], job.reporter)
         entry.report_id = report.report_id
         path = job.out / _fitting(report.filename(submitter))
         _write(path, report.json())
