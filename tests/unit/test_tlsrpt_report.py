@@ -211,6 +211,26 @@ def test_rua_keeps_uris_only_and_each_once() -> None:
         parse_tlsrpt_record(["v=TLSRPTv1; rua=mailto:a@example.org\u202e"])
 
 
+def test_rua_keeps_each_destination_once() -> None:
+    # URI schemes and host names are case-insensitive (RFC 3986 §3.1, §3.2.2), a
+    # fragment is never sent, and a mailto: URI's header fields are ignored: each of
+    # these spellings was kept as a URI of its own, and the report was sent to the
+    # same address or URL once for each.
+    record = (
+        "v=TLSRPTv1; rua=mailto:tls@example.org,MAILTO:tls@example.org,"
+        "mailto:tls@EXAMPLE.org,mailto:tls@example.org?subject=again,"
+        "mailto:tls@example.org#x,mailto:%74ls@example.org,mailto:Tls@example.org,"
+        "https://r.example/x,HTTPS://R.Example/x,https://r.example/x#y,"
+        "https://r.example,https://r.example/"
+    )
+    assert parse_tlsrpt_record([record]) == [
+        "mailto:tls@example.org",
+        "mailto:Tls@example.org",  # a local part's case may matter (RFC 5321 §2.4)
+        "https://r.example/x",
+        "https://r.example",
+    ]
+
+
 @pytest.mark.parametrize("to", ["tls@", "=@", "tls@example.org\r\nBcc: c@example.org"])
 def test_report_mail_to_no_address_is_refused(to: str) -> None:
     # Found by tests/unit/test_mtasts_fuzz.py: "mailto:tls@" raised IndexError from the
@@ -249,6 +269,10 @@ def test_report_mail_from_may_have_a_display_name() -> None:
         ("mailto:tls@b%C3%BCcher.example", "tls@bücher.example"),
         ("mailto:tls@example.org?subject=hello&cc=c@example.org", "tls@example.org"),
         ("mailto:tls@example.org?to=other@example.org", "tls@example.org"),
+        # A fragment is no part of the address (RFC 3986 §3.5); a "#" of one is "%23".
+        ("mailto:tls@example.org#reports", "tls@example.org"),
+        ("mailto:tls@example.org?subject=x#reports", "tls@example.org"),
+        ("mailto:tls%23x@example.org", "tls#x@example.org"),
     ],
 )
 def test_mailto_rua_addresses_are_percent_decoded(uri: str, address: str) -> None:

@@ -48,8 +48,10 @@ class ReportRecordError(MailstromError, ValueError):
 
 def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     """The ``rua`` URIs of the ``_smtp._tls`` TXT records (RFC 8460 §3), or None when
-    there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept, each once,
-    and only those that are URIs (printable ASCII). Raises
+    there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept, and only
+    those that are URIs (printable ASCII); of several naming one destination (``MAILTO:``
+    and ``mailto:``, the same address with other header fields, the same URL with another
+    fragment or host name case), the first. Raises
     :class:`ReportRecordError` for several TLSRPTv1 records or one without ``rua``."""
     found = [r for r in records if r.split(";", 1)[0].strip(_WSP) == "v=TLSRPTv1"]
     if not found:
@@ -64,11 +66,38 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     if not rua:
         raise ReportRecordError("v=TLSRPTv1 record without rua")
     uris = [u.strip(_WSP) for u in rua.split(",") if u.strip(_WSP)]
-    # dict: each URI once (one report each), in the record's order.
-    kept = {u: None for u in uris if u.lower().startswith(_SCHEMES) and _URI.fullmatch(u)}
+    # Each destination once (one report each), as first spelled, in the record's order.
+    kept: dict[tuple[str, ...], str] = {}
+    for uri in uris:
+        if uri.lower().startswith(_SCHEMES) and _URI.fullmatch(uri):
+            kept.setdefault(_destination(uri), uri)
     if not kept:
         raise ReportRecordError(f"rua has no mailto: or https: URI: {shorten(rua, 100)}")
-    return list(kept)[:MAX_RUA]
+    return list(kept.values())[:MAX_RUA]
+
+
+_AUTHORITY = re.compile(r"//([^/?]*)(.*)", re.DOTALL)
+
+
+def _destination(uri: str) -> tuple[str, ...]:
+    """Where the ``mailto:`` or ``https:`` ``uri`` sends a report, for keeping each once:
+    the scheme and the host name in any case are one (RFC 3986 §3.1, §3.2.2), and what
+    is never used is left out: the fragment (§3.5, not sent), a ``mailto:`` URI's header
+    fields and percent-encoding (:func:`mailto_address`), an empty https path ("/")."""
+    scheme, _, rest = uri.partition(":")
+    rest = rest.partition("#")[0]
+    if scheme.lower() == "mailto":
+        try:
+            local, _, domain = mailto_address(uri).rpartition("@")
+        except ReportRecordError:
+            return ("mailto", rest)  # its send fails, once
+        return ("mailto", local, domain.lower())  # a local part's case may matter
+    authority = _AUTHORITY.fullmatch(rest)
+    if authority is None:
+        return ("https", rest)
+    userinfo, at, host = authority[1].rpartition("@")
+    path = authority[2] if authority[2].startswith("/") else "/" + authority[2]
+    return ("https", userinfo + at + host.lower(), path)
 
 
 def mailto_address(uri: str) -> str:
@@ -79,6 +108,7 @@ def mailto_address(uri: str) -> str:
 
     What RFC 6068 allows beyond one address, and what is done with it:
 
+    - A ``#fragment`` is left out, as it is by whoever follows a URI.
     - ``hfields`` (``?subject=...&cc=...&body=...``, ``?to=``) are ignored: RFC 8460 §5.3
       sets the report mail's subject and fields, and a DNS record may not add recipients
       or header fields to mail we sign and send.
@@ -98,7 +128,9 @@ def mailto_address(uri: str) -> str:
     scheme, rest = uri[:7], uri[7:]
     if scheme.lower() != "mailto:":
         raise ReportRecordError(f"not a mailto: URI: {shorten(uri)}")
-    to = rest.partition("?")[0]
+    # A fragment is no part of the address (RFC 3986 §3.5: it ends the URI, after any
+    # "?" header fields); a "#" of the address is written "%23" (RFC 6068 §2).
+    to = rest.partition("#")[0].partition("?")[0]
     if _BAD_PERCENT.search(to):
         raise ReportRecordError(
             f"{shorten(uri)} has a % that is not followed by two hex digits (RFC 3986 §2.1)"
