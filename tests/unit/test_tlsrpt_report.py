@@ -330,6 +330,19 @@ async def test_post_to_a_url_httpx_cannot_parse_says_so(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "host", ["exa%20mple.com", "exa%2Emple.com", "ex=ample.com", "a_b.example", "-a.example"]
+)
+async def test_post_to_a_host_that_is_no_host_name_is_refused(host: str) -> None:
+    # An https URL's host is a DNS host name (letters, digits, inner hyphens): these were
+    # looked up as written ("exa%20mple.com" is a name DNS can hold) and posted to
+    # whatever answered, where the record's mistake should be said.
+    report = build_report("example.org", DAY, sessions(), REPORTER)
+    problem = await post_report(report, f"https://{host}/tls", resolver=NO_DNS, timeout=1.0)
+    assert problem is not None and problem.startswith("invalid URL"), problem
+    assert "no valid host name" in problem
+
+
+@pytest.mark.parametrize(
     ("host", "kind"),
     [
         ("127.0.0.1", "loopback"),

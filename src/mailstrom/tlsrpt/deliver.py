@@ -17,11 +17,11 @@ from email.utils import formatdate, make_msgid
 
 import dns.asyncresolver
 
+from mailstrom.domains import ldh_domain_name
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
-from mailstrom.mtasts.fetch import a_label
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
@@ -95,9 +95,10 @@ async def post_report(
     2xx, else why not. Redirects are not followed (RFC 8460 §5.4 asks for a 2xx), and the
     answer's body is never read: only its status counts.
 
-    ``url`` comes from the policy domain's DNS, so it may point anywhere: the host's
-    addresses come from ``resolver``, and loopback, link-local and private ones (see
-    :data:`~mailstrom.routing.policy.PRIVATE_NETWORKS`) are refused unless
+    ``url`` comes from the policy domain's DNS, so it may point anywhere: a host that is
+    neither an address nor a host name (letters, digits, inner hyphens) is refused; the
+    host's addresses come from ``resolver``, and loopback, link-local and private ones
+    (see :data:`~mailstrom.routing.policy.PRIVATE_NETWORKS`) are refused unless
     ``allow_loopback`` (for tests), multicast and reserved ones always. Looking up the
     name, connecting, TLS, sending and the answer's head take ``timeout`` seconds in all.
     An address where connecting or TLS stalls is given up before that (see
@@ -170,8 +171,13 @@ def _target(url: str) -> tuple[str, int, str]:
     if not parsed.host:  # decoding the host checks its A-labels ("xn--" raises)
         raise ValueError("no host")
     host = parsed.raw_host.decode("ascii")
-    if not https.is_address(host) and a_label(host) is None:
-        raise ValueError(f"no valid host name: {shorten(host, 100)}")
+    if not https.is_address(host):
+        # A host name (RFC 1123 §2.1), not whatever DNS can hold: httpx keeps
+        # "exa%20mple.com" as written, and it was looked up so.
+        try:
+            ldh_domain_name(host)
+        except ValueError:
+            raise ValueError(f"no valid host name: {shorten(host, 100)}") from None
     port = 443 if parsed.port is None else parsed.port  # port 0 is no port: refused
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
