@@ -7,6 +7,9 @@ import dataclasses
 import gzip
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
@@ -573,3 +576,76 @@ def test_each_report_is_built_from_its_own_domains_sessions_only(mail_env: MailE
     # One row per domain was stored: each report is handed its one row.
     assert counts.read_text().split() == ["1"] * len(domains)
     assert len(list(out.iterdir())) == len(domains)
+
+
+def test_a_report_that_cannot_be_written_fails_the_run_after_the_others(
+    mail_env: MailEnv,
+) -> None:
+    # Any OSError but a too-long name (disk full, no right to the directory, a file
+    # too large) ended the run at that domain as an internal error (exit 70), with
+    # the reports of the domains after it never written. Files may not grow past 3,000
+    # octets here (as root, permission bits would not stop a write): b.test's report,
+    # with its long policy, cannot be written; a.test's and c.test's can.
+    long_policy = "version: STSv1\nmode: enforce\n" + "".join(
+        f"mx: mx{i}.b.test\n" for i in range(200)
+    )
+    store = SQLiteStore(mail_env.workdir / "queue.db")
+    try:
+        store.add_tls_sessions(
+            [
+                TLSSessions(day=DAY, policy_domain=domain, policy_type=PolicyType.STS)
+                for domain in ("a.test", "c.test")
+            ]
+            + [
+                TLSSessions(
+                    day=DAY,
+                    policy_domain="b.test",
+                    policy_type=PolicyType.STS,
+                    policy_string=long_policy,
+                )
+            ]
+        )
+    finally:
+        store.close()
+    for domain in ("a.test", "b.test", "c.test"):
+        mail_env.dns.txt(f"_smtp._tls.{domain}", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+
+    json_run = run_with_small_files(
+        mail_env.cli, "tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--json"
+    )
+    assert json_run.returncode == 73, json_run.stderr
+    a, b, c = json.loads(json_run.stdout)["domains"]
+    assert [a["domain"], b["domain"], c["domain"]] == ["a.test", "b.test", "c.test"]
+    assert (b["file"], b["report_id"]) == (None, None)
+    assert b["problem"].startswith("report not written: File too large: "), b
+    assert str(out) in b["problem"]
+    assert not list(out.glob("*!b.test!*"))  # nor half of it, nor its temporary file
+    written = sorted(path.name.split("!")[1] for path in out.iterdir())
+    assert written == ["a.test", "c.test"]
+    assert sorted(Path(r["file"]).name.split("!")[1] for r in (a, c)) == written
+    text_run = run_with_small_files(
+        mail_env.cli, "tlsrpt", "--date", DAY.isoformat(), "--out", str(out)
+    )
+    assert text_run.returncode == 73, text_run.stderr
+    assert "b.test: report not written: File too large: " in text_run.stdout
+
+
+def run_with_small_files(cli: CLI, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command with files that may not grow past 3,000 octets (RLIMIT_FSIZE: root
+    too; Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+
+    def small_files() -> None:  # in the child
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    return subprocess.run(
+        [sys.executable, "-m", "mailstrom", *args],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=small_files,
+    )

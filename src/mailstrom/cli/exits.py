@@ -38,7 +38,7 @@ EX_SOFTWARE = 70
 """A bug in mailstrom."""
 EX_CANTCREAT = 73
 """An output file cannot be created (``dkim keygen``: it exists, or its directory does
-not)."""
+not; ``tlsrpt``: a report cannot be written, the disk full say)."""
 EX_IOERR = 74
 """The store is damaged, is no mailstrom database, has a newer schema, or its file was
 deleted or replaced: trying again will not help, so a supervisor should not restart-loop."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailstrom.cli.context import open_store, settings_from, utc_now
-from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, UsageError
+from mailstrom.cli.exits import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, UsageError
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, setting_arg
 from mailstrom.config import Config
@@ -48,7 +49,9 @@ examples:
   mailstrom tlsrpt --send --post-timeout 10s         # give each POST 10 s, not 30
 
 exit code: 0 when every report was written (and sent, with --send), 64 for a bad
-option, 75 when a report could not be sent or a DNS lookup failed (run it again). A
+option, 73 when a report could not be written to --out (disk full, no access; the
+other domains' are written and sent), 75 when a report could not be sent or a DNS
+lookup failed (run it again). A
 domain whose _smtp._tls record is unusable (two TLSRPTv1 records, no rua) gets no
 report, as one without a record: no failure of the run (RFC 8460 section 3).
 """
@@ -220,19 +223,33 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
             post_timeout=post_timeout,
         )
         # One event loop for the lookups and the POSTs, which share one resolver.
-        results, lookups_failed = asyncio.run(_report_day(job))
+        outcome = asyncio.run(_report_day(job))
     finally:
         store.close()
+    results = outcome.results
     if args.json:
         print_json({"date": day.isoformat(), "domains": results})
     else:
         _print(day, results)
-    failed = lookups_failed or any(not d.ok for r in results for d in r.sent)
+    if outcome.unwritten:
+        # Before "run it again": the directory or its disk wants an operator first.
+        return EX_CANTCREAT
+    failed = outcome.lookups_failed or any(not d.ok for r in results for d in r.sent)
     return EX_TEMPFAIL if failed else EX_OK
 
 
-async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
-    """Each domain's report, and whether a ``_smtp._tls`` lookup failed."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Outcome:
+    results: list[DomainReport]
+    """Each domain's, in the order of the domains."""
+    lookups_failed: bool
+    """Whether a ``_smtp._tls`` lookup failed."""
+    unwritten: bool
+    """Whether a report could not be written to ``--out``."""
+
+
+async def _report_day(job: _Job) -> _Outcome:
+    """Each domain's report, written and (with ``--send``) sent."""
     from mailstrom.tlsrpt.report import build_report
 
     submitter = job.reporter.submitter
@@ -246,6 +263,7 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
     rua = await _rua(resolver, domains) if domains else {}
     results: list[DomainReport] = []
     posts: list[_Post] = []
+    unwritten = False
     for domain in domains:
         entry = DomainReport(domain=domain)
         results.append(entry)
@@ -261,9 +279,16 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
             continue
         entry.rua = found
         report = build_report(domain, job.day, by_domain[domain], job.reporter)
-        entry.report_id = report.report_id
         path = job.out / _fitting(report.filename(submitter))
-        _write(path, report.json())
+        try:
+            _write(path, report.json())
+        except OSError as exc:
+            # A full disk, a directory gone or not ours: this report is not written nor
+            # sent (the run's exit says so), the other domains' go on as they would.
+            entry.problem = f"report not written: {exc.strerror or exc}: {path}"
+            unwritten = True
+            continue
+        entry.report_id = report.report_id
         entry.file = str(path)
         if job.send:
             for uri in found:
@@ -276,7 +301,7 @@ async def _report_day(job: _Job) -> tuple[list[DomainReport], bool]:
     if posts:
         await _post_all(job, resolver, posts)
     lookups_failed = any(isinstance(found, _LookupFailed) for found in rua.values())
-    return results, lookups_failed
+    return _Outcome(results=results, lookups_failed=lookups_failed, unwritten=unwritten)
 
 
 MAX_FILE_NAME = 255 - len(".tmp")
@@ -300,8 +325,13 @@ def _fitting(name: str) -> str:
 def _write(path: Path, data: bytes) -> None:
     # Written whole under a temporary name, then renamed: a reader never sees half a file.
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # nor is half of one left behind
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def _queue(job: _Job, report: Report, uri: str) -> Delivery:
