@@ -27,6 +27,7 @@ from mailstrom.runtime.connection import (
     TLSVerifyError,
     TransactionResult,
 )
+from mailstrom.smtp import LocalProtocolError
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory, free_loopback_port
 
 FAST = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=5)
@@ -512,6 +513,61 @@ async def test_bad_address_is_refused_before_anything_is_sent(smtp_server: Serve
         assert conn.usable
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(
+    ("offered", "dsn_mail", "dsn_rcpt", "error"),
+    [
+        (False, b" RET=HDRS", (), LocalProtocolError),
+        (False, b"", (b" NOTIFY=NEVER",), LocalProtocolError),
+        (True, b"", (b" NOTIFY=NEVER\r\nRSET",), ValueError),
+    ],
+)
+async def test_dsn_parameters_that_cannot_go_are_refused_by_submit(
+    smtp_server: ServerFactory,
+    pipelining: bool,
+    offered: bool,
+    dsn_mail: bytes,
+    dsn_rcpt: tuple[bytes, ...],
+    error: type[Exception],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DSN parameters for a server that does not offer DSN, or not fit for the wire, are
+    refused by submit itself, as 8BITMIME, SMTPUTF8 and REQUIRETLS are, before anything is
+    queued. They were refused only once their command was due, which with another
+    transaction in flight (or without PIPELINING, for RCPT) is inside the protocol's
+    callback: the error escaped to the event loop ("Fatal error: protocol.data_received()
+    call failed"), the connection dropped and the transaction before it, whose content was
+    due, failed as a lost connection."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    mx = smtp_server(pipelining=pipelining, dsn=offered)
+    conn = await connect(mx, StartTLS.NEVER)
+    try:
+        first = conn.submit(
+            envelope_from="a@a.test",
+            recipients=["b@b.test"],
+            data=CONTENT,
+            smtputf8=False,
+            eightbit=False,
+        )
+        with pytest.raises(error, match="DSN"):
+            conn.submit(
+                envelope_from="a@a.test",
+                recipients=["c@b.test"],
+                data=CONTENT,
+                smtputf8=False,
+                eightbit=False,
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
+            )
+        result = await first
+        assert result.final is not None and result.final.code == 250
+        assert conn.usable and not conn.busy
+    finally:
+        await conn.close()
+    assert [m.rcpt_tos for m in mx.messages] == [("b@b.test",)]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("asyncio")]
 
 
 async def test_auth_failure_is_temporary(smtp_server: ServerFactory) -> None:

@@ -278,8 +278,7 @@ class TransactionsMixin:
 
         ``dsn_mail`` and ``dsn_rcpt`` (one per recipient) are RFC 3461 parameters
         (:class:`~mailstrom.message.dsn.DSN`); given to a server without DSN they raise
-        ``LocalProtocolError`` as the transaction starts, so callers give them only when
-        ``extensions`` has DSN.
+        ``LocalProtocolError`` here, so callers give them only when ``extensions`` has DSN.
         """
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
@@ -302,6 +301,12 @@ class TransactionsMixin:
         encode_path(envelope_from, smtputf8)  # ValueError now rather than mid-transaction
         for address in recipients:
             encode_path(address, smtputf8)
+        # Checked now too: once queued, they go on the wire from the protocol's callbacks
+        # (behind another transaction, or RCPT after MAIL's reply), where an error
+        # escapes to the event loop and drops the connection with the mail in flight.
+        for params in (dsn_mail, *dsn_rcpt):
+            if params:
+                session.check_dsn(params)
         if smtputf8 and "SMTPUTF8" not in extensions:
             raise PermanentFailure(
                 f"message needs SMTPUTF8, which {self.host} does not support",

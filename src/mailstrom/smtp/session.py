@@ -452,7 +452,7 @@ class ClientSession:
                 raise LocalProtocolError("REQUIRETLS but the server does not offer it")
             params += b" REQUIRETLS"
         if dsn:
-            self._check_dsn(dsn)
+            self.check_dsn(dsn)
             params += dsn
         return b"MAIL FROM:" + encode_path(sender, smtputf8) + params + b"\r\n"
 
@@ -460,10 +460,13 @@ class ClientSession:
         if not recipient:
             raise ValueError("empty recipient address")
         if dsn:
-            self._check_dsn(dsn)
+            self.check_dsn(dsn)
         return b"RCPT TO:" + encode_path(recipient, smtputf8) + dsn + b"\r\n"
 
-    def _check_dsn(self, params: bytes) -> None:
+    def check_dsn(self, params: bytes) -> None:
+        """Raise unless ``params`` (`` RET=HDRS``, `` NOTIFY=NEVER``...) may go on a MAIL or
+        RCPT line now: :class:`LocalProtocolError` when the server does not offer DSN,
+        ValueError when they are not one line of parameters."""
         # RFC 3461 §4: the parameters only go to a server that offers DSN. They are built
         # from checked values (xtext), so a line break here is a bug, not peer input.
         if "DSN" not in self._extensions:
