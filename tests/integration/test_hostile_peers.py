@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts
-from mailstrom.errors import SMTPConnectError, SMTPProtocolError, SMTPTimeout
+from mailstrom.errors import PermanentFailure, SMTPConnectError, SMTPProtocolError, SMTPTimeout
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
 from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
@@ -645,3 +645,31 @@ async def test_a_reply_of_a_class_the_command_cannot_get_is_not_recorded_as_a_re
     assert status.reason_class is ReasonClass.PROTOCOL
     assert status.reply is None, status.reply
     assert status.error is not None and wrong.decode() in status.error
+
+
+# --- a refusal, then a hang-up ----------------------------------------------------------
+
+
+async def test_a_refused_ehlo_then_a_hang_up_is_the_refusal_not_an_unreachable_host() -> None:
+    """A server that answers EHLO with a 5xx and hangs up (a block list's "554 5.7.1
+    Client host rejected") has given its reply: the session fails with it, as a refused
+    greeting does. The HELO that RFC 5321 §3.2 has the client try next found the
+    connection gone, and the failure was "closed the connection (waiting for it to reply
+    to HELO)": a host that could not be reached (noted as such, and tried last for
+    minutes), without the server's reply or code."""
+
+    async def refuse_and_hang_up(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"554 5.7.1 Client host rejected: listed\r\n")
+        await writer.drain()
+
+    async with peer(refuse_and_hang_up) as port:
+        with pytest.raises(PermanentFailure) as info:
+            await open_to(port, starttls=StartTLS.NEVER)
+    assert not isinstance(info.value, SMTPConnectError)
+    assert (info.value.code, info.value.enhanced) == (554, "5.7.1")
+    assert info.value.reply is not None
+    assert info.value.reply.text == "Client host rejected: listed"
