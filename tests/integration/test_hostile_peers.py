@@ -673,3 +673,48 @@ async def test_a_refused_ehlo_then_a_hang_up_is_the_refusal_not_an_unreachable_h
     assert (info.value.code, info.value.enhanced) == (554, "5.7.1")
     assert info.value.reply is not None
     assert info.value.reply.text == "Client host rejected: listed"
+
+
+def refusing_then_hanging_up(pipelining: bool, at: bytes) -> Handler:
+    """A peer that refuses the sender (``at`` MAIL) or the recipient (``at`` RCPT) and
+    hangs up at once, without answering what was pipelined after it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(
+                    b"250-hostile.test\r\n250 PIPELINING\r\n" if pipelining else b"250 x\r\n"
+                )
+            elif verb == at:
+                writer.write(b"550 5.7.1 Go away\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    return handle
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize("at", [b"MAIL", b"RCPT"])
+async def test_a_refusal_then_a_hang_up_decides_the_transaction_with_or_without_pipelining(
+    pipelining: bool, at: bytes
+) -> None:
+    """A 550 to MAIL, or to the only RCPT, decides the transaction whatever the server does
+    next: without PIPELINING the result came before the hang-up, but with it the replies
+    still owed for the rest of the batch (RCPT, DATA) never came, and the transaction
+    failed as a lost connection: its recipients were tried again and again instead of
+    failing on the server's refusal."""
+    async with peer(refusing_then_hanging_up(pipelining, at)) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        try:
+            result = await send(conn)
+        finally:
+            await conn.close()
+    assert result.final is None and not result.accepted and not result.uncertain
+    refusal = result.mail if at == b"MAIL" else result.rcpt[0][1]
+    assert refusal is not None
+    assert (refusal.code, refusal.enhanced, refusal.text) == (550, "5.7.1", "Go away")

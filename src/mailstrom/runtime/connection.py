@@ -865,7 +865,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         """The session cannot go on: settle everything outstanding and drop the connection.
 
         ``error`` goes to whatever was waiting before its content was sent; a transaction
-        whose final dot was on the wire is uncertain instead. With ``error`` None (a 421, or
+        whose final dot was on the wire is uncertain instead, and one its replies decided
+        already (MAIL or every RCPT refused) gets them. With ``error`` None (a 421, or
         354 without recipients), transactions not yet answered fail as "not usable".
         """
         if self._aborted:
@@ -891,6 +892,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         for txn in active:
             if txn.data_reply is not None and txn.data_reply.code == 354 and not txn.dot_pending:
                 txn.settle(txn.result(uncertain=True, cause=error))
+            elif txn.decided:
+                # Refused already (a pipelined MAIL, or every RCPT): the refusal stands,
+                # as it does without PIPELINING, where the transaction ended at it.
+                txn.settle(txn.result())
             else:
                 txn.settle(error)
         for txn in queued:

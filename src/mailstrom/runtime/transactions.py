@@ -161,6 +161,21 @@ class Txn:
             cause=cause,
         )
 
+    @property
+    def decided(self) -> bool:
+        """Whether the replies so far decide every recipient, whatever comes next: MAIL
+        was refused, or every RCPT was answered and none accepted (no content can go).
+        Without PIPELINING such a transaction ends at that reply; with it, the replies to
+        what was pipelined behind it are still owed."""
+        mail = self.mail
+        if mail is None:
+            return False
+        if not 200 <= mail.code < 300:
+            return True
+        return len(self.rcpt) == len(self.recipients) and not any(
+            200 <= reply.code < 300 for _, reply in self.rcpt
+        )
+
     def settle(self, result: TransactionResult | BaseException) -> None:
         if self.future.done():
             return
