@@ -718,3 +718,38 @@ async def test_a_refusal_then_a_hang_up_decides_the_transaction_with_or_without_
     refusal = result.mail if at == b"MAIL" else result.rcpt[0][1]
     assert refusal is not None
     assert (refusal.code, refusal.enhanced, refusal.text) == (550, "5.7.1", "Go away")
+
+
+async def test_a_refused_mail_stands_when_the_pipelined_rcpt_gets_a_421() -> None:
+    """A 421 to RCPT keeps the replies that came before it (RFC 5321 §3.8): so does a 550
+    to the MAIL pipelined before it. The transaction is decided by that refusal, as
+    without PIPELINING (where no RCPT follows a refused MAIL) or with a hang-up instead
+    of the 421; it failed as cut short, and its recipients were tried again."""
+
+    async def refuse_mail_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-hostile.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                writer.write(b"550 5.7.1 Sender rejected\r\n")
+            elif verb == b"RCPT":
+                writer.write(b"421 4.7.0 Closing\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    async with peer(refuse_mail_then_close) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        try:
+            result = await send(conn)
+        finally:
+            await conn.close()
+    assert result.mail is not None
+    assert (result.mail.code, result.mail.enhanced) == (550, "5.7.1")
+    assert result.final is None and not result.accepted

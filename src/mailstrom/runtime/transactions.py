@@ -464,7 +464,9 @@ class TransactionsMixin:
             # The replies for the remaining recipients (and the rest) will never come; those
             # that came stay with this transaction's error (the others' is shared).
             what = f"RCPT TO:<{address}>"
-            txn.settle(EnvelopeCut(reply, host=self.host, what=what, answered=txn.result()))
+            if not txn.decided:
+                txn.settle(EnvelopeCut(reply, host=self.host, what=what, answered=txn.result()))
+            # else a refused MAIL decides it: _abort settles it with its replies.
             self._abort(failure(reply, host=self.host, what=what))
             return
         txn.rcpt.append((address, reply))
