@@ -72,8 +72,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def start(self) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
         :class:`~mailstrom.errors.WorkerError` if the worker cannot start. After
-        :meth:`stop` this starts a new worker, unless the facade opened its store itself
-        (``stop()`` closed it): WorkerError then."""
+        :meth:`stop`, or once the worker died on its own, this starts a new worker,
+        unless the facade opened its store itself (``stop()`` closed it): WorkerError
+        then."""
         async with self._lifecycle_async():
             await self._start()
 
@@ -91,7 +92,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             return
         if worker is None:
             return
-        if self._task is not None and not self._task.cancelled():
+        if self._task is not None and not self._task.done():
             raise WorkerError("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
@@ -171,10 +172,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._close_owned_store()
 
     async def __aenter__(self) -> AsyncMailstrom:
-        # A cancelled task (its loop closed: asyncio.run) runs no worker any more.
-        started = (
-            self._task is not None and not self._task.cancelled()
-        ) or self._has_worker_process()
+        # A task that ended (cancelled as its loop closed, asyncio.run; or dead of an
+        # error worker_status reports) runs no worker any more.
+        started = (self._task is not None and not self._task.done()) or self._has_worker_process()
         try:
             await self.start()
         except BaseException:

@@ -96,7 +96,8 @@ class Mailstrom(FacadeBase, QueueOperations):
     def start(self, timeout: float = 30.0) -> None:
         """Start the worker; return when it runs, or raise what stopped it.
 
-        After :meth:`stop` this starts a new worker. A facade that opened its store
+        After :meth:`stop`, or once the worker died on its own (``worker_status`` says
+        why), this starts a new worker. A facade that opened its store
         itself closed it in ``stop()`` and raises :class:`~mailstrom.errors.WorkerError`.
         Safe to call from several threads: one worker starts, the others are told
         "already started"; one that comes while a ``stop()`` runs waits for it.
@@ -117,8 +118,13 @@ class Mailstrom(FacadeBase, QueueOperations):
             return
         if worker is None:
             return
-        if self._thread is not None:
+        if self._worker_thread_runs():
             raise WorkerError("already started")
+        if self._thread is not None:
+            # Its worker ended on its own (an error worker_status reports, logged): no
+            # worker runs, and a new one starts in its place. Only its log line is left.
+            self._thread.join()
+            self._thread = None
         if self._stuck is not None and self._stuck.is_alive():
             raise WorkerError("the worker thread of the last stop() has not ended yet")
         worker = self._worker_to_start(worker)
@@ -141,6 +147,13 @@ class Mailstrom(FacadeBase, QueueOperations):
             raise WorkerError(f"worker failed to start: {self._start_error}") from (
                 self._start_error
             )
+
+    def _worker_thread_runs(self) -> bool:
+        """Whether the worker thread this facade started still delivers: not one whose
+        worker ended on its own (worker_status says why), which start() replaces."""
+        worker = self.worker
+        ended = isinstance(worker, Worker) and worker.wait_stopped(0)
+        return self._thread is not None and not ended
 
     def _on_worker_thread(self) -> bool:
         """Whether this is the thread the worker hands its results on (``on_result``):
@@ -218,7 +231,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                 self._close_owned_store()
 
     def __enter__(self) -> Mailstrom:
-        started = self._thread is not None or self._has_worker_process()
+        started = self._worker_thread_runs() or self._has_worker_process()
         try:
             self.start()
         except BaseException:

@@ -1,0 +1,81 @@
+"""A worker thread or task that ended on its own (a store error it cannot get past, which
+``worker_status`` reports) runs no worker any more: ``start()`` and a ``with`` block start
+a new one in its place, as a worker process's facade does once its child ended for good."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mailstrom import AsyncMailstrom, Config, Mailstrom
+from mailstrom.runtime.worker import Worker
+from mailstrom.stores import MemoryStore
+
+
+class DiesOnce(MemoryStore):
+    """A memory store whose first lease fails as a store bug would: the worker dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leases = 0
+
+    def lease(self, **kwargs: Any) -> Any:
+        self.leases += 1
+        if self.leases == 1:
+            raise RuntimeError("disk on fire")
+        return super().lease(**kwargs)
+
+
+CONFIG = Config(helo_name="client.test")
+
+
+def dead_worker_thread(store: MemoryStore) -> Mailstrom:
+    ms = Mailstrom(CONFIG, store=store, worker="thread")
+    ms.start()
+    assert isinstance(ms.worker, Worker) and ms.worker.wait_stopped(timeout=10)
+    assert ms.worker_status.dead and "disk on fire" in (ms.worker_status.error or "")
+    return ms
+
+
+def test_start_after_the_worker_thread_died_starts_a_new_one() -> None:
+    # start() said "already started", while nothing delivered and worker_status said so.
+    store = DiesOnce()
+    ms = dead_worker_thread(store)
+    try:
+        ms.start()
+        assert ms.worker_status.running and ms.worker_status.error is None
+    finally:
+        ms.stop()
+
+
+def test_a_with_block_after_the_worker_thread_died_starts_a_new_one() -> None:
+    store = DiesOnce()
+    ms = dead_worker_thread(store)
+    with ms:
+        assert ms.worker_status.running
+    assert not ms.worker_status.running
+
+
+async def test_start_after_the_worker_task_died_starts_a_new_one() -> None:
+    store = DiesOnce()
+    ams = AsyncMailstrom(CONFIG, store=store, worker="task")
+    await ams.start()
+    assert isinstance(ams.worker, Worker)
+    assert await asyncio.to_thread(ams.worker.wait_stopped, 10)
+    assert ams.worker_status.dead
+    try:
+        await ams.start()
+        assert ams.worker_status.running and ams.worker_status.error is None
+    finally:
+        await ams.stop()
+
+
+async def test_an_async_with_block_after_the_worker_task_died_starts_a_new_one() -> None:
+    store = DiesOnce()
+    ams = AsyncMailstrom(CONFIG, store=store, worker="task")
+    await ams.start()
+    assert isinstance(ams.worker, Worker)
+    assert await asyncio.to_thread(ams.worker.wait_stopped, 10)
+    async with ams:
+        assert ams.worker_status.running
+    assert not ams.worker_status.running
