@@ -1,12 +1,15 @@
 """``AsyncMailstrom`` used from one event loop after another (``asyncio.run`` per step, a
 test framework's loop per test): the loop that ran the worker task cancels it as it
-closes, and the next loop stops and starts the facade."""
+closes, and the next loop stops and starts the facade. Or from two loops at once, each
+run by a thread of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from mailstrom import AsyncMailstrom, Config, Email
+from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore
 
 
@@ -48,4 +51,37 @@ def test_start_on_another_loop_after_the_workers_loop_closed() -> None:
         message_id = asyncio.run(send_again())
         assert [s.id for s in store.recent(10)] == [message_id]
     finally:
+        store.close()
+
+
+def test_stop_on_another_loop_while_the_workers_loop_runs_in_another_thread() -> None:
+    # The worker task lives on a loop another thread runs; stop() comes from this one.
+    # Waiting on that task raised ValueError ("belongs to a different loop") after the
+    # worker had been asked to stop, and the facade closed its store under it.
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        asyncio.run_coroutine_threadsafe(ams.start(), other).result(timeout=30)
+        worker = ams.worker
+        assert isinstance(worker, Worker) and ams.worker_status.running
+        asyncio.run(ams.stop())
+        assert worker.wait_stopped(0)  # ended by the time stop() returned
+        assert not ams.worker_status.running
+
+        async def send_again() -> str:  # and this loop can run the next worker
+            async with ams:
+                assert ams.worker_status.running
+                return await ams.send_email(
+                    Email(from_="app@example.com", to=["bob@example.org"], text="x")
+                )
+
+        message_id = asyncio.run(send_again())
+        assert [s.id for s in store.recent(10)] == [message_id]
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join()
+        other.close()
         store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -35,6 +36,47 @@ from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 log = logging.getLogger("mailstrom")
 
 _T = TypeVar("_T")
+
+
+def _followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
+    """``task``, or when it belongs to another event loop (run by another thread) a
+    future of the running loop that ends as it ends, with its error: awaiting a task of
+    another loop raised ValueError ("belongs to a different loop")."""
+    here = asyncio.get_running_loop()
+    there = task.get_loop()
+    if there is here:
+        return task
+    follower: asyncio.Future[None] = here.create_future()
+
+    def tell(ended: asyncio.Future[None]) -> None:  # on the task's loop
+        with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
+            here.call_soon_threadsafe(_copy_end, ended, follower)
+
+    try:
+        there.call_soon_threadsafe(task.add_done_callback, tell)
+    except RuntimeError:  # its loop is closed: nothing runs the task any more
+        follower.set_result(None)
+    return follower
+
+
+def _copy_end(ended: asyncio.Future[None], follower: asyncio.Future[None]) -> None:
+    if follower.done():
+        return
+    error = None if ended.cancelled() else ended.exception()
+    if error is not None:
+        follower.set_exception(error)
+    else:
+        follower.set_result(None)
+
+
+def _cancel(task: asyncio.Future[None]) -> None:
+    """Cancel ``task`` from whatever loop runs here (thread-safe for another loop's)."""
+    there = task.get_loop()
+    if there is asyncio.get_running_loop():
+        task.cancel()
+        return
+    with contextlib.suppress(RuntimeError):  # its loop is closed: it runs no more
+        there.call_soon_threadsafe(task.cancel)
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -110,8 +152,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         give the rest back to the store, due at once; wait for the worker at most
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``, then kill a
         worker process or cancel the worker task (logged). Several at once each return
-        once the worker has ended. Cancelled, it leaves the worker stopping, and the
-        store this facade opened is closed once the worker has ended."""
+        once the worker has ended, on the worker task's loop or any other. Cancelled, it
+        leaves the worker stopping, and the store this facade opened is closed once the
+        worker has ended."""
         timeout = stop_timeout(timeout)
         async with self._lifecycle_async():
             await self._stop(timeout)
@@ -124,6 +167,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             if isinstance(worker, WorkerProcess):
                 if ending is None:
                     ending = asyncio.ensure_future(asyncio.to_thread(worker.stop, timeout))
+                else:
+                    ending = _followed_here(ending)  # a cancelled stop()'s, of any loop
                 await asyncio.shield(ending)
             elif isinstance(worker, Worker):
                 task: asyncio.Future[None] | None = self._task
@@ -138,16 +183,16 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     if not task.cancelled():
                         task.result()
                 elif task is not None:
-                    ending = task
                     worker.request_stop(drain_timeout=timeout)
+                    ending = _followed_here(task)
                     limit = None if timeout is None else timeout + STOP_GRACE
                     try:
-                        await asyncio.wait_for(asyncio.shield(task), limit)
+                        await asyncio.wait_for(asyncio.shield(ending), limit)
                     except TimeoutError:
-                        if task.done():
+                        if ending.done():
                             raise  # the worker's own TimeoutError
                         log.error("the worker task did not stop within %g s", limit)
-                        task.cancel()
+                        _cancel(task)
                         self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:
             if ending is not None and not ending.done():
