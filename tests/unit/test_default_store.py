@@ -132,3 +132,27 @@ def test_the_default_store_is_closed_when_construction_fails(user_home: Path) ->
     assert (user_home / "mailstrom" / "queue.db").is_file()  # it was opened...
     assert open_files_under(user_home) == []  # ...and closed
     del raised  # its traceback held the half-built facade
+
+
+@pytest.mark.parametrize("facade", [Mailstrom, AsyncMailstrom])
+@pytest.mark.parametrize("config", ["q.db", Path("q.db"), {"helo_name": "client.test"}, 0])
+def test_a_config_that_is_no_config_is_refused_before_any_store_is_opened(
+    user_home: Path, facade: type[Mailstrom] | type[AsyncMailstrom], config: object
+) -> None:
+    """``Mailstrom("q.db")`` (the store URL given first) opened the default queue, then
+    failed in start() with a TypeError (in send_email with an AttributeError)."""
+    with pytest.raises(ConfigError, match=r"config must be a mailstrom\.Config"):
+        facade(config)  # type: ignore[arg-type]
+    assert not user_home.exists()  # the default queue was not opened
+
+
+@pytest.mark.parametrize("argument", [{"clock": 1700000000}, {"clock": None}, {"on_result": "log"}])
+def test_a_clock_or_callback_that_cannot_be_called_is_refused(
+    user_home: Path, argument: dict[str, object]
+) -> None:
+    """Kept, such a clock failed every send_email with a TypeError, and such a callback
+    every result (logged only)."""
+    for facade in (Mailstrom, AsyncMailstrom):
+        with pytest.raises(ConfigError, match="must be callable"):
+            facade(Config(helo_name="client.test"), worker=None, **argument)  # type: ignore[arg-type]
+    assert not user_home.exists()

@@ -19,6 +19,7 @@ from mailstrom.bounces.verp import check_verp_template, is_verp_template
 from mailstrom.client.process import WorkerProcess, no_interpreter
 from mailstrom.config import Config
 from mailstrom.errors import (
+    ConfigError,
     InvalidMessage,
     InvalidMessageType,
     InvalidStoreURL,
@@ -160,8 +161,12 @@ class FacadeBase:
         facade closes a store it opened on stop, and when its construction fails; a
         :class:`Store` passed in stays open for the caller (see :func:`facade_store`).
         ``on_result`` is called with each result once recorded: on the worker's loop in
-        this process, or on a reader thread for a worker process."""
-        self.config = config or Config()
+        this process, or on a reader thread for a worker process. A ``config`` that is
+        no :class:`Config`, a ``clock`` or ``on_result`` that cannot be called, or an
+        unknown ``worker`` raise :class:`~mailstrom.errors.ConfigError`."""
+        # Before the store is opened: nothing to close if they are refused.
+        self.config = facade_config(config)
+        check_callables(clock=clock, on_result=on_result)
         self.store, self._owns_store = facade_store(store)
         try:
             self._set_up(router=router, clock=clock, rng=rng, on_result=on_result, worker=worker)
@@ -311,7 +316,7 @@ class FacadeBase:
             child = store_url is not None and not custom and no_interpreter() is None
             return "process" if child else self._LOCAL
         if worker != "process":
-            raise ValueError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
+            raise ConfigError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
         if store_url is None:
             raise WorkerError(
                 "worker='process' needs a store another process can open (SQLite or "
@@ -386,6 +391,32 @@ class FacadeBase:
         the async facade runs in a thread."""
         prepared = self._prepare(message, envelope_from, envelope_to, dsn, **attributes)
         return self.store.enqueue(prepared, now=self._clock())
+
+
+def facade_config(config: object) -> Config:
+    """A facade's ``config``: the defaults for None; ConfigError for anything but a
+    :class:`Config`. Kept as it was, a store URL given first (``Mailstrom("mail.db")``)
+    had the facade open the default queue, then fail in ``start()`` with a TypeError
+    (or in ``send_email`` with an AttributeError)."""
+    if config is None:
+        return Config()
+    if not isinstance(config, Config):
+        hint = (
+            " (a store URL or path goes in store=)" if isinstance(config, str | os.PathLike) else ""
+        )
+        raise ConfigError(
+            f"config must be a mailstrom.Config or None, not {type(config).__name__}{hint}"
+        )
+    return config
+
+
+def check_callables(*, clock: object, on_result: object) -> None:
+    """ConfigError for a facade's ``clock`` or ``on_result`` (None: no callback) that
+    cannot be called: such a clock failed each ``send_email`` with a TypeError, such a
+    callback each result (logged, while the application heard of none)."""
+    for name, value in (("clock", clock), ("on_result", on_result)):
+        if not callable(value) and not (name == "on_result" and value is None):
+            raise ConfigError(f"{name} must be callable, not {type(value).__name__}")
 
 
 def stop_timeout(timeout: object) -> float | None:
