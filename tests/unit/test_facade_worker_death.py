@@ -1,11 +1,18 @@
 """A worker thread or task that ended on its own (a store error it cannot get past, which
 ``worker_status`` reports) runs no worker any more: ``start()`` and a ``with`` block start
-a new one in its place, as a worker process's facade does once its child ended for good."""
+a new one in its place, as a worker process's facade does once its child ended for good.
+Its death is logged, in either mode, when it happens."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from mailstrom import AsyncMailstrom, Config, Mailstrom
 from mailstrom.runtime.worker import Worker
@@ -79,3 +86,55 @@ async def test_an_async_with_block_after_the_worker_task_died_starts_a_new_one()
     async with ams:
         assert ams.worker_status.running
     assert not ams.worker_status.running
+
+
+class AlwaysDies(MemoryStore):
+    def lease(self, **kwargs: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+
+def death_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "mailstrom worker died"]
+
+
+def test_a_worker_thread_that_dies_says_why_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    ms = Mailstrom(CONFIG, store=AlwaysDies(), worker="thread")
+    ms.start()
+    try:
+        assert isinstance(ms.worker, Worker) and ms.worker.wait_stopped(timeout=10)
+        assert _eventually(lambda: death_records(caplog))
+    finally:
+        ms.stop()
+    [record] = death_records(caplog)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "disk on fire" in str(record.exc_info[1])
+
+
+async def test_a_worker_task_that_dies_says_why_in_the_log_as_a_thread_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing was logged when it died: only worker_status knew, and asyncio's "Task
+    # exception was never retrieved" came once the facade was garbage-collected.
+    ams = AsyncMailstrom(CONFIG, store=AlwaysDies(), worker="task")
+    await ams.start()
+    try:
+        assert isinstance(ams.worker, Worker)
+        assert await asyncio.to_thread(ams.worker.wait_stopped, 10)
+        for _ in range(1000):
+            if death_records(caplog):
+                break
+            await asyncio.sleep(0.01)
+        [record] = death_records(caplog)
+        assert record.levelno == logging.ERROR and record.exc_info is not None
+        assert "disk on fire" in str(record.exc_info[1])
+    finally:
+        with contextlib.suppress(RuntimeError):
+            await ams.stop()  # (raises the worker's error, as it did)
+
+
+def _eventually(found: Callable[[], object]) -> bool:
+    for _ in range(1000):
+        if found():
+            return True
+        time.sleep(0.01)
+    return False

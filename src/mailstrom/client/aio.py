@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -67,6 +68,16 @@ def _copy_end(ended: asyncio.Future[None], follower: asyncio.Future[None]) -> No
         follower.set_exception(error)
     else:
         follower.set_result(None)
+
+
+def _log_death(ready: asyncio.Event, task: asyncio.Future[None]) -> None:
+    """Log the error a worker task that had started ended on, as a worker thread's is
+    logged: its death was heard of only from worker_status, or from asyncio's "Task
+    exception was never retrieved" once the facade was collected. (One that fails to
+    start is start()'s to raise.)"""
+    error = None if task.cancelled() else task.exception()
+    if error is not None and ready.is_set():
+        log.error("mailstrom worker died", exc_info=error)
 
 
 def _cancel(task: asyncio.Future[None]) -> None:
@@ -139,6 +150,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
         self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
+        self._task.add_done_callback(functools.partial(_log_death, ready))
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
