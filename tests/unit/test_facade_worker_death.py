@@ -1,12 +1,12 @@
 """A worker thread or task that ended on its own (a store error it cannot get past, which
 ``worker_status`` reports) runs no worker any more: ``start()`` and a ``with`` block start
 a new one in its place, as a worker process's facade does once its child ended for good.
-Its death is logged, in either mode, when it happens."""
+Its death is logged, in either mode, when it happens, and ``stop()`` raises no error of
+it in either mode."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -128,8 +128,7 @@ async def test_a_worker_task_that_dies_says_why_in_the_log_as_a_thread_does(
         assert record.levelno == logging.ERROR and record.exc_info is not None
         assert "disk on fire" in str(record.exc_info[1])
     finally:
-        with contextlib.suppress(RuntimeError):
-            await ams.stop()  # (raises the worker's error, as it did)
+        await ams.stop()
 
 
 def _eventually(found: Callable[[], object]) -> bool:
@@ -138,3 +137,33 @@ def _eventually(found: Callable[[], object]) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+class BodyError(Exception):
+    """What the application's own code in an ``async with`` block raised."""
+
+
+async def test_an_async_with_block_raises_its_own_error_not_the_dead_workers() -> None:
+    # stop() raised the error the worker task had died of (already logged, and in
+    # worker_status), and the block's own exception was replaced by it, where a
+    # Mailstrom's stop() raises none.
+    ams = AsyncMailstrom(CONFIG, store=AlwaysDies(), worker="task")
+
+    async def block() -> None:
+        async with ams:
+            assert isinstance(ams.worker, Worker)
+            assert await asyncio.to_thread(ams.worker.wait_stopped, 10)
+            raise BodyError
+
+    with pytest.raises(BodyError):
+        await block()
+    assert ams.worker_status.dead  # it still says why
+
+
+async def test_stop_after_the_worker_task_died_returns_as_a_threads_does() -> None:
+    ams = AsyncMailstrom(CONFIG, store=AlwaysDies(), worker="task")
+    await ams.start()
+    assert isinstance(ams.worker, Worker)
+    assert await asyncio.to_thread(ams.worker.wait_stopped, 10)
+    await ams.stop()
+    assert "disk on fire" in (ams.worker_status.error or "")

@@ -41,8 +41,9 @@ _T = TypeVar("_T")
 
 def _followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
     """``task``, or when it belongs to another event loop (run by another thread) a
-    future of the running loop that ends as it ends, with its error: awaiting a task of
-    another loop raised ValueError ("belongs to a different loop")."""
+    future of the running loop that ends (with None) as it ends: awaiting a task of
+    another loop raised ValueError ("belongs to a different loop"). The task's error is
+    logged where it ends (:func:`_log_death`)."""
     here = asyncio.get_running_loop()
     there = task.get_loop()
     if there is here:
@@ -51,7 +52,7 @@ def _followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
 
     def tell(ended: asyncio.Future[None]) -> None:  # on the task's loop
         with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
-            here.call_soon_threadsafe(_copy_end, ended, follower)
+            here.call_soon_threadsafe(_end, follower)
 
     try:
         there.call_soon_threadsafe(task.add_done_callback, tell)
@@ -60,13 +61,8 @@ def _followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
     return follower
 
 
-def _copy_end(ended: asyncio.Future[None], follower: asyncio.Future[None]) -> None:
-    if follower.done():
-        return
-    error = None if ended.cancelled() else ended.exception()
-    if error is not None:
-        follower.set_exception(error)
-    else:
+def _end(follower: asyncio.Future[None]) -> None:
+    if not follower.done():
         follower.set_result(None)
 
 
@@ -187,22 +183,18 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 self._task = None
                 if task is None and ending is not None:
                     task = ending  # a worker task still ending since a cancelled stop()
-                if task is not None and task.done():
-                    # Ended already: typically cancelled by the loop that ran it as that
-                    # loop closed (asyncio.run), and stop() now runs on another loop,
-                    # where waiting on the task raised ValueError ("belongs to a
-                    # different loop"). Its own error is raised as waiting raised it.
-                    if not task.cancelled():
-                        task.result()
-                elif task is not None:
+                # One that ended already needs nothing: typically cancelled by the loop
+                # that ran it as that loop closed (asyncio.run), or dead of an error.
+                # Such an error, and one it ends on now, was logged as it ended
+                # (_log_death) and is in worker_status: stop() raises none, as
+                # Mailstrom.stop() raises none, and an `async with` block's own
+                # exception is not replaced by it.
+                if task is not None and not task.done():
                     worker.request_stop(drain_timeout=timeout)
                     ending = _followed_here(task)
                     limit = None if timeout is None else timeout + STOP_GRACE
-                    try:
-                        await asyncio.wait_for(asyncio.shield(ending), limit)
-                    except TimeoutError:
-                        if ending.done():
-                            raise  # the worker's own TimeoutError
+                    await asyncio.wait({ending}, timeout=limit)  # (raises nothing of it)
+                    if not ending.done():
                         log.error("the worker task did not stop within %g s", limit)
                         _cancel(task)
                         self._ending = task  # no other worker starts while it lives
