@@ -1,12 +1,18 @@
-"""A facade in a process forked from the application: the parent's worker thread does
-not exist there, and the fork may start its own (see Mailstrom._after_fork)."""
+"""A facade in a process forked from the application: the parent's worker thread (or the
+thread running the loop of its worker task) does not exist there, and the fork may start
+its own (see Mailstrom._after_fork and AsyncMailstrom._after_fork)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from mailstrom import Email, Mailstrom, RecipientState
+from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState
 from mailstrom.errors import WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -61,3 +67,77 @@ def test_a_fork_does_not_deliver_its_copy_of_a_queue_in_memory(
 
         said = in_fork(child)
         assert said.startswith("False this process was forked"), said
+
+
+@contextmanager
+def loop_in_a_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop another thread runs (as an application's background loop does)."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join()
+        loop.close()
+
+
+def on(loop: asyncio.AbstractEventLoop, step: Coroutine[Any, Any, None]) -> None:
+    asyncio.run_coroutine_threadsafe(step, loop).result(timeout=60)
+
+
+def test_a_fork_of_an_application_with_a_worker_task_on_another_thread_can_start_its_own(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The loop running the parent's worker task runs in a thread that does not exist in
+    the fork: its status said running while nothing there delivered, start() said
+    "already started", and stop() waited for a task that never runs again."""
+    server = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    config = loopback_config(dns_server, server.port)
+    store = SQLiteStore(tmp_path / "q.db")
+    ams = AsyncMailstrom(config, store=store, worker="task")
+    with loop_in_a_thread() as loop:
+        on(loop, ams.start())
+        try:
+
+            async def deliver_here() -> str:
+                before = ams.worker_status.running
+                await ams.start()
+                mid = await ams.send_email(
+                    Email(from_="app@sender.test", to=["u@example.org"], subject="s", text="hi")
+                )
+                status = await ams.wait(mid, timeout=20)
+                running = ams.worker_status.running
+                await asyncio.wait_for(ams.stop(), 30)
+                return f"{before} {status.state.name} {running}"
+
+            assert in_fork(lambda: asyncio.run(deliver_here())) == "False DELIVERED True"
+            assert ams.worker_status.running  # the parent's, untouched
+        finally:
+            on(loop, ams.stop())
+    store.close()
+
+
+def test_a_fork_does_not_deliver_its_copy_of_a_queue_in_memory_from_a_worker_task(
+    dns_server: LoopbackDNS,
+) -> None:
+    ams = AsyncMailstrom(loopback_config(dns_server, 9), store=MemoryStore(), worker="task")
+    with loop_in_a_thread() as loop:
+        on(loop, ams.start())
+        try:
+
+            async def start_here() -> str:
+                running = ams.worker_status.running
+                try:
+                    await ams.start()
+                except WorkerError as exc:
+                    return f"{running} {exc}"
+                return f"{running} started"
+
+            said = in_fork(lambda: asyncio.run(start_here()))
+            assert said.startswith("False this process was forked"), said
+        finally:
+            on(loop, ams.stop())

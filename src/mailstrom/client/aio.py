@@ -66,6 +66,14 @@ def _end(follower: asyncio.Future[None]) -> None:
         follower.set_result(None)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _log_death(ready: asyncio.Event, task: asyncio.Future[None]) -> None:
     """Log the error a worker task that had started ended on, as a worker thread's is
     logged: its death was heard of only from worker_status, or from asyncio's "Task
@@ -110,6 +118,27 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     when it was cancelled itself, the task or a worker process's stop in a thread. The
     next stop() waits for it, start() refuses until it has ended, and the store this
     facade opened is closed once a cancelled stop()'s has ended, not under it."""
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        here = _running_loop()  # the fork came from a thread running this loop
+        if here is None:
+            # Held by a start() or stop() on a loop of another thread (which does not
+            # exist here), or bound to that loop: this process's own need a new one.
+            self._lifecycle_lock = None
+        running = [t for t in (self._task, self._ending) if t is not None and not t.done()]
+        if not running or any(t.get_loop() is here for t in running):
+            return  # none, or the fork came from the worker's own loop, which goes on here
+        # The parent's loop runs in a thread that does not exist here: its worker task
+        # never runs again. Its copy said running, start() said "already started", and
+        # stop() waited for it in vain. As a worker thread's fork does, it lets go of it;
+        # its start() starts its own on a loop of this process.
+        self._task = self._ending = None
+        if self._make_worker is not None:
+            self.worker = self._make_worker()
+            self._worker_ran = False
+        # A queue in memory is the parent's copy here: a worker of ours would send it again.
+        self._copied_queue = getattr(self.store, "url", None) is None
 
     def _lifecycle_async(self) -> asyncio.Lock:
         """Held by start() and stop(): one at a time (made here, on the loop: an asyncio
