@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
+
+import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email
+from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore
 
@@ -85,3 +89,25 @@ def test_stop_on_another_loop_while_the_workers_loop_runs_in_another_thread() ->
         runner.join()
         other.close()
         store.close()
+
+
+def test_stop_on_another_loop_while_the_workers_loop_does_not_run_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    # The worker task's loop is alive but idle (run_until_complete() runs it at times):
+    # nothing can end the task before its owner runs that loop again. stop() from
+    # another loop raised ValueError and closed the store under the task; then it
+    # waited its whole bound (STOP_GRACE past the timeout) for nothing.
+    other = asyncio.new_event_loop()
+    ams = AsyncMailstrom(
+        Config(helo_name="mail.example.com"), store=tmp_path / "q.db", worker="task"
+    )
+    try:
+        other.run_until_complete(ams.start())
+        with pytest.raises(WorkerError, match="another event loop, which is not running"):
+            asyncio.run(ams.stop(timeout=0))
+        assert ams.store.recent() == []  # still open for the worker
+        other.run_until_complete(ams.stop())  # on its own loop it stops
+        assert isinstance(ams.worker, Worker) and ams.worker.wait_stopped(0)
+    finally:
+        other.close()

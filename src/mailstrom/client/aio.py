@@ -66,6 +66,19 @@ def _end(follower: asyncio.Future[None]) -> None:
         follower.set_result(None)
 
 
+def _idle_elsewhere(task: asyncio.Future[None]) -> bool:
+    """Whether ``task`` (not done) is of another event loop that does not run now and is
+    not closed: nothing it was asked can happen before its owner runs it again, and a
+    stop() from here waited its whole bound for that."""
+    loop = task.get_loop()
+    return (
+        not task.done()
+        and loop is not _running_loop()
+        and not loop.is_running()
+        and not loop.is_closed()
+    )
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop running in this thread, if any."""
     try:
@@ -189,9 +202,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         give the rest back to the store, due at once; wait for the worker at most
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``, then kill a
         worker process or cancel the worker task (logged). Several at once each return
-        once the worker has ended, on the worker task's loop or any other. Cancelled, it
-        leaves the worker stopping, and the store this facade opened is closed once the
-        worker has ended."""
+        once the worker has ended, on the worker task's loop or any other (but one that
+        does not run then: WorkerError, and nothing is stopped). Cancelled, it leaves the
+        worker stopping, and the store this facade opened is closed once the worker has
+        ended."""
         timeout = stop_timeout(timeout)
         async with self._lifecycle_async():
             await self._stop(timeout)
@@ -209,9 +223,15 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 await asyncio.shield(ending)
             elif isinstance(worker, Worker):
                 task: asyncio.Future[None] | None = self._task
-                self._task = None
                 if task is None and ending is not None:
                     task = ending  # a worker task still ending since a cancelled stop()
+                if task is not None and _idle_elsewhere(task):
+                    deferred = True  # the store stays open for the worker, still there
+                    raise WorkerError(
+                        "the worker task belongs to another event loop, which is not "
+                        "running: stop() it on that loop"
+                    )
+                self._task = None
                 # One that ended already needs nothing: typically cancelled by the loop
                 # that ran it as that loop closed (asyncio.run), or dead of an error.
                 # Such an error, and one it ends on now, was logged as it ended
