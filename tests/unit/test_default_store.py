@@ -156,3 +156,20 @@ def test_a_clock_or_callback_that_cannot_be_called_is_refused(
         with pytest.raises(ConfigError, match="must be callable"):
             facade(Config(helo_name="client.test"), worker=None, **argument)  # type: ignore[arg-type]
     assert not user_home.exists()
+
+
+def test_db_migrate_creates_the_default_store_as_every_command_does(
+    user_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mailstrom db migrate`` with no store named, run before anything had created the
+    default queue (an install script's first step), exited 75 "cannot create
+    .../mailstrom/queue.db: No such file or directory", where ``send`` and ``worker``
+    make its private directories."""
+    from mailstrom.cli.main import main
+
+    assert main(["db", "migrate"]) == 0
+    path = user_home / "mailstrom" / "queue.db"
+    assert capsys.readouterr().out.startswith(f"sqlite:///{path}: schema version ")
+    assert mode(user_home / "mailstrom") == 0o700
+    assert mode(user_home) == 0o700
+    assert mode(path) == 0o600

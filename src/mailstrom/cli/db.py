@@ -46,7 +46,7 @@ def migrate_command(args: argparse.Namespace) -> int:
 
 def migrate(url: str) -> int | None:
     """Apply migrations; the resulting schema version (None for the memory store)."""
-    from mailstrom.stores.url import StoreKind, parse_store_url, postgres_module
+    from mailstrom.stores.url import StoreKind, open_store, parse_store_url, postgres_module
 
     parsed = parse_store_url(url)
     if parsed.kind is StoreKind.POSTGRES:
@@ -56,9 +56,9 @@ def migrate(url: str) -> int | None:
         import sqlite3
         from contextlib import closing
 
-        from mailstrom.stores.sqlite import SQLiteStore
-
-        SQLiteStore(parsed.target).close()  # migrates on open, as every worker does
+        # Migrates on open, as every worker does; opened as every command opens it, so
+        # that the default queue's private directories are made when missing.
+        open_store(url).close()
         # The SQLite store keeps its schema version in PRAGMA user_version.
         with closing(sqlite3.connect(parsed.target)) as conn:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
