@@ -3,12 +3,14 @@ rule, and the sendmail personality's local names and aliases."""
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
+from mailstrom.cli.exits import EX_DATAERR, CLIError
 from mailstrom.cli.localnames import (
     MAX_ALIASES_SIZE,
     expand,
@@ -16,6 +18,7 @@ from mailstrom.cli.localnames import (
     qualify_headers,
     read_aliases,
 )
+from mailstrom.cli.selection import MAX_ID_LINE, read_ids
 from mailstrom.client.operations import settled
 from mailstrom.errors import AmbiguousMessageId, ConfigError, UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
@@ -231,3 +234,18 @@ def test_reading_an_aliases_file(tmp_path: Path) -> None:
         read_aliases(str(path))
     with pytest.raises(ConfigError, match="cannot read"):
         read_aliases(str(tmp_path / "missing"))
+
+
+def test_ids_on_standard_input_may_fill_lines_of_200_octets() -> None:
+    """The documented bound is a line of at most 200 octets; the line's end was counted
+    in it, so a 200-octet line (199 with CRLF) was refused as "too long for a message
+    id", exit 65."""
+    mid = "0190f3a2c4e1" + "0" * 20
+    at_most = b"# " + b"x" * (MAX_ID_LINE - 2)
+    assert len(at_most) == MAX_ID_LINE
+    for end in (b"\n", b"\r\n"):
+        given = at_most + end + mid.encode() + end
+        assert read_ids(io.BytesIO(given)) == [mid]
+    with pytest.raises(CLIError, match="line 1: too long") as raised:
+        read_ids(io.BytesIO(at_most + b"x\n" + mid.encode() + b"\n"))
+    assert raised.value.code == EX_DATAERR

@@ -27,7 +27,8 @@ MAX_BULK = 100_000
 """Messages one bulk command changes at most (and ids read from standard input): the ids
 are held in memory and changed in one transaction."""
 MAX_ID_LINE = 200
-"""Octets of one line of ids on standard input (an id is 32)."""
+"""Octets of one line of ids on standard input, its end (LF or CRLF) not counted (an id
+is 32)."""
 
 STATE_CHOICES = ["pending", "finished", "any", *(s.value for s in RecipientState)]
 """What ``--state`` takes: a recipient state (a message's is derived from its
@@ -129,10 +130,13 @@ def read_ids(stream: BinaryIO) -> list[str]:
     """Ids on ``stream``, one a line (blank lines and ``#`` comments skipped), at most
     :data:`MAX_BULK`; CLIError (65) for more, or for a line too long to be an id."""
     ids: list[str] = []
-    for number, raw in enumerate(iter(lambda: stream.readline(MAX_ID_LINE + 1), b""), 1):
-        if len(raw) > MAX_ID_LINE:
+    # Room for the line's end (CRLF), which the bound does not count: read with it, a
+    # line of 200 octets was refused.
+    for number, raw in enumerate(iter(lambda: stream.readline(MAX_ID_LINE + 2), b""), 1):
+        line = raw.rstrip(b"\r\n")
+        if len(line) > MAX_ID_LINE:
             raise CLIError(f"standard input line {number}: too long for a message id", EX_DATAERR)
-        text = raw.decode("ascii", "replace").strip()
+        text = line.decode("ascii", "replace").strip()
         if not text or text.startswith("#"):
             continue
         ids.append(text)
