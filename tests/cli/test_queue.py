@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
+from tests.contract.support import message
 
 
 def send(cli: CLI, to: str, *extra: str) -> str:
@@ -124,9 +126,46 @@ def test_retrying_held_messages_says_they_wait_to_be_released(cli: CLI) -> None:
         "selected": 1,
         "changed": 1,
         "held": 1,
+        "suspended": 0,
     }
     assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
     assert cli.ok("status", "--json", held).json()["held"] is True
+
+
+def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(cli: CLI) -> None:
+    """Was "2 recipients due now (1 message)" with one of them at a suspended destination:
+    no worker leases it until the destination is resumed, as a held message's recipients
+    wait until it is released."""
+    mid = send(cli, "bob@example.test", "--to", "carol@paused.test", "--to", "dan@paused.test")
+    cli.ok("suspend", "paused.test")
+    assert cli.ok("retry", mid).out.strip() == (
+        "1 recipient due now (1 message); "
+        "2 recipients at a suspended destination, due once it is resumed"
+    )
+    assert cli.ok("retry", "--json", mid).json() == {
+        "action": "retry",
+        "selected": 1,
+        "changed": 3,
+        "held": 0,
+        "suspended": 2,
+    }
+    held = send(cli, "erin@paused.test", "--hold")  # held first: it waits to be released
+    assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
+    # A large selection is read by destination, not message by message: the same count.
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        many = store.enqueue_many(
+            [message("x@example.test", "y@paused.test")] * 150, now=datetime.now(UTC)
+        )
+    finally:
+        store.close()
+    assert cli.ok("retry", "--domain", "example.test").out.strip() == (
+        "151 recipients due now (151 messages); "
+        "152 recipients at a suspended destination, due once it is resumed"
+    )
+    assert len(many) == 150
+    cli.ok("resume", "paused.test")
+    assert cli.ok("retry", mid).out.strip() == "3 recipients due now (1 message)"
 
 
 def test_cancel(cli: CLI) -> None:

@@ -30,8 +30,9 @@ from mailstrom.cli.selection import (
     resolve_all,
     select,
 )
+from mailstrom.errors import UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
-from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.base import QueueFilter, Store, domain_of
 from mailstrom.stores.operator import PENDING_STATES, purge_candidates
 
 BULK_EPILOG = """\
@@ -224,15 +225,29 @@ def bulk_command(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime) -> int:
     """Retry ``ids``, and say which recipients are due now: those of a held message are
-    made due too, but no worker leases them until it is released."""
+    made due too, but no worker leases them until it is released; nor those at a
+    destination suspended now, until it is resumed."""
     held = _held_among(store, ids, now)
     free = [mid for mid in ids if mid not in held]
-    due = store.retry_many(free, now=now) if free else 0
+    paused = _suspended_among(store, free, now)
+    changed = store.retry_many(free, now=now) if free else 0
     waiting = store.retry_many(sorted(held), now=now) if held else 0
-    data = {"action": "retry", "selected": len(ids), "changed": due + waiting, "held": waiting}
+    # Counted a moment before the retry: one finished meanwhile may still be among them.
+    due = max(changed - paused, 0)
+    data = {
+        "action": "retry",
+        "selected": len(ids),
+        "changed": changed + waiting,
+        "held": waiting,
+        "suspended": paused,
+    }
     parts = []
     if free or not held:
         parts.append(f"{plural(due, 'recipient')} due now ({plural(len(free), 'message')})")
+    if paused:
+        parts.append(
+            f"{plural(paused, 'recipient')} at a suspended destination, due once it is resumed"
+        )
     if held:
         parts.append(
             f"{plural(waiting, 'recipient')} due once released"
@@ -249,6 +264,48 @@ def _held_among(store: Store, ids: list[str], now: datetime) -> set[str]:
     where = QueueFilter(states=PENDING_STATES, held=True, limit=MAX_BULK)
     wanted = set(ids)
     return {m.id for m in store.query(now=now, where=where) if m.id in wanted}
+
+
+_READ_EACH = 100
+"""Selections up to this many messages are read one by one to find their recipients at
+suspended destinations; larger ones by a query per suspended destination."""
+
+
+def _suspended_among(store: Store, ids: list[str], now: datetime) -> int:
+    """How many pending recipients of ``ids`` are at a destination suspended at ``now``:
+    made due, they wait for its end all the same. Nothing is read when no destination is
+    suspended, the usual case; then a few messages are read by id (a suspended
+    destination may have a large queue, read whole only for a large selection)."""
+    suspended = {s.domain for s in store.suspensions(now=now)} if ids else set()
+    if not suspended:
+        return 0
+    wanted = set(ids)
+    if len(wanted) <= _READ_EACH:
+        found = [m for m in (_status_or_none(store, mid) for mid in wanted) if m is not None]
+    else:
+        found = [
+            m
+            for domain in suspended
+            for m in store.query(
+                now=now, where=QueueFilter(states=PENDING_STATES, domain=domain, limit=MAX_BULK)
+            )
+            if m.id in wanted
+        ]
+    at_suspended = {
+        (m.id, r.address)
+        for m in found
+        for r in m.recipients
+        if not r.state.is_final and domain_of(r.address) in suspended
+    }
+    return len(at_suspended)
+
+
+def _status_or_none(store: Store, message_id: str) -> MessageStatus | None:
+    """The status of ``message_id``; None once it is gone (purged meanwhile)."""
+    try:
+        return store.status(message_id)
+    except UnknownMessage:
+        return None
 
 
 def _dry_run(args: argparse.Namespace, name: str, ids: list[str], *, more: bool = False) -> int:
