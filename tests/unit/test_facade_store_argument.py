@@ -164,3 +164,27 @@ def test_a_worker_process_opens_the_store_the_url_named(workdir: Path) -> None:
     finally:
         ms.stop()  # never started: closes the store
     assert_closed(ms.store, workdir)
+
+
+def test_mail_sent_after_stop_to_a_queue_in_memory_it_closed_is_refused(workdir: Path) -> None:
+    """stop() closes a ``memory:`` store the facade opened, and no worker of it starts
+    again: a message queued after it was given an id and never delivered (SQLite's closed
+    store refuses it). It is refused now; what was queued before can still be read."""
+    ms = Mailstrom(CONFIG, store="memory:", worker=None)
+    mid = ms.send_email(hello())
+    ms.stop()
+    with pytest.raises(StoreError, match="closed"):
+        ms.send_email(hello())
+    with pytest.raises(StoreError, match="closed"):
+        ms.send_emails([hello()])
+    assert ms.query_status(mid).state is RecipientState.QUEUED
+
+
+async def test_an_async_facade_refuses_mail_after_stop_closed_its_queue_in_memory(
+    workdir: Path,
+) -> None:
+    ms = AsyncMailstrom(CONFIG, store="memory:", worker=None)
+    await ms.send_email(hello())
+    await ms.stop()
+    with pytest.raises(StoreError, match="closed"):
+        await ms.send_email(hello())

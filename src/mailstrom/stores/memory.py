@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from mailstrom.errors import UnknownMessage
+from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DestinationThrottle, MessageStatus, RecipientState
@@ -92,6 +92,7 @@ class MemoryStore(
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._closed = False
         self._messages: dict[str, _Message] = {}
         self._seq = itertools.count()
         self._watchers = Watchers()
@@ -123,6 +124,11 @@ class MemoryStore(
     def _add(self, messages: Sequence[PreparedMessage], *, now: datetime, hold: bool) -> list[str]:
         ids = []
         with self._lock:
+            if self._closed:
+                # As a closed durable store refuses it: a facade that closed its queue
+                # in memory starts no worker again, and mail queued now would get an id
+                # and never go. What is in it can still be read.
+                raise StoreError("the store is closed: nothing more can be queued in it")
             for prepared in messages:
                 mid = new_message_id()
                 attrs = prepared.attributes
@@ -457,7 +463,10 @@ class MemoryStore(
         return self._cancel_watchers.add(callback)
 
     def close(self) -> None:
-        """Nothing to release; kept for the protocol."""
+        """Refuse new mail from now on (as a closed durable store does; idempotent). What
+        it holds can still be read: there is nothing to release."""
+        with self._lock:
+            self._closed = True
 
     def _delete(self, message_ids: Sequence[str]) -> None:
         """Delete these messages, and the idempotency keys that name them, as the durable
