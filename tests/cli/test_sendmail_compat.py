@@ -119,3 +119,21 @@ def test_send_file_stays_strict(cli: CLI) -> None:
     result = cli("send", "--file", "-", "--to", "bob@example.test", stdin=b"Subject: x\nbody\n")
     assert result.code == 65
     assert cli.queue_ids() == []
+
+
+@pytest.mark.parametrize(
+    "sender", ["<ann@example.test>", "Ann <ann@example.test>", "ann@example.test (Ann)"]
+)
+def test_full_name_with_a_sender_written_with_more_than_its_address(cli: CLI, sender: str) -> None:
+    """``-f '<addr>'`` (and ``-f 'Name <addr>'``) is an envelope sender that sendmail
+    reads as its address. With ``-F`` the From field put it inside angle brackets as
+    written, ``Ann <<ann@example.test>>``, and the message was refused as malformed
+    (exit 65); ``-F Ann -f 'ann@example.test (Ann)'`` wrote the comment inside them."""
+    _origin(cli)
+    cli.ok(
+        "sendmail", "-F", "Ann Smith", "-f", sender, "bob@example.test", stdin=b"Subject: x\n\ny\n"
+    )
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "ann@example.test"
+    headers = cli.ok("show", "--headers", queued["id"]).out
+    assert "From: Ann Smith <ann@example.test>" in headers.splitlines()

@@ -46,7 +46,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
-from mailstrom.message.addresses import parse_local_address_list
+from mailstrom.message.addresses import parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
@@ -350,7 +350,22 @@ def from_field(full_name: str, address: str) -> str:
     caller's choosing (``-F $'x\nBcc: ...'``)."""
     check_header_text("-F", full_name)
     check_header_text("-f", address)
+    if full_name:
+        # -F names the address: ``-f '<addr>'`` or ``-f 'Name <addr>'`` (what the
+        # envelope sender is read from) gives only its addr-spec, or the field would
+        # hold "Name <<addr>>".
+        address = _addr_spec(address)
     return format_address(full_name, address)
+
+
+def _addr_spec(sender: str) -> str:
+    """The address of ``sender`` written with angle brackets, a display name or a comment
+    (``<ann@example.org>``), as prepare() reads the envelope sender; ``sender`` itself
+    when it is no single mailbox, for prepare() to refuse with a precise reason."""
+    try:
+        return parse_mailbox("-f", sender).address.written
+    except InvalidMessage:
+        return sender
 
 
 def _argument_addresses(text: str, origin: str) -> list[str]:
