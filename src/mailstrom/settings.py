@@ -559,11 +559,30 @@ def _mail_domain(key: str, value: Any) -> str:
     problem = helo_name_problem(text)
     if problem is None and "." not in text and not text.startswith("["):
         problem = "a single label, not a fully qualified name"
+    if problem is None:
+        problem = _mail_domain_problem(text)
     if problem is not None:
         raise ConfigError(
             f"{key}: {problem}: {shorten(text, 80)} (expected a domain like example.com)"
         )
     return text
+
+
+def _mail_domain_problem(domain: str) -> str | None:
+    """Why no address may have ``domain``, as the addresses made with it are validated
+    (an A-label that is no IDNA, a special-use name such as ``printer.local``), or None.
+    Letters, digits and hyphens are not enough: every message with a bare name would be
+    refused instead."""
+    from mailstrom.errors import InvalidAddress
+    from mailstrom.message.addrspec import validate
+
+    try:
+        validate("postmaster", domain)
+    except InvalidAddress as exc:
+        # The validator's reason speaks of an address: "The part after the @-sign is...".
+        why = (str(exc).partition(": ")[2] or str(exc)).rstrip(".")
+        return f"no mail address may have this domain ({why})"
+    return None
 
 
 def _existing_file(key: str, value: Any) -> str:

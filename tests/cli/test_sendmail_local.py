@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import CLI
 
 CRON_MAIL = b"""From: root (Cron Daemon)
@@ -128,6 +130,20 @@ def test_an_origin_that_is_no_domain_is_a_configuration_error(cli: CLI) -> None:
     assert "sendmail.origin" in result.err
     del cli.env["MAILSTROM_SENDMAIL_ORIGIN"]  # every command reads it
     assert cli.queue_ids() == []
+
+
+@pytest.mark.parametrize("origin", ["xn--zz.example.test", "printer.local", "nas.home.arpa"])
+def test_an_origin_no_address_may_have_is_a_configuration_error(cli: CLI, origin: str) -> None:
+    """A name of letters, digits and hyphens that no mail address may have (an A-label
+    that is no IDNA, a special-use name such as ``.local`` or ``.home.arpa``) passed as
+    an origin, and then every message with a bare local name was refused as malformed
+    (exit 65, "invalid address 'root@printer.local'"), blaming the message."""
+    cli.env["MAILSTROM_SENDMAIL_ORIGIN"] = origin
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
+    assert result.code == 78, result.err
+    assert "sendmail.origin" in result.err
+    assert origin in result.err
 
 
 def test_a_long_folded_field_with_a_bare_name_stays_folded(cli: CLI) -> None:
