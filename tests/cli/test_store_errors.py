@@ -276,3 +276,19 @@ def test_a_running_worker_exits_74_once_a_newer_mailstrom_migrated_its_postgres_
     err = err_bytes.decode()
     assert code == 74, err
     assert "at version 9999, newer than this mailstrom knows" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sendmail", "-i", "bob@example.test"],
+        ["send", "--from", "a@client.test", "--to", "bob@example.test", "--text", "x"],
+        ["send", "--file", "-", "--to", "bob@example.test"],
+    ],
+)
+def test_a_command_that_queues_refuses_a_memory_store(cli: CLI, argv: list[str]) -> None:
+    """A memory store ends with the process that opened it: ``sendmail`` and ``send``
+    queued the message there, exited 0 ("queued", and ``send`` printed its id), and the
+    message was gone as the command exited, before any worker could see it."""
+    cli.env["MAILSTROM_STORE"] = "memory:"
+    assert_one_line_error(cli(*argv, stdin=MESSAGE), 78, "memory store")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from mailstrom.cli.exits import UsageError
+from mailstrom.cli.exits import EX_CONFIG, CLIError, UsageError
 from mailstrom.errors import ConfigError
 from mailstrom.settings import Settings, load_settings, parse_dns_servers
 from mailstrom.stores.base import Store
@@ -142,6 +142,20 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
             return MemoryStore()
     return open_url(url, read_only=read_only)
+
+
+def require_lasting_store(settings: Settings) -> None:
+    """Refuse (CLIError, EX_CONFIG) a store that ends with this process, for a command
+    that queues mail: a memory store took the message, the command exited 0 ("queued")
+    and the message was gone with it, before any worker could see it."""
+    from mailstrom.stores.url import StoreKind, parse_store_url
+
+    if parse_store_url(settings.store_url).kind is StoreKind.MEMORY:
+        raise CLIError(
+            "the store is a memory store, which ends with this command: a message queued "
+            "there would be lost; set store to a SQLite file or a PostgreSQL URL",
+            EX_CONFIG,
+        )
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailstrom.cli.context import open_store, settings_from, utc_now
+from mailstrom.cli.context import open_store, require_lasting_store, settings_from, utc_now
 from mailstrom.cli.exits import (
     EX_DATAERR,
     EX_NOINPUT,
@@ -353,6 +353,7 @@ def send_command(args: argparse.Namespace) -> int:
     from mailstrom.client.common import prepare_for
 
     settings = settings_from(args)
+    require_lasting_store(settings)
     now = utc_now()
     dsn = DSN.from_options(args.notify, args.ret, args.envid)
     if args.file is not None:

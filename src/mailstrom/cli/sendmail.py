@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
-from mailstrom.cli.context import report, store_from, utc_now
+from mailstrom.cli.context import report, require_lasting_store, store_from, utc_now
 from mailstrom.cli.exits import (
     EX_NOINPUT,
     EX_OK,
@@ -423,6 +423,7 @@ def _enqueue(args: SendmailArgs) -> int:
     # does: the worker then bounces final failures to the sender (docs/guide.md).
     dsn = args.dsn() or DSN()
     settings = sendmail_settings()
+    require_lasting_store(settings)  # before the message is read: the caller keeps it
     origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
     path = aliases_path(settings.values.get("sendmail.aliases"))
     message = read_message(
