@@ -5,6 +5,11 @@ header section or without the empty line that ends it."""
 from __future__ import annotations
 
 import getpass
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -137,3 +142,46 @@ def test_full_name_with_a_sender_written_with_more_than_its_address(cli: CLI, se
     assert queued["envelope_from"] == "ann@example.test"
     headers = cli.ok("show", "--headers", queued["id"]).out
     assert "From: Ann Smith <ann@example.test>" in headers.splitlines()
+
+
+def _reading_a_pipe(pid: int) -> bool:
+    """Whether process ``pid`` is blocked reading a pipe (its kernel wait channel)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe_read" in f.read()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_the_message_is_typed_is_no_traceback(cli: CLI) -> None:
+    """``sendmail bob`` typing a message at a terminal and Ctrl-C: the KeyboardInterrupt
+    left sendmail's own error handling and Python printed its traceback (the other
+    commands end with 130, as a shell reports an interrupted command)."""
+    if not os.path.exists(f"/proc/{os.getpid()}/wchan"):
+        pytest.skip("needs /proc/PID/wchan to see the command wait for its input")
+    _origin(cli)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", cli.module, "sendmail", "bob@example.test"],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"Subject: half typed\n\nnot the end yet\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not _reading_a_pipe(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the kernel's state of the process; nothing to wait on
+        assert _reading_a_pipe(proc.pid), "sendmail never waited for the rest of its input"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    assert cli.queue_ids() == []

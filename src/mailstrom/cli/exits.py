@@ -47,6 +47,8 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 """Bad configuration file, environment variable or store URL, or a database that refuses
 the store URL's role (wrong password, unknown role or database, no right to migrate)."""
+EX_INTERRUPTED = 130
+"""Interrupted (Ctrl-C, SIGINT): 128 + the signal's number, as a shell reports it."""
 
 
 MAX_REASON = 500

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from mailstrom._version import __version__
 from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
 from mailstrom.cli.exits import (
+    EX_INTERRUPTED,
     EX_OK,
     EX_SOFTWARE,
     EX_USAGE,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except BrokenPipeError:
         return reader_gone()
     except Exception as exc:

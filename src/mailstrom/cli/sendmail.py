@@ -25,6 +25,7 @@ from email.utils import getaddresses
 
 from mailstrom.cli.context import report, require_lasting_store, store_from, utc_now
 from mailstrom.cli.exits import (
+    EX_INTERRUPTED,
     EX_NOINPUT,
     EX_OK,
     EX_USAGE,
@@ -409,6 +410,8 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
         return EX_USAGE
     except BrokenPipeError:  # -bp or --help read by `head`, which went away
         return reader_gone()
+    except KeyboardInterrupt:  # Ctrl-C while the message is typed: nothing is queued
+        return EX_INTERRUPTED
     except Exception as exc:
         return fail(exc)
 
