@@ -3,6 +3,7 @@ origin domain, an aliases file maps them, ``-bp`` and a ``mailq`` symlink list t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,20 @@ def test_an_oversized_aliases_file_is_a_configuration_error(cli: CLI) -> None:
     result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n")
     assert result.code == 78
     assert "sendmail.aliases" in result.err
+    assert cli.queue_ids() == []
+
+
+def test_an_aliases_path_that_is_no_regular_file_is_a_configuration_error(cli: CLI) -> None:
+    """A FIFO (or a device) named as the aliases file: opening it waited for a writer
+    that never came, and `sendmail` (from cron, a web application) hung for good, each
+    run one more process stuck. Only regular files are read, as the config file is."""
+    local_names(cli, None)
+    fifo = cli.cwd / "aliases.fifo"
+    os.mkfifo(fifo)
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = str(fifo)
+    result = cli("sendmail", "-i", "root", stdin=b"Subject: x\n\ny\n", timeout=60)
+    assert result.code == 78, result.err
+    assert "sendmail.aliases" in result.err and "not a regular file" in result.err
     assert cli.queue_ids() == []
 
 

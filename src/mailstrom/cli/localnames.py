@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 from email.utils import formataddr, getaddresses, quote
 
@@ -58,11 +59,7 @@ def read_aliases(path: str) -> dict[str, list[str]]:
     """The aliases in ``path`` (``name: target, target`` lines, ``#`` comments,
     continuation lines starting with white space); ConfigError when unreadable or too big.
     Names are matched case-insensitively, as sendmail does."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_ALIASES_SIZE + 1)
-    except OSError as exc:
-        raise ConfigError(f"sendmail.aliases: cannot read {path}: {exc.strerror or exc}") from None
+    data = _read_regular_file(path, MAX_ALIASES_SIZE + 1)
     if len(data) > MAX_ALIASES_SIZE:
         raise ConfigError(f"sendmail.aliases: {path} is larger than {MAX_ALIASES_SIZE} octets")
     entries: list[str] = []
@@ -83,6 +80,26 @@ def read_aliases(path: str) -> dict[str, list[str]]:
         targets = [_unquoted(t.strip()) for t in _split_targets(rest) if t.strip()]
         aliases[name.strip().lower()] = targets
     return aliases
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """At most ``limit`` octets of the regular file ``path``; ConfigError for anything
+    else. Opened without blocking and looked at before it is read: opening a FIFO waits
+    for a writer, which may never come (sendmail then hung for good), and a device or
+    ``/dev/stdin`` holds no aliases (stdin, the message itself)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"sendmail.aliases: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"sendmail.aliases: {path} is not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise ConfigError(f"sendmail.aliases: cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _split_targets(text: str) -> list[str]:
