@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom.cli.reading import FileBudget
-from mailstrom.cli.sendmail import read_message
+from mailstrom.cli.sendmail import SendmailArgs, build, read_message
 from mailstrom.errors import MessageTooLarge
 from tests.cli.conftest import CLI
 
@@ -160,3 +160,33 @@ def test_files_are_read_up_to_the_limit_only(
 def test_sendmail_under_the_limit_is_queued(small_limit: CLI) -> None:
     small_limit.ok("sendmail", "b@example.test", stdin=HEAD + b"hello\n.\nignored\n")
     assert len(small_limit.queue_ids()) == 1
+
+
+class Targets(list[str]):
+    """An alias's targets that count how often they are walked."""
+
+    walked = 0
+
+    def __iter__(self) -> Iterator[str]:
+        self.walked += 1
+        return super().__iter__()
+
+
+def test_an_alias_named_many_times_is_expanded_once() -> None:
+    """``sendmail -t`` expanded a bare name each time the message named it: a To field of
+    ``staff, staff, ...`` (a message's author writes it; the header section may hold
+    1 MB of them) walked the alias's 1,000 targets per mention, minutes of work before
+    the message was refused, for a handful of distinct recipients. Each name (in any
+    case: aliases match case-insensitively) is now expanded once."""
+    addresses = [f"u{i}@example.test" for i in range(1000)]
+    staff = Targets(addresses)
+    names = ", ".join(["staff", "Staff", "STAFF", "root"] * 500)
+    data = f"From: a@example.test\nTo: {names}\nSubject: x\n\nbody\n".encode()
+    _, recipients = build(
+        data,
+        SendmailArgs(extract=True, ignore_dots=True),
+        default_domain="host.example.test",
+        aliases={"staff": staff},
+    )
+    assert staff.walked == 1
+    assert recipients == [*addresses, "root@host.example.test"]

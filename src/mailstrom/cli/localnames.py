@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from email.utils import formataddr, getaddresses, quote
 
 from mailstrom.errors import ConfigError
@@ -157,6 +157,24 @@ def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> l
 
     walk(address, 0)
     return list(dict.fromkeys(found))
+
+
+def expand_all(
+    addresses: Iterable[str], aliases: Mapping[str, Sequence[str]], origin: str
+) -> list[str]:
+    """Where mail for ``addresses`` goes (:func:`expand` of each, in order, duplicates
+    dropped). An alias is expanded once however often, and in whatever case, it is named:
+    a message's ``To: staff, staff, ...`` (as many as its header section holds) walked
+    the alias's targets once per mention."""
+    found: dict[str, None] = {}
+    expanded: set[str] = set()
+    for address in addresses:
+        # Aliases match case-insensitively, so Staff and STAFF go where staff goes.
+        key = address.lower() if is_bare(address) and address.lower() in aliases else address
+        if key not in expanded:
+            expanded.add(key)
+            found.update(dict.fromkeys(expand(address, aliases, origin)))
+    return list(found)
 
 
 def qualify_headers(data: bytes, origin: str) -> bytes:

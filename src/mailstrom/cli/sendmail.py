@@ -38,7 +38,7 @@ from mailstrom.cli.exits import (
 from mailstrom.cli.localnames import (
     aliases_path,
     default_origin,
-    expand,
+    expand_all,
     format_address,
     qualify,
     qualify_headers,
@@ -318,9 +318,7 @@ def build(
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
-    recipients = list(
-        dict.fromkeys(r for a in recipients for r in expand(a, aliases or {}, default_domain))
-    )
+    recipients = expand_all(recipients, aliases or {}, default_domain)
     data = qualify_headers(data, default_domain)
     if not recipients:
         hint = (
