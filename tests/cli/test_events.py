@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
+
+import pytest
 
 from tests.cli.conftest import MailEnv
 
@@ -118,3 +122,50 @@ def test_events_on_an_empty_store(cli: object) -> None:
     assert isinstance(cli, CLI)
     assert cli.ok("events").out == ""
     assert cli("events", "--after", "x").code == 64
+
+
+def _sleeping(pid: int) -> bool:
+    """Whether process ``pid`` sleeps in time.sleep() (its kernel wait channel)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "nanosleep" in f.read()
+    except OSError:
+        return False
+
+
+def test_follow_started_before_the_queue_exists_sees_its_events(mail_env: MailEnv) -> None:
+    """A view of a queue whose SQLite file does not exist yet reads an empty stand-in
+    (views never create the store). ``events --follow`` kept polling that stand-in: once
+    the first message created the file and a worker recorded events, it printed nothing,
+    ever (a follower started at boot, before the first mail)."""
+    if not os.path.exists(f"/proc/{os.getpid()}/wchan"):
+        pytest.skip("needs /proc/PID/wchan to see the follower wait between looks")
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"
+    assert not (mail_env.workdir / "queue.db").exists()
+    follow = cli.popen("events", "--follow", "--json", "--interval", "0.05")
+    try:
+        deadline = time.monotonic() + 60
+        while not _sleeping(follow.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the kernel's state of the process; nothing to wait on
+        assert _sleeping(follow.pid), "the follower never started following"
+        got: list[dict[str, object]] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert follow.stdout is not None
+            for line in follow.stdout:
+                got.append(json.loads(line))
+                ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        first = send(mail_env, "bob@example.test")
+        cli.ok("worker", "--once", "--no-live")
+        assert ready.wait(30), "the follower printed no event"
+        assert [(e["message_id"], e["type"]) for e in got] == [(first, "delivered")]
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        for stream in (follow.stdout, follow.stderr):
+            if stream is not None:
+                stream.close()

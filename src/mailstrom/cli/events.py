@@ -8,18 +8,22 @@ Events are written only while a worker runs with a hook or the ``events`` settin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
 from mailstrom.bounds import MAX_INTEGER
-from mailstrom.cli.context import settings_from, store_from, utc_now
+from mailstrom.cli.context import open_store, settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.output import visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
+from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.safetext import escaped_json
 from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import Store
+from mailstrom.stores.url import StoreKind, parse_store_url
 from mailstrom.webhooks import event_json
 
 EPILOG = """\
@@ -102,6 +106,9 @@ def events_command(args: argparse.Namespace) -> int:
             )
         print(json.dumps({"pruned": pruned}) if args.json else f"pruned {pruned} events")
         return EX_OK
+    # Looked at before the store is opened: a queue not created yet is read as an empty
+    # stand-in, which nothing a worker records ever reaches.
+    created = _created(settings.store_url)
     with store_from(settings, read_only=True) as store:
         if args.after is None:
             after = max(0, store.last_event_id() - max(args.limit, 0))
@@ -111,9 +118,35 @@ def events_command(args: argparse.Namespace) -> int:
         for event in store.read_events(after=after, limit=limit):
             after = event.id
             _print(event, as_json=args.json)
-        if args.follow:
+        if args.follow and created:
+            _follow(store, after, as_json=args.json, interval=args.interval)
+    if args.follow:
+        with contextlib.closing(_once_created(settings.store_url, args.interval)) as store:
             _follow(store, after, as_json=args.json, interval=args.interval)
     return EX_OK
+
+
+def _created(url: str) -> bool:
+    """Whether the store ``url`` names exists: an SQLite file is made by the first
+    command that writes to it; the other stores always are."""
+    parsed = parse_store_url(url)
+    return parsed.kind is not StoreKind.SQLITE or os.path.exists(parsed.target)
+
+
+def _once_created(url: str, interval: float) -> Store:
+    """The store ``url`` names, opened read-only once a writer has made it: looked for
+    every ``interval`` seconds. A file just made may hold no schema yet, or part of it:
+    that is looked at again too; a damaged store or another program's file is not."""
+    while True:
+        time.sleep(interval)
+        if not _created(url):
+            continue
+        try:
+            return open_store(url, read_only=True)
+        except StoreCorrupt:
+            raise
+        except StoreError:
+            continue  # being created: its schema comes in its writer's transactions
 
 
 def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None:
