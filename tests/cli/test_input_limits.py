@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom.cli.reading import FileBudget
+from mailstrom.bounds import MAX_INTEGER
+from mailstrom.cli.reading import FileBudget, read_limited
 from mailstrom.cli.sendmail import SendmailArgs, build, read_message
 from mailstrom.errors import MessageTooLarge
 from tests.cli.conftest import CLI
@@ -160,6 +161,47 @@ def test_files_are_read_up_to_the_limit_only(
 def test_sendmail_under_the_limit_is_queued(small_limit: CLI) -> None:
     small_limit.ok("sendmail", "b@example.test", stdin=HEAD + b"hello\n.\nignored\n")
     assert len(small_limit.queue_ids()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sendmail", "-i", "b@example.test"],
+        ["send", "--file", "-"],
+        ["send", "--from", "a@client.test", "--to", "b@example.test", "--text-file", "-"],
+    ],
+    ids=["sendmail -i", "send --file -", "send --text-file -"],
+)
+def test_a_limit_far_above_any_message_reads_it(cli: CLI, args: list[str]) -> None:
+    """The readers asked for ``limit + 1`` octets in one read(), for which Python sets
+    aside a buffer of that size first: with a limit of 100 GB (a limit set high to
+    mean "none") every message was an "internal error: MemoryError" (exit 70), with the
+    largest limit the setting takes "OverflowError: cannot fit 'int' into an
+    index-sized integer". Input is now read in pieces, the limit only bounding their
+    sum."""
+    cli.env["MAILSTROM_MAX_MESSAGE_SIZE"] = str(MAX_INTEGER)
+    cli.ok(*args, stdin=HEAD + b"hello\n")
+    assert len(cli.queue_ids()) == 1
+
+
+def test_read_limited_takes_a_stream_that_gives_little_at_a_time() -> None:
+    """A stream may give less than asked before its end (a raw pipe): what is read is
+    read to the end, and the limit counts it all."""
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1, /) -> bytes:
+            piece, self.data = self.data[:3], self.data[3:]
+            return piece[: max(size, 0)] if size >= 0 else piece
+
+    assert read_limited(Trickle(b"a" * 10), 10, source="x") == b"a" * 10
+    with pytest.raises(MessageTooLarge):
+        read_limited(Trickle(b"a" * 11), 10, source="x")
 
 
 class Targets(list[str]):

@@ -45,13 +45,26 @@ def too_large(source: str, limit: int) -> MessageTooLarge:
     )
 
 
+_PIECE = 1 << 20
+"""Octets asked for in one read: a read sets aside a buffer of the size asked for before
+anything arrives, so ``read(limit + 1)`` with a limit set high to mean "none" (100 GB)
+was a MemoryError, and with the largest limit the setting takes an OverflowError."""
+
+
 def read_limited(stream: Readable, limit: int, *, source: str) -> bytes:
     """``stream`` to its end; MessageTooLarge as soon as it holds more than ``limit``
-    octets (``limit + 1`` are read at most)."""
-    data = stream.read(limit + 1)
-    if len(data) > limit:
+    octets (``limit + 1`` are read at most), read in pieces of at most :data:`_PIECE`."""
+    pieces: list[bytes] = []
+    size = 0
+    while size <= limit:
+        piece = stream.read(min(limit + 1 - size, _PIECE))
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    if size > limit:
         raise too_large(source, limit)
-    return data
+    return b"".join(pieces)
 
 
 _DOT_LINE = len(b".\r\n")
