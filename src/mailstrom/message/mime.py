@@ -18,8 +18,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mailstrom.errors import InvalidHeaderValue, InvalidMessage, NestingTooDeep
+from mailstrom.errors import (
+    InvalidHeaderValue,
+    InvalidMessage,
+    NestingTooDeep,
+    UnencodableHeader,
+)
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
+from mailstrom.message.chars import shorten
 
 MAX_DEPTH = 100
 """Deepest MIME nesting accepted (multipart and message/rfc822 levels below the top).
@@ -345,6 +351,19 @@ def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
     )
 
 
+def _check_utf8_head(head: bytes, where: str) -> None:
+    """Refuse the 8-bit header section ``head`` of an entity below the top level unless it
+    is UTF-8, as the top one is refused (RFC 6532 §3.1: 8-bit header text is UTF-8)."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnencodableHeader(
+            f"{where} holds octets that are not UTF-8 ({exc.reason} at {exc.start}): "
+            f"{shorten(head[max(exc.start - 20, 0) : exc.end + 20])}; raw 8-bit headers "
+            "must be UTF-8 (RFC 6532), so encode them as RFC 2047 words or in UTF-8"
+        ) from None
+
+
 def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> bool:
     """Walk every entity of ``data``; return True if a part's own header section (below
     the top level) holds 8-bit octets, which only RFC 6532 allows, so the message then
@@ -357,7 +376,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
     readers differ on it (after a comment, in RFC 2231 form), a continuation line first, or
     an mbox ``From`` line after the first;
-    :class:`InvalidHeaderValue` for a field with white space before its colon.
+    :class:`InvalidHeaderValue` for a field with white space before its colon;
+    :class:`UnencodableHeader` for a part's 8-bit header section that is not UTF-8.
     Entities are read one at a time, each bound checked before the next is, so refusing
     costs no more than the limits allow.
     """
@@ -414,8 +434,9 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
                 f"{where} has more than one {item.repeated} field; readers differ on which "
                 "one counts, so the MIME structure is ambiguous"
             )
-        if depth and not utf8:
-            utf8 = not item.head.isascii()
+        if depth and not item.head.isascii():
+            _check_utf8_head(item.head, where)
+            utf8 = True
         if item.maintype in ("multipart", "message"):
             pending.append((_child_spans(item), depth + 1))
     return utf8
