@@ -3,6 +3,7 @@ fields and envelope a message that is accepted gets. One test per fault found.""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -63,3 +64,53 @@ def test_a_message_global_body_is_content_not_a_header_section() -> None:
     data = _attached_message(b"From: x@example.net\r\nSubject: caf\xe9", b"message/global")
     prepared = prepare(data, now=NOW)
     assert (prepared.smtputf8, prepared.eightbit) == (False, True)
+
+
+def _fields(data: bytes, name: bytes) -> list[bytes]:
+    head = data[: data.index(b"\r\n\r\n")]
+    return [line for line in head.split(b"\r\n") if line.lower().startswith(name.lower() + b":")]
+
+
+RESENT = (
+    b"Resent-From: desk@example.net\r\nResent-To: agent@example.net\r\n"
+    b"From: customer@example.com\r\nTo: desk@example.net\r\n"
+    b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <orig@example.com>\r\n"
+    b"Subject: help\r\n\r\nbody\r\n"
+)
+
+
+def test_a_resent_message_gets_the_resent_date_and_message_id_it_lacks() -> None:
+    """A raw message being resent (it has Resent-To) without Resent-Date was sent so:
+    RFC 5322 §3.6.6 requires Resent-Date in every resent block (and Resent-Message-ID
+    should be there), and Postfix's cleanup adds both when they are missing, as
+    prepare() adds Date and Message-ID to a message lacking them. They are added now;
+    the original Date and Message-ID stay as they were, and the Message-ID is still the
+    one the queue keeps (the one bounces quote)."""
+    prepared = prepare(RESENT, now=NOW)
+    assert prepared.recipients == ("agent@example.net",)
+    assert _fields(prepared.data, b"Resent-Date") == [
+        b"Resent-Date: Mon, 06 May 2024 07:08:09 +0000"
+    ]
+    (resent_id,) = _fields(prepared.data, b"Resent-Message-ID")
+    assert re.fullmatch(rb"Resent-Message-ID: <[0-9a-f]{32}@example\.com>", resent_id)
+    assert _fields(prepared.data, b"Date") == [b"Date: Mon, 01 Jan 2024 00:00:00 +0000"]
+    assert _fields(prepared.data, b"Message-ID") == [b"Message-ID: <orig@example.com>"]
+    assert prepared.header_message_id == "<orig@example.com>"
+
+
+def test_resent_fields_given_are_not_added_again() -> None:
+    given = RESENT.replace(
+        b"Resent-To:",
+        b"Resent-Date: Tue, 02 Jan 2024 00:00:00 +0000\r\n"
+        b"Resent-Message-ID: <again@example.net>\r\nResent-To:",
+    )
+    prepared = prepare(given, now=NOW)
+    assert len(_fields(prepared.data, b"Resent-Date")) == 1
+    assert _fields(prepared.data, b"Resent-Message-ID") == [
+        b"Resent-Message-ID: <again@example.net>"
+    ]
+    # A message that is not being resent gets no Resent- field.
+    plain = prepare(RESENT.replace(b"Resent-To: agent@example.net\r\n", b""), now=NOW)
+    assert plain.recipients == ("desk@example.net",)
+    assert not _fields(plain.data, b"Resent-Date")
+    assert not _fields(plain.data, b"Resent-Message-ID")

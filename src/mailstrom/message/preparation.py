@@ -7,7 +7,8 @@ Three inputs, one pipeline, each stage handing the next a value:
   to bytes (:func:`render.render`);
 - raw bytes are split into header fields (``HeaderSection``), their address headers
   parsed and validated, the envelope decided, and the header section rewritten at the
-  octet level (Bcc, Resent-Bcc and Return-Path removed, Date and Message-ID added). The body is
+  octet level (Bcc, Resent-Bcc and Return-Path removed, Date and Message-ID added, and
+  Resent-Date and Resent-Message-ID to a message being resent). The body is
   never decoded or re-encoded, only given CRLF line ends;
 - an ``EmailMessage`` is serialised once by the stdlib and then taken as raw bytes, so
   the envelope is read from exactly the header text that will be sent.
@@ -97,7 +98,9 @@ def prepare(
     ``id_domain`` when given, else the From domain (the Sender's when From is a group) if
     it is a public name, else ``fallback_id_domain`` (the host's name) if that is, else
     ``mailstrom.invalid`` — never ``localhost``, an address literal or a name private to
-    one network (see :func:`~mailstrom.domains.is_public_name`).
+    one network (see :func:`~mailstrom.domains.is_public_name`). A raw message being
+    resent (it has Resent-To, Resent-Cc or Resent-Bcc) also gets a missing Resent-Date
+    (``now``) and Resent-Message-ID (the same way), as RFC 5322 §3.6.6 asks.
 
     ``dkim`` signs the message with the keys aligned with its From domain (see
     :class:`~mailstrom.dkim.DKIMConfig`); the signatures made are in the result's
@@ -244,12 +247,21 @@ def _prepare_bytes(
         add.append(("Date", format_date(now)))
     else:
         check_date(date)
+    new_id_domain = id_domain or _id_domain(envelope, options.fallback_id_domain)
     given_id = section.value("Message-ID")
     if given_id is not None:
         message_id = check_message_id(given_id)
     else:
-        message_id = _new_message_id(id_domain or _id_domain(envelope, options.fallback_id_domain))
+        message_id = _new_message_id(new_id_domain)
         add.append(("Message-ID", message_id))
+    if fields.resent is not None:
+        # Being resent: its resent block needs a Resent-Date and should have a
+        # Resent-Message-ID (RFC 5322 §3.6.6), which Postfix's cleanup adds as it adds
+        # Date and Message-ID. One from an earlier resend counts, as it does there.
+        if not section.values("Resent-Date"):
+            add.append(("Resent-Date", format_date(now)))
+        if not section.values("Resent-Message-ID"):
+            add.append(("Resent-Message-ID", _new_message_id(new_id_domain)))
     subject = section.value("Subject")
     for name in _ONCE_UNREAD:
         section.value(name)  # refuses a second one
