@@ -284,6 +284,7 @@ ENVELOPES = mostly(
     ),
 )
 _CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ONCE = (b"date", b"from", b"sender", b"reply-to", b"to", b"cc", b"message-id", b"subject")
 
 
 def check(message: Email | Message | bytes, options: dict[str, Any]) -> PreparedMessage | None:
@@ -303,6 +304,8 @@ def check(message: Email | Message | bytes, options: dict[str, Any]) -> Prepared
     assert prepared.smtputf8 or head.isascii()
     fields = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")]
     assert b"bcc" not in fields and b"resent-bcc" not in fields
+    # RFC 5322 §3.6 allows one of each (Gmail refuses a message with two).
+    assert all(fields.count(name) <= 1 for name in _ONCE), "a field allowed once is repeated"
     assert prepared.recipients and len(prepared.recipients) <= options.get("max_recipients", 1000)
     out = downgrade_to_7bit(data)
     assert b"\n" not in out.replace(b"\r\n", b"") and b"\r" not in out.replace(b"\r\n", b"")

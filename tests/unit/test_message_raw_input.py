@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mailstrom.errors import UnencodableHeader
+from mailstrom.errors import InvalidMessage, UnencodableHeader
 from mailstrom.message import prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -114,3 +114,31 @@ def test_resent_fields_given_are_not_added_again() -> None:
     assert plain.recipients == ("desk@example.net",)
     assert not _fields(plain.data, b"Resent-Date")
     assert not _fields(plain.data, b"Resent-Message-ID")
+
+
+@pytest.mark.parametrize("name", ["To", "Cc", "Reply-To"])
+def test_a_second_to_cc_or_reply_to_field_is_refused(name: str) -> None:
+    """A raw message with two To (Cc, Reply-To) fields, one per recipient as some
+    generators write them, was queued and sent, though RFC 5322 §3.6 allows one of each:
+    Gmail checks exactly these fields (with From, Sender, Subject, Date, Message-ID,
+    In-Reply-To, References and Bcc) and refuses such a message at the end of DATA
+    ("550 5.7.1 ... not RFC 5322 compliant"), so it failed later, per recipient. It is
+    refused now, as a second Subject is. Bcc, never sent, may still come in several
+    fields, and so may the Resent- fields, one block per resend."""
+    data = (
+        b"From: a@example.com\r\nTo: b@example.org\r\n"
+        + f"{name}: c@example.org\r\n{name}: d@example.org\r\n".encode()
+        + b"\r\nbody\r\n"
+    )
+    with pytest.raises(InvalidMessage, match=f"2 {name} header fields; RFC 5322 §3.6 allows one"):
+        prepare(data.replace(b"To: b@example.org\r\n", b"") if name == "To" else data, now=NOW)
+    several = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nBcc: c@example.org\r\nBcc: d@example.org\r\n"
+        b"Resent-To: e@example.org\r\nResent-To: f@example.org\r\n\r\nbody\r\n"
+    )
+    assert prepare(several, now=NOW).recipients == ("e@example.org", "f@example.org")
+    assert prepare(several.replace(b"Resent-", b"X-"), now=NOW).recipients == (
+        "b@example.org",
+        "c@example.org",
+        "d@example.org",
+    )

@@ -83,6 +83,7 @@ def fields_from_section(
 ) -> AddressFields:
     """Read and validate the address headers of a raw header section.
 
+    From, Sender, Reply-To, To and Cc may each appear once (:class:`InvalidMessage`).
     Counting as it parses, it stops at the first field that takes the recipient fields
     (To, Cc, Bcc, or the Resent- ones when present) past ``max_recipients`` different
     addresses, when the envelope is to be read from them (``recipients_from_headers``),
@@ -97,12 +98,15 @@ def fields_from_section(
     ]
     resending = any(found is not None for found in resent)
     count = count and not resending
+    # RFC 5322 §3.6 allows one of each field sent but the Resent- ones (a block per
+    # resend): Gmail refuses a message with two To, Cc or Reply-To fields at the end of
+    # DATA. Bcc is never sent, and several are read as one.
     return AddressFields(
         from_=reader.groups("From", single=True),
         sender=reader.groups("Sender", single=True),
-        reply_to=reader.groups("Reply-To") or (),
-        to=reader.groups("To", recipients=count) or (),
-        cc=reader.groups("Cc", recipients=count) or (),
+        reply_to=reader.groups("Reply-To", single=True) or (),
+        to=reader.groups("To", single=True, recipients=count) or (),
+        cc=reader.groups("Cc", single=True, recipients=count) or (),
         bcc=reader.groups("Bcc", recipients=count) or (),
         resent=tuple(group for found in resent for group in found or ()) if resending else None,
     )
