@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from email.message import EmailMessage
 
 import pytest
 
-from mailstrom.errors import InvalidMessage, UnencodableHeader
-from mailstrom.message import prepare
+from mailstrom.errors import InvalidMessage, MessageTooLarge, UnencodableHeader
+from mailstrom.message import preparation, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -142,3 +143,28 @@ def test_a_second_to_cc_or_reply_to_field_is_refused(name: str) -> None:
         "c@example.org",
         "d@example.org",
     )
+
+
+def test_an_email_message_surely_too_large_is_refused_before_it_is_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An EmailMessage with a 60 MB attachment was written out whole by the stdlib (3 s of
+    CPU, 250 MB more memory) before it was found over the 35 MiB limit, though an Email
+    is refused before it is rendered and raw input before it is parsed. Its parts'
+    payloads, held already encoded, are a lower bound on its size: past the limit it is
+    now refused at once."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_content("hi")
+    message.add_attachment(bytes(3000), "application", "octet-stream", filename="a.bin")
+    # Payloads: "hi" and its line end, 4,000 base64 characters in 53 lines: 4,056.
+    assert prepare(message, now=NOW).size > 4056
+
+    def serialise(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a message known to be too large was written")
+
+    monkeypatch.setattr(preparation, "serialise", serialise)
+    with pytest.raises(MessageTooLarge, match="at least 4056 octets") as info:
+        prepare(message, max_size=4055, now=NOW)
+    assert (info.value.size, info.value.limit) == (4056, 4055)

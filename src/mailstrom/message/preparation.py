@@ -58,7 +58,11 @@ from mailstrom.message.headers import (
 from mailstrom.message.identification import check_date, check_message_id, format_date
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
-from mailstrom.message.trees import check_entity_headers, check_written_tree
+from mailstrom.message.trees import (
+    check_entity_headers,
+    check_written_tree,
+    least_written_size,
+)
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
@@ -140,7 +144,7 @@ def prepare(
             prepared = dataclasses.replace(prepared, require_tls=True)
         return prepared
     if isinstance(message, Message):
-        data = _serialise(message)
+        data = _serialise(message, options.max_size)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
@@ -411,14 +415,24 @@ def _too_large(size: int, limit: int) -> None:
     )
 
 
-def _serialise(message: Message) -> bytes:
-    """Serialise a stdlib message once, after :func:`check_entity_headers`.
+def _serialise(message: Message, max_size: int) -> bytes:
+    """Serialise a stdlib message once, after :func:`check_entity_headers`, unless it is
+    surely larger than ``max_size`` (:class:`MessageTooLarge`).
 
     Only what decides *how* to serialise is looked at here; everything else is checked
     on the bytes, by the same code as raw input, once they are known to hold the parts
     the tree does (:func:`~mailstrom.message.trees.check_written_tree`).
     """
     utf8 = check_entity_headers(message)
+    least = least_written_size(message)
+    if least > max_size:
+        # Refused before it is written, as an Email is before it is rendered: a 60 MB
+        # attachment was written out (3 s, 250 MB) only to be refused.
+        raise MessageTooLarge(
+            f"the encoded message is at least {least} octets; the limit is {max_size}",
+            size=least,
+            limit=max_size,
+        )
     # Non-ASCII addr-specs cannot be RFC 2047 encoded, so such a message is written with
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     data = to_crlf(serialise(message, utf8=utf8))

@@ -117,6 +117,20 @@ def check_entity_headers(message: Message) -> bool:
     return utf8
 
 
+def least_written_size(message: Message) -> int:
+    """A lower bound on the octets the stdlib writes for ``message``: its leaves'
+    payloads, which it holds already encoded and writes at least as long (a line end may
+    become CRLF, a character several octets). ``message`` has been walked by
+    :func:`check_entity_headers`, which bounds the tree."""
+    size = 0
+    for part in _entities(message):
+        if not part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, str | bytes):
+                size += len(payload)
+    return size
+
+
 def _entities(message: Message) -> Iterator[Message]:
     """Every entity of ``message``, itself first, within the bounds raw input has
     (:data:`~mailstrom.message.mime.MAX_DEPTH` levels, :data:`MAX_PARTS` entities).
