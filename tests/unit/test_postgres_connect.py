@@ -195,3 +195,32 @@ def test_a_timeout_that_is_no_wait_is_an_invalid_argument(timeout: object) -> No
 
     with pytest.raises(InvalidArgument, match="timeout"):
         PostgresStore("postgresql://mail@127.0.0.1:1/mail", timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("password", ["pa#ss", "pa?ss", "p@ss", "p[a]ss", "#?@"])
+def test_a_password_libpq_takes_unescaped_is_taken_and_never_shown(password: str) -> None:
+    """libpq reads a URL's user information up to an ``@`` and takes ``#``, ``?`` or
+    ``[`` in a password as they are; urlsplit ended the host there. Such a URL was refused
+    as malformed ("Port could not be cast to integer value as 'pa'"), with the password
+    in the message, and redact_url, which every log line and error quoting a store URL
+    goes through, showed it as it was. (An ``@`` in it ended it for libpq, and the rest
+    was taken for the host.)"""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from mailstrom.stores.url import check_store_url, redact_url
+
+    url = f"postgresql://mail:{password}@127.0.0.1:5432/mail?sslmode=disable"
+    check_store_url(url)
+    assert redact_url(url) == "postgresql://mail:***@127.0.0.1:5432/mail?sslmode=disable"
+    assert redact_url(f"failed: '{url}': why") == f"failed: '{redact_url(url)}': why"
+    for query in ("", "&lock_timeout=5s&dead_after=1m"):
+        conninfo, params = split_url(url + query)
+        assert conninfo_to_dict(conninfo) == {
+            "user": "mail",
+            "password": password,
+            "host": "127.0.0.1",
+            "port": "5432",
+            "dbname": "mail",
+            "sslmode": "disable",
+        }
+    assert params.lock_bound == LockBound(ms=5000, given=True)

@@ -34,7 +34,9 @@ from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/?#\s]*@")
+# The password runs to the last "@" before the path, "#" and "?" included (libpq's reading
+# of user information: see escape_userinfo).
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/\s]*@")
 _PASSWORD_PARAMETER = re.compile(r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+)")
 
 
@@ -199,6 +201,28 @@ def check_store_url(url: str) -> StoreURL:
     return parsed
 
 
+_ENDS_AUTHORITY = "#?@[]"
+"""What ends a URL's user information or host for urlsplit, but not for libpq."""
+
+
+def escape_userinfo(url: str) -> str:
+    """``url`` with the ``#``, ``?``, ``@``, ``[`` and ``]`` of its user information (up
+    to the last ``@`` before the path) percent-encoded, as libpq decodes them: a password
+    is taken as libpq takes it when it is given unencoded (``postgresql://app:pa#ss@db``),
+    where :func:`urllib.parse.urlsplit` ended the host at the ``#`` and read its start as
+    a port, and an ``@`` in it no longer ends it.
+
+    >>> escape_userinfo("postgresql://app:pa#s@s@db/mail")
+    'postgresql://app:pa%23s%40s@db/mail'
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    if not sep or not at or not any(c in _ENDS_AUTHORITY for c in userinfo):
+        return url
+    escaped = "".join(f"%{ord(c):02X}" if c in _ENDS_AUTHORITY else c for c in userinfo)
+    return f"{scheme}{sep}{escaped}{rest[len(userinfo) :]}"
+
+
 def _check_url_syntax(url: str) -> None:
     """InvalidStoreURL when ``url`` is no URL at all (an unclosed ``[`` of an IPv6 address,
     a bracketed host that is no IP address): the PostgreSQL store splits its URL with
@@ -208,7 +232,7 @@ def _check_url_syntax(url: str) -> None:
     libpq's ``host1:port1,host2:port2`` form: libpq refuses it only when connecting,
     which looked like a store that is down (exit 75, a worker waiting for ever)."""
     try:
-        hosts = urlsplit(url).netloc.rpartition("@")[2]
+        hosts = urlsplit(escape_userinfo(url)).netloc.rpartition("@")[2]
         ports = [urlsplit(f"//{host}").port for host in hosts.split(",")]
     except ValueError as exc:
         raise InvalidStoreURL(f"malformed store URL {_shown(url)}: {exc}") from None

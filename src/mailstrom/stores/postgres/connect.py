@@ -46,7 +46,7 @@ from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
 from mailstrom.stores.forks import keep, not_shared, renew_after_fork
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
-from mailstrom.stores.url import redact_url
+from mailstrom.stores.url import escape_userinfo, redact_url
 
 KEEPALIVE = {
     "keepalives": "1",
@@ -136,6 +136,7 @@ lock_bound=LockBound(ms=30000, given=False), dead_after=120.0))
     >>> split_url("postgresql://app@db/mail?lock_timeout=500ms")[1].lock_bound
     LockBound(ms=500, given=True)
     """
+    url = escape_userinfo(url)  # a password's "#" or "?" is no fragment or query
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed "[", a bracketed host that is no IP address
