@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from mailstrom.errors import UnknownMessage
+from mailstrom.message.preparation import prepare
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store, new_message_id
 
@@ -37,6 +38,28 @@ def test_enqueue_then_status_round_trips_every_field(store: Store) -> None:
         assert r.reply is None
         assert r.error is None
         assert r.history == ()
+
+
+@pytest.mark.parametrize(
+    ("word", "shown"),
+    [
+        (b"=?utf-8?q?hello=00world?=", "hello\ufffdworld"),
+        (b"=?utf-16-be?b?AGgAAABp?=", "h\ufffdi"),
+    ],
+)
+def test_a_subject_whose_encoded_word_holds_a_nul_is_queued_by_every_store(
+    store: Store, word: bytes, shown: str
+) -> None:
+    """An encoded-word (RFC 2047) may carry any octet, a NUL among them, and the subject
+    kept for display is the decoded text: PostgreSQL refused the whole message
+    (StoreRefusedData, "text fields cannot contain NUL") where SQLite and the memory
+    store queued it. The bytes sent are the message's, as always."""
+    raw = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: " + word + b"\r\n\r\nHi\r\n"
+    prepared = prepare(raw, now=NOW)
+    mid = store.enqueue(prepared, now=NOW)
+    assert store.status(mid).subject == shown
+    assert store.message_data(mid) == prepared.data
+    assert word in prepared.data
 
 
 def test_ids_are_fresh_32_hex_digits(store: Store) -> None:

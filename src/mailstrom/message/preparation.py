@@ -294,8 +294,15 @@ def _prepare_bytes(
         options=options,
         now=now,
         message_id=message_id,
-        subject=None if subject is None else decode_text(subject),
+        subject=None if subject is None else _shown_subject(subject),
     )
+
+
+def _shown_subject(value: str) -> str:
+    """The Subject field's text as the queue keeps it, for display: its encoded-words
+    decoded (RFC 2047), a NUL one carried as U+FFFD. An encoded-word may carry any octet,
+    and PostgreSQL text holds no NUL: the store refused the whole message for it."""
+    return decode_text(value).replace("\x00", "\ufffd")
 
 
 def _finish(
