@@ -511,6 +511,23 @@ def test_pooled_connections_the_server_closed_are_not_handed_to_a_call(
         assert [store.status(mid).id for mid in mids] == mids
 
 
+def test_a_batch_of_more_than_a_gigabyte_is_queued(store: PostgresStore) -> None:
+    """A batch went as one statement, and a statement's parameters travel as one protocol
+    message, which libpq and the server cap at 1 GiB; its messages' data went as hex
+    text, twice its size. Sixteen messages of the default max_message_size (35 MiB) could
+    never be queued: the server closed the connection, and send_emails raised
+    StoreUnreachable, "try again", for a batch no retry would ever queue (SQLite queues
+    it). The data now goes in binary, and a batch in statements of a bounded size, in one
+    transaction: thirty-one such messages, over 1 GiB, are queued."""
+    data = b"Subject: big\r\n\r\n" + (b"a" * 998 + b"\r\n") * (35 * 1024)
+    batch = [replace(message(f"r{i}@example.org"), data=data, subject="big") for i in range(31)]
+    ids = store.enqueue_many(batch, now=T0)
+    assert len(set(ids)) == 31
+    assert store.stats().messages == 31
+    assert [m.id for m in store.recent(limit=31)] == ids[::-1]
+    assert store.message_data(ids[-1]) == data
+
+
 def test_an_enqueue_committed_is_never_an_error_for_want_of_a_notify_thread(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

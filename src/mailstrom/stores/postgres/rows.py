@@ -52,6 +52,28 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+ENQUEUE_CHUNK_BYTES = 64 * 1024 * 1024
+"""Octets of message data one ``enqueue`` statement carries at most (a message larger
+than that goes alone). A statement's parameters travel as one protocol message, which
+libpq and the server cap at 1 GiB: a batch of more in one statement could never be sent
+(of about 500 MiB, while the data went as hex text, twice its size; it goes in binary)."""
+
+
+def enqueue_chunks(
+    messages: Sequence[PreparedMessage], ids: Sequence[str]
+) -> Iterator[tuple[Sequence[PreparedMessage], Sequence[str]]]:
+    """``messages`` and their ``ids`` in runs of at most :data:`ENQUEUE_CHUNK_BYTES` of
+    data each, in order (a message larger than that is a run of its own)."""
+    start = size = 0
+    for i, message in enumerate(messages):
+        if i > start and size + message.size > ENQUEUE_CHUNK_BYTES:
+            yield messages[start:i], ids[start:i]
+            start, size = i, 0
+        size += message.size
+    if start < len(messages):
+        yield messages[start:], ids[start:]
+
+
 def enqueue_params(
     messages: Sequence[PreparedMessage], ids: Sequence[str], *, now: datetime, held: bool
 ) -> dict[str, Any]:

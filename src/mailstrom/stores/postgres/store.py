@@ -353,7 +353,12 @@ class PostgresStore:
     ) -> list[str]:
         ids = [new_message_id() for _ in messages]
         if all(m.attributes.idempotency_key is None for m in messages):
-            self._fetch("enqueue", rows.enqueue_params(messages, ids, now=now, held=held))
+            with self._translating("enqueue"), self._pool.connection() as conn:
+                if sum(m.size for m in messages) <= rows.ENQUEUE_CHUNK_BYTES:
+                    self._insert(conn, messages, ids, now=now, held=held)  # one round trip
+                else:
+                    with conn.transaction():
+                        self._insert(conn, messages, ids, now=now, held=held)
         else:
             ids = self._enqueue_keyed(messages, ids, now=now, held=held)
         if not held:
@@ -401,12 +406,25 @@ class PostgresStore:
                     taken.add(i)
             fresh = [m for i, m in enumerate(messages) if i not in taken]
             fresh_ids = [mid for i, mid in enumerate(ids) if i not in taken]
-            if fresh:
-                conn.execute(
-                    self._queries["enqueue"],
-                    rows.enqueue_params(fresh, fresh_ids, now=now, held=held),
-                )
+            self._insert(conn, fresh, fresh_ids, now=now, held=held)
         return ids
+
+    def _insert(
+        self,
+        conn: psycopg.Connection[Any],
+        messages: Sequence[PreparedMessage],
+        ids: Sequence[str],
+        *,
+        now: datetime,
+        held: bool,
+    ) -> None:
+        """Insert ``messages`` with ``ids`` on ``conn``, a statement per
+        :func:`~.rows.enqueue_chunks` run: one statement's parameters cannot exceed 1 GiB."""
+        for chunk, chunk_ids in rows.enqueue_chunks(messages, ids):
+            conn.execute(
+                self._queries["enqueue"],
+                rows.enqueue_params(chunk, chunk_ids, now=now, held=held),
+            )
 
     # --- the worker's side ------------------------------------------------------------
 
