@@ -224,3 +224,42 @@ def test_a_password_libpq_takes_unescaped_is_taken_and_never_shown(password: str
             "sslmode": "disable",
         }
     assert params.lock_bound == LockBound(ms=5000, given=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=bogus",
+        "sslmode=Require",
+        "gssencmode=yes",
+        "channel_binding=maybe",
+        "target_session_attrs=master",
+        "connect_timeout=abc",
+        "keepalives_idle=x",
+        "tcp_user_timeout=1.5",
+    ],
+)
+def test_an_option_value_libpq_refuses_is_an_invalid_store_url(query: str) -> None:
+    """libpq refuses such a value only when it connects: the store then failed with
+    StoreUnreachable ("connection is bad: invalid sslmode value"), exit 75, and a worker
+    waited for a server that was never the trouble. Refused before connecting, as
+    InvalidStoreURL (exit 64), by a configuration check too."""
+    from mailstrom.stores.postgres import PostgresStore
+
+    with pytest.raises(InvalidStoreURL, match=query.partition("=")[0]):
+        check_url(f"{URL}?{query}")
+    with pytest.raises(InvalidStoreURL):
+        PostgresStore(f"postgresql://mail:secret@127.0.0.1:1/mail?{query}", timeout=1)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=verify-full",
+        "sslmode=disable&gssencmode=disable&channel_binding=prefer",
+        "target_session_attrs=prefer-standby",
+        "connect_timeout=5&keepalives=0&keepalives_idle=%2060&tcp_user_timeout=-1",
+    ],
+)
+def test_option_values_libpq_takes_are_taken(query: str) -> None:
+    check_url(f"{URL}?{query}")

@@ -241,6 +241,56 @@ def check_conninfo(conninfo: str) -> None:
         ) from None
     for host in str(params.get("host") or "").split(","):
         _check_host(host, conninfo)
+    for name, value in params.items():
+        _check_value(name, str(value))
+
+
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "sslcertmode": ("disable", "allow", "require"),
+    "load_balance_hosts": ("disable", "random"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+"""libpq's parameters that take one of a few words (compared as written, case and all),
+and the words (libpq 18; a parameter an older libpq lacks is refused before this)."""
+_WHOLE_NUMBERS = frozenset(
+    {
+        "connect_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+    }
+)
+_WHOLE_NUMBER = re.compile(r"\s*[-+]?[0-9]+\s*")
+_INT_RANGE = range(-(2**31), 2**31)
+
+
+def _check_value(name: str, value: str) -> None:
+    """InvalidStoreURL for a value of a libpq parameter that libpq refuses only when it
+    connects ("invalid sslmode value"): that failure read as a server out of reach, a
+    StoreUnreachable worth waiting for, and a worker waited for ever."""
+    choices = _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise InvalidStoreURL(
+            f"PostgreSQL URL with {name}={shorten(value, 40)!r}: expected one of "
+            + ", ".join(choices)
+        )
+    if name in _WHOLE_NUMBERS and not (_WHOLE_NUMBER.fullmatch(value) and int(value) in _INT_RANGE):
+        raise InvalidStoreURL(
+            f"PostgreSQL URL with {name}={shorten(value, 40)!r}: expected a whole number"
+        )
 
 
 def _check_host(host: str, conninfo: str) -> None:
