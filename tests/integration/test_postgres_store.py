@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from mailstrom.errors import StoreCorrupt, StoreError, StoreUnreachable, UnknownMessage
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import open_read_model
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
@@ -631,6 +632,38 @@ def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_writte
         (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
     assert attempts == 2
     assert outbox == (2 if events else 0)
+
+
+@pytest.mark.parametrize(
+    ("keyed", "marker"),
+    [(False, b"lost-answer-marker"), (True, b"lost-answer-marker"), (True, b"COMMIT")],
+    ids=["plain", "keyed-insert", "keyed-commit"],
+)
+def test_an_enqueue_whose_answer_was_lost_is_queued_once_and_its_id_returned(
+    postgres_server: ThrowawayPostgres, postgres_url: str, keyed: bool, marker: bytes
+) -> None:
+    """The connection broke after the server had the enqueue and before its answer came
+    back (a network cut, a failover): send_email raised StoreUnreachable although the
+    message was queued (committed, for the plain one), and the caller's retry, as the
+    error invites, queued it a second time. The store writes the batch again under the
+    same ids, which the server tells apart from new ones: the message is queued once,
+    and its id returned."""
+    direct = f"127.0.0.1:{postgres_server.port}/"
+    assert direct in postgres_url
+    prepared = replace(message("a@example.org"), data=b"Subject: hi\r\n\r\nlost-answer-marker\r\n")
+    if keyed:
+        prepared = replace(prepared, attributes=QueueAttributes(idempotency_key="order-42"))
+    with contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy:
+        url = postgres_url.replace(direct, f"127.0.0.1:{proxy.port}/")
+        with PostgresStore(url, timeout=5) as store:
+            proxy.lose_reply_to(marker)
+            mid = store.enqueue(prepared, now=T0)
+            assert store.message_data(mid) == prepared.data
+    with psycopg.connect(postgres_url) as conn:
+        found = conn.execute("SELECT id FROM messages").fetchall()
+        (recipients,) = conn.execute("SELECT count(*) FROM recipients").fetchone() or (None,)
+    assert found == [(mid,)]
+    assert recipients == 1
 
 
 def test_a_lease_whose_answer_was_lost_is_given_back_by_the_next_lease(

@@ -20,16 +20,18 @@ from typing import Any, cast
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from mailstrom.arguments import check_timeout, shown
 from mailstrom.errors import (
     InvalidArgument,
     StoreCorrupt,
     StoreError,
+    StoreUnreachable,
     UnknownMessage,
     UnreadableRow,
 )
+from mailstrom.message.chars import shorten
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.policy.throttle import (
@@ -352,19 +354,43 @@ class PostgresStore:
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
         ids = [new_message_id() for _ in messages]
-        if all(m.attributes.idempotency_key is None for m in messages):
-            with self._translating("enqueue"), self._pool.connection() as conn:
-                if sum(m.size for m in messages) <= rows.ENQUEUE_CHUNK_BYTES:
-                    self._insert(conn, messages, ids, now=now, held=held)  # one round trip
-                else:
-                    with conn.transaction():
-                        self._insert(conn, messages, ids, now=now, held=held)
-        else:
-            ids = self._enqueue_keyed(messages, ids, now=now, held=held)
+        try:
+            ids = self._write(messages, ids, now=now, held=held)
+        except StoreUnreachable as exc:
+            if isinstance(exc.__cause__, _POOL_ERRORS):
+                raise  # no connection to send it on: nothing was written
+            # The connection broke during the call, perhaps once the server had the batch:
+            # it may be committed, or committing still. Written again under the same ids,
+            # it is queued once either way: an id the server holds (or a key it gave one)
+            # is not inserted again, and an insert waits for a transaction still writing
+            # the same id to end.
+            try:
+                ids = self._write(messages, ids, now=now, held=held)
+            except StoreUnreachable as again:
+                raise StoreUnreachable(
+                    f"{again}; a connection broke during the first try, and the messages"
+                    f" may have been queued then, as {shorten(', '.join(ids))}"
+                ) from again
         if not held:
             # After the commit, from the notifier's thread: a NOTIFY in the enqueue's own
             # transaction would serialise every client's commits (see notifier.py).
             self._notifier.poke()
+        return ids
+
+    def _write(
+        self, messages: Sequence[PreparedMessage], ids: list[str], *, now: datetime, held: bool
+    ) -> list[str]:
+        """Insert ``messages`` under ``ids`` (those whose id the store holds already are
+        left as they are); returns the ids, a message whose key another one holds given
+        that one's."""
+        if any(m.attributes.idempotency_key is not None for m in messages):
+            return self._enqueue_keyed(messages, list(ids), now=now, held=held)
+        with self._translating("enqueue"), self._pool.connection() as conn:
+            if sum(m.size for m in messages) <= rows.ENQUEUE_CHUNK_BYTES:
+                self._insert(conn, messages, ids, now=now, held=held)  # one round trip
+            else:
+                with conn.transaction():
+                    self._insert(conn, messages, ids, now=now, held=held)
         return ids
 
     def _enqueue_keyed(
@@ -1420,6 +1446,9 @@ class PostgresStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+_POOL_ERRORS = (PoolTimeout, PoolClosed, TooManyRequests)
+"""What the pool raises instead of handing out a connection: no statement was sent."""
 
 SUPPRESS_CHUNK = 10_000
 """Entries per statement of :meth:`PostgresStore.suppress`. An import of a million

@@ -32,6 +32,7 @@ WITH new_messages AS (
               dkim, require_tls, tags, metadata, priority, send_at, expires_at,
               idempotency_key, dsn, n)
     ORDER BY t.n  -- seq follows the caller's order
+    ON CONFLICT (id) DO NOTHING  -- written again after its answer was lost: once
     RETURNING id, seq, send_at, priority
 ), new_recipients AS (
     INSERT INTO recipients (message_id, seq, address, position, domain, state,
