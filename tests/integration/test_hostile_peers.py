@@ -24,6 +24,7 @@ from mailstrom.errors import PermanentFailure, SMTPConnectError, SMTPProtocolErr
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
 from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
+from mailstrom.runtime.transactions import answered_before
 from mailstrom.status import ReasonClass
 from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import LeasedRecipient, WorkItem
@@ -753,3 +754,102 @@ async def test_a_refused_mail_stands_when_the_pipelined_rcpt_gets_a_421() -> Non
     assert result.mail is not None
     assert (result.mail.code, result.mail.enhanced) == (550, "5.7.1")
     assert result.final is None and not result.accepted
+
+
+def refusing_one_then_hanging_up(pipelining: bool) -> Handler:
+    """A peer that refuses the first recipient (550), accepts the other and hangs up at
+    DATA, without a reply to it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(
+                    b"250-hostile.test\r\n250 PIPELINING\r\n" if pipelining else b"250 x\r\n"
+                )
+            elif verb == b"RCPT" and b"<nobody@" in line:
+                writer.write(b"550 5.1.1 No such user\r\n")
+            elif verb == b"DATA":
+                await writer.drain()
+                return
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    return handle
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_recipient_refused_before_a_hang_up_fails_with_its_refusal(
+    dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    """RCPT a got "550 5.1.1", RCPT b "250", then the server hung up before its reply to
+    DATA: a is failed with its own reply (as when a 421 cuts the envelope, or when the
+    server answers DATA), b is deferred as the lost connection says. The 550 was lost, and
+    a was tried again and again with b, deferred as a lost connection."""
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(refusing_one_then_hanging_up(pipelining)) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            email = Email(
+                from_="App <app@sender.test>",
+                to=["nobody@hostile.example", "bob@hostile.example"],
+                subject="hi",
+                text="Hello",
+            )
+            mid = await ms.send_email(email)
+            await asyncio.to_thread(results.wait_count, 2)
+            status = await ms.query_status(mid)
+    refused = status.recipient("nobody@hostile.example")
+    other = status.recipient("bob@hostile.example")
+    assert refused.state is RecipientState.FAILED
+    assert refused.reply is not None
+    assert (refused.reply.code, refused.reply.enhanced) == (550, "5.1.1")
+    assert other.state is RecipientState.DEFERRED
+    assert other.reason_class is ReasonClass.CONNECTION
+    assert other.reply is None
+    assert other.error == "mx.hostile.test closed the connection (waiting for it to reply to DATA)"
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize("silent", [False, True])
+async def test_rcpt_replies_are_kept_when_the_session_ends_before_the_content(
+    pipelining: bool, silent: bool
+) -> None:
+    """The replies to RCPT stay with the transaction's error when the server hangs up or
+    falls silent before its reply to DATA, as they do when a 421 to RCPT cuts the envelope
+    (EnvelopeCut): the error is still the lost connection or the timeout, in its words."""
+    refuse = refusing_one_then_hanging_up(pipelining)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await refuse(reader, writer)
+        if silent:
+            await reader.read()  # no reply to DATA, nor a close: the client gives up
+
+    async with peer(handle) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        try:
+            with pytest.raises(SMTPTimeout if silent else SMTPConnectError) as info:
+                await conn.send(
+                    envelope_from="a@a.test",
+                    recipients=["nobody@b.test", "bob@b.test"],
+                    data=b"Subject: hi\r\n\r\nhello\r\n",
+                    smtputf8=False,
+                    eightbit=False,
+                )
+        finally:
+            await conn.close()
+    assert conn.error is not None and str(info.value) == str(conn.error)
+    answered = answered_before(info.value)
+    assert answered is not None
+    assert [(a, r.code, r.enhanced) for a, r in answered.rcpt] == [
+        ("nobody@b.test", 550, "5.1.1"),
+        ("bob@b.test", 250, None),
+    ]
+    assert answered.final is None and not answered.uncertain

@@ -56,7 +56,7 @@ from mailstrom.errors import (
     TemporaryFailure,
     TLSRequiredError,
 )
-from mailstrom.runtime.transactions import Handler, TransactionsMixin, failure
+from mailstrom.runtime.transactions import Handler, TransactionsMixin, cut_short, failure
 from mailstrom.runtime.transactions import TransactionResult as TransactionResult
 from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
@@ -866,8 +866,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
         ``error`` goes to whatever was waiting before its content was sent; a transaction
         whose final dot was on the wire is uncertain instead, and one its replies decided
-        already (MAIL or every RCPT refused) gets them. With ``error`` None (a 421, or
-        354 without recipients), transactions not yet answered fail as "not usable".
+        already (MAIL or every RCPT refused) gets them; one that got some RCPT replies gets
+        its own copy of ``error`` keeping them (:func:`cut_short`). With ``error`` None (a
+        421, or 354 without recipients), transactions not yet answered fail as "not
+        usable".
         """
         if self._aborted:
             return
@@ -896,6 +898,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 # Refused already (a pipelined MAIL, or every RCPT): the refusal stands,
                 # as it does without PIPELINING, where the transaction ended at it.
                 txn.settle(txn.result())
+            elif txn.rcpt:
+                # Some RCPTs were answered: a refusal among them still decides its
+                # recipient (see answered_before), the others share the session's fate.
+                txn.settle(cut_short(error, txn.result()))
             else:
                 txn.settle(error)
         for txn in queued:

@@ -67,7 +67,12 @@ from mailstrom.runtime.outcomes import (
 )
 from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
-from mailstrom.runtime.transactions import EnvelopeCut, TransactionResult, failure
+from mailstrom.runtime.transactions import (
+    EnvelopeCut,
+    TransactionResult,
+    answered_before,
+    failure,
+)
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
@@ -760,11 +765,8 @@ class Dispatcher:
             except DeliveryError as exc:
                 exc.host = exc.host or conn.host
                 error = error or exc
-                rest = (
-                    self._decide_refused(work, exc.answered, where)
-                    if isinstance(exc, EnvelopeCut)
-                    else work
-                )
+                before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
+                rest = work if before is None else self._decide_refused(work, before, where)
                 if rest is None:
                     continue
                 if (
@@ -823,9 +825,10 @@ class Dispatcher:
     def _decide_refused(
         self, work: _Work, answered: TransactionResult, where: Where
     ) -> _Work | None:
-        """The recipients of ``work`` the server refused before a ``421`` to RCPT cut the
-        transaction short get their results now, from their own replies; what is left to
-        try again (None when nothing is)."""
+        """The recipients of ``work`` the server refused before the transaction was cut
+        short (a ``421`` to RCPT, the connection lost or timed out before the content went)
+        get their results now, from their own replies; what is left to try again (None
+        when nothing is)."""
         refused = refused_before_cut(answered)
         if not refused:
             return work

@@ -96,11 +96,11 @@ def at_connection_limit(result: TransactionResult) -> bool:
 
 
 def refused_before_cut(result: TransactionResult) -> frozenset[str]:
-    """The recipients of a transaction a ``421`` to RCPT cut short (``result``: the replies
-    that came before it) whose own reply refused them: they are decided by it, as in any
-    transaction. Not one refused only for the server's limit of recipients (they were not
-    tried), and none when MAIL was not accepted (a pipelined RCPT is then refused for
-    that alone)."""
+    """The recipients of a transaction cut short before its content went (a ``421`` to
+    RCPT, the connection lost or timed out; ``result``: the replies that came before it)
+    whose own reply refused them: they are decided by it, as in any transaction. Not one
+    refused only for the server's limit of recipients (they were not tried), and none
+    when MAIL was not accepted (a pipelined RCPT is then refused for that alone)."""
     if result.mail is None or not is_positive(result.mail, stage=Stage.MAIL):
         return frozenset()
     return frozenset(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -75,6 +76,24 @@ class EnvelopeCut(TemporaryFailure):
             reply=reply,
         )
         self.answered = answered
+
+
+def answered_before(exc: BaseException) -> TransactionResult | None:
+    """The replies a transaction had when ``exc`` ended it before its content was sent
+    (the ``answered`` of an :class:`EnvelopeCut`, or of the error a lost or timed-out
+    session settled it with, see :func:`cut_short`), or None."""
+    answered = vars(exc).get("answered")
+    return answered if isinstance(answered, TransactionResult) else None
+
+
+def cut_short(error: DeliveryError, answered: TransactionResult) -> DeliveryError:
+    """``error`` (the connection lost, a timeout...) as the failure of one transaction that
+    had got the replies ``answered`` when it struck: its own copy, of the same type and
+    words, that keeps them for :func:`answered_before`. A recipient the server refused
+    already is decided by its own reply, as when a ``421`` cuts the envelope."""
+    own = copy.copy(error)
+    vars(own)["answered"] = answered
+    return own
 
 
 def failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
@@ -286,7 +305,8 @@ class TransactionsMixin:
         8BITMIME raises ``ValueError`` (the caller must downgrade to 7 bit first), and so
         does an address that cannot be put on the wire. A rejected MAIL or RCPT is in the
         result, not raised. Losing the connection or timing out before the final dot sets
-        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered); after
+        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered; the RCPT
+        replies that came are kept, see :func:`answered_before`); after
         the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
         although no recipient was accepted, the connection is closed rather than an empty
         message sent.
