@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts
-from mailstrom.errors import PermanentFailure, SMTPConnectError, SMTPProtocolError, SMTPTimeout
+from mailstrom.errors import (
+    DeliveryError,
+    PermanentFailure,
+    SMTPConnectError,
+    SMTPProtocolError,
+    SMTPTimeout,
+    TemporaryFailure,
+)
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
 from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
@@ -31,6 +38,7 @@ from mailstrom.stores.base import LeasedRecipient, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
+from tests.support.skew import eventually
 
 TIMEOUT = 0.5
 QUICK = Timeouts(
@@ -853,3 +861,64 @@ async def test_rcpt_replies_are_kept_when_the_session_ends_before_the_content(
         ("bob@b.test", 250, None),
     ]
     assert answered.final is None and not answered.uncertain
+
+
+async def refusing_tls_and_hanging_up(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A peer that offers STARTTLS, refuses it when asked and hangs up."""
+    writer.write(b"220 hostile.test ESMTP\r\n")
+    while line := await reader.readline():
+        if line[:4].upper() == b"EHLO":
+            writer.write(b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        elif line[:8].upper() == b"STARTTLS":
+            writer.write(b"454 4.7.0 TLS not available\r\n")
+            await writer.drain()
+            return
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+
+
+async def test_a_refused_starttls_then_a_hang_up_is_the_refusal(dns_server: LoopbackDNS) -> None:
+    """Under opportunistic TLS a server that answers STARTTLS with "454 4.7.0" and hangs up
+    has said its last word: the recipient is deferred with that reply. The connection
+    came back from opening as if usable, then was gone, and the reason recorded was "the
+    connection to ... ended", without the reply."""
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(refusing_tls_and_hanging_up) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(hello("bob@hostile.example"))
+            await asyncio.to_thread(results.wait_count, 1)
+            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    assert status.state is RecipientState.DEFERRED
+    assert status.reply is not None, status.error
+    assert (status.reply.code, status.reply.enhanced) == (454, "4.7.0")
+    assert status.reply.text == "TLS not available"
+
+
+async def test_a_connection_whose_starttls_was_refused_before_a_hang_up_says_so() -> None:
+    """Opening fails with the refusal when the hang-up is read before it ends; else the
+    connection it returns is gone, and its error is the refusal (it was None: a peer
+    that went away while no reply was due left no reason at all)."""
+    async with peer(refusing_tls_and_hanging_up) as port:
+        try:
+            conn = await open_to(port)
+        except DeliveryError as exc:
+            error: DeliveryError | None = exc
+        else:
+            try:
+                # The hang-up is read after open() ended.
+                await eventually(lambda: not conn.usable, "the hang-up")
+                error = conn.error
+            finally:
+                await conn.close()
+    assert isinstance(error, TemporaryFailure), error
+    assert not isinstance(error, SMTPConnectError)
+    assert str(error) == (
+        "hostile.test refused STARTTLS and closed the connection: 454 4.7.0 TLS not available"
+    )
+    assert error.reply is not None and (error.reply.code, error.reply.enhanced) == (454, "4.7.0")

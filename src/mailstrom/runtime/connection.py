@@ -239,6 +239,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._closed = False
         self._lost = False
         self._error: DeliveryError | None = None
+        # A refused STARTTLS the session went on without (opportunistic TLS), until the
+        # next reply: a peer that hangs up meanwhile ended the session with it.
+        self._tls_refusal: DeliveryError | None = None
         # One handler per command on the wire, oldest first (the session pairs replies).
         self._handlers: deque[Handler] = deque()
         self._aborted = False
@@ -284,6 +287,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def error(self) -> DeliveryError | None:
         """Why the session could not go on (the peer broke the protocol, timed out, went
         away or said 421), or None."""
+        if self._error is None and self._lost:
+            # It hung up while nothing was due: after a refused STARTTLS, that refusal.
+            return self._tls_refusal
         return self._error
 
     @property
@@ -470,6 +476,14 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if reply.closing:
                 raise failure(reply.reply, host=self.host, what="STARTTLS")
             if mode is StartTLS.OPPORTUNISTIC:
+                # Temporary whatever its code: it refuses this session, not the mail.
+                self._tls_refusal = TemporaryFailure(
+                    f"{self.host} refused STARTTLS and closed the connection: {reply.reply}",
+                    code=reply.reply.code,
+                    enhanced=reply.reply.enhanced,
+                    host=self.host,
+                    reply=reply.reply,
+                )
                 return
             raise TLSRequiredError(
                 f"{self.host} refused STARTTLS: {reply.reply}",
@@ -683,6 +697,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         finally:
             self._receiving = False
         if answered:
+            self._tls_refusal = None  # it went on talking: not its last word
             # Only a complete reply moves the deadline, to the one due next: each reply
             # must complete within its own timeout (RFC 5321 §4.5.3.2), or a server that
             # drips a byte a second would hold the connection forever.
@@ -707,7 +722,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if self._handlers or self._queued or self._active:
             # _deadline_what is what the peer was to do ("reply to DATA", "take the message").
             what = self._deadline_what or "reply"
-            error = SMTPConnectError(
+            error = self._tls_refusal or SMTPConnectError(
                 f"{self.host} closed the connection (waiting for it to {what})"
                 if exc is None
                 else f"connection to {self.host} lost (waiting for it to {what}): {exc}",
@@ -855,11 +870,16 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if self._error is not None:
             raise self._error
         if self._lost or self._transport is None:
-            raise SMTPConnectError(
-                f"{self.host} closed the connection (waiting for it to "
-                f"{self._deadline_what or 'reply to the greeting'})",
-                host=self.host,
-            )
+            raise self._gone()
+
+    def _gone(self) -> DeliveryError:
+        """The failure of a connection the peer closed when no reply was due: what it
+        refused last, if the session went on without it (STARTTLS), else the close."""
+        return self._tls_refusal or SMTPConnectError(
+            f"{self.host} closed the connection (waiting for it to "
+            f"{self._deadline_what or 'reply to the greeting'})",
+            host=self.host,
+        )
 
     def _abort(self, error: DeliveryError | None) -> None:
         """The session cannot go on: settle everything outstanding and drop the connection.
