@@ -423,3 +423,17 @@ def test_suspend_stops_one_destination_without_touching_its_messages(mail_env: M
     again = cli("resume", "example.test")
     assert again.code == 66 and again.err == "mailstrom: example.test is not suspended\n"
     assert cli("suspend", "not a domain").code == 64
+
+
+def test_resuming_a_suspension_that_has_ended_says_it_was_not_suspended(cli: CLI) -> None:
+    """Was "example.test: resumed", exit 0, for a --for suspension past its end, one
+    `queue --suspended` no longer listed: the docs say exit 66, not suspended."""
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        ago = datetime.now(UTC) - timedelta(hours=2)
+        store.suspend("example.test", now=ago, until=ago + timedelta(hours=1))
+    finally:
+        store.close()
+    assert cli.ok("queue", "--suspended", "--json").json() == []
+    ended = cli("resume", "example.test")
+    assert ended.code == 66 and ended.err == "mailstrom: example.test is not suspended\n"

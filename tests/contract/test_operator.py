@@ -255,8 +255,8 @@ def test_a_suspended_domain_is_not_leased_until_resumed(store: Store) -> None:
     status = store.status(mid).recipient("a@example.org")
     assert status.state is RecipientState.QUEUED and status.attempts == 0
 
-    assert store.resume("example.org") is True
-    assert store.resume("example.org") is False
+    assert store.resume("example.org", now=NOW) is True
+    assert store.resume("example.org", now=NOW) is False
     assert store.suspensions(now=NOW) == []
     assert store.next_due(now=NOW) == NOW
     assert leased_addresses(lease_all(store)) == ["a@example.org"]
@@ -272,6 +272,16 @@ def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
     assert store.next_due(now=NOW) == NOW + 2 * HOUR  # when the worker should look again
     assert store.suspensions(now=NOW + 2 * HOUR) == []
     assert leased_addresses(lease_all(store, now=NOW + 2 * HOUR)) == ["a@example.org"]
+
+
+def test_a_suspension_that_has_ended_is_not_resumed(store: Store) -> None:
+    """resume() said True for a timed suspension past its end, one no longer listed or
+    heeded: `mailstrom resume` printed "resumed" where its docs promise exit 66."""
+    store.suspend("example.org", now=NOW, until=NOW + HOUR)
+    assert store.resume("example.org", now=NOW + HOUR) is False
+    assert store.resume("example.org", now=NOW) is False  # its row went too
+    store.suspend("example.org", now=NOW, until=NOW + HOUR)
+    assert store.resume("example.org", now=NOW + HOUR - MINUTE) is True
 
 
 def test_a_message_with_queued_and_deferred_recipients_is_deferred(store: Store) -> None:
@@ -357,7 +367,7 @@ def test_lookups_of_text_no_store_can_hold_find_nothing(store: Store, odd: str) 
     assert store.message_ids_for_header("<m1@example.com>" + odd) == []
     assert store.suppressions_for(["a@example.org" + odd], now=NOW) == {}
     assert store.unsuppress(["a@example.org" + odd]) == 0
-    assert store.resume("example.org" + odd) is False
+    assert store.resume("example.org" + odd, now=NOW) is False
     assert store.mta_sts_policy("example.org" + odd) is None
     assert store.status(mid).id == mid
 

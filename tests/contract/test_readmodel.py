@@ -266,7 +266,7 @@ def test_destinations_carry_the_suspension_in_force(
     later = {d.domain: d.suspended for d in model.destinations(now=NOW + timedelta(minutes=61))}
     assert later == {"two.example": True, "three.example": False}
     assert not any(d.suspended for d in model.destinations())
-    assert store.resume("two.example")
+    assert store.resume("two.example", now=NOW)
     assert not any(d.suspended for d in model.destinations(now=NOW + timedelta(minutes=61)))
 
 

@@ -672,7 +672,7 @@ class StoresAgree(RuleBasedStateMachine):
             until = None if minutes is None else self.now + timedelta(minutes=minutes)
             self.each(lambda s: s.suspend(domain, now=self.now, until=until))
         else:
-            self.agree(self.each(lambda s: s.resume(domain)), "resume")
+            self.agree(self.each(lambda s: s.resume(domain, now=self.now)), "resume")
 
     @rule(
         ago=st.sampled_from((timedelta(0), timedelta(minutes=5))),

@@ -120,6 +120,15 @@ def test_operator_methods_on_the_sync_facade() -> None:
         assert ms.stats().messages == 0
 
 
+def test_resume_of_a_suspension_that_has_ended_is_false() -> None:
+    """resume() was True for a suspension whose end had passed, one suspensions() no
+    longer listed; it says False for a domain that is not suspended."""
+    with Mailstrom(Config(helo_name="client.test"), store=MemoryStore(), worker=None) as ms:
+        ms.suspend("example.org", until=datetime.now(UTC) - timedelta(minutes=1))
+        assert ms.suspensions() == []
+        assert ms.resume("example.org") is False
+
+
 def test_purge_of_listed_messages_heeds_the_state() -> None:
     """purge(messages=..., state=DELIVERED) deleted failed messages too: the state was
     heeded only without ``messages``."""

@@ -151,7 +151,7 @@ def test_sqlite_a_suspension_whose_end_is_no_time_is_in_force_until_resumed(
     assert by_domain[VICTIM_DOMAIN].until is None
     assert by_domain[GOOD_DOMAIN].until is not None
     # What the list says is what the lease does: the victim's domain is held back.
-    sqlite_store.resume(GOOD_DOMAIN)
+    sqlite_store.resume(GOOD_DOMAIN, now=now)
     lease = sqlite_store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
     assert lease is not None
     assert [item.message_id for item in lease.items] != [victim]

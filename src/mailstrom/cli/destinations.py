@@ -79,7 +79,7 @@ def suspend_command(args: argparse.Namespace) -> int:
 def resume_command(args: argparse.Namespace) -> int:
     domain = _domain(args.domain)
     with store_from(settings_from(args)) as store:
-        found = store.resume(domain)
+        found = store.resume(domain, now=utc_now())
     if not found:
         raise CLIError(f"{domain} is not suspended", EX_NOINPUT)
     if args.json:

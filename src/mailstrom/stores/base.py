@@ -806,9 +806,10 @@ class Store(Protocol):
         the end."""
         ...
 
-    def resume(self, domain: str) -> bool:
+    def resume(self, domain: str, *, now: datetime) -> bool:
         """End the suspension of ``domain`` (its pending recipients are due as they were
-        scheduled); False when it was not suspended. Wakes watchers."""
+        scheduled); False when it was not suspended at ``now`` (a timed one that has
+        ended is none, though its row is deleted too). Wakes watchers."""
         ...
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:

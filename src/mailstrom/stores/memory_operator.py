@@ -215,10 +215,11 @@ class MemoryOperatorMixin:
         with self._lock:
             self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
 
-    def resume(self, domain: str) -> bool:
-        """End the suspension of ``domain``."""
+    def resume(self, domain: str, *, now: datetime) -> bool:
+        """End the suspension of ``domain``; False when none was in force at ``now``."""
         with self._lock:
-            found = self._suspended.pop(domain, None) is not None
+            ended = self._suspended.pop(domain, None)
+        found = ended is not None and ended.active(now)
         if found:
             self._watchers.notify()
         return found

@@ -122,6 +122,7 @@ from mailstrom.stores.sqlite_operator import (
     filter_sql,
     hold_seqs,
     ids_with_prefix,
+    is_suspended,
     leased_pending,
     pending_only,
     pending_seqs,
@@ -1534,15 +1535,17 @@ class SQLiteStore:
                 (domain, to_us(now), opt_us(until)),
             )
 
-    def resume(self, domain: str) -> bool:
-        """End the suspension of ``domain``; wakes workers."""
+    def resume(self, domain: str, *, now: datetime) -> bool:
+        """End the suspension of ``domain``; False when none was in force at ``now``;
+        wakes workers."""
         if not comparable(domain):
             return False
         with self._write() as conn:
-            found = conn.execute("DELETE FROM suspensions WHERE domain = ?", (domain,)).rowcount
+            found = is_suspended(conn, domain, now)
+            conn.execute("DELETE FROM suspensions WHERE domain = ?", (domain,))
         if found:
             self._notify()
-        return bool(found)
+        return found
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspensions in force at ``now``, by domain."""

@@ -387,3 +387,13 @@ def suspended_domains(conn: sqlite3.Connection, now: datetime) -> list[str]:
             "SELECT domain FROM suspensions WHERE until IS NULL OR until > ?", (to_us(now),)
         )
     ]
+
+
+def is_suspended(conn: sqlite3.Connection, domain: str, now: datetime) -> bool:
+    """Whether ``domain`` is suspended at ``now`` (as :func:`suspended_domains` reads it: a
+    timed suspension that has ended is none)."""
+    found = conn.execute(
+        "SELECT 1 FROM suspensions WHERE domain = ? AND (until IS NULL OR until > ?)",
+        (domain, to_us(now)),
+    ).fetchone()
+    return found is not None

@@ -101,7 +101,7 @@ def _suspend(store: Store, domain: str, now: datetime, duration: timedelta | Non
 
 
 def _resume(store: Store, domain: str, now: datetime, _: timedelta | None) -> str:
-    return "resumed" if store.resume(domain) else "was not suspended"
+    return "resumed" if store.resume(domain, now=now) else "was not suspended"
 
 
 ACTIONS: dict[str, Action] = {

@@ -1197,11 +1197,12 @@ class PostgresStore:
         """Stop delivery to ``domain`` until ``until`` or resume."""
         self._fetch("suspend", {"domain": domain, "now": now, "until": until})
 
-    def resume(self, domain: str) -> bool:
-        """End the suspension of ``domain``; wakes workers (NOTIFY)."""
+    def resume(self, domain: str, *, now: datetime) -> bool:
+        """End the suspension of ``domain``; False when none was in force at ``now``;
+        wakes workers (NOTIFY)."""
         if not comparable(domain):
             return False
-        found, _ = self._fetch("resume", {"domain": domain})[0]
+        found, _ = self._fetch("resume", {"domain": domain, "now": now})[0]
         return bool(found)
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:

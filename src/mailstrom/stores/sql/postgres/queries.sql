@@ -934,8 +934,11 @@ ON CONFLICT (domain) DO UPDATE SET suspended_at = excluded.suspended_at,
 RETURNING 1;
 
 -- name: resume
-WITH resumed AS (
-    DELETE FROM suspensions WHERE domain = %(domain)s RETURNING 1
+-- A timed suspension that has ended is deleted too, but was no suspension: not found.
+WITH ended AS (
+    DELETE FROM suspensions WHERE domain = %(domain)s RETURNING until
+), resumed AS (
+    SELECT 1 FROM ended WHERE until IS NULL OR until > %(now)s
 )
 SELECT (SELECT count(*) FROM resumed) AS found,
        (SELECT pg_notify('mailstrom_work', '')
