@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
-from tests.contract.support import message
+from tests.contract.support import lease_all, message, results_for
 
 
 def send(cli: CLI, to: str, *extra: str) -> str:
@@ -92,7 +93,11 @@ def test_deferred_then_retry_delivers(mail_env: MailEnv) -> None:
     assert [m["id"] for m in cli.ok("queue", "--json", "--state", "deferred").json()] == [
         message_id
     ]
-    assert cli.ok("retry", "--json", "--all-deferred").json() == {"rescheduled": 1}
+    assert cli.ok("retry", "--json", "--all-deferred").json() == {
+        "rescheduled": 1,
+        "held": 0,
+        "suspended": 0,
+    }
     cli.ok("worker", "--once", "--no-live")
     final = cli.ok("status", "--json", message_id).json()
     assert final["state"] == "delivered"
@@ -166,6 +171,36 @@ def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(cli: CLI)
     assert len(many) == 150
     cli.ok("resume", "paused.test")
     assert cli.ok("retry", mid).out.strip() == "3 recipients due now (1 message)"
+
+
+def test_retrying_all_deferred_says_which_wait_for_a_release_or_a_resume(cli: CLI) -> None:
+    """Was "5 deferred recipients due now" with two of them at a suspended destination and
+    two in a held message: no worker leases those until it is resumed or released."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        free = store.enqueue(message("a@example.test", "b@paused.test", "c@paused.test"), now=now)
+        held = store.enqueue(message("d@example.test", "e@paused.test"), now=now)
+        store.record(results_for(lease_all(store, now=now), RecipientState.DEFERRED, at=now))
+        store.set_held(held, True)
+        store.enqueue(message("f@paused.test"), now=now)  # queued: not --all-deferred's
+    finally:
+        store.close()
+    cli.ok("suspend", "paused.test")
+    assert cli.ok("retry", "--all-deferred").out.strip() == (
+        "1 deferred recipient due now; "
+        "2 recipients at a suspended destination, due once it is resumed; "
+        "2 recipients due once released (1 held message)"
+    )
+    assert cli.ok("retry", "--all-deferred", "--json").json() == {
+        "rescheduled": 5,
+        "held": 2,
+        "suspended": 2,
+    }
+    cli.ok("resume", "paused.test")
+    cli.ok("release", held)
+    assert cli.ok("retry", "--all-deferred").out.strip() == "5 deferred recipients due now"
+    assert cli.ok("status", "--json", free).json()["state"] == "deferred"
 
 
 def test_cancel(cli: CLI) -> None:

@@ -205,8 +205,7 @@ def bulk_command(args: argparse.Namespace) -> int:
         if getattr(args, "all_deferred", False):
             if args.ids or has_filters(args) or args.all or args.dry_run:
                 raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
-            n = store.retry_deferred(now=now)
-            return _report(args, {"rescheduled": n}, f"{plural(n, 'deferred recipient')} due now")
+            return _retry_all_deferred(args, store, now)
         ids = select(store, args, now=now, default_state="pending", held=action.held)
         if args.dry_run:
             return _dry_run(args, action.name, ids)
@@ -244,26 +243,57 @@ def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime
     parts = []
     if free or not held:
         parts.append(f"{plural(due, 'recipient')} due now ({plural(len(free), 'message')})")
+    parts += _waiting_parts(paused, waiting, len(held))
+    return _report(args, data, "; ".join(parts))
+
+
+def _retry_all_deferred(args: argparse.Namespace, store: Store, now: datetime) -> int:
+    """Make every deferred recipient due in one statement, and say, as :func:`_retry`
+    does, which of them wait all the same: those of held messages (until released) and
+    those at a destination suspended now (until resumed). Counted a moment before."""
+    deferred = frozenset({RecipientState.DEFERRED})
+    held = [m for m in _held_messages(store, now) if _recipients_in([m], deferred)]
+    held_ids = {m.id for m in held}
+    suspended = _suspended_domains(store, now)
+    free_at_suspended = [m for m in _pending_at(store, suspended, now) if m.id not in held_ids]
+    waiting = _recipients_in(held, deferred)
+    paused = _recipients_in(free_at_suspended, deferred, at=suspended)
+    changed = store.retry_deferred(now=now)
+    due = max(changed - waiting - paused, 0)
+    data: dict[str, object] = {"rescheduled": changed, "held": waiting, "suspended": paused}
+    parts = [f"{plural(due, 'deferred recipient')} due now"]
+    parts += _waiting_parts(paused, waiting, len(held))
+    return _report(args, data, "; ".join(parts))
+
+
+def _waiting_parts(paused: int, waiting: int, held_messages: int) -> list[str]:
+    """What a retry says of the recipients it made due that no worker leases yet:
+    ``paused`` at a suspended destination, ``waiting`` in ``held_messages`` held ones."""
+    parts = []
     if paused:
         parts.append(
             f"{plural(paused, 'recipient')} at a suspended destination, due once it is resumed"
         )
-    if held:
+    if held_messages:
         parts.append(
             f"{plural(waiting, 'recipient')} due once released"
-            f" ({plural(len(held), 'held message')})"
+            f" ({plural(held_messages, 'held message')})"
         )
-    return _report(args, data, "; ".join(parts))
+    return parts
+
+
+def _held_messages(store: Store, now: datetime) -> list[MessageStatus]:
+    """The held pending messages: one query (a queue holds few; past :data:`MAX_BULK` of
+    them the rest count as not held)."""
+    return store.query(now=now, where=QueueFilter(states=PENDING_STATES, held=True, limit=MAX_BULK))
 
 
 def _held_among(store: Store, ids: list[str], now: datetime) -> set[str]:
-    """Which of ``ids`` are held pending messages: one query over the held ones (a queue
-    holds few; past :data:`MAX_BULK` of them the rest count as not held)."""
+    """Which of ``ids`` are held pending messages."""
     if not ids:
         return set()
-    where = QueueFilter(states=PENDING_STATES, held=True, limit=MAX_BULK)
     wanted = set(ids)
-    return {m.id for m in store.query(now=now, where=where) if m.id in wanted}
+    return {m.id for m in _held_messages(store, now) if m.id in wanted}
 
 
 _READ_EACH = 100
@@ -276,28 +306,50 @@ def _suspended_among(store: Store, ids: list[str], now: datetime) -> int:
     made due, they wait for its end all the same. Nothing is read when no destination is
     suspended, the usual case; then a few messages are read by id (a suspended
     destination may have a large queue, read whole only for a large selection)."""
-    suspended = {s.domain for s in store.suspensions(now=now)} if ids else set()
+    suspended = _suspended_domains(store, now) if ids else frozenset()
     if not suspended:
         return 0
     wanted = set(ids)
     if len(wanted) <= _READ_EACH:
         found = [m for m in (_status_or_none(store, mid) for mid in wanted) if m is not None]
     else:
-        found = [
-            m
-            for domain in suspended
-            for m in store.query(
-                now=now, where=QueueFilter(states=PENDING_STATES, domain=domain, limit=MAX_BULK)
-            )
-            if m.id in wanted
-        ]
-    at_suspended = {
-        (m.id, r.address)
-        for m in found
-        for r in m.recipients
-        if not r.state.is_final and domain_of(r.address) in suspended
-    }
-    return len(at_suspended)
+        found = [m for m in _pending_at(store, suspended, now) if m.id in wanted]
+    return _recipients_in(found, PENDING_STATES, at=suspended)
+
+
+def _suspended_domains(store: Store, now: datetime) -> frozenset[str]:
+    """The destinations suspended at ``now`` (usually none)."""
+    return frozenset(s.domain for s in store.suspensions(now=now))
+
+
+def _pending_at(store: Store, domains: frozenset[str], now: datetime) -> list[MessageStatus]:
+    """The pending messages with a recipient at one of ``domains``: a query per domain
+    (at most :data:`MAX_BULK` messages each); a message may come more than once."""
+    return [
+        m
+        for domain in sorted(domains)
+        for m in store.query(
+            now=now, where=QueueFilter(states=PENDING_STATES, domain=domain, limit=MAX_BULK)
+        )
+    ]
+
+
+def _recipients_in(
+    messages: list[MessageStatus],
+    states: frozenset[RecipientState],
+    *,
+    at: frozenset[str] | None = None,
+) -> int:
+    """How many recipients of ``messages`` (each counted once, though its message come
+    twice) are in one of ``states`` and, given ``at``, at one of those domains."""
+    return len(
+        {
+            (m.id, r.address)
+            for m in messages
+            for r in m.recipients
+            if r.state in states and (at is None or domain_of(r.address) in at)
+        }
+    )
 
 
 def _status_or_none(store: Store, message_id: str) -> MessageStatus | None:
