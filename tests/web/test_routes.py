@@ -764,6 +764,27 @@ def test_retrying_a_held_message_says_it_waits_to_be_released(
     assert store.status(mid).held
 
 
+def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(
+    client: TestClient, store: Store, ids: dict[str, str]
+) -> None:
+    """Was "Retry now: 3 recipients due now" with two of them at a suspended destination,
+    which no worker leases until it is resumed (as `mailstrom retry` says since 1e5c3df)."""
+    mixed = store.enqueue(message("x@one.example", "y@two.example", "z@two.example"), now=NOW)
+    store.suspend("two.example", now=NOW)
+    for mid, notice in (
+        (mixed, "1 recipient due now, 2 due once resumed"),
+        (ids["deferred"], "1 recipient due once resumed"),
+        (ids["queued"], "1 recipient due now"),
+    ):
+        token = _csrf(client.get(f"/action/retry/{mid}").text)
+        done = client.post(f"/action/retry/{mid}", data={"csrf": token})
+        assert f'id="done">Retry now: {notice}<' in done.text
+    store.set_held(mixed, True)  # held first: it waits to be released
+    token = _csrf(client.get(f"/action/retry/{mixed}").text)
+    done = client.post(f"/action/retry/{mixed}", data={"csrf": token})
+    assert 'id="done">Retry now: 3 recipients due once released<' in done.text
+
+
 def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(
     store: MemoryStore,
 ) -> None:

@@ -32,8 +32,8 @@ from mailstrom.cli.selection import (
 )
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
-from mailstrom.stores.base import QueueFilter, Store, domain_of
-from mailstrom.stores.operator import PENDING_STATES, purge_candidates
+from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.operator import PENDING_STATES, count_recipients, purge_candidates
 
 BULK_EPILOG = """\
 examples:
@@ -252,12 +252,12 @@ def _retry_all_deferred(args: argparse.Namespace, store: Store, now: datetime) -
     does, which of them wait all the same: those of held messages (until released) and
     those at a destination suspended now (until resumed). Counted a moment before."""
     deferred = frozenset({RecipientState.DEFERRED})
-    held = [m for m in _held_messages(store, now) if _recipients_in([m], deferred)]
+    held = [m for m in _held_messages(store, now) if count_recipients([m], deferred)]
     held_ids = {m.id for m in held}
     suspended = _suspended_domains(store, now)
     free_at_suspended = [m for m in _pending_at(store, suspended, now) if m.id not in held_ids]
-    waiting = _recipients_in(held, deferred)
-    paused = _recipients_in(free_at_suspended, deferred, at=suspended)
+    waiting = count_recipients(held, deferred)
+    paused = count_recipients(free_at_suspended, deferred, at=suspended)
     changed = store.retry_deferred(now=now)
     due = max(changed - waiting - paused, 0)
     data: dict[str, object] = {"rescheduled": changed, "held": waiting, "suspended": paused}
@@ -314,7 +314,7 @@ def _suspended_among(store: Store, ids: list[str], now: datetime) -> int:
         found = [m for m in (_status_or_none(store, mid) for mid in wanted) if m is not None]
     else:
         found = [m for m in _pending_at(store, suspended, now) if m.id in wanted]
-    return _recipients_in(found, PENDING_STATES, at=suspended)
+    return count_recipients(found, PENDING_STATES, at=suspended)
 
 
 def _suspended_domains(store: Store, now: datetime) -> frozenset[str]:
@@ -332,24 +332,6 @@ def _pending_at(store: Store, domains: frozenset[str], now: datetime) -> list[Me
             now=now, where=QueueFilter(states=PENDING_STATES, domain=domain, limit=MAX_BULK)
         )
     ]
-
-
-def _recipients_in(
-    messages: list[MessageStatus],
-    states: frozenset[RecipientState],
-    *,
-    at: frozenset[str] | None = None,
-) -> int:
-    """How many recipients of ``messages`` (each counted once, though its message come
-    twice) are in one of ``states`` and, given ``at``, at one of those domains."""
-    return len(
-        {
-            (m.id, r.address)
-            for m in messages
-            for r in m.recipients
-            if r.state in states and (at is None or domain_of(r.address) in at)
-        }
-    )
 
 
 def _status_or_none(store: Store, message_id: str) -> MessageStatus | None:

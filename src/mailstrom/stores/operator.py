@@ -9,7 +9,7 @@ methods; the command line and both facades call them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import shown
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
-from mailstrom.status import RecipientState, RecipientStatus
+from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
 
 if TYPE_CHECKING:  # base imports this module
     from mailstrom.stores.base import QueueFilter
@@ -194,6 +194,25 @@ def next_due(r: RecipientStatus, suspended: Mapping[str, Suspension]) -> datetim
     if pause is None or due is None:
         return due
     return None if pause.until is None else max(due, pause.until)
+
+
+def count_recipients(
+    messages: Iterable[MessageStatus],
+    states: Collection[RecipientState],
+    *,
+    at: Collection[str] | None = None,
+) -> int:
+    """How many recipients of ``messages`` are in one of ``states`` and, given ``at``, at
+    one of those domains (lower case): what a retry tells apart, those at a suspended
+    destination waiting for it to be resumed. A message listed twice counts once."""
+    return len(
+        {
+            (m.id, r.address)
+            for m in messages
+            for r in m.recipients
+            if r.state in states and (at is None or r.domain.lower() in at)
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

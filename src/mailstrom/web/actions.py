@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from mailstrom.errors import MailstromError
 from mailstrom.stores.base import Store
-from mailstrom.stores.operator import normalize_domain
+from mailstrom.stores.operator import PENDING_STATES, count_recipients, normalize_domain
 
 
 class InvalidTarget(MailstromError, ValueError):
@@ -71,10 +71,25 @@ def destination_domain(text: str) -> str:
 
 
 def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+    """Make the message's pending recipients due, and say, as ``mailstrom retry`` does,
+    which go now: no worker leases a held message's until it is released, nor those at a
+    destination suspended now until it is resumed."""
     n = store.retry(message_id, now=now)
-    # No worker leases a held message: its recipients go once it is released, not now.
-    when = "due once released" if store.status(message_id).held else "due now"
-    return f"{n} recipient{'' if n == 1 else 's'} {when}"
+    status = store.status(message_id)
+    if status.held:
+        return f"{_recipients(n)} due once released"
+    suspended = {s.domain for s in store.suspensions(now=now)}
+    # Counted after the retry: no worker takes these meanwhile, so none has gone.
+    paused = min(count_recipients([status], PENDING_STATES, at=suspended), n)
+    if not paused:
+        return f"{_recipients(n)} due now"
+    if paused == n:
+        return f"{_recipients(n)} due once resumed"
+    return f"{_recipients(n - paused)} due now, {paused} due once resumed"
+
+
+def _recipients(n: int) -> str:
+    return f"{n} recipient{'' if n == 1 else 's'}"
 
 
 def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
@@ -89,7 +104,7 @@ def _release(store: Store, message_id: str, now: datetime, _: timedelta | None) 
 
 def _cancel(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     n = store.cancel(message_id, now=now)
-    return f"{n} recipient{'' if n == 1 else 's'} cancelled"
+    return f"{_recipients(n)} cancelled"
 
 
 def _suspend(store: Store, domain: str, now: datetime, duration: timedelta | None) -> str:
