@@ -423,6 +423,10 @@ def test_suspend_stops_one_destination_without_touching_its_messages(mail_env: M
     again = cli("resume", "example.test")
     assert again.code == 66 and again.err == "mailstrom: example.test is not suspended\n"
     assert cli("suspend", "not a domain").code == 64
+    # RFC 1035 §2.3.4: a label has at most 63 octets; was "suspended until resumed".
+    too_long = cli("suspend", "x" * 64 + ".example")
+    assert too_long.code == 64 and "not a domain" in too_long.err
+    assert cli.ok("queue", "--suspended", "--json").json() == []
 
 
 def test_resuming_a_suspension_that_has_ended_says_it_was_not_suspended(cli: CLI) -> None:

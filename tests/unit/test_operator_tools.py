@@ -125,6 +125,15 @@ def test_domains_are_normalized_and_checked() -> None:
             normalize_domain(bad)
 
 
+def test_a_domain_label_is_1_to_63_octets() -> None:
+    """A label of 64 octets (RFC 1035 §2.3.4 allows 63) or an empty one was taken: a
+    suspension no recipient's domain can ever match."""
+    assert normalize_domain("x" * 63 + ".example") == "x" * 63 + ".example"
+    for bad in ("x" * 64 + ".example", "a..example", ".example"):
+        with pytest.raises(ValueError, match="not a domain"):
+            normalize_domain(bad)
+
+
 # --- when a wait is over -------------------------------------------------------------------
 
 

@@ -39,6 +39,8 @@ AGE_EDGES: tuple[timedelta, ...] = tuple(timedelta(minutes=m) for m in (5, 10, 2
 
 MAX_DOMAIN = 253
 """Octets of a domain name (RFC 1035 §2.3.4, without the root's dot)."""
+MAX_LABEL = 63
+"""Octets of one label of a domain name (RFC 1035 §2.3.4)."""
 
 
 def effective_states(
@@ -124,7 +126,7 @@ def normalize_domain(domain: str) -> str:
     """A destination domain as stores key it: lower case, no trailing dot, U-labels as
     A-labels (recipients' domains are stored so: ``bücher.example`` is
     ``xn--bcher-kva.example``); :class:`~mailstrom.errors.InvalidArgument` (a ValueError)
-    when it is no string, is empty, too long, or not a plain domain."""
+    when it is no string, is empty, too long (or a label is), or not a plain domain."""
     if not isinstance(domain, str):
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     text = domain.strip().rstrip(".").lower()
@@ -133,9 +135,13 @@ def normalize_domain(domain: str) -> str:
     if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     try:
-        return a_label(text)
+        name = a_label(text)
     except ValueError:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain") from None
+    # RFC 1035 §2.3.4: labels of 1 to 63 octets (no DNS name has a longer or empty one).
+    if any(not 0 < len(label) <= MAX_LABEL for label in name.split(".")):
+        raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
+    return name
 
 
 def filter_domain(text: str) -> str:
