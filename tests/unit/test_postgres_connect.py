@@ -263,3 +263,31 @@ def test_an_option_value_libpq_refuses_is_an_invalid_store_url(query: str) -> No
 )
 def test_option_values_libpq_takes_are_taken(query: str) -> None:
     check_url(f"{URL}?{query}")
+
+
+@pytest.mark.parametrize("password", ["s3cr/Et9x", "s3cr/Et9x@q", "s3cr:Et9x/"])
+def test_a_password_holding_a_slash_is_refused_without_being_shown(password: str) -> None:
+    """libpq ends a URL's authority at the first "/", so a "/" in a password must be
+    written %2F. Unwritten so, the URL is malformed ("user:s3cr" is a host and a port
+    that is no number), and the error quoted it whole, password and all, and named the
+    part before the "/" as the port."""
+    from mailstrom.stores.url import check_store_url
+
+    with pytest.raises(InvalidStoreURL, match="malformed store URL") as raised:
+        check_store_url(f"postgresql://mail:{password}@127.0.0.1:5432/mail")
+    shown = str(raised.value)
+    assert "s3cr" not in shown
+    assert "Et9x" not in shown
+    assert "%2F" in shown  # how to write it
+
+
+def test_a_store_given_such_a_url_refuses_it_without_showing_the_password() -> None:
+    """PostgresStore itself: libpq read "mail" as the host and "s3cr" as the port, and
+    connecting failed as a server out of reach (StoreUnreachable, waited for by a
+    worker), not as the mistake in the URL."""
+    from mailstrom.stores.postgres import PostgresStore
+
+    with pytest.raises(InvalidStoreURL, match="%2F") as raised:
+        PostgresStore("postgresql://mail:s3cr/Et9x@127.0.0.1:5432/mail", timeout=2)
+    assert "s3cr" not in str(raised.value)
+    assert "Et9x" not in str(raised.value)

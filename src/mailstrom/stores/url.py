@@ -235,9 +235,29 @@ def _check_url_syntax(url: str) -> None:
         hosts = urlsplit(escape_userinfo(url)).netloc.rpartition("@")[2]
         ports = [urlsplit(f"//{host}").port for host in hosts.split(",")]
     except ValueError as exc:
-        raise InvalidStoreURL(f"malformed store URL {_shown(url)}: {exc}") from None
+        raise InvalidStoreURL(f"malformed store URL {_shown_malformed(url)}: {_why(exc)}") from None
     if 0 in ports:
-        raise InvalidStoreURL(f"malformed store URL {_shown(url)}: port 0")
+        raise InvalidStoreURL(f"malformed store URL {_shown_malformed(url)}: port 0")
+
+
+_ANY_USERINFO = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://)\S*@")
+
+
+def _shown_malformed(url: str) -> str:
+    """A malformed ``url`` as its error quotes it: everything before its last ``@`` hidden.
+    libpq ends the user information at the first ``/``, so a password holding one (to be
+    written ``%2F``) makes the URL malformed, and :func:`redact_url`, which goes by that
+    reading, would show it."""
+    return shorten(_ANY_USERINFO.sub(r"\g<head>***@", url))
+
+
+def _why(exc: ValueError) -> str:
+    """What urlsplit found wrong, not quoting what stood where the port goes: in
+    ``user:pass/word@host`` that is the start of the password."""
+    text = str(exc)
+    if text.startswith("Port could not be cast"):
+        return "a port that is no number (or a password holding '/', which is written %2F)"
+    return text
 
 
 def _shown(url: str) -> str:

@@ -241,6 +241,8 @@ def check_conninfo(conninfo: str) -> None:
         ) from None
     for host in str(params.get("host") or "").split(","):
         _check_host(host, conninfo)
+    for port in str(params.get("port") or "").split(","):
+        _check_port(port.strip())
     for name, value in params.items():
         _check_value(name, str(value))
 
@@ -277,6 +279,18 @@ _WHOLE_NUMBER = re.compile(r"\s*[-+]?[0-9]+\s*")
 _INT_RANGE = range(-(2**31), 2**31)
 
 
+def _check_port(port: str) -> None:
+    """InvalidStoreURL for a port (one of a multi-host URL's; empty: the default) that is
+    no port, without showing it: in ``user:pass/word@host`` libpq reads ``user`` as the
+    host and the password's start as the port (it ends the authority at the first "/"),
+    and connecting failed as a server out of reach, a StoreUnreachable waited for."""
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise InvalidStoreURL(
+            "PostgreSQL URL with a port that is no port (or a password holding '/', "
+            "which is written %2F)"
+        )
+
+
 def _check_value(name: str, value: str) -> None:
     """InvalidStoreURL for a value of a libpq parameter that libpq refuses only when it
     connects ("invalid sslmode value"): that failure read as a server out of reach, a
@@ -284,12 +298,12 @@ def _check_value(name: str, value: str) -> None:
     choices = _CHOICES.get(name)
     if choices is not None and value not in choices:
         raise InvalidStoreURL(
-            f"PostgreSQL URL with {name}={shorten(value, 40)!r}: expected one of "
+            f"PostgreSQL URL with {name}={shorten(value, 40)}: expected one of "
             + ", ".join(choices)
         )
     if name in _WHOLE_NUMBERS and not (_WHOLE_NUMBER.fullmatch(value) and int(value) in _INT_RANGE):
         raise InvalidStoreURL(
-            f"PostgreSQL URL with {name}={shorten(value, 40)!r}: expected a whole number"
+            f"PostgreSQL URL with {name}={shorten(value, 40)}: expected a whole number"
         )
 
 
