@@ -18,7 +18,7 @@ receiver can reject forged requests and, by the timestamp, replayed ones::
 
     from mailstrom.webhooks import verify_signature
 
-    if not verify_signature(secret, request.headers["Mailstrom-Signature"], request.body):
+    if not verify_signature(secret, request.headers.get("Mailstrom-Signature"), request.body):
         return 400
 """
 
@@ -101,7 +101,7 @@ def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
 
 def verify_signature(
     secret: str,
-    header: str,
+    header: str | None,
     body: bytes,
     *,
     now: float | None = None,
@@ -110,8 +110,9 @@ def verify_signature(
     """Whether ``header`` (the ``Mailstrom-Signature`` value) signs ``body`` under
     ``secret`` with a timestamp within ``tolerance`` seconds of ``now`` (default: the
     clock). Several ``v1=`` values are accepted (one may match), so a secret can be
-    rotated by signing with both for a while. Raises ValueError for an empty ``secret``
-    (``HookConfig`` refuses one): anybody can sign with the empty key.
+    rotated by signing with both for a while. ``None`` (a request without the header, as
+    ``request.headers.get()`` gives it) signs nothing: False. Raises ValueError for an
+    empty ``secret`` (``HookConfig`` refuses one): anybody can sign with the empty key.
 
     >>> body = b'{"events":[]}'
     >>> verify_signature("whsec", sign("whsec", body), body)
@@ -123,6 +124,10 @@ def verify_signature(
         # No worker signs with it, so it would verify only forgeries: a receiver that
         # read its secret from an unset variable ("") accepted every one.
         raise ValueError("verify_signature needs the hook's secret, not an empty one")
+    if header is None:
+        # A request without the header: a receiver's headers.get() gives None for it, and
+        # header.split() raised AttributeError instead of answering False.
+        return False
     timestamp: int | None = None
     signatures: list[str] = []
     for part in header.split(","):

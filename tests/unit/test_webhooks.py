@@ -61,6 +61,12 @@ def test_only_http_white_space_surrounds_a_part(space: str) -> None:
     assert verify_signature(SECRET, header, BODY, now=NOW) is False
 
 
+def test_a_request_without_the_header_is_no_signature() -> None:
+    """A receiver passes ``request.headers.get("Mailstrom-Signature")``: None for a request
+    without the header, which raised AttributeError."""
+    assert verify_signature(SECRET, None, BODY, now=NOW) is False
+
+
 def test_a_signature_that_is_not_ascii_is_no_signature() -> None:
     """hmac.compare_digest() raised TypeError for a str with a non-ASCII character."""
     header = f"t={NOW},v1=\u00e9,v1={_digest(SECRET, NOW, BODY)}"
