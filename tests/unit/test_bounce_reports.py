@@ -175,6 +175,24 @@ def test_comments_in_report_fields_are_not_their_contents() -> None:
     assert [r.final_recipient for r in complaint.recipients] == ["carol@mailbox.test"]
 
 
+def test_a_comment_after_the_envelope_id_or_message_id_is_not_part_of_it() -> None:
+    """RFC 3464 §2.1.1 (a DSN field's comment) and RFC 5322 §3.6.4 (CFWS around a
+    msg-id): both were read with the comment, so neither matched the queued message."""
+    dsn = (
+        sample("postfix-dsn-headers.eml")
+        .replace(
+            f"Original-Envelope-Id: {MID}".encode(), f"Original-Envelope-Id: {MID} (id)".encode()
+        )
+        .replace(
+            b"Message-ID: <sample-1@sender.test>",
+            b"Message-ID: (was) <sample-1@sender.test> (sent)",
+        )
+    )
+    report = parse_report(dsn)
+    assert report is not None
+    assert (report.envelope_id, report.original_message_id) == (MID, "<sample-1@sender.test>")
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [

@@ -252,7 +252,7 @@ def _dsn(parts: list[Message], senders: list[str]) -> Report:
         kind=ReportKind.DSN,
         recipients=tuple(recipients),
         reporting_mta=_typed(per_message.get("Reporting-MTA"))[1],
-        envelope_id=_field(per_message.get("Original-Envelope-Id")) or None,
+        envelope_id=_plain(per_message.get("Original-Envelope-Id")) or None,
         original_message_id=_returned_message_id(parts),
         envelope_senders=tuple(
             [*senders, *([postfix_sender] if postfix_sender else []), *_returned_paths(parts)]
@@ -454,7 +454,8 @@ def _returned_message_id(parts: list[Message]) -> str | None:
     returned = _returned(parts)
     if returned is None:
         return None
-    value = _field(returned.get("Message-ID"))
+    # CFWS may surround a msg-id (RFC 5322 §3.6.4): "<a@b> (sent)" is the id <a@b>.
+    value = _plain(returned.get("Message-ID"))
     return value or None
 
 
