@@ -379,6 +379,29 @@ def test_an_exim_bounce_is_classed_by_the_relayed_reply(
     assert recipient.reason_class == "authentication"
 
 
+@pytest.mark.parametrize(
+    ("diagnostic", "suppresses"),
+    [("550 5.1.1 <nosuchuser@receiver.test>: no such user", True), ("552 5.2.2 full", False)],
+)
+def test_a_bounce_without_status_is_judged_by_the_relayed_reply(
+    ms: Mailstrom, results: Results, clock: FakeClock, diagnostic: str, suppresses: bool
+) -> None:
+    """RFC 3464 requires Status, but some MTAs leave it out and give only the server's
+    reply: its enhanced code says what the failure was. A 5.1.1 so reported suppressed
+    nothing."""
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "postfix-dsn-full.eml", mid, "nosuchuser@receiver.test").replace(
+        b'Status: 5.1.1\r\nDiagnostic-Code: X-Postfix; unknown user: "nosuchuser"',
+        f"Diagnostic-Code: smtp; {diagnostic}".encode(),
+    )
+    assert b"Status:" not in data
+    [outcome] = apply(ms, data, clock)
+    assert outcome.action is BounceAction.FAILED
+    assert outcome.status == diagnostic.split()[1]
+    assert (outcome.suppressed is not None) is suppresses
+
+
 def test_a_late_bounce_does_not_shorten_a_suppression_in_force(
     ms: Mailstrom, results: Results, clock: FakeClock
 ) -> None:

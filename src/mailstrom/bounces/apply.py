@@ -202,7 +202,8 @@ def apply_report(
 
     ``envelope_recipient`` is the address the report was delivered to, when the MTA that
     runs ``mailstrom bounce`` passes it (it may hold the VERP token). A failed recipient is
-    suppressed when its status is a hard one (:func:`is_late_hard_bounce` with
+    suppressed when its status (its ``Status``, or without one the enhanced code of the
+    reply its ``smtp`` diagnostic relays) is a hard one (:func:`is_late_hard_bounce` with
     ``suppress_on``), for ``suppress_for`` if given (``Config.suppress_for``, as the
     worker's own hard bounces); a complaint (feedback type ``abuse``, ``fraud`` or
     ``virus``, or none) always suppresses, with no end, and other feedback reports change
@@ -301,6 +302,7 @@ def _apply_one(
             status=entry.status,
             reason=f"action {entry.action or 'missing'}: nothing final to record",
         )
+    status = _status(entry)
     detail = " ".join(p for p in (entry.status, entry.diagnostic) if p) or "no details"
     reason = storable_text(f"bounced after acceptance, reported by {where}: {detail}", MAX_REPLY)
     attempt = Attempt(
@@ -319,10 +321,10 @@ def _apply_one(
     # week, a local size or TLS refusal would otherwise suppress the address for good).
     own = entry.diagnostic_type == _OWN_DIAGNOSTIC
     if (
-        entry.status is not None
+        status is not None
         and not own
         and is_late_hard_bounce(
-            entry.status,
+            status,
             code=entry.diagnostic_code,
             diagnostic_status=entry.diagnostic_status,
             codes=suppress_on,
@@ -341,15 +343,23 @@ def _apply_one(
         action=BounceAction.FAILED if changed else BounceAction.ALREADY_FAILED,
         address=recipient.address,
         message_id=message.id,
-        status=entry.status,
+        status=status,
         reason=reason,
         suppressed=suppressed,
     )
 
 
+def _status(entry: ReportedRecipient) -> str | None:
+    """The recipient's RFC 3463 status: its ``Status``, or, in a block without one (RFC
+    3464 requires it, yet some MTAs leave it out), the enhanced code of the server's
+    reply its ``smtp`` diagnostic relays (``550 5.1.1 ...``)."""
+    return entry.status or entry.diagnostic_status
+
+
 def _reason_class(entry: ReportedRecipient) -> ReasonClass:
-    code = entry.diagnostic_code or (550 if (entry.status or "5").startswith("5") else 450)
-    enhanced = entry.status
+    status = _status(entry)
+    code = entry.diagnostic_code or (550 if (status or "5").startswith("5") else 450)
+    enhanced = status
     if enhanced is not None and enhanced.endswith(".0.0") and entry.diagnostic_status:
         # A status without detail (Exim's 5.0.0 for every failure) says less than the
         # relayed reply's own code, as is_late_hard_bounce judges it.
