@@ -36,15 +36,24 @@ def domain_name(value: object) -> str:
     text = value.strip()
     if text.startswith("[") or not text.strip("."):
         raise ValueError(f"not a domain name: {shown(value)}")
-    try:
-        name: str = dns.name.from_text(text).to_text(omit_final_dot=True)
-    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
-        raise ValueError(f"not a domain name: {shown(value)} ({exc})") from None
+    name = dns_name(value)
     # RFC 5322 specials (§3.2.3) that dnspython does not escape with a backslash: none can
     # be in a Message-ID's id-right (§3.6.4), which prepare() refuses ("a,b.example").
     if any(c in name for c in " \t\\@<>,:[]") or "." not in name:
         raise ValueError(f"not a fully qualified domain name: {shown(value)}")
     return name.lower()
+
+
+def dns_name(value: str) -> str:
+    """``value`` as dnspython writes the name, without the final dot. Raises
+    :class:`ValueError` saying why when DNS cannot hold it: an empty label, a label of
+    more than 63 octets, a name of more than 255 (RFC 1035 §2.3.4).
+    """
+    try:
+        name: str = dns.name.from_text(value.strip()).to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise ValueError(f"not a domain name: {shown(value)} ({exc})") from None
+    return name
 
 
 def a_label(name: str) -> str:

@@ -272,7 +272,14 @@ def test_message_id_domain_can_be_chosen_and_ids_differ() -> None:
 
 
 @pytest.mark.parametrize(
-    "domain", ["bücher.example", "", "a b", "x@y", "a,b", "a(b", "a..b", "a.", "[x", "a]"]
+    "domain",
+    [
+        *("bücher.example", "", "a b", "x@y", "a,b", "a(b", "a..b", "a.", "[x", "a]"),
+        "a" * 1000,  # was LineTooLong, saying to fold the Message-ID
+        "a" * 64 + ".example",  # a label of more than 63 octets (RFC 1035 §2.3.4)
+        ".".join(["a" * 63] * 5),  # 319 octets: a name of more than 255
+        "[" + "1" * 1000 + "]",
+    ],
 )
 def test_bad_id_domain(domain: str) -> None:
     with pytest.raises(InvalidMessage, match="id_domain"):

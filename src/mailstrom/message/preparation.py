@@ -28,7 +28,7 @@ from email.message import Message
 
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.dkim.signing import DKIMSignature, sign
-from mailstrom.domains import domain_name, is_public_name
+from mailstrom.domains import dns_name, domain_name, is_public_name, shown
 from mailstrom.errors import (
     ForbiddenCharacter,
     InvalidMessage,
@@ -130,7 +130,14 @@ def prepare(
         if not id_domain.isascii() or not _ID_RIGHT.fullmatch(id_domain):
             # What the new Message-ID's id-right may be (RFC 5322 §3.6.4): "a,b" or "a..b"
             # made one that readers cannot parse.
-            raise InvalidMessage(f"id_domain {id_domain!r} is not an ASCII domain name")
+            raise InvalidMessage(f"id_domain {shown(id_domain)} is not an ASCII domain name")
+        try:
+            # Within DNS's limits, as Config.message_id_domain is (domain_name): a name
+            # of 1,000 octets made a Message-ID line longer than RFC 5322 allows, refused
+            # as LineTooLong telling the caller to fold it.
+            dns_name(id_domain)
+        except ValueError as exc:
+            raise InvalidMessage(f"id_domain: {exc}") from None
     options = _Options(
         max_size=max_size,
         max_recipients=max_recipients,
