@@ -5,7 +5,9 @@ worker process: tests/integration/test_postgres_down_at_start.py."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -52,6 +54,44 @@ def test_the_worker_command_stops_while_waiting(
     code, err = ended(proc, timeout=5)
     assert code == 0, err
     assert "worker stopped before its store opened" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_the_worker_command_once_stops_on_a_signal_while_its_store_opens(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv, sig: signal.Signals
+) -> None:
+    """--once opened its store with no signal handled: a SIGTERM or SIGHUP while the
+    opening waited (here for a lock an operator holds on schema_version) killed the
+    worker by the signal instead of stopping it (exit 0), its buffered log lines lost."""
+    url = own_postgres.create_database()
+    mail_env.cli.ok("db", "migrate", "--store", url)
+    with (
+        psycopg.connect(url) as holder,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        holder.execute("LOCK TABLE schema_version IN ACCESS EXCLUSIVE MODE")
+        proc = mail_env.cli.popen("worker", "--once", "--no-live", "--store", url)
+        try:
+            while not _waits_for_a_lock(watcher):
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.01)  # polling the server's view of its sessions
+            proc.send_signal(sig)
+            holder.rollback()  # the lock let go: nothing holds the worker now
+            err = proc.communicate(timeout=30)[1].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert "worker stopped before its store opened" in err
+
+
+def _waits_for_a_lock(conn: psycopg.Connection[tuple[int]]) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return row is not None and row[0] > 0
 
 
 def test_the_worker_command_once_does_not_wait(

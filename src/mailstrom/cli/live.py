@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mailstrom.cli.output import cell, is_tty
-from mailstrom.cli.signals import run_until_signalled
+from mailstrom.cli.signals import EarlyStops, run_until_signalled
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import QueueStats, RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
@@ -174,9 +174,11 @@ async def run_with_live_view(
     drain_timeout: float,
     on_started: Callable[[], None] | None = None,
     console: Console | None = None,
+    early: EarlyStops | None = None,
 ) -> None:
-    """Run the worker (stopping on signals) while the view repaints on ``console``
-    (default: standard output)."""
+    """Run the worker (stopping on signals, ``early`` ones too: see
+    :func:`run_until_signalled`) while the view repaints on ``console`` (default: standard
+    output)."""
     stats: QueueStats | None = None
     with (
         Live(
@@ -195,7 +197,9 @@ async def run_with_live_view(
 
         painter = asyncio.create_task(paint())
         try:
-            await run_until_signalled(worker, once=once, drain=drain_timeout, on_started=on_started)
+            await run_until_signalled(
+                worker, once=once, drain=drain_timeout, on_started=on_started, early=early
+            )
         finally:
             painter.cancel()
             await asyncio.gather(painter, return_exceptions=True)

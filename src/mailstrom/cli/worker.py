@@ -15,7 +15,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, CLIError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers, seconds_arg
-from mailstrom.cli.signals import STOP_SIGNALS, run_until_signalled
+from mailstrom.cli.signals import STOP_SIGNALS, EarlyStops, early_stops, run_until_signalled
 from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
 from mailstrom.runtime.store_opening import StoreOpener
@@ -113,10 +113,17 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Deliver with ``settings`` as the options in ``args`` (:func:`add_worker_options`)
     say; the command line's settings come from its file, environment and options, the
     Django command's from ``settings.MAILSTROM``."""
-    # A process starts with the signal mask of the thread that started it: one blocking
-    # SIGTERM (a supervisor written in Python, leaving signals to its main thread) left
-    # the worker deaf to every stop signal, running until SIGKILL.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # Stop signals are handled from the start, before the store opens and the loop runs.
+    with early_stops() as early:
+        # A process starts with the signal mask of the thread that started it: one blocking
+        # SIGTERM (a supervisor written in Python, leaving signals to its main thread) left
+        # the worker deaf to every stop signal, running until SIGKILL. (Unblocked once
+        # handled: one pending meanwhile comes now.)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return _deliver(settings, args, early)
+
+
+def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) -> int:
     live = args.live and is_tty()
     level = getattr(logging, args.log_level.upper())
     # Under the live view the attempts are on screen; the log shows only trouble.
@@ -136,7 +143,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
             # address fails now rather than once the database is up.
             ops = _serve_ops(settings.metrics_listen, opener)
             stack.callback(ops[0].close)
-        store = _open_worker_store(opener, settings.store_url, once=args.once)
+        store = _open_worker_store(opener, early, once=args.once)
         if store is None:  # stopped while waiting for the store: nothing was leased
             logging.getLogger("mailstrom.worker").info("worker stopped before its store opened")
             return EX_OK
@@ -169,13 +176,18 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
                     once=args.once,
                     drain_timeout=args.drain_timeout,
                     on_started=on_started,
+                    early=early,
                 ),
                 settings.config.event_loop,
             )
         else:
             run_loop(
                 run_until_signalled(
-                    worker, once=args.once, drain=args.drain_timeout, on_started=on_started
+                    worker,
+                    once=args.once,
+                    drain=args.drain_timeout,
+                    on_started=on_started,
+                    early=early,
                 ),
                 settings.config.event_loop,
             )
@@ -195,21 +207,15 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _open_worker_store(opener: StoreOpener, url: str, *, once: bool) -> Store | None:
+def _open_worker_store(opener: StoreOpener, early: EarlyStops, *, once: bool) -> Store | None:
     """The worker's store. One that does not answer yet (PostgreSQL restarting, or not up
     at boot) is waited for by ``opener``, with backoff and a log line per try, until it
     opens or a SIGTERM/SIGINT/SIGHUP ends the wait (None). With ``--once`` (from cron, say) it is
     not: the command exits 75 at once, and the next run tries again instead of runs piling
-    up. What waiting cannot mend exits at once either way (74 damaged, 78 refused)."""
-    if once:
-        return open_store(url)
-    # Plain handlers, not the event loop's: no loop runs yet. stop() is reentrant.
-    previous = {sig: signal.signal(sig, lambda *_: opener.stop()) for sig in STOP_SIGNALS}
-    try:
-        return opener.open()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    up (a signal still ends its one try: None). What waiting cannot mend exits at once
+    either way (74 damaged, 78 refused)."""
+    with early.calling(opener.stop):  # stop() is reentrant
+        return opener.open(wait=not once)
 
 
 def _serve_ops(listen: str, opener: StoreOpener) -> tuple[OpsServer, WorkerSources]:

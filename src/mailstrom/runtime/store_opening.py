@@ -84,9 +84,10 @@ class StoreOpener:
         self._stopped = True
         self._events.put(_STOP)
 
-    def open(self) -> Store | None:
+    def open(self, *, wait: bool = True) -> Store | None:
         """The store, once it opens; None when :meth:`stop` came first. Raises what
-        waiting cannot mend (see the module docstring)."""
+        waiting cannot mend (see the module docstring); without ``wait``, the first
+        failure (one try, still ended at once by :meth:`stop`)."""
         backoff = _Backoff()
         try:
             while not self._stopped:
@@ -94,7 +95,7 @@ class StoreOpener:
                 if outcome is _STOP:
                     return None
                 if isinstance(outcome, BaseException):
-                    if not worth_waiting(outcome):
+                    if not (wait and worth_waiting(outcome)):
                         raise outcome
                     self._failed(outcome, backoff.take())
                     continue
