@@ -292,3 +292,45 @@ def test_a_command_that_queues_refuses_a_memory_store(cli: CLI, argv: list[str])
     message was gone as the command exited, before any worker could see it."""
     cli.env["MAILSTROM_STORE"] = "memory:"
     assert_one_line_error(cli(*argv, stdin=MESSAGE), 78, "memory store")
+
+
+BOUNCE = (Path(__file__).parents[1] / "samples" / "bounces" / "exim-dsn.eml").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin"),
+    [
+        (["hold", "--all"], None),
+        (["release", "--all"], None),
+        (["retry", "--all"], None),
+        (["retry", "--all-deferred"], None),
+        (["cancel", "--all"], None),
+        (["purge", "--all"], None),
+        (["suspend", "example.org"], None),
+        (["resume", "example.org"], None),
+        (["suppress", "add", "bob@example.org"], None),
+        (["suppress", "remove", "bob@example.org"], None),
+        (["suppress", "import", "-"], b"bob@example.org\n"),
+        (["bounce"], BOUNCE),
+        (["events", "--prune", "30d"], None),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_command_that_changes_the_store_refuses_a_memory_store(
+    cli: CLI, argv: list[str], stdin: bytes | None
+) -> None:
+    """``suppress add`` printed "suppressed", ``hold`` "held", ``suspend`` "suspended",
+    ``bounce`` its outcome, each with exit 0, and the change was gone with the memory store
+    as the command exited: the next command (or a worker) never saw it."""
+    cli.env["MAILSTROM_STORE"] = "memory:"
+    assert_one_line_error(cli(*argv, stdin=stdin), 78, "memory store")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["queue"], ["hold", "--all", "--dry-run"], ["suppress", "list"], ["events"]],
+    ids=" ".join,
+)
+def test_a_command_that_only_looks_reads_a_memory_store(cli: CLI, argv: list[str]) -> None:
+    cli.env["MAILSTROM_STORE"] = "memory:"
+    assert cli(*argv).code == 0

@@ -146,20 +146,25 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
 def require_lasting_store(settings: Settings) -> None:
     """Refuse (CLIError, EX_CONFIG) a store that ends with this process, for a command
-    that queues mail: a memory store took the message, the command exited 0 ("queued")
-    and the message was gone with it, before any worker could see it."""
+    that queues mail or changes the store: a memory store took the message (or the
+    hold, the suppression, ...), the command exited 0 ("queued") and the change was
+    gone with it, before any worker or later command could see it."""
     from mailstrom.stores.url import StoreKind, parse_store_url
 
     if parse_store_url(settings.store_url).kind is StoreKind.MEMORY:
         raise CLIError(
-            "the store is a memory store, which ends with this command: a message queued "
-            "there would be lost; set store to a SQLite file or a PostgreSQL URL",
+            "the store is a memory store, which ends with this command: what it queues or "
+            "changes there would be lost; set store to a SQLite file or a PostgreSQL URL",
             EX_CONFIG,
         )
 
 
 @contextlib.contextmanager
 def store_from(settings: Settings, *, read_only: bool = False) -> Iterator[Store]:
+    """The store, for one command; one opened to write must outlast the command
+    (:func:`require_lasting_store`): only a command that changes it opens it so."""
+    if not read_only:
+        require_lasting_store(settings)
     store = open_store(settings.store_url, read_only=read_only)
     try:
         yield store
