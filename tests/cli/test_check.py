@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from tests.cli.conftest import MailEnv
+from tests.cli.test_errors import assert_one_line_error
 from tests.fixtures.smtp_server import ReceivingServer
 
 
@@ -139,3 +142,14 @@ def test_check_helo_looks_up_the_ptr_of_ten_addresses_at_most(mail_env: MailEnv)
     assert len(asked) == 10, asked
     assert len(helo["ptr"]) == 10
     assert len(helo["addresses"]) == 40
+
+
+@pytest.mark.parametrize("domain", ["", " ", ".", "a..example", "a" * 64 + ".example"])
+def test_check_of_no_domain_name_is_a_usage_error(mail_env: MailEnv, domain: str) -> None:
+    """An argument DNS cannot name (empty, an empty or over-long label) was checked all
+    the same: a report of an "invalid recipient domain", and exit 69 as for a domain
+    that takes no mail, where it is the command line that is wrong."""
+    result = mail_env.cli("check", domain)
+    assert_one_line_error(
+        result, 64, "argument domain", "not a domain name", f"{domain[:20]!r}"[:-1]
+    )

@@ -31,7 +31,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.config import Config, TLSPolicy
-from mailstrom.domains import a_label
+from mailstrom.domains import a_label, shown
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
@@ -48,7 +48,8 @@ examples:
   mailstrom check --smtp-port 2525 --dns-server 127.0.0.1:5353 test.example
 
 exit code: 0 when at least one address would accept a connection under the TLS
-policy, 69 when none would (or the domain takes no mail), 75 on a temporary DNS failure.
+policy, 69 when none would (or the domain takes no mail), 75 on a temporary DNS failure,
+64 for a DOMAIN that is no domain name.
 """
 
 
@@ -64,9 +65,24 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "match. Sends no mail.",
         epilog=EPILOG,
     )
-    p.add_argument("domain", help="recipient domain (the part after @)")
+    p.add_argument("domain", type=_domain_arg, help="recipient domain (the part after @)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=check_command)
+
+
+def _domain_arg(text: str) -> str:
+    """DOMAIN, when DNS can name it (the router's own test, before any lookup). One it
+    cannot (empty, an empty or over-long label) was checked all the same: a report of an
+    "invalid recipient domain" and exit 69, as for a domain that takes no mail, where it
+    is the command line that is wrong."""
+    from mailstrom.routing.lookup import to_qname
+
+    try:
+        to_qname(text)
+    except PermanentFailure as exc:
+        why = exc.__cause__ or exc
+        raise argparse.ArgumentTypeError(f"not a domain name: {shown(text)} ({why})") from None
+    return text
 
 
 # --- the report --------------------------------------------------------------------------
