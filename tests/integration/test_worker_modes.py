@@ -36,6 +36,7 @@ from mailstrom import (
     Timeouts,
 )
 from mailstrom.errors import InvalidArgument, StoreError, WorkerError
+from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -1073,6 +1074,51 @@ def test_a_worker_thread_that_missed_starts_timeout_does_not_run_on(
         assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
     finally:
         ms.stop()
+    store.close()
+
+
+async def test_an_async_start_that_is_cancelled_does_not_leave_its_worker_running(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """start() cancelled while its worker task was still starting (a timeout around it,
+    a shutdown) raised CancelledError and left the task to come up behind it: the worker
+    delivered behind a start() that never returned, and the next start() said "already
+    started". As for a worker thread that missed start()'s timeout, the worker now ends,
+    and the next start() begins afresh."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowToStart(MemoryStore):
+        in_process = False  # its calls in a thread, as PostgreSQL's: the loop runs on
+
+        def last_event_id(self) -> int:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)  # a store slow to answer as the worker starts
+            return super().last_event_id()
+
+    store = SlowToStart()
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="task")
+    worker = ms.worker
+    assert isinstance(worker, Worker)
+    try:
+        starting = asyncio.create_task(ms.start())
+        assert await asyncio.to_thread(entered.wait, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        release.set()
+        assert await asyncio.to_thread(worker.wait_stopped, 10)
+        assert not ms.worker_status.running
+        for _ in range(100):  # the task ends just after its worker
+            if ms._ending is None or ms._ending.done():
+                break
+            await asyncio.sleep(0.01)
+        await ms.start()
+        mid = await ms.send_email(hello("bob@example.org"))
+        assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+    finally:
+        release.set()
+        await ms.stop()
     store.close()
 
 

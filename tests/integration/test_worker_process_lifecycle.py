@@ -6,6 +6,7 @@ stop(). Each child is a real one, delivering to a loopback SMTP server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -785,4 +786,49 @@ def test_wake_and_stop_do_not_wait_for_a_child_that_reads_nothing(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    store.close()
+
+
+async def test_an_async_start_that_is_cancelled_does_not_leave_its_process_running(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start() cancelled while its worker process came up (a timeout around it, a
+    shutdown) raised CancelledError, and the start went on in its thread: the process
+    delivered behind a start() that never returned, and the next start() said "already
+    started". It is now stopped once it is up, and the next start() begins afresh."""
+    gate = tmp_path / "go"
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "gate",
+        f"""
+        import os, time
+        for _ in range(3000):  # until the test lets it go on (30 s at most)
+            if os.path.exists({str(gate)!r}):
+                break
+            time.sleep(0.01)
+        """,
+    )
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    try:
+        starting = asyncio.create_task(ms.start())
+        assert await asyncio.to_thread(_wait_until, lambda: worker.pid is not None, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        gate.touch()
+        assert await asyncio.to_thread(worker.wait_stopped, 30)
+        for _ in range(1000):  # stopped by a task that ends just after its process
+            if ms._ending is None or ms._ending.done():
+                break
+            await asyncio.sleep(0.01)
+        await ms.start()
+        mid = await ms.send_email(hello("bob@example.org"))
+        assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+    finally:
+        gate.touch()
+        await ms.stop()
     store.close()

@@ -107,6 +107,20 @@ def _cancel(task: asyncio.Future[None]) -> None:
         there.call_soon_threadsafe(task.cancel)
 
 
+async def _stop_once_started(worker: WorkerProcess, starting: asyncio.Future[None]) -> None:
+    """Stop the process ``starting`` (a start() whose caller was cancelled) starts, once
+    it has: it is not left delivering behind a start() that never returned, the next
+    start() saying "already started". Nothing to do when it failed to start."""
+    try:
+        await starting
+    except WorkerError:
+        return  # nothing runs (its error is in worker_status)
+    except Exception:  # nobody awaits start() any more to hear of it
+        log.exception("the worker process of a cancelled start() failed to start")
+        return
+    await asyncio.to_thread(worker.stop, 0)
+
+
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """Queue mail and deliver it on the running event loop.
 
@@ -165,21 +179,32 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         :class:`~mailstrom.errors.WorkerError` if the worker cannot start. After
         :meth:`stop`, or once the worker died on its own, this starts a new worker,
         unless the facade opened its store itself (``stop()`` closed it): WorkerError
-        then."""
+        then. Cancelled (a timeout around it), it leaves no worker running: a task it
+        started is cancelled, a process it was starting is stopped once up; until that
+        has ended the next start() raises WorkerError, and stop() waits for it."""
         async with self._lifecycle_async():
             await self._start()
 
     async def _start(self) -> None:
         if self._ending is not None and not self._ending.done():
             raise WorkerError(
-                "the worker of the last stop(), which was cancelled, has not ended yet"
+                "the worker of the last stop() or start(), which was cancelled, has not ended yet"
             )
         self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
             if worker.pid is not None:
                 raise WorkerError("already started")
-            await asyncio.to_thread(worker.start)
+            starting = asyncio.ensure_future(asyncio.to_thread(worker.start))
+            try:
+                await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # The start goes on in its thread (bounded by its timeout): its process,
+                # if it comes up, is stopped then, as a stop() that was cancelled leaves
+                # it (the next start() refuses until then, stop() waits for it).
+                if not (starting.done() and starting.exception() is not None):
+                    self._ending = asyncio.ensure_future(_stop_once_started(worker, starting))
+                raise
             return
         if worker is None:
             return
@@ -190,12 +215,29 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
         self._task.add_done_callback(functools.partial(_log_death, ready))
         waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        try:
+            await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._give_up_starting()
+            raise
+        finally:
+            waiter.cancel()
         if self._task.done():
             task, self._task = self._task, None
             exc = task.exception()
             raise WorkerError(f"worker failed to start: {exc}") from exc
+
+    def _give_up_starting(self) -> None:
+        """start() was cancelled before its worker task came up: the task is not left to
+        come up behind it (delivering for a start() that never returned, and the next
+        start() saying "already started"). It is cancelled (nothing is in flight yet;
+        what it leased still goes back) and, as the task a stop() gave up on, ends by
+        itself: the next start() refuses while it lives, stop() waits for it."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        self._ending = task
 
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
