@@ -182,3 +182,12 @@ def test_long_list_of_encoded_names_keeps_every_address() -> None:
     assert names[3] == ('Doe, Jane "JD"', "jane@example.org")
     assert names[12] == ("Jürgen Müller-11", "user11@example.org")
     assert [g.display_name for g in message["Cc"].groups] == ["Team", "U"]
+
+
+@pytest.mark.parametrize("name", ["In-Reply-To", "References"])
+def test_a_field_allowed_once_given_twice_in_headers_is_refused(name: str) -> None:
+    """RFC 5322 §3.6 allows one In-Reply-To and one References field; keys that differ
+    only in case are two fields, which Gmail refuses at the end of DATA."""
+    headers = {name: "<a@example.com>", name.lower(): "<b@example.com>"}
+    with pytest.raises(InvalidMessage, match=f"{name.lower()}.*twice"):
+        prepare(Email(from_=FROM, to=TO, text="t", headers=headers))

@@ -50,6 +50,9 @@ _PROVIDED = {
 # envelope is read from them; through ``headers`` they would be sent unvalidated, and
 # Resent-Bcc would reveal blind copies.
 _RESENT_ADDRESSES = {"resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"}
+# Fields RFC 5322 §3.6 allows once that ``headers`` may set (the others are owned): keys
+# differing in case make two fields, and Gmail refuses a message with two.
+_ONCE = {"in-reply-to", "references"}
 
 _TOKEN = r"[!#$%&'*+\-.0-9A-Za-z^_`{|}~]+"  # noqa: S105 (RFC 2045 §5.1 token, not a secret)
 _CONTENT_TYPE = re.compile(
@@ -198,6 +201,7 @@ def check(email: Email) -> Draft:
     )
     subject = _text("Subject", email.subject)
     headers = tuple(_header(name, value) for name, value in _header_items(email.headers))
+    _check_once(headers)
     for where, body in (("text", email.text), ("html", email.html)):
         if body is not None:
             if not isinstance(body, str):
@@ -320,6 +324,18 @@ def _header(name: object, value: object) -> tuple[str, str]:
             "and Resent-Bcc would be transmitted"
         )
     return name, _text(name, value)
+
+
+def _check_once(headers: tuple[tuple[str, str], ...]) -> None:
+    seen: set[str] = set()
+    for name, _ in headers:
+        key = name.lower()
+        if key in _ONCE and key in seen:
+            raise InvalidMessage(
+                f"header {key!r} is given twice in headers (names differing only in case); "
+                "RFC 5322 §3.6 allows one such field"
+            )
+        seen.add(key)
 
 
 def _header_items(headers: object) -> Iterable[tuple[str, str]]:
