@@ -6,7 +6,7 @@ import itertools
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 
 import pytest
 from hypothesis import given, settings
@@ -134,6 +134,37 @@ def test_a_long_encoded_name_is_split_between_its_words(name: str) -> None:
     data = prepare(Email(from_=f'"{name}" <a@example.com>', to="b@example.org")).data
     shown = parsed(data)["From"].addresses[0].display_name
     assert shown.split() == name.split()
+
+
+@pytest.mark.parametrize(
+    ("name", "address"),
+    [
+        (
+            "Support, Example Corp. (EMEA region) - orders, returns, billing and shipping",
+            "s@example.org",
+        ),
+        (
+            'The "Quoted" Team, Dept. of A\\B: customer care, orders, returns and billing',
+            "s@example.org",
+        ),
+        # With UTF-8 header fields the name is written raw (RFC 6532).
+        ("Jörg Müller-Lüdenscheidt, Abteilung für Kundenbetreuung (Köln am Rhein)", "jörg@x.org"),
+        (" lead and trail, " + "x " * 40, "s@example.org"),
+    ],
+)
+def test_a_long_printable_name_is_a_folded_quoted_string(name: str, address: str) -> None:
+    """A printable name too long for one line went out as RFC 2047 words (B-encoded
+    ASCII), which the stdlib's reader of display names reads with a space added at every
+    word break. It is now a quoted string folded at its own spaces (RFC 5322 §3.2.4
+    allows FWS inside one), which every reader unfolds to the name exactly."""
+    quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    data = prepare(Email(from_="a@example.com", to=f"{quoted} <{address}>", text="x")).data
+    head = data.partition(b"\r\n\r\n")[0]
+    message = Parser(policy=policy.default).parsestr(data.decode("utf-8"))
+    [shown] = message["To"].addresses
+    assert (shown.display_name, shown.addr_spec) == (name, address)
+    assert b"=?" not in head
+    assert all(len(line) <= 78 for line in head.decode("utf-8").split("\r\n"))
 
 
 def test_long_non_ascii_filename_uses_rfc_2231_sections() -> None:

@@ -66,6 +66,7 @@ _PRINTABLE = re.compile(r"[ -~]*")
 _ATOM_MAX = MAX_LINE - FOLD_AT
 """Longest atom a display name keeps: the rest of its line (field name, ", ", ":;") fits
 in 78."""
+_SINGLE_SPACE = re.compile(r"(?<! ) (?! )")
 
 
 def encoded_words(text: str, *, first: int = _WORD_MAX) -> list[str]:
@@ -333,9 +334,10 @@ def _split_space(lines: list[str], line: str, space: str, excess: int) -> tuple[
 def phrase(text: str, *, utf8: bool) -> list[str]:
     """A display name as the words of an RFC 5322 phrase (join them with spaces or folds).
 
-    Plain atoms stay as they are; other printable text becomes one quoted string when that
-    fits a line; the rest (non-ASCII unless ``utf8``, long names, text holding ``=?``
-    that decoders would misread) becomes encoded words.
+    Plain atoms stay as they are; other printable text becomes one quoted string, folded
+    at its spaces when it does not fit a line; the rest (non-ASCII unless ``utf8``, a long
+    name without spaces to fold at, text holding ``=?`` that decoders would misread)
+    becomes encoded words.
     """
     if _PLAIN_PHRASE.fullmatch(text) and "=?" not in text:
         if len(text) <= FOLD_AT:
@@ -346,10 +348,17 @@ def phrase(text: str, *, utf8: bool) -> list[str]:
         atoms = text.split(" ")
         if max(map(len, atoms)) <= _ATOM_MAX:
             return atoms
-    short = "=?" not in text and len(text) < FOLD_AT - 10
-    if short and (_PRINTABLE.fullmatch(text) or (utf8 and text.isprintable())):
+    if "=?" not in text and (_PRINTABLE.fullmatch(text) or (utf8 and text.isprintable())):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        return [f'"{escaped}"']
+        quoted = f'"{escaped}"'
+        if len(text) < FOLD_AT - 10:
+            return [quoted]
+        # A long one folds at its single spaces (FWS may stand in a quoted string, RFC
+        # 5322 §3.2.4; unfolding gives each back): as encoded words, the stdlib's reader
+        # of display names added a space at every break between two of them.
+        words = _SINGLE_SPACE.split(quoted)
+        if max(map(_octets, words)) <= _ATOM_MAX:
+            return words
     return encoded_words(text)
 
 
