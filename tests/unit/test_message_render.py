@@ -167,6 +167,24 @@ def test_a_long_printable_name_is_a_folded_quoted_string(name: str, address: str
     assert all(len(line) <= 78 for line in head.decode("utf-8").split("\r\n"))
 
 
+@pytest.mark.parametrize(
+    ("name", "address"),
+    [
+        ("Doe\tJane", "jane@example.org"),
+        ("Sales team,\tEMEA (orders)", "sales@example.org"),
+        ("Jörg\tMüller", "jörg@example.org"),
+    ],
+)
+def test_a_tab_in_a_display_name_reaches_the_reader(name: str, address: str) -> None:
+    """A tab (pasted from a spreadsheet, say) made the name RFC 2047 words, which the
+    stdlib's reader decodes with the tab turned into a space; a quoted string may hold
+    it (RFC 5322 §3.2.4), and every reader keeps it there."""
+    quoted = '"' + name.replace('"', '\\"') + '"'
+    data = prepare(Email(from_="a@example.com", to=f"{quoted} <{address}>", text="x")).data
+    [shown] = Parser(policy=policy.default).parsestr(data.decode("utf-8"))["To"].addresses
+    assert (shown.display_name, shown.addr_spec) == (name, address)
+
+
 def test_long_non_ascii_filename_uses_rfc_2231_sections() -> None:
     name = "Résumé " * 20 + ".pdf"
     pieces = parameter("filename", name)

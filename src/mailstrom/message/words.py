@@ -348,7 +348,10 @@ def phrase(text: str, *, utf8: bool) -> list[str]:
         atoms = text.split(" ")
         if max(map(len, atoms)) <= _ATOM_MAX:
             return atoms
-    if "=?" not in text and (_PRINTABLE.fullmatch(text) or (utf8 and text.isprintable())):
+    # A tab may stand in a quoted string (FWS): an encoded word's "=09" is read as a space
+    # by the stdlib's reader of display names.
+    printable = _PLAIN_TEXT.fullmatch(text) or (utf8 and text.replace("\t", " ").isprintable())
+    if "=?" not in text and printable:
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         quoted = f'"{escaped}"'
         if len(text) < FOLD_AT - 10:
