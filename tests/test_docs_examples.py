@@ -93,3 +93,23 @@ def test_the_bounce_example_runs_on_mail_that_is_no_report() -> None:
     names = {"raw_bytes": auto_reply, "ms": SimpleNamespace(store=store)}
     exec(compile(code, "docs/guide.md", "exec"), names)
     store.close()
+
+
+def test_every_error_the_documentation_names_is_exported() -> None:
+    """The guide tells callers that a store URL it does not know raises `InvalidStoreURL`
+    and that `Config(...)` refuses bad values with `ConfigError`: a caller catching them
+    writes `from mailstrom import ...`, as for every other error of the documentation."""
+    import inspect
+
+    import mailstrom.errors
+
+    errors = {
+        name
+        for name, value in vars(mailstrom.errors).items()
+        if inspect.isclass(value) and issubclass(value, BaseException)
+    }
+    named = {name for doc in DOCS for name in re.findall(r"`(\w+)`", doc.read_text())}
+    missing = sorted((named & errors) - set(mailstrom.__all__))
+    assert missing == []
+    for name in named & errors:
+        assert getattr(mailstrom, name) is getattr(mailstrom.errors, name)
