@@ -457,6 +457,41 @@ def test_sqlite_dashboard_page_leaves_out_an_unreadable_message(sqlite_path: Pat
         store.close()
 
 
+# Columns the worker checks as it leases (the sender must be UTF-8 text, the size the
+# octet count of the data): a row failing them is set aside, so its status is unreadable.
+UNREADABLE_HEAD = {
+    "envelope_from not UTF-8": SQLITE["envelope_from not UTF-8"],
+    "size text": Damage("UPDATE messages SET size = 'big' WHERE id = ?", SET_ASIDE),
+    "size negative": Damage("UPDATE messages SET size = -5 WHERE id = ?", SET_ASIDE),
+    "size a fraction": Damage("UPDATE messages SET size = 1.5 WHERE id = ?", SET_ASIDE),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNREADABLE_HEAD))
+def test_sqlite_status_of_a_message_the_worker_sets_aside_is_unreadable(
+    kind: str, sqlite_path: Path
+) -> None:
+    """The guide: status of a message whose own row is unreadable raises UnreadableRow, and
+    the queue's lists and the dashboard leave it out. Such a sender or size came back in
+    MessageStatus as it was (a str size, a sender with a lone surrogate): the dashboard's
+    queue page then failed as a whole (UnicodeEncodeError) and its message page too."""
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        good = store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        damage_sqlite(sqlite_path, UNREADABLE_HEAD[kind], victim)
+        with pytest.raises(UnreadableRow):
+            store.status(victim)
+        assert [m.id for m in store.query(now=now, where=QueueFilter())] == [good]
+        page = open_read_model(store, cache_seconds=0).queue_page(
+            QueueQuery(view=QueueView.ALL), now=now
+        )
+        assert [m.id for m in page.messages] == [good]
+    finally:
+        store.close()
+
+
 def walk_pages(store: Store, order: SortOrder) -> list[str]:
     """Every message id of the dashboard's queue pages, one message a page (a bounded
     walk: a cursor that does not move on fails the test instead of hanging it)."""

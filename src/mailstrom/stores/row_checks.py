@@ -63,6 +63,14 @@ def checked_attempts(value: object) -> int:
     return value
 
 
+def checked_size(value: object) -> int:
+    """``value`` when it is a message's size: an octet count. The worker sets aside a
+    message whose data is not that many octets, and the views show it as a number."""
+    if type(value) is not int or value < 0:
+        raise UnreadableRow(f"size is {shown(value)}, not a count of octets")
+    return value
+
+
 def checked_data(value: object, size: object) -> bytes:
     """``value`` when it is the ``size`` octets of the message stored: empty, truncated or
     text-typed bytes would otherwise go out as the message."""

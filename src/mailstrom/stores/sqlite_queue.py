@@ -44,6 +44,7 @@ from mailstrom.stores.row_checks import (
     checked_attempts,
     checked_data,
     checked_dsn,
+    checked_size,
     checked_text,
     not_utf8,
     unreadable_error,
@@ -830,9 +831,11 @@ def _message_status(
     return MessageStatus(
         id=mid,
         state=derive_message_state([r.state for r in statuses]),
-        envelope_from=envelope_from,
+        # Checked as the worker checks them when it leases: what it sets aside for them
+        # is unreadable here too, not a sender or size of the wrong kind in the status.
+        envelope_from=checked_text(envelope_from, "envelope_from"),
         created_at=time_at(created_at, "created_at"),
-        size=size,
+        size=checked_size(size),
         recipients=statuses,
         header_message_id=header_id,
         subject=subject,
