@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -488,6 +488,52 @@ def test_sqlite_status_of_a_message_the_worker_sets_aside_is_unreadable(
             QueueQuery(view=QueueView.ALL), now=now
         )
         assert [m.id for m in page.messages] == [good]
+    finally:
+        store.close()
+
+
+# Columns only shown, each with where its value is found in the message's status.
+SHOWN_COLUMNS: dict[str, tuple[str, Callable[[MessageStatus], object]]] = {
+    "subject": ("UPDATE messages SET subject = {} WHERE id = ?", lambda s: s.subject),
+    "Message-ID": (
+        "UPDATE messages SET header_message_id = {} WHERE id = ?",
+        lambda s: s.header_message_id,
+    ),
+    "error": (
+        f"UPDATE recipients SET error = {{}} WHERE message_seq = {SEQ}",
+        lambda s: s.recipients[0].error,
+    ),
+    "reply text": (
+        f"UPDATE recipients SET reply_code = 451, reply_text = {{}} WHERE message_seq = {SEQ}",
+        lambda s: s.recipients[0].reply and s.recipients[0].reply.text,
+    ),
+}
+
+
+@pytest.mark.parametrize("column", list(SHOWN_COLUMNS))
+def test_sqlite_a_shown_column_not_utf8_is_shown_with_a_replacement_character(
+    column: str, sqlite_path: Path
+) -> None:
+    """A Subject, Message-ID, error or reply holding octets that are not UTF-8 does not
+    stop delivery (each is only shown), but it came back in the status as a lone
+    surrogate, which nothing can encode: the dashboard's queue page (for a Subject) or the
+    message's page answered 500 for that one row. Such octets read as U+FFFD now, as
+    `mailstrom show` shows them."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    sql, read = SHOWN_COLUMNS[column]
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        damage_sqlite(sqlite_path, Damage(sql.format(NOT_UTF8), ATTEMPTED), victim)
+        assert read(store.status(victim)) == "\ufffd"
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            assert client.get("/queue").status_code == 200
+            assert client.get(f"/message/{victim}").status_code == 200
     finally:
         store.close()
 

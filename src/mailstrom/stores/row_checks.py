@@ -49,6 +49,22 @@ def checked_text(value: object, column: str) -> str:
     return value
 
 
+def shown_text(value: object, column: str) -> str | None:
+    """``value``, a column only shown (a Subject, a Message-ID), as text that can be
+    written out: an octet that was not UTF-8 (a lone surrogate, or a BLOB's) becomes
+    U+FFFD, as ``mailstrom show`` does. A lone surrogate cannot be encoded, so one such
+    value failed every page and printout holding it. None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise UnreadableRow(f"{column} is {shown(value)}, not text")
+    if not_utf8(value):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def not_utf8(text: str) -> bool:
     """Whether ``text`` read from SQLite held octets that are not UTF-8 (lone surrogates,
     see ``sqlite_schema.decode_text``)."""

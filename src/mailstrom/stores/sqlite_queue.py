@@ -47,6 +47,7 @@ from mailstrom.stores.row_checks import (
     checked_size,
     checked_text,
     not_utf8,
+    shown_text,
     unreadable_error,
 )
 from mailstrom.stores.sqlite_schema import (
@@ -837,8 +838,8 @@ def _message_status(
         created_at=time_at(created_at, "created_at"),
         size=checked_size(size),
         recipients=statuses,
-        header_message_id=header_id,
-        subject=subject,
+        header_message_id=shown_text(header_id, "header_message_id"),
+        subject=shown_text(subject, "subject"),
         held=bool(held),
         dkim=dkim_from_column(dkim),
         tags=tags_from(tags),
@@ -846,5 +847,5 @@ def _message_status(
         priority=priority if isinstance(priority, str) else None,
         send_at=opt_time_at(send_at, "send_at"),
         expires_at=opt_time_at(expires_at, "expires_at"),
-        idempotency_key=key,
+        idempotency_key=shown_text(key, "idempotency_key"),
     )

@@ -28,6 +28,7 @@ from mailstrom.status import (
     SMTPReply,
 )
 from mailstrom.stores.base import reason_class_of
+from mailstrom.stores.row_checks import shown_text
 
 decode_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 """How every SQLite connection of mailstrom reads TEXT (its ``text_factory``): UTF-8, and
@@ -211,8 +212,8 @@ def attempt_from_row(row: Any) -> Attempt:
         port=port,
         tls_version=tls_version,
         tls_cipher=tls_cipher,
-        reply=reply_from(code, enhanced, text),
-        error=error,
+        reply=reply_from(code, shown_text(enhanced, "reply_enhanced"), shown_text(text, "reply")),
+        error=shown_text(error, "error"),
         uncertain=bool(uncertain),
         reason_class=reason_class_of(reason_class),
         tls_policy=tls_policy,
@@ -227,8 +228,9 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         address=row[2],
         state=RecipientState(row[3]),
         attempts=row[4],
-        reply=reply_from(row[5], row[6], row[7]),
-        error=row[8],
+        # Replies and errors are only shown: see row_checks.shown_text.
+        reply=reply_from(row[5], shown_text(row[6], "reply_enhanced"), shown_text(row[7], "reply")),
+        error=shown_text(row[8], "error"),
         mx_host=row[9],
         ip=row[10],
         tls=bool(row[11]),
