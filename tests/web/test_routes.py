@@ -357,6 +357,39 @@ def test_pages_carry_security_headers(client: TestClient) -> None:
     assert "httponly" in headers["set-cookie"].lower()
 
 
+@pytest.mark.parametrize(
+    ("host", "method", "headers", "status"),
+    [
+        ("evil.example:8025", "GET", {}, 400),  # a rebound name
+        ("127.0.0.1:8025", "POST", {"Content-Length": "99999"}, 413),
+        ("127.0.0.1:8025", "POST", {"Origin": "http://evil.example"}, 403),
+    ],
+)
+def test_refusals_carry_the_security_headers_too(
+    store: Store, host: str, method: str, headers: dict[str, str], status: int
+) -> None:
+    """The guard's early refusals (a Host that is not loopback, a body too large, another
+    site's POST) returned before the headers were added: a page answered without them may
+    be framed, sniffed or cached."""
+    for client in _client(store):
+        refused = client.request(
+            method, "/action/hold/" + "0" * 32, headers={"Host": host, **headers}, content=b"x"
+        )
+        assert refused.status_code == status, refused.text
+        page = client.get("/")
+        for name in _SECURITY_HEADER_NAMES:
+            assert refused.headers.get(name) == page.headers[name], name
+
+
+_SECURITY_HEADER_NAMES = {
+    "content-security-policy",
+    "x-content-type-options",
+    "referrer-policy",
+    "x-frame-options",
+    "cache-control",
+}
+
+
 def test_destinations_list_pending_domains(client: TestClient, ids: dict[str, str]) -> None:
     page = client.get("/destinations").text
     assert "two.example" in page and "three.example" in page

@@ -421,6 +421,16 @@ def create_app(
     async def guard(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        # Every answer, a refusal included, carries them: a plain-text 400 is a page too.
+        response = await guarded(request, call_next)
+        for name, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    async def guarded(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """The answer to ``request``: a refusal, or the page past the checks."""
         try:
             path = request.url.path
         except ValueError:
@@ -497,8 +507,6 @@ def create_app(
                 samesite="strict",
                 secure=secure_cookies,
             )
-        for name, value in _SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
         return response
 
     async def not_found(request: Request, exc: Exception) -> Response:
