@@ -153,3 +153,23 @@ def test_check_of_no_domain_name_is_a_usage_error(mail_env: MailEnv, domain: str
     assert_one_line_error(
         result, 64, "argument domain", "not a domain name", f"{domain[:20]!r}"[:-1]
     )
+
+
+def test_check_of_an_address_checks_its_domain(mail_env: MailEnv) -> None:
+    """A pasted address was looked up as one name with the "@" escaped ("bob\\@example
+    .test"): an NXDOMAIN report and exit 69. ``doctor`` takes an address's domain too."""
+    mail_env.dns.a("client.test", "127.0.0.1")
+    report = mail_env.cli.ok("check", "--json", "bob@example.test").json()
+    assert report["domain"] == "example.test"
+    assert report["dns_error"] is None
+    assert [host["name"] for host in report["hosts"]] == ["mx.test"]
+
+
+@pytest.mark.parametrize("domain", ["exa mple.test", "exa\tmple.test", "bob@", "a@b@"])
+def test_check_of_a_name_no_mail_domain_can_be_is_a_usage_error(
+    mail_env: MailEnv, domain: str
+) -> None:
+    """White space was escaped into the name looked up, as "@" was: an NXDOMAIN report
+    and exit 69 for what is a mistake on the command line."""
+    result = mail_env.cli("check", domain)
+    assert_one_line_error(result, 64, "argument domain", "not a domain name")

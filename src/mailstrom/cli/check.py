@@ -49,7 +49,7 @@ examples:
 
 exit code: 0 when at least one address would accept a connection under the TLS
 policy, 69 when none would (or the domain takes no mail), 75 on a temporary DNS failure,
-64 for a DOMAIN that is no domain name.
+64 for a DOMAIN that is no domain name. An address checks its domain.
 """
 
 
@@ -65,24 +65,35 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "match. Sends no mail.",
         epilog=EPILOG,
     )
-    p.add_argument("domain", type=_domain_arg, help="recipient domain (the part after @)")
+    p.add_argument(
+        "domain",
+        type=_domain_arg,
+        help="recipient domain, or an address (its part after the last @)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=check_command)
 
 
 def _domain_arg(text: str) -> str:
-    """DOMAIN, when DNS can name it (the router's own test, before any lookup). One it
-    cannot (empty, an empty or over-long label) was checked all the same: a report of an
-    "invalid recipient domain" and exit 69, as for a domain that takes no mail, where it
-    is the command line that is wrong."""
+    """The domain of DOMAIN (or of an address, as ``mailstrom doctor`` takes it), when
+    DNS can name it (the router's own test, before any lookup) and it holds no white
+    space or control character. Any other was checked all the same: DNS takes "@" and
+    " " escaped, so a pasted address got a report of a domain that does not exist, and
+    exit 69 as for a domain that takes no mail, where it is the command line that is
+    wrong."""
     from mailstrom.routing.lookup import to_qname
 
+    domain = text.rpartition("@")[2].strip()
     try:
-        to_qname(text)
+        to_qname(domain)
     except PermanentFailure as exc:
         why = exc.__cause__ or exc
         raise argparse.ArgumentTypeError(f"not a domain name: {shown(text)} ({why})") from None
-    return text
+    if not all(char.isprintable() and not char.isspace() for char in domain):
+        raise argparse.ArgumentTypeError(
+            f"not a domain name: {shown(text)} (white space or a control character)"
+        )
+    return domain
 
 
 # --- the report --------------------------------------------------------------------------
