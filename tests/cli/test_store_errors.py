@@ -313,6 +313,8 @@ BOUNCE = (Path(__file__).parents[1] / "samples" / "bounces" / "exim-dsn.eml").re
         (["suppress", "import", "-"], b"bob@example.org\n"),
         (["bounce"], BOUNCE),
         (["events", "--prune", "30d"], None),
+        (["tlsrpt", "--send"], None),
+        (["web", "--listen", "127.0.0.1:0"], None),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -321,7 +323,9 @@ def test_a_command_that_changes_the_store_refuses_a_memory_store(
 ) -> None:
     """``suppress add`` printed "suppressed", ``hold`` "held", ``suspend`` "suspended",
     ``bounce`` its outcome, each with exit 0, and the change was gone with the memory store
-    as the command exited: the next command (or a worker) never saw it."""
+    as the command exited: the next command (or a worker) never saw it. ``tlsrpt --send``
+    queues its ``mailto:`` reports there; ``web`` served a queue no other process could
+    fill, and its actions (hold, suspend, ...) ended with it."""
     cli.env["MAILSTROM_STORE"] = "memory:"
     assert_one_line_error(cli(*argv, stdin=stdin), 78, "memory store")
 

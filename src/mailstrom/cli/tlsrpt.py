@@ -21,7 +21,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.cli.context import open_store, settings_from, utc_now
+from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, UsageError
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, setting_arg
@@ -210,8 +210,8 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {out} is not a directory")
     if args.send:
         require_httpx()
-    store = open_store(settings.store_url, read_only=not args.send)
-    try:
+    # With --send it queues the mailto: reports: a store that outlasts the command.
+    with store_from(settings, read_only=not args.send) as store:
         job = _Job(
             config=config,
             store=store,
@@ -224,8 +224,6 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         )
         # One event loop for the lookups and the POSTs, which share one resolver.
         outcome = asyncio.run(_report_day(job))
-    finally:
-        store.close()
     results = outcome.results
     if args.json:
         print_json({"date": day.isoformat(), "domains": results})

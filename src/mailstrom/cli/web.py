@@ -7,7 +7,7 @@ import argparse
 import logging
 import socket
 
-from mailstrom.cli.context import open_store, settings_from
+from mailstrom.cli.context import settings_from, store_from
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.parsing import Subparsers
@@ -83,17 +83,18 @@ def web_command(args: argparse.Namespace) -> int:
         )
     configure_logging(args.log_format, level=logging.INFO)
     sock = _bind(host, port)
-    store = open_store(settings.store_url)
     try:
-        app = create_app(store, token=settings.web_token, public_origin=settings.web_public_url)
-        bound = sock.getsockname()
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        # The first line on stdout: scripts (and the tests) read the address from it.
-        print(f"mailstrom web: serving http://{shown}:{bound[1]}/", flush=True)
-        serve(app, sock)
+        # Opened to write (its actions change it), so never a memory store: one new in
+        # this process is empty, no other process fills it, and every change ends here.
+        with store_from(settings) as store:
+            app = create_app(store, token=settings.web_token, public_origin=settings.web_public_url)
+            bound = sock.getsockname()
+            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            # The first line on stdout: scripts (and the tests) read the address from it.
+            print(f"mailstrom web: serving http://{shown}:{bound[1]}/", flush=True)
+            serve(app, sock)
     finally:
         sock.close()
-        store.close()
     return EX_OK
 
 
