@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mailstrom.web.server import MAX_REQUEST_HEAD
 from tests.support.slow_clients import connect, cut_off_after, hung_up
 from tests.web.test_slow_readers import LIMIT, served
 
@@ -90,3 +91,24 @@ def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(hasty: i
         cut_off = cut_off_after(sock)
     assert cut_off is not None, "still connected after 3 s"
     assert cut_off < 1.5
+
+
+@pytest.mark.parametrize("size", [MAX_REQUEST_HEAD, 60_000])
+def test_a_request_head_past_the_limit_is_refused_even_in_one_piece(
+    patient: int, size: int
+) -> None:
+    """h11 bounds only a head still incomplete: one that arrived in a single read (up to
+    64 KiB on loopback) was answered, past the documented MAX_REQUEST_HEAD."""
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    with _connect(patient) as sock:
+        sock.sendall(head)
+        answer = sock.recv(100)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
+def test_a_request_head_within_the_limit_is_answered(patient: int) -> None:
+    filler = b"a" * (MAX_REQUEST_HEAD - 200)
+    with _connect(patient) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + filler + b"\r\n\r\n")
+        answer = sock.recv(100)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer

@@ -21,8 +21,10 @@ what it lacks added:
   paused: its buffer is full) for ``request_timeout`` seconds at a time; then the
   connection is dropped. Without this, a client pipelining requests and reading
   nothing would keep its connection, and the app's ``send()``, for ever;
-- headers are at most :data:`MAX_REQUEST_HEAD` bytes (h11 answers 400 past it); bodies
-  are refused past 16 KiB by the app (``MAX_FORM_BYTES``).
+- headers are at most :data:`MAX_REQUEST_HEAD` bytes, answered 400 past it (h11 bounds
+  only a head that has not all arrived: one that came in a single read went through,
+  60 KB of it on loopback); bodies are refused past 16 KiB by the app
+  (``MAX_FORM_BYTES``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import itertools
 import signal
 import socket
 from types import FrameType
+from typing import Any
 
 import h11
 import uvicorn
@@ -91,6 +94,25 @@ def serve(app: Starlette, sock: socket.socket) -> None:
     server_for(app).run(sockets=[sock])
 
 
+class _BoundedHeadConnection(h11.Connection):
+    """h11's server side, refusing a request whose head, all arrived at once, is past
+    :data:`MAX_REQUEST_HEAD` (``max_incomplete_event_size`` bounds an incomplete one)."""
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        event = super().next_event()
+        if isinstance(event, h11.Request) and _head_size(event) > MAX_REQUEST_HEAD:
+            # uvicorn answers a protocol error with 400 and closes the connection.
+            raise h11.RemoteProtocolError("request head too large")
+        return event
+
+
+def _head_size(request: h11.Request) -> int:
+    """Bytes of ``request``'s line and header fields as sent (white space aside)."""
+    line = len(request.method) + len(request.target) + len(b" HTTP/1.1\r\n") + 1
+    fields = sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+    return line + fields + len(b"\r\n")
+
+
 def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a connection limit and a request deadline (a class per
     pair of limits: uvicorn makes one protocol per connection from the class)."""
@@ -105,6 +127,10 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         """When its writing was last paused (the client stopped reading), in turns."""
         _deadline: asyncio.TimerHandle | None = None
         _write_deadline: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = _BoundedHeadConnection(h11.SERVER, MAX_REQUEST_HEAD)
 
         def connection_made(  # type: ignore[override]  # as uvicorn's own
             self, transport: asyncio.Transport
