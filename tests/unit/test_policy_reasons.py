@@ -306,6 +306,11 @@ def test_advice_for_an_attempt_or_recipient() -> None:
         " closing transmission channel",
         "421 4.7.0 Too many concurrent SMTP connections",
         "421 4.3.2 Too many connections, try again later",
+        # Outlook.com's hourly and daily limits (no enhanced code: was "system").
+        "421 RP-001 (BAY004-MC1F63) Unfortunately, some messages from 192.0.2.1 weren't sent."
+        " Please try again. We have limits for how many messages can be sent per hour and per"
+        " day.",
+        "450 4.7.1 Too many messages per hour from this sender",
     ],
 )
 def test_too_many_connections_or_too_much_mail_is_rate_limited(wire: str) -> None:
