@@ -109,3 +109,23 @@ async def test_prune_drops_days_past_the_retention() -> None:
     await SessionRecorder(store, clock=lambda: NOW).prune()
     assert store.tls_sessions(old.day) == []
     assert store.tls_sessions(recent.day) == [recent]
+
+
+async def test_a_peer_given_field_is_kept_to_255_octets_not_characters() -> None:
+    """MAX_FIELD says octets; the fields were cut to 255 characters, so a reason of
+    non-ASCII text (a certificate's names quoted in a DANE reason) kept up to 1,020
+    octets, and three such fields in one counter's key."""
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    recorder.failure(
+        "example.org",
+        PolicyType.TLSA,
+        "3 1 1 ab",
+        ResultType.VALIDATION_FAILURE,
+        mx="mx1",
+        code="名" * 300,
+    )
+    await recorder.flush()
+    (kept,) = store.tls_sessions(NOW.date())
+    assert len(kept.failure_code.encode()) <= 255
+    assert kept.failure_code == "名" * 85  # whole characters only

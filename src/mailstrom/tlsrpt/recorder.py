@@ -20,7 +20,7 @@ from typing import Any
 from mailstrom.errors import DeliveryError, StoreError, TLSRequiredError
 from mailstrom.safetext import safe_text
 from mailstrom.stores.base import Store
-from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType, TLSSessions
+from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType, TLSSessions, clipped
 
 log = logging.getLogger("mailstrom.tlsrpt")
 
@@ -102,7 +102,7 @@ class SessionRecorder:
                 policy_domain=domain,
                 policy_type=policy_type,
                 policy_string=policy_string,
-                receiving_mx=safe_text(mx[:MAX_FIELD]),
+                receiving_mx=clipped(safe_text(mx)),
             )
         )
 
@@ -130,9 +130,9 @@ class SessionRecorder:
                 policy_string=policy_string,
                 result_type=result_type.value,
                 sending_ip=self._sending_ip,
-                receiving_mx=safe_text(mx[:MAX_FIELD]),
-                receiving_ip=safe_text(ip[:MAX_FIELD]),
-                failure_code=safe_text(code[:MAX_FIELD]),
+                receiving_mx=clipped(safe_text(mx)),
+                receiving_ip=clipped(safe_text(ip)),
+                failure_code=clipped(safe_text(code)),
             )
         )
 

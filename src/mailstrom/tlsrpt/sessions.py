@@ -42,6 +42,13 @@ MAX_FIELD = 255
 """Octets kept of a host name, address or failure code (they come from peers)."""
 
 
+def clipped(text: str) -> str:
+    """``text`` cut to :data:`MAX_FIELD` octets of UTF-8, at a character's end."""
+    if len(text) <= MAX_FIELD // 4:  # no character takes more than 4 octets
+        return text
+    return text.encode("utf-8", "surrogatepass")[:MAX_FIELD].decode("utf-8", "ignore")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSSessions:
     """``count`` sessions of one kind: successful ones when ``result_type`` is empty,
