@@ -37,15 +37,20 @@ writes, and room to add any duration it allows without leaving ``datetime``'s ra
 time given from outside (an imported suppression's) must lie between them."""
 
 
+def safe_repr(value: object) -> str:
+    """``repr(value)``, or what it is when it has none: an int past
+    sys.get_int_max_str_digits() (4,300 digits), alone or inside a container, raises
+    ValueError, and an error quoting it would fail to be written."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
+
+
 def shown(value: object) -> str:
     """``repr(value)`` for a configuration error, cut to 40 characters: the value is quoted,
-    never at any length."""
-    try:
-        text = repr(value)
-    except ValueError:
-        # An int past sys.get_int_max_str_digits() (4,300 digits) has no repr, alone or
-        # inside a container: say what it is rather than fail to write the error.
-        return f"<{type(value).__name__} too large to show>"
+    never at any length (:func:`safe_repr`)."""
+    text = safe_repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.bounds import MAX_DURATION
+from mailstrom.bounds import MAX_DURATION, safe_repr
 from mailstrom.bounds import MAX_INTEGER as MAX_INTEGER  # re-exported: its old home
 from mailstrom.config import (
     Config,
@@ -136,12 +136,7 @@ def _quoted(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error message, cut in the middle to about ``limit``
     characters: a TOML array, table or key can be as large as the file (1 MiB), and the
     error would print it all."""
-    try:
-        text = repr(value)
-    except ValueError:
-        # An int past sys.get_int_max_str_digits() (4,300 digits) has no repr, alone or in
-        # a container: the error says what it is rather than fail to be written.
-        return f"<{type(value).__name__} too large to show>"
+    text = safe_repr(value)
     if len(text) <= limit:
         return text
     half = limit // 2
