@@ -32,7 +32,7 @@ from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
 from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
 from mailstrom.runtime.transactions import answered_before
-from mailstrom.status import ReasonClass
+from mailstrom.status import MessageStatus, ReasonClass
 from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import LeasedRecipient, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
@@ -169,6 +169,26 @@ def hello(to: str) -> Email:
 
 
 # --- each reply within its own timeout -----------------------------------------------------
+
+
+BOB = "bob@hostile.example"
+
+
+async def status_through(
+    dns_server: LoopbackDNS, handler: Handler, email: Email | None = None
+) -> MessageStatus:
+    """The status of ``email`` (default: one to :data:`BOB`) sent by a facade to
+    hostile.example, whose one MX is ``handler``, once each recipient has a result."""
+    email = email or hello(BOB)
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(handler) as port:
+        config = loopback_config(dns_server, port)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(email)
+            await asyncio.to_thread(results.wait_count, len(email.to))
+            return await ms.query_status(mid)
 
 
 async def test_a_dripped_greeting_times_out_after_the_greeting_timeout() -> None:
@@ -328,15 +348,9 @@ async def test_an_early_talker_gives_way_to_the_next_mx(
 async def test_an_early_talker_alone_is_deferred_naming_the_protocol_error(
     dns_server: LoopbackDNS,
 ) -> None:
-    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
-    dns_server.a("mx.hostile.test", "127.0.0.1")
-    results = Results()
-    async with peer(EARLY_TALKERS["after EHLO, before any command"]) as port:
-        config = loopback_config(dns_server, port)
-        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
-            mid = await ms.send_email(hello("bob@hostile.example"))
-            await asyncio.to_thread(results.wait_count, 1)
-            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    status = (
+        await status_through(dns_server, EARLY_TALKERS["after EHLO, before any command"])
+    ).recipient(BOB)
     assert status.state is RecipientState.DEFERRED
     assert status.reason_class is ReasonClass.PROTOCOL
     assert "unsolicited reply" in status.reason
@@ -529,15 +543,7 @@ async def test_a_bad_reply_to_the_final_dot_is_named_and_uncertain(
     async def bad(writer: asyncio.StreamWriter) -> None:
         writer.write(reply)
 
-    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
-    dns_server.a("mx.hostile.test", "127.0.0.1")
-    results = Results()
-    async with peer(session(after_dot=bad)) as port:
-        config = loopback_config(dns_server, port)
-        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
-            mid = await ms.send_email(hello("bob@hostile.example"))
-            await asyncio.to_thread(results.wait_count, 1)
-            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    status = (await status_through(dns_server, session(after_dot=bad))).recipient(BOB)
     assert status.state is RecipientState.DEFERRED
     assert status.uncertain
     assert status.reason_class is ReasonClass.PROTOCOL
@@ -641,15 +647,7 @@ async def test_a_reply_of_a_class_the_command_cannot_get_is_not_recorded_as_a_re
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
-    dns_server.a("mx.hostile.test", "127.0.0.1")
-    results = Results()
-    async with peer(handle) as port:
-        config = loopback_config(dns_server, port)
-        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
-            mid = await ms.send_email(hello("bob@hostile.example"))
-            await asyncio.to_thread(results.wait_count, 1)
-            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    status = (await status_through(dns_server, handle)).recipient(BOB)
     assert status.state is RecipientState.DEFERRED
     assert status.reason_class is ReasonClass.PROTOCOL
     assert status.reply is None, status.reply
@@ -799,21 +797,13 @@ async def test_a_recipient_refused_before_a_hang_up_fails_with_its_refusal(
     DATA: a is failed with its own reply (as when a 421 cuts the envelope, or when the
     server answers DATA), b is deferred as the lost connection says. The 550 was lost, and
     a was tried again and again with b, deferred as a lost connection."""
-    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
-    dns_server.a("mx.hostile.test", "127.0.0.1")
-    results = Results()
-    async with peer(refusing_one_then_hanging_up(pipelining)) as port:
-        config = loopback_config(dns_server, port)
-        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
-            email = Email(
-                from_="App <app@sender.test>",
-                to=["nobody@hostile.example", "bob@hostile.example"],
-                subject="hi",
-                text="Hello",
-            )
-            mid = await ms.send_email(email)
-            await asyncio.to_thread(results.wait_count, 2)
-            status = await ms.query_status(mid)
+    email = Email(
+        from_="App <app@sender.test>",
+        to=["nobody@hostile.example", BOB],
+        subject="hi",
+        text="Hello",
+    )
+    status = await status_through(dns_server, refusing_one_then_hanging_up(pipelining), email)
     refused = status.recipient("nobody@hostile.example")
     other = status.recipient("bob@hostile.example")
     assert refused.state is RecipientState.FAILED
@@ -885,15 +875,7 @@ async def test_a_refused_starttls_then_a_hang_up_is_the_refusal(dns_server: Loop
     has said its last word: the recipient is deferred with that reply. The connection
     came back from opening as if usable, then was gone, and the reason recorded was "the
     connection to ... ended", without the reply."""
-    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
-    dns_server.a("mx.hostile.test", "127.0.0.1")
-    results = Results()
-    async with peer(refusing_tls_and_hanging_up) as port:
-        config = loopback_config(dns_server, port)
-        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
-            mid = await ms.send_email(hello("bob@hostile.example"))
-            await asyncio.to_thread(results.wait_count, 1)
-            status = (await ms.query_status(mid)).recipient("bob@hostile.example")
+    status = (await status_through(dns_server, refusing_tls_and_hanging_up)).recipient(BOB)
     assert status.state is RecipientState.DEFERRED
     assert status.reply is not None, status.error
     assert (status.reply.code, status.reply.enhanced) == (454, "4.7.0")
