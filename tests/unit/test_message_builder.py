@@ -8,7 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailstrom.errors import InvalidMessage
+from mailstrom.errors import InvalidAttachment, InvalidMessage
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -191,3 +191,14 @@ def test_a_field_allowed_once_given_twice_in_headers_is_refused(name: str) -> No
     headers = {name: "<a@example.com>", name.lower(): "<b@example.com>"}
     with pytest.raises(InvalidMessage, match=f"{name.lower()}.*twice"):
         prepare(Email(from_=FROM, to=TO, text="t", headers=headers))
+
+
+def test_two_attachments_with_one_content_id_are_refused() -> None:
+    """RFC 2392: a Content-ID names one part; ``cid:logo@app`` cannot refer to two."""
+    logo = Attachment(filename="logo.png", content=b"\x89PNG", inline=True, content_id="logo@app")
+    other = Attachment(
+        filename="badge.png", content=b"\x89PNG", inline=True, content_id="<logo@app>"
+    )
+    with pytest.raises(InvalidAttachment, match="repeats Content-ID") as caught:
+        build(text="t", html='<img src="cid:logo@app">', attachments=[logo, other])
+    assert caught.value.filename == "badge.png"

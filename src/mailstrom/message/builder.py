@@ -390,7 +390,21 @@ def _parts(attachments: object) -> tuple[Part, ...]:
         raise InvalidMessage(
             f"attachments must be a sequence of Attachment, not {type(attachments).__name__}"
         )
-    return tuple(_part(attachment) for attachment in attachments)
+    parts = tuple(_part(attachment) for attachment in attachments)
+    seen: set[str] = set()
+    for part in parts:
+        if part.content_id is None:
+            continue
+        # RFC 2392: a Content-ID names one body part; with two, which one a cid: URL
+        # shows is up to each reader.
+        if part.content_id in seen:
+            raise InvalidAttachment(
+                f"attachment {shorten(part.filename)} repeats Content-ID "
+                f"{shorten(part.content_id)} of an earlier attachment; each must be unique",
+                filename=part.filename,
+            )
+        seen.add(part.content_id)
+    return parts
 
 
 def _part(attachment: object) -> Part:
