@@ -369,6 +369,29 @@ def test_t_sends_a_resent_message_to_its_resent_recipients() -> None:
     assert b"\r\nTo: first@example.test\r\n" in data
 
 
+def test_a_resent_message_without_resent_from_gets_one() -> None:
+    """As Postfix's cleanup does with From: a message resent without Resent-From (RFC
+    5322 §3.6.6 requires one, and prepare() now refuses a resent message without it)
+    gets one naming the invoking user ("app" here), or -f, and -F's name; one given is kept."""
+    message = (
+        b"From: app@example.test\nTo: first@example.test\nResent-To: next@example.test\n\nbody\n"
+    )
+    for argv, field in [
+        (["-t"], f"Resent-From: app@{ORIGIN}".encode()),
+        (["-t", "-f", "ops", "-F", "Ops Desk"], f"Resent-From: Ops Desk <ops@{ORIGIN}>".encode()),
+        (["next@example.test"], f"Resent-From: app@{ORIGIN}".encode()),
+    ]:
+        code, err, [(data, recipients)] = sendmail_once(argv, message)
+        assert code == EX_OK, err
+        assert recipients == ["next@example.test"]
+        assert data.split(b"\r\n")[0] == field, data
+        assert data.count(b"Resent-From:") == 1
+    given = b"Resent-From: desk@example.test\n" + message
+    code, err, [(data, _)] = sendmail_once(["-t"], given)
+    assert code == EX_OK, err
+    assert data.count(b"Resent-From:") == 1 and b"Resent-From: desk@example.test" in data
+
+
 def test_t_reads_utf8_addresses_as_they_are() -> None:
     # Was: queued for "\ufffd\ufffdo\ufffd\ufffdo@example.test", another address (each
     # octet past ASCII became U+FFFD), and with a UTF-8 domain refused (exit 65).

@@ -65,7 +65,9 @@ def test_recipient_limit_stops_the_parse_at_the_first_field_past_it() -> None:
 def test_resent_fields_are_what_is_counted_when_resending() -> None:
     """Input audit #1: a resent message's recipients are its Resent- fields."""
     many = "To: " + ", ".join(f"user{i}@example.org" for i in range(5))
-    data = raw("From: a@example.com", many, "Resent-To: r@example.org")
+    data = raw(
+        "From: a@example.com", many, "Resent-From: a@example.com", "Resent-To: r@example.org"
+    )
     assert prepare(data, max_recipients=1, now=NOW).recipients == ("r@example.org",)
     resent = [f"Resent-Cc: user{i}@example.org" for i in range(3)]
     with pytest.raises(TooManyRecipients, match="Resent-To, Resent-Cc and Resent-Bcc"):

@@ -173,6 +173,7 @@ def test_a_utf8_resent_address_of_a_stdlib_message_is_taken_as_raw_input_is(
     message = EmailMessage()
     message["From"] = "a@example.com"
     message["To"] = "b@example.org"
+    message["Resent-From"] = "a@example.com"
     message[field] = "Jörg <jörg@example.net>"
     message["Subject"] = "Grüße"
     message.set_content("hi")

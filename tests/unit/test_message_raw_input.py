@@ -9,7 +9,13 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailstrom.errors import InvalidMessage, MessageTooLarge, UnencodableHeader
+from mailstrom.errors import (
+    InvalidMessage,
+    MessageTooLarge,
+    MissingFrom,
+    MultipleFromWithoutSender,
+    UnencodableHeader,
+)
 from mailstrom.message import preparation, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -117,6 +123,44 @@ def test_resent_fields_given_are_not_added_again() -> None:
     assert not _fields(plain.data, b"Resent-Message-ID")
 
 
+def test_a_resent_message_is_sent_from_its_resender() -> None:
+    """The reverse-path of a message being resent is who resends it (RFC 5322 §3.6.6):
+    its Resent-From, or Resent-Sender when it has one. It was the original Sender or
+    From, so the customer who wrote to the desk got the bounces of the desk's resend to
+    an agent, and the desk never heard of them."""
+    assert prepare(RESENT, now=NOW).envelope_from == "desk@example.net"
+    with_sender = RESENT.replace(
+        b"Resent-To:", b"Resent-Sender: Ops <ops@example.net>\r\nResent-To:"
+    )
+    assert prepare(with_sender, now=NOW).envelope_from == "ops@example.net"
+    # The newest resent block comes first (each resend prepends its block).
+    again = b"Resent-From: second@example.net\r\nResent-To: other@example.net\r\n" + RESENT
+    prepared = prepare(again, now=NOW)
+    assert prepared.envelope_from == "second@example.net"
+    # The caller's envelope sender still wins, and the author's From stays in the header.
+    assert prepare(RESENT, envelope_from="", now=NOW).envelope_from == ""
+    assert prepare(RESENT, envelope_from="x@example.org", now=NOW).envelope_from == "x@example.org"
+    assert _fields(prepared.data, b"From") == [b"From: customer@example.com"]
+
+
+def test_a_resent_message_without_a_resender_is_refused() -> None:
+    """RFC 5322 §3.6.6: "When resent fields are used, the Resent-From: and Resent-Date:
+    fields MUST be sent." Resent-Date is added as Date is; who resends is not known,
+    so the message is refused as one without From is. It was sent without one, from
+    its author."""
+    without = RESENT.replace(b"Resent-From: desk@example.net\r\n", b"")
+    with pytest.raises(MissingFrom, match="Resent-From"):
+        prepare(without, now=NOW)
+    several = RESENT.replace(
+        b"desk@example.net\r\nResent-To", b"a@x.example, b@x.example\r\nResent-To"
+    )
+    with pytest.raises(MultipleFromWithoutSender, match="Resent-Sender"):
+        prepare(several, now=NOW)
+    # Not being resent (no Resent-To, -Cc or -Bcc): no Resent-From needed.
+    plain = without.replace(b"Resent-To: agent@example.net\r\n", b"")
+    assert prepare(plain, now=NOW).envelope_from == "customer@example.com"
+
+
 @pytest.mark.parametrize("name", ["To", "Cc", "Reply-To"])
 def test_a_second_to_cc_or_reply_to_field_is_refused(name: str) -> None:
     """A raw message with two To (Cc, Reply-To) fields, one per recipient as some
@@ -135,7 +179,8 @@ def test_a_second_to_cc_or_reply_to_field_is_refused(name: str) -> None:
         prepare(data.replace(b"To: b@example.org\r\n", b"") if name == "To" else data, now=NOW)
     several = (
         b"From: a@example.com\r\nTo: b@example.org\r\nBcc: c@example.org\r\nBcc: d@example.org\r\n"
-        b"Resent-To: e@example.org\r\nResent-To: f@example.org\r\n\r\nbody\r\n"
+        b"Resent-From: r@example.com\r\nResent-To: e@example.org\r\nResent-To: f@example.org\r\n"
+        b"\r\nbody\r\n"
     )
     assert prepare(several, now=NOW).recipients == ("e@example.org", "f@example.org")
     assert prepare(several.replace(b"Resent-", b"X-"), now=NOW).recipients == (

@@ -310,11 +310,16 @@ def build(
     data = end_header_section(data)
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
-    if not section.values("from"):
-        named = args.sender if envelope_sender(args.sender, default_domain) else None
-        address = qualify(named or getpass.getuser(), default_domain)
-        line = "From: " + from_field(args.full_name or "", address)
-        data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
+    resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
+    # As Postfix's cleanup does: the invoking user (or -f) is the author of a message
+    # without From, and its resender when it is resent without Resent-From (RFC 5322
+    # §3.6.6 requires one; prepare() refuses a resent message without it).
+    for name, missing in (("From", True), ("Resent-From", resending)):
+        if missing and not section.values(name):
+            named = args.sender if envelope_sender(args.sender, default_domain) else None
+            address = qualify(named or getpass.getuser(), default_domain)
+            line = f"{name}: " + from_field(args.full_name or "", address)
+            data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients

@@ -20,7 +20,15 @@ from mailstrom.errors import (
     NoRecipients,
     TooManyRecipients,
 )
-from mailstrom.message.addresses import Group, dedupe, mailboxes, parse_address_list, parse_mailbox
+from mailstrom.message.addresses import (
+    Group,
+    Mailbox,
+    dedupe,
+    mailboxes,
+    parse_address_list,
+    parse_mailbox,
+)
+from mailstrom.message.addrspec import ValidAddress
 from mailstrom.message.headers import HeaderSection
 
 DEFAULT_MAX_RECIPIENTS = 1000
@@ -30,8 +38,11 @@ DEFAULT_MAX_RECIPIENTS = 1000
 class AddressFields:
     """The address headers of a message, parsed and validated (``None`` = header absent).
 
-    ``resent_*`` hold the Resent-To/Cc/Bcc fields of raw input (RFC 5322 §3.6.6); when any
-    is present the message is being resent and they name its recipients.
+    ``resent`` holds the Resent-To/Cc/Bcc fields of raw input (RFC 5322 §3.6.6); when any
+    is present the message is being resent and they name its recipients, and
+    ``resent_from`` and ``resent_sender`` hold the newest resent block's Resent-From and
+    Resent-Sender (the first of each: a block is prepended at each resend), which name
+    who resends it.
     """
 
     from_: tuple[Group, ...] | None
@@ -41,6 +52,8 @@ class AddressFields:
     cc: tuple[Group, ...] = ()
     bcc: tuple[Group, ...] = ()
     resent: tuple[Group, ...] | None = None
+    resent_from: tuple[Group, ...] | None = None
+    resent_sender: tuple[Group, ...] | None = None
 
     @property
     def utf8(self) -> bool:
@@ -109,6 +122,8 @@ def fields_from_section(
         cc=reader.groups("Cc", single=True, recipients=count) or (),
         bcc=reader.groups("Bcc", recipients=count) or (),
         resent=tuple(group for found in resent for group in found or ()) if resending else None,
+        resent_from=reader.groups("Resent-From", first=True) if resending else None,
+        resent_sender=reader.groups("Resent-Sender", first=True) if resending else None,
     )
 
 
@@ -123,15 +138,18 @@ class _AddressReader:
         self.recipients: set[str] = set()
 
     def groups(
-        self, name: str, *, single: bool = False, recipients: bool = False
+        self, name: str, *, single: bool = False, first: bool = False, recipients: bool = False
     ) -> tuple[Group, ...] | None:
-        """The groups of every ``name`` field (None when there is none); ``recipients``:
-        they name envelope recipients, to be counted against ``max_recipients``."""
+        """The groups of every ``name`` field (None when there is none), of the one field
+        allowed (``single``) or of the first one (``first``); ``recipients``: they name
+        envelope recipients, to be counted against ``max_recipients``."""
         if single:
             one = self.section.value(name)
             values = [] if one is None else [one]
         else:
             values = self.section.values(name)
+            if first:
+                del values[1:]
         if not values:
             return None
         found: list[Group] = []
@@ -200,37 +218,19 @@ def decide(
       a group in From (RFC 6854) also needs a Sender, which then names the responsible
       mailbox. Without one, :class:`MultipleFromWithoutSender` is raised.
     - Reverse-path: ``envelope_from`` (``""`` is the null reverse-path), else Sender,
-      else the single From mailbox.
+      else the single From mailbox; for a message being resent, whoever resends it is
+      responsible (RFC 5322 §3.6.6): its newest Resent-Sender, else its Resent-From,
+      checked as Sender and From are (a resent message without Resent-From is
+      :class:`MissingFrom`).
     - Forward-paths: ``envelope_to``, else Resent-To + Resent-Cc + Resent-Bcc when the
       message has any of them (as Postfix's cleanup does for ``sendmail -t``), else
       To + Cc + Bcc; de-duplicated, at most ``max_recipients`` (:class:`TooManyRecipients`).
     """
-    if fields.from_ is None:
-        raise MissingFrom("the message has no From header (RFC 5322 §3.6 requires one)")
-    from_boxes = mailboxes(fields.from_)
-    from_group = next((g for g in fields.from_ if g.name is not None), None)
-    if not from_boxes and from_group is None:
-        raise MissingFrom("the From header names no address")
-    sender_boxes = mailboxes(fields.sender or ())
-    if fields.sender is not None:
-        if len(sender_boxes) != 1 or any(g.name is not None for g in fields.sender):
-            raise InvalidMessage(
-                "the Sender header must be exactly one mailbox (RFC 5322 §3.6.2), got "
-                f"{len(sender_boxes)} mailboxes"
-                + (" in a group" if any(g.name is not None for g in fields.sender) else "")
-            )
-    elif from_group is not None:
-        raise MultipleFromWithoutSender(
-            f"the From header is the group {from_group.name!r}; a From group needs a Sender "
-            "header naming the responsible mailbox (RFC 6854 §2)"
-        )
-    elif len(from_boxes) > 1:
-        raise MultipleFromWithoutSender(
-            f"the From header has {len(from_boxes)} mailboxes but there is no Sender header; "
-            "RFC 5322 §3.6.2 requires Sender to say which one is responsible"
-        )
-
-    responsible = (sender_boxes[0] if sender_boxes else from_boxes[0]).address
+    author, from_boxes = _responsible(fields.from_, fields.sender, "")
+    responsible = author
+    if fields.resent is not None:
+        # The resender answers for this delivery: its bounces are theirs, not the author's.
+        responsible, _ = _responsible(fields.resent_from, fields.resent_sender, "Resent-")
     if envelope_from is None:
         sender = responsible.envelope
         sender_utf8 = responsible.smtputf8
@@ -270,7 +270,47 @@ def decide(
     return Envelope(
         sender=sender,
         recipients=recipients,
-        id_domain=from_domains[0] if from_domains else responsible.envelope.rpartition("@")[2],
+        id_domain=from_domains[0] if from_domains else author.envelope.rpartition("@")[2],
         smtputf8=sender_utf8 or any(address.smtputf8 for address in addresses),
         from_domains=from_domains,
     )
+
+
+def _responsible(
+    from_: tuple[Group, ...] | None, sender: tuple[Group, ...] | None, prefix: str
+) -> tuple[ValidAddress, list[Mailbox]]:
+    """The address of the mailbox responsible for a message, and the From mailboxes,
+    from its From and Sender fields (``prefix`` "Resent-": its newest resent block's),
+    checked as RFC 5322 §3.6.2 and RFC 6854 ask."""
+    if from_ is None:
+        if prefix:
+            raise MissingFrom(
+                "the message is being resent (it has Resent-To, Resent-Cc or Resent-Bcc) "
+                "but has no Resent-From header naming who resends it (RFC 5322 §3.6.6 "
+                "requires one)"
+            )
+        raise MissingFrom("the message has no From header (RFC 5322 §3.6 requires one)")
+    from_boxes = mailboxes(from_)
+    from_group = next((g for g in from_ if g.name is not None), None)
+    if not from_boxes and from_group is None:
+        raise MissingFrom(f"the {prefix}From header names no address")
+    sender_boxes = mailboxes(sender or ())
+    if sender is not None:
+        if len(sender_boxes) != 1 or any(g.name is not None for g in sender):
+            raise InvalidMessage(
+                f"the {prefix}Sender header must be exactly one mailbox (RFC 5322 §3.6.2), "
+                f"got {len(sender_boxes)} mailboxes"
+                + (" in a group" if any(g.name is not None for g in sender) else "")
+            )
+    elif from_group is not None:
+        raise MultipleFromWithoutSender(
+            f"the {prefix}From header is the group {from_group.name!r}; a {prefix}From group "
+            f"needs a {prefix}Sender header naming the responsible mailbox (RFC 6854 §2)"
+        )
+    elif len(from_boxes) > 1:
+        raise MultipleFromWithoutSender(
+            f"the {prefix}From header has {len(from_boxes)} mailboxes but there is no "
+            f"{prefix}Sender header; RFC 5322 §3.6.2 requires {prefix}Sender to say which "
+            "one is responsible"
+        )
+    return (sender_boxes[0] if sender_boxes else from_boxes[0]).address, from_boxes

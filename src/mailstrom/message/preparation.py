@@ -95,7 +95,8 @@ def prepare(
     ('app@example.com', ('bob@example.org',))
 
     ``envelope_from`` overrides the reverse-path (``""`` for the null one, as bounces
-    use); by default it is the Sender address, else the single From address.
+    use); by default it is the Sender address, else the single From address, or for a
+    raw message being resent its newest Resent-Sender, else Resent-From.
     ``envelope_to`` overrides the recipients (by default To + Cc + Bcc, or the Resent-
     fields of a resent raw message); at most ``max_recipients`` after de-duplication.
     ``now`` is used for a missing Date (default: the current UTC time) and as the DKIM
