@@ -15,6 +15,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -88,6 +89,40 @@ async def peer(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class HangUp:
+    """What a scripted peer does instead of a reply: sends ``last`` (if any), then hangs up."""
+
+    last: bytes = b""
+
+
+PIPELINING = b"250-hostile.test\r\n250 PIPELINING\r\n"
+
+
+def scripted(
+    answer: Callable[[bytes], bytes | HangUp | None], *, ehlo: bytes = PIPELINING
+) -> Handler:
+    """A peer that greets, answers EHLO with ``ehlo`` and every other line with what
+    ``answer`` gives for it: a reply, :class:`HangUp`, or None for "250 ok"."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            reply = ehlo if line[:4].upper() == b"EHLO" else answer(line)
+            if isinstance(reply, HangUp):
+                writer.write(reply.last)
+                await writer.drain()
+                return
+            writer.write(b"250 ok\r\n" if reply is None else reply)
+            await writer.drain()
+
+    return handle
+
+
+def ehlo_for(pipelining: bool) -> bytes:
+    return PIPELINING if pipelining else b"250 x\r\n"
 
 
 async def drip_forever(writer: asyncio.StreamWriter, code: bytes) -> None:
@@ -601,16 +636,10 @@ async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words
     """The reason reads "closed the connection (waiting for it to reply to DATA)": it read
     "before replying to reply to DATA" once the deadline's own words were put in."""
 
-    async def hang_up_at_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
-            if line[:4].upper() == b"DATA":
-                return  # the peer's close() hangs up without a word
-            writer.write(
-                b"250-hostile.test\r\n250 8BITMIME\r\n" if line[:4] == b"EHLO" else b"250 ok\r\n"
-            )
-            await writer.drain()
-
+    hang_up_at_data = scripted(
+        lambda line: HangUp() if line[:4].upper() == b"DATA" else None,
+        ehlo=b"250-hostile.test\r\n250 8BITMIME\r\n",
+    )
     async with peer(hang_up_at_data) as port:
         conn = await open_to(port)
         with pytest.raises(SMTPConnectError) as info:
@@ -633,20 +662,12 @@ async def test_a_reply_of_a_class_the_command_cannot_get_is_not_recorded_as_a_re
     server had sent it for the recipient (a "250" on a deferred recipient, quoting its
     own sentence as the server's text)."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
-            if line.startswith(b"EHLO"):
-                writer.write(b"250 hostile.test\r\n")
-            elif line.startswith(command):
-                writer.write(wrong + b"\r\n")
-            elif line.startswith(b"QUIT"):
-                writer.write(b"221 bye\r\n")
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
+    def answer(line: bytes) -> bytes | HangUp | None:
+        if line.startswith(command):
+            return wrong + b"\r\n"
+        return HangUp(b"221 bye\r\n") if line.startswith(b"QUIT") else None
 
+    handle = scripted(answer, ehlo=b"250 hostile.test\r\n")
     status = (await status_through(dns_server, handle)).recipient(BOB)
     assert status.state is RecipientState.DEFERRED
     assert status.reason_class is ReasonClass.PROTOCOL
@@ -686,23 +707,10 @@ def refusing_then_hanging_up(pipelining: bool, at: bytes) -> Handler:
     """A peer that refuses the sender (``at`` MAIL) or the recipient (``at`` RCPT) and
     hangs up at once, without answering what was pipelined after it."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(
-                    b"250-hostile.test\r\n250 PIPELINING\r\n" if pipelining else b"250 x\r\n"
-                )
-            elif verb == at:
-                writer.write(b"550 5.7.1 Go away\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-
-    return handle
+    return scripted(
+        lambda line: HangUp(b"550 5.7.1 Go away\r\n") if line[:4].upper() == at else None,
+        ehlo=ehlo_for(pipelining),
+    )
 
 
 @pytest.mark.parametrize("pipelining", [False, True])
@@ -733,25 +741,11 @@ async def test_a_refused_mail_stands_when_the_pipelined_rcpt_gets_a_421() -> Non
     without PIPELINING (where no RCPT follows a refused MAIL) or with a hang-up instead
     of the 421; it failed as cut short, and its recipients were tried again."""
 
-    async def refuse_mail_then_close(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-hostile.test\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL":
-                writer.write(b"550 5.7.1 Sender rejected\r\n")
-            elif verb == b"RCPT":
-                writer.write(b"421 4.7.0 Closing\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-
-    async with peer(refuse_mail_then_close) as port:
+    replies: dict[bytes, bytes | HangUp] = {
+        b"MAIL": b"550 5.7.1 Sender rejected\r\n",
+        b"RCPT": HangUp(b"421 4.7.0 Closing\r\n"),
+    }
+    async with peer(scripted(lambda line: replies.get(line[:4].upper()))) as port:
         conn = await open_to(port, starttls=StartTLS.NEVER)
         try:
             result = await send(conn)
@@ -766,27 +760,15 @@ def refusing_one_then_hanging_up(pipelining: bool) -> Handler:
     """A peer that refuses the first recipient (550), accepts the other and hangs up at
     DATA, without a reply to it."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(
-                    b"250-hostile.test\r\n250 PIPELINING\r\n" if pipelining else b"250 x\r\n"
-                )
-            elif verb == b"RCPT" and b"<nobody@" in line:
-                writer.write(b"550 5.1.1 No such user\r\n")
-            elif verb == b"DATA":
-                await writer.drain()
-                return
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
+    def answer(line: bytes) -> bytes | HangUp | None:
+        verb = line[:4].upper()
+        if verb == b"RCPT" and b"<nobody@" in line:
+            return b"550 5.1.1 No such user\r\n"
+        if verb == b"DATA":
+            return HangUp()
+        return HangUp(b"221 bye\r\n") if verb == b"QUIT" else None
 
-    return handle
+    return scripted(answer, ehlo=ehlo_for(pipelining))
 
 
 @pytest.mark.parametrize("pipelining", [False, True])
@@ -853,21 +835,13 @@ async def test_rcpt_replies_are_kept_when_the_session_ends_before_the_content(
     assert answered.final is None and not answered.uncertain
 
 
-async def refusing_tls_and_hanging_up(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """A peer that offers STARTTLS, refuses it when asked and hangs up."""
-    writer.write(b"220 hostile.test ESMTP\r\n")
-    while line := await reader.readline():
-        if line[:4].upper() == b"EHLO":
-            writer.write(b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-        elif line[:8].upper() == b"STARTTLS":
-            writer.write(b"454 4.7.0 TLS not available\r\n")
-            await writer.drain()
-            return
-        else:
-            writer.write(b"250 ok\r\n")
-        await writer.drain()
+refusing_tls_and_hanging_up = scripted(
+    lambda line: (
+        HangUp(b"454 4.7.0 TLS not available\r\n") if line[:8].upper() == b"STARTTLS" else None
+    ),
+    ehlo=b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
+)
+"""A peer that offers STARTTLS, refuses it when asked and hangs up."""
 
 
 async def test_a_refused_starttls_then_a_hang_up_is_the_refusal(dns_server: LoopbackDNS) -> None:
