@@ -15,8 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailstrom import RecipientState
+from mailstrom.routing import make_resolver
 from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
+from mailstrom.tls.dane import DaneSource
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import (
     COMPRESSED_POINT_CERTIFICATE,
@@ -429,3 +431,34 @@ def test_dane_ta_a_chain_with_a_key_cryptography_cannot_read_defers(
     assert bob.reason_class is ReasonClass.TLS
     assert "DANE" in bob.reason and "internal error" not in bob.reason
     assert mx.messages == []
+
+
+async def test_tlsa_records_reached_through_a_cname_are_kept_no_longer_than_the_cname(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A hosting provider's TLSA records, named by a CNAME at the MX host's TLSA name
+    (RFC 7671 §7): the answer is good for as long as its shortest TTL, the CNAME's, and a
+    moved CNAME (the provider's key rollover) is seen once it has run out. The TTL was the
+    TLSA records' own, so the old records kept being matched for up to an hour."""
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    old, new = (3, 1, 1, bytes([1]) * 32), (3, 1, 1, bytes([2]) * 32)
+    dns_server.cname(TLSA_OWNER, "_25._tcp.old.provider.test", ttl=60)
+    dns_server.tlsa("_25._tcp.old.provider.test", old, ttl=3600)
+    dns_server.tlsa("_25._tcp.new.provider.test", new, ttl=3600)
+    dns_server.authenticated(everything=True)
+    clock = Clock()
+    source = DaneSource(make_resolver(dns_server.dns_config), clock=clock)
+    first = await source.lookup("mx.test")
+    assert [r.data for r in first.records] == [old[3]]
+    assert first.ttl == 60
+    dns_server.cname(TLSA_OWNER, "_25._tcp.new.provider.test", ttl=60)
+    clock.now += 59
+    assert (await source.lookup("mx.test")) == first
+    clock.now += 2
+    assert [r.data for r in (await source.lookup("mx.test")).records] == [new[3]]

@@ -118,8 +118,20 @@ async def _ask(
 
 
 def _ttl(answer: dns.resolver.Answer) -> float:
-    """How long ``answer`` may be reused: its TTL, at most :data:`MAX_TTL`."""
-    return min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else NEGATIVE_TTL
+    """How long ``answer`` may be reused: the smallest TTL of its records and of the
+    CNAMEs that led to them, at most :data:`MAX_TTL`.
+
+    A provider's TLSA records are often reached through a CNAME at the host's TLSA name
+    (RFC 7671 §7), and the provider rolls its keys over by moving that CNAME: believed for
+    the TLSA records' own TTL, the old records outlive the alias that named them."""
+    if answer.rrset is None:
+        return NEGATIVE_TTL
+    return min(float(answer.rrset.ttl), _aliases_ttl(answer))
+
+
+def _aliases_ttl(answer: dns.resolver.Answer) -> float:
+    """The smallest TTL of the CNAMEs ``answer`` followed, at most :data:`MAX_TTL`."""
+    return min([MAX_TTL, *(float(cname.ttl) for cname in answer.chaining_result.cnames)])
 
 
 def _validated(answer: dns.resolver.Answer) -> bool:
@@ -160,7 +172,7 @@ def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSA
     left_out = malformed.count + len(read) - len(records)
     ttl = _ttl(answer)
     if malformed.ttl is not None:
-        ttl = min(malformed.ttl, ttl if answer.rrset is not None else MAX_TTL)
+        ttl = min(malformed.ttl, ttl if answer.rrset is not None else _aliases_ttl(answer))
     if left_out:
         log.warning(
             "DANE: %d malformed TLSA record(s) at %s ignored (unusable, RFC 7672 §2.2); "
