@@ -323,3 +323,34 @@ async def test_policy_is_refreshed_before_it_expires(
     assert await source.policy("example.org") == again
     clock.now += timedelta(hours=12)
     assert await source.policy("example.org") is None  # expired, and no fetch works
+
+
+async def test_a_record_reached_through_a_cname_is_remembered_no_longer_than_the_cname(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """A domain whose MTA-STS is run by a provider points ``_mta-sts`` at the provider's
+    record with a CNAME; the answer is remembered for its shortest TTL, the CNAME's. It
+    was remembered for the TXT record's own TTL (up to ``recheck``), so a moved CNAME (a
+    new policy id) went unseen for as long."""
+    zone.cname("_mta-sts.example.org", "_mta-sts.old.provider.test", ttl=60)
+    zone.txt("_mta-sts.old.provider.test", "v=STSv1; id=one;", ttl=86400)
+    zone.txt("_mta-sts.new.provider.test", "v=STSv1; id=two;", ttl=86400)
+    settings = MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=3600)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
+    source = PolicySource(
+        config,
+        MemoryStore(),
+        resolver=make_resolver(config.dns),
+        clock=clock,
+        monotonic=lambda: clock.now.timestamp(),  # one clock for both
+    )
+    first = await source.policy("example.org")
+    assert first is not None and first.policy_id == "one"
+    zone.cname("_mta-sts.example.org", "_mta-sts.new.provider.test", ttl=60)
+    https.policy(POLICY.replace("enforce", "testing"))
+    clock.now += timedelta(seconds=59)
+    assert await source.policy("example.org") == first
+    clock.now += timedelta(seconds=2)
+    moved = await source.policy("example.org")
+    assert moved is not None and moved.policy_id == "two"
+    assert moved.policy.mode is Mode.TESTING

@@ -77,7 +77,11 @@ def a_label(domain: str) -> str | None:
 async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[list[str], float]:
     """The TXT records of ``name`` (each record's strings joined) and their TTL; no
     records → ``([], NO_RECORD_TTL)``. Raises :class:`DNSTrouble` for SERVFAIL, timeouts
-    and the like."""
+    and the like.
+
+    The TTL is the smallest of the records' and of the CNAMEs that led to them: a domain
+    whose MTA-STS a provider runs points ``_mta-sts`` at the provider's record, and a
+    moved CNAME is a new policy id as much as a changed record is."""
     try:
         qname = dns.name.from_text(name)
     except dns.name.NameTooLong:
@@ -96,7 +100,7 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
         for rdata in answer
         if rdata.rdtype == dns.rdatatype.TXT
     ]
-    return records, float(answer.rrset.ttl if answer.rrset is not None else 0)
+    return records, float(answer.chaining_result.minimum_ttl if answer.rrset is not None else 0)
 
 
 async def _get(host: str, ip: str, config: MTASTSConfig, timeouts: httpx.Timeout) -> bytes:
