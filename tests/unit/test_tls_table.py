@@ -49,6 +49,17 @@ def test_unicode_names_are_read_by_idna_2008_as_recipient_domains_are() -> None:
     assert table.match("mx.xn--fa-hia.de") == ("*.xn--fa-hia.de", TLSPolicy.NONE)
 
 
+def test_unicode_names_are_not_lowered_before_idna_maps_them() -> None:
+    # str.lower() makes a capital sigma before a digit the final sigma (U+03C2), which
+    # IDNA keeps as written: "ΛΣ1" is xn--1-jmby, as prepare() addresses the mail, but
+    # its lower() is xn--1-jmbv, another domain, which the entry then named instead.
+    table = PolicyTable.parse({"ΛΣ1.example": "verify", "*.ΛΣ2.example": "none"})
+    assert table.match("xn--1-jmby.example") == ("xn--1-jmby.example", TLSPolicy.VERIFY)
+    assert table.match("ΛΣ1.example") == ("xn--1-jmby.example", TLSPolicy.VERIFY)
+    assert table.match("xn--1-jmbv.example") is None
+    assert table.match("mx.xn--2-jmby.example") == ("*.xn--2-jmby.example", TLSPolicy.NONE)
+
+
 @pytest.mark.parametrize(
     "entries",
     [

@@ -16,7 +16,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -32,7 +31,9 @@ def _pattern(text: str) -> str:
     """The normalised pattern (lower-case A-label domain, or ``*.`` and one), or raise."""
     if not isinstance(text, str):
         raise ConfigError(f"tls.domains: expected domain names as keys, got {text!r}")
-    name = text.strip().lower().rstrip(".")
+    # Not lowered here: a_label lowers an ASCII name, and IDNA maps a Unicode one's case
+    # (str.lower() turns a capital sigma into a final sigma, another domain's label).
+    name = text.strip().rstrip(".")
     wildcard = name.startswith("*.")
     bare = name[2:] if wildcard else name
     try:
@@ -92,9 +93,11 @@ class PolicyTable:
         """The (pattern, level) that applies to ``domain``, or None (the global default)."""
         if not self.entries:
             return None
-        name = domain.strip().lower().rstrip(".")
-        with contextlib.suppress(ValueError):  # an odd name keeps its own spelling
-            name = a_label(name)
+        name = domain.strip().rstrip(".")
+        try:
+            name = a_label(name)  # lower-case, by IDNA's mapping for a Unicode name
+        except ValueError:
+            name = name.lower()  # an odd name keeps its own spelling, but for case
         level = self.entries.get(name)
         if level is not None:
             return name, level
