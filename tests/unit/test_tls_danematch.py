@@ -10,6 +10,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.support.certs import SM2_CERTIFICATE, der, self_signed, spki_sha256, unreadable_variants
 
 from mailstrom.safetext import is_safe
@@ -199,3 +200,52 @@ def test_records_of_unknown_parameters_are_never_used(
         check_chain([der(cert)], [unknown], host="mx.test")
     good = record(3, 1, 1, spki_sha256(cert))
     assert check_chain([der(cert)], [unknown, good], host="mx.test") == "DANE-EE 1 1"
+
+
+def _issued(ca: trustme.CA, common_name: str | None, *san: str) -> bytes:
+    """A leaf ``ca`` issues with this subject CN and these DNS names (none: no SAN)."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+    )
+    if san:
+        names = [x509.DNSName(name) for name in san]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_dane_ta_takes_the_common_name_of_a_leaf_without_dns_names() -> None:
+    # RFC 7672 §3.2.3: the DNS-IDs are matched when the certificate has any; the CN-ID
+    # is considered when it has none (as Postfix and OpenSSL do). A DANE-TA(2) host whose
+    # private CA issues certificates without a subjectAltName was never delivered to.
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    leaf = _issued(ca, "mx.test")
+    assert check_chain([leaf, anchor], tlsa, host="mx.test") == "DANE-TA 0 1"
+    wildcard = _issued(ca, "*.example.test")
+    assert check_chain([wildcard, anchor], tlsa, host="a.example.test") == "DANE-TA 0 1"
+    with pytest.raises(DaneMismatch, match=r"not valid for other\.test"):
+        check_chain([leaf, anchor], tlsa, host="other.test")
+    # The name is no shortcut past the chain: another CA's leaf for the name still fails.
+    forged = _issued(trustme.CA(), "mx.test")
+    with pytest.raises(DaneMismatch, match="does not verify"):
+        check_chain([forged, anchor], tlsa, host="mx.test")
+    # A certificate with DNS names is held to them: its CN is not looked at.
+    named = _issued(ca, "mx.test", "other.test")
+    with pytest.raises(DaneMismatch, match=r"not valid for mx\.test"):
+        check_chain([named, anchor], tlsa, host="mx.test")
+    with pytest.raises(DaneMismatch, match=r"not valid for mx\.test"):
+        check_chain([_issued(ca, None), anchor], tlsa, host="mx.test")

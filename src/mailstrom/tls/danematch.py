@@ -234,10 +234,13 @@ def _verify_to_anchor(
     """The first ``reference`` name the leaf is valid for, when it chains up to
     ``chain[anchor]``; else DaneMismatch says why not."""
     from cryptography import x509
+    from cryptography.x509.oid import NameOID
     from cryptography.x509.verification import (
+        ClientVerifier,
         Criticality,
         ExtensionPolicy,
         PolicyBuilder,
+        ServerVerifier,
         Store,
         VerificationError,
     )
@@ -255,6 +258,15 @@ def _verify_to_anchor(
         dns_names = []
     except unreadable as exc:
         raise DaneMismatch(f"the certificate's names cannot be read: {exc}") from None
+    # RFC 7672 §3.2.3: only the DNS-IDs when there are any; the CN-ID when there is none
+    # (as OpenSSL's host check, and so Postfix's, falls back to the subject's CN).
+    by_common_name = not dns_names
+    if by_common_name:
+        dns_names = [
+            attribute.value
+            for attribute in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if isinstance(attribute.value, str)
+        ]
     host = next((name for name in reference if _name_matches(name, dns_names)), None)
     if host is None:
         # The names are the peer's: control characters (a NUL, an ESC) made safe, since the
@@ -265,24 +277,33 @@ def _verify_to_anchor(
         )
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
     # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow
-    # it); its name was checked above against its DNS names, as RFC 7672 §3.2.2 asks.
+    # it); its name was checked above against its DNS names (or its CN), as RFC 7672
+    # §3.2.2 asks.
+    ee_policy = ExtensionPolicy.permit_all()
+    if not by_common_name:
+        ee_policy = ee_policy.require_present(
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+        )
     builder = (
         PolicyBuilder()
         .store(Store([certs[anchor]]))
         .time(now or datetime.now(UTC))
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=ExtensionPolicy.permit_all().require_present(
-                x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-            ),
-        )
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
     )
-    try:
-        # cryptography takes host names only (letters, digits, hyphens): DNS serves others
-        # (an underscore), which a wildcard or a certificate's own name may match above.
-        verifier = builder.build_server_verifier(x509.DNSName(host))
-    except ValueError as exc:
-        raise DaneMismatch(f"cannot check a certificate chain for {host}: {exc}") from None
+    verifier: ServerVerifier | ClientVerifier
+    if by_common_name:
+        # The server verifier matches names in a subjectAltName only, which this leaf does
+        # not have: the path alone is checked, by the verifier that checks no name (its
+        # extended key usage is not asked for either: the leaf's extensions are permitted).
+        verifier = builder.build_client_verifier()
+    else:
+        try:
+            # cryptography takes host names only (letters, digits, hyphens): DNS serves
+            # others (an underscore), which a wildcard or a certificate's own name may
+            # match above.
+            verifier = builder.build_server_verifier(x509.DNSName(host))
+        except ValueError as exc:
+            raise DaneMismatch(f"cannot check a certificate chain for {host}: {exc}") from None
     # The other certificates sent, before the anchor and after it: TLS 1.3 lets a server
     # send them in any order (RFC 8446 §4.4.2), and the path is built from them.
     intermediates = certs[1:anchor] + certs[anchor + 1 :]
