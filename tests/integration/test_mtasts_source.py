@@ -19,6 +19,7 @@ from mailstrom.routing import make_resolver
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
+from tests.support.loopback_only import loopback_only
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mx1.test\nmx: *.example.org\nmax_age: 86400\n"
 
@@ -354,3 +355,31 @@ async def test_a_record_reached_through_a_cname_is_remembered_no_longer_than_the
     moved = await source.policy("example.org")
     assert moved is not None and moved.policy_id == "two"
     assert moved.policy.mode is Mode.TESTING
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "192.168.1.1", "fd00::1"])
+async def test_a_policy_host_on_a_private_network_is_refused_without_connecting(
+    dns_server: LoopbackDNS, clock: Clock, address: str
+) -> None:
+    """The policy host is the recipient domain's to name: mta-sts.<domain> on 10.0.0.5
+    had the worker fetch from its own network, and the outcome of that connection went
+    into the failure reason, which TLS reports send back to that domain (a scanner of the
+    sender's network). Refused as TLS report POSTs are, before connecting."""
+    dns_server.txt("_mta-sts.evil.test", "v=STSv1; id=one;")
+    if ":" in address:
+        dns_server.aaaa("mta-sts.evil.test", address)
+    else:
+        dns_server.a("mta-sts.evil.test", address)
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    config = Config(dns=dns_server.dns_config, mta_sts=MTASTSConfig(port=8443, recheck=0))
+    source = PolicySource(
+        config,
+        MemoryStore(),
+        resolver=make_resolver(config.dns),
+        clock=clock,
+        on_failure=lambda *a: failures.append(a),
+    )
+    with loopback_only():
+        assert await source.policy("evil.test") is None
+    [(_, error, _)] = failures
+    assert f"{address} (private)" in error.reason, error.reason

@@ -69,7 +69,8 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
             name,
             resolver=resolver,
             config=settings,
-            route_policy=RoutePolicy(allow_loopback=config.allow_loopback),
+            # As the worker fetches it (mtasts/source.py): never from a private network.
+            route_policy=RoutePolicy(allow_loopback=config.allow_loopback, refuse_private=True),
         )
     except ConfigError as exc:
         report.error = str(exc)

@@ -74,7 +74,9 @@ class PolicySource:
         self._clock = clock
         self._monotonic = monotonic
         self._on_failure = on_failure
-        self._route_policy = RoutePolicy(allow_loopback=config.allow_loopback)
+        # The policy host is the domain's choice, as a TLS report collector is: never one on
+        # the sender's own network (mtasts/https.py).
+        self._route_policy = RoutePolicy(allow_loopback=config.allow_loopback, refuse_private=True)
         # domain -> (until, policy, why none is known: a failed lookup or fetch, or None)
         self._known: dict[str, tuple[float, CachedPolicy | None, str | None]] = {}
         self._flights: dict[str, asyncio.Task[CachedPolicy | None]] = {}
