@@ -454,6 +454,27 @@ async def test_mx_host_on_loopback_fails_permanently(dns_server: LoopbackDNS) ->
     assert allowed.addresses == ("127.0.0.1", "::1")
 
 
+async def test_a_refused_host_beside_one_without_an_address_is_a_temporary_failure(
+    dns_server: LoopbackDNS,
+) -> None:
+    """One MX host resolves to loopback only, the other to nothing yet: the router takes a
+    host without an address for a DNS change in progress (temporary), and it may soon
+    have one. The domain failed at once with 5.4.4, "every address it routes to is
+    refused", which was not so; it is deferred now, naming both."""
+    dns_server.mx("half.test", [(10, "mx1.half.test"), (20, "mx2.half.test")])
+    dns_server.a("mx1.half.test", "127.0.0.1")
+    dns_server.txt("mx2.half.test", "no address yet")  # the name exists, with no A/AAAA
+    with pytest.raises(TemporaryFailure) as info:
+        await Router(dns_server.dns_config).route("half.test")
+    assert info.value.enhanced == "4.4.4"
+    assert "127.0.0.1 (loopback, MX mx1.half.test)" in info.value.text, info.value.text
+    assert "mx2.half.test" in info.value.text, info.value.text
+    # Every host refused, none without an address: refused for good, as before.
+    dns_server.a("mx2.half.test", "0.0.0.0")
+    with pytest.raises(PermanentFailure):
+        await Router(dns_server.dns_config).route("half.test")
+
+
 async def test_refused_addresses_are_dropped_and_others_kept(dns_server: LoopbackDNS) -> None:
     """Hardening #6: refused addresses leave the route; the host's and the other hosts'
     usable addresses stay, in order."""

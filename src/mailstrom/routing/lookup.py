@@ -157,19 +157,24 @@ def _refused(domain: str, refused: list[tuple[str | None, str, str]]) -> Refusal
     server elsewhere. Retrying could only help a domain that repoints its MX, and the
     refusal is cached no longer than :data:`NEGATIVE_TTL`.
     """
+    return Refusal(
+        text=(
+            f"refusing to deliver to {domain}: every address it routes to is refused: "
+            f"{_named(refused)} (allow_loopback is off)"
+        ),
+        enhanced=_REFUSED_TARGET,
+        host=refused[0][0] or domain,
+    )
+
+
+def _named(refused: list[tuple[str | None, str, str]]) -> str:
+    """The first refused addresses, each with why and its MX host, and how many more."""
     named = ", ".join(
         f"{address} ({kind}{f', MX {host}' if host else ''})"
         for host, address, kind in refused[:_NAMED_REFUSALS]
     )
     more = f" and {len(refused) - _NAMED_REFUSALS} more" if len(refused) > _NAMED_REFUSALS else ""
-    return Refusal(
-        text=(
-            f"refusing to deliver to {domain}: every address it routes to is refused: "
-            f"{named}{more} (allow_loopback is off)"
-        ),
-        enhanced=_REFUSED_TARGET,
-        host=refused[0][0] or domain,
-    )
+    return named + more
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -418,6 +423,7 @@ async def _mx_route(
     hosts: list[MXHost] = []
     ttls = [mx_ttl]
     refused: list[tuple[str | None, str, str]] = []
+    addressless: list[str] = []  # hosts with no address records at all
     temporary: TemporaryFailure | None = None
     found: set[str] = set()  # distinct: an address two hosts share fills one place
     next_host = 0
@@ -439,6 +445,8 @@ async def _mx_route(
                 ttls.append(result.ttl)
             refused.extend((host_name, address, kind) for address, kind in result.refused)
             if not result.addresses:
+                if not result.refused and result.temporary is None:
+                    addressless.append(host_name)
                 continue  # a host without usable addresses cannot be tried; others can
             hosts.append(
                 MXHost(
@@ -453,11 +461,20 @@ async def _mx_route(
     if not hosts:
         if temporary is not None:
             raise temporary
-        if refused:
+        if refused and not addressless:
             return Lookup(refusal=_refused(domain, refused), ttl=min([NEGATIVE_TTL, *ttls]))
         # MX hosts without addresses are a temporary failure: it is usually a DNS change
         # in progress, and the retry policy's max_age bounds the wait. (Postfix bounces
-        # here by default; this is its smtp_defer_if_no_mx_address_found = yes.)
+        # here by default; this is its smtp_defer_if_no_mx_address_found = yes.) So is a
+        # domain whose other hosts' addresses are refused: the next look may find one.
+        if refused:
+            raise TemporaryFailure(
+                f"no MX host of {domain} has a usable address: none found for "
+                f"{', '.join(addressless[:_NAMED_REFUSALS])}"
+                f"{' and more' if len(addressless) > _NAMED_REFUSALS else ''}, "
+                f"and the others' are refused: {_named(refused)}",
+                enhanced=_NO_ROUTE,
+            )
         raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
     route = Route(
         domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure, canonical=canonical
