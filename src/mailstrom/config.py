@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import ipaddress
 import os
+import re
 import ssl
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,14 @@ from mailstrom.bounds import (
     check_seconds,
 )
 from mailstrom.dkim.config import DKIMConfig
-from mailstrom.domains import default_helo_name, domain_name, helo_name_problem, is_public_name
+from mailstrom.domains import (
+    MAX_DOMAIN,
+    a_label,
+    default_helo_name,
+    domain_name,
+    helo_name_problem,
+    is_public_name,
+)
 from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
@@ -212,6 +220,40 @@ def _check_ip_address(value: object, what: str) -> None:
         raise ConfigError(f"{what}, got {shorten(str(value))}") from None
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
+"""A label of a host name as resolvers take it: underscores too (container and other
+private names hold them), but nothing that is no part of a name."""
+
+
+def _relay_host_problem(host: str) -> str | None:
+    """Why the relay's ``host`` names no host that can be connected to, or None: an IP
+    address or a host name (U-labels allowed, a final dot too). Anything else (a port or
+    a scheme written into it, brackets around an IPv6 address) was looked up as a name at
+    every delivery, failed, and deferred every message until it expired."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return None
+    if host.startswith("["):
+        return "expected an IPv6 address without brackets (the port goes in relay.port)"
+    if ":" in host:
+        return (
+            "expected a host name or IP address alone (give the port as relay.port, "
+            "the TLS mode as relay.tls)"
+        )
+    name = host.removesuffix(".")
+    if not name.isascii():
+        try:
+            name = a_label(name)
+        except ValueError:
+            return "not a valid internationalized host name"
+    if len(name) > MAX_DOMAIN or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return "expected a host name (labels of letters, digits and hyphens) or an IP address"
+    return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
     """Send everything through one smarthost instead of MX lookup.
@@ -254,6 +296,9 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
         ):
             # Each delivery would look the name up and fail: every message deferred.
             raise ConfigError(f"relay.host: expected a host name or address, got {self.host!r:.80}")
+        problem = _relay_host_problem(self.host)
+        if problem is not None:
+            raise ConfigError(f"relay.host: {problem}, got {self.host!r:.80}")
         for name in ("username", "password"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

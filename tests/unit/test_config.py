@@ -531,3 +531,51 @@ def test_dns_port_applies_to_the_system_nameservers_too() -> None:
     from mailstrom.doctor.lookup import DNSResolver
 
     assert DNSResolver(DNSConfig(port=5353))._resolver.port == 5353
+
+
+@pytest.mark.parametrize(
+    ("host", "hint"),
+    [
+        ("smtp.example.net:587", "relay.port"),
+        ("127.0.0.1:2525", "relay.port"),
+        ("[::1]", "without brackets"),
+        ("[2001:db8::1]:587", "without brackets"),
+        ("smtp://smtp.example.net", "relay.port"),
+        ("smtp.example.net/", "host name"),
+        ("app@smtp.example.net", "host name"),
+        ("smtp..example.net", "host name"),
+        ("a" * 64 + ".example.net", "host name"),
+    ],
+)
+def test_a_relay_host_that_names_no_host_is_refused(host: str, hint: str) -> None:
+    """A relay host with a port (``smtp.example.net:587``, as a URL or a submission client
+    writes it), a bracketed IPv6 address or a URL was kept: every delivery then looked
+    the whole text up as a name, failed, and every message was deferred until it expired."""
+    from mailstrom import RelayConfig
+    from mailstrom.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"relay\.host") as raised:
+        RelayConfig(host=host)
+    assert hint in str(raised.value)
+    with pytest.raises(ConfigError, match=r"relay\.host"):
+        load_settings(env={"MAILSTROM_RELAY_HOST": host}, search=False)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "smtp.example.net",
+        "smtp.example.net.",
+        "localhost",
+        "mail_relay",
+        "127.0.0.1",
+        "::1",
+        "2001:db8::1",
+        "smtp.bücher.example",
+        "relay-1.corp",
+    ],
+)
+def test_a_relay_host_may_be_any_host_name_or_address(host: str) -> None:
+    from mailstrom import RelayConfig
+
+    assert RelayConfig(host=host).host == host
