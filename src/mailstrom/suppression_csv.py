@@ -13,6 +13,8 @@ any ``'``) gets a ``'`` in front, and an import takes one such ``'`` off again: 
 spreadsheet opening the file shows ``=cmd|'/c'!a0@example.org`` (a valid address) or a
 reply as text, instead of running it as a formula (OWASP's "CSV injection"), and the file
 still imports as it was exported.
+A line break inside a cell (a multi-line reply) reads as LF whether it is CRLF or CR, as
+in a file whose line ends were converted after the export.
 Input is hostile: its size, its number of rows, every line and every field are bounded,
 and the first bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression`
 naming its line, before anything is written.
@@ -94,7 +96,7 @@ def parse_csv(
         reader = csv.reader(_lines(text), strict=True)
         for row in _rows(reader):
             line = reader.line_num
-            cells = [c.strip() for c in row]
+            cells = [_line_breaks(c).strip() for c in row]
             if not any(cells) or _is_comment(cells[0]):
                 continue
             if not entries and columns is COLUMNS and _is_header(cells):
@@ -113,6 +115,16 @@ def parse_csv(
     finally:
         csv.field_size_limit(previous)
     return entries
+
+
+def _line_breaks(cell: str) -> str:
+    """``cell`` with each line break inside it as LF, as an export writes it. A file whose
+    line ends were converted (saved on Windows, ``unix2dos``, Git's ``autocrlf``) has the
+    break inside a quoted multi-line reply converted too, to CRLF or CR, which a reply
+    may not hold (:func:`~mailstrom.suppression.check_reply`)."""
+    if "\r" not in cell:
+        return cell
+    return cell.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _quoted(cell: str) -> str:

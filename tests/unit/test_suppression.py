@@ -214,6 +214,25 @@ def test_export_then_import_round_trips() -> None:
     assert parse_csv(out.getvalue(), now=NOW + timedelta(days=1)) == entries
 
 
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_an_export_with_its_line_ends_converted_imports_again(ending: str) -> None:
+    """An export whose line ends were converted (a file saved on Windows, ``unix2dos``,
+    Git's ``autocrlf``) holds the line break inside a multi-line reply converted too:
+    the import refused that reply, CR and all, as holding control characters."""
+    entries = [
+        entry(
+            "bob@example.org",
+            source=SuppressionSource.HARD_BOUNCE,
+            reply="550-5.1.1 no such user\n550 5.1.1 see https://example.org/help",
+        ),
+        entry("example.net", reply="spam report"),
+    ]
+    out = io.StringIO()
+    write_csv(entries, out)
+    converted = out.getvalue().replace("\n", ending).encode()
+    assert parse_csv(read_limited(io.BytesIO(converted)), now=NOW) == entries
+
+
 def test_import_without_header_or_optional_columns() -> None:
     later = NOW + timedelta(hours=1)
     got = parse_csv(
