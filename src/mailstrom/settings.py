@@ -476,6 +476,9 @@ def _shaping_rule_entry(key: str, text: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{key}: expected name=value after {_quoted(pattern)}, got {_quoted(limit)}"
             )
+        if name in entry:
+            # TOML refuses a key given twice in a table; a dict would keep the last value.
+            raise ConfigError(f"{key}: {_quoted(name)} given twice for {_quoted(pattern)}")
         try:
             if not ascii_only(number):
                 raise ValueError

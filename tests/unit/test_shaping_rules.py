@@ -194,6 +194,20 @@ def test_rules_from_the_environment() -> None:
         load_settings(env={"MAILSTROM_SHAPING_RULES": "x.org max_connections=a"}, search=False)
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "x.org max_connections=1 max_connections=7",
+        "x.org messages_per_minute=100 messages_per_minute=1",
+    ],
+)
+def test_a_limit_given_twice_in_one_rule_of_the_environment_is_refused(rules: str) -> None:
+    """TOML refuses a key given twice in one table; the environment's form kept the last
+    value silently (``max_connections=1 max_connections=7`` opened seven connections)."""
+    with pytest.raises(ConfigError, match=r"shaping\.rules: .* given twice"):
+        load_settings(env={"MAILSTROM_SHAPING_RULES": rules}, search=False)
+
+
 def test_a_rate_too_large_for_a_float_is_a_configuration_error(tmp_path: Path) -> None:
     huge = "1" + "0" * 400
     with pytest.raises(InvalidShapingRule, match="messages_per_minute"):
