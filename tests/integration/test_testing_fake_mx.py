@@ -306,3 +306,28 @@ def test_a_cancelled_async_wait_leaves_nothing_waiting(loop: str, waiting: str) 
         closed_while_running = not runner.is_alive()
     runner.join()
     assert closed_while_running
+
+
+def test_a_server_with_implicit_tls_treats_its_connections_as_tls() -> None:
+    # Over TLS from the first byte (port 465), the server offered STARTTLS again (RFC 3207
+    # §4.2: never after TLS), demanded it with require_starttls (530 to MAIL), and with
+    # requiretls offered no REQUIRETLS and refused it on MAIL (555): it counted only a
+    # connection that had given STARTTLS as one over TLS.
+    import smtplib
+
+    server_context, client_context = tls_contexts("mx.test", "127.0.0.1")
+    with start_receiving_server(
+        server_context, implicit_tls=True, require_starttls=True, requiretls=True
+    ) as mx:
+        client = smtplib.SMTP_SSL("127.0.0.1", mx.port, context=client_context, timeout=10)
+        try:
+            client.ehlo("client.test")
+            assert not client.has_extn("starttls")
+            assert client.has_extn("requiretls")
+            assert client.docmd("MAIL FROM:<app@shop.test> REQUIRETLS")[0] == 250
+            assert client.docmd("RCPT TO:<bob@example.org>")[0] == 250
+            client.data(b"Subject: Hi\r\n\r\nHello\r\n")
+        finally:
+            client.quit()
+        [got] = mx.wait_for_messages(1)
+    assert got.tls and got.mail_options == ("REQUIRETLS",)

@@ -24,7 +24,8 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     delivery uses one port for every host), ``name="mx.test"`` (greeting/EHLO name),
     ``starttls=True`` (offer STARTTLS), ``require_starttls=False`` (530 before TLS),
     ``tls_broken=False`` (offer STARTTLS, answer 220, then break the handshake),
-    ``implicit_tls=False`` (TLS from the first byte, as on port 465),
+    ``implicit_tls=False`` (TLS from the first byte, as on port 465; STARTTLS is then
+    not offered, and REQUIRETLS is with ``requiretls``),
     ``smtputf8=True``, ``eightbitmime=True``, ``pipelining=True``,
     ``enhancedstatuscodes=True`` (advertise the keywords), ``size_limit=None`` (an int
     advertises SIZE and enforces it), ``auth=None`` (``(user, password)``: AUTH PLAIN and
@@ -404,7 +405,7 @@ class _Handler:
             extra.append("250-ENHANCEDSTATUSCODES")
         if fixture.dsn:
             extra.append("250-DSN")
-        if fixture.requiretls and server._tls_protocol is not None:
+        if fixture.requiretls and _over_tls(server):
             extra.append("250-REQUIRETLS")  # RFC 8689 §2: only over TLS
         return lines[:1] + extra + lines[1:]
 
@@ -473,6 +474,13 @@ class _Handler:
 
 
 _DSN_PARAMS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
+
+
+def _over_tls(server: SMTP) -> bool:
+    """Whether the connection is over TLS: after STARTTLS, or from the first byte
+    (``implicit_tls``), where aiosmtpd's own mark of TLS, set by STARTTLS alone, is unset."""
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
 
 
 class _SMTP(SMTP):
@@ -549,7 +557,7 @@ class _SMTP(SMTP):
         self._mails += 1
         # REQUIRETLS is a parameter aiosmtpd does not know: take it off and note it.
         requiretls = False
-        if self._fixture.requiretls and self._tls_protocol is not None and arg:
+        if self._fixture.requiretls and _over_tls(self) and arg:
             words = arg.split(" ")
             kept = [w for w in words if w.upper() != "REQUIRETLS"]
             requiretls = len(kept) != len(words)
@@ -719,7 +727,9 @@ def start_receiving_server(
         "data_size_limit": size_limit,
         "decode_data": False,
     }
-    if starttls or tls_broken:
+    # Not over implicit TLS: a server must not offer STARTTLS on a connection that is over
+    # TLS already (RFC 3207 §4.2), nor demand it (530) there.
+    if (starttls or tls_broken) and not implicit_tls:
         kwargs["tls_context"] = tls_context
         kwargs["require_starttls"] = require_starttls
     if auth is not None:
