@@ -295,6 +295,27 @@ def test_the_outbox_reads_like_a_list() -> None:
     assert [m.envelope_to for m in outbox] == [["d@x.test"]]
 
 
+def test_the_outbox_compares_like_a_list() -> None:
+    # Outbox compared by identity: "assert outbox == []" failed on an empty outbox, and
+    # "assert outbox != []" (something was sent) passed when nothing had been.
+    with capture() as outbox, capture() as other:
+        assert outbox == [] and not outbox != []  # noqa: SIM202 - the operator under test
+        MemoryStore().enqueue(prepared("a@x.test"), now=NOW)
+    assert outbox != [] and not outbox == []  # noqa: SIM201
+    assert outbox == [outbox[0]] == list(outbox)
+    assert outbox == other
+    assert outbox != [outbox[0], outbox[0]]
+    other.clear()
+    assert outbox != other
+    assert outbox != (outbox[0],)  # as a list is not a tuple
+    # Closing a capture closes that one, not another that holds the same messages.
+    with capture() as outer:
+        with capture() as inner:
+            assert inner == outer
+        MemoryStore().enqueue(prepared("b@x.test"), now=NOW)
+    assert [m.envelope_to for m in outer] == [["b@x.test"]] and inner == []
+
+
 def test_the_fixture_captures(mailstrom_outbox: Outbox) -> None:
     mid = Mailstrom(CONFIG, store=MemoryStore(), worker=None).send_email(welcome())
     assert [m.message_id for m in mailstrom_outbox] == [mid]

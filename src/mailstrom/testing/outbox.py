@@ -118,6 +118,18 @@ class Outbox(Sequence[CapturedMessage]):
     def __repr__(self) -> str:
         return f"Outbox({self[:]!r})"
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or an outbox) of the same messages, as a list is: a Sequence
+        alone compares by identity, so ``outbox == []`` was False for an empty outbox
+        and ``outbox != []`` True for one, however much had been sent."""
+        if isinstance(other, Outbox):
+            return self[:] == other[:]
+        if isinstance(other, list):
+            return self[:] == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by content
+
     def clear(self) -> None:
         """Forget what was collected so far (the store keeps it)."""
         with self._lock:
@@ -223,7 +235,9 @@ class _Interceptor:
 
     def close(self, outbox: Outbox, classes: Sequence[type]) -> None:
         with self._lock:
-            self._outboxes.remove(outbox)
+            # By identity: outboxes compare by content, and two open captures often hold
+            # the same messages (none, at first).
+            self._outboxes = [o for o in self._outboxes if o is not outbox]
             self._unpatch(classes)
 
     def _unpatch(self, classes: Iterable[type]) -> None:
