@@ -20,6 +20,7 @@ working directory.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import ipaddress
 import math
@@ -752,7 +753,8 @@ def _is_config_file(path: Path) -> bool:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The file's settings by dotted key; ConfigError when it cannot be read, is larger
-    than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 or not TOML, or has unknown keys."""
+    than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 (a byte order mark first is dropped)
+    or not TOML, or has unknown keys."""
     document = _parse_toml(_read_config_text(path), path)
     flat: dict[str, Any] = {}
 
@@ -783,11 +785,15 @@ def _read_config_text(path: Path) -> str:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_CONFIG_FILE_SIZE:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_FILE_SIZE} octets: not a config file")
+    # A byte order mark, which Windows editors put first, is no TOML: tomllib refused it
+    # as an "invalid statement" at line 1, column 1, a line that looks right. Dropped.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
         # TOML files are UTF-8 (TOML 1.0 "Spec").
-        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (at octet {exc.start})") from None
+        where = bom + exc.start
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (at octet {where})") from None
 
 
 def _parse_toml(text: str, path: Path) -> dict[str, Any]:

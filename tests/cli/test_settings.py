@@ -165,6 +165,21 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path, data: bytes, reason: 
         load_settings(config_path=path, env={})
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors (Notepad, PowerShell's ``Out-File -Encoding utf8``) start a UTF-8
+    file with a BOM. It was refused as "invalid TOML: Invalid statement (at line 1, column
+    1)", pointing at a first line that looks right; it is dropped now, as an import drops
+    it from a CSV file."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbfhelo_name = 'mail.example.com'\r\n[dns]\r\nport = 5353\r\n")
+    settings = load_settings(config_path=path, env={})
+    assert settings.config.helo_name == "mail.example.com"
+    assert settings.config.dns.port == 5353
+    path.write_bytes(b"\xef\xbb\xbfhelo_name = '\xff'\n")
+    with pytest.raises(ConfigError, match=re.escape("not UTF-8 (at octet 16)")):
+        load_settings(config_path=path, env={})
+
+
 def test_a_config_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     line = b'helo_name = "mail.example.com"\n'
