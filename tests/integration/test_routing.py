@@ -554,3 +554,22 @@ async def test_an_mx_naming_an_ip_address_is_used_as_that_address(
         await Router(dns_server.dns_config).route("numeric-loop.test")
     assert info.value.enhanced == "5.4.4"
     assert "127.0.0.7 (loopback, MX 127.0.0.7)" in info.value.text
+
+
+@pytest.mark.parametrize("fail", ["servfail", "drop", "nxdomain"])
+async def test_records_set_for_a_name_made_to_fail_are_served(
+    dns_server: LoopbackDNS, fail: str
+) -> None:
+    """mailstrom.testing's LoopbackDNS: records set after servfail(), drop() or
+    nxdomain() were never served (the name kept failing until delete()), so a test that
+    "fixes" the zone saw the old failure. Setting records now ends it; a SERVFAIL for one
+    type stays that type's."""
+    getattr(dns_server, fail)("fixed.test")
+    dns_server.mx("fixed.test", [(10, "mx.fixed.test")])
+    dns_server.a("mx.fixed.test", "127.0.0.1")
+    route = await Router(dns_server.dns_config, allow_loopback=True).route("fixed.test")
+    assert route.addresses == ("127.0.0.1",)
+    dns_server.servfail("fixed.test", "MX")
+    dns_server.a("fixed.test", "127.0.0.1")
+    with pytest.raises(TemporaryFailure):
+        await Router(dns_server.dns_config, allow_loopback=True).route("fixed.test")

@@ -312,6 +312,10 @@ class LoopbackDNS:
         with self._zone.lock:
             node = self._zone.nodes.setdefault(key, _Node())
             node.records[rtype] = rrs
+            # Records given are records to serve: a name made to fail (servfail, drop,
+            # nxdomain) answers again, as a zone fixed by its owner does. A SERVFAIL for
+            # one type (servfail(name, rtype)) is that type's alone and stays.
+            node.servfail = node.drop = node.nxdomain = False
 
     def mx(self, domain: str, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
         """Set ``domain``'s MX records: ``[(preference, host), ...]``."""
@@ -396,7 +400,9 @@ class LoopbackDNS:
     def servfail(self, name: str, rtype: str | None = None) -> None:
         """Answer every query for ``name`` with SERVFAIL, or only those for ``rtype``
         (e.g. ``"CNAME"``: an alias whose own record cannot be fetched while queries
-        for its addresses, which follow it, still work)."""
+        for its addresses, which follow it, still work). Records set for ``name``
+        afterwards end a SERVFAIL for every type (as they end :meth:`drop` and
+        :meth:`nxdomain`), not one for ``rtype``."""
         with self._zone.lock:
             node = self._zone.nodes.setdefault(_key(name), _Node())
             if rtype is None:
