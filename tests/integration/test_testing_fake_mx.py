@@ -111,6 +111,15 @@ def test_defer_a_number_of_times_then_accept(fake_mx: FakeMX) -> None:
         assert ms.query_status(mid).state is DELIVERED
 
 
+@pytest.mark.parametrize("times", [-1, 0, 1.5, True, "2"])
+def test_defer_takes_a_count_of_at_least_one(fake_mx: FakeMX, times: object) -> None:
+    """times=-1 made the list of replies [accept] (the address was accepted at once) and
+    times=0 deferred nothing, both silently: a greylisting test then passed or failed
+    for another reason than the one it was written for."""
+    with pytest.raises(ValueError, match="at least 1"):
+        fake_mx.defer("a@example.org", times=times)  # type: ignore[arg-type]
+
+
 def test_scripts_need_the_right_kind_of_reply(fake_mx: FakeMX) -> None:
     with pytest.raises(ValueError, match="4xx"):
         fake_mx.defer("a@example.org", "550 5.1.1 nope")

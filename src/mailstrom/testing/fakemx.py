@@ -161,8 +161,13 @@ class FakeMX:
         times: int | None = None,
     ) -> None:
         """Answer RCPT TO for ``address`` with the 4xx ``reply``: always, or the first
-        ``times`` times and then accept (greylisting)."""
+        ``times`` times and then accept (greylisting); ``times`` is a whole number, at
+        least 1 (:class:`ValueError`: ``-1`` accepted at once, and ``0`` deferred none)."""
         _check(reply, "4", "defer")
+        if times is not None and (
+            isinstance(times, bool) or not isinstance(times, int) or times < 1
+        ):
+            raise ValueError(f"defer(times=...) must be an int of at least 1, got {times!r}")
         self.accept(address)
         if times is None:
             self.server.rcpt_replies[_key(address)] = reply
