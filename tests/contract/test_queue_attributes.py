@@ -72,6 +72,21 @@ def test_events_carry_tags_and_metadata(store: Store) -> None:
     assert {e.address: e.tags for e in batch.events}["bob@example.org"] == ("receipt",)
 
 
+def test_metadata_the_caller_changes_after_enqueue_stays_as_queued(store: Store) -> None:
+    """A store keeps the metadata a message was queued with. The memory store kept the
+    caller's own dict: changed after the enqueue, the message's status and every event
+    written from then on carried the change, which SQLite and PostgreSQL never see."""
+    store.enable_events()
+    metadata = {"order": "42"}
+    mid = store.enqueue(with_attributes(message(), metadata=metadata), now=NOW)
+    metadata["order"] = "changed"
+    metadata["added"] = "later"
+    assert dict(store.status(mid).metadata) == {"order": "42"}
+    assert dict(store.query(now=NOW)[0].metadata) == {"order": "42"}
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    assert [dict(e.metadata) for e in store.read_events()] == [{"order": "42"}] * 2
+
+
 def test_metadata_keys_come_back_in_the_order_they_were_given(store: Store) -> None:
     """Metadata is kept with its keys sorted, and the memory store and SQLite return it so;
     PostgreSQL's jsonb returned shorter keys first ("note" before "empty"), so a status,

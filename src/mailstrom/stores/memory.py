@@ -11,6 +11,7 @@ import itertools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from mailstrom.errors import StoreError, UnknownMessage
@@ -132,6 +133,11 @@ class MemoryStore(
             for prepared in messages:
                 mid = new_message_id()
                 attrs = prepared.attributes
+                if attrs.metadata:
+                    # A copy of its own, as the durable stores write theirs: the caller's
+                    # dict, changed after this, changed the queued message's metadata.
+                    attrs = replace(attrs, metadata=dict(attrs.metadata))
+                    prepared = replace(prepared, attributes=attrs)
                 key = attrs.idempotency_key
                 if key is not None:
                     held_by = self._keys.get(key)
