@@ -87,6 +87,23 @@ def test_metadata_the_caller_changes_after_enqueue_stays_as_queued(store: Store)
     assert [dict(e.metadata) for e in store.read_events()] == [{"order": "42"}] * 2
 
 
+def test_an_event_its_reader_changes_stays_as_written(store: Store) -> None:
+    """Every read of the outbox gives the events as written. The memory store handed out
+    its own events, whose metadata dict was the outbox's: a reader (a tail, a hook's
+    batch) that changed it changed what every later read and lease gave."""
+    store.enable_events()
+    store.enqueue(with_attributes(message("alice@example.org"), metadata={"k": "v"}), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    [read] = store.read_events()
+    read.metadata["k"] = "changed by the reader"  # type: ignore[index]
+    batch = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert batch is not None
+    [leased] = batch.events
+    assert dict(leased.metadata) == {"k": "v"}
+    leased.metadata["k"] = "changed by the sender"  # type: ignore[index]
+    assert [dict(e.metadata) for e in store.read_events()] == [{"k": "v"}]
+
+
 def test_metadata_keys_come_back_in_the_order_they_were_given(store: Store) -> None:
     """Metadata is kept with its keys sorted, and the memory store and SQLite return it so;
     PostgreSQL's jsonb returned shorter keys first ("note" before "empty"), so a status,

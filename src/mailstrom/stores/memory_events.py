@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from mailstrom.status import Attempt, DeliveryEvent
@@ -65,7 +66,7 @@ class MemoryEventsMixin:
                     break
                 if e.sent_at is None and (e.lease_expires_at is None or e.lease_expires_at <= now):
                     e.lease_token, e.lease_expires_at = token, expires_at
-                    taken.append(e.event)
+                    taken.append(_copy(e.event))
         if not taken:
             return None
         return EventBatch(token=token, expires_at=expires_at, events=tuple(taken))
@@ -93,7 +94,7 @@ class MemoryEventsMixin:
         """Events with an id above ``after``, oldest first."""
         with self._lock:
             found = [e.event for i, e in self._events.items() if i > after]
-        return found[: max(limit, 0)]
+        return [_copy(event) for event in found[: max(limit, 0)]]
 
     def last_event_id(self) -> int:
         """The highest event id so far (0 when none)."""
@@ -113,3 +114,10 @@ class MemoryEventsMixin:
             for i in doomed:
                 del self._events[i]
         return len(doomed)
+
+
+def _copy(event: DeliveryEvent) -> DeliveryEvent:
+    """``event`` as a reader gets it: with a metadata dict of its own, as a durable store
+    reads one from its row. The outbox's own was handed out, and a reader (a tail, a hook's
+    batch) that changed it changed what every later read and lease gave."""
+    return replace(event, metadata=dict(event.metadata))
