@@ -189,6 +189,32 @@ def test_purge_listed_in_a_state(store: Store) -> None:
     assert store.purge_many(every, state=RecipientState.FAILED) == 2
 
 
+@pytest.mark.parametrize("state", [RecipientState.QUEUED, RecipientState.DEFERRED])
+def test_a_purge_in_a_state_no_finished_message_is_in_deletes_nothing(
+    store: Store, state: RecipientState
+) -> None:
+    """A purge in a state deletes the finished messages whose derived state it is: in a
+    pending one, none. SQLite and PostgreSQL took every state but DELIVERED for FAILED
+    and deleted the failed messages, which the memory store kept."""
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    failed = store.enqueue(message("b@example.org"), now=NOW)
+    mixed = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(
+        results_for(lease, RecipientState.DELIVERED, only=["a@example.org", "c@example.org"])
+    )
+    store.record(results_for(lease, RecipientState.FAILED, only=["b@example.org", "d@example.org"]))
+    every = [delivered, failed, mixed]
+    assert store.purge_many(every, finished_before=NOW + HOUR, state=state) == 0
+    assert store.purge_many(every, state=state) == 0
+    assert store.purge_state(finished_before=NOW + HOUR, state=state) == 0
+    assert [store.status(mid).state for mid in every] == [
+        RecipientState.DELIVERED,
+        RecipientState.FAILED,
+        RecipientState.FAILED,
+    ]
+
+
 # --- the shape -----------------------------------------------------------------------------
 
 

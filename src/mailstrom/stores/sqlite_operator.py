@@ -285,7 +285,7 @@ def purge_seqs(
     """Delete the listed messages whose recipients are all final (finished before
     ``before``, when given; in ``state``, delivered or failed, when given)."""
     cutoff = to_us(before) if before is not None else None
-    delivered = None if state is None else state is RecipientState.DELIVERED
+    wanted = None if state is None else state.value
     deleted = 0
     for chunk in chunks(seqs):
         deleted += conn.execute(
@@ -293,10 +293,19 @@ def purge_seqs(
             "SELECT message_seq FROM recipients"
             f" WHERE message_seq IN ({qmarks(len(chunk))}) GROUP BY message_seq"
             " HAVING count(finished_at) = count(*) AND (? IS NULL OR max(finished_at) < ?)"
-            " AND (? IS NULL OR (sum(state = 'delivered') = count(*)) = ?))",
-            [*chunk, *chunk, cutoff, cutoff, delivered, delivered],
+            f" AND (? IS NULL OR {_FINISHED_STATE_SQL} = ?))",
+            [*chunk, *chunk, cutoff, cutoff, wanted, wanted],
         ).rowcount
     return deleted
+
+
+_FINISHED_STATE_SQL = (
+    "CASE WHEN sum(state = 'delivered') = count(*) THEN 'delivered' ELSE 'failed' END"
+)
+"""The derived state of a message whose recipients (the group) are all final, compared
+with the state a purge asks for: a pending one matches none. Compared as a flag
+("delivered or not"), every state but DELIVERED read as FAILED, and a purge of queued or
+deferred mail deleted the failed messages."""
 
 
 PURGE_BATCH = 500
@@ -317,15 +326,15 @@ def purgeable_seqs(
     :func:`purge_seqs` would delete (all recipients final before ``before``; in
     ``state`` when given). Read outside the write lock: the delete checks again."""
     cutoff = to_us(before)
-    delivered = None if state is None else state is RecipientState.DELIVERED
+    wanted = None if state is None else state.value
     return [
         seq
         for (seq,) in conn.execute(
             "SELECT message_seq FROM recipients WHERE message_seq > ? GROUP BY message_seq"
             " HAVING count(finished_at) = count(*) AND max(finished_at) < ?"
-            " AND (? IS NULL OR (sum(state = 'delivered') = count(*)) = ?)"
+            f" AND (? IS NULL OR {_FINISHED_STATE_SQL} = ?)"
             " ORDER BY message_seq LIMIT ?",
-            (after, cutoff, delivered, delivered, limit),
+            (after, cutoff, wanted, wanted, limit),
         )
     ]
 

@@ -887,8 +887,11 @@ WITH purged AS (
                OR r.finished_at IS NULL
                OR (%(finished_before)s::timestamptz IS NOT NULL
                    AND r.finished_at >= %(finished_before)s::timestamptz)))
-      AND (%(state)s::text IS NULL OR (%(state)s::text = 'delivered') = NOT EXISTS (
-        SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed'))
+      -- The derived state of a finished message, compared with the one asked for: a
+      -- pending one matches none (as a flag, it read as failed).
+      AND (%(state)s::text IS NULL OR %(state)s::text = CASE WHEN EXISTS (
+        SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
+        THEN 'failed' ELSE 'delivered' END)
     RETURNING 1
 )
 SELECT count(*) FROM purged;
@@ -905,8 +908,9 @@ WITH purged AS (
                OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
                OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
       AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
-      AND (%(state)s = 'delivered') = NOT EXISTS (
+      AND %(state)s = CASE WHEN EXISTS (
         SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
+        THEN 'failed' ELSE 'delivered' END
     RETURNING 1
 )
 SELECT count(*) FROM purged;
