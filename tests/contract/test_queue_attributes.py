@@ -208,6 +208,16 @@ def test_a_lane_named_twice_counts_once_with_its_first_number(store: Store) -> N
     assert [r.address for i in found.items for r in i.recipients] == ["b0@example.org"]
 
 
+def test_a_lane_named_again_with_no_room_does_not_hold_the_others_back(store: Store) -> None:
+    """Only a lane's first mention counts: its second, with room for none, is no lane
+    that may have more waiting. The memory store took it for one and kept the lanes not
+    named waiting, which SQLite and PostgreSQL leased."""
+    store.enqueue(with_attributes(message("t@example.org"), priority="tx"), now=NOW)
+    store.enqueue(with_attributes(message("o@example.net"), priority="other"), now=NOW)
+    found = _lanes_of(store, limit=10, lanes=[("tx", 5), ("tx", 0)])
+    assert sorted(found) == ["other", "tx"]
+
+
 def test_without_lanes_every_lane_is_leased_by_due_time(store: Store) -> None:
     store.enqueue(with_attributes(message(), priority="bulk"), now=NOW - SECOND)
     store.enqueue(with_attributes(message(), priority="transactional"), now=NOW)

@@ -51,14 +51,20 @@ _Due = tuple[datetime, int, int, "_Message", _Recipient]
 
 def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
     """The due recipients (earliest first) a lease with ``lanes`` takes: each named lane's
-    earliest, up to its number, highest lane first; then, when every lane had room left
-    and nothing more due, those of lanes not named."""
+    earliest, up to its (first) number, highest lane first; then, when every lane had room
+    left and nothing more due, those of lanes not named."""
     per_lane: dict[str, list[_Due]] = {}
     for entry in due:
         per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
     taken: list[_Due] = []
     exhausted = True
+    seen: set[str] = set()
     for lane, most in lanes:
+        if lane in seen:
+            # A lane named twice counts once, with its first number, as in every store:
+            # a repeat with no room left held the lanes not named back.
+            continue
+        seen.add(lane)
         take = min(most, limit - len(taken))
         if take <= 0:
             exhausted = False
