@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
 
 from mailstrom import Email
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreError, StoreRefusedData
 from mailstrom.message.preparation import prepare
 from mailstrom.runtime.suppressing import lease_targets
 from mailstrom.stores import Store
@@ -163,6 +164,19 @@ def test_a_write_that_fails_midway_leaves_the_list_as_it_was(store_backend: obje
     stop_refusing(store_backend.url)
     assert store.suppress(entries) == WHOLE_FILE
     assert store.list_suppressions(limit=WHOLE_FILE + 1) == entries
+
+
+@pytest.mark.parametrize("unknown", ["source", "created_at"])
+def test_an_entry_whose_source_or_time_is_unknown_is_refused(store: Store, unknown: str) -> None:
+    """An entry read back from a row that cannot be read has an unknown (None) source or
+    time; written, it is refused rather than made up, all or none: SQLite's and
+    PostgreSQL's NOT NULL columns refuse it. The memory store kept it, and listed it."""
+    before = entry("a@example.org")
+    store.suppress([before])
+    damaged = dataclasses.replace(entry("c@example.org"), **{unknown: None})
+    with pytest.raises(StoreRefusedData):
+        store.suppress([entry("a@example.org", reply="new"), entry("b@example.org"), damaged])
+    assert store.list_suppressions() == [before]
 
 
 def test_two_whole_files_written_at_once_in_other_orders_both_go_in(

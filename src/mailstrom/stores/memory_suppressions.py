@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import bounded_attempt
 from mailstrom.stores.memory_records import _Message, _Recipient
@@ -33,7 +34,15 @@ class MemorySuppressionsMixin:
         ) -> None: ...
 
     def suppress(self, entries: Sequence[Suppression]) -> int:
-        """Add or replace entries; returns how many were written."""
+        """Add or replace entries, all or none; returns how many were written. An entry
+        whose source or time is unknown (read back from a row that cannot be read) is
+        refused, as the durable stores' columns refuse it, rather than kept."""
+        for entry in entries:
+            if entry.source is None or entry.created_at is None:
+                raise StoreRefusedData(
+                    f"memory store refused a value: the suppression of {entry.target!r}"
+                    " has no known source or time"
+                )
         with self._lock:
             for entry in entries:
                 self._suppressions[entry.target] = entry
