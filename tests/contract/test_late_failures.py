@@ -50,6 +50,26 @@ def test_a_delivered_recipient_fails_late(store: Store) -> None:
     assert store.status(mid).recipient("a@example.org").reason == late().error
 
 
+def test_the_late_attempt_joins_the_history_as_given(store: Store) -> None:
+    """The history keeps the late attempt as it came, as it keeps a recorded one: SQLite
+    dropped its TLS policy, PostgreSQL that and whether it was uncertain, where the
+    memory store kept both."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    given = replace(
+        late(),
+        duration=1.5,
+        ip="192.0.2.7",
+        port=25,
+        tls_version="TLSv1.3",
+        tls_cipher="TLS_AES_128_GCM_SHA256",
+        tls_policy="mta-sts",
+        uncertain=True,
+    )
+    assert store.fail_late(mid, "a@example.org", given)
+    assert store.status(mid).recipient("a@example.org").history[-1] == given
+
+
 def test_unknown_recipients_and_messages(store: Store) -> None:
     mid = store.enqueue(message("a@example.org"), now=NOW)
     store.record(results_for(lease_all(store), RecipientState.DELIVERED))

@@ -184,10 +184,11 @@ def fail_recipient(
     conn.execute(
         "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
         " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain, reason_class) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " uncertain, reason_class, tls_policy) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
             *(a.tls_version, a.tls_cipher, *reply_cols, a.error, a.uncertain, reason),
+            a.tls_policy,  # the whole attempt, as record_rows keeps a recorded one
         ),
     )
     return rid

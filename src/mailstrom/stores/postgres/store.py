@@ -1397,7 +1397,9 @@ class PostgresStore:
             "reply_enhanced": reply.enhanced if reply else None,
             "reply_text": reply.text if reply else None,
             "error": a.error,
+            "uncertain": a.uncertain,
             "reason_class": a.reason_class.value if a.reason_class is not None else None,
+            "tls_policy": a.tls_policy,
             "max_history": MAX_HISTORY,
         }
         with (

@@ -1142,12 +1142,14 @@ WITH msg AS (
     WHERE r.message_id = msg.id AND r.address = %(address)s AND r.state = 'delivered'
     RETURNING r.message_id, r.address
 ), history AS (
+    -- The whole attempt, as record keeps a recorded one (the recipient's own uncertain
+    -- is cleared above: a late failure is certain).
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
-                          error, uncertain, reason_class)
+                          error, uncertain, reason_class, tls_policy)
     SELECT u.message_id, u.address, %(at)s, %(outcome)s, %(duration)s, %(mx_host)s, %(ip)s,
            %(port)s, %(tls_version)s, %(tls_cipher)s, %(reply_code)s, %(reply_enhanced)s,
-           %(reply_text)s, %(error)s, false, %(reason_class)s
+           %(reply_text)s, %(error)s, %(uncertain)s, %(reason_class)s, %(tls_policy)s
     FROM updated u
     RETURNING 1
 ), trimmed AS (
