@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from mailstrom.errors import StoreError
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 
@@ -80,3 +83,30 @@ def test_watch_cancels_fires_when_leased_mail_is_cancelled_by_any_store_object(
     finally:
         stop()
     assert told.calls == 2
+
+
+def test_close_stops_every_watcher_and_refuses_new_ones(store_backend: Backend) -> None:
+    """``close()`` releases the store's threads: the SQLite store left every wake-up
+    listener of ``watch`` and ``watch_cancels`` running (its thread, its bound socket),
+    calling the closed store's callbacks on every other process's enqueue and cancel,
+    and ``watch`` after ``close`` started another; PostgreSQL stops them, and refuses."""
+    store_backend.require_durable()
+    here, other, third = (store_backend.open() for _ in range(3))
+    told, witness = Counter(), Counter()
+    here.watch(told)
+    here.watch_cancels(told)
+    stop_witness = third.watch(witness)
+    try:
+        here.close()
+        with pytest.raises(StoreError):
+            here.watch(told)
+        with pytest.raises(StoreError):
+            here.watch_cancels(told)
+        mid = other.enqueue(message("a@example.org"), now=NOW)
+        assert lease_all(other) is not None
+        assert other.cancel(mid, now=NOW) == 1
+        # The witness proves the wake-ups went out; the closed store's callbacks missed them.
+        assert witness.wait_for(1)
+    finally:
+        stop_witness()
+    assert told.calls == 0

@@ -57,6 +57,7 @@ main file holds every committed transaction.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import sqlite3
@@ -429,6 +430,10 @@ class SQLiteStore:
         self._seen: dict[int, float] = {}
         self._watchers = Watchers()
         self._cancel_watchers = Watchers()
+        self._listen_lock = threading.Lock()
+        self._listening: dict[int, Callable[[], None]] = {}
+        """The stop function of every watcher not stopped yet, which close() calls."""
+        self._listen_keys = itertools.count()
         self._verp_key: bytes | None = None
         self._wakeups = WakeupDirectory(self._path)
         self._holders = HolderLocks(self._path)
@@ -767,6 +772,10 @@ class SQLiteStore:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        with self._listen_lock:
+            listening, self._listening = list(self._listening.values()), {}
+        for stop in listening:
+            stop()
         self._wakeups.close()
         self._holders.close()
         with self._write_lock:
@@ -796,6 +805,9 @@ class SQLiteStore:
         # Callbacks of the parent's workers, whose threads are not here: a worker of this
         # process is reached like any other process's (the wake-up sockets).
         self._watchers, self._cancel_watchers = Watchers(), Watchers()
+        # Their stop functions would unbind the parent's sockets: never called here.
+        keep(self._listening)
+        self._listen_lock, self._listening = threading.Lock(), {}
         self._wakeups.after_fork()
         self._holders.after_fork()
         lock, self._process_lock = self._process_lock, None
@@ -1410,19 +1422,38 @@ class SQLiteStore:
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued, retried or released, through this
         object or by another process (a datagram socket in ``<database>-wake/``, see
-        :mod:`mailstrom.stores.wakeup`)."""
-        unwatch = self._watchers.add(callback)
-        try:
-            unlisten = self._wakeups.listen(callback)
-        except OSError as exc:
-            # Polling still finds the work; say why the wake-ups are missing.
-            log.warning("no wake-ups from other processes for %s: %s", self._path, exc)
-            return unwatch
+        :mod:`mailstrom.stores.wakeup`), until the returned function is called or the
+        store is closed. StoreError once the store is closed."""
+        return self._listen(callback, self._watchers, None)
 
-        def stop() -> None:
-            unwatch()
-            unlisten()
+    def _listen(
+        self, callback: Callable[[], None], watchers: Watchers, only: bytes | None
+    ) -> Callable[[], None]:
+        """``callback`` among ``watchers`` and heard from other processes (``only``: one
+        wake-up payload); the function that stops both, which :meth:`close` calls too: a
+        listener left running kept its thread and socket, and called a closed store's
+        callbacks on every other process's enqueue."""
+        with self._listen_lock:
+            if self._closed:
+                raise StoreError(self._closed_why)
+            unwatch = watchers.add(callback)
+            try:
+                unlisten = self._wakeups.listen(callback, only=only)
+            except OSError as exc:
+                # Polling still finds the work; say why the wake-ups are missing.
+                what = "cancel wake-ups" if only == CANCELLED else "wake-ups"
+                log.warning("no %s from other processes for %s: %s", what, self._path, exc)
+                unlisten = None
+            key = next(self._listen_keys)
 
+            def stop() -> None:
+                with self._listen_lock:
+                    self._listening.pop(key, None)
+                unwatch()
+                if unlisten is not None:
+                    unlisten()
+
+            self._listening[key] = stop
         return stop
 
     def _notify(self) -> None:
@@ -1432,19 +1463,9 @@ class SQLiteStore:
 
     def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when leased recipients are cancelled, through this object or
-        by another process (a :data:`~mailstrom.stores.wakeup.CANCELLED` datagram)."""
-        unwatch = self._cancel_watchers.add(callback)
-        try:
-            unlisten = self._wakeups.listen(callback, only=CANCELLED)
-        except OSError as exc:
-            log.warning("no cancel wake-ups from other processes for %s: %s", self._path, exc)
-            return unwatch
-
-        def stop() -> None:
-            unwatch()
-            unlisten()
-
-        return stop
+        by another process (a :data:`~mailstrom.stores.wakeup.CANCELLED` datagram), until
+        the returned function is called or the store is closed."""
+        return self._listen(callback, self._cancel_watchers, CANCELLED)
 
     def _notify_cancelled(self) -> None:
         """Leased recipients were cancelled: tell watchers here and in other processes."""
