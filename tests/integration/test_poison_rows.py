@@ -12,6 +12,7 @@ age) runs on the damaged values too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import psycopg
 import pytest
 
 from mailstrom.errors import UnknownMessage, UnreadableRow
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.dsn import DSN, Notify
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView, SortOrder, open_read_model
@@ -730,5 +732,34 @@ def test_a_lease_of_set_aside_recipients_alone_is_reported(
         assert [(r.message_id, r.state) for r in heard] == [(victim, RecipientState.FAILED)]
         assert store.status(victim).recipients[0].state is RecipientState.FAILED
         assert mx.received == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("tags", ["'[\"t\",'", '\'{"a": "t"}\'', "X'5b2274225d'"])
+def test_sqlite_a_tag_filter_passes_over_tags_that_are_no_json_list(
+    tags: str, sqlite_path: Path
+) -> None:
+    """Tags that are no JSON list (a row changed by hand) read as no tags in the message's
+    status, but a filter by tag failed the whole listing and its count ("malformed JSON",
+    a StoreError retried for ever), or matched an object's values: the row is passed
+    over now, as it has no tags."""
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        tagged = dataclasses.replace(
+            message("good0@example.org"), attributes=QueueAttributes(tags=("t",))
+        )
+        good = store.enqueue(tagged, now=now)
+        victim = store.enqueue(tagged, now=now + timedelta(seconds=1))
+        damage_sqlite(
+            sqlite_path,
+            Damage(f"UPDATE messages SET tags = {tags} WHERE id = ?", ATTEMPTED),
+            victim,
+        )
+        assert store.status(victim).tags == ()
+        for where in (QueueFilter(tag="t"), QueueFilter(tag="t", state=RecipientState.QUEUED)):
+            assert [m.id for m in store.query(now=now, where=where)] == [good]
+            assert store.count(now=now, where=where, cap=100) == 1
     finally:
         store.close()

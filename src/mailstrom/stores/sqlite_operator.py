@@ -60,8 +60,15 @@ def seqs_of(conn: sqlite3.Connection, message_ids: Sequence[str]) -> list[int]:
 # --- the queue view ------------------------------------------------------------------------
 
 
-_TAG_SQL = "EXISTS (SELECT 1 FROM json_each(m.tags) t WHERE t.value = ?)"
-"""A message carrying the bound tag (``tags`` is a JSON list; see schema version 5)."""
+_TAG_SQL = (
+    "EXISTS (SELECT 1 FROM json_each(CASE WHEN typeof(m.tags) = 'text' AND json_valid(m.tags)"
+    " THEN CASE json_type(m.tags) WHEN 'array' THEN m.tags END END) t WHERE t.value = ?)"
+)
+"""A message carrying the bound tag (``tags`` is a JSON list; see schema version 5).
+Tags that are no JSON list in a text (a row changed by hand) are none, as
+:func:`~mailstrom.stores.attributes.tags_from` reads them for the message's status:
+``json_each`` failed the whole statement on text that is no JSON ("malformed JSON"),
+and walked an object's values and a blob's JSON."""
 
 
 def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[object]]:
