@@ -157,6 +157,18 @@ def test_a_busy_timeout_past_sqlites_range_still_waits(db: Path) -> None:
             SQLiteStore(db, busy_timeout=wrong)  # type: ignore[arg-type]
 
 
+def test_a_commit_delay_that_is_no_number_of_seconds_is_refused_at_open(db: Path) -> None:
+    """``commit_delay`` was taken as it came: an infinite one or a string failed only
+    later, in the leader of a group commit, and every concurrent enqueue it carried with
+    it (a lone one never gathers, so tests passed) as "enqueue not committed:
+    OverflowError" or "TypeError", a StoreError that reads as worth retrying."""
+    for wrong in (float("inf"), float("nan"), "0.001", True):
+        with pytest.raises(InvalidArgument, match="commit_delay"):
+            SQLiteStore(db, commit_delay=wrong)  # type: ignore[arg-type]
+    assert not db.exists()  # refused before anything was made
+    SQLiteStore(db, commit_delay=0).close()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_a_path_that_is_no_regular_file_is_corrupt(db: Path, kind: str) -> None:

@@ -373,7 +373,8 @@ class SQLiteStore:
     ``commit_delay`` is how long the leader of a group commit waits for the enqueues of
     other threads that have been enqueueing too (never when one thread enqueues alone):
     one fsync then carries them all (4 threads: 2,225 -> 2,938 msg/s end to end,
-    benchmarks/README.md); 0 turns the wait off.
+    benchmarks/README.md); 0 turns the wait off (a finite number of seconds, else
+    :class:`~mailstrom.errors.InvalidArgument`).
     ``read_only=True`` opens an existing store for reading only (see the module docstring);
     its write methods then fail with StoreError.
     """
@@ -400,7 +401,9 @@ class SQLiteStore:
         self._path = os.path.abspath(given)
         busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         self._busy_timeout = busy_timeout
-        self._commit_delay = commit_delay
+        # Checked here, not where a group commit's leader first waits with it: there it
+        # failed every concurrent enqueue that commit carried.
+        self._commit_delay = check_timeout(commit_delay, "commit_delay")
         self._group_commit = group_commit
         self._read_only = read_only
         self._uri: str | None = None
