@@ -61,11 +61,18 @@ class Damage:
 
 SEQ = "(SELECT seq FROM messages WHERE id = ?)"
 NOT_UTF8 = "CAST(X'ff' AS TEXT)"
+DEEP = "replace(hex(zeroblob(5000)), '00', '[') || replace(hex(zeroblob(5000)), '00', ']')"
 
 SQLITE: dict[str, Damage] = {
     "metadata not JSON": Damage("UPDATE messages SET metadata = '{oops' WHERE id = ?", ATTEMPTED),
     "metadata a list": Damage("UPDATE messages SET metadata = '[1, 2]' WHERE id = ?", ATTEMPTED),
     "tags an object": Damage("UPDATE messages SET tags = '{\"a\": 1}' WHERE id = ?", ATTEMPTED),
+    # JSON nested deeper than Python's parser recurses (RecursionError, no ValueError).
+    "tags nested too deep": Damage(f"UPDATE messages SET tags = {DEEP} WHERE id = ?", ATTEMPTED),
+    "metadata nested too deep": Damage(
+        f"UPDATE messages SET metadata = {DEEP} WHERE id = ?", ATTEMPTED
+    ),
+    "dkim nested too deep": Damage(f"INSERT INTO message_dkim VALUES ({SEQ}, {DEEP})", ATTEMPTED),
     "dkim not JSON": Damage(f"INSERT INTO message_dkim VALUES ({SEQ}, '{{oops')", ATTEMPTED),
     "dsn unknown notify": Damage(
         "UPDATE messages SET dsn = 'notify=BOGUS' WHERE id = ?", SET_ASIDE

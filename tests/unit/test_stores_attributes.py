@@ -24,3 +24,12 @@ def test_damaged_rows_read_as_nothing_rather_than_failing() -> None:
     assert metadata_from("[1, 2]") == {}
     assert metadata_from("{broken") == {}
     assert metadata_from('{"k": 1, "ok": "v"}') == {"ok": "v"}
+
+
+def test_json_nested_too_deep_reads_as_nothing() -> None:
+    """A row changed by hand to JSON nested deeper than Python's parser recurses raised
+    RecursionError, which no reader of a row expects: every listing holding the message
+    failed, and the event outbox stopped at its event."""
+    deep = "[" * 5000 + "]" * 5000
+    assert tags_from(deep) == ()
+    assert metadata_from(deep) == {}

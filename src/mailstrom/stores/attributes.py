@@ -51,8 +51,10 @@ def metadata_from(value: Any) -> dict[str, str]:
 
 def _loads(text: str) -> Any:
     """The JSON in ``text``; None for text that is not JSON (a damaged or hand-edited row
-    reads as no tags or no metadata rather than making every status of it fail)."""
+    reads as no tags or no metadata rather than making every status of it fail), nor for
+    JSON nested deeper than Python's parser recurses (RecursionError, no ValueError: it
+    failed every listing that held the row, and the event outbox at its event)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None

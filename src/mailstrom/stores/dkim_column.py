@@ -73,5 +73,5 @@ def dkim_from_column(text: str | None) -> DKIMStatus | None:
         if not all(isinstance(s.domain, str) and isinstance(s.selector, str) for s in signatures):
             return None
         return DKIMStatus(signatures=signatures)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # (JSON nested too deep)
         return None
