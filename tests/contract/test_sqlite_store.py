@@ -20,7 +20,12 @@ from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite import _Enqueue
-from mailstrom.stores.sqlite_queue import PENDING_LANES_SQL, lanes_walk_sql, next_due_sql
+from mailstrom.stores.sqlite_queue import (
+    PENDING_LANES_SQL,
+    SUSPENDED_SQL,
+    lanes_walk_sql,
+    next_due_sql,
+)
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 
 from .support import LEASE_FOR, NOW, lease_all, message
@@ -126,7 +131,7 @@ def test_migrations_are_packaged_and_numbered_from_one() -> None:
     ("query", "binds"),
     [
         (lanes_walk_sql(1), ["bulk", 1, 10]),
-        (lanes_walk_sql(1, "domain NOT IN (?) AND "), ["x.test", "bulk", 1, 10]),
+        (lanes_walk_sql(1, f"{SUSPENDED_SQL} AND "), [1, "bulk", 1, 10]),
         (next_due_sql(""), ["bulk"]),
     ],
 )
@@ -425,3 +430,41 @@ def test_a_failed_group_commit_fails_its_callers_and_the_lead_passes_on(db: Path
     store.enqueue(message("after@example.org"), now=NOW)
     assert store.stats().messages == len(queued) + 1
     store.close()
+
+
+def test_a_lease_of_many_lanes_binds_no_value_per_suspended_domain(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every lane walked by a lease bound each suspended domain again: with enough lanes
+    and suspensions a lease passed SQLite's limit on bound values (999 before SQLite
+    3.32, 32,766 since: 100 lanes and 330 suspended domains) and failed, "too many SQL
+    variables", every time: nothing was delivered any more. The limit is lowered here
+    to the old default to show it on a small queue."""
+    connect = SQLiteStore._connect
+
+    def limited(store: SQLiteStore) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return conn
+
+    monkeypatch.setattr(SQLiteStore, "_connect", limited)
+    store = SQLiteStore(db)
+    try:
+        for i in range(10):
+            store.enqueue(
+                replace(
+                    message(f"u{i}@example.org"), attributes=QueueAttributes(priority=f"lane{i}")
+                ),
+                now=NOW,
+            )
+        for i in range(100):
+            store.suspend(f"paused{i}.example", now=NOW)
+        store.enqueue(message("p@paused7.example"), now=NOW)
+        assert store.next_due(now=NOW) == NOW
+        lease = store.lease(now=NOW, limit=100, lease_for=LEASE_FOR)
+        assert lease is not None
+        assert sorted(r.address for item in lease.items for r in item.recipients) == [
+            f"u{i}@example.org" for i in range(10)
+        ]
+    finally:
+        store.close()

@@ -554,3 +554,22 @@ def test_an_entry_read_back_unknown_is_refused_as_written_back(tmp_path: Path) -
             store.suppress([unknown])
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("side", ["sqlite"], indirect=True)
+def test_a_suspension_whose_domain_is_not_utf8_stops_no_lease(side: Side) -> None:
+    """The lease and the next due time bound every suspended domain back into their
+    statements, and a suspension row whose domain is not UTF-8 (changed by hand) could
+    not be bound: every lease and next_due failed with StoreRefusedData, and the worker
+    delivered nothing. The statements read the suspensions themselves now: the row still
+    suspends what it names (nothing here), and the rest is leased."""
+    now = datetime.now(UTC)
+    store = side.store
+    mid = store.enqueue(message("g@good.example"), now=now)
+    store.suspend("paused.example", now=now)
+    store.enqueue(message("p@paused.example"), now=now)
+    side.run("INSERT INTO suspensions VALUES (CAST(X'ff' AS TEXT), 0, NULL)")
+    assert store.next_due(now=now) == now
+    lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+    assert lease is not None
+    assert [(item.message_id, item.domain) for item in lease.items] == [(mid, "good.example")]

@@ -118,6 +118,7 @@ from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
     PURGE_BATCH,
     active_suspensions,
+    any_suspended,
     cancel_seqs,
     count_matching,
     filter_sql,
@@ -132,10 +133,10 @@ from mailstrom.stores.sqlite_operator import (
     retry_seqs,
     seqs_of,
     shape_rows_sql,
-    suspended_domains,
 )
 from mailstrom.stores.sqlite_queue import (
     PENDING_SQL,
+    SUSPENDED_SQL,
     chunks,
     date_undated,
     insert_messages,
@@ -1300,8 +1301,8 @@ class SQLiteStore:
         Recipients without a due time (a row changed by hand) are made due now."""
         with self._connection() as conn:
             suspended = active_suspensions(conn, now)
-            skip = [s.domain for s in suspended]
-            where = f" AND domain NOT IN ({qmarks(len(skip))})" if skip else ""
+            where = f" AND {SUSPENDED_SQL}" if suspended else ""
+            skip: list[object] = [to_us(now)] if suspended else []
             # Each lane's earliest, from the front of its range of the due index. A due
             # time that is text (a hand-made UPDATE; such a row is never leased) is
             # passed over.
@@ -1747,14 +1748,13 @@ def _lease_in(
     the suppression entries of what was leased read in the same snapshot (one store
     call per lease, not two). With ``events``, the outbox events of the recipients the
     lease set aside (:attr:`Lease.failed`), in the same transaction."""
-    skip = suspended_domains(conn, now)
     lease = lease_rows(
         conn,
         now=now,
         limit=limit,
         lease_for=lease_for,
         lanes=lanes,
-        skip_domains=skip,
+        skip_suspended=any_suspended(conn, now),
         holder=holder,
         max_bytes=max_bytes,
     )

@@ -395,18 +395,17 @@ def active_suspensions(conn: sqlite3.Connection, now: datetime) -> list[Suspensi
     ]
 
 
-def suspended_domains(conn: sqlite3.Connection, now: datetime) -> list[str]:
-    """The domains no recipient may be leased at, at ``now``."""
-    return [
-        row[0]
-        for row in conn.execute(
-            "SELECT domain FROM suspensions WHERE until IS NULL OR until > ?", (to_us(now),)
-        )
-    ]
+def any_suspended(conn: sqlite3.Connection, now: datetime) -> bool:
+    """Whether a destination is suspended at ``now`` (a lease then leaves out
+    :data:`~mailstrom.stores.sqlite_queue.SUSPENDED_SQL`)."""
+    found = conn.execute(
+        "SELECT 1 FROM suspensions WHERE until IS NULL OR until > ? LIMIT 1", (to_us(now),)
+    ).fetchone()
+    return found is not None
 
 
 def is_suspended(conn: sqlite3.Connection, domain: str, now: datetime) -> bool:
-    """Whether ``domain`` is suspended at ``now`` (as :func:`suspended_domains` reads it: a
+    """Whether ``domain`` is suspended at ``now`` (as :func:`any_suspended` reads it: a
     timed suspension that has ended is none)."""
     found = conn.execute(
         "SELECT 1 FROM suspensions WHERE domain = ? AND (until IS NULL OR until > ?)",

@@ -83,6 +83,12 @@ _RECORD_CHUNK = 1000
 32,766 bound parameters."""
 _ROW15 = "(" + ",".join("?" * 15) + ")"
 _ROW16 = "(" + ",".join("?" * 16) + ")"
+SUSPENDED_SQL = "domain NOT IN (SELECT domain FROM suspensions WHERE until IS NULL OR until > ?)"
+"""A recipient not at a destination suspended at the bound time. The suspensions are read
+by the statement itself: bound one by one, as they were, a lease of many lanes bound each
+lane's list again, past SQLite's limit on bound values with enough suspensions ("too
+many SQL variables", every lease failed), and a suspension row whose domain is not UTF-8
+(changed by hand) could not be bound at all (StoreRefusedData: nothing was leased)."""
 _IN_CHUNK = 500
 _LANES_PER_WALK = 100
 """Lanes walked by one statement: SQLite allows 500 terms in a compound SELECT, and each
@@ -200,7 +206,7 @@ def lease_rows(
     limit: int,
     lease_for: timedelta,
     lanes: Sequence[tuple[str, int]] | None = None,
-    skip_domains: Sequence[str] = (),
+    skip_suspended: bool = False,
     holder: str | None = None,
     max_bytes: int | None = None,
 ) -> Lease | None:
@@ -211,13 +217,14 @@ def lease_rows(
     first), each lane's earliest due in turn, walking that lane's range of
     recipients_lane_due; then, when every lane had room left and nothing more due,
     recipients of lanes not named (queued before lanes existed, or in a lane since removed
-    from the configuration). None at ``skip_domains`` (suspended destinations). Up to
+    from the configuration). With ``skip_suspended``, none at a destination suspended at
+    ``now`` (:data:`SUSPENDED_SQL`). Up to
     ``max_bytes`` of message data (see ``Store.lease``)."""
     token = lease_token(holder)
     expires_at = after(now, lease_for)
     marks = (token, to_us(expires_at), to_us(now))
-    skip = f"domain NOT IN ({qmarks(len(skip_domains))}) AND " if skip_domains else ""
-    skipped = list(skip_domains)
+    skip = f"{SUSPENDED_SQL} AND " if skip_suspended else ""
+    skipped: list[object] = [to_us(now)] if skip_suspended else []
     if lanes is None:
         rows = _mark_lanes(conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped)
     else:
@@ -530,7 +537,7 @@ def next_due_sql(skip: str, *, dated: bool = False) -> str:
 
 
 def lane_due(
-    conn: sqlite3.Connection, lane: str, skip: str, skipped: Sequence[str]
+    conn: sqlite3.Connection, lane: str, skip: str, skipped: Sequence[object]
 ) -> tuple[object, bool]:
     """The earliest due time of one lane (None for none; what the row holds, which may be
     no time at all), and whether the lane holds recipients without a due time (a NULL
@@ -563,7 +570,7 @@ def _mark_lanes(
     limit: int,
     lanes: Sequence[str],
     skip: str,
-    skipped: Sequence[str],
+    skipped: Sequence[object],
 ) -> list[Any]:
     """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
     ``marks``, earliest due first across them, and return them in that order.
