@@ -310,6 +310,27 @@ def mode(path: Path | str) -> int:
 
 
 @pytest.mark.usefixtures("umask_022")
+def test_a_path_whose_name_is_not_utf8_opens(tmp_path: Path) -> None:
+    """A directory named in another encoding than UTF-8 (Latin-1 "café": Python reads its
+    name with a lone surrogate, as ``os.fsdecode`` does) made the ``file:`` URI of the
+    database fail to encode: every open raised UnicodeEncodeError, after the file was
+    made. The name's octets are quoted as the file system holds them."""
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    db = os.fsdecode(os.path.join(folder, b"queue.db"))
+    store = SQLiteStore(db)
+    try:
+        mid = store.enqueue(message(), now=NOW)
+    finally:
+        store.close()
+    assert os.listdir(folder).count(b"queue.db") == 1  # that very file, no other
+    store = SQLiteStore(db, read_only=True)
+    try:
+        assert store.status(mid).id == mid
+    finally:
+        store.close()
+
+
 def test_queue_files_are_private(db: Path) -> None:
     """Hardening #3: under umask 022 the database, its -wal and its -shm are 0600, so other
     local users cannot read queued mail."""

@@ -270,8 +270,11 @@ def _wal_holds_frames(path: str) -> bool:
 
 
 def _file_uri(path: str, query: str) -> str:
-    """A ``file:`` URI for ``path`` (quoted: ``?`` and ``#`` in a path are not parameters)."""
-    return f"file:{urllib.parse.quote(os.path.abspath(path))}?{query}"
+    """A ``file:`` URI for ``path`` (quoted: ``?`` and ``#`` in a path are not parameters).
+    The octets of the name are quoted, as the file system holds them: a name that is not
+    UTF-8 (a directory named in Latin-1; Python reads it with lone surrogates, as
+    ``os.fsdecode`` does) failed the open with UnicodeEncodeError."""
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)))}?{query}"
 
 
 def _identity(path: str) -> tuple[int, int]:
