@@ -108,8 +108,33 @@ def test_a_stores_own_holders_are_never_given_back(db: Path, store: SQLiteStore)
         assert other.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
     finally:
         other.close()
-    store.close()  # closing removes them: a store closed gave back what it leased
+    assert store.release_holder(X) == 1 and store.release_holder(Y) == 1
+    store.close()  # closing removes them: the store gave back what it leased
     assert not _lock_file(db, X).exists() and not _lock_file(db, Y).exists()
+
+
+def test_what_a_closed_store_left_leased_is_given_back_at_the_next_look(
+    db: Path, store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store closed while it still leased (a worker's stop that ran out of time, or
+    whose give-back failed) removed its holders' lock files all the same, so no look
+    ever found them: their recipients waited for the lease to expire (15 minutes by
+    default), where the PostgreSQL store's next look gives them back. The file of a
+    holder that still leases is left, unlocked, for the next look."""
+    leaving = SQLiteStore(db)
+    leaving.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    assert leaving.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=X) is not None
+    assert leaving.lease(now=NOW, limit=1, lease_for=LEASE_FOR, holder=Y) is not None
+    assert leaving.release_holder(Y) == 1  # Y gave back what it leased, X did not
+    leaving.close()
+
+    assert store.live_holders() == []  # closed: not among the living
+    assert not _lock_file(db, Y).exists()
+    with caplog.at_level(logging.WARNING):
+        assert store.release_dead_holders() == 1
+    assert any(X in r.getMessage() for r in caplog.records)
+    assert not _lock_file(db, X).exists()
+    assert len(leased_addresses(store.lease(now=NOW, limit=10, lease_for=LEASE_FOR))) == 2
 
 
 def test_other_names_in_the_directory_are_ignored(db: Path, store: SQLiteStore) -> None:

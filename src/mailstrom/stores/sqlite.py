@@ -773,7 +773,10 @@ class SQLiteStore:
                 conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every idle connection; connections in use close when returned."""
+        """Close every idle connection; connections in use close when returned. The lock
+        file of a holder that still leases is left, unlocked, so that the next look for
+        dead holders gives back what it leased (as the PostgreSQL store's does)."""
+        leasing = self._still_leasing()
         with self._pool_lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -784,11 +787,25 @@ class SQLiteStore:
         for stop in listening:
             stop()
         self._wakeups.close()
-        self._holders.close()
+        self._holders.close(leaving=leasing)
         with self._write_lock:
             lock, self._process_lock = self._process_lock, None
         if lock is not None:
             lock.close()
+
+    def _still_leasing(self) -> set[str]:
+        """This store's holders under whose tokens pending recipients are leased (a stop
+        that ran out of time, a give-back that failed); all of them when that cannot be
+        read (the next look finds out). Removing their lock files at close hid them from
+        every look: their recipients waited for their leases to expire."""
+        held = sorted(self._holders.held)
+        if not held or self._closed:
+            return set()
+        try:
+            with self._read() as conn:
+                return set(leased_by_holder(conn, held))
+        except Exception:
+            return set(held)
 
     def _before_fork(self) -> None:
         """Before this process forks: wait for the statements under way to end (see

@@ -37,7 +37,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -118,15 +118,18 @@ class HolderLocks:
             raise
         return fd
 
-    def close(self) -> None:
-        """Remove and let go of our lock files: a store closed gave back what it leased."""
+    def close(self, leaving: Collection[str] = ()) -> None:
+        """Remove and let go of our lock files, but for those of the holders ``leaving``,
+        which still lease: theirs are let go of and left, so that the next look gives
+        back what they leased and removes them (:meth:`reap`)."""
         with self._lock:
             self._closed = True
             files, self._files = self._files, {}
         for holder, fd in files.items():
             # A process forked from ours shares the lock: only the one that made it removes
             # the file (closing a copy of the descriptor leaves the lock held).
-            if os.getpid() == self._pid and _still_named(fd, self.file(holder)):
+            mine = os.getpid() == self._pid and holder not in leaving
+            if mine and _still_named(fd, self.file(holder)):
                 with contextlib.suppress(OSError):
                     os.unlink(self.file(holder))  # before the lock goes: never seen unlocked
             os.close(fd)
