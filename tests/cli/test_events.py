@@ -6,9 +6,13 @@ import json
 import os
 import threading
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
+from mailstrom.status import RecipientState
+from mailstrom.stores import open_store
 from tests.cli.conftest import MailEnv
 
 
@@ -169,3 +173,33 @@ def test_follow_started_before_the_queue_exists_sees_its_events(mail_env: MailEn
         for stream in (follow.stdout, follow.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_the_last_events_across_a_gap_in_the_ids(cli: object, workdir: Path) -> None:
+    """``mailstrom events --limit N`` shows the last N events. It read the N ids below the
+    last one, and ids have gaps: a prune deletes the events a hook sent, which need not be
+    the oldest (two senders, one of whose batches failed), and PostgreSQL's sequence skips
+    the ids of rolled-back transactions. With events 1 and 4 left, ``--limit 2`` showed 4
+    alone."""
+    from tests.cli.conftest import CLI
+    from tests.contract.support import LEASE_FOR, NOW, lease_all, message, results_for
+
+    assert isinstance(cli, CLI)
+    store = open_store(f"sqlite:///{workdir / 'queue.db'}")
+    try:
+        store.enable_events()
+        store.enqueue(message("a@x.test", "b@x.test", "c@x.test", "d@x.test"), now=NOW)
+        store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+        first = store.lease_events(now=NOW, limit=1, lease_for=LEASE_FOR)
+        sent = store.lease_events(now=NOW, limit=2, lease_for=LEASE_FOR)
+        assert first is not None and sent is not None
+        store.ack_events(sent, now=NOW)
+        assert store.prune_events(sent_before=NOW + timedelta(seconds=1)) == 2
+        kept = [e.id for e in store.read_events()]
+    finally:
+        store.close()
+    assert len(kept) == 2 and kept[1] - kept[0] == 3
+    lines = cli.ok("events", "--limit", "2", "--json").out.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == kept
+    lines = cli.ok("events", "--limit", "1", "--json").out.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == kept[1:]

@@ -8,6 +8,7 @@ Events are written only while a worker runs with a hook or the ``events`` settin
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -111,11 +112,12 @@ def events_command(args: argparse.Namespace) -> int:
     created = _created(settings.store_url)
     with store_from(settings, read_only=True) as store:
         if args.after is None:
-            after = max(0, store.last_event_id() - max(args.limit, 0))
-            limit = max(args.limit, 0)
+            after = store.last_event_id()
+            shown = _last_events(store, after, max(args.limit, 0))
         else:
-            after, limit = args.after, max(args.limit, 0)
-        for event in store.read_events(after=after, limit=limit):
+            after = args.after
+            shown = store.read_events(after=after, limit=max(args.limit, 0))
+        for event in shown:
             after = event.id
             _print(event, as_json=args.json)
         if args.follow and created:
@@ -124,6 +126,35 @@ def events_command(args: argparse.Namespace) -> int:
         with contextlib.closing(_once_created(settings.store_url, args.interval)) as store:
             _follow(store, after, as_json=args.json, interval=args.interval)
     return EX_OK
+
+
+_PAGE = 1000
+"""Events read at once while looking for the last ones."""
+
+
+def _last_events(store: Store, last: int, limit: int) -> list[DeliveryEvent]:
+    """The last ``limit`` events up to the id ``last``, oldest first. Ids have gaps (a
+    prune deletes the events a hook sent, which need not be the oldest; PostgreSQL's
+    sequence skips the ids of rolled-back transactions), so the ``limit`` ids below the
+    last may hold fewer events: the range looked at is doubled until it holds ``limit``
+    or starts at the first id. Read a page at a time, keeping the last ``limit``."""
+    if limit == 0:
+        return []
+    span = limit
+    while True:
+        start = max(0, last - span)
+        kept: collections.deque[DeliveryEvent] = collections.deque(maxlen=limit)
+        found, after = 0, start
+        while True:
+            page = [e for e in store.read_events(after=after, limit=_PAGE) if e.id <= last]
+            kept.extend(page)
+            found += len(page)
+            if len(page) < _PAGE:
+                break
+            after = page[-1].id
+        if found >= limit or start == 0:
+            return list(kept)
+        span *= 2
 
 
 def _created(url: str) -> bool:
