@@ -29,7 +29,7 @@ from mailstrom.message.dsn import DSN, Notify
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView, SortOrder, open_read_model
 from mailstrom.runtime.worker import Worker
-from mailstrom.status import MessageStatus, RecipientState
+from mailstrom.status import Attempt, AttemptOutcome, MessageStatus, RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import QueueFilter, RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore
@@ -543,6 +543,71 @@ def test_sqlite_a_shown_column_not_utf8_is_shown_with_a_replacement_character(
         with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
             assert client.get("/queue").status_code == 200
             assert client.get(f"/message/{victim}").status_code == 200
+    finally:
+        store.close()
+
+
+# A deferred recipient's columns the dashboard's destinations show as the last reply.
+DEFERRED_REPLY: dict[str, str] = {
+    "error": f"UPDATE recipients SET error = {NOT_UTF8} WHERE message_seq = {SEQ}",
+    "reply text": (
+        f"UPDATE recipients SET reply_code = 451, reply_text = {NOT_UTF8} WHERE message_seq = {SEQ}"
+    ),
+    "reply enhanced": (
+        f"UPDATE recipients SET reply_code = 451, reply_enhanced = {NOT_UTF8},"
+        f" reply_text = 'later' WHERE message_seq = {SEQ}"
+    ),
+}
+
+
+@pytest.mark.parametrize("column", list(DEFERRED_REPLY))
+def test_sqlite_a_deferred_reply_not_utf8_is_shown_with_a_replacement_character(
+    column: str, sqlite_path: Path
+) -> None:
+    """The dashboard's overview and destinations show the last reply of each destination
+    with deferred mail, read by the SQLite read model from the newest deferred recipient's
+    row without the status read's check (:func:`shown_text`): an error or reply holding
+    octets that are not UTF-8 came back as lone surrogates, and the overview and the
+    destinations page answered 500 for that one row."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        store.record(
+            [
+                RecipientResult(
+                    message_id=item.message_id,
+                    address=r.address,
+                    lease_token=lease.token,
+                    ref=r.ref,
+                    state=RecipientState.DEFERRED,
+                    attempt=Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="later"),
+                    next_attempt_at=now + timedelta(hours=1),
+                )
+                for item in lease.items
+                for r in item.recipients
+                if r.address == VICTIM
+            ]
+        )
+        damage_sqlite(sqlite_path, Damage(DEFERRED_REPLY[column], ATTEMPTED), victim)
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            (shown,) = model.destinations(domain="example.org")
+            overview = model.overview(now=now)
+        finally:
+            model.close()
+        assert shown.last_reply is not None and "\ufffd" in shown.last_reply
+        assert overview.top_deferred == (shown,)
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            assert client.get("/").status_code == 200
+            assert client.get("/destinations").status_code == 200
     finally:
         store.close()
 

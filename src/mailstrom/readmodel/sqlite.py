@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailstrom.arguments import member_of, shown
-from mailstrom.errors import StoreError, UnknownMessage
+from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
     BUCKET,
     Destination,
@@ -43,6 +43,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
+from mailstrom.stores.row_checks import shown_text
 from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import read_messages
@@ -262,12 +263,14 @@ class SQLiteReadModel:
         ).fetchone()
         if last is None:
             return Destination(domain=domain, pending=int(pending or 0), deferred=deferred)
-        reply = reply_from(last[0], last[1], last[2])
+        # Only shown, as the status read takes them (see row_checks.shown_text): octets
+        # that are not UTF-8 read as U+FFFD, not as lone surrogates no page can encode.
+        reply = reply_from(last[0], _shown(last[1]), _shown(last[2]))
         return Destination(
             domain=domain,
             pending=int(pending or 0),
             deferred=deferred,
-            last_reply=str(reply) if reply is not None else last[3],
+            last_reply=str(reply) if reply is not None else _shown(last[3]),
             reason_class=reason_class_of(last[4]),
             last_attempt_at=shown_time(last[5]),
         )
@@ -388,6 +391,15 @@ class SQLiteReadModel:
         if row is None:
             raise UnknownMessage(message_id)
         return bytes(row[0])
+
+
+def _shown(value: object) -> str | None:
+    """A reply's or error's column as a page can show it (:func:`shown_text`); None for
+    one that is no text at all (a row changed by hand), which a summary leaves out."""
+    try:
+        return shown_text(value, "reply")
+    except UnreadableRow:
+        return None
 
 
 def _filters(query: QueueQuery) -> list[_Filter]:
