@@ -287,6 +287,36 @@ def test_a_pause_that_cannot_be_read_is_over(
     }
 
 
+@pytest.mark.parametrize(
+    ("side", "damage"),
+    cases(["reply = CAST(X'ff' AS TEXT)", "reply = X'ff'"], []),
+    indirect=["side"],
+)
+def test_a_pause_whose_reply_cannot_be_read_holds_with_the_reply_shown(
+    side: Side, damage: str
+) -> None:
+    """A pause's reply is only shown (the status of each recipient it holds back, the
+    list of paused destinations). Read as it was, octets that are not UTF-8 came back as
+    lone surrogates, which no serialiser of a status can encode, and a blob as bytes. The
+    pause holds all the same, its reply shown as the status read shows a recipient's
+    (U+FFFD for such octets)."""
+    now = datetime.now(UTC)
+    victim = side.store.enqueue(message(VICTIM), now=now)
+    side.store.throttle(
+        "victim.example",
+        now=now,
+        reply="421 slow down",
+        first=timedelta(minutes=5),
+        maximum=timedelta(hours=1),
+        recipients=[(victim, VICTIM)],
+    )
+    side.run(f"UPDATE destination_throttles SET {damage} WHERE destination = 'victim.example'")
+    (pause,) = side.store.throttles(now=now)
+    assert pause.until == now + timedelta(minutes=5)
+    assert pause.reply == "\ufffd"
+    assert side.store.status(victim).recipients[0].throttle == pause
+
+
 # --- rate buckets ------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from mailstrom.errors import UnreadableRow
 from mailstrom.policy.throttle import (
     TokenBucket,
     TokenGrant,
@@ -17,6 +18,7 @@ from mailstrom.policy.throttle import (
 )
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import WorkItem
+from mailstrom.stores.row_checks import shown_text
 from mailstrom.stores.side_rows import bucket_state, pause_of
 from mailstrom.stores.sqlite_schema import shown_time, to_us
 
@@ -28,7 +30,14 @@ _FORGET_AFTER = timedelta(days=1)
 def _throttle_from_row(row: tuple[str, object, object, str, object]) -> DestinationThrottle | None:
     """The pause of ``row``; None for one that cannot be read (see side_rows.pause_of)."""
     destination, until, strikes, reply, since = row
-    return pause_of(destination, shown_time(until), strikes, reply, shown_time(since))
+    # The reply is only shown (as the status read takes a recipient's, see
+    # row_checks.shown_text): octets that are not UTF-8 read as U+FFFD, not as lone
+    # surrogates that no page or serialiser can encode; one that is no text reads as none.
+    try:
+        shown = shown_text(reply, "reply") or ""
+    except UnreadableRow:
+        shown = ""
+    return pause_of(destination, shown_time(until), strikes, shown, shown_time(since))
 
 
 _COLUMNS = "destination, until, strikes, reply, since"
