@@ -516,6 +516,12 @@ SHOWN_COLUMNS: dict[str, tuple[str, Callable[[MessageStatus], object]]] = {
         f"UPDATE recipients SET reply_code = 451, reply_text = {{}} WHERE message_seq = {SEQ}",
         lambda s: s.recipients[0].reply and s.recipients[0].reply.text,
     ),
+    # Set aside by the worker (SQLITE["address not UTF-8"]), but shown until then and
+    # after: the queue page lists a message of one recipient by its address.
+    "recipient address": (
+        f"UPDATE recipients SET address = {{}} || address WHERE message_seq = {SEQ}",
+        lambda s: s.recipients[0].address.removesuffix(VICTIM),
+    ),
 }
 
 

@@ -225,7 +225,9 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
     reply_enhanced, reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,
     last_attempt_at, next_attempt_at, reason_class[, finished_at])."""
     return RecipientStatus(
-        address=row[2],
+        # Shown too: an address that is not UTF-8 is set aside when leased, not sent, but
+        # its status still lists it (a lone surrogate failed the dashboard's queue page).
+        address=shown_text(row[2], "address") or "",
         state=RecipientState(row[3]),
         attempts=row[4],
         # Replies and errors are only shown: see row_checks.shown_text.
