@@ -618,6 +618,63 @@ def test_sqlite_a_deferred_reply_not_utf8_is_shown_with_a_replacement_character(
         store.close()
 
 
+def test_sqlite_a_destination_not_utf8_is_shown_with_a_replacement_character(
+    sqlite_path: Path,
+) -> None:
+    """The dashboard's destinations page lists the domains of pending recipients as the
+    SQLite read model reads them from their rows. A domain holding octets that are not
+    UTF-8 (set aside by the next lease, SQLITE["domain not UTF-8"], but listed until then)
+    came back as lone surrogates: the page answered 500 as a whole for that one row."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        store.record(
+            [
+                RecipientResult(
+                    message_id=victim,
+                    address=VICTIM,
+                    lease_token=lease.token,
+                    state=RecipientState.DEFERRED,
+                    attempt=Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="later"),
+                    next_attempt_at=now + timedelta(hours=1),
+                )
+            ]
+        )
+        damage_sqlite(
+            sqlite_path,
+            Damage(
+                f"UPDATE recipients SET domain = {NOT_UTF8} || domain WHERE message_seq = {SEQ}",
+                SET_ASIDE,
+            ),
+            victim,
+        )
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            found = {(d.domain, d.pending, d.last_reply) for d in model.destinations()}
+            (deferred,) = model.overview(now=now).top_deferred
+        finally:
+            model.close()
+        assert found == {("example.org", 1, None), ("\ufffdexample.org", 1, "later")}
+        assert (deferred.domain, deferred.pending, deferred.last_reply) == (
+            "\ufffdexample.org",
+            1,
+            "later",
+        )
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            assert client.get("/destinations").status_code == 200
+            assert client.get("/").status_code == 200
+    finally:
+        store.close()
+
+
 def walk_pages(store: Store, order: SortOrder) -> list[str]:
     """Every message id of the dashboard's queue pages, one message a page (a bounded
     walk: a cursor that does not move on fails the test instead of hanging it)."""

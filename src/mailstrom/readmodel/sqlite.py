@@ -249,25 +249,34 @@ class SQLiteReadModel:
     def _destination(
         conn: sqlite3.Connection, domain: str, *, deferred: int, pending: int | None = None
     ) -> Destination:
+        key: str | bytes
+        # A domain read back from a row with octets that are not UTF-8 (see
+        # sqlite_schema.decode_text) holds lone surrogates, which the driver cannot bind:
+        # such a one is looked up by its octets, and shown with U+FFFD for them.
+        match, key = "domain = ?", domain
+        if not comparable(domain):
+            match = "domain = CAST(? AS TEXT)"
+            key = domain.encode("utf-8", "surrogateescape")
+        shown = _shown(domain) or ""
         if pending is None:
             (pending,) = conn.execute(
-                f"SELECT count(*) FROM recipients WHERE {_PENDING} AND domain = ?", (domain,)
+                f"SELECT count(*) FROM recipients WHERE {_PENDING} AND {match}", (key,)
             ).fetchone()
         # The newest deferred recipient is the last entry of the (state, domain) index's
         # range: one seek, however many are deferred there.
         last = conn.execute(
             "SELECT reply_code, reply_enhanced, reply_text, error, reason_class,"
-            " last_attempt_at FROM recipients WHERE state = 'deferred' AND domain = ?"
+            f" last_attempt_at FROM recipients WHERE state = 'deferred' AND {match}"
             " ORDER BY id DESC LIMIT 1",
-            (domain,),
+            (key,),
         ).fetchone()
         if last is None:
-            return Destination(domain=domain, pending=int(pending or 0), deferred=deferred)
+            return Destination(domain=shown, pending=int(pending or 0), deferred=deferred)
         # Only shown, as the status read takes them (see row_checks.shown_text): octets
         # that are not UTF-8 read as U+FFFD, not as lone surrogates no page can encode.
         reply = reply_from(last[0], _shown(last[1]), _shown(last[2]))
         return Destination(
-            domain=domain,
+            domain=shown,
             pending=int(pending or 0),
             deferred=deferred,
             last_reply=str(reply) if reply is not None else _shown(last[3]),
