@@ -675,6 +675,45 @@ def test_sqlite_a_destination_not_utf8_is_shown_with_a_replacement_character(
         store.close()
 
 
+def test_sqlite_queue_counts_show_a_domain_not_utf8_with_a_replacement_character(
+    sqlite_path: Path,
+) -> None:
+    """``stats()`` counts pending recipients by domain as read from their rows, for
+    ``mailstrom queue --counts``, ``Mailstrom.stats()`` and the Prometheus gauge of the
+    busiest domains. A domain holding octets that are not UTF-8 (listed until the next
+    lease sets its recipient aside) came back as lone surrogates: as a metric label it
+    failed every scrape of the worker's metrics, ``/healthz`` aside."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mailstrom.ops.exporter import MailstromCollector
+    from mailstrom.status import MetricsSnapshot, WorkerStatus
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        store.enqueue(message("good0@example.org"), now=now)
+        victim = store.enqueue(message(VICTIM), now=now)
+        damage_sqlite(
+            sqlite_path,
+            Damage(
+                f"UPDATE recipients SET domain = {NOT_UTF8} || domain WHERE message_seq = {SEQ}",
+                SET_ASIDE,
+            ),
+            victim,
+        )
+        stats = store.stats()
+        assert stats.pending_by_domain == {"example.org": 1, "\ufffdexample.org": 1}
+        registry = CollectorRegistry()
+        registry.register(
+            MailstromCollector(
+                lambda: MetricsSnapshot(worker=WorkerStatus(running=True), queue=stats)
+            )
+        )
+        assert "\ufffdexample.org" in generate_latest(registry).decode()
+    finally:
+        store.close()
+
+
 def walk_pages(store: Store, order: SortOrder) -> list[str]:
     """Every message id of the dashboard's queue pages, one message a page (a bounded
     walk: a cursor that does not move on fails the test instead of hanging it)."""

@@ -111,7 +111,7 @@ from mailstrom.stores.operator import (
     normalize_prefix,
     pick_one,
 )
-from mailstrom.stores.row_checks import made_due
+from mailstrom.stores.row_checks import made_due, shown_text
 from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
@@ -1363,7 +1363,10 @@ class SQLiteStore:
                     continue
                 by_state[known] += n
                 if state in ("queued", "deferred"):
-                    by_domain[domain] = by_domain.get(domain, 0) + n
+                    # Shown (a metric label, a table): octets that are not UTF-8 as U+FFFD,
+                    # not as lone surrogates that failed every scrape of the metrics.
+                    name = shown_text(domain, "domain") or ""
+                    by_domain[name] = by_domain.get(name, 0) + n
             (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
             (held,) = conn.execute("SELECT count(*) FROM messages WHERE held = 1").fetchone()
         return QueueStats(
