@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,36 @@ def test_a_worker_starts_and_polls_when_no_wake_up_thread_can_be_started(
         [result] = results.wait_count(1)
         assert result.state is RecipientState.DELIVERED
         assert not list(Path(f"{database}-wake").glob("*.sock"))
+
+
+def test_a_store_opened_through_a_symlink_wakes_one_opened_by_the_file_s_own_name(
+    tmp_path: Path,
+) -> None:
+    """One database, named two ways: its file, and a symlink to it (a deployment's
+    ``current/queue.db`` linking to a shared one). SQLite resolves the link and works on
+    the one file (its -wal and -shm beside the target); the wake-up directory was named
+    after the name given, so the worker's store listened in one directory and the
+    application's enqueues were sent to the other, and every message waited for the
+    worker's next poll. A holder's lock file, likewise, was where no other worker looked."""
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import NOW, message
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "release").mkdir()
+    real = tmp_path / "shared" / "queue.db"
+    link = tmp_path / "release" / "queue.db"
+    worker_store = SQLiteStore(real)
+    link.symlink_to(real)
+    sender = SQLiteStore(link)
+    woken = threading.Event()
+    unwatch = worker_store.watch(woken.set)
+    try:
+        sender.enqueue(message("a@example.org"), now=NOW)
+        assert woken.wait(5), "the worker's store, opened by the file's name, was not woken"
+        lease = sender.lease(now=NOW, limit=10, lease_for=timedelta(minutes=5), holder="a" * 16)
+        assert lease is not None
+        assert [info.holder for info in worker_store.live_holders()] == ["a" * 16]
+    finally:
+        unwatch()
+        sender.close()
+        worker_store.close()

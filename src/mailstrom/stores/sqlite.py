@@ -160,7 +160,7 @@ from mailstrom.stores.sqlite_schema import (
     shown_time,
     to_us,
 )
-from mailstrom.stores.wakeup import CANCELLED, WakeupDirectory
+from mailstrom.stores.wakeup import CANCELLED, WakeupDirectory, beside
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression
 
@@ -495,7 +495,7 @@ class SQLiteStore:
         owner gives it the database's mode at its next open. A store that still cannot
         open it writes without it, under SQLite's lock alone: the lock is a latency
         device, and a store that may write the database must not fail for want of it."""
-        path = self._path + "-lock"
+        path = beside(self._path, "-lock")
         mode = stat.S_IMODE(os.stat(self._path).st_mode) & 0o666
         # O_NONBLOCK: a FIFO put there under that name must not hang the open.
         flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK

@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 from mailstrom.errors import InvalidArgument, StoreError
 from mailstrom.stores.base import check_holder
-from mailstrom.stores.wakeup import database_mode, make_directory_like
+from mailstrom.stores.wakeup import beside, database_mode, make_directory_like
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class HolderLocks:
 
     def __init__(self, database: str) -> None:
         self._database = os.path.abspath(database)
-        self.path = self._database + "-holders"
+        self.path = beside(database, "-holders")
         self.held: set[str] = set()
         """Holders this store has locked (or tried to): the whole cost of a lease once a
         holder is in it is one look here."""

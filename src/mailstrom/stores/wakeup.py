@@ -44,7 +44,7 @@ class WakeupDirectory:
     """The wake-up sockets of one SQLite database."""
 
     def __init__(self, database: str) -> None:
-        self.path = os.path.abspath(database) + "-wake"
+        self.path = beside(database, "-wake")
         self._lock = threading.Lock()
         self._listing_mtime = -1
         self._listing: list[str] = []
@@ -229,6 +229,15 @@ class WakeupDirectory:
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
+
+
+def beside(database: str, suffix: str) -> str:
+    """The name of the file or directory ``suffix`` kept beside ``database``: beside the
+    file SQLite opens, its symlinks resolved as SQLite resolves them for its ``-wal`` and
+    ``-shm``. Named after the path given, one database opened through a symlink by one
+    process and by its own name by another had two of each: the wake-ups of the one never
+    reached the workers of the other, and their lock files were in two places."""
+    return os.path.realpath(database) + suffix
 
 
 def database_mode(database: str) -> int:
