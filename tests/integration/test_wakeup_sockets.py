@@ -13,6 +13,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,3 +274,34 @@ def test_a_store_opened_through_a_symlink_wakes_one_opened_by_the_file_s_own_nam
         unwatch()
         sender.close()
         worker_store.close()
+
+
+def test_a_listener_bound_within_the_tick_of_the_last_listing_is_woken(tmp_path: Path) -> None:
+    """A sender lists the directory once per change of its modification time. Where
+    that time has a coarse clock (a jiffy, 1 to 10 ms, on Linux before 6.13; a second on
+    ext3), a socket bound in the same tick as the listing leaves the time as it was: the
+    sender kept the listing without it, and that listener was never woken (a worker
+    binds its work and its cancel sockets back to back as it starts, while the
+    application enqueues). The tick is made here as such a clock makes it: the time put
+    back to what the listing saw."""
+    database = tmp_path / "q.db"
+    database.touch()
+    sender = WakeupDirectory(str(database))
+    directory = Path(sender.path)
+    first = threading.Event()
+    stop_first = WakeupDirectory(str(database)).listen(first.set)
+    second = threading.Event()
+    stop_second: Any = None
+    try:
+        sender.notify()
+        assert first.wait(5)
+        listed = os.stat(directory)
+        stop_second = WakeupDirectory(str(database)).listen(second.set)
+        os.utime(directory, ns=(listed.st_atime_ns, listed.st_mtime_ns))
+        sender.notify()
+        assert second.wait(5), "a socket bound in the listing's tick was never woken"
+    finally:
+        if stop_second is not None:
+            stop_second()
+        stop_first()
+        sender.close()

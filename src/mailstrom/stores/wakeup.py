@@ -34,6 +34,11 @@ _MAX_PATH = 100
 _STOP = b"stop"
 CANCELLED = b"c"
 """The datagram that says leased recipients were cancelled (any other says work)."""
+_TICK_NS = 1_000_000_000
+"""Nanoseconds past a directory's modification time before a listing of it is kept for
+as long as that time stays the same: a coarse clock stamps every change of its tick alike
+(a jiffy, 1 to 10 ms, on Linux before 6.13; a second on ext3), so a socket bound in the
+tick of a listing would leave the time as it was, and that listener unwoken."""
 _GATHER = 0.002
 """Seconds a listener waits after answering a wake-up, so that the wake-ups of a burst of
 enqueues (one per ``send_email``) are answered together: one callback per burst instead
@@ -122,7 +127,10 @@ class WakeupDirectory:
                     for name in os.listdir(self.path)
                     if name.endswith(".sock") and name not in own
                 ]
-                self._listing_mtime = mtime
+                # A change in the same tick of the file system's clock as this listing
+                # may leave the time as it is: kept only once that tick is surely over.
+                settled = time.time_ns() - mtime >= _TICK_NS
+                self._listing_mtime = mtime if settled else -1
             return self._listing
 
     def _address(self, name: str) -> str:
