@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import ssl
+import subprocess
 import sys
 import textwrap
 import threading
@@ -832,3 +833,49 @@ async def test_an_async_start_that_is_cancelled_does_not_leave_its_process_runni
         gate.touch()
         await ms.stop()
     store.close()
+
+
+BESIDE = """
+import sys
+site = sys.argv[1]
+# Where an installed mailstrom is: a site-packages directory, after the standard library.
+sys.path.insert(next(i for i, p in enumerate(sys.path) if "-packages" in p), site)
+import asyncio  # the parent's is the standard library's
+
+import mailstrom
+from mailstrom import Config, Mailstrom
+
+assert mailstrom.__file__.startswith(site)  # this mailstrom, installed there
+ms = Mailstrom(Config(helo_name="mail.example.com"), store=sys.argv[2], worker="process")
+try:
+    ms.start(timeout=30)
+    print("started", flush=True)
+finally:
+    ms.stop()
+"""
+
+
+def test_a_worker_process_imports_the_standard_library_before_the_packages_beside_it(
+    tmp_path: Path,
+) -> None:
+    """mailstrom installed in a site-packages directory beside a distribution that
+    brings a module under a standard library name (PyPI's asyncio 3.4.3, which many
+    requirements files list by mistake; enum34; pathlib): the application imports the
+    standard library's, which comes first, but the worker child got that directory put
+    before the standard library (as PYTHONPATH), imported the other and never started."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "mailstrom").symlink_to(Path(process.__file__).parents[1], target_is_directory=True)
+    (site / "asyncio").mkdir()
+    (site / "asyncio" / "__init__.py").write_text(
+        'raise ImportError("the asyncio from PyPI, not the standard library\'s")\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", BESIDE, str(site), str(tmp_path / "q.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "started\n", done.stderr[-2000:]

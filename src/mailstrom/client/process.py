@@ -65,9 +65,37 @@ _LIVE: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start ``python -m mailstrom.runtime.child``, its frames on two pipes of their own,
-    set as the returned ``Popen``'s ``stdin`` and ``stdout`` (the ends that are ours).
+_CHILD = "mailstrom.runtime.child"
+_BOOT = """\
+import importlib.machinery, importlib.util, os, runpy, site, sys
+module, root = sys.argv[1:3]
+del sys.argv[1:3]
+sites = {os.path.abspath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
+at = next((i for i, p in enumerate(sys.path) if os.path.abspath(p) in sites), len(sys.path))
+sys.path.insert(at, root)
+spec = importlib.machinery.PathFinder.find_spec("mailstrom", [root])
+package = importlib.util.module_from_spec(spec)
+sys.modules["mailstrom"] = package
+spec.loader.exec_module(package)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+"""How a child starts: ``python -c _BOOT mailstrom.runtime.child ROOT IN OUT`` runs the
+module with ``IN OUT`` as its arguments, once it imported the package ``mailstrom`` from
+``ROOT``, where this one was imported from (this very mailstrom, whatever else the
+child's path holds), and put ``ROOT`` on its path ahead of the site directories (for what
+was installed beside it) but after the standard library.
+
+Not ``ROOT`` first in PYTHONPATH, as it was: that put the application's site-packages
+(where mailstrom is installed) before the standard library in the child, which imported
+any module installed there under a standard library name (PyPI's ``asyncio`` 3.4.3,
+which many requirements files list by mistake; ``enum34``; ``pathlib``) where the
+application imports the standard library's, and failed to start or worse."""
+
+
+def _popen_child() -> subprocess.Popen[bytes]:
+    """Start a child running ``mailstrom.runtime.child`` (see :data:`_BOOT`), its frames
+    on two pipes of their own, set as the returned ``Popen``'s ``stdin`` and ``stdout``
+    (the ends that are ours).
 
     Not over its standard input and output: whatever else the child runs writes there
     and reads there too (a banner printed by a ``sitecustomize`` or a ``.pth`` file as
@@ -92,11 +120,12 @@ def _popen_child(env: dict[str, str]) -> subprocess.Popen[bytes]:
             fds.extend(_above_standard(fd) for fd in os.pipe())
         (to_child, ours_in), (ours_out, from_child) = fds[:2], fds[2:]
         theirs = (to_child, from_child)
+        # The package's root: where this one was imported from.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         proc = subprocess.Popen(
-            [executable, "-m", "mailstrom.runtime.child", *map(str, theirs)],
+            [executable, "-c", _BOOT, _CHILD, root, *map(str, theirs)],
             stdin=subprocess.DEVNULL,
             stdout=out,
-            env=env,
             start_new_session=True,  # the application's Ctrl-C is for the application
             close_fds=True,
             pass_fds=theirs,
@@ -302,11 +331,7 @@ class WorkerProcess:
         # Pickled here, before any child exists: a failure is start()'s to raise.
         frame = io.BytesIO()
         write_frame(frame, "spec", spec)
-        env = dict(os.environ)
-        # The child must import this very mailstrom, wherever it was imported from.
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        proc = _popen_child(env)
+        proc = _popen_child()
         self._stopped.clear()
         self._ready.clear()
         self._error = None
