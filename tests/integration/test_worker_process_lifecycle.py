@@ -879,3 +879,53 @@ def test_a_worker_process_imports_the_standard_library_before_the_packages_besid
         timeout=120,
     )
     assert done.stdout == "started\n", done.stderr[-2000:]
+
+
+def test_a_fork_while_a_child_is_started_holds_none_of_its_pipes(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread of the application forks (multiprocessing, a pre-forking server)
+    while a worker process is being started: between the pipes' making and the closing
+    of the child's ends here, the fork got a copy of each. Holding the write end of the
+    child's frames, it kept the pipe open past the child's end: stop() waited for the
+    reader, and the reader for an end of the pipe that came only when the fork exited."""
+    popen = subprocess.Popen
+    forks: list[int] = []
+
+    def forking_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        forking = threading.Event()
+
+        def fork() -> None:
+            forking.set()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the forked process lives on a while
+                time.sleep(60)
+                os._exit(0)
+            forks.append(pid)
+
+        forker = threading.Thread(target=fork)
+        forker.start()
+        forking.wait(10)
+        time.sleep(0.2)  # the fork comes now, or once the child is started
+        try:
+            return popen(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(process.subprocess, "Popen", popen)  # forker.join() later
+
+    monkeypatch.setattr(process.subprocess, "Popen", forking_meanwhile)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    try:
+        ms.start()
+        assert _wait_until(lambda: len(forks) == 1, 10)
+        stopping = threading.Thread(target=ms.stop, daemon=True)
+        stopping.start()
+        stopping.join(20)
+        assert not stopping.is_alive(), "stop() waited for a process forked meanwhile"
+    finally:
+        for pid in forks:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        ms.stop()
+        store.close()

@@ -57,12 +57,26 @@ def _forget_after_fork() -> None:
     """In a process forked from this one (a pre-forking web server, say): let go of the
     parent's worker processes without touching them, so that each worker still sees its
     control pipe close when its real parent dies."""
+    _SPAWNING.release()
     for worker in list(_LIVE):
         worker._forget()
 
 
 _LIVE: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
-os.register_at_fork(after_in_child=_forget_after_fork)
+_SPAWNING = threading.Lock()
+"""Held from the making of a child's pipes until they are where :meth:`WorkerProcess._forget`
+finds them (the child's ends closed here, ours the current child's), and taken by every
+fork (another thread's ``os.fork()``: multiprocessing, a pre-forking server), which thus
+comes before or after. A fork in between held a copy of each pipe end: of the child's end
+of its frames, which kept that pipe open past the child's end (the reader waited for the
+fork to exit, and stop() for the reader), and of our end of its control pipe, whose close
+the child then did not see when this process died. (A child is started by
+``_posixsubprocess``, which runs no fork hook: no thread waits for itself.)"""
+os.register_at_fork(
+    before=_SPAWNING.acquire,
+    after_in_parent=_SPAWNING.release,
+    after_in_child=_forget_after_fork,
+)
 
 
 _CHILD = "mailstrom.runtime.child"
@@ -331,19 +345,20 @@ class WorkerProcess:
         # Pickled here, before any child exists: a failure is start()'s to raise.
         frame = io.BytesIO()
         write_frame(frame, "spec", spec)
-        proc = _popen_child()
-        self._stopped.clear()
-        self._ready.clear()
-        self._error = None
-        self._reported_error = False
-        self._stopped_by = None
-        self._said_stopped = False
-        self._cause = None
-        self._runs = (self._runs[0], WorkerStatus(running=False))  # not the last child's
-        self._spec_sent = False  # before _stdin: a _send seeing the new pipe must wait
-        self._proc, self._stdin = proc, proc.stdin
+        with _SPAWNING:  # a fork waits until the pipes are where _forget finds them
+            proc = _popen_child()
+            self._stopped.clear()
+            self._ready.clear()
+            self._error = None
+            self._reported_error = False
+            self._stopped_by = None
+            self._said_stopped = False
+            self._cause = None
+            self._runs = (self._runs[0], WorkerStatus(running=False))  # not the last child's
+            self._spec_sent = False  # before _stdin: a _send seeing the new pipe must wait
+            self._proc, self._stdin = proc, proc.stdin
+            _LIVE.add(self)
         self._holder = holder
-        _LIVE.add(self)
         self._reader = threading.Thread(
             target=self._read,
             args=(proc, frame.getvalue()),
