@@ -305,3 +305,38 @@ def test_a_listener_bound_within_the_tick_of_the_last_listing_is_woken(tmp_path:
             stop_second()
         stop_first()
         sender.close()
+
+
+def test_a_forked_process_that_stops_a_watch_of_its_parent_leaves_the_parent_listening(
+    tmp_path: Path,
+) -> None:
+    """A process forked from one that watches the store (a facade's wait(), whose watch
+    the fork's stop() ends) has the function that stops the watch, and called it: it
+    removed the parent's socket, which nobody could reach any more, and the parent heard
+    of no other process's mail. As a holder's lock file, the socket is its maker's."""
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import NOW, message
+
+    store = SQLiteStore(tmp_path / "queue.db")
+    woken = threading.Event()
+    unwatch = store.watch(woken.set)
+    sender = None
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the forked process
+            try:
+                unwatch()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert list(Path(f"{tmp_path / 'queue.db'}-wake").glob("*.sock")), "socket removed"
+        woken.wait(0.5)  # a wake-up the fork may have sent on its way out
+        woken.clear()
+        sender = SQLiteStore(tmp_path / "queue.db")
+        sender.enqueue(message("a@example.org"), now=NOW)
+        assert woken.wait(5), "the parent's socket was removed by the forked process"
+    finally:
+        unwatch()
+        if sender is not None:
+            sender.close()
+        store.close()

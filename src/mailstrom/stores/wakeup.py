@@ -151,7 +151,8 @@ class WakeupDirectory:
     ) -> Callable[[], None]:
         """Call ``callback`` (from a thread of its own) whenever another process sends a
         wake-up (with ``only``, one of that payload); returns a function that stops
-        listening (idempotent). Raises OSError when the socket or its thread cannot be
+        listening (idempotent; in a process forked since, it only closes that process's
+        copy of the socket). Raises OSError when the socket or its thread cannot be
         had."""
         self._make_directory()
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
@@ -167,6 +168,7 @@ class WakeupDirectory:
             self._own.add(name)
             self._listing_mtime = -1
         stopping = threading.Event()
+        maker = os.getpid()
 
         def run() -> None:
             while True:
@@ -208,6 +210,11 @@ class WakeupDirectory:
             raise OSError(f"cannot start the thread that hears them: {exc}") from exc
 
         def stop() -> None:
+            if os.getpid() != maker:
+                # A forked process's copy: the socket's file and the thread that reads it
+                # are its maker's, who still listens (removed, nobody could reach it).
+                sock.close()
+                return
             if stopping.is_set():
                 return
             stopping.set()
