@@ -644,7 +644,9 @@ def test_a_child_that_cannot_be_started_fails_start_with_a_worker_error(
     store.close()
 
 
-@pytest.mark.parametrize("executable", [None, ""])
+@pytest.mark.parametrize(
+    "executable", [None, "", "/usr/sbin/apache2", "/srv/app/.venv/bin/uwsgi", "/usr/sbin/httpd"]
+)
 def test_a_program_without_an_interpreter_file_gets_a_worker_thread_or_a_worker_error(
     mx: Any,
     dns_server: LoopbackDNS,
@@ -653,9 +655,11 @@ def test_a_program_without_an_interpreter_file_gets_a_worker_thread_or_a_worker_
     executable: str | None,
 ) -> None:
     """A program embedding Python may have no interpreter file to start (sys.executable
-    None or empty): the default mode chose a worker process all the same, whose start()
-    raised a TypeError (None) or failed; it delivers in a thread now, and a worker
-    process asked for by name fails start() with a WorkerError that says why."""
+    None or empty), and under uWSGI or mod_wsgi it is the server's own program (which was
+    run with the child's Python arguments): the default mode chose a worker process all
+    the same, whose start() raised a TypeError (None) or failed; it delivers in a thread
+    now, and a worker process asked for by name fails start() with a WorkerError that
+    says why."""
     monkeypatch.setattr(sys, "executable", executable)
     store = SQLiteStore(tmp_path / "q.db")
     results = Results()

@@ -162,12 +162,25 @@ def no_interpreter() -> str | None:
     A program embedding Python may have no interpreter file (``sys.executable`` None or
     "", as Python's docs allow: Popen raised a TypeError for None, where start() promises
     a WorkerError); a frozen one (PyInstaller, cx_Freeze: ``sys.frozen``) has only
-    itself, which ran the whole application again with the child's arguments."""
+    itself, which ran the whole application again with the child's arguments. Under a
+    server that embeds Python (uWSGI, mod_wsgi) it is the server's own program
+    (``uwsgi``, ``httpd``, ``apache2``), which was started with the child's Python
+    arguments: a program is taken for an interpreter by its name, as every Python's
+    (CPython's ``python3.11``, a venv's ``python``, PyPy's, GraalPy's) begins."""
     if getattr(sys, "frozen", False):
         return f"sys.executable ({sys.executable}) is this frozen program's own"
     if not sys.executable:
         return f"sys.executable is {sys.executable!r}"
+    name = os.path.basename(sys.executable).lower()
+    if not name.startswith(_INTERPRETER_NAMES):
+        return (
+            f"sys.executable ({sys.executable}) is not named as a Python interpreter is "
+            "(a server embedding Python, such as uWSGI or mod_wsgi, names its own program)"
+        )
     return None
+
+
+_INTERPRETER_NAMES = ("python", "pypy", "graalpy")
 
 
 def _above_standard(fd: int) -> int:
