@@ -156,3 +156,41 @@ def test_a_read_of_broken_tls_hosts_that_works_again_clears_the_store_error(
     finally:
         ms.stop(timeout=0)
         store.close()
+
+
+class ExtendCrashes(SQLiteStore):
+    """A SQLite store whose extensions raise what no store error is (a bug below the
+    store, or "can't start new thread" from the thread a PostgreSQL call runs in)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.crashed = threading.Event()
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        self.crashed.set()
+        raise RuntimeError("a bug in extend")
+
+
+def test_a_heartbeat_that_crashes_ends_the_worker_and_says_why(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A heartbeat that raised anything but a StoreError ended silently: the worker went
+    on, its status running and without an error, while no lease of it was extended any
+    more (another worker took them over at their expiry and sent them again). Like a
+    failing lease or record, the bug ends the worker, and its status says so."""
+    mx = smtp_server(stall_on="dot")  # takes the message, then does not answer
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = ExtendCrashes(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, timeouts=PATIENT, lease_for=timedelta(seconds=1.5))
+    ms = Mailstrom(cfg, store=store, worker="thread")
+    ms.start()
+    try:
+        ms.send_email(hello("u@example.org"))
+        assert store.crashed.wait(10)
+        assert ms.worker.wait_stopped(timeout=10)
+        status = ms.worker_status
+        assert status.dead and "a bug in extend" in (status.error or ""), status
+    finally:
+        ms.stop(timeout=0)
+        store.close()

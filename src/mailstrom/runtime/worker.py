@@ -470,6 +470,8 @@ class Worker(
             self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
         )
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
+        for task in (heartbeat, fencing, clock_check, reaping, tls_memory, pauses):
+            task.add_done_callback(self._loop_ended)
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
         failed = True
@@ -558,6 +560,24 @@ class Worker(
                     self._running = False
                     self._stopped.set()
 
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """One of the loops beside the store loop (the heartbeat, fencing, the clock
+        check, the look for dead workers, the reads of pauses and broken TLS) ended. Each
+        handles a failing store itself: one that raised is a bug (or no thread could be
+        started for a store call), which ends the worker as a bug of the store loop does,
+        its status saying why. Unseen, the worker went on without it: a heartbeat ended so
+        extended no lease again, and another worker sent its mail a second time."""
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        if exc is None:
+            return  # nothing to do for this worker's store (no reaping, no TLS memory)
+        log.error("%s crashed: %s: %s", task.get_name(), type(exc).__name__, exc, exc_info=exc)
+        if self._unusable is None:
+            self._unusable = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        if self._wake is not None:
+            self._wake.set()
+
     async def _store_loop(self, dispatcher: Dispatcher, *, once: bool) -> None:
         """Every write the worker makes: record what finished, and lease what is due, in
         one transaction when both are wanted (see the module docstring). A store called in
@@ -585,7 +605,9 @@ class Worker(
         try:
             while True:
                 if self._unusable is not None:
-                    raise self._unusable  # found by another call (see _store_unusable)
+                    # Found by another call (see _store_unusable), or a loop beside this
+                    # one crashed (_loop_ended).
+                    raise self._unusable
                 self._wake.clear()
                 if beside is not None and beside[0].done():
                     (task, call), beside = beside, None

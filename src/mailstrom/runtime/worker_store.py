@@ -51,11 +51,12 @@ class WorkerStore:
     _inline: bool
     _counters: _Counters
     _wake: asyncio.Event | None
-    _unusable: StoreCorrupt | None = None
+    _unusable: Exception | None = None
     """What a call beside the store loop's (a beat, an extension, a read of pauses) found:
     the store cannot be used and trying again will not help (a newer mailstrom migrated
-    PostgreSQL's database, which a beat finds first). The store loop ends the worker on
-    it at once, as on one of its own calls' (see :meth:`_store_unusable`)."""
+    PostgreSQL's database, which a beat finds first), or a bug ended one of the worker's
+    loops beside the store loop (``Worker._loop_ended``). The store loop ends the worker
+    on it at once, as on one of its own calls' (see :meth:`_store_unusable`)."""
 
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the store: on this loop when its calls are short local work (memory,
