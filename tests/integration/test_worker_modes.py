@@ -294,6 +294,31 @@ async def test_stop_closes_connections_with_deliveries_in_flight(
     assert "never retrieved" not in caplog.text
 
 
+async def test_the_status_after_a_stop_shows_nothing_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Deliveries cancelled by the stop (their recipients given back to the store) were
+    still counted in ``worker_status.in_flight`` once the worker had stopped: the status
+    of a stopped worker said mail was being delivered, for good."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = MemoryStore()
+    ms = AsyncMailstrom(config(dns_server, mx.port, timeouts=FAST), store=store)
+    await ms.start()
+    ids = [await ms.send_email(hello(f"u{i}@example.org", i)) for i in range(3)]
+    for _ in range(500):
+        if mx.received:
+            break
+        await asyncio.sleep(0.01)
+    assert mx.received and ms.worker_status.in_flight == 3
+    await ms.stop(timeout=0.2)
+    status = ms.worker_status
+    assert not status.running
+    assert (status.in_flight, status.transactions, status.sessions) == (0, 0, 0), status
+    assert all(not store.status(i).is_final for i in ids)  # given back, not lost
+
+
 async def test_stop_opens_no_connection_for_the_work_queued_behind(
     smtp_server: ServerFactory, dns_server: LoopbackDNS
 ) -> None:

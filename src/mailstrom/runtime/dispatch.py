@@ -1135,6 +1135,12 @@ class Dispatcher:
             dest.queue.clear()
         self._destinations.clear()
         self._waiting.clear()
+        # Nothing is in flight any more: what was is the caller's to give back (the
+        # worker releases its leases), and a status read after the stop says so.
+        self.in_flight = 0
+        self._held.clear()
+        self._lost.clear()
+        self.idle.set()
         await self._opener.close()
 
 
