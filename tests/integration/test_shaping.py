@@ -591,3 +591,43 @@ def test_a_higher_lane_message_is_not_held_behind_a_lower_lanes_rate_backlog(
         ms.stop(timeout=5)
     assert not postponed, status
     assert status.state is DELIVERED
+
+
+class PostponeCrashes(MemoryStore):
+    """A memory store whose postponements raise what no store error is (a bug below the
+    store, or "can't start new thread" from the thread a PostgreSQL call runs in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashed = threading.Event()
+
+    def postpone(
+        self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
+    ) -> int:
+        self.crashed.set()
+        raise RuntimeError("a bug in postpone")
+
+
+def test_a_postponement_that_crashes_ends_the_worker_and_says_why(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """A postponement (mail a rate would hold for long, given back to the store) that
+    raised anything but a StoreError ended unseen: its recipients, out of delivery and
+    never given back, stayed leased to a worker that went on extending their lease for as
+    long as it ran, its status without an error. The bug ends the worker now, as one in
+    its record or lease does, and its status says so."""
+    mx = smtp_server(host="127.0.0.28")
+    dns_server.mx("slowrate.test", [(10, "mx.slowrate.test")])
+    dns_server.a("mx.slowrate.test", mx.host)
+    rule = DestinationRule(match="slowrate.test", messages_per_minute=60)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(rule))
+    store = PostponeCrashes()
+    ms = start(config, store, Results())
+    try:
+        ms.send_emails([hello(f"r{i}@slowrate.test") for i in range(40)])
+        assert store.crashed.wait(10)
+        assert ms.worker.wait_stopped(timeout=10)
+        status = ms.worker_status
+        assert status.dead and "a bug in postpone" in (status.error or ""), status
+    finally:
+        ms.stop(timeout=0)

@@ -560,24 +560,6 @@ class Worker(
                     self._running = False
                     self._stopped.set()
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """One of the loops beside the store loop (the heartbeat, fencing, the clock
-        check, the look for dead workers, the reads of pauses and broken TLS) ended. Each
-        handles a failing store itself: one that raised is a bug (or no thread could be
-        started for a store call), which ends the worker as a bug of the store loop does,
-        its status saying why. Unseen, the worker went on without it: a heartbeat ended so
-        extended no lease again, and another worker sent its mail a second time."""
-        if task.cancelled() or self._closing:
-            return
-        exc = task.exception()
-        if exc is None:
-            return  # nothing to do for this worker's store (no reaping, no TLS memory)
-        log.error("%s crashed: %s: %s", task.get_name(), type(exc).__name__, exc, exc_info=exc)
-        if self._unusable is None:
-            self._unusable = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-        if self._wake is not None:
-            self._wake.set()
-
     async def _store_loop(self, dispatcher: Dispatcher, *, once: bool) -> None:
         """Every write the worker makes: record what finished, and lease what is due, in
         one transaction when both are wanted (see the module docstring). A store called in

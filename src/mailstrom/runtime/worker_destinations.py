@@ -83,9 +83,12 @@ class WorkerDestinations(WorkerStore):
             else:
                 del self._items[key]
                 self._item_lanes.pop(key, None)
-        task = self._loop.create_task(self._postpone(items, until, destination))
+        task = self._loop.create_task(
+            self._postpone(items, until, destination), name="mailstrom-postpone"
+        )
         self._postponing.add(task)
         task.add_done_callback(self._postponing.discard)
+        task.add_done_callback(self._loop_ended)  # a bug in it ends the worker
 
     async def _postpone(
         self, items: list[WorkItem], until: datetime, destination: str | None

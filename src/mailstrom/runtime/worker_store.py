@@ -55,8 +55,30 @@ class WorkerStore:
     """What a call beside the store loop's (a beat, an extension, a read of pauses) found:
     the store cannot be used and trying again will not help (a newer mailstrom migrated
     PostgreSQL's database, which a beat finds first), or a bug ended one of the worker's
-    loops beside the store loop (``Worker._loop_ended``). The store loop ends the worker
+    tasks beside the store loop (:meth:`_loop_ended`). The store loop ends the worker
     on it at once, as on one of its own calls' (see :meth:`_store_unusable`)."""
+
+    _closing: bool
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A task of the worker beside the store loop ended: one of its loops (the
+        heartbeat, fencing, the clock check, the look for dead workers, the reads of
+        pauses and broken TLS) or a postponement. Each handles a failing store itself: one
+        that raised is a bug (or no thread could be started for a store call), which ends
+        the worker as a bug of the store loop does, its status saying why. Unseen, the
+        worker went on without it: a heartbeat ended so extended no lease again (another
+        worker sent its mail a second time), and a postponement ended so left its
+        recipients leased to this worker for as long as it ran."""
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        if exc is None:
+            return  # done (no reaping, no TLS memory for this store; written)
+        log.error("%s crashed: %s: %s", task.get_name(), type(exc).__name__, exc, exc_info=exc)
+        if self._unusable is None:
+            self._unusable = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        if self._wake is not None:
+            self._wake.set()
 
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the store: on this loop when its calls are short local work (memory,
