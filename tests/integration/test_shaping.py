@@ -631,3 +631,44 @@ def test_a_postponement_that_crashes_ends_the_worker_and_says_why(
         assert status.dead and "a bug in postpone" in (status.error or ""), status
     finally:
         ms.stop(timeout=0)
+
+
+def test_mail_a_rate_would_hold_past_the_retry_max_age_fails_now(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: mail a rate would hold for long went back to the store due when the rate
+    lets it go, even when that fell past ``retry.max_age`` from when it was queued, and
+    was attempted once more then, after the retry policy had given up on it. As for a
+    pause, it fails now (class ``expired``), without an attempt; what the rate lets go
+    within its retries still goes back to the store."""
+    from mailstrom import RetryPolicy
+    from mailstrom.status import ReasonClass
+
+    mx = smtp_server(host="127.0.0.34")
+    dns_server.mx("agedrate.test", [(10, "mx.agedrate.test")])
+    dns_server.a("mx.agedrate.test", mx.host)
+    rule = DestinationRule(match="agedrate.test", messages_per_minute=60)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        shaping=shaping(rule),
+        retry=RetryPolicy(max_age=timedelta(seconds=30)),
+    )
+    store = ObservedStore()
+    ms = start(config, store, Results())
+    try:
+        queued_at = datetime.now(UTC)
+        ids = ms.send_emails([hello(f"r{i}@agedrate.test") for i in range(80)])
+        store.wait_settled(60)  # all but those the rate lets go at once
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    finally:
+        ms.stop(timeout=0)
+    given_up = [r for r in statuses if r.state is RecipientState.FAILED]
+    assert given_up, "none given up"
+    for r in given_up:
+        assert r.history[-1].reason_class is ReasonClass.EXPIRED
+        assert "retry.max_age" in r.reason
+    later = [r.next_attempt_at for r in statuses if r.state is RecipientState.QUEUED]
+    assert store.postponed >= 10 and later
+    last = queued_at + timedelta(seconds=31)  # max_age, and the clock's second
+    assert all(at is not None and at <= last for at in later), max(later)  # type: ignore[type-var]

@@ -116,6 +116,19 @@ def test_a_higher_lane_books_ahead_of_a_lower_lanes_schedule() -> None:
     assert shaper.spread(shape, 10, rank=1) == NOW + timedelta(seconds=41)
 
 
+def test_mail_the_retry_policy_gives_up_on_books_no_place_in_the_schedule() -> None:
+    """A message whose place in the rate falls past when its retries end fails instead of
+    going back to the store: its place, booked all the same, pushed back every message
+    after it (past their own retries, had they little time left)."""
+    rule = DestinationRule(match="example.org", messages_per_minute=60)
+    shaper, _ = make(rule)
+    shape = shaper.for_route("example.org", [])
+    late = shaper.spread(shape, 10, latest=NOW + timedelta(seconds=5))
+    assert late == NOW + timedelta(seconds=11)  # past ``latest``: the caller fails it
+    assert shaper.spread(shape, 10, latest=NOW + timedelta(seconds=11)) == late  # its place
+    assert shaper.spread(shape, 10) == NOW + timedelta(seconds=12)
+
+
 def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:
     # 1e-12 an hour (refused by the rule now) overflowed a timedelta in spread; the
     # slowest rate a rule takes, one a day, did too behind a long enough queue.

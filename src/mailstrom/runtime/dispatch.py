@@ -254,7 +254,9 @@ class Dispatcher:
                 return
             if shape is not None and shape.message_buckets:
                 ahead = _queued(shape, checked.rank)
-                later = self._shaper.spread(shape, ahead, checked.rank)
+                max_age = self._config.retry.max_age
+                latest = None if max_age is None else _first_due(checked.item) + max_age
+                later = self._shaper.spread(shape, ahead, checked.rank, latest=latest)
                 if later is not None:
                     self._postpone_later(checked, later)  # the rate would keep it waiting
                     return
@@ -950,14 +952,8 @@ class Dispatcher:
         (``retry.max_age`` from when it was queued) fails now instead, as a recipient
         deferred into a pause does (:func:`_until_pause`): postponed, it came back after
         its retries had ended and was attempted once more."""
-        if until is not None and (max_age := self._config.retry.max_age) is not None:
-            # Counted from when the recipients could first go, as next_attempt counts it.
-            last = until - max_age
-            late = [w for w in works if _first_due(w.item) < last]
-            if late:
-                works = [w for w in works if _first_due(w.item) >= last]
-                for work in late:
-                    self._done(self._outcomes.expired(work.item, why=_past_max_age(max_age)))
+        if until is not None:
+            works = self._within_max_age(works, until, "the destination's pause ends")
         items = [work.item for work in works]
         self.in_flight -= sum(len(item.recipients) for item in items)
         if self.in_flight <= 0:
@@ -975,9 +971,29 @@ class Dispatcher:
             if items:
                 self._on_postpone(items, when, destination)
 
+    def _within_max_age(self, works: list[_Work], until: datetime, when: str) -> list[_Work]:
+        """``works`` less those the retry policy gives up on before ``until`` (when
+        ``when``): ``retry.max_age`` from when they were queued. Those fail now, without
+        an attempt (class ``expired``)."""
+        max_age = self._config.retry.max_age
+        if max_age is None:
+            return works
+        # Counted from when the recipients could first go, as next_attempt counts it.
+        last = until - max_age
+        late = [w for w in works if _first_due(w.item) < last]
+        if not late:
+            return works
+        for work in late:
+            self._done(self._outcomes.expired(work.item, why=_past_max_age(max_age, when)))
+        return [w for w in works if _first_due(w.item) >= last]
+
     def _postpone_later(self, work: _Work, until: datetime) -> None:
         """Give ``work`` back, due at ``until``; the items of one lease are gathered and
-        given back in one call per due time."""
+        given back in one call per due time. Work the retry policy gives up on before
+        then fails now, as in :meth:`_give_back`: given back, it came back after its
+        retries had ended and was attempted once more."""
+        if not self._within_max_age([work], until, "the destination's rate lets it go"):
+            return
         self.in_flight -= len(work.item.recipients)
         if self.in_flight <= 0:
             self.idle.set()
@@ -1190,11 +1206,8 @@ def _first_due(item: WorkItem) -> datetime:
     return min(r.created_at for r in item.recipients)
 
 
-def _past_max_age(max_age: timedelta) -> str:
-    return (
-        f"retry.max_age ({max_age}) would pass before the destination's pause ends: "
-        "given up without another attempt"
-    )
+def _past_max_age(max_age: timedelta, when: str) -> str:
+    return f"retry.max_age ({max_age}) would pass before {when}: given up without another attempt"
 
 
 def _not_past_expiry(until: datetime, item: WorkItem) -> datetime:

@@ -263,10 +263,14 @@ class Shaper:
 
     # --- rates ----------------------------------------------------------------------------
 
-    def spread(self, shape: Shape, waiting: int, rank: int = 0) -> datetime | None:
+    def spread(
+        self, shape: Shape, waiting: int, rank: int = 0, *, latest: datetime | None = None
+    ) -> datetime | None:
         """When a message of lane ``rank`` (0 the highest) that finds ``waiting`` others
         queued ahead of it for ``shape`` should come back from the store, if its rate
-        leaves it waiting past the horizon; else None."""
+        leaves it waiting past the horizon; else None. A time past ``latest`` (when the
+        retry policy gives up on the message) books no place in the rate's schedule: the
+        message fails instead of coming back, and must not push back those after it."""
         if not shape.message_buckets:
             return None
         rate = min(bucket.rate for bucket in shape.message_buckets)
@@ -282,9 +286,11 @@ class Shaper:
         booked = max((at for lane, at in shape.booked.items() if lane <= rank), default=None)
         if booked is not None and booked > due:
             due = min(booked, end)
-        shape.booked[rank] = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
         # Whole seconds, so that one lease's overflow is given back in a few writes.
-        return due.replace(microsecond=0) + timedelta(seconds=1)
+        at = due.replace(microsecond=0) + timedelta(seconds=1)
+        if latest is None or at <= latest:
+            shape.booked[rank] = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
+        return at
 
     async def _take(self, buckets: Sequence[TokenBucket], want: int) -> TokenGrant:
         try:
