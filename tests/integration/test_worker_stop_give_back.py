@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +76,59 @@ async def test_stop_gives_up_giving_back_once_the_store_fails(
         store.close()
     assert took < 2.5 * BUSY, took
     assert "could not give back" in caplog.text
+
+
+class LeaseWaits(SQLiteStore):
+    """A SQLite store called in threads, as PostgreSQL is (its leases then run beside the
+    records), whose leases of new work wait for the test's word once it is armed."""
+
+    in_process = False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.armed = threading.Event()
+        self.leasing = threading.Event()
+        self.go = threading.Event()
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        if kwargs.get("limit") and self.armed.is_set():
+            self.leasing.set()
+            self.go.wait(10)
+        return super().record_and_lease(results, **kwargs)
+
+
+async def test_a_lease_that_ends_after_the_stop_is_given_back_not_started(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A lease still running when the stop was asked for (beside the records: a store
+    called in a thread) had its work started when it came back during the drain: a
+    stopping worker sent new mail for as long as the drain allowed, and what it cut off
+    at the drain's end (its final dot sent, the reply not yet in) went out again. Its
+    work is given back at once now, due at once, as what a stop finds leased and never
+    attempted is."""
+    stalled = smtp_server(stall_on="dot")
+    mx = smtp_server(host="127.0.0.2", port=stalled.port)
+    dns_server.mx("stalled.example", [(10, "mx.stalled.test")])
+    dns_server.a("mx.stalled.test", stalled.host)
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = LeaseWaits(tmp_path / "q.db")
+    try:
+        now = datetime.now(UTC)
+        store.enqueue(prepare(hello("slow@stalled.example")), now=now)
+        worker = Worker(loopback_config(dns_server, stalled.port, timeouts=FAST), store)
+        run = asyncio.create_task(worker.run())
+        assert await _until(lambda: stalled.received, 10)  # in flight: the drain waits
+        store.armed.set()
+        mid = store.enqueue(prepare(hello("u@example.org")), now=now)
+        worker.wake()
+        assert await asyncio.to_thread(store.leasing.wait, 10)
+        worker.request_stop(drain_timeout=1.5)
+        await asyncio.sleep(0.05)  # the stop is heard before the lease comes back
+        store.go.set()
+        await asyncio.wait_for(run, 30)
+        assert not store.status(mid).is_final
+        assert not mx.received
+        assert sum(holder.leased for holder in store.live_holders()) == 0  # given back
+    finally:
+        store.close()

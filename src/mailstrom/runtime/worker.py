@@ -754,6 +754,14 @@ class Worker(
             self._report_set_aside(lease.failed)
         if not lease.items:
             return False  # only recipients set aside: lease again at once
+        if self._stopping:
+            # A lease that ran beside the records when the stop was asked for: its work
+            # is no delivery in flight, and goes back now, as what the stop finds leased
+            # and never attempted does (started, it went out during the drain, and what
+            # the drain's end cut off went out again).
+            with contextlib.suppress(StoreError):  # else it waits for its expiry
+                await self._store_call(self.store.release, lease)
+            return False
         found = lease.suppressions
         if found is None:  # not read with the lease: ask
             found = await self._suppressed_in(lease)
