@@ -7,18 +7,21 @@ import asyncio
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mailstrom.errors import StoreLocked
 from mailstrom.message import prepare
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import SQLiteStore
+from mailstrom.stores.base import Lease
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_engine import FAST, hello, write_lock_held
+from tests.integration.test_worker_store_error import PATIENT
 from tests.support.delivery import loopback_config
 
 LEASES = 5
@@ -132,3 +135,69 @@ async def test_a_lease_that_ends_after_the_stop_is_given_back_not_started(
         assert sum(holder.leased for holder in store.live_holders()) == 0  # given back
     finally:
         store.close()
+
+
+class ExtendsSeen(SQLiteStore):
+    """A SQLite store that notes each extension the worker asks for: its lease's token,
+    and whether it failed."""
+
+    def __init__(self, path: Path, *, busy_timeout: float) -> None:
+        super().__init__(path, busy_timeout=busy_timeout)
+        self.extends: list[tuple[str, bool]] = []
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        try:
+            held = super().extend(lease, until=until)
+        except StoreLocked:
+            self.extends.append((lease.token, False))
+            raise
+        self.extends.append((lease.token, True))
+        return held
+
+
+async def test_a_beat_stops_extending_once_the_store_is_locked(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The worker holds five leases on a server that stalls, and another process holds
+    the database's write lock. Each beat tried every lease in turn, each extension waiting
+    the whole busy timeout on the worker's loop before it failed as surely as the one
+    before: the loop stood still five busy timeouts a beat (ten minutes for twenty
+    leases with the default 30 s), its sessions unread. Once one extension finds the
+    store locked, the beat leaves the rest to the next one (their leases count as not
+    extended, which fencing judges), as a stop's give-back does."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = ExtendsSeen(path, busy_timeout=0.3)
+    try:
+        now = datetime.now(UTC)
+        for i in range(LEASES):
+            store.enqueue(prepare(hello(f"u{i}@example.org", i)), now=now)
+        config = loopback_config(
+            dns_server, mx.port, timeouts=PATIENT, lease_batch=1, lease_for=timedelta(seconds=3)
+        )
+        worker = Worker(config, store)
+        run = asyncio.create_task(worker.run())
+
+        def leased() -> int:
+            return sum(holder.leased for holder in store.live_holders())
+
+        assert await _until(lambda: leased() == LEASES and mx.received, 10), leased()
+        assert await _until(lambda: len(store.extends) >= LEASES, 10)  # a beat that worked
+        with write_lock_held(path):
+            seen = len(store.extends)
+            assert await _until(lambda: any(not ok for _, ok in store.extends[seen:]), 10)
+            await asyncio.sleep(0.5)  # a beat's worth of extensions, had it gone on
+        worker.request_stop(drain_timeout=0)
+        await asyncio.wait_for(run, 30)
+    finally:
+        store.close()
+    order = [token for token, _ in store.extends[:LEASES]]  # a beat's, lease by lease
+    assert sorted(order) == sorted(set(order)), order
+    during = store.extends[seen:]
+    first = next(i for i, (_, ok) in enumerate(during) if not ok)
+    # After a failure the next call is the first lease's, at the next beat: not the
+    # next lease's of the same beat.
+    after = [token for token, _ in during[first + 1 :]]
+    assert not after or after[0] == order[0], (order, during)

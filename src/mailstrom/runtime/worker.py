@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.bounces.verp import per_recipient, wants_verp_key
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
+from mailstrom.errors import StoreCorrupt, StoreError, StoreLocked, StoreRefusedData
 from mailstrom.routing import Router
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.metrics import MetricsRecorder
@@ -1033,13 +1033,21 @@ class Worker(
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             self._beating = True
+            locked = False
             try:
                 for state in list(self._leases.values()):
+                    if locked:
+                        # Each would fail as surely, after as long a wait (the whole busy
+                        # timeout of a SQLite write lock held elsewhere, on this loop):
+                        # left to the next beat, not extended meanwhile (see fencing).
+                        state.extend_failed = True
+                        continue
                     try:
                         held = await self._store_call(self.store.extend, state.lease, until=until)
                     except StoreError as exc:  # a passing hiccup; the next beat tries again
                         self._store_trouble("extend", exc)
                         state.extend_failed = True
+                        locked = isinstance(exc, StoreLocked)
                         continue
                     # The store answers again: while a delivery takes long, no write of
                     # results comes to say so, and the failure stayed in store_error.
