@@ -22,6 +22,7 @@ from mailstrom import Config, Email, Mailstrom, RecipientState, Timeouts
 from mailstrom.bounces import verp_address
 from mailstrom.errors import SMTPTimeout, StoreLocked, WorkerError
 from mailstrom.message import prepare
+from mailstrom.runtime import worker as worker_module
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.postgres import PostgresStore
@@ -183,6 +184,48 @@ def test_a_server_that_never_greets_delays_nobody_else(
         assert stalled.connections == 1
         ms.stop(timeout=0.5)
     store.close()  # a store passed in is the caller's to close
+
+
+def test_many_messages_to_a_server_that_never_greets_hold_only_its_sessions(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Engine v2 #7 with more than one message behind the stalled server: 20 messages to
+    a server that never greets (one session: max_per_destination=1), then 20 to a healthy
+    one. The 19 waiting behind the stalled session filled the worker's room (16
+    recipients), and nothing else was leased until the greeting timed out (300 s here).
+    A queue that has not moved for a while goes back to the store once the worker is
+    full, so the healthy mail goes out while the greeting is still awaited."""
+    monkeypatch.setattr(worker_module, "_STALLED_AFTER", 1.0)
+    healthy = smtp_server()
+    stalled = smtp_server(host="127.0.0.2", port=healthy.port, stall_on="greeting")
+    dns_server.mx("healthy.example", [(10, "mx.healthy.test")])
+    dns_server.a("mx.healthy.test", healthy.host)
+    dns_server.mx("stalled.example", [(10, "mx.stalled.test")])
+    dns_server.a("mx.stalled.test", stalled.host)
+    results = Results()
+    slow_greeting = Timeouts(connect=5, greeting=300, command=30, data_init=30)
+    store = SQLiteStore(tmp_path / "q.db")
+    settings = config(
+        dns_server,
+        healthy.port,
+        timeouts=slow_greeting,
+        max_connections=4,
+        max_per_destination=1,
+        lease_batch=8,
+    )
+    with Mailstrom(settings, store=store, on_result=results) as ms:
+        stuck = ms.send_emails([hello(f"s{i}@stalled.example", i) for i in range(20)])
+        ms.send_emails([hello(f"u{i}@healthy.example", i) for i in range(20)])
+        # Well inside the greeting timeout: only the healthy mail has results.
+        results.wait_count(20, timeout=60)
+        assert len(healthy.wait_for_messages(20, timeout=10)) == 20
+        assert all(not ms.query_status(mid).is_final for mid in stuck)
+        assert stalled.connections == 1
+        ms.stop(timeout=0.5)
+    store.close()
 
 
 # --- a store that fails for a while -------------------------------------------------------------

@@ -150,6 +150,9 @@ class _Destination:
     """Its messages ask for REQUIRETLS (they get a queue of their own)."""
     tls_optional: bool = False
     """Its messages carry ``TLS-Required: No`` (they get a queue of their own)."""
+    moved: float = field(default_factory=time.monotonic)
+    """When a session last took work from the queue (or the queue was made): a queue that
+    has not moved for long waits behind a server that does not (see :meth:`Dispatcher.relieve`)."""
 
 
 _REQUIRE_TLS = "\0requiretls"
@@ -748,8 +751,9 @@ class Dispatcher:
                 if shape is not None and not self._may_send(shape):
                     break
                 work = queue.popleft()
+                dest.moved = now = time.monotonic()
                 if not work.started:
-                    work.started = time.monotonic()
+                    work.started = now
                 try:
                     future = self._submit(conn, work, reset, where)
                 except DeliveryError as exc:
@@ -945,7 +949,11 @@ class Dispatcher:
         self._give_back(works, pause.until, pause.destination)
 
     def _give_back(
-        self, works: list[_Work], until: datetime | None = None, destination: str | None = None
+        self,
+        works: list[_Work],
+        until: datetime | None = None,
+        destination: str | None = None,
+        until_what: str = "the destination's pause ends",
     ) -> None:
         """Out of flight, and back to the store through ``on_postpone``, due at ``until``
         (at once when None). Work that the retry policy gives up on before ``until``
@@ -953,7 +961,7 @@ class Dispatcher:
         deferred into a pause does (:func:`_until_pause`): postponed, it came back after
         its retries had ended and was attempted once more."""
         if until is not None:
-            works = self._within_max_age(works, until, "the destination's pause ends")
+            works = self._within_max_age(works, until, until_what)
         items = [work.item for work in works]
         self.in_flight -= sum(len(item.recipients) for item in items)
         if self.in_flight <= 0:
@@ -1130,6 +1138,35 @@ class Dispatcher:
         if lease_token in self._held:  # some of it is on the wire
             self._lost.add(lease_token)
         return sum(len(work.item.recipients) for work in withdrawn)
+
+    def relieve(self, stalled_for: float, back_in: timedelta) -> int:
+        """Give back, due ``back_in`` from now, the queued work of every destination whose
+        sessions have taken nothing from its queue for ``stalled_for`` seconds (a server
+        that never greets, a transaction that never ends); returns how many recipients
+        went back. The worker asks when it can lease no more: work waiting behind a server
+        that does not move held the worker's room, and mail to every other destination
+        waited for that server's timeouts. The sessions keep what they started."""
+        now = time.monotonic()
+        stalled: list[_Work] = []
+        for dest in self._destinations.values():
+            if dest.queue and dest.sessions and now - dest.moved >= stalled_for:
+                stalled.extend(dest.queue)
+                dest.queue.clear()  # in place: its sessions read it through their own reference
+        if not stalled:
+            return 0
+        log.info(
+            "%d item(s) waiting behind a destination that has not moved for %g s go back "
+            "to the queue for %s",
+            len(stalled),
+            stalled_for,
+            back_in,
+        )
+        self._give_back(
+            stalled,
+            self._outcomes.now() + back_in,
+            until_what="the stalled destination's queue is leased again",
+        )
+        return sum(len(work.item.recipients) for work in stalled)
 
     # --- upkeep ------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ beside the records, which go on while it waits for its answer. After a small lea
 deliveries are in flight, leasing pauses a few milliseconds so that the next one collects
 what arrived meanwhile. The worker never leases more than
 ``max(4 * max_connections, lease_batch)`` recipients ahead of delivery and counts
-capacity per recipient: a stalled server holds only its own slots. Nor does it hold more
+capacity per recipient: a stalled server holds only its own slots, and once the worker is
+full the work queued behind a server that has not moved for ``_STALLED_AFTER`` seconds
+goes back to the store for a minute, so that it holds no room of the others. Nor does it hold more
 than ``max_leased_bytes`` of message data (and one message larger than what is left): the
 store leases no more, and each message's data is let go once its recipients are
 recorded, so a stalled server holds only its own messages. A **heartbeat** extends
@@ -39,7 +41,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.bounces.verp import per_recipient, wants_verp_key
@@ -90,6 +92,14 @@ At full speed a write then carries ~43 results instead of ~24: a worker process 
 9% faster (benchmarks/README.md), and a result is still committed within 10 ms of the
 server's reply (p99 8.7 ms), the bound on what a crash can make us send twice."""
 
+
+_STALLED_AFTER = 10.0
+"""Seconds a destination's queue may wait without a session taking from it, while the
+worker is full, before that queue goes back to the store (:meth:`Dispatcher.relieve`)."""
+_STALLED_BACK_IN = timedelta(seconds=60)
+"""How long work given back from behind a stalled destination stays in the store."""
+_RELIEF_EVERY = 1.0
+"""Seconds between two looks for stalled destinations while the worker is full."""
 
 _CUT_OFF = "may be taken over: its worker is cut off"
 """Why a lease is fenced while its worker is cut off (worker_reaping.py)."""
@@ -580,6 +590,7 @@ class Worker(
         backoff = _Backoff()
         lease_backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
+        relief_at = 0.0  # no look for stalled destinations before this loop time
         # A lease running beside the records, and what it asked for.
         beside: tuple[asyncio.Future[Lease | None], _LeaseCall] | None = None
         if self._clock_checked is not None:
@@ -613,6 +624,13 @@ class Worker(
                     room -= beside[1].limit
                 byte_room = byte_budget - self._held_bytes.now
                 self._starved = room <= 0 or byte_room <= 0
+                if self._starved and loop.time() >= relief_at:
+                    # Full: perhaps of work waiting behind a server that does not move,
+                    # which holds room no other destination can use. Its queue goes back
+                    # to the store for a while (a stalled server holds its sessions only).
+                    relief_at = loop.time() + _RELIEF_EVERY
+                    if dispatcher.relieve(_STALLED_AFTER, _STALLED_BACK_IN):
+                        continue
                 leasing = (
                     self._lease_wanted
                     and not self._starved
@@ -859,6 +877,8 @@ class Worker(
                 self._lease_wanted = True
                 self._due_stale = True
                 return False
+        if self._starved:
+            timeout = min(timeout, _RELIEF_EVERY)  # to look for stalled destinations
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         poll_at = loop.time() + self.config.poll_interval
