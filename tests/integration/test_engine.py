@@ -27,7 +27,7 @@ from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.fixtures.smtp_server import ServerFactory
+from tests.fixtures.smtp_server import ReceivingServer, ServerFactory
 from tests.support.delivery import Results, loopback_config
 from tests.support.stopped_writer import stopped_writer
 
@@ -156,23 +156,34 @@ def test_an_item_loses_at_most_mx_session_limit_sessions(
 # --- no head-of-line blocking ------------------------------------------------------------------
 
 
-def test_a_server_that_never_greets_delays_nobody_else(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
-) -> None:
-    """Engine v2 #7: one message to a server that never greets, then 2,000 to a healthy
-    one: the 2,000 are delivered while the first still waits for its greeting (the old
-    worker delivered 499, then nothing until the greeting timeout)."""
+SLOW_GREETING = Timeouts(connect=5, greeting=300, command=30, data_init=30)
+
+
+def healthy_and_stalled(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> tuple[ReceivingServer, ReceivingServer]:
+    """A healthy MX for healthy.example and one that never greets for stalled.example
+    (another loopback address, the same port)."""
     healthy = smtp_server()
     stalled = smtp_server(host="127.0.0.2", port=healthy.port, stall_on="greeting")
     dns_server.mx("healthy.example", [(10, "mx.healthy.test")])
     dns_server.a("mx.healthy.test", healthy.host)
     dns_server.mx("stalled.example", [(10, "mx.stalled.test")])
     dns_server.a("mx.stalled.test", stalled.host)
+    return healthy, stalled
+
+
+def test_a_server_that_never_greets_delays_nobody_else(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Engine v2 #7: one message to a server that never greets, then 2,000 to a healthy
+    one: the 2,000 are delivered while the first still waits for its greeting (the old
+    worker delivered 499, then nothing until the greeting timeout)."""
+    healthy, stalled = healthy_and_stalled(smtp_server, dns_server)
     results = Results()
-    slow_greeting = Timeouts(connect=5, greeting=300, command=30, data_init=30)
     store = SQLiteStore(tmp_path / "q.db")
     with Mailstrom(
-        config(dns_server, healthy.port, timeouts=slow_greeting, lease_batch=100),
+        config(dns_server, healthy.port, timeouts=SLOW_GREETING, lease_batch=100),
         store=store,
         on_result=results,
     ) as ms:
@@ -199,19 +210,13 @@ def test_many_messages_to_a_server_that_never_greets_hold_only_its_sessions(
     A queue that has not moved for a while goes back to the store once the worker is
     full, so the healthy mail goes out while the greeting is still awaited."""
     monkeypatch.setattr(worker_module, "_STALLED_AFTER", 1.0)
-    healthy = smtp_server()
-    stalled = smtp_server(host="127.0.0.2", port=healthy.port, stall_on="greeting")
-    dns_server.mx("healthy.example", [(10, "mx.healthy.test")])
-    dns_server.a("mx.healthy.test", healthy.host)
-    dns_server.mx("stalled.example", [(10, "mx.stalled.test")])
-    dns_server.a("mx.stalled.test", stalled.host)
+    healthy, stalled = healthy_and_stalled(smtp_server, dns_server)
     results = Results()
-    slow_greeting = Timeouts(connect=5, greeting=300, command=30, data_init=30)
     store = SQLiteStore(tmp_path / "q.db")
     settings = config(
         dns_server,
         healthy.port,
-        timeouts=slow_greeting,
+        timeouts=SLOW_GREETING,
         max_connections=4,
         max_per_destination=1,
         lease_batch=8,
