@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import logging
 import ssl
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -52,7 +53,10 @@ def make_source(
     store: MemoryStore,
     failures: list[tuple[str, PolicyError, CachedPolicy | None]] | None = None,
     recheck_seconds: float = 0,
+    *,
+    one_clock: bool = False,
 ) -> PolicySource:
+    """``one_clock``: the source's monotonic clock is ``clock`` too (a test moves both)."""
     settings = MTASTSConfig(port=https.port, tls_context=context, recheck=recheck_seconds)
     config = Config(dns=dns.dns_config, allow_loopback=True, mta_sts=settings)
     return PolicySource(
@@ -61,6 +65,7 @@ def make_source(
         resolver=make_resolver(config.dns),
         clock=clock,
         on_failure=(lambda *a: failures.append(a)) if failures is not None else None,
+        monotonic=(lambda: clock.now.timestamp()) if one_clock else time.monotonic,
     )
 
 
@@ -284,14 +289,8 @@ async def test_a_remembered_policy_is_not_applied_past_its_max_age(
     shorter was applied for all of them, after it had expired and with no fetch since."""
     https.policy(POLICY.replace("max_age: 86400", "max_age: 600"))
     zone.txt("_mta-sts.example.org", "v=STSv1; id=one;", ttl=86400)
-    settings = MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=3600)
-    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
-    source = PolicySource(
-        config,
-        MemoryStore(),
-        resolver=make_resolver(config.dns),
-        clock=clock,
-        monotonic=lambda: clock.now.timestamp(),  # one clock for both
+    source = make_source(
+        zone, https, client_tls_context, clock, MemoryStore(), recheck_seconds=3600, one_clock=True
     )
     cached = await source.policy("example.org")
     assert cached is not None and cached.expires_at == clock.now + timedelta(seconds=600)
@@ -336,14 +335,8 @@ async def test_a_record_reached_through_a_cname_is_remembered_no_longer_than_the
     zone.cname("_mta-sts.example.org", "_mta-sts.old.provider.test", ttl=60)
     zone.txt("_mta-sts.old.provider.test", "v=STSv1; id=one;", ttl=86400)
     zone.txt("_mta-sts.new.provider.test", "v=STSv1; id=two;", ttl=86400)
-    settings = MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=3600)
-    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
-    source = PolicySource(
-        config,
-        MemoryStore(),
-        resolver=make_resolver(config.dns),
-        clock=clock,
-        monotonic=lambda: clock.now.timestamp(),  # one clock for both
+    source = make_source(
+        zone, https, client_tls_context, clock, MemoryStore(), recheck_seconds=3600, one_clock=True
     )
     first = await source.policy("example.org")
     assert first is not None and first.policy_id == "one"
