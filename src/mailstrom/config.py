@@ -737,9 +737,16 @@ class Config:
         names = tuple(given)
         if not all(isinstance(d, str) for d in names):
             raise ConfigError(f"metrics_domains: expected domain names, got {shorten(str(names))}")
-        domains = tuple(d.strip().lower() for d in names)
+        # As a recipient's domain is stored and counted (lower case, U-labels as
+        # A-labels, no final dot): "Bücher.Example" or "example.org." matched none of
+        # its recipients otherwise, and all their results counted as "other".
+        domains = tuple(d.strip().lower().removesuffix(".") for d in names)
         if any(not d or any(c.isspace() for c in d) for d in domains):
             raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
+        try:
+            domains = tuple(a_label(d) for d in domains)
+        except ValueError as exc:
+            raise ConfigError(f"metrics_domains: {exc}") from None
         object.__setattr__(self, "metrics_domains", domains)
         if self.dkim is not None and not isinstance(self.dkim, DKIMConfig):
             raise ConfigError(f"dkim must be a DKIMConfig, not {type(self.dkim).__name__}")

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
+from mailstrom import Email, Mailstrom
 from mailstrom.config import Config, HookConfig
 from mailstrom.errors import ConfigError
 from mailstrom.ops.server import parse_listen
 from mailstrom.runtime.metrics import MAX_REASON_CLASSES, MetricsRecorder
 from mailstrom.settings import load_settings
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import RecipientResult
 
 AT = datetime(2030, 1, 1, tzinfo=UTC)
@@ -184,3 +186,23 @@ def test_the_exporter_refuses_a_top_domains_that_is_not_a_count(top_domains: Any
         MailstromCollector(snapshot, top_domains=top_domains)
     assert raised.value.argument == "top_domains"
     assert MailstromCollector(snapshot, top_domains=0) is not None  # a count: all are other
+
+
+def test_configured_domains_count_recipients_as_the_store_spells_their_domain() -> None:
+    """``metrics_domains`` were only lower-cased, while a recipient's domain is stored as
+    an A-label without a final dot: a domain configured as ``Bücher.Example`` (or
+    ``example.org.``, the absolute form) never matched one of its recipients, whose
+    results all counted as ``other``."""
+    config = Config(metrics_domains=("Bücher.Example", "example.org."))
+    ms = Mailstrom(config, store=MemoryStore(), worker=None)
+    sent = ms.send_email(
+        Email(from_="app@sender.test", to=["Bob@Bücher.Example", "carol@EXAMPLE.org"], text="x")
+    )
+    stored = [r.address for r in ms.query_status(sent).recipients]
+    m = MetricsRecorder(domains=config.metrics_domains)
+    for address in stored:
+        m.observe(result(address))
+    assert m.snapshot().domain_results == {
+        ("xn--bcher-kva.example", "delivered"): 1,
+        ("example.org", "delivered"): 1,
+    }
