@@ -227,3 +227,28 @@ def test_a_clock_check_that_answers_does_not_clear_a_failing_write() -> None:
     worker._store_trouble("clock check", StoreError("connection lost"))
     worker._store_fine("clock check")
     assert worker.status.store_error is None
+
+
+async def test_a_stopped_worker_is_not_exported_as_paused() -> None:
+    """``mailstrom_leasing_paused`` is 1 while the *running* worker takes no new work
+    (docs/guide.md). The pause's reason stays in ``status.paused`` once the worker ends
+    (``mailstrom worker --once`` exits 75 by it), and the gauge read it alone: a worker
+    that had stopped was exported as paused, beside ``mailstrom_worker_up 0``, for as long
+    as the application ran."""
+    from mailstrom.ops.exporter import registry_for
+    from mailstrom.status import MetricsSnapshot
+
+    store = ClockedMemoryStore()
+    worker = worker_for(store, SkewedClock(45.0))
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: worker.status.paused is not None, "the pause")
+        running = registry_for(lambda: MetricsSnapshot(worker=worker.status))
+        assert running.get_sample_value("mailstrom_leasing_paused") == 1
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+    assert worker.status.paused is not None  # kept: why the last run took nothing
+    stopped = registry_for(lambda: MetricsSnapshot(worker=worker.status))
+    assert stopped.get_sample_value("mailstrom_worker_up") == 0
+    assert stopped.get_sample_value("mailstrom_leasing_paused") == 0
