@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -19,6 +20,7 @@ from mailstrom.settings import load_settings
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState
 from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.dead_holders import DeadHolderReaper, HolderInfo
 
 AT = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -206,3 +208,50 @@ def test_configured_domains_count_recipients_as_the_store_spells_their_domain() 
         ("xn--bcher-kva.example", "delivered"): 1,
         ("example.org", "delivered"): 1,
     }
+
+
+class _WorkersSlowToTell(MemoryStore):
+    """A store that tells which workers run (as SQLite and PostgreSQL do), whose answer
+    waits for ``released`` once ``slow`` is set (a PostgreSQL round trip)."""
+
+    reap_every = 60.0
+    dead_after = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+        self.asked = threading.Event()
+        self.released = threading.Event()
+
+    def release_dead_holders(self, alive: str | None = None) -> int:
+        return 0
+
+    def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
+        if self.slow:
+            self.asked.set()
+            assert self.released.wait(10)
+        info = HolderInfo(holder="a", host=None, pid=None, started_at=None, seen_at=None, leased=0)
+        return [info]
+
+
+def test_a_snapshot_never_has_the_queue_counts_of_one_reading_and_the_workers_of_another() -> None:
+    """The worker count is read with the queue's counts and left out with them
+    (docs/guide.md), but the two were kept apart: a ``metrics()`` call made while another
+    one was still asking which workers run got the new counts with the last reading's
+    workers (none, before the first), and a scrape had queue counts without
+    ``mailstrom_workers`` beside them, or the workers of five seconds before."""
+    store = _WorkersSlowToTell()
+    assert isinstance(store, DeadHolderReaper)
+    ms = Mailstrom(Config(), store=store, worker=None)
+    store.slow = True
+    reader = threading.Thread(target=ms.metrics)
+    reader.start()
+    try:
+        assert store.asked.wait(10)  # the counts are read; the workers are being asked
+        snap = ms.metrics()  # takes the last reading at once
+        assert (snap.queue is None) == (snap.workers is None), snap
+    finally:
+        store.released.set()
+        reader.join(10)
+    snap = ms.metrics()
+    assert snap.queue is not None and snap.workers == 1

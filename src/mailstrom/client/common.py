@@ -345,9 +345,9 @@ class FacadeBase:
         cache = self._queue_stats
         if cache is None:
             cache = self._queue_stats = QueueStatsCache(self.store)
-        stats, read_at = cache.get()
+        stats, read_at, workers = cache.reading()
         return MetricsSnapshot(
-            worker=self.worker_status, queue=stats, queue_read_at=read_at, workers=cache.workers()
+            worker=self.worker_status, queue=stats, queue_read_at=read_at, workers=workers
         )
 
     def wake(self) -> None:

@@ -67,9 +67,9 @@ class WorkerSources:
         cache = QueueStatsCache(store)
 
         def snapshot() -> MetricsSnapshot:
-            stats, read_at = cache.get()
+            stats, read_at, workers = cache.reading()
             return MetricsSnapshot(
-                worker=worker.status, queue=stats, queue_read_at=read_at, workers=cache.workers()
+                worker=worker.status, queue=stats, queue_read_at=read_at, workers=workers
             )
 
         health = HealthCheck(

@@ -40,6 +40,9 @@ _REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _OUTCOME_LABELS = {outcome: outcome.value for outcome in AttemptOutcome}
 _STATE_LABELS = {state: state.value for state in RecipientState}
 K = TypeVar("K")
+QueueReading = tuple[QueueStats | None, datetime | None, int | None]
+"""One reading of :class:`QueueStatsCache`: the queue's counts, when they were read, and
+how many workers run on the store."""
 
 
 class _Buckets:
@@ -148,23 +151,29 @@ class QueueStatsCache:
         self._store = store
         self._max_age = max_age
         self._lock = threading.Lock()
-        # The counts with their time, one value: a caller that does not wait for the
-        # reader sees the last reading or the new one, never half of each.
-        self._reading: tuple[QueueStats | None, datetime | None] = (None, None)
-        self._workers: int | None = None
+        # The counts with their time and the workers, one value set once all are read: a
+        # caller that does not wait for the reader sees the last reading or the new one,
+        # never half of each (the new counts beside the last reading's workers).
+        self._reading: QueueReading = (None, None, None)
         self._read_mono = -math.inf
         self.error: str | None = None
 
-    def get(self) -> tuple[QueueStats | None, datetime | None]:
-        """The queue's counts and when they were read (None, None if never read)."""
+    def reading(self) -> QueueReading:
+        """The queue's counts, when they were read, and how many workers run on the
+        store, all of one reading (None, None, None if never read); the workers are None
+        when the store cannot tell which run, or failed to, or did not give the counts."""
         self._refresh()
         return self._reading
 
+    def get(self) -> tuple[QueueStats | None, datetime | None]:
+        """The queue's counts and when they were read (None, None if never read)."""
+        stats, read_at, _ = self.reading()
+        return stats, read_at
+
     def workers(self) -> int | None:
-        """How many workers run on the store, read with the counts (None when the store
-        cannot tell which run, or failed to, or did not give the counts)."""
-        self._refresh()
-        return self._workers
+        """How many workers run on the store, read with the counts (see :meth:`reading`;
+        a snapshot takes both from one call of it)."""
+        return self.reading()[2]
 
     def _refresh(self) -> None:
         if time.monotonic() - self._read_mono < self._max_age:
@@ -180,18 +189,17 @@ class QueueStatsCache:
     def _read(self) -> None:
         self._read_mono = time.monotonic()
         try:
-            self._reading = (self._store.stats(), datetime.now(UTC))
-            self.error = None
+            stats, read_at = self._store.stats(), datetime.now(UTC)
         except StoreError as exc:
-            self._reading = (None, None)
-            self._workers = None
+            self._reading = (None, None, None)
             self.error = str(exc)
             return
         # Only beside counts the store gave: SQLite finds its workers by their lock
         # files, which answer (none) even once the database file is gone, and a 0 there
         # would tell an alert that no worker runs when the store only did not answer.
         live = live_workers(self._store)
-        self._workers = None if live is None else len(live)
+        self._reading = (stats, read_at, None if live is None else len(live))
+        self.error = None
 
 
 def add_metrics(a: WorkerMetrics, b: WorkerMetrics) -> WorkerMetrics:
