@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -255,3 +257,43 @@ def test_a_snapshot_never_has_the_queue_counts_of_one_reading_and_the_workers_of
         reader.join(10)
     snap = ms.metrics()
     assert snap.queue is not None and snap.workers == 1
+
+
+def test_every_exported_family_is_in_the_guides_table_and_every_one_there_is_exported() -> None:
+    """docs/guide.md's table is where an operator looks up what a family means before
+    writing an alert on it; ``mailstrom_queue_read_time_seconds`` (when the queue's
+    counts were read: how stale they are) was exported but not in it."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailstrom.ops.exporter import registry_for
+    from mailstrom.ops.sources import StoreWait
+    from mailstrom.status import Histogram, MetricsSnapshot, QueueStats, WorkerMetrics
+    from mailstrom.status import WorkerStatus as Status
+
+    metrics = WorkerMetrics(
+        attempts={("delivered", "none"): 1},
+        domain_results={("example.org", "delivered"): 1},
+        attempt_duration={"delivered": Histogram(bounds=(1.0,), counts=(1, 0), sum=0.5)},
+        queue_delay=Histogram(bounds=(1.0,), counts=(1, 0), sum=0.5),
+    )
+    # Every family at once: the optional ones need a start, a skew, the queue and workers.
+    snapshot = MetricsSnapshot(
+        worker=Status(running=True, started_at=AT, clock_skew=0.5, metrics=metrics),
+        queue=QueueStats(by_state={}, pending_by_domain={"example.org": 1}, messages=1),
+        queue_read_at=AT,
+        workers=1,
+    )
+    registry = registry_for(
+        lambda: snapshot, store_wait=lambda: StoreWait(waiting=True, failed_tries=0)
+    )
+    text = generate_latest(registry).decode()
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+    }
+    guide = (Path(__file__).parents[2] / "docs" / "guide.md").read_text()
+    table = guide.partition("| metric | type | labels |")[2].partition("\n\n")[0]
+    documented = set(re.findall(r"`(mailstrom_[a-z_]+)`", table))
+    assert exported - documented == set()
+    assert documented - exported == set()
