@@ -90,3 +90,43 @@ def test_a_long_run_judges_by_the_last_dead_after_not_by_its_start() -> None:
         beats.looked(clock.server())
         clock.seconds += 15
     assert beats.looked(clock.server()) == clock.server() - timedelta(seconds=120)
+
+
+def test_a_server_clock_stepped_forward_starts_the_run_again() -> None:
+    """The server's clock stepped ahead (NTP correcting it, a VM resumed): every live
+    holder's last beat reads as that much older. Judged by the new clock at once, each
+    one was taken for dead, and what it was delivering was given back and went out
+    twice. The step breaks the run like a missed beat: judged again once every live
+    holder has beaten by the new clock."""
+    clock = Clock()
+    beats = HolderBeats(120.0, monotonic=clock.monotonic)
+    while clock.seconds < 600:
+        beats.looked(clock.server())
+        clock.seconds += 15
+    step = timedelta(hours=1)
+    clock.seconds += 15
+    stepped = clock.server() + step
+    assert beats.looked(stepped) is None  # a live holder seen 15 s ago is no dead one
+    for n in range(1, 8):
+        clock.seconds += 15
+        assert beats.looked(stepped + timedelta(seconds=15 * n)) is None
+    clock.seconds += 15
+    assert beats.looked(stepped + timedelta(seconds=120)) == stepped
+
+
+def test_a_server_clock_stepped_back_starts_the_run_again() -> None:
+    """Stepped back an hour, the run's start lay an hour ahead of the server's clock: a
+    holder that died after the step waited an hour and more to be judged."""
+    clock = Clock()
+    beats = HolderBeats(120.0, monotonic=clock.monotonic)
+    while clock.seconds < 600:
+        beats.looked(clock.server())
+        clock.seconds += 15
+    clock.seconds += 15
+    stepped = clock.server() - timedelta(hours=1)
+    assert beats.looked(stepped) is None
+    for n in range(1, 8):
+        clock.seconds += 15
+        assert beats.looked(stepped + timedelta(seconds=15 * n)) is None
+    clock.seconds += 15
+    assert beats.looked(stepped + timedelta(seconds=120)) == stepped

@@ -17,7 +17,9 @@ within :attr:`HolderBeats.break_after` of the one before): a holder is dead when
 not seen for the last ``dead_after``, and the judge looked all through that time. A
 server restart, a failover or a network cut that stopped everyone's beats breaks every
 judge's run as well, so nobody is taken for dead for the time the server could not be
-reached: after one, a worker judges again once it has looked for ``dead_after``.
+reached: after one, a worker judges again once it has looked for ``dead_after``. So
+does a step of the server's clock (seen as its time between two looks parting from the
+judge's own), which made every live holder's last beat look that much older.
 
 What it costs to be wrong: a worker that lives but could not reach the server alone for
 ``dead_after`` (or whose process was stopped that long) is taken for dead, and another
@@ -72,6 +74,7 @@ class HolderBeats:
         self._monotonic = monotonic
         self._run_since: datetime | None = None
         self._last_look: float | None = None
+        self._last_server: datetime | None = None
         self._beaten: set[str] = set()
 
     def identity(self, holder: str) -> dict[str, object]:
@@ -101,11 +104,27 @@ class HolderBeats:
         Returns the time before which a holder not seen since is dead: ``dead_after``
         before ``server_now``, a window this store's unbroken run of looks covers whole
         (so the server could be reached all along). None while this store may not judge:
-        judging is off, or its run is shorter than ``dead_after``."""
+        judging is off, or its run is shorter than ``dead_after``.
+
+        A look whose server clock moved more than :attr:`break_after` away from this
+        process's monotonic one since the last look starts a new run too: the server's
+        clock was stepped (NTP correcting it, a VM resumed). Stepped ahead, every live
+        holder's last beat read as that much older, and all of them were taken for dead
+        at once; stepped back, the run's start lay ahead of the clock, and nobody was
+        judged until the clock got there again. After the step the run starts over, so
+        every live holder has beaten by the new clock before anyone is judged by it."""
         now = self._monotonic()
-        if self._last_look is None or now - self._last_look > self.break_after:
+        last_look, last_server = self._last_look, self._last_server
+        if (
+            last_look is None
+            or last_server is None
+            or now - last_look > self.break_after
+            or abs((server_now - last_server).total_seconds() - (now - last_look))
+            > self.break_after
+        ):
             self._run_since = server_now
         self._last_look = now
+        self._last_server = server_now
         if self.dead_after is None or self._run_since is None:
             return None
         threshold = server_now - timedelta(seconds=self.dead_after)
