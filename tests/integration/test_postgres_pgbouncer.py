@@ -126,3 +126,28 @@ def test_behind_pgbouncer_no_transaction_ends_on_a_flush(
         sent = [frontend_messages(bytes(data)) for data in proxy.upstream]
     assert any("S" in types for types in sent)  # the calls went through the proxy
     assert all("H" not in types for types in sent), sent
+
+
+def test_behind_pgbouncer_pooled_connections_keep_no_notifications(
+    bouncer: str, postgres_url: str
+) -> None:
+    # A LISTEN through transaction pooling stays on the server connection that ran it
+    # (a worker pointed at the pooler: its watch hears nothing, as the guide says), and
+    # every later client of that server connection is handed the queue's NOTIFYs. psycopg
+    # keeps those nobody reads, without bound: each pooled connection of every mailstrom
+    # process behind the pooler grew by one per wake-up for as long as it lived.
+    with PostgresStore(bouncer + "?prepare_threshold=none", max_size=1) as store:
+        unwatch = store.watch(lambda: None)
+        try:
+            with PostgresStore(postgres_url) as direct:
+                for i in range(20):
+                    direct.enqueue(small_message(f"r{i}@example.org"), now=T0)
+                    store.stats()  # on the server connection that LISTENed, in turn
+            store.stats()
+            with store._pool.connection() as conn:
+                # What psycopg keeps for a notifies() that never comes (psycopg 3.2.4 on;
+                # before, it dropped them): read without notifies(), which would take them.
+                kept = list(getattr(conn, "_notifies_backlog", None) or ())
+        finally:
+            unwatch()
+    assert kept == []

@@ -368,8 +368,24 @@ _UTC = "SET TimeZone TO 'UTC'"
 # (PgBouncer carries TimeZone over to whichever server connection a client gets.)
 
 
+def unheard(conn: psycopg.Connection[Any]) -> None:
+    """Let ``conn`` (a connection that never LISTENs) drop the notifications it is
+    handed: psycopg keeps those that arrive outside ``notifies()`` for its next call, a
+    list without bound. A direct connection gets none; behind a transaction pooler, a
+    server connection some client LISTENed on (a worker pointed at the pooler) hands
+    every NOTIFY of the queue to whichever client runs on it next, and each pooled
+    connection of every process behind the pooler kept one more per wake-up for as
+    long as it lived."""
+    conn.add_notify_handler(_drop)
+
+
+def _drop(_: psycopg.Notify) -> None:
+    pass
+
+
 def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     not_shared(conn)
+    unheard(conn)
     if params.lock_bound is None:
         conn.execute(_UTC)
     else:

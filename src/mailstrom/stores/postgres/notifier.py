@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from mailstrom.stores.forks import not_shared
-from mailstrom.stores.postgres.connect import bounded
+from mailstrom.stores.postgres.connect import bounded, unheard
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.sql import CHANNEL
 
@@ -133,6 +133,7 @@ class Notifier:
                 if self.connection is None:
                     self.connection = psycopg.connect(bounded(self._url), autocommit=True)
                     not_shared(self.connection)
+                    unheard(self.connection)  # behind a pooler, it may be handed some
                     bound = self._lock_bound.local_on(self.connection) if self._lock_bound else None
                     self._statement = notify_statement(CHANNEL, bound)
                 self.connection.execute(self._statement)
