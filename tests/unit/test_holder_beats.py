@@ -130,3 +130,24 @@ def test_a_server_clock_stepped_back_starts_the_run_again() -> None:
         assert beats.looked(stepped + timedelta(seconds=15 * n)) is None
     clock.seconds += 15
     assert beats.looked(stepped + timedelta(seconds=120)) == stepped
+
+
+@pytest.mark.parametrize("theirs", [1200.0, 1800.0, 86400.0])
+def test_a_worker_with_a_longer_dead_after_lives_for_one_with_the_default(theirs: float) -> None:
+    """Workers judge each other by their own URL's dead_after. One given a longer one
+    (``?dead_after=30m``, as the guide advises where duplicates cost more than a delay,
+    rolled out host by host, or only in the worker's URL and not the web application's)
+    beat every eighth of it: every 225 s, and a worker with the default two minutes took
+    it for dead between any two of its beats and gave back what it was delivering."""
+    clock = Clock()
+    judge = HolderBeats(120.0, monotonic=clock.monotonic)
+    holder = HolderBeats(theirs)
+    seen, next_beat, next_look = clock.server(), 0.0, 0.0
+    while clock.seconds < 3600:
+        if clock.seconds >= next_beat:
+            seen, next_beat = clock.server(), next_beat + holder.beat_every
+        if clock.seconds >= next_look:
+            since = judge.looked(clock.server())
+            assert since is None or seen >= since, f"taken for dead at {clock.seconds} s"
+            next_look += judge.beat_every
+        clock.seconds += 1

@@ -49,6 +49,12 @@ log = logging.getLogger("mailstrom.stores.postgres")
 QUIET_EVERY = 60.0
 """Seconds between two looks when judging is off (``dead_after=0``): the beats then only
 keep the rows current for whoever reads them."""
+BEAT_AT_LEAST_EVERY = 15.0
+"""Seconds between two beats at most, whatever ``dead_after`` (an eighth of the default
+two minutes). Workers judge each other by their own URL's ``dead_after``: one given a
+longer one than another's (``dead_after=30m`` rolled out host by host, or in the workers'
+URL and not the web application's) beat every eighth of it, 225 s, and the worker with
+two minutes took it for dead between any two of its beats."""
 STOP_WAIT = 2.0
 """Seconds a closing store waits for a connection to mark its holders stopped."""
 LIST_AT_MOST = 1000
@@ -64,10 +70,14 @@ class HolderBeats:
         self, dead_after: float | None, *, monotonic: Callable[[], float] = time.monotonic
     ) -> None:
         self.dead_after = dead_after
-        self.beat_every = QUIET_EVERY if dead_after is None else dead_after / 8
-        """Seconds between two looks of a worker."""
-        self.break_after = 2 * self.beat_every
-        """A look this long after the last one starts a new run: one missed beat."""
+        eighth = QUIET_EVERY if dead_after is None else dead_after / 8
+        self.beat_every = eighth if dead_after is None else min(eighth, BEAT_AT_LEAST_EVERY)
+        """Seconds between two looks of a worker: an eighth of ``dead_after``, and at most
+        :data:`BEAT_AT_LEAST_EVERY`, so that a worker whose ``dead_after`` is shorter does
+        not take this one for dead between two beats."""
+        self.break_after = 2 * eighth
+        """A look this long after the last one starts a new run: one missed beat (of an
+        eighth of ``dead_after``)."""
         self.alive_within = dead_after if dead_after is not None else 4 * QUIET_EVERY
         """Seconds since its last beat within which a holder counts among the living."""
         self.host = socket.gethostname()[:255]

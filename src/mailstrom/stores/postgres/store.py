@@ -721,7 +721,7 @@ class PostgresStore:
     @property
     def reap_every(self) -> float:
         """Seconds between a worker's looks for dead holders (a beat of its own each):
-        an eighth of the store URL's ``dead_after``."""
+        an eighth of the store URL's ``dead_after``, 15 s at most."""
         return self._beats.beat_every
 
     @property
