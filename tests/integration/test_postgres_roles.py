@@ -206,6 +206,34 @@ def test_a_worker_starts_and_polls_when_no_listen_connection_can_be_had(
             store.close()
 
 
+def test_a_watch_set_up_while_no_listen_connection_can_be_had_listens_once_one_can(
+    owner_url: str,
+) -> None:
+    """Connections exhausted when a worker started: its watch() raised StoreUnreachable,
+    the worker fell back to polling (above), and never asked again: for the rest of its
+    life it heard of no mail, however soon connections were free again. The watch now
+    keeps trying in its thread, and says so once it listens (anything committed before
+    may be due: the callback is called), then calls back on every NOTIFY as always."""
+    with role_on(owner_url) as url:
+        store = PostgresStore(url, min_size=1, max_size=1, timeout=5)
+        woken = threading.Event()
+        try:
+            with psycopg.connect(owner_url, autocommit=True) as conn:
+                conn.execute(f"ALTER ROLE {_role_of(url)} CONNECTION LIMIT 1")
+            unwatch = store.watch(woken.set)  # the pool holds the one connection
+            assert not woken.is_set()
+            with psycopg.connect(owner_url, autocommit=True) as conn:
+                conn.execute(f"ALTER ROLE {_role_of(url)} CONNECTION LIMIT -1")
+            assert woken.wait(30)  # listening now: told to look
+            woken.clear()
+            with PostgresStore(owner_url) as other:
+                other.enqueue(small_message("r@example.org"), now=T0)
+            assert woken.wait(10)  # and hears of new mail
+            unwatch()
+        finally:
+            store.close()
+
+
 def test_a_worker_starts_and_polls_when_no_listen_thread_can_be_started(
     owner_url: str,
     smtp_server: ServerFactory,

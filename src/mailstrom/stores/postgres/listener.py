@@ -10,7 +10,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from mailstrom.errors import StoreError
+from mailstrom.errors import StoreError, StoreUnreachable
 from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
@@ -29,8 +29,10 @@ class Listener:
     """Calls ``callback`` with the payload whenever a NOTIFY arrives on the work channel.
 
     The connection is opened and LISTEN issued before :meth:`start` returns, so nothing
-    committed afterwards is missed. :meth:`stop` wakes the thread with a NOTIFY on a
-    channel private to this listener, rather than waiting out a poll timeout.
+    committed afterwards is missed; when the server cannot be reached just then, the
+    thread connects with backoff and calls ``callback`` once with None when it listens.
+    :meth:`stop` wakes the thread with a NOTIFY on a channel private to this listener,
+    rather than waiting out a poll timeout.
     If the connection breaks, the thread reconnects with backoff and calls ``callback``
     once with None (notifications of any payload may have been lost meanwhile).
     """
@@ -51,18 +53,31 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="mailstrom-pg-listen", daemon=True)
 
     def start(self) -> None:
-        """Connect, LISTEN, and start the thread. Raises StoreError if it cannot connect,
-        or cannot start the thread."""
-        with translate_errors("LISTEN"):
-            self._conn = self._connect()
+        """Connect, LISTEN, and start the thread. A server that cannot be reached now
+        (StoreUnreachable: connections exhausted by the role's CONNECTION LIMIT or
+        ``max_connections``, a server restarting) is logged, and the thread starts all
+        the same, to connect with backoff and call back once it listens: raised, callers
+        fell back to polling and never asked again, deaf to new mail for as long as they
+        ran. Raises StoreError for any other failure to connect, or when the thread
+        cannot start."""
+        try:
+            with translate_errors("LISTEN"):
+                self._conn = self._connect()
+        except StoreUnreachable as exc:
+            log.warning(
+                "%s; listening for new mail from the background once it can (mail is found "
+                "by polling meanwhile)",
+                exc,
+            )
         try:
             self._thread.start()
         except RuntimeError as exc:
             # "can't start new thread" (a container's pids.max, ulimit -u): a StoreError
             # like a connection that cannot be had, which callers fall back from to
             # polling; the connection would otherwise stay open, LISTENing for nobody.
-            self._conn.close()
-            self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
             raise StoreError(f"PostgreSQL store: cannot start the LISTEN thread: {exc}") from exc
 
     def stop(self, timeout: float = 10.0) -> None:

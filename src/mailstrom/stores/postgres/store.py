@@ -1030,7 +1030,9 @@ class PostgresStore:
         """Call ``callback`` from a listener thread on every NOTIFY from any process.
 
         LISTEN is in place when this returns, so work committed afterwards is never
-        missed. Returns a function that stops this watcher (idempotent).
+        missed; or, when the server cannot be reached just then, the listener thread
+        keeps trying and calls ``callback`` once it listens. Returns a function that
+        stops this watcher (idempotent).
         """
         return self._listen(callback, cancels=False)
 
@@ -1046,7 +1048,7 @@ class PostgresStore:
                 raise StoreError("PostgreSQL store is closed")
             if self._listener is None:
                 listener = Listener(self._conninfo, self._heard, lock_bound=self._lock_bound)
-                listener.start()  # LISTEN in place (or StoreError) before we return
+                listener.start()  # LISTEN in place, or on its way (or StoreError)
                 self._listener = listener
             remove = watchers.add(callback)
             self._watching += 1
