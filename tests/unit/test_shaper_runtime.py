@@ -141,3 +141,41 @@ def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:
     tiny = shaper.for_route("other.test", [])
     tiny.message_buckets = (TokenBucket(key="tiny", rate=1e-16, capacity=1.0),)
     assert shaper.spread(tiny, 1) == end
+
+
+async def test_tokens_held_when_a_pause_starts_add_nothing_after_it() -> None:
+    """A session takes a second's worth of tokens before it connects; a throttle (a 421
+    greeting) left them held through the pause, and after it they went out on top of the
+    store's bucket, refilled meanwhile: twice the rate at once to the destination that
+    had just throttled."""
+    rule = DestinationRule(match="example.org", messages_per_minute=600)
+    store = MemoryStore()
+    shaper, clock = make(rule, store=store)
+    shape = shaper.for_route("example.org", [])
+    assert await shaper.wait_to_send(shape)  # ten tokens, for the session about to connect
+    pause = await shaper.throttled(shape, REPLY)
+    clock.now = pause.until
+    assert await shaper.wait_to_send(shape)
+    at_once = 0
+    while shape.take_local():
+        at_once += 1
+    at_once += store.take_tokens(shape.message_buckets, want=100, now=clock.now).granted
+    assert at_once == 10  # the bucket's second's worth, no more
+
+
+async def test_tokens_held_when_another_worker_pauses_add_nothing_after_it() -> None:
+    rule = DestinationRule(match="*.example.org", messages_per_minute=600)
+    store = MemoryStore()
+    mine, clock = make(rule, store=store)
+    theirs, _ = make(rule, store=store)
+    shape = mine.for_route("a.test", ["mx.example.org"])
+    assert await mine.wait_to_send(shape)
+    pause = await theirs.throttled(theirs.for_route("b.test", ["mx.example.org"]), REPLY)
+    await mine.refresh()
+    clock.now = pause.until
+    assert await mine.wait_to_send(shape)
+    at_once = 0
+    while shape.take_local():
+        at_once += 1
+    at_once += store.take_tokens(shape.message_buckets, want=100, now=clock.now).granted
+    assert at_once == 10

@@ -78,7 +78,9 @@ class Shape:
         """The queues of the dispatcher's destinations under this shape's message rate, by
         destination (the dispatcher's business): what is queued counts over all of them."""
         self.tokens = 0
-        """Messages this worker may still send under the destination's rates."""
+        """Messages this worker may still send under the destination's rates. A pause
+        voids them: the store's bucket refills while it lasts, and tokens held through it
+        would go out on top of that, at once, to the destination that throttled."""
         self.message_buckets: tuple[TokenBucket, ...] = ()
         self.connect_buckets: tuple[TokenBucket, ...] = ()
         self.want = 1
@@ -201,6 +203,7 @@ class Shaper:
         if pause.until <= self._clock():
             del self._pauses[shape.key]
             return None
+        shape.tokens = 0  # taken before the pause was known (see Shape.tokens)
         return pause
 
     def paused(self) -> list[DestinationThrottle]:
@@ -237,6 +240,7 @@ class Shaper:
                 reply=reply,
             )
         known = self._pauses.get(shape.key)
+        shape.tokens = 0
         if known is None or known.until < pause.until:
             self._pauses[shape.key] = pause
             log.warning(
@@ -259,6 +263,9 @@ class Shaper:
             known = mine.get(pause.destination)
             if known is None or known.until < pause.until:
                 mine[pause.destination] = pause
+            shape = self._shapes.get(pause.destination)
+            if shape is not None:
+                shape.tokens = 0  # a shape this worker may not ask about while paused
         self._pauses = mine
 
     # --- rates ----------------------------------------------------------------------------
