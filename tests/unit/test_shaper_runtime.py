@@ -51,6 +51,24 @@ def test_domains_of_one_rule_share_one_shape() -> None:
     assert plain.key == "other.test" and plain.rule is None
 
 
+def test_a_domain_whose_mx_hosts_moved_takes_the_rule_of_its_new_hosts() -> None:
+    """The shape found through a domain's MX hosts was kept for good: a domain that moved
+    from Google Workspace to Microsoft 365 while the worker ran stayed under the Google
+    rule, its limits and its pauses (a Microsoft throttle paused every Gmail domain)."""
+    google = DestinationRule(match="*.google.com", max_connections=5)
+    outlook = DestinationRule(match="*.outlook.com", max_connections=3)
+    shaper, _ = make(google, outlook)
+    assert shaper.for_route("acme.test", ["aspmx.l.google.com"]).key == "*.google.com"
+    # Its route's TTL ran out, and DNS names Microsoft's hosts now.
+    moved = shaper.for_route("acme.test", ["acme-test.mail.protection.outlook.com"])
+    assert moved.key == "*.outlook.com" and moved.max_connections == 3
+    assert shaper.known("acme.test") is moved
+    # Then to a server of its own, under no rule.
+    own = shaper.for_route("acme.test", ["mx.acme.test"])
+    assert own.key == "acme.test" and own.rule is None
+    assert shaper.known("acme.test") is None
+
+
 async def test_a_pause_holds_until_it_ends_and_reaches_other_workers() -> None:
     store = MemoryStore()
     mine, clock = make(store=store)

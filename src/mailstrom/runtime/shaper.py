@@ -159,7 +159,9 @@ class Shaper:
 
     def _shape(self, key: str, rule: DestinationRule | None) -> Shape:
         if rule is None:
-            return Shape(key, None)  # no limits to count: nothing to share or keep
+            # No limits to count: nothing to share or keep (nor a rule of hosts it left).
+            self._by_domain.pop(key, None)
+            return Shape(key, None)
         shape = self._shapes.get(rule.match)
         if shape is None:
             shape = self._shapes[rule.match] = Shape(rule.match, rule)
@@ -186,10 +188,9 @@ class Shaper:
         return None
 
     def for_route(self, domain: str, hosts: Sequence[str]) -> Shape:
-        """The shape of ``domain`` whose MX hosts are ``hosts``, best first."""
-        shape = self._by_domain.get(domain)
-        if shape is not None:
-            return shape
+        """The shape of ``domain`` whose MX hosts are ``hosts``, best first. Matched again
+        on each route (once a session, not per message): a domain whose MX hosts moved to
+        another provider while the worker runs takes the rule of its new hosts."""
         rule = self._book.match(domain, hosts) if self._book else None
         return self._shape(domain, rule)
 
