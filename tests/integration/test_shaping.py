@@ -672,3 +672,40 @@ def test_mail_a_rate_would_hold_past_the_retry_max_age_fails_now(
     assert store.postponed >= 10 and later
     last = queued_at + timedelta(seconds=31)  # max_age, and the clock's second
     assert all(at is not None and at <= last for at in later), max(later)  # type: ignore[type-var]
+
+
+def test_mail_pipelined_behind_a_throttling_reply_waits_for_the_pause_unattempted(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: a 421 4.7.28 to a final dot ends the session, and the transactions pipelined
+    behind it broke with it. With the item's ``mx_session_limit`` reached by that broken
+    session (1 here; the default 2 after one other), each was deferred with an attempt
+    counted and a backoff of its own, rather than given back, unattempted, to wait for
+    the pause with the rest of its destination."""
+    mx = smtp_server(host="127.0.0.35")
+    mx.data_reply = ["421 4.7.28 Too much mail from you, closing. - gsmtp", "250 2.0.0 OK"]
+    dns_server.mx("behind.test", [(10, "mx.behind.test")])
+    dns_server.a("mx.behind.test", mx.host)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        shaping=shaping(pause=timedelta(minutes=10)),
+        max_per_destination=1,
+        mx_session_limit=1,
+    )
+    store = ObservedStore()
+    ms = start(config, store, Results())
+    try:
+        ids = ms.send_emails([hello(f"r{i}@behind.test") for i in range(3)])
+        store.wait_settled(3)
+        [pause] = ms.throttled_destinations()
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    finally:
+        ms.stop(timeout=5)
+    assert [(r.state, r.attempts) for r in statuses] == [
+        (DEFERRED, 1),
+        (RecipientState.QUEUED, 0),
+        (RecipientState.QUEUED, 0),
+    ]
+    assert all(r.next_attempt_at == pause.until for r in statuses)
+    assert mx.connections == 1

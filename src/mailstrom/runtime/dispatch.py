@@ -810,12 +810,18 @@ class Dispatcher:
             lost = [work for work in retry if work.item.lease_token in self._lost]
             retry = [work for work in retry if work.item.lease_token not in self._lost]
             self._give_back(lost)
+        # A session that a throttling reply ended (a 421 to another transaction's final
+        # dot closes it) is the destination's pause, not this work's failure: the work
+        # goes back unattempted with the rest of the queue (see _held_back), never
+        # deferred with a backoff of its own for that session.
+        shaper = self._shaper
+        paused = shape is not None and shaper is not None and shaper.pause_of(shape) is not None
         for work in reversed(retry):
             # mx_session_limit bounds the sessions an attempt opens: a connection from the
             # idle cache was opened for earlier mail, and one the server dropped while it
             # sat there (its idle timeout, a restart) must not use up the item's sessions
             # before a new connection was even tried. The cache is finite: this ends.
-            if not reused:
+            if not reused and not paused:
                 work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
                 assert error is not None
