@@ -21,6 +21,7 @@ from mailstrom.message import prepare
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.stores.postgres import PostgresStore
+from mailstrom.testing import smtp as smtp_testing
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import Results, loopback_config
 
@@ -709,3 +710,41 @@ def test_mail_pipelined_behind_a_throttling_reply_waits_for_the_pause_unattempte
     ]
     assert all(r.next_attempt_at == pause.until for r in statuses)
     assert mx.connections == 1
+
+
+def test_a_throttling_421_to_rset_pauses_the_destination(
+    smtp_server: Any, dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: a server that answers the next command on a reused connection with a rate
+    limit and closes (``421 4.7.28`` to RSET, RFC 5321 §3.8 lets it answer any command
+    so) broke the session like any other: the destination was not paused, and its mail
+    went at once on a new connection to the server that had just said to slow down."""
+
+    async def rset_throttled(self: Any, arg: str) -> None:
+        await self.push("421 4.7.28 Too much mail from you, closing. - gsmtp")
+        self.transport.close()
+
+    monkeypatch.setattr(smtp_testing._SMTP, "smtp_RSET", rset_throttled)
+    mx = smtp_server(host="127.0.0.36")
+    dns_server.mx("rset.test", [(10, "mx.rset.test")])
+    dns_server.a("mx.rset.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, shaping=shaping(pause=timedelta(minutes=10)), connection_idle=30.0
+    )
+    store = ObservedStore()
+    results = Results()
+    ms = start(config, store, results)
+    try:
+        ms.send_email(hello("first@rset.test"))
+        results.wait_final({"first@rset.test"})  # its connection is kept for reuse
+        later = ms.send_email(hello("later@rset.test"))
+        store.wait_settled(2)
+        paused = ms.throttled_destinations()
+        r = ms.query_status(later).recipient("later@rset.test")
+    finally:
+        ms.stop(timeout=5)
+    assert [p.destination for p in paused] == ["rset.test"], paused
+    assert "4.7.28" in paused[0].reply
+    assert r.state is not DELIVERED and r.next_attempt_at == paused[0].until
+    assert mx.commands.count("RSET") == 1
+    assert mx.connections == 1  # no new connection to the server that said to slow down

@@ -775,12 +775,15 @@ class Dispatcher:
                 rest = work if before is None else self._decide_refused(work, before, where)
                 if rest is None:
                     continue
-                if (
-                    shape is not None
-                    and isinstance(exc, EnvelopeCut)
-                    and await self._throttled_cut(shape, rest, exc, where)
-                ):
-                    continue
+                if shape is not None:
+                    if isinstance(exc, EnvelopeCut) and await self._throttled_cut(
+                        shape, rest, exc, where
+                    ):
+                        continue
+                    # Not this transaction's own reply (a 421 4.7.28 to RSET, the session
+                    # aborted by one): the destination is paused all the same, and the
+                    # work goes back unattempted with the rest of its queue.
+                    await self._throttled_session(shape, exc)
                 retry.append(rest)
                 continue
             if at_connection_limit(result):
@@ -1112,6 +1115,18 @@ class Dispatcher:
             return False
         self._done(paused)
         return True
+
+    async def _throttled_session(self, shape: Shape, exc: DeliveryError) -> None:
+        """Pause ``shape`` when ``exc``, which ended the session, carries a throttling
+        reply and no pause runs yet (a failure to make one is logged)."""
+        assert self._shaper is not None
+        reply = exc.reply
+        if reply is None or not is_throttling(reply) or self._shaper.pause_of(shape) is not None:
+            return
+        try:
+            await self._shaper.throttled(shape, str(reply))
+        except Exception:
+            log.exception("could not pause %s after a throttling reply", shape.key)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()
