@@ -748,3 +748,49 @@ def test_a_throttling_421_to_rset_pauses_the_destination(
     assert r.state is not DELIVERED and r.next_attempt_at == paused[0].until
     assert mx.commands.count("RSET") == 1
     assert mx.connections == 1  # no new connection to the server that said to slow down
+
+
+def test_mail_arriving_while_a_throttle_is_recorded_is_postponed_unattempted(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """Was: a 421 greeting deferred, with an attempt, whatever sat in the destination's
+    queue once the pause was written, read after the store's answer. A store that answers
+    from another thread (PostgreSQL) let the worker take more mail for the destination
+    meanwhile: never sent to that server, it was counted as attempted and its status did
+    not say which pause held it back."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowPauses(ObservedStore):
+        in_process = False  # its calls go to a thread, as PostgreSQL's do
+
+        def throttle(self, *args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(10)
+            return super().throttle(*args, **kwargs)
+
+    mx = smtp_server(host="127.0.0.37", greeting="421 4.7.28 Too much mail from you - gsmtp")
+    dns_server.mx("slowpause.test", [(10, "mx.slowpause.test")])
+    dns_server.a("mx.slowpause.test", mx.host)
+    config = loopback_config(dns_server, mx.port, shaping=shaping(pause=timedelta(minutes=10)))
+    store = SlowPauses()
+    ms = start(config, store, Results())
+    try:
+        first = ms.send_email(hello("first@slowpause.test"))
+        assert entered.wait(10)
+        later = ms.send_email(hello("later@slowpause.test"))
+        deadline = time.monotonic() + 10
+        while ms.worker_status.in_flight < 2:  # taken by the worker, queued behind
+            assert time.monotonic() < deadline, ms.worker_status
+            time.sleep(0.01)
+        release.set()
+        store.wait_settled(2)
+        [pause] = ms.throttled_destinations()
+        a = ms.query_status(first).recipient("first@slowpause.test")
+        b = ms.query_status(later).recipient("later@slowpause.test")
+    finally:
+        release.set()
+        ms.stop(timeout=5)
+    assert (a.state, a.attempts, a.next_attempt_at) == (DEFERRED, 1, pause.until)
+    assert (b.state, b.attempts, b.next_attempt_at) == (RecipientState.QUEUED, 0, pause.until)
+    assert b.throttle == pause
+    assert mx.connections == 1

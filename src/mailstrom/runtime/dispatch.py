@@ -1051,11 +1051,19 @@ class Dispatcher:
         reply = exc.reply or SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         if not is_throttling(reply, connecting=isinstance(exc, ServiceClosing)):
             return False
+        # The work queued when the connection failed: what arrives while the pause is
+        # written (a store answering from another thread) never went near this server,
+        # and goes back unattempted (_held_back, at the next session's start).
+        attempted = set(dest.queue)
         held = [(w.item.message_id, r.address) for w in dest.queue for r in w.item.recipients]
         pause = await self._shaper.throttled(shape, exc.text, held)
         now = time.monotonic()
-        while dest.queue:
-            work = dest.queue.popleft()
+        queue = dest.queue
+        works = [w for w in queue if w in attempted]  # not those withdrawn meanwhile
+        later = [w for w in queue if w not in attempted]
+        queue.clear()
+        queue.extend(later)  # in place: other sessions read it through their reference
+        for work in works:
             results = self._outcomes.from_error(work.item, exc, work.started or now, where)
             self._done(_until_pause(results, pause, work.item, self._config.retry.max_age))
         return True
