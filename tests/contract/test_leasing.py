@@ -257,6 +257,24 @@ def test_extend_leaves_recorded_and_taken_over_recipients_alone(store: Store) ->
     assert store.next_due(now=NOW) == taken_over.expires_at
 
 
+def test_extend_does_not_count_the_recipients_of_messages_held_since(store: Store) -> None:
+    """The worker's heartbeat gives back the work it has fewer of than it leased: a held
+    message's recipients are extended (one may be on the wire) but not counted, so its
+    unstarted work goes back and is not sent while held."""
+    held = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    store.enqueue(message("c@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.set_held(held, True)
+    later = NOW + 10 * LEASE_FOR
+    assert store.extend(lease, until=later) == 1
+    # Still extended: nothing of it is leased again meanwhile, once released.
+    store.set_held(held, False)
+    assert store.lease(now=NOW + 2 * LEASE_FOR, limit=10, lease_for=LEASE_FOR) is None
+    assert store.extend(lease, until=later) == 3
+    assert store.hold_many([held], True) == 1
+    assert store.extend(lease, until=later) == 1
+
+
 def _sized(size: int, *recipients: str) -> PreparedMessage:
     """A message of exactly ``size`` octets."""
     head = b"Subject: Hello\r\n\r\n"

@@ -85,6 +85,32 @@ def test_watch_cancels_fires_when_leased_mail_is_cancelled_by_any_store_object(
     assert told.calls == 2
 
 
+def test_watch_cancels_fires_when_leased_mail_is_held_by_any_store_object(
+    store_backend: Backend,
+) -> None:
+    """Holding mail a worker has leased tells it as a cancel does, so that it gives back
+    what it has not started: it was told nothing, and sent held mail."""
+    here = store_backend.open()
+    other = store_backend.open() if store_backend.durable else here
+    told = Counter()
+    stop = here.watch_cancels(told)
+    try:
+        idle = here.enqueue(message("a@example.org"), now=NOW)
+        assert other.hold_many([idle], True) == 1  # not leased: no worker to tell
+        first = here.enqueue(message("b@example.org"), now=NOW)
+        second = here.enqueue(message("c@example.org"), now=NOW)
+        assert lease_all(here) is not None
+        other.set_held(first, True)
+        assert told.wait_for(1)
+        assert other.hold_many([second], True) == 1
+        assert told.wait_for(2)
+        assert other.hold_many([second], False) == 1  # a release is no cancel
+        other.set_held(first, False)
+    finally:
+        stop()
+    assert told.calls == 2
+
+
 def test_close_stops_every_watcher_and_refuses_new_ones(store_backend: Backend) -> None:
     """``close()`` releases the store's threads: the SQLite store left every wake-up
     listener of ``watch`` and ``watch_cancels`` running (its thread, its bound socket),

@@ -1,5 +1,6 @@
-"""Cancelling a message its worker has leased but not started sending: the cancel must
-stop it, not only the status (a real worker delivering to a scripted loopback peer)."""
+"""Cancelling or holding a message its worker has leased but not started sending: the
+cancel or hold must stop it, not only the status (a real worker delivering to a scripted
+loopback peer)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,88 @@ async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
     assert cancelled.recipients[0].state is RecipientState.FAILED
     assert cancelled.recipients[0].error == "cancelled"
     assert cancelled.recipients[0].attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "elsewhere"),
+    [("hold", False), ("hold", True), ("set_held", True)],
+)
+async def test_a_held_message_leased_but_not_started_is_not_sent(
+    dns_server: LoopbackDNS,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    method: str,
+    elsewhere: bool,
+) -> None:
+    """As above, but the second message is held: its status said held, and the worker
+    sent it all the same once the first was done (the hold reached only the lease of the
+    next look), so mail an operator had stopped went out. It is given back unsent now,
+    and goes once released."""
+    caplog.set_level(logging.WARNING, logger="mailstrom")
+    envelope_in = asyncio.Event()
+    go_on = asyncio.Event()
+    mails: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-slow.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                mails.append(line)
+                while (line := await reader.readline())[:4].upper() == b"RCPT":
+                    pass
+                envelope_in.set()
+                await go_on.wait()
+                writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    for n, host in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
+        dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
+        dns_server.a(f"mx.{n}.test", host)
+    async with peer(handle) as port, peer(handle, "127.0.0.2", port):
+        config = loopback_config(
+            dns_server, port, timeouts=SLOW, max_connections=1, poll_interval=30
+        )
+        ms = AsyncMailstrom(config, store=SQLiteStore(tmp_path / "queue.db"), worker=None)
+        other = SQLiteStore(tmp_path / "queue.db")
+        first = await ms.send_email(hello("a@one.example"))
+        second = await ms.send_email(hello("b@two.example"))
+        async with AsyncMailstrom(config, store=ms.store) as running:
+            await asyncio.wait_for(envelope_in.wait(), 20)
+            if not elsewhere:
+                assert await running.hold(second) == 1
+            elif method == "hold":
+                assert other.hold_many([second], True) == 1
+            else:
+                other.set_held(second, True)
+            # The worker gives back what it had leased of the message and not started.
+            for _ in range(500):
+                if "not yet started given back" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+            go_on.set()
+            status = await running.wait(first, timeout=20)
+            assert status.state is RecipientState.DELIVERED
+            held = await running.query_status(second)
+            assert len(mails) == 1, mails
+            assert held.held
+            assert held.recipients[0].state is RecipientState.QUEUED
+            assert held.recipients[0].attempts == 0
+            # Released, it goes (once).
+            assert await running.release(second) == 1
+            released = await running.wait(second, timeout=20)
+        other.close()
+        ms.store.close()
+    assert released.state is RecipientState.DELIVERED
+    assert len(mails) == 2, mails

@@ -1078,7 +1078,7 @@ class Worker(
                     if held < state.unrecorded - state.writing:
                         # The lease expired (this process or the store stalled) and
                         # another worker took some of it over, or messages were
-                        # cancelled. (A write under way may have committed some of
+                        # cancelled or held. (A write under way may have committed some of
                         # it before this worker counted them: those are not missing.)
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
             finally:

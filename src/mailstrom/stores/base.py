@@ -593,7 +593,9 @@ class Store(Protocol):
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until`` (a worker's
         heartbeat while deliveries take long). Recipients already taken over by another
-        lease are left alone. Returns how many are still held."""
+        lease are left alone. Returns how many are still held, not counting those of
+        messages held since (:meth:`set_held`): the worker gives back what it has fewer of
+        and has not started, as it does what was cancelled, and lets the rest finish."""
         ...
 
     def release(self, lease: Lease) -> None:
@@ -647,7 +649,8 @@ class Store(Protocol):
         ...
 
     def set_held(self, message_id: str, held: bool) -> None:
-        """Hold (not leased) or release a message."""
+        """Hold (not leased) or release a message. Holding one under a lease tells the
+        :meth:`watch_cancels` callbacks, as a cancel does."""
         ...
 
     def purge(self, *, finished_before: datetime) -> int:
@@ -733,8 +736,9 @@ class Store(Protocol):
     def watch_cancels(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) when recipients under a lease were
         cancelled: through this store object, or through any process for stores that can
-        tell (SQLite's wake-up sockets, PostgreSQL's NOTIFY). A worker then checks its
-        leases at once and gives back the cancelled work it has not started sending.
+        tell (SQLite's wake-up sockets, PostgreSQL's NOTIFY); or held (:meth:`set_held`,
+        :meth:`hold_many`). A worker then checks its leases at once and gives back the
+        cancelled or held work it has not started sending.
         Returns a function that stops watching."""
         ...
 
@@ -768,7 +772,8 @@ class Store(Protocol):
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages in one transaction; returns how many
-        messages changed (those already so, and unknown ids, are not counted)."""
+        messages changed (those already so, and unknown ids, are not counted). Holding
+        one under a lease tells the :meth:`watch_cancels` callbacks, as a cancel does."""
         ...
 
     def purge_many(

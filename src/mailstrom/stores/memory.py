@@ -321,12 +321,20 @@ class MemoryStore(
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
-        """Move the expiry of the lease's unrecorded recipients to ``until``."""
+        """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
+        those of held messages left out (see :meth:`Store.extend`)."""
+        kept = 0
         with self._lock:
-            held = self._still_held(lease)
-            for r in held:
-                r.lease_expires_at = until
-        return len(held)
+            for item in lease.items:
+                m = self._messages.get(item.message_id)
+                if m is None:
+                    continue
+                for leased in item.recipients:
+                    r = m.recipients.get(leased.address)
+                    if r is not None and r.lease_token == lease.token:
+                        r.lease_expires_at = until
+                        kept += not m.held
+        return kept
 
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
@@ -403,11 +411,15 @@ class MemoryStore(
         return changed
 
     def set_held(self, message_id: str, held: bool) -> None:
-        """Hold (never leased) or release a message."""
+        """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._lock:
-            self._get(message_id).held = held
+            m = self._get(message_id)
+            m.held = held
+            leased = held and m.leased()
         if not held:
             self._watchers.notify()
+        if leased:
+            self._cancel_watchers.notify()
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""

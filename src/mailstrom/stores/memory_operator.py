@@ -35,6 +35,7 @@ class MemoryOperatorMixin:
     _lock: threading.Lock
     _messages: dict[str, _Message]
     _watchers: Watchers
+    _cancel_watchers: Watchers
     _suspended: dict[str, Suspension]
 
     if TYPE_CHECKING:  # the store's own, in memory.py
@@ -144,14 +145,18 @@ class MemoryOperatorMixin:
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
         changed = 0
+        leased = False
         with self._lock:
             for mid in dict.fromkeys(message_ids):
                 m = self._messages.get(mid)
                 if m is not None and m.held != held:
                     m.held = held
                     changed += 1
+                    leased = leased or (held and m.leased())
         if changed and not held:
             self._watchers.notify()
+        if leased:
+            self._cancel_watchers.notify()  # a worker gives back what it has not started
         return changed
 
     def purge_many(

@@ -127,6 +127,12 @@ class _Message:
     def state(self) -> RecipientState:
         return derive_message_state([r.state for r in self.recipients.values()])
 
+    def leased(self) -> bool:
+        """Whether a pending recipient is under a lease (a worker may hold it)."""
+        return any(
+            r.state in _PENDING and r.lease_token is not None for r in self.recipients.values()
+        )
+
     def snapshot(self, *, with_history: bool) -> MessageStatus:
         return MessageStatus(
             id=self.id,

@@ -139,6 +139,7 @@ from mailstrom.stores.sqlite_queue import (
     SUSPENDED_SQL,
     chunks,
     date_undated,
+    held_of_lease,
     insert_messages,
     lane_due,
     lease_rows,
@@ -1112,9 +1113,11 @@ class SQLiteStore:
         return recorded
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
-        """Move the expiry of the lease's unrecorded recipients to ``until``."""
+        """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
+        those of held messages left out (see :meth:`Store.extend`)."""
         with self._write(fsync=False) as conn:
-            return update_leased(conn, lease, [to_us(until)], "lease_expires_at = ?")
+            extended = update_leased(conn, lease, [to_us(until)], "lease_expires_at = ?")
+            return extended - held_of_lease(conn, lease) if extended else 0
 
     def release(self, lease: Lease) -> None:
         """Give back every unrecorded recipient of ``lease``, due at once (they were due
@@ -1221,13 +1224,16 @@ class SQLiteStore:
         return changed
 
     def set_held(self, message_id: str, held: bool) -> None:
-        """Hold (never leased) or release a message."""
+        """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._write() as conn:
             seq = self._seq(conn, message_id)
             conn.execute("UPDATE messages SET held = ? WHERE seq = ?", (held, seq))
             conn.execute("UPDATE recipients SET held = ? WHERE message_seq = ?", (held, seq))
+            leased = held and leased_pending(conn, [seq])
         if not held:
             self._notify()
+        if leased:
+            self._notify_cancelled()  # it gives back what it has not started
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""
@@ -1536,9 +1542,13 @@ class SQLiteStore:
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
         with self._write() as conn:
-            changed = hold_seqs(conn, seqs_of(conn, message_ids), held)
+            seqs = seqs_of(conn, message_ids)
+            changed = hold_seqs(conn, seqs, held)
+            leased = held and changed > 0 and leased_pending(conn, seqs)
         if changed and not held:
             self._notify()
+        if leased:
+            self._notify_cancelled()  # a worker gives back what it has not started
         return changed
 
     def purge_many(

@@ -621,6 +621,20 @@ def update_leased(
     return conn.total_changes - before
 
 
+def held_of_lease(conn: sqlite3.Connection, lease: Lease) -> int:
+    """How many of the recipients ``lease`` still holds belong to held messages."""
+    refs = [r.ref for item in lease.items for r in item.recipients if r.ref is not None]
+    held = 0
+    for chunk in chunks(refs):
+        (count,) = conn.execute(
+            f"SELECT count(*) FROM recipients WHERE id IN ({qmarks(len(chunk))})"
+            " AND lease_token = ? AND held",
+            [*chunk, lease.token],
+        ).fetchone()
+        held += int(count)
+    return held
+
+
 def release_holder_rows(conn: sqlite3.Connection, holder: str) -> int:
     """Give back, inside the caller's write transaction, every recipient leased under a
     token of ``holder`` (a range: the column compares as bytes). Schema version 12 dropped

@@ -897,7 +897,7 @@ class PostgresStore:
         """Hold (not leased) or release a message."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, _ = self._fetch("set_held", {"id": message_id, "held": held})[0]
+        found, _, _ = self._fetch("set_held", {"id": message_id, "held": held})[0]
         if not found:
             raise UnknownMessage(message_id)
 
@@ -1153,7 +1153,7 @@ class PostgresStore:
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
-        changed, _ = self._fetch("hold_many", {"ids": listed_ids(message_ids), "held": held})[0]
+        changed, _, _ = self._fetch("hold_many", {"ids": listed_ids(message_ids), "held": held})[0]
         return int(changed)
 
     def purge_many(

@@ -390,6 +390,8 @@ UNION ALL
 SELECT message_id, address, token, true FROM replayed;
 
 -- name: extend
+-- Counted without the recipients of held messages (still extended): the worker gives
+-- back what it has fewer of and has not started.
 WITH extended AS (
     UPDATE recipients r
     SET lease_expires_at = %(until)s
@@ -397,9 +399,10 @@ WITH extended AS (
     WHERE r.message_id = t.message_id
       AND r.address = t.address
       AND r.lease_token = %(token)s
-    RETURNING 1
+    RETURNING r.message_id
 )
-SELECT count(*) FROM extended;
+SELECT count(*) FROM extended e
+WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = e.message_id AND m.held);
 
 -- name: release
 WITH released AS (
@@ -641,12 +644,22 @@ SELECT (SELECT count(*) FROM found) AS found,
            AS notified;
 
 -- name: set_held
+-- A worker that leased a message now held is told, as of a cancel: it gives back what it
+-- has not started.
 WITH changed AS (
     UPDATE messages SET held = %(held)s WHERE id = %(id)s RETURNING 1
+), leased AS (
+    SELECT 1 FROM recipients
+    WHERE %(held)s AND message_id = %(id)s AND state IN ('queued', 'deferred')
+      AND lease_token IS NOT NULL
+    LIMIT 1
 )
 SELECT (SELECT count(*) FROM changed) AS found,
        (SELECT pg_notify('mailstrom_work', '')
-        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified;
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
+       (SELECT pg_notify('mailstrom_work', 'cancelled')
+        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM changed))::text
+           AS told;
 
 -- name: purge
 -- A message goes when none of its recipients is pending or finished at or after the cutoff.
@@ -865,14 +878,22 @@ SELECT (SELECT count(*) FROM cancelled) AS changed,
            AS notified;
 
 -- name: hold_many
+-- As set_held: a worker that leased a message now held is told.
 WITH changed AS (
     UPDATE messages SET held = %(held)s
     WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
-    RETURNING 1
+    RETURNING id
+), leased AS (
+    SELECT 1 FROM recipients
+    WHERE %(held)s AND message_id IN (SELECT id FROM changed)
+      AND state IN ('queued', 'deferred') AND lease_token IS NOT NULL
+    LIMIT 1
 )
 SELECT (SELECT count(*) FROM changed) AS changed,
        (SELECT pg_notify('mailstrom_work', '')
-        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified;
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
+       (SELECT pg_notify('mailstrom_work', 'cancelled')
+        WHERE EXISTS (SELECT 1 FROM leased))::text AS told;
 
 -- name: purge_many
 -- The listed messages none of whose recipients is pending or (with a cutoff) finished
