@@ -219,6 +219,46 @@ def test_an_id_of_full_length_that_is_no_id_is_an_unknown_message(
                 ms.wait(bad, timeout=0)
 
 
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres"])
+async def test_bulk_methods_raise_unknown_message_for_a_full_id_not_stored(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """``hold``, ``release``, ``retry_many``, ``cancel_many`` and ``purge(messages=)``
+    raise UnknownMessage for an id that is not stored, as the guide says and as
+    ``mailstrom hold`` does, before anything changes. A prefix was looked up, but a full
+    id was taken as it was: one purged meanwhile, or mistyped in one digit, was skipped
+    in silence ("0 changed"), and the others of the list were changed all the same."""
+    url = {"memory": "memory:", "sqlite": f"sqlite:///{tmp_path / 'q.db'}"}.get(backend)
+    store = url or request.getfixturevalue("postgres_url")
+    gone = "0" * 32
+    with Mailstrom(Config(helo_name="client.test"), store=store, worker=None) as ms:
+        mid = ms.send_email(hello("a@example.org"))
+        calls = (
+            ms.hold,
+            ms.release,
+            ms.retry_many,
+            ms.cancel_many,
+            lambda m: ms.purge(timedelta(0), messages=m),
+        )
+        for call in calls:
+            for given in (gone, [mid, gone], [mid, gone.upper()]):
+                with pytest.raises(UnknownMessage):
+                    call(given)
+        status = ms.query_status(mid)
+        assert not status.held
+        assert status.recipients[0].state is RecipientState.QUEUED
+        async with AsyncMailstrom(
+            Config(helo_name="client.test"), store=ms.store, worker=None
+        ) as ams:
+            for acall in (ams.hold, ams.release, ams.retry_many, ams.cancel_many):
+                with pytest.raises(UnknownMessage):
+                    await acall([mid, gone])
+            with pytest.raises(UnknownMessage):
+                await ams.purge(timedelta(0), messages=gone)
+        assert not ms.query_status(mid).held
+        assert ms.hold(mid.upper()) == 1  # a full id in any case is still one
+
+
 def test_purge_with_a_clock_in_a_zone_with_summer_time_reckons_in_utc() -> None:
     """Was: a clock in a zone with summer time (``ZoneInfo``) had purge's age subtracted
     on its wall clock. An hour after clocks went forward, 03:10 CEST less an hour is

@@ -136,12 +136,16 @@ def purge_state(state: object) -> RecipientState | None:
 
 
 def select(store: Store, messages: Messages, now: datetime) -> list[str]:
-    """Full ids of ``messages`` (ids resolved in order, without repeats; a filter queried)."""
+    """Full ids of ``messages`` (ids resolved in order, without repeats; a filter queried).
+    Each id is looked up, a full one too, as ``mailstrom hold`` does: UnknownMessage for
+    one not stored, before anything changes. Taken as it was (:func:`resolve`), a full id
+    purged meanwhile or mistyped was skipped in silence by the bulk write, which changed
+    the others of the list."""
     if isinstance(messages, QueueFilter):
         return [m.id for m in store.query(now=now, where=messages)]
     if isinstance(messages, str | bytes | bytearray) or not isinstance(messages, Iterable):
         messages = [messages]  # bytes are one (bad) id, not a sequence of ints
-    return list(dict.fromkeys(resolve(store, m) for m in messages))
+    return list(dict.fromkeys(store.resolve_id(m) for m in messages))
 
 
 class _Base:
