@@ -687,3 +687,55 @@ def test_a_lease_whose_answer_was_lost_is_given_back_by_the_next_lease(
             assert lease is not None
             leased = sorted(r.address for item in lease.items for r in item.recipients)
             assert leased == ["a@example.org", "b@example.org"]
+
+
+@pytest.mark.parametrize("method", ["cancel", "cancel_many", "set_held", "hold_many"])
+def test_a_cancel_that_waited_for_a_lease_to_commit_tells_the_worker(
+    store: PostgresStore, postgres_url: str, method: str
+) -> None:
+    """A cancel whose statement began while a worker's lease of the message was being
+    committed waited for its row locks, then cancelled the leased rows; but it judged
+    whether any was leased from its snapshot, taken before the lease committed, so it
+    sent no 'cancelled' NOTIFY. The worker, never told, sent the cancelled message (its
+    result then ignored) until its next heartbeat. The lease is judged from the rows
+    as locked. A hold likewise."""
+    mid = store.enqueue(message("a@example.org"), now=T0)
+    told = threading.Event()
+    unwatch = store.watch_cancels(told.set)
+    try:
+        with psycopg.connect(postgres_url) as worker:
+            # A worker's lease, between its statement and its commit.
+            worker.execute(
+                "UPDATE recipients SET lease_token = 'w1', lease_expires_at = %s"
+                " WHERE message_id = %s",
+                (T0 + LEASE, mid),
+            )
+            with ThreadPoolExecutor(1) as pool:
+                calls = {
+                    "cancel": lambda: store.cancel(mid, now=T0),
+                    "cancel_many": lambda: store.cancel_many([mid], now=T0),
+                    "set_held": lambda: store.set_held(mid, True) or 1,
+                    "hold_many": lambda: store.hold_many([mid], True),
+                }
+                cancelling = pool.submit(calls[method])
+                # The cancel waits for the lease's row lock.
+                with psycopg.connect(postgres_url, autocommit=True) as look:
+                    for _ in range(500):
+                        (waiting,) = look.execute(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                        ).fetchone()
+                        if waiting:
+                            break
+                        time.sleep(0.01)
+                    assert waiting
+                worker.commit()
+                assert cancelling.result(timeout=10) == 1
+        assert told.wait(10)
+    finally:
+        unwatch()
+    status = store.status(mid)
+    if method.startswith("cancel"):
+        assert status.recipients[0].error == "cancelled"
+    else:
+        assert status.held

@@ -613,16 +613,19 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 -- name: cancel
 -- The lease is cleared too, so a worker still holding these recipients records nothing.
 -- The last reply and its class are cleared so the recipient's reason reads "cancelled";
--- the history keeps every earlier reply.
+-- the history keeps every earlier reply. A worker that holds some of them is told: judged
+-- from the rows as locked (FOR UPDATE waits for a lease being committed and reads its
+-- row then), not from the statement's snapshot, which missed such a lease, so the worker
+-- sent the cancelled mail.
 WITH found AS (
     SELECT 1 FROM messages WHERE id = %(id)s
-), leased AS (
-    -- Before the update (one snapshot): a worker may hold some of them; it is told.
-    SELECT 1 FROM recipients
-    WHERE message_id = %(id)s AND state IN ('queued', 'deferred') AND lease_token IS NOT NULL
-    LIMIT 1
+), locked AS (
+    SELECT address, lease_token FROM recipients
+    WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
+    ORDER BY address
+    FOR UPDATE
 ), cancelled AS (
-    UPDATE recipients
+    UPDATE recipients r
     SET state = 'failed',
         error = 'cancelled',
         reply_code = NULL,
@@ -634,32 +637,35 @@ WITH found AS (
         finished_at = %(now)s,
         lease_token = NULL,
         lease_expires_at = NULL
-    WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
-    RETURNING 1
+    FROM locked l
+    WHERE r.message_id = %(id)s AND r.address = l.address
+      AND r.state IN ('queued', 'deferred')
+    RETURNING l.lease_token
 )
 SELECT (SELECT count(*) FROM found) AS found,
        (SELECT count(*) FROM cancelled) AS changed,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM cancelled))::text
+        WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
            AS notified;
 
 -- name: set_held
 -- A worker that leased a message now held is told, as of a cancel: it gives back what it
--- has not started.
+-- has not started. Judged from the rows as locked, as cancel does: a lease being
+-- committed is waited for and seen, and a later one skips the rows until this commits.
 WITH changed AS (
     UPDATE messages SET held = %(held)s WHERE id = %(id)s RETURNING 1
-), leased AS (
-    SELECT 1 FROM recipients
+), locked AS (
+    SELECT lease_token FROM recipients
     WHERE %(held)s AND message_id = %(id)s AND state IN ('queued', 'deferred')
-      AND lease_token IS NOT NULL
-    LIMIT 1
+    ORDER BY address
+    FOR UPDATE
 )
 SELECT (SELECT count(*) FROM changed) AS found,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM changed))::text
-           AS told;
+        WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
+          AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
 -- name: purge
 -- A message goes when none of its recipients is pending or finished at or after the cutoff.
@@ -850,14 +856,15 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: cancel_many
--- As cancel: the lease and the last reply are cleared, and workers told of leased ones.
-WITH leased AS (
-    SELECT 1 FROM recipients
+-- As cancel: the lease and the last reply are cleared, and workers told of leased ones
+-- (judged from the rows as locked).
+WITH locked AS (
+    SELECT message_id, address, lease_token FROM recipients
     WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
-      AND lease_token IS NOT NULL
-    LIMIT 1
+    ORDER BY message_id, address
+    FOR UPDATE
 ), cancelled AS (
-    UPDATE recipients
+    UPDATE recipients r
     SET state = 'failed',
         error = 'cancelled',
         reply_code = NULL,
@@ -869,31 +876,36 @@ WITH leased AS (
         finished_at = %(now)s,
         lease_token = NULL,
         lease_expires_at = NULL
-    WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
-    RETURNING 1
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address
+      AND r.state IN ('queued', 'deferred')
+    RETURNING l.lease_token
 )
 SELECT (SELECT count(*) FROM cancelled) AS changed,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM leased) AND EXISTS (SELECT 1 FROM cancelled))::text
+        WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
            AS notified;
 
 -- name: hold_many
--- As set_held: a worker that leased a message now held is told.
+-- As set_held: a worker that leased a message now held is told (judged from the rows as
+-- locked).
 WITH changed AS (
     UPDATE messages SET held = %(held)s
     WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
     RETURNING id
-), leased AS (
-    SELECT 1 FROM recipients
-    WHERE %(held)s AND message_id IN (SELECT id FROM changed)
-      AND state IN ('queued', 'deferred') AND lease_token IS NOT NULL
-    LIMIT 1
+), locked AS (
+    SELECT lease_token FROM recipients
+    WHERE %(held)s AND message_id = ANY (%(ids)s::text[])
+      AND state IN ('queued', 'deferred')
+    ORDER BY message_id, address
+    FOR UPDATE
 )
 SELECT (SELECT count(*) FROM changed) AS changed,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM leased))::text AS told;
+        WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
+          AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
 -- name: purge_many
 -- The listed messages none of whose recipients is pending or (with a cutoff) finished
