@@ -44,6 +44,7 @@ class Request:
     body: bytes
     signature: str
     answered: int
+    path: str = ""
 
     @property
     def ids(self) -> list[int]:
@@ -92,7 +93,7 @@ def endpoint() -> Iterator[Endpoint]:
             with lock:
                 n, seen[0] = seen[0], seen[0] + 1
             status = ep.answer(n)
-            ep.record(Request(body, self.headers.get(SIGNATURE_HEADER, ""), status))
+            ep.record(Request(body, self.headers.get(SIGNATURE_HEADER, ""), status, self.path))
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -515,6 +516,17 @@ def test_hook_urls_urllib_cannot_read_are_refused_at_configuration(url: str) -> 
     with pytest.raises(ConfigError, match=r"hook\.url"):
         HookConfig(url=url, secret=SECRET)
     assert post(url, b"{}", {}, 1.0) is not None  # and a request fails, it does not raise
+
+
+def test_a_hook_url_whose_path_is_not_ascii_reaches_the_endpoint(endpoint: Endpoint) -> None:
+    # An IRI, accepted by HookConfig: http.client writes the request line in ASCII and
+    # raised UnicodeEncodeError for every request, so no event ever went.
+    url = endpoint.url + "/\u00e9v\u00e9nements?f\u00fcr=zo\u00eb"
+    HookConfig(url=url, secret=SECRET)
+    assert post(url, b"{}", {}, 5.0) is None
+    assert [r.path for r in endpoint.requests] == [
+        "/mail-events/%C3%A9v%C3%A9nements?f%C3%BCr=zo%C3%AB"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
+import re
 import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from types import TracebackType
 from typing import Any
@@ -152,6 +154,29 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req)
 
 
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _ascii_url(url: str) -> str:
+    """``url`` with the characters that are not ASCII in its path, query and fragment
+    percent-encoded as UTF-8 (RFC 3987 §3.1, as browsers send an IRI). http.client writes
+    the request line in ASCII: a hook URL like ``https://app.example/événements``, which
+    ``HookConfig`` accepts, failed every request with UnicodeEncodeError, and no event ever
+    went. The host stays as it is: a U-label name goes to its A-labels on the way."""
+    if url.isascii():
+        return url
+
+    def quoted(text: str) -> str:
+        return _NOT_ASCII.sub(lambda m: urllib.parse.quote(m.group(), safe=""), text)
+
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(
+        parts._replace(
+            path=quoted(parts.path), query=quoted(parts.query), fragment=quoted(parts.fragment)
+        )
+    )
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # the 3xx then surfaces as an HTTPError: a failed request
@@ -166,7 +191,9 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str 
     """
     try:
         # HookConfig admits only http:// and https:// URLs.
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        request = urllib.request.Request(  # noqa: S310
+            _ascii_url(url), data=body, headers=headers, method="POST"
+        )
     except ValueError as exc:  # a URL urllib cannot read: a failed request, as any
         return f"ValueError: {exc}"
     with _Deadline(timeout) as deadline:
