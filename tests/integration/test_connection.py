@@ -269,6 +269,28 @@ async def test_size_limit_exceeded_sends_nothing(smtp_server: ServerFactory) -> 
     assert mx.messages[0].mail_options == ("SIZE=7",)
 
 
+async def test_size_counts_the_crlf_added_to_a_last_line_without_one(
+    smtp_server: ServerFactory,
+) -> None:
+    # The content goes out with a CRLF after its last line (see the test above): SIZE
+    # (RFC 1870 §3, the octets sent after 354) and the check against the server's limit
+    # count it, or a message 1 or 2 octets under the limit is sent whole to be refused.
+    mx = smtp_server(size_limit=100)
+    conn = await connect(mx)
+    try:
+        with pytest.raises(PermanentFailure) as caught:
+            await send(conn, data=b"x" * 99)
+        assert caught.value.code == 552
+        assert "MAIL" not in mx.commands
+        result = await send(conn, data=b"y" * 98)
+    finally:
+        await conn.close()
+    assert result.final is not None
+    assert result.final.code == 250
+    [message] = mx.messages
+    assert message.mail_options == (f"SIZE={len(message.content)}",)
+
+
 async def test_smtputf8_needed_but_not_offered(smtp_server: ServerFactory) -> None:
     mx = smtp_server(smtputf8=False)
     conn = await connect(mx)

@@ -27,7 +27,7 @@ from mailstrom.errors import (
     SMTPProtocolError,
     TemporaryFailure,
 )
-from mailstrom.smtp import ClientSession, Command, encode_path
+from mailstrom.smtp import ClientSession, Command, content_size, encode_path
 from mailstrom.status import SMTPReply
 
 Handler = Callable[[Command, SMTPReply], None]
@@ -326,9 +326,10 @@ class TransactionsMixin:
         if eightbit and "8BITMIME" not in extensions:
             raise ValueError(f"{self.host} lacks 8BITMIME: downgrade the message to 7 bit")
         limit = session.max_size
-        if limit is not None and len(data) > limit:
+        size = content_size(data)
+        if limit is not None and size > limit:
             raise PermanentFailure(
-                f"message size {len(data)} exceeds the limit of {limit} octets of {self.host}",
+                f"message size {size} exceeds the limit of {limit} octets of {self.host}",
                 code=552,
                 enhanced="5.3.4",
                 host=self.host,
@@ -392,7 +393,7 @@ class TransactionsMixin:
             batch = session.envelope(
                 txn.sender,
                 txn.recipients,
-                size=len(txn.data),
+                size=content_size(txn.data),
                 eightbit=txn.eightbit,
                 smtputf8=txn.smtputf8,
                 reset=txn.reset,
@@ -432,7 +433,7 @@ class TransactionsMixin:
         self._handlers.append(functools.partial(self._on_mail, txn))
         return self._session.mail(
             txn.sender,
-            size=len(txn.data),
+            size=content_size(txn.data),
             eightbit=txn.eightbit,
             smtputf8=txn.smtputf8,
             requiretls=txn.requiretls,

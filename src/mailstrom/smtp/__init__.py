@@ -5,7 +5,7 @@ No sockets here; :mod:`mailstrom.runtime.connection` drives a session over async
 
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
 from mailstrom.smtp.replies import ReplyParser, make_reply, parse_ehlo
-from mailstrom.smtp.session import ClientSession, State, encode_body, encode_path
+from mailstrom.smtp.session import ClientSession, State, content_size, encode_body, encode_path
 
 __all__ = [
     "NEED_DATA",
@@ -16,6 +16,7 @@ __all__ = [
     "Reply",
     "ReplyParser",
     "State",
+    "content_size",
     "encode_body",
     "encode_path",
     "make_reply",

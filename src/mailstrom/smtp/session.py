@@ -136,6 +136,18 @@ def encode_body(content: bytes) -> bytes:
     return stuffed + b"\r\n.\r\n"
 
 
+def content_size(content: bytes) -> int:
+    """The octets :func:`encode_body` sends for ``content`` before the final dot, not
+    counting the dots it doubles: the message size of RFC 1870 §3 (SIZE), which counts the
+    CRLF a last line without one gets.
+
+    >>> content_size(b"a\\r\\n.b"), content_size(b"a\\r\\n"), content_size(b"")
+    (7, 3, 0)
+    """
+    size = len(content)
+    return size if not content or content.endswith(b"\r\n") else size + 2
+
+
 class ClientSession:
     """One SMTP client conversation, without I/O.
 
