@@ -538,6 +538,39 @@ async def test_bad_address_is_refused_before_anything_is_sent(smtp_server: Serve
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
+async def test_an_empty_recipient_is_refused_by_submit(
+    smtp_server: ServerFactory, pipelining: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RCPT TO:<> cannot go on the wire (the session refuses it), but submit let it
+    through, so it was refused only once its RCPT was due: inside the protocol's callback
+    without PIPELINING (the error escaped to the event loop, the connection dropped and
+    the transaction in flight failed as a lost connection), or with PIPELINING after the
+    transaction was marked on the wire, where it stayed, never settled, the connection
+    busy for good."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    mx = smtp_server(pipelining=pipelining)
+    conn = await connect(mx, StartTLS.NEVER)
+    try:
+        with pytest.raises(ValueError, match="empty recipient"):
+            conn.submit(
+                envelope_from="a@a.test",
+                recipients=["b@b.test", ""],
+                data=CONTENT,
+                smtputf8=False,
+                eightbit=False,
+            )
+        assert not conn.busy
+        assert conn.usable
+        result = await send(conn)
+    finally:
+        await conn.close()
+    assert result.final is not None
+    assert result.final.code == 250
+    assert [m.rcpt_tos for m in mx.messages] == [("b@b.test",)]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
 @pytest.mark.parametrize(
     ("offered", "dsn_mail", "dsn_rcpt", "error"),
     [

@@ -27,7 +27,7 @@ from mailstrom.errors import (
     SMTPProtocolError,
     TemporaryFailure,
 )
-from mailstrom.smtp import ClientSession, Command, content_size, encode_path
+from mailstrom.smtp import ClientSession, Command, content_size, encode_path, encode_recipient
 from mailstrom.status import SMTPReply
 
 Handler = Callable[[Command, SMTPReply], None]
@@ -336,7 +336,7 @@ class TransactionsMixin:
             )
         encode_path(envelope_from, smtputf8)  # ValueError now rather than mid-transaction
         for address in recipients:
-            encode_path(address, smtputf8)
+            encode_recipient(address, smtputf8)
         # Checked now too: once queued, they go on the wire from the protocol's callbacks
         # (behind another transaction, or RCPT after MAIL's reply), where an error
         # escapes to the event loop and drops the connection with the mail in flight.

@@ -5,7 +5,14 @@ No sockets here; :mod:`mailstrom.runtime.connection` drives a session over async
 
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
 from mailstrom.smtp.replies import ReplyParser, make_reply, parse_ehlo
-from mailstrom.smtp.session import ClientSession, State, content_size, encode_body, encode_path
+from mailstrom.smtp.session import (
+    ClientSession,
+    State,
+    content_size,
+    encode_body,
+    encode_path,
+    encode_recipient,
+)
 
 __all__ = [
     "NEED_DATA",
@@ -19,6 +26,7 @@ __all__ = [
     "content_size",
     "encode_body",
     "encode_path",
+    "encode_recipient",
     "make_reply",
     "parse_ehlo",
 ]

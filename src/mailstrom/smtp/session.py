@@ -534,3 +534,12 @@ def encode_path(address: str, smtputf8: bool) -> bytes:
         known.clear()
     known[address] = encoded
     return encoded
+
+
+def encode_recipient(address: str, smtputf8: bool) -> bytes:
+    """``<address>`` for RCPT TO, as :func:`encode_path` makes it; ValueError for what
+    that refuses and for an empty address (``<>`` is the null reverse-path, no recipient),
+    as :meth:`ClientSession.rcpt` refuses them."""
+    if not address:
+        raise ValueError("empty recipient address")
+    return encode_path(address, smtputf8)
