@@ -1256,6 +1256,26 @@ def test_spf_that_passes_every_address_is_a_warning(
     assert check.fix is not None and check.fix.startswith(fix)
 
 
+@pytest.mark.parametrize(
+    ("ip", "record"),
+    [
+        ("2001:db8::1", "v=spf1 ip6:2001:db8::/32 ip4:0.0.0.0/0 -all"),
+        (IP, f"v=spf1 ip4:{IP} ip6:::/0 -all"),
+    ],
+)
+def test_spf_open_to_the_other_address_family_is_a_warning(ip: str, record: str) -> None:
+    # Anyone sending over the family the outgoing address is not of passes SPF as the
+    # domain all the same: the record authorizes every address of that family.
+    check, result = check_spf(
+        FakeResolver({(DOMAIN, "TXT"): [record]}), domain=DOMAIN, ip=ip, helo=HELO
+    )
+    assert result == "pass"
+    assert check.status is Status.WARN
+    assert "authorizes every address" in check.summary
+    assert check.fix is not None
+    assert check.fix.startswith("remove from TXT at example.com the term that matches")
+
+
 def test_spf_that_names_its_senders_is_no_warning(rsa_key: Path) -> None:
     check, _ = check_spf(FakeResolver(good_zone(rsa_key)), domain=DOMAIN, ip=IP, helo=HELO)
     assert check.status is Status.PASS

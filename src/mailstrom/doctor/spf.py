@@ -148,7 +148,7 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
         )
 
     if result == "pass":
-        if _passes_anyone(resolver, domain=domain, ip=ip, helo=helo):
+        if _passes_anyone(resolver, domain=domain, helo=helo):
             return check(
                 Status.WARN,
                 f"pass, but {domain}'s SPF record authorizes every address: anyone can send "
@@ -187,18 +187,22 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
     )
 
 
-_NOBODY = {4: "240.0.0.1", 6: "100::1"}
-"""An address no record names on purpose (IPv4's reserved 240.0.0.0/4, IPv6's discard
-prefix 100::/64, RFC 6666): a record that authorizes it authorizes every address."""
+_NOBODY = ("240.0.0.1", "100::1")
+"""Addresses no record names on purpose (IPv4's reserved 240.0.0.0/4, IPv6's discard
+prefix 100::/64, RFC 6666): a record that authorizes one authorizes every address of its
+family."""
 
 
-def _passes_anyone(resolver: Resolver, *, domain: str, ip: str, helo: str) -> bool:
+def _passes_anyone(resolver: Resolver, *, domain: str, helo: str) -> bool:
     """Whether the record passes any sender at all: ``+all`` (also in an ``include:``d
-    record) or ``ip4:0.0.0.0/0``. Such a record lets anyone with an envelope sender in the
-    domain pass SPF, and with it DMARC (its alignment is on that domain)."""
-    nobody = _NOBODY[ipaddress.ip_address(ip).version]
-    result, _ = evaluate(resolver, ip=nobody, sender=f"postmaster@{domain}", helo=helo)
-    return result == "pass"
+    record), ``ip4:0.0.0.0/0`` or ``ip6:::/0``. Such a record lets anyone with an envelope
+    sender in the domain pass SPF, and with it DMARC (its alignment is on that domain).
+    Both families are asked whatever the outgoing address's: a receiver takes mail over
+    either, so an IPv6 sender's ``ip4:0.0.0.0/0`` opens the domain just the same."""
+    return any(
+        evaluate(resolver, ip=nobody, sender=f"postmaster@{domain}", helo=helo)[0] == "pass"
+        for nobody in _NOBODY
+    )
 
 
 def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
