@@ -216,6 +216,36 @@ def test_spf_merged_record_of_several_is_one_receivers_take(records: list[str]) 
     assert (check.status, result) == (Status.PASS, "pass"), (merged, check.summary)
 
 
+@pytest.mark.parametrize(
+    "records",
+    [
+        ["v=spf1 ip4:198.51.100.1 -all", "v=spf1 redirect=_spf.example.net"],
+        ["v=spf1 redirect=_spf.example.net", "v=spf1 ip4:198.51.100.1 -all"],
+    ],
+)
+def test_spf_merged_record_keeps_the_senders_of_each(records: list[str]) -> None:
+    # Each record's senders pass the merged one: a redirect= of a record without "all"
+    # names its provider's senders, which the merged record must not drop for the
+    # other record's -all.
+    zone: dict[tuple[str, str], list[str] | str] = {
+        (DOMAIN, "TXT"): records,
+        ("_spf.example.net", "TXT"): ["v=spf1 ip4:203.0.113.5 -all"],
+    }
+    check, _ = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.fix is not None and "merge their mechanisms" in check.fix
+    merged = check.fix.split('"')[1]
+    zone[(DOMAIN, "TXT")] = [merged]
+    for sender in (IP, "198.51.100.1", "203.0.113.5"):
+        result, _ = evaluate(
+            FakeResolver(zone), ip=sender, sender=f"postmaster@{DOMAIN}", helo=HELO
+        )
+        assert result == "pass", (merged, sender)
+    result, _ = evaluate(
+        FakeResolver(zone), ip="192.0.2.99", sender=f"postmaster@{DOMAIN}", helo=HELO
+    )
+    assert result != "pass", merged
+
+
 class SlowResolver(FakeResolver):
     """Each answer takes ``delay`` seconds, as a distant or hostile server's may."""
 

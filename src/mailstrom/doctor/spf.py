@@ -221,17 +221,27 @@ def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
 
 def _merged(records: list[str], mechanism: str) -> str:
     """One record with the terms of ``records``: each mechanism once, the first ``all``
-    or ``redirect=`` last, and the first ``exp=`` only (RFC 7208 §6: a record with two
-    ``redirect=`` or two ``exp=`` is itself a permerror)."""
+    last (``~all`` when none has one), and the first ``exp=`` only (RFC 7208 §6: a record
+    with two ``redirect=`` or two ``exp=`` is itself a permerror).
+
+    A record's ``redirect=`` (taken only when it has no ``all``, §6.1) becomes an
+    ``include:`` of the same domain: the senders it names pass the merged record too,
+    whatever the other records' ``all`` (a redirect= kept last lost to their -all)."""
     terms: list[str] = []
     tail: list[str] = []
     explanation: list[str] = []
     for record in records:
-        for term in _terms(record)[1:]:
+        own = _terms(record)[1:]
+        has_all = any(term.lower().lstrip("+-~?") == "all" for term in own)
+        for term in own:
             lowered = term.lower()
-            if lowered.lstrip("+-~?") == "all" or lowered.startswith("redirect="):
+            if lowered.lstrip("+-~?") == "all":
                 if not tail:
                     tail.append(term)
+            elif lowered.startswith("redirect="):
+                include = "include:" + term[len("redirect=") :]
+                if not has_all and include not in terms:
+                    terms.append(include)
             elif lowered.startswith("exp="):
                 if not explanation:
                     explanation.append(term)
