@@ -284,8 +284,9 @@ class MemoryStore(
                     self._append_event(m, r, attempt, reason)
         return recorded
 
-    def _still_held(self, lease: Lease) -> list[_Recipient]:
-        """The lease's recipients not yet recorded nor taken over (call under the lock)."""
+    def _still_held(self, lease: Lease) -> list[tuple[_Message, _Recipient]]:
+        """The lease's recipients not yet recorded nor taken over, each with its message
+        (call under the lock)."""
         held = []
         for item in lease.items:
             m = self._messages.get(item.message_id)
@@ -294,7 +295,7 @@ class MemoryStore(
             for leased in item.recipients:
                 r = m.recipients.get(leased.address)
                 if r is not None and r.lease_token == lease.token:
-                    held.append(r)
+                    held.append((m, r))
         return held
 
     def record_and_lease(
@@ -323,24 +324,17 @@ class MemoryStore(
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
         those of held messages left out (see :meth:`Store.extend`)."""
-        kept = 0
         with self._lock:
-            for item in lease.items:
-                m = self._messages.get(item.message_id)
-                if m is None:
-                    continue
-                for leased in item.recipients:
-                    r = m.recipients.get(leased.address)
-                    if r is not None and r.lease_token == lease.token:
-                        r.lease_expires_at = until
-                        kept += not m.held
-        return kept
+            held = self._still_held(lease)
+            for _, r in held:
+                r.lease_expires_at = until
+        return sum(not m.held for m, _ in held)
 
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
         with self._lock:
             held = self._still_held(lease)
-            for r in held:
+            for _, r in held:
                 r.lease_token = r.lease_expires_at = None
         if held:
             self._watchers.notify()
