@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,27 +25,11 @@ def hello(to: str) -> Email:
     return Email(from_="App <app@sender.test>", to=[to], subject="Hi", text="Hello")
 
 
-@pytest.mark.parametrize(
-    ("method", "elsewhere"),
-    [("cancel", False), ("cancel_many", False), ("cancel", True), ("cancel_many", True)],
-)
-async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
-    dns_server: LoopbackDNS,
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-    method: str,
-    elsewhere: bool,
-) -> None:
-    """Two messages to two destinations, one connection at a time: the first is on the
-    wire (the server holds its envelope's replies), the second waits for its turn, leased.
-    Cancelling the second (through the worker's facade, or ``elsewhere``: another store
-    object, as ``mailstrom cancel`` in another process) said "cancelled" at once, but the
-    worker learnt it only at its next heartbeat (lease_for / 3, five minutes by default):
-    it sent the message once the first was done, and its result was ignored, so the
-    status said cancelled of mail that went out after the cancel."""
-    envelope_in = asyncio.Event()
-    go_on = asyncio.Event()
-    mails: list[bytes] = []
+def holding_envelopes(
+    mails: list[bytes], envelope_in: asyncio.Event, go_on: asyncio.Event
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A pipelining peer that keeps each MAIL line in ``mails``, sets ``envelope_in`` once
+    an envelope has arrived, and answers it only once ``go_on`` is set."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 slow.test ESMTP\r\n")
@@ -70,6 +55,32 @@ async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("method", "elsewhere"),
+    [("cancel", False), ("cancel_many", False), ("cancel", True), ("cancel_many", True)],
+)
+async def test_a_cancelled_message_leased_but_not_started_is_not_sent(
+    dns_server: LoopbackDNS,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    method: str,
+    elsewhere: bool,
+) -> None:
+    """Two messages to two destinations, one connection at a time: the first is on the
+    wire (the server holds its envelope's replies), the second waits for its turn, leased.
+    Cancelling the second (through the worker's facade, or ``elsewhere``: another store
+    object, as ``mailstrom cancel`` in another process) said "cancelled" at once, but the
+    worker learnt it only at its next heartbeat (lease_for / 3, five minutes by default):
+    it sent the message once the first was done, and its result was ignored, so the
+    status said cancelled of mail that went out after the cancel."""
+    envelope_in = asyncio.Event()
+    go_on = asyncio.Event()
+    mails: list[bytes] = []
+
+    handle = holding_envelopes(mails, envelope_in, go_on)
     for n, host in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
         dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
         dns_server.a(f"mx.{n}.test", host)
@@ -127,30 +138,7 @@ async def test_a_held_message_leased_but_not_started_is_not_sent(
     go_on = asyncio.Event()
     mails: list[bytes] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 slow.test ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-slow.test\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL":
-                mails.append(line)
-                while (line := await reader.readline())[:4].upper() == b"RCPT":
-                    pass
-                envelope_in.set()
-                await go_on.wait()
-                writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
-                while (line := await reader.readline()) not in (b".\r\n", b""):
-                    pass
-                writer.write(b"250 2.0.0 queued\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-
+    handle = holding_envelopes(mails, envelope_in, go_on)
     for n, host in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
         dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
         dns_server.a(f"mx.{n}.test", host)
