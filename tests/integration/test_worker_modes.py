@@ -875,17 +875,18 @@ def test_start_from_two_threads_at_once_starts_one_worker(
             outcomes.append(str(exc))
 
     threads = [threading.Thread(target=start) for _ in range(2)]
+    before = set(threading.enumerate())  # (a worker thread another test left is not ours)
     try:
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
         assert sorted(outcomes) == ["already started", "started"]
-        workers = [t for t in threading.enumerate() if t.name == "mailstrom-worker"]
+        workers = [t for t in set(threading.enumerate()) - before if t.name == "mailstrom-worker"]
         assert len(workers) == 1
     finally:
         ms.stop()
-    assert not any(t.name == "mailstrom-worker" for t in threading.enumerate())
+    assert not workers[0].is_alive()
     store.close()
 
 
