@@ -10,7 +10,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from mailstrom.stores import SQLiteStore
 from mailstrom.testing.smtp import start_receiving_server
 from mailstrom.tlsrpt import PolicyType, TLSSessions
+from mailstrom.tlsrpt.deliver import MAX_POSTS
 from tests.cli.conftest import CLI, MailEnv
 from tests.fixtures.https_server import Answer, HTTPSFactory
 from tests.support.certs import self_signed, server_context, spki_sha256
@@ -295,15 +295,16 @@ def test_tlsrpt_posts_at_once_each_within_post_timeout(
     for domain in domains:
         collector.routes[f"/{domain}"] = Answer(hang=True)
         mail_env.dns.txt(f"_smtp._tls.{domain}", f"v=TLSRPTv1; rua={base}/{domain}")
-    timeout = 0.5
-    started = time.monotonic()
+    # Two seconds: connecting gets under half of it (CONNECT_SHARE). With 0.5 s the run's
+    # first POST, on a loaded machine, gave up connecting and never reached the collector.
+    timeout = 2.0
     result = mail_env.cli(
         "tlsrpt", "--date", DAY.isoformat(), "--send", "--post-timeout", f"{timeout}", "--json"
     )
-    elapsed = time.monotonic() - started
     assert result.code == 75, result.err
-    # Eight at a time: two deadlines and the command's start, not sixteen deadlines.
-    assert elapsed < len(domains) * timeout / 2, elapsed
+    # Several at a time (MAX_POSTS at most), not one after another. (Counted, not timed:
+    # a loaded machine stretches the wall time, not how many the collector held at once.)
+    assert 1 < collector.most_hanging <= MAX_POSTS, collector.most_hanging
     reported = result.json()["domains"]
     assert [r["domain"] for r in reported] == domains
     for domain, entry in zip(domains, reported, strict=True):
