@@ -143,6 +143,27 @@ def test_a_resent_message_is_sent_from_its_resender() -> None:
     assert _fields(prepared.data, b"From") == [b"From: customer@example.com"]
 
 
+def test_a_resender_is_not_taken_from_an_older_resent_block() -> None:
+    """Who resends a message is named by its newest resent block only (RFC 5322 §3.6.6:
+    each resend prepends a block of its own). The first Resent-Sender anywhere was taken,
+    so a message resent by the desk, then by second@ (Resent-From alone), went out with
+    the desk's ops address as its reverse-path: the bounces of second@'s resend went to
+    ops, and a Resent-From of two mailboxes passed without the Resent-Sender it needs."""
+    older = RESENT.replace(
+        b"Resent-To:",
+        b"Resent-Date: Mon, 01 Jan 2024 01:00:00 +0000\r\n"
+        b"Resent-Sender: Ops <ops@example.net>\r\nResent-To:",
+    )
+    newest = b"Resent-From: second@example.net\r\nResent-To: other@example.net\r\n"
+    assert prepare(newest + older, now=NOW).envelope_from == "second@example.net"
+    # Its own Resent-Sender still counts, wherever in its block it stands.
+    own = b"Resent-From: second@example.net\r\nResent-Sender: me@example.net\r\n"
+    assert prepare(own + older, now=NOW).envelope_from == "me@example.net"
+    several = b"Resent-From: a@x.example, b@x.example\r\nResent-To: other@example.net\r\n"
+    with pytest.raises(MultipleFromWithoutSender, match="Resent-Sender"):
+        prepare(several + older, now=NOW)
+
+
 def test_a_resent_message_without_a_resender_is_refused() -> None:
     """RFC 5322 §3.6.6: "When resent fields are used, the Resent-From: and Resent-Date:
     fields MUST be sent." Resent-Date is added as Date is; who resends is not known,

@@ -41,8 +41,8 @@ class AddressFields:
     ``resent`` holds the Resent-To/Cc/Bcc fields of raw input (RFC 5322 §3.6.6); when any
     is present the message is being resent and they name its recipients, and
     ``resent_from`` and ``resent_sender`` hold the newest resent block's Resent-From and
-    Resent-Sender (the first of each: a block is prepended at each resend), which name
-    who resends it.
+    Resent-Sender (the first of each: a block is prepended at each resend; a Resent-Sender
+    past the block's end, an older block's, does not count), which name who resends it.
     """
 
     from_: tuple[Group, ...] | None
@@ -123,8 +123,33 @@ def fields_from_section(
         bcc=reader.groups("Bcc", recipients=count) or (),
         resent=tuple(group for found in resent for group in found or ()) if resending else None,
         resent_from=reader.groups("Resent-From", first=True) if resending else None,
-        resent_sender=reader.groups("Resent-Sender", first=True) if resending else None,
+        resent_sender=(
+            reader.groups("Resent-Sender", first=True)
+            if resending and _in_newest_block(section, "resent-sender")
+            else None
+        ),
     )
+
+
+_ONCE_PER_BLOCK = frozenset({"resent-date", "resent-from", "resent-sender", "resent-message-id"})
+"""Resent- fields a resent block holds at most once (RFC 5322 §3.6): a second one starts
+the block of an older resend."""
+
+
+def _in_newest_block(section: HeaderSection, name: str) -> bool:
+    """Whether the first ``name`` field (lower-case) of ``section`` is in its newest
+    resent block: the Resent- fields from the first on, up to one that a block holds once
+    and that repeats (each resend prepends its block, RFC 5322 §3.6.6). An older block's
+    Resent-Sender names who answered for that resend, not for this one."""
+    seen: set[str] = set()
+    for field in section.fields:
+        if field.name == name:
+            return True
+        if field.name in _ONCE_PER_BLOCK:
+            if field.name in seen:
+                return False
+            seen.add(field.name)
+    return False
 
 
 class _AddressReader:
