@@ -3,6 +3,8 @@ fields and envelope a message that is accepted gets. One test per fault found.""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -10,6 +12,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailstrom.errors import (
+    ForbiddenCharacter,
     InvalidMessage,
     MessageTooLarge,
     MissingFrom,
@@ -76,6 +79,28 @@ def test_a_message_global_body_is_content_not_a_header_section() -> None:
 def _fields(data: bytes, name: bytes) -> list[bytes]:
     head = data[: data.index(b"\r\n\r\n")]
     return [line for line in head.split(b"\r\n") if line.lower().startswith(name.lower() + b":")]
+
+
+@pytest.mark.parametrize("char", ["\x01", "\x0b", "\x0c", "\x1c", "\x1e", "\x7f", "\x85", "\u2028"])
+def test_a_control_character_in_a_parts_header_section_is_refused(char: str) -> None:
+    """The top header section's fields may hold no control character but TAB (nor NEL or
+    the Unicode line separators); a MIME part's were not checked. A part field
+    ``X-Foo: a<VT>Content-Type: text/html`` was queued and sent: one field here and at
+    Postfix, but any hop that rewrites the part with the stdlib (a list server, a Python
+    forwarder) breaks the line at VT, FF or FS, and the part became text/html with a
+    field of the sender's making. Refused as the same octet is at the top."""
+    head = b"X-Foo: a" + char.encode() + b"Content-Type: text/html"
+    with pytest.raises(ForbiddenCharacter, match="MIME part"):
+        prepare(_multipart(head), now=NOW)
+    # The same field in an attached message, and the top-level check, as before.
+    with pytest.raises(ForbiddenCharacter):
+        prepare(_attached_message(head, b"message/rfc822"), now=NOW)
+    with pytest.raises(ForbiddenCharacter):
+        prepare(TOP + head + b"\r\n\r\nhi\r\n", now=NOW)
+    # TAB is white space, and a part with plain fields passes.
+    plain = prepare(_multipart(b"X-Foo: a\tb"), now=NOW)
+    parts = email.message_from_bytes(plain.data, policy=email.policy.default).get_payload()
+    assert [part["X-Foo"] for part in parts] == ["a\tb"]
 
 
 RESENT = (

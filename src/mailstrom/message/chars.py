@@ -78,6 +78,21 @@ def check_other_line_breaks(where: str, value: str) -> None:
         )
 
 
+def bad_header_octet(data: bytes, start: int, end: int) -> int:
+    """Offset of the first control octet of ``data[start:end]`` that no header line may
+    hold (CR and LF aside, as line ends), or -1."""
+    match = _BAD_OCTETS.search(data, start, end)
+    return -1 if match is None else match.start()
+
+
+def bad_header_char(text: str) -> str | None:
+    """The first character of ``text``, a decoded header section, that no header value
+    may hold (CR and LF aside, as line ends): DEL and C1 (NEL), the Unicode line and
+    paragraph separators; None when there is none."""
+    match = _BAD_TEXT.search(text.replace("\r\n", ""))
+    return None if match is None else match.group()
+
+
 def check_header_octets(where: str, line: bytes) -> None:
     """Raise :class:`ForbiddenCharacter` for a control octet in a raw header line."""
     match = _BAD_OCTETS.search(line)

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mailstrom.errors import (
+    ForbiddenCharacter,
     InvalidHeaderValue,
     InvalidMessage,
     NestingTooDeep,
     UnencodableHeader,
 )
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
-from mailstrom.message.chars import shorten
+from mailstrom.message.chars import bad_header_char, bad_header_octet, describe, shorten
 
 MAX_DEPTH = 100
 """Deepest MIME nesting accepted (multipart and message/rfc822 levels below the top).
@@ -353,15 +354,38 @@ def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
 
 def _check_utf8_head(head: bytes, where: str) -> None:
     """Refuse the 8-bit header section ``head`` of an entity below the top level unless it
-    is UTF-8, as the top one is refused (RFC 6532 §3.1: 8-bit header text is UTF-8)."""
+    is UTF-8, as the top one is refused (RFC 6532 §3.1: 8-bit header text is UTF-8), and
+    holds no character the top one may not (NEL, the Unicode line separators)."""
     try:
-        head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UnencodableHeader(
             f"{where} holds octets that are not UTF-8 ({exc.reason} at {exc.start}): "
             f"{shorten(head[max(exc.start - 20, 0) : exc.end + 20])}; raw 8-bit headers "
             "must be UTF-8 (RFC 6532), so encode them as RFC 2047 words or in UTF-8"
         ) from None
+    char = bad_header_char(text)
+    if char is not None:
+        raise _control_character(where, describe(char))
+
+
+def _check_head_octets(data: bytes, start: int, end: int, where: str) -> None:
+    """Refuse the header section ``data[start:end]`` of an entity below the top level if
+    it holds a control octet, as the top one is refused for it."""
+    at = bad_header_octet(data, start, end)
+    if at >= 0:
+        raise _control_character(where, describe(chr(data[at])))
+
+
+def _control_character(where: str, described: str) -> ForbiddenCharacter:
+    # The stdlib's writer breaks a line at VT, FF and FS to RS (str.splitlines): a hop
+    # that rewrites the part made "X-Foo: a<VT>Content-Type: text/html" two fields.
+    return ForbiddenCharacter(
+        f"{where} contains the control character {described}; header values may not hold "
+        "control characters other than TAB, and readers that rewrite the part break its "
+        "line at some of them",
+        where=where,
+    )
 
 
 def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> bool:
@@ -377,7 +401,9 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     readers differ on it (after a comment, in RFC 2231 form), a continuation line first, or
     an mbox ``From`` line after the first;
     :class:`InvalidHeaderValue` for a field with white space before its colon;
-    :class:`UnencodableHeader` for a part's 8-bit header section that is not UTF-8.
+    :class:`UnencodableHeader` for a part's 8-bit header section that is not UTF-8;
+    :class:`ForbiddenCharacter` for a control character in a part's header section (the
+    top one's are checked by :func:`~mailstrom.message.headers.split_header_section`).
     Entities are read one at a time, each bound checked before the next is, so refusing
     costs no more than the limits allow.
     """
@@ -407,6 +433,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
             )
         body = body_start(data, start, end)
         check_header_section(data, start, body, where=where)
+        if depth:
+            _check_head_octets(data, start, body, where)
         spaced = _SPACED_FIELD_NAME.search(data, start, body)
         if spaced is not None:
             raise _spaced_field_name(spaced[1].decode("ascii"), where)
