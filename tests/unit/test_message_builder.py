@@ -160,6 +160,29 @@ def test_content_type_parameters_are_kept() -> None:
     assert part.get_param("charset") == "us-ascii"
 
 
+@pytest.mark.timeout(20)  # the fault was a hang: 40 s of CPU, growing as the square
+@pytest.mark.parametrize("tail", ["", "; charset=utf-8", ";", '; name="a b"'])
+def test_a_content_type_with_long_white_space_is_read_in_linear_work(tail: str) -> None:
+    """An attachment's content type (often taken from an upload's Content-Type, which
+    the uploader chooses) was matched by a regular expression whose runs of white space
+    before and after the parameters could split a run in every way: "a/b", 60,000
+    spaces and "?" took 40 s of CPU before it was refused, four times that for twice the
+    spaces. The runs are matched possessively now, which reads every valid value as
+    before and refuses such a one at once."""
+    spaces = " " * 60_000
+    for bad in (f"a/b{tail}{spaces}?", f"{spaces}a/b{tail}{spaces}?"):
+        attachment = Attachment(filename="x", content=b"x", content_type=bad)
+        with pytest.raises(InvalidAttachment, match="invalid content type"):
+            prepare(Email(from_=FROM, to=TO, attachments=[attachment]))
+    # White space around a valid value and its parameters is still taken.
+    padded = Attachment(
+        filename="x.csv", content=b"a,b", content_type='  text/csv ;  x = y ; z="a b" ;  '
+    )
+    part = next(build(text="t", attachments=[padded]).iter_attachments())
+    assert part.get_content_type() == "text/csv"
+    assert (part.get_param("x"), part.get_param("z")) == ("y", "a b")
+
+
 @pytest.mark.parametrize("bad", ["", "has space@x", "a\r\n@b"])
 def test_invalid_message_id(bad: str) -> None:
     with pytest.raises(InvalidMessage):

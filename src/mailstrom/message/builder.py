@@ -56,9 +56,15 @@ _ONCE = {"in-reply-to", "references"}
 
 _TOKEN = r"[!#$%&'*+\-.0-9A-Za-z^_`{|}~]+"  # noqa: S105 (RFC 2045 §5.1 token, not a secret)
 _CONTENT_TYPE = re.compile(
-    rf"\s*({_TOKEN})/({_TOKEN})\s*((?:;\s*{_TOKEN}\s*=\s*(?:{_TOKEN}|\"(?:[^\"\\]|\\.)*\")\s*)*);?\s*",
+    rf"\s*+({_TOKEN})/({_TOKEN})\s*+"
+    rf"((?:;\s*+{_TOKEN}\s*+=\s*+(?:{_TOKEN}|\"(?:[^\"\\]|\\.)*+\")\s*+)*+);?\s*+",
     re.DOTALL,
 )
+"""``type/subtype`` and ``; name=value`` parameters, white space around each. Every run
+is possessive: white space given back could only go to the run after it, which the
+same values match either way, and backtracking tried every split of a long run of
+spaces between two such runs (a parameter's last and the final one): its square in
+work, 40 s for 60,000 spaces."""
 _PARAMETER = re.compile(rf";\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|\"((?:[^\"\\]|\\.)*)\")", re.DOTALL)
 
 
