@@ -102,6 +102,20 @@ def test_bad_unsubscribe_urls(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    ["https://[::1/u", "https://example.com]/u", "https://example.com:99999/u", "https://a:x/u"],
+)
+def test_an_unsubscribe_url_the_url_parser_cannot_read_is_refused_as_invalid(url: str) -> None:
+    """A bracket without its pair made ``urlsplit`` raise a plain ValueError ("Invalid
+    IPv6 URL") out of ``prepare()``, not the InvalidMessage it promises; a port that is
+    no number from 0 to 65535 was sent, a link no client can follow."""
+    with pytest.raises(InvalidHeaderValue, match="not a valid URL") as caught:
+        headers(unsubscribe_url=url)
+    assert caught.value.header == "List-Unsubscribe"
+    assert "List-Unsubscribe" in headers(unsubscribe_url="https://[2001:db8::1]:8443/u")
+
+
+@pytest.mark.parametrize(
     "mailto",
     [
         "not an address",

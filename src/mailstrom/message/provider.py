@@ -114,7 +114,14 @@ def _check_uri(field: str, uri: str) -> None:
 def _https(value: str) -> str:
     url = _text("List-Unsubscribe", "unsubscribe_url", value, MAX_URI)
     _check_uri("unsubscribe_url", url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is no number from 0 to 65535)
+    except ValueError as exc:  # an unpaired bracket: "Invalid IPv6 URL"
+        raise InvalidHeaderValue(
+            f"unsubscribe_url {shorten(url)} is not a valid URL: {exc}",
+            header="List-Unsubscribe",
+        ) from None
     if parts.scheme.lower() != "https" or not parts.hostname:
         raise InvalidHeaderValue(
             f"unsubscribe_url {shorten(url)} must be an https:// URL with a host: one-click "
