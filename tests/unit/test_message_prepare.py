@@ -287,6 +287,15 @@ def test_bad_id_domain(domain: str) -> None:
         prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)
 
 
+@pytest.mark.parametrize("domain", [5, b"example.com", ["example.com"]])
+def test_an_id_domain_that_is_no_str_is_refused_as_invalid(domain: object) -> None:
+    """``prepare(id_domain=b"example.com")`` raised TypeError ("expected string or
+    bytes-like object") from the character check, not the InvalidMessage that a bad
+    ``envelope_from`` or ``envelope_to`` of the wrong type raises."""
+    with pytest.raises(InvalidMessage, match="id_domain must be a str"):
+        prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("domain", ["mail.example.net", "x", "[192.0.2.1]"])
 def test_good_id_domain_makes_a_valid_message_id(domain: str) -> None:
     p = prepare(Email(from_="a@example.com", to="b@example.org"), id_domain=domain)

@@ -128,6 +128,10 @@ def prepare(
     if send_at is not None and send_at.tzinfo is None:
         send_at = send_at.replace(tzinfo=UTC)
     if id_domain is not None:
+        if not isinstance(id_domain, str):
+            # As envelope_from and envelope_to are refused: the character check raised
+            # TypeError on bytes or an int.
+            raise InvalidMessage(f"id_domain must be a str, not {type(id_domain).__name__}")
         check_header_text("id_domain", id_domain)
         if not id_domain.isascii() or not _ID_RIGHT.fullmatch(id_domain):
             # What the new Message-ID's id-right may be (RFC 5322 §3.6.4): "a,b" or "a..b"
