@@ -239,6 +239,27 @@ def test_a_bounce_about_mail_no_server_accepted_is_not_applied(
     assert ms.suppressions() == []
 
 
+def test_a_bounce_by_message_id_is_about_the_copy_a_server_accepted(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """Messages may share a Message-ID (one resent, RFC 5322 §3.6.6, or sent again by the
+    application). The newest with the recipient was taken: a copy still queued, so the
+    bounce about the copy delivered before was left unmatched and nothing suppressed."""
+    delivered = ms.send_email(
+        hello("nosuchuser@receiver.test", message_id="<sample-3@sender.test>")
+    )
+    results.wait_count(1)
+    queued = ms.send_email(
+        hello("nosuchuser@receiver.test", message_id="<sample-3@sender.test>"),
+        send_at=clock() + timedelta(days=1),
+    )
+    [outcome] = apply(ms, (SAMPLES / "exim-dsn.eml").read_bytes(), clock)
+    assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, delivered)
+    assert outcome.suppressed is not None
+    assert ms.query_status(delivered).state is RecipientState.FAILED
+    assert ms.query_status(queued).state is RecipientState.QUEUED
+
+
 def forged_dsn(message_id_header: str, *victims: str, token: str = "") -> bytes:
     """A DSN anyone who saw a message could write: its Message-ID header and, in Cc, the
     address of a co-recipient; ``token`` as the envelope sender it claims to return."""

@@ -166,10 +166,18 @@ class _Matcher:
         if len(self.report.recipients) <= 1 and len(self.tokens) == 1:
             return self.tokens[0]  # the token names the recipient, whatever the report says
         for address in wanted:  # Original-Recipient first
-            for message in self.candidates:
-                for recipient in message.recipients:
-                    if address_key(recipient.address) == address:
-                        return message, recipient
+            found = [
+                (message, recipient)
+                for message in self.candidates
+                for recipient in message.recipients
+                if address_key(recipient.address) == address
+            ]
+            if found:
+                # Messages may share a Message-ID (one resent, RFC 5322 §3.6.6, or sent
+                # again): the report is about a copy a server accepted (the one its ENVID
+                # names, else the newest), not a newer one still queued, which was taken
+                # first and left the bounce unmatched.
+                return min(found, key=lambda match: match[1].state not in _REPORTABLE)
         if len(self.candidates) == 1 and len(self.candidates[0].recipients) == 1:
             message = self.candidates[0]
             only = message.recipients[0]
