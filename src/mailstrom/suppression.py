@@ -231,6 +231,13 @@ class Suppression:
         """Whether the entry applies at ``now``."""
         return self.expires_at is None or self.expires_at > now
 
+    def outlasts(self, other: Suppression) -> bool:
+        """Whether this entry lasts at least as long as ``other`` (no end lasts longest):
+        an entry in force that a bounce's or a complaint's would only shorten."""
+        if self.expires_at is None:
+            return True
+        return other.expires_at is not None and self.expires_at >= other.expires_at
+
 
 def lookup_targets(addresses: Iterable[str]) -> list[str]:
     """The targets to look up for ``addresses``: each address and each domain, once."""

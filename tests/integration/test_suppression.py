@@ -219,6 +219,38 @@ def test_hard_bounce_entries_expire_when_configured(
     assert entry is not None and entry.expires_at == clock() + timedelta(days=30)
 
 
+def test_a_hard_bounce_does_not_shorten_an_entry_added_during_its_delivery(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    """A complaint (no end) or an operator's entry added while a message to the address
+    was on its way: the hard bounce that came back replaced it with an entry of
+    suppress_for, and when that ran out the address got mail again."""
+    mx.data_reply = NO_SUCH_USER
+    mx.data_delay = 0.5  # the reply waits: the entry is added meanwhile
+    ms = mailstrom(suppress_for=timedelta(days=30))
+    ms.send_email(hello("carol@example.org"))
+    mx.wait_for_received(1)
+    ms.suppress("carol@example.org", "asked to stop", source=SuppressionSource.COMPLAINT)
+    results.wait_count(1)
+    assert results.all[0].state is FAILED
+    entry = ms.suppressed("carol@example.org")
+    assert entry is not None
+    assert (entry.source, entry.reply, entry.expires_at) == (
+        SuppressionSource.COMPLAINT,
+        "asked to stop",
+        None,
+    )
+    # One that ends sooner than the hard bounce's is replaced, as before.
+    ms.unsuppress("carol@example.org")
+    ms.send_email(hello("carol@example.org"))
+    mx.wait_for_received(2)
+    ms.suppress("carol@example.org", "a day off", expires_at=clock() + timedelta(days=1))
+    results.wait_count(2)
+    entry = ms.suppressed("carol@example.org")
+    assert entry is not None and entry.source is SuppressionSource.HARD_BOUNCE
+    assert entry.expires_at == clock() + timedelta(days=30)
+
+
 def test_refusals_outside_the_configured_classes_do_not_suppress(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:

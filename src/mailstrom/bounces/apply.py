@@ -391,9 +391,6 @@ def _suppress(
     # A bounce or complaint never shortens an entry in force: a complaint's (no end) or
     # an operator's would otherwise give way to a bounce's suppress_for, for a message
     # sent before it, and the address would get mail again when that ran out.
-    current = store.suppressions_for([target], now=now).get(target)
-    if current is not None and _lasts(current.expires_at, at_least=expires_at):
-        return current
     entry = Suppression(
         target=target,
         source=source,
@@ -402,16 +399,11 @@ def _suppress(
         expires_at=expires_at,
         message_id=message.id,
     )
+    current = store.suppressions_for([target], now=now).get(target)
+    if current is not None and current.outlasts(entry):
+        return current
     store.suppress([entry])
     return entry
-
-
-def _lasts(expires_at: datetime | None, *, at_least: datetime | None) -> bool:
-    """Whether an entry expiring at ``expires_at`` (None: never) lasts as long as one
-    expiring at ``at_least``."""
-    if expires_at is None:
-        return True
-    return at_least is not None and expires_at >= at_least
 
 
 def _angle(message_id: str) -> str:

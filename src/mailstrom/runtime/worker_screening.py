@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
-from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets
+from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, not_shortening
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Lease, RecipientResult
@@ -136,14 +136,20 @@ class WorkerScreening(WorkerStore):
         self._unsent_notices = waiting
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
-        """Put the addresses of recorded hard bounces on the suppression list. If the store
-        fails here the entries are lost (logged): the next message to such an address is
-        refused again and adds it then."""
+        """Put the addresses of recorded hard bounces on the suppression list, but for
+        those whose entry in force lasts as long already (:func:`not_shortening`). If the
+        store fails here the entries are lost (logged): the next message to such an
+        address is refused again and adds it then."""
         entries = hard_bounce_entries(recorded, expire_after=self.config.suppress_for)
         if not entries:
             return
         try:
-            await self._store_call(self.store.suppress, entries)
+            current = await self._store_call(
+                self.store.suppressions_for, [e.target for e in entries], now=self._clock()
+            )
+            entries = not_shortening(entries, current)
+            if entries:
+                await self._store_call(self.store.suppress, entries)
         except StoreCorrupt:
             raise
         except StoreError as exc:
