@@ -125,6 +125,16 @@ def test_an_entry_that_expires_at_once_is_refused(cli: CLI) -> None:
     )
 
 
+def test_a_list_after_what_no_store_can_compare_is_a_usage_error(cli: CLI) -> None:
+    """An --after of octets that are no UTF-8 (a lone surrogate, as Python reads such an
+    argv) reached SQLite, which refused it: exit 75, "try again later", for a command
+    line that will never work."""
+    cli.ok("suppress", "add", "bob@example.test")
+    result = cli("suppress", "list", "--after", "ex\udcffample.org")
+    assert result.code == 64, result.err
+    assert result.err_lines[-1].startswith("mailstrom: argument --after: expected a target")
+
+
 def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     cli.ok("suppress", "add", "bob@example.test", "--reason", "550 5.1.1 gone")

@@ -8,14 +8,17 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+from mailstrom.arguments import check_key
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_code_for
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
 from mailstrom.cli.reading import stdin_buffer
-from mailstrom.errors import StoreError
+from mailstrom.errors import InvalidArgument, StoreError
+from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
+    MAX_TARGET,
     Suppression,
     SuppressionSource,
     check_reply,
@@ -52,7 +55,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
     ls = _action(actions, parents, "list", "show the entries in force, in target order")
     ls.add_argument("--all", action="store_true", help="include expired entries")
-    ls.add_argument("--after", default="", metavar="TARGET", help="start after this target")
+    ls.add_argument(
+        "--after", default="", type=_after_arg, metavar="TARGET", help="start after this target"
+    )
     ls.add_argument("--limit", type=count_arg, default=100, help="at most N entries (100)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(handler=list_command)
@@ -113,6 +118,20 @@ def _expiry_arg(text: str) -> timedelta:
     return age
 
 
+def _after_arg(text: str) -> str:
+    """``--after``: where a listing starts, lower-cased as targets are kept. Text that no
+    store can compare with its targets (a lone surrogate, as Python reads an argv that is
+    no UTF-8; a NUL) is a usage error: SQLite refused it, and the command exited 75, as
+    if trying again later could help."""
+    after = text.strip().lower()
+    try:
+        return check_key(after, "--after", limit=MAX_TARGET)
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(
+            f"expected a target of at most {MAX_TARGET} octets of text, got {shorten(text)}"
+        ) from None
+
+
 def _action(
     actions: Subparsers, parents: list[argparse.ArgumentParser], name: str, text: str
 ) -> ArgumentParser:
@@ -137,7 +156,7 @@ def list_command(args: argparse.Namespace) -> int:
     now = utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         entries = store.list_suppressions(
-            now=None if args.all else now, after=args.after.strip().lower(), limit=args.limit
+            now=None if args.all else now, after=args.after, limit=args.limit
         )
     if args.json:
         print_json([_row(e) for e in entries])
