@@ -479,6 +479,34 @@ def test_our_own_notice_of_a_local_failure_suppresses_nothing(
     store.close()
 
 
+def test_our_own_notice_of_a_refusal_keeps_the_entry_the_refusal_made(
+    dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The worker's notice of a server's refusal (550 5.1.1 at RCPT) reaches `mailstrom
+    bounce` at the VERP address. The worker had suppressed the address for that refusal;
+    with suppress_for set, the report's entry (a little later, so lasting a little longer)
+    replaced it: an "async_bounce" that said "bounced after acceptance", of mail no server
+    ever accepted. The same holds for a report applied twice: the entry a message's
+    failure made stays as it was."""
+    dns_server.mx("sender.test", [(10, "mx.test")])
+    mx.rcpt_replies["nosuchuser@receiver.test"] = "550 5.1.1 No such user"
+    store = SQLiteStore(tmp_path / "n.db")
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, suppress_for=timedelta(days=30)
+    )
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+        results.wait_count(2)  # the refusal, and the notice delivered
+        before = ms.suppressed("nosuchuser@receiver.test")
+        assert before is not None and before.source is SuppressionSource.HARD_BOUNCE
+        [notice] = mx.wait_for_messages(1)
+        clock.advance(timedelta(minutes=5))  # the notice takes its time to come back
+        [outcome] = apply(ms, notice.content, clock, suppress_for=timedelta(days=30))
+        assert (outcome.action, outcome.message_id) == (BounceAction.ALREADY_FAILED, mid)
+        assert ms.suppressed("nosuchuser@receiver.test") == before
+    store.close()
+
+
 @pytest.mark.parametrize("redacted", [b"<xxxxxxxxxx@mailbox.test>", b"redacted"])
 def test_a_redacted_complaint_about_a_one_recipient_message_matches_it(
     ms: Mailstrom, results: Results, clock: FakeClock, redacted: bytes

@@ -400,10 +400,26 @@ def _suppress(
         message_id=message.id,
     )
     current = store.suppressions_for([target], now=now).get(target)
-    if current is not None and current.outlasts(entry):
+    if current is not None and (current.outlasts(entry) or _same_failure(current, entry)):
         return current
     store.suppress([entry])
     return entry
+
+
+_BOUNCES = (SuppressionSource.HARD_BOUNCE, SuppressionSource.ASYNC_BOUNCE)
+
+
+def _same_failure(current: Suppression, entry: Suppression) -> bool:
+    """Whether ``entry``, a bounce's, is about the failure that put ``current`` there: the
+    same message's (the worker's own notice of a refusal it suppressed, which a VERP
+    sender gets back; a report applied again). Written, it only moved the entry's end a
+    little, and said "bounced after acceptance" of a refusal no server ever accepted."""
+    return (
+        entry.source in _BOUNCES
+        and current.source in _BOUNCES
+        and current.message_id is not None
+        and current.message_id == entry.message_id
+    )
 
 
 def _angle(message_id: str) -> str:
