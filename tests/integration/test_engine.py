@@ -28,7 +28,7 @@ from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory
-from tests.support.delivery import Results, loopback_config
+from tests.support.delivery import LOOPS, Results, loopback_config
 from tests.support.stopped_writer import stopped_writer
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
@@ -578,7 +578,7 @@ def test_an_idle_workers_result_is_written_at_once(
 # --- event loops ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_the_worker_runs_on_the_loop_configured(
     smtp_server: ServerFactory, dns_server: LoopbackDNS, loop: str
 ) -> None:
@@ -591,9 +591,9 @@ def test_the_worker_runs_on_the_loop_configured(
     results = Results()
 
     def on_result(result: Any) -> None:
-        # (The worker's uvloop loop is a subclass of uvloop's: runtime/loops.py.)
-        kinds = {cls.__module__.split(".")[0] for cls in type(asyncio.get_running_loop()).__mro__}
-        loops.append("uvloop" if "uvloop" in kinds else "asyncio")
+        # The package of the loop class mailstrom's own (runtime/loops.py) derives from.
+        kinds = (c.__module__.split(".")[0] for c in type(asyncio.get_running_loop()).__mro__)
+        loops.append(next(k for k in kinds if k in ("asyncio", "uvloop")))
         results(result)
 
     with Mailstrom(

@@ -7,12 +7,26 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from mailstrom import Config, Timeouts
+from mailstrom.config import EventLoop, uvloop_available
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
+
+LOOPS = [
+    EventLoop.ASYNCIO,
+    pytest.param(
+        EventLoop.UVLOOP,
+        marks=pytest.mark.skipif(not uvloop_available(), reason="uvloop is not installed"),
+    ),
+]
+"""Both loops a worker may run on, for ``parametrize``: "auto" takes uvloop wherever the
+suite runs with it installed, and asyncio's own is what users without ``mailstrom[fast]``
+get."""
 
 
 def loopback_config(dns: LoopbackDNS, smtp_port: int, /, **overrides: Any) -> Config:
