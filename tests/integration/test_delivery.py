@@ -27,7 +27,7 @@ from mailstrom import (
     TLSPolicy,
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
-from mailstrom.config import RelayConfig, RelayTLS
+from mailstrom.config import EventLoop, RelayConfig, RelayTLS
 from mailstrom.errors import StoreError, UnknownMessage, WorkerError
 from mailstrom.message import PreparedMessage, prepare
 from mailstrom.policy import advice_for
@@ -37,7 +37,7 @@ from mailstrom.status import SMTPReply
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.delivery import FakeClock, Results
+from tests.support.delivery import LOOPS, FakeClock, Results
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -69,8 +69,14 @@ MakeMailstrom = Callable[..., Mailstrom]
 
 
 @pytest.fixture
+def worker_loop() -> EventLoop:
+    """The loop the worker runs on; a test parametrized over LOOPS runs on each."""
+    return EventLoop.AUTO
+
+
+@pytest.fixture
 def mailstrom(
-    dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results
+    dns_server: LoopbackDNS, mx: Any, clock: FakeClock, results: Results, worker_loop: EventLoop
 ) -> Iterator[MakeMailstrom]:
     """Start a Mailstrom pointed at the loopback DNS and the receiver's port."""
     started: list[Mailstrom] = []
@@ -83,6 +89,7 @@ def mailstrom(
             "allow_loopback": True,  # the receiver is on 127.0.0.1
             "timeouts": FAST,
             "poll_interval": 0.5,
+            "event_loop": worker_loop,
         }
         options.update(overrides)
         ms = Mailstrom(
@@ -119,6 +126,7 @@ RAW = (
 )
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_delivers_over_starttls_byte_exact(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:
@@ -168,6 +176,7 @@ def test_bcc_in_envelope_never_in_bytes(
     assert b"\nBcc:" not in received.content
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_one_transaction_with_per_recipient_outcomes(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:
@@ -253,6 +262,7 @@ def test_local_failures_are_classified_too(
     assert bob.state is FAILED and bob.reason_class is ReasonClass.DNS
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_first_mx_down_backup_used(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:
@@ -270,6 +280,7 @@ def test_first_mx_down_backup_used(
 
 
 @pytest.mark.parametrize("remember", [timedelta(minutes=5), timedelta(0)])
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_a_first_mx_that_never_greets_is_waited_for_once(
     smtp_server: Any,
     dns_server: LoopbackDNS,
@@ -362,6 +373,7 @@ def test_null_mx_and_nxdomain_fail_at_once(
     assert status.state is FAILED
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_servfail_defers(
     dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
 ) -> None:
@@ -372,6 +384,7 @@ def test_servfail_defers(
     assert ms.query_status(mid).recipient("gus@broken-dns.test").state is DEFERRED
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_greylisting_retried_with_controllable_clock(
     mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
 ) -> None:
@@ -414,6 +427,7 @@ def test_gives_up_after_max_age(
     assert 2 <= r.attempts <= 3
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_tls_handshake_failure_opportunistic_falls_back_to_plaintext(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:
@@ -429,6 +443,7 @@ def test_tls_handshake_failure_opportunistic_falls_back_to_plaintext(
     assert not received.tls
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_tls_handshake_failure_required_defers(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:
@@ -590,6 +605,7 @@ def test_message_over_server_size_fails_without_sending(
     assert "MAIL" not in small.commands
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_stalling_server_times_out_and_defers(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:
@@ -602,6 +618,7 @@ def test_stalling_server_times_out_and_defers(
     assert "within" in r.reason
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_connection_dropped_mid_data_defers(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:
@@ -614,6 +631,7 @@ def test_connection_dropped_mid_data_defers(
     assert not r.uncertain
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_connection_lost_after_dot_is_uncertain_and_retried(
     mailstrom: MakeMailstrom, mx: Any, results: Results
 ) -> None:
@@ -637,6 +655,7 @@ def test_uncertain_not_retried_when_configured(
     assert r.state is DELIVERED and r.uncertain
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_connections_are_reused(mailstrom: MakeMailstrom, mx: Any, results: Results) -> None:
     ms = mailstrom(max_per_destination=1)
     for i in range(5):
@@ -686,6 +705,7 @@ def test_relay_mode_with_auth(smtp_server: Any, mailstrom: MakeMailstrom, result
     assert len(relay.wait_for_messages(2)) == 2
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_restart_over_same_sqlite_file_resumes_deferred_mail(
     tmp_path: Path,
     mailstrom: MakeMailstrom,
@@ -1131,6 +1151,7 @@ def test_new_mail_wakes_an_idle_worker_without_polling(
     assert store.leases <= 20
 
 
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_relay_with_starttls_verified_and_auth(
     smtp_server: Any,
     mailstrom: MakeMailstrom,
@@ -1158,6 +1179,7 @@ def test_relay_with_starttls_verified_and_auth(
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no verify"])
+@pytest.mark.parametrize("worker_loop", LOOPS)
 def test_relay_with_implicit_tls_heeds_verify(
     smtp_server: Any,
     mailstrom: MakeMailstrom,
