@@ -855,12 +855,11 @@ def load_settings(
         from_file = read_config_file(config_file)
         warnings.extend(_exposed_secrets(config_file, from_file))
         values.update(from_file)
-    values.update(read_env(env))
-    for key, value in (overrides or {}).items():
+    _overlay(values, read_env(env))
+    for key in overrides or {}:
         if key not in KEYS:
             raise ConfigError(f"unknown setting {_quoted(key)}")
-        if value is not None:
-            values[key] = value
+    _overlay(values, {k: v for k, v in (overrides or {}).items() if v is not None})
     parsed = {key: _parse(key, value) for key, value in values.items()}
     return Settings(
         config=build_config(parsed),
@@ -873,6 +872,22 @@ def load_settings(
         web_token=parsed.get("web.token"),
         web_public_url=parsed.get("web.public_url"),
     )
+
+
+_SAME_SETTING = {"tls": "tls.default", "tls.default": "tls"}
+"""Settings with two names (``tls``, and ``[tls] default`` for a file with a
+``[tls.domains]`` table): within one layer the plain ``tls`` wins."""
+
+
+def _overlay(values: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """``layer``'s values over ``values``, a setting's other name included: the file's
+    ``tls = "opportunistic"`` outlived ``MAILSTROM_TLS_DEFAULT=verify`` (the plain name
+    won across layers), and mail went with the policy the environment meant to replace."""
+    for key in layer:
+        other = _SAME_SETTING.get(key)
+        if other is not None:
+            values.pop(other, None)
+    values.update(layer)
 
 
 def _parse(key: str, value: Any) -> Any:

@@ -81,3 +81,16 @@ def test_tlsrpt_record_in_file_and_env(tmp_path: Path) -> None:
     assert not load_settings(config_path=path, env=env).config.records_tls_sessions
     with pytest.raises(ConfigError, match=r"tlsrpt\.record"):
         load_settings(env={"MAILSTROM_TLSRPT_RECORD": "sometimes"}, search=False)
+
+
+def test_the_environment_default_overrides_a_plain_tls_in_the_file(tmp_path: Path) -> None:
+    # Two names of one setting: the environment's [tls] default replaces the file's plain
+    # tls, as MAILSTROM_TLS replaces the file's [tls] default; in one layer tls still wins.
+    path = tmp_path / "config.toml"
+    path.write_text('tls = "opportunistic"\n')
+    env = {"MAILSTROM_TLS_DEFAULT": "verify"}
+    assert load_settings(config_path=path, env=env).config.tls is TLSPolicy.VERIFY
+    both = env | {"MAILSTROM_TLS": "required"}
+    assert load_settings(config_path=path, env=both).config.tls is TLSPolicy.REQUIRED
+    over = load_settings(config_path=path, env=env, overrides={"tls": "none"}).config
+    assert over.tls is TLSPolicy.NONE
