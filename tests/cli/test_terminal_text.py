@@ -202,3 +202,32 @@ def test_an_ambiguous_id_s_candidates_are_shown_escaped(cli: CLI) -> None:
     assert "ambiguous message id" in result.err
     assert_harmless(result.err)
     assert r"\x1b[2J" in result.err
+
+
+NON_ASCII_MESSAGE = (
+    b"From: a@client.test\r\nTo: b@example.test\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9_=F0=9F=98=80?=\r\n\r\nx\r\n"
+)
+
+
+def test_output_to_a_stream_that_is_not_utf8(cli: CLI) -> None:
+    """Standard output in a locale that is not UTF-8 (de_DE.ISO-8859-1; ASCII here, the
+    strictest): an "é" in a Subject was a UnicodeEncodeError, and `status` or `status
+    --json` ended as an internal error (70). Text shows what it cannot hold as escapes;
+    JSON as \\u escapes, the same value to a parser."""
+    message_id = cli.ok("send", "--file", "-", stdin=NON_ASCII_MESSAGE).out.strip()
+    ascii_out = CLI(cwd=cli.cwd, env=cli.env | {"PYTHONIOENCODING": "ascii"})
+    out = ascii_out.ok("status", message_id).out
+    assert r"Subject:     caf\xe9 \U0001f600" in out.splitlines()
+    text = ascii_out.ok("status", "--json", message_id).out
+    assert text.isascii() and json.loads(text)["subject"] == "café 😀"
+    listed = ascii_out.ok("queue", "--json").out
+    assert listed.isascii() and json.loads(listed)[0]["subject"] == "café 😀"
+
+
+def test_json_for_a_stream_that_is_not_utf8() -> None:
+    latin = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    print_json({"s": "é 😀\u202e"}, latin)
+    latin.flush()
+    written = latin.buffer.getvalue()  # type: ignore[attr-defined]
+    assert written.isascii() and json.loads(written) == {"s": "é 😀\u202e"}

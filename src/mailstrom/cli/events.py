@@ -18,7 +18,7 @@ import time
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.context import open_store, settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK, UsageError
-from mailstrom.cli.output import visible
+from mailstrom.cli.output import json_for, visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
 from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.safetext import escaped_json
@@ -198,7 +198,7 @@ def _print(event: DeliveryEvent, *, as_json: bool) -> None:
     if as_json:
         # Escaped as the other --json views are: a stored reply or metadata value could
         # hold controls a terminal obeys (U+009B) or bidi overrides that reorder the line.
-        line = escaped_json(json.dumps(event_json(event), ensure_ascii=False))
+        line = json_for(escaped_json(json.dumps(event_json(event), ensure_ascii=False)), sys.stdout)
     else:
         parts = [
             event.at.isoformat(timespec="seconds"),

@@ -131,6 +131,9 @@ def _default_store_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code (the console script passes it to exit)."""
+    from mailstrom.cli.output import tolerant_stdout
+
+    tolerant_stdout()
     if argv is None:
         argv = sys.argv[1:]
         name = os.path.basename(sys.argv[0])

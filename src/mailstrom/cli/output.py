@@ -20,8 +20,10 @@ escape of its octet (``\\xff``), and :func:`print_json` writes U+FFFD for it.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import enum
+import io
 import json
 import re
 import sys
@@ -114,7 +116,43 @@ def print_json(value: Any, stream: TextIO | None = None) -> None:
     text = _SURROGATE.sub("\ufffd", text)
     # These occur only inside strings (the rest is ASCII syntax), where escapes mean them.
     text = _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    stream.write(text + "\n")
+    stream.write(json_for(text, stream) + "\n")
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def writes_utf8(stream: TextIO) -> bool:
+    """Whether ``stream`` encodes text as UTF-8 (an in-memory one, which encodes nothing,
+    counts as such)."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return True
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
+def json_for(text: str, stream: TextIO) -> str:
+    """JSON ``text`` as ``stream`` can write it: as it is in UTF-8; in another encoding (a
+    locale such as de_DE.ISO-8859-1) with every character past ASCII as a ``\\uXXXX``
+    escape (a pair past U+FFFF), the same value to a parser. Written raw, an "é" in a
+    Subject was a UnicodeEncodeError there, and ``status --json`` an internal error (70);
+    the escapes :func:`tolerant_stdout` writes would be no JSON."""
+    if writes_utf8(stream) or text.isascii():
+        return text
+    return _NON_ASCII.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
+def tolerant_stdout() -> None:
+    """Standard output writes a character its encoding cannot hold (a locale that is not
+    UTF-8) as an escape (``\\xe9``), as :func:`visible` writes control characters:
+    strict, an "é" in an address or a Subject ended ``status`` or ``queue`` as an
+    internal error (70), the line it was on unwritten. Standard error does so already."""
+    stream = sys.stdout
+    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        stream.reconfigure(errors="backslashreplace")
 
 
 def cell(value: Any) -> str:
