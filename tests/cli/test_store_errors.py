@@ -338,3 +338,15 @@ def test_a_command_that_changes_the_store_refuses_a_memory_store(
 def test_a_command_that_only_looks_reads_a_memory_store(cli: CLI, argv: list[str]) -> None:
     cli.env["MAILSTROM_STORE"] = "memory:"
     assert cli(*argv).code == 0
+
+
+@pytest.mark.parametrize("where", ["missing/queue.db", "file/queue.db"])
+def test_views_of_a_store_in_no_directory_say_so(cli: CLI, where: str) -> None:
+    """A configured store whose directory is missing (a typo, an unmounted volume) or is
+    no directory: the views showed an empty queue (exit 0), and `status` said the message
+    did not exist, where the writers refuse the path (75). The views refuse it too."""
+    (cli.cwd / "file").write_text("not a directory\n")
+    cli.env["MAILSTROM_STORE"] = f"sqlite:///{where}"
+    for args in (["queue"], ["queue", "--counts"], ["status", "0123456789abcdef"], ["events"]):
+        assert_one_line_error(cli(*args), 75, "cannot open", where)
+    assert_one_line_error(cli("hold", "--all"), 75, "cannot create", where)

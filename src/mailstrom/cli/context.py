@@ -136,12 +136,41 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
     if read_only:
         parsed = parse_store_url(url)
-        if parsed.kind is StoreKind.SQLITE and not os.path.exists(parsed.target):
+        if parsed.kind is StoreKind.SQLITE and _not_created(parsed.target):
             # Nothing was ever queued there: an empty queue, and no file created to show it.
             from mailstrom.stores.memory import MemoryStore
 
             return MemoryStore()
     return open_url(url, read_only=read_only)
+
+
+def _not_created(path: str) -> bool:
+    """Whether the SQLite store at ``path`` was never created: its file is missing from a
+    directory that exists, or from the default store's, which the first writer makes.
+
+    StoreError (75, as the writers give) when the path cannot be looked up: its directory
+    is missing (a typo, an unmounted volume), or unsearchable, or no directory. Read as
+    "no file", such a path showed an empty queue, exit 0, where the queue was only out of
+    sight, and ``status ID`` said the message did not exist."""
+    from mailstrom.errors import StoreError
+    from mailstrom.stores.url import default_store_path
+
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            default = os.path.abspath(path) == str(default_store_path())
+        except ConfigError:
+            default = False
+        if default or os.path.isdir(directory):
+            return True
+        raise StoreError(f"cannot open {path}: no directory {directory}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path: for the store to refuse as it does
+        return False
+    return False
 
 
 def require_lasting_store(settings: Settings) -> None:
