@@ -211,3 +211,24 @@ async def test_log_lines_go_through_the_live_view_console() -> None:
         logger.handlers[:] = [logging.NullHandler()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)
+
+
+def test_json_lines_stay_json_on_a_stream_that_is_not_utf8() -> None:
+    """--log-format json with standard error in a locale that is not UTF-8: a reply's "é"
+    or emoji came out as the stream's "\\xe9" escape, which is no JSON (the collector
+    dropped the line). Characters past ASCII are JSON escapes there."""
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="latin-1", errors="backslashreplace")
+    handler = configure_logging("json", stream=stream)
+    logger = logging.getLogger("mailstrom")
+    reply = "550 café 😀 \u202e refusé"
+    try:
+        logging.getLogger("mailstrom.worker").warning("attempt", extra={"fields": {"reply": reply}})
+        handler.flush()
+        stream.flush()
+        written = stream.buffer.getvalue()  # type: ignore[attr-defined]
+        assert written.isascii()
+        assert json.loads(written)["reply"] == reply
+    finally:
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mailstrom.cli.logbuffer import BufferedStreamHandler
+from mailstrom.cli.output import ascii_json, writes_utf8
 from mailstrom.safetext import escaped_json
 from mailstrom.stores.url import redact_url
 
@@ -160,7 +161,12 @@ class KeyValueFormatter(logging.Formatter):
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line with the same keys as :class:`KeyValueFormatter`."""
+    """One JSON object per line with the same keys as :class:`KeyValueFormatter`;
+    ``ascii_only`` for a stream that is not UTF-8 (see :func:`configure_logging`)."""
+
+    def __init__(self, *, ascii_only: bool = False) -> None:
+        super().__init__()
+        self._ascii_only = ascii_only
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
@@ -174,7 +180,8 @@ class JSONFormatter(logging.Formatter):
             obj.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             obj["exc"] = redact_url(self.formatException(record.exc_info))
-        return escaped_json(_json_line(obj))
+        line = escaped_json(_json_line(obj))
+        return ascii_json(line) if self._ascii_only else line
 
 
 def configure_logging(
@@ -187,7 +194,13 @@ def configure_logging(
     commands write each line as it comes.
     """
     handler = BufferedStreamHandler(stream) if buffered else logging.StreamHandler(stream)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
+    # JSON to a stream that is not UTF-8 (a locale such as de_DE.ISO-8859-1) has its
+    # characters past ASCII as \u escapes: standard error wrote an "é" of a reply as
+    # "\xe9", which no JSON reader takes, and the collector dropped the line.
+    ascii_only = not writes_utf8(handler.stream)
+    handler.setFormatter(
+        JSONFormatter(ascii_only=ascii_only) if fmt == "json" else KeyValueFormatter()
+    )
     root = logging.getLogger("mailstrom")
     for old in root.handlers:
         if isinstance(old, BufferedStreamHandler):

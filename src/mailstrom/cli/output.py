@@ -140,7 +140,13 @@ def json_for(text: str, stream: TextIO) -> str:
     escape (a pair past U+FFFF), the same value to a parser. Written raw, an "é" in a
     Subject was a UnicodeEncodeError there, and ``status --json`` an internal error (70);
     the escapes :func:`tolerant_stdout` writes would be no JSON."""
-    if writes_utf8(stream) or text.isascii():
+    return text if writes_utf8(stream) else ascii_json(text)
+
+
+def ascii_json(text: str) -> str:
+    """JSON ``text`` with every character past ASCII as a ``\\uXXXX`` escape (a pair past
+    U+FFFF): the same value, in any encoding that holds ASCII."""
+    if text.isascii():
         return text
     return _NON_ASCII.sub(lambda m: json.dumps(m.group())[1:-1], text)
 
