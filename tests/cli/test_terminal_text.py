@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -231,3 +233,21 @@ def test_json_for_a_stream_that_is_not_utf8() -> None:
     latin.flush()
     written = latin.buffer.getvalue()  # type: ignore[attr-defined]
     assert written.isascii() and json.loads(written) == {"s": "é 😀\u202e"}
+
+
+def test_commands_with_standard_output_closed(cli: CLI) -> None:
+    """`mailstrom queue >&-`: Python sets a closed standard output to None, and every view
+    (queue, status, show) ended as "internal error: AttributeError" (70) after it had
+    read the store. Output to a closed stream goes nowhere, as print() has it."""
+    message_id = cli.ok("send", "--file", "-", stdin=NON_ASCII_MESSAGE).out.strip()
+    for args in (["queue"], ["queue", "--json"], ["status", message_id], ["show", message_id]):
+        proc = subprocess.run(
+            ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "mailstrom", *args],
+            cwd=cli.cwd,
+            env=cli.env,
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (args, proc.stderr.decode())
+        assert b"internal error" not in proc.stderr

@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -152,11 +153,18 @@ def ascii_json(text: str) -> str:
 
 
 def tolerant_stdout() -> None:
-    """Standard output writes a character its encoding cannot hold (a locale that is not
-    UTF-8) as an escape (``\\xe9``), as :func:`visible` writes control characters:
-    strict, an "é" in an address or a Subject ended ``status`` or ``queue`` as an
-    internal error (70), the line it was on unwritten. Standard error does so already."""
+    """Standard output, closed, goes to /dev/null; open, it writes a character its
+    encoding cannot hold (a locale that is not UTF-8) as an escape (``\\xe9``), as
+    :func:`visible` writes control characters: strict, an "é" in an address or a Subject
+    ended ``status`` or ``queue`` as an internal error (70), the line it was on unwritten.
+    Standard error does so already."""
     stream = sys.stdout
+    if stream is None:
+        # Closed (``>&-``): Python sets it to None, and what print() silently drops,
+        # stream.write() was an AttributeError, an "internal error" (70), after a view
+        # had read the store or a command had acted. Nothing to write to: written away.
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+        return
     if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
         stream.reconfigure(errors="backslashreplace")
 
