@@ -56,29 +56,38 @@ def _connect(server: OpsServer) -> socket.socket:
     return connect(server.port)
 
 
+def _handlers_since(before: set[threading.Thread]) -> set[threading.Thread]:
+    """The server's handler threads started since ``before`` was taken, still running
+    (the stdlib names each "Thread-N (process_request_thread)"). Not every thread of the
+    process: an earlier test's leftovers (a hook post, a worker's executor) may start or
+    end threads meanwhile."""
+    new = set(threading.enumerate()) - before
+    return {thread for thread in new if "process_request_thread" in thread.name}
+
+
 def test_a_flood_of_idle_connections_takes_few_threads_and_a_scrape_gets_through(
     patient: OpsServer,
 ) -> None:
-    before = threading.active_count()
+    before = set(threading.enumerate())
     clients: list[socket.socket] = []
     most = 0
     try:
         for _ in range(20):
             clients.append(_connect(patient))
-            most = max(most, threading.active_count() - before)
+            most = max(most, len(_handlers_since(before)))
         slow = _connect(patient)
         clients.append(slow)
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         # The oldest silent ones make room for the newer: they are hung up on.
         displaced = clients[: len(clients) - LIMIT]
         assert all(hung_up(sock) for sock in displaced)
-        most = max(most, threading.active_count() - before)
+        most = max(most, len(_handlers_since(before)))
 
         started = time.monotonic()
         with urllib.request.urlopen(f"{patient.url}/healthz", timeout=5) as answer:
             assert answer.status == 200
         assert time.monotonic() - started < 1.0  # long before any deadline (30 s)
-        most = max(most, threading.active_count() - before)
+        most = max(most, len(_handlers_since(before)))
     finally:
         for sock in clients:
             sock.close()
@@ -124,18 +133,12 @@ def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> No
     request deadline (30 s here)."""
     server = _serve(request_timeout=30.0)
     before = set(threading.enumerate())
-
-    def handlers() -> set[threading.Thread]:
-        # The stdlib names each "Thread-N (process_request_thread)".
-        new = set(threading.enumerate()) - before
-        return {thread for thread in new if "process_request_thread" in thread.name}
-
     with _connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         # Accepted, with a thread of its own (not left in the listen backlog, which the
         # listening socket's close would reset anyway).
-        assert _wait_for(lambda: len(handlers()) == 1)
-        handler = handlers().pop()
+        assert _wait_for(lambda: len(_handlers_since(before)) == 1)
+        handler = _handlers_since(before).pop()
         server.close()
         assert hung_up(sock)
     handler.join(5)  # ends at once; otherwise it would wait out the 30 s deadline
