@@ -53,8 +53,11 @@ def _first_status(ms: Mailstrom | AsyncMailstrom, check: Any, timeout: float) ->
     raise AssertionError(f"no such status within {timeout} s; last: {ms.worker_status}")
 
 
-def _no_restart_pending() -> bool:
-    return not any(t.name == "mailstrom-worker-supervisor" for t in threading.enumerate())
+def _no_restart_pending(before: set[threading.Thread]) -> bool:
+    """No restart supervisor started since ``before`` is still running. Only those: one
+    an earlier test left (its give-back still waiting for a store) is not this test's."""
+    new = set(threading.enumerate()) - before
+    return not any(t.name == "mailstrom-worker-supervisor" for t in new)
 
 
 def restarts_exported(ms: Mailstrom) -> float | None:
@@ -127,6 +130,7 @@ def test_stop_during_the_backoff_cancels_the_restart(
     monkeypatch.setattr(supervision, "FIRST_DELAY", 30.0)
     store = SQLiteStore(tmp_path / "q.db")
     ms = Mailstrom(config(dns_server, mx.port), store=store)
+    before = set(threading.enumerate())
     ms.start()
     old = _child(ms).pid
     assert old is not None
@@ -135,7 +139,7 @@ def test_stop_during_the_backoff_cancels_the_restart(
     began = time.monotonic()
     ms.stop()
     assert time.monotonic() - began < 5
-    assert _no_restart_pending()
+    assert _no_restart_pending(before)
     assert _child(ms).pid is None
     assert _gone(old)
     status = ms.worker_status
@@ -151,6 +155,7 @@ def test_a_worker_process_stopped_by_sigterm_stays_stopped(
 ) -> None:
     """An operator's SIGTERM is meant: no restart, but the status says nothing delivers."""
     store = SQLiteStore(tmp_path / "q.db")
+    before = set(threading.enumerate())
     with Mailstrom(config(dns_server, mx.port), store=store) as ms:
         pid = _child(ms).pid
         assert pid is not None
@@ -158,7 +163,7 @@ def test_a_worker_process_stopped_by_sigterm_stays_stopped(
         status = _first_status(ms, lambda s: s.dead, 30)
         assert status.error == "worker process stopped by SIGTERM, not by this program"
         assert _wait_until(lambda: _gone(pid), 15)
-        assert _no_restart_pending()
+        assert _no_restart_pending(before)
         assert ms.worker_status.restarts == 0 and not ms.worker_status.running
     store.close()
 
@@ -220,6 +225,7 @@ def test_a_worker_process_that_reported_a_permanent_error_is_not_started_again(
     child would fail the same way."""
     path = tmp_path / "q.db"
     store = SQLiteStore(path)
+    before = set(threading.enumerate())
     with Mailstrom(config(dns_server, mx.port), store=store) as ms:
         pid = _child(ms).pid
         assert pid is not None
@@ -229,7 +235,7 @@ def test_a_worker_process_that_reported_a_permanent_error_is_not_started_again(
         assert "StoreCorrupt" in (status.error or "")
         assert "deleted" in (status.error or "")
         assert _wait_until(lambda: _gone(pid), 15)
-        assert _no_restart_pending()
+        assert _no_restart_pending(before)
         assert ms.worker_status.restarts == 0 and ms.worker_status.dead
     store.close()
 
@@ -333,6 +339,7 @@ def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
     path = tmp_path / "q.db"
     store = SQLiteStore(path, busy_timeout=4)
     ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    before = set(threading.enumerate())
     ms.start()
     try:
         pid = _child(ms).pid
@@ -345,7 +352,7 @@ def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
             ms.stop(timeout=0.1)
             took = time.monotonic() - began
         assert took < 2.0, took
-        assert _wait_until(_no_restart_pending, 10)
+        assert _wait_until(lambda: _no_restart_pending(before), 10)
         assert _child(ms).pid is None  # no child started after stop()
     finally:
         store.close()
