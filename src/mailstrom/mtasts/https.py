@@ -25,8 +25,9 @@ import asyncio
 import functools
 import ipaddress
 import ssl
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dns.asyncresolver
 import dns.exception
@@ -39,6 +40,7 @@ from mailstrom.routing.policy import RoutePolicy
 from mailstrom.safetext import safe_text
 
 if TYPE_CHECKING:
+    import httpcore
     import httpx
 
 MAX_ADDRESSES = 3
@@ -117,11 +119,11 @@ together they end at most 90 % of the way to the deadline. The next address of t
 is then tried with the same share of what is left (a first one that stalls costs 45 % of
 the time, not all of it).
 
-They must end by httpx's own timeout, not by the deadline: the deadline cancels httpcore,
-and a handshake cancelled half-way (a host that takes the connection and never answers)
-leaves its socket open, in a reference cycle, until the cyclic garbage collector runs
-(httpcore 1.0.9 closes it on an ``Exception`` only). The tenth of the time left that
-remains is the room httpx's timeout needs to fire first on a busy event loop."""
+They should end by httpx's own timeout, not by the deadline: a ``ConnectTimeout`` says
+which address stalled, and leaves time for the next. The tenth of the time left that
+remains is the room httpx's timeout needs to fire first on a busy event loop; on a late
+one the deadline may still come first, and the handshake it cancels half-way is closed
+all the same (:func:`_closing_backend`)."""
 
 
 def timeouts_before(deadline: asyncio.Timeout) -> httpx.Timeout:
@@ -152,13 +154,89 @@ def client(verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
     :func:`stream_at` replaces it with the timeouts its caller's deadline leaves."""
     import httpx
 
+    transport = httpx.AsyncHTTPTransport(
+        verify=verify, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    # httpx takes no network backend of its own; its pool's is the one it connects with.
+    pool = transport._pool
+    pool._network_backend = _closing_backend()(pool._network_backend)
     return httpx.AsyncClient(
-        verify=verify,
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_keepalive_connections=0),
+        transport=transport,
     )
+
+
+@functools.cache
+def _closing_backend() -> Callable[[httpcore.AsyncNetworkBackend], httpcore.AsyncNetworkBackend]:
+    """httpcore's network backend, with a TLS handshake cancelled half-way closed.
+
+    httpcore (1.0.9) closes the connection of a handshake that fails with an
+    ``Exception`` (its own timeout, a refusal) but not of one cancelled: the callers'
+    deadline (``asyncio.timeout``) left the socket open, in a reference cycle, until the
+    cyclic garbage collector ran. :data:`CONNECT_SHARE` lets httpx's timeout come first,
+    but only on a loop that is on time: a late one runs both in the same turn.
+    """
+    import httpcore
+
+    class Stream(httpcore.AsyncNetworkStream):
+        def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+            self._stream = stream
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return await self._stream.read(max_bytes, timeout)
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            await self._stream.write(buffer, timeout)
+
+        async def aclose(self) -> None:
+            await self._stream.aclose()
+
+        async def start_tls(
+            self,
+            ssl_context: ssl.SSLContext,
+            server_hostname: str | None = None,
+            timeout: float | None = None,
+        ) -> httpcore.AsyncNetworkStream:
+            try:
+                return await self._stream.start_tls(ssl_context, server_hostname, timeout)
+            except asyncio.CancelledError:
+                await self._stream.aclose()  # (its transport's close comes before any wait)
+                raise
+
+        def get_extra_info(self, info: str) -> Any:
+            return self._stream.get_extra_info(info)
+
+    class Backend(httpcore.AsyncNetworkBackend):
+        def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+            self._backend = backend
+
+        async def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Iterable[Any] | None = None,
+        ) -> httpcore.AsyncNetworkStream:
+            stream = await self._backend.connect_tcp(
+                host, port, timeout, local_address, socket_options
+            )
+            return Stream(stream)
+
+        async def connect_unix_socket(
+            self,
+            path: str,
+            timeout: float | None = None,
+            socket_options: Iterable[Any] | None = None,
+        ) -> httpcore.AsyncNetworkStream:
+            return await self._backend.connect_unix_socket(path, timeout, socket_options)
+
+        async def sleep(self, seconds: float) -> None:
+            await self._backend.sleep(seconds)
+
+    return Backend
 
 
 def stream_at(
