@@ -231,6 +231,23 @@ def test_a_wait_on_a_stopped_server_ends_at_once() -> None:
     assert len(outcome) == 1 and "before it was stopped" in outcome[0]
 
 
+def threads_started_from_here(monkeypatch: pytest.MonkeyPatch) -> set[threading.Thread]:
+    """From now on, the threads this test's thread starts, and those they start in turn:
+    not every thread of the process, where an earlier test's leftovers (a worker still
+    ending, its executor, a hook post) may start threads meanwhile."""
+    ours: set[threading.Thread] = set()
+    here = threading.current_thread()
+    start = threading.Thread.start
+
+    def recorded(thread: threading.Thread) -> None:
+        if threading.current_thread() is here or threading.current_thread() in ours:
+            ours.add(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recorded)
+    return ours
+
+
 def test_a_server_that_cannot_start_leaves_no_loop_thread_or_socket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -239,7 +256,7 @@ def test_a_server_that_cannot_start_leaves_no_loop_thread_or_socket(
     # errors, in whichever test the garbage collector happened to run.
     server_context, _ = tls_contexts("mx.test")
     unraisable: list[object] = []
-    threads = set(threading.enumerate())
+    threads = threads_started_from_here(monkeypatch)
     with socket.socket() as taken, warnings.catch_warnings():
         warnings.simplefilter("error")  # a ResourceWarning in __del__ becomes unraisable
         taken.bind(("127.0.0.1", 0))
@@ -249,7 +266,7 @@ def test_a_server_that_cannot_start_leaves_no_loop_thread_or_socket(
             start_receiving_server(server_context, port=taken.getsockname()[1])
         gc.collect()
     assert [str(u.exc_value) for u in unraisable] == []  # type: ignore[attr-defined]
-    assert set(threading.enumerate()) <= threads
+    assert threads and not [t for t in threads if t.is_alive()]
 
 
 def test_what_arrived_can_be_read_after_the_with_block() -> None:
@@ -265,11 +282,13 @@ def test_what_arrived_can_be_read_after_the_with_block() -> None:
         mx.wait_for(2)  # nothing more can arrive: at once, not after the timeout
 
 
-def test_a_receiving_server_stops_when_its_with_block_fails() -> None:
+def test_a_receiving_server_stops_when_its_with_block_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A ReceivingServer was no context manager, unlike FakeMX and LoopbackDNS: a test
     # that failed before its own stop() left the thread, loop and listening socket.
     server_context, _ = tls_contexts("mx.test")
-    threads = set(threading.enumerate())
+    threads = threads_started_from_here(monkeypatch)
     ports: list[int] = []
 
     def failing_test() -> None:
@@ -280,7 +299,7 @@ def test_a_receiving_server_stops_when_its_with_block_fails() -> None:
     with pytest.raises(LookupError, match="failed here"):
         failing_test()
     [port] = ports
-    assert set(threading.enumerate()) <= threads
+    assert threads and not [t for t in threads if t.is_alive()]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
