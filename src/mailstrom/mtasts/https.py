@@ -152,14 +152,19 @@ def connect_timed_out(ip: str, timeouts: httpx.Timeout) -> str:
 def client(verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
     """A client for one request (see the module docstring). ``timeout`` is per operation:
     :func:`stream_at` replaces it with the timeouts its caller's deadline leaves."""
+    import httpcore
     import httpx
 
     transport = httpx.AsyncHTTPTransport(
         verify=verify, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
     )
     # httpx takes no network backend of its own; its pool's is the one it connects with.
-    pool = transport._pool
-    pool._network_backend = _closing_backend()(pool._network_backend)
+    # (Private to httpx and httpcore: a release that moves it gets the plain backend, and
+    # a cancelled handshake's socket waits for the garbage collector, as it did before.)
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, httpcore.AsyncNetworkBackend):
+        pool._network_backend = _closing_backend()(backend)  # type: ignore[union-attr]
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
