@@ -128,6 +128,16 @@ def test_mailstrom_worker_exits_as_the_cli_does(
     assert "Traceback" not in done.stderr
 
 
+def test_mailstrom_worker_refuses_a_memory_store() -> None:
+    # A memory store is this process's own: the web processes queue into theirs, so the
+    # worker started, logged "worker started" and delivered nothing, forever (with --once,
+    # exit 0 at once), while every message queued by the backend waited for no one.
+    done = manage({"store": "memory:"}, "mailstrom_worker", "--once", "--no-live")
+    assert done.returncode == 78, done.stderr
+    assert "memory store" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_mailstrom_worker_listens_for_metrics_before_waiting_for_its_store() -> None:
     """The shared run_worker: a metrics address it cannot listen on fails at once, while
     the store (a loopback port nothing listens on) would be waited for."""

@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from mailstrom.cli.exits import EX_CONFIG, exit_code_for, reason_for
 from mailstrom.cli.worker import add_worker_options, run_worker
 from mailstrom.contrib.django.conf import SETTING, load
+from mailstrom.stores.url import StoreKind, parse_store_url
 
 
 class Command(BaseCommand):
@@ -37,6 +38,15 @@ class Command(BaseCommand):
             conf = load(getattr(settings, SETTING, None))
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc), returncode=EX_CONFIG) from exc
+        if parse_store_url(conf.settings.store_url).kind is StoreKind.MEMORY:
+            # The web processes queue into memory stores of their own: this worker would
+            # run for ever (or exit 0 with --once) and deliver none of their mail.
+            raise CommandError(
+                f"{SETTING}: store: a memory store is this command's own, so the mail the "
+                "web processes queue is not in it; set store to a SQLite file or a "
+                "PostgreSQL URL (or let the web processes deliver: worker 'thread')",
+                returncode=EX_CONFIG,
+            )
         namespace = argparse.Namespace(**options)
         try:
             code = run_worker(conf.settings, namespace)
