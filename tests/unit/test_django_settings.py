@@ -56,6 +56,17 @@ def test_python_values_toml_lacks() -> None:
     assert conf.settings.config.dns.nameservers == ("::1",)
 
 
+def test_a_path_is_its_string(tmp_path: Path) -> None:
+    # settings.py builds paths as BASE_DIR / "...", as docs/django.md says to: "store":
+    # BASE_DIR / "mail.db" was ImproperlyConfigured ("expected a store URL or file path
+    # as a non-empty string, got PosixPath"), where str() of it was taken.
+    aliases = tmp_path / "aliases"
+    conf = load({"store": tmp_path / "mail.db", "sendmail": {"aliases": aliases}})
+    same = load({"store": str(tmp_path / "mail.db"), "sendmail.aliases": str(aliases)})
+    assert conf.settings.store_url == same.settings.store_url
+    assert conf.settings.config == same.settings.config
+
+
 @pytest.mark.parametrize(
     ("value", "worker"),
     [({}, "auto"), ({"worker": None}, None), ({"worker": "thread"}, "thread")],

@@ -124,8 +124,9 @@ _TOML_INTEGERS = range(-(2**63), 2**63)
 
 def _as_toml(key: str, item: Any) -> Any:
     """Python values TOML has no word for, as the TOML file would write them: a tuple as
-    a list, a timedelta as its seconds. An integer no TOML file holds is refused (in a
-    list or table too): past 4,300 digits, even the error quoting it raised ValueError."""
+    a list, a timedelta as its seconds, a path (``BASE_DIR / "mail.db"``) as its string.
+    An integer no TOML file holds is refused (in a list or table too): past 4,300 digits,
+    even the error quoting it raised ValueError."""
     if isinstance(item, int) and not isinstance(item, bool) and item not in _TOML_INTEGERS:
         raise ConfigError(
             f"{key}: an integer past TOML's 64 bits ({item.bit_length()} bits), not a value"
@@ -138,4 +139,7 @@ def _as_toml(key: str, item: Any) -> Any:
         return {name: _as_toml(key, entry) for name, entry in item.items()}
     if isinstance(item, timedelta):
         return item.total_seconds()
+    if isinstance(item, os.PathLike):
+        # BASE_DIR / "mail.db": the file would hold the path as a string.
+        return os.fspath(item)
     return item
