@@ -17,6 +17,7 @@ from tests.django_project import configure
 configure()
 
 from django.core import mail  # noqa: E402  (Django must be configured first)
+from django.core.mail import BadHeaderError  # noqa: E402
 from django.test import override_settings  # noqa: E402
 from django.utils.functional import lazy  # noqa: E402
 
@@ -184,6 +185,21 @@ def test_invalid_input_raises_mailstroms_typed_errors_and_queues_nothing(project
     bad = mail.EmailMessage("bad", "x", to=["bob@"])
     with pytest.raises(InvalidAddress):
         EmailBackend().send_messages([good, bad])
+    assert get_mailstrom().query_recent() == []
+
+
+def test_header_injection_is_djangos_bad_header_error_too(project: None) -> None:
+    """Django's documented guard (``except BadHeaderError:`` around ``send_mail`` in a
+    contact form's view) did not catch mailstrom's HeaderInjection: a 500 instead."""
+    with pytest.raises(BadHeaderError) as info:
+        mail.send_mail("Hi\nBcc: victim@example.org", "Hello", None, ["bob@example.org"])
+    assert isinstance(info.value, HeaderInjection)
+    assert info.value.header == "Subject"
+    for headers in ({"X-A": "1\r\nB: 2"}, {"X-A: v\r\nReply-To: a@evil.example\r\nX-B": "v"}):
+        with pytest.raises(BadHeaderError):
+            mail.EmailMessage("Hi", "x", to=["b@example.org"], headers=headers).send()
+    with pytest.raises(BadHeaderError):
+        with_mime_attachment_named("a\r\nX-Evil: 1.txt").send()
     assert get_mailstrom().query_recent() == []
 
 

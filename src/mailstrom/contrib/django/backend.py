@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import django
 from django.core.mail.backends.base import BaseEmailBackend
-from django.core.mail.message import EmailMessage
+from django.core.mail.message import BadHeaderError, EmailMessage
 from django.utils.functional import Promise
 
 from mailstrom.client.common import prepare_for
@@ -40,8 +40,9 @@ class EmailBackend(BaseEmailBackend):
 
     ``send_messages`` returns how many messages were queued. Messages without recipients
     are skipped, as Django's SMTP backend skips them. Invalid input raises mailstrom's
-    typed errors (:class:`~mailstrom.InvalidAddress`, :class:`~mailstrom.HeaderInjection`,
-    ... all :class:`~mailstrom.InvalidMessage`, a ``ValueError``) and a store that cannot be
+    typed errors (:class:`~mailstrom.InvalidAddress`, :class:`~mailstrom.HeaderInjection`
+    (Django's ``BadHeaderError`` too), ... all :class:`~mailstrom.InvalidMessage`, a
+    ``ValueError``) and a store that cannot be
     written raises :class:`~mailstrom.StoreError`; the messages of one call are queued
     together or not at all. With ``fail_silently`` those errors are swallowed: an invalid
     message is left out (and not counted), the others are queued. A bad
@@ -85,8 +86,24 @@ class EmailBackend(BaseEmailBackend):
         return len(ids)
 
 
+class DjangoHeaderInjection(HeaderInjection, BadHeaderError):
+    """:class:`~mailstrom.HeaderInjection` that is Django's ``BadHeaderError`` too: the
+    backend raises it where Django's own backends raise ``BadHeaderError``, so that the
+    guard Django documents (``except BadHeaderError:`` around ``send_mail``) still
+    catches it, and ``except HeaderInjection:`` as well."""
+
+
 def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
     """Validate and serialise one Django message as the backend queues it."""
+    try:
+        return _prepare_message(message, config, now=now)
+    except HeaderInjection as exc:
+        if isinstance(exc, BadHeaderError):
+            raise
+        raise DjangoHeaderInjection(exc.reason, header=exc.header) from exc
+
+
+def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
     for name in message.extra_headers:
         # Django checks header values only: a line break in a name wrote the text after it
         # as header lines of their own (or as the start of the body). Email(headers=...)
