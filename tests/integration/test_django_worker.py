@@ -166,6 +166,24 @@ def test_the_system_check_reports_a_bad_setting() -> None:
     assert warning.msg.startswith("SERVER_EMAIL = 'root@localhost' is refused by mailstrom")
 
 
+def test_the_system_check_reports_admins_and_managers_mailstrom_refuses() -> None:
+    # mail_admins() sends one message to every address in ADMINS, and Django's error
+    # reports send it with fail_silently: one address mailstrom refuses (at localhost, or
+    # no address at all) had it refuse the whole message, and no admin got any report,
+    # while the check said nothing.
+    with override_settings(
+        MAILSTROM={"store": "memory:"},
+        ADMINS=[("Ops", "ops@localhost"), ("Ann", "ann@example.org")],
+        MANAGERS=[("Root", "root")],
+    ):
+        warnings = checks.run_checks(tags=["mailstrom"])
+    assert [w.id for w in warnings] == ["mailstrom.W001", "mailstrom.W001"]
+    assert "'ops@localhost'" in warnings[0].msg and "ADMINS" in warnings[0].msg
+    assert "'root'" in warnings[1].msg and "MANAGERS" in warnings[1].msg
+    with override_settings(MAILSTROM={"store": "memory:"}, ADMINS=[("Ann", "ann@example.org")]):
+        assert checks.run_checks(tags=["mailstrom"]) == []
+
+
 class _ProjectBackend(BaseEmailBackend):
     """Not mailstrom's: the check has nothing to say about its senders."""
 

@@ -33,7 +33,7 @@ class MailstromConfig(AppConfig):
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
     """``manage.py check``: report a ``settings.MAILSTROM`` that would not load (an
     unknown key, a bad value, a bad store URL) before the first email finds it, and
-    default senders mailstrom would refuse."""
+    default senders and ADMINS or MANAGERS mailstrom would refuse."""
     if app_configs is not None and apps.get_app_config("mailstrom") not in app_configs:
         return []
     try:
@@ -57,7 +57,38 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                     id="mailstrom.W001",
                 )
             )
+    for name, why in (
+        ("ADMINS", "mail_admins() and Django's error reports"),
+        ("MANAGERS", "mail_managers() and the broken link reports"),
+    ):
+        for address in _recipients_of(getattr(settings, name, None)):
+            refusal = _refusal(address)
+            if refusal is not None:
+                warnings.append(
+                    checks.Warning(
+                        f"{name} holds {address!r}, which mailstrom refuses: {refusal.reason}",
+                        hint=(
+                            f"{why} send one message to all of {name}, failing silently: "
+                            "mailstrom refuses it whole, so none of them gets it."
+                        ),
+                        id="mailstrom.W001",
+                    )
+                )
     return warnings
+
+
+def _recipients_of(value: object) -> list[str]:
+    """The addresses of ``ADMINS`` or ``MANAGERS``: ``(name, address)`` pairs, or from
+    Django 6 addresses. An entry of another shape is Django's to report."""
+    if not isinstance(value, list | tuple):
+        return []
+    addresses = []
+    for entry in value:
+        if isinstance(entry, list | tuple) and len(entry) == 2:
+            entry = entry[1]
+        if isinstance(entry, str):
+            addresses.append(entry)
+    return addresses
 
 
 def _mailstrom_sends_mail() -> bool:
