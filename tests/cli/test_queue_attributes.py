@@ -63,6 +63,12 @@ def test_bad_attributes_are_refused_before_anything_is_queued(cli: CLI) -> None:
         assert result.code == 65, (extreme, result.err)
         assert "Traceback" not in result.err
         assert "out of range" in result.err or "100 years" in result.err
+    # Before 1900: no store reads such a time back (the message was queued, then left out
+    # of `queue` as unreadable while the worker still attempted it).
+    for early in (["--at", "0001-01-02T00:00Z"], ["--expires", "0001-01-01T00:00Z"]):
+        result = cli(*base, *early)
+        assert result.code == 65, (early, result.err)
+        assert "before 1900" in result.err, result.err
     assert cli.ok("queue", "--json").json() == []
 
 

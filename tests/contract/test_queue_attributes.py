@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mailstrom.message.attributes import QueueAttributes
+from mailstrom.bounds import EARLIEST_TIME
+from mailstrom.message.attributes import QueueAttributes, queue_attributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter, Store
@@ -148,6 +149,18 @@ def test_send_at_holds_recipients_back_until_then(store: Store) -> None:
     assert item.message_id == mid
     assert item.expires_at == at + 60 * SECOND
     assert item.priority == ""  # a message stored without a lane
+
+
+def test_the_earliest_times_a_caller_may_give_read_back_on_every_store(store: Store) -> None:
+    # queue_attributes refuses send_at and expires_at before EARLIEST_TIME; from it on,
+    # the row reads back in the views and the lease alike (a year-1 time did not).
+    attrs = queue_attributes(now=NOW, send_at=EARLIEST_TIME, expires_at=EARLIEST_TIME + SECOND)
+    mid = store.enqueue(dataclasses.replace(message(), attributes=attrs), now=NOW)
+    status = store.status(mid)
+    assert status.send_at == EARLIEST_TIME and status.expires_at == EARLIEST_TIME + SECOND
+    assert [m.id for m in store.query(now=NOW)] == [mid]
+    [item] = lease_all(store).items
+    assert item.expires_at == EARLIEST_TIME + SECOND
 
 
 def test_a_scheduled_messages_retry_window_starts_at_its_send_at(store: Store) -> None:

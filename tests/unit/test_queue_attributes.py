@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from mailstrom import Config, Email, InvalidMetadata, InvalidQueueAttribute, InvalidTag, Lane
+from mailstrom.bounds import EARLIEST_TIME
 from mailstrom.client.common import prepare_for
 from mailstrom.errors import ConfigError
 from mailstrom.message.attributes import (
@@ -152,6 +153,13 @@ PLUS_5 = timezone(timedelta(hours=5))
         ({"send_at": NOW + timedelta(days=36526)}, "send_at"),
         ({"expires_at": datetime(9999, 12, 31, tzinfo=UTC)}, "expires_at"),
         ({"send_at": NOW, "expires_at": NOW + timedelta(days=36526)}, "expires_at"),
+        # Before 1900: no store reads such a time back, so a queued row holding one was
+        # left out of `mailstrom queue` and `status` as unreadable.
+        ({"send_at": datetime.min}, "send_at"),
+        ({"send_at": datetime(1899, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)}, "send_at"),
+        ({"expires_at": datetime(1, 1, 1, tzinfo=UTC)}, "expires_at"),
+        ({"expires_at": datetime(1900, 1, 1, tzinfo=PLUS_5)}, "expires_at"),
+        ({"send_at": datetime(1, 1, 2), "max_age": timedelta(days=1)}, "send_at"),
     ],
 )
 def test_extreme_dates_are_refused_as_queue_attributes(
@@ -166,10 +174,11 @@ def test_dates_up_to_a_hundred_years_ahead_are_kept() -> None:
     far = NOW + timedelta(days=36525)
     attrs = queue_attributes(now=NOW, send_at=far, max_age=timedelta(days=36525))
     assert attrs.send_at == far and attrs.expires_at == far + timedelta(days=36525)
-    # A time in the past is due at once, as before, however far back.
-    assert queue_attributes(now=NOW, send_at=datetime.min).send_at == datetime.min.replace(
-        tzinfo=UTC
-    )
+    # A time in the past is due at once, as before, back to 1900 (EARLIEST_TIME): an
+    # earlier one is refused (above), as the stores read back no time before it.
+    assert queue_attributes(now=NOW, send_at=EARLIEST_TIME).send_at == EARLIEST_TIME
+    naive = datetime(1900, 1, 1)
+    assert queue_attributes(now=NOW, expires_at=naive).expires_at == EARLIEST_TIME
 
 
 def test_prepare_for_takes_the_email_fields_and_lets_keywords_replace_them() -> None:

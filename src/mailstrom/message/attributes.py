@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.arguments import shown
+from mailstrom.bounds import EARLIEST_TIME
 from mailstrom.errors import InvalidMetadata, InvalidQueueAttribute, InvalidTag
 from mailstrom.message.chars import shorten
 
@@ -175,20 +176,33 @@ def check_idempotency_key(key: object) -> str:
 
 
 def aware(when: datetime, what: str) -> datetime:
-    """``when`` in UTC; a naive datetime is taken as UTC (as ``Email.date`` is)."""
+    """``when`` in UTC; a naive datetime is taken as UTC (as ``Email.date`` is).
+
+    A time before 1900 (:data:`~mailstrom.bounds.EARLIEST_TIME`) is refused: no store
+    reads one back, so a message queued with it was left out of ``mailstrom queue`` and
+    ``status`` as unreadable while the worker still attempted it. A time in the past
+    means at once (``send_at``) or expired (``expires_at``) all the same."""
     if not isinstance(when, datetime):
         raise InvalidQueueAttribute(
             f"{what} must be a datetime, not {type(when).__name__}", field=what
         )
     if when.tzinfo is None:
-        return when.replace(tzinfo=UTC)
-    try:
-        return when.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+        utc = when.replace(tzinfo=UTC)
+    else:
+        try:
+            utc = when.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+            raise InvalidQueueAttribute(
+                f"{what} {when.isoformat()} is out of range: in UTC it is not in years 1 to 9999",
+                field=what,
+            ) from None
+    if utc < EARLIEST_TIME:
         raise InvalidQueueAttribute(
-            f"{what} {when.isoformat()} is out of range: in UTC it is not in years 1 to 9999",
+            f"{what} ({utc:%Y-%m-%d %H:%M:%S} UTC) is before {EARLIEST_TIME.year}, the "
+            "earliest time the queue keeps",
             field=what,
-        ) from None
+        )
+    return utc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
