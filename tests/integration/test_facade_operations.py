@@ -17,6 +17,7 @@ from mailstrom import (
     AsyncMailstrom,
     Config,
     Email,
+    InvalidArgument,
     Mailstrom,
     RecipientState,
     UnknownMessage,
@@ -127,6 +128,26 @@ def test_resume_of_a_suspension_that_has_ended_is_false() -> None:
         ms.suspend("example.org", until=datetime.now(UTC) - timedelta(minutes=1))
         assert ms.suspensions() == []
         assert ms.resume("example.org") is False
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_suspension_end_past_a_hundred_years_is_refused(kind: str, tmp_path: Any) -> None:
+    """suspend(until=...) took any aware time, where for_ is bounded to 100 years: one in
+    year 9999 was kept, and SQLite (PostgreSQL alike) read it back as no time, listing the
+    suspension as "until resumed" while the memory store showed its end."""
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(Config(helo_name="client.test"), store=store, worker=None) as ms:
+        now = datetime.now(UTC)
+        for until in (datetime(9999, 1, 1, tzinfo=UTC), now + timedelta(days=36526)):
+            with pytest.raises(InvalidArgument) as caught:
+                ms.suspend("example.org", until=until)
+            assert caught.value.argument == "until"
+        assert ms.suspensions() == []
+        far = now + timedelta(days=36000)
+        ms.suspend("example.org", until=far)
+        [suspension] = ms.suspensions()
+        assert suspension.until == far
+    store.close()
 
 
 def test_purge_of_listed_messages_heeds_the_state() -> None:

@@ -28,6 +28,7 @@ from mailstrom.arguments import (
     member_of,
     shown,
 )
+from mailstrom.bounds import EARLIEST_TIME, MAX_DURATION
 from mailstrom.errors import InvalidArgument
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
@@ -104,14 +105,24 @@ def checked_page(after: object, limit: object) -> tuple[str, int]:
 def suspension_end(now: datetime, for_: object, until: object) -> datetime | None:
     """When a suspension asked for with ``for_`` or ``until`` (not both) ends; None for
     no end. InvalidArgument for a naive ``until`` (the memory store kept it, and each
-    lease then failed comparing it with an aware time) or a ``for_`` that is no
-    duration of 0 to 100 years."""
+    lease then failed comparing it with an aware time), an ``until`` more than 100
+    years ahead or before 1900, or a ``for_`` that is no duration of 0 to 100 years:
+    an end in year 9999 was kept, and SQLite and PostgreSQL, which read back no time
+    from year 9000 on (:data:`~mailstrom.bounds.LATEST_TIME`), listed the suspension as
+    one without an end while the memory store showed it."""
     if for_ is not None and until is not None:
         raise InvalidArgument("give for_ or until, not both", argument="for_")
     if for_ is not None:
         return now + check_age(for_, "for_")
     if until is not None:
-        return check_time(until, "until")
+        end = check_time(until, "until")
+        if end < EARLIEST_TIME or end - now > MAX_DURATION:
+            raise InvalidArgument(
+                f"until: expected a time from {EARLIEST_TIME.year} to {MAX_DURATION.days} "
+                f"days from now, got {end.isoformat()}",
+                argument="until",
+            )
+        return end
     return None
 
 
@@ -247,8 +258,9 @@ class QueueOperations(_Base):
         self, domain: str, *, for_: timedelta | None = None, until: datetime | None = None
     ) -> None:
         """Stop delivery to ``domain`` for ``for_`` (up to 100 years), until ``until`` (a
-        timezone-aware datetime), or until :meth:`resume`; its messages stay queued and
-        no attempt is counted. Every worker of the store honours it."""
+        timezone-aware datetime, at most 100 years ahead), or until :meth:`resume`; its
+        messages stay queued and no attempt is counted. Every worker of the store
+        honours it."""
         now = self._clock()
         self.store.suspend(
             normalize_domain(domain), now=now, until=suspension_end(now, for_, until)
