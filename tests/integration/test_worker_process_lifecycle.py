@@ -516,6 +516,66 @@ def test_a_with_block_on_a_started_facade_leaves_its_worker_running(
     store.close()
 
 
+async def test_two_async_with_blocks_at_once_leave_the_first_ones_worker_running(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Two tasks entering ``async with ms`` at once: the second judged "was it started?"
+    before waiting its turn, while the first's process was still coming up, so its
+    "already started" stopped the worker the first block delivers with (and closed the
+    store the facade opened under it)."""
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
+    entered = await asyncio.gather(ms.__aenter__(), ms.__aenter__(), return_exceptions=True)
+    try:
+        assert entered[0] is ms, entered
+        assert isinstance(entered[1], WorkerError) and "already started" in str(entered[1])
+        assert ms.worker_status.running
+        mid = await ms.send_email(hello("bob@example.org"))
+        assert (await ms.wait(mid, timeout=10)).state is RecipientState.DELIVERED
+    finally:
+        await ms.__aexit__(None, None, None)
+
+
+def test_two_with_blocks_at_once_leave_the_first_ones_worker_running(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """As the async test above, with threads: a `with` that looked for a worker before
+    another thread's `with` had started one stopped that worker on "already started"."""
+    looked, first_in = threading.Event(), threading.Event()
+
+    class Gated(Mailstrom):
+        def start(self, timeout: float = 30.0) -> None:
+            if threading.current_thread().name == "second":
+                looked.set()  # __enter__ has judged that no worker runs
+                first_in.wait(30)
+            super().start(timeout)
+
+    ms = Gated(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
+    failed: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            ms.__enter__()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=second, name="second")
+    thread.start()
+    try:
+        assert looked.wait(30)
+        assert ms.__enter__() is ms
+        first_in.set()
+        thread.join(60)
+        [error] = failed
+        assert isinstance(error, WorkerError) and "already started" in str(error)
+        assert ms.worker_status.running
+        mid = ms.send_email(hello("bob@example.org"))
+        assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
+    finally:
+        first_in.set()
+        thread.join(60)
+        ms.__exit__(None, None, None)
+
+
 @pytest.fixture
 def noisy_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Worker children started from now on print a banner on their standard output as

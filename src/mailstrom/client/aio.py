@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from mailstrom.arguments import check_limit
 from mailstrom.client.common import (
+    AlreadyStarted,
     FacadeBase,
     MessageInput,
     batch_of,
@@ -193,8 +194,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
-            if worker.pid is not None:
-                raise WorkerError("already started")
+            if self._has_worker_process():  # (one to be started again included)
+                raise AlreadyStarted("already started")
             starting = asyncio.ensure_future(asyncio.to_thread(worker.start))
             try:
                 await asyncio.shield(starting)
@@ -209,7 +210,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         if worker is None:
             return
         if self._task is not None and not self._task.done():
-            raise WorkerError("already started")
+            raise AlreadyStarted("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
         self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
@@ -317,6 +318,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         started = (self._task is not None and not self._task.done()) or self._has_worker_process()
         try:
             await self.start()
+        except AlreadyStarted:
+            # Started by another start() or `async with` meanwhile (a worker process
+            # still coming up when ``started`` was judged): stopping here stopped the
+            # worker that other block delivers with.
+            raise
         except BaseException:
             if not started:  # ("already started" leaves the worker to its starter)
                 # No with block to leave: what stop() would close must not stay open.

@@ -118,6 +118,13 @@ WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
 
 
+class AlreadyStarted(WorkerError):
+    """start() found a worker running (or a worker process up, or to be started again):
+    a :class:`~mailstrom.errors.WorkerError` to the caller, which ``__enter__`` and
+    ``__aenter__`` tell from a failure to start: they stop nothing for it, as the worker
+    is its starter's, even when it was started by another block after they looked."""
+
+
 class FacadeBase:
     """The parts both facades share: configuration, the store, the worker, the clock.
 

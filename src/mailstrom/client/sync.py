@@ -15,6 +15,7 @@ from types import TracebackType
 
 from mailstrom.arguments import check_limit, check_timeout
 from mailstrom.client.common import (
+    AlreadyStarted,
     FacadeBase,
     MessageInput,
     batch_of,
@@ -112,14 +113,14 @@ class Mailstrom(FacadeBase, QueueOperations):
         self._check_startable()
         worker = self.worker
         if isinstance(worker, WorkerProcess):
-            if worker.pid is not None:
-                raise WorkerError("already started")
+            if self._has_worker_process():  # (one to be started again included)
+                raise AlreadyStarted("already started")
             worker.start(timeout)
             return
         if worker is None:
             return
         if self._worker_thread_runs():
-            raise WorkerError("already started")
+            raise AlreadyStarted("already started")
         if self._thread is not None:
             # Its worker ended on its own (an error worker_status reports, logged): no
             # worker runs, and a new one starts in its place. Only its log line is left.
@@ -234,6 +235,11 @@ class Mailstrom(FacadeBase, QueueOperations):
         started = self._worker_thread_runs() or self._has_worker_process()
         try:
             self.start()
+        except AlreadyStarted:
+            # Started by another start() or `with` meanwhile (after ``started`` was
+            # judged, before this start() had its turn): stopping here stopped the
+            # worker that other block delivers with.
+            raise
         except BaseException:
             if not started:  # ("already started" leaves the worker to its starter)
                 # No with block to leave: what stop() would close must not stay open.
