@@ -5,7 +5,9 @@ for half a second. Checked by where the work runs, not by timing it."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, InvalidAddress
 from mailstrom.errors import InvalidMessageType
-from mailstrom.stores import MemoryStore
+from mailstrom.stores import MemoryStore, SQLiteStore
 
 
 def hello(to: str) -> Email:
@@ -149,3 +151,41 @@ async def test_a_cancelled_write_raises_once_the_write_has_ended(write: str) -> 
         store.release.set()
         await ams.stop()
         store.close()
+
+
+async def test_stop_closes_its_store_off_the_loop_while_a_write_waits_for_the_lock(
+    tmp_path: Any,
+) -> None:
+    """stop() closed the store it had opened on the loop: SQLite's close waits for a
+    write of another task still waiting for the database's lock (up to the 30 s busy
+    timeout), and the loop, held meanwhile, could not run what would end that wait. The
+    write then failed as StoreLocked, its message lost to a caller told nothing else."""
+    path = tmp_path / "q.db"
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=path, worker=None)
+    await ams.query_recent()  # the database and its schema exist
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+    sending = asyncio.create_task(ams.send_email(hello("bob@example.org")))
+    store: Any = ams.store
+    # Until the send waits for the database's lock (in its thread, holding the store's).
+    assert await asyncio.to_thread(_until, store._write_lock.locked)
+    asyncio.get_running_loop().call_later(0.1, other.rollback)  # runs if the loop does
+    try:
+        await ams.stop()
+        mid = await sending
+    finally:
+        other.close()
+    reopened = SQLiteStore(path)
+    try:
+        assert [s.id for s in reopened.recent()] == [mid]
+    finally:
+        reopened.close()
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` came true within 30 seconds (looked at every 10 ms)."""
+    for _ in range(3000):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False

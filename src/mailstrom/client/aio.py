@@ -299,8 +299,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     ending.add_done_callback(self._ended)
             raise
         finally:
-            if not deferred:
-                self._release_store()
+            if not deferred and self._store_to_release():
+                # In a thread: closing a store waits for its writes under way, a SQLite
+                # one for a write waiting out its busy timeout, and the loop, held, could
+                # not run what would end that wait (the write then failed).
+                await write_in_thread(self._release_store)
 
     def _ended(self, ending: asyncio.Future[None]) -> None:
         """What a cancelled stop() left ending has ended: the store may go."""
@@ -311,6 +314,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     def _release_store(self) -> None:
         self._unwatch_store()
         self._close_owned_store()
+
+    def _store_to_release(self) -> bool:
+        """Whether :meth:`_release_store` has anything to do: a watch to end, or a
+        store this facade opened still to close."""
+        with self._store_watch_lock:
+            return self._store_watch is not None or (self._owns_store and not self._store_closed)
 
     async def __aenter__(self) -> AsyncMailstrom:
         # A task that ended (cancelled as its loop closed, asyncio.run; or dead of an
