@@ -112,3 +112,28 @@ def test_a_request_head_within_the_limit_is_answered(patient: int) -> None:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + filler + b"\r\n\r\n")
         answer = sock.recv(100)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBroken header\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["too-large", "malformed-field", "malformed-line"],
+)
+def test_uvicorns_own_refusal_carries_the_security_headers(patient: int, head: bytes) -> None:
+    """uvicorn answers a request h11 cannot parse itself, the app never seeing it: that
+    page (a 400 shown in the browser) had none of the headers every other answer has."""
+    with _connect(patient) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head_part = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    assert head_part.startswith("http/1.1 400 "), answer
+    assert "content-security-policy: default-src 'none'" in head_part, head_part
+    assert "x-frame-options: deny" in head_part, head_part
+    assert "x-content-type-options: nosniff" in head_part, head_part
+    assert "cache-control: no-store" in head_part, head_part

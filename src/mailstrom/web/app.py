@@ -63,6 +63,7 @@ from mailstrom.web.security import (
     CSRF_COOKIE,
     CSRF_FIELD,
     MAX_TOKEN,
+    SECURITY_HEADERS,
     SESSION_COOKIE,
     Access,
     Guesses,
@@ -423,7 +424,7 @@ def create_app(
     ) -> Response:
         # Every answer, a refusal included, carries them: a plain-text 400 is a page too.
         response = await guarded(request, call_next)
-        for name, value in _SECURITY_HEADERS.items():
+        for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
 
@@ -545,17 +546,6 @@ def create_app(
     # no page of the dashboard has a trailing slash (a 404 says so).
     app.router.redirect_slashes = False
     return app
-
-
-_SECURITY_HEADERS = {
-    # Inline SVG needs no script; no page loads anything from elsewhere.
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self';"
-    " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
 
 
 def _queue_query(params: Any) -> QueueQuery:

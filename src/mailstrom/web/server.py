@@ -24,7 +24,9 @@ what it lacks added:
 - headers are at most :data:`MAX_REQUEST_HEAD` bytes, answered 400 past it (h11 bounds
   only a head that has not all arrived: one that came in a single read went through,
   60 KB of it on loopback); bodies are refused past 16 KiB by the app
-  (``MAX_FORM_BYTES``).
+  (``MAX_FORM_BYTES``);
+- uvicorn's own answer to a request h11 cannot parse (a 400 the app never sees) carries
+  the security headers every page of the app has.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from mailstrom.web.security import SECURITY_HEADERS
+
 MAX_CONNECTIONS = 16
 """Connections at once: a browser opens up to 6 to one server (Chromium's and Firefox's
 limit), so two or three operators' browsers fit; the dashboard is not a public site."""
@@ -52,6 +56,9 @@ wait for its client to read on (a browser reads at once)."""
 MAX_REQUEST_HEAD = 16 * 1024
 """Bytes of request line and headers (h11's default, made explicit): a browser sends
 well under 2 KiB, cookies included."""
+
+
+_SECURITY_HEADERS = tuple(SECURITY_HEADERS.items())
 
 
 class _Server(uvicorn.Server):
@@ -163,6 +170,20 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
             if self._write_deadline is not None:
                 self._write_deadline.cancel()
                 self._write_deadline = None
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request it could not parse, with the headers every
+            answer of the app carries (uvicorn's has only its type): it is a page a
+            browser shows too, framed by another site's page if nothing says otherwise."""
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"connection", b"close"),
+                *((name.lower().encode(), value.encode()) for name, value in _SECURITY_HEADERS),
+            ]
+            response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+            for event in (response, h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event) or b"")
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
