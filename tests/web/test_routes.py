@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -355,6 +356,30 @@ def test_pages_carry_security_headers(client: TestClient) -> None:
     assert headers["x-frame-options"] == "DENY"
     assert "samesite=strict" in headers["set-cookie"].lower()
     assert "httponly" in headers["set-cookie"].lower()
+
+
+class _BrokenStatus(MemoryStore):
+    """A store whose status() fails in a way no store promises (a bug, a driver's error)."""
+
+    def status(self, message_id: str) -> Any:
+        raise RuntimeError("a fault nobody foresaw")
+
+
+def test_an_unexpected_error_is_a_page_with_the_security_headers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception past the dashboard's checks reached Starlette's own 500 page, made
+    outside the middleware that adds the headers: a bare "Internal Server Error" with no
+    Content-Security-Policy, X-Frame-Options nor no-store."""
+    app = create_app(_BrokenStatus(), clock=lambda: NOW)
+    with TestClient(app, base_url="http://127.0.0.1:8025", raise_server_exceptions=False) as c:
+        page = c.get("/message/" + "a" * 32)
+    assert page.status_code == 500
+    assert 'id="problem"' in page.text
+    assert "a fault nobody foresaw" not in page.text  # details go to the log, not the page
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["cache-control"] == "no-store"
 
 
 @pytest.mark.parametrize(

@@ -516,6 +516,17 @@ def create_app(
             request.state.csrf = ""
         return problem(request, status, "no such page" if status == 404 else "error")
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware asks for this page, outside the guard (it is
+        # outermost), and then raises the exception on for uvicorn to log: the headers
+        # the guard would add are added here.
+        if not hasattr(request.state, "csrf"):
+            request.state.csrf = ""
+        response = problem(request, 500, "Something went wrong; the server's log says what.")
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
@@ -538,7 +549,7 @@ def create_app(
             Mount("/static", StaticFiles(packages=[("mailstrom.web", "static")]), name="static"),
         ],
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard)],
-        exception_handlers={404: not_found, 405: not_found},
+        exception_handlers={404: not_found, 405: not_found, Exception: server_error},
         lifespan=lifespan,
     )
     # Starlette answers "/queue/" with a redirect to an absolute URL made from the
