@@ -501,6 +501,27 @@ def test_sqlite_status_of_a_message_the_worker_sets_aside_is_unreadable(
         store.close()
 
 
+def test_sqlite_an_unreadable_message_can_still_be_cancelled_from_the_dashboard(
+    sqlite_path: Path,
+) -> None:
+    """Its page says to cancel it: the confirmation looks the message up, and an
+    unreadable one is there to cancel, not missing (404) nor a store failing (503)."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
+        damage_sqlite(sqlite_path, UNREADABLE_HEAD["size text"], victim)
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            page = client.get(f"/action/cancel/{victim}")
+            assert page.status_code == 200, page.text[:300]
+            assert f"Cancel message {victim}?" in page.text
+    finally:
+        store.close()
+
+
 # Columns only shown, each with where its value is found in the message's status.
 SHOWN_COLUMNS: dict[str, tuple[str, Callable[[MessageStatus], object]]] = {
     "subject": ("UPDATE messages SET subject = {} WHERE id = ?", lambda s: s.subject),

@@ -340,6 +340,10 @@ def test_login_only_follows_paths_on_this_server(store: Store) -> None:
         ("/message/" + "0" * 32, 404),
         ("/message/not-an-id", 404),
         ("/action/explode/" + "0" * 32, 404),
+        # A confirmation asked "Cancel message 000…?" of a message that is not there,
+        # and only the posted form then said so.
+        ("/action/cancel/" + "0" * 32, 404),
+        ("/action/retry/" + "0" * 32, 404),
         ("/destinations?offset=x", 400),
         ("/nowhere", 404),
     ],

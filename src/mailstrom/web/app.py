@@ -333,6 +333,14 @@ def create_app(
         if isinstance(found, Response):
             return found
         action, target = found
+        if action.target is Target.MESSAGE:
+            # As the message's own page: no question about a message that is not there.
+            try:
+                await run_in_threadpool(store.status, target)
+            except UnknownMessage:
+                return problem(request, 404, f"no message {target} in the queue")
+            except UnreadableRow:
+                pass  # it is there; cancelling is what its page advises
         return render(
             request,
             "confirm.html",
