@@ -3,6 +3,7 @@ display, and the count cache."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -219,6 +220,33 @@ def test_the_cache_keeps_values_for_its_ttl() -> None:
     cache.clear()
     assert cache.get("k", compute) == 3
     assert TTLCache[int](0).get("k", compute) == 4  # ttl 0 keeps nothing
+
+
+def test_a_value_computed_across_a_clear_is_not_kept() -> None:
+    """The dashboard clears its cache after an action, so that the page it redirects to
+    shows the change. A page computed meanwhile (another tab, read before the action)
+    was kept after the clear, and the page after the action showed the queue as it was
+    before it for the cache's whole ttl."""
+    cache: TTLCache[str] = TTLCache(5.0)
+    queue = ["before the action"]
+    read, acted = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def slow_page() -> str:
+        value = queue[0]  # read before the action...
+        read.set()
+        acted.wait(5)  # ...and kept only after it
+        return value
+
+    other_tab = threading.Thread(target=lambda: seen.append(cache.get("k", slow_page)))
+    other_tab.start()
+    assert read.wait(5)
+    queue[0] = "after the action"
+    cache.clear()
+    acted.set()
+    other_tab.join(5)
+    assert seen == ["before the action"]  # what that request saw, as it was
+    assert cache.get("k", lambda: queue[0]) == "after the action"
 
 
 def test_page_cursors_stop_at_what_a_store_holds() -> None:

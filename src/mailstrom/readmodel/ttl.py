@@ -27,17 +27,23 @@ class TTLCache(Generic[T]):
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Hashable, tuple[float, T]] = {}
+        self._cleared = 0
+        """clear() calls so far: a value computed across one is not kept."""
 
     def get(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """The cached value for ``key``, or ``compute()`` (outside the lock) kept."""
+        """The cached value for ``key``, or ``compute()`` (outside the lock) kept, unless
+        :meth:`clear` was called while it ran: it may have read what was there before."""
         now = self._clock()
         with self._lock:
             found = self._entries.get(key)
             if found is not None and found[0] > now:
                 return found[1]
+            cleared = self._cleared
         value = compute()
         if self._ttl > 0:
             with self._lock:
+                if cleared != self._cleared:
+                    return value
                 if len(self._entries) >= MAX_ENTRIES:
                     oldest = min(self._entries, key=lambda k: self._entries[k][0])
                     del self._entries[oldest]
@@ -48,3 +54,4 @@ class TTLCache(Generic[T]):
         """Forget everything (after an action changed the queue)."""
         with self._lock:
             self._entries.clear()
+            self._cleared += 1
