@@ -362,6 +362,28 @@ def test_pages_carry_security_headers(client: TestClient) -> None:
     assert "httponly" in headers["set-cookie"].lower()
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/queue", {"GET", "HEAD"}),
+        ("DELETE", "/", {"GET", "HEAD"}),
+        ("GET", "/logout", {"POST"}),
+        # Two routes share these paths, one per method: the Allow header names both.
+        ("PUT", "/action/hold/" + "0" * 32, {"GET", "HEAD", "POST"}),
+        ("DELETE", "/login", {"GET", "HEAD", "POST"}),
+    ],
+)
+def test_a_method_a_page_does_not_take_is_a_405_saying_which_it_takes(
+    client: TestClient, method: str, path: str, allowed: set[str]
+) -> None:
+    """RFC 9110 §15.5.6: a 405 "MUST generate an Allow header field". Starlette's has it;
+    the dashboard's own error page, made in its place, left it out."""
+    page = client.request(method, path, content=b"")
+    assert page.status_code == 405
+    assert 'id="problem"' in page.text
+    assert {m.strip() for m in page.headers["allow"].split(",")} == allowed
+
+
 class _BrokenStatus(MemoryStore):
     """A store whose status() fails in a way no store promises (a bug, a driver's error)."""
 

@@ -29,7 +29,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
@@ -522,7 +522,25 @@ def create_app(
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         if not hasattr(request.state, "csrf"):
             request.state.csrf = ""
-        return problem(request, status, "no such page" if status == 404 else "error")
+        response = problem(request, status, "no such page" if status == 404 else "error")
+        if status == 405:
+            # RFC 9110 §15.5.6: a 405 says which methods the page takes. Starlette's
+            # names only those of the first route of the path (a page's GET and POST are
+            # two routes here), and this page stands in for Starlette's.
+            methods = {
+                method
+                for route in request.app.router.routes
+                if isinstance(route, Route)
+                and route.methods
+                and route.matches(request.scope)[0] is not Match.NONE
+                for method in route.methods
+            }
+            allow = ", ".join(sorted(methods)) if methods else None
+            if allow is None and isinstance(exc, HTTPException) and exc.headers:
+                allow = exc.headers.get("Allow")
+            if allow is not None:
+                response.headers["Allow"] = allow
+        return response
 
     async def server_error(request: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware asks for this page, outside the guard (it is
