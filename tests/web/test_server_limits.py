@@ -6,6 +6,7 @@ small limits passed as parameters, so that each test takes well under a second."
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -137,3 +138,29 @@ def test_uvicorns_own_refusal_carries_the_security_headers(patient: int, head: b
     assert "x-frame-options: deny" in head_part, head_part
     assert "x-content-type-options: nosniff" in head_part, head_part
     assert "cache-control: no-store" in head_part, head_part
+
+
+def test_a_client_cut_off_while_sending_a_form_is_no_error_in_the_log(
+    hasty: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A form whose body stops coming (a slow client cut off at the deadline, a browser
+    closed mid-post) made the app's form read raise ClientDisconnect, which reached
+    uvicorn as "Exception in ASGI application" and a traceback at ERROR level: noise for
+    what clients do, and a 500 page rendered for nobody."""
+    caplog.set_level(logging.DEBUG)
+    with _connect(hasty) as sock:
+        sock.sendall(
+            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ncsrf=abc"
+        )
+        while sock.recv(4096):  # whatever it says, until it hangs up
+            pass
+    # A round trip on another connection: the loop has run the cut-off request's task on.
+    with _connect(hasty) as sock:
+        sock.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 200
+        answer.read()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -505,6 +505,13 @@ def create_app(
         else:
             try:
                 response = await call_next(request)
+            except ClientDisconnect:
+                # A form whose body stopped coming: the client went, or was cut off at the
+                # server's request deadline. What clients do, not an error of the app.
+                log.info(
+                    "%s %s: the client left before its form arrived", request.method, _shown(path)
+                )
+                response = PlainTextResponse("the request did not arrive", 400)
             except MailstromError as exc:
                 log.warning("%s: %s", _shown(path), exc)
                 response = problem(request, 503, f"The queue cannot be read right now: {exc}")
