@@ -308,6 +308,20 @@ def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> 
         assert "s3cret-token" not in right.headers.get("set-cookie", "")
 
 
+def test_a_401_names_the_scheme_that_would_let_the_client_in(
+    store: Store, ids: dict[str, str]
+) -> None:
+    """RFC 9110 §15.5.2: a 401 "MUST send a WWW-Authenticate header field"; a client
+    (curl, a script) is then told to give a bearer token. Neither 401 had one."""
+    for client in _client(store, token="s3cret-token"):
+        unauthenticated = client.post(f"/action/retry/{ids['queued']}", content=b"")
+        login = client.get("/login")
+        wrong = client.post("/login", data={"csrf": _csrf(login.text), "token": "guess"})
+        for answer in (unauthenticated, wrong):
+            assert answer.status_code == 401
+            assert answer.headers["www-authenticate"].startswith("Bearer ")
+
+
 def test_a_bearer_token_works_without_a_session(store: Store, ids: dict[str, str]) -> None:
     for client in _client(store, token="s3cret-token"):
         ok = client.get("/", headers={"Authorization": "Bearer s3cret-token"})

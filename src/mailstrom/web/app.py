@@ -405,7 +405,9 @@ def create_app(
         if not access.token_matches(_str(form.get("token"))):
             guesses.failed(client)
             log.warning("failed login from %s", client)
-            return render(request, "login.html", status_code=401, next=following, failed=True)
+            failed = render(request, "login.html", status_code=401, next=following, failed=True)
+            failed.headers["WWW-Authenticate"] = _CHALLENGE
+            return failed
         log.info("login from %s", client)
         response = RedirectResponse(following, 303)
         response.set_cookie(
@@ -501,7 +503,9 @@ def create_app(
                     "/login?" + urllib.parse.urlencode({"next": target}), 303
                 )
             else:
-                response = PlainTextResponse("log in first", 401)
+                response = PlainTextResponse(
+                    "log in first", 401, headers={"WWW-Authenticate": _CHALLENGE}
+                )
         else:
             try:
                 response = await call_next(request)
@@ -590,6 +594,11 @@ def create_app(
     # no page of the dashboard has a trailing slash (a 404 says so).
     app.router.redirect_slashes = False
     return app
+
+
+_CHALLENGE = 'Bearer realm="mailstrom"'
+"""A 401's WWW-Authenticate (RFC 9110 §15.5.2): the token, as ``Authorization: Bearer``
+(a browser shows no dialog for it; the login form is how a person gives it)."""
 
 
 def _queue_query(params: Any) -> QueueQuery:
