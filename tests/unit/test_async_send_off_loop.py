@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from tests.support.waiting import eventually
 
 from mailstrom import AsyncMailstrom, Config, Email, InvalidAddress
 from mailstrom.errors import InvalidMessageType
@@ -168,7 +168,7 @@ async def test_stop_closes_its_store_off_the_loop_while_a_write_waits_for_the_lo
     sending = asyncio.create_task(ams.send_email(hello("bob@example.org")))
     store: Any = ams.store
     # Until the send waits for the database's lock (in its thread, holding the store's).
-    assert await asyncio.to_thread(_until, store._write_lock.locked)
+    assert await asyncio.to_thread(eventually, store._write_lock.locked, 30)
     asyncio.get_running_loop().call_later(0.1, other.rollback)  # runs if the loop does
     try:
         await ams.stop()
@@ -180,12 +180,3 @@ async def test_stop_closes_its_store_off_the_loop_while_a_write_waits_for_the_lo
         assert [s.id for s in reopened.recent()] == [mid]
     finally:
         reopened.close()
-
-
-def _until(condition: Callable[[], bool]) -> bool:
-    """Whether ``condition`` came true within 30 seconds (looked at every 10 ms)."""
-    for _ in range(3000):
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False

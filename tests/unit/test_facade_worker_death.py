@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.support.waiting import eventually
 
 from mailstrom import AsyncMailstrom, Config, Mailstrom
 from mailstrom.runtime.worker import Worker
@@ -102,7 +101,7 @@ def test_a_worker_thread_that_dies_says_why_in_the_log(caplog: pytest.LogCapture
     ms.start()
     try:
         assert isinstance(ms.worker, Worker) and ms.worker.wait_stopped(timeout=10)
-        assert _eventually(lambda: death_records(caplog))
+        assert eventually(lambda: death_records(caplog), 10)
     finally:
         ms.stop()
     [record] = death_records(caplog)
@@ -129,14 +128,6 @@ async def test_a_worker_task_that_dies_says_why_in_the_log_as_a_thread_does(
         assert "disk on fire" in str(record.exc_info[1])
     finally:
         await ams.stop()
-
-
-def _eventually(found: Callable[[], object]) -> bool:
-    for _ in range(1000):
-        if found():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class BodyError(Exception):
