@@ -259,3 +259,15 @@ def test_an_email_message_surely_too_large_is_refused_before_it_is_written(
     with pytest.raises(MessageTooLarge, match="at least 4056 octets") as info:
         prepare(message, max_size=4055, now=NOW)
     assert (info.value.size, info.value.limit) == (4056, 4055)
+
+
+def test_a_second_mime_version_field_is_refused() -> None:
+    """A raw message with two MIME-Version fields was queued and sent, though RFC 2045 §4
+    allows one in the message's header section; it is refused now, as a second Subject
+    is. A MIME part may still carry its own."""
+    data = TOP + b"MIME-Version: 1.0 (generated)\r\n\r\nbody\r\n"
+    message = "2 MIME-Version header fields; RFC 2045 §4 allows one"
+    with pytest.raises(InvalidMessage, match=message):
+        prepare(data, now=NOW)
+    assert prepare(TOP + b"\r\nbody\r\n", now=NOW)
+    assert prepare(_multipart(b"MIME-Version: 1.0\r\nContent-Type: text/plain"), now=NOW)

@@ -89,14 +89,14 @@ class HeaderSection:
                 out.append(text.partition(":")[2].strip(" \t"))
         return out
 
-    def value(self, name: str) -> str | None:
+    def value(self, name: str, *, rule: str = "RFC 5322 §3.6") -> str | None:
         """The unfolded value of the one field called ``name``, None when there is none;
-        :class:`InvalidMessage` when there are several of a field RFC 5322 §3.6 allows once
+        :class:`InvalidMessage` when there are several of a field ``rule`` allows once
         (From, Sender, Date, Message-ID, ...)."""
         values = self.values(name)
         if len(values) > 1:
             raise InvalidMessage(
-                f"the message has {len(values)} {name} header fields; RFC 5322 §3.6 allows one"
+                f"the message has {len(values)} {name} header fields; {rule} allows one"
             )
         return values[0] if values else None
 

@@ -281,6 +281,7 @@ def _prepare_bytes(
     subject = section.value("Subject")
     for name in _ONCE_UNREAD:
         section.value(name)  # refuses a second one
+    section.value("MIME-Version", rule="RFC 2045 §4")  # a part may have its own
     # Return-Path is the final delivery server's to add, from the envelope sender: "a
     # message-originating SMTP system SHOULD NOT send a message that already contains"
     # one (RFC 5321 §4.4), and Postfix's cleanup removes it as it removes Bcc.
