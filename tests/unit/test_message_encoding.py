@@ -8,7 +8,7 @@ from email import message_from_bytes, policy
 import pytest
 
 from mailstrom.errors import InvalidHeaderValue, InvalidMessage, LineTooLong
-from mailstrom.message import downgrade_to_7bit, prepare
+from mailstrom.message import Email, downgrade_to_7bit, prepare
 from mailstrom.message.encoding import check_line_lengths, to_crlf
 
 
@@ -176,7 +176,7 @@ def test_downgrade_never_decodes_a_line_into_a_delimiter(cte: str, body: bytes) 
 
 def test_a_long_header_line_names_its_field_not_the_body() -> None:
     data = b"From: a@example.com\r\nX-Long: " + b"x" * 1000 + b"\r\n\r\nbody\r\n"
-    with pytest.raises(LineTooLong, match=r"in the header field b'X-Long'; fold it") as caught:
+    with pytest.raises(LineTooLong, match=r"header field b'X-Long' holds a word of 1000") as caught:
         check_line_lengths(data)
     assert "body" not in str(caught.value)
     folded = b"From: a@example.com\r\nX-Long: a\r\n " + b"x" * 1000 + b"\r\n\r\nbody\r\n"
@@ -184,6 +184,32 @@ def test_a_long_header_line_names_its_field_not_the_body() -> None:
         check_line_lengths(folded)
     with pytest.raises(LineTooLong, match="encode the body"):
         check_line_lengths(b"From: a@example.com\r\n\r\n" + b"x" * 1000 + b"\r\n")
+
+
+def test_a_long_header_line_that_cannot_be_folded_says_so() -> None:
+    """A Message-ID of 1,000 octets was met with "fold it", but folding breaks a line only
+    before white space (RFC 5322 §2.2.3) and a msg-id holds none: no folding could make
+    the line fit. Such a line names the word that is too long now; a line that folding
+    can make fit is still told to be folded."""
+    top = b"From: a@example.com\r\nTo: b@example.org\r\n"
+    long_id = b"<" + b"x" * 1000 + b"@example.com>"
+    with pytest.raises(LineTooLong) as caught:
+        prepare(top + b"Message-ID: " + long_id + b"\r\n\r\nbody\r\n")
+    assert str(caught.value) == (
+        "line 3 is 1026 octets long; RFC 5322 §2.1.1 allows at most 998 (the header field "
+        "b'Message-ID' holds a word of 1014 octets, and folding breaks a line only at white "
+        "space; shorten it)"
+    )
+    with pytest.raises(LineTooLong, match="holds a word of 1014 octets"):
+        prepare(Email(from_="a@example.com", to=["b@example.org"], message_id=long_id.decode()))
+    words = b"Subject:" + b" word" * 250
+    with pytest.raises(LineTooLong, match=r"in the header field b'Subject'; fold it"):
+        check_line_lengths(top + words + b"\r\n\r\nbody\r\n")
+    check_line_lengths(top + words.replace(b" word" * 125, b" word" * 125 + b"\r\n", 1))
+    # A parameter can be split into sections (RFC 2231 §3), a long filename among them.
+    disposition = b'Content-Disposition: attachment; filename="' + b"x" * 1000 + b'.pdf"'
+    with pytest.raises(LineTooLong, match="shorten it, or split a long parameter into RFC 2231"):
+        check_line_lengths(top + disposition + b"\r\n\r\nbody\r\n")
 
 
 def test_a_long_line_in_a_part_header_section_names_its_field_not_the_body() -> None:
@@ -197,7 +223,8 @@ def test_a_long_line_in_a_part_header_section_names_its_field_not_the_body() -> 
     )
     long_id = b"Content-ID:\r\n <" + b"x" * 1000 + b"@example.com>\r\n"
     with pytest.raises(
-        LineTooLong, match=r"line 12 .* header field b'Content-ID' of a MIME part; fold it"
+        LineTooLong,
+        match=r"line 12 .* header field b'Content-ID' of a MIME part holds a word of 1014 octets",
     ) as caught:
         prepare(head + long_id + b"\r\nAAAA\r\n--B--\r\n")
     assert "body" not in str(caught.value)

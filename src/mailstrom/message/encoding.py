@@ -61,11 +61,14 @@ def check_line_lengths(data: bytes) -> None:
         if len(line) > MAX_LINE:
             # In a header section: which field it belongs to, not body advice.
             field = next((f for f in reversed(lines[:number]) if f[:1] not in (b" ", b"\t")), line)
-            name = shorten(field.partition(b":")[0], 40)
+            key = field.partition(b":")[0]
+            name = shorten(key, 40)
+            sections = key.strip().lower() in (b"content-type", b"content-disposition")
             if number <= blank:
-                advice = f"in the header field {name}; fold it"
+                advice = _header_advice(line, f"the header field {name}", sections)
             elif mime.in_part_header_section(data, offset):
-                advice = f"in the header field {name} of a MIME part; fold it"
+                where = f"the header field {name} of a MIME part"
+                advice = _header_advice(line, where, sections)
             else:
                 advice = "encode the body as quoted-printable or base64"
             raise LineTooLong(
@@ -73,6 +76,28 @@ def check_line_lengths(data: bytes) -> None:
                 f"{MAX_LINE} ({advice})"
             )
         offset += len(line) + 2
+
+
+_FOLD_POINT = re.compile(rb"(?=[ \t])")
+"""Where folding may break a header line: before white space (RFC 5322 §2.2.3)."""
+
+
+def _header_advice(line: bytes, field: str, sections: bool) -> str:
+    """What to do about a header ``line`` over 998 octets in ``field``: fold it, unless a
+    piece of it between two places folding may break at is too long itself (a msg-id,
+    a long word), which no folding makes fit. ``sections``: the field has MIME parameters,
+    which RFC 2231 §3 can split (a long filename)."""
+    longest = max(_FOLD_POINT.split(line), key=len)
+    if len(longest) <= MAX_LINE:
+        return f"in {field}; fold it"
+    word = len(longest.lstrip(b" \t"))
+    remedy = (
+        "shorten it, or split a long parameter into RFC 2231 sections" if sections else "shorten it"
+    )
+    return (
+        f"{field} holds a word of {word} octets, and folding breaks a line only at white "
+        f"space; {remedy}"
+    )
 
 
 def quoted_printable(data: bytes) -> bytes:
