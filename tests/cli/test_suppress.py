@@ -135,6 +135,29 @@ def test_a_list_after_what_no_store_can_compare_is_a_usage_error(cli: CLI) -> No
     assert result.err_lines[-1].startswith("mailstrom: argument --after: expected a target")
 
 
+def test_a_list_after_a_u_label_domain_starts_where_its_entry_is(cli: CLI) -> None:
+    """Entries are kept with A-label domains (bücher.example as xn--bcher-kva.example), but
+    --after was only lower-cased: "bücher.example" sorts after every ASCII target, so
+    `suppress list --after bücher.example` listed nothing, though entries followed it.
+    A whole target is taken as add takes it now; other text is still compared as typed."""
+    cli.ok("suppress", "add", "a.example", "Bücher.example", "jörg@Bücher.example", "z.example")
+    targets = [r["target"] for r in cli.ok("suppress", "list", "--json").json()]
+    assert targets == [
+        "a.example",
+        "jörg@xn--bcher-kva.example",
+        "xn--bcher-kva.example",
+        "z.example",
+    ]
+    for after, rest in [
+        ("bücher.example", ["z.example"]),
+        ("Jörg@BÜCHER.example", ["xn--bcher-kva.example", "z.example"]),
+        ("xn--bcher-kva.example", ["z.example"]),
+        ("b", targets[1:]),  # not a target: as typed
+    ]:
+        listed = cli.ok("suppress", "list", "--json", "--after", after).json()
+        assert [r["target"] for r in listed] == rest, after
+
+
 def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:
     cli, mx = mail_env.cli, mail_env.mx
     cli.ok("suppress", "add", "bob@example.test", "--reason", "550 5.1.1 gone")

@@ -14,7 +14,7 @@ from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
 from mailstrom.cli.reading import stdin_buffer
-from mailstrom.errors import InvalidArgument, StoreError
+from mailstrom.errors import InvalidArgument, InvalidSuppression, StoreError
 from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
@@ -119,11 +119,16 @@ def _expiry_arg(text: str) -> timedelta:
 
 
 def _after_arg(text: str) -> str:
-    """``--after``: where a listing starts, lower-cased as targets are kept. Text that no
+    """``--after``: where a listing starts, as targets are kept: a whole target as ``add``
+    takes it (a U-label domain as A-labels: "bücher.example" sorted after every ASCII
+    target and started the listing there), other text (a prefix) lower-cased. Text that no
     store can compare with its targets (a lone surrogate, as Python reads an argv that is
     no UTF-8; a NUL) is a usage error: SQLite refused it, and the command exited 75, as
     if trying again later could help."""
-    after = text.strip().lower()
+    try:
+        after = normalize_target(text)
+    except InvalidSuppression:
+        after = text.strip().lower()
     try:
         return check_key(after, "--after", limit=MAX_TARGET)
     except InvalidArgument:
