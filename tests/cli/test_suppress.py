@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from mailstrom.stores.url import open_store
+from mailstrom.suppression import Suppression, SuppressionSource
 from tests.cli.conftest import CLI, MailEnv
 from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
@@ -156,6 +159,30 @@ def test_a_list_after_a_u_label_domain_starts_where_its_entry_is(cli: CLI) -> No
     ]:
         listed = cli.ok("suppress", "list", "--json", "--after", after).json()
         assert [r["target"] for r in listed] == rest, after
+
+
+def test_remove_counts_targets_not_the_rows_of_each(cli: CLI, workdir: Path) -> None:
+    """Removing bob@Bücher.example also deletes the form an earlier build stored it under
+    (bob@bücher.example, which never applied); with both stored, the command said "2 of 1
+    removed", the rows deleted against the targets asked for. It counts the targets that
+    had an entry now; the same target given twice is still one."""
+    cli.ok("suppress", "add", "bob@Bücher.example", "ann@example.test")
+    store = open_store(f"sqlite:///{workdir / 'queue.db'}")
+    try:
+        legacy = Suppression(
+            target="bob@bücher.example",
+            source=SuppressionSource.MANUAL,
+            reply="",
+            created_at=datetime.now(UTC),
+        )
+        store.suppress([legacy])
+    finally:
+        store.close()
+    asked = ("bob@BÜCHER.example", "bob@xn--bcher-kva.example", "ann@example.test", "x@y.test")
+    assert cli.ok("suppress", "remove", *asked).out == "2 of 3 removed\n"
+    assert cli.ok("suppress", "list", "--json").json() == []
+    cli.ok("suppress", "add", "bob@Bücher.example")
+    assert cli.ok("suppress", "remove", "--json", *asked).json() == {"removed": 1}
 
 
 def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:

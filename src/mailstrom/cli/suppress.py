@@ -211,14 +211,23 @@ def add_command(args: argparse.Namespace) -> int:
 
 
 def remove_command(args: argparse.Namespace) -> int:
-    forms = [stored_forms(t) for t in args.targets]
-    targets = [f[0] for f in forms]
+    # Every form that taking a target off deletes, by target: "N of M" counts the targets
+    # that had an entry, not the rows (a target stored in two forms was "2 of 1").
+    forms: dict[str, set[str]] = {}
+    for text in args.targets:
+        target, *older = stored_forms(text)
+        forms.setdefault(target, {target}).update(older)
+    # A target of one form is one row: those are removed and counted in one call.
+    single = [target for target, each in forms.items() if len(each) == 1]
     with store_from(settings_from(args)) as store:
-        removed = store.unsuppress([t for f in forms for t in f])
+        removed = store.unsuppress(single) if single else 0
+        removed += sum(
+            store.unsuppress(sorted(each)) > 0 for each in forms.values() if len(each) > 1
+        )
     if args.json:
         print_json({"removed": removed})
     else:
-        print(f"{removed} of {len(set(targets))} removed")
+        print(f"{removed} of {len(forms)} removed")
     return EX_OK
 
 
