@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import quopri
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -218,6 +219,30 @@ def test_codes_in_a_report_are_ascii_digits(code: str, status: str) -> None:
     [r] = report.recipients
     assert r.diagnostic_code == (550 if code == "550" else None)
     assert r.status == (None if status != "5.1.1" else "5.1.1")
+
+
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        ("postfix-dsn-full.eml", b"report-type*=us-ascii''delivery-status"),  # RFC 2231 §4
+        ("postfix-dsn-full.eml", b"report-type*=''delivery%2Dstatus"),  # percent-encoded
+        ("postfix-dsn-full.eml", b"report-type*0=delivery-; report-type*1=status"),  # §3
+        ("arf-complaint.eml", b"report-type*=utf-8'en'feedback%2Dreport"),
+        ("arf-complaint.eml", b"report-type*=undefined''feedback-report"),  # no codec's
+    ],
+)
+def test_a_report_type_in_rfc_2231_form_is_read(name: str, written: bytes) -> None:
+    """The report type was read with compat32's get_param, which gives a parameter in
+    RFC 2231 form as a (charset, language, value) tuple: its str() named no report type,
+    so such a DSN or ARF report read as no report and the bounce was left unmatched."""
+    data = sample(name)
+    plain = re.search(rb"report-type=[a-z-]+", data)
+    assert plain is not None
+    expected = parse_report(data)
+    assert expected is not None
+    report = parse_report(data.replace(plain[0], written))
+    assert report is not None
+    assert (report.kind, report.recipients) == (expected.kind, expected.recipients)
 
 
 def test_other_mail_is_no_report() -> None:

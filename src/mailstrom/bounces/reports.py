@@ -20,6 +20,7 @@ import email.parser
 import email.policy
 import itertools
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.errors import MissingHeaderBodySeparatorDefect
@@ -126,12 +127,41 @@ def parse_report(data: bytes) -> Report | None:
     message = _parse(data)
     if message.get_content_type() != "multipart/report":
         return None
-    report_type = str(message.get_param("report-type", "") or "").lower()
+    report_type = _report_type(message)
     if report_type == "delivery-status":
         return _dsn(_parts(message), _addresses(message))
     if report_type == "feedback-report":
         return _arf(_parts(message), _addresses(message))
     return None  # a read receipt (disposition-notification) or another kind
+
+
+_EXTENDED_REPORT_TYPE = re.compile(r"report-type\*(?:([0-9]{1,3})(\*?))?", re.IGNORECASE)
+"""The names of the report-type parameter in RFC 2231 form: ``report-type*`` (encoded),
+``report-type*N`` (a section) and ``report-type*N*`` (an encoded section)."""
+
+
+def _report_type(message: Message) -> str:
+    """The report-type parameter of ``message``'s Content-Type, lower-cased; in RFC 2231
+    form too (``report-type*=us-ascii''delivery-status``, or in sections), which compat32
+    leaves undecoded for a name holding a hyphen (its pattern is ``\\w+``), so that
+    get_param found no report type and such a report read as no report. A report type is
+    an ASCII token: the charset named is not needed (decoding with one a peer names, such
+    as ``undefined``, raises), nor is the language."""
+    plain = message.get_param("report-type")
+    if isinstance(plain, str):
+        return plain.lower()
+    sections: dict[int, str] = {}
+    for name, value in message.get_params([])[1:]:
+        match = _EXTENDED_REPORT_TYPE.fullmatch(name)
+        if match is None:
+            continue
+        number = int(match[1] or 0)
+        if match[1] is None or match[2]:
+            if number == 0:
+                value = value.split("'", 2)[-1]  # after charset'language'
+            value = urllib.parse.unquote(value, encoding="latin-1")
+        sections.setdefault(number, value)
+    return "".join(sections[number] for number in sorted(sections)).lower()
 
 
 class _RawFields(email.policy.Compat32):
