@@ -3,6 +3,9 @@ loopback MX: what the server receives is what Django's own SMTP backend sends.""
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -359,6 +362,52 @@ def test_fail_silently_leaves_out_only_the_message_django_cannot_serialise(
     assert not hasattr(bad, "mailstrom_id")
     queued = {status.id for status in get_mailstrom().query_recent()}
     assert queued == {first.mailstrom_id, last.mailstrom_id}  # type: ignore[attr-defined]
+
+
+def test_a_refolded_field_keeps_its_other_parameters_as_they_were(
+    project: None, mx: ReceivingServer
+) -> None:
+    """The field written afresh is unfolded for Django's part, which refuses a line break:
+    only the folds go, not the white space of a quoted value beside the long one."""
+    filename = "報告書" * 40 + ".pdf"
+    part = MIMEBase("application", "pdf")
+    part.set_payload(b"%PDF-")
+    part.add_header("Content-Disposition", "attachment", filename=filename, note="two  spaces")
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    attach_mime_base(message, part)
+    assert message.send() == 1
+    [received] = mx.wait_for_messages(1)
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    [attachment] = parsed.iter_attachments()
+    assert attachment.get_filename() == filename
+    assert attachment.get_param("note", header="content-disposition") == "two  spaces"
+
+
+@pytest.mark.parametrize(
+    ("filename", "mimetype", "content"),
+    [
+        pytest.param("報告書" * 37 + ".pdf", "application/pdf", b"%PDF-", id="111 CJK, a PDF"),
+        pytest.param("報告書" * 37 + ".txt", "text/plain", "Grüße", id="111 CJK, text"),
+        pytest.param("report-" * 150 + ".pdf", "application/pdf", b"%PDF-", id="1,054 ASCII"),
+    ],
+)
+def test_a_long_attachment_filename_is_sent_folded_with_rfc_2231_continuations(
+    project: None, mx: ReceivingServer, filename: str, mimetype: str, content: str | bytes
+) -> None:
+    """Django 5.2 writes an attachment's filename parameter on one line, past 998 octets
+    for a long name (``filename*=utf-8''%E5%A0%B1...``): mailstrom refused the message
+    (LineTooLong), so such a file could not be sent at all."""
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    message.attach(filename, content, mimetype)
+    assert message.send() == 1
+    [received] = mx.wait_for_messages(1)
+    assert max(len(line) for line in received.content.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    [attachment] = parsed.iter_attachments()
+    assert attachment.get_filename() == filename
+    assert attachment.get_content_disposition() == "attachment"
+    assert attachment.get_content() == content
 
 
 def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: ReceivingServer) -> None:

@@ -5,7 +5,9 @@ Each message is serialised by Django exactly as its SMTP backend would send it
 the sender from ``from_email``, the recipients from ``recipients()`` (To, Cc and Bcc;
 Django keeps Bcc out of the headers). mailstrom checks the bytes and rewrites nothing
 (Django already wrote Date and Message-ID, and no Bcc); it only ends the last line with
-CRLF when Django did not, as smtplib does too. So the receiving server gets what Django's
+CRLF when Django did not, as smtplib does too, and folds a MIME part's Content-Type or
+Content-Disposition that Django 5.2 writes past SMTP's 998-octet line (a long filename)
+with RFC 2231 continuations, as Django 6 does. So the receiving server gets what Django's
 SMTP backend would have sent it.
 """
 
@@ -31,6 +33,7 @@ from mailstrom.errors import HeaderInjection, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.chars import check_header_text, shorten
+from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
 from mailstrom.message.trees import check_entity_headers
 
@@ -156,7 +159,48 @@ def _serialised(message: EmailMessage) -> bytes:
         built = _built(message)
     check_entity_headers(built)
     with _typed("Django cannot serialise the message"):
+        _fold_long_parameters(built)
         return _as_bytes(built)
+
+
+_PARAMETER_FIELDS = frozenset({"content-type", "content-disposition"})
+"""The MIME part fields whose parameters hold what the application gave (a filename)."""
+
+
+def _fold_long_parameters(built: Message) -> None:
+    """Write again, folded with RFC 2231 continuations (``filename*0*=...;
+    filename*1*=...``), each Content-Type or Content-Disposition field that Django's
+    writer would put on a line past 998 octets, which mailstrom refuses (LineTooLong).
+
+    Django 5.2's compat32 writer folds only between parameters, so the filename of an
+    attachment goes whole onto one line: about 110 CJK characters (9 octets each as
+    ``%E5%A0%B1``) were enough for a message no one could send. The standard library's
+    SMTP policy splits the parameter, as Django 6's writer does itself; every other
+    field, and each field that fits, is left as Django writes it.
+    """
+    for part in built.walk():
+        fields = part.items()
+        if not any(_too_long(part, name, value) for name, value in fields):
+            continue
+        for name in {name for name, _ in fields}:
+            del part[name]
+        # Added back in their order, each field that was too long written afresh: the
+        # parameter split in pieces, on one line (Django's parts refuse a line break in a
+        # value), which compat32 then folds between them, at each "; ".
+        for name, value in fields:
+            if _too_long(part, name, value):
+                folded = email.policy.SMTP.fold(name, str(value))
+                # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space
+                # kept, a quoted value's own too) and without the name.
+                value = folded.partition(":")[2].replace("\r\n", "").strip(" ")
+            part[name] = value
+
+
+def _too_long(part: Message, name: str, value: Any) -> bool:
+    if name.lower() not in _PARAMETER_FIELDS:
+        return False
+    written = part.policy.fold(name, value)
+    return any(len(line.encode()) > MAX_LINE for line in written.splitlines())
 
 
 @contextlib.contextmanager
