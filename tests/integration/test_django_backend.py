@@ -35,6 +35,7 @@ from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
 from tests.support.django import (  # noqa: E402
+    HAS_MAILERS,
     attach_mime_base,
     django_smtp_backend,
     loopback_mx,
@@ -408,6 +409,38 @@ def test_a_long_attachment_filename_is_sent_folded_with_rfc_2231_continuations(
     assert attachment.get_filename() == filename
     assert attachment.get_content_disposition() == "attachment"
     assert attachment.get_content() == content
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"timeout": 5}, "timeout=5"),
+        ({"username": "app", "password": "s3cret"}, "username and password"),
+        ({"password": "s3cret"}, "password"),
+    ],
+)
+def test_smtp_options_the_backend_cannot_use_are_warned_of(
+    project: None, mx: ReceivingServer, options: dict[str, object], named: str
+) -> None:
+    """``get_connection(timeout=...)`` (``EMAIL_TIMEOUT`` for the SMTP backend) and
+    ``send_mail(auth_user=..., auth_password=...)`` were accepted and ignored without a
+    word: a bound on the send that was not kept, a login that never happened."""
+    with pytest.warns(UserWarning, match="mailstrom's EmailBackend does not use") as record:
+        backend = EmailBackend(**options)  # type: ignore[arg-type]
+    assert [named in str(warning.message) for warning in record] == [True]
+    assert "s3cret" not in str(record[0].message)
+    # The mail is still sent.
+    assert backend.send_messages([mail.EmailMessage("Hi", "x", to=["bob@example.org"])]) == 1
+    mx.wait_for_messages(1)
+    # What Django passes when they are not given says nothing (a warning fails the test).
+    EmailBackend(timeout=None, username=None, password=None)
+    EmailBackend(username="", password="")
+    if not HAS_MAILERS:  # Django 6.1 deprecates send_mail's connection arguments
+        with pytest.warns(UserWarning, match="username and password"):
+            sent = mail.send_mail(
+                "Hi", "x", None, ["ann@example.org"], auth_user="app", auth_password="s3cret"
+            )
+        assert sent == 1
 
 
 def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: ReceivingServer) -> None:

@@ -184,6 +184,28 @@ def test_the_system_check_reports_admins_and_managers_mailstrom_refuses() -> Non
         assert checks.run_checks(tags=["mailstrom"]) == []
 
 
+@pytest.mark.skipif(HAS_MAILERS, reason="with MAILERS, a mailer's OPTIONS hold them")
+def test_the_system_check_warns_of_smtp_settings_mailstrom_does_not_use() -> None:
+    """A project moving from Django's SMTP backend keeps EMAIL_TIMEOUT and its login:
+    mailstrom's backend ignored them without a word, a bound that was not kept and a
+    relay login that never happened."""
+    setting = {"MAILSTROM": {"store": "memory:"}}
+    with override_settings(**setting, EMAIL_TIMEOUT=5, EMAIL_HOST_PASSWORD="s3cret"):
+        timeout, credentials = checks.run_checks(tags=["mailstrom"])
+    assert timeout.id == credentials.id == "mailstrom.W002"
+    assert timeout.msg.startswith("EMAIL_TIMEOUT is set, and mailstrom's backend does not")
+    assert credentials.msg.startswith("EMAIL_HOST_PASSWORD is set")
+    assert "MAILSTROM['relay']" in credentials.hint
+    assert "s3cret" not in credentials.msg
+    # Set to nothing (os.environ.get(..., "")), or not set: nothing to say.
+    with override_settings(**setting, EMAIL_TIMEOUT=None, EMAIL_HOST_USER=""):
+        assert checks.run_checks(tags=["mailstrom"]) == []
+    # Nor when another backend sends the mail.
+    other = f"{__name__}._ProjectBackend"
+    with override_settings(**setting, EMAIL_BACKEND=other, EMAIL_TIMEOUT=5):
+        assert checks.run_checks(tags=["mailstrom"]) == []
+
+
 class _ProjectBackend(BaseEmailBackend):
     """Not mailstrom's: the check has nothing to say about its senders."""
 

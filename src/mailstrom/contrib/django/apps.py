@@ -14,7 +14,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from mailstrom.contrib.django.conf import SETTING, load
+from mailstrom.contrib.django.conf import SETTING, UNUSED_CREDENTIALS, UNUSED_TIMEOUT, load
 from mailstrom.errors import InvalidMessage
 from mailstrom.message.addresses import parse_mailbox
 
@@ -74,7 +74,41 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                         id="mailstrom.W001",
                     )
                 )
+    warnings.extend(_unused_smtp_settings())
     return warnings
+
+
+def _unused_smtp_settings() -> list[Any]:
+    """Django's SMTP settings that promise something mailstrom's backend does not do: a
+    bound on the send, a login. Only those the project set, to a value: with MAILERS
+    (Django 6.1) they are given as a mailer's OPTIONS, which the backend warns of."""
+    if django.VERSION >= (6, 1) and hasattr(settings, "MAILERS"):
+        return []
+
+    def given(name: str) -> bool:
+        # Read only when set: Django 6.1 warns when code outside Django reads them.
+        return settings.is_overridden(name) and getattr(settings, name) not in (None, "")
+
+    found = []
+    if given("EMAIL_TIMEOUT"):
+        found.append(
+            checks.Warning(
+                f"EMAIL_TIMEOUT is set, and mailstrom's backend does not use it: {UNUSED_TIMEOUT}.",
+                hint="Remove it, or set the store's and MAILSTROM['timeouts'] bounds.",
+                id="mailstrom.W002",
+            )
+        )
+    credentials = [name for name in ("EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD") if given(name)]
+    if credentials:
+        found.append(
+            checks.Warning(
+                f"{' and '.join(credentials)} {'is' if len(credentials) == 1 else 'are'} "
+                f"set, and mailstrom's backend does not use them: {UNUSED_CREDENTIALS}.",
+                hint="Remove them, or give them to the relay: MAILSTROM['relay'].",
+                id="mailstrom.W002",
+            )
+        )
+    return found
 
 
 def _recipients_of(value: object) -> list[str]:

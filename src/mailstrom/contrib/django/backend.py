@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import email.errors
 import email.policy
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from email.message import Message
@@ -28,6 +29,7 @@ from django.utils.functional import Promise
 
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
+from mailstrom.contrib.django.conf import UNUSED_CREDENTIALS, UNUSED_TIMEOUT
 from mailstrom.contrib.django.shared import get_mailstrom
 from mailstrom.errors import HeaderInjection, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
@@ -53,15 +55,28 @@ class EmailBackend(BaseEmailBackend):
 
     Each queued message gets the attribute ``mailstrom_id``, for
     ``get_mailstrom().query_status(message.mailstrom_id)``.
+
+    ``timeout``, ``username`` and ``password`` (options of Django's SMTP backend) are not
+    used, and a value given for them warns: the store bounds its own waits, and a relay's
+    login is ``settings.MAILSTROM["relay"]``.
     """
 
-    def __init__(self, fail_silently: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        timeout: float | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         # Django 6.1 deprecates BaseEmailBackend's own fail_silently (reading it warns): a
         # backend that supports it keeps it itself, as Django's SMTP backend does. It comes
         # from get_connection(fail_silently=...) or a MAILERS entry's OPTIONS; the rest
         # (6.1's ``alias``) is the base class's.
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
+        _warn_unused(timeout=timeout, username=username, password=password)
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         messages = [m for m in email_messages if m.recipients()]
@@ -87,6 +102,27 @@ class EmailBackend(BaseEmailBackend):
         for (message, _), message_id in zip(queued, ids, strict=True):
             message.mailstrom_id = message_id  # type: ignore[attr-defined]
         return len(ids)
+
+
+def _warn_unused(*, timeout: float | None, username: str | None, password: str | None) -> None:
+    """Warn of options of Django's SMTP backend given to this one, which cannot use them:
+    ``send_mail(auth_user=..., auth_password=...)`` passes them, and a project moving from
+    SMTP keeps them. They were accepted and ignored without a word, the password too. A
+    warning, not an error: the mail is still sent (and code written for either backend
+    keeps working). ``None``, what Django passes when they are not given, says nothing."""
+    if timeout is not None:
+        warnings.warn(
+            f"mailstrom's EmailBackend does not use timeout={timeout!r}: {UNUSED_TIMEOUT}",
+            stacklevel=3,
+        )
+    given = [name for name, value in (("username", username), ("password", password)) if value]
+    if given:
+        # The value of neither is shown: a username is often an API key's id.
+        warnings.warn(
+            f"mailstrom's EmailBackend does not use {' and '.join(given)} (send_mail's "
+            f"auth_user, auth_password): {UNUSED_CREDENTIALS}",
+            stacklevel=3,
+        )
 
 
 class DjangoHeaderInjection(HeaderInjection, BadHeaderError):

@@ -35,6 +35,20 @@ from mailstrom.stores.url import StoreKind, check_store_url
 SETTING = "MAILSTROM"
 """The name of the Django setting."""
 
+UNUSED_TIMEOUT = (
+    "send_messages() only writes to mailstrom's store, which bounds its own waits (SQLite's "
+    "write lock 30 s, PostgreSQL's connect_timeout and lock_timeout in the store URL); "
+    "the deliveries' timeouts are MAILSTROM['timeouts']"
+)
+"""Why ``timeout`` (``EMAIL_TIMEOUT``) is not used: what it would bound, and where that is."""
+
+UNUSED_CREDENTIALS = (
+    "mailstrom delivers to each recipient's MX server itself, or through the relay "
+    "MAILSTROM['relay'] names, with that relay's own username and password"
+)
+"""Why ``username`` and ``password`` (``auth_user``, ``EMAIL_HOST_USER``...) are not used."""
+
+
 WorkerChoice = Literal["auto", "process", "thread"] | None
 _WORKERS: tuple[WorkerChoice, ...] = ("auto", "process", "thread", None)
 
