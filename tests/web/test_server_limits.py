@@ -94,6 +94,57 @@ def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(hasty: i
     assert cut_off < 1.5
 
 
+def _answer(port: int, request: bytes) -> bytes:
+    with _connect(port) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "title"),
+    [
+        ("http://127.0.0.1:{port}/queue?view=all&limit=25", "127.0.0.1:{port}", b"Queue"),
+        ("HTTP://127.0.0.1:{port}", "127.0.0.1:{port}", b"Overview"),
+        # RFC 9112 §3.2.2: the target's authority wins over the Host header.
+        ("http://localhost:{port}/destinations", "elsewhere.example", b"Destinations"),
+    ],
+    ids=["path-and-query", "no-path", "host-header-differs"],
+)
+def test_a_request_target_in_absolute_form_is_served_as_its_path(
+    patient: int, target: str, host: str, title: bytes
+) -> None:
+    """Servers must accept ``GET http://host:port/path`` (what an HTTP/1.1 client set to
+    use a proxy sends): uvicorn's h11 server passed the whole URL on as the path, a 404."""
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    answer = _answer(patient, request.format(port=patient).encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b"<title>" + title in answer
+
+
+def test_a_request_target_in_absolute_form_naming_another_host_is_refused(patient: int) -> None:
+    """Its authority is the request's host: without a token, only loopback names pass."""
+    request = (
+        f"GET http://rebound.example:{patient}/queue HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{patient}\r\nConnection: close\r\n\r\n"
+    )
+    answer = _answer(patient, request.encode())
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"answers only to localhost" in answer
+
+
+@pytest.mark.parametrize("target", ["http://[::1/queue", "http://a]b/", "*"])
+def test_a_request_target_neither_a_path_nor_a_url_is_no_page_not_an_error(
+    patient: int, target: str
+) -> None:
+    """urlsplit() raises ValueError for a bracket that does not close an IPv6 address."""
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{patient}\r\nConnection: close\r\n\r\n"
+    answer = _answer(patient, request.encode())
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:300]
+
+
 @pytest.mark.parametrize("size", [MAX_REQUEST_HEAD, 60_000])
 def test_a_request_head_past_the_limit_is_refused_even_in_one_piece(
     patient: int, size: int

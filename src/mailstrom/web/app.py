@@ -32,6 +32,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstrom.cli.output import age
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
@@ -585,7 +586,7 @@ def create_app(
             Route("/logout", logout, methods=["POST"]),
             Mount("/static", StaticFiles(packages=[("mailstrom.web", "static")]), name="static"),
         ],
-        middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard)],
+        middleware=[Middleware(_OriginForm), Middleware(BaseHTTPMiddleware, dispatch=guard)],
         exception_handlers={404: not_found, 405: not_found, Exception: server_error},
         lifespan=lifespan,
     )
@@ -594,6 +595,44 @@ def create_app(
     # no page of the dashboard has a trailing slash (a 404 says so).
     app.router.redirect_slashes = False
     return app
+
+
+class _OriginForm:
+    """A request whose target is in absolute form (``GET http://127.0.0.1:8025/queue
+    HTTP/1.1``, RFC 9112 §3.2.2) served as the same request in origin form (``GET
+    /queue``), with the target's authority as its ``Host``, which that section says wins
+    over the Host header. Servers must accept it, and HTTP/1.1 clients that were set to
+    use a proxy send it; uvicorn's h11 server (which ``mailstrom web`` runs) passes the
+    whole URL on as the path, so every such request was a 404. A target of another
+    form that is not a path (``*``, ``host:port``) is left to be a 404."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/"):
+            scope = _in_origin_form(scope)
+        await self.app(scope, receive, send)
+
+
+def _in_origin_form(scope: Scope) -> Scope:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    try:
+        target = urllib.parse.urlsplit(raw)
+    except ValueError:  # "http://[::1/": a bracket that closes no IPv6 address
+        return scope
+    if target.scheme.lower() not in (b"http", b"https") or not target.netloc:
+        return scope
+    # RFC 9110 §4.2.4: userinfo in an http URI is not to be sent; never part of the host.
+    authority = target.netloc.rpartition(b"@")[2]
+    raw_path = target.path or b"/"  # "http://host" with no path: the server's root
+    headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
+    return {
+        **scope,
+        "path": urllib.parse.unquote(raw_path.decode("latin-1")),
+        "raw_path": raw_path,
+        "headers": [(b"host", authority), *headers],
+    }
 
 
 _CHALLENGE = 'Bearer realm="mailstrom"'
