@@ -162,7 +162,9 @@ def create_app(
         context.update(
             now=now,
             age=lambda when: age(when, now),
-            csrf=request.state.csrf,
+            # Set by the guard; a page made outside it (an error page Starlette asks
+            # for before or after it ran) has none, and no form that needs one.
+            csrf=getattr(request.state, "csrf", ""),
             auth=access.required,
             path=request.url.path,
         )
@@ -434,10 +436,7 @@ def create_app(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         # Every answer, a refusal included, carries them: a plain-text 400 is a page too.
-        response = await guarded(request, call_next)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
+        return _secured(await guarded(request, call_next))
 
     async def guarded(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -532,8 +531,6 @@ def create_app(
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        if not hasattr(request.state, "csrf"):
-            request.state.csrf = ""
         response = problem(request, status, "no such page" if status == 404 else "error")
         if status == 405:
             # RFC 9110 §15.5.6: a 405 says which methods the page takes. Starlette's
@@ -558,12 +555,7 @@ def create_app(
         # Starlette's ServerErrorMiddleware asks for this page, outside the guard (it is
         # outermost), and then raises the exception on for uvicorn to log: the headers
         # the guard would add are added here.
-        if not hasattr(request.state, "csrf"):
-            request.state.csrf = ""
-        response = problem(request, 500, "Something went wrong; the server's log says what.")
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
+        return _secured(problem(request, 500, "Something went wrong; the server's log says what."))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -595,6 +587,14 @@ def create_app(
     # no page of the dashboard has a trailing slash (a 404 says so).
     app.router.redirect_slashes = False
     return app
+
+
+def _secured(response: Response) -> Response:
+    """``response`` with the headers every answer of the dashboard carries
+    (:data:`~mailstrom.web.security.SECURITY_HEADERS`); one it set itself is kept."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 class _OriginForm:
