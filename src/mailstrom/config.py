@@ -375,6 +375,11 @@ retry_min=1.0, retry_max=300.0)
             raise ConfigError(f"hook.url: {exc}: {self.url!r}") from None
         if not parts.hostname or any(c.isspace() or not c.isprintable() for c in self.url):
             raise ConfigError(f"hook.url: expected a host and no white space: {self.url!r}")
+        problem = _host_problem(parts.hostname)
+        if problem is not None:
+            # The sender's socket looks the host up by its IDNA form, which such a name
+            # has not: every request failed and the batch was retried for ever.
+            raise ConfigError(f"hook.url: host {shorten(parts.hostname, 80)} {problem}")
         if not isinstance(self.secret, str) or not self.secret:
             # Never shown: a secret.
             raise ConfigError(
@@ -393,6 +398,20 @@ retry_min=1.0, retry_max=300.0)
             f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
+
+
+def _host_problem(host: str) -> str | None:
+    """Why no name lookup can find ``host`` (a URL's host, as ``urlsplit`` gives it), or
+    None: a label empty or of more than 63 octets in the IDNA form the socket module
+    encodes it to, or more than :data:`MAX_DOMAIN` characters in all (RFC 1035 §2.3.4).
+    An address literal passes (it has no empty label and is shorter)."""
+    try:
+        encoded = host.encode("idna")  # what socket.getaddrinfo() does with a str host
+    except UnicodeError:
+        return "has an empty label or one of more than 63 octets"
+    if len(encoded.removesuffix(b".")) > MAX_DOMAIN:
+        return f"is longer than {MAX_DOMAIN} characters"
+    return None
 
 
 def _without_userinfo(url: str) -> str:

@@ -530,6 +530,32 @@ def test_a_hook_url_whose_path_is_not_ascii_reaches_the_endpoint(endpoint: Endpo
 
 
 @pytest.mark.parametrize(
+    "host",
+    ["a" * 64 + ".test", "app..test", ".app.test", "\u00fc" * 60 + ".test", "a.b" * 85],
+    ids=["long-label", "empty-label", "leading-dot", "long-u-label", "long-name"],
+)
+def test_a_hook_url_whose_host_dns_cannot_hold_is_refused_at_configuration(host: str) -> None:
+    # A label of more than 63 octets (an A-label counted), an empty one, a name of more
+    # than 253 characters: no lookup can succeed, yet HookConfig took the URL and the
+    # sender failed every request, retrying for ever.
+    with pytest.raises(ConfigError, match=r"hook\.url"):
+        HookConfig(url=f"https://{host}/x", secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://app.test./x",
+        "https://localhost:8080/x",
+        "http://[::1]:1/x",
+        "http://b\u00fccher.test/",
+    ],
+)
+def test_hook_urls_with_hosts_dns_can_hold_are_accepted(url: str) -> None:
+    HookConfig(url=url, secret=SECRET)
+
+
+@pytest.mark.parametrize(
     "url", ["https://user:s3cret@h.test/x", "https://s3cret@h.test/x", "ftp://u:s3cret@h.test/"]
 )
 def test_a_hook_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
