@@ -62,6 +62,8 @@ class Endpoint:
     request (0-based) and may block first (to be killed mid-request)."""
 
     answer: Callable[[int], int] = lambda n: 200
+    too_large: Callable[[bytes], bool] = lambda body: False
+    """Whether a request's body is more than the endpoint takes: it answers 413 then."""
     requests: list[Request] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
@@ -92,7 +94,7 @@ def endpoint() -> Iterator[Endpoint]:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             with lock:
                 n, seen[0] = seen[0], seen[0] + 1
-            status = ep.answer(n)
+            status = 413 if ep.too_large(body) else ep.answer(n)
             ep.record(Request(body, self.headers.get(SIGNATURE_HEADER, ""), status, self.path))
             self.send_response(status)
             self.send_header("Content-Length", "0")
@@ -631,3 +633,90 @@ def test_sent_events_are_pruned_while_the_outbox_never_empties(
         assert [e.address for e in store.read_events()] == ["u1@example.org"]
     finally:
         store.close()
+
+
+def _deferred_events(store: SQLiteStore, addresses: list[str]) -> None:
+    """One deferred-delivery event in the outbox of ``store`` per address, in order."""
+    now = datetime.now(UTC)
+    for address in addresses:
+        store.enqueue(
+            PreparedMessage(
+                data=b"From: a@sender.test\r\nSubject: hi\r\n\r\nhi\r\n",
+                envelope_from="a@sender.test",
+                recipients=(address,),
+            ),
+            now=now,
+        )
+        lease = store.lease(now=now, limit=1, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        attempt = Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="try later")
+        store.record(
+            [
+                RecipientResult(
+                    message_id=item.message_id,
+                    address=r.address,
+                    state=RecipientState.DEFERRED,
+                    attempt=attempt,
+                    lease_token=item.lease_token,
+                    ref=r.ref,
+                    next_attempt_at=now + timedelta(minutes=10),
+                )
+                for item in lease.items
+                for r in item.recipients
+            ]
+        )
+
+
+def test_a_413_shrinks_the_batch_and_an_event_too_large_alone_is_given_up(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 413 (Content Too Large) was a failure like any other: the same batch went again
+    and again, for ever, and no event after it was ever sent. The batch is halved now, down
+    to one event; an event too large on its own is given up with a log line."""
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    addresses = [f"u{n}@example.org" for n in range(3)] + ["big@example.org"]
+    addresses += [f"v{n}@example.org" for n in range(4)]
+    _deferred_events(store, addresses)
+    # The endpoint takes at most two events a request, and never the big one.
+    endpoint.too_large = lambda body: body.count(b'"id":') > 2 or b"big@" in body
+    hook = HookConfig(url=endpoint.url, secret=SECRET, batch=8, retry_min=0.05, retry_max=0.1)
+
+    async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    metrics = MetricsRecorder()
+
+    async def run() -> None:
+        sender = HookSender(
+            hook,
+            store,
+            store_call=call,
+            clock=lambda: datetime.now(UTC),
+            metrics=metrics,
+            poll_interval=0.05,
+        )
+        task = asyncio.create_task(sender.run())
+        try:
+            await asyncio.to_thread(endpoint.wait_for, lambda _: len(endpoint.acked_ids()) >= 7, 10)
+        finally:
+            sender.stop(0)
+            await asyncio.wait_for(task, 10)
+
+    try:
+        with caplog.at_level("WARNING", logger="mailstrom.hooks"):
+            asyncio.run(run())
+        ids = {e.address: e.id for e in store.read_events()}
+        assert (
+            store.lease_events(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=1))
+            is None
+        )  # nothing left to send, the big event included
+    finally:
+        store.close()
+    acked = endpoint.acked_ids()
+    assert sorted(acked) == sorted(i for a, i in ids.items() if a != "big@example.org")
+    assert len(acked) == len(set(acked))
+    assert all(len(r.ids) <= 2 for r in endpoint.requests if r.answered == 200)
+    assert metrics.hook_events_sent == 7
+    given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+    assert len(given_up) == 1 and f"event {ids['big@example.org']}" in given_up[0]

@@ -177,13 +177,26 @@ def _ascii_url(url: str) -> str:
     )
 
 
+class HTTPFailure(str):
+    """A failure that is the endpoint's answer: the text :func:`post` gives (``"HTTP 503
+    Service Unavailable"``), with the status, for a sender that acts on it."""
+
+    status: int
+
+    def __new__(cls, status: int, text: str) -> HTTPFailure:
+        failure = super().__new__(cls, text)
+        failure.status = status
+        return failure
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # the 3xx then surfaces as an HTTPError: a failed request
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str | None:
-    """POST ``body``; None when the endpoint answered 2xx, else why not (blocking).
+    """POST ``body``; None when the endpoint answered 2xx, else why not (blocking): an
+    :class:`HTTPFailure` when that is the endpoint's answer.
 
     Connecting, sending and the whole answer take ``timeout`` seconds at most (plus the
     name lookup, which nothing can interrupt); an answer not complete by then is a failure.
@@ -217,8 +230,8 @@ def _exchange(
             status = int(response.status)
     except urllib.error.HTTPError as exc:
         with exc:
-            return f"HTTP {exc.code} {exc.reason}"
+            return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}")
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         return f"{type(exc).__name__}: {reason}"
-    return None if 200 <= status < 300 else f"HTTP {status}"
+    return None if 200 <= status < 300 else HTTPFailure(status, f"HTTP {status}")

@@ -10,6 +10,12 @@ exactly the events that were never acknowledged. A sender killed between the POS
 acknowledgement leaves that batch leased until ``lease_for`` passes, then it is sent again:
 at-least-once, which is why each event carries an id to de-duplicate on.
 
+A 413 (Content Too Large) is no failure to wait out: the same batch would be refused for
+ever, and no event after it sent. The batch goes back and the sender leases half as many
+events at once (down to one), growing back by doubling with each batch the endpoint takes.
+An event refused on its own can never be sent: it is given up (marked sent, with an error
+in the log naming it) and the sender goes on with the next.
+
 HTTP goes through the standard library (``urllib.request``) on a thread: one request per
 batch of up to ``hook.batch`` events makes the thread hand-off and the missing connection
 reuse negligible, it verifies TLS certificates with the system's trust store by default,
@@ -35,7 +41,7 @@ from typing import Any, TypeVar
 from mailstrom._version import __version__
 from mailstrom.config import HookConfig
 from mailstrom.errors import StoreError
-from mailstrom.runtime.hook_post import post
+from mailstrom.runtime.hook_post import HTTPFailure, post
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.stores.base import EventBatch, Store
 from mailstrom.webhooks import SIGNATURE_HEADER, encode_events, sign
@@ -50,6 +56,9 @@ RETENTION = timedelta(hours=24)
 PRUNE_EVERY = 600.0
 """Seconds between prunes."""
 
+
+TOO_LARGE = 413
+"""The status of an endpoint that takes no body this large (RFC 9110 §15.5.14)."""
 
 POST_GRACE = 1.0
 """Seconds the sender waits for a request past ``hook.timeout`` before counting it failed
@@ -114,6 +123,8 @@ class HookSender:
         self._stopping = False
         self._deadline = float("inf")
         self._failing = False
+        self._limit = hook.batch
+        """Events leased at once: less than ``hook.batch`` after a 413."""
         self._last_prune = -PRUNE_EVERY
 
     def wake(self) -> None:
@@ -141,7 +152,7 @@ class HookSender:
                 batch = await self._store_call(
                     self._store.lease_events,
                     now=self._clock(),
-                    limit=self._hook.batch,
+                    limit=self._limit,
                     lease_for=self.lease_for,
                 )
             except StoreError as exc:
@@ -181,6 +192,8 @@ class HookSender:
             SIGNATURE_HEADER: sign(self._hook.secret, body),
         }
         failure = await post_off_loop(self._hook.url, body, headers, self._hook.timeout)
+        if isinstance(failure, HTTPFailure) and failure.status == TOO_LARGE:
+            return await self._too_large(batch, len(body))
         if failure is None:
             try:
                 acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
@@ -191,6 +204,7 @@ class HookSender:
                 )
                 return False
             self._metrics.hook_events_sent += acked
+            self._limit = min(self._limit * 2, self._hook.batch)
             if self._failing:
                 log.warning("hook: %s answers again", self._hook.url)
             self._failing = False
@@ -204,6 +218,40 @@ class HookSender:
         with contextlib.suppress(StoreError):  # else the lease simply expires
             await self._store_call(self._store.release_events, batch)
         return False
+
+    async def _too_large(self, batch: EventBatch, size: int) -> bool:
+        """The endpoint answered 413 to ``batch`` (``size`` bytes): fewer events at once,
+        or, for one event alone, give it up. True: the sender goes on at once."""
+        self._metrics.hook_failures += 1
+        count = len(batch.events)
+        if count > 1:
+            self._limit = max(1, count // 2)
+            log.info(
+                "hook: %s refused %d events (%d bytes) as too large; sending %d at a time",
+                self._hook.url,
+                count,
+                size,
+                self._limit,
+            )
+            with contextlib.suppress(StoreError):  # else the lease simply expires
+                await self._store_call(self._store.release_events, batch)
+            return True
+        event = batch.events[0]
+        log.error(
+            "hook: %s refused event %d alone (%s for %s, %d bytes) as too large; "
+            "it is given up, not sent",
+            self._hook.url,
+            event.id,
+            event.state.value,
+            event.address,
+            size,
+        )
+        try:
+            await self._store_call(self._store.ack_events, batch, now=self._clock())
+        except StoreError as exc:
+            log.warning("hook: cannot mark event %d given up: %s", event.id, exc)
+            return False
+        return True
 
     async def _prune(self) -> None:
         now = time.monotonic()
