@@ -8,6 +8,7 @@ import http.client
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_worker_modes import _wait_until
 from tests.support.delivery import Results, loopback_config
 from tests.support.ops_http import healthz, scrape, value
+from tests.support.waiting import eventually
 
 
 def hello(to: str, n: int = 0) -> Email:
@@ -380,6 +382,39 @@ class _DistantStore(SQLiteStore):
     def next_due(self, *, now: datetime) -> datetime | None:
         time.sleep(0.5)
         return super().next_due(now=now)
+
+
+def test_healthz_is_503_while_the_worker_cannot_record(tmp_path: Path) -> None:
+    """The store check is a read, and reads went on while the worker's writes failed (a
+    write lock held elsewhere, a full disk, a read-only database): /healthz said 200, "ok",
+    for a worker that could neither lease nor record a result."""
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=0.05)
+    config = Config(helo_name="client.test", poll_interval=0.05)
+    with Mailstrom(config, store=store, worker="thread") as ms:
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        health = HealthCheck(
+            status=lambda: ms.worker_status, responsive=worker.responsive, store=store
+        )
+        server = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        server.start()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            assert healthz(server.url)[0] == 200
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held
+            assert eventually(lambda: ms.worker_status.store_error is not None, 10)
+            code, body = healthz(server.url)
+            assert code == 503, body
+            assert body["status"] == "fail"
+            assert "write lock" in body["store"]["worker_error"]
+            other.execute("ROLLBACK")
+            assert eventually(lambda: ms.worker_status.store_error is None, 10)
+            assert healthz(server.url)[0] == 200
+        finally:
+            other.close()
+            server.close()
+    store.close()
 
 
 def test_health_checks_at_the_same_time_share_the_store_check(

@@ -7,9 +7,10 @@ worker hands over (thread-safe) and the store (thread-safe). Loopback by default
 say how much mail goes where, which is nobody else's business.
 
 ``/healthz`` answers 200 with ``{"status": "ok", ...}`` while the worker runs, its event loop
-answers within two seconds, and the store answers a cheap query; otherwise 503 with
-``"status": "fail"`` and what failed. ``mailstrom worker`` serves before its store opens:
-while it waits for it, 503 with ``"status": "waiting"`` (:mod:`mailstrom.ops.sources`).
+answers within two seconds, the store answers a cheap query and the worker's own store
+calls succeed; otherwise 503 with ``"status": "fail"`` and what failed. ``mailstrom
+worker`` serves before its store opens: while it waits for it, 503 with ``"status":
+"waiting"`` (:mod:`mailstrom.ops.sources`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ class HealthCheck:
             store["error"] = store_error
         elif status.store_error is not None:
             store["worker_error"] = status.store_error  # failing for the worker, retried
-        ok = loop_ok and store_error is None
+        # The worker's own store calls failing is a failure too: the ping is a read, and
+        # reads go on while writes fail (a write lock held elsewhere, a full disk, a
+        # read-only database), so a worker that could neither lease nor record answered
+        # "ok". It retries by itself; this says it is not doing its work meanwhile.
+        ok = loop_ok and store_error is None and status.store_error is None
         return Health(
             ok=ok,
             details={
