@@ -130,6 +130,27 @@ def test_rsa_1024_is_the_smallest_accepted() -> None:
     assert DKIMKey(domain="example.com", selector="s", private_key=data).bits == 1024
 
 
+def test_an_rsa_key_under_2048_bits_loads_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RFC 8301 §3.2: signers SHOULD use 2048 bits. A 1024-bit key loaded without a word;
+    # only `mailstrom doctor` said so, and only once its record was published.
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    data = small.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with caplog.at_level("WARNING", logger="mailstrom.dkim"):
+        DKIMKey(domain="example.com", selector="weak", private_key=data)
+        DKIMKey(domain="example.com", selector="s", private_key=pem(RSA))
+        DKIMKey(domain="example.com", selector="e", private_key=pem(ED25519), algorithm="ed25519")
+    warned = [r for r in caplog.records if r.name == "mailstrom.dkim"]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    message = warned[0].getMessage()
+    assert "example.com/weak" in message and "1024 bits" in message and "2048" in message
+
+
 def test_large_rsa_keys_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # A 4097-bit key takes seconds to make; lowering the bound shows it is enforced.
     monkeypatch.setattr(keys_module, "MAX_RSA_BITS", 1024)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -35,6 +36,8 @@ from mailstrom.message.chars import shorten
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+log = logging.getLogger("mailstrom.dkim")
 
 MIN_RSA_BITS = 1024
 """Smallest RSA key accepted (RFC 8301 §3.2)."""
@@ -88,7 +91,8 @@ class DKIMKey:
     secret store, say); PEM text or a key's base64 as a ``str`` is refused, without
     being shown, as no path. The key is loaded and checked here: a missing or unreadable
     file, a file others can access, a key of the wrong type for ``algorithm``, or an RSA
-    key under 1024 or over 4096 bits raises :class:`ConfigError`. The domain is kept as a
+    key under 1024 or over 4096 bits raises :class:`ConfigError`; an RSA key under 2048
+    bits is logged as a warning (``mailstrom.dkim``). The domain is kept as a
     lower-case A-label. ``repr`` never shows key material.
     """
 
@@ -127,6 +131,19 @@ class DKIMKey:
         signer = _Signer(pem, self.algorithm, label)
         set_(self, "bits", signer.bits)
         set_(self, "_signer", signer)
+        if self.algorithm is DKIMAlgorithm.RSA_SHA256 and signer.bits < RECOMMENDED_RSA_BITS:
+            # Accepted (RFC 8301 §3.2: signers MUST use 1024 bits, SHOULD use 2048), but
+            # weak: said where it is loaded, not only by `mailstrom doctor`.
+            log.warning(
+                "%s: the RSA key has %d bits; RFC 8301 §3.2 says signers should use at "
+                "least %d, and large mailbox providers treat smaller keys as weak: "
+                "generate a %d-bit key (mailstrom dkim keygen) and publish it under a "
+                "new selector",
+                label,
+                signer.bits,
+                RECOMMENDED_RSA_BITS,
+                RECOMMENDED_RSA_BITS,
+            )
 
     def sign(self, data: bytes) -> bytes:
         """The raw signature of ``data`` (the canonicalised headers, RFC 6376 §3.7)."""
