@@ -312,6 +312,20 @@ def test_spf_helo_identity() -> None:
 
 
 @pytest.mark.parametrize(
+    "record", ["v=spf1 +all", "v=spf1 a ip4:0.0.0.0/0 -all", "v=spf1 a ip6:::/0 -all"]
+)
+def test_spf_helo_that_passes_every_address_is_a_warning(record: str) -> None:
+    # Receivers check the HELO identity for mail with an empty envelope sender, and DMARC
+    # takes it then (its relaxed alignment: mail.example.com for From: ...@example.com).
+    # A HELO record open to every address let anyone pass, and the check said "pass".
+    resolver = FakeResolver({(HELO, "TXT"): [record], (HELO, "A"): [IP]})
+    check = check_spf_helo(resolver, helo=HELO, ip=IP)
+    assert check.status is Status.WARN, check.summary
+    assert "authorizes every address" in check.summary
+    assert check.fix is not None and HELO in check.fix
+
+
+@pytest.mark.parametrize(
     ("records", "replaced"),
     [
         (["v=spf1 a -all", "v=spf1 mx -all"], "the 2 SPF records at mail.example.com"),

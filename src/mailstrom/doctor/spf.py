@@ -148,7 +148,7 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
         )
 
     if result == "pass":
-        if _passes_anyone(resolver, domain=domain, helo=helo):
+        if _passes_anyone(resolver, sender=f"postmaster@{domain}", helo=helo):
             return check(
                 Status.WARN,
                 f"pass, but {domain}'s SPF record authorizes every address: anyone can send "
@@ -193,15 +193,15 @@ prefix 100::/64, RFC 6666): a record that authorizes one authorizes every addres
 family."""
 
 
-def _passes_anyone(resolver: Resolver, *, domain: str, helo: str) -> bool:
-    """Whether the record passes any sender at all: ``+all`` (also in an ``include:``d
-    record), ``ip4:0.0.0.0/0`` or ``ip6:::/0``. Such a record lets anyone with an envelope
-    sender in the domain pass SPF, and with it DMARC (its alignment is on that domain).
+def _passes_anyone(resolver: Resolver, *, sender: str, helo: str) -> bool:
+    """Whether the record checked for ``sender`` (the HELO's, for ``""``) passes any sender
+    at all: ``+all`` (also in an ``include:``d record), ``ip4:0.0.0.0/0`` or ``ip6:::/0``.
+    Such a record lets anyone with an envelope sender in the domain (or, for the HELO's,
+    anyone sending a bounce) pass SPF, and with it DMARC (its alignment is on that domain).
     Both families are asked whatever the outgoing address's: a receiver takes mail over
     either, so an IPv6 sender's ``ip4:0.0.0.0/0`` opens the domain just the same."""
     return any(
-        evaluate(resolver, ip=nobody, sender=f"postmaster@{domain}", helo=helo)[0] == "pass"
-        for nobody in _NOBODY
+        evaluate(resolver, ip=nobody, sender=sender, helo=helo)[0] == "pass" for nobody in _NOBODY
     )
 
 
@@ -272,7 +272,17 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
     shown = tuple(f"TXT {helo}: {r}" for r in records)
     own = '"v=spf1 a -all" (the host may send as itself)'
     fix = f"publish TXT at {helo}: {own}"
-    if result == "pass":
+    if result == "pass" and _passes_anyone(resolver, sender="", helo=helo):
+        # Receivers check the HELO identity for mail with an empty envelope sender, and
+        # DMARC takes it then: its relaxed alignment makes mail.example.com count for
+        # From: ...@example.com.
+        status, summary, fix_or_none = (
+            Status.WARN,
+            f"pass, but {helo}'s SPF record authorizes every address: anyone can send "
+            f"mail with an empty envelope sender (a bounce) as {helo} and pass SPF",
+            _narrowing_fix(helo, records, mechanism_for(ip)),
+        )
+    elif result == "pass":
         status, summary, fix_or_none = Status.PASS, f"pass: {helo} authorizes {ip}", None
     elif result == "temperror" or error is not None:
         # The HELO's own record may have been read fine and an include failed: then
