@@ -115,3 +115,15 @@ def test_a_config_file_that_is_no_toml_exits_78(cli: CLI) -> None:
     assert_one_line_error(cli("--config", "binary.toml", "queue"), 78, "not UTF-8")
     (cli.cwd / "deep.toml").write_bytes(b"a = " + b"[" * 100_000)
     assert_one_line_error(cli("--config", "deep.toml", "queue"), 78, "nested too deeply")
+
+
+@pytest.mark.parametrize("once", [["--once"], []])
+def test_a_worker_on_a_memory_store_exits_78(cli: CLI, once: list[str]) -> None:
+    """A memory store made by the worker's own process can never receive mail from
+    another: the worker ran for ever (or, with --once, exited 0) delivering nothing. It is
+    refused like every command that changes the store (and Django's mailstrom_worker)."""
+    assert_one_line_error(
+        cli("--store", "memory:", "worker", "--no-live", *once, timeout=30), 78, "memory store"
+    )
+    cli.env["MAILSTROM_STORE"] = "memory:"
+    assert_one_line_error(cli("worker", "--no-live", *once, timeout=30), 78, "memory store")

@@ -11,7 +11,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from mailstrom.cli.context import open_store, settings_from
-from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, CLIError
+from mailstrom.cli.exits import EX_CONFIG, EX_OK, EX_TEMPFAIL, CLIError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
 from mailstrom.cli.parsing import Subparsers, seconds_arg
@@ -106,7 +106,20 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    return run_worker(settings_from(args), args)
+    from mailstrom.stores.url import StoreKind, parse_store_url
+
+    settings = settings_from(args)
+    if parse_store_url(settings.store_url).kind is StoreKind.MEMORY:
+        # Made empty in this process, which no other can queue into: the worker would run
+        # for ever (or exit 0 with --once) and deliver nothing. (Django's command refuses
+        # it too, and so does every command that changes the store: exit 78.)
+        raise CLIError(
+            "a worker cannot deliver from a memory store: it lives and dies with this "
+            "process, so no other can queue mail into it; set store to a SQLite file or "
+            "a PostgreSQL URL",
+            EX_CONFIG,
+        )
+    return run_worker(settings, args)
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
