@@ -146,6 +146,15 @@ def test_parse_listen_refuses(text: str) -> None:
         parse_listen(text)
 
 
+@pytest.mark.parametrize("text", ["::1", "::", "fe80::1", "::1:9466", "::ffff:127.0.0.1:80"])
+def test_parse_listen_wants_an_ipv6_address_in_brackets(text: str) -> None:
+    """A bare IPv6 address was split at its last colon: "::1" became host ":" on port 1
+    (a token demanded for a non-loopback host, then a bind failing on ":"), and whether
+    "::1:9466" names port 9466 or the address ::1:9466 was a guess."""
+    with pytest.raises(ValueError, match=r"HOST:PORT.*in brackets.*\[::1\]:9466"):
+        parse_listen(text)
+
+
 def test_settings_for_hooks_and_metrics() -> None:
     env = {
         "HOME": "/nonexistent",

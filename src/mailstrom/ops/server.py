@@ -317,7 +317,7 @@ def split_target(target: str) -> tuple[str | None, str]:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` → (host, port); loopback
-    (127.0.0.1) when no host is given.
+    (127.0.0.1) when no host is given. An IPv6 address without brackets is refused.
 
     >>> parse_listen("9466"), parse_listen("0.0.0.0:9466"), parse_listen("[::1]:9466")
     (('127.0.0.1', 9466), ('0.0.0.0', 9466), ('::1', 9466))
@@ -330,6 +330,13 @@ def parse_listen(text: str) -> tuple[str, int]:
         port = rest[1:] if rest.startswith(":") else ""
     elif ":" in port:
         host, _, port = port.rpartition(":")
+        if ":" in host:
+            # A bare IPv6 address: split at its last colon "::1" was host ":" on port 1,
+            # and "::1:9466" may be port 9466 or the address ::1:9466. As in a URL, then.
+            raise ValueError(
+                f"expected HOST:PORT with an IPv6 address in brackets (e.g. [::1]:9466), "
+                f"got {text!r}"
+            )
         host = host or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) < 65536 or not host:
         raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9466), got {text!r}")
