@@ -745,8 +745,6 @@ class Config:
         check_tls_context(self.tls_context, "tls_context")
         if self.source_address is not None:
             check_source_address(self.source_address)
-        if self.retry.min_delay > self.retry.max_delay:
-            raise ConfigError("retry.min_delay must not exceed retry.max_delay")
         given = self.metrics_domains
         # A string is a sequence too, of one-letter "domains": refused, not split.
         if isinstance(given, str | bytes) or not isinstance(given, Iterable):

@@ -32,13 +32,18 @@ def test_defaults_follow_rfc_5321() -> None:
         {"lease_for": timedelta(0)},
         {"lease_for": timedelta(milliseconds=1)},
         {"lease_for": timedelta(milliseconds=99)},
-        {"retry": RetryPolicy(min_delay=timedelta(hours=2), max_delay=timedelta(hours=1))},
     ],
 )
 def test_bad_values_raise_config_error(bad: dict[str, object]) -> None:
     options: dict[str, object] = {"helo_name": "mail.example.com", **bad}
     with pytest.raises(ConfigError):
         Config(**options)  # type: ignore[arg-type]
+
+
+def test_a_retry_range_that_is_empty_is_refused() -> None:
+    """Refused by RetryPolicy itself now, before any Config holds it."""
+    with pytest.raises(ConfigError, match="min_delay must not exceed"):
+        Config(retry=RetryPolicy(min_delay=timedelta(hours=2), max_delay=timedelta(hours=1)))
 
 
 # --- hardening #14: secrets ------------------------------------------------------------------

@@ -60,6 +60,17 @@ def test_a_zero_min_delay_is_refused() -> None:
         RetryPolicy(min_delay=timedelta(0), max_delay=timedelta(0))
 
 
+def test_a_min_delay_above_the_max_delay_is_refused() -> None:
+    # Only Config checked it: a policy used alone (backoff_delay, or replaced into a
+    # config's) was built, and its delays, clamped to max_delay, fell below min_delay.
+    with pytest.raises(ConfigError, match=r"retry\.min_delay must not exceed retry\.max_delay"):
+        RetryPolicy(min_delay=timedelta(hours=2), max_delay=timedelta(hours=1))
+    with pytest.raises(ConfigError, match=r"retry\.min_delay must not exceed"):
+        RetryPolicy(min_delay=timedelta(hours=2))  # above the default max_delay, 1 h
+    same = RetryPolicy(min_delay=timedelta(hours=1), max_delay=timedelta(hours=1))
+    assert backoff_delay(attempts=3, rng=random.Random(0), policy=same) == timedelta(hours=1)
+
+
 def test_attempts_below_one_are_rejected() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         backoff_delay(attempts=0, rng=random.Random(), policy=NO_JITTER)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mailstrom.bounds import check_duration, check_int, check_number
+from mailstrom.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +40,9 @@ class RetryPolicy:
         # every retry would come at once, as fast as a worker can lease, until max_age.
         check_duration(self.min_delay, "retry.min_delay")
         check_duration(self.max_delay, "retry.max_delay", positive=False)
+        if self.min_delay > self.max_delay:
+            # The delays are clamped into [min_delay, max_delay]: an empty range.
+            raise ConfigError("retry.min_delay must not exceed retry.max_delay")
         # Below 1 the delays would shrink with every attempt.
         check_number(self.multiplier, "retry.multiplier", minimum=1, inclusive=True)
         check_number(self.jitter, "retry.jitter", inclusive=True, maximum=1)
