@@ -309,6 +309,23 @@ def test_a_readable_config_file_with_a_password_is_warned_about(
         assert result.err == ""
 
 
+def test_a_config_file_warning_shows_control_characters_as_escapes(cli: CLI) -> None:
+    """The warning quoted the file's path as it was: a name holding an ESC sequence or
+    a line break cleared or recoloured the terminal, or forged a line of its own, where
+    every error quoting the same path shows them as escapes."""
+    config = cli.cwd / "c\x1b[2J\nmailstrom: all fine\u202e.toml"
+    config.write_text(f'[relay]\nhost = "smtp.example.net"\npassword = "{SECRET}"\n')
+    config.chmod(0o644)
+    result = cli("--config", str(config), "queue")
+    assert result.code == 0, result.err
+    shown = str(config).replace("\x1b", "\\x1b").replace("\n", "\\x0a").replace("\u202e", "\\u202e")
+    assert result.err_lines == [
+        f"mailstrom: warning: {shown} holds a password and other users can access it "
+        "(mode 0644); chmod 600 it, or give the password in the environment "
+        "(MAILSTROM_RELAY_PASSWORD, or the store URL in MAILSTROM_STORE)"
+    ]
+
+
 def test_a_readable_config_file_without_a_password_is_fine(cli: CLI) -> None:
     """Hardening #14: no warning for a world-readable file with no secret in it."""
     config = cli.cwd / "c.toml"

@@ -122,9 +122,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def report(settings: Settings) -> Settings:
-    """Print the settings' warnings on stderr (e.g. a password in a file others can read)."""
+    """Print the settings' warnings on stderr (e.g. a password in a file others can read),
+    control characters they quote (a file's path) as escapes, as an error's are."""
+    from mailstrom.cli.output import visible
+
     for warning in settings.warnings:
-        sys.stderr.write(f"mailstrom: warning: {warning}\n")
+        sys.stderr.write(f"mailstrom: warning: {visible(warning)}\n")
     return settings
 
 
