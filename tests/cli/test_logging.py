@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -208,6 +209,34 @@ async def test_log_lines_go_through_the_live_view_console() -> None:
         assert logger.handlers == [handler]
     finally:
         store.close()
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_key_value_lines_escape_alike_on_a_stream_that_is_not_utf8(encoding: str) -> None:
+    """key=value lines with standard error in a locale that is not UTF-8: a character past
+    the encoding came out as the stream's escape ("\\xe9", "\\U0001f600"), which is no
+    escape of a quoted value (a JSON string) and was taken literally in a bare one, and one
+    inside it came out as it is. Every value past ASCII is a quoted string with JSON
+    escapes there, read back as it was."""
+    stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors="backslashreplace")
+    handler = configure_logging("text", stream=stream)
+    logger = logging.getLogger("mailstrom")
+    fields = {"rcpt": "josé@exämple.test", "reply": "550 café 😀 \u202e refusé", "n": 3}
+    try:
+        logging.getLogger("mailstrom.worker").warning("arrivé", extra={"fields": fields})
+        handler.flush()
+        stream.flush()
+        written = stream.buffer.getvalue().decode("ascii")  # type: ignore[attr-defined]
+        pairs = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ "\n]+)', written))
+        assert pairs["rcpt"] == '"jos\\u00e9@ex\\u00e4mple.test"'
+        assert json.loads(pairs["rcpt"]) == fields["rcpt"]
+        assert json.loads(pairs["reply"]) == fields["reply"]
+        assert json.loads(pairs["event"]) == "arrivé"
+        assert pairs["n"] == "3" and pairs["logger"] == "mailstrom.worker"
+    finally:
         logger.handlers[:] = [logging.NullHandler()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)

@@ -82,17 +82,34 @@ def _is_plain(value: str, plain: set[str]) -> bool:
     return True
 
 
-def _logfmt_pairs(fields: Mapping[str, Any], plain: set[str]) -> list[str]:
+def _logfmt_ascii_value(value: Any) -> str:
+    """:func:`_logfmt_value` in ASCII, for a stream that is not UTF-8: a value past ASCII
+    quoted, with JSON's ``\\uXXXX`` escapes (what a quoted value's escapes are). The
+    stream's own escapes ("\\xe9", "\\U0001f600") are no escapes of a quoted value,
+    and were read literally in a bare one; a character the stream's encoding holds went
+    out as it is beside them."""
+    text = _logfmt_value(value)
+    if text.isascii():
+        return text
+    if not text.startswith('"'):  # bare: printable, no space, quote, "=" or backslash
+        text = _json_text(text)
+    return ascii_json(text)
+
+
+def _logfmt_pairs(
+    fields: Mapping[str, Any], plain: set[str], value: Callable[[Any], str] = _logfmt_value
+) -> list[str]:
     # One line per delivery at thousands a second: the common values inline (text that
     # needs no quotes, an int, a float) rather than a function call each. Most text repeats
     # from line to line (state, host, IP address, TLS version, cipher, sender): ``plain``
-    # holds what was already found to need no quotes, a set lookup instead of a check.
+    # holds what was already found to need no quotes (ASCII only), a set lookup instead of
+    # a check. ``value`` writes the others.
     return [
         f"{k}={v}"
         if (v.__class__ is str and (v in plain or _is_plain(v, plain)))
         or v.__class__ is int
         or v.__class__ is float
-        else f"{k}={_logfmt_value(v)}"
+        else f"{k}={value(v)}"
         for k, v in fields.items()
         if v is not None
     ]
@@ -117,14 +134,15 @@ class _Heads:
         return head
 
 
-def _logfmt_head(levelname: str, name: str, event: str) -> str:
-    return (
-        f"level={_logfmt_value(levelname.lower())} logger={_logfmt_value(name)} "
-        f"event={_logfmt_value(event)}"
-    )
+def _logfmt_head(
+    levelname: str, name: str, event: str, value: Callable[[Any], str] = _logfmt_value
+) -> str:
+    return f"level={value(levelname.lower())} logger={value(name)} event={value(event)}"
 
 
-def _logfmt_overriding(record: logging.LogRecord, fields: Mapping[str, Any]) -> str:
+def _logfmt_overriding(
+    record: logging.LogRecord, fields: Mapping[str, Any], value: Callable[[Any], str]
+) -> str:
     pairs: dict[str, Any] = {
         "ts": _timestamp(record),
         "level": record.levelname.lower(),
@@ -132,31 +150,33 @@ def _logfmt_overriding(record: logging.LogRecord, fields: Mapping[str, Any]) -> 
         "event": _event(record),
     }
     pairs.update((k, v) for k, v in fields.items() if v is not None)
-    return " ".join(f"{k}={_logfmt_value(v)}" for k, v in pairs.items())
+    return " ".join(f"{k}={value(v)}" for k, v in pairs.items())
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=… level=info logger=… event=attempt message_id=… rcpt=… reason="250 2.0.0 Ok"``."""
+    """``ts=… level=info logger=… event=attempt message_id=… rcpt=… reason="250 2.0.0 Ok"``;
+    ``ascii_only`` for a stream that is not UTF-8 (see :func:`configure_logging`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ascii_only: bool = False) -> None:
         super().__init__()
-        self._head = _Heads(_logfmt_head)
+        self._value = _logfmt_ascii_value if ascii_only else _logfmt_value
+        self._head = _Heads(functools.partial(_logfmt_head, value=self._value))
         self._plain: set[str] = set()
 
     def format(self, record: logging.LogRecord) -> str:
         fields = _fields(record)
         if "ts" in fields or "level" in fields or "logger" in fields or "event" in fields:
-            line = _logfmt_overriding(record, fields)  # a field replaces a head value
+            line = _logfmt_overriding(record, fields, self._value)  # it replaces a head value
         else:
             line = f"ts={_timestamp(record)} {self._head(record)}"
             if fields:
                 if len(self._plain) > _PLAIN_KEPT:
                     self._plain.clear()
-                pairs = _logfmt_pairs(fields, self._plain)
+                pairs = _logfmt_pairs(fields, self._plain, self._value)
                 if pairs:
                     line = f"{line} {' '.join(pairs)}"
         if record.exc_info:
-            line += " exc=" + _logfmt_value(redact_url(self.formatException(record.exc_info)))
+            line += " exc=" + self._value(redact_url(self.formatException(record.exc_info)))
         return line
 
 
@@ -194,12 +214,15 @@ def configure_logging(
     commands write each line as it comes.
     """
     handler = BufferedStreamHandler(stream) if buffered else logging.StreamHandler(stream)
-    # JSON to a stream that is not UTF-8 (a locale such as de_DE.ISO-8859-1) has its
+    # A line to a stream that is not UTF-8 (a locale such as de_DE.ISO-8859-1) has its
     # characters past ASCII as \u escapes: standard error wrote an "é" of a reply as
-    # "\xe9", which no JSON reader takes, and the collector dropped the line.
+    # "\xe9", which no JSON reader takes, and the collector dropped the line (key=value
+    # alike: its quoted values are JSON strings).
     ascii_only = not writes_utf8(handler.stream)
     handler.setFormatter(
-        JSONFormatter(ascii_only=ascii_only) if fmt == "json" else KeyValueFormatter()
+        JSONFormatter(ascii_only=ascii_only)
+        if fmt == "json"
+        else KeyValueFormatter(ascii_only=ascii_only)
     )
     root = logging.getLogger("mailstrom")
     for old in root.handlers:
