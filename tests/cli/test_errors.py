@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
 import pytest
 
 from tests.cli.conftest import CLI
@@ -269,3 +273,28 @@ def test_a_reader_that_went_away_is_no_internal_error(cli: CLI, args: list[str])
         os.close(write_end)
     err = proc.stderr.decode()
     assert (proc.returncode, "error" in err, "Traceback" in err) == (0, False, False), err
+
+
+@pytest.mark.parametrize("entry", ["script", "module"])
+@pytest.mark.parametrize(
+    "at",
+    [
+        "mailstrom.settings",  # importing mailstrom.cli.main (the console script's import)
+        "mailstrom.cli.views",  # parsing: the command's module, loaded for its options
+        "mailstrom.stores.memory",  # running the command (a store not created yet)
+    ],
+)
+def test_ctrl_c_while_the_command_starts_exits_130(cli: CLI, at: str, entry: str) -> None:
+    """A Ctrl-C while the command was still importing or parsing (a good part of its
+    start-up: mailstrom.cli.main alone takes ~0.1 s) printed Python's traceback of
+    KeyboardInterrupt; once the command ran, it exited 130 silently, as it does now
+    from any moment the command's code has begun."""
+    from tests.support.interrupting import AT_VARIABLE, ENTRY_VARIABLE
+
+    env = {**cli.env, AT_VARIABLE: at, ENTRY_VARIABLE: entry}
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(Path(__file__).parents[2])])
+    interrupted = dataclasses.replace(cli, env=env, module="tests.support.interrupting")
+    result = interrupted("queue")
+    assert (result.code, result.out) == (130, ""), result.err
+    assert "Traceback" not in result.err and "KeyboardInterrupt" not in result.err
+    assert result.err == ""

@@ -12,19 +12,25 @@ import os
 import sys
 from collections.abc import Callable
 
-from mailstrom._version import __version__
-from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
-from mailstrom.cli.exits import (
-    EX_INTERRUPTED,
-    EX_OK,
-    EX_SOFTWARE,
-    EX_USAGE,
-    UsageError,
-    fail,
-    reader_gone,
-    reason_for,
-)
-from mailstrom.cli.parsing import ArgumentParser
+try:
+    from mailstrom._version import __version__
+    from mailstrom.cli.context import GLOBAL_VALUE_OPTIONS, add_global_options, global_parser
+    from mailstrom.cli.exits import (
+        EX_INTERRUPTED,
+        EX_OK,
+        EX_SOFTWARE,
+        EX_USAGE,
+        UsageError,
+        fail,
+        reader_gone,
+        reason_for,
+    )
+    from mailstrom.cli.parsing import ArgumentParser
+except KeyboardInterrupt:
+    # Ctrl-C while the command starts (these imports take about 0.1 s): the console
+    # script imports this module before main() can catch anything, and Python printed
+    # KeyboardInterrupt's traceback. An exit, as main()'s: 130 (EX_INTERRUPTED).
+    raise SystemExit(130) from None
 
 COMMAND_MODULES: dict[str, str] = {
     "send": "send",
@@ -130,7 +136,16 @@ def _default_store_line() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; return its exit code (the console script passes it to exit)."""
+    """Run the command; return its exit code (the console script passes it to exit).
+    Interrupted (Ctrl-C, SIGINT) at any moment, parsing and the command's own imports
+    included: :data:`EX_INTERRUPTED`, without a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return EX_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     from mailstrom.cli.output import tolerant_stdout
 
     tolerant_stdout()
@@ -162,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except KeyboardInterrupt:
-        return EX_INTERRUPTED
     except BrokenPipeError:
         return reader_gone()
     except Exception as exc:
