@@ -163,6 +163,36 @@ async def test_dns_failure_keeps_the_cached_policy(
     assert await fresh.policy("example.org") == first
 
 
+async def test_a_failed_lookup_of_one_address_family_leaves_the_other_to_fetch_from(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """The AAAA query of mta-sts.<domain> failing (SERVFAIL: a broken DNSSEC signature
+    on one type, a middlebox dropping AAAA) ended the fetch, though the A query had
+    found the host: the policy went unused for as long as the AAAA lookup kept failing.
+    The fetch tries the addresses that were found; a failed lookup matters only when
+    nothing else was found (as for an MX host's addresses)."""
+    zone.servfail("mta-sts.example.org", "AAAA")
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore(), failures)
+    cached = await source.policy("example.org")
+    assert failures == []
+    assert cached is not None and cached.policy.mode is Mode.ENFORCE
+    assert https.count() == 1
+
+
+async def test_a_failed_address_lookup_with_nothing_else_found_says_so(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    zone.delete("mta-sts.example.org")
+    zone.servfail("mta-sts.example.org", "A")
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore(), failures)
+    assert await source.policy("example.org") is None
+    [(_, error, _)] = failures
+    assert "address lookup of mta-sts.example.org failed" in error.reason, error.reason
+    assert https.count() == 0
+
+
 @pytest.mark.parametrize(
     ("answer", "result_type", "reason"),
     [

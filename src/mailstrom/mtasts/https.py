@@ -73,7 +73,10 @@ async def usable_addresses(
 ) -> list[str]:
     """The addresses (at most :data:`MAX_ADDRESSES`) a request to ``host`` may go to:
     ``host`` itself when it is an address the route policy admits, else the A and AAAA
-    addresses of the name it admits. Raises :class:`NoUsableAddress`."""
+    addresses of the name it admits. Raises :class:`NoUsableAddress`.
+
+    One family's lookup failing (SERVFAIL, a timeout) leaves the other's addresses to
+    try, as for an MX host: the failure is the reason only when nothing else was found."""
     if is_address(host):
         kind = route_policy.refused(host)
         if kind is not None:
@@ -81,13 +84,15 @@ async def usable_addresses(
         return [host]
     found: list[str] = []
     refused_ones: list[str] = []
+    failed: Exception | None = None
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         try:
             answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             continue
         except (dns.exception.DNSException, OSError) as exc:
-            raise NoUsableAddress(f"address lookup of {host} failed: {exc}") from exc
+            failed = failed or exc
+            continue
         for rdata in answer:
             address: str = rdata.address
             refused = _refused(address, route_policy)
@@ -95,6 +100,11 @@ async def usable_addresses(
                 refused_ones.append(refused)
             elif address not in found:
                 found.append(address)
+    if not found and failed is not None:
+        also = f" (and only refused addresses: {', '.join(refused_ones[:3])})"
+        raise NoUsableAddress(
+            f"address lookup of {host} failed: {failed}{also if refused_ones else ''}"
+        ) from failed
     if not found:
         why = (
             f"only refused addresses: {', '.join(refused_ones[:3])}"
