@@ -33,6 +33,7 @@ from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
 from mailstrom.runtime.outcomes import Outcomes, Where, _uncertain_reason
 from mailstrom.runtime.transactions import answered_before
+from mailstrom.smtp import replies
 from mailstrom.status import MessageStatus, ReasonClass
 from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import LeasedRecipient, WorkItem
@@ -878,3 +879,42 @@ async def test_a_connection_whose_starttls_was_refused_before_a_hang_up_says_so(
         "hostile.test refused STARTTLS and closed the connection: 454 4.7.0 TLS not available"
     )
     assert error.reply is not None and (error.reply.code, error.reply.enhanced) == (454, "4.7.0")
+
+
+# --- how much of a reply is kept ------------------------------------------------------------
+
+
+async def test_huge_replies_to_pipelined_rcpts_are_each_kept_short() -> None:
+    """Every RCPT reply of a transaction stays with it until the transaction ends, and the
+    parser takes replies of up to a megabyte (lines of 64 KiB are legal to it): a server
+    answering each of a pipelined group's RCPTs (up to ``max_recipients``, 1000) with a
+    megabyte had the worker hold a gigabyte. The session hands out replies.MAX_TEXT
+    characters of a reply's text (stores keep 2,048 octets of it); the rest is dropped."""
+    line = b"x" * (60 * 1024)
+    huge = b"".join(b"450-4.2.1 " + line + b"\r\n" for _ in range(16)) + b"450 4.2.1 busy\r\n"
+    recipients = [f"r{i}@b.test" for i in range(8)]
+
+    def answer(command: bytes) -> bytes | HangUp | None:
+        if command[:4].upper() == b"RCPT":
+            return huge
+        if command[:4].upper() == b"QUIT":
+            return HangUp(b"221 bye\r\n")
+        return None
+
+    async with peer(scripted(answer)) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        try:
+            result = await conn.send(
+                envelope_from="a@a.test",
+                recipients=recipients,
+                data=b"Subject: hi\r\n\r\nhello\r\n",
+                smtputf8=False,
+                eightbit=False,
+            )
+        finally:
+            await conn.close()
+    assert [address for address, _ in result.rcpt] == recipients
+    for _, reply in result.rcpt:
+        assert (reply.code, reply.enhanced) == (450, "4.2.1")
+        assert len(reply.text) <= replies.MAX_TEXT, len(reply.text)
+        assert reply.text.startswith("x" * 100)

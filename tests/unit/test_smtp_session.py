@@ -20,6 +20,7 @@ from mailstrom.smtp import (
     encode_body,
     encode_path,
 )
+from mailstrom.smtp.replies import MAX_TEXT
 from mailstrom.smtp.session import _AFTER_REPLY, _ALLOWED, _GROUPABLE, _MAY_FOLLOW, _SUCCESS
 
 EHLO_FULL = (
@@ -656,3 +657,28 @@ def test_next_answer_says_what_next_event_says(wire: bytes, reset: bool) -> None
     for session in sessions:
         session.envelope("a@a.test", ["b@b.test", "c@b.test"], reset=reset)
     assert _drain(sessions[0], wire, events=True) == _drain(sessions[1], wire, events=False)
+
+
+def test_a_reply_s_text_is_handed_out_cut_but_ehlo_keywords_are_read_from_the_whole() -> None:
+    """A transaction keeps every RCPT reply until it ends: each is cut to MAX_TEXT
+    characters. The EHLO keywords are read first, from the whole reply, so a long line
+    (a bogus SIZE) costs none of those after it."""
+    s = ClientSession(helo_name="client.example")
+    s.receive_data(b"220 mx.example ESMTP\r\n")
+    s.next_event()
+    s.ehlo()
+    long = b"9" * (2 * MAX_TEXT)
+    s.receive_data(b"250-mx.example\r\n250-SIZE " + long + b"\r\n250 PIPELINING\r\n")
+    ehlo = s.next_event()
+    assert isinstance(ehlo, Reply) and len(ehlo.reply.text) == MAX_TEXT
+    assert s.pipelining and s.extensions["SIZE"] == long.decode()
+    s.envelope("a@example.com", ["b@example.org", "c@example.org"])
+    s.receive_data(b"250 2.1.0 ok\r\n")
+    assert isinstance(s.next_event(), Reply)
+    s.receive_data(b"550-5.1.1 " + b"x" * MAX_TEXT + b"\r\n550 5.1.1 no such user\r\n")
+    s.receive_data(b"451 4.3.0 " + b"y" * (3 * MAX_TEXT) + b"\r\n")
+    refused, deferred = s.next_event(), s.next_event()
+    assert isinstance(refused, Reply) and isinstance(deferred, Reply)
+    assert (refused.reply.code, refused.reply.enhanced) == (550, "5.1.1")
+    assert refused.reply.text == "x" * MAX_TEXT
+    assert (deferred.reply.enhanced, deferred.reply.text) == ("4.3.0", "y" * MAX_TEXT)

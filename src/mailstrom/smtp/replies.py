@@ -23,6 +23,14 @@ MAX_LINES = 4096
 """Most lines in one reply. Each line costs objects besides its octets (its bytes, then its
 text): without this bound, a reply of tiny lines under :data:`MAX_REPLY` held a dozen
 times its size."""
+MAX_TEXT = 4096
+"""Characters of a reply's text that the session hands out
+(:meth:`~mailstrom.smtp.session.ClientSession.next_answer`); the rest is dropped once an
+EHLO reply's keywords are read from the whole. A transaction keeps the reply to each of
+its RCPTs until it ends, up to ``max_recipients`` (1,000) of them: whole, a server that
+answered each with a reply of :data:`MAX_REPLY` octets had the worker hold a gigabyte.
+RFC 5321 §4.5.3.1.5 allows 512 octets a line; stores keep 2,048 octets of a reply
+(:data:`~mailstrom.stores.base.MAX_REPLY_TEXT`), as Postfix does."""
 
 # Code: first digit 2-5, second 0-5 (RFC 5321 §4.2); then SP, "-" or nothing ("250\r\n" is
 # seen in the wild and harmless).

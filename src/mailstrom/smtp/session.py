@@ -33,7 +33,7 @@ from typing import NoReturn
 from mailstrom.domains import a_label
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
-from mailstrom.smtp.replies import ReplyParser, parse_ehlo
+from mailstrom.smtp.replies import MAX_TEXT, ReplyParser, parse_ehlo
 from mailstrom.status import SMTPReply
 
 
@@ -275,6 +275,8 @@ class ClientSession:
             if digit == 2 and command in _HELLOS:
                 self._esmtp = command is Command.EHLO
                 self._set_extensions(parse_ehlo(reply) if self._esmtp else {})
+            if len(reply.text) > MAX_TEXT:
+                reply = SMTPReply(code=code, text=reply.text[:MAX_TEXT], enhanced=reply.enhanced)
             if self._state is State.TLS and self._parser.buffered:
                 # Bytes after "220 go ahead" arrived in plaintext and would be read as if
                 # protected by TLS: the STARTTLS injection bugs
