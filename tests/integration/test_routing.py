@@ -556,6 +556,36 @@ async def test_an_mx_naming_an_ip_address_is_used_as_that_address(
     assert "127.0.0.7 (loopback, MX 127.0.0.7)" in info.value.text
 
 
+@pytest.mark.parametrize("literal", ["[127.0.0.5]", "[IPv6:::1]"])
+async def test_an_mx_written_as_an_address_literal_is_skipped_and_named(
+    dns_server: LoopbackDNS, literal: str
+) -> None:
+    """RFC 5321 §5.1: an MX record's exchange is a host name, and "[127.0.0.5]." is none.
+    It was looked up as a name (an A and an AAAA query for nothing), had no address, and
+    its domain's mail was deferred until max_age as "no MX host ... has an address",
+    saying nothing of the record. It is skipped without a query, as Postfix skips it; a
+    domain left with no host fails permanently (5.4.4, as Postfix bounces it), naming
+    the record, and is remembered no longer than a refused target."""
+    dns_server.mx("bracket.test", [(10, literal), (20, "mx2.bracket.test")])
+    dns_server.a("mx2.bracket.test", "127.0.0.6")
+    router = Router(dns_server.dns_config, allow_loopback=True)
+    route = await router.route("bracket.test")
+    assert names(route) == ["mx2.bracket.test"]
+    assert route.addresses == ("127.0.0.6",)
+    dns_server.mx("only-bracket.test", [(10, literal)])
+    with pytest.raises(PermanentFailure) as info:
+        await router.route("only-bracket.test")
+    assert info.value.enhanced == "5.4.4"
+    assert f"{literal.lower()} is an address literal, not a host name" in info.value.text
+    assert "only-bracket.test" in info.value.text
+    counts = dns_server.query_counts()
+    assert not [key for key in counts if key[0].startswith("[")], counts
+    # A permanent answer, remembered: not asked again at once.
+    with pytest.raises(PermanentFailure):
+        await router.route("only-bracket.test")
+    assert dns_server.queries("only-bracket.test", "MX") == 1
+
+
 @pytest.mark.parametrize("fail", ["servfail", "drop", "nxdomain"])
 async def test_records_set_for_a_name_made_to_fail_are_served(
     dns_server: LoopbackDNS, fail: str

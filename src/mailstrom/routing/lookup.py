@@ -167,6 +167,27 @@ def _refused(domain: str, refused: list[tuple[str | None, str, str]]) -> Refusal
     )
 
 
+def _no_host_names(
+    domain: str, literals: list[str], refused: list[tuple[str | None, str, str]]
+) -> Refusal:
+    """``domain``'s MX hosts are address literals (:func:`literal_exchange`), but for
+    those whose addresses are all refused: a permanent failure, as Postfix makes it (5.4.4),
+    remembered no longer than :data:`NEGATIVE_TTL` like the refusal of :func:`_refused`."""
+    named = ", ".join(literals[:_NAMED_REFUSALS])
+    more = f" and {len(literals) - _NAMED_REFUSALS} more" if len(literals) > _NAMED_REFUSALS else ""
+    others = f"; the other MX hosts' addresses are refused: {_named(refused)}" if refused else ""
+    what = (
+        "is an address literal, not a host name"
+        if len(literals) == 1
+        else "are address literals, not host names"
+    )
+    return Refusal(
+        text=f"no MX host of {domain} can be used: {named}{more} {what} (RFC 5321 §5.1){others}",
+        enhanced=_REFUSED_TARGET,
+        host=literals[0],
+    )
+
+
 def _named(refused: list[tuple[str | None, str, str]]) -> str:
     """The first refused addresses, each with why and its MX host, and how many more."""
     named = ", ".join(
@@ -222,6 +243,20 @@ def numeric_exchange(name: dns.name.Name) -> str | None:
         return str(ipaddress.ip_address(text))
     except ValueError:
         return None
+
+
+def literal_exchange(name: dns.name.Name) -> bool:
+    """Whether an MX record's exchange is written as an address literal
+    (``MX 10 [192.0.2.25].``, ``[IPv6:2001:db8::25].``): no host name (RFC 5321 §5.1),
+    and no name a DNS lookup can find.
+
+    Postfix skips such a record ("malformed domain name in resource data of MX record")
+    and bounces mail of a domain left without any (5.4.4); unlike a numeric exchange
+    (:func:`numeric_exchange`), which it uses. Looked up as a name, its A and AAAA
+    queries went out for nothing and its domain's mail was deferred until max_age as
+    that of a host without an address ("a DNS change in progress"), saying nothing of
+    the record."""
+    return is_literal(name.to_text(omit_final_dot=True))
 
 
 class _Resolution:
@@ -379,6 +414,9 @@ async def lookup_route(
         # A null MX mixed with real ones is a misconfiguration; use the real ones.
         records = [r for r in records if r.exchange != dns.name.root]
     candidates = _candidates(records, policy.hosts_considered, rng or random.Random())
+    literals = [name for name, _ in candidates if literal_exchange(name)]
+    if literals:
+        candidates = [c for c in candidates if not literal_exchange(c[0])]
     return await _mx_route(
         resolution,
         domain,
@@ -386,6 +424,7 @@ async def lookup_route(
         answer.chaining_result.minimum_ttl,
         mx_secure=authenticated(answer),
         canonical=expanded_name([answer]),
+        literals=[name.to_text(omit_final_dot=True) for name in literals],
     )
 
 
@@ -418,8 +457,12 @@ async def _mx_route(
     *,
     mx_secure: bool = False,
     canonical: str | None = None,
+    literals: list[str] | None = None,
 ) -> Lookup:
+    """The route through ``candidates``; ``literals`` are the MX hosts skipped as address
+    literals (:func:`literal_exchange`), named when no host is left."""
     policy = resolution.policy
+    literals = literals or []
     hosts: list[MXHost] = []
     ttls = [mx_ttl]
     refused: list[tuple[str | None, str, str]] = []
@@ -461,6 +504,12 @@ async def _mx_route(
     if not hosts:
         if temporary is not None:
             raise temporary
+        if literals and not addressless:
+            # No host to wait for: every MX host is refused or no host name at all.
+            return Lookup(
+                refusal=_no_host_names(domain, literals, refused),
+                ttl=min([NEGATIVE_TTL, *ttls]),
+            )
         if refused and not addressless:
             return Lookup(refusal=_refused(domain, refused), ttl=min([NEGATIVE_TTL, *ttls]))
         # MX hosts without addresses are a temporary failure: it is usually a DNS change
