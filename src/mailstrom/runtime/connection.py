@@ -530,8 +530,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._transport = tls_transport
         self._raw_transport = transport
         # Octets that came with the server's last handshake flight were handed to the
-        # session before start_tls returned: a reply to no command (EHLO is not sent yet)
-        # broke the session, and is raised as itself.
+        # session before start_tls returned (asyncio's loop), or are in the next turn of
+        # the loop (uvloop's, which reads them only once start_tls has returned): a reply
+        # to no command (EHLO is not sent yet) broke the session, and is raised as itself.
+        # Without the turn, uvloop had them read after EHLO was sent, as its reply.
+        await asyncio.sleep(0)
         self._check_open()
         if mode is StartTLS.DANE:
             self._check_dane(tlsa)
