@@ -442,6 +442,30 @@ def test_a_failure_of_the_sender_address_is_not_the_recipient_s(wire: str) -> No
 
 
 @pytest.mark.parametrize(
+    "wire",
+    [
+        # Postfix's reject_unknown_sender_domain, temporary and permanent; Sendmail's.
+        "450 4.1.8 <app@example.com>: Sender address rejected: Domain not found",
+        "550 5.1.8 <app@example.com>: Sender address rejected: Domain not found",
+        "553 5.1.8 <app@example.com>... Domain of sender address app@example.com does not exist",
+        "451 4.1.8 Domain of sender address app@example.com does not resolve",
+    ],
+)
+def test_a_sender_domain_the_receiver_cannot_find_is_advised_as_the_sender_s(wire: str) -> None:
+    """X.1.8 is "bad sender's system address" (RFC 3463): the receiver's DNS lookup of the
+    envelope sender's domain found nothing. The class says a DNS lookup failed, but its
+    advice sent the user to the recipient's address and mailstrom's own resolver ("Check
+    the domain in the address, and that the resolver in Config.dns answers"), neither of
+    which any lookup of ours was about."""
+    reply = parse(wire)
+    reason_class = classify_reply(reply)
+    assert reason_class is ReasonClass.DNS
+    action = advice(reason_class, reply).action
+    assert "sender" in action, action
+    assert "Config.dns" not in action, action
+
+
+@pytest.mark.parametrize(
     ("wire", "expected"),
     [
         ("550 5.7.1 <app@example.com>: Sender address rejected: Access denied", "policy"),
