@@ -219,3 +219,74 @@ def test_a_reply_over_tls_before_ehlo_is_a_protocol_error(
                     await open_and_send(port, mode, client_tls_context)
 
     run(main(), loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_greeting_again_over_tls_is_a_protocol_error_not_the_reply_to_ehlo(
+    loop: EventLoop,
+    version: ssl.TLSVersion,
+    tls_ca: trustme.CA,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    """A server that greets again once TLS is up ("220 ... ESMTP", which RFC 3207 §4.2
+    does not have it send) is otherwise a working server. Under TLS 1.3 the greeting
+    comes after the client's EHLO has left, and "220" was taken for the reply to EHLO
+    (any 2xx was): every later reply answered the command before its own, and a
+    recipient was refused with the reply to the one before it ("550 5.1.1 r1 unknown"
+    recorded for r2). RFC 5321 §4.1.1.1 answers EHLO and HELO with 250; anything else
+    positive is a protocol error, before any transaction."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.minimum_version = server_context.maximum_version = version
+    tls_ca.issue_cert("mx.test").configure_cert(server_context)
+    recipients: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mx.test ESMTP\r\n")
+            await reader.readline()  # EHLO
+            writer.write(b"250-mx.test\r\n250 STARTTLS\r\n")
+            await reader.readline()  # STARTTLS
+            writer.write(b"220 go ahead\r\n")
+            await writer.drain()
+            await writer.start_tls(server_context)
+            writer.write(b"220 mx.test ESMTP again\r\n")
+            while line := await reader.readline():
+                if line.startswith(b"EHLO"):
+                    writer.write(b"250-mx.test\r\n250 8BITMIME\r\n")
+                elif line.startswith(b"RCPT"):
+                    recipients.append(line)
+                    refused = line.startswith(b"RCPT TO:<r1@")
+                    writer.write(b"550 5.1.1 r1 unknown\r\n" if refused else b"250 ok\r\n")
+                elif line.startswith(b"DATA"):
+                    writer.write(b"354 go\r\n")
+                    while await reader.readline() not in (b".\r\n", b""):
+                        pass
+                    writer.write(b"250 queued\r\n")
+                elif line.startswith(b"QUIT"):
+                    writer.write(b"221 bye\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            with pytest.raises(SMTPProtocolError, match=r"220 mx\.test ESMTP again"):
+                await SMTPConnection.open(
+                    host="mx.test",
+                    ip="127.0.0.1",
+                    port=port,
+                    helo_name="client.test",
+                    timeouts=FAST,
+                    starttls=StartTLS.OPPORTUNISTIC,
+                    tls_context=client_tls_context,
+                )
+
+    run(main(), loop)
+    assert recipients == []

@@ -264,7 +264,10 @@ class ClientSession:
             after = _AFTER_REPLY[command]
             code = reply.code
             digit = code // 100
-            if digit not in after:
+            if digit not in after or (digit == 2 and command in _HELLOS and code != 250):
+                # EHLO and HELO succeed with 250 alone (RFC 5321 §4.1.1.1). A 220 there is
+                # a greeting sent again (after STARTTLS, say): taken for the reply, every
+                # reply after it would answer the command before its own.
                 raise SMTPProtocolError(f"unexpected reply to {command}: {reply}")
             if code == 421:
                 # The server is going away: the replies still owed will never come.
