@@ -147,6 +147,31 @@ def test_dane_sessions_count_as_tlsa_without_mta_sts(
     assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
 
 
+def test_a_session_under_tlsa_records_none_usable_counts_as_tlsa_invalid(
+    dns_server: LoopbackDNS, run: Run, tmp_path: Path
+) -> None:
+    # Validated TLSA records that are all unusable for SMTP (here PKIX-TA, usage 0, which
+    # RFC 7672 §3.1.3 rules out) still make TLS mandatory (RFC 7672 §2.2), but nothing
+    # authenticates the server: the domain's DANE policy failed, "tlsa-invalid" (RFC 8460
+    # §4.3.2: none of the records was valid). It was counted as a successful session, so
+    # the domain's report never told it that its TLSA records were of no use.
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        route(dns_server, mx.host, "example.org")
+        dns_server.tlsa("_25._tcp.mx.test", (0, 1, 1, spki_sha256(cert)))
+        dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+        dns = dataclasses.replace(dns_server.dns_config, dnssec=True)
+        counters = run(mx.port, ["a@example.org"], dns=dns)
+    finally:
+        mx.stop()
+    [counter] = counters
+    assert counter.policy_type is PolicyType.TLSA and not counter.successful
+    assert counter.result_type == "tlsa-invalid"
+    assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
+    assert counter.receiving_ip == mx.host and counter.count == 1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{"tlsrpt_record": False}, {"tls": TLSPolicy.NONE}],

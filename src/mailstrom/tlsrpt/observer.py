@@ -16,7 +16,9 @@ A session counts as successful when TLS was established, and as a failure of an 
 §4.3 type when it was not: the server offered no STARTTLS (``starttls-not-supported``),
 a handshake or certificate check failed (the types of
 :func:`~mailstrom.tlsrpt.recorder.classify`), or TLS was skipped because the host's
-handshake failed recently. Connections through a relay, and those the operator asked to
+handshake failed recently; under a host's validated TLSA records none of which is usable
+for SMTP, an established session is a ``tlsa-invalid`` failure of that DANE policy.
+Connections through a relay, and those the operator asked to
 be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
 neither are failures with nothing to do with TLS (refused, timed out before STARTTLS).
 """
@@ -40,6 +42,9 @@ REMEMBERED_CODE = "tls-handshake-failed-recently"
 TLS handshake failed recently (``tls.remember_broken``)."""
 REFUSED_CODE = "starttls-refused"
 """The ``failure-reason-code`` of a server that offered STARTTLS and then refused it."""
+NO_USABLE_TLSA_CODE = "no-usable-tlsa-records"
+"""The ``failure-reason-code`` of a session under validated TLSA records none of which is
+usable for SMTP (RFC 7672 §2.2: TLS is mandatory then, but unauthenticated)."""
 
 _NOT_COUNTED = frozenset({PolicySource.RELAY})
 """Sources whose connections do not go to the recipient domain's MX."""
@@ -95,6 +100,11 @@ class SessionObserver:
         else:
             policy_type, policy = PolicyType.NO_POLICY, ""
         found = _failure(requirement, outcome)
+        if found is None and error is None and policy_type is PolicyType.TLSA and not policy:
+            # DANE applied with no usable record (the requirement has none): TLS went, but
+            # the domain's policy failed, "tlsa-invalid" (RFC 8460 §4.3.2: none of the
+            # records was valid). As a success, the report hid it from the domain.
+            found = ResultType.TLSA_INVALID, NO_USABLE_TLSA_CODE
         if found is None:
             if error is None:
                 self._recorder.success(name, policy_type, policy, mx=_mx(policy_type, host))
