@@ -432,3 +432,19 @@ def test_file_name_unique_id_survives_an_underscore_in_the_submitter() -> None:
     report = build_report("example.org", DAY, sessions(), reporter)
     unique = report.filename("mx_1.s.test").split("!")[-1].removesuffix(".json")
     assert re.fullmatch(r"[0-9a-f]{12}", unique), unique
+
+
+def test_rua_with_https_default_port_written_out_is_the_same_destination() -> None:
+    # ":443" in an https URL names the scheme's default port (RFC 3986 §6.2.3: the same
+    # resource as without it), and so does an empty port: each spelling was a URL of its
+    # own, and the collector got the day's report two or three times.
+    record = (
+        "v=TLSRPTv1; rua=https://r.example/tls,https://r.example:443/tls,"
+        "https://R.example:/tls,https://r.example:8443/tls,https://[2001:db8::1]:443/r,"
+        "https://[2001:db8::1]/r"
+    )
+    assert parse_tlsrpt_record([record]) == [
+        "https://r.example/tls",
+        "https://r.example:8443/tls",
+        "https://[2001:db8::1]:443/r",
+    ]

@@ -51,7 +51,7 @@ def parse_tlsrpt_record(records: Sequence[str]) -> list[str] | None:
     there is no TLSRPTv1 record. Only ``mailto:`` and ``https:`` URIs are kept, and only
     those that are URIs (printable ASCII); of several naming one destination (``MAILTO:``
     and ``mailto:``, the same address with other header fields, the same URL with another
-    fragment or host name case), the first. Raises
+    fragment, host name case or default port), the first. Raises
     :class:`ReportRecordError` for several TLSRPTv1 records or one without ``rua``."""
     found = [r for r in records if r.split(";", 1)[0].strip(_WSP) == "v=TLSRPTv1"]
     if not found:
@@ -83,7 +83,8 @@ def _destination(uri: str) -> tuple[str, ...]:
     """Where the ``mailto:`` or ``https:`` ``uri`` sends a report, for keeping each once:
     the scheme and the host name in any case are one (RFC 3986 §3.1, §3.2.2), and what
     is never used is left out: the fragment (§3.5, not sent), a ``mailto:`` URI's header
-    fields and percent-encoding (:func:`mailto_address`), an empty https path ("/")."""
+    fields and percent-encoding (:func:`mailto_address`), an empty https path ("/"), and
+    an https port that is the default one (443) or empty."""
     scheme, _, rest = uri.partition(":")
     rest = rest.partition("#")[0]
     if scheme.lower() == "mailto":
@@ -96,6 +97,12 @@ def _destination(uri: str) -> tuple[str, ...]:
     if authority is None:
         return ("https", rest)
     userinfo, at, host = authority[1].rpartition("@")
+    # The default port written out, or an empty one, is no other port (RFC 3986 §3.2.3,
+    # §6.2.3): "r.example:443" and "r.example:" are "r.example". (An IPv6 address is in
+    # brackets, so its own colons end no port.)
+    name, colon, port = host.rpartition(":")
+    if colon and not name.endswith(("[", ":")) and port in ("", "443"):
+        host = name
     path = authority[2] if authority[2].startswith("/") else "/" + authority[2]
     return ("https", userinfo + at + host.lower(), path)
 
