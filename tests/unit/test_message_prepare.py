@@ -472,6 +472,16 @@ def test_raw_header_defects_are_injection(data: bytes, match: str) -> None:
         prepare(data)
 
 
+def test_a_bare_cr_is_blamed_on_the_field_whose_line_holds_it() -> None:
+    # The line "Subject: x\ry" is the Subject field's own, not a continuation of To.
+    data = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: x\ry\r\n\r\n."
+    with pytest.raises(HeaderInjection, match="inside the subject header") as info:
+        prepare(data)
+    assert info.value.header == "subject"
+    with pytest.raises(HeaderInjection, match="inside the to header"):
+        prepare(b"From: a@example.com\r\nTo: b@example.org,\r\n c@\rexample.org\r\n\r\n.")
+
+
 def test_non_ascii_header_name() -> None:
     with pytest.raises(UnencodableHeader, match="not ASCII"):
         prepare(Email(from_="a@example.com", to="b@example.org", headers={"X-Grüße": "1"}))

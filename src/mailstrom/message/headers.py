@@ -170,6 +170,10 @@ def split_header_section(data: bytes) -> HeaderSection:
 def _check_line(line: bytes, fields: list[tuple[str, list[bytes]]]) -> None:
     name = fields[-1][0] if fields else "(start)"
     if b"\r" in line:
+        # The field the line belongs to: its own, unless it continues the one before.
+        own = None if line[0] in b" \t" else _FIELD_LINE.match(line)
+        if own is not None:
+            name = own.group(1).decode("ascii").lower()
         raise HeaderInjection(f"a bare CR inside the {name} header: {line[:80]!r}", header=name)
     if line[0] in b" \t":
         if not fields:
