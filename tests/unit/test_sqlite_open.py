@@ -198,6 +198,34 @@ def test_a_deleted_database_file_is_corrupt(db: Path) -> None:
         store.close()
 
 
+def test_a_queue_file_truncated_to_nothing_is_corrupt_not_an_empty_queue(db: Path) -> None:
+    """A queue file cut to 0 bytes (a restore from an empty copy, ``: > queue.db``) opened
+    as a new, empty queue: its mail was gone without a word, and a ``-wal`` file still
+    holding committed mail is deleted by SQLite for a database of no pages. A file that
+    was a queue (its ``-lock`` file is beside it) and is now empty is StoreCorrupt."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)
+    finally:
+        store.close()
+    db.write_bytes(b"")
+    for read_only in (False, True):
+        with pytest.raises(StoreCorrupt, match="0 bytes"):
+            SQLiteStore(db, read_only=read_only)
+    assert db.stat().st_size == 0  # left as found, for whoever restores it
+
+
+def test_an_empty_file_never_used_for_a_queue_opens_as_a_new_one(db: Path) -> None:
+    """An empty file nobody kept a queue in (made beforehand with its mode, or by another
+    process opening the new store at the same moment) is a new queue."""
+    db.touch()
+    store = SQLiteStore(db)
+    try:
+        assert store.stats().messages == 0
+    finally:
+        store.close()
+
+
 def test_a_replaced_database_file_is_corrupt(db: Path, tmp_path: Path) -> None:
     """Hardening #18: the file replaced (renamed over) under an open store is StoreCorrupt."""
     store = SQLiteStore(db)

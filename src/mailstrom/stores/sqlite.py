@@ -303,6 +303,30 @@ def _check_regular(path: str) -> None:
         raise StoreCorrupt(f"{path} is not a regular file ({kind}): not a mailstrom database")
 
 
+def _check_not_emptied(path: str) -> None:
+    """StoreCorrupt when the existing file ``path`` is empty but held a queue: its ``-lock``
+    file is beside it (made only once the database was set up, which writes the file's
+    first page) or its ``-wal`` file holds frames. SQLite takes an empty file for a new
+    database (and deletes the ``-wal`` of one), so a queue file truncated to nothing
+    opened as an empty queue, its mail gone without a word. An empty file without either
+    is new: made beforehand, or by another process opening the new store meanwhile.
+    (Looked at before the size: one that process sets up meanwhile has its first page
+    written before either is made, so it is never found empty with one beside it.)"""
+    if not (os.path.exists(beside(path, "-lock")) or _wal_holds_frames(path)):
+        return
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return  # missing or unreadable: opening it says what is wrong
+    if size == 0:
+        raise StoreCorrupt(
+            f"{path} is empty (0 bytes) but held a mailstrom queue (its -lock or -wal file"
+            " is beside it): the file was truncated and its queued mail is not in it;"
+            " restore it from a backup, or delete it, its -lock and -wal files to start an"
+            " empty queue"
+        )
+
+
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
@@ -458,7 +482,8 @@ class SQLiteStore:
         if self._read_only:
             self._open_read_only(latest)
             return
-        self._create_private()
+        if not self._create_private():
+            _check_not_emptied(self._path)
         _check_regular(self._path)
         # The file exists now: SQLite must never create one (mode=rw), not in place of a
         # store deleted later, nor with its default 0644 at the end of a dangling symlink.
@@ -555,8 +580,9 @@ class SQLiteStore:
         finally:
             conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
 
-    def _create_private(self) -> None:
-        """Create a missing database file readable and writable by its owner only (0600).
+    def _create_private(self) -> bool:
+        """Create a missing database file readable and writable by its owner only (0600);
+        whether it was missing.
 
         Queued bodies are private mail. SQLite gives the -wal and -shm files it creates the
         main file's permissions, so they are 0600 too; an existing file keeps its mode (an
@@ -566,15 +592,17 @@ class SQLiteStore:
         try:
             fd = os.open(self._path, flags, 0o600)
         except FileExistsError:
-            return
+            return False
         except OSError as exc:
             raise StoreError(f"cannot create {self._path}: {exc.strerror or exc}") from None
         os.close(fd)
+        return True
 
     def _open_read_only(self, latest: int) -> None:
         if not os.path.exists(self._path):
             raise StoreError(f"no mailstrom queue at {self._path}")
         _check_regular(self._path)
+        _check_not_emptied(self._path)
         self._file = _identity(self._path)
         self._uri = _file_uri(self._path, "mode=ro")
         try:
