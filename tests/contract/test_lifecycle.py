@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from mailstrom.errors import UnknownMessage
+from mailstrom.errors import InvalidArgument, UnknownMessage
 from mailstrom.message.preparation import prepare
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store, new_message_id
 
 from .conftest import Backend
 from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
 def test_enqueue_then_status_round_trips_every_field(store: Store) -> None:
@@ -60,6 +64,39 @@ def test_a_subject_whose_encoded_word_holds_a_nul_is_queued_by_every_store(
     assert store.status(mid).subject == shown
     assert store.message_data(mid) == prepared.data
     assert word in prepared.data
+
+
+def test_a_naive_time_is_refused_and_leaves_the_store_whole(store: Store) -> None:
+    """Every store refuses a naive ``now`` (a clock without a time zone), as SQLite did.
+    The memory store queued the message with it, and from then on every lease, listing
+    and query compared it with aware times and raised TypeError; PostgreSQL read it in
+    the session's time zone."""
+    naive = NOW.replace(tzinfo=None)
+    with pytest.raises(InvalidArgument, match="naive"):
+        store.enqueue(message(), now=naive)
+    with pytest.raises(InvalidArgument, match="naive"):
+        store.enqueue_many([message()], now=naive)
+    mid = store.enqueue(message(), now=NOW)
+    with pytest.raises(InvalidArgument, match="naive"):
+        store.lease(now=naive, limit=10, lease_for=LEASE_FOR)
+    with pytest.raises(InvalidArgument, match="naive"):
+        store.suspend("example.org", now=NOW, until=naive + LEASE_FOR)
+    assert [status.id for status in store.query(now=NOW)] == [mid]
+    assert [status.id for status in store.recent()] == [mid]
+    assert store.suspensions(now=NOW) == []
+    lease = store.lease(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert lease is not None and [item.message_id for item in lease.items] == [mid]
+
+
+def test_a_time_in_another_zone_is_kept_and_shown_in_utc(store: Store) -> None:
+    """A ``now`` in a ``ZoneInfo`` zone is the same instant to every store, and every
+    store shows it in UTC, as the contract says (the memory store kept and showed it in
+    its own zone)."""
+    mid = store.enqueue(message(), now=NOW.astimezone(BERLIN))
+    status = store.status(mid)
+    shown = [status.created_at, *(r.next_attempt_at for r in status.recipients)]
+    assert [when.isoformat() if when else None for when in shown] == [NOW.isoformat()] * 3
+    assert all(when is not None and when.utcoffset() == timedelta(0) for when in shown)
 
 
 def test_ids_are_fresh_32_hex_digits(store: Store) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from mailstrom.errors import InvalidArgument
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClockReading:
@@ -112,3 +114,14 @@ def after(now: datetime, span: timedelta) -> datetime:
     taken at 01:50 CET for two hours ended at 03:50 CEST, one hour on, when added on a
     ``ZoneInfo`` time's wall clock."""
     return now.astimezone(UTC) + span
+
+
+def aware_utc(when: datetime, argument: str) -> datetime:
+    """``when`` in UTC; InvalidArgument (a ValueError) when it is naive, as SQLite's
+    times refuse it: a store compares its times in UTC, and a naive one has none."""
+    if when.utcoffset() is None:
+        raise InvalidArgument(
+            f"{argument}: naive datetime {when!r}: mailstrom needs timezone-aware times",
+            argument=argument,
+        )
+    return when.astimezone(UTC)

@@ -7,12 +7,15 @@ contract suite in ``tests/contract`` runs unchanged against it), so code tested 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
@@ -34,7 +37,7 @@ from mailstrom.stores.base import (
     record_then_lease,
     with_throttles,
 )
-from mailstrom.stores.clock import after
+from mailstrom.stores.clock import after, aware_utc
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
@@ -47,6 +50,44 @@ from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression, lookup_targets
 
 _Due = tuple[datetime, int, int, "_Message", _Recipient]
+
+_Class = TypeVar("_Class", bound=type)
+
+_TIMES = frozenset(["datetime", "datetime | None"])
+"""How a keyword argument that takes a time is annotated (as text: every module of the
+memory store has ``from __future__ import annotations``)."""
+
+
+def _times_in_utc(cls: _Class) -> _Class:
+    """``cls`` with every public method's time arguments (``now``, ``until``,
+    ``finished_before``...) taken in UTC, and refused naive, as the SQL stores do.
+    Kept as given, a naive ``now`` was queued with the message, and every lease,
+    listing and query from then on compared it with aware times and raised TypeError;
+    a ``ZoneInfo`` time was shown back in its own zone, where the others show UTC."""
+    for name in dir(cls):
+        method = getattr(cls, name)
+        if name.startswith("_") or not inspect.isfunction(method):
+            continue
+        times = tuple(
+            parameter.name
+            for parameter in inspect.signature(method).parameters.values()
+            if parameter.kind is parameter.KEYWORD_ONLY and parameter.annotation in _TIMES
+        )
+        if times:
+            setattr(cls, name, _in_utc(method, times))
+    return cls
+
+
+def _in_utc(method: Callable[..., Any], times: tuple[str, ...]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def in_utc(self: object, *args: object, **kwargs: object) -> Any:
+        for key in times:
+            when = kwargs.get(key)
+            if isinstance(when, datetime):
+                kwargs[key] = aware_utc(when, key)
+        return method(self, *args, **kwargs)
+
+    return in_utc
 
 
 def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
@@ -78,6 +119,7 @@ def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> 
     return taken
 
 
+@_times_in_utc
 class MemoryStore(
     MemoryOperatorMixin,
     MemoryShapingMixin,

@@ -19,7 +19,7 @@ from typing import Any
 
 from mailstrom.arguments import shown
 from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
-from mailstrom.errors import StoreCorrupt, StoreError, UnreadableRow
+from mailstrom.errors import InvalidArgument, StoreCorrupt, StoreError, UnreadableRow
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
@@ -46,7 +46,9 @@ _US = timedelta(microseconds=1)
 def to_us(when: datetime) -> int:
     """Microseconds since the epoch; exact (no float rounding)."""
     if when.tzinfo is None:
-        raise ValueError(f"naive datetime {when!r}: mailstrom needs timezone-aware times")
+        raise InvalidArgument(
+            f"naive datetime {when!r}: mailstrom needs timezone-aware times", argument="time"
+        )
     return (when - _EPOCH) // _US
 
 

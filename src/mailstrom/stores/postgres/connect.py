@@ -35,15 +35,19 @@ import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg.adapt import Dumper, PyFormat
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.datetime import DatetimeBinaryDumper, DatetimeDumper
 from psycopg_pool import ConnectionPool
 
 from mailstrom.errors import InvalidStoreURL, StoreAccessDenied
 from mailstrom.message.chars import shorten
+from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.forks import keep, not_shared, renew_after_fork
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
 from mailstrom.stores.url import escape_userinfo, redact_url
@@ -383,9 +387,31 @@ def _drop(_: psycopg.Notify) -> None:
     pass
 
 
+class _AwareText(DatetimeDumper):
+    """Binds a datetime as ``timestamptz``, as the driver does, and refuses a naive one,
+    which the driver bound as a ``timestamp`` for the server to read in the session's
+    time zone: a caller's naive clock was taken for UTC here where the other stores
+    refuse it (see :func:`~mailstrom.stores.clock.aware_utc`)."""
+
+    def upgrade(self, obj: datetime, format: PyFormat) -> Dumper:
+        # Asked only of a naive datetime (get_key tells the aware ones apart).
+        aware_utc(obj, "time")
+        return super().upgrade(obj, format)
+
+
+class _AwareBinary(DatetimeBinaryDumper):
+    """:class:`_AwareText` in the binary format, which the driver picks by default."""
+
+    def upgrade(self, obj: datetime, format: PyFormat) -> Dumper:
+        aware_utc(obj, "time")
+        return super().upgrade(obj, format)
+
+
 def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     not_shared(conn)
     unheard(conn)
+    conn.adapters.register_dumper(datetime, _AwareText)
+    conn.adapters.register_dumper(datetime, _AwareBinary)  # last: the default format
     if params.lock_bound is None:
         conn.execute(_UTC)
     else:
