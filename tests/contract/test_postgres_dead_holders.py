@@ -24,7 +24,7 @@ import pytest
 from mailstrom.status import RecipientState
 from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.postgres import PostgresStore
-from mailstrom.stores.postgres.holders import QUIET_EVERY
+from mailstrom.stores.postgres.holders import QUIET_EVERY, STOP_WAIT
 
 from .children import lease_in_child
 from .support import LEASE_FOR, NOW, leased_addresses, message, results_for
@@ -221,6 +221,27 @@ def test_a_closed_stores_holders_go_at_the_next_look_without_judging(
     [said] = [r.getMessage() for r in caplog.records if X in r.getMessage()]
     assert said.endswith("stopped without giving them back")
     assert len(leased_addresses(store.lease(now=NOW, limit=10, lease_for=LEASE_FOR))) == 2
+
+
+def test_a_closing_store_waits_briefly_for_a_lock_on_the_holders_table(
+    postgres_url: str,
+) -> None:
+    """Closing marks the store's holders stopped "best effort and briefly" (STOP_WAIT
+    for a connection), but the UPDATE then waited for a lock on ``lease_holders`` as
+    long as ``lock_timeout`` says: 30 s by default, and for ever with ``lock_timeout=0``
+    (a migration's ALTER TABLE, an operator's LOCK TABLE left open): a worker asked to
+    stop hung in close(). The holders are then judged dead after ``dead_after``."""
+    leaving = PostgresStore(f"{postgres_url}?dead_after={DEAD_AFTER:g}s&lock_timeout=0")
+    leaving.release_dead_holders(X)
+    with psycopg.connect(postgres_url) as locker:
+        locker.execute("LOCK TABLE lease_holders IN ACCESS EXCLUSIVE MODE")
+        closing = threading.Thread(target=leaving.close, daemon=True)
+        closing.start()
+        closing.join(15 * STOP_WAIT)  # a hang detector, not a timing: the wait is STOP_WAIT
+        hung = closing.is_alive()
+    closing.join()
+    assert not hung
+    assert _holders(postgres_url) == [X]  # not marked stopped: judged by dead_after instead
 
 
 def test_a_worker_that_dies_while_the_judge_has_long_been_looking_is_found(

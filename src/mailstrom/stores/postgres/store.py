@@ -1096,15 +1096,25 @@ class PostgresStore:
     def _stop_holders(self) -> None:
         """Mark this store's holders stopped (see :mod:`.holders`), best effort and
         briefly: a server that cannot be reached must not hold up the close, and the
-        holders are then judged dead after ``dead_after`` instead."""
+        holders are then judged dead after ``dead_after`` instead. Briefly for the
+        statement too: it waited for a lock on ``lease_holders`` (a migration's ALTER
+        TABLE, an operator's LOCK TABLE) as long as ``lock_timeout`` says, 30 s by
+        default and for ever with ``lock_timeout=0``, and a worker asked to stop hung."""
         holders = self._beats.own()
         if not holders:
             return
+        brief = f"{round(STOP_WAIT * 1000)}ms"
         try:
             with (
                 self._translating("stop_holders"),
                 self._pool.connection(timeout=STOP_WAIT) as conn,
+                conn.transaction(),
             ):
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %(brief)s, true),"
+                    " set_config('statement_timeout', %(brief)s, true)",
+                    {"brief": brief},
+                )
                 conn.execute(self._queries["stop_holders"], {"holders": holders})
         except (StoreError, psycopg.Error, PoolTimeout) as exc:
             log.debug("could not mark lease holders %s stopped: %s", holders, exc)
