@@ -8,13 +8,22 @@ These tests stop a server: one of the module's own (``own_postgres``).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import Any
 
 import psycopg
 import pytest
 
-from mailstrom import Email, Mailstrom, RecipientState, StoreAccessDenied
+from mailstrom import (
+    AsyncMailstrom,
+    Email,
+    Mailstrom,
+    MessageStatus,
+    RecipientState,
+    StoreAccessDenied,
+)
 from mailstrom.errors import WorkerError
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -120,3 +129,57 @@ def test_an_unknown_role_is_store_access_denied(own_postgres: ThrowawayPostgres)
     url = own_postgres.create_database().replace("postgres@", "nobody@")
     with pytest.raises(StoreAccessDenied, match='role "nobody" does not exist'):
         PostgresStore(url, timeout=2)
+
+
+def test_waiting_for_a_message_rides_out_a_postgresql_outage(
+    own_postgres: ThrowawayPostgres, dns_server: LoopbackDNS
+) -> None:
+    """``wait(mid, timeout)`` raised StoreUnreachable at its first look while the server
+    was down (a restart, a failover), long before its timeout, where the worker it waits
+    for rides the outage out. It looks again until its time is up, and so sees the
+    message settle once the server is back."""
+    store = PostgresStore(own_postgres.create_database(), timeout=2)
+    ms = Mailstrom(loopback_config(dns_server, 25), store=store, worker=None)
+    outcome: list[object] = []
+
+    def waiting() -> None:
+        try:
+            outcome.append(ms.wait(mid, timeout=60))
+        except Exception as exc:
+            outcome.append(exc)
+
+    try:
+        mid = ms.send_email(hello("u@example.org"))
+        own_postgres.take_down()
+        waiter = threading.Thread(target=waiting)
+        waiter.start()
+        time.sleep(1.0)  # the outage under test, not synchronisation
+        own_postgres.bring_up()
+        assert ms.cancel(mid) == 1
+        waiter.join(30)
+        [status] = outcome
+        assert isinstance(status, MessageStatus), status
+        assert status.state is RecipientState.FAILED
+    finally:
+        ms.stop(timeout=2)
+        store.close()
+
+
+async def test_an_async_wait_rides_out_a_postgresql_outage(
+    own_postgres: ThrowawayPostgres, dns_server: LoopbackDNS
+) -> None:
+    """The same for AsyncMailstrom.wait."""
+    store = PostgresStore(own_postgres.create_database(), timeout=2)
+    ms = AsyncMailstrom(loopback_config(dns_server, 25), store=store, worker=None)
+    try:
+        mid = await ms.send_email(hello("u@example.org"))
+        own_postgres.take_down()
+        waiting = asyncio.ensure_future(ms.wait(mid, timeout=60))
+        await asyncio.sleep(1.0)  # the outage under test, not synchronisation
+        own_postgres.bring_up()
+        assert await ms.cancel(mid) == 1
+        status = await asyncio.wait_for(waiting, 30)
+        assert status.state is RecipientState.FAILED
+    finally:
+        await ms.stop(timeout=2)
+        store.close()

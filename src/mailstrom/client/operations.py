@@ -29,7 +29,7 @@ from mailstrom.arguments import (
     shown,
 )
 from mailstrom.bounds import EARLIEST_TIME, MAX_DURATION
-from mailstrom.errors import InvalidArgument
+from mailstrom.errors import InvalidArgument, StoreLocked, StoreUnreachable
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
 from mailstrom.stores.operator import (
@@ -52,6 +52,12 @@ WAIT_POLL = 0.25
 """Seconds between looks at the store while waiting when nothing can announce a result:
 a worker in another process records results without telling this one. With the worker
 in this process (``worker="thread"``/``"task"``) every result wakes the waiter at once."""
+
+
+PASSING = (StoreUnreachable, StoreLocked)
+"""The store errors a wait looks again after, until its time is up: the server could not
+be reached (a restart, a failover) or a lock was held too long, which the worker it waits
+for rides out too. Any other (a closed store, a damaged one) ends the wait at once."""
 
 
 def settled(status: MessageStatus, deadline: datetime) -> bool:
@@ -283,7 +289,9 @@ class QueueOperations(_Base):
 
         Woken by the store's watch (mail retried or released; one watch per facade,
         shared by every wait, until :meth:`stop`) and, with the worker in this process, by
-        each result; otherwise it looks every :data:`WAIT_POLL` seconds.
+        each result; otherwise it looks every :data:`WAIT_POLL` seconds. A look that
+        fails for a passing trouble (:data:`PASSING`) is tried again every
+        :data:`WAIT_POLL` seconds; the error is raised when the time is up.
         """
         seconds = check_timeout(timeout)
         mid = resolve(self.store, message_id)
@@ -295,11 +303,16 @@ class QueueOperations(_Base):
         try:
             while True:
                 changed.clear()
-                status = self.store.status(mid)
+                try:
+                    status: MessageStatus | None = self.store.status(mid)
+                except PASSING:
+                    if give_up - time.monotonic() <= 0:
+                        raise
+                    status = None
                 left = give_up - time.monotonic()
-                if settled(status, deadline) or left <= 0:
+                if status is not None and (settled(status, deadline) or left <= 0):
                     return status
-                changed.wait(min(left, WAIT_POLL))
+                changed.wait(max(min(left, WAIT_POLL), 0))
         finally:
             unlisten()
 
@@ -423,11 +436,16 @@ class AsyncQueueOperations(_Base):
         try:
             while True:
                 changed.clear()
-                status = await asyncio.to_thread(self.store.status, mid)
+                try:
+                    status: MessageStatus | None = await asyncio.to_thread(self.store.status, mid)
+                except PASSING:
+                    if give_up - loop.time() <= 0:
+                        raise
+                    status = None
                 left = give_up - loop.time()
-                if settled(status, deadline) or left <= 0:
+                if status is not None and (settled(status, deadline) or left <= 0):
                     return status
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(left, WAIT_POLL))
+                    await asyncio.wait_for(changed.wait(), max(min(left, WAIT_POLL), 0))
         finally:
             unlisten()
