@@ -18,6 +18,8 @@ import pytest
 from mailstrom import Email, Mailstrom, RecipientState
 from mailstrom.errors import StoreLocked
 from mailstrom.message import prepare
+from mailstrom.readmodel.base import Overview
+from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.pgbouncer import ThrowawayPgBouncer
@@ -216,3 +218,36 @@ def test_behind_pgbouncer_the_bound_holds_and_leaks_to_no_other_client(
         store.enqueue(small_message("b@example.org"), now=T0)
         assert server_lock_timeouts(bouncer) == {"0"}
     assert message_count(postgres_url) == 11
+
+
+# --- the dashboard's overview ------------------------------------------------------------
+
+
+def test_the_dashboards_overview_reads_one_snapshot(postgres_url: str) -> None:
+    """The overview is several SELECTs in one transaction, but at READ COMMITTED each saw
+    the queue as it was when that SELECT began: a result committed between two of them
+    showed numbers that never held together (a recipient counted queued and no oldest
+    pending message). Here the overview waits on a lock after its first read, and a
+    worker's result is committed meanwhile; its numbers must agree with each other."""
+    with PostgresStore(postgres_url) as store:
+        store.enqueue(small_message("a@example.org"), now=T0)
+        model = PostgresReadModel(postgres_url)
+        holder = psycopg.connect(postgres_url.partition("?")[0])
+        watcher = psycopg.connect(postgres_url.partition("?")[0], autocommit=True)
+        seen: list[Overview] = []
+        try:
+            holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            reading = threading.Thread(target=lambda: seen.append(model.overview(now=T0)))
+            reading.start()
+            waits = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass"
+            assert wait_until(lambda: watcher.execute(waits, ("messages",)).fetchone() == (1,), 10)
+            holder.execute("UPDATE recipients SET state = 'delivered', finished_at = %s", (T0,))
+            holder.commit()
+            reading.join(30)
+        finally:
+            holder.close()
+            watcher.close()
+            model.close()
+    [overview] = seen
+    queued = overview.by_state[RecipientState.QUEUED]
+    assert (queued, overview.oldest_pending is not None) in {(1, True), (0, False)}, overview

@@ -88,15 +88,24 @@ class PostgresReadModel:
             self._pools.pool.open(wait=True, timeout=timeout)
 
     @contextmanager
-    def _reading(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+    def _reading(self, doing: str, *, snapshot: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """A connection of the pool for one view, in one transaction. A time the driver
         cannot hold (infinity, a year past 9999: a row changed by hand) reads as None
-        (ReadableTimes), which the view shows as unknown, instead of failing it whole."""
+        (ReadableTimes), which the view shows as unknown, instead of failing it whole.
+
+        ``snapshot``: every statement of the transaction sees the database as it was at
+        the first (REPEATABLE READ, read only), for a view whose numbers are read by
+        several statements and must agree; at READ COMMITTED each statement sees what
+        was committed when it began."""
         with (
             translate_errors(doing, diagnose=self._lock_wait),
             self._pools.pool.connection() as conn,
             conn.transaction(),
         ):
+            if snapshot:
+                # The transaction's first query takes the snapshot (a SET takes none, so a
+                # lock bound set locally before it is no query either).
+                conn.execute(b"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.adapters.register_loader("timestamptz", ReadableTimes)
             yield conn
 
@@ -110,7 +119,7 @@ class PostgresReadModel:
         now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
-        with self._reading("overview") as conn:
+        with self._reading("overview", snapshot=True) as conn:
             for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
                 by_state[RecipientState(state)] = int(n)
             row = conn.execute(
