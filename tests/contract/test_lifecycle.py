@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from mailstrom.errors import InvalidArgument, UnknownMessage
+from mailstrom.errors import InvalidArgument, StoreRefusedData, UnknownMessage
 from mailstrom.message.preparation import prepare
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store, new_message_id
@@ -97,6 +98,24 @@ def test_a_time_in_another_zone_is_kept_and_shown_in_utc(store: Store) -> None:
     shown = [status.created_at, *(r.next_attempt_at for r in status.recipients)]
     assert [when.isoformat() if when else None for when in shown] == [NOW.isoformat()] * 3
     assert all(when is not None and when.utcoffset() == timedelta(0) for when in shown)
+
+
+def test_a_message_larger_than_every_store_holds_is_refused_alike(store: Store) -> None:
+    """``max_message_size`` may be set past what a store can hold. A message of more
+    than 1 GiB made PostgreSQL drop the connection (its limit for one statement's
+    parameters): StoreUnreachable, a passing trouble retried for ever, after a second
+    try that said the message "may have been queued"; SQLite refused it as a value, and
+    the memory store kept it. Every store refuses one past 900 MiB (MAX_STORED_SIZE) as
+    a value it cannot hold, before sending anything."""
+    prepared = message()
+    big = replace(prepared, data=prepared.data + b"x" * (2**30 - len(prepared.data) + 1))
+    refused = "cannot be queued: a store holds at most 943718400 octets"
+    with pytest.raises(StoreRefusedData, match=refused):
+        store.enqueue(big, now=NOW)
+    with pytest.raises(StoreRefusedData, match=refused):
+        store.enqueue_many([prepared, big], now=NOW)
+    del big  # a GiB: not kept until the test's end
+    assert store.recent() == []
 
 
 def test_ids_are_fresh_32_hex_digits(store: Store) -> None:

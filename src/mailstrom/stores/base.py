@@ -24,7 +24,7 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, shown
-from mailstrom.errors import InvalidArgument, StoreError
+from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -54,6 +54,26 @@ VERP_KEY_SIZE = 32
 MAX_HISTORY = 50
 """Attempts kept in a recipient's history; older ones are dropped as new ones are recorded
 (the attempt count itself keeps counting). Fifty covers days of backoff at the defaults."""
+
+
+MAX_STORED_SIZE = 900 * 1024 * 1024
+"""Octets of data one message may have in any store (900 MiB): below SQLite's longest
+BLOB and row (``SQLITE_MAX_LENGTH``, 10**9 octets) and PostgreSQL's longest statement
+parameters (1 GiB in all), with room for the row's other columns.
+``Config.max_message_size`` may be set past it (see :func:`check_storable`)."""
+
+
+def check_storable(messages: Iterable[PreparedMessage]) -> None:
+    """StoreRefusedData for a message past :data:`MAX_STORED_SIZE`, before a store sends
+    anything. Without it, one past 1 GiB made PostgreSQL drop the connection, which read
+    as a passing trouble (StoreUnreachable) and was retried for ever."""
+    for message in messages:
+        if message.size > MAX_STORED_SIZE:
+            raise StoreRefusedData(
+                f"a message of {message.size} octets cannot be queued: a store holds at most"
+                f" {MAX_STORED_SIZE} octets (900 MiB) of one message; set max_message_size"
+                " below that"
+            )
 
 
 MAX_TLS_BROKEN = 10_000

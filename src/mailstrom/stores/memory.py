@@ -29,6 +29,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    check_storable,
     domain_of,
     holder_range,
     lease_token,
@@ -171,6 +172,7 @@ class MemoryStore(
         return self._add(messages, now=now, hold=False)
 
     def _add(self, messages: Sequence[PreparedMessage], *, now: datetime, hold: bool) -> list[str]:
+        check_storable(messages)
         ids = []
         with self._lock:
             if self._closed:

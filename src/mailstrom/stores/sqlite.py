@@ -97,6 +97,7 @@ from mailstrom.stores.base import (
     QueueFilter,
     RecipientResult,
     WorkItem,
+    check_storable,
     storable_text,
     with_pauses,
     with_throttles,
@@ -885,6 +886,7 @@ class SQLiteStore:
 
     def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
         """Store ``message`` durably (committed, WAL fsynced) and return its new id."""
+        check_storable([message])
         (mid,) = self._submit(_Enqueue(messages=[message], now=to_us(now), hold=hold))
         return mid
 
@@ -892,6 +894,7 @@ class SQLiteStore:
         """Store several messages in one transaction; ids in the same order."""
         if not messages:
             return []
+        check_storable(messages)
         return self._submit(_Enqueue(messages=messages, now=to_us(now), hold=False))
 
     def _submit(self, request: _Enqueue) -> list[str]:

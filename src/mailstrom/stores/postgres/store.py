@@ -60,6 +60,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    check_storable,
     holder_range,
     lease_token,
     new_message_id,
@@ -353,6 +354,7 @@ class PostgresStore:
     def _enqueue(
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
+        check_storable(messages)
         ids = [new_message_id() for _ in messages]
         try:
             ids = self._write(messages, ids, now=now, held=held)
