@@ -71,8 +71,7 @@ def check_storable(messages: Iterable[PreparedMessage]) -> None:
         if message.size > MAX_STORED_SIZE:
             raise StoreRefusedData(
                 f"a message of {message.size} octets cannot be queued: a store holds at most"
-                f" {MAX_STORED_SIZE} octets (900 MiB) of one message; set max_message_size"
-                " below that"
+                f" {MAX_STORED_SIZE} octets of one message; set max_message_size below that"
             )
 
 
