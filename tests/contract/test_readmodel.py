@@ -520,3 +520,18 @@ def test_times_in_a_zone_with_summer_time_are_reckoned_in_utc(
 def _ids_at(model: ReadModel, now: datetime, **query: object) -> list[str]:
     page = model.queue_page(QueueQuery(**query), now=now)  # type: ignore[arg-type]
     return [m.id for m in page.messages]
+
+
+def test_a_message_with_no_recipients_is_listed_under_its_derived_state(
+    model: ReadModel, store: Store, queue: Queue
+) -> None:
+    """A message stored with no recipient is failed (derive_message_state: not every
+    recipient was delivered), as its status and ``query()`` say on every store; the
+    SQLite and PostgreSQL pages listed it under Delivered instead (no recipient pending
+    and none failed), and not under Failed, where the memory store lists it."""
+    empty = store.enqueue(replace(message(), recipients=()), now=NOW)
+    assert store.status(empty).state is RecipientState.FAILED
+    assert _ids(model, view=QueueView.DELIVERED) == [queue.delivered]
+    assert _ids(model, view=QueueView.FAILED) == [empty, queue.failed]
+    for view in (QueueView.PENDING, QueueView.QUEUED, QueueView.DEFERRED, QueueView.HELD):
+        assert empty not in _ids(model, view=view), view

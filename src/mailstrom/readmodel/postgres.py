@@ -51,13 +51,15 @@ _HAS_DEFERRED = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'deferred')"
 )
 _HAS_FAILED = "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'failed')"
+_HAS_ANY = "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id)"
 _VIEWS = {
     QueueView.ALL: "true",
     QueueView.PENDING: _HAS_PENDING,
     QueueView.DEFERRED: _HAS_DEFERRED,
     QueueView.QUEUED: f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
-    QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED}",
-    QueueView.FAILED: f"NOT {_HAS_PENDING} AND {_HAS_FAILED}",
+    # As derive_message_state(): a message with no recipient at all is failed.
+    QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}",
+    QueueView.FAILED: f"NOT {_HAS_PENDING} AND ({_HAS_FAILED} OR NOT {_HAS_ANY})",
     QueueView.HELD: "m.held",
 }
 _STATUS_COLUMNS = (

@@ -72,6 +72,11 @@ _HAS_DEFERRED = (
 _HAS_FAILED = (
     "EXISTS (SELECT 1 FROM recipients f WHERE f.message_seq = m.seq AND f.state = 'failed')"
 )
+_HAS_ANY = "EXISTS (SELECT 1 FROM recipients x WHERE x.message_seq = m.seq)"
+# A message's state as derive_message_state() gives it: one with no recipient at all
+# (nothing pending, nothing failed) is failed, not delivered.
+_IS_DELIVERED = f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}"
+_IS_FAILED = f"NOT {_HAS_PENDING} AND ({_HAS_FAILED} OR NOT {_HAS_ANY})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,9 +440,9 @@ def _filters(query: QueueQuery) -> list[_Filter]:
     elif view is QueueView.QUEUED:
         filters.append(_Filter(f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}"))
     elif view is QueueView.DELIVERED:
-        filters.append(_Filter(f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED}"))
+        filters.append(_Filter(_IS_DELIVERED))
     elif view is QueueView.FAILED:
-        filters.append(_Filter(f"NOT {_HAS_PENDING} AND {_HAS_FAILED}"))
+        filters.append(_Filter(_IS_FAILED))
     elif view is QueueView.HELD:
         filters.append(
             _Filter(
