@@ -234,3 +234,21 @@ def test_db_migrate(cli: CLI, workdir: object) -> None:
     assert result["schema_version"] >= 1
     again = cli.ok("db", "migrate").out
     assert again.strip() == f"sqlite:///queue.db: schema version {result['schema_version']}"
+
+
+def test_the_queue_shows_why_a_failed_message_failed(cli: CLI) -> None:
+    """Was: LAST REASON was the first recipient's reply that had one, pending recipients
+    first; on a failed message, whose recipients are all final, that was the delivered
+    recipient's "250 ...", not the refusal that failed it."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        mid = store.enqueue(message("a@example.test", "b@example.test"), now=now)
+        lease = lease_all(store, now=now)
+        store.record(results_for(lease, RecipientState.DELIVERED, at=now, only=["a@example.test"]))
+        store.record(results_for(lease, RecipientState.FAILED, at=now, only=["b@example.test"]))
+    finally:
+        store.close()
+    [_, row] = cli.ok("queue", "--state", "failed").out.splitlines()
+    assert row.split()[:2] == [mid, "failed"]
+    assert row.endswith("550 5.0.0 line one line two")

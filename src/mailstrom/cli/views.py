@@ -452,9 +452,17 @@ def _next_attempt(
 
 
 def _last_reason(m: MessageStatus) -> str | None:
-    """The reason of the first recipient that has one, pending recipients first."""
-    ordered = sorted(m.recipients, key=lambda r: r.state.is_final)
+    """The reason of the first recipient that has one: pending recipients first (what holds
+    the message back), then failed ones (why it failed), delivered ones last (a "250"
+    explains nothing on a failed message)."""
+    ordered = sorted(m.recipients, key=_reason_rank)
     return next((r.reason for r in ordered if r.reason), None)
+
+
+def _reason_rank(r: RecipientStatus) -> int:
+    if not r.state.is_final:
+        return 0
+    return 2 if r.state is RecipientState.DELIVERED else 1
 
 
 def print_shape(rows: list[ShapeRow], *, json: bool) -> None:
