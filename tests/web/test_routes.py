@@ -110,6 +110,20 @@ def test_queue_lists_pending_mail_and_filters(client: TestClient, ids: dict[str,
     assert "No messages match" in client.get("/queue", params={"domain": "none.example"}).text
 
 
+def test_the_queue_shows_why_a_failed_message_failed(client: TestClient, store: Store) -> None:
+    # Delivered to its second recipient after the first was refused: the last attempt is
+    # the 250, which explains nothing beside "failed".
+    failed = store.enqueue(message("a@one.example", "b@two.example"), now=NOW)
+    lease = lease_all(store)
+    store.record(results_for(lease, RecipientState.FAILED, only=["a@one.example"]))
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["b@two.example"]))
+    page = client.get("/queue", params={"view": "failed"}).text
+    row = re.search(rf"<tr>\s*<td><a href=\"/message/{failed}\".*?</tr>", page, re.S)
+    assert row is not None, page
+    reply = re.search(r'<td class="reply"><span class="text">(.*?)</span>', row.group(0), re.S)
+    assert reply is not None and reply.group(1).startswith("550"), row.group(0)
+
+
 def test_queue_pages_follow_the_next_link(client: TestClient, store: Store) -> None:
     made = [
         store.enqueue(message(f"r{i}@many.example"), now=NOW + timedelta(seconds=i))

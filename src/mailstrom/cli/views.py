@@ -39,6 +39,7 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
     RecipientStatus,
+    state_reason,
 )
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import live_workers
@@ -428,7 +429,7 @@ def print_queue(
                 m.envelope_from or "<>",
                 _recipient_summary(m),
                 _next_attempt(m, now, suspended or {}),
-                _last_reason(m),
+                state_reason(m.recipients),
             ]
             for m in messages
         ],
@@ -449,20 +450,6 @@ def _next_attempt(
         return None
     first = min(due)
     return "now" if first <= now else f"in {age(now, first)}"
-
-
-def _last_reason(m: MessageStatus) -> str | None:
-    """The reason of the first recipient that has one: pending recipients first (what holds
-    the message back), then failed ones (why it failed), delivered ones last (a "250"
-    explains nothing on a failed message)."""
-    ordered = sorted(m.recipients, key=_reason_rank)
-    return next((r.reason for r in ordered if r.reason), None)
-
-
-def _reason_rank(r: RecipientStatus) -> int:
-    if not r.state.is_final:
-        return 0
-    return 2 if r.state is RecipientState.DELIVERED else 1
 
 
 def print_shape(rows: list[ShapeRow], *, json: bool) -> None:
