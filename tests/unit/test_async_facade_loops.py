@@ -111,3 +111,54 @@ def test_stop_on_another_loop_while_the_workers_loop_does_not_run_stops_nothing(
         assert isinstance(ams.worker, Worker) and ams.worker.wait_stopped(0)
     finally:
         other.close()
+
+
+def test_start_and_stop_at_once_on_a_loop_after_another_loop_had_them_at_once() -> None:
+    # The lock that keeps start() and stop() one at a time was an asyncio.Lock, bound to
+    # the first loop on which two of them met: on the next loop (asyncio.run per step)
+    # the second of two raised RuntimeError ("bound to a different event loop").
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+
+    async def start_and_stop() -> list[object]:
+        outcomes = await asyncio.gather(ams.start(), ams.stop(), return_exceptions=True)
+        await ams.stop()
+        return outcomes
+
+    try:
+        for _ in range(2):
+            assert asyncio.run(start_and_stop()) == [None, None]
+            assert isinstance(ams.worker, Worker) and ams.worker.wait_stopped(0)
+    finally:
+        store.close()
+
+
+def test_stops_on_two_loops_in_two_threads_at_once_each_return() -> None:
+    # One stop() per loop, each loop run by a thread of its own, while the worker task
+    # runs on a third: each returns once the worker has ended, neither raising.
+    loops = [asyncio.new_event_loop() for _ in range(3)]
+    runners = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for runner in runners:
+        runner.start()
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        asyncio.run_coroutine_threadsafe(ams.start(), loops[0]).result(timeout=30)
+        worker = ams.worker
+        assert isinstance(worker, Worker)
+        for _ in range(20):
+            stops = [asyncio.run_coroutine_threadsafe(ams.stop(), loop) for loop in loops[1:]]
+            assert [s.result(timeout=60) for s in stops] == [None, None]
+            assert worker.wait_stopped(0)
+            asyncio.run_coroutine_threadsafe(ams.start(), loops[0]).result(timeout=30)
+            worker = ams.worker
+            assert isinstance(worker, Worker)
+    finally:
+        for loop in loops:
+            asyncio.run_coroutine_threadsafe(ams.stop(), loop).result(timeout=60)
+            loop.call_soon_threadsafe(loop.stop)
+        for runner in runners:
+            runner.join()
+        for loop in loops:
+            loop.close()
+        store.close()

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -122,6 +124,60 @@ async def _stop_once_started(worker: WorkerProcess, starting: asyncio.Future[Non
     await asyncio.to_thread(worker.stop, 0)
 
 
+class _LoopsLock:
+    """An asyncio lock for any event loop, and several at once (each run by a thread of
+    its own): :meth:`AsyncMailstrom.start` and :meth:`AsyncMailstrom.stop` one at a time.
+
+    An :class:`asyncio.Lock` is bound to the first loop on which two callers meet: on
+    the next loop (``asyncio.run`` per step, a test framework's loop per test) or on a
+    loop of another thread, the second of two raised RuntimeError ("bound to a different
+    event loop"). Here each waiter waits on a future of its own loop; the lock is handed
+    to the first in line (thread-safe), and a waiter cancelled once it was handed the
+    lock passes it on."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held = False
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self._guard:
+                if (loop, waiter) in self._waiters:
+                    self._waiters.remove((loop, waiter))
+                    raise
+            self._release()  # handed over as it was cancelled: the next one's turn
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def after_fork(self) -> None:
+        """In a process forked from this one: its guard, which another thread may have
+        held at the fork (only its holder's turn goes on here)."""
+        self._guard = threading.Lock()
+
+    def _release(self) -> None:
+        with self._guard:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(_end, waiter)
+                except RuntimeError:  # its loop is closed: nothing awaits it any more
+                    continue
+                return  # still held: by that waiter now
+            self._held = False
+
+
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """Queue mail and deliver it on the running event loop.
 
@@ -140,7 +196,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     _task: asyncio.Task[None] | None = None
     _LOCAL = "task"
-    _lifecycle_lock: asyncio.Lock | None = None
+    _lifecycle_lock: _LoopsLock | None = None
     _ending: asyncio.Future[None] | None = None
     """What a :meth:`stop` left ending: the worker's task it gave up on (cancelled), or,
     when it was cancelled itself, the task or a worker process's stop in a thread. The
@@ -154,6 +210,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             # Held by a start() or stop() on a loop of another thread (which does not
             # exist here), or bound to that loop: this process's own need a new one.
             self._lifecycle_lock = None
+        elif self._lifecycle_lock is not None:
+            self._lifecycle_lock.after_fork()
         running = [t for t in (self._task, self._ending) if t is not None and not t.done()]
         if not running or any(t.get_loop() is here for t in running):
             return  # none, or the fork came from the worker's own loop, which goes on here
@@ -168,12 +226,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         # A queue in memory is the parent's copy here: a worker of ours would send it again.
         self._copied_queue = getattr(self.store, "url", None) is None
 
-    def _lifecycle_async(self) -> asyncio.Lock:
-        """Held by start() and stop(): one at a time (made here, on the loop: an asyncio
-        lock made in ``__init__`` could be made where no loop runs yet)."""
-        if self._lifecycle_lock is None:
-            self._lifecycle_lock = asyncio.Lock()
-        return self._lifecycle_lock
+    def _lifecycle_async(self) -> _LoopsLock:
+        """Held by start() and stop(): one at a time, on whatever loops they are called
+        (made here, and again in a fork where another thread's loop held it)."""
+        with self._lifecycle:
+            if self._lifecycle_lock is None:
+                self._lifecycle_lock = _LoopsLock()
+            return self._lifecycle_lock
 
     async def start(self) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
