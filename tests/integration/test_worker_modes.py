@@ -745,6 +745,39 @@ def test_stop_from_on_result_in_a_thread_lets_the_deliveries_in_flight_be_record
     assert states["later@slow.example"] == (RecipientState.DELIVERED, 1)
 
 
+def test_wait_from_on_result_in_a_thread_is_refused_not_left_to_stall_the_worker(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """wait() from the callback ran on the worker's own thread, which delivers nothing
+    until the callback returns: it held every delivery for its whole timeout, then
+    returned a status that could not have changed. It is refused, as start() is."""
+    outcome: list[object] = []
+    done = threading.Event()
+
+    def on_result(result: Any) -> None:
+        if result.address != "first@example.org":
+            return
+        try:
+            later = ms.send_email(hello("second@example.org", 2))
+            outcome.append(ms.wait(later, 5))
+        except BaseException as exc:  # reported to the test
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result, worker="thread")
+    try:
+        with ms:
+            ms.send_email(hello("first@example.org", 1))
+            assert done.wait(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], WorkerError), outcome
+            assert "on_result" in str(outcome[0])
+            assert _wait_until(lambda: len(mx.received) == 2, 30)  # the worker goes on
+    finally:
+        store.close()
+
+
 class _Abort(BaseException):
     """What an application may raise to get out of everything (not an Exception)."""
 

@@ -29,7 +29,7 @@ from mailstrom.arguments import (
     shown,
 )
 from mailstrom.bounds import EARLIEST_TIME, MAX_DURATION
-from mailstrom.errors import InvalidArgument, StoreLocked, StoreUnreachable
+from mailstrom.errors import InvalidArgument, StoreLocked, StoreUnreachable, WorkerError
 from mailstrom.status import MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, Store
 from mailstrom.stores.operator import (
@@ -175,6 +175,11 @@ class _Base:
     def _watch_store_for_waiters(self) -> None:
         raise NotImplementedError  # the facade's (FacadeBase)
 
+    def _delivers_on_this_thread(self) -> bool:
+        """Whether this thread is the one the facade's worker delivers on (in
+        ``on_result``): nothing it waits for can happen before it returns."""
+        return False
+
 
 class QueueOperations(_Base):
     """The blocking operator methods of :class:`~mailstrom.Mailstrom`.
@@ -291,9 +296,18 @@ class QueueOperations(_Base):
         shared by every wait, until :meth:`stop`) and, with the worker in this process, by
         each result; otherwise it looks every :data:`WAIT_POLL` seconds. A look that
         fails for a passing trouble (:data:`PASSING`) is tried again every
-        :data:`WAIT_POLL` seconds; the error is raised when the time is up.
+        :data:`WAIT_POLL` seconds; the error is raised when the time is up. Called from
+        ``on_result`` on a worker thread, which delivers nothing until the callback
+        returns, it raises :class:`~mailstrom.errors.WorkerError`.
         """
         seconds = check_timeout(timeout)
+        if self._delivers_on_this_thread():
+            # It held every delivery of the worker for its whole timeout, and returned a
+            # status that could not have changed meanwhile.
+            raise WorkerError(
+                "wait() from on_result: the worker thread it runs on delivers nothing "
+                "until the callback returns"
+            )
         mid = resolve(self.store, message_id)
         give_up = time.monotonic() + seconds
         deadline = self._clock() + timedelta(seconds=seconds)

@@ -165,6 +165,11 @@ class Mailstrom(FacadeBase, QueueOperations):
             return worker.reading_on(here)
         return here is self._worker_thread
 
+    def _delivers_on_this_thread(self) -> bool:
+        """Whether this is the worker thread (in ``on_result``), which a ``wait()``
+        here would keep from delivering what it waits for."""
+        return threading.current_thread() is self._worker_thread
+
     def _run(self, worker: Worker) -> None:
         try:
             run_loop(worker.run(on_started=self._ready.set), self.config.event_loop)
