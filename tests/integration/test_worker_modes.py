@@ -778,6 +778,59 @@ def test_wait_from_on_result_in_a_thread_is_refused_not_left_to_stall_the_worker
         store.close()
 
 
+class _Interrupted(Exception):
+    """What a signal handler of the application raises (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+def test_a_stop_interrupted_by_a_signal_leaves_the_store_to_the_worker_until_it_ends(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Ctrl-C while stop() waited for the delivery in flight (in a REPL or a notebook,
+    which go on) closed the store the facade had opened under the worker thread, which
+    went on: its delivery was never recorded, and sent again once its lease ran out.
+    Nor did the next stop() wait for that thread."""
+    slow = smtp_server()
+    dns_server.mx("slow.example", [(10, "mx.slow.test")])
+    dns_server.a("mx.slow.test", slow.host)
+    slow.data_delay = 1.0
+    path = tmp_path / "q.db"
+    ms = Mailstrom(config(dns_server, slow.port), store=path, worker="thread")
+    ms.start()
+    worker, thread = ms.worker, ms._thread
+    assert isinstance(worker, Worker) and thread is not None
+    ms.send_email(hello("later@slow.example"))
+    assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight, its reply delayed
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    def send_signal() -> None:
+        if _wait_until(lambda: worker._stopping, 10):  # stop() waits for the worker now
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    before = signal.signal(signal.SIGUSR1, interrupt)
+    sender = threading.Thread(target=send_signal)
+    sender.start()
+    try:
+        with pytest.raises(_Interrupted):
+            ms.stop()
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, before)
+    with pytest.raises(WorkerError, match="has not ended yet"):
+        ms.start()  # the thread still lives
+    ms.stop()  # waits for it
+    assert not thread.is_alive()
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()  # closed once the worker had ended
+    store = SQLiteStore(path)
+    try:
+        [message] = store.recent(limit=10)
+    finally:
+        store.close()
+    assert [(r.state, r.attempts) for r in message.recipients] == [(RecipientState.DELIVERED, 1)]
+
+
 class _Abort(BaseException):
     """What an application may raise to get out of everything (not an Exception)."""
 

@@ -7,9 +7,10 @@ readiness handshake, so an error at start is raised in the caller's thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -40,6 +41,29 @@ from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 log = logging.getLogger("mailstrom")
 
 
+class _WorkerThread(threading.Thread):
+    """The worker's thread, which says when it has ended in an event of its own.
+
+    Not ``is_alive()`` and ``join()``: on Python 3.11, a ``join()`` interrupted by a
+    signal handler's exception (Ctrl-C's KeyboardInterrupt) while the thread still runs
+    marks the thread as ended (bpo-45274's fix, which releases the thread's own lock):
+    ``is_alive()`` said False, and ``join()`` returned at once, from then on."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        super().__init__(target=target, name="mailstrom-worker", daemon=True)
+        self.ended = threading.Event()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.ended.set()
+
+
+def _alive(thread: _WorkerThread | None) -> bool:
+    return thread is not None and not thread.ended.is_set()
+
+
 class Mailstrom(FacadeBase, QueueOperations):
     """Queue mail and deliver it in the background.
 
@@ -66,12 +90,14 @@ class Mailstrom(FacadeBase, QueueOperations):
     ...     store.close()
     """
 
-    _thread: threading.Thread | None = None
-    _worker_thread: threading.Thread | None = None
+    _thread: _WorkerThread | None = None
+    _worker_thread: _WorkerThread | None = None
     """The thread of the last worker started, kept once a stop() let go of it: the
     thread on_result runs on."""
     _start_error: BaseException | None = None
-    _stuck: threading.Thread | None = None
+    _stuck: _WorkerThread | None = None
+    _ended: _WorkerThread | None = None
+    """The last worker thread that has ended, or is past releasing the store (_run)."""
     _stopped_from_within = False
     """stop() was called on the worker's thread (from on_result): the thread closes what
     stop() would have closed as it ends."""
@@ -79,6 +105,7 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     def _after_fork(self) -> None:
         super()._after_fork()
+        self._stuck = None  # a thread of the parent's, which does not exist here
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return  # none started, or the fork came from the worker's own thread
@@ -126,15 +153,13 @@ class Mailstrom(FacadeBase, QueueOperations):
             # worker runs, and a new one starts in its place. Only its log line is left.
             self._thread.join()
             self._thread = None
-        if self._stuck is not None and self._stuck.is_alive():
+        if _alive(self._stuck):
             raise WorkerError("the worker thread of the last stop() has not ended yet")
         worker = self._worker_to_start(worker)
         self._stopped_from_within = False
         self._ready = threading.Event()
         self._start_error = None
-        self._thread = self._worker_thread = threading.Thread(
-            target=self._run, args=(worker,), name="mailstrom-worker", daemon=True
-        )
+        self._thread = self._worker_thread = _WorkerThread(functools.partial(self._run, worker))
         self._thread.start()
         if not self._ready.wait(timeout):
             # Not left to come up behind a start() that said it failed (a worker
@@ -181,8 +206,12 @@ class Mailstrom(FacadeBase, QueueOperations):
                 # The worker is dead; worker_status reports it, the log says why.
                 log.exception("mailstrom worker died")
         finally:
-            if self._stopped_from_within:
-                # stop() came from on_result (see stop()): what it could not do there.
+            with self._store_watch_lock:
+                self._ended = self._worker_thread_here()
+                release = self._stopped_from_within
+            if release:
+                # stop() came from on_result (see stop()), or was interrupted while it
+                # waited for this thread: what it could not do then.
                 self._unwatch_store()
                 self._close_owned_store()
 
@@ -211,7 +240,7 @@ class Mailstrom(FacadeBase, QueueOperations):
                 worker.stop(timeout)
             elif isinstance(worker, Worker):
                 thread, self._thread = self._thread, None
-                if thread is None and self._stuck is not None and self._stuck.is_alive():
+                if thread is None and _alive(self._stuck):
                     thread = self._stuck  # still ending since a stop(): wait for it again
                 within = self._on_worker_thread()  # a stop() elsewhere may have its thread
                 if within:
@@ -223,10 +252,21 @@ class Mailstrom(FacadeBase, QueueOperations):
                     self._stopped_from_within = True
                     self._stuck = self._worker_thread
                 elif thread is not None:
-                    worker.request_stop(drain_timeout=timeout)
-                    limit = None if timeout is None else timeout + STOP_GRACE
-                    thread.join(limit)
-                    if thread.is_alive():
+                    try:
+                        worker.request_stop(drain_timeout=timeout)
+                        limit = None if timeout is None else timeout + STOP_GRACE
+                        if thread.ended.wait(limit):
+                            thread.join()  # past its last line: gone once stop() returns
+                    except BaseException:
+                        # Interrupted (Ctrl-C in a REPL, which goes on): the worker
+                        # drains all the same. The store this facade opened is closed
+                        # as it ends, not now under the deliveries it has yet to record
+                        # (sent again once their leases ran out); the next stop() waits
+                        # for it, and start() refuses while it lives.
+                        self._stuck = thread
+                        within = self._leave_store_to(thread)
+                        raise
+                    if _alive(thread):
                         # A store call that blocks (a lock held elsewhere, a database
                         # that went silent) must not hold the application's shutdown.
                         self._stuck = thread
@@ -235,6 +275,19 @@ class Mailstrom(FacadeBase, QueueOperations):
             if not within:
                 self._unwatch_store()
                 self._close_owned_store()
+
+    def _worker_thread_here(self) -> _WorkerThread | None:
+        here = threading.current_thread()
+        return here if isinstance(here, _WorkerThread) else None
+
+    def _leave_store_to(self, thread: _WorkerThread) -> bool:
+        """Have the worker ``thread`` release the store as it ends (see :meth:`_run`);
+        False when it has ended already, past the point where it would."""
+        with self._store_watch_lock:
+            if self._ended is thread:
+                return False
+            self._stopped_from_within = True
+            return True
 
     def __enter__(self) -> Mailstrom:
         started = self._worker_thread_runs() or self._has_worker_process()
