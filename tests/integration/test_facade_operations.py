@@ -6,6 +6,8 @@ retry falls after the timeout; a real worker delivers to a loopback receiver.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -217,6 +219,40 @@ def test_waits_share_one_store_watch_until_stop(tmp_path: Any) -> None:
         assert len(list(wake_dir.glob("*.sock"))) == 1  # one listener, not one per wait
     assert list(wake_dir.glob("*.sock")) == []
     store.close()
+
+
+@pytest.mark.parametrize("facade", ["sync", "async"])
+def test_a_facade_dropped_without_stop_leaves_no_store_watch(tmp_path: Any, facade: str) -> None:
+    """A facade made for one request (the store shared, worker=None, never stopped, as
+    the README's web app has it) kept the watch its first wait() started for good: a
+    thread and a socket each (a LISTEN connection with PostgreSQL), long after the
+    facade was gone."""
+    store = SQLiteStore(tmp_path / "q.db")
+    wake_dir = tmp_path / "q.db-wake"
+    config = Config(helo_name="client.test")
+
+    async def request_async() -> None:
+        ams = AsyncMailstrom(config, store=store, worker=None)
+        mid = await ams.send_email(hello("a@example.org"))
+        await ams.hold(mid)
+        assert (await ams.wait(mid, timeout=5)).held
+
+    def request() -> None:
+        if facade == "async":
+            asyncio.run(request_async())
+            return
+        ms = Mailstrom(config, store=store, worker=None)
+        mid = ms.send_email(hello("a@example.org"))
+        ms.hold(mid)
+        assert ms.wait(mid, timeout=5).held
+
+    try:
+        for _ in range(3):
+            request()
+        gc.collect()
+        assert list(wake_dir.glob("*.sock")) == []
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres"])

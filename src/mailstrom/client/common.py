@@ -203,7 +203,7 @@ class FacadeBase:
         self._results = Watchers()
         """Told of each result of a worker in this process, and (once a ``wait`` started
         it) of the store's wake-ups: ``wait`` listens."""
-        self._store_watch: Callable[[], None] | None = None
+        self._store_watch: weakref.finalize[[], FacadeBase] | None = None
         self._store_watch_lock = threading.Lock()
         self._lifecycle = threading.Lock()
         """Held by a facade's start() and stop() (but one called from on_result): one at
@@ -303,10 +303,14 @@ class FacadeBase:
     def _watch_store_for_waiters(self) -> None:
         """Forward the store's wake-ups (mail retried or released) to ``wait`` callers:
         one watch per facade, started by the first wait and shared by all (a PostgreSQL
-        watch holds a LISTEN connection), ended by ``stop``."""
+        watch holds a LISTEN connection), ended by ``stop``, or when the facade is
+        collected: one made for a request and dropped without a stop() (``worker=None``)
+        left its watch behind for good (with SQLite a thread and a socket each)."""
         with self._store_watch_lock:
             if self._store_watch is None:
-                self._store_watch = self.store.watch(self._results.notify)
+                unwatch = self.store.watch(self._results.notify)  # (holds no facade)
+                self._store_watch = weakref.finalize(self, unwatch)
+                self._store_watch.atexit = False  # the process's end ends it as before
 
     def _unwatch_store(self) -> None:
         with self._store_watch_lock:
