@@ -17,7 +17,7 @@ import pytest
 from tests.support.open_files import open_files_under
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, RecipientState
-from mailstrom.errors import InvalidStoreURL, StoreError
+from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
 from mailstrom.stores import MemoryStore, SQLiteStore
 
 CONFIG = Config(helo_name="client.test")
@@ -188,3 +188,16 @@ async def test_an_async_facade_refuses_mail_after_stop_closed_its_queue_in_memor
     await ms.stop()
     with pytest.raises(StoreError, match="closed"):
         await ms.send_email(hello())
+
+
+@pytest.mark.parametrize("store", [b"q.db", bytearray(b"q.db"), 123, object()])
+@pytest.mark.parametrize("facade", [Mailstrom, AsyncMailstrom])
+def test_a_store_of_no_known_kind_is_refused_at_construction(
+    workdir: Path, store: object, facade: type[Mailstrom] | type[AsyncMailstrom]
+) -> None:
+    # Anything but a URL, a path object or None was taken for a Store: the facade was
+    # made (its worker a thread, for no URL), and every call failed with an
+    # AttributeError ("'bytes' object has no attribute 'enqueue'").
+    with pytest.raises(ConfigError, match=f"store must be .*not {type(store).__name__}"):
+        facade(CONFIG, store=store)  # type: ignore[arg-type]
+    assert list(workdir.iterdir()) == []

@@ -86,6 +86,15 @@ def facade_store(store: StoreArgument) -> tuple[Store, bool]:
         return open_store(store), True
     if isinstance(store, os.PathLike):
         return open_store(sqlite_url(store)), True
+    if not isinstance(store, Store):
+        # Taken for a store, it made a facade (a worker thread's, for want of a URL)
+        # whose every call failed with an AttributeError ("'bytes' object has no
+        # attribute 'enqueue'").
+        hint = " (a path goes as a str or a pathlib.Path)" if isinstance(store, bytes) else ""
+        raise ConfigError(
+            "store must be a Store, a store URL, a path object or None, "
+            f"not {type(store).__name__}{hint}"
+        )
     return store, False
 
 
