@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tests.support.open_files import open_files_under
 
 from mailstrom import AsyncMailstrom, Config, Mailstrom
 from mailstrom.errors import ConfigError
+from mailstrom.routing import Router
 from mailstrom.settings import load_settings
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.url import (
@@ -155,6 +157,23 @@ def test_a_clock_or_callback_that_cannot_be_called_is_refused(
     for facade in (Mailstrom, AsyncMailstrom):
         with pytest.raises(ConfigError, match="must be callable"):
             facade(Config(helo_name="client.test"), worker=None, **argument)  # type: ignore[arg-type]
+    assert not user_home.exists()
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [{"router": 5}, {"router": Router}, {"rng": 5}, {"rng": random}, {"rng": random.random}],
+    ids=["router int", "router class", "rng int", "rng module", "rng function"],
+)
+@pytest.mark.parametrize("facade", [Mailstrom, AsyncMailstrom])
+def test_a_router_or_rng_of_the_wrong_kind_is_refused(
+    user_home: Path, facade: type[Mailstrom] | type[AsyncMailstrom], argument: dict[str, object]
+) -> None:
+    """Kept, such a router deferred every recipient with "internal error: AttributeError"
+    until the retry policy's max_age failed it, while worker_status said running with no
+    error; such an rng failed the first retry computed with it."""
+    with pytest.raises(ConfigError, match=f"{next(iter(argument))} must be a"):
+        facade(Config(helo_name="client.test"), worker="auto", **argument)  # type: ignore[arg-type]
     assert not user_home.exists()
 
 

@@ -183,6 +183,7 @@ class FacadeBase:
         # Before the store is opened: nothing to close if they are refused.
         self.config = facade_config(config)
         check_callables(clock=clock, on_result=on_result)
+        check_parts(router=router, rng=rng)
         self.store, self._owns_store = facade_store(store)
         try:
             self._set_up(router=router, clock=clock, rng=rng, on_result=on_result, worker=worker)
@@ -437,6 +438,24 @@ def check_callables(*, clock: object, on_result: object) -> None:
     for name, value in (("clock", clock), ("on_result", on_result)):
         if not callable(value) and not (name == "on_result" and value is None):
             raise ConfigError(f"{name} must be callable, not {type(value).__name__}")
+
+
+def check_parts(*, router: object, rng: object) -> None:
+    """ConfigError for a facade's ``router`` that is no :class:`~mailstrom.routing.Router`
+    or ``rng`` that is no :class:`random.Random` (None: the defaults). Kept, such a router
+    deferred every recipient with "internal error: AttributeError" until the retry
+    policy's ``max_age`` failed it, while ``worker_status`` said running with no error;
+    such an rng raised where a retry's delay was drawn."""
+    parts = (
+        ("router", router, Router, "mailstrom.routing.Router"),
+        ("rng", rng, random.Random, "random.Random"),
+    )
+    for name, value, kind, kind_name in parts:
+        if value is not None and not isinstance(value, kind):
+            shown = (
+                f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+            )
+            raise ConfigError(f"{name} must be a {kind_name} or None, not {shown}")
 
 
 def stop_timeout(timeout: object) -> float | None:
