@@ -32,6 +32,7 @@ from mailstrom.doctor import (
     Answer,
     Check,
     DKIMKey,
+    DNSResolver,
     DoctorReport,
     Outcome,
     Probe,
@@ -68,6 +69,7 @@ from mailstrom.doctor.spf import (
     with_mechanism,
 )
 from mailstrom.errors import ConfigError
+from mailstrom.testing.dns import LoopbackDNS
 
 IP = "192.0.2.10"
 DOMAIN = "example.com"
@@ -355,6 +357,31 @@ def test_spf_helo_temporary_error_of_an_include_says_which() -> None:
     assert check.status is Status.UNKNOWN
     assert "None" not in check.summary
     assert "SERVFAIL" in check.summary
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 Redirect=_spf.example.net",
+        "v=spf1 REDIRECT=_spf.example.net",
+        "v=spf1 ip4:198.51.100.1 ReDiReCt=_spf.example.net",
+    ],
+)
+def test_spf_modifier_names_in_any_case(dns_server: LoopbackDNS, record: str) -> None:
+    # RFC 7208 §4.6.1: "mechanism and modifier names are case-insensitive" (§12's ABNF
+    # quoted strings). pyspf compares modifier names as written: "Redirect=" was an
+    # unknown modifier, ignored, and the doctor failed a record receivers pass.
+    dns_server.txt(DOMAIN, record)
+    dns_server.txt("_spf.example.net", "v=spf1 ip4:192.0.2.0/24 -all")
+    resolver = DNSResolver(dns_server.dns_config)
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.PASS, "pass"), check.summary
+    result, _ = evaluate(resolver, ip="198.51.100.7", sender=f"postmaster@{DOMAIN}", helo=HELO)
+    assert result == "fail"
+    # Given twice in other cases, it is the same modifier twice: a permerror (RFC 7208 §6).
+    dns_server.txt(DOMAIN, "v=spf1 Redirect=_spf.example.net redirect=_spf.example.net")
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert result == "permerror", check.summary
 
 
 # --- FCrDNS ------------------------------------------------------------------------------
