@@ -384,6 +384,27 @@ def test_spf_modifier_names_in_any_case(dns_server: LoopbackDNS, record: str) ->
     assert result == "permerror", check.summary
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 exists:%{IR}.list.example.net -all",
+        "v=spf1 exists:%{iR}.list.example.net -all",
+        "v=spf1 exists:%{i4R}.list.example.net -all",
+        "v=spf1 exists:%{ir}.list.example.net -all",
+    ],
+)
+def test_spf_macro_reversal_in_any_case(dns_server: LoopbackDNS, record: str) -> None:
+    # RFC 7208 §7.1: transformers = *DIGIT [ "r" ], an ABNF quoted string (any case), and
+    # "uppercase macros expand exactly as their lowercase equivalents" (then URL-escaped).
+    # pyspf took only "r": %{IR} was not reversed, and the record failed the address.
+    dns_server.txt(DOMAIN, record)
+    dns_server.a("10.2.0.192.list.example.net", "127.0.0.2")
+    resolver = DNSResolver(dns_server.dns_config)
+    result, _ = evaluate(resolver, ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO)
+    assert result == "pass"
+    assert dns_server.queries("10.2.0.192.list.example.net", "A") == 1
+
+
 # --- FCrDNS ------------------------------------------------------------------------------
 
 

@@ -61,7 +61,7 @@ def _lookup_through(spf: Any, original: Any) -> Any:
         for text in answer.records:
             value: Any = text
             if qtype in ("TXT", "SPF"):  # pyspf joins a record's strings as bytes
-                value = (_modifier_names_lowered(text).encode("utf-8", "surrogateescape"),)
+                value = (_as_pyspf_reads(text).encode("utf-8", "surrogateescape"),)
             elif qtype == "MX":
                 preference, _, host = text.partition(" ")
                 value = (int(preference), host)
@@ -75,23 +75,30 @@ def _lookup_through(spf: Any, original: Any) -> Any:
 _MODIFIER_NAME = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]*(?==)")
 """RFC 7208 §12: name = ALPHA *( ALPHA / DIGIT / "-" / "_" / "." ), then ``=``: what
 makes a term a modifier (a mechanism's name is ended by ``:``, ``/`` or the term's end)."""
+_MACRO = re.compile(r"%(?:[%_-]|\{([A-Za-z])([0-9]*)R)")
+"""RFC 7208 §7.1: ``%%``, ``%_``, ``%-`` (escapes, skipped as units so that ``%%{`` stays
+text), and the start of a macro whose transformers reverse with an upper-case ``R``."""
 
 
-def _modifier_names_lowered(record: str) -> str:
-    """An SPF record as pyspf is to read it: its modifiers' names in lower case.
+def _as_pyspf_reads(record: str) -> str:
+    """An SPF record as pyspf is to read it: its modifiers' names in lower case, and
+    its macros' reversing transformer (``%{IR}``) too.
 
     "As per the definition of the ABNF notation in [RFC5234], mechanism and modifier
-    names are case-insensitive" (RFC 7208 §4.6.1). pyspf lowers mechanism names, but
-    compares modifier names as written: ``Redirect=`` was an unknown modifier, ignored,
-    and a record that receivers follow to its provider's senders failed them all. Only
-    the names change (a modifier's value keeps its case: macros' letters mean something),
-    and only in SPF records (an ``exp=`` explanation is shown as published)."""
+    names are case-insensitive" (RFC 7208 §4.6.1), and so is the transformer
+    ``[ "r" ]`` (§7.1). pyspf lowers mechanism names, but compares modifier names as
+    written (``Redirect=`` was an unknown modifier, ignored: a record that receivers
+    follow to its provider's senders failed them all) and reverses only for ``r``
+    (``%{IR}`` looked up the address unreversed). Nothing else changes: a macro letter
+    keeps its case (upper case asks for URL escaping), so does a modifier's value, and
+    only SPF records are read so (an ``exp=`` explanation is shown as published)."""
     if not _SPF.match(record):
         return record
-    return " ".join(
+    record = " ".join(
         _MODIFIER_NAME.sub(lambda name: name[0].lower(), term, count=1)
         for term in record.split(" ")
     )
+    return _MACRO.sub(lambda macro: f"%{{{macro[1]}{macro[2]}r" if macro[1] else macro[0], record)
 
 
 @contextlib.contextmanager
