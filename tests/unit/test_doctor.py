@@ -1254,6 +1254,33 @@ def test_run_doctor_takes_the_domain_in_any_case_and_with_a_final_dot(
     assert "(p=reject)" in dmarc.summary
 
 
+@pytest.mark.parametrize("keys", ["none", "other domain"])
+def test_bulk_sender_without_dkim_for_the_domain_fails(
+    dns_server: LoopbackDNS, rsa_key: Path, keys: str
+) -> None:
+    # Gmail and Yahoo require bulk senders to authenticate with both SPF and DKIM, and
+    # Gmail blocks their unsigned mail (5.7.26) even when SPF and DMARC pass: with
+    # --bulk, mail that goes out unsigned is a failure, not a warning (exit 1).
+    dns_server.ptr(IP, HELO)
+    dns_server.a(HELO, IP)
+    dns_server.txt(HELO, "v=spf1 a -all")
+    dns_server.txt(DOMAIN, "v=spf1 ip4:192.0.2.0/24 -all")
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
+    dns_server.txt("s1._domainkey.example.org", record_for(public_key(rsa_key.read_bytes())))
+    resolver = DNSResolver(dns_server.dns_config)
+    dkim = (
+        ()
+        if keys == "none"
+        else (DKIMKey(domain="example.org", selector="s1", private_key=str(rsa_key)),)
+    )
+    given = {"ip": IP, "dkim_keys": dkim}
+    for bulk, status, code in ((False, Status.WARN, 1), (True, Status.FAIL, 2)):
+        report = run_doctor(setup(rsa_key, bulk=bulk, **given), resolver, FakeNetwork())
+        unsigned = [c for c in report.find("dkim") if c.subject == DOMAIN]
+        assert [c.status for c in unsigned] == [status], report.checks
+        assert exit_code(report) == code, [c for c in report.checks if c.status != "pass"]
+
+
 def test_run_doctor_takes_a_dkim_key_domain_in_any_case(rsa_key: Path) -> None:
     # The signer takes d= as a lower-case A-label; so must the doctor, or the key counts
     # for no From domain (and DMARC passes "by SPF alone").

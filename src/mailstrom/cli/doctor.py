@@ -105,8 +105,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--bulk",
         action="store_true",
-        help="judge as a bulk sender (Gmail: over 5,000 messages a day): DMARC required, "
-        "p=none warned about",
+        help="judge as a bulk sender (Gmail: over 5,000 messages a day): DKIM and DMARC "
+        "required, p=none warned about",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=doctor_command)

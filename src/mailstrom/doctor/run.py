@@ -52,7 +52,8 @@ class SenderSetup:
     dkim_keys: tuple[DKIMKey, ...] = ()
     dnsbls: tuple[str, ...] = DEFAULT_DNSBLS
     bulk: bool = False
-    """A bulk sender (Gmail: 5,000 messages a day to its users): DMARC must enforce."""
+    """A bulk sender (Gmail: 5,000 messages a day to its users): its mail must be signed
+    with DKIM and have a DMARC record, which should enforce."""
     relay: str | None = None
     """``host:port`` of the configured relay: then the relay, not this machine, talks to
     receivers, and the IP checks judge an address only when one is given."""
@@ -132,13 +133,17 @@ def run_doctor(
         report.add(check)
         if verifies and key.domain == signer:
             signing.append(key.domain)
+    # Gmail and Yahoo require bulk senders to sign with DKIM as well as pass SPF, and
+    # Gmail blocks their unsigned mail ("5.7.26 ... Gmail requires all bulk senders to
+    # authenticate with both SPF and DKIM") whatever SPF and DMARC say.
+    unsigned = Status.FAIL if setup.bulk else Status.WARN
     if setup.dkim_keys and signer is None:
         domains = sorted({key.domain for key in setup.dkim_keys})
         report.add(
             Check(
                 name="dkim",
                 subject=setup.domain,
-                status=Status.WARN,
+                status=unsigned,
                 summary=f"no configured DKIM key signs mail From {setup.domain}: the keys "
                 f"are for {listed(domains)}",
                 fix=f"configure a DKIM key for d={setup.domain} (or a parent domain) and "
@@ -150,7 +155,7 @@ def run_doctor(
             Check(
                 name="dkim",
                 subject=setup.domain,
-                status=Status.WARN,
+                status=unsigned,
                 summary="no DKIM key configured: mail is unsigned, and Gmail asks bulk "
                 "senders for DKIM as well as SPF",
                 fix=f"configure a DKIM key for d={setup.domain} (or check one with "
