@@ -53,6 +53,7 @@ def publish_good(dns: LoopbackDNS, keys: dict[str, tuple[Path, str]]) -> None:
     dns.a(HELO, "127.0.0.1")
     dns.txt(HELO, "v=spf1 a -all")
     dns.txt(GOOD, "google-site-verification=abc", "v=spf1 ip4:127.0.0.1 -all")
+    dns.mx(GOOD, [(10, "mx.test")])
     dns.txt(f"s1._domainkey.{GOOD}", keys["good"][1])
     dns.txt(f"_dmarc.{GOOD}", f"v=DMARC1; p=reject; rua=mailto:dmarc@{GOOD}")
 
@@ -101,6 +102,7 @@ def test_well_configured_domain_passes_every_check(
         "helo",
         "spf",
         "spf-helo",
+        "mx",
         "dkim",
         "dmarc",
         "dnsbl",
@@ -166,6 +168,7 @@ def test_misconfigured_domain_names_the_records_to_publish(
         "helo": ["fail"],
         "spf": ["fail"],
         "spf-helo": ["warn"],
+        "mx": ["fail"],
         "dkim": ["fail"],
         "dmarc": ["warn"],
         "dnsbl": ["fail"],

@@ -1181,6 +1181,7 @@ def test_run_doctor_all_pass(rsa_key: Path) -> None:
         "helo",
         "spf",
         "spf-helo",
+        "mx",
         "dkim",
         "dmarc",
         "dnsbl",
@@ -1267,6 +1268,7 @@ def test_bulk_sender_without_dkim_for_the_domain_fails(
     dns_server.txt(DOMAIN, "v=spf1 ip4:192.0.2.0/24 -all")
     dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
     dns_server.txt("s1._domainkey.example.org", record_for(public_key(rsa_key.read_bytes())))
+    dns_server.mx(DOMAIN, [(10, "mx.example.com")])
     resolver = DNSResolver(dns_server.dns_config)
     dkim = (
         ()
@@ -1279,6 +1281,41 @@ def test_bulk_sender_without_dkim_for_the_domain_fails(
         unsigned = [c for c in report.find("dkim") if c.subject == DOMAIN]
         assert [c.status for c in unsigned] == [status], report.checks
         assert exit_code(report) == code, [c for c in report.checks if c.status != "pass"]
+
+
+@pytest.mark.parametrize(
+    ("mail", "status", "words"),
+    [
+        ("mx", Status.PASS, "takes mail at mx.example.com"),
+        ("address", Status.PASS, "implicit MX"),
+        ("null mx", Status.FAIL, "null MX"),
+        ("nothing", Status.FAIL, "no MX or address record"),
+    ],
+)
+def test_sending_domain_that_takes_no_mail_fails(
+    dns_server: LoopbackDNS, rsa_key: Path, mail: str, status: Status, words: str
+) -> None:
+    # Receivers refuse mail whose envelope sender (mailstrom's: the From address) is in a
+    # domain that takes no mail: a null MX (RFC 7505 §4.2-4.3, 550 5.7.27), or neither MX
+    # nor address (Postfix's reject_unknown_sender_domain). Every check passed for it.
+    dns_server.ptr(IP, HELO)
+    dns_server.a(HELO, IP)
+    dns_server.txt(HELO, "v=spf1 a -all")
+    dns_server.txt(DOMAIN, "v=spf1 ip4:192.0.2.0/24 -all")
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
+    dns_server.txt(f"s1._domainkey.{DOMAIN}", record_for(public_key(rsa_key.read_bytes())))
+    if mail == "mx":
+        dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    elif mail == "address":
+        dns_server.a(DOMAIN, "192.0.2.80")
+    elif mail == "null mx":
+        dns_server.null_mx(DOMAIN)
+        dns_server.a(DOMAIN, "192.0.2.80")  # its web server: no stand-in for a null MX
+    report = run_doctor(setup(rsa_key, ip=IP), DNSResolver(dns_server.dns_config), FakeNetwork())
+    [check] = report.find("mx")
+    assert check.status is status, check.summary
+    assert words in check.summary
+    assert exit_code(report) == (0 if status is Status.PASS else 2), report.checks
 
 
 def test_run_doctor_takes_a_dkim_key_domain_in_any_case(rsa_key: Path) -> None:

@@ -61,7 +61,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="check that receivers will accept mail sent as a domain",
         description="Check what receivers such as Gmail look at before accepting mail from "
         "this machine for DOMAIN: the outgoing address and outbound port 25, reverse DNS "
-        "of the address and the HELO name, SPF, the published DKIM keys, DMARC policy and "
+        "of the address and the HELO name, SPF, that DOMAIN takes mail (MX), the published "
+        "DKIM keys, DMARC policy and "
         "alignment, and DNS blocklists. Each check passes, warns or fails, with the "
         "exact fix (the DNS record to publish). Sends no mail.",
         epilog=EPILOG,

@@ -16,6 +16,7 @@ from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
 from mailstrom.doctor.lookup import Resolver, public_form
+from mailstrom.doctor.mx import check_mx
 from mailstrom.doctor.network import Network, SocketNetwork
 from mailstrom.doctor.outgoing import (
     DEFAULT_PROBE,
@@ -122,6 +123,8 @@ def run_doctor(
         spf, spf_result = check_spf(resolver, domain=setup.domain, ip=ip, helo=setup.helo_name)
         report.add(spf)
         report.add(check_spf_helo(resolver, helo=setup.helo_name, ip=ip))
+
+    report.add(check_mx(resolver, domain=setup.domain))
 
     # Mail From the domain is signed by the keys of one key domain only, as the signer
     # picks them (DKIMConfig.keys_for): a verifying key of any other domain signs none of

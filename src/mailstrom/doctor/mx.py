@@ -1,0 +1,62 @@
+"""Does the sending domain take mail? Receivers ask it of the envelope sender's domain.
+
+Mail whose envelope sender is in a domain that takes no mail can get no bounce, and
+receivers refuse it: a null MX (``MX 0 .``) says the domain accepts none, and "Senders of
+email SHOULD NOT use envelope sender addresses in domains that publish a null MX" (RFC
+7505 §4.2; receivers reply 550 5.7.27, §4.3); a domain with neither MX nor address
+records has no way to take mail either (Postfix's ``reject_unknown_sender_domain``
+refuses both: "Sender address rejected: Domain not found"). mailstrom's envelope sender
+is the From address by default, so the From domain is the one asked about.
+"""
+
+from __future__ import annotations
+
+from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.report import Check, Status, listed, piece
+
+
+def check_mx(resolver: Resolver, *, domain: str) -> Check:
+    """The ``mx`` check: ``domain`` has MX records (or, without any, an address that
+    stands in for them, RFC 5321 §5.1), and no null MX."""
+
+    def check(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
+        return Check(
+            name="mx", subject=domain, status=status, summary=summary, details=details, fix=fix
+        )
+
+    answer = resolver.lookup(domain, "MX")
+    if answer.outcome is Outcome.ERROR:
+        return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
+    shown = tuple(f"MX {domain}: {record}" for record in answer.records[:10])
+    hosts = [record.partition(" ")[2].strip() for record in answer.records]
+    if any(host in ("", ".") for host in hosts):
+        return check(
+            Status.FAIL,
+            f"{domain} publishes a null MX (RFC 7505): it takes no mail, so its mail gets no "
+            "bounces, and receivers refuse mail from it (550 5.7.27)",
+            f"remove the null MX of {domain} and publish the MX records of the servers that "
+            "take its mail (bounces and replies come back there)",
+            *shown,
+        )
+    if hosts:
+        # A summary is one line: a few names, each cut short (DNS names run to 253).
+        at = listed([piece(host) for host in hosts], 3)
+        return check(Status.PASS, f"{domain} takes mail at {at}", None, *shown)
+    failed: str | None = None
+    for rtype in ("A", "AAAA"):
+        address = resolver.lookup(domain, rtype)
+        if address.records:
+            return check(
+                Status.PASS,
+                f"{domain} has no MX record: its address {address.records[0]} takes its mail "
+                "(implicit MX, RFC 5321 §5.1)",
+            )
+        failed = failed or address.error
+    if failed is not None:
+        return check(Status.UNKNOWN, f"temporary DNS error: {failed}")
+    return check(
+        Status.FAIL,
+        f"{domain} has no MX or address record: it takes no mail, so its mail gets no "
+        "bounces, and receivers that check the sender's domain refuse it (Domain not found)",
+        f"publish MX records at {domain} naming the servers that take its mail",
+    )
