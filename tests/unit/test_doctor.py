@@ -465,6 +465,17 @@ def test_helo_name_that_is_an_address_literal(helo: str, status: Status) -> None
     assert helo_check.fix is not None and "[" not in helo_check.fix
 
 
+def test_fcrdns_ptr_naming_the_root_is_no_ptr_name(dns_server: LoopbackDNS) -> None:
+    # "PTR ." names no host: the check showed an empty name ("the PTR name  does not
+    # resolve back") and its fix was to publish an A record at that empty name.
+    dns_server.ptr(IP, ".")
+    dns_server.a(HELO, IP)
+    ptr, _ = check_fcrdns(DNSResolver(dns_server.dns_config), ip=IP, helo=HELO)
+    assert ptr.status is Status.FAIL
+    assert "names no host" in ptr.summary, ptr.summary
+    assert ptr.fix is not None and ptr.fix.endswith(f"PTR 10.2.0.192.in-addr.arpa → {HELO}")
+
+
 def test_fcrdns_looks_up_at_most_ten_ptr_names() -> None:
     # Whoever holds the address block may publish any number of PTR names, and each
     # costs a lookup (a dropped one the whole DNS timeout).

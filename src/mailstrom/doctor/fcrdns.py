@@ -62,9 +62,12 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
     # The name a PTR record should give: the HELO name, unless that is an address literal.
     ptr_target = helo if literal_address(helo) is None else f"a host name that resolves to {ip}"
     ptr = resolver.lookup(rname, "PTR")
-    names = [normal_name(n) for n in ptr.records[:MAX_PTR_NAMES]]
+    # A PTR record of the root (".") names no host: nothing to confirm, and no name to
+    # publish an address record at.
+    named = [normal_name(n) for n in ptr.records]
+    names = [n for n in named if n][:MAX_PTR_NAMES]
     forward = _forward(resolver, ip, names)
-    unchecked = len(ptr.records) - len(names)
+    unchecked = len([n for n in named if n]) - len(names)
     details = tuple(f"PTR {rname}: {n}" for n in names) + (
         (f"PTR {rname}: {unchecked} more names, not looked at",) if unchecked else ()
     )
@@ -77,11 +80,12 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
             summary=f"temporary DNS error: {ptr.error}",
         )
     elif not names:
+        what = "has no PTR record" if not named else "has a PTR record that names no host (.)"
         ptr_check = Check(
             name="ptr",
             subject=ip,
             status=Status.FAIL,
-            summary=f"{ip} has no PTR record (Gmail rejects mail from such addresses)",
+            summary=f"{ip} {what} (Gmail rejects mail from such addresses)",
             fix=f"{_PTR_OWNER}: ask for PTR {rname} → {ptr_target}",
         )
     elif forward.confirmed:
