@@ -852,6 +852,35 @@ def test_organizational_domain_and_alignment() -> None:
     assert not aligned("example.net", "example.com", "r")
 
 
+@pytest.mark.parametrize(
+    ("rua", "note"),
+    [
+        ("mailto:d@example.com", None),
+        ("mailto:d@example.com!10m, https://r.example.net/dmarc", None),
+        ("d@example.com", "rua= holds no URI"),
+        ("d@example.com, r@example.net", "rua= holds no URI"),
+        (None, "no rua="),
+    ],
+)
+def test_dmarc_reports_address_without_a_uri_scheme_gets_no_reports(
+    dns_server: LoopbackDNS, rua: str | None, note: str | None
+) -> None:
+    # RFC 7489 §6.4: rua is a list of URIs, mailto: the one every receiver supports. A bare
+    # address ("rua=d@example.com", a common slip) is none: receivers send no reports,
+    # and the doctor, which notes a missing rua=, said nothing.
+    record = "v=DMARC1; p=reject" + (f"; rua={rua}" if rua is not None else "")
+    dns_server.txt(f"_dmarc.{DOMAIN}", record)
+    check = check_dmarc(
+        DNSResolver(dns_server.dns_config), domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN]
+    )
+    assert check.status is Status.PASS
+    notes = [line for line in check.details if "aggregate reports" in line]
+    if note is None:
+        assert notes == [], check.details
+    else:
+        assert len(notes) == 1 and notes[0].startswith(note), check.details
+
+
 def test_dmarc_pass_warn_fail(rsa_key: Path) -> None:
     zone = good_zone(rsa_key)
     resolver = FakeResolver(zone)

@@ -28,6 +28,10 @@ newlines, NBSP and the rest of Unicode's."""
 # value is given in hex: exactly "DMARC1" (§6.3: "MUST match precisely").
 _DMARC = re.compile(r"^[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|\Z)")
 _POLICIES = ("none", "quarantine", "reject")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+"""RFC 3986 §3.1: a URI starts with its scheme and a colon. rua= and ruf= are lists of
+URIs (RFC 7489 §6.4), ``mailto:`` the one every receiver supports (§6.2): a bare address
+(``rua=d@example.com``) is none, and receivers send it no report."""
 _PERCENT = re.compile(r"[0-9]{1,3}")
 """RFC 7489 §6.4: ``pct`` is 1*3DIGIT, ASCII digits (``str.isdigit`` takes ``٣`` and ``²``)."""
 
@@ -225,6 +229,11 @@ def check_dmarc(
     ]
     if not record.rua:
         details.append("no rua=: you get no aggregate reports of who sends as you")
+    elif not any(_URI_SCHEME.match(uri) for uri in record.rua):
+        details.append(
+            f"rua= holds no URI ({piece(', '.join(record.rua))}: mailto: is missing): you get "
+            "no aggregate reports of who sends as you"
+        )
     if record.pct < 100:
         details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
 
