@@ -131,6 +131,23 @@ def test_check_helo_ptr_lookup_failure_is_reported_not_taken_for_no_ptr(
     assert "could not be checked" in text
 
 
+def test_check_helo_name_that_is_an_address_literal(mail_env: MailEnv) -> None:
+    # helo_name may be an address literal (RFC 5321 §4.1.3). It was looked up as a DNS
+    # name ("[127.0.0.1]" A and AAAA), and reported as a name without addresses.
+    cli = mail_env.cli
+    cli.env["MAILSTROM_HELO_NAME"] = "[127.0.0.1]"
+    mail_env.dns.ptr("127.0.0.1", "client.test")
+    mail_env.dns.reset_counts()
+    helo = cli.ok("check", "--json", "example.test").json()["helo"]
+    assert helo["addresses"] == ["127.0.0.1"]
+    assert helo["ptr"] == {"127.0.0.1": ["client.test"]}
+    assert helo["forward_confirmed"] is False
+    assert "address literal" in (helo["error"] or ""), helo
+    assert "no A or AAAA record" not in (helo["error"] or "")
+    asked = {name for name, rtype in mail_env.dns.query_counts() if rtype in ("A", "AAAA")}
+    assert not any("[" in name for name in asked), asked
+
+
 def test_check_helo_looks_up_the_ptr_of_ten_addresses_at_most(mail_env: MailEnv) -> None:
     # The HELO name's RRsets hold as many addresses as DNS gives (thousands over TCP), and
     # each PTR lookup may cost the whole DNS timeout.

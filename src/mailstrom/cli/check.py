@@ -31,7 +31,7 @@ from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.config import Config, TLSPolicy
-from mailstrom.domains import a_label, shown
+from mailstrom.domains import a_label, literal_address, shown
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
@@ -338,7 +338,16 @@ async def check_helo(config: Config) -> HeloReport:
     report = HeloReport(name=config.helo_name)
     resolver = make_resolver(config.dns)
     problems: list[str] = []
-    for rdtype in ("A", "AAAA"):
+    # An address literal (RFC 5321 §4.1.3) names its address: no DNS name to look up,
+    # and none a PTR record can give back (the doctor's helo check says the same).
+    literal = literal_address(config.helo_name)
+    if literal is not None:
+        report.addresses.append(str(literal))
+        problems.append(
+            f"{config.helo_name} is an address literal, not a host name: receivers expect "
+            "a name that resolves to the address and is its PTR name"
+        )
+    for rdtype in ("A", "AAAA") if literal is None else ():
         try:
             answer = await resolver.resolve(config.helo_name, rdtype)
             report.addresses.extend(r.to_text() for r in answer)
