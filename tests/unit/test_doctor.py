@@ -298,6 +298,21 @@ def test_spf_records_are_v_spf1_in_any_case_then_a_space_or_the_end() -> None:
     assert (records, error) == (["V=SPF1 -all", "v=spf1", "v=Spf1 a"], None)
 
 
+def test_spf_version_matches_ascii_letters_only(dns_server: LoopbackDNS) -> None:
+    # Python's case-insensitive matching takes "\u017f" (long s) for "s": "v=\u017fpf1"
+    # was counted as a second SPF record, which pyspf (and receivers) do not take, and a
+    # record's own permerror was reported as "2 SPF records", with a merged record to
+    # publish that kept the bad term.
+    dns_server.txt(DOMAIN, "v=spf1 moo -all", "v=\u017fpf1 ip4:192.0.2.10 -all")
+    resolver = DNSResolver(dns_server.dns_config)
+    records, _ = spf_records(resolver, DOMAIN)
+    assert records == ["v=spf1 moo -all"]
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert result == "permerror"
+    assert "SPF records" not in check.summary, check.summary
+    assert "moo" in check.summary
+
+
 def test_spf_terms_are_separated_by_spaces_only() -> None:
     # "a\u00a0mx" is one (invalid) term, not two: the fix keeps it as published.
     assert with_mechanism("v=spf1  a\u00a0mx\t-all", "ip4:192.0.2.1") == (

@@ -26,8 +26,10 @@ from mailstrom.domains import literal_address
 # RFC 7208 §4.5 and §12: record = version terms *SP, version = "v=spf1" (a quoted ABNF
 # string: any case), terms = *( 1*SP ( directive / modifier ) ). The version ends at an SP
 # or the end of the record: not at a tab, a newline or other Unicode white space (``\s``),
-# which pyspf, evaluating the record, does not take either.
-_SPF = re.compile(r"^v=spf1(?: |\Z)", re.IGNORECASE)
+# which pyspf, evaluating the record, does not take either. The case is ASCII's only
+# (re.ASCII): Unicode case folding takes "\u017f" (long s) for "s", and "v=\u017fpf1" is no
+# SPF record to pyspf, which matches octets, or to receivers.
+_SPF = re.compile(r"^v=spf1(?: |\Z)", re.IGNORECASE | re.ASCII)
 _EXPLAINED = 200
 """Characters of pyspf's explanation a summary shows: it quotes the term it stopped at,
 which the record's publisher may have made as long as a TXT record holds."""
