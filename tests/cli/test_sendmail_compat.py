@@ -4,11 +4,15 @@ header section or without the empty line that ends it."""
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
 import getpass
 import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -185,3 +189,46 @@ def test_ctrl_c_while_the_message_is_typed_is_no_traceback(cli: CLI) -> None:
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err, err.decode()
     assert cli.queue_ids() == []
+
+
+def _unread(fd: int) -> int:
+    """Octets waiting in the pipe ``fd`` reads (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
+
+
+@pytest.mark.parametrize("args", [["-i"], []])
+def test_a_non_blocking_stdin_is_read_to_its_end(cli: CLI, args: list[str]) -> None:
+    """A standard input left non-blocking (O_NONBLOCK is shared by everyone holding the
+    same open pipe or terminal): a read finding the pipe empty for a moment was taken
+    for the end of input, and the message was queued cut short, with exit 0."""
+    _origin(cli)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", cli.module, "sendmail", *args, "bob@example.test"],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=read_end,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        os.write(write_end, b"Subject: in two parts\n\nfirst part\n")
+        deadline = time.monotonic() + 60
+        while _unread(read_end) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until sendmail has read the first part; nothing to wait on
+        with contextlib.suppress(BrokenPipeError):  # it took the first part for all
+            os.write(write_end, b"second part\n")
+        os.close(write_end)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    [mid] = cli.queue_ids()
+    raw = cli.ok("show", "--raw", mid).out.replace("\r\n", "\n")
+    assert raw.endswith("\n\nfirst part\nsecond part\n")

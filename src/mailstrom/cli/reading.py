@@ -9,8 +9,14 @@ the error (and exit code 65) of any message over the limit.
 
 from __future__ import annotations
 
+import io
+import os
+import select
 import sys
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from mailstrom.cli.exits import EX_NOINPUT, CLIError
 from mailstrom.errors import MessageTooLarge
@@ -32,7 +38,45 @@ def stdin_buffer() -> BinaryIO:
     AttributeError, an "internal error" (70)."""
     if sys.stdin is None:
         raise CLIError("no standard input (it is closed)", EX_NOINPUT)
-    return sys.stdin.buffer
+    try:
+        fd = sys.stdin.fileno()
+        blocking = os.get_blocking(fd)
+    except (OSError, ValueError):  # no descriptor (io.UnsupportedOperation is both)
+        return sys.stdin.buffer
+    if blocking:
+        return sys.stdin.buffer
+    # A descriptor left in non-blocking mode (O_NONBLOCK is shared with whoever holds
+    # the same open pipe or terminal): a read with nothing there yet returned None or
+    # b"", which the readers took for the end of input, and a message still being
+    # written was queued cut short (exit 0). Read it as a blocking one instead, without
+    # changing the flag under the other holders' feet.
+    return io.BufferedReader(_WaitingReader(fd))
+
+
+class _WaitingReader(io.RawIOBase):
+    """The descriptor ``fd`` (not closed with this object) read as if it blocked: a read
+    that finds nothing waits until there is something, or the end of input."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        view = memoryview(buffer).cast("B")
+        while True:
+            try:
+                data = os.read(self._fd, len(view))
+            except BlockingIOError:
+                select.select([self._fd], [], [])
+                continue
+            view[: len(data)] = data
+            return len(data)
 
 
 def too_large(source: str, limit: int) -> MessageTooLarge:
