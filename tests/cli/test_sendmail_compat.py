@@ -232,3 +232,27 @@ def test_a_non_blocking_stdin_is_read_to_its_end(cli: CLI, args: list[str]) -> N
     [mid] = cli.queue_ids()
     raw = cli.ok("show", "--raw", mid).out.replace("\r\n", "\n")
     assert raw.endswith("\n\nfirst part\nsecond part\n")
+
+
+@pytest.mark.parametrize(
+    ("sender", "author"),
+    [
+        ("<root>", "root@host.example.test"),
+        ("Cron <root>", "Cron <root@host.example.test>"),
+        ("root (Cron Daemon)", "Cron Daemon <root@host.example.test>"),
+    ],
+)
+@pytest.mark.parametrize("has_from", [True, False])
+def test_a_bare_sender_in_angle_brackets_gets_the_origin(
+    cli: CLI, sender: str, author: str, has_from: bool
+) -> None:
+    """``-f '<root>'`` (or ``-f 'Cron <root>'``) names the local user root, as Postfix
+    reads it; the origin was appended to the text as written, ``<root>@host...``, and the
+    message was refused (65) for a malformed From header it did not have."""
+    _origin(cli)
+    head = b"From: app@example.test\n" if has_from else b""
+    cli.ok("sendmail", "-i", "-f", sender, "bob@example.test", stdin=head + b"Subject: x\n\ny\n")
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "root@host.example.test"
+    fields = cli.ok("show", "--headers", queued["id"]).out.splitlines()
+    assert f"From: {'app@example.test' if has_from else author}" in fields

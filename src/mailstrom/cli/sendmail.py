@@ -47,7 +47,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
-from mailstrom.message.addresses import parse_local_address_list, parse_mailbox
+from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
@@ -317,7 +317,16 @@ def build(
     for name, missing in (("From", True), ("Resent-From", resending)):
         if missing and not section.values(name):
             named = args.sender if envelope_sender(args.sender, default_domain) else None
-            address = qualify(named or getpass.getuser(), default_domain)
+            text = named or getpass.getuser()
+            box = _bare_mailbox(text, default_domain)
+            # The name of ``root (Cron Daemon)`` is its comment, as qualify_headers()
+            # reads ``From: root (Cron Daemon)``.
+            comment = next(iter(getaddresses([text])), ("", ""))[0]
+            address = (
+                format_address(box.name or comment, box.address.written)
+                if box
+                else qualify(text, default_domain)
+            )
             line = f"{name}: " + from_field(args.full_name or "", address)
             data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
@@ -345,7 +354,25 @@ def envelope_sender(sender: str | None, origin: str) -> str | None:
         return None
     if sender.strip() in ("", "<>"):
         return ""
-    return qualify(sender, origin)
+    box = _bare_mailbox(sender, origin)
+    return box.address.written if box else qualify(sender, origin)
+
+
+def _bare_mailbox(text: str, origin: str) -> Mailbox | None:
+    """The one mailbox ``text`` names when its address is a bare name, given the origin:
+    ``root``, and also ``<root>``, ``Cron <root>`` or ``root (Cron)``, which qualify()
+    took for a name of its own (``<root>@origin``, refused as malformed, exit 65). None
+    for an address with a domain, or text that is no single mailbox (qualify() then
+    decides, and prepare() reads it or refuses it with a precise reason)."""
+    if "@" in text:
+        return None
+    try:
+        groups = parse_local_address_list("-f", text, origin)
+    except InvalidMessage:
+        return None
+    if len(groups) != 1 or groups[0].name is not None or len(groups[0].mailboxes) != 1:
+        return None
+    return groups[0].mailboxes[0]
 
 
 def from_field(full_name: str, address: str) -> str:
