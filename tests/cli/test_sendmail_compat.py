@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import email
+import email.policy
 import fcntl
 import getpass
 import os
@@ -256,3 +258,30 @@ def test_a_bare_sender_in_angle_brackets_gets_the_origin(
     assert queued["envelope_from"] == "root@host.example.test"
     fields = cli.ok("show", "--headers", queued["id"]).out.splitlines()
     assert f"From: {'app@example.test' if has_from else author}" in fields
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encoding"),
+    [
+        (b"Content-Type: text/html; charset=UTF-8\n", "quoted-printable"),
+        (b"", "quoted-printable"),
+        (b"Content-Type: application/json\nContent-Transfer-Encoding: 8bit\n", "base64"),
+    ],
+)
+def test_a_body_line_over_998_octets_is_encoded_not_refused(
+    cli: CLI, content_type: bytes, encoding: str
+) -> None:
+    """PHP's mail() hands sendmail its HTML on one line, cron and logwatch a long log
+    line; Postfix and Sendmail send such mail on. mailstrom refused it (exit 65, RFC 5322
+    §2.1.1's 998 octets): the mail was lost. The body is encoded instead, unchanged."""
+    _origin(cli)
+    body = "<p>" + "Grüße, " * 1000 + "</p>\n"
+    message = b"To: bob@example.test\nSubject: long\n" + content_type + b"\n" + body.encode()
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed["Content-Transfer-Encoding"] == encoding
+    assert parsed["MIME-Version"] == "1.0"
+    assert parsed.get_payload(decode=True) == body.encode().replace(b"\n", b"\r\n")

@@ -15,6 +15,7 @@ run: ``MAILSTROM_FUZZ_EXAMPLES=5000 pytest --timeout=0 tests/cli/test_sendmail_f
 
 from __future__ import annotations
 
+import binascii
 import io
 import os
 import re
@@ -285,6 +286,12 @@ def check_queued(argv: list[str], stdin: bytes, data: bytes, recipients: list[st
         assert local.split(b" ")[0] in given.lower(), f"{address} was not given"
     # The body as read: to the end, or (without -i) to a lone dot line.
     expected, got = input_body(stdin), normalized_body(data)
+    cte = re.findall(rb"(?im)^content-transfer-encoding:[ \t]*(\S+)", head)
+    given_cte = rb"(?im)^content-transfer-encoding:[ \t]*"
+    if cte and not re.search(given_cte + re.escape(cte[-1]), stdin):
+        # An encoding sendmail gave a body with a line over 998 octets: its content.
+        decode = binascii.a2b_qp if cte[-1].lower() == b"quoted-printable" else binascii.a2b_base64
+        got = re.sub(rb"\r\n|\r|\n", b"\r\n", decode(got))
     if expected and got != expected:
         # Without -i a lone dot ends the message: then the body is a prefix.
         assert expected.startswith(got.rstrip(b"\r\n")), "body changed"

@@ -16,6 +16,7 @@ and the ``MAILSTROM_*`` variables, as Postfix's sendmail reads only its ``main.c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import re
 import sys
@@ -47,10 +48,12 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
+from mailstrom.message import mime
 from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
+from mailstrom.message.encoding import MAX_LINE, base64_lines, quoted_printable, to_crlf
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -333,7 +336,7 @@ def build(
     if args.extract:
         recipients = header_recipients(section) + recipients
     recipients = expand_all(recipients, aliases or {}, default_domain)
-    data = qualify_headers(data, default_domain)
+    data = encode_long_lines(qualify_headers(data, default_domain))
     if not recipients:
         hint = (
             "no recipients in the To, Cc or Bcc headers"
@@ -342,6 +345,39 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def encode_long_lines(data: bytes) -> bytes:
+    """``data`` with a body that has a line over 998 octets (RFC 5322 §2.1.1) encoded:
+    quoted-printable for text, base64 otherwise, as the body of a message that is no
+    multipart and carries no encoding (7bit, 8bit, binary) may be. Programs hand sendmail
+    such bodies as they are (PHP's mail() with its HTML on one line, cron and logwatch
+    with a long log line), Postfix and Sendmail send them on, and prepare() refused them
+    (exit 65: the mail was lost). The content is unchanged: a reader decodes it. Anything
+    else, a multipart say, is returned as it was, for prepare() to judge."""
+    if len(data) <= MAX_LINE:
+        return data
+    crlf = to_crlf(data)
+    try:
+        section = split_header_section(crlf)
+    except InvalidMessage:
+        return data  # prepare() refuses it with the reason
+    if max(map(len, section.body.split(b"\r\n"))) <= MAX_LINE:
+        return data
+    top = mime.entity(crlf)
+    if top.maintype in ("multipart", "message") or top.cte not in _UNENCODED or top.repeated:
+        return data
+    text = top.maintype == "text"
+    encoded = quoted_printable(section.body) if text else base64_lines(section.body)
+    add = [("Content-Transfer-Encoding", "quoted-printable" if text else "base64")]
+    if not section.values("MIME-Version"):
+        add.append(("MIME-Version", "1.0"))  # an encoding is read under MIME (RFC 2045 §4)
+    return dataclasses.replace(section, body=encoded).rewrite(
+        drop={"content-transfer-encoding"}, add=add
+    )
+
+
+_UNENCODED = ("7bit", "8bit", "binary")
 
 
 def envelope_sender(sender: str | None, origin: str) -> str | None:
