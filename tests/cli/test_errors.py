@@ -298,3 +298,20 @@ def test_ctrl_c_while_the_command_starts_exits_130(cli: CLI, at: str, entry: str
     assert (result.code, result.out) == (130, ""), result.err
     assert "Traceback" not in result.err and "KeyboardInterrupt" not in result.err
     assert result.err == ""
+
+
+@pytest.mark.parametrize(
+    "twice",
+    [
+        ["--text-file", "-", "--attach", "-"],
+        ["--text-file", "-", "--html-file", "-"],
+        ["--text", "x", "--attach", "-", "--attach", "-"],
+    ],
+)
+def test_send_standard_input_named_twice_is_a_usage_error(cli: CLI, twice: list[str]) -> None:
+    """Standard input holds one stream: the first option naming ``-`` read it to its end,
+    the next got nothing, and the message was queued with an empty HTML part or an empty
+    attachment named "-", exit 0."""
+    result = cli("send", "--from", "a@client.test", "--to", "b@x.test", *twice, stdin=b"text\n")
+    assert_one_line_error(result, 64, "standard input (-) can be read once")
+    assert cli.queue_ids() == []

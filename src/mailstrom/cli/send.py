@@ -308,6 +308,20 @@ def build_email(args: argparse.Namespace, *, max_size: int) -> Email:
     together (the message size limit: past it, the message would be refused anyway)."""
     if not args.from_:
         raise UsageError("--from is required (or give a complete message with --file)")
+    stdin = [
+        option
+        for option, paths in (
+            ("--text-file", [args.text_file]),
+            ("--html-file", [args.html_file]),
+            ("--attach", args.attach),
+        )
+        for path in paths
+        if path == "-"
+    ]
+    if len(stdin) > 1:
+        # The first one read it to its end: the next got nothing, an empty HTML part or
+        # an empty attachment named "-", and the message was queued without a word.
+        raise UsageError(f"standard input (-) can be read once; given to {', '.join(stdin)}")
     budget = FileBudget(max_size)
     text = args.text
     if args.text_file is not None:
