@@ -285,3 +285,22 @@ def test_a_body_line_over_998_octets_is_encoded_not_refused(
     assert parsed["Content-Transfer-Encoding"] == encoding
     assert parsed["MIME-Version"] == "1.0"
     assert parsed.get_payload(decode=True) == body.encode().replace(b"\n", b"\r\n")
+
+
+def test_a_header_line_over_998_octets_is_folded_not_refused(cli: CLI) -> None:
+    """PHP's mail() writes its To field on one line however many recipients it names;
+    Postfix folds such a line and sends the mail on. mailstrom refused it (exit 65, RFC
+    5322 §2.1.1's 998 octets). It is folded at its white space now, the field unchanged
+    once unfolded."""
+    _origin(cli)
+    recipients = [f"user{i}@example.test" for i in range(80)]
+    subject = "a long subject " * 80
+    message = f"To: {', '.join(recipients)}\nSubject: {subject}\n\nbody\n".encode()
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in queued["recipients"]] == recipients
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert parsed["To"].replace("\r\n", "") == ", ".join(recipients)
+    assert parsed["Subject"].replace("\r\n", "").rstrip() == subject.rstrip()

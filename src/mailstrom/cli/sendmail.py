@@ -336,7 +336,7 @@ def build(
     if args.extract:
         recipients = header_recipients(section) + recipients
     recipients = expand_all(recipients, aliases or {}, default_domain)
-    data = encode_long_lines(qualify_headers(data, default_domain))
+    data = encode_long_lines(fold_long_fields(qualify_headers(data, default_domain)))
     if not recipients:
         hint = (
             "no recipients in the To, Cc or Bcc headers"
@@ -345,6 +345,41 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def fold_long_fields(data: bytes) -> bytes:
+    """``data`` with each header line over 998 octets (RFC 5322 §2.1.1) folded at white
+    space within it, as Postfix's SMTP client folds one: PHP's mail() writes ``To: a,
+    b, ...`` on one line however many recipients it names, and prepare() refused the
+    message (exit 65). Unfolding gives the field back as it was written. A line without
+    white space to fold at is left, for prepare() to refuse with its advice."""
+    if len(data) <= MAX_LINE:
+        return data
+    try:
+        section = split_header_section(to_crlf(data))
+    except InvalidMessage:
+        return data  # prepare() refuses it with the reason
+    if all(len(line) <= MAX_LINE for f in section.fields for line in f.lines):
+        return data
+    fields = [
+        dataclasses.replace(f, lines=tuple(folded for line in f.lines for folded in _fold(line)))
+        for f in section.fields
+    ]
+    return dataclasses.replace(section, fields=tuple(fields)).rewrite(drop=(), add=())
+
+
+def _fold(line: bytes) -> list[bytes]:
+    """``line`` as lines of at most :data:`MAX_LINE` octets, each but the first starting
+    with the white space it was folded before; as far as it can be folded."""
+    out = []
+    while len(line) > MAX_LINE:
+        cut = max(line.rfind(b" ", 1, MAX_LINE + 1), line.rfind(b"\t", 1, MAX_LINE + 1))
+        if cut <= 0 or not line[:cut].strip(b" \t"):
+            break  # no white space to fold at (a line of only it is no line, §3.2.2)
+        out.append(line[:cut])
+        line = line[cut:]
+    out.append(line)
+    return out
 
 
 def encode_long_lines(data: bytes) -> bytes:
