@@ -304,3 +304,29 @@ def test_a_header_line_over_998_octets_is_folded_not_refused(cli: CLI) -> None:
     parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
     assert parsed["To"].replace("\r\n", "") == ", ".join(recipients)
     assert parsed["Subject"].replace("\r\n", "").rstrip() == subject.rstrip()
+
+
+def test_a_part_with_a_line_over_998_octets_is_encoded_not_refused(cli: CLI) -> None:
+    """The multipart/alternative a PHP script builds by hand, its HTML part on one line:
+    refused (exit 65) as a single-part message with such a body was. The long part is
+    encoded now; the other part, the delimiters and the preamble are left as they were."""
+    _origin(cli)
+    html = "<p>" + "Grüße, " * 1000 + "</p>"
+    message = (
+        "To: bob@example.test\nSubject: long\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/alternative; boundary="XX"\n\nThis is MIME.\n'
+        "--XX\nContent-Type: text/plain; charset=UTF-8\n\nGrüße\n"
+        f"--XX\nContent-Type: text/html; charset=UTF-8\nContent-Transfer-Encoding: 8bit\n\n{html}\n"
+        "--XX--\n"
+    ).encode()
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert b"\r\n\r\nThis is MIME.\r\n--XX\r\n" in raw
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    plain, rich = parsed.iter_parts()
+    assert plain["Content-Transfer-Encoding"] is None
+    assert plain.get_content().rstrip("\n") == "Grüße"
+    assert rich["Content-Transfer-Encoding"] == "quoted-printable"
+    assert rich.get_payload(decode=True) == html.encode()
