@@ -330,3 +330,31 @@ def test_a_part_with_a_line_over_998_octets_is_encoded_not_refused(cli: CLI) -> 
     assert plain.get_content().rstrip("\n") == "Grüße"
     assert rich["Content-Transfer-Encoding"] == "quoted-printable"
     assert rich.get_payload(decode=True) == html.encode()
+
+
+def test_a_header_section_in_the_declared_charset_is_read_as_such(cli: CLI) -> None:
+    """A PHP site kept in ISO-8859-1 writes its Subject (and From name) in ISO-8859-1 and
+    declares that charset; Postfix sends such mail on, mailstrom refused it (exit 65,
+    raw 8-bit headers must be UTF-8). The header section is read in the declared charset
+    now; without a declaration nothing is guessed, and the message is still refused."""
+    _origin(cli)
+    head = "To: bob@example.test\nSubject: Bestätigung\nFrom: Jörg <shop@example.test>\n"
+    body = b"Vielen Dank\n"  # ASCII: the CLI helper reads what `show` prints as UTF-8
+    declared = b"Content-Type: text/plain; charset=ISO-8859-1\n\n"
+    cli.ok("sendmail", "-t", "-i", stdin=head.encode("latin-1") + declared + body)
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "shop@example.test"
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    fields = raw.partition(b"\r\n\r\n")[0].decode("utf-8").splitlines()
+    # Text fields as encoded words (no SMTPUTF8 needed for them), the rest in UTF-8.
+    [subject] = [f for f in fields if f.startswith("Subject:")]
+    assert subject.isascii()
+    assert str(email.message_from_bytes(raw, policy=email.policy.default)["Subject"]) == (
+        "Bestätigung"
+    )
+    assert "From: Jörg <shop@example.test>" in fields
+    assert raw.endswith(b"\r\n\r\n" + body.replace(b"\n", b"\r\n"))
+
+    undeclared = cli("sendmail", "-t", "-i", stdin=head.encode("latin-1") + b"\n" + body)
+    assert undeclared.code == 65, undeclared.err
+    assert "not UTF-8" in undeclared.err

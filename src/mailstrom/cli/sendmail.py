@@ -16,12 +16,14 @@ and the ``MAILSTROM_*`` variables, as Postfix's sendmail reads only its ``main.c
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import getpass
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 from mailstrom.cli.context import report, require_lasting_store, store_from, utc_now
@@ -55,6 +57,7 @@ from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, base64_lines, quoted_printable, to_crlf
 from mailstrom.message.headers import HeaderSection, split_header_section
+from mailstrom.message.words import unstructured_field
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
 HELP = """\
@@ -310,7 +313,7 @@ def build(
     :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
-    data = end_header_section(data)
+    data = utf8_header_section(end_header_section(data))
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
     resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
@@ -345,6 +348,65 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def utf8_header_section(data: bytes) -> bytes:
+    """``data`` with a header section that is not UTF-8 transcoded to UTF-8 from the
+    charset its Content-Type declares, when the octets are text in that charset.
+
+    A PHP site kept in ISO-8859-1 writes ``Subject: Bestätigung`` in ISO-8859-1 and
+    says so in ``Content-Type: text/plain; charset=ISO-8859-1``; Postfix and Sendmail
+    send such a header on, and prepare() refused it (exit 65, raw 8-bit headers must be
+    UTF-8, RFC 6532). In UTF-8 it reads the same and is what prepare() takes. Without a
+    declared charset, or octets that are no text in it, nothing is guessed: the message
+    is left for prepare() to refuse with its reason."""
+    crlf = to_crlf(data)
+    body = mime.body_start(crlf, 0, len(crlf))
+    head = crlf[:body]
+    if head.isascii():
+        return data
+    try:
+        head.decode("utf-8")
+        return data
+    except UnicodeDecodeError:
+        pass
+    charset = BytesHeaderParser().parsebytes(head).get_content_charset()
+    try:
+        codec = codecs.lookup(charset or "")
+        text = head.decode(codec.name)
+    except (LookupError, UnicodeDecodeError):
+        return data
+    if _ASCII.decode(codec.name, "replace") != _ASCII.decode("ascii"):
+        return data  # not a superset of ASCII (UTF-16...): field names would change
+    return _words_for_text(text).encode("utf-8") + crlf[body:]
+
+
+_ASCII = bytes(range(128))
+_TEXT_FIELDS = frozenset({"subject", "comments"})
+"""Fields of plain text (RFC 5322 §3.6.5), written as RFC 2047 encoded words when they
+are not ASCII: raw UTF-8 in them needs a server offering SMTPUTF8, which the ISO-8859-1
+mail of old scripts never did."""
+
+
+def _words_for_text(head: str) -> str:
+    """``head`` (a header section, CRLF lines) with each field of :data:`_TEXT_FIELDS`
+    that is not ASCII written as encoded words; the other fields as they were."""
+    fields: list[list[str]] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    out = []
+    for lines in fields:
+        raw = "\r\n".join(lines)
+        name, colon, value = raw.partition(":")
+        if colon and name.strip().lower() in _TEXT_FIELDS and not raw.isascii():
+            # Unfolded (the line breaks removed only, RFC 5322 §2.2.3) and written again.
+            text = value.replace("\r\n", "").strip(" \t")
+            raw = unstructured_field(name.strip(), text, utf8=False)
+        out.append(raw)
+    return "\r\n".join(out)
 
 
 def fold_long_fields(data: bytes) -> bytes:
