@@ -12,6 +12,7 @@ import fcntl
 import getpass
 import os
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -358,3 +359,32 @@ def test_a_header_section_in_the_declared_charset_is_read_as_such(cli: CLI) -> N
     undeclared = cli("sendmail", "-t", "-i", stdin=head.encode("latin-1") + b"\n" + body)
     assert undeclared.code == 65, undeclared.err
     assert "not UTF-8" in undeclared.err
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["-x", "bob@example.test"], 64), (["bob@@example.test"], 65), (["bob@example.test"], 75)],
+)
+def test_a_closed_standard_error_keeps_the_exit_code(cli: CLI, args: list[str], code: int) -> None:
+    """Run with standard error closed (``2>&-``, a daemon that closed its descriptors),
+    every failure ended with exit 1 (writing its line failed): a caller that reads
+    sysexits codes, Postfix's pipe(8) say, took a "try again" (75) for a bounce."""
+    _origin(cli)
+    if code == 75:  # a store that cannot be reached now: try again
+        with socket.socket() as unused:  # a loopback port nothing listens on
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        cli.env["MAILSTROM_STORE"] = f"postgresql://mailstrom@127.0.0.1:{port}/queue"
+    script = 'm="$1"; shift; exec "$0" -m "$m" sendmail "$@" 2>&-'
+    proc = subprocess.run(
+        ["sh", "-c", script, sys.executable, cli.module, *args],
+        cwd=cli.cwd,
+        env=cli.env,
+        input=b"Subject: x\n\ny\n",
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == code
+    if code != 75:
+        assert cli.queue_ids() == []

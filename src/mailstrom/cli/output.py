@@ -157,7 +157,13 @@ def tolerant_stdout() -> None:
     encoding cannot hold (a locale that is not UTF-8) as an escape (``\\xe9``), as
     :func:`visible` writes control characters: strict, an "é" in an address or a Subject
     ended ``status`` or ``queue`` as an internal error (70), the line it was on unwritten.
-    Standard error does so already."""
+    Standard error does so already; closed, it goes to /dev/null too."""
+    if sys.stderr is None:
+        # Closed (``2>&-``, a daemon that closed its descriptors): writing the error line
+        # was an AttributeError, and the command ended with exit 1 (a traceback written
+        # nowhere) instead of its code: sendmail's 75, try again, became 1, which a
+        # caller such as Postfix's pipe(8) takes for a permanent failure.
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
     stream = sys.stdout
     if stream is None:
         # Closed (``>&-``): Python sets it to None, and what print() silently drops,
