@@ -162,6 +162,28 @@ def test_a_dry_run_purge_of_ids_lists_only_what_purge_deletes(cli: CLI) -> None:
     assert cli.queue_ids() == [pending]
 
 
+def test_a_dry_run_of_ids_lists_only_what_the_command_changes(cli: CLI) -> None:
+    """A dry run of hold, release, retry or cancel given ids listed every id given, as
+    "would hold 2 messages", where the command itself then changed one ("1 message held
+    (1 already so)"): it lists what would change, as purge's does."""
+    held, free = send(cli, "bob@example.test"), send(cli, "carol@example.test")
+    cancelled = send(cli, "gone@example.test")
+    cli.ok("hold", held)
+    cli.ok("cancel", cancelled)
+    expected = {
+        "hold": [free, cancelled],  # a finished message is held all the same
+        "release": [held],
+        "retry": [held, free],  # a held message's recipients are due once released
+        "cancel": [held, free],
+    }
+    for command, changed in expected.items():
+        dry = cli.ok(command, held, free, cancelled, "--dry-run", "--json").json()
+        assert (dry["selected"], dry["ids"]) == (len(changed), changed), command
+    text = cli.ok("hold", held, "--dry-run").out.strip()
+    assert text == "would hold 0 messages (dry run: nothing changed)"
+    assert cli.ok("hold", held).out.strip() == "0 messages held (1 already so)"
+
+
 def test_purge_by_age_reaches_old_mail_behind_more_than_a_run_of_recent_mail(cli: CLI) -> None:
     """A filter with an age flag selected the newest MAX_BULK finished messages and then
     kept those finished long enough ago: behind that many recent ones, an old message

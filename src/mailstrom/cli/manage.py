@@ -60,6 +60,12 @@ class _Action:
     """Which messages the filters select by default: held ones (release), unheld ones
     (hold), or either."""
     apply: Callable[[Store, list[str], datetime], int]
+    changes: Callable[[MessageStatus], bool]
+    """Whether :attr:`apply` would change the message (a dry run lists only those)."""
+
+
+def _pending(m: MessageStatus) -> bool:
+    return any(r.state in PENDING_STATES for r in m.recipients)
 
 
 _ACTIONS = (
@@ -72,6 +78,7 @@ _ACTIONS = (
         "held",
         False,
         lambda store, ids, now: store.hold_many(ids, True),
+        lambda m: not m.held,
     ),
     _Action(
         "release",
@@ -81,6 +88,7 @@ _ACTIONS = (
         "released",
         True,
         lambda store, ids, now: store.hold_many(ids, False),
+        lambda m: m.held,
     ),
     _Action(
         "retry",
@@ -93,6 +101,7 @@ _ACTIONS = (
         "due now",
         None,
         lambda store, ids, now: store.retry_many(ids, now=now),
+        _pending,
     ),
     _Action(
         "cancel",
@@ -103,6 +112,7 @@ _ACTIONS = (
         "cancelled",
         None,
         lambda store, ids, now: store.cancel_many(ids, now=now),
+        _pending,
     ),
 )
 
@@ -207,6 +217,10 @@ def bulk_command(args: argparse.Namespace) -> int:
                 raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
             return _retry_all_deferred(args, store, now)
         ids = select(store, args, now=now, default_state="pending", held=action.held)
+        if args.dry_run and args.ids:
+            # Ids are taken as given, held or not, finished or not: list only those the
+            # command would change, as it counts them (and as purge's dry run does).
+            ids = [mid for mid in ids if action.changes(store.status(mid))]
         if args.dry_run:
             return _dry_run(args, action.name, ids)
         if action.name == "retry":
