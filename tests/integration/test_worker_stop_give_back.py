@@ -16,6 +16,7 @@ import pytest
 from mailstrom.errors import StoreLocked
 from mailstrom.message import prepare
 from mailstrom.runtime.worker import Worker
+from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import Lease
 from tests.fixtures.dns_server import LoopbackDNS
@@ -201,3 +202,38 @@ async def test_a_beat_stops_extending_once_the_store_is_locked(
     # next lease's of the same beat.
     after = [token for token, _ in during[first + 1 :]]
     assert not after or after[0] == order[0], (order, during)
+
+
+@pytest.mark.parametrize("retry_uncertain", [True, False], ids=["retried", "counted-delivered"])
+async def test_a_transaction_cut_off_after_its_final_dot_is_uncertain_not_given_back(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, retry_uncertain: bool
+) -> None:
+    """The drain ends while the server has the whole message and its reply to the final
+    dot is not in (it may well have taken the message): as after a connection lost there,
+    the recipient is uncertain (RFC 5321 §4.5.3.2.6), deferred with the retry policy's
+    backoff (or counted delivered with ``retry_uncertain=False``). It was given back due
+    at once, as if never sent, and the next worker sent it a second time at once."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        mid = store.enqueue(prepare(hello("u@example.org")), now=datetime.now(UTC))
+        config = loopback_config(
+            dns_server, mx.port, timeouts=FAST, retry_uncertain=retry_uncertain
+        )
+        worker = Worker(config, store)
+        run = asyncio.create_task(worker.run())
+        assert await _until(lambda: mx.received, 10)  # the content is in, no reply yet
+        worker.request_stop(drain_timeout=0.1)
+        await asyncio.wait_for(run, 30)
+        [r] = store.status(mid).recipients
+        assert r.uncertain and r.attempts == 1, r
+        if retry_uncertain:
+            assert r.state is RecipientState.DEFERRED, r
+            assert r.next_attempt_at is not None and r.next_attempt_at > datetime.now(UTC)
+        else:
+            assert r.state is RecipientState.DELIVERED, r
+        assert store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=5)) is None
+    finally:
+        store.close()

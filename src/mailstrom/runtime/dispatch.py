@@ -155,6 +155,9 @@ class _Destination:
     has not moved for long waits behind a server that does not (see :meth:`Dispatcher.relieve`)."""
 
 
+_InFlight = deque[tuple[_Work, "asyncio.Future[TransactionResult]"]]
+"""Transactions submitted on a connection, oldest first, with what each will come to."""
+
 _REQUIRE_TLS = "\0requiretls"
 _TLS_OPTIONAL = "\0tls-optional"
 """Suffixes of the queue keys of a destination's mail that changes the TLS decision."""
@@ -587,12 +590,16 @@ class Dispatcher:
                 index += 1
                 continue
             dest.connected += 1
+            inflight: _InFlight = deque()
             try:
-                broke, answered = await self._stream(dest, conn, reused, need, lane, shape)
+                broke, answered = await self._stream(
+                    dest, conn, reused, need, lane, inflight, shape
+                )
             except BaseException:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
                 opener.abandon(conn)
+                self._report_cut_off(inflight, Where.of(conn, need))
                 raise
             finally:
                 dest.connected -= 1
@@ -697,19 +704,20 @@ class Dispatcher:
         reused: bool,
         need: TLSRequirement,
         lane: _Lane,
+        inflight: _InFlight,
         shape: Shape | None = None,
     ) -> tuple[DeliveryError | None, bool]:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, it breaks, or the next item is of a lower lane that has
         no session to spare for it (:meth:`_may_carry`). With a ``shape``, also until its
         rate allows no more now or it is paused. Returns the error it broke with (None if
-        it did not), and whether any transaction on it got a reply to its content."""
+        it did not), and whether any transaction on it got a reply to its content.
+        ``inflight``: where the transactions submitted and not yet answered are kept."""
         cap = self._config.max_messages_per_connection
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
         queue = dest.queue
         where = Where.of(conn, need)
-        inflight: deque[tuple[_Work, asyncio.Future[TransactionResult]]] = deque()
         retry: list[_Work] = []
         error: DeliveryError | None = None
         answered = False
@@ -765,10 +773,13 @@ class Dispatcher:
                     inflight.append((work, future))
             if not inflight:
                 break
-            work, future = inflight.popleft()
+            work, future = inflight[0]
             try:
-                result = await future
+                # Shielded, and left in ``inflight`` until answered: a stop that cancels
+                # this session still finds what it came to (_report_cut_off).
+                result = await asyncio.shield(future)
             except DeliveryError as exc:
+                inflight.popleft()
                 exc.host = exc.host or conn.host
                 error = error or exc
                 before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
@@ -786,6 +797,7 @@ class Dispatcher:
                     await self._throttled_session(shape, exc)
                 retry.append(rest)
                 continue
+            inflight.popleft()
             if at_connection_limit(result):
                 # Not tried: first on the next connection (see _deliver), and the session
                 # ends here, as the server closes.
@@ -836,6 +848,26 @@ class Dispatcher:
                 f"the connection to {conn.host} ended", host=conn.host
             )
         return error, answered
+
+    def _report_cut_off(self, inflight: _InFlight, where: Where) -> None:
+        """A session cancelled (the worker stops) with ``inflight`` transactions on its
+        connection, which is dropped now: each settled with what it came to. One whose
+        content went and whose reply did not come is uncertain (RFC 5321 §4.5.3.2.6), as
+        when the connection is lost there, and one answered meanwhile has its replies:
+        their results are reported (the worker records them before it ends). Given back
+        with the lease instead, as if never sent, such a message went out again at once.
+        The rest (not tried, or cut before the content went) goes back with the lease."""
+        for work, future in inflight:
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                continue
+            result = future.result()
+            if at_connection_limit(result):
+                continue  # not tried
+            over = over_recipient_limit(result)
+            if over:
+                _, work, result = _split_off(work, result, over)  # not tried either
+            self._done(self._outcomes.from_transaction(work.item, result, work.started, where))
+        inflight.clear()
 
     def _decide_refused(
         self, work: _Work, answered: TransactionResult, where: Where
