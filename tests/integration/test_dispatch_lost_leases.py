@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from mailstrom.routing import Router
 from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.outcomes import Outcomes
+from mailstrom.status import RecipientState
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import peer
@@ -111,3 +114,113 @@ async def test_recipients_over_the_limit_of_a_lost_lease_are_given_back(
     assert [r.address for r in done] == ["one@lost.example"]
     assert len(mails) == 1, mails
     assert [r.address for i in given_back for r in i.recipients] == ["two@lost.example"]
+
+
+class Buggy(Outcomes):
+    """Outcomes with a bug: reading the replies of message ``m1`` raises."""
+
+    def from_transaction(self, item: WorkItem, *args: Any) -> list[RecipientResult]:
+        if item.message_id == "m1":
+            raise RuntimeError("a bug in reading the replies")
+        return super().from_transaction(item, *args)
+
+
+async def test_a_bug_in_one_transactions_outcome_loses_none_in_flight_beside_it(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A bug while the session reads one transaction's replies ends the session; the
+    dispatcher defers its queue with the internal error. The transactions in flight on
+    its connection were in neither: they got no result and were never given back, so
+    their recipients stayed leased for as long as the worker ran (each beat extended the
+    lease) and the dispatcher was never idle. Now the one the bug struck is deferred with
+    the internal error, and the one beside it gets its own outcome."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 bug.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-bug.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("lost.example", [(10, "mx.lost.test")])
+    dns_server.a("mx.lost.test", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Buggy(config, clock=lambda: NOW, rng=random.Random(1)),
+            on_done=done.extend,
+        )
+        try:
+            dispatcher.submit(item("one@lost.example"))
+            dispatcher.submit(replace(item("two@lost.example"), message_id="m2"))
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    by_address = {r.address: r for r in done}
+    assert sorted(by_address) == ["one@lost.example", "two@lost.example"], done
+    one = by_address["one@lost.example"]
+    assert one.state is RecipientState.DEFERRED
+    assert "internal error" in (one.attempt.error or ""), one
+    # The other one's own outcome (delivered, or uncertain when the bug came before its
+    # reply), or the internal error when it was cut before its content went.
+    assert by_address["two@lost.example"].state is not RecipientState.FAILED
+
+
+async def test_a_bug_in_deciding_a_cut_transaction_loses_none_of_it(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A 421 to the second RCPT cuts the transaction; the first recipient's refusal is
+    decided by its own reply, and there the bug strikes: the transaction was out of the
+    session's hands already, and its recipients were never deferred nor given back."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 bug.test ESMTP\r\n")
+        rcpts = 0
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-bug.test\r\n250 PIPELINING\r\n")
+            elif verb == b"RCPT":
+                rcpts += 1
+                if rcpts == 2:
+                    writer.write(b"421 4.3.2 closing\r\n")
+                    await writer.drain()
+                    return
+                writer.write(b"550 5.1.1 no such user\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("lost.example", [(10, "mx.lost.test")])
+    dns_server.a("mx.lost.test", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Buggy(config, clock=lambda: NOW, rng=random.Random(1)),
+            on_done=done.extend,
+        )
+        try:
+            dispatcher.submit(item("one@lost.example", "two@lost.example"))
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    assert sorted(r.address for r in done) == ["one@lost.example", "two@lost.example"], done
+    assert all(r.state is RecipientState.DEFERRED for r in done), done
+    assert all("internal error" in (r.attempt.error or "") for r in done), done

@@ -591,15 +591,20 @@ class Dispatcher:
                 continue
             dest.connected += 1
             inflight: _InFlight = deque()
+            retry: list[_Work] = []
             try:
                 broke, answered = await self._stream(
-                    dest, conn, reused, need, lane, inflight, shape
+                    dest, conn, reused, need, lane, inflight, retry, shape
                 )
-            except BaseException:
+            except BaseException as exc:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
                 opener.abandon(conn)
-                self._report_cut_off(inflight, Where.of(conn, need))
+                left = self._report_cut_off(inflight, Where.of(conn, need))
+                if not isinstance(exc, asyncio.CancelledError):
+                    # A bug: what it left without a result is deferred with the queue
+                    # (see _session), not left leased for as long as the worker runs.
+                    dest.queue.extendleft(reversed(retry + left))
                 raise
             finally:
                 dest.connected -= 1
@@ -705,6 +710,7 @@ class Dispatcher:
         need: TLSRequirement,
         lane: _Lane,
         inflight: _InFlight,
+        retry: list[_Work],
         shape: Shape | None = None,
     ) -> tuple[DeliveryError | None, bool]:
         """Send the destination's items over ``conn`` until none is left, the connection
@@ -712,13 +718,13 @@ class Dispatcher:
         no session to spare for it (:meth:`_may_carry`). With a ``shape``, also until its
         rate allows no more now or it is paused. Returns the error it broke with (None if
         it did not), and whether any transaction on it got a reply to its content.
-        ``inflight``: where the transactions submitted and not yet answered are kept."""
+        ``inflight``: where the transactions submitted and not yet answered are kept;
+        ``retry``: the work of those that broke, for another session."""
         cap = self._config.max_messages_per_connection
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
         queue = dest.queue
         where = Where.of(conn, need)
-        retry: list[_Work] = []
         error: DeliveryError | None = None
         answered = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
@@ -779,11 +785,11 @@ class Dispatcher:
                 # this session still finds what it came to (_report_cut_off).
                 result = await asyncio.shield(future)
             except DeliveryError as exc:
-                inflight.popleft()
                 exc.host = exc.host or conn.host
                 error = error or exc
                 before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
                 rest = work if before is None else self._decide_refused(work, before, where)
+                inflight.popleft()
                 if rest is None:
                     continue
                 if shape is not None:
@@ -797,10 +803,10 @@ class Dispatcher:
                     await self._throttled_session(shape, exc)
                 retry.append(rest)
                 continue
-            inflight.popleft()
             if at_connection_limit(result):
                 # Not tried: first on the next connection (see _deliver), and the session
                 # ends here, as the server closes.
+                inflight.popleft()
                 assert result.mail is not None
                 error = error or failure(result.mail, host=conn.host, what="MAIL")
                 retry.append(work)
@@ -809,6 +815,7 @@ class Dispatcher:
             over = over_recipient_limit(result)
             if over:
                 later, work, result = _split_off(work, result, over)
+                inflight[0] = (work, future)  # those over the limit are queued: not twice
                 if work.item.lease_token in self._lost:
                     # Taken over while on the wire: a new transaction here would send
                     # them twice, as the worker holding the lease now sends them too.
@@ -818,6 +825,7 @@ class Dispatcher:
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
             if shape is not None:
                 results = await self._heed_throttle(shape, work.item, result, results)
+            inflight.popleft()  # kept until its results are out: see _report_cut_off
             self._done(results)
         if retry and self._lost:
             # Work of a lease taken over while it was on the wire: the other worker
@@ -849,25 +857,41 @@ class Dispatcher:
             )
         return error, answered
 
-    def _report_cut_off(self, inflight: _InFlight, where: Where) -> None:
-        """A session cancelled (the worker stops) with ``inflight`` transactions on its
-        connection, which is dropped now: each settled with what it came to. One whose
-        content went and whose reply did not come is uncertain (RFC 5321 §4.5.3.2.6), as
-        when the connection is lost there, and one answered meanwhile has its replies:
-        their results are reported (the worker records them before it ends). Given back
-        with the lease instead, as if never sent, such a message went out again at once.
-        The rest (not tried, or cut before the content went) goes back with the lease."""
+    def _report_cut_off(self, inflight: _InFlight, where: Where) -> list[_Work]:
+        """A session cancelled (the worker stops) or ended by a bug with ``inflight``
+        transactions on its connection, which is dropped now: each settled with what it
+        came to. One whose content went and whose reply did not come is uncertain (RFC
+        5321 §4.5.3.2.6), as when the connection is lost there, and one answered meanwhile
+        has its replies: their results are reported (the worker records them before it
+        ends). Given back with the lease instead, as if never sent, such a message went
+        out again at once. Returns the rest (not tried, cut before the content went, or
+        whose results the bug kept from being made), which a stop gives back with the
+        lease."""
+        left: list[_Work] = []
         for work, future in inflight:
             if not future.done() or future.cancelled() or future.exception() is not None:
+                left.append(work)
                 continue
             result = future.result()
             if at_connection_limit(result):
-                continue  # not tried
+                left.append(work)  # not tried
+                continue
             over = over_recipient_limit(result)
             if over:
-                _, work, result = _split_off(work, result, over)  # not tried either
-            self._done(self._outcomes.from_transaction(work.item, result, work.started, where))
+                # Not tried: left (unless queued for a next transaction already, then
+                # out of the work here).
+                later, work, result = _split_off(work, result, over)
+                if later.item.recipients:
+                    left.append(later)
+            try:
+                results = self._outcomes.from_transaction(work.item, result, work.started, where)
+            except Exception:
+                log.exception("delivery of %s to %s crashed", work.item.message_id, where.host)
+                left.append(work)
+                continue
+            self._done(results)
         inflight.clear()
+        return left
 
     def _decide_refused(
         self, work: _Work, answered: TransactionResult, where: Where
