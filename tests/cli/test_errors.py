@@ -182,7 +182,8 @@ def test_sendmail_errors(cli: CLI) -> None:
     assert cli("sendmail", "-t", stdin=message).code == 64
     assert_one_line_error(cli("sendmail", "bad address@", stdin=message), 65)
     assert_one_line_error(cli("sendmail", "bob@example.test", stdin=b""), 66, "no message")
-    assert cli("sendmail", "-bs").code == 64
+    # -bs takes recipients from RCPT only.
+    assert_one_line_error(cli("sendmail", "-bs", "bob@example.test"), 64, "-bs")
     # Address test mode: a user checking how root is rewritten must not send mail.
     assert_one_line_error(cli("sendmail", "-bt", "root", stdin=message), 64, "-bt")
     assert cli("sendmail", "-Z", "bob@example.test", stdin=message).code == 64

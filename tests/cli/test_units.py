@@ -86,6 +86,15 @@ def test_sendmail_options_stop_at_first_recipient() -> None:
     assert a.recipients == ["a@x.test", "-t"]
 
 
+@pytest.mark.parametrize(
+    "argv", [["-bs"], ["-bs", "-i"], ["-tbs"], ["-b", "s", "-oi", "-f", "x@x.test"], ["-bp", "-bs"]]
+)
+def test_sendmail_bs_is_smtp_mode(argv: list[str]) -> None:
+    """-bs (as Laravel and Symfony Mailer run it) with the flags that come with it."""
+    a = sendmail.parse_args(argv)
+    assert (a.smtp, a.list_queue) == (True, False)
+
+
 def test_sendmail_long_options() -> None:
     assert sendmail.parse_args(["--help"]).help is True
     # mailstrom's own options are refused (see test_security for why).
@@ -97,9 +106,6 @@ def test_sendmail_long_options() -> None:
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [
-        (["-bs"], "-bs is not supported"),
-        (["-tbs"], "-bs is not supported"),
-        (["-b", "s"], "-bs is not supported"),
         # Address test mode (and every other mode but -bm and -bp) was taken as -bm:
         # a user testing how an address is rewritten queued the message.
         (["-bt"], "-bt is not supported"),

@@ -90,7 +90,10 @@ MAILSTROM_* environment variables; mailstrom's own options (--store, --config, .
 refused here, before or after "sendmail".
 
 Options may be clustered as getopt reads them: -ti, -tif ADDR (the last may take a value).
-Other modes (-bs, -bd, -bi, -bt, -bv, -q...) are refused.
+  -bs             speak SMTP on standard input and output (as Laravel and Symfony
+                  Mailer call it): each message is queued with the envelope of MAIL
+                  FROM and RCPT TO; -f, -t, -i are then ignored
+Other modes (-bd, -bi, -bt, -bv, -q...) are refused.
 Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
 -m, and -A -B -C -d -e -X -L -O -h -p with their value (-Am, -d0.1, -e m).
 
@@ -107,7 +110,6 @@ reads Sendmail's and Postfix's option strings, ``-d``, ``-A`` and ``-e`` take on
 _WITH_VALUE = frozenset("frFNRVob") | _IGNORED_WITH_VALUE
 """Every option letter that takes a value: the rest of its argument, else the next one."""
 _UNSUPPORTED_MODES = {
-    "bs": "SMTP on stdin is not supported",
     "bd": "run `mailstrom worker` instead",
     "bD": "run `mailstrom worker` instead",
     "bi": "aliases are read as they are; there is no database to build",
@@ -115,8 +117,9 @@ _UNSUPPORTED_MODES = {
     "q": "run `mailstrom worker --once`",
     "bt": "there is no address test mode; `mailstrom check DOMAIN` tests a domain",
 }
-_MODES = frozenset({"bm", "bp"})
-"""The ``-b`` modes run: deliver (queue) the message, and list the queue. Any other
+_MODES = frozenset({"bm", "bp", "bs"})
+"""The ``-b`` modes run: deliver (queue) the message, list the queue, and SMTP on
+standard input and output (:mod:`mailstrom.cli.sendmail_smtp`). Any other
 (``-bt`` address test mode, ``-bv``, ``-bh``, ``-bP``...) is refused, never taken as
 ``-bm``."""
 
@@ -131,6 +134,8 @@ class SendmailArgs:
     help: bool = False
     list_queue: bool = False
     """-bp: print the queue, as mailq does."""
+    smtp: bool = False
+    """-bs: speak SMTP on standard input and output (the last -b mode given counts)."""
 
     notify: str | None = None
     ret: str | None = None
@@ -199,10 +204,12 @@ def _cluster(args: SendmailArgs, arg: str, value: Callable[[str, int], str]) -> 
         if letter == "b" and mode not in _MODES:
             # Every mode but delivery and the queue listing: -bt (address test mode),
             # -bv, -bh... must never queue the message they were given as a test.
-            why = _UNSUPPORTED_MODES.get(mode, "only -bm (the default) and -bp are")
+            why = _UNSUPPORTED_MODES.get(mode, "only -bm (the default), -bp and -bs are")
             raise UsageError(f"-{mode} is not supported: {why}")
         if letter == "b" and mode == "bp":
-            args.list_queue = True
+            args.list_queue, args.smtp = True, False
+        elif letter == "b" and mode == "bs":
+            args.list_queue, args.smtp = False, True
         elif letter in ("f", "r"):
             args.sender = text
         elif letter == "F":
@@ -635,6 +642,8 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
+        if args.smtp:
+            return _serve_smtp(args)
         if args.list_queue:
             return _list_queue()
         return _enqueue(args)
@@ -650,8 +659,6 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
 
 
 def _enqueue(args: SendmailArgs) -> int:
-    from mailstrom.client.common import prepare_for
-
     # Fixed places only (MAILSTROM_CONFIG aside): never the user's or the working
     # directory's files, which whoever can write there would control.
     # A bad -N/-R/-V is a usage error before reading the message. Without them the
@@ -660,11 +667,20 @@ def _enqueue(args: SendmailArgs) -> int:
     dsn = args.dsn() or DSN()
     settings = sendmail_settings()
     require_lasting_store(settings)  # before the message is read: the caller keeps it
-    origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
-    path = aliases_path(settings.values.get("sendmail.aliases"))
     message = read_message(
         stdin_buffer(), ignore_dots=args.ignore_dots, limit=settings.config.max_message_size
     )
+    queue_message(settings, message, args, dsn)
+    return EX_OK
+
+
+def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: DSN) -> str:
+    """Build, prepare and queue ``message`` with the envelope of ``args`` (-f, the
+    recipients, -t); its id. Raises as sendmail fails (see :func:`main`)."""
+    from mailstrom.client.common import prepare_for
+
+    origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
+    path = aliases_path(settings.values.get("sendmail.aliases"))
     data, recipients = build(
         message,
         args,
@@ -682,8 +698,29 @@ def _enqueue(args: SendmailArgs) -> int:
         dsn=dsn,
     )
     with store_from(settings) as store:
-        store.enqueue(prepared, now=now)
-    return EX_OK
+        return store.enqueue(prepared, now=now)
+
+
+def _serve_smtp(args: SendmailArgs) -> int:
+    """-bs: an SMTP session on standard input and output, each message queued as
+    :func:`_enqueue` queues one but with the envelope of MAIL and RCPT: -f, -t and -i
+    mean nothing there (Laravel runs ``sendmail -bs -i``), recipient arguments are
+    refused."""
+    from mailstrom.cli.sendmail_smtp import serve
+
+    if args.recipients:
+        raise UsageError("-bs takes its recipients from RCPT, not as arguments")
+    dsn = args.dsn() or DSN()
+    settings = sendmail_settings()
+    require_lasting_store(settings)
+
+    def queue(message: bytes, sender: str, recipients: list[str]) -> str:
+        envelope = SendmailArgs(
+            sender=sender, recipients=recipients, full_name=args.full_name, ignore_dots=True
+        )
+        return queue_message(settings, message, envelope, dsn)
+
+    return serve(settings, queue)
 
 
 def _list_queue() -> int:

@@ -1,0 +1,355 @@
+"""``sendmail -bs``: SMTP spoken as a server on standard input and output.
+
+Laravel (``/usr/sbin/sendmail -bs -i``) and Symfony Mailer's SendmailTransport
+(``sendmail -bs``) hand their mail to sendmail this way, as Postfix's ``sendmail -bs``
+takes it: one client, no network, RFC 5321's server side. Each message accepted is queued
+as ``sendmail`` queues one (:func:`mailstrom.cli.sendmail.queue_message`), with the
+envelope of MAIL and RCPT (never ``-t`` or ``-f``).
+
+Every octet from the client is hostile: command lines, recipients per transaction, the
+message, the errors and the commands that do nothing, and the wait for the next line are
+all bounded (the constants below).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from mailstrom.cli.exits import (
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_OK,
+    CLIError,
+    exit_code_for,
+    reader_gone,
+    reason_for,
+)
+from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
+from mailstrom.settings import Settings
+
+READ_TIMEOUT = 300.0
+"""Seconds to wait for the client's next line (Postfix's smtpd_timeout): then 421."""
+MAX_COMMAND_LINE = 512
+"""Octets in a command line with its CRLF (RFC 5321 §4.5.3.1.4): longer is 500 5.5.2."""
+MAX_RECIPIENTS = 1000
+"""RCPTs per transaction (Postfix's smtpd_recipient_limit): more get 452 4.5.3."""
+MAX_ERRORS = 20
+"""Error replies in one session before it is ended with 421 (Postfix's hard limit)."""
+MAX_JUNK = 100
+"""NOOP, RSET, VRFY, HELO and EHLO commands in one session before 421 (Postfix's
+smtpd_junk_command_limit): a client looping on them would never end the session."""
+_PIECE = 65536
+
+
+class _Timeout(Exception):
+    pass
+
+
+class LineSource:
+    """Lines read from the descriptor ``fd`` each within :data:`READ_TIMEOUT` seconds,
+    never more than asked for held at once (a buffer of one read aside)."""
+
+    def __init__(self, fd: int, timeout: float = READ_TIMEOUT) -> None:
+        self._fd = fd
+        self._timeout = timeout
+        self._buffer = bytearray()
+        self.eof = False
+
+    def readline(self, limit: int) -> bytes:
+        """The next line with its line end, at most ``limit`` octets of it (the rest of a
+        longer line comes with the next call); b"" at the end of input."""
+        while True:
+            end = self._buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self._buffer) >= limit or self.eof:
+                cut = end + 1 if end >= 0 else min(limit, len(self._buffer))
+                line = bytes(self._buffer[:cut])
+                del self._buffer[:cut]
+                return line
+            self._fill()
+
+    def _fill(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd], [], [], self._timeout)
+            if not ready:
+                raise _Timeout
+            try:
+                data = os.read(self._fd, _PIECE)
+            except BlockingIOError:
+                continue
+            if not data:
+                self.eof = True
+            self._buffer += data
+            return
+
+
+@dataclass
+class _Transaction:
+    sender: str
+    recipients: list[str] = field(default_factory=list)
+
+
+Queue = Callable[[bytes, str, list[str]], str]
+"""Queue a message (data, envelope sender, recipients) and return its id; raises as
+``sendmail`` fails."""
+
+
+@dataclass
+class Session:
+    source: LineSource
+    out: BinaryIO
+    helo_name: str
+    max_size: int
+    queue: Queue
+    greeted: bool = False
+    transaction: _Transaction | None = None
+    errors: int = 0
+    junk: int = 0
+    code: int = EX_OK
+    """The exit code: that of the last transaction that was not queued, else 0."""
+
+    def reply(self, text: str) -> None:
+        self.out.write(text.encode("utf-8", "replace") + b"\r\n")
+        self.out.flush()
+
+    def error(self, text: str) -> bool:
+        """Reply ``text`` (an error); False when the session must end for too many."""
+        self.reply(text)
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            self.reply(f"421 4.7.0 {self.helo_name} Error: too many errors")
+            return False
+        return True
+
+    def run(self) -> int:
+        self.reply(f"220 {self.helo_name} ESMTP mailstrom")
+        try:
+            while self._step():
+                pass
+        except _Timeout:
+            self.reply(f"421 4.4.2 {self.helo_name} Error: timeout exceeded")
+        except BrokenPipeError:  # the client went away
+            reader_gone()
+        return self.code
+
+    def _step(self) -> bool:
+        line = self.source.readline(MAX_COMMAND_LINE)
+        if not line:
+            return False
+        if not line.endswith(b"\n"):
+            if len(line) < MAX_COMMAND_LINE:
+                return False  # the end of input inside a command
+            while not line.endswith(b"\n"):
+                line = self.source.readline(_PIECE)
+                if not line:
+                    return False
+            return self.error("500 5.5.2 Error: line too long")
+        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = _COMMANDS.get(verb)
+        if handler is None:
+            return self.error("502 5.5.1 Error: command not recognized")
+        if verb in ("NOOP", "RSET", "VRFY", "HELO", "EHLO"):
+            self.junk += 1
+            if self.junk > MAX_JUNK:
+                self.reply(f"421 4.7.0 {self.helo_name} Error: too many commands")
+                return False
+        return handler(self, arg.strip())
+
+    def helo(self, arg: str, *, extended: bool) -> bool:
+        if not arg:
+            return self.error("501 5.5.4 Syntax: HELO hostname")
+        self.greeted = True
+        self.transaction = None
+        if not extended:
+            self.reply(f"250 {self.helo_name}")
+            return True
+        lines = [
+            self.helo_name,
+            "PIPELINING",
+            f"SIZE {self.max_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        for line in lines[:-1]:
+            self.reply(f"250-{line}")
+        self.reply(f"250 {lines[-1]}")
+        return True
+
+    def mail(self, arg: str) -> bool:
+        if not self.greeted:
+            return self.error("503 5.5.1 Error: send HELO/EHLO first")
+        if self.transaction is not None:
+            return self.error("503 5.5.1 Error: nested MAIL command")
+        parsed = _path(arg, "FROM:")
+        if parsed is None:
+            return self.error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        sender, params = parsed
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit() and len(value) <= 20:
+                if int(value) > self.max_size:
+                    return self.error("552 5.3.4 Message size exceeds fixed limit")
+            elif (key, value.upper()) not in _KNOWN_PARAMETERS:
+                return self.error(f"555 5.5.4 Unsupported option: {param[:64]}")
+        self.transaction = _Transaction(sender)
+        self.reply("250 2.1.0 Ok")
+        return True
+
+    def rcpt(self, arg: str) -> bool:
+        if self.transaction is None:
+            return self.error("503 5.5.1 Error: need MAIL command")
+        parsed = _path(arg, "TO:")
+        if parsed is None or not parsed[0]:
+            return self.error("501 5.5.4 Syntax: RCPT TO:<address>")
+        address, params = parsed
+        if params:
+            return self.error(f"555 5.5.4 Unsupported option: {params[0][:64]}")
+        if len(self.transaction.recipients) >= MAX_RECIPIENTS:
+            return self.error("452 4.5.3 Error: too many recipients")
+        self.transaction.recipients.append(address)
+        self.reply("250 2.1.5 Ok")
+        return True
+
+    def data(self, arg: str) -> bool:
+        if arg:
+            return self.error("501 5.5.4 Syntax: DATA")
+        if self.transaction is None or not self.transaction.recipients:
+            return self.error("503 5.5.1 Error: need RCPT command")
+        self.reply("354 End data with <CR><LF>.<CR><LF>")
+        message = self._read_data()
+        transaction, self.transaction = self.transaction, None
+        if message is None:
+            if self.source.eof:
+                return False  # the end of input inside DATA: nothing is queued
+            self.code = EX_DATAERR  # as sendmail exits for a message over the limit
+            return self.error("552 5.3.4 Error: message file too big")
+        try:
+            queue_id = self.queue(message, transaction.sender, transaction.recipients)
+        except MessageTooLarge:
+            self.code = EX_DATAERR
+            return self.error("552 5.3.4 Error: message file too big")
+        except (InvalidMessage, CLIError) as exc:
+            self.code = exit_code_for(exc)
+            return self.error(f"554 5.6.0 Error: {_one_line(reason_for(exc))}")
+        except Exception as exc:  # the store unavailable, damaged, or a bug: try later
+            self.code = exit_code_for(exc)
+            kind = "queue unavailable" if isinstance(exc, StoreError) else "local error"
+            sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+            return self.error(f"451 4.3.0 Error: {kind}, try again later")
+        self.reply(f"250 2.0.0 Ok: queued as {queue_id}")
+        return True
+
+    def _read_data(self) -> bytes | None:
+        """The message up to the line ``.``, unstuffed; None when it is larger than the
+        limit (read on to its end) or the input ends before that line."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            # Bounded as sendmail's read_until_dot() bounds it: a line over 998 octets is
+            # read whole (build() encodes its body), never past the size limit.
+            bound = max(self.max_size - size + 1, 3) if size >= 0 else _PIECE
+            line = self.source.readline(bound)
+            if not line:
+                return None
+            if line.rstrip(b"\r\n") == b"." and line.endswith(b"\n"):
+                return b"".join(lines) if size >= 0 else None
+            if size < 0:
+                continue  # too large already: read to the end, keep nothing
+            if line.startswith(b"."):
+                line = line[1:]
+            size += len(line)
+            if size > self.max_size:
+                lines.clear()
+                size = -1
+                continue
+            lines.append(line)
+
+    def rset(self, arg: str) -> bool:
+        self.transaction = None
+        self.reply("250 2.0.0 Ok")
+        return True
+
+    def noop(self, arg: str) -> bool:
+        self.reply("250 2.0.0 Ok")
+        return True
+
+    def vrfy(self, arg: str) -> bool:
+        if not arg:
+            return self.error("501 5.5.4 Syntax: VRFY address")
+        self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+        return True
+
+    def quit(self, arg: str) -> bool:
+        self.reply("221 2.0.0 Bye")
+        return False
+
+
+_COMMANDS: dict[str, Callable[[Session, str], bool]] = {
+    "HELO": lambda s, a: s.helo(a, extended=False),
+    "EHLO": lambda s, a: s.helo(a, extended=True),
+    "MAIL": Session.mail,
+    "RCPT": Session.rcpt,
+    "DATA": Session.data,
+    "RSET": Session.rset,
+    "NOOP": Session.noop,
+    "VRFY": Session.vrfy,
+    "QUIT": Session.quit,
+}
+
+_KNOWN_PARAMETERS = frozenset({("BODY", "7BIT"), ("BODY", "8BITMIME"), ("SMTPUTF8", "")})
+"""The MAIL parameters taken besides SIZE (RFC 6152, RFC 6531): any other is 555."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _path(arg: str, prefix: str) -> tuple[str, list[str]] | None:
+    """``FROM:<address> PARAM...`` → the address (a source route dropped, RFC 5321
+    §4.1.2) and the parameters; None when it is no such thing."""
+    if arg[: len(prefix)].upper() != prefix:
+        return None
+    rest = arg[len(prefix) :].lstrip(" ")
+    if not rest.startswith("<"):
+        return None
+    quoted = False
+    end = -1
+    for i, char in enumerate(rest[1:], 1):
+        if char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            end = i
+            break
+    if end < 0:
+        return None
+    address = rest[1:end]
+    if address.startswith("@") and ":" in address:
+        address = address.partition(":")[2]
+    tail = rest[end + 1 :]
+    if (tail and not tail.startswith(" ")) or _CONTROL.search(address):
+        return None
+    return address, tail.split()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]
+
+
+def serve(settings: Settings, queue: Queue) -> int:
+    """Run one SMTP session on standard input and output; the exit code."""
+    if sys.stdin is None or sys.stdout is None:
+        raise CLIError("-bs needs standard input and output", EX_NOINPUT)
+    session = Session(
+        source=LineSource(sys.stdin.fileno()),
+        out=sys.stdout.buffer,
+        helo_name=settings.config.helo_name,
+        max_size=settings.config.max_message_size,
+        queue=queue,
+    )
+    return session.run()

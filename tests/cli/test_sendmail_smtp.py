@@ -1,0 +1,245 @@
+"""``sendmail -bs``: SMTP on standard input and output, as Laravel (``sendmail -bs -i``)
+and Symfony Mailer's SendmailTransport (``sendmail -bs``) speak it; each message is queued
+as ``sendmail`` queues one, with the envelope of MAIL and RCPT."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+from email.message import EmailMessage
+from io import BytesIO
+
+from tests.cli.conftest import CLI, Result
+
+MESSAGE = b"From: app@example.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nHello\r\n"
+
+
+def replies(result: Result) -> list[str]:
+    """The reply lines the session wrote (each ending CRLF)."""
+    assert result.out.endswith("\r\n") or not result.out
+    return result.out.split("\r\n")[:-1]
+
+
+def codes(result: Result) -> list[str]:
+    """The code of each reply's last line (a multiline EHLO reply counts once)."""
+    return [line[:3] for line in replies(result) if line[3:4] != "-"]
+
+
+def session(cli: CLI, script: bytes, *flags: str) -> Result:
+    return cli("sendmail", "-bs", *flags, stdin=script)
+
+
+def transaction(sender: bytes, recipients: list[bytes], data: bytes) -> bytes:
+    lines = b"MAIL FROM:<%s>\r\n" % sender
+    lines += b"".join(b"RCPT TO:<%s>\r\n" % r for r in recipients)
+    return lines + b"DATA\r\n" + data + b".\r\n"
+
+
+def test_a_symfony_dialogue_queues_the_message(cli: CLI) -> None:
+    script = (
+        b"EHLO [127.0.0.1]\r\n"
+        + transaction(b"app@example.test", [b"bob@example.test", b"carol@example.test"], MESSAGE)
+        + b"QUIT\r\n"
+    )
+    result = session(cli, script, "-i")
+    assert result.code == 0, result.err
+    lines = replies(result)
+    assert lines[0] == "220 client.test ESMTP mailstrom"
+    ehlo = [line for line in lines if line.startswith("250-") or line.startswith("250 ")][:6]
+    assert ehlo[0].startswith("250-client.test")
+    assert {"PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"} <= {
+        line[4:] for line in ehlo
+    }
+    assert any(line[4:].startswith("SIZE ") for line in ehlo)
+    assert codes(result) == ["220", "250", "250", "250", "250", "354", "250", "221"]
+    queued_line = lines[-2]
+    assert queued_line.startswith("250 2.0.0 Ok: queued as ")
+    [message] = cli.ok("queue", "--json").json()
+    assert queued_line.endswith(message["id"])
+    assert message["envelope_from"] == "app@example.test"
+    assert [r["address"] for r in message["recipients"]] == [
+        "bob@example.test",
+        "carol@example.test",
+    ]
+    shown = cli.ok("show", "--raw", message["id"]).out
+    assert "Subject: hi" in shown
+    assert "Hello" in shown
+
+
+def test_two_messages_in_one_session_bare_lf_and_dot_stuffing(cli: CLI) -> None:
+    script = (
+        b"HELO client\n"
+        + transaction(b"a@example.test", [b"x@example.test"], b"Subject: one\n\n..leading dot\n")
+        + b"RSET\nNOOP\n"
+        + transaction(b"b@example.test", [b"y@example.test"], b"Subject: two\n\nsecond\n")
+        + b"QUIT\n"
+    )
+    result = session(cli, script, "-oi", "-f", "ignored@example.test")
+    assert result.code == 0, result.err
+    queued = ["250", "250", "354", "250"]  # MAIL, RCPT, DATA, the end of data
+    assert codes(result) == ["220", "250", *queued, "250", "250", *queued, "221"]
+    messages = cli.ok("queue", "--json").json()
+    by_sender = {m["envelope_from"]: m for m in messages}
+    assert set(by_sender) == {"a@example.test", "b@example.test"}
+    raw = cli.ok("show", "--raw", by_sender["a@example.test"]["id"]).out
+    assert "\n.leading dot" in raw.replace("\r\n", "\n")
+    assert "..leading" not in raw
+
+
+def test_bad_sequence_and_unknown_commands(cli: CLI) -> None:
+    script = (
+        b"MAIL FROM:<a@example.test>\r\n"  # before EHLO
+        b"EHLO c\r\n"
+        b"DATA\r\n"  # before MAIL
+        b"MAIL FROM:<a@example.test>\r\n"
+        b"DATA\r\n"  # before RCPT
+        b"RCPT TO:bob\r\n"  # no angle brackets
+        b"MAIL FROM:<b@example.test>\r\n"  # nested MAIL
+        b"VRFY bob\r\n"
+        b"TURN\r\n"
+        b"QUIT\r\n"
+    )
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    assert codes(result) == [
+        "220",
+        "503",
+        "250",
+        "503",
+        "250",
+        "503",
+        "501",
+        "503",
+        "252",
+        "502",
+        "221",
+    ]
+    lines = replies(result)
+    assert lines[-2].startswith("502 5.5.1")
+    assert cli.queue_ids() == []
+
+
+def test_an_overlong_command_line_is_refused_and_the_session_goes_on(cli: CLI) -> None:
+    script = b"EHLO c\r\nNOOP " + b"x" * 600 + b"\r\nNOOP\r\nQUIT\r\n"
+    result = session(cli, script)
+    assert codes(result)[-3:] == ["500", "250", "221"]
+    assert replies(result)[-3].startswith("500 5.5.2")
+
+
+def test_eof_inside_data_queues_nothing(cli: CLI) -> None:
+    script = b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+    result = session(cli, script + b"Subject: cut\r\n\r\nhalf a mess")
+    assert codes(result) == ["220", "250", "250", "250", "354"]
+    assert cli.queue_ids() == []
+
+
+def test_a_refused_message_gets_a_5xx_and_the_exit_code_says_so(cli: CLI) -> None:
+    script = b"EHLO c\r\n" + transaction(
+        b"a@example.test", [b"b@example.test"], b"Subject: bad\r\n\x00\r\n\r\nx\r\n"
+    )
+    result = session(cli, script + b"QUIT\r\n")
+    assert codes(result)[-2:][0] == "554"
+    assert replies(result)[-2].startswith("554 5.6.0 ")
+    assert result.code == 65
+    assert cli.queue_ids() == []
+
+
+def test_size_and_recipient_bounds(cli: CLI) -> None:
+    cli.env["MAILSTROM_MAX_MESSAGE_SIZE"] = "2000"
+    big = b"Subject: big\r\n\r\n" + b"y" * 70 + b"\r\n"
+    script = (
+        b"EHLO c\r\nMAIL FROM:<a@example.test> SIZE=5000\r\n"
+        + transaction(b"a@example.test", [b"b@example.test"], big * 40)
+        + b"QUIT\r\n"
+    )
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "552", "250", "250", "354", "552", "221"]
+    assert result.code == 65  # as sendmail exits for a message over the limit
+    assert cli.queue_ids() == []
+
+    rcpts = b"".join(b"RCPT TO:<r%d@example.test>\r\n" % n for n in range(1001))
+    script = b"EHLO c\r\nMAIL FROM:<a@example.test>\r\n" + rcpts + b"QUIT\r\n"
+    result = session(cli, script)
+    assert codes(result)[-3:] == ["250", "452", "221"]
+    assert replies(result)[-2].startswith("452 4.5.3 ")
+
+
+def test_too_many_errors_end_the_session(cli: CLI) -> None:
+    result = session(cli, b"EHLO c\r\n" + b"BOGUS\r\n" * 30)
+    assert codes(result)[-1] == "421"
+    assert len(codes(result)) < 30
+
+
+def test_smtplib_sends_through_a_socket_pair(cli: CLI) -> None:
+    """The stdlib's SMTP client, waiting for each reply as Symfony's does, talks to the
+    session over a socket pair that is the subprocess's standard input and output."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailstrom", "sendmail", "-bs", "-i"],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    try:
+        client = smtplib.SMTP(timeout=60)
+        client.sock = ours
+        assert client.getreply() == (220, b"client.test ESMTP mailstrom")
+        message = EmailMessage()
+        message["From"] = "app@example.test"
+        message["To"] = "bob@example.test"
+        message["Subject"] = "via smtplib"
+        message.set_content("line one\n.\n..two\n")
+        client.ehlo("app.example.test")
+        assert client.has_extn("pipelining") and client.has_extn("smtputf8")
+        assert client.send_message(message) == {}
+        client.quit()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        ours.close()
+    assert proc.returncode == 0, err
+    [queued] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in queued["recipients"]] == ["bob@example.test"]
+    body = cli.ok("show", "--raw", queued["id"]).out.replace("\r\n", "\n")
+    assert "line one\n.\n..two\n" in body
+
+
+def test_a_silent_client_times_out_with_421() -> None:
+    from mailstrom.cli.sendmail_smtp import LineSource, Session
+
+    read, write = os.pipe()
+    try:
+        out = BytesIO()
+        session = Session(
+            source=LineSource(read, timeout=0.0),
+            out=out,
+            helo_name="h.test",
+            max_size=1000,
+            queue=lambda data, sender, recipients: "never",
+        )
+        assert session.run() == 0
+    finally:
+        os.close(read)
+        os.close(write)
+    assert out.getvalue() == (
+        b"220 h.test ESMTP mailstrom\r\n421 4.4.2 h.test Error: timeout exceeded\r\n"
+    )
+
+
+def test_an_unavailable_store_is_451_and_exit_75(cli: CLI) -> None:
+    (cli.cwd / "afile").write_text("")
+    cli.env["MAILSTROM_STORE"] = "sqlite:///afile/queue.db"
+    script = b"EHLO c\r\n" + transaction(b"a@example.test", [b"b@example.test"], MESSAGE)
+    result = session(cli, script + b"QUIT\r\n")
+    assert codes(result)[-2:] == ["451", "221"]
+    assert replies(result)[-2].startswith("451 4.3.0 ")
+    assert result.code == 75
+    assert "afile" in result.err
