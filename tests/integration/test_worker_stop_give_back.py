@@ -18,7 +18,7 @@ from mailstrom.message import prepare
 from mailstrom.runtime.worker import Worker
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
-from mailstrom.stores.base import Lease
+from mailstrom.stores.base import Lease, RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_engine import FAST, hello, write_lock_held
@@ -237,3 +237,104 @@ async def test_a_transaction_cut_off_after_its_final_dot_is_uncertain_not_given_
         assert store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=5)) is None
     finally:
         store.close()
+
+
+class RecordWaits(SQLiteStore):
+    """A SQLite store called in threads, as PostgreSQL is, that tells when a write of
+    results has begun (it then waits for the lock another process holds)."""
+
+    in_process = False
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.recording = threading.Event()
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        if results:
+            self.recording.set()
+        return super().record_and_lease(results, **kwargs)
+
+
+async def test_a_stop_at_once_waits_for_the_write_under_way(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A delivered result is being written (in a thread, as for PostgreSQL; the write
+    waits for a lock held elsewhere) when the worker is told to stop at once
+    (``drain_timeout=0``: a worker process whose parent died). The stop cancelled the
+    write at once and ``run`` returned with the result unrecorded: the process then
+    exits, its write dies with it, and the delivered recipient, still leased, went out a
+    second time when its lease expired. What the worker holds is written before it ends,
+    for a few seconds at most whatever the drain timeout."""
+    mx = smtp_server()
+    mx.data_delay = 0.5  # the content is in; the reply comes once the lock is held
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    path = tmp_path / "q.db"
+    store = RecordWaits(path, busy_timeout=10)
+    recorded: list[RecipientResult] = []
+    try:
+        mid = store.enqueue(prepare(hello("u@example.org")), now=datetime.now(UTC))
+        config = loopback_config(dns_server, mx.port, timeouts=FAST)
+        worker = Worker(config, store, on_result=recorded.append)
+        run = asyncio.create_task(worker.run())
+        assert await _until(lambda: mx.received, 10)
+        with write_lock_held(path):
+            assert await _until(store.recording.is_set, 10)
+            worker.request_stop(drain_timeout=0)
+            await asyncio.sleep(0.3)  # the stop runs; the write still waits for the lock
+        await asyncio.wait_for(run, 30)
+        assert [r.address for r in recorded] == ["u@example.org"], recorded
+        assert worker.status.unrecorded == 0
+        [r] = store.status(mid).recipients
+        assert r.state is RecipientState.DELIVERED and r.attempts == 1, r
+        assert len(mx.messages) == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+async def test_a_stop_at_once_waits_for_the_write_under_way_on_postgres(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, postgres_url: str
+) -> None:
+    """The same on PostgreSQL: the write of the delivered result waits for a lock another
+    session holds on ``recipients`` when the worker is told to stop at once."""
+    import psycopg
+
+    from mailstrom.stores.postgres import PostgresStore
+    from tests.support.pg_tables import small_message
+
+    mx = smtp_server(starttls=False)
+    mx.data_delay = 0.5  # the content is in; the reply comes once the lock is held
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    recorded: list[RecipientResult] = []
+    with (
+        PostgresStore(postgres_url + "?lock_timeout=60s") as store,
+        psycopg.connect(postgres_url, autocommit=True) as watcher,
+    ):
+        mid = store.enqueue(small_message("a@example.org"), now=datetime.now(UTC))
+        config = loopback_config(dns_server, mx.port, poll_interval=60.0)
+        worker = Worker(config, store, on_result=recorded.append)
+        run = asyncio.create_task(worker.run())
+        assert await _until(lambda: mx.received, 10)
+        holder = psycopg.connect(postgres_url)
+        try:
+            holder.execute("LOCK TABLE recipients IN EXCLUSIVE MODE")
+
+            def write_waits() -> bool:
+                return bool(
+                    watcher.execute(
+                        "SELECT 1 FROM pg_locks WHERE NOT granted"
+                        " AND relation = 'recipients'::regclass"
+                    ).fetchall()
+                )
+
+            assert await _until(write_waits, 10)
+            worker.request_stop(drain_timeout=0)
+            await asyncio.sleep(0.3)  # the stop runs; the write still waits for the lock
+        finally:
+            holder.close()
+        await asyncio.wait_for(run, 30)
+        assert [r.address for r in recorded] == ["a@example.org"], recorded
+        [r] = store.status(mid).recipients
+        assert r.state is RecipientState.DELIVERED and r.attempts == 1, r

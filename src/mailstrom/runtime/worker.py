@@ -274,6 +274,8 @@ class Worker(
         self._running = False
         self._stopping = False
         self._drain_timeout: float | None = None
+        self._retry_until = 0.0
+        """Loop time after which a stopping worker stops retrying a failing write."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
@@ -712,6 +714,8 @@ class Worker(
                     else:
                         self._unwritten(batch)
                     self._store_trouble(doing, exc)
+                    if self._closing and loop.time() >= self._retry_until:
+                        return  # the drain timeout is spent: what is left is reported
                     await self._sleep(backoff.take())
                     continue
                 except BaseException:

@@ -23,6 +23,13 @@ log = logging.getLogger("mailstrom.worker")
 _FINAL_RECORD = 30.0
 """Seconds a stopping worker keeps retrying a failing store, with no drain timeout set."""
 
+_LAST_WRITE = 2.0
+"""Seconds a stopping worker waits at least for the write of the results it holds,
+whatever the drain timeout (0: stop at once, as a worker process whose parent died does):
+a write under way (in a thread, for PostgreSQL) cut off there left delivered recipients
+leased, to go out again when the lease expired. Bounded as the store's own waits on stop
+are (PostgreSQL's ``STOP_WAIT``): a store that hangs does not hold the exit."""
+
 
 class WorkerStopping(WorkerStore):
     """The steps of :meth:`Worker.run`'s clean-up; mixed into :class:`Worker`."""
@@ -31,6 +38,7 @@ class WorkerStopping(WorkerStore):
     _wake: asyncio.Event | None
     _closing: bool
     _drain_timeout: float | None
+    _retry_until: float
     _pending: list[RecipientResult]
     _hooks: HookSender | None
     _leases: dict[str, _LeaseState]
@@ -51,11 +59,15 @@ class WorkerStopping(WorkerStore):
 
     async def _finish_recording(self, store_loop: asyncio.Task[None]) -> None:
         """Let the store loop write what is pending, retrying a failing store for as long
-        as the drain timeout allows; what still cannot be written is reported, not hidden."""
+        as the drain timeout allows; what still cannot be written is reported, not hidden.
+        A write under way is waited for even past the drain timeout, up to
+        ``_LAST_WRITE``: the results it holds were delivered."""
+        retry_for = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
+        self._retry_until = asyncio.get_running_loop().time() + retry_for
         self._closing = True
         if self._wake is not None:
             self._wake.set()
-        timeout = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
+        timeout = max(retry_for, _LAST_WRITE)
         if not store_loop.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(store_loop), timeout=timeout)
