@@ -7,10 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
 from mailstrom.status import RecipientState
-from mailstrom.stores import Lease, MemoryStore
+from mailstrom.stores import Lease, MemoryStore, SQLiteStore
+from mailstrom.stores.base import RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import FakeClock, Results, loopback_config
@@ -191,6 +193,45 @@ def test_a_scheduled_message_is_not_held_up_by_a_slow_delivery_in_flight(
     assert due <= result.attempt.at < due + timedelta(seconds=1)
     assert "stuck@slow.example" not in stuck  # it was still hanging then
     assert len(leases) < 20, f"{len(leases)} lease attempts: the worker spun"
+
+
+def test_a_retry_due_before_the_poll_is_not_held_up_by_a_slow_delivery_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A recipient greylisted (451) while a delivery hangs on a stalled server is retried
+    at its due time, a second later. The worker remembered the store's next due time read
+    before the deferral was recorded (none: everything was leased) while the slow delivery
+    kept it busy, so the retry waited for the poll (30 s here) instead."""
+    mx = smtp_server()
+    mx.stall_rcpts.add("stuck@slow.example")
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted, try again later"
+    for domain in ("example.org", "slow.example"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    timeouts = Timeouts(connect=2, greeting=2, command=25, data_init=2, data_block=2, data_end=2)
+    config = loopback_config(
+        dns_server,
+        mx.port,
+        poll_interval=30.0,
+        timeouts=timeouts,
+        retry=RetryPolicy(min_delay=timedelta(seconds=1), jitter=0.0),
+    )
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("stuck@slow.example"))
+        ms.send_email(hello("grey@example.org"))
+
+        def retried(rs: list[RecipientResult]) -> bool:
+            return sum(r.address == "grey@example.org" for r in rs) >= 2
+
+        # Long before the poll (30 s) or the stalled command's timeout (25 s).
+        seen = results.wait_for(retried, timeout=15)
+        ms.stop(timeout=0)  # the stalled delivery is cut off, not waited for
+    first, second = [r for r in seen if r.address == "grey@example.org"][:2]
+    assert first.state is RecipientState.DEFERRED and first.next_attempt_at is not None
+    assert second.attempt.at >= first.next_attempt_at
+    assert "stuck@slow.example" not in {r.address for r in seen}  # still hanging then
 
 
 def test_a_message_scheduled_past_the_retry_window_is_retried_after_its_time(

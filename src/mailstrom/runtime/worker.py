@@ -830,8 +830,9 @@ class Worker(
 
         The sleep ends at the earliest due time of work not yet leased (a scheduled
         message, a retry), read from the store once after each empty lease or wake-up and
-        remembered while deliveries run, so a busy worker neither asks the store on every
-        turn nor sleeps past a due time until the next poll."""
+        remembered while deliveries run (brought forward by the retries the worker
+        records meanwhile), so a busy worker neither asks the store on every turn nor
+        sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
         waits_for: datetime | None = None
         if once and dispatcher.idle.is_set():
@@ -1040,6 +1041,11 @@ class Worker(
             log.warning("%d of %d results ignored: taken over or cancelled", ignored, len(batch))
         for result in recorded:
             self._count(result)
+            # A retry now due before the due time remembered (read before it was written,
+            # and kept while deliveries run) would otherwise wait for the poll.
+            retry_at = result.next_attempt_at
+            if retry_at is not None and (self._due_at is None or retry_at < self._due_at):
+                self._due_at = retry_at
 
     async def _heartbeat_loop(self) -> None:
         """Keep extending the leases of work still in progress, so that a delivery that
