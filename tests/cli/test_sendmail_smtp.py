@@ -243,3 +243,21 @@ def test_an_unavailable_store_is_451_and_exit_75(cli: CLI) -> None:
     assert replies(result)[-2].startswith("451 4.3.0 ")
     assert result.code == 75
     assert "afile" in result.err
+
+
+def test_the_last_b_mode_wins(cli: CLI) -> None:
+    """As Postfix's sendmail reads them: ``-bs -bm`` queues the message on standard
+    input, ``-bm -bs`` speaks SMTP, ``-bs -bp`` lists the queue."""
+    queued = cli("sendmail", "-bs", "-bm", "bob@example.test", stdin=MESSAGE)
+    assert queued.code == 0, queued.err
+    assert queued.out == ""
+    [first] = cli.queue_ids()
+    queued = cli("sendmail", "-bp", "-bm", "bob@example.test", stdin=MESSAGE)
+    assert queued.code == 0, queued.err
+    assert queued.out == ""
+    assert len(cli.queue_ids()) == 2
+    result = session(cli, b"QUIT\r\n", "-bm", "-bs")
+    assert codes(result) == ["220", "221"]
+    listing = cli("sendmail", "-bs", "-bp")
+    assert listing.code == 0, listing.err
+    assert first in listing.out

@@ -93,8 +93,9 @@ Options may be clustered as getopt reads them: -ti, -tif ADDR (the last may take
   -bs             speak SMTP on standard input and output (as Laravel and Symfony
                   Mailer call it): each message is queued with the envelope of MAIL
                   FROM and RCPT TO; -f, -t, -i are then ignored
+  -bm             queue the message (the default); of -bm, -bp, -bs the last one wins
 Other modes (-bd, -bi, -bt, -bv, -q...) are refused.
-Accepted and ignored, for compatibility: -bm -odb -odi -oem -oee -om -o* -v -U -G -n
+Accepted and ignored, for compatibility: -odb -odi -oem -oee -om -o* -v -U -G -n
 -m, and -A -B -C -d -e -X -L -O -h -p with their value (-Am, -d0.1, -e m).
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
@@ -206,10 +207,9 @@ def _cluster(args: SendmailArgs, arg: str, value: Callable[[str, int], str]) -> 
             # -bv, -bh... must never queue the message they were given as a test.
             why = _UNSUPPORTED_MODES.get(mode, "only -bm (the default), -bp and -bs are")
             raise UsageError(f"-{mode} is not supported: {why}")
-        if letter == "b" and mode == "bp":
-            args.list_queue, args.smtp = True, False
-        elif letter == "b" and mode == "bs":
-            args.list_queue, args.smtp = False, True
+        if letter == "b":
+            # The last mode given wins, as with Postfix's sendmail: -bs -bm queues.
+            args.list_queue, args.smtp = mode == "bp", mode == "bs"
         elif letter in ("f", "r"):
             args.sender = text
         elif letter == "F":
@@ -223,7 +223,7 @@ def _cluster(args: SendmailArgs, arg: str, value: Callable[[str, int], str]) -> 
         elif letter == "o" and text[:1] == "i":
             # -oi (and -oitrue) keep dots; every other -o option is about sendmail.cf.
             args.ignore_dots = text[1:].lower() not in ("false", "f", "0")
-        # Anything else: -bm (the default mode), -d debug, -Am/-Ac, -e error mode, -o
+        # Anything else: -d debug, -Am/-Ac, -e error mode, -o
         # options of sendmail.cf and the values of _IGNORED_WITH_VALUE.
         return
 
