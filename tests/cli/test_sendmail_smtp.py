@@ -261,3 +261,12 @@ def test_the_last_b_mode_wins(cli: CLI) -> None:
     listing = cli("sendmail", "-bs", "-bp")
     assert listing.code == 0, listing.err
     assert first in listing.out
+
+
+def test_an_endless_command_line_ends_the_session(cli: CLI) -> None:
+    """Octets of an overlong line are thrown away only up to a bound, not for as long as
+    the client streams them: then 421, and nothing after it is read."""
+    script = b"EHLO c\r\nNOOP " + b"x" * 200_000 + b"\r\nNOOP\r\nQUIT\r\n"
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "421"]
+    assert replies(result)[-1].startswith("421 4.7.0 client.test ")

@@ -37,6 +37,10 @@ READ_TIMEOUT = 300.0
 """Seconds to wait for the client's next line (Postfix's smtpd_timeout): then 421."""
 MAX_COMMAND_LINE = 512
 """Octets in a command line with its CRLF (RFC 5321 §4.5.3.1.4): longer is 500 5.5.2."""
+MAX_DISCARDED = 8 * MAX_COMMAND_LINE
+"""Octets of one overlong command line read and thrown away, with its line end, before
+the session is ended with 421: a client streaming octets without a line end would
+otherwise hold it, reading, for as long as it sends within :data:`READ_TIMEOUT`."""
 MAX_RECIPIENTS = 1000
 """RCPTs per transaction (Postfix's smtpd_recipient_limit): more get 452 4.5.3."""
 MAX_ERRORS = 20
@@ -144,10 +148,15 @@ class Session:
         if not line.endswith(b"\n"):
             if len(line) < MAX_COMMAND_LINE:
                 return False  # the end of input inside a command
+            discarded = len(line)
             while not line.endswith(b"\n"):
-                line = self.source.readline(_PIECE)
+                if discarded >= MAX_DISCARDED:
+                    self.reply(f"421 4.7.0 {self.helo_name} Error: line too long")
+                    return False
+                line = self.source.readline(min(_PIECE, MAX_DISCARDED - discarded))
                 if not line:
                     return False
+                discarded += len(line)
             return self.error("500 5.5.2 Error: line too long")
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
         verb, _, arg = text.partition(" ")
