@@ -270,3 +270,29 @@ def test_an_endless_command_line_ends_the_session(cli: CLI) -> None:
     result = session(cli, script)
     assert codes(result) == ["220", "250", "421"]
     assert replies(result)[-1].startswith("421 4.7.0 client.test ")
+
+
+def test_a_bad_recipient_or_sender_is_refused_at_its_command(cli: CLI) -> None:
+    """Each address is validated when it is given, as the queueing path validates it: a
+    bad RCPT gets its own 501 5.1.3 and the others still get the message; a bad MAIL
+    sender 501 5.1.7."""
+    script = (
+        b"EHLO c\r\n"
+        b"MAIL FROM:<bad sender@>\r\n"
+        b"MAIL FROM:<a@example.test>\r\n"
+        b"RCPT TO:<bob@example.test>\r\n"
+        b"RCPT TO:<bad address@>\r\n"
+        b"RCPT TO:<carol@example.test>\r\n"
+        b"DATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    )
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    assert codes(result) == ["220", "250", "501", "250", "250", "501", "250", "354", "250", "221"]
+    lines = [line for line in replies(result) if line[3:4] != "-"]
+    assert lines[2].startswith("501 5.1.7 ")
+    assert lines[5].startswith("501 5.1.3 ")
+    [message] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in message["recipients"]] == [
+        "bob@example.test",
+        "carol@example.test",
+    ]

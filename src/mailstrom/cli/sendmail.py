@@ -679,7 +679,7 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
     recipients, -t); its id. Raises as sendmail fails (see :func:`main`)."""
     from mailstrom.client.common import prepare_for
 
-    origin = settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
+    origin = _origin(settings)
     path = aliases_path(settings.values.get("sendmail.aliases"))
     data, recipients = build(
         message,
@@ -701,6 +701,11 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
         return store.enqueue(prepared, now=now)
 
 
+def _origin(settings: Settings) -> str:
+    """The domain bare names are given (setting sendmail.origin)."""
+    return settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
+
+
 def _serve_smtp(args: SendmailArgs) -> int:
     """-bs: an SMTP session on standard input and output, each message queued as
     :func:`_enqueue` queues one but with the envelope of MAIL and RCPT: -f, -t and -i
@@ -720,7 +725,25 @@ def _serve_smtp(args: SendmailArgs) -> int:
         )
         return queue_message(settings, message, envelope, dsn)
 
-    return serve(settings, queue)
+    # Each address is checked at its MAIL or RCPT as queue_message() reads it (build()
+    # and prepare_for()), so that one bad RCPT is refused on its own, not the message.
+    origin = _origin(settings)
+    aliases: list[Mapping[str, Sequence[str]]] = []
+
+    def check_sender(sender: str) -> None:
+        address = envelope_sender(sender, origin)
+        if address:
+            parse_mailbox("envelope_from", address)
+
+    def check_recipient(recipient: str) -> None:
+        if not aliases:
+            path = aliases_path(settings.values.get("sendmail.aliases"))
+            aliases.append(read_aliases(path) if path else {})
+        targets = expand_all(_argument_addresses(recipient, origin), aliases[0], origin)
+        for target in targets:
+            parse_mailbox("envelope_to", target)
+
+    return serve(settings, queue, check_sender=check_sender, check_recipient=check_recipient)
 
 
 def _list_queue() -> int:

@@ -101,6 +101,12 @@ class _Transaction:
 Queue = Callable[[bytes, str, list[str]], str]
 """Queue a message (data, envelope sender, recipients) and return its id; raises as
 ``sendmail`` fails."""
+Check = Callable[[str], None]
+"""Validate the address of a MAIL or RCPT as queueing it would: InvalidMessage if bad."""
+
+
+def _accept(address: str) -> None:
+    pass
 
 
 @dataclass
@@ -110,6 +116,8 @@ class Session:
     helo_name: str
     max_size: int
     queue: Queue
+    check_sender: Check = _accept
+    check_recipient: Check = _accept
     greeted: bool = False
     transaction: _Transaction | None = None
     errors: int = 0
@@ -209,6 +217,9 @@ class Session:
                     return self.error("552 5.3.4 Message size exceeds fixed limit")
             elif (key, value.upper()) not in _KNOWN_PARAMETERS:
                 return self.error(f"555 5.5.4 Unsupported option: {param[:64]}")
+        refusal = _refusal(self.check_sender, sender, "501 5.1.7 Bad sender address syntax")
+        if refusal:
+            return self.error(refusal)
         self.transaction = _Transaction(sender)
         self.reply("250 2.1.0 Ok")
         return True
@@ -224,6 +235,10 @@ class Session:
             return self.error(f"555 5.5.4 Unsupported option: {params[0][:64]}")
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
             return self.error("452 4.5.3 Error: too many recipients")
+        bad = "501 5.1.3 Bad recipient address syntax"
+        refusal = _refusal(self.check_recipient, address, bad)
+        if refusal:
+            return self.error(refusal)
         self.transaction.recipients.append(address)
         self.reply("250 2.1.5 Ok")
         return True
@@ -346,11 +361,30 @@ def _path(arg: str, prefix: str) -> tuple[str, list[str]] | None:
     return address, tail.split()
 
 
+def _refusal(check: Check, address: str, bad: str) -> str | None:
+    """The error reply when ``check`` refuses ``address`` (``bad`` and the reason), None
+    when it takes it; 451 when it cannot tell (the aliases file unreadable, a bug)."""
+    try:
+        check(address)
+    except InvalidMessage as exc:
+        return f"{bad}: {_one_line(reason_for(exc))}"
+    except Exception as exc:
+        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+        return "451 4.3.0 Error: local error, try again later"
+    return None
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
 
-def serve(settings: Settings, queue: Queue) -> int:
+def serve(
+    settings: Settings,
+    queue: Queue,
+    *,
+    check_sender: Check = _accept,
+    check_recipient: Check = _accept,
+) -> int:
     """Run one SMTP session on standard input and output; the exit code."""
     if sys.stdin is None or sys.stdout is None:
         raise CLIError("-bs needs standard input and output", EX_NOINPUT)
@@ -360,5 +394,7 @@ def serve(settings: Settings, queue: Queue) -> int:
         helo_name=settings.config.helo_name,
         max_size=settings.config.max_message_size,
         queue=queue,
+        check_sender=check_sender,
+        check_recipient=check_recipient,
     )
     return session.run()
