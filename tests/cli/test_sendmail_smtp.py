@@ -173,6 +173,21 @@ def test_too_many_errors_end_the_session(cli: CLI) -> None:
     assert len(codes(result)) < 30
 
 
+def test_a_session_ended_by_the_server_exits_non_zero(cli: CLI) -> None:
+    """A wrapper reading only the exit code learns that the session was cut off: 76
+    (EX_PROTOCOL) for too many errors, too many commands that do nothing, or an endless
+    line, though no message was refused."""
+    scripts = [
+        b"EHLO c\r\n" + b"BOGUS\r\n" * 30,
+        b"EHLO c\r\n" + b"NOOP\r\n" * 200,
+        b"EHLO c\r\nNOOP " + b"x" * 200_000 + b"\r\n",
+    ]
+    for script in scripts:
+        result = session(cli, script)
+        assert codes(result)[-1] == "421"
+        assert result.code == 76, result.err
+
+
 def test_smtplib_sends_through_a_socket_pair(cli: CLI) -> None:
     """The stdlib's SMTP client, waiting for each reply as Symfony's does, talks to the
     session over a socket pair that is the subprocess's standard input and output."""
@@ -225,7 +240,7 @@ def test_a_silent_client_times_out_with_421() -> None:
             max_size=1000,
             queue=lambda data, sender, recipients: "never",
         )
-        assert session.run() == 0
+        assert session.run() == 75  # EX_TEMPFAIL: the client may try again
     finally:
         os.close(read)
         os.close(write)

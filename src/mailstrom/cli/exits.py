@@ -44,6 +44,9 @@ EX_IOERR = 74
 deleted or replaced: trying again will not help, so a supervisor should not restart-loop."""
 EX_TEMPFAIL = 75
 """Try again later: the store is unreachable, or (``send --wait``) mail is still pending."""
+EX_PROTOCOL = 76
+"""``sendmail -bs``: the client broke the SMTP dialogue (too many errors or commands that
+do nothing, an endless line) and the session was ended with 421."""
 EX_CONFIG = 78
 """Bad configuration file, environment variable or store URL, or a database that refuses
 the store URL's role (wrong password, unknown role or database, no right to migrate)."""

@@ -100,7 +100,8 @@ Accepted and ignored, for compatibility: -odb -odi -oem -oee -om -o* -v -U -G -n
 
 exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
 70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
-(try again), 78 bad configuration.
+(try again) or -bs timed out, 76 -bs session ended for protocol errors, 78 bad
+configuration.
 """
 
 _FLAGS = frozenset("timnvUG")

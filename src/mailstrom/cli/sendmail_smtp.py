@@ -25,6 +25,8 @@ from mailstrom.cli.exits import (
     EX_DATAERR,
     EX_NOINPUT,
     EX_OK,
+    EX_PROTOCOL,
+    EX_TEMPFAIL,
     CLIError,
     exit_code_for,
     reader_gone,
@@ -123,7 +125,8 @@ class Session:
     errors: int = 0
     junk: int = 0
     code: int = EX_OK
-    """The exit code: that of the last transaction that was not queued, else 0."""
+    """The exit code: that of the last failure (a transaction that was not queued, the
+    session ended with 421), else 0."""
 
     def reply(self, text: str) -> None:
         self.out.write(text.encode("utf-8", "replace") + b"\r\n")
@@ -134,9 +137,15 @@ class Session:
         self.reply(text)
         self.errors += 1
         if self.errors >= MAX_ERRORS:
-            self.reply(f"421 4.7.0 {self.helo_name} Error: too many errors")
-            return False
+            return self.end("too many errors")
         return True
+
+    def end(self, why: str) -> bool:
+        """End the session the client broke (421): the exit code says so, EX_PROTOCOL,
+        for a wrapper that reads only that. False."""
+        self.reply(f"421 4.7.0 {self.helo_name} Error: {why}")
+        self.code = EX_PROTOCOL
+        return False
 
     def run(self) -> int:
         self.reply(f"220 {self.helo_name} ESMTP mailstrom")
@@ -145,6 +154,7 @@ class Session:
                 pass
         except _Timeout:
             self.reply(f"421 4.4.2 {self.helo_name} Error: timeout exceeded")
+            self.code = EX_TEMPFAIL  # the client may try again, as after any 4xx
         except BrokenPipeError:  # the client went away
             reader_gone()
         return self.code
@@ -159,8 +169,7 @@ class Session:
             discarded = len(line)
             while not line.endswith(b"\n"):
                 if discarded >= MAX_DISCARDED:
-                    self.reply(f"421 4.7.0 {self.helo_name} Error: line too long")
-                    return False
+                    return self.end("line too long")
                 line = self.source.readline(min(_PIECE, MAX_DISCARDED - discarded))
                 if not line:
                     return False
@@ -175,8 +184,7 @@ class Session:
         if verb in ("NOOP", "RSET", "VRFY", "HELO", "EHLO"):
             self.junk += 1
             if self.junk > MAX_JUNK:
-                self.reply(f"421 4.7.0 {self.helo_name} Error: too many commands")
-                return False
+                return self.end("too many commands")
         return handler(self, arg.strip())
 
     def helo(self, arg: str, *, extended: bool) -> bool:
