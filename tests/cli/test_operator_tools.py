@@ -281,6 +281,30 @@ def test_queue_shows_pending_mail_with_reason_next_attempt_and_footer(mail_env: 
     )
 
 
+def test_a_json_listing_cut_at_its_limit_says_so_on_stderr(cli: CLI) -> None:
+    """`queue --json` stopped at 100 messages without a word (no footer, nothing on
+    stderr): `queue --json | jq -r '.[].id' | mailstrom retry -` retried the newest 100
+    of 150 and said nothing of the other 50. The JSON on stdout keeps its shape."""
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        ids = store.enqueue_many(
+            [message(f"r{i}@example.test") for i in range(150)], now=datetime.now(UTC)
+        )
+    finally:
+        store.close()
+
+    cut = cli.ok("queue", "--json")
+    assert len(cut.json()) == 100 and set(ids_of(cut.json())) < set(ids)
+    assert cut.err == "mailstrom: note: showing 100 of 150 messages (use --limit for more)\n"
+    limited = cli.ok("queue", "--json", "--limit", "7", "--domain", "example.test")
+    assert len(limited.json()) == 7
+    assert limited.err == "mailstrom: note: showing 7 of 150 messages (use --limit for more)\n"
+
+    whole = cli.ok("queue", "--json", "--limit", "150")
+    assert sorted(ids_of(whole.json())) == sorted(ids) and whole.err == ""
+    assert cli.ok("queue", "--json", "--limit", "100000").err == ""
+
+
 def _column(lines: list[str], row_start: str, name: str) -> str:
     """The cell under the header ``name`` in the row starting with ``row_start``."""
     header = next(line for line in lines if name in line)

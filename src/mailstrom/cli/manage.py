@@ -39,7 +39,7 @@ BULK_EPILOG = """\
 examples:
   mailstrom {name} 0190f3a2                     # a unique prefix is enough
   mailstrom {name} 0190f3a2c4e1 0190f3a2d7f0
-  mailstrom queue --json | jq -r '.[].id' | mailstrom {name} -
+  mailstrom queue --json --limit 100000 | jq -r '.[].id' | mailstrom {name} -
   mailstrom {name} --domain example.org --older-than 2h --dry-run
   mailstrom {name} --all
 """

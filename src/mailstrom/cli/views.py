@@ -90,7 +90,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         help="list pending messages, count them, or show the queue's shape",
         description="List messages, newest first: pending ones (queued or deferred) "
         "unless --state says otherwise, with each one's last reason and next attempt, and "
-        "a footer when there are more than --limit. Filters combine.",
+        "a footer when there are more than --limit (with --json, a note on stderr). "
+        "Filters combine.",
         epilog=QUEUE_EPILOG,
     )
     add_filter_options(q, default_state="pending")
@@ -381,6 +382,12 @@ def queue_command(args: argparse.Namespace) -> int:
         print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     if args.json:
         print_json(messages)
+        if total > len(messages):
+            # stdout stays the list scripts parse; a pipeline into a bulk command (`| jq
+            # -r '.[].id' | mailstrom retry -`) would otherwise act on the newest page only
+            # and nobody would learn that more matched.
+            note = f"showing {_shown(len(messages), total)} messages (use --limit for more)"
+            print(f"mailstrom: note: {note}", file=sys.stderr)
         return EX_OK
     print_queue(messages, now, total=total, suspended=suspended)
     return EX_OK
@@ -435,8 +442,14 @@ def print_queue(
         ],
     )
     if total > len(messages):
-        more = f"{total:,}+" if total >= COUNT_CAP else f"{total:,}"
-        print(f"\nshowing {len(messages):,} of {more} (use --limit)")
+        print(f"\nshowing {_shown(len(messages), total)} (use --limit)")
+
+
+def _shown(listed: int, total: int) -> str:
+    """What a cut listing shows: "100 of 151", or "100 of 1,000,000+" when ``total``
+    reached :data:`COUNT_CAP`."""
+    more = f"{total:,}+" if total >= COUNT_CAP else f"{total:,}"
+    return f"{listed:,} of {more}"
 
 
 def _next_attempt(
