@@ -475,6 +475,20 @@ def test_suspend_stops_one_destination_without_touching_its_messages(mail_env: M
     assert cli.ok("queue", "--suspended", "--json").json() == []
 
 
+def test_suspending_for_no_time_is_a_usage_error(cli: CLI) -> None:
+    """`suspend example.org --for 0s` was accepted ("suspended until <now>", exit 0) and
+    suspended nothing: a suspension that has ended as it is written. Like a duration that
+    is no duration, it is a usage error (64), and no suspension is stored."""
+    for zero in ("0s", "0", "0ms", "0.0h"):
+        refused = cli("suspend", "example.test", "--for", zero)
+        assert refused.code == 64, (zero, refused.out)
+        assert "--for: a suspension must last longer than 0" in refused.err, refused.err
+        assert refused.out == ""
+    assert cli.ok("queue", "--suspended", "--json").json() == []
+    short = cli.ok("suspend", "example.test", "--for", "500ms", "--json").json()
+    assert short["domain"] == "example.test" and short["until"]
+
+
 def test_resuming_a_suspension_that_has_ended_says_it_was_not_suspended(cli: CLI) -> None:
     """Was "example.test: resumed", exit 0, for a --for suspension past its end, one
     `queue --suspended` no longer listed: the docs say exit 66, not suspended."""

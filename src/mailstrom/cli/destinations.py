@@ -10,6 +10,7 @@ the suspensions in force.
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_NOINPUT, EX_OK, CLIError, UsageError
@@ -35,8 +36,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "--for",
         dest="duration",
         metavar="AGE",
-        type=duration_arg,
-        help="end by itself after AGE (30s, 15m, 2h, 3d); default: until resumed",
+        type=_suspension_arg,
+        help="end by itself after AGE (30s, 15m, 2h, 3d; longer than 0); default: until resumed",
     )
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(handler=suspend_command)
@@ -53,6 +54,15 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     r.add_argument("domain", metavar="DOMAIN", help="the destination (after the @)")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(handler=resume_command)
+
+
+def _suspension_arg(text: str) -> timedelta:
+    """``--for``: a duration longer than 0. A suspension that ends as it is written
+    suspends nothing: ``--for 0s`` said "suspended until <now>" and exited 0."""
+    age = duration_arg(text)
+    if age <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"a suspension must last longer than 0: {text!r}")
+    return age
 
 
 def _domain(text: str) -> str:
