@@ -82,5 +82,10 @@ def test_workers_on_a_queue_not_created_yet_says_nobody_runs(cli: CLI, workdir: 
     )
     assert _workers(cli) == (69, [])
     assert not (workdir / "queue.db").exists()
+    # A memory store only looked at is an empty queue, as docs/cli.md says of every
+    # command that only looks: nobody delivers from it (exit 69), not a usage error (64)
+    # for a store setting the commands that change the store refuse with 78.
     memory = cli("--store", "memory:", "workers")
-    assert memory.code == 64 and "memory store" in memory.err
+    assert (memory.code, memory.out.strip(), memory.err) == (69, nobody.out.strip(), "")
+    memory_json = cli("--store", "memory:", "workers", "--json")
+    assert (memory_json.code, memory_json.json(), memory_json.err) == (69, [], "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK, EX_UNAVAILABLE, UsageError
+from mailstrom.cli.exits import EX_OK, EX_UNAVAILABLE
 from mailstrom.cli.output import age, print_json, print_table
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.views import NOBODY, store_warnings
@@ -37,17 +37,12 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def workers_command(args: argparse.Namespace) -> int:
-    from mailstrom.stores.url import StoreKind, parse_store_url
-
     settings = settings_from(args)
-    if parse_store_url(settings.store_url).kind is StoreKind.MEMORY:
-        raise UsageError(
-            "this store cannot tell which workers run: a memory store lives and dies "
-            "with the process that made it"
-        )
     with store_warnings(), store_from(settings, read_only=True) as store:
-        # An SQLite file that does not exist yet is read as an empty memory store: no
-        # worker has opened it (a worker creates it), so nobody delivers from it.
+        # The command only looks, so a memory store is an empty queue, as for every
+        # command that only looks: one made for this command has no worker. An SQLite
+        # file that does not exist yet is read as such an empty store: no worker has
+        # opened it (a worker creates it), so nobody delivers from it either.
         live = store.live_holders() if isinstance(store, DeadHolderReaper) else []
     if args.json:
         print_json(live)
