@@ -161,6 +161,40 @@ def test_a_list_after_a_u_label_domain_starts_where_its_entry_is(cli: CLI) -> No
         assert [r["target"] for r in listed] == rest, after
 
 
+def test_a_list_cut_at_its_limit_names_the_next_page(cli: CLI) -> None:
+    """`suppress list` stopped at --limit (100) entries without a word, in text or JSON:
+    `suppress list --json | jq length` gave 100 of 150 and nothing said more followed.
+    A cut listing now says so, with the --after that lists the next page (shell-quoted:
+    a bare "#" would start a comment): on stderr with --json, stdout keeping its list, and
+    in a footer of the table."""
+    targets = [f"r{i:03}@example.test" for i in range(150)]
+    cli.ok("suppress", "add", *targets)
+    more = "showing 100 entries; more follow (--after r099@example.test for the next page)"
+
+    cut = cli.ok("suppress", "list", "--json")
+    assert [r["target"] for r in cut.json()] == targets[:100]
+    assert cut.err == f"mailstrom: note: {more}\n"
+    rest = cli.ok("suppress", "list", "--json", "--after", "r099@example.test")
+    assert ([r["target"] for r in rest.json()], rest.err) == (targets[100:], "")
+    exact = cli.ok("suppress", "list", "--json", "--after", "r099@example.test", "--limit", "50")
+    assert (len(exact.json()), exact.err) == (50, "")
+    whole = cli.ok("suppress", "list", "--json", "--limit", "150")
+    assert (len(whole.json()), whole.err) == (150, "")
+
+    table = cli.ok("suppress", "list")
+    lines = table.out.splitlines()
+    assert len(lines) == 1 + 100 + 2 and lines[-2:] == ["", more] and table.err == ""
+    assert lines[100].split()[0] == "r099@example.test"
+    assert cli.ok("suppress", "list", "--limit", "150").out.splitlines()[-1].startswith("r149@")
+
+    cli.ok("suppress", "add", "#team@example.test")
+    first = cli.ok("suppress", "list", "--json", "--limit", "1")
+    assert first.err == (
+        "mailstrom: note: showing 1 entry; more follow "
+        "(--after '#team@example.test' for the next page)\n"
+    )
+
+
 def test_remove_counts_targets_not_the_rows_of_each(cli: CLI, workdir: Path) -> None:
     """Removing bob@Bücher.example also deletes the form an earlier build stored it under
     (bob@bücher.example, which never applied); with both stored, the command said "2 of 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duratio
 from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument, InvalidSuppression, StoreError
 from mailstrom.message.chars import shorten
+from mailstrom.settings import MAX_INTEGER
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
     MAX_TARGET,
@@ -53,7 +55,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    ls = _action(actions, parents, "list", "show the entries in force, in target order")
+    ls = _action(
+        actions,
+        parents,
+        "list",
+        "show the entries in force, in target order, and the --after of the next page when "
+        "more follow (with --json, on stderr)",
+    )
     ls.add_argument("--all", action="store_true", help="include expired entries")
     ls.add_argument(
         "--after", default="", type=_after_arg, metavar="TARGET", help="start after this target"
@@ -160,11 +168,20 @@ def _row(e: Suppression) -> dict[str, object]:
 def list_command(args: argparse.Namespace) -> int:
     now = utc_now()
     with store_from(settings_from(args), read_only=True) as store:
+        # One entry past the limit tells whether the listing is cut (a bigint at most).
         entries = store.list_suppressions(
-            now=None if args.all else now, after=args.after, limit=args.limit
+            now=None if args.all else now,
+            after=args.after,
+            limit=min(args.limit + 1, MAX_INTEGER),
         )
+    more = _more(entries[: args.limit]) if len(entries) > args.limit else None
+    entries = entries[: args.limit]
     if args.json:
         print_json([_row(e) for e in entries])
+        if more is not None:
+            # stdout stays the list scripts parse; `| jq length` gave 100 of 150 and
+            # nobody learned that more followed.
+            print(f"mailstrom: note: {more}", file=sys.stderr)
         return EX_OK
     print_table(
         ["TARGET", "SOURCE", "SINCE", "EXPIRES", "REPLY"],
@@ -179,7 +196,17 @@ def list_command(args: argparse.Namespace) -> int:
             for e in entries
         ],
     )
+    if more is not None:
+        print(f"\n{more}")
     return EX_OK
+
+
+def _more(shown: list[Suppression]) -> str:
+    """What a listing cut at its limit says: how many it shows and the ``--after`` (as a
+    shell word: a bare "#" starts a comment) that lists the next page."""
+    count = f"{len(shown):,} {'entry' if len(shown) == 1 else 'entries'}"
+    after = shlex.quote(shown[-1].target)
+    return f"showing {count}; more follow (--after {after} for the next page)"
 
 
 def _time(when: datetime | None) -> str:
