@@ -9,7 +9,15 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mailstrom import Email, Mailstrom, ReasonClass, RetryPolicy, Timeouts
+from mailstrom import (
+    DestinationRule,
+    Email,
+    Mailstrom,
+    ReasonClass,
+    RetryPolicy,
+    ShapingConfig,
+    Timeouts,
+)
 from mailstrom.status import RecipientState
 from mailstrom.stores import Lease, MemoryStore, SQLiteStore
 from mailstrom.stores.base import RecipientResult
@@ -231,6 +239,56 @@ def test_a_retry_due_before_the_poll_is_not_held_up_by_a_slow_delivery_in_flight
     first, second = [r for r in seen if r.address == "grey@example.org"][:2]
     assert first.state is RecipientState.DEFERRED and first.next_attempt_at is not None
     assert second.attempt.at >= first.next_attempt_at
+    assert "stuck@slow.example" not in {r.address for r in seen}  # still hanging then
+
+
+def test_work_given_back_for_a_pause_is_not_held_up_by_a_slow_delivery_in_flight(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A message waiting for its destination's rate when that destination is paused (by
+    another worker of the store, for a second) goes back to the store due at the pause's
+    end, and is delivered then while a delivery hangs on a stalled server. The worker
+    remembered the store's next due time read before it was given back (none: everything
+    was leased) while the slow delivery kept it busy, so it waited for the poll (30 s here)
+    instead."""
+    mx = smtp_server()
+    mx.stall_rcpts.add("stuck@slow.example")
+    for domain in ("paused.example", "slow.example"):
+        dns_server.mx(domain, [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    results = Results()
+    timeouts = Timeouts(connect=2, greeting=2, command=25, data_init=2, data_block=2, data_end=2)
+    # One message every 3 s to paused.example: the second waits for the rate, long enough
+    # for the pause to reach this worker (the pauses are read every 0.2 s).
+    rule = DestinationRule(match="paused.example", messages_per_minute=20)
+    shaping = ShapingConfig(rules=(rule,), provider_defaults=False, refresh=0.2)
+    config = loopback_config(
+        dns_server, mx.port, poll_interval=30.0, timeouts=timeouts, shaping=shaping
+    )
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("stuck@slow.example"))
+        ms.send_emails([hello("a@paused.example"), hello("b@paused.example")])
+        [first] = results.wait_count(1)
+        # Another worker of the store is told to slow down by paused.example.
+        pause = store.throttle(
+            "paused.example",
+            now=datetime.now(UTC),
+            reply="421 4.7.0 Try again later",
+            first=timedelta(seconds=1),
+            maximum=timedelta(seconds=1),
+        )
+
+        def both(rs: list[RecipientResult]) -> bool:
+            return {r.address for r in rs} >= {"a@paused.example", "b@paused.example"}
+
+        # Long before the poll (30 s) or the stalled command's timeout (25 s).
+        seen = results.wait_for(both, timeout=15)
+        ms.stop(timeout=0)  # the stalled delivery is cut off, not waited for
+    assert first.state is RecipientState.DELIVERED
+    [second] = [r for r in seen if r.address != first.address]
+    assert second.state is RecipientState.DELIVERED
+    assert second.attempt.at >= pause.until  # given back, not sent in the pause
     assert "stuck@slow.example" not in {r.address for r in seen}  # still hanging then
 
 

@@ -831,8 +831,8 @@ class Worker(
         The sleep ends at the earliest due time of work not yet leased (a scheduled
         message, a retry), read from the store once after each empty lease or wake-up and
         remembered while deliveries run (brought forward by the retries the worker
-        records meanwhile), so a busy worker neither asks the store on every turn nor
-        sleeps past a due time until the next poll."""
+        records and the work it gives back meanwhile), so a busy worker neither asks the
+        store on every turn nor sleeps past a due time until the next poll."""
         timeout = self.config.poll_interval
         waits_for: datetime | None = None
         if once and dispatcher.idle.is_set():

@@ -38,6 +38,7 @@ class WorkerDestinations(WorkerStore):
     _starved: bool
     _capped: bool
     _lease_wanted: bool
+    _due_at: datetime | None
     _leases: dict[str, _LeaseState]
     _items: dict[tuple[str, str, str], int]
     _item_lanes: dict[tuple[str, str, str], str]
@@ -110,10 +111,17 @@ class WorkerDestinations(WorkerStore):
         if not written:
             return
         self._store_fine("postpone")
+        wake = False
+        # Due at ``until``: earlier than the due time remembered (read before they were
+        # given back, and kept while deliveries run), they would wait for the poll.
+        if self._due_at is None or until < self._due_at:
+            self._due_at = until
+            wake = True  # a worker asleep till the old due time sleeps till this one
         if self._starved or self._capped:
             self._lease_wanted = True  # room for more work
-            if self._wake is not None:
-                self._wake.set()
+            wake = True
+        if wake and self._wake is not None:
+            self._wake.set()
 
     async def _write_postponement(
         self, items: list[WorkItem], until: datetime, destination: str | None
