@@ -55,7 +55,7 @@ from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
-from mailstrom.message.encoding import MAX_LINE, base64_lines, quoted_printable, to_crlf
+from mailstrom.message.encoding import MAX_LINE, encode_long_lines, to_crlf
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.words import unstructured_field
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
@@ -450,109 +450,6 @@ def _fold(line: bytes) -> list[bytes]:
         line = line[cut:]
     out.append(line)
     return out
-
-
-def encode_long_lines(data: bytes) -> bytes:
-    """``data`` with each body that has a line over 998 octets (RFC 5322 §2.1.1) encoded:
-    quoted-printable for text, base64 otherwise, as a part that carries no encoding
-    (7bit, 8bit, binary) may be, the message itself or a part of its multiparts.
-    Programs hand sendmail such bodies as they are (PHP's mail() with its HTML on one
-    line, cron and logwatch with a long log line), Postfix and Sendmail send them on, and
-    prepare() refused them (exit 65: the mail was lost). The content is unchanged: a
-    reader decodes it. Anything else (a long line in a header, a preamble or a
-    message/rfc822 part) is left as it was, for prepare() to judge."""
-    if len(data) <= MAX_LINE:
-        return data
-    crlf = to_crlf(data)
-    if not _LONG_LINE.search(crlf):
-        return data
-    try:
-        split_header_section(crlf)
-    except InvalidMessage:
-        return data  # prepare() refuses it with the reason
-    top = mime.entity(crlf)
-    pieces: list[bytes] = []
-    if not _encode_entity(top, depth=0, out=pieces):
-        return data
-    if not _has_field(top.head, b"mime-version"):
-        # An encoding is read under MIME (RFC 2045 §4).
-        pieces[0] = _with_field(pieces[0], "MIME-Version", "1.0")
-    return b"".join(pieces)
-
-
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
-
-
-def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> bool:
-    """Append the header section and the body of ``item`` to ``out``, a body with a line
-    over :data:`MAX_LINE` encoded where it may be; whether anything was encoded."""
-    data = item.data
-    if _LONG_LINE.search(data, item.body, item.end) and depth < mime.MAX_DEPTH:
-        found = mime.layout(item) if item.maintype == "multipart" else None
-        if found is not None:
-            out.append(item.head)
-            changed = False
-            position = item.body
-            for start, end in found.parts:
-                if start > end:
-                    continue  # no part between two delimiter lines (see mime.layout)
-                out.append(data[position:start])  # the delimiter line (the preamble first)
-                part = mime.entity(data, start, end, default=_part_default(item))
-                changed = _encode_entity(part, depth=depth + 1, out=out) or changed
-                position = end
-            out.append(data[position : item.end])  # the close delimiter and the epilogue
-            return changed
-        # Two encodings named (repeated): which one holds is prepare()'s to say.
-        leaf = item.maintype not in ("multipart", "message")
-        if leaf and item.cte in _UNENCODED and not item.repeated:
-            raw = data[item.body : item.end]
-            text = quoted_printable(raw) if item.maintype == "text" else None
-            # Inside a multipart, a soft line break could start a line with "--": a
-            # delimiter, maybe. Base64 has no "-".
-            if text is not None and not (depth and b"=\r\n--" in text):
-                cte, encoded = "quoted-printable", text
-            else:
-                cte, encoded = "base64", base64_lines(raw)
-            out += (_with_field(item.head, "Content-Transfer-Encoding", cte), encoded)
-            return True
-    out += (item.head, data[item.body : item.end])
-    return False
-
-
-def _part_default(item: mime.Entity) -> str:
-    """The type of a part without Content-Type in the multipart ``item`` (RFC 2046)."""
-    return "message/rfc822" if item.content_type == "multipart/digest" else "text/plain"
-
-
-def _with_field(head: bytes, name: str, value: str) -> bytes:
-    """``head`` (a header section with its empty line, or none) with every field ``name``
-    replaced by one ``name: value`` at its end."""
-    key = name.lower().encode("ascii")
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                kept.append(line)
-            continue
-        skipping = line.split(b":", 1)[0].strip().lower() == key
-        if not skipping:
-            kept.append(line)
-    kept.append(f"{name}: {value}".encode("ascii"))
-    return b"\r\n".join(kept) + b"\r\n\r\n"
-
-
-def _has_field(head: bytes, key: bytes) -> bool:
-    return any(
-        line.split(b":", 1)[0].strip().lower() == key
-        for line in head.split(b"\r\n")
-        if line[:1] not in (b" ", b"\t")
-    )
-
-
-_UNENCODED = ("7bit", "8bit", "binary")
 
 
 def envelope_sender(sender: str | None, origin: str) -> str | None:
