@@ -781,9 +781,11 @@ class Dispatcher:
                 break
             work, future = inflight[0]
             try:
-                # Shielded, and left in ``inflight`` until answered: a stop that cancels
-                # this session still finds what it came to (_report_cut_off).
-                result = await asyncio.shield(future)
+                # Left in ``inflight`` until answered: a stop that cancels this session
+                # still finds what it came to (_report_cut_off; the future keeps its
+                # outcome once cancelled). Not shielded: the extra loop turn split the
+                # pipelined writes of the transactions behind it.
+                result = await future
             except DeliveryError as exc:
                 exc.host = exc.host or conn.host
                 error = error or exc
@@ -869,10 +871,17 @@ class Dispatcher:
         lease."""
         left: list[_Work] = []
         for work, future in inflight:
-            if not future.done() or future.cancelled() or future.exception() is not None:
+            settled: TransactionResult | BaseException | None = None
+            if future.cancelled():
+                # By the stop that cancelled the session awaiting it; the connection's
+                # abandon has settled it since (uncertain after the final dot, say).
+                settled = getattr(future, "outcome", None)
+            elif future.done():
+                settled = future.exception() or future.result()
+            if settled is None or isinstance(settled, BaseException):
                 left.append(work)
                 continue
-            result = future.result()
+            result = settled
             if at_connection_limit(result):
                 left.append(work)  # not tried
                 continue

@@ -196,7 +196,10 @@ class Txn:
         )
 
     def settle(self, result: TransactionResult | BaseException) -> None:
-        if self.future.done():
+        future = self.future
+        if isinstance(future, Outcome) and future.outcome is None:
+            future.outcome = result  # kept even when the waiting task cancelled it
+        if future.done():
             return
         if isinstance(result, BaseException):
             self.future.set_exception(result)
@@ -205,6 +208,14 @@ class Txn:
             self.future.exception()
         else:
             self.future.set_result(result)
+
+
+class Outcome(asyncio.Future[TransactionResult]):
+    """A transaction's future that keeps what settled it even once cancelled (the session
+    awaiting it was cancelled: a stop), for the stop to report (dispatch._report_cut_off)
+    without shielding every await, whose extra loop turn split pipelined writes."""
+
+    outcome: TransactionResult | BaseException | None = None
 
 
 class TransactionsMixin:
@@ -359,7 +370,7 @@ class TransactionsMixin:
                 host=self.host,
             )
         self.messages_sent += 1
-        future: asyncio.Future[TransactionResult] = self._loop.create_future()
+        future: asyncio.Future[TransactionResult] = Outcome(loop=self._loop)
         self._queued.append(
             Txn(
                 envelope_from,
