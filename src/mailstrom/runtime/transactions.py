@@ -144,7 +144,7 @@ class Txn:
         smtputf8: bool,
         eightbit: bool,
         reset: bool,
-        future: asyncio.Future[TransactionResult],
+        future: Outcome,
         requiretls: bool = False,
         dsn_mail: bytes = b"",
         dsn_rcpt: Sequence[bytes] = (),
@@ -197,17 +197,17 @@ class Txn:
 
     def settle(self, result: TransactionResult | BaseException) -> None:
         future = self.future
-        if isinstance(future, Outcome) and future.outcome is None:
+        if future.outcome is None:
             future.outcome = result  # kept even when the waiting task cancelled it
         if future.done():
             return
         if isinstance(result, BaseException):
-            self.future.set_exception(result)
+            future.set_exception(result)
             # Read here: the session that would read it may be gone (cancelled while the
             # worker stops), and asyncio would log the error as never retrieved.
-            self.future.exception()
+            future.exception()
         else:
-            self.future.set_result(result)
+            future.set_result(result)
 
 
 class Outcome(asyncio.Future[TransactionResult]):
@@ -370,7 +370,7 @@ class TransactionsMixin:
                 host=self.host,
             )
         self.messages_sent += 1
-        future: asyncio.Future[TransactionResult] = Outcome(loop=self._loop)
+        future = Outcome(loop=self._loop)
         self._queued.append(
             Txn(
                 envelope_from,
