@@ -2,29 +2,23 @@
 transaction here: the dispatcher gives it back instead (``Dispatcher.withdraw``).
 
 The peer is a raw asyncio server on 127.0.0.1 scripted per test; the dispatcher is the
-worker's own, with a router asking the loopback DNS server.
+worker's own, with a router asking the loopback DNS server
+(``tests.support.scripted``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from mailstrom.routing import Router
-from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.integration.test_hostile_peers import peer
-from tests.support.delivery import loopback_config
-
-NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+from tests.support.scripted import NOW, scripted_dispatcher
 
 
 def item(*recipients: str) -> WorkItem:
@@ -88,29 +82,20 @@ async def test_recipients_over_the_limit_of_a_lost_lease_are_given_back(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    dns_server.mx("lost.example", [(10, "mx.lost.test")])
-    dns_server.a("mx.lost.test", "127.0.0.1")
-    done: list[RecipientResult] = []
     given_back: list[WorkItem] = []
-    async with peer(handle) as port:
-        config = loopback_config(dns_server, port)
-        dispatcher = Dispatcher(
-            config,
-            router=Router(config.dns, allow_loopback=True),
-            outcomes=Outcomes(config, clock=lambda: NOW, rng=random.Random(1)),
-            on_done=done.extend,
-            on_postpone=lambda items, when, destination: given_back.extend(items),
-        )
-        try:
-            dispatcher.submit(item("one@lost.example", "two@lost.example"))
-            await asyncio.wait_for(envelope_in.wait(), 10)
-            dispatcher.withdraw("lease-1")  # taken over by another worker meanwhile
-            for i in range(lost_after):  # and so were other leases of this worker
-                dispatcher.withdraw(f"lease-other-{i}")
-            go_on.set()
-            await asyncio.wait_for(dispatcher.idle.wait(), 10)
-        finally:
-            await dispatcher.close()
+    async with scripted_dispatcher(
+        dns_server,
+        handle,
+        "lost.example",
+        on_postpone=lambda items, when, destination: given_back.extend(items),
+    ) as (dispatcher, done):
+        dispatcher.submit(item("one@lost.example", "two@lost.example"))
+        await asyncio.wait_for(envelope_in.wait(), 10)
+        dispatcher.withdraw("lease-1")  # taken over by another worker meanwhile
+        for i in range(lost_after):  # and so were other leases of this worker
+            dispatcher.withdraw(f"lease-other-{i}")
+        go_on.set()
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
     assert [r.address for r in done] == ["one@lost.example"]
     assert len(mails) == 1, mails
     assert [r.address for i in given_back for r in i.recipients] == ["two@lost.example"]
@@ -153,23 +138,13 @@ async def test_a_bug_in_one_transactions_outcome_loses_none_in_flight_beside_it(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    dns_server.mx("lost.example", [(10, "mx.lost.test")])
-    dns_server.a("mx.lost.test", "127.0.0.1")
-    done: list[RecipientResult] = []
-    async with peer(handle) as port:
-        config = loopback_config(dns_server, port)
-        dispatcher = Dispatcher(
-            config,
-            router=Router(config.dns, allow_loopback=True),
-            outcomes=Buggy(config, clock=lambda: NOW, rng=random.Random(1)),
-            on_done=done.extend,
-        )
-        try:
-            dispatcher.submit(item("one@lost.example"))
-            dispatcher.submit(replace(item("two@lost.example"), message_id="m2"))
-            await asyncio.wait_for(dispatcher.idle.wait(), 10)
-        finally:
-            await dispatcher.close()
+    async with scripted_dispatcher(dns_server, handle, "lost.example", Buggy) as (
+        dispatcher,
+        done,
+    ):
+        dispatcher.submit(item("one@lost.example"))
+        dispatcher.submit(replace(item("two@lost.example"), message_id="m2"))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
     by_address = {r.address: r for r in done}
     assert sorted(by_address) == ["one@lost.example", "two@lost.example"], done
     one = by_address["one@lost.example"]
@@ -205,22 +180,12 @@ async def test_a_bug_in_deciding_a_cut_transaction_loses_none_of_it(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    dns_server.mx("lost.example", [(10, "mx.lost.test")])
-    dns_server.a("mx.lost.test", "127.0.0.1")
-    done: list[RecipientResult] = []
-    async with peer(handle) as port:
-        config = loopback_config(dns_server, port)
-        dispatcher = Dispatcher(
-            config,
-            router=Router(config.dns, allow_loopback=True),
-            outcomes=Buggy(config, clock=lambda: NOW, rng=random.Random(1)),
-            on_done=done.extend,
-        )
-        try:
-            dispatcher.submit(item("one@lost.example", "two@lost.example"))
-            await asyncio.wait_for(dispatcher.idle.wait(), 10)
-        finally:
-            await dispatcher.close()
+    async with scripted_dispatcher(dns_server, handle, "lost.example", Buggy) as (
+        dispatcher,
+        done,
+    ):
+        dispatcher.submit(item("one@lost.example", "two@lost.example"))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
     assert sorted(r.address for r in done) == ["one@lost.example", "two@lost.example"], done
     assert all(r.state is RecipientState.DEFERRED for r in done), done
     assert all("internal error" in (r.attempt.error or "") for r in done), done

@@ -10,19 +10,11 @@ peer is a raw asyncio server on 127.0.0.1; the dispatcher is the worker's own.
 from __future__ import annotations
 
 import asyncio
-import random
-from datetime import UTC, datetime
 
-from mailstrom.routing import Router
-from mailstrom.runtime.dispatch import Dispatcher
-from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.status import RecipientState
-from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.stores.base import LeasedRecipient, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.integration.test_hostile_peers import peer
-from tests.support.delivery import loopback_config
-
-NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+from tests.support.scripted import NOW, scripted_dispatcher
 
 
 def item(n: int) -> WorkItem:
@@ -75,29 +67,18 @@ async def test_stale_idle_connections_do_not_use_up_the_session_limit(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    dns_server.mx("stale.example", [(10, "mx.stale.test")])
-    dns_server.a("mx.stale.test", "127.0.0.1")
-    done: list[RecipientResult] = []
-    async with peer(handle) as port:
-        config = loopback_config(dns_server, port, mx_session_limit=2, connection_idle=60.0)
-        dispatcher = Dispatcher(
-            config,
-            router=Router(config.dns, allow_loopback=True),
-            outcomes=Outcomes(config, clock=lambda: NOW, rng=random.Random(1)),
-            on_done=done.extend,
-        )
-        try:
-            for n in range(8):  # enough queued for a second session to start
-                dispatcher.submit(item(n))
-            await asyncio.wait_for(dispatcher.idle.wait(), 10)
-            assert [r.state for r in done] == [RecipientState.DELIVERED] * 8
-            assert dispatcher.idle_connections >= 2
-            before = connections
-            stale.set()
-            dispatcher.submit(item(8))
-            await asyncio.wait_for(dispatcher.idle.wait(), 10)
-        finally:
-            await dispatcher.close()
+    async with scripted_dispatcher(
+        dns_server, handle, "stale.example", mx_session_limit=2, connection_idle=60.0
+    ) as (dispatcher, done):
+        for n in range(8):  # enough queued for a second session to start
+            dispatcher.submit(item(n))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        assert [r.state for r in done] == [RecipientState.DELIVERED] * 8
+        assert dispatcher.idle_connections >= 2
+        before = connections
+        stale.set()
+        dispatcher.submit(item(8))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
     last = done[-1]
     assert last.address == "r8@stale.example"
     assert last.state is RecipientState.DELIVERED
