@@ -577,33 +577,7 @@ def test_sent_events_are_pruned_while_the_outbox_never_empties(
     store = SQLiteStore(tmp_path / "q.db")
     store.enable_events()
     long_ago = datetime.now(UTC) - timedelta(days=3)
-    for n in range(2):
-        store.enqueue(
-            PreparedMessage(
-                data=f"From: a@sender.test\r\nSubject: n{n}\r\n\r\nhi\r\n".encode(),
-                envelope_from="a@sender.test",
-                recipients=(f"u{n}@example.org",),
-            ),
-            now=long_ago,
-        )
-    lease = store.lease(now=long_ago, limit=2, lease_for=timedelta(minutes=5))
-    assert lease is not None
-    attempt = Attempt(at=long_ago, outcome=AttemptOutcome.TEMPORARY, error="try later")
-    store.record(
-        [
-            RecipientResult(
-                message_id=item.message_id,
-                address=r.address,
-                state=RecipientState.DEFERRED,
-                attempt=attempt,
-                lease_token=item.lease_token,
-                ref=r.ref,
-                next_attempt_at=long_ago + timedelta(minutes=10),
-            )
-            for item in lease.items
-            for r in item.recipients
-        ]
-    )
+    _deferred_events(store, ["u0@example.org", "u1@example.org"], now=long_ago)
     # The first event went out long ago; the second never does: the endpoint fails.
     first = store.lease_events(now=long_ago, limit=1, lease_for=timedelta(minutes=1))
     assert first is not None
@@ -635,9 +609,10 @@ def test_sent_events_are_pruned_while_the_outbox_never_empties(
         store.close()
 
 
-def _deferred_events(store: SQLiteStore, addresses: list[str]) -> None:
-    """One deferred-delivery event in the outbox of ``store`` per address, in order."""
-    now = datetime.now(UTC)
+def _deferred_events(store: SQLiteStore, addresses: list[str], now: datetime | None = None) -> None:
+    """One deferred-delivery event in the outbox of ``store`` per address, in order, at
+    ``now`` (the present by default)."""
+    now = now or datetime.now(UTC)
     for address in addresses:
         store.enqueue(
             PreparedMessage(
