@@ -212,7 +212,8 @@ async def test_a_transaction_cut_off_after_its_final_dot_is_uncertain_not_given_
     dot is not in (it may well have taken the message): as after a connection lost there,
     the recipient is uncertain (RFC 5321 §4.5.3.2.6), deferred with the retry policy's
     backoff (or counted delivered with ``retry_uncertain=False``). It was given back due
-    at once, as if never sent, and the next worker sent it a second time at once."""
+    at once, as if never sent, and the next worker sent it a second time at once. Its
+    reason said "connection lost" where the worker had dropped the connection itself."""
     mx = smtp_server(stall_on="dot")
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
@@ -229,6 +230,9 @@ async def test_a_transaction_cut_off_after_its_final_dot_is_uncertain_not_given_
         await asyncio.wait_for(run, 30)
         [r] = store.status(mid).recipients
         assert r.uncertain and r.attempts == 1, r
+        # Said as what happened: the worker stopped (not "connection lost", which sends an
+        # operator looking at the network or the server).
+        assert r.error is not None and "worker stopped" in r.error, r
         if retry_uncertain:
             assert r.state is RecipientState.DEFERRED, r
             assert r.next_attempt_at is not None and r.next_attempt_at > datetime.now(UTC)

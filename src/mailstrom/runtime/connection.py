@@ -102,6 +102,11 @@ class TLSVerifyError(TLSHandshakeError):
     """The peer's certificate is not valid for the host name: never fall back to plaintext."""
 
 
+class Abandoned(SMTPConnectError):
+    """The worker dropped the connection itself (it stops): nothing went wrong with the
+    peer or the network, which is what a reason built on this error says."""
+
+
 class ServiceClosing(TemporaryFailure):
     """The server answered the greeting, EHLO or HELO with ``421``: it is closing the
     channel before any session could start (RFC 5321 §3.8), which says it takes no more
@@ -953,7 +958,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        self._abort(SMTPConnectError(f"connection to {self.host} abandoned", host=self.host))
+        self._abort(Abandoned(f"connection to {self.host} abandoned", host=self.host))
         self._drop()
 
     async def close(self) -> None:

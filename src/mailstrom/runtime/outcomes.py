@@ -32,7 +32,7 @@ from mailstrom.errors import (
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
 from mailstrom.policy.hardbounce import is_hard_bounce
 from mailstrom.policy.reasons import classify_local, classify_reply, table
-from mailstrom.runtime.connection import SMTPConnection, TLSHandshakeError
+from mailstrom.runtime.connection import Abandoned, SMTPConnection, TLSHandshakeError
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem, bounded_text
@@ -123,7 +123,12 @@ def _limit_reached(reply: SMTPReply) -> bool:
 def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
     """The reason of a delivery left uncertain by ``cause``: a reply that broke the
     protocol is named (what the peer sent is worth knowing), anything else is a lost
-    connection."""
+    connection, or the worker's own stop."""
+    if isinstance(cause, Abandoned):
+        return (
+            "the worker stopped after the final dot, before the reply; delivery uncertain",
+            ReasonClass.CONNECTION,
+        )
     if isinstance(cause, SMTPProtocolError):
         text = cause.text
         quoted = "".join(c if c.isprintable() else "?" for c in text[:_MAX_QUOTED])
