@@ -6,6 +6,7 @@ loopback DNS server) in tests/integration/test_dkim.py and test_dkim_delivery.py
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -13,12 +14,15 @@ from email.message import EmailMessage
 import pytest
 from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 
+from mailstrom import Mailstrom
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
 from mailstrom.dkim.signing import sign
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
+from mailstrom.policy.retry import RetryPolicy
+from mailstrom.stores import MemoryStore
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 DKIM = dual("example.com")
@@ -249,3 +253,31 @@ def test_the_size_limit_counts_the_signatures() -> None:
     size = len(prepare(email(message_id="<x@example.com>"), now=NOW).data)
     with pytest.raises(MessageTooLarge, match="the limit is"):
         prepare(email(message_id="<x@example.com>"), now=NOW, dkim=DKIM, max_size=size + 100)
+
+
+@pytest.mark.parametrize(
+    ("expire", "max_age", "warned"),
+    [
+        (timedelta(days=1), timedelta(days=5), True),
+        (timedelta(days=5), timedelta(days=5), False),
+        (timedelta(days=1), None, True),
+        (timedelta(days=7), timedelta(days=5), False),
+    ],
+)
+def test_a_facade_warns_when_signatures_expire_before_retries_end(
+    caplog: pytest.LogCaptureFixture,
+    expire: timedelta,
+    max_age: timedelta | None,
+    warned: bool,
+) -> None:
+    """Retries send the signed bytes as they were: with ``dkim.expire`` shorter than
+    ``retry.max_age``, every retry after the expiry carries a signature receivers treat
+    as invalid (RFC 6376 §3.5), so DMARC fails and strict receivers refuse it. Nothing
+    said so: the docstring's advice was the only place it showed."""
+    config = Config(dkim=dual("example.com", expire=expire), retry=RetryPolicy(max_age=max_age))
+    caplog.set_level(logging.WARNING, logger="mailstrom.dkim")
+    Mailstrom(config, store=MemoryStore(), worker=None)
+    said = [r.getMessage() for r in caplog.records if r.name == "mailstrom.dkim"]
+    assert bool(said) is warned, said
+    if warned:
+        assert "dkim.expire" in said[0] and "retry.max_age" in said[0], said
