@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -24,6 +25,7 @@ from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
 from mailstrom.web.security import GUESS_WINDOW, MAX_GUESSES, Guesses
 from tests.contract.support import LEASE_FOR, NOW, lease_all, message, results_for
+from tests.web.test_slow_readers import served
 
 DATA = (
     b"From: App <app@example.com>\r\nTo: a@one.example\r\n"
@@ -342,6 +344,23 @@ def test_a_bearer_token_works_without_a_session(store: Store, ids: dict[str, str
         assert ok.status_code == 200
         bad = client.get("/", headers={"Authorization": "Bearer nope"}, follow_redirects=False)
         assert bad.status_code == 303
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_bearer_token_with_non_ascii_characters_lets_a_script_in(
+    tmp_path: Path, encoding: str
+) -> None:
+    """The server hands header octets on as Latin-1, and curl (as browsers and most
+    clients) sends a token typed with a "ü" in UTF-8: it never matched, each try counted
+    as a wrong guess, and the script was locked out. (A real server: Starlette's test
+    client re-encodes header values.) Python's requests sends Latin-1, which still works."""
+    token = "grüne wiese"
+    with served(tmp_path, request_timeout=30.0, token=token) as server:
+        url = f"http://127.0.0.1:{server.port}/queue"
+        for given in (token, "grüne wiesx"):
+            header = b"Bearer " + given.encode(encoding)
+            answer = httpx.get(url, headers={"Authorization": header}, follow_redirects=False)
+            assert answer.status_code == (200 if given == token else 303), given
 
 
 def test_login_only_follows_paths_on_this_server(store: Store) -> None:

@@ -66,11 +66,13 @@ class Served:
 
 
 @contextmanager
-def served(tmp_path: Path, request_timeout: float) -> Iterator[Served]:
-    """A dashboard on 127.0.0.1 (at most :data:`LIMIT` connections) served on a loop of
-    its own, on a thread; stopped, with its store closed, at the end."""
+def served(tmp_path: Path, request_timeout: float, *, token: str | None = None) -> Iterator[Served]:
+    """A dashboard on 127.0.0.1 (at most :data:`LIMIT` connections; ``token``: its
+    web.token) served on a loop of its own, on a thread; stopped, with its store closed,
+    at the end."""
     store = SQLiteStore(tmp_path / "queue.db")
-    server = server_for(create_app(store), max_connections=LIMIT, request_timeout=request_timeout)
+    app = create_app(store, token=token)
+    server = server_for(app, max_connections=LIMIT, request_timeout=request_timeout)
     sock = socket.socket()
     # Inherited by every connection it accepts: a non-reader's answers fill the kernel's
     # buffer after a few kilobytes (autotuned, it took megabytes: seconds of rendering

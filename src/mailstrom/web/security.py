@@ -85,10 +85,25 @@ class Access:
             return True
         if cookie is not None and _equal(cookie, self.session_value()):
             return True
+        if not is_bearer(authorization):
+            return False
         credentials = (authorization or "").partition(" ")[2]
         # Only HTTP's white space (SP, HTAB) is trimmed: str.strip() also takes U+00A0 and
         # U+0085, which a header value may carry (obs-text), and a token holds neither.
-        return is_bearer(authorization) and self.token_matches(credentials.strip(" \t"))
+        return any(map(self.token_matches, _readings(credentials.strip(" \t"))))
+
+
+def _readings(value: str) -> tuple[str, ...]:
+    """The texts a header value's octets may stand for. The server hands them on as
+    Latin-1 (one character an octet), while curl, browsers and most clients send a
+    token with non-ASCII characters ("grüne wiese") in UTF-8: read as Latin-1 only, such
+    a token never matched, and each try counted as a guess. Python's ``requests`` sends
+    Latin-1, which the value as given is."""
+    try:
+        as_utf8 = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 (or not octets at all): as given
+        return (value,)
+    return (value,) if as_utf8 == value else (as_utf8, value)
 
 
 def is_bearer(authorization: str | None) -> bool:
