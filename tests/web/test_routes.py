@@ -181,6 +181,31 @@ def test_a_message_page_shows_a_suspended_destinations_end_as_its_next_attempt(
     assert end in page and due not in page
 
 
+def test_a_message_page_shows_a_throttled_destinations_pause(
+    any_store: Store,
+) -> None:
+    """A recipient a worker gave back because its destination throttled (421 4.7.28)
+    waits, queued and unattempted, for the pause's end. `mailstrom status` says so (a
+    "throttled until" line, the pause's end as its next retry); the page showed it
+    queued with no next attempt and no reply, as if nothing held it back."""
+    mid = any_store.enqueue(message("b@two.example"), now=NOW)
+    lease = lease_all(any_store)
+    pause = any_store.throttle(
+        "two.example",
+        now=NOW,
+        reply="421 4.7.28 Our system has detected an unusual rate",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )
+    any_store.postpone(lease.items, until=pause.until, destination="two.example")
+    for client in _client(any_store):
+        page = client.get(f"/message/{mid}").text
+    row = re.search(r'<table id="recipients">.*?</table>', page, re.S)
+    assert row is not None
+    assert pause.until.strftime("%Y-%m-%d %H:%M:%S") in row.group(0)
+    assert "throttled until" in row.group(0) and "421 4.7.28 Our system" in row.group(0)
+
+
 def test_bidi_controls_a_message_holds_are_shown_as_escapes(store: Store) -> None:
     # U+202E made "invoice\u202efdp.exe" read "invoiceexe.pdf" in the page (CVE-2021-42574)
     # as it does in a terminal, where every view escapes it.

@@ -264,9 +264,13 @@ def create_app(
             body=body if show_body else None,
             cut=cut,
             advice={r.address: advice_for(r) for r in status.recipients},
-            # No attempt while held; at a suspended destination, not before its end.
+            # As `mailstrom status` says it: a deferred recipient's next attempt, or a
+            # throttled one's (its destination's pause ends then), not before its
+            # suspended destination's end; none while held.
             due={
-                r.address: None if status.held else next_due(r, suspended)
+                r.address: None
+                if status.held or not (r.state is RecipientState.DEFERRED or r.throttle is not None)
+                else next_due(r, suspended)
                 for r in status.recipients
             },
             actions=[
