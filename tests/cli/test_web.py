@@ -64,3 +64,13 @@ def test_a_token_longer_than_a_request_may_give_is_refused_at_start(cli: CLI) ->
     result = cli("web", "--listen", "127.0.0.1:0", timeout=20)
     assert result.code == 78
     assert "web.token" in result.err and "1024" in result.err
+
+
+def test_a_token_a_header_cannot_carry_is_refused_at_start(cli: CLI) -> None:
+    """A trailing space (an environment file's, a TOML typo) is dropped from every
+    Authorization header, so no script could give the token: the command said it was
+    serving all the same."""
+    cli.env["MAILSTROM_WEB_TOKEN"] = "s3cret "
+    result = cli("web", "--listen", "127.0.0.1:0", timeout=20)
+    assert result.code == 78
+    assert "web.token" in result.err and "white space" in result.err

@@ -907,6 +907,15 @@ def test_a_token_longer_than_a_request_may_give_is_a_value_error(store: Store) -
         assert done.status_code == 303
 
 
+@pytest.mark.parametrize("token", ["s3cret ", "\ts3cret", "s3\ncret", "s3cret\x7f"])
+def test_a_token_a_header_cannot_carry_is_a_value_error(store: Store, token: str) -> None:
+    """A header value cannot begin or end with white space (the server drops it) nor hold
+    a control character: a script's `Authorization: Bearer` could never give such a
+    token, and each try counted as a wrong guess."""
+    with pytest.raises(ValueError, match="token"):
+        create_app(store, token=token)
+
+
 def test_retrying_a_held_message_says_it_waits_to_be_released(
     client: TestClient, store: Store, ids: dict[str, str]
 ) -> None:

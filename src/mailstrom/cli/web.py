@@ -68,7 +68,7 @@ def web_command(args: argparse.Namespace) -> int:
     check_access(host, settings.web_token, public_url=settings.web_public_url)
     try:
         from mailstrom.web import create_app
-        from mailstrom.web.security import MAX_TOKEN
+        from mailstrom.web.security import MAX_TOKEN, unsendable
         from mailstrom.web.server import serve
     except ImportError as exc:
         raise ConfigError(
@@ -80,6 +80,12 @@ def web_command(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"web.token is {len(settings.web_token)} characters long; the dashboard takes "
             f"at most {MAX_TOKEN}: set a shorter one"
+        )
+    if settings.web_token is not None and unsendable(settings.web_token):
+        # A header drops white space at its ends: no script could give the token.
+        raise ConfigError(
+            "web.token begins or ends with white space or holds a control character, "
+            "which no Authorization header can carry: set it without"
         )
     configure_logging(args.log_format, level=logging.INFO)
     sock = _bind(host, port)

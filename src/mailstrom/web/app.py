@@ -73,6 +73,7 @@ from mailstrom.web.security import (
     made_here,
     new_csrf_token,
     same_origin,
+    unsendable,
 )
 
 log = logging.getLogger("mailstrom.web")
@@ -121,7 +122,8 @@ def create_app(
     (``"https://dash.example.org"``): forms posted from there are accepted (with their
     CSRF token, as always); it needs a token, and an ``https`` one makes cookies
     ``Secure``. A malformed ``public_origin``, or a ``token`` empty or over
-    :data:`~mailstrom.web.security.MAX_TOKEN` characters, is a ValueError.
+    :data:`~mailstrom.web.security.MAX_TOKEN` characters or one no header can carry
+    (white space at either end, a control character), is a ValueError.
     ``guesses`` bounds the failed tries at the token per client address (default:
     ``Guesses()``, 10 in 10 minutes; see :mod:`mailstrom.web.security`).
     """
@@ -132,6 +134,11 @@ def create_app(
     if token is not None and len(token) > MAX_TOKEN:
         # Tries are read up to MAX_TOKEN (longer ones refused unread): none would match.
         raise ValueError(f"token must be at most {MAX_TOKEN} characters")
+    if token is not None and unsendable(token):
+        raise ValueError(
+            "token must not begin or end with white space nor hold a control character:"
+            " no Authorization header can carry it"
+        )
     if public_origin is not None:
         if token is None:
             # Reached through a proxy, the dashboard is not on loopback any more; without

@@ -106,6 +106,17 @@ def _readings(value: str) -> tuple[str, ...]:
     return (value,) if as_utf8 == value else (as_utf8, value)
 
 
+_UNSENDABLE = re.compile(r"\A[ \t]|[ \t]\Z|[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def unsendable(token: str) -> bool:
+    """Whether no ``Authorization`` header can carry ``token``: a field value's white
+    space at either end is no part of it (RFC 9110 §5.5; the server drops it), and it
+    holds no control character but HTAB. Such a token could be given only through the
+    login form, and a script's every try would count as a wrong guess."""
+    return _UNSENDABLE.search(token) is not None
+
+
 def is_bearer(authorization: str | None) -> bool:
     """Whether an ``Authorization`` header gives a bearer token: a try at the token.
     Another scheme is not (a proxy in front may ask for Basic credentials and pass them
