@@ -462,3 +462,22 @@ async def test_tlsa_records_reached_through_a_cname_are_kept_no_longer_than_the_
     assert (await source.lookup("mx.test")) == first
     clock.now += 2
     assert [r.data for r in (await source.lookup("mx.test")).records] == [new[3]]
+
+
+def test_an_mx_host_too_long_for_a_tlsa_name_is_not_held_back_by_dane(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    """A validated MX host of 245 to 253 octets has no TLSA name: ``_25._tcp.`` before it
+    makes a name over DNS's 255 octets, so no records can be published (RFC 7672 §2.2:
+    DANE does not apply). The lookup took the name error for a failed query, and mail to
+    the host was deferred for good."""
+    host = ".".join(["m" * 60, "x" * 60, "y" * 60, "z" * 60]) + ".test"  # 248 octets
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    dns_server.mx("example.org", [(10, host)])
+    dns_server.a(host, mx.host)
+    dns_server.authenticated(everything=True)
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED, bob.reason
+    assert bob.history[-1].tls_policy == "opportunistic"
+    assert len(mx.wait_for_messages(1)) == 1

@@ -16,6 +16,7 @@ TLSA is looked up:
   :attr:`TLSALookup.malformed`; they are never matched, but they are published records,
   so an RRset of nothing else means ``REQUIRED`` as above, not "no TLSA records";
 * NXDOMAIN or no records, or an answer without the AD bit → DANE does not apply (None);
+  so too for a host whose TLSA name would exceed 255 octets (none can be published);
 * any other failure (SERVFAIL, timeout) → :class:`~mailstrom.errors.TemporaryFailure`:
   the host is not used now, never reached in plaintext (RFC 7672 §2.2).
 
@@ -224,6 +225,13 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
     answer dnspython refused (a malformed record), the rest goes to asking again and
     reading that answer without its malformed records (:func:`_ask_again`)."""
     name = tlsa_name(host)
+    try:
+        dns.name.from_text(name)
+    except dns.name.NameTooLong:
+        # "_25._tcp." before a host of 245 octets or more makes a name over DNS's 255: no
+        # TLSA records can exist there (NODATA, as for any host without them), and a
+        # failed lookup would have the host deferred for good.
+        return TLSALookup(host=host)
     deadline = asyncio.get_running_loop().time() + float(resolver.lifetime)
     first_try = float(resolver.lifetime) - _retry_reserve(resolver)
     try:
