@@ -76,6 +76,32 @@ def test_check_enforce_policy_not_listing_the_mx(
     assert mail_env.cli("check", "example.test").code == 0
 
 
+def test_check_applies_an_enforce_policy_beside_unusable_tlsa_records(
+    mail_env: MailEnv, https_server: HTTPSFactory, tmp_path: Path
+) -> None:
+    """Validated TLSA records that are all unusable (PKIX-EE) ask for TLS, unauthenticated,
+    and leave MTA-STS in force (RFC 8461 §2): the worker applies the enforce policy and
+    defers a host whose certificate does not verify. ``check`` took the DANE answer for
+    the last word and said the host would get the mail over TLS."""
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        mail_env.cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+        with_mta_sts(mail_env, https_server)
+        mail_env.dns.tlsa("_25._tcp.mx.test", (1, 1, 1, spki_sha256(cert)))
+        mail_env.dns.authenticated(everything=True)
+        mail_env.cli.env["MAILSTROM_DNS_DNSSEC"] = "true"
+        result = mail_env.cli("check", "--json", "example.test")
+        assert result.code == 69, result.out
+        [host] = result.json()["hosts"]
+        assert host["tls_policy"] == "mta-sts enforce"
+        [address] = host["addresses"]
+        assert not address["usable"]
+        assert address["verdict"].startswith("would defer (MTA-STS enforce)")
+    finally:
+        mx.stop()
+
+
 def test_check_domain_without_mta_sts(mail_env: MailEnv) -> None:
     report = mail_env.cli.ok("check", "--json", "example.test").json()
     assert report["mta_sts"]["records"] == []

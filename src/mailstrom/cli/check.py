@@ -380,7 +380,7 @@ async def check_helo(config: Config) -> HeloReport:
 
 async def run_check(config: Config, domain: str) -> CheckReport:
     # MTA-STS and DANE lookups are loaded by this command only, not by every command.
-    from mailstrom.cli.check_mtasts import apply_to_verdicts, check_mta_sts
+    from mailstrom.cli.check_mtasts import apply_to_verdicts, asks_mta_sts, check_mta_sts
     from mailstrom.tls.dane import lookup_tlsa, tlsa_base_domains, tlsa_name
 
     report = CheckReport(
@@ -394,6 +394,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
     # dns.dnssec (the decider below is the worker's own).
     asking = dataclasses.replace(config.dns, dnssec=True)
     route: Route | None = None
+    sts_asked: set[str] = set()  # the hosts whose decision would go on to MTA-STS
     try:
         route = await Router(
             asking, allow_loopback=config.allow_loopback, mx_address_limit=config.mx_address_limit
@@ -445,6 +446,8 @@ async def run_check(config: Config, domain: str) -> CheckReport:
                 )
                 host_report.tls_policy = need.label
                 host_report.tls_policy_reason = need.reason
+                if asks_mta_sts(need):
+                    sts_asked.add(host.name)
             except DeliveryError as exc:
                 host_report.tls_policy_reason = f"would defer: {exc.text}"
             addresses = await asyncio.gather(
@@ -458,7 +461,7 @@ async def run_check(config: Config, domain: str) -> CheckReport:
             report.hosts.append(host_report)
     report.helo = await helo
     report.mta_sts = await mta_sts
-    apply_to_verdicts(report, report.mta_sts)
+    apply_to_verdicts(report, report.mta_sts, asked=sts_asked)
     return report
 
 

@@ -4,6 +4,7 @@ would do to each MX address when ``mta_sts`` is on."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from mailstrom.mtasts.fetch import (
 )
 from mailstrom.mtasts.policy import Mode, PolicyError, parse_sts_record
 from mailstrom.routing import RoutePolicy, make_resolver
+from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
 if TYPE_CHECKING:
     from mailstrom.cli.check import CheckReport
@@ -85,19 +87,32 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
     return report
 
 
-def apply_to_verdicts(report: CheckReport, sts: MTASTSReport) -> None:
+def asks_mta_sts(need: TLSRequirement) -> bool:
+    """Whether the worker, having come to ``need`` without MTA-STS, would still ask the
+    policy (:class:`~mailstrom.tls.decide.TLSDecider`): ``need`` is the global default, or
+    DANE's answer for TLSA records that are all unusable (TLS required, unauthenticated),
+    which leaves MTA-STS in force (RFC 8461 §2). Not after a ``tls.domains`` entry, usable
+    TLSA records or a relay."""
+    if need.source is PolicySource.DEFAULT:
+        return True
+    return need.source is PolicySource.DANE and need.mode is not TLSMode.DANE
+
+
+def apply_to_verdicts(
+    report: CheckReport, sts: MTASTSReport, *, asked: Collection[str] = ()
+) -> None:
     """When the worker would apply ``sts`` to a host (MTA-STS on, mode enforce or testing,
-    and nothing before it decided: no ``tls.domains`` entry, no DANE), say so in the host's
-    TLS policy; under ``enforce`` an address of an unlisted host, or one without a verified
-    certificate, would be deferred, and its verdict says that."""
+    and the host is one of ``asked``: nothing before MTA-STS decided, see
+    :func:`asks_mta_sts`), say so in the host's TLS policy; under ``enforce`` an address of
+    an unlisted host, or one without a verified certificate, would be deferred, and its
+    verdict says that."""
     if not sts.applied or sts.mode not in (Mode.ENFORCE.value, Mode.TESTING.value):
         return
     from mailstrom.mtasts.policy import mx_matches
 
     about = f"MTA-STS policy of {report.domain} ({sts.mode}, id {sts.policy_id})"
     for host in report.hosts:
-        reason = host.tls_policy_reason or ""
-        if not reason.startswith("tls = "):
+        if host.name not in asked:
             continue  # a table entry or DANE decided: MTA-STS is not asked
         pattern = next((p for p in sts.mx if mx_matches(p, host.name)), None)
         host.tls_policy = f"mta-sts {sts.mode}"
