@@ -443,6 +443,33 @@ def test_testing_mode_counts_an_unlisted_mx_remembered_broken_as_the_policys_fai
     assert failures(store) == {"validation-failure": 2}
 
 
+def test_testing_mode_falls_back_to_plaintext_at_once_for_a_host_remembered_broken(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    """A testing policy lists the host, whose TLS handshake fails. The first session tries
+    what enforce would ask (verified TLS), then TLS as before, then plaintext: the host's
+    TLS is remembered broken. The next one still tries verified TLS, for the report, and
+    then goes in plaintext at once, as without a policy: its fallback tried the broken
+    handshake again, a connection (or a whole handshake timeout) per session."""
+    https.policy(policy("testing"))
+    mx = smtp_server(name="mx1.test", tls_broken=True)
+    store = MemoryStore()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        max_messages_per_connection=1,
+    )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
+        for n in range(2):
+            ms.send_email(Email(from_="app@sender.test", to=[BOB], subject=f"{n}", text="Hi"))
+            mx.wait_for_messages(n + 1)
+    assert mx.connections == 3 + 2
+    assert failures(store) == {"validation-failure": 2}
+
+
 def test_enforce_still_applies_when_the_tlsa_records_are_all_unusable(
     dns_server: LoopbackDNS,
     https: HTTPSServer,

@@ -678,12 +678,7 @@ class Dispatcher:
                 observe(dest.domain, need, host, ip, exc)
             if need.fallback is None or not isinstance(exc, TLSHandshakeError | TLSRequiredError):
                 raise
-            need = replace(
-                need,
-                mode=need.fallback,
-                fallback=None,
-                reason=f"{need.reason}; enforce would fail: {exc.text}",
-            )
+            need = self._tls.fallback(need, host, exc.text)
             return await self._opener.open(host, ip, need, budget), need
         if observe is not None:
             observe(dest.domain, need, host, ip, conn)

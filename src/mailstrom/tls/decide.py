@@ -22,7 +22,8 @@ opener. The decision, in order:
    opportunistic), not for ``dane-only`` (the operator's own demand).
 
 An opportunistic answer becomes plaintext when the host's TLS handshake failed recently
-(:class:`BrokenTLS`, shared through the store); no other mode ever does.
+(:class:`BrokenTLS`, shared through the store), and so does an opportunistic fallback of
+MTA-STS testing (:meth:`TLSDecider.fallback`); no other mode ever does.
 
 How MTA-STS (or any other source) plugs in
 ------------------------------------------
@@ -52,7 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from mailstrom.config import Config, RelayTLS
@@ -364,6 +365,19 @@ class TLSDecider:
             enhanced="4.7.5",  # RFC 7672 §2.2 / RFC 3463: cryptographic failure
             host=destination.mx_host,
         )
+
+    def fallback(self, need: TLSRequirement, host: str, why: str) -> TLSRequirement:
+        """What to connect to ``host`` again with when a connection under ``need``, which
+        has a :attr:`~mailstrom.tls.requirement.TLSRequirement.fallback` (MTA-STS testing),
+        failed TLS (``why``): its fallback mode; when that is opportunistic and the host's
+        TLS handshake failed recently, plaintext at once, as for any opportunistic answer
+        (the handshake is not tried again, nor its timeout waited for)."""
+        mode = need.fallback if need.fallback is not None else need.mode
+        reason = f"{need.reason}; enforce would fail: {why}"
+        if mode is TLSMode.OPPORTUNISTIC and self.broken.broken(host):
+            mode = TLSMode.NONE
+            reason = f"TLS with {host} failed recently: plaintext ({reason})"
+        return replace(need, mode=mode, fallback=None, reason=reason)
 
     def _remembered(self, destination: Destination, chosen: TLSRequirement) -> TLSRequirement:
         if chosen.mode is TLSMode.OPPORTUNISTIC and self.broken.broken(destination.mx_host):
