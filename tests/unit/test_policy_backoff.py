@@ -60,6 +60,18 @@ def test_a_zero_min_delay_is_refused() -> None:
         RetryPolicy(min_delay=timedelta(0), max_delay=timedelta(0))
 
 
+def test_a_zero_max_age_is_refused() -> None:
+    # The settings loader refuses retry.max_age = 0 as ambiguous (no limit, or none at
+    # all?); RetryPolicy took it, and then every temporary failure, a greylisting's
+    # first "451 try again later" included, failed the recipient for good at once.
+    with pytest.raises(ConfigError, match=r"retry\.max_age.*None"):
+        RetryPolicy(max_age=timedelta(0))
+    with pytest.raises(ConfigError, match=r"retry\.max_age"):
+        RetryPolicy(max_age=timedelta(seconds=-1))
+    assert RetryPolicy(max_age=None).max_age is None
+    assert RetryPolicy(max_age=timedelta(microseconds=1)).max_age == timedelta(microseconds=1)
+
+
 def test_a_min_delay_above_the_max_delay_is_refused() -> None:
     # Only Config checked it: a policy used alone (backoff_delay, or replaced into a
     # config's) was built, and its delays, clamped to max_delay, fell below min_delay.
@@ -122,7 +134,7 @@ policies = st.builds(
     st.integers(0, 86_400),
     st.floats(1.0, 10.0),
     st.floats(0.0, 0.9),
-    st.none() | st.integers(0, 10 * 86_400),
+    st.none() | st.integers(1, 10 * 86_400),
     st.none() | st.integers(1, 50),
 )
 

@@ -31,7 +31,8 @@ class RetryPolicy:
     jitter: float = 0.2
     """Fraction of the delay drawn at random (±), so retries of many messages spread out."""
     max_age: timedelta | None = timedelta(days=5)
-    """Give up when the next attempt would fall after ``queued_at + max_age``."""
+    """Give up when the next attempt would fall after ``queued_at + max_age`` (above zero;
+    None: no limit)."""
     max_attempts: int | None = None
     """Give up after this many attempts (None: only ``max_age`` limits)."""
 
@@ -47,6 +48,13 @@ class RetryPolicy:
         check_number(self.multiplier, "retry.multiplier", minimum=1, inclusive=True)
         check_number(self.jitter, "retry.jitter", inclusive=True, maximum=1)
         if self.max_age is not None:
-            check_duration(self.max_age, "retry.max_age", positive=False)
+            if self.max_age == timedelta(0):
+                # As the settings loader says: zero failed every recipient at its first
+                # temporary failure (a greylisting's), where no limit was likely meant.
+                raise ConfigError(
+                    "retry.max_age: 0 is ambiguous; give None to retry without an age limit,"
+                    " or max_attempts=1 to give up at the first temporary failure"
+                )
+            check_duration(self.max_age, "retry.max_age")
         if self.max_attempts is not None:
             check_int(self.max_attempts, "retry.max_attempts")
