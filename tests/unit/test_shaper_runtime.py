@@ -197,3 +197,44 @@ async def test_tokens_held_when_another_worker_pauses_add_nothing_after_it() -> 
         at_once += 1
     at_once += store.take_tokens(shape.message_buckets, want=100, now=clock.now).granted
     assert at_once == 10
+
+
+async def test_tokens_held_through_a_failed_connection_add_nothing_later() -> None:
+    """A session takes a second's worth of tokens before it connects; when no MX host
+    could be reached (refused, or the connect timeout), its queue was deferred with the
+    tokens still held, and the next session to the destination (the retry, minutes later)
+    sent them on top of the store's bucket, refilled meanwhile: twice the rate at once."""
+    rule = DestinationRule(match="example.org", messages_per_minute=600)
+    store = MemoryStore()
+    shaper, clock = make(rule, store=store)
+    shape = shaper.for_route("example.org", [])
+    assert await shaper.wait_to_send(shape)  # ten tokens, for the session about to connect
+    clock.now += timedelta(minutes=5)  # nothing was reached; the retry is due
+    assert await shaper.wait_to_send(shape)
+    at_once = 0
+    while shape.take_local():
+        at_once += 1
+    at_once += store.take_tokens(shape.message_buckets, want=100, now=clock.now).granted
+    assert at_once == 10  # the bucket's second's worth, no more
+
+
+async def test_tokens_last_as_long_as_the_rate_takes_to_give_as_many() -> None:
+    fast = DestinationRule(match="example.org", messages_per_minute=600)
+    shaper, clock = make(fast)
+    shape = shaper.for_route("example.org", [])
+    assert await shaper.wait_to_send(shape)
+    assert sum(shape.take_local() for _ in range(4)) == 4
+    clock.now += timedelta(milliseconds=900)
+    assert await shaper.wait_to_send(shape)
+    assert sum(shape.take_local() for _ in range(100)) == 6  # the rest of that second's ten
+    # One a minute: the token taken before the first MX host timed out still carries the
+    # message to the next host, rather than wait a minute for another.
+    slow = DestinationRule(match="example.org", messages_per_hour=60)
+    store = MemoryStore()
+    shaper, clock = make(slow, store=store)
+    shape = shaper.for_route("example.org", [])
+    assert await shaper.wait_to_send(shape)
+    clock.now += timedelta(seconds=30)
+    assert await shaper.wait_to_send(shape)
+    assert shape.take_local() and not shape.take_local()
+    assert store.take_tokens(shape.message_buckets, want=1, now=clock.now).granted == 0

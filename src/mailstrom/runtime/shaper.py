@@ -61,6 +61,7 @@ class Shape:
         "rule",
         "sockets",
         "tokens",
+        "tokens_until",
         "want",
     )
 
@@ -80,7 +81,15 @@ class Shape:
         self.tokens = 0
         """Messages this worker may still send under the destination's rates. A pause
         voids them: the store's bucket refills while it lasts, and tokens held through it
-        would go out on top of that, at once, to the destination that throttled."""
+        would go out on top of that, at once, to the destination that throttled. They
+        lapse, too, once the store's buckets have had the time to refill by as many
+        (``tokens_until``): held longer (by a session that could reach no MX host, or
+        left when a queue ran dry), they would go out on top of the refilled buckets just
+        the same. A session waiting for the rate (:meth:`Shaper.wait_to_send`, before it
+        connects or takes an idle connection) drops lapsed ones."""
+        self.tokens_until: datetime | None = None
+        """When ``tokens`` lapse: their count's worth of the slowest rate after they were
+        taken (a second for a rate of a second's worth or more)."""
         self.message_buckets: tuple[TokenBucket, ...] = ()
         self.connect_buckets: tuple[TokenBucket, ...] = ()
         self.want = 1
@@ -317,11 +326,17 @@ class Shaper:
         while True:
             if self.pause_of(shape) is not None:
                 return False
+            until = shape.tokens_until
+            if shape.tokens > 0 and until is not None and self._clock() >= until:
+                shape.tokens = 0  # lapsed (see Shape.tokens)
             if not shape.message_buckets or shape.tokens > 0:
                 return True
             grant = await self._take(shape.message_buckets, shape.want)
             if grant.granted:
                 shape.tokens += grant.granted
+                rate = min(bucket.rate for bucket in shape.message_buckets)
+                lasts = min(grant.granted / rate, MAX_SECONDS)
+                shape.tokens_until = self._clock() + timedelta(seconds=lasts)
                 continue
             # Look at the pauses again at least every refresh interval while waiting.
             await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll
