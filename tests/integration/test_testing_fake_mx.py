@@ -359,3 +359,20 @@ def test_a_server_with_implicit_tls_treats_its_connections_as_tls() -> None:
             client.quit()
         [got] = mx.wait_for_messages(1)
     assert got.tls and got.mail_options == ("REQUIRETLS",)
+
+
+def test_a_stall_or_drop_point_set_on_the_server_is_checked(fake_mx: FakeMX) -> None:
+    # start_receiving_server(stall_on=...) refused an unknown point, but the attribute the
+    # docs set (``fake_mx.server.stall_on = "data"``) took anything: "DATA", as SMTP spells
+    # it, or a typo never matched a command, so the server answered as if nothing was set.
+    server = fake_mx.server
+    for attribute in ("stall_on", "drop_on"):
+        with pytest.raises(ValueError, match="unknown stall/drop point 'rcpt to'"):
+            setattr(server, attribute, "rcpt to")
+        assert getattr(server, attribute) is None
+        setattr(server, attribute, "DATA")
+        assert getattr(server, attribute) == "data"
+        setattr(server, attribute, None)
+    server_context, _ = tls_contexts("mx.test")
+    with start_receiving_server(server_context, stall_on="RCPT", drop_on="Dot") as mx:
+        assert (mx.stall_on, mx.drop_on) == ("rcpt", "dot")

@@ -198,8 +198,8 @@ class ReceivingServer:
         self.mail_reply: Rule | None = None
         self.data_reply: Rule | None = None
         self.starttls_reply: str | None = None
-        self.stall_on: str | None = None
-        self.drop_on: str | None = None
+        self._stall_on: str | None = None
+        self._drop_on: str | None = None
         self.quit_delay = 0.0
         self.data_delay = 0.0
         self.messages_per_connection: int | None = None
@@ -225,6 +225,24 @@ class ReceivingServer:
         self._controller: _Controller | None = None
 
     # --- rules ---------------------------------------------------------------------------
+
+    @property
+    def stall_on(self) -> str | None:
+        """Where the server stops answering (a command name or ``"dot"``), or None."""
+        return self._stall_on
+
+    @stall_on.setter
+    def stall_on(self, value: str | None) -> None:
+        self._stall_on = _stall_point(value)
+
+    @property
+    def drop_on(self) -> str | None:
+        """Where the server closes the connection instead of answering, or None."""
+        return self._drop_on
+
+    @drop_on.setter
+    def drop_on(self, value: str | None) -> None:
+        self._drop_on = _stall_point(value)
 
     @property
     def drop_on_data(self) -> bool:
@@ -372,6 +390,18 @@ class ReceivingServer:
 
     def __repr__(self) -> str:
         return f"<ReceivingServer {self.host}:{self.port}>"
+
+
+def _stall_point(value: str | None) -> str | None:
+    """``value`` as the rules compare it (lower case), or ValueError when it names no
+    point: set as an attribute, a typo or ``"DATA"`` matched no command, so the server
+    answered as though no rule was set."""
+    if value is None:
+        return None
+    point = value.lower() if isinstance(value, str) else value
+    if point not in _STALL_NAMES:
+        raise ValueError(f"unknown stall/drop point {value!r}")
+    return point
 
 
 async def _forever() -> None:
@@ -708,9 +738,7 @@ def start_receiving_server(
 ) -> ReceivingServer:
     """Start one receiving server (see the module docstring for the options); the caller
     stops it, or uses it as a context manager."""
-    for what in (stall_on, drop_on):
-        if what is not None and what not in _STALL_NAMES:
-            raise ValueError(f"unknown stall/drop point {what!r}")
+    stall_on, drop_on = _stall_point(stall_on), _stall_point(drop_on)  # before starting
     fixture = ReceivingServer(
         host=host,
         pipelining=pipelining,
