@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import dns.name
+import dns.resolver
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolicy
@@ -376,3 +378,20 @@ def test_a_stall_or_drop_point_set_on_the_server_is_checked(fake_mx: FakeMX) -> 
     server_context, _ = tls_contexts("mx.test")
     with start_receiving_server(server_context, stall_on="RCPT", drop_on="Dot") as mx:
         assert (mx.stall_on, mx.drop_on) == ("rcpt", "dot")
+
+
+def test_records_set_on_an_alias_end_the_alias(fake_mx: FakeMX) -> None:
+    # cname() replaced a name's other records, but records set on an alias afterwards
+    # were never served: the CNAME kept answering, so a test that made an alias a host of
+    # its own (here, its MX host) still reached the old target's address.
+    zone = fake_mx.dns
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port = [zone.address], zone.port
+    zone.cname("mx.example.org", "old.example.net")
+    zone.a("old.example.net", "127.0.0.2")
+    zone.a("mx.example.org", "127.0.0.3")
+    answer = resolver.resolve("mx.example.org", "A")
+    assert answer.canonical_name == dns.name.from_text("mx.example.org")
+    assert [r.to_text() for r in answer] == ["127.0.0.3"]
+    with pytest.raises(dns.resolver.NoAnswer):
+        resolver.resolve("mx.example.org", "CNAME")

@@ -25,7 +25,9 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * ``port``, ``address`` ("127.0.0.1"), ``dns_config`` — a ``DNSConfig(nameservers=
   ("127.0.0.1",), port=port, timeout=2.0)``.
 * ``mx(domain, [(preference, host), ...])``, ``a(name, *ips)``, ``aaaa(name, *ips)``,
-  ``cname(name, target)``, ``txt(name, *records)``, ``ptr(ip, *names)``.
+  ``cname(name, target)``, ``txt(name, *records)``, ``ptr(ip, *names)``. A name is an
+  alias or has records of its own: ``cname`` replaces its other records, and any other
+  record method its alias.
 * ``txt`` takes one string per record; a string longer than 255 octets is sent as several
   character-strings of one record (as a zone file splits a 2048-bit DKIM key), and a
   tuple of strings is one record made of exactly those character-strings.
@@ -314,8 +316,12 @@ class LoopbackDNS:
             node.records[rtype] = rrs
             # Records given are records to serve: a name made to fail (servfail, drop,
             # nxdomain) answers again, as a zone fixed by its owner does. A SERVFAIL for
-            # one type (servfail(name, rtype)) is that type's alone and stays.
+            # one type (servfail(name, rtype)) is that type's alone and stays. An alias
+            # has no other records (RFC 1034 §3.6.2), so they end it, as cname() ends
+            # them: else the CNAME kept answering and these were never served.
             node.servfail = node.drop = node.nxdomain = False
+            node.cname = None
+            node.records.pop("CNAME", None)
 
     def mx(self, domain: str, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
         """Set ``domain``'s MX records: ``[(preference, host), ...]``."""
