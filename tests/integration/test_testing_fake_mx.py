@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import smtplib
 import socket
 import sys
 import threading
@@ -395,3 +396,22 @@ def test_records_set_on_an_alias_end_the_alias(fake_mx: FakeMX) -> None:
     assert [r.to_text() for r in answer] == ["127.0.0.3"]
     with pytest.raises(dns.resolver.NoAnswer):
         resolver.resolve("mx.example.org", "CNAME")
+
+
+def test_a_reply_list_given_to_several_rules_is_taken_by_each(fake_mx: FakeMX) -> None:
+    # A list rule was used up in place: one greylisting list given to two addresses (or
+    # a test module's constant, to two servers) deferred the first address only, and
+    # accepted the second at once, as though it had been greylisted already.
+    greylist = ["451 4.7.1 Greylisted", "250 2.1.5 OK"]
+    server = fake_mx.server
+    server.rcpt_replies["a@example.org"] = greylist
+    server.rcpt_replies["b@example.org"] = greylist
+    server.mail_reply = server.data_reply = greylist[1:]
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        for expected in (451, 250):
+            assert client.mail("app@shop.test")[0] == 250
+            assert client.rcpt("a@example.org")[0] == expected
+            assert client.rcpt("b@example.org")[0] == expected
+            client.rset()
+    assert greylist == ["451 4.7.1 Greylisted", "250 2.1.5 OK"]  # the test's own list

@@ -207,6 +207,8 @@ class ReceivingServer:
         self.over_limit_reply: str | None = (
             "421 4.7.0 Message limit of this connection reached, closing"
         )
+        self._turns: dict[str, tuple[list[str], int]] = {}
+        """Per place a list rule is used: the list, and how many of its replies it gave."""
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
@@ -260,18 +262,29 @@ class ReceivingServer:
     def drop_after_dot(self, value: bool) -> None:
         self.drop_on = "dot" if value else None
 
-    def take(self, rule: Rule | None) -> str | None:
-        """The reply a rule gives now; a list yields its replies in turn, the last sticks."""
+    def take(self, rule: Rule | None, *, key: str | None = None) -> str | None:
+        """The reply a rule gives now; a list yields its replies in turn, the last sticks.
+
+        Where the list is in use (``key``: ``"mail"``, ``"data"``, ``"rcpt <address>"``)
+        has its own turn in it, and the list is left as given: one list set for two
+        addresses (or a test module's constant, on two servers) greylists each of them,
+        where taking its replies out of it deferred the first address only."""
         if rule is None or isinstance(rule, str):
             return rule
+        where = key if key is not None else f"id {id(rule)}"
         with self._condition:
-            return rule.pop(0) if len(rule) > 1 else rule[0]
+            previous = self._turns.get(where)
+            turn = previous[1] if previous is not None and previous[0] is rule else 0
+            self._turns[where] = (rule, turn + 1)
+            return rule[min(turn, len(rule) - 1)]
 
     def rcpt_rule(self, address: str) -> str | None:
-        rule = self.rcpt_replies.get(address)
+        key = address
+        rule = self.rcpt_replies.get(key)
         if rule is None:
-            rule = self.rcpt_replies.get(address.lower())
-        return self.take(rule)
+            key = address.lower()
+            rule = self.rcpt_replies.get(key)
+        return self.take(rule, key=f"rcpt {key}")
 
     # --- what arrived ------------------------------------------------------------------
 
@@ -442,7 +455,7 @@ class _Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        reply = self.fixture.take(self.fixture.mail_reply) or "250 2.1.0 OK"
+        reply = self.fixture.take(self.fixture.mail_reply, key="mail") or "250 2.1.0 OK"
         if reply.startswith("2"):
             envelope.mail_from = address
             envelope.mail_options.extend(options)
@@ -472,7 +485,9 @@ class _Handler:
             r.lower() in fixture.drop_after_dot_rcpts for r in envelope.rcpt_tos
         )
         silent = drop or fixture.stall_on == "dot"
-        reply = None if silent else fixture.take(fixture.data_reply) or "250 2.0.0 OK queued"
+        reply = None
+        if not silent:
+            reply = fixture.take(fixture.data_reply, key="data") or "250 2.0.0 OK queued"
         message = ReceivedMessage(
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
