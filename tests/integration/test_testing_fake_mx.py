@@ -8,6 +8,7 @@ import smtplib
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -21,7 +22,7 @@ from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolic
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import FakeMX, capture
 from mailstrom.testing.fakemx import MX_HOST
-from mailstrom.testing.smtp import start_receiving_server, tls_contexts
+from mailstrom.testing.smtp import _SMTP, start_receiving_server, tls_contexts
 from tests.support.delivery import Results
 
 DELIVERED = RecipientState.DELIVERED
@@ -415,3 +416,23 @@ def test_a_reply_list_given_to_several_rules_is_taken_by_each(fake_mx: FakeMX) -
             assert client.rcpt("b@example.org")[0] == expected
             client.rset()
     assert greylist == ["451 4.7.1 Greylisted", "250 2.1.5 OK"]  # the test's own list
+
+
+def test_a_closed_connection_is_not_kept_by_its_server() -> None:
+    # The controller kept every connection's protocol object until the server stopped,
+    # with its TLS state (a few hundred kB each): a server used across a long session
+    # grew with every connection it had ever accepted.
+    server_context, client_context = tls_contexts("mx.test", "127.0.0.1")
+    with start_receiving_server(server_context) as mx:
+        for _ in range(3):
+            with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+                client.starttls(context=client_context)
+                client.sendmail("app@shop.test", ["bob@example.org"], b"Subject: Hi\r\n\r\nHi\r\n")
+        mx.wait_for_messages(3)
+        deadline = time.monotonic() + 10
+        while mx.open_connections and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server's loop thread sees each close soon after
+        assert mx.open_connections == 0
+        gc.collect()
+        kept = [o for o in gc.get_objects() if isinstance(o, _SMTP) and o._fixture is mx]
+        assert len(kept) <= 1  # aiosmtpd's controller holds the last it made (``smtpd``)
