@@ -436,3 +436,15 @@ def test_a_closed_connection_is_not_kept_by_its_server() -> None:
         gc.collect()
         kept = [o for o in gc.get_objects() if isinstance(o, _SMTP) and o._fixture is mx]
         assert len(kept) <= 1  # aiosmtpd's controller holds the last it made (``smtpd``)
+
+
+async def test_a_blocking_wait_in_async_code_says_to_await(fake_mx: FakeMX) -> None:
+    # fake_mx.wait_for() in an async test blocks the event loop the worker delivers on,
+    # so nothing arrives; it failed saying only "received 0 messages ... within 0.5s",
+    # which reads as a delivery that went wrong, not as a wait that stopped it.
+    async with AsyncMailstrom(fake_mx.config, store=MemoryStore()) as ms:
+        await ms.send_email(mail("bob@example.org"))
+        with pytest.raises(AssertionError, match=r"await fake_mx\.wait_for_async\(1\)"):
+            fake_mx.wait_for(1, timeout=0.5)
+        [got] = await fake_mx.wait_for_async(1)
+    assert got.envelope_to == ["bob@example.org"]

@@ -26,6 +26,7 @@ greeting, a stall at DATA for everyone) is set on :attr:`FakeMX.server`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ssl
 
@@ -206,7 +207,8 @@ class FakeMX:
         try:
             return self.server.wait_for_received(count, timeout)
         except AssertionError as exc:
-            raise _explained(exc) from None
+            blocked = self._running and _on_a_running_loop()  # not when nothing can come
+            raise _explained(exc, blocked=blocked, count=count) from None
 
     async def wait_for_async(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
         """:meth:`wait_for` without blocking the event loop (where the worker may run)."""
@@ -216,11 +218,30 @@ class FakeMX:
             raise _explained(exc) from None
 
 
-def _explained(failed_wait: AssertionError) -> AssertionError:
-    """A failed wait's error, saying why nothing arrives where a capture is open."""
-    if not capture_active():
-        return failed_wait
-    return AssertionError(
-        f"{failed_wait}; a mailstrom capture (mailstrom_outbox) is open, which holds "
-        "every queued message, so none reaches the fake MX"
-    )
+def _on_a_running_loop() -> bool:
+    """Whether this thread runs an event loop (a blocking wait here stops it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _explained(
+    failed_wait: AssertionError, *, blocked: bool = False, count: int = 0
+) -> AssertionError:
+    """A failed wait's error, saying why nothing arrives where a capture is open, or
+    where :meth:`FakeMX.wait_for` blocked the event loop a worker delivers on (an async
+    test's: it then read as a delivery gone wrong)."""
+    notes = [str(failed_wait)]
+    if blocked:
+        notes.append(
+            "wait_for blocked this thread's running event loop, where an AsyncMailstrom "
+            f"worker delivers; in async code use await fake_mx.wait_for_async({count})"
+        )
+    if capture_active():
+        notes.append(
+            "a mailstrom capture (mailstrom_outbox) is open, which holds every queued "
+            "message, so none reaches the fake MX"
+        )
+    return failed_wait if len(notes) == 1 else AssertionError("; ".join(notes))
