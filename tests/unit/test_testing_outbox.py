@@ -349,3 +349,29 @@ def test_a_send_the_idempotency_key_turns_away_is_not_captured(frozen: bool) -> 
     assert [m.message_id for m in outbox] == [first]
     assert all(m.status().held for m in outbox)
     assert not store.status(before).held
+
+
+class NumberingStore:
+    """A store of the user's own that numbers its messages from 1, as a table's key does:
+    its ids are unique in the store, not across stores."""
+
+    def __init__(self) -> None:
+        self.messages: list[PreparedMessage] = []
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        self.messages.append(message)
+        return str(len(self.messages))
+
+
+def test_messages_of_two_stores_with_the_same_id_are_both_captured() -> None:
+    # The outbox took a message id it had seen for the same message sent again (an
+    # idempotency key at a frozen clock), whichever store it came from: the first message
+    # of a second store numbering from 1 was dropped.
+    first, second = NumberingStore(), NumberingStore()
+    with capture(store_types=[NumberingStore]) as outbox:
+        first.enqueue(prepared("a@x.test"), now=NOW)
+        second.enqueue(prepared("b@x.test"), now=NOW)
+    assert [(m.message_id, m.envelope_to, m.store) for m in outbox] == [
+        ("1", ["a@x.test"], first),
+        ("1", ["b@x.test"], second),
+    ]

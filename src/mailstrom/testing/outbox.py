@@ -95,7 +95,12 @@ class Outbox(Sequence[CapturedMessage]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._messages: list[CapturedMessage] = []
-        self._ids: set[str] = set()
+        self._ids: set[tuple[int, str]] = set()
+        """(the store's ``id()``, the message id) of each message taken: a message id is
+        unique in its store only (a store of the user's own may number from 1)."""
+        self._stores: dict[int, Store] = {}
+        """The stores of those ids, held so that no other store gets one of their ``id()``
+        while the outbox lives (after :meth:`clear` too)."""
 
     @overload
     def __getitem__(self, index: int) -> CapturedMessage: ...
@@ -140,8 +145,10 @@ class Outbox(Sequence[CapturedMessage]):
             for message in messages:
                 # A second send with an idempotency key at the same time (a test's frozen
                 # clock) returns the first one's id: it is one message, captured once.
-                if message.message_id not in self._ids:
-                    self._ids.add(message.message_id)
+                key = (id(message.store), message.message_id)
+                if key not in self._ids:
+                    self._ids.add(key)
+                    self._stores[key[0]] = message.store
                     self._messages.append(message)
 
 
