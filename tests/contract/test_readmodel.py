@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from mailstrom.errors import UnknownMessage
+from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.readmodel import (
     InvalidQuery,
@@ -535,3 +535,25 @@ def test_a_message_with_no_recipients_is_listed_under_its_derived_state(
     assert _ids(model, view=QueueView.FAILED) == [empty, queue.failed]
     for view in (QueueView.PENDING, QueueView.QUEUED, QueueView.DEFERRED, QueueView.HELD):
         assert empty not in _ids(model, view=view), view
+
+
+def test_a_closed_read_model_refuses_every_view_with_a_store_error(
+    store: Store, queue: Queue
+) -> None:
+    """After close() the SQLite read model raised StoreError, the PostgreSQL one a
+    StoreUnreachable naming a pool and the memory one went on answering (a read model
+    closed by the dashboard's shutdown read on). Each raises the StoreError a closed
+    store raises now, for every view."""
+    model = open_read_model(store, cache_seconds=0)
+    model.close()
+    model.close()  # idempotent
+    for call in (
+        lambda: model.overview(now=NOW),
+        lambda: model.queue_page(QueueQuery(view=QueueView.ALL), now=NOW),
+        lambda: model.destinations(),
+        lambda: model.suspensions(now=NOW),
+        lambda: model.message_data(queue.deferred),
+    ):
+        with pytest.raises(StoreError, match="closed") as raised:
+            call()
+        assert type(raised.value) is StoreError

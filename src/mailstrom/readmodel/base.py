@@ -31,6 +31,9 @@ BUCKET = timedelta(minutes=1)
 MAX_SEARCH = 320
 """Octets of a search term considered (an address is at most 254)."""
 
+CLOSED = "read model is closed"
+"""The :class:`~mailstrom.errors.StoreError` every read model raises after close()."""
+
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
 _CURSOR = re.compile(r"(?P<us>-?[0-9]{1,20})\.(?P<seq>[0-9]{1,19})")
@@ -341,7 +344,8 @@ class ReadModel(Protocol):
         ...
 
     def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections; every view raises :class:`~mailstrom.errors.StoreError`
+        (:data:`CLOSED`) from now on. Idempotent."""
         ...
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from mailstrom.errors import StoreError
 from mailstrom.readmodel.base import (
     BUCKET,
+    CLOSED,
     Destination,
     OldestPending,
     Overview,
@@ -39,13 +41,21 @@ class MemoryReadModel:
 
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
+        self._closed = False
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Nothing to release; every view raises StoreError from now on, as the SQL read
+        models' do. Idempotent."""
+        self._closed = True
 
     def _messages(self) -> list[_Message]:
         # Callers hold the store's lock.
+        self._check_open()
         return list(self._store._messages.values())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(CLOSED)
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:
         """See :meth:`ReadModel.overview`."""
@@ -144,6 +154,7 @@ class MemoryReadModel:
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """See :meth:`ReadModel.suspensions`."""
         now = check_aware(now, "now")
+        self._check_open()
         return self._store.suspensions(now=now)
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
@@ -175,6 +186,7 @@ class MemoryReadModel:
 
     def message_data(self, message_id: str) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        self._check_open()
         with self._store._lock:
             return self._store._get(message_id).prepared.data
 

@@ -16,9 +16,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from mailstrom.errors import UnknownMessage
+from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.readmodel.base import (
     BUCKET,
+    CLOSED,
     Destination,
     OldestPending,
     Overview,
@@ -86,6 +87,7 @@ class PostgresReadModel:
             )
         )
         self._lock_wait = pool_lock_wait(lambda: self._pools.pool)
+        self._closed = False
         with translate_errors("connecting"):
             self._pools.pool.open(wait=True, timeout=timeout)
 
@@ -99,6 +101,8 @@ class PostgresReadModel:
         the first (REPEATABLE READ, read only), for a view whose numbers are read by
         several statements and must agree; at READ COMMITTED each statement sees what
         was committed when it began."""
+        if self._closed:  # as the other read models say it, not as a closed pool's error
+            raise StoreError(CLOSED)
         with (
             translate_errors(doing, diagnose=self._lock_wait),
             self._pools.pool.connection() as conn,
@@ -113,6 +117,7 @@ class PostgresReadModel:
 
     def close(self) -> None:
         """Close the pool. Idempotent."""
+        self._closed = True
         self._pools.close()
 
     def overview(self, *, now: datetime, top: int = 10) -> Overview:

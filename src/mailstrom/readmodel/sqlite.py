@@ -23,6 +23,7 @@ from mailstrom.arguments import member_of, shown
 from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
     BUCKET,
+    CLOSED,
     Destination,
     OldestPending,
     Overview,
@@ -126,7 +127,7 @@ class SQLiteReadModel:
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._closed:
-                raise StoreError("read model is closed")
+                raise StoreError(CLOSED)
             conn = self._idle.pop() if self._idle else None
             self._out += 1
         pool = True
