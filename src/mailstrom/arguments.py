@@ -66,6 +66,19 @@ def check_limit(value: object, argument: str) -> int:
     return value
 
 
+def row_limit(value: int, argument: str = "limit") -> int:
+    """``value`` as a store takes a LIMIT: a negative one is none (0), as every store has
+    always read it. :class:`InvalidArgument` past :data:`MAX_INTEGER` (or for what is no
+    whole number): SQLite and PostgreSQL refused one past a bigint as a store error
+    (StoreRefusedData), and the memory store took it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value > MAX_INTEGER:
+        raise InvalidArgument(
+            f"{argument}: expected a whole number up to {MAX_INTEGER}, got {shown(value)}",
+            argument=argument,
+        )
+    return max(value, 0)
+
+
 def check_age(value: object, argument: str, *, signed: bool = False) -> timedelta:
     """``value`` when it is a :class:`~datetime.timedelta` from zero (from minus 100
     years when ``signed``) to 100 years (:data:`MAX_DURATION`): ages are subtracted from

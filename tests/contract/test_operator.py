@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailstrom.errors import AmbiguousMessageId, UnknownMessage
+from mailstrom.bounds import MAX_INTEGER
+from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter, Store
 from mailstrom.stores.operator import AGE_EDGES, PENDING_STATES
@@ -254,6 +255,29 @@ def test_shape_counts_pending_recipients_by_domain_and_age(store: Store) -> None
     assert rows[0].counts == (1, 1, 1, 0, 0, 0, 2)
     assert rows[1].counts == (0, 0, 0, 0, 0, 0, 1)
     assert rows[0].total == 5
+
+
+@pytest.mark.parametrize("limit", [MAX_INTEGER + 1, 2**64], ids=["past-bigint", "huge"])
+def test_a_limit_no_store_can_take_is_refused_alike(store: Store, limit: int) -> None:
+    """A limit past a signed 64-bit integer was taken by the memory store (any slice
+    will do) and refused by SQLite and PostgreSQL as StoreRefusedData, a store error a
+    caller retries or reports as the store's fault. Each store refuses it as
+    InvalidArgument (a ValueError) before reading; a negative limit stays none."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    for call in (
+        lambda: store.recent(limit),
+        lambda: store.read_events(limit=limit),
+        lambda: store.lease_events(now=NOW, limit=limit, lease_for=LEASE_FOR),
+        lambda: store.tls_broken(now=NOW, limit=limit),
+        lambda: store.list_suppressions(limit=limit),
+        lambda: store.message_ids_for_header("<x@example.org>", limit=limit),
+        lambda: store.lease(now=NOW, limit=limit, lease_for=LEASE_FOR),
+    ):
+        with pytest.raises(InvalidArgument, match="limit"):
+            call()
+    assert store.recent(-1) == []
+    assert [m.id for m in store.recent(MAX_INTEGER)] == [mid]
+    assert store.read_events(limit=MAX_INTEGER) == []
 
 
 # --- the message ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
-from mailstrom.arguments import check_age, check_key, check_limit, member_of, shown
+from mailstrom.arguments import check_age, check_key, check_limit, member_of, row_limit, shown
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
@@ -217,6 +217,7 @@ def record_then_lease(
     """``Store.record_and_lease`` for a store that cannot do both in one transaction. A
     lease that fails once the record is committed raises :class:`RecordedNotLeased`: the
     caller must not write those results again (they would read as taken over)."""
+    row_limit(limit)  # refused before anything is recorded
     recorded = store.record(results) if results else []
     if limit <= 0:
         return recorded, None

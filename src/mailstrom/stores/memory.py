@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from mailstrom.arguments import row_limit
 from mailstrom.errors import StoreError, UnknownMessage
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import BucketState
@@ -232,7 +233,7 @@ class MemoryStore(
         """Lease up to ``limit`` due recipients, grouped per (message, domain); with
         ``lanes``, each lane's in turn; up to ``max_bytes`` of message data (see
         :meth:`Store.lease`)."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         token = lease_token(holder)
         expires_at = after(now, lease_for)
@@ -514,7 +515,7 @@ class MemoryStore(
                 del self._tls_broken[host]
             longest = sorted(self._tls_broken.items(), key=lambda e: e[1], reverse=True)
         # A negative limit is none, as in every store (a slice's -1 dropped the last).
-        return dict(longest[: max(limit, 0)])
+        return dict(longest[: row_limit(limit)])
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when mail is enqueued or retried through this object."""

@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from mailstrom.arguments import row_limit
 from mailstrom.status import Attempt, DeliveryEvent
 from mailstrom.stores.base import EventBatch
 from mailstrom.stores.clock import after
@@ -55,7 +56,7 @@ class MemoryEventsMixin:
 
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         token = os.urandom(16).hex()
         expires_at = after(now, lease_for)
@@ -94,7 +95,7 @@ class MemoryEventsMixin:
         """Events with an id above ``after``, oldest first."""
         with self._lock:
             found = [e.event for i, e in self._events.items() if i > after]
-        return [_copy(event) for event in found[: max(limit, 0)]]
+        return [_copy(event) for event in found[: row_limit(limit)]]
 
     def last_event_id(self) -> int:
         """The highest event id so far (0 when none)."""

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from mailstrom.arguments import row_limit
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, with_throttles
@@ -81,7 +82,7 @@ class MemoryOperatorMixin:
         """The ``limit`` most recently enqueued messages, newest first."""
         # A negative limit is none, as in every store (a slice's -1 dropped the oldest).
         with self._lock:
-            newest = self._newest_first()[: max(limit, 0)]
+            newest = self._newest_first()[: row_limit(limit)]
             return [self._listed(m) for m in newest]
 
     def _listed(self, m: _Message) -> MessageStatus:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from mailstrom.arguments import row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import bounded_attempt
@@ -70,7 +71,7 @@ class MemorySuppressionsMixin:
             )
         if now is not None:
             entries = [e for e in entries if e.active(now)]
-        return entries[: max(limit, 0)]
+        return entries[: row_limit(limit)]
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late)."""
@@ -96,4 +97,4 @@ class MemorySuppressionsMixin:
                 m.id
                 for m in self._newest_first()
                 if m.prepared.header_message_id == header_message_id
-            ][: max(limit, 0)]
+            ][: row_limit(limit)]

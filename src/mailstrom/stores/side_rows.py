@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from mailstrom.arguments import shown
+from mailstrom.arguments import row_limit, shown
 from mailstrom.errors import UnreadableRow
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DeliveryEvent, DestinationThrottle
@@ -141,7 +141,7 @@ def read_events_past_unreadable(
     held only such rows would otherwise come back empty, and a reader paging with the
     last id it got would take it for the end of the outbox. Each round moves past every
     row it read, so the loop ends (at the end of the table at the latest)."""
-    limit = max(limit, 0)
+    limit = row_limit(limit)
     events: list[DeliveryEvent] = []
     while len(events) < limit:
         wanted = limit - len(events)

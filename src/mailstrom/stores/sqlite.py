@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.arguments import check_timeout, member_of, shown
+from mailstrom.arguments import check_timeout, member_of, row_limit, shown
 from mailstrom.errors import (
     StoreCorrupt,
     StoreError,
@@ -1079,7 +1079,7 @@ class SQLiteStore:
         first, with ``lanes``), grouped per (message, domain), up to ``max_bytes`` of
         message data; one transaction, walking the due index (a lane's range of it) with
         LIMIT."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         self._holders.hold(holder)
         with self._write(fsync=False) as conn:
@@ -1107,6 +1107,7 @@ class SQLiteStore:
         max_bytes: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
+        row_limit(limit)  # refused before anything is recorded
         self._holders.hold(holder)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
@@ -1342,7 +1343,7 @@ class SQLiteStore:
         """The ``limit`` most recently enqueued messages, newest first."""
         with self._read() as conn:
             # A negative limit is none, as in every store (SQLite's LIMIT -1 is no limit).
-            listed = read_messages(conn, "1", [], max(limit, 0), history=False)
+            listed = read_messages(conn, "1", [], row_limit(limit), history=False)
             return self._with_pauses(conn, listed)
 
     @staticmethod
@@ -1418,7 +1419,7 @@ class SQLiteStore:
 
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         with self._write(fsync=False) as conn:
             return sqlite_events.lease_event_rows(conn, now=now, limit=limit, lease_for=lease_for)
@@ -1472,7 +1473,7 @@ class SQLiteStore:
             conn.execute("DELETE FROM tls_broken WHERE until <= ?", (at,))
             rows = conn.execute(
                 "SELECT host, until FROM tls_broken WHERE until > ? ORDER BY until DESC LIMIT ?",
-                (at, max(limit, 0)),  # SQLite's LIMIT -1 is no limit at all
+                (at, row_limit(limit)),  # SQLite's LIMIT -1 is no limit at all
             ).fetchall()
             known = {host: broken_until(host, shown_time(until)) for host, until in rows}
             # An end that is no time (text and numbers past any time sort after every
@@ -1792,7 +1793,7 @@ class SQLiteStore:
                 for row in conn.execute(
                     "SELECT id FROM messages WHERE header_message_id = ?"
                     " ORDER BY created_at DESC, seq DESC LIMIT ?",
-                    (header_message_id, max(limit, 0)),
+                    (header_message_id, row_limit(limit)),
                 )
             ]
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from mailstrom.arguments import member_of
+from mailstrom.arguments import member_of, row_limit
 from mailstrom.errors import UnreadableRow
 from mailstrom.status import Attempt
 from mailstrom.stores.base import MAX_HISTORY, VERP_KEY_SIZE, Lease, bounded_attempt
@@ -139,7 +139,7 @@ def page_suppressions(
     params: list[object] = [after]
     if now is not None:
         params += [to_us(now), READABLE_FROM]
-    params.append(max(limit, 0))
+    params.append(row_limit(limit))
     return [
         _entry(row)
         for row in conn.execute(

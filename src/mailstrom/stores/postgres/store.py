@@ -22,7 +22,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-from mailstrom.arguments import check_timeout, shown
+from mailstrom.arguments import check_timeout, row_limit, shown
 from mailstrom.errors import (
     InvalidArgument,
     StoreCorrupt,
@@ -470,7 +470,7 @@ class PostgresStore:
         the suppression entries that apply to them; with ``lanes``, one statement for the
         named lanes and, when they had room left and nothing more due, one for the
         others."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         if self._statistics.due():
             self._gather_statistics()
@@ -805,7 +805,7 @@ class PostgresStore:
             "created_before": None if where.older_than is None else before(now, where.older_than),
             "domain": None if where.domain is None else where.domain.lower(),
             "state": None if where.state is None else where.state.value,
-            "limit": max(where.limit, 0),
+            "limit": row_limit(where.limit),
             "tag": where.tag,
             "states": _state_values(where),
         }
@@ -818,7 +818,7 @@ class PostgresStore:
             "created_before": None,
             "domain": None,
             "state": None,
-            "limit": max(limit, 0),
+            "limit": row_limit(limit),
             "tag": None,
             "states": None,
         }
@@ -916,7 +916,7 @@ class PostgresStore:
 
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
-        if limit <= 0:
+        if row_limit(limit) == 0:
             return None
         token = uuid.uuid4().hex
         expires_at = after(now, lease_for)
@@ -1022,7 +1022,7 @@ class PostgresStore:
     def tls_broken(self, *, now: datetime, limit: int = MAX_TLS_BROKEN) -> dict[str, datetime]:
         """Hosts whose TLS is remembered broken at ``now``; expired entries are dropped."""
         # A negative limit is none, as in every store (LIMIT -1 is an error here).
-        found = self._fetch("tls_broken", {"now": now, "limit": max(limit, 0)})
+        found = self._fetch("tls_broken", {"now": now, "limit": row_limit(limit)})
         known = {host: broken_until(host, until) for host, until in found}
         return {host: until for host, until in known.items() if until is not None}
 
@@ -1382,7 +1382,7 @@ class PostgresStore:
     ) -> list[Suppression]:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
         found = self._fetch(
-            "list_suppressions", {"after": after, "now": now, "limit": max(limit, 0)}
+            "list_suppressions", {"after": after, "now": now, "limit": row_limit(limit)}
         )
         return [rows.suppression_from_row(row) for row in found]
 
@@ -1453,7 +1453,7 @@ class PostgresStore:
             return []
         found = self._fetch(
             "message_ids_for_header",
-            {"header_message_id": header_message_id, "limit": max(limit, 0)},
+            {"header_message_id": header_message_id, "limit": row_limit(limit)},
         )
         return [row[0] for row in found]
 
