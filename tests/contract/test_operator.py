@@ -280,6 +280,21 @@ def test_a_limit_no_store_can_take_is_refused_alike(store: Store, limit: int) ->
     assert store.read_events(limit=MAX_INTEGER) == []
 
 
+def test_held_counts_only_held_messages_still_waiting(store: Store) -> None:
+    """A held message that was cancelled (or held after it finished) kept its held flag,
+    and stats() counted it held for good: the held-messages gauge and ``mailstrom
+    status`` showed mail on hold that no ``release --all`` (pending, held) could select.
+    Only a held message with a pending recipient counts."""
+    waiting = store.enqueue(message("a@example.org"), now=NOW, hold=True)
+    cancelled = store.enqueue(message("b@example.org", "c@example.org"), now=NOW, hold=True)
+    assert store.stats().held == 2
+    assert store.cancel(cancelled, now=NOW) == 2
+    assert store.status(cancelled).held
+    assert store.stats().held == 1
+    store.set_held(waiting, False)
+    assert store.stats().held == 0
+
+
 # --- the message ---------------------------------------------------------------------------
 
 

@@ -557,3 +557,12 @@ def test_a_closed_read_model_refuses_every_view_with_a_store_error(
         with pytest.raises(StoreError, match="closed") as raised:
             call()
         assert type(raised.value) is StoreError
+
+
+def test_the_overview_counts_only_held_messages_still_waiting(
+    model: ReadModel, store: Store, queue: Queue
+) -> None:
+    """As stats(): a held message cancelled since is no mail on hold."""
+    assert model.overview(now=NOW).held == 1
+    store.cancel(queue.held, now=NOW)
+    assert model.overview(now=NOW).held == 0

@@ -84,7 +84,7 @@ class MemoryReadModel:
                     oldest = m
             busiest = sorted(deferred.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
             top_deferred = tuple(self._destination(d, messages) for d, _ in busiest)
-            held = sum(m.held for m in messages)
+            held = sum(m.held and m.pending() for m in messages)
         return Overview(
             by_state=by_state,
             messages=len(messages),

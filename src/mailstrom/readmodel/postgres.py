@@ -130,7 +130,10 @@ class PostgresReadModel:
             for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
                 by_state[RecipientState(state)] = int(n)
             row = conn.execute(
-                b"SELECT count(*), count(*) FILTER (WHERE held) FROM messages"
+                # Held and still waiting, as the store's stats() counts them.
+                b"SELECT count(*), count(*) FILTER (WHERE held AND EXISTS (SELECT 1"
+                b" FROM recipients r WHERE r.seq = m.seq"
+                b" AND r.state IN ('queued', 'deferred'))) FROM messages m"
             ).fetchone()
             messages, held = (int(row[0]), int(row[1])) if row else (0, 0)
             row = conn.execute(

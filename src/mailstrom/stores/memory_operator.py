@@ -103,7 +103,7 @@ class MemoryOperatorMixin:
                 by_state=by_state,
                 pending_by_domain=by_domain,
                 messages=len(self._messages),
-                held=sum(m.held for m in self._messages.values()),
+                held=sum(m.held and m.pending() for m in self._messages.values()),
             )
 
     # --- operator tools ----------------------------------------------------------------

@@ -127,6 +127,10 @@ class _Message:
     def state(self) -> RecipientState:
         return derive_message_state([r.state for r in self.recipients.values()])
 
+    def pending(self) -> bool:
+        """Whether a recipient is still to be delivered (queued or deferred)."""
+        return any(r.state in _PENDING for r in self.recipients.values())
+
     def leased(self) -> bool:
         """Whether a pending recipient is under a lease (a worker may hold it)."""
         return any(

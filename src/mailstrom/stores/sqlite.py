@@ -136,6 +136,7 @@ from mailstrom.stores.sqlite_operator import (
     shape_rows_sql,
 )
 from mailstrom.stores.sqlite_queue import (
+    HELD_WAITING_SQL,
     PENDING_SQL,
     SUSPENDED_SQL,
     chunks,
@@ -1406,7 +1407,7 @@ class SQLiteStore:
                     name = shown_text(domain, "domain") or ""
                     by_domain[name] = by_domain.get(name, 0) + n
             (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
-            (held,) = conn.execute("SELECT count(*) FROM messages WHERE held = 1").fetchone()
+            (held,) = conn.execute(HELD_WAITING_SQL).fetchone()
         return QueueStats(
             by_state=by_state, pending_by_domain=by_domain, messages=messages, held=held
         )

@@ -65,6 +65,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING_SQL = "state IN ('queued', 'deferred')"
+HELD_WAITING_SQL = (
+    "SELECT count(*) FROM messages m WHERE held = 1 AND EXISTS (SELECT 1 FROM recipients r"
+    f" WHERE r.message_seq = m.seq AND r.{PENDING_SQL})"
+)
+"""Held messages still waiting: one cancelled (or finished) while held keeps its flag,
+and is no mail on hold."""
 # Must match the recipients_lane_due index expression exactly, or SQLite cannot use it; the
 # queries name the index (INDEXED BY) because without ANALYZE statistics the planner
 # prefers the state index and sorts every pending recipient.

@@ -717,7 +717,10 @@ WHERE state IN ('queued', 'deferred') GROUP BY domain
 UNION ALL
 SELECT 'messages', NULL, count(*) FROM messages
 UNION ALL
-SELECT 'held', NULL, count(*) FROM messages WHERE held;
+-- Held messages still waiting: one cancelled (or finished) while held keeps its flag.
+SELECT 'held', NULL, count(*) FROM messages m
+WHERE held AND EXISTS (SELECT 1 FROM recipients r
+                       WHERE r.seq = m.seq AND r.state IN ('queued', 'deferred'));
 
 -- name: append_events
 -- The outbox rows of results just recorded, copied from the recipients' rows, in the
