@@ -20,6 +20,21 @@ def test_no_events_until_enabled(store: Store) -> None:
     assert store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR) is None
 
 
+def test_an_after_past_any_event_id_reads_as_the_memory_store_does(store: Store) -> None:
+    """``read_events(after=...)`` past a signed 64-bit integer, either way: the memory and
+    PostgreSQL stores answered (nothing above the largest, everything above the
+    smallest), SQLite raised StoreRefusedData, a store error, for a plain question."""
+    store.enable_events()
+    store.enqueue(message(), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    events = store.read_events()
+    assert events
+    assert store.read_events(after=2**63) == []
+    assert store.read_events(after=2**64) == []
+    assert store.read_events(after=-(2**63) - 1) == events
+    assert store.read_events(after=-(2**70)) == events
+
+
 def test_an_event_per_recorded_result(store: Store) -> None:
     store.enable_events()
     mid = store.enqueue(message("alice@example.org", "bob@example.org"), now=NOW)

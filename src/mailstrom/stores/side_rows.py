@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from mailstrom.arguments import row_limit, shown
+from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import UnreadableRow
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DeliveryEvent, DestinationThrottle
@@ -142,6 +143,9 @@ def read_events_past_unreadable(
     last id it got would take it for the end of the outbox. Each round moves past every
     row it read, so the loop ends (at the end of the table at the latest)."""
     limit = row_limit(limit)
+    # Ids are 1 to a bigint's largest: an ``after`` past either end asks the same as that
+    # end, which SQLite could not bind (StoreRefusedData, where the others answered).
+    after = min(max(after, 0), MAX_INTEGER)
     events: list[DeliveryEvent] = []
     while len(events) < limit:
         wanted = limit - len(events)
