@@ -134,6 +134,52 @@ def test_eof_inside_data_queues_nothing(cli: CLI) -> None:
     result = session(cli, script + b"Subject: cut\r\n\r\nhalf a mess")
     assert codes(result) == ["220", "250", "250", "250", "354"]
     assert cli.queue_ids() == []
+    # Was: exit 0, the client that lost its message told it succeeded.
+    assert result.code == 76, result.err
+    assert "DATA" in result.err
+
+
+def run_script(script: bytes) -> tuple[int, list[bytes]]:
+    """(exit code, messages queued) of a session fed ``script`` then the end of input."""
+    from mailstrom.cli.sendmail_smtp import LineSource, Session
+
+    queued: list[bytes] = []
+
+    def queue(data: bytes, sender: str, recipients: list[str]) -> str:
+        queued.append(data)
+        return f"id{len(queued)}"
+
+    read, write = os.pipe()
+    try:
+        os.write(write, script)
+        os.close(write)
+        write = -1
+        source = LineSource(read, timeout=60.0)
+        out = BytesIO()
+        session = Session(source=source, out=out, helo_name="h.test", max_size=10_000, queue=queue)
+        return session.run(), queued
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
+def test_the_end_of_input_with_a_message_unfinished_exits_non_zero() -> None:
+    """Input that ends without QUIT while a message is under way (in DATA, after MAIL or
+    RCPT, or inside a command line) lost that message: 76 (EX_PROTOCOL), never 0. Input
+    that ends between transactions lost nothing: the messages queued keep exit 0."""
+    one = transaction(b"a@example.test", [b"b@example.test"], MESSAGE)
+    lost = [
+        b"EHLO c\r\n" + one[: one.index(b"DATA")] + b"DATA\r\nSubject: cut\r\n",
+        b"EHLO c\r\n" + one[: one.index(b"DATA")],
+        b"EHLO c\r\nMAIL FROM:<a@example.test>\r\n",
+        b"EHLO c\r\n" + one + b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@exa",
+        b"EHLO c\r\n" + one + b"NOOP " + b"x" * 600,  # inside an overlong line
+    ]
+    for script in lost:
+        assert run_script(script)[0] == 76, script
+    assert run_script(b"EHLO c\r\n" + one) == (0, [MESSAGE])
+    assert run_script(b"EHLO c\r\n" + one + b"QUIT\r\n") == (0, [MESSAGE])
 
 
 def test_a_refused_message_gets_a_5xx_and_the_exit_code_says_so(cli: CLI) -> None:

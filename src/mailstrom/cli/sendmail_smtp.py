@@ -147,6 +147,13 @@ class Session:
         self.code = EX_PROTOCOL
         return False
 
+    def lost(self, where: str) -> bool:
+        """The input ended with a message under way (``where``): it is not queued, and
+        the exit code says so, EX_PROTOCOL, for a client that reads only that. False."""
+        sys.stderr.write(f"mailstrom: the input ended {where} without QUIT: not queued\n")
+        self.code = EX_PROTOCOL
+        return False
+
     def run(self) -> int:
         self.reply(f"220 {self.helo_name} ESMTP mailstrom")
         try:
@@ -162,17 +169,18 @@ class Session:
     def _step(self) -> bool:
         line = self.source.readline(MAX_COMMAND_LINE)
         if not line:
-            return False
+            # Between transactions nothing is lost; after MAIL, the message is.
+            return False if self.transaction is None else self.lost("after MAIL")
         if not line.endswith(b"\n"):
             if len(line) < MAX_COMMAND_LINE:
-                return False  # the end of input inside a command
+                return self.lost("inside a command line")
             discarded = len(line)
             while not line.endswith(b"\n"):
                 if discarded >= MAX_DISCARDED:
                     return self.end("line too long")
                 line = self.source.readline(min(_PIECE, MAX_DISCARDED - discarded))
                 if not line:
-                    return False
+                    return self.lost("inside a command line")
                 discarded += len(line)
             return self.error("500 5.5.2 Error: line too long")
         text = line.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -261,7 +269,7 @@ class Session:
         transaction, self.transaction = self.transaction, None
         if message is None:
             if self.source.eof:
-                return False  # the end of input inside DATA: nothing is queued
+                return self.lost("inside DATA")
             self.code = EX_DATAERR  # as sendmail exits for a message over the limit
             return self.error("552 5.3.4 Error: message file too big")
         try:
