@@ -13,6 +13,7 @@ from email.message import EmailMessage
 from io import BytesIO
 
 from tests.cli.conftest import CLI, Result
+from tests.cli.test_sendmail_local import local_names
 
 MESSAGE = b"From: app@example.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -357,3 +358,35 @@ def test_a_bad_recipient_or_sender_is_refused_at_its_command(cli: CLI) -> None:
         "bob@example.test",
         "carol@example.test",
     ]
+
+
+def test_an_alias_going_nowhere_usable_is_550_or_553_not_a_syntax_error(cli: CLI) -> None:
+    """``RCPT TO:<ops>`` is well written; that the aliases file maps ops to a bad address
+    (which plain ``sendmail ops`` refuses as a bad address, 65) or to programs only is no
+    syntax error of the client's (501): 553 5.1.3 and 550 5.1.1, RFC 5321's mailbox
+    refusals. A program named in RCPT itself is no address: 501, not 250 and then a
+    refused DATA."""
+    local_names(cli, "ops: bad address@\nprog: |/usr/bin/notify, /var/log/mail\n")
+    plain = cli("sendmail", "ops", stdin=MESSAGE)
+    assert plain.code == 65, plain.err
+    script = (
+        b"EHLO c\r\n"
+        b"MAIL FROM:<a@example.test>\r\n"
+        b"RCPT TO:<ops>\r\n"
+        b"RCPT TO:<prog>\r\n"
+        b"RCPT TO:<|/usr/bin/notify>\r\n"
+        b"RCPT TO:<bob@example.test>\r\n"
+        b"DATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    )
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    lines = [line for line in replies(result) if line[3:4] != "-"]
+    assert [line[:3] for line in lines] == [
+        "220", "250", "250", "553", "550", "501", "250", "354", "250", "221"
+    ]  # fmt: skip
+    assert lines[3].startswith("553 5.1.3 ") and "ops" in lines[3]
+    assert "bad address@" in lines[3]
+    assert lines[4].startswith("550 5.1.1 ") and "prog" in lines[4]
+    assert lines[5].startswith("501 5.1.3 ")
+    [message] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in message["recipients"]] == ["bob@example.test"]

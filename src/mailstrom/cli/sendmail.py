@@ -41,8 +41,10 @@ from mailstrom.cli.exits import (
 from mailstrom.cli.localnames import (
     aliases_path,
     default_origin,
+    expand,
     expand_all,
     format_address,
+    is_bare,
     qualify,
     qualify_headers,
     read_aliases,
@@ -609,7 +611,7 @@ def _serve_smtp(args: SendmailArgs) -> int:
     :func:`_enqueue` queues one but with the envelope of MAIL and RCPT: -f, -t and -i
     mean nothing there (Laravel runs ``sendmail -bs -i``), recipient arguments are
     refused."""
-    from mailstrom.cli.sendmail_smtp import serve
+    from mailstrom.cli.sendmail_smtp import Unusable, serve
 
     if args.recipients:
         raise UsageError("-bs takes its recipients from RCPT, not as arguments")
@@ -634,12 +636,33 @@ def _serve_smtp(args: SendmailArgs) -> int:
             parse_mailbox("envelope_from", address)
 
     def check_recipient(recipient: str) -> None:
+        # The client's own address badly written is its syntax error (501); an alias
+        # of it going nowhere usable is a mailbox refused (550, 553), as sendmail's
+        # plain path reads it as a bad address (65), not a bad command line.
         if not aliases:
             path = aliases_path(settings.values.get("sendmail.aliases"))
             aliases.append(read_aliases(path) if path else {})
-        targets = expand_all(_argument_addresses(recipient, origin), aliases[0], origin)
-        for target in targets:
-            parse_mailbox("envelope_to", target)
+        for address in _argument_addresses(recipient, origin):
+            targets = expand(address, aliases[0], origin)
+            if not (is_bare(address) and address.lower() in aliases[0]):
+                if not targets:  # a program, file or include named in RCPT itself
+                    raise InvalidMessage(f"{address!r} is no mail address")
+                for target in targets:
+                    parse_mailbox("envelope_to", target)
+                continue
+            if not targets:
+                raise Unusable(
+                    "550 5.1.1",
+                    f"{address!r} is an alias to programs, files or includes only, "
+                    "which mailstrom does not deliver to",
+                )
+            for target in targets:
+                try:
+                    parse_mailbox("envelope_to", target)
+                except InvalidMessage as exc:
+                    raise Unusable(
+                        "553 5.1.3", f"the alias {address!r} names a bad address: {reason_for(exc)}"
+                    ) from None
 
     return serve(settings, queue, check_sender=check_sender, check_recipient=check_recipient)
 

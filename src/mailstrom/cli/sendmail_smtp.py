@@ -104,7 +104,18 @@ Queue = Callable[[bytes, str, list[str]], str]
 """Queue a message (data, envelope sender, recipients) and return its id; raises as
 ``sendmail`` fails."""
 Check = Callable[[str], None]
-"""Validate the address of a MAIL or RCPT as queueing it would: InvalidMessage if bad."""
+"""Validate the address of a MAIL or RCPT as queueing it would: InvalidMessage if bad,
+:class:`Unusable` if well formed but going nowhere mail can be sent."""
+
+
+class Unusable(Exception):
+    """A well-formed recipient that cannot be used: ``reply`` is the refusal's code and
+    enhanced code (RFC 5321 §4.2.2, 550 or 553, never 501: the client's syntax was
+    right), the message the reason."""
+
+    def __init__(self, reply: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
 
 
 def _accept(address: str) -> None:
@@ -382,6 +393,8 @@ def _refusal(check: Check, address: str, bad: str) -> str | None:
     when it takes it; 451 when it cannot tell (the aliases file unreadable, a bug)."""
     try:
         check(address)
+    except Unusable as exc:
+        return f"{exc.reply} {_one_line(str(exc))}"
     except InvalidMessage as exc:
         return f"{bad}: {_one_line(reason_for(exc))}"
     except Exception as exc:
