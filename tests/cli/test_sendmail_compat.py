@@ -388,3 +388,38 @@ def test_a_closed_standard_error_keeps_the_exit_code(cli: CLI, args: list[str], 
     assert proc.returncode == code
     if code != 75:
         assert cli.queue_ids() == []
+
+
+def test_a_long_line_in_a_part_header_or_an_attached_message_is_not_refused(cli: CLI) -> None:
+    """A line over 998 octets in a MIME part's own header section (a PHP script's
+    Content-Disposition naming a long filename list, on one line) or inside an attached
+    message/rfc822 (a forwarded message's long To field or body line) was still refused
+    (exit 65): the mail was lost, as it was for the top-level cases fixed before. The
+    part's field is folded at its white space, the attached message's body encoded, its
+    header folded; unfolded and decoded everything reads as it was."""
+    _origin(cli)
+    note = "a long description " * 60
+    recipients = ", ".join(f"user{i}@example.test" for i in range(80))
+    line = "log " * 400
+    message = (
+        "To: bob@example.test\nSubject: long\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="XX"\n\n'
+        f"--XX\nContent-Type: text/plain; charset=UTF-8\nContent-Description: {note}\n\nhi\n"
+        "--XX\nContent-Type: message/rfc822\n\n"
+        f"From: a@example.test\nTo: {recipients}\nSubject: fwd\n\n{line}\n"
+        "--XX--\n"
+    ).encode()
+    result = cli("sendmail", "-t", "-i", stdin=message)
+    assert result.code == 0, result.err
+    [queued] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    text, attached = parsed.get_payload()
+    assert text["Content-Description"].replace("\r\n", "") == note
+    assert text.get_payload() == "hi"
+    [inner] = attached.get_payload()
+    assert inner["To"].replace("\r\n", "") == recipients
+    assert inner["Content-Transfer-Encoding"] == "quoted-printable"
+    assert inner["MIME-Version"] == "1.0"
+    assert inner.get_payload(decode=True) == line.encode()  # the CRLF is the delimiter's

@@ -57,7 +57,7 @@ from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.dsn import DSN
-from mailstrom.message.encoding import MAX_LINE, encode_long_lines, to_crlf
+from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.words import unstructured_field
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
@@ -434,24 +434,10 @@ def fold_long_fields(data: bytes) -> bytes:
     if all(len(line) <= MAX_LINE for f in section.fields for line in f.lines):
         return data
     fields = [
-        dataclasses.replace(f, lines=tuple(folded for line in f.lines for folded in _fold(line)))
+        dataclasses.replace(f, lines=tuple(piece for line in f.lines for piece in fold_line(line)))
         for f in section.fields
     ]
     return dataclasses.replace(section, fields=tuple(fields)).rewrite(drop=(), add=())
-
-
-def _fold(line: bytes) -> list[bytes]:
-    """``line`` as lines of at most :data:`MAX_LINE` octets, each but the first starting
-    with the white space it was folded before; as far as it can be folded."""
-    out = []
-    while len(line) > MAX_LINE:
-        cut = max(line.rfind(b" ", 1, MAX_LINE + 1), line.rfind(b"\t", 1, MAX_LINE + 1))
-        if cut <= 0 or not line[:cut].strip(b" \t"):
-            break  # no white space to fold at (a line of only it is no line, §3.2.2)
-        out.append(line[:cut])
-        line = line[cut:]
-    out.append(line)
-    return out
 
 
 def envelope_sender(sender: str | None, origin: str) -> str | None:

@@ -321,12 +321,15 @@ def _has_field(head: bytes, key: bytes) -> bool:
 def encode_long_lines(data: bytes) -> bytes:
     """``data`` with each body that has a line over 998 octets (RFC 5322 §2.1.1) encoded:
     quoted-printable for text, base64 otherwise, as a part that carries no encoding
-    (7bit, 8bit, binary) may be, the message itself or a part of its multiparts.
-    Programs hand sendmail such bodies as they are (PHP's mail() with its HTML on one
-    line, cron and logwatch with a long log line), Postfix and Sendmail send them on, and
-    prepare() refused them (exit 65: the mail was lost). The content is unchanged: a
-    reader decodes it. Anything else (a long line in a header, a preamble or a
-    message/rfc822 part) is left as it was, for prepare() to judge."""
+    (7bit, 8bit, binary) may be, the message itself, a part of its multiparts or of a
+    message/rfc822 part (which then says ``MIME-Version: 1.0``); and each header line
+    over 998 octets, of the message or of a part, folded at white space within it
+    (:func:`fold_line`). Programs hand sendmail such mail as it is (PHP's mail() with its
+    HTML on one line, cron and logwatch with a long log line, a forwarded message),
+    Postfix and Sendmail send it on, and prepare() refused it (exit 65: the mail was
+    lost). The content is unchanged: a reader unfolds and decodes it. Anything else (a
+    preamble, a header line without white space to fold at) is left as it was, for
+    prepare() to judge."""
     if len(data) <= MAX_LINE:
         return data
     crlf = to_crlf(data)
@@ -338,38 +341,53 @@ def encode_long_lines(data: bytes) -> bytes:
         split_header_section(crlf)
     except InvalidMessage:
         return data  # prepare() refuses it with the reason
-    top = mime.entity(crlf)
     pieces: list[bytes] = []
-    if not _encode_entity(top, depth=0, out=pieces):
+    if not _message(mime.entity(crlf), depth=0, out=pieces):
         return data
-    if not _has_field(top.head, b"mime-version"):
-        # An encoding is read under MIME (RFC 2045 §4).
-        pieces[0] = _with_field(pieces[0], "MIME-Version", "1.0")
     return b"".join(pieces)
 
 
 _LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_FOLDED = 1
+_ENCODED = 2
 
 
-def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> bool:
-    """Append the header section and the body of ``item`` to ``out``, a body with a line
-    over :data:`MAX_LINE` encoded where it may be; whether anything was encoded."""
+def _message(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
+    """:func:`_encode_entity` for a message (the top one, or one attached), which says
+    ``MIME-Version: 1.0`` when a body in it was encoded: an encoding is read under MIME
+    (RFC 2045 §4)."""
+    at = len(out)
+    done = _encode_entity(item, depth=depth, out=out)
+    if done & _ENCODED and not _has_field(item.head, b"mime-version"):
+        out[at] = _with_field(out[at], "MIME-Version", "1.0")
+    return done
+
+
+def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
+    """Append the header section and the body of ``item`` to ``out``, header lines over
+    :data:`MAX_LINE` folded and a body with such a line encoded where it may be; what was
+    done (:data:`_FOLDED`, :data:`_ENCODED`, or 0)."""
     data = item.data
+    head = _fold_head(item.head)
+    done = _FOLDED if head != item.head else 0
     if _LONG_LINE.search(data, item.body, item.end) and depth < mime.MAX_DEPTH:
         found = mime.layout(item) if item.maintype == "multipart" else None
         if found is not None:
-            out.append(item.head)
-            changed = False
+            out.append(head)
             position = item.body
             for start, end in found.parts:
                 if start > end:
                     continue  # no part between two delimiter lines (see mime.layout)
                 out.append(data[position:start])  # the delimiter line (the preamble first)
                 part = mime.entity(data, start, end, default=_part_default(item))
-                changed = _encode_entity(part, depth=depth + 1, out=out) or changed
+                done |= _encode_entity(part, depth=depth + 1, out=out)
                 position = end
             out.append(data[position : item.end])  # the close delimiter and the epilogue
-            return changed
+            return done
+        if item.nested:  # message/rfc822 (RFC 2046 §5.2.1 allows it no encoding itself)
+            out.append(head)
+            attached = mime.entity(data, item.body, item.end)
+            return done | _message(attached, depth=depth + 1, out=out)
         # Two encodings named (repeated): which one holds is prepare()'s to say.
         leaf = item.maintype not in ("multipart", "message")
         if leaf and item.cte in _UNENCODED and not item.repeated:
@@ -381,10 +399,32 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> bool:
                 cte, encoded = "quoted-printable", text
             else:
                 cte, encoded = "base64", base64_lines(raw)
-            out += (_with_field(item.head, "Content-Transfer-Encoding", cte), encoded)
-            return True
-    out += (item.head, data[item.body : item.end])
-    return False
+            out += (_with_field(head, "Content-Transfer-Encoding", cte), encoded)
+            return done | _ENCODED
+    out += (head, data[item.body : item.end])
+    return done
+
+
+def _fold_head(head: bytes) -> bytes:
+    """The header section ``head`` (CRLF lines) with each line over :data:`MAX_LINE`
+    folded (:func:`fold_line`); ``head`` itself when none is."""
+    if not _LONG_LINE.search(head):
+        return head
+    return b"\r\n".join(piece for line in head.split(b"\r\n") for piece in fold_line(line))
+
+
+def fold_line(line: bytes) -> list[bytes]:
+    """``line`` as lines of at most :data:`MAX_LINE` octets, each but the first starting
+    with the white space it was folded before; as far as it can be folded."""
+    out = []
+    while len(line) > MAX_LINE:
+        cut = max(line.rfind(b" ", 1, MAX_LINE + 1), line.rfind(b"\t", 1, MAX_LINE + 1))
+        if cut <= 0 or not line[:cut].strip(b" \t"):
+            break  # no white space to fold at (a line of only it is no line, §3.2.2)
+        out.append(line[:cut])
+        line = line[cut:]
+    out.append(line)
+    return out
 
 
 def _part_default(item: mime.Entity) -> str:
