@@ -177,7 +177,7 @@ def test_tlsrpt_writes_and_sends_reports(mail_env: MailEnv, https_server: HTTPSF
     }
     assert [d["ok"] for d in mine["sent"]] == [True, True]
     # The file: RFC 8460 JSON with the counts.
-    [written] = out.iterdir()
+    [written] = out.glob("*.json")
     assert written.name.startswith("client.test!example.test!1893542400!1893628799!")
     document = json.loads(written.read_bytes())
     validate(document)
@@ -230,8 +230,11 @@ def test_tlsrpt_posts_nothing_to_this_host_without_allow_loopback(
         f"https://collector.example.test:{collector.port}/tlsrpt",
     )
     result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--json")
-    assert result.code == 75, result.err
+    # The policy domain's DNS, which a rerun does not change: failed for good, and no
+    # "try again" (75) of the run.
+    assert result.code == 0, result.err
     [mine, _] = result.json()["domains"]
+    assert [d["permanent"] for d in mine["sent"]] == [True, True]
     assert [d["detail"] for d in mine["sent"]] == [
         "not posted: refused loopback address 127.0.0.1",
         "not posted: collector.example.test has only refused addresses: 127.0.0.1 (loopback)",
@@ -264,8 +267,8 @@ def test_tlsrpt_mailto_without_an_address_fails_that_report_only(mail_env: MailE
     seed(mail_env.workdir)
     mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@")
     result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
-    assert result.code == 75, result.err
-    assert "mailto:tls@: FAILED: invalid address 'tls@'" in result.out
+    assert result.code == 0, result.err  # the record's to mend, not a rerun's: no 75
+    assert "mailto:tls@: FAILED for good: invalid address 'tls@'" in result.out
 
 
 def test_tlsrpt_mailto_is_percent_decoded(mail_env: MailEnv) -> None:
@@ -278,11 +281,11 @@ def test_tlsrpt_mailto_is_percent_decoded(mail_env: MailEnv) -> None:
         "mailto:a@example.test%0D%0ABcc:c@example.test",
     )
     result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
-    assert result.code == 75, result.err
+    assert result.code == 0, result.err  # the refused URI fails for good, not the run
     assert "mailto:tls%2Breports@example.test?subject=x: ok: queued as" in result.out
     # No dkim.keys here: the report goes, but its receiver will ignore it (RFC 8460 §3).
     assert "(NOT DKIM-signed: receivers ignore unsigned reports; see dkim.keys)" in result.out
-    assert "%0D%0ABcc:c@example.test: FAILED:" in result.out
+    assert "%0D%0ABcc:c@example.test: FAILED for good:" in result.out
     assert "decodes to a control character" in result.out
     mail_env.cli.ok("worker", "--once")
     [received] = mail_env.mx.wait_for_messages(1)
@@ -335,7 +338,12 @@ def test_tlsrpt_posts_at_once_each_within_post_timeout(
     assert [r["domain"] for r in reported] == domains
     for domain, entry in zip(domains, reported, strict=True):
         assert entry["sent"] == [
-            {"uri": f"{base}/{domain}", "ok": False, "detail": no_answer(f"{timeout:g}")}
+            {
+                "uri": f"{base}/{domain}",
+                "ok": False,
+                "detail": no_answer(f"{timeout:g}"),
+                "permanent": False,
+            }
         ]
     assert sorted(r.path for r in collector.requests) == [f"/{d}" for d in domains]
 
@@ -573,7 +581,7 @@ def test_a_long_policy_domain_gets_its_report_under_a_file_name_that_fits(
     reported = result.json()["domains"]
     assert [r["domain"] for r in reported] == [long_domain, "other.test"]
     assert [[d["ok"] for d in r["sent"]] for r in reported] == [[True], [True]]
-    written = sorted(out.iterdir())
+    written = sorted(out.glob("*.json"))
     assert sorted(str(path) for path in written) == sorted(r["file"] for r in reported)
     for path in written:
         assert len(path.name.encode()) <= 255
@@ -676,3 +684,83 @@ def run_with_small_files(cli: CLI, *args: str) -> subprocess.CompletedProcess[st
         check=False,
         preexec_fn=small_files,
     )
+
+
+def test_one_unusable_rua_uri_is_no_failure_of_the_run(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    """A ``rua`` naming a bad address, a URL with no valid host name, or a collector that
+    answers 404, next to good URIs: running again cannot change them (they are the policy
+    domain's to fix, as an unusable record is), and the run exited 75, "try again", every
+    day. They are shown as failed for good, and the run exits 0; a collector that answers
+    500 (or never) may take the report later, and still fails the run."""
+    seed(mail_env.workdir)
+    collector = https_server(names=("127.0.0.1",))
+    base = f"https://127.0.0.1:{collector.port}"
+    collector.routes["/ok"] = Answer(status=202)
+    collector.routes["/gone"] = Answer(status=404)
+    collector.routes["/broken"] = Answer(status=500)
+    rua = f"mailto:tls@,https://-x-.test/x,{base}/gone,mailto:tls@example.test,{base}/ok"
+    mail_env.dns.txt("_smtp._tls.example.test", f"v=TLSRPTv1; rua={rua}")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--json")
+    assert result.code == 0, result.out + result.err
+    [mine, _] = result.json()["domains"]
+    assert [(d["ok"], d["permanent"]) for d in mine["sent"]] == [
+        (False, True),
+        (False, True),
+        (False, True),
+        (True, False),
+        (True, False),
+    ]
+    text = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--out", str(mail_env.workdir)).out
+    assert "FAILED" not in text  # without --send nothing is sent, nothing fails
+
+    mail_env.dns.txt("_smtp._tls.example.test", f"v=TLSRPTv1; rua=mailto:tls@,{base}/broken")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send")
+    assert result.code == 75, result.err
+    assert "mailto:tls@: FAILED for good: invalid address 'tls@'" in result.out
+    assert f"{base}/broken: FAILED: HTTP 500" in result.out
+
+
+def test_a_rerun_sends_only_to_the_uris_not_done_with_the_same_report(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    """The run that failed to POST (75: run it again) had queued the mailed copy; the
+    rerun queued it again, and with a new report id, so the domain counted the day twice.
+    A rerun now sends only where the earlier runs did not, the same report (its id kept,
+    its file rewritten, not a second one)."""
+    seed(mail_env.workdir)
+    collector = https_server(names=("127.0.0.1",))
+    url = f"https://127.0.0.1:{collector.port}/tlsrpt"
+    collector.routes["/tlsrpt"] = Answer(status=503)
+    mail_env.dns.txt("_smtp._tls.example.test", f"v=TLSRPTv1; rua=mailto:tls@example.test,{url}")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    run = ("tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send", "--json")
+    first = mail_env.cli(*run)
+    assert first.code == 75, first.err
+    [queued] = mail_env.cli.queue_ids()
+    [report_file] = [p for p in out.iterdir() if p.suffix == ".json"]
+
+    collector.routes["/tlsrpt"] = Answer(status=202)
+    second = mail_env.cli(*run)
+    assert second.code == 0, second.err
+    [mine, _] = second.json()["domains"]
+    assert [d["ok"] for d in mine["sent"]] == [True, True]
+    assert "earlier run" in mine["sent"][0]["detail"]
+    assert mail_env.cli.queue_ids() == [queued]  # not mailed twice
+    assert [p for p in out.iterdir() if p.suffix == ".json"] == [report_file]
+    [_, post] = [r for r in collector.requests if r.path == "/tlsrpt"]
+    document = json.loads(report_file.read_bytes())
+    assert json.loads(gzip.decompress(post.body))["report-id"] == document["report-id"]
+
+    third = mail_env.cli(*run)  # all done: nothing is sent again
+    assert third.code == 0, third.err
+    assert len([r for r in collector.requests if r.path == "/tlsrpt"]) == 2
+    assert mail_env.cli.queue_ids() == [queued]
+    # A record that cannot be read stops the run, rather than send everything again.
+    (out / f"tlsrpt-{DAY.isoformat()}.sent").write_text("{not json")
+    damaged = mail_env.cli(*run)
+    assert damaged.code == 66, damaged.err
+    assert "damaged" in damaged.err
+    assert mail_env.cli.queue_ids() == [queued]

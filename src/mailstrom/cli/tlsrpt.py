@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, UsageError
+from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, EX_TEMPFAIL, CLIError, UsageError
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, setting_arg
 from mailstrom.config import Config
@@ -49,11 +51,14 @@ examples:
   mailstrom tlsrpt --send --post-timeout 10s         # give each POST 10 s, not 30
 
 exit code: 0 when every report was written (and sent, with --send), 64 for a bad
-option, 73 when a report could not be written to --out (disk full, no access; the
-other domains' are written and sent), 75 when a report could not be sent or a DNS
-lookup failed (run it again). A
+option, 66 when the record of earlier runs' sending in --out cannot be read, 73 when a
+report (or that record) could not be written to --out (disk full, no access; the
+other domains' are written and sent), 75 when a report could not be sent for now or a
+DNS lookup failed (run it again: what was sent is not sent twice). A
 domain whose _smtp._tls record is unusable (two TLSRPTv1 records, no rua) gets no
-report, as one without a record: no failure of the run (RFC 8460 section 3).
+report, as one without a record: no failure of the run (RFC 8460 section 3); nor is
+a rua URI that fails for good (no valid address or URL, only refused addresses, a 4xx
+answer), shown as "FAILED for good".
 """
 
 MAX_LOOKUPS = 32
@@ -103,6 +108,9 @@ class Delivery:
     uri: str
     ok: bool
     detail: str
+    permanent: bool = False
+    """Failed for good: the URI (the policy domain's) refuses it however often it is
+    tried, so it is no failure of the run, which running again would not mend."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -232,7 +240,9 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
     if outcome.unwritten:
         # Before "run it again": the directory or its disk wants an operator first.
         return EX_CANTCREAT
-    failed = outcome.lookups_failed or any(not d.ok for r in results for d in r.sent)
+    failed = outcome.lookups_failed or any(
+        not d.ok and not d.permanent for r in results for d in r.sent
+    )
     return EX_TEMPFAIL if failed else EX_OK
 
 
@@ -262,6 +272,7 @@ async def _report_day(job: _Job) -> _Outcome:
     results: list[DomainReport] = []
     posts: list[_Post] = []
     unwritten = False
+    ledger = _Ledger.read(job.out, job.day) if job.send else None
     for domain in domains:
         entry = DomainReport(domain=domain)
         results.append(entry)
@@ -276,7 +287,11 @@ async def _report_day(job: _Job) -> _Outcome:
             entry.problem = found
             continue
         entry.rua = found
-        report = build_report(domain, job.day, by_domain[domain], job.reporter)
+        # A rerun sends the report the earlier runs sent part of: its id kept (and so its
+        # file name), for a collector to take both copies as one.
+        earlier = ledger.domains.get(domain) if ledger is not None else None
+        report_id = earlier.report_id if earlier else None
+        report = build_report(domain, job.day, by_domain[domain], job.reporter, report_id=report_id)
         path = job.out / _fitting(report.filename(submitter))
         try:
             _write(path, report.json())
@@ -288,16 +303,31 @@ async def _report_day(job: _Job) -> _Outcome:
             continue
         entry.report_id = report.report_id
         entry.file = str(path)
-        if job.send:
+        if ledger is not None:
+            done = ledger.start(domain, report.report_id)
             for uri in found:
-                if uri.lower().startswith("mailto:"):
+                if uri in done.sent:
+                    detail = "sent by an earlier run; not sent again"
+                    entry.sent.append(Delivery(uri=uri, ok=True, detail=detail))
+                elif uri.lower().startswith("mailto:"):
                     entry.sent.append(_queue(job, report, uri))
                 else:
                     # Its place is kept; the POST is made below, with the day's others.
                     posts.append(_Post(entry=entry, slot=len(entry.sent), report=report, uri=uri))
                     entry.sent.append(Delivery(uri=uri, ok=False, detail="not posted"))
+                if entry.sent[-1].ok:
+                    done.sent[uri] = None
+    # Saved before the POSTs, which may take minutes, and after them: a run cut off in
+    # between sends again only what it had not sent.
+    if ledger is not None and not ledger.save():
+        unwritten = True
     if posts:
         await _post_all(job, resolver, posts)
+        for post in posts:
+            if post.entry.sent[post.slot].ok and ledger is not None:
+                ledger.domains[post.entry.domain].sent[post.uri] = None
+        if ledger is not None and not ledger.save():
+            unwritten = True
     lookups_failed = any(isinstance(found, _LookupFailed) for found in rua.values())
     return _Outcome(results=results, lookups_failed=lookups_failed, unwritten=unwritten)
 
@@ -335,11 +365,16 @@ def _write(path: Path, data: bytes) -> None:
 def _queue(job: _Job, report: Report, uri: str) -> Delivery:
     """The report queued as mail to the address of the ``mailto:`` ``uri``."""
     from mailstrom.client.common import prepare_for
+    from mailstrom.message.addrspec import validate_address
     from mailstrom.tlsrpt.deliver import report_message
     from mailstrom.tlsrpt.report import mailto_address
 
     try:
         to = mailto_address(uri)
+        validate_address(to)
+    except MailstromError as exc:  # the policy domain's URI, which no rerun mends
+        return Delivery(uri=uri, ok=False, detail=str(exc), permanent=True)
+    try:
         msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
         now = utc_now()
         prepared = prepare_for(job.config, msg, envelope_from=None, envelope_to=None, now=now)
@@ -380,9 +415,13 @@ async def _post_all(job: _Job, resolver: dns.asyncresolver.Resolver, posts: list
         timeout=job.post_timeout,
     )
     for post, problem in zip(posts, problems, strict=True):
-        ok = problem is None
-        detail = "posted" if problem is None else problem
-        post.entry.sent[post.slot] = Delivery(uri=post.uri, ok=ok, detail=detail)
+        if problem is None:
+            delivery = Delivery(uri=post.uri, ok=True, detail="posted")
+        else:
+            delivery = Delivery(
+                uri=post.uri, ok=False, detail=str(problem), permanent=problem.permanent
+            )
+        post.entry.sent[post.slot] = delivery
 
 
 def _print(day: date, results: list[DomainReport]) -> None:
@@ -395,4 +434,86 @@ def _print(day: date, results: list[DomainReport]) -> None:
             continue
         echo(f"{r.domain}: report {r.report_id} written to {r.file}")
         for d in r.sent:
-            echo(f"  {d.uri}: {'ok' if d.ok else 'FAILED'}: {d.detail}")
+            outcome = "ok" if d.ok else "FAILED for good" if d.permanent else "FAILED"
+            echo(f"  {d.uri}: {outcome}: {d.detail}")
+
+
+MAX_LEDGER = 16 << 20
+"""Octets of a record of sent reports read at most (a day's domains times their URIs)."""
+
+
+@dataclass(slots=True)
+class _Sent:
+    report_id: str
+    sent: dict[str, None]
+    """The URIs the report was sent to, in the order they were."""
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """What the runs of one day sent, kept in ``--out`` (``tlsrpt-DAY.sent``, JSON): a
+    rerun, after a failure, sends each domain the same report, and only where it was not
+    sent yet."""
+
+    path: Path
+    domains: dict[str, _Sent]
+
+    @classmethod
+    def read(cls, out: Path, day: date) -> _Ledger:
+        """The record in ``out`` (empty when there is none); CLIError (66) when it cannot
+        be read: sending without it would send again what was sent."""
+        path = out / f"tlsrpt-{day.isoformat()}.sent"
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_LEDGER + 1)
+        except FileNotFoundError:
+            return cls(path, {})
+        except OSError as exc:
+            raise CLIError(f"cannot read {path}: {exc.strerror or exc}", EX_NOINPUT) from None
+        try:
+            if len(data) > MAX_LEDGER:
+                raise ValueError(f"larger than {MAX_LEDGER} octets")
+            domains = {
+                domain: _Sent(item["report_id"], dict.fromkeys(item["sent"]))
+                for domain, item in json.loads(data)["domains"].items()
+            }
+            if not all(
+                isinstance(d, str)
+                and isinstance(s.report_id, str)
+                and all(isinstance(u, str) for u in s.sent)
+                for d, s in domains.items()
+            ):
+                raise ValueError("not a record of sent reports")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CLIError(
+                f"{path} is damaged ({type(exc).__name__}: {exc}); remove it to send the "
+                "day's reports to every rua URI again",
+                EX_NOINPUT,
+            ) from None
+        return cls(path, domains)
+
+    def start(self, domain: str, report_id: str) -> _Sent:
+        """The record of ``domain``'s report ``report_id``, made when new."""
+        sent = self.domains.get(domain)
+        if sent is None or sent.report_id != report_id:
+            sent = self.domains[domain] = _Sent(report_id, {})
+        return sent
+
+    def save(self) -> bool:
+        """Written (whole, then renamed in place); False, said on stderr, when not."""
+        document = {
+            "domains": {
+                domain: {"report_id": s.report_id, "sent": list(s.sent)}
+                for domain, s in self.domains.items()
+                if s.sent
+            }
+        }
+        try:
+            _write(self.path, json.dumps(document, indent=1).encode())
+        except OSError as exc:
+            sys.stderr.write(
+                f"mailstrom: cannot write {self.path}: {exc.strerror or exc}; a rerun would "
+                "send again what this one sent\n"
+            )
+            return False
+        return True

@@ -51,7 +51,12 @@ USER_AGENT = f"mailstrom/{__version__}"
 
 class NoUsableAddress(Exception):
     """No address a request to this host may go to: the host is a refused address, its
-    name has none or only refused ones, or the lookup failed. The text says which."""
+    name has none or only refused ones, or the lookup failed. The text says which;
+    ``temporary`` whether asking again may help (the lookup failed)."""
+
+    def __init__(self, text: str, *, temporary: bool = False) -> None:
+        super().__init__(text)
+        self.temporary = temporary
 
 
 def is_address(host: str) -> bool:
@@ -103,7 +108,8 @@ async def usable_addresses(
     if not found and failed is not None:
         also = f" (and only refused addresses: {', '.join(refused_ones[:3])})"
         raise NoUsableAddress(
-            f"address lookup of {host} failed: {failed}{also if refused_ones else ''}"
+            f"address lookup of {host} failed: {failed}{also if refused_ones else ''}",
+            temporary=True,
         ) from failed
     if not found:
         why = (

@@ -37,6 +37,21 @@ into the next run). Eight at a time make that about N / 8 deadlines, while the r
 a handful of connections, nothing like a burst at anyone's network."""
 
 
+class PostProblem(str):
+    """Why a POST of :func:`post_report` failed (the text), and whether it failed for
+    good: ``permanent`` when the URL or its collector refuses the report however often it
+    is tried (no valid https URL, only refused addresses, a 4xx answer but 408 and 429),
+    so that it is the policy domain's to fix; else a later try may succeed (no answer, a
+    failed lookup or connection, a 5xx)."""
+
+    permanent: bool
+
+    def __new__(cls, text: str, *, permanent: bool = False) -> PostProblem:
+        problem = super().__new__(cls, text)
+        problem.permanent = permanent
+        return problem
+
+
 def report_message(report: Report, *, sender: str, to: str, submitter: str) -> EmailMessage:
     """The mail carrying ``report`` to ``to`` (RFC 8460 §5.3: subject, the
     ``TLS-Report-Domain``/``TLS-Report-Submitter`` fields, ``multipart/report`` with
@@ -90,10 +105,11 @@ async def post_report(
     allow_loopback: bool = False,
     context: ssl.SSLContext | None = None,
     timeout: float = POST_TIMEOUT,
-) -> str | None:
+) -> PostProblem | None:
     """POST ``report`` (gzipped) to the https ``url``; None when the endpoint answered
-    2xx, else why not. Redirects are not followed (RFC 8460 §5.4 asks for a 2xx), and the
-    answer's body is never read: only its status counts.
+    2xx, else why not (a :class:`PostProblem`, which says whether it failed for good).
+    Redirects are not followed (RFC 8460 §5.4 asks for a 2xx), and the answer's body is
+    never read: only its status counts.
 
     ``url`` comes from the policy domain's DNS, so it may point anywhere: a host that is
     neither an address nor a host name (letters, digits, inner hyphens) is refused; the
@@ -113,7 +129,8 @@ async def post_report(
     except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
         # The URL comes from DNS: one httpx cannot parse ("https://xn--/") is the record's
         # problem, not a crash of the command.
-        return f"invalid URL: {type(exc).__name__}: {https.quoted(exc)}"
+        text = f"invalid URL: {type(exc).__name__}: {https.quoted(exc)}"
+        return PostProblem(text, permanent=True)
     route_policy = RoutePolicy(allow_loopback=allow_loopback, refuse_private=True)
     try:
         async with asyncio.timeout(timeout) as deadline:
@@ -122,9 +139,10 @@ async def post_report(
                 addresses, report, host, port, path, context, timeout, deadline
             )
     except https.NoUsableAddress as exc:
-        return f"not posted: {exc}"
+        return PostProblem(f"not posted: {exc}", permanent=not exc.temporary)
     except TimeoutError:
-        return f"no answer within {timeout:g} s (lookup, connection, request and answer head)"
+        text = f"no answer within {timeout:g} s (lookup, connection, request and answer head)"
+        return PostProblem(text)
 
 
 async def post_reports(
@@ -135,7 +153,7 @@ async def post_reports(
     context: ssl.SSLContext | None = None,
     timeout: float = POST_TIMEOUT,
     at_once: int = MAX_POSTS,
-) -> list[str | None]:
+) -> list[PostProblem | None]:
     """:func:`post_report` for each ``(report, url)`` of ``posts``, ``at_once`` of them at
     a time; what each returned, in the order of ``posts`` (not the order they finished
     in). Each POST has its own ``timeout`` from the moment it starts, so collectors that
@@ -144,7 +162,7 @@ async def post_reports(
         raise ValueError(f"at_once must be at least 1, got {at_once}")
     slots = asyncio.Semaphore(at_once)
 
-    async def one(report: Report, url: str) -> str | None:
+    async def one(report: Report, url: str) -> PostProblem | None:
         async with slots:
             return await post_report(
                 report,
@@ -193,7 +211,7 @@ async def _post_to_one_of(
     context: ssl.SSLContext | None,
     timeout: float,
     deadline: asyncio.Timeout,
-) -> str | None:
+) -> PostProblem | None:
     import httpx
 
     failure = "no address"
@@ -231,6 +249,13 @@ async def _post_to_one_of(
             failure = f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
             continue
         except httpx.HTTPError as exc:
-            return f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
-        return None if 200 <= status < 300 else f"HTTP {status}"
-    return failure
+            return PostProblem(f"{ip}: {type(exc).__name__}: {https.quoted(exc)}")
+        if 200 <= status < 300:
+            return None
+        # A 4xx refuses the request as made: sent again it is refused again (but for a
+        # request that took too long, 408, or came too often, 429).
+        return PostProblem(f"HTTP {status}", permanent=400 <= status < 500 and status not in _AGAIN)
+    return PostProblem(failure)
+
+
+_AGAIN = (408, 429)
