@@ -14,6 +14,7 @@ import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
 from mailstrom.errors import (
+    ConfigError,
     InvalidArgument,
     InvalidMessageType,
     InvalidQueueAttribute,
@@ -374,3 +375,48 @@ def test_an_argument_whose_repr_raises_gets_the_typed_error(
     with pytest.raises(MailstromError):
         call(ms)
     assert ms.stats() == before
+
+
+BAD_CLOCKS = [
+    pytest.param(lambda: 5, id="int"),
+    pytest.param(lambda: "now", id="str"),
+    pytest.param(lambda: None, id="None"),
+    pytest.param(lambda: datetime(2030, 1, 2), id="naive"),
+]
+
+
+@pytest.mark.parametrize("clock", BAD_CLOCKS)
+def test_a_clock_that_reads_no_aware_datetime_is_a_config_error(
+    store: Store, clock: Callable[[], object]
+) -> None:
+    """A ``clock`` returning no datetime raised AttributeError ("'int' object has no
+    attribute 'tzinfo'") at the first send, and one returning None had the memory store
+    queue the message without a time; a naive one was an InvalidArgument naming ``now``,
+    an argument the caller never gave. Each is a ConfigError naming the clock, and
+    nothing is queued."""
+    ms = Mailstrom(
+        Config(helo_name="mail.example.com"),
+        store=store,
+        worker=None,
+        clock=clock,  # type: ignore[arg-type]
+    )
+    with pytest.raises(ConfigError, match=r"clock returned .*timezone-aware datetime"):
+        ms.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    with pytest.raises(ConfigError, match="clock returned"):
+        ms.query()
+    assert store.stats().messages == 0
+
+
+@pytest.mark.parametrize("clock", BAD_CLOCKS)
+async def test_the_async_facade_refuses_such_a_clock_too(
+    store: Store, clock: Callable[[], object]
+) -> None:
+    ams = AsyncMailstrom(
+        Config(helo_name="mail.example.com"),
+        store=store,
+        worker=None,
+        clock=clock,  # type: ignore[arg-type]
+    )
+    with pytest.raises(ConfigError, match="clock returned"):
+        await ams.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    assert store.stats().messages == 0

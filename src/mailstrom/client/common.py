@@ -179,7 +179,9 @@ class FacadeBase:
         ``on_result`` is called with each result once recorded: on the worker's loop in
         this process, or on a reader thread for a worker process. A ``config`` that is
         no :class:`Config`, a ``clock`` or ``on_result`` that cannot be called, or an
-        unknown ``worker`` raise :class:`~mailstrom.errors.ConfigError`."""
+        unknown ``worker`` raise :class:`~mailstrom.errors.ConfigError`; so does each
+        call that reads a ``clock`` returning no timezone-aware datetime (it is not
+        read here: a test's clock may step on each reading)."""
         # Before the store is opened: nothing to close if they are refused.
         self.config = facade_config(config)
         check_callables(clock=clock, on_result=on_result)

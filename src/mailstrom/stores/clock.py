@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from mailstrom.errors import InvalidArgument
+from mailstrom.errors import ConfigError, InvalidArgument
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,13 +90,24 @@ def in_utc(clock: Callable[[], datetime]) -> Callable[[], datetime]:
     purge's cutoff, a suspension's end), and Python does that on the wall clock of a
     ``ZoneInfo`` time: 01:50 CET plus two hours was 03:50 CEST, one hour on, and 03:10
     CEST less an hour was 02:10, which does not exist and reads as 01:10 UTC, now
-    itself. A naive reading is left for the store to refuse."""
+    itself.
+
+    A reading that is no timezone-aware datetime raises
+    :class:`~mailstrom.errors.ConfigError` naming the clock: the clock is the caller's
+    configuration, and what it returned was an AttributeError deep in a store ("'int'
+    object has no attribute 'tzinfo'"), a None the memory store queued a message with,
+    or a naive time refused as the ``now`` argument nobody gave."""
 
     def reading() -> datetime:
         now = clock()
-        if isinstance(now, datetime) and now.utcoffset() is not None:
-            return now.astimezone(UTC)
-        return now
+        if not isinstance(now, datetime) or now.utcoffset() is None:
+            kind = "a naive datetime" if isinstance(now, datetime) else type(now).__name__
+            shown = repr(now) if len(repr(now)) <= 100 else repr(now)[:97] + "..."
+            raise ConfigError(
+                f"clock returned {shown} ({kind}): it must return a "
+                "timezone-aware datetime, such as datetime.now(UTC)"
+            )
+        return now.astimezone(UTC)
 
     return reading
 
