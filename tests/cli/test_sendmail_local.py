@@ -197,3 +197,19 @@ def test_a_name_of_several_words_is_refused_not_cut_to_its_first(cli: CLI) -> No
         "root@host.example.test",
         "kim@host.example.test",
     ]
+
+
+def test_recipients_whose_aliases_lead_only_to_programs_are_no_usage_error(cli: CLI) -> None:
+    """``sendmail root`` with ``root: |/usr/bin/procmail`` (mailstrom delivers to no
+    program, file or include) exited 64 with "no recipients: name them as arguments, or
+    use -t", though the caller had named one: a usage error it could do nothing about. It
+    is 65, a recipient that cannot be used (as an alias to a bad address is), saying why."""
+    local_names(cli, 'root: |/usr/bin/procmail, "/var/mail/root"\nlog: :include:/etc/x\n')
+    for args in (["root"], ["root", "log"], ["-t"]):
+        stdin = b"To: root\nSubject: x\n\ny\n" if args == ["-t"] else b"Subject: x\n\ny\n"
+        result = cli("sendmail", "-i", *args, stdin=stdin)
+        assert result.code == 65, result.err
+        assert "programs, files or includes" in result.err
+        assert "root" in result.err
+        assert len(result.err_lines) == 1
+    assert cli.queue_ids() == []

@@ -28,6 +28,7 @@ from email.utils import getaddresses
 
 from mailstrom.cli.context import report, require_lasting_store, store_from, utc_now
 from mailstrom.cli.exits import (
+    EX_DATAERR,
     EX_INTERRUPTED,
     EX_NOINPUT,
     EX_OK,
@@ -55,7 +56,7 @@ from mailstrom.errors import InvalidMessage
 from mailstrom.message import mime
 from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
-from mailstrom.message.chars import check_header_text
+from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
 from mailstrom.message.headers import HeaderSection, split_header_section
@@ -348,8 +349,17 @@ def build(
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
-    recipients = expand_all(recipients, aliases or {}, default_domain)
+    given, recipients = recipients, expand_all(recipients, aliases or {}, default_domain)
     data = encode_long_lines(fold_long_fields(qualify_headers(data, default_domain)))
+    if given and not recipients:
+        # Every recipient given leads to what mailstrom does not deliver to: not a usage
+        # error, a recipient that cannot be used (as an alias to a bad address is, 65).
+        names = ", ".join(dict.fromkeys(given))
+        raise CLIError(
+            f"no recipients: {shorten(names, 200)} lead (through the aliases file) only "
+            "to programs, files or includes, which mailstrom does not deliver to",
+            EX_DATAERR,
+        )
     if not recipients:
         hint = (
             "no recipients in the To, Cc or Bcc headers"
