@@ -1295,3 +1295,32 @@ def test_a_fork_while_another_thread_stops_the_facade_can_stop_it_too(
             os.waitpid(pid, 0)
     stopping.join(30)
     store.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_worker_process_heeds_logging_disable(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """``logging.disable(level)`` (a test suite's settings, a quiet mode) silences the
+    records of a worker process as it does a thread's: its level was not among those the
+    child got, and every forwarded record was handled here whatever the application had
+    disabled."""
+    mx.rcpt_replies["grey@example.org"] = "451 4.7.1 Greylisted"
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    caplog.set_level(logging.INFO, "mailstrom")
+    logging.disable(logging.WARNING)
+    try:
+        with Mailstrom(
+            config(dns_server, mx.port),
+            store=store,
+            on_result=results,
+            worker=mode,  # type: ignore[arg-type]
+        ) as ms:
+            ms.send_email(hello("grey@example.org"))
+            results.wait_count(1)
+            time.sleep(0.5)  # what the child logged is in the pipe behind its result
+    finally:
+        logging.disable(logging.NOTSET)
+        store.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno <= logging.WARNING] == []

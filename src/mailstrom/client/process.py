@@ -729,6 +729,10 @@ class WorkerProcess:
         elif kind == "status":
             self._runs = (self._runs[0], payload)
         elif kind == "log":
+            if logging.root.manager.disable >= payload["levelno"]:
+                # Silenced here by logging.disable(), which Logger.handle() does not heed
+                # (every logging call does): the child only knows the loggers' levels.
+                return
             record = logging.makeLogRecord({})
             handled_at = record.created
             record.__dict__.update(payload)
