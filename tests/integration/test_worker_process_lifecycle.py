@@ -945,6 +945,33 @@ def test_a_worker_process_imports_the_standard_library_before_the_packages_besid
     assert done.stdout == "started\n", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flag", ["-I", "-E"])
+def test_a_worker_process_ignores_the_environment_its_application_was_told_to_ignore(
+    tmp_path: Path, flag: str
+) -> None:
+    """An application run with ``python -I`` or ``-E`` (a service's unit, a system
+    script's shebang) ignores PYTHONPATH; its worker child was started without the flag,
+    put the directories PYTHONPATH named ahead of the standard library, imported the
+    module it found there under a standard library name, and never started."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "mailstrom").symlink_to(Path(process.__file__).parents[1], target_is_directory=True)
+    ignored = tmp_path / "ignored"
+    (ignored / "asyncio").mkdir(parents=True)
+    (ignored / "asyncio" / "__init__.py").write_text(
+        'raise ImportError("from PYTHONPATH, which the application ignores")\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ignored)}
+    done = subprocess.run(
+        [sys.executable, flag, "-c", BESIDE, str(site), str(tmp_path / "q.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "started\n", done.stderr[-2000:]
+
+
 def test_a_fork_while_a_child_is_started_holds_none_of_its_pipes(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,8 +93,9 @@ sys.modules["mailstrom"] = package
 spec.loader.exec_module(package)
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-"""How a child starts: ``python -c _BOOT mailstrom.runtime.child ROOT IN OUT`` runs the
-module with ``IN OUT`` as its arguments, once it imported the package ``mailstrom`` from
+"""How a child starts: ``python FLAGS -c _BOOT mailstrom.runtime.child ROOT IN OUT`` (the
+flags of :func:`_interpreter_flags`) runs the module with ``IN OUT`` as its arguments,
+once it imported the package ``mailstrom`` from
 ``ROOT``, where this one was imported from (this very mailstrom, whatever else the
 child's path holds), and put ``ROOT`` on its path ahead of the site directories (for what
 was installed beside it) but after the standard library.
@@ -137,7 +138,7 @@ def _popen_child() -> subprocess.Popen[bytes]:
         # The package's root: where this one was imported from.
         root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         proc = subprocess.Popen(
-            [executable, "-c", _BOOT, _CHILD, root, *map(str, theirs)],
+            [executable, *_interpreter_flags(), "-c", _BOOT, _CHILD, root, *map(str, theirs)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             start_new_session=True,  # the application's Ctrl-C is for the application
@@ -153,6 +154,33 @@ def _popen_child() -> subprocess.Popen[bytes]:
     proc.stdin = open(ours_in, "wb")  # noqa: SIM115 - closed by the reader, as Popen's
     proc.stdout = open(ours_out, "rb")  # noqa: SIM115
     return proc
+
+
+def _interpreter_flags() -> list[str]:
+    """The flags this interpreter was started with that decide where a child imports
+    from and how it runs, for the child's command line (as :mod:`multiprocessing` passes
+    them). Without them an application run with ``python -I`` or ``-E`` (a service's
+    unit, a system script's shebang), which ignores PYTHONPATH and the user's
+    site-packages, had a worker child that imported from them, ahead of the standard
+    library, whatever they held."""
+    flags = sys.flags
+    if flags.isolated:
+        options = ["-I"]  # -E, -s and -P together
+    else:
+        options = [
+            option
+            for option, given in (
+                ("-E", flags.ignore_environment),
+                ("-s", flags.no_user_site),
+                ("-P", flags.safe_path),
+            )
+            if given
+        ]
+    if flags.dont_write_bytecode:
+        options.append("-B")
+    if flags.optimize:
+        options.append("-" + "O" * flags.optimize)
+    return options
 
 
 def no_interpreter() -> str | None:
