@@ -972,6 +972,35 @@ def test_a_worker_process_ignores_the_environment_its_application_was_told_to_ig
     assert done.stdout == "started\n", done.stderr[-2000:]
 
 
+def test_a_worker_process_imports_nothing_from_the_working_directory(tmp_path: Path) -> None:
+    """An application run as a script from another directory (a service's working
+    directory, a shell's) has the script's directory on its path, not the working
+    directory; its worker child, run with ``-c``, had the working directory first on its
+    path, ahead of the standard library, imported a module there under a standard library
+    name and never started."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "mailstrom").symlink_to(Path(process.__file__).parents[1], target_is_directory=True)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text(BESIDE)
+    work = tmp_path / "work"
+    (work / "asyncio").mkdir(parents=True)
+    (work / "asyncio" / "__init__.py").write_text(
+        'raise ImportError("from the working directory, not the standard library")\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, str(app / "main.py"), str(site), str(tmp_path / "q.db")],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "started\n", done.stderr[-2000:]
+
+
 def test_a_fork_while_a_child_is_started_holds_none_of_its_pipes(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -162,20 +162,23 @@ def _interpreter_flags() -> list[str]:
     them). Without them an application run with ``python -I`` or ``-E`` (a service's
     unit, a system script's shebang), which ignores PYTHONPATH and the user's
     site-packages, had a worker child that imported from them, ahead of the standard
-    library, whatever they held."""
+    library, whatever they held.
+
+    ``-P`` always: run with ``-c``, the child had the working directory first on its
+    path, ahead of the standard library, where an application run as a script has the
+    script's directory (a module in a service's or a shell's working directory under a
+    standard library name was imported in its place). The child needs nothing there: it
+    imports mailstrom from where this one came from, and what was installed beside it."""
     flags = sys.flags
     if flags.isolated:
         options = ["-I"]  # -E, -s and -P together
     else:
         options = [
             option
-            for option, given in (
-                ("-E", flags.ignore_environment),
-                ("-s", flags.no_user_site),
-                ("-P", flags.safe_path),
-            )
+            for option, given in (("-E", flags.ignore_environment), ("-s", flags.no_user_site))
             if given
         ]
+        options.append("-P")
     if flags.dont_write_bytecode:
         options.append("-B")
     if flags.optimize:
