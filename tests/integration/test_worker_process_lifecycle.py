@@ -454,6 +454,32 @@ def test_a_child_stop_had_to_kill_does_not_read_as_dead(
     store.close()
 
 
+def test_a_child_stop_had_to_kill_leaves_nothing_in_flight_in_the_status(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed past the grace by stop() (what it leased given back): the status kept the
+    dead child's last snapshot, deliveries, sessions and leased bytes in flight, for
+    good, as a worker thread's did before (test_worker_modes)."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    mx.stall_on = "dot"
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(3)]
+    assert _wait_until(lambda: ms.worker_status.in_flight == 3, 30)
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it cannot stop by itself
+    ms.stop(timeout=0.1)
+    assert _gone(pid)
+    status = ms.worker_status
+    assert not status.running
+    live = (status.in_flight, status.transactions, status.sessions, status.leased_bytes)
+    assert live == (0, 0, 0, 0), status
+    assert all(not store.status(i).is_final for i in ids)  # given back, not lost
+    store.close()
+
+
 @pytest.fixture
 def failing_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker children started from now on exit at once (status 3), saying nothing."""

@@ -732,6 +732,11 @@ class WorkerProcess:
             self._judge(proc)
         finally:
             self._coming_back = False  # it came back, or its end is what status says now
+            # Nothing is in its hands now: a child killed (by stop() past the grace, by
+            # a signal) sent no last status, and its last snapshot showed deliveries,
+            # sessions and leases in flight for good. Its counts stay.
+            carried, last = self._runs
+            self._runs = (carried, _at_rest(last))
             if proc.returncode and self._error is None and not self._stopping:
                 # An intended stop that had to kill it is no death.
                 self._error = f"worker process exited with status {proc.returncode}"
@@ -799,6 +804,19 @@ class WorkerProcess:
                 "" if self._restarts == 1 else "s",
             )
         self._ready.set()
+
+
+def _at_rest(status: WorkerStatus) -> WorkerStatus:
+    """``status`` of a child that has ended: its counts, with nothing in its hands."""
+    return replace(
+        status,
+        in_flight=0,
+        unrecorded=0,
+        sessions=0,
+        transactions=0,
+        idle_connections=0,
+        leased_bytes=0,
+    )
 
 
 def _added(carried: WorkerStatus, current: WorkerStatus) -> WorkerStatus:
