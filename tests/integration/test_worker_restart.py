@@ -328,6 +328,38 @@ def test_stop_gives_back_what_the_worker_process_it_killed_had_leased(
     store.close()
 
 
+def test_stop_gives_back_what_a_worker_process_killed_while_it_stopped_had_leased(
+    stalling_mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A child killed by someone else (the OOM killer, an operator's ``kill -9`` of a
+    shutdown that seems stuck) while stop() waits for its drain: stop() saw it exit in
+    time and gave nothing back, and what it leased waited for its lease to expire
+    (lease_for, 15 minutes by default), though stop() promises it due at once."""
+    mx = stalling_mx
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port, lease_for=LONG_LEASE, timeouts=PATIENT)
+    ms = Mailstrom(cfg, store=store)
+    ms.start()
+    mid = ms.send_email(hello("inflight@example.org"))
+    mx.wait_for_received(1, timeout=15)
+    worker = _child(ms)
+    pid = worker.pid
+    assert pid is not None
+    stopping = threading.Thread(target=ms.stop, kwargs={"timeout": 60})
+    stopping.start()
+    assert _wait_until(lambda: worker._stopping, 10)  # it drains: the delivery stalls
+    os.kill(pid, signal.SIGKILL)
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert _gone(pid)
+
+    lease = store.lease(now=datetime.now(UTC), limit=10, lease_for=LONG_LEASE)
+    assert lease is not None
+    assert [r.address for i in lease.items for r in i.recipients] == ["inflight@example.org"]
+    assert lease.items[0].message_id == mid
+    store.close()
+
+
 def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
     dns_server: LoopbackDNS, mx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -432,6 +432,7 @@ class WorkerProcess:
             self._halt.set()
             proc, supervisor, holder = self._proc, self._supervisor, self._holder
             reader = self._reader
+            running = proc is not None and proc.returncode is None
             if self.restart_pending() and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
             elif self._coming_back and not self._reported_error:
@@ -447,12 +448,14 @@ class WorkerProcess:
             supervisor.join(None if timeout is None else timeout + STOP_GRACE)
         if proc is None:
             return
+        given_back = False
         if not self._spec_sent:
             # Still waiting for its spec (a child that hangs at start, its spec larger
             # than the pipe): it cannot read a stop frame, and has opened no store.
             self._kill(proc)
             if holder is not None:
                 self._give_back(holder)  # in case its spec went through just now
+                given_back = True
         else:
             self._send("stop", timeout)
             with self._write_lock, contextlib.suppress(OSError):
@@ -465,10 +468,17 @@ class WorkerProcess:
                 self._kill(proc)
                 if holder is not None:
                     self._give_back(holder)  # it had no time to give them back itself
+                    given_back = True
         if reader is not None and reader is not threading.current_thread():
             # Unbounded: the child has exited, so only the frames it left in the pipe
             # remain, and each result among them reaches on_result before we return.
             reader.join()
+            if running and holder is not None and not given_back and not self._said_stopped:
+                # It ended without its clean end, which gives back what it did not
+                # deliver: killed by someone else as it drained (the OOM killer, a
+                # kill -9 of a shutdown that seemed stuck). Due at once, as promised,
+                # not once its leases expire.
+                self._give_back(holder)
         with self._lock:
             if self._proc is proc:
                 self._proc, self._stdin = None, None
