@@ -730,6 +730,91 @@ def test_a_child_that_cannot_be_started_fails_start_with_a_worker_error(
     store.close()
 
 
+def _no_thread_named(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Threads called ``name`` cannot be started from now on, as when a container's pids
+    limit is reached (a thread counts as a process): "can't start new thread"."""
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+
+
+def test_a_reader_that_cannot_be_started_fails_start_and_leaves_no_child(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread to read a child's frames (a container's pids limit, reached by the fork
+    that just succeeded): start() raised the bare RuntimeError where it promises a
+    WorkerError, and left the child running, waiting for a spec nobody would send it,
+    while pid named it and the next start() said "already started"."""
+    popen = subprocess.Popen
+    children: list[subprocess.Popen[bytes]] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        child = popen(*args, **kwargs)
+        children.append(child)
+        return child
+
+    monkeypatch.setattr(process.subprocess, "Popen", recorded)
+    start = threading.Thread.start
+    _no_thread_named(monkeypatch, "mailstrom-worker-reader")
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    try:
+        with pytest.raises(WorkerError, match="can't start new thread"):
+            ms.start()
+        [child] = children
+        assert _gone(child.pid)
+        assert _worker(ms).pid is None
+        assert not ms.worker_status.running and ms.worker_status.error is not None
+        monkeypatch.setattr(threading.Thread, "start", start)
+        ms.start()  # the next start() starts one
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            child.wait()
+        store.close()
+
+
+def test_a_restart_without_a_thread_to_wait_on_is_not_promised(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child died, and no thread could be started to start the next one after the
+    backoff: the RuntimeError ended the reader, the status said "starting it again in
+    0.1 s" for good, and stop() then raised, joining a thread that never started."""
+    monkeypatch.setattr(supervision, "FIRST_DELAY", 0.1)
+    escaped: list[type[BaseException]] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    try:
+        pid = _worker(ms).pid
+        assert pid is not None
+        start = threading.Thread.start
+        _no_thread_named(monkeypatch, "mailstrom-worker-supervisor")
+        os.kill(pid, signal.SIGKILL)
+        assert _worker(ms).wait_stopped(10)
+        assert _wait_until(lambda: "SIGKILL" in (ms.worker_status.error or ""), 10)
+        time.sleep(0.3)  # past the backoff: no restart came
+        status = ms.worker_status
+        assert status.dead and status.restarts == 0
+        assert "not started again" in (status.error or ""), status.error
+        assert escaped == []
+        monkeypatch.setattr(threading.Thread, "start", start)
+        ms.start()  # the next start() starts one
+        assert ms.worker_status.running
+    finally:
+        ms.stop()
+        store.close()
+
+
 @pytest.mark.parametrize(
     "executable", [None, "", "/usr/sbin/apache2", "/srv/app/.venv/bin/uwsgi", "/usr/sbin/httpd"]
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import io
 import logging
@@ -409,7 +410,21 @@ class WorkerProcess:
             name="mailstrom-worker-reader",
             daemon=True,
         )
-        self._reader.start()
+        try:
+            self._reader.start()
+        except RuntimeError as exc:
+            # No thread left ("can't start new thread": a container's pids limit, which
+            # the fork just reached): nothing would send the child its spec nor read its
+            # frames. It is not left waiting for them, and the failure is the OSError
+            # that start() and a restart report as no process.
+            self._reader = None
+            self._kill(proc)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+            self._proc, self._stdin = None, None
+            self._stopped.set()
+            raise OSError(errno.EAGAIN, f"no thread to follow the worker process: {exc}") from exc
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -573,14 +588,24 @@ class WorkerProcess:
         carried, last = self._runs
         self._runs = (_added(carried, last), WorkerStatus(running=False))
         self._proc, self._stdin = None, None  # its reader closed its pipes
-        log.error("%s", self._error)
-        self._supervisor = threading.Thread(
+        supervisor = threading.Thread(
             target=self._restart_after,
             args=(delay, leased),
             name="mailstrom-worker-supervisor",
             daemon=True,
         )
-        self._supervisor.start()
+        try:
+            supervisor.start()
+        except RuntimeError as exc:
+            # No thread left ("can't start new thread": a container's pids limit): no
+            # restart is coming, which the status must not promise. The next start()
+            # tries again; what the child leased comes back when its leases expire.
+            self._supervisor = None
+            self._error = f"{death}; not started again: no thread to start it ({exc})"
+            log.error("%s", self._error)
+            return
+        self._supervisor = supervisor
+        log.error("%s", self._error)
 
     def _restart_after(self, delay: float, leased: str | None) -> None:
         if leased is not None:
