@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import random
@@ -157,6 +158,33 @@ def test_a_clock_or_callback_that_cannot_be_called_is_refused(
     for facade in (Mailstrom, AsyncMailstrom):
         with pytest.raises(ConfigError, match="must be callable"):
             facade(Config(helo_name="client.test"), worker=None, **argument)  # type: ignore[arg-type]
+    assert not user_home.exists()
+
+
+async def _async_callback(result: object) -> None:
+    """An ``async def`` callback: calling it only makes a coroutine."""
+
+
+class _AsyncCallable:
+    async def __call__(self, result: object) -> None:
+        """Nothing: calling the object only makes a coroutine."""
+
+
+@pytest.mark.parametrize(
+    "on_result",
+    [_async_callback, functools.partial(_async_callback), _AsyncCallable()],
+    ids=["async def", "partial", "async __call__"],
+)
+@pytest.mark.parametrize("facade", [Mailstrom, AsyncMailstrom])
+def test_an_async_on_result_is_refused(
+    user_home: Path, facade: type[Mailstrom] | type[AsyncMailstrom], on_result: object
+) -> None:
+    """``on_result`` is called, not awaited (on the worker's loop, or a worker process's
+    reader thread): an ``async def`` callback, natural beside an AsyncMailstrom, was
+    taken, and each result made a coroutine nobody ran. The application heard of no
+    result, with at most a RuntimeWarning per result ("never awaited")."""
+    with pytest.raises(ConfigError, match="on_result must not be a coroutine function"):
+        facade(Config(helo_name="client.test"), worker=None, on_result=on_result)  # type: ignore[arg-type]
     assert not user_home.exists()
 
 

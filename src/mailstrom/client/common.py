@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import random
@@ -460,6 +461,15 @@ def check_callables(*, clock: object, on_result: object) -> None:
     for name, value in (("clock", clock), ("on_result", on_result)):
         if not callable(value) and not (name == "on_result" and value is None):
             raise ConfigError(f"{name} must be callable, not {type(value).__name__}")
+        if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
+            getattr(value, "__call__", None)  # noqa: B004 - an object with an async __call__
+        ):
+            # Called, never awaited: each call made a coroutine that nobody ran, and the
+            # application heard of nothing (a RuntimeWarning at most).
+            raise ConfigError(
+                f"{name} must not be a coroutine function (async def): it is called, not "
+                "awaited; pass a plain function (it may hand the work to a loop itself)"
+            )
 
 
 def check_parts(*, router: object, rng: object) -> None:
