@@ -411,6 +411,24 @@ def test_a_long_attachment_filename_is_sent_folded_with_rfc_2231_continuations(
     assert attachment.get_content() == content
 
 
+def test_a_subject_with_a_word_past_the_line_limit_is_sent_folded(
+    project: None, mx: ReceivingServer
+) -> None:
+    """Django 5.2 folds a subject only at white space, so one word of ~990 characters (the
+    path in the subject of an error report to ADMINS for a long URL) went onto one line
+    past 998 octets: mailstrom refused it (LineTooLong), and as Django's error reports
+    fail silently, the report was lost. It is folded as Django 6 folds it: in encoded
+    words, which a reader decodes to the same subject."""
+    subject = "Internal Server Error: /" + "a/" * 600
+    with override_settings(ADMINS=[("Ops", "ops@example.org")]):
+        mail.mail_admins(subject, "Traceback ...")
+    [received] = mx.wait_for_messages(1)
+    assert max(len(line) for line in received.content.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert parsed["Subject"] == "[Django] " + subject
+    assert parsed.get_content().startswith("Traceback ...")  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

@@ -7,7 +7,8 @@ Django keeps Bcc out of the headers). mailstrom checks the bytes and rewrites no
 (Django already wrote Date and Message-ID, and no Bcc); it only ends the last line with
 CRLF when Django did not, as smtplib does too, and folds a MIME part's Content-Type or
 Content-Disposition that Django 5.2 writes past SMTP's 998-octet line (a long filename)
-with RFC 2231 continuations, as Django 6 does. So the receiving server gets what Django's
+with RFC 2231 continuations, and a Subject it writes so (a word that long) in RFC 2047
+encoded words, as Django 6 does. So the receiving server gets what Django's
 SMTP backend would have sent it.
 """
 
@@ -199,20 +200,30 @@ def _serialised(message: EmailMessage) -> bytes:
         return _as_bytes(built)
 
 
-_PARAMETER_FIELDS = frozenset({"content-type", "content-disposition"})
-"""The MIME part fields whose parameters hold what the application gave (a filename)."""
+_REFOLDED_FIELDS = frozenset({"content-type", "content-disposition", "subject"})
+"""The fields written afresh when Django 5.2 writes them past 998 octets: the MIME part
+fields whose parameters hold what the application gave (a filename), and the Subject,
+whose text may hold a word that long (the path in an error report's subject). Not the
+others: encoded words in a structured field (a Message-ID, a URL in List-Unsubscribe)
+would change what it says, so those are still refused."""
 
 
 def _fold_long_parameters(built: Message) -> None:
     """Write again, folded with RFC 2231 continuations (``filename*0*=...;
     filename*1*=...``), each Content-Type or Content-Disposition field that Django's
-    writer would put on a line past 998 octets, which mailstrom refuses (LineTooLong).
+    writer would put on a line past 998 octets, which mailstrom refuses (LineTooLong),
+    and each such Subject in RFC 2047 encoded words (``=?utf-8?q?...?=``), which a reader
+    decodes to the same text.
 
     Django 5.2's compat32 writer folds only between parameters, so the filename of an
     attachment goes whole onto one line: about 110 CJK characters (9 octets each as
     ``%E5%A0%B1``) were enough for a message no one could send. The standard library's
     SMTP policy splits the parameter, as Django 6's writer does itself; every other
     field, and each field that fits, is left as Django writes it.
+
+    The Subject, folded only at white space by Django 5.2: one word of ~990 characters
+    (an error report to ADMINS for a long URL path) was refused, and silently, since
+    Django's error reports fail silently.
     """
     for part in built.walk():
         fields = part.items()
@@ -221,8 +232,9 @@ def _fold_long_parameters(built: Message) -> None:
         for name in {name for name, _ in fields}:
             del part[name]
         # Added back in their order, each field that was too long written afresh: the
-        # parameter split in pieces, on one line (Django's parts refuse a line break in a
-        # value), which compat32 then folds between them, at each "; ".
+        # parameter split in pieces (the Subject in encoded words), on one line (Django's
+        # parts refuse a line break in a value), which compat32 then folds between them,
+        # at each "; " (each space).
         for name, value in fields:
             if _too_long(part, name, value):
                 folded = email.policy.SMTP.fold(name, str(value))
@@ -233,7 +245,7 @@ def _fold_long_parameters(built: Message) -> None:
 
 
 def _too_long(part: Message, name: str, value: Any) -> bool:
-    if name.lower() not in _PARAMETER_FIELDS:
+    if name.lower() not in _REFOLDED_FIELDS:
         return False
     written = part.policy.fold(name, value)
     return any(len(line.encode()) > MAX_LINE for line in written.splitlines())
