@@ -157,6 +157,36 @@ def test_the_envelope_follows_django_not_the_headers(project: None, mx: Receivin
     assert b"\r\nFrom: Shop <shop@sender.test>\r\n" in received.content
 
 
+def test_the_message_id_is_mailstroms_unless_the_application_gives_one(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path
+) -> None:
+    """Django names its Message-IDs after the host (``socket.getfqdn()``: ``localhost``, a
+    container's id, an internal name), which spam filters score and which leaks the name;
+    ``MAILSTROM["message_id_domain"]`` was accepted and did nothing for Django's mail.
+    The one Django makes is left out, so mailstrom makes it as for any message (and
+    ``query_status`` knows it); one the application gives in ``headers`` is kept."""
+    setting = mailstrom_setting(dns_server, mx, tmp_path, message_id_domain="mid.sender.test")
+    with override_settings(MAILSTROM=setting):
+        made = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+        given = mail.EmailMessage(
+            "Hi", "x", to=["ann@example.org"], headers={"message-id": "<order-1@shop.test>"}
+        )
+        assert EmailBackend().send_messages([made, given]) == 2
+        received = {m.rcpt_tos: m for m in mx.wait_for_messages(2)}
+        statuses = {
+            message: get_mailstrom().query_status(message.mailstrom_id)  # type: ignore[attr-defined]
+            for message in (made, given)
+        }
+    ids = {
+        rcpt: email.message_from_bytes(m.content).get_all("Message-ID")
+        for rcpt, m in received.items()
+    }
+    [made_id] = ids[("bob@example.org",)]
+    assert re.fullmatch(r"<[0-9a-f]{32}@mid\.sender\.test>", made_id)
+    assert statuses[made].header_message_id == made_id
+    assert ids[("ann@example.org",)] == ["<order-1@shop.test>"]
+
+
 def test_empty_addresses_are_left_out_as_django_leaves_them_out(
     project: None, mx: ReceivingServer
 ) -> None:

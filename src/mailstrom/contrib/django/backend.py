@@ -4,12 +4,14 @@ Each message is serialised by Django exactly as its SMTP backend would send it
 (:func:`smtp_bytes`) and queued as those bytes, with the envelope that backend would use:
 the sender from ``from_email``, the recipients from ``recipients()`` (To, Cc and Bcc;
 Django keeps Bcc out of the headers). mailstrom checks the bytes and rewrites nothing
-(Django already wrote Date and Message-ID, and no Bcc); it only ends the last line with
-CRLF when Django did not, as smtplib does too, and folds a MIME part's Content-Type or
-Content-Disposition that Django 5.2 writes past SMTP's 998-octet line (a long filename)
-with RFC 2231 continuations, and a Subject it writes so (a word that long) in RFC 2047
-encoded words, as Django 6 does. So the receiving server gets what Django's
-SMTP backend would have sent it.
+(Django already wrote Date, and no Bcc) but the Message-ID Django makes at its host's
+name, which is left out for mailstrom to make as for any message (one given in
+``headers`` is kept). It also ends the last line with CRLF when Django did not, as
+smtplib does too, and folds a MIME part's Content-Type or Content-Disposition that
+Django 5.2 writes past SMTP's 998-octet line (a long filename) with RFC 2231
+continuations, and a Subject it writes so (a word that long) in RFC 2047 encoded words,
+as Django 6 does. So the receiving server gets what Django's SMTP backend would have
+sent it, with mailstrom's Message-ID.
 """
 
 from __future__ import annotations
@@ -194,6 +196,13 @@ def _serialised(message: EmailMessage) -> bytes:
     """
     with _typed("Django cannot build the message"):
         built = _built(message)
+    if not any(str(name).lower() == "message-id" for name in message.extra_headers):
+        # Django makes it at the host's name (socket.getfqdn(): localhost, a container's
+        # id, an internal name), which leaks that name and which spam filters score, and
+        # anew at each message() call, so no application knows it: mailstrom makes it, as
+        # for any message (at MAILSTROM["message_id_domain"], else the From domain). One
+        # the application gave in headers is kept.
+        del built["Message-ID"]
     check_entity_headers(built)
     with _typed("Django cannot serialise the message"):
         _fold_long_parameters(built)
