@@ -237,6 +237,26 @@ def test_header_injection_is_djangos_bad_header_error_too(project: None) -> None
     assert get_mailstrom().query_recent() == []
 
 
+@pytest.mark.parametrize("line_break", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_every_line_break_python_splits_at_is_a_header_injection(
+    project: None, line_break: str
+) -> None:
+    """Django refuses only CR and LF, but the email package splits a header's text into
+    lines at these too (``str.splitlines``), so ``Hi<VT>Bcc: victim@...`` became two header
+    lines: the standard library's check refused it as ``HeaderParseError``, which came out
+    as a bare ``InvalidMessage``, and the guard Django documents (``except
+    BadHeaderError:`` in a contact form's view) let a 500 through."""
+    injected = f"Hi{line_break}Bcc: victim@example.org"
+    with pytest.raises(BadHeaderError) as info:
+        mail.send_mail(injected, "Hello", None, ["bob@example.org"])
+    assert isinstance(info.value, HeaderInjection)
+    assert info.value.header == "Subject"
+    with pytest.raises(BadHeaderError) as info:
+        mail.EmailMessage("Hi", "x", to=["b@example.org"], headers={"X-A": injected}).send()
+    assert info.value.header == "X-A"  # type: ignore[attr-defined]
+    assert get_mailstrom().query_recent() == []
+
+
 def test_fail_silently_leaves_out_and_does_not_count_invalid_messages(
     project: None, mx: ReceivingServer
 ) -> None:

@@ -152,8 +152,9 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         # checks its names with the same function.
         check_field_name(str(name))
     for name, value in _header_values(message):
-        if "\r" in value or "\n" in value:
-            # Django would raise its BadHeaderError; this is the same refusal, typed.
+        if any(character in value for character in _LINE_BREAKS):
+            # Django would raise its BadHeaderError (for CR and LF); this is the same
+            # refusal, typed.
             raise HeaderInjection(
                 f"{name} header value contains a line break: {shorten(value)}", header=name
             )
@@ -304,6 +305,14 @@ def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str]]]:
     yield "cc", message.cc
     yield "bcc", message.bcc
     yield "reply_to", message.reply_to
+
+
+_LINE_BREAKS = "\r\n\v\f\x1c\x1d\x1e"
+"""The ASCII characters ``str.splitlines`` breaks a line at. Django refuses CR and LF in a
+header value, but the email package splits a header's text into lines at each of these,
+so ``Hi<VT>Bcc: ...`` wrote two header lines (which the standard library then refused as
+``HeaderParseError``, not as an injection). The non-ASCII ones (U+0085, U+2028, U+2029)
+are written inside RFC 2047 encoded words, where they break no line."""
 
 
 def _header_values(message: EmailMessage) -> Iterable[tuple[str, str]]:
