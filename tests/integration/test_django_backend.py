@@ -222,6 +222,47 @@ def test_invalid_input_raises_mailstroms_typed_errors_and_queues_nothing(project
     assert get_mailstrom().query_recent() == []
 
 
+@pytest.mark.parametrize(
+    ("field", "address"),
+    [("to", "jö@example.org"), ("cc", "Jörg <jö@example.org>"), ("from_email", "ö@sender.test")],
+)
+def test_a_local_part_django_cannot_write_is_refused_naming_the_address_given(
+    project: None, field: str, address: str
+) -> None:
+    """Django 5.2 writes a local part that is not ASCII as an RFC 2047 encoded word
+    (``=?utf-8?b?asO2?=@example.org``, in its SMTP backend's envelope too), which is no
+    address: mailstrom refused the header, and ``InvalidAddress.address`` was that
+    encoded word, which the application never wrote and cannot find among its
+    recipients. It is the addr-spec given, as for any address refused."""
+    fields: dict[str, object] = {"to": ["bob@example.org"], field: address}
+    if field != "from_email":
+        fields[field] = ["bob@example.org", address] if field == "to" else [address]
+    message = mail.EmailMessage("Hi", "x", **fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidAddress) as info:
+        message.send()
+    assert info.value.address == address.removeprefix("Jörg <").removesuffix(">")
+    assert "not ASCII" in info.value.reason
+    assert get_mailstrom().query_recent() == []
+
+
+def test_a_local_part_that_is_not_ascii_is_sent_where_django_writes_no_header(
+    project: None,
+) -> None:
+    """Bcc is never written, nor ``from_email`` when ``headers`` give the From: such an
+    address is only in the envelope, which mailstrom sends with SMTPUTF8."""
+    message = mail.EmailMessage(
+        "Hi",
+        "x",
+        "bounces-ö@sender.test",
+        ["bob@example.org"],
+        bcc=["jö@example.org"],
+        headers={"From": "Shop <shop@sender.test>"},
+    )
+    assert message.send() == 1
+    status = get_mailstrom().query_status(message.mailstrom_id)  # type: ignore[attr-defined]
+    assert {r.address for r in status.recipients} == {"bob@example.org", "jö@example.org"}
+
+
 def test_header_injection_is_djangos_bad_header_error_too(project: None) -> None:
     """Django's documented guard (``except BadHeaderError:`` around ``send_mail`` in a
     contact form's view) did not catch mailstrom's HeaderInjection: a 500 instead."""

@@ -184,6 +184,22 @@ def test_the_system_check_reports_admins_and_managers_mailstrom_refuses() -> Non
         assert checks.run_checks(tags=["mailstrom"]) == []
 
 
+def test_the_system_check_reports_a_local_part_django_cannot_write() -> None:
+    """Django 5.2 writes a local part that is not ASCII as an RFC 2047 encoded word, which
+    mailstrom refuses: error reports from such a SERVER_EMAIL, or to ADMINS holding such
+    an address, were all lost (they fail silently) while the check said nothing."""
+    with override_settings(
+        MAILSTROM={"store": "memory:"},
+        SERVER_EMAIL="jörg@sender.test",
+        ADMINS=[("Ops", "ops@example.org"), ("Jörg", "jörg@example.org")],
+    ):
+        server, admin = checks.run_checks(tags=["mailstrom"])
+    assert server.id == admin.id == "mailstrom.W001"
+    assert server.msg.startswith("SERVER_EMAIL = 'jörg@sender.test' is refused")
+    assert "'jörg@example.org'" in admin.msg and "ADMINS" in admin.msg
+    assert "not ASCII" in admin.msg
+
+
 @pytest.mark.skipif(HAS_MAILERS, reason="with MAILERS, a mailer's OPTIONS hold them")
 def test_the_system_check_warns_of_smtp_settings_mailstrom_does_not_use() -> None:
     """A project moving from Django's SMTP backend keeps EMAIL_TIMEOUT and its login:

@@ -16,7 +16,6 @@ from django.utils.module_loading import import_string
 
 from mailstrom.contrib.django.conf import SETTING, UNUSED_CREDENTIALS, UNUSED_TIMEOUT, load
 from mailstrom.errors import InvalidMessage
-from mailstrom.message.addresses import parse_mailbox
 
 BACKEND = "mailstrom.contrib.django.EmailBackend"
 
@@ -159,8 +158,12 @@ def _is_ours(path: object) -> bool:
 
 
 def _refusal(address: str) -> InvalidMessage | None:
+    # Here, not at the top: see _is_ours. As the backend checks it, so that an address
+    # Django cannot write (a local part that is not ASCII) is reported too.
+    from mailstrom.contrib.django.backend import parse_django_mailbox
+
     try:
-        parse_mailbox("from_email", address)
+        parse_django_mailbox("from_email", address)
     except InvalidMessage as exc:
         return exc
     return None

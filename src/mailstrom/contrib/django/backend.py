@@ -34,9 +34,9 @@ from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.contrib.django.conf import UNUSED_CREDENTIALS, UNUSED_TIMEOUT
 from mailstrom.contrib.django.shared import get_mailstrom
-from mailstrom.errors import HeaderInjection, InvalidMessage, MailstromError
+from mailstrom.errors import HeaderInjection, InvalidAddress, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
-from mailstrom.message.addresses import parse_mailbox
+from mailstrom.message.addresses import Mailbox, parse_mailbox
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
@@ -162,14 +162,17 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         check_header_text(where, text)
     # Each address on its own first, so that an error names the one at fault (and the
     # attribute it is in) rather than the whole header Django joins them into.
-    for role, addresses in _addresses(message):
+    for role, addresses, in_header in _addresses(message):
         for address in addresses:
             if role != "from_email" and address == "":
                 # recipients() leaves out an empty entry (a blank User.email, a setting
                 # that turns a copy off) and Django's SMTP backend delivers to the rest;
                 # the header Django writes with it (``To: bob@example.org, ``) is valid.
                 continue
-            parse_mailbox(role, str(address))
+            if in_header:
+                parse_django_mailbox(role, str(address))
+            else:
+                parse_mailbox(role, str(address))
     if not isinstance(message.body, str | Promise):
         # Django writes the body with str methods: bytes raised AttributeError.
         raise InvalidMessage(
@@ -299,12 +302,38 @@ def _as_bytes(built: Message) -> bytes:
     return bytes(safe.as_bytes(linesep="\r\n"))
 
 
-def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str]]]:
-    yield "from_email", [message.from_email]
-    yield "to", message.to
-    yield "cc", message.cc
-    yield "bcc", message.bcc
-    yield "reply_to", message.reply_to
+def parse_django_mailbox(role: str, address: str) -> Mailbox:
+    """:func:`~mailstrom.message.addresses.parse_mailbox`, refusing too the addresses
+    Django cannot write: one whose local part is not ASCII.
+
+    Django writes its headers without SMTPUTF8 (``email.policy.SMTP`` from Django 6), so
+    Django 5.2 writes such a local part as an RFC 2047 encoded word
+    (``=?utf-8?b?asO2?=@example.org``, in its SMTP backend's envelope too), which is no
+    address (RFC 2047 §5). mailstrom refused that header, and ``InvalidAddress.address``
+    was the encoded word, which the application never wrote; the system check
+    (``mailstrom.W001``) said nothing of such a ``SERVER_EMAIL`` or ``ADMINS`` entry.
+    """
+    mailbox = parse_mailbox(role, address)
+    if mailbox.address.smtputf8:
+        raise InvalidAddress(
+            f"{role}: {mailbox.address.written!r} has a local part that is not ASCII, which "
+            "Django cannot write in a header: it makes it an RFC 2047 encoded word, which "
+            "is no address (RFC 2047 §5); use an ASCII address",
+            address=mailbox.address.written,
+        )
+    return mailbox
+
+
+def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str], bool]]:
+    """Each attribute's addresses, and whether Django writes them in a header: never Bcc,
+    and not those whose header ``headers`` gives (its key spelt as Django looks it up);
+    those are only in the envelope, which mailstrom sends with SMTPUTF8 when need be."""
+    given = message.extra_headers
+    yield "from_email", [message.from_email], "From" not in given
+    yield "to", message.to, "To" not in given
+    yield "cc", message.cc, "Cc" not in given
+    yield "bcc", message.bcc, False
+    yield "reply_to", message.reply_to, "Reply-To" not in given
 
 
 _LINE_BREAKS = "\r\n\v\f\x1c\x1d\x1e"
