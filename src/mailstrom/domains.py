@@ -158,6 +158,11 @@ def _name_problem(name: str) -> str | None:
             return f"label {label[:20]!r}... has {len(label)} characters; at most 63"
         if not _LDH_LABEL.match(label):
             return f"label {label!r} is not letters, digits and inner hyphens"
+    last = name.rpartition(".")[2]
+    if last.isdigit():
+        # No top-level label is all digits (RFC 1123 §2.1, RFC 3696 §2): "192.0.2.1" is an
+        # address written bare, which names no host; EHLO takes it as [192.0.2.1] (§4.1.3).
+        return f"last label {last!r} is all digits: an IP address is no host name"
     return None
 
 

@@ -74,3 +74,18 @@ def test_a_labels_are_idna_2008_as_email_validator_and_dnspython_make_them() -> 
     assert helo_name_problem("mail.straße.de") is None
     with pytest.raises(ValueError, match="no A-label form"):
         a_label("a\u200db.de")  # a joiner where IDNA 2008 allows none
+
+
+@pytest.mark.parametrize("name", ["192.0.2.1", "10.1.2.3", "mail.example.123", "1.2.3.4."])
+def test_a_name_whose_last_label_is_all_digits_is_no_smtp_domain(name: str) -> None:
+    # RFC 1123 §2.1 and RFC 3696 §2: a top-level label is never all digits, so such a name
+    # is an IPv4 address written bare, no host name; EHLO wants the literal [192.0.2.1]
+    # (RFC 5321 §4.1.3), and Postfix's reject_invalid_helo_hostname refuses "EHLO 192.0.2.1".
+    assert helo_name_problem(name) is not None
+    with pytest.raises(ValueError, match="not a letter-digit-hyphen domain name"):
+        ldh_domain_name(name)
+    with pytest.raises(ConfigError, match=r"helo_name .*\[192\.0\.2\.1\]"):
+        Config(helo_name=name)
+    assert helo_name_problem("[192.0.2.1]") is None
+    assert ldh_domain_name("3com.example") == "3com.example"  # digits elsewhere are fine
+    assert ldh_domain_name("4.3.2.1.in-addr.arpa") == "4.3.2.1.in-addr.arpa"
