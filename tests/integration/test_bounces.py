@@ -161,6 +161,25 @@ def test_an_exim_bounce_without_detail_still_suppresses(
     assert outcome.suppressed is not None
 
 
+def test_a_qmail_bounce_fails_and_suppresses(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "qmail-bounce.eml", mid, "nosuchuser@receiver.test")
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.message_id, outcome.status) == (
+        BounceAction.FAILED,
+        mid,
+        "5.1.1",
+    )
+    assert outcome.suppressed is not None
+    assert ms.query_status(mid).recipient("nosuchuser@receiver.test").reason == (
+        "bounced after acceptance, reported by mx.receiver.test: "
+        "5.1.1 Sorry, no mailbox here by that name. (#5.1.1)"
+    )
+
+
 def test_a_complaint_suppresses_and_keeps_the_delivery(
     ms: Mailstrom, results: Results, clock: FakeClock
 ) -> None:

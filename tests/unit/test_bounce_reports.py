@@ -119,6 +119,75 @@ def test_exim_dsn() -> None:
     assert (MID, "5d41402abc") in set(find_tokens(report.envelope_senders))
 
 
+def test_qmail_bounce() -> None:
+    """qmail sends no RFC 3464 report but its own plain-text format (QSBMF): a paragraph
+    per failed recipient, ``<address>:`` then the reason, which ends in its RFC 3463 code
+    ("(#5.1.1)") or quotes the remote server's reply. It was read as no report, and the
+    address that bounced was never failed or suppressed."""
+    report = parse_report(sample("qmail-bounce.eml"))
+    assert report is not None and report.kind is ReportKind.DSN
+    assert report.reporting_mta == "mx.receiver.test"
+    assert report.original_message_id == "<sample-5@sender.test>"
+    [r] = report.recipients
+    assert r.final_recipient == "nosuchuser@receiver.test"
+    assert (r.action, r.status) == ("failed", "5.1.1")
+    assert r.diagnostic == "Sorry, no mailbox here by that name. (#5.1.1)"
+    assert r.diagnostic_code is None
+    assert (MID, "5d41402abc") in set(find_tokens(report.envelope_senders))
+
+
+def test_a_qmail_bounce_relaying_a_reply_gives_its_codes() -> None:
+    remote = (
+        b"<ann@receiver.test>:\r\n"
+        b"192.0.2.7 does not like recipient.\r\n"
+        b"Remote host said: 552 5.2.2 <ann@receiver.test>: mailbox full\r\n"
+        b"Giving up on 192.0.2.7.\r\n"
+        b"\r\n"
+        b"<Bob@Receiver.test>:\r\n"
+        b"This address no longer accepts mail.\r\n"
+        b"\r\n"
+        b"<nosuchuser@receiver.test>:\r\n"
+    )
+    data = sample("qmail-bounce.eml").replace(b"<nosuchuser@receiver.test>:\r\n", remote, 1)
+    report = parse_report(data)
+    assert report is not None
+    ann, bob, nosuchuser = report.recipients
+    assert (ann.final_recipient, ann.status, ann.diagnostic_type) == (
+        "ann@receiver.test",
+        None,
+        "smtp",
+    )
+    assert ann.diagnostic == "552 5.2.2 <ann@receiver.test>: mailbox full"
+    assert (ann.diagnostic_code, ann.diagnostic_status) == (552, "5.2.2")
+    assert bob.final_recipient == "Bob@Receiver.test"
+    assert (bob.status, bob.diagnostic_code) == (None, None)
+    assert bob.diagnostic == "This address no longer accepts mail."
+    assert nosuchuser.status == "5.1.1"
+    assert {r.action for r in report.recipients} == {"failed"}
+
+
+def test_a_qmail_reason_after_an_empty_line_is_the_recipients() -> None:
+    """A program's output that starts with an empty line (ezmlm's) makes the reason a
+    paragraph of its own after the address line."""
+    data = sample("qmail-bounce.eml").replace(
+        b"<nosuchuser@receiver.test>:\r\n",
+        b"<list@receiver.test>:\r\n\r\nezmlm-reject: fatal: Sorry, no empty Subject (#5.7.0)\r\n"
+        b"\r\n<nosuchuser@receiver.test>:\r\n",
+    )
+    report = parse_report(data)
+    assert report is not None
+    ezmlm, nosuchuser = report.recipients
+    assert (ezmlm.final_recipient, ezmlm.status) == ("list@receiver.test", "5.7.0")
+    assert ezmlm.diagnostic == "ezmlm-reject: fatal: Sorry, no empty Subject (#5.7.0)"
+    assert (nosuchuser.final_recipient, nosuchuser.status) == ("nosuchuser@receiver.test", "5.1.1")
+
+
+def test_a_message_that_only_starts_like_a_qmail_bounce_is_no_report() -> None:
+    assert parse_report(b"Subject: hello\r\n\r\nHi. This is the office of Dr. Smith.\r\n") is None
+    no_break = sample("qmail-bounce.eml").replace(b"--- Below this line", b"Below this line")
+    assert parse_report(no_break) is None
+
+
 def test_arf_complaint() -> None:
     report = parse_report(sample("arf-complaint.eml"))
     assert report is not None and report.kind is ReportKind.COMPLAINT

@@ -8,6 +8,8 @@ caller), the lines parsed (:data:`MAX_LINES`), the length of a Content-Type fiel
 (:data:`MAX_CONTENT_TYPE`), how deep its MIME parts nest (:data:`MAX_DEPTH`), the
 recipients taken from one report and the length of every field kept.
 
+qmail sends neither, but bounces in its own plain-text format (QSBMF), read as a DSN.
+
 What a report says is gathered into a :class:`Report`; matching it to a queued message
 and recipient is :mod:`mailstrom.bounces.apply`'s job.
 """
@@ -118,15 +120,15 @@ class Report:
 
 def parse_report(data: bytes) -> Report | None:
     """The report in ``data``, or None when ``data`` is no report (an ordinary message,
-    an auto-reply). Raises :class:`~mailstrom.errors.InvalidReport` for a
-    ``multipart/report`` without the part its report type needs, or one nested deeper
-    than :data:`MAX_DEPTH` or with a Content-Type field longer than
-    :data:`MAX_CONTENT_TYPE`."""
+    an auto-reply); a qmail bounce (QSBMF, see :func:`_qmail`) is read as a DSN. Raises
+    :class:`~mailstrom.errors.InvalidReport` for a ``multipart/report`` without the part
+    its report type needs, or one nested deeper than :data:`MAX_DEPTH` or with a
+    Content-Type field longer than :data:`MAX_CONTENT_TYPE`."""
     data = _first_lines(data)
     _check_content_types(_CONTENT_TYPE_BYTES.finditer(data))
     message = _parse(data)
     if message.get_content_type() != "multipart/report":
-        return None
+        return _qmail(message, _addresses(message))
     report_type = _report_type(message)
     if report_type == "delivery-status":
         return _dsn(_parts(message), _addresses(message))
@@ -313,6 +315,96 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
         envelope_senders=tuple(
             [*senders, *([mail_from] if mail_from else []), *_returned_paths(parts)]
         ),
+    )
+
+
+_QMAIL_START = "Hi. This is the"
+"""How a qmail bounce's body begins (QSBMF §2)."""
+_QMAIL_HOST = re.compile(r"\AHi\. This is the [^\n]*? at (\S+?)\.?(?:\s|\Z)")
+_QMAIL_BREAK = re.compile(r"\n\n+(?=-)")
+"""Where the break paragraph starts: the first paragraph that begins with "-"."""
+_QMAIL_RECIPIENT = re.compile(r"<([^<>\n]*)>:[ \t]*")
+"""The first line of a recipient paragraph: ``<address>:``."""
+_QMAIL_STATUS = re.compile(r"\(#([0-9]\.[0-9]{1,3}\.[0-9]{1,3})\)\s*\Z")
+"""The RFC 3463 code qmail ends its own reasons with: "(#5.1.1)"."""
+_MAX_QMAIL_PARAGRAPHS = 10
+"""Paragraphs of one recipient's reason read."""
+_QMAIL_REMOTE = "Remote host said: "
+_QMAIL_REPLY_LINE = re.compile(r"[2-5][0-9][0-9](?:[ -]|\Z)")
+
+
+def _qmail(message: Message, senders: list[str]) -> Report | None:
+    """The bounce in ``message`` when it is in the qmail-send bounce message format
+    (QSBMF: qmail, netqmail and their forks send no RFC 3464 report), or None. Its body
+    begins "Hi. This is the", then come a paragraph per failed recipient (a first line
+    ``<address>:``, then the reason), a break paragraph that begins with "-", and the
+    returned message. A reason of qmail's own ends in its RFC 3463 code ("(#5.1.1)"); one
+    a server gave quotes its reply after "Remote host said:". Every recipient named has
+    failed for good (QSBMF reports permanent failures only). A message that only begins
+    so, without a break or a recipient paragraph, is no bounce."""
+    if message.is_multipart() or message.get_content_type() != "text/plain":
+        return None
+    text = _LEADING_BLANK_LINES.sub("", _text(message).replace("\r\n", "\n"))
+    if not text.startswith(_QMAIL_START):
+        return None
+    cut = _QMAIL_BREAK.search(text)
+    if cut is None:
+        return None
+    head, rest = text[: cut.start()], text[cut.end() :]
+    intro, *paragraphs = _BLANK_LINES.split(head)
+    named: list[tuple[str | None, list[str]]] = []
+    for paragraph in paragraphs:
+        found = _QMAIL_RECIPIENT.match(paragraph)
+        if found is not None and paragraph[found.end() : found.end() + 1] in ("", "\n"):
+            if len(named) == MAX_RECIPIENTS:
+                break
+            named.append((_bare(found[1]), [paragraph[found.end() :]]))
+        elif named and len(named[-1][1]) < _MAX_QMAIL_PARAGRAPHS:
+            # A reason that starts with an empty line (ezmlm's, a .qmail program's
+            # output) is a paragraph of its own after the address.
+            named[-1][1].append(paragraph)
+    recipients = [_qmail_recipient(a, "\n".join(reason)) for a, reason in named if a]
+    if not recipients:
+        return None
+    # Its first line only, and no longer than a field is kept: the pattern scans it.
+    host = _QMAIL_HOST.match(intro.partition("\n")[0][:_MAX_FIELD])
+    copy = _BLANK_LINES.split(rest, maxsplit=1)[1:]  # after the break paragraph
+    returned = _headers(copy[0]) if copy else Message()
+    paths = (_bare(v) for v in (returned.get_all("Return-Path") or [])[:5])
+    return Report(
+        kind=ReportKind.DSN,
+        recipients=tuple(recipients),
+        reporting_mta=(_field(host[1]) or None) if host is not None else None,
+        original_message_id=_plain(returned.get("Message-ID")) or None,
+        envelope_senders=tuple([*senders, *[a for a in paths if a]]),
+    )
+
+
+def _qmail_recipient(address: str, reason: str) -> ReportedRecipient:
+    """A recipient paragraph of a qmail bounce: its address (as :func:`_bare` made it)
+    and the lines of its reason."""
+    lines = reason.strip("\n").split("\n")[:100]
+    reply: list[str] = []
+    for number, line in enumerate(lines):
+        if line.startswith(_QMAIL_REMOTE):
+            reply = [line[len(_QMAIL_REMOTE) :]]
+            # A multi-line reply goes on with lines that start with its code.
+            reply += itertools.takewhile(_QMAIL_REPLY_LINE.match, lines[number + 1 :])
+            break
+    own = _QMAIL_STATUS.search(" ".join(lines))
+    if reply:
+        diagnostic_type, diagnostic = "smtp", _field(" ".join(reply)) or None
+    else:
+        diagnostic_type, diagnostic = "x-qmail", _field(" ".join(lines)) or None
+    code = _smtp_code(diagnostic) if diagnostic_type == "smtp" else None
+    return ReportedRecipient(
+        final_recipient=address,
+        action="failed",
+        status=_status(own[1]) if own is not None else None,
+        diagnostic=diagnostic,
+        diagnostic_type=diagnostic_type,
+        diagnostic_code=code,
+        diagnostic_status=_smtp_status(diagnostic, code),
     )
 
 

@@ -23,15 +23,16 @@ _DRAIN = 1 << 30
 it sees the message taken), at most."""
 
 DESCRIPTION = """\
-Read one delivery status notification (multipart/report; report-type=delivery-status) or
-complaint (report-type=feedback-report) from standard input, find the queued message and
-recipient it speaks of, mark that recipient failed (a late bounce) and put the address on
-the suppression list (a complaint only suppresses). Matching uses the VERP token of the
-address the report was sent to (--recipient, else $ORIGINAL_RECIPIENT or $RECIPIENT as
-Postfix's local and Exim's pipe set them, else the report's own headers), then, for mail
-sent without VERP only, the report's Original-Envelope-Id and the returned Message-ID
-(which every recipient sees), with Original-Recipient and Final-Recipient naming the
-recipient. Only a recipient a server accepted (delivered) fails late.
+Read one delivery status notification (multipart/report; report-type=delivery-status),
+complaint (report-type=feedback-report) or qmail bounce (QSBMF) from standard input, find
+the queued message and recipient it speaks of, mark that recipient failed (a late bounce)
+and put the address on the suppression list (a complaint only suppresses). Matching uses
+the VERP token of the address the report was sent to (--recipient, else
+$ORIGINAL_RECIPIENT or $RECIPIENT as Postfix's local and Exim's pipe set them, else the
+report's own headers), then, for mail sent without VERP only, the report's
+Original-Envelope-Id and the returned Message-ID (which every recipient sees), with
+Original-Recipient and Final-Recipient naming the recipient. Only a recipient a server
+accepted (delivered) fails late.
 
 Input that is no report (an auto-reply, a plain message) is ignored with exit 0. At most
 --max-size octets are parsed; a report's status part comes before the returned message,
