@@ -86,6 +86,21 @@ def test_a_global_delivery_status_report_names_its_recipients(
     assert [r.final_recipient for r in plain.recipients] == ["nosuchuser@receiver.test"]
 
 
+def test_a_report_typed_global_delivery_status_is_a_dsn() -> None:
+    """A report holding message/global-delivery-status is often typed so too
+    (``report-type=global-delivery-status``): it was read as no report, and the bounce
+    of an SMTPUTF8 recipient was ignored."""
+    data = global_dsn().replace(
+        b"report-type=delivery-status", b"report-type=global-delivery-status", 1
+    )
+    assert b"report-type=global-delivery-status" in data
+    report = parse_report(data)
+    assert report is not None and report.kind is ReportKind.DSN
+    assert [(r.final_recipient, r.status) for r in report.recipients] == [
+        ("ñoño@receiver.test", "5.1.1")
+    ]
+
+
 def test_postfix_dsn_with_dsn_parameters() -> None:
     report = parse_report(sample("postfix-dsn-headers.eml"))
     assert report is not None and report.kind is ReportKind.DSN

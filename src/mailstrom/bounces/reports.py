@@ -130,7 +130,10 @@ def parse_report(data: bytes) -> Report | None:
     if message.get_content_type() != "multipart/report":
         return _qmail(message, _addresses(message))
     report_type = _report_type(message)
-    if report_type == "delivery-status":
+    # A DSN's report type is delivery-status (RFC 3464), but servers that send its
+    # status part as message/global-delivery-status (RFC 6533) may name the report after
+    # that part: such a bounce was read as no report.
+    if report_type in ("delivery-status", "global-delivery-status"):
         return _dsn(_parts(message), _addresses(message))
     if report_type == "feedback-report":
         return _arf(_parts(message), _addresses(message))
