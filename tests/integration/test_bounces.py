@@ -402,6 +402,24 @@ def test_an_exim_bounce_relaying_a_full_mailbox_does_not_suppress(
     assert ms.suppressions() == []
 
 
+def test_an_exim_bounce_from_a_host_that_never_answered_does_not_suppress(
+    ms: Mailstrom, results: Results, clock: FakeClock
+) -> None:
+    """Exim's 5.0.0 without a Diagnostic-Code is an unrouteable address (no Remote-MTA)
+    or a remote host it reached and gave up on without a reply of its own: retries timed
+    out, the connection kept failing. Only the first says the address is gone. Both
+    suppressed it, so a receiver down for a few days had its addresses suppressed."""
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "exim-dsn.eml", mid, "nosuchuser@receiver.test").replace(
+        b"Status: 5.0.0\r\n", b"Status: 5.0.0\r\nRemote-MTA: dns; mx.receiver.test\r\n"
+    )
+    [outcome] = apply(ms, data, clock)
+    assert (outcome.action, outcome.status) == (BounceAction.FAILED, "5.0.0")
+    assert outcome.suppressed is None
+    assert ms.suppressions() == []
+
+
 def test_an_exim_bounce_is_classed_by_the_relayed_reply(
     ms: Mailstrom, results: Results, clock: FakeClock
 ) -> None:

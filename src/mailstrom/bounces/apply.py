@@ -336,6 +336,7 @@ def _apply_one(
             code=entry.diagnostic_code,
             diagnostic_status=entry.diagnostic_status,
             codes=suppress_on,
+            remote_mta=entry.remote_mta is not None,
         )
     ):
         suppressed = _suppress(

@@ -65,11 +65,13 @@ def is_late_hard_bounce(
     code: int | None,
     codes: Iterable[str],
     diagnostic_status: str | None = None,
+    remote_mta: bool = False,
 ) -> bool:
     """Whether a delivery status notification's ``Status`` (and the SMTP codes of its
     diagnostic, if any: ``code``, ``diagnostic_status``) suppresses the address: a
     permanent status among ``codes``, or ``5.0.0``, the status without detail, when the
-    diagnostic gives no code of its own.
+    diagnostic gives no code of its own and the report names no ``Remote-MTA``
+    (``remote_mta``).
 
     >>> is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON)
     True
@@ -78,6 +80,8 @@ def is_late_hard_bounce(
     False
     >>> is_late_hard_bounce("5.7.1", code=550, codes=DEFAULT_SUPPRESS_ON)
     False
+    >>> is_late_hard_bounce("5.0.0", code=None, codes=DEFAULT_SUPPRESS_ON, remote_mta=True)
+    False
     """
     if not status.startswith("5."):
         return False
@@ -85,9 +89,12 @@ def is_late_hard_bounce(
         # Exim writes 5.0.0 for every failed address (deliver.c) and the remote reply in
         # an smtp; Diagnostic-Code: a full mailbox (552 5.2.2) or a spam refusal (550
         # 5.7.1) relayed so is judged by that reply's codes. Only a 5.0.0 without one
-        # (Exim's unrouteable address, an unknown local user) suppresses as such.
+        # (Exim's unrouteable address, an unknown local user) suppresses as such, and
+        # only when no remote host was tried: with a Remote-MTA and no reply of its own,
+        # Exim gave up on a host that never answered (retries timed out), which says
+        # nothing about the address.
         if code is None and diagnostic_status is None:
-            return True
+            return not remote_mta
         return is_hard_bounce(
             AttemptOutcome.PERMANENT, code=code, enhanced=diagnostic_status, codes=codes
         )
