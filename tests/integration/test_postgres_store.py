@@ -739,3 +739,57 @@ def test_a_cancel_that_waited_for_a_lease_to_commit_tells_the_worker(
         assert status.recipients[0].error == "cancelled"
     else:
         assert status.held
+
+
+@pytest.mark.parametrize("lanes", [None, [("", 10)], [("bulk", 10)]])
+@pytest.mark.parametrize("method", ["set_held", "hold_many"])
+def test_a_hold_committed_while_a_lease_read_the_queue_is_not_leased(
+    postgres_url: str, method: str, lanes: list[tuple[str, int]] | None
+) -> None:
+    """A lease reads which messages are held from its statement's snapshot and then locks
+    the recipients' rows; a hold that commits in between locks those rows and finds no
+    lease (so tells no worker), and the lease, locking rows the hold only locked, leased
+    the held message anyway: it was sent. The lease pauses here between its snapshot and
+    its row locks: a row security policy on messages (for a role that is no superuser)
+    waits on an advisory lock the test holds. With lanes, the lease of the lanes named
+    and (the message's lane not named) of the others."""
+    from tests.integration.test_postgres_roles import role_on
+
+    with PostgresStore(postgres_url) as owner:
+        mid = owner.enqueue(message("a@example.org"), now=T0)
+        with (
+            role_on(postgres_url) as role_url,
+            psycopg.connect(postgres_url, autocommit=True) as admin,
+        ):
+            admin.execute(
+                "CREATE FUNCTION pause_here() RETURNS boolean LANGUAGE plpgsql AS"
+                " $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN true; END $$"
+            )
+            admin.execute("ALTER TABLE messages ENABLE ROW LEVEL SECURITY")
+            admin.execute("CREATE POLICY paused ON messages USING (pause_here())")
+            with PostgresStore(role_url) as worker, ThreadPoolExecutor(1) as pool:
+                admin.execute("SELECT pg_advisory_lock(4242)")
+                leasing = pool.submit(
+                    lambda: worker.lease(
+                        now=T0, limit=10, lease_for=LEASE, lanes=lanes, holder="0123abcd5e"
+                    )
+                )
+                for _ in range(500):
+                    (waiting,) = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                        " AND datname = current_database()"
+                    ).fetchone()
+                    if waiting:
+                        break
+                    time.sleep(0.01)
+                assert waiting
+                if method == "set_held":
+                    owner.set_held(mid, True)
+                else:
+                    owner.hold_many([mid], True)
+                admin.execute("SELECT pg_advisory_unlock(4242)")
+                lease = leasing.result(timeout=10)
+            admin.execute("DROP POLICY paused ON messages")
+            admin.execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY")
+        assert lease is None or not lease.items
+        assert owner.status(mid).held

@@ -65,6 +65,12 @@ SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 -- with our token, and return them with their message (see _lease_rest).
 -- The ORDER BY is exactly the index recipients_due, so this reads LIMIT index entries
 -- (plus any of held messages) and sorts nothing once the table has statistics.
+-- The message is locked FOR SHARE too: a hold committed after this statement's snapshot
+-- only locks the recipients (READ COMMITTED rechecks a row only when a row it locks was
+-- updated), so with the recipient alone the held message read as not held and was
+-- leased, its worker never told; locking the message row finds the hold's version and
+-- rechecks NOT m.held on it. (KEY SHARE would not: it passes a non-key update.) A
+-- message being held right now is skipped, as a locked recipient is.
 WITH due AS MATERIALIZED (
     SELECT r.ctid AS row_id, r.message_id, r.address, 0 AS rank,
            GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
@@ -78,7 +84,7 @@ WITH due AS MATERIALIZED (
                       WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
-    FOR UPDATE OF r SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
 )
 -- include: _lease_rest
 
@@ -104,7 +110,7 @@ WITH picked AS MATERIALIZED (
                           WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
         ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
         LIMIT l.most
-        FOR UPDATE OF r SKIP LOCKED
+        FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
     ) d
 ), due AS MATERIALIZED (
     SELECT row_id, message_id, address, rank, due_at, seq, position
@@ -131,7 +137,7 @@ WITH due AS MATERIALIZED (
                       WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
-    FOR UPDATE OF r SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
 )
 -- include: _lease_rest
 
