@@ -793,3 +793,71 @@ def test_a_hold_committed_while_a_lease_read_the_queue_is_not_leased(
             admin.execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY")
         assert lease is None or not lease.items
         assert owner.status(mid).held
+
+
+def _lock_waiters(url: str, count: int) -> None:
+    """Wait until ``count`` sessions of ``url``'s database wait for a lock."""
+    with psycopg.connect(url, autocommit=True) as look:
+        for _ in range(500):
+            (waiting,) = look.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone() or (0,)
+            if waiting >= count:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"{count} lock waiters expected, {waiting} seen")
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["plain", "events"])
+def test_a_record_still_running_when_written_again_counts_as_recorded(
+    postgres_server: ThrowawayPostgres, postgres_url: str, events: bool
+) -> None:
+    """A record whose connection broke while its statement waited for a row lock goes on
+    on the server, and commits once the lock is free; the worker writes the batch again
+    meanwhile, and that statement waits behind it. Its UPDATE then found the rows
+    recorded under no lease (rechecked as locked), but whether they were recorded
+    already was judged from its snapshot, taken before the first one committed: the
+    results read as taken over, their on_result and bounce notices lost, though the
+    store holds them. (With events the failed call's transaction, whose COMMIT never
+    came, rolls back: recorded once all the same.)"""
+    direct = f"127.0.0.1:{postgres_server.port}/"
+    with contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy:
+        url = postgres_url.replace(direct, f"127.0.0.1:{proxy.port}/")
+        with PostgresStore(url, timeout=5) as store:
+            if events:
+                store.enable_events()
+            mid = store.enqueue(message("a@example.org", "b@example.org"), now=T0)
+            lease = store.lease(now=T0, limit=10, lease_for=LEASE)
+            assert lease is not None
+            at = T0 + timedelta(seconds=1)
+            results = [
+                delivered(item.message_id, r.address, at, lease.token)
+                for item in lease.items
+                for r in item.recipients
+            ]
+            with (
+                psycopg.connect(postgres_url) as blocker,
+                ThreadPoolExecutor(1) as pool,
+            ):
+                blocker.execute("SELECT 1 FROM recipients FOR UPDATE")
+                first = pool.submit(store.record, results)
+                _lock_waiters(postgres_url, 1)
+                proxy.cut()
+                with pytest.raises(StoreUnreachable):
+                    first.result(timeout=10)
+                proxy.restore()
+                again = pool.submit(store.record, results)
+                _lock_waiters(postgres_url, 2)  # the first statement waits on
+                blocker.rollback()
+                assert again.result(timeout=10) == results
+            recipients = store.status(mid).recipients
+            assert [(r.state, r.attempts) for r in recipients] == [
+                (RecipientState.DELIVERED, 1),
+                (RecipientState.DELIVERED, 1),
+            ]
+    with psycopg.connect(postgres_url) as conn:
+        (attempts,) = conn.execute("SELECT count(*) FROM attempts").fetchone() or (None,)
+        (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
+    assert attempts == 2
+    assert outbox == (2 if events else 0)

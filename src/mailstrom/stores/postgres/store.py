@@ -621,17 +621,31 @@ class PostgresStore:
         """Record results of any leases in one statement; returns those recorded. Results
         a failed call of this object wrote, written again, count as recorded when the store
         holds their very attempt already: that call may have committed, its answer lost
-        (see :mod:`~mailstrom.stores.postgres.unanswered`)."""
+        (see :mod:`~mailstrom.stores.postgres.unanswered`), or be committing still (a
+        second statement then looks again at those it did not find)."""
         if not results:
             return []
         once = rows.once_per_lease(results)
         keys = [(r.message_id, r.address, r.lease_token) for r in once]
-        params = rows.record_params(once, self._unanswered.marks(keys))
+        marks = self._unanswered.marks(keys)
+        params = rows.record_params(once, marks)
         try:
             if self._events:
                 replayed = self._record_with_events(params, keys)
             else:
                 replayed = {(m, a, t): again for m, a, t, again in self._fetch("record", params)}
+            # A statement of the failed call may have been still running on the server,
+            # and committed while this one waited for its row locks: this one's snapshot,
+            # taken before, judged its rows not recorded yet. Asked again (nothing is
+            # written twice: these rows no longer hold the result's lease), they are.
+            unseen = [
+                r
+                for r, key, mark in zip(once, keys, marks, strict=True)
+                if mark and key not in replayed
+            ]
+            if unseen:
+                params = rows.record_params(unseen, [True] * len(unseen))
+                replayed.update(((m, a, t), y) for m, a, t, y in self._fetch("record", params))
         except BaseException:
             self._unanswered.failed(keys)
             raise
