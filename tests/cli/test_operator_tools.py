@@ -501,3 +501,35 @@ def test_resuming_a_suspension_that_has_ended_says_it_was_not_suspended(cli: CLI
     assert cli.ok("queue", "--suspended", "--json").json() == []
     ended = cli("resume", "example.test")
     assert ended.code == 66 and ended.err == "mailstrom: example.test is not suspended\n"
+
+
+def test_suspending_a_name_no_recipient_domain_can_have_is_a_usage_error(cli: CLI) -> None:
+    """`suspend '*.google.com'` (the notation `status` shows a throttled destination in),
+    `suspend example.org:25` or `suspend ex%ample.org` said "suspended until resumed",
+    exit 0, and suspended nothing: recipients' domains are letter-digit-hyphen labels, so
+    no recipient is ever at such a name. The docs: a value that is no domain name is 64."""
+    mid = send(cli, "bob@example.test")
+    for bad in ("*.example.test", "example.test:25", "ex%ample.test", "example-.test", "a;b.test"):
+        refused = cli("suspend", bad)
+        assert refused.code == 64, (bad, refused.out, refused.err)
+        assert "not a domain" in refused.err and refused.out == ""
+    assert cli.ok("queue", "--suspended", "--json").json() == []
+    # A name a recipient's domain can have is still taken (digits, IDN, inner hyphens).
+    for good in ("example.test", "mail-1.example.test", "bücher.example", "123.example"):
+        cli.ok("suspend", good)
+    suspended = [s["domain"] for s in cli.ok("queue", "--suspended", "--json").json()]
+    assert suspended == [
+        "123.example",
+        "example.test",
+        "mail-1.example.test",
+        "xn--bcher-kva.example",
+    ]
+    assert cli.ok("status", "--json", mid).json()["state"] == "queued"
+    # One an earlier version stored can still be ended.
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        store.suspend("*.example.test", now=datetime.now(UTC))
+    finally:
+        store.close()
+    assert cli.ok("resume", "*.Example.test.").out.strip() == "*.example.test: resumed"
+    assert cli("resume", "*.example.test").code == 66

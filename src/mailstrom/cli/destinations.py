@@ -65,9 +65,9 @@ def _suspension_arg(text: str) -> timedelta:
     return age
 
 
-def _domain(text: str) -> str:
+def _domain(text: str, *, stored: bool = False) -> str:
     try:
-        return normalize_domain(text)
+        return normalize_domain(text, stored=stored)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -87,7 +87,7 @@ def suspend_command(args: argparse.Namespace) -> int:
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    domain = _domain(args.domain)
+    domain = _domain(args.domain, stored=True)
     with store_from(settings_from(args)) as store:
         found = store.resume(domain, now=utc_now())
     if not found:

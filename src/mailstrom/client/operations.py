@@ -280,7 +280,7 @@ class QueueOperations(_Base):
     def resume(self, domain: str) -> bool:
         """Restart delivery to ``domain``; False when it was not suspended (a timed
         suspension that has ended is none)."""
-        return self.store.resume(normalize_domain(domain), now=self._clock())
+        return self.store.resume(normalize_domain(domain, stored=True), now=self._clock())
 
     def suspensions(self) -> list[Suspension]:
         """The destinations suspended now."""

@@ -122,11 +122,15 @@ def prefix_upper_bound(prefix: str) -> str:
     return prefix + "g"
 
 
-def normalize_domain(domain: str) -> str:
+def normalize_domain(domain: str, *, stored: bool = False) -> str:
     """A destination domain as stores key it: lower case, no trailing dot, U-labels as
     A-labels (recipients' domains are stored so: ``bücher.example`` is
     ``xn--bcher-kva.example``); :class:`~mailstrom.errors.InvalidArgument` (a ValueError)
-    when it is no string, is empty, too long (or a label is), or not a plain domain."""
+    when it is no string, is empty, too long (or a label is), or not a plain domain.
+
+    ``stored``: a name to look up among those stored (resume), whose labels may hold
+    what a recipient's never does: an earlier version suspended ``*.example.org``, and
+    its suspension can still be ended."""
     if not isinstance(domain, str):
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     text = domain.strip().rstrip(".").lower()
@@ -138,10 +142,18 @@ def normalize_domain(domain: str) -> str:
         name = a_label(text)
     except ValueError:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain") from None
-    # RFC 1035 §2.3.4: labels of 1 to 63 octets (no DNS name has a longer or empty one).
-    if any(not 0 < len(label) <= MAX_LABEL for label in name.split(".")):
+    # RFC 1035 §2.3.4: labels of 1 to 63 octets (no DNS name has a longer or empty one),
+    # and of the characters a recipient's domain has (letters, digits, inner hyphens; an
+    # underscore let through): "*.google.com" or "example.org:25" was suspended, and no
+    # recipient is ever at such a name.
+    label_ok = _STORED_LABEL if stored else _DOMAIN_LABEL
+    if any(label_ok.fullmatch(label) is None for label in name.split(".")):
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     return name
+
+
+_DOMAIN_LABEL = re.compile(rf"(?!-)[a-z0-9_-]{{1,{MAX_LABEL}}}(?<!-)")
+_STORED_LABEL = re.compile(rf".{{1,{MAX_LABEL}}}", re.DOTALL)
 
 
 def filter_domain(text: str) -> str:
