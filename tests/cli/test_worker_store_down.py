@@ -5,8 +5,11 @@ worker process: tests/integration/test_postgres_down_at_start.py."""
 
 from __future__ import annotations
 
+import json
+import queue
 import signal
 import subprocess
+import threading
 import time
 
 import psycopg
@@ -127,3 +130,74 @@ def test_the_worker_command_exits_78_for_a_role_granted_nothing(
     )
     assert result.code == 78, result.err
     assert "permission denied for table schema_version" in result.err
+
+
+def test_a_running_worker_logs_its_drivers_warnings_in_its_own_format(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    """PostgreSQL going down under a running `worker --log-format json`: psycopg's pool
+    logs warnings of its own ("discarding closed connection", "error connecting in
+    'mailstrom': ...\\n\\tIs the server running ..."), which reached Python's last-resort
+    handler and stderr as bare text, a line and a tab-indented half line each, among the
+    JSON lines: a collector parsing them dropped or choked on them. Every line is JSON."""
+    url = own_postgres.create_database()
+    proc = mail_env.cli.popen("worker", "--no-live", "--log-format", "json", "--store", url)
+    lines = _StderrLines(proc)
+    try:
+        lines.wait_for("worker started")
+        own_postgres.take_down()
+        lines.wait_for("error connecting in 'mailstrom'")
+        own_postgres.bring_up()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        seen = lines.all()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    records = [json.loads(line) for line in seen if line.strip()]  # each line is JSON
+    pool = [r for r in records if r["logger"] == "psycopg.pool"]
+    assert pool and all(r["level"] == "warning" for r in pool), records
+    assert any("error connecting in 'mailstrom'" in r["event"] for r in pool)
+
+
+class _StderrLines:
+    """The lines a process writes on stderr, read by a thread of their own."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self._stream:
+            self._lines.put(raw.decode())
+        self._lines.put(None)
+
+    def wait_for(self, text: str, limit: float = 30.0) -> None:
+        """Return once a line holding ``text`` came (at most ``limit`` seconds)."""
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self._seen.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no line with {text!r}: {''.join(self._seen)}")
+
+    def all(self) -> list[str]:
+        """Every line, once the process has ended."""
+        self._reader.join(timeout=10)
+        self._stream.close()
+        while (line := self._lines.get_nowait() if not self._lines.empty() else None) is not None:
+            self._seen.append(line)
+        return self._seen

@@ -228,6 +228,15 @@ def configure_logging(
     for old in root.handlers:
         if isinstance(old, BufferedStreamHandler):
             old.close()  # writes what it holds and ends its timer thread
+    top = logging.getLogger()
+    if all(h in root.handlers for h in top.handlers):
+        # The warnings of the libraries the worker drives (psycopg's pool: "error
+        # connecting in 'mailstrom': ...", asyncio's) go out as lines of this format too,
+        # at the root's level (warnings): with no handler of the root's they reached
+        # Python's last resort and stderr as bare text, one line and a tab-indented half
+        # line each among the JSON lines. Only when nobody else configured the root (an
+        # application running the Django command keeps its own).
+        top.handlers[:] = [handler]
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
