@@ -184,6 +184,26 @@ def test_a_dry_run_of_ids_lists_only_what_the_command_changes(cli: CLI) -> None:
     assert cli.ok("hold", held).out.strip() == "0 messages held (1 already so)"
 
 
+def test_a_dry_run_of_filters_lists_only_what_the_command_changes(cli: CLI) -> None:
+    """The filters of queue select finished mail too (--state any, finished, failed): a
+    dry run of retry or cancel listed it, "would cancel 2 messages", where cancel itself
+    then changed one ("1 recipient cancelled"), as it did for ids given (above)."""
+    cancelled = send(cli, "gone@example.test")
+    cli.ok("cancel", cancelled)
+    pending = send(cli, "bob@example.test")
+    for command in ("retry", "cancel"):
+        for state in ("any", "failed"):
+            dry = cli.ok(command, "--state", state, "--dry-run", "--json").json()
+            wanted = [pending] if state == "any" else []
+            assert (dry["selected"], dry["ids"]) == (len(wanted), wanted), (command, state)
+        text = cli.ok(command, "--state", "failed", "--dry-run").out.strip()
+        assert text == f"would {command} 0 messages (dry run: nothing changed)"
+    # What hold and release select by default they change; a finished message is held.
+    dry = cli.ok("hold", "--state", "any", "--dry-run", "--json").json()
+    assert dry["ids"] == [pending, cancelled]
+    assert cli.ok("cancel", "--state", "any").out.strip() == "1 recipient cancelled (2 messages)"
+
+
 def test_purge_by_age_reaches_old_mail_behind_more_than_a_run_of_recent_mail(cli: CLI) -> None:
     """A filter with an age flag selected the newest MAX_BULK finished messages and then
     kept those finished long enough ago: behind that many recent ones, an old message

@@ -28,7 +28,7 @@ from mailstrom.cli.selection import (
     print_ids,
     queue_filter,
     resolve_all,
-    select,
+    select_messages,
 )
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
@@ -216,11 +216,16 @@ def bulk_command(args: argparse.Namespace) -> int:
             if args.ids or has_filters(args) or args.all or args.dry_run:
                 raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
             return _retry_all_deferred(args, store, now)
-        ids = select(store, args, now=now, default_state="pending", held=action.held)
-        if args.dry_run and args.ids:
-            # Ids are taken as given, held or not, finished or not: list only those the
-            # command would change, as it counts them (and as purge's dry run does).
-            ids = [mid for mid in ids if action.changes(store.status(mid))]
+        ids, found = select_messages(
+            store, args, now=now, default_state="pending", held=action.held
+        )
+        if args.dry_run:
+            # Ids are taken as given, held or not, finished or not, and filters select
+            # finished mail too (--state any): list only those the command would change,
+            # as it counts them (and as purge's dry run does).
+            if found is None:
+                found = [store.status(mid) for mid in ids]
+            ids = [m.id for m in found if action.changes(m)]
         if args.dry_run:
             return _dry_run(args, action.name, ids)
         if action.name == "retry":

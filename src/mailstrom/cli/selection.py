@@ -19,7 +19,7 @@ from mailstrom.cli.parsing import duration_arg
 from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.chars import shorten
-from mailstrom.status import RecipientState
+from mailstrom.status import MessageStatus, RecipientState
 from mailstrom.stores.base import MAX_FILTER_TEXT, QueueFilter, Store
 from mailstrom.stores.operator import PENDING_STATES, filter_domain
 
@@ -162,16 +162,17 @@ def resolve_all(store: Store, ids: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(store.resolve_id(i) for i in ids))
 
 
-def select(
+def select_messages(
     store: Store,
     args: argparse.Namespace,
     *,
     now: datetime,
     default_state: str,
     held: bool | None = None,
-) -> list[str]:
+) -> tuple[list[str], list[MessageStatus] | None]:
     """The full ids a bulk command acts on: the ids given, or every message the filters
-    (or ``--all``) select, at most :data:`MAX_BULK`. A usage error when the command
+    (or ``--all``) select, at most :data:`MAX_BULK`; with the statuses the filters found
+    them by (without their history), None for ids given. A usage error when the command
     names nothing, or both ids and filters."""
     ids = given_ids(args)
     filtered = has_filters(args) or args.all
@@ -180,9 +181,10 @@ def select(
     if not args.ids and not filtered:
         raise UsageError("name messages: ids, '-' for ids on standard input, filters, or --all")
     if args.ids:
-        return resolve_all(store, ids)
+        return resolve_all(store, ids), None
     where = queue_filter(args, default_state=default_state, limit=MAX_BULK, held=held)
-    return [m.id for m in store.query(now=now, where=where)]
+    found = store.query(now=now, where=where)
+    return [m.id for m in found], found
 
 
 def plural(n: int, word: str) -> str:
