@@ -353,33 +353,7 @@ retry_min=1.0, retry_max=300.0)
     up to ``retry_max`` while the endpoint keeps failing."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str):
-            raise ConfigError(f"hook.url: expected a string, not {type(self.url).__name__}")
-        shown = _without_userinfo(self.url)
-        if shown != self.url:
-            # urllib sends no credentials from a URL: it took "user:password@host" for
-            # the host's name, every request failed, and the warning showed the password.
-            raise ConfigError(
-                f"hook.url: credentials in the URL are not sent (requests are signed with "
-                f"hook.secret instead): {shown!r}"
-            )
-        scheme, sep, rest = self.url.partition("://")
-        if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
-            raise ConfigError(f"hook.url: expected an http:// or https:// URL, got {self.url!r}")
-        try:
-            # What the sender's urllib reads (an IPv6 literal without its "]", a port
-            # that is no port): refused here rather than by every request.
-            parts = urllib.parse.urlsplit(self.url)
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError as exc:
-            raise ConfigError(f"hook.url: {exc}: {self.url!r}") from None
-        if not parts.hostname or any(c.isspace() or not c.isprintable() for c in self.url):
-            raise ConfigError(f"hook.url: expected a host and no white space: {self.url!r}")
-        problem = _host_problem(parts.hostname)
-        if problem is not None:
-            # The sender's socket looks the host up by its IDNA form, which such a name
-            # has not: every request failed and the batch was retried for ever.
-            raise ConfigError(f"hook.url: host {shorten(parts.hostname, 80)} {problem}")
+        check_hook_url(self.url)
         if not isinstance(self.secret, str) or not self.secret:
             # Never shown: a secret.
             raise ConfigError(
@@ -398,6 +372,38 @@ retry_min=1.0, retry_max=300.0)
             f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
+
+
+def check_hook_url(url: object, where: str = "hook.url") -> None:
+    """ConfigError unless ``url`` is an http(s) URL the hook's sender can POST to: a
+    host, no credentials (they are not sent, and would be shown), no white space."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: expected a string, not {type(url).__name__}")
+    shown = _without_userinfo(url)
+    if shown != url:
+        # urllib sends no credentials from a URL: it took "user:password@host" for
+        # the host's name, every request failed, and the warning showed the password.
+        raise ConfigError(
+            f"{where}: credentials in the URL are not sent (requests are signed with "
+            f"hook.secret instead): {shown!r}"
+        )
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {url!r}")
+    try:
+        # What the sender's urllib reads (an IPv6 literal without its "]", a port
+        # that is no port): refused here rather than by every request.
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}: {url!r}") from None
+    if not parts.hostname or any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{where}: expected a host and no white space: {url!r}")
+    problem = _host_problem(parts.hostname)
+    if problem is not None:
+        # The sender's socket looks the host up by its IDNA form, which such a name
+        # has not: every request failed and the batch was retried for ever.
+        raise ConfigError(f"{where}: host {shorten(parts.hostname, 80)} {problem}")
 
 
 def _host_problem(host: str) -> str | None:

@@ -48,6 +48,8 @@ from mailstrom.config import (
     RelayTLS,
     Timeouts,
     TLSPolicy,
+    check_ca_file,
+    check_hook_url,
     check_nameserver,
 )
 from mailstrom.dkim.config import DKIMConfig
@@ -591,6 +593,22 @@ def _existing_file(key: str, value: Any) -> str:
     return path
 
 
+def _ca_file(key: str, value: Any) -> str:
+    """A PEM file of CA certificates that OpenSSL loads: checked here, not only where the
+    context is made, so that ``--tls-ca`` names its option (a usage error, exit 64)."""
+    path = _existing_file(key, value)
+    check_ca_file(path, key)
+    return path
+
+
+def _hook_url(key: str, value: Any) -> str:
+    """The hook's endpoint, checked as :class:`~mailstrom.config.HookConfig` checks it:
+    here too, so that ``worker --hook`` names its option (a usage error, exit 64)."""
+    url = _str(key, value)
+    check_hook_url(url, key)
+    return url
+
+
 # Every key, with its parser. The order is the order of docs/cli.md.
 KEYS: dict[str, Parser] = {
     "store": _store,
@@ -599,7 +617,7 @@ KEYS: dict[str, Parser] = {
     "source_address": _str,
     "allow_loopback": _bool,
     "tls": _choice(TLSPolicy),
-    "tls_ca": _existing_file,
+    "tls_ca": _ca_file,
     "max_message_size": _int(1),
     "max_recipients": _int(1),
     "max_connections": _int(1),
@@ -641,7 +659,7 @@ KEYS: dict[str, Parser] = {
     "doctor.probe": _str,
     "doctor.dnsbls": _str_list,
     "events": _bool,
-    "hook.url": _str,
+    "hook.url": _hook_url,
     "hook.secret": _str,
     "hook.timeout": _seconds(0.001),
     "hook.batch": _int(1),
@@ -665,7 +683,7 @@ KEYS: dict[str, Parser] = {
     "dns.dnssec": _bool,
     "mta_sts.enabled": _bool,
     "mta_sts.port": _port,
-    "mta_sts.ca_file": _existing_file,
+    "mta_sts.ca_file": _ca_file,
     "mta_sts.timeout": _seconds(0.001),
     "mta_sts.recheck": _seconds(0),
     "mta_sts.report": _bool,

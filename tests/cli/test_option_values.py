@@ -72,6 +72,32 @@ def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: s
 
 
 @pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        # A file that holds no CA certificate: only its existence was checked, and the
+        # settings loader then refused it as a configuration error (78) naming tls_ca.
+        (["--tls-ca", "notes.txt", "queue"], "argument --tls-ca: cannot load 'notes.txt'"),
+        # The worker's own options were checked only as settings: 78, named as settings.
+        (["worker", "--once", "--no-live", "--metrics", "x:y"], "argument --metrics: expected"),
+        (["worker", "--once", "--no-live", "--metrics", ""], "argument --metrics: expected"),
+        (["worker", "--once", "--no-live", "--hook", "ftp://x"], "argument --hook: expected"),
+        (["worker", "--once", "--no-live", "--hook", ""], "argument --hook: expected"),
+    ],
+)
+def test_bad_option_values_checked_as_settings_are_usage_errors(
+    cli: CLI, args: list[str], reason: str
+) -> None:
+    """docs/cli.md: a bad value given as an option is a usage error naming the option
+    (exit 64); 78 is for the file and the environment."""
+    (cli.cwd / "notes.txt").write_text("not a certificate\n")
+    cli.env["MAILSTROM_HOOK_SECRET"] = "s3cret"
+    result = cli(*args, timeout=30)
+    assert result.code == 64, result.err
+    assert result.err_lines[-1].startswith("mailstrom: "), result.err
+    assert reason in result.err_lines[-1]
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ('[retry]\nmax_age = "99999999999d"\n', "retry.max_age"),

@@ -14,7 +14,7 @@ from mailstrom.cli.context import open_store, settings_from
 from mailstrom.cli.exits import EX_CONFIG, EX_OK, EX_TEMPFAIL, CLIError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.output import is_tty
-from mailstrom.cli.parsing import Subparsers, seconds_arg
+from mailstrom.cli.parsing import Subparsers, seconds_arg, setting_arg
 from mailstrom.cli.signals import STOP_SIGNALS, EarlyStops, early_stops, run_until_signalled
 from mailstrom.errors import ConfigError
 from mailstrom.runtime.loops import run as run_loop
@@ -57,6 +57,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
+        type=setting_arg("metrics.listen", "--metrics"),
         default=None,
         help="serve Prometheus /metrics and /healthz there (port alone: on 127.0.0.1; "
         "needs mailstrom[metrics]); the setting metrics.listen",
@@ -64,6 +65,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--hook",
         metavar="URL",
+        type=setting_arg("hook.url", "--hook"),
         default=None,
         help="POST every recorded result there as signed JSON, in batches, from the "
         "store's outbox (the secret: hook.secret or MAILSTROM_HOOK_SECRET)",
