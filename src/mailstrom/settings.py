@@ -869,18 +869,31 @@ def load_settings(
 
     values: dict[str, Any] = {}
     warnings: list[str] = []
+    # Where each value was given, for its errors: an option is named by argparse (and
+    # Django's dict by its caller), so it has none.
+    sources: dict[str, str] = {}
     if config_file is not None:
         from_file = read_config_file(config_file)
         warnings.extend(_exposed_secrets(config_file, from_file))
         values.update(from_file)
-    _overlay(values, read_env(env))
+        sources.update(dict.fromkeys(from_file, f"in {config_file}"))
+    from_env = read_env(env)
+    _overlay(values, from_env)
+    sources.update({key: f"from {env_name(key)}" for key in from_env})
     for key in overrides or {}:
         if key not in KEYS:
             raise ConfigError(f"unknown setting {_quoted(key)}")
-    _overlay(values, {k: v for k, v in (overrides or {}).items() if v is not None})
-    parsed = {key: _parse(key, value) for key, value in values.items()}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _overlay(values, given)
+    for key in given:
+        sources.pop(key, None)
+    try:
+        parsed = {key: _parse(key, value) for key, value in values.items()}
+        config = build_config(parsed)
+    except ConfigError as exc:
+        raise _with_source(exc, sources) from None
     return Settings(
-        config=build_config(parsed),
+        config=config,
         store_url=parsed["store"] if "store" in parsed else default_store_url(env),
         config_file=config_file,
         values=values,
@@ -890,6 +903,23 @@ def load_settings(
         web_token=parsed.get("web.token"),
         web_public_url=parsed.get("web.public_url"),
     )
+
+
+_ERROR_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(?=[:\[])", re.ASCII)
+"""The setting an error names first (``retry.jitter: ...``, ``lanes[1]: ...``)."""
+
+
+def _with_source(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:
+    """``exc`` saying where the value of the setting it names was given (``(in
+    /etc/mailstrom/config.toml)``, ``(from MAILSTROM_SMTP_PORT)``): with a file and
+    variables both in play, the key alone did not say which one to mend."""
+    text = str(exc)
+    match = _ERROR_KEY.match(text)
+    source = sources.get(match[1]) if match else None
+    if source is not None and len(exc.args) == 1:
+        # The same error, said more: its type (InvalidShapingRule) and fields are kept.
+        exc.args = (f"{text} ({source})",)
+    return exc
 
 
 _SAME_SETTING = {"tls": "tls.default", "tls.default": "tls"}

@@ -428,3 +428,24 @@ def test_retry_max_age_off(tmp_path: Path, text: str) -> None:
     path = tmp_path / "c.toml"
     path.write_text(f"[retry]\nmax_age = {text}\n")
     assert load_settings(config_path=path, env={}).config.retry.max_age is None
+
+
+def test_a_bad_value_names_the_file_or_variable_it_came_from(tmp_path: Path) -> None:
+    """A bad value's error named its key alone: with a file and MAILSTROM_* variables
+    (a systemd unit's, a container's) the operator could not tell which one to mend, nor
+    which of the default files had been read."""
+    path = tmp_path / "c.toml"
+    path.write_text('smtp_port = "x"\n[retry]\njitter = 2\n')
+    where = re.escape(f"(in {path})")
+    with pytest.raises(ConfigError, match=rf"^smtp_port: .*'x' {where}$"):
+        load_settings(config_path=path, env={})
+    # A value the dataclasses refuse (after parsing) is named with its source as well.
+    env = {"MAILSTROM_SMTP_PORT": "25"}
+    with pytest.raises(ConfigError, match=rf"^retry\.jitter: .*2\.0 {where}$"):
+        load_settings(config_path=path, env=env)
+    env = {"MAILSTROM_SMTP_PORT": "y", "MAILSTROM_RETRY_JITTER": "0.1"}
+    with pytest.raises(ConfigError, match=r"^smtp_port: .*'y' \(from MAILSTROM_SMTP_PORT\)$"):
+        load_settings(config_path=path, env=env)
+    # An option (or Django's dict) is named by its caller: no source is added.
+    with pytest.raises(ConfigError, match=r"^smtp_port: .*'z'$"):
+        load_settings(config_path=path, env={}, overrides={"smtp_port": "z"})
