@@ -769,6 +769,19 @@ def _is_config_file(path: Path) -> bool:
         ) from None
 
 
+def _not_a_config_file(path: Path) -> str:
+    """Why the named ``path``, which is no regular file, cannot be read: it is missing,
+    or it is something else (a directory, a pipe), which "not found" misdescribed."""
+    try:
+        kind = "a directory" if path.is_dir() else None if not path.exists() else "other"
+    except OSError:
+        kind = None
+    if kind is None:
+        return f"config file not found: {shorten(str(path))}"
+    what = "a directory, not a file" if kind == "a directory" else "not a regular file"
+    return f"cannot read config file {shorten(str(path))}: {what}"
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The file's settings by dotted key; ConfigError when it cannot be read, is larger
     than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 (a byte order mark first is dropped)
@@ -862,7 +875,7 @@ def load_settings(
     if named:
         config_file = Path(named)
         if not _is_config_file(config_file):
-            raise ConfigError(f"config file not found: {shorten(str(named))}")
+            raise ConfigError(_not_a_config_file(config_file))
     elif search:
         candidates = default_config_paths(env) if paths is None else paths
         config_file = next((p for p in candidates if _is_config_file(p)), None)

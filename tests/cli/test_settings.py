@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from datetime import timedelta
@@ -449,3 +450,16 @@ def test_a_bad_value_names_the_file_or_variable_it_came_from(tmp_path: Path) -> 
     # An option (or Django's dict) is named by its caller: no source is added.
     with pytest.raises(ConfigError, match=r"^smtp_port: .*'z'$"):
         load_settings(config_path=path, env={}, overrides={"smtp_port": "z"})
+
+
+def test_a_config_path_that_is_no_file_is_not_called_missing(tmp_path: Path) -> None:
+    """``--config /etc/mailstrom`` (the directory) and ``--config <(make-config)`` (a
+    pipe) were "config file not found", though the path was there to see."""
+    with pytest.raises(ConfigError, match=r"^cannot read config file .*: a directory, not a"):
+        load_settings(config_path=tmp_path, env={})
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"^cannot read config file .*pipe\.toml'?: not a reg"):
+        load_settings(env={"MAILSTROM_CONFIG": str(fifo)})
+    with pytest.raises(ConfigError, match=r"^config file not found: .*missing\.toml"):
+        load_settings(config_path=tmp_path / "missing.toml", env={})
