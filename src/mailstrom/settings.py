@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -804,8 +805,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
             put(name, value)
     for key in flat:
         if key not in KEYS:
-            raise ConfigError(f"{path}: unknown setting {_quoted(key)}")
+            raise ConfigError(f"{path}: unknown setting {_quoted(key)}{_meant(key)}")
     return flat
+
+
+def _meant(key: str) -> str:
+    """What an unknown ``key`` likely meant, as the end of its error ("" for no guess).
+
+    TOML puts every key under the table above it: ``helo_name`` written after ``[relay]``
+    is ``relay.helo_name``. Else the nearest known key, for a typo."""
+    if len(key) > 100:  # no guess for what is no key
+        return ""
+    section, _, name = key.partition(".")
+    if name in KEYS and "." not in name:
+        return (
+            f"; {name!r} goes before the first [table] of the file (a key belongs to the "
+            f"table above it, here [{section}])"
+        )
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _read_config_text(path: Path) -> str:
@@ -850,7 +868,9 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         key = _ENV_KEYS.get(name)
         if key is None:
-            raise ConfigError(f"unknown environment variable {name}")
+            close = difflib.get_close_matches(name, _ENV_KEYS, n=1) if len(name) <= 100 else []
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown environment variable {name}{hint}")
         values[key] = value
     return values
 
@@ -895,7 +915,7 @@ def load_settings(
     sources.update({key: f"from {env_name(key)}" for key in from_env})
     for key in overrides or {}:
         if key not in KEYS:
-            raise ConfigError(f"unknown setting {_quoted(key)}")
+            raise ConfigError(f"unknown setting {_quoted(key)}{_meant(key)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     _overlay(values, given)
     for key in given:

@@ -463,3 +463,27 @@ def test_a_config_path_that_is_no_file_is_not_called_missing(tmp_path: Path) -> 
         load_settings(env={"MAILSTROM_CONFIG": str(fifo)})
     with pytest.raises(ConfigError, match=r"^config file not found: .*missing\.toml"):
         load_settings(config_path=tmp_path / "missing.toml", env={})
+
+
+def test_an_unknown_key_says_what_was_likely_meant(tmp_path: Path) -> None:
+    """An unknown key's error named it alone. TOML puts every key under the table above
+    it, so a top-level setting written after ``[relay]`` became "relay.helo_name", an
+    error that did not say why; a misspelt key did not say which one was meant."""
+    path = tmp_path / "c.toml"
+    path.write_text('[relay]\nhost = "smtp.example.net"\n\nhelo_name = "mail.example.com"\n')
+    with pytest.raises(ConfigError, match=r"'relay\.helo_name'.*'helo_name'.*before.*\[relay\]"):
+        load_settings(config_path=path, env={})
+    path.write_text('[dns]\nnameserver = ["192.0.2.1"]\n')
+    with pytest.raises(ConfigError, match=r"'dns\.nameserver'; did you mean 'dns\.nameservers'"):
+        load_settings(config_path=path, env={})
+    env = {"MAILSTROM_MAX_CONNECTION": "5"}
+    with pytest.raises(
+        ConfigError, match=r"MAILSTROM_MAX_CONNECTION; did you mean MAILSTROM_MAX_CONNECTIONS\?"
+    ):
+        load_settings(env=env, search=False)
+    with pytest.raises(ConfigError, match=r"'smtp_prot'; did you mean 'smtp_port'\?"):
+        load_settings(env={}, search=False, overrides={"smtp_prot": 25})
+    # Nothing close: no guess.
+    path.write_text("colour = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'colour'$"):
+        load_settings(config_path=path, env={})
