@@ -514,6 +514,20 @@ def _tls_domains(key: str, value: Any) -> PolicyTable:
         value = entries
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a table of domain = level, got {_quoted(value)}")
+    for name, level in value.items():
+        if isinstance(name, str) and isinstance(level, dict):
+            # TOML reads the dots of an unquoted example.com as tables: {"example": {...}}.
+            labels = [name]
+            while isinstance(level, dict) and len(level) == 1:
+                label, level = next(iter(level.items()))
+                labels.append(str(label))
+            domain = ".".join(labels)
+            plain = isinstance(level, str) and len(level) <= 20 and level.replace("-", "").isalpha()
+            shown = f'"{domain}" = "{level}"' if plain else f'"{domain}" = ...'
+            raise ConfigError(
+                f"{key}: write {_quoted(domain)} in quotes ({shown}): "
+                "unquoted, TOML reads the dots of a domain as tables"
+            )
     return PolicyTable.parse(value)
 
 

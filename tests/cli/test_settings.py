@@ -487,3 +487,16 @@ def test_an_unknown_key_says_what_was_likely_meant(tmp_path: Path) -> None:
     path.write_text("colour = 1\n")
     with pytest.raises(ConfigError, match=r"unknown setting 'colour'$"):
         load_settings(config_path=path, env={})
+
+
+def test_an_unquoted_domain_in_tls_domains_says_to_quote_it(tmp_path: Path) -> None:
+    """TOML reads ``example.com = "verify"`` as a table ``example`` holding ``com``: the
+    error blamed the level ("'example' = {'com': 'verify'}: expected one of ..."), which
+    was right, and never the missing quotes."""
+    path = tmp_path / "c.toml"
+    path.write_text('[tls.domains]\nmail.example.com = "verify"\n')
+    quoted = re.escape('("mail.example.com" = "verify")')
+    with pytest.raises(
+        ConfigError, match=rf"^tls\.domains: write 'mail\.example\.com' in quotes {quoted}"
+    ):
+        load_settings(config_path=path, env={})
