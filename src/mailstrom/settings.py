@@ -921,6 +921,7 @@ def load_settings(
     sources: dict[str, str] = {}
     if config_file is not None:
         from_file = read_config_file(config_file)
+        warnings.extend(_writable_by_others(config_file))
         warnings.extend(_exposed_secrets(config_file, from_file))
         values.update(from_file)
         sources.update(dict.fromkeys(from_file, f"in {config_file}"))
@@ -996,6 +997,23 @@ def _parse(key: str, value: Any) -> Any:
             f"{key}: expected a non-empty string (the value is secret, so it is not shown; "
             "quote it in the file)"
         ) from None
+
+
+def _writable_by_others(path: Path) -> list[str]:
+    """A warning when every user may change the file at ``path``: whoever can write it
+    chooses the store and the relay, the reason the working directory's file is never
+    read (ssh refuses such a file, ``postfix check`` warns of one). A group's write bit
+    is left alone: it may be an administrators' group, or the owner's own (umask 002)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return []
+    if not mode & 0o002:
+        return []
+    return [
+        f"{path} can be changed by any user (mode {mode:04o}), who could then choose "
+        "the store and the relay; chmod o-w it"
+    ]
 
 
 def _exposed_secrets(path: Path, document: Mapping[str, Any]) -> list[str]:

@@ -343,3 +343,24 @@ def test_a_store_url_password_in_a_readable_file_is_warned_about(cli: CLI) -> No
     assert result.code == 0, result.err
     assert result.err_lines[0].startswith(f"mailstrom: warning: {config} holds a password")
     assert SECRET not in result.err
+
+
+@pytest.mark.parametrize(("file_mode", "warned"), [(0o666, True), (0o602, True), (0o664, False)])
+def test_a_config_file_anyone_can_write_is_warned_about(
+    cli: CLI, file_mode: int, warned: bool
+) -> None:
+    """Whoever can write the config file chooses the store and the relay (the reason a
+    file in the working directory is never read), yet a file any user could change was
+    read without a word; ssh refuses such a file, ``postfix check`` warns of one."""
+    config = cli.cwd / "c.toml"
+    config.write_text('helo_name = "client.test"\n')
+    config.chmod(file_mode)
+    result = cli("--config", str(config), "queue")
+    assert result.code == 0, result.err
+    if not warned:  # a group's write bit: an administrators' group, or umask 002's own
+        assert result.err == ""
+        return
+    assert result.err_lines == [
+        f"mailstrom: warning: {config} can be changed by any user (mode {file_mode:04o}), "
+        "who could then choose the store and the relay; chmod o-w it"
+    ]
