@@ -693,6 +693,37 @@ def test_dkim_unreadable_or_unusable_key(tmp_path: Path) -> None:
     assert "openssl genpkey" in (check.fix or "")
 
 
+def test_dkim_encrypted_key_is_not_advised_away(tmp_path: Path) -> None:
+    """An encrypted key is still the key whose public half is published: the advice is
+    to store it unencrypted, not a command that writes a new key over it (after which
+    every signature fails against the record in DNS)."""
+    path = tmp_path / "ed.pem"
+    path.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    key = DKIMKey(domain=DOMAIN, selector="s", private_key=str(path), algorithm="ed25519")
+    check, verifies = check_dkim(FakeResolver({}), key)
+    assert check.status is Status.FAIL and not verifies
+    assert "encrypted" in check.summary
+    fix = check.fix or ""
+    assert "genpkey" not in fix and f"-out {path}" not in fix
+    assert f"openssl pkey -in {path}" in fix
+
+
+def test_dkim_unusable_key_advice_makes_a_key_of_the_configured_algorithm(
+    tmp_path: Path,
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    key = DKIMKey(domain=DOMAIN, selector="s", private_key=str(junk), algorithm="ed25519")
+    fix = check_dkim(FakeResolver({}), key)[0].fix or ""
+    assert "openssl genpkey -algorithm ED25519" in fix and "RSA" not in fix
+
+
 def test_dkim_key_file_that_is_no_regular_file_or_too_large(tmp_path: Path, rsa_key: Path) -> None:
     """The doctor reads keys as the signer does: never blocked by a FIFO, never reading
     a device or a file larger than any key."""

@@ -220,14 +220,26 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             f"unusable private key: {exc}",
             "point the DKIM key setting at a readable PEM file",
         )
+    # Commands name the file; a key given as PEM bytes has none.
+    path = key.private_key if isinstance(key.private_key, str) else "KEY.pem"
     try:
         ours = public_key(pem)
-    except (ValueError, TypeError) as exc:
+    except TypeError:
+        # cryptography's word for a key that needs a password. It is still the key whose
+        # public half may be published: writing a new key over it (the advice below) would
+        # fail every signature against that record.
+        return result(
+            Status.FAIL,
+            f"{key.source} is encrypted: the signer needs the key unencrypted",
+            "store it unencrypted, readable by its owner only, and configure that file: "
+            f"(umask 077; openssl pkey -in {path} -out NEW.pem)",
+        )
+    except ValueError as exc:
+        generate = "ED25519" if wanted == "ed25519" else "RSA -pkeyopt rsa_keygen_bits:2048"
         return result(
             Status.FAIL,
             f"{key.source} is no usable private key: {exc}",
-            "generate one: openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 "
-            f"-out {key.source}",
+            f"generate one: (umask 077; openssl genpkey -algorithm {generate} -out {path})",
         )
     publish = f'publish TXT at {name}: "{record_for(ours)}"'
     if ours.kind != wanted:
