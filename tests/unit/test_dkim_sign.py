@@ -206,6 +206,14 @@ def test_required_needs_keys() -> None:
         DKIMConfig(keys=(key("example.com", "s"), key("example.com", "s", ED25519)))
 
 
+@pytest.mark.parametrize("keys", [key("example.com", "s"), None, 5, b"keys"])
+def test_keys_that_are_no_sequence_of_keys_are_a_config_error(keys: object) -> None:
+    """One key given as ``keys=`` (no tuple around it) is a configuration mistake, told
+    as every other one is: it raised TypeError ("'DKIMKey' object is not iterable")."""
+    with pytest.raises(ConfigError, match=r"dkim\.keys: expected a sequence of DKIMKey"):
+        DKIMConfig(keys=keys)  # type: ignore[arg-type]
+
+
 def test_a_selector_in_other_case_is_the_same_selector() -> None:
     """DNS names are compared without regard to case (RFC 4343): S1._domainkey and
     s1._domainkey are one record, which can publish one of the two keys, so the other's

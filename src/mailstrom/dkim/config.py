@@ -50,7 +50,14 @@ class DKIMConfig:
     )
 
     def __post_init__(self) -> None:
-        keys = tuple(self.keys)
+        given = self.keys
+        # One key without a tuple around it raised TypeError ("not iterable"); a string is
+        # a sequence too, of one-letter "keys": refused, not split.
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise ConfigError(
+                f"dkim.keys: expected a sequence of DKIMKey values, got {type(given).__name__}"
+            )
+        keys = tuple(given)
         object.__setattr__(self, "keys", keys)
         seen: set[tuple[str, str]] = set()
         for key in keys:
