@@ -8,7 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailstrom.errors import InvalidAttachment, InvalidMessage
+from mailstrom.errors import InvalidAttachment, InvalidHeaderValue, InvalidMessage
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -214,6 +214,28 @@ def test_a_field_allowed_once_given_twice_in_headers_is_refused(name: str) -> No
     headers = {name: "<a@example.com>", name.lower(): "<b@example.com>"}
     with pytest.raises(InvalidMessage, match=f"{name.lower()}.*twice"):
         prepare(Email(from_=FROM, to=TO, text="t", headers=headers))
+
+
+@pytest.mark.parametrize("name", ["In-Reply-To", "References"])
+@pytest.mark.parametrize(
+    "value", ["a1b2@example.com", "<a1b2@example.com", "Re: your mail", "<a@example.com> x"]
+)
+def test_a_reply_field_that_holds_no_msg_ids_is_refused(name: str, value: str) -> None:
+    """In-Reply-To and References are one or more msg-ids (RFC 5322 §3.6.4); a bare id
+    without angle brackets (as ``message_id`` takes it) was sent as given, so no reader
+    found the message it answers and the reply lost its thread."""
+    with pytest.raises(InvalidHeaderValue, match=name) as caught:
+        prepare(Email(from_=FROM, to=TO, text="t", headers={name: value}))
+    assert caught.value.header == name
+
+
+def test_reply_fields_of_msg_ids_with_comments_are_sent_as_given() -> None:
+    value = ' <a@example.com>\t(first)  <"b c"@[127.0.0.1]> '
+    message = build(
+        text="t", headers={"In-Reply-To": "<x@example.com>", "References": value.strip()}
+    )
+    assert message["In-Reply-To"] == "<x@example.com>"
+    assert message["References"] == value.strip()
 
 
 def test_two_attachments_with_one_content_id_are_refused() -> None:

@@ -20,7 +20,7 @@ from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.envelope import AddressFields
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
-from mailstrom.message.identification import check_message_id
+from mailstrom.message.identification import check_message_id, check_msg_ids
 from mailstrom.message.provider import provider_fields
 
 # Headers the Email fields own; setting them through ``headers`` would be ambiguous.
@@ -329,7 +329,10 @@ def _header(name: object, value: object) -> tuple[str, str]:
             f"header {name!r} cannot be set through headers: resending is for raw messages, "
             "and Resent-Bcc would be transmitted"
         )
-    return name, _text(name, value)
+    text = _text(name, value)
+    if key in _ONCE:
+        check_msg_ids(text, field=name)
+    return name, text
 
 
 def _check_once(headers: tuple[tuple[str, str], ...]) -> None:

@@ -45,6 +45,24 @@ def check_message_id(value: str, *, field: str = "Message-ID") -> str:
     return match[1]
 
 
+def check_msg_ids(value: str, *, field: str) -> None:
+    """Raise :class:`InvalidHeaderValue` unless ``value`` is one or more msg-ids, with
+    comments and white space around them: an In-Reply-To or References field (RFC 5322
+    §3.6.4; the obsolete phrases of §4.5.4 may not be generated)."""
+    at = 0
+    while at < len(value) or not at:
+        # One msg-id at a time: a pattern repeating _MSG_ID would backtrack over every
+        # split of a long run of white space between two.
+        match = _MSG_ID.match(value, at)
+        if match is None:
+            raise InvalidHeaderValue(
+                f"invalid {field} {shorten(value)}: expected one or more <id-left@id-right> "
+                "(RFC 5322 §3.6.4), each in angle brackets",
+                header=field,
+            )
+        at = match.end()
+
+
 def format_date(when: datetime) -> str:
     """``when`` (timezone-aware) as an RFC 5322 date-time, for a Date field.
 
