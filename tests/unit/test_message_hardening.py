@@ -384,6 +384,27 @@ def test_message_rfc822_with_utf8_headers_points_to_message_global() -> None:
     assert part["Content-Transfer-Encoding"] == "base64"
 
 
+def test_message_rfc822_attachment_with_long_lines_is_encoded_inside() -> None:
+    """A forwarded message saved as it arrived may have an HTML body on one line over 998
+    octets, or a long Subject unfolded: attached as message/rfc822 it was refused with
+    LineTooLong, telling the application to encode a body it did not write. The long
+    body is encoded and the long header line folded inside the attached message, as
+    ``mailstrom sendmail`` does for a message of its own; the content reads the same."""
+    html = "<p>" + "x" * 1500 + "</p>\n"
+    subject = "word " * 299 + "end"
+    inner = f"From: c@example.net\nSubject: {subject}\nContent-Type: text/html\n\n{html}"
+    attachment = Attachment(
+        filename="fwd.eml", content=inner.encode(), content_type="message/rfc822"
+    )
+    prepared = prepare(email(text="see attached", attachments=[attachment]), now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 998
+    part = next(p for p in parsed(prepared.data).walk() if p.get_content_type() == "message/rfc822")
+    assert part["Content-Transfer-Encoding"] == "7bit"
+    forwarded = part.get_payload()[0]
+    assert forwarded["Subject"] == subject
+    assert forwarded.get_content() == html.replace("\n", "\r\n")
+
+
 # --- #10 the 7-bit downgrade --------------------------------------------------------------
 
 

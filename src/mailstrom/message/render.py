@@ -34,7 +34,12 @@ from mailstrom.message.addresses import extra_field, format_address_field
 from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_parts
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
-from mailstrom.message.encoding import downgrade_to_7bit, quoted_printable, to_crlf
+from mailstrom.message.encoding import (
+    downgrade_to_7bit,
+    encode_long_lines,
+    quoted_printable,
+    to_crlf,
+)
 from mailstrom.message.headers import MAX_FIELD, check_field_size
 from mailstrom.message.identification import format_date
 from mailstrom.message.words import FOLD_AT, fold, parameter, unstructured_field
@@ -295,7 +300,11 @@ def _base64(data: bytes) -> bytes:
 
 
 def _attached_message(part: Part) -> bytes:
-    content = downgrade_to_7bit(to_crlf(part.content))
+    # A message saved as it arrived may have lines over 998 octets (a one-line HTML
+    # body, an unfolded Subject), which it may not be sent with: each such body is
+    # encoded and each such header line folded, as for sendmail input; the content reads
+    # the same.
+    content = downgrade_to_7bit(encode_long_lines(to_crlf(part.content)))
     if b"\0" in content:
         raise ForbiddenCharacter(
             f"attachment {shorten(part.filename)} (message/rfc822) holds a NUL octet, which "
