@@ -768,6 +768,17 @@ def test_header_pairs_are_still_taken() -> None:
     assert b"\r\nX-A: 1\r\n" in prepared.data
 
 
+def test_header_pairs_with_a_repeated_name_are_all_sent() -> None:
+    """Pairs went through dict(), so a name given twice (two Comments, two X-Tag fields)
+    kept only its last value and the others were dropped without a word."""
+    pairs = [("Comments", "first"), ("X-Tag", "a"), ("Comments", "second")]
+    data = prepare(email(headers=pairs), now=NOW).data
+    assert b"\r\nComments: first\r\nX-Tag: a\r\nComments: second\r\n" in data
+    # A field RFC 5322 allows once is still refused when repeated so.
+    with pytest.raises(InvalidMessage, match="twice"):
+        prepare(email(headers=[("References", "<a@b.c>"), ("References", "<d@e.f>")]), now=NOW)
+
+
 @pytest.mark.parametrize(
     "envelope",
     [

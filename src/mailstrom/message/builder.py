@@ -341,7 +341,7 @@ def _check_once(headers: tuple[tuple[str, str], ...]) -> None:
         key = name.lower()
         if key in _ONCE and key in seen:
             raise InvalidMessage(
-                f"header {key!r} is given twice in headers (names differing only in case); "
+                f"header {key!r} is given twice in headers (names may differ in case); "
                 "RFC 5322 §3.6 allows one such field"
             )
         seen.add(key)
@@ -349,13 +349,16 @@ def _check_once(headers: tuple[tuple[str, str], ...]) -> None:
 
 def _header_items(headers: object) -> Iterable[tuple[str, str]]:
     try:
-        # A mapping, or (name, value) pairs as dict() takes them.
-        found: dict[str, str] = dict(headers)  # type: ignore[call-overload]
+        if isinstance(headers, dict | Mapping) or hasattr(headers, "keys"):
+            found: dict[str, str] = dict(headers)  # type: ignore[call-overload]
+            return found.items()
+        # (name, value) pairs, each kept: through dict() a name given twice (two Comments
+        # fields) kept only its last value.
+        return [(name, value) for name, value in headers]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         raise InvalidMessage(
             f"headers must be a mapping of header names to values, not {type(headers).__name__}"
         ) from None
-    return found.items()
 
 
 def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
