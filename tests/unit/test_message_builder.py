@@ -238,6 +238,17 @@ def test_reply_fields_of_msg_ids_with_comments_are_sent_as_given() -> None:
     assert message["References"] == value.strip()
 
 
+@pytest.mark.parametrize("content_id", ["cid:logo@app", "<CID:logo@app>", " cid:logo"])
+def test_a_content_id_given_as_its_cid_url_is_refused(content_id: str) -> None:
+    """``content_id="cid:logo@app"``, copied from the HTML's ``src="cid:logo@app"``, was
+    sent as ``Content-ID: <cid:logo@app>``, which that URL does not name (RFC 2392: the
+    URL is ``cid:`` and the id): the inline image showed broken in every reader."""
+    logo = Attachment(filename="logo.png", content=b"\x89PNG", inline=True, content_id=content_id)
+    with pytest.raises(InvalidAttachment, match="without 'cid:'") as caught:
+        build(text="t", html='<img src="cid:logo@app">', attachments=[logo])
+    assert caught.value.filename == "logo.png"
+
+
 def test_two_attachments_with_one_content_id_are_refused() -> None:
     """RFC 2392: a Content-ID names one part; ``cid:logo@app`` cannot refer to two."""
     logo = Attachment(filename="logo.png", content=b"\x89PNG", inline=True, content_id="logo@app")

@@ -437,14 +437,22 @@ def _part(attachment: object) -> Part:
             filename=filename,
         )
     content_type, params = _content_type(attachment.content_type, filename)
-    cid = attachment.content_id
+    cid = None if attachment.content_id is None else _bracketed("Content-ID", attachment.content_id)
+    if cid is not None and cid[1:5].lower() == "cid:":
+        # The URL the HTML refers to the part by (RFC 2392), not its id: sent as
+        # <cid:logo>, no reader matched src="cid:logo" to it, and the image showed broken.
+        raise InvalidAttachment(
+            f"attachment {shorten(filename)} has Content-ID {shorten(cid)}: give it without "
+            f"'cid:' ({shorten(cid[5:-1])}); the HTML refers to it as cid:{shorten(cid[5:-1])}",
+            filename=filename,
+        )
     return Part(
         filename=filename,
         content=bytes(content),
         content_type=content_type,
         params=params,
         inline=bool(attachment.inline),
-        content_id=None if cid is None else _bracketed("Content-ID", cid),
+        content_id=cid,
     )
 
 
