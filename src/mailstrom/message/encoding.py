@@ -347,7 +347,10 @@ def encode_long_lines(data: bytes) -> bytes:
     return b"".join(pieces)
 
 
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_LONG_LINE = re.compile(rb"(?<![^\r\n])[^\r\n]{%d}" % (MAX_LINE + 1))
+"""A line over 998 octets, tried at line starts only: unanchored, the pattern was tried at
+every octet and ran to the line's end each time, its work the sum of the squares of the
+line lengths (20 MB of 998-octet lines: 40 s)."""
 _FOLDED = 1
 _ENCODED = 2
 
