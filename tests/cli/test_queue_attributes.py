@@ -99,3 +99,22 @@ def test_schedule_priority_and_idempotency_key(cli: CLI) -> None:
     other = send(cli, "--expires", "2099-12-02T00:00:00+01:00")
     expires = cli.ok("status", "--json", other).json()["expires_at"]
     assert datetime.fromisoformat(expires) == datetime(2099, 12, 1, 23, 0, tzinfo=UTC)
+
+
+def test_send_json_of_an_idempotent_repeat_describes_the_first_message(cli: CLI) -> None:
+    # The repeat queues nothing and prints the first message's id: its recipients are
+    # the first message's, not the ones the repeat named (never queued).
+    first = cli.ok(*_send_to("bob@example.test"), "--idempotency-key", "k-1", "--json").json()
+    again = cli.ok(
+        *_send_to("carol@example.test", "dave@example.test"), "--idempotency-key", "k-1", "--json"
+    ).json()
+    assert again["id"] == first["id"]
+    assert again["recipients"] == first["recipients"] == ["bob@example.test"]
+    assert again["dkim"] == first["dkim"] == []
+
+
+def _send_to(*recipients: str) -> list[str]:
+    args = ["send", "--from", "app@client.test", "--text", "x"]
+    for address in recipients:
+        args += ["--to", address]
+    return args

@@ -406,11 +406,16 @@ def send_command(args: argparse.Namespace) -> int:
         message_id = store.enqueue(prepared, now=now, hold=args.hold)
         if not args.wait:
             if args.json:
+                # What the store holds under the id: a repeat of an idempotency key queues
+                # nothing and gives the first message's id, and its own recipients (never
+                # queued) were printed as if they had been.
+                stored = store.status(message_id)
+                signatures = () if stored.dkim is None else stored.dkim.signatures
                 print_json(
                     {
                         "id": message_id,
-                        "recipients": prepared.recipients,
-                        "dkim": [str(signature) for signature in prepared.dkim],
+                        "recipients": [r.address for r in stored.recipients],
+                        "dkim": [str(signature) for signature in signatures],
                     }
                 )
             else:
