@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import email
+import email.policy
 import os
 from pathlib import Path
 
@@ -47,6 +49,22 @@ def test_send_unreadable_text_file(cli: CLI) -> None:
     result = cli("send", "--from", "a@client.test", "--to", "b@x.test", "--text-file", "no.txt")
     assert_one_line_error(result, 66, "cannot read no.txt")
     assert cli.queue_ids() == []
+
+
+def test_send_attaches_a_file_whose_name_is_not_utf8(cli: CLI) -> None:
+    # A name from an old Latin-1 archive: the file reads fine, only its name has octets
+    # that are not UTF-8 (os.fsdecode keeps them as lone surrogates). It was refused as
+    # "attachment filename contains a lone surrogate (U+DCE9)", exit 65.
+    name = os.fsdecode(b"caf\xe9.txt")
+    (cli.cwd / name).write_bytes(b"menu\n")
+    sent = cli.ok(
+        "send", "--from", "a@client.test", "--to", "b@x.test", "--text", "x", "--attach", name
+    )
+    raw = cli.ok("show", "--raw", sent.out.strip()).out.encode()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(message.iter_attachments())
+    assert part.get_filename() == "caf\ufffd.txt"
+    assert part.get_payload(decode=True) == b"menu\n"
 
 
 def test_send_usage_errors(cli: CLI) -> None:

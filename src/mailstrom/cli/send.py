@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -286,7 +287,11 @@ def attachment(path: str, budget: FileBudget) -> Attachment:
         # A compressed file (report.csv.gz) is sent as what it is: opaque bytes.
         content_type = "application/octet-stream"
     content = read_bytes(path, budget)
-    return Attachment(filename=Path(path).name, content=content, content_type=content_type)
+    # A name holding octets that are not UTF-8 (an old Latin-1 file name) has them as lone
+    # surrogates, which no header can carry: the file was refused for its name. Sent with
+    # U+FFFD for each such octet instead, as the file is otherwise what was asked for.
+    filename = os.fsencode(Path(path).name).decode("utf-8", "replace")
+    return Attachment(filename=filename, content=content, content_type=content_type)
 
 
 def headers(values: list[str]) -> dict[str, str]:
