@@ -189,6 +189,18 @@ def test_help_reads_well(cli: CLI) -> None:
     assert "-t" in cli.ok("sendmail", "--help").out
 
 
+def test_help_examples_keep_their_line_breaks(cli: CLI) -> None:
+    # An example continued with a lone "\\" at the end of an epilog's line is a Python
+    # line continuation, not a shell one: the two lines became one of 160 characters.
+    from mailstrom.cli.main import COMMAND_MODULES
+
+    cli.env["COLUMNS"] = "80"
+    for command in ["", *COMMAND_MODULES]:
+        text = cli.ok(*filter(None, [command, "--help"])).out
+        long = [line for line in text.splitlines() if len(line) > 100]
+        assert long == [], command
+
+
 # --- sendmail ----------------------------------------------------------------------------
 
 

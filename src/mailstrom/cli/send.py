@@ -42,9 +42,9 @@ examples:
       --subject Hi --text Hello --header "X-Campaign: spring" --wait --timeout 30
   mailstrom send --file message.eml                   # recipients from To/Cc/Bcc
   cat message.eml | mailstrom send --file - --to bob@example.org   # explicit envelope
-  mailstrom send --from app@example.com --to bob@example.org --subject Receipt --text ... \
+  mailstrom send --from app@example.com --to bob@example.org --subject Receipt --text ... \\
       --tag receipt --meta order=42 --idempotency-key order-42-receipt
-  mailstrom send --from news@example.com --to bob@example.org --subject News --text ... \
+  mailstrom send --from news@example.com --to bob@example.org --subject News --text ... \\
       --priority bulk --at 2026-12-01T09:00Z --expires 2h
 
 Prints the message id. With --wait, runs a worker in this process until every recipient
