@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from mailstrom.cli.send import expiry_arg, time_arg
 from tests.cli.conftest import CLI
 
 
@@ -118,3 +121,13 @@ def _send_to(*recipients: str) -> list[str]:
     for address in recipients:
         args += ["--to", address]
     return args
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-12-01T09:00z", "2026-12-01t09:00z", "2026-12-01T10:00+01:00"]
+)
+def test_at_and_expires_take_an_rfc3339_time_in_either_case(text: str) -> None:
+    # RFC 3339 §5.6: "T" and "Z" may be written in lower case; "z" was refused (exit 64).
+    when = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    assert time_arg(text) == when
+    assert expiry_arg(text) == when

@@ -205,7 +205,8 @@ def time_arg(text: str) -> datetime:
     one out of range there (9999-12-31T23:00-05:00) as for the API (exit 65).
     """
     try:
-        when = datetime.fromisoformat(text.strip())
+        # Upper case: RFC 3339 (§5.6) allows "z" for UTC, which fromisoformat refused.
+        when = datetime.fromisoformat(text.strip().upper())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected an ISO 8601 time like 2026-12-01T09:00Z, got {text!r}"
