@@ -102,6 +102,29 @@ def test_fields_and_tables_show_controls_as_escapes() -> None:
     assert r"Attempts for a\x1b[2J@example.org" in out.getvalue()
 
 
+def test_plain_table_columns_line_up_with_wide_characters() -> None:
+    # A CJK character takes two columns of a terminal: padded by its count of
+    # characters, every column after an address such as 收件人@例子.example started
+    # one column further to the right per such character than in the other rows.
+    out = io.StringIO()
+    print_table(
+        ["RECIPIENT", "STATE"],
+        [["收件人@例子.example", "queued"], ["b@example.org", "delivered"], ["e\u0301@x.org", "-"]],
+        stream=out,
+    )
+    # The first column is 19 terminal columns wide: 5 CJK characters (2 each) and 9
+    # others; the combining accent takes none.
+    assert out.getvalue().splitlines() == [
+        "RECIPIENT" + " " * 12 + "STATE",
+        "收件人@例子.example" + " " * 2 + "queued",
+        "b@example.org" + " " * 8 + "delivered",
+        "e\u0301@x.org" + " " * 14 + "-",
+    ]
+    fields = io.StringIO()
+    print_fields([("Meta 订单", "42"), ("Subject", "x")], stream=fields)
+    assert fields.getvalue().splitlines() == ["Meta 订单:  42", "Subject:    x"]
+
+
 def test_echo_and_error_lines_show_controls_as_escapes() -> None:
     out = io.StringIO()
     echo(f"bob@example.org: {HOSTILE}", out)

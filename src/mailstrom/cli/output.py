@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -225,12 +226,27 @@ def print_table(
         return
     if title:
         stream.write(visible(title) + "\n")
-    widths = [len(h) for h in headers]
+    widths = [width(h) for h in headers]
     for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+        widths = [max(w, width(c)) for w, c in zip(widths, row, strict=True)]
     for row in [list(headers), *cells]:
-        padded = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        padded = [c + " " * (w - width(c)) for c, w in zip(row, widths, strict=True)]
         stream.write("  ".join(padded).rstrip() + "\n")
+
+
+def width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most
+    emoji), none for a combining one. Padded by its count of characters, a column after
+    an address such as 收件人@例子.example was pushed right by one per CJK character."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
 def print_fields(pairs: Sequence[tuple[str, Any]], stream: TextIO | None = None) -> None:
@@ -238,6 +254,7 @@ def print_fields(pairs: Sequence[tuple[str, Any]], stream: TextIO | None = None)
     stream = sys.stdout if stream is None else stream
     # Labels too can quote others ("Meta KEY", a key as a store gives it back).
     shown = [(visible(label), value) for label, value in pairs]
-    width = max(len(label) for label, _ in shown) + 1
+    widest = max(width(label) for label, _ in shown) + 1
     for label, value in shown:
-        stream.write(f"{label + ':':<{width}}  {cell(value)}\n")
+        pad = " " * (widest - width(label) - 1)
+        stream.write(f"{label}:{pad}  {cell(value)}\n")
