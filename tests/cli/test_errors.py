@@ -67,6 +67,31 @@ def test_send_attaches_a_file_whose_name_is_not_utf8(cli: CLI) -> None:
     assert part.get_payload(decode=True) == b"menu\n"
 
 
+def test_send_text_and_html_files_lose_a_utf8_byte_order_mark(cli: CLI) -> None:
+    # Notepad and PowerShell 5 write UTF-8 with a byte order mark: it is no text of the
+    # body, and was sent as an invisible U+FEFF at the start of each part.
+    (cli.cwd / "body.txt").write_bytes(b"\xef\xbb\xbfHello\r\n")
+    (cli.cwd / "body.html").write_bytes(b"\xef\xbb\xbf<p>Hello</p>\r\n")
+    sent = cli.ok(
+        "send",
+        "--from",
+        "a@client.test",
+        "--to",
+        "b@x.test",
+        "--text-file",
+        "body.txt",
+        "--html-file",
+        "body.html",
+    )
+    raw = cli.ok("show", "--raw", sent.out.strip()).out.encode()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and html is not None
+    assert text.get_content().rstrip() == "Hello"
+    assert html.get_content().startswith("<p>Hello</p>")
+
+
 def test_send_usage_errors(cli: CLI) -> None:
     bad_header = cli("send", "--from", "a@client.test", "--to", "b@x.test", "--header", "Bad")
     assert bad_header.code == 64

@@ -274,8 +274,11 @@ def read_message(path: str, budget: FileBudget) -> bytes:
 
 
 def read_text(path: str, budget: FileBudget) -> str:
+    """A UTF-8 text file (``--text-file``, ``--html-file``) without its byte order mark:
+    Notepad and PowerShell 5 write one, which no reader takes for text, and the body was
+    sent with an invisible U+FEFF at its start."""
     try:
-        return read_bytes(path, budget).decode("utf-8")
+        return read_bytes(path, budget).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise CLIError(f"{path} is not UTF-8 text", EX_DATAERR) from None
 
