@@ -371,3 +371,37 @@ def test_send_standard_input_named_twice_is_a_usage_error(cli: CLI, twice: list[
     result = cli("send", "--from", "a@client.test", "--to", "b@x.test", *twice, stdin=b"text\n")
     assert_one_line_error(result, 64, "standard input (-) can be read once")
     assert cli.queue_ids() == []
+
+
+@pytest.mark.parametrize(
+    "twice",
+    [
+        ["--text-file", "-", "--attach", "/dev/stdin"],
+        ["--text", "x", "--attach", "/dev/stdin", "--attach", "/dev/fd/0"],
+        ["--html-file", "/dev/stdin", "--text-file", "-"],
+    ],
+)
+def test_send_standard_input_named_twice_by_path_is_a_usage_error(
+    cli: CLI, twice: list[str]
+) -> None:
+    """``-`` and ``/dev/stdin`` are the same pipe: the second read nothing, and the
+    message was queued with an empty attachment named "stdin", exit 0."""
+    result = cli("send", "--from", "a@client.test", "--to", "b@x.test", *twice, stdin=b"text\n")
+    assert_one_line_error(result, 64, "read the same pipe")
+    assert cli.queue_ids() == []
+
+
+def test_send_reads_standard_input_once_by_path(cli: CLI) -> None:
+    cli.ok(
+        "send",
+        "--from",
+        "a@client.test",
+        "--to",
+        "b@x.test",
+        "--text",
+        "x",
+        "--attach",
+        "/dev/stdin",
+        stdin=b"data\n",
+    )
+    assert len(cli.queue_ids()) == 1

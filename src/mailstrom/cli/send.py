@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import stat
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -331,6 +332,10 @@ def build_email(args: argparse.Namespace, *, max_size: int) -> Email:
         # The first one read it to its end: the next got nothing, an empty HTML part or
         # an empty attachment named "-", and the message was queued without a word.
         raise UsageError(f"standard input (-) can be read once; given to {', '.join(stdin)}")
+    one_reader_per_pipe(
+        [("--text-file", args.text_file), ("--html-file", args.html_file)]
+        + [("--attach", path) for path in args.attach]
+    )
     budget = FileBudget(max_size)
     text = args.text
     if args.text_file is not None:
@@ -351,6 +356,29 @@ def build_email(args: argparse.Namespace, *, max_size: int) -> Email:
         feedback_id=args.feedback_id,
         auto_submitted=args.auto_submitted,
     )
+
+
+def one_reader_per_pipe(inputs: list[tuple[str, str | None]]) -> None:
+    """UsageError when two of the ``(option, path)`` inputs are the same pipe or socket:
+    standard input named as ``-`` and as ``/dev/stdin`` (or ``/dev/fd/0``), or one FIFO
+    named twice. The first read it to its end and the second got nothing: an empty part
+    or attachment, queued without a word. A regular file or a device reads again."""
+    seen: dict[tuple[int, int], str] = {}
+    for option, path in inputs:
+        if path is None:
+            continue
+        try:
+            found = os.fstat(0) if path == "-" else os.stat(path)
+        except (OSError, ValueError):
+            continue  # reading it says what is wrong
+        if not (stat.S_ISFIFO(found.st_mode) or stat.S_ISSOCK(found.st_mode)):
+            continue
+        key = (found.st_dev, found.st_ino)
+        if key in seen:
+            raise UsageError(
+                f"{seen[key]} and {option} {path} read the same pipe, which can be read once"
+            )
+        seen[key] = f"{option} {path}"
 
 
 _BUILDER_ONLY = (
