@@ -4,8 +4,11 @@ sender, and the notice reads back with mailstrom's own DSN parser."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +17,9 @@ from mailstrom import DSN, Email, Notify, RecipientState, Return
 from mailstrom.bounces import parse_report, verp_address
 from mailstrom.client import Mailstrom
 from mailstrom.errors import StoreLocked, StoreRefusedData
-from mailstrom.stores import MemoryStore
+from mailstrom.message import prepare
+from mailstrom.runtime.worker import Worker
+from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import Results, loopback_config
 
@@ -441,6 +446,48 @@ def test_a_notice_the_store_could_not_take_is_queued_at_the_next_write(
         "nobody@example.org": RecipientState.FAILED,
         "app@sender.test": RecipientState.DELIVERED,
     }
+
+
+async def test_a_notice_left_unqueued_is_queued_when_the_worker_stops(
+    dns_server: LoopbackDNS, mx: Any, tmp_path: Path
+) -> None:
+    """The store failed just as a notice was queued, and the worker was stopped before
+    its next write: the notice waited in memory for a write that never came, and the stop
+    dropped it without a word (the sender never heard that the mail failed). A stopping
+    worker queues what waits, as it records the results it holds."""
+
+    class NoticesFail(SQLiteStore):
+        failing = True
+        tried = 0
+        queued = 0
+
+        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
+            if any(m.envelope_from == "" for m in messages):
+                self.tried += 1
+                if self.failing:
+                    raise StoreLocked("database is locked (another process holds its lock)")
+                self.queued += len(messages)
+            return super().enqueue_many(messages, now=now)
+
+    store = NoticesFail(tmp_path / "q.db")
+    try:
+        store.enqueue(
+            prepare(hello("nobody@example.org"), envelope_from="app@sender.test"),
+            now=datetime.now(UTC),
+        )
+        worker = Worker(loopback_config(dns_server, mx.port, bounce_notices=True), store)
+        run = asyncio.create_task(worker.run())
+        for _ in range(500):
+            if store.tried:
+                break
+            await asyncio.sleep(0.02)
+        assert store.tried
+        store.failing = False  # the store works again, and the worker is stopped at once
+        worker.request_stop(drain_timeout=5)
+        await asyncio.wait_for(run, 30)
+    finally:
+        store.close()
+    assert store.queued == 1
 
 
 def test_a_notice_the_store_refuses_for_good_does_not_hold_the_others(

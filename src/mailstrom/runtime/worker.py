@@ -659,8 +659,11 @@ class Worker(
                         await self._sleep(config.poll_interval)  # its end wakes us
                         continue
                     if self._closing or (self._stopping and dispatcher.idle.is_set()):
+                        if await self._notices_wait(backoff):
+                            continue
                         return
                     if await self._idle(dispatcher, once=once):
+                        await self._notices_wait(backoff, again=False)
                         return
                     continue
                 batch, self._pending = self._pending, []
@@ -733,6 +736,23 @@ class Worker(
             # waiting for its expiry (as when the loop stopped in a call with a lease).
             if beside is not None and not beside[0].cancel() and not beside[0].cancelled():
                 beside[0].exception()  # ended meanwhile: its outcome goes with it
+
+    async def _notices_wait(self, backoff: _Backoff, *, again: bool = True) -> bool:
+        """Before the store loop ends: queue the bounce messages a store failure left
+        unqueued (they wait for the next write, and an ending loop makes none). True when
+        they still wait and the store is to be asked again (``again``: a stop's, until
+        its drain timeout is spent, as for results; a ``once`` run asks once)."""
+        if not self._unsent_notices:
+            return False
+        await self._send_notices([])
+        if (
+            not again
+            or not self._unsent_notices
+            or (self._closing and asyncio.get_running_loop().time() >= self._retry_until)
+        ):
+            return False
+        await self._sleep(backoff.take())
+        return True
 
     def _lease_beside(self, call: _LeaseCall) -> asyncio.Future[Lease | None]:
         """Start ``call``'s lease in a task of its own; its end wakes the store loop."""
