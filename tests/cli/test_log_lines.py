@@ -7,10 +7,11 @@ value the generic formatting must quote or render the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,12 @@ def test_text_that_would_rewrite_a_terminal_is_escaped(formatter: logging.Format
     assert "\\u009b31m \\u202edelivered\\u007f \\u2066x" in line
     if isinstance(formatter, JSONFormatter):
         assert json.loads(line)["reason"] == hostile
+
+
+def test_the_delay_of_an_attempt_before_its_queueing_time_is_zero() -> None:
+    """The message was queued by a host whose clock runs ahead of the worker's (or the
+    worker's clock was stepped back since): its attempt seems to come before it was
+    queued. The log line said ``delay=-4.5``, a time no delivery takes, where the queue
+    delay metric counts 0."""
+    result = dataclasses.replace(_delivered(), queued_at=AT + timedelta(seconds=4.5))
+    assert attempt_fields(result)["delay"] == 0.0

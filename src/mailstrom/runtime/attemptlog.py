@@ -59,8 +59,8 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
 
     As Postfix's ``from=``, ``size=`` and ``delay=``: ``from`` is the envelope sender,
     ``size`` the message's octets and ``delay`` the seconds from queueing to the end of
-    this attempt (so it grows with every retry). Left out when the result does not know
-    them (results built by hand rather than by the worker).
+    this attempt (so it grows with every retry; never below 0). Left out when the result
+    does not know them (results built by hand rather than by the worker).
     """
     a = result.attempt
     reason = a.reason_class
@@ -73,7 +73,9 @@ def attempt_fields(result: RecipientResult) -> dict[str, Any]:
         "from": result.envelope_from,
         "rcpt": result.address,
         "size": result.size,
-        "delay": round((a.at - queued_at).total_seconds(), 3) if queued_at else None,
+        # Never below 0, as the queue delay metric: a clock behind the one that queued
+        # the message (another host's, or this one's stepped back) is no negative wait.
+        "delay": round(max(0.0, (a.at - queued_at).total_seconds()), 3) if queued_at else None,
         "state": result.state._value_,
         "outcome": a.outcome._value_,
         "host": a.mx_host,
