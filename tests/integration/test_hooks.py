@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -695,3 +696,71 @@ def test_a_413_shrinks_the_batch_and_an_event_too_large_alone_is_given_up(
     assert metrics.hook_events_sent == 7
     given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
     assert len(given_up) == 1 and f"event {ids['big@example.org']}" in given_up[0]
+
+
+def _run_sender(
+    store: SQLiteStore, hook: HookConfig, metrics: MetricsRecorder, until: Callable[[], bool]
+) -> None:
+    """Run a hook sender on ``store`` until ``until()`` holds (looked at every 50 ms, for
+    20 s at most), then stop it."""
+
+    async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    async def run() -> None:
+        sender = HookSender(
+            hook,
+            store,
+            store_call=call,
+            clock=lambda: datetime.now(UTC),
+            metrics=metrics,
+            poll_interval=0.05,
+        )
+        task = asyncio.create_task(sender.run())
+        try:
+            for _ in range(400):
+                if until():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            sender.stop(0)
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(run())
+
+
+def _lock_store_while_answering(path: Path, hold: float) -> Callable[[int], int]:
+    """An ``Endpoint.answer`` that takes the SQLite write lock of ``path`` (as another
+    process writing would) before its first 200, and lets it go ``hold`` seconds later."""
+
+    def answer(n: int) -> int:
+        if n == 0:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("BEGIN IMMEDIATE")
+            threading.Timer(hold, conn.close).start()
+        return 200
+
+    return answer
+
+
+def test_a_batch_the_store_was_locked_to_acknowledge_is_not_posted_again(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The endpoint took a batch, and the store was locked when the sender marked it sent:
+    the sender went on to the next events, and the batch was POSTed again once its lease
+    ran out, after events recorded later. Now the acknowledgement is tried again first."""
+    store = SQLiteStore(tmp_path / "q.db", busy_timeout=0.2)
+    store.enable_events()
+    _deferred_events(store, [f"u{n}@example.org" for n in range(4)])
+    endpoint.answer = _lock_store_while_answering(tmp_path / "q.db", hold=1.0)
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=2, timeout=0.5, retry_min=0.05, retry_max=0.1
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 4)
+        ids = [e.id for e in store.read_events()]
+    finally:
+        store.close()
+    assert [r.ids for r in endpoint.requests] == [ids[:2], ids[2:]]
+    assert all(r.answered == 200 for r in endpoint.requests)

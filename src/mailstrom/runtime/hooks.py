@@ -8,7 +8,10 @@ waits, doubling the wait from ``hook.retry_min`` (1 s) up to ``retry_max`` (5 mi
 events wait in the store, so an endpoint that is down loses nothing and a restart resends
 exactly the events that were never acknowledged. A sender killed between the POST and the
 acknowledgement leaves that batch leased until ``lease_for`` passes, then it is sent again:
-at-least-once, which is why each event carries an id to de-duplicate on.
+at-least-once, which is why each event carries an id to de-duplicate on. A sender that
+cannot mark a batch sent (the store locked, or unreachable) tries that again, with backoff,
+before it leases anything else: the endpoint has the batch, and leasing on would POST the
+next events first and the batch again once its lease ran out.
 
 A 413 (Content Too Large) is no failure to wait out: the same batch would be refused for
 ever, and no event after it sent. The batch goes back and the sender leases half as many
@@ -126,6 +129,8 @@ class HookSender:
         self._limit = hook.batch
         """Events leased at once: less than ``hook.batch`` after a 413."""
         self._last_prune = -PRUNE_EVERY
+        self._unacked: EventBatch | None = None
+        """A batch the endpoint took that could not be marked sent yet."""
 
     def wake(self) -> None:
         """New events may be in the outbox (called on the loop)."""
@@ -142,6 +147,15 @@ class HookSender:
     async def run(self) -> None:
         wait = self._hook.retry_min
         while True:
+            if self._unacked is not None:
+                # Before anything else, a stop included: the endpoint has these events.
+                if not await self._ack(self._unacked):
+                    if self._stopping:
+                        return
+                    await self._sleep(wait, self._stop)
+                    wait = min(wait * 2, self._hook.retry_max)
+                    continue
+                wait = self._hook.retry_min
             if self._stopping and (self._failing or time.monotonic() >= self._deadline):
                 return
             # Every turn, not only when the outbox is empty: with an endpoint failing, or
@@ -195,15 +209,8 @@ class HookSender:
         if isinstance(failure, HTTPFailure) and failure.status == TOO_LARGE:
             return await self._too_large(batch, len(body))
         if failure is None:
-            try:
-                acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
-            except StoreError as exc:
-                # Delivered but not marked: the lease expires and the batch goes again.
-                log.warning(
-                    "hook: sent %d events, cannot mark them sent: %s", len(batch.events), exc
-                )
+            if not await self._ack(batch):
                 return False
-            self._metrics.hook_events_sent += acked
             self._limit = min(self._limit * 2, self._hook.batch)
             if self._failing:
                 log.warning("hook: %s answers again", self._hook.url)
@@ -218,6 +225,24 @@ class HookSender:
         with contextlib.suppress(StoreError):  # else the lease simply expires
             await self._store_call(self._store.release_events, batch)
         return False
+
+    async def _ack(self, batch: EventBatch) -> bool:
+        """Mark ``batch``, which the endpoint took, sent; False when the store failed:
+        it is kept to try again (see :meth:`run`), not sent again."""
+        try:
+            acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
+        except StoreError as exc:
+            if self._unacked is None:
+                log.warning(
+                    "hook: sent %d events, cannot mark them sent yet: %s", len(batch.events), exc
+                )
+            self._unacked = batch
+            return False
+        # Those still under the batch's lease: if it ran out and another sender took them,
+        # that one sends them again (at least once).
+        self._unacked = None
+        self._metrics.hook_events_sent += acked
+        return True
 
     async def _too_large(self, batch: EventBatch, size: int) -> bool:
         """The endpoint answered 413 to ``batch`` (``size`` bytes): fewer events at once,
