@@ -764,3 +764,33 @@ def test_a_batch_the_store_was_locked_to_acknowledge_is_not_posted_again(
         store.close()
     assert [r.ids for r in endpoint.requests] == [ids[:2], ids[2:]]
     assert all(r.answered == 200 for r in endpoint.requests)
+
+
+def test_a_batch_the_store_was_locked_to_give_back_goes_before_later_events(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The endpoint failed a batch, and the store was locked when the sender gave it back:
+    the batch stayed leased, the sender leased and POSTed the events after it, and sent
+    the batch only once its lease ran out, a recipient's earlier state after its later
+    one. Now the give-back is tried again first, and the events go in order."""
+    store = SQLiteStore(tmp_path / "q.db", busy_timeout=0.2)
+    store.enable_events()
+    _deferred_events(store, [f"u{n}@example.org" for n in range(4)])
+    locking = _lock_store_while_answering(tmp_path / "q.db", hold=1.0)
+
+    def answer(n: int) -> int:
+        locking(n)  # the first request only, which fails
+        return 500 if n == 0 else 200
+
+    endpoint.answer = answer
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=2, timeout=0.5, retry_min=0.05, retry_max=0.1
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 4)
+        ids = [e.id for e in store.read_events()]
+    finally:
+        store.close()
+    assert [r.ids for r in endpoint.requests] == [ids[:2], ids[:2], ids[2:]]
+    assert [r.answered for r in endpoint.requests] == [500, 200, 200]

@@ -11,7 +11,8 @@ acknowledgement leaves that batch leased until ``lease_for`` passes, then it is 
 at-least-once, which is why each event carries an id to de-duplicate on. A sender that
 cannot mark a batch sent (the store locked, or unreachable) tries that again, with backoff,
 before it leases anything else: the endpoint has the batch, and leasing on would POST the
-next events first and the batch again once its lease ran out.
+next events first and the batch again once its lease ran out. So does one that cannot give
+a failed batch back: the next lease would skip it, and the events after it go first.
 
 A 413 (Content Too Large) is no failure to wait out: the same batch would be refused for
 ever, and no event after it sent. The batch goes back and the sender leases half as many
@@ -131,6 +132,8 @@ class HookSender:
         self._last_prune = -PRUNE_EVERY
         self._unacked: EventBatch | None = None
         """A batch the endpoint took that could not be marked sent yet."""
+        self._unreleased: EventBatch | None = None
+        """A batch the endpoint did not take that could not be given back yet."""
 
     def wake(self) -> None:
         """New events may be in the outbox (called on the loop)."""
@@ -156,6 +159,17 @@ class HookSender:
                     wait = min(wait * 2, self._hook.retry_max)
                     continue
                 wait = self._hook.retry_min
+            # Leased on, the next events would go first, and these only once their lease
+            # ran out: a recipient's earlier state after its later one.
+            unreleased = self._unreleased
+            if (
+                unreleased is not None
+                and not self._stopping
+                and not await self._release(unreleased)
+            ):
+                await self._sleep(wait, self._stop)
+                wait = min(wait * 2, self._hook.retry_max)
+                continue
             if self._stopping and (self._failing or time.monotonic() >= self._deadline):
                 return
             # Every turn, not only when the outbox is empty: with an endpoint failing, or
@@ -222,8 +236,7 @@ class HookSender:
                 "hook: POST to %s failed (%s); retrying with backoff", self._hook.url, failure
             )
         self._failing = True
-        with contextlib.suppress(StoreError):  # else the lease simply expires
-            await self._store_call(self._store.release_events, batch)
+        await self._release(batch)
         return False
 
     async def _ack(self, batch: EventBatch) -> bool:
@@ -244,6 +257,18 @@ class HookSender:
         self._metrics.hook_events_sent += acked
         return True
 
+    async def _release(self, batch: EventBatch) -> bool:
+        """Give ``batch`` back to the outbox; False when the store failed: it is kept to
+        try again before the next lease (see :meth:`run`), or left to expire at a stop."""
+        try:
+            await self._store_call(self._store.release_events, batch)
+        except StoreError as exc:
+            log.debug("hook: cannot give %d events back yet: %s", len(batch.events), exc)
+            self._unreleased = batch
+            return False
+        self._unreleased = None
+        return True
+
     async def _too_large(self, batch: EventBatch, size: int) -> bool:
         """The endpoint answered 413 to ``batch`` (``size`` bytes): fewer events at once,
         or, for one event alone, give it up. True: the sender goes on at once."""
@@ -258,8 +283,7 @@ class HookSender:
                 size,
                 self._limit,
             )
-            with contextlib.suppress(StoreError):  # else the lease simply expires
-                await self._store_call(self._store.release_events, batch)
+            await self._release(batch)  # tried again first if it fails (see run)
             return True
         event = batch.events[0]
         log.error(
