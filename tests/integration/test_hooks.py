@@ -794,3 +794,16 @@ def test_a_batch_the_store_was_locked_to_give_back_goes_before_later_events(
         store.close()
     assert [r.ids for r in endpoint.requests] == [ids[:2], ids[:2], ids[2:]]
     assert [r.answered for r in endpoint.requests] == [500, 200, 200]
+
+
+def test_a_2xx_whose_body_is_cut_short_is_a_sent_batch(raw_endpoint: RawEndpoint) -> None:
+    """Only the status counts: an endpoint that answered 200 has the batch, whatever
+    happens to the body of its answer. A chunked body cut short (the connection closed
+    within a chunk) failed the request, and the batch went again, for ever if the endpoint
+    always answers so."""
+
+    def short(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nshort")
+
+    raw_endpoint.answer = short
+    assert post(raw_endpoint.url, b"{}", {}, timeout=5.0) is None

@@ -226,8 +226,13 @@ def _exchange(
 ) -> str | None:
     try:
         with opener.open(request, timeout=timeout) as response:
-            response.read(BODY_READ_LIMIT)  # let the connection close cleanly; not used
             status = int(response.status)
+            # Read to let the connection close cleanly, not used: only the status counts.
+            # A body that breaks off (a chunk cut short, a reset) changes nothing the
+            # endpoint said: failing the request sent the batch again, every time if the
+            # endpoint always answers so. One the deadline cut short is failed in post().
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                response.read(BODY_READ_LIMIT)
     except urllib.error.HTTPError as exc:
         with exc:
             return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}")
