@@ -258,3 +258,20 @@ def test_ids_on_standard_input_may_fill_lines_of_200_octets() -> None:
     with pytest.raises(CLIError, match="line 1: too long") as raised:
         read_ids(io.BytesIO(at_most + b"x\n" + mid.encode() + b"\n"))
     assert raised.value.code == EX_DATAERR
+
+
+def test_ids_on_standard_input_may_begin_with_a_byte_order_mark() -> None:
+    """A list saved by an editor or PowerShell on Windows starts with a UTF-8 byte order
+    mark; it was read as part of the first id ("\\ufffd\\ufffd\\ufffd0190..."), which no
+    message has, so the whole command failed with "unknown message id"."""
+    first, second = "0190f3a2c4e1" + "0" * 20, "0190f3a2c4e1" + "1" * 20
+    given = b"\xef\xbb\xbf" + first.encode() + b"\r\n" + second.encode() + b"\r\n"
+    assert read_ids(io.BytesIO(given)) == [first, second]
+    # Only at the start of the input: further on it is no id's part either, but stays a
+    # bad id (reported as unknown), not silently changed.
+    assert read_ids(io.BytesIO(b"\xef\xbb\xbf# a comment\n" + first.encode())) == [first]
+    # The mark does not count in the line's bound.
+    at_most = b"# " + b"x" * (MAX_ID_LINE - 2)
+    assert read_ids(io.BytesIO(b"\xef\xbb\xbf" + at_most + b"\r\n" + first.encode())) == [first]
+    with pytest.raises(CLIError, match="line 1: too long"):
+        read_ids(io.BytesIO(b"\xef\xbb\xbf" + at_most + b"x\n" + first.encode()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from itertools import chain
 from typing import BinaryIO
 
 from mailstrom.arguments import check_key
@@ -126,14 +127,25 @@ def has_filters(args: argparse.Namespace) -> bool:
     return any(value is not None for value in given)
 
 
+_BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark, which may start a list of ids written on Windows."""
+
+
 def read_ids(stream: BinaryIO) -> list[str]:
-    """Ids on ``stream``, one a line (blank lines and ``#`` comments skipped), at most
-    :data:`MAX_BULK`; CLIError (65) for more, or for a line too long to be an id."""
+    """Ids on ``stream``, one a line (blank lines and ``#`` comments skipped, a UTF-8 byte
+    order mark at the start ignored), at most :data:`MAX_BULK`; CLIError (65) for more,
+    or for a line too long to be an id."""
     ids: list[str] = []
     # Room for the line's end (CRLF), which the bound does not count: read with it, a
-    # line of 200 octets was refused.
-    for number, raw in enumerate(iter(lambda: stream.readline(MAX_ID_LINE + 2), b""), 1):
+    # line of 200 octets was refused. The first line has room for the mark too.
+    first = stream.readline(len(_BOM) + MAX_ID_LINE + 2)
+    rest = iter(lambda: stream.readline(MAX_ID_LINE + 2), b"")
+    for number, raw in enumerate(chain([first] if first else [], rest), 1):
         line = raw.rstrip(b"\r\n")
+        if number == 1 and line.startswith(_BOM):
+            # As Windows editors and PowerShell write a list: read as part of the first
+            # id, it made that id unknown and the whole command fail.
+            line = line[len(_BOM) :]
         if len(line) > MAX_ID_LINE:
             raise CLIError(f"standard input line {number}: too long for a message id", EX_DATAERR)
         text = line.decode("ascii", "replace").strip()
