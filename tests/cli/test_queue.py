@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
@@ -97,6 +97,7 @@ def test_deferred_then_retry_delivers(mail_env: MailEnv) -> None:
         "rescheduled": 1,
         "held": 0,
         "suspended": 0,
+        "throttled": 0,
     }
     cli.ok("worker", "--once", "--no-live")
     final = cli.ok("status", "--json", message_id).json()
@@ -132,6 +133,7 @@ def test_retrying_held_messages_says_they_wait_to_be_released(cli: CLI) -> None:
         "changed": 1,
         "held": 1,
         "suspended": 0,
+        "throttled": 0,
     }
     assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
     assert cli.ok("status", "--json", held).json()["held"] is True
@@ -153,6 +155,7 @@ def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(cli: CLI)
         "changed": 3,
         "held": 0,
         "suspended": 2,
+        "throttled": 0,
     }
     held = send(cli, "erin@paused.test", "--hold")  # held first: it waits to be released
     assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
@@ -196,6 +199,7 @@ def test_retrying_all_deferred_says_which_wait_for_a_release_or_a_resume(cli: CL
         "rescheduled": 5,
         "held": 2,
         "suspended": 2,
+        "throttled": 0,
     }
     cli.ok("resume", "paused.test")
     cli.ok("release", held)
@@ -252,3 +256,50 @@ def test_the_queue_shows_why_a_failed_message_failed(cli: CLI) -> None:
     [_, row] = cli.ok("queue", "--state", "failed").out.splitlines()
     assert row.split()[:2] == [mid, "failed"]
     assert row.endswith("550 5.0.0 line one line two")
+
+
+def test_retrying_mail_held_back_by_a_destination_pause_says_it_waits_for_it(cli: CLI) -> None:
+    """Was "2 recipients due now (1 message)" with one of them at a destination that
+    throttled (421 "too many connections"): a worker leases it and gives it back at once,
+    due at the pause's end, as its status says, so it is not sent before."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        mid = store.enqueue(message("a@example.test", "b@busy.test"), now=now)
+        store.record(results_for(lease_all(store, now=now), RecipientState.DEFERRED, at=now))
+        store.throttle(
+            "*.busy.test",
+            now=now,
+            reply="421 4.7.0 Too many connections",
+            first=timedelta(hours=1),
+            maximum=timedelta(hours=2),
+            recipients=[(mid, "b@busy.test")],
+        )
+    finally:
+        store.close()
+    assert cli.ok("retry", mid).out.strip() == (
+        "1 recipient due now (1 message); "
+        "1 recipient at a throttled destination, due once its pause ends"
+    )
+    assert cli.ok("retry", "--json", mid).json() == {
+        "action": "retry",
+        "selected": 1,
+        "changed": 2,
+        "held": 0,
+        "suspended": 0,
+        "throttled": 1,
+    }
+    assert cli.ok("retry", "--all-deferred").out.strip() == (
+        "1 deferred recipient due now; "
+        "1 recipient at a throttled destination, due once its pause ends"
+    )
+    # A large selection is read by a query, not message by message: the same count.
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        many = store.enqueue_many([message("c@example.test")] * 150, now=now)
+    finally:
+        store.close()
+    assert cli.ok("retry", mid, *many).out.strip() == (
+        "151 recipients due now (151 messages); "
+        "1 recipient at a throttled destination, due once its pause ends"
+    )

@@ -10,7 +10,7 @@ changes, so a typo changes nothing.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -244,25 +244,28 @@ def bulk_command(args: argparse.Namespace) -> int:
 def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime) -> int:
     """Retry ``ids``, and say which recipients are due now: those of a held message are
     made due too, but no worker leases them until it is released; nor those at a
-    destination suspended now, until it is resumed."""
+    destination suspended now, until it is resumed; and those whose destination's pause
+    (a throttle) holds them back are given back by the worker until it ends."""
     held = _held_among(store, ids, now)
     free = [mid for mid in ids if mid not in held]
     paused = _suspended_among(store, free, now)
+    throttled = _throttled_among(store, free, now) if free else 0
     changed = store.retry_many(free, now=now) if free else 0
     waiting = store.retry_many(sorted(held), now=now) if held else 0
     # Counted a moment before the retry: one finished meanwhile may still be among them.
-    due = max(changed - paused, 0)
+    due = max(changed - paused - throttled, 0)
     data = {
         "action": "retry",
         "selected": len(ids),
         "changed": changed + waiting,
         "held": waiting,
         "suspended": paused,
+        "throttled": throttled,
     }
     parts = []
     if free or not held:
         parts.append(f"{plural(due, 'recipient')} due now ({plural(len(free), 'message')})")
-    parts += _waiting_parts(paused, waiting, len(held))
+    parts += _waiting_parts(paused, waiting, len(held), throttled=throttled)
     return _report(args, data, "; ".join(parts))
 
 
@@ -277,21 +280,34 @@ def _retry_all_deferred(args: argparse.Namespace, store: Store, now: datetime) -
     free_at_suspended = [m for m in _pending_at(store, suspended, now) if m.id not in held_ids]
     waiting = count_recipients(held, deferred)
     paused = count_recipients(free_at_suspended, deferred, at=suspended)
+    throttled = _throttled_in(store, None, now, deferred, held_ids)
     changed = store.retry_deferred(now=now)
-    due = max(changed - waiting - paused, 0)
-    data: dict[str, object] = {"rescheduled": changed, "held": waiting, "suspended": paused}
+    due = max(changed - waiting - paused - throttled, 0)
+    data: dict[str, object] = {
+        "rescheduled": changed,
+        "held": waiting,
+        "suspended": paused,
+        "throttled": throttled,
+    }
     parts = [f"{plural(due, 'deferred recipient')} due now"]
-    parts += _waiting_parts(paused, waiting, len(held))
+    parts += _waiting_parts(paused, waiting, len(held), throttled=throttled)
     return _report(args, data, "; ".join(parts))
 
 
-def _waiting_parts(paused: int, waiting: int, held_messages: int) -> list[str]:
-    """What a retry says of the recipients it made due that no worker leases yet:
-    ``paused`` at a suspended destination, ``waiting`` in ``held_messages`` held ones."""
+def _waiting_parts(
+    paused: int, waiting: int, held_messages: int, *, throttled: int = 0
+) -> list[str]:
+    """What a retry says of the recipients it made due that no worker sends yet:
+    ``paused`` at a suspended destination, ``throttled`` at one whose pause holds them
+    back, ``waiting`` in ``held_messages`` held ones."""
     parts = []
     if paused:
         parts.append(
             f"{plural(paused, 'recipient')} at a suspended destination, due once it is resumed"
+        )
+    if throttled:
+        parts.append(
+            f"{plural(throttled, 'recipient')} at a throttled destination, due once its pause ends"
         )
     if held_messages:
         parts.append(
@@ -334,6 +350,45 @@ def _suspended_among(store: Store, ids: list[str], now: datetime) -> int:
     else:
         found = [m for m in _pending_at(store, suspended, now) if m.id in wanted]
     return count_recipients(found, PENDING_STATES, at=suspended)
+
+
+def _throttled_among(store: Store, ids: list[str], now: datetime) -> int:
+    """How many pending recipients of ``ids`` wait for their destination's pause (their
+    status shows it; those at a suspended destination are counted there): made due, the
+    worker leases them and gives them back, due at its end. Nothing is read when no
+    destination is paused, the usual case."""
+    return _throttled_in(store, ids, now, PENDING_STATES, frozenset())
+
+
+def _throttled_in(
+    store: Store,
+    ids: list[str] | None,
+    now: datetime,
+    states: frozenset[RecipientState],
+    skip: Collection[str],
+) -> int:
+    """How many recipients in ``states`` of ``ids`` (None: of every message but those in
+    ``skip``) wait for a pause of their destination, not at a suspended one."""
+    if not store.throttles(now=now):
+        return 0
+    if ids is not None and len(ids) <= _READ_EACH:
+        found = [m for m in (_status_or_none(store, mid) for mid in set(ids)) if m is not None]
+    else:
+        wanted = None if ids is None else set(ids)
+        found = [
+            m
+            for m in store.query(now=now, where=QueueFilter(states=PENDING_STATES, limit=MAX_BULK))
+            if (m.id in wanted if wanted is not None else m.id not in skip)
+        ]
+    suspended = _suspended_domains(store, now)
+    return len(
+        {
+            (m.id, r.address)
+            for m in found
+            for r in m.recipients
+            if r.state in states and r.throttle is not None and r.domain.lower() not in suspended
+        }
+    )
 
 
 def _suspended_domains(store: Store, now: datetime) -> frozenset[str]:
