@@ -783,3 +783,15 @@ def test_malformed_address_error_quotes_what_the_user_wrote() -> None:
         prepare(Email(from_="a@b.example", to=["x@y.example"], cc=["carol@@x.example"]))
     assert "carol@@x.example" in str(caught.value)
     assert caught.value.address == "carol@@x.example"
+
+
+@pytest.mark.parametrize(
+    ("address", "quoted"),
+    [("not an address", "'not an address'"), ('Bob  "x" (c) y', "'Bob \"x\" y'")],
+)
+def test_an_address_without_an_at_sign_is_quoted_with_its_spaces(address: str, quoted: str) -> None:
+    """The README's first error example: ``to=["not an address"]`` was reported as
+    "'notanaddress' is not an address", naming a word the caller never wrote."""
+    with pytest.raises(InvalidAddress) as caught:
+        prepare(Email(from_="a@example.com", to=[address]))
+    assert f"{quoted} is not an address: it has no @-sign" in caught.value.reason

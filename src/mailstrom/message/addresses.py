@@ -308,7 +308,9 @@ class _Parser:
             local = self._dot_atom(tokens, "a local name", quoted_ok=True)
             return _validate(self.field, self.value, local, self.origin)
         if at == -1:
-            shown = "".join(t.text for t in tokens)
+            # The words as written, one space where there was white space or a comment:
+            # "not an address" is not reported as 'notanaddress'.
+            shown = "".join((" " if i and t.space else "") + t.text for i, t in enumerate(tokens))
             raise self.fail(f"{shorten(shown)} is not an address: it has no @-sign")
         if tokens[0].kind == "sp" and tokens[0].text == "@":
             raise self.fail("an address starts with '@' (source routes are not supported)")
