@@ -113,3 +113,15 @@ def test_every_error_the_documentation_names_is_exported() -> None:
     assert missing == []
     for name in named & errors:
         assert getattr(mailstrom, name) is getattr(mailstrom.errors, name)
+
+
+def test_the_guide_says_which_letters_a_tag_may_have() -> None:
+    """The guide's tag rule is the code's: ASCII letters only, which it must say (a
+    reader takes "letters" to include "é", which every tag check refuses)."""
+    from mailstrom.message.attributes import check_tags
+
+    guide = " ".join((ROOT / "docs" / "guide.md").read_text().split())
+    assert "characters of ASCII letters, digits and" in guide
+    assert check_tags(["Az09._:/@+-"]) == ("Az09._:/@+-",)
+    with pytest.raises(mailstrom.InvalidTag):
+        check_tags(["é"])

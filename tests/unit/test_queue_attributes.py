@@ -220,3 +220,13 @@ def test_lane_configuration_is_checked() -> None:
     with pytest.raises(ConfigError):
         Config(idempotency_window=timedelta(0))
     assert Config(lanes=(Lane(name="a"),), default_priority="a").lane_names == ("a",)
+
+
+@pytest.mark.parametrize("name", ["café", "ünits", "日本"])
+def test_a_tag_or_key_of_other_letters_is_refused_saying_ascii(name: str) -> None:
+    """Tags and metadata keys take ASCII letters only (they travel in URLs, CSV files and
+    command lines); the guide and the errors said "letters", which "café" is."""
+    with pytest.raises(InvalidTag, match="ASCII letters"):
+        check_tags([name])
+    with pytest.raises(InvalidMetadata, match="ASCII letters"):
+        check_metadata({name: "v"})

@@ -85,7 +85,7 @@ def check_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
             )
         if not _NAME.match(tag):
             raise InvalidTag(
-                f"tag {tag[:MAX_TAG_LENGTH]!r}: use letters, digits and . _ : / @ + - "
+                f"tag {tag[:MAX_TAG_LENGTH]!r}: use ASCII letters, digits and . _ : / @ + - "
                 "(starting with a letter or digit)",
                 field="tags",
             )
@@ -121,7 +121,7 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
         if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH or not _NAME.match(key):
             raise InvalidMetadata(
                 f"metadata key {key[:MAX_METADATA_KEY_LENGTH]!r}: 1 to "
-                f"{MAX_METADATA_KEY_LENGTH} letters, digits and . _ : / @ + -",
+                f"{MAX_METADATA_KEY_LENGTH} ASCII letters, digits and . _ : / @ + -",
                 field="metadata",
             )
         if _has_control(value):
