@@ -23,8 +23,10 @@ _BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # The same for raw header octets (TAB allowed; CR and LF are handled by the line splitter).
 _BAD_OCTETS = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
+ASCII_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e"
+"""The ASCII characters ``str.splitlines`` breaks a line at: CR, LF, VT, FF, FS, GS, RS."""
 # What str.splitlines breaks lines at besides CR and LF.
-_OTHER_LINE_BREAKS = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_OTHER_LINE_BREAKS = re.compile(f"[{ASCII_LINE_BREAKS[2:]}\x85\u2028\u2029]")
 
 _NAMES = {"\0": "NUL", "\x0b": "VT", "\x0c": "FF", "\x7f": "DEL", "\x85": "NEL"}
 

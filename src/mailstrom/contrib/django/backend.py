@@ -37,7 +37,7 @@ from mailstrom.contrib.django.shared import get_mailstrom
 from mailstrom.errors import HeaderInjection, InvalidAddress, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import Mailbox, parse_mailbox
-from mailstrom.message.chars import check_header_text, shorten
+from mailstrom.message.chars import ASCII_LINE_BREAKS, check_header_text, shorten
 from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
 from mailstrom.message.trees import check_entity_headers
@@ -152,9 +152,11 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         # checks its names with the same function.
         check_field_name(str(name))
     for name, value in _header_values(message):
-        if any(character in value for character in _LINE_BREAKS):
+        if any(character in value for character in ASCII_LINE_BREAKS):
             # Django would raise its BadHeaderError (for CR and LF); this is the same
-            # refusal, typed.
+            # refusal, typed. The email package splits a header's text at the other ASCII
+            # line breaks too (Hi<VT>Bcc: ... wrote two lines); the non-ASCII ones
+            # (U+0085, U+2028, U+2029) it writes inside encoded words, breaking no line.
             raise HeaderInjection(
                 f"{name} header value contains a line break: {shorten(value)}", header=name
             )
@@ -334,14 +336,6 @@ def _addresses(message: EmailMessage) -> Iterable[tuple[str, Sequence[str], bool
     yield "cc", message.cc, "Cc" not in given
     yield "bcc", message.bcc, False
     yield "reply_to", message.reply_to, "Reply-To" not in given
-
-
-_LINE_BREAKS = "\r\n\v\f\x1c\x1d\x1e"
-"""The ASCII characters ``str.splitlines`` breaks a line at. Django refuses CR and LF in a
-header value, but the email package splits a header's text into lines at each of these,
-so ``Hi<VT>Bcc: ...`` wrote two header lines (which the standard library then refused as
-``HeaderParseError``, not as an injection). The non-ASCII ones (U+0085, U+2028, U+2029)
-are written inside RFC 2047 encoded words, where they break no line."""
 
 
 def _header_values(message: EmailMessage) -> Iterable[tuple[str, str]]:
