@@ -155,8 +155,7 @@ class HookSender:
                 if not await self._ack(self._unacked):
                     if self._stopping:
                         return
-                    await self._sleep(wait, self._stop)
-                    wait = min(wait * 2, self._hook.retry_max)
+                    wait = await self._back_off(wait)
                     continue
                 wait = self._hook.retry_min
             # Leased on, the next events would go first, and these only once their lease
@@ -167,8 +166,7 @@ class HookSender:
                 and not self._stopping
                 and not await self._release(unreleased)
             ):
-                await self._sleep(wait, self._stop)
-                wait = min(wait * 2, self._hook.retry_max)
+                wait = await self._back_off(wait)
                 continue
             if self._stopping and (self._failing or time.monotonic() >= self._deadline):
                 return
@@ -187,8 +185,7 @@ class HookSender:
                 log.warning("hook: cannot read the outbox: %s", exc)
                 if self._stopping:
                     return
-                await self._sleep(wait, self._stop)
-                wait = min(wait * 2, self._hook.retry_max)
+                wait = await self._back_off(wait)
                 continue
             if batch is None:
                 if self._stopping:
@@ -208,9 +205,14 @@ class HookSender:
                 continue
             if self._stopping:
                 return
-            # New events do not cut a backoff short (the endpoint is failing); a stop does.
-            await self._sleep(wait * self._rng.uniform(0.8, 1.2), self._stop)
-            wait = min(wait * 2, self._hook.retry_max)
+            wait = await self._back_off(wait)
+
+    async def _back_off(self, wait: float) -> float:
+        """Wait about ``wait`` seconds (±20 %), or until a stop; the next wait, doubled up
+        to ``retry_max``. New events do not cut it short (the endpoint or the store is
+        failing); a stop does."""
+        await self._sleep(wait * self._rng.uniform(0.8, 1.2), self._stop)
+        return min(wait * 2, self._hook.retry_max)
 
     async def _send(self, batch: EventBatch) -> bool:
         body = encode_events(batch.events)
