@@ -258,3 +258,16 @@ def test_two_attachments_with_one_content_id_are_refused() -> None:
     with pytest.raises(InvalidAttachment, match="repeats Content-ID") as caught:
         build(text="t", html='<img src="cid:logo@app">', attachments=[logo, other])
     assert caught.value.filename == "badge.png"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("Resent-Date", "Mon, 1 Jan 2024 00:00:00 +0000"), ("resent-message-id", "<r@example.com>")],
+)
+def test_a_resent_field_without_its_block_is_refused(name: str, value: str) -> None:
+    """A resent block needs Resent-Date and Resent-From (RFC 5322 §3.6.6: "the
+    Resent-From: and Resent-Date: fields MUST be sent"), and ``headers`` cannot give
+    Resent-From. A lone Resent-Date or Resent-Message-ID was sent as given: a block the
+    RFC forbids, which readers show as a resend by nobody."""
+    with pytest.raises(InvalidMessage, match=rf"(?i){name}.*RFC 5322 §3\.6\.6"):
+        prepare(Email(from_=FROM, to=TO, text="t", headers={name: value}))

@@ -46,10 +46,19 @@ _PROVIDED = {
     "feedback-id": ("feedback_id",),
     "auto-submitted": ("auto_submitted",),
 }
-# Address headers of a resent message (RFC 5322 §3.6.6) belong to raw input, where the
-# envelope is read from them; through ``headers`` they would be sent unvalidated, and
-# Resent-Bcc would reveal blind copies.
-_RESENT_ADDRESSES = {"resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"}
+# The fields of a resent block (RFC 5322 §3.6.6) belong to raw input, where the envelope
+# is read from its address fields; through ``headers`` those would be sent unvalidated,
+# and Resent-Bcc would reveal blind copies. Without them a Resent-Date or
+# Resent-Message-ID makes a block without Resent-From, which §3.6.6 requires.
+_RESENT = {
+    "resent-date",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+    "resent-bcc",
+    "resent-message-id",
+}
 # Fields RFC 5322 §3.6 allows once that ``headers`` may set (the others are owned): keys
 # differing in case make two fields, and Gmail refuses a message with two.
 _ONCE = {"in-reply-to", "references"}
@@ -324,10 +333,11 @@ def _header(name: object, value: object) -> tuple[str, str]:
             "header 'Return-Path' cannot be set: the server that delivers the message adds "
             "it from the envelope sender (RFC 5321 §4.4); give envelope_from instead"
         )
-    if key in _RESENT_ADDRESSES:
+    if key in _RESENT:
         raise InvalidMessage(
-            f"header {name!r} cannot be set through headers: resending is for raw messages, "
-            "and Resent-Bcc would be transmitted"
+            f"header {name!r} cannot be set through headers: resending is for raw messages "
+            "(a resent block needs Resent-Date and Resent-From, RFC 5322 §3.6.6, and "
+            "Resent-Bcc would be transmitted)"
         )
     text = _text(name, value)
     if key in _ONCE:
