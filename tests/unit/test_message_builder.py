@@ -271,3 +271,15 @@ def test_a_resent_field_without_its_block_is_refused(name: str, value: str) -> N
     RFC forbids, which readers show as a resend by nobody."""
     with pytest.raises(InvalidMessage, match=rf"(?i){name}.*RFC 5322 §3\.6\.6"):
         prepare(Email(from_=FROM, to=TO, text="t", headers={name: value}))
+
+
+@pytest.mark.parametrize("filename", ["", "   ", "\t", " \xa0 "])
+def test_an_attachment_with_a_blank_filename_is_refused(filename: str) -> None:
+    """An empty or blank filename (``os.path.basename`` of a path ending in "/") was sent
+    as ``filename=""``: readers show a nameless file ("noname", "ATT00001.bin") and save
+    it without its type's extension. The filename is required, so a blank one is a
+    caller's mistake, refused as other attachment faults are."""
+    attachment = Attachment(filename=filename, content=b"x")
+    with pytest.raises(InvalidAttachment, match="filename is blank") as caught:
+        build(text="t", attachments=[attachment])
+    assert caught.value.filename == filename

@@ -89,7 +89,9 @@ subjects = st.one_of(
 ).map(lambda s: " ".join(s.split()))
 filenames = st.one_of(
     st.text(st.characters(whitelist_categories=("L", "N")), min_size=1, max_size=20),
-    st.text(PRINTABLE, min_size=1, max_size=120).map(lambda s: s.replace("=?", "=")),
+    st.text(PRINTABLE, min_size=1, max_size=120)
+    .map(lambda s: s.replace("=?", "="))
+    .filter(str.strip),  # a blank filename is refused
 )
 files = st.builds(
     Attachment,

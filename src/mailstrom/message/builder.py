@@ -83,7 +83,8 @@ class Attachment:
 
     ``inline=True`` with a ``content_id`` lets the HTML body refer to it as
     ``cid:<content_id>`` (the attachment then goes in a multipart/related part).
-    The filename is sent as the literal text given (RFC 2231 encoded when needed).
+    The filename is sent as the literal text given (RFC 2231 encoded when needed); it
+    may not be empty or blank.
     """
 
     filename: str
@@ -440,6 +441,14 @@ def _part(attachment: object) -> Part:
     if len(filename) > MAX_FIELD:
         check_field_size("Content-Disposition", len(filename))
     check_header_text("attachment filename", filename)
+    if not filename.strip():
+        # Sent as filename="": readers show a nameless file ("noname") and save it
+        # without its type's extension. The name is required; a blank one is a mistake.
+        raise InvalidAttachment(
+            f"attachment filename is blank ({shorten(filename)}); give the name the "
+            "recipient sees, e.g. 'invoice.pdf'",
+            filename=filename,
+        )
     content = attachment.content
     if not isinstance(content, bytes | bytearray | memoryview):
         raise InvalidAttachment(
