@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -73,6 +74,54 @@ def test_transfer_encoding_and_content_agree_with_the_stdlib(text: str) -> None:
         message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
         message.set_content(text)
         assert cte == message["Content-Transfer-Encoding"]
+
+
+def _seven_bit_oracle(text: str) -> bool:
+    """Whether ``text`` may be sent 7bit, by the rule itself: ASCII without NUL, and no
+    run of 79 characters without a line break once CR LF and CR are LF."""
+    lf = text.replace("\r\n", "\n").replace("\r", "\n")
+    return lf.isascii() and "\0" not in lf and re.search("[^\n]{79}", lf) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "cte"),
+    [
+        ("", "7bit"),
+        ("\n", "7bit"),
+        ("\r\n", "7bit"),
+        ("x" * 78, "7bit"),
+        ("x" * 79, "quoted-printable"),
+        ("x" * 78 + "\r\n", "7bit"),
+        ("x" * 78 + "\r", "7bit"),
+        ("x" * 78 + "\r\r\n" + "y" * 78, "7bit"),
+        ("x" * 39 + "\r" + "y" * 39 + "\n", "7bit"),
+        ("a\n" * 5 + "x" * 79 + "\n" + "b\n", "quoted-printable"),
+        ("a\r\n" + "x" * 79, "quoted-printable"),
+        ("\n" * 3 + "x" * 78 + "\n" * 3, "7bit"),
+        ("x" * 998 + "\r\n", "quoted-printable"),
+        ("x" * 998, "quoted-printable"),
+        ("x" * 999 + "\n", "quoted-printable"),
+        (("x" * 78 + "\n") * 200, "7bit"),
+        (("x" * 78 + "\r\n") * 200 + "x" * 79, "quoted-printable"),
+    ],
+)
+def test_seven_bit_line_lengths_at_the_edges(text: str, cte: str) -> None:
+    """7bit exactly when every line, CR LF, CR and LF ending it alike, has at most 78
+    characters: the same choice as the rule itself, and as the stdlib's."""
+    assert encode_text(text)[0] == cte
+    assert (cte == "7bit") == _seven_bit_oracle(text)
+    message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
+    message.set_content(text)
+    assert message["Content-Transfer-Encoding"] == cte
+
+
+_LINE_PIECES = st.sampled_from(["x" * 39, "x" * 40, "x", "\n", "\r", "\r\n", "é", "\0"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LINE_PIECES, max_size=40).map("".join))
+def test_seven_bit_is_chosen_by_the_rule(text: str) -> None:
+    assert (encode_text(text)[0] == "7bit") == _seven_bit_oracle(text)
 
 
 def test_the_choice_is_the_stdlibs_where_the_two_encodings_are_close() -> None:

