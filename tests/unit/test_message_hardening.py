@@ -147,6 +147,31 @@ def test_nul_in_email_message_header_is_rejected() -> None:
         prepare(message, now=NOW)
 
 
+_NON_ASCII_FILLS: dict[str, Callable[[EmailMessage, str], None]] = {
+    "subject": lambda m, c: m.__setitem__("Subject", f"Größe{c}"),
+    "header": lambda m, c: m.__setitem__("X-Note", f"naïve {c}"),
+    "to name": lambda m, c: m.replace_header("To", f"Jörg{c} <b@example.org>"),
+    "filename": lambda m, c: m.add_attachment(b"x", "application", "pdf", filename=f"R{c}ü"),
+}
+
+
+@pytest.mark.parametrize("char", ["\0", "\x1b", "\x7f", "\x9b"])
+@pytest.mark.parametrize("where", list(_NON_ASCII_FILLS))
+def test_control_characters_in_non_ascii_email_message_headers(where: str, char: str) -> None:
+    """A header object holding a control character and a non-ASCII one was written by the
+    stdlib as an RFC 2047 word or RFC 2231 parameter (``=?utf-8?q?Gr=C3=B6=C3=9Fe=00?=``)
+    and sent: only the same value without its non-ASCII character was refused, as the
+    Email builder refuses both, so a reader decoded a NUL or an ESC sequence into a
+    Subject, a name or a filename."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_content("x")
+    _NON_ASCII_FILLS[where](message, char)
+    with pytest.raises(ForbiddenCharacter):
+        prepare(message, now=NOW)
+
+
 def test_nul_in_builder_text_is_encoded_not_sent_raw() -> None:
     """Hardening #2: a NUL in a text body switches the part to an encoding that carries it
     (never 7bit), and it decodes back unchanged."""

@@ -46,7 +46,7 @@ from mailstrom.message.bounds import (
     too_many_fields,
     too_many_parts,
 )
-from mailstrom.message.chars import check_other_line_breaks, shorten
+from mailstrom.message.chars import check_header_text, check_other_line_breaks, shorten
 from mailstrom.message.headers import check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id
 from mailstrom.message.policies import HEADER_FACTORY
@@ -89,6 +89,10 @@ def check_entity_headers(message: Message) -> bool:
                     # from a string, and holds its value unfolded.
                     if "\r" in text or "\n" in text:
                         _injection(name, text)
+                    # And holds it decoded: a control character in a value with a
+                    # non-ASCII one was written inside an RFC 2047 word or an RFC 2231
+                    # parameter, where the checks of the written octets never see it.
+                    _check_object_text(name, raw_value, text)
                 else:
                     # Raw strings (compat32, or parsed source) may only break lines to
                     # fold them.
@@ -334,6 +338,17 @@ def _check_parameter_names(name: str, value: object, text: str) -> None:
                 f"{shorten(param, 60)}; the limit is {MAX_PARAMETER_NAME}",
                 header=name,
             )
+
+
+def _check_object_text(name: str, header: object, text: str) -> None:
+    """The rule of :func:`~mailstrom.message.chars.check_header_text` for a header object's
+    value and its MIME parameters, decoded, as for every other header value."""
+    check_header_text(name, text)
+    params = getattr(header, "params", None)
+    if params:
+        for value in params.values():
+            if isinstance(value, str):
+                check_header_text(name, value)
 
 
 def _injection(name: str, value: str) -> NoReturn:
