@@ -682,3 +682,21 @@ def test_a_reply_s_text_is_handed_out_cut_but_ehlo_keywords_are_read_from_the_wh
     assert (refused.reply.code, refused.reply.enhanced) == (550, "5.1.1")
     assert refused.reply.text == "x" * MAX_TEXT
     assert (deferred.reply.enhanced, deferred.reply.text) == ("4.3.0", "y" * MAX_TEXT)
+
+
+@pytest.mark.parametrize("unsolicited", [False, True])
+def test_a_protocol_error_quotes_a_bounded_part_of_the_reply(unsolicited: bool) -> None:
+    """A reply that breaks the protocol may be as long as the parser takes (a megabyte):
+    the error quotes its start, with an ellipsis, not the whole of it, so that a hostile
+    server cannot make the client hold and log a megabyte per error."""
+    session = ready()
+    if not unsolicited:
+        session.envelope("a@a.test", ["b@b.test"])  # a 354 is no reply to MAIL
+    lines = [b"354-" + b"x" * 1000 + b"\r\n"] * 500 + [b"354 end\r\n"]
+    with pytest.raises(SMTPProtocolError) as caught:
+        feed(session, b"".join(lines))
+    message = str(caught.value)
+    assert ("unsolicited" if unsolicited else "unexpected reply to MAIL: 354 xxx") in message
+    assert len(message) <= 300, len(message)
+    assert message.endswith("…")
+    assert session.state is State.CLOSED

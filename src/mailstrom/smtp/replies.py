@@ -31,6 +31,8 @@ its RCPTs until it ends, up to ``max_recipients`` (1,000) of them: whole, a serv
 answered each with a reply of :data:`MAX_REPLY` octets had the worker hold a gigabyte.
 RFC 5321 §4.5.3.1.5 allows 512 octets a line; stores keep 2,048 octets of a reply
 (:data:`~mailstrom.stores.base.MAX_REPLY_TEXT`), as Postfix does."""
+MAX_QUOTED = 200
+"""Characters of a reply's text that an error about it quotes (:func:`quote_reply`)."""
 
 # Code: first digit 2-5, second 0-5 (RFC 5321 §4.2); then SP, "-" or nothing ("250\r\n" is
 # seen in the wild and harmless).
@@ -220,6 +222,22 @@ def _split_enhanced(text: str, klass: str) -> tuple[str | None, str]:
     if match is None:
         return None, text
     return ".".join(match.group(1, 2, 3)), text[match.end() :]
+
+
+def quote_reply(reply: SMTPReply) -> str:
+    """``reply`` as an error quotes it: its codes and at most :data:`MAX_QUOTED`
+    characters of its text, "…" standing for the rest. A reply that breaks the protocol
+    may be as long as the parser takes (:data:`MAX_REPLY`): quoted whole, a hostile
+    server had the client hold, and log, a megabyte per error.
+
+    >>> quote_reply(SMTPReply(code=354, text="x" * 500))[-5:]
+    'xxxx…'
+    """
+    text = reply.text
+    if len(text) <= MAX_QUOTED:
+        return str(reply)
+    cut = SMTPReply(code=reply.code, text=text[:MAX_QUOTED], enhanced=reply.enhanced)
+    return f"{cut}…"
 
 
 def parse_ehlo(reply: SMTPReply) -> dict[str, str]:

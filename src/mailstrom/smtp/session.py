@@ -33,7 +33,7 @@ from typing import NoReturn
 from mailstrom.domains import a_label
 from mailstrom.errors import SMTPProtocolError
 from mailstrom.smtp.events import NEED_DATA, Command, LocalProtocolError, NeedData, Reply
-from mailstrom.smtp.replies import MAX_TEXT, ReplyParser, parse_ehlo
+from mailstrom.smtp.replies import MAX_TEXT, ReplyParser, parse_ehlo, quote_reply
 from mailstrom.status import SMTPReply
 
 
@@ -252,9 +252,9 @@ class ClientSession:
                 return None
             # The errors below carry no code: the reply answered nothing we asked, and a
             # code would be recorded as the server's reply to the recipients it fails (a
-            # "250" on a deferred recipient). Their text quotes it.
+            # "250" on a deferred recipient). Their text quotes its start.
             if not self._pending:
-                raise SMTPProtocolError(f"unsolicited reply: {reply}")
+                raise SMTPProtocolError(f"unsolicited reply: {quote_reply(reply)}")
             command, argument = self._pending.popleft()
             ungroupable, changing = _COUNTS[command]
             if ungroupable:
@@ -268,7 +268,7 @@ class ClientSession:
                 # EHLO and HELO succeed with 250 alone (RFC 5321 §4.1.1.1). A 220 there is
                 # a greeting sent again (after STARTTLS, say): taken for the reply, every
                 # reply after it would answer the command before its own.
-                raise SMTPProtocolError(f"unexpected reply to {command}: {reply}")
+                raise SMTPProtocolError(f"unexpected reply to {command}: {quote_reply(reply)}")
             if code == 421:
                 # The server is going away: the replies still owed will never come.
                 self._state = State.CLOSED
