@@ -653,7 +653,13 @@ async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words
 
 
 @pytest.mark.parametrize(
-    ("command", "wrong"), [(b"DATA", b"250 2.0.0 ok"), (b"RCPT", b"354 go ahead")]
+    ("command", "wrong"),
+    [
+        (b"DATA", b"250 2.0.0 ok"),
+        (b"RCPT", b"354 go ahead"),
+        (b"DATA", b"334 what now"),
+        (b"DATA", b"355 go on"),
+    ],
 )
 async def test_a_reply_of_a_class_the_command_cannot_get_is_not_recorded_as_a_reply(
     dns_server: LoopbackDNS, command: bytes, wrong: bytes

@@ -700,3 +700,32 @@ def test_a_protocol_error_quotes_a_bounded_part_of_the_reply(unsolicited: bool) 
     assert len(message) <= 300, len(message)
     assert message.endswith("…")
     assert session.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("command", "wire"),
+    [
+        (Command.DATA, b"334 what now\r\n"),
+        (Command.DATA, b"355 go on\r\n"),
+        (Command.AUTH, b"354 go ahead\r\n"),
+        (Command.AUTH, b"300 more\r\n"),
+    ],
+)
+def test_an_intermediate_reply_other_than_the_command_s_own_is_a_protocol_error(
+    command: Command, wire: bytes
+) -> None:
+    """DATA goes on with 354 alone (RFC 5321 §4.3.2), AUTH with 334 alone (RFC 4954 §4),
+    as EHLO succeeds with 250 alone: another 3xx there leaves the server in a state the
+    client cannot know, and taken for a reply it was recorded as the server's answer to
+    the recipients, a "334" on a deferred recipient."""
+    session = ready()
+    if command is Command.DATA:
+        session.envelope("a@a.test", ["b@b.test"])
+        feed(session, b"250 ok\r\n250 ok\r\n")
+    else:
+        session.auth_login()
+    with pytest.raises(
+        SMTPProtocolError, match=f"unexpected reply to {command}: {wire[:3].decode()}"
+    ):
+        feed(session, wire)
+    assert session.state is State.CLOSED

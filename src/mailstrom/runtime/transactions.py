@@ -517,16 +517,11 @@ class TransactionsMixin:
     def _on_data(self, txn: Txn, command: Command, reply: SMTPReply) -> None:
         txn.data_reply = reply
         if reply.code != 354:
+            # A refusal: the session takes no other reply to DATA (another 3xx is a
+            # protocol error there, which ends the session before any handler sees it).
             self._finish(txn)
             if reply.code == 421:
                 self._abort(None)
-            elif reply.code < 400:
-                # Another 3xx leaves the server in the data state, perhaps waiting for
-                # content: no next transaction can follow on this session.
-                quoted = str(reply)[:200]
-                self._abort(
-                    SMTPProtocolError(f"{self.host} answered DATA with {quoted}", host=self.host)
-                )
             else:
                 self._continue()
             return

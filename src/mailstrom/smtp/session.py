@@ -117,6 +117,18 @@ _COUNTS: dict[Command, tuple[int, int]] = {
     for command in Command
 }
 _HELLOS = frozenset({_C.EHLO, _C.HELO})
+# The one code of a reply class that some commands can get: EHLO and HELO succeed with 250
+# alone (RFC 5321 §4.1.1.1), DATA goes on with 354 alone (§4.3.2), AUTH with 334 alone (RFC
+# 4954 §4). Another code of that class is a protocol error: a 220 to EHLO is a greeting
+# sent again (after STARTTLS, say), and taken for the reply every reply after it would
+# answer the command before its own; a 334 to DATA leaves the server in a state the client
+# cannot know, and was recorded as the server's answer to the recipients.
+_EXACT: dict[Command, tuple[int, int]] = {
+    _C.EHLO: (2, 250),
+    _C.HELO: (2, 250),
+    _C.DATA: (3, 354),
+    _C.AUTH: (3, 334),
+}
 
 
 def encode_body(content: bytes) -> bytes:
@@ -264,10 +276,8 @@ class ClientSession:
             after = _AFTER_REPLY[command]
             code = reply.code
             digit = code // 100
-            if digit not in after or (digit == 2 and command in _HELLOS and code != 250):
-                # EHLO and HELO succeed with 250 alone (RFC 5321 §4.1.1.1). A 220 there is
-                # a greeting sent again (after STARTTLS, say): taken for the reply, every
-                # reply after it would answer the command before its own.
+            exact = _EXACT.get(command)
+            if digit not in after or (exact is not None and exact[0] == digit and exact[1] != code):
                 raise SMTPProtocolError(f"unexpected reply to {command}: {quote_reply(reply)}")
             if code == 421:
                 # The server is going away: the replies still owed will never come.
