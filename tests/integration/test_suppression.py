@@ -263,6 +263,29 @@ def test_refusals_outside_the_configured_classes_do_not_suppress(
     assert [e.target for e in ms.suppressions()] == ["spam@example.org"]
 
 
+@pytest.mark.parametrize("suppress_on", [None, ("5.7.1",)])
+def test_qmails_status_ending_a_refusal_without_an_enhanced_code_decides(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, suppress_on: tuple[str, ...] | None
+) -> None:
+    """qmail-smtpd sends no RFC 2034 code but ends its text with one: the refusal of a
+    mailbox that does not exist was not suppressed, nor one configured in suppress_on."""
+    mx.enhancedstatuscodes = False
+    mx.rcpt_replies["nobody@example.org"] = "550 sorry, no mailbox here by that name. (#5.1.1)"
+    mx.rcpt_replies["relay@example.org"] = (
+        "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+    )
+    # Not at the end, or of another class than the reply: no status of this reply.
+    mx.rcpt_replies["quoted@example.org"] = "550 sorry (#5.1.1) is what the last hop said"
+    mx.rcpt_replies["classless@example.org"] = "550 sorry, no mailbox here by that name. (#4.1.1)"
+    overrides = {} if suppress_on is None else {"suppress_on": suppress_on}
+    ms = mailstrom(**overrides)
+    to = ("nobody", "relay", "quoted", "classless")
+    ms.send_email(hello(*(f"{name}@example.org" for name in to)))
+    results.wait_count(4)
+    expected = ["nobody@example.org"] if suppress_on is None else ["relay@example.org"]
+    assert [e.target for e in ms.suppressions()] == expected
+
+
 def test_a_null_mx_domain_suppresses_the_address(
     mailstrom: MakeMailstrom, dns_server: LoopbackDNS, results: Results
 ) -> None:

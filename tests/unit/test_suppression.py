@@ -171,6 +171,26 @@ def test_hard_bounce_codes(
     )
 
 
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "expected"),
+    [
+        (550, None, "sorry, no mailbox here by that name. (#5.1.1)", True),
+        (550, None, "sorry, no mailbox here by that name. (#5.1.1)\r\n", True),
+        (553, None, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)", False),
+        (550, None, "sorry (#5.1.1) said the last hop", False),  # not at the end
+        (550, None, "no mailbox here (#4.1.1)", False),  # not the reply's class
+        (550, "5.7.1", "blocked (#5.1.1)", False),  # its own code decides
+    ],
+)
+def test_qmails_status_ending_the_text_is_the_refusals_code(
+    code: int, enhanced: str | None, text: str, expected: bool
+) -> None:
+    hard = is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=enhanced, codes=DEFAULT_SUPPRESS_ON, text=text
+    )
+    assert hard is expected
+
+
 def test_suppress_on_is_checked_by_config() -> None:
     assert Config(helo_name="h.test", suppress_on=(" 5.7.1 ", "554")).suppress_on == (
         "5.7.1",

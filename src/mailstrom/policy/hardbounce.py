@@ -8,6 +8,10 @@ MX), the domain does not exist (``5.1.2``) or accepts no mail (``556``, RFC 7504
 mailbox is disabled (``5.2.1``). A full mailbox (``5.2.2``), a policy or content refusal
 (``5.7.x``) or a rate limit says something about this message or this moment, not about
 the address, and is left out.
+
+A refusal is judged by its enhanced code, and a reply without one at its start by the
+one qmail ends its text with ("550 sorry, no mailbox here by that name. (#5.1.1)"), as
+:mod:`mailstrom.policy.reasons` reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from mailstrom.policy.reasons import qmail_status
 from mailstrom.status import AttemptOutcome
 
 DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
@@ -40,9 +45,15 @@ def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
 
 
 def is_hard_bounce(
-    outcome: AttemptOutcome, *, code: int | None, enhanced: str | None, codes: Iterable[str]
+    outcome: AttemptOutcome,
+    *,
+    code: int | None,
+    enhanced: str | None,
+    codes: Iterable[str],
+    text: str | None = None,
 ) -> bool:
-    """Whether a refusal with this outcome and these codes suppresses its address.
+    """Whether a refusal with this outcome, these codes and this reply ``text`` suppresses
+    its address (the codes as :func:`refusal_status` reads them).
 
     >>> is_hard_bounce(AttemptOutcome.PERMANENT, code=550, enhanced="5.1.1",
     ...                codes=DEFAULT_SUPPRESS_ON)
@@ -53,10 +64,24 @@ def is_hard_bounce(
     """
     if outcome is not AttemptOutcome.PERMANENT:
         return False
+    enhanced = refusal_status(code, enhanced, text)
     wanted = set(codes)
     return (enhanced is not None and enhanced in wanted) or (
         code is not None and str(code) in wanted
     )
+
+
+def refusal_status(code: int | None, enhanced: str | None, text: str | None) -> str | None:
+    """The enhanced code a refusal (``code``, its own ``enhanced`` code, its ``text``) is
+    judged by: its own, or without one qmail's "(#5.1.1)" ending the text.
+
+    >>> refusal_status(550, None, "sorry, no mailbox here by that name. (#5.1.1)")
+    '5.1.1'
+    >>> refusal_status(550, None, "sorry, no mailbox here by that name. (#4.1.1)")
+    """
+    if enhanced is None and code is not None and text:
+        enhanced = qmail_status(code, text)
+    return enhanced
 
 
 def is_late_hard_bounce(

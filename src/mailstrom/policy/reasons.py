@@ -195,8 +195,14 @@ def _status_code(reply: SMTPReply) -> str | None:
     code's (a 4.x.x in a 5yz reply is no status of it)."""
     if reply.enhanced is not None:
         return reply.enhanced
-    found = _QMAIL_STATUS.search(reply.text)
-    if found is None or found.group(1)[0] != str(reply.code)[0]:
+    return qmail_status(reply.code, reply.text)
+
+
+def qmail_status(code: int, text: str) -> str | None:
+    """The "(#5.7.1)" ending ``text``, the status qmail gives in place of an RFC 2034 code,
+    when its class is reply ``code``'s; else None."""
+    found = _QMAIL_STATUS.search(text)
+    if found is None or found.group(1)[0] != str(code)[0]:
         return None
     return found.group(1)
 

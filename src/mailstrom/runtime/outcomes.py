@@ -220,7 +220,7 @@ class Outcomes:
                         where,
                         reply=reply,
                         reason=classify_reply(reply),
-                        hard=self._hard(outcome, reply.code, reply.enhanced),
+                        hard=self._hard(outcome, reply.code, reply.enhanced, reply.text),
                     )
                 )
         if not accepted:
@@ -259,7 +259,7 @@ class Outcomes:
         hard = (
             decisive is not None
             and len(accepted) == 1
-            and self._hard(outcome, decisive.code, decisive.enhanced)
+            and self._hard(outcome, decisive.code, decisive.enhanced, decisive.text)
         )
         results.extend(
             self._result(item, r, outcome, started, where, reply=decisive, reason=reason, hard=hard)
@@ -290,7 +290,7 @@ class Outcomes:
             reply = SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         error = None if reply is not None else exc.text
         reason = error_reason(exc, reply)
-        hard = self._hard(outcome, exc.code, exc.enhanced)
+        hard = self._hard(outcome, exc.code, exc.enhanced, reply.text if reply else None)
         own = reply is not None and exc.reply is None
         return [
             self._result(
@@ -308,9 +308,14 @@ class Outcomes:
             for r in (item.recipients if recipients is None else recipients)
         ]
 
-    def _hard(self, outcome: AttemptOutcome, code: int | None, enhanced: str | None) -> bool:
-        """Whether this refusal puts its recipients on the suppression list."""
-        return is_hard_bounce(outcome, code=code, enhanced=enhanced, codes=self._config.suppress_on)
+    def _hard(
+        self, outcome: AttemptOutcome, code: int | None, enhanced: str | None, text: str | None
+    ) -> bool:
+        """Whether this refusal (its codes and reply ``text``) puts its recipients on the
+        suppression list."""
+        return is_hard_bounce(
+            outcome, code=code, enhanced=enhanced, codes=self._config.suppress_on, text=text
+        )
 
     def is_expired(self, item: WorkItem) -> bool:
         """Whether ``item``'s message is past the expiry its sender set."""
