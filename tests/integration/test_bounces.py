@@ -460,6 +460,30 @@ def test_a_bounce_without_status_is_judged_by_the_relayed_reply(
     assert (outcome.suppressed is not None) is suppresses
 
 
+@pytest.mark.parametrize(
+    ("diagnostic", "suppresses"),
+    [
+        ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", True),
+        ("550 5.4.1 No answer from host", False),
+    ],
+)
+def test_a_relayed_exchange_online_refusal_of_an_unknown_address_suppresses(
+    ms: Mailstrom, results: Results, clock: FakeClock, diagnostic: str, suppresses: bool
+) -> None:
+    """A relay that took the mail reports Exchange Online's directory-based edge blocking
+    with Status 5.4.1: the address does not exist, as the reply at delivery says."""
+    mid = ms.send_email(hello("nosuchuser@receiver.test"), envelope_from=VERP)
+    results.wait_count(1)
+    data = report_for(ms, "postfix-dsn-full.eml", mid, "nosuchuser@receiver.test").replace(
+        b'Status: 5.1.1\r\nDiagnostic-Code: X-Postfix; unknown user: "nosuchuser"',
+        f"Status: 5.4.1\r\nDiagnostic-Code: smtp; {diagnostic}".encode(),
+    )
+    assert diagnostic.encode() in data
+    [outcome] = apply(ms, data, clock)
+    assert outcome.action is BounceAction.FAILED
+    assert (outcome.suppressed is not None) is suppresses
+
+
 def test_a_late_bounce_does_not_shorten_a_suppression_in_force(
     ms: Mailstrom, results: Results, clock: FakeClock
 ) -> None:

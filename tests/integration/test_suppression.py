@@ -286,6 +286,23 @@ def test_qmails_status_ending_a_refusal_without_an_enhanced_code_decides(
     assert [e.target for e in ms.suppressions()] == expected
 
 
+def test_exchange_onlines_refusal_of_an_address_it_does_not_have_suppresses(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    """Directory-based edge blocking (AS(201806281)): the recipient does not exist, said
+    with 5.4.1, which is otherwise "no answer from host" and says nothing of the address."""
+    mx.rcpt_replies["gone@example.org"] = (
+        "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+        " [DM6NAM11FT012.eop-nam11.prod.protection.outlook.com 2024-01-01T00:00:00.000Z]"
+    )
+    mx.rcpt_replies["other@example.org"] = "550 5.4.1 Unable to relay: no answer from host"
+    mx.rcpt_replies["later@example.org"] = "450 4.4.1 Recipient address rejected: Access denied"
+    ms = mailstrom()
+    ms.send_email(hello("gone@example.org", "other@example.org", "later@example.org"))
+    results.wait_count(3)
+    assert [e.target for e in ms.suppressions()] == ["gone@example.org"]
+
+
 def test_a_null_mx_domain_suppresses_the_address(
     mailstrom: MakeMailstrom, dns_server: LoopbackDNS, results: Results
 ) -> None:

@@ -191,6 +191,26 @@ def test_qmails_status_ending_the_text_is_the_refusals_code(
     assert hard is expected
 
 
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "expected"),
+    [
+        (550, "5.4.1", "Recipient address rejected: Access denied. AS(201806281)", True),
+        (550, "5.4.1", "Recipient address rejected:\n  Access DENIED.", True),
+        (550, "5.4.1", "No answer from host", False),  # RFC 3463's 5.4.1
+        (554, "5.4.1", "Recipient address rejected: Access denied", False),
+        (550, "5.4.4", "Recipient address rejected: Access denied", False),
+        (550, "5.7.1", "Recipient address rejected: Access denied", False),  # Postfix's ACL
+    ],
+)
+def test_exchange_onlines_unknown_recipient_is_a_hard_bounce(
+    code: int, enhanced: str, text: str, expected: bool
+) -> None:
+    hard = is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=enhanced, codes=DEFAULT_SUPPRESS_ON, text=text
+    )
+    assert hard is expected
+
+
 def test_suppress_on_is_checked_by_config() -> None:
     assert Config(helo_name="h.test", suppress_on=(" 5.7.1 ", "554")).suppress_on == (
         "5.7.1",

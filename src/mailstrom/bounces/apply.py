@@ -337,6 +337,7 @@ def _apply_one(
             diagnostic_status=entry.diagnostic_status,
             codes=suppress_on,
             remote_mta=entry.remote_mta is not None,
+            diagnostic=entry.diagnostic if entry.diagnostic_type == "smtp" else None,
         )
     ):
         suppressed = _suppress(

@@ -11,7 +11,11 @@ the address, and is left out.
 
 A refusal is judged by its enhanced code, and a reply without one at its start by the
 one qmail ends its text with ("550 sorry, no mailbox here by that name. (#5.1.1)"), as
-:mod:`mailstrom.policy.reasons` reads it.
+:mod:`mailstrom.policy.reasons` reads it. One provider's words are read as the code they
+stand for: Exchange Online's directory-based edge blocking refuses an address its
+organisation does not have with ``550 5.4.1 Recipient address rejected: Access denied``,
+which is "the mailbox does not exist" (``5.1.1``); 5.4.1 in general, "no answer from host"
+(RFC 3463), says nothing about the address and stays as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
 # re.ASCII: a reply's codes are ASCII digits (smtp/replies.py), so "5.\u0661.1" (a str
 # pattern's \d takes it) would be a configured code that never matches anything.
 _CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$", re.ASCII)
+_NO_SUCH_RECIPIENT = "recipient address rejected: access denied"
+"""Exchange Online's words for an address its organisation does not have (with 550 5.4.1,
+"AS(201806281)": directory-based edge blocking)."""
 
 
 def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
@@ -73,14 +80,26 @@ def is_hard_bounce(
 
 def refusal_status(code: int | None, enhanced: str | None, text: str | None) -> str | None:
     """The enhanced code a refusal (``code``, its own ``enhanced`` code, its ``text``) is
-    judged by: its own, or without one qmail's "(#5.1.1)" ending the text.
+    judged by: its own, or without one qmail's "(#5.1.1)" ending the text; Exchange
+    Online's ``550 5.4.1 Recipient address rejected: Access denied`` as ``5.1.1``.
 
     >>> refusal_status(550, None, "sorry, no mailbox here by that name. (#5.1.1)")
     '5.1.1'
     >>> refusal_status(550, None, "sorry, no mailbox here by that name. (#4.1.1)")
+    >>> refusal_status(550, "5.4.1", "Recipient address rejected: Access denied. AS(201806281)")
+    '5.1.1'
+    >>> refusal_status(550, "5.4.1", "No answer from host")
+    '5.4.1'
     """
     if enhanced is None and code is not None and text:
         enhanced = qmail_status(code, text)
+    if (
+        code == 550
+        and enhanced == "5.4.1"
+        and text
+        and _NO_SUCH_RECIPIENT in " ".join(text.lower().split())
+    ):
+        return "5.1.1"
     return enhanced
 
 
@@ -91,10 +110,12 @@ def is_late_hard_bounce(
     codes: Iterable[str],
     diagnostic_status: str | None = None,
     remote_mta: bool = False,
+    diagnostic: str | None = None,
 ) -> bool:
     """Whether a delivery status notification's ``Status`` (and the SMTP codes of its
-    diagnostic, if any: ``code``, ``diagnostic_status``) suppresses the address: a
-    permanent status among ``codes``, or ``5.0.0``, the status without detail, when the
+    diagnostic, if any: ``code``, ``diagnostic_status``; the relayed reply itself,
+    ``diagnostic``, read as :func:`refusal_status` reads a reply) suppresses the address:
+    a permanent status among ``codes``, or ``5.0.0``, the status without detail, when the
     diagnostic gives no code of its own and the report names no ``Remote-MTA``
     (``remote_mta``).
 
@@ -121,6 +142,12 @@ def is_late_hard_bounce(
         if code is None and diagnostic_status is None:
             return not remote_mta
         return is_hard_bounce(
-            AttemptOutcome.PERMANENT, code=code, enhanced=diagnostic_status, codes=codes
+            AttemptOutcome.PERMANENT,
+            code=code,
+            enhanced=diagnostic_status,
+            codes=codes,
+            text=diagnostic,
         )
-    return is_hard_bounce(AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes)
+    return is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=status, codes=codes, text=diagnostic
+    )
