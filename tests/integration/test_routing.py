@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import threading
 from dataclasses import replace
 
 import dns.asyncquery
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
 
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing import Route, Router
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.support.deadline import Hang, hang_guard
 
 
 class FakeClock:
@@ -407,6 +411,55 @@ def test_loopback_dns_outside_pytest_fixtures() -> None:
     finally:
         server.stop()
     server.stop()  # idempotent
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_loopback_dns_stop_closes_the_tcp_clients_still_connected() -> None:
+    """A TCP client that never finishes its query (one octet a second, each within the
+    handler's 5 s read timeout) held its request thread, and stop(), which joins them,
+    waited as long as it went on: stop() ends such connections itself."""
+    server = LoopbackDNS().start()
+    server.a("tcp.example", "127.0.0.1")
+    done = threading.Event()
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    idle = socket.create_connection(("127.0.0.1", server.port))  # says nothing at all
+    slow.sendall(b"\xff\xff\x00")  # a 65535-octet query, begun
+
+    def trickle() -> None:
+        while not done.wait(1.0):
+            try:
+                slow.sendall(b"\x00")
+            except OSError:
+                return
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        # Accepted in turn: once a later connection is answered, both are being served.
+        query = dns.message.make_query("tcp.example", "A")
+        answer = dns.query.tcp(query, "127.0.0.1", port=server.port, timeout=5)
+        assert [r.address for r in answer.answer[0]] == ["127.0.0.1"]
+        try:
+            with hang_guard(15):
+                server.stop()
+        except Hang:
+            done.set()
+            server.stop()
+            raise
+        assert _closed_by_peer(slow) and _closed_by_peer(idle)
+    finally:
+        done.set()
+        trickler.join()
+        slow.close()
+        idle.close()
+        server.stop()
 
 
 # --- hardening #6: bounded fan-out, refused targets (the default policy) --------------

@@ -60,6 +60,7 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -213,8 +214,39 @@ class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
 
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Knows its open connections, so that :meth:`LoopbackDNS.stop` can end them: the
+    request threads it joins read with a timeout per read, which a client that sends an
+    octet now and then, or a query that never ends, renews for as long as it goes on."""
+
     daemon_threads = False
     block_on_close = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._clients: set[socket.socket] = set()
+        self._clients_lock = threading.Lock()
+        self.closing = False
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # In the serving thread, before the request's thread starts: once shutdown()
+        # returned, every connection accepted is in the set.
+        with self._clients_lock:
+            self._clients.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._clients_lock:
+            self._clients.discard(request)
+        super().shutdown_request(request)
+
+    def close_clients(self) -> None:
+        """End every open connection: a read blocked on one returns at once."""
+        self.closing = True
+        with self._clients_lock:
+            clients = list(self._clients)
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
@@ -222,6 +254,14 @@ class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
         # A TCP client that connects and says nothing must not stall server_close().
         if isinstance(self.request, socket.socket):
             self.request.settimeout(5.0)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            # The answer to a connection stop() ended cannot be sent: nothing to report.
+            if not getattr(self.server, "closing", False):
+                raise
 
 
 class LoopbackDNS:
@@ -285,9 +325,14 @@ class LoopbackDNS:
         )
 
     def stop(self) -> None:
-        """Stop serving, join every thread and close every socket. Idempotent."""
+        """Stop serving, end the TCP connections still open (a client in the middle of a
+        query, or one that says nothing), join every thread and close every socket.
+        Idempotent."""
         for server in self._servers:
             server.server.shutdown()
+        for server in self._servers:
+            if isinstance(server.server, _TCPServer):
+                server.server.close_clients()  # else server_close() waits for each
         for thread in self._threads:
             thread.join()
         for server in self._servers:
