@@ -21,6 +21,7 @@ import pytest
 from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import FakeMX, capture
+from mailstrom.testing import smtp as smtp_kit
 from mailstrom.testing.fakemx import MX_HOST
 from mailstrom.testing.smtp import _SMTP, start_receiving_server, tls_contexts
 from tests.support.delivery import Results
@@ -284,6 +285,39 @@ def test_what_arrived_can_be_read_after_the_with_block() -> None:
     assert mx.server.messages == [got]
     with pytest.raises(AssertionError, match="before it was stopped"):
         mx.wait_for(2)  # nothing more can arrive: at once, not after the timeout
+
+
+def test_a_receiving_server_bounds_the_size_of_a_message_by_default() -> None:
+    """Without ``size_limit`` a server took messages of any size, holding each in memory:
+    one test could make it hold gigabytes. It now advertises SIZE and refuses with 552
+    above a default well above what mailstrom sends; ``size_limit`` sets another, and
+    ``None`` none."""
+    server_context, _ = tls_contexts("mx.test")
+    limit = 35 * 1024 * 1024  # Config.max_message_size's default: must still pass
+    with start_receiving_server(server_context) as mx, smtplib.SMTP(mx.host, mx.port) as client:
+        client.ehlo("client.test")
+        assert int(client.esmtp_features["size"]) == smtp_kit.DEFAULT_SIZE_LIMIT > limit
+        code, _ = client.docmd(f"MAIL FROM:<a@shop.test> SIZE={smtp_kit.DEFAULT_SIZE_LIMIT + 1}")
+        assert code == 552
+        code, _ = client.docmd(f"MAIL FROM:<a@shop.test> SIZE={limit}")
+        assert code == 250
+    with (
+        start_receiving_server(server_context, size_limit=1000) as mx,
+        smtplib.SMTP(mx.host, mx.port) as client,
+    ):
+        client.ehlo("client.test")
+        assert client.esmtp_features["size"] == "1000"
+        client.mail("a@shop.test")  # no SIZE given: the content itself is too big
+        client.rcpt("b@example.org")
+        code, _ = client.data(b"Subject: x\r\n\r\n" + (b"x" * 50 + b"\r\n") * 40)
+        assert code == 552
+        assert mx.messages == []
+    with (
+        start_receiving_server(server_context, size_limit=None) as mx,
+        smtplib.SMTP(mx.host, mx.port) as client,
+    ):
+        client.ehlo("client.test")
+        assert "size" not in client.esmtp_features
 
 
 def test_a_receiving_server_stops_when_its_with_block_fails(

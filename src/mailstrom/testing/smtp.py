@@ -27,8 +27,9 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     ``implicit_tls=False`` (TLS from the first byte, as on port 465; STARTTLS is then
     not offered, and REQUIRETLS is with ``requiretls``),
     ``smtputf8=True``, ``eightbitmime=True``, ``pipelining=True``,
-    ``enhancedstatuscodes=True`` (advertise the keywords), ``size_limit=None`` (an int
-    advertises SIZE and enforces it), ``auth=None`` (``(user, password)``: AUTH PLAIN and
+    ``enhancedstatuscodes=True`` (advertise the keywords), ``size_limit=DEFAULT_SIZE_LIMIT``
+    (advertised as SIZE, RFC 1870; a MAIL with a larger SIZE, or content past it, gets
+    552; None: no limit, nothing advertised), ``auth=None`` (``(user, password)``: AUTH PLAIN and
     LOGIN offered even without TLS, only these credentials pass), ``auth_mechanisms=("PLAIN",
     "LOGIN")`` (which of the two to offer),
     ``requiretls=False`` (offer REQUIRETLS, RFC 8689, after STARTTLS, and accept it on
@@ -106,6 +107,7 @@ except ImportError as exc:
     raise missing_extra(exc) from exc
 
 __all__ = [
+    "DEFAULT_SIZE_LIMIT",
     "ReceivedMessage",
     "ReceivingServer",
     "Rule",
@@ -114,6 +116,12 @@ __all__ = [
     "start_receiving_server",
     "tls_contexts",
 ]
+
+DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
+"""Octets of a message a server takes unless told otherwise (``size_limit``): above all
+mailstrom sends with its default configuration (``Config.max_message_size``, 35 MiB; a
+bounce notice returning such a message in base64), yet bounded, as a server holds each
+message in memory; without one, a test could make it hold gigabytes."""
 
 Rule = str | list[str]
 """A reply line, or replies used one per command with the last one repeating."""
@@ -748,7 +756,7 @@ def start_receiving_server(
     eightbitmime: bool = True,
     pipelining: bool = True,
     enhancedstatuscodes: bool = True,
-    size_limit: int | None = None,
+    size_limit: int | None = DEFAULT_SIZE_LIMIT,
     auth: tuple[str, str] | None = None,
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN"),
     greeting: str | None = None,
