@@ -6,6 +6,8 @@ a rate holds within 10 % over a minute, across two workers of one PostgreSQL sto
 
 from __future__ import annotations
 
+import asyncio
+import random
 import threading
 import time
 from collections import Counter
@@ -18,12 +20,18 @@ import pytest
 
 from mailstrom import DestinationRule, Email, Mailstrom, RecipientState, ShapingConfig
 from mailstrom.message import prepare
+from mailstrom.routing import Router
+from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.outcomes import Outcomes
+from mailstrom.runtime.shaper import Shaper
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
-from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.testing import smtp as smtp_testing
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.delivery import Results, loopback_config
+from tests.integration.test_hostile_peers import peer
+from tests.support.delivery import FakeClock, Results, loopback_config
+from tests.support.scripted import NOW
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -794,3 +802,93 @@ def test_mail_arriving_while_a_throttle_is_recorded_is_postponed_unattempted(
     assert (b.state, b.attempts, b.next_attempt_at) == (RecipientState.QUEUED, 0, pause.until)
     assert b.throttle == pause
     assert mx.connections == 1
+
+
+async def test_tokens_that_lapsed_while_the_session_connected_are_not_sent(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A session takes a second's worth of message tokens before it connects, and used
+    them once connected however long connecting took (a slow greeting, a wait for the
+    connection rate): the store's bucket had refilled meanwhile, and the session's ten
+    went out on top of the ten it gave again, twice the rate at once. Tokens that lapsed
+    while it connected are dropped; it takes fresh ones."""
+    rule = DestinationRule(match="rate.example", messages_per_minute=600)  # ten a second
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    connected = asyncio.Event()
+    greet = asyncio.Event()
+    sent = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        connected.set()
+        await greet.wait()  # the test moves the clock past the tokens' lapse first
+        writer.write(b"220 rate.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-rate.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                sent += 1
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("rate.example", [(10, "mx.rate.example")])
+    dns_server.a("mx.rate.example", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, shaping=shaping(rule), max_connections=1)
+        shaper = Shaper(config, store, store_call=_direct, clock=clock)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=done.extend,
+            shaper=shaper,
+        )
+        try:
+            for n in range(10):
+                dispatcher.submit(_work_item(f"m{n}", "rate.example"))
+            await asyncio.wait_for(connected.wait(), 10)
+            clock.advance(timedelta(seconds=2))  # the greeting took longer than they last
+            greet.set()
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    assert sent == 10 and [r.state for r in done] == [DELIVERED] * 10
+    at_once = (
+        sent
+        + store.take_tokens(
+            shaper.for_route("rate.example", []).message_buckets, want=100, now=clock()
+        ).granted
+    )
+    assert at_once == 10  # the bucket's second's worth, no more
+
+
+async def _direct(method: Any, *args: Any, **kwargs: Any) -> Any:
+    return method(*args, **kwargs)
+
+
+def _work_item(message_id: str, domain: str) -> WorkItem:
+    return WorkItem(
+        message_id=message_id,
+        lease_token=f"lease-{message_id}",
+        domain=domain,
+        envelope_from="a@sender.test",
+        recipients=(
+            LeasedRecipient(
+                address=f"to@{domain}", attempts=0, first_attempt_at=None, created_at=NOW
+            ),
+        ),
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        smtputf8=False,
+        eightbit=False,
+    )

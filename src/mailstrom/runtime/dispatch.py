@@ -984,7 +984,7 @@ class Dispatcher:
     def _may_send(self, shape: Shape) -> bool:
         """Whether one more message may go to ``shape`` now (using a rate token)."""
         assert self._shaper is not None
-        return self._shaper.pause_of(shape) is None and shape.take_local()
+        return self._shaper.take(shape)
 
     async def _may_go_on(self, dest: _Destination, shape: Shape) -> bool:
         """Wait for the rate to allow the next message; False (queue given back) when the

@@ -86,7 +86,8 @@ class Shape:
         (``tokens_until``): held longer (by a session that could reach no MX host, or
         left when a queue ran dry), they would go out on top of the refilled buckets just
         the same. A session waiting for the rate (:meth:`Shaper.wait_to_send`, before it
-        connects or takes an idle connection) drops lapsed ones."""
+        connects or takes an idle connection) drops lapsed ones, and so does each message
+        that would use one (:meth:`Shaper.take`)."""
         self.tokens_until: datetime | None = None
         """When ``tokens`` lapse: their count's worth of the slowest rate after they were
         taken (a second for a rate of a second's worth or more)."""
@@ -320,15 +321,33 @@ class Shaper:
             return TokenGrant(granted=0, wait=_STORE_RETRY)
         return grant
 
+    def _lapse(self, shape: Shape) -> None:
+        """Drop the tokens ``shape`` holds if they have lapsed (see :attr:`Shape.tokens`)."""
+        until = shape.tokens_until
+        if shape.tokens > 0 and until is not None and self._clock() >= until:
+            shape.tokens = 0
+
+    def take(self, shape: Shape) -> bool:
+        """Use one message token of ``shape`` now, if it is not paused and holds one
+        that has not lapsed; True without message rates.
+
+        The lapse is looked at here too, not only in :meth:`wait_to_send`: a session
+        takes its tokens before it waits for the connection rate, connects and reads a
+        greeting, which may take longer than they last (a tarpit's slow greeting, a rate
+        of a few connections a minute), and its messages then went out on top of the
+        store's buckets, refilled meanwhile: twice the rate at once."""
+        if self.pause_of(shape) is not None:
+            return False
+        self._lapse(shape)
+        return shape.take_local()
+
     async def wait_to_send(self, shape: Shape) -> bool:
         """Wait until ``shape`` may send a message; False when it is paused (now or
         meanwhile). Without message rates this returns at once."""
         while True:
             if self.pause_of(shape) is not None:
                 return False
-            until = shape.tokens_until
-            if shape.tokens > 0 and until is not None and self._clock() >= until:
-                shape.tokens = 0  # lapsed (see Shape.tokens)
+            self._lapse(shape)
             if not shape.message_buckets or shape.tokens > 0:
                 return True
             grant = await self._take(shape.message_buckets, shape.want)
