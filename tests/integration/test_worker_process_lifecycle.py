@@ -480,6 +480,47 @@ def test_a_child_stop_had_to_kill_leaves_nothing_in_flight_in_the_status(
     store.close()
 
 
+def test_a_child_stop_from_on_result_had_to_kill_leaves_nothing_in_flight(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() from on_result, the child killed past the grace: stop() let go of the
+    child before its reader (the callback's own thread) reached the child's end, and that
+    end, which puts the dead child's last snapshot at rest, was then never handled: the
+    status showed its deliveries, sessions and leased bytes in flight for good."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    mx.stall_on = "dot"
+    store = SQLiteStore(tmp_path / "q.db")
+    called = threading.Event()
+    returned = threading.Event()
+
+    def on_result(result: Any) -> None:
+        if called.is_set():
+            return
+        called.set()
+        pid = ms.worker.pid  # type: ignore[union-attr]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it cannot stop by itself
+        ms.stop(timeout=0.1)
+        returned.set()
+
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(3)]
+    assert _wait_until(lambda: ms.worker_status.in_flight == 3, 30)
+    ms.send_email(hello("nobody@unknown.test"))  # fails at once: on_result runs
+    assert returned.wait(30)
+    assert _worker(ms).wait_stopped(30)
+    reader = _worker(ms)._reader
+    assert reader is not None
+    reader.join(30)  # the rest of the pipe, past the callback that stopped
+    status = ms.worker_status
+    assert not status.running
+    live = (status.in_flight, status.transactions, status.sessions, status.leased_bytes)
+    assert live == (0, 0, 0, 0), status
+    assert all(not store.status(i).is_final for i in ids)  # given back, not lost
+    store.close()
+
+
 @pytest.fixture
 def failing_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker children started from now on exit at once (status 3), saying nothing."""

@@ -495,7 +495,12 @@ class WorkerProcess:
                 # not once its leases expire.
                 self._give_back(holder)
         with self._lock:
-            if self._proc is proc:
+            if self._proc is proc and reader is not threading.current_thread():
+                # Called from on_result, the child stays the current one until its
+                # reader (this thread, once the callback returns) reaches its end: that
+                # end puts its last snapshot at rest, deliveries in flight and all, and
+                # comes after the snapshots still in the pipe (a child killed past the
+                # grace read as delivering for good).
                 self._proc, self._stdin = None, None
             self._stopped.set()
 
