@@ -521,6 +521,51 @@ def test_a_child_stop_from_on_result_had_to_kill_leaves_nothing_in_flight(
     store.close()
 
 
+def test_stop_with_a_slow_on_result_passes_on_every_result_the_child_recorded(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow on_result (a webhook) fills the pipe: the child waits to write its next
+    results, and cannot end before the callback has taken them. stop() killed it past the
+    grace all the same, as if it hung, and the results it had recorded but not yet sent
+    never reached on_result. The time the callback takes no longer counts against the
+    child: it ends by itself, and every result it recorded is passed on."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    store = SQLiteStore(tmp_path / "q.db")
+    go = threading.Event()
+    results = Results()
+
+    def on_result(result: Any) -> None:
+        go.wait(60)  # busy until the test lets it go
+        results(result)
+
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(400)]
+
+    def delivered() -> int:
+        return sum(store.status(i).state is RecipientState.DELIVERED for i in ids)
+
+    # The pipe is full: the child delivers no more until the callback takes its results.
+    counts = [-1]
+
+    def stalled() -> bool:
+        counts.append(delivered())
+        time.sleep(0.5)  # a look at the store's count half a second apart
+        return 0 < counts[-1] == counts[-2] < len(ids)
+
+    assert _wait_until(stalled, 60), counts
+    stopper = threading.Thread(target=ms.stop, kwargs={"timeout": 0.1})
+    stopper.start()
+    stopper.join(1.0)  # past the bound: the child still waits for the callback
+    go.set()
+    stopper.join(60)
+    assert not stopper.is_alive()
+    passed_on = {r.message_id for r in results.all if r.state is RecipientState.DELIVERED}
+    recorded = {i for i in ids if store.status(i).state is RecipientState.DELIVERED}
+    assert recorded == passed_on, f"{len(recorded - passed_on)} recorded, never passed on"
+    store.close()
+
+
 @pytest.fixture
 def failing_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker children started from now on exit at once (status 3), saying nothing."""

@@ -303,7 +303,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds and
         give the rest back to the store, due at once; wait for the worker at most
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``, then kill a
-        worker process or cancel the worker task (logged). Several at once each return
+        worker process (the time ``on_result`` takes meanwhile does not count) or cancel
+        the worker task (logged). Several at once each return
         once the worker has ended, on the worker task's loop or any other (but one that
         does not run then: WorkerError, and nothing is stopped). Cancelled, it leaves the
         worker stopping, and the store this facade opened is closed once the worker has

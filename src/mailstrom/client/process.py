@@ -283,6 +283,9 @@ class WorkerProcess:
         thread never sees a dead child's numbers both carried and still current, or in
         neither place (counters that would jump, or fall)."""
         self._counts = {state: 0 for state in RecipientState}
+        self._busy: tuple[float, float | None] = (0.0, None)
+        """Seconds the readers have spent passing results on (``on_result``), and since
+        when the current batch is (None between batches): see :meth:`_wait_ended`."""
         self._error: str | None = None
         self._reported_error = False
         """Whether the current child sent an ``error`` frame (it ended for good)."""
@@ -433,8 +436,9 @@ class WorkerProcess:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Let deliveries in flight finish within ``timeout`` seconds, give the rest back
         to the store, and wait for the child to exit (killed :data:`STOP_GRACE` seconds
-        past ``timeout``). A restart still waiting for its backoff is cancelled; no child
-        is started after this began.
+        past ``timeout``, not counting the time ``on_result`` takes meanwhile: a child
+        waiting for it to take its results is not stuck). A restart still waiting for its
+        backoff is cancelled; no child is started after this began.
 
         It returns once every result the child sent has reached ``on_result``, however
         long the callback takes over them: none is passed on after stop() returned.
@@ -477,7 +481,7 @@ class WorkerProcess:
                 assert proc.stdin is not None
                 proc.stdin.close()
             try:
-                proc.wait(None if timeout is None else timeout + STOP_GRACE)
+                self._wait_ended(proc, None if timeout is None else timeout + STOP_GRACE)
             except subprocess.TimeoutExpired:
                 log.error("worker process %d did not stop; killing it", proc.pid)
                 self._kill(proc)
@@ -503,6 +507,37 @@ class WorkerProcess:
                 # grace read as delivering for good).
                 self._proc, self._stdin = None, None
             self._stopped.set()
+
+    def _wait_ended(self, proc: subprocess.Popen[bytes], limit: float | None) -> None:
+        """Wait for ``proc`` to exit, ``limit`` seconds at most (``TimeoutExpired``), not
+        counting the time ``on_result`` takes meanwhile on the reader thread.
+
+        A slow callback (a webhook) leaves the child's frames in the pipe, and once the
+        pipe is full the child waits to write its next results: it cannot end before the
+        callback has taken them. Counted against it, that wait had the child killed as if
+        it hung, and the results it had recorded but not yet sent never reached
+        ``on_result``. Called from ``on_result`` itself, nothing reads the pipe until it
+        returns: the time counts."""
+        if limit is None:
+            proc.wait()
+            return
+        own = self._reader is threading.current_thread()
+        busy = self._busy_for()
+        while True:
+            try:
+                proc.wait(limit)
+                return
+            except subprocess.TimeoutExpired:
+                now_busy = self._busy_for()
+                limit, busy = now_busy - busy, now_busy
+                if own or limit <= 0:
+                    raise
+
+    def _busy_for(self) -> float:
+        """Seconds ``on_result`` has taken on reader threads so far, the current call's
+        included."""
+        total, since = self._busy
+        return total if since is None else total + time.monotonic() - since
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
         """Kill ``proc`` and wait for it. Its pipes are its reader's to close, once it
@@ -792,16 +827,21 @@ class WorkerProcess:
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "results":
             on_result = self._on_result
-            for wire in payload:
-                result = result_from_wire(wire)
-                self._counts[result.state] += 1
-                if on_result is not None:
-                    try:
-                        on_result(result)
-                    except BaseException as exc:  # on a thread of ours: see the function
-                        if ends_the_program(exc):
-                            raise
-                        log.exception("on_result callback failed")
+            started = time.monotonic()
+            self._busy = (self._busy[0], started)
+            try:
+                for wire in payload:
+                    result = result_from_wire(wire)
+                    self._counts[result.state] += 1
+                    if on_result is not None:
+                        try:
+                            on_result(result)
+                        except BaseException as exc:  # on a thread of ours: see the function
+                            if ends_the_program(exc):
+                                raise
+                            log.exception("on_result callback failed")
+            finally:
+                self._busy = (self._busy[0] + time.monotonic() - started, None)
         elif kind == "status":
             self._runs = (self._runs[0], payload)
         elif kind == "log":

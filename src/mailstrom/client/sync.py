@@ -219,7 +219,8 @@ class Mailstrom(FacadeBase, QueueOperations):
         """Stop leasing; let in-flight deliveries finish within ``timeout`` seconds, give
         the rest back to the store (due at once), and wait for the worker to end: at most
         :data:`~mailstrom.client.process.STOP_GRACE` seconds past ``timeout``. A worker
-        process still running then is killed; a worker thread is left to end by itself
+        process still running then is killed (the time ``on_result`` takes meanwhile does
+        not count); a worker thread is left to end by itself
         (logged). Either way what it had not recorded is tried again once its leases
         expire. Called from ``on_result`` in a worker thread (which cannot wait for
         itself) it returns at once; the worker ends, and closes the store this facade
