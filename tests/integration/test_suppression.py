@@ -4,6 +4,7 @@ while the other recipients are delivered."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -340,3 +341,33 @@ async def test_the_async_facade_has_the_same_api(
         assert await ms.unsuppress("bob@example.org")
         assert await ms.suppressed("bob@example.org") is None
     store.close()  # a store passed in is the caller's to close
+
+
+def test_an_entry_added_while_leased_mail_waits_for_its_connection_applies(
+    mailstrom: MakeMailstrom, mx: Any, clock: FakeClock, results: Results
+) -> None:
+    """Suppression was looked at when the worker leased the mail only: a recipient put
+    on the list while its message waited in the worker for the destination's connection
+    (busy with a slow delivery) was sent to all the same, minutes later. A lease waiting
+    longer than a minute is looked up again before its next transaction starts."""
+    mx.data_delay = 1.0  # a slow delivery holds the destination's one connection
+    ms = mailstrom(max_per_destination=1)
+    ms.send_email(hello("first@example.org"))
+    assert _until(lambda: len(mx.received) == 1)  # on the wire, its reply 1 s away
+    waiting = ms.send_email(hello("bob@example.org"))
+    assert _until(lambda: ms.worker_status.in_flight == 2)  # leased, queued behind it
+    ms.suppress("bob@example.org", "asked to stop")
+    clock.advance(timedelta(minutes=2))  # it waited past the minute
+    results.wait_final({"first@example.org", "bob@example.org"})
+    bob = ms.query_status(waiting).recipient("bob@example.org")
+    assert bob.state is FAILED and bob.reason_class is ReasonClass.SUPPRESSED, bob
+    assert [m.rcpt_tos for m in mx.received] == [("first@example.org",)]
+
+
+def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)  # polling a status; nothing to wait on
+    return predicate()

@@ -1228,6 +1228,47 @@ class Dispatcher:
             self._lost.add(lease_token)
         return sum(len(work.item.recipients) for work in withdrawn)
 
+    def queued(self, lease_token: str) -> list[WorkItem]:
+        """The work of the lease ``lease_token`` waiting in the queues (no session has
+        started it)."""
+        return [
+            work.item
+            for dest in self._destinations.values()
+            for work in dest.queue
+            if work.item.lease_token == lease_token
+        ]
+
+    def screen(
+        self,
+        lease_token: str,
+        screen: Callable[[WorkItem], tuple[WorkItem | None, list[RecipientResult]]],
+    ) -> None:
+        """Screen the waiting work of the lease ``lease_token`` again: ``screen`` gives an
+        item's recipients that may still go (None: none) and the results of those that
+        may not, which are reported at once (the worker's second look at the suppression
+        list for work that waited)."""
+        refused: list[list[RecipientResult]] = []
+        for key, dest in list(self._destinations.items()):
+            if not any(work.item.lease_token == lease_token for work in dest.queue):
+                continue
+            kept: list[_Work] = []
+            for work in dest.queue:
+                if work.item.lease_token == lease_token:
+                    rest, results = screen(work.item)
+                    if results:
+                        refused.append(results)
+                    if rest is None:
+                        continue
+                    work.item = rest
+                kept.append(work)
+            # In place: a running session reads the queue through its own reference.
+            dest.queue.clear()
+            dest.queue.extend(kept)
+            if not kept and dest.sessions == 0 and not dest.parked:
+                del self._destinations[key]
+        for results in refused:
+            self._done(results)
+
     def relieve(self, stalled_for: float, back_in: timedelta) -> int:
         """Give back, due ``back_in`` from now, the queued work of every destination whose
         sessions have taken nothing from its queue for ``stalled_for`` seconds (a server

@@ -59,7 +59,7 @@ from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, danger_ske
 from mailstrom.runtime.worker_destinations import WorkerDestinations
 from mailstrom.runtime.worker_reaping import WorkerReaping
 from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
-from mailstrom.runtime.worker_screening import WorkerScreening
+from mailstrom.runtime.worker_screening import RESCREEN_AFTER, WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.base import (
@@ -167,6 +167,11 @@ class _LeaseState:
     have committed them before ``unrecorded`` says so."""
     fenced: bool = False
     """Its unstarted work was given back because it could not be extended in time."""
+    screened_at: datetime | None = None
+    """When the suppression list was last looked at for its recipients (by the worker's
+    clock): at the lease, then again while its work waits (see :meth:`_may_start`)."""
+    screening: asyncio.Future[None] | None = None
+    """Done once the look at the list under way for its waiting work has been taken."""
     messages: dict[str, _HeldMessage] = field(default_factory=dict)
     """Its messages with recipients not yet recorded, by id: once a message's are, its
     items are let go, and its data with them, while the rest of the lease goes on (a
@@ -285,6 +290,7 @@ class Worker(
         self._beating = False  # the heartbeat is extending leases
         self._beat_now = asyncio.Event()  # asks the heartbeat for a beat at once
         self._confirming: asyncio.Future[None] | None = None  # see _may_start
+        self._screenings: set[asyncio.Task[None]] = set()  # see _screen_again
         self._leases: dict[str, _LeaseState] = {}
         self._held_bytes = _HeldBytes()
         self._pending: list[RecipientResult] = []
@@ -527,6 +533,8 @@ class Worker(
             self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            for screening in self._screenings:
+                screening.cancel()
             heartbeat.cancel()
             fencing.cancel()
             clock_check.cancel()
@@ -939,6 +947,7 @@ class Worker(
             unrecorded=count,
             held_until=asyncio.get_running_loop().time() + left,
             expires_at=lease.expires_at,
+            screened_at=self._clock(),
         )
         state.hold(lease.items)
         items = self._items
@@ -1183,6 +1192,10 @@ class Worker(
         if self._may_be_taken_for_dead(now, wall):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
             return False
+        if state.screened_at is not None and wall - state.screened_at >= RESCREEN_AFTER:
+            # Its work waited (for a connection, a rate, a lane): an entry added to the
+            # suppression list meanwhile applies to it too, as the guide promises.
+            return self._screen_again(state)
         if now < state.held_until - danger_skew(self.config.lease_for):
             return True
         self._beat_now.set()

@@ -4,21 +4,28 @@ and the bounce notices of final failures queued as mail."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
-from mailstrom.runtime.suppressing import hard_bounce_entries, lease_targets, not_shortening
+from mailstrom.runtime.suppressing import (
+    hard_bounce_entries,
+    lease_targets,
+    not_shortening,
+    screen,
+)
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import Lease, RecipientResult
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import Suppression, lookup_targets
 
 if TYPE_CHECKING:
     from mailstrom.message.prepared import PreparedMessage
+    from mailstrom.runtime.dispatch import Dispatcher
     from mailstrom.runtime.worker import _LeaseState
 
 log = logging.getLogger("mailstrom.worker")
@@ -26,6 +33,10 @@ log = logging.getLogger("mailstrom.worker")
 
 MAX_UNSENT_NOTICES = 10_000
 """Bounce messages a worker keeps in memory at most while the store takes none."""
+RESCREEN_AFTER = timedelta(minutes=1)
+"""How long leased work may wait in the worker (for a busy destination's connection, a
+rate, a lane) before the suppression list is looked at again for it, as its next
+transaction is about to start: one lookup per lease and minute at most."""
 
 
 class WorkerScreening(WorkerStore):
@@ -37,6 +48,8 @@ class WorkerScreening(WorkerStore):
     _lease_wanted: bool
     _verp_key: bytes | None
     _unsent_notices: list[PreparedMessage]
+    _dispatcher: Dispatcher | None
+    _screenings: set[asyncio.Task[None]]
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
@@ -52,6 +65,40 @@ class WorkerScreening(WorkerStore):
         except StoreError as exc:
             self._store_trouble("suppressions", exc)
             return None
+
+    def _screen_again(self, state: _LeaseState) -> asyncio.Future[None]:
+        """Look at the suppression list again for the work of the lease ``state`` still
+        waiting in the dispatcher; the future is done once it has been looked at (or the
+        store failed: the lease was screened when leased, and the next look comes
+        :data:`RESCREEN_AFTER` later). Suppressed recipients fail then, unsent, as at the
+        lease; one lookup for the lease however many sessions ask."""
+        if state.screening is None:
+            loop = asyncio.get_running_loop()
+            done = state.screening = loop.create_future()
+            task = loop.create_task(self._rescreen(state, done), name="mailstrom-rescreen")
+            self._screenings.add(task)
+            task.add_done_callback(self._screenings.discard)
+        return state.screening
+
+    async def _rescreen(self, state: _LeaseState, done: asyncio.Future[None]) -> None:
+        try:
+            dispatcher = self._dispatcher
+            waiting = [] if dispatcher is None else dispatcher.queued(state.token)
+            now = self._clock()
+            targets = lookup_targets(r.address for item in waiting for r in item.recipients)
+            found: dict[str, Suppression] = {}
+            if targets:
+                try:
+                    found = await self._store_call(self.store.suppressions_for, targets, now=now)
+                except StoreError as exc:
+                    self._store_trouble("suppressions", exc)
+            if found and dispatcher is not None:
+                dispatcher.screen(state.token, lambda item: screen(item, found, now=now))
+            state.screened_at = now
+        finally:
+            state.screening = None
+            if not done.done():
+                done.set_result(None)  # the sessions waiting for it ask again
 
     def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
         """Bounce messages for the final failures among ``recorded`` that ask for one."""
