@@ -15,7 +15,7 @@ from mailstrom.readmodel.base import ThroughputBucket, id_range, throughput_wind
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.web.chart import HEIGHT, throughput_chart
 from mailstrom.web.headers import MAX_BODY_BYTES, header_fields, shown_body
-from mailstrom.web.security import Access, csrf_matches, same_origin
+from mailstrom.web.security import Access, csrf_matches, same_origin, session_cookie
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -56,6 +56,32 @@ def test_access_with_a_token() -> None:
     # A new server (a new key) does not accept an old session.
     assert not Access("s3cret").allows(cookie=access.session_value(), authorization=None)
     assert not access.token_matches("x" * 5000)
+
+
+@pytest.mark.parametrize(
+    ("host", "scheme", "public", "name"),
+    [
+        ("127.0.0.1:8025", "http", None, "mailstrom_session_8025"),
+        ("localhost:8026", "http", None, "mailstrom_session_8026"),
+        ("[::1]:8027", "http", None, "mailstrom_session_8027"),
+        ("[::1]", "http", None, "mailstrom_session_80"),
+        ("dash.example.org", "https", None, "mailstrom_session_443"),
+        # Behind a proxy the browser's port is the public address's, not the upstream's.
+        ("127.0.0.1:8025", "http", "https://dash.example.org", "mailstrom_session_443"),
+        ("127.0.0.1:8025", "http", "https://dash.example.org:8443", "mailstrom_session_8443"),
+        ("[::1]:8025", "http", "http://[::1]:9000", "mailstrom_session_9000"),
+        # What names no port: the scheme's own.
+        (None, "http", None, "mailstrom_session_80"),
+        ("example.org:99999", "http", None, "mailstrom_session_80"),
+        ("example.org:0", "http", None, "mailstrom_session_80"),
+        ("example.org:x", "http", None, "mailstrom_session_80"),
+        ("[::1", "http", None, "mailstrom_session_80"),
+    ],
+)
+def test_the_session_cookie_is_named_by_the_dashboards_port(
+    host: str | None, scheme: str, public: str | None, name: str
+) -> None:
+    assert session_cookie(host, scheme, public=public) == name
 
 
 @pytest.mark.parametrize("space", ["\u00a0", "\u0085", "\u3000", "\x1f"])

@@ -9,6 +9,7 @@ import re
 import socket
 from collections.abc import Iterator
 from datetime import timedelta
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,37 @@ def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> 
         assert right.status_code == 303 and right.headers["location"] == "/queue"
         assert client.get("/queue").status_code == 200
         assert "s3cret-token" not in right.headers.get("set-cookie", "")
+
+
+def test_two_dashboards_on_one_host_keep_their_own_sessions(
+    store: Store, ids: dict[str, str]
+) -> None:
+    """Cookies ignore the port (RFC 6265 §8.5): two dashboards on one host (one per
+    store, at ports 8025 and 8026) shared the one session cookie name, so logging into
+    the second replaced the first's session (logging the browser out of it), and logging
+    out of one logged it out of both."""
+    first = create_app(store, clock=lambda: NOW, token="s3cret-token")
+    second = create_app(MemoryStore(), clock=lambda: NOW, token="other-token")
+    with (
+        TestClient(first, base_url="http://127.0.0.1:8025") as one,
+        TestClient(second, base_url="http://127.0.0.1:8026") as two,
+    ):
+        two.cookies.jar = one.cookies.jar  # one browser: its cookies go to either port
+        for client, token in ((one, "s3cret-token"), (two, "other-token")):
+            login = client.get("/login")
+            done = client.post(
+                "/login", data={"csrf": _csrf(login.text), "token": token}, follow_redirects=False
+            )
+            assert done.status_code == 303
+            cookie = SimpleCookie(done.headers["set-cookie"])
+            (session,) = cookie.values()
+            assert session["httponly"] and session["samesite"] == "strict"
+        assert one.get("/queue", follow_redirects=False).status_code == 200
+        assert two.get("/queue", follow_redirects=False).status_code == 200
+        out = two.post("/logout", data={"csrf": _csrf(two.get("/").text)}, follow_redirects=False)
+        assert out.status_code == 303
+        assert two.get("/queue", follow_redirects=False).status_code == 303
+        assert one.get("/queue", follow_redirects=False).status_code == 200
 
 
 def test_a_401_names_the_scheme_that_would_let_the_client_in(

@@ -35,7 +35,7 @@ from mailstrom.message import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.web import create_app
-from mailstrom.web.security import Guesses
+from mailstrom.web.security import Guesses, session_cookie
 from tests.contract.support import NOW, lease_all, message, results_for
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "150"))
@@ -339,7 +339,10 @@ def _headers(request: Request, client: TestClient) -> dict[str, str | bytes]:
         app: Any = client.app
         session = _session_value(app)
     if session is not None:
-        cookies.append(b"mailstrom_session=" + _bytes(session))
+        # Named by the port of the Host the request gives (the test client's by default).
+        host = LOOPBACK if request.host is None else request.host
+        name = session_cookie(host if isinstance(host, str) else host.decode("latin-1"), "http")
+        cookies.append(name.encode() + b"=" + _bytes(session))
     if cookies:
         headers["Cookie"] = b"; ".join(cookies)
     return headers
@@ -433,7 +436,7 @@ def logged_in(clients: dict[bool, TestClient]) -> None:
     )
     assert done.status_code == 303
     app: Any = client.app
-    app.fuzz_session = done.cookies["mailstrom_session"]
+    app.fuzz_session = done.cookies["mailstrom_session_8025"]
 
 
 @settings(

@@ -65,7 +65,6 @@ from mailstrom.web.security import (
     CSRF_FIELD,
     MAX_TOKEN,
     SECURITY_HEADERS,
-    SESSION_COOKIE,
     Access,
     Guesses,
     csrf_matches,
@@ -73,6 +72,7 @@ from mailstrom.web.security import (
     made_here,
     new_csrf_token,
     same_origin,
+    session_cookie,
     unsendable,
 )
 
@@ -426,7 +426,7 @@ def create_app(
         log.info("login from %s", client)
         response = RedirectResponse(following, 303)
         response.set_cookie(
-            SESSION_COOKIE,
+            request.state.session_cookie,
             access.session_value(),
             httponly=True,
             samesite="strict",
@@ -439,7 +439,7 @@ def create_app(
         if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
             return problem(request, 403, "This form expired; reload the page and try again.")
         response = RedirectResponse("/login", 303)
-        response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(request.state.session_cookie)
         return response
 
     # --- middleware ---------------------------------------------------------------------
@@ -492,7 +492,12 @@ def create_app(
             log.warning("refused a POST to %s from origin %s", _shown(path), _shown(origin))
             return PlainTextResponse("cross-site request refused", 403)
         authorization = request.headers.get("authorization")
-        session = request.cookies.get(SESSION_COOKIE)
+        # Named by the port the browser uses: a dashboard on another port of this host
+        # (cookies ignore the port) keeps its own session.
+        request.state.session_cookie = session_cookie(
+            host_header, request.url.scheme, public=public_origin
+        )
+        session = request.cookies.get(request.state.session_cookie)
         # A try at the token is a bearer token, unless a session lets the request in: a
         # proxy's Basic credentials are none, and a browser logged in keeps its session
         # while its address (a proxy's, shared by all) may not try.

@@ -3,7 +3,8 @@
 Access: on loopback without a token anyone on the host may look (as with ``mailstrom
 queue``, which needs only read access to the store file). With a token (``web.token``,
 required for any other address), every page needs it: once through the login form,
-which sets a session cookie, or on each request as ``Authorization: Bearer <token>``.
+which sets a session cookie (named by the dashboard's port, so that dashboards on other
+ports of the same host keep theirs), or on each request as ``Authorization: Bearer <token>``.
 The cookie holds an HMAC of the token under a key made at start, so it carries no secret
 and stops working when the server restarts or the token changes.
 
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SESSION_COOKIE = "mailstrom_session"
+"""The session cookie's name, followed by the dashboard's port (:func:`session_cookie`)."""
 CSRF_COOKIE = "mailstrom_csrf"
 CSRF_FIELD = "csrf"
 MAX_TOKEN = 1024
@@ -122,6 +124,29 @@ def is_bearer(authorization: str | None) -> bool:
     Another scheme is not (a proxy in front may ask for Basic credentials and pass them
     on with every request)."""
     return (authorization or "").partition(" ")[0].lower() == "bearer"
+
+
+_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>[0-9]{1,5}))?")
+"""A Host header's or an origin's authority, with its port if it gives one."""
+
+
+def session_cookie(host: str | None, scheme: str, *, public: str | None = None) -> str:
+    """The session cookie's name for a dashboard the browser reaches at ``host`` (the
+    request's Host header) over ``scheme``, or at ``public`` (its public address behind
+    a proxy): :data:`SESSION_COOKIE` and the port the browser uses, ``mailstrom_session_8025``.
+
+    Cookies ignore the port (RFC 6265 §8.5): two dashboards on one host (one per store)
+    would share one cookie of one name, each login replacing the other's session and
+    each logout ending both. Named by the port, each keeps its own; the name stays the
+    same across restarts, so a browser holds one such cookie per dashboard."""
+    authority = host or ""
+    if public is not None:
+        scheme, _, authority = public.partition("://")
+    found = _PORT.fullmatch(authority)
+    port = int(found["port"]) if found is not None and found["port"] is not None else 0
+    if not 0 < port <= 65535:
+        port = 443 if scheme.lower() == "https" else 80
+    return f"{SESSION_COOKIE}_{port}"
 
 
 def new_csrf_token() -> str:
