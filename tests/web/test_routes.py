@@ -982,6 +982,50 @@ def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(
     assert 'id="done">Retry now: 3 recipients due once released<' in done.text
 
 
+def test_retrying_mail_to_a_throttled_destination_says_it_waits_for_the_pause(
+    any_store: Store,
+) -> None:
+    """Was "Retry now: 2 recipients due now" with one of them at a destination paused
+    after a throttling reply (421 4.7.28): the worker leases it and gives it back, due at
+    the pause's end, as `mailstrom retry` says ("at a throttled destination, due once its
+    pause ends") and the message's page shows ("throttled until")."""
+    mid = any_store.enqueue(message("x@one.example", "y@two.example"), now=NOW)
+    other = any_store.enqueue(message("z@two.example", "w@three.example"), now=NOW)
+    lease = lease_all(any_store)
+    pause = any_store.throttle(
+        "two.example",
+        now=NOW,
+        reply="421 4.7.28 Our system has detected an unusual rate",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )
+    at_two = [item for item in lease.items if item.domain == "two.example"]
+    any_store.postpone(at_two, until=pause.until, destination="two.example")
+    any_store.record(
+        results_for(
+            lease,
+            RecipientState.DEFERRED,
+            next_attempt_at=NOW + timedelta(hours=1),
+            only=["x@one.example", "w@three.example"],
+        )
+    )
+    any_store.suspend("three.example", now=NOW)
+    for client in _client(any_store):
+        for target, notice in (
+            (mid, "1 recipient due now, 1 due once the pause ends"),
+            (other, "1 recipient due once resumed, 1 due once the pause ends"),
+        ):
+            token = _csrf(client.get(f"/action/retry/{target}").text)
+            done = client.post(f"/action/retry/{target}", data={"csrf": token})
+            assert f'id="done">Retry now: {notice}<' in done.text
+        any_store.suspend("one.example", now=NOW)
+        token = _csrf(client.get(f"/action/retry/{mid}").text)
+        done = client.post(f"/action/retry/{mid}", data={"csrf": token})
+        assert 'id="done">Retry now: 1 recipient due once resumed, 1 due once the pause ends<' in (
+            done.text
+        )
+
+
 def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(
     store: MemoryStore,
 ) -> None:

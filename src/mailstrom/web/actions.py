@@ -73,7 +73,9 @@ def destination_domain(text: str) -> str:
 def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     """Make the message's pending recipients due, and say, as ``mailstrom retry`` does,
     which go now: no worker leases a held message's until it is released, nor those at a
-    destination suspended now until it is resumed."""
+    destination suspended now until it is resumed; those whose destination is paused
+    after a throttling reply (their status shows the pause) a worker leases and gives
+    back, due at the pause's end."""
     n = store.retry(message_id, now=now)
     status = store.status(message_id)
     if status.held:
@@ -81,11 +83,27 @@ def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) ->
     suspended = {s.domain for s in store.suspensions(now=now)}
     # Counted after the retry: no worker takes these meanwhile, so none has gone.
     paused = min(count_recipients([status], PENDING_STATES, at=suspended), n)
-    if not paused:
-        return f"{_recipients(n)} due now"
-    if paused == n:
-        return f"{_recipients(n)} due once resumed"
-    return f"{_recipients(n - paused)} due now, {paused} due once resumed"
+    throttled = min(
+        sum(
+            1
+            for r in status.recipients
+            if r.state in PENDING_STATES
+            and r.throttle is not None
+            and r.domain.lower() not in suspended
+        ),
+        n - paused,
+    )
+    groups = [
+        (count, when)
+        for count, when in (
+            (n - paused - throttled, "due now"),
+            (paused, "due once resumed"),
+            (throttled, "due once the pause ends"),
+        )
+        if count
+    ] or [(0, "due now")]
+    (first, when), *rest = groups
+    return f"{_recipients(first)} {when}" + "".join(f", {k} {w}" for k, w in rest)
 
 
 def _recipients(n: int) -> str:

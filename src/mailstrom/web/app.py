@@ -688,10 +688,10 @@ def _queue_query(params: Any) -> QueueQuery:
 
 
 # What an action returns ("3 recipients due now", "suspended for 2h", "1 recipient due
-# now, 2 due once resumed"). ASCII digits: a str pattern's \d would take "\u0663" and the
-# like, and a link could show any number.
+# now, 2 due once resumed, 1 due once the pause ends"). ASCII digits: a str pattern's \d
+# would take "\u0663" and the like, and a link could show any number.
 _OUTCOME = re.compile(  # fullmatch: "$" lets a "\n" in
-    r"[0-9]{0,9} ?[a-z0-9 ]{1,40}(, [0-9]{1,9} [a-z ]{1,20})?"
+    r"[0-9]{0,9} ?[a-z0-9 ]{1,40}(, [0-9]{1,9} [a-z ]{1,24}){0,2}"
 )
 
 
