@@ -58,6 +58,9 @@ class QueueView(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     HELD = "held"
+    """Held messages still waiting (a recipient queued or deferred), those the overview
+    counts: one cancelled or finished while held keeps its flag, and is listed under its
+    state."""
 
 
 class SortOrder(StrEnum):

@@ -195,7 +195,9 @@ def _matches(m: _Message, query: QueueQuery) -> bool:
     states = [r.state for r in m.recipients.values()]
     view = query.view
     if view is QueueView.HELD:
-        if not m.held:
+        # Held and still waiting, as the overview (and stats()) count them: a message
+        # cancelled or finished while held keeps its flag, and is no mail on hold.
+        if not (m.held and m.pending()):
             return False
     elif view is QueueView.PENDING:
         if not any(s in _PENDING for s in states):

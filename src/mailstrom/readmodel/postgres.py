@@ -61,7 +61,9 @@ _VIEWS = {
     # As derive_message_state(): a message with no recipient at all is failed.
     QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}",
     QueueView.FAILED: f"NOT {_HAS_PENDING} AND ({_HAS_FAILED} OR NOT {_HAS_ANY})",
-    QueueView.HELD: "m.held",
+    # Held and still waiting, as the overview (and stats()) count them: a message
+    # cancelled or finished while held keeps its flag, and is no mail on hold.
+    QueueView.HELD: f"m.held AND {_HAS_PENDING}",
 }
 _STATUS_COLUMNS = (
     "m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held, m.dkim,"

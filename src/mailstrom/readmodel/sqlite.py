@@ -445,10 +445,12 @@ def _filters(query: QueueQuery) -> list[_Filter]:
     elif view is QueueView.FAILED:
         filters.append(_Filter(_IS_FAILED))
     elif view is QueueView.HELD:
+        # Held and still waiting, as the overview (and stats()) count them: a message
+        # cancelled or finished while held keeps its flag, and is no mail on hold.
         filters.append(
             _Filter(
-                "m.held = 1",
-                members="m.seq IN (SELECT seq FROM messages WHERE held = 1)",
+                f"m.held = 1 AND {_HAS_PENDING}",
+                members=f"m.seq IN (SELECT seq FROM messages WHERE held = 1) AND {_HAS_PENDING}",
                 count="SELECT count(*) FROM messages WHERE held = 1",
             )
         )
