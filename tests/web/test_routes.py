@@ -207,6 +207,33 @@ def test_a_message_page_shows_a_throttled_destinations_pause(
     assert "throttled until" in row.group(0) and "421 4.7.28 Our system" in row.group(0)
 
 
+def test_a_retried_throttled_recipient_shows_the_pauses_end_as_its_next_attempt(
+    any_store: Store,
+) -> None:
+    """A retry makes a throttled recipient due now, but the worker gives it back, due at
+    its destination's pause's end (the retry says so): the page showed the retry's time
+    as its next attempt beside "throttled until" a later time."""
+    mid = any_store.enqueue(message("b@two.example"), now=NOW)
+    lease = lease_all(any_store)
+    pause = any_store.throttle(
+        "two.example",
+        now=NOW,
+        reply="421 4.7.28 Our system has detected an unusual rate",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )
+    any_store.postpone(lease.items, until=pause.until, destination="two.example")
+    retried = NOW + timedelta(minutes=1)
+    any_store.retry(mid, now=retried)
+    assert any_store.status(mid).recipients[0].throttle == pause
+    for client in _client(any_store):
+        page = client.get(f"/message/{mid}").text
+    row = re.search(r'<table id="recipients">.*?</table>', page, re.S)
+    assert row is not None
+    assert retried.strftime("%Y-%m-%d %H:%M:%S") not in row.group(0)
+    assert pause.until.strftime("%Y-%m-%d %H:%M:%S") in row.group(0)
+
+
 def test_bidi_controls_a_message_holds_are_shown_as_escapes(store: Store) -> None:
     # U+202E made "invoice\u202efdp.exe" read "invoiceexe.pdf" in the page (CVE-2021-42574)
     # as it does in a terminal, where every view escapes it.

@@ -205,9 +205,12 @@ class Suspension:
 
 def next_due(r: RecipientStatus, suspended: Mapping[str, Suspension]) -> datetime | None:
     """When pending ``r`` can next be attempted, as the views say it: its next attempt,
-    or the end of its destination's suspension (``suspended``: by domain) when that is
-    later; None while suspended without an end."""
+    or the end of its destination's pause (:attr:`RecipientStatus.throttle`: a worker
+    gives it back until then, as after a retry) or suspension (``suspended``: by domain)
+    when that is later; None while suspended without an end."""
     due = r.next_attempt_at
+    if due is not None and r.throttle is not None:
+        due = max(due, r.throttle.until)
     pause = suspended.get(r.domain)
     if pause is None or due is None:
         return due
