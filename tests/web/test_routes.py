@@ -786,6 +786,26 @@ def test_an_internationalised_name_finds_and_suspends_its_destination(store: Sto
     assert store.lease(now=NOW + timedelta(minutes=1), limit=10, lease_for=LEASE_FOR) is None
 
 
+def test_a_suspension_an_earlier_version_stored_can_be_resumed(store: Store) -> None:
+    """An earlier version suspended names no recipient's domain has (``*.example.test``,
+    the notation a throttled destination is shown in); `mailstrom resume` still ends one,
+    but the dashboard listed it with a Resume button whose page was a 400 "not a domain
+    name", so it could not be ended there. Suspending such a name is still refused."""
+    store.suspend("*.example.test", now=NOW)
+    for client in _client(store):
+        page = client.get("/destinations").text
+        offered = re.findall(r'href="(/action/resume/[^"]+)"', page)
+        assert offered == ["/action/resume/%2A.example.test"]
+        confirm = client.get(offered[0])
+        assert confirm.status_code == 200, confirm.text
+        assert "Resume delivery to *.example.test?" in confirm.text
+        done = client.post(offered[0], data={"csrf": _csrf(confirm.text)})
+        assert done.status_code == 200 and 'id="done">Resume: resumed<' in done.text
+        assert store.suspensions(now=NOW) == []
+        refused = client.get("/action/suspend/%2A.example.test")
+        assert refused.status_code == 400 and "not a domain name" in refused.text
+
+
 def test_every_action_the_destinations_page_offers_can_be_confirmed(store: Store) -> None:
     # Mail to an address literal is a destination of its own, which nothing can suspend
     # (suspensions are by domain name): its Suspend button led to a 400 "not a domain

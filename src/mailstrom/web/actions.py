@@ -44,6 +44,14 @@ class Action:
     durations: Mapping[str, tuple[str, timedelta | None]] = field(default_factory=dict)
     """The confirmation form's choice of how long (form value → label, duration); empty:
     the action takes none."""
+    stored: bool = False
+    """A destination action on a name as stored (:func:`stored_domain`), not only one a
+    recipient's domain can be (:func:`destination_domain`)."""
+
+    def target_of(self, text: str) -> str:
+        """``text`` as the destination this action applies to (:class:`InvalidTarget`
+        otherwise)."""
+        return stored_domain(text) if self.stored else destination_domain(text)
 
 
 SUSPEND_FOR: Mapping[str, tuple[str, timedelta | None]] = {
@@ -68,6 +76,21 @@ def destination_domain(text: str) -> str:
     if len(domain) > 253 or not all(_LABEL.match(x) for x in domain.split(".")):
         raise InvalidTarget(f"not a domain name: {text[:80]!r}")
     return domain
+
+
+def stored_domain(text: str) -> str:
+    """``text`` as a suspended destination may be stored: as :func:`destination_domain`,
+    or a name an earlier version suspended that no recipient's domain can be
+    (``*.example.org``), which can still be resumed, as ``mailstrom resume`` takes it.
+    :class:`InvalidTarget` otherwise."""
+    try:
+        return destination_domain(text)
+    except InvalidTarget:
+        pass
+    try:
+        return normalize_domain(text[:300], stored=True)
+    except ValueError:
+        raise InvalidTarget(f"not a domain name: {text[:80]!r}") from None
 
 
 def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
@@ -185,6 +208,7 @@ ACTIONS: dict[str, Action] = {
             label="Resume",
             question="Resume delivery to {target}? Its mail is attempted as scheduled.",
             run=_resume,
+            stored=True,
         ),
     )
 }

@@ -339,7 +339,7 @@ def create_app(
                 return problem(request, 404, f"no such {action.target.value}")
             return action, target
         try:
-            return action, destination_domain(target)
+            return action, action.target_of(target)
         except InvalidTarget as exc:
             return problem(request, 400, f"{exc}: give a destination such as example.org")
 
