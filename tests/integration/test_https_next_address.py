@@ -25,6 +25,7 @@ from mailstrom.routing.policy import RoutePolicy
 from mailstrom.tlsrpt.deliver import post_report
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_tlsrpt_post import REPORT
+from tests.support.resolver import ScriptedResolver
 
 HOST = "mta-sts.example.org"
 COLLECTOR = "collector.example.test"
@@ -136,3 +137,28 @@ async def test_a_post_that_timed_out_after_connecting_is_not_made_again(
     problem = await post(resolver)
     assert problem == "no answer within 2 s (lookup, connection, request and answer head)"
     assert fake.tried == [FIRST]
+
+
+class CountingPolicy:
+    """A route policy (loopback allowed) that counts the addresses it is asked about."""
+
+    def __init__(self) -> None:
+        self.policy = RoutePolicy(allow_loopback=True)
+        self.asked = 0
+
+    def refused(self, address: str) -> str | None:
+        self.asked += 1
+        return self.policy.refused(address)
+
+
+async def test_thousands_of_addresses_cost_only_the_ones_that_can_be_tried() -> None:
+    """A zone answering with thousands of addresses for the policy host (a 64 KB answer
+    over TCP) costs work for the few addresses a fetch may try, not for all of them (the
+    list once kept every address and searched it for each new one: quadratic)."""
+    resolver = ScriptedResolver()
+    resolver.a(HOST, *(f"127.{i // 250}.{i % 250}.1" for i in range(4000)))
+    resolver.aaaa(HOST, *(f"2001:db8::{i + 1:x}" for i in range(2000)))
+    policy = CountingPolicy()
+    found = await https.usable_addresses(resolver, HOST, policy)  # type: ignore[arg-type]
+    assert found == [f"127.0.{i}.1" for i in range(https.MAX_ADDRESSES)]
+    assert policy.asked == https.MAX_ADDRESSES

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 MAX_ADDRESSES = 3
 """Addresses of a name tried at most."""
 
+_NAMED_REFUSED = 3
+"""Refused addresses named in a :class:`NoUsableAddress` reason."""
+
 USER_AGENT = f"mailstrom/{__version__}"
 
 
@@ -87,10 +90,15 @@ async def usable_addresses(
         if kind is not None:
             raise NoUsableAddress(f"refused {kind} address {host}")
         return [host]
-    found: list[str] = []
+    # A zone may answer with thousands of addresses (a 64 KB answer over TCP): only the
+    # first MAX_ADDRESSES usable ones are kept, and the first few refused ones for the
+    # reason; a dict keeps them in order without a quadratic "in" test on a list.
+    found: dict[str, None] = {}
     refused_ones: list[str] = []
     failed: Exception | None = None
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        if len(found) >= MAX_ADDRESSES:
+            break  # IPv4 filled every place: the IPv6 addresses would never be tried
         try:
             answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -101,24 +109,22 @@ async def usable_addresses(
         for rdata in answer:
             address: str = rdata.address
             refused = _refused(address, route_policy)
-            if refused is not None:
+            if refused is None:
+                found[address] = None
+                if len(found) >= MAX_ADDRESSES:
+                    break
+            elif len(refused_ones) < _NAMED_REFUSED:
                 refused_ones.append(refused)
-            elif address not in found:
-                found.append(address)
     if not found and failed is not None:
-        also = f" (and only refused addresses: {', '.join(refused_ones[:3])})"
+        also = f" (and only refused addresses: {', '.join(refused_ones)})"
         raise NoUsableAddress(
             f"address lookup of {host} failed: {failed}{also if refused_ones else ''}",
             temporary=True,
         ) from failed
     if not found:
-        why = (
-            f"only refused addresses: {', '.join(refused_ones[:3])}"
-            if refused_ones
-            else "no address"
-        )
+        why = f"only refused addresses: {', '.join(refused_ones)}" if refused_ones else "no address"
         raise NoUsableAddress(f"{host} has {why}")
-    return found[:MAX_ADDRESSES]
+    return list(found)
 
 
 @functools.cache
