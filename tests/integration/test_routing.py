@@ -639,6 +639,26 @@ async def test_an_mx_written_as_an_address_literal_is_skipped_and_named(
     assert dns_server.queries("only-bracket.test", "MX") == 1
 
 
+async def test_mx_records_written_as_address_literals_take_no_place_of_a_host(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Only the first MX hosts by preference are considered (twice the address limit),
+    and records written as address literals were counted among them before they were
+    skipped: two such records at the best preference, with an address limit of 1, left
+    no place for the real backup host, and the domain's mail bounced (5.4.4, "no MX
+    host can be used") although a host was there. They are no hosts (as the null MX
+    "." is none): they are set aside before the cut."""
+    dns_server.mx(
+        "brackets.test",
+        [(10, "[127.0.0.5]"), (10, "[127.0.0.6]"), (20, "backup.brackets.test")],
+    )
+    dns_server.a("backup.brackets.test", "127.0.0.7")
+    router = Router(dns_server.dns_config, allow_loopback=True, mx_address_limit=1)
+    route = await router.route("brackets.test")
+    assert names(route) == ["backup.brackets.test"]
+    assert route.addresses == ("127.0.0.7",)
+
+
 @pytest.mark.parametrize("fail", ["servfail", "drop", "nxdomain"])
 async def test_records_set_for_a_name_made_to_fail_are_served(
     dns_server: LoopbackDNS, fail: str

@@ -413,10 +413,16 @@ async def lookup_route(
             )
         # A null MX mixed with real ones is a misconfiguration; use the real ones.
         records = [r for r in records if r.exchange != dns.name.root]
-    candidates = _candidates(records, policy.hosts_considered, rng or random.Random())
-    literals = [name for name, _ in candidates if literal_exchange(name)]
+    # Exchanges written as address literals are no hosts either: set aside before the cut
+    # to ``hosts_considered``, so that they take no place of a host (they are only named
+    # when no host is left), in preference order.
+    literals: dict[str, None] = {}
+    for record in sorted(records, key=lambda r: r.preference):
+        if literal_exchange(record.exchange):
+            literals[record.exchange.canonicalize().to_text(omit_final_dot=True)] = None
     if literals:
-        candidates = [c for c in candidates if not literal_exchange(c[0])]
+        records = [r for r in records if not literal_exchange(r.exchange)]
+    candidates = _candidates(records, policy.hosts_considered, rng or random.Random())
     return await _mx_route(
         resolution,
         domain,
@@ -424,7 +430,7 @@ async def lookup_route(
         answer.chaining_result.minimum_ttl,
         mx_secure=authenticated(answer),
         canonical=expanded_name([answer]),
-        literals=[name.to_text(omit_final_dot=True) for name in literals],
+        literals=list(literals),
     )
 
 
