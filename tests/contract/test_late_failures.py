@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 import pytest
 
-from mailstrom.errors import UnknownMessage
+from mailstrom.errors import InvalidArgument, UnknownMessage
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
 from mailstrom.stores import Store
 
@@ -48,6 +48,25 @@ def test_a_delivered_recipient_fails_late(store: Store) -> None:
     # Failed already: nothing changes.
     assert not store.fail_late(mid, "a@example.org", late("again"))
     assert store.status(mid).recipient("a@example.org").reason == late().error
+
+
+def test_a_late_failure_at_a_naive_time_is_refused_and_one_elsewhere_shown_in_utc(
+    store: Store,
+) -> None:
+    """Was: the memory store kept the late attempt's time as given: a naive one, which
+    the SQL stores refuse, made every later purge compare it with an aware time
+    (TypeError), and one in another zone was shown back in that zone."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    with pytest.raises(InvalidArgument):
+        store.fail_late(mid, "a@example.org", replace(late(), at=LATER.replace(tzinfo=None)))
+    assert store.status(mid).state is RecipientState.DELIVERED
+    east = timezone(timedelta(hours=5))
+    assert store.fail_late(mid, "a@example.org", replace(late(), at=LATER.astimezone(east)))
+    a = store.status(mid).recipient("a@example.org")
+    for when in (a.last_attempt_at, a.finished_at, a.history[-1].at):
+        assert when == LATER and when.utcoffset() == timedelta(0), when
+    assert store.purge(finished_before=LATER + LEASE_FOR) == 1
 
 
 def test_the_late_attempt_joins_the_history_as_given(store: Store) -> None:

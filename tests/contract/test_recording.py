@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from mailstrom.errors import StoreRefusedData
+from mailstrom.errors import InvalidArgument, StoreRefusedData
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores import RecipientResult, Store
 from mailstrom.stores.base import MAX_HISTORY, MAX_REPLY_TEXT
 
-from .support import LEASE_FOR, NOW, SECOND, attempt, lease_all, message, results_for
+from .support import (
+    LEASE_FOR,
+    NOW,
+    SECOND,
+    attempt,
+    lease_all,
+    leased_addresses,
+    message,
+    results_for,
+)
 
 
 def test_record_delivered_round_trips_the_attempt_exactly(store: Store) -> None:
@@ -353,3 +362,38 @@ def test_history_kept_per_recipient_is_bounded(store: Store) -> None:
     assert len(r.history) == MAX_HISTORY
     assert r.history[-1].at == NOW + (total - 1) * SECOND
     assert r.history[0].at == NOW + (total - MAX_HISTORY) * SECOND
+
+
+def test_a_result_with_a_naive_time_is_refused_and_records_nothing(store: Store) -> None:
+    """Was: the memory store kept a result's naive time (its attempt's or its next
+    attempt's) as given, where the SQL stores refuse it: the next lease compared it with
+    an aware ``now`` and raised TypeError, so that store leased nothing ever again."""
+    store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + 60 * SECOND
+    good = results_for(lease, RecipientState.DEFERRED, next_attempt_at=later)
+    naive_next = replace(good[1], next_attempt_at=later.replace(tzinfo=None))
+    naive_at = replace(good[1], attempt=replace(good[1].attempt, at=NOW.replace(tzinfo=None)))
+    for bad in (naive_next, naive_at):
+        with pytest.raises(InvalidArgument):
+            store.record([good[0], bad])
+    assert store.record(good) == good  # nothing was recorded, both are still leased
+    relet = store.lease(now=later, limit=10, lease_for=LEASE_FOR)
+    assert sorted(leased_addresses(relet)) == ["a@example.org", "b@example.org"]
+
+
+def test_a_result_in_another_zone_is_shown_in_utc(store: Store) -> None:
+    """Every time a store shows is in UTC: the memory store showed a result's times in
+    the zone they were given in, where the SQL stores show them in UTC."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    lease = lease_all(store)
+    east = timezone(timedelta(hours=5))
+    (result,) = results_for(
+        lease, RecipientState.DEFERRED, at=NOW.astimezone(east), next_attempt_at=NOW + 60 * SECOND
+    )
+    result = replace(result, next_attempt_at=(NOW + 60 * SECOND).astimezone(east))
+    assert store.record([result]) == [result]
+    (r,) = store.status(mid).recipients
+    for when in (r.next_attempt_at, r.last_attempt_at, r.first_attempt_at, r.history[0].at):
+        assert when is not None and when.utcoffset() == timedelta(0), when
+    assert r.next_attempt_at == NOW + 60 * SECOND and r.history[0].at == NOW

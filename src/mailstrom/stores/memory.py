@@ -29,7 +29,6 @@ from mailstrom.stores.base import (
     LeasedRecipient,
     RecipientResult,
     WorkItem,
-    bounded_attempt,
     check_storable,
     domain_of,
     holder_range,
@@ -43,7 +42,13 @@ from mailstrom.stores.clock import after, aware_utc
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
-from mailstrom.stores.memory_records import _PENDING, _Event, _Message, _Recipient
+from mailstrom.stores.memory_records import (
+    _PENDING,
+    _Event,
+    _Message,
+    _Recipient,
+    utc_attempt,
+)
 from mailstrom.stores.memory_shaping import MemoryShapingMixin
 from mailstrom.stores.memory_suppressions import MemorySuppressionsMixin
 from mailstrom.stores.memory_tls import MemoryTLSMixin
@@ -305,13 +310,16 @@ class MemoryStore(
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results; those whose recipient its lease no longer holds are ignored."""
         recorded = []
+        # Every time checked before anything changes: one naive result records nothing.
+        timed = [
+            (result, *utc_attempt(result.attempt, result.next_attempt_at)) for result in results
+        ]
         with self._lock:
-            for result in results:
+            for result, attempt, next_at in timed:
                 m = self._messages.get(result.message_id)
                 r = m.recipients.get(result.address) if m is not None else None
                 if r is None or r.lease_token != result.lease_token:
                     continue
-                attempt = bounded_attempt(result.attempt)
                 r.attempts += 1
                 if r.first_attempt_at is None:
                     r.first_attempt_at = attempt.at
@@ -319,7 +327,7 @@ class MemoryStore(
                 r.take(
                     attempt,
                     result.state,
-                    next_attempt_at=(result.next_attempt_at or attempt.at) if pending else None,
+                    next_attempt_at=(next_at or attempt.at) if pending else None,
                     uncertain=attempt.uncertain,
                 )
                 recorded.append(result)

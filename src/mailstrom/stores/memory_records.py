@@ -7,7 +7,7 @@ sections (``memory_*.py``) and the memory read model, which reads them directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from mailstrom.message.prepared import PreparedMessage
@@ -22,7 +22,8 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
-from mailstrom.stores.base import MAX_HISTORY
+from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.clock import aware_utc
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -158,3 +159,17 @@ class _Message:
             expires_at=self.prepared.attributes.expires_at,
             idempotency_key=self.prepared.attributes.idempotency_key,
         )
+
+
+def utc_attempt(
+    attempt: Attempt, next_at: datetime | None = None
+) -> tuple[Attempt, datetime | None]:
+    """``attempt`` as the memory store keeps it (:func:`bounded_attempt`, its time in UTC)
+    and ``next_at`` in UTC. A naive time raises InvalidArgument, as the SQL stores refuse
+    it: kept as given, the next lease compared it with an aware ``now`` (TypeError), and
+    a time in another zone was shown back in that zone, where the others show UTC."""
+    attempt = bounded_attempt(attempt)
+    at = aware_utc(attempt.at, "attempt.at")
+    if at is not attempt.at:
+        attempt = replace(attempt, at=at)
+    return attempt, None if next_at is None else aware_utc(next_at, "next_attempt_at")

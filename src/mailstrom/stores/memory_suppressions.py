@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
-from mailstrom.stores.base import bounded_attempt
-from mailstrom.stores.memory_records import _Message, _Recipient
+from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt
 from mailstrom.suppression import Suppression
 
 
@@ -75,7 +74,7 @@ class MemorySuppressionsMixin:
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late)."""
-        attempt = bounded_attempt(attempt)
+        attempt, _ = utc_attempt(attempt)
         with self._lock:
             m = self._get(message_id)
             r = m.recipients.get(address)
