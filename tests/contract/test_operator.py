@@ -461,3 +461,26 @@ def test_ages_from_a_now_in_a_zone_with_summer_time_are_reckoned_in_utc(store: S
         == store.shape(now=utc_now, edges=edges)[0].counts
         == (0, 1, 0)
     )
+
+
+def test_a_naive_now_is_refused_by_every_view_of_the_queue(store: Store) -> None:
+    """Was: SQLite and PostgreSQL took a naive ``now`` for the pending view, the lists,
+    counts and the queue's shape, reckoning ages from it as the host's local time (the
+    memory store refuses it, as every store refuses it to lease or retry): the same
+    "older than an hour" counted other messages on a host outside UTC."""
+    store.enqueue(message("a@example.org"), now=NOW - 2 * HOUR)
+    naive = NOW.replace(tzinfo=None)
+    for where in (
+        QueueFilter(),
+        QueueFilter(older_than=HOUR),
+        PENDING,
+        QueueFilter(states=PENDING_STATES, older_than=HOUR),
+        QueueFilter(state=RecipientState.QUEUED),
+    ):
+        with pytest.raises(InvalidArgument):
+            store.query(now=naive, where=where)
+        with pytest.raises(InvalidArgument):
+            store.count(now=naive, where=where, cap=10)
+    with pytest.raises(InvalidArgument):
+        store.shape(now=naive, edges=AGE_EDGES)
+    assert store.count(now=NOW, where=QueueFilter(older_than=HOUR), cap=10) == 1

@@ -102,6 +102,7 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
+from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -1318,6 +1319,7 @@ class SQLiteStore:
         """Messages matching ``where``, newest first, without history; walks the
         newest-first index and stops at the limit."""
         where = where or QueueFilter()
+        now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         with self._read() as conn:
             if pending_only(where):
                 # Newest first, in chunks that keep the bound parameters few.
@@ -1551,6 +1553,7 @@ class SQLiteStore:
 
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, reading at most ``cap``."""
+        now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         with self._read() as conn:
             return count_matching(conn, now, where, max(cap, 0))
 
@@ -1603,6 +1606,7 @@ class SQLiteStore:
     def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
         """Pending recipients per domain and message age (see
         :func:`~mailstrom.stores.sqlite_operator.shape_rows_sql`)."""
+        now = aware_utc(now, "now")
         with self._read() as conn:
             return shape_rows_sql(conn, now, edges)
 

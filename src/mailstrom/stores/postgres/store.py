@@ -69,7 +69,7 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import ClockReading, after, before, reading_between
+from mailstrom.stores.clock import ClockReading, after, aware_utc, before, reading_between
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -814,6 +814,7 @@ class PostgresStore:
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
         where = where or QueueFilter()
+        now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         params = {
             "held": where.held,
             "created_before": None if where.older_than is None else before(now, where.older_than),
@@ -1153,6 +1154,7 @@ class PostgresStore:
 
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, reading at most ``cap``."""
+        now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         states = effective_states(where.state, where.states)
         pending = states == PENDING_STATES
         params = {
