@@ -6,6 +6,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from mailstrom.errors import InvalidArgument
 from mailstrom.policy.throttle import TokenBucket
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
@@ -231,3 +234,17 @@ def test_a_recipient_deferred_on_its_own_since_a_pause_does_not_show_the_next(
     a = store.status(mid).recipient("a@example.org")
     assert (a.state, a.next_attempt_at) == (RecipientState.DEFERRED, own)
     assert a.throttle is None, a.throttle_note
+
+
+def test_a_naive_now_is_refused_and_leaves_the_bucket_as_it_was(store: Store) -> None:
+    """Was: SQLite and PostgreSQL took a naive ``now``: with the bucket saved, its aware
+    time less the naive one raised TypeError, no error of the store's; without it, the
+    naive time was saved and read back as UTC. The memory store refuses it."""
+    bucket = TokenBucket(key="example.org messages/minute", rate=2.0, capacity=2.0)
+    naive = NOW.replace(tzinfo=None)
+    with pytest.raises(InvalidArgument):
+        store.take_tokens([bucket], want=1, now=naive)
+    assert store.take_tokens([bucket], want=1, now=NOW).granted == 1
+    with pytest.raises(InvalidArgument):
+        store.take_tokens([bucket], want=1, now=naive)
+    assert store.take_tokens([bucket], want=5, now=NOW).granted == 1

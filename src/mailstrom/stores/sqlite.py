@@ -1685,6 +1685,7 @@ class SQLiteStore:
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every bucket at once, shared by every process
         of this database (the write lock serialises them)."""
+        now = aware_utc(now, "now")  # a naive one less a bucket's time was a TypeError
         with self._write(fsync=False) as conn:
             return sqlite_shaping.take(conn, buckets, want=want, now=now)
 

@@ -1327,6 +1327,7 @@ class PostgresStore:
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every bucket at once: one transaction holding an
         advisory lock per bucket (taken in key order, so two workers never deadlock)."""
+        now = aware_utc(now, "now")  # a naive one less a bucket's time was a TypeError
         q = self._queries
         keys = sorted({b.key for b in buckets})
         with (
