@@ -484,3 +484,18 @@ def test_a_naive_now_is_refused_by_every_view_of_the_queue(store: Store) -> None
     with pytest.raises(InvalidArgument):
         store.shape(now=naive, edges=AGE_EDGES)
     assert store.count(now=NOW, where=QueueFilter(older_than=HOUR), cap=10) == 1
+
+
+@pytest.mark.parametrize("cap", [MAX_INTEGER + 1, 2**64], ids=["past-bigint", "huge"])
+def test_a_count_cap_no_store_can_take_is_refused_alike(store: Store, cap: int) -> None:
+    """Was: a ``cap`` past a signed 64-bit integer was refused by the memory store as
+    InvalidArgument (naming ``limit``, which the caller never gave), and by SQLite and
+    PostgreSQL as StoreRefusedData, a store error a caller retries or reports as the
+    store's fault. Each refuses it as InvalidArgument naming ``cap``; a negative cap
+    still counts none, and the largest one counts all."""
+    store.enqueue(message("a@example.org"), now=NOW)
+    for where in (QueueFilter(), PENDING, QueueFilter(state=RecipientState.QUEUED)):
+        with pytest.raises(InvalidArgument, match="cap"):
+            store.count(now=NOW, where=where, cap=cap)
+        assert store.count(now=NOW, where=where, cap=-1) == 0
+        assert store.count(now=NOW, where=where, cap=MAX_INTEGER) == 1

@@ -119,7 +119,7 @@ class MemoryOperatorMixin:
 
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, at most ``cap``."""
-        return len(self.query(now=now, where=replace(where, limit=max(cap, 0))))
+        return len(self.query(now=now, where=replace(where, limit=row_limit(cap, "cap"))))
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Make the listed messages' pending recipients due at ``now``."""

@@ -1554,8 +1554,9 @@ class SQLiteStore:
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, reading at most ``cap``."""
         now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
+        cap = row_limit(cap, "cap")  # past a bigint: InvalidArgument, not StoreRefusedData
         with self._read() as conn:
-            return count_matching(conn, now, where, max(cap, 0))
+            return count_matching(conn, now, where, cap)
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Make the listed messages' pending recipients due at ``now``."""

@@ -1164,7 +1164,7 @@ class PostgresStore:
             "pending": pending,
             "states": None if states is None or pending else sorted(s.value for s in states),
             "tag": where.tag,
-            "cap": max(cap, 0),
+            "cap": row_limit(cap, "cap"),  # past a bigint: InvalidArgument, not refused
         }
         [(n,)] = self._fetch("count", params)
         return int(n)
