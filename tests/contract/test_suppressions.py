@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 import pytest
 
 from mailstrom import Email
-from mailstrom.errors import StoreError, StoreRefusedData
+from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.preparation import prepare
 from mailstrom.runtime.suppressing import lease_targets
 from mailstrom.stores import Store
@@ -300,3 +300,31 @@ def test_an_entry_given_with_a_u_label_domain_screens_the_recipients_prepare_sto
         "ann@example.org": None,
     }
     assert store.unsuppress([normalize_target("BÜCHER.example")]) == 1
+
+
+def test_an_entry_with_a_naive_time_is_refused_and_one_elsewhere_is_kept_in_utc(
+    store: Store,
+) -> None:
+    """Was: the memory store kept an entry's times as given. A naive one, which SQLite
+    and PostgreSQL refuse, was written, and every later ``list_suppressions(now=...)``
+    and lease lookup compared it with an aware time and raised TypeError; one in another
+    zone was read back in that zone, where the SQL stores read it back in UTC."""
+    naive_created = dataclasses.replace(entry("a@example.org"), created_at=NOW.replace(tzinfo=None))
+    naive_expiry = entry("b@example.org", expires_at=(NOW + DAY).replace(tzinfo=None))
+    for bad in (naive_created, naive_expiry):
+        with pytest.raises(InvalidArgument):
+            store.suppress([entry("c@example.org"), bad])
+    assert store.list_suppressions() == []  # all or none
+    assert store.list_suppressions(now=NOW) == []
+    east = timezone(timedelta(hours=5))
+    shifted = dataclasses.replace(
+        entry("d@example.org"),
+        created_at=NOW.astimezone(east),
+        expires_at=(NOW + DAY).astimezone(east),
+    )
+    assert store.suppress([shifted]) == 1
+    (kept,) = store.list_suppressions(now=NOW)
+    assert kept == entry("d@example.org", expires_at=NOW + DAY)
+    assert kept.created_at is not None and kept.created_at.utcoffset() == timedelta(0)
+    assert kept.expires_at is not None and kept.expires_at.utcoffset() == timedelta(0)
+    assert store.suppressions_for(["d@example.org"], now=NOW) == {"d@example.org": kept}

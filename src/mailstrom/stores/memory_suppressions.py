@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mailstrom.arguments import row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
+from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt
 from mailstrom.suppression import Suppression
 
@@ -43,10 +45,11 @@ class MemorySuppressionsMixin:
                     f"memory store refused a value: the suppression of {entry.target!r}"
                     " has no known source or time"
                 )
+        kept = [_in_utc(entry) for entry in entries]  # a naive time refused before any is kept
         with self._lock:
-            for entry in entries:
+            for entry in kept:
                 self._suppressions[entry.target] = entry
-        return len(entries)
+        return len(kept)
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""
@@ -97,3 +100,16 @@ class MemorySuppressionsMixin:
                 for m in self._newest_first()
                 if m.prepared.header_message_id == header_message_id
             ][: row_limit(limit)]
+
+
+def _in_utc(entry: Suppression) -> Suppression:
+    """``entry`` with its times in UTC, as the SQL stores read them back; InvalidArgument
+    for a naive one, as they refuse it: kept, it made every later lookup at an aware
+    ``now`` raise TypeError."""
+    created = entry.created_at
+    expires = entry.expires_at
+    utc_created = None if created is None else aware_utc(created, "created_at")
+    utc_expires = None if expires is None else aware_utc(expires, "expires_at")
+    if utc_created is created and utc_expires is expires:
+        return entry
+    return replace(entry, created_at=utc_created, expires_at=utc_expires)

@@ -35,6 +35,7 @@ from mailstrom.stores.base import (
     domain_of,
     reason_class_of,
 )
+from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
 from mailstrom.stores.row_checks import (
     UNREADABLE,
@@ -387,10 +388,17 @@ def suppression_arrays(entries: Sequence[Suppression]) -> dict[str, list[Any]]:
         # the NOT NULL column rather than made up.
         "sources": [None if e.source is None else e.source.value for e in entries],
         "replies": [e.reply for e in entries],
-        "created": [e.created_at for e in entries],
-        "expires": [e.expires_at for e in entries],
+        # Checked here: the driver picks one dumper for an array by its first time, and
+        # an aware one's bound a naive time after it for the server's session zone.
+        "created": [_aware(e.created_at, "created_at") for e in entries],
+        "expires": [_aware(e.expires_at, "expires_at") for e in entries],
         "message_ids": [e.message_id for e in entries],
     }
+
+
+def _aware(when: datetime | None, argument: str) -> datetime | None:
+    """``when`` (None passed through); InvalidArgument when it is naive."""
+    return None if when is None else aware_utc(when, argument)
 
 
 def _reply(code: int | None, enhanced: str | None, text: str | None) -> SMTPReply | None:
