@@ -83,7 +83,15 @@ def test_migrate_creates_schema_once(postgres_url: str) -> None:
     assert schema_versions(postgres_url) == every
 
 
-def test_concurrent_opens_migrate_exactly_once(postgres_url: str) -> None:
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
+def test_concurrent_opens_migrate_exactly_once(postgres_url: str, isolation: str) -> None:
+    """At REPEATABLE READ by default, an opener that waited for the migration lock read
+    the applied versions from a snapshot taken before it waited, and applied them again
+    ("relation messages already exists")."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            f"ALTER DATABASE {admin.info.dbname} SET default_transaction_isolation = '{isolation}'"
+        )
     start = threading.Barrier(6)
 
     def open_and_enqueue(_: int) -> str:
@@ -741,10 +749,11 @@ def test_a_cancel_that_waited_for_a_lease_to_commit_tells_the_worker(
         assert status.held
 
 
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
 @pytest.mark.parametrize("lanes", [None, [("", 10)], [("bulk", 10)]])
 @pytest.mark.parametrize("method", ["set_held", "hold_many"])
 def test_a_hold_committed_while_a_lease_read_the_queue_is_not_leased(
-    postgres_url: str, method: str, lanes: list[tuple[str, int]] | None
+    postgres_url: str, method: str, lanes: list[tuple[str, int]] | None, isolation: str
 ) -> None:
     """A lease reads which messages are held from its statement's snapshot and then locks
     the recipients' rows; a hold that commits in between locks those rows and finds no
@@ -752,9 +761,15 @@ def test_a_hold_committed_while_a_lease_read_the_queue_is_not_leased(
     the held message anyway: it was sent. The lease pauses here between its snapshot and
     its row locks: a row security policy on messages (for a role that is no superuser)
     waits on an advisory lock the test holds. With lanes, the lease of the lanes named
-    and (the message's lane not named) of the others."""
+    and (the message's lane not named) of the others. The same whatever the database's
+    default isolation (see test_a_server_defaulting_to_repeatable_read_changes_nothing):
+    at REPEATABLE READ the lease failed with a serialization error."""
     from tests.integration.test_postgres_roles import role_on
 
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            f"ALTER DATABASE {admin.info.dbname} SET default_transaction_isolation = '{isolation}'"
+        )
     with PostgresStore(postgres_url) as owner:
         mid = owner.enqueue(message("a@example.org"), now=T0)
         with (
@@ -861,3 +876,51 @@ def test_a_record_still_running_when_written_again_counts_as_recorded(
         (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
     assert attempts == 2
     assert outbox == (2 if events else 0)
+
+
+def test_a_server_defaulting_to_repeatable_read_changes_nothing(postgres_url: str) -> None:
+    """The store's statements and transactions are written for READ COMMITTED, each
+    statement seeing what committed before it began: a database (or role, or server)
+    whose default_transaction_isolation is REPEATABLE READ froze a transaction's view at
+    its first statement, before it waited for a lock. Two workers throttling one
+    destination at once: the second, let in once the first committed its pause, read
+    no pause from its older snapshot and failed with a serialization error (40001)
+    writing its own over the first's; READ COMMITTED, it finds the first's pause and
+    keeps it (one throttle, as the docstring says)."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        dbname = admin.info.dbname
+        admin.execute(
+            f"ALTER DATABASE {dbname} SET default_transaction_isolation = 'repeatable read'"
+        )
+    key = "example.org"
+    with (
+        PostgresStore(postgres_url, max_size=4) as store,
+        psycopg.connect(postgres_url) as blocker,
+        psycopg.connect(postgres_url, autocommit=True) as watcher,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,))
+        calls = [
+            pool.submit(
+                store.throttle,
+                key,
+                now=T0,
+                reply="421 slow down",
+                first=timedelta(minutes=1),
+                maximum=timedelta(hours=1),
+            )
+            for _ in range(2)
+        ]
+        for _ in range(500):
+            (waiting,) = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                " AND datname = current_database()"
+            ).fetchone() or (0,)
+            if waiting >= 2:
+                break
+            time.sleep(0.01)
+        assert waiting >= 2
+        blocker.rollback()
+        first, second = (call.result(timeout=10) for call in calls)
+        assert first == second
+        assert [p.strikes for p in store.throttles(now=T0)] == [1]

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 from psycopg.adapt import Dumper, PyFormat
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.datetime import DatetimeBinaryDumper, DatetimeDumper
@@ -358,13 +359,15 @@ def connect(conninfo: str, *, connect_timeout: float) -> psycopg.Connection[Any]
     when the server refuses it (a wrong password, an unknown role or database): retrying
     cannot mend that, where a server that is down or starting up is worth waiting for."""
     try:
-        return psycopg.connect(bounded(conninfo, connect_timeout=connect_timeout))
+        conn = psycopg.connect(bounded(conninfo, connect_timeout=connect_timeout))
     except psycopg.OperationalError as exc:
         if refuses_access(str(exc)):
             raise StoreAccessDenied(
                 f"PostgreSQL store: the server refused the connection: {exc}"
             ) from exc
         raise
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # see read_committed
+    return conn
 
 
 _UTC = "SET TimeZone TO 'UTC'"
@@ -407,15 +410,37 @@ class _AwareBinary(DatetimeBinaryDumper):
         return super().upgrade(obj, format)
 
 
+def read_committed(conn: psycopg.Connection[Any]) -> sql.Composed:
+    """A statement (no parameters) making READ COMMITTED the isolation of ``conn``'s
+    statements outside a transaction, when ``conn`` goes straight to the server (see
+    :mod:`.locks` for why not behind a pooler); ``conn.isolation_level`` is set too, for
+    the transactions it begins.
+
+    The store's statements and transactions are written for READ COMMITTED: each
+    statement sees what committed before it began, and a row it locks that changed
+    since is rechecked (the lease's SKIP LOCKED, a throttle's read after its advisory
+    lock, a migration's after the migration lock). A server, database or role whose
+    ``default_transaction_isolation`` is REPEATABLE READ or SERIALIZABLE froze a
+    transaction's view at its first statement instead: two workers throttling one
+    destination at once, or a lease meeting a hold, failed with serialization errors
+    (40001), and two processes opening a new database applied its migrations twice."""
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return sql.SQL(
+        "SELECT set_config('default_transaction_isolation', 'read committed', false)"
+        " WHERE pg_backend_pid() = {pid}"
+    ).format(pid=sql.Literal(conn.info.backend_pid))
+
+
 def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     not_shared(conn)
     unheard(conn)
     conn.adapters.register_dumper(datetime, _AwareText)
     conn.adapters.register_dumper(datetime, _AwareBinary)  # last: the default format
+    setup = sql.SQL("; ").join([sql.SQL(_UTC), read_committed(conn)])
     if params.lock_bound is None:
-        conn.execute(_UTC)
+        conn.execute(setup)
     else:
-        bound_session(conn, params.lock_bound, _UTC)  # the same round trip
+        bound_session(conn, params.lock_bound, setup)  # the same round trip
     conn.prepare_threshold = params.prepare_threshold
 
 

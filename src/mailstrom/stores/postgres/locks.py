@@ -116,13 +116,14 @@ class LockBound:
 DEFAULT_LOCK_BOUND = LockBound()
 
 
-def bound_session(conn: psycopg.Connection[Any], bound: LockBound, setup: str) -> None:
+def bound_session(conn: psycopg.Connection[Any], bound: LockBound, setup: sql.Composable) -> None:
     """Run ``setup`` (statements without parameters) and bound ``conn``'s lock waits,
     in one round trip: for the session, or, behind a pooler, per statement (see the
     module's docstring)."""
-    query = sql.SQL("; ").join([sql.SQL(setup), bound.session_setup(conn.info.backend_pid)])
-    cur = conn.execute(query)  # no parameters: the simple protocol runs both at once
-    cur.nextset()
+    query = sql.SQL("; ").join([setup, bound.session_setup(conn.info.backend_pid)])
+    cur = conn.execute(query)  # no parameters: the simple protocol runs them all at once
+    while cur.nextset():  # to the last statement's rows
+        pass
     row = cur.fetchone()
     behind_pooler, applies = (bool(row[0]), bool(row[1])) if row else (False, False)
     if behind_pooler and applies:
@@ -172,7 +173,8 @@ def _bounded(conn: psycopg.Connection[Any], statement: bytes) -> Iterator[None]:
         psycopg.Cursor(conn).execute(statement)
         yield
         return
-    psycopg.Cursor(conn).execute(b"BEGIN; " + statement)
+    # READ COMMITTED whatever the server's default (see connect.read_committed).
+    psycopg.Cursor(conn).execute(b"BEGIN ISOLATION LEVEL READ COMMITTED; " + statement)
     try:
         yield
     except BaseException:
