@@ -924,3 +924,71 @@ def test_a_server_defaulting_to_repeatable_read_changes_nothing(postgres_url: st
         first, second = (call.result(timeout=10) for call in calls)
         assert first == second
         assert [p.strikes for p in store.throttles(now=T0)] == [1]
+
+
+def test_a_lease_still_running_when_its_answer_was_lost_is_given_back_later(
+    postgres_server: ThrowawayPostgres, postgres_url: str
+) -> None:
+    """A lease whose connection broke while its statement still ran on the server (here
+    paused, as a lease waiting for a table's lock is) goes on there and commits later.
+    The next lease of the store gave back what that token held before it committed:
+    nothing, and the token was forgotten, its recipients then leased under it until
+    lease_for ran out (15 minutes by default) while the worker lived on. The token is
+    kept until the statement's server process is seen to have finished it. A row security
+    policy pauses the first lease alone (the others find its advisory lock taken)."""
+    from tests.integration.test_postgres_roles import role_on
+
+    direct = f"127.0.0.1:{postgres_server.port}/"
+    with (
+        PostgresStore(postgres_url) as owner,
+        role_on(postgres_url) as role_url,
+        psycopg.connect(postgres_url, autocommit=True) as admin,
+        contextlib.closing(TCPProxy(("127.0.0.1", postgres_server.port))) as proxy,
+    ):
+        owner.enqueue(message("a@example.org"), now=T0)
+        admin.execute(
+            "CREATE FUNCTION pause_here() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN"
+            " IF pg_try_advisory_xact_lock(4243) THEN"
+            " PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN true; END $$"
+        )
+        admin.execute("ALTER TABLE messages ENABLE ROW LEVEL SECURITY")
+        admin.execute("CREATE POLICY paused ON messages USING (pause_here())")
+        assert direct in role_url
+        url = role_url.replace(direct, f"127.0.0.1:{proxy.port}/")
+        try:
+            with PostgresStore(url, timeout=5) as worker, ThreadPoolExecutor(1) as pool:
+                admin.execute("SELECT pg_advisory_lock(4242)")
+                first = pool.submit(
+                    worker.lease, now=T0, limit=10, lease_for=LEASE, holder="0123abcd5e"
+                )
+                for _ in range(500):
+                    (waiting,) = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                        " AND datname = current_database()"
+                    ).fetchone() or (0,)
+                    if waiting:
+                        break
+                    time.sleep(0.01)
+                assert waiting
+                proxy.cut()
+                with pytest.raises(StoreUnreachable):
+                    first.result(timeout=10)
+                proxy.restore()
+                # The next lease (nothing due yet) gives back what the first holds: nothing.
+                early = T0 - timedelta(hours=1)
+                assert worker.lease(now=early, limit=10, lease_for=LEASE) is None
+                admin.execute("SELECT pg_advisory_unlock(4242)")
+                for _ in range(500):
+                    (leased,) = admin.execute(
+                        "SELECT count(*) FROM recipients WHERE lease_token IS NOT NULL"
+                    ).fetchone() or (0,)
+                    if leased:
+                        break
+                    time.sleep(0.01)
+                assert leased  # the first lease committed, its answer lost
+                lease = worker.lease(now=T0, limit=10, lease_for=LEASE, holder="0123abcd5e")
+        finally:
+            admin.execute("DROP POLICY paused ON messages")
+            admin.execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY")
+        assert lease is not None
+        assert [r.address for item in lease.items for r in item.recipients] == ["a@example.org"]

@@ -314,6 +314,15 @@ class PostgresStore:
         with self._translating(name), self._pool.connection() as conn:
             return conn.execute(self._queries[name], params).fetchall()
 
+    def _fetch_on(
+        self, backends: list[int], name: str, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """:meth:`_fetch`, adding to ``backends`` the server process the statement is
+        sent to (the pooler's own id behind a pooler, which names no server process)."""
+        with self._translating(name), self._pool.connection() as conn:
+            backends.append(conn.info.backend_pid)
+            return conn.execute(self._queries[name], params).fetchall()
+
     def _fetch_side(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The rows of a query of a side table, a time the driver cannot hold read as None
         (rows.ReadableTimes): the caller decides what such a row means (side_rows)."""
@@ -474,11 +483,14 @@ class PostgresStore:
             return None
         if self._statistics.due():
             self._gather_statistics()
-        self._give_back_unanswered_leases()
+        self._give_back_unanswered_leases(now)
         token = lease_token(holder)
+        expires_at = after(now, lease_for)
+        backends: list[int] = []
         try:
             return self._lease(
                 token,
+                backends,
                 now=now,
                 limit=limit,
                 lease_for=lease_for,
@@ -487,21 +499,31 @@ class PostgresStore:
             )
         except BaseException:
             # It may have committed, its answer lost (or a second statement failed after
-            # the first leased): the next lease gives back what it holds.
-            self._unanswered_leases.failed(token)
+            # the first leased), or be running still: later leases give back what it holds.
+            self._unanswered_leases.failed(token, backends=backends, expires_at=expires_at)
             raise
 
-    def _give_back_unanswered_leases(self) -> None:
+    def _give_back_unanswered_leases(self, now: datetime) -> None:
         """Give back, due at once, what leases whose call failed may still hold (see
-        :mod:`~mailstrom.stores.postgres.unanswered`)."""
-        tokens = self._unanswered_leases.pending()
-        if tokens:
-            self._fetch("release_tokens", {"tokens": tokens})
-            self._unanswered_leases.given_back(tokens)
+        :mod:`~mailstrom.stores.postgres.unanswered`). A token whose statement may still
+        be running on the server (its process is, read before the give-back's snapshot)
+        is kept for the next lease's give-back."""
+        pending = self._unanswered_leases.pending(now)
+        if not pending:
+            return
+        pids = sorted({pid for backends in pending.values() for pid in backends})
+        running = (
+            {pid for (pid,) in self._fetch("running_backends", {"pids": pids})} if pids else set()
+        )
+        self._fetch("release_tokens", {"tokens": list(pending)})
+        self._unanswered_leases.given_back(
+            token for token, backends in pending.items() if running.isdisjoint(backends)
+        )
 
     def _lease(
         self,
         token: str,
+        backends: list[int],
         *,
         now: datetime,
         limit: int,
@@ -519,7 +541,7 @@ class PostgresStore:
             "first_always": True,
         }
         if lanes is None:
-            found = rows.lease_rows(self._fetch("lease", params))
+            found = rows.lease_rows(self._fetch_on(backends, "lease", params))
         else:
             # A lane named twice counts once, with its first number, as in the memory
             # store: the query's lateral read of each array element leased the same rows
@@ -533,7 +555,7 @@ class PostgresStore:
             # worker's lane caps grow with it) must not overflow the query's bigint and
             # fail every lease, retried for ever as a passing store error.
             params["lane_limits"] = [min(max(0, most), limit) for _, most in lanes]
-            found = rows.lease_rows(self._fetch("lease_lanes", params))
+            found = rows.lease_rows(self._fetch_on(backends, "lease_lanes", params))
             taken = Counter(row.lane for row in found)
             exhausted = len(found) < limit and all(
                 most > 0 and taken[lane] < most for lane, most in lanes
@@ -545,7 +567,7 @@ class PostgresStore:
                     sizes = {row.message_id: row.size for row in found}
                     params["max_bytes"] = max_bytes - sum(sizes.values())
                     params["first_always"] = False
-                found += rows.lease_rows(self._fetch("lease_other_lanes", params))
+                found += rows.lease_rows(self._fetch_on(backends, "lease_other_lanes", params))
         if not found:
             return None
         lease, unreadable = rows.lease_from_rows(token, expires_at, found)

@@ -16,13 +16,15 @@ ignored, as every store ignores it.
 A lease's answer can be lost the same way, its recipients then leased under a token
 nobody knows until ``lease_for`` runs out (the look for dead holders gives back only a
 dead worker's). The tokens of leases that failed are kept, and the next lease of this
-store object gives their recipients back first.
+store object gives their recipients back first (again at later leases while the failed
+statement may still be running on the server: see :class:`UnansweredLeases`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from datetime import datetime
 
 Key = tuple[str, str, str]
 """A result's (message_id, address, lease_token)."""
@@ -62,22 +64,33 @@ class UnansweredRecords:
 
 class UnansweredLeases:
     """The tokens of leases whose call failed: their recipients may be leased all the
-    same, under a token no caller knows."""
+    same, under a token no caller knows.
+
+    Each token is kept with the server processes (backend pids) its statements ran on
+    and when its lease expires. Its statement may still run there, its client gone (it
+    waits for a table's lock, or is slow): a give-back then finds nothing yet, and the
+    lease commits after it. So a token is forgotten only once a give-back began after
+    none of its processes was running a statement any more, or once
+    its lease expired anyway."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, None] = {}
+        self._tokens: dict[str, tuple[tuple[int, ...], datetime]] = {}
         self._lock = threading.Lock()
 
-    def failed(self, token: str) -> None:
+    def failed(self, token: str, *, backends: Iterable[int], expires_at: datetime) -> None:
         with self._lock:
-            self._tokens[token] = None
+            self._tokens[token] = (tuple(backends), expires_at)
             while len(self._tokens) > KEEP_AT_MOST:
                 del self._tokens[next(iter(self._tokens))]
 
-    def pending(self) -> list[str]:
-        """The tokens to give back."""
+    def pending(self, now: datetime) -> dict[str, tuple[int, ...]]:
+        """The tokens to give back, each with its backends; those whose lease expired
+        by ``now`` are forgotten (nothing is leased under them any more)."""
         with self._lock:
-            return list(self._tokens)
+            for token, (_, expires_at) in list(self._tokens.items()):
+                if expires_at <= now:
+                    del self._tokens[token]
+            return {token: backends for token, (backends, _) in self._tokens.items()}
 
     def given_back(self, tokens: Iterable[str]) -> None:
         with self._lock:

@@ -422,6 +422,15 @@ WITH released AS (
 )
 SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
 
+-- name: running_backends
+-- Those of the server processes a failed lease's statements were sent to that are still
+-- running a statement (or in a transaction): the statement may be going on there, its
+-- client gone, and lease after the give-back (see postgres/unanswered.py). Not this one
+-- (a lease that failed on a connection that lived on, back in the pool), nor a process of
+-- another role, which shows no state.
+SELECT pid FROM pg_stat_activity
+WHERE pid = ANY(%(pids)s::int[]) AND pid <> pg_backend_pid() AND state <> 'idle';
+
 -- name: release_tokens
 -- Every pending recipient still leased under one of the tokens of leases whose answer
 -- never came (see postgres/unanswered.py): given back, due at once (recipients_lease
