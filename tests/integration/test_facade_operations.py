@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,9 +23,11 @@ from mailstrom import (
     InvalidArgument,
     Mailstrom,
     RecipientState,
+    StoreError,
+    StoreUnreachable,
     UnknownMessage,
 )
-from mailstrom.stores import MemoryStore, QueueFilter, SQLiteStore
+from mailstrom.stores import MemoryStore, QueueFilter, SQLiteStore, open_store
 from mailstrom.stores.operator import PENDING_STATES
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -334,3 +337,38 @@ def test_purge_with_a_clock_in_a_zone_with_summer_time_reckons_in_utc() -> None:
         assert ms.purge(timedelta(hours=1), messages=QueueFilter(states=None)) == 0
         assert ms.query_status(cancelled).state is RecipientState.FAILED
         assert ms.purge(timedelta(minutes=20)) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_wait_on_a_closed_store_ends_at_once(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """A wait looks again after a passing trouble (an unreachable server, a lock held)
+    until its time is up, and ends at once on any other error, a closed store among them
+    (an application closing its store at shutdown while a request waits). A closed
+    PostgreSQL store said StoreUnreachable ("the pool is already closed"), as a server
+    out of reach: the wait looked again every quarter second for its whole timeout, an
+    hour here. It says StoreError, the store is closed, as SQLite does."""
+    url = f"sqlite:///{tmp_path / 'q.db'}" if backend == "sqlite" else None
+    store = open_store(url or request.getfixturevalue("postgres_url"))
+    with Mailstrom(Config(helo_name="client.test"), store=store, worker=None) as ms:
+        mid = ms.send_email(hello("a@example.org"))
+        ms.wait(mid, timeout=0)  # the facade's watch of the store, kept for later waits
+        store.close()
+        outcome: list[BaseException | None] = []
+        done = threading.Event()
+
+        def wait() -> None:
+            try:
+                ms.wait(mid, timeout=3600)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        assert done.wait(30), "the wait went on after the store was closed"
+        [error] = outcome
+        assert isinstance(error, StoreError)
+        assert not isinstance(error, StoreUnreachable)
+        assert "closed" in str(error)

@@ -17,6 +17,7 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 
 import psycopg
+from psycopg_pool import PoolClosed
 
 from mailstrom.errors import (
     StoreAccessDenied,
@@ -118,7 +119,8 @@ def translate_errors(
     when ``diagnose`` can tell (see :mod:`~mailstrom.stores.postgres.locks`);
     StoreUnreachable when the server could not be reached or went away
     (:func:`unreachable`); StoreAccessDenied when this role lacks a privilege on the
-    tables (42501), which no retry mends until an operator grants it."""
+    tables (42501), which no retry mends until an operator grants it; a plain StoreError
+    saying so for a closed store's pool, as the SQLite store says it."""
     try:
         yield
     except psycopg.errors.LockNotAvailable as exc:
@@ -133,6 +135,10 @@ def translate_errors(
         ) from exc
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError) as exc:
         raise StoreRefusedData(f"PostgreSQL store: {doing} refused a value: {exc}") from exc
+    except PoolClosed as exc:
+        # Closed by its own close(): no server to wait for (it read as StoreUnreachable, a
+        # passing trouble, and a wait looked again for its whole timeout).
+        raise StoreError(f"PostgreSQL store: {doing} failed: the store is closed") from exc
     except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
         # The latter is class 25 (an InternalError to psycopg), though it ends the session.
         kind = StoreUnreachable if unreachable(exc) else StoreError
