@@ -992,3 +992,27 @@ def test_a_lease_still_running_when_its_answer_was_lost_is_given_back_later(
             admin.execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY")
         assert lease is not None
         assert [r.address for item in lease.items for r in item.recipients] == ["a@example.org"]
+
+
+def test_a_database_in_sql_ascii_reads_as_text(postgres_server: ThrowawayPostgres) -> None:
+    """A database created with ENCODING 'SQL_ASCII' (initdb's default under the C locale)
+    tells the client to take text as it is: psycopg handed back bytes for every text
+    column, and the store answered wrongly without an error (no messages in stats or
+    recent, a lease whose ids, domains and addresses were bytes). The store asks for
+    UTF-8, which is what it writes."""
+    name = f"ascii_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'")
+    try:
+        with PostgresStore(postgres_server.url(name)) as s:
+            mid = s.enqueue(message("ä@example.org"), now=T0)
+            assert s.stats().messages == 1
+            assert [m.id for m in s.recent()] == [mid]
+            assert s.status(mid).recipients[0].address == "ä@example.org"
+            lease = s.lease(now=T0, limit=10, lease_for=LEASE)
+            assert lease is not None
+            [item] = lease.items
+            assert (item.message_id, item.domain) == (mid, "example.org")
+            assert [r.address for r in item.recipients] == ["ä@example.org"]
+    finally:
+        postgres_server.drop_database(name)

@@ -13,11 +13,12 @@ usual handling of a failing store (retry with backoff, reconnect) takes over:
   connection whose peer stopped answering is declared dead after about 60 s;
 * ``tcp_user_timeout=60000`` (libpq 12 and later): so is one whose sent data has gone
   unacknowledged for 60 s;
-* ``connect_timeout=10``.
+* ``connect_timeout=10``;
+* ``client_encoding=UTF8`` (see :data:`CLIENT_ENCODING`).
 
 A slow query is not affected: the server's kernel acknowledges the query and answers the
 probes while the server works. A parameter given in the store's URL (or
-``PGCONNECT_TIMEOUT`` in the environment) wins over these.
+``PGCONNECT_TIMEOUT``, ``PGCLIENTENCODING`` in the environment) wins over these.
 
 Nor is a query waiting for a lock another session holds (an operator's ``LOCK TABLE``
 left open, a long ``ALTER TABLE``): the server is alive and answers. That wait is
@@ -61,6 +62,11 @@ KEEPALIVE = {
 }
 TCP_USER_TIMEOUT_MS = 60_000
 CONNECT_TIMEOUT = 10
+CLIENT_ENCODING = "UTF8"
+"""What the store writes and reads. Left to the server, a database in ``SQL_ASCII``
+(initdb's default under the C locale) has the client take text as it is, and psycopg
+handed back bytes for every text column: stats and listings found nothing, and a lease's
+ids and addresses were bytes. (A ``SQL_ASCII`` server converts nothing either way.)"""
 RECONNECT_WITHIN = 60.0
 """Seconds a pool tries to reconnect, backing off, before it starts again from a short
 delay (see :func:`connection_pool`)."""
@@ -73,6 +79,8 @@ def connection_options(url: str, *, connect_timeout: float = CONNECT_TIMEOUT) ->
         options["tcp_user_timeout"] = str(TCP_USER_TIMEOUT_MS)
     if "PGCONNECT_TIMEOUT" not in os.environ:
         options["connect_timeout"] = str(max(1, round(connect_timeout)))
+    if "PGCLIENTENCODING" not in os.environ:
+        options["client_encoding"] = CLIENT_ENCODING
     given = conninfo_to_dict(url)
     return {key: value for key, value in options.items() if key not in given}
 
