@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from mailstrom.readmodel import open_read_model
 from mailstrom.status import RecipientState
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.pgbouncer import ThrowawayPgBouncer
@@ -151,3 +152,20 @@ def test_behind_pgbouncer_pooled_connections_keep_no_notifications(
         finally:
             unwatch()
     assert kept == []
+
+
+def test_behind_pgbouncer_the_dashboard_overview_reads_one_snapshot(bouncer: str) -> None:
+    """The read model's overview reads its numbers in one REPEATABLE READ transaction,
+    begun with ``SET TRANSACTION``; behind a pooler every statement of a transaction
+    first bounds its lock wait with a SELECT, which takes the snapshot, and the SET then
+    failed ("must be called before any query"): the dashboard's overview never showed
+    through PgBouncer. The transaction now begins at that isolation."""
+    with PostgresStore(bouncer + "?prepare_threshold=none") as store:
+        store.enqueue(small_message("a@example.org"), now=T0)
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            overview = model.overview(now=T0)
+            assert model.destinations()  # a view of one statement, before and after
+        finally:
+            model.close()
+    assert (overview.messages, overview.by_state[RecipientState.QUEUED]) == (1, 1)

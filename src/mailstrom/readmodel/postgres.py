@@ -108,12 +108,9 @@ class PostgresReadModel:
         with (
             translate_errors(doing, diagnose=self._lock_wait),
             self._pools.pool.connection() as conn,
+            _isolated(conn, snapshot),
             conn.transaction(),
         ):
-            if snapshot:
-                # The transaction's first query takes the snapshot (a SET takes none, so a
-                # lock bound set locally before it is no query either).
-                conn.execute(b"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.adapters.register_loader("timestamptz", ReadableTimes)
             yield conn
 
@@ -341,3 +338,24 @@ class PostgresReadModel:
         if row is None:
             raise UnknownMessage(message_id)
         return bytes(row[0])
+
+
+@contextmanager
+def _isolated(conn: psycopg.Connection[Any], snapshot: bool) -> Iterator[None]:
+    """With ``snapshot``, the transactions ``conn`` begins meanwhile are REPEATABLE READ
+    and read only: its first query takes the snapshot. Begun so, not by a ``SET
+    TRANSACTION`` after the ``BEGIN``: behind a pooler every statement of a transaction
+    is preceded by a ``SELECT`` that bounds its lock wait (see
+    :mod:`~mailstrom.stores.postgres.locks`), a query, after which the SET failed ("must
+    be called before any query"). The connection's own setting is back afterwards."""
+    if not snapshot:
+        yield
+        return
+    isolation, read_only = conn.isolation_level, conn.read_only
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.isolation_level, conn.read_only = isolation, read_only
