@@ -46,6 +46,7 @@ class Request:
     signature: str
     answered: int
     path: str = ""
+    host: str = ""
 
     @property
     def ids(self) -> list[int]:
@@ -96,7 +97,9 @@ def endpoint() -> Iterator[Endpoint]:
             with lock:
                 n, seen[0] = seen[0], seen[0] + 1
             status = 413 if ep.too_large(body) else ep.answer(n)
-            ep.record(Request(body, self.headers.get(SIGNATURE_HEADER, ""), status, self.path))
+            signature = self.headers.get(SIGNATURE_HEADER, "")
+            host = self.headers.get("Host", "")
+            ep.record(Request(body, signature, status, self.path, host))
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -529,6 +532,27 @@ def test_a_hook_url_whose_path_is_not_ascii_reaches_the_endpoint(endpoint: Endpo
     assert post(url, b"{}", {}, 5.0) is None
     assert [r.path for r in endpoint.requests] == [
         "/mail-events/%C3%A9v%C3%A9nements?f%C3%BCr=zo%C3%AB"
+    ]
+
+
+@pytest.mark.parametrize("host", ["b\u00fccher.test", "\u4f8b\u3048.test"])
+def test_a_hook_url_whose_host_is_not_ascii_is_requested_by_its_a_labels(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    # Through an HTTP proxy (the endpoint here), which post() honours from the
+    # environment: the request line and Host header held the U-label name, which
+    # http.client cannot write (UnicodeEncodeError for every request, so no event went;
+    # directly, a name outside Latin-1 failed so, and "b\u00fccher" went as a Latin-1
+    # Host, which names no host). HookConfig accepts such a URL.
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", endpoint.url.removesuffix("/mail-events"))
+    url = f"http://{host}:8080/mail-events"
+    HookConfig(url=url, secret=SECRET)
+    assert post(url, b"{}", {}, 5.0) is None
+    a_labels = host.encode("idna").decode()
+    assert [(r.path, r.host) for r in endpoint.requests] == [
+        (f"http://{a_labels}:8080/mail-events", f"{a_labels}:8080")
     ]
 
 

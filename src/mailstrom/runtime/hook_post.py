@@ -159,10 +159,15 @@ _NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 def _ascii_url(url: str) -> str:
     """``url`` with the characters that are not ASCII in its path, query and fragment
-    percent-encoded as UTF-8 (RFC 3987 §3.1, as browsers send an IRI). http.client writes
-    the request line in ASCII: a hook URL like ``https://app.example/événements``, which
-    ``HookConfig`` accepts, failed every request with UnicodeEncodeError, and no event ever
-    went. The host stays as it is: a U-label name goes to its A-labels on the way."""
+    percent-encoded as UTF-8 (RFC 3987 §3.1, as browsers send an IRI), and a host name of
+    U-labels written as its A-labels (the IDNA form the socket module looks it up by).
+    http.client writes the request line in ASCII: a hook URL like
+    ``https://app.example/événements``, which ``HookConfig`` accepts, failed every request
+    with UnicodeEncodeError, and no event ever went. So did one like
+    ``https://例え.jp/events`` (its Host header, which http.client writes in Latin-1; a
+    Latin-1 name went as a Host no server knows), and either through a proxy (its name in
+    the request line, or in CONNECT). UnicodeError (a ValueError) for a host that has no
+    IDNA form, which ``HookConfig`` refuses."""
     if url.isascii():
         return url
 
@@ -170,9 +175,19 @@ def _ascii_url(url: str) -> str:
         return _NOT_ASCII.sub(lambda m: urllib.parse.quote(m.group(), safe=""), text)
 
     parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        # No IPv6 literal (all ASCII), so the first ":" after the user information,
+        # which HookConfig refuses anyway, starts the port.
+        userinfo, at, host_port = netloc.rpartition("@")
+        host, colon, port = host_port.partition(":")
+        netloc = userinfo + at + host.encode("idna").decode("ascii") + colon + port
     return urllib.parse.urlunsplit(
         parts._replace(
-            path=quoted(parts.path), query=quoted(parts.query), fragment=quoted(parts.fragment)
+            netloc=netloc,
+            path=quoted(parts.path),
+            query=quoted(parts.query),
+            fragment=quoted(parts.fragment),
         )
     )
 
