@@ -360,6 +360,13 @@ retry_min=1.0, retry_max=300.0)
                 "hook.secret: required with hook.url, a non-empty string (receivers check "
                 "signatures)"
             )
+        if not _utf8_encodable(self.secret):
+            # The HMAC key is its UTF-8 (webhooks.sign): an octet that is not UTF-8, as
+            # read from the environment (a lone surrogate), raised in every request.
+            raise ConfigError(
+                "hook.secret: holds octets that are not UTF-8 (or a lone surrogate); the "
+                "signing key is the secret's UTF-8"
+            )
         check_seconds(self.timeout, "hook.timeout", maximum=300)
         check_int(self.batch, "hook.batch", maximum=10_000)
         check_seconds(self.retry_min, "hook.retry_min")
@@ -372,6 +379,14 @@ retry_min=1.0, retry_max=300.0)
             f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_hook_url(url: object, where: str = "hook.url") -> None:

@@ -362,6 +362,25 @@ def test_hook_url_and_secret_must_be_strings(options: dict[str, object], named: 
     assert "whsec" not in str(caught.value)
 
 
+def test_a_hook_secret_with_octets_that_are_not_utf8_is_refused() -> None:
+    """A secret read from the environment with an octet that is not UTF-8 (kept by Python
+    as a lone surrogate) was taken, and signing each request raised UnicodeEncodeError in
+    the worker: every batch failed, for ever, and no event went. Refused at the start
+    now, without showing the secret."""
+    import os
+
+    from mailstrom import HookConfig
+    from mailstrom.settings import load_settings
+
+    secret = os.fsdecode(b"whsec\xff")
+    with pytest.raises(ConfigError, match=r"hook\.secret") as caught:
+        HookConfig(url="https://app.example/h", secret=secret)
+    assert "whsec" not in str(caught.value)
+    env = {"MAILSTROM_HOOK_URL": "https://app.example/h", "MAILSTROM_HOOK_SECRET": secret}
+    with pytest.raises(ConfigError, match=r"hook\.secret"):
+        load_settings(env=env, search=False)
+
+
 @pytest.mark.parametrize("address", ["10.0.0.300", "", " 192.0.2.10", "mail.example.com", 5])
 def test_source_address_must_be_an_ip_address(address: object) -> None:
     """Anything else failed at every connection, and the error blamed the MX host
