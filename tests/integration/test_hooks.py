@@ -26,7 +26,7 @@ import pytest
 from mailstrom import Config, Email, HookConfig, Mailstrom, QueueFilter
 from mailstrom.errors import ConfigError
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.runtime.hook_post import BODY_READ_LIMIT
+from mailstrom.runtime.hook_post import BODY_READ_LIMIT, HTTPFailure
 from mailstrom.runtime.hooks import HookSender, post
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState
@@ -34,6 +34,7 @@ from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import RecipientResult
 from mailstrom.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.https_server import Answer
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import Results, loopback_config
 
@@ -66,6 +67,11 @@ class Endpoint:
     answer: Callable[[int], int] = lambda n: 200
     too_large: Callable[[bytes], bool] = lambda body: False
     """Whether a request's body is more than the endpoint takes: it answers 413 then."""
+    unread_over: int | None = None
+    """A Content-Length over which the endpoint answers ``early`` at once, before reading
+    the body, and closes the connection, as servers with a size limit do."""
+    early: int = 413
+    refused_unread: int = 0
     requests: list[Request] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
@@ -93,7 +99,17 @@ def endpoint() -> Iterator[Endpoint]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+            length = int(self.headers["Content-Length"])
+            if ep.unread_over is not None and length > ep.unread_over:
+                with ep.cond:
+                    ep.refused_unread += 1
+                self.send_response(ep.early)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                return
+            body = self.rfile.read(length)
             with lock:
                 n, seen[0] = seen[0], seen[0] + 1
             status = 413 if ep.too_large(body) else ep.answer(n)
@@ -720,6 +736,46 @@ def test_a_413_shrinks_the_batch_and_an_event_too_large_alone_is_given_up(
     assert metrics.hook_events_sent == 7
     given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
     assert len(given_up) == 1 and f"event {ids['big@example.org']}" in given_up[0]
+
+
+UNREAD = 16 << 20
+"""A body far larger than the sockets' buffers: the endpoint closes while it is sent."""
+
+
+def test_a_413_the_endpoint_sends_before_reading_the_body_is_a_413(endpoint: Endpoint) -> None:
+    """A server with a size limit answers 413 as soon as it reads the Content-Length, and
+    closes the connection without reading the body; writing the rest of it then fails
+    (broken pipe, reset). post() gave that error, not the 413, so the sender never sent
+    fewer events at once: the same batch went again and again, and none after it."""
+    endpoint.unread_over = 1 << 20
+    failure = post(endpoint.url, b"x" * UNREAD, {}, timeout=10.0)
+    assert isinstance(failure, HTTPFailure) and failure.status == 413, failure
+    assert endpoint.refused_unread == 1
+
+
+def test_a_413_before_the_whole_body_was_read_is_a_413_over_tls_too(
+    https_server: Any, tls_ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The TLS socket fails the write as SSLEOFError; the answer is still there to read.
+    pem = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    server = https_server(names=("localhost",))
+    server.routes["/h"] = Answer(status=413)  # it reads 10 MB of a body at most
+    failure = post(f"https://localhost:{server.port}/h", b"x" * 2 * UNREAD, {}, timeout=10.0)
+    assert isinstance(failure, HTTPFailure) and failure.status == 413, failure
+    server.routes["/h"] = Answer(status=200)
+    failure = post(f"https://localhost:{server.port}/h", b"x" * 2 * UNREAD, {}, timeout=10.0)
+    assert failure is not None and not isinstance(failure, HTTPFailure)
+
+
+def test_a_2xx_before_the_body_was_read_is_no_sent_batch(endpoint: Endpoint) -> None:
+    # An answer to a body the endpoint never read whole cannot say it took the batch.
+    endpoint.unread_over = 1 << 20
+    endpoint.early = 200
+    failure = post(endpoint.url, b"x" * UNREAD, {}, timeout=10.0)
+    assert failure is not None and not isinstance(failure, HTTPFailure)
+    assert endpoint.refused_unread == 1
 
 
 def _run_sender(

@@ -20,6 +20,7 @@ import functools
 import http.client
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -112,7 +113,16 @@ class _Deadline:
 
 
 class _DeadlineConnection(http.client.HTTPConnection):
-    """An HTTP connection whose socket comes from a :class:`_Deadline`."""
+    """An HTTP connection whose socket comes from a :class:`_Deadline`, and which reads
+    the endpoint's answer even when the endpoint closed before taking the whole request.
+
+    A server with a size limit answers 413 as soon as it has read the Content-Length and
+    closes without reading the body; writing the rest of it then fails (a broken pipe, a
+    reset). http.client raised that error and never read the answer, so the sender saw a
+    failure like any other and sent the same batch again, for ever, instead of sending
+    fewer events at once. The rest of the request is dropped instead, and the answer read:
+    one that is not 2xx is the endpoint's word; a 2xx (or none) is the write's error, since
+    an endpoint that did not read the whole body cannot have taken the batch."""
 
     def __init__(self, host: str, *, deadline: _Deadline, **kwargs: Any) -> None:
         super().__init__(host, **kwargs)
@@ -120,6 +130,29 @@ class _DeadlineConnection(http.client.HTTPConnection):
         # instance by HTTPConnection.__init__.
         self._create_connection = self._open_socket
         self._deadline = deadline
+        self._cut_short: OSError | None = None
+        """Why the endpoint did not take the whole request, once writing it failed."""
+
+    def send(self, data: Any) -> None:
+        if self._cut_short is not None:
+            return  # the endpoint closed: the rest of the request goes nowhere
+        try:
+            super().send(data)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
+            self._cut_short = exc
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        cut_short = self._cut_short
+        if cut_short is None:
+            return super().getresponse()
+        try:
+            response = super().getresponse()
+        except (OSError, http.client.HTTPException):
+            raise cut_short from None
+        if 200 <= response.status < 300:
+            response.close()
+            raise cut_short
+        return response
 
     def _open_socket(
         self,
