@@ -4,6 +4,7 @@ reading in id order, pruning."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from mailstrom.status import AttemptOutcome, RecipientState
@@ -125,6 +126,32 @@ def test_lease_ack_release_and_expiry(store: Store) -> None:
     # Reading sees sent and unsent events alike.
     assert len(store.read_events(limit=100)) == 5
     assert len(store.read_events(after=ids[1], limit=2)) == 2
+
+
+def test_ack_and_release_touch_only_the_events_of_the_batch_given(store: Store) -> None:
+    """``ack_events`` marks "the batch's events" sent: a sender whose endpoint took only
+    the first events of a lease acknowledges those (a batch of them, under the lease's
+    token). SQLite and PostgreSQL marked every event under the token sent, those never
+    sent too, which no lease then gave out again: lost. The memory store marked only
+    those given; so do all now, and ``release_events`` gives back only those given."""
+    store.enable_events()
+    for i in range(4):
+        store.enqueue(message(f"u{i}@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    batch = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert batch is not None and len(batch.events) == 4
+    taken = dataclasses.replace(batch, events=batch.events[:2])
+    assert store.ack_events(taken, now=NOW) == 2
+    released = dataclasses.replace(batch, events=batch.events[2:3])
+    store.release_events(released)
+    again = store.lease_events(now=NOW, limit=10, lease_for=LEASE_FOR)
+    assert again is not None
+    assert [e.id for e in again.events] == [batch.events[2].id]
+    # The last one is still under the first lease, and acknowledged by it.
+    assert store.ack_events(batch, now=NOW) == 1
+    assert store.ack_events(again, now=NOW) == 1
+    later = NOW + LEASE_FOR * 2
+    assert store.lease_events(now=later, limit=10, lease_for=LEASE_FOR) is None
 
 
 def test_prune_removes_only_old_acknowledged_events(store: Store) -> None:

@@ -705,11 +705,14 @@ class Store(Protocol):
 
     def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
         """Mark the batch's events sent (those still under its lease); returns how many.
-        Acknowledged events are never leased again."""
+        Acknowledged events are never leased again. Only the events in ``batch.events``:
+        a batch of some of a lease's events (``dataclasses.replace(batch, events=...)``)
+        acknowledges those, and the others stay under the lease."""
         ...
 
     def release_events(self, batch: EventBatch) -> None:
-        """Give the batch's unacknowledged events back at once (a failed send)."""
+        """Give the batch's unacknowledged events back at once (a failed send); only those
+        in ``batch.events``, as :meth:`ack_events`."""
         ...
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:

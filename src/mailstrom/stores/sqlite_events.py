@@ -8,6 +8,7 @@ count, reply, and the reason class when the record path writes one).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -151,21 +152,28 @@ def lease_event_rows(
 
 
 def ack_event_rows(conn: sqlite3.Connection, batch: EventBatch, *, now: datetime) -> int:
-    """Mark the batch's events sent, those it still holds."""
+    """Mark the batch's events sent, those it still holds: only those in ``batch.events``,
+    not every event under its token (a sender may acknowledge part of a lease)."""
     return int(
         conn.execute(
             "UPDATE events SET sent_at = ?, lease_token = NULL, lease_expires_at = NULL"
-            " WHERE lease_token = ?",
-            (to_us(now), batch.token),
+            " WHERE lease_token = ? AND id IN (SELECT value FROM json_each(?))",
+            (to_us(now), batch.token, _ids_json(batch)),
         ).rowcount
     )
 
 
 def release_event_rows(conn: sqlite3.Connection, batch: EventBatch) -> None:
+    """Give back the batch's events it still holds (those in ``batch.events``)."""
     conn.execute(
-        "UPDATE events SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = ?",
-        (batch.token,),
+        "UPDATE events SET lease_token = NULL, lease_expires_at = NULL"
+        " WHERE lease_token = ? AND id IN (SELECT value FROM json_each(?))",
+        (batch.token, _ids_json(batch)),
     )
+
+
+def _ids_json(batch: EventBatch) -> str:
+    return json.dumps([event.id for event in batch.events])
 
 
 def read_event_rows(conn: sqlite3.Connection, *, after: int, limit: int) -> list[DeliveryEvent]:

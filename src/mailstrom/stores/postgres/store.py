@@ -971,12 +971,14 @@ class PostgresStore:
 
     def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
         """Mark the batch's events sent (those it still holds)."""
-        [(count,)] = self._fetch("ack_events", {"token": batch.token, "now": now})
+        ids = [event.id for event in batch.events]
+        [(count,)] = self._fetch("ack_events", {"token": batch.token, "ids": ids, "now": now})
         return int(count)
 
     def release_events(self, batch: EventBatch) -> None:
         """Give the batch's unacknowledged events back at once."""
-        self._fetch("release_events", {"token": batch.token})
+        ids = [event.id for event in batch.events]
+        self._fetch("release_events", {"token": batch.token, "ids": ids})
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Events with an id above ``after``, oldest first."""

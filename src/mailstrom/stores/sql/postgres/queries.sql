@@ -792,10 +792,11 @@ WITH skipped AS (
 SELECT count(*) FROM skipped;
 
 -- name: ack_events
+-- The batch's events only (ids): a sender may acknowledge part of what it leased.
 WITH acked AS (
     UPDATE events
     SET sent_at = %(now)s, lease_token = NULL, lease_expires_at = NULL
-    WHERE lease_token = %(token)s
+    WHERE lease_token = %(token)s AND id = ANY(%(ids)s::bigint[])
     RETURNING 1
 )
 SELECT count(*) FROM acked;
@@ -803,7 +804,7 @@ SELECT count(*) FROM acked;
 -- name: release_events
 WITH released AS (
     UPDATE events SET lease_token = NULL, lease_expires_at = NULL
-    WHERE lease_token = %(token)s
+    WHERE lease_token = %(token)s AND id = ANY(%(ids)s::bigint[])
     RETURNING 1
 )
 SELECT count(*) FROM released;
