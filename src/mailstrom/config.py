@@ -839,7 +839,9 @@ class Config:
                 raise ConfigError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
 
     def _check_lanes(self) -> None:
-        lanes = tuple(self.lanes)
+        given = self.lanes
+        # One Lane alone (or None) is no sequence of them: tuple() raised a TypeError.
+        lanes = tuple(given) if isinstance(given, Iterable) else ()
         if not lanes or not all(isinstance(lane, Lane) for lane in lanes):
             raise ConfigError("lanes: expected one or more Lane values")
         names = [lane.name for lane in lanes]

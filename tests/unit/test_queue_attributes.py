@@ -222,6 +222,14 @@ def test_lane_configuration_is_checked() -> None:
     assert Config(lanes=(Lane(name="a"),), default_priority="a").lane_names == ("a",)
 
 
+@pytest.mark.parametrize("lanes", [None, 5, Lane(name="a"), "a", b"a"])
+def test_lanes_that_are_no_sequence_of_lanes_are_a_config_error(lanes: object) -> None:
+    # One Lane given alone, or None, raised a bare TypeError ("not iterable") from
+    # Config's own check, where every other wrong value raises ConfigError.
+    with pytest.raises(ConfigError, match="lanes"):
+        Config(lanes=lanes, default_priority="a")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", ["café", "ünits", "日本"])
 def test_a_tag_or_key_of_other_letters_is_refused_saying_ascii(name: str) -> None:
     """Tags and metadata keys take ASCII letters only (they travel in URLs, CSV files and
