@@ -201,6 +201,42 @@ def test_the_exporter_refuses_a_top_domains_that_is_not_a_count(top_domains: Any
     assert MailstromCollector(snapshot, top_domains=0) is not None  # a count: all are other
 
 
+async def test_the_exporter_takes_an_async_facades_metrics_as_the_guide_shows() -> None:
+    """docs/guide.md exports ``MailstromCollector(ms.metrics)``; with an AsyncMailstrom,
+    ``metrics`` is a coroutine function: each scrape got a coroutine (never awaited) and
+    failed with "AttributeError: 'coroutine' object has no attribute 'worker'"."""
+    from prometheus_client import CollectorRegistry
+
+    from mailstrom import AsyncMailstrom
+    from mailstrom.ops.exporter import MailstromCollector
+
+    config = Config(helo_name="mail.example.com")
+    async with AsyncMailstrom(config, store=MemoryStore(), worker="task") as ms:
+        later = datetime.now(UTC) + timedelta(days=1)  # queued, not attempted
+        email = Email(from_="app@sender.test", to=["bob@example.org"], text="x")
+        await ms.send_email(email, send_at=later)
+        registry = CollectorRegistry()
+        registry.register(MailstromCollector(ms.metrics))
+        assert registry.get_sample_value("mailstrom_worker_up") == 1
+        assert registry.get_sample_value("mailstrom_queue_messages") == 1
+
+
+def test_the_exporter_refuses_a_snapshot_it_cannot_call() -> None:
+    """Any other coroutine function (or what cannot be called) failed each scrape, not
+    where it was given."""
+    from mailstrom.errors import InvalidArgument
+    from mailstrom.ops.exporter import MailstromCollector
+    from mailstrom.status import MetricsSnapshot, WorkerStatus
+
+    async def snapshot() -> MetricsSnapshot:
+        return MetricsSnapshot(worker=WorkerStatus(running=False))
+
+    for bad in (snapshot, None, "metrics"):
+        with pytest.raises(InvalidArgument, match="snapshot") as raised:
+            MailstromCollector(bad)  # type: ignore[arg-type]
+        assert raised.value.argument == "snapshot"
+
+
 def test_configured_domains_count_recipients_as_the_store_spells_their_domain() -> None:
     """``metrics_domains`` were only lower-cased, while a recipient's domain is stored as
     an A-label without a final dot: a domain configured as ``Bücher.Example`` (or

@@ -17,6 +17,7 @@ Every label has a bounded set of values (see ``docs/guide.md``, "Metrics and hea
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from mailstrom._version import __version__
-from mailstrom.arguments import check_limit
+from mailstrom.arguments import check_limit, shown
+from mailstrom.errors import InvalidArgument
 from mailstrom.runtime.metrics import OTHER
 from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
 
@@ -47,7 +49,10 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -
 
 
 class MailstromCollector(Collector):
-    """Metric families from ``snapshot()``, called once per scrape.
+    """Metric families from ``snapshot()``, called once per scrape: a facade's
+    ``metrics``, an :class:`~mailstrom.AsyncMailstrom`'s too (a scrape takes its reading
+    without awaiting it); :class:`~mailstrom.errors.InvalidArgument` for what cannot be
+    called, or another coroutine function.
 
     ``top_domains``: how many destination domains the pending-queue gauge names (an
     ``int`` from 0; :class:`~mailstrom.errors.InvalidArgument` otherwise).
@@ -56,7 +61,7 @@ class MailstromCollector(Collector):
     def __init__(
         self, snapshot: Callable[[], MetricsSnapshot], *, top_domains: int = TOP_DOMAINS
     ) -> None:
-        self._snapshot = snapshot
+        self._snapshot = plain_snapshot(snapshot)
         # Checked here, where the value enters: it is only sliced with at scrape time,
         # where a negative one quietly named the wrong domains and a float failed every
         # scrape.
@@ -241,6 +246,28 @@ class MailstromCollector(Collector):
                 "When the queue counts were read from the store (Unix time)",
                 value=snap.queue_read_at.timestamp(),
             )
+
+
+def plain_snapshot(snapshot: object) -> Callable[[], MetricsSnapshot]:
+    """``snapshot`` as a scrape calls it: once, without awaiting. An AsyncMailstrom's
+    ``metrics`` is a coroutine function: each scrape got a coroutine, never awaited, and
+    failed with an AttributeError. It only awaits its facade's blocking reading in a
+    thread (thread-safe, as a Mailstrom's ``metrics`` is), which a scrape takes itself."""
+    if inspect.iscoroutinefunction(snapshot):
+        reading = getattr(getattr(snapshot, "__self__", None), "_metrics_snapshot", None)
+        if callable(reading) and not inspect.iscoroutinefunction(reading):
+            return reading  # type: ignore[no-any-return]
+        raise InvalidArgument(
+            f"snapshot: a coroutine function is called by each scrape, never awaited; pass a "
+            f"plain function returning a MetricsSnapshot, got {shown(snapshot)}",
+            argument="snapshot",
+        )
+    if not callable(snapshot):
+        raise InvalidArgument(
+            f"snapshot: expected a function returning a MetricsSnapshot, got {shown(snapshot)}",
+            argument="snapshot",
+        )
+    return snapshot
 
 
 class StoreWaitCollector(Collector):
