@@ -307,7 +307,10 @@ class MessageStatus:
         """The status of ``address`` (domain compared case-insensitively; a U-label
         domain, ``bob@bücher.example``, finds the A-label form the envelope holds, and a
         local part is taken as the envelope writes it: in Unicode NFC, a role name such as
-        ``Postmaster`` in lower case, needless quotes dropped)."""
+        ``Postmaster`` in lower case, needless quotes dropped). KeyError for an address
+        not among them, and for what is no string (None, bytes), which names none."""
+        if not isinstance(address, str):
+            raise KeyError(address)
         # Imported here: this module needs only the standard library to load.
         from mailstrom.stores.operator import filter_address
 

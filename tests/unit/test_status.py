@@ -77,3 +77,20 @@ def test_a_recipient_is_found_by_the_local_part_it_was_sent_to(written: str, sto
         status = ms.query_status(ms.send_email(email))
     assert [r.address for r in status.recipients] == [stored]
     assert status.recipient(written) is status.recipient(stored) is status.recipients[0]
+
+
+@pytest.mark.parametrize("address", [None, 5, b"bob@example.org", ["bob@example.org"]])
+def test_looking_up_what_is_no_address_is_a_key_error(address: object) -> None:
+    # What is no string names no recipient: it raised an AttributeError ("'NoneType'
+    # object has no attribute 'rpartition'") or a TypeError (bytes), where the lookup of
+    # an address not among the recipients raises KeyError.
+    status = MessageStatus(
+        id="m1",
+        state=Q,
+        envelope_from="app@example.com",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        size=1,
+        recipients=(RecipientStatus(address="bob@example.org", state=Q),),
+    )
+    with pytest.raises(KeyError):
+        status.recipient(address)  # type: ignore[arg-type]
