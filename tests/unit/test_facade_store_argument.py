@@ -132,6 +132,26 @@ def test_a_path_a_url_would_change_is_refused(workdir: Path, name: str) -> None:
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["a?b.db", "q#1.db", "file:q.db", "queue?mode=ro"])
+def test_a_path_object_is_the_file_it_names_whatever_it_holds(workdir: Path, name: str) -> None:
+    """A path object is no URL: the facade made one of it, and ``Path("a?b.db")`` was
+    refused as a URL with parameters ("a file whose name holds '?' is a plain path"), and
+    ``Path("file:q.db")`` as a SQLite URI, though the string ``"a?b.db"`` opened that
+    file."""
+    with Mailstrom(CONFIG, store=Path(name), worker=None) as ms:
+        mid = ms.send_email(hello())
+    assert (workdir / name).is_file()
+    assert_closed(ms.store, workdir)
+    with closing(SQLiteStore(workdir / name)) as reopened:
+        assert [m.id for m in reopened.recent()] == [mid]
+
+
+def test_a_path_object_with_a_nul_is_refused(workdir: Path) -> None:
+    with pytest.raises(InvalidStoreURL, match="NUL"):
+        Mailstrom(CONFIG, store=Path("q.db\0"), worker=None)
+    assert list(workdir.iterdir()) == []
+
+
 def test_a_store_the_facade_opened_is_closed_when_construction_fails(workdir: Path) -> None:
     """A bad ``worker`` is found after the store is open: nobody could stop this facade."""
     for facade in (Mailstrom, AsyncMailstrom):

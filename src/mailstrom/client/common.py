@@ -79,14 +79,14 @@ def facade_store(store: StoreArgument) -> tuple[Store, bool]:
     at an ``os.PathLike`` path (whatever its suffix: a path object cannot be a URL). A
     :class:`Store` passed in stays its caller's, open after stop.
     """
-    from mailstrom.stores.url import open_store
+    from mailstrom.stores.url import open_sqlite, open_store
 
     if store is None:
         return default_store(), True
     if isinstance(store, str):
         return open_store(store), True
     if isinstance(store, os.PathLike):
-        return open_store(sqlite_url(store)), True
+        return open_sqlite(sqlite_path(store)), True
     if not isinstance(store, Store):
         # Taken for a store, it made a facade (a worker thread's, for want of a URL)
         # whose every call failed with an AttributeError ("'bytes' object has no
@@ -99,17 +99,21 @@ def facade_store(store: StoreArgument) -> tuple[Store, bool]:
     return store, False
 
 
-def sqlite_url(path: os.PathLike[str]) -> str:
-    """The store URL of the SQLite file at ``path``: ``sqlite:///`` and the path, so an
-    absolute path gets the four slashes (``sqlite:////var/lib/app/mail.db``).
+def sqlite_path(path: os.PathLike[str]) -> str:
+    """The SQLite file at ``path``, made absolute, and never read as a store URL: made
+    into one (``sqlite:///`` and the path), a name holding ``?`` was refused as a URL with
+    parameters, and one beginning with ``file:`` as a SQLite URI.
 
-    InvalidStoreURL for a path beginning or ending in whitespace, which a store URL
-    cannot keep (its surrounding whitespace is stripped): it would name another file.
+    InvalidStoreURL for a path holding NUL (no file's name does), or beginning or ending
+    in whitespace: the same path as a store URL (whose whitespace is stripped) or in a
+    configuration file names another file.
     """
     text = os.fsdecode(path)
+    if "\0" in text:
+        raise InvalidStoreURL(f"SQLite path with a NUL character: {shorten(text)}")
     if text != text.strip():
         raise InvalidStoreURL(f"SQLite path begins or ends with whitespace: {shorten(text)}")
-    return "sqlite:///" + text
+    return os.path.abspath(text)
 
 
 def _new_locks_after_fork() -> None:

@@ -280,13 +280,19 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
         return MemoryStore()
     if parsed.kind is StoreKind.SQLITE:
-        from mailstrom.stores.sqlite import SQLiteStore
-
-        if not read_only and _is_default_path(parsed.target):
-            make_private_parents(parsed.target)
-        return SQLiteStore(parsed.target, read_only=read_only)
+        return open_sqlite(parsed.target, read_only=read_only)
     store: Store = postgres_module().PostgresStore(parsed.target)
     return store
+
+
+def open_sqlite(path: str, *, read_only: bool = False) -> Store:
+    """The SQLite store in the file at ``path``, a path as it is (what a ``sqlite:`` URL or
+    a path object names), the directories of this user's default store created first."""
+    from mailstrom.stores.sqlite import SQLiteStore
+
+    if not read_only and _is_default_path(path):
+        make_private_parents(path)
+    return SQLiteStore(path, read_only=read_only)
 
 
 POSTGRES_EXTRA = "pip install 'mailstrom[postgres]' (or 'mailstrom[postgres-binary]')"
