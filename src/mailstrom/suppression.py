@@ -118,6 +118,14 @@ def normalize_target(text: str) -> str:
         # No domain name holds one (RFC 1035 §2.3.1), and a CSV row whose first cell
         # starts with "#" and is no target is a comment (suppression_csv): "###" is one.
         raise InvalidSuppression(f"not an address or a domain: {target!r}")
+    if "*" in domain:
+        # Entries are found by a recipient's own address and domain, and no recipient's
+        # domain holds a "*": "*.example.com" (a wildcard as tls_domains and shaping
+        # rules write one) was listed and suppressed nobody.
+        raise InvalidSuppression(
+            f"no wildcards: {target!r} (an entry is one address or one domain, "
+            "e.g. example.com; suppress each domain)"
+        )
     if "@" in local:
         raise InvalidSuppression(f"more than one @: {target!r}")
     if not domain.isascii():
@@ -142,11 +150,25 @@ def stored_forms(text: str) -> list[str]:
     >>> stored_forms("bob@Bücher.example")
     ['bob@xn--bcher-kva.example', 'bob@bücher.example']
     """
-    target = normalize_target(text)
+    try:
+        target = normalize_target(text)
+    except InvalidSuppression:
+        # A wildcard, which earlier builds took (such an entry never applied): its
+        # lower-cased form as given, so that it can be removed.
+        if isinstance(text, str) and "*" in text.rpartition("@")[2]:
+            return [_typed(text)]
+        raise
+    typed = _typed(text)
+    return [target] if typed == target else [target, typed]
+
+
+def _typed(text: str) -> str:
+    """``text`` stripped, lower-cased and out of its angle brackets, as earlier builds
+    stored a target."""
     typed = text.strip().lower()
     if typed.startswith("<") and typed.endswith(">"):
         typed = typed[1:-1].strip()
-    return [target] if typed == target else [target, typed]
+    return typed
 
 
 def domain_of_target(address: str) -> str:

@@ -306,6 +306,27 @@ def test_no_domain_holds_a_hash(text: str) -> None:
         normalize_target(text)
 
 
+@pytest.mark.parametrize("text", ["*.example.com", "bob@*.example.com", "*", "mail.*.example"])
+def test_a_wildcard_is_refused_not_listed_as_an_entry_that_never_applies(text: str) -> None:
+    """Entries are found by the recipient's own address and domain: ``*.example.com`` (the
+    form of a wildcard in ``tls_domains`` and shaping rules) was taken and listed, and
+    suppressed nothing, neither ``bob@mail.example.com`` nor any other recipient (none
+    has such a domain: ``bob@*.example.com`` is no address)."""
+    from mailstrom import Mailstrom
+    from mailstrom.stores import MemoryStore
+
+    ms = Mailstrom(Config(helo_name="mail.example.com"), store=MemoryStore(), worker=None)
+    with pytest.raises(InvalidSuppression, match=r"\*"):
+        ms.suppress(text)
+    assert ms.suppressions() == []
+    with pytest.raises(InvalidSuppression):
+        parse_csv(f"{text},by hand\n", now=NOW)
+    # One an earlier version took can still be taken off the list.
+    ms.store.suppress([entry(text)])
+    assert ms.unsuppress(text.upper()) is True
+    assert ms.suppressions() == []
+
+
 def test_import_with_a_header_in_another_order() -> None:
     [e] = parse_csv("reply,target\nby hand,bob@example.org\n", now=NOW)
     assert (e.target, e.reply) == ("bob@example.org", "by hand")
