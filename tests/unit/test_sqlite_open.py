@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import timedelta
@@ -238,6 +239,27 @@ def test_a_replaced_database_file_is_corrupt(db: Path, tmp_path: Path) -> None:
             store.stats()
     finally:
         store.close()
+
+
+def test_a_new_store_opens_while_another_process_makes_it_wal(db: Path) -> None:
+    """Several processes opening a new store at once (`mailstrom workers`, an application's
+    processes starting): one that found the file in rollback mode while another held its
+    write lock to make it WAL got SQLite's "database is locked" at once, without its busy
+    handler (a lock upgrade it may not wait for), and failed in a few milliseconds with
+    StoreLocked saying it had waited busy_timeout (6-process races: 2 failures in 40)."""
+    db.touch()  # made by the other process, which now turns it into a WAL database
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    done = threading.Timer(0.2, lambda: other.execute("ROLLBACK"))
+    done.start()
+    try:
+        store = SQLiteStore(db, busy_timeout=30)
+        store.enqueue(message(), now=NOW)
+        assert store.stats().messages == 1
+        store.close()
+    finally:
+        done.join()
+        other.close()
 
 
 # --- read-only -----------------------------------------------------------------------------

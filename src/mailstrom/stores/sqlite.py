@@ -358,6 +358,34 @@ def _newer_schema(version: int, path: str, latest: int, *, while_open: bool = Fa
     )
 
 
+_WAL_RETRY_PAUSE = 0.002
+"""Seconds between two tries to make a new database WAL (see :func:`_make_wal`)."""
+
+
+def _make_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again until ``deadline`` while it finds the
+    database locked.
+
+    A new file is in rollback mode until one of the processes opening it at once makes it
+    WAL, which takes its write lock. Another process asking meanwhile holds the shared
+    lock and wants the write lock too: SQLite answers "database is locked" at once rather
+    than let two lock upgrades wait for each other, and never calls the busy handler, so
+    ``busy_timeout`` did not apply and the open failed (StoreLocked after a few
+    milliseconds, saying it had waited ``busy_timeout``). Tried again, it finds the file
+    WAL already (a no-op) or makes it so."""
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if not isinstance(code, int) or code & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            if _left(deadline) <= 0:
+                raise
+        time.sleep(min(_WAL_RETRY_PAUSE, _left(deadline)))
+
+
 def _insert(conn: sqlite3.Connection, request: _Enqueue) -> list[str]:
     return insert_messages(conn, request.messages, now=request.now, hold=request.hold)
 
@@ -502,7 +530,7 @@ class SQLiteStore:
             # and send_email's latency is the product.
             conn.execute("PRAGMA page_size=4096")
             # Persistent in the file; must run outside a transaction.
-            conn.execute("PRAGMA journal_mode=WAL")
+            _make_wal(conn, time.monotonic() + self._busy_timeout)
             if version != latest:
                 # Only then: migrating takes the write lock, and opening a current store
                 # must not wait for (nor fail behind) another process's long write.
