@@ -25,6 +25,7 @@ import pytest
 
 from mailstrom import RecipientState
 from mailstrom.stores import SQLiteStore
+from mailstrom.stores.sqlite_schema import migrations
 from mailstrom.testing.smtp import ReceivedMessage
 from tests.cli.conftest import CLI, MailEnv, Result
 from tests.cli.test_errors import assert_one_line_error
@@ -230,3 +231,78 @@ def test_a_really_full_disk(cli: CLI) -> None:
     assert [m["id"] for m in queue.json()] == [mid]
     freed = Result(*report["freed"])
     assert freed.code == 0, freed.err
+
+
+MIGRATE_ON_A_FULL_TMPFS = textwrap.dedent(
+    """
+    import json, os, sqlite3, subprocess, sys
+    from mailstrom.stores.sqlite_schema import migrations, _statements
+
+    disk = sys.argv[1]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], check=True)
+    os.chdir(disk)
+    # A queue of an older mailstrom (schema 8), which a worker still running has open:
+    # its -wal and -shm are there, with no room for the migration's pages.
+    old = sqlite3.connect("queue.db", isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    for number, script in migrations()[:8]:
+        old.execute("BEGIN")
+        for statement in _statements(script):
+            old.execute(statement)
+        old.execute(f"PRAGMA user_version = {number}")
+        old.execute("COMMIT")
+    old.execute("SELECT * FROM sqlite_master").fetchall()
+    filler = os.open("filler", os.O_WRONLY | os.O_CREAT)
+    for size in (4096, 1):
+        try:
+            while os.write(filler, bytes(size)):
+                pass
+        except OSError:  # ENOSPC: not a byte left
+            pass
+    os.close(filler)
+
+    def migrate():
+        done = subprocess.run(
+            [sys.executable, "-m", "mailstrom", "db", "migrate", "--store", "queue.db"],
+            capture_output=True,
+        )
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    full = migrate()
+    version_then = old.execute("PRAGMA user_version").fetchone()[0]
+    os.remove("filler")
+    freed = migrate()
+    check = old.execute("PRAGMA integrity_check").fetchone()[0]
+    print(json.dumps({"full": full, "version_then": version_then, "freed": freed, "check": check}))
+    """
+)
+
+
+@needs_mount_namespace
+def test_a_migration_on_a_really_full_disk_says_the_disk_is_full(cli: CLI) -> None:
+    """A migration whose COMMIT finds no room for the WAL: SQLite rolls the transaction
+    back itself, and the migration's ROLLBACK then failed ("cannot rollback - no
+    transaction is active"), which was all `mailstrom db migrate` (or a starting worker)
+    said. It says the disk is full; nothing of the migration is kept, and it completes
+    once space is freed."""
+    disk = cli.cwd / "disk"
+    disk.mkdir()
+    proc = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private"),
+            *(sys.executable, "-c", MIGRATE_ON_A_FULL_TMPFS, str(disk)),
+        ],
+        cwd=cli.cwd,
+        env=cli.env | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    report = json.loads(proc.stdout)
+    assert_one_line_error(Result(*report["full"]), 75, "disk", "full", "free space")
+    assert report["version_then"] == 8
+    freed = Result(*report["freed"])
+    assert freed.code == 0, freed.err
+    assert freed.out.strip().endswith(f"schema version {migrations()[-1][0]}")
+    assert report["check"] == "ok"

@@ -190,7 +190,12 @@ def migrate(conn: sqlite3.Connection) -> int:
                 version = number
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # The failure is what the caller must see: a COMMIT that found no room for the
+        # WAL was rolled back by SQLite already, and the ROLLBACK's "no transaction is
+        # active" hid the full disk.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
     return int(version)
 
