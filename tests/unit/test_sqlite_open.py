@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -302,6 +304,60 @@ def test_read_only_opening_writes_nothing(db: Path) -> None:
     finally:
         store.close()
     assert (db.read_bytes(), db.stat().st_mtime_ns) == before
+
+
+def test_read_only_reads_a_store_in_a_directory_it_may_not_write() -> None:
+    """A user who may read the queue but not write its directory (a monitoring account,
+    the dashboard's user in the queue's group) and a store closed cleanly (no -wal file):
+    SQLite cannot make the -shm file and says SQLITE_READONLY_DIRECTORY ("attempt to
+    write a readonly database"), which only a read-only mount's SQLITE_CANTOPEN was taken
+    for, so every view failed where it reads the file as it is on a read-only mount."""
+    # Not under tmp_path, whose parent only its owner may search: another user's test.
+    folder = Path(tempfile.mkdtemp(prefix="mailstrom-spool-"))
+    try:
+        _read_only_in(folder)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def _read_only_in(folder: Path) -> None:
+    db = folder / "queue.db"
+    store = SQLiteStore(db)
+    mid = store.enqueue(message(), now=NOW)
+    store.close()
+    assert not Path(f"{db}-wal").exists()
+    warm = SQLiteStore(db, read_only=True)  # imports what the child needs, as root too
+    assert warm.status(mid).id == mid and warm.stats().messages == 1
+    warm.close()
+    assert Path(f"{db}-wal").stat().st_size == 0  # left by that read, empty: closed cleanly
+    for left in (f"{db}-wal", f"{db}-shm"):
+        os.unlink(left)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the user who may not write the directory
+        said = "?"
+        try:
+            if os.geteuid() == 0:  # root writes any directory: be nobody
+                for path in (folder, *folder.iterdir()):
+                    os.chown(path, 65534, 65534)
+                os.setgid(65534)
+                os.setuid(65534)
+            folder.chmod(0o555)
+            reader = SQLiteStore(db, read_only=True)
+            said = f"{reader.status(mid).id} {reader.stats().messages}"
+            reader.close()
+        except BaseException as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write, said.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        said = answer.read().decode()
+    os.waitpid(pid, 0)
+    assert said == f"{mid} 1"
+    assert sorted(p.name for p in folder.iterdir()) == ["queue.db", "queue.db-lock"]
 
 
 def test_read_only_does_not_create_or_migrate(db: Path) -> None:

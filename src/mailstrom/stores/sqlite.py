@@ -49,7 +49,8 @@ from then on), and a database file deleted or replaced while the store has it op
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
 exist (the last writer closed cleanly) cannot be opened ``mode=ro`` where SQLite may not
-create its ``-shm`` file, nor where a full disk has no room for it; it is then opened
+create its ``-shm`` file (a read-only mount, a directory the user may not write), nor
+where a full disk has no room for it; it is then opened
 ``immutable=1``, which is exact because without a ``-wal`` file (or with an empty one) the
 main file holds every committed transaction.
 """
@@ -256,11 +257,15 @@ def _disk_full(code: object, path: str) -> bool:
 
 def _no_shm(exc: sqlite3.Error) -> bool:
     """Whether opening failed for want of the ``-shm`` file: it cannot be created (a
-    read-only mount: SQLITE_CANTOPEN) or grown (a full disk: SQLITE_IOERR_SHMSIZE)."""
+    read-only mount: SQLITE_CANTOPEN; a directory this user may not write:
+    SQLITE_READONLY_DIRECTORY) or grown (a full disk: SQLITE_IOERR_SHMSIZE)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if not isinstance(code, int):
         return False
-    return code & 0xFF == sqlite3.SQLITE_CANTOPEN or code == sqlite3.SQLITE_IOERR_SHMSIZE
+    return code & 0xFF == sqlite3.SQLITE_CANTOPEN or code in (
+        sqlite3.SQLITE_IOERR_SHMSIZE,
+        sqlite3.SQLITE_READONLY_DIRECTORY,
+    )
 
 
 def _wal_holds_frames(path: str) -> bool:
