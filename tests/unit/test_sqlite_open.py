@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -333,20 +333,66 @@ def _read_only_in(folder: Path) -> None:
     assert Path(f"{db}-wal").stat().st_size == 0  # left by that read, empty: closed cleanly
     for left in (f"{db}-wal", f"{db}-shm"):
         os.unlink(left)
+
+    def read() -> str:
+        reader = SQLiteStore(db, read_only=True)
+        try:
+            return f"{reader.status(mid).id} {reader.stats().messages}"
+        finally:
+            reader.close()
+
+    assert _as_another_user(folder, 0o555, read) == f"{mid} 1"
+    assert sorted(p.name for p in folder.iterdir()) == ["queue.db", "queue.db-lock"]
+
+
+@pytest.mark.parametrize(
+    ("folder_mode", "file_mode", "named"),
+    [(0o555, 0o600, "may not create files in {folder}"), (0o755, 0o000, "may not read {db}")],
+    ids=["directory", "file"],
+)
+def test_a_store_its_user_may_not_write_says_why(
+    folder_mode: int, file_mode: int, named: str
+) -> None:
+    """A queue whose directory its user may not write (SQLite cannot make the -wal file
+    there) or whose file it may not read (another user's 0600 file): the store said
+    "attempt to write a readonly database" or "unable to open database file", which
+    names neither what is wrong nor where."""
+    folder = Path(tempfile.mkdtemp(prefix="mailstrom-spool-"))
+    try:
+        db = folder / "queue.db"
+        SQLiteStore(db).close()
+        db.chmod(file_mode)
+
+        def open_it() -> str:
+            SQLiteStore(db).close()
+            return "opened"
+
+        said = _as_another_user(folder, folder_mode, open_it)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    assert said.startswith("StoreError: ")
+    assert named.format(folder=folder, db=db) in said
+
+
+def _as_another_user(folder: Path, mode: int, action: Callable[[], str]) -> str:
+    """What ``action`` returns (or raises, as "Type: message") in a forked process of a
+    user who owns ``folder`` and its files, ``folder`` being given ``mode``: nobody's
+    when run as root (who may write any directory), the test's own otherwise. Whatever
+    ``action`` imports must have been imported already (root's Python may be out of
+    nobody's reach)."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the user who may not write the directory
+    if pid == 0:
         said = "?"
         try:
-            if os.geteuid() == 0:  # root writes any directory: be nobody
+            if os.geteuid() == 0:
                 for path in (folder, *folder.iterdir()):
                     os.chown(path, 65534, 65534)
                 os.setgid(65534)
                 os.setuid(65534)
-            folder.chmod(0o555)
-            reader = SQLiteStore(db, read_only=True)
-            said = f"{reader.status(mid).id} {reader.stats().messages}"
-            reader.close()
+            folder.chmod(mode)
+            said = action()
         except BaseException as exc:
             said = f"{type(exc).__name__}: {exc}"
         finally:
@@ -356,8 +402,7 @@ def _read_only_in(folder: Path) -> None:
     with os.fdopen(read, "rb") as answer:
         said = answer.read().decode()
     os.waitpid(pid, 0)
-    assert said == f"{mid} 1"
-    assert sorted(p.name for p in folder.iterdir()) == ["queue.db", "queue.db-lock"]
+    return said
 
 
 def test_read_only_does_not_create_or_migrate(db: Path) -> None:

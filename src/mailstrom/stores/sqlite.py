@@ -211,6 +211,9 @@ def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreErr
         return _locked(path, busy_timeout, sqlite_said=str(exc))
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
         return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
+    denied = _denied(code, path)
+    if denied is not None:
+        return StoreError(f"{denied} (SQLite: {exc}); its permissions decide who may use it")
     if _disk_full(code, path):
         # SQLite's own words ("database or disk is full", "disk I/O error") leave an
         # operator guessing which, and whether mail was lost: the failed transaction was
@@ -253,6 +256,31 @@ def _disk_full(code: object, path: str) -> bool:
     except OSError:
         return False
     return disk.f_bavail * disk.f_frsize < _LOW_SPACE
+
+
+def _denied(code: object, path: str) -> str | None:
+    """What this user may not do for SQLite's error ``code`` on ``path``, when the error
+    is for want of a permission; else None. SQLite's own words ("attempt to write a
+    readonly database", "unable to open database file") name neither what is refused nor
+    where: the directory, where SQLite makes the ``-wal`` and ``-shm`` files, or the file."""
+    if not isinstance(code, int):
+        return None
+    if code == sqlite3.SQLITE_READONLY_DIRECTORY:
+        folder = os.path.dirname(path)
+        return (
+            f"this user may not create files in {folder}, where SQLite keeps the -wal and"
+            f" -shm files of {path}"
+        )
+    if code & 0xFF not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+        return None
+    for access, what in ((os.R_OK, "read"), (os.W_OK, "write")):
+        try:
+            allowed = os.access(path, access)
+        except OSError:
+            return None
+        if not allowed and os.path.exists(path):
+            return f"this user may not {what} {path}"
+    return None
 
 
 def _no_shm(exc: sqlite3.Error) -> bool:
